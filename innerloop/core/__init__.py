@@ -1,0 +1,30 @@
+"""The protocol and the generic TTT layer. Imports no concrete plugin."""
+
+from innerloop.core.layer import TTTLayer
+from innerloop.core.protocol import (
+    Activation,
+    AffineLayer,
+    InnerLoss,
+    InnerModel,
+    InnerTask,
+    LossPairs,
+    StackModel,
+    UpdateRule,
+    Views,
+)
+from innerloop.core.state import StateSignature, TTTState
+
+__all__ = [
+    "Activation",
+    "AffineLayer",
+    "InnerLoss",
+    "InnerModel",
+    "InnerTask",
+    "LossPairs",
+    "StackModel",
+    "StateSignature",
+    "TTTLayer",
+    "TTTState",
+    "UpdateRule",
+    "Views",
+]

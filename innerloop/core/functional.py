@@ -1,0 +1,176 @@
+"""Numeric building blocks shared by the layer, the update rules and the kernels' references.
+
+Everything here is plain differentiable torch, written to reproduce the reference implementation
+(test-time-training/ttt-lm-pytorch) number for number, including its float32 RoPE tables and its
+polynomial for the derivative of tanh-GELU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# The reference's constants for the derivative of tanh-GELU (Megatron's fused bias-gelu). They are
+# truncated (0.79788456 vs sqrt(2/pi) = 0.7978845608...), which is visible in float64, so we keep them.
+_GELU_C = 0.79788456
+_GELU_C3 = 0.1070322243
+
+
+def gelu_tanh_derivative(x: torch.Tensor) -> torch.Tensor:
+    """d/dx gelu_tanh(x), exactly as the reference computes it for the inner gradient."""
+    tanh_out = torch.tanh(_GELU_C * x * (1 + 0.044715 * x * x))
+    return 0.5 * x * ((1 - tanh_out * tanh_out) * (_GELU_C + _GELU_C3 * x * x)) + 0.5 * (1 + tanh_out)
+
+
+class _GeluTanh(torch.autograd.Function):
+    """tanh-GELU whose autograd derivative is the reference's polynomial.
+
+    The forward is ``F.gelu(x, approximate="tanh")``. The backward uses
+    :func:`gelu_tanh_derivative`, written in differentiable torch ops, so gradients of gradients
+    (the outer loop through the inner loop) and ``torch.func`` transforms work through it. This makes
+    the generic primal form (autograd) and the dual form (closed form) agree to float64 precision.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        (x,) = inputs
+        ctx.save_for_backward(x)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad_output * gelu_tanh_derivative(x)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """tanh-approximated GELU with the reference's derivative (see :class:`_GeluTanh`)."""
+    return _GeluTanh.apply(x)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim with per-head ``weight``/``bias`` broadcast from the left.
+
+    Written out (rather than ``F.layer_norm``) because the weight carries a head dimension.
+    """
+    mean = x.mean(dim=-1, keepdim=True)
+    var = x.var(dim=-1, keepdim=True, unbiased=False)
+    std = torch.sqrt(var + eps)
+    return weight * ((x - mean) / std) + bias
+
+
+def layer_norm_backward(
+    x: torch.Tensor, grad_y: torch.Tensor, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Gradient of ``layer_norm(x)`` w.r.t. ``x`` given the gradient ``grad_y`` of its output.
+
+    The closed form the reference fuses with the L2 loss (``ln_fused_l2_bwd``), for any upstream
+    gradient. Differentiable (the outer loop backpropagates through it).
+    """
+    dim = x.shape[-1]
+    mean = x.mean(dim=-1, keepdim=True)
+    var = x.var(dim=-1, keepdim=True, unbiased=False)
+    std = torch.sqrt(var + eps)
+    x_hat = (x - mean) / std
+    grad_x_hat = grad_y * weight
+    return (
+        (1.0 / dim)
+        * (
+            dim * grad_x_hat
+            - grad_x_hat.sum(dim=-1, keepdim=True)
+            - x_hat * (grad_x_hat * x_hat).sum(dim=-1, keepdim=True)
+        )
+        / std
+    )
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    """RoPE inverse frequencies ``[head_dim // 2]``, in float32 as the reference computes them."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    return 1.0 / (theta**exponents)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables ``[T, head_dim // 2]`` for integer ``positions [T]``.
+
+    Computed in float32 and then cast, as the reference does (so float64 runs match it exactly).
+    """
+    angles = positions.to(torch.float32)[:, None] * inv_freq.to(device=positions.device, dtype=torch.float32)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs ``(x[2i], x[2i+1])`` of ``x [..., T, f]`` by the angles in cos/sin.
+
+    Equivalent to the reference's permute -> rotate-half -> un-permute round trip.
+    """
+    pairs = x.unflatten(-1, (-1, 2))  # [..., T, f/2, 2]
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated_even = even * cos - odd * sin
+    rotated_odd = odd * cos + even * sin
+    return torch.stack((rotated_even, rotated_odd), dim=-1).flatten(-2)
+
+
+def causal_depthwise_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, history: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise 1-D convolution over time that can be resumed.
+
+    Args:
+        x: ``[B, T, C]`` new inputs.
+        weight: ``[C, 1, k]`` as in ``nn.Conv1d(C, C, k, groups=C)``.
+        bias: ``[C]`` or None.
+        history: ``[B, k - 1, C]`` the last ``k - 1`` inputs before ``x`` (zeros at sequence start).
+
+    Returns:
+        ``(y [B, T, C], new_history [B, k - 1, C])``.
+    """
+    kernel = weight.shape[-1]
+    padded = torch.cat([history, x], dim=1)  # [B, k-1+T, C]
+    y = F.conv1d(padded.transpose(1, 2), weight, bias, groups=weight.shape[0]).transpose(1, 2)
+    new_history = padded[:, padded.shape[1] - (kernel - 1) :] if kernel > 1 else history
+    return y, new_history
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as in the reference (statistics in float32)."""
+    dtype = x.dtype
+    x32 = x.to(torch.float32) if dtype in (torch.float16, torch.bfloat16) else x
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` (relative RMS error), as a float."""
+    diff = (actual.double() - expected.double()).norm().item()
+    scale = expected.double().norm().item()
+    if scale == 0.0:
+        return diff
+    return diff / scale
+
+
+def is_power_of_two(n: int) -> bool:
+    """True for 1, 2, 4, 8, ..."""
+    return n > 0 and (n & (n - 1)) == 0
+
+
+__all__ = [
+    "apply_rope_interleaved",
+    "causal_depthwise_conv",
+    "gelu_tanh",
+    "gelu_tanh_derivative",
+    "is_power_of_two",
+    "layer_norm",
+    "layer_norm_backward",
+    "relative_error",
+    "rms_norm",
+    "rope_cos_sin",
+    "rope_inverse_frequencies",
+]

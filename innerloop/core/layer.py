@@ -1,0 +1,327 @@
+"""``TTTLayer``: the generic test-time-training layer.
+
+Data through one call (``B`` batch, ``T`` tokens, ``D`` hidden, ``H`` heads, ``f = D / H``)::
+
+    x [B, T, D]
+      -> views XQ, XK, XV [B, H, T, f]   (projections; share_qk: one projection + two causal convs;
+                                          RoPE on XQ, XK at position t mod K, interleaved pairs)
+      -> inner lr [B, H, T]              (base_lr * sigmoid(x . w_h + c_h) / f)
+         tau [K]                         (max(0, 1 / (i + 1) + delta_i))
+      -> update rule: inner outputs f(XQ_t; W_t) [B, H, T, f] and the new state
+      -> post-norm (LayerNorm(D)), optional gate gelu_tanh(g_proj(x)), o_proj -> y [B, T, D]
+
+The inner model, inner loss and update rule are plugins resolved by name through the registry
+(or passed as instances). Defaults and parameter layout equal the reference implementation
+(test-time-training/ttt-lm-pytorch), so its weights load one to one (``innerloop.interop``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from innerloop.core.functional import (
+    apply_rope_interleaved,
+    causal_depthwise_conv,
+    rope_cos_sin,
+    rope_inverse_frequencies,
+)
+from innerloop.core.protocol import InnerLoss, InnerModel, InnerTask, UpdateRule, Views
+from innerloop.core.state import StateSignature, TTTState
+
+NON_FINITE_POLICIES = ("raise", "ignore")
+
+
+def _resolve(kind: str, value: Any, expected: type) -> Any:
+    """A plugin instance from a registered name, or the instance itself."""
+    if isinstance(value, expected):
+        return value
+    if isinstance(value, str):
+        from innerloop.registry import get_registry  # late import: core must not depend on registry
+
+        return get_registry().get(kind, value)
+    raise TypeError(
+        f"{kind}: expected a registered name (str) or an {expected.__name__} instance, got {type(value).__name__}"
+    )
+
+
+class TTTLayer(nn.Module):
+    """A TTT sequence layer (TTT-Linear, TTT-MLP, or any registered inner model / loss / rule).
+
+    Args:
+        hidden_size: model width ``D``.
+        num_heads: number of heads ``H``; ``D`` must be divisible by it.
+        inner_model: registered name or :class:`InnerModel` (``"linear"``, ``"mlp"``, ...).
+        inner_loss: registered name or :class:`InnerLoss` (``"reconstruction"``, ``"next_token"``).
+        update_rule: registered name or :class:`UpdateRule` (``"dual_form"``, ``"minibatch_gd"``).
+        mini_batch_size: ``K``, tokens per inner gradient step.
+        base_lr: the inner learning rate's scale (1.0 for TTT-Linear, 0.1 for TTT-MLP in the paper).
+        use_gate: multiply the output by ``gelu_tanh(g_proj(x))`` (Mamba backbone).
+        share_qk: one projection for Q and K followed by two causal depthwise convs (Mamba backbone).
+        conv_kernel: kernel size of those convs.
+        rope_theta: RoPE base.
+        inner_norm: per-head LayerNorm on the inner model's output (paper: on).
+        inner_residual: residual around the inner model (paper: on).
+        norm_eps: epsilon of the inner LayerNorm and the post-norm.
+        kernel: fast-path choice, ``"auto"`` (default), ``"torch"`` or a registered kernel name.
+        non_finite: ``"raise"`` (default) rejects NaN/inf inputs with an error before they reach
+            the state; ``"ignore"`` skips the check (faster; NaNs then propagate to outputs and state).
+        needs_double_backward: tell kernels that gradients of gradients will be taken.
+
+    Call ``y, state = layer(x, state=None)`` with ``x [B, T, D]``; ``state`` continues a sequence
+    from any split point (see :class:`innerloop.core.state.TTTState`).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        inner_model: str | InnerModel = "linear",
+        inner_loss: str | InnerLoss = "reconstruction",
+        update_rule: str | UpdateRule = "dual_form",
+        mini_batch_size: int = 16,
+        base_lr: float = 1.0,
+        use_gate: bool = False,
+        share_qk: bool = False,
+        conv_kernel: int = 4,
+        rope_theta: float = 10000.0,
+        inner_norm: bool = True,
+        inner_residual: bool = True,
+        norm_eps: float = 1e-6,
+        kernel: str = "auto",
+        non_finite: str = "raise",
+        needs_double_backward: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if hidden_size % num_heads != 0:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}); "
+                f"valid num_heads for this width: {[h for h in range(1, hidden_size + 1) if hidden_size % h == 0]}"
+            )
+        if not isinstance(mini_batch_size, int) or isinstance(mini_batch_size, bool) or mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be an integer >= 1, got {mini_batch_size!r}")
+        if not isinstance(conv_kernel, int) or conv_kernel < 1:
+            raise ValueError(f"conv_kernel must be an integer >= 1, got {conv_kernel!r}")
+        if non_finite not in NON_FINITE_POLICIES:
+            raise ValueError(f"non_finite must be one of {NON_FINITE_POLICIES}, got {non_finite!r}")
+        if not isinstance(kernel, str):
+            raise ValueError(f"kernel must be 'auto', 'torch' or a registered kernel name, got {kernel!r}")
+        head_dim = hidden_size // num_heads
+        if head_dim % 2 != 0:
+            raise ValueError(
+                f"head_dim = hidden_size / num_heads = {head_dim} must be even (RoPE rotates pairs)"
+            )
+
+        self.inner_model: InnerModel = _resolve("inner_model", inner_model, InnerModel)
+        self.inner_loss: InnerLoss = _resolve("inner_loss", inner_loss, InnerLoss)
+        self.update_rule: UpdateRule = _resolve("update_rule", update_rule, UpdateRule)
+        reason = self.update_rule.check_model(self.inner_model)
+        if reason is not None:
+            raise ValueError(f"update_rule={self.update_rule.name!r} cannot run inner_model="
+                             f"{self.inner_model.name!r}: {reason}")
+
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.mini_batch_size = mini_batch_size
+        self.base_lr = float(base_lr)
+        self.use_gate = use_gate
+        self.share_qk = share_qk
+        self.conv_kernel = conv_kernel
+        self.rope_theta = float(rope_theta)
+        self.inner_norm = inner_norm
+        self.inner_residual = inner_residual
+        self.norm_eps = norm_eps
+        self.kernel = kernel
+        self.non_finite = non_finite
+        self.needs_double_backward = needs_double_backward
+        self.last_dispatch: tuple[str, str] | None = None
+
+        # Projections (the views). Reference names, so reference state_dicts load one to one.
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        if not share_qk:
+            self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        if share_qk:
+            self.conv_q = nn.Conv1d(hidden_size, hidden_size, conv_kernel, groups=hidden_size, bias=True)
+            self.conv_k = nn.Conv1d(hidden_size, hidden_size, conv_kernel, groups=hidden_size, bias=True)
+        if use_gate:
+            self.g_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+        # Inner learning rate: a gate per head, and the learnable token-index offsets delta.
+        self.learnable_ttt_lr_weight = nn.Parameter(torch.randn(num_heads, 1, hidden_size) * 0.02)
+        self.learnable_ttt_lr_bias = nn.Parameter(torch.zeros(num_heads, 1))
+        self.learnable_token_idx = nn.Parameter(torch.zeros(mini_batch_size))
+        # 1 / (i + 1), made in float32 as the reference does (and cast with the module).
+        self.register_buffer(
+            "token_idx", 1.0 / torch.arange(1, mini_batch_size + 1, dtype=torch.float32), persistent=False
+        )
+        self.register_buffer("rope_inv_freq", rope_inverse_frequencies(head_dim, self.rope_theta), persistent=False)
+
+        # The inner LayerNorm (per head) and the learnable initial inner weights.
+        if inner_norm:
+            self.ttt_norm_weight = nn.Parameter(torch.ones(num_heads, head_dim))
+            self.ttt_norm_bias = nn.Parameter(torch.zeros(num_heads, head_dim))
+        self.initial_params = nn.ParameterDict(
+            {k: nn.Parameter(v) for k, v in self.inner_model.init_params(num_heads, head_dim).items()}
+        )
+        self.post_norm = nn.LayerNorm(hidden_size, eps=norm_eps)
+
+    # ------------------------------------------------------------------------------------------
+    # State
+    # ------------------------------------------------------------------------------------------
+
+    def signature_for(self, batch_size: int) -> StateSignature:
+        """What a state of this layer for ``batch_size`` sequences must agree on."""
+        return StateSignature(
+            batch_size=batch_size,
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            mini_batch_size=self.mini_batch_size,
+            inner_model=self.inner_model.name,
+            inner_loss=self.inner_loss.name,
+        )
+
+    def init_state(self, batch_size: int, like: torch.Tensor | None = None) -> TTTState:
+        """The state at the start of a sequence: every sequence starts from the learnable init."""
+        reference = like if like is not None else self.post_norm.weight
+        params = {
+            k: v.to(reference.dtype).unsqueeze(0).expand(batch_size, *v.shape)
+            for k, v in self.initial_params.items()
+        }
+        pending = {k: torch.zeros_like(v) for k, v in params.items()}
+        conv_history = {}
+        if self.share_qk:
+            zeros = reference.new_zeros(batch_size, self.conv_kernel - 1, self.hidden_size)
+            conv_history = {"shared_qk": zeros}
+        carry = self.inner_loss.init_carry(batch_size, self.num_heads, self.head_dim, reference)
+        return TTTState(
+            params=params,
+            pending=pending,
+            position=0,
+            signature=self.signature_for(batch_size),
+            loss_carry=carry,
+            conv_history=conv_history,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Forward
+    # ------------------------------------------------------------------------------------------
+
+    def _check_input(self, x: torch.Tensor, state: TTTState | None) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor [B, T, hidden_size], got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"x must have shape [B, T, hidden_size={self.hidden_size}], got {tuple(x.shape)}"
+            )
+        if x.shape[1] < 1:
+            raise ValueError(f"x must hold at least one token (T >= 1), got T = {x.shape[1]}")
+        if self.non_finite == "raise" and not torch.isfinite(x).all():
+            raise ValueError(
+                "x contains NaN or inf; a TTT layer would write them into its state. Clean the input, or "
+                "construct the layer with non_finite='ignore' to let them propagate"
+            )
+        if state is not None:
+            if not isinstance(state, TTTState):
+                raise TypeError(f"state must be a TTTState (or None), got {type(state).__name__}")
+            expected = self.signature_for(x.shape[0])
+            if state.signature != expected:
+                differing = {
+                    field: (getattr(state.signature, field), getattr(expected, field))
+                    for field in expected.__dataclass_fields__
+                    if getattr(state.signature, field) != getattr(expected, field)
+                }
+                raise ValueError(
+                    "state does not belong to this layer and input: (state's, expected) differ in "
+                    f"{differing}"
+                )
+
+    def _views(self, x: torch.Tensor, state: TTTState) -> tuple[Views, dict]:
+        batch, tokens, _ = x.shape
+        conv_history = dict(state.conv_history)
+        if self.share_qk:
+            shared = self.q_proj(x)  # [B, T, D]
+            value = self.v_proj(x)
+            history = conv_history["shared_qk"]
+            query, _ = causal_depthwise_conv(shared, self.conv_q.weight, self.conv_q.bias, history)
+            key, conv_history["shared_qk"] = causal_depthwise_conv(
+                shared, self.conv_k.weight, self.conv_k.bias, history
+            )
+        else:
+            weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            query, key, value = F.linear(x, weight).chunk(3, dim=-1)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, f]
+
+        positions = (state.position + torch.arange(tokens, device=x.device)) % self.mini_batch_size
+        cos, sin = rope_cos_sin(positions, self.rope_inv_freq, x.dtype)
+        query = apply_rope_interleaved(heads(query), cos, sin)
+        key = apply_rope_interleaved(heads(key), cos, sin)
+        return Views(query, key, heads(value)), conv_history
+
+    def inner_learning_rates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``lr [B, H, T]`` (per token) and ``tau [K]`` (per position in a mini-batch)."""
+        gate = torch.einsum("btd,hd->bht", x, self.learnable_ttt_lr_weight[:, 0])
+        gate = gate + self.learnable_ttt_lr_bias.reshape(1, self.num_heads, 1)
+        lr = self.base_lr * torch.sigmoid(gate) / self.head_dim
+        tau = torch.clamp_min(self.token_idx + self.learnable_token_idx, 0.0)
+        return lr, tau
+
+    def inner_task(self) -> InnerTask:
+        """The inner model, loss and wrapping as the update rule sees them."""
+
+        def record(path: str, reason: str) -> None:
+            self.last_dispatch = (path, reason)
+
+        return InnerTask(
+            model=self.inner_model,
+            loss=self.inner_loss,
+            mini_batch_size=self.mini_batch_size,
+            norm_weight=self.ttt_norm_weight if self.inner_norm else None,
+            norm_bias=self.ttt_norm_bias if self.inner_norm else None,
+            norm_eps=self.norm_eps,
+            residual=self.inner_residual,
+            kernel=self.kernel,
+            needs_double_backward=self.needs_double_backward,
+            on_dispatch=record,
+        )
+
+    def forward(self, x: torch.Tensor, state: TTTState | None = None) -> tuple[torch.Tensor, TTTState]:
+        """Read ``x [B, T, D]`` from ``state`` (None: a new sequence); return ``(y [B, T, D], state)``."""
+        self._check_input(x, state)
+        if state is None:
+            state = self.init_state(x.shape[0], like=x)
+        batch, tokens, _ = x.shape
+        views, conv_history = self._views(x, state)
+        lr, tau = self.inner_learning_rates(x)
+        inner_out, new_state = self.update_rule.forward(state, self.inner_task(), views, lr, tau)
+        new_state = replace(new_state, conv_history=conv_history)
+
+        out = inner_out.transpose(1, 2).reshape(batch, tokens, self.hidden_size)  # [B, T, D]
+        out = self.post_norm(out)
+        if self.use_gate:
+            out = F.gelu(self.g_proj(x), approximate="tanh") * out
+        return self.o_proj(out), new_state
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, inner_model={self.inner_model.name!r}, "
+            f"inner_loss={self.inner_loss.name!r}, update_rule={self.update_rule.name!r}, "
+            f"mini_batch_size={self.mini_batch_size}, base_lr={self.base_lr}, use_gate={self.use_gate}, "
+            f"share_qk={self.share_qk}, kernel={self.kernel!r}"
+        )
+
+
+__all__ = ["TTTLayer"]

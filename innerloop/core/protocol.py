@@ -1,0 +1,278 @@
+"""The plugin contracts of innerloop: inner models, inner losses and update rules.
+
+A TTT layer is a hidden state, an update rule and an output rule. Here:
+
+- the hidden state is the weights of an :class:`InnerModel` (one copy per sequence and head);
+- the update rule is an :class:`UpdateRule`: a step of an inner optimizer on an :class:`InnerLoss`;
+- the output rule is the inner model applied to the query view, wrapped by the layer as
+  ``f(x) = x + LN(g(x))`` (see :class:`InnerTask`).
+
+Shapes used throughout: batch ``B``, heads ``H``, tokens ``T`` (or ``N`` inside a mini-batch),
+head dim ``f``. Inner-model parameters carry leading batch dimensions, e.g. ``W1 [B, H, f, f]``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from innerloop.core.functional import layer_norm
+
+if TYPE_CHECKING:
+    from innerloop.core.state import TTTState
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Views:
+    """The three views of the tokens the inner loop sees, each ``[B, H, T, f]``.
+
+    ``query`` (XQ) is what the output rule reads; ``key`` (XK) and ``value`` (XV) are what the
+    inner loss builds its training pairs from.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+
+    def slice_tokens(self, start: int, end: int) -> Views:
+        """The views of tokens ``start:end``."""
+        return Views(self.query[:, :, start:end], self.key[:, :, start:end], self.value[:, :, start:end])
+
+
+# --------------------------------------------------------------------------------------------------
+# Inner models
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An elementwise function with its closed-form derivative (used by the dual form)."""
+
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    derivative: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AffineLayer:
+    """One layer of a stack model: ``z = x @ params[weight] + params[bias]``, then ``activation``.
+
+    ``weight`` names a parameter of per-head shape ``[in, out]``; ``bias`` (optional) one of shape
+    ``[1, out]``. ``activation`` is None for the last layer.
+    """
+
+    weight: str
+    bias: str | None
+    activation: Activation | None
+
+
+class InnerModel(ABC):
+    """The fast-weight network ``g`` whose weights are the TTT layer's hidden state.
+
+    Subclasses set ``name`` and implement :meth:`param_shapes`, :meth:`init_params` and
+    :meth:`forward`. The forward is functional: weights come in as a dict, so the same model serves
+    every sequence and head at once and works under ``torch.func`` transforms. ``g`` maps head_dim
+    features to head_dim features (the layer adds the residual and LayerNorm around it).
+    """
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def param_shapes(self, head_dim: int) -> dict[str, tuple[int, ...]]:
+        """Per-head shape of every weight, e.g. ``{"W1": (f, f), "b1": (1, f)}``."""
+
+    @abstractmethod
+    def init_params(self, num_heads: int, head_dim: int, generator: torch.Generator | None = None) -> Params:
+        """Initial weights ``[num_heads, *shape]`` (the layer's learnable initialisation)."""
+
+    @abstractmethod
+    def forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``g(x; params)``: ``x [*batch, N, f]`` with ``params[k] [*batch, *shape]`` -> ``[*batch, N, f]``."""
+
+    @property
+    def stack(self) -> tuple[AffineLayer, ...] | None:
+        """The model as a stack of affine maps and elementwise functions, or None if it is not one.
+
+        A model that declares its stack can be run by the dual form and by the stack kernels.
+        """
+        return None
+
+
+class StackModel(InnerModel):
+    """An inner model that is a stack of affine maps and elementwise functions.
+
+    Subclasses define :attr:`stack`; :meth:`forward` follows from it.
+    """
+
+    @property
+    @abstractmethod
+    def stack(self) -> tuple[AffineLayer, ...]:
+        """The layers, first to last."""
+
+    def forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        for layer in self.stack:
+            x = x @ params[layer.weight]
+            if layer.bias is not None:
+                x = x + params[layer.bias]
+            if layer.activation is not None:
+                x = layer.activation.fn(x)
+        return x
+
+
+# --------------------------------------------------------------------------------------------------
+# Inner losses
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossPairs:
+    """The self-supervised training pairs of a chunk of tokens.
+
+    ``inputs`` and ``targets`` are ``[B, H, T, f]``; token ``t`` trains the inner model to map
+    ``inputs[t]`` to ``targets[t]``. ``valid`` (broadcastable to ``[B, H, T]``, or None for all
+    valid) zeroes the pairs that do not exist (e.g. the first token for next-token prediction).
+    ``carry`` is what the loss needs from this chunk to continue with the next one.
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    valid: torch.Tensor | None
+    carry: dict[str, torch.Tensor]
+
+
+class InnerLoss(ABC):
+    """A self-supervised inner task: training pairs from the views, and a per-token loss.
+
+    Subclasses set ``name`` and implement :meth:`pairs` and :meth:`token_loss`. The gradient of the
+    loss w.r.t. the prediction defaults to autograd; override :meth:`token_loss_grad` with a closed
+    form when there is one.
+    """
+
+    name: ClassVar[str]
+
+    def init_carry(self, batch_size: int, num_heads: int, head_dim: int, like: torch.Tensor) -> dict:
+        """What :meth:`pairs` needs at the start of a sequence (default: nothing)."""
+        return {}
+
+    @abstractmethod
+    def pairs(self, views: Views, carry: Mapping[str, torch.Tensor]) -> LossPairs:
+        """The (input, target) pair of every token of ``views``; causal: token t uses tokens <= t."""
+
+    @abstractmethod
+    def token_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Loss of each token: ``prediction, target [..., f]`` -> ``[...]``."""
+
+    def token_loss_grad(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """d token_loss / d prediction, ``[..., f]``; autograd by default (differentiable)."""
+        flat_prediction = prediction.reshape(-1, prediction.shape[-1])
+        flat_target = target.reshape(-1, target.shape[-1])
+        per_token = torch.func.vmap(torch.func.grad(lambda p, y: self.token_loss(p, y)))
+        return per_token(flat_prediction, flat_target).reshape(prediction.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# The inner task: model + loss + the layer's wrapping of g
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InnerTask:
+    """Everything an update rule needs besides the state, the views and the learning rates.
+
+    The prediction of the inner model on ``x`` is ``f(x) = x + LN(g(x))``: the residual and the
+    per-head LayerNorm (``norm_weight``, ``norm_bias`` ``[H, f]``) are layer options.
+    ``kernel`` selects the fast path: ``"auto"`` (best registered kernel that verifies, else torch),
+    ``"torch"`` (never a kernel) or a kernel's registered name (an error if it cannot run).
+    ``needs_double_backward`` tells kernels that gradients of gradients will be taken.
+    ``on_dispatch(path, reason)`` is called with every fast-path decision.
+    """
+
+    model: InnerModel
+    loss: InnerLoss
+    mini_batch_size: int
+    norm_weight: torch.Tensor | None
+    norm_bias: torch.Tensor | None
+    norm_eps: float = 1e-6
+    residual: bool = True
+    kernel: str = "auto"
+    needs_double_backward: bool = False
+    on_dispatch: Callable[[str, str], None] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def use_norm(self) -> bool:
+        return self.norm_weight is not None
+
+    def predict(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``f(x) = x + LN(g(x))`` for ``x [B, H, N, f]`` and params ``[B, H, *shape]``."""
+        z = self.model.forward(params, x)
+        return self.wrap_output(x, z)
+
+    def wrap_output(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Residual and per-head LayerNorm around ``z = g(x)`` (``[B, H, N, f]``)."""
+        if self.use_norm:
+            z = layer_norm(z, self.norm_weight[:, None, :], self.norm_bias[:, None, :], self.norm_eps)
+        return x + z if self.residual else z
+
+
+# --------------------------------------------------------------------------------------------------
+# Update rules
+# --------------------------------------------------------------------------------------------------
+
+
+class UpdateRule(ABC):
+    """The inner optimizer: owns the scan over the sequence.
+
+    ``forward(state, task, views, lr, tau)`` processes a chunk of any length, starting and ending
+    anywhere (inside a mini-batch too), and returns the inner outputs ``f(XQ_t; W_t)`` of every
+    token and the state after the chunk. All gradients inside a mini-batch are taken at the weights
+    the mini-batch started with; token ``i`` of a mini-batch uses
+    ``W_i = W_b - tau_i * sum_{j <= i} lr_j * grad_j``.
+    """
+
+    name: ClassVar[str]
+
+    def check_model(self, model: InnerModel) -> str | None:
+        """None if this rule can run ``model``, else the reason it cannot."""
+        return None
+
+    @abstractmethod
+    def forward(
+        self,
+        state: TTTState,
+        task: InnerTask,
+        views: Views,
+        lr: torch.Tensor,
+        tau: torch.Tensor,
+    ) -> tuple[torch.Tensor, TTTState]:
+        """Run the chunk.
+
+        Args:
+            state: the state before the chunk (not modified).
+            task: model, loss and the layer's wrapping of the model.
+            views: XQ, XK, XV ``[B, H, T, f]``.
+            lr: ``[B, H, T]`` per-token inner learning rates.
+            tau: ``[K]`` the token-index scale of each position in a mini-batch (clamped >= 0).
+
+        Returns:
+            ``(outputs [B, H, T, f], new_state)``.
+        """
+
+
+__all__ = [
+    "Activation",
+    "AffineLayer",
+    "InnerLoss",
+    "InnerModel",
+    "InnerTask",
+    "LossPairs",
+    "Params",
+    "StackModel",
+    "UpdateRule",
+    "Views",
+]

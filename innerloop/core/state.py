@@ -1,0 +1,124 @@
+"""The recurrent state of a TTT layer: its decoding cache.
+
+A TTT layer is an RNN. Its state after reading ``position`` tokens is:
+
+- ``params``: the inner weights at the start of the current mini-batch, ``[B, H, *shape]``;
+- ``pending``: the lr-weighted gradient sums ``sum_j lr_j * grad_j`` of the tokens already read in
+  the current mini-batch (zero at a mini-batch boundary), same shapes as ``params``;
+- ``loss_carry``: what the inner loss needs from earlier tokens (e.g. the previous key);
+- ``conv_history``: the last ``k - 1`` inputs of the causal convolutions (share_qk).
+
+The weights a token at mini-batch offset ``i`` sees are ``params - tau_i * pending`` (after adding
+its own gradient), which is why this is enough to continue a sequence from any split point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class StateSignature:
+    """What a state must agree on with the layer (and the input) that continues it."""
+
+    batch_size: int
+    num_heads: int
+    head_dim: int
+    mini_batch_size: int
+    inner_model: str
+    inner_loss: str
+
+
+@dataclass(frozen=True)
+class TTTState:
+    """State of a TTT layer after ``position`` tokens. Immutable: layers return a new one."""
+
+    params: dict[str, torch.Tensor]
+    pending: dict[str, torch.Tensor]
+    position: int
+    signature: StateSignature
+    loss_carry: dict[str, torch.Tensor] = field(default_factory=dict)
+    conv_history: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.signature.batch_size
+
+    @property
+    def offset(self) -> int:
+        """Position inside the current mini-batch (0 at a boundary)."""
+        return self.position % self.signature.mini_batch_size
+
+    def _map(self, fn) -> TTTState:
+        return replace(
+            self,
+            params={k: fn(v) for k, v in self.params.items()},
+            pending={k: fn(v) for k, v in self.pending.items()},
+            loss_carry={k: fn(v) for k, v in self.loss_carry.items()},
+            conv_history={k: fn(v) for k, v in self.conv_history.items()},
+        )
+
+    def detach(self) -> TTTState:
+        """The same state cut from the autograd graph (truncated backpropagation, decoding)."""
+        return self._map(lambda t: t.detach())
+
+    def to(self, *args, **kwargs) -> TTTState:
+        """Move or cast every tensor, like ``Tensor.to``."""
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+    def clone(self) -> TTTState:
+        return self._map(lambda t: t.clone())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor under a flat name (for serialisation, e.g. with safetensors)."""
+        flat: dict[str, torch.Tensor] = {}
+        for group in ("params", "pending", "loss_carry", "conv_history"):
+            for key, value in getattr(self, group).items():
+                flat[f"{group}.{key}"] = value
+        return flat
+
+    def metadata(self) -> dict[str, str]:
+        """The non-tensor fields as strings (safetensors metadata)."""
+        sig = self.signature
+        return {
+            "position": str(self.position),
+            "batch_size": str(sig.batch_size),
+            "num_heads": str(sig.num_heads),
+            "head_dim": str(sig.head_dim),
+            "mini_batch_size": str(sig.mini_batch_size),
+            "inner_model": sig.inner_model,
+            "inner_loss": sig.inner_loss,
+        }
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> TTTState:
+        """Inverse of :meth:`tensors` + :meth:`metadata`."""
+        groups: dict[str, dict[str, torch.Tensor]] = {
+            "params": {},
+            "pending": {},
+            "loss_carry": {},
+            "conv_history": {},
+        }
+        for name, value in tensors.items():
+            group, _, key = name.partition(".")
+            if group not in groups or not key:
+                raise ValueError(f"state tensor name {name!r} is not of the form '<group>.<key>' with group in {sorted(groups)}")
+            groups[group][key] = value
+        try:
+            signature = StateSignature(
+                batch_size=int(metadata["batch_size"]),
+                num_heads=int(metadata["num_heads"]),
+                head_dim=int(metadata["head_dim"]),
+                mini_batch_size=int(metadata["mini_batch_size"]),
+                inner_model=metadata["inner_model"],
+                inner_loss=metadata["inner_loss"],
+            )
+            position = int(metadata["position"])
+        except KeyError as missing:
+            raise ValueError(f"state metadata lacks {missing}; got keys {sorted(metadata)}") from None
+        return cls(position=position, signature=signature, **groups)
+
+
+__all__ = ["StateSignature", "TTTState"]

@@ -1,0 +1,1 @@
+"""Converters from the reference implementations' configs and weights."""

@@ -1,0 +1,108 @@
+"""Choosing a fast path for a run of whole mini-batches, and falling back to torch.
+
+The update rule hands over the block; this module asks the registry for the kernels registered for
+(inner model, inner loss, update rule), keeps the first by priority whose ``verify`` accepts the
+inputs, and otherwise runs the pure-torch ``fallback``. Every decision is reported through
+``InnerTask.on_dispatch`` so that a layer can show which path ran and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from innerloop.core.protocol import InnerTask, Params
+from innerloop.core.scan import ChunkInputs
+from innerloop.kernels.spec import KernelInputs, KernelSpec
+
+TORCH_PATH = "torch"
+
+
+class KernelUnavailableError(RuntimeError):
+    """A kernel was requested by name but cannot run on these inputs."""
+
+
+def kernel_inputs(task: InnerTask, chunk: ChunkInputs, params: Params) -> KernelInputs:
+    """What ``verify`` sees about a block."""
+    requires_grad = torch.is_grad_enabled() and (
+        any(t.requires_grad for t in (chunk.query, chunk.inputs, chunk.targets, chunk.lr))
+        or any(p.requires_grad for p in params.values())
+        or (task.norm_weight is not None and task.norm_weight.requires_grad)
+    )
+    return KernelInputs(
+        device=chunk.query.device,
+        dtype=chunk.query.dtype,
+        head_dim=chunk.query.shape[-1],
+        mini_batch_size=task.mini_batch_size,
+        num_tokens=chunk.query.shape[2],
+        requires_grad=requires_grad,
+        needs_double_backward=task.needs_double_backward,
+        extra={"residual": task.residual, "norm": task.use_norm},
+    )
+
+
+def select_kernel(rule_name: str, task: InnerTask, inputs: KernelInputs) -> tuple[KernelSpec | None, str]:
+    """The kernel to run (or None for torch) and a sentence saying why."""
+    if task.kernel == TORCH_PATH:
+        return None, "torch path forced (kernel='torch')"
+    from innerloop.registry import get_registry
+
+    registry = get_registry()
+    candidates = registry.kernels_for(task.model.name, task.loss.name, rule_name)
+    if task.kernel != "auto":
+        named = [k for k in candidates if k.name == task.kernel]
+        if not named:
+            known = [k.name for k in registry.kernels()]
+            raise KernelUnavailableError(
+                f"kernel={task.kernel!r} is not registered for (inner_model={task.model.name!r}, "
+                f"inner_loss={task.loss.name!r}, update_rule={rule_name!r}); registered kernels: {known}; "
+                "valid values are 'auto', 'torch' or one of those that match"
+            )
+        reason = named[0].verify(inputs)
+        if reason is not None:
+            raise KernelUnavailableError(f"kernel={task.kernel!r} cannot run here: {reason}")
+        return named[0], f"kernel {task.kernel!r} forced"
+    if not task.residual or not task.use_norm:
+        return None, "torch: kernels fuse the inner residual and LayerNorm, which this layer turns off"
+    refusals = []
+    for kernel in candidates:
+        reason = kernel.verify(inputs)
+        if reason is None:
+            return kernel, f"kernel {kernel.name!r} verified"
+        refusals.append(f"{kernel.name}: {reason}")
+    if not candidates:
+        return None, (
+            f"torch: no kernel registered for ({task.model.name}, {task.loss.name}, {rule_name})"
+        )
+    return None, "torch: " + "; ".join(refusals)
+
+
+def run_aligned_block(
+    rule_name: str,
+    task: InnerTask,
+    params: Params,
+    chunk: ChunkInputs,
+    tau: torch.Tensor,
+    fallback: Callable[[InnerTask, Params, ChunkInputs, torch.Tensor], tuple[torch.Tensor, Params]],
+) -> tuple[torch.Tensor, Params]:
+    """Run whole mini-batches (from a boundary, no pending gradients) on the best path."""
+    kernel, reason = select_kernel(rule_name, task, kernel_inputs(task, chunk, params))
+    if task.on_dispatch is not None:
+        task.on_dispatch(kernel.name if kernel is not None else TORCH_PATH, reason)
+    if kernel is None:
+        return fallback(task, params, chunk, tau)
+    return kernel.forward(
+        chunk.query,
+        chunk.inputs,
+        chunk.targets,
+        chunk.lr,
+        tau,
+        params,
+        task.norm_weight,
+        task.norm_bias,
+        task.norm_eps,
+    )
+
+
+__all__ = ["KernelUnavailableError", "TORCH_PATH", "kernel_inputs", "run_aligned_block", "select_kernel"]

@@ -1,0 +1,1 @@
+"""Built-in update rules (inner optimizers)."""

@@ -1,0 +1,262 @@
+"""Pure-torch pieces shared by the Triton TTT kernels and their naive references.
+
+Nothing in this module imports Triton, so it (and the naive references built on it) can be imported
+on any machine. The Triton kernels live in ``_kernels.py`` modules that are imported lazily, on the
+first kernel launch, because Triton decides at decoration time whether a kernel runs compiled or
+under the CPU interpreter (``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+# The reference's constants for the derivative of tanh-GELU (Megatron's fused bias-gelu). They are
+# truncated (0.79788456 vs sqrt(2/pi) = 0.7978845608...), which is visible in float64, so we keep them.
+GELU_C = 0.79788456
+GELU_C3 = 0.1070322243
+GELU_A = 0.044715
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_MINI_BATCH = 64
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim (biased variance), ``weight``/``bias`` broadcast from the left."""
+    mean = x.mean(dim=-1, keepdim=True)
+    var = x.var(dim=-1, keepdim=True, unbiased=False)
+    return weight * ((x - mean) / torch.sqrt(var + eps)) + bias
+
+
+def ln_fused_l2_bwd(
+    z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Gradient w.r.t. ``z`` of ``1/2 || LN(z) - target ||^2`` in the reference's closed form.
+
+    Same formula as ``ln_fused_l2_bwd`` of test-time-training/ttt-lm-pytorch. Differentiable.
+    """
+    dim = z.shape[-1]
+    mean = z.mean(dim=-1, keepdim=True)
+    var = z.var(dim=-1, keepdim=True, unbiased=False)
+    std = torch.sqrt(var + eps)
+    z_hat = (z - mean) / std
+    grad_y = weight * z_hat + bias - target
+    grad_z_hat = grad_y * weight
+    return (
+        (1.0 / dim)
+        * (
+            dim * grad_z_hat
+            - grad_z_hat.sum(dim=-1, keepdim=True)
+            - z_hat * (grad_z_hat * z_hat).sum(dim=-1, keepdim=True)
+        )
+        / std
+    )
+
+
+def gelu_tanh_derivative(x: torch.Tensor) -> torch.Tensor:
+    """d/dx gelu_tanh(x) exactly as the reference's polynomial (truncated constants included)."""
+    tanh_out = torch.tanh(GELU_C * x * (1 + GELU_A * x * x))
+    return 0.5 * x * ((1 - tanh_out * tanh_out) * (GELU_C + GELU_C3 * x * x)) + 0.5 * (1 + tanh_out)
+
+
+class _GeluTanh(torch.autograd.Function):
+    """``F.gelu(x, approximate="tanh")`` whose derivative is the reference's polynomial.
+
+    Used by the naive references so that autograd through them (the outer gradient) and the float64
+    primal-form check use the same derivative as the inner gradient does.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        (x,) = inputs
+        ctx.save_for_backward(x)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad_output * gelu_tanh_derivative(x)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """tanh-GELU with the reference's polynomial as its autograd derivative."""
+    return _GeluTanh.apply(x)
+
+
+def eta_matrix(lr: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """``eta[..., i, j] = tau_i * lr_j`` for ``j <= i`` else 0.
+
+    Args:
+        lr: ``[..., K]`` per-token learning rates of one mini-batch.
+        tau: ``[K]`` token-index scales.
+
+    Returns:
+        ``[..., K, K]`` lower-triangular (diagonal included).
+    """
+    return torch.tril(tau[:, None] * lr[..., None, :])
+
+
+def is_power_of_two(n: int) -> bool:
+    """True for 1, 2, 4, ..."""
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def interpreter_requested() -> bool:
+    """True when ``TRITON_INTERPRET=1`` is set in the environment (Triton's CPU interpreter)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_chunk_inputs(
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    lr: torch.Tensor,
+    tau: torch.Tensor,
+    params: dict,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    param_shapes: dict,
+) -> None:
+    """Raise ``ValueError`` naming the parameter when a chunk call's tensors do not fit together.
+
+    ``param_shapes`` maps each required params key to its expected shape.
+    """
+    if xq.dim() != 4:
+        raise ValueError(f"xq must be [B, H, T, f], got shape {tuple(xq.shape)}")
+    B, H, T, f = xq.shape
+    for name, t in (("xk", xk), ("xv", xv)):
+        if t.shape != xq.shape:
+            raise ValueError(f"{name} must have the shape of xq {tuple(xq.shape)}, got {tuple(t.shape)}")
+    if lr.shape != (B, H, T):
+        raise ValueError(f"lr must be [B, H, T] = {(B, H, T)}, got {tuple(lr.shape)}")
+    if tau.dim() != 1 or tau.shape[0] < 1:
+        raise ValueError(f"tau must be [K] with K >= 1, got shape {tuple(tau.shape)}")
+    K = tau.shape[0]
+    if T % K != 0:
+        raise ValueError(f"T = {T} must be a multiple of the mini-batch size K = len(tau) = {K}")
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if t.shape != (H, f):
+            raise ValueError(f"{name} must be [H, f] = {(H, f)}, got {tuple(t.shape)}")
+    check_params(params, param_shapes)
+
+
+def check_params(params: dict, param_shapes: dict, name: str = "params") -> None:
+    """Raise ``ValueError`` when ``params`` lacks a key or a tensor has the wrong shape."""
+    missing = sorted(set(param_shapes) - set(params))
+    extra = sorted(set(params) - set(param_shapes))
+    if missing or extra:
+        raise ValueError(
+            f"{name} must have exactly the keys {sorted(param_shapes)}, missing {missing}, unexpected {extra}"
+        )
+    for key, shape in param_shapes.items():
+        if tuple(params[key].shape) != tuple(shape):
+            raise ValueError(
+                f"{name}['{key}'] must have shape {tuple(shape)}, got {tuple(params[key].shape)}"
+            )
+
+
+def check_decode_inputs(
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    lr: torch.Tensor,
+    tau_i: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+) -> None:
+    """Raise ``ValueError`` naming the parameter when one-token decode inputs do not fit together."""
+    if xq.dim() != 3:
+        raise ValueError(f"xq must be [B, H, f] (one token), got shape {tuple(xq.shape)}")
+    B, H, f = xq.shape
+    for name, t in (("xk", xk), ("xv", xv)):
+        if t.shape != xq.shape:
+            raise ValueError(f"{name} must have the shape of xq {tuple(xq.shape)}, got {tuple(t.shape)}")
+    if lr.shape != (B, H):
+        raise ValueError(f"lr must be [B, H] = {(B, H)}, got {tuple(lr.shape)}")
+    if not torch.is_tensor(tau_i) or tau_i.dim() != 0:
+        raise ValueError(f"tau_i must be a 0-d tensor, got {tau_i!r}")
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if t.shape != (H, f):
+            raise ValueError(f"{name} must be [H, f] = {(H, f)}, got {tuple(t.shape)}")
+
+
+def head_view(t: torch.Tensor) -> torch.Tensor:
+    """``[H, f] -> [1, H, 1, f]`` so a per-head LayerNorm parameter broadcasts over ``[B, H, K, f]``."""
+    return t[None, :, None, :]
+
+
+def verify_common(inputs, max_head_dim: int, kernel_name: str) -> str | None:
+    """The checks both Triton TTT kernels share; returns a reason string or None."""
+    device = torch.device(inputs.device)
+    if device.type != "cuda":
+        if not (device.type == "cpu" and interpreter_requested()):
+            return (
+                f"{kernel_name}: device is {device.type!r}; needs 'cuda', or 'cpu' with TRITON_INTERPRET=1 "
+                "set before the kernels are first used"
+            )
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - triton is a dependency on linux
+        return f"{kernel_name}: triton is not importable ({exc})"
+    if inputs.dtype not in SUPPORTED_DTYPES:
+        return f"{kernel_name}: dtype {inputs.dtype} unsupported; supported: float32, float16, bfloat16"
+    f = inputs.head_dim
+    if not is_power_of_two(f) or not 16 <= f <= max_head_dim:
+        return f"{kernel_name}: head_dim {f} must be a power of two in [16, {max_head_dim}]"
+    K = inputs.mini_batch_size
+    if not 1 <= K <= MAX_MINI_BATCH:
+        return f"{kernel_name}: mini_batch_size {K} unsupported; must be in [1, {MAX_MINI_BATCH}]"
+    if inputs.num_tokens % K != 0:
+        return f"{kernel_name}: num_tokens {inputs.num_tokens} is not a multiple of mini_batch_size {K}"
+    if inputs.needs_double_backward:
+        return f"{kernel_name}: double backward needed, but the kernel's backward is not differentiable"
+    return None
+
+
+def block_rows(K: int) -> int:
+    """Rows of a mini-batch tile: ``K`` padded to a power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, 1 << (K - 1).bit_length())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: exact float32 ("ieee") for float32 inputs, tf32 for half inputs."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def mode_mismatch(kernels_module_name: str, device, kernel_name: str) -> str | None:
+    """Reason why already-built kernels cannot serve ``device``, or None.
+
+    Triton fixes compiled vs interpreted when a kernel is defined; if the kernels module was imported
+    in one mode, tensors of the other kind of device cannot be served by it.
+    """
+    import sys
+
+    module = sys.modules.get(kernels_module_name)
+    if module is None:
+        return None
+    device = torch.device(device)
+    if device.type == "cpu" and not module.INTERPRETED:
+        return (
+            f"{kernel_name}: the kernels were built compiled (TRITON_INTERPRET was not 1 when they were "
+            "first used), so they cannot run on cpu tensors in this process"
+        )
+    if device.type == "cuda" and module.INTERPRETED:
+        return f"{kernel_name}: the kernels were built for the CPU interpreter (TRITON_INTERPRET=1)"
+    return None
+
+
+def check_runnable(t: torch.Tensor, kernel_name: str) -> None:
+    """Raise a clear error when a kernel is launched on a device/dtype it cannot serve."""
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{kernel_name}: dtype {t.dtype} unsupported; use float32, float16 or bfloat16")
+    if t.device.type == "cpu" and not interpreter_requested():
+        raise RuntimeError(
+            f"{kernel_name}: got cpu tensors but TRITON_INTERPRET=1 is not set; Triton needs a cuda device"
+        )
+    if t.device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"{kernel_name}: device {t.device.type!r} unsupported; use cuda")

@@ -124,8 +124,10 @@ class TTTLayer(nn.Module):
         self.update_rule: UpdateRule = _resolve("update_rule", update_rule, UpdateRule)
         reason = self.update_rule.check_model(self.inner_model)
         if reason is not None:
-            raise ValueError(f"update_rule={self.update_rule.name!r} cannot run inner_model="
-                             f"{self.inner_model.name!r}: {reason}")
+            raise ValueError(
+                f"update_rule={self.update_rule.name!r} cannot run inner_model="
+                f"{self.inner_model.name!r}: {reason}"
+            )
 
         self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -164,7 +166,9 @@ class TTTLayer(nn.Module):
         self.register_buffer(
             "token_idx", 1.0 / torch.arange(1, mini_batch_size + 1, dtype=torch.float32), persistent=False
         )
-        self.register_buffer("rope_inv_freq", rope_inverse_frequencies(head_dim, self.rope_theta), persistent=False)
+        self.register_buffer(
+            "rope_inv_freq", rope_inverse_frequencies(head_dim, self.rope_theta), persistent=False
+        )
 
         # The inner LayerNorm (per head) and the learnable initial inner weights.
         if inner_norm:

@@ -37,7 +37,9 @@ def split_segments(position: int, num_tokens: int, mini_batch_size: int) -> list
     while start < num_tokens:
         offset = (position + start) % mini_batch_size
         end = min(num_tokens, start + mini_batch_size - offset)
-        segments.append(Segment(start, end, offset, closes_mini_batch=offset + end - start == mini_batch_size))
+        segments.append(
+            Segment(start, end, offset, closes_mini_batch=offset + end - start == mini_batch_size)
+        )
         start = end
     return segments
 
@@ -62,7 +64,9 @@ class ChunkInputs:
         )
 
 
-def prepare_chunk(state: TTTState, task: InnerTask, views: Views, lr: torch.Tensor) -> tuple[ChunkInputs, dict]:
+def prepare_chunk(
+    state: TTTState, task: InnerTask, views: Views, lr: torch.Tensor
+) -> tuple[ChunkInputs, dict]:
     """Build the loss pairs of a chunk and fold their validity into the learning rates."""
     pairs: LossPairs = task.loss.pairs(views, state.loss_carry)
     if pairs.valid is not None:

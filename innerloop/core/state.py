@@ -104,7 +104,9 @@ class TTTState:
         for name, value in tensors.items():
             group, _, key = name.partition(".")
             if group not in groups or not key:
-                raise ValueError(f"state tensor name {name!r} is not of the form '<group>.<key>' with group in {sorted(groups)}")
+                raise ValueError(
+                    f"state tensor name {name!r} is not of the form '<group>.<key>' with group in {sorted(groups)}"
+                )
             groups[group][key] = value
         try:
             signature = StateSignature(

@@ -67,7 +67,9 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
     return converted
 
 
-def load_layer(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], **overrides: Any) -> TTTLayer:
+def load_layer(
+    config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], **overrides: Any
+) -> TTTLayer:
     """Build a :class:`TTTLayer` equal to the reference layer with this config and state_dict.
 
     Args:

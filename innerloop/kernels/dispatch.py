@@ -72,9 +72,7 @@ def select_kernel(rule_name: str, task: InnerTask, inputs: KernelInputs) -> tupl
             return kernel, f"kernel {kernel.name!r} verified"
         refusals.append(f"{kernel.name}: {reason}")
     if not candidates:
-        return None, (
-            f"torch: no kernel registered for ({task.model.name}, {task.loss.name}, {rule_name})"
-        )
+        return None, (f"torch: no kernel registered for ({task.model.name}, {task.loss.name}, {rule_name})")
     return None, "torch: " + "; ".join(refusals)
 
 

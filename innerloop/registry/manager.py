@@ -359,6 +359,9 @@ def format_plugin_table(registry: Registry | None = None) -> str:
     rows = [(e.kind, e.name, e.origin) for e in registry.entries()]
     header = ("kind", "name", "origin")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

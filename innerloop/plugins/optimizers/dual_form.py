@@ -163,7 +163,9 @@ class DualForm(UpdateRule):
             if seg.closes_mini_batch:
                 params, pending = close_mini_batch(params, pending, seg_tau[-1])
             index += 1
-        return torch.cat(outputs, dim=2), advance_state(state, params, pending, views.query.shape[2], loss_carry)
+        return torch.cat(outputs, dim=2), advance_state(
+            state, params, pending, views.query.shape[2], loss_carry
+        )
 
 
 @hookimpl

@@ -106,7 +106,9 @@ class MiniBatchGD(UpdateRule):
             outputs.append(out)
             if seg.closes_mini_batch:
                 params, pending = close_mini_batch(params, pending, seg_tau[-1])
-        return torch.cat(outputs, dim=2), advance_state(state, params, pending, views.query.shape[2], loss_carry)
+        return torch.cat(outputs, dim=2), advance_state(
+            state, params, pending, views.query.shape[2], loss_carry
+        )
 
 
 @hookimpl

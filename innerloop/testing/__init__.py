@@ -1,0 +1,29 @@
+"""Testing helpers that the built-ins' tests use and a third-party plugin's tests can call.
+
+- :mod:`innerloop.testing.checks`: ``check_inner_model``, ``check_inner_loss``, ``check_update_rule``.
+- :mod:`innerloop.testing.reference`: the naive token-by-token loop every rule is checked against.
+- :mod:`innerloop.testing.strategies`: hypothesis strategies (needs the ``test`` extra).
+"""
+
+from innerloop.testing.checks import (
+    FLOAT64_TOLERANCE,
+    InnerProblem,
+    check_inner_loss,
+    check_inner_model,
+    check_update_rule,
+    make_problem,
+    run_in_chunks,
+)
+from innerloop.testing.reference import causal_linear_attention, naive_token_loop
+
+__all__ = [
+    "FLOAT64_TOLERANCE",
+    "InnerProblem",
+    "causal_linear_attention",
+    "check_inner_loss",
+    "check_inner_model",
+    "check_update_rule",
+    "make_problem",
+    "naive_token_loop",
+    "run_in_chunks",
+]

@@ -1,0 +1,243 @@
+"""Conformance checks for plugins: call them from a plugin's own tests.
+
+Each check builds a small random inner problem in float64 and raises ``AssertionError`` with the
+measured error when the plugin breaks a property every TTT plugin must have:
+
+- :func:`check_inner_model`: shapes; the dual form (if the model declares a stack) equals the primal
+  form equals the naive token-by-token loop.
+- :func:`check_inner_loss`: shapes; causality (a pair never depends on later tokens); pairs built
+  chunk by chunk with the carry equal the pairs of the whole; the per-token gradient equals autograd;
+  the primal form with this loss equals the naive loop.
+- :func:`check_update_rule`: the rule equals the naive loop, and any split of a sequence with the
+  state carried equals the whole sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from innerloop.core.functional import relative_error
+from innerloop.core.protocol import InnerLoss, InnerModel, InnerTask, UpdateRule, Views
+from innerloop.core.scan import split_segments
+from innerloop.core.state import StateSignature, TTTState
+from innerloop.testing.reference import naive_token_loop
+
+#: float64 agreement required between mathematically equal computations.
+FLOAT64_TOLERANCE = 1e-10
+
+
+@dataclass
+class InnerProblem:
+    """A random inner-loop problem: what an update rule takes, without a layer around it."""
+
+    state: TTTState
+    task: InnerTask
+    views: Views
+    lr: torch.Tensor
+    tau: torch.Tensor
+
+
+def make_problem(
+    model: InnerModel,
+    loss: InnerLoss,
+    *,
+    batch: int = 2,
+    heads: int = 2,
+    head_dim: int = 4,
+    tokens: int = 11,
+    mini_batch_size: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    norm: bool = True,
+    residual: bool = True,
+) -> InnerProblem:
+    """A random problem at a sequence start (position 0), weights perturbed so every term matters."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+
+    per_head = model.init_params(heads, head_dim, generator=generator)
+    params = {k: (v.double() + randn(*v.shape, scale=0.1)).to(dtype) for k, v in per_head.items()}
+    params = {k: v.unsqueeze(0).expand(batch, *v.shape).clone() for k, v in params.items()}
+    views = Views(*(randn(batch, heads, tokens, head_dim) for _ in range(3)))
+    state = TTTState(
+        params=params,
+        pending={k: torch.zeros_like(v) for k, v in params.items()},
+        position=0,
+        signature=StateSignature(batch, heads, head_dim, mini_batch_size, model.name, loss.name),
+        loss_carry=loss.init_carry(batch, heads, head_dim, views.key),
+    )
+    task = InnerTask(
+        model=model,
+        loss=loss,
+        mini_batch_size=mini_batch_size,
+        norm_weight=(1.0 + randn(heads, head_dim, scale=0.1)) if norm else None,
+        norm_bias=randn(heads, head_dim, scale=0.1) if norm else None,
+        residual=residual,
+        kernel="torch",
+    )
+    lr = torch.rand(batch, heads, tokens, generator=generator, dtype=torch.float64).to(dtype) * 0.5
+    tau = (1.0 / torch.arange(1, mini_batch_size + 1, dtype=torch.float64)).to(dtype) + randn(
+        mini_batch_size, scale=0.05
+    )
+    return InnerProblem(state, task, views, lr, tau.clamp_min(0.0))
+
+
+def run_in_chunks(
+    rule: UpdateRule, problem: InnerProblem, cut_points: list[int]
+) -> tuple[torch.Tensor, TTTState]:
+    """Run ``rule`` over the problem's tokens cut at ``cut_points``, carrying the state."""
+    tokens = problem.views.query.shape[2]
+    bounds = [0, *sorted(set(p for p in cut_points if 0 < p < tokens)), tokens]
+    state, outputs = problem.state, []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        views = problem.views.slice_tokens(start, end)
+        out, state = rule.forward(state, problem.task, views, problem.lr[:, :, start:end], problem.tau)
+        outputs.append(out)
+    return torch.cat(outputs, dim=2), state
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tolerance: float) -> None:
+    error = relative_error(actual, expected)
+    if not error <= tolerance:  # also catches NaN
+        raise AssertionError(f"{what}: relative error {error:.3e} > {tolerance:.1e}")
+
+
+def assert_states_close(actual: TTTState, expected: TTTState, what: str, tolerance: float) -> None:
+    if actual.position != expected.position:
+        raise AssertionError(f"{what}: position {actual.position} != {expected.position}")
+    for group in ("params", "pending", "loss_carry"):
+        a, e = getattr(actual, group), getattr(expected, group)
+        if set(a) != set(e):
+            raise AssertionError(f"{what}: state.{group} keys {sorted(a)} != {sorted(e)}")
+        for key in e:
+            assert_close(a[key], e[key], f"{what}: state.{group}[{key!r}]", tolerance)
+
+
+def _rule(name: str) -> UpdateRule:
+    from innerloop.registry import get_registry
+
+    return get_registry().update_rule(name)
+
+
+def _rules_for(model: InnerModel) -> list[UpdateRule]:
+    from innerloop.registry import get_registry
+
+    registry = get_registry()
+    rules = [registry.update_rule(n) for n in registry.names("update_rule")]
+    return [r for r in rules if r.check_model(model) is None]
+
+
+def check_inner_model(model: InnerModel, loss: InnerLoss | None = None, seed: int = 0) -> None:
+    """Every update rule that accepts ``model`` equals the naive loop on it (float64)."""
+    from innerloop.registry import get_registry
+
+    loss = loss or get_registry().inner_loss("reconstruction")
+    problem = make_problem(model, loss, seed=seed)
+    expected_out, expected_state = naive_token_loop(
+        problem.state, problem.task, problem.views, problem.lr, problem.tau
+    )
+    for rule in _rules_for(model):
+        out, state = rule.forward(problem.state, problem.task, problem.views, problem.lr, problem.tau)
+        assert_close(
+            out, expected_out, f"{rule.name} vs naive loop on model {model.name!r}", FLOAT64_TOLERANCE
+        )
+        assert_states_close(state, expected_state, f"{rule.name} on model {model.name!r}", FLOAT64_TOLERANCE)
+
+
+def check_inner_loss(loss: InnerLoss, seed: int = 0) -> None:
+    """Shapes, causality, chunk invariance of the pairs, gradient, and agreement with the naive loop."""
+    from innerloop.registry import get_registry
+
+    model = get_registry().inner_model("linear")
+    problem = make_problem(model, loss, seed=seed, tokens=9)
+    views, carry = problem.views, problem.state.loss_carry
+    whole = loss.pairs(views, carry)
+
+    # Causality: changing tokens >= 5 must not change the pairs of tokens < 5.
+    changed = Views(*(t.clone() for t in (views.query, views.key, views.value)))
+    for t in (changed.query, changed.key, changed.value):
+        t[:, :, 5:] += 1.0
+    perturbed = loss.pairs(changed, carry)
+    assert_close(
+        perturbed.inputs[:, :, :5], whole.inputs[:, :, :5], f"{loss.name}: pairs causal (inputs)", 0.0
+    )
+    assert_close(
+        perturbed.targets[:, :, :5], whole.targets[:, :, :5], f"{loss.name}: pairs causal (targets)", 0.0
+    )
+
+    # Chunk invariance of the pairs with the carry.
+    first = loss.pairs(views.slice_tokens(0, 4), carry)
+    second = loss.pairs(views.slice_tokens(4, 9), first.carry)
+    assert_close(
+        torch.cat([first.inputs, second.inputs], 2), whole.inputs, f"{loss.name}: chunked inputs", 0.0
+    )
+    assert_close(
+        torch.cat([first.targets, second.targets], 2), whole.targets, f"{loss.name}: chunked targets", 0.0
+    )
+    if whole.valid is not None:
+        ones = torch.ones(9, dtype=views.key.dtype)
+        valid_whole = (whole.valid * ones).expand(2, 2, 9)
+        valid_chunks = torch.cat(
+            [(first.valid * ones[:4]).expand(2, 2, 4), (second.valid * ones[4:]).expand(2, 2, 5)], 2
+        )
+        assert_close(valid_chunks, valid_whole, f"{loss.name}: chunked validity", 0.0)
+
+    # The per-token gradient against autograd.
+    prediction = torch.randn_like(whole.targets, dtype=torch.float64).requires_grad_(True)
+    targets = whole.targets.double()
+    autograd = torch.autograd.grad(loss.token_loss(prediction, targets).sum(), prediction)[0]
+    assert_close(
+        loss.token_loss_grad(prediction.detach(), targets),
+        autograd,
+        f"{loss.name}: token_loss_grad",
+        FLOAT64_TOLERANCE,
+    )
+
+    check_inner_model(model, loss, seed=seed)
+
+
+def check_update_rule(
+    rule: UpdateRule,
+    model: InnerModel | None = None,
+    loss: InnerLoss | None = None,
+    cut_points: list[int] | None = None,
+    seed: int = 0,
+    **problem_kwargs,
+) -> None:
+    """``rule`` equals the naive loop, whole and when the sequence is cut at ``cut_points``."""
+    from innerloop.registry import get_registry
+
+    registry = get_registry()
+    model = model or registry.inner_model("linear")
+    loss = loss or registry.inner_loss("reconstruction")
+    problem = make_problem(model, loss, seed=seed, **problem_kwargs)
+    expected_out, expected_state = naive_token_loop(
+        problem.state, problem.task, problem.views, problem.lr, problem.tau
+    )
+    tokens = problem.views.query.shape[2]
+    if cut_points is None:  # default: cuts inside, at and across mini-batch boundaries
+        k = problem.task.mini_batch_size
+        cut_points = sorted({1, max(1, k - 1), k, k + 2, tokens - 1})
+    for cuts in ([], cut_points):
+        out, state = run_in_chunks(rule, problem, cuts)
+        what = f"{rule.name} ({model.name}, {loss.name}) cut at {cuts}"
+        assert_close(out, expected_out, what, FLOAT64_TOLERANCE)
+        assert_states_close(state, expected_state, what, FLOAT64_TOLERANCE)
+
+
+__all__ = [
+    "FLOAT64_TOLERANCE",
+    "InnerProblem",
+    "assert_close",
+    "assert_states_close",
+    "check_inner_loss",
+    "check_inner_model",
+    "check_update_rule",
+    "make_problem",
+    "run_in_chunks",
+    "split_segments",
+]

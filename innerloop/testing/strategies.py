@@ -1,0 +1,56 @@
+"""Hypothesis strategies for TTT layers and update rules (requires the ``test`` extra)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    from hypothesis import strategies as st
+except ImportError as error:  # pragma: no cover - exercised only without the test extra
+    raise ImportError(
+        "innerloop.testing.strategies needs hypothesis: pip install 'innerloop[test]'"
+    ) from error
+
+
+@st.composite
+def layer_configs(
+    draw,
+    inner_models: tuple[str, ...] = ("linear", "mlp"),
+    inner_losses: tuple[str, ...] = ("reconstruction", "next_token"),
+    update_rules: tuple[str, ...] = ("dual_form", "minibatch_gd"),
+    max_heads: int = 3,
+    head_dims: tuple[int, ...] = (4, 6, 8),
+    max_mini_batch: int = 6,
+) -> dict[str, Any]:
+    """Keyword arguments of a small ``TTTLayer``: every option of the reference layer varies."""
+    num_heads = draw(st.integers(1, max_heads))
+    head_dim = draw(st.sampled_from(head_dims))
+    return {
+        "hidden_size": num_heads * head_dim,
+        "num_heads": num_heads,
+        "inner_model": draw(st.sampled_from(inner_models)),
+        "inner_loss": draw(st.sampled_from(inner_losses)),
+        "update_rule": draw(st.sampled_from(update_rules)),
+        "mini_batch_size": draw(st.integers(1, max_mini_batch)),
+        "base_lr": draw(st.sampled_from([0.1, 1.0, 3.0])),
+        "use_gate": draw(st.booleans()),
+        "share_qk": draw(st.booleans()),
+        "conv_kernel": draw(st.integers(1, 4)),
+    }
+
+
+@st.composite
+def split_points(draw, total: int, max_cuts: int = 4) -> list[int]:
+    """Sorted distinct cut points strictly inside ``[0, total]`` (possibly none)."""
+    if total < 2:
+        return []
+    cuts = draw(st.lists(st.integers(1, total - 1), max_size=max_cuts, unique=True))
+    return sorted(cuts)
+
+
+def seeds() -> st.SearchStrategy[int]:
+    """Seeds for torch generators."""
+    return st.integers(0, 2**31 - 1)
+
+
+__all__ = ["layer_configs", "seeds", "split_points"]

@@ -1,0 +1,82 @@
+"""TTTLayer loaded from the reference's weights reproduces the reference's outputs and gradients."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from innerloop.core.functional import relative_error
+from innerloop.interop.ttt_lm_pytorch import convert_state_dict, load_layer
+
+safetensors = pytest.importorskip("safetensors.torch", reason="conformance vectors are safetensors files")
+
+CASES = [
+    "linear_c1_h256_nh4_mb16_nogate_T64",
+    "linear_c2_h256_nh4_mb16_gate_T72",
+    "linear_c5_h128_nh2_mb16_shareqk_gate_T48",
+    "mlp_c1_h256_nh4_mb16_nogate_T64",
+    "mlp_c2_h256_nh4_mb16_gate_T72",
+    "mlp_c5_h128_nh2_mb16_shareqk_gate_T48",
+]
+
+
+def load_case(directory, name):
+    meta = json.loads((directory / f"{name}.json").read_text())
+    tensors = safetensors.load_file(str(directory / f"{name}.safetensors"))
+    params = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
+    return meta, tensors, params
+
+
+def test_every_vector_file_is_covered(conformance_dir):
+    assert sorted(p.stem for p in conformance_dir.glob("*.json")) == sorted(CASES)
+
+
+@pytest.mark.parametrize("update_rule", ["dual_form", "minibatch_gd"])
+@pytest.mark.parametrize("name", CASES)
+def test_output_and_every_gradient_fp32(conformance_dir, name, update_rule):
+    meta, tensors, params = load_case(conformance_dir, name)
+    layer = load_layer(meta["layer_config"], params, update_rule=update_rule)
+    x = tensors["input.hidden_states"].clone().requires_grad_(True)
+    y, state = layer(x)
+    assert (y - tensors["output"]).abs().max().item() <= 1e-5
+
+    (y * tensors["grad.grad_output"]).sum().backward()
+    assert relative_error(x.grad, tensors["grad.input.hidden_states"]) <= 1e-4
+    parameters = dict(layer.named_parameters())
+    checked = 0
+    for key, expected in tensors.items():
+        if not key.startswith("grad.param."):
+            continue
+        ours = next(iter(convert_state_dict({key.removeprefix("grad.param."): expected})))
+        assert relative_error(parameters[ours].grad, expected) <= 1e-4, ours
+        checked += 1
+    assert checked == len(params)  # every parameter of the reference has its gradient checked
+
+    # The weights after the last token: W_b - tau_{i} * pending, with i the last token's offset.
+    tau = torch.clamp_min(layer.token_idx + layer.learnable_token_idx, 0.0)
+    last = (state.position - 1) % layer.mini_batch_size
+    for weight in ("W1", "b1", "W2", "b2"):
+        key = f"intermediate.final_{weight}_states"
+        if key in tensors:
+            current = state.params[weight] - tau[last] * state.pending[weight]
+            assert (current - tensors[key]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_output_fp64(conformance_dir, name):
+    meta, tensors, params = load_case(conformance_dir, name)
+    layer = load_layer(meta["layer_config"], {k: v.double() for k, v in params.items()})
+    with torch.no_grad():
+        y, _ = layer(tensors["input.hidden_states"].double())
+    assert relative_error(y, tensors["output_fp64"]) <= 1e-10
+
+
+def test_load_layer_rejects_a_foreign_state_dict(conformance_dir):
+    meta, _, params = load_case(conformance_dir, "linear_c1_h256_nh4_mb16_nogate_T64")
+    with pytest.raises(ValueError, match="missing"):
+        load_layer(meta["layer_config"], {k: v for k, v in params.items() if k != "W1"})
+    mlp_config = dict(meta["layer_config"], ttt_layer_type="mlp")
+    with pytest.raises(ValueError, match="does not match"):
+        load_layer(mlp_config, params)

@@ -1,0 +1,101 @@
+"""Baseline mixers: full causal attention and sliding-window attention (torch SDPA, RoPE).
+
+Both keep a key/value cache as their recurrent state, so they decode through the same
+``y, state = mixer(x, state)`` call as a TTT layer. Full attention's cache grows with the sequence;
+sliding-window attention keeps only the last ``window - 1`` keys, so its memory per token is constant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """Keys and values of the tokens a future query may attend to, and how many tokens were read.
+
+    ``key`` and ``value`` are ``[B, H, S, f]`` with RoPE already applied to ``key``; ``position`` is the
+    absolute position of the next token.
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    position: int
+
+    def detach(self) -> KVCache:
+        """The same cache cut from the autograd graph."""
+        return KVCache(self.key.detach(), self.value.detach(), self.position)
+
+
+def rope_tables(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables ``[T, dim/2]`` for the rotary embedding at integer ``positions`` ``[T]``."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, dim/2]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs ``(x[2i], x[2i+1])`` of ``x [..., T, dim]`` by the tables."""
+    x_even, x_odd = x[..., 0::2].float(), x[..., 1::2].float()  # [..., T, dim/2]
+    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with RoPE, full or with a sliding window.
+
+    Args:
+        hidden_size: model width ``D``.
+        num_heads: number of heads ``H``; ``D`` must be divisible by ``H``.
+        window: if given, a query sees only the last ``window`` tokens (itself included).
+        rope_theta: RoPE base.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, window: int | None = None, rope_theta: float = 1e4):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
+        if window is not None and window < 1:
+            raise ValueError(f"window={window} must be >= 1 (or None for full attention)")
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.window = window
+        self.rope_theta = rope_theta
+        self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Attend over ``x [B, T, D]`` after the cached tokens; return ``y [B, T, D]`` and the new cache."""
+        batch, length, hidden = x.shape
+        start = 0 if state is None else state.position
+        q, k, v = self.qkv_proj(x).view(batch, length, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # each [B, H, T, f]
+        cos, sin = rope_tables(
+            torch.arange(start, start + length, device=x.device), self.head_dim, self.rope_theta
+        )
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if state is not None:
+            k = torch.cat((state.key, k), dim=2)  # [B, H, S + T, f]
+            v = torch.cat((state.value, v), dim=2)
+        num_keys = k.shape[2]
+
+        if self.window is None and state is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # Query i sits at absolute position start + i; key j at start + length - num_keys + j.
+            query_pos = torch.arange(start, start + length, device=x.device)[:, None]  # [T, 1]
+            key_pos = torch.arange(start + length - num_keys, start + length, device=x.device)[None, :]
+            mask = key_pos <= query_pos  # [T, S + T]
+            if self.window is not None:
+                mask = mask & (key_pos > query_pos - self.window)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(batch, length, hidden)
+
+        keep = num_keys if self.window is None else min(num_keys, self.window - 1)
+        cache = KVCache(k[:, :, num_keys - keep :], v[:, :, num_keys - keep :], start + length)
+        return self.o_proj(y), cache

@@ -1,0 +1,132 @@
+"""The parts of a block: SwiGLU MLP, the causal depthwise pre-conv, the mixer factory, the block.
+
+A block of the paper's models is::
+
+    h = h + PreConv(RMSNorm(h))        # mamba backbone only
+    h = h + Mixer(RMSNorm(h))          # TTT layer, full attention or sliding-window attention
+    h = h + SwiGLU(RMSNorm(h))
+
+Every part that looks back in time (the pre-conv, the mixer) takes and returns a state, so a block
+runs a whole sequence, a chunk of it or one token with the same call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from innerloop.models.attention import CausalSelfAttention
+from innerloop.models.config import ModelConfig
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``, the MLP of Llama and of the paper's models."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class CausalDepthwiseConv(nn.Module):
+    """Causal depthwise 1-D convolution over time (with bias) that carries its last inputs as state.
+
+    ``forward(x [B, T, D], history [B, k-1, D] | None)`` returns ``y [B, T, D]`` and the new history:
+    feeding a sequence in pieces gives the same outputs as feeding it whole.
+    """
+
+    def __init__(self, hidden_size: int, kernel_size: int):
+        super().__init__()
+        if kernel_size < 1:
+            raise ValueError(f"kernel_size={kernel_size} must be >= 1")
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv1d(hidden_size, hidden_size, kernel_size, groups=hidden_size, bias=True)
+
+    def forward(
+        self, x: torch.Tensor, history: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, _, hidden = x.shape
+        if history is None:  # the start of a sequence: zeros before it
+            history = x.new_zeros(batch, self.kernel_size - 1, hidden)
+        padded = torch.cat((history, x), dim=1)  # [B, k-1+T, D]
+        y = self.conv(padded.transpose(1, 2)).transpose(1, 2)  # [B, T, D]
+        return y, padded[:, padded.shape[1] - (self.kernel_size - 1) :]
+
+
+def build_mixer(config: ModelConfig) -> nn.Module:
+    """The sequence mixer named by ``config.mixer``; every mixer is called as ``y, state = m(x, state)``."""
+    if config.mixer == "attention":
+        return CausalSelfAttention(config.hidden_size, config.num_heads, None, config.rope_theta)
+    if config.mixer == "swa":
+        return CausalSelfAttention(config.hidden_size, config.num_heads, config.window, config.rope_theta)
+    if config.mixer == "ttt":
+        from innerloop import TTTLayer
+
+        mamba = config.backbone == "mamba"
+        return TTTLayer(
+            config.hidden_size,
+            config.num_heads,
+            inner_model=config.ttt.inner_model,
+            inner_loss=config.ttt.inner_loss,
+            update_rule=config.ttt.update_rule,
+            mini_batch_size=config.ttt.mini_batch_size,
+            base_lr=config.ttt.base_lr,
+            use_gate=mamba,
+            share_qk=mamba,
+            conv_kernel=config.ttt.conv_kernel,
+            rope_theta=config.rope_theta,
+        )
+    raise ValueError(
+        f"model.mixer={config.mixer!r} is not a mixer; valid mixers: ['ttt', 'attention', 'swa']"
+    )
+
+
+@dataclass(frozen=True)
+class BlockState:
+    """What one block carries between chunks: the pre-conv history and the mixer's state."""
+
+    conv: torch.Tensor | None
+    mixer: Any
+
+    def detach(self) -> BlockState:
+        return BlockState(
+            None if self.conv is None else self.conv.detach(),
+            self.mixer.detach() if hasattr(self.mixer, "detach") else self.mixer,
+        )
+
+
+class Block(nn.Module):
+    """One residual block: optional pre-conv, mixer, SwiGLU MLP, each behind an RMSNorm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        D = config.hidden_size
+        self.pre_conv: CausalDepthwiseConv | None = None
+        if config.backbone == "mamba":
+            self.pre_conv_norm = nn.RMSNorm(D, eps=config.norm_eps)
+            self.pre_conv = CausalDepthwiseConv(D, config.pre_conv_kernel)
+        self.mixer_norm = nn.RMSNorm(D, eps=config.norm_eps)
+        self.mixer = build_mixer(config)
+        self.mlp_norm = nn.RMSNorm(D, eps=config.norm_eps)
+        self.mlp = SwiGLU(D, config.intermediate_size)
+
+    def forward(self, h: torch.Tensor, state: BlockState | None = None) -> tuple[torch.Tensor, BlockState]:
+        """``h [B, T, D]`` → ``h [B, T, D]`` and the block's new state."""
+        conv_history = None
+        if self.pre_conv is not None:
+            conv_out, conv_history = self.pre_conv(
+                self.pre_conv_norm(h), None if state is None else state.conv
+            )
+            h = h + conv_out
+        mixed, mixer_state = self.mixer(self.mixer_norm(h), state=None if state is None else state.mixer)
+        h = h + mixed
+        h = h + self.mlp(self.mlp_norm(h))
+        return h, BlockState(conv_history, mixer_state)

@@ -1,0 +1,149 @@
+"""Configuration of a causal language model: plain dataclasses, also usable as omegaconf schemas.
+
+Every field has a type omegaconf understands (str, int, float, bool), so the same classes are the
+model's constructor arguments, the ``model`` section of a run's YAML config and the hyperparameters
+saved in a checkpoint. Plugin names (``inner_model``, ``inner_loss``, ``update_rule``) are checked
+against the registry by :func:`validate_model_config`, before anything is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+MIXERS: tuple[str, ...] = ("ttt", "attention", "swa")
+"""Sequence mixers a block can use: a TTT layer, full causal attention, sliding-window attention."""
+
+BACKBONES: tuple[str, ...] = ("transformer", "mamba")
+"""The paper's two backbones. ``mamba`` adds the pre-conv residual to every block and turns on
+``share_qk`` and the output gate of the TTT layer; ``transformer`` uses neither."""
+
+# The paper's model shapes (hidden, layers, heads, MLP width). The paper uses the Llama tokenizer
+# (32k vocabulary); innerloop's models are byte-level (vocabulary 256) unless configured otherwise,
+# so the same shapes have fewer embedding parameters.
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "125m": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 2048},
+    "350m": {"hidden_size": 1024, "num_layers": 24, "num_heads": 16, "intermediate_size": 2736},
+    "760m": {"hidden_size": 1536, "num_layers": 24, "num_heads": 16, "intermediate_size": 4096},
+    "1.3b": {"hidden_size": 2048, "num_layers": 24, "num_heads": 32, "intermediate_size": 5504},
+}
+
+
+@dataclass
+class TTTConfig:
+    """Options of the TTT layer used as the mixer when ``ModelConfig.mixer == "ttt"``.
+
+    The names are registry names (``innerloop plugins`` lists them). ``share_qk`` and the output gate
+    are not options here: the backbone decides them (see :data:`BACKBONES`).
+    """
+
+    inner_model: str = "linear"
+    inner_loss: str = "reconstruction"
+    update_rule: str = "dual_form"
+    mini_batch_size: int = 16
+    base_lr: float = 1.0
+    conv_kernel: int = 4
+
+
+@dataclass
+class ModelConfig:
+    """Shape and parts of a :class:`~innerloop.models.CausalLM`.
+
+    Args:
+        mixer: the sequence mixer of every block, one of :data:`MIXERS`.
+        backbone: ``transformer`` or ``mamba`` (see :data:`BACKBONES`).
+        vocab_size: size of the token vocabulary (256 for byte-level text).
+        hidden_size: model width ``D``.
+        num_layers: number of blocks.
+        num_heads: heads of the mixer; ``hidden_size`` must be divisible by it.
+        intermediate_size: width of the SwiGLU MLP.
+        window: tokens a sliding-window attention query sees, itself included (``mixer="swa"``).
+        rope_theta: RoPE base of the attention mixers and of the TTT layer.
+        pre_conv_kernel: kernel of the mamba backbone's pre-conv residual.
+        norm_eps: epsilon of the RMSNorms.
+        init_std: standard deviation of the normal init of embeddings and projections.
+        ttt: options of the TTT layer (used when ``mixer == "ttt"``).
+    """
+
+    mixer: str = "ttt"
+    backbone: str = "transformer"
+    vocab_size: int = 256
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 172
+    window: int = 64
+    rope_theta: float = 10000.0
+    pre_conv_kernel: int = 4
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain nested dict (JSON/YAML-safe), the inverse of :meth:`from_dict`."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build from a nested dict; unknown keys raise ``ValueError`` listing the valid ones."""
+        data = dict(data)
+        ttt = data.pop("ttt", {})
+        if isinstance(ttt, TTTConfig):
+            ttt = asdict(ttt)
+        _check_keys("model", data, cls)
+        _check_keys("model.ttt", ttt, TTTConfig)
+        return cls(**data, ttt=TTTConfig(**ttt))
+
+    @classmethod
+    def paper_size(cls, size: str, **overrides: Any) -> ModelConfig:
+        """The paper's shape ``size`` (one of :data:`MODEL_SIZES`) with optional field overrides."""
+        if size not in MODEL_SIZES:
+            raise ValueError(f"size={size!r} is not a paper size; valid sizes: {sorted(MODEL_SIZES)}")
+        return cls.from_dict({**MODEL_SIZES[size], **overrides})
+
+
+def _check_keys(where: str, data: dict[str, Any], schema: type) -> None:
+    valid = [f.name for f in fields(schema)]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {valid}")
+
+
+def validate_model_config(config: ModelConfig) -> None:
+    """Check names and shapes before building; raise ``ValueError`` naming the field and the choices.
+
+    Plugin names are checked against ``innerloop.registry.available`` so that a typo fails at once,
+    not minutes into a run.
+    """
+    if config.mixer not in MIXERS:
+        raise ValueError(f"model.mixer={config.mixer!r} is not a mixer; valid mixers: {list(MIXERS)}")
+    if config.backbone not in BACKBONES:
+        raise ValueError(
+            f"model.backbone={config.backbone!r} is not a backbone; valid backbones: {list(BACKBONES)}"
+        )
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "window"):
+        value = getattr(config, name)
+        if value < 1:
+            raise ValueError(f"model.{name}={value} must be a positive integer")
+    if config.hidden_size % config.num_heads:
+        raise ValueError(
+            f"model.hidden_size={config.hidden_size} must be divisible by model.num_heads={config.num_heads}"
+        )
+    if (config.hidden_size // config.num_heads) % 2:
+        raise ValueError(
+            f"model.hidden_size / model.num_heads = {config.hidden_size // config.num_heads} must be even "
+            "(RoPE rotates pairs of channels)"
+        )
+    if config.mixer == "ttt":
+        from innerloop.registry import available
+
+        for kind in ("inner_model", "inner_loss", "update_rule"):
+            name = getattr(config.ttt, kind)
+            choices = available(kind)
+            if name not in choices:
+                raise ValueError(
+                    f"model.ttt.{kind}={name!r} is not a registered {kind}; registered: {choices} "
+                    "(`innerloop plugins` lists them with their sources)"
+                )
+        if config.ttt.mini_batch_size < 1:
+            raise ValueError(f"model.ttt.mini_batch_size={config.ttt.mini_batch_size} must be >= 1")

@@ -1,0 +1,102 @@
+"""A causal language model: token embedding, blocks, final RMSNorm, LM head tied to the embedding.
+
+The model is an RNN when its mixers are: ``logits, state = model(ids, state)`` continues a sequence
+from ``state``, which is how :func:`innerloop.models.generate` decodes one token at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields, is_dataclass
+
+import torch
+from torch import nn
+
+from innerloop.models.attention import CausalSelfAttention
+from innerloop.models.blocks import Block, BlockState, CausalDepthwiseConv, SwiGLU
+from innerloop.models.config import ModelConfig, validate_model_config
+
+
+@dataclass(frozen=True)
+class LMState:
+    """The recurrent state of a :class:`CausalLM`: one :class:`BlockState` per block."""
+
+    blocks: tuple[BlockState, ...]
+
+    def detach(self) -> LMState:
+        """The same state cut from the autograd graph."""
+        return LMState(tuple(block.detach() for block in self.blocks))
+
+    def nbytes(self) -> int:
+        """Bytes held by every tensor of the state (what decoding keeps in memory between tokens)."""
+        return sum(t.numel() * t.element_size() for t in _tensors(self))
+
+
+def _tensors(obj: object) -> Iterator[torch.Tensor]:
+    """Every tensor reachable from ``obj`` through dataclass fields, dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif is_dataclass(obj) and not isinstance(obj, type):
+        for f in fields(obj):
+            yield from _tensors(getattr(obj, f.name))
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only language model whose blocks use the mixer named in ``config``.
+
+    Args:
+        config: a :class:`ModelConfig`; it is validated (names, shapes, plugin names) first.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        validate_model_config(config)
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Normal(0, init_std) for the embedding and the projections this module owns.
+
+        The TTT layer initialises its own parameters (as the paper does), so it is left alone.
+        """
+        std = self.config.init_std
+        nn.init.normal_(self.embed.weight, std=std)
+        for module in self.modules():
+            if isinstance(module, (SwiGLU, CausalSelfAttention)):
+                for linear in module.children():
+                    nn.init.normal_(linear.weight, std=std)
+            elif isinstance(module, CausalDepthwiseConv):
+                nn.init.normal_(module.conv.weight, std=std)
+                nn.init.zeros_(module.conv.bias)
+
+    def forward(self, input_ids: torch.Tensor, state: LMState | None = None) -> tuple[torch.Tensor, LMState]:
+        """``input_ids [B, T]`` (int64) → ``logits [B, T, vocab]`` and the state after the last token.
+
+        Passing the returned state with the next chunk continues the sequence.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        if state is not None and len(state.blocks) != len(self.blocks):
+            raise ValueError(f"state has {len(state.blocks)} blocks, the model has {len(self.blocks)}")
+        h = self.embed(input_ids)  # [B, T, D]
+        new_states = []
+        for i, block in enumerate(self.blocks):
+            h, block_state = block(h, None if state is None else state.blocks[i])
+            new_states.append(block_state)
+        logits = self.lm_head(self.norm(h))  # [B, T, V]
+        return logits, LMState(tuple(new_states))
+
+    def num_parameters(self) -> int:
+        """Number of distinct parameters (the tied head counted once)."""
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,113 @@
+"""torchmetrics metrics of language models beyond perplexity.
+
+- :class:`LossByPosition`: the mean loss in each bucket of positions in the context. A model that
+  uses long context keeps lowering its loss at later positions; one that forgets flattens out.
+- :class:`InnerLossDiagnostics`: for each TTT layer, the inner (self-supervised) loss before and after
+  the layer's updates; "after" below "before" means the inner loop is learning.
+
+Perplexity itself is ``torchmetrics.text.Perplexity``. All states are sums, so the metrics reduce
+correctly across processes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+
+
+def position_buckets(seq_len: int, num_buckets: int) -> list[tuple[int, int]]:
+    """``num_buckets`` contiguous ``[start, end)`` position ranges covering ``0..seq_len`` (sizes differ
+    by at most one). If ``seq_len < num_buckets`` there are ``seq_len`` buckets of one position."""
+    if seq_len < 1 or num_buckets < 1:
+        raise ValueError(f"seq_len={seq_len} and num_buckets={num_buckets} must be >= 1")
+    num_buckets = min(num_buckets, seq_len)
+    edges = [(b * seq_len) // num_buckets for b in range(num_buckets + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+class LossByPosition(Metric):
+    """Mean per-token loss in each of ``num_buckets`` equal buckets of positions.
+
+    ``update(token_loss [B, T], mask [B, T] bool)`` adds the losses of the tokens where ``mask`` is
+    true; ``compute()`` returns ``[num_buckets]`` means (NaN for a bucket without scored tokens). The
+    sequence length is fixed by the first update; :meth:`buckets` gives the positions of each bucket.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = False
+
+    def __init__(self, num_buckets: int = 16, **kwargs):
+        super().__init__(**kwargs)
+        if num_buckets < 1:
+            raise ValueError(f"num_buckets={num_buckets} must be >= 1")
+        self.num_buckets = num_buckets
+        self.seq_len: int | None = None
+        self.add_state("loss_sum", torch.zeros(num_buckets, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(num_buckets, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def buckets(self) -> list[tuple[int, int]]:
+        """Position ranges ``[start, end)`` of the buckets (after the first update)."""
+        if self.seq_len is None:
+            raise RuntimeError("LossByPosition has seen no data yet")
+        return position_buckets(self.seq_len, self.num_buckets)
+
+    def update(self, token_loss: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        if token_loss.dim() != 2:
+            raise ValueError(f"token_loss must be [batch, length], got shape {tuple(token_loss.shape)}")
+        length = token_loss.shape[1]
+        if self.seq_len is None:
+            self.seq_len = length
+        elif length != self.seq_len:
+            raise ValueError(f"LossByPosition was set up for length {self.seq_len}, got length {length}")
+        if mask is None:
+            mask = torch.ones_like(token_loss, dtype=torch.bool)
+        bucket_of = torch.empty(length, dtype=torch.long, device=token_loss.device)  # [T]
+        for b, (start, end) in enumerate(self.buckets()):
+            bucket_of[start:end] = b
+        weights = mask.to(torch.float64)
+        losses = torch.where(mask, token_loss.detach().to(torch.float64), 0.0)
+        self.loss_sum.index_add_(0, bucket_of, losses.sum(dim=0))
+        self.count.index_add_(0, bucket_of, weights.sum(dim=0))
+
+    def compute(self) -> torch.Tensor:
+        used = len(self.buckets())
+        return (self.loss_sum / self.count)[:used].float()  # 0/0 = NaN marks an empty bucket
+
+
+class InnerLossDiagnostics(Metric):
+    """Mean inner loss of each TTT layer before and after its updates.
+
+    ``update(layer, before [B], after [B])`` adds one layer's per-sequence values (from
+    ``innerloop.core.diagnostics.inner_loss_before_after``); ``compute()`` returns
+    ``{"before": [L], "after": [L]}`` (NaN for a layer never updated).
+    """
+
+    full_state_update = False
+    is_differentiable = False
+
+    def __init__(self, num_layers: int, **kwargs):
+        super().__init__(**kwargs)
+        if num_layers < 1:
+            raise ValueError(f"num_layers={num_layers} must be >= 1")
+        self.num_layers = num_layers
+        self.add_state("before_sum", torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("after_sum", torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, layer: int, before: torch.Tensor, after: torch.Tensor) -> None:
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer={layer} must be in [0, {self.num_layers})")
+        if before.shape != after.shape or before.dim() != 1:
+            raise ValueError(
+                f"before and after must both be [batch], got {tuple(before.shape)} and {tuple(after.shape)}"
+            )
+        self.before_sum[layer] += before.detach().to(torch.float64).sum()
+        self.after_sum[layer] += after.detach().to(torch.float64).sum()
+        self.count[layer] += before.numel()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {
+            "before": (self.before_sum / self.count).float(),
+            "after": (self.after_sum / self.count).float(),
+        }

@@ -1,0 +1,161 @@
+"""The outer loop: a LightningModule that trains a :class:`~innerloop.models.CausalLM`.
+
+AdamW with decoupled weight decay (0.1 by default, on matrices only), linear warm-up then cosine decay
+to ``min_lr``, gradient clipping through the Trainer (``gradient_clip_val``). Validation logs
+``val_loss``, ``val_ppl``, ``val_acc`` (next-token accuracy on scored tokens), the loss by position
+(``val_loss_pos/<bucket>``) and, for TTT models, the inner loss before and after the updates of each
+layer (``inner_loss_before/<layer>``, ``inner_loss_after/<layer>``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.text import Perplexity
+
+from innerloop.models import CausalLM, ModelConfig
+from innerloop.train.data import IGNORE_INDEX, Batch
+from innerloop.train.metrics import InnerLossDiagnostics, LossByPosition
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, lr: float, min_lr: float) -> float:
+    """Learning rate at optimizer step ``step``: linear warm-up from 0 to ``lr`` over ``warmup_steps``,
+    then cosine decay to ``min_lr`` at ``max_steps`` (and ``min_lr`` after)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+class LanguageModelModule(L.LightningModule):
+    """Trains a causal LM with next-token cross-entropy.
+
+    Args:
+        model: the model's configuration (a :class:`ModelConfig` or its ``to_dict()`` form).
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay, applied to parameters with 2 or more dims.
+        betas: AdamW betas.
+        warmup_steps: optimizer steps of linear warm-up.
+        max_steps: the step at which the cosine schedule reaches ``min_lr``.
+        min_lr: final learning rate.
+        num_position_buckets: buckets of the loss-by-position metric.
+        diagnostics_batches: validation batches per epoch on which the inner-loss diagnostics run
+            (0 turns them off; they cost one extra pass of each TTT layer).
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig | dict[str, Any],
+        lr: float = 3e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        max_steps: int = 1000,
+        min_lr: float = 1e-5,
+        num_position_buckets: int = 16,
+        diagnostics_batches: int = 1,
+    ):
+        super().__init__()
+        if isinstance(model, ModelConfig):
+            model = asdict(model)  # hyperparameters are plain values (the checkpoint stores no objects)
+        betas = tuple(betas)
+        if lr <= 0 or min_lr < 0 or weight_decay < 0:
+            raise ValueError(f"lr={lr} must be > 0, min_lr={min_lr} and weight_decay={weight_decay} >= 0")
+        if warmup_steps < 0 or max_steps < 1:
+            raise ValueError(f"warmup_steps={warmup_steps} must be >= 0 and max_steps={max_steps} >= 1")
+        self.save_hyperparameters()
+        self.model = CausalLM(ModelConfig.from_dict(model))
+        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self.val_acc = MulticlassAccuracy(
+            num_classes=self.model.config.vocab_size, average="micro", ignore_index=IGNORE_INDEX
+        )
+        self.val_loss_by_position = LossByPosition(num_position_buckets)
+        self.inner_diagnostics = InnerLossDiagnostics(self.model.config.num_layers)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``input_ids [B, T]`` → ``logits [B, T, V]``."""
+        return self.model(input_ids)[0]
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        logits = self(inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        inputs, targets = batch
+        captured = self._capture_mixer_inputs() if batch_idx < self.hparams.diagnostics_batches else None
+        try:
+            logits = self(inputs)  # [B, T, V]
+        finally:
+            hooks = captured[1] if captured else []
+            for hook in hooks:
+                hook.remove()
+        token_loss = F.cross_entropy(
+            logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )  # [B, T]
+        scored = targets != IGNORE_INDEX
+        self.val_ppl.update(logits, targets)
+        self.val_acc.update(logits.flatten(0, 1), targets.flatten())
+        self.val_loss_by_position.update(token_loss, scored)
+        self.log("val_loss", token_loss[scored].mean(), prog_bar=True, sync_dist=True)
+        if captured:
+            self._update_inner_diagnostics(captured[0])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val_ppl", self.val_ppl.compute(), prog_bar=True, sync_dist=False)
+        self.log("val_acc", self.val_acc.compute())
+        self.val_ppl.reset()
+        self.val_acc.reset()
+        for b, loss in enumerate(self.val_loss_by_position.compute().tolist()):
+            self.log(f"val_loss_pos/{b}", loss)
+        self.val_loss_by_position.reset()
+        if self.hparams.diagnostics_batches and self.model.config.mixer == "ttt":
+            diagnostics = self.inner_diagnostics.compute()
+            for layer in range(self.model.config.num_layers):
+                self.log(f"inner_loss_before/{layer}", diagnostics["before"][layer])
+                self.log(f"inner_loss_after/{layer}", diagnostics["after"][layer])
+        self.inner_diagnostics.reset()
+
+    def _capture_mixer_inputs(self) -> tuple[dict[int, torch.Tensor], list] | None:
+        """Record the input of every TTT mixer during the next forward (for the inner diagnostics)."""
+        if self.model.config.mixer != "ttt":
+            return None
+        inputs: dict[int, torch.Tensor] = {}
+        hooks = []
+        for i, block in enumerate(self.model.blocks):
+
+            def record(module, args, kwargs, i=i):
+                inputs[i] = args[0].detach()
+
+            hooks.append(block.mixer.register_forward_pre_hook(record, with_kwargs=True))
+        return inputs, hooks
+
+    def _update_inner_diagnostics(self, mixer_inputs: dict[int, torch.Tensor]) -> None:
+        from innerloop.core.diagnostics import inner_loss_before_after
+
+        for i, x in mixer_inputs.items():
+            before, after = inner_loss_before_after(self.model.blocks[i].mixer, x)
+            self.inner_diagnostics.update(i, before, after)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=hp.betas,
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(step, hp.warmup_steps, hp.max_steps, hp.lr, hp.min_lr) / hp.lr,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,63 @@
+"""Loss by position: CSV and PNG (matplotlib, Agg backend), both written atomically."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from innerloop.train.atomic import atomic_write, atomic_write_text
+
+
+def write_loss_by_position_csv(
+    path: str | os.PathLike[str], buckets: Sequence[tuple[int, int]], losses: Sequence[float]
+) -> Path:
+    """Rows ``start,end,loss`` (positions ``[start, end)``; loss in nats per token)."""
+    if len(buckets) != len(losses):
+        raise ValueError(f"{len(buckets)} buckets but {len(losses)} losses")
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["start", "end", "loss"])
+    for (start, end), loss in zip(buckets, losses, strict=True):
+        writer.writerow([start, end, f"{loss:.6f}"])
+    return atomic_write_text(path, text.getvalue())
+
+
+def read_loss_by_position_csv(path: str | os.PathLike[str]) -> tuple[list[tuple[int, int]], list[float]]:
+    """Inverse of :func:`write_loss_by_position_csv`."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [(int(r["start"]), int(r["end"])) for r in rows], [float(r["loss"]) for r in rows]
+
+
+def plot_loss_by_position(
+    path: str | os.PathLike[str],
+    buckets: Sequence[tuple[int, int]],
+    losses: Sequence[float],
+    title: str = "Validation loss by position in the context",
+    label: str | None = None,
+) -> Path:
+    """Plot the mean loss of each position bucket (x: the bucket's middle position) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    middles = [(start + end - 1) / 2 for start, end in buckets]
+    points = [(x, y) for x, y in zip(middles, losses, strict=True) if not math.isnan(y)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    ax.set_xlabel("position in the context (bucket middle)")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if label:
+        ax.legend()
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)

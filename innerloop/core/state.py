@@ -71,6 +71,10 @@ class TTTState:
     def clone(self) -> TTTState:
         return self._map(lambda t: t.clone())
 
+    def is_finite(self) -> bool:
+        """False if any tensor of the state holds NaN or inf (e.g. after ``non_finite='ignore'``)."""
+        return all(bool(torch.isfinite(t).all()) for t in self.tensors().values())
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor under a flat name (for serialisation, e.g. with safetensors)."""
         flat: dict[str, torch.Tensor] = {}

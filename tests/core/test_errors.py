@@ -1,0 +1,125 @@
+"""Bad input gets one clear error naming the parameter, the value and what is valid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from innerloop import TTTLayer
+
+
+@pytest.fixture(scope="module")
+def layer():
+    return TTTLayer(16, 4, mini_batch_size=4)
+
+
+def test_wrong_feature_size(layer):
+    with pytest.raises(ValueError, match=r"x must have shape \[B, T, hidden_size=16\], got \(2, 5, 12\)"):
+        layer(torch.randn(2, 5, 12))
+
+
+def test_wrong_rank(layer):
+    with pytest.raises(ValueError, match="x must have shape"):
+        layer(torch.randn(5, 16))
+
+
+def test_integer_dtype(layer):
+    with pytest.raises(TypeError, match="floating-point tensor, got dtype torch.int64"):
+        layer(torch.ones(1, 3, 16, dtype=torch.long))
+
+
+def test_empty_sequence(layer):
+    with pytest.raises(ValueError, match="T >= 1"):
+        layer(torch.randn(1, 0, 16))
+
+
+def test_state_from_another_batch_size(layer):
+    _, state = layer(torch.randn(2, 5, 16))
+    with pytest.raises(ValueError, match=r"batch_size': \(2, 3\)"):
+        layer(torch.randn(3, 1, 16), state)
+
+
+def test_state_from_another_config(layer):
+    other = TTTLayer(16, 4, mini_batch_size=8)
+    _, state = other(torch.randn(1, 5, 16))
+    with pytest.raises(ValueError, match=r"mini_batch_size': \(8, 4\)"):
+        layer(torch.randn(1, 1, 16), state)
+    mlp = TTTLayer(16, 4, inner_model="mlp", mini_batch_size=4)
+    _, state = mlp(torch.randn(1, 5, 16))
+    with pytest.raises(ValueError, match=r"inner_model': \('mlp', 'linear'\)"):
+        layer(torch.randn(1, 1, 16), state)
+
+
+def test_state_of_wrong_type(layer):
+    with pytest.raises(TypeError, match="state must be a TTTState"):
+        layer(torch.randn(1, 1, 16), {"W1": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True])
+def test_mini_batch_size_below_one(value):
+    with pytest.raises(ValueError, match=f"mini_batch_size must be an integer >= 1, got {value!r}"):
+        TTTLayer(16, 4, mini_batch_size=value)
+
+
+def test_hidden_not_divisible_by_heads():
+    with pytest.raises(
+        ValueError, match=r"hidden_size \(10\) must be divisible by num_heads \(4\); valid num_heads"
+    ):
+        TTTLayer(10, 4)
+
+
+def test_odd_head_dim():
+    with pytest.raises(ValueError, match="head_dim = hidden_size / num_heads = 3 must be even"):
+        TTTLayer(12, 4)
+
+
+def test_unknown_plugin_lists_registered():
+    with pytest.raises(
+        ValueError, match=r"unknown inner loss 'l1'; registered: \['next_token', 'reconstruction'"
+    ):
+        TTTLayer(16, 4, inner_loss="l1")
+
+
+def test_dual_form_needs_a_stack_model():
+    from innerloop.core.protocol import InnerModel
+
+    class Opaque(InnerModel):
+        name = "opaque"
+
+        def param_shapes(self, head_dim):
+            return {"W": (head_dim, head_dim)}
+
+        def init_params(self, num_heads, head_dim, generator=None):
+            return {"W": torch.zeros(num_heads, head_dim, head_dim)}
+
+        def forward(self, params, x):
+            return torch.tanh(x @ params["W"])
+
+    with pytest.raises(ValueError, match="dual form needs; use update_rule='minibatch_gd'"):
+        TTTLayer(16, 4, inner_model=Opaque())
+    layer = TTTLayer(16, 4, inner_model=Opaque(), update_rule="minibatch_gd")
+    assert layer(torch.randn(1, 3, 16))[0].shape == (1, 3, 16)
+
+
+def test_non_finite_input_is_rejected_before_the_state(layer):
+    x = torch.randn(1, 6, 16)
+    x[0, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        layer(x)
+
+
+def test_non_finite_ignore_propagates_detectably():
+    layer = TTTLayer(16, 4, mini_batch_size=4, non_finite="ignore")
+    x = torch.randn(1, 6, 16)
+    x[0, 2, 3] = float("inf")
+    y, state = layer(x)
+    assert not torch.isfinite(y).all()
+    assert not state.is_finite()
+
+
+def test_bad_policy_and_kernel_names():
+    with pytest.raises(ValueError, match="non_finite must be one of"):
+        TTTLayer(16, 4, non_finite="zero")
+    layer = TTTLayer(16, 4, kernel="no_such_kernel")
+    with pytest.raises(RuntimeError, match="kernel='no_such_kernel' is not registered"):
+        layer(torch.randn(1, 16, 16))

@@ -1,0 +1,208 @@
+"""The registry validates plugins, loads entry points, and can keep external plugins out."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import innerloop
+from innerloop.plugins.losses.reconstruction import HalfSquaredError
+from innerloop.registry import PluginError, Registry, build_registry, format_plugin_table, hookimpl
+from innerloop.registry.hookspecs import register_inner_losses
+
+
+def test_builtins_register_through_the_plugin_path():
+    registry = build_registry(include_external=False)
+    assert registry.names("inner_model") == ["linear", "mlp"]
+    assert registry.names("inner_loss") == ["next_token", "reconstruction"]
+    assert registry.names("update_rule") == ["dual_form", "minibatch_gd"]
+    origins = {e.origin for e in registry.entries()}
+    assert all(o.startswith("builtin:innerloop.plugins.") for o in origins)
+    table = format_plugin_table(registry)
+    assert "inner_model" in table and "builtin:innerloop.plugins.models.linear" in table
+
+
+def test_every_hook_is_documented():
+    from innerloop.registry import hookspecs
+
+    hooks = [name for name in dir(hookspecs) if name.startswith("register_")]
+    assert set(hooks) == {
+        "register_inner_models",
+        "register_inner_losses",
+        "register_update_rules",
+        "register_kernels",
+    }
+    for name in hooks:
+        assert (getattr(hookspecs, name).__doc__ or "").strip(), name
+    assert register_inner_losses.__doc__
+
+
+class MissingMethodLoss:
+    name = "missing_method"
+
+    def pairs(self, views, carry):  # no token_loss
+        raise NotImplementedError
+
+
+class PluginWith:
+    """A plugin object registering one given object as an inner loss."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    @hookimpl
+    def register_inner_losses(self, register):
+        register(self.obj)
+
+
+def test_plugin_missing_a_method_is_rejected():
+    registry = build_registry(include_external=False)
+    with pytest.raises(PluginError, match=r"lacks required method\(s\) \['token_loss'"):
+        registry.add_plugin(PluginWith(MissingMethodLoss()), origin="broken")
+    assert "missing_method" not in registry.names("inner_loss")
+    assert registry.plugin_manager.get_plugin("broken") is None  # rolled back
+
+
+def test_plugin_reusing_a_name_is_rejected():
+    registry = build_registry(include_external=False)
+
+    class Impostor(HalfSquaredError):
+        name = "reconstruction"
+
+        def pairs(self, views, carry):
+            return registry.inner_loss("reconstruction").pairs(views, carry)
+
+    with pytest.raises(PluginError, match="'reconstruction'.*already registered by plugin 'builtin:"):
+        registry.add_plugin(PluginWith(Impostor()), origin="impostor")
+
+
+def test_plugin_with_wrong_shapes_is_rejected():
+    registry = Registry()
+
+    class Shrinking(HalfSquaredError):
+        name = "shrinking"
+
+        def pairs(self, views, carry):
+            from innerloop.core.protocol import LossPairs
+
+            return LossPairs(views.key[..., :1], views.value, None, {})
+
+    with pytest.raises(PluginError, match="pairs\\(\\) must give inputs and targets of shape"):
+        registry.add_plugin(PluginWith(Shrinking()), origin="shrinking")
+
+
+def test_a_hook_with_a_typo_is_rejected():
+    class Typo:
+        @hookimpl
+        def register_inner_modles(self, register):  # misspelt hook
+            pass
+
+    with pytest.raises(PluginError, match="not a valid innerloop plugin"):
+        Registry().add_plugin(Typo(), origin="typo")
+
+
+def test_unknown_names_list_the_registered_ones():
+    with pytest.raises(ValueError, match=r"unknown inner model 'nope'; registered: \['linear', 'mlp'"):
+        innerloop.TTTLayer(8, 2, inner_model="nope")
+    with pytest.raises(ValueError, match="unknown update rule"):
+        innerloop.TTTLayer(8, 2, update_rule="adamw")
+
+
+ENTRY_POINT_PLUGIN = textwrap.dedent(
+    '''
+    import torch
+    from innerloop import hookimpl
+    from innerloop.core.protocol import LossPairs
+    from innerloop.plugins.losses.reconstruction import HalfSquaredError
+
+    class Denoise(HalfSquaredError):
+        """Reconstruct the value view from a scaled key view."""
+        name = "denoise_test"
+
+        def pairs(self, views, carry):
+            return LossPairs(0.5 * views.key, views.value, None, {})
+
+    @hookimpl
+    def register_inner_losses(register):
+        register(Denoise())
+    '''
+)
+
+
+@pytest.fixture
+def installed_entry_point(tmp_path):
+    """A package with an ``innerloop`` entry point, made importable in a subprocess."""
+    (tmp_path / "denoise_plugin.py").write_text(ENTRY_POINT_PLUGIN)
+    dist = tmp_path / "denoise_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: denoise-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[innerloop]\ndenoise = denoise_plugin\n")
+    return tmp_path
+
+
+def run_python(code: str, path, **env) -> subprocess.CompletedProcess:
+    import os
+
+    environment = {**os.environ, "PYTHONPATH": str(path), **env}
+    for key, value in env.items():
+        if value is None:
+            environment.pop(key)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=120
+    )
+
+
+USE_PLUGIN = (
+    "import torch, innerloop\n"
+    "layer = innerloop.TTTLayer(8, 2, inner_loss='denoise_test', mini_batch_size=2)\n"
+    "y, s = layer(torch.randn(1, 5, 8))\n"
+    "print('OK', tuple(y.shape), [e.origin for e in innerloop.get_registry().entries('inner_loss') if e.name == 'denoise_test'])\n"
+)
+
+
+def test_entry_point_plugin_is_usable_by_name(installed_entry_point):
+    result = run_python(USE_PLUGIN, installed_entry_point)
+    assert result.returncode == 0, result.stderr
+    assert "OK (1, 5, 8) ['denoise (denoise-plugin)']" in result.stdout
+
+
+def test_block_variable_keeps_external_plugins_out(installed_entry_point):
+    result = run_python(USE_PLUGIN, installed_entry_point, INNERLOOP_DISABLE_EXTERNAL_PLUGINS="1")
+    assert result.returncode != 0
+    assert "unknown inner loss 'denoise_test'" in result.stderr
+
+
+def test_allow_list_limits_external_plugins(installed_entry_point):
+    blocked = run_python(USE_PLUGIN, installed_entry_point, INNERLOOP_PLUGINS="something_else")
+    assert "unknown inner loss 'denoise_test'" in blocked.stderr
+    allowed = run_python(USE_PLUGIN, installed_entry_point, INNERLOOP_PLUGINS="denoise")
+    assert allowed.returncode == 0, allowed.stderr
+
+
+def test_plugins_command_lists_origins(installed_entry_point):
+    code = "from innerloop.registry import format_plugin_table; print(format_plugin_table())"
+    result = run_python(code, installed_entry_point)
+    assert result.returncode == 0, result.stderr
+    assert "denoise_test" in result.stdout and "denoise (denoise-plugin)" in result.stdout
+
+
+def test_in_process_registration_and_removal():
+    registry = build_registry(include_external=False)
+
+    class Scaled(HalfSquaredError):
+        name = "scaled_test"
+
+        def pairs(self, views, carry):
+            from innerloop.core.protocol import LossPairs
+
+            return LossPairs(views.key, 2 * views.value, None, {})
+
+    registry.add_plugin(PluginWith(Scaled()), origin="scaled")
+    assert "scaled_test" in registry.names("inner_loss")
+    registry.remove_plugin("scaled")
+    assert "scaled_test" not in registry.names("inner_loss")
+    assert torch.is_tensor(torch.zeros(1))

@@ -147,3 +147,19 @@ def validate_model_config(config: ModelConfig) -> None:
                 )
         if config.ttt.mini_batch_size < 1:
             raise ValueError(f"model.ttt.mini_batch_size={config.ttt.mini_batch_size} must be >= 1")
+        # Some combinations cannot run together (e.g. the dual form needs a stack inner model): let
+        # the layer say so now, on a layer too small to cost anything.
+        from innerloop import TTTLayer
+
+        try:
+            TTTLayer(
+                4,
+                1,
+                inner_model=config.ttt.inner_model,
+                inner_loss=config.ttt.inner_loss,
+                update_rule=config.ttt.update_rule,
+                mini_batch_size=config.ttt.mini_batch_size,
+                conv_kernel=config.ttt.conv_kernel,
+            )
+        except ValueError as err:
+            raise ValueError(f"model.ttt: {err}") from None

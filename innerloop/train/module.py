@@ -10,6 +10,7 @@ layer (``inner_loss_before/<layer>``, ``inner_loss_after/<layer>``).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict
 from typing import Any
 
@@ -77,6 +78,14 @@ class LanguageModelModule(L.LightningModule):
         )
         self.val_loss_by_position = LossByPosition(num_position_buckets)
         self.inner_diagnostics = InnerLossDiagnostics(self.model.config.num_layers)
+        self._inner_loss_before_after = None
+        if diagnostics_batches > 0 and self.model.config.mixer == "ttt":
+            try:
+                from innerloop.core.diagnostics import inner_loss_before_after
+            except ImportError as err:
+                warnings.warn(f"inner-loss diagnostics are off: {err}", stacklevel=2)
+            else:
+                self._inner_loss_before_after = inner_loss_before_after
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``input_ids [B, T]`` → ``logits [B, T, V]``."""
@@ -117,7 +126,7 @@ class LanguageModelModule(L.LightningModule):
         for b, loss in enumerate(self.val_loss_by_position.compute().tolist()):
             self.log(f"val_loss_pos/{b}", loss)
         self.val_loss_by_position.reset()
-        if self.hparams.diagnostics_batches and self.model.config.mixer == "ttt":
+        if self._inner_loss_before_after is not None:
             diagnostics = self.inner_diagnostics.compute()
             for layer in range(self.model.config.num_layers):
                 self.log(f"inner_loss_before/{layer}", diagnostics["before"][layer])
@@ -126,7 +135,7 @@ class LanguageModelModule(L.LightningModule):
 
     def _capture_mixer_inputs(self) -> tuple[dict[int, torch.Tensor], list] | None:
         """Record the input of every TTT mixer during the next forward (for the inner diagnostics)."""
-        if self.model.config.mixer != "ttt":
+        if self._inner_loss_before_after is None:
             return None
         inputs: dict[int, torch.Tensor] = {}
         hooks = []
@@ -139,10 +148,8 @@ class LanguageModelModule(L.LightningModule):
         return inputs, hooks
 
     def _update_inner_diagnostics(self, mixer_inputs: dict[int, torch.Tensor]) -> None:
-        from innerloop.core.diagnostics import inner_loss_before_after
-
         for i, x in mixer_inputs.items():
-            before, after = inner_loss_before_after(self.model.blocks[i].mixer, x)
+            before, after = self._inner_loss_before_after(self.model.blocks[i].mixer, x)
             self.inner_diagnostics.update(i, before, after)
 
     def configure_optimizers(self) -> dict[str, Any]:

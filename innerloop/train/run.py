@@ -4,7 +4,7 @@
 
 - ``config.yaml``: the resolved config (written first, so even a killed run has it);
 - ``last.safetensors``: the checkpoint (every ``trainer.checkpoint_every`` steps and at the end);
-- ``metrics.csv``: what was logged (Lightning's CSVLogger);
+- ``logs/version_<n>/metrics.csv``: what was logged, one folder per launch (Lightning's CSVLogger);
 - ``loss_by_position.csv`` and ``loss_by_position.png``: the final validation loss by position.
 
 ``train(run, resume=True)`` continues from ``last.safetensors`` to the same result as a run that was
@@ -113,7 +113,7 @@ def build_trainer(run: RunConfig, callbacks: Sequence[Callback] = ()) -> L.Train
         num_sanity_val_steps=0,
         gradient_clip_val=run.optim.grad_clip if run.optim.grad_clip > 0 else None,
         log_every_n_steps=t.log_every,
-        logger=CSVLogger(run.out_dir, name="", version=""),
+        logger=CSVLogger(run.out_dir, name="logs"),  # logs/version_<n>/metrics.csv, one per launch
         callbacks=[checkpointing, *callbacks],
         plugins=[SafetensorsCheckpointIO()],
         enable_progress_bar=t.progress_bar,

@@ -1,0 +1,90 @@
+"""Sampling through the recurrent state: same tokens as a full forward, memory that does not grow."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+
+import pytest
+import torch
+
+from innerloop.models import CausalLM, ModelConfig, generate
+
+
+def tiny(mixer: str) -> CausalLM:
+    torch.manual_seed(0)
+    config = ModelConfig(mixer=mixer, hidden_size=32, num_layers=2, num_heads=2, window=8)
+    return CausalLM(config).eval()
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor the Python process can still reach (parameters, state, leftovers)."""
+    gc.collect()
+    storages = {}
+    with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated aliases warns
+        warnings.simplefilter("ignore", FutureWarning)
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def memory_after(model: CausalLM, tokens: int) -> tuple[int, int]:
+    """(state bytes, live tensor bytes) while the ``tokens``-th token is being produced."""
+    prompt = torch.tensor([list(b"def ")])
+    for i, (_token, state) in enumerate(generate(model, prompt, tokens, temperature=1.0, top_k=20)):
+        if i == tokens - 1:
+            return state.nbytes(), live_tensor_bytes()
+    raise AssertionError("generate stopped early")
+
+
+@pytest.mark.parametrize("mixer", ["ttt", "swa"])
+def test_memory_does_not_grow_with_generated_tokens(mixer: str) -> None:
+    model = tiny(mixer)
+    state_200, live_200 = memory_after(model, 200)
+    state_2000, live_2000 = memory_after(model, 2000)
+    assert state_2000 == state_200
+    assert live_2000 == live_200
+
+
+def test_the_measurement_sees_a_growing_cache() -> None:
+    # Full attention keeps every key and value: the same measurement must see it grow.
+    model = tiny("attention")
+    state_20, live_20 = memory_after(model, 20)
+    state_200, live_200 = memory_after(model, 200)
+    assert state_200 > 5 * state_20
+    assert live_200 - live_20 >= state_200 - state_20
+
+
+@pytest.mark.parametrize("mixer", ["ttt", "attention"])
+def test_greedy_decoding_equals_argmax_of_a_full_forward(mixer: str) -> None:
+    model = tiny(mixer).double()
+    prompt = torch.tensor([list(b"import os\n")])
+    tokens = [int(t) for t, _ in generate(model, prompt, 30, temperature=0)]
+    sequence = torch.cat((prompt, torch.tensor([tokens])), dim=1)
+    with torch.no_grad():
+        logits, _ = model(sequence[:, :-1])
+    expected = logits[0, prompt.shape[1] - 1 :].argmax(-1).tolist()
+    assert tokens == expected
+
+
+def test_sampling_is_reproducible_with_a_generator() -> None:
+    model = tiny("ttt")
+    prompt = torch.tensor([[100, 101]])
+
+    def sample() -> list[int]:
+        g = torch.Generator().manual_seed(7)
+        return [int(t) for t, _ in generate(model, prompt, 20, temperature=1.0, generator=g)]
+
+    assert sample() == sample()
+
+
+def test_bad_arguments_are_named() -> None:
+    model = tiny("swa")
+    with pytest.raises(ValueError, match="max_new_tokens=-1"):
+        list(generate(model, torch.tensor([[1]]), -1))
+    with pytest.raises(ValueError, match=r"prompt_ids must be \[batch, length >= 1\]"):
+        list(generate(model, torch.zeros(1, 0, dtype=torch.long), 3))
+    with pytest.raises(ValueError, match="temperature=-1"):
+        list(generate(model, torch.tensor([[1]]), 3, temperature=-1))

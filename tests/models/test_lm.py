@@ -1,0 +1,130 @@
+"""The causal LM: streaming = whole sequence, causality, windows, backbones, paper shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from innerloop.config import load_config
+from innerloop.models import MODEL_SIZES, CausalLM, ModelConfig, TTTConfig
+
+MIXERS_AND_BACKBONES = [(m, b) for m in ("ttt", "attention", "swa") for b in ("transformer", "mamba")]
+
+
+def tiny(mixer: str, backbone: str = "transformer", **kw) -> CausalLM:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        mixer=mixer, backbone=backbone, hidden_size=32, num_layers=2, num_heads=2, window=8, **kw
+    )
+    return CausalLM(config).double()
+
+
+@pytest.mark.parametrize(("mixer", "backbone"), MIXERS_AND_BACKBONES)
+def test_chunks_with_state_equal_the_whole_sequence(mixer: str, backbone: str) -> None:
+    model = tiny(mixer, backbone)
+    ids = torch.randint(0, 256, (2, 45), generator=torch.Generator().manual_seed(1))
+    whole, _ = model(ids)
+    state, pieces = None, []
+    for start, end in [(0, 5), (5, 6), (6, 23), (23, 24), (24, 45)]:  # splits inside mini-batches too
+        logits, state = model(ids[:, start:end], state)
+        pieces.append(logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(("mixer", "backbone"), MIXERS_AND_BACKBONES)
+def test_logits_do_not_depend_on_future_tokens(mixer: str, backbone: str) -> None:
+    model = tiny(mixer, backbone)
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(2))
+    changed = ids.clone()
+    changed[0, 30:] = (changed[0, 30:] + 1) % 256
+    before, after = model(ids)[0], model(changed)[0]
+    torch.testing.assert_close(before[:, :30], after[:, :30], rtol=0, atol=0)
+    assert not torch.allclose(before[:, 30:], after[:, 30:])
+
+
+def test_sliding_window_does_not_see_past_its_window() -> None:
+    # One block, no pre-conv: position t sees tokens t - window + 1 .. t only.
+    torch.manual_seed(0)
+    swa = CausalLM(ModelConfig(mixer="swa", hidden_size=32, num_layers=1, num_heads=2, window=8)).double()
+    full = CausalLM(ModelConfig(mixer="attention", hidden_size=32, num_layers=1, num_heads=2)).double()
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(3))
+    changed = ids.clone()
+    changed[0, 0] = (changed[0, 0] + 1) % 256
+    for model, sees_far in ((swa, False), (full, True)):
+        far = (model(ids)[0] - model(changed)[0])[0, 8:].abs().max()  # positions >= window
+        assert (far > 1e-8) == sees_far
+    near = (swa(ids)[0] - swa(changed)[0])[0, 1:8].abs().max()
+    assert near > 1e-8
+
+
+def test_head_is_tied_to_the_embedding() -> None:
+    model = tiny("attention")
+    assert model.lm_head.weight is model.embed.weight
+
+
+def test_mamba_backbone_turns_on_pre_conv_share_qk_and_gate() -> None:
+    mamba, transformer = tiny("ttt", "mamba"), tiny("ttt", "transformer")
+    for block in mamba.blocks:
+        assert block.pre_conv is not None and block.mixer.share_qk and block.mixer.use_gate
+    for block in transformer.blocks:
+        assert block.pre_conv is None and not block.mixer.share_qk and not block.mixer.use_gate
+
+
+def test_state_of_ttt_and_sliding_window_stays_constant_but_full_attention_grows() -> None:
+    sizes = {}
+    for mixer in ("ttt", "swa", "attention"):
+        model = tiny(mixer)
+        state, per_length = None, []
+        for _ in range(3):
+            _, state = model(torch.zeros(1, 16, dtype=torch.long), state)
+            per_length.append(state.nbytes())
+        sizes[mixer] = per_length
+    assert sizes["ttt"][0] == sizes["ttt"][-1]
+    assert sizes["swa"][0] == sizes["swa"][-1]
+    assert sizes["attention"][-1] == 3 * sizes["attention"][0]
+
+
+def test_bad_config_names_the_field_and_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"model\.mixer='lstm'.*\['ttt', 'attention', 'swa'\]"):
+        CausalLM(ModelConfig(mixer="lstm"))
+    with pytest.raises(ValueError, match=r"model\.ttt\.inner_model='rnn'.*'linear'"):
+        CausalLM(ModelConfig(ttt=TTTConfig(inner_model="rnn")))
+    with pytest.raises(ValueError, match=r"hidden_size=30 must be divisible by model\.num_heads=4"):
+        CausalLM(ModelConfig(hidden_size=30))
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['hidden'\] in model; valid keys"):
+        ModelConfig.from_dict({"hidden": 3})
+
+
+@pytest.mark.parametrize("size", sorted(MODEL_SIZES))
+def test_paper_size_presets_have_the_paper_shapes(size: str) -> None:
+    run, _ = load_config(f"ttt-linear-{size}")
+    shape = {k: getattr(run.model, k) for k in MODEL_SIZES[size]}
+    assert shape == MODEL_SIZES[size]
+    assert run.model.mixer == "ttt" and run.model.ttt.inner_model == "linear"
+
+
+def test_paper_table_matches_the_reference() -> None:
+    # hidden / layers / heads / MLP width from the paper (REFERENCE.md "Paper model sizes").
+    assert MODEL_SIZES == {
+        "125m": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 2048},
+        "350m": {"hidden_size": 1024, "num_layers": 24, "num_heads": 16, "intermediate_size": 2736},
+        "760m": {"hidden_size": 1536, "num_layers": 24, "num_heads": 16, "intermediate_size": 4096},
+        "1.3b": {"hidden_size": 2048, "num_layers": 24, "num_heads": 32, "intermediate_size": 5504},
+    }
+
+
+def test_125m_attention_model_has_the_expected_parameter_count() -> None:
+    model = CausalLM(ModelConfig.paper_size("125m", mixer="attention"))
+    D, L, M, V = 768, 12, 2048, 256
+    per_block = 4 * D * D + 3 * D * M + 2 * D  # attention, SwiGLU, two RMSNorms
+    assert model.num_parameters() == V * D + L * per_block + D  # tied head; final norm
+
+
+def test_every_packaged_preset_loads_and_writes_to_its_own_folder() -> None:
+    from innerloop.config import preset_names
+
+    names = preset_names()
+    assert {"tiny", "tiny-attention", "tiny-swa", "tiny-mlp", "recall-ttt", "recall-swa"} <= set(names)
+    for name in names:
+        run, _ = load_config(name)  # validated: names, plugins, strategy, ...
+        assert run.out_dir == f"runs/{name}"

@@ -1,0 +1,92 @@
+"""Safetensors checkpoints: exact round trip, atomic writes, one clear error for bad files, no pickle."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from innerloop.train.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+
+
+def test_a_lightning_like_tree_round_trips_exactly(tmp_path) -> None:
+    shared = torch.randn(3, 4)
+    tree = {
+        "state_dict": {"model.embed.weight": shared, "model.lm_head.weight": shared},  # tied: shared memory
+        "optimizer_states": [{"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2)}},
+                              "param_groups": [{"params": [0, 1], "betas": (0.9, 0.95), "fused": None}]}],
+        "global_step": 7,
+        "kth_value": torch.tensor(float("inf")),
+        "score": float("nan"),
+        "name": "x",
+        "flags": [True, False],
+        "__weird": {"__tensor__": 1},  # keys that look like the encoding's markers
+    }  # fmt: skip
+    path = save_checkpoint(tree, tmp_path / "c.safetensors")
+    back = load_checkpoint(path)
+    assert torch.equal(back["state_dict"]["model.embed.weight"], shared)
+    assert torch.equal(back["state_dict"]["model.lm_head.weight"], shared)
+    state = back["optimizer_states"][0]["state"]
+    assert list(state) == [0] and torch.equal(state[0]["step"], torch.tensor(3.0))
+    assert back["optimizer_states"][0]["param_groups"][0]["betas"] == (0.9, 0.95)
+    assert back["global_step"] == 7 and back["name"] == "x" and back["flags"] == [True, False]
+    assert math.isnan(back["score"]) and torch.isinf(back["kth_value"])
+    assert back["__weird"] == {"__tensor__": 1}
+
+
+def test_objects_that_would_need_pickle_are_refused_when_saving(tmp_path) -> None:
+    with pytest.raises(TypeError, match=r"cannot store object at checkpoint\['hyper_parameters'\]"):
+        save_checkpoint({"hyper_parameters": object()}, tmp_path / "c.safetensors")
+    assert not (tmp_path / "c.safetensors").exists()
+    assert os.listdir(tmp_path) == []  # the temporary file is gone too
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path) -> None:
+    path = tmp_path / "last.safetensors"
+    save_checkpoint({"global_step": 1, "w": torch.ones(2)}, path)
+    with pytest.raises(TypeError):
+        save_checkpoint({"global_step": 2, "w": torch.ones(2), "bad": object()}, path)
+    assert load_checkpoint(path)["global_step"] == 1
+    assert os.listdir(tmp_path) == ["last.safetensors"]
+
+
+def test_a_truncated_checkpoint_gives_one_clear_error(tmp_path) -> None:
+    path = save_checkpoint({"w": torch.randn(100)}, tmp_path / "c.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="is not a readable innerloop checkpoint"):
+        load_checkpoint(path)
+
+
+def test_a_foreign_safetensors_file_is_named_as_such(tmp_path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(CheckpointError, match="safetensors file but not an innerloop checkpoint"):
+        load_checkpoint(path)
+
+
+def test_a_pickle_is_rejected_without_being_unpickled(tmp_path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "last.ckpt"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": Evil()}, f)
+    with pytest.raises(CheckpointError, match="is not a readable innerloop checkpoint"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_a_missing_file_and_a_checkpoint_without_a_model_are_clear_errors(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+    path = save_checkpoint({"global_step": 3}, tmp_path / "c.safetensors")
+    with pytest.raises(CheckpointError, match="without a model"):
+        load_model(path)

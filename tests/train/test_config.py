@@ -1,0 +1,75 @@
+"""Run configs: presets, overrides, and one clear error (with the valid choices) for a bad config."""
+
+from __future__ import annotations
+
+import pytest
+
+from innerloop.cli import main
+from innerloop.config import ConfigError, load_config, save_config
+
+
+def test_overrides_are_typed_and_merged(tmp_path) -> None:
+    (tmp_path / "a.txt").write_text("hello")
+    paths = f"data.paths=[{tmp_path}/*.txt]"
+    run, _ = load_config("tiny", ["trainer.max_steps=7", "model.ttt.inner_model=mlp", paths])
+    assert run.trainer.max_steps == 7 and run.model.ttt.inner_model == "mlp"
+    assert run.data.paths == [f"{tmp_path}/*.txt"]
+
+
+def test_the_saved_config_reloads_to_the_same_run(tmp_path) -> None:
+    run, cfg = load_config("tiny-swa", ["model.window=5", f"out_dir={tmp_path}"])
+    path = save_config(cfg, tmp_path / "config.yaml")
+    again, _ = load_config(str(path))
+    assert again == run
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["model.hiden_size=3"],
+            r"unknown config key 'model.hiden_size'.*valid keys here: \[.*'hidden_size'",
+        ),
+        (["optimizer.lr=1"], r"unknown config key 'optimizer'.*valid keys here: \['data', 'model', 'optim'"),
+        (["trainer.max_steps=abc"], r"config key 'trainer.max_steps'.*'abc'.*expected int"),
+        (["model.ttt.inner_loss=contrastive"], r"inner_loss='contrastive' is not a registered.*'next_token'"),
+        (["model.mixer=lstm"], r"model.mixer='lstm'.*\['ttt', 'attention', 'swa'\]"),
+        (["trainer.strategy=ddpp"], r"trainer.strategy='ddpp' is not valid; valid: \[.*'ddp_spawn'"),
+        (["data.name=imagenet"], r"data.name='imagenet'.*\['text', 'recall'\]"),
+        (["data.paths=[/no/such/file*.txt]"], r"matches no file"),
+        (["max_steps"], r"not of the form key=value"),
+    ],
+)
+def test_bad_configs_fail_before_training_and_list_the_choices(overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides)
+
+
+def test_unknown_keys_in_a_yaml_file_are_errors(tmp_path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  mixer: swa\n  windw: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.windw' in file .*valid keys here"):
+        load_config(str(path))
+
+
+def test_an_unknown_preset_lists_the_presets() -> None:
+    with pytest.raises(ConfigError, match=r"neither a file nor a preset; presets: \[.*'tiny'"):
+        load_config("huge")
+
+
+def test_the_cli_prints_one_error_line_and_exits_2(capsys) -> None:
+    assert main(["train", "model.ttt.update_rule=adam"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert err.startswith("innerloop train: error: model.ttt.update_rule='adam'")
+    assert "'dual_form'" in err and "'minibatch_gd'" in err
+
+
+def test_the_cli_lists_plugins(capsys) -> None:
+    from innerloop.registry import available
+
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    for kind in ("inner_model", "inner_loss", "update_rule"):
+        for name in available(kind):
+            assert name in out

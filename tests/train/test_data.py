@@ -1,0 +1,86 @@
+"""DataModules: the default corpus, the split, batches as a function of their index, the recall task."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import torch
+
+from innerloop.train.data import (
+    IGNORE_INDEX,
+    RECALL_KEYS,
+    RECALL_VALUES,
+    IndexedBatches,
+    RecallDataModule,
+    TextDataModule,
+    recall_example,
+    split_by_file,
+    stdlib_files,
+)
+
+
+def test_the_default_corpus_is_the_standard_library_without_installed_packages() -> None:
+    files = stdlib_files()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    assert root / "os.py" in files and root / "json" / "decoder.py" in files
+    assert not any("site-packages" in p.parts for p in files)
+
+
+def test_the_split_is_by_file_deterministic_and_disjoint() -> None:
+    files = stdlib_files()
+    train, val = split_by_file(files, 0.1)
+    train_again, val_again = split_by_file(list(reversed(files)), 0.1)  # order does not matter
+    assert set(train_again) == set(train) and set(val_again) == set(val)
+    assert not set(train) & set(val) and set(train) | set(val) == set(files)
+    assert 0.05 < len(val) / len(files) < 0.15
+
+
+def test_training_batches_depend_only_on_their_index(tmp_path) -> None:
+    text = tmp_path / "a.txt"
+    text.write_bytes(bytes(range(32, 127)) * 50)
+    module = TextDataModule([str(text)], seq_len=16, batch_size=4, seed=3)
+    module.setup()
+    stream = iter(IndexedBatches(module.make_train_batch))
+    first = [next(stream) for _ in range(5)]
+    resumed = iter(IndexedBatches(module.make_train_batch, start=3))
+    assert all(torch.equal(a, b) for a, b in zip(next(resumed), first[3], strict=True))
+    inputs, targets = first[0]
+    assert inputs.shape == targets.shape == (4, 16)
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])  # targets are the next bytes
+
+
+def test_ranks_split_the_same_stream_of_batches(tmp_path) -> None:
+    make = lambda i: (torch.tensor([i]), torch.tensor([i]))  # noqa: E731
+    rank0, rank1 = iter(IndexedBatches(make, 0, 0, 2)), iter(IndexedBatches(make, 0, 1, 2))
+    seen = [int(next(r)[0]) for _ in range(3) for r in (rank0, rank1)]
+    assert seen == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_single_file_is_split_by_bytes(tmp_path) -> None:
+    text = tmp_path / "only.txt"
+    text.write_bytes(b"x" * 1000)
+    module = TextDataModule([str(text)], seq_len=8, val_fraction=0.2)
+    module.setup()
+    assert len(module.train_bytes) + len(module.val_bytes) == 1001  # + the document separator
+
+
+def test_a_recall_example_asks_for_the_value_of_each_key() -> None:
+    inputs, targets = recall_example(num_pairs=5, gap=30, generator=torch.Generator().manual_seed(0))
+    assert inputs.shape == targets.shape == (4 * 5 + 30 - 1,)
+    sequence = torch.cat((inputs, targets[-1:]))
+    pairs = dict(zip(sequence[0:10:2].tolist(), sequence[1:10:2].tolist(), strict=True))
+    assert all(k in RECALL_KEYS for k in pairs) and all(v in RECALL_VALUES for v in pairs.values())
+    scored = (targets != IGNORE_INDEX).nonzero().flatten().tolist()
+    assert len(scored) == 5
+    for position in scored:
+        key, answer = int(inputs[position]), int(targets[position])
+        assert pairs[key] == answer
+        assert position - 2 * list(pairs).index(key) >= 30  # at least `gap` tokens after the pair
+
+
+def test_recall_validation_is_fixed_and_training_varies() -> None:
+    module = RecallDataModule(num_pairs=4, gap=8, batch_size=2, val_batches=2)
+    assert torch.equal(module.make_val_examples()[0], module.make_val_examples()[0])
+    assert module.make_val_examples()[0].shape == (4, module.seq_len)
+    assert not torch.equal(module.make_train_batch(0)[0], module.make_train_batch(1)[0])

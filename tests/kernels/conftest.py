@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 import triton  # noqa: E402, F401
 
 import innerloop.kernels.triton.ttt_linear._kernels  # noqa: E402, F401
+import innerloop.kernels.triton.ttt_mlp._kernels  # noqa: E402, F401
 
 
 def pytest_collection_finish(session):

@@ -1,10 +1,224 @@
-def forward(*a, **k):
-    raise NotImplementedError
+"""Host side of the Triton TTT-MLP kernels: argument checks, launches and the autograd Function.
+
+``forward`` runs the fused chunk kernel (differentiable through a Triton backward, see README.md);
+``decode`` runs the one-token kernel (inference only).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..common import (
+    MAX_MINI_BATCH,
+    block_rows,
+    check_chunk_inputs,
+    check_decode_inputs,
+    check_params,
+    check_runnable,
+    dot_precision,
+    is_power_of_two,
+    mode_mismatch,
+)
+from .naive import param_shapes
+
+NAME = "triton_ttt_mlp"
+_KERNELS_MODULE = "innerloop.kernels.triton.ttt_mlp._kernels"
+MAX_HEAD_DIM = 64
+DEFAULT_CHECKPOINT_EVERY = 8
+KEYS = ("W1", "b1", "W2", "b2")
+
+# Tests set this to fill every output buffer with NaN before a kernel writes it, so that memory a
+# kernel forgot to write cannot pass for a result.
+POISON_OUTPUTS = False
 
 
-def decode(*a, **k):
-    raise NotImplementedError
+def _kernels():
+    """The Triton kernels module, imported on first use (see common.py for why)."""
+    return importlib.import_module(_KERNELS_MODULE)
 
 
-def kernels_mode_mismatch(device):
-    return "not implemented yet"
+def kernels_mode_mismatch(device) -> str | None:
+    """Reason why the already-built kernels cannot serve ``device`` (compiled vs interpreted), or None."""
+    return mode_mismatch(_KERNELS_MODULE, device, NAME)
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _check_kernel_shapes(f: int, K: int) -> None:
+    if not is_power_of_two(f) or not 16 <= f <= MAX_HEAD_DIM:
+        raise ValueError(f"{NAME}: head_dim f = {f} must be a power of two in [16, {MAX_HEAD_DIM}]")
+    if not 1 <= K <= MAX_MINI_BATCH:
+        raise ValueError(f"{NAME}: mini-batch size K = len(tau) = {K} must be in [1, {MAX_MINI_BATCH}]")
+
+
+def _state_buffers(rows: int, f: int, dtypes, dev) -> list[torch.Tensor]:
+    """Buffers ``W1 [rows, f, 4f]``, ``b1 [rows, 4f]``, ``W2 [rows, 4f, f]``, ``b2 [rows, f]``."""
+    shapes = ((rows, f, 4 * f), (rows, 4 * f), (rows, 4 * f, f), (rows, f))
+    return [_empty(s, d, dev) for s, d in zip(shapes, dtypes, strict=True)]
+
+
+class _MLPChunk(torch.autograd.Function):
+    """Autograd wrapper: Triton forward with weight checkpoints, Triton recompute-backward."""
+
+    @staticmethod
+    def forward(ctx, xq, xk, xv, lr, tau, W1, b1, W2, b2, ln_weight, ln_bias, eps, checkpoint_every):
+        B, H, T, f = xq.shape
+        K = tau.shape[0]
+        NB = T // K
+        n_ckpt = math.ceil(NB / checkpoint_every)
+        dev = xq.device
+        weights = (W1, b1, W2, b2)
+        xq, xk, xv, lr, tau = (t.contiguous() for t in (xq, xk, xv, lr, tau))
+        wc = [t.contiguous() for t in weights]
+        lnw, lnb = ln_weight.contiguous(), ln_bias.contiguous()
+        out = _empty((B, H, T, f), xq.dtype, dev)
+        new = [_empty(w.shape, w.dtype, dev) for w in weights]
+        # weights at the start of every checkpoint group, float32, [B * H * n_ckpt, ...]
+        ckpt = _state_buffers(B * H * n_ckpt, f, [torch.float32] * 4, dev)
+        _kernels().mlp_forward_kernel[(B * H,)](
+            xq, xk, xv, lr, tau, *wc, lnw, lnb,
+            out, *new, *ckpt,
+            H, T, K, NB, n_ckpt, eps,
+            F=f, F4=4 * f, BK=block_rows(K), GROUP=checkpoint_every, PREC=dot_precision(xq.dtype),
+            num_warps=4 if f <= 32 else 8,
+        )  # fmt: skip
+        ctx.save_for_backward(xq, xk, xv, lr, tau, lnw, lnb, *ckpt)
+        ctx.meta = (eps, checkpoint_every, n_ckpt, [w.dtype for w in weights], ln_weight.dtype, ln_bias.dtype)
+        return (out, *new)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, *d_new):
+        xq, xk, xv, lr, tau, lnw, lnb, *ckpt = ctx.saved_tensors
+        eps, group, n_ckpt, w_dtypes, lnw_dtype, lnb_dtype = ctx.meta
+        B, H, T, f = xq.shape
+        K = tau.shape[0]
+        NB = T // K
+        BK = block_rows(K)
+        dev = xq.device
+        f32 = torch.float32
+        shapes = ((B, H, f, 4 * f), (B, H, 1, 4 * f), (B, H, 4 * f, f), (B, H, 1, f))
+        d_out = torch.zeros_like(xq) if d_out is None else d_out.contiguous()
+        d_new = [
+            torch.zeros(s, dtype=f32, device=dev) if d is None else d.contiguous()
+            for d, s in zip(d_new, shapes, strict=True)
+        ]
+        scratch = _state_buffers(B * H * group, f, [f32] * 4, dev)
+        dxq, dxk, dxv = (_empty((B, H, T, f), f32, dev) for _ in range(3))
+        dlr = _empty((B, H, T), f32, dev)
+        dtau = _empty((B * H, BK), f32, dev)
+        d_init = [_empty(s, f32, dev) for s in shapes]
+        dlnw = _empty((B * H, f), f32, dev)
+        dlnb = _empty((B * H, f), f32, dev)
+        _kernels().mlp_backward_kernel[(B * H,)](
+            xq, xk, xv, lr, tau, lnw, lnb, *ckpt,
+            d_out, *d_new, *scratch,
+            dxq, dxk, dxv, dlr, dtau, *d_init, dlnw, dlnb,
+            H, T, K, NB, n_ckpt, eps,
+            F=f, F4=4 * f, BK=BK, GROUP=group, PREC=dot_precision(xq.dtype),
+            num_warps=4 if f <= 32 else 8,
+        )  # fmt: skip
+        return (
+            dxq.to(xq.dtype),
+            dxk.to(xk.dtype),
+            dxv.to(xv.dtype),
+            dlr.to(lr.dtype),
+            dtau.sum(0)[:K].to(tau.dtype),
+            *(d.to(dt) for d, dt in zip(d_init, w_dtypes, strict=True)),
+            dlnw.view(B, H, f).sum(0).to(lnw_dtype),
+            dlnb.view(B, H, f).sum(0).to(lnb_dtype),
+            None,
+            None,
+        )
+
+
+def forward(
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    lr: torch.Tensor,
+    tau: torch.Tensor,
+    params: dict,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float = 1e-6,
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+) -> tuple[torch.Tensor, dict]:
+    """TTT-MLP chunk forward with the fused Triton kernel; differentiable w.r.t. every tensor.
+
+    Same contract and numbers as :func:`naive.forward` (``xq, xk, xv [B, H, T, f]``, ``lr [B, H, T]``,
+    ``tau [K]``, params ``W1 [B, H, f, 4f]``, ``b1 [B, H, 1, 4f]``, ``W2 [B, H, 4f, f]``,
+    ``b2 [B, H, 1, f]``, ``ln_weight, ln_bias [H, f]``). Inputs may be float32, float16 or bfloat16;
+    the weights are kept in float32 on chip and returned in the dtype of the given ones.
+    ``checkpoint_every`` (G): mini-batches per stored weight checkpoint for the backward.
+
+    Returns:
+        ``(out [B, H, T, f], {"W1", "b1", "W2", "b2"})``.
+    """
+    if xq.dim() != 4:
+        raise ValueError(f"xq must be [B, H, T, f], got shape {tuple(xq.shape)}")
+    B, H, T, f = xq.shape
+    check_chunk_inputs(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, param_shapes(B, H, f))
+    _check_kernel_shapes(f, tau.shape[0])
+    check_runnable(xq, NAME)
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    out, *new = _MLPChunk.apply(
+        xq, xk, xv, lr, tau, *(params[k] for k in KEYS), ln_weight, ln_bias, float(eps), checkpoint_every
+    )
+    return out, dict(zip(KEYS, new, strict=True))
+
+
+def decode(
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    lr: torch.Tensor,
+    tau_i: torch.Tensor,
+    params: dict,
+    pending: dict,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float = 1e-6,
+    is_last: bool = False,
+) -> tuple[torch.Tensor, dict, dict]:
+    """One token per sequence with the pending-gradient state, Triton kernel (no autograd).
+
+    Same contract and numbers as :func:`naive.decode`: ``xq, xk, xv [B, H, f]``, ``lr [B, H]``,
+    ``tau_i`` a 0-d tensor, ``params`` the mini-batch's starting weights, ``pending`` the lr-weighted
+    gradient sums so far (same keys/shapes). Returns ``(out [B, H, f], new_params, new_pending)``;
+    when ``is_last`` the weights are committed and the sums reset to zero, otherwise ``new_params`` is
+    ``params`` itself.
+    """
+    if xq.dim() != 3:
+        raise ValueError(f"xq must be [B, H, f] (one token), got shape {tuple(xq.shape)}")
+    B, H, f = xq.shape
+    check_decode_inputs(xq, xk, xv, lr, tau_i, ln_weight, ln_bias)
+    check_params(params, param_shapes(B, H, f))
+    check_params(pending, param_shapes(B, H, f), name="pending")
+    _check_kernel_shapes(f, 1)
+    check_runnable(xq, NAME)
+    tensors = (xq, xk, xv, lr, tau_i, *params.values(), *pending.values(), ln_weight, ln_bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError(f"{NAME}.decode is inference-only; call it under torch.no_grad()")
+    dev = xq.device
+    out = _empty((B, H, f), xq.dtype, dev)
+    new_params = {k: _empty(params[k].shape, params[k].dtype, dev) for k in KEYS} if is_last else dict(params)
+    new_pending = {k: _empty(pending[k].shape, pending[k].dtype, dev) for k in KEYS}
+    _kernels().mlp_decode_kernel[(B * H,)](
+        *(t.contiguous() for t in (xq, xk, xv, lr, tau_i)),
+        *(params[k].contiguous() for k in KEYS), *(pending[k].contiguous() for k in KEYS),
+        ln_weight.contiguous(), ln_bias.contiguous(),
+        out, *(new_params[k] for k in KEYS), *(new_pending[k] for k in KEYS),
+        H, float(eps),
+        F=f, F4=4 * f, IS_LAST=bool(is_last),
+    )  # fmt: skip
+    return out, new_params, new_pending

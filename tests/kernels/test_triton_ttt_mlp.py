@@ -1,0 +1,204 @@
+"""TTT-MLP: the naive reference against the primal form, and the Triton kernels against the naive
+reference (run on CPU through Triton's interpreter, see conftest.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kernel_testing import make_inputs, primal_forward, rel_rms
+
+from innerloop.kernels.spec import KernelInputs
+from innerloop.kernels.triton import ttt_mlp
+from innerloop.kernels.triton.ttt_mlp import fused, naive
+
+MODEL = "mlp"
+TOL = 1e-4  # float32 kernels vs the float32 reference
+TOL64 = 1e-10  # float64 reference vs the float64 primal form
+KEYS = ("W1", "b1", "W2", "b2")
+NAMES = ("xq", "xk", "xv", "lr", "tau", *KEYS, "ln_weight", "ln_bias")
+MAX_HEAD_DIM = 64
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(fused, "POISON_OUTPUTS", True)
+
+
+def _leaves(inputs):
+    xq, xk, xv, lr, tau, params, ln_weight, ln_bias = inputs
+    return [xq, xk, xv, lr, tau, *(params[k] for k in KEYS), ln_weight, ln_bias]
+
+
+# ---------------------------------------------------------------- the naive reference itself
+
+
+@pytest.mark.parametrize("K,f,n_mb", [(4, 16, 3), (8, 16, 2), (16, 32, 1)])
+def test_naive_dual_form_equals_primal_form_float64(K, f, n_mb):
+    inputs = make_inputs(2, 2, K * n_mb, f, K, MODEL, dtype=torch.float64, seed=K)
+    out, params = naive.forward(*inputs)
+    out_p, params_p = primal_forward(MODEL, *inputs)
+    assert rel_rms(out, out_p) <= TOL64
+    for key in params:
+        assert rel_rms(params[key], params_p[key]) <= TOL64, key
+
+
+def _naive_decode_loop(inputs, decode_fn):
+    """Feed the chunk token by token through ``decode_fn``; returns (out [B,H,T,f], final params)."""
+    xq, xk, xv, lr, tau, params, ln_weight, ln_bias = inputs
+    K = tau.shape[0]
+    pending = {k: torch.zeros_like(v) for k, v in params.items()}
+    outs = []
+    for t in range(xq.shape[2]):
+        i = t % K
+        o, params, pending = decode_fn(
+            xq[:, :, t], xk[:, :, t], xv[:, :, t], lr[:, :, t], tau[i], params, pending,
+            ln_weight, ln_bias, 1e-6, i == K - 1,
+        )  # fmt: skip
+        outs.append(o)
+    return torch.stack(outs, dim=2), params, pending
+
+
+def test_naive_decode_loop_equals_naive_chunk_float64():
+    inputs = make_inputs(2, 3, 12, 16, 4, MODEL, dtype=torch.float64, seed=1)
+    out, params = naive.forward(*inputs)
+    out_d, params_d, pending = _naive_decode_loop(inputs, naive.decode)
+    assert rel_rms(out_d, out) <= TOL64
+    for key in params:
+        assert rel_rms(params_d[key], params[key]) <= TOL64, key
+        assert torch.count_nonzero(pending[key]) == 0
+
+
+# ---------------------------------------------------------------- the Triton kernels
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    K=st.sampled_from([4, 8, 16]),
+    f=st.sampled_from([16, 32, 64]),
+    B=st.integers(1, 2),
+    H=st.integers(1, 2),
+    n_mb=st.integers(1, 3),
+    checkpoint_every=st.integers(1, 3),
+    grad_of_weights=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_forward_and_backward_match_naive(K, f, B, H, n_mb, checkpoint_every, grad_of_weights, seed):
+    inputs = make_inputs(B, H, K * n_mb, f, K, MODEL, seed=seed, requires_grad=True)
+    out, params = fused.forward(*inputs, checkpoint_every=checkpoint_every)
+    out_ref, params_ref = naive.forward(*inputs)
+    assert rel_rms(out, out_ref) <= TOL
+    for key in params_ref:
+        assert params[key].dtype == params_ref[key].dtype
+        assert rel_rms(params[key], params_ref[key]) <= TOL, key
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    cot_out = torch.randn(out.shape, generator=gen)
+    cot = {k: torch.randn(v.shape, generator=gen) for k, v in params_ref.items()}
+
+    def objective(o, p):
+        total = (o * cot_out).sum()
+        if grad_of_weights:  # otherwise the new weights get no gradient (None in the backward)
+            total = total + sum((p[k] * cot[k]).sum() for k in p)
+        return total
+
+    grads = torch.autograd.grad(objective(out, params), _leaves(inputs))
+    grads_ref = torch.autograd.grad(objective(out_ref, params_ref), _leaves(inputs))
+    for name, g, g_ref in zip(NAMES, grads, grads_ref, strict=True):
+        assert g.shape == g_ref.shape, name
+        assert rel_rms(g, g_ref) <= TOL, name
+
+
+@pytest.mark.parametrize("f", [16, 32])
+def test_kernel_decode_matches_naive_decode(f):
+    inputs = make_inputs(2, 2, 8, f, 4, MODEL, seed=f)
+    with torch.no_grad():
+        out, params, pending = _naive_decode_loop(inputs, fused.decode)
+        out_ref, params_ref, pending_ref = _naive_decode_loop(inputs, naive.decode)
+        assert rel_rms(out, out_ref) <= TOL
+        for key in params_ref:
+            assert rel_rms(params[key], params_ref[key]) <= TOL, key
+        # mid-mini-batch state: two tokens, pending sums non-zero
+        xq, xk, xv, lr, tau, params0, lnw, lnb = inputs
+        zero = {k: torch.zeros_like(v) for k, v in params0.items()}
+        state = (params0, zero)
+        state_ref = (params0, zero)
+        for t in range(2):
+            args = (xq[:, :, t], xk[:, :, t], xv[:, :, t], lr[:, :, t], tau[t])
+            o, *state = fused.decode(*args, *state, lnw, lnb, 1e-6, False)
+            o_ref, *state_ref = naive.decode(*args, *state_ref, lnw, lnb, 1e-6, False)
+            assert rel_rms(o, o_ref) <= TOL
+        for key in params0:
+            assert state[0][key] is params0[key]
+            assert rel_rms(state[1][key], state_ref[1][key]) <= TOL, key
+
+
+@pytest.mark.parametrize("dtype,unit", [(torch.bfloat16, 2**-8), (torch.float16, 2**-11)])
+def test_kernel_half_precision_inputs(dtype, unit):
+    """Half inputs: fp32 state and statistics inside, so the results are the fp32 answer (on the
+    half-rounded inputs) up to the rounding of the stored results (``unit`` = 2^-p relative)."""
+    inputs = make_inputs(1, 2, 16, 32, 8, MODEL, dtype=dtype, seed=3)
+    out, params = fused.forward(*inputs)
+    assert out.dtype == dtype and all(p.dtype == dtype for p in params.values())
+    inputs32 = [{k: v.float() for k, v in x.items()} if isinstance(x, dict) else x.float() for x in inputs]
+    out_ref, params_ref = naive.forward(*inputs32)
+    assert rel_rms(out.float(), out_ref) <= unit
+    for key in params_ref:
+        assert rel_rms(params[key].float(), params_ref[key]) <= unit, key
+
+
+# ---------------------------------------------------------------- verify and argument checks
+
+
+def _kin(**overrides):
+    base = dict(
+        device=torch.device("cpu"), dtype=torch.float32, head_dim=32, mini_batch_size=16,
+        num_tokens=64, requires_grad=True,
+    )  # fmt: skip
+    base.update(overrides)
+    return KernelInputs(**base)
+
+
+def test_verify_accepts_supported_inputs():
+    assert ttt_mlp.verify(_kin()) is None
+    assert ttt_mlp.verify(_kin(dtype=torch.bfloat16, head_dim=MAX_HEAD_DIM, mini_batch_size=4)) is None
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (dict(dtype=torch.float64), "dtype"),
+        (dict(head_dim=24), "head_dim"),
+        (dict(head_dim=2 * MAX_HEAD_DIM), "head_dim"),
+        (dict(mini_batch_size=128, num_tokens=256), "mini_batch_size"),
+        (dict(num_tokens=40), "num_tokens"),
+        (dict(needs_double_backward=True), "double backward"),
+        (dict(device=torch.device("meta")), "device"),
+    ],
+)
+def test_verify_names_the_failing_property(overrides, words):
+    reason = ttt_mlp.verify(_kin(**overrides))
+    assert reason is not None and words in reason
+
+
+def test_verify_refuses_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    reason = ttt_mlp.verify(_kin())
+    assert reason is not None and "TRITON_INTERPRET" in reason
+
+
+def test_bad_inputs_raise_clear_errors():
+    xq, xk, xv, lr, tau, params, lnw, lnb = make_inputs(1, 1, 16, 16, 4, MODEL)
+    with pytest.raises(ValueError, match="multiple of the mini-batch size"):
+        fused.forward(xq, xk, xv, lr, tau[:3], params, lnw, lnb)
+    with pytest.raises(ValueError, match=r"params\['W1'\]"):
+        fused.forward(xq, xk, xv, lr, tau, {**params, "W1": params["W1"][..., :8]}, lnw, lnb)
+    with pytest.raises(ValueError, match="head_dim"):
+        fused.forward(*make_inputs(1, 1, 8, 8, 4, MODEL))
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        fused.forward(xq, xk, xv, lr, tau, params, lnw, lnb, checkpoint_every=0)
+    with pytest.raises(ValueError, match="missing"):
+        fused.forward(xq, xk, xv, lr, tau, {"W1": params["W1"]}, lnw, lnb)
+    with pytest.raises(ValueError, match="lr must be"):
+        fused.forward(xq, xk, xv, lr[..., :8], tau, params, lnw, lnb)

@@ -1,0 +1,141 @@
+"""Speed of the Triton TTT kernels against the naive torch reference and torch SDPA.
+
+For each sequence length T in 2k..32k, times (on CUDA) the chunk forward of:
+- the fused Triton kernel (``innerloop.kernels.triton.<model>.forward``),
+- the naive torch reference of the same computation (``<model>.naive.forward``),
+- causal ``torch.nn.functional.scaled_dot_product_attention`` at the same width (B, H, T, f),
+and, with ``--backward``, forward + backward of each. Prints one table row per (T, method).
+
+Usage: python benchmarks/kernel_speed.py [--model linear|mlp|both] [--batch 1] [--heads 12]
+       [--head-dim 64] [--mini-batch 16] [--dtype bfloat16] [--backward] [--max-len 32768]
+
+On a machine without CUDA it prints a message and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["linear", "mlp", "both"], default="both")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--mini-batch", type=int, default=16)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--backward", action="store_true", help="time forward + backward")
+    p.add_argument("--min-len", type=int, default=2048)
+    p.add_argument("--max-len", type=int, default=32768)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--skip-naive-above", type=int, default=32768, help="skip the naive reference above this T"
+    )
+    return p.parse_args(argv)
+
+
+def cuda_time_ms(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` in milliseconds, measured with CUDA events after one warm-up."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def make_inputs(model: str, B: int, H: int, T: int, f: int, K: int, dtype, requires_grad: bool):
+    """Random inputs at realistic scales on CUDA (weights in float32, activations in ``dtype``)."""
+    dev = "cuda"
+
+    def leaf(t):
+        return t.requires_grad_(requires_grad)
+
+    xq, xk, xv = (leaf(torch.randn(B, H, T, f, device=dev, dtype=dtype)) for _ in range(3))
+    lr = leaf((torch.rand(B, H, T, device=dev) / f).to(dtype))
+    tau = leaf(1.0 / torch.arange(1, K + 1, device=dev, dtype=torch.float32))
+    lnw = leaf(torch.ones(H, f, device=dev))
+    lnb = leaf(torch.zeros(H, f, device=dev))
+    if model == "linear":
+        params = {"W1": 0.02 * torch.randn(B, H, f, f, device=dev), "b1": torch.zeros(B, H, 1, f, device=dev)}
+    else:
+        params = {
+            "W1": 0.02 * torch.randn(B, H, f, 4 * f, device=dev),
+            "b1": torch.zeros(B, H, 1, 4 * f, device=dev),
+            "W2": 0.02 * torch.randn(B, H, 4 * f, f, device=dev),
+            "b2": torch.zeros(B, H, 1, f, device=dev),
+        }
+    params = {k: leaf(v) for k, v in params.items()}
+    return xq, xk, xv, lr, tau, params, lnw, lnb
+
+
+def runner(forward, inputs, backward: bool):
+    """A closure running ``forward(*inputs)`` (and a backward of its output's sum when asked)."""
+
+    def run():
+        if backward:
+            out, _ = forward(*inputs)
+            out.float().sum().backward()
+        else:
+            with torch.no_grad():
+                forward(*inputs)
+
+    return run
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print(
+            "kernel_speed: no CUDA device available; the Triton kernels are benchmarked on CUDA only. Skipping."
+        )
+        return 0
+    from innerloop.kernels.triton import ttt_linear, ttt_mlp
+
+    modules = {"linear": ttt_linear, "mlp": ttt_mlp}
+    models = ["linear", "mlp"] if args.model == "both" else [args.model]
+    dtype = DTYPES[args.dtype]
+    B, H, f, K = args.batch, args.heads, args.head_dim, args.mini_batch
+    mode = "fwd+bwd" if args.backward else "fwd"
+    print(f"device: {torch.cuda.get_device_name()}  B={B} H={H} f={f} K={K} dtype={args.dtype} ({mode})")
+    print(f"{'T':>7} {'method':<16} {'ms':>10} {'Mtok/s':>9}")
+    T = args.min_len
+    while T <= args.max_len:
+        q, k, v = (
+            torch.randn(B, H, T, f, device="cuda", dtype=dtype, requires_grad=args.backward) for _ in range(3)
+        )
+
+        def sdpa(q=q, k=k, v=v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True), None
+
+        rows = [("sdpa", runner(sdpa, (), args.backward))]
+        for model in models:
+            inputs = make_inputs(model, B, H, T, f, K, dtype, args.backward)
+            rows.append((f"triton_{model}", runner(modules[model].forward, inputs, args.backward)))
+            if T <= args.skip_naive_above:
+                rows.append((f"naive_{model}", runner(modules[model].naive.forward, inputs, args.backward)))
+        for name, fn in rows:
+            try:
+                ms = cuda_time_ms(fn, args.repeats)
+                print(f"{T:>7} {name:<16} {ms:>10.3f} {B * T / ms / 1e3:>9.2f}")
+            except Exception as exc:  # report and keep going (e.g. out of memory for naive at 32k)
+                print(f"{T:>7} {name:<16} {'failed':>10} ({type(exc).__name__}: {exc})")
+                torch.cuda.empty_cache()
+        T *= 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,4 +7,5 @@ DEFAULT_PLUGINS: list[str] = [
     "innerloop.plugins.losses.next_token",
     "innerloop.plugins.optimizers.minibatch_gd",
     "innerloop.plugins.optimizers.dual_form",
+    "innerloop.plugins.kernels",
 ]

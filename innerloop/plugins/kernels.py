@@ -1,0 +1,26 @@
+"""Built-in fast paths, registered through the ``register_kernels`` hook like any plugin's.
+
+- ``fused_torch_linear`` / ``fused_torch_mlp``: the pure-torch fused dual form (any device).
+- ``triton_ttt_linear`` / ``triton_ttt_mlp``: Triton kernels (CUDA, or CPU under
+  ``TRITON_INTERPRET=1``), registered when triton is importable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from innerloop.kernels.fused_torch import kernel_spec
+from innerloop.plugins.models.linear import LinearModel
+from innerloop.plugins.models.mlp import MLPModel
+from innerloop.registry import hookimpl
+
+
+@hookimpl
+def register_kernels(register) -> None:
+    register(kernel_spec("linear", LinearModel().stack))
+    register(kernel_spec("mlp", MLPModel().stack))
+    if importlib.util.find_spec("triton") is not None:
+        from innerloop.kernels.triton import KERNELS
+
+        for spec in KERNELS:
+            register(spec)

@@ -1,0 +1,89 @@
+"""The fused torch fast path equals the reference dual form, and dispatch can be read and forced."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from innerloop import TTTLayer
+from innerloop.kernels.dispatch import KernelUnavailableError
+from innerloop.testing import FLOAT64_TOLERANCE
+from innerloop.testing.checks import assert_close, assert_states_close
+from innerloop.testing.strategies import layer_configs, seeds
+
+
+def twin_layers(config: dict, seed: int, dtype=torch.float64):
+    torch.manual_seed(seed)
+    reference = TTTLayer(**config, kernel="torch").to(dtype)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    fast = TTTLayer(**config, kernel="auto").to(dtype)
+    fast.load_state_dict(reference.state_dict())
+    return reference, fast
+
+
+@given(
+    config=layer_configs(inner_losses=("reconstruction",), update_rules=("dual_form",)),
+    tokens=st.integers(1, 26),
+    seed=seeds(),
+)
+def test_fused_equals_reference_outputs_states_and_gradients(config, tokens, seed):
+    reference, fast = twin_layers(config, seed % 1000)
+    x = torch.randn(2, tokens, config["hidden_size"], dtype=torch.float64, requires_grad=True)
+    y_ref, state_ref = reference(x)
+    y_fast, state_fast = fast(x)
+    assert_close(y_fast, y_ref, "fused output", FLOAT64_TOLERANCE)
+    assert_states_close(state_fast, state_ref, "fused state", FLOAT64_TOLERANCE)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), [x, *reference.parameters()])
+    grads_fast = torch.autograd.grad(y_fast.square().sum(), [x, *fast.parameters()])
+    for (name, _), g_fast, g_ref in zip(fast.named_parameters(), grads_fast[1:], grads_ref[1:], strict=True):
+        assert_close(g_fast, g_ref, f"gradient of {name}", FLOAT64_TOLERANCE)
+    assert_close(grads_fast[0], grads_ref[0], "gradient of x", FLOAT64_TOLERANCE)
+    if tokens >= config["mini_batch_size"]:
+        assert fast.last_dispatch[0] == f"fused_torch_{config['inner_model']}"
+
+
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_double_backward_is_refused_or_exact(model):
+    torch.manual_seed(0)
+    fused = TTTLayer(8, 2, inner_model=model, mini_batch_size=2).double()
+    x = torch.randn(1, 4, 8, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(fused(x)[0].sum(), x, create_graph=False)
+    assert fused.last_dispatch[0] == f"fused_torch_{model}"
+    with pytest.raises(RuntimeError, match="differentiable once only.*needs_double_backward=True"):
+        torch.autograd.grad(fused(x)[0].sum(), x, create_graph=True)
+
+    exact = TTTLayer(8, 2, inner_model=model, mini_batch_size=2, needs_double_backward=True).double()
+    exact.load_state_dict(fused.state_dict())
+    assert torch.autograd.gradgradcheck(lambda x: exact(x)[0], (x,), eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert exact.last_dispatch[0] == "torch" and "double backward" in exact.last_dispatch[1]
+
+
+def test_dispatch_reason_and_switch():
+    forced_torch = TTTLayer(16, 2, mini_batch_size=4, kernel="torch")
+    forced_torch(torch.randn(1, 8, 16))
+    assert forced_torch.last_dispatch == ("torch", "torch path forced (kernel='torch')")
+
+    forced_fused = TTTLayer(16, 2, mini_batch_size=4, kernel="fused_torch_linear")
+    forced_fused(torch.randn(1, 8, 16))
+    assert forced_fused.last_dispatch[0] == "fused_torch_linear"
+
+    no_norm = TTTLayer(16, 2, mini_batch_size=4, inner_norm=False)
+    no_norm(torch.randn(1, 8, 16))
+    assert no_norm.last_dispatch[0] == "torch" and "LayerNorm" in no_norm.last_dispatch[1]
+
+    next_token = TTTLayer(16, 2, mini_batch_size=4, inner_loss="next_token")
+    next_token(torch.randn(1, 8, 16))
+    assert next_token.last_dispatch == (
+        "torch",
+        "torch: no kernel registered for (linear, next_token, dual_form)",
+    )
+
+
+def test_forcing_a_kernel_that_cannot_run_is_an_error():
+    layer = TTTLayer(16, 2, mini_batch_size=4, kernel="fused_torch_mlp")  # registered for mlp only
+    with pytest.raises(KernelUnavailableError, match="is not registered for \\(inner_model='linear'"):
+        layer(torch.randn(1, 8, 16))

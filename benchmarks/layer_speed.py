@@ -1,0 +1,107 @@
+"""Forward throughput of TTT-Linear, TTT-MLP and a causal attention layer of the same width.
+
+Defaults follow issue 2: CPU, 2 threads, float32, B=1, D=768, H=12, K=16, forward only (no grad),
+T = 512 ... 8192. Prints a markdown table of tokens/s (median of --repeats runs after a warm-up)
+and, with --json, writes the raw numbers atomically.
+
+    python benchmarks/layer_speed.py
+    python benchmarks/layer_speed.py --lengths 2048 --paths auto torch --repeats 3
+
+Run it on a quiet machine: on 2 cores, any other busy process slows OpenMP's thread barriers
+down by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import innerloop
+
+
+class CausalAttention(nn.Module):
+    """q/k/v/o projections + RoPE-free torch SDPA: the attention baseline of the same width."""
+
+    def __init__(self, hidden_size: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        q, k, v = self.qkv(x).view(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, f]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, width))
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--mini-batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--paths", nargs="+", default=["auto"], help="TTT dispatch: auto (fast path) and/or torch")
+    parser.add_argument("--json", help="write the numbers to this file")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    layers: dict[str, nn.Module] = {}
+    for model in ("linear", "mlp"):
+        for path in args.paths:
+            label = f"TTT-{model.capitalize() if model == 'linear' else 'MLP'}" + ("" if path == "auto" else f" ({path})")
+            layers[label] = innerloop.TTTLayer(
+                args.hidden, args.heads, inner_model=model, mini_batch_size=args.mini_batch, kernel=path
+            ).eval()
+    layers["attention (SDPA)"] = CausalAttention(args.hidden, args.heads).eval()
+
+    results: dict[str, dict[int, float]] = {name: {} for name in layers}
+    for tokens in args.lengths:
+        x = torch.randn(args.batch, tokens, args.hidden)
+        for name, layer in layers.items():
+            with torch.inference_mode():
+                seconds = median_seconds(lambda layer=layer: layer(x), args.repeats)
+            results[name][tokens] = args.batch * tokens / seconds
+            print(f"# {name:24s} T={tokens:5d}: {results[name][tokens]:9.0f} tokens/s", flush=True)
+
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, threads={args.threads}; "
+        f"torch {torch.__version__}; B={args.batch} D={args.hidden} H={args.heads} K={args.mini_batch} fp32 forward; "
+        f"median of {args.repeats}\n"
+    )
+    print("| layer | " + " | ".join(f"T={t}" for t in args.lengths) + " |")
+    print("|---|" + "---|" * len(args.lengths))
+    for name, row in results.items():
+        print(f"| {name} | " + " | ".join(f"{row[t]:,.0f}" for t in args.lengths) + " |")
+    if args.json:
+        directory = os.path.dirname(os.path.abspath(args.json))
+        with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
+            json.dump({"args": vars(args), "tokens_per_second": results}, handle, indent=1)
+        os.replace(handle.name, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,7 @@ library's source, a few minutes on a laptop CPU. ``innerloop <command> --help`` 
 from __future__ import annotations
 
 import argparse
+import codecs
 import sys
 from collections.abc import Sequence
 
@@ -128,13 +129,13 @@ def _generate(args: argparse.Namespace) -> int:
         raise ConfigError("--prompt must not be empty (the model needs at least one byte to start from)")
     prompt_ids = torch.tensor([list(prompt)], dtype=torch.long)
     generator = torch.Generator().manual_seed(args.seed)
-    out = sys.stdout.buffer
-    out.write(prompt)
+    # Bytes are decoded as they come (a character may span several tokens); invalid UTF-8 shows as �.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    sys.stdout.write(args.prompt)
     for token, _state in generate(model, prompt_ids, args.tokens, args.temperature, args.top_k, generator):
-        out.write(bytes([int(token[0])]))
-        out.flush()
-    out.write(b"\n")
-    out.flush()
+        sys.stdout.write(decoder.decode(bytes([int(token[0])])))
+        sys.stdout.flush()
+    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
     return 0
 
 

@@ -119,7 +119,8 @@ class LanguageModelModule(L.LightningModule):
             self._update_inner_diagnostics(captured[0])
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val_ppl", self.val_ppl.compute(), prog_bar=True, sync_dist=False)
+        self.log("val_step", float(self.trainer.global_step) if self._trainer is not None else 0.0)
+        self.log("val_ppl", self.val_ppl.compute(), prog_bar=True)
         self.log("val_acc", self.val_acc.compute())
         self.val_ppl.reset()
         self.val_acc.reset()

@@ -44,9 +44,14 @@ CHECKPOINT_NAME = "last"
 
 
 class _SafetensorsModelCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint writing ``last.safetensors`` (the IO plugin does the format)."""
+    """Lightning's ModelCheckpoint writing ``last.safetensors`` (the IO plugin does the format), and
+    always at the end of training (Lightning skips that save if any "last" was written before)."""
 
     FILE_EXTENSION = CHECKPOINT_SUFFIX
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 @dataclass
@@ -148,8 +153,11 @@ def train(
     datamodule = build_datamodule(run)
     trainer = build_trainer(run, callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if resume else None)
-    results = trainer.validate(module, datamodule=datamodule, verbose=False)
-    metrics = {k: float(v) for k, v in results[0].items()}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if metrics.get("val_step") != trainer.global_step:  # the last validation was before the last step
+        metrics = {
+            k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()
+        }
 
     seq_len = datamodule.seq_len
     buckets = position_buckets(seq_len, run.trainer.num_position_buckets)

@@ -1,0 +1,69 @@
+"""Metrics: loss by position, inner-loss diagnostics; the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from innerloop.train.metrics import InnerLossDiagnostics, LossByPosition, position_buckets
+from innerloop.train.module import warmup_cosine
+
+
+def test_buckets_cover_every_position_once() -> None:
+    assert position_buckets(10, 4) == [(0, 2), (2, 5), (5, 7), (7, 10)]
+    assert position_buckets(3, 8) == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_loss_by_position_is_the_mean_of_the_scored_tokens_in_each_bucket() -> None:
+    metric = LossByPosition(num_buckets=2)
+    loss = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    metric.update(loss, mask)
+    metric.update(torch.full((1, 4), 10.0))
+    expected = torch.tensor([(1 + 2 + 5 + 10 + 10) / 5, (3 + 10 + 10) / 3])
+    torch.testing.assert_close(metric.compute(), expected)
+    assert metric.buckets() == [(0, 2), (2, 4)]
+
+
+def test_an_empty_bucket_is_nan_and_a_new_length_is_an_error() -> None:
+    metric = LossByPosition(num_buckets=2)
+    metric.update(torch.ones(1, 4), torch.tensor([[True, False, False, False]]))
+    assert math.isnan(metric.compute()[1])
+    with pytest.raises(ValueError, match="set up for length 4, got length 5"):
+        metric.update(torch.ones(1, 5))
+
+
+def test_inner_diagnostics_average_per_layer() -> None:
+    metric = InnerLossDiagnostics(num_layers=2)
+    metric.update(0, torch.tensor([4.0, 2.0]), torch.tensor([1.0, 1.0]))
+    metric.update(0, torch.tensor([6.0]), torch.tensor([4.0]))
+    result = metric.compute()
+    torch.testing.assert_close(result["before"][0], torch.tensor(4.0))
+    torch.testing.assert_close(result["after"][0], torch.tensor(2.0))
+    assert math.isnan(result["before"][1])
+    with pytest.raises(ValueError, match=r"layer=2 must be in \[0, 2\)"):
+        metric.update(2, torch.ones(1), torch.ones(1))
+
+
+def test_the_inner_loop_lowers_the_inner_loss_of_a_ttt_layer() -> None:
+    diagnostics = pytest.importorskip(
+        "innerloop.core.diagnostics", reason="innerloop.core.diagnostics (the lead's) has not landed yet"
+    )
+    from innerloop import TTTLayer
+
+    torch.manual_seed(0)
+    layer = TTTLayer(32, 2, mini_batch_size=8)
+    x = torch.randn(3, 64, 32)
+    before, after = diagnostics.inner_loss_before_after(layer, x)
+    assert before.shape == after.shape == (3,)
+    assert bool((after < before).all())
+
+
+def test_warmup_then_cosine_to_the_minimum() -> None:
+    lrs = [warmup_cosine(s, warmup_steps=10, max_steps=110, lr=1.0, min_lr=0.1) for s in range(130)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55)
+    assert lrs[110] == pytest.approx(0.1) and lrs[129] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))

@@ -1,0 +1,183 @@
+"""End to end: `innerloop train/eval/generate`, resuming a killed run, and DDP on CPU."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import matplotlib.image
+import pytest
+import torch
+
+from innerloop.cli import main
+from innerloop.config import load_config
+from innerloop.train import CheckpointError, load_checkpoint, load_model, train
+from innerloop.train.plots import read_loss_by_position_csv
+
+# A model and a run small enough for a few seconds on a CPU.
+TINY = [
+    "model.hidden_size=32",
+    "model.num_heads=2",
+    "model.intermediate_size=64",
+    "model.ttt.mini_batch_size=8",
+    "data.seq_len=32",
+    "data.batch_size=4",
+    "data.val_batches=1",
+    "trainer.val_every=4",
+    "trainer.checkpoint_every=2",
+    "trainer.progress_bar=false",
+    "trainer.num_position_buckets=4",
+]
+
+
+def test_train_writes_a_checkpoint_config_and_plot_that_reload(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "trainer.max_steps=3", f"out_dir={out}"]) == 0  # ends between validations
+    printed = capsys.readouterr().out
+    assert "validation perplexity:" in printed
+
+    model = load_model(out / "last.safetensors")
+    assert model.config.hidden_size == 32 and model.config.mixer == "ttt"
+    assert load_checkpoint(out / "last.safetensors")["global_step"] == 3
+    run, _ = load_config(str(out / "config.yaml"))
+    assert run.trainer.max_steps == 3 and run.out_dir == str(out)
+    buckets, losses = read_loss_by_position_csv(out / "loss_by_position.csv")
+    assert buckets == [(0, 8), (8, 16), (16, 24), (24, 32)] and all(0 < x < 10 for x in losses)
+    image = matplotlib.image.imread(out / "loss_by_position.png")
+    assert image.ndim == 3 and image.shape[0] > 100
+
+    # eval and generate read the same checkpoint
+    assert (
+        main(
+            [
+                "eval",
+                str(out / "last.safetensors"),
+                "--batches",
+                "1",
+                "--batch-size",
+                "2",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    assert "perplexity:" in capsys.readouterr().out
+    assert len(read_loss_by_position_csv(tmp_path / "loss_by_position.csv")[1]) == 4
+    assert (tmp_path / "loss_by_position.png").stat().st_size > 1000
+    assert main(["generate", str(out / "last.safetensors"), "--prompt", "def f", "--tokens", "25"]) == 0
+    assert capsys.readouterr().out.startswith("def f")
+
+
+def test_eval_of_a_corrupt_checkpoint_is_one_clear_error(tmp_path, capsys) -> None:
+    bad = tmp_path / "last.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    assert main(["eval", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("innerloop eval: error:") and "not a readable innerloop checkpoint" in err
+    assert "\n" not in err
+    with pytest.raises(CheckpointError):
+        load_model(bad)
+
+
+class _RecordLosses(L.Callback):
+    """Training loss at each optimizer step; optionally crash right after step ``crash_after``."""
+
+    def __init__(self, crash_after: int | None = None):
+        self.losses: dict[int, float] = {}
+        self.crash_after = crash_after
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])
+        if trainer.global_step == self.crash_after:
+            raise RuntimeError("simulated crash")
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["state_dict"]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+RESUME_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, dict[int, float], dict[str, float]]:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run, cfg = load_config("tiny", [*TINY, f"trainer.max_steps={RESUME_STEPS}", f"out_dir={out}"])
+    record = _RecordLosses()
+    result = train(run, cfg, callbacks=[record])
+    return out / "last.safetensors", record.losses, result.metrics
+
+
+def test_a_crashed_run_resumes_to_the_same_losses_and_weights(tmp_path, uninterrupted) -> None:
+    reference, reference_losses, reference_metrics = uninterrupted
+    run, cfg = load_config("tiny", [*TINY, f"trainer.max_steps={RESUME_STEPS}", f"out_dir={tmp_path}"])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(run, cfg, callbacks=[_RecordLosses(crash_after=5)])
+    assert load_checkpoint(tmp_path / "last.safetensors")["global_step"] == 4  # the last checkpoint
+
+    record = _RecordLosses()
+    result = train(run, cfg, resume=True, callbacks=[record])
+    assert min(record.losses) == 5  # it went on from step 4
+    assert record.losses == {s: loss for s, loss in reference_losses.items() if s >= 5}
+    assert result.metrics["val_loss"] == reference_metrics["val_loss"]
+    _assert_same_weights(tmp_path / "last.safetensors", reference)
+
+
+def test_a_killed_process_resumes_to_the_same_result(tmp_path, uninterrupted) -> None:
+    reference, _, reference_metrics = uninterrupted
+    overrides = [*TINY, f"trainer.max_steps={RESUME_STEPS}", f"out_dir={tmp_path}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "innerloop.cli", "train", *overrides], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    checkpoint, killed_at = tmp_path / "last.safetensors", None
+    try:
+        deadline = time.monotonic() + 120
+        while killed_at is None and time.monotonic() < deadline and process.poll() is None:
+            if checkpoint.exists() and load_checkpoint(checkpoint)["global_step"] >= 2:
+                process.send_signal(signal.SIGKILL)
+                killed_at = load_checkpoint(checkpoint)["global_step"]
+            time.sleep(0.02)
+    finally:
+        process.kill()
+        process.wait()
+    assert killed_at is not None and killed_at < RESUME_STEPS, "the run was not killed in the middle"
+
+    run, cfg = load_config(str(tmp_path / "config.yaml"))
+    result = train(run, cfg, resume=True)
+    assert result.metrics["val_loss"] == reference_metrics["val_loss"]
+    _assert_same_weights(checkpoint, reference)
+
+
+def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path, capsys) -> None:
+    assert main(["train", *TINY, f"out_dir={tmp_path}", "--resume"]) == 2
+    assert "no saved config" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_trains(tmp_path) -> None:
+    overrides = [
+        *TINY,
+        "trainer.max_steps=4",
+        "trainer.devices=2",
+        "trainer.strategy=ddp_spawn",
+        f"out_dir={tmp_path}",
+    ]
+    run, cfg = load_config("tiny", overrides)
+    result = train(run, cfg)
+    assert load_checkpoint(result.checkpoint)["global_step"] == 4
+    assert 0 < result.metrics["val_loss"] < 10 and result.plot.exists()
+    model = load_model(result.checkpoint)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

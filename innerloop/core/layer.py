@@ -253,27 +253,29 @@ class TTTLayer(nn.Module):
 
     def _views(self, x: torch.Tensor, state: TTTState) -> tuple[Views, dict]:
         batch, tokens, _ = x.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        positions = (state.position + torch.arange(tokens, device=x.device)) % self.mini_batch_size
+        cos, sin = rope_cos_sin(positions, self.rope_inv_freq, x.dtype)  # [T, f/2]
         conv_history = dict(state.conv_history)
         if self.share_qk:
             shared = self.q_proj(x)  # [B, T, D]
-            value = self.v_proj(x)
             history = conv_history["shared_qk"]
             query, _ = causal_depthwise_conv(shared, self.conv_q.weight, self.conv_q.bias, history)
             key, conv_history["shared_qk"] = causal_depthwise_conv(
                 shared, self.conv_k.weight, self.conv_k.bias, history
             )
+            query_key = torch.stack([query, key], dim=2)  # [B, T, 2, D]
+            value = self.v_proj(x)
         else:
             weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-            query, key, value = F.linear(x, weight).chunk(3, dim=-1)
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, f]
-
-        positions = (state.position + torch.arange(tokens, device=x.device)) % self.mini_batch_size
-        cos, sin = rope_cos_sin(positions, self.rope_inv_freq, x.dtype)
-        query = apply_rope_interleaved(heads(query), cos, sin)
-        key = apply_rope_interleaved(heads(key), cos, sin)
-        return Views(query, key, heads(value)), conv_history
+            qkv = F.linear(x, weight).view(batch, tokens, 3, self.hidden_size)  # [B, T, 3, D]
+            query_key, value = qkv[:, :, :2], qkv[:, :, 2]
+        # RoPE on Q and K at once: [B, T, 2, H, f] rotated by [T, 1, 1, f/2] tables.
+        query_key = query_key.reshape(batch, tokens, 2, heads, head_dim)
+        query_key = apply_rope_interleaved(query_key, cos[:, None, None], sin[:, None, None])
+        query_key = query_key.permute(2, 0, 3, 1, 4).contiguous()  # [2, B, H, T, f]
+        value = value.reshape(batch, tokens, heads, head_dim).transpose(1, 2).contiguous()  # [B, H, T, f]
+        return Views(query_key[0], query_key[1], value), conv_history
 
     def inner_learning_rates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``lr [B, H, T]`` (per token) and ``tau [K]`` (per position in a mini-batch)."""

@@ -7,8 +7,8 @@ fewer operations inside the sequential scan:
 - everything that does not depend on the inner weights is computed for all mini-batches at once
   before the scan: the first layer's causal similarity matrix ``M = tril(eta * (XQ XK^T + 1))``,
   the lr-scaled keys of the weight update, and the LayerNorm's constant terms;
-- each affine layer's bias is folded into its weight as an extra input row (inputs get a column of
-  ones), so one batched matmul serves weight and bias;
+- a bias enters the similarity matrix as its constant input 1 (``+ eta``) and is updated with one
+  small matmul, so nothing is concatenated inside the scan;
 - the gradient through the inner LayerNorm uses aten's fused ``native_layer_norm`` and
   ``native_layer_norm_backward`` (both differentiable, twice);
 - the output LayerNorm and residual run once over all tokens after the scan.
@@ -22,29 +22,6 @@ import torch
 
 from innerloop.core.protocol import AffineLayer, Params
 from innerloop.kernels.spec import KernelInputs, KernelSpec
-
-
-def _augment(x: torch.Tensor) -> torch.Tensor:
-    """Append a column of ones: ``[..., n] -> [..., n + 1]`` (for folding a bias into a weight)."""
-    return torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
-
-
-def _fold(params: Params, layer: AffineLayer, batch_heads: int) -> torch.Tensor:
-    """``[W; b]`` as one ``[BH, in (+1), out]`` matrix."""
-    weight = params[layer.weight].reshape(batch_heads, *params[layer.weight].shape[-2:])
-    if layer.bias is None:
-        return weight
-    bias = params[layer.bias].reshape(batch_heads, 1, weight.shape[-1])
-    return torch.cat([weight, bias], dim=1)
-
-
-def _unfold(folded: torch.Tensor, layer: AffineLayer, like: Params) -> Params:
-    weight_shape = like[layer.weight].shape
-    out = {layer.weight: folded[:, : weight_shape[-2]].reshape(weight_shape)}
-    if layer.bias is not None:
-        out[layer.bias] = folded[:, weight_shape[-2] :].reshape(like[layer.bias].shape)
-    return out
-
 
 DOUBLE_BACKWARD_MESSAGE = (
     "the fused_torch fast path is differentiable once only (aten's fused LayerNorm backward is not "
@@ -83,41 +60,41 @@ def make_fused_forward(stack: tuple[AffineLayer, ...]):
         def blocks(t: torch.Tensor) -> torch.Tensor:  # [B, H, T, n] -> [NB, BH, K, n]
             return t.reshape(bh, num_mb, mini_batch, t.shape[-1]).transpose(0, 1)
 
+        def per_sequence(name: str) -> torch.Tensor:  # [B, H, *shape] -> [BH, *shape]
+            return params[name].reshape(bh, *params[name].shape[2:])
+
         gamma = ln_weight.repeat(batch, 1)[:, None, :]  # [BH, 1, f]
-        beta = ln_bias.repeat(batch, 1)[:, None, :]
         gamma_sq = gamma * gamma
         # d loss / d xhat = gamma * (gamma * xhat + beta - (xv - xk)) = gamma^2 * xhat + shift
-        shift = blocks((beta.reshape(batch, heads, 1, dim) - (xv - xk)) * gamma.reshape(batch, heads, 1, dim))
+        shift = blocks((ln_bias[None, :, None, :] - xv + xk) * ln_weight[None, :, None, :])
 
         causal = torch.ones(mini_batch, mini_batch, dtype=torch.bool, device=xq.device).tril()
         lr_blocks = lr.reshape(bh, num_mb, mini_batch).transpose(0, 1)  # [NB, BH, K]
         eta = (tau[:, None] * lr_blocks[:, :, None, :]).masked_fill(~causal, 0.0)  # [NB, BH, K, K]
         update_scale = (tau[-1] * lr_blocks)[..., None]  # [NB, BH, K, 1]
+        update_row = update_scale.transpose(-1, -2)  # [NB, BH, 1, K]: the bias update's weights
 
-        first = stack[0]
-        keys1 = blocks(xk)
-        queries1 = blocks(xq)
-        if first.bias is not None:
-            keys1, queries1 = _augment(keys1), _augment(queries1)
-        # First layer: both sides in one matmul per mini-batch; its similarity matrix up front.
-        both1 = torch.cat([keys1, queries1], dim=2)  # [NB, BH, 2K, in1]
+        # The first layer's inputs do not depend on the weights: its similarity matrix up front.
+        keys1, queries1 = blocks(xk), blocks(xq)  # [NB, BH, K, f]
         mix1 = eta * (queries1 @ keys1.transpose(-1, -2))  # [NB, BH, K, K]
-        scaled_keys1 = (update_scale * keys1).transpose(-1, -2)  # [NB, BH, in1, K]
+        if stack[0].bias is not None:
+            mix1 = mix1 + eta  # the bias's input is a constant 1: similarity + 1
+        scaled_keys1 = (update_scale * keys1).transpose(-1, -2)  # [NB, BH, f, K]
 
-        folded = [_fold(params, layer, bh) for layer in stack]
+        weights = [per_sequence(layer.weight) for layer in stack]
+        biases = [per_sequence(layer.bias) if layer.bias is not None else None for layer in stack]
+
+        def affine(x: torch.Tensor, index: int) -> torch.Tensor:
+            bias = biases[index]
+            return x @ weights[index] if bias is None else torch.baddbmm(bias, x, weights[index])
+
         outputs = []
         for n in range(num_mb):
             # ---- key side: forward the keys at the mini-batch's starting weights
-            z_both = both1[n] @ folded[0]  # [BH, 2K, out1]
-            z_keys, z_query = z_both[:, :mini_batch], z_both[:, mini_batch:]
-            key_inputs, key_pre = [keys1[n]], [z_keys]
-            h = z_keys
-            for layer_index in range(1, len(stack)):
-                h = stack[layer_index - 1].activation.fn(h)
-                h_in = _augment(h) if stack[layer_index].bias is not None else h
-                key_inputs.append(h_in)
-                h = h_in @ folded[layer_index]
-                key_pre.append(h)
+            key_inputs, key_pre = [keys1[n]], [affine(keys1[n], 0)]
+            for index in range(1, len(stack)):
+                key_inputs.append(stack[index - 1].activation.fn(key_pre[-1]))
+                key_pre.append(affine(key_inputs[-1], index))
 
             # ---- inner gradient through LN (fused aten ops), then back through the stack
             xhat, mean, rstd = torch.native_layer_norm(key_pre[-1], [dim], None, None, eps)
@@ -126,38 +103,39 @@ def make_fused_forward(stack: tuple[AffineLayer, ...]):
                 grad_xhat, key_pre[-1], [dim], mean, rstd, None, None, [True, False, False]
             )[0]
             grads = [grad]
-            for layer_index in range(len(stack) - 1, 0, -1):
-                weight = folded[layer_index][:, : key_pre[layer_index - 1].shape[-1]]
-                grad = (grad @ weight.transpose(-1, -2)) * stack[layer_index - 1].activation.derivative(
-                    key_pre[layer_index - 1]
-                )
+            for index in range(len(stack) - 1, 0, -1):
+                derivative = stack[index - 1].activation.derivative(key_pre[index - 1])
+                grad = (grad @ weights[index].transpose(-1, -2)) * derivative
                 grads.append(grad)
             grads.reverse()
 
-            # ---- query side: the dual form layer by layer, then the weight updates
-            # mix1 already holds eta * (XQ XK^T + 1) when the bias is folded (ones column).
-            z = torch.baddbmm(z_query, mix1[n], grads[0], alpha=-1.0)
-            new_folded = [torch.baddbmm(folded[0], scaled_keys1[n], grads[0], alpha=-1.0)]
-            for layer_index in range(1, len(stack)):
-                layer = stack[layer_index]
-                hq = stack[layer_index - 1].activation.fn(z)
-                hq = _augment(hq) if layer.bias is not None else hq
-                similarity = hq @ key_inputs[layer_index].transpose(-1, -2)  # [BH, K, K]
-                z = torch.baddbmm(
-                    hq @ folded[layer_index], eta[n] * similarity, grads[layer_index], alpha=-1.0
-                )
-                scaled = (update_scale[n] * key_inputs[layer_index]).transpose(-1, -2)
-                new_folded.append(torch.baddbmm(folded[layer_index], scaled, grads[layer_index], alpha=-1.0))
-            folded = new_folded
+            # ---- query side (the dual form, layer by layer) and the weight updates
+            z = torch.baddbmm(affine(queries1[n], 0), mix1[n], grads[0], alpha=-1.0)
+            new_weights = [torch.baddbmm(weights[0], scaled_keys1[n], grads[0], alpha=-1.0)]
+            for index in range(1, len(stack)):
+                hq = stack[index - 1].activation.fn(z)
+                similarity = hq @ key_inputs[index].transpose(-1, -2)  # [BH, K, K]
+                if biases[index] is not None:
+                    similarity = similarity + 1.0
+                z = torch.baddbmm(affine(hq, index), eta[n] * similarity, grads[index], alpha=-1.0)
+                scaled = (update_scale[n] * key_inputs[index]).transpose(-1, -2)
+                new_weights.append(torch.baddbmm(weights[index], scaled, grads[index], alpha=-1.0))
+            biases = [
+                None if b is None else torch.baddbmm(b, update_row[n], g, alpha=-1.0)
+                for b, g in zip(biases, grads, strict=True)
+            ]
+            weights = new_weights
             outputs.append(z)
 
         z_all = torch.stack(outputs, dim=1).reshape(batch, heads, tokens, dim)  # [B, H, T, f]
         normed = torch.nn.functional.layer_norm(z_all, [dim], eps=eps)
-        out = xq + normed * ln_weight[None, :, None, :] + ln_bias[None, :, None, :]
+        out = torch.addcmul(xq + ln_bias[None, :, None, :], normed, ln_weight[None, :, None, :])
         new_params: Params = {}
-        for layer, matrix in zip(stack, folded, strict=True):
-            new_params.update(_unfold(matrix, layer, params))
-        return _guard(out), {k: _guard(v) for k, v in new_params.items()}
+        for layer, weight, bias in zip(stack, weights, biases, strict=True):
+            new_params[layer.weight] = _guard(weight.reshape(params[layer.weight].shape))
+            if bias is not None:
+                new_params[layer.bias] = _guard(bias.reshape(params[layer.bias].shape))
+        return _guard(out), new_params
 
     return forward
 

@@ -1,0 +1,58 @@
+"""Inner-loop diagnostics: does each inner update lower the inner loss?
+
+For every mini-batch of a sequence, the mean inner loss of its tokens is measured at the weights the
+mini-batch starts with (before its update) and at the weights after it (same tokens, same pairs).
+A working TTT layer shows ``after < before``: the fast weights learned the mini-batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from innerloop.core.layer import TTTLayer
+
+
+def _weighted_loss(task, params: dict, pairs, weights: torch.Tensor) -> torch.Tensor:
+    """Sum over heads and tokens of the weighted inner loss, per sequence: ``[B]``."""
+    per_token = task.loss.token_loss(task.predict(params, pairs.inputs), pairs.targets)  # [B, H, N]
+    return (per_token * weights).sum(dim=(1, 2))
+
+
+@torch.no_grad()
+def inner_loss_before_after(layer: TTTLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean inner loss per sequence before and after each mini-batch's update.
+
+    Args:
+        layer: the TTT layer.
+        x: ``[B, T, D]`` the layer's input (a whole sequence, from its start).
+
+    Returns:
+        ``(before [B], after [B])``: token-weighted means over every mini-batch of the sequence.
+    """
+    layer._check_input(x, None)
+    state = layer.init_state(x.shape[0], like=x)
+    views, _ = layer._views(x, state)
+    lr, tau = layer.inner_learning_rates(x)
+    task = layer.inner_task()
+    mini_batch = layer.mini_batch_size
+    totals_before = x.new_zeros(x.shape[0])
+    totals_after = x.new_zeros(x.shape[0])
+    counts = x.new_zeros(x.shape[0])
+    for start in range(0, x.shape[1], mini_batch):
+        end = min(start + mini_batch, x.shape[1])
+        chunk_views = views.slice_tokens(start, end)
+        pairs = task.loss.pairs(chunk_views, state.loss_carry)
+        valid = pairs.valid if pairs.valid is not None else torch.ones(end - start, dtype=x.dtype)
+        weights = torch.broadcast_to(valid.to(x.dtype), lr[:, :, start:end].shape)  # [B, H, N]
+
+        totals_before += _weighted_loss(task, state.params, pairs, weights)
+        _, state = layer.update_rule.forward(state, task, chunk_views, lr[:, :, start:end], tau)
+        last = (end - 1) % mini_batch
+        current = {k: state.params[k] - tau[last] * state.pending[k] for k in state.params}
+        totals_after += _weighted_loss(task, current, pairs, weights)
+        counts += weights.sum(dim=(1, 2))
+    counts = counts.clamp_min(1.0)
+    return totals_before / counts, totals_after / counts
+
+
+__all__ = ["inner_loss_before_after"]

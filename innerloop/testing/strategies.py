@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from innerloop.core.protocol import Views
+
 try:
     from hypothesis import strategies as st
 except ImportError as error:  # pragma: no cover - exercised only without the test extra
@@ -48,9 +52,29 @@ def split_points(draw, total: int, max_cuts: int = 4) -> list[int]:
     return sorted(cuts)
 
 
+@st.composite
+def views(
+    draw,
+    max_batch: int = 2,
+    max_heads: int = 3,
+    head_dims: tuple[int, ...] = (4, 6, 8),
+    max_tokens: int = 20,
+    dtype: torch.dtype = torch.float64,
+) -> Views:
+    """Random ``Views`` (XQ, XK, XV ``[B, H, T, f]``) with values of moderate size."""
+    shape = (
+        draw(st.integers(1, max_batch)),
+        draw(st.integers(1, max_heads)),
+        draw(st.integers(1, max_tokens)),
+        draw(st.sampled_from(head_dims)),
+    )
+    generator = torch.Generator().manual_seed(draw(seeds()))
+    return Views(*(torch.randn(shape, generator=generator, dtype=dtype) for _ in range(3)))
+
+
 def seeds() -> st.SearchStrategy[int]:
     """Seeds for torch generators."""
     return st.integers(0, 2**31 - 1)
 
 
-__all__ = ["layer_configs", "seeds", "split_points"]
+__all__ = ["layer_configs", "seeds", "split_points", "views"]

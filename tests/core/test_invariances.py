@@ -27,7 +27,7 @@ from innerloop.testing import (
     run_in_chunks,
 )
 from innerloop.testing.checks import assert_close, assert_states_close
-from innerloop.testing.strategies import layer_configs, seeds, split_points
+from innerloop.testing.strategies import layer_configs, seeds, split_points, views
 
 MODELS = ["linear", "mlp"]
 LOSSES = ["reconstruction", "next_token"]
@@ -237,3 +237,20 @@ def test_naive_loop_carries_state_across_calls():
     out, state = run_in_chunks(registry.update_rule("minibatch_gd"), problem, [3, 7])
     assert_close(out, whole, "chunks", FLOAT64_TOLERANCE)
     assert_states_close(state, whole_state, "chunks", FLOAT64_TOLERANCE)
+
+
+@given(views=views(), loss=st.sampled_from(LOSSES), data=st.data())
+def test_loss_pairs_of_chunks_equal_pairs_of_the_whole(views, loss, data):
+    inner_loss = get_registry().inner_loss(loss)
+    batch, heads, tokens, head_dim = views.query.shape
+    carry = inner_loss.init_carry(batch, heads, head_dim, views.key)
+    whole = inner_loss.pairs(views, carry)
+    bounds = [0, *data.draw(split_points(tokens)), tokens]
+    inputs, targets = [], []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        pairs = inner_loss.pairs(views.slice_tokens(start, end), carry)
+        carry = pairs.carry
+        inputs.append(pairs.inputs)
+        targets.append(pairs.targets)
+    assert torch.equal(torch.cat(inputs, dim=2), whole.inputs)
+    assert torch.equal(torch.cat(targets, dim=2), whole.targets)

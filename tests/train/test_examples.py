@@ -1,0 +1,81 @@
+"""The examples run: the third-party plugin package (installed, its tests, a training run that names
+it), training from Python, and the property test of an update rule."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+PLUGIN = EXAMPLES / "innerloop-huber"
+
+
+@pytest.fixture(scope="module")
+def plugin_env(tmp_path_factory) -> dict[str, str]:
+    """Environment in which the example plugin package is installed (into a temporary folder)."""
+    root = tmp_path_factory.mktemp("plugin")
+    source, target = root / "src", root / "site"
+    shutil.copytree(PLUGIN, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target)]
+    if importlib.util.find_spec("setuptools") is not None:
+        command.append("--no-build-isolation")  # build with the setuptools at hand, offline
+    subprocess.run([*command, str(source)], check=True, capture_output=True, text=True)
+    paths = [str(target), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
+def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_the_plugin_package_passes_its_own_tests(plugin_env, tmp_path) -> None:
+    result = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(PLUGIN / "tests")],
+                  plugin_env, tmp_path)  # fmt: skip
+    assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def test_a_config_that_names_the_plugin_trains(plugin_env, tmp_path) -> None:
+    listing = _run([sys.executable, "-m", "innerloop.cli", "plugins"], plugin_env, tmp_path).stdout
+    assert "huber" in listing
+    config = PLUGIN / "src" / "innerloop_huber" / "tiny-huber.yaml"
+    overrides = ["trainer.max_steps=2", "trainer.val_every=2", "data.seq_len=32", "data.batch_size=2",
+                 "data.val_batches=1", "trainer.progress_bar=false", f"out_dir={tmp_path / 'run'}"]  # fmt: skip
+    result = _run([sys.executable, "-m", "innerloop.cli", "train", "--config", str(config), *overrides],
+                  plugin_env, tmp_path)  # fmt: skip
+    assert "validation perplexity:" in result.stdout
+    assert "inner_loss: huber" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_a_config_that_names_the_plugin_fails_clearly_without_it(tmp_path) -> None:
+    from innerloop.config import ConfigError, load_config
+
+    if "huber" in __import__("innerloop").available("inner_loss"):
+        pytest.skip("the example plugin is installed in this environment, so its name is valid here")
+    with pytest.raises(ConfigError, match=r"inner_loss='huber' is not a registered inner_loss"):
+        load_config(str(PLUGIN / "src" / "innerloop_huber" / "tiny-huber.yaml"))
+
+
+def test_training_from_python(tmp_path) -> None:
+    result = _run([sys.executable, str(EXAMPLES / "train_from_python.py"), "--steps", "2", "--out", str(tmp_path)],
+                  dict(os.environ), tmp_path)  # fmt: skip
+    assert "validation perplexity:" in result.stdout
+    from innerloop.train import load_model
+
+    assert load_model(tmp_path / "model.safetensors").config.mixer == "ttt"
+
+
+def test_the_update_rule_property_example() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "update_rule_property", EXAMPLES / "test_update_rule_property.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.test_dual_form_equals_the_primal_form_on_any_chunking()  # hypothesis runs its examples

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from innerloop_huber import HuberReconstruction
 
 import innerloop
 from innerloop.testing import check_inner_loss
 from innerloop.testing.strategies import seeds
-from innerloop_huber import HuberReconstruction
 
 
 def test_the_entry_point_registers_the_loss() -> None:

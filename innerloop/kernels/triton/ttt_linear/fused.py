@@ -40,6 +40,15 @@ def _kernels():
     return importlib.import_module(_KERNELS_MODULE)
 
 
+def _check_launchable(t: torch.Tensor) -> None:
+    """Raise a clear error when the kernels cannot run on ``t``'s device and dtype."""
+    check_runnable(t, NAME)
+    _kernels()
+    reason = kernels_mode_mismatch(t.device)
+    if reason is not None:
+        raise RuntimeError(reason)
+
+
 def kernels_mode_mismatch(device) -> str | None:
     """Reason why the already-built kernels cannot serve ``device`` (compiled vs interpreted), or None."""
     return mode_mismatch(_KERNELS_MODULE, device, NAME)
@@ -162,7 +171,7 @@ def forward(
         raise ValueError(f"xq must be [B, H, T, f], got shape {tuple(xq.shape)}")
     check_chunk_inputs(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, param_shapes(B, H, f))
     _check_kernel_shapes(f, tau.shape[0])
-    check_runnable(xq, NAME)
+    _check_launchable(xq)
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
     out, W, b = _LinearChunk.apply(
@@ -199,7 +208,7 @@ def decode(
     check_params(params, param_shapes(B, H, f))
     check_params(pending, param_shapes(B, H, f), name="pending")
     _check_kernel_shapes(f, 1)
-    check_runnable(xq, NAME)
+    _check_launchable(xq)
     tensors = (xq, xk, xv, lr, tau_i, *params.values(), *pending.values(), ln_weight, ln_bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise RuntimeError(f"{NAME}.decode is inference-only; call it under torch.no_grad()")

@@ -69,7 +69,8 @@ def select_kernel(rule_name: str, task: InnerTask, inputs: KernelInputs) -> tupl
     for kernel in candidates:
         reason = kernel.verify(inputs)
         if reason is None:
-            return kernel, f"kernel {kernel.name!r} verified"
+            refused = f" (refused before it: {'; '.join(refusals)})" if refusals else ""
+            return kernel, f"kernel {kernel.name!r} verified{refused}"
         refusals.append(f"{kernel.name}: {reason}")
     if not candidates:
         return None, (f"torch: no kernel registered for ({task.model.name}, {task.loss.name}, {rule_name})")

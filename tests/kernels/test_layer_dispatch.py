@@ -1,0 +1,44 @@
+"""TTTLayer reaches the Triton kernels through the registry, and falls back with a readable reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from innerloop import TTTLayer
+from innerloop.core.functional import relative_error
+
+
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_layer_runs_the_triton_kernel_and_equals_torch(model):
+    torch.manual_seed(0)
+    reference = TTTLayer(32, 2, inner_model=model, mini_batch_size=4, kernel="torch")
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    fast = TTTLayer(32, 2, inner_model=model, mini_batch_size=4, kernel="auto")
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 10, 32, requires_grad=True)  # 2 whole mini-batches + a tail of 2 tokens
+
+    y_ref, state_ref = reference(x)
+    y_fast, state_fast = fast(x)
+    assert fast.last_dispatch[0] == f"triton_ttt_{model}", fast.last_dispatch
+    assert relative_error(y_fast, y_ref) <= 1e-4
+    for key in state_ref.params:
+        assert relative_error(state_fast.params[key], state_ref.params[key]) <= 1e-4
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), [x, *reference.parameters()])
+    grads_fast = torch.autograd.grad(y_fast.square().sum(), [x, *fast.parameters()])
+    names = ["x", *(n for n, _ in fast.named_parameters())]
+    for name, g_fast, g_ref in zip(names, grads_fast, grads_ref, strict=True):
+        assert relative_error(g_fast, g_ref) <= 1e-4, name
+
+
+def test_unsupported_head_dim_falls_back_with_the_reason():
+    layer = TTTLayer(16, 2, mini_batch_size=4)  # head_dim 8: below the Triton kernels' minimum
+    layer(torch.randn(1, 8, 16))
+    path, reason = layer.last_dispatch
+    assert path == "fused_torch_linear"  # the next kernel that verifies
+    assert "refused before it: triton_ttt_linear: triton_ttt_linear: head_dim 8" in reason
+    forced = TTTLayer(16, 2, mini_batch_size=4, kernel="triton_ttt_linear")
+    with pytest.raises(RuntimeError, match="head_dim 8 must be a power of two in \\[16, 128\\]"):
+        forced(torch.randn(1, 8, 16))

@@ -48,10 +48,8 @@ def test_inner_diagnostics_average_per_layer() -> None:
 
 
 def test_the_inner_loop_lowers_the_inner_loss_of_a_ttt_layer() -> None:
-    diagnostics = pytest.importorskip(
-        "innerloop.core.diagnostics", reason="innerloop.core.diagnostics (the lead's) has not landed yet"
-    )
     from innerloop import TTTLayer
+    from innerloop.core import diagnostics
 
     torch.manual_seed(0)
     layer = TTTLayer(32, 2, mini_batch_size=8)

@@ -134,6 +134,9 @@ def test_a_crashed_run_resumes_to_the_same_losses_and_weights(tmp_path, uninterr
     assert record.losses == {s: loss for s, loss in reference_losses.items() if s >= 5}
     assert result.metrics["val_loss"] == reference_metrics["val_loss"]
     _assert_same_weights(tmp_path / "last.safetensors", reference)
+    for layer in (0, 1):  # the inner-loop diagnostics are logged for every TTT layer
+        assert 0 < result.metrics[f"inner_loss_after/{layer}"] < float("inf")
+        assert result.metrics[f"inner_loss_before/{layer}"] == reference_metrics[f"inner_loss_before/{layer}"]
 
 
 def test_a_killed_process_resumes_to_the_same_result(tmp_path, uninterrupted) -> None:

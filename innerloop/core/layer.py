@@ -144,7 +144,8 @@ class TTTLayer(nn.Module):
         self.kernel = kernel
         self.non_finite = non_finite
         self.needs_double_backward = needs_double_backward
-        self.last_dispatch: tuple[str, str] | None = None
+        # Fast-path decisions of the last call: (path, reason) per run of whole mini-batches or token.
+        self.dispatches: list[tuple[str, str]] = []
 
         # Projections (the views). Reference names, so reference state_dicts load one to one.
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -289,7 +290,7 @@ class TTTLayer(nn.Module):
         """The inner model, loss and wrapping as the update rule sees them."""
 
         def record(path: str, reason: str) -> None:
-            self.last_dispatch = (path, reason)
+            self.dispatches.append((path, reason))
 
         return InnerTask(
             model=self.inner_model,
@@ -307,6 +308,7 @@ class TTTLayer(nn.Module):
     def forward(self, x: torch.Tensor, state: TTTState | None = None) -> tuple[torch.Tensor, TTTState]:
         """Read ``x [B, T, D]`` from ``state`` (None: a new sequence); return ``(y [B, T, D], state)``."""
         self._check_input(x, state)
+        self.dispatches = []
         if state is None:
             state = self.init_state(x.shape[0], like=x)
         batch, tokens, _ = x.shape
@@ -320,6 +322,11 @@ class TTTLayer(nn.Module):
         if self.use_gate:
             out = F.gelu(self.g_proj(x), approximate="tanh") * out
         return self.o_proj(out), new_state
+
+    @property
+    def last_dispatch(self) -> tuple[str, str] | None:
+        """``(path, reason)`` of the last fast-path decision (None before any), see ``dispatches``."""
+        return self.dispatches[-1] if self.dispatches else None
 
     def extra_repr(self) -> str:
         return (

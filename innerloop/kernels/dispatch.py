@@ -23,7 +23,7 @@ class KernelUnavailableError(RuntimeError):
     """A kernel was requested by name but cannot run on these inputs."""
 
 
-def kernel_inputs(task: InnerTask, chunk: ChunkInputs, params: Params) -> KernelInputs:
+def kernel_inputs(task: InnerTask, chunk: ChunkInputs, params: Params, decode: bool = False) -> KernelInputs:
     """What ``verify`` sees about a block."""
     requires_grad = torch.is_grad_enabled() and (
         any(t.requires_grad for t in (chunk.query, chunk.inputs, chunk.targets, chunk.lr))
@@ -38,7 +38,7 @@ def kernel_inputs(task: InnerTask, chunk: ChunkInputs, params: Params) -> Kernel
         num_tokens=chunk.query.shape[2],
         requires_grad=requires_grad,
         needs_double_backward=task.needs_double_backward,
-        extra={"residual": task.residual, "norm": task.use_norm},
+        extra={"residual": task.residual, "norm": task.use_norm, "decode": decode},
     )
 
 
@@ -50,6 +50,8 @@ def select_kernel(rule_name: str, task: InnerTask, inputs: KernelInputs) -> tupl
 
     registry = get_registry()
     candidates = registry.kernels_for(task.model.name, task.loss.name, rule_name)
+    if inputs.extra.get("decode"):
+        candidates = [k for k in candidates if k.decode is not None]
     if task.kernel != "auto":
         named = [k for k in candidates if k.name == task.kernel]
         if not named:
@@ -104,4 +106,51 @@ def run_aligned_block(
     )
 
 
-__all__ = ["KernelUnavailableError", "TORCH_PATH", "kernel_inputs", "run_aligned_block", "select_kernel"]
+def run_decode_token(
+    rule_name: str,
+    task: InnerTask,
+    params: Params,
+    pending: Params,
+    chunk: ChunkInputs,
+    tau_i: torch.Tensor,
+    is_last: bool,
+) -> tuple[torch.Tensor, Params, Params] | None:
+    """One token through a kernel's ``decode`` if one verifies; None means: use torch.
+
+    Returns ``(out [B, H, 1, f], params, pending)`` with the mini-batch committed when ``is_last``.
+    """
+    inputs = kernel_inputs(
+        task, chunk, {**params, **{f"pending.{k}": v for k, v in pending.items()}}, decode=True
+    )
+    try:
+        kernel, reason = select_kernel(rule_name, task, inputs)
+    except KernelUnavailableError as error:  # a named kernel without a usable decode path
+        kernel, reason = None, f"torch: {error}"
+    if task.on_dispatch is not None:
+        task.on_dispatch(TORCH_PATH if kernel is None else kernel.name + ".decode", reason)
+    if kernel is None:
+        return None
+    out, params, pending = kernel.decode(
+        chunk.query[:, :, 0],
+        chunk.inputs[:, :, 0],
+        chunk.targets[:, :, 0],
+        chunk.lr[:, :, 0],
+        tau_i,
+        params,
+        pending,
+        task.norm_weight,
+        task.norm_bias,
+        task.norm_eps,
+        is_last,
+    )
+    return out[:, :, None], params, pending
+
+
+__all__ = [
+    "KernelUnavailableError",
+    "TORCH_PATH",
+    "kernel_inputs",
+    "run_aligned_block",
+    "run_decode_token",
+    "select_kernel",
+]

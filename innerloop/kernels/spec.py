@@ -48,7 +48,10 @@ class KernelSpec:
 
     ``verify(inputs) -> str | None`` returns ``None`` when the kernel can run on these inputs,
     otherwise a human-readable reason why not. Higher ``priority`` wins among kernels that verify.
-    ``decode`` (optional) handles one token with the pending-gradient state; see the kernel's README.
+    ``decode`` (optional) handles one token with the pending-gradient state:
+    ``decode(xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, eps, is_last) ->
+    (out [B, H, f], params, pending)`` with ``xq, xk, xv [B, H, f]``, ``lr [B, H]``; it is asked
+    for with ``inputs.extra["decode"] = True`` and ``num_tokens = 1``.
     """
 
     name: str

@@ -43,7 +43,7 @@ def test_fused_equals_reference_outputs_states_and_gradients(config, tokens, see
         assert_close(g_fast, g_ref, f"gradient of {name}", FLOAT64_TOLERANCE)
     assert_close(grads_fast[0], grads_ref[0], "gradient of x", FLOAT64_TOLERANCE)
     if tokens >= config["mini_batch_size"]:
-        assert fast.last_dispatch[0] == f"fused_torch_{config['inner_model']}"
+        assert f"fused_torch_{config['inner_model']}" in [path for path, _ in fast.dispatches]
 
 
 @pytest.mark.parametrize("model", ["linear", "mlp"])

@@ -42,3 +42,27 @@ def test_unsupported_head_dim_falls_back_with_the_reason():
     forced = TTTLayer(16, 2, mini_batch_size=4, kernel="triton_ttt_linear")
     with pytest.raises(RuntimeError, match="head_dim 8 must be a power of two in \\[16, 128\\]"):
         forced(torch.randn(1, 8, 16))
+
+
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_token_by_token_decoding_uses_the_decode_kernel(model):
+    torch.manual_seed(1)
+    reference = TTTLayer(32, 2, inner_model=model, mini_batch_size=4, kernel="torch")
+    fast = TTTLayer(32, 2, inner_model=model, mini_batch_size=4, kernel="auto")
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 11, 32)
+    with torch.no_grad():
+        whole, _ = reference(x)
+        state, outputs = None, []
+        for t in range(x.shape[1]):
+            y, state = fast(x[:, t : t + 1], state)
+            outputs.append(y)
+            assert fast.last_dispatch[0] == f"triton_ttt_{model}.decode", fast.last_dispatch
+    assert relative_error(torch.cat(outputs, dim=1), whole) <= 1e-4
+
+
+def test_decode_kernel_is_refused_when_gradients_are_needed():
+    layer = TTTLayer(32, 2, mini_batch_size=4)
+    layer(torch.randn(1, 1, 32))
+    path, reason = layer.last_dispatch
+    assert path == "torch" and "decode kernel is inference-only" in reason

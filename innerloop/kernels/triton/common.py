@@ -211,7 +211,10 @@ def verify_common(inputs, max_head_dim: int, kernel_name: str) -> str | None:
     K = inputs.mini_batch_size
     if not 1 <= K <= MAX_MINI_BATCH:
         return f"{kernel_name}: mini_batch_size {K} unsupported; must be in [1, {MAX_MINI_BATCH}]"
-    if inputs.num_tokens % K != 0:
+    if inputs.extra.get("decode"):
+        if inputs.requires_grad:
+            return f"{kernel_name}: the decode kernel is inference-only, but gradients are required"
+    elif inputs.num_tokens % K != 0:
         return f"{kernel_name}: num_tokens {inputs.num_tokens} is not a multiple of mini_batch_size {K}"
     if inputs.needs_double_backward:
         return f"{kernel_name}: double backward needed, but the kernel's backward is not differentiable"

@@ -24,7 +24,7 @@ from innerloop.core.scan import (
     split_segments,
 )
 from innerloop.core.state import TTTState
-from innerloop.kernels.dispatch import run_aligned_block
+from innerloop.kernels.dispatch import run_aligned_block, run_decode_token
 from innerloop.registry import hookimpl
 
 
@@ -156,6 +156,15 @@ class DualForm(UpdateRule):
                 index = last + 1
                 continue
             seg_tau = tau[seg.offset : seg.offset + seg.length]
+            if seg.length == 1:  # decoding: a kernel's one-token path, if one verifies
+                decoded = run_decode_token(
+                    self.name, task, params, pending, chunk.segment(seg), seg_tau[0], seg.closes_mini_batch
+                )
+                if decoded is not None:
+                    out, params, pending = decoded
+                    outputs.append(out)
+                    index += 1
+                    continue
             out, pending = dual_segment(
                 task, params, pending, chunk.segment(seg), seg_tau, has_pending=seg.offset > 0
             )

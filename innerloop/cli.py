@@ -75,6 +75,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_lightning() -> None:
+    """Keep Lightning's progress bar and warnings, drop its start-up chatter and a deprecation warning
+    it raises itself with this torch (``LeafSpec``)."""
+    import logging
+    import warnings
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+
+
 def _train(args: argparse.Namespace) -> int:
     from innerloop.config.load import load_config
     from innerloop.train.run import train
@@ -89,6 +99,9 @@ def _train(args: argparse.Namespace) -> int:
                 f"--resume: no saved config at {str(saved)!r}; is out_dir={run.out_dir!r} a run?"
             )
         run, cfg = load_config(str(saved), args.overrides)
+    _quiet_lightning()
+    if args.resume:
+        print(f"resuming from {run.out_dir}/last.safetensors", flush=True)
     result = train(run, cfg, resume=args.resume)
     m = result.metrics
     print(
@@ -105,6 +118,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from innerloop.train.run import evaluate
 
+    _quiet_lightning()
     out = args.out if args.out is not None else Path(args.checkpoint).parent
     metrics, csv_path, png = evaluate(
         args.checkpoint, args.data, args.seq_len, args.batch_size, args.batches, out_dir=out

@@ -35,7 +35,13 @@ from innerloop.train.checkpoint import (
     load_checkpoint,
     load_module,
 )
-from innerloop.train.data import FixedExamples, RecallDataModule, TextDataModule, evaluation_examples
+from innerloop.train.data import (
+    IGNORE_INDEX,
+    FixedExamples,
+    RecallDataModule,
+    TextDataModule,
+    evaluation_examples,
+)
 from innerloop.train.metrics import position_buckets
 from innerloop.train.module import LanguageModelModule
 from innerloop.train.plots import plot_loss_by_position, write_loss_by_position_csv
@@ -192,7 +198,7 @@ def evaluate(
         enable_progress_bar=progress_bar, enable_model_summary=False,
     )  # fmt: skip
     metrics = {k: float(v) for k, v in trainer.validate(module, dataloaders=loader, verbose=False)[0].items()}
-    metrics["tokens"] = float((targets != -100).sum())
+    metrics["tokens"] = float((targets != IGNORE_INDEX).sum())
     if out_dir is None:
         return metrics, None, None
     buckets = position_buckets(seq_len, module.hparams.num_position_buckets)

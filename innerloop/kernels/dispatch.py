@@ -73,7 +73,7 @@ def select_kernel(rule_name: str, task: InnerTask, inputs: KernelInputs) -> tupl
         if reason is None:
             refused = f" (refused before it: {'; '.join(refusals)})" if refusals else ""
             return kernel, f"kernel {kernel.name!r} verified{refused}"
-        refusals.append(f"{kernel.name}: {reason}")
+        refusals.append(reason if reason.startswith(kernel.name) else f"{kernel.name}: {reason}")
     if not candidates:
         return None, (f"torch: no kernel registered for ({task.model.name}, {task.loss.name}, {rule_name})")
     return None, "torch: " + "; ".join(refusals)

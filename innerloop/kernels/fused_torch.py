@@ -80,25 +80,52 @@ def make_fused_forward(stack: tuple[AffineLayer, ...]):
         if stack[0].bias is not None:
             mix1 = mix1 + eta  # the bias's input is a constant 1: similarity + 1
         scaled_keys1 = (update_scale * keys1).transpose(-1, -2)  # [NB, BH, f, K]
+        both1 = torch.cat([keys1, queries1], dim=2)  # [NB, BH, 2K, f]: one matmul serves both sides
 
         weights = [per_sequence(layer.weight) for layer in stack]
         biases = [per_sequence(layer.bias) if layer.bias is not None else None for layer in stack]
+        # Without a graph to record, the weights are updated in place (on copies of the caller's).
+        in_place = not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in (xq, xk, xv, lr, tau, ln_weight))
+        )
+        in_place = in_place and not any(p.requires_grad for p in params.values())
+        if in_place:
+            weights = [w.clone() for w in weights]
+            biases = [None if b is None else b.clone() for b in biases]
 
         def affine(x: torch.Tensor, index: int) -> torch.Tensor:
             bias = biases[index]
             return x @ weights[index] if bias is None else torch.baddbmm(bias, x, weights[index])
 
+        def subtract_product(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+            """``target - left @ right``, in place when allowed."""
+            if in_place:
+                return target.baddbmm_(left, right, alpha=-1.0)
+            return torch.baddbmm(target, left, right, alpha=-1.0)
+
+        per_mb = zip(
+            both1.unbind(0),
+            shift.unbind(0),
+            mix1.unbind(0),
+            eta.unbind(0),
+            scaled_keys1.unbind(0),
+            update_scale.unbind(0),
+            update_row.unbind(0),
+            strict=True,
+        )
         outputs = []
-        for n in range(num_mb):
+        for both_n, shift_n, mix_n, eta_n, scaled_keys_n, scale_n, row_n in per_mb:
             # ---- key side: forward the keys at the mini-batch's starting weights
-            key_inputs, key_pre = [keys1[n]], [affine(keys1[n], 0)]
+            z_both = affine(both_n, 0)  # [BH, 2K, out1]
+            z_keys, z_query = z_both[:, :mini_batch], z_both[:, mini_batch:]
+            key_inputs, key_pre = [both_n[:, :mini_batch]], [z_keys]
             for index in range(1, len(stack)):
                 key_inputs.append(stack[index - 1].activation.fn(key_pre[-1]))
                 key_pre.append(affine(key_inputs[-1], index))
 
             # ---- inner gradient through LN (fused aten ops), then back through the stack
             xhat, mean, rstd = torch.native_layer_norm(key_pre[-1], [dim], None, None, eps)
-            grad_xhat = torch.addcmul(shift[n], gamma_sq, xhat)
+            grad_xhat = torch.addcmul(shift_n, gamma_sq, xhat)
             grad = torch.ops.aten.native_layer_norm_backward(
                 grad_xhat, key_pre[-1], [dim], mean, rstd, None, None, [True, False, False]
             )[0]
@@ -109,23 +136,22 @@ def make_fused_forward(stack: tuple[AffineLayer, ...]):
                 grads.append(grad)
             grads.reverse()
 
-            # ---- query side (the dual form, layer by layer) and the weight updates
-            z = torch.baddbmm(affine(queries1[n], 0), mix1[n], grads[0], alpha=-1.0)
-            new_weights = [torch.baddbmm(weights[0], scaled_keys1[n], grads[0], alpha=-1.0)]
+            # ---- query side (the dual form, layer by layer)
+            z = torch.baddbmm(z_query, mix_n, grads[0], alpha=-1.0)
             for index in range(1, len(stack)):
                 hq = stack[index - 1].activation.fn(z)
                 similarity = hq @ key_inputs[index].transpose(-1, -2)  # [BH, K, K]
                 if biases[index] is not None:
                     similarity = similarity + 1.0
-                z = torch.baddbmm(affine(hq, index), eta[n] * similarity, grads[index], alpha=-1.0)
-                scaled = (update_scale[n] * key_inputs[index]).transpose(-1, -2)
-                new_weights.append(torch.baddbmm(weights[index], scaled, grads[index], alpha=-1.0))
-            biases = [
-                None if b is None else torch.baddbmm(b, update_row[n], g, alpha=-1.0)
-                for b, g in zip(biases, grads, strict=True)
-            ]
-            weights = new_weights
+                z = subtract_product(affine(hq, index), eta_n * similarity, grads[index])
             outputs.append(z)
+
+            # ---- the weight updates: W -= (tau_last lr X)^T G, b -= (tau_last lr)^T G
+            for index, grad in enumerate(grads):
+                scaled = scaled_keys_n if index == 0 else (scale_n * key_inputs[index]).transpose(-1, -2)
+                weights[index] = subtract_product(weights[index], scaled, grad)
+                if biases[index] is not None:
+                    biases[index] = subtract_product(biases[index], row_n, grad)
 
         z_all = torch.stack(outputs, dim=1).reshape(batch, heads, tokens, dim)  # [B, H, T, f]
         normed = torch.nn.functional.layer_norm(z_all, [dim], eps=eps)

@@ -87,3 +87,23 @@ def test_forcing_a_kernel_that_cannot_run_is_an_error():
     layer = TTTLayer(16, 2, mini_batch_size=4, kernel="fused_torch_mlp")  # registered for mlp only
     with pytest.raises(KernelUnavailableError, match="is not registered for \\(inner_model='linear'"):
         layer(torch.randn(1, 8, 16))
+
+
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_inference_never_modifies_the_callers_state(model):
+    """Without autograd the fast path updates weights in place, on its own copies only."""
+    torch.manual_seed(0)
+    layer = TTTLayer(16, 2, inner_model=model, mini_batch_size=4)
+    x = torch.randn(2, 12, 16)
+    initial = {k: v.detach().clone() for k, v in layer.initial_params.items()}
+    with torch.no_grad():
+        _, state = layer(x)
+        saved = {k: v.clone() for k, v in state.tensors().items()}
+        first, _ = layer(x, state)
+        second, _ = layer(x, state)
+    assert layer.dispatches[0][0] == f"fused_torch_{model}"
+    assert torch.equal(first, second)
+    for key, value in state.tensors().items():
+        assert torch.equal(value, saved[key]), key
+    for name, value in layer.initial_params.items():
+        assert torch.equal(value.detach(), initial[name]), name

@@ -38,7 +38,7 @@ def test_unsupported_head_dim_falls_back_with_the_reason():
     layer(torch.randn(1, 8, 16))
     path, reason = layer.last_dispatch
     assert path == "fused_torch_linear"  # the next kernel that verifies
-    assert "refused before it: triton_ttt_linear: triton_ttt_linear: head_dim 8" in reason
+    assert "refused before it: triton_ttt_linear: head_dim 8" in reason
     forced = TTTLayer(16, 2, mini_batch_size=4, kernel="triton_ttt_linear")
     with pytest.raises(RuntimeError, match="head_dim 8 must be a power of two in \\[16, 128\\]"):
         forced(torch.randn(1, 8, 16))

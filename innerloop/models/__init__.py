@@ -2,6 +2,7 @@
 
 ``CausalLM(ModelConfig(mixer="swa", window=16))`` is a byte-level sliding-window model;
 ``logits, state = model(ids, state)`` runs it on a chunk and continues from ``state``.
+``build_model(ModelConfig(mixer="e2e"))`` is the TTT-E2E model (:mod:`innerloop.models.e2e`).
 """
 
 from innerloop.models.attention import CausalSelfAttention, KVCache
@@ -10,10 +11,12 @@ from innerloop.models.config import (
     BACKBONES,
     MIXERS,
     MODEL_SIZES,
+    E2EConfig,
     ModelConfig,
     TTTConfig,
     validate_model_config,
 )
+from innerloop.models.e2e import E2ELM, E2EState, build_model
 from innerloop.models.generate import generate, sample_next
 from innerloop.models.lm import CausalLM, LMState
 
@@ -26,12 +29,16 @@ __all__ = [
     "CausalDepthwiseConv",
     "CausalLM",
     "CausalSelfAttention",
+    "E2EConfig",
+    "E2ELM",
+    "E2EState",
     "KVCache",
     "LMState",
     "ModelConfig",
     "SwiGLU",
     "TTTConfig",
     "build_mixer",
+    "build_model",
     "generate",
     "sample_next",
     "validate_model_config",

@@ -39,8 +39,12 @@ def rope_tables(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs ``(x[2i], x[2i+1])`` of ``x [..., T, dim]`` by the tables."""
-    x_even, x_odd = x[..., 0::2].float(), x[..., 1::2].float()  # [..., T, dim/2]
+    """Rotate interleaved channel pairs ``(x[2i], x[2i+1])`` of ``x [..., T, dim]`` by the tables.
+
+    The rotation runs in float32, or in float64 for float64 inputs (so float64 checks stay exact).
+    """
+    compute = torch.promote_types(x.dtype, torch.float32)
+    x_even, x_odd = x[..., 0::2].to(compute), x[..., 1::2].to(compute)  # [..., T, dim/2]
     rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
     return rotated.flatten(-2).to(x.dtype)
 
@@ -53,9 +57,19 @@ class CausalSelfAttention(nn.Module):
         num_heads: number of heads ``H``; ``D`` must be divisible by ``H``.
         window: if given, a query sees only the last ``window`` tokens (itself included).
         rope_theta: RoPE base.
+        qk_norm: RMS-normalise each head's queries and keys (learned scale) before RoPE, as TTT-E2E does.
+        norm_eps: epsilon of the QK-norm.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, window: int | None = None, rope_theta: float = 1e4):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        window: int | None = None,
+        rope_theta: float = 1e4,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-6,
+    ):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
@@ -67,6 +81,8 @@ class CausalSelfAttention(nn.Module):
         self.rope_theta = rope_theta
         self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
 
     def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         """Attend over ``x [B, T, D]`` after the cached tokens; return ``y [B, T, D]`` and the new cache."""
@@ -74,6 +90,8 @@ class CausalSelfAttention(nn.Module):
         start = 0 if state is None else state.position
         q, k, v = self.qkv_proj(x).view(batch, length, 3, self.num_heads, self.head_dim).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # each [B, H, T, f]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_tables(
             torch.arange(start, start + length, device=x.device), self.head_dim, self.rope_theta
         )

@@ -14,6 +14,11 @@ from typing import Any
 MIXERS: tuple[str, ...] = ("ttt", "attention", "swa")
 """Sequence mixers a block can use: a TTT layer, full causal attention, sliding-window attention."""
 
+E2E: str = "e2e"
+"""``model.mixer`` of the TTT-E2E model: not a block's mixer but a model of its own (sliding-window
+attention whose prime MLPs learn at test time, options in :class:`E2EConfig`), built by
+:func:`innerloop.models.build_model`."""
+
 BACKBONES: tuple[str, ...] = ("transformer", "mamba")
 """The paper's two backbones. ``mamba`` adds the pre-conv residual to every block and turns on
 ``share_qk`` and the output gate of the TTT layer; ``transformer`` uses neither."""
@@ -46,11 +51,46 @@ class TTTConfig:
 
 
 @dataclass
+class E2EConfig:
+    """Options of the TTT-E2E model (``ModelConfig.mixer == "e2e"``, see ``docs/e2e.md``).
+
+    Args:
+        chunk_size: tokens per inner step (1024 at scale); each chunk is scored, then trained on.
+        suffix_fraction: share of the blocks, counted from the end, that get a prime MLP (1/4).
+        prime_intermediate_size: width of the prime SwiGLU MLPs (0: ``intermediate_size``).
+        inner_lr: SGD learning rate of the inner step once warmed up.
+        inner_lr_start: inner learning rate at the first outer step.
+        inner_lr_warmup_fraction: share of the outer steps over which the inner lr rises linearly
+            from ``inner_lr_start`` to ``inner_lr`` (0: no warm-up).
+        inner_grad_clip: global-norm clip of each sequence's inner gradient (0: no clipping).
+        first_order: drop the second-order terms of the meta-gradient (the inner gradient is treated
+            as a constant in the outer backward).
+        test_time_training: False runs the same network as a plain sliding-window Transformer (the
+            prime MLPs stay fixed): the baseline without test-time training.
+        inner_loss: registered ``model_inner_loss`` (``innerloop plugins`` lists them).
+        update_rule: registered ``model_update_rule``.
+    """
+
+    chunk_size: int = 16
+    suffix_fraction: float = 0.25
+    prime_intermediate_size: int = 0
+    inner_lr: float = 1.0
+    inner_lr_start: float = 0.1
+    inner_lr_warmup_fraction: float = 0.1
+    inner_grad_clip: float = 1.0
+    first_order: bool = False
+    test_time_training: bool = True
+    inner_loss: str = "next_token"
+    update_rule: str = "score_first_sgd"
+
+
+@dataclass
 class ModelConfig:
     """Shape and parts of a :class:`~innerloop.models.CausalLM`.
 
     Args:
-        mixer: the sequence mixer of every block, one of :data:`MIXERS`.
+        mixer: the sequence mixer of every block, one of :data:`MIXERS`, or :data:`E2E` for the
+            TTT-E2E model.
         backbone: ``transformer`` or ``mamba`` (see :data:`BACKBONES`).
         vocab_size: size of the token vocabulary (256 for byte-level text).
         hidden_size: model width ``D``.
@@ -63,6 +103,7 @@ class ModelConfig:
         norm_eps: epsilon of the RMSNorms.
         init_std: standard deviation of the normal init of embeddings and projections.
         ttt: options of the TTT layer (used when ``mixer == "ttt"``).
+        e2e: options of the TTT-E2E model (used when ``mixer == "e2e"``).
     """
 
     mixer: str = "ttt"
@@ -78,6 +119,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     ttt: TTTConfig = field(default_factory=TTTConfig)
+    e2e: E2EConfig = field(default_factory=E2EConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain nested dict (JSON/YAML-safe), the inverse of :meth:`from_dict`."""
@@ -88,11 +130,15 @@ class ModelConfig:
         """Build from a nested dict; unknown keys raise ``ValueError`` listing the valid ones."""
         data = dict(data)
         ttt = data.pop("ttt", {})
+        e2e = data.pop("e2e", {})
         if isinstance(ttt, TTTConfig):
             ttt = asdict(ttt)
+        if isinstance(e2e, E2EConfig):
+            e2e = asdict(e2e)
         _check_keys("model", data, cls)
         _check_keys("model.ttt", ttt, TTTConfig)
-        return cls(**data, ttt=TTTConfig(**ttt))
+        _check_keys("model.e2e", e2e, E2EConfig)
+        return cls(**data, ttt=TTTConfig(**ttt), e2e=E2EConfig(**e2e))
 
     @classmethod
     def paper_size(cls, size: str, **overrides: Any) -> ModelConfig:
@@ -115,8 +161,11 @@ def validate_model_config(config: ModelConfig) -> None:
     Plugin names are checked against ``innerloop.registry.available`` so that a typo fails at once,
     not minutes into a run.
     """
-    if config.mixer not in MIXERS:
-        raise ValueError(f"model.mixer={config.mixer!r} is not a mixer; valid mixers: {list(MIXERS)}")
+    if config.mixer not in (*MIXERS, E2E):
+        raise ValueError(
+            f"model.mixer={config.mixer!r} is not a mixer; valid mixers: {list(MIXERS)}, "
+            f"or {E2E!r} for the TTT-E2E model"
+        )
     if config.backbone not in BACKBONES:
         raise ValueError(
             f"model.backbone={config.backbone!r} is not a backbone; valid backbones: {list(BACKBONES)}"
@@ -134,6 +183,10 @@ def validate_model_config(config: ModelConfig) -> None:
             f"model.hidden_size / model.num_heads = {config.hidden_size // config.num_heads} must be even "
             "(RoPE rotates pairs of channels)"
         )
+    if config.mixer == E2E:
+        from innerloop.models.e2e import validate_e2e_config
+
+        validate_e2e_config(config)
     if config.mixer == "ttt":
         from innerloop.registry import available
 

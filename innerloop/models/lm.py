@@ -56,6 +56,11 @@ class CausalLM(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if config.mixer == "e2e":
+            raise ValueError(
+                "model.mixer='e2e' is a whole model of its own: build it with innerloop.models.build_model "
+                "(or innerloop.models.E2ELM)"
+            )
         validate_model_config(config)
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)

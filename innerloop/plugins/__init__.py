@@ -8,4 +8,5 @@ DEFAULT_PLUGINS: list[str] = [
     "innerloop.plugins.optimizers.minibatch_gd",
     "innerloop.plugins.optimizers.dual_form",
     "innerloop.plugins.kernels",
+    "innerloop.plugins.e2e",
 ]

@@ -54,3 +54,23 @@ def register_kernels(register) -> None:
     ``register(spec)`` takes a :class:`innerloop.kernels.spec.KernelSpec` naming the
     (inner model, inner loss, update rule) it computes and a ``verify`` that says when it can run.
     """
+
+
+@hookspec
+def register_model_inner_losses(register) -> None:
+    """Register model-level inner losses (what a TTT-E2E model trains its fast weights on).
+
+    ``register(loss)`` takes an instance of :class:`innerloop.core.model_inner.ModelInnerLoss` with a
+    unique ``name``; the registrar checks that ``chunk_loss(logits [B, C, V], ids [B, C])`` returns
+    one loss per sequence, ``[B]``.
+    """
+
+
+@hookspec
+def register_model_update_rules(register) -> None:
+    """Register model-level update rules (the per-chunk step of a TTT-E2E model's fast weights).
+
+    ``register(rule)`` takes an instance of :class:`innerloop.core.model_inner.ModelUpdateRule` with a
+    unique ``name``; the registrar runs ``step`` once on a tiny problem and checks that it returns
+    new fast weights of the same names and shapes.
+    """

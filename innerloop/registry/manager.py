@@ -17,7 +17,7 @@ import importlib
 import inspect
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -33,7 +33,7 @@ ENTRY_POINT_GROUP = "innerloop"
 DISABLE_ENV = "INNERLOOP_DISABLE_EXTERNAL_PLUGINS"
 ALLOW_ENV = "INNERLOOP_PLUGINS"
 
-KINDS = ("inner_model", "inner_loss", "update_rule", "kernel")
+KINDS = ("inner_model", "inner_loss", "update_rule", "kernel", "model_inner_loss", "model_update_rule")
 
 
 class PluginError(ValueError):
@@ -151,11 +151,58 @@ def _validate_kernel(spec: Any) -> str:
     return name
 
 
+def _validate_model_inner_loss(loss: Any) -> str:
+    if inspect.isclass(loss):
+        raise PluginError(f"register an instance of the model inner loss, not the class {loss.__name__}")
+    name = _check_name(loss, "model inner loss")
+    missing = _missing_methods(loss, ("chunk_loss",))
+    if missing:
+        raise PluginError(f"model inner loss {name!r} lacks required method(s) {missing} of ModelInnerLoss")
+    batch, chunk, vocab = 2, 4, 5
+    try:
+        logits = torch.randn(batch, chunk, vocab)
+        losses = loss.chunk_loss(logits, torch.randint(vocab, (batch, chunk)))
+    except Exception as error:
+        raise PluginError(f"model inner loss {name!r} failed its smoke test: {error!r}") from error
+    if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (batch,):
+        got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise PluginError(
+            f"model inner loss {name!r}: chunk_loss(logits [B, C, V], ids [B, C]) must return one loss per "
+            f"sequence, [B] = {(batch,)}; got {got}"
+        )
+    return name
+
+
+def _validate_model_update_rule(rule: Any) -> str:
+    if inspect.isclass(rule):
+        raise PluginError(f"register an instance of the model update rule, not the class {rule.__name__}")
+    name = _check_name(rule, "model update rule")
+    missing = _missing_methods(rule, ("step",))
+    if missing:
+        raise PluginError(f"model update rule {name!r} lacks required method(s) {missing} of ModelUpdateRule")
+    try:
+        fast = {"w": torch.randn(2, 3, 4, requires_grad=True), "v": torch.randn(2, 4, requires_grad=True)}
+        losses = (fast["w"] ** 2).sum((1, 2)) + fast["v"].sum(1)  # [B]
+        new = rule.step(fast, losses, lr=0.1, max_grad_norm=1.0, create_graph=False)
+    except Exception as error:
+        raise PluginError(f"model update rule {name!r} failed its smoke test: {error!r}") from error
+    shapes = {k: tuple(v.shape) for k, v in fast.items()}
+    got = {k: tuple(v.shape) for k, v in new.items()} if isinstance(new, Mapping) else type(new).__name__
+    if got != shapes:
+        raise PluginError(
+            f"model update rule {name!r}: step() must return the fast weights with the same names and shapes "
+            f"{shapes}; got {got}"
+        )
+    return name
+
+
 _VALIDATORS: dict[str, Callable[[Any], str]] = {
     "inner_model": _validate_inner_model,
     "inner_loss": _validate_inner_loss,
     "update_rule": _validate_update_rule,
     "kernel": _validate_kernel,
+    "model_inner_loss": _validate_model_inner_loss,
+    "model_update_rule": _validate_model_update_rule,
 }
 
 _HOOK_OF_KIND = {
@@ -163,6 +210,8 @@ _HOOK_OF_KIND = {
     "inner_loss": "register_inner_losses",
     "update_rule": "register_update_rules",
     "kernel": "register_kernels",
+    "model_inner_loss": "register_model_inner_losses",
+    "model_update_rule": "register_model_update_rules",
 }
 
 
@@ -172,7 +221,8 @@ _HOOK_OF_KIND = {
 
 
 class Registry:
-    """Registered inner models, inner losses, update rules and kernels, by name, with origins."""
+    """Registered inner models, inner losses, update rules, kernels and the model-level inner losses
+    and update rules (TTT-E2E), by name, with origins."""
 
     def __init__(self) -> None:
         self.plugin_manager = pluggy.PluginManager("innerloop")
@@ -258,6 +308,14 @@ class Registry:
 
     def update_rule(self, name: str) -> UpdateRule:
         return self.get("update_rule", name)
+
+    def model_inner_loss(self, name: str) -> Any:
+        """The :class:`~innerloop.core.model_inner.ModelInnerLoss` registered under ``name``."""
+        return self.get("model_inner_loss", name)
+
+    def model_update_rule(self, name: str) -> Any:
+        """The :class:`~innerloop.core.model_inner.ModelUpdateRule` registered under ``name``."""
+        return self.get("model_update_rule", name)
 
     def kernels(self) -> list[KernelSpec]:
         return [e.obj for e in self.entries("kernel")]
@@ -349,7 +407,7 @@ def register(plugin: Any, origin: str | None = None) -> None:
 
 
 def available(kind: str) -> list[str]:
-    """Registered names of ``kind`` (``inner_model``, ``inner_loss``, ``update_rule``, ``kernel``)."""
+    """Registered names of ``kind`` (one of :data:`KINDS`)."""
     return get_registry().names(kind)
 
 

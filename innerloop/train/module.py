@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
-from innerloop.models import CausalLM, ModelConfig
+from innerloop.models import ModelConfig, build_model
 from innerloop.train.data import IGNORE_INDEX, Batch
 from innerloop.train.metrics import InnerLossDiagnostics, LossByPosition
 
@@ -71,7 +71,7 @@ class LanguageModelModule(L.LightningModule):
         if warmup_steps < 0 or max_steps < 1:
             raise ValueError(f"warmup_steps={warmup_steps} must be >= 0 and max_steps={max_steps} >= 1")
         self.save_hyperparameters()
-        self.model = CausalLM(ModelConfig.from_dict(model))
+        self.model = build_model(ModelConfig.from_dict(model))  # CausalLM, or E2ELM for mixer='e2e'
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self.val_acc = MulticlassAccuracy(
             num_classes=self.model.config.vocab_size, average="micro", ignore_index=IGNORE_INDEX
@@ -93,6 +93,8 @@ class LanguageModelModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         inputs, targets = batch
+        if hasattr(self.model, "set_outer_progress"):  # TTT-E2E: its inner lr warms up with the outer steps
+            self.model.set_outer_progress(self.global_step / self.hparams.max_steps)
         logits = self(inputs)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         self.log("train_loss", loss, prog_bar=True)

@@ -20,6 +20,8 @@ def test_builtins_register_through_the_plugin_path():
     assert registry.names("inner_model") == ["linear", "mlp"]
     assert registry.names("inner_loss") == ["next_token", "reconstruction"]
     assert registry.names("update_rule") == ["dual_form", "minibatch_gd"]
+    assert registry.names("model_inner_loss") == ["next_token"]
+    assert registry.names("model_update_rule") == ["score_first_sgd"]
     origins = {e.origin for e in registry.entries()}
     assert all(o.startswith("builtin:innerloop.plugins.") for o in origins)
     table = format_plugin_table(registry)
@@ -35,6 +37,8 @@ def test_every_hook_is_documented():
         "register_inner_losses",
         "register_update_rules",
         "register_kernels",
+        "register_model_inner_losses",
+        "register_model_update_rules",
     }
     for name in hooks:
         assert (getattr(hookspecs, name).__doc__ or "").strip(), name

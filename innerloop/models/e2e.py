@@ -1,0 +1,443 @@
+"""TTT-E2E: a sliding-window Transformer whose last blocks' "prime" MLPs keep learning at test time.
+
+The network (REFERENCE.md section 3, ``docs/e2e.md``) is a Transformer with sliding-window attention,
+QK-norm, RMSNorm before *and* after every sub-layer, SwiGLU MLPs, RoPE and a tied LM head. The last
+quarter of the blocks (the *suffix*) have an extra SwiGLU MLP, the prime MLP, before the regular one::
+
+    h = h + PostNorm(SWA(PreNorm(h)))
+    h = h + PostNorm'(MLP'(PreNorm'(h)))      # suffix blocks only; MLP' weights are the fast weights
+    h = h + PostNorm(MLP(PreNorm(h)))
+
+The inner loop is the same in training and inference. The prefix blocks run once over the input;
+then, chunk by chunk, the suffix blocks, the final norm and the head *score* the chunk with the
+current fast weights, the registered model inner loss (``next_token``) gives each sequence's loss on
+the chunk, and the registered update rule (``score_first_sgd``: gradient, global-norm clip, one SGD
+step) gives the fast weights of the next chunk. The suffix blocks' key/value caches carry over from
+chunk to chunk. Outer training differentiates the mean of the scored (pre-update) losses through
+the inner steps: to second order by default, to first order with ``first_order=True``.
+
+``logits, state = model(ids, state)`` continues a sequence from ``state``, for any split of it: a
+chunk that is not complete yet is scored now and kept in the state (its suffix inputs, at most
+``chunk_size - 1`` tokens) until its last token arrives and it is trained on. :meth:`E2ELM.stream`
+reads an arbitrarily long sequence piece by piece in constant memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from innerloop.core.model_inner import FastWeights, ModelInnerLoss, ModelUpdateRule
+from innerloop.models.attention import CausalSelfAttention, KVCache
+from innerloop.models.blocks import SwiGLU
+from innerloop.models.config import E2E, ModelConfig, validate_model_config
+from innerloop.models.lm import _tensors
+
+# --------------------------------------------------------------------------------------------------
+# Configuration helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def num_suffix_blocks(config: ModelConfig) -> int:
+    """Blocks with a prime MLP: ``round(suffix_fraction * num_layers)``, at least 1 (3 of 12)."""
+    return max(1, round(config.e2e.suffix_fraction * config.num_layers))
+
+
+def validate_e2e_config(config: ModelConfig) -> None:
+    """Check ``config.e2e``; raise ``ValueError`` naming the key, its value and what is valid."""
+    from innerloop.registry import available
+
+    e2e = config.e2e
+    if e2e.chunk_size < 2:
+        raise ValueError(
+            f"model.e2e.chunk_size={e2e.chunk_size} must be >= 2 (a chunk trains on its next-token pairs)"
+        )
+    if not 0 < e2e.suffix_fraction <= 1:
+        raise ValueError(f"model.e2e.suffix_fraction={e2e.suffix_fraction} must be in (0, 1]")
+    if e2e.prime_intermediate_size < 0:
+        raise ValueError(
+            f"model.e2e.prime_intermediate_size={e2e.prime_intermediate_size} must be >= 0 "
+            "(0: the same as model.intermediate_size)"
+        )
+    for key in ("inner_lr", "inner_lr_start", "inner_grad_clip"):
+        value = getattr(e2e, key)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"model.e2e.{key}={value} must be a finite number >= 0")
+    if not 0 <= e2e.inner_lr_warmup_fraction < 1:
+        raise ValueError(
+            f"model.e2e.inner_lr_warmup_fraction={e2e.inner_lr_warmup_fraction} must be in [0, 1)"
+        )
+    for key, kind in (("inner_loss", "model_inner_loss"), ("update_rule", "model_update_rule")):
+        name, choices = getattr(e2e, key), available(kind)
+        if name not in choices:
+            raise ValueError(
+                f"model.e2e.{key}={name!r} is not a registered {kind}; registered: {choices} "
+                "(`innerloop plugins` lists them with their sources)"
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# The block
+# --------------------------------------------------------------------------------------------------
+
+
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU with per-sequence weights: ``x [B, T, D]``, ``gate, up [B, F, D]``, ``down [B, D, F]``."""
+    return (F.silu(x @ gate.mT) * (x @ up.mT)) @ down.mT  # [B, T, D]
+
+
+PRIME_WEIGHTS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+"""The prime MLP's weights, in the order :func:`swiglu` takes them."""
+
+
+class E2EBlock(nn.Module):
+    """One block: SWA and SwiGLU MLP, each between a pre- and a post-RMSNorm; suffix blocks also have
+    the prime MLP (same norms around it) before the regular MLP.
+
+    Args:
+        config: the model's configuration (``mixer == "e2e"``).
+        prime: give this block a prime MLP (the suffix blocks).
+    """
+
+    def __init__(self, config: ModelConfig, prime: bool):
+        super().__init__()
+        D, eps = config.hidden_size, config.norm_eps
+        self.attn_pre_norm = nn.RMSNorm(D, eps=eps)
+        self.attn = CausalSelfAttention(
+            D, config.num_heads, config.window, config.rope_theta, qk_norm=True, norm_eps=eps
+        )
+        self.attn_post_norm = nn.RMSNorm(D, eps=eps)
+        self.prime: SwiGLU | None = None
+        if prime:
+            self.prime_pre_norm = nn.RMSNorm(D, eps=eps)
+            self.prime = SwiGLU(D, config.e2e.prime_intermediate_size or config.intermediate_size)
+            self.prime_post_norm = nn.RMSNorm(D, eps=eps)
+        self.mlp_pre_norm = nn.RMSNorm(D, eps=eps)
+        self.mlp = SwiGLU(D, config.intermediate_size)
+        self.mlp_post_norm = nn.RMSNorm(D, eps=eps)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        cache: KVCache | None = None,
+        fast: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """``h [B, T, D]`` after the tokens in ``cache`` → ``h [B, T, D]`` and the new cache.
+
+        ``fast``: the prime MLP's (gate, up, down) weights per sequence, ``[B, ...]``; None uses the
+        block's own (initial) prime weights.
+        """
+        mixed, cache = self.attn(self.attn_pre_norm(h), cache)
+        h = h + self.attn_post_norm(mixed)
+        if self.prime is not None:
+            x = self.prime_pre_norm(h)
+            h = h + self.prime_post_norm(self.prime(x) if fast is None else swiglu(x, *fast))
+        h = h + self.mlp_post_norm(self.mlp(self.mlp_pre_norm(h)))
+        return h, cache
+
+
+# --------------------------------------------------------------------------------------------------
+# The state
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class E2EState:
+    """What :class:`E2ELM` carries between calls.
+
+    Attributes:
+        caches: one SWA key/value cache per block (None before the first token). The prefix blocks'
+            caches are up to date; the suffix blocks' are as of the start of the current chunk.
+        fast: the fast weights for the current chunk, by parameter name, each ``[B, ...]``
+            (empty when ``test_time_training`` is off).
+        pending: suffix-block inputs of the current chunk's tokens read so far, ``[B, p, D]``,
+            ``p < chunk_size``.
+        pending_ids: their token ids, ``[B, p]``.
+        position: number of tokens read.
+    """
+
+    caches: tuple[KVCache | None, ...]
+    fast: dict[str, torch.Tensor]
+    pending: torch.Tensor
+    pending_ids: torch.Tensor
+    position: int
+
+    def detach(self) -> E2EState:
+        """The same state cut from the autograd graph."""
+        return E2EState(
+            tuple(None if c is None else c.detach() for c in self.caches),
+            {k: v.detach() for k, v in self.fast.items()},
+            self.pending.detach(),
+            self.pending_ids,
+            self.position,
+        )
+
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors (bounded: window, chunk and fast weights, not length)."""
+        return sum(t.numel() * t.element_size() for t in _tensors(self))
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+
+
+class E2ELM(nn.Module):
+    """The TTT-E2E language model (see the module docstring).
+
+    Args:
+        config: a :class:`ModelConfig` with ``mixer == "e2e"``; options in ``config.e2e``.
+
+    ``model(input_ids, state)`` returns ``(logits [B, T, V], state)``; each chunk's logits are those
+    of the fast weights *before* training on it, so the usual next-token cross-entropy of the logits
+    is the outer loss (the mean of the chunks' pre-update losses).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.mixer != E2E:
+            raise ValueError(f"E2ELM needs model.mixer='e2e', got {config.mixer!r}")
+        validate_model_config(config)
+        from innerloop.registry import get_registry
+
+        self.config = config
+        self.num_prefix = config.num_layers - num_suffix_blocks(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(
+            E2EBlock(config, prime=i >= self.num_prefix) for i in range(config.num_layers)
+        )
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied
+        registry = get_registry()
+        self.inner_loss: ModelInnerLoss = registry.model_inner_loss(config.e2e.inner_loss)
+        self.update_rule: ModelUpdateRule = registry.model_update_rule(config.e2e.update_rule)
+        # Share of the outer training done, for the inner lr's warm-up. Saved with the weights; 1 (fully
+        # warmed up) for a model that is not being trained. Set by the training loop.
+        self.register_buffer("outer_progress", torch.ones((), dtype=torch.float64))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Normal(0, init_std) for the embedding and every projection; norms start at 1."""
+        std = self.config.init_std
+        nn.init.normal_(self.embed.weight, std=std)
+        for module in self.modules():
+            if isinstance(module, (SwiGLU, CausalSelfAttention)):
+                for linear in module.children():
+                    if isinstance(linear, nn.Linear):
+                        nn.init.normal_(linear.weight, std=std)
+
+    # ---- the fast weights ------------------------------------------------------------------------
+
+    def fast_weight_names(self) -> list[str]:
+        """Parameter names of the fast weights: every prime MLP's weights, block by block."""
+        return [
+            f"blocks.{i}.prime.{w}.weight"
+            for i in range(self.num_prefix, len(self.blocks))
+            for w in PRIME_WEIGHTS
+        ]
+
+    def initial_fast_weights(self, batch_size: int) -> FastWeights:
+        """The meta-learned initial fast weights, one (expanded, not copied) row per sequence."""
+        params = dict(self.named_parameters())
+        return {
+            name: params[name].unsqueeze(0).expand(batch_size, *params[name].shape)
+            for name in self.fast_weight_names()
+        }
+
+    def _block_fast(self, fast: FastWeights, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gate, up, down = (fast[f"blocks.{i}.prime.{w}.weight"] for w in PRIME_WEIGHTS)
+        return gate, up, down
+
+    def set_outer_progress(self, progress: float) -> None:
+        """Tell the model how far outer training is (``step / max_steps``), for the inner-lr warm-up."""
+        self.outer_progress.fill_(min(max(float(progress), 0.0), 1.0))
+
+    def inner_lr(self) -> float:
+        """The inner learning rate now: linear from ``inner_lr_start`` to ``inner_lr`` over the first
+        ``inner_lr_warmup_fraction`` of outer training, then ``inner_lr``."""
+        e2e = self.config.e2e
+        progress = float(self.outer_progress)
+        if e2e.inner_lr_warmup_fraction <= 0 or progress >= e2e.inner_lr_warmup_fraction:
+            return e2e.inner_lr
+        return (
+            e2e.inner_lr_start + (e2e.inner_lr - e2e.inner_lr_start) * progress / e2e.inner_lr_warmup_fraction
+        )
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def forward(
+        self, input_ids: torch.Tensor, state: E2EState | None = None
+    ) -> tuple[torch.Tensor, E2EState]:
+        """``input_ids [B, T]`` (int64) → ``logits [B, T, V]`` and the state after the last token.
+
+        Under ``torch.no_grad`` / ``inference_mode`` the inner loop still takes its gradients (that is
+        test-time training) but keeps no graph between chunks; with gradients on, the logits are
+        differentiable through every inner step (second order unless ``e2e.first_order``).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        if state is not None and len(state.caches) != len(self.blocks):
+            raise ValueError(f"state has {len(state.caches)} block caches, the model has {len(self.blocks)}")
+        if state is not None and state.pending_ids.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"state is for batch size {state.pending_ids.shape[0]}, input_ids has {input_ids.shape[0]}"
+            )
+        if torch.is_inference_mode_enabled():
+            # Inference tensors cannot enter autograd, and test-time training needs autograd: run on
+            # normal tensors, without an outer graph.
+            with torch.inference_mode(False), torch.no_grad():
+                logits, state = self._forward(input_ids.clone(), state)
+            return logits, state
+        return self._forward(input_ids, state)
+
+    def _forward(self, input_ids: torch.Tensor, state: E2EState | None) -> tuple[torch.Tensor, E2EState]:
+        batch, length = input_ids.shape
+        caches: list[KVCache | None] = list(state.caches) if state is not None else [None] * len(self.blocks)
+        h = self.embed(input_ids)  # [B, T, D]
+        if not self.config.e2e.test_time_training:
+            return self._forward_plain(h, input_ids, caches, state)
+
+        # 1. The prefix blocks, once over everything given.
+        for i in range(self.num_prefix):
+            h, caches[i] = self.blocks[i](h, caches[i])
+        # 2. The suffix, chunk by chunk, starting with the tokens of an unfinished chunk, if any.
+        if state is None:
+            fast = self.initial_fast_weights(batch)
+            pending, pending_ids = h[:, :0], input_ids[:, :0]
+        else:
+            fast, pending, pending_ids = state.fast, state.pending, state.pending_ids
+        h = torch.cat((pending, h), dim=1)  # [B, p + T, D]
+        ids = torch.cat((pending_ids, input_ids), dim=1)  # [B, p + T]
+        logits, caches, fast, pending, pending_ids = self._inner_loop(h, ids, caches, fast)
+        position = length if state is None else state.position + length
+        new_state = E2EState(tuple(caches), fast, pending, pending_ids, position)
+        return logits[:, -length:] if length else logits[:, :0], new_state
+
+    def _inner_loop(
+        self, h: torch.Tensor, ids: torch.Tensor, caches: list[KVCache | None], fast: FastWeights
+    ) -> tuple[torch.Tensor, list[KVCache | None], FastWeights, torch.Tensor, torch.Tensor]:
+        """Score-then-train every chunk of ``h [B, N, D]`` (suffix inputs) whose tokens start a chunk.
+
+        Returns the logits ``[B, N, V]``, the caches and fast weights after the complete chunks, and the
+        trailing incomplete chunk (scored, not trained on) as the new pending inputs and ids.
+        """
+        e2e = self.config.e2e
+        chunk = e2e.chunk_size
+        outer = torch.is_grad_enabled()  # an outer graph is wanted (training)
+        create_graph = outer and not e2e.first_order
+        lr = self.inner_lr()
+        pieces: list[torch.Tensor] = []
+        length = h.shape[1]
+        pending, pending_ids = h[:, :0], ids[:, :0]
+        for start in range(0, length, chunk):
+            end = min(start + chunk, length)
+            h_chunk, ids_chunk = h[:, start:end], ids[:, start:end]  # [B, C, D], [B, C]
+            if not outer:  # no graph between chunks: each chunk's inner gradient starts afresh
+                h_chunk = h_chunk.detach()
+                fast = {k: v.detach().requires_grad_() for k, v in fast.items()}
+            complete = end - start == chunk
+            # CPU's fused attention kernel has no double backward; the math one does.
+            attention = sdpa_kernel([SDPBackend.MATH]) if create_graph else nullcontext()
+            with torch.enable_grad(), attention:
+                logits, new_caches = self._score(h_chunk, caches, fast)  # [B, C, V]
+                if complete:
+                    losses = self.inner_loss.chunk_loss(logits, ids_chunk)  # [B]
+                    fast = self.update_rule.step(fast, losses, lr, e2e.inner_grad_clip, create_graph)
+            if complete:
+                caches = new_caches
+            else:  # the sequence ends inside this chunk: train on it once its last token has come
+                pending, pending_ids = h_chunk, ids_chunk
+            if not outer:
+                logits = logits.detach()
+                caches = [None if c is None else c.detach() for c in caches]
+                fast = {k: v.detach() for k, v in fast.items()}
+                pending = pending.detach()
+            pieces.append(logits)
+        if not pieces:
+            return h.new_zeros(h.shape[0], 0, self.config.vocab_size), caches, fast, pending, pending_ids
+        return torch.cat(pieces, dim=1), caches, fast, pending, pending_ids
+
+    def _score(
+        self, h: torch.Tensor, caches: list[KVCache | None], fast: FastWeights
+    ) -> tuple[torch.Tensor, list[KVCache | None]]:
+        """The suffix blocks, final norm and head on one chunk ``h [B, C, D]`` with fast weights ``fast``."""
+        caches = list(caches)
+        for i in range(self.num_prefix, len(self.blocks)):
+            h, caches[i] = self.blocks[i](h, caches[i], self._block_fast(fast, i))
+        return self.lm_head(self.norm(h)), caches  # [B, C, V]
+
+    def _forward_plain(
+        self,
+        h: torch.Tensor,
+        input_ids: torch.Tensor,
+        caches: list[KVCache | None],
+        state: E2EState | None,
+    ) -> tuple[torch.Tensor, E2EState]:
+        """Every block once over ``h``, prime MLPs fixed: a plain sliding-window Transformer."""
+        for i, block in enumerate(self.blocks):
+            h, caches[i] = block(h, caches[i])
+        logits = self.lm_head(self.norm(h))  # [B, T, V]
+        position = input_ids.shape[1] + (0 if state is None else state.position)
+        empty = h[:, :0]
+        return logits, E2EState(tuple(caches), {}, empty, input_ids[:, :0], position)
+
+    # ---- streaming -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def stream(
+        self, pieces: Iterable[torch.Tensor], state: E2EState | None = None
+    ) -> Iterator[tuple[torch.Tensor, E2EState]]:
+        """Read a sequence given as pieces ``[B, n_i]`` (any lengths); yield each piece's logits
+        ``[B, n_i, V]`` and the state after it.
+
+        Memory is constant in the sequence length: the state holds one window of keys and values per
+        block, the fast weights and less than one chunk of pending inputs, and nothing else is kept.
+        """
+        for piece in pieces:
+            logits, state = self(piece, state)
+            yield logits, state
+
+    @torch.no_grad()
+    def stream_losses(self, pieces: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Per-token next-token losses of a sequence given as pieces ``[B, n_i]``.
+
+        Yields, piece by piece, the losses of the tokens whose target has arrived: the loss at
+        position ``t`` is ``-log p(x_{t+1} | x_{<=t})``, so the first yield is one short and the
+        sequence's last token has none. Concatenated, the yields are ``[B, N - 1]`` for ``N`` tokens.
+        """
+        last_logits: torch.Tensor | None = None  # [B, 1, V]: the previous piece's last prediction
+        state: E2EState | None = None
+        for piece in pieces:
+            if piece.shape[1] == 0:
+                continue
+            logits, state = self(piece, state)
+            if last_logits is not None:
+                logits = torch.cat((last_logits, logits), dim=1)  # [B, 1 + n, V]
+                targets = piece
+            else:
+                targets = piece[:, 1:]
+            scored = logits[:, : targets.shape[1]]
+            yield F.cross_entropy(scored.transpose(1, 2), targets, reduction="none")  # [B, n']
+            last_logits = logits[:, -1:]
+
+    def num_parameters(self) -> int:
+        """Number of distinct parameters (the tied head counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The language model ``config`` describes: :class:`E2ELM` for ``mixer == "e2e"``, else
+    :class:`~innerloop.models.CausalLM`."""
+    if config.mixer == E2E:
+        return E2ELM(config)
+    from innerloop.models.lm import CausalLM
+
+    return CausalLM(config)

@@ -1,0 +1,83 @@
+"""Built-in TTT-E2E plugins: the ``next_token`` model inner loss and the ``score_first_sgd`` rule.
+
+Both are registered through the same hooks as third-party plugins
+(``register_model_inner_losses``, ``register_model_update_rules``), so a model config can swap
+either by name: ``model.e2e.inner_loss=...``, ``model.e2e.update_rule=...``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from innerloop.core.model_inner import FastWeights, ModelInnerLoss, ModelUpdateRule
+from innerloop.registry import hookimpl
+
+
+class NextTokenChunkLoss(ModelInnerLoss):
+    """Mean next-token cross-entropy over the pairs inside the chunk.
+
+    Token ``t`` of the chunk predicts token ``t + 1`` for ``t = 0 .. C-2``: the chunk's last token has
+    no target yet when the chunk is read (the model streams), so a chunk of ``C`` tokens gives
+    ``C - 1`` pairs.
+    """
+
+    name = "next_token"
+
+    def chunk_loss(self, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        if logits.dim() != 3 or input_ids.shape != logits.shape[:2]:
+            raise ValueError(
+                f"logits must be [B, C, V] and input_ids [B, C]; got {tuple(logits.shape)} and "
+                f"{tuple(input_ids.shape)}"
+            )
+        if logits.shape[1] < 2:
+            raise ValueError(f"a chunk needs >= 2 tokens for a next-token pair; got C={logits.shape[1]}")
+        per_token = F.cross_entropy(
+            logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none"
+        )  # [B, C-1]
+        return per_token.mean(dim=1)  # [B]
+
+
+class ScoreFirstSGD(ModelUpdateRule):
+    """One SGD step per chunk on the loss of the chunk the model has just scored.
+
+    Each sequence's gradient (over all fast weights together) is clipped to global norm
+    ``max_grad_norm``; then ``W <- W - lr * g``. With ``create_graph=True`` the step is differentiable
+    to second order, which is what the outer loop's meta-gradient goes through.
+    """
+
+    name = "score_first_sgd"
+
+    def step(
+        self,
+        fast: Mapping[str, torch.Tensor],
+        losses: torch.Tensor,
+        lr: float,
+        max_grad_norm: float,
+        create_graph: bool,
+    ) -> FastWeights:
+        names = list(fast)
+        # Sequence b's loss depends only on fast[...][b], so the gradient of the sum is, row by row,
+        # each sequence's own gradient.
+        grads = torch.autograd.grad(
+            losses.sum(), [fast[k] for k in names], create_graph=create_graph, retain_graph=True
+        )
+        if max_grad_norm > 0:
+            squared = sum(g.pow(2).flatten(1).sum(dim=1) for g in grads)  # [B]
+            # clamp_min keeps the square root's derivative finite for an all-zero gradient
+            norm = squared.clamp_min(1e-30).sqrt()  # type: ignore[union-attr]
+            scale = (max_grad_norm / norm).clamp(max=1.0)  # [B]
+            grads = tuple(g * scale.view(-1, *([1] * (g.dim() - 1))) for g in grads)
+        return {k: fast[k] - lr * g for k, g in zip(names, grads, strict=True)}
+
+
+@hookimpl
+def register_model_inner_losses(register) -> None:
+    register(NextTokenChunkLoss())
+
+
+@hookimpl
+def register_model_update_rules(register) -> None:
+    register(ScoreFirstSGD())

@@ -24,8 +24,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     umask = os.umask(0)
     os.umask(umask)
     try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         write(tmp)
+        # mkstemp (and some writers, e.g. safetensors) create 0600 files: give the usual permissions
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:  # flush to disk before the rename makes the file visible
             os.fsync(f.fileno())
         os.replace(tmp, path)

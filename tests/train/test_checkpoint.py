@@ -38,6 +38,15 @@ def test_a_lightning_like_tree_round_trips_exactly(tmp_path) -> None:
     assert back["__weird"] == {"__tensor__": 1}
 
 
+def test_a_checkpoint_gets_the_usual_file_permissions(tmp_path) -> None:
+    umask = os.umask(0o022)
+    try:
+        path = save_checkpoint({"w": torch.ones(1)}, tmp_path / "c.safetensors")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644  # not the 0600 of a temporary file
+
+
 def test_objects_that_would_need_pickle_are_refused_when_saving(tmp_path) -> None:
     with pytest.raises(TypeError, match=r"cannot store object at checkpoint\['hyper_parameters'\]"):
         save_checkpoint({"hyper_parameters": object()}, tmp_path / "c.safetensors")

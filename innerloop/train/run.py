@@ -160,7 +160,9 @@ def train(
     trainer = build_trainer(run, callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if resume else None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if metrics.get("val_step") != trainer.global_step:  # the last validation was before the last step
+    # Validate once more unless the last validation was at the last step. (Compared with max_steps: after
+    # ddp_spawn the main process has the workers' metrics but not their step counter.)
+    if metrics.get("val_step") != run.trainer.max_steps:
         metrics = {
             k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()
         }
@@ -169,9 +171,8 @@ def train(
     buckets = position_buckets(seq_len, run.trainer.num_position_buckets)
     losses = [metrics[f"val_loss_pos/{b}"] for b in range(len(buckets))]
     csv_path = write_loss_by_position_csv(out_dir / "loss_by_position.csv", buckets, losses)
-    title = (
-        f"{run.model.mixer} ({run.model.backbone}), {trainer.global_step} steps: validation loss by position"
-    )
+    steps = int(metrics["val_step"])
+    title = f"{run.model.mixer} ({run.model.backbone}), {steps} steps: validation loss by position"
     plot = plot_loss_by_position(out_dir / "loss_by_position.png", buckets, losses, title=title)
     return TrainResult(out_dir, ckpt, config_path, plot, csv_path, metrics)
 

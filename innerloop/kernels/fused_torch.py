@@ -7,8 +7,10 @@ fewer operations inside the sequential scan:
 - everything that does not depend on the inner weights is computed for all mini-batches at once
   before the scan: the first layer's causal similarity matrix ``M = tril(eta * (XQ XK^T + 1))``,
   the lr-scaled keys of the weight update, and the LayerNorm's constant terms;
-- a bias enters the similarity matrix as its constant input 1 (``+ eta``) and is updated with one
-  small matmul, so nothing is concatenated inside the scan;
+- each affine layer's bias is folded into its weight as an extra input row (the first layer's inputs
+  get their column of ones once, before the scan);
+- the output correction ``eta * (XQ XK^T + 1) @ G`` and the weight update ``(tau lr XK)^T @ G``
+  share their right factor, so one matmul per layer and mini-batch computes both;
 - the gradient through the inner LayerNorm uses aten's fused ``native_layer_norm`` and
   ``native_layer_norm_backward`` (both differentiable, twice);
 - the output LayerNorm and residual run once over all tokens after the scan.
@@ -48,6 +50,11 @@ def _guard(t: torch.Tensor) -> torch.Tensor:
     return _OnceDifferentiable.apply(t) if t.requires_grad else t
 
 
+def _with_ones(x: torch.Tensor) -> torch.Tensor:
+    """Append a column of ones, ``[..., n] -> [..., n + 1]``: a bias becomes one more weight row."""
+    return torch.nn.functional.pad(x, (0, 1), value=1.0)
+
+
 def make_fused_forward(stack: tuple[AffineLayer, ...]):
     """The fused block function for a stack model with these layers."""
 
@@ -56,15 +63,18 @@ def make_fused_forward(stack: tuple[AffineLayer, ...]):
         mini_batch = tau.shape[0]
         num_mb = tokens // mini_batch
         bh = batch * heads
+        has_bias = [layer.bias is not None for layer in stack]
 
         def blocks(t: torch.Tensor) -> torch.Tensor:  # [B, H, T, n] -> [NB, BH, K, n]
             return t.reshape(bh, num_mb, mini_batch, t.shape[-1]).transpose(0, 1)
 
-        def per_sequence(name: str) -> torch.Tensor:  # [B, H, *shape] -> [BH, *shape]
-            return params[name].reshape(bh, *params[name].shape[2:])
+        def folded(layer: AffineLayer) -> torch.Tensor:  # [W; b] as one [BH, in (+1), out] matrix
+            weight = params[layer.weight].reshape(bh, *params[layer.weight].shape[2:])
+            if layer.bias is None:
+                return weight
+            return torch.cat([weight, params[layer.bias].reshape(bh, 1, weight.shape[-1])], dim=1)
 
-        gamma = ln_weight.repeat(batch, 1)[:, None, :]  # [BH, 1, f]
-        gamma_sq = gamma * gamma
+        gamma_sq = (ln_weight * ln_weight).repeat(batch, 1)[:, None, :]  # [BH, 1, f]
         # d loss / d xhat = gamma * (gamma * xhat + beta - (xv - xk)) = gamma^2 * xhat + shift
         shift = blocks((ln_bias[None, :, None, :] - xv + xk) * ln_weight[None, :, None, :])
 
@@ -72,56 +82,41 @@ def make_fused_forward(stack: tuple[AffineLayer, ...]):
         lr_blocks = lr.reshape(bh, num_mb, mini_batch).transpose(0, 1)  # [NB, BH, K]
         eta = (tau[:, None] * lr_blocks[:, :, None, :]).masked_fill(~causal, 0.0)  # [NB, BH, K, K]
         update_scale = (tau[-1] * lr_blocks)[..., None]  # [NB, BH, K, 1]
-        update_row = update_scale.transpose(-1, -2)  # [NB, BH, 1, K]: the bias update's weights
 
-        # The first layer's inputs do not depend on the weights: its similarity matrix up front.
-        keys1, queries1 = blocks(xk), blocks(xq)  # [NB, BH, K, f]
-        mix1 = eta * (queries1 @ keys1.transpose(-1, -2))  # [NB, BH, K, K]
-        if stack[0].bias is not None:
-            mix1 = mix1 + eta  # the bias's input is a constant 1: similarity + 1
-        scaled_keys1 = (update_scale * keys1).transpose(-1, -2)  # [NB, BH, f, K]
-        both1 = torch.cat([keys1, queries1], dim=2)  # [NB, BH, 2K, f]: one matmul serves both sides
+        # The first layer's inputs do not depend on the weights, so everything about them is computed
+        # for all mini-batches up front: keys and queries stacked (one matmul per step serves both),
+        # and the "left" matrix [eta * (XQ XK^T + 1); (tau_{K-1} lr XK)^T] whose product with the
+        # gradient G gives at once the dual-form correction of the outputs and the weight update.
+        both1 = torch.cat([blocks(xk), blocks(xq)], dim=2)  # [NB, BH, 2K, f]
+        if has_bias[0]:
+            both1 = _with_ones(both1)  # [NB, BH, 2K, f + 1]
+        keys1, queries1 = both1[:, :, :mini_batch], both1[:, :, mini_batch:]
+        left1 = torch.cat(
+            [eta * (queries1 @ keys1.transpose(-1, -2)), (update_scale * keys1).transpose(-1, -2)], dim=2
+        )  # [NB, BH, K + in1, K]
 
-        weights = [per_sequence(layer.weight) for layer in stack]
-        biases = [per_sequence(layer.bias) if layer.bias is not None else None for layer in stack]
-        # Without a graph to record, the weights are updated in place (on copies of the caller's).
-        in_place = not (
-            torch.is_grad_enabled() and any(t.requires_grad for t in (xq, xk, xv, lr, tau, ln_weight))
-        )
-        in_place = in_place and not any(p.requires_grad for p in params.values())
-        if in_place:
-            weights = [w.clone() for w in weights]
-            biases = [None if b is None else b.clone() for b in biases]
+        weights = [folded(layer) for layer in stack]
+        # Without a graph to record, the weights are updated in place (on our own copies).
+        tensors = (xq, xk, xv, lr, tau, ln_weight, ln_bias, *params.values())
+        in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
-        def affine(x: torch.Tensor, index: int) -> torch.Tensor:
-            bias = biases[index]
-            return x @ weights[index] if bias is None else torch.baddbmm(bias, x, weights[index])
-
-        def subtract_product(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-            """``target - left @ right``, in place when allowed."""
+        def step_weights(index: int, correction: torch.Tensor) -> None:
             if in_place:
-                return target.baddbmm_(left, right, alpha=-1.0)
-            return torch.baddbmm(target, left, right, alpha=-1.0)
+                weights[index].sub_(correction)
+            else:
+                weights[index] = weights[index] - correction
 
-        per_mb = zip(
-            both1.unbind(0),
-            shift.unbind(0),
-            mix1.unbind(0),
-            eta.unbind(0),
-            scaled_keys1.unbind(0),
-            update_scale.unbind(0),
-            update_row.unbind(0),
-            strict=True,
-        )
+        per_mb = zip(both1.unbind(0), left1.unbind(0), shift.unbind(0), eta.unbind(0), update_scale.unbind(0),
+                     strict=True)  # fmt: skip
         outputs = []
-        for both_n, shift_n, mix_n, eta_n, scaled_keys_n, scale_n, row_n in per_mb:
+        for both_n, left_n, shift_n, eta_n, scale_n in per_mb:
             # ---- key side: forward the keys at the mini-batch's starting weights
-            z_both = affine(both_n, 0)  # [BH, 2K, out1]
-            z_keys, z_query = z_both[:, :mini_batch], z_both[:, mini_batch:]
-            key_inputs, key_pre = [both_n[:, :mini_batch]], [z_keys]
+            z_both = both_n @ weights[0]  # [BH, 2K, out1]
+            key_inputs, key_pre = [both_n[:, :mini_batch]], [z_both[:, :mini_batch]]
             for index in range(1, len(stack)):
-                key_inputs.append(stack[index - 1].activation.fn(key_pre[-1]))
-                key_pre.append(affine(key_inputs[-1], index))
+                h = stack[index - 1].activation.fn(key_pre[-1])
+                key_inputs.append(_with_ones(h) if has_bias[index] else h)
+                key_pre.append(key_inputs[-1] @ weights[index])
 
             # ---- inner gradient through LN (fused aten ops), then back through the stack
             xhat, mean, rstd = torch.native_layer_norm(key_pre[-1], [dim], None, None, eps)
@@ -131,36 +126,35 @@ def make_fused_forward(stack: tuple[AffineLayer, ...]):
             )[0]
             grads = [grad]
             for index in range(len(stack) - 1, 0, -1):
+                weight = weights[index][:, : key_pre[index - 1].shape[-1]]  # without the bias row
                 derivative = stack[index - 1].activation.derivative(key_pre[index - 1])
-                grad = (grad @ weights[index].transpose(-1, -2)) * derivative
+                grad = (grad @ weight.transpose(-1, -2)) * derivative
                 grads.append(grad)
             grads.reverse()
 
-            # ---- query side (the dual form, layer by layer)
-            z = torch.baddbmm(z_query, mix_n, grads[0], alpha=-1.0)
+            # ---- query side (the dual form, layer by layer) and the weight updates
+            products = left_n @ grads[0]  # [BH, K + in1, out1]
+            z = z_both[:, mini_batch:] - products[:, :mini_batch]
             for index in range(1, len(stack)):
                 hq = stack[index - 1].activation.fn(z)
-                similarity = hq @ key_inputs[index].transpose(-1, -2)  # [BH, K, K]
-                if biases[index] is not None:
-                    similarity = similarity + 1.0
-                z = subtract_product(affine(hq, index), eta_n * similarity, grads[index])
+                hq = _with_ones(hq) if has_bias[index] else hq
+                mix = eta_n * (hq @ key_inputs[index].transpose(-1, -2))  # [BH, K, K]
+                left = torch.cat([mix, (scale_n * key_inputs[index]).transpose(-1, -2)], dim=1)
+                later = left @ grads[index]  # [BH, K + in, out]
+                z = hq @ weights[index] - later[:, :mini_batch]
+                step_weights(index, later[:, mini_batch:])
+            step_weights(0, products[:, mini_batch:])
             outputs.append(z)
-
-            # ---- the weight updates: W -= (tau_last lr X)^T G, b -= (tau_last lr)^T G
-            for index, grad in enumerate(grads):
-                scaled = scaled_keys_n if index == 0 else (scale_n * key_inputs[index]).transpose(-1, -2)
-                weights[index] = subtract_product(weights[index], scaled, grad)
-                if biases[index] is not None:
-                    biases[index] = subtract_product(biases[index], row_n, grad)
 
         z_all = torch.stack(outputs, dim=1).reshape(batch, heads, tokens, dim)  # [B, H, T, f]
         normed = torch.nn.functional.layer_norm(z_all, [dim], eps=eps)
         out = torch.addcmul(xq + ln_bias[None, :, None, :], normed, ln_weight[None, :, None, :])
         new_params: Params = {}
-        for layer, weight, bias in zip(stack, weights, biases, strict=True):
-            new_params[layer.weight] = _guard(weight.reshape(params[layer.weight].shape))
-            if bias is not None:
-                new_params[layer.bias] = _guard(bias.reshape(params[layer.bias].shape))
+        for layer, matrix in zip(stack, weights, strict=True):
+            rows = params[layer.weight].shape[-2]
+            new_params[layer.weight] = _guard(matrix[:, :rows].reshape(params[layer.weight].shape))
+            if layer.bias is not None:
+                new_params[layer.bias] = _guard(matrix[:, rows:].reshape(params[layer.bias].shape))
         return _guard(out), new_params
 
     return forward

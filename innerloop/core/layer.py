@@ -270,8 +270,7 @@ class TTTLayer(nn.Module):
             query_key = torch.stack([query, key], dim=2)  # [B, T, 2, D]
             value = self.v_proj(x)
         else:
-            weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-            qkv = F.linear(x, weight).view(batch, tokens, 3, self.hidden_size)  # [B, T, 3, D]
+            qkv = F.linear(x, self._qkv_weight()).view(batch, tokens, 3, self.hidden_size)  # [B, T, 3, D]
             query_key, value = qkv[:, :, :2], qkv[:, :, 2]
         # RoPE on Q and K at once: [B, T, 2, H, f] rotated by [T, 1, 1, f/2] tables.
         query_key = query_key.reshape(batch, tokens, 2, heads, head_dim)
@@ -279,6 +278,19 @@ class TTTLayer(nn.Module):
         query_key = query_key.permute(2, 0, 3, 1, 4).contiguous()  # [2, B, H, T, f]
         value = value.reshape(batch, tokens, heads, head_dim).transpose(1, 2).contiguous()  # [B, H, T, f]
         return Views(query_key[0], query_key[1], value), conv_history
+
+    def _qkv_weight(self) -> torch.Tensor:
+        """``[3D, D]``: q, k, v projection weights stacked, reused while they are unchanged and no
+        gradient is needed (one matmul instead of three, without re-concatenating every call)."""
+        parts = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
+            return torch.cat(parts)
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in parts)
+        cached = getattr(self, "_qkv_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, torch.cat([p.detach() for p in parts]))
+            self._qkv_cache = cached
+        return cached[1]
 
     def inner_learning_rates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``lr [B, H, T]`` (per token) and ``tau [K]`` (per position in a mini-batch)."""

@@ -107,3 +107,23 @@ def test_inference_never_modifies_the_callers_state(model):
         assert torch.equal(value, saved[key]), key
     for name, value in layer.initial_params.items():
         assert torch.equal(value.detach(), initial[name]), name
+
+
+def test_cached_projection_weights_follow_every_change():
+    torch.manual_seed(0)
+    layer = TTTLayer(16, 2, mini_batch_size=4)
+    x = torch.randn(1, 8, 16)
+    fresh = TTTLayer(16, 2, mini_batch_size=4)
+    with torch.no_grad():
+        layer(x)  # fills the cache
+        layer.q_proj.weight.mul_(1.5)  # an in-place edit
+        fresh.load_state_dict(layer.state_dict())
+        torch.testing.assert_close(layer(x)[0], fresh(x)[0], rtol=0, atol=0)
+        layer.load_state_dict(
+            {k: v * 0.9 if k.startswith("k_proj") else v for k, v in layer.state_dict().items()}
+        )
+        fresh.load_state_dict(layer.state_dict())
+        torch.testing.assert_close(layer(x)[0], fresh(x)[0], rtol=0, atol=0)
+    with_grad, _ = layer(x)  # with autograd the weights are concatenated afresh (gradients flow)
+    with_grad.sum().backward()
+    assert layer.q_proj.weight.grad is not None and layer.k_proj.weight.grad is not None

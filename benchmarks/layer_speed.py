@@ -55,7 +55,9 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--heads", type=int, default=12)
@@ -63,7 +65,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--paths", nargs="+", default=["auto"], help="TTT dispatch: auto (fast path) and/or torch")
+    parser.add_argument(
+        "--paths", nargs="+", default=["auto"], help="TTT dispatch: auto (fast path) and/or torch"
+    )
     parser.add_argument("--json", help="write the numbers to this file")
     args = parser.parse_args()
 
@@ -72,7 +76,9 @@ def main() -> None:
     layers: dict[str, nn.Module] = {}
     for model in ("linear", "mlp"):
         for path in args.paths:
-            label = f"TTT-{model.capitalize() if model == 'linear' else 'MLP'}" + ("" if path == "auto" else f" ({path})")
+            label = f"TTT-{model.capitalize() if model == 'linear' else 'MLP'}" + (
+                "" if path == "auto" else f" ({path})"
+            )
             layers[label] = innerloop.TTTLayer(
                 args.hidden, args.heads, inner_model=model, mini_batch_size=args.mini_batch, kernel=path
             ).eval()
@@ -83,7 +89,7 @@ def main() -> None:
         x = torch.randn(args.batch, tokens, args.hidden)
         for name, layer in layers.items():
             with torch.inference_mode():
-                seconds = median_seconds(lambda layer=layer: layer(x), args.repeats)
+                seconds = median_seconds(lambda layer=layer, x=x: layer(x), args.repeats)
             results[name][tokens] = args.batch * tokens / seconds
             print(f"# {name:24s} T={tokens:5d}: {results[name][tokens]:9.0f} tokens/s", flush=True)
 

@@ -237,7 +237,10 @@ class Registry:
         entries = self._entries[kind]
 
         def register(obj: Any) -> Any:
-            name = validate(obj)
+            # Smoke tests may take gradients: run them the same way whatever context the registry is
+            # first built in (e.g. under torch.no_grad or inference mode in a validation worker).
+            with torch.inference_mode(False), torch.enable_grad():
+                name = validate(obj)
             if name in entries:
                 raise PluginError(
                     f"{kind.replace('_', ' ')} name {name!r} from plugin {origin!r} is already registered "

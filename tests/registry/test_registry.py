@@ -210,3 +210,11 @@ def test_in_process_registration_and_removal():
     registry.remove_plugin("scaled")
     assert "scaled_test" not in registry.names("inner_loss")
     assert torch.is_tensor(torch.zeros(1))
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_registry_builds_under_no_grad_and_inference_mode(context):
+    with context():
+        registry = build_registry(include_external=False)
+    assert "score_first_sgd" in registry.names("model_update_rule")
+    assert registry.names("inner_model") == ["linear", "mlp"]

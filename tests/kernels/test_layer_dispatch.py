@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from innerloop import TTTLayer
 from innerloop.core.functional import relative_error
@@ -66,3 +68,29 @@ def test_decode_kernel_is_refused_when_gradients_are_needed():
     layer(torch.randn(1, 1, 32))
     path, reason = layer.last_dispatch
     assert path == "torch" and "decode kernel is inference-only" in reason
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    model=st.sampled_from(["linear", "mlp"]),
+    mini_batch=st.sampled_from([4, 8, 16]),
+    head_dim=st.sampled_from([16, 32, 64]),
+    tokens=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_layer_through_triton_equals_torch_for_any_length(model, mini_batch, head_dim, tokens, seed):
+    """Whole mini-batches go to the Triton kernel, the remainder to torch; together they equal torch."""
+    torch.manual_seed(seed)
+    config = dict(hidden_size=2 * head_dim, num_heads=2, inner_model=model, mini_batch_size=mini_batch)
+    reference = TTTLayer(**config, kernel="torch")
+    fast = TTTLayer(**config, kernel="auto")
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(1, tokens, 2 * head_dim, requires_grad=True)
+    y_ref, _ = reference(x)
+    y_fast, _ = fast(x)
+    assert relative_error(y_fast, y_ref) <= 1e-4
+    if tokens >= mini_batch:
+        assert f"triton_ttt_{model}" in [path for path, _ in fast.dispatches]
+    (g_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+    (g_fast,) = torch.autograd.grad(y_fast.square().sum(), x)
+    assert relative_error(g_fast, g_ref) <= 1e-4

@@ -11,23 +11,18 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 
-# The reference's constants for the derivative of tanh-GELU (Megatron's fused bias-gelu). They are
-# truncated (0.79788456 vs sqrt(2/pi) = 0.7978845608...), which is visible in float64, so we keep them.
-GELU_C = 0.79788456
-GELU_C3 = 0.1070322243
-GELU_A = 0.044715
+# One definition of the shared math, in core: the kernels' references must not drift from the layer's.
+from innerloop.core.functional import (  # noqa: F401  (re-exported for the kernels and their tests)
+    gelu_tanh,
+    gelu_tanh_derivative,
+    is_power_of_two,
+    layer_norm,
+    layer_norm_backward,
+)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_MINI_BATCH = 64
-
-
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm over the last dim (biased variance), ``weight``/``bias`` broadcast from the left."""
-    mean = x.mean(dim=-1, keepdim=True)
-    var = x.var(dim=-1, keepdim=True, unbiased=False)
-    return weight * ((x - mean) / torch.sqrt(var + eps)) + bias
 
 
 def ln_fused_l2_bwd(
@@ -37,55 +32,7 @@ def ln_fused_l2_bwd(
 
     Same formula as ``ln_fused_l2_bwd`` of test-time-training/ttt-lm-pytorch. Differentiable.
     """
-    dim = z.shape[-1]
-    mean = z.mean(dim=-1, keepdim=True)
-    var = z.var(dim=-1, keepdim=True, unbiased=False)
-    std = torch.sqrt(var + eps)
-    z_hat = (z - mean) / std
-    grad_y = weight * z_hat + bias - target
-    grad_z_hat = grad_y * weight
-    return (
-        (1.0 / dim)
-        * (
-            dim * grad_z_hat
-            - grad_z_hat.sum(dim=-1, keepdim=True)
-            - z_hat * (grad_z_hat * z_hat).sum(dim=-1, keepdim=True)
-        )
-        / std
-    )
-
-
-def gelu_tanh_derivative(x: torch.Tensor) -> torch.Tensor:
-    """d/dx gelu_tanh(x) exactly as the reference's polynomial (truncated constants included)."""
-    tanh_out = torch.tanh(GELU_C * x * (1 + GELU_A * x * x))
-    return 0.5 * x * ((1 - tanh_out * tanh_out) * (GELU_C + GELU_C3 * x * x)) + 0.5 * (1 + tanh_out)
-
-
-class _GeluTanh(torch.autograd.Function):
-    """``F.gelu(x, approximate="tanh")`` whose derivative is the reference's polynomial.
-
-    Used by the naive references so that autograd through them (the outer gradient) and the float64
-    primal-form check use the same derivative as the inner gradient does.
-    """
-
-    @staticmethod
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x, approximate="tanh")
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        (x,) = inputs
-        ctx.save_for_backward(x)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return grad_output * gelu_tanh_derivative(x)
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """tanh-GELU with the reference's polynomial as its autograd derivative."""
-    return _GeluTanh.apply(x)
+    return layer_norm_backward(z, layer_norm(z, weight, bias, eps) - target, weight, eps)
 
 
 def eta_matrix(lr: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -99,11 +46,6 @@ def eta_matrix(lr: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         ``[..., K, K]`` lower-triangular (diagonal included).
     """
     return torch.tril(tau[:, None] * lr[..., None, :])
-
-
-def is_power_of_two(n: int) -> bool:
-    """True for 1, 2, 4, ..."""
-    return n > 0 and (n & (n - 1)) == 0
 
 
 def interpreter_requested() -> bool:

@@ -1,7 +1,10 @@
-"""TTT-MLP: the naive reference against the primal form, and the Triton kernels against the naive
-reference (run on CPU through Triton's interpreter, see conftest.py)."""
+"""TTT-Linear and TTT-MLP: the naive references against the primal form, and the Triton kernels against
+the naive references (run on CPU through Triton's interpreter, see conftest.py)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
 
 import pytest
 import torch
@@ -10,35 +13,64 @@ from hypothesis import strategies as st
 from kernel_testing import make_inputs, primal_forward, rel_rms
 
 from innerloop.kernels.spec import KernelInputs
-from innerloop.kernels.triton import ttt_mlp
-from innerloop.kernels.triton.ttt_mlp import fused, naive
+from innerloop.kernels.triton import ttt_linear, ttt_mlp
 
-MODEL = "mlp"
 TOL = 1e-4  # float32 kernels vs the float32 reference
 TOL64 = 1e-10  # float64 reference vs the float64 primal form
-KEYS = ("W1", "b1", "W2", "b2")
-NAMES = ("xq", "xk", "xv", "lr", "tau", *KEYS, "ln_weight", "ln_bias")
-MAX_HEAD_DIM = 64
+
+
+@dataclass(frozen=True)
+class Case:
+    """One kernel package under test."""
+
+    model: str
+    package: ModuleType
+    keys: tuple[str, ...]
+    max_head_dim: int
+
+    @property
+    def fused(self) -> ModuleType:
+        return self.package.fused
+
+    @property
+    def naive(self) -> ModuleType:
+        return self.package.naive
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return ("xq", "xk", "xv", "lr", "tau", *self.keys, "ln_weight", "ln_bias")
+
+    def __str__(self) -> str:
+        return self.model
+
+
+CASES = [
+    Case("linear", ttt_linear, ("W1", "b1"), 128),
+    Case("mlp", ttt_mlp, ("W1", "b1", "W2", "b2"), 64),
+]
+each_kernel = pytest.mark.parametrize("case", CASES, ids=str)
 
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(fused, "POISON_OUTPUTS", True)
+    for case in CASES:
+        monkeypatch.setattr(case.fused, "POISON_OUTPUTS", True)
 
 
-def _leaves(inputs):
+def _leaves(case, inputs):
     xq, xk, xv, lr, tau, params, ln_weight, ln_bias = inputs
-    return [xq, xk, xv, lr, tau, *(params[k] for k in KEYS), ln_weight, ln_bias]
+    return [xq, xk, xv, lr, tau, *(params[k] for k in case.keys), ln_weight, ln_bias]
 
 
 # ---------------------------------------------------------------- the naive reference itself
 
 
+@each_kernel
 @pytest.mark.parametrize("K,f,n_mb", [(4, 16, 3), (8, 16, 2), (16, 32, 1)])
-def test_naive_dual_form_equals_primal_form_float64(K, f, n_mb):
-    inputs = make_inputs(2, 2, K * n_mb, f, K, MODEL, dtype=torch.float64, seed=K)
-    out, params = naive.forward(*inputs)
-    out_p, params_p = primal_forward(MODEL, *inputs)
+def test_naive_dual_form_equals_primal_form_float64(case, K, f, n_mb):
+    inputs = make_inputs(2, 2, K * n_mb, f, K, case.model, dtype=torch.float64, seed=K)
+    out, params = case.naive.forward(*inputs)
+    out_p, params_p = primal_forward(case.model, *inputs)
     assert rel_rms(out, out_p) <= TOL64
     for key in params:
         assert rel_rms(params[key], params_p[key]) <= TOL64, key
@@ -60,10 +92,11 @@ def _naive_decode_loop(inputs, decode_fn):
     return torch.stack(outs, dim=2), params, pending
 
 
-def test_naive_decode_loop_equals_naive_chunk_float64():
-    inputs = make_inputs(2, 3, 12, 16, 4, MODEL, dtype=torch.float64, seed=1)
-    out, params = naive.forward(*inputs)
-    out_d, params_d, pending = _naive_decode_loop(inputs, naive.decode)
+@each_kernel
+def test_naive_decode_loop_equals_naive_chunk_float64(case):
+    inputs = make_inputs(2, 3, 12, 16, 4, case.model, dtype=torch.float64, seed=1)
+    out, params = case.naive.forward(*inputs)
+    out_d, params_d, pending = _naive_decode_loop(inputs, case.naive.decode)
     assert rel_rms(out_d, out) <= TOL64
     for key in params:
         assert rel_rms(params_d[key], params[key]) <= TOL64, key
@@ -73,6 +106,7 @@ def test_naive_decode_loop_equals_naive_chunk_float64():
 # ---------------------------------------------------------------- the Triton kernels
 
 
+@each_kernel
 @settings(max_examples=25, deadline=None)
 @given(
     K=st.sampled_from([4, 8, 16]),
@@ -84,10 +118,12 @@ def test_naive_decode_loop_equals_naive_chunk_float64():
     grad_of_weights=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_kernel_forward_and_backward_match_naive(K, f, B, H, n_mb, checkpoint_every, grad_of_weights, seed):
-    inputs = make_inputs(B, H, K * n_mb, f, K, MODEL, seed=seed, requires_grad=True)
-    out, params = fused.forward(*inputs, checkpoint_every=checkpoint_every)
-    out_ref, params_ref = naive.forward(*inputs)
+def test_kernel_forward_and_backward_match_naive(
+    case, K, f, B, H, n_mb, checkpoint_every, grad_of_weights, seed
+):
+    inputs = make_inputs(B, H, K * n_mb, f, K, case.model, seed=seed, requires_grad=True)
+    out, params = case.fused.forward(*inputs, checkpoint_every=checkpoint_every)
+    out_ref, params_ref = case.naive.forward(*inputs)
     assert rel_rms(out, out_ref) <= TOL
     for key in params_ref:
         assert params[key].dtype == params_ref[key].dtype
@@ -103,35 +139,37 @@ def test_kernel_forward_and_backward_match_naive(K, f, B, H, n_mb, checkpoint_ev
             total = total + sum((p[k] * cot[k]).sum() for k in p)
         return total
 
-    grads = torch.autograd.grad(objective(out, params), _leaves(inputs))
-    grads_ref = torch.autograd.grad(objective(out_ref, params_ref), _leaves(inputs))
-    for name, g, g_ref in zip(NAMES, grads, grads_ref, strict=True):
+    grads = torch.autograd.grad(objective(out, params), _leaves(case, inputs))
+    grads_ref = torch.autograd.grad(objective(out_ref, params_ref), _leaves(case, inputs))
+    for name, g, g_ref in zip(case.names, grads, grads_ref, strict=True):
         assert g.shape == g_ref.shape, name
         assert rel_rms(g, g_ref) <= TOL, name
 
 
+@each_kernel
 @pytest.mark.parametrize("K,n_mb", [(1, 3), (5, 2), (12, 1), (64, 1)])
-def test_kernel_any_mini_batch_size(K, n_mb):
+def test_kernel_any_mini_batch_size(case, K, n_mb):
     """K is padded to a power of two >= 16 inside the kernels; the padding must not leak."""
-    inputs = make_inputs(1, 2, K * n_mb, 16, K, MODEL, seed=K, requires_grad=True)
-    out, params = fused.forward(*inputs, checkpoint_every=2)
-    out_ref, params_ref = naive.forward(*inputs)
+    inputs = make_inputs(1, 2, K * n_mb, 16, K, case.model, seed=K, requires_grad=True)
+    out, params = case.fused.forward(*inputs, checkpoint_every=2)
+    out_ref, params_ref = case.naive.forward(*inputs)
     assert rel_rms(out, out_ref) <= TOL
     for key in params_ref:
         assert rel_rms(params[key], params_ref[key]) <= TOL, key
     cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(K))
-    grads = torch.autograd.grad((out * cot).sum(), _leaves(inputs))
-    grads_ref = torch.autograd.grad((out_ref * cot).sum(), _leaves(inputs))
-    for name, g, g_ref in zip(NAMES, grads, grads_ref, strict=True):
+    grads = torch.autograd.grad((out * cot).sum(), _leaves(case, inputs))
+    grads_ref = torch.autograd.grad((out_ref * cot).sum(), _leaves(case, inputs))
+    for name, g, g_ref in zip(case.names, grads, grads_ref, strict=True):
         assert rel_rms(g, g_ref) <= TOL, name
 
 
+@each_kernel
 @pytest.mark.parametrize("f", [16, 32])
-def test_kernel_decode_matches_naive_decode(f):
-    inputs = make_inputs(2, 2, 8, f, 4, MODEL, seed=f)
+def test_kernel_decode_matches_naive_decode(case, f):
+    inputs = make_inputs(2, 2, 8, f, 4, case.model, seed=f)
     with torch.no_grad():
-        out, params, pending = _naive_decode_loop(inputs, fused.decode)
-        out_ref, params_ref, pending_ref = _naive_decode_loop(inputs, naive.decode)
+        out, params, pending = _naive_decode_loop(inputs, case.fused.decode)
+        out_ref, params_ref, pending_ref = _naive_decode_loop(inputs, case.naive.decode)
         assert rel_rms(out, out_ref) <= TOL
         for key in params_ref:
             assert rel_rms(params[key], params_ref[key]) <= TOL, key
@@ -142,23 +180,24 @@ def test_kernel_decode_matches_naive_decode(f):
         state_ref = (params0, zero)
         for t in range(2):
             args = (xq[:, :, t], xk[:, :, t], xv[:, :, t], lr[:, :, t], tau[t])
-            o, *state = fused.decode(*args, *state, lnw, lnb, 1e-6, False)
-            o_ref, *state_ref = naive.decode(*args, *state_ref, lnw, lnb, 1e-6, False)
+            o, *state = case.fused.decode(*args, *state, lnw, lnb, 1e-6, False)
+            o_ref, *state_ref = case.naive.decode(*args, *state_ref, lnw, lnb, 1e-6, False)
             assert rel_rms(o, o_ref) <= TOL
         for key in params0:
             assert state[0][key] is params0[key]
             assert rel_rms(state[1][key], state_ref[1][key]) <= TOL, key
 
 
+@each_kernel
 @pytest.mark.parametrize("dtype,unit", [(torch.bfloat16, 2**-8), (torch.float16, 2**-11)])
-def test_kernel_half_precision_inputs(dtype, unit):
+def test_kernel_half_precision_inputs(case, dtype, unit):
     """Half inputs: fp32 state and statistics inside, so the results are the fp32 answer (on the
     half-rounded inputs) up to the rounding of the stored results (``unit`` = 2^-p relative)."""
-    inputs = make_inputs(1, 2, 16, 32, 8, MODEL, dtype=dtype, seed=3)
-    out, params = fused.forward(*inputs)
+    inputs = make_inputs(1, 2, 16, 32, 8, case.model, dtype=dtype, seed=3)
+    out, params = case.fused.forward(*inputs)
     assert out.dtype == dtype and all(p.dtype == dtype for p in params.values())
     inputs32 = [{k: v.float() for k, v in x.items()} if isinstance(x, dict) else x.float() for x in inputs]
-    out_ref, params_ref = naive.forward(*inputs32)
+    out_ref, params_ref = case.naive.forward(*inputs32)
     assert rel_rms(out.float(), out_ref) <= unit
     for key in params_ref:
         assert rel_rms(params[key].float(), params_ref[key]) <= unit, key
@@ -176,45 +215,53 @@ def _kin(**overrides):
     return KernelInputs(**base)
 
 
-def test_verify_accepts_supported_inputs():
-    assert ttt_mlp.verify(_kin()) is None
-    assert ttt_mlp.verify(_kin(dtype=torch.bfloat16, head_dim=MAX_HEAD_DIM, mini_batch_size=4)) is None
+@each_kernel
+def test_verify_accepts_supported_inputs(case):
+    assert case.package.verify(_kin()) is None
+    assert (
+        case.package.verify(_kin(dtype=torch.bfloat16, head_dim=case.max_head_dim, mini_batch_size=4)) is None
+    )
 
 
+@each_kernel
 @pytest.mark.parametrize(
     "overrides,words",
     [
         (dict(dtype=torch.float64), "dtype"),
         (dict(head_dim=24), "head_dim"),
-        (dict(head_dim=2 * MAX_HEAD_DIM), "head_dim"),
+        (dict(head_dim="twice the maximum"), "head_dim"),
         (dict(mini_batch_size=128, num_tokens=256), "mini_batch_size"),
         (dict(num_tokens=40), "num_tokens"),
         (dict(needs_double_backward=True), "double backward"),
         (dict(device=torch.device("meta")), "device"),
     ],
 )
-def test_verify_names_the_failing_property(overrides, words):
-    reason = ttt_mlp.verify(_kin(**overrides))
+def test_verify_names_the_failing_property(case, overrides, words):
+    if overrides.get("head_dim") == "twice the maximum":
+        overrides = {**overrides, "head_dim": 2 * case.max_head_dim}
+    reason = case.package.verify(_kin(**overrides))
     assert reason is not None and words in reason
 
 
-def test_verify_refuses_cpu_without_interpreter(monkeypatch):
+@each_kernel
+def test_verify_refuses_cpu_without_interpreter(case, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
-    reason = ttt_mlp.verify(_kin())
+    reason = case.package.verify(_kin())
     assert reason is not None and "TRITON_INTERPRET" in reason
 
 
-def test_bad_inputs_raise_clear_errors():
-    xq, xk, xv, lr, tau, params, lnw, lnb = make_inputs(1, 1, 16, 16, 4, MODEL)
+@each_kernel
+def test_bad_inputs_raise_clear_errors(case):
+    xq, xk, xv, lr, tau, params, lnw, lnb = make_inputs(1, 1, 16, 16, 4, case.model)
     with pytest.raises(ValueError, match="multiple of the mini-batch size"):
-        fused.forward(xq, xk, xv, lr, tau[:3], params, lnw, lnb)
+        case.fused.forward(xq, xk, xv, lr, tau[:3], params, lnw, lnb)
     with pytest.raises(ValueError, match=r"params\['W1'\]"):
-        fused.forward(xq, xk, xv, lr, tau, {**params, "W1": params["W1"][..., :8]}, lnw, lnb)
+        case.fused.forward(xq, xk, xv, lr, tau, {**params, "W1": params["W1"][..., :8]}, lnw, lnb)
     with pytest.raises(ValueError, match="head_dim"):
-        fused.forward(*make_inputs(1, 1, 8, 8, 4, MODEL))
+        case.fused.forward(*make_inputs(1, 1, 8, 8, 4, case.model))
     with pytest.raises(ValueError, match="checkpoint_every"):
-        fused.forward(xq, xk, xv, lr, tau, params, lnw, lnb, checkpoint_every=0)
+        case.fused.forward(xq, xk, xv, lr, tau, params, lnw, lnb, checkpoint_every=0)
     with pytest.raises(ValueError, match="missing"):
-        fused.forward(xq, xk, xv, lr, tau, {"W1": params["W1"]}, lnw, lnb)
+        case.fused.forward(xq, xk, xv, lr, tau, {"W1": params["W1"]}, lnw, lnb)
     with pytest.raises(ValueError, match="lr must be"):
-        fused.forward(xq, xk, xv, lr[..., :8], tau, params, lnw, lnb)
+        case.fused.forward(xq, xk, xv, lr[..., :8], tau, params, lnw, lnb)

@@ -20,6 +20,7 @@ from innerloop.core.functional import (  # noqa: F401  (re-exported for the kern
     layer_norm,
     layer_norm_backward,
 )
+from innerloop.kernels.spec import KernelInputs, KernelSpec
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_MINI_BATCH = 64
@@ -205,3 +206,31 @@ def check_runnable(t: torch.Tensor, kernel_name: str) -> None:
         )
     if t.device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"{kernel_name}: device {t.device.type!r} unsupported; use cuda")
+
+
+def triton_kernel_spec(inner_model: str, label: str, max_head_dim: int, fused) -> KernelSpec:
+    """The registration of one Triton TTT kernel package (its ``fused`` host module).
+
+    ``verify`` combines the checks every Triton TTT kernel shares with the package's own check that
+    its kernels were built in the Triton mode (compiled or interpreted) the device needs.
+    """
+    name = f"triton_ttt_{inner_model}"
+
+    def verify(inputs: KernelInputs) -> str | None:
+        reason = verify_common(inputs, max_head_dim, name)
+        return reason if reason is not None else fused.kernels_mode_mismatch(inputs.device)
+
+    verify.__doc__ = (
+        f"``None`` when the Triton {label} kernel can run on ``inputs``, else the reason it cannot."
+    )
+    return KernelSpec(
+        name=name,
+        inner_model=inner_model,
+        inner_loss="reconstruction",
+        update_rule="dual_form",
+        forward=fused.forward,
+        verify=verify,
+        decode=fused.decode,
+        priority=10,
+        description=f"Fused Triton dual form for {label}: weights on chip, checkpointed recompute backward.",
+    )

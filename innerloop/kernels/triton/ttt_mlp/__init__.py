@@ -6,32 +6,13 @@ pure-torch reference they are tested against. See README.md in this folder for t
 
 from __future__ import annotations
 
-from ...spec import KernelInputs, KernelSpec
-from ..common import verify_common
-from . import naive
-from .fused import decode, forward, kernels_mode_mismatch
+from ..common import triton_kernel_spec
+from . import fused, naive
+from .fused import decode, forward
 
 MAX_HEAD_DIM = 64
 
+KERNEL = triton_kernel_spec("mlp", "TTT-MLP", MAX_HEAD_DIM, fused)
+verify = KERNEL.verify
 
-def verify(inputs: KernelInputs) -> str | None:
-    """``None`` when the Triton TTT-MLP kernel can run on ``inputs``, else the reason it cannot."""
-    reason = verify_common(inputs, MAX_HEAD_DIM, "triton_ttt_mlp")
-    if reason is None:
-        reason = kernels_mode_mismatch(inputs.device)
-    return reason
-
-
-KERNEL = KernelSpec(
-    name="triton_ttt_mlp",
-    inner_model="mlp",
-    inner_loss="reconstruction",
-    update_rule="dual_form",
-    forward=forward,
-    verify=verify,
-    decode=decode,
-    priority=10,
-    description="Fused Triton dual form for TTT-MLP: weights on chip, checkpointed recompute backward.",
-)
-
-__all__ = ["KERNEL", "decode", "forward", "naive", "verify"]
+__all__ = ["KERNEL", "MAX_HEAD_DIM", "decode", "forward", "naive", "verify"]

@@ -142,14 +142,6 @@ def causal_depthwise_conv(
     return y, new_history
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as in the reference (statistics in float32)."""
-    dtype = x.dtype
-    x32 = x.to(torch.float32) if dtype in (torch.float16, torch.bfloat16) else x
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
-
-
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """``||actual - expected|| / ||expected||`` (relative RMS error), as a float."""
     diff = (actual.double() - expected.double()).norm().item()
@@ -173,7 +165,6 @@ __all__ = [
     "layer_norm",
     "layer_norm_backward",
     "relative_error",
-    "rms_norm",
     "rope_cos_sin",
     "rope_inverse_frequencies",
 ]

@@ -20,7 +20,6 @@ import torch
 
 from innerloop.core.functional import relative_error
 from innerloop.core.protocol import InnerLoss, InnerModel, InnerTask, UpdateRule, Views
-from innerloop.core.scan import split_segments
 from innerloop.core.state import StateSignature, TTTState
 from innerloop.testing.reference import naive_token_loop
 
@@ -239,5 +238,4 @@ __all__ = [
     "check_update_rule",
     "make_problem",
     "run_in_chunks",
-    "split_segments",
 ]

@@ -209,7 +209,6 @@ def test_in_process_registration_and_removal():
     assert "scaled_test" in registry.names("inner_loss")
     registry.remove_plugin("scaled")
     assert "scaled_test" not in registry.names("inner_loss")
-    assert torch.is_tensor(torch.zeros(1))
 
 
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])

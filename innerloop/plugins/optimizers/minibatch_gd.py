@@ -46,7 +46,7 @@ def primal_segment(
         norm_weight = task.norm_weight.expand(batch, -1, -1).flatten(0, 1)  # [BH, f]
         norm_bias = task.norm_bias.expand(batch, -1, -1).flatten(0, 1)
     else:
-        norm_weight = norm_bias = torch.zeros(batch * heads, 0)
+        norm_weight = norm_bias = chunk.query.new_zeros(batch * heads, 0)
 
     def predict_one(p: Params, x: torch.Tensor, nw: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
         # One head, one token: x [f] -> [f]. The task's wrapper expects [heads, N, f].

@@ -31,8 +31,7 @@ def inner_loss_before_after(layer: TTTLayer, x: torch.Tensor) -> tuple[torch.Ten
     """
     layer._check_input(x, None)
     state = layer.init_state(x.shape[0], like=x)
-    views, _ = layer._views(x, state)
-    lr, tau = layer.inner_learning_rates(x)
+    views, lr, tau, _ = layer._read(x, state)
     task = layer.inner_task()
     mini_batch = layer.mini_batch_size
     totals_before = x.new_zeros(x.shape[0])

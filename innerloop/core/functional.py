@@ -113,7 +113,10 @@ def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     reference's permute -> rotate-half -> un-permute round trip. float32/float64 inputs use one
     complex multiplication (the same arithmetic, one pass over memory).
     """
-    if x.dtype in (torch.float32, torch.float64) and x.stride(-1) == 1:
+    complex_view_ok = (
+        x.stride(-1) == 1 and x.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in x.stride()[:-1])
+    )
+    if x.dtype in (torch.float32, torch.float64) and complex_view_ok:
         pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # [..., f/2] complex
         return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
     pairs = x.unflatten(-1, (-1, 2))  # [..., f/2, 2]

@@ -254,7 +254,12 @@ class TTTLayer(nn.Module):
                     f"{differing}"
                 )
 
-    def _views(self, x: torch.Tensor, state: TTTState) -> tuple[Views, dict]:
+    def _read(self, x: torch.Tensor, state: TTTState) -> tuple[Views, torch.Tensor, torch.Tensor, dict]:
+        """What the update rule reads: ``(views, lr [B, H, T], tau [K], new conv history)``.
+
+        The views are strided views (last dim contiguous) of the projections, not copies: the
+        kernels take strides, and the torch paths copy only what they need.
+        """
         batch, tokens, _ = x.shape
         heads, head_dim = self.num_heads, self.head_dim
         positions = (state.position + torch.arange(tokens, device=x.device)) % self.mini_batch_size
@@ -269,32 +274,50 @@ class TTTLayer(nn.Module):
             )
             query_key = torch.stack([query, key], dim=2)  # [B, T, 2, D]
             value = self.v_proj(x)
+            lr, tau = self.inner_learning_rates(x)
         else:
-            qkv = F.linear(x, self._qkv_weight()).view(batch, tokens, 3, self.hidden_size)  # [B, T, 3, D]
-            query_key, value = qkv[:, :, :2], qkv[:, :, 2]
+            # q, k, v and the lr gate's logits from one matmul: [B, T, 3D + H (+ 1 if H is odd)]
+            projected = F.linear(x, self._fused_projection_weight())
+            query_key = projected[..., : 2 * self.hidden_size].unflatten(-1, (2, self.hidden_size))
+            value = projected[..., 2 * self.hidden_size : 3 * self.hidden_size]
+            gate = projected[..., 3 * self.hidden_size : 3 * self.hidden_size + heads].transpose(
+                1, 2
+            )  # [B, H, T]
+            lr, tau = self._learning_rates_from_gate(gate)
         # RoPE on Q and K at once: [B, T, 2, H, f] rotated by [T, 1, 1, f/2] tables.
         query_key = query_key.reshape(batch, tokens, 2, heads, head_dim)
         query_key = apply_rope_interleaved(query_key, cos[:, None, None], sin[:, None, None])
-        query_key = query_key.permute(2, 0, 3, 1, 4).contiguous()  # [2, B, H, T, f]
-        value = value.reshape(batch, tokens, heads, head_dim).transpose(1, 2).contiguous()  # [B, H, T, f]
-        return Views(query_key[0], query_key[1], value), conv_history
+        query_key = query_key.permute(2, 0, 3, 1, 4)  # [2, B, H, T, f] (a view)
+        value = value.reshape(batch, tokens, heads, head_dim).transpose(1, 2)  # [B, H, T, f] (a view)
+        return Views(query_key[0], query_key[1], value), lr, tau, conv_history
 
-    def _qkv_weight(self) -> torch.Tensor:
-        """``[3D, D]``: q, k, v projection weights stacked, reused while they are unchanged and no
-        gradient is needed (one matmul instead of three, without re-concatenating every call)."""
-        parts = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+    def _fused_projection_weight(self) -> torch.Tensor:
+        """``[3D + H, D]``: the q, k, v projections and the lr gate stacked, so that one matmul reads
+        ``x`` once. Cached while the weights are unchanged and no gradient is needed."""
+        parts = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.learnable_ttt_lr_weight)
+
+        def stacked(weights: list[torch.Tensor]) -> torch.Tensor:
+            rows = [w.reshape(-1, self.hidden_size) for w in weights]
+            if self.num_heads % 2:  # an even row stride keeps Q/K viewable as complex pairs for RoPE
+                rows.append(rows[0].new_zeros(1, self.hidden_size))
+            return torch.cat(rows)
+
         if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
-            return torch.cat(parts)
+            return stacked(list(parts))
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in parts)
-        cached = getattr(self, "_qkv_cache", None)
+        cached = getattr(self, "_projection_cache", None)
         if cached is None or cached[0] != key:
-            cached = (key, torch.cat([p.detach() for p in parts]))
-            self._qkv_cache = cached
+            cached = (key, stacked([p.detach() for p in parts]))
+            self._projection_cache = cached
         return cached[1]
 
     def inner_learning_rates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``lr [B, H, T]`` (per token) and ``tau [K]`` (per position in a mini-batch)."""
         gate = torch.einsum("btd,hd->bht", x, self.learnable_ttt_lr_weight[:, 0])
+        return self._learning_rates_from_gate(gate)
+
+    def _learning_rates_from_gate(self, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``lr, tau`` from the gate's logits ``x . w_h`` ``[B, H, T]`` (before its bias)."""
         gate = gate + self.learnable_ttt_lr_bias.reshape(1, self.num_heads, 1)
         lr = self.base_lr * torch.sigmoid(gate) / self.head_dim
         tau = torch.clamp_min(self.token_idx + self.learnable_token_idx, 0.0)
@@ -326,8 +349,7 @@ class TTTLayer(nn.Module):
         if state is None:
             state = self.init_state(x.shape[0], like=x)
         batch, tokens, _ = x.shape
-        views, conv_history = self._views(x, state)
-        lr, tau = self.inner_learning_rates(x)
+        views, lr, tau, conv_history = self._read(x, state)
         inner_out, new_state = self.update_rule.forward(state, self.inner_task(), views, lr, tau)
         new_state = replace(new_state, conv_history=conv_history)
 

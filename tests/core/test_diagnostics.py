@@ -15,7 +15,7 @@ def test_before_and_after_of_one_mini_batch_by_hand():
     before, after = inner_loss_before_after(layer, x)
 
     state = layer.init_state(3, like=x)
-    views, _ = layer._views(x, state)
+    views, _, _, _ = layer._read(x, state)
     task = layer.inner_task()
     _, end_state = layer(x)
 

@@ -1,6 +1,7 @@
 """Built-in fast paths, registered through the ``register_kernels`` hook like any plugin's.
 
 - ``fused_torch_linear`` / ``fused_torch_mlp``: the pure-torch fused dual form (any device).
+- ``cpu_ttt_linear`` / ``cpu_ttt_mlp``: compiled C++ for CPU inference (built on first use).
 - ``triton_ttt_linear`` / ``triton_ttt_mlp``: Triton kernels (CUDA, or CPU under
   ``TRITON_INTERPRET=1``), registered when triton is importable.
 """
@@ -19,6 +20,10 @@ from innerloop.registry import hookimpl
 def register_kernels(register) -> None:
     register(kernel_spec("linear", LinearModel().stack))
     register(kernel_spec("mlp", MLPModel().stack))
+    from innerloop.kernels.cpu import KERNELS as CPU_KERNELS
+
+    for spec in CPU_KERNELS:
+        register(spec)
     if importlib.util.find_spec("triton") is not None:
         from innerloop.kernels.triton import KERNELS
 

@@ -90,10 +90,11 @@ def test_forcing_a_kernel_that_cannot_run_is_an_error():
 
 
 @pytest.mark.parametrize("model", ["linear", "mlp"])
-def test_inference_never_modifies_the_callers_state(model):
-    """Without autograd the fast path updates weights in place, on its own copies only."""
+@pytest.mark.parametrize("path", ["fused_torch", "cpu_ttt"])
+def test_inference_never_modifies_the_callers_state(model, path):
+    """Without autograd the fast paths update weights in place, on their own copies only."""
     torch.manual_seed(0)
-    layer = TTTLayer(16, 2, inner_model=model, mini_batch_size=4)
+    layer = TTTLayer(16, 2, inner_model=model, mini_batch_size=4, kernel=f"{path}_{model}")
     x = torch.randn(2, 12, 16)
     initial = {k: v.detach().clone() for k, v in layer.initial_params.items()}
     with torch.no_grad():
@@ -101,7 +102,7 @@ def test_inference_never_modifies_the_callers_state(model):
         saved = {k: v.clone() for k, v in state.tensors().items()}
         first, _ = layer(x, state)
         second, _ = layer(x, state)
-    assert layer.dispatches[0][0] == f"fused_torch_{model}"
+    assert layer.dispatches[0][0] == f"{path}_{model}"
     assert torch.equal(first, second)
     for key, value in state.tensors().items():
         assert torch.equal(value, saved[key]), key

@@ -1,0 +1,146 @@
+"""Compiling the CPU kernels on first use, and caching the shared library.
+
+The kernels are one C++17 file with a plain C interface (no torch headers), compiled on first use
+by the machine's C++ compiler for the machine's own instruction set (``-march=native``), the way
+Triton and torch.compile build theirs. The library is cached under a name that hashes everything it
+depends on (the source, the compiler and its version, the flags, the CPU's feature flags), and is
+written to a temporary file first and moved into place, so that concurrent or interrupted builds
+never leave a broken library behind.
+
+Environment:
+
+- ``CXX``: the compiler (default: the first of ``c++``, ``g++``, ``clang++`` on ``PATH``);
+- ``INNERLOOP_CACHE_DIR``: where libraries go (default ``$XDG_CACHE_HOME/innerloop`` or
+  ``~/.cache/innerloop``);
+- ``INNERLOOP_DISABLE_CPU_KERNELS=1``: never build or load them (the torch paths run instead).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("ttt_stack.cpp")
+BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math")
+# Tried in order, the first that compiles wins: the host's instruction set and OpenMP (which, inside
+# torch, resolves to torch's own OpenMP runtime and thread pool), then without either.
+FLAG_SETS = (
+    (*BASE_FLAGS, "-march=native", "-fopenmp"),
+    (*BASE_FLAGS, "-fopenmp"),
+    (*BASE_FLAGS, "-march=native"),
+    BASE_FLAGS,
+)
+DISABLE_VARIABLE = "INNERLOOP_DISABLE_CPU_KERNELS"
+
+
+class CPUKernelUnavailable(RuntimeError):
+    """The CPU kernels cannot be built or loaded here (the message says why)."""
+
+
+def cache_dir() -> Path:
+    """Where compiled libraries are kept."""
+    if os.environ.get("INNERLOOP_CACHE_DIR"):
+        return Path(os.environ["INNERLOOP_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "innerloop"
+
+
+def find_compiler() -> str | None:
+    """The C++ compiler to use: ``$CXX`` or the first usual name on ``PATH``."""
+    if os.environ.get("CXX"):
+        return shutil.which(os.environ["CXX"]) or os.environ["CXX"]
+    for name in ("c++", "g++", "clang++"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` depends on: the CPU's feature flags where Linux lists them."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith(("flags", "Features")):
+                    return line.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compile(compiler: str, flags: list[str], target: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [compiler, *flags, str(SOURCE), "-o", str(target)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@functools.cache
+def library_path() -> Path:
+    """Build the library if it is not cached yet, and return its path.
+
+    Raises :class:`CPUKernelUnavailable` with the reason when the kernels are disabled, no compiler
+    is found, or compilation fails.
+    """
+    if os.environ.get(DISABLE_VARIABLE, "") not in ("", "0"):
+        raise CPUKernelUnavailable(f"disabled by {DISABLE_VARIABLE}={os.environ[DISABLE_VARIABLE]}")
+    compiler = find_compiler()
+    if compiler is None:
+        raise CPUKernelUnavailable("no C++ compiler found (set CXX, or install g++ or clang++)")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        raise CPUKernelUnavailable(f"C++ compiler {compiler!r} does not run: {error}") from error
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join(x.encode() for x in (compiler, version, repr(FLAG_SETS), _cpu_identity())) + source
+    ).hexdigest()[:20]
+    directory = cache_dir() / "cpu_kernels"
+    target = directory / f"ttt_stack-{key}.so"
+    if target.exists():
+        return target
+
+    directory.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".build-", suffix=".so")
+    os.close(handle)
+    try:
+        # The first flag set the compiler accepts: usually the first, so one compile (a few seconds).
+        errors = []
+        for flags in FLAG_SETS:
+            result = _compile(compiler, list(flags), Path(temporary))
+            if result.returncode == 0:
+                break
+            errors.append((result.stderr or result.stdout).strip().splitlines() or ["no output"])
+        else:
+            raise CPUKernelUnavailable(f"compiling {SOURCE.name} with {compiler} failed: {errors[-1][0]}")
+        os.replace(temporary, target)  # atomic: other processes see the old state or the whole file
+    except (OSError, subprocess.SubprocessError) as error:
+        raise CPUKernelUnavailable(f"compiling {SOURCE.name} failed: {error}") from error
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return target
+
+
+@functools.cache
+def load_library() -> ctypes.CDLL:
+    """The loaded kernels (built on first use); raises :class:`CPUKernelUnavailable` with why not."""
+    import torch  # noqa: F401  torch's OpenMP runtime must be loaded first, so that the kernels share it
+
+    path = library_path()
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as error:
+        raise CPUKernelUnavailable(f"loading {path} failed: {error}") from error
+
+
+__all__ = ["CPUKernelUnavailable", "cache_dir", "find_compiler", "library_path", "load_library"]

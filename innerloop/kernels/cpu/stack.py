@@ -1,0 +1,160 @@
+"""The host side of the CPU kernel: checks, the ctypes call, and the kernels' registrations.
+
+The kernel (``ttt_stack.cpp``) runs the dual form for any stack of affine layers whose activations
+are the identity or tanh-GELU, with the reconstruction loss, the inner LayerNorm and the residual:
+the inner models ``linear`` and ``mlp``. It is forward only (no autograd graph), in float32 or
+float64, and writes its output in the ``[B, T, H, f]`` layout the layer reshapes to ``[B, T, D]``
+for free (it returns a ``[B, H, T, f]`` view of it, as the kernel contract asks).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from innerloop.core.protocol import AffineLayer, Params
+from innerloop.kernels.cpu.build import CPUKernelUnavailable, load_library
+from innerloop.kernels.spec import KernelInputs, KernelSpec
+
+MAX_LAYERS = 8  # kMaxLayers in ttt_stack.cpp
+MAX_MINI_BATCH = 64  # the kernel keeps a mini-batch's learning rates on its stack
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
+ACTIVATION_CODES = {None: 0, "gelu_tanh": 1}
+ERRORS = {1: "unsupported dtype", 2: "invalid sizes", 3: "a C++ exception (out of memory?)"}
+
+
+class _StackArgs(ctypes.Structure):
+    """Mirror of ``InnerloopStackArgs`` in ttt_stack.cpp (same order, same types)."""
+
+    _fields_ = [
+        ("dtype", ctypes.c_int32),
+        ("num_threads", ctypes.c_int32),
+        ("batch", ctypes.c_int64),
+        ("heads", ctypes.c_int64),
+        ("tokens", ctypes.c_int64),
+        ("mini_batch", ctypes.c_int64),
+        ("num_layers", ctypes.c_int32),
+        ("dims", ctypes.c_int64 * (MAX_LAYERS + 1)),
+        ("activations", ctypes.c_int32 * MAX_LAYERS),
+        ("xq", ctypes.c_void_p),
+        ("xk", ctypes.c_void_p),
+        ("xv", ctypes.c_void_p),
+        ("lr", ctypes.c_void_p),
+        ("xq_strides", ctypes.c_int64 * 3),
+        ("xk_strides", ctypes.c_int64 * 3),
+        ("xv_strides", ctypes.c_int64 * 3),
+        ("lr_strides", ctypes.c_int64 * 3),
+        ("tau", ctypes.c_void_p),
+        ("ln_weight", ctypes.c_void_p),
+        ("ln_bias", ctypes.c_void_p),
+        ("eps", ctypes.c_double),
+        ("weights", ctypes.c_void_p * MAX_LAYERS),
+        ("biases", ctypes.c_void_p * MAX_LAYERS),
+        ("out", ctypes.c_void_p),
+        ("out_strides", ctypes.c_int64 * 3),
+    ]
+
+
+def _library() -> ctypes.CDLL:
+    library = load_library()
+    library.innerloop_stack_forward.argtypes = [ctypes.POINTER(_StackArgs)]
+    library.innerloop_stack_forward.restype = ctypes.c_int
+    return library
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim is contiguous (any other strides are fine), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def make_forward(stack: tuple[AffineLayer, ...]):
+    """The chunk function (see :mod:`innerloop.kernels.spec`) for a stack model with these layers."""
+    activations = [
+        ACTIVATION_CODES.get(layer.activation.name if layer.activation else None, -1) for layer in stack
+    ]
+
+    def forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
+        batch, heads, tokens, head_dim = xq.shape
+        dtype = xq.dtype
+        xq, xk, xv = (_rows_contiguous(t.to(dtype)) for t in (xq, xk, xv))
+        lr = lr.to(dtype)
+        tau, ln_weight, ln_bias = (t.to(dtype).contiguous() for t in (tau, ln_weight, ln_bias))
+        # The kernel updates the weights in place: fresh contiguous copies, which become the new state.
+        new_params: Params = {
+            k: v.to(dtype).clone(memory_format=torch.contiguous_format) for k, v in params.items()
+        }
+        out = xq.new_empty(batch, tokens, heads, head_dim).permute(
+            0, 2, 1, 3
+        )  # [B, H, T, f] view of [B, T, H, f]
+
+        args = _StackArgs()
+        args.dtype = DTYPE_CODES[dtype]
+        args.num_threads = torch.get_num_threads()
+        args.batch, args.heads, args.tokens, args.mini_batch = batch, heads, tokens, tau.shape[0]
+        args.num_layers = len(stack)
+        args.dims[0] = head_dim
+        for index, layer in enumerate(stack):
+            args.dims[index + 1] = new_params[layer.weight].shape[-1]
+            args.activations[index] = activations[index]
+            args.weights[index] = new_params[layer.weight].data_ptr()
+            args.biases[index] = new_params[layer.bias].data_ptr() if layer.bias is not None else None
+        for name, tensor in (("xq", xq), ("xk", xk), ("xv", xv), ("lr", lr), ("out", out)):
+            setattr(args, name, tensor.data_ptr())
+            getattr(args, f"{name}_strides")[:] = list(tensor.stride()[:3])
+        args.tau, args.ln_weight, args.ln_bias = tau.data_ptr(), ln_weight.data_ptr(), ln_bias.data_ptr()
+        args.eps = float(eps)
+
+        status = _library().innerloop_stack_forward(ctypes.byref(args))
+        if status != 0:
+            raise RuntimeError(f"the CPU TTT kernel failed: {ERRORS.get(status, f'status {status}')}")
+        return out, new_params
+
+    return forward
+
+
+def make_verify(stack: tuple[AffineLayer, ...]):
+    """``verify`` for a stack model: the kernel's own limits, then whether the library builds here."""
+    unsupported = [
+        layer.activation.name
+        for layer in stack
+        if layer.activation and layer.activation.name not in ACTIVATION_CODES
+    ]
+
+    def verify(inputs: KernelInputs) -> str | None:
+        if inputs.device.type != "cpu":
+            return f"runs on the CPU only, the inputs are on {inputs.device}"
+        if inputs.dtype not in DTYPE_CODES:
+            return f"dtype {inputs.dtype} is not float32 or float64"
+        if inputs.requires_grad:
+            return "forward only: an autograd graph is needed (fused_torch trains)"
+        if inputs.mini_batch_size > MAX_MINI_BATCH:
+            return f"mini_batch_size {inputs.mini_batch_size} is above its limit {MAX_MINI_BATCH}"
+        if inputs.num_tokens % inputs.mini_batch_size != 0:
+            return f"num_tokens {inputs.num_tokens} is not a multiple of mini_batch_size {inputs.mini_batch_size}"
+        if unsupported or len(stack) > MAX_LAYERS:
+            return f"the kernel knows activations {list(ACTIVATION_CODES)[1:]} and up to {MAX_LAYERS} layers"
+        try:
+            _library()
+        except CPUKernelUnavailable as error:
+            return str(error)
+        return None
+
+    return verify
+
+
+def kernel_spec(model_name: str, stack: tuple[AffineLayer, ...]) -> KernelSpec:
+    """The registration of the CPU kernel for one stack model with the reconstruction loss."""
+    return KernelSpec(
+        name=f"cpu_ttt_{model_name}",
+        inner_model=model_name,
+        inner_loss="reconstruction",
+        update_rule="dual_form",
+        forward=make_forward(stack),
+        verify=make_verify(stack),
+        priority=5,
+        description="compiled C++ dual form, one (batch, head) recurrence per thread (CPU inference)",
+    )
+
+
+__all__ = ["kernel_spec", "make_forward", "make_verify"]

@@ -1,0 +1,438 @@
+// The dual form of mini-batch TTT for a stack of affine layers, forward only, on the CPU.
+//
+// One call runs whole mini-batches for every (batch, head) pair; each pair is an independent
+// recurrence, so the pairs are split between threads. Inside a pair everything (the inner weights,
+// one mini-batch of inputs, the intermediate activations) stays in a per-thread workspace small
+// enough for the L2 cache, and each mini-batch is a handful of small matrix products plus the
+// elementwise work fused around them. The math is derived in ../README.md and in README.md here;
+// the numbers equal innerloop.kernels.fused_torch (tested to 1e-10 in float64).
+//
+// The interface is plain C (a struct of sizes, strides and pointers), loaded with ctypes: no torch
+// headers are needed, so the file compiles in a couple of seconds with any C++17 compiler.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+enum Activation : int32_t { kIdentity = 0, kGeluTanh = 1 };
+enum DType : int32_t { kFloat32 = 0, kFloat64 = 1 };
+
+constexpr int kMaxLayers = 8;
+
+}  // namespace
+
+extern "C" {
+
+// Everything one call needs. Strides are in elements; the last dimension of every tensor is
+// contiguous. Shapes: xq, xk, xv, out [B, H, T, f]; lr [B, H, T]; tau [K]; ln_weight, ln_bias [H, f];
+// weights[l] [B, H, dims[l], dims[l+1]] and biases[l] [B, H, dims[l+1]] (or null), both contiguous
+// and updated in place to the weights after the last mini-batch.
+struct InnerloopStackArgs {
+  int32_t dtype;
+  int32_t num_threads;
+  int64_t batch, heads, tokens, mini_batch;
+  int32_t num_layers;
+  int64_t dims[kMaxLayers + 1];
+  int32_t activations[kMaxLayers];
+  const void* xq;
+  const void* xk;
+  const void* xv;
+  const void* lr;
+  int64_t xq_strides[3], xk_strides[3], xv_strides[3], lr_strides[3];
+  const void* tau;
+  const void* ln_weight;
+  const void* ln_bias;
+  double eps;
+  void* weights[kMaxLayers];
+  void* biases[kMaxLayers];
+  void* out;
+  int64_t out_strides[3];
+};
+
+}  // extern "C"
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Small matrix products, row-major. C (+/-)= A @ B with A [m x k], B [k x n]. Register tiles of
+// kRows x kCols outputs; gcc/clang vectorize the column loop of the tile.
+// ---------------------------------------------------------------------------------------------
+
+// GCC/clang vector extensions: one 256-bit register of T (8 floats or 4 doubles). On targets
+// without 256-bit registers the compiler splits them; the arithmetic is the same.
+template <typename T>
+struct Vector;
+template <>
+struct Vector<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Vector<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+
+template <typename T>
+inline typename Vector<T>::type load(const T* p) {
+  typename Vector<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void store(T* p, typename Vector<T>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// A kRows x (kVectors * lanes) tile of C from a [kRows x depth] slice of A and a [depth x cols]
+// slice of B: the accumulators live in registers for the whole depth loop.
+template <typename T, int kRows, int kVectors>
+inline void gemm_tile(int64_t depth, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                      int64_t ldc, T scale, bool accumulate) {
+  using V = typename Vector<T>::type;
+  constexpr int kLanes = sizeof(V) / sizeof(T);
+  V acc[kRows][kVectors];
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < kVectors; ++v) acc[r][v] = V{} ;
+  for (int64_t p = 0; p < depth; ++p) {
+    V b_row[kVectors];
+    for (int v = 0; v < kVectors; ++v) b_row[v] = load(b + p * ldb + v * kLanes);
+    for (int r = 0; r < kRows; ++r) {
+      const T a_rp = a[r * lda + p];
+      for (int v = 0; v < kVectors; ++v) acc[r][v] += a_rp * b_row[v];
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < kVectors; ++v) {
+      T* out = c + r * ldc + v * kLanes;
+      store(out, accumulate ? load(out) + scale * acc[r][v] : scale * acc[r][v]);
+    }
+}
+
+// Remainder tiles (shapes not multiple of the register tile): same arithmetic, runtime sizes.
+template <typename T>
+inline void gemm_edge(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t lda, const T* b,
+                      int64_t ldb, T* c, int64_t ldc, T scale, bool accumulate) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t col = 0; col < cols; ++col) {
+      T acc = T(0);
+      for (int64_t p = 0; p < depth; ++p) acc += a[r * lda + p] * b[p * ldb + col];
+      c[r * ldc + col] = (accumulate ? c[r * ldc + col] : T(0)) + scale * acc;
+    }
+}
+
+// C = scale * A @ B (accumulate=false) or C += scale * A @ B (accumulate=true).
+template <typename T>
+void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+          int64_t ldc, T scale, bool accumulate) {
+  constexpr int kRows = 4, kVectors = 2;
+  constexpr int64_t kCols = kVectors * 32 / sizeof(T);
+  const int64_t full_rows = m - m % kRows, full_cols = n - n % kCols;
+  for (int64_t i = 0; i < full_rows; i += kRows) {
+    for (int64_t j = 0; j < full_cols; j += kCols)
+      gemm_tile<T, kRows, kVectors>(k, a + i * lda, lda, b + j, ldb, c + i * ldc + j, ldc, scale, accumulate);
+    if (full_cols < n)
+      gemm_edge<T>(kRows, n - full_cols, k, a + i * lda, lda, b + full_cols, ldb, c + i * ldc + full_cols,
+                   ldc, scale, accumulate);
+  }
+  if (full_rows < m)
+    gemm_edge<T>(m - full_rows, n, k, a + full_rows * lda, lda, b, ldb, c + full_rows * ldc, ldc, scale,
+                 accumulate);
+}
+
+template <typename T>
+void transpose(int64_t rows, int64_t cols, const T* src, T* dst) {  // dst [cols x rows]
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t col = 0; col < cols; ++col) dst[col * rows + r] = src[r * cols + col];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise pieces
+// ---------------------------------------------------------------------------------------------
+
+// tanh for float32 without a library call, so that loops over it vectorize: tanh(u) = 1 - 2 / (e^2u + 1)
+// with e^x = 2^n e^r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial. The absolute error is
+// below 2e-7 everywhere (tested against torch.tanh); float64 keeps std::tanh.
+inline float exp_f32(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693145751953125f;  // ln 2 split in two for an exact first product
+  r = r - n * 1.42860682030941723212e-6f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline float tanh_of(float u) {
+  u = std::min(std::max(u, -10.0f), 10.0f);  // |tanh| rounds to 1 beyond
+  return 1.0f - 2.0f / (exp_f32(2.0f * u) + 1.0f);
+}
+
+inline double tanh_of(double u) { return std::tanh(u); }
+
+// tanh-GELU forward (torch's constant sqrt(2/pi)) and the reference's derivative polynomial, whose
+// constants are truncated (0.79788456); see innerloop.core.functional.
+template <typename T>
+inline T gelu_tanh(T x) {
+  const T inner = T(0.7978845608028654) * (x + T(0.044715) * x * x * x);
+  return T(0.5) * x * (T(1) + tanh_of(inner));
+}
+
+template <typename T>
+inline T gelu_tanh_derivative(T x) {
+  const T t = tanh_of(T(0.79788456) * x * (T(1) + T(0.044715) * x * x));
+  return T(0.5) * x * ((T(1) - t * t) * (T(0.79788456) + T(0.1070322243) * x * x)) + T(0.5) * (T(1) + t);
+}
+
+template <typename T>
+void activate(int32_t activation, int64_t count, const T* src, T* dst) {
+  if (activation == kGeluTanh) {
+    for (int64_t i = 0; i < count; ++i) dst[i] = gelu_tanh(src[i]);
+  } else {
+    std::memcpy(dst, src, count * sizeof(T));
+  }
+}
+
+// grad *= act'(pre), elementwise.
+template <typename T>
+void scale_by_derivative(int32_t activation, int64_t count, const T* pre, T* grad) {
+  if (activation == kGeluTanh)
+    for (int64_t i = 0; i < count; ++i) grad[i] *= gelu_tanh_derivative(pre[i]);
+}
+
+// Mean and 1/std of one row, as torch's layer_norm computes them (biased variance).
+template <typename T>
+inline void row_moments(int64_t width, const T* row, T eps, T* mean_out, T* rstd_out) {
+  T sum = T(0);
+  for (int64_t i = 0; i < width; ++i) sum += row[i];
+  const T mean = sum / T(width);
+  T sq = T(0);
+  for (int64_t i = 0; i < width; ++i) sq += (row[i] - mean) * (row[i] - mean);
+  *mean_out = mean;
+  *rstd_out = T(1) / std::sqrt(sq / T(width) + eps);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One (batch, head) pair: the whole scan over mini-batches
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct Workspace {
+  // Per layer l: key inputs X_l [K x d_l], key pre-activations Z_l [K x d_{l+1}], query inputs,
+  // query pre-activations and inner gradients G_l [K x d_{l+1}]; plus scratch for transposes.
+  std::vector<std::vector<T>> key_in, key_pre, query_in, query_pre, grad;
+  std::vector<T> scratch_t, scratch_w, mix, xv;
+
+  Workspace(int32_t layers, const int64_t* dims, int64_t k) {
+    key_in.resize(layers);
+    key_pre.resize(layers);
+    query_in.resize(layers);
+    query_pre.resize(layers);
+    grad.resize(layers);
+    int64_t widest = 0;
+    int64_t largest_weight = 0;
+    for (int32_t l = 0; l < layers; ++l) {
+      key_in[l].resize(k * dims[l]);
+      query_in[l].resize(k * dims[l]);
+      key_pre[l].resize(k * dims[l + 1]);
+      query_pre[l].resize(k * dims[l + 1]);
+      grad[l].resize(k * dims[l + 1]);
+      widest = std::max({widest, dims[l], dims[l + 1]});
+      largest_weight = std::max(largest_weight, dims[l] * dims[l + 1]);
+    }
+    scratch_t.resize(k * widest);
+    scratch_w.resize(largest_weight);
+    mix.resize(k * k);
+    xv.resize(k * dims[0]);
+  }
+};
+
+template <typename T>
+void run_pair(const InnerloopStackArgs& args, int64_t pair, Workspace<T>& ws) {
+  const int64_t b = pair / args.heads, h = pair % args.heads;
+  const int64_t k = args.mini_batch, f = args.dims[0];
+  const int32_t layers = args.num_layers;
+  const T* xq = static_cast<const T*>(args.xq) + b * args.xq_strides[0] + h * args.xq_strides[1];
+  const T* xk = static_cast<const T*>(args.xk) + b * args.xk_strides[0] + h * args.xk_strides[1];
+  const T* xv = static_cast<const T*>(args.xv) + b * args.xv_strides[0] + h * args.xv_strides[1];
+  const T* lr = static_cast<const T*>(args.lr) + b * args.lr_strides[0] + h * args.lr_strides[1];
+  T* out = static_cast<T*>(args.out) + b * args.out_strides[0] + h * args.out_strides[1];
+  const T* tau = static_cast<const T*>(args.tau);
+  const T* gamma = static_cast<const T*>(args.ln_weight) + h * f;
+  const T* beta = static_cast<const T*>(args.ln_bias) + h * f;
+  const T eps = T(args.eps);
+  T* weights[kMaxLayers];
+  T* biases[kMaxLayers];
+  for (int32_t l = 0; l < layers; ++l) {
+    const int64_t weight_size = args.dims[l] * args.dims[l + 1];
+    weights[l] = static_cast<T*>(args.weights[l]) + pair * weight_size;
+    biases[l] = args.biases[l] ? static_cast<T*>(args.biases[l]) + pair * args.dims[l + 1] : nullptr;
+  }
+  const int64_t out_features = args.dims[layers];
+
+  for (int64_t start = 0; start < args.tokens; start += k) {
+    // ---- this mini-batch's inputs, gathered into contiguous rows
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t t = start + i;
+      std::memcpy(&ws.key_in[0][i * f], xk + t * args.xk_strides[2], f * sizeof(T));
+      std::memcpy(&ws.query_in[0][i * f], xq + t * args.xq_strides[2], f * sizeof(T));
+      std::memcpy(&ws.xv[i * f], xv + t * args.xv_strides[2], f * sizeof(T));
+    }
+    T lr_k[64], eta_scale[64];  // K <= 64 is checked on the Python side
+    for (int64_t j = 0; j < k; ++j) {
+      lr_k[j] = lr[(start + j) * args.lr_strides[2]];
+      eta_scale[j] = tau[k - 1] * lr_k[j];  // the weight update's per-token scale
+    }
+
+    // ---- key side: forward at the mini-batch's starting weights
+    for (int32_t l = 0; l < layers; ++l) {
+      const int64_t in = args.dims[l], width = args.dims[l + 1];
+      T* z = ws.key_pre[l].data();
+      gemm<T>(k, width, in, ws.key_in[l].data(), in, weights[l], width, z, width, T(1), false);
+      if (biases[l])
+        for (int64_t i = 0; i < k; ++i)
+          for (int64_t c = 0; c < width; ++c) z[i * width + c] += biases[l][c];
+      if (l + 1 < layers) activate<T>(args.activations[l], k * width, z, ws.key_in[l + 1].data());
+    }
+
+    // ---- the inner gradient: through the LayerNorm, then back through the stack (old weights)
+    {
+      const T* z = ws.key_pre[layers - 1].data();
+      T* g = ws.grad[layers - 1].data();
+      for (int64_t i = 0; i < k; ++i) {
+        T mean, rstd;
+        row_moments(out_features, z + i * out_features, eps, &mean, &rstd);
+        T sum_g = T(0), sum_gx = T(0);
+        T* g_row = g + i * out_features;
+        for (int64_t c = 0; c < out_features; ++c) {
+          const T xhat = (z[i * out_features + c] - mean) * rstd;
+          // d loss / d xhat for the reconstruction target xv - xk
+          const T dxhat = gamma[c] * (gamma[c] * xhat + beta[c] - ws.xv[i * f + c] + ws.key_in[0][i * f + c]);
+          g_row[c] = dxhat;
+          sum_g += dxhat;
+          sum_gx += dxhat * xhat;
+        }
+        const T inv_width = T(1) / T(out_features);
+        for (int64_t c = 0; c < out_features; ++c) {
+          const T xhat = (z[i * out_features + c] - mean) * rstd;
+          g_row[c] = rstd * (g_row[c] - sum_g * inv_width - xhat * sum_gx * inv_width);
+        }
+      }
+    }
+    for (int32_t l = layers - 1; l > 0; --l) {
+      const int64_t in = args.dims[l], width = args.dims[l + 1];
+      transpose<T>(in, width, weights[l], ws.scratch_w.data());  // W_l^T [width x in]
+      gemm<T>(k, in, width, ws.grad[l].data(), width, ws.scratch_w.data(), in, ws.grad[l - 1].data(), in,
+              T(1), false);
+      scale_by_derivative<T>(args.activations[l - 1], k * in, ws.key_pre[l - 1].data(), ws.grad[l - 1].data());
+    }
+
+    // ---- query side (the dual form) and the weight updates, layer by layer
+    for (int32_t l = 0; l < layers; ++l) {
+      const int64_t in = args.dims[l], width = args.dims[l + 1];
+      const T* xq_l = ws.query_in[l].data();
+      const T* xk_l = ws.key_in[l].data();
+      const T* g = ws.grad[l].data();
+      T* zq = ws.query_pre[l].data();
+      gemm<T>(k, width, in, xq_l, in, weights[l], width, zq, width, T(1), false);
+      if (biases[l])
+        for (int64_t i = 0; i < k; ++i)
+          for (int64_t c = 0; c < width; ++c) zq[i * width + c] += biases[l][c];
+      // mix[i, j] = tau_i lr_j (xq_i . xk_j + [bias]) for j <= i, else 0
+      transpose<T>(k, in, xk_l, ws.scratch_t.data());  // X_l^T [in x K]
+      gemm<T>(k, k, in, xq_l, in, ws.scratch_t.data(), k, ws.mix.data(), k, T(1), false);
+      const T bias_term = biases[l] ? T(1) : T(0);
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t j = 0; j < k; ++j)
+          ws.mix[i * k + j] = j <= i ? tau[i] * lr_k[j] * (ws.mix[i * k + j] + bias_term) : T(0);
+      gemm<T>(k, width, k, ws.mix.data(), k, g, width, zq, width, T(-1), true);
+      // W_l -= X_l^T diag(tau_{K-1} lr) G_l ;  b_l -= sum_j tau_{K-1} lr_j G_l[j]
+      T* scaled_t = ws.scratch_t.data();  // reuse: (tau_{K-1} lr_j X_l[j])^T [in x K]
+      for (int64_t p = 0; p < in; ++p)
+        for (int64_t j = 0; j < k; ++j) scaled_t[p * k + j] *= eta_scale[j];
+      gemm<T>(in, width, k, scaled_t, k, g, width, weights[l], width, T(-1), true);
+      if (biases[l])
+        for (int64_t j = 0; j < k; ++j)
+          for (int64_t c = 0; c < width; ++c) biases[l][c] -= eta_scale[j] * g[j * width + c];
+      if (l + 1 < layers) activate<T>(args.activations[l], k * width, zq, ws.query_in[l + 1].data());
+    }
+
+    // ---- output: xq + LN(z), per token
+    const T* z = ws.query_pre[layers - 1].data();
+    for (int64_t i = 0; i < k; ++i) {
+      T mean, rstd;
+      row_moments(out_features, z + i * out_features, eps, &mean, &rstd);
+      T* out_row = out + (start + i) * args.out_strides[2];
+      const T* xq_row = &ws.query_in[0][i * f];
+      for (int64_t c = 0; c < out_features; ++c)
+        out_row[c] = xq_row[c] + gamma[c] * ((z[i * out_features + c] - mean) * rstd) + beta[c];
+    }
+  }
+}
+
+template <typename T>
+int run(const InnerloopStackArgs& args) {
+  // Each thread takes a contiguous range of (batch, head) pairs. With OpenMP, the threads are the
+  // caller's OpenMP pool: inside torch that is torch's own, so the kernel does not compete with
+  // torch's idle workers for the cores. Without OpenMP the pragma is ignored and one thread runs.
+  const int64_t pairs = args.batch * args.heads;
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(args.num_threads, pairs)));
+  int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+  {
+    int rank = 0, size = 1;
+#ifdef _OPENMP
+    rank = omp_get_thread_num();
+    size = omp_get_num_threads();
+#endif
+    try {
+      Workspace<T> ws(args.num_layers, args.dims, args.mini_batch);
+      for (int64_t pair = pairs * rank / size; pair < pairs * (rank + 1) / size; ++pair)
+        run_pair<T>(args, pair, ws);
+    } catch (...) {
+      failed = 1;
+    }
+  }
+  return failed ? 3 : 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// 0 on success; 1: unsupported dtype; 2: invalid sizes; 3: an exception (e.g. out of memory).
+int innerloop_stack_forward(const InnerloopStackArgs* args) {
+  if (args->num_layers < 1 || args->num_layers > kMaxLayers || args->mini_batch < 1 || args->mini_batch > 64 ||
+      args->tokens % args->mini_batch != 0)
+    return 2;
+  try {
+    if (args->dtype == kFloat32) return run<float>(*args);
+    if (args->dtype == kFloat64) return run<double>(*args);
+  } catch (const std::exception&) {
+    return 3;
+  }
+  return 1;
+}
+
+// tanh as the kernel computes it in float32, exported so that the tests can check its accuracy.
+void innerloop_tanh_f32(const float* src, float* dst, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = tanh_of(src[i]);
+}
+
+}  // extern "C"

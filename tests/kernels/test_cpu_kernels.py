@@ -1,0 +1,233 @@
+"""The compiled CPU kernels equal the torch references, refuse what they cannot do, and build safely."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from kernel_testing import make_inputs
+
+from innerloop import TTTLayer
+from innerloop.kernels.cpu import build
+from innerloop.kernels.cpu.stack import make_forward, make_verify
+from innerloop.kernels.fused_torch import make_fused_forward
+from innerloop.kernels.spec import KernelInputs
+from innerloop.plugins.models.linear import LinearModel
+from innerloop.plugins.models.mlp import MLPModel
+from innerloop.testing import FLOAT64_TOLERANCE
+from innerloop.testing.checks import assert_close, assert_states_close
+from innerloop.testing.strategies import seeds
+
+STACKS = {"linear": LinearModel().stack, "mlp": MLPModel().stack}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_kernels():
+    """Every test here needs the compiled library. A machine without a C++ compiler skips them;
+    CI sets INNERLOOP_REQUIRE_CPU_KERNELS=1 so that a broken build fails instead of skipping."""
+    try:
+        build.load_library()
+    except build.CPUKernelUnavailable as error:
+        if os.environ.get("INNERLOOP_REQUIRE_CPU_KERNELS"):
+            raise
+        pytest.skip(f"the CPU kernels cannot be built here: {error}")
+
+
+def strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values with gaps between rows and a permuted memory layout (last dim contiguous)."""
+    batch, heads, tokens, dim = t.shape
+    storage = torch.zeros(tokens, batch, heads, dim + 3, dtype=t.dtype)
+    storage[..., :dim] = t.permute(2, 0, 1, 3)
+    return storage[..., :dim].permute(1, 2, 0, 3)
+
+
+@given(
+    model=st.sampled_from(["linear", "mlp"]),
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 3),
+    head_dim=st.sampled_from([2, 5, 8, 16, 20]),
+    mini_batch=st.sampled_from([1, 3, 4, 16]),
+    num_mini_batches=st.integers(1, 3),
+    layouts=st.booleans(),
+    seed=seeds(),
+)
+def test_kernel_equals_fused_torch_in_float64(
+    model, batch, heads, head_dim, mini_batch, num_mini_batches, layouts, seed
+):
+    tokens = mini_batch * num_mini_batches
+    xq, xk, xv, lr, tau, params, lnw, lnb = make_inputs(
+        batch, heads, tokens, head_dim, mini_batch, model, dtype=torch.float64, seed=seed
+    )
+    if layouts:  # strided views, and weights shared by the batch (stride 0), as the layer passes them
+        xq, xk, xv = strided(xq), strided(xk), strided(xv)
+        params = {k: v[:1].expand_as(v) for k, v in params.items()}
+    out_ref, params_ref = make_fused_forward(STACKS[model])(xq, xk, xv, lr, tau, params, lnw, lnb, 1e-6)
+    before = {k: v.clone() for k, v in params.items()}
+    out, new_params = make_forward(STACKS[model])(xq, xk, xv, lr, tau, params, lnw, lnb, 1e-6)
+    assert_close(out, out_ref, "kernel output", FLOAT64_TOLERANCE)
+    for key in params_ref:
+        assert_close(new_params[key], params_ref[key], f"kernel {key}", FLOAT64_TOLERANCE)
+        assert torch.equal(params[key], before[key]), f"the caller's {key} was modified"
+
+
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_float32_kernel_is_as_close_to_float64_as_fused_torch(model):
+    """float32 runs its own tanh (no library call); its error is that of float32 arithmetic."""
+    inputs64 = make_inputs(2, 3, 64, 16, 16, model, dtype=torch.float64, seed=3)
+    inputs32 = [{k: v.float() for k, v in t.items()} if isinstance(t, dict) else t.float() for t in inputs64]
+    exact, _ = make_fused_forward(STACKS[model])(*inputs64, 1e-6)
+    ours, _ = make_forward(STACKS[model])(*inputs32, 1e-6)
+    theirs, _ = make_fused_forward(STACKS[model])(*inputs32, 1e-6)
+    error_ours = ((ours.double() - exact).norm() / exact.norm()).item()
+    error_theirs = ((theirs.double() - exact).norm() / exact.norm()).item()
+    assert error_ours < 1e-6, error_ours
+    assert error_ours < 4 * error_theirs + 1e-7, (error_ours, error_theirs)
+
+
+def test_float32_tanh_accuracy():
+    library = build.load_library()
+    x = torch.cat([torch.linspace(-30, 30, 600_001), torch.tensor([0.0, -0.0, 1e-30, 88.0, -88.0])])
+    y = torch.empty_like(x)
+    library.innerloop_tanh_f32(
+        ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr()), ctypes.c_int64(len(x))
+    )
+    error = (y.double() - torch.tanh(x.double())).abs().max().item()
+    assert error < 2.5e-7, error
+    special = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    out = torch.empty_like(special)
+    library.innerloop_tanh_f32(
+        ctypes.c_void_p(special.data_ptr()), ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(3)
+    )
+    assert out[0].isnan() and out[1] == 1.0 and out[2] == -1.0
+
+
+def twin_layers(config: dict, seed: int):
+    torch.manual_seed(seed)
+    reference = TTTLayer(**config, kernel="torch").double()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    fast = TTTLayer(**config, kernel=f"cpu_ttt_{config['inner_model']}").double()
+    fast.load_state_dict(reference.state_dict())
+    return reference, fast
+
+
+@given(
+    model=st.sampled_from(["linear", "mlp"]),
+    heads=st.integers(1, 3),
+    mini_batch=st.sampled_from([2, 4, 5]),
+    tokens=st.integers(1, 23),
+    split=st.integers(0, 23),
+    share_qk=st.booleans(),
+    seed=seeds(),
+)
+def test_layer_with_the_kernel_equals_torch_across_any_split(
+    model, heads, mini_batch, tokens, split, share_qk, seed
+):
+    """Inference through the kernel, in two calls with the state carried, = the torch path in one."""
+    config = dict(
+        hidden_size=4 * heads,
+        num_heads=heads,
+        inner_model=model,
+        mini_batch_size=mini_batch,
+        share_qk=share_qk,
+    )
+    reference, fast = twin_layers(config, seed % 1000)
+    x = torch.randn(2, tokens, config["hidden_size"], dtype=torch.float64)
+    split = min(split, tokens)
+    with torch.inference_mode():
+        y_ref, state_ref = reference(x)
+        if split in (0, tokens):
+            y_fast, state_fast = fast(x)
+        else:
+            y_first, state_mid = fast(x[:, :split])
+            y_second, state_fast = fast(x[:, split:], state_mid)
+            y_fast = torch.cat([y_first, y_second], dim=1)
+    assert_close(y_fast, y_ref, "output", FLOAT64_TOLERANCE)
+    assert_states_close(state_fast, state_ref, "state", FLOAT64_TOLERANCE)
+
+
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_auto_takes_the_kernel_for_inference_and_fused_torch_for_training(model, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")  # outside this directory's interpreter mode, as users run
+    layer = TTTLayer(16, 2, inner_model=model, mini_batch_size=4)
+    x = torch.randn(1, 8, 16)
+    with torch.no_grad():
+        layer(x)
+    assert layer.last_dispatch[0] == f"cpu_ttt_{model}"
+    layer(x)
+    assert layer.last_dispatch[0] == f"fused_torch_{model}"
+    assert f"cpu_ttt_{model}: forward only" in layer.last_dispatch[1]
+
+
+def test_verify_names_each_limit():
+    verify = make_verify(STACKS["linear"])
+
+    def inputs(**changes):
+        fields = dict(
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            head_dim=8,
+            mini_batch_size=4,
+            num_tokens=8,
+            requires_grad=False,
+        )
+        return KernelInputs(**{**fields, **changes})
+
+    assert verify(inputs()) is None
+    assert "CPU only" in verify(inputs(device=torch.device("meta")))
+    assert "torch.bfloat16 is not float32 or float64" in verify(inputs(dtype=torch.bfloat16))
+    assert "forward only" in verify(inputs(requires_grad=True))
+    assert "above its limit 64" in verify(inputs(mini_batch_size=128, num_tokens=128))
+    assert "not a multiple" in verify(inputs(num_tokens=6))
+
+
+def test_nan_input_propagates_and_is_detectable():
+    layer = TTTLayer(16, 2, mini_batch_size=4, kernel="cpu_ttt_linear", non_finite="ignore")
+    x = torch.randn(1, 8, 16)
+    x[0, 5, 3] = float("nan")
+    with torch.no_grad():
+        y, state = layer(x)
+    assert y[0, 5:].isnan().any() and not state.is_finite()
+
+
+def test_a_failed_build_names_its_reason_and_the_layer_falls_back(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("INNERLOOP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    build.library_path.cache_clear()
+    build.load_library.cache_clear()
+    try:
+        with pytest.raises(build.CPUKernelUnavailable, match="no-such-compiler"):
+            build.library_path()
+        layer = TTTLayer(16, 2, mini_batch_size=4)
+        with torch.no_grad():
+            layer(torch.randn(1, 8, 16))
+        assert layer.last_dispatch[0] == "fused_torch_linear"
+        assert "cpu_ttt_linear: C++ compiler" in layer.last_dispatch[1]
+
+        monkeypatch.setenv(build.DISABLE_VARIABLE, "1")
+        build.library_path.cache_clear()
+        with pytest.raises(build.CPUKernelUnavailable, match="disabled by INNERLOOP_DISABLE_CPU_KERNELS"):
+            build.library_path()
+    finally:
+        build.library_path.cache_clear()
+        build.load_library.cache_clear()
+
+
+def test_build_writes_one_library_atomically_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("INNERLOOP_CACHE_DIR", str(tmp_path))
+    build.library_path.cache_clear()
+    try:
+        path = build.library_path()
+        assert path.parent == tmp_path / "cpu_kernels" and path.exists()
+        assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+        build.library_path.cache_clear()
+        mtime = path.stat().st_mtime_ns
+        assert build.library_path() == path and path.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    finally:
+        build.library_path.cache_clear()

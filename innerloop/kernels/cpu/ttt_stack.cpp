@@ -92,21 +92,22 @@ inline void store(T* p, typename Vector<T>::type v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// A kRows x (kVectors * lanes) tile of C from a [kRows x depth] slice of A and a [depth x cols]
-// slice of B: the accumulators live in registers for the whole depth loop.
+// A kRows x (kVectors * lanes) tile of C from kRows rows of A and a [depth x cols] slice of B: the
+// accumulators live in registers for the whole depth loop. A is read through two strides (row and
+// depth), so a transposed A costs nothing: element (r, p) is a[r * a_row + p * a_depth].
 template <typename T, int kRows, int kVectors>
-inline void gemm_tile(int64_t depth, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
-                      int64_t ldc, T scale, bool accumulate) {
+inline void gemm_tile(int64_t depth, const T* a, int64_t a_row, int64_t a_depth, const T* b, int64_t ldb,
+                      T* c, int64_t ldc, T scale, bool accumulate) {
   using V = typename Vector<T>::type;
   constexpr int kLanes = sizeof(V) / sizeof(T);
   V acc[kRows][kVectors];
   for (int r = 0; r < kRows; ++r)
-    for (int v = 0; v < kVectors; ++v) acc[r][v] = V{} ;
+    for (int v = 0; v < kVectors; ++v) acc[r][v] = V{};
   for (int64_t p = 0; p < depth; ++p) {
     V b_row[kVectors];
     for (int v = 0; v < kVectors; ++v) b_row[v] = load(b + p * ldb + v * kLanes);
     for (int r = 0; r < kRows; ++r) {
-      const T a_rp = a[r * lda + p];
+      const T a_rp = a[r * a_row + p * a_depth];
       for (int v = 0; v < kVectors; ++v) acc[r][v] += a_rp * b_row[v];
     }
   }
@@ -119,33 +120,51 @@ inline void gemm_tile(int64_t depth, const T* a, int64_t lda, const T* b, int64_
 
 // Remainder tiles (shapes not multiple of the register tile): same arithmetic, runtime sizes.
 template <typename T>
-inline void gemm_edge(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t lda, const T* b,
-                      int64_t ldb, T* c, int64_t ldc, T scale, bool accumulate) {
+inline void gemm_edge(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t a_row, int64_t a_depth,
+                      const T* b, int64_t ldb, T* c, int64_t ldc, T scale, bool accumulate) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t col = 0; col < cols; ++col) {
       T acc = T(0);
-      for (int64_t p = 0; p < depth; ++p) acc += a[r * lda + p] * b[p * ldb + col];
+      for (int64_t p = 0; p < depth; ++p) acc += a[r * a_row + p * a_depth] * b[p * ldb + col];
       c[r * ldc + col] = (accumulate ? c[r * ldc + col] : T(0)) + scale * acc;
     }
 }
 
-// C = scale * A @ B (accumulate=false) or C += scale * A @ B (accumulate=true).
-template <typename T>
-void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
-          int64_t ldc, T scale, bool accumulate) {
-  constexpr int kRows = 4, kVectors = 2;
-  constexpr int64_t kCols = kVectors * 32 / sizeof(T);
-  const int64_t full_rows = m - m % kRows, full_cols = n - n % kCols;
-  for (int64_t i = 0; i < full_rows; i += kRows) {
-    for (int64_t j = 0; j < full_cols; j += kCols)
-      gemm_tile<T, kRows, kVectors>(k, a + i * lda, lda, b + j, ldb, c + i * ldc + j, ldc, scale, accumulate);
-    if (full_cols < n)
-      gemm_edge<T>(kRows, n - full_cols, k, a + i * lda, lda, b + full_cols, ldb, c + i * ldc + full_cols,
-                   ldc, scale, accumulate);
+// All rows of A against one block of kVectors * lanes columns of B: tiles of 6 rows (12 accumulators,
+// 2 B vectors and a broadcast fill the 16 vector registers of AVX2), then one tile for the rest.
+template <typename T, int kVectors>
+inline void gemm_column_block(int64_t m, int64_t k, const T* a, int64_t a_row, int64_t a_depth, const T* b,
+                              int64_t ldb, T* c, int64_t ldc, T scale, bool accumulate) {
+  int64_t i = 0;
+  for (; i + 6 <= m; i += 6)
+    gemm_tile<T, 6, kVectors>(k, a + i * a_row, a_row, a_depth, b, ldb, c + i * ldc, ldc, scale, accumulate);
+  const T* a_rest = a + i * a_row;
+  T* c_rest = c + i * ldc;
+  switch (m - i) {
+    case 5: gemm_tile<T, 5, kVectors>(k, a_rest, a_row, a_depth, b, ldb, c_rest, ldc, scale, accumulate); break;
+    case 4: gemm_tile<T, 4, kVectors>(k, a_rest, a_row, a_depth, b, ldb, c_rest, ldc, scale, accumulate); break;
+    case 3: gemm_tile<T, 3, kVectors>(k, a_rest, a_row, a_depth, b, ldb, c_rest, ldc, scale, accumulate); break;
+    case 2: gemm_tile<T, 2, kVectors>(k, a_rest, a_row, a_depth, b, ldb, c_rest, ldc, scale, accumulate); break;
+    case 1: gemm_tile<T, 1, kVectors>(k, a_rest, a_row, a_depth, b, ldb, c_rest, ldc, scale, accumulate); break;
+    default: break;
   }
-  if (full_rows < m)
-    gemm_edge<T>(m - full_rows, n, k, a + full_rows * lda, lda, b, ldb, c + full_rows * ldc, ldc, scale,
-                 accumulate);
+}
+
+// C = scale * A @ B (accumulate=false) or C += scale * A @ B (accumulate=true), with C [m x n] and
+// B [k x n] row-major, A [m x k] read as a[i * a_row + p * a_depth] (a_row = k, a_depth = 1 for a
+// row-major A; a_row = 1, a_depth = m for the transpose of a row-major [k x m] matrix).
+template <typename T>
+void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t a_row, int64_t a_depth, const T* b, int64_t ldb,
+          T* c, int64_t ldc, T scale, bool accumulate) {
+  constexpr int64_t kLanes = 32 / sizeof(T);
+  // Column blocks outside, row blocks inside: a [k x columns] slice of B stays in L1 while every row
+  // block of A passes over it (the inner weights of TTT-MLP do not fit in L1 as a whole).
+  int64_t j = 0;
+  for (; j + 2 * kLanes <= n; j += 2 * kLanes)
+    gemm_column_block<T, 2>(m, k, a, a_row, a_depth, b + j, ldb, c + j, ldc, scale, accumulate);
+  for (; j + kLanes <= n; j += kLanes)
+    gemm_column_block<T, 1>(m, k, a, a_row, a_depth, b + j, ldb, c + j, ldc, scale, accumulate);
+  if (j < n) gemm_edge<T>(m, n - j, k, a, a_row, a_depth, b + j, ldb, c + j, ldc, scale, accumulate);
 }
 
 template <typename T>
@@ -216,14 +235,27 @@ void scale_by_derivative(int32_t activation, int64_t count, const T* pre, T* gra
     for (int64_t i = 0; i < count; ++i) grad[i] *= gelu_tanh_derivative(pre[i]);
 }
 
+// sum_i term(i) for i < n, in kParts independent partial sums (a fixed order, so the result is
+// deterministic) that the compiler keeps in vector registers: a plain running sum would be one long
+// chain of dependent additions, which compilers may not reorder.
+template <typename T, typename Term>
+inline T sum_over(int64_t n, Term term) {
+  constexpr int kParts = 64 / sizeof(T);
+  T parts[kParts] = {};
+  int64_t i = 0;
+  for (; i + kParts <= n; i += kParts)
+    for (int j = 0; j < kParts; ++j) parts[j] += term(i + j);
+  for (int j = 0; i < n; ++i, ++j) parts[j] += term(i);
+  T total = T(0);
+  for (int j = 0; j < kParts; ++j) total += parts[j];
+  return total;
+}
+
 // Mean and 1/std of one row, as torch's layer_norm computes them (biased variance).
 template <typename T>
 inline void row_moments(int64_t width, const T* row, T eps, T* mean_out, T* rstd_out) {
-  T sum = T(0);
-  for (int64_t i = 0; i < width; ++i) sum += row[i];
-  const T mean = sum / T(width);
-  T sq = T(0);
-  for (int64_t i = 0; i < width; ++i) sq += (row[i] - mean) * (row[i] - mean);
+  const T mean = sum_over<T>(width, [&](int64_t i) { return row[i]; }) / T(width);
+  const T sq = sum_over<T>(width, [&](int64_t i) { return (row[i] - mean) * (row[i] - mean); });
   *mean_out = mean;
   *rstd_out = T(1) / std::sqrt(sq / T(width) + eps);
 }
@@ -235,9 +267,10 @@ inline void row_moments(int64_t width, const T* row, T eps, T* mean_out, T* rstd
 template <typename T>
 struct Workspace {
   // Per layer l: key inputs X_l [K x d_l], key pre-activations Z_l [K x d_{l+1}], query inputs,
-  // query pre-activations and inner gradients G_l [K x d_{l+1}]; plus scratch for transposes.
+  // query pre-activations and inner gradients G_l [K x d_{l+1}]; plus scratch for small transposes
+  // and the lr-scaled gradients.
   std::vector<std::vector<T>> key_in, key_pre, query_in, query_pre, grad;
-  std::vector<T> scratch_t, scratch_w, mix, xv;
+  std::vector<T> scratch_a, scratch_b, mix, xv;
 
   Workspace(int32_t layers, const int64_t* dims, int64_t k) {
     key_in.resize(layers);
@@ -246,7 +279,6 @@ struct Workspace {
     query_pre.resize(layers);
     grad.resize(layers);
     int64_t widest = 0;
-    int64_t largest_weight = 0;
     for (int32_t l = 0; l < layers; ++l) {
       key_in[l].resize(k * dims[l]);
       query_in[l].resize(k * dims[l]);
@@ -254,10 +286,9 @@ struct Workspace {
       query_pre[l].resize(k * dims[l + 1]);
       grad[l].resize(k * dims[l + 1]);
       widest = std::max({widest, dims[l], dims[l + 1]});
-      largest_weight = std::max(largest_weight, dims[l] * dims[l + 1]);
     }
-    scratch_t.resize(k * widest);
-    scratch_w.resize(largest_weight);
+    scratch_a.resize(k * widest);
+    scratch_b.resize(k * widest);
     mix.resize(k * k);
     xv.resize(k * dims[0]);
   }
@@ -304,7 +335,7 @@ void run_pair(const InnerloopStackArgs& args, int64_t pair, Workspace<T>& ws) {
     for (int32_t l = 0; l < layers; ++l) {
       const int64_t in = args.dims[l], width = args.dims[l + 1];
       T* z = ws.key_pre[l].data();
-      gemm<T>(k, width, in, ws.key_in[l].data(), in, weights[l], width, z, width, T(1), false);
+      gemm<T>(k, width, in, ws.key_in[l].data(), in, 1, weights[l], width, z, width, T(1), false);
       if (biases[l])
         for (int64_t i = 0; i < k; ++i)
           for (int64_t c = 0; c < width; ++c) z[i * width + c] += biases[l][c];
@@ -318,16 +349,17 @@ void run_pair(const InnerloopStackArgs& args, int64_t pair, Workspace<T>& ws) {
       for (int64_t i = 0; i < k; ++i) {
         T mean, rstd;
         row_moments(out_features, z + i * out_features, eps, &mean, &rstd);
-        T sum_g = T(0), sum_gx = T(0);
         T* g_row = g + i * out_features;
+        const T* z_row = z + i * out_features;
+        const T* xv_row = &ws.xv[i * f];
+        const T* xk_row = &ws.key_in[0][i * f];
         for (int64_t c = 0; c < out_features; ++c) {
-          const T xhat = (z[i * out_features + c] - mean) * rstd;
+          const T xhat = (z_row[c] - mean) * rstd;
           // d loss / d xhat for the reconstruction target xv - xk
-          const T dxhat = gamma[c] * (gamma[c] * xhat + beta[c] - ws.xv[i * f + c] + ws.key_in[0][i * f + c]);
-          g_row[c] = dxhat;
-          sum_g += dxhat;
-          sum_gx += dxhat * xhat;
+          g_row[c] = gamma[c] * (gamma[c] * xhat + beta[c] - xv_row[c] + xk_row[c]);
         }
+        const T sum_g = sum_over<T>(out_features, [&](int64_t c) { return g_row[c]; });
+        const T sum_gx = sum_over<T>(out_features, [&](int64_t c) { return g_row[c] * (z_row[c] - mean) * rstd; });
         const T inv_width = T(1) / T(out_features);
         for (int64_t c = 0; c < out_features; ++c) {
           const T xhat = (z[i * out_features + c] - mean) * rstd;
@@ -337,9 +369,11 @@ void run_pair(const InnerloopStackArgs& args, int64_t pair, Workspace<T>& ws) {
     }
     for (int32_t l = layers - 1; l > 0; --l) {
       const int64_t in = args.dims[l], width = args.dims[l + 1];
-      transpose<T>(in, width, weights[l], ws.scratch_w.data());  // W_l^T [width x in]
-      gemm<T>(k, in, width, ws.grad[l].data(), width, ws.scratch_w.data(), in, ws.grad[l - 1].data(), in,
-              T(1), false);
+      // G_{l-1} = G_l W_l^T, computed as its transpose W_l G_l^T so that only the small G's are
+      // transposed, never the weights
+      transpose<T>(k, width, ws.grad[l].data(), ws.scratch_a.data());  // G_l^T [width x K]
+      gemm<T>(in, k, width, weights[l], width, 1, ws.scratch_a.data(), k, ws.scratch_b.data(), k, T(1), false);
+      transpose<T>(in, k, ws.scratch_b.data(), ws.grad[l - 1].data());
       scale_by_derivative<T>(args.activations[l - 1], k * in, ws.key_pre[l - 1].data(), ws.grad[l - 1].data());
     }
 
@@ -350,26 +384,27 @@ void run_pair(const InnerloopStackArgs& args, int64_t pair, Workspace<T>& ws) {
       const T* xk_l = ws.key_in[l].data();
       const T* g = ws.grad[l].data();
       T* zq = ws.query_pre[l].data();
-      gemm<T>(k, width, in, xq_l, in, weights[l], width, zq, width, T(1), false);
+      gemm<T>(k, width, in, xq_l, in, 1, weights[l], width, zq, width, T(1), false);
       if (biases[l])
         for (int64_t i = 0; i < k; ++i)
           for (int64_t c = 0; c < width; ++c) zq[i * width + c] += biases[l][c];
       // mix[i, j] = tau_i lr_j (xq_i . xk_j + [bias]) for j <= i, else 0
-      transpose<T>(k, in, xk_l, ws.scratch_t.data());  // X_l^T [in x K]
-      gemm<T>(k, k, in, xq_l, in, ws.scratch_t.data(), k, ws.mix.data(), k, T(1), false);
+      transpose<T>(k, in, xk_l, ws.scratch_a.data());  // X_l^T [in x K]
+      gemm<T>(k, k, in, xq_l, in, 1, ws.scratch_a.data(), k, ws.mix.data(), k, T(1), false);
       const T bias_term = biases[l] ? T(1) : T(0);
       for (int64_t i = 0; i < k; ++i)
         for (int64_t j = 0; j < k; ++j)
           ws.mix[i * k + j] = j <= i ? tau[i] * lr_k[j] * (ws.mix[i * k + j] + bias_term) : T(0);
-      gemm<T>(k, width, k, ws.mix.data(), k, g, width, zq, width, T(-1), true);
+      gemm<T>(k, width, k, ws.mix.data(), k, 1, g, width, zq, width, T(-1), true);
       // W_l -= X_l^T diag(tau_{K-1} lr) G_l ;  b_l -= sum_j tau_{K-1} lr_j G_l[j]
-      T* scaled_t = ws.scratch_t.data();  // reuse: (tau_{K-1} lr_j X_l[j])^T [in x K]
-      for (int64_t p = 0; p < in; ++p)
-        for (int64_t j = 0; j < k; ++j) scaled_t[p * k + j] *= eta_scale[j];
-      gemm<T>(in, width, k, scaled_t, k, g, width, weights[l], width, T(-1), true);
+      // W_l -= X_l^T (s G_l), b_l -= sum_j (s G_l)[j], with s_j = tau_{K-1} lr_j; X_l^T is read in place
+      T* scaled_g = ws.scratch_b.data();  // [K x width]
+      for (int64_t j = 0; j < k; ++j)
+        for (int64_t c = 0; c < width; ++c) scaled_g[j * width + c] = eta_scale[j] * g[j * width + c];
+      gemm<T>(in, width, k, xk_l, 1, in, scaled_g, width, weights[l], width, T(-1), true);
       if (biases[l])
         for (int64_t j = 0; j < k; ++j)
-          for (int64_t c = 0; c < width; ++c) biases[l][c] -= eta_scale[j] * g[j * width + c];
+          for (int64_t c = 0; c < width; ++c) biases[l][c] -= scaled_g[j * width + c];
       if (l + 1 < layers) activate<T>(args.activations[l], k * width, zq, ws.query_in[l + 1].data());
     }
 

@@ -106,18 +106,24 @@ def rope_cos_sin(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope_interleaved(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_place: bool = False
+) -> torch.Tensor:
     """Rotate interleaved pairs ``(x[2i], x[2i+1])`` of ``x [..., f]`` by the angles in cos/sin.
 
     ``cos``/``sin`` (``[..., f/2]``) broadcast against ``x``'s leading dims. Equivalent to the
     reference's permute -> rotate-half -> un-permute round trip. float32/float64 inputs use one
-    complex multiplication (the same arithmetic, one pass over memory).
+    complex multiplication (the same arithmetic, one pass over memory), written into ``x`` itself
+    when ``in_place`` (only for a tensor that no autograd graph needs).
     """
     complex_view_ok = (
         x.stride(-1) == 1 and x.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in x.stride()[:-1])
     )
     if x.dtype in (torch.float32, torch.float64) and complex_view_ok:
         pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # [..., f/2] complex
+        if in_place:
+            pairs.mul_(torch.complex(cos, sin))
+            return x
         return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
     pairs = x.unflatten(-1, (-1, 2))  # [..., f/2, 2]
     even, odd = pairs[..., 0], pairs[..., 1]

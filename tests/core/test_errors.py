@@ -120,6 +120,11 @@ def test_non_finite_ignore_propagates_detectably():
 def test_bad_policy_and_kernel_names():
     with pytest.raises(ValueError, match="non_finite must be one of"):
         TTTLayer(16, 4, non_finite="zero")
+    for value in (0, -4, 2.5, True):
+        with pytest.raises(
+            ValueError, match=f"inference_chunk_size must be a positive integer or None, got {value!r}"
+        ):
+            TTTLayer(16, 4, inference_chunk_size=value)
     layer = TTTLayer(16, 4, kernel="no_such_kernel")
     with pytest.raises(RuntimeError, match="kernel='no_such_kernel' is not registered"):
         layer(torch.randn(1, 16, 16))

@@ -130,6 +130,40 @@ def test_layer_any_split_equals_whole(config, tokens, seed, data):
         )
 
 
+@given(
+    config=layer_configs(),
+    chunk=st.integers(1, 9),
+    start=st.integers(0, 7),
+    tokens=st.integers(1, 30),
+    kernel=st.sampled_from(["auto", "torch"]),
+    seed=seeds(),
+)
+def test_chunked_inference_equals_the_whole_call(config, chunk, start, tokens, kernel, seed):
+    """Without autograd a long call is read in chunks (state carried), from any starting position:
+    the same numbers as the whole call with autograd on, which neither chunks nor rotates in place."""
+    reference = perturbed_layer(config, seed % 1000)
+    chunked = TTTLayer(**{**config, "kernel": kernel}, inference_chunk_size=chunk).double()
+    chunked.load_state_dict(reference.state_dict())
+    x = torch.randn(2, start + tokens, config["hidden_size"], dtype=torch.float64)
+    _, state = reference(x[:, :start]) if start else (None, None)
+    whole, whole_state = reference(x[:, start:], state)  # parameters require grad: one call
+    assert len(reference.dispatches) <= 3  # an unaligned head, whole mini-batches, an unaligned tail
+    with torch.no_grad():
+        split, split_state = chunked(x[:, start:], state)
+    assert_close(split, whole, "chunked vs whole", FLOAT64_TOLERANCE)
+    assert_states_close(split_state, whole_state, "chunked vs whole", FLOAT64_TOLERANCE)
+
+
+def test_inference_chunks_end_on_mini_batch_boundaries_and_only_without_autograd():
+    layer = TTTLayer(8, 2, mini_batch_size=4, inference_chunk_size=10)  # chunks of 8 tokens
+    x = torch.randn(1, 20, 8)
+    _, state = layer(x[:, :3])  # position 3: one token short of a mini-batch boundary
+    with torch.no_grad():
+        assert layer._inference_chunks(x, state) == [(0, 5), (5, 13), (13, 20)]
+        assert layer._inference_chunks(x[:, :10], layer.init_state(1)) == [(0, 10)]  # not longer than 10
+    assert layer._inference_chunks(x, state) == [(0, 20)]  # the parameters need gradients
+
+
 @given(config=layer_configs(), prefill=st.integers(0, 12), decode=st.integers(1, 10), seed=seeds())
 def test_prefill_then_decode_equals_whole(config, prefill, decode, seed):
     layer = perturbed_layer(config, seed % 1000)

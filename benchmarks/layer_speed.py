@@ -1,11 +1,15 @@
 """Forward throughput of TTT-Linear, TTT-MLP and a causal attention layer of the same width.
 
 Defaults follow issue 2: CPU, 2 threads, float32, B=1, D=768, H=12, K=16, forward only (no grad),
-T = 512 ... 8192. Prints a markdown table of tokens/s (median of --repeats runs after a warm-up)
-and, with --json, writes the raw numbers atomically.
+T = 512 ... 8192. Prints a markdown table of tokens/s (median of --repeats rounds after a warm-up;
+each round times every layer once, so the machine's slow spells hit all layers alike) and, with
+--json, writes the raw numbers atomically.
 
     python benchmarks/layer_speed.py
-    python benchmarks/layer_speed.py --lengths 2048 --paths auto torch --repeats 3
+    python benchmarks/layer_speed.py --lengths 2048 --paths auto fused_torch torch --repeats 3
+
+Paths: ``auto`` (what a user gets: the compiled CPU kernel for inference), ``cpu_ttt`` and
+``fused_torch`` (those kernels forced), ``torch`` (the reference path).
 
 Run it on a quiet machine: on 2 cores, any other busy process slows OpenMP's thread barriers
 down by orders of magnitude.
@@ -44,14 +48,18 @@ class CausalAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, width))
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def interleaved_median_seconds(fns: dict, repeats: int) -> dict:
+    """Median seconds per call of each function, timed round-robin (one call of each per round), so
+    that a slow spell of the machine hits every layer alike instead of whichever ran then."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -66,7 +74,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
-        "--paths", nargs="+", default=["auto"], help="TTT dispatch: auto (fast path) and/or torch"
+        "--paths",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "cpu_ttt", "fused_torch", "torch"],
+        help="TTT dispatch paths to time",
     )
     parser.add_argument("--json", help="write the numbers to this file")
     args = parser.parse_args()
@@ -79,18 +91,20 @@ def main() -> None:
             label = f"TTT-{model.capitalize() if model == 'linear' else 'MLP'}" + (
                 "" if path == "auto" else f" ({path})"
             )
+            kernel = path if path in ("auto", "torch") else f"{path}_{model}"
             layers[label] = innerloop.TTTLayer(
-                args.hidden, args.heads, inner_model=model, mini_batch_size=args.mini_batch, kernel=path
+                args.hidden, args.heads, inner_model=model, mini_batch_size=args.mini_batch, kernel=kernel
             ).eval()
     layers["attention (SDPA)"] = CausalAttention(args.hidden, args.heads).eval()
 
     results: dict[str, dict[int, float]] = {name: {} for name in layers}
     for tokens in args.lengths:
         x = torch.randn(args.batch, tokens, args.hidden)
-        for name, layer in layers.items():
-            with torch.inference_mode():
-                seconds = median_seconds(lambda layer=layer, x=x: layer(x), args.repeats)
-            results[name][tokens] = args.batch * tokens / seconds
+        calls = {name: (lambda layer=layer, x=x: layer(x)) for name, layer in layers.items()}
+        with torch.inference_mode():
+            seconds = interleaved_median_seconds(calls, args.repeats)
+        for name in layers:
+            results[name][tokens] = args.batch * tokens / seconds[name]
             print(f"# {name:24s} T={tokens:5d}: {results[name][tokens]:9.0f} tokens/s", flush=True)
 
     print(

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from kernel_testing import make_inputs
 
 from innerloop import TTTLayer
+from innerloop.core.protocol import Activation, AffineLayer
 from innerloop.kernels.cpu import build
 from innerloop.kernels.cpu.stack import make_forward, make_verify
 from innerloop.kernels.fused_torch import make_fused_forward
@@ -182,8 +183,20 @@ def test_verify_names_each_limit():
     assert "CPU only" in verify(inputs(device=torch.device("meta")))
     assert "torch.bfloat16 is not float32 or float64" in verify(inputs(dtype=torch.bfloat16))
     assert "forward only" in verify(inputs(requires_grad=True))
-    assert "above its limit 64" in verify(inputs(mini_batch_size=128, num_tokens=128))
+    assert verify(inputs(mini_batch_size=128, num_tokens=256)) is None  # no limit on K
     assert "not a multiple" in verify(inputs(num_tokens=6))
+    relu = Activation("relu", torch.relu, lambda x: (x > 0).to(x.dtype))
+    other = make_verify((AffineLayer("W1", "b1", relu), AffineLayer("W2", "b2", None)))
+    assert "activations ['relu'] are not among those the kernel computes" in other(inputs())
+
+
+def test_long_mini_batches():
+    inputs = make_inputs(1, 2, 160, 4, 80, "mlp", dtype=torch.float64, seed=5)
+    out_ref, params_ref = make_fused_forward(STACKS["mlp"])(*inputs, 1e-6)
+    out, new_params = make_forward(STACKS["mlp"])(*inputs, 1e-6)
+    assert_close(out, out_ref, "kernel output, K=80", FLOAT64_TOLERANCE)
+    for key in params_ref:
+        assert_close(new_params[key], params_ref[key], f"kernel {key}, K=80", FLOAT64_TOLERANCE)
 
 
 def test_nan_input_propagates_and_is_detectable():

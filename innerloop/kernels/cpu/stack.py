@@ -13,15 +13,25 @@ import ctypes
 
 import torch
 
-from innerloop.core.protocol import AffineLayer, Params
+from innerloop.core.functional import gelu_tanh, gelu_tanh_derivative
+from innerloop.core.protocol import Activation, AffineLayer, Params
 from innerloop.kernels.cpu.build import CPUKernelUnavailable, load_library
 from innerloop.kernels.spec import KernelInputs, KernelSpec
 
 MAX_LAYERS = 8  # kMaxLayers in ttt_stack.cpp
-MAX_MINI_BATCH = 64  # the kernel keeps a mini-batch's learning rates on its stack
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
-ACTIVATION_CODES = {None: 0, "gelu_tanh": 1}
+ACTIVATION_NAMES = ("identity", "gelu_tanh")  # the kernel's activation codes 0 and 1
 ERRORS = {1: "unsupported dtype", 2: "invalid sizes", 3: "a C++ exception (out of memory?)"}
+
+
+def activation_code(activation: Activation | None) -> int | None:
+    """The kernel's code for an activation: 0 for none (the identity), 1 for exactly innerloop's
+    tanh-GELU with the reference's derivative, None for anything else (the kernel cannot run it)."""
+    if activation is None:
+        return 0
+    if activation.fn is gelu_tanh and activation.derivative is gelu_tanh_derivative:
+        return 1
+    return None
 
 
 class _StackArgs(ctypes.Structure):
@@ -70,9 +80,7 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def make_forward(stack: tuple[AffineLayer, ...]):
     """The chunk function (see :mod:`innerloop.kernels.spec`) for a stack model with these layers."""
-    activations = [
-        ACTIVATION_CODES.get(layer.activation.name if layer.activation else None, -1) for layer in stack
-    ]
+    activations = [activation_code(layer.activation) for layer in stack]
 
     def forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
         batch, heads, tokens, head_dim = xq.shape
@@ -115,11 +123,7 @@ def make_forward(stack: tuple[AffineLayer, ...]):
 
 def make_verify(stack: tuple[AffineLayer, ...]):
     """``verify`` for a stack model: the kernel's own limits, then whether the library builds here."""
-    unsupported = [
-        layer.activation.name
-        for layer in stack
-        if layer.activation and layer.activation.name not in ACTIVATION_CODES
-    ]
+    unsupported = [layer.activation.name for layer in stack if activation_code(layer.activation) is None]
 
     def verify(inputs: KernelInputs) -> str | None:
         if inputs.device.type != "cpu":
@@ -128,12 +132,12 @@ def make_verify(stack: tuple[AffineLayer, ...]):
             return f"dtype {inputs.dtype} is not float32 or float64"
         if inputs.requires_grad:
             return "forward only: an autograd graph is needed (fused_torch trains)"
-        if inputs.mini_batch_size > MAX_MINI_BATCH:
-            return f"mini_batch_size {inputs.mini_batch_size} is above its limit {MAX_MINI_BATCH}"
         if inputs.num_tokens % inputs.mini_batch_size != 0:
             return f"num_tokens {inputs.num_tokens} is not a multiple of mini_batch_size {inputs.mini_batch_size}"
-        if unsupported or len(stack) > MAX_LAYERS:
-            return f"the kernel knows activations {list(ACTIVATION_CODES)[1:]} and up to {MAX_LAYERS} layers"
+        if unsupported:
+            return f"activations {unsupported} are not among those the kernel computes {ACTIVATION_NAMES}"
+        if len(stack) > MAX_LAYERS:
+            return f"{len(stack)} layers, the kernel takes up to {MAX_LAYERS}"
         try:
             _library()
         except CPUKernelUnavailable as error:

@@ -270,7 +270,7 @@ struct Workspace {
   // query pre-activations and inner gradients G_l [K x d_{l+1}]; plus scratch for small transposes
   // and the lr-scaled gradients.
   std::vector<std::vector<T>> key_in, key_pre, query_in, query_pre, grad;
-  std::vector<T> scratch_a, scratch_b, mix, xv;
+  std::vector<T> scratch_a, scratch_b, mix, xv, lr, update_scale;
 
   Workspace(int32_t layers, const int64_t* dims, int64_t k) {
     key_in.resize(layers);
@@ -290,6 +290,8 @@ struct Workspace {
     scratch_a.resize(k * widest);
     scratch_b.resize(k * widest);
     mix.resize(k * k);
+    lr.resize(k);
+    update_scale.resize(k);
     xv.resize(k * dims[0]);
   }
 };
@@ -325,7 +327,8 @@ void run_pair(const InnerloopStackArgs& args, int64_t pair, Workspace<T>& ws) {
       std::memcpy(&ws.query_in[0][i * f], xq + t * args.xq_strides[2], f * sizeof(T));
       std::memcpy(&ws.xv[i * f], xv + t * args.xv_strides[2], f * sizeof(T));
     }
-    T lr_k[64], eta_scale[64];  // K <= 64 is checked on the Python side
+    T* lr_k = ws.lr.data();  // this mini-batch's learning rates
+    T* eta_scale = ws.update_scale.data();
     for (int64_t j = 0; j < k; ++j) {
       lr_k[j] = lr[(start + j) * args.lr_strides[2]];
       eta_scale[j] = tau[k - 1] * lr_k[j];  // the weight update's per-token scale
@@ -453,7 +456,7 @@ extern "C" {
 
 // 0 on success; 1: unsupported dtype; 2: invalid sizes; 3: an exception (e.g. out of memory).
 int innerloop_stack_forward(const InnerloopStackArgs* args) {
-  if (args->num_layers < 1 || args->num_layers > kMaxLayers || args->mini_batch < 1 || args->mini_batch > 64 ||
+  if (args->num_layers < 1 || args->num_layers > kMaxLayers || args->mini_batch < 1 ||
       args->tokens % args->mini_batch != 0)
     return 2;
   try {

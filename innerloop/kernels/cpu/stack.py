@@ -92,9 +92,8 @@ def make_forward(stack: tuple[AffineLayer, ...]):
         new_params: Params = {
             k: v.to(dtype).clone(memory_format=torch.contiguous_format) for k, v in params.items()
         }
-        out = xq.new_empty(batch, tokens, heads, head_dim).permute(
-            0, 2, 1, 3
-        )  # [B, H, T, f] view of [B, T, H, f]
+        # Written in [B, T, H, f] memory order, returned as the [B, H, T, f] view the contract asks for.
+        out = xq.new_empty(batch, tokens, heads, head_dim).permute(0, 2, 1, 3)
 
         args = _StackArgs()
         args.dtype = DTYPE_CODES[dtype]

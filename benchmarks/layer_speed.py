@@ -105,7 +105,9 @@ def main() -> None:
             seconds = interleaved_median_seconds(calls, args.repeats)
         for name in layers:
             results[name][tokens] = args.batch * tokens / seconds[name]
-            print(f"# {name:24s} T={tokens:5d}: {results[name][tokens]:9.0f} tokens/s", flush=True)
+            ran = getattr(layers[name], "last_dispatch", None)  # the TTT layers' last fast-path decision
+            path = f"  ({ran[0]})" if ran else ""
+            print(f"# {name:24s} T={tokens:5d}: {results[name][tokens]:9.0f} tokens/s{path}", flush=True)
 
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, threads={args.threads}; "

@@ -232,6 +232,31 @@ def test_a_failed_build_names_its_reason_and_the_layer_falls_back(tmp_path, monk
         build.load_library.cache_clear()
 
 
+def test_compile_errors_and_an_unwritable_cache_are_reasons(tmp_path, monkeypatch):
+    compiler = tmp_path / "broken-c++"
+    compiler.write_text(
+        "#!/bin/sh\necho 'In file included from x.h:1,'\necho 'x.cpp:3: error: no luck' >&2\nexit 1\n"
+    )
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("INNERLOOP_CACHE_DIR", str(tmp_path / "cache"))
+    build.library_path.cache_clear()
+    try:
+        with pytest.raises(build.CPUKernelUnavailable, match="failed: x.cpp:3: error: no luck"):
+            build.library_path()
+        blocker = tmp_path / "a-file"
+        blocker.write_text("")
+        monkeypatch.setenv("INNERLOOP_CACHE_DIR", str(blocker / "below"))
+        build.library_path.cache_clear()
+        with pytest.raises(
+            build.CPUKernelUnavailable, match="cannot write the kernel cache .*INNERLOOP_CACHE_DIR"
+        ):
+            build.library_path()
+        assert [p.name for p in (tmp_path / "cache" / "cpu_kernels").iterdir()] == []  # no half-built file
+    finally:
+        build.library_path.cache_clear()
+
+
 def test_build_writes_one_library_atomically_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("INNERLOOP_CACHE_DIR", str(tmp_path))
     build.library_path.cache_clear()

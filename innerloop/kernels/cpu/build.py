@@ -84,6 +84,13 @@ def _compile(compiler: str, flags: list[str], target: Path) -> subprocess.Comple
     )
 
 
+def _first_error(output: str) -> str:
+    """The line of a compiler's output that says what went wrong (else its first line)."""
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or ["no output"])[0]
+
+
 @functools.cache
 def library_path() -> Path:
     """Build the library if it is not cached yet, and return its path.
@@ -109,9 +116,14 @@ def library_path() -> Path:
     if target.exists():
         return target
 
-    directory.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".build-", suffix=".so")
-    os.close(handle)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=".build-", suffix=".so")
+        os.close(handle)
+    except OSError as error:
+        raise CPUKernelUnavailable(
+            f"cannot write the kernel cache {directory} ({error}); set INNERLOOP_CACHE_DIR to a writable folder"
+        ) from error
     try:
         # The first flag set the compiler accepts: usually the first, so one compile (a few seconds).
         errors = []
@@ -119,9 +131,9 @@ def library_path() -> Path:
             result = _compile(compiler, list(flags), Path(temporary))
             if result.returncode == 0:
                 break
-            errors.append((result.stderr or result.stdout).strip().splitlines() or ["no output"])
+            errors.append(_first_error(result.stderr or result.stdout))
         else:
-            raise CPUKernelUnavailable(f"compiling {SOURCE.name} with {compiler} failed: {errors[-1][0]}")
+            raise CPUKernelUnavailable(f"compiling {SOURCE.name} with {compiler} failed: {errors[-1]}")
         os.replace(temporary, target)  # atomic: other processes see the old state or the whole file
     except (OSError, subprocess.SubprocessError) as error:
         raise CPUKernelUnavailable(f"compiling {SOURCE.name} failed: {error}") from error

@@ -152,6 +152,36 @@ def test_layer_with_the_kernel_equals_torch_across_any_split(
     assert_states_close(state_fast, state_ref, "state", FLOAT64_TOLERANCE)
 
 
+@given(
+    model=st.sampled_from(["linear", "mlp"]),
+    heads=st.integers(1, 3),
+    mini_batch=st.sampled_from([1, 3, 4]),
+    prefill=st.integers(0, 9),
+    decode=st.integers(1, 9),
+    seed=seeds(),
+)
+def test_prefill_then_decode_through_the_kernel_equals_torch(model, heads, mini_batch, prefill, decode, seed):
+    """Token-by-token decoding through the kernel's decode path (pending sums, commits at mini-batch
+    ends) = the torch path reading everything at once, outputs and states."""
+    config = dict(hidden_size=4 * heads, num_heads=heads, inner_model=model, mini_batch_size=mini_batch)
+    reference, fast = twin_layers(config, seed % 1000)
+    x = torch.randn(2, prefill + decode, config["hidden_size"], dtype=torch.float64)
+    with torch.inference_mode():
+        y_ref, state_ref = reference(x)
+        outputs, state = [], None
+        if prefill:
+            y, state = fast(x[:, :prefill])
+            outputs.append(y)
+        for t in range(prefill, prefill + decode):
+            y, state = fast(x[:, t : t + 1], state)
+            outputs.append(y)
+            # with K = 1 every token is a whole mini-batch: the chunk kernel; else the decode path
+            expected = f"cpu_ttt_{model}" if mini_batch == 1 else f"cpu_ttt_{model}.decode"
+            assert fast.last_dispatch[0] == expected
+    assert_close(torch.cat(outputs, dim=1), y_ref, "decoded outputs", FLOAT64_TOLERANCE)
+    assert_states_close(state, state_ref, "decoded state", FLOAT64_TOLERANCE)
+
+
 @pytest.mark.parametrize("model", ["linear", "mlp"])
 def test_auto_takes_the_kernel_for_inference_and_fused_torch_for_training(model, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")  # outside this directory's interpreter mode, as users run
@@ -184,6 +214,7 @@ def test_verify_names_each_limit():
     assert "torch.bfloat16 is not float32 or float64" in verify(inputs(dtype=torch.bfloat16))
     assert "forward only" in verify(inputs(requires_grad=True))
     assert verify(inputs(mini_batch_size=128, num_tokens=256)) is None  # no limit on K
+    assert verify(inputs(num_tokens=1, extra={"decode": True})) is None  # one token mid-mini-batch
     assert "not a multiple" in verify(inputs(num_tokens=6))
     relu = Activation("relu", torch.relu, lambda x: (x > 0).to(x.dtype))
     other = make_verify((AffineLayer("W1", "b1", relu), AffineLayer("W2", "b2", None)))

@@ -66,11 +66,56 @@ class _StackArgs(ctypes.Structure):
     ]
 
 
+class _DecodeArgs(ctypes.Structure):
+    """Mirror of ``InnerloopDecodeArgs`` in ttt_stack.cpp (same order, same types)."""
+
+    _fields_ = [
+        ("dtype", ctypes.c_int32),
+        ("num_threads", ctypes.c_int32),
+        ("batch", ctypes.c_int64),
+        ("heads", ctypes.c_int64),
+        ("num_layers", ctypes.c_int32),
+        ("dims", ctypes.c_int64 * (MAX_LAYERS + 1)),
+        ("activations", ctypes.c_int32 * MAX_LAYERS),
+        ("xq", ctypes.c_void_p),
+        ("xk", ctypes.c_void_p),
+        ("xv", ctypes.c_void_p),
+        ("lr", ctypes.c_void_p),
+        ("xq_strides", ctypes.c_int64 * 2),
+        ("xk_strides", ctypes.c_int64 * 2),
+        ("xv_strides", ctypes.c_int64 * 2),
+        ("lr_strides", ctypes.c_int64 * 2),
+        ("tau", ctypes.c_double),
+        ("is_last", ctypes.c_int32),
+        ("ln_weight", ctypes.c_void_p),
+        ("ln_bias", ctypes.c_void_p),
+        ("eps", ctypes.c_double),
+        ("weights", ctypes.c_void_p * MAX_LAYERS),
+        ("biases", ctypes.c_void_p * MAX_LAYERS),
+        ("pending_weights", ctypes.c_void_p * MAX_LAYERS),
+        ("pending_biases", ctypes.c_void_p * MAX_LAYERS),
+        ("out", ctypes.c_void_p),
+        ("out_strides", ctypes.c_int64 * 2),
+    ]
+
+
 def _library() -> ctypes.CDLL:
     library = load_library()
     library.innerloop_stack_forward.argtypes = [ctypes.POINTER(_StackArgs)]
     library.innerloop_stack_forward.restype = ctypes.c_int
+    library.innerloop_stack_decode.argtypes = [ctypes.POINTER(_DecodeArgs)]
+    library.innerloop_stack_decode.restype = ctypes.c_int
     return library
+
+
+def _fresh(params: Params, dtype: torch.dtype) -> Params:
+    """Contiguous copies the kernel may update in place (they become the new state)."""
+    return {k: v.to(dtype).clone(memory_format=torch.contiguous_format) for k, v in params.items()}
+
+
+def _contiguous(params: Params, dtype: torch.dtype) -> Params:
+    """The tensors themselves when contiguous and of ``dtype`` (the kernel only reads them), else copies."""
+    return {k: v.to(dtype).contiguous() for k, v in params.items()}
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -89,9 +134,7 @@ def make_forward(stack: tuple[AffineLayer, ...]):
         lr = lr.to(dtype)
         tau, ln_weight, ln_bias = (t.to(dtype).contiguous() for t in (tau, ln_weight, ln_bias))
         # The kernel updates the weights in place: fresh contiguous copies, which become the new state.
-        new_params: Params = {
-            k: v.to(dtype).clone(memory_format=torch.contiguous_format) for k, v in params.items()
-        }
+        new_params = _fresh(params, dtype)
         # Written in [B, T, H, f] memory order, returned as the [B, H, T, f] view the contract asks for.
         out = xq.new_empty(batch, tokens, heads, head_dim).permute(0, 2, 1, 3)
 
@@ -120,6 +163,48 @@ def make_forward(stack: tuple[AffineLayer, ...]):
     return forward
 
 
+def make_decode(stack: tuple[AffineLayer, ...]):
+    """The one-token function (see ``KernelSpec.decode``) for a stack model with these layers."""
+    activations = [activation_code(layer.activation) for layer in stack]
+
+    def decode(xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, eps, is_last):
+        batch, heads, head_dim = xq.shape
+        dtype = xq.dtype
+        xq, xk, xv = (_rows_contiguous(t.to(dtype)) for t in (xq, xk, xv))
+        lr = lr.to(dtype)
+        ln_weight, ln_bias = (t.to(dtype).contiguous() for t in (ln_weight, ln_bias))
+        # The weights change only when the token closes its mini-batch; the pending sums always do.
+        new_params = _fresh(params, dtype) if is_last else _contiguous(params, dtype)
+        new_pending = _fresh(pending, dtype)
+        out = xq.new_empty(batch, heads, head_dim)
+
+        args = _DecodeArgs()
+        args.dtype = DTYPE_CODES[dtype]
+        args.num_threads = torch.get_num_threads()
+        args.batch, args.heads, args.num_layers = batch, heads, len(stack)
+        args.dims[0] = head_dim
+        for index, layer in enumerate(stack):
+            args.dims[index + 1] = new_params[layer.weight].shape[-1]
+            args.activations[index] = activations[index]
+            args.weights[index] = new_params[layer.weight].data_ptr()
+            args.pending_weights[index] = new_pending[layer.weight].data_ptr()
+            if layer.bias is not None:
+                args.biases[index] = new_params[layer.bias].data_ptr()
+                args.pending_biases[index] = new_pending[layer.bias].data_ptr()
+        for name, tensor in (("xq", xq), ("xk", xk), ("xv", xv), ("lr", lr), ("out", out)):
+            setattr(args, name, tensor.data_ptr())
+            getattr(args, f"{name}_strides")[:] = list(tensor.stride()[:2])
+        args.tau, args.is_last = float(tau_i), int(bool(is_last))
+        args.ln_weight, args.ln_bias, args.eps = ln_weight.data_ptr(), ln_bias.data_ptr(), float(eps)
+
+        status = _library().innerloop_stack_decode(ctypes.byref(args))
+        if status != 0:
+            raise RuntimeError(f"the CPU TTT decode kernel failed: {ERRORS.get(status, f'status {status}')}")
+        return out, new_params, new_pending
+
+    return decode
+
+
 def make_verify(stack: tuple[AffineLayer, ...]):
     """``verify`` for a stack model: the kernel's own limits, then whether the library builds here."""
     unsupported = [layer.activation.name for layer in stack if activation_code(layer.activation) is None]
@@ -131,7 +216,7 @@ def make_verify(stack: tuple[AffineLayer, ...]):
             return f"dtype {inputs.dtype} is not float32 or float64"
         if inputs.requires_grad:
             return "forward only: an autograd graph is needed (fused_torch trains)"
-        if inputs.num_tokens % inputs.mini_batch_size != 0:
+        if not inputs.extra.get("decode") and inputs.num_tokens % inputs.mini_batch_size != 0:
             return f"num_tokens {inputs.num_tokens} is not a multiple of mini_batch_size {inputs.mini_batch_size}"
         if unsupported:
             return f"activations {unsupported} are not among those the kernel computes {ACTIVATION_NAMES}"
@@ -155,9 +240,10 @@ def kernel_spec(model_name: str, stack: tuple[AffineLayer, ...]) -> KernelSpec:
         update_rule="dual_form",
         forward=make_forward(stack),
         verify=make_verify(stack),
+        decode=make_decode(stack),
         priority=5,
         description="compiled C++ dual form, one (batch, head) recurrence per thread (CPU inference)",
     )
 
 
-__all__ = ["kernel_spec", "make_forward", "make_verify"]
+__all__ = ["kernel_spec", "make_decode", "make_forward", "make_verify"]

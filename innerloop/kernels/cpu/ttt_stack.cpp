@@ -58,6 +58,35 @@ struct InnerloopStackArgs {
   int64_t out_strides[3];
 };
 
+// One token per sequence, continuing a mini-batch: the weights at the mini-batch's start, and the
+// pending sums of lr-scaled gradients of its earlier tokens. Shapes: xq, xk, xv, out [B, H, f];
+// lr [B, H]; weights/biases as above (read, and written only when the token closes the mini-batch);
+// pending_weights/pending_biases the same shapes, contiguous, updated in place (zeroed on closing).
+struct InnerloopDecodeArgs {
+  int32_t dtype;
+  int32_t num_threads;
+  int64_t batch, heads;
+  int32_t num_layers;
+  int64_t dims[kMaxLayers + 1];
+  int32_t activations[kMaxLayers];
+  const void* xq;
+  const void* xk;
+  const void* xv;
+  const void* lr;
+  int64_t xq_strides[2], xk_strides[2], xv_strides[2], lr_strides[2];
+  double tau;       // tau_i of the token's index in its mini-batch
+  int32_t is_last;  // the token closes its mini-batch: commit W_b - tau_i * pending, zero pending
+  const void* ln_weight;
+  const void* ln_bias;
+  double eps;
+  void* weights[kMaxLayers];
+  void* biases[kMaxLayers];
+  void* pending_weights[kMaxLayers];
+  void* pending_biases[kMaxLayers];
+  void* out;
+  int64_t out_strides[2];
+};
+
 }  // extern "C"
 
 namespace {
@@ -424,13 +453,13 @@ void run_pair(const InnerloopStackArgs& args, int64_t pair, Workspace<T>& ws) {
   }
 }
 
-template <typename T>
-int run(const InnerloopStackArgs& args) {
-  // Each thread takes a contiguous range of (batch, head) pairs. With OpenMP, the threads are the
-  // caller's OpenMP pool: inside torch that is torch's own, so the kernel does not compete with
-  // torch's idle workers for the cores. Without OpenMP the pragma is ignored and one thread runs.
-  const int64_t pairs = args.batch * args.heads;
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(args.num_threads, pairs)));
+// Runs work(first, last) on contiguous ranges of the (batch, head) pairs, one range per thread. With
+// OpenMP, the threads are the caller's OpenMP pool: inside torch that is torch's own, so the kernel
+// does not compete with torch's idle workers for the cores. Without OpenMP the pragma is ignored and
+// one thread runs. Returns 3 if any range threw (e.g. out of memory), else 0.
+template <typename Work>
+int parallel_over_pairs(int64_t pairs, int32_t num_threads, Work work) {
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, pairs)));
   int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
   {
@@ -440,14 +469,139 @@ int run(const InnerloopStackArgs& args) {
     size = omp_get_num_threads();
 #endif
     try {
-      Workspace<T> ws(args.num_layers, args.dims, args.mini_batch);
-      for (int64_t pair = pairs * rank / size; pair < pairs * (rank + 1) / size; ++pair)
-        run_pair<T>(args, pair, ws);
+      work(pairs * rank / size, pairs * (rank + 1) / size);
     } catch (...) {
       failed = 1;
     }
   }
   return failed ? 3 : 0;
+}
+
+template <typename T>
+int run(const InnerloopStackArgs& args) {
+  return parallel_over_pairs(args.batch * args.heads, args.num_threads, [&](int64_t first, int64_t last) {
+    Workspace<T> ws(args.num_layers, args.dims, args.mini_batch);
+    for (int64_t pair = first; pair < last; ++pair) run_pair<T>(args, pair, ws);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decoding: one token of one (batch, head) pair
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+void decode_pair(const InnerloopDecodeArgs& args, int64_t pair, Workspace<T>& ws) {
+  const int64_t b = pair / args.heads, h = pair % args.heads;
+  const int64_t f = args.dims[0];
+  const int32_t layers = args.num_layers;
+  const T* xq = static_cast<const T*>(args.xq) + b * args.xq_strides[0] + h * args.xq_strides[1];
+  const T* xk = static_cast<const T*>(args.xk) + b * args.xk_strides[0] + h * args.xk_strides[1];
+  const T* xv = static_cast<const T*>(args.xv) + b * args.xv_strides[0] + h * args.xv_strides[1];
+  const T lr = static_cast<const T*>(args.lr)[b * args.lr_strides[0] + h * args.lr_strides[1]];
+  T* out = static_cast<T*>(args.out) + b * args.out_strides[0] + h * args.out_strides[1];
+  const T* gamma = static_cast<const T*>(args.ln_weight) + h * f;
+  const T* beta = static_cast<const T*>(args.ln_bias) + h * f;
+  const T tau = T(args.tau), eps = T(args.eps);
+  T *weights[kMaxLayers], *biases[kMaxLayers], *pending_w[kMaxLayers], *pending_b[kMaxLayers];
+  for (int32_t l = 0; l < layers; ++l) {
+    const int64_t weight_size = args.dims[l] * args.dims[l + 1], width = args.dims[l + 1];
+    weights[l] = static_cast<T*>(args.weights[l]) + pair * weight_size;
+    pending_w[l] = static_cast<T*>(args.pending_weights[l]) + pair * weight_size;
+    biases[l] = args.biases[l] ? static_cast<T*>(args.biases[l]) + pair * width : nullptr;
+    pending_b[l] = args.biases[l] ? static_cast<T*>(args.pending_biases[l]) + pair * width : nullptr;
+  }
+  const int64_t out_features = args.dims[layers];
+
+  // ---- key side at the mini-batch's starting weights (row vectors: z = x W + b, row by row of W)
+  std::memcpy(ws.key_in[0].data(), xk, f * sizeof(T));
+  for (int32_t l = 0; l < layers; ++l) {
+    const int64_t in = args.dims[l], width = args.dims[l + 1];
+    T* z = ws.key_pre[l].data();
+    for (int64_t c = 0; c < width; ++c) z[c] = biases[l] ? biases[l][c] : T(0);
+    for (int64_t p = 0; p < in; ++p) {
+      const T x_p = ws.key_in[l][p];
+      const T* w_row = weights[l] + p * width;
+      for (int64_t c = 0; c < width; ++c) z[c] += x_p * w_row[c];
+    }
+    if (l + 1 < layers) activate<T>(args.activations[l], width, z, ws.key_in[l + 1].data());
+  }
+
+  // ---- the inner gradient through the LayerNorm, then back through the stack
+  {
+    const T* z = ws.key_pre[layers - 1].data();
+    T* g = ws.grad[layers - 1].data();
+    T mean, rstd;
+    row_moments(out_features, z, eps, &mean, &rstd);
+    for (int64_t c = 0; c < out_features; ++c)
+      g[c] = gamma[c] * (gamma[c] * ((z[c] - mean) * rstd) + beta[c] - xv[c] + xk[c]);
+    const T sum_g = sum_over<T>(out_features, [&](int64_t c) { return g[c]; });
+    const T sum_gx = sum_over<T>(out_features, [&](int64_t c) { return g[c] * (z[c] - mean) * rstd; });
+    for (int64_t c = 0; c < out_features; ++c)
+      g[c] = rstd * (g[c] - sum_g / T(out_features) - (z[c] - mean) * rstd * sum_gx / T(out_features));
+  }
+  for (int32_t l = layers - 1; l > 0; --l) {
+    const int64_t in = args.dims[l], width = args.dims[l + 1];
+    const T* g = ws.grad[l].data();
+    T* g_prev = ws.grad[l - 1].data();
+    for (int64_t p = 0; p < in; ++p) {
+      const T* w_row = weights[l] + p * width;
+      g_prev[p] = sum_over<T>(width, [&](int64_t c) { return w_row[c] * g[c]; });
+    }
+    scale_by_derivative<T>(args.activations[l - 1], in, ws.key_pre[l - 1].data(), g_prev);
+  }
+
+  // ---- pending sums, the query through W_b - tau_i * pending, and the commit on a closing token
+  std::memcpy(ws.query_in[0].data(), xq, f * sizeof(T));
+  for (int32_t l = 0; l < layers; ++l) {
+    const int64_t in = args.dims[l], width = args.dims[l + 1];
+    const T* g = ws.grad[l].data();
+    const T* x = ws.key_in[l].data();
+    const T* x_q = ws.query_in[l].data();
+    T* zq = ws.query_pre[l].data();
+    for (int64_t c = 0; c < width; ++c) {
+      if (biases[l]) {
+        pending_b[l][c] += lr * g[c];
+        zq[c] = biases[l][c] - tau * pending_b[l][c];
+      } else {
+        zq[c] = T(0);
+      }
+    }
+    for (int64_t p = 0; p < in; ++p) {
+      T* s_row = pending_w[l] + p * width;
+      const T* w_row = weights[l] + p * width;
+      const T lr_x = lr * x[p], xq_p = x_q[p];
+      for (int64_t c = 0; c < width; ++c) {
+        s_row[c] += lr_x * g[c];
+        zq[c] += xq_p * (w_row[c] - tau * s_row[c]);
+      }
+    }
+    if (args.is_last) {
+      for (int64_t i = 0; i < in * width; ++i) {
+        weights[l][i] -= tau * pending_w[l][i];
+        pending_w[l][i] = T(0);
+      }
+      if (biases[l])
+        for (int64_t c = 0; c < width; ++c) {
+          biases[l][c] -= tau * pending_b[l][c];
+          pending_b[l][c] = T(0);
+        }
+    }
+    if (l + 1 < layers) activate<T>(args.activations[l], width, zq, ws.query_in[l + 1].data());
+  }
+
+  // ---- output: xq + LN(z)
+  const T* z = ws.query_pre[layers - 1].data();
+  T mean, rstd;
+  row_moments(out_features, z, eps, &mean, &rstd);
+  for (int64_t c = 0; c < out_features; ++c) out[c] = xq[c] + gamma[c] * ((z[c] - mean) * rstd) + beta[c];
+}
+
+template <typename T>
+int decode(const InnerloopDecodeArgs& args) {
+  return parallel_over_pairs(args.batch * args.heads, args.num_threads, [&](int64_t first, int64_t last) {
+    Workspace<T> ws(args.num_layers, args.dims, 1);
+    for (int64_t pair = first; pair < last; ++pair) decode_pair<T>(args, pair, ws);
+  });
 }
 
 }  // namespace
@@ -462,6 +616,18 @@ int innerloop_stack_forward(const InnerloopStackArgs* args) {
   try {
     if (args->dtype == kFloat32) return run<float>(*args);
     if (args->dtype == kFloat64) return run<double>(*args);
+  } catch (const std::exception&) {
+    return 3;
+  }
+  return 1;
+}
+
+// 0 on success; 1: unsupported dtype; 2: invalid sizes; 3: an exception (e.g. out of memory).
+int innerloop_stack_decode(const InnerloopDecodeArgs* args) {
+  if (args->num_layers < 1 || args->num_layers > kMaxLayers) return 2;
+  try {
+    if (args->dtype == kFloat32) return decode<float>(*args);
+    if (args->dtype == kFloat64) return decode<double>(*args);
   } catch (const std::exception&) {
     return 3;
   }

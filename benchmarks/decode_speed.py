@@ -1,0 +1,108 @@
+"""Decoding speed: milliseconds per generated token after a prefill, per layer.
+
+TTT layers decode in constant time and memory (the state is the inner weights); attention with a
+KV cache reads the whole cache for every token, so its cost grows with the context. Defaults: CPU,
+2 threads, float32, B=1, D=768, H=12, K=16, contexts of 2048 and 8192 tokens, 128 decoded tokens.
+
+    python benchmarks/decode_speed.py
+    python benchmarks/decode_speed.py --contexts 2048 --paths auto torch --tokens 64
+
+Paths as in layer_speed.py: ``auto`` (the compiled CPU kernel's decode path), ``fused_torch`` /
+``cpu_ttt`` (forced), ``torch`` (the reference). Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import innerloop
+
+
+class CachedAttention(nn.Module):
+    """q/k/v/o projections + SDPA over a growing KV cache: the attention baseline for decoding."""
+
+    def __init__(self, hidden_size: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cache: tuple | None = None) -> tuple[torch.Tensor, tuple]:
+        batch, tokens, width = x.shape
+        q, k, v = self.qkv(x).view(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None)  # [B, H, T, f]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, width)), (k, v)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--tokens", type=int, default=128, help="tokens decoded after the prefill")
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--mini-batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--paths", nargs="+", default=["auto", "torch"], choices=["auto", "cpu_ttt", "fused_torch", "torch"]
+    )
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    layers: dict[str, nn.Module] = {}
+    for model in ("linear", "mlp"):
+        for path in args.paths:
+            kernel = path if path in ("auto", "torch") else f"{path}_{model}"
+            label = f"TTT-{'Linear' if model == 'linear' else 'MLP'}" + (
+                "" if path == "auto" else f" ({path})"
+            )
+            layers[label] = innerloop.TTTLayer(
+                args.hidden, args.heads, inner_model=model, mini_batch_size=args.mini_batch, kernel=kernel
+            ).eval()
+    layers["attention (KV cache)"] = CachedAttention(args.hidden, args.heads).eval()
+
+    results: dict[str, dict[int, float]] = {name: {} for name in layers}
+    for context in args.contexts:
+        prompt = torch.randn(1, context, args.hidden)
+        steps = torch.randn(args.tokens, 1, 1, args.hidden)
+        for name, layer in layers.items():
+            with torch.inference_mode():
+                _, state = layer(prompt)
+                _, state = layer(steps[0], state)  # warm-up
+                times = []
+                for step in steps:
+                    start = time.perf_counter()
+                    _, state = layer(step, state)
+                    times.append(time.perf_counter() - start)
+            results[name][context] = statistics.median(times) * 1e3
+            ran = getattr(layer, "last_dispatch", None)
+            path = f"  ({ran[0]})" if ran else ""
+            print(
+                f"# {name:26s} context={context:5d}: {results[name][context]:7.3f} ms/token{path}", flush=True
+            )
+
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, threads={args.threads}; "
+        f"torch {torch.__version__}; B=1 D={args.hidden} H={args.heads} K={args.mini_batch} fp32; "
+        f"median over {args.tokens} decoded tokens\n"
+    )
+    print("| layer (ms per token) | " + " | ".join(f"context {c}" for c in args.contexts) + " |")
+    print("|---|" + "---|" * len(args.contexts))
+    for name, row in results.items():
+        print(f"| {name} | " + " | ".join(f"{row[c]:.3f}" for c in args.contexts) + " |")
+
+
+if __name__ == "__main__":
+    main()

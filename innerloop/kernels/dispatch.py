@@ -23,12 +23,14 @@ class KernelUnavailableError(RuntimeError):
     """A kernel was requested by name but cannot run on these inputs."""
 
 
-def kernel_inputs(task: InnerTask, chunk: ChunkInputs, params: Params, decode: bool = False) -> KernelInputs:
-    """What ``verify`` sees about a block."""
+def kernel_inputs(
+    task: InnerTask, chunk: ChunkInputs, params: Params, tau: torch.Tensor, decode: bool = False
+) -> KernelInputs:
+    """What ``verify`` sees about a block (``tau``: the token-index scales it uses)."""
+    tensors = (chunk.query, chunk.inputs, chunk.targets, chunk.lr, tau, task.norm_weight, task.norm_bias)
     requires_grad = torch.is_grad_enabled() and (
-        any(t.requires_grad for t in (chunk.query, chunk.inputs, chunk.targets, chunk.lr))
+        any(t is not None and t.requires_grad for t in tensors)
         or any(p.requires_grad for p in params.values())
-        or (task.norm_weight is not None and task.norm_weight.requires_grad)
     )
     return KernelInputs(
         device=chunk.query.device,
@@ -52,6 +54,7 @@ def select_kernel(rule_name: str, task: InnerTask, inputs: KernelInputs) -> tupl
     candidates = registry.kernels_for(task.model.name, task.loss.name, rule_name)
     if inputs.extra.get("decode"):
         candidates = [k for k in candidates if k.decode is not None]
+    fused_parts_off = not task.residual or not task.use_norm
     if task.kernel != "auto":
         named = [k for k in candidates if k.name == task.kernel]
         if not named:
@@ -62,10 +65,12 @@ def select_kernel(rule_name: str, task: InnerTask, inputs: KernelInputs) -> tupl
                 "valid values are 'auto', 'torch' or one of those that match"
             )
         reason = named[0].verify(inputs)
+        if reason is None and fused_parts_off:
+            reason = "kernels fuse the inner residual and LayerNorm, which this layer turns off"
         if reason is not None:
             raise KernelUnavailableError(f"kernel={task.kernel!r} cannot run here: {reason}")
         return named[0], f"kernel {task.kernel!r} forced"
-    if not task.residual or not task.use_norm:
+    if fused_parts_off:
         return None, "torch: kernels fuse the inner residual and LayerNorm, which this layer turns off"
     refusals = []
     for kernel in candidates:
@@ -88,7 +93,7 @@ def run_aligned_block(
     fallback: Callable[[InnerTask, Params, ChunkInputs, torch.Tensor], tuple[torch.Tensor, Params]],
 ) -> tuple[torch.Tensor, Params]:
     """Run whole mini-batches (from a boundary, no pending gradients) on the best path."""
-    kernel, reason = select_kernel(rule_name, task, kernel_inputs(task, chunk, params))
+    kernel, reason = select_kernel(rule_name, task, kernel_inputs(task, chunk, params, tau))
     if task.on_dispatch is not None:
         task.on_dispatch(kernel.name if kernel is not None else TORCH_PATH, reason)
     if kernel is None:
@@ -120,7 +125,7 @@ def run_decode_token(
     Returns ``(out [B, H, 1, f], params, pending)`` with the mini-batch committed when ``is_last``.
     """
     inputs = kernel_inputs(
-        task, chunk, {**params, **{f"pending.{k}": v for k, v in pending.items()}}, decode=True
+        task, chunk, {**params, **{f"pending.{k}": v for k, v in pending.items()}}, tau_i, decode=True
     )
     try:
         kernel, reason = select_kernel(rule_name, task, inputs)

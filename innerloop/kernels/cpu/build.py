@@ -12,7 +12,10 @@ Environment:
 - ``CXX``: the compiler (default: the first of ``c++``, ``g++``, ``clang++`` on ``PATH``);
 - ``INNERLOOP_CACHE_DIR``: where libraries go (default ``$XDG_CACHE_HOME/innerloop`` or
   ``~/.cache/innerloop``);
-- ``INNERLOOP_DISABLE_CPU_KERNELS=1``: never build or load them (the torch paths run instead).
+- ``INNERLOOP_DISABLE_CPU_KERNELS=1``: do not use them (the torch paths run instead); read on every
+  use, so it can be set at any time.
+
+A build that fails is not retried within the process (``clear_cache`` forgets the outcome).
 """
 
 from __future__ import annotations
@@ -91,15 +94,8 @@ def _first_error(output: str) -> str:
     return (errors or lines or ["no output"])[0]
 
 
-@functools.cache
-def library_path() -> Path:
-    """Build the library if it is not cached yet, and return its path.
-
-    Raises :class:`CPUKernelUnavailable` with the reason when the kernels are disabled, no compiler
-    is found, or compilation fails.
-    """
-    if os.environ.get(DISABLE_VARIABLE, "") not in ("", "0"):
-        raise CPUKernelUnavailable(f"disabled by {DISABLE_VARIABLE}={os.environ[DISABLE_VARIABLE]}")
+def _build() -> Path:
+    """Build the library if it is not cached yet, and return its path (raises with the reason)."""
     compiler = find_compiler()
     if compiler is None:
         raise CPUKernelUnavailable("no C++ compiler found (set CXX, or install g++ or clang++)")
@@ -125,16 +121,26 @@ def library_path() -> Path:
             f"cannot write the kernel cache {directory} ({error}); set INNERLOOP_CACHE_DIR to a writable folder"
         ) from error
     try:
-        # The first flag set the compiler accepts: usually the first, so one compile (a few seconds).
-        errors = []
+        # The first flag set that compiles and loads: usually the first, so one compile (a few seconds).
+        # A library that compiles but does not load (e.g. an OpenMP runtime missing) tries the next.
+        problems = []
         for flags in FLAG_SETS:
             result = _compile(compiler, list(flags), Path(temporary))
-            if result.returncode == 0:
-                break
-            errors.append(_first_error(result.stderr or result.stdout))
+            if result.returncode != 0:
+                problems.append(_first_error(result.stderr or result.stdout))
+                continue
+            try:
+                ctypes.CDLL(temporary)
+            except OSError as error:
+                problems.append(f"built with {' '.join(flags)} but does not load: {error}")
+                continue
+            break
         else:
-            raise CPUKernelUnavailable(f"compiling {SOURCE.name} with {compiler} failed: {errors[-1]}")
-        os.replace(temporary, target)  # atomic: other processes see the old state or the whole file
+            raise CPUKernelUnavailable(f"compiling {SOURCE.name} with {compiler} failed: {problems[-1]}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o755 & ~umask)  # mkstemp made it private; a shared cache needs it readable
+        os.replace(temporary, target)  # atomic: other processes see no file or the whole file
     except (OSError, subprocess.SubprocessError) as error:
         raise CPUKernelUnavailable(f"compiling {SOURCE.name} failed: {error}") from error
     finally:
@@ -143,16 +149,68 @@ def library_path() -> Path:
     return target
 
 
+def _disabled() -> str | None:
+    value = os.environ.get(DISABLE_VARIABLE, "")
+    return None if value in ("", "0") else f"disabled by {DISABLE_VARIABLE}={value}"
+
+
 @functools.cache
-def load_library() -> ctypes.CDLL:
-    """The loaded kernels (built on first use); raises :class:`CPUKernelUnavailable` with why not."""
+def _outcome() -> tuple[ctypes.CDLL | None, Path | None, str | None]:
+    """Build and load once per process: ``(library, path, None)`` or ``(None, None, reason)``.
+
+    A failure is remembered as well, so that a missing or broken compiler costs one attempt, not one
+    per layer call."""
     import torch  # noqa: F401  torch's OpenMP runtime must be loaded first, so that the kernels share it
 
-    path = library_path()
     try:
-        return ctypes.CDLL(str(path))
+        path = _build()
+    except CPUKernelUnavailable as error:
+        return None, None, str(error)
+    try:
+        return ctypes.CDLL(str(path)), path, None
     except OSError as error:
-        raise CPUKernelUnavailable(f"loading {path} failed: {error}") from error
+        return None, None, f"loading {path} failed: {error}"
 
 
-__all__ = ["CPUKernelUnavailable", "cache_dir", "find_compiler", "library_path", "load_library"]
+def library_path() -> Path:
+    """The compiled library's path, built on first use.
+
+    Raises :class:`CPUKernelUnavailable` with the reason when the kernels are disabled, no compiler
+    is found, compilation fails or the library does not load.
+    """
+    return _checked()[1]
+
+
+def load_library() -> ctypes.CDLL:
+    """The loaded kernels (built on first use); raises :class:`CPUKernelUnavailable` with why not."""
+    return _checked()[0]
+
+
+def _checked() -> tuple[ctypes.CDLL, Path]:
+    reason = _disabled()  # read on every call: setting the variable later takes effect
+    if reason is None:
+        library, path, reason = _outcome()
+        if library is not None:
+            return library, path
+    raise CPUKernelUnavailable(reason)
+
+
+def uses_openmp() -> bool:
+    """Whether the loaded library runs on several threads (it was built with OpenMP)."""
+    return bool(load_library().innerloop_uses_openmp())
+
+
+def clear_cache() -> None:
+    """Forget this process's build outcome (the next use builds or loads again; for tests)."""
+    _outcome.cache_clear()
+
+
+__all__ = [
+    "CPUKernelUnavailable",
+    "cache_dir",
+    "clear_cache",
+    "find_compiler",
+    "library_path",
+    "load_library",
+    "uses_openmp",
+]

@@ -10,6 +10,7 @@ for free (it returns a ``[B, H, T, f]`` view of it, as the kernel contract asks)
 from __future__ import annotations
 
 import ctypes
+import warnings
 
 import torch
 
@@ -99,13 +100,64 @@ class _DecodeArgs(ctypes.Structure):
     ]
 
 
+_warned_single_thread = False
+
+
 def _library() -> ctypes.CDLL:
+    global _warned_single_thread
     library = load_library()
     library.innerloop_stack_forward.argtypes = [ctypes.POINTER(_StackArgs)]
     library.innerloop_stack_forward.restype = ctypes.c_int
     library.innerloop_stack_decode.argtypes = [ctypes.POINTER(_DecodeArgs)]
     library.innerloop_stack_decode.restype = ctypes.c_int
+    if not _warned_single_thread and torch.get_num_threads() > 1 and not library.innerloop_uses_openmp():
+        _warned_single_thread = True
+        warnings.warn(
+            "innerloop's CPU kernel was built without OpenMP (the compiler rejected -fopenmp) and runs on "
+            "one thread; install an OpenMP-capable compiler (e.g. g++) or set CXX to one",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return library
+
+
+def _refuse_autograd(tensors) -> None:
+    """The kernel is forward only: never let it drop a graph silently (verify should have refused)."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        raise RuntimeError("the CPU TTT kernel is forward only, but an input requires grad; use fused_torch")
+
+
+def _check_shapes(stack, params, batch, heads, head_dim, ln_weight, ln_bias, **vectors) -> list[int]:
+    """The kernel trusts these shapes for its pointer arithmetic: check them, and return the widths."""
+    expected_ln = (heads, head_dim)
+    problems = [
+        f"{name} {tuple(t.shape)} != {expected_ln}"
+        for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias))
+        if tuple(t.shape) != expected_ln
+    ]
+    problems += [
+        f"{name} {tuple(t.shape)} != {shape}"
+        for name, (t, shape) in vectors.items()
+        if tuple(t.shape) != shape
+    ]
+    dims = [head_dim]
+    for layer in stack:
+        weight = params[layer.weight]
+        if weight.dim() != 4 or tuple(weight.shape[:3]) != (batch, heads, dims[-1]):
+            problems.append(
+                f"{layer.weight} {tuple(weight.shape)} is not [{batch}, {heads}, {dims[-1]}, width]"
+            )
+            break
+        dims.append(weight.shape[-1])
+        if layer.bias is not None and tuple(params[layer.bias].shape) != (batch, heads, 1, dims[-1]):
+            problems.append(
+                f"{layer.bias} {tuple(params[layer.bias].shape)} != {(batch, heads, 1, dims[-1])}"
+            )
+    if dims[-1] != head_dim:
+        problems.append(f"the last layer's width {dims[-1]} is not the head dim {head_dim}")
+    if problems:
+        raise ValueError("the CPU TTT kernel got inputs of the wrong shape: " + "; ".join(problems))
+    return dims
 
 
 def _fresh(params: Params, dtype: torch.dtype) -> Params:
@@ -129,6 +181,22 @@ def make_forward(stack: tuple[AffineLayer, ...]):
 
     def forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
         batch, heads, tokens, head_dim = xq.shape
+        _refuse_autograd((xq, xk, xv, lr, tau, ln_weight, ln_bias, *params.values()))
+        shape = (batch, heads, tokens, head_dim)
+        dims = _check_shapes(
+            stack,
+            params,
+            batch,
+            heads,
+            head_dim,
+            ln_weight,
+            ln_bias,
+            xk=(xk, shape),
+            xv=(xv, shape),
+            lr=(lr, shape[:3]),
+        )
+        if tau.dim() != 1 or tokens % tau.shape[0] != 0:
+            raise ValueError(f"tau {tuple(tau.shape)} must be [K] with K dividing the {tokens} tokens")
         dtype = xq.dtype
         xq, xk, xv = (_rows_contiguous(t.to(dtype)) for t in (xq, xk, xv))
         lr = lr.to(dtype)
@@ -143,9 +211,8 @@ def make_forward(stack: tuple[AffineLayer, ...]):
         args.num_threads = torch.get_num_threads()
         args.batch, args.heads, args.tokens, args.mini_batch = batch, heads, tokens, tau.shape[0]
         args.num_layers = len(stack)
-        args.dims[0] = head_dim
+        args.dims[: len(dims)] = dims
         for index, layer in enumerate(stack):
-            args.dims[index + 1] = new_params[layer.weight].shape[-1]
             args.activations[index] = activations[index]
             args.weights[index] = new_params[layer.weight].data_ptr()
             args.biases[index] = new_params[layer.bias].data_ptr() if layer.bias is not None else None
@@ -169,6 +236,25 @@ def make_decode(stack: tuple[AffineLayer, ...]):
 
     def decode(xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, eps, is_last):
         batch, heads, head_dim = xq.shape
+        _refuse_autograd((xq, xk, xv, lr, tau_i, ln_weight, ln_bias, *params.values(), *pending.values()))
+        shape = (batch, heads, head_dim)
+        dims = _check_shapes(
+            stack,
+            params,
+            batch,
+            heads,
+            head_dim,
+            ln_weight,
+            ln_bias,
+            xk=(xk, shape),
+            xv=(xv, shape),
+            lr=(lr, shape[:2]),
+        )
+        mismatched = [k for k in params if tuple(pending[k].shape) != tuple(params[k].shape)]
+        if mismatched or set(pending) != set(params):
+            raise ValueError(
+                f"pending must have the keys and shapes of params; differing: {mismatched or sorted(set(pending) ^ set(params))}"
+            )
         dtype = xq.dtype
         xq, xk, xv = (_rows_contiguous(t.to(dtype)) for t in (xq, xk, xv))
         lr = lr.to(dtype)
@@ -182,9 +268,8 @@ def make_decode(stack: tuple[AffineLayer, ...]):
         args.dtype = DTYPE_CODES[dtype]
         args.num_threads = torch.get_num_threads()
         args.batch, args.heads, args.num_layers = batch, heads, len(stack)
-        args.dims[0] = head_dim
+        args.dims[: len(dims)] = dims
         for index, layer in enumerate(stack):
-            args.dims[index + 1] = new_params[layer.weight].shape[-1]
             args.activations[index] = activations[index]
             args.weights[index] = new_params[layer.weight].data_ptr()
             args.pending_weights[index] = new_pending[layer.weight].data_ptr()
@@ -216,6 +301,8 @@ def make_verify(stack: tuple[AffineLayer, ...]):
             return f"dtype {inputs.dtype} is not float32 or float64"
         if inputs.requires_grad:
             return "forward only: an autograd graph is needed (fused_torch trains)"
+        if not inputs.extra.get("residual", True) or not inputs.extra.get("norm", True):
+            return "the kernel fuses the inner residual and LayerNorm, which this layer turns off"
         if not inputs.extra.get("decode") and inputs.num_tokens % inputs.mini_batch_size != 0:
             return f"num_tokens {inputs.num_tokens} is not a multiple of mini_batch_size {inputs.mini_batch_size}"
         if unsupported:

@@ -211,7 +211,8 @@ void transpose(int64_t rows, int64_t cols, const T* src, T* dst) {  // dst [cols
 // below 2e-7 everywhere (tested against torch.tanh); float64 keeps std::tanh.
 inline float exp_f32(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  n = n == n ? n : 0.0f;  // NaN stays NaN through p below; the cast to int must not see it
   float r = x - n * 0.693145751953125f;  // ln 2 split in two for an exact first product
   r = r - n * 1.42860682030941723212e-6f;
   float p = 1.0f / 720.0f;
@@ -428,7 +429,6 @@ void run_pair(const InnerloopStackArgs& args, int64_t pair, Workspace<T>& ws) {
         for (int64_t j = 0; j < k; ++j)
           ws.mix[i * k + j] = j <= i ? tau[i] * lr_k[j] * (ws.mix[i * k + j] + bias_term) : T(0);
       gemm<T>(k, width, k, ws.mix.data(), k, 1, g, width, zq, width, T(-1), true);
-      // W_l -= X_l^T diag(tau_{K-1} lr) G_l ;  b_l -= sum_j tau_{K-1} lr_j G_l[j]
       // W_l -= X_l^T (s G_l), b_l -= sum_j (s G_l)[j], with s_j = tau_{K-1} lr_j; X_l^T is read in place
       T* scaled_g = ws.scratch_b.data();  // [K x width]
       for (int64_t j = 0; j < k; ++j)
@@ -632,6 +632,15 @@ int innerloop_stack_decode(const InnerloopDecodeArgs* args) {
     return 3;
   }
   return 1;
+}
+
+// 1 if the library was built with OpenMP (runs on several threads), else 0.
+int innerloop_uses_openmp(void) {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
 }
 
 // tanh as the kernel computes it in float32, exported so that the tests can check its accuracy.

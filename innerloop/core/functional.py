@@ -113,8 +113,9 @@ def apply_rope_interleaved(
 
     ``cos``/``sin`` (``[..., f/2]``) broadcast against ``x``'s leading dims. Equivalent to the
     reference's permute -> rotate-half -> un-permute round trip. float32/float64 inputs use one
-    complex multiplication (the same arithmetic, one pass over memory), written into ``x`` itself
-    when ``in_place`` (only for a tensor that no autograd graph needs).
+    complex multiplication (the same arithmetic, one pass over memory); with ``in_place`` (only for a
+    tensor that no autograd graph needs) that result is written into ``x`` when ``x`` can be viewed as
+    complex pairs. Always use the returned tensor: other dtypes and layouts return a new one.
     """
     complex_view_ok = (
         x.stride(-1) == 1 and x.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in x.stride()[:-1])

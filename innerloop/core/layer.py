@@ -286,59 +286,28 @@ class TTTLayer(nn.Module):
             key, conv_history["shared_qk"] = causal_depthwise_conv(
                 shared, self.conv_k.weight, self.conv_k.bias, history
             )
-            query_key = torch.stack([query, key], dim=2)  # [B, T, 2, D]
-            value = self.v_proj(x)
-            lr, tau = self.inner_learning_rates(x)
         else:
-            # q, k, v and the lr gate's logits from one matmul: [B, T, 3D + H + padding]
-            projected = F.linear(x, self._fused_projection_weight())
-            query_key = projected[..., : 2 * self.hidden_size].unflatten(-1, (2, self.hidden_size))
-            value = projected[..., 2 * self.hidden_size : 3 * self.hidden_size]
-            gate = projected[..., 3 * self.hidden_size : 3 * self.hidden_size + heads].transpose(
-                1, 2
-            )  # [B, H, T]
-            lr, tau = self._learning_rates_from_gate(gate)
-        # RoPE on Q and K at once: [B, T, 2, H, f] rotated by [T, 1, 1, f/2] tables.
-        query_key = query_key.reshape(batch, tokens, 2, heads, head_dim)
-        # Without autograd the projections are our own scratch: rotate them where they lie.
-        in_place = not (torch.is_grad_enabled() and query_key.requires_grad)
-        query_key = apply_rope_interleaved(
-            query_key, cos[:, None, None], sin[:, None, None], in_place=in_place
-        )
-        query_key = query_key.permute(2, 0, 3, 1, 4)  # [2, B, H, T, f] (a view)
-        value = value.reshape(batch, tokens, heads, head_dim).transpose(1, 2)  # [B, H, T, f] (a view)
-        return Views(query_key[0], query_key[1], value), lr, tau, conv_history
+            query, key = self.q_proj(x), self.k_proj(x)  # [B, T, D] each
+        value = self.v_proj(x)
+        lr, tau = self.inner_learning_rates(x)
 
-    def _fused_projection_weight(self) -> torch.Tensor:
-        """``[3D + H, D]``: the q, k, v projections and the lr gate stacked, so that one matmul reads
-        ``x`` once. Cached while the weights are unchanged and no gradient is needed."""
-        parts = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.learnable_ttt_lr_weight)
+        def heads_view(t: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, H, T, f] (a view)
+            return t.reshape(batch, tokens, heads, head_dim).transpose(1, 2)
 
-        def stacked(weights: list[torch.Tensor]) -> torch.Tensor:
-            rows = [w.reshape(-1, self.hidden_size) for w in weights]
-            # Zero rows up to a multiple of 16: BLAS runs a width like 3 * 768 + 12 about 40% slower
-            # than 3 * 768 + 16, and an even row stride keeps Q/K viewable as complex pairs for RoPE.
-            padding = -(3 * self.hidden_size + self.num_heads) % 16
-            if padding:
-                rows.append(rows[0].new_zeros(padding, self.hidden_size))
-            return torch.cat(rows)
-
-        if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
-            return stacked(list(parts))
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in parts)
-        cached = getattr(self, "_projection_cache", None)
-        if cached is None or cached[0] != key:
-            cached = (key, stacked([p.detach() for p in parts]))
-            self._projection_cache = cached
-        return cached[1]
+        # RoPE on Q and K, by [T, 1, f/2] tables; without autograd the projections are our own scratch,
+        # rotated where they lie.
+        rotated = []
+        for t in (query, key):
+            in_place = not (torch.is_grad_enabled() and t.requires_grad)
+            t = t.reshape(batch, tokens, heads, head_dim)
+            rotated.append(
+                apply_rope_interleaved(t, cos[:, None], sin[:, None], in_place=in_place).transpose(1, 2)
+            )
+        return Views(rotated[0], rotated[1], heads_view(value)), lr, tau, conv_history
 
     def inner_learning_rates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``lr [B, H, T]`` (per token) and ``tau [K]`` (per position in a mini-batch)."""
-        gate = torch.einsum("btd,hd->bht", x, self.learnable_ttt_lr_weight[:, 0])
-        return self._learning_rates_from_gate(gate)
-
-    def _learning_rates_from_gate(self, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``lr, tau`` from the gate's logits ``x . w_h`` ``[B, H, T]`` (before its bias)."""
+        gate = F.linear(x, self.learnable_ttt_lr_weight[:, 0]).transpose(1, 2)  # [B, H, T] (a view)
         gate = gate + self.learnable_ttt_lr_bias.reshape(1, self.num_heads, 1)
         lr = self.base_lr * torch.sigmoid(gate) / self.head_dim
         tau = torch.clamp_min(self.token_idx + self.learnable_token_idx, 0.0)
@@ -372,9 +341,12 @@ class TTTLayer(nn.Module):
         bounds = self._inference_chunks(x, state)
         if len(bounds) == 1:
             return self._forward_chunk(x, state)
-        y = x.new_empty(x.shape[0], x.shape[1], self.hidden_size)
+        y = None
         for start, end in bounds:
-            y[:, start:end], state = self._forward_chunk(x[:, start:end], state)
+            part, state = self._forward_chunk(x[:, start:end], state)
+            if y is None:  # the output's dtype is the chunks' (under autocast it need not be x's)
+                y = part.new_empty(x.shape[0], x.shape[1], self.hidden_size)
+            y[:, start:end] = part
         return y, state
 
     def _inference_chunks(self, x: torch.Tensor, state: TTTState) -> list[tuple[int, int]]:

@@ -95,10 +95,15 @@ def make_fused_forward(stack: tuple[AffineLayer, ...]):
             [eta * (queries1 @ keys1.transpose(-1, -2)), (update_scale * keys1).transpose(-1, -2)], dim=2
         )  # [NB, BH, K + in1, K]
 
-        weights = [folded(layer) for layer in stack]
-        # Without a graph to record, the weights are updated in place (on our own copies).
+        # Without a graph to record, the weights are updated in place, on our own copies: folding a
+        # bias in makes one, a layer without a bias needs an explicit one.
         tensors = (xq, xk, xv, lr, tau, ln_weight, ln_bias, *params.values())
         in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        weights = [folded(layer) for layer in stack]
+        if in_place:
+            weights = [
+                w.clone() if layer.bias is None else w for w, layer in zip(weights, stack, strict=True)
+            ]
 
         def step_weights(index: int, correction: torch.Tensor) -> None:
             if in_place:

@@ -128,3 +128,27 @@ def test_cached_projection_weights_follow_every_change():
     with_grad, _ = layer(x)  # with autograd the weights are concatenated afresh (gradients flow)
     with_grad.sum().backward()
     assert layer.q_proj.weight.grad is not None and layer.k_proj.weight.grad is not None
+
+
+def test_fused_torch_never_modifies_weights_of_a_layer_without_bias():
+    """A bias-less layer's weight is not copied by folding; the in-place update must copy it itself."""
+    from innerloop.core.protocol import AffineLayer
+    from innerloop.kernels.fused_torch import make_fused_forward
+
+    generator = torch.Generator().manual_seed(0)
+    xq, xk, xv = (torch.randn(1, 2, 8, 4, generator=generator) for _ in range(3))
+    weight = torch.randn(1, 2, 4, 4, generator=generator)
+    before = weight.clone()
+    with torch.no_grad():
+        _, new = make_fused_forward((AffineLayer("W1", None, None),))(
+            xq,
+            xk,
+            xv,
+            torch.full((1, 2, 8), 0.1),
+            torch.ones(4),
+            {"W1": weight},
+            torch.ones(2, 4),
+            torch.zeros(2, 4),
+            1e-6,
+        )
+    assert torch.equal(weight, before) and not torch.equal(new["W1"], before)

@@ -34,7 +34,8 @@ class NextToken(HalfSquaredError):
         inputs = torch.cat([previous_key, key[:, :, :-1]], dim=2)  # [B, H, T, f]
         valid = torch.ones(key.shape[2], dtype=key.dtype, device=key.device)
         valid[0] = carry["has_previous"]
-        new_carry = {"previous_key": key[:, :, -1:], "has_previous": key.new_ones(())}
+        # a copy: a view would keep the whole projection buffer of this call alive inside the state
+        new_carry = {"previous_key": key[:, :, -1:].clone(), "has_previous": key.new_ones(())}
         return LossPairs(inputs=inputs, targets=views.value, valid=valid, carry=new_carry)
 
 

@@ -27,21 +27,31 @@ import innerloop
 
 
 class CachedAttention(nn.Module):
-    """q/k/v/o projections + SDPA over a growing KV cache: the attention baseline for decoding."""
+    """q/k/v/o projections + SDPA over a KV cache: the attention baseline for decoding.
 
-    def __init__(self, hidden_size: int, num_heads: int) -> None:
+    The cache is preallocated for ``capacity`` tokens and written in place (no copy per token)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, capacity: int) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.capacity = capacity
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cache: tuple | None = None) -> tuple[torch.Tensor, tuple]:
         batch, tokens, width = x.shape
         q, k, v = self.qkv(x).view(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        if cache is not None:
-            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None)  # [B, H, T, f]
-        return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, width)), (k, v)
+        if cache is None:
+            keys = k.new_empty(batch, self.num_heads, self.capacity, k.shape[-1])
+            cache = (keys, torch.empty_like(keys), 0)
+        keys, values, length = cache
+        keys[:, :, length : length + tokens] = k
+        values[:, :, length : length + tokens] = v
+        length += tokens
+        out = F.scaled_dot_product_attention(
+            q, keys[:, :, :length], values[:, :, :length], is_causal=tokens > 1
+        )  # [B, H, T, f]; one new token attends to the whole cache
+        return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, width)), (keys, values, length)
 
 
 def main() -> None:
@@ -71,7 +81,8 @@ def main() -> None:
             layers[label] = innerloop.TTTLayer(
                 args.hidden, args.heads, inner_model=model, mini_batch_size=args.mini_batch, kernel=kernel
             ).eval()
-    layers["attention (KV cache)"] = CachedAttention(args.hidden, args.heads).eval()
+    capacity = max(args.contexts) + args.tokens + 1
+    layers["attention (KV cache)"] = CachedAttention(args.hidden, args.heads, capacity).eval()
 
     results: dict[str, dict[int, float]] = {name: {} for name in layers}
     for context in args.contexts:

@@ -24,3 +24,17 @@ def conformance_dir() -> Path:
             f"conformance vectors not found at {CONFORMANCE_DIR} (they live in ../shared beside the repo)"
         )
     return CONFORMANCE_DIR
+
+
+@pytest.fixture(scope="session")
+def cpu_kernels() -> None:
+    """The compiled CPU kernels, built once. A machine without a C++ compiler skips the tests that need
+    them; CI sets INNERLOOP_REQUIRE_CPU_KERNELS=1 so that a broken build fails instead of skipping."""
+    from innerloop.kernels.cpu import build
+
+    try:
+        build.load_library()
+    except build.CPUKernelUnavailable as error:
+        if os.environ.get("INNERLOOP_REQUIRE_CPU_KERNELS"):
+            raise
+        pytest.skip(f"the CPU kernels cannot be built here: {error}")

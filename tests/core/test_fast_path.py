@@ -91,8 +91,10 @@ def test_forcing_a_kernel_that_cannot_run_is_an_error():
 
 @pytest.mark.parametrize("model", ["linear", "mlp"])
 @pytest.mark.parametrize("path", ["fused_torch", "cpu_ttt"])
-def test_inference_never_modifies_the_callers_state(model, path):
+def test_inference_never_modifies_the_callers_state(model, path, request):
     """Without autograd the fast paths update weights in place, on their own copies only."""
+    if path == "cpu_ttt":
+        request.getfixturevalue("cpu_kernels")  # skips, with the reason, where nothing compiles
     torch.manual_seed(0)
     layer = TTTLayer(16, 2, inner_model=model, mini_batch_size=4, kernel=f"{path}_{model}")
     x = torch.randn(2, 12, 16)

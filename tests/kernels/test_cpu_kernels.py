@@ -27,16 +27,7 @@ from innerloop.testing.strategies import seeds
 STACKS = {"linear": LinearModel().stack, "mlp": MLPModel().stack}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cpu_kernels():
-    """Every test here needs the compiled library. A machine without a C++ compiler skips them;
-    CI sets INNERLOOP_REQUIRE_CPU_KERNELS=1 so that a broken build fails instead of skipping."""
-    try:
-        build.load_library()
-    except build.CPUKernelUnavailable as error:
-        if os.environ.get("INNERLOOP_REQUIRE_CPU_KERNELS"):
-            raise
-        pytest.skip(f"the CPU kernels cannot be built here: {error}")
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # skips, with the reason, where nothing compiles
 
 
 def strided(t: torch.Tensor) -> torch.Tensor:

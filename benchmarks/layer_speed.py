@@ -2,8 +2,8 @@
 
 Defaults follow issue 2: CPU, 2 threads, float32, B=1, D=768, H=12, K=16, forward only (no grad),
 T = 512 ... 8192. Prints a markdown table of tokens/s (median of --repeats rounds after a warm-up;
-each round times every layer once, so the machine's slow spells hit all layers alike) and, with
---json, writes the raw numbers atomically.
+each round times every layer at every length once, so the machine's slow spells hit all of them
+alike) and, with --json, writes the raw numbers atomically.
 
     python benchmarks/layer_speed.py
     python benchmarks/layer_speed.py --lengths 2048 --paths auto fused_torch torch --repeats 3
@@ -50,7 +50,7 @@ class CausalAttention(nn.Module):
 
 def interleaved_median_seconds(fns: dict, repeats: int) -> dict:
     """Median seconds per call of each function, timed round-robin (one call of each per round), so
-    that a slow spell of the machine hits every layer alike instead of whichever ran then."""
+    that a slow spell of the machine hits every layer and length alike instead of whichever ran then."""
     for fn in fns.values():
         fn()  # warm-up
     times: dict = {name: [] for name in fns}
@@ -98,16 +98,21 @@ def main() -> None:
     layers["attention (SDPA)"] = CausalAttention(args.hidden, args.heads).eval()
 
     results: dict[str, dict[int, float]] = {name: {} for name in layers}
-    for tokens in args.lengths:
-        x = torch.randn(args.batch, tokens, args.hidden)
-        calls = {name: (lambda layer=layer, x=x: layer(x)) for name, layer in layers.items()}
-        with torch.inference_mode():
-            seconds = interleaved_median_seconds(calls, args.repeats)
-        for name in layers:
-            results[name][tokens] = args.batch * tokens / seconds[name]
-            ran = getattr(layers[name], "last_dispatch", None)  # the TTT layers' last fast-path decision
-            path = f"  ({ran[0]})" if ran else ""
-            print(f"# {name:24s} T={tokens:5d}: {results[name][tokens]:9.0f} tokens/s{path}", flush=True)
+    # Every (layer, length) pair in each round: the tokens/s of one layer across lengths (its flatness)
+    # and of different layers are compared under the same conditions.
+    inputs = {tokens: torch.randn(args.batch, tokens, args.hidden) for tokens in args.lengths}
+    calls = {
+        (name, tokens): (lambda layer=layer, x=x: layer(x))
+        for tokens, x in inputs.items()
+        for name, layer in layers.items()
+    }
+    with torch.inference_mode():
+        seconds = interleaved_median_seconds(calls, args.repeats)
+    for (name, tokens), median in seconds.items():
+        results[name][tokens] = args.batch * tokens / median
+    for name, layer in layers.items():
+        ran = getattr(layer, "last_dispatch", None)  # a TTT layer's last fast-path decision
+        print(f"# {name:24s} ran {ran[0] if ran else 'torch SDPA'}", flush=True)
 
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, threads={args.threads}; "

@@ -24,9 +24,13 @@ class KernelUnavailableError(RuntimeError):
 
 
 def kernel_inputs(
-    task: InnerTask, chunk: ChunkInputs, params: Params, tau: torch.Tensor, decode: bool = False
+    task: InnerTask,
+    chunk: ChunkInputs,
+    params: Params,
+    tau: torch.Tensor | None = None,
+    decode: bool = False,
 ) -> KernelInputs:
-    """What ``verify`` sees about a block (``tau``: the token-index scales it uses)."""
+    """What ``verify`` sees about a block (``tau``: the token-index scales it uses, when known)."""
     tensors = (chunk.query, chunk.inputs, chunk.targets, chunk.lr, tau, task.norm_weight, task.norm_bias)
     requires_grad = torch.is_grad_enabled() and (
         any(t is not None and t.requires_grad for t in tensors)

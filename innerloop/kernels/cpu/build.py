@@ -28,6 +28,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("ttt_stack.cpp")
@@ -123,7 +124,7 @@ def _build() -> Path:
     try:
         # The first flag set that compiles and loads: usually the first, so one compile (a few seconds).
         # A library that compiles but does not load (e.g. an OpenMP runtime missing) tries the next.
-        problems = []
+        problems: list[str] = []
         for flags in FLAG_SETS:
             result = _compile(compiler, list(flags), Path(temporary))
             if result.returncode != 0:
@@ -136,10 +137,10 @@ def _build() -> Path:
                 continue
             break
         else:
-            raise CPUKernelUnavailable(f"compiling {SOURCE.name} with {compiler} failed: {problems[-1]}")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o755 & ~umask)  # mkstemp made it private; a shared cache needs it readable
+            raise CPUKernelUnavailable(
+                f"building {SOURCE.name} with {compiler} failed: {'; '.join(problems)}"
+            )
+        os.chmod(temporary, 0o755)  # mkstemp made it private; in a shared cache others must load it
         os.replace(temporary, target)  # atomic: other processes see no file or the whole file
     except (OSError, subprocess.SubprocessError) as error:
         raise CPUKernelUnavailable(f"compiling {SOURCE.name} failed: {error}") from error
@@ -160,16 +161,29 @@ def _outcome() -> tuple[ctypes.CDLL | None, Path | None, str | None]:
 
     A failure is remembered as well, so that a missing or broken compiler costs one attempt, not one
     per layer call."""
-    import torch  # noqa: F401  torch's OpenMP runtime must be loaded first, so that the kernels share it
+    import torch  # torch's OpenMP runtime must be loaded first, so that the kernels share it
 
     try:
         path = _build()
     except CPUKernelUnavailable as error:
         return None, None, str(error)
+    except Exception as error:  # noqa: BLE001  anything else (an unreadable cache, odd bytes...) is a reason too
+        return None, None, f"building the CPU kernels failed: {type(error).__name__}: {error}"
     try:
-        return ctypes.CDLL(str(path)), path, None
+        library = ctypes.CDLL(str(path))
     except OSError as error:
         return None, None, f"loading {path} failed: {error}"
+    if torch.get_num_threads() > 1 and not library.innerloop_uses_openmp():
+        try:
+            warnings.warn(
+                "innerloop's CPU kernel runs on one thread: its OpenMP build failed or did not load; "
+                "install an OpenMP-capable compiler (e.g. g++) or set CXX to one",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        except Warning:  # warnings turned into errors: a slower kernel is no reason to fail a forward
+            pass
+    return library, path, None
 
 
 def library_path() -> Path:

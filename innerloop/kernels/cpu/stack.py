@@ -10,7 +10,6 @@ for free (it returns a ``[B, H, T, f]`` view of it, as the kernel contract asks)
 from __future__ import annotations
 
 import ctypes
-import warnings
 
 import torch
 
@@ -100,24 +99,12 @@ class _DecodeArgs(ctypes.Structure):
     ]
 
 
-_warned_single_thread = False
-
-
 def _library() -> ctypes.CDLL:
-    global _warned_single_thread
     library = load_library()
     library.innerloop_stack_forward.argtypes = [ctypes.POINTER(_StackArgs)]
     library.innerloop_stack_forward.restype = ctypes.c_int
     library.innerloop_stack_decode.argtypes = [ctypes.POINTER(_DecodeArgs)]
     library.innerloop_stack_decode.restype = ctypes.c_int
-    if not _warned_single_thread and torch.get_num_threads() > 1 and not library.innerloop_uses_openmp():
-        _warned_single_thread = True
-        warnings.warn(
-            "innerloop's CPU kernel was built without OpenMP (the compiler rejected -fopenmp) and runs on "
-            "one thread; install an OpenMP-capable compiler (e.g. g++) or set CXX to one",
-            RuntimeWarning,
-            stacklevel=3,
-        )
     return library
 
 
@@ -195,7 +182,7 @@ def make_forward(stack: tuple[AffineLayer, ...]):
             xv=(xv, shape),
             lr=(lr, shape[:3]),
         )
-        if tau.dim() != 1 or tokens % tau.shape[0] != 0:
+        if tau.dim() != 1 or tau.shape[0] < 1 or tokens % tau.shape[0] != 0:
             raise ValueError(f"tau {tuple(tau.shape)} must be [K] with K dividing the {tokens} tokens")
         dtype = xq.dtype
         xq, xk, xv = (_rows_contiguous(t.to(dtype)) for t in (xq, xk, xv))
@@ -250,11 +237,13 @@ def make_decode(stack: tuple[AffineLayer, ...]):
             xv=(xv, shape),
             lr=(lr, shape[:2]),
         )
-        mismatched = [k for k in params if tuple(pending[k].shape) != tuple(params[k].shape)]
-        if mismatched or set(pending) != set(params):
+        if set(pending) != set(params):
             raise ValueError(
-                f"pending must have the keys and shapes of params; differing: {mismatched or sorted(set(pending) ^ set(params))}"
+                f"pending must have the keys of params; differing: {sorted(set(pending) ^ set(params))}"
             )
+        mismatched = [k for k in params if tuple(pending[k].shape) != tuple(params[k].shape)]
+        if mismatched:
+            raise ValueError(f"pending must have the shapes of params; differing: {mismatched}")
         dtype = xq.dtype
         xq, xk, xv = (_rows_contiguous(t.to(dtype)) for t in (xq, xk, xv))
         lr = lr.to(dtype)

@@ -27,6 +27,7 @@ def kernel_inputs(
     task: InnerTask,
     chunk: ChunkInputs,
     params: Params,
+    *,
     tau: torch.Tensor | None = None,
     decode: bool = False,
 ) -> KernelInputs:
@@ -97,7 +98,7 @@ def run_aligned_block(
     fallback: Callable[[InnerTask, Params, ChunkInputs, torch.Tensor], tuple[torch.Tensor, Params]],
 ) -> tuple[torch.Tensor, Params]:
     """Run whole mini-batches (from a boundary, no pending gradients) on the best path."""
-    kernel, reason = select_kernel(rule_name, task, kernel_inputs(task, chunk, params, tau))
+    kernel, reason = select_kernel(rule_name, task, kernel_inputs(task, chunk, params, tau=tau))
     if task.on_dispatch is not None:
         task.on_dispatch(kernel.name if kernel is not None else TORCH_PATH, reason)
     if kernel is None:
@@ -129,7 +130,7 @@ def run_decode_token(
     Returns ``(out [B, H, 1, f], params, pending)`` with the mini-batch committed when ``is_last``.
     """
     inputs = kernel_inputs(
-        task, chunk, {**params, **{f"pending.{k}": v for k, v in pending.items()}}, tau_i, decode=True
+        task, chunk, {**params, **{f"pending.{k}": v for k, v in pending.items()}}, tau=tau_i, decode=True
     )
     try:
         kernel, reason = select_kernel(rule_name, task, inputs)

@@ -49,6 +49,14 @@ def _resolve(kind: str, value: Any, expected: type) -> Any:
     )
 
 
+def _output_is_scratch(module: nn.Module) -> bool:
+    """Whether ``module(x)`` is a fresh tensor nobody else holds: a plain ``nn.Linear`` (not a
+    subclass or a wrapper, which may return cached or input tensors) with no forward hooks, local or
+    global, that could have kept its output."""
+    global_hooks = nn.modules.module._global_forward_hooks
+    return type(module) is nn.Linear and not module._forward_hooks and not global_hooks
+
+
 class TTTLayer(nn.Module):
     """A TTT sequence layer (TTT-Linear, TTT-MLP, or any registered inner model / loss / rule).
 
@@ -286,19 +294,21 @@ class TTTLayer(nn.Module):
             key, conv_history["shared_qk"] = causal_depthwise_conv(
                 shared, self.conv_k.weight, self.conv_k.bias, history
             )
+            owned = (True, True)  # our own functions' fresh outputs
         else:
             query, key = self.q_proj(x), self.k_proj(x)  # [B, T, D] each
+            owned = (_output_is_scratch(self.q_proj), _output_is_scratch(self.k_proj))
         value = self.v_proj(x)
         lr, tau = self.inner_learning_rates(x)
 
         def heads_view(t: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, H, T, f] (a view)
             return t.reshape(batch, tokens, heads, head_dim).transpose(1, 2)
 
-        # RoPE on Q and K, by [T, 1, f/2] tables; without autograd the projections are our own scratch,
-        # rotated where they lie.
+        # RoPE on Q and K, by [T, 1, f/2] tables. Without autograd, a projection that is our own scratch
+        # (a plain nn.Linear's fresh output that no hook has seen) is rotated where it lies.
         rotated = []
-        for t in (query, key):
-            in_place = not (torch.is_grad_enabled() and t.requires_grad)
+        for t, scratch in zip((query, key), owned, strict=True):
+            in_place = scratch and not (torch.is_grad_enabled() and t.requires_grad)
             t = t.reshape(batch, tokens, heads, head_dim)
             rotated.append(
                 apply_rope_interleaved(t, cos[:, None], sin[:, None], in_place=in_place).transpose(1, 2)

@@ -112,14 +112,20 @@ def test_inference_never_modifies_the_callers_state(model, path, request):
         assert torch.equal(value.detach(), initial[name]), name
 
 
-def test_cached_projection_weights_follow_every_change():
+def test_projection_weight_edits_take_effect_at_once():
+    """Whatever way a projection weight changes (in place, through .data, a state_dict), the next call
+    reads it: the layer keeps no copy of the weights."""
     torch.manual_seed(0)
     layer = TTTLayer(16, 2, mini_batch_size=4)
     x = torch.randn(1, 8, 16)
     fresh = TTTLayer(16, 2, mini_batch_size=4)
     with torch.no_grad():
-        layer(x)  # fills the cache
+        layer(x)
         layer.q_proj.weight.mul_(1.5)  # an in-place edit
+        fresh.load_state_dict(layer.state_dict())
+        torch.testing.assert_close(layer(x)[0], fresh(x)[0], rtol=0, atol=0)
+        layer.learnable_ttt_lr_weight.data.normal_()  # an edit through .data (no version bump)
+        layer.v_proj.weight.data.mul_(0.5)
         fresh.load_state_dict(layer.state_dict())
         torch.testing.assert_close(layer(x)[0], fresh(x)[0], rtol=0, atol=0)
         layer.load_state_dict(
@@ -127,7 +133,7 @@ def test_cached_projection_weights_follow_every_change():
         )
         fresh.load_state_dict(layer.state_dict())
         torch.testing.assert_close(layer(x)[0], fresh(x)[0], rtol=0, atol=0)
-    with_grad, _ = layer(x)  # with autograd the weights are concatenated afresh (gradients flow)
+    with_grad, _ = layer(x)  # gradients reach the projections
     with_grad.sum().backward()
     assert layer.q_proj.weight.grad is not None and layer.k_proj.weight.grad is not None
 

@@ -238,8 +238,10 @@ class Registry:
 
         def register(obj: Any) -> Any:
             # Smoke tests may take gradients: run them the same way whatever context the registry is
-            # first built in (e.g. under torch.no_grad or inference mode in a validation worker).
-            with torch.inference_mode(False), torch.enable_grad():
+            # first built in (e.g. under torch.no_grad or inference mode in a validation worker). Their
+            # random inputs come from a forked generator: building the registry (on first use) must not
+            # move the user's seed, or the first layer made after manual_seed would differ from later ones.
+            with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
                 name = validate(obj)
             if name in entries:
                 raise PluginError(

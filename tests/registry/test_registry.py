@@ -10,9 +10,11 @@ import pytest
 import torch
 
 import innerloop
+from innerloop import TTTLayer
 from innerloop.plugins.losses.reconstruction import HalfSquaredError
 from innerloop.registry import PluginError, Registry, build_registry, format_plugin_table, hookimpl
 from innerloop.registry.hookspecs import register_inner_losses
+from innerloop.registry.manager import reset_registry
 
 
 def test_builtins_register_through_the_plugin_path():
@@ -217,3 +219,18 @@ def test_registry_builds_under_no_grad_and_inference_mode(context):
         registry = build_registry(include_external=False)
     assert "score_first_sgd" in registry.names("model_update_rule")
     assert registry.names("inner_model") == ["linear", "mlp"]
+
+
+def test_building_the_registry_leaves_the_global_seed_alone():
+    """Validating plugins draws random inputs from a forked generator: the first layer made after
+    manual_seed gets the same weights as any later one (the registry is built on first use)."""
+    reset_registry()
+    try:
+        torch.manual_seed(0)
+        first = TTTLayer(16, 2).state_dict()
+        torch.manual_seed(0)
+        second = TTTLayer(16, 2).state_dict()
+        for key in first:
+            assert torch.equal(first[key], second[key]), key
+    finally:
+        reset_registry()

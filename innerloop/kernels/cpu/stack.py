@@ -100,12 +100,44 @@ class _DecodeArgs(ctypes.Structure):
 
 
 def _library() -> ctypes.CDLL:
+    """The loaded library with its entry points' signatures declared (once per loaded library)."""
     library = load_library()
-    library.innerloop_stack_forward.argtypes = [ctypes.POINTER(_StackArgs)]
-    library.innerloop_stack_forward.restype = ctypes.c_int
-    library.innerloop_stack_decode.argtypes = [ctypes.POINTER(_DecodeArgs)]
-    library.innerloop_stack_decode.restype = ctypes.c_int
+    if not getattr(library, "_innerloop_declared", False):
+        for function, struct in (
+            (library.innerloop_stack_forward, _StackArgs),
+            (library.innerloop_stack_decode, _DecodeArgs),
+        ):
+            function.argtypes = [ctypes.POINTER(struct)]
+            function.restype = ctypes.c_int
+        library._innerloop_declared = True
     return library
+
+
+def _fill(args, stack, activations, dims, params: Params, views: dict, ln_weight, ln_bias, eps) -> None:
+    """The fields both entry points share: sizes, the layers, the weights' and views' addresses and
+    strides (as many as the struct has: 3 for chunks, 2 for one token), the inner LayerNorm."""
+    args.dtype = DTYPE_CODES[views["xq"].dtype]
+    args.num_threads = torch.get_num_threads()
+    args.batch, args.heads = views["xq"].shape[:2]
+    args.num_layers = len(stack)
+    args.dims[: len(dims)] = dims
+    for index, layer in enumerate(stack):
+        args.activations[index] = activations[index]
+        args.weights[index] = params[layer.weight].data_ptr()
+        args.biases[index] = params[layer.bias].data_ptr() if layer.bias is not None else None
+    for name, tensor in views.items():
+        setattr(args, name, tensor.data_ptr())
+        strides = getattr(args, f"{name}_strides")
+        strides[:] = list(tensor.stride()[: len(strides)])
+    args.ln_weight, args.ln_bias, args.eps = ln_weight.data_ptr(), ln_bias.data_ptr(), float(eps)
+
+
+def _run(entry_point: str, args) -> None:
+    status = getattr(_library(), entry_point)(ctypes.byref(args))
+    if status != 0:
+        raise RuntimeError(
+            f"the CPU TTT kernel ({entry_point}) failed: {ERRORS.get(status, f'status {status}')}"
+        )
 
 
 def _refuse_autograd(tensors) -> None:
@@ -194,24 +226,10 @@ def make_forward(stack: tuple[AffineLayer, ...]):
         out = xq.new_empty(batch, tokens, heads, head_dim).permute(0, 2, 1, 3)
 
         args = _StackArgs()
-        args.dtype = DTYPE_CODES[dtype]
-        args.num_threads = torch.get_num_threads()
-        args.batch, args.heads, args.tokens, args.mini_batch = batch, heads, tokens, tau.shape[0]
-        args.num_layers = len(stack)
-        args.dims[: len(dims)] = dims
-        for index, layer in enumerate(stack):
-            args.activations[index] = activations[index]
-            args.weights[index] = new_params[layer.weight].data_ptr()
-            args.biases[index] = new_params[layer.bias].data_ptr() if layer.bias is not None else None
-        for name, tensor in (("xq", xq), ("xk", xk), ("xv", xv), ("lr", lr), ("out", out)):
-            setattr(args, name, tensor.data_ptr())
-            getattr(args, f"{name}_strides")[:] = list(tensor.stride()[:3])
-        args.tau, args.ln_weight, args.ln_bias = tau.data_ptr(), ln_weight.data_ptr(), ln_bias.data_ptr()
-        args.eps = float(eps)
-
-        status = _library().innerloop_stack_forward(ctypes.byref(args))
-        if status != 0:
-            raise RuntimeError(f"the CPU TTT kernel failed: {ERRORS.get(status, f'status {status}')}")
+        views = {"xq": xq, "xk": xk, "xv": xv, "lr": lr, "out": out}
+        _fill(args, stack, activations, dims, new_params, views, ln_weight, ln_bias, eps)
+        args.tokens, args.mini_batch, args.tau = tokens, tau.shape[0], tau.data_ptr()
+        _run("innerloop_stack_forward", args)
         return out, new_params
 
     return forward
@@ -254,26 +272,14 @@ def make_decode(stack: tuple[AffineLayer, ...]):
         out = xq.new_empty(batch, heads, head_dim)
 
         args = _DecodeArgs()
-        args.dtype = DTYPE_CODES[dtype]
-        args.num_threads = torch.get_num_threads()
-        args.batch, args.heads, args.num_layers = batch, heads, len(stack)
-        args.dims[: len(dims)] = dims
+        views = {"xq": xq, "xk": xk, "xv": xv, "lr": lr, "out": out}
+        _fill(args, stack, activations, dims, new_params, views, ln_weight, ln_bias, eps)
         for index, layer in enumerate(stack):
-            args.activations[index] = activations[index]
-            args.weights[index] = new_params[layer.weight].data_ptr()
             args.pending_weights[index] = new_pending[layer.weight].data_ptr()
             if layer.bias is not None:
-                args.biases[index] = new_params[layer.bias].data_ptr()
                 args.pending_biases[index] = new_pending[layer.bias].data_ptr()
-        for name, tensor in (("xq", xq), ("xk", xk), ("xv", xv), ("lr", lr), ("out", out)):
-            setattr(args, name, tensor.data_ptr())
-            getattr(args, f"{name}_strides")[:] = list(tensor.stride()[:2])
         args.tau, args.is_last = float(tau_i), int(bool(is_last))
-        args.ln_weight, args.ln_bias, args.eps = ln_weight.data_ptr(), ln_bias.data_ptr(), float(eps)
-
-        status = _library().innerloop_stack_decode(ctypes.byref(args))
-        if status != 0:
-            raise RuntimeError(f"the CPU TTT decode kernel failed: {ERRORS.get(status, f'status {status}')}")
+        _run("innerloop_stack_decode", args)
         return out, new_params, new_pending
 
     return decode
@@ -290,8 +296,6 @@ def make_verify(stack: tuple[AffineLayer, ...]):
             return f"dtype {inputs.dtype} is not float32 or float64"
         if inputs.requires_grad:
             return "forward only: an autograd graph is needed (fused_torch trains)"
-        if not inputs.extra.get("residual", True) or not inputs.extra.get("norm", True):
-            return "the kernel fuses the inner residual and LayerNorm, which this layer turns off"
         if not inputs.extra.get("decode") and inputs.num_tokens % inputs.mini_batch_size != 0:
             return f"num_tokens {inputs.num_tokens} is not a multiple of mini_batch_size {inputs.mini_batch_size}"
         if unsupported:

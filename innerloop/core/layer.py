@@ -364,12 +364,14 @@ class TTTLayer(nn.Module):
         and is longer than ``inference_chunk_size`` (then chunks that end on mini-batch boundaries)."""
         tokens = x.shape[1]
         limit = self.inference_chunk_size
+        if limit is None or tokens <= limit:  # the common case (and every decoded token): no scan of tensors
+            return [(0, tokens)]
         grad_needed = torch.is_grad_enabled() and (
             x.requires_grad
             or any(p.requires_grad for p in self.parameters())
             or any(t.requires_grad for t in state.tensors().values())
         )
-        if limit is None or tokens <= limit or grad_needed:
+        if grad_needed:
             return [(0, tokens)]
         size = max(self.mini_batch_size, limit - limit % self.mini_batch_size)
         first = size - state.position % self.mini_batch_size  # the first chunk closes its mini-batch

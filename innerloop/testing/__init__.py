@@ -13,6 +13,7 @@ from innerloop.testing.checks import (
     check_update_rule,
     make_problem,
     run_in_chunks,
+    run_layer_in_chunks,
 )
 from innerloop.testing.reference import causal_linear_attention, naive_token_loop
 
@@ -26,4 +27,5 @@ __all__ = [
     "make_problem",
     "naive_token_loop",
     "run_in_chunks",
+    "run_layer_in_chunks",
 ]

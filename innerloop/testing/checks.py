@@ -99,6 +99,19 @@ def run_in_chunks(
     return torch.cat(outputs, dim=2), state
 
 
+def run_layer_in_chunks(
+    layer: torch.nn.Module, x: torch.Tensor, cut_points: list[int], state: TTTState | None = None
+) -> tuple[torch.Tensor, TTTState]:
+    """Call ``layer`` on ``x [B, T, D]`` cut at ``cut_points`` (token indices), carrying the state."""
+    tokens = x.shape[1]
+    bounds = [0, *sorted(set(p for p in cut_points if 0 < p < tokens)), tokens]
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        y, state = layer(x[:, start:end], state)
+        outputs.append(y)
+    return torch.cat(outputs, dim=1), state
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tolerance: float) -> None:
     error = relative_error(actual, expected)
     if not error <= tolerance:  # also catches NaN
@@ -238,4 +251,5 @@ __all__ = [
     "check_update_rule",
     "make_problem",
     "run_in_chunks",
+    "run_layer_in_chunks",
 ]

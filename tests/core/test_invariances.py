@@ -25,6 +25,7 @@ from innerloop.testing import (
     make_problem,
     naive_token_loop,
     run_in_chunks,
+    run_layer_in_chunks,
 )
 from innerloop.testing.checks import assert_close, assert_states_close
 from innerloop.testing.strategies import layer_configs, seeds, split_points, views
@@ -43,15 +44,6 @@ def perturbed_layer(config: dict, seed: int) -> TTTLayer:
         for p in layer.parameters():
             p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.1)
     return layer
-
-
-def run_split(layer: TTTLayer, x: torch.Tensor, cuts: list[int]):
-    bounds = [0, *cuts, x.shape[1]]
-    state, outputs = None, []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        y, state = layer(x[:, start:end], state)
-        outputs.append(y)
-    return torch.cat(outputs, dim=1), state
 
 
 # ---- the update rules against the naive loop (the plugin checks of innerloop.testing) -----------
@@ -121,7 +113,7 @@ def test_layer_any_split_equals_whole(config, tokens, seed, data):
         2, tokens, config["hidden_size"], dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
     )
     whole, whole_state = layer(x)
-    split, split_state = run_split(layer, x, data.draw(split_points(tokens)))
+    split, split_state = run_layer_in_chunks(layer, x, data.draw(split_points(tokens)))
     assert_close(split, whole, "split vs whole", FLOAT64_TOLERANCE)
     assert_states_close(split_state, whole_state, "split vs whole", FLOAT64_TOLERANCE)
     for key in whole_state.conv_history:
@@ -170,7 +162,7 @@ def test_prefill_then_decode_equals_whole(config, prefill, decode, seed):
     x = torch.randn(1, prefill + decode, config["hidden_size"], dtype=torch.float64)
     whole, _ = layer(x)
     cuts = ([prefill] if prefill else []) + list(range(prefill + 1, prefill + decode))
-    stepped, _ = run_split(layer, x, cuts)
+    stepped, _ = run_layer_in_chunks(layer, x, cuts)
     assert_close(stepped, whole, "prefill + decode vs whole", FLOAT64_TOLERANCE)
 
 

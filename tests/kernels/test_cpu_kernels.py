@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_testing import make_inputs
+from kernel_testing import make_inputs, rel_rms
 
 from innerloop import TTTLayer
 from innerloop.core.protocol import Activation, AffineLayer
@@ -23,7 +23,7 @@ from innerloop.kernels.spec import KernelInputs
 from innerloop.plugins.models.linear import LinearModel
 from innerloop.plugins.models.mlp import MLPModel
 from innerloop.testing import FLOAT64_TOLERANCE
-from innerloop.testing.checks import assert_close, assert_states_close
+from innerloop.testing.checks import assert_close, assert_states_close, run_layer_in_chunks
 from innerloop.testing.strategies import seeds
 
 STACKS = {"linear": LinearModel().stack, "mlp": MLPModel().stack}
@@ -69,16 +69,20 @@ def test_kernel_equals_fused_torch_in_float64(
         assert torch.equal(params[key], before[key]), f"the caller's {key} was modified"
 
 
-@pytest.mark.parametrize("model", ["linear", "mlp"])
-def test_float32_kernel_is_as_close_to_float64_as_fused_torch(model):
-    """float32 runs its own tanh (no library call); its error is that of float32 arithmetic."""
-    inputs64 = make_inputs(2, 3, 64, 16, 16, model, dtype=torch.float64, seed=3)
+def float32_errors(model: str, inputs64) -> tuple[float, float]:
+    """Relative errors against float64 fused_torch of the kernel and of fused_torch, both in float32."""
     inputs32 = [{k: v.float() for k, v in t.items()} if isinstance(t, dict) else t.float() for t in inputs64]
     exact, _ = make_fused_forward(STACKS[model])(*inputs64, 1e-6)
     ours, _ = make_forward(STACKS[model])(*inputs32, 1e-6)
     theirs, _ = make_fused_forward(STACKS[model])(*inputs32, 1e-6)
-    error_ours = ((ours.double() - exact).norm() / exact.norm()).item()
-    error_theirs = ((theirs.double() - exact).norm() / exact.norm()).item()
+    return rel_rms(ours, exact), rel_rms(theirs, exact)
+
+
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_float32_kernel_is_as_close_to_float64_as_fused_torch(model):
+    """float32 runs its own tanh (no library call); its error is that of float32 arithmetic."""
+    inputs64 = make_inputs(2, 3, 64, 16, 16, model, dtype=torch.float64, seed=3)
+    error_ours, error_theirs = float32_errors(model, inputs64)
     assert error_ours < 1e-6, error_ours
     assert error_ours < 4 * error_theirs + 1e-7, (error_ours, error_theirs)
 
@@ -133,15 +137,9 @@ def test_layer_with_the_kernel_equals_torch_across_any_split(
     )
     reference, fast = twin_layers(config, seed % 1000)
     x = torch.randn(2, tokens, config["hidden_size"], dtype=torch.float64)
-    split = min(split, tokens)
     with torch.inference_mode():
         y_ref, state_ref = reference(x)
-        if split in (0, tokens):
-            y_fast, state_fast = fast(x)
-        else:
-            y_first, state_mid = fast(x[:, :split])
-            y_second, state_fast = fast(x[:, split:], state_mid)
-            y_fast = torch.cat([y_first, y_second], dim=1)
+        y_fast, state_fast = run_layer_in_chunks(fast, x, [split])  # a split at 0 or past the end: one call
     assert_close(y_fast, y_ref, "output", FLOAT64_TOLERANCE)
     assert_states_close(state_fast, state_ref, "state", FLOAT64_TOLERANCE)
 
@@ -341,19 +339,16 @@ def test_wrong_shapes_are_errors_not_out_of_bounds_reads():
 
 @given(
     model=st.sampled_from(["linear", "mlp"]),
-    head_dim=st.sampled_from([2, 6, 10, 12, 26]),
+    # not 2: a LayerNorm over 2 features is so ill-conditioned that float32 errors reach 1e-4 in any
+    # implementation (fused_torch included); float64 covers head_dim 2 above
+    head_dim=st.sampled_from([6, 10, 12, 26]),
     mini_batch=st.sampled_from([1, 5, 16]),
     seed=seeds(),
 )
 def test_float32_odd_widths_match_float64(model, head_dim, mini_batch, seed):
     """float32 through the remainder tiles and scalar edges (widths not multiples of 8 or 16)."""
     inputs64 = make_inputs(1, 2, 2 * mini_batch, head_dim, mini_batch, model, dtype=torch.float64, seed=seed)
-    inputs32 = [{k: v.float() for k, v in t.items()} if isinstance(t, dict) else t.float() for t in inputs64]
-    exact, _ = make_fused_forward(STACKS[model])(*inputs64, 1e-6)
-    ours, _ = make_forward(STACKS[model])(*inputs32, 1e-6)
-    theirs, _ = make_fused_forward(STACKS[model])(*inputs32, 1e-6)
-    error_ours = ((ours.double() - exact).norm() / exact.norm()).item()
-    error_theirs = ((theirs.double() - exact).norm() / exact.norm()).item()
+    error_ours, error_theirs = float32_errors(model, inputs64)
     assert error_ours < 1e-5 and error_ours < 4 * error_theirs + 1e-6, (error_ours, error_theirs)
 
 

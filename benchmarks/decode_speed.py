@@ -14,16 +14,13 @@ Paths as in layer_speed.py: ``auto`` (the compiled CPU kernel's decode path), ``
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import innerloop
+from ttt_paths import PATHS, print_table, ttt_layers  # beside this script
 
 
 class CachedAttention(nn.Module):
@@ -64,23 +61,12 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--mini-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--paths", nargs="+", default=["auto", "torch"], choices=["auto", "cpu_ttt", "fused_torch", "torch"]
-    )
+    parser.add_argument("--paths", nargs="+", default=["auto", "torch"], choices=PATHS)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    layers: dict[str, nn.Module] = {}
-    for model in ("linear", "mlp"):
-        for path in args.paths:
-            kernel = path if path in ("auto", "torch") else f"{path}_{model}"
-            label = f"TTT-{'Linear' if model == 'linear' else 'MLP'}" + (
-                "" if path == "auto" else f" ({path})"
-            )
-            layers[label] = innerloop.TTTLayer(
-                args.hidden, args.heads, inner_model=model, mini_batch_size=args.mini_batch, kernel=kernel
-            ).eval()
+    layers: dict[str, nn.Module] = ttt_layers(args.hidden, args.heads, args.mini_batch, args.paths)
     capacity = max(args.contexts) + args.tokens + 1
     layers["attention (KV cache)"] = CachedAttention(args.hidden, args.heads, capacity).eval()
 
@@ -104,15 +90,14 @@ def main() -> None:
                 f"# {name:26s} context={context:5d}: {results[name][context]:7.3f} ms/token{path}", flush=True
             )
 
-    print(
-        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, threads={args.threads}; "
-        f"torch {torch.__version__}; B=1 D={args.hidden} H={args.heads} K={args.mini_batch} fp32; "
-        f"median over {args.tokens} decoded tokens\n"
+    print_table(
+        "layer (ms per token)",
+        {c: f"context {c}" for c in args.contexts},
+        results,
+        ".3f",
+        f"B=1 D={args.hidden} H={args.heads} K={args.mini_batch} fp32; median over {args.tokens} decoded tokens",
+        args.threads,
     )
-    print("| layer (ms per token) | " + " | ".join(f"context {c}" for c in args.contexts) + " |")
-    print("|---|" + "---|" * len(args.contexts))
-    for name, row in results.items():
-        print(f"| {name} | " + " | ".join(f"{row[c]:.3f}" for c in args.contexts) + " |")
 
 
 if __name__ == "__main__":

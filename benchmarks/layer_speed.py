@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -28,8 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import innerloop
+from ttt_paths import PATHS, print_table, ttt_layers  # beside this script
 
 
 class CausalAttention(nn.Module):
@@ -77,7 +75,7 @@ def main() -> None:
         "--paths",
         nargs="+",
         default=["auto"],
-        choices=["auto", "cpu_ttt", "fused_torch", "torch"],
+        choices=PATHS,
         help="TTT dispatch paths to time",
     )
     parser.add_argument("--json", help="write the numbers to this file")
@@ -85,16 +83,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    layers: dict[str, nn.Module] = {}
-    for model in ("linear", "mlp"):
-        for path in args.paths:
-            label = f"TTT-{model.capitalize() if model == 'linear' else 'MLP'}" + (
-                "" if path == "auto" else f" ({path})"
-            )
-            kernel = path if path in ("auto", "torch") else f"{path}_{model}"
-            layers[label] = innerloop.TTTLayer(
-                args.hidden, args.heads, inner_model=model, mini_batch_size=args.mini_batch, kernel=kernel
-            ).eval()
+    layers: dict[str, nn.Module] = ttt_layers(args.hidden, args.heads, args.mini_batch, args.paths)
     layers["attention (SDPA)"] = CausalAttention(args.hidden, args.heads).eval()
 
     results: dict[str, dict[int, float]] = {name: {} for name in layers}
@@ -114,15 +103,14 @@ def main() -> None:
         ran = getattr(layer, "last_dispatch", None)  # a TTT layer's last fast-path decision
         print(f"# {name:24s} ran {ran[0] if ran else 'torch SDPA'}", flush=True)
 
-    print(
-        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, threads={args.threads}; "
-        f"torch {torch.__version__}; B={args.batch} D={args.hidden} H={args.heads} K={args.mini_batch} fp32 forward; "
-        f"median of {args.repeats}\n"
+    print_table(
+        "layer",
+        {t: f"T={t}" for t in args.lengths},
+        results,
+        ",.0f",
+        f"B={args.batch} D={args.hidden} H={args.heads} K={args.mini_batch} fp32 forward; median of {args.repeats}",
+        args.threads,
     )
-    print("| layer | " + " | ".join(f"T={t}" for t in args.lengths) + " |")
-    print("|---|" + "---|" * len(args.lengths))
-    for name, row in results.items():
-        print(f"| {name} | " + " | ".join(f"{row[t]:,.0f}" for t in args.lengths) + " |")
     if args.json:
         directory = os.path.dirname(os.path.abspath(args.json))
         with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:

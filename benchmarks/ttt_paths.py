@@ -1,0 +1,46 @@
+"""What the CPU layer benchmarks share: the TTT layers of each dispatch path, and the table they print.
+
+Paths: ``auto`` (what a user gets; on CPU inference the compiled kernel), ``cpu_ttt`` and
+``fused_torch`` (those kernels forced), ``torch`` (the reference path).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+from torch import nn
+
+import innerloop
+
+PATHS = ("auto", "cpu_ttt", "fused_torch", "torch")
+
+
+def ttt_layers(hidden: int, heads: int, mini_batch: int, paths: list[str]) -> dict[str, nn.Module]:
+    """TTT-Linear and TTT-MLP layers (eval mode) for each path, by table label."""
+    layers: dict[str, nn.Module] = {}
+    for model in ("linear", "mlp"):
+        for path in paths:
+            kernel = path if path in ("auto", "torch") else f"{path}_{model}"
+            label = f"TTT-{'Linear' if model == 'linear' else 'MLP'}" + (
+                "" if path == "auto" else f" ({path})"
+            )
+            layers[label] = innerloop.TTTLayer(
+                hidden, heads, inner_model=model, mini_batch_size=mini_batch, kernel=kernel
+            ).eval()
+    return layers
+
+
+def print_table(
+    title: str, columns: dict, results: dict[str, dict], fmt: str, setting: str, threads: int
+) -> None:
+    """The machine line, then a markdown table of ``results[layer][key]``, ``columns`` {key: header}."""
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, threads={threads}; "
+        f"torch {torch.__version__}; {setting}\n"
+    )
+    print(f"| {title} | " + " | ".join(columns.values()) + " |")
+    print("|---|" + "---|" * len(columns))
+    for name, row in results.items():
+        print(f"| {name} | " + " | ".join(format(row[key], fmt) for key in columns) + " |")

@@ -7,7 +7,7 @@ file:
   the repository root; any ``test_*`` function it defines is called too.
 - ```bash: every command, in order, in one temporary folder per document (so ``innerloop eval
   runs/tiny/...`` reads what the ``innerloop train`` above it wrote):
-  - ``innerloop ...`` runs (as ``python -m innerloop.cli``); ``innerloop train`` gets
+  - ``innerloop ...`` runs (in-process, through ``innerloop.cli.main`` as the console script does); ``innerloop train`` gets
     :data:`SHORTEN_TRAINING` appended so that a doc's minute-long run takes seconds (the rest of its
     config, preset and overrides, is used as written), except the runs in :data:`NOT_RUN_HERE` (GPUs,
     several devices), whose config is loaded and validated instead.
@@ -203,6 +203,9 @@ def run(argv: list[str], cwd: Path, environment: dict[str, str] | None = None) -
 
 
 def run_innerloop(written: str, argv: list[str], cwd: Path) -> None:
+    """Run an ``innerloop`` command in-process (``innerloop.cli.main``, as the console script does)."""
+    from innerloop.cli import main
+
     if written in NOT_RUN_HERE:
         from innerloop.config import load_config
 
@@ -214,7 +217,12 @@ def run_innerloop(written: str, argv: list[str], cwd: Path) -> None:
     arguments = argv[1:]
     if arguments[0] == "train" and "--resume" not in arguments:
         arguments = [*arguments, *SHORTEN_TRAINING]
-    run([sys.executable, "-m", "innerloop.cli", *arguments], cwd)
+    before = Path.cwd()
+    os.chdir(cwd)
+    try:
+        assert main(arguments) == 0, f"{written} failed"
+    finally:
+        os.chdir(before)
 
 
 def run_bash_block(block: Block, cwd: Path) -> None:

@@ -8,8 +8,11 @@ diagnostic) or one position bucket used to crash at the first validation.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from innerloop.cli import main
+from innerloop.models import E2EConfig, ModelConfig, TTTConfig, build_model
+from innerloop.testing import FLOAT64_TOLERANCE
 from innerloop.train import load_checkpoint
 from innerloop.train.plots import read_loss_by_position_csv
 
@@ -75,3 +78,36 @@ def test_size_one_dimensions_train_validate_and_evaluate(tmp_path, capsys) -> No
     assert main([*args, "--out", str(evaluated)]) == 0
     assert "perplexity:" in capsys.readouterr().out
     assert read_loss_by_position_csv(next(evaluated.glob("*.csv")))[0] == [(0, 1)]
+
+
+MODEL_CASES = [
+    (mixer, num_layers, length, window)
+    for mixer in ("ttt", "attention", "swa", "e2e")
+    for num_layers in (1, 2)
+    for length in (1, 8)
+    for window in ((1, 8) if mixer in ("swa", "e2e") else (8,))
+]
+
+
+@pytest.mark.parametrize(("mixer", "num_layers", "length", "window"), MODEL_CASES)
+def test_size_one_models_keep_their_shapes_and_continue_any_split(mixer, num_layers, length, window) -> None:
+    """One head, batch 1, one layer, one token, a window of one, a sequence of exactly one mini-batch
+    (TTT) or one chunk (E2E): logits keep ``[B, T, V]`` and one token then the rest = the whole."""
+    config = ModelConfig(
+        mixer=mixer,
+        hidden_size=8,
+        num_heads=1,
+        num_layers=num_layers,
+        intermediate_size=16,
+        window=window,
+        ttt=TTTConfig(mini_batch_size=8),
+        e2e=E2EConfig(chunk_size=8),
+    )
+    torch.manual_seed(0)
+    model = build_model(config).double()
+    ids = torch.randint(0, config.vocab_size, (1, length))
+    logits, _ = model(ids)  # [1, T, V]
+    assert logits.shape == (1, length, config.vocab_size)
+    first, state = model(ids[:, :1])
+    rest = [model(ids[:, 1:], state)[0]] if length > 1 else []
+    assert (torch.cat([first, *rest], dim=1) - logits).abs().max().item() <= FLOAT64_TOLERANCE

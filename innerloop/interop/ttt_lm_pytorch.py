@@ -191,7 +191,9 @@ def check_config(config: Mapping[str, Any]) -> None:
     if not isinstance(config, Mapping):
         hint = "; pass config.to_dict()" if hasattr(config, "to_dict") else ""
         raise TypeError(f"config must be a dict of TTTConfig fields, got {type(config).__name__}{hint}")
-    unknown = sorted(k for k in config if k not in TTT_CONFIG_FIELDS and k not in PRETRAINED_CONFIG_FIELDS)
+    unknown = sorted(
+        (k for k in config if k not in TTT_CONFIG_FIELDS and k not in PRETRAINED_CONFIG_FIELDS), key=str
+    )
     if unknown:
         known = list(TTT_CONFIG_FIELDS) + sorted(PRETRAINED_CONFIG_FIELDS)
         guesses = {k: difflib.get_close_matches(str(k), known, n=1) for k in unknown}
@@ -256,6 +258,8 @@ def layer_state_dict(model_state_dict: Mapping[str, torch.Tensor], index: int) -
 def convert_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Reference parameter names -> TTTLayer parameter names (a ``param.`` prefix is accepted;
     the reference's non-persistent buffers are skipped)."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
     converted: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         if not isinstance(key, str):

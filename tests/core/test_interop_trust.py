@@ -117,6 +117,8 @@ def test_integral_floats_and_defaults_are_accepted() -> None:
 
 
 def test_other_models_configs_and_config_objects_are_refused_clearly() -> None:
+    one_line_error(lambda: check_config({**CONFIG, 5: 1}), "unknown", "[5]")
+    one_line_error(lambda: load_layer(CONFIG, list(reference_state_dict().items())), "dict of tensors")
     one_line_error(lambda: check_config(dict(CONFIG, model_type="llama")), "model_type", "'llama'")
 
     class SavedConfig:  # transformers' PretrainedConfig is not a Mapping

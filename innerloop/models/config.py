@@ -8,8 +8,9 @@ against the registry by :func:`validate_model_config`, before anything is built.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+import math
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any, get_type_hints
 
 MIXERS: tuple[str, ...] = ("ttt", "attention", "swa")
 """Sequence mixers a block can use: a TTT layer, full causal attention, sliding-window attention."""
@@ -155,12 +156,42 @@ def _check_keys(where: str, data: dict[str, Any], schema: type) -> None:
         raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {valid}")
 
 
+def _type_error(value: Any, expected: type) -> str | None:
+    """What ``value`` should be for a field declared ``expected``, or None when it is fine."""
+    if expected is bool:
+        return None if isinstance(value, bool) else "true or false (a bool, not a string or a number)"
+    if expected is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if expected is float:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if number and math.isfinite(value) else "a finite number"
+    if expected is str:
+        return None if isinstance(value, str) else "a string"
+    return None
+
+
+def _check_types(where: str, config: Any, schema: type) -> None:
+    """Every field of ``config`` (a ``schema`` instance or an omegaconf node of it) has its declared
+    type: a dict from JSON or Python is not converted, so ``"false"`` for a bool or ``16.7`` for an
+    int is refused here rather than read as something else later."""
+    hints = get_type_hints(schema)
+    for f in fields(schema):
+        value, expected = getattr(config, f.name), hints[f.name]
+        if is_dataclass(expected):
+            _check_types(f"{where}.{f.name}", value, expected)
+            continue
+        wanted = _type_error(value, expected)
+        if wanted is not None:
+            raise ValueError(f"{where}.{f.name}={value!r} ({type(value).__name__}) must be {wanted}")
+
+
 def validate_model_config(config: ModelConfig) -> None:
     """Check names and shapes before building; raise ``ValueError`` naming the field and the choices.
 
     Plugin names are checked against ``innerloop.registry.available`` so that a typo fails at once,
     not minutes into a run.
     """
+    _check_types("model", config, ModelConfig)
     if config.mixer not in (*MIXERS, E2E):
         raise ValueError(
             f"model.mixer={config.mixer!r} is not a mixer; valid mixers: {list(MIXERS)}, "

@@ -34,6 +34,12 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, lr: float, min_l
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def _per_item(values: torch.Tensor) -> torch.Tensor:
+    """A metric's per-bucket or per-layer values as a 1-d tensor: torchmetrics squeezes a one-element
+    result to 0-d (one layer, one position bucket), which cannot be indexed or iterated."""
+    return values.reshape(-1)
+
+
 class LanguageModelModule(L.LightningModule):
     """Trains a causal LM with next-token cross-entropy.
 
@@ -126,14 +132,15 @@ class LanguageModelModule(L.LightningModule):
         self.log("val_acc", self.val_acc.compute())
         self.val_ppl.reset()
         self.val_acc.reset()
-        for b, loss in enumerate(self.val_loss_by_position.compute().tolist()):
+        for b, loss in enumerate(_per_item(self.val_loss_by_position.compute()).tolist()):
             self.log(f"val_loss_pos/{b}", loss)
         self.val_loss_by_position.reset()
         if self._inner_loss_before_after is not None:
             diagnostics = self.inner_diagnostics.compute()
+            before, after = _per_item(diagnostics["before"]), _per_item(diagnostics["after"])
             for layer in range(self.model.config.num_layers):
-                self.log(f"inner_loss_before/{layer}", diagnostics["before"][layer])
-                self.log(f"inner_loss_after/{layer}", diagnostics["after"][layer])
+                self.log(f"inner_loss_before/{layer}", before[layer])
+                self.log(f"inner_loss_after/{layer}", after[layer])
         self.inner_diagnostics.reset()
 
     def _capture_mixer_inputs(self) -> tuple[dict[int, torch.Tensor], list] | None:

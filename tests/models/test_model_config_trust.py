@@ -1,0 +1,44 @@
+"""ModelConfig from a user's dict (Python, JSON, a checkpoint's hyperparameters) refuses unknown keys
+and values of the wrong type with one line naming the field, instead of reading ``"false"`` as true or
+truncating ``16.7``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from innerloop.models import ModelConfig, build_model
+
+BAD = [
+    ({"hidden_size": 16.7}, "model.hidden_size=16.7"),
+    ({"num_layers": True}, "model.num_layers=True"),
+    ({"vocab_size": "256"}, "model.vocab_size='256'"),
+    ({"rope_theta": math.nan}, "model.rope_theta=nan"),
+    ({"norm_eps": math.inf}, "model.norm_eps=inf"),
+    ({"mixer": 3}, "model.mixer=3"),
+    ({"ttt": {"base_lr": "1.0"}}, "model.ttt.base_lr='1.0'"),
+    ({"ttt": {"mini_batch_size": 8.0}}, "model.ttt.mini_batch_size=8.0"),
+    ({"e2e": {"first_order": "false"}}, "model.e2e.first_order='false'"),
+    ({"e2e": {"test_time_training": 0}}, "model.e2e.test_time_training=0"),
+]
+
+
+@pytest.mark.parametrize(("data", "named"), BAD, ids=[b[1] for b in BAD])
+def test_a_value_of_the_wrong_type_is_refused_naming_the_field(data, named) -> None:
+    with pytest.raises(ValueError) as error:
+        build_model(ModelConfig.from_dict(data))
+    assert named in str(error.value) and "must be" in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "named"), [({"hiden_size": 3}, "hiden_size"), ({"ttt": {"base_Lr": 1}}, "base_Lr")]
+)
+def test_unknown_keys_are_refused_with_the_valid_ones(data, named) -> None:
+    with pytest.raises(ValueError, match=f"unknown key.*{named}.*valid keys"):
+        ModelConfig.from_dict(data)
+
+
+def test_an_int_where_a_float_is_declared_is_fine() -> None:
+    model = build_model(ModelConfig.from_dict({"hidden_size": 16, "num_heads": 2, "rope_theta": 10000}))
+    assert model.config.rope_theta == 10000

@@ -1,0 +1,278 @@
+"""Every code block of the newcomer docs (README.md, CONTRIBUTING.md, docs/*.md) runs as written.
+
+Blocks are found by parsing the markdown's fences, so a new block is covered without touching this
+file:
+
+- ```python: run in a fresh interpreter (a block's plugin registrations stay out of other tests) from
+  the repository root; any ``test_*`` function it defines is called too.
+- ```bash: every command, in order, in one temporary folder per document (so ``innerloop eval
+  runs/tiny/...`` reads what the ``innerloop train`` above it wrote):
+  - ``innerloop ...`` runs (in-process, through ``innerloop.cli.main`` as the console script does); ``innerloop train`` gets
+    :data:`SHORTEN_TRAINING` appended so that a doc's minute-long run takes seconds (the rest of its
+    config, preset and overrides, is used as written), except the runs in :data:`NOT_RUN_HERE` (GPUs,
+    several devices), whose config is loaded and validated instead.
+  - ``pip install`` is checked, not run: each requirement parses, each extra exists in
+    pyproject.toml, and a pinned version satisfies the project's own requirement.
+  - ``python -m pytest`` is checked, not run (it is this suite): its paths exist, a hypothesis
+    profile it names is registered.
+  - ``ruff check`` runs; ``ruff format`` runs with ``--check`` (a test never rewrites files).
+  - any other command fails the test: decide how it is covered here.
+- ```toml: parses.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DOCUMENTS = [REPO / "README.md", REPO / "CONTRIBUTING.md", *sorted((REPO / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
+
+#: Appended to every ``innerloop train`` a doc shows (not to ``--resume``, which continues the run in
+#: the config it finds): 2 steps of 2 windows, one validation batch, no progress bar.
+SHORTEN_TRAINING = [
+    "trainer.max_steps=2",
+    "trainer.val_every=2",
+    "trainer.checkpoint_every=2",
+    "data.batch_size=2",
+    "data.val_batches=1",
+    "trainer.progress_bar=false",
+]
+#: Commands (as written, without their comment) that cannot run on a CI machine, with the reason.
+#: Their config is loaded and validated (preset, keys, types), without the hardware overrides.
+NOT_RUN_HERE = {
+    "innerloop train --config e2e-125m": "the paper's 125M shape, for a GPU",
+    "innerloop train --config ttt-linear-125m trainer.devices=8 trainer.strategy=ddp": "8 GPUs",
+    "innerloop train --config ttt-linear-1.3b trainer.devices=8 trainer.strategy=fsdp": "8 GPUs (FSDP)",
+    "innerloop train trainer.devices=2 trainer.strategy=ddp_spawn out_dir=runs/tiny-ddp": (
+        "two processes for ~30 s; tests/train/test_train.py::test_two_process_ddp_on_cpu_trains runs DDP on CPU"
+    ),
+}
+HARDWARE_KEYS = ("trainer.devices=", "trainer.strategy=", "trainer.accelerator=")
+
+
+@dataclass(frozen=True)
+class Block:
+    document: Path
+    line: int
+    language: str
+    text: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.document.relative_to(REPO)}:{self.line}"
+
+
+def code_blocks(document: Path) -> list[Block]:
+    text = document.read_text()
+    return [
+        Block(document, text.count("\n", 0, match.start()) + 1, match.group(1), match.group(2))
+        for match in FENCE.finditer(text)
+    ]
+
+
+def blocks_of(language: str) -> list[Block]:
+    return [block for document in DOCUMENTS for block in code_blocks(document) if block.language == language]
+
+
+def test_the_markdown_parser_finds_the_blocks() -> None:
+    readme = code_blocks(REPO / "README.md")
+    assert [b.language for b in readme][:2] == ["bash", "python"]
+    assert "innerloop.TTTLayer(hidden_size=768" in readme[1].text
+    assert all(b.language in ("bash", "python", "toml", "") for d in DOCUMENTS for b in code_blocks(d))
+
+
+# --------------------------------------------------------------------------------------------- python
+
+
+def _environment() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+RUN_BLOCK = """
+import runpy, sys
+namespace = runpy.run_path(sys.argv[1])
+for name, value in list(namespace.items()):
+    if name.startswith("test_") and callable(value):
+        value()
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter per block (imports torch): 3-8 s each
+@pytest.mark.parametrize("block", blocks_of("python"), ids=lambda b: b.id)
+def test_python_block_runs(block: Block, tmp_path) -> None:
+    if "../shared" in block.text and not SHARED.is_dir():
+        pytest.skip(f"the block reads ../shared, which is not at {SHARED}")
+    script = tmp_path / "block.py"
+    script.write_text(block.text)
+    result = subprocess.run(
+        [sys.executable, "-c", RUN_BLOCK, str(script)],
+        cwd=REPO,
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, f"{block.id} failed:\n{block.text}\n{result.stderr[-3000:]}"
+
+
+# ----------------------------------------------------------------------------------------------- bash
+
+
+def commands(text: str) -> list[tuple[str, list[str]]]:
+    """(command as written without its comment, argv) for each command of a bash block."""
+    found = []
+    for line in text.replace("\\\n", " ").splitlines():
+        argv = shlex.split(line, comments=True)
+        while argv:
+            end = argv.index("&&") if "&&" in argv else len(argv)
+            found.append((shlex.join(argv[:end]), argv[:end]))
+            argv = argv[end + 1 :]
+    return found
+
+
+def _split_environment(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    environment = {}
+    while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", argv[0]):
+        key, _, value = argv[0].partition("=")
+        environment[key] = value
+        argv = argv[1:]
+    return environment, argv
+
+
+def _tomllib():
+    return pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+
+
+def check_pip_install(argv: list[str]) -> None:
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    project = _tomllib().loads((REPO / "pyproject.toml").read_text())["project"]
+    required = {Requirement(r).name: Requirement(r).specifier for r in project["dependencies"]}
+    extras = set(project["optional-dependencies"])
+    arguments = [a for a in argv[2:] if a != "-e"]
+    assert arguments, f"pip install of nothing: {argv}"
+    for argument in arguments:
+        if argument.startswith((".", "/")):  # this project, with extras
+            path, _, bracket = argument.partition("[")
+            assert (REPO / path / "pyproject.toml").is_file(), argument
+            asked = {e.strip() for e in bracket.rstrip("]").split(",") if e.strip()}
+            assert asked <= extras, f"{argument}: extras {sorted(asked - extras)} not in {sorted(extras)}"
+            continue
+        requirement = Requirement(argument)
+        pinned = [s.version for s in requirement.specifier if s.operator == "=="]
+        for version in pinned:
+            assert version in required.get(requirement.name, SpecifierSet()), (
+                f"{argument} does not satisfy the project's {requirement.name}{required[requirement.name]}"
+            )
+
+
+def check_pytest(environment: dict[str, str], argv: list[str]) -> None:
+    for argument in argv[3:]:
+        if not argument.startswith("-"):
+            assert (REPO / argument.split("::")[0]).exists(), f"pytest path {argument} does not exist"
+    if "HYPOTHESIS_PROFILE" in environment:
+        from hypothesis import settings
+
+        settings.get_profile(environment["HYPOTHESIS_PROFILE"])  # raises for an unregistered profile
+
+
+def run(argv: list[str], cwd: Path, environment: dict[str, str] | None = None) -> None:
+    result = subprocess.run(
+        argv,
+        cwd=cwd,
+        env={**_environment(), **(environment or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, (
+        f"{shlex.join(argv)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    )
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def run_innerloop(written: str, argv: list[str], cwd: Path) -> None:
+    """Run an ``innerloop`` command in-process (``innerloop.cli.main``, as the console script does)."""
+    from innerloop.cli import main
+
+    if written in NOT_RUN_HERE:
+        from innerloop.config import load_config
+
+        rest = argv[2:]
+        preset = rest[rest.index("--config") + 1] if "--config" in rest else "tiny"
+        overrides = [a for a in rest if "=" in a and not a.startswith(HARDWARE_KEYS)]
+        load_config(preset, overrides)
+        return
+    arguments = argv[1:]
+    if arguments[0] == "train" and "--resume" not in arguments:
+        arguments = [*arguments, *SHORTEN_TRAINING]
+    before = Path.cwd()
+    os.chdir(cwd)
+    try:
+        assert main(arguments) == 0, f"{written} failed"
+    finally:
+        os.chdir(before)
+
+
+def run_bash_block(block: Block, cwd: Path) -> None:
+    for written, argv in commands(block.text):
+        environment, argv = _split_environment(argv)
+        if argv[:2] == ["pip", "install"]:
+            check_pip_install(argv)
+        elif argv[:3] == ["python", "-m", "pytest"]:
+            check_pytest(environment, argv)
+        elif argv[:2] == ["ruff", "check"]:
+            run(argv, REPO, environment)
+        elif argv[:2] == ["ruff", "format"]:
+            run([*argv[:2], "--check", *argv[2:]], REPO, environment)
+        elif argv[0] == "innerloop":
+            run_innerloop(written, argv, cwd)
+        else:
+            pytest.fail(f"{block.id}: tests/test_docs.py does not know how to check {written!r}")
+
+
+def test_bash_commands_are_parsed_as_a_shell_would() -> None:
+    block = 'A=1 pip install -e ".[test]" && innerloop train  # comment\ninnerloop eval x \\\n  --batches 1\n'
+    assert [argv for _, argv in commands(block)] == [
+        ["A=1", "pip", "install", "-e", ".[test]"],
+        ["innerloop", "train"],
+        ["innerloop", "eval", "x", "--batches", "1"],
+    ]
+    with pytest.raises(AssertionError, match="extras"):
+        check_pip_install(["pip", "install", "-e", ".[tests]"])
+    with pytest.raises(AssertionError, match="does not satisfy"):
+        check_pip_install(["pip", "install", "torch==2.0.0"])
+
+
+def test_not_run_commands_are_still_in_the_docs() -> None:
+    written = {c for block in blocks_of("bash") for c, _ in commands(block.text)}
+    assert set(NOT_RUN_HERE) <= written, sorted(set(NOT_RUN_HERE) - written)
+
+
+@pytest.mark.slow  # runs each document's innerloop commands in order (shortened): 10-90 s per document
+@pytest.mark.parametrize(
+    "document",
+    [d for d in DOCUMENTS if any(b.language == "bash" for b in code_blocks(d))],
+    ids=lambda d: str(d.relative_to(REPO)),
+)
+def test_bash_blocks_run(document: Path, tmp_path) -> None:
+    (tmp_path / "docs").symlink_to(REPO / "docs")  # commands read docs/*.md as a corpus
+    for block in code_blocks(document):
+        if block.language == "bash":
+            run_bash_block(block, tmp_path)
+
+
+@pytest.mark.parametrize("block", blocks_of("toml"), ids=lambda b: b.id)
+def test_toml_block_parses(block: Block) -> None:
+    assert _tomllib().loads(block.text)

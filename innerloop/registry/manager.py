@@ -9,6 +9,11 @@ unless the environment forbids them:
 
 Every registered object remembers the plugin it came from (its origin), shown by
 ``innerloop plugins``.
+
+Registering a plugin is all or nothing: if one of its hooks raises, one of its objects fails
+validation or a name clashes, the registry is left exactly as it was. An entry-point plugin that
+fails to load is skipped with one :class:`PluginLoadWarning` and listed as broken; only asking for a
+name it would have provided fails, with the reason.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import importlib
 import inspect
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -28,16 +34,29 @@ import torch
 from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule, Views
 from innerloop.kernels.spec import KernelSpec
 from innerloop.registry import hookspecs
+from innerloop.testing.checks import (
+    REGISTRATION_TOLERANCE,
+    check_activation_derivatives,
+    check_loss_gradient,
+    check_pairs_deterministic,
+    check_stack_matches_forward,
+    check_update_rule,
+)
 
 ENTRY_POINT_GROUP = "innerloop"
 DISABLE_ENV = "INNERLOOP_DISABLE_EXTERNAL_PLUGINS"
 ALLOW_ENV = "INNERLOOP_PLUGINS"
+BUILTIN_PREFIX = "builtin:"
 
 KINDS = ("inner_model", "inner_loss", "update_rule", "kernel", "model_inner_loss", "model_update_rule")
 
 
 class PluginError(ValueError):
     """A plugin does not conform to the protocol, or clashes with one already registered."""
+
+
+class PluginLoadWarning(UserWarning):
+    """An external (entry-point) plugin failed to load and was skipped."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +67,32 @@ class Entry:
     name: str
     obj: Any
     origin: str
+
+
+@dataclass(frozen=True)
+class BrokenPlugin:
+    """An entry-point plugin that failed to load and was skipped.
+
+    ``names`` are the ``(kind, name)`` pairs it registered or tried to register before it failed:
+    empty when it failed to import (what it would have provided is then unknowable).
+    """
+
+    entry_point: str
+    distribution: str
+    error: str
+    names: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def origin(self) -> str:
+        return f"{self.entry_point} ({self.distribution})"
+
+    def message(self) -> str:
+        """One line: which plugin, from which distribution, what went wrong, what to do."""
+        return (
+            f"plugin {self.entry_point!r} from distribution {self.distribution!r} failed to load and was "
+            f"skipped: {self.error} (fix or uninstall {self.distribution!r}, or set {DISABLE_ENV}=1 to load "
+            "no external plugin)"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -69,6 +114,21 @@ def _check_name(obj: Any, kind: str) -> str:
     if not isinstance(name, str) or not name.strip():
         raise PluginError(f"{kind} {obj!r} has no 'name' (a non-empty string); got {name!r}")
     return name
+
+
+def _conformance(label: str, name: str, check: Callable[[], None]) -> None:
+    """Run a cheap conformance check of :mod:`innerloop.testing.checks`; its failure is a refusal."""
+    try:
+        check()
+    except AssertionError as error:
+        raise PluginError(
+            f"{label} {name!r} fails a conformance check: {error} "
+            "(innerloop.testing has the full checks to run in the plugin's own tests)"
+        ) from error
+    except PluginError:
+        raise
+    except Exception as error:  # the plugin's own failure, reported as a rejection
+        raise PluginError(f"{label} {name!r} failed its conformance check: {error!r}") from error
 
 
 def _validate_inner_model(model: Any) -> str:
@@ -100,6 +160,18 @@ def _validate_inner_model(model: Any) -> str:
             f"inner model {name!r}: forward maps [heads, N, f] = {tuple(x.shape)} to {tuple(out.shape)}; "
             "it must return the same shape (g maps head_dim features to head_dim features)"
         )
+
+    def stack_and_activations() -> None:
+        # float64 weights perturbed so that every term (zero-initialised biases too) matters
+        weights = {k: v.double() + 0.1 * torch.randn(v.shape, dtype=torch.float64) for k, v in params.items()}
+        check_stack_matches_forward(
+            model, weights, torch.randn(heads, 3, head_dim, dtype=torch.float64), REGISTRATION_TOLERANCE
+        )
+        check_activation_derivatives(
+            model, 3 * torch.randn(4, 5, dtype=torch.float64), REGISTRATION_TOLERANCE
+        )
+
+    _conformance("inner model", name, stack_and_activations)
     return name
 
 
@@ -129,6 +201,14 @@ def _validate_inner_loss(loss: Any) -> str:
             f"inner loss {name!r}: token_loss() must reduce the feature dim to [B, H, T] = {expected[:-1]}; "
             f"got {tuple(per_token.shape)}"
         )
+
+    def gradient_and_determinism() -> None:
+        check_pairs_deterministic(loss, views, carry)
+        if type(loss).token_loss_grad is not InnerLoss.token_loss_grad:  # a closed form to check
+            prediction = torch.randn(expected, dtype=torch.float64)
+            check_loss_gradient(loss, prediction, pairs.targets, REGISTRATION_TOLERANCE)
+
+    _conformance("inner loss", name, gradient_and_determinism)
     return name
 
 
@@ -140,6 +220,35 @@ def _validate_update_rule(rule: Any) -> str:
     if missing:
         raise PluginError(f"update rule {name!r} lacks required method(s) {missing} of UpdateRule")
     return name
+
+
+def _check_update_rule_against_naive_loop(rule: Any, name: str) -> None:
+    """The rule equals the naive token loop on a tiny TTT-Linear problem, whole and cut mid-mini-batch.
+
+    A rule that cannot run a linear model is checked only by its own tests.
+    """
+    from innerloop.plugins.losses.reconstruction import Reconstruction
+    from innerloop.plugins.models.linear import LinearModel
+
+    model = LinearModel()
+    if _conformance_refusal(rule, model, name) is not None:
+        return
+    problem = {"batch": 1, "heads": 1, "head_dim": 2, "tokens": 5, "mini_batch_size": 2}
+    _conformance(
+        "update rule",
+        name,
+        lambda: check_update_rule(rule, model, Reconstruction(), tolerance=REGISTRATION_TOLERANCE, **problem),
+    )
+
+
+def _conformance_refusal(rule: Any, model: InnerModel, name: str) -> str | None:
+    """``rule.check_model(model)``, its own failure reported as a rejection."""
+    try:
+        return rule.check_model(model)
+    except Exception as error:
+        raise PluginError(
+            f"update rule {name!r} failed its smoke test: check_model raised {error!r}"
+        ) from error
 
 
 def _validate_kernel(spec: Any) -> str:
@@ -205,6 +314,14 @@ _VALIDATORS: dict[str, Callable[[Any], str]] = {
     "model_update_rule": _validate_model_update_rule,
 }
 
+#: Checks run only on plugins that do not ship with innerloop (origin not ``builtin:...``). The
+#: built-in update rules are checked against the naive loop to float64 precision by the test suite
+#: (tests/core/test_invariances.py); checking them at every start-up would cost ~2 s (the first
+#: ``torch.func.grad`` call imports torch's compiler stack).
+_EXTERNAL_CHECKS: dict[str, Callable[[Any, str], None]] = {
+    "update_rule": _check_update_rule_against_naive_loop,
+}
+
 _HOOK_OF_KIND = {
     "inner_model": "register_inner_models",
     "inner_loss": "register_inner_losses",
@@ -220,59 +337,135 @@ _HOOK_OF_KIND = {
 # --------------------------------------------------------------------------------------------------
 
 
+class _Staging:
+    """What one plugin registers, held back until all its hooks have run (then committed at once)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+        self.attempted: list[tuple[str, str]] = []  # (kind, name) of every object offered, accepted or not
+
+
 class Registry:
     """Registered inner models, inner losses, update rules, kernels and the model-level inner losses
-    and update rules (TTT-E2E), by name, with origins."""
+    and update rules (TTT-E2E), by name, with origins; and the entry-point plugins that failed to load."""
 
     def __init__(self) -> None:
         self.plugin_manager = pluggy.PluginManager("innerloop")
         self.plugin_manager.add_hookspecs(hookspecs)
         self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+        self._broken: list[BrokenPlugin] = []
 
     # ---- registering -----------------------------------------------------------------------------
 
-    def registrar(self, kind: str, origin: str) -> Callable[[Any], Any]:
-        """The ``register`` callable handed to a plugin's hook for ``kind``."""
+    def registrar(self, kind: str, origin: str, staging: _Staging) -> Callable[[Any], Any]:
+        """The ``register`` callable handed to a plugin's hook for ``kind``; accepted objects go to
+        ``staging`` (the registry itself changes only when the whole plugin has been accepted)."""
         validate = _VALIDATORS[kind]
-        entries = self._entries[kind]
+        label = kind.replace("_", " ")
 
         def register(obj: Any) -> Any:
+            offered = getattr(obj, "name", None)
+            if isinstance(offered, str):
+                staging.attempted.append((kind, offered))
             # Smoke tests may take gradients: run them the same way whatever context the registry is
             # first built in (e.g. under torch.no_grad or inference mode in a validation worker). Their
             # random inputs come from a forked generator: building the registry (on first use) must not
             # move the user's seed, or the first layer made after manual_seed would differ from later ones.
             with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
                 name = validate(obj)
-            if name in entries:
+                if kind in _EXTERNAL_CHECKS and not origin.startswith(BUILTIN_PREFIX):
+                    _EXTERNAL_CHECKS[kind](obj, name)
+            if name in self._entries[kind]:
                 raise PluginError(
-                    f"{kind.replace('_', ' ')} name {name!r} from plugin {origin!r} is already registered "
-                    f"by plugin {entries[name].origin!r}; choose another name"
+                    f"{label} name {name!r} from plugin {origin!r} is already registered "
+                    f"by plugin {self._entries[kind][name].origin!r}; choose another name"
                 )
-            entries[name] = Entry(kind, name, obj, origin)
+            if name in staging.entries[kind]:
+                raise PluginError(f"plugin {origin!r} registers the {label} name {name!r} twice")
+            staging.entries[kind][name] = Entry(kind, name, obj, origin)
             return obj
 
-        register.__doc__ = f"Register a {kind.replace('_', ' ')} (validated against the protocol)."
+        register.__doc__ = f"Register a {label} (validated against the protocol)."
         return register
 
     def add_plugin(self, plugin: Any, origin: str | None = None) -> None:
-        """Register a plugin (module or object with hookimpls) and run its registration hooks."""
+        """Register a plugin (module or object with hookimpls) and run its registration hooks.
+
+        All or nothing: if the plugin is refused (a hook raises, an object fails validation, a name
+        clashes, the plugin or its origin is already registered), the error is raised and the
+        registry is left exactly as it was.
+        """
         origin = origin or getattr(plugin, "__name__", None) or type(plugin).__name__
-        if self.plugin_manager.is_registered(plugin):
-            raise PluginError(f"plugin {origin!r} is already registered")
+        self._add(plugin, origin, _Staging())
+
+    def _add(self, plugin: Any, origin: str, staging: _Staging) -> None:
+        self._check_new(plugin, origin)
         try:
             self.plugin_manager.register(plugin, name=origin)
             self.plugin_manager.check_pending()
         except (pluggy.PluginValidationError, ValueError) as error:
-            self.remove_plugin(origin)
+            self._forget(plugin)
             raise PluginError(f"plugin {origin!r} is not a valid innerloop plugin: {error}") from error
         try:
             for kind, hook_name in _HOOK_OF_KIND.items():
                 for impl in getattr(self.plugin_manager.hook, hook_name).get_hookimpls():
                     if impl.plugin is plugin:
-                        impl.function(register=self.registrar(kind, origin))
-        except Exception:
-            self.remove_plugin(origin)
+                        impl.function(register=self.registrar(kind, origin, staging))
+        except BaseException:
+            self._forget(plugin)
             raise
+        for kind, accepted in staging.entries.items():
+            self._entries[kind].update(accepted)
+
+    def _check_new(self, plugin: Any, origin: str) -> None:
+        """Refuse, before touching anything, a plugin object or an origin that is already registered."""
+        if self.plugin_manager.is_registered(plugin):
+            raise PluginError(
+                f"plugin {self.plugin_manager.get_name(plugin)!r} is already registered (this same object); "
+                "nothing was changed"
+            )
+        if self.plugin_manager.has_plugin(origin):
+            raise PluginError(
+                f"a plugin named {origin!r} is already registered; nothing was changed. To replace it (e.g. when "
+                f"re-running a notebook cell) call innerloop.get_registry().remove_plugin({origin!r}) first, "
+                "or register this one under another origin"
+            )
+
+    def _forget(self, plugin: Any) -> None:
+        """Undo a partial pluggy registration of ``plugin`` (this object only, never another by name)."""
+        if self.plugin_manager.is_registered(plugin):
+            self.plugin_manager.unregister(plugin)
+
+    def add_entry_point(self, entry_point: Any) -> BrokenPlugin | None:
+        """Load and register one ``innerloop`` entry point; never raises for the plugin's faults.
+
+        A plugin that fails to import, whose hook raises or whose object is refused is skipped: the
+        registry is left as it was, one :class:`PluginLoadWarning` says why, and the failure is
+        remembered (and returned) so that asking for one of its names explains itself.
+        """
+        distribution = _distribution_of(entry_point)
+        origin = f"{entry_point.name} ({distribution})"
+        staging = _Staging()
+        try:
+            plugin = entry_point.load()
+        except Exception as error:
+            failure = f"importing {entry_point.value!r} raised {type(error).__name__}: {error}"
+        else:
+            try:
+                self._add(plugin, origin, staging)
+                return None
+            except PluginError as error:
+                failure = str(error)
+            except Exception as error:
+                failure = f"its registration hook raised {type(error).__name__}: {error}"
+        broken = BrokenPlugin(entry_point.name, distribution, failure, tuple(staging.attempted))
+        self._broken.append(broken)
+        warnings.warn(broken.message(), PluginLoadWarning, stacklevel=2)
+        return broken
+
+    def broken(self) -> list[BrokenPlugin]:
+        """The entry-point plugins that failed to load (skipped), in load order."""
+        return list(self._broken)
 
     def remove_plugin(self, origin: str) -> None:
         """Unregister a plugin and everything it registered (used by tests and notebooks)."""
@@ -299,11 +492,30 @@ class Registry:
         self._check_kind(kind)
         entries = self._entries[kind]
         if not isinstance(name, str) or name not in entries:
-            raise ValueError(
-                f"unknown {kind.replace('_', ' ')} {name!r}; registered: {sorted(entries)} "
-                f"(see `innerloop plugins`)"
-            )
+            raise self.unknown_name_error(kind, name)
         return entries[name].obj
+
+    def unknown_name_error(self, kind: str, name: Any) -> ValueError:
+        """The error for asking for a name that is not registered: the valid names, and the broken
+        plugin that provides it (then a :class:`PluginError`) or the broken ones that may have."""
+        label = kind.replace("_", " ")
+        hint = self.broken_hint(kind, name)
+        if any((kind, name) in b.names for b in self._broken):
+            return PluginError(f"{label} {name!r} is not registered: {hint}")
+        message = f"unknown {label} {name!r}; registered: {self.names(kind)} (see `innerloop plugins`)"
+        return ValueError(f"{message}. {hint}" if hint else message)
+
+    def broken_hint(self, kind: str, name: Any) -> str:
+        """Why ``name`` may be missing: the broken plugin that provides it, or every broken plugin
+        when it is not known which would have (one that failed to import); "" when none is broken."""
+        providers = [b for b in self._broken if (kind, name) in b.names]
+        if providers:
+            return providers[0].message()
+        if self._broken:
+            return "Plugins that failed to load and may have provided it: " + "; ".join(
+                b.message() for b in self._broken
+            )
+        return ""
 
     def inner_model(self, name: str) -> InnerModel:
         return self.get("inner_model", name)
@@ -354,23 +566,31 @@ def _allowed_external() -> tuple[bool, set[str] | None]:
     return True, {name.strip() for name in allow.split(",") if name.strip()}
 
 
+def _distribution_of(entry_point: Any) -> str:
+    """The name of the distribution that installed ``entry_point`` (its value if unknown)."""
+    dist = getattr(entry_point, "dist", None)
+    return dist.name if dist is not None else entry_point.value
+
+
+def _entry_points() -> Iterable[Any]:
+    """The installed ``innerloop`` entry points (tests replace this function to fake some)."""
+    return metadata.entry_points(group=ENTRY_POINT_GROUP)
+
+
 def load_entry_point_plugins(registry: Registry) -> list[str]:
-    """Load the ``innerloop`` entry points the environment allows; returns their origins."""
+    """Load the ``innerloop`` entry points the environment allows; returns the origins that loaded.
+
+    One that fails is skipped with a warning (see :meth:`Registry.add_entry_point`).
+    """
     enabled, allowlist = _allowed_external()
     if not enabled:
         return []
     loaded = []
-    for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+    for entry_point in _entry_points():
         if allowlist is not None and entry_point.name not in allowlist:
             continue
-        dist = getattr(entry_point, "dist", None)
-        origin = f"{entry_point.name} ({dist.name if dist else entry_point.value})"
-        try:
-            plugin = entry_point.load()
-        except Exception as error:
-            raise PluginError(f"entry-point plugin {origin} failed to import: {error!r}") from error
-        registry.add_plugin(plugin, origin=origin)
-        loaded.append(origin)
+        if registry.add_entry_point(entry_point) is None:
+            loaded.append(f"{entry_point.name} ({_distribution_of(entry_point)})")
     return loaded
 
 
@@ -380,7 +600,7 @@ def build_registry(include_external: bool = True) -> Registry:
 
     registry = Registry()
     for module_name in DEFAULT_PLUGINS:
-        registry.add_plugin(importlib.import_module(module_name), origin=f"builtin:{module_name}")
+        registry.add_plugin(importlib.import_module(module_name), origin=f"{BUILTIN_PREFIX}{module_name}")
     if include_external:
         load_entry_point_plugins(registry)
     return registry
@@ -417,7 +637,8 @@ def available(kind: str) -> list[str]:
 
 
 def format_plugin_table(registry: Registry | None = None) -> str:
-    """A plain-text table of every registered plugin: kind, name, origin."""
+    """A plain-text table of every registered plugin (kind, name, origin), then the broken ones (skipped)
+    with the reason each failed."""
     registry = registry or get_registry()
     rows = [(e.kind, e.name, e.origin) for e in registry.entries()]
     header = ("kind", "name", "origin")
@@ -427,4 +648,10 @@ def format_plugin_table(registry: Registry | None = None) -> str:
         for row in [header, *rows]
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    broken = registry.broken()
+    if broken:
+        lines += ["", f"broken plugins (skipped; {DISABLE_ENV}=1 loads no external plugin):"]
+        for plugin in broken:
+            provided = ", ".join(f"{kind} {name!r}" for kind, name in plugin.names) or "unknown"
+            lines.append(f"  {plugin.origin}: {plugin.error} [names: {provided}]")
     return "\n".join(lines)

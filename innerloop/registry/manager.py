@@ -23,7 +23,7 @@ import inspect
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -31,28 +31,18 @@ from typing import Any
 import pluggy
 import torch
 
-from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule, Views
+from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule
 from innerloop.kernels.spec import KernelSpec
 from innerloop.registry import hookspecs
-from innerloop.testing.checks import (
-    REGISTRATION_TOLERANCE,
-    check_activation_derivatives,
-    check_loss_gradient,
-    check_pairs_deterministic,
-    check_stack_matches_forward,
-    check_update_rule,
-)
+from innerloop.registry.kinds import KIND_BY_NAME, KIND_NAMES, Kind, PluginError
+from innerloop.registry.kinds import KINDS as KIND_TABLE
 
 ENTRY_POINT_GROUP = "innerloop"
 DISABLE_ENV = "INNERLOOP_DISABLE_EXTERNAL_PLUGINS"
 ALLOW_ENV = "INNERLOOP_PLUGINS"
 BUILTIN_PREFIX = "builtin:"
 
-KINDS = ("inner_model", "inner_loss", "update_rule", "kernel", "model_inner_loss", "model_update_rule")
-
-
-class PluginError(ValueError):
-    """A plugin does not conform to the protocol, or clashes with one already registered."""
+KINDS = KIND_NAMES  # the kinds' names, in the order of the table in innerloop/registry/kinds.py
 
 
 class PluginLoadWarning(UserWarning):
@@ -96,243 +86,6 @@ class BrokenPlugin:
 
 
 # --------------------------------------------------------------------------------------------------
-# Validation: what each registrar checks before accepting an object
-# --------------------------------------------------------------------------------------------------
-
-
-def _missing_methods(obj: Any, required: Iterable[str]) -> list[str]:
-    missing = []
-    for method in required:
-        attr = getattr(obj, method, None)
-        if attr is None or not callable(attr) or getattr(attr, "__isabstractmethod__", False):
-            missing.append(method)
-    return missing
-
-
-def _check_name(obj: Any, kind: str) -> str:
-    name = getattr(obj, "name", None)
-    if not isinstance(name, str) or not name.strip():
-        raise PluginError(f"{kind} {obj!r} has no 'name' (a non-empty string); got {name!r}")
-    return name
-
-
-def _conformance(label: str, name: str, check: Callable[[], None]) -> None:
-    """Run a cheap conformance check of :mod:`innerloop.testing.checks`; its failure is a refusal."""
-    try:
-        check()
-    except AssertionError as error:
-        raise PluginError(
-            f"{label} {name!r} fails a conformance check: {error} "
-            "(innerloop.testing has the full checks to run in the plugin's own tests)"
-        ) from error
-    except PluginError:
-        raise
-    except Exception as error:  # the plugin's own failure, reported as a rejection
-        raise PluginError(f"{label} {name!r} failed its conformance check: {error!r}") from error
-
-
-def _validate_inner_model(model: Any) -> str:
-    if inspect.isclass(model):
-        raise PluginError(f"register an instance of the inner model, not the class {model.__name__}")
-    name = _check_name(model, "inner model")
-    missing = _missing_methods(model, ("param_shapes", "init_params", "forward"))
-    if missing:
-        raise PluginError(f"inner model {name!r} lacks required method(s) {missing} of InnerModel")
-    heads, head_dim = 2, 4
-    try:
-        shapes = model.param_shapes(head_dim)
-        params = model.init_params(heads, head_dim)
-        for key, shape in shapes.items():
-            if key not in params or tuple(params[key].shape) != (heads, *shape):
-                got = tuple(params[key].shape) if key in params else "missing"
-                raise PluginError(
-                    f"inner model {name!r}: init_params()[{key!r}] has shape {got}, "
-                    f"param_shapes() says {(heads, *shape)}"
-                )
-        x = torch.zeros(heads, 3, head_dim)
-        out = model.forward(params, x)
-    except PluginError:
-        raise
-    except Exception as error:  # the model's own failure, reported as a rejection
-        raise PluginError(f"inner model {name!r} failed its smoke test: {error!r}") from error
-    if tuple(out.shape) != tuple(x.shape):
-        raise PluginError(
-            f"inner model {name!r}: forward maps [heads, N, f] = {tuple(x.shape)} to {tuple(out.shape)}; "
-            "it must return the same shape (g maps head_dim features to head_dim features)"
-        )
-
-    def stack_and_activations() -> None:
-        # float64 weights perturbed so that every term (zero-initialised biases too) matters
-        weights = {k: v.double() + 0.1 * torch.randn(v.shape, dtype=torch.float64) for k, v in params.items()}
-        check_stack_matches_forward(
-            model, weights, torch.randn(heads, 3, head_dim, dtype=torch.float64), REGISTRATION_TOLERANCE
-        )
-        check_activation_derivatives(
-            model, 3 * torch.randn(4, 5, dtype=torch.float64), REGISTRATION_TOLERANCE
-        )
-
-    _conformance("inner model", name, stack_and_activations)
-    return name
-
-
-def _validate_inner_loss(loss: Any) -> str:
-    if inspect.isclass(loss):
-        raise PluginError(f"register an instance of the inner loss, not the class {loss.__name__}")
-    name = _check_name(loss, "inner loss")
-    missing = _missing_methods(loss, ("pairs", "token_loss", "token_loss_grad", "init_carry"))
-    if missing:
-        raise PluginError(f"inner loss {name!r} lacks required method(s) {missing} of InnerLoss")
-    batch, heads, tokens, head_dim = 1, 2, 3, 4
-    try:
-        views = Views(*(torch.randn(batch, heads, tokens, head_dim) for _ in range(3)))
-        carry = loss.init_carry(batch, heads, head_dim, views.key)
-        pairs = loss.pairs(views, carry)
-        per_token = loss.token_loss(pairs.inputs, pairs.targets)
-    except Exception as error:
-        raise PluginError(f"inner loss {name!r} failed its smoke test: {error!r}") from error
-    expected = (batch, heads, tokens, head_dim)
-    if tuple(pairs.inputs.shape) != expected or tuple(pairs.targets.shape) != expected:
-        raise PluginError(
-            f"inner loss {name!r}: pairs() must give inputs and targets of shape [B, H, T, f] = {expected}; "
-            f"got {tuple(pairs.inputs.shape)} and {tuple(pairs.targets.shape)}"
-        )
-    if tuple(per_token.shape) != expected[:-1]:
-        raise PluginError(
-            f"inner loss {name!r}: token_loss() must reduce the feature dim to [B, H, T] = {expected[:-1]}; "
-            f"got {tuple(per_token.shape)}"
-        )
-
-    def gradient_and_determinism() -> None:
-        check_pairs_deterministic(loss, views, carry)
-        if type(loss).token_loss_grad is not InnerLoss.token_loss_grad:  # a closed form to check
-            prediction = torch.randn(expected, dtype=torch.float64)
-            check_loss_gradient(loss, prediction, pairs.targets, REGISTRATION_TOLERANCE)
-
-    _conformance("inner loss", name, gradient_and_determinism)
-    return name
-
-
-def _validate_update_rule(rule: Any) -> str:
-    if inspect.isclass(rule):
-        raise PluginError(f"register an instance of the update rule, not the class {rule.__name__}")
-    name = _check_name(rule, "update rule")
-    missing = _missing_methods(rule, ("forward", "check_model"))
-    if missing:
-        raise PluginError(f"update rule {name!r} lacks required method(s) {missing} of UpdateRule")
-    return name
-
-
-def _check_update_rule_against_naive_loop(rule: Any, name: str) -> None:
-    """The rule equals the naive token loop on a tiny TTT-Linear problem, whole and cut mid-mini-batch.
-
-    A rule that cannot run a linear model is checked only by its own tests.
-    """
-    from innerloop.plugins.losses.reconstruction import Reconstruction
-    from innerloop.plugins.models.linear import LinearModel
-
-    model = LinearModel()
-    if _conformance_refusal(rule, model, name) is not None:
-        return
-    problem = {"batch": 1, "heads": 1, "head_dim": 2, "tokens": 5, "mini_batch_size": 2}
-    _conformance(
-        "update rule",
-        name,
-        lambda: check_update_rule(rule, model, Reconstruction(), tolerance=REGISTRATION_TOLERANCE, **problem),
-    )
-
-
-def _conformance_refusal(rule: Any, model: InnerModel, name: str) -> str | None:
-    """``rule.check_model(model)``, its own failure reported as a rejection."""
-    try:
-        return rule.check_model(model)
-    except Exception as error:
-        raise PluginError(
-            f"update rule {name!r} failed its smoke test: check_model raised {error!r}"
-        ) from error
-
-
-def _validate_kernel(spec: Any) -> str:
-    if not isinstance(spec, KernelSpec):
-        raise PluginError(f"register a KernelSpec for a kernel; got {type(spec).__name__}")
-    name = _check_name(spec, "kernel")
-    if not callable(spec.forward) or not callable(spec.verify):
-        raise PluginError(f"kernel {name!r}: 'forward' and 'verify' must be callable")
-    return name
-
-
-def _validate_model_inner_loss(loss: Any) -> str:
-    if inspect.isclass(loss):
-        raise PluginError(f"register an instance of the model inner loss, not the class {loss.__name__}")
-    name = _check_name(loss, "model inner loss")
-    missing = _missing_methods(loss, ("chunk_loss",))
-    if missing:
-        raise PluginError(f"model inner loss {name!r} lacks required method(s) {missing} of ModelInnerLoss")
-    batch, chunk, vocab = 2, 4, 5
-    try:
-        logits = torch.randn(batch, chunk, vocab)
-        losses = loss.chunk_loss(logits, torch.randint(vocab, (batch, chunk)))
-    except Exception as error:
-        raise PluginError(f"model inner loss {name!r} failed its smoke test: {error!r}") from error
-    if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (batch,):
-        got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-        raise PluginError(
-            f"model inner loss {name!r}: chunk_loss(logits [B, C, V], ids [B, C]) must return one loss per "
-            f"sequence, [B] = {(batch,)}; got {got}"
-        )
-    return name
-
-
-def _validate_model_update_rule(rule: Any) -> str:
-    if inspect.isclass(rule):
-        raise PluginError(f"register an instance of the model update rule, not the class {rule.__name__}")
-    name = _check_name(rule, "model update rule")
-    missing = _missing_methods(rule, ("step",))
-    if missing:
-        raise PluginError(f"model update rule {name!r} lacks required method(s) {missing} of ModelUpdateRule")
-    try:
-        fast = {"w": torch.randn(2, 3, 4, requires_grad=True), "v": torch.randn(2, 4, requires_grad=True)}
-        losses = (fast["w"] ** 2).sum((1, 2)) + fast["v"].sum(1)  # [B]
-        new = rule.step(fast, losses, lr=0.1, max_grad_norm=1.0, create_graph=False)
-    except Exception as error:
-        raise PluginError(f"model update rule {name!r} failed its smoke test: {error!r}") from error
-    shapes = {k: tuple(v.shape) for k, v in fast.items()}
-    got = {k: tuple(v.shape) for k, v in new.items()} if isinstance(new, Mapping) else type(new).__name__
-    if got != shapes:
-        raise PluginError(
-            f"model update rule {name!r}: step() must return the fast weights with the same names and shapes "
-            f"{shapes}; got {got}"
-        )
-    return name
-
-
-_VALIDATORS: dict[str, Callable[[Any], str]] = {
-    "inner_model": _validate_inner_model,
-    "inner_loss": _validate_inner_loss,
-    "update_rule": _validate_update_rule,
-    "kernel": _validate_kernel,
-    "model_inner_loss": _validate_model_inner_loss,
-    "model_update_rule": _validate_model_update_rule,
-}
-
-#: Checks run only on plugins that do not ship with innerloop (origin not ``builtin:...``). The
-#: built-in update rules are checked against the naive loop to float64 precision by the test suite
-#: (tests/core/test_invariances.py); checking them at every start-up would cost ~2 s (the first
-#: ``torch.func.grad`` call imports torch's compiler stack).
-_EXTERNAL_CHECKS: dict[str, Callable[[Any, str], None]] = {
-    "update_rule": _check_update_rule_against_naive_loop,
-}
-
-_HOOK_OF_KIND = {
-    "inner_model": "register_inner_models",
-    "inner_loss": "register_inner_losses",
-    "update_rule": "register_update_rules",
-    "kernel": "register_kernels",
-    "model_inner_loss": "register_model_inner_losses",
-    "model_update_rule": "register_model_update_rules",
-}
-
-
-# --------------------------------------------------------------------------------------------------
 # The registry
 # --------------------------------------------------------------------------------------------------
 
@@ -352,40 +105,39 @@ class Registry:
     def __init__(self) -> None:
         self.plugin_manager = pluggy.PluginManager("innerloop")
         self.plugin_manager.add_hookspecs(hookspecs)
-        self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+        self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KIND_NAMES}
         self._broken: list[BrokenPlugin] = []
 
     # ---- registering -----------------------------------------------------------------------------
 
-    def registrar(self, kind: str, origin: str, staging: _Staging) -> Callable[[Any], Any]:
+    def registrar(self, kind: Kind, origin: str, staging: _Staging) -> Callable[[Any], Any]:
         """The ``register`` callable handed to a plugin's hook for ``kind``; accepted objects go to
         ``staging`` (the registry itself changes only when the whole plugin has been accepted)."""
-        validate = _VALIDATORS[kind]
-        label = kind.replace("_", " ")
 
         def register(obj: Any) -> Any:
             offered = getattr(obj, "name", None)
             if isinstance(offered, str):
-                staging.attempted.append((kind, offered))
+                staging.attempted.append((kind.name, offered))
             # Smoke tests may take gradients: run them the same way whatever context the registry is
             # first built in (e.g. under torch.no_grad or inference mode in a validation worker). Their
             # random inputs come from a forked generator: building the registry (on first use) must not
             # move the user's seed, or the first layer made after manual_seed would differ from later ones.
             with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
-                name = validate(obj)
-                if kind in _EXTERNAL_CHECKS and not origin.startswith(BUILTIN_PREFIX):
-                    _EXTERNAL_CHECKS[kind](obj, name)
-            if name in self._entries[kind]:
+                name = kind.validate(obj)
+                if kind.external_check is not None and not origin.startswith(BUILTIN_PREFIX):
+                    kind.external_check(obj, name)
+            registered = self._entries[kind.name]
+            if name in registered:
                 raise PluginError(
-                    f"{label} name {name!r} from plugin {origin!r} is already registered "
-                    f"by plugin {self._entries[kind][name].origin!r}; choose another name"
+                    f"{kind.label} name {name!r} from plugin {origin!r} is already registered "
+                    f"by plugin {registered[name].origin!r}; choose another name"
                 )
-            if name in staging.entries[kind]:
-                raise PluginError(f"plugin {origin!r} registers the {label} name {name!r} twice")
-            staging.entries[kind][name] = Entry(kind, name, obj, origin)
+            if name in staging.entries[kind.name]:
+                raise PluginError(f"plugin {origin!r} registers the {kind.label} name {name!r} twice")
+            staging.entries[kind.name][name] = Entry(kind.name, name, obj, origin)
             return obj
 
-        register.__doc__ = f"Register a {label} (validated against the protocol)."
+        register.__doc__ = f"Register a {kind.label} (validated against the protocol)."
         return register
 
     def add_plugin(self, plugin: Any, origin: str | None = None) -> None:
@@ -407,15 +159,19 @@ class Registry:
             self._forget(plugin)
             raise PluginError(f"plugin {origin!r} is not a valid innerloop plugin: {error}") from error
         try:
-            for kind, hook_name in _HOOK_OF_KIND.items():
-                for impl in getattr(self.plugin_manager.hook, hook_name).get_hookimpls():
-                    if impl.plugin is plugin:
-                        impl.function(register=self.registrar(kind, origin, staging))
+            for kind in KIND_TABLE:
+                self._hook_of(plugin, kind.hook)(register=self.registrar(kind, origin, staging))
         except BaseException:
             self._forget(plugin)
             raise
         for kind, accepted in staging.entries.items():
             self._entries[kind].update(accepted)
+
+    def _hook_of(self, plugin: Any, hook_name: str) -> pluggy.HookCaller:
+        """The pluggy hook caller of ``hook_name`` that calls ``plugin``'s implementation only (each
+        plugin gets its own registrar, which records where every object came from)."""
+        others = [p for p in self.plugin_manager.get_plugins() if p is not plugin]
+        return self.plugin_manager.subset_hook_caller(hook_name, remove_plugins=others)
 
     def _check_new(self, plugin: Any, origin: str) -> None:
         """Refuse, before touching anything, a plugin object or an origin that is already registered."""
@@ -629,6 +385,56 @@ def reset_registry() -> None:
 def register(plugin: Any, origin: str | None = None) -> None:
     """Register an in-process plugin (module or object with hookimpls) in the global registry."""
     get_registry().add_plugin(plugin, origin=origin)
+
+
+_hookimpl = pluggy.HookimplMarker("innerloop")
+
+
+class _OneObjectPlugin:
+    """A plugin whose one hook (that of ``kind``) registers ``obj``."""
+
+    def __init__(self, kind: Kind, obj: Any) -> None:
+        def hook(register: Callable[[Any], Any]) -> None:
+            register(obj)
+
+        setattr(self, kind.hook, _hookimpl(hook))
+
+
+def register_object(kind: str, obj: Any, origin: str | None = None) -> Any:
+    """Register one object of ``kind`` in the global registry, without writing a plugin.
+
+    ``obj`` is an instance, or a class that is instantiated with no arguments (so that this works as
+    a class decorator); ``obj`` is returned. The origin (shown by ``innerloop plugins``) defaults to
+    the object's class, ``module.QualName``. Validation and errors are those of :meth:`Registry.add_plugin`.
+    """
+    if kind not in KIND_BY_NAME:
+        raise ValueError(f"unknown plugin kind {kind!r}; valid kinds: {list(KIND_NAMES)}")
+    instance = obj() if inspect.isclass(obj) else obj
+    plugin = _OneObjectPlugin(KIND_BY_NAME[kind], instance)
+    cls = type(instance)
+    get_registry().add_plugin(plugin, origin=origin or f"{cls.__module__}.{cls.__qualname__}")
+    return obj
+
+
+def _register_one(kind: str) -> Callable[..., Any]:
+    def register_one(obj: Any, origin: str | None = None) -> Any:
+        return register_object(kind, obj, origin)
+
+    register_one.__name__ = register_one.__qualname__ = f"register_{kind}"
+    register_one.__doc__ = (
+        f"Register one {KIND_BY_NAME[kind].label} (an instance of {KIND_BY_NAME[kind].base.__name__}, "
+        "or such a class, instantiated with no arguments: usable as a class decorator); returns it. "
+        "See :func:`register_object`."
+    )
+    return register_one
+
+
+register_inner_model = _register_one("inner_model")
+register_inner_loss = _register_one("inner_loss")
+register_update_rule = _register_one("update_rule")
+register_kernel = _register_one("kernel")
+register_model_inner_loss = _register_one("model_inner_loss")
+register_model_update_rule = _register_one("model_update_rule")
 
 
 def available(kind: str) -> list[str]:

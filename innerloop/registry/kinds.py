@@ -22,6 +22,8 @@ from innerloop.testing.checks import (
     REGISTRATION_TOLERANCE,
     check_activation_derivatives,
     check_loss_gradient,
+    check_pairs_causal,
+    check_pairs_chunk_invariant,
     check_pairs_deterministic,
     check_stack_matches_forward,
     check_update_rule,
@@ -126,13 +128,15 @@ def _check_inner_loss(loss: Any, name: str) -> None:
             f"got {tuple(per_token.shape)}"
         )
 
-    def gradient_and_determinism() -> None:
+    def pairs_and_gradient() -> None:
         check_pairs_deterministic(loss, views, carry)
+        check_pairs_causal(loss, views, carry, cut=2, tolerance=REGISTRATION_TOLERANCE)
+        check_pairs_chunk_invariant(loss, views, carry, cut=1, tolerance=REGISTRATION_TOLERANCE)
         if type(loss).token_loss_grad is not InnerLoss.token_loss_grad:  # a closed form to check
             prediction = torch.randn(expected, dtype=torch.float64)
             check_loss_gradient(loss, prediction, pairs.targets, REGISTRATION_TOLERANCE)
 
-    _conformance("inner loss", name, gradient_and_determinism)
+    _conformance("inner loss", name, pairs_and_gradient)
 
 
 #: Run only on rules from plugins that do not ship with innerloop (origin not ``builtin:...``): the
@@ -268,8 +272,9 @@ KINDS: tuple[Kind, ...] = (
 
     ``register(loss)`` takes an instance of :class:`innerloop.InnerLoss` (e.g. a subclass of
     :class:`innerloop.HalfSquaredError`) with a unique ``name``; the registrar checks that its pairs
-    and per-token loss have the right shapes, that ``pairs`` is deterministic and that a closed-form
-    ``token_loss_grad`` equals autograd.
+    and per-token loss have the right shapes, that ``pairs`` is deterministic, causal and the same
+    whether a sequence comes whole or in chunks, and that a closed-form ``token_loss_grad`` equals
+    autograd.
     """,
         check=_check_inner_loss,
     ),

@@ -12,7 +12,8 @@ measured error when the plugin breaks a property every TTT plugin must have:
   state carried equals the whole sequence.
 
 The registry runs the cheap ones on every plugin it registers (:func:`check_loss_gradient`,
-:func:`check_pairs_deterministic`, :func:`check_stack_matches_forward`,
+:func:`check_pairs_deterministic`, :func:`check_pairs_causal`, :func:`check_pairs_chunk_invariant`,
+:func:`check_stack_matches_forward`,
 :func:`check_activation_derivatives`, and :func:`check_update_rule` on a tiny problem), so a plugin
 that breaks them is refused with the reason instead of computing wrong numbers.
 """
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from innerloop.core.functional import relative_error
-from innerloop.core.protocol import InnerLoss, InnerModel, InnerTask, UpdateRule, Views
+from innerloop.core.protocol import InnerLoss, InnerModel, InnerTask, LossPairs, UpdateRule, Views
 from innerloop.core.state import StateSignature, TTTState
 from innerloop.testing.reference import naive_token_loop
 
@@ -200,6 +201,43 @@ def check_pairs_deterministic(loss: InnerLoss, views: Views, carry: dict[str, to
         )
 
 
+def check_pairs_causal(
+    loss: InnerLoss, views: Views, carry: dict[str, torch.Tensor], cut: int, tolerance: float = 0.0
+) -> None:
+    """Changing the tokens from ``cut`` on does not change the pairs of the tokens before ``cut``."""
+    whole = loss.pairs(views, carry)
+    changed = Views(*(t.clone() for t in (views.query, views.key, views.value)))
+    for t in (changed.query, changed.key, changed.value):
+        t[:, :, cut:] += 1.0
+    perturbed = loss.pairs(changed, carry)
+    for field in ("inputs", "targets"):
+        before, after = getattr(whole, field)[:, :, :cut], getattr(perturbed, field)[:, :, :cut]
+        assert_close(after, before, f"{loss.name}: pairs causal ({field} before token {cut})", tolerance)
+
+
+def _validity(pairs: LossPairs) -> torch.Tensor:
+    """``pairs.valid`` broadcast to ``[B, H, T]`` (ones when None)."""
+    shape = pairs.inputs.shape[:-1]
+    if pairs.valid is None:
+        return torch.ones(shape, dtype=pairs.inputs.dtype, device=pairs.inputs.device)
+    return pairs.valid.to(pairs.inputs.dtype).expand(shape)
+
+
+def check_pairs_chunk_invariant(
+    loss: InnerLoss, views: Views, carry: dict[str, torch.Tensor], cut: int, tolerance: float = 0.0
+) -> None:
+    """Pairs built in two chunks (split at ``cut``, the carry passed on) equal the pairs of the whole."""
+    whole = loss.pairs(views, carry)
+    tokens = views.key.shape[2]
+    first = loss.pairs(views.slice_tokens(0, cut), carry)
+    second = loss.pairs(views.slice_tokens(cut, tokens), first.carry)
+    for field in ("inputs", "targets"):
+        chunked = torch.cat([getattr(first, field), getattr(second, field)], 2)
+        assert_close(chunked, getattr(whole, field), f"{loss.name}: {field} chunked at {cut}", tolerance)
+    chunked_valid = torch.cat([_validity(first), _validity(second)], 2)
+    assert_close(chunked_valid, _validity(whole), f"{loss.name}: validity chunked at {cut}", tolerance)
+
+
 def run_stack(model: InnerModel, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """The model's declared ``stack`` applied to ``x [*batch, N, f]`` layer by layer."""
     for layer in model.stack or ():
@@ -290,34 +328,8 @@ def check_inner_loss(loss: InnerLoss, seed: int = 0) -> None:
     check_pairs_deterministic(loss, views, carry)  # first: every check below compares pairs
     whole = loss.pairs(views, carry)
 
-    # Causality: changing tokens >= 5 must not change the pairs of tokens < 5.
-    changed = Views(*(t.clone() for t in (views.query, views.key, views.value)))
-    for t in (changed.query, changed.key, changed.value):
-        t[:, :, 5:] += 1.0
-    perturbed = loss.pairs(changed, carry)
-    assert_close(
-        perturbed.inputs[:, :, :5], whole.inputs[:, :, :5], f"{loss.name}: pairs causal (inputs)", 0.0
-    )
-    assert_close(
-        perturbed.targets[:, :, :5], whole.targets[:, :, :5], f"{loss.name}: pairs causal (targets)", 0.0
-    )
-
-    # Chunk invariance of the pairs with the carry.
-    first = loss.pairs(views.slice_tokens(0, 4), carry)
-    second = loss.pairs(views.slice_tokens(4, 9), first.carry)
-    assert_close(
-        torch.cat([first.inputs, second.inputs], 2), whole.inputs, f"{loss.name}: chunked inputs", 0.0
-    )
-    assert_close(
-        torch.cat([first.targets, second.targets], 2), whole.targets, f"{loss.name}: chunked targets", 0.0
-    )
-    if whole.valid is not None:
-        ones = torch.ones(9, dtype=views.key.dtype)
-        valid_whole = (whole.valid * ones).expand(2, 2, 9)
-        valid_chunks = torch.cat(
-            [(first.valid * ones[:4]).expand(2, 2, 4), (second.valid * ones[4:]).expand(2, 2, 5)], 2
-        )
-        assert_close(valid_chunks, valid_whole, f"{loss.name}: chunked validity", 0.0)
+    check_pairs_causal(loss, views, carry, cut=5)
+    check_pairs_chunk_invariant(loss, views, carry, cut=4)
 
     prediction = torch.randn_like(whole.targets, dtype=torch.float64)
     check_loss_gradient(loss, prediction, whole.targets, FLOAT64_TOLERANCE)
@@ -369,6 +381,8 @@ __all__ = [
     "check_inner_loss",
     "check_inner_model",
     "check_loss_gradient",
+    "check_pairs_causal",
+    "check_pairs_chunk_invariant",
     "check_pairs_deterministic",
     "check_stack_matches_forward",
     "check_update_rule",

@@ -95,6 +95,25 @@ class FreshNoise(Reconstruct):
         return LossPairs(views.key + 0.1 * torch.randn_like(views.key), views.value, None, {})
 
 
+class LooksAhead(Reconstruct):
+    """Reconstructs each token's value from the next token's key: not causal."""
+
+    name = "looks_ahead"
+
+    def pairs(self, views, carry):
+        return LossPairs(torch.roll(views.key, -1, dims=2), views.value, None, {})
+
+
+class ChunkStart(Reconstruct):
+    """Subtracts the first key of the chunk it is given: causal, but the pairs depend on where a
+    sequence is cut (the first key of the sequence should have been carried)."""
+
+    name = "chunk_start"
+
+    def pairs(self, views, carry):
+        return LossPairs(views.key - views.key[:, :, :1], views.value, None, {})
+
+
 class ForwardWithoutBias(StackModel):
     """Declares ``x @ W1 + b1`` but computes ``x @ W1``: the dual form and the primal form disagree."""
 
@@ -162,11 +181,21 @@ class ForgetsTau(MiniBatchGD):
             r"'wrong_gradient' fails a conformance check: .*token_loss_grad",
         ),
         (PluginWith(losses=[FreshNoise()]), r"'fresh_noise' fails .*pairs\(\) is not deterministic"),
+        (PluginWith(losses=[LooksAhead()]), r"'looks_ahead' fails .*pairs causal"),
+        (PluginWith(losses=[ChunkStart()]), r"'chunk_start' fails .*chunked at"),
         (PluginWith(models=[ForwardWithoutBias()]), r"forward vs its declared stack: relative error"),
         (PluginWith(models=[WrongActivationDerivative()]), r"derivative of activation 'tanh' vs autograd"),
         (PluginWith(rules=[ForgetsTau()]), r"update rule 'forgets_tau' fails a conformance check: .*naive"),
     ],
-    ids=["loss-gradient", "loss-pairs-random", "stack-vs-forward", "activation-derivative", "update-rule"],
+    ids=[
+        "loss-gradient",
+        "loss-pairs-random",
+        "loss-not-causal",
+        "loss-chunk-dependent",
+        "stack-vs-forward",
+        "activation-derivative",
+        "update-rule",
+    ],
 )
 def test_a_plugin_that_computes_wrong_numbers_is_refused_with_the_reason(plugin, match):
     registry = build_registry(include_external=False)

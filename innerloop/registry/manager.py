@@ -34,15 +34,12 @@ import torch
 from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule
 from innerloop.kernels.spec import KernelSpec
 from innerloop.registry import hookspecs
-from innerloop.registry.kinds import KIND_BY_NAME, KIND_NAMES, Kind, PluginError
-from innerloop.registry.kinds import KINDS as KIND_TABLE
+from innerloop.registry.kinds import KIND_BY_NAME, KIND_NAMES, KINDS, Kind, PluginError
 
 ENTRY_POINT_GROUP = "innerloop"
 DISABLE_ENV = "INNERLOOP_DISABLE_EXTERNAL_PLUGINS"
 ALLOW_ENV = "INNERLOOP_PLUGINS"
 BUILTIN_PREFIX = "builtin:"
-
-KINDS = KIND_NAMES  # the kinds' names, in the order of the table in innerloop/registry/kinds.py
 
 
 class PluginLoadWarning(UserWarning):
@@ -94,7 +91,7 @@ class _Staging:
     """What one plugin registers, held back until all its hooks have run (then committed at once)."""
 
     def __init__(self) -> None:
-        self.entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+        self.entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KIND_NAMES}
         self.attempted: list[tuple[str, str]] = []  # (kind, name) of every object offered, accepted or not
 
 
@@ -159,7 +156,7 @@ class Registry:
             self._forget(plugin)
             raise PluginError(f"plugin {origin!r} is not a valid innerloop plugin: {error}") from error
         try:
-            for kind in KIND_TABLE:
+            for kind in KINDS:
                 self._hook_of(plugin, kind.hook)(register=self.registrar(kind, origin, staging))
         except BaseException:
             self._forget(plugin)
@@ -240,7 +237,7 @@ class Registry:
         return sorted(self._entries[kind])
 
     def entries(self, kind: str | None = None) -> list[Entry]:
-        kinds = KINDS if kind is None else (self._check_kind(kind),)
+        kinds = KIND_NAMES if kind is None else (self._check_kind(kind),)
         return [e for k in kinds for e in sorted(self._entries[k].values(), key=lambda e: e.name)]
 
     def get(self, kind: str, name: str) -> Any:
@@ -303,8 +300,8 @@ class Registry:
         return sorted(matching, key=lambda k: -k.priority)
 
     def _check_kind(self, kind: str) -> str:
-        if kind not in KINDS:
-            raise ValueError(f"unknown plugin kind {kind!r}; valid kinds: {list(KINDS)}")
+        if kind not in KIND_NAMES:
+            raise ValueError(f"unknown plugin kind {kind!r}; valid kinds: {list(KIND_NAMES)}")
         return kind
 
 
@@ -438,7 +435,7 @@ register_model_update_rule = _register_one("model_update_rule")
 
 
 def available(kind: str) -> list[str]:
-    """Registered names of ``kind`` (one of :data:`KINDS`)."""
+    """Registered names of ``kind`` (one of :data:`innerloop.registry.kinds.KIND_NAMES`)."""
     return get_registry().names(kind)
 
 

@@ -6,24 +6,49 @@
 """
 
 from innerloop.core import (
+    Activation,
+    AffineLayer,
+    HalfSquaredError,
     InnerLoss,
     InnerModel,
     InnerTask,
+    LossPairs,
     StackModel,
     TTTLayer,
     TTTState,
     UpdateRule,
     Views,
 )
-from innerloop.registry import PluginError, available, get_registry, hookimpl, register
+from innerloop.core.model_inner import ModelInnerLoss, ModelUpdateRule
+from innerloop.registry import (
+    PluginError,
+    PluginLoadWarning,
+    available,
+    get_registry,
+    hookimpl,
+    register,
+    register_inner_loss,
+    register_inner_model,
+    register_kernel,
+    register_model_inner_loss,
+    register_model_update_rule,
+    register_update_rule,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Activation",
+    "AffineLayer",
+    "HalfSquaredError",
     "InnerLoss",
     "InnerModel",
     "InnerTask",
+    "LossPairs",
+    "ModelInnerLoss",
+    "ModelUpdateRule",
     "PluginError",
+    "PluginLoadWarning",
     "StackModel",
     "TTTLayer",
     "TTTState",
@@ -33,4 +58,10 @@ __all__ = [
     "get_registry",
     "hookimpl",
     "register",
+    "register_inner_loss",
+    "register_inner_model",
+    "register_kernel",
+    "register_model_inner_loss",
+    "register_model_update_rule",
+    "register_update_rule",
 ]

@@ -4,6 +4,7 @@ from innerloop.core.layer import TTTLayer
 from innerloop.core.protocol import (
     Activation,
     AffineLayer,
+    HalfSquaredError,
     InnerLoss,
     InnerModel,
     InnerTask,
@@ -17,6 +18,7 @@ from innerloop.core.state import StateSignature, TTTState
 __all__ = [
     "Activation",
     "AffineLayer",
+    "HalfSquaredError",
     "InnerLoss",
     "InnerModel",
     "InnerTask",

@@ -137,13 +137,13 @@ class LossPairs:
     ``inputs`` and ``targets`` are ``[B, H, T, f]``; token ``t`` trains the inner model to map
     ``inputs[t]`` to ``targets[t]``. ``valid`` (broadcastable to ``[B, H, T]``, or None for all
     valid) zeroes the pairs that do not exist (e.g. the first token for next-token prediction).
-    ``carry`` is what the loss needs from this chunk to continue with the next one.
+    ``carry`` is what the loss needs from this chunk to continue with the next one (default: nothing).
     """
 
     inputs: torch.Tensor
     targets: torch.Tensor
-    valid: torch.Tensor | None
-    carry: dict[str, torch.Tensor]
+    valid: torch.Tensor | None = None
+    carry: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class InnerLoss(ABC):
@@ -174,6 +174,17 @@ class InnerLoss(ABC):
         flat_target = target.reshape(-1, target.shape[-1])
         per_token = torch.func.vmap(torch.func.grad(lambda p, y: self.token_loss(p, y)))
         return per_token(flat_prediction, flat_target).reshape(prediction.shape)
+
+
+class HalfSquaredError(InnerLoss):
+    """Base of losses scored by ``1/2 ||prediction - target||^2``, with its closed-form gradient:
+    a subclass sets ``name`` and implements :meth:`pairs` only."""
+
+    def token_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (prediction - target).pow(2).sum(dim=-1)
+
+    def token_loss_grad(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return prediction - target
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,6 +278,7 @@ class UpdateRule(ABC):
 __all__ = [
     "Activation",
     "AffineLayer",
+    "HalfSquaredError",
     "InnerLoss",
     "InnerModel",
     "InnerTask",

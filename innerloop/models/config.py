@@ -219,15 +219,16 @@ def validate_model_config(config: ModelConfig) -> None:
 
         validate_e2e_config(config)
     if config.mixer == "ttt":
-        from innerloop.registry import available
+        from innerloop.registry import available, get_registry
 
         for kind in ("inner_model", "inner_loss", "update_rule"):
             name = getattr(config.ttt, kind)
             choices = available(kind)
             if name not in choices:
+                hint = get_registry().broken_hint(kind, name)  # a broken plugin that provides it, if any
                 raise ValueError(
                     f"model.ttt.{kind}={name!r} is not a registered {kind}; registered: {choices} "
-                    "(`innerloop plugins` lists them with their sources)"
+                    f"(`innerloop plugins` lists them with their sources). {hint}".rstrip()
                 )
         if config.ttt.mini_batch_size < 1:
             raise ValueError(f"model.ttt.mini_batch_size={config.ttt.mini_batch_size} must be >= 1")

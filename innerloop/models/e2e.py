@@ -52,7 +52,7 @@ def num_suffix_blocks(config: ModelConfig) -> int:
 
 def validate_e2e_config(config: ModelConfig) -> None:
     """Check ``config.e2e``; raise ``ValueError`` naming the key, its value and what is valid."""
-    from innerloop.registry import available
+    from innerloop.registry import available, get_registry
 
     e2e = config.e2e
     if e2e.chunk_size < 2:
@@ -77,9 +77,10 @@ def validate_e2e_config(config: ModelConfig) -> None:
     for key, kind in (("inner_loss", "model_inner_loss"), ("update_rule", "model_update_rule")):
         name, choices = getattr(e2e, key), available(kind)
         if name not in choices:
+            hint = get_registry().broken_hint(kind, name)  # a broken plugin that provides it, if any
             raise ValueError(
                 f"model.e2e.{key}={name!r} is not a registered {kind}; registered: {choices} "
-                "(`innerloop plugins` lists them with their sources)"
+                f"(`innerloop plugins` lists them with their sources). {hint}".rstrip()
             )
 
 

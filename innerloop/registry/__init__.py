@@ -2,7 +2,8 @@
 
 Write a plugin as a module with functions marked ``@hookimpl`` named after the hooks in
 :mod:`innerloop.registry.hookspecs`; install it under the ``innerloop`` entry-point group or call
-:func:`register` in-process.
+:func:`register` in-process. One object needs no plugin: ``register_inner_loss(obj)`` (and one such
+function per kind) registers it. The kinds are declared once, in :mod:`innerloop.registry.kinds`.
 """
 
 import pluggy
@@ -13,14 +14,23 @@ from innerloop.registry.manager import (  # noqa: E402  (hookimpl must exist bef
     ALLOW_ENV,
     DISABLE_ENV,
     ENTRY_POINT_GROUP,
+    BrokenPlugin,
     Entry,
     PluginError,
+    PluginLoadWarning,
     Registry,
     available,
     build_registry,
     format_plugin_table,
     get_registry,
     register,
+    register_inner_loss,
+    register_inner_model,
+    register_kernel,
+    register_model_inner_loss,
+    register_model_update_rule,
+    register_object,
+    register_update_rule,
     reset_registry,
 )
 
@@ -28,8 +38,10 @@ __all__ = [
     "ALLOW_ENV",
     "DISABLE_ENV",
     "ENTRY_POINT_GROUP",
+    "BrokenPlugin",
     "Entry",
     "PluginError",
+    "PluginLoadWarning",
     "Registry",
     "available",
     "build_registry",
@@ -37,5 +49,12 @@ __all__ = [
     "get_registry",
     "hookimpl",
     "register",
+    "register_inner_loss",
+    "register_inner_model",
+    "register_kernel",
+    "register_model_inner_loss",
+    "register_model_update_rule",
+    "register_object",
+    "register_update_rule",
     "reset_registry",
 ]

@@ -10,6 +10,12 @@ measured error when the plugin breaks a property every TTT plugin must have:
   the primal form with this loss equals the naive loop.
 - :func:`check_update_rule`: the rule equals the naive loop, and any split of a sequence with the
   state carried equals the whole sequence.
+
+The registry runs the cheap ones on every plugin it registers (:func:`check_loss_gradient`,
+:func:`check_pairs_deterministic`, :func:`check_pairs_causal`, :func:`check_pairs_chunk_invariant`,
+:func:`check_stack_matches_forward`,
+:func:`check_activation_derivatives`, and :func:`check_update_rule` on a tiny problem), so a plugin
+that breaks them is refused with the reason instead of computing wrong numbers.
 """
 
 from __future__ import annotations
@@ -19,12 +25,17 @@ from dataclasses import dataclass
 import torch
 
 from innerloop.core.functional import relative_error
-from innerloop.core.protocol import InnerLoss, InnerModel, InnerTask, UpdateRule, Views
+from innerloop.core.protocol import InnerLoss, InnerModel, InnerTask, LossPairs, UpdateRule, Views
 from innerloop.core.state import StateSignature, TTTState
 from innerloop.testing.reference import naive_token_loop
 
 #: float64 agreement required between mathematically equal computations.
 FLOAT64_TOLERANCE = 1e-10
+
+#: Agreement the registry asks of a plugin at registration (one random point, float64). Looser than
+#: FLOAT64_TOLERANCE so that a plugin computing internally in float32 is not refused; a wrong closed
+#: form (a missing factor, a wrong sign) is off by far more than this.
+REGISTRATION_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -129,6 +140,149 @@ def assert_states_close(actual: TTTState, expected: TTTState, what: str, toleran
             assert_close(a[key], e[key], f"{what}: state.{group}[{key!r}]", tolerance)
 
 
+# --------------------------------------------------------------------------------------------------
+# Cheap checks (the registry runs these on every plugin it registers)
+# --------------------------------------------------------------------------------------------------
+
+
+def check_loss_gradient(
+    loss: InnerLoss, prediction: torch.Tensor, target: torch.Tensor, tolerance: float = FLOAT64_TOLERANCE
+) -> None:
+    """``loss.token_loss_grad`` equals autograd of ``loss.token_loss`` at ``prediction`` (in float64).
+
+    ``prediction`` and ``target`` are ``[..., f]``.
+    """
+    prediction = prediction.detach().double().requires_grad_(True)
+    target = target.detach().double()
+    with torch.enable_grad():
+        autograd = torch.autograd.grad(loss.token_loss(prediction, target).sum(), prediction)[0]
+    closed_form = loss.token_loss_grad(prediction.detach(), target)
+    if tuple(closed_form.shape) != tuple(prediction.shape):
+        raise AssertionError(
+            f"{loss.name}: token_loss_grad must have the prediction's shape {tuple(prediction.shape)}; "
+            f"got {tuple(closed_form.shape)}"
+        )
+    assert_close(closed_form, autograd, f"{loss.name}: token_loss_grad vs autograd of token_loss", tolerance)
+
+
+def _same(first: torch.Tensor | None, second: torch.Tensor | None) -> bool:
+    if first is None or second is None:
+        return first is None and second is None
+    return first.shape == second.shape and torch.equal(first, second)
+
+
+def check_pairs_deterministic(loss: InnerLoss, views: Views, carry: dict[str, torch.Tensor]) -> None:
+    """The same views and carry give the same pairs, validity and carry, bit for bit.
+
+    A loss whose pairs depend on anything else (fresh noise, a counter) gives different numbers on
+    the chunked, fused and decode paths, and its runs cannot be reproduced.
+    """
+
+    def copy() -> tuple[Views, dict[str, torch.Tensor]]:
+        return Views(*(t.clone() for t in (views.query, views.key, views.value))), {
+            k: v.clone() for k, v in carry.items()
+        }
+
+    first, second = loss.pairs(*copy()), loss.pairs(*copy())
+    differing = [
+        field
+        for field in ("inputs", "targets", "valid")
+        if not _same(getattr(first, field), getattr(second, field))
+    ]
+    if set(first.carry) != set(second.carry) or not all(
+        _same(first.carry[k], second.carry[k]) for k in first.carry
+    ):
+        differing.append("carry")
+    if differing:
+        raise AssertionError(
+            f"{loss.name}: pairs() is not deterministic: the same views and carry gave different "
+            f"{', '.join(differing)} on two calls (pairs must be a function of its arguments only; "
+            "use a fixed, e.g. position-derived, corruption instead of fresh random noise)"
+        )
+
+
+def check_pairs_causal(
+    loss: InnerLoss, views: Views, carry: dict[str, torch.Tensor], cut: int, tolerance: float = 0.0
+) -> None:
+    """Changing the tokens from ``cut`` on does not change the pairs of the tokens before ``cut``."""
+    whole = loss.pairs(views, carry)
+    changed = Views(*(t.clone() for t in (views.query, views.key, views.value)))
+    for t in (changed.query, changed.key, changed.value):
+        t[:, :, cut:] += 1.0
+    perturbed = loss.pairs(changed, carry)
+    for field in ("inputs", "targets"):
+        before, after = getattr(whole, field)[:, :, :cut], getattr(perturbed, field)[:, :, :cut]
+        assert_close(after, before, f"{loss.name}: pairs causal ({field} before token {cut})", tolerance)
+
+
+def _validity(pairs: LossPairs) -> torch.Tensor:
+    """``pairs.valid`` broadcast to ``[B, H, T]`` (ones when None)."""
+    shape = pairs.inputs.shape[:-1]
+    if pairs.valid is None:
+        return torch.ones(shape, dtype=pairs.inputs.dtype, device=pairs.inputs.device)
+    return pairs.valid.to(pairs.inputs.dtype).expand(shape)
+
+
+def check_pairs_chunk_invariant(
+    loss: InnerLoss, views: Views, carry: dict[str, torch.Tensor], cut: int, tolerance: float = 0.0
+) -> None:
+    """Pairs built in two chunks (split at ``cut``, the carry passed on) equal the pairs of the whole."""
+    whole = loss.pairs(views, carry)
+    tokens = views.key.shape[2]
+    first = loss.pairs(views.slice_tokens(0, cut), carry)
+    second = loss.pairs(views.slice_tokens(cut, tokens), first.carry)
+    for field in ("inputs", "targets"):
+        chunked = torch.cat([getattr(first, field), getattr(second, field)], 2)
+        assert_close(chunked, getattr(whole, field), f"{loss.name}: {field} chunked at {cut}", tolerance)
+    chunked_valid = torch.cat([_validity(first), _validity(second)], 2)
+    assert_close(chunked_valid, _validity(whole), f"{loss.name}: validity chunked at {cut}", tolerance)
+
+
+def run_stack(model: InnerModel, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The model's declared ``stack`` applied to ``x [*batch, N, f]`` layer by layer."""
+    for layer in model.stack or ():
+        x = x @ params[layer.weight]
+        if layer.bias is not None:
+            x = x + params[layer.bias]
+        if layer.activation is not None:
+            x = layer.activation.fn(x)
+    return x
+
+
+def check_stack_matches_forward(
+    model: InnerModel, params: dict[str, torch.Tensor], x: torch.Tensor, tolerance: float = FLOAT64_TOLERANCE
+) -> None:
+    """A model that declares a ``stack`` computes that stack in ``forward`` (the dual form and the
+    stack kernels run the stack, the primal form runs ``forward``: they must be one function)."""
+    if model.stack is None:
+        return
+    assert_close(
+        model.forward(params, x),
+        run_stack(model, params, x),
+        f"{model.name}: forward vs its declared stack",
+        tolerance,
+    )
+
+
+def check_activation_derivatives(
+    model: InnerModel, z: torch.Tensor, tolerance: float = FLOAT64_TOLERANCE
+) -> None:
+    """Each activation of the model's stack: ``derivative(z)`` equals autograd of ``fn`` at ``z`` (float64)."""
+    for layer in model.stack or ():
+        activation = layer.activation
+        if activation is None:
+            continue
+        point = z.detach().double().requires_grad_(True)
+        with torch.enable_grad():
+            autograd = torch.autograd.grad(activation.fn(point).sum(), point)[0]
+        assert_close(
+            activation.derivative(point.detach()),
+            autograd,
+            f"{model.name}: derivative of activation {activation.name!r} vs autograd of its fn",
+            tolerance,
+        )
+
+
 def _rule(name: str) -> UpdateRule:
     from innerloop.registry import get_registry
 
@@ -144,11 +298,15 @@ def _rules_for(model: InnerModel) -> list[UpdateRule]:
 
 
 def check_inner_model(model: InnerModel, loss: InnerLoss | None = None, seed: int = 0) -> None:
-    """Every update rule that accepts ``model`` equals the naive loop on it (float64)."""
+    """``forward`` equals the declared stack (if any), each activation's derivative equals autograd,
+    and every update rule that accepts ``model`` equals the naive loop on it (float64)."""
     from innerloop.registry import get_registry
 
     loss = loss or get_registry().inner_loss("reconstruction")
     problem = make_problem(model, loss, seed=seed)
+    params = {k: v[0] for k, v in problem.state.params.items()}  # [H, *shape]: one sequence
+    check_stack_matches_forward(model, params, problem.views.key[0])
+    check_activation_derivatives(model, 3 * problem.views.key[0])
     expected_out, expected_state = naive_token_loop(
         problem.state, problem.task, problem.views, problem.lr, problem.tau
     )
@@ -167,47 +325,14 @@ def check_inner_loss(loss: InnerLoss, seed: int = 0) -> None:
     model = get_registry().inner_model("linear")
     problem = make_problem(model, loss, seed=seed, tokens=9)
     views, carry = problem.views, problem.state.loss_carry
+    check_pairs_deterministic(loss, views, carry)  # first: every check below compares pairs
     whole = loss.pairs(views, carry)
 
-    # Causality: changing tokens >= 5 must not change the pairs of tokens < 5.
-    changed = Views(*(t.clone() for t in (views.query, views.key, views.value)))
-    for t in (changed.query, changed.key, changed.value):
-        t[:, :, 5:] += 1.0
-    perturbed = loss.pairs(changed, carry)
-    assert_close(
-        perturbed.inputs[:, :, :5], whole.inputs[:, :, :5], f"{loss.name}: pairs causal (inputs)", 0.0
-    )
-    assert_close(
-        perturbed.targets[:, :, :5], whole.targets[:, :, :5], f"{loss.name}: pairs causal (targets)", 0.0
-    )
+    check_pairs_causal(loss, views, carry, cut=5)
+    check_pairs_chunk_invariant(loss, views, carry, cut=4)
 
-    # Chunk invariance of the pairs with the carry.
-    first = loss.pairs(views.slice_tokens(0, 4), carry)
-    second = loss.pairs(views.slice_tokens(4, 9), first.carry)
-    assert_close(
-        torch.cat([first.inputs, second.inputs], 2), whole.inputs, f"{loss.name}: chunked inputs", 0.0
-    )
-    assert_close(
-        torch.cat([first.targets, second.targets], 2), whole.targets, f"{loss.name}: chunked targets", 0.0
-    )
-    if whole.valid is not None:
-        ones = torch.ones(9, dtype=views.key.dtype)
-        valid_whole = (whole.valid * ones).expand(2, 2, 9)
-        valid_chunks = torch.cat(
-            [(first.valid * ones[:4]).expand(2, 2, 4), (second.valid * ones[4:]).expand(2, 2, 5)], 2
-        )
-        assert_close(valid_chunks, valid_whole, f"{loss.name}: chunked validity", 0.0)
-
-    # The per-token gradient against autograd.
-    prediction = torch.randn_like(whole.targets, dtype=torch.float64).requires_grad_(True)
-    targets = whole.targets.double()
-    autograd = torch.autograd.grad(loss.token_loss(prediction, targets).sum(), prediction)[0]
-    assert_close(
-        loss.token_loss_grad(prediction.detach(), targets),
-        autograd,
-        f"{loss.name}: token_loss_grad",
-        FLOAT64_TOLERANCE,
-    )
+    prediction = torch.randn_like(whole.targets, dtype=torch.float64)
+    check_loss_gradient(loss, prediction, whole.targets, FLOAT64_TOLERANCE)
 
     check_inner_model(model, loss, seed=seed)
 
@@ -218,14 +343,19 @@ def check_update_rule(
     loss: InnerLoss | None = None,
     cut_points: list[int] | None = None,
     seed: int = 0,
+    tolerance: float = FLOAT64_TOLERANCE,
     **problem_kwargs,
 ) -> None:
-    """``rule`` equals the naive loop, whole and when the sequence is cut at ``cut_points``."""
-    from innerloop.registry import get_registry
+    """``rule`` equals the naive loop, whole and when the sequence is cut at ``cut_points``.
 
-    registry = get_registry()
-    model = model or registry.inner_model("linear")
-    loss = loss or registry.inner_loss("reconstruction")
+    ``model`` and ``loss`` default to the registered ``linear`` and ``reconstruction``.
+    """
+    if model is None or loss is None:
+        from innerloop.registry import get_registry
+
+        registry = get_registry()
+        model = model or registry.inner_model("linear")
+        loss = loss or registry.inner_loss("reconstruction")
     problem = make_problem(model, loss, seed=seed, **problem_kwargs)
     expected_out, expected_state = naive_token_loop(
         problem.state, problem.task, problem.views, problem.lr, problem.tau
@@ -236,20 +366,28 @@ def check_update_rule(
         cut_points = sorted({1, max(1, k - 1), k, k + 2, tokens - 1})
     for cuts in ([], cut_points):
         out, state = run_in_chunks(rule, problem, cuts)
-        what = f"{rule.name} ({model.name}, {loss.name}) cut at {cuts}"
-        assert_close(out, expected_out, what, FLOAT64_TOLERANCE)
-        assert_states_close(state, expected_state, what, FLOAT64_TOLERANCE)
+        what = f"{rule.name} ({model.name}, {loss.name}) vs the naive token loop, cut at {cuts}"
+        assert_close(out, expected_out, what, tolerance)
+        assert_states_close(state, expected_state, what, tolerance)
 
 
 __all__ = [
     "FLOAT64_TOLERANCE",
+    "REGISTRATION_TOLERANCE",
     "InnerProblem",
     "assert_close",
     "assert_states_close",
+    "check_activation_derivatives",
     "check_inner_loss",
     "check_inner_model",
+    "check_loss_gradient",
+    "check_pairs_causal",
+    "check_pairs_chunk_invariant",
+    "check_pairs_deterministic",
+    "check_stack_matches_forward",
     "check_update_rule",
     "make_problem",
     "run_in_chunks",
     "run_layer_in_chunks",
+    "run_stack",
 ]

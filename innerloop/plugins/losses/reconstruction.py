@@ -2,6 +2,8 @@
 
 With the layer's residual and LayerNorm, ``f(x) = x + LN(g(x))``, so the per-token loss
 ``1/2 ||f(XK_t) - XV_t||^2`` is the reference's ``1/2 ||LN(g(XK_t)) - (XV_t - XK_t)||^2``.
+(:class:`~innerloop.core.protocol.HalfSquaredError`, the base of the built-in losses, lives in the
+public API, ``innerloop.HalfSquaredError``; it is still importable from here.)
 """
 
 from __future__ import annotations
@@ -10,18 +12,8 @@ from collections.abc import Mapping
 
 import torch
 
-from innerloop.core.protocol import InnerLoss, LossPairs, Views
+from innerloop.core.protocol import HalfSquaredError, LossPairs, Views
 from innerloop.registry import hookimpl
-
-
-class HalfSquaredError(InnerLoss):
-    """Shared by the built-in losses: ``1/2 ||prediction - target||^2`` with its closed-form gradient."""
-
-    def token_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (prediction - target).pow(2).sum(dim=-1)
-
-    def token_loss_grad(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return prediction - target
 
 
 class Reconstruction(HalfSquaredError):

@@ -1,0 +1,334 @@
+"""The plugin kinds: the one place a kind is declared.
+
+Each :class:`Kind` names its hook (what a plugin implements), the base class its objects follow, the
+methods they must have, and the checks the registrar runs before accepting one. The hookspecs
+(:mod:`innerloop.registry.hookspecs`), the registrars, the one-object registration functions
+(``innerloop.register_inner_loss`` ...) and ``innerloop plugins`` are all made from :data:`KINDS`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from innerloop.core.model_inner import ModelInnerLoss, ModelUpdateRule
+from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule, Views
+from innerloop.kernels.spec import KernelSpec
+from innerloop.testing.checks import (
+    REGISTRATION_TOLERANCE,
+    check_activation_derivatives,
+    check_loss_gradient,
+    check_pairs_causal,
+    check_pairs_chunk_invariant,
+    check_pairs_deterministic,
+    check_stack_matches_forward,
+    check_update_rule,
+)
+
+
+class PluginError(ValueError):
+    """A plugin does not conform to the protocol, or clashes with one already registered."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks: what the registrar runs on an object of each kind, after the common opening
+# --------------------------------------------------------------------------------------------------
+
+
+def _missing_methods(obj: Any, required: Iterable[str]) -> list[str]:
+    missing = []
+    for method in required:
+        attr = getattr(obj, method, None)
+        if attr is None or not callable(attr) or getattr(attr, "__isabstractmethod__", False):
+            missing.append(method)
+    return missing
+
+
+def _check_name(obj: Any, kind: str) -> str:
+    name = getattr(obj, "name", None)
+    if not isinstance(name, str) or not name.strip():
+        raise PluginError(f"{kind} {obj!r} has no 'name' (a non-empty string); got {name!r}")
+    return name
+
+
+def _conformance(label: str, name: str, check: Callable[[], None]) -> None:
+    """Run a cheap conformance check of :mod:`innerloop.testing.checks`; its failure is a refusal."""
+    try:
+        check()
+    except AssertionError as error:
+        raise PluginError(
+            f"{label} {name!r} fails a conformance check: {error} "
+            "(innerloop.testing has the full checks to run in the plugin's own tests)"
+        ) from error
+    except PluginError:
+        raise
+    except Exception as error:  # the plugin's own failure, reported as a rejection
+        raise PluginError(f"{label} {name!r} failed its conformance check: {error!r}") from error
+
+
+def _check_inner_model(model: Any, name: str) -> None:
+    heads, head_dim = 2, 4
+    try:
+        shapes = model.param_shapes(head_dim)
+        params = model.init_params(heads, head_dim)
+        for key, shape in shapes.items():
+            if key not in params or tuple(params[key].shape) != (heads, *shape):
+                got = tuple(params[key].shape) if key in params else "missing"
+                raise PluginError(
+                    f"inner model {name!r}: init_params()[{key!r}] has shape {got}, "
+                    f"param_shapes() says {(heads, *shape)}"
+                )
+        x = torch.zeros(heads, 3, head_dim)
+        out = model.forward(params, x)
+    except PluginError:
+        raise
+    except Exception as error:  # the model's own failure, reported as a rejection
+        raise PluginError(f"inner model {name!r} failed its smoke test: {error!r}") from error
+    if tuple(out.shape) != tuple(x.shape):
+        raise PluginError(
+            f"inner model {name!r}: forward maps [heads, N, f] = {tuple(x.shape)} to {tuple(out.shape)}; "
+            "it must return the same shape (g maps head_dim features to head_dim features)"
+        )
+
+    def stack_and_activations() -> None:
+        # float64 weights perturbed so that every term (zero-initialised biases too) matters
+        weights = {k: v.double() + 0.1 * torch.randn(v.shape, dtype=torch.float64) for k, v in params.items()}
+        check_stack_matches_forward(
+            model, weights, torch.randn(heads, 3, head_dim, dtype=torch.float64), REGISTRATION_TOLERANCE
+        )
+        check_activation_derivatives(
+            model, 3 * torch.randn(4, 5, dtype=torch.float64), REGISTRATION_TOLERANCE
+        )
+
+    _conformance("inner model", name, stack_and_activations)
+
+
+def _check_inner_loss(loss: Any, name: str) -> None:
+    batch, heads, tokens, head_dim = 1, 2, 3, 4
+    try:
+        views = Views(*(torch.randn(batch, heads, tokens, head_dim) for _ in range(3)))
+        carry = loss.init_carry(batch, heads, head_dim, views.key)
+        pairs = loss.pairs(views, carry)
+        per_token = loss.token_loss(pairs.inputs, pairs.targets)
+    except Exception as error:
+        raise PluginError(f"inner loss {name!r} failed its smoke test: {error!r}") from error
+    expected = (batch, heads, tokens, head_dim)
+    if tuple(pairs.inputs.shape) != expected or tuple(pairs.targets.shape) != expected:
+        raise PluginError(
+            f"inner loss {name!r}: pairs() must give inputs and targets of shape [B, H, T, f] = {expected}; "
+            f"got {tuple(pairs.inputs.shape)} and {tuple(pairs.targets.shape)}"
+        )
+    if tuple(per_token.shape) != expected[:-1]:
+        raise PluginError(
+            f"inner loss {name!r}: token_loss() must reduce the feature dim to [B, H, T] = {expected[:-1]}; "
+            f"got {tuple(per_token.shape)}"
+        )
+
+    def pairs_and_gradient() -> None:
+        check_pairs_deterministic(loss, views, carry)
+        check_pairs_causal(loss, views, carry, cut=2, tolerance=REGISTRATION_TOLERANCE)
+        check_pairs_chunk_invariant(loss, views, carry, cut=1, tolerance=REGISTRATION_TOLERANCE)
+        if type(loss).token_loss_grad is not InnerLoss.token_loss_grad:  # a closed form to check
+            prediction = torch.randn(expected, dtype=torch.float64)
+            check_loss_gradient(loss, prediction, pairs.targets, REGISTRATION_TOLERANCE)
+
+    _conformance("inner loss", name, pairs_and_gradient)
+
+
+#: Run only on rules from plugins that do not ship with innerloop (origin not ``builtin:...``): the
+#: built-in rules are checked against the naive loop to float64 precision by the test suite
+#: (tests/core/test_invariances.py), and checking them at every start-up would cost ~2 s (the first
+#: ``torch.func.grad`` call imports torch's compiler stack).
+def _check_update_rule_against_naive_loop(rule: Any, name: str) -> None:
+    """The rule equals the naive token loop on a tiny TTT-Linear problem, whole and cut mid-mini-batch.
+
+    A rule that cannot run a linear model is checked only by its own tests.
+    """
+    from innerloop.plugins.losses.reconstruction import Reconstruction
+    from innerloop.plugins.models.linear import LinearModel
+
+    model = LinearModel()
+    if _conformance_refusal(rule, model, name) is not None:
+        return
+    problem = {"batch": 1, "heads": 1, "head_dim": 2, "tokens": 5, "mini_batch_size": 2}
+    _conformance(
+        "update rule",
+        name,
+        lambda: check_update_rule(rule, model, Reconstruction(), tolerance=REGISTRATION_TOLERANCE, **problem),
+    )
+
+
+def _conformance_refusal(rule: Any, model: InnerModel, name: str) -> str | None:
+    """``rule.check_model(model)``, its own failure reported as a rejection."""
+    try:
+        return rule.check_model(model)
+    except Exception as error:
+        raise PluginError(
+            f"update rule {name!r} failed its smoke test: check_model raised {error!r}"
+        ) from error
+
+
+def _check_model_inner_loss(loss: Any, name: str) -> None:
+    batch, chunk, vocab = 2, 4, 5
+    try:
+        logits = torch.randn(batch, chunk, vocab)
+        losses = loss.chunk_loss(logits, torch.randint(vocab, (batch, chunk)))
+    except Exception as error:
+        raise PluginError(f"model inner loss {name!r} failed its smoke test: {error!r}") from error
+    if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (batch,):
+        got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise PluginError(
+            f"model inner loss {name!r}: chunk_loss(logits [B, C, V], ids [B, C]) must return one loss per "
+            f"sequence, [B] = {(batch,)}; got {got}"
+        )
+
+
+def _check_model_update_rule(rule: Any, name: str) -> None:
+    try:
+        fast = {"w": torch.randn(2, 3, 4, requires_grad=True), "v": torch.randn(2, 4, requires_grad=True)}
+        losses = (fast["w"] ** 2).sum((1, 2)) + fast["v"].sum(1)  # [B]
+        new = rule.step(fast, losses, lr=0.1, max_grad_norm=1.0, create_graph=False)
+    except Exception as error:
+        raise PluginError(f"model update rule {name!r} failed its smoke test: {error!r}") from error
+    shapes = {k: tuple(v.shape) for k, v in fast.items()}
+    got = {k: tuple(v.shape) for k, v in new.items()} if isinstance(new, Mapping) else type(new).__name__
+    if got != shapes:
+        raise PluginError(
+            f"model update rule {name!r}: step() must return the fast weights with the same names and shapes "
+            f"{shapes}; got {got}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of thing a plugin can provide.
+
+    ``check(obj, name)`` raises :class:`PluginError` if ``obj`` does not conform (it runs after the
+    common opening: an instance, a ``name``, the ``required`` methods). ``external_check`` runs only
+    on objects from plugins that do not ship with innerloop (see ``_check_update_rule_against_naive_loop``).
+    """
+
+    name: str
+    hook: str
+    base: type
+    required: tuple[str, ...]
+    doc: str
+    check: Callable[[Any, str], None] | None = None
+    external_check: Callable[[Any, str], None] | None = None
+    must_be_instance_of_base: bool = False
+
+    @property
+    def label(self) -> str:
+        """The kind in words: ``inner_loss`` -> ``inner loss``."""
+        return self.name.replace("_", " ")
+
+    def validate(self, obj: Any) -> str:
+        """The name ``obj`` registers under; :class:`PluginError` with the reason if it does not conform."""
+        if self.must_be_instance_of_base and not isinstance(obj, self.base):
+            raise PluginError(f"register a {self.base.__name__} for a {self.label}; got {type(obj).__name__}")
+        if inspect.isclass(obj):
+            raise PluginError(f"register an instance of the {self.label}, not the class {obj.__name__}")
+        name = _check_name(obj, self.label)
+        missing = _missing_methods(obj, self.required)
+        if missing:
+            raise PluginError(
+                f"{self.label} {name!r} lacks required method(s) {missing} of {self.base.__name__}"
+            )
+        if self.check is not None:
+            self.check(obj, name)
+        return name
+
+
+KINDS: tuple[Kind, ...] = (
+    Kind(
+        "inner_model",
+        "register_inner_models",
+        InnerModel,
+        ("param_shapes", "init_params", "forward"),
+        """Register inner models (the fast-weight networks).
+
+    ``register(model)`` takes an instance of :class:`innerloop.InnerModel` (or
+    :class:`innerloop.StackModel`) with a unique ``name``. The registrar runs the model once on a tiny
+    input to check that its parameters, initialisation and forward agree, and that a declared stack
+    equals ``forward`` and each activation's derivative equals autograd.
+    """,
+        check=_check_inner_model,
+    ),
+    Kind(
+        "inner_loss",
+        "register_inner_losses",
+        InnerLoss,
+        ("pairs", "token_loss", "token_loss_grad", "init_carry"),
+        """Register self-supervised inner losses.
+
+    ``register(loss)`` takes an instance of :class:`innerloop.InnerLoss` (e.g. a subclass of
+    :class:`innerloop.HalfSquaredError`) with a unique ``name``; the registrar checks that its pairs
+    and per-token loss have the right shapes, that ``pairs`` is deterministic, causal and the same
+    whether a sequence comes whole or in chunks, and that a closed-form ``token_loss_grad`` equals
+    autograd.
+    """,
+        check=_check_inner_loss,
+    ),
+    Kind(
+        "update_rule",
+        "register_update_rules",
+        UpdateRule,
+        ("forward", "check_model"),
+        """Register update rules (inner optimizers).
+
+    ``register(rule)`` takes an instance of :class:`innerloop.UpdateRule` with a unique ``name``; the
+    registrar checks it against the naive token loop on a tiny TTT-Linear problem.
+    """,
+        external_check=_check_update_rule_against_naive_loop,
+    ),
+    Kind(
+        "kernel",
+        "register_kernels",
+        KernelSpec,
+        ("forward", "verify"),
+        """Register fast paths.
+
+    ``register(spec)`` takes a :class:`innerloop.kernels.spec.KernelSpec` naming the
+    (inner model, inner loss, update rule) it computes and a ``verify`` that says when it can run.
+    """,
+        must_be_instance_of_base=True,
+    ),
+    Kind(
+        "model_inner_loss",
+        "register_model_inner_losses",
+        ModelInnerLoss,
+        ("chunk_loss",),
+        """Register model-level inner losses (what a TTT-E2E model trains its fast weights on).
+
+    ``register(loss)`` takes an instance of :class:`innerloop.core.model_inner.ModelInnerLoss` with a
+    unique ``name``; the registrar checks that ``chunk_loss(logits [B, C, V], ids [B, C])`` returns
+    one loss per sequence, ``[B]``.
+    """,
+        check=_check_model_inner_loss,
+    ),
+    Kind(
+        "model_update_rule",
+        "register_model_update_rules",
+        ModelUpdateRule,
+        ("step",),
+        """Register model-level update rules (the per-chunk step of a TTT-E2E model's fast weights).
+
+    ``register(rule)`` takes an instance of :class:`innerloop.core.model_inner.ModelUpdateRule` with a
+    unique ``name``; the registrar runs ``step`` once on a tiny problem and checks that it returns
+    new fast weights of the same names and shapes.
+    """,
+        check=_check_model_update_rule,
+    ),
+)
+
+KIND_NAMES: tuple[str, ...] = tuple(kind.name for kind in KINDS)
+KIND_BY_NAME: dict[str, Kind] = {kind.name: kind for kind in KINDS}

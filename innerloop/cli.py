@@ -44,7 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in out_dir from its last checkpoint (its saved config.yaml is the base config)",
+        help="continue the run in out_dir from its last checkpoint (its saved config.yaml is the base config; "
+        "optim.* and trainer.* overrides apply from the step reached, e.g. trainer.max_steps to extend it)",
+    )
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace the run in out_dir (its checkpoint and config)"
     )
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
@@ -87,6 +91,7 @@ def _quiet_lightning() -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from innerloop.config.load import load_config
+    from innerloop.train.module import TrainingDivergedError
     from innerloop.train.run import train
 
     run, cfg = load_config(args.config, args.overrides)
@@ -102,7 +107,11 @@ def _train(args: argparse.Namespace) -> int:
     _quiet_lightning()
     if args.resume:
         print(f"resuming from {run.out_dir}/last.safetensors", flush=True)
-    result = train(run, cfg, resume=args.resume)
+    try:
+        result = train(run, cfg, resume=args.resume, overwrite=args.overwrite)
+    except TrainingDivergedError as err:
+        print(f"innerloop train: error: {err}", file=sys.stderr)
+        return 2
     m = result.metrics
     print(
         f"validation perplexity: {m['val_ppl']:.3f}  (loss {m['val_loss']:.4f} nats/byte, accuracy {m['val_acc']:.3f})"

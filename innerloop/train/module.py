@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
@@ -23,6 +25,26 @@ from torchmetrics.text import Perplexity
 from innerloop.models import ModelConfig, build_model
 from innerloop.train.data import IGNORE_INDEX, Batch
 from innerloop.train.metrics import InnerLossDiagnostics, LossByPosition
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss (or the weights) became NaN or inf; the message says when and what to try."""
+
+
+@contextmanager
+def _non_finite_propagates(layers: list[torch.nn.Module]) -> Iterator[None]:
+    """Let NaN and inf through the input check of ``layers`` (TTT layers with ``non_finite='raise'``).
+
+    In training the model's input is token ids, so a non-finite value inside the model is the run
+    diverging: the loss check reports it as such, where the layer's error would blame the input.
+    """
+    for layer in layers:
+        layer.non_finite = "ignore"
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.non_finite = "raise"
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, lr: float, min_lr: float) -> float:
@@ -79,6 +101,8 @@ class LanguageModelModule(L.LightningModule):
         self.val_loss_by_position = LossByPosition(num_position_buckets)
         self.inner_diagnostics = InnerLossDiagnostics(self.model.config.num_layers)
         self._inner_loss_before_after = None
+        self._last_finite_loss: tuple[int, torch.Tensor] | None = None  # (global step, training loss)
+        self._checked_layers = [m for m in self.model.modules() if getattr(m, "non_finite", None) == "raise"]
         if diagnostics_batches > 0 and self.model.config.mixer == "ttt":
             try:
                 from innerloop.core.diagnostics import inner_loss_before_after
@@ -95,10 +119,51 @@ class LanguageModelModule(L.LightningModule):
         inputs, targets = batch
         if hasattr(self.model, "set_outer_progress"):  # TTT-E2E: its inner lr warms up with the outer steps
             self.model.set_outer_progress(self.global_step / self.hparams.max_steps)
-        logits = self(inputs)
+        with _non_finite_propagates(self._checked_layers):
+            logits = self(inputs)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        if not torch.isfinite(loss):
+            raise self.diverged(
+                f"the training loss is {float(loss.detach())} after {self.global_step} optimizer steps"
+            )
+        self._last_finite_loss = (self.global_step, loss.detach())
         self.log("train_loss", loss, prog_bar=True)
         return loss
+
+    def diverged(self, what: str) -> TrainingDivergedError:
+        """The error for a run that diverged: ``what`` happened, the last finite loss, what to try."""
+        if self._last_finite_loss is None:
+            last = "no finite training loss before"
+        else:
+            step, loss = self._last_finite_loss
+            last = f"last finite training loss {float(loss):.4f}, after {step} steps"
+        clip = self.trainer.gradient_clip_val if self._trainer is not None else None
+        return TrainingDivergedError(
+            f"training diverged: {what} ({last}); try a lower optim.lr (now {self.hparams.lr:g}), "
+            f"gradient clipping (optim.grad_clip, now {clip or 'off'}) or a longer warm-up "
+            f"(optim.warmup_fraction, now {self.hparams.warmup_steps} steps)"
+        )
+
+    def on_train_start(self) -> None:
+        self._apply_optimizer_hyperparameters()
+
+    def _apply_optimizer_hyperparameters(self) -> None:
+        """Make the optimizer and the schedule follow this module's hyperparameters from the step reached.
+
+        A resumed run restores the checkpoint's param groups (lr, betas, weight decay) and the schedule's
+        base lr; a resume that changes them (``--resume optim.lr=0.3``) must run with the new values, on
+        the schedule the new ``lr``, ``min_lr``, ``warmup_steps`` and ``max_steps`` define. (A new run
+        is unchanged by this.)
+        """
+        if not self.trainer.optimizers or not self.trainer.lr_scheduler_configs:
+            return
+        hp = self.hparams
+        optimizer = self.trainer.optimizers[0]
+        schedule = self.trainer.lr_scheduler_configs[0].scheduler
+        lr = warmup_cosine(schedule.last_epoch, hp.warmup_steps, hp.max_steps, hp.lr, hp.min_lr)
+        for group, weight_decay in zip(optimizer.param_groups, (hp.weight_decay, 0.0), strict=True):
+            group.update(lr=lr, initial_lr=hp.lr, weight_decay=weight_decay, betas=tuple(hp.betas))
+        schedule.base_lrs = [hp.lr] * len(optimizer.param_groups)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         inputs, targets = batch

@@ -27,10 +27,11 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from innerloop.config.load import save_config
+from innerloop.config.load import ConfigError, check_resume_changes, load_config, save_config
 from innerloop.config.schema import RunConfig
 from innerloop.train.checkpoint import (
     CHECKPOINT_SUFFIX,
+    CheckpointError,
     SafetensorsCheckpointIO,
     load_checkpoint,
     load_module,
@@ -43,8 +44,14 @@ from innerloop.train.data import (
     evaluation_examples,
 )
 from innerloop.train.metrics import position_buckets
-from innerloop.train.module import LanguageModelModule
+from innerloop.train.module import LanguageModelModule, TrainingDivergedError
 from innerloop.train.plots import plot_loss_by_position, write_loss_by_position_csv
+from innerloop.train.run_dir import (
+    clear_previous_run,
+    is_launched_worker,
+    lock_run_dir,
+    remove_stale_temporaries,
+)
 
 CHECKPOINT_NAME = "last"
 
@@ -58,6 +65,13 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        """Save, unless the weights hold NaN or inf: the checkpoint on disk stays the last finite one."""
+        module = trainer.lightning_module
+        if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
+            raise module.diverged(f"the weights hold NaN or inf after {trainer.global_step} optimizer steps")
+        super()._save_checkpoint(trainer, filepath)
 
 
 @dataclass
@@ -139,26 +153,52 @@ def checkpoint_path(out_dir: str | Path) -> Path:
 
 
 def train(
-    run: RunConfig, cfg: DictConfig | None = None, resume: bool = False, callbacks: Sequence[Callback] = ()
+    run: RunConfig,
+    cfg: DictConfig | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Callback] = (),
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train ``run`` (already validated, e.g. by :func:`innerloop.config.load_config`); see the module doc.
 
     ``cfg`` is the omegaconf form to save (the run itself is saved if not given); ``callbacks`` are
-    extra Lightning callbacks.
+    extra Lightning callbacks. The run holds a lock on ``run.out_dir`` until it returns (a second run
+    there raises :class:`~innerloop.train.run_dir.RunDirError`), removes the temporary files a killed
+    run left there, and refuses an out_dir that holds a run unless ``resume`` (continue it) or
+    ``overwrite`` (replace it). A resume is checked against the checkpoint and the saved config before
+    anything is written. A diverging run raises :class:`TrainingDivergedError`, keeping its last
+    finite checkpoint.
     """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: continue the run or replace it")
+    out_dir = Path(run.out_dir)
+    if is_launched_worker():  # rank > 0 under Lightning's DDP launcher: rank 0 owns the out_dir
+        return _train_in_locked_dir(run, cfg, resume, callbacks)
+    with lock_run_dir(out_dir):
+        remove_stale_temporaries(out_dir)
+        if not resume:
+            clear_previous_run(out_dir, overwrite)
+        return _train_in_locked_dir(run, cfg, resume, callbacks)
+
+
+def _train_in_locked_dir(
+    run: RunConfig, cfg: DictConfig | None, resume: bool, callbacks: Sequence[Callback]
+) -> TrainResult:
     out_dir = Path(run.out_dir)
     ckpt = checkpoint_path(out_dir)
+    L.seed_everything(run.seed, workers=True, verbose=False)
+    module = build_module(run)
     if resume:
-        load_checkpoint(ckpt)  # fail now, with a clear error, if it is missing or unreadable
+        _check_resume(run, module, ckpt)  # before anything is written
     if run.trainer.threads > 0:
         torch.set_num_threads(run.trainer.threads)
     config_path = save_config(cfg if cfg is not None else run, out_dir / "config.yaml")
-
-    L.seed_everything(run.seed, workers=True, verbose=False)
-    module = build_module(run)
     datamodule = build_datamodule(run)
     trainer = build_trainer(run, callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if resume else None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if resume else None)
+    except TrainingDivergedError as err:
+        raise TrainingDivergedError(f"{err}; {_last_checkpoint_note(ckpt, run)}") from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     # Validate once more unless the last validation was at the last step. (Compared with max_steps: after
     # ddp_spawn the main process has the workers' metrics but not their step counter.)
@@ -175,6 +215,67 @@ def train(
     title = f"{run.model.mixer} ({run.model.backbone}), {steps} steps: validation loss by position"
     plot = plot_loss_by_position(out_dir / "loss_by_position.png", buckets, losses, title=title)
     return TrainResult(out_dir, ckpt, config_path, plot, csv_path, metrics)
+
+
+def _check_resume(run: RunConfig, module: LanguageModelModule, ckpt: Path) -> None:
+    """Raise :class:`ConfigError` or :class:`CheckpointError` unless ``run`` can continue from ``ckpt``:
+    the checkpoint reads and holds ``run``'s model (weights of the right shapes), the config saved beside
+    it differs from ``run`` only where a resume may change it, and ``trainer.max_steps`` is not behind
+    the checkpoint. Reads only."""
+    checkpoint = load_checkpoint(ckpt)
+    saved_config = ckpt.parent / "config.yaml"
+    if saved_config.is_file():
+        saved, _ = load_config(str(saved_config))
+        check_resume_changes(saved, run)
+    hparams = checkpoint.get("hyper_parameters")
+    stored_model = hparams.get("model") if isinstance(hparams, dict) else None
+    if not isinstance(stored_model, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{str(ckpt)!r} holds no model (no hyper_parameters['model'] or state_dict)")
+    wanted = asdict(run.model)
+    differing = sorted(k for k in wanted.keys() | stored_model.keys() if wanted.get(k) != stored_model.get(k))
+    if differing:
+        changes = ", ".join(f"model.{k} ({stored_model.get(k)!r} -> {wanted.get(k)!r})" for k in differing)
+        raise CheckpointError(f"{str(ckpt)!r} holds another model than this run's: {changes}")
+    _check_weights_fit(module, checkpoint["state_dict"], ckpt)
+    step = checkpoint.get("global_step")
+    if isinstance(step, int) and run.trainer.max_steps < step:
+        raise ConfigError(
+            f"trainer.max_steps={run.trainer.max_steps} is behind the checkpoint, which is after {step} "
+            f"steps; --resume can only extend a run (trainer.max_steps >= {step})"
+        )
+
+
+def _check_weights_fit(module: LanguageModelModule, stored: Any, ckpt: Path) -> None:
+    """Raise :class:`CheckpointError` naming the first weights of ``stored`` that are missing, extra or
+    of another shape than ``module``'s; else load them into ``module``."""
+    expected = module.state_dict()
+    if not isinstance(stored, dict) or not all(isinstance(v, torch.Tensor) for v in stored.values()):
+        raise CheckpointError(f"{str(ckpt)!r} has a state_dict that is not a mapping of names to tensors")
+    problems = [f"missing {k}" for k in sorted(expected.keys() - stored.keys())]
+    problems += [f"unexpected {k}" for k in sorted(stored.keys() - expected.keys())]
+    problems += [
+        f"{k} is {tuple(stored[k].shape)}, this model's is {tuple(expected[k].shape)}"
+        for k in sorted(expected.keys() & stored.keys())
+        if stored[k].shape != expected[k].shape
+    ]
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise CheckpointError(f"{str(ckpt)!r} does not fit this run's model: {'; '.join(problems[:3])}{more}")
+    module.load_state_dict(stored)
+
+
+def _last_checkpoint_note(ckpt: Path, run: RunConfig) -> str:
+    """What a diverged run leaves: its last checkpoint and how to continue it."""
+    if not ckpt.is_file():
+        return "no checkpoint was written"
+    try:
+        step = load_checkpoint(ckpt)["global_step"]
+    except (CheckpointError, KeyError):
+        return f"the checkpoint {str(ckpt)!r} could not be read back"
+    return (
+        f"the last checkpoint, {str(ckpt)!r} (after {step} steps), is kept: continue it with "
+        f"`innerloop train --resume out_dir={run.out_dir} optim.lr=<lower>`"
+    )
 
 
 def evaluate(

@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
@@ -168,8 +169,12 @@ class LanguageModelModule(L.LightningModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         inputs, targets = batch
         captured = self._capture_mixer_inputs() if batch_idx < self.hparams.diagnostics_batches else None
+        # While fitting, NaN here is the run diverging (see training_step); a model evaluated on its own
+        # keeps the layers' input check.
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
         try:
-            logits = self(inputs)  # [B, T, V]
+            with _non_finite_propagates(self._checked_layers if fitting else []):
+                logits = self(inputs)  # [B, T, V]
         finally:
             hooks = captured[1] if captured else []
             for hook in hooks:
@@ -178,6 +183,8 @@ class LanguageModelModule(L.LightningModule):
             logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
         )  # [B, T]
         scored = targets != IGNORE_INDEX
+        if fitting and not torch.isfinite(token_loss[scored]).all():
+            raise self.diverged(f"the validation loss is not finite after {self.global_step} optimizer steps")
         self.val_ppl.update(logits, targets)
         self.val_acc.update(logits.flatten(0, 1), targets.flatten())
         self.val_loss_by_position.update(token_loss, scored)

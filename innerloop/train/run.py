@@ -15,6 +15,8 @@ Multi-process training is Lightning's: ``trainer.strategy=ddp`` (or ``ddp_spawn`
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,13 +24,16 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from innerloop.config.load import ConfigError, check_resume_changes, load_config, save_config
 from innerloop.config.schema import RunConfig
+from innerloop.train.atomic import atomic_write
 from innerloop.train.checkpoint import (
     CHECKPOINT_SUFFIX,
     CheckpointError,
@@ -67,11 +72,42 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        """Save, unless the weights hold NaN or inf: the checkpoint on disk stays the last finite one."""
+        """Save, unless the weights or the optimizer's moments hold NaN or inf: the checkpoint on disk
+        stays the last finite one."""
         module = trainer.lightning_module
-        if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
-            raise module.diverged(f"the weights hold NaN or inf after {trainer.global_step} optimizer steps")
+        moments = [v for o in trainer.optimizers for s in o.state.values() for v in s.values()]
+        tensors = [*module.parameters(), *(v for v in moments if isinstance(v, torch.Tensor))]
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise module.diverged(
+                f"the weights or optimizer state hold NaN or inf after {trainer.global_step} optimizer steps"
+            )
         super()._save_checkpoint(trainer, filepath)
+
+
+class _AtomicExperimentWriter(ExperimentWriter):
+    """Lightning's ``metrics.csv`` writer, except that the rewrite it does when new columns appear is
+    atomic (Lightning truncates the file and writes it again: a run killed meanwhile lost its log)."""
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with open(self.metrics_file_path, newline="", encoding="utf-8") as file:
+            rows = list(csv.DictReader(file))
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.metrics_file_path, lambda tmp: Path(tmp).write_bytes(text.getvalue().encode()))
+
+
+class _CSVLogger(CSVLogger):
+    """Lightning's CSVLogger (``logs/version_<n>/metrics.csv``) with :class:`_AtomicExperimentWriter`."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AtomicExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 @dataclass
@@ -138,7 +174,7 @@ def build_trainer(run: RunConfig, callbacks: Sequence[Callback] = ()) -> L.Train
         num_sanity_val_steps=0,
         gradient_clip_val=run.optim.grad_clip if run.optim.grad_clip > 0 else None,
         log_every_n_steps=t.log_every,
-        logger=CSVLogger(run.out_dir, name="logs"),  # logs/version_<n>/metrics.csv, one per launch
+        logger=_CSVLogger(run.out_dir, name="logs"),  # logs/version_<n>/metrics.csv, one per launch
         callbacks=[checkpointing, *callbacks],
         plugins=[SafetensorsCheckpointIO()],
         enable_progress_bar=t.progress_bar,
@@ -222,6 +258,11 @@ def _check_resume(run: RunConfig, module: LanguageModelModule, ckpt: Path) -> No
     the checkpoint reads and holds ``run``'s model (weights of the right shapes), the config saved beside
     it differs from ``run`` only where a resume may change it, and ``trainer.max_steps`` is not behind
     the checkpoint. Reads only."""
+    if not ckpt.exists():
+        raise CheckpointError(
+            f"--resume: there is no checkpoint {str(ckpt)!r} (a run killed before its first checkpoint "
+            "leaves none); start the run again with --overwrite"
+        )
     checkpoint = load_checkpoint(ckpt)
     saved_config = ckpt.parent / "config.yaml"
     if saved_config.is_file():

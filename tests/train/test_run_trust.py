@@ -4,6 +4,7 @@ temporaries cleaned, and a diverging run stops saying so with its last finite ch
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import logging
 import shutil
@@ -18,9 +19,11 @@ from test_train import TINY  # the tiny model and run of the end-to-end tests
 
 from innerloop.cli import main
 from innerloop.config import load_config
+from innerloop.config.load import save_config
 from innerloop.train import TrainingDivergedError, load_checkpoint, load_model, save_checkpoint, train
 from innerloop.train.atomic import atomic_write
 from innerloop.train.module import warmup_cosine
+from innerloop.train.run import build_trainer
 from innerloop.train.run_dir import LOCK_NAME
 
 FINISHED_STEPS = 4
@@ -289,6 +292,51 @@ def test_nan_in_the_middle_of_the_forward_is_reported_as_divergence_not_bad_inpu
 def test_non_finite_weights_are_never_checkpointed(tmp_path) -> None:
     run, cfg = load_config("tiny", [*TINY, "trainer.max_steps=8", f"out_dir={tmp_path}"])
     corrupt_after_step_4 = _Corrupt(at=4, hook="on_train_batch_end", value=float("nan"))
-    with pytest.raises(TrainingDivergedError, match=r"the weights hold NaN or inf after 4 optimizer steps"):
+    with pytest.raises(
+        TrainingDivergedError, match=r"the weights or optimizer state hold NaN or inf after 4 "
+    ):
         train(run, cfg, callbacks=[corrupt_after_step_4])  # 4 is a checkpoint step (checkpoint_every=2)
     _assert_finite_checkpoint(tmp_path / "last.safetensors", 2)
+
+
+def test_non_finite_weights_at_a_validation_step_are_reported_as_divergence(tmp_path) -> None:
+    run, cfg = load_config(
+        "tiny", [*TINY, "trainer.max_steps=8", "trainer.checkpoint_every=3", f"out_dir={tmp_path}"]
+    )
+    corrupt_after_step_4 = _Corrupt(at=4, hook="on_train_batch_end", value=float("nan"))  # val_every=4
+    with pytest.raises(
+        TrainingDivergedError, match=r"the validation loss is not finite after 4 optimizer steps"
+    ):
+        train(run, cfg, callbacks=[corrupt_after_step_4])
+    _assert_finite_checkpoint(tmp_path / "last.safetensors", 3)
+
+
+# -- what else a run writes ------------------------------------------------------------------------
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_says_what_to_do(tmp_path, capsys) -> None:
+    run, _ = load_config("tiny", [*TINY, f"out_dir={tmp_path}"])
+    save_config(run, tmp_path / "config.yaml")  # what a run killed before its first checkpoint leaves,
+    (tmp_path / LOCK_NAME).touch()  # with its lock file (released by the kill)
+    before = _hashes(tmp_path)
+    assert main(["train", "--resume", f"out_dir={tmp_path}"]) == 2
+    err = _one_error_line(capsys)
+    assert "there is no checkpoint" in err and "--overwrite" in err
+    assert _hashes(tmp_path) == before
+
+
+def test_a_crash_while_the_metrics_log_gets_new_columns_keeps_the_log(tmp_path, monkeypatch) -> None:
+    run, _ = load_config("tiny", [*TINY, f"out_dir={tmp_path}"])
+    log = build_trainer(run).logger.experiment  # writes logs/version_0/metrics.csv
+    log.log_metrics({"train_loss": 5.0}, step=1)
+    log.save()
+    written = Path(log.metrics_file_path).read_bytes()
+
+    def killed(self, rows):
+        raise KeyboardInterrupt("killed while writing")
+
+    log.log_metrics({"train_loss": 4.0, "val_loss": 4.5}, step=2)  # a new column: the file is rewritten
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
+    with pytest.raises(KeyboardInterrupt):
+        log.save()
+    assert Path(log.metrics_file_path).read_bytes() == written

@@ -19,7 +19,8 @@ overrides are dotted keys of the config, e.g.:
   innerloop train --config tiny-swa model.window=16
   innerloop train --config recall-ttt trainer.devices=2 trainer.strategy=ddp_spawn
 outputs go to out_dir (default runs/<preset>): last.safetensors, config.yaml, metrics.csv,
-loss_by_position.csv and loss_by_position.png.
+loss_by_position.csv and loss_by_position.png. An out_dir holds one run: --resume continues it
+(optim.* and trainer.* may change, e.g. trainer.max_steps=2000 to extend it), --overwrite replaces it.
 """
 
 

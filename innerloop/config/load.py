@@ -170,13 +170,13 @@ def validate_run_config(run: RunConfig) -> None:
 RESUME_FIXED = ("model", "data", "seed")
 
 
-def _flat(config: Any, prefix: str = "") -> dict[str, Any]:
-    """``{dotted key: value}`` of a config dataclass (nested dataclasses flattened)."""
+def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
+    """``{dotted key: value}`` of a config dataclass (nested dataclasses flattened), keys prefixed."""
     flat: dict[str, Any] = {}
     for f in fields(config):
         value = getattr(config, f.name)
         if is_dataclass(value):
-            flat.update(_flat(value, f"{prefix}{f.name}."))
+            flat.update(flatten_config(value, f"{prefix}{f.name}."))
         else:
             flat[f"{prefix}{f.name}"] = value
     return flat
@@ -186,7 +186,7 @@ def check_resume_changes(saved: RunConfig, resumed: RunConfig) -> None:
     """Raise :class:`ConfigError` naming every key of :data:`RESUME_FIXED` on which ``resumed`` (the
     saved config with the resume's overrides) differs from ``saved``. Other keys (``optim.*``,
     ``trainer.*``, ``out_dir``) may change: the resumed run applies them from the step it reached."""
-    old, new = _flat(saved), _flat(resumed)
+    old, new = flatten_config(saved), flatten_config(resumed)
     changed = [
         f"{key} ({old[key]!r} -> {new[key]!r})"
         for key in old

@@ -8,7 +8,12 @@
 - ``loss_by_position.csv`` and ``loss_by_position.png``: the final validation loss by position.
 
 ``train(run, resume=True)`` continues from ``last.safetensors`` to the same result as a run that was
-never interrupted (batches are a function of the step, see :mod:`innerloop.train.data`).
+never interrupted (batches are a function of the step, see :mod:`innerloop.train.data`); ``optim.*``
+and ``trainer.*`` may differ from the saved config and apply from the step reached, ``model.*``,
+``data.*`` and ``seed`` may not. A run owns its out_dir while it runs (see
+:mod:`innerloop.train.run_dir`: one run at a time, no run replaced without ``overwrite=True``), and a
+run whose loss or weights become NaN or inf stops with :class:`TrainingDivergedError`, its last finite
+checkpoint kept.
 Multi-process training is Lightning's: ``trainer.strategy=ddp`` (or ``ddp_spawn``, ``fsdp``) with
 ``trainer.devices=N``.
 """
@@ -31,8 +36,15 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from innerloop.config.load import ConfigError, check_resume_changes, load_config, save_config
+from innerloop.config.load import (
+    ConfigError,
+    check_resume_changes,
+    flatten_config,
+    load_config,
+    save_config,
+)
 from innerloop.config.schema import RunConfig
+from innerloop.models import ModelConfig
 from innerloop.train.atomic import atomic_write
 from innerloop.train.checkpoint import (
     CHECKPOINT_SUFFIX,
@@ -268,22 +280,33 @@ def _check_resume(run: RunConfig, module: LanguageModelModule, ckpt: Path) -> No
     if saved_config.is_file():
         saved, _ = load_config(str(saved_config))
         check_resume_changes(saved, run)
-    hparams = checkpoint.get("hyper_parameters")
-    stored_model = hparams.get("model") if isinstance(hparams, dict) else None
-    if not isinstance(stored_model, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(f"{str(ckpt)!r} holds no model (no hyper_parameters['model'] or state_dict)")
-    wanted = asdict(run.model)
-    differing = sorted(k for k in wanted.keys() | stored_model.keys() if wanted.get(k) != stored_model.get(k))
-    if differing:
-        changes = ", ".join(f"model.{k} ({stored_model.get(k)!r} -> {wanted.get(k)!r})" for k in differing)
-        raise CheckpointError(f"{str(ckpt)!r} holds another model than this run's: {changes}")
+    _check_same_model(run.model, checkpoint, ckpt)
     _check_weights_fit(module, checkpoint["state_dict"], ckpt)
     step = checkpoint.get("global_step")
     if isinstance(step, int) and run.trainer.max_steps < step:
         raise ConfigError(
-            f"trainer.max_steps={run.trainer.max_steps} is behind the checkpoint, which is after {step} "
-            f"steps; --resume can only extend a run (trainer.max_steps >= {step})"
+            f"trainer.max_steps={run.trainer.max_steps} is below the checkpoint's step {step}; --resume "
+            f"can only extend a run (trainer.max_steps >= {step})"
         )
+
+
+def _check_same_model(model: ModelConfig, checkpoint: dict[str, Any], ckpt: Path) -> None:
+    """Raise :class:`CheckpointError` unless ``checkpoint`` holds weights of the model ``model`` describes
+    (its stored model config, defaults filled in, equals ``model``); name the keys that differ."""
+    hparams = checkpoint.get("hyper_parameters")
+    stored = hparams.get("model") if isinstance(hparams, dict) else None
+    if not isinstance(stored, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{str(ckpt)!r} holds no model (no hyper_parameters['model'] or state_dict)")
+    try:
+        old = flatten_config(ModelConfig.from_dict(stored), "model.")
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{str(ckpt)!r} holds a model config this innerloop cannot read: {err}"
+        ) from None
+    new = flatten_config(model, "model.")
+    changes = [f"{key} ({old[key]!r} -> {new[key]!r})" for key in new if old[key] != new[key]]
+    if changes:
+        raise CheckpointError(f"{str(ckpt)!r} holds another model than this run's: {', '.join(changes)}")
 
 
 def _check_weights_fit(module: LanguageModelModule, stored: Any, ckpt: Path) -> None:

@@ -123,13 +123,27 @@ class LanguageModelModule(L.LightningModule):
         with _non_finite_propagates(self._checked_layers):
             logits = self(inputs)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        if not torch.isfinite(loss):
+        if not self._finite_on_every_process(loss):
             raise self.diverged(
-                f"the training loss is {float(loss.detach())} after {self.global_step} optimizer steps"
+                f"the training loss is {self._describe(loss)} after {self.global_step} optimizer steps"
             )
         self._last_finite_loss = (self.global_step, loss.detach())
         self.log("train_loss", loss, prog_bar=True)
         return loss
+
+    def _finite_on_every_process(self, values: torch.Tensor) -> bool:
+        """Whether ``values`` are finite here and on every other process of the run (all processes
+        must stop together: one stopping alone would leave the others waiting in a collective)."""
+        return self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(values).all()), all=True)
+
+    @staticmethod
+    def _describe(loss: torch.Tensor) -> str:
+        value = float(loss.detach())
+        return (
+            str(value)
+            if not math.isfinite(value)
+            else f"finite here ({value:.4f}) but not on another process"
+        )
 
     def diverged(self, what: str) -> TrainingDivergedError:
         """The error for a run that diverged: ``what`` happened, the last finite loss, what to try."""
@@ -183,7 +197,7 @@ class LanguageModelModule(L.LightningModule):
             logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
         )  # [B, T]
         scored = targets != IGNORE_INDEX
-        if fitting and not torch.isfinite(token_loss[scored]).all():
+        if fitting and not self._finite_on_every_process(token_loss[scored]):
             raise self.diverged(f"the validation loss is not finite after {self.global_step} optimizer steps")
         self.val_ppl.update(logits, targets)
         self.val_acc.update(logits.flatten(0, 1), targets.flatten())

@@ -24,7 +24,7 @@ from innerloop.train import TrainingDivergedError, load_checkpoint, load_model, 
 from innerloop.train.atomic import atomic_write
 from innerloop.train.module import warmup_cosine
 from innerloop.train.run import build_trainer
-from innerloop.train.run_dir import LOCK_NAME
+from innerloop.train.run_dir import LOCK_NAME, lock_run_dir
 
 FINISHED_STEPS = 4
 
@@ -340,3 +340,13 @@ def test_a_crash_while_the_metrics_log_gets_new_columns_keeps_the_log(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         log.save()
     assert Path(log.metrics_file_path).read_bytes() == written
+
+
+def test_a_ddp_worker_process_trains_in_the_out_dir_its_rank_0_holds(tmp_path, monkeypatch) -> None:
+    """Lightning's DDP launcher re-runs the command for ranks > 0 (LOCAL_RANK set); they must not
+    take the lock or refuse the out_dir that rank 0 holds and has written its config to."""
+    run, cfg = load_config("tiny", [*TINY, "trainer.max_steps=1", f"out_dir={tmp_path}"])
+    with lock_run_dir(tmp_path):  # rank 0
+        save_config(cfg, tmp_path / "config.yaml")
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        assert train(run, cfg).metrics["val_step"] == 1

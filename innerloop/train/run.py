@@ -64,9 +64,10 @@ from innerloop.train.metrics import position_buckets
 from innerloop.train.module import LanguageModelModule, TrainingDivergedError
 from innerloop.train.plots import plot_loss_by_position, write_loss_by_position_csv
 from innerloop.train.run_dir import (
-    clear_previous_run,
     is_launched_worker,
     lock_run_dir,
+    refuse_previous_run,
+    remove_previous_run,
     remove_stale_temporaries,
 )
 
@@ -221,28 +222,37 @@ def train(
         raise ConfigError("--resume and --overwrite contradict each other: continue the run or replace it")
     out_dir = Path(run.out_dir)
     if is_launched_worker():  # rank > 0 under Lightning's DDP launcher: rank 0 owns the out_dir
-        return _train_in_locked_dir(run, cfg, resume, callbacks)
+        return _train_in_locked_dir(run, cfg, resume, callbacks, replace_previous=False)
     with lock_run_dir(out_dir):
         remove_stale_temporaries(out_dir)
-        if not resume:
-            clear_previous_run(out_dir, overwrite)
-        return _train_in_locked_dir(run, cfg, resume, callbacks)
+        if not resume and not overwrite:
+            refuse_previous_run(out_dir)
+        return _train_in_locked_dir(run, cfg, resume, callbacks, replace_previous=overwrite)
 
 
 def _train_in_locked_dir(
-    run: RunConfig, cfg: DictConfig | None, resume: bool, callbacks: Sequence[Callback]
+    run: RunConfig,
+    cfg: DictConfig | None,
+    resume: bool,
+    callbacks: Sequence[Callback],
+    replace_previous: bool,
 ) -> TrainResult:
+    """The run itself. Nothing is written or removed in out_dir until the module, the data and the
+    Trainer are built and a resume is checked against its checkpoint: a run that cannot start leaves the
+    out_dir as it was."""
     out_dir = Path(run.out_dir)
     ckpt = checkpoint_path(out_dir)
     L.seed_everything(run.seed, workers=True, verbose=False)
     module = build_module(run)
     if resume:
-        _check_resume(run, module, ckpt)  # before anything is written
+        _check_resume(run, module, ckpt)
+    datamodule = build_datamodule(run)
+    trainer = build_trainer(run, callbacks)
+    if replace_previous:
+        remove_previous_run(out_dir)
     if run.trainer.threads > 0:
         torch.set_num_threads(run.trainer.threads)
     config_path = save_config(cfg if cfg is not None else run, out_dir / "config.yaml")
-    datamodule = build_datamodule(run)
-    trainer = build_trainer(run, callbacks)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if resume else None)
     except TrainingDivergedError as err:
@@ -254,15 +264,20 @@ def _train_in_locked_dir(
         metrics = {
             k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()
         }
+    plot, csv_path = _write_loss_by_position(run, metrics, datamodule.seq_len)
+    return TrainResult(out_dir, ckpt, config_path, plot, csv_path, metrics)
 
-    seq_len = datamodule.seq_len
+
+def _write_loss_by_position(run: RunConfig, metrics: dict[str, float], seq_len: int) -> tuple[Path, Path]:
+    """``loss_by_position.png`` and ``.csv`` of the final validation, in ``run.out_dir``."""
+    out_dir = Path(run.out_dir)
     buckets = position_buckets(seq_len, run.trainer.num_position_buckets)
     losses = [metrics[f"val_loss_pos/{b}"] for b in range(len(buckets))]
     csv_path = write_loss_by_position_csv(out_dir / "loss_by_position.csv", buckets, losses)
     steps = int(metrics["val_step"])
     title = f"{run.model.mixer} ({run.model.backbone}), {steps} steps: validation loss by position"
     plot = plot_loss_by_position(out_dir / "loss_by_position.png", buckets, losses, title=title)
-    return TrainResult(out_dir, ckpt, config_path, plot, csv_path, metrics)
+    return plot, csv_path
 
 
 def _check_resume(run: RunConfig, module: LanguageModelModule, ckpt: Path) -> None:

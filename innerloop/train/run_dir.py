@@ -3,8 +3,8 @@
 - :func:`lock_run_dir`: an exclusive ``fcntl.flock`` on ``<out_dir>/.innerloop.lock``, held for the life
   of a run; the operating system releases it when the process ends, even when it is killed. The file
   holds the holder's pid, so a second run into the same out_dir fails at once and names it.
-- :func:`clear_previous_run`: a new run into an out_dir that holds one is refused (``--resume`` continues
-  it, ``--overwrite`` replaces it).
+- :func:`refuse_previous_run`: a new run into an out_dir that holds one is refused (``--resume``
+  continues it; ``--overwrite`` replaces it, :func:`remove_previous_run`).
 - :func:`remove_stale_temporaries`: the temporary files that the atomic writes of a killed run left.
 
 All three act on the out_dir of the process that owns the run; :func:`is_launched_worker` tells the
@@ -72,23 +72,26 @@ def lock_run_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
         os.close(fd)  # releases the lock
 
 
-def clear_previous_run(out_dir: str | os.PathLike[str], overwrite: bool) -> list[str]:
-    """Make ``out_dir`` ready for a new run: refuse (:class:`RunDirError`) if it holds a run, unless
-    ``overwrite``, which removes that run's :data:`RUN_OUTPUTS` (its ``logs/`` stay). Call it holding
-    the lock. Returns the names removed."""
+def refuse_previous_run(out_dir: str | os.PathLike[str]) -> None:
+    """Raise :class:`RunDirError` if ``out_dir`` holds a run (its config or checkpoint)."""
     out_dir = Path(out_dir)
     found = [name for name in RUN_MARKERS if (out_dir / name).exists()]
-    if not found:
-        return []
-    if not overwrite:
+    if found:
         raise RunDirError(
             f"out_dir={str(out_dir)!r} already holds a run ({', '.join(found)}); pass --resume to continue "
             "it, --overwrite to replace it, or train into another out_dir"
         )
+
+
+def remove_previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
+    """Remove the :data:`RUN_OUTPUTS` of the run in ``out_dir`` (``--overwrite``; its ``logs/`` stay).
+    Call it holding the lock. Says in one line what it removed; returns their names."""
+    out_dir = Path(out_dir)
     removed = [name for name in RUN_OUTPUTS if (out_dir / name).is_file()]
     for name in removed:
         (out_dir / name).unlink()
-    log.warning("--overwrite: removed the previous run's %s from %s", ", ".join(removed), out_dir)
+    if removed:
+        log.warning("--overwrite: removed the previous run's %s from %s", ", ".join(removed), out_dir)
     return removed
 
 

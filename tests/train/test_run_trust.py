@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from test_train import TINY  # the tiny model and run of the end-to-end tests
 
 from innerloop.cli import main
@@ -161,6 +162,15 @@ def test_resume_from_weights_of_other_shapes_fails_before_writing_anything(
     assert main(["train", "--resume", f"out_dir={out}", "trainer.max_steps=6"]) == 2
     err = _one_error_line(capsys)
     assert "does not fit this run's model" in err and "model.norm.weight" in err
+    assert _hashes(out) == before
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--overwrite"])
+def test_a_run_whose_trainer_cannot_be_built_leaves_the_out_dir_as_it_was(finished, tmp_path, flag) -> None:
+    out = _copy_run(finished, tmp_path)
+    before = _hashes(out)
+    with pytest.raises(MisconfigurationException, match="MPSAccelerator"):  # no MPS on this machine
+        main(["train", flag, *TINY, f"out_dir={out}", "trainer.accelerator=mps", "trainer.max_steps=6"])
     assert _hashes(out) == before
 
 

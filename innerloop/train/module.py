@@ -134,7 +134,12 @@ class LanguageModelModule(L.LightningModule):
     def _finite_on_every_process(self, values: torch.Tensor) -> bool:
         """Whether ``values`` are finite here and on every other process of the run (all processes
         must stop together: one stopping alone would leave the others waiting in a collective)."""
-        return self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(values).all()), all=True)
+        finite = bool(torch.isfinite(values).all())
+        return (
+            finite
+            if self._trainer is None
+            else self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        )
 
     @staticmethod
     def _describe(loss: torch.Tensor) -> str:

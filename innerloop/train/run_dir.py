@@ -96,14 +96,18 @@ def remove_previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
 
 
 def remove_stale_temporaries(out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Remove the temporary files that atomic writes of :data:`RUN_OUTPUTS` left in ``out_dir`` (a run
-    killed while writing). Call it holding the lock, so that no writer of this out_dir is running.
-    Says in one line what it removed; returns their paths."""
+    """Remove the temporary files that atomic writes of :data:`RUN_OUTPUTS` (and of each launch's
+    ``logs/version_<n>/metrics.csv``) left in ``out_dir`` (a run killed while writing). Call it holding
+    the lock, so that no writer of this out_dir is running. Says in one line what it removed; returns
+    their paths."""
+    out_dir = Path(out_dir)
     stale = stale_temporaries(out_dir, RUN_OUTPUTS)
+    for logs in sorted(out_dir.glob("logs/version_*")):
+        stale += stale_temporaries(logs, ["metrics.csv"])
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:
-        names = ", ".join(p.name for p in stale)
+        names = ", ".join(str(p.relative_to(out_dir)) for p in stale)
         log.warning(
             "removed %d temporary file(s) left by an interrupted run in %s: %s", len(stale), out_dir, names
         )

@@ -246,6 +246,9 @@ def test_a_run_removes_the_temporaries_a_killed_run_left_and_only_those(finished
     left.append(_leftover_of_a_killed_write(tmp_path / "loss_by_position.png"))
     for name in left:
         shutil.move(tmp_path / name, out / name)
+    logs = next((out / "logs").glob("version_*"))
+    left_in_logs = _leftover_of_a_killed_write(tmp_path / "metrics.csv")
+    shutil.move(tmp_path / left_in_logs, logs / left_in_logs)
     assert all(name.startswith(".") and name.endswith(".tmp") for name in left)
     users = [".notes.txt.abcdefgh.tmp", ".last.safetensors.tmp", "last.safetensors.abcdefgh.tmp", "data.tmp"]
     for name in users:
@@ -254,8 +257,9 @@ def test_a_run_removes_the_temporaries_a_killed_run_left_and_only_those(finished
     with caplog.at_level(logging.WARNING, logger="innerloop.train.run_dir"):
         assert main(["train", "--resume", f"out_dir={out}", f"trainer.max_steps={FINISHED_STEPS + 1}"]) == 0
     assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == sorted(users)
+    assert not (logs / left_in_logs).exists()
     removed = [r.getMessage() for r in caplog.records if "temporary file" in r.getMessage()]
-    assert len(removed) == 1 and all(name in removed[0] for name in left), removed
+    assert len(removed) == 1 and all(name in removed[0] for name in [*left, left_in_logs]), removed
 
 
 # -- 13. a diverging run says so and keeps its last finite checkpoint ------------------------------

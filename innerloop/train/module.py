@@ -5,6 +5,10 @@ to ``min_lr``, gradient clipping through the Trainer (``gradient_clip_val``). Va
 ``val_loss``, ``val_ppl``, ``val_acc`` (next-token accuracy on scored tokens), the loss by position
 (``val_loss_pos/<bucket>``) and, for TTT models, the inner loss before and after the updates of each
 layer (``inner_loss_before/<layer>``, ``inner_loss_after/<layer>``).
+
+A training (or, while fitting, validation) loss that is NaN or inf raises :class:`TrainingDivergedError`
+with the step, the last finite loss and what to try; NaN produced inside the model is reported so too,
+not as bad input of a TTT layer (the input is token ids).
 """
 
 from __future__ import annotations
@@ -135,20 +139,15 @@ class LanguageModelModule(L.LightningModule):
         """Whether ``values`` are finite here and on every other process of the run (all processes
         must stop together: one stopping alone would leave the others waiting in a collective)."""
         finite = bool(torch.isfinite(values).all())
-        return (
-            finite
-            if self._trainer is None
-            else self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        )
+        if self._trainer is None:
+            return finite
+        return self.trainer.strategy.reduce_boolean_decision(finite, all=True)
 
     @staticmethod
     def _describe(loss: torch.Tensor) -> str:
+        """``nan``/``inf``, or what a finite loss is when another process's is not."""
         value = float(loss.detach())
-        return (
-            str(value)
-            if not math.isfinite(value)
-            else f"finite here ({value:.4f}) but not on another process"
-        )
+        return f"finite here ({value:.4f}) but not on another process" if math.isfinite(value) else str(value)
 
     def diverged(self, what: str) -> TrainingDivergedError:
         """The error for a run that diverged: ``what`` happened, the last finite loss, what to try."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ from innerloop.train.metrics import position_buckets
 from innerloop.train.module import LanguageModelModule, TrainingDivergedError
 from innerloop.train.plots import plot_loss_by_position, write_loss_by_position_csv
 from innerloop.train.run_dir import (
+    PENDING_CHECKPOINT,
     is_launched_worker,
     lock_run_dir,
     refuse_previous_run,
@@ -75,18 +77,21 @@ CHECKPOINT_NAME = "last"
 
 
 class _SafetensorsModelCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint writing ``last.safetensors`` (the IO plugin does the format), and
-    always at the end of training (Lightning skips that save if any "last" was written before)."""
+    """Lightning's ModelCheckpoint writing ``last.safetensors`` (the IO plugin does the format), always at
+    the end of training (Lightning skips that save if any "last" was written before), and only weights
+    known to be good.
+
+    Weights or optimizer moments holding NaN or inf are never saved (the run stops as diverged). The
+    checkpoint of step ``k`` is written to ``.last.safetensors.pending`` and replaces ``last.safetensors``
+    once the loss of step ``k + 1``, computed from those weights, is finite (or at the end, or on a crash
+    that is not a divergence): a diverged run keeps a checkpoint that a resume with a lower lr can go on
+    from, not weights whose next loss is already NaN.
+    """
 
     FILE_EXTENSION = CHECKPOINT_SUFFIX
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+    _pending: tuple[Path, Path] | None = None  # (written, to replace)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        """Save, unless the weights or the optimizer's moments hold NaN or inf: the checkpoint on disk
-        stays the last finite one."""
         module = trainer.lightning_module
         moments = [v for o in trainer.optimizers for s in o.state.values() for v in s.values()]
         tensors = [*module.parameters(), *(v for v in moments if isinstance(v, torch.Tensor))]
@@ -94,7 +99,34 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
             raise module.diverged(
                 f"the weights or optimizer state hold NaN or inf after {trainer.global_step} optimizer steps"
             )
-        super()._save_checkpoint(trainer, filepath)
+        pending = Path(filepath).parent / PENDING_CHECKPOINT
+        super()._save_checkpoint(trainer, str(pending))
+        self._pending = (pending, Path(filepath))
+
+    def _promote(self, trainer: L.Trainer) -> None:
+        if self._pending is not None and trainer.is_global_zero:
+            os.replace(*self._pending)
+        self._pending = None
+
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
+        self._promote(trainer)  # the training step found the loss of the pending weights finite
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._promote(trainer)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, TrainingDivergedError):
+            if self._pending is not None and trainer.is_global_zero:
+                self._pending[0].unlink(missing_ok=True)
+            self._pending = None
+        else:
+            self._promote(trainer)
 
 
 class _AtomicExperimentWriter(ExperimentWriter):

@@ -30,6 +30,8 @@ RUN_OUTPUTS = ("config.yaml", "last.safetensors", "loss_by_position.csv", "loss_
 #: A run is in an out_dir when one of these is there.
 RUN_MARKERS = ("config.yaml", "last.safetensors")
 LOCK_NAME = ".innerloop.lock"
+#: A checkpoint written but not yet known good (see ``innerloop.train.run``); stale when a run starts.
+PENDING_CHECKPOINT = ".last.safetensors.pending"
 
 
 class RunDirError(ConfigError):
@@ -97,11 +99,13 @@ def remove_previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
 
 def remove_stale_temporaries(out_dir: str | os.PathLike[str]) -> list[Path]:
     """Remove the temporary files that atomic writes of :data:`RUN_OUTPUTS` (and of each launch's
-    ``logs/version_<n>/metrics.csv``) left in ``out_dir`` (a run killed while writing). Call it holding
-    the lock, so that no writer of this out_dir is running. Says in one line what it removed; returns
-    their paths."""
+    ``logs/version_<n>/metrics.csv``) left in ``out_dir`` (a run killed while writing), and a
+    :data:`PENDING_CHECKPOINT` never confirmed. Call it holding the lock, so that no writer of this
+    out_dir is running. Says in one line what it removed; returns their paths."""
     out_dir = Path(out_dir)
     stale = stale_temporaries(out_dir, RUN_OUTPUTS)
+    if (out_dir / PENDING_CHECKPOINT).is_file():
+        stale.append(out_dir / PENDING_CHECKPOINT)
     for logs in sorted(out_dir.glob("logs/version_*")):
         stale += stale_temporaries(logs, ["metrics.csv"])
     for path in stale:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -270,16 +271,25 @@ def _assert_finite_checkpoint(path: Path, step: int) -> None:
     assert all(torch.isfinite(p).all() for p in load_model(path).parameters())
 
 
-def test_a_diverging_run_stops_with_one_line_and_keeps_its_last_finite_checkpoint(tmp_path, capsys) -> None:
+def test_a_diverging_run_stops_with_one_line_and_keeps_a_checkpoint_it_can_resume_from(
+    tmp_path, capsys
+) -> None:
     out = tmp_path / "run"
-    args = ["train", *TINY, "optim.lr=1000", "optim.grad_clip=0", "trainer.max_steps=20", f"out_dir={out}"]
+    args = ["train", *TINY, "optim.lr=1000", "optim.grad_clip=0", "trainer.checkpoint_every=1",
+            "trainer.max_steps=20", f"out_dir={out}"]  # fmt: skip
     assert main(args) == 2
     err = _one_error_line(capsys)
     assert "training diverged" in err and "optim.lr (now 1000)" in err and "last finite training loss" in err
     assert "non_finite" not in err and "--resume" in err
-    step = load_checkpoint(out / "last.safetensors")["global_step"]
-    assert f"after {step} steps), is kept" in err
-    _assert_finite_checkpoint(out / "last.safetensors", step)
+    diverged_at = int(re.search(r"is nan after (\d+) optimizer steps", err).group(1))
+    # the checkpoint of the step whose weights gave NaN was never kept: the one before is
+    _assert_finite_checkpoint(out / "last.safetensors", diverged_at - 1)
+    assert f"after {diverged_at - 1} steps), is kept" in err
+    assert not list(out.glob(".*pending*")) and not list(out.glob(".*.tmp"))
+    # and a resume with a lower lr goes on from it
+    resume = ["train", "--resume", f"out_dir={out}", "optim.lr=1e-9", f"trainer.max_steps={diverged_at}"]
+    assert main(resume) == 0
+    assert load_checkpoint(out / "last.safetensors")["global_step"] == diverged_at
 
 
 class _Corrupt(L.Callback):
@@ -301,6 +311,7 @@ def test_nan_in_the_middle_of_the_forward_is_reported_as_divergence_not_bad_inpu
     with pytest.raises(TrainingDivergedError, match=r"training diverged: the training loss is nan after 3 "):
         train(run, cfg, callbacks=[_Corrupt(at=3)])
     _assert_finite_checkpoint(tmp_path / "last.safetensors", 2)
+    assert not list(tmp_path.glob(".*pending*"))
 
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path) -> None:

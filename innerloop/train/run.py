@@ -2,8 +2,10 @@
 
 ``train(run)`` writes into ``run.out_dir``:
 
-- ``config.yaml``: the resolved config (written first, so even a killed run has it);
-- ``last.safetensors``: the checkpoint (every ``trainer.checkpoint_every`` steps and at the end);
+- ``config.yaml``: the resolved config (written before training starts, so even a killed run has it);
+- ``last.safetensors``: the checkpoint (every ``trainer.checkpoint_every`` steps and at the end; see
+  :class:`_SafetensorsModelCheckpoint` for when a new one replaces it);
+- ``.innerloop.lock``: the lock a run holds on its out_dir (:mod:`innerloop.train.run_dir`);
 - ``logs/version_<n>/metrics.csv``: what was logged, one folder per launch (Lightning's CSVLogger);
 - ``loss_by_position.csv`` and ``loss_by_position.png``: the final validation loss by position.
 
@@ -12,8 +14,9 @@ never interrupted (batches are a function of the step, see :mod:`innerloop.train
 and ``trainer.*`` may differ from the saved config and apply from the step reached, ``model.*``,
 ``data.*`` and ``seed`` may not. A run owns its out_dir while it runs (see
 :mod:`innerloop.train.run_dir`: one run at a time, no run replaced without ``overwrite=True``), and a
-run whose loss or weights become NaN or inf stops with :class:`TrainingDivergedError`, its last finite
+run whose loss or weights become NaN or inf stops with :class:`TrainingDivergedError`, its last good
 checkpoint kept.
+
 Multi-process training is Lightning's: ``trainer.strategy=ddp`` (or ``ddp_spawn``, ``fsdp``) with
 ``trainer.devices=N``.
 """

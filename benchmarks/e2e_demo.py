@@ -158,7 +158,7 @@ def train_for(name: str, seconds: float, out: Path, threads: int) -> dict:
     run, cfg = load_config("e2e-tiny", overrides)
     limit = CPUTimeLimit(seconds)
     start = time.perf_counter()
-    result = train(run, cfg, callbacks=[limit])
+    result = train(run, cfg, callbacks=[limit], overwrite=True)  # a rerun replaces its own runs
     wall = time.perf_counter() - start
     from innerloop.train.plots import read_loss_by_position_csv
 

@@ -42,7 +42,7 @@ def main() -> None:
             overrides.append(f"trainer.max_steps={args.steps}")
         run, cfg = load_config(preset, overrides)
         start = time.perf_counter()
-        result = train(run, cfg)
+        result = train(run, cfg, overwrite=True)  # a rerun replaces its own runs
         seconds = time.perf_counter() - start
         model = load_model(result.checkpoint)
         mixer = run.model.mixer + (f" (window {run.model.window})" if run.model.mixer == "swa" else "")

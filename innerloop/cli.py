@@ -19,7 +19,8 @@ overrides are dotted keys of the config, e.g.:
   innerloop train --config tiny-swa model.window=16
   innerloop train --config recall-ttt trainer.devices=2 trainer.strategy=ddp_spawn
 outputs go to out_dir (default runs/<preset>): last.safetensors, config.yaml, metrics.csv,
-loss_by_position.csv and loss_by_position.png.
+loss_by_position.csv and loss_by_position.png. An out_dir holds one run: --resume continues it
+(optim.* and trainer.* may change, e.g. trainer.max_steps=2000 to extend it), --overwrite replaces it.
 """
 
 
@@ -44,7 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in out_dir from its last checkpoint (its saved config.yaml is the base config)",
+        help="continue the run in out_dir from its last checkpoint (its saved config.yaml is the base config; "
+        "optim.* and trainer.* overrides apply from the step reached, e.g. trainer.max_steps to extend it)",
+    )
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace the run in out_dir (its checkpoint and config)"
     )
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
@@ -87,6 +92,7 @@ def _quiet_lightning() -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from innerloop.config.load import load_config
+    from innerloop.train.module import TrainingDivergedError
     from innerloop.train.run import train
 
     run, cfg = load_config(args.config, args.overrides)
@@ -102,7 +108,11 @@ def _train(args: argparse.Namespace) -> int:
     _quiet_lightning()
     if args.resume:
         print(f"resuming from {run.out_dir}/last.safetensors", flush=True)
-    result = train(run, cfg, resume=args.resume)
+    try:
+        result = train(run, cfg, resume=args.resume, overwrite=args.overwrite)
+    except TrainingDivergedError as err:
+        print(f"innerloop train: error: {err}", file=sys.stderr)
+        return 2
     m = result.metrics
     print(
         f"validation perplexity: {m['val_ppl']:.3f}  (loss {m['val_loss']:.4f} nats/byte, accuracy {m['val_acc']:.3f})"

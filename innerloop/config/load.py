@@ -166,6 +166,40 @@ def validate_run_config(run: RunConfig) -> None:
         raise ConfigError(f"data.val_fraction={run.data.val_fraction} must be in [0, 1)")
 
 
+#: What a checkpoint's weights and its stream of batches were made with: a resume cannot change them.
+RESUME_FIXED = ("model", "data", "seed")
+
+
+def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
+    """``{dotted key: value}`` of a config dataclass (nested dataclasses flattened), keys prefixed."""
+    flat: dict[str, Any] = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            flat.update(flatten_config(value, f"{prefix}{f.name}."))
+        else:
+            flat[f"{prefix}{f.name}"] = value
+    return flat
+
+
+def check_resume_changes(saved: RunConfig, resumed: RunConfig) -> None:
+    """Raise :class:`ConfigError` naming every key of :data:`RESUME_FIXED` on which ``resumed`` (the
+    saved config with the resume's overrides) differs from ``saved``. Other keys (``optim.*``,
+    ``trainer.*``, ``out_dir``) may change: the resumed run applies them from the step it reached."""
+    old, new = flatten_config(saved), flatten_config(resumed)
+    changed = [
+        f"{key} ({old[key]!r} -> {new[key]!r})"
+        for key in old
+        if key.split(".")[0] in RESUME_FIXED and old[key] != new[key]
+    ]
+    if changed:
+        raise ConfigError(
+            f"--resume cannot change {', '.join(changed)}: model.*, data.* and seed are fixed by the "
+            "checkpoint's weights and the run's data stream (optim.* and trainer.* may change); start a "
+            "new run (another out_dir, or --overwrite) to change them"
+        )
+
+
 def save_config(cfg: DictConfig | RunConfig, path: str | os.PathLike[str]) -> Path:
     """Write the resolved config as YAML, atomically; :func:`load_config` reads it back."""
     from innerloop.train.atomic import atomic_write_text  # (innerloop.train imports this module)

@@ -13,7 +13,7 @@ from innerloop.train.checkpoint import (
 )
 from innerloop.train.data import IGNORE_INDEX, RecallDataModule, TextDataModule, recall_example, stdlib_files
 from innerloop.train.metrics import InnerLossDiagnostics, LossByPosition, position_buckets
-from innerloop.train.module import LanguageModelModule, warmup_cosine
+from innerloop.train.module import LanguageModelModule, TrainingDivergedError, warmup_cosine
 from innerloop.train.run import TrainResult, build_datamodule, build_module, build_trainer, evaluate, train
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "SafetensorsCheckpointIO",
     "TextDataModule",
     "TrainResult",
+    "TrainingDivergedError",
     "build_datamodule",
     "build_module",
     "build_trainer",

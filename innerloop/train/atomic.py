@@ -6,8 +6,9 @@ A reader (or a run resumed after a crash) sees either the old file or the new on
 from __future__ import annotations
 
 import os
+import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
@@ -45,3 +46,23 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
             f.write(text)
 
     return atomic_write(path, write)
+
+
+def _temporary_name_pattern(names: Iterable[str]) -> re.Pattern[str]:
+    """Names :func:`atomic_write` gives its temporary files for targets called ``names``:
+    ``.<name>.<8 characters of mkstemp>.tmp``."""
+    alternatives = "|".join(re.escape(name) for name in names)
+    return re.compile(rf"\.(?:{alternatives})\.[a-z0-9_]{{8}}\.tmp")
+
+
+def stale_temporaries(directory: str | os.PathLike[str], names: Iterable[str]) -> list[Path]:
+    """The temporary files :func:`atomic_write` left in ``directory`` for targets called ``names``
+    (a writer killed between creating and renaming them leaves one). Only plain files whose names
+    match exactly; the caller must know no writer is still running there."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    pattern = _temporary_name_pattern(names)
+    return sorted(
+        p for p in directory.iterdir() if pattern.fullmatch(p.name) and p.is_file() and not p.is_symlink()
+    )

@@ -5,24 +5,51 @@ to ``min_lr``, gradient clipping through the Trainer (``gradient_clip_val``). Va
 ``val_loss``, ``val_ppl``, ``val_acc`` (next-token accuracy on scored tokens), the loss by position
 (``val_loss_pos/<bucket>``) and, for TTT models, the inner loss before and after the updates of each
 layer (``inner_loss_before/<layer>``, ``inner_loss_after/<layer>``).
+
+A training (or, while fitting, validation) loss that is NaN or inf raises :class:`TrainingDivergedError`
+with the step, the last finite loss and what to try; NaN produced inside the model is reported so too,
+not as bad input of a TTT layer (the input is token ids).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
 from innerloop.models import ModelConfig, build_model
 from innerloop.train.data import IGNORE_INDEX, Batch
 from innerloop.train.metrics import InnerLossDiagnostics, LossByPosition
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss (or the weights) became NaN or inf; the message says when and what to try."""
+
+
+@contextmanager
+def _non_finite_propagates(layers: list[torch.nn.Module]) -> Iterator[None]:
+    """Let NaN and inf through the input check of ``layers`` (TTT layers with ``non_finite='raise'``).
+
+    In training the model's input is token ids, so a non-finite value inside the model is the run
+    diverging: the loss check reports it as such, where the layer's error would blame the input.
+    """
+    for layer in layers:
+        layer.non_finite = "ignore"
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.non_finite = "raise"
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, lr: float, min_lr: float) -> float:
@@ -85,6 +112,8 @@ class LanguageModelModule(L.LightningModule):
         self.val_loss_by_position = LossByPosition(num_position_buckets)
         self.inner_diagnostics = InnerLossDiagnostics(self.model.config.num_layers)
         self._inner_loss_before_after = None
+        self._last_finite_loss: tuple[int, torch.Tensor] | None = None  # (global step, training loss)
+        self._checked_layers = [m for m in self.model.modules() if getattr(m, "non_finite", None) == "raise"]
         if diagnostics_batches > 0 and self.model.config.mixer == "ttt":
             try:
                 from innerloop.core.diagnostics import inner_loss_before_after
@@ -101,16 +130,75 @@ class LanguageModelModule(L.LightningModule):
         inputs, targets = batch
         if hasattr(self.model, "set_outer_progress"):  # TTT-E2E: its inner lr warms up with the outer steps
             self.model.set_outer_progress(self.global_step / self.hparams.max_steps)
-        logits = self(inputs)
+        with _non_finite_propagates(self._checked_layers):
+            logits = self(inputs)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        if not self._finite_on_every_process(loss):
+            raise self.diverged(
+                f"the training loss is {self._describe(loss)} after {self.global_step} optimizer steps"
+            )
+        self._last_finite_loss = (self.global_step, loss.detach())
         self.log("train_loss", loss, prog_bar=True)
         return loss
+
+    def _finite_on_every_process(self, values: torch.Tensor) -> bool:
+        """Whether ``values`` are finite here and on every other process of the run (all processes
+        must stop together: one stopping alone would leave the others waiting in a collective)."""
+        finite = bool(torch.isfinite(values).all())
+        if self._trainer is None:
+            return finite
+        return self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+
+    @staticmethod
+    def _describe(loss: torch.Tensor) -> str:
+        """``nan``/``inf``, or what a finite loss is when another process's is not."""
+        value = float(loss.detach())
+        return f"finite here ({value:.4f}) but not on another process" if math.isfinite(value) else str(value)
+
+    def diverged(self, what: str) -> TrainingDivergedError:
+        """The error for a run that diverged: ``what`` happened, the last finite loss, what to try."""
+        if self._last_finite_loss is None:
+            last = "no finite training loss before"
+        else:
+            step, loss = self._last_finite_loss
+            last = f"last finite training loss {float(loss):.4f}, after {step} steps"
+        clip = self.trainer.gradient_clip_val if self._trainer is not None else None
+        return TrainingDivergedError(
+            f"training diverged: {what} ({last}); try a lower optim.lr (now {self.hparams.lr:g}), "
+            f"gradient clipping (optim.grad_clip, now {clip or 'off'}) or a longer warm-up "
+            f"(optim.warmup_fraction, now {self.hparams.warmup_steps} steps)"
+        )
+
+    def on_train_start(self) -> None:
+        self._apply_optimizer_hyperparameters()
+
+    def _apply_optimizer_hyperparameters(self) -> None:
+        """Make the optimizer and the schedule follow this module's hyperparameters from the step reached.
+
+        A resumed run restores the checkpoint's param groups (lr, betas, weight decay) and the schedule's
+        base lr; a resume that changes them (``--resume optim.lr=0.3``) must run with the new values, on
+        the schedule the new ``lr``, ``min_lr``, ``warmup_steps`` and ``max_steps`` define. (A new run
+        is unchanged by this.)
+        """
+        if not self.trainer.optimizers or not self.trainer.lr_scheduler_configs:
+            return
+        hp = self.hparams
+        optimizer = self.trainer.optimizers[0]
+        schedule = self.trainer.lr_scheduler_configs[0].scheduler
+        lr = warmup_cosine(schedule.last_epoch, hp.warmup_steps, hp.max_steps, hp.lr, hp.min_lr)
+        for group, weight_decay in zip(optimizer.param_groups, (hp.weight_decay, 0.0), strict=True):
+            group.update(lr=lr, initial_lr=hp.lr, weight_decay=weight_decay, betas=tuple(hp.betas))
+        schedule.base_lrs = [hp.lr] * len(optimizer.param_groups)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         inputs, targets = batch
         captured = self._capture_mixer_inputs() if batch_idx < self.hparams.diagnostics_batches else None
+        # While fitting, NaN here is the run diverging (see training_step); a model evaluated on its own
+        # keeps the layers' input check.
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
         try:
-            logits = self(inputs)  # [B, T, V]
+            with _non_finite_propagates(self._checked_layers if fitting else []):
+                logits = self(inputs)  # [B, T, V]
         finally:
             hooks = captured[1] if captured else []
             for hook in hooks:
@@ -119,6 +207,8 @@ class LanguageModelModule(L.LightningModule):
             logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
         )  # [B, T]
         scored = targets != IGNORE_INDEX
+        if fitting and not self._finite_on_every_process(token_loss[scored]):
+            raise self.diverged(f"the validation loss is not finite after {self.global_step} optimizer steps")
         self.val_ppl.update(logits, targets)
         self.val_acc.update(logits.flatten(0, 1), targets.flatten())
         self.val_loss_by_position.update(token_loss, scored)

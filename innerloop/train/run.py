@@ -2,19 +2,30 @@
 
 ``train(run)`` writes into ``run.out_dir``:
 
-- ``config.yaml``: the resolved config (written first, so even a killed run has it);
-- ``last.safetensors``: the checkpoint (every ``trainer.checkpoint_every`` steps and at the end);
+- ``config.yaml``: the resolved config (written before training starts, so even a killed run has it);
+- ``last.safetensors``: the checkpoint (every ``trainer.checkpoint_every`` steps and at the end; see
+  :class:`_SafetensorsModelCheckpoint` for when a new one replaces it);
+- ``.innerloop.lock``: the lock a run holds on its out_dir (:mod:`innerloop.train.run_dir`);
 - ``logs/version_<n>/metrics.csv``: what was logged, one folder per launch (Lightning's CSVLogger);
 - ``loss_by_position.csv`` and ``loss_by_position.png``: the final validation loss by position.
 
 ``train(run, resume=True)`` continues from ``last.safetensors`` to the same result as a run that was
-never interrupted (batches are a function of the step, see :mod:`innerloop.train.data`).
+never interrupted (batches are a function of the step, see :mod:`innerloop.train.data`); ``optim.*``
+and ``trainer.*`` may differ from the saved config and apply from the step reached, ``model.*``,
+``data.*`` and ``seed`` may not. A run owns its out_dir while it runs (see
+:mod:`innerloop.train.run_dir`: one run at a time, no run replaced without ``overwrite=True``), and a
+run whose loss or weights become NaN or inf stops with :class:`TrainingDivergedError`, its last good
+checkpoint kept.
+
 Multi-process training is Lightning's: ``trainer.strategy=ddp`` (or ``ddp_spawn``, ``fsdp``) with
 ``trainer.devices=N``.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,15 +33,26 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from innerloop.config.load import save_config
+from innerloop.config.load import (
+    ConfigError,
+    check_resume_changes,
+    flatten_config,
+    load_config,
+    save_config,
+)
 from innerloop.config.schema import RunConfig
+from innerloop.models import ModelConfig
+from innerloop.train.atomic import atomic_write
 from innerloop.train.checkpoint import (
     CHECKPOINT_SUFFIX,
+    CheckpointError,
     SafetensorsCheckpointIO,
     load_checkpoint,
     load_module,
@@ -43,21 +65,97 @@ from innerloop.train.data import (
     evaluation_examples,
 )
 from innerloop.train.metrics import position_buckets
-from innerloop.train.module import LanguageModelModule
+from innerloop.train.module import LanguageModelModule, TrainingDivergedError
 from innerloop.train.plots import plot_loss_by_position, write_loss_by_position_csv
+from innerloop.train.run_dir import (
+    PENDING_CHECKPOINT,
+    is_launched_worker,
+    lock_run_dir,
+    refuse_previous_run,
+    remove_previous_run,
+    remove_stale_temporaries,
+)
 
 CHECKPOINT_NAME = "last"
 
 
 class _SafetensorsModelCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint writing ``last.safetensors`` (the IO plugin does the format), and
-    always at the end of training (Lightning skips that save if any "last" was written before)."""
+    """Lightning's ModelCheckpoint writing ``last.safetensors`` (the IO plugin does the format), always at
+    the end of training (Lightning skips that save if any "last" was written before), and only weights
+    known to be good.
+
+    Weights or optimizer moments holding NaN or inf are never saved (the run stops as diverged). The
+    checkpoint of step ``k`` is written to ``.last.safetensors.pending`` and replaces ``last.safetensors``
+    once the loss of step ``k + 1``, computed from those weights, is finite (or at the end, or on a crash
+    that is not a divergence): a diverged run keeps a checkpoint that a resume with a lower lr can go on
+    from, not weights whose next loss is already NaN.
+    """
 
     FILE_EXTENSION = CHECKPOINT_SUFFIX
+    _pending: tuple[Path, Path] | None = None  # (written, to replace)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        module = trainer.lightning_module
+        moments = [v for o in trainer.optimizers for s in o.state.values() for v in s.values()]
+        tensors = [*module.parameters(), *(v for v in moments if isinstance(v, torch.Tensor))]
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise module.diverged(
+                f"the weights or optimizer state hold NaN or inf after {trainer.global_step} optimizer steps"
+            )
+        pending = Path(filepath).parent / PENDING_CHECKPOINT
+        super()._save_checkpoint(trainer, str(pending))
+        self._pending = (pending, Path(filepath))
+
+    def _promote(self, trainer: L.Trainer) -> None:
+        if self._pending is not None and trainer.is_global_zero:
+            os.replace(*self._pending)
+        self._pending = None
+
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
+        self._promote(trainer)  # the training step found the loss of the pending weights finite
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._promote(trainer)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, TrainingDivergedError):
+            if self._pending is not None and trainer.is_global_zero:
+                self._pending[0].unlink(missing_ok=True)
+            self._pending = None
+        else:
+            self._promote(trainer)
+
+
+class _AtomicExperimentWriter(ExperimentWriter):
+    """Lightning's ``metrics.csv`` writer, except that the rewrite it does when new columns appear is
+    atomic (Lightning truncates the file and writes it again: a run killed meanwhile lost its log)."""
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with open(self.metrics_file_path, newline="", encoding="utf-8") as file:
+            rows = list(csv.DictReader(file))
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.metrics_file_path, lambda tmp: Path(tmp).write_bytes(text.getvalue().encode()))
+
+
+class _CSVLogger(CSVLogger):
+    """Lightning's CSVLogger (``logs/version_<n>/metrics.csv``) with :class:`_AtomicExperimentWriter`."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AtomicExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 @dataclass
@@ -124,7 +222,7 @@ def build_trainer(run: RunConfig, callbacks: Sequence[Callback] = ()) -> L.Train
         num_sanity_val_steps=0,
         gradient_clip_val=run.optim.grad_clip if run.optim.grad_clip > 0 else None,
         log_every_n_steps=t.log_every,
-        logger=CSVLogger(run.out_dir, name="logs"),  # logs/version_<n>/metrics.csv, one per launch
+        logger=_CSVLogger(run.out_dir, name="logs"),  # logs/version_<n>/metrics.csv, one per launch
         callbacks=[checkpointing, *callbacks],
         plugins=[SafetensorsCheckpointIO()],
         enable_progress_bar=t.progress_bar,
@@ -139,26 +237,61 @@ def checkpoint_path(out_dir: str | Path) -> Path:
 
 
 def train(
-    run: RunConfig, cfg: DictConfig | None = None, resume: bool = False, callbacks: Sequence[Callback] = ()
+    run: RunConfig,
+    cfg: DictConfig | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Callback] = (),
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train ``run`` (already validated, e.g. by :func:`innerloop.config.load_config`); see the module doc.
 
     ``cfg`` is the omegaconf form to save (the run itself is saved if not given); ``callbacks`` are
-    extra Lightning callbacks.
+    extra Lightning callbacks. The run holds a lock on ``run.out_dir`` until it returns (a second run
+    there raises :class:`~innerloop.train.run_dir.RunDirError`), removes the temporary files a killed
+    run left there, and refuses an out_dir that holds a run unless ``resume`` (continue it) or
+    ``overwrite`` (replace it). A resume is checked against the checkpoint and the saved config before
+    anything is written. A diverging run raises :class:`TrainingDivergedError`, keeping its last
+    finite checkpoint.
     """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: continue the run or replace it")
+    out_dir = Path(run.out_dir)
+    if is_launched_worker():  # rank > 0 under Lightning's DDP launcher: rank 0 owns the out_dir
+        return _train_in_locked_dir(run, cfg, resume, callbacks, replace_previous=False)
+    with lock_run_dir(out_dir):
+        remove_stale_temporaries(out_dir)
+        if not resume and not overwrite:
+            refuse_previous_run(out_dir)
+        return _train_in_locked_dir(run, cfg, resume, callbacks, replace_previous=overwrite)
+
+
+def _train_in_locked_dir(
+    run: RunConfig,
+    cfg: DictConfig | None,
+    resume: bool,
+    callbacks: Sequence[Callback],
+    replace_previous: bool,
+) -> TrainResult:
+    """The run itself. Nothing is written or removed in out_dir until the module, the data and the
+    Trainer are built and a resume is checked against its checkpoint: a run that cannot start leaves the
+    out_dir as it was."""
     out_dir = Path(run.out_dir)
     ckpt = checkpoint_path(out_dir)
+    L.seed_everything(run.seed, workers=True, verbose=False)
+    module = build_module(run)
     if resume:
-        load_checkpoint(ckpt)  # fail now, with a clear error, if it is missing or unreadable
+        _check_resume(run, module, ckpt)
+    datamodule = build_datamodule(run)
+    trainer = build_trainer(run, callbacks)
+    if replace_previous:
+        remove_previous_run(out_dir)
     if run.trainer.threads > 0:
         torch.set_num_threads(run.trainer.threads)
     config_path = save_config(cfg if cfg is not None else run, out_dir / "config.yaml")
-
-    L.seed_everything(run.seed, workers=True, verbose=False)
-    module = build_module(run)
-    datamodule = build_datamodule(run)
-    trainer = build_trainer(run, callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if resume else None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if resume else None)
+    except TrainingDivergedError as err:
+        raise TrainingDivergedError(f"{err}; {_last_checkpoint_note(ckpt, run)}") from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     # Validate once more unless the last validation was at the last step. (Compared with max_steps: after
     # ddp_spawn the main process has the workers' metrics but not their step counter.)
@@ -166,15 +299,97 @@ def train(
         metrics = {
             k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()
         }
+    plot, csv_path = _write_loss_by_position(run, metrics, datamodule.seq_len)
+    return TrainResult(out_dir, ckpt, config_path, plot, csv_path, metrics)
 
-    seq_len = datamodule.seq_len
+
+def _write_loss_by_position(run: RunConfig, metrics: dict[str, float], seq_len: int) -> tuple[Path, Path]:
+    """``loss_by_position.png`` and ``.csv`` of the final validation, in ``run.out_dir``."""
+    out_dir = Path(run.out_dir)
     buckets = position_buckets(seq_len, run.trainer.num_position_buckets)
     losses = [metrics[f"val_loss_pos/{b}"] for b in range(len(buckets))]
     csv_path = write_loss_by_position_csv(out_dir / "loss_by_position.csv", buckets, losses)
     steps = int(metrics["val_step"])
     title = f"{run.model.mixer} ({run.model.backbone}), {steps} steps: validation loss by position"
     plot = plot_loss_by_position(out_dir / "loss_by_position.png", buckets, losses, title=title)
-    return TrainResult(out_dir, ckpt, config_path, plot, csv_path, metrics)
+    return plot, csv_path
+
+
+def _check_resume(run: RunConfig, module: LanguageModelModule, ckpt: Path) -> None:
+    """Raise :class:`ConfigError` or :class:`CheckpointError` unless ``run`` can continue from ``ckpt``:
+    the checkpoint reads and holds ``run``'s model (weights of the right shapes), the config saved beside
+    it differs from ``run`` only where a resume may change it, and ``trainer.max_steps`` is not behind
+    the checkpoint. Reads only."""
+    if not ckpt.exists():
+        raise CheckpointError(
+            f"--resume: there is no checkpoint {str(ckpt)!r} (a run killed before its first checkpoint "
+            "leaves none); start the run again with --overwrite"
+        )
+    checkpoint = load_checkpoint(ckpt)
+    saved_config = ckpt.parent / "config.yaml"
+    if saved_config.is_file():
+        saved, _ = load_config(str(saved_config))
+        check_resume_changes(saved, run)
+    _check_same_model(run.model, checkpoint, ckpt)
+    _check_weights_fit(module, checkpoint["state_dict"], ckpt)
+    step = checkpoint.get("global_step")
+    if isinstance(step, int) and run.trainer.max_steps < step:
+        raise ConfigError(
+            f"trainer.max_steps={run.trainer.max_steps} is below the checkpoint's step {step}; --resume "
+            f"can only extend a run (trainer.max_steps >= {step})"
+        )
+
+
+def _check_same_model(model: ModelConfig, checkpoint: dict[str, Any], ckpt: Path) -> None:
+    """Raise :class:`CheckpointError` unless ``checkpoint`` holds weights of the model ``model`` describes
+    (its stored model config, defaults filled in, equals ``model``); name the keys that differ."""
+    hparams = checkpoint.get("hyper_parameters")
+    stored = hparams.get("model") if isinstance(hparams, dict) else None
+    if not isinstance(stored, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{str(ckpt)!r} holds no model (no hyper_parameters['model'] or state_dict)")
+    try:
+        old = flatten_config(ModelConfig.from_dict(stored), "model.")
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{str(ckpt)!r} holds a model config this innerloop cannot read: {err}"
+        ) from None
+    new = flatten_config(model, "model.")
+    changes = [f"{key} ({old[key]!r} -> {new[key]!r})" for key in new if old[key] != new[key]]
+    if changes:
+        raise CheckpointError(f"{str(ckpt)!r} holds another model than this run's: {', '.join(changes)}")
+
+
+def _check_weights_fit(module: LanguageModelModule, stored: Any, ckpt: Path) -> None:
+    """Raise :class:`CheckpointError` naming the first weights of ``stored`` that are missing, extra or
+    of another shape than ``module``'s; else load them into ``module``."""
+    expected = module.state_dict()
+    if not isinstance(stored, dict) or not all(isinstance(v, torch.Tensor) for v in stored.values()):
+        raise CheckpointError(f"{str(ckpt)!r} has a state_dict that is not a mapping of names to tensors")
+    problems = [f"missing {k}" for k in sorted(expected.keys() - stored.keys())]
+    problems += [f"unexpected {k}" for k in sorted(stored.keys() - expected.keys())]
+    problems += [
+        f"{k} is {tuple(stored[k].shape)}, this model's is {tuple(expected[k].shape)}"
+        for k in sorted(expected.keys() & stored.keys())
+        if stored[k].shape != expected[k].shape
+    ]
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise CheckpointError(f"{str(ckpt)!r} does not fit this run's model: {'; '.join(problems[:3])}{more}")
+    module.load_state_dict(stored)
+
+
+def _last_checkpoint_note(ckpt: Path, run: RunConfig) -> str:
+    """What a diverged run leaves: its last checkpoint and how to continue it."""
+    if not ckpt.is_file():
+        return "no checkpoint was written"
+    try:
+        step = load_checkpoint(ckpt)["global_step"]
+    except (CheckpointError, KeyError):
+        return f"the checkpoint {str(ckpt)!r} could not be read back"
+    return (
+        f"the last checkpoint, {str(ckpt)!r} (after {step} steps), is kept: continue it with "
+        f"`innerloop train --resume out_dir={run.out_dir} optim.lr=<lower>`"
+    )
 
 
 def evaluate(

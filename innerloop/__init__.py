@@ -17,6 +17,7 @@ from innerloop.core import (
 )
 from innerloop.registry import PluginError, available, get_registry, hookimpl, register
 
+# The package version, written only here: pyproject.toml reads it (`[tool.setuptools.dynamic]`).
 __version__ = "0.1.0"
 
 __all__ = [

@@ -102,6 +102,11 @@ def main(argv=None) -> int:
             "kernel_speed: no CUDA device available; the Triton kernels are benchmarked on CUDA only. Skipping."
         )
         return 0
+    from innerloop.kernels.triton.common import triton_missing
+
+    if triton_missing() is not None:
+        print(f"kernel_speed: {triton_missing()}")
+        return 1
     from innerloop.kernels.triton import ttt_linear, ttt_mlp
 
     modules = {"linear": ttt_linear, "mlp": ttt_mlp}

@@ -35,6 +35,7 @@ from innerloop.registry import (
     register_update_rule,
 )
 
+# The package version, written only here: pyproject.toml reads it (`[tool.setuptools.dynamic]`).
 __version__ = "0.1.0"
 
 __all__ = [

@@ -24,10 +24,23 @@ loss_by_position.csv and loss_by_position.png. An out_dir holds one run: --resum
 """
 
 
+def _installed_version() -> str:
+    """The installed distribution's version, or ``innerloop.__version__`` when run from a source tree."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("innerloop")
+    except metadata.PackageNotFoundError:
+        from innerloop import __version__
+
+        return __version__
+
+
 def _parser() -> argparse.ArgumentParser:
     from innerloop.config.load import preset_names
 
     parser = argparse.ArgumentParser(prog="innerloop", description="Test-time-training sequence layers.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_installed_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = commands.add_parser(
@@ -164,9 +177,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _plugins(args: argparse.Namespace) -> int:
+    from innerloop.kernels.triton.common import triton_missing
     from innerloop.registry import format_plugin_table
 
     print(format_plugin_table())
+    if triton_missing() is not None:
+        print(f"\nthe triton_* kernels are registered but cannot run here: {triton_missing()}")
     return 0
 
 

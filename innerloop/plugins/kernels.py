@@ -3,12 +3,12 @@
 - ``fused_torch_linear`` / ``fused_torch_mlp``: the pure-torch fused dual form (any device).
 - ``cpu_ttt_linear`` / ``cpu_ttt_mlp``: compiled C++ for CPU inference (built on first use).
 - ``triton_ttt_linear`` / ``triton_ttt_mlp``: Triton kernels (CUDA, or CPU under
-  ``TRITON_INTERPRET=1``), registered when triton is importable.
+  ``TRITON_INTERPRET=1``). Triton is an optional extra (``pip install 'innerloop[triton]'``); the
+  kernels are registered without it too (registering them does not import triton), and their
+  ``verify`` then refuses every input saying that triton is not installed and how to install it.
 """
 
 from __future__ import annotations
-
-import importlib.util
 
 from innerloop.kernels.fused_torch import kernel_spec
 from innerloop.plugins.models.linear import LinearModel
@@ -24,8 +24,7 @@ def register_kernels(register) -> None:
 
     for spec in CPU_KERNELS:
         register(spec)
-    if importlib.util.find_spec("triton") is not None:
-        from innerloop.kernels.triton import KERNELS
+    from innerloop.kernels.triton import KERNELS as TRITON_KERNELS
 
-        for spec in KERNELS:
-            register(spec)
+    for spec in TRITON_KERNELS:
+        register(spec)

@@ -8,6 +8,8 @@ under the CPU interpreter (``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 
 import torch
@@ -24,6 +26,7 @@ from innerloop.kernels.spec import KernelInputs, KernelSpec
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_MINI_BATCH = 64
+INSTALL_HINT = "pip install 'innerloop[triton]'"
 
 
 def ln_fused_l2_bwd(
@@ -47,6 +50,18 @@ def eta_matrix(lr: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         ``[..., K, K]`` lower-triangular (diagonal included).
     """
     return torch.tril(tau[:, None] * lr[..., None, :])
+
+
+@functools.cache
+def triton_missing() -> str | None:
+    """Why the Triton kernels cannot run in this environment (triton not installed), or ``None``.
+
+    Triton is an optional extra: a CPU install goes without it. Asked once per process; the answer
+    does not import triton.
+    """
+    if importlib.util.find_spec("triton") is None:
+        return f"triton is not installed; install it with {INSTALL_HINT} (the Triton kernels need CUDA)"
+    return None
 
 
 def interpreter_requested() -> bool:
@@ -135,6 +150,9 @@ def head_view(t: torch.Tensor) -> torch.Tensor:
 
 def verify_common(inputs, max_head_dim: int, kernel_name: str) -> str | None:
     """The checks both Triton TTT kernels share; returns a reason string or None."""
+    missing = triton_missing()
+    if missing is not None:
+        return f"{kernel_name}: {missing}"
     device = torch.device(inputs.device)
     if device.type != "cuda":
         if not (device.type == "cpu" and interpreter_requested()):
@@ -144,8 +162,8 @@ def verify_common(inputs, max_head_dim: int, kernel_name: str) -> str | None:
             )
     try:
         import triton  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - triton is a dependency on linux
-        return f"{kernel_name}: triton is not importable ({exc})"
+    except ImportError as exc:  # pragma: no cover - installed but broken
+        return f"{kernel_name}: triton is installed but does not import ({exc})"
     if inputs.dtype not in SUPPORTED_DTYPES:
         return f"{kernel_name}: dtype {inputs.dtype} unsupported; supported: float32, float16, bfloat16"
     f = inputs.head_dim

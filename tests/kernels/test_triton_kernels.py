@@ -15,6 +15,8 @@ from kernel_testing import make_inputs, primal_forward, rel_rms
 from innerloop.kernels.spec import KernelInputs
 from innerloop.kernels.triton import ttt_linear, ttt_mlp
 
+pytestmark = pytest.mark.triton_interpreter  # a child process under TRITON_INTERPRET=1 (conftest.py)
+
 TOL = 1e-4  # float32 kernels vs the float32 reference
 TOL64 = 1e-10  # float64 reference vs the float64 primal form
 

@@ -26,6 +26,12 @@ def conformance_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def reference_models_dir() -> Path:
+    """Whole models saved by the reference implementation, with their logits (see data/README.md)."""
+    return DATA_DIR / "models"
+
+
+@pytest.fixture(scope="session")
 def shared_conformance_dir() -> Path:
     """The full shared vector set (../shared/conformance), larger than the repository keeps; skips,
     with the reason, where that folder is not beside the checkout."""

@@ -55,6 +55,16 @@ def test_the_shared_vector_set_is_covered_and_the_repository_copies_equal_it(
         assert path.read_bytes() == (shared_conformance_dir / path.name).read_bytes(), path.name
 
 
+def test_the_reference_model_copies_equal_the_shared_ones(reference_models_dir, shared_conformance_dir):
+    shared_models = shared_conformance_dir.parent / "models"
+    copies = sorted(
+        p.relative_to(reference_models_dir) for p in reference_models_dir.rglob("*") if p.is_file()
+    )
+    assert copies == sorted(p.relative_to(shared_models) for p in shared_models.rglob("*") if p.is_file())
+    for relative in copies:
+        assert (reference_models_dir / relative).read_bytes() == (shared_models / relative).read_bytes()
+
+
 @pytest.mark.parametrize("update_rule", ["dual_form", "minibatch_gd"])
 @pytest.mark.parametrize("name", CASES)
 def test_output_and_every_gradient_fp32(request, name, update_rule):

@@ -4,10 +4,10 @@ Triton fixes compiled vs interpreted when a kernel is *defined*, from ``TRITON_I
 environment, and the kernels' ``verify`` reads the same variable. Setting it inside the test process
 would put every other test in interpreter mode (and a CUDA machine's tests could no longer use the
 compiled kernels), so it is never set here. Instead, the tests marked ``triton_interpreter`` are taken
-out of this process and run, one child ``python -m pytest`` per module, with ``TRITON_INTERPRET=1``
-set from the child's start; the child runs exactly the marked tests this session selected (after
-``-m``/``-k``), and a failing child fails the item named ``<module>::[triton interpreter]`` with the
-child's report. Where ``TRITON_INTERPRET=1`` is already set (the child, or a user who asks for it:
+out of this process and run by one child ``python -m pytest`` per directory (one start-up of torch and
+Triton for all of them), with ``TRITON_INTERPRET=1`` set from the child's start; the child runs exactly
+the marked tests this session selected (after ``-m``/``-k``), and a failing child fails the item named
+``<directory>::[triton interpreter]`` with the child's report, which names each failing test. Where ``TRITON_INTERPRET=1`` is already set (the child, or a user who asks for it:
 ``TRITON_INTERPRET=1 python -m pytest tests/kernels/test_triton_kernels.py::test_x``), the marked tests
 run in place.
 """
@@ -28,7 +28,7 @@ def interpreter_is_on() -> bool:
 
 
 class InterpreterRun(pytest.Item):
-    """The marked tests of one module, run by a child pytest under ``TRITON_INTERPRET=1``."""
+    """The marked tests of one directory, run by a child pytest under ``TRITON_INTERPRET=1``."""
 
     def __init__(self, *, nodeids: list[str], **kwargs):
         super().__init__(**kwargs)
@@ -58,25 +58,25 @@ class InterpreterRun(pytest.Item):
 def pytest_collection_modifyitems(config, items):
     if interpreter_is_on():
         return
-    by_module: dict = {}
+    by_directory: dict = {}
     for item in items:
         if item.get_closest_marker(MARKER) is not None:
-            by_module.setdefault(item.getparent(pytest.Module), []).append(item)
-    if not by_module:
+            by_directory.setdefault(item.getparent(pytest.Module).parent, []).append(item)
+    if not by_directory:
         return
-    replaced = {item for group in by_module.values() for item in group}
+    replaced = {item for group in by_directory.values() for item in group}
     runs = {
-        module: InterpreterRun.from_parent(
-            module, name="[triton interpreter]", nodeids=[item.nodeid for item in group]
+        directory: InterpreterRun.from_parent(
+            directory, name="[triton interpreter]", nodeids=[item.nodeid for item in group]
         )
-        for module, group in by_module.items()
+        for directory, group in by_directory.items()
     }
     kept = []
     for item in items:
         if item in replaced:
-            module = item.getparent(pytest.Module)
-            if module in runs:  # the module's one child run, where its first marked test was
-                kept.append(runs.pop(module))
+            directory = item.getparent(pytest.Module).parent
+            if directory in runs:  # the directory's one child run, where its first marked test was
+                kept.append(runs.pop(directory))
         else:
             kept.append(item)
     items[:] = kept

@@ -251,6 +251,7 @@ def test_a_failed_build_names_its_reason_is_tried_once_and_the_layer_falls_back(
     assert (fresh_build / "calls.log").read_text().count("call") == calls
 
 
+@pytest.mark.slow  # compiles the library from scratch (~2 s)
 def test_the_disable_variable_is_read_on_every_use(fresh_build, monkeypatch):
     build.load_library()
     monkeypatch.setenv(build.DISABLE_VARIABLE, "1")
@@ -275,6 +276,7 @@ def test_no_compiler_and_an_unwritable_cache_are_reasons(fresh_build, monkeypatc
         build.library_path()
 
 
+@pytest.mark.slow  # compiles the library from scratch (~3 s)
 def test_build_writes_one_readable_library_atomically_into_the_cache(fresh_build):
     previous_umask = os.umask(0o077)  # a private umask: the library is still readable by others
     try:
@@ -333,6 +335,7 @@ def test_an_unreadable_cache_is_a_reason_not_an_error(fresh_build, monkeypatch):
     assert "PermissionError" in " ".join(reason for _, reason in layer.dispatches)
 
 
+@pytest.mark.slow  # compiles the library from scratch (~2 s)
 def test_a_build_without_openmp_warns_once_and_never_fails_a_forward(fresh_build, monkeypatch):
     monkeypatch.setattr(build, "FLAG_SETS", tuple(f for f in build.FLAG_SETS if "-fopenmp" not in f))
     threads = torch.get_num_threads()

@@ -76,6 +76,7 @@ def test_decode_kernel_is_refused_when_gradients_are_needed():
     assert path == "torch" and "decode kernel is inference-only" in reason
 
 
+@pytest.mark.slow  # 6 examples through the interpreter (~3 s); the tail is covered above
 @pytest.mark.triton_interpreter
 @settings(max_examples=6, deadline=None)
 @given(

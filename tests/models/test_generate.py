@@ -39,6 +39,7 @@ def memory_after(model: CausalLM, tokens: int) -> tuple[int, int]:
     raise AssertionError("generate stopped early")
 
 
+@pytest.mark.slow  # ~17 s in all: generates 2000 tokens per mixer
 @pytest.mark.parametrize("mixer", ["ttt", "swa"])
 def test_memory_does_not_grow_with_generated_tokens(mixer: str) -> None:
     model = tiny(mixer)

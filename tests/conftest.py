@@ -14,16 +14,31 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-CONFORMANCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "conformance"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+CONFORMANCE_DIR = DATA_DIR / "conformance"  # the repository's own conformance vectors (see data/README.md)
+SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the checkout, when present
 
 
 @pytest.fixture(scope="session")
 def conformance_dir() -> Path:
-    if not CONFORMANCE_DIR.is_dir():
-        pytest.skip(
-            f"conformance vectors not found at {CONFORMANCE_DIR} (they live in ../shared beside the repo)"
-        )
+    """The conformance vectors kept in the repository: always present, never a skip."""
     return CONFORMANCE_DIR
+
+
+@pytest.fixture(scope="session")
+def reference_models_dir() -> Path:
+    """Whole models saved by the reference implementation, with their logits (see data/README.md)."""
+    return DATA_DIR / "models"
+
+
+@pytest.fixture(scope="session")
+def shared_conformance_dir() -> Path:
+    """The full shared vector set (../shared/conformance), larger than the repository keeps; skips,
+    with the reason, where that folder is not beside the checkout."""
+    directory = SHARED_DIR / "conformance"
+    if not directory.is_dir():
+        pytest.skip(f"the larger conformance vectors live in {directory}, which is not beside this checkout")
+    return directory
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,13 @@
-"""TTTLayer loaded from the reference's weights reproduces the reference's outputs and gradients."""
+"""TTTLayer loaded from the reference's weights reproduces the reference's outputs and gradients.
+
+The c5 cases are kept in the repository (tests/data/conformance) and always run; the larger c1/c2
+cases are read from ../shared/conformance when it is beside the checkout (see tests/data/README.md).
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +17,7 @@ from innerloop.interop.ttt_lm_pytorch import convert_state_dict, load_layer
 
 safetensors = pytest.importorskip("safetensors.torch", reason="conformance vectors are safetensors files")
 
+IN_REPOSITORY = ["linear_c5_h128_nh2_mb16_shareqk_gate_T48", "mlp_c5_h128_nh2_mb16_shareqk_gate_T48"]
 CASES = [
     "linear_c1_h256_nh4_mb16_nogate_T64",
     "linear_c2_h256_nh4_mb16_gate_T72",
@@ -22,6 +28,13 @@ CASES = [
 ]
 
 
+def case_directory(request, name: str) -> Path:
+    """The repository's copy of a case, else ../shared's (a skip with the reason where it is absent)."""
+    if name in IN_REPOSITORY:
+        return request.getfixturevalue("conformance_dir")
+    return request.getfixturevalue("shared_conformance_dir")
+
+
 def load_case(directory, name):
     meta = json.loads((directory / f"{name}.json").read_text())
     tensors = safetensors.load_file(str(directory / f"{name}.safetensors"))
@@ -30,13 +43,32 @@ def load_case(directory, name):
 
 
 def test_every_vector_file_is_covered(conformance_dir):
-    assert sorted(p.stem for p in conformance_dir.glob("*.json")) == sorted(CASES)
+    assert sorted(p.stem for p in conformance_dir.glob("*.json")) == sorted(IN_REPOSITORY)
+    assert sorted(p.stem for p in conformance_dir.glob("*.safetensors")) == sorted(IN_REPOSITORY)
+
+
+def test_the_shared_vector_set_is_covered_and_the_repository_copies_equal_it(
+    conformance_dir, shared_conformance_dir
+):
+    assert sorted(p.stem for p in shared_conformance_dir.glob("*.json")) == sorted(CASES)
+    for path in conformance_dir.iterdir():
+        assert path.read_bytes() == (shared_conformance_dir / path.name).read_bytes(), path.name
+
+
+def test_the_reference_model_copies_equal_the_shared_ones(reference_models_dir, shared_conformance_dir):
+    shared_models = shared_conformance_dir.parent / "models"
+    copies = sorted(
+        p.relative_to(reference_models_dir) for p in reference_models_dir.rglob("*") if p.is_file()
+    )
+    assert copies == sorted(p.relative_to(shared_models) for p in shared_models.rglob("*") if p.is_file())
+    for relative in copies:
+        assert (reference_models_dir / relative).read_bytes() == (shared_models / relative).read_bytes()
 
 
 @pytest.mark.parametrize("update_rule", ["dual_form", "minibatch_gd"])
 @pytest.mark.parametrize("name", CASES)
-def test_output_and_every_gradient_fp32(conformance_dir, name, update_rule):
-    meta, tensors, params = load_case(conformance_dir, name)
+def test_output_and_every_gradient_fp32(request, name, update_rule):
+    meta, tensors, params = load_case(case_directory(request, name), name)
     layer = load_layer(meta["layer_config"], params, update_rule=update_rule)
     x = tensors["input.hidden_states"].clone().requires_grad_(True)
     y, state = layer(x)
@@ -65,8 +97,8 @@ def test_output_and_every_gradient_fp32(conformance_dir, name, update_rule):
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_output_fp64(conformance_dir, name):
-    meta, tensors, params = load_case(conformance_dir, name)
+def test_output_fp64(request, name):
+    meta, tensors, params = load_case(case_directory(request, name), name)
     layer = load_layer(meta["layer_config"], {k: v.double() for k, v in params.items()})
     with torch.no_grad():
         y, _ = layer(tensors["input.hidden_states"].double())
@@ -74,7 +106,7 @@ def test_output_fp64(conformance_dir, name):
 
 
 def test_load_layer_rejects_a_foreign_state_dict(conformance_dir):
-    meta, _, params = load_case(conformance_dir, "linear_c1_h256_nh4_mb16_nogate_T64")
+    meta, _, params = load_case(conformance_dir, "linear_c5_h128_nh2_mb16_shareqk_gate_T48")
     with pytest.raises(ValueError, match="missing"):
         load_layer(meta["layer_config"], {k: v for k, v in params.items() if k != "W1"})
     mlp_config = dict(meta["layer_config"], ttt_layer_type="mlp")

@@ -46,7 +46,7 @@ def test_fused_equals_reference_outputs_states_and_gradients(config, tokens, see
         assert f"fused_torch_{config['inner_model']}" in [path for path, _ in fast.dispatches]
 
 
-@pytest.mark.parametrize("model", ["linear", "mlp"])
+@pytest.mark.parametrize("model", ["linear", pytest.param("mlp", marks=pytest.mark.slow)])  # mlp: ~2 s
 def test_double_backward_is_refused_or_exact(model):
     torch.manual_seed(0)
     fused = TTTLayer(8, 2, inner_model=model, mini_batch_size=2).double()

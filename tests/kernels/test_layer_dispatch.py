@@ -1,4 +1,5 @@
-"""TTTLayer reaches the Triton kernels through the registry, and falls back with a readable reason."""
+"""TTTLayer reaches the kernels (compiled CPU, Triton) through the registry, takes the one that fits the
+call (inference or training), and falls back with a readable reason."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from hypothesis import strategies as st
 
 from innerloop import TTTLayer
 from innerloop.core.functional import relative_error
+from innerloop.kernels.dispatch import KernelUnavailableError
 
 
+@pytest.mark.triton_interpreter
 @pytest.mark.parametrize("model", ["linear", "mlp"])
 def test_layer_runs_the_triton_kernel_and_equals_torch(model):
     torch.manual_seed(0)
@@ -35,6 +38,7 @@ def test_layer_runs_the_triton_kernel_and_equals_torch(model):
         assert relative_error(g_fast, g_ref) <= 1e-4, name
 
 
+@pytest.mark.triton_interpreter
 def test_unsupported_head_dim_falls_back_with_the_reason():
     layer = TTTLayer(16, 2, mini_batch_size=4)  # head_dim 8: below the Triton kernels' minimum
     layer(torch.randn(1, 8, 16))
@@ -46,6 +50,7 @@ def test_unsupported_head_dim_falls_back_with_the_reason():
         forced(torch.randn(1, 8, 16))
 
 
+@pytest.mark.triton_interpreter
 @pytest.mark.parametrize("model", ["linear", "mlp"])
 def test_token_by_token_decoding_uses_the_decode_kernel(model):
     torch.manual_seed(1)
@@ -63,6 +68,7 @@ def test_token_by_token_decoding_uses_the_decode_kernel(model):
     assert relative_error(torch.cat(outputs, dim=1), whole) <= 1e-4
 
 
+@pytest.mark.triton_interpreter
 def test_decode_kernel_is_refused_when_gradients_are_needed():
     layer = TTTLayer(32, 2, mini_batch_size=4)
     layer(torch.randn(1, 1, 32))
@@ -70,6 +76,8 @@ def test_decode_kernel_is_refused_when_gradients_are_needed():
     assert path == "torch" and "decode kernel is inference-only" in reason
 
 
+@pytest.mark.slow  # 6 examples through the interpreter (~3 s); the tail is covered above
+@pytest.mark.triton_interpreter
 @settings(max_examples=6, deadline=None)
 @given(
     model=st.sampled_from(["linear", "mlp"]),
@@ -94,3 +102,38 @@ def test_layer_through_triton_equals_torch_for_any_length(model, mini_batch, hea
     (g_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
     (g_fast,) = torch.autograd.grad(y_fast.square().sum(), x)
     assert relative_error(g_fast, g_ref) <= 1e-4
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_auto_takes_the_kernel_for_inference_and_fused_torch_for_training(model):
+    layer = TTTLayer(16, 2, inner_model=model, mini_batch_size=4)
+    x = torch.randn(1, 8, 16)
+    with torch.no_grad():
+        layer(x)
+    assert layer.last_dispatch[0] == f"cpu_ttt_{model}"
+    layer(x)
+    assert layer.last_dispatch[0] == f"fused_torch_{model}"
+    assert f"cpu_ttt_{model}: forward only" in layer.last_dispatch[1]
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+def test_training_any_parameter_keeps_the_kernel_out():
+    """Even when only the token-index scales or the inner LN bias train, the forward-only kernel is
+    refused and they get their gradients."""
+    for trained in ("learnable_token_idx", "ttt_norm_bias"):
+        layer = TTTLayer(16, 2, mini_batch_size=4)
+        for name, p in layer.named_parameters():
+            p.requires_grad_(name == trained)
+        y, _ = layer(torch.randn(1, 8, 16))
+        assert layer.last_dispatch[0] == "fused_torch_linear", (trained, layer.last_dispatch)
+        y.square().sum().backward()
+        assert getattr(layer, trained).grad is not None, trained
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+@pytest.mark.parametrize("switch", ["inner_residual", "inner_norm"])
+def test_forcing_the_kernel_on_a_layer_without_its_fused_parts_is_an_error(switch):
+    layer = TTTLayer(16, 2, mini_batch_size=4, kernel="cpu_ttt_linear", **{switch: False})
+    with torch.no_grad(), pytest.raises(KernelUnavailableError, match="residual and LayerNorm"):
+        layer(torch.randn(1, 8, 16))

@@ -15,6 +15,8 @@ from kernel_testing import make_inputs, primal_forward, rel_rms
 from innerloop.kernels.spec import KernelInputs
 from innerloop.kernels.triton import ttt_linear, ttt_mlp
 
+pytestmark = pytest.mark.triton_interpreter  # a child process under TRITON_INTERPRET=1 (conftest.py)
+
 TOL = 1e-4  # float32 kernels vs the float32 reference
 TOL64 = 1e-10  # float64 reference vs the float64 primal form
 
@@ -106,6 +108,7 @@ def test_naive_decode_loop_equals_naive_chunk_float64(case):
 # ---------------------------------------------------------------- the Triton kernels
 
 
+@pytest.mark.slow  # ~10 s per kernel in the interpreter; the fast loop keeps test_kernel_any_mini_batch_size
 @each_kernel
 @settings(max_examples=25, deadline=None)
 @given(
@@ -164,7 +167,7 @@ def test_kernel_any_mini_batch_size(case, K, n_mb):
 
 
 @each_kernel
-@pytest.mark.parametrize("f", [16, 32])
+@pytest.mark.parametrize("f", [16, pytest.param(32, marks=pytest.mark.slow)])  # 32: ~3 s interpreted
 def test_kernel_decode_matches_naive_decode(case, f):
     inputs = make_inputs(2, 2, 8, f, 4, case.model, seed=f)
     with torch.no_grad():

@@ -247,6 +247,7 @@ def stream_for_memory(model: E2ELM, ids: torch.Tensor, piece: int) -> None:
         del losses  # the caller's choice: keep nothing
 
 
+@pytest.mark.slow  # ~25 s: streams 512 tokens three times and measures peaks
 def test_streaming_memory_is_flat_in_sequence_length() -> None:
     torch.manual_seed(0)
     config = replace(tiny_config(), hidden_size=32, num_heads=2, intermediate_size=64, window=16)

@@ -10,6 +10,16 @@ from innerloop.models import MODEL_SIZES, CausalLM, ModelConfig, TTTConfig
 
 MIXERS_AND_BACKBONES = [(m, b) for m in ("ttt", "attention", "swa") for b in ("transformer", "mamba")]
 
+# The paper's model shapes, written here as the independent source the package is checked against:
+# hidden / layers / heads from the paper's table (REFERENCE.md "Paper model sizes"), MLP width from the
+# reference code's TTT_STANDARD_CONFIGS (ttt-lm-pytorch).
+PAPER_SIZES = {
+    "125m": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 2048},
+    "350m": {"hidden_size": 1024, "num_layers": 24, "num_heads": 16, "intermediate_size": 2736},
+    "760m": {"hidden_size": 1536, "num_layers": 24, "num_heads": 16, "intermediate_size": 4096},
+    "1.3b": {"hidden_size": 2048, "num_layers": 24, "num_heads": 32, "intermediate_size": 5504},
+}
+
 
 def tiny(mixer: str, backbone: str = "transformer", **kw) -> CausalLM:
     torch.manual_seed(0)
@@ -95,22 +105,25 @@ def test_bad_config_names_the_field_and_the_choices() -> None:
         ModelConfig.from_dict({"hidden": 3})
 
 
-@pytest.mark.parametrize("size", sorted(MODEL_SIZES))
+@pytest.mark.parametrize("size", sorted(PAPER_SIZES))
 def test_paper_size_presets_have_the_paper_shapes(size: str) -> None:
-    run, _ = load_config(f"ttt-linear-{size}")
-    shape = {k: getattr(run.model, k) for k in MODEL_SIZES[size]}
-    assert shape == MODEL_SIZES[size]
+    run, _ = load_config(f"ttt-linear-{size}")  # the preset file as users load it
+    shape = {k: getattr(run.model, k) for k in PAPER_SIZES[size]}
+    assert shape == PAPER_SIZES[size]
     assert run.model.mixer == "ttt" and run.model.ttt.inner_model == "linear"
 
 
 def test_paper_table_matches_the_reference() -> None:
-    # hidden / layers / heads / MLP width from the paper (REFERENCE.md "Paper model sizes").
-    assert MODEL_SIZES == {
-        "125m": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 2048},
-        "350m": {"hidden_size": 1024, "num_layers": 24, "num_heads": 16, "intermediate_size": 2736},
-        "760m": {"hidden_size": 1536, "num_layers": 24, "num_heads": 16, "intermediate_size": 4096},
-        "1.3b": {"hidden_size": 2048, "num_layers": 24, "num_heads": 32, "intermediate_size": 5504},
-    }
+    """The package's table and ``ModelConfig.paper_size`` give the paper's shapes, and every paper-size
+    preset is one of the sizes checked above."""
+    from innerloop.config import preset_names
+
+    assert MODEL_SIZES == PAPER_SIZES
+    for size, shape in PAPER_SIZES.items():
+        config = ModelConfig.paper_size(size)
+        assert {k: getattr(config, k) for k in shape} == shape, size
+    presets = {name.removeprefix("ttt-linear-") for name in preset_names() if name.startswith("ttt-linear-")}
+    assert presets == set(PAPER_SIZES)
 
 
 def test_125m_attention_model_has_the_expected_parameter_count() -> None:

@@ -176,12 +176,14 @@ def test_entry_point_plugin_is_usable_by_name(installed_entry_point):
     assert "OK (1, 5, 8) ['denoise (denoise-plugin)']" in result.stdout
 
 
+@pytest.mark.slow  # a Python subprocess (~3 s); the fast loop keeps test_entry_point_plugin_is_usable_by_name
 def test_block_variable_keeps_external_plugins_out(installed_entry_point):
     result = run_python(USE_PLUGIN, installed_entry_point, INNERLOOP_DISABLE_EXTERNAL_PLUGINS="1")
     assert result.returncode != 0
     assert "unknown inner loss 'denoise_test'" in result.stderr
 
 
+@pytest.mark.slow  # two Python subprocesses (~5 s)
 def test_allow_list_limits_external_plugins(installed_entry_point):
     blocked = run_python(USE_PLUGIN, installed_entry_point, INNERLOOP_PLUGINS="something_else")
     assert "unknown inner loss 'denoise_test'" in blocked.stderr
@@ -189,6 +191,7 @@ def test_allow_list_limits_external_plugins(installed_entry_point):
     assert allowed.returncode == 0, allowed.stderr
 
 
+@pytest.mark.slow  # a Python subprocess (~2 s); test_config checks `innerloop plugins` in process
 def test_plugins_command_lists_origins(installed_entry_point):
     code = "from innerloop.registry import format_plugin_table; print(format_plugin_table())"
     result = run_python(code, installed_entry_point)

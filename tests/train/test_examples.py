@@ -36,12 +36,14 @@ def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Complete
     return result
 
 
+@pytest.mark.slow  # ~14 s: pip-installs the example package, then runs its suite in a subprocess
 def test_the_plugin_package_passes_its_own_tests(plugin_env, tmp_path) -> None:
     result = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(PLUGIN / "tests")],
                   plugin_env, tmp_path)  # fmt: skip
     assert " passed" in result.stdout and "failed" not in result.stdout
 
 
+@pytest.mark.slow  # ~25 s: a training run in a subprocess
 def test_a_config_that_names_the_plugin_trains(plugin_env, tmp_path) -> None:
     listing = _run([sys.executable, "-m", "innerloop.cli", "plugins"], plugin_env, tmp_path).stdout
     assert "huber" in listing
@@ -63,6 +65,7 @@ def test_a_config_that_names_the_plugin_fails_clearly_without_it(tmp_path) -> No
         load_config(str(PLUGIN / "src" / "innerloop_huber" / "tiny-huber.yaml"))
 
 
+@pytest.mark.slow  # ~10 s: a training run in a subprocess
 def test_training_from_python(tmp_path) -> None:
     result = _run([sys.executable, str(EXAMPLES / "train_from_python.py"), "--steps", "2", "--out", str(tmp_path)],
                   dict(os.environ), tmp_path)  # fmt: skip

@@ -121,6 +121,7 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, dict[int, float], dict[str, f
     return out / "last.safetensors", record.losses, result.metrics
 
 
+@pytest.mark.slow  # ~6 s: two training runs (and the shared 12-step reference)
 def test_a_crashed_run_resumes_to_the_same_losses_and_weights(tmp_path, uninterrupted) -> None:
     reference, reference_losses, reference_metrics = uninterrupted
     run, cfg = load_config("tiny", [*TINY, f"trainer.max_steps={RESUME_STEPS}", f"out_dir={tmp_path}"])
@@ -139,6 +140,7 @@ def test_a_crashed_run_resumes_to_the_same_losses_and_weights(tmp_path, uninterr
         assert result.metrics[f"inner_loss_before/{layer}"] == reference_metrics[f"inner_loss_before/{layer}"]
 
 
+@pytest.mark.slow  # ~11 s: training runs in subprocesses, one killed
 def test_a_killed_process_resumes_to_the_same_result(tmp_path, uninterrupted) -> None:
     reference, _, reference_metrics = uninterrupted
     overrides = [*TINY, f"trainer.max_steps={RESUME_STEPS}", f"out_dir={tmp_path}"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,6 @@ from innerloop.interop.ttt_lm_pytorch import (
     load_layer,
 )
 
-MODELS_DIR = Path(__file__).resolve().parents[3] / "shared" / "models"
 CONFIG = {
     "hidden_size": 16,
     "num_attention_heads": 2,
@@ -171,12 +169,10 @@ def test_full_saved_configs_load(conformance_dir) -> None:
 
 
 @pytest.mark.parametrize("folder", ["ttt_linear_transformer", "ttt_mlp_mamba"])
-def test_saved_reference_models_load_layer_by_layer(folder) -> None:
-    if not MODELS_DIR.is_dir():
-        pytest.skip(f"reference model folders not found at {MODELS_DIR} (they live in ../shared)")
+def test_saved_reference_models_load_layer_by_layer(folder, reference_models_dir) -> None:
     safetensors = pytest.importorskip("safetensors.torch", reason="the reference models are safetensors")
-    config = json.loads((MODELS_DIR / folder / "config.json").read_text())
-    weights = safetensors.load_file(str(MODELS_DIR / folder / "model.safetensors"))
+    config = json.loads((reference_models_dir / folder / "config.json").read_text())
+    weights = safetensors.load_file(str(reference_models_dir / folder / "model.safetensors"))
     for index in range(config["num_hidden_layers"]):
         layer = load_layer(config, layer_state_dict(weights, index))
         assert layer.inner_model.name == config["ttt_layer_type"] and layer.share_qk == config["share_qk"]

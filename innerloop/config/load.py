@@ -8,9 +8,12 @@ dataset, strategy, accelerator or precision raises :class:`ConfigError`, which l
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
 import os
 import typing
+import warnings
 from collections.abc import Sequence
 from dataclasses import fields, is_dataclass
 from importlib import resources
@@ -145,6 +148,7 @@ def validate_run_config(run: RunConfig) -> None:
     if run.data.name == "text" and run.data.paths:
         _check_text(run)
     _check_trainer_names(run)
+    _check_trainer_combination(run)
     check_output_dir(run.out_dir, "out_dir")
 
 
@@ -197,7 +201,7 @@ def _check_trainer_names(run: RunConfig) -> None:
 
     accelerators = sorted(AcceleratorRegistry.available_accelerators())
     choices = {
-        "trainer.strategy": (run.trainer.strategy, ["auto", *StrategyRegistry.available_strategies()]),
+        "trainer.strategy": (run.trainer.strategy, ["auto", *_strategies_by_name(StrategyRegistry)]),
         "trainer.accelerator": (run.trainer.accelerator, ["auto", *accelerators]),
         "trainer.precision": (run.trainer.precision, list(typing.get_args(_PRECISION_INPUT_STR))),
     }
@@ -219,6 +223,55 @@ def _check_trainer_names(run: RunConfig) -> None:
             f"trainer.devices={run.trainer.devices} but this machine has {count} "
             f"{run.trainer.accelerator} device(s)"
         )
+
+
+def _strategies_by_name(registry: Any) -> list[str]:
+    """Lightning's registered strategies that a name alone can build (``single_xla`` needs a device)."""
+    names = []
+    for name in registry.available_strategies():
+        entry = registry[name]
+        parameters = inspect.signature(entry["strategy"]).parameters.values()
+        needed = [
+            p.name
+            for p in parameters
+            if p.default is p.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.name not in entry["init_params"]
+        ]
+        if not needed:
+            names.append(name)
+    return names
+
+
+def _check_trainer_combination(run: RunConfig) -> None:
+    """Let Lightning's own accelerator connector (what ``Trainer`` builds first) judge the combination
+    of strategy, accelerator, precision and devices now, not after the run has started: e.g. ``fsdp``
+    on a CPU, or a strategy whose package is not installed."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:  # a private class: if a Lightning version moves it, the Trainer reports the same errors later
+        from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
+    except ImportError:
+        return
+    t = run.trainer
+    chatter = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = chatter.level
+    try:
+        # the Trainer repeats any warning and message when the run starts
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            chatter.setLevel(logging.WARNING)
+            _AcceleratorConnector(
+                devices=t.devices, accelerator=t.accelerator, strategy=t.strategy, precision=t.precision
+            )
+    except (MisconfigurationException, ValueError, ImportError) as err:
+        raise ConfigError(
+            f"trainer.strategy={t.strategy!r}, trainer.accelerator={t.accelerator!r}, "
+            f"trainer.precision={t.precision!r}, trainer.devices={t.devices}: Lightning cannot run this "
+            f"combination here: {' '.join(str(err).split())}"
+        ) from None
+    finally:
+        chatter.setLevel(level)
 
 
 def check_output_dir(path: str | os.PathLike[str], key: str) -> None:

@@ -84,6 +84,8 @@ TRAIN_ERRORS = [
     (["data.name=recall", "data.recall.gap=-1"], ["data.recall.gap=-1", ">= 0"]),
     (["trainer.accelerator=tpu"], ["trainer.accelerator='tpu'", "available here: ['auto', 'cpu'"]),
     (["trainer.accelerator=gpuu"], ["trainer.accelerator='gpuu'", "valid: ['auto', 'cpu', 'cuda'"]),
+    (["trainer.strategy=fsdp"], ["trainer.strategy='fsdp'", "Lightning cannot run this combination", "GPU"]),
+    (["trainer.strategy=single_xla"], ["trainer.strategy='single_xla' is not valid", "'ddp_spawn'"]),
     (["model.ttt=5"], ["'model.ttt'", "is a section", "'mini_batch_size'"]),
     (["data=3"], ["'data'", "is a section", "'seq_len'"]),
     (["trainer.max_steps=-1"], ["trainer.max_steps=-1", ">= 1"]),

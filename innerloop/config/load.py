@@ -43,7 +43,11 @@ def _read_source(preset_or_file: str) -> tuple[DictConfig, str]:
     """The YAML of a file path or a packaged preset name, and a description of where it came from."""
     path = Path(preset_or_file)
     if path.is_file():
-        text, source = path.read_text(encoding="utf-8"), f"file {str(path)!r}"
+        source = f"file {str(path)!r}"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{source} cannot be read as UTF-8 YAML: {err}") from None
     elif preset_or_file in preset_names():
         text = (resources.files("innerloop.config") / "presets" / f"{preset_or_file}.yaml").read_text("utf-8")
         source = f"preset {preset_or_file!r}"
@@ -128,7 +132,11 @@ def load_config(
             raise ConfigError(f"override {item!r} cannot be parsed: {_first_line(err)}") from None
         _check_keys(OmegaConf.to_container(override), RunConfig, "", f"override {item!r}")
         cfg = _merge(cfg, override, f"override {item!r}")
-    run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    try:
+        run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:  # an interpolation ${...} that does not resolve
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"config key {key!r}: {_first_line(err)}") from None
     validate_run_config(run)
     return run, cfg
 

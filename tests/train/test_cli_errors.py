@@ -43,6 +43,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (folder / "short.txt").write_text("tiny")
     (folder / "one.txt").write_text(TEXT)
     (folder / "a_file").write_text("not a folder")
+    (folder / "binary.yaml").write_bytes(b"\xff\xfe\x00")
     return {
         "short": folder / "short.txt",
         "one": folder / "one.txt",
@@ -53,7 +54,12 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 def _fill(arguments: list[str], files: dict[str, Path]) -> list[str]:
     """The arguments with ``{short}``, ``{one}``, ``{a_file}`` and ``{dir}`` replaced by real paths."""
-    return [a.format(**{k: str(v) for k, v in files.items()}) for a in arguments]
+    filled = []
+    for argument in arguments:
+        for name, path in files.items():
+            argument = argument.replace(f"{{{name}}}", str(path))
+        filled.append(argument)
+    return filled
 
 
 def _one_error_line(capsys, command: str) -> str:
@@ -102,6 +108,8 @@ TRAIN_ERRORS = [
     (["model.hidden_size=16.7"], ["'model.hidden_size'", "expected int"]),
     (["trainer.max_steps=[1"], ["trainer.max_steps=[1", "cannot be parsed"]),
     (["--config", "huge"], ["--config 'huge'", "presets: ["]),
+    (["optim.lr=${nope}"], ["config key 'optim.lr'", "Interpolation key 'nope' not found"]),
+    (["--config", "{dir}/binary.yaml"], ["binary.yaml' cannot be read as UTF-8 YAML"]),
 ]
 
 

@@ -153,6 +153,7 @@ def validate_run_config(run: RunConfig) -> None:
         raise ConfigError(str(err)) from None
     if run.data.name not in DATASETS:
         raise ConfigError(f"data.name={run.data.name!r} is not a dataset; valid: {list(DATASETS)}")
+    _check_vocabulary(run)
     if run.data.name == "text" and run.data.paths:
         _check_text(run)
     _check_trainer_names(run)
@@ -187,6 +188,18 @@ def _get(obj: Any, key: str) -> Any:
     for part in key.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _check_vocabulary(run: RunConfig) -> None:
+    """The model's vocabulary holds every token the data can give (else the embedding fails mid-run)."""
+    from innerloop.train.data import RECALL_VALUES
+
+    needed = {"text": 256, "recall": RECALL_VALUES.stop}[run.data.name]
+    if run.model.vocab_size < needed:
+        raise ConfigError(
+            f"model.vocab_size={run.model.vocab_size} is too small for data.name={run.data.name!r}, "
+            f"whose tokens go up to {needed - 1}: model.vocab_size must be >= {needed}"
+        )
 
 
 def _check_text(run: RunConfig) -> None:

@@ -92,6 +92,8 @@ TRAIN_ERRORS = [
     (["trainer.accelerator=gpuu"], ["trainer.accelerator='gpuu'", "valid: ['auto', 'cpu', 'cuda'"]),
     (["trainer.strategy=fsdp"], ["trainer.strategy='fsdp'", "Lightning cannot run this combination", "GPU"]),
     (["trainer.strategy=single_xla"], ["trainer.strategy='single_xla' is not valid", "'ddp_spawn'"]),
+    (["model.vocab_size=100"], ["model.vocab_size=100", "must be >= 256"]),
+    (["data.name=recall", "model.vocab_size=100"], ["model.vocab_size=100", "must be >= 192"]),
     (["model.ttt=5"], ["'model.ttt'", "is a section", "'mini_batch_size'"]),
     (["data=3"], ["'data'", "is a section", "'seq_len'"]),
     (["trainer.max_steps=-1"], ["trainer.max_steps=-1", ">= 1"]),

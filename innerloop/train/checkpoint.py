@@ -320,8 +320,21 @@ def describe_model(config: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={config.get(k)!r}" for k in keys if k in config)
 
 
-_TRAINING_KEYS = ("pytorch-lightning_version", "state_dict", "hyper_parameters")
-"""Keys Lightning reads first when a run resumes from a checkpoint."""
+_TRAINING_KEYS = ("pytorch-lightning_version", "state_dict", "hyper_parameters", "loops", "optimizer_states")
+"""Keys Lightning reads when a run resumes from a checkpoint."""
+
+
+def load_training_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """:func:`load_checkpoint`, and check that it is a whole training checkpoint a run can resume
+    from (not e.g. weights alone); raise :class:`CheckpointError` otherwise."""
+    checkpoint = load_checkpoint(path)
+    missing = [key for key in _TRAINING_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(
+            f"{str(path)!r} is not a training checkpoint (it has no {missing}), so a run cannot continue "
+            "from it; give the last.safetensors that `innerloop train` wrote"
+        )
+    return checkpoint
 
 
 class SafetensorsCheckpointIO(CheckpointIO):
@@ -337,14 +350,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
-        checkpoint = load_checkpoint(path, map_location if map_location is not None else "cpu")
-        missing = [key for key in _TRAINING_KEYS if key not in checkpoint]
-        if missing:
-            raise CheckpointError(
-                f"{str(path)!r} is not a training checkpoint (it has no {missing}), so a run cannot "
-                "continue from it; give the last.safetensors that `innerloop train` wrote"
-            )
-        return checkpoint
+        return load_checkpoint(path, map_location if map_location is not None else "cpu")
 
     def remove_checkpoint(self, path: Any) -> None:
         Path(path).unlink(missing_ok=True)

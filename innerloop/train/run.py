@@ -36,8 +36,8 @@ from innerloop.config.schema import RunConfig
 from innerloop.train.checkpoint import (
     CHECKPOINT_SUFFIX,
     SafetensorsCheckpointIO,
-    load_checkpoint,
     load_module,
+    load_training_checkpoint,
 )
 from innerloop.train.data import (
     IGNORE_INDEX,
@@ -154,7 +154,7 @@ def train(
     out_dir = Path(run.out_dir)
     ckpt = checkpoint_path(out_dir)
     if resume:
-        load_checkpoint(ckpt)  # fail now, with a clear error, if it is missing or unreadable
+        load_training_checkpoint(ckpt)  # fail now, with a clear error, if it is missing or unreadable
     if run.trainer.threads > 0:
         torch.set_num_threads(run.trainer.threads)
     config_path = save_config(cfg if cfg is not None else run, out_dir / "config.yaml")

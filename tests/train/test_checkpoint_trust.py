@@ -37,6 +37,8 @@ def _module_checkpoint(path: Path, **model) -> Path:
         "hyper_parameters": dict(module.hparams),
         "global_step": 7,
         "pytorch-lightning_version": L.__version__,
+        "loops": {},
+        "optimizer_states": [],
     }
     return save_checkpoint(tree, path)
 

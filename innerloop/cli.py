@@ -42,7 +42,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def _number(kind: type, low: float, low_open: bool = False) -> Callable[[str], float]:
     """An argparse ``type``: a finite ``kind`` (int or float) >= ``low`` (> ``low`` if ``low_open``)."""
-    valid = f"a finite {'integer' if kind is int else 'number'} {'>' if low_open else '>='} {low}"
+    valid = f"{'an integer' if kind is int else 'a finite number'} {'>' if low_open else '>='} {low}"
 
     def parse(text: str) -> float:
         try:
@@ -242,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except UsageError as err:
         prog = err.prog  # the top-level parser reports some errors of a command (unknown arguments)
-        command = next((a for a in argv or sys.argv[1:] if a in _HANDLERS), None)
+        given = argv if argv is not None else sys.argv[1:]
+        command = next((a for a in given if a in _HANDLERS), None)
         if prog == parser.prog and command is not None:
             prog = f"{parser.prog} {command}"
         print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)

@@ -141,7 +141,7 @@ def test_an_unwritable_out_dir_is_one_line(capsys, tmp_path, monkeypatch) -> Non
 
 
 EVAL_ERRORS = [
-    (["--seq-len", "0"], ["argument --seq-len", "must be a finite integer >= 1, got '0'"]),
+    (["--seq-len", "0"], ["argument --seq-len", "must be an integer >= 1, got '0'"]),
     (["--seq-len", "abc"], ["argument --seq-len", "got 'abc'"]),
     (["--batches", "-1"], ["argument --batches", ">= 1, got '-1'"]),
     (["--batch-size", "0"], ["argument --batch-size", ">= 1, got '0'"]),
@@ -180,7 +180,7 @@ GENERATE_ERRORS = [
     (["--temperature", "-1"], ["argument --temperature", "must be a finite number >= 0, got '-1'"]),
     (["--temperature", "nan"], ["argument --temperature", "got 'nan'"]),
     (["--temperature", "inf"], ["argument --temperature", "got 'inf'"]),
-    (["--top-k", "0"], ["argument --top-k", "must be a finite integer >= 1, got '0'"]),
+    (["--top-k", "0"], ["argument --top-k", "must be an integer >= 1, got '0'"]),
     (["--top-k", "-3"], ["argument --top-k", "got '-3'"]),
     (["--tokens", "-1"], ["argument --tokens", ">= 0, got '-1'"]),
     (["--seed", "-1"], ["argument --seed", ">= 0, got '-1'"]),

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from innerloop.config.load import DEFAULT_PRESET, ConfigError
 
@@ -36,10 +38,45 @@ def _installed_version() -> str:
         return __version__
 
 
+class UsageError(Exception):
+    """A command line argparse cannot parse; ``prog`` is the (sub)command's, e.g. ``innerloop eval``."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block), reported by :func:`main`."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(self.prog, message)
+
+
+def _number(kind: type, low: float, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a finite ``kind`` (int or float) >= ``low`` (> ``low`` if ``low_open``)."""
+    valid = f"{'an integer' if kind is int else 'a finite number'} {'>' if low_open else '>='} {low}"
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+_POSITIVE_INT = _number(int, 1)
+
+
 def _parser() -> argparse.ArgumentParser:
     from innerloop.config.load import preset_names
 
-    parser = argparse.ArgumentParser(prog="innerloop", description="Test-time-training sequence layers.")
+    parser = _ArgumentParser(prog="innerloop", description="Test-time-training sequence layers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_installed_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -73,21 +110,30 @@ def _parser() -> argparse.ArgumentParser:
         "part of the standard-library corpus)",
     )  # fmt: skip
     evaluate.add_argument(
-        "--seq-len", type=int, default=None, help="tokens per window (default: the training one)"
+        "--seq-len", type=_POSITIVE_INT, default=None, help="tokens per window (default: the training one)"
     )
-    evaluate.add_argument("--batch-size", type=int, default=16)
-    evaluate.add_argument("--batches", type=int, default=8, help="number of batches to evaluate")
+    evaluate.add_argument("--batch-size", type=_POSITIVE_INT, default=16)
+    evaluate.add_argument("--batches", type=_POSITIVE_INT, default=8, help="number of batches to evaluate")
     evaluate.add_argument(
-        "--out", default=None, help="folder for the CSV and PNG (default: the checkpoint's)"
+        "--out",
+        default=None,
+        help="folder for eval_<data>_T<seq_len>_n<windows>.csv and .png (default: the checkpoint's); "
+        "the training run's own loss_by_position files are never replaced",
     )
 
     generate = commands.add_parser("generate", help="sample text through the recurrent state")
     generate.add_argument("checkpoint", help="a last.safetensors written by `innerloop train`")
-    generate.add_argument("--prompt", default="def ", help="text to start from (default: 'def ')")
-    generate.add_argument("--tokens", type=int, default=200, help="bytes to generate (default 200)")
-    generate.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
-    generate.add_argument("--top-k", type=int, default=None)
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument(
+        "--prompt", default="def ", help="text to start from, as bytes (any bytes; default: 'def ')"
+    )
+    generate.add_argument(
+        "--tokens", type=_number(int, 0), default=200, help="bytes to generate (default 200)"
+    )
+    generate.add_argument(
+        "--temperature", type=_number(float, 0), default=0.8, help="0 is greedy (default 0.8)"
+    )
+    generate.add_argument("--top-k", type=_POSITIVE_INT, default=None, help="sample among the k most likely")
+    generate.add_argument("--seed", type=_number(int, 0), default=0)
 
     commands.add_parser("plugins", help="list the registered inner models, inner losses and update rules")
     return parser
@@ -139,10 +185,20 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from innerloop.config.load import check_output_dir
+    from innerloop.train.data import resolve_files
     from innerloop.train.run import evaluate
 
+    for pattern in args.data:
+        try:
+            resolve_files([pattern])
+        except ValueError:
+            raise ConfigError(
+                f"--data {pattern!r} matches no file (give files, directories or globs)"
+            ) from None
+    out = Path(args.out) if args.out is not None else Path(args.checkpoint).parent
+    check_output_dir(out, "--out")
     _quiet_lightning()
-    out = args.out if args.out is not None else Path(args.checkpoint).parent
     metrics, csv_path, png = evaluate(
         args.checkpoint, args.data, args.seq_len, args.batch_size, args.batches, out_dir=out
     )
@@ -158,17 +214,17 @@ def _generate(args: argparse.Namespace) -> int:
     from innerloop.models import generate
     from innerloop.train.checkpoint import load_model
 
-    if args.tokens < 0:
-        raise ConfigError(f"--tokens={args.tokens} must be >= 0")
-    model = load_model(args.checkpoint)
-    prompt = args.prompt.encode("utf-8")
+    # The model reads bytes: take the prompt's own bytes (os.fsencode undoes the surrogate escapes
+    # Python uses for command-line bytes that are not valid UTF-8).
+    prompt = os.fsencode(args.prompt)
     if not prompt:
         raise ConfigError("--prompt must not be empty (the model needs at least one byte to start from)")
+    model = load_model(args.checkpoint)
     prompt_ids = torch.tensor([list(prompt)], dtype=torch.long)
     generator = torch.Generator().manual_seed(args.seed)
     # Bytes are decoded as they come (a character may span several tokens); invalid UTF-8 shows as �.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    sys.stdout.write(args.prompt)
+    sys.stdout.write(decoder.decode(prompt))
     for token, _state in generate(model, prompt_ids, args.tokens, args.temperature, args.top_k, generator):
         sys.stdout.write(decoder.decode(bytes([int(token[0])])))
         sys.stdout.flush()
@@ -186,21 +242,50 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's input, reported as one line: bad config or arguments, a bad
+    checkpoint, unusable data, and Lightning's own misconfiguration errors (its messages name the
+    setting). Anything else is a bug and keeps its traceback."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from innerloop.train.checkpoint import CheckpointError
+    from innerloop.train.data import DataError
+
+    return ConfigError, CheckpointError, DataError, MisconfigurationException
+
+
+_HANDLERS = {"train": _train, "eval": _eval, "generate": _generate, "plugins": _plugins}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``innerloop`` console script; returns the exit status."""
+    """Entry point of the ``innerloop`` console script; returns the exit status.
+
+    A user error (bad arguments, config, checkpoint or data) prints one line,
+    ``innerloop <command>: error: ...``, on stderr and returns 2.
+    """
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as err:
+        prog = err.prog  # the top-level parser reports some errors of a command (unknown arguments)
+        given = argv if argv is not None else sys.argv[1:]
+        command = next((a for a in given if a in _HANDLERS), None)
+        if prog == parser.prog and command is not None:
+            prog = f"{parser.prog} {command}"
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
     if args.command is None:
         parser.print_help()
         return 2
-    from innerloop.train.checkpoint import CheckpointError
-
-    handlers = {"train": _train, "eval": _eval, "generate": _generate, "plugins": _plugins}
     try:
-        return handlers[args.command](args)
-    except (ConfigError, CheckpointError) as err:
-        print(f"innerloop {args.command}: error: {err}", file=sys.stderr)
+        return _HANDLERS[args.command](args)
+    except _user_errors() as err:
+        print(f"innerloop {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":

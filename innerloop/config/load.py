@@ -8,8 +8,12 @@ dataset, strategy, accelerator or precision raises :class:`ConfigError`, which l
 
 from __future__ import annotations
 
+import inspect
+import logging
+import math
 import os
 import typing
+import warnings
 from collections.abc import Sequence
 from dataclasses import fields, is_dataclass
 from importlib import resources
@@ -19,7 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from innerloop.config.schema import DATASETS, RunConfig
+from innerloop.config.schema import DATASETS, FIELD_BOUNDS, RunConfig
 from innerloop.models.config import validate_model_config
 
 DEFAULT_PRESET = "tiny"
@@ -39,7 +43,11 @@ def _read_source(preset_or_file: str) -> tuple[DictConfig, str]:
     """The YAML of a file path or a packaged preset name, and a description of where it came from."""
     path = Path(preset_or_file)
     if path.is_file():
-        text, source = path.read_text(encoding="utf-8"), f"file {str(path)!r}"
+        source = f"file {str(path)!r}"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{source} cannot be read as UTF-8 YAML: {err}") from None
     elif preset_or_file in preset_names():
         text = (resources.files("innerloop.config") / "presets" / f"{preset_or_file}.yaml").read_text("utf-8")
         source = f"preset {preset_or_file!r}"
@@ -67,15 +75,23 @@ def _expected_type(key: str) -> Any:
 
 
 def _check_keys(given: Any, schema: type, prefix: str, source: str) -> None:
-    """Raise for any key of the mapping ``given`` that the dataclass ``schema`` does not have."""
+    """Raise for any key of the mapping ``given`` that the dataclass ``schema`` does not have, and for a
+    section of the schema given as something other than a mapping (e.g. ``model.ttt=5``)."""
     valid = {f.name: f for f in fields(schema)}
     for key in given:
         full = f"{prefix}{key}"
         if key not in valid:
             raise ConfigError(f"unknown config key {full!r} in {source}; valid keys here: {sorted(valid)}")
         sub = typing.get_type_hints(schema)[key]
-        if is_dataclass(sub) and isinstance(given[key], (dict, DictConfig)):
-            _check_keys(given[key], sub, f"{full}.", source)
+        if not is_dataclass(sub):
+            continue
+        if not isinstance(given[key], (dict, DictConfig)):
+            raise ConfigError(
+                f"config key {full!r} in {source} is a section, not a value: give a mapping of its keys "
+                f"{sorted(f.name for f in fields(sub))} (e.g. {full}.{fields(sub)[0].name}=...), "
+                f"got {given[key]!r}"
+            )
+        _check_keys(given[key], sub, f"{full}.", source)
 
 
 def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
@@ -85,8 +101,12 @@ def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
         key = getattr(err, "full_key", None) or "?"
         expected = _expected_type(key) if key != "?" else None
         name = getattr(expected, "__name__", None) or str(expected)
-        first_line = str(err).splitlines()[0]
-        raise ConfigError(f"config key {key!r} in {source}: {first_line} (expected {name})") from None
+        raise ConfigError(f"config key {key!r} in {source}: {_first_line(err)} (expected {name})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def load_config(
@@ -96,74 +116,202 @@ def load_config(
     its omegaconf form (for saving)."""
     cfg: DictConfig = OmegaConf.structured(RunConfig)
     loaded, source = _read_source(preset_or_file)
-    _check_keys(OmegaConf.to_container(loaded), RunConfig, "", source)
+    try:
+        container = OmegaConf.to_container(loaded)
+    except OmegaConfBaseException as err:  # e.g. an interpolation ${...} that does not resolve
+        raise ConfigError(f"{source}: {_first_line(err)}") from None
+    _check_keys(container, RunConfig, "", source)
     cfg = _merge(cfg, loaded, source)
     for item in overrides:
         key, sep, _ = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. trainer.max_steps=100)")
-        nested: dict[str, Any] = {}
-        cursor = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            cursor = cursor.setdefault(part, {})
-        cursor[parts[-1]] = None
-        _check_keys(nested, RunConfig, "", f"override {item!r}")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
-    run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        try:
+            override = OmegaConf.from_dotlist([item])
+        except Exception as err:  # the value is parsed as YAML: its syntax errors come in several types
+            raise ConfigError(f"override {item!r} cannot be parsed: {_first_line(err)}") from None
+        _check_keys(OmegaConf.to_container(override), RunConfig, "", f"override {item!r}")
+        cfg = _merge(cfg, override, f"override {item!r}")
+    try:
+        run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:  # an interpolation ${...} that does not resolve
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"config key {key!r}: {_first_line(err)}") from None
     validate_run_config(run)
     return run, cfg
 
 
 def validate_run_config(run: RunConfig) -> None:
-    """Check names and ranges that the schema's types cannot; raise :class:`ConfigError`."""
-    from lightning.fabric.connector import _PRECISION_INPUT_STR
-    from lightning.pytorch.accelerators import AcceleratorRegistry
-    from lightning.pytorch.strategies import StrategyRegistry
-
+    """Check what the schema's types cannot: the range of every number (:data:`FIELD_BOUNDS`), names
+    (mixer, plugins, dataset, strategy, accelerator, precision), that the accelerator exists on this
+    machine, that ``out_dir`` can be written, and that the text holds a window of ``seq_len``. Raises
+    :class:`ConfigError` naming the key, the value and what is valid."""
+    _check_numbers(run)
     try:
         validate_model_config(run.model)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if run.data.name not in DATASETS:
         raise ConfigError(f"data.name={run.data.name!r} is not a dataset; valid: {list(DATASETS)}")
+    _check_vocabulary(run)
     if run.data.name == "text" and run.data.paths:
-        from innerloop.train.data import resolve_files
+        _check_text(run)
+    _check_trainer_names(run)
+    _check_trainer_combination(run)
+    check_output_dir(run.out_dir, "out_dir")
 
-        try:
-            resolve_files(run.data.paths)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+
+def numeric_fields(schema: type = RunConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of every int and float field of the dataclass ``schema``, nested ones too."""
+    found = []
+    for name, kind in typing.get_type_hints(schema).items():
+        if is_dataclass(kind):
+            found += numeric_fields(kind, f"{prefix}{name}.")
+        elif kind in (int, float):
+            found.append(f"{prefix}{name}")
+    return found
+
+
+def _check_numbers(run: RunConfig) -> None:
+    """Every number finite and inside its :data:`FIELD_BOUNDS`."""
+    for key in numeric_fields():
+        value = _get(run, key)
+        bounds = FIELD_BOUNDS[key]
+        why = f" ({bounds.why})" if bounds.why else ""
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number {bounds.describe()}{why}")
+        if value not in bounds:
+            raise ConfigError(f"{key}={value} must be {bounds.describe()}{why}")
+
+
+def _get(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_vocabulary(run: RunConfig) -> None:
+    """The model's vocabulary holds every token the data can give (else the embedding fails mid-run)."""
+    from innerloop.train.data import RECALL_VALUES
+
+    needed = {"text": 256, "recall": RECALL_VALUES.stop}[run.data.name]
+    if run.model.vocab_size < needed:
+        raise ConfigError(
+            f"model.vocab_size={run.model.vocab_size} is too small for data.name={run.data.name!r}, "
+            f"whose tokens go up to {needed - 1}: model.vocab_size must be >= {needed}"
+        )
+
+
+def _check_text(run: RunConfig) -> None:
+    """The data files exist and hold a training and a validation window (from their sizes)."""
+    from innerloop.train.data import check_text_lengths, resolve_files, text_split_lengths
+
+    try:
+        files = resolve_files(run.data.paths)
+        train_len, val_len = text_split_lengths(files, run.data.val_fraction)
+        check_text_lengths(train_len, val_len, len(files), run.data.seq_len, run.data.val_fraction)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _check_trainer_names(run: RunConfig) -> None:
+    """Strategy, accelerator and precision are Lightning names; the accelerator exists here."""
+    from lightning.fabric.connector import _PRECISION_INPUT_STR
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    accelerators = sorted(AcceleratorRegistry.available_accelerators())
     choices = {
-        "trainer.strategy": (run.trainer.strategy, ["auto", *StrategyRegistry.available_strategies()]),
-        "trainer.accelerator": (
-            run.trainer.accelerator,
-            ["auto", *sorted(AcceleratorRegistry.available_accelerators())],
-        ),
+        "trainer.strategy": (run.trainer.strategy, ["auto", *_strategies_by_name(StrategyRegistry)]),
+        "trainer.accelerator": (run.trainer.accelerator, ["auto", *accelerators]),
         "trainer.precision": (run.trainer.precision, list(typing.get_args(_PRECISION_INPUT_STR))),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"{key}={value!r} is not valid; valid: {valid}")
-    positive = {
-        "data.seq_len": run.data.seq_len,
-        "data.batch_size": run.data.batch_size,
-        "data.val_batches": run.data.val_batches,
-        "trainer.max_steps": run.trainer.max_steps,
-        "trainer.val_every": run.trainer.val_every,
-        "trainer.checkpoint_every": run.trainer.checkpoint_every,
-        "trainer.devices": run.trainer.devices,
-        "trainer.log_every": run.trainer.log_every,
-        "trainer.num_position_buckets": run.trainer.num_position_buckets,
-        "optim.lr": run.optim.lr,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}={value} must be > 0")
-    if not 0 <= run.optim.warmup_fraction < 1:
-        raise ConfigError(f"optim.warmup_fraction={run.optim.warmup_fraction} must be in [0, 1)")
-    if not 0 <= run.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction={run.data.val_fraction} must be in [0, 1)")
+    if run.trainer.accelerator == "auto":
+        return
+    here = ["auto", *(a for a in accelerators if AcceleratorRegistry[a]["accelerator"].is_available())]
+    accelerator = AcceleratorRegistry[run.trainer.accelerator]["accelerator"]
+    if not accelerator.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={run.trainer.accelerator!r} is not available on this machine; "
+            f"available here: {here}"
+        )
+    count = accelerator.auto_device_count()
+    if run.trainer.accelerator != "cpu" and run.trainer.devices > count:
+        raise ConfigError(
+            f"trainer.devices={run.trainer.devices} but this machine has {count} "
+            f"{run.trainer.accelerator} device(s)"
+        )
+
+
+def _strategies_by_name(registry: Any) -> list[str]:
+    """Lightning's registered strategies that a name alone can build (``single_xla`` needs a device)."""
+    names = []
+    for name in registry.available_strategies():
+        entry = registry[name]
+        parameters = inspect.signature(entry["strategy"]).parameters.values()
+        needed = [
+            p.name
+            for p in parameters
+            if p.default is p.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.name not in entry["init_params"]
+        ]
+        if not needed:
+            names.append(name)
+    return names
+
+
+def _check_trainer_combination(run: RunConfig) -> None:
+    """Let Lightning's own accelerator connector (what ``Trainer`` builds first) judge the combination
+    of strategy, accelerator, precision and devices now, not after the run has started: e.g. ``fsdp``
+    on a CPU, or a strategy whose package is not installed."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:  # a private class: if a Lightning version moves it, the Trainer reports the same errors later
+        from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
+    except ImportError:
+        return
+    t = run.trainer
+    chatter = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = chatter.level
+    try:
+        # the Trainer repeats any warning and message when the run starts
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            chatter.setLevel(logging.WARNING)
+            _AcceleratorConnector(
+                devices=t.devices, accelerator=t.accelerator, strategy=t.strategy, precision=t.precision
+            )
+    except (MisconfigurationException, ValueError, ImportError) as err:
+        raise ConfigError(
+            f"trainer.strategy={t.strategy!r}, trainer.accelerator={t.accelerator!r}, "
+            f"trainer.precision={t.precision!r}, trainer.devices={t.devices}: Lightning cannot run this "
+            f"combination here: {' '.join(str(err).split())}"
+        ) from None
+    finally:
+        chatter.setLevel(level)
+
+
+def check_output_dir(path: str | os.PathLike[str], key: str) -> None:
+    """Raise :class:`ConfigError` (naming ``key``, e.g. ``out_dir``) unless ``path`` is a directory or
+    can be made one: not a file, and its nearest existing ancestor a directory this user can write."""
+    if not str(path):
+        raise ConfigError(f"{key}='' must name a directory for the outputs")
+    target = Path(path).expanduser()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == target else f" (its parent {str(existing)!r} is a file)"
+        raise ConfigError(f"{key}={str(path)!r} is not a directory{where}; give a directory for the outputs")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{key}={str(path)!r} cannot be written: {str(existing)!r} is not writable by this user; "
+            f"give another {key}"
+        )
 
 
 #: What a checkpoint's weights and its stream of batches were made with: a resume cannot change them.

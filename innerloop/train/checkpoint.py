@@ -6,14 +6,31 @@ tensors as safetensors entries and the rest of the tree as JSON in the safetenso
 key ``innerloop.tree``, with each tensor replaced by a reference to its entry. Loading parses JSON and
 safetensors only, so a checkpoint from an untrusted source cannot run code.
 
+Integrity: the metadata also holds ``innerloop.sha256``, a SHA-256 over the tree's JSON and every
+tensor (name, dtype, shape and bytes, in sorted name order, see :func:`checkpoint_digest`). Loading
+recomputes it, so a flipped byte anywhere in the data is reported as corruption instead of surfacing
+later as NaN weights. The tree's JSON is parsed with bounds on its size and nesting depth.
+
+Versions: format version 2 carries the checksum. Version 1 (innerloop before checksums) is still read,
+with a :class:`UnverifiedCheckpointWarning`, so that older runs stay usable; saving it again (e.g. by
+resuming the run) upgrades it. A file of a newer version is refused with a request to upgrade.
+
+Every problem with a file (missing, a directory, truncated, not safetensors, another format, a newer
+version, a checksum mismatch, a malformed tree, weights that do not fit the model) raises one
+:class:`CheckpointError` whose message is a single line naming the file and what is wrong.
+
 :class:`SafetensorsCheckpointIO` plugs this format into Lightning (``Trainer(plugins=[...])``), so
 ``trainer.save_checkpoint`` and ``trainer.fit(ckpt_path=...)`` use it; writes are atomic.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +39,35 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from innerloop.models import CausalLM
+from innerloop.models import CausalLM, ModelConfig
 from innerloop.train.atomic import atomic_write
 
 FORMAT = "innerloop-checkpoint"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+UNVERIFIED_VERSION = "1"
+"""The format version before checksums: read with an :class:`UnverifiedCheckpointWarning`."""
 CHECKPOINT_SUFFIX = ".safetensors"
+
+MAX_TREE_CHARS = 64 * 2**20
+"""Largest JSON tree read (64 MiB; a training checkpoint's is a few KiB: the tensors are not in it)."""
+MAX_TREE_DEPTH = 64
+"""Deepest nesting of the JSON tree read (a Lightning checkpoint nests about 8 deep)."""
+
+_TREE_KEY = "innerloop.tree"
+_DIGEST_KEY = "innerloop.sha256"
 
 
 class CheckpointError(ValueError):
-    """A file that is not a readable innerloop checkpoint (missing, corrupt, or of another format)."""
+    """A file that is not a readable innerloop checkpoint (missing, corrupt, of another format or
+    version, or holding weights that do not fit the model). The message is one line naming the file."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint of format version 1, which has no checksum, was read without an integrity check."""
+
+
+class _TreeError(ValueError):
+    """The JSON tree of a checkpoint is not one that :func:`save_checkpoint` writes."""
 
 
 # -- the tree <-> (tensors, JSON) encoding -------------------------------------------------------------
@@ -65,56 +101,240 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
     )
 
 
-def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def _decode(obj: Any, tensors: dict[str, torch.Tensor], depth: int = 0) -> Any:
+    """Inverse of :func:`_encode`; raises :class:`_TreeError` for anything it would not have written."""
+    if depth > MAX_TREE_DEPTH:
+        raise _TreeError(f"its tree nests deeper than {MAX_TREE_DEPTH} levels")
     if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__tuple__" in obj:
-            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
-        if "__dict__" in obj:
-            return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__dict__"]}
-        return {k: _decode(v, tensors) for k, v in obj.items()}
-    return obj
+        return [_decode(v, tensors, depth + 1) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        key = obj["__tensor__"]
+        if len(obj) != 1 or not isinstance(key, str) or key not in tensors:
+            raise _TreeError(f"its tree refers to a tensor {key!r} that the file does not hold")
+        return tensors[key]
+    if "__tuple__" in obj:
+        items = obj["__tuple__"]
+        if len(obj) != 1 or not isinstance(items, list):
+            raise _TreeError("its tree has a malformed tuple")
+        return tuple(_decode(v, tensors, depth + 1) for v in items)
+    if "__dict__" in obj:
+        pairs = obj["__dict__"]
+        if len(obj) != 1 or not isinstance(pairs, list) or not all(_is_pair(p) for p in pairs):
+            raise _TreeError("its tree has a malformed dict")
+        decoded = {}
+        for key, value in pairs:
+            key = _decode(key, tensors, depth + 1)
+            if isinstance(key, (list, dict, torch.Tensor)):
+                raise _TreeError(f"its tree has a dict key of type {type(key).__name__}")
+            decoded[key] = _decode(value, tensors, depth + 1)
+        return decoded
+    return {k: _decode(v, tensors, depth + 1) for k, v in obj.items()}
+
+
+def _is_pair(item: Any) -> bool:
+    return isinstance(item, list) and len(item) == 2
+
+
+def checkpoint_digest(tree_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of a checkpoint's JSON tree and its tensors: for each tensor in sorted name order,
+    its name, dtype, shape and raw bytes. Stored as ``innerloop.sha256`` and checked on load."""
+    digest = hashlib.sha256(tree_json.encode("utf-8"))
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"\0{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``checkpoint`` (a tree of tensors and plain values) to ``path`` atomically."""
+    """Write ``checkpoint`` (a tree of tensors and plain values) to ``path`` atomically, with its
+    checksum."""
     tensors: dict[str, torch.Tensor] = {}
     tree = json.dumps(_encode(checkpoint, tensors, ""))
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "innerloop.tree": tree}
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        _TREE_KEY: tree,
+        _DIGEST_KEY: checkpoint_digest(tree, tensors),
+    }
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`; raise :class:`CheckpointError` otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
-    device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != FORMAT or "innerloop.tree" not in metadata:
-                raise CheckpointError(
-                    f"{str(path)!r} is a safetensors file but not an innerloop checkpoint (its metadata has "
-                    f"no format={FORMAT!r}); innerloop checkpoints are written by `innerloop train`"
-                )
-            if metadata.get("format_version") != FORMAT_VERSION:
-                raise CheckpointError(
-                    f"{str(path)!r} has checkpoint format version {metadata.get('format_version')!r}; "
-                    f"this innerloop reads version {FORMAT_VERSION!r}"
-                )
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-        return _decode(json.loads(metadata["innerloop.tree"]), tensors)
-    except CheckpointError:
-        raise
-    except (SafetensorError, OSError, ValueError, KeyError) as err:
+# -- loading ---------------------------------------------------------------------------------------------
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _check_header(name: str, metadata: dict[str, str]) -> None:
+    """Raise :class:`CheckpointError` unless the metadata is of an innerloop checkpoint this version
+    reads; warn for a version 1 checkpoint (no checksum)."""
+    if metadata.get("format") != FORMAT or _TREE_KEY not in metadata:
         raise CheckpointError(
-            f"{str(path)!r} is not a readable innerloop checkpoint (expected a safetensors file written by "
-            f"`innerloop train`; it may be truncated or of another format): {err}"
+            f"{name} is a safetensors file but not an innerloop checkpoint (its metadata has no "
+            f"format={FORMAT!r}); innerloop checkpoints are written by `innerloop train`"
+        )
+    if len(metadata[_TREE_KEY]) > MAX_TREE_CHARS:
+        raise CheckpointError(
+            f"{name} has a metadata tree of {len(metadata[_TREE_KEY])} characters, more than the "
+            f"{MAX_TREE_CHARS} an innerloop checkpoint can have"
+        )
+    version = metadata.get("format_version")
+    if version == UNVERIFIED_VERSION:
+        warnings.warn(
+            f"{name} is a format-version-1 checkpoint, which has no checksum: it is read without an "
+            "integrity check (saving it again, e.g. by resuming the run, adds one)",
+            UnverifiedCheckpointWarning,
+            stacklevel=3,
+        )
+        return
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, str) and version.isdigit() and int(version) > int(FORMAT_VERSION)
+        raise CheckpointError(
+            f"{name} has checkpoint format version {version!r}; this innerloop reads versions "
+            f"{UNVERIFIED_VERSION!r} and {FORMAT_VERSION!r}"
+            + ("; it was written by a newer innerloop: upgrade innerloop to read it" if newer else "")
+        )
+    if _DIGEST_KEY not in metadata:
+        raise CheckpointError(
+            f"{name} has format version {FORMAT_VERSION!r} but no checksum ({_DIGEST_KEY}): its "
+            "metadata was altered after it was written"
+        )
+
+
+def _read_file(path: Path, name: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and tensors (on the CPU) of a safetensors checkpoint file."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            _check_header(name, metadata)
+            return metadata, {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"{name} is not a readable innerloop checkpoint (expected a safetensors file written by "
+            f"`innerloop train`; it may be truncated or of another format): {_one_line(err)}"
         ) from None
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`, verifying its checksum; raise
+    :class:`CheckpointError` (one line naming the file and the problem) for any other file."""
+    path = Path(path)
+    name = repr(str(path))
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {name} is a directory; give the checkpoint file in it "
+            f"(e.g. {str(path / ('last' + CHECKPOINT_SUFFIX))!r})"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {name} does not exist or is not a file")
+    metadata, tensors = _read_file(path, name)
+    tree_json = metadata[_TREE_KEY]
+    if _DIGEST_KEY in metadata and checkpoint_digest(tree_json, tensors) != metadata[_DIGEST_KEY]:
+        raise CheckpointError(
+            f"{name} is corrupt: its checksum ({_DIGEST_KEY}) does not match its contents (the file was "
+            "damaged or altered after it was written); use another checkpoint or train again"
+        )
+    try:
+        tree = _decode(json.loads(tree_json), tensors)
+    except (RecursionError, ValueError) as err:  # json.JSONDecodeError and _TreeError are ValueErrors
+        reason = (
+            f"its tree nests too deeply ({type(err).__name__})" if isinstance(err, RecursionError) else err
+        )
+        raise CheckpointError(f"{name} has a malformed metadata tree: {_one_line(reason)}") from None
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{name} has a metadata tree that is a {type(tree).__name__}, not a dict")
+    device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
+    if torch.device(device).type != "cpu":
+        tree = _move_tensors(tree, device)
+    return tree
+
+
+def _move_tensors(obj: Any, device: str | torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_move_tensors(v, device) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _move_tensors(v, device) for k, v in obj.items()}
+    return obj
+
+
+# -- weights against the model they are loaded into ------------------------------------------------------
+
+
+def _shown(keys: list[str], limit: int = 3) -> str:
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"{keys[:limit]}{more}"
+
+
+def check_state_dict(
+    expected: Mapping[str, torch.Tensor], given: Any, path: str | os.PathLike[str], model: str = "the model"
+) -> None:
+    """Raise one :class:`CheckpointError` line unless the checkpoint's ``given`` state dict has exactly
+    the keys of ``expected`` (e.g. ``module.state_dict()``), each with the same shape and dtype.
+
+    ``model`` describes what the weights are loaded into, for the message. (``load_state_dict`` would
+    raise a many-line error for missing keys and silently cast another dtype.)
+    """
+    name = repr(str(path))
+    if not isinstance(given, dict) or not all(isinstance(v, torch.Tensor) for v in given.values()):
+        raise CheckpointError(f"{name} has a state_dict that is not a mapping of names to tensors")
+    problems = []
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    if missing:
+        problems.append(f"{len(missing)} missing weight(s) {_shown(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected weight(s) {_shown(unexpected)}")
+    shapes = [
+        f"{k!r} is {list(given[k].shape)}, expected {list(v.shape)}"
+        for k, v in expected.items()
+        if k in given and given[k].shape != v.shape
+    ]
+    dtypes = [
+        f"{k!r} is {given[k].dtype}, expected {v.dtype}"
+        for k, v in expected.items()
+        if k in given and given[k].dtype != v.dtype
+    ]
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatch(es): " + ", ".join(shapes[:3]))
+    if dtypes:
+        problems.append(f"{len(dtypes)} dtype mismatch(es): " + ", ".join(dtypes[:3]))
+    if problems:
+        raise CheckpointError(
+            f"{name} does not fit {model}: " + "; ".join(problems) + " (was it written by a run with "
+            "another model config?)"
+        )
+
+
+def describe_model(config: Mapping[str, Any]) -> str:
+    """A short description of a model config for messages, e.g. ``mixer='ttt', hidden_size=64, ...``."""
+    keys = ("mixer", "backbone", "hidden_size", "num_layers", "num_heads")
+    config = {**asdict(ModelConfig()), **config}  # hyperparameters may hold only the non-default keys
+    return ", ".join(f"{k}={config.get(k)!r}" for k in keys if k in config)
+
+
+_TRAINING_KEYS = ("pytorch-lightning_version", "state_dict", "hyper_parameters", "loops", "optimizer_states")
+"""Keys Lightning reads when a run resumes from a checkpoint."""
+
+
+def load_training_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """:func:`load_checkpoint`, and check that it is a whole training checkpoint a run can resume
+    from (not e.g. weights alone); raise :class:`CheckpointError` otherwise."""
+    checkpoint = load_checkpoint(path)
+    missing = [key for key in _TRAINING_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(
+            f"{str(path)!r} is not a training checkpoint (it has no {missing}), so a run cannot continue "
+            "from it; give the last.safetensors that `innerloop train` wrote"
+        )
+    return checkpoint
 
 
 class SafetensorsCheckpointIO(CheckpointIO):
@@ -141,22 +361,30 @@ def load_module(path: str | os.PathLike[str]):
     (hyperparameters and weights), in eval mode.
 
     Raises :class:`CheckpointError` if the file is not an innerloop training checkpoint or its weights
-    do not fit the model its hyperparameters describe.
+    do not fit the model its hyperparameters describe (missing or unexpected keys, shapes, dtypes).
     """
     from innerloop.train.module import LanguageModelModule
 
     checkpoint = load_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters")
-    if not isinstance(hparams, dict) or "model" not in hparams or "state_dict" not in checkpoint:
+    if (
+        not isinstance(hparams, dict)
+        or not isinstance(hparams.get("model"), dict)
+        or "state_dict" not in checkpoint
+    ):
         raise CheckpointError(
             f"{str(path)!r} is an innerloop checkpoint without a model (no hyper_parameters['model'] or "
             "state_dict); pass a checkpoint written by `innerloop train`"
         )
     try:
         module = LanguageModelModule(**hparams)
-        module.load_state_dict(checkpoint["state_dict"])
     except (TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{str(path)!r} holds a model this innerloop cannot rebuild: {err}") from None
+        raise CheckpointError(
+            f"{str(path)!r} holds a model this innerloop cannot rebuild: {_one_line(err)}"
+        ) from None
+    description = f"the model its hyperparameters describe ({describe_model(hparams['model'])})"
+    check_state_dict(module.state_dict(), checkpoint["state_dict"], path, description)
+    module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
 
 

@@ -35,6 +35,11 @@ DOCUMENT_SEPARATOR = 0
 """Byte placed between files (text never contains a NUL byte)."""
 
 
+class DataError(ValueError):
+    """Data that cannot be used as configured (no such file, too little text for ``seq_len``, nothing
+    held out for validation); the message names the setting and what to change."""
+
+
 def stdlib_files() -> list[Path]:
     """The ``.py`` files of this Python's standard library, sorted (the default text corpus)."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -44,7 +49,7 @@ def stdlib_files() -> list[Path]:
 def resolve_files(patterns: Sequence[str]) -> list[Path]:
     """Expand files, directories (all files below) and globs (``**`` allowed) into a sorted file list.
 
-    An entry that matches no file raises ``ValueError`` naming it.
+    An entry that matches no file raises :class:`DataError` naming it.
     """
     files: set[Path] = set()
     for pattern in patterns:
@@ -56,7 +61,7 @@ def resolve_files(patterns: Sequence[str]) -> list[Path]:
         else:
             matched = [Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p)]
         if not matched:
-            raise ValueError(
+            raise DataError(
                 f"data.paths entry {pattern!r} matches no file (give files, directories or globs)"
             )
         files.update(p.resolve() for p in matched)
@@ -84,6 +89,55 @@ def read_bytes(files: Sequence[Path]) -> torch.Tensor:
         chunks.append(p.read_bytes())
         chunks.append(bytes([DOCUMENT_SEPARATOR]))
     return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+
+
+def split_text_files(files: Sequence[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
+    """The training and validation files of two or more files: :func:`split_by_file`, or, when that
+    leaves either side empty (too few files for the fraction), the last file held out."""
+    train, val = split_by_file(files, val_fraction)
+    if not val or not train:
+        train, val = list(files[:-1]), list(files[-1:])
+    return train, val
+
+
+def _single_file_cut(length: int, val_fraction: float) -> int:
+    """Where a single file's bytes are split: its last ``val_fraction`` is held out."""
+    return int(length * (1 - val_fraction))
+
+
+def text_split_lengths(files: Sequence[Path], val_fraction: float) -> tuple[int, int]:
+    """Bytes of the training and validation text :class:`TextDataModule` makes of ``files``, from the
+    files' sizes (nothing is read), separators included."""
+    if len(files) == 1:
+        length = files[0].stat().st_size + 1
+        cut = _single_file_cut(length, val_fraction)
+        return cut, length - cut
+    train, val = split_text_files(files, val_fraction)
+    return sum(p.stat().st_size + 1 for p in train), sum(p.stat().st_size + 1 for p in val)
+
+
+def check_text_lengths(
+    train_len: int, val_len: int, num_files: int, seq_len: int, val_fraction: float
+) -> None:
+    """Raise :class:`DataError` unless both the training and the validation text hold a window of
+    ``seq_len + 1`` bytes; the message says which setting to change."""
+    need = seq_len + 1
+    if num_files == 1 and val_fraction == 0:
+        raise DataError(
+            "data.val_fraction=0 holds out no validation text: with a single file its last val_fraction "
+            "of bytes is held out; set data.val_fraction > 0 (e.g. 0.1) or give more files in data.paths"
+        )
+    if train_len < need:
+        raise DataError(
+            f"the training text has {train_len} bytes, fewer than data.seq_len + 1 = {need}; give more "
+            "text (data.paths) or a shorter data.seq_len"
+        )
+    if val_len < need:
+        held_out = f"the last {val_fraction} of the file" if num_files == 1 else "the held-out files"
+        raise DataError(
+            f"the validation text ({held_out}) has {val_len} bytes, fewer than data.seq_len + 1 = {need}; "
+            "give more text, a larger data.val_fraction or a shorter data.seq_len"
+        )
 
 
 def _generator(seed: int, index: int) -> torch.Generator:
@@ -191,19 +245,14 @@ class TextDataModule(_IndexedDataModule):
         files = resolve_files(self.paths) if self.paths else stdlib_files()
         if len(files) == 1:
             data = read_bytes(files)
-            cut = int(len(data) * (1 - self.val_fraction))
+            cut = _single_file_cut(len(data), self.val_fraction)
             self.train_bytes, self.val_bytes = data[:cut], data[cut:]
         else:
-            train, val = split_by_file(files, self.val_fraction)
-            if not val or not train:  # too few files for the fraction: hold out the last file
-                train, val = files[:-1], files[-1:]
+            train, val = split_text_files(files, self.val_fraction)
             self.train_bytes, self.val_bytes = read_bytes(train), read_bytes(val)
-        for name, data in (("training", self.train_bytes), ("validation", self.val_bytes)):
-            if len(data) < self.seq_len + 1:
-                raise ValueError(
-                    f"the {name} text has {len(data)} bytes, fewer than seq_len + 1 = {self.seq_len + 1}; "
-                    "give more text or a shorter data.seq_len"
-                )
+        check_text_lengths(
+            len(self.train_bytes), len(self.val_bytes), len(files), self.seq_len, self.val_fraction
+        )
 
     def make_train_batch(self, index: int) -> Batch:
         assert self.train_bytes is not None, "call setup() first"
@@ -224,7 +273,10 @@ class TextDataModule(_IndexedDataModule):
 def spread_windows(data: torch.Tensor, seq_len: int, count: int) -> Batch:
     """Up to ``count`` windows of ``data`` spread evenly over it: ``(inputs [N, T], targets [N, T])``."""
     if len(data) < seq_len + 1:
-        raise ValueError(f"the text has {len(data)} bytes, fewer than seq_len + 1 = {seq_len + 1}")
+        raise DataError(
+            f"the text has {len(data)} bytes, fewer than seq_len + 1 = {seq_len + 1}; give more text or a "
+            "shorter seq_len"
+        )
     starts = torch.linspace(0, len(data) - seq_len - 1, count).long().unique()
     windows = torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()]).long()
     return windows[:, :-1], windows[:, 1:]

@@ -122,6 +122,18 @@ class LanguageModelModule(L.LightningModule):
             else:
                 self._inner_loss_before_after = inner_loss_before_after
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, with one :class:`~innerloop.train.checkpoint.CheckpointError` line, a checkpoint whose
+        weights do not fit this model (e.g. an attention run's resumed into a TTT run), before Lightning
+        loads them."""
+        from innerloop.train.checkpoint import check_state_dict, describe_model
+
+        path = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+        theirs = (checkpoint.get("hyper_parameters") or {}).get("model")
+        written_for = f"; it was written for ({describe_model(theirs)})" if isinstance(theirs, dict) else ""
+        model = f"this run's model ({describe_model(self.hparams.model)}){written_for}"
+        check_state_dict(self.state_dict(), checkpoint.get("state_dict"), path, model)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``input_ids [B, T]`` → ``logits [B, T, V]``."""
         return self.model(input_ids)[0]

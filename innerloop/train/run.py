@@ -9,6 +9,8 @@
 - ``logs/version_<n>/metrics.csv``: what was logged, one folder per launch (Lightning's CSVLogger);
 - ``loss_by_position.csv`` and ``loss_by_position.png``: the final validation loss by position.
 
+``evaluate`` (``innerloop eval``) writes its own ``eval_*.csv/.png`` beside them and never replaces these.
+
 ``train(run, resume=True)`` continues from ``last.safetensors`` to the same result as a run that was
 never interrupted (batches are a function of the step, see :mod:`innerloop.train.data`); ``optim.*``
 and ``trainer.*`` may differ from the saved config and apply from the step reached, ``model.*``,
@@ -24,8 +26,10 @@ Multi-process training is Lightning's: ``trainer.strategy=ddp`` (or ``ddp_spawn`
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,8 +58,8 @@ from innerloop.train.checkpoint import (
     CHECKPOINT_SUFFIX,
     CheckpointError,
     SafetensorsCheckpointIO,
-    load_checkpoint,
     load_module,
+    load_training_checkpoint,
 )
 from innerloop.train.data import (
     IGNORE_INDEX,
@@ -63,6 +67,7 @@ from innerloop.train.data import (
     RecallDataModule,
     TextDataModule,
     evaluation_examples,
+    resolve_files,
 )
 from innerloop.train.metrics import position_buckets
 from innerloop.train.module import LanguageModelModule, TrainingDivergedError
@@ -325,7 +330,7 @@ def _check_resume(run: RunConfig, module: LanguageModelModule, ckpt: Path) -> No
             f"--resume: there is no checkpoint {str(ckpt)!r} (a run killed before its first checkpoint "
             "leaves none); start the run again with --overwrite"
         )
-    checkpoint = load_checkpoint(ckpt)
+    checkpoint = load_training_checkpoint(ckpt)
     saved_config = ckpt.parent / "config.yaml"
     if saved_config.is_file():
         saved, _ = load_config(str(saved_config))
@@ -383,7 +388,7 @@ def _last_checkpoint_note(ckpt: Path, run: RunConfig) -> str:
     if not ckpt.is_file():
         return "no checkpoint was written"
     try:
-        step = load_checkpoint(ckpt)["global_step"]
+        step = load_training_checkpoint(ckpt)["global_step"]
     except (CheckpointError, KeyError):
         return f"the checkpoint {str(ckpt)!r} could not be read back"
     return (
@@ -402,8 +407,15 @@ def evaluate(
     progress_bar: bool = True,
 ) -> tuple[dict[str, Any], Path | None, Path | None]:
     """Perplexity and loss by position of a checkpoint on text (``paths``, or the default corpus's
-    validation split). ``seq_len`` defaults to the training one. Writes ``loss_by_position.csv`` and
-    ``.png`` into ``out_dir`` when given. Returns ``(metrics, csv, png)``."""
+    validation split). ``seq_len`` defaults to the training one. Returns ``(metrics, csv, png)``.
+
+    When ``out_dir`` is given, writes ``eval_<data>_T<seq_len>_n<windows>.csv`` and ``.png`` there (see
+    :func:`evaluation_stem`): named after what was evaluated, so evaluations with other data or
+    settings do not replace each other, and never the training run's own ``loss_by_position.*``.
+    """
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("batches", batches)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
     module = load_module(checkpoint)
     if seq_len is None:
         seq_len = _training_seq_len(Path(checkpoint))
@@ -419,12 +431,29 @@ def evaluate(
         return metrics, None, None
     buckets = position_buckets(seq_len, module.hparams.num_position_buckets)
     losses = [metrics[f"val_loss_pos/{b}"] for b in range(len(buckets))]
-    out = Path(out_dir)
-    csv_path = write_loss_by_position_csv(out / "loss_by_position.csv", buckets, losses)
-    png = plot_loss_by_position(
-        out / "loss_by_position.png", buckets, losses, title=f"{Path(checkpoint).name}: loss by position"
-    )
+    stem = evaluation_stem(paths, seq_len, len(inputs))
+    csv_path = write_loss_by_position_csv(Path(out_dir) / f"{stem}.csv", buckets, losses)
+    title = f"{Path(checkpoint).name} on {_data_tag(paths)}, T={seq_len}: loss by position"
+    png = plot_loss_by_position(Path(out_dir) / f"{stem}.png", buckets, losses, title=title)
     return metrics, csv_path, png
+
+
+def evaluation_stem(paths: Sequence[str], seq_len: int, windows: int) -> str:
+    """File name (without suffix) of an evaluation's outputs: ``eval_<data>_T<seq_len>_n<windows>``.
+
+    ``<data>`` is ``default-val`` for the default corpus's validation split, else the first file's
+    name and a short hash of all the files evaluated (so other files of the same name differ).
+    """
+    return f"eval_{_data_tag(paths)}_T{seq_len}_n{windows}"
+
+
+def _data_tag(paths: Sequence[str]) -> str:
+    if not paths:
+        return "default-val"
+    files = resolve_files(paths)
+    digest = hashlib.sha256("\0".join(str(f) for f in files).encode()).hexdigest()[:8]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", files[0].stem).strip("-.")[:40] or "data"
+    return f"{name}{f'+{len(files) - 1}' if len(files) > 1 else ''}-{digest}"
 
 
 def _training_seq_len(checkpoint: Path) -> int:

@@ -9,7 +9,7 @@ from innerloop.config import ConfigError, load_config, save_config
 
 
 def test_overrides_are_typed_and_merged(tmp_path) -> None:
-    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "a.txt").write_text("hello world\n" * 200)  # holds a window of seq_len=128 for validation
     paths = f"data.paths=[{tmp_path}/*.txt]"
     run, _ = load_config("tiny", ["trainer.max_steps=7", "model.ttt.inner_model=mlp", paths])
     assert run.trainer.max_steps == 7 and run.model.ttt.inner_model == "mlp"

@@ -68,8 +68,9 @@ def test_train_writes_a_checkpoint_config_and_plot_that_reload(tmp_path, capsys)
         == 0
     )
     assert "perplexity:" in capsys.readouterr().out
-    assert len(read_loss_by_position_csv(tmp_path / "loss_by_position.csv")[1]) == 4
-    assert (tmp_path / "loss_by_position.png").stat().st_size > 1000
+    stem = "eval_default-val_T32_n2"  # eval names its files after the data, the length and the windows
+    assert len(read_loss_by_position_csv(tmp_path / f"{stem}.csv")[1]) == 4
+    assert (tmp_path / f"{stem}.png").stat().st_size > 1000
     assert main(["generate", str(out / "last.safetensors"), "--prompt", "def f", "--tokens", "25"]) == 0
     assert capsys.readouterr().out.startswith("def f")
 

@@ -1,0 +1,255 @@
+"""Every user error of the CLI is one line on stderr, ``innerloop <command>: error: ...`` naming the
+key and what is valid, with exit status 2 and no traceback; `innerloop eval` never replaces a run's
+outputs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from innerloop.cli import main
+from innerloop.config.load import numeric_fields
+from innerloop.config.schema import FIELD_BOUNDS
+from innerloop.train import LanguageModelModule, save_checkpoint
+from innerloop.train.plots import read_loss_by_position_csv
+
+SMALL = {"hidden_size": 16, "num_heads": 2, "num_layers": 2, "intermediate_size": 32}
+TEXT = "def f(x):\n    return x + 1\n" * 40  # 1120 bytes
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run folder as training leaves it: checkpoint, config and the loss-by-position outputs."""
+    folder = tmp_path_factory.mktemp("run")
+    module = LanguageModelModule(model=SMALL, num_position_buckets=4)
+    tree = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    save_checkpoint(tree, folder / "last.safetensors")
+    (folder / "config.yaml").write_text("data:\n  seq_len: 32\n")
+    (folder / "loss_by_position.csv").write_text("start,end,loss\n0,32,1.000000\n")
+    (folder / "loss_by_position.png").write_bytes(b"\x89PNG training plot")
+    (folder / "code.py").write_text(TEXT)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("files")
+    (folder / "short.txt").write_text("tiny")
+    (folder / "one.txt").write_text(TEXT)
+    (folder / "a_file").write_text("not a folder")
+    (folder / "binary.yaml").write_bytes(b"\xff\xfe\x00")
+    return {
+        "short": folder / "short.txt",
+        "one": folder / "one.txt",
+        "a_file": folder / "a_file",
+        "dir": folder,
+    }
+
+
+def _fill(arguments: list[str], files: dict[str, Path]) -> list[str]:
+    """The arguments with ``{short}``, ``{one}``, ``{a_file}`` and ``{dir}`` replaced by real paths."""
+    filled = []
+    for argument in arguments:
+        for name, path in files.items():
+            argument = argument.replace(f"{{{name}}}", str(path))
+        filled.append(argument)
+    return filled
+
+
+def _one_error_line(capsys, command: str) -> str:
+    captured = capsys.readouterr()
+    err = captured.err
+    assert "Traceback" not in err and "Traceback" not in captured.out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"innerloop {command}: error: "), err
+    return lines[0]
+
+
+TRAIN_ERRORS = [
+    # (overrides, what the line must name: the key and what is valid)
+    (["out_dir={a_file}"], ["out_dir=", "is not a directory"]),
+    (["out_dir={a_file}/run"], ["out_dir=", "its parent", "is a file"]),
+    (["optim.lr=nan"], ["optim.lr=nan", "finite number > 0"]),
+    (["optim.lr=inf"], ["optim.lr=inf", "finite number > 0"]),
+    (["optim.lr=-1e-3"], ["optim.lr=-0.001", "> 0"]),
+    (["optim.beta1=2"], ["optim.beta1=2.0", "in [0, 1)"]),
+    (["optim.beta2=1"], ["optim.beta2=1.0", "in [0, 1)"]),
+    (["optim.weight_decay=-0.1"], ["optim.weight_decay=-0.1", ">= 0"]),
+    (["data.paths=[{short}]"], ["the training text has 4 bytes", "data.seq_len + 1 = 129"]),
+    (["data.paths=[{one}]", "data.val_fraction=0"], ["data.val_fraction=0", "data.val_fraction > 0"]),
+    (["data.paths=[{one}]", "data.val_fraction=0.01"], ["validation text", "data.val_fraction"]),
+    (["data.paths=[{dir}/nothing*.txt]"], ["data.paths entry", "matches no file"]),
+    (["data.name=recall", "data.recall.num_pairs=0"], ["data.recall.num_pairs=0", "in [1, 64]"]),
+    (["data.name=recall", "data.recall.gap=-1"], ["data.recall.gap=-1", ">= 0"]),
+    (["trainer.accelerator=tpu"], ["trainer.accelerator='tpu'", "available here: ['auto', 'cpu'"]),
+    (["trainer.accelerator=gpuu"], ["trainer.accelerator='gpuu'", "valid: ['auto', 'cpu', 'cuda'"]),
+    (["trainer.strategy=fsdp"], ["trainer.strategy='fsdp'", "Lightning cannot run this combination", "GPU"]),
+    (["trainer.strategy=single_xla"], ["trainer.strategy='single_xla' is not valid", "'ddp_spawn'"]),
+    (["model.vocab_size=100"], ["model.vocab_size=100", "must be >= 256"]),
+    (["data.name=recall", "model.vocab_size=100"], ["model.vocab_size=100", "must be >= 192"]),
+    (["model.ttt=5"], ["'model.ttt'", "is a section", "'mini_batch_size'"]),
+    (["data=3"], ["'data'", "is a section", "'seq_len'"]),
+    (["trainer.max_steps=-1"], ["trainer.max_steps=-1", ">= 1"]),
+    (["data.batch_size=0"], ["data.batch_size=0", ">= 1"]),
+    (["data.seq_len=0"], ["data.seq_len=0", ">= 1"]),
+    (["trainer.devices=0"], ["trainer.devices=0", ">= 1"]),
+    (["model.norm_eps=0"], ["model.norm_eps=0.0", "> 0"]),
+    (["model.ttt.mini_batch_size=0"], ["model.ttt.mini_batch_size=0", ">= 1"]),
+    (["model.e2e.suffix_fraction=0"], ["model.e2e.suffix_fraction=0.0", "in (0, 1]"]),
+    (["seed=-1"], ["seed=-1", "in [0, 4294967295]"]),
+    (["model.dropout=0.1"], ["unknown config key 'model.dropout'", "valid keys here"]),
+    (["optimizer.lr=1"], ["unknown config key 'optimizer'", "valid keys here"]),
+    (["optim.lr=fast"], ["'optim.lr'", "'fast'", "expected float"]),
+    (["model.hidden_size=16.7"], ["'model.hidden_size'", "expected int"]),
+    (["trainer.max_steps=[1"], ["trainer.max_steps=[1", "cannot be parsed"]),
+    (["--config", "huge"], ["--config 'huge'", "presets: ["]),
+    (["optim.lr=${nope}"], ["config key 'optim.lr'", "Interpolation key 'nope' not found"]),
+    (["--config", "{dir}/binary.yaml"], ["binary.yaml' cannot be read as UTF-8 YAML"]),
+]
+
+
+@pytest.mark.parametrize(("arguments", "expected"), TRAIN_ERRORS, ids=lambda a: " ".join(a)[:60])
+def test_a_bad_train_config_is_one_line_and_exit_2(capsys, files, arguments, expected) -> None:
+    assert main(["train", *_fill(arguments, files)]) == 2
+    line = _one_error_line(capsys, "train")
+    for part in expected:
+        assert part in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_without_a_gpu_is_one_line(capsys) -> None:
+    assert main(["train", "trainer.accelerator=cuda"]) == 2
+    assert "trainer.accelerator='cuda' is not available on this machine; available here: ['auto', 'cpu'" in (
+        _one_error_line(capsys, "train")
+    )
+
+
+def test_an_unwritable_out_dir_is_one_line(capsys, tmp_path, monkeypatch) -> None:
+    # (a permission test with chmod cannot fail for root, so the permission answer is what is faked)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
+    assert main(["train", f"out_dir={tmp_path}/run"]) == 2
+    line = _one_error_line(capsys, "train")
+    assert f"out_dir='{tmp_path}/run' cannot be written: '{tmp_path}' is not writable" in line
+
+
+EVAL_ERRORS = [
+    (["--seq-len", "0"], ["argument --seq-len", "must be an integer >= 1, got '0'"]),
+    (["--seq-len", "abc"], ["argument --seq-len", "got 'abc'"]),
+    (["--batches", "-1"], ["argument --batches", ">= 1, got '-1'"]),
+    (["--batch-size", "0"], ["argument --batch-size", ">= 1, got '0'"]),
+    (["--data", "{dir}/missing.txt"], ["--data '", "missing.txt' matches no file"]),
+    (["--data", "{short}", "--seq-len", "16"], ["the text has 5 bytes", "seq_len + 1 = 17"]),
+    (["--out", "{a_file}"], ["--out=", "is not a directory"]),
+    (["--bogus"], ["unrecognized arguments: --bogus"]),
+]
+
+
+@pytest.mark.parametrize(("arguments", "expected"), EVAL_ERRORS, ids=lambda a: " ".join(a)[:60])
+def test_bad_eval_arguments_are_one_line_and_exit_2(capsys, run_dir, files, arguments, expected) -> None:
+    assert main(["eval", str(run_dir / "last.safetensors"), *_fill(arguments, files)]) == 2
+    line = _one_error_line(capsys, "eval")
+    for part in expected:
+        assert part in line
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "problem"),
+    [
+        ("{dir}", "is a directory; give the checkpoint file in it"),
+        ("{a_file}", "is not a readable innerloop checkpoint"),
+        ("{dir}/none.safetensors", "does not exist"),
+    ],
+)
+def test_a_bad_checkpoint_is_one_line_for_eval_and_generate(capsys, files, checkpoint, problem) -> None:
+    (path,) = _fill([checkpoint], files)
+    for command in ("eval", "generate"):
+        assert main([command, path]) == 2
+        line = _one_error_line(capsys, command)
+        assert repr(path) in line and problem in line
+
+
+GENERATE_ERRORS = [
+    (["--temperature", "-1"], ["argument --temperature", "must be a finite number >= 0, got '-1'"]),
+    (["--temperature", "nan"], ["argument --temperature", "got 'nan'"]),
+    (["--temperature", "inf"], ["argument --temperature", "got 'inf'"]),
+    (["--top-k", "0"], ["argument --top-k", "must be an integer >= 1, got '0'"]),
+    (["--top-k", "-3"], ["argument --top-k", "got '-3'"]),
+    (["--tokens", "-1"], ["argument --tokens", ">= 0, got '-1'"]),
+    (["--seed", "-1"], ["argument --seed", ">= 0, got '-1'"]),
+    (["--prompt", ""], ["--prompt must not be empty"]),
+]
+
+
+@pytest.mark.parametrize(("arguments", "expected"), GENERATE_ERRORS, ids=lambda a: " ".join(a)[:60])
+def test_bad_generate_arguments_are_one_line_and_exit_2(capsys, run_dir, arguments, expected) -> None:
+    assert main(["generate", str(run_dir / "last.safetensors"), *arguments]) == 2
+    line = _one_error_line(capsys, "generate")
+    for part in expected:
+        assert part in line
+
+
+def test_a_prompt_that_is_not_utf8_is_read_as_bytes(capsys, run_dir) -> None:
+    """The model is byte-level: a prompt of any bytes is generated from (shown with U+FFFD)."""
+    prompt = os.fsdecode(b"ab\xff\xfe")  # how Python hands such command-line bytes to the program
+    assert main(["generate", str(run_dir / "last.safetensors"), "--prompt", prompt, "--tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("ab\ufffd\ufffd")
+
+
+def test_every_numeric_config_field_has_a_range() -> None:
+    assert sorted(numeric_fields()) == sorted(FIELD_BOUNDS)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_eval_writes_its_own_files_and_never_replaces_the_runs(capsys, run_dir) -> None:
+    training = {p: _sha256(p) for p in run_dir.iterdir() if p.is_file()}
+    checkpoint = str(run_dir / "last.safetensors")
+    code = str(run_dir / "code.py")
+    common = ["--batches", "1", "--batch-size", "2"]
+    assert main(["eval", checkpoint, "--data", code, "--seq-len", "16", *common]) == 0
+    assert main(["eval", checkpoint, "--data", code, "--seq-len", "32", *common]) == 0
+    assert (
+        main(["eval", checkpoint, "--data", code, "--seq-len", "32", "--batches", "2", "--batch-size", "2"])
+        == 0
+    )
+    capsys.readouterr()
+    assert {p: _sha256(p) for p in training} == training  # the run's own files, byte for byte
+    written = sorted(p.name for p in run_dir.iterdir() if p not in training)
+    assert len(written) == 6 and all(name.startswith("eval_code-") for name in written)
+    csvs = sorted(run_dir.glob("eval_*_T16_n2.csv")) + sorted(run_dir.glob("eval_*_T32_n*.csv"))
+    assert len(csvs) == 3
+    assert read_loss_by_position_csv(csvs[0])[0] == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    assert read_loss_by_position_csv(csvs[1])[0][-1] == (24, 32)
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch and Lightning (a few seconds each)
+def test_the_console_entry_point_reports_user_errors_in_one_line(run_dir) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    bad = subprocess.run(
+        [sys.executable, "-m", "innerloop.cli", "train", "optim.lr=nan"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        "innerloop train: error: optim.lr=nan must be a finite number > 0"
+    ]
+    prompt = b"x\xffy"  # not UTF-8: passed to the program as bytes
+    ok = subprocess.run(
+        [sys.executable.encode(), b"-m", b"innerloop.cli", b"generate", str(run_dir / "last.safetensors").encode(),
+         b"--prompt", prompt, b"--tokens", b"2"],
+        capture_output=True, env=env,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr.decode(errors="replace")
+    assert ok.stdout.startswith("x\ufffdy".encode())

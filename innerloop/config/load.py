@@ -140,7 +140,7 @@ def validate_run_config(run: RunConfig) -> None:
             run.trainer.accelerator,
             ["auto", *sorted(AcceleratorRegistry.available_accelerators())],
         ),
-        "trainer.precision": (run.trainer.precision, list(typing.get_args(_PRECISION_INPUT_STR))),
+        "trainer.precision": (run.trainer.precision, ["auto", *typing.get_args(_PRECISION_INPUT_STR)]),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:

@@ -100,6 +100,20 @@ def build_module(run: RunConfig) -> LanguageModelModule:
     )
 
 
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``trainer.precision``, with ``auto`` made concrete: ``bf16-mixed`` on a CUDA accelerator (named,
+    or ``auto`` with a GPU present), ``32-true`` elsewhere (bf16 autocast is slow on most CPUs).
+    Says what it chose in one printed line."""
+    if precision != "auto":
+        return precision
+    on_cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
+    chosen = "bf16-mixed" if on_cuda else "32-true"
+    print(
+        f"trainer.precision=auto: {chosen} ({'a CUDA GPU' if on_cuda else 'no CUDA GPU'} for accelerator={accelerator})"
+    )
+    return chosen
+
+
 def build_trainer(run: RunConfig, callbacks: Sequence[Callback] = ()) -> L.Trainer:
     """A Lightning Trainer that checkpoints to ``run.out_dir/last.safetensors`` in safetensors."""
     t = run.trainer
@@ -115,7 +129,7 @@ def build_trainer(run: RunConfig, callbacks: Sequence[Callback] = ()) -> L.Train
         accelerator=t.accelerator,
         devices=t.devices,
         strategy=t.strategy,
-        precision=t.precision,
+        precision=resolve_precision(t.precision, t.accelerator),
         max_steps=t.max_steps,
         max_epochs=-1,  # the training stream is endless; max_steps ends the run
         val_check_interval=t.val_every,

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -203,6 +205,61 @@ def test_autocast_continues_a_state_and_a_share_qk_conv_history():
     y.float().sum().backward()
     assert all(t.dtype == torch.float32 for t in state.tensors().values())
     assert torch.isfinite(x.grad).all()
+
+
+# A language model and a run small enough for a few seconds on a CPU (as in tests/train/test_train.py).
+TINY_RUN = [
+    "model.hidden_size=32",
+    "model.num_heads=2",
+    "model.intermediate_size=64",
+    "model.num_layers=2",
+    "model.ttt.mini_batch_size=8",
+    "data.seq_len=32",
+    "data.batch_size=4",
+    "data.val_batches=1",
+    "trainer.val_every=4",
+    "trainer.checkpoint_every=2",
+    "trainer.progress_bar=false",
+    "trainer.num_position_buckets=4",
+    "trainer.max_steps=3",
+]
+
+
+@pytest.mark.slow  # a whole (tiny) Lightning run per model: about 8 s
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_bf16_mixed_training_on_cpu_is_finite_and_moves_the_weights(model, tmp_path):
+    import lightning as L
+
+    from innerloop.config import load_config
+    from innerloop.train import build_module, load_model, train
+
+    overrides = ["trainer.precision=bf16-mixed", f"model.ttt.inner_model={model}", f"out_dir={tmp_path}"]
+    run, cfg = load_config("tiny", [*TINY_RUN, *overrides])
+    L.seed_everything(run.seed, verbose=False)
+    initial = {k: v.clone() for k, v in build_module(run).model.state_dict().items()}
+    result = train(run, cfg)  # seeds the same way, so it starts from `initial`
+    assert math.isfinite(result.metrics["val_loss"])
+    trained = load_model(result.checkpoint).state_dict()
+    ttt_weights = [k for k in trained if ".initial_params." in k or "learnable_ttt_lr" in k]
+    assert ttt_weights
+    for name, value in trained.items():
+        assert torch.isfinite(value).all(), name
+    for name in [*ttt_weights, "embed.weight"]:
+        assert not torch.equal(trained[name], initial[name]), f"{name} did not move in 3 steps"
+
+
+def test_preset_precision_auto_is_32_true_on_a_cpu(capsys):
+    from innerloop.config import load_config
+    from innerloop.train.run import resolve_precision
+
+    run, _ = load_config("ttt-linear-125m")
+    assert run.trainer.precision == "auto"
+    assert resolve_precision("auto", "cpu") == "32-true"
+    assert (
+        capsys.readouterr().out.strip() == "trainer.precision=auto: 32-true (no CUDA GPU for accelerator=cpu)"
+    )
+    assert resolve_precision("auto", "cuda") == "bf16-mixed"
+    assert resolve_precision("16-mixed", "cpu") == "16-mixed"  # an explicit choice is kept
 
 
 # --------------------------------------------------------------------------------------------------

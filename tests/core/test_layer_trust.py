@@ -98,6 +98,10 @@ def test_an_impostor_runs_on_the_torch_path_and_says_why(options, grad):
     assert "reuses the name of the registered" in auto.dispatches[0][1]
     assert torch.equal(y, y_ref)
     assert all(torch.equal(state.params[k], state_ref.params[k]) for k in state.params)
+    with torch.set_grad_enabled(grad):  # decoding one token: no kernel's decode either
+        y, _ = auto(x[:, :1], state)
+        y_ref, _ = reference(x[:, :1], state_ref)
+    assert [path for path, _ in auto.dispatches] == ["torch"] and torch.equal(y, y_ref)
 
 
 def test_an_update_rule_subclass_reusing_the_name_gets_no_kernel():

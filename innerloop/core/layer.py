@@ -165,7 +165,10 @@ class TTTLayer(nn.Module):
             ``None`` reads every call at once.
 
     Call ``y, state = layer(x, state=None)`` with ``x [B, T, D]``; ``state`` continues a sequence
-    from any split point (see :class:`innerloop.core.state.TTTState`).
+    from any split point (see :class:`innerloop.core.state.TTTState`). ``x`` and the state are in
+    the weights' dtype, except under ``torch.autocast``: then the projections run in the autocast
+    dtype and the inner scan (state, inner LayerNorm statistics, gradient sums) in the weights' dtype.
+    Every argument is checked at construction or call, with an error naming it and what is valid.
     """
 
     def __init__(

@@ -38,6 +38,8 @@ def test_triton_under_autocast_scans_in_float32_and_matches_float32(model, dtype
     assert relative_error(*flat) < GRADIENT_ULPS * u
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("scale", [1e10, 1e15, 1e30])
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
 @pytest.mark.parametrize("model", ["linear", "mlp"])

@@ -294,7 +294,14 @@ inline void row_moments(int64_t width, const T* row, T eps, T* mean_out, T* rstd
   int bits = 0;
   for (int64_t w = width; w > 0; w >>= 1) ++bits;
   const T limit = std::ldexp(T(1), (std::numeric_limits<T>::max_exponent - 4 - bits) / 2);
-  const T scale = top > limit ? limit / top : T(1);
+  if (!(top > limit)) {  // ordinary rows (and NaN ones), the common case: no scaling at all
+    const T mean = sum_over<T>(width, [&](int64_t i) { return row[i]; }) / T(width);
+    const T sq = sum_over<T>(width, [&](int64_t i) { return (row[i] - mean) * (row[i] - mean); });
+    *mean_out = mean;
+    *rstd_out = T(1) / std::sqrt(sq / T(width) + eps);
+    return;
+  }
+  const T scale = limit / top;
   const T mean = sum_over<T>(width, [&](int64_t i) { return row[i] * scale; }) / T(width);
   const T sq = sum_over<T>(width, [&](int64_t i) { return (row[i] * scale - mean) * (row[i] * scale - mean); });
   *mean_out = mean / scale;

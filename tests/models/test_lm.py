@@ -11,7 +11,7 @@ from innerloop.models import MODEL_SIZES, CausalLM, ModelConfig, TTTConfig
 MIXERS_AND_BACKBONES = [(m, b) for m in ("ttt", "attention", "swa") for b in ("transformer", "mamba")]
 
 # The paper's model shapes, written here as the independent source the package is checked against:
-# hidden / layers / heads from the paper's table (REFERENCE.md "Paper model sizes"), MLP width from the
+# hidden / layers / heads from the paper's table (Sun et al. 2024, arXiv 2407.04620), MLP width from the
 # reference code's TTT_STANDARD_CONFIGS (ttt-lm-pytorch).
 PAPER_SIZES = {
     "125m": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 2048},

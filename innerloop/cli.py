@@ -1,7 +1,8 @@
 """The ``innerloop`` command: train, eval, generate, plugins.
 
 ``innerloop train`` with no arguments is the main job: a tiny TTT-Linear LM on the Python standard
-library's source, a few minutes on a laptop CPU. ``innerloop <command> --help`` explains each command.
+library's source, about a minute on 2 idle CPU cores (measured in benchmarks/RESULTS.md, "The main
+job"; longer on a loaded machine). ``innerloop <command> --help`` explains each command.
 """
 
 from __future__ import annotations
@@ -11,18 +12,22 @@ import codecs
 import math
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 
 from innerloop.config.load import DEFAULT_PRESET, ConfigError
 
 _TRAIN_EPILOG = """\
+with no arguments: the preset `tiny`, about a minute on 2 idle CPU cores (benchmarks/RESULTS.md).
 overrides are dotted keys of the config, e.g.:
   innerloop train trainer.max_steps=100 model.ttt.inner_model=mlp model.ttt.base_lr=0.1
   innerloop train --config tiny-swa model.window=16
   innerloop train --config recall-ttt trainer.devices=2 trainer.strategy=ddp_spawn
-outputs go to out_dir (default runs/<preset>): last.safetensors, config.yaml, metrics.csv,
-loss_by_position.csv and loss_by_position.png. An out_dir holds one run: --resume continues it
-(optim.* and trainer.* may change, e.g. trainer.max_steps=2000 to extend it), --overwrite replaces it.
+outputs go to out_dir (runs/<preset> for a packaged preset; runs/tiny for a YAML file that sets none):
+  last.safetensors, config.yaml, loss_by_position.csv and loss_by_position.png, and
+  logs/version_<n>/metrics.csv (what was logged, one version_<n> folder per launch).
+An out_dir holds one run: --resume continues it (optim.* and trainer.* may change, e.g.
+trainer.max_steps=2000 to extend it), --overwrite replaces it.
 """
 
 
@@ -73,24 +78,57 @@ def _number(kind: type, low: float, low_open: bool = False) -> Callable[[str], f
 _POSITIVE_INT = _number(int, 1)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written (their line breaks kept); each option's help states its
+    default itself, as ``(default: %(default)s)`` or in words (tests/test_cli_help.py checks it)."""
+
+
+def _plugin_kinds_in_words() -> str:
+    """Every plugin kind, from the one table of kinds: ``inner models, inner losses, ...``."""
+    from innerloop.registry.kinds import KINDS
+
+    # A kind's hook is named after what it registers, in the plural: register_inner_losses.
+    return ", ".join(kind.hook.removeprefix("register_").replace("_", " ") for kind in KINDS)
+
+
 def _parser() -> argparse.ArgumentParser:
     from innerloop.config.load import preset_names
 
-    parser = _ArgumentParser(prog="innerloop", description="Test-time-training sequence layers.")
+    parser = _ArgumentParser(
+        prog="innerloop", description="Test-time-training sequence layers.", formatter_class=_HelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_installed_version()}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", help="what to do; `innerloop COMMAND --help` explains it"
+    )
+    _add_train(commands, preset_names())
+    _add_eval(commands)
+    _add_generate(commands)
+    plugins_help = f"list the registered plugins of every kind ({_plugin_kinds_in_words()})"
+    commands.add_parser(
+        "plugins",
+        help=plugins_help,
+        description=textwrap.fill(
+            f"{plugins_help}: kind, name and origin of each, then each plugin that failed to load and why."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    return parser
 
+
+def _add_train(commands: argparse._SubParsersAction, presets: Sequence[str]) -> None:
     train = commands.add_parser(
         "train",
         help="train a language model from a preset or YAML config",
+        description="Train a language model from a packaged preset or a YAML config, with overrides.",
         epilog=_TRAIN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     train.add_argument(
         "--config",
         default=DEFAULT_PRESET,
         metavar="PRESET_OR_FILE",
-        help=f"a packaged preset ({', '.join(preset_names())}) or a YAML file (default: {DEFAULT_PRESET})",
+        help=f"a packaged preset ({', '.join(presets)}) or a YAML file (default: %(default)s)",
     )
     train.add_argument(
         "--resume",
@@ -99,44 +137,89 @@ def _parser() -> argparse.ArgumentParser:
         "optim.* and trainer.* overrides apply from the step reached, e.g. trainer.max_steps to extend it)",
     )
     train.add_argument(
-        "--overwrite", action="store_true", help="replace the run in out_dir (its checkpoint and config)"
+        "--overwrite",
+        action="store_true",
+        help="replace the run in out_dir (its checkpoint and config); without it an existing run is refused",
     )
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    train.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, dotted keys such as trainer.max_steps=100 (default: none, the config as it is)",
+    )
 
-    evaluate = commands.add_parser("eval", help="perplexity and loss by position of a checkpoint (CSV + PNG)")
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser(
+        "eval",
+        help="perplexity and loss by position of a checkpoint (CSV + PNG)",
+        description="Perplexity and loss by position of a checkpoint, on held-out text or your own files.",
+        formatter_class=_HelpFormatter,
+    )
     evaluate.add_argument("checkpoint", help="a last.safetensors written by `innerloop train`")
     evaluate.add_argument(
-        "--data", nargs="*", default=[], metavar="PATH", help="files, directories or globs (default: the held-out "
-        "part of the standard-library corpus)",
-    )  # fmt: skip
-    evaluate.add_argument(
-        "--seq-len", type=_POSITIVE_INT, default=None, help="tokens per window (default: the training one)"
+        "--data",
+        nargs="*",
+        default=[],
+        metavar="PATH",
+        help="files, directories or globs to evaluate on (default: the held-out part of the "
+        "standard-library corpus)",
     )
-    evaluate.add_argument("--batch-size", type=_POSITIVE_INT, default=16)
-    evaluate.add_argument("--batches", type=_POSITIVE_INT, default=8, help="number of batches to evaluate")
+    evaluate.add_argument(
+        "--seq-len",
+        type=_POSITIVE_INT,
+        default=None,
+        help="tokens per window (default: the seq_len the checkpoint was trained with)",
+    )
+    evaluate.add_argument(
+        "--batch-size", type=_POSITIVE_INT, default=16, help="windows per batch (default: %(default)s)"
+    )
+    evaluate.add_argument(
+        "--batches",
+        type=_POSITIVE_INT,
+        default=8,
+        help="number of batches to evaluate (default: %(default)s)",
+    )
     evaluate.add_argument(
         "--out",
         default=None,
-        help="folder for eval_<data>_T<seq_len>_n<windows>.csv and .png (default: the checkpoint's); "
+        help="folder for eval_<data>_T<seq_len>_n<windows>.csv and .png (default: the checkpoint's folder); "
         "the training run's own loss_by_position files are never replaced",
     )
 
-    generate = commands.add_parser("generate", help="sample text through the recurrent state")
+
+def _add_generate(commands: argparse._SubParsersAction) -> None:
+    generate = commands.add_parser(
+        "generate",
+        help="sample text through the recurrent state",
+        description="Sample text from a checkpoint, one byte at a time through the recurrent state.",
+        formatter_class=_HelpFormatter,
+    )
     generate.add_argument("checkpoint", help="a last.safetensors written by `innerloop train`")
     generate.add_argument(
-        "--prompt", default="def ", help="text to start from, as bytes (any bytes; default: 'def ')"
+        "--prompt", default="def ", help="text to start from, any bytes (default: %(default)r)"
     )
     generate.add_argument(
-        "--tokens", type=_number(int, 0), default=200, help="bytes to generate (default 200)"
+        "--tokens", type=_number(int, 0), default=200, help="bytes to generate (default: %(default)s)"
     )
     generate.add_argument(
-        "--temperature", type=_number(float, 0), default=0.8, help="0 is greedy (default 0.8)"
+        "--temperature",
+        type=_number(float, 0),
+        default=0.8,
+        help="sampling temperature; 0 is greedy (default: %(default)s)",
     )
-    generate.add_argument("--top-k", type=_POSITIVE_INT, default=None, help="sample among the k most likely")
-    generate.add_argument("--seed", type=_number(int, 0), default=0)
-
-    commands.add_parser("plugins", help="list the registered inner models, inner losses and update rules")
-    return parser
+    generate.add_argument(
+        "--top-k",
+        type=_POSITIVE_INT,
+        default=None,
+        help="sample among the k most likely bytes (default: no limit, sample among all)",
+    )
+    generate.add_argument(
+        "--seed",
+        type=_number(int, 0),
+        default=0,
+        help="seed of the sampling generator (default: %(default)s)",
+    )
 
 
 def _quiet_lightning() -> None:

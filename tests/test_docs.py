@@ -177,9 +177,22 @@ def check_pip_install(argv: list[str]) -> None:
             )
 
 
+# pytest options whose value is the next argument (not a path)
+PYTEST_OPTIONS_WITH_VALUE = frozenset("-m -k -p -n -o -c -W --durations --maxfail --rootdir".split())
+
+
 def check_pytest(environment: dict[str, str], argv: list[str]) -> None:
-    for argument in argv[3:]:
-        if not argument.startswith("-"):
+    arguments = iter(argv[3:])
+    for argument in arguments:
+        if argument == "-m":  # a marker expression: every marker in it is registered
+            expression = next(arguments)
+            block = re.search(r"^markers = \[(.*?)^\]", (REPO / "pyproject.toml").read_text(), re.M | re.S)
+            markers = set(re.findall(r'^\s*"(\w+):', block.group(1), re.M))  # tomllib needs Python 3.11
+            used = set(re.findall(r"\w+", expression)) - {"and", "or", "not"}
+            assert used <= markers, f"-m {expression!r}: markers {sorted(used - markers)} are not registered"
+        elif argument in PYTEST_OPTIONS_WITH_VALUE:
+            next(arguments)
+        elif not argument.startswith("-"):
             assert (REPO / argument.split("::")[0]).exists(), f"pytest path {argument} does not exist"
     if "HYPOTHESIS_PROFILE" in environment:
         from hypothesis import settings

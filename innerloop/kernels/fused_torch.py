@@ -12,7 +12,9 @@ fewer operations inside the sequential scan:
 - the output correction ``eta * (XQ XK^T + 1) @ G`` and the weight update ``(tau lr XK)^T @ G``
   share their right factor, so one matmul per layer and mini-batch computes both;
 - the gradient through the inner LayerNorm uses aten's fused ``native_layer_norm`` and
-  ``native_layer_norm_backward`` (both differentiable, twice);
+  ``native_layer_norm_backward``, so the path is differentiable once only: that backward is not
+  twice differentiable, so ``verify`` refuses a layer built with ``needs_double_backward=True`` and a
+  ``create_graph=True`` backward through it raises :data:`DOUBLE_BACKWARD_MESSAGE`;
 - the output LayerNorm and residual run once over all tokens after the scan.
 
 The derivation is in ``kernels/README.md``.

@@ -9,6 +9,7 @@ from innerloop.models.attention import CausalSelfAttention, KVCache
 from innerloop.models.blocks import Block, BlockState, CausalDepthwiseConv, SwiGLU, build_mixer
 from innerloop.models.config import (
     BACKBONES,
+    MIXER_TABLE,
     MIXERS,
     MODEL_SIZES,
     E2EConfig,
@@ -22,6 +23,7 @@ from innerloop.models.lm import CausalLM, LMState
 
 __all__ = [
     "BACKBONES",
+    "MIXER_TABLE",
     "MIXERS",
     "MODEL_SIZES",
     "Block",

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from innerloop.models.attention import CausalSelfAttention
-from innerloop.models.config import ModelConfig
+from innerloop.models.config import MIXER_TABLE, ModelConfig
 
 
 class SwiGLU(nn.Module):
@@ -62,31 +61,12 @@ class CausalDepthwiseConv(nn.Module):
 
 
 def build_mixer(config: ModelConfig) -> nn.Module:
-    """The sequence mixer named by ``config.mixer``; every mixer is called as ``y, state = m(x, state)``."""
-    if config.mixer == "attention":
-        return CausalSelfAttention(config.hidden_size, config.num_heads, None, config.rope_theta)
-    if config.mixer == "swa":
-        return CausalSelfAttention(config.hidden_size, config.num_heads, config.window, config.rope_theta)
-    if config.mixer == "ttt":
-        from innerloop import TTTLayer
-
-        mamba = config.backbone == "mamba"
-        return TTTLayer(
-            config.hidden_size,
-            config.num_heads,
-            inner_model=config.ttt.inner_model,
-            inner_loss=config.ttt.inner_loss,
-            update_rule=config.ttt.update_rule,
-            mini_batch_size=config.ttt.mini_batch_size,
-            base_lr=config.ttt.base_lr,
-            use_gate=mamba,
-            share_qk=mamba,
-            conv_kernel=config.ttt.conv_kernel,
-            rope_theta=config.rope_theta,
-        )
-    raise ValueError(
-        f"model.mixer={config.mixer!r} is not a mixer; valid mixers: ['ttt', 'attention', 'swa']"
-    )
+    """The sequence mixer named by ``config.mixer`` (an entry of :data:`~innerloop.models.config.MIXER_TABLE`);
+    every mixer is called as ``y, state = m(x, state)``."""
+    mixer = MIXER_TABLE.get(config.mixer)
+    if mixer is None:
+        raise ValueError(f"model.mixer={config.mixer!r} is not a mixer; valid mixers: {list(MIXER_TABLE)}")
+    return mixer.build(config)
 
 
 @dataclass(frozen=True)

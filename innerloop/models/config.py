@@ -9,11 +9,14 @@ against the registry by :func:`validate_model_config`, before anything is built.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, get_type_hints
 
-MIXERS: tuple[str, ...] = ("ttt", "attention", "swa")
-"""Sequence mixers a block can use: a TTT layer, full causal attention, sliding-window attention."""
+from torch import nn
+
+from innerloop.core.layer import TTTLayer
+from innerloop.models.attention import CausalSelfAttention
 
 E2E: str = "e2e"
 """``model.mixer`` of the TTT-E2E model: not a block's mixer but a model of its own (sliding-window
@@ -90,7 +93,7 @@ class ModelConfig:
     """Shape and parts of a :class:`~innerloop.models.CausalLM`.
 
     Args:
-        mixer: the sequence mixer of every block, one of :data:`MIXERS`, or :data:`E2E` for the
+        mixer: the sequence mixer of every block, a name of :data:`MIXER_TABLE`, or :data:`E2E` for the
             TTT-E2E model.
         backbone: ``transformer`` or ``mamba`` (see :data:`BACKBONES`).
         vocab_size: size of the token vocabulary (256 for byte-level text).
@@ -149,6 +152,59 @@ class ModelConfig:
         return cls.from_dict({**MODEL_SIZES[size], **overrides})
 
 
+# --------------------------------------------------------------------------------------------------
+# The sequence mixers: the one place a mixer is declared
+# --------------------------------------------------------------------------------------------------
+
+
+def _build_attention(config: ModelConfig) -> nn.Module:
+    return CausalSelfAttention(config.hidden_size, config.num_heads, None, config.rope_theta)
+
+
+def _build_sliding_window_attention(config: ModelConfig) -> nn.Module:
+    return CausalSelfAttention(config.hidden_size, config.num_heads, config.window, config.rope_theta)
+
+
+def _build_ttt(config: ModelConfig) -> nn.Module:
+    mamba = config.backbone == "mamba"  # the backbone decides share_qk and the output gate
+    return TTTLayer(
+        config.hidden_size,
+        config.num_heads,
+        inner_model=config.ttt.inner_model,
+        inner_loss=config.ttt.inner_loss,
+        update_rule=config.ttt.update_rule,
+        mini_batch_size=config.ttt.mini_batch_size,
+        base_lr=config.ttt.base_lr,
+        use_gate=mamba,
+        share_qk=mamba,
+        conv_kernel=config.ttt.conv_kernel,
+        rope_theta=config.rope_theta,
+    )
+
+
+@dataclass(frozen=True)
+class Mixer:
+    """A sequence mixer a block can use: what it is, and how a block builds it from the model's config.
+
+    ``build(config)`` returns a module called as ``y, state = mixer(x [B, T, D], state)``.
+    """
+
+    description: str
+    build: Callable[[ModelConfig], nn.Module]
+
+
+MIXER_TABLE: dict[str, Mixer] = {
+    "ttt": Mixer("a TTT layer (options in model.ttt)", _build_ttt),
+    "attention": Mixer("full causal self-attention", _build_attention),
+    "swa": Mixer("sliding-window causal self-attention (model.window)", _build_sliding_window_attention),
+}
+"""Every mixer, by its ``model.mixer`` name: ``validate_model_config`` and the block builder
+(:func:`innerloop.models.blocks.build_mixer`) both read it, so adding a mixer is one entry here."""
+
+MIXERS: tuple[str, ...] = tuple(MIXER_TABLE)
+"""The names of the sequence mixers a block can use (see :data:`MIXER_TABLE`)."""
+
+
 def _check_keys(where: str, data: dict[str, Any], schema: type) -> None:
     valid = [f.name for f in fields(schema)]
     unknown = sorted(set(data) - set(valid))
@@ -192,9 +248,9 @@ def validate_model_config(config: ModelConfig) -> None:
     not minutes into a run.
     """
     _check_types("model", config, ModelConfig)
-    if config.mixer not in (*MIXERS, E2E):
+    if config.mixer not in MIXER_TABLE and config.mixer != E2E:
         raise ValueError(
-            f"model.mixer={config.mixer!r} is not a mixer; valid mixers: {list(MIXERS)}, "
+            f"model.mixer={config.mixer!r} is not a mixer; valid mixers: {list(MIXER_TABLE)}, "
             f"or {E2E!r} for the TTT-E2E model"
         )
     if config.backbone not in BACKBONES:

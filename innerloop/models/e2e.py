@@ -1,6 +1,6 @@
 """TTT-E2E: a sliding-window Transformer whose last blocks' "prime" MLPs keep learning at test time.
 
-The network (REFERENCE.md section 3, ``docs/e2e.md``) is a Transformer with sliding-window attention,
+The network (``docs/e2e.md``) is a Transformer with sliding-window attention,
 QK-norm, RMSNorm before *and* after every sub-layer, SwiGLU MLPs, RoPE and a tied LM head. The last
 quarter of the blocks (the *suffix*) have an extra SwiGLU MLP, the prime MLP, before the regular one::
 

@@ -1,4 +1,5 @@
-"""Sampling from a :class:`~innerloop.models.CausalLM` through its recurrent state.
+"""Sampling from a language model (:class:`~innerloop.models.CausalLM` or
+:class:`~innerloop.models.E2ELM`) through its recurrent state.
 
 The prompt is read in one call; then each new token is fed alone (``T = 1``) with the state of the
 previous step. Nothing else is kept: with TTT or sliding-window mixers the memory per token is
@@ -9,10 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
-from innerloop.models.lm import CausalLM, LMState
+if TYPE_CHECKING:  # annotations only: generate calls the model, whatever its class
+    from innerloop.models.e2e import E2ELM, E2EState
+    from innerloop.models.lm import CausalLM, LMState
 
 
 def sample_next(
@@ -31,13 +35,13 @@ def sample_next(
 
 @torch.no_grad()
 def generate(
-    model: CausalLM,
+    model: CausalLM | E2ELM,
     prompt_ids: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
-) -> Iterator[tuple[torch.Tensor, LMState]]:
+) -> Iterator[tuple[torch.Tensor, LMState | E2EState]]:
     """Yield ``(tokens [B], state)`` for each of ``max_new_tokens`` sampled tokens.
 
     Args:

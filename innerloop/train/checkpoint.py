@@ -39,7 +39,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from innerloop.models import CausalLM, ModelConfig
+from innerloop.models import E2ELM, CausalLM, ModelConfig
 from innerloop.train.atomic import atomic_write
 
 FORMAT = "innerloop-checkpoint"
@@ -388,6 +388,7 @@ def load_module(path: str | os.PathLike[str]):
     return module.eval()
 
 
-def load_model(path: str | os.PathLike[str]) -> CausalLM:
-    """The :class:`CausalLM` stored in a training checkpoint, in eval mode (see :func:`load_module`)."""
+def load_model(path: str | os.PathLike[str]) -> CausalLM | E2ELM:
+    """The language model stored in a training checkpoint, in eval mode (see :func:`load_module`): an
+    :class:`~innerloop.models.E2ELM` for a ``mixer: e2e`` config, else a :class:`~innerloop.models.CausalLM`."""
     return load_module(path).model

@@ -1,4 +1,5 @@
-"""The outer loop: a LightningModule that trains a :class:`~innerloop.models.CausalLM`.
+"""The outer loop: a LightningModule that trains a language model (a :class:`~innerloop.models.CausalLM`,
+or an :class:`~innerloop.models.E2ELM` for ``mixer: e2e``).
 
 AdamW with decoupled weight decay (0.1 by default, on matrices only), linear warm-up then cosine decay
 to ``min_lr``, gradient clipping through the Trainer (``gradient_clip_val``). Validation logs

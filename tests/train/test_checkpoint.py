@@ -99,3 +99,24 @@ def test_a_missing_file_and_a_checkpoint_without_a_model_are_clear_errors(tmp_pa
     path = save_checkpoint({"global_step": 3}, tmp_path / "c.safetensors")
     with pytest.raises(CheckpointError, match="without a model"):
         load_model(path)
+
+
+@pytest.mark.parametrize("mixer", ["ttt", "e2e"])
+def test_load_model_returns_the_model_class_of_the_checkpoint(tmp_path, mixer) -> None:
+    """``load_model`` gives back what ``build_model`` built: an E2ELM for ``mixer: e2e``, else a CausalLM."""
+    from innerloop.models import E2ELM, CausalLM, ModelConfig
+    from innerloop.train.module import LanguageModelModule
+
+    config = ModelConfig(
+        mixer=mixer, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, window=4
+    )
+    module = LanguageModelModule(config)
+    path = save_checkpoint(
+        {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()},
+        tmp_path / "m.safetensors",
+    )
+    model = load_model(path)
+    assert type(model) is (E2ELM if mixer == "e2e" else CausalLM)
+    assert not model.training
+    for name, tensor in module.model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name

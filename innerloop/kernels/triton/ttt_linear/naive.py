@@ -1,8 +1,8 @@
 """Pure-torch reference of the TTT-Linear chunk computation (dual form) and of one-token decode.
 
-Written to follow REFERENCE.md section 2 (and ``compute_mini_batch`` of ttt-lm-pytorch) line by line;
-it is the ground truth the Triton kernels are tested against, and it is differentiable, so autograd
-through it gives the reference gradients.
+Written to follow the math in this folder's README.md (the dual form of ``innerloop/kernels/README.md``)
+and ``compute_mini_batch`` of ttt-lm-pytorch line by line; it is the ground truth the Triton kernels
+are tested against, and it is differentiable, so autograd through it gives the reference gradients.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Pure-torch reference of the TTT-MLP chunk computation (dual form) and of one-token decode.
 
-Follows REFERENCE.md section 2 (and ``compute_mini_batch`` of ttt-lm-pytorch's TTTMLP): the dual
-form applied layer by layer, tanh-GELU between the layers, and the reference's polynomial for the
-GELU derivative in the inner gradient. Differentiable; the ground truth for the Triton kernels.
+Follows the math in this folder's README.md (the dual form of ``innerloop/kernels/README.md``) and
+``compute_mini_batch`` of ttt-lm-pytorch's TTTMLP: the dual form applied layer by layer, tanh-GELU
+between the layers, and the reference's polynomial for the GELU derivative in the inner gradient. Differentiable; the ground truth for the Triton kernels.
 """
 
 from __future__ import annotations

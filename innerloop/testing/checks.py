@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from innerloop.core.functional import relative_error
+from innerloop.core.layer import TTTLayer
 from innerloop.core.protocol import InnerLoss, InnerModel, InnerTask, LossPairs, UpdateRule, Views
 from innerloop.core.state import StateSignature, TTTState
 from innerloop.testing.reference import naive_token_loop
@@ -121,6 +122,25 @@ def run_layer_in_chunks(
         y, state = layer(x[:, start:end], state)
         outputs.append(y)
     return torch.cat(outputs, dim=1), state
+
+
+def twin_layers(
+    config: dict, seed: int, kernel: str, dtype: torch.dtype = torch.float64
+) -> tuple[TTTLayer, TTTLayer]:
+    """Two ``TTTLayer(**config)`` with the same (randomly perturbed) weights: the pure-torch reference
+    and one forced onto ``kernel`` (``"auto"`` or a kernel's name), both in ``dtype``.
+
+    The weights are moved away from their initial values so that no parameter sits at a value (a zero
+    bias, a unit LayerNorm weight) where a wrong formula would still give the right number.
+    """
+    torch.manual_seed(seed)
+    reference = TTTLayer(**config, kernel="torch").to(dtype)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    fast = TTTLayer(**config, kernel=kernel).to(dtype)
+    fast.load_state_dict(reference.state_dict())
+    return reference, fast
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tolerance: float) -> None:

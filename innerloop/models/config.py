@@ -9,6 +9,7 @@ against the registry by :func:`validate_model_config`, before anything is built.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, get_type_hints
 
@@ -130,15 +131,11 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a nested dict; unknown keys raise ``ValueError`` listing the valid ones."""
         data = dict(data)
-        ttt = data.pop("ttt", {})
-        e2e = data.pop("e2e", {})
-        if isinstance(ttt, TTTConfig):
-            ttt = asdict(ttt)
-        if isinstance(e2e, E2EConfig):
-            e2e = asdict(e2e)
-        _check_keys("model", data, cls)
-        _check_keys("model.ttt", ttt, TTTConfig)
-        _check_keys("model.e2e", e2e, E2EConfig)
+        for name in ("ttt", "e2e"):
+            section = data.get(name, {})
+            data[name] = asdict(section) if is_dataclass(section) else section  # type: ignore[arg-type]
+        check_keys(data, cls, "model.", "the model config")
+        ttt, e2e = data.pop("ttt"), data.pop("e2e")
         return cls(**data, ttt=TTTConfig(**ttt), e2e=E2EConfig(**e2e))
 
     @classmethod
@@ -149,11 +146,31 @@ class ModelConfig:
         return cls.from_dict({**MODEL_SIZES[size], **overrides})
 
 
-def _check_keys(where: str, data: dict[str, Any], schema: type) -> None:
-    valid = [f.name for f in fields(schema)]
-    unknown = sorted(set(data) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {valid}")
+def check_keys(
+    given: Mapping[str, Any], schema: type, prefix: str, source: str, error: type[ValueError] = ValueError
+) -> None:
+    """Raise ``error`` for any key of the mapping ``given`` that the dataclass ``schema`` does not have,
+    and for a section of the schema given as something other than a mapping (e.g. ``model.ttt=5``).
+
+    ``prefix`` is the dotted path of ``given`` (``"model."``), ``source`` where it came from (a file,
+    an override); nested sections are checked against their own dataclasses.
+    """
+    valid = {f.name: f for f in fields(schema)}
+    hints = get_type_hints(schema)
+    for key in given:
+        full = f"{prefix}{key}"
+        if key not in valid:
+            raise error(f"unknown config key {full!r} in {source}; valid keys here: {sorted(valid)}")
+        section = hints[key]
+        if not is_dataclass(section):
+            continue
+        if not isinstance(given[key], Mapping):
+            raise error(
+                f"config key {full!r} in {source} is a section, not a value: give a mapping of its keys "
+                f"{sorted(f.name for f in fields(section))} (e.g. {full}.{fields(section)[0].name}=...), "
+                f"got {given[key]!r}"
+            )
+        check_keys(given[key], section, f"{full}.", source, error)
 
 
 def _type_error(value: Any, expected: type) -> str | None:

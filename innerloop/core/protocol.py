@@ -14,7 +14,7 @@ head dim ``f``. Inner-model parameters carry leading batch dimensions, e.g. ``W1
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -116,13 +116,20 @@ class StackModel(InnerModel):
         """The layers, first to last."""
 
     def forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        for layer in self.stack:
-            x = x @ params[layer.weight]
-            if layer.bias is not None:
-                x = x + params[layer.bias]
-            if layer.activation is not None:
-                x = layer.activation.fn(x)
-        return x
+        return apply_stack(self.stack, params, x)
+
+
+def apply_stack(
+    stack: Sequence[AffineLayer], params: Mapping[str, torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    """``x [*batch, N, f]`` through the layers of ``stack`` in order, weights from ``params``."""
+    for layer in stack:
+        x = x @ params[layer.weight]
+        if layer.bias is not None:
+            x = x + params[layer.bias]
+        if layer.activation is not None:
+            x = layer.activation.fn(x)
+    return x
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,5 +293,6 @@ __all__ = [
     "Params",
     "StackModel",
     "UpdateRule",
+    "apply_stack",
     "Views",
 ]

@@ -26,7 +26,15 @@ import torch
 
 from innerloop.core.functional import relative_error
 from innerloop.core.layer import TTTLayer
-from innerloop.core.protocol import InnerLoss, InnerModel, InnerTask, LossPairs, UpdateRule, Views
+from innerloop.core.protocol import (
+    InnerLoss,
+    InnerModel,
+    InnerTask,
+    LossPairs,
+    UpdateRule,
+    Views,
+    apply_stack,
+)
 from innerloop.core.state import StateSignature, TTTState
 from innerloop.testing.reference import naive_token_loop
 
@@ -149,6 +157,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tolera
         raise AssertionError(f"{what}: relative error {error:.3e} > {tolerance:.1e}")
 
 
+def assert_finite_where_expected_is(
+    actual: torch.Tensor, expected: torch.Tensor, what: str, tolerance: float
+) -> None:
+    """``actual`` is finite wherever ``expected`` is, and within ``tolerance`` (relative error) of it
+    there: a fast path at least as stable as its reference on inputs that overflow."""
+    finite = torch.isfinite(expected)
+    if not torch.isfinite(actual[finite]).all():
+        raise AssertionError(f"{what}: not finite where the reference is")
+    if finite.any():
+        error = relative_error(actual[finite], expected[finite])
+        if not error <= tolerance:
+            raise AssertionError(f"{what}: relative error {error:.3e} > {tolerance:.1e} where finite")
+
+
 def assert_states_close(actual: TTTState, expected: TTTState, what: str, tolerance: float) -> None:
     if actual.position != expected.position:
         raise AssertionError(f"{what}: position {actual.position} != {expected.position}")
@@ -259,14 +281,9 @@ def check_pairs_chunk_invariant(
 
 
 def run_stack(model: InnerModel, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """The model's declared ``stack`` applied to ``x [*batch, N, f]`` layer by layer."""
-    for layer in model.stack or ():
-        x = x @ params[layer.weight]
-        if layer.bias is not None:
-            x = x + params[layer.bias]
-        if layer.activation is not None:
-            x = layer.activation.fn(x)
-    return x
+    """The model's declared ``stack`` applied to ``x [*batch, N, f]`` layer by layer (not its
+    ``forward``, which a model may write itself: :func:`check_stack_matches_forward` compares them)."""
+    return apply_stack(model.stack or (), params, x)
 
 
 def check_stack_matches_forward(

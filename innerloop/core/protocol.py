@@ -233,9 +233,26 @@ class InnerTask:
 
     def wrap_output(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Residual and per-head LayerNorm around ``z = g(x)`` (``[B, H, N, f]``)."""
-        if self.use_norm:
-            z = layer_norm(z, self.norm_weight[:, None, :], self.norm_bias[:, None, :], self.norm_eps)
-        return x + z if self.residual else z
+        if self.norm_weight is None or self.norm_bias is None:
+            return residual_and_norm(x, z, None, None, self.norm_eps, self.residual)
+        weight, bias = self.norm_weight[:, None, :], self.norm_bias[:, None, :]  # [H, 1, f]
+        return residual_and_norm(x, z, weight, bias, self.norm_eps, self.residual)
+
+
+def residual_and_norm(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    norm_eps: float,
+    residual: bool,
+) -> torch.Tensor:
+    """``x + LN(z)`` (or without the residual, or the LayerNorm when ``norm_weight`` is None): the
+    inner model's prediction around ``z = g(x)``. ``norm_weight``/``norm_bias`` broadcast against
+    ``z`` (``[..., f]``) from the left."""
+    if norm_weight is not None and norm_bias is not None:
+        z = layer_norm(z, norm_weight, norm_bias, norm_eps)
+    return x + z if residual else z
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,5 +311,6 @@ __all__ = [
     "StackModel",
     "UpdateRule",
     "apply_stack",
+    "residual_and_norm",
     "Views",
 ]

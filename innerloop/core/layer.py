@@ -17,6 +17,7 @@ The inner model, inner loss and update rule are plugins resolved by name through
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import nullcontext
 from dataclasses import replace
@@ -133,6 +134,41 @@ def _check_kernel_name(
             )
 
 
+def _resolve_plugins(
+    inner_model: str | InnerModel,
+    inner_loss: str | InnerLoss,
+    update_rule: str | UpdateRule,
+    kernel: str,
+    head_dim: int,
+) -> tuple[InnerModel, InnerLoss, UpdateRule]:
+    """The plugin instances named, checked to work together and with the kernel named (if any)."""
+    model: InnerModel = _resolve("inner_model", inner_model, InnerModel)
+    loss: InnerLoss = _resolve("inner_loss", inner_loss, InnerLoss)
+    rule: UpdateRule = _resolve("update_rule", update_rule, UpdateRule)
+    reason = rule.check_model(model)
+    if reason is not None:
+        raise ValueError(f"update_rule={rule.name!r} cannot run inner_model={model.name!r}: {reason}")
+    _check_kernel_name(kernel, model, loss, rule, head_dim)
+    return model, loss, rule
+
+
+def check_layer_arguments(hidden_size: int, num_heads: int, **options: Any) -> None:
+    """Raise the error ``TTTLayer(hidden_size, num_heads, **options)`` would raise for its arguments
+    (values, plugin names, plugin combinations, kernel name), without building the layer."""
+    bound = inspect.signature(TTTLayer.__init__).bind(None, hidden_size, num_heads, **options)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    del arguments["self"]
+    _check_arguments(arguments)
+    _resolve_plugins(
+        arguments["inner_model"],
+        arguments["inner_loss"],
+        arguments["update_rule"],
+        arguments["kernel"],
+        hidden_size // num_heads,
+    )
+
+
 def _output_is_scratch(module: nn.Module) -> bool:
     """Whether ``module(x)`` is a fresh tensor nobody else holds: a plain ``nn.Linear`` (not a
     subclass or a wrapper, which may return cached or input tensors) with no forward hooks, local or
@@ -233,16 +269,9 @@ class TTTLayer(nn.Module):
         head_dim: int,
     ) -> None:
         """The plugin instances, checked to work together and with the kernel named (if any)."""
-        self.inner_model: InnerModel = _resolve("inner_model", inner_model, InnerModel)
-        self.inner_loss: InnerLoss = _resolve("inner_loss", inner_loss, InnerLoss)
-        self.update_rule: UpdateRule = _resolve("update_rule", update_rule, UpdateRule)
-        reason = self.update_rule.check_model(self.inner_model)
-        if reason is not None:
-            raise ValueError(
-                f"update_rule={self.update_rule.name!r} cannot run inner_model="
-                f"{self.inner_model.name!r}: {reason}"
-            )
-        _check_kernel_name(kernel, self.inner_model, self.inner_loss, self.update_rule, head_dim)
+        self.inner_model, self.inner_loss, self.update_rule = _resolve_plugins(
+            inner_model, inner_loss, update_rule, kernel, head_dim
+        )
         # What the state records about the model and loss: their names, qualified by their class
         # when they are not the registered plugins of those names (see innerloop.core.identity).
         self._state_labels = (

@@ -209,6 +209,18 @@ def validate_model_config(config: ModelConfig) -> None:
     not minutes into a run.
     """
     _check_types("model", config, ModelConfig)
+    _check_choices(config)
+    _check_shapes(config)
+    if config.mixer == E2E:
+        from innerloop.models.e2e import validate_e2e_config
+
+        validate_e2e_config(config)
+    if config.mixer == "ttt":
+        _check_ttt(config.ttt)
+
+
+def _check_choices(config: ModelConfig) -> None:
+    """``model.mixer`` and ``model.backbone`` are ones that exist."""
     if config.mixer not in (*MIXERS, E2E):
         raise ValueError(
             f"model.mixer={config.mixer!r} is not a mixer; valid mixers: {list(MIXERS)}, "
@@ -218,6 +230,10 @@ def validate_model_config(config: ModelConfig) -> None:
         raise ValueError(
             f"model.backbone={config.backbone!r} is not a backbone; valid backbones: {list(BACKBONES)}"
         )
+
+
+def _check_shapes(config: ModelConfig) -> None:
+    """Positive sizes, and heads of an even width (RoPE rotates pairs of channels)."""
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "window"):
         value = getattr(config, name)
         if value < 1:
@@ -231,37 +247,36 @@ def validate_model_config(config: ModelConfig) -> None:
             f"model.hidden_size / model.num_heads = {config.hidden_size // config.num_heads} must be even "
             "(RoPE rotates pairs of channels)"
         )
-    if config.mixer == E2E:
-        from innerloop.models.e2e import validate_e2e_config
 
-        validate_e2e_config(config)
-    if config.mixer == "ttt":
-        from innerloop.registry import available, get_registry
 
-        for kind in ("inner_model", "inner_loss", "update_rule"):
-            name = getattr(config.ttt, kind)
-            choices = available(kind)
-            if name not in choices:
-                hint = get_registry().broken_hint(kind, name)  # a broken plugin that provides it, if any
-                raise ValueError(
-                    f"model.ttt.{kind}={name!r} is not a registered {kind}; registered: {choices} "
-                    f"(`innerloop plugins` lists them with their sources). {hint}".rstrip()
-                )
-        if config.ttt.mini_batch_size < 1:
-            raise ValueError(f"model.ttt.mini_batch_size={config.ttt.mini_batch_size} must be >= 1")
-        # Some combinations cannot run together (e.g. the dual form needs a stack inner model): let
-        # the layer say so now, on a layer too small to cost anything.
-        from innerloop import TTTLayer
+def _check_ttt(ttt: TTTConfig) -> None:
+    """The TTT layer's plugins are registered and can run together, and its options are valid."""
+    from innerloop.registry import available, get_registry
 
-        try:
-            TTTLayer(
-                4,
-                1,
-                inner_model=config.ttt.inner_model,
-                inner_loss=config.ttt.inner_loss,
-                update_rule=config.ttt.update_rule,
-                mini_batch_size=config.ttt.mini_batch_size,
-                conv_kernel=config.ttt.conv_kernel,
+    for kind in ("inner_model", "inner_loss", "update_rule"):
+        name = getattr(ttt, kind)
+        choices = available(kind)
+        if name not in choices:
+            hint = get_registry().broken_hint(kind, name)  # a broken plugin that provides it, if any
+            raise ValueError(
+                f"model.ttt.{kind}={name!r} is not a registered {kind}; registered: {choices} "
+                f"(`innerloop plugins` lists them with their sources). {hint}".rstrip()
             )
-        except ValueError as err:
-            raise ValueError(f"model.ttt: {err}") from None
+    if ttt.mini_batch_size < 1:
+        raise ValueError(f"model.ttt.mini_batch_size={ttt.mini_batch_size} must be >= 1")
+    # Some combinations cannot run together (e.g. the dual form needs a stack inner model): the
+    # layer's own checks say so now, without building a layer.
+    from innerloop.core.layer import check_layer_arguments
+
+    try:
+        check_layer_arguments(
+            4,
+            1,
+            inner_model=ttt.inner_model,
+            inner_loss=ttt.inner_loss,
+            update_rule=ttt.update_rule,
+            mini_batch_size=ttt.mini_batch_size,
+            conv_kernel=ttt.conv_kernel,
+        )
+    except ValueError as err:
+        raise ValueError(f"model.ttt: {err}") from None

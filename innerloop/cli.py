@@ -12,6 +12,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from innerloop.config.load import DEFAULT_PRESET, ConfigError
 
@@ -74,11 +75,18 @@ _POSITIVE_INT = _number(int, 1)
 
 
 def _parser() -> argparse.ArgumentParser:
-    from innerloop.config.load import preset_names
-
     parser = _ArgumentParser(prog="innerloop", description="Test-time-training sequence layers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_installed_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train_command(commands)
+    _add_eval_command(commands)
+    _add_generate_command(commands)
+    commands.add_parser("plugins", help="list the registered inner models, inner losses and update rules")
+    return parser
+
+
+def _add_train_command(commands: Any) -> None:
+    from innerloop.config.load import preset_names
 
     train = commands.add_parser(
         "train",
@@ -103,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
+
+def _add_eval_command(commands: Any) -> None:
     evaluate = commands.add_parser("eval", help="perplexity and loss by position of a checkpoint (CSV + PNG)")
     evaluate.add_argument("checkpoint", help="a last.safetensors written by `innerloop train`")
     evaluate.add_argument(
@@ -121,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
         "the training run's own loss_by_position files are never replaced",
     )
 
+
+def _add_generate_command(commands: Any) -> None:
     generate = commands.add_parser("generate", help="sample text through the recurrent state")
     generate.add_argument("checkpoint", help="a last.safetensors written by `innerloop train`")
     generate.add_argument(
@@ -134,9 +146,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--top-k", type=_POSITIVE_INT, default=None, help="sample among the k most likely")
     generate.add_argument("--seed", type=_number(int, 0), default=0)
-
-    commands.add_parser("plugins", help="list the registered inner models, inner losses and update rules")
-    return parser
 
 
 def _quiet_lightning() -> None:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from innerloop.config.schema import DATASETS, FIELD_BOUNDS, RunConfig
-from innerloop.models.config import validate_model_config
+from innerloop.models.config import check_keys, validate_model_config
 
 DEFAULT_PRESET = "tiny"
 
@@ -74,26 +74,6 @@ def _expected_type(key: str) -> Any:
     return node
 
 
-def _check_keys(given: Any, schema: type, prefix: str, source: str) -> None:
-    """Raise for any key of the mapping ``given`` that the dataclass ``schema`` does not have, and for a
-    section of the schema given as something other than a mapping (e.g. ``model.ttt=5``)."""
-    valid = {f.name: f for f in fields(schema)}
-    for key in given:
-        full = f"{prefix}{key}"
-        if key not in valid:
-            raise ConfigError(f"unknown config key {full!r} in {source}; valid keys here: {sorted(valid)}")
-        sub = typing.get_type_hints(schema)[key]
-        if not is_dataclass(sub):
-            continue
-        if not isinstance(given[key], (dict, DictConfig)):
-            raise ConfigError(
-                f"config key {full!r} in {source} is a section, not a value: give a mapping of its keys "
-                f"{sorted(f.name for f in fields(sub))} (e.g. {full}.{fields(sub)[0].name}=...), "
-                f"got {given[key]!r}"
-            )
-        _check_keys(given[key], sub, f"{full}.", source)
-
-
 def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(cfg, other)  # type: ignore[return-value]
@@ -120,7 +100,7 @@ def load_config(
         container = OmegaConf.to_container(loaded)
     except OmegaConfBaseException as err:  # e.g. an interpolation ${...} that does not resolve
         raise ConfigError(f"{source}: {_first_line(err)}") from None
-    _check_keys(container, RunConfig, "", source)
+    check_keys(container, RunConfig, "", source, ConfigError)
     cfg = _merge(cfg, loaded, source)
     for item in overrides:
         key, sep, _ = item.partition("=")
@@ -130,7 +110,7 @@ def load_config(
             override = OmegaConf.from_dotlist([item])
         except Exception as err:  # the value is parsed as YAML: its syntax errors come in several types
             raise ConfigError(f"override {item!r} cannot be parsed: {_first_line(err)}") from None
-        _check_keys(OmegaConf.to_container(override), RunConfig, "", f"override {item!r}")
+        check_keys(OmegaConf.to_container(override), RunConfig, "", f"override {item!r}", ConfigError)
         cfg = _merge(cfg, override, f"override {item!r}")
     try:
         run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]

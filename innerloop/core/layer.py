@@ -17,6 +17,7 @@ The inner model, inner loss and update rule are plugins resolved by name through
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import nullcontext
 from dataclasses import replace
@@ -64,11 +65,19 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_positive_int(name: str, value: Any, none_allowed: bool = False) -> None:
+    """Raise naming ``name`` unless ``value`` is an integer >= 1 (or None, where ``none_allowed``)."""
+    if none_allowed and value is None:
+        return
+    if not _is_int(value) or value < 1:
+        valid = "a positive integer or None" if none_allowed else "a positive integer"
+        raise ValueError(f"{name} must be {valid}, got {value!r}")
+
+
 def _check_arguments(args: dict[str, Any]) -> None:
     """One clear error per bad constructor argument: its name, the value given, what is valid."""
-    for name in ("hidden_size", "num_heads", "conv_kernel"):
-        if not _is_int(args[name]) or args[name] < 1:
-            raise ValueError(f"{name} must be a positive integer, got {args[name]!r}")
+    for name in ("hidden_size", "num_heads", "conv_kernel", "mini_batch_size"):
+        _check_positive_int(name, args[name])
     hidden_size, num_heads = args["hidden_size"], args["num_heads"]
     if hidden_size % num_heads != 0:
         raise ValueError(
@@ -80,8 +89,6 @@ def _check_arguments(args: dict[str, Any]) -> None:
             f"head_dim = hidden_size / num_heads = {hidden_size // num_heads} must be even (RoPE rotates pairs)"
         )
     mini_batch_size = args["mini_batch_size"]
-    if not _is_int(mini_batch_size) or mini_batch_size < 1:
-        raise ValueError(f"mini_batch_size must be an integer >= 1, got {mini_batch_size!r}")
     if mini_batch_size > MAX_MINI_BATCH_SIZE:
         raise ValueError(
             f"mini_batch_size must be <= {MAX_MINI_BATCH_SIZE} (the layer builds [K, K] matrices per "
@@ -97,9 +104,7 @@ def _check_arguments(args: dict[str, Any]) -> None:
             raise ValueError(f"{name} must be a finite number > 0, got {args[name]!r}")
     if args["non_finite"] not in NON_FINITE_POLICIES:
         raise ValueError(f"non_finite must be one of {NON_FINITE_POLICIES}, got {args['non_finite']!r}")
-    chunk = args["inference_chunk_size"]
-    if chunk is not None and (not _is_int(chunk) or chunk < 1):
-        raise ValueError(f"inference_chunk_size must be a positive integer or None, got {chunk!r}")
+    _check_positive_int("inference_chunk_size", args["inference_chunk_size"], none_allowed=True)
     if not isinstance(args["kernel"], str):
         raise ValueError(
             f"kernel must be 'auto', 'torch' or a registered kernel name, got {args['kernel']!r}"
@@ -127,6 +132,41 @@ def _check_kernel_name(
             raise ValueError(
                 f"kernel={kernel!r} cannot run this layer: {reason}; use kernel='auto' or 'torch'"
             )
+
+
+def _resolve_plugins(
+    inner_model: str | InnerModel,
+    inner_loss: str | InnerLoss,
+    update_rule: str | UpdateRule,
+    kernel: str,
+    head_dim: int,
+) -> tuple[InnerModel, InnerLoss, UpdateRule]:
+    """The plugin instances named, checked to work together and with the kernel named (if any)."""
+    model: InnerModel = _resolve("inner_model", inner_model, InnerModel)
+    loss: InnerLoss = _resolve("inner_loss", inner_loss, InnerLoss)
+    rule: UpdateRule = _resolve("update_rule", update_rule, UpdateRule)
+    reason = rule.check_model(model)
+    if reason is not None:
+        raise ValueError(f"update_rule={rule.name!r} cannot run inner_model={model.name!r}: {reason}")
+    _check_kernel_name(kernel, model, loss, rule, head_dim)
+    return model, loss, rule
+
+
+def check_layer_arguments(hidden_size: int, num_heads: int, **options: Any) -> None:
+    """Raise the error ``TTTLayer(hidden_size, num_heads, **options)`` would raise for its arguments
+    (values, plugin names, plugin combinations, kernel name), without building the layer."""
+    bound = inspect.signature(TTTLayer.__init__).bind(None, hidden_size, num_heads, **options)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    del arguments["self"]
+    _check_arguments(arguments)
+    _resolve_plugins(
+        arguments["inner_model"],
+        arguments["inner_loss"],
+        arguments["update_rule"],
+        arguments["kernel"],
+        hidden_size // num_heads,
+    )
 
 
 def _output_is_scratch(module: nn.Module) -> bool:
@@ -195,23 +235,7 @@ class TTTLayer(nn.Module):
         super().__init__()
         _check_arguments(locals())  # every argument, by name
         head_dim = hidden_size // num_heads
-
-        self.inner_model: InnerModel = _resolve("inner_model", inner_model, InnerModel)
-        self.inner_loss: InnerLoss = _resolve("inner_loss", inner_loss, InnerLoss)
-        self.update_rule: UpdateRule = _resolve("update_rule", update_rule, UpdateRule)
-        reason = self.update_rule.check_model(self.inner_model)
-        if reason is not None:
-            raise ValueError(
-                f"update_rule={self.update_rule.name!r} cannot run inner_model="
-                f"{self.inner_model.name!r}: {reason}"
-            )
-        _check_kernel_name(kernel, self.inner_model, self.inner_loss, self.update_rule, head_dim)
-        # What the state records about the model and loss: their names, qualified by their class
-        # when they are not the registered plugins of those names (see innerloop.core.identity).
-        self._state_labels = (
-            identity_label("inner_model", self.inner_model, head_dim),
-            identity_label("inner_loss", self.inner_loss),
-        )
+        self._resolve_plugins(inner_model, inner_loss, update_rule, kernel, head_dim)
 
         self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -232,7 +256,35 @@ class TTTLayer(nn.Module):
         # Fast-path decisions of the last call: (path, reason) per run of whole mini-batches or token.
         self.dispatches: list[tuple[str, str]] = []
 
-        # Projections (the views). Reference names, so reference state_dicts load one to one.
+        # The order of these two calls is the order of the parameters (and of the random draws).
+        self._build_projections()
+        self._build_inner_parameters()
+
+    def _resolve_plugins(
+        self,
+        inner_model: str | InnerModel,
+        inner_loss: str | InnerLoss,
+        update_rule: str | UpdateRule,
+        kernel: str,
+        head_dim: int,
+    ) -> None:
+        """The plugin instances, checked to work together and with the kernel named (if any)."""
+        self.inner_model, self.inner_loss, self.update_rule = _resolve_plugins(
+            inner_model, inner_loss, update_rule, kernel, head_dim
+        )
+        # What the state records about the model and loss: their names, qualified by their class
+        # when they are not the registered plugins of those names (see innerloop.core.identity).
+        self._state_labels = (
+            identity_label("inner_model", self.inner_model, head_dim),
+            identity_label("inner_loss", self.inner_loss),
+        )
+
+    def _build_projections(self) -> None:
+        """The views' projections (Q, K, V, output, and the gate and the shared-QK convs when on).
+
+        Reference names, so reference state_dicts load one to one.
+        """
+        hidden_size, share_qk, conv_kernel = self.hidden_size, self.share_qk, self.conv_kernel
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         if not share_qk:
             self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -241,9 +293,14 @@ class TTTLayer(nn.Module):
         if share_qk:
             self.conv_q = nn.Conv1d(hidden_size, hidden_size, conv_kernel, groups=hidden_size, bias=True)
             self.conv_k = nn.Conv1d(hidden_size, hidden_size, conv_kernel, groups=hidden_size, bias=True)
-        if use_gate:
+        if self.use_gate:
             self.g_proj = nn.Linear(hidden_size, hidden_size, bias=False)
 
+    def _build_inner_parameters(self) -> None:
+        """The inner loop's learnable parts: the inner learning rate's gate and token offsets, the
+        RoPE and token-index tables, the inner LayerNorm, the initial inner weights, the post-norm."""
+        hidden_size, num_heads, head_dim = self.hidden_size, self.num_heads, self.head_dim
+        mini_batch_size = self.mini_batch_size
         # Inner learning rate: a gate per head, and the learnable token-index offsets delta.
         self.learnable_ttt_lr_weight = nn.Parameter(torch.randn(num_heads, 1, hidden_size) * 0.02)
         self.learnable_ttt_lr_bias = nn.Parameter(torch.zeros(num_heads, 1))
@@ -257,13 +314,13 @@ class TTTLayer(nn.Module):
         )
 
         # The inner LayerNorm (per head) and the learnable initial inner weights.
-        if inner_norm:
+        if self.inner_norm:
             self.ttt_norm_weight = nn.Parameter(torch.ones(num_heads, head_dim))
             self.ttt_norm_bias = nn.Parameter(torch.zeros(num_heads, head_dim))
         self.initial_params = nn.ParameterDict(
             {k: nn.Parameter(v) for k, v in self.inner_model.init_params(num_heads, head_dim).items()}
         )
-        self.post_norm = nn.LayerNorm(hidden_size, eps=norm_eps)
+        self.post_norm = nn.LayerNorm(hidden_size, eps=self.norm_eps)
 
     # ------------------------------------------------------------------------------------------
     # State

@@ -14,7 +14,7 @@ head dim ``f``. Inner-model parameters carry leading batch dimensions, e.g. ``W1
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -116,13 +116,20 @@ class StackModel(InnerModel):
         """The layers, first to last."""
 
     def forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        for layer in self.stack:
-            x = x @ params[layer.weight]
-            if layer.bias is not None:
-                x = x + params[layer.bias]
-            if layer.activation is not None:
-                x = layer.activation.fn(x)
-        return x
+        return apply_stack(self.stack, params, x)
+
+
+def apply_stack(
+    stack: Sequence[AffineLayer], params: Mapping[str, torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    """``x [*batch, N, f]`` through the layers of ``stack`` in order, weights from ``params``."""
+    for layer in stack:
+        x = x @ params[layer.weight]
+        if layer.bias is not None:
+            x = x + params[layer.bias]
+        if layer.activation is not None:
+            x = layer.activation.fn(x)
+    return x
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,9 +233,26 @@ class InnerTask:
 
     def wrap_output(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Residual and per-head LayerNorm around ``z = g(x)`` (``[B, H, N, f]``)."""
-        if self.use_norm:
-            z = layer_norm(z, self.norm_weight[:, None, :], self.norm_bias[:, None, :], self.norm_eps)
-        return x + z if self.residual else z
+        if self.norm_weight is None or self.norm_bias is None:
+            return residual_and_norm(x, z, None, None, self.norm_eps, self.residual)
+        weight, bias = self.norm_weight[:, None, :], self.norm_bias[:, None, :]  # [H, 1, f]
+        return residual_and_norm(x, z, weight, bias, self.norm_eps, self.residual)
+
+
+def residual_and_norm(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    norm_eps: float,
+    residual: bool,
+) -> torch.Tensor:
+    """``x + LN(z)`` (or without the residual, or the LayerNorm when ``norm_weight`` is None): the
+    inner model's prediction around ``z = g(x)``. ``norm_weight``/``norm_bias`` broadcast against
+    ``z`` (``[..., f]``) from the left."""
+    if norm_weight is not None and norm_bias is not None:
+        z = layer_norm(z, norm_weight, norm_bias, norm_eps)
+    return x + z if residual else z
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,5 +310,7 @@ __all__ = [
     "Params",
     "StackModel",
     "UpdateRule",
+    "apply_stack",
+    "residual_and_norm",
     "Views",
 ]

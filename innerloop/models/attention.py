@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from innerloop.core.functional import apply_rope_interleaved, rope_cos_sin, rope_inverse_frequencies
+
 
 @dataclass(frozen=True)
 class KVCache:
@@ -31,22 +33,14 @@ class KVCache:
         return KVCache(self.key.detach(), self.value.detach(), self.position)
 
 
-def rope_tables(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables ``[T, dim/2]`` for the rotary embedding at integer ``positions`` ``[T]``."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, dim/2]
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs ``(x[2i], x[2i+1])`` of ``x [..., T, dim]`` by the tables.
-
-    The rotation runs in float32, or in float64 for float64 inputs (so float64 checks stay exact).
+def rotate_with_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """``x [B, H, T, f]`` with RoPE at ``positions [T]``: the TTT layer's rotation (interleaved pairs,
+    float32 tables), computed in float32, or in float64 for float64 inputs, and cast back to ``x``'s dtype.
     """
     compute = torch.promote_types(x.dtype, torch.float32)
-    x_even, x_odd = x[..., 0::2].to(compute), x[..., 1::2].to(compute)  # [..., T, dim/2]
-    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    inv_freq = rope_inverse_frequencies(x.shape[-1], theta)
+    cos, sin = rope_cos_sin(positions, inv_freq, compute)  # [T, f/2]
+    return apply_rope_interleaved(x.to(compute), cos, sin).to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -92,10 +86,11 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # each [B, H, T, f]
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope_tables(
-            torch.arange(start, start + length, device=x.device), self.head_dim, self.rope_theta
+        positions = torch.arange(start, start + length, device=x.device)  # [T]
+        q, k = (
+            rotate_with_rope(q, positions, self.rope_theta),
+            rotate_with_rope(k, positions, self.rope_theta),
         )
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if state is not None:
             k = torch.cat((state.key, k), dim=2)  # [B, H, S + T, f]

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from innerloop.core.functional import causal_depthwise_conv
 from innerloop.models.config import MIXER_TABLE, ModelConfig
 
 
@@ -55,9 +56,7 @@ class CausalDepthwiseConv(nn.Module):
         batch, _, hidden = x.shape
         if history is None:  # the start of a sequence: zeros before it
             history = x.new_zeros(batch, self.kernel_size - 1, hidden)
-        padded = torch.cat((history, x), dim=1)  # [B, k-1+T, D]
-        y = self.conv(padded.transpose(1, 2)).transpose(1, 2)  # [B, T, D]
-        return y, padded[:, padded.shape[1] - (self.kernel_size - 1) :]
+        return causal_depthwise_conv(x, self.conv.weight, self.conv.bias, history)
 
 
 def build_mixer(config: ModelConfig) -> nn.Module:

@@ -9,7 +9,7 @@ against the registry by :func:`validate_model_config`, before anything is built.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, get_type_hints
 
@@ -133,15 +133,11 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a nested dict; unknown keys raise ``ValueError`` listing the valid ones."""
         data = dict(data)
-        ttt = data.pop("ttt", {})
-        e2e = data.pop("e2e", {})
-        if isinstance(ttt, TTTConfig):
-            ttt = asdict(ttt)
-        if isinstance(e2e, E2EConfig):
-            e2e = asdict(e2e)
-        _check_keys("model", data, cls)
-        _check_keys("model.ttt", ttt, TTTConfig)
-        _check_keys("model.e2e", e2e, E2EConfig)
+        for name in ("ttt", "e2e"):
+            section = data.get(name, {})
+            data[name] = asdict(section) if is_dataclass(section) else section  # type: ignore[arg-type]
+        check_keys(data, cls, "model.", "the model config")
+        ttt, e2e = data.pop("ttt"), data.pop("e2e")
         return cls(**data, ttt=TTTConfig(**ttt), e2e=E2EConfig(**e2e))
 
     @classmethod
@@ -205,11 +201,31 @@ MIXERS: tuple[str, ...] = tuple(MIXER_TABLE)
 """The names of the sequence mixers a block can use (see :data:`MIXER_TABLE`)."""
 
 
-def _check_keys(where: str, data: dict[str, Any], schema: type) -> None:
-    valid = [f.name for f in fields(schema)]
-    unknown = sorted(set(data) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {valid}")
+def check_keys(
+    given: Mapping[str, Any], schema: type, prefix: str, source: str, error: type[ValueError] = ValueError
+) -> None:
+    """Raise ``error`` for any key of the mapping ``given`` that the dataclass ``schema`` does not have,
+    and for a section of the schema given as something other than a mapping (e.g. ``model.ttt=5``).
+
+    ``prefix`` is the dotted path of ``given`` (``"model."``), ``source`` where it came from (a file,
+    an override); nested sections are checked against their own dataclasses.
+    """
+    valid = {f.name: f for f in fields(schema)}
+    hints = get_type_hints(schema)
+    for key in given:
+        full = f"{prefix}{key}"
+        if key not in valid:
+            raise error(f"unknown config key {full!r} in {source}; valid keys here: {sorted(valid)}")
+        section = hints[key]
+        if not is_dataclass(section):
+            continue
+        if not isinstance(given[key], Mapping):
+            raise error(
+                f"config key {full!r} in {source} is a section, not a value: give a mapping of its keys "
+                f"{sorted(f.name for f in fields(section))} (e.g. {full}.{fields(section)[0].name}=...), "
+                f"got {given[key]!r}"
+            )
+        check_keys(given[key], section, f"{full}.", source, error)
 
 
 def _type_error(value: Any, expected: type) -> str | None:
@@ -248,6 +264,18 @@ def validate_model_config(config: ModelConfig) -> None:
     not minutes into a run.
     """
     _check_types("model", config, ModelConfig)
+    _check_choices(config)
+    _check_shapes(config)
+    if config.mixer == E2E:
+        from innerloop.models.e2e import validate_e2e_config
+
+        validate_e2e_config(config)
+    if config.mixer == "ttt":
+        _check_ttt(config.ttt)
+
+
+def _check_choices(config: ModelConfig) -> None:
+    """``model.mixer`` and ``model.backbone`` are ones that exist."""
     if config.mixer not in MIXER_TABLE and config.mixer != E2E:
         raise ValueError(
             f"model.mixer={config.mixer!r} is not a mixer; valid mixers: {list(MIXER_TABLE)}, "
@@ -257,6 +285,10 @@ def validate_model_config(config: ModelConfig) -> None:
         raise ValueError(
             f"model.backbone={config.backbone!r} is not a backbone; valid backbones: {list(BACKBONES)}"
         )
+
+
+def _check_shapes(config: ModelConfig) -> None:
+    """Positive sizes, and heads of an even width (RoPE rotates pairs of channels)."""
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "window"):
         value = getattr(config, name)
         if value < 1:
@@ -270,37 +302,36 @@ def validate_model_config(config: ModelConfig) -> None:
             f"model.hidden_size / model.num_heads = {config.hidden_size // config.num_heads} must be even "
             "(RoPE rotates pairs of channels)"
         )
-    if config.mixer == E2E:
-        from innerloop.models.e2e import validate_e2e_config
 
-        validate_e2e_config(config)
-    if config.mixer == "ttt":
-        from innerloop.registry import available, get_registry
 
-        for kind in ("inner_model", "inner_loss", "update_rule"):
-            name = getattr(config.ttt, kind)
-            choices = available(kind)
-            if name not in choices:
-                hint = get_registry().broken_hint(kind, name)  # a broken plugin that provides it, if any
-                raise ValueError(
-                    f"model.ttt.{kind}={name!r} is not a registered {kind}; registered: {choices} "
-                    f"(`innerloop plugins` lists them with their sources). {hint}".rstrip()
-                )
-        if config.ttt.mini_batch_size < 1:
-            raise ValueError(f"model.ttt.mini_batch_size={config.ttt.mini_batch_size} must be >= 1")
-        # Some combinations cannot run together (e.g. the dual form needs a stack inner model): let
-        # the layer say so now, on a layer too small to cost anything.
-        from innerloop import TTTLayer
+def _check_ttt(ttt: TTTConfig) -> None:
+    """The TTT layer's plugins are registered and can run together, and its options are valid."""
+    from innerloop.registry import available, get_registry
 
-        try:
-            TTTLayer(
-                4,
-                1,
-                inner_model=config.ttt.inner_model,
-                inner_loss=config.ttt.inner_loss,
-                update_rule=config.ttt.update_rule,
-                mini_batch_size=config.ttt.mini_batch_size,
-                conv_kernel=config.ttt.conv_kernel,
+    for kind in ("inner_model", "inner_loss", "update_rule"):
+        name = getattr(ttt, kind)
+        choices = available(kind)
+        if name not in choices:
+            hint = get_registry().broken_hint(kind, name)  # a broken plugin that provides it, if any
+            raise ValueError(
+                f"model.ttt.{kind}={name!r} is not a registered {kind}; registered: {choices} "
+                f"(`innerloop plugins` lists them with their sources). {hint}".rstrip()
             )
-        except ValueError as err:
-            raise ValueError(f"model.ttt: {err}") from None
+    if ttt.mini_batch_size < 1:
+        raise ValueError(f"model.ttt.mini_batch_size={ttt.mini_batch_size} must be >= 1")
+    # Some combinations cannot run together (e.g. the dual form needs a stack inner model): the
+    # layer's own checks say so now, without building a layer.
+    from innerloop.core.layer import check_layer_arguments
+
+    try:
+        check_layer_arguments(
+            4,
+            1,
+            inner_model=ttt.inner_model,
+            inner_loss=ttt.inner_loss,
+            update_rule=ttt.update_rule,
+            mini_batch_size=ttt.mini_batch_size,
+            conv_kernel=ttt.conv_kernel,
+        )
+    except ValueError as err:
+        raise ValueError(f"model.ttt: {err}") from None

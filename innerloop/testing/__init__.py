@@ -14,6 +14,7 @@ from innerloop.testing.checks import (
     make_problem,
     run_in_chunks,
     run_layer_in_chunks,
+    twin_layers,
 )
 from innerloop.testing.reference import causal_linear_attention, naive_token_loop
 
@@ -28,4 +29,5 @@ __all__ = [
     "naive_token_loop",
     "run_in_chunks",
     "run_layer_in_chunks",
+    "twin_layers",
 ]

@@ -25,7 +25,16 @@ from dataclasses import dataclass
 import torch
 
 from innerloop.core.functional import relative_error
-from innerloop.core.protocol import InnerLoss, InnerModel, InnerTask, LossPairs, UpdateRule, Views
+from innerloop.core.layer import TTTLayer
+from innerloop.core.protocol import (
+    InnerLoss,
+    InnerModel,
+    InnerTask,
+    LossPairs,
+    UpdateRule,
+    Views,
+    apply_stack,
+)
 from innerloop.core.state import StateSignature, TTTState
 from innerloop.testing.reference import naive_token_loop
 
@@ -123,10 +132,43 @@ def run_layer_in_chunks(
     return torch.cat(outputs, dim=1), state
 
 
+def twin_layers(
+    config: dict, seed: int, kernel: str, dtype: torch.dtype = torch.float64
+) -> tuple[TTTLayer, TTTLayer]:
+    """Two ``TTTLayer(**config)`` with the same (randomly perturbed) weights: the pure-torch reference
+    and one forced onto ``kernel`` (``"auto"`` or a kernel's name), both in ``dtype``.
+
+    The weights are moved away from their initial values so that no parameter sits at a value (a zero
+    bias, a unit LayerNorm weight) where a wrong formula would still give the right number.
+    """
+    torch.manual_seed(seed)
+    reference = TTTLayer(**config, kernel="torch").to(dtype)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    fast = TTTLayer(**config, kernel=kernel).to(dtype)
+    fast.load_state_dict(reference.state_dict())
+    return reference, fast
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tolerance: float) -> None:
     error = relative_error(actual, expected)
     if not error <= tolerance:  # also catches NaN
         raise AssertionError(f"{what}: relative error {error:.3e} > {tolerance:.1e}")
+
+
+def assert_finite_where_expected_is(
+    actual: torch.Tensor, expected: torch.Tensor, what: str, tolerance: float
+) -> None:
+    """``actual`` is finite wherever ``expected`` is, and within ``tolerance`` (relative error) of it
+    there: a fast path at least as stable as its reference on inputs that overflow."""
+    finite = torch.isfinite(expected)
+    if not torch.isfinite(actual[finite]).all():
+        raise AssertionError(f"{what}: not finite where the reference is")
+    if finite.any():
+        error = relative_error(actual[finite], expected[finite])
+        if not error <= tolerance:
+            raise AssertionError(f"{what}: relative error {error:.3e} > {tolerance:.1e} where finite")
 
 
 def assert_states_close(actual: TTTState, expected: TTTState, what: str, tolerance: float) -> None:
@@ -239,14 +281,9 @@ def check_pairs_chunk_invariant(
 
 
 def run_stack(model: InnerModel, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """The model's declared ``stack`` applied to ``x [*batch, N, f]`` layer by layer."""
-    for layer in model.stack or ():
-        x = x @ params[layer.weight]
-        if layer.bias is not None:
-            x = x + params[layer.bias]
-        if layer.activation is not None:
-            x = layer.activation.fn(x)
-    return x
+    """The model's declared ``stack`` applied to ``x [*batch, N, f]`` layer by layer (not its
+    ``forward``, which a model may write itself: :func:`check_stack_matches_forward` compares them)."""
+    return apply_stack(model.stack or (), params, x)
 
 
 def check_stack_matches_forward(

@@ -57,7 +57,7 @@ def test_state_of_wrong_type(layer):
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, True])
 def test_mini_batch_size_below_one(value):
-    with pytest.raises(ValueError, match=f"mini_batch_size must be an integer >= 1, got {value!r}"):
+    with pytest.raises(ValueError, match=f"mini_batch_size must be a positive integer, got {value!r}"):
         TTTLayer(16, 4, mini_batch_size=value)
 
 

@@ -10,19 +10,8 @@ from hypothesis import strategies as st
 from innerloop import TTTLayer
 from innerloop.kernels.dispatch import KernelUnavailableError
 from innerloop.testing import FLOAT64_TOLERANCE
-from innerloop.testing.checks import assert_close, assert_states_close
+from innerloop.testing.checks import assert_close, assert_states_close, twin_layers
 from innerloop.testing.strategies import layer_configs, seeds
-
-
-def twin_layers(config: dict, seed: int, dtype=torch.float64):
-    torch.manual_seed(seed)
-    reference = TTTLayer(**config, kernel="torch").to(dtype)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    fast = TTTLayer(**config, kernel="auto").to(dtype)
-    fast.load_state_dict(reference.state_dict())
-    return reference, fast
 
 
 @given(
@@ -31,7 +20,7 @@ def twin_layers(config: dict, seed: int, dtype=torch.float64):
     seed=seeds(),
 )
 def test_fused_equals_reference_outputs_states_and_gradients(config, tokens, seed):
-    reference, fast = twin_layers(config, seed % 1000)
+    reference, fast = twin_layers(config, seed % 1000, kernel="auto")
     x = torch.randn(2, tokens, config["hidden_size"], dtype=torch.float64, requires_grad=True)
     y_ref, state_ref = reference(x)
     y_fast, state_fast = fast(x)

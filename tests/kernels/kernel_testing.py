@@ -1,16 +1,11 @@
-"""Shared helpers for the kernel tests: random inputs, error metric and a primal-form oracle."""
+"""Shared helpers for the kernel tests: random inputs and a primal-form oracle (the error metric is
+:func:`innerloop.core.functional.relative_error`)."""
 
 from __future__ import annotations
 
 import torch
 
 from innerloop.kernels.triton.common import gelu_tanh, head_view, layer_norm
-
-
-def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``||actual - expected|| / ||expected||`` (Frobenius norms, in float64)."""
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 def make_inputs(B, H, T, f, K, model, dtype=torch.float32, seed=0, requires_grad=False):

@@ -12,9 +12,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_testing import make_inputs, rel_rms
+from kernel_testing import make_inputs
 
 from innerloop import TTTLayer
+from innerloop.core.functional import relative_error
 from innerloop.core.protocol import Activation, AffineLayer
 from innerloop.kernels.cpu import build
 from innerloop.kernels.cpu.stack import make_forward, make_verify
@@ -23,7 +24,7 @@ from innerloop.kernels.spec import KernelInputs
 from innerloop.plugins.models.linear import LinearModel
 from innerloop.plugins.models.mlp import MLPModel
 from innerloop.testing import FLOAT64_TOLERANCE
-from innerloop.testing.checks import assert_close, assert_states_close, run_layer_in_chunks
+from innerloop.testing.checks import assert_close, assert_states_close, run_layer_in_chunks, twin_layers
 from innerloop.testing.strategies import seeds
 
 STACKS = {"linear": LinearModel().stack, "mlp": MLPModel().stack}
@@ -75,7 +76,7 @@ def float32_errors(model: str, inputs64) -> tuple[float, float]:
     exact, _ = make_fused_forward(STACKS[model])(*inputs64, 1e-6)
     ours, _ = make_forward(STACKS[model])(*inputs32, 1e-6)
     theirs, _ = make_fused_forward(STACKS[model])(*inputs32, 1e-6)
-    return rel_rms(ours, exact), rel_rms(theirs, exact)
+    return relative_error(ours, exact), relative_error(theirs, exact)
 
 
 @pytest.mark.parametrize("model", ["linear", "mlp"])
@@ -104,17 +105,6 @@ def test_float32_tanh_accuracy():
     assert out[0].isnan() and out[1] == 1.0 and out[2] == -1.0
 
 
-def twin_layers(config: dict, seed: int):
-    torch.manual_seed(seed)
-    reference = TTTLayer(**config, kernel="torch").double()
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    fast = TTTLayer(**config, kernel=f"cpu_ttt_{config['inner_model']}").double()
-    fast.load_state_dict(reference.state_dict())
-    return reference, fast
-
-
 @given(
     model=st.sampled_from(["linear", "mlp"]),
     heads=st.integers(1, 3),
@@ -135,7 +125,7 @@ def test_layer_with_the_kernel_equals_torch_across_any_split(
         mini_batch_size=mini_batch,
         share_qk=share_qk,
     )
-    reference, fast = twin_layers(config, seed % 1000)
+    reference, fast = twin_layers(config, seed % 1000, kernel=f"cpu_ttt_{model}")
     x = torch.randn(2, tokens, config["hidden_size"], dtype=torch.float64)
     with torch.inference_mode():
         y_ref, state_ref = reference(x)
@@ -156,7 +146,7 @@ def test_prefill_then_decode_through_the_kernel_equals_torch(model, heads, mini_
     """Token-by-token decoding through the kernel's decode path (pending sums, commits at mini-batch
     ends) = the torch path reading everything at once, outputs and states."""
     config = dict(hidden_size=4 * heads, num_heads=heads, inner_model=model, mini_batch_size=mini_batch)
-    reference, fast = twin_layers(config, seed % 1000)
+    reference, fast = twin_layers(config, seed % 1000, kernel=f"cpu_ttt_{model}")
     x = torch.randn(2, prefill + decode, config["hidden_size"], dtype=torch.float64)
     with torch.inference_mode():
         y_ref, state_ref = reference(x)

@@ -10,6 +10,7 @@ import torch
 
 from innerloop import TTTLayer
 from innerloop.core.functional import relative_error
+from innerloop.testing.checks import assert_finite_where_expected_is
 
 # See tests/core/test_layer_trust.py for the derivation: six roundings to the dtype forward, six more
 # backward, each a relative error <= u = eps / 2, through a scan whose gain is about one.
@@ -56,9 +57,6 @@ def test_triton_on_huge_inputs_is_as_stable_as_torch(model, grad, scale):
         y_ref, state_ref = reference(x)
     # Finite wherever the torch path is, and equal there (float32 rounding).
     for actual, expected in [(y, y_ref)] + [(state.params[k], state_ref.params[k]) for k in state.params]:
-        finite = torch.isfinite(expected)
-        assert torch.isfinite(actual[finite]).all()
-        if finite.any():
-            assert relative_error(actual[finite], expected[finite]) < 1e-4
+        assert_finite_where_expected_is(actual, expected, f"triton_ttt_{model}", 1e-4)
     if model == "linear" and scale <= 1e15:  # see tests/core/test_layer_trust.py
         assert torch.isfinite(y).all() and state.is_finite()

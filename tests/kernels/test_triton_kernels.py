@@ -10,8 +10,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_testing import make_inputs, primal_forward, rel_rms
+from kernel_testing import make_inputs, primal_forward
 
+from innerloop.core.functional import relative_error
 from innerloop.kernels.spec import KernelInputs
 from innerloop.kernels.triton import ttt_linear, ttt_mlp
 
@@ -73,9 +74,9 @@ def test_naive_dual_form_equals_primal_form_float64(case, K, f, n_mb):
     inputs = make_inputs(2, 2, K * n_mb, f, K, case.model, dtype=torch.float64, seed=K)
     out, params = case.naive.forward(*inputs)
     out_p, params_p = primal_forward(case.model, *inputs)
-    assert rel_rms(out, out_p) <= TOL64
+    assert relative_error(out, out_p) <= TOL64
     for key in params:
-        assert rel_rms(params[key], params_p[key]) <= TOL64, key
+        assert relative_error(params[key], params_p[key]) <= TOL64, key
 
 
 def _naive_decode_loop(inputs, decode_fn):
@@ -99,9 +100,9 @@ def test_naive_decode_loop_equals_naive_chunk_float64(case):
     inputs = make_inputs(2, 3, 12, 16, 4, case.model, dtype=torch.float64, seed=1)
     out, params = case.naive.forward(*inputs)
     out_d, params_d, pending = _naive_decode_loop(inputs, case.naive.decode)
-    assert rel_rms(out_d, out) <= TOL64
+    assert relative_error(out_d, out) <= TOL64
     for key in params:
-        assert rel_rms(params_d[key], params[key]) <= TOL64, key
+        assert relative_error(params_d[key], params[key]) <= TOL64, key
         assert torch.count_nonzero(pending[key]) == 0
 
 
@@ -127,10 +128,10 @@ def test_kernel_forward_and_backward_match_naive(
     inputs = make_inputs(B, H, K * n_mb, f, K, case.model, seed=seed, requires_grad=True)
     out, params = case.fused.forward(*inputs, checkpoint_every=checkpoint_every)
     out_ref, params_ref = case.naive.forward(*inputs)
-    assert rel_rms(out, out_ref) <= TOL
+    assert relative_error(out, out_ref) <= TOL
     for key in params_ref:
         assert params[key].dtype == params_ref[key].dtype
-        assert rel_rms(params[key], params_ref[key]) <= TOL, key
+        assert relative_error(params[key], params_ref[key]) <= TOL, key
 
     gen = torch.Generator().manual_seed(seed + 1)
     cot_out = torch.randn(out.shape, generator=gen)
@@ -146,7 +147,7 @@ def test_kernel_forward_and_backward_match_naive(
     grads_ref = torch.autograd.grad(objective(out_ref, params_ref), _leaves(case, inputs))
     for name, g, g_ref in zip(case.names, grads, grads_ref, strict=True):
         assert g.shape == g_ref.shape, name
-        assert rel_rms(g, g_ref) <= TOL, name
+        assert relative_error(g, g_ref) <= TOL, name
 
 
 @each_kernel
@@ -156,14 +157,14 @@ def test_kernel_any_mini_batch_size(case, K, n_mb):
     inputs = make_inputs(1, 2, K * n_mb, 16, K, case.model, seed=K, requires_grad=True)
     out, params = case.fused.forward(*inputs, checkpoint_every=2)
     out_ref, params_ref = case.naive.forward(*inputs)
-    assert rel_rms(out, out_ref) <= TOL
+    assert relative_error(out, out_ref) <= TOL
     for key in params_ref:
-        assert rel_rms(params[key], params_ref[key]) <= TOL, key
+        assert relative_error(params[key], params_ref[key]) <= TOL, key
     cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(K))
     grads = torch.autograd.grad((out * cot).sum(), _leaves(case, inputs))
     grads_ref = torch.autograd.grad((out_ref * cot).sum(), _leaves(case, inputs))
     for name, g, g_ref in zip(case.names, grads, grads_ref, strict=True):
-        assert rel_rms(g, g_ref) <= TOL, name
+        assert relative_error(g, g_ref) <= TOL, name
 
 
 @each_kernel
@@ -173,9 +174,9 @@ def test_kernel_decode_matches_naive_decode(case, f):
     with torch.no_grad():
         out, params, pending = _naive_decode_loop(inputs, case.fused.decode)
         out_ref, params_ref, pending_ref = _naive_decode_loop(inputs, case.naive.decode)
-        assert rel_rms(out, out_ref) <= TOL
+        assert relative_error(out, out_ref) <= TOL
         for key in params_ref:
-            assert rel_rms(params[key], params_ref[key]) <= TOL, key
+            assert relative_error(params[key], params_ref[key]) <= TOL, key
         # mid-mini-batch state: two tokens, pending sums non-zero
         xq, xk, xv, lr, tau, params0, lnw, lnb = inputs
         zero = {k: torch.zeros_like(v) for k, v in params0.items()}
@@ -185,10 +186,10 @@ def test_kernel_decode_matches_naive_decode(case, f):
             args = (xq[:, :, t], xk[:, :, t], xv[:, :, t], lr[:, :, t], tau[t])
             o, *state = case.fused.decode(*args, *state, lnw, lnb, 1e-6, False)
             o_ref, *state_ref = case.naive.decode(*args, *state_ref, lnw, lnb, 1e-6, False)
-            assert rel_rms(o, o_ref) <= TOL
+            assert relative_error(o, o_ref) <= TOL
         for key in params0:
             assert state[0][key] is params0[key]
-            assert rel_rms(state[1][key], state_ref[1][key]) <= TOL, key
+            assert relative_error(state[1][key], state_ref[1][key]) <= TOL, key
 
 
 @each_kernel
@@ -201,9 +202,9 @@ def test_kernel_half_precision_inputs(case, dtype, unit):
     assert out.dtype == dtype and all(p.dtype == dtype for p in params.values())
     inputs32 = [{k: v.float() for k, v in x.items()} if isinstance(x, dict) else x.float() for x in inputs]
     out_ref, params_ref = case.naive.forward(*inputs32)
-    assert rel_rms(out.float(), out_ref) <= unit
+    assert relative_error(out.float(), out_ref) <= unit
     for key in params_ref:
-        assert rel_rms(params[key].float(), params_ref[key]) <= unit, key
+        assert relative_error(params[key].float(), params_ref[key]) <= unit, key
 
 
 # ---------------------------------------------------------------- verify and argument checks

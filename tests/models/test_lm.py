@@ -101,7 +101,9 @@ def test_bad_config_names_the_field_and_the_choices() -> None:
         CausalLM(ModelConfig(ttt=TTTConfig(inner_model="rnn")))
     with pytest.raises(ValueError, match=r"hidden_size=30 must be divisible by model\.num_heads=4"):
         CausalLM(ModelConfig(hidden_size=30))
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['hidden'\] in model; valid keys"):
+    with pytest.raises(
+        ValueError, match=r"unknown config key .model.hidden. in the model config; valid keys"
+    ):
         ModelConfig.from_dict({"hidden": 3})
 
 

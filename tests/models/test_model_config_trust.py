@@ -35,7 +35,7 @@ def test_a_value_of_the_wrong_type_is_refused_naming_the_field(data, named) -> N
     ("data", "named"), [({"hiden_size": 3}, "hiden_size"), ({"ttt": {"base_Lr": 1}}, "base_Lr")]
 )
 def test_unknown_keys_are_refused_with_the_valid_ones(data, named) -> None:
-    with pytest.raises(ValueError, match=f"unknown key.*{named}.*valid keys"):
+    with pytest.raises(ValueError, match=f"unknown config key.*{named}.*valid keys"):
         ModelConfig.from_dict(data)
 
 

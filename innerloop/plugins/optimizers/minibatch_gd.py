@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.func import grad, vmap
 
-from innerloop.core.protocol import InnerTask, Params, UpdateRule, Views
+from innerloop.core.protocol import InnerTask, Params, UpdateRule, Views, residual_and_norm
 from innerloop.core.scan import ChunkInputs, advance_state, close_mini_batch, prepare_chunk, split_segments
 from innerloop.core.state import TTTState
 from innerloop.registry import hookimpl
@@ -49,18 +49,10 @@ def primal_segment(
         norm_weight = norm_bias = chunk.query.new_zeros(batch * heads, 0)
 
     def predict_one(p: Params, x: torch.Tensor, nw: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
-        # One head, one token: x [f] -> [f]. The task's wrapper expects [heads, N, f].
-        single = InnerTask(
-            model=model,
-            loss=loss,
-            mini_batch_size=task.mini_batch_size,
-            norm_weight=nw[None] if task.use_norm else None,
-            norm_bias=nb[None] if task.use_norm else None,
-            norm_eps=task.norm_eps,
-            residual=task.residual,
-        )
-        p1 = {k: v[None] for k, v in p.items()}  # heads dim of 1
-        return single.predict(p1, x[None, None])[0, 0]
+        # One head, one token: x [f] -> [f]; the model sees [heads = 1, N = 1, f].
+        z = model.forward({k: v[None] for k, v in p.items()}, x[None, None])[0, 0]  # [f]
+        weight, bias = (nw, nb) if task.use_norm else (None, None)
+        return residual_and_norm(x, z, weight, bias, task.norm_eps, task.residual)
 
     def token_loss(p: Params, x, y, nw, nb) -> torch.Tensor:
         return loss.token_loss(predict_one(p, x, nw, nb), y)

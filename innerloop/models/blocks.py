@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from innerloop.core.layer import TTTLayer
 from innerloop.models.attention import CausalSelfAttention
 from innerloop.models.config import ModelConfig
 
@@ -68,8 +69,6 @@ def build_mixer(config: ModelConfig) -> nn.Module:
     if config.mixer == "swa":
         return CausalSelfAttention(config.hidden_size, config.num_heads, config.window, config.rope_theta)
     if config.mixer == "ttt":
-        from innerloop import TTTLayer
-
         mamba = config.backbone == "mamba"
         return TTTLayer(
             config.hidden_size,

@@ -12,6 +12,9 @@ import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, get_type_hints
 
+from innerloop.core.layer import TTTLayer
+from innerloop.registry import available, get_registry
+
 MIXERS: tuple[str, ...] = ("ttt", "attention", "swa")
 """Sequence mixers a block can use: a TTT layer, full causal attention, sliding-window attention."""
 
@@ -215,12 +218,8 @@ def validate_model_config(config: ModelConfig) -> None:
             "(RoPE rotates pairs of channels)"
         )
     if config.mixer == E2E:
-        from innerloop.models.e2e import validate_e2e_config
-
         validate_e2e_config(config)
     if config.mixer == "ttt":
-        from innerloop.registry import available, get_registry
-
         for kind in ("inner_model", "inner_loss", "update_rule"):
             name = getattr(config.ttt, kind)
             choices = available(kind)
@@ -234,8 +233,6 @@ def validate_model_config(config: ModelConfig) -> None:
             raise ValueError(f"model.ttt.mini_batch_size={config.ttt.mini_batch_size} must be >= 1")
         # Some combinations cannot run together (e.g. the dual form needs a stack inner model): let
         # the layer say so now, on a layer too small to cost anything.
-        from innerloop import TTTLayer
-
         try:
             TTTLayer(
                 4,
@@ -248,3 +245,35 @@ def validate_model_config(config: ModelConfig) -> None:
             )
         except ValueError as err:
             raise ValueError(f"model.ttt: {err}") from None
+
+
+def validate_e2e_config(config: ModelConfig) -> None:
+    """Check ``config.e2e``; raise ``ValueError`` naming the key, its value and what is valid."""
+    e2e = config.e2e
+    if e2e.chunk_size < 2:
+        raise ValueError(
+            f"model.e2e.chunk_size={e2e.chunk_size} must be >= 2 (a chunk trains on its next-token pairs)"
+        )
+    if not 0 < e2e.suffix_fraction <= 1:
+        raise ValueError(f"model.e2e.suffix_fraction={e2e.suffix_fraction} must be in (0, 1]")
+    if e2e.prime_intermediate_size < 0:
+        raise ValueError(
+            f"model.e2e.prime_intermediate_size={e2e.prime_intermediate_size} must be >= 0 "
+            "(0: the same as model.intermediate_size)"
+        )
+    for key in ("inner_lr", "inner_lr_start", "inner_grad_clip"):
+        value = getattr(e2e, key)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"model.e2e.{key}={value} must be a finite number >= 0")
+    if not 0 <= e2e.inner_lr_warmup_fraction < 1:
+        raise ValueError(
+            f"model.e2e.inner_lr_warmup_fraction={e2e.inner_lr_warmup_fraction} must be in [0, 1)"
+        )
+    for key, kind in (("inner_loss", "model_inner_loss"), ("update_rule", "model_update_rule")):
+        name, choices = getattr(e2e, key), available(kind)
+        if name not in choices:
+            hint = get_registry().broken_hint(kind, name)  # a broken plugin that provides it, if any
+            raise ValueError(
+                f"model.e2e.{key}={name!r} is not a registered {kind}; registered: {choices} "
+                f"(`innerloop plugins` lists them with their sources). {hint}".rstrip()
+            )

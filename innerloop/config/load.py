@@ -223,7 +223,7 @@ def _check_trainer_names(run: RunConfig) -> None:
     choices = {
         "trainer.strategy": (run.trainer.strategy, ["auto", *_strategies_by_name(StrategyRegistry)]),
         "trainer.accelerator": (run.trainer.accelerator, ["auto", *accelerators]),
-        "trainer.precision": (run.trainer.precision, list(typing.get_args(_PRECISION_INPUT_STR))),
+        "trainer.precision": (run.trainer.precision, ["auto", *typing.get_args(_PRECISION_INPUT_STR)]),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:
@@ -263,6 +263,17 @@ def _strategies_by_name(registry: Any) -> list[str]:
     return names
 
 
+def concrete_precision(precision: str, accelerator: str) -> str:
+    """``trainer.precision`` with ``auto`` made concrete: ``bf16-mixed`` on a CUDA accelerator (named,
+    or ``auto`` with a GPU present), ``32-true`` elsewhere (bf16 autocast is slow on most CPUs)."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    on_cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_cuda else "32-true"
+
+
 def _check_trainer_combination(run: RunConfig) -> None:
     """Let Lightning's own accelerator connector (what ``Trainer`` builds first) judge the combination
     of strategy, accelerator, precision and devices now, not after the run has started: e.g. ``fsdp``
@@ -282,7 +293,10 @@ def _check_trainer_combination(run: RunConfig) -> None:
             warnings.simplefilter("ignore")
             chatter.setLevel(logging.WARNING)
             _AcceleratorConnector(
-                devices=t.devices, accelerator=t.accelerator, strategy=t.strategy, precision=t.precision
+                devices=t.devices,
+                accelerator=t.accelerator,
+                strategy=t.strategy,
+                precision=concrete_precision(t.precision, t.accelerator),
             )
     except (MisconfigurationException, ValueError, ImportError) as err:
         raise ConfigError(

@@ -55,7 +55,8 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     """Lightning Trainer settings. ``strategy`` is any Lightning strategy name (``ddp``,
-    ``ddp_spawn``, ``fsdp``, ...); ``threads`` > 0 sets ``torch.set_num_threads``."""
+    ``ddp_spawn``, ``fsdp``, ...); ``threads`` > 0 sets ``torch.set_num_threads``. ``precision`` is
+    any Lightning precision or ``auto`` (``bf16-mixed`` on a CUDA GPU, ``32-true`` otherwise)."""
 
     max_steps: int = 1000
     val_every: int = 250

@@ -7,6 +7,8 @@ polynomial for the derivative of tanh-GELU.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -14,10 +16,16 @@ import torch.nn.functional as F
 # truncated (0.79788456 vs sqrt(2/pi) = 0.7978845608...), which is visible in float64, so we keep them.
 _GELU_C = 0.79788456
 _GELU_C3 = 0.1070322243
+_GELU_FLAT = 100.0  # |x| beyond which tanh-GELU's derivative is exactly 0 or 1 in float32 and float64
 
 
 def gelu_tanh_derivative(x: torch.Tensor) -> torch.Tensor:
-    """d/dx gelu_tanh(x), exactly as the reference computes it for the inner gradient."""
+    """d/dx gelu_tanh(x), exactly as the reference computes it for the inner gradient.
+
+    ``x`` is clamped to [-100, 100] first: beyond about 10 the tanh is exactly +-1 (the derivative
+    exactly 0 or 1), and the clamp keeps ``x * x`` from overflowing into ``0 * inf = nan`` there.
+    """
+    x = x.clamp(-_GELU_FLAT, _GELU_FLAT)
     tanh_out = torch.tanh(_GELU_C * x * (1 + 0.044715 * x * x))
     return 0.5 * x * ((1 - tanh_out * tanh_out) * (_GELU_C + _GELU_C3 * x * x)) + 0.5 * (1 + tanh_out)
 
@@ -53,11 +61,29 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return _GeluTanh.apply(x)
 
 
+def overflow_safe_scale(x: torch.Tensor) -> torch.Tensor:
+    """A factor per row (``[..., 1]``, detached) that brings rows too large for their squares into a
+    range where they cannot overflow: exactly 1 for every ordinary row (whose numbers are unchanged).
+
+    LayerNorm is invariant to scaling its row, so it may be computed on a scaled copy. A row is
+    scaled (to a largest |value| of ``2**limit``) when its largest |value| exceeds that, with
+    ``limit`` such that ``width * (2 * 2**limit)**2`` stays below the dtype's largest value. The
+    variance of such a row (nonzero: at least an ulp of ``2**limit``, squared) dwarfs any ``eps``,
+    so ``eps`` need not be rescaled with it; the scaling costs one rounding.
+    """
+    max_exponent = math.frexp(torch.finfo(x.dtype).max)[1]  # 128 for float32: max < 2**128
+    limit = (max_exponent - 4 - x.shape[-1].bit_length()) // 2
+    top = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=-1, keepdim=True)
+    return (2.0**limit / top).clamp(max=1.0)
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over the last dim with per-head ``weight``/``bias`` broadcast from the left.
 
-    Written out (rather than ``F.layer_norm``) because the weight carries a head dimension.
+    Written out (rather than ``F.layer_norm``) because the weight carries a head dimension. Rows
+    whose squares would overflow are normalised by a scaled copy (:func:`overflow_safe_scale`).
     """
+    x = x * overflow_safe_scale(x)
     mean = x.mean(dim=-1, keepdim=True)
     var = x.var(dim=-1, keepdim=True, unbiased=False)
     std = torch.sqrt(var + eps)
@@ -70,9 +96,12 @@ def layer_norm_backward(
     """Gradient of ``layer_norm(x)`` w.r.t. ``x`` given the gradient ``grad_y`` of its output.
 
     The closed form the reference fuses with the L2 loss (``ln_fused_l2_bwd``), for any upstream
-    gradient. Differentiable (the outer loop backpropagates through it).
+    gradient. Differentiable (the outer loop backpropagates through it). Overflow-safe like
+    :func:`layer_norm`: the statistics of a scaled row ``s x`` give ``d/dx = s d/d(s x)``.
     """
     dim = x.shape[-1]
+    scale = overflow_safe_scale(x)
+    x = x * scale
     mean = x.mean(dim=-1, keepdim=True)
     var = x.var(dim=-1, keepdim=True, unbiased=False)
     std = torch.sqrt(var + eps)
@@ -86,6 +115,7 @@ def layer_norm_backward(
             - x_hat * (grad_x_hat * x_hat).sum(dim=-1, keepdim=True)
         )
         / std
+        * scale
     )
 
 
@@ -173,6 +203,7 @@ __all__ = [
     "gelu_tanh_derivative",
     "is_power_of_two",
     "layer_norm",
+    "overflow_safe_scale",
     "layer_norm_backward",
     "relative_error",
     "rope_cos_sin",

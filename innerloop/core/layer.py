@@ -17,6 +17,8 @@ The inner model, inner loss and update rule are plugins resolved by name through
 
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -30,10 +32,15 @@ from innerloop.core.functional import (
     rope_cos_sin,
     rope_inverse_frequencies,
 )
+from innerloop.core.identity import identity_label, registered_mismatch
 from innerloop.core.protocol import InnerLoss, InnerModel, InnerTask, UpdateRule, Views
 from innerloop.core.state import StateSignature, TTTState
 
 NON_FINITE_POLICIES = ("raise", "ignore")
+# The layer builds [K, K] matrices per head and mini-batch (the dual form's causal products) and
+# [K] tables (tau, RoPE positions): beyond this they are too large to be a mini-batch size.
+MAX_MINI_BATCH_SIZE = 65536
+BUILT_IN_PATHS = ("auto", "torch")
 
 
 def _resolve(kind: str, value: Any, expected: type) -> Any:
@@ -47,6 +54,79 @@ def _resolve(kind: str, value: Any, expected: type) -> Any:
     raise TypeError(
         f"{kind}: expected a registered name (str) or an {expected.__name__} instance, got {type(value).__name__}"
     )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_arguments(args: dict[str, Any]) -> None:
+    """One clear error per bad constructor argument: its name, the value given, what is valid."""
+    for name in ("hidden_size", "num_heads", "conv_kernel"):
+        if not _is_int(args[name]) or args[name] < 1:
+            raise ValueError(f"{name} must be a positive integer, got {args[name]!r}")
+    hidden_size, num_heads = args["hidden_size"], args["num_heads"]
+    if hidden_size % num_heads != 0:
+        raise ValueError(
+            f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}); "
+            f"valid num_heads for this width: {[h for h in range(1, hidden_size + 1) if hidden_size % h == 0]}"
+        )
+    if (hidden_size // num_heads) % 2 != 0:
+        raise ValueError(
+            f"head_dim = hidden_size / num_heads = {hidden_size // num_heads} must be even (RoPE rotates pairs)"
+        )
+    mini_batch_size = args["mini_batch_size"]
+    if not _is_int(mini_batch_size) or mini_batch_size < 1:
+        raise ValueError(f"mini_batch_size must be an integer >= 1, got {mini_batch_size!r}")
+    if mini_batch_size > MAX_MINI_BATCH_SIZE:
+        raise ValueError(
+            f"mini_batch_size must be <= {MAX_MINI_BATCH_SIZE} (the layer builds [K, K] matrices per "
+            f"head and mini-batch), got {mini_batch_size}; the paper uses 16"
+        )
+    for name in ("use_gate", "share_qk", "inner_norm", "inner_residual", "needs_double_backward"):
+        if not isinstance(args[name], bool):
+            raise TypeError(f"{name} must be True or False, got {args[name]!r}")
+    if not _is_real(args["base_lr"]):
+        raise ValueError(f"base_lr must be a finite number, got {args['base_lr']!r}")
+    for name in ("rope_theta", "norm_eps"):
+        if not _is_real(args[name]) or args[name] <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {args[name]!r}")
+    if args["non_finite"] not in NON_FINITE_POLICIES:
+        raise ValueError(f"non_finite must be one of {NON_FINITE_POLICIES}, got {args['non_finite']!r}")
+    chunk = args["inference_chunk_size"]
+    if chunk is not None and (not _is_int(chunk) or chunk < 1):
+        raise ValueError(f"inference_chunk_size must be a positive integer or None, got {chunk!r}")
+    if not isinstance(args["kernel"], str):
+        raise ValueError(
+            f"kernel must be 'auto', 'torch' or a registered kernel name, got {args['kernel']!r}"
+        )
+
+
+def _check_kernel_name(
+    kernel: str, model: InnerModel, loss: InnerLoss, rule: UpdateRule, head_dim: int
+) -> None:
+    """A kernel named explicitly must exist for this (model, loss, rule), and they must be the
+    registered plugins it was written for: say so at construction, not at the first mini-batch."""
+    if kernel in BUILT_IN_PATHS:
+        return
+    from innerloop.registry import get_registry  # late import: core must not depend on registry
+
+    matching = [k.name for k in get_registry().kernels_for(model.name, loss.name, rule.name)]
+    if kernel not in matching:
+        raise ValueError(
+            f"kernel={kernel!r} is not a kernel for (inner_model={model.name!r}, inner_loss={loss.name!r}, "
+            f"update_rule={rule.name!r}); valid values: {[*BUILT_IN_PATHS, *matching]}"
+        )
+    for kind, obj in (("inner_model", model), ("inner_loss", loss), ("update_rule", rule)):
+        reason = registered_mismatch(kind, obj, head_dim if kind == "inner_model" else None)
+        if reason is not None:
+            raise ValueError(
+                f"kernel={kernel!r} cannot run this layer: {reason}; use kernel='auto' or 'torch'"
+            )
 
 
 def _output_is_scratch(module: nn.Module) -> bool:
@@ -85,7 +165,10 @@ class TTTLayer(nn.Module):
             ``None`` reads every call at once.
 
     Call ``y, state = layer(x, state=None)`` with ``x [B, T, D]``; ``state`` continues a sequence
-    from any split point (see :class:`innerloop.core.state.TTTState`).
+    from any split point (see :class:`innerloop.core.state.TTTState`). ``x`` and the state are in
+    the weights' dtype, except under ``torch.autocast``: then the projections run in the autocast
+    dtype and the inner scan (state, inner LayerNorm statistics, gradient sums) in the weights' dtype.
+    Every argument is checked at construction or call, with an error naming it and what is valid.
     """
 
     def __init__(
@@ -110,35 +193,8 @@ class TTTLayer(nn.Module):
         inference_chunk_size: int | None = 2048,
     ) -> None:
         super().__init__()
-        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if hidden_size % num_heads != 0:
-            raise ValueError(
-                f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}); "
-                f"valid num_heads for this width: {[h for h in range(1, hidden_size + 1) if hidden_size % h == 0]}"
-            )
-        if not isinstance(mini_batch_size, int) or isinstance(mini_batch_size, bool) or mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be an integer >= 1, got {mini_batch_size!r}")
-        if not isinstance(conv_kernel, int) or conv_kernel < 1:
-            raise ValueError(f"conv_kernel must be an integer >= 1, got {conv_kernel!r}")
-        if non_finite not in NON_FINITE_POLICIES:
-            raise ValueError(f"non_finite must be one of {NON_FINITE_POLICIES}, got {non_finite!r}")
-        if inference_chunk_size is not None and (
-            not isinstance(inference_chunk_size, int)
-            or isinstance(inference_chunk_size, bool)
-            or inference_chunk_size < 1
-        ):
-            raise ValueError(
-                f"inference_chunk_size must be a positive integer or None, got {inference_chunk_size!r}"
-            )
-        if not isinstance(kernel, str):
-            raise ValueError(f"kernel must be 'auto', 'torch' or a registered kernel name, got {kernel!r}")
+        _check_arguments(locals())  # every argument, by name
         head_dim = hidden_size // num_heads
-        if head_dim % 2 != 0:
-            raise ValueError(
-                f"head_dim = hidden_size / num_heads = {head_dim} must be even (RoPE rotates pairs)"
-            )
 
         self.inner_model: InnerModel = _resolve("inner_model", inner_model, InnerModel)
         self.inner_loss: InnerLoss = _resolve("inner_loss", inner_loss, InnerLoss)
@@ -149,6 +205,13 @@ class TTTLayer(nn.Module):
                 f"update_rule={self.update_rule.name!r} cannot run inner_model="
                 f"{self.inner_model.name!r}: {reason}"
             )
+        _check_kernel_name(kernel, self.inner_model, self.inner_loss, self.update_rule, head_dim)
+        # What the state records about the model and loss: their names, qualified by their class
+        # when they are not the registered plugins of those names (see innerloop.core.identity).
+        self._state_labels = (
+            identity_label("inner_model", self.inner_model, head_dim),
+            identity_label("inner_loss", self.inner_loss),
+        )
 
         self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -213,8 +276,8 @@ class TTTLayer(nn.Module):
             num_heads=self.num_heads,
             head_dim=self.head_dim,
             mini_batch_size=self.mini_batch_size,
-            inner_model=self.inner_model.name,
-            inner_loss=self.inner_loss.name,
+            inner_model=self._state_labels[0],
+            inner_loss=self._state_labels[1],
         )
 
     def init_state(self, batch_size: int, like: torch.Tensor | None = None) -> TTTState:
@@ -261,19 +324,65 @@ class TTTLayer(nn.Module):
                 "x contains NaN or inf; a TTT layer would write them into its state. Clean the input, or "
                 "construct the layer with non_finite='ignore' to let them propagate"
             )
+        weights = self.post_norm.weight
+        if x.device != weights.device:
+            raise ValueError(
+                f"x is on {x.device} but the layer's weights are on {weights.device}: move one to the other"
+            )
+        if x.dtype != weights.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x is {x.dtype} but the layer's weights are {weights.dtype}: cast x (x.to({weights.dtype})) "
+                f"or the layer (layer.to({x.dtype})), or run under torch.autocast for mixed precision"
+            )
         if state is not None:
-            if not isinstance(state, TTTState):
-                raise TypeError(f"state must be a TTTState (or None), got {type(state).__name__}")
-            expected = self.signature_for(x.shape[0])
-            if state.signature != expected:
-                differing = {
-                    field: (getattr(state.signature, field), getattr(expected, field))
-                    for field in expected.__dataclass_fields__
-                    if getattr(state.signature, field) != getattr(expected, field)
-                }
+            self._check_state(state, x.shape[0])
+
+    def _check_state(self, state: TTTState, batch_size: int) -> None:
+        """The state must come from a layer like this one, for this batch, in the scan's dtype."""
+        if not isinstance(state, TTTState):
+            raise TypeError(f"state must be a TTTState (or None), got {type(state).__name__}")
+        expected = self.signature_for(batch_size)
+        if state.signature != expected:
+            differing = {
+                field: (getattr(state.signature, field), getattr(expected, field))
+                for field in expected.__dataclass_fields__
+                if getattr(state.signature, field) != getattr(expected, field)
+            }
+            raise ValueError(
+                f"state does not belong to this layer and input: (state's, expected) differ in {differing}"
+            )
+        if not _is_int(state.position) or state.position < 0:
+            raise ValueError(f"state.position must be an integer >= 0, got {state.position!r}")
+        shapes = self.inner_model.param_shapes(self.head_dim)
+        for group in ("params", "pending"):
+            given = {k: tuple(v.shape) for k, v in getattr(state, group).items()}
+            wanted = {k: (batch_size, self.num_heads, *shape) for k, shape in shapes.items()}
+            if given != wanted:
+                raise ValueError(f"state.{group} must have the shapes {wanted}, got {given}")
+        history = state.conv_history.get("shared_qk")
+        wanted_history = (batch_size, self.conv_kernel - 1, self.hidden_size)
+        if self.share_qk and (history is None or tuple(history.shape) != wanted_history):
+            given = None if history is None else tuple(history.shape)
+            raise ValueError(
+                f"state.conv_history['shared_qk'] must be {wanted_history} for this share_qk layer "
+                f"(conv_kernel={self.conv_kernel}), got {given}: pass the state this layer returned, or None"
+            )
+        if not self.share_qk and state.conv_history:
+            raise ValueError(
+                f"state has a conv history {sorted(state.conv_history)} but this layer has share_qk=False: "
+                "it was written by another layer"
+            )
+        weights = self.post_norm.weight
+        for name, tensor in state.tensors().items():
+            if tensor.device != weights.device:
                 raise ValueError(
-                    "state does not belong to this layer and input: (state's, expected) differ in "
-                    f"{differing}"
+                    f"state tensor {name} is on {tensor.device}, the layer on {weights.device}: "
+                    f"move the state with state.to({str(weights.device)!r})"
+                )
+            if tensor.is_floating_point() and tensor.dtype != weights.dtype:
+                raise TypeError(
+                    f"state tensor {name} is {tensor.dtype} but the layer keeps its state in {weights.dtype}: "
+                    f"cast it with state.to({weights.dtype})"
                 )
 
     def _read(self, x: torch.Tensor, state: TTTState) -> tuple[Views, torch.Tensor, torch.Tensor, dict]:
@@ -347,7 +456,7 @@ class TTTLayer(nn.Module):
         self._check_input(x, state)
         self.dispatches = []
         if state is None:
-            state = self.init_state(x.shape[0], like=x)
+            state = self.init_state(x.shape[0])  # in the weights' dtype, also under autocast
         bounds = self._inference_chunks(x, state)
         if len(bounds) == 1:
             return self._forward_chunk(x, state)
@@ -381,7 +490,15 @@ class TTTLayer(nn.Module):
     def _forward_chunk(self, x: torch.Tensor, state: TTTState) -> tuple[torch.Tensor, TTTState]:
         batch, tokens, _ = x.shape
         views, lr, tau, conv_history = self._read(x, state)
-        inner_out, new_state = self.update_rule.forward(state, self.inner_task(), views, lr, tau)
+        # Under autocast the projections ran in low precision; the inner scan (state, inner LayerNorm
+        # statistics, gradient sums) runs in the weights' dtype (float32) with autocast off.
+        mixed = torch.is_autocast_enabled(x.device.type)
+        if mixed:
+            dtype = self.post_norm.weight.dtype
+            views = Views(*(v.to(dtype) for v in (views.query, views.key, views.value)))
+            lr, tau = lr.to(dtype), tau.to(dtype)
+        with torch.autocast(x.device.type, enabled=False) if mixed else nullcontext():
+            inner_out, new_state = self.update_rule.forward(state, self.inner_task(), views, lr, tau)
         new_state = replace(new_state, conv_history=conv_history)
 
         out = inner_out.transpose(1, 2).reshape(batch, tokens, self.hidden_size)  # [B, T, D]

@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from innerloop.core.protocol import InnerTask, Params
+from innerloop.core.identity import registered_mismatch
+from innerloop.core.protocol import InnerTask, Params, UpdateRule
 from innerloop.core.scan import ChunkInputs
 from innerloop.kernels.spec import KernelInputs, KernelSpec
 
@@ -49,12 +50,28 @@ def kernel_inputs(
     )
 
 
-def select_kernel(rule_name: str, task: InnerTask, inputs: KernelInputs) -> tuple[KernelSpec | None, str]:
+def impostor_reason(rule: UpdateRule, task: InnerTask, head_dim: int) -> str | None:
+    """None when the model, loss and rule are the registered ones of their names (or compute the
+    same), else why the kernels registered for those names do not apply."""
+    for kind, obj in (("inner_model", task.model), ("inner_loss", task.loss), ("update_rule", rule)):
+        reason = registered_mismatch(kind, obj, head_dim if kind == "inner_model" else None)
+        if reason is not None:
+            return f"{reason}; kernels registered for that name do not compute it"
+    return None
+
+
+def select_kernel(rule: UpdateRule, task: InnerTask, inputs: KernelInputs) -> tuple[KernelSpec | None, str]:
     """The kernel to run (or None for torch) and a sentence saying why."""
     if task.kernel == TORCH_PATH:
         return None, "torch path forced (kernel='torch')"
     from innerloop.registry import get_registry
 
+    rule_name = rule.name
+    impostor = impostor_reason(rule, task, inputs.head_dim)
+    if impostor is not None:
+        if task.kernel != "auto":
+            raise KernelUnavailableError(f"kernel={task.kernel!r} cannot run here: {impostor}")
+        return None, f"torch: {impostor}"
     registry = get_registry()
     candidates = registry.kernels_for(task.model.name, task.loss.name, rule_name)
     if inputs.extra.get("decode"):
@@ -90,7 +107,7 @@ def select_kernel(rule_name: str, task: InnerTask, inputs: KernelInputs) -> tupl
 
 
 def run_aligned_block(
-    rule_name: str,
+    rule: UpdateRule,
     task: InnerTask,
     params: Params,
     chunk: ChunkInputs,
@@ -98,7 +115,7 @@ def run_aligned_block(
     fallback: Callable[[InnerTask, Params, ChunkInputs, torch.Tensor], tuple[torch.Tensor, Params]],
 ) -> tuple[torch.Tensor, Params]:
     """Run whole mini-batches (from a boundary, no pending gradients) on the best path."""
-    kernel, reason = select_kernel(rule_name, task, kernel_inputs(task, chunk, params, tau=tau))
+    kernel, reason = select_kernel(rule, task, kernel_inputs(task, chunk, params, tau=tau))
     if task.on_dispatch is not None:
         task.on_dispatch(kernel.name if kernel is not None else TORCH_PATH, reason)
     if kernel is None:
@@ -117,7 +134,7 @@ def run_aligned_block(
 
 
 def run_decode_token(
-    rule_name: str,
+    rule: UpdateRule,
     task: InnerTask,
     params: Params,
     pending: Params,
@@ -133,7 +150,7 @@ def run_decode_token(
         task, chunk, {**params, **{f"pending.{k}": v for k, v in pending.items()}}, tau=tau_i, decode=True
     )
     try:
-        kernel, reason = select_kernel(rule_name, task, inputs)
+        kernel, reason = select_kernel(rule, task, inputs)
     except KernelUnavailableError as error:  # a named kernel without a usable decode path
         kernel, reason = None, f"torch: {error}"
     if task.on_dispatch is not None:
@@ -159,6 +176,7 @@ def run_decode_token(
 __all__ = [
     "KernelUnavailableError",
     "TORCH_PATH",
+    "impostor_reason",
     "kernel_inputs",
     "run_aligned_block",
     "run_decode_token",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from innerloop.core.functional import overflow_safe_scale
 from innerloop.core.protocol import AffineLayer, Params
 from innerloop.kernels.spec import KernelInputs, KernelSpec
 
@@ -124,11 +125,17 @@ def make_fused_forward(stack: tuple[AffineLayer, ...]):
                 key_pre.append(key_inputs[-1] @ weights[index])
 
             # ---- inner gradient through LN (fused aten ops), then back through the stack
-            xhat, mean, rstd = torch.native_layer_norm(key_pre[-1], [dim], None, None, eps)
+            # (on a copy scaled where squares would overflow: LN is scale-invariant, d/dz = s d/d(sz))
+            scale = overflow_safe_scale(key_pre[-1])  # [BH, K, 1], 1 for ordinary rows
+            scaled = key_pre[-1] * scale
+            xhat, mean, rstd = torch.native_layer_norm(scaled, [dim], None, None, eps)
             grad_xhat = torch.addcmul(shift_n, gamma_sq, xhat)
-            grad = torch.ops.aten.native_layer_norm_backward(
-                grad_xhat, key_pre[-1], [dim], mean, rstd, None, None, [True, False, False]
-            )[0]
+            grad = (
+                torch.ops.aten.native_layer_norm_backward(
+                    grad_xhat, scaled, [dim], mean, rstd, None, None, [True, False, False]
+                )[0]
+                * scale
+            )
             grads = [grad]
             for index in range(len(stack) - 1, 0, -1):
                 weight = weights[index][:, : key_pre[index - 1].shape[-1]]  # without the bias row
@@ -152,7 +159,7 @@ def make_fused_forward(stack: tuple[AffineLayer, ...]):
             outputs.append(z)
 
         z_all = torch.stack(outputs, dim=1).reshape(batch, heads, tokens, dim)  # [B, H, T, f]
-        normed = torch.nn.functional.layer_norm(z_all, [dim], eps=eps)
+        normed = torch.nn.functional.layer_norm(z_all * overflow_safe_scale(z_all), [dim], eps=eps)
         out = torch.addcmul(xq + ln_bias[None, :, None, :], normed, ln_weight[None, :, None, :])
         new_params: Params = {}
         for layer, matrix in zip(stack, weights, strict=True):

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader
 from innerloop.config.load import (
     ConfigError,
     check_resume_changes,
+    concrete_precision,
     flatten_config,
     load_config,
     save_config,
@@ -202,6 +203,16 @@ def build_module(run: RunConfig) -> LanguageModelModule:
     )
 
 
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``trainer.precision`` made concrete (:func:`innerloop.config.load.concrete_precision`); when it
+    was ``auto``, says what it chose in one printed line."""
+    chosen = concrete_precision(precision, accelerator)
+    if precision == "auto":
+        where = "a CUDA GPU" if chosen == "bf16-mixed" else "no CUDA GPU"
+        print(f"trainer.precision=auto: {chosen} ({where} for accelerator={accelerator})")
+    return chosen
+
+
 def build_trainer(run: RunConfig, callbacks: Sequence[Callback] = ()) -> L.Trainer:
     """A Lightning Trainer that checkpoints to ``run.out_dir/last.safetensors`` in safetensors."""
     t = run.trainer
@@ -217,7 +228,7 @@ def build_trainer(run: RunConfig, callbacks: Sequence[Callback] = ()) -> L.Train
         accelerator=t.accelerator,
         devices=t.devices,
         strategy=t.strategy,
-        precision=t.precision,
+        precision=resolve_precision(t.precision, t.accelerator),
         max_steps=t.max_steps,
         max_epochs=-1,  # the training stream is endless; max_steps ends the run
         val_check_interval=t.val_every,

@@ -84,7 +84,12 @@ def test_dispatch_reason_and_switch():
 
 
 def test_forcing_a_kernel_that_cannot_run_is_an_error():
-    layer = TTTLayer(16, 2, mini_batch_size=4, kernel="fused_torch_mlp")  # registered for mlp only
+    with pytest.raises(
+        ValueError, match="kernel='fused_torch_mlp' is not a kernel for \\(inner_model='linear'"
+    ):
+        TTTLayer(16, 2, mini_batch_size=4, kernel="fused_torch_mlp")  # registered for mlp only
+    layer = TTTLayer(16, 2, mini_batch_size=4)
+    layer.kernel = "fused_torch_mlp"  # set after construction: refused at the first mini-batch
     with pytest.raises(KernelUnavailableError, match="is not registered for \\(inner_model='linear'"):
         layer(torch.randn(1, 8, 16))
 

@@ -205,7 +205,9 @@ def test_an_attention_checkpoint_resumed_into_a_ttt_run_is_one_clear_error(tmp_p
     message = str(info.value)
     assert "\n" not in message and repr(str(ckpt)) in message
     # the resume check compares the checkpoint's model config with the run's before any weight is read
-    assert "holds another model than this run's" in message and "model.mixer ('attention' -> 'ttt')" in message
+    assert (
+        "holds another model than this run's" in message and "model.mixer ('attention' -> 'ttt')" in message
+    )
 
 
 def test_resuming_from_a_checkpoint_that_is_not_a_training_one_is_one_clear_error(tmp_path) -> None:

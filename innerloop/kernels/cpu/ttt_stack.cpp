@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -245,6 +246,7 @@ inline T gelu_tanh(T x) {
 
 template <typename T>
 inline T gelu_tanh_derivative(T x) {
+  x = std::min(std::max(x, T(-100)), T(100));  // exactly 0 or 1 beyond; keeps x * x from overflowing
   const T t = tanh_of(T(0.79788456) * x * (T(1) + T(0.044715) * x * x));
   return T(0.5) * x * ((T(1) - t * t) * (T(0.79788456) + T(0.1070322243) * x * x)) + T(0.5) * (T(1) + t);
 }
@@ -281,13 +283,29 @@ inline T sum_over(int64_t n, Term term) {
   return total;
 }
 
-// Mean and 1/std of one row, as torch's layer_norm computes them (biased variance).
+// Mean and 1/std of one row, as torch's layer_norm computes them (biased variance). A row whose
+// squares could overflow (largest |value| above 2^limit, limit as in overflow_safe_scale in
+// core/functional.py) takes its moments on a copy scaled to a largest |value| of 2^limit: LayerNorm is
+// scale-invariant, and such a row's variance dwarfs eps. Ordinary rows are computed as before.
 template <typename T>
 inline void row_moments(int64_t width, const T* row, T eps, T* mean_out, T* rstd_out) {
-  const T mean = sum_over<T>(width, [&](int64_t i) { return row[i]; }) / T(width);
-  const T sq = sum_over<T>(width, [&](int64_t i) { return (row[i] - mean) * (row[i] - mean); });
-  *mean_out = mean;
-  *rstd_out = T(1) / std::sqrt(sq / T(width) + eps);
+  T top = T(0);
+  for (int64_t i = 0; i < width; ++i) top = std::max(top, std::abs(row[i]));  // NaN leaves top alone
+  int bits = 0;
+  for (int64_t w = width; w > 0; w >>= 1) ++bits;
+  const T limit = std::ldexp(T(1), (std::numeric_limits<T>::max_exponent - 4 - bits) / 2);
+  if (!(top > limit)) {  // ordinary rows (and NaN ones), the common case: no scaling at all
+    const T mean = sum_over<T>(width, [&](int64_t i) { return row[i]; }) / T(width);
+    const T sq = sum_over<T>(width, [&](int64_t i) { return (row[i] - mean) * (row[i] - mean); });
+    *mean_out = mean;
+    *rstd_out = T(1) / std::sqrt(sq / T(width) + eps);
+    return;
+  }
+  const T scale = limit / top;
+  const T mean = sum_over<T>(width, [&](int64_t i) { return row[i] * scale; }) / T(width);
+  const T sq = sum_over<T>(width, [&](int64_t i) { return (row[i] * scale - mean) * (row[i] * scale - mean); });
+  *mean_out = mean / scale;
+  *rstd_out = scale / std::sqrt(sq / T(width) + eps);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -392,7 +410,7 @@ void run_pair(const InnerloopStackArgs& args, int64_t pair, Workspace<T>& ws) {
           g_row[c] = gamma[c] * (gamma[c] * xhat + beta[c] - xv_row[c] + xk_row[c]);
         }
         const T sum_g = sum_over<T>(out_features, [&](int64_t c) { return g_row[c]; });
-        const T sum_gx = sum_over<T>(out_features, [&](int64_t c) { return g_row[c] * (z_row[c] - mean) * rstd; });
+        const T sum_gx = sum_over<T>(out_features, [&](int64_t c) { return g_row[c] * ((z_row[c] - mean) * rstd); });
         const T inv_width = T(1) / T(out_features);
         for (int64_t c = 0; c < out_features; ++c) {
           const T xhat = (z[i * out_features + c] - mean) * rstd;
@@ -535,7 +553,7 @@ void decode_pair(const InnerloopDecodeArgs& args, int64_t pair, Workspace<T>& ws
     for (int64_t c = 0; c < out_features; ++c)
       g[c] = gamma[c] * (gamma[c] * ((z[c] - mean) * rstd) + beta[c] - xv[c] + xk[c]);
     const T sum_g = sum_over<T>(out_features, [&](int64_t c) { return g[c]; });
-    const T sum_gx = sum_over<T>(out_features, [&](int64_t c) { return g[c] * (z[c] - mean) * rstd; });
+    const T sum_gx = sum_over<T>(out_features, [&](int64_t c) { return g[c] * ((z[c] - mean) * rstd); });
     for (int64_t c = 0; c < out_features; ++c)
       g[c] = rstd * (g[c] - sum_g / T(out_features) - (z[c] - mean) * rstd * sum_gx / T(out_features));
   }

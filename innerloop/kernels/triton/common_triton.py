@@ -44,12 +44,20 @@ def store_matrix(ptr, value, R: tl.constexpr, C: tl.constexpr):
 
 @triton.jit
 def ln_normalize(x, F: tl.constexpr, eps):
-    """Row-wise LayerNorm statistics of ``x [BK, F]``: returns ``(x_hat, rstd [BK])``."""
-    mean = tl.sum(x, axis=1) / F
-    xc = x - mean[:, None]
+    """Row-wise LayerNorm statistics of ``x [BK, F]``: returns ``(x_hat, rstd [BK])``.
+
+    A row whose squares could overflow (largest |value| above 2**50, F <= 128) is normalised as a copy
+    scaled down to that size (LayerNorm is scale-invariant; see overflow_safe_scale in
+    core/functional.py); ``rstd`` is the row's own. Ordinary rows have scale 1 and are unchanged.
+    """
+    top = tl.max(tl.abs(x), axis=1)
+    scale = tl.minimum(1125899906842624.0 / top, 1.0)  # 2**50 / top, at most 1
+    xs = x * scale[:, None]
+    mean = tl.sum(xs, axis=1) / F
+    xc = xs - mean[:, None]
     var = tl.sum(xc * xc, axis=1) / F
-    rstd = 1.0 / tl.sqrt(var + eps)
-    return xc * rstd[:, None], rstd
+    rstd_scaled = 1.0 / tl.sqrt(var + eps)
+    return xc * rstd_scaled[:, None], rstd_scaled * scale
 
 
 @triton.jit
@@ -132,6 +140,7 @@ def gelu_tanh(x):
 @triton.jit
 def gelu_tanh_grad(x):
     """The reference's polynomial for d/dx gelu_tanh (truncated constants kept)."""
+    x = tl.minimum(tl.maximum(x, -100.0), 100.0)  # flat beyond; keeps x * x finite
     t = tanh(0.79788456 * x * (1.0 + 0.044715 * x * x))
     return 0.5 * x * ((1.0 - t * t) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1.0 + t)
 
@@ -139,6 +148,7 @@ def gelu_tanh_grad(x):
 @triton.jit
 def gelu_tanh_grad2(x):
     """d/dx of :func:`gelu_tanh_grad` (the exact derivative of that polynomial)."""
+    x = tl.minimum(tl.maximum(x, -100.0), 100.0)  # flat beyond; keeps x * x finite
     t = tanh(0.79788456 * x * (1.0 + 0.044715 * x * x))
     sech2 = 1.0 - t * t
     du = 0.79788456 * (1.0 + 3.0 * 0.044715 * x * x)  # derivative of the tanh argument

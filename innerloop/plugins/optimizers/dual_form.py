@@ -150,7 +150,7 @@ class DualForm(UpdateRule):
                     last += 1
                 block = Segment(seg.start, segments[last].end, 0, closes_mini_batch=True)
                 out, params = run_aligned_block(
-                    self.name, task, params, chunk.segment(block), tau, fallback=dual_aligned_block
+                    self, task, params, chunk.segment(block), tau, fallback=dual_aligned_block
                 )
                 outputs.append(out)
                 index = last + 1
@@ -158,7 +158,7 @@ class DualForm(UpdateRule):
             seg_tau = tau[seg.offset : seg.offset + seg.length]
             if seg.length == 1:  # decoding: a kernel's one-token path, if one verifies
                 decoded = run_decode_token(
-                    self.name, task, params, pending, chunk.segment(seg), seg_tau[0], seg.closes_mini_batch
+                    self, task, params, pending, chunk.segment(seg), seg_tau[0], seg.closes_mini_batch
                 )
                 if decoded is not None:
                     out, params, pending = decoded

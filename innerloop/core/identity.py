@@ -1,0 +1,61 @@
+"""Whether a plugin object is the one registered under its name (or computes the same thing).
+
+Kernels are registered for names (``KernelSpec.inner_model``, ``inner_loss``, ``update_rule``) and a
+state records the names of the model and loss that wrote it. A name alone proves nothing: any
+instance may set ``name = "linear"``. These helpers settle what an object *is*:
+
+- an inner model is the registered one if it is that object, or if it declares the same structure:
+  an equal stack of affine layers and activations (:attr:`InnerModel.stack`, compared field by
+  field, activation functions by identity) and equal parameter shapes at the head dim in use;
+- an inner loss or update rule is the registered one if it is that object or an instance of exactly
+  its class (a subclass may override anything, so it is a different object).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+KIND_OF = {"inner_model": "inner model", "inner_loss": "inner loss", "update_rule": "update rule"}
+
+
+def _registered(kind: str, name: str) -> Any | None:
+    from innerloop.registry import get_registry  # late import: core must not depend on the registry
+
+    try:
+        return get_registry().get(kind, name)
+    except ValueError:
+        return None
+
+
+def _same_model(model: Any, registered: Any, head_dim: int | None) -> bool:
+    if model.stack is None or model.stack != registered.stack:
+        return False
+    return head_dim is None or model.param_shapes(head_dim) == registered.param_shapes(head_dim)
+
+
+def registered_mismatch(kind: str, obj: Any, head_dim: int | None = None) -> str | None:
+    """None if ``obj`` is (or computes exactly what) the plugin registered under ``obj.name`` is,
+    else a sentence saying why not. ``kind`` is ``"inner_model"``, ``"inner_loss"`` or
+    ``"update_rule"``; ``head_dim`` (models) also compares parameter shapes."""
+    registered = _registered(kind, obj.name)
+    if registered is obj:
+        return None
+    what = f"{KIND_OF[kind]} {obj.name!r} ({type(obj).__module__}.{type(obj).__qualname__})"
+    if registered is None:
+        return f"{what} is not registered under that name"
+    same = _same_model(obj, registered, head_dim) if kind == "inner_model" else type(obj) is type(registered)
+    if same:
+        return None
+    detail = "a different stack or parameter shapes" if kind == "inner_model" else "a different class"
+    return f"{what} reuses the name of the registered {type(registered).__qualname__} but has {detail}"
+
+
+def identity_label(kind: str, obj: Any, head_dim: int | None = None) -> str:
+    """The name of ``obj`` when it is the registered plugin of that name, else the name qualified by
+    its class (so that states written by an impostor are not taken for the registered model's)."""
+    if registered_mismatch(kind, obj, head_dim) is None:
+        return obj.name
+    return f"{obj.name} (unregistered {type(obj).__module__}.{type(obj).__qualname__})"
+
+
+__all__ = ["identity_label", "registered_mismatch"]

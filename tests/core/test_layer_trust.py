@@ -1,0 +1,429 @@
+"""The layer never answers silently wrong (issue 9, items 1, 2, 3 and 17).
+
+- Kernels are chosen by what the inner model, loss and update rule *are*, never by their names.
+- Under autocast (bf16, fp16) every path runs its inner scan in float32 and matches float32 to the
+  precision of the dtype, forward and backward.
+- Huge finite inputs give on every path what they give on the torch path.
+- Every bad constructor or forward argument fails at once, with one line naming it and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from innerloop import TTTLayer
+from innerloop.core.functional import gelu_tanh_derivative, relative_error
+from innerloop.core.protocol import Activation, AffineLayer, InnerLoss, LossPairs, StackModel
+from innerloop.plugins.losses.reconstruction import Reconstruction
+from innerloop.plugins.models.linear import LinearModel
+from innerloop.plugins.optimizers.dual_form import DualForm
+
+# --------------------------------------------------------------------------------------------------
+# 1. Kernels by identity, not by name
+# --------------------------------------------------------------------------------------------------
+
+TANH = Activation("tanh", torch.tanh, lambda z: 1 - torch.tanh(z) ** 2)
+
+
+class TanhImpostor(StackModel):
+    """Calls itself "linear" but is ``tanh(x W + b)``: the linear kernels do not compute it."""
+
+    name = "linear"
+
+    @property
+    def stack(self) -> tuple[AffineLayer, ...]:
+        return (AffineLayer("W1", "b1", TANH),)
+
+    def param_shapes(self, head_dim: int) -> dict[str, tuple[int, ...]]:
+        return {"W1": (head_dim, head_dim), "b1": (1, head_dim)}
+
+    def init_params(self, num_heads, head_dim, generator=None):
+        return {
+            "W1": torch.randn(num_heads, head_dim, head_dim) * 0.5,
+            "b1": torch.zeros(num_heads, 1, head_dim),
+        }
+
+
+class LinearLookalike(TanhImpostor):
+    """Unregistered, named "linear", and declaring exactly the linear stack: the kernels compute it."""
+
+    @property
+    def stack(self) -> tuple[AffineLayer, ...]:
+        return LinearModel().stack
+
+
+class DoubledLoss(InnerLoss):
+    """Calls itself "reconstruction" but weighs the error twice: the kernels do not compute it."""
+
+    name = "reconstruction"
+
+    def pairs(self, views, carry) -> LossPairs:
+        return LossPairs(inputs=views.key, targets=views.value, valid=None, carry={})
+
+    def token_loss(self, prediction, target):
+        return (prediction - target).pow(2).sum(dim=-1)
+
+    def token_loss_grad(self, prediction, target):
+        return 2 * (prediction - target)
+
+
+class RenamedDualForm(DualForm):
+    """A subclass may override anything: it is not the registered rule, whatever its name."""
+
+
+def _twins(**options) -> tuple[TTTLayer, TTTLayer]:
+    torch.manual_seed(0)
+    auto = TTTLayer(16, 2, mini_batch_size=4, **options)
+    reference = TTTLayer(16, 2, mini_batch_size=4, kernel="torch", **options)
+    reference.load_state_dict(auto.state_dict())
+    return auto, reference
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize(
+    "options",
+    [{"inner_model": TanhImpostor()}, {"inner_loss": DoubledLoss()}],
+    ids=["model", "loss"],
+)
+def test_an_impostor_runs_on_the_torch_path_and_says_why(options, grad):
+    auto, reference = _twins(**options)
+    x = torch.randn(2, 8, 16)
+    with torch.set_grad_enabled(grad):
+        y, state = auto(x)
+        y_ref, state_ref = reference(x)
+    assert [path for path, _ in auto.dispatches] == ["torch"]
+    assert "reuses the name of the registered" in auto.dispatches[0][1]
+    assert torch.equal(y, y_ref)
+    assert all(torch.equal(state.params[k], state_ref.params[k]) for k in state.params)
+    with torch.set_grad_enabled(grad):  # decoding one token: no kernel's decode either
+        y, _ = auto(x[:, :1], state)
+        y_ref, _ = reference(x[:, :1], state_ref)
+    assert [path for path, _ in auto.dispatches] == ["torch"] and torch.equal(y, y_ref)
+
+
+def test_an_update_rule_subclass_reusing_the_name_gets_no_kernel():
+    rule = RenamedDualForm()
+    assert rule.name == "dual_form"
+    auto, _ = _twins(update_rule=rule)
+    with torch.no_grad():
+        auto(torch.randn(1, 8, 16))
+    path, reason = auto.dispatches[0]
+    assert path == "torch" and "update rule 'dual_form'" in reason and "a different class" in reason
+
+
+def test_a_model_that_declares_the_registered_stack_keeps_its_kernels():
+    auto, reference = _twins(inner_model=LinearLookalike())
+    x = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        y, _ = auto(x)
+        y_ref, _ = reference(x)
+    assert auto.dispatches[0][0] in ("cpu_ttt_linear", "fused_torch_linear")
+    assert relative_error(y, y_ref) < 1e-5  # float32: kernels and torch differ in rounding only
+
+
+@pytest.mark.parametrize("kernel", ["fused_torch_linear", "cpu_ttt_linear"])
+def test_forcing_a_kernel_on_an_impostor_is_refused_at_construction(kernel):
+    with pytest.raises(
+        ValueError, match=f"kernel='{kernel}' cannot run this layer: inner model 'linear'.*TanhImpostor"
+    ):
+        TTTLayer(16, 2, inner_model=TanhImpostor(), kernel=kernel)
+
+
+def test_a_state_written_by_an_impostor_is_refused_by_the_registered_model():
+    impostor = TTTLayer(16, 2, inner_model=TanhImpostor(), mini_batch_size=4)
+    _, state = impostor(torch.randn(1, 5, 16))
+    with pytest.raises(
+        ValueError, match=r"inner_model': \('linear \(unregistered .*TanhImpostor\)', 'linear'\)"
+    ):
+        TTTLayer(16, 2, mini_batch_size=4)(torch.randn(1, 1, 16), state)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Mixed precision
+# --------------------------------------------------------------------------------------------------
+
+# How close a mixed-precision run must be to float32, in units of the dtype's unit roundoff
+# u = eps / 2 (2**-8 for bf16, 2**-11 for fp16). Forward, the autocast run rounds six quantities
+# once each to the dtype: x and the projection weights (as operands), the views, the post-norm output
+# and o_proj's weight (as operands), and o_proj's output; each is a relative error <= u and the inner
+# scan (float32, LayerNorm-wrapped) has a gain of about one, so outputs and states are within 6u. The
+# backward rounds the same six quantities once more: the gradient (all parameters as one vector) is
+# within 12u.
+FORWARD_ULPS, GRADIENT_ULPS = 6, 12
+MIXED_PATHS = {
+    "torch": {"kernel": "torch"},
+    "fused_torch": {"kernel": "auto"},  # with autograd, auto is the fused torch path on CPU
+    "cpu_kernel": {"kernel": "auto"},  # without autograd, auto is the compiled kernel (if it builds)
+    "minibatch_gd": {"kernel": "torch", "update_rule": "minibatch_gd"},
+}
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.flatten() for t in tensors])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+@pytest.mark.parametrize("path", list(MIXED_PATHS))
+def test_autocast_runs_the_scan_in_float32_and_matches_float32(path, model, dtype, request):
+    if path == "cpu_kernel":
+        request.getfixturevalue("cpu_kernels")
+    grad = path != "cpu_kernel"  # the compiled kernel is inference only
+    torch.manual_seed(0)
+    base_lr = 1.0 if model == "linear" else 0.1
+    layer = TTTLayer(32, 2, inner_model=model, mini_batch_size=8, base_lr=base_lr, **MIXED_PATHS[path])
+    x = torch.randn(2, 32, 32)
+    params = list(layer.parameters())
+    with torch.set_grad_enabled(grad):
+        y32, state32 = layer(x)
+        with torch.autocast("cpu", dtype=dtype):
+            y, state = layer(x)
+        if grad:
+            grads32 = torch.autograd.grad(y32.square().sum(), params)
+            grads = torch.autograd.grad(y.float().square().sum(), params)
+
+    expected_path = {"fused_torch": f"fused_torch_{model}", "cpu_kernel": f"cpu_ttt_{model}"}.get(
+        path, "torch"
+    )
+    assert {p for p, _ in layer.dispatches} <= {expected_path}
+    assert y.dtype == dtype  # o_proj ran under autocast
+    assert all(t.dtype == torch.float32 for t in state.tensors().values())
+    u = torch.finfo(dtype).eps / 2
+    assert relative_error(y.float(), y32) < FORWARD_ULPS * u
+    for key in state.params:
+        assert relative_error(state.params[key], state32.params[key]) < FORWARD_ULPS * u
+    if grad:
+        assert relative_error(_flat(grads), _flat(grads32)) < GRADIENT_ULPS * u
+
+
+def test_autocast_continues_a_state_and_a_share_qk_conv_history():
+    torch.manual_seed(0)
+    layer = TTTLayer(16, 2, mini_batch_size=4, share_qk=True, use_gate=True)
+    x = torch.randn(1, 10, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, state = layer(x[:, :5])
+        y, state = layer(x[:, 5:], state)
+    y.float().sum().backward()
+    assert all(t.dtype == torch.float32 for t in state.tensors().values())
+    assert torch.isfinite(x.grad).all()
+
+
+# A language model and a run small enough for a few seconds on a CPU (as in tests/train/test_train.py).
+TINY_RUN = [
+    "model.hidden_size=32",
+    "model.num_heads=2",
+    "model.intermediate_size=64",
+    "model.num_layers=2",
+    "model.ttt.mini_batch_size=8",
+    "data.seq_len=32",
+    "data.batch_size=4",
+    "data.val_batches=1",
+    "trainer.val_every=4",
+    "trainer.checkpoint_every=2",
+    "trainer.progress_bar=false",
+    "trainer.num_position_buckets=4",
+    "trainer.max_steps=3",
+]
+
+
+@pytest.mark.slow  # a whole (tiny) Lightning run per model: about 8 s
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_bf16_mixed_training_on_cpu_is_finite_and_moves_the_weights(model, tmp_path):
+    import lightning as L
+
+    from innerloop.config import load_config
+    from innerloop.train import build_module, load_model, train
+
+    overrides = ["trainer.precision=bf16-mixed", f"model.ttt.inner_model={model}", f"out_dir={tmp_path}"]
+    run, cfg = load_config("tiny", [*TINY_RUN, *overrides])
+    L.seed_everything(run.seed, verbose=False)
+    initial = {k: v.clone() for k, v in build_module(run).model.state_dict().items()}
+    result = train(run, cfg)  # seeds the same way, so it starts from `initial`
+    assert math.isfinite(result.metrics["val_loss"])
+    trained = load_model(result.checkpoint).state_dict()
+    ttt_weights = [k for k in trained if ".initial_params." in k or "learnable_ttt_lr" in k]
+    assert ttt_weights
+    for name, value in trained.items():
+        assert torch.isfinite(value).all(), name
+    for name in [*ttt_weights, "embed.weight"]:
+        assert not torch.equal(trained[name], initial[name]), f"{name} did not move in 3 steps"
+
+
+def test_preset_precision_auto_is_32_true_on_a_cpu(capsys):
+    from innerloop.config import load_config
+    from innerloop.train.run import resolve_precision
+
+    run, _ = load_config("ttt-linear-125m")
+    assert run.trainer.precision == "auto"
+    assert resolve_precision("auto", "cpu") == "32-true"
+    assert (
+        capsys.readouterr().out.strip() == "trainer.precision=auto: 32-true (no CUDA GPU for accelerator=cpu)"
+    )
+    assert resolve_precision("auto", "cuda") == "bf16-mixed"
+    assert resolve_precision("16-mixed", "cpu") == "16-mixed"  # an explicit choice is kept
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Huge finite inputs
+# --------------------------------------------------------------------------------------------------
+
+# Each path with the autograd mode it runs in (the compiled kernel infers, fused torch trains).
+LARGE_PATHS = [
+    ("fused_torch", {"kernel": "fused_torch_{model}"}, True),
+    ("cpu_kernel", {"kernel": "cpu_ttt_{model}"}, False),
+    ("minibatch_gd", {"kernel": "torch", "update_rule": "minibatch_gd"}, False),
+    ("minibatch_gd", {"kernel": "torch", "update_rule": "minibatch_gd"}, True),
+]
+
+
+@pytest.mark.parametrize("scale", [1e10, 1e15, 1e30])
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+@pytest.mark.parametrize(
+    ("path", "options", "grad"),
+    LARGE_PATHS,
+    ids=[f"{p}-{'training' if g else 'inference'}" for p, _, g in LARGE_PATHS],
+)
+def test_huge_inputs_give_what_the_torch_path_gives(path, options, grad, model, scale, request):
+    if path == "cpu_kernel":
+        request.getfixturevalue("cpu_kernels")
+    options = {k: v.format(model=model) for k, v in options.items()}
+    torch.manual_seed(0)
+    layer = TTTLayer(16, 2, inner_model=model, mini_batch_size=4, **options)
+    reference = TTTLayer(16, 2, inner_model=model, mini_batch_size=4, kernel="torch")
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 12, 16) * scale
+    with torch.set_grad_enabled(grad):
+        y, state = layer(x)
+        y_ref, state_ref = reference(x)
+    # At least as stable: finite wherever the torch path is, and equal there (float32 rounding).
+    pairs = [(y, y_ref)] + [(state.params[k], state_ref.params[k]) for k in state.params]
+    for actual, expected in pairs:
+        finite = torch.isfinite(expected)
+        assert torch.isfinite(actual[finite]).all()
+        if finite.any():
+            assert relative_error(actual[finite], expected[finite]) < 1e-4
+    # The inner weights grow like the input, so the dual form's products of two inputs (x . x for the
+    # linear model) overflow float32 only beyond about 1e19; the MLP's hidden activations grow like x^2,
+    # so its products overflow already near 1e10 (on the torch path as well).
+    if model == "linear" and scale <= 1e15:
+        assert torch.isfinite(y).all() and state.is_finite()
+        assert torch.isfinite(y_ref).all() and state_ref.is_finite()
+
+
+@pytest.mark.parametrize("scale", [1e10, 1e15])
+def test_the_torch_path_on_huge_inputs_is_right_not_just_finite(scale):
+    """Float32 against float64 (where nothing overflows): the LayerNorm of a huge row is its true
+    LayerNorm, not a degenerate one."""
+    torch.manual_seed(0)
+    layer = TTTLayer(16, 2, mini_batch_size=4, kernel="torch")
+    wide = TTTLayer(16, 2, mini_batch_size=4, kernel="torch").double()
+    wide.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 12, 16) * scale
+    with torch.no_grad():
+        y, _ = layer(x)
+        y64, _ = wide(x.double())
+    assert relative_error(y.double(), y64) < 1e-5  # float32 rounding (1e-7) through three mini-batches
+
+
+def test_gelu_derivative_of_huge_values_is_finite():
+    """The MLP's backward through its activation at huge pre-activations (used by every path)."""
+    assert torch.isfinite(gelu_tanh_derivative(torch.tensor([1e30, -1e30, 1e38]))).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# 17. One clear line for every bad argument
+# --------------------------------------------------------------------------------------------------
+
+
+def test_an_unknown_kernel_fails_at_construction_listing_the_valid_ones():
+    with pytest.raises(ValueError) as error:
+        TTTLayer(16, 2, kernel="fused")
+    message = str(error.value)
+    assert "kernel='fused' is not a kernel for (inner_model='linear'" in message
+    assert (
+        "'auto', 'torch'" in message and "'fused_torch_linear'" in message and "'cpu_ttt_linear'" in message
+    )
+    assert "'fused_torch_mlp'" not in message  # another model's kernel is not valid here
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "message"),
+    [
+        ("mini_batch_size", 10**9, "mini_batch_size must be <= 65536 .* got 1000000000"),
+        ("base_lr", float("nan"), "base_lr must be a finite number, got nan"),
+        ("base_lr", "1.0", "base_lr must be a finite number, got '1.0'"),
+        ("rope_theta", 0.0, "rope_theta must be a finite number > 0, got 0.0"),
+        ("rope_theta", float("inf"), "rope_theta must be a finite number > 0, got inf"),
+        ("norm_eps", -1e-6, "norm_eps must be a finite number > 0, got -1e-06"),
+        ("conv_kernel", True, "conv_kernel must be a positive integer, got True"),
+        ("use_gate", "false", "use_gate must be True or False, got 'false'"),
+        ("share_qk", 1, "share_qk must be True or False, got 1"),
+        ("inner_norm", None, "inner_norm must be True or False, got None"),
+        ("inner_residual", "yes", "inner_residual must be True or False, got 'yes'"),
+        ("needs_double_backward", 0, "needs_double_backward must be True or False, got 0"),
+    ],
+)
+def test_bad_constructor_arguments_name_themselves(argument, value, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        TTTLayer(16, 2, **{argument: value})
+
+
+def test_input_of_another_dtype_than_the_weights():
+    layer = TTTLayer(16, 2)
+    with pytest.raises(
+        TypeError, match=r"x is torch.float64 but the layer's weights are torch.float32: cast x"
+    ):
+        layer(torch.randn(1, 4, 16, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast, lower-precision inputs are expected
+        layer(torch.randn(1, 4, 16, dtype=torch.bfloat16))
+
+
+def test_a_state_of_another_dtype():
+    layer = TTTLayer(16, 2, mini_batch_size=4)
+    _, state = layer(torch.randn(1, 5, 16))
+    with pytest.raises(
+        TypeError, match=r"state tensor params.W1 is torch.float64 .* state.to\(torch.float32\)"
+    ):
+        layer(torch.randn(1, 1, 16), state.to(torch.float64))
+
+
+def test_a_share_qk_state_without_or_with_the_wrong_conv_history():
+    plain = TTTLayer(16, 2, mini_batch_size=4)
+    shared = TTTLayer(16, 2, mini_batch_size=4, share_qk=True, conv_kernel=4)
+    _, plain_state = plain(torch.randn(1, 5, 16))
+    with pytest.raises(ValueError, match=r"conv_history\['shared_qk'\] must be \(1, 3, 16\) .* got None"):
+        shared(torch.randn(1, 1, 16), plain_state)
+    other = TTTLayer(16, 2, mini_batch_size=4, share_qk=True, conv_kernel=2)
+    _, other_state = other(torch.randn(1, 5, 16))
+    with pytest.raises(
+        ValueError, match=r"must be \(1, 3, 16\) for this share_qk layer \(conv_kernel=4\), got \(1, 1, 16\)"
+    ):
+        shared(torch.randn(1, 1, 16), other_state)
+    _, shared_state = shared(torch.randn(1, 5, 16))
+    with pytest.raises(
+        ValueError, match="state has a conv history \\['shared_qk'\\] but this layer has share_qk=False"
+    ):
+        plain(torch.randn(1, 1, 16), shared_state)
+
+
+def test_a_state_with_params_of_the_wrong_shape_or_position():
+    layer = TTTLayer(16, 2, mini_batch_size=4)
+    _, state = layer(torch.randn(1, 5, 16))
+    from dataclasses import replace
+
+    broken = replace(state, params={**state.params, "W1": state.params["W1"][..., :4]})
+    with pytest.raises(ValueError, match=r"state.params must have the shapes .*'W1': \(1, 2, 8, 8\)"):
+        layer(torch.randn(1, 1, 16), broken)
+    with pytest.raises(ValueError, match="state.position must be an integer >= 0, got -1"):
+        layer(torch.randn(1, 1, 16), replace(state, position=-1))
+
+
+def test_plain_reconstruction_instance_is_the_registered_loss():
+    """A fresh instance of a registered class is that plugin (no false refusals)."""
+    auto, _ = _twins(inner_loss=Reconstruction())
+    with torch.no_grad():
+        auto(torch.randn(1, 8, 16))
+    assert auto.dispatches[0][0] != "torch"

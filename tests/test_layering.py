@@ -46,12 +46,16 @@ LAYERS: tuple[str, ...] = (
 
 LAZY_IMPORTS: dict[tuple[str, str], str] = {
     ("innerloop.cli", "innerloop"): (
-        "cli imports lazily so that `innerloop --help` and `innerloop --version` stay fast: each "
-        "command imports what it runs (Lightning, omegaconf, the models)"
+        "cli imports lazily so that `innerloop --help` stays fast: each command imports what it runs "
+        "(measured: `import innerloop.cli` 1.9 s, with config, models and train imported 7.4 s)"
     ),
     ("innerloop.core.layer", "innerloop.registry"): (
         "TTTLayer accepts plugin names and resolves them through the registry when it is built; "
         "passing instances never touches the registry"
+    ),
+    ("innerloop.core.identity", "innerloop.registry"): (
+        "whether a plugin object is the one registered under its name (so that a kernel registered "
+        "for that name may run on it) is asked of the registry at call time"
     ),
     ("innerloop.kernels.dispatch", "innerloop.registry"): (
         "dispatch asks the registry which kernels are registered for a (model, loss, rule), at call time"

@@ -35,9 +35,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from innerloop.config import load_config
+from innerloop.data.atomic import atomic_write, atomic_write_text
 from innerloop.models import build_model
 from innerloop.testing.memory import peak_cpu_allocation
-from innerloop.train.atomic import atomic_write, atomic_write_text
 
 # The demo's shape: e2e-tiny with 256-byte sequences (8 windows of 32, 16 chunks of 16).
 COMMON = ["data.seq_len=256", "data.batch_size=8", "data.val_batches=16", "trainer.progress_bar=false"]

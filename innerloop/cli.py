@@ -295,7 +295,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from innerloop.models import generate
-    from innerloop.train.checkpoint import load_model
+    from innerloop.train.module import load_model
 
     # The model reads bytes: take the prompt's own bytes (os.fsencode undoes the surrogate escapes
     # Python uses for command-line bytes that are not valid UTF-8).

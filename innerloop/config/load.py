@@ -24,6 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from innerloop.config.schema import DATASETS, FIELD_BOUNDS, RunConfig
+from innerloop.data.atomic import atomic_write_text
+from innerloop.data.recall import RECALL_VALUES
+from innerloop.data.text import check_text_lengths, resolve_files, text_split_lengths
 from innerloop.models.config import check_keys, validate_model_config
 
 DEFAULT_PRESET = "tiny"
@@ -172,8 +175,6 @@ def _get(obj: Any, key: str) -> Any:
 
 def _check_vocabulary(run: RunConfig) -> None:
     """The model's vocabulary holds every token the data can give (else the embedding fails mid-run)."""
-    from innerloop.train.data import RECALL_VALUES
-
     needed = {"text": 256, "recall": RECALL_VALUES.stop}[run.data.name]
     if run.model.vocab_size < needed:
         raise ConfigError(
@@ -184,8 +185,6 @@ def _check_vocabulary(run: RunConfig) -> None:
 
 def _check_text(run: RunConfig) -> None:
     """The data files exist and hold a training and a validation window (from their sizes)."""
-    from innerloop.train.data import check_text_lengths, resolve_files, text_split_lengths
-
     try:
         files = resolve_files(run.data.paths)
         train_len, val_len = text_split_lengths(files, run.data.val_fraction)
@@ -344,7 +343,5 @@ def check_resume_changes(saved: RunConfig, resumed: RunConfig) -> None:
 
 def save_config(cfg: DictConfig | RunConfig, path: str | os.PathLike[str]) -> Path:
     """Write the resolved config as YAML, atomically; :func:`load_config` reads it back."""
-    from innerloop.train.atomic import atomic_write_text  # (innerloop.train imports this module)
-
     container = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
     return atomic_write_text(path, OmegaConf.to_yaml(container, resolve=True))

@@ -15,9 +15,11 @@ from innerloop.models.config import (
     E2EConfig,
     ModelConfig,
     TTTConfig,
+    validate_e2e_config,
     validate_model_config,
 )
-from innerloop.models.e2e import E2ELM, E2EState, build_model
+from innerloop.models.e2e import E2ELM, E2EState
+from innerloop.models.factory import build_model
 from innerloop.models.generate import generate, sample_next
 from innerloop.models.lm import CausalLM, LMState
 
@@ -43,5 +45,6 @@ __all__ = [
     "build_model",
     "generate",
     "sample_next",
+    "validate_e2e_config",
     "validate_model_config",
 ]

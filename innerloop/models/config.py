@@ -15,8 +15,9 @@ from typing import Any, get_type_hints
 
 from torch import nn
 
-from innerloop.core.layer import TTTLayer
+from innerloop.core.layer import TTTLayer, check_layer_arguments
 from innerloop.models.attention import CausalSelfAttention
+from innerloop.registry import available, get_registry
 
 E2E: str = "e2e"
 """``model.mixer`` of the TTT-E2E model: not a block's mixer but a model of its own (sliding-window
@@ -267,8 +268,6 @@ def validate_model_config(config: ModelConfig) -> None:
     _check_choices(config)
     _check_shapes(config)
     if config.mixer == E2E:
-        from innerloop.models.e2e import validate_e2e_config
-
         validate_e2e_config(config)
     if config.mixer == "ttt":
         _check_ttt(config.ttt)
@@ -306,8 +305,6 @@ def _check_shapes(config: ModelConfig) -> None:
 
 def _check_ttt(ttt: TTTConfig) -> None:
     """The TTT layer's plugins are registered and can run together, and its options are valid."""
-    from innerloop.registry import available, get_registry
-
     for kind in ("inner_model", "inner_loss", "update_rule"):
         name = getattr(ttt, kind)
         choices = available(kind)
@@ -321,8 +318,6 @@ def _check_ttt(ttt: TTTConfig) -> None:
         raise ValueError(f"model.ttt.mini_batch_size={ttt.mini_batch_size} must be >= 1")
     # Some combinations cannot run together (e.g. the dual form needs a stack inner model): the
     # layer's own checks say so now, without building a layer.
-    from innerloop.core.layer import check_layer_arguments
-
     try:
         check_layer_arguments(
             4,
@@ -335,3 +330,35 @@ def _check_ttt(ttt: TTTConfig) -> None:
         )
     except ValueError as err:
         raise ValueError(f"model.ttt: {err}") from None
+
+
+def validate_e2e_config(config: ModelConfig) -> None:
+    """Check ``config.e2e``; raise ``ValueError`` naming the key, its value and what is valid."""
+    e2e = config.e2e
+    if e2e.chunk_size < 2:
+        raise ValueError(
+            f"model.e2e.chunk_size={e2e.chunk_size} must be >= 2 (a chunk trains on its next-token pairs)"
+        )
+    if not 0 < e2e.suffix_fraction <= 1:
+        raise ValueError(f"model.e2e.suffix_fraction={e2e.suffix_fraction} must be in (0, 1]")
+    if e2e.prime_intermediate_size < 0:
+        raise ValueError(
+            f"model.e2e.prime_intermediate_size={e2e.prime_intermediate_size} must be >= 0 "
+            "(0: the same as model.intermediate_size)"
+        )
+    for key in ("inner_lr", "inner_lr_start", "inner_grad_clip"):
+        value = getattr(e2e, key)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"model.e2e.{key}={value} must be a finite number >= 0")
+    if not 0 <= e2e.inner_lr_warmup_fraction < 1:
+        raise ValueError(
+            f"model.e2e.inner_lr_warmup_fraction={e2e.inner_lr_warmup_fraction} must be in [0, 1)"
+        )
+    for key, kind in (("inner_loss", "model_inner_loss"), ("update_rule", "model_update_rule")):
+        name, choices = getattr(e2e, key), available(kind)
+        if name not in choices:
+            hint = get_registry().broken_hint(kind, name)  # a broken plugin that provides it, if any
+            raise ValueError(
+                f"model.e2e.{key}={name!r} is not a registered {kind}; registered: {choices} "
+                f"(`innerloop plugins` lists them with their sources). {hint}".rstrip()
+            )

@@ -24,7 +24,6 @@ reads an arbitrarily long sequence piece by piece in constant memory.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from innerloop.models.attention import CausalSelfAttention, KVCache
 from innerloop.models.blocks import SwiGLU
 from innerloop.models.config import E2E, ModelConfig, validate_model_config
 from innerloop.models.lm import _tensors
+from innerloop.registry import get_registry
 
 # --------------------------------------------------------------------------------------------------
 # Configuration helpers
@@ -48,40 +48,6 @@ from innerloop.models.lm import _tensors
 def num_suffix_blocks(config: ModelConfig) -> int:
     """Blocks with a prime MLP: ``round(suffix_fraction * num_layers)``, at least 1 (3 of 12)."""
     return max(1, round(config.e2e.suffix_fraction * config.num_layers))
-
-
-def validate_e2e_config(config: ModelConfig) -> None:
-    """Check ``config.e2e``; raise ``ValueError`` naming the key, its value and what is valid."""
-    from innerloop.registry import available, get_registry
-
-    e2e = config.e2e
-    if e2e.chunk_size < 2:
-        raise ValueError(
-            f"model.e2e.chunk_size={e2e.chunk_size} must be >= 2 (a chunk trains on its next-token pairs)"
-        )
-    if not 0 < e2e.suffix_fraction <= 1:
-        raise ValueError(f"model.e2e.suffix_fraction={e2e.suffix_fraction} must be in (0, 1]")
-    if e2e.prime_intermediate_size < 0:
-        raise ValueError(
-            f"model.e2e.prime_intermediate_size={e2e.prime_intermediate_size} must be >= 0 "
-            "(0: the same as model.intermediate_size)"
-        )
-    for key in ("inner_lr", "inner_lr_start", "inner_grad_clip"):
-        value = getattr(e2e, key)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"model.e2e.{key}={value} must be a finite number >= 0")
-    if not 0 <= e2e.inner_lr_warmup_fraction < 1:
-        raise ValueError(
-            f"model.e2e.inner_lr_warmup_fraction={e2e.inner_lr_warmup_fraction} must be in [0, 1)"
-        )
-    for key, kind in (("inner_loss", "model_inner_loss"), ("update_rule", "model_update_rule")):
-        name, choices = getattr(e2e, key), available(kind)
-        if name not in choices:
-            hint = get_registry().broken_hint(kind, name)  # a broken plugin that provides it, if any
-            raise ValueError(
-                f"model.e2e.{key}={name!r} is not a registered {kind}; registered: {choices} "
-                f"(`innerloop plugins` lists them with their sources). {hint}".rstrip()
-            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,8 +172,6 @@ class E2ELM(nn.Module):
         if config.mixer != E2E:
             raise ValueError(f"E2ELM needs model.mixer='e2e', got {config.mixer!r}")
         validate_model_config(config)
-        from innerloop.registry import get_registry
-
         self.config = config
         self.num_prefix = config.num_layers - num_suffix_blocks(config)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -432,13 +396,3 @@ class E2ELM(nn.Module):
     def num_parameters(self) -> int:
         """Number of distinct parameters (the tied head counted once)."""
         return sum(p.numel() for p in self.parameters())
-
-
-def build_model(config: ModelConfig) -> nn.Module:
-    """The language model ``config`` describes: :class:`E2ELM` for ``mixer == "e2e"``, else
-    :class:`~innerloop.models.CausalLM`."""
-    if config.mixer == E2E:
-        return E2ELM(config)
-    from innerloop.models.lm import CausalLM
-
-    return CausalLM(config)

@@ -10,21 +10,25 @@
 
 from __future__ import annotations
 
-from innerloop.kernels.fused_torch import kernel_spec
+from innerloop.kernels import cpu, fused_torch, triton
+from innerloop.kernels.spec import KernelSpec
 from innerloop.plugins.models.linear import LinearModel
 from innerloop.plugins.models.mlp import MLPModel
 from innerloop.registry import hookimpl
 
 
+def builtin_kernel_specs() -> list[KernelSpec]:
+    """Every built-in kernel registration, made here and nowhere else: the fused torch and CPU paths
+    for each built-in stack model (from its declared stack), then the Triton kernels."""
+    stack_models = (LinearModel(), MLPModel())
+    return [
+        *(fused_torch.kernel_spec(model.name, model.stack) for model in stack_models),
+        *(cpu.kernel_spec(model.name, model.stack) for model in stack_models),
+        *triton.KERNELS,
+    ]
+
+
 @hookimpl
 def register_kernels(register) -> None:
-    register(kernel_spec("linear", LinearModel().stack))
-    register(kernel_spec("mlp", MLPModel().stack))
-    from innerloop.kernels.cpu import KERNELS as CPU_KERNELS
-
-    for spec in CPU_KERNELS:
-        register(spec)
-    from innerloop.kernels.triton import KERNELS as TRITON_KERNELS
-
-    for spec in TRITON_KERNELS:
+    for spec in builtin_kernel_specs():
         register(spec)

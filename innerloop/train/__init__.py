@@ -7,13 +7,17 @@ from innerloop.train.checkpoint import (
     CheckpointError,
     SafetensorsCheckpointIO,
     load_checkpoint,
-    load_model,
-    load_module,
     save_checkpoint,
 )
 from innerloop.train.data import IGNORE_INDEX, RecallDataModule, TextDataModule, recall_example, stdlib_files
 from innerloop.train.metrics import InnerLossDiagnostics, LossByPosition, position_buckets
-from innerloop.train.module import LanguageModelModule, TrainingDivergedError, warmup_cosine
+from innerloop.train.module import (
+    LanguageModelModule,
+    TrainingDivergedError,
+    load_model,
+    load_module,
+    warmup_cosine,
+)
 from innerloop.train.run import TrainResult, build_datamodule, build_module, build_trainer, evaluate, train
 
 __all__ = [

@@ -39,8 +39,8 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from innerloop.models import E2ELM, CausalLM, ModelConfig
-from innerloop.train.atomic import atomic_write
+from innerloop.data.atomic import atomic_write
+from innerloop.models import ModelConfig
 
 FORMAT = "innerloop-checkpoint"
 FORMAT_VERSION = "2"
@@ -354,41 +354,3 @@ class SafetensorsCheckpointIO(CheckpointIO):
 
     def remove_checkpoint(self, path: Any) -> None:
         Path(path).unlink(missing_ok=True)
-
-
-def load_module(path: str | os.PathLike[str]):
-    """The :class:`~innerloop.train.module.LanguageModelModule` stored in a training checkpoint
-    (hyperparameters and weights), in eval mode.
-
-    Raises :class:`CheckpointError` if the file is not an innerloop training checkpoint or its weights
-    do not fit the model its hyperparameters describe (missing or unexpected keys, shapes, dtypes).
-    """
-    from innerloop.train.module import LanguageModelModule
-
-    checkpoint = load_checkpoint(path)
-    hparams = checkpoint.get("hyper_parameters")
-    if (
-        not isinstance(hparams, dict)
-        or not isinstance(hparams.get("model"), dict)
-        or "state_dict" not in checkpoint
-    ):
-        raise CheckpointError(
-            f"{str(path)!r} is an innerloop checkpoint without a model (no hyper_parameters['model'] or "
-            "state_dict); pass a checkpoint written by `innerloop train`"
-        )
-    try:
-        module = LanguageModelModule(**hparams)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(
-            f"{str(path)!r} holds a model this innerloop cannot rebuild: {_one_line(err)}"
-        ) from None
-    description = f"the model its hyperparameters describe ({describe_model(hparams['model'])})"
-    check_state_dict(module.state_dict(), checkpoint["state_dict"], path, description)
-    module.load_state_dict(checkpoint["state_dict"])
-    return module.eval()
-
-
-def load_model(path: str | os.PathLike[str]) -> CausalLM | E2ELM:
-    """The language model stored in a training checkpoint, in eval mode (see :func:`load_module`): an
-    :class:`~innerloop.models.E2ELM` for a ``mixer: e2e`` config, else a :class:`~innerloop.models.CausalLM`."""
-    return load_module(path).model

@@ -11,133 +11,58 @@ Targets equal to :data:`IGNORE_INDEX` are not scored (the recall task scores onl
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import os
-import sysconfig
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-IGNORE_INDEX = -100
-"""Target value that the loss and the metrics skip."""
+from innerloop.data.recall import (
+    IGNORE_INDEX,
+    RECALL_DISTRACTORS,
+    RECALL_KEYS,
+    RECALL_VALUES,
+    Batch,
+    recall_example,
+)
+from innerloop.data.text import (
+    DOCUMENT_SEPARATOR,
+    DataError,
+    _single_file_cut,
+    check_text_lengths,
+    read_bytes,
+    resolve_files,
+    split_by_file,
+    split_text_files,
+    stdlib_files,
+    text_split_lengths,
+)
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs [B, T] int64, targets [B, T] int64)
-
-# Parts of the standard library's tree that are not the standard library's own source: installed
-# packages (which differ between machines) and the test suites (large and repetitive).
-_STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
-
-DOCUMENT_SEPARATOR = 0
-"""Byte placed between files (text never contains a NUL byte)."""
-
-
-class DataError(ValueError):
-    """Data that cannot be used as configured (no such file, too little text for ``seq_len``, nothing
-    held out for validation); the message names the setting and what to change."""
-
-
-def stdlib_files() -> list[Path]:
-    """The ``.py`` files of this Python's standard library, sorted (the default text corpus)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return [p for p in sorted(root.rglob("*.py")) if not (set(p.relative_to(root).parts[:-1]) & _STDLIB_SKIP)]
-
-
-def resolve_files(patterns: Sequence[str]) -> list[Path]:
-    """Expand files, directories (all files below) and globs (``**`` allowed) into a sorted file list.
-
-    An entry that matches no file raises :class:`DataError` naming it.
-    """
-    files: set[Path] = set()
-    for pattern in patterns:
-        path = Path(pattern).expanduser()
-        if path.is_file():
-            matched = [path]
-        elif path.is_dir():
-            matched = [p for p in path.rglob("*") if p.is_file()]
-        else:
-            matched = [Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p)]
-        if not matched:
-            raise DataError(
-                f"data.paths entry {pattern!r} matches no file (give files, directories or globs)"
-            )
-        files.update(p.resolve() for p in matched)
-    return sorted(files)
-
-
-def split_by_file(files: Sequence[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
-    """Deterministic train/validation split: a file is in validation if a hash of its path relative to
-    the files' common directory falls below ``val_fraction``. The same files always split the same way.
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
-    root = Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path()
-    train, val = [], []
-    for p in files:
-        digest = hashlib.sha256(p.relative_to(root).as_posix().encode()).digest()
-        (val if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else train).append(p)
-    return train, val
-
-
-def read_bytes(files: Sequence[Path]) -> torch.Tensor:
-    """The files' bytes, concatenated with :data:`DOCUMENT_SEPARATOR` between them, as ``uint8 [N]``."""
-    chunks = []
-    for p in files:
-        chunks.append(p.read_bytes())
-        chunks.append(bytes([DOCUMENT_SEPARATOR]))
-    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
-
-
-def split_text_files(files: Sequence[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
-    """The training and validation files of two or more files: :func:`split_by_file`, or, when that
-    leaves either side empty (too few files for the fraction), the last file held out."""
-    train, val = split_by_file(files, val_fraction)
-    if not val or not train:
-        train, val = list(files[:-1]), list(files[-1:])
-    return train, val
-
-
-def _single_file_cut(length: int, val_fraction: float) -> int:
-    """Where a single file's bytes are split: its last ``val_fraction`` is held out."""
-    return int(length * (1 - val_fraction))
-
-
-def text_split_lengths(files: Sequence[Path], val_fraction: float) -> tuple[int, int]:
-    """Bytes of the training and validation text :class:`TextDataModule` makes of ``files``, from the
-    files' sizes (nothing is read), separators included."""
-    if len(files) == 1:
-        length = files[0].stat().st_size + 1
-        cut = _single_file_cut(length, val_fraction)
-        return cut, length - cut
-    train, val = split_text_files(files, val_fraction)
-    return sum(p.stat().st_size + 1 for p in train), sum(p.stat().st_size + 1 for p in val)
-
-
-def check_text_lengths(
-    train_len: int, val_len: int, num_files: int, seq_len: int, val_fraction: float
-) -> None:
-    """Raise :class:`DataError` unless both the training and the validation text hold a window of
-    ``seq_len + 1`` bytes; the message says which setting to change."""
-    need = seq_len + 1
-    if num_files == 1 and val_fraction == 0:
-        raise DataError(
-            "data.val_fraction=0 holds out no validation text: with a single file its last val_fraction "
-            "of bytes is held out; set data.val_fraction > 0 (e.g. 0.1) or give more files in data.paths"
-        )
-    if train_len < need:
-        raise DataError(
-            f"the training text has {train_len} bytes, fewer than data.seq_len + 1 = {need}; give more "
-            "text (data.paths) or a shorter data.seq_len"
-        )
-    if val_len < need:
-        held_out = f"the last {val_fraction} of the file" if num_files == 1 else "the held-out files"
-        raise DataError(
-            f"the validation text ({held_out}) has {val_len} bytes, fewer than data.seq_len + 1 = {need}; "
-            "give more text, a larger data.val_fraction or a shorter data.seq_len"
-        )
+# Re-exported: the DataModules below are built on them, and this module is where a run's data is read.
+__all__ = [
+    "DOCUMENT_SEPARATOR",
+    "IGNORE_INDEX",
+    "RECALL_DISTRACTORS",
+    "RECALL_KEYS",
+    "RECALL_VALUES",
+    "Batch",
+    "DataError",
+    "FixedExamples",
+    "IndexedBatches",
+    "RecallDataModule",
+    "TextDataModule",
+    "check_text_lengths",
+    "evaluation_examples",
+    "read_bytes",
+    "recall_example",
+    "resolve_files",
+    "spread_windows",
+    "split_by_file",
+    "split_text_files",
+    "stdlib_files",
+    "text_split_lengths",
+]
 
 
 def _generator(seed: int, index: int) -> torch.Generator:
@@ -290,36 +215,6 @@ def evaluation_examples(paths: Sequence[str], seq_len: int, count: int, val_frac
     module = TextDataModule(seq_len=seq_len, batch_size=count, val_fraction=val_fraction, val_batches=1)
     module.setup()
     return module.make_val_examples()
-
-
-# Token ranges of the recall task (inside the byte vocabulary of 256).
-RECALL_KEYS = range(16, 80)  # 64 keys
-RECALL_DISTRACTORS = range(80, 128)  # 48 distractor tokens
-RECALL_VALUES = range(128, 192)  # 64 values
-
-
-def recall_example(num_pairs: int, gap: int, generator: torch.Generator) -> Batch:
-    """One multi-query associative recall example: ``(inputs [T], targets [T])``, ``T = 4*num_pairs + gap``.
-
-    The sequence is ``k1 v1 ... kn vn``, then ``gap`` random distractor tokens, then every key once more
-    in a random order, each followed by its value. Only the values after the repeated keys are scored:
-    the model must recall the value of a key it saw at least ``gap`` tokens earlier.
-    """
-    keys = torch.randperm(len(RECALL_KEYS), generator=generator)[:num_pairs] + RECALL_KEYS.start
-    values = torch.randint(len(RECALL_VALUES), (num_pairs,), generator=generator) + RECALL_VALUES.start
-    distractors = (
-        torch.randint(len(RECALL_DISTRACTORS), (gap,), generator=generator) + RECALL_DISTRACTORS.start
-    )
-    order = torch.randperm(num_pairs, generator=generator)
-    pairs = torch.stack((keys, values), dim=1).flatten()  # k1 v1 k2 v2 ...
-    queries = torch.stack((keys[order], values[order]), dim=1).flatten()
-    sequence = torch.cat((pairs, distractors, queries))  # [T + 1]
-    inputs, targets = sequence[:-1], sequence[1:].clone()
-    scored = torch.zeros_like(targets, dtype=torch.bool)
-    first_query = 2 * num_pairs + gap  # index of the first repeated key in `sequence`
-    scored[first_query::2] = True  # target at a repeated key is its value
-    targets[~scored] = IGNORE_INDEX
-    return inputs, targets
 
 
 class RecallDataModule(_IndexedDataModule):

@@ -15,7 +15,7 @@ not as bad input of a TTT layer (the input is token ids).
 from __future__ import annotations
 
 import math
-import warnings
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -28,7 +28,15 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
-from innerloop.models import ModelConfig, build_model
+from innerloop.core.diagnostics import inner_loss_before_after
+from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
+from innerloop.train.checkpoint import (
+    CheckpointError,
+    _one_line,
+    check_state_dict,
+    describe_model,
+    load_checkpoint,
+)
 from innerloop.train.data import IGNORE_INDEX, Batch
 from innerloop.train.metrics import InnerLossDiagnostics, LossByPosition
 
@@ -116,19 +124,12 @@ class LanguageModelModule(L.LightningModule):
         self._last_finite_loss: tuple[int, torch.Tensor] | None = None  # (global step, training loss)
         self._checked_layers = [m for m in self.model.modules() if getattr(m, "non_finite", None) == "raise"]
         if diagnostics_batches > 0 and self.model.config.mixer == "ttt":
-            try:
-                from innerloop.core.diagnostics import inner_loss_before_after
-            except ImportError as err:
-                warnings.warn(f"inner-loss diagnostics are off: {err}", stacklevel=2)
-            else:
-                self._inner_loss_before_after = inner_loss_before_after
+            self._inner_loss_before_after = inner_loss_before_after
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with one :class:`~innerloop.train.checkpoint.CheckpointError` line, a checkpoint whose
         weights do not fit this model (e.g. an attention run's resumed into a TTT run), before Lightning
         loads them."""
-        from innerloop.train.checkpoint import check_state_dict, describe_model
-
         path = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
         theirs = (checkpoint.get("hyper_parameters") or {}).get("model")
         written_for = f"; it was written for ({describe_model(theirs)})" if isinstance(theirs, dict) else ""
@@ -279,3 +280,39 @@ class LanguageModelModule(L.LightningModule):
             lambda step: warmup_cosine(step, hp.warmup_steps, hp.max_steps, hp.lr, hp.min_lr) / hp.lr,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def load_module(path: str | os.PathLike[str]):
+    """The :class:`~innerloop.train.module.LanguageModelModule` stored in a training checkpoint
+    (hyperparameters and weights), in eval mode.
+
+    Raises :class:`~innerloop.train.checkpoint.CheckpointError` if the file is not an innerloop training checkpoint or its weights
+    do not fit the model its hyperparameters describe (missing or unexpected keys, shapes, dtypes).
+    """
+    checkpoint = load_checkpoint(path)
+    hparams = checkpoint.get("hyper_parameters")
+    if (
+        not isinstance(hparams, dict)
+        or not isinstance(hparams.get("model"), dict)
+        or "state_dict" not in checkpoint
+    ):
+        raise CheckpointError(
+            f"{str(path)!r} is an innerloop checkpoint without a model (no hyper_parameters['model'] or "
+            "state_dict); pass a checkpoint written by `innerloop train`"
+        )
+    try:
+        module = LanguageModelModule(**hparams)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{str(path)!r} holds a model this innerloop cannot rebuild: {_one_line(err)}"
+        ) from None
+    description = f"the model its hyperparameters describe ({describe_model(hparams['model'])})"
+    check_state_dict(module.state_dict(), checkpoint["state_dict"], path, description)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval()
+
+
+def load_model(path: str | os.PathLike[str]) -> CausalLM | E2ELM:
+    """The model stored in a training checkpoint (:class:`~innerloop.models.CausalLM`, or
+    :class:`~innerloop.models.E2ELM` for ``mixer="e2e"``), in eval mode (see :func:`load_module`)."""
+    return load_module(path).model

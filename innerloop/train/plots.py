@@ -9,7 +9,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from innerloop.train.atomic import atomic_write, atomic_write_text
+from innerloop.data.atomic import atomic_write, atomic_write_text
 
 
 def write_loss_by_position_csv(

@@ -53,13 +53,12 @@ from innerloop.config.load import (
     save_config,
 )
 from innerloop.config.schema import RunConfig
+from innerloop.data.atomic import atomic_write
 from innerloop.models import ModelConfig
-from innerloop.train.atomic import atomic_write
 from innerloop.train.checkpoint import (
     CHECKPOINT_SUFFIX,
     CheckpointError,
     SafetensorsCheckpointIO,
-    load_module,
     load_training_checkpoint,
 )
 from innerloop.train.data import (
@@ -71,7 +70,7 @@ from innerloop.train.data import (
     resolve_files,
 )
 from innerloop.train.metrics import position_buckets
-from innerloop.train.module import LanguageModelModule, TrainingDivergedError
+from innerloop.train.module import LanguageModelModule, TrainingDivergedError, load_module
 from innerloop.train.plots import plot_loss_by_position, write_loss_by_position_csv
 from innerloop.train.run_dir import (
     PENDING_CHECKPOINT,

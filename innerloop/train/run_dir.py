@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from innerloop.config.load import ConfigError
-from innerloop.train.atomic import stale_temporaries
+from innerloop.data.atomic import stale_temporaries
 
 log = logging.getLogger(__name__)
 

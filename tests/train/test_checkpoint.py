@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from innerloop.train.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from innerloop.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from innerloop.train.module import load_model
 
 
 def test_a_lightning_like_tree_round_trips_exactly(tmp_path) -> None:

@@ -22,9 +22,9 @@ from innerloop.train.checkpoint import (
     UnverifiedCheckpointWarning,
     checkpoint_digest,
     load_checkpoint,
-    load_model,
     save_checkpoint,
 )
+from innerloop.train.module import load_model
 
 SMALL = {"hidden_size": 16, "num_heads": 2, "num_layers": 1, "intermediate_size": 32}
 

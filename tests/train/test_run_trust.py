@@ -22,8 +22,8 @@ from test_train import TINY  # the tiny model and run of the end-to-end tests
 from innerloop.cli import main
 from innerloop.config import load_config
 from innerloop.config.load import ConfigError, save_config
+from innerloop.data.atomic import atomic_write
 from innerloop.train import TrainingDivergedError, load_checkpoint, load_model, save_checkpoint, train
-from innerloop.train.atomic import atomic_write
 from innerloop.train.module import warmup_cosine
 from innerloop.train.run import build_trainer
 from innerloop.train.run_dir import LOCK_NAME, lock_run_dir

@@ -1,0 +1,43 @@
+"""The synthetic multi-query associative-recall task: its token ranges and one example.
+
+Targets equal to :data:`IGNORE_INDEX` are not scored (the task scores only the answers).
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+"""Target value that the loss and the metrics skip."""
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs [B, T] int64, targets [B, T] int64)
+
+
+# Token ranges of the recall task (inside the byte vocabulary of 256).
+RECALL_KEYS = range(16, 80)  # 64 keys
+RECALL_DISTRACTORS = range(80, 128)  # 48 distractor tokens
+RECALL_VALUES = range(128, 192)  # 64 values
+
+
+def recall_example(num_pairs: int, gap: int, generator: torch.Generator) -> Batch:
+    """One multi-query associative recall example: ``(inputs [T], targets [T])``, ``T = 4*num_pairs + gap``.
+
+    The sequence is ``k1 v1 ... kn vn``, then ``gap`` random distractor tokens, then every key once more
+    in a random order, each followed by its value. Only the values after the repeated keys are scored:
+    the model must recall the value of a key it saw at least ``gap`` tokens earlier.
+    """
+    keys = torch.randperm(len(RECALL_KEYS), generator=generator)[:num_pairs] + RECALL_KEYS.start
+    values = torch.randint(len(RECALL_VALUES), (num_pairs,), generator=generator) + RECALL_VALUES.start
+    distractors = (
+        torch.randint(len(RECALL_DISTRACTORS), (gap,), generator=generator) + RECALL_DISTRACTORS.start
+    )
+    order = torch.randperm(num_pairs, generator=generator)
+    pairs = torch.stack((keys, values), dim=1).flatten()  # k1 v1 k2 v2 ...
+    queries = torch.stack((keys[order], values[order]), dim=1).flatten()
+    sequence = torch.cat((pairs, distractors, queries))  # [T + 1]
+    inputs, targets = sequence[:-1], sequence[1:].clone()
+    scored = torch.zeros_like(targets, dtype=torch.bool)
+    first_query = 2 * num_pairs + gap  # index of the first repeated key in `sequence`
+    scored[first_query::2] = True  # target at a repeated key is its value
+    targets[~scored] = IGNORE_INDEX
+    return inputs, targets

@@ -1,0 +1,129 @@
+"""Byte-level text corpora: which files, how they split into training and validation, and whether
+each side holds a window of ``seq_len + 1`` bytes (from the files' sizes, before anything is read).
+
+Used by the run config's checks (:mod:`innerloop.config`) and by the text DataModule
+(:mod:`innerloop.train.data`).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import sysconfig
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+# Parts of the standard library's tree that are not the standard library's own source: installed
+# packages (which differ between machines) and the test suites (large and repetitive).
+_STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+
+DOCUMENT_SEPARATOR = 0
+"""Byte placed between files (text never contains a NUL byte)."""
+
+
+class DataError(ValueError):
+    """Data that cannot be used as configured (no such file, too little text for ``seq_len``, nothing
+    held out for validation); the message names the setting and what to change."""
+
+
+def stdlib_files() -> list[Path]:
+    """The ``.py`` files of this Python's standard library, sorted (the default text corpus)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return [p for p in sorted(root.rglob("*.py")) if not (set(p.relative_to(root).parts[:-1]) & _STDLIB_SKIP)]
+
+
+def resolve_files(patterns: Sequence[str]) -> list[Path]:
+    """Expand files, directories (all files below) and globs (``**`` allowed) into a sorted file list.
+
+    An entry that matches no file raises :class:`DataError` naming it.
+    """
+    files: set[Path] = set()
+    for pattern in patterns:
+        path = Path(pattern).expanduser()
+        if path.is_file():
+            matched = [path]
+        elif path.is_dir():
+            matched = [p for p in path.rglob("*") if p.is_file()]
+        else:
+            matched = [Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p)]
+        if not matched:
+            raise DataError(
+                f"data.paths entry {pattern!r} matches no file (give files, directories or globs)"
+            )
+        files.update(p.resolve() for p in matched)
+    return sorted(files)
+
+
+def split_by_file(files: Sequence[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
+    """Deterministic train/validation split: a file is in validation if a hash of its path relative to
+    the files' common directory falls below ``val_fraction``. The same files always split the same way.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+    root = Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path()
+    train, val = [], []
+    for p in files:
+        digest = hashlib.sha256(p.relative_to(root).as_posix().encode()).digest()
+        (val if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else train).append(p)
+    return train, val
+
+
+def read_bytes(files: Sequence[Path]) -> torch.Tensor:
+    """The files' bytes, concatenated with :data:`DOCUMENT_SEPARATOR` between them, as ``uint8 [N]``."""
+    chunks = []
+    for p in files:
+        chunks.append(p.read_bytes())
+        chunks.append(bytes([DOCUMENT_SEPARATOR]))
+    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+
+
+def split_text_files(files: Sequence[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
+    """The training and validation files of two or more files: :func:`split_by_file`, or, when that
+    leaves either side empty (too few files for the fraction), the last file held out."""
+    train, val = split_by_file(files, val_fraction)
+    if not val or not train:
+        train, val = list(files[:-1]), list(files[-1:])
+    return train, val
+
+
+def _single_file_cut(length: int, val_fraction: float) -> int:
+    """Where a single file's bytes are split: its last ``val_fraction`` is held out."""
+    return int(length * (1 - val_fraction))
+
+
+def text_split_lengths(files: Sequence[Path], val_fraction: float) -> tuple[int, int]:
+    """Bytes of the training and validation text :class:`TextDataModule` makes of ``files``, from the
+    files' sizes (nothing is read), separators included."""
+    if len(files) == 1:
+        length = files[0].stat().st_size + 1
+        cut = _single_file_cut(length, val_fraction)
+        return cut, length - cut
+    train, val = split_text_files(files, val_fraction)
+    return sum(p.stat().st_size + 1 for p in train), sum(p.stat().st_size + 1 for p in val)
+
+
+def check_text_lengths(
+    train_len: int, val_len: int, num_files: int, seq_len: int, val_fraction: float
+) -> None:
+    """Raise :class:`DataError` unless both the training and the validation text hold a window of
+    ``seq_len + 1`` bytes; the message says which setting to change."""
+    need = seq_len + 1
+    if num_files == 1 and val_fraction == 0:
+        raise DataError(
+            "data.val_fraction=0 holds out no validation text: with a single file its last val_fraction "
+            "of bytes is held out; set data.val_fraction > 0 (e.g. 0.1) or give more files in data.paths"
+        )
+    if train_len < need:
+        raise DataError(
+            f"the training text has {train_len} bytes, fewer than data.seq_len + 1 = {need}; give more "
+            "text (data.paths) or a shorter data.seq_len"
+        )
+    if val_len < need:
+        held_out = f"the last {val_fraction} of the file" if num_files == 1 else "the held-out files"
+        raise DataError(
+            f"the validation text ({held_out}) has {val_len} bytes, fewer than data.seq_len + 1 = {need}; "
+            "give more text, a larger data.val_fraction or a shorter data.seq_len"
+        )

@@ -1,0 +1,17 @@
+"""One entry point from a :class:`ModelConfig` to the network it describes."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from innerloop.models.config import E2E, ModelConfig
+from innerloop.models.e2e import E2ELM
+from innerloop.models.lm import CausalLM
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The language model ``config`` describes: :class:`~innerloop.models.E2ELM` for
+    ``mixer == "e2e"``, else :class:`~innerloop.models.CausalLM`."""
+    if config.mixer == E2E:
+        return E2ELM(config)
+    return CausalLM(config)

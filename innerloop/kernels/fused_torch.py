@@ -1,6 +1,6 @@
 """A fused pure-torch fast path for whole mini-batches of the dual form (CPU and any device).
 
-Same numbers as :func:`innerloop.plugins.optimizers.dual_form.dual_aligned_block` for stack models
+Same numbers as :func:`innerloop.kernels.reference.dual_aligned_block` for stack models
 with the half-squared-error reconstruction loss, the inner residual and LayerNorm, computed with far
 fewer operations inside the sequential scan:
 

@@ -26,7 +26,7 @@ import torch
 
 from innerloop.core.functional import overflow_safe_scale
 from innerloop.core.protocol import AffineLayer, Params
-from innerloop.kernels.spec import KernelInputs, KernelSpec
+from innerloop.kernels.spec import KernelForward, KernelInputs, KernelSpec
 
 DOUBLE_BACKWARD_MESSAGE = (
     "the fused_torch fast path is differentiable once only (aten's fused LayerNorm backward is not "
@@ -58,7 +58,7 @@ def _with_ones(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, 1), value=1.0)
 
 
-def make_fused_forward(stack: tuple[AffineLayer, ...]):
+def make_fused_forward(stack: tuple[AffineLayer, ...]) -> KernelForward:
     """The fused block function for a stack model with these layers."""
 
     def forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):

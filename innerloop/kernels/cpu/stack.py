@@ -16,7 +16,7 @@ import torch
 from innerloop.core.functional import gelu_tanh, gelu_tanh_derivative
 from innerloop.core.protocol import Activation, AffineLayer, Params
 from innerloop.kernels.cpu.build import CPUKernelUnavailable, load_library
-from innerloop.kernels.spec import KernelInputs, KernelSpec
+from innerloop.kernels.spec import KernelDecode, KernelForward, KernelInputs, KernelSpec
 
 MAX_LAYERS = 8  # kMaxLayers in ttt_stack.cpp
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
@@ -194,7 +194,7 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def make_forward(stack: tuple[AffineLayer, ...]):
+def make_forward(stack: tuple[AffineLayer, ...]) -> KernelForward:
     """The chunk function (see :mod:`innerloop.kernels.spec`) for a stack model with these layers."""
     activations = [activation_code(layer.activation) for layer in stack]
 
@@ -235,7 +235,7 @@ def make_forward(stack: tuple[AffineLayer, ...]):
     return forward
 
 
-def make_decode(stack: tuple[AffineLayer, ...]):
+def make_decode(stack: tuple[AffineLayer, ...]) -> KernelDecode:
     """The one-token function (see ``KernelSpec.decode``) for a stack model with these layers."""
     activations = [activation_code(layer.activation) for layer in stack]
 

@@ -9,6 +9,10 @@ of a weight matrix per token, applied layer by layer (the derivation is in ``ker
 what dispatch falls back to; ``dual_segment`` is one segment that may start inside a mini-batch with
 pending gradients (the ``dual_form`` update rule uses it for partial mini-batches and decoding).
 It is written for clarity, not speed, and is exact to all orders of differentiation.
+
+``reference_kernel(model, loss)`` wraps both in the kernel call signatures of ``spec.py``
+(:class:`~innerloop.kernels.spec.KernelForward`, :class:`~innerloop.kernels.spec.KernelDecode`), so
+that a fast path is tested against the reference with the same arguments it is called with.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from __future__ import annotations
 import torch
 
 from innerloop.core.functional import layer_norm_backward
-from innerloop.core.protocol import InnerTask, Params
+from innerloop.core.protocol import InnerLoss, InnerModel, InnerTask, Params
 from innerloop.core.scan import ChunkInputs, Segment, close_mini_batch
+from innerloop.kernels.spec import KernelDecode, KernelForward
 
 
 def key_side(task: InnerTask, params: Params, inputs: torch.Tensor, targets: torch.Tensor):
@@ -112,4 +117,33 @@ def dual_aligned_block(
     return torch.cat(outputs, dim=2), params
 
 
-__all__ = ["dual_aligned_block", "dual_segment", "key_side"]
+def reference_kernel(model: InnerModel, loss: InnerLoss) -> tuple[KernelForward, KernelDecode]:
+    """``(forward, decode)`` of the torch dual form for a stack ``model`` and an inner ``loss``, with
+    the kernels' call signatures (keys ``xk`` as the loss inputs, values ``xv`` as its targets, the
+    residual and the inner LayerNorm on): the oracle the fast paths are tested against."""
+    if model.stack is None:
+        raise ValueError(
+            f"model: {model.name!r} declares no stack (InnerModel.stack); the dual form needs one"
+        )
+
+    def task(ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, mini_batch_size: int) -> InnerTask:
+        return InnerTask(model, loss, mini_batch_size, ln_weight, ln_bias, eps, residual=True, kernel="torch")
+
+    def forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
+        chunk = ChunkInputs(xq, xk, xv, lr)  # [B, H, T, f], lr [B, H, T]
+        return dual_aligned_block(task(ln_weight, ln_bias, eps, tau.shape[0]), params, chunk, tau)
+
+    def decode(xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, eps, is_last):
+        chunk = ChunkInputs(xq[:, :, None], xk[:, :, None], xv[:, :, None], lr[:, :, None])  # one token
+        tau = tau_i.reshape(1)
+        out, pending = dual_segment(
+            task(ln_weight, ln_bias, eps, 1), params, pending, chunk, tau, has_pending=True
+        )
+        if is_last:
+            params, pending = close_mini_batch(params, pending, tau_i)
+        return out[:, :, 0], params, pending
+
+    return forward, decode
+
+
+__all__ = ["dual_aligned_block", "dual_segment", "key_side", "reference_kernel"]

@@ -127,10 +127,16 @@ def check_decode_inputs(
     xv: torch.Tensor,
     lr: torch.Tensor,
     tau_i: torch.Tensor,
+    params: dict,
+    pending: dict,
     ln_weight: torch.Tensor,
     ln_bias: torch.Tensor,
+    param_shapes: dict,
 ) -> None:
-    """Raise ``ValueError`` naming the parameter when one-token decode inputs do not fit together."""
+    """Raise ``ValueError`` naming the parameter when one-token decode inputs do not fit together.
+
+    ``param_shapes`` maps each required key of ``params`` (and of ``pending``) to its expected shape.
+    """
     if xq.dim() != 3:
         raise ValueError(f"xq must be [B, H, f] (one token), got shape {tuple(xq.shape)}")
     B, H, f = xq.shape
@@ -144,6 +150,8 @@ def check_decode_inputs(
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         if t.shape != (H, f):
             raise ValueError(f"{name} must be [H, f] = {(H, f)}, got {tuple(t.shape)}")
+    check_params(params, param_shapes)
+    check_params(pending, param_shapes, name="pending")
 
 
 def head_view(t: torch.Tensor) -> torch.Tensor:
@@ -288,9 +296,9 @@ class HostChecks:
         if xq.dim() != 3:
             raise ValueError(f"xq must be [B, H, f] (one token), got shape {tuple(xq.shape)}")
         B, H, f = xq.shape
-        check_decode_inputs(xq, xk, xv, lr, tau_i, ln_weight, ln_bias)
-        check_params(params, self.param_shapes(B, H, f))
-        check_params(pending, self.param_shapes(B, H, f), name="pending")
+        check_decode_inputs(
+            xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, self.param_shapes(B, H, f)
+        )
         self.check_launchable(xq, f, 1)
         tensors = (xq, xk, xv, lr, tau_i, *params.values(), *pending.values(), ln_weight, ln_bias)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):

@@ -194,9 +194,9 @@ def verify_common(inputs, max_head_dim: int, kernel_name: str) -> str | None:
 def shape_problem(f: int, K: int, max_head_dim: int) -> str | None:
     """Why head dim ``f`` or mini-batch size ``K`` is outside what the kernels are built for, or None."""
     if not is_power_of_two(f) or not 16 <= f <= max_head_dim:
-        return f"head_dim f = {f} must be a power of two in [16, {max_head_dim}]"
+        return f"head_dim {f} must be a power of two in [16, {max_head_dim}]"
     if not 1 <= K <= MAX_MINI_BATCH:
-        return f"mini_batch_size K = len(tau) = {K} must be in [1, {MAX_MINI_BATCH}]"
+        return f"mini_batch_size {K} (len(tau)) unsupported; must be in [1, {MAX_MINI_BATCH}]"
     return None
 
 

@@ -67,7 +67,10 @@ class _StackArgs(ctypes.Structure):
 
 
 class _DecodeArgs(ctypes.Structure):
-    """Mirror of ``InnerloopDecodeArgs`` in ttt_stack.cpp (same order, same types)."""
+    """Mirror of ``InnerloopDecodeArgs`` in ttt_stack.cpp (same order, same types).
+
+    Its fields repeat many of ``_StackArgs``' because the C structs do: a ctypes mirror must list
+    every field literally, in the C order, so the repetition stays."""
 
     _fields_ = [
         ("dtype", ctypes.c_int32),

@@ -121,15 +121,15 @@ def run_aligned_block(
     if kernel is None:
         return fallback(task, params, chunk, tau)
     return kernel.forward(
-        chunk.query,
-        chunk.inputs,
-        chunk.targets,
-        chunk.lr,
-        tau,
-        params,
-        task.norm_weight,
-        task.norm_bias,
-        task.norm_eps,
+        xq=chunk.query,
+        xk=chunk.inputs,
+        xv=chunk.targets,
+        lr=chunk.lr,
+        tau=tau,
+        params=params,
+        ln_weight=task.norm_weight,
+        ln_bias=task.norm_bias,
+        eps=task.norm_eps,
     )
 
 
@@ -158,17 +158,17 @@ def run_decode_token(
     if kernel is None:
         return None
     out, params, pending = kernel.decode(
-        chunk.query[:, :, 0],
-        chunk.inputs[:, :, 0],
-        chunk.targets[:, :, 0],
-        chunk.lr[:, :, 0],
-        tau_i,
-        params,
-        pending,
-        task.norm_weight,
-        task.norm_bias,
-        task.norm_eps,
-        is_last,
+        xq=chunk.query[:, :, 0],
+        xk=chunk.inputs[:, :, 0],
+        xv=chunk.targets[:, :, 0],
+        lr=chunk.lr[:, :, 0],
+        tau_i=tau_i,
+        params=params,
+        pending=pending,
+        ln_weight=task.norm_weight,
+        ln_bias=task.norm_bias,
+        eps=task.norm_eps,
+        is_last=is_last,
     )
     return out[:, :, None], params, pending
 

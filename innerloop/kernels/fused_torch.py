@@ -1,6 +1,6 @@
 """A fused pure-torch fast path for whole mini-batches of the dual form (CPU and any device).
 
-Same numbers as :func:`innerloop.plugins.optimizers.dual_form.dual_aligned_block` for stack models
+Same numbers as :func:`innerloop.kernels.reference.dual_aligned_block` for stack models
 with the half-squared-error reconstruction loss, the inner residual and LayerNorm, computed with far
 fewer operations inside the sequential scan:
 
@@ -22,11 +22,13 @@ The derivation is in ``kernels/README.md``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from innerloop.core.functional import overflow_safe_scale
 from innerloop.core.protocol import AffineLayer, Params
-from innerloop.kernels.spec import KernelInputs, KernelSpec
+from innerloop.kernels.spec import KernelForward, KernelInputs, KernelSpec
 
 DOUBLE_BACKWARD_MESSAGE = (
     "the fused_torch fast path is differentiable once only (aten's fused LayerNorm backward is not "
@@ -58,118 +60,176 @@ def _with_ones(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, 1), value=1.0)
 
 
-def make_fused_forward(stack: tuple[AffineLayer, ...]):
+@dataclass(frozen=True)
+class _Hoisted:
+    """What the scan needs that does not depend on the inner weights, for all mini-batches at once.
+
+    ``NB`` mini-batches of ``K`` tokens, ``BH`` (batch, head) pairs, ``in1`` the first layer's input
+    width (``f``, plus 1 with a bias).
+    """
+
+    both1: torch.Tensor  # [NB, BH, 2K, in1]: the first layer's keys, then its queries
+    left1: torch.Tensor  # [NB, BH, K + in1, K]: [eta * (XQ XK^T + 1); (tau_{K-1} lr XK)^T]
+    shift: torch.Tensor  # [NB, BH, K, f]: the weight-independent term of d loss / d xhat
+    gamma_sq: torch.Tensor  # [BH, 1, f]: the LayerNorm weight squared
+    eta: torch.Tensor  # [NB, BH, K, K]: tau_i lr_j for j <= i, else 0
+    update_scale: torch.Tensor  # [NB, BH, K, 1]: tau_{K-1} lr_j
+
+
+def _hoist(xq, xk, xv, lr, tau, ln_weight, ln_bias, first_has_bias: bool) -> _Hoisted:
+    """Everything about the first layer's inputs, computed before the scan (see the module docstring)."""
+    batch, heads, tokens, _ = xq.shape
+    mini_batch = tau.shape[0]
+    bh, num_mb = batch * heads, tokens // mini_batch
+
+    def blocks(t: torch.Tensor) -> torch.Tensor:  # [B, H, T, n] -> [NB, BH, K, n]
+        return t.reshape(bh, num_mb, mini_batch, t.shape[-1]).transpose(0, 1)
+
+    gamma_sq = (ln_weight * ln_weight).repeat(batch, 1)[:, None, :]
+    # d loss / d xhat = gamma * (gamma * xhat + beta - (xv - xk)) = gamma^2 * xhat + shift
+    shift = blocks((ln_bias[None, :, None, :] - xv + xk) * ln_weight[None, :, None, :])
+
+    causal = torch.ones(mini_batch, mini_batch, dtype=torch.bool, device=xq.device).tril()
+    lr_blocks = lr.reshape(bh, num_mb, mini_batch).transpose(0, 1)  # [NB, BH, K]
+    eta = (tau[:, None] * lr_blocks[:, :, None, :]).masked_fill(~causal, 0.0)
+    update_scale = (tau[-1] * lr_blocks)[..., None]
+
+    # Keys and queries stacked (one matmul per step serves both), and the "left" matrix whose product
+    # with the gradient G gives at once the dual-form correction of the outputs and the weight update.
+    both1 = torch.cat([blocks(xk), blocks(xq)], dim=2)
+    if first_has_bias:
+        both1 = _with_ones(both1)
+    keys1, queries1 = both1[:, :, :mini_batch], both1[:, :, mini_batch:]
+    left1 = torch.cat(
+        [eta * (queries1 @ keys1.transpose(-1, -2)), (update_scale * keys1).transpose(-1, -2)], dim=2
+    )
+    return _Hoisted(both1, left1, shift, gamma_sq, eta, update_scale)
+
+
+def _folded_weights(
+    stack: tuple[AffineLayer, ...], params: Params, bh: int, own_copies: bool
+) -> list[torch.Tensor]:
+    """Each layer's ``[W; b]`` as one ``[BH, in (+1), out]`` matrix; ``own_copies`` makes sure none of
+    them shares memory with ``params`` (folding a bias in copies; a layer without one is cloned)."""
+    weights = []
+    for layer in stack:
+        weight = params[layer.weight].reshape(bh, *params[layer.weight].shape[2:])
+        if layer.bias is not None:
+            weight = torch.cat([weight, params[layer.bias].reshape(bh, 1, weight.shape[-1])], dim=1)
+        elif own_copies:
+            weight = weight.clone()
+        weights.append(weight)
+    return weights
+
+
+def _unfolded_params(stack: tuple[AffineLayer, ...], params: Params, weights: list[torch.Tensor]) -> Params:
+    """The inverse of :func:`_folded_weights`: ``params``' names and shapes, guarded for autograd."""
+    new_params: Params = {}
+    for layer, matrix in zip(stack, weights, strict=True):
+        rows = params[layer.weight].shape[-2]
+        new_params[layer.weight] = _guard(matrix[:, :rows].reshape(params[layer.weight].shape))
+        if layer.bias is not None:
+            new_params[layer.bias] = _guard(matrix[:, rows:].reshape(params[layer.bias].shape))
+    return new_params
+
+
+class _Scan:
+    """The sequential part: one mini-batch at a time, the weights updated in between.
+
+    Without a graph to record (``in_place``) the weights are updated in place, on the scan's own
+    copies; otherwise each update makes new tensors.
+    """
+
+    def __init__(
+        self, stack: tuple[AffineLayer, ...], weights: list[torch.Tensor], in_place: bool, eps: float
+    ):
+        self.stack = stack
+        self.has_bias = [layer.bias is not None for layer in stack]
+        self.weights = weights
+        self.in_place = in_place
+        self.eps = eps
+
+    def step_weights(self, index: int, correction: torch.Tensor) -> None:
+        if self.in_place:
+            self.weights[index].sub_(correction)
+        else:
+            self.weights[index] = self.weights[index] - correction
+
+    def key_side(self, both_n: torch.Tensor, mini_batch: int):
+        """Forward the keys at the mini-batch's starting weights (the first layer with the queries).
+
+        Returns ``(z_both [BH, 2K, out1], key_inputs, key_pre)``: each layer's input and pre-activation.
+        """
+        z_both = both_n @ self.weights[0]
+        key_inputs, key_pre = [both_n[:, :mini_batch]], [z_both[:, :mini_batch]]
+        for index in range(1, len(self.stack)):
+            h = self.stack[index - 1].activation.fn(key_pre[-1])
+            key_inputs.append(_with_ones(h) if self.has_bias[index] else h)
+            key_pre.append(key_inputs[-1] @ self.weights[index])
+        return z_both, key_inputs, key_pre
+
+    def key_gradients(self, key_pre: list[torch.Tensor], shift_n: torch.Tensor, gamma_sq: torch.Tensor):
+        """The inner gradient w.r.t. each layer's pre-activation: through LN (fused aten ops), then
+        back through the stack. LN runs on a copy scaled where squares would overflow: LN is
+        scale-invariant, and d/dz = s d/d(sz)."""
+        dim = key_pre[-1].shape[-1]
+        scale = overflow_safe_scale(key_pre[-1])  # [BH, K, 1], 1 for ordinary rows
+        scaled = key_pre[-1] * scale
+        xhat, mean, rstd = torch.native_layer_norm(scaled, [dim], None, None, self.eps)
+        grad_xhat = torch.addcmul(shift_n, gamma_sq, xhat)
+        grad = (
+            torch.ops.aten.native_layer_norm_backward(
+                grad_xhat, scaled, [dim], mean, rstd, None, None, [True, False, False]
+            )[0]
+            * scale
+        )
+        grads = [grad]
+        for index in range(len(self.stack) - 1, 0, -1):
+            weight = self.weights[index][:, : key_pre[index - 1].shape[-1]]  # without the bias row
+            derivative = self.stack[index - 1].activation.derivative(key_pre[index - 1])
+            grad = (grad @ weight.transpose(-1, -2)) * derivative
+            grads.append(grad)
+        grads.reverse()
+        return grads
+
+    def mini_batch(self, both_n, left_n, shift_n, eta_n, scale_n, gamma_sq) -> torch.Tensor:
+        """One mini-batch: its outputs' pre-LN values ``[BH, K, f]``; the weights move past it."""
+        mini_batch = eta_n.shape[-1]
+        z_both, key_inputs, key_pre = self.key_side(both_n, mini_batch)
+        grads = self.key_gradients(key_pre, shift_n, gamma_sq)
+        # the query side (the dual form, layer by layer) and the weight updates
+        products = left_n @ grads[0]  # [BH, K + in1, out1]
+        z = z_both[:, mini_batch:] - products[:, :mini_batch]
+        for index in range(1, len(self.stack)):
+            hq = self.stack[index - 1].activation.fn(z)
+            hq = _with_ones(hq) if self.has_bias[index] else hq
+            mix = eta_n * (hq @ key_inputs[index].transpose(-1, -2))  # [BH, K, K]
+            left = torch.cat([mix, (scale_n * key_inputs[index]).transpose(-1, -2)], dim=1)
+            later = left @ grads[index]  # [BH, K + in, out]
+            z = hq @ self.weights[index] - later[:, :mini_batch]
+            self.step_weights(index, later[:, mini_batch:])
+        self.step_weights(0, products[:, mini_batch:])
+        return z
+
+
+def make_fused_forward(stack: tuple[AffineLayer, ...]) -> KernelForward:
     """The fused block function for a stack model with these layers."""
 
     def forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
         batch, heads, tokens, dim = xq.shape
-        mini_batch = tau.shape[0]
-        num_mb = tokens // mini_batch
-        bh = batch * heads
-        has_bias = [layer.bias is not None for layer in stack]
-
-        def blocks(t: torch.Tensor) -> torch.Tensor:  # [B, H, T, n] -> [NB, BH, K, n]
-            return t.reshape(bh, num_mb, mini_batch, t.shape[-1]).transpose(0, 1)
-
-        def folded(layer: AffineLayer) -> torch.Tensor:  # [W; b] as one [BH, in (+1), out] matrix
-            weight = params[layer.weight].reshape(bh, *params[layer.weight].shape[2:])
-            if layer.bias is None:
-                return weight
-            return torch.cat([weight, params[layer.bias].reshape(bh, 1, weight.shape[-1])], dim=1)
-
-        gamma_sq = (ln_weight * ln_weight).repeat(batch, 1)[:, None, :]  # [BH, 1, f]
-        # d loss / d xhat = gamma * (gamma * xhat + beta - (xv - xk)) = gamma^2 * xhat + shift
-        shift = blocks((ln_bias[None, :, None, :] - xv + xk) * ln_weight[None, :, None, :])
-
-        causal = torch.ones(mini_batch, mini_batch, dtype=torch.bool, device=xq.device).tril()
-        lr_blocks = lr.reshape(bh, num_mb, mini_batch).transpose(0, 1)  # [NB, BH, K]
-        eta = (tau[:, None] * lr_blocks[:, :, None, :]).masked_fill(~causal, 0.0)  # [NB, BH, K, K]
-        update_scale = (tau[-1] * lr_blocks)[..., None]  # [NB, BH, K, 1]
-
-        # The first layer's inputs do not depend on the weights, so everything about them is computed
-        # for all mini-batches up front: keys and queries stacked (one matmul per step serves both),
-        # and the "left" matrix [eta * (XQ XK^T + 1); (tau_{K-1} lr XK)^T] whose product with the
-        # gradient G gives at once the dual-form correction of the outputs and the weight update.
-        both1 = torch.cat([blocks(xk), blocks(xq)], dim=2)  # [NB, BH, 2K, f]
-        if has_bias[0]:
-            both1 = _with_ones(both1)  # [NB, BH, 2K, f + 1]
-        keys1, queries1 = both1[:, :, :mini_batch], both1[:, :, mini_batch:]
-        left1 = torch.cat(
-            [eta * (queries1 @ keys1.transpose(-1, -2)), (update_scale * keys1).transpose(-1, -2)], dim=2
-        )  # [NB, BH, K + in1, K]
-
-        # Without a graph to record, the weights are updated in place, on our own copies: folding a
-        # bias in makes one, a layer without a bias needs an explicit one.
+        hoisted = _hoist(xq, xk, xv, lr, tau, ln_weight, ln_bias, stack[0].bias is not None)
         tensors = (xq, xk, xv, lr, tau, ln_weight, ln_bias, *params.values())
         in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        weights = [folded(layer) for layer in stack]
-        if in_place:
-            weights = [
-                w.clone() if layer.bias is None else w for w, layer in zip(weights, stack, strict=True)
-            ]
+        scan = _Scan(stack, _folded_weights(stack, params, batch * heads, own_copies=in_place), in_place, eps)
+        per_mb = zip(*(t.unbind(0) for t in (hoisted.both1, hoisted.left1, hoisted.shift, hoisted.eta,
+                                             hoisted.update_scale)), strict=True)  # fmt: skip
+        outputs = [scan.mini_batch(*tensors_n, hoisted.gamma_sq) for tensors_n in per_mb]
 
-        def step_weights(index: int, correction: torch.Tensor) -> None:
-            if in_place:
-                weights[index].sub_(correction)
-            else:
-                weights[index] = weights[index] - correction
-
-        per_mb = zip(both1.unbind(0), left1.unbind(0), shift.unbind(0), eta.unbind(0), update_scale.unbind(0),
-                     strict=True)  # fmt: skip
-        outputs = []
-        for both_n, left_n, shift_n, eta_n, scale_n in per_mb:
-            # ---- key side: forward the keys at the mini-batch's starting weights
-            z_both = both_n @ weights[0]  # [BH, 2K, out1]
-            key_inputs, key_pre = [both_n[:, :mini_batch]], [z_both[:, :mini_batch]]
-            for index in range(1, len(stack)):
-                h = stack[index - 1].activation.fn(key_pre[-1])
-                key_inputs.append(_with_ones(h) if has_bias[index] else h)
-                key_pre.append(key_inputs[-1] @ weights[index])
-
-            # ---- inner gradient through LN (fused aten ops), then back through the stack
-            # (on a copy scaled where squares would overflow: LN is scale-invariant, d/dz = s d/d(sz))
-            scale = overflow_safe_scale(key_pre[-1])  # [BH, K, 1], 1 for ordinary rows
-            scaled = key_pre[-1] * scale
-            xhat, mean, rstd = torch.native_layer_norm(scaled, [dim], None, None, eps)
-            grad_xhat = torch.addcmul(shift_n, gamma_sq, xhat)
-            grad = (
-                torch.ops.aten.native_layer_norm_backward(
-                    grad_xhat, scaled, [dim], mean, rstd, None, None, [True, False, False]
-                )[0]
-                * scale
-            )
-            grads = [grad]
-            for index in range(len(stack) - 1, 0, -1):
-                weight = weights[index][:, : key_pre[index - 1].shape[-1]]  # without the bias row
-                derivative = stack[index - 1].activation.derivative(key_pre[index - 1])
-                grad = (grad @ weight.transpose(-1, -2)) * derivative
-                grads.append(grad)
-            grads.reverse()
-
-            # ---- query side (the dual form, layer by layer) and the weight updates
-            products = left_n @ grads[0]  # [BH, K + in1, out1]
-            z = z_both[:, mini_batch:] - products[:, :mini_batch]
-            for index in range(1, len(stack)):
-                hq = stack[index - 1].activation.fn(z)
-                hq = _with_ones(hq) if has_bias[index] else hq
-                mix = eta_n * (hq @ key_inputs[index].transpose(-1, -2))  # [BH, K, K]
-                left = torch.cat([mix, (scale_n * key_inputs[index]).transpose(-1, -2)], dim=1)
-                later = left @ grads[index]  # [BH, K + in, out]
-                z = hq @ weights[index] - later[:, :mini_batch]
-                step_weights(index, later[:, mini_batch:])
-            step_weights(0, products[:, mini_batch:])
-            outputs.append(z)
-
+        # the output LayerNorm and residual, once over all tokens
         z_all = torch.stack(outputs, dim=1).reshape(batch, heads, tokens, dim)  # [B, H, T, f]
         normed = torch.nn.functional.layer_norm(z_all * overflow_safe_scale(z_all), [dim], eps=eps)
         out = torch.addcmul(xq + ln_bias[None, :, None, :], normed, ln_weight[None, :, None, :])
-        new_params: Params = {}
-        for layer, matrix in zip(stack, weights, strict=True):
-            rows = params[layer.weight].shape[-2]
-            new_params[layer.weight] = _guard(matrix[:, :rows].reshape(params[layer.weight].shape))
-            if layer.bias is not None:
-                new_params[layer.bias] = _guard(matrix[:, rows:].reshape(params[layer.bias].shape))
-        return _guard(out), new_params
+        return _guard(out), _unfolded_params(stack, params, scan.weights)
 
     return forward
 

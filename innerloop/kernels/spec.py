@@ -18,14 +18,92 @@ Tensor conventions for a chunk kernel (``forward``), per batch ``B``, head ``H``
 
 It returns ``(out [B, H, T, f], new_params)`` where ``out = xq + LN(g(xq; W_i))`` per token and
 ``new_params`` are the weights after the last mini-batch.
+
+The call signatures are the Protocols :class:`KernelForward` and :class:`KernelDecode`: a kernel's
+functions take exactly these parameter names, in this order (dispatch passes them by keyword), and any
+further parameter of theirs has a default. :class:`KernelSpec` checks this when it is built.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
+
+from innerloop.core.protocol import Params
+
+
+class KernelForward(Protocol):
+    """A chunk kernel: whole mini-batches from a boundary, no pending gradients (module docstring)."""
+
+    def __call__(
+        self,
+        xq: torch.Tensor,  # [B, H, T, f]
+        xk: torch.Tensor,  # [B, H, T, f]
+        xv: torch.Tensor,  # [B, H, T, f]
+        lr: torch.Tensor,  # [B, H, T]
+        tau: torch.Tensor,  # [K]
+        params: Params,  # the weights at the first mini-batch's start, with batch dims
+        ln_weight: torch.Tensor,  # [H, f]
+        ln_bias: torch.Tensor,  # [H, f]
+        eps: float,
+    ) -> tuple[torch.Tensor, Params]:  # (out [B, H, T, f], weights after the last mini-batch)
+        ...
+
+
+class KernelDecode(Protocol):
+    """One token per sequence with the pending-gradient state (see :class:`KernelSpec`)."""
+
+    def __call__(
+        self,
+        xq: torch.Tensor,  # [B, H, f]
+        xk: torch.Tensor,  # [B, H, f]
+        xv: torch.Tensor,  # [B, H, f]
+        lr: torch.Tensor,  # [B, H]
+        tau_i: torch.Tensor,  # 0-d: this token's scale
+        params: Params,  # the mini-batch's starting weights
+        pending: Params,  # the lr-weighted gradient sums of the mini-batch so far
+        ln_weight: torch.Tensor,  # [H, f]
+        ln_bias: torch.Tensor,  # [H, f]
+        eps: float,
+        is_last: bool,  # the token closes its mini-batch: commit the weights, reset the sums
+    ) -> tuple[torch.Tensor, Params, Params]:  # (out [B, H, f], params, pending)
+        ...
+
+
+def protocol_parameters(protocol: type) -> tuple[str, ...]:
+    """The parameter names of a call Protocol's ``__call__``, in order (without ``self``)."""
+    return tuple(inspect.signature(protocol.__call__).parameters)[1:]
+
+
+def signature_mismatch(function: Callable, protocol: type) -> str | None:
+    """Why ``function`` does not take ``protocol``'s parameters, or None when it does.
+
+    It must accept ``protocol``'s parameters by these names and in this order (by position or by
+    keyword), and give every further parameter of its own a default.
+    """
+    expected = protocol_parameters(protocol)
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a readable signature: cannot be checked here
+        return None
+    by_position = (inspect.Parameter.POSITIONAL_OR_KEYWORD,)
+    names = [p.name for p in parameters[: len(expected)] if p.kind in by_position]
+    if tuple(names) != expected:
+        got = ", ".join(p.name for p in parameters)
+        return f"takes ({got}); expected the parameters ({', '.join(expected)}) first, in this order"
+    without_default = [
+        p.name
+        for p in parameters[len(expected) :]
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    if without_default:
+        return f"has further parameters without a default: {without_default}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -48,18 +126,42 @@ class KernelSpec:
 
     ``verify(inputs) -> str | None`` returns ``None`` when the kernel can run on these inputs,
     otherwise a human-readable reason why not. Higher ``priority`` wins among kernels that verify.
-    ``decode`` (optional) handles one token with the pending-gradient state:
-    ``decode(xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, eps, is_last) ->
-    (out [B, H, f], params, pending)`` with ``xq, xk, xv [B, H, f]``, ``lr [B, H]``; it is asked
-    for with ``inputs.extra["decode"] = True`` and ``num_tokens = 1``.
+    ``forward`` is a :class:`KernelForward`. ``decode`` (optional, a :class:`KernelDecode`) handles
+    one token with the pending-gradient state, returning ``(out [B, H, f], params, pending)``; it is
+    asked for with ``inputs.extra["decode"] = True`` and ``num_tokens = 1``. Building a spec whose
+    functions do not take the Protocols' parameters raises ``TypeError``.
     """
 
     name: str
     inner_model: str
     inner_loss: str
     update_rule: str
-    forward: Callable
+    forward: KernelForward
     verify: Callable[[KernelInputs], str | None]
-    decode: Callable | None = None
+    decode: KernelDecode | None = None
     priority: int = 0
     description: str = ""
+
+    def __post_init__(self) -> None:
+        checks = [("forward", self.forward, KernelForward)]
+        if self.decode is not None:
+            checks.append(("decode", self.decode, KernelDecode))
+        for field_name, function, protocol in checks:
+            if not callable(function):
+                raise TypeError(f"KernelSpec {self.name!r}: {field_name} must be callable, got {function!r}")
+            reason = signature_mismatch(function, protocol)
+            if reason is not None:
+                raise TypeError(
+                    f"KernelSpec {self.name!r}: {field_name} {reason} (see {protocol.__name__} in "
+                    "innerloop/kernels/spec.py)"
+                )
+
+
+__all__ = [
+    "KernelDecode",
+    "KernelForward",
+    "KernelInputs",
+    "KernelSpec",
+    "protocol_parameters",
+    "signature_mismatch",
+]

@@ -18,9 +18,11 @@ from innerloop import TTTLayer
 from innerloop.core.functional import relative_error
 from innerloop.core.protocol import Activation, AffineLayer
 from innerloop.kernels.cpu import build
-from innerloop.kernels.cpu.stack import make_forward, make_verify
+from innerloop.kernels.cpu.stack import make_decode, make_forward, make_verify
 from innerloop.kernels.fused_torch import make_fused_forward
+from innerloop.kernels.reference import reference_kernel
 from innerloop.kernels.spec import KernelInputs
+from innerloop.plugins.losses.reconstruction import Reconstruction
 from innerloop.plugins.models.linear import LinearModel
 from innerloop.plugins.models.mlp import MLPModel
 from innerloop.testing import FLOAT64_TOLERANCE
@@ -28,6 +30,11 @@ from innerloop.testing.checks import assert_close, assert_states_close, run_laye
 from innerloop.testing.strategies import seeds
 
 STACKS = {"linear": LinearModel().stack, "mlp": MLPModel().stack}
+# The oracle: the pure-torch dual form (kernels/reference.py) with the kernels' call signatures.
+REFERENCE = {
+    "linear": reference_kernel(LinearModel(), Reconstruction()),
+    "mlp": reference_kernel(MLPModel(), Reconstruction()),
+}
 
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")  # skips, with the reason, where nothing compiles
@@ -51,7 +58,7 @@ def strided(t: torch.Tensor) -> torch.Tensor:
     layouts=st.booleans(),
     seed=seeds(),
 )
-def test_kernel_equals_fused_torch_in_float64(
+def test_kernel_equals_the_reference_in_float64(
     model, batch, heads, head_dim, mini_batch, num_mini_batches, layouts, seed
 ):
     tokens = mini_batch * num_mini_batches
@@ -61,7 +68,8 @@ def test_kernel_equals_fused_torch_in_float64(
     if layouts:  # strided views, and weights shared by the batch (stride 0), as the layer passes them
         xq, xk, xv = strided(xq), strided(xk), strided(xv)
         params = {k: v[:1].expand_as(v) for k, v in params.items()}
-    out_ref, params_ref = make_fused_forward(STACKS[model])(xq, xk, xv, lr, tau, params, lnw, lnb, 1e-6)
+    reference_forward, _ = REFERENCE[model]
+    out_ref, params_ref = reference_forward(xq, xk, xv, lr, tau, params, lnw, lnb, 1e-6)
     before = {k: v.clone() for k, v in params.items()}
     out, new_params = make_forward(STACKS[model])(xq, xk, xv, lr, tau, params, lnw, lnb, 1e-6)
     assert_close(out, out_ref, "kernel output", FLOAT64_TOLERANCE)
@@ -70,10 +78,40 @@ def test_kernel_equals_fused_torch_in_float64(
         assert torch.equal(params[key], before[key]), f"the caller's {key} was modified"
 
 
+@given(
+    model=st.sampled_from(["linear", "mlp"]),
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 3),
+    head_dim=st.sampled_from([2, 5, 8, 16, 20]),
+    mini_batch=st.sampled_from([1, 3, 4]),
+    seed=seeds(),
+)
+def test_decode_equals_the_reference_in_float64(model, batch, heads, head_dim, mini_batch, seed):
+    """Token by token through one mini-batch and into the next, pending sums carried, against the
+    reference's decode."""
+    xq, xk, xv, lr, tau, params, lnw, lnb = make_inputs(
+        batch, heads, mini_batch + 1, head_dim, mini_batch, model, dtype=torch.float64, seed=seed
+    )
+    _, reference_decode = REFERENCE[model]
+    kernel_decode = make_decode(STACKS[model])
+    states = {name: (params, {k: torch.zeros_like(v) for k, v in params.items()}) for name in ("ref", "cpu")}
+    for t in range(mini_batch + 1):
+        i = t % mini_batch
+        token = (xq[:, :, t], xk[:, :, t], xv[:, :, t], lr[:, :, t], tau[i])
+        is_last = i == mini_batch - 1
+        out_ref, *states["ref"] = reference_decode(*token, *states["ref"], lnw, lnb, 1e-6, is_last)
+        out, *states["cpu"] = kernel_decode(*token, *states["cpu"], lnw, lnb, 1e-6, is_last)
+        assert_close(out, out_ref, f"decode output, token {t}", FLOAT64_TOLERANCE)
+        for part, (ours, theirs) in enumerate(zip(states["cpu"], states["ref"], strict=True)):
+            for key in theirs:
+                assert_close(ours[key], theirs[key], f"decode {('params', 'pending')[part]}[{key}], token {t}",
+                             FLOAT64_TOLERANCE)  # fmt: skip
+
+
 def float32_errors(model: str, inputs64) -> tuple[float, float]:
-    """Relative errors against float64 fused_torch of the kernel and of fused_torch, both in float32."""
+    """Relative errors against the float64 reference of the kernel and of fused_torch, both in float32."""
     inputs32 = [{k: v.float() for k, v in t.items()} if isinstance(t, dict) else t.float() for t in inputs64]
-    exact, _ = make_fused_forward(STACKS[model])(*inputs64, 1e-6)
+    exact, _ = REFERENCE[model][0](*inputs64, 1e-6)
     ours, _ = make_forward(STACKS[model])(*inputs32, 1e-6)
     theirs, _ = make_fused_forward(STACKS[model])(*inputs32, 1e-6)
     return relative_error(ours, exact), relative_error(theirs, exact)
@@ -192,7 +230,7 @@ def test_verify_names_each_limit():
 
 def test_long_mini_batches():
     inputs = make_inputs(1, 2, 160, 4, 80, "mlp", dtype=torch.float64, seed=5)
-    out_ref, params_ref = make_fused_forward(STACKS["mlp"])(*inputs, 1e-6)
+    out_ref, params_ref = REFERENCE["mlp"][0](*inputs, 1e-6)
     out, new_params = make_forward(STACKS["mlp"])(*inputs, 1e-6)
     assert_close(out, out_ref, "kernel output, K=80", FLOAT64_TOLERANCE)
     for key in params_ref:

@@ -16,7 +16,7 @@ import torch
 from innerloop.core.functional import gelu_tanh, gelu_tanh_derivative
 from innerloop.core.protocol import Activation, AffineLayer, Params
 from innerloop.kernels.cpu.build import CPUKernelUnavailable, load_library
-from innerloop.kernels.spec import KernelInputs, KernelSpec
+from innerloop.kernels.spec import KernelDecode, KernelForward, KernelInputs, KernelSpec
 
 MAX_LAYERS = 8  # kMaxLayers in ttt_stack.cpp
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
@@ -67,7 +67,10 @@ class _StackArgs(ctypes.Structure):
 
 
 class _DecodeArgs(ctypes.Structure):
-    """Mirror of ``InnerloopDecodeArgs`` in ttt_stack.cpp (same order, same types)."""
+    """Mirror of ``InnerloopDecodeArgs`` in ttt_stack.cpp (same order, same types).
+
+    Its fields repeat many of ``_StackArgs``' because the C structs do: a ctypes mirror must list
+    every field literally, in the C order, so the repetition stays."""
 
     _fields_ = [
         ("dtype", ctypes.c_int32),
@@ -194,7 +197,7 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def make_forward(stack: tuple[AffineLayer, ...]):
+def make_forward(stack: tuple[AffineLayer, ...]) -> KernelForward:
     """The chunk function (see :mod:`innerloop.kernels.spec`) for a stack model with these layers."""
     activations = [activation_code(layer.activation) for layer in stack]
 
@@ -235,7 +238,7 @@ def make_forward(stack: tuple[AffineLayer, ...]):
     return forward
 
 
-def make_decode(stack: tuple[AffineLayer, ...]):
+def make_decode(stack: tuple[AffineLayer, ...]) -> KernelDecode:
     """The one-token function (see ``KernelSpec.decode``) for a stack model with these layers."""
     activations = [activation_code(layer.activation) for layer in stack]
 

@@ -9,8 +9,11 @@ under the CPU interpreter (``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -124,10 +127,16 @@ def check_decode_inputs(
     xv: torch.Tensor,
     lr: torch.Tensor,
     tau_i: torch.Tensor,
+    params: dict,
+    pending: dict,
     ln_weight: torch.Tensor,
     ln_bias: torch.Tensor,
+    param_shapes: dict,
 ) -> None:
-    """Raise ``ValueError`` naming the parameter when one-token decode inputs do not fit together."""
+    """Raise ``ValueError`` naming the parameter when one-token decode inputs do not fit together.
+
+    ``param_shapes`` maps each required key of ``params`` (and of ``pending``) to its expected shape.
+    """
     if xq.dim() != 3:
         raise ValueError(f"xq must be [B, H, f] (one token), got shape {tuple(xq.shape)}")
     B, H, f = xq.shape
@@ -141,6 +150,8 @@ def check_decode_inputs(
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         if t.shape != (H, f):
             raise ValueError(f"{name} must be [H, f] = {(H, f)}, got {tuple(t.shape)}")
+    check_params(params, param_shapes)
+    check_params(pending, param_shapes, name="pending")
 
 
 def head_view(t: torch.Tensor) -> torch.Tensor:
@@ -166,12 +177,10 @@ def verify_common(inputs, max_head_dim: int, kernel_name: str) -> str | None:
         return f"{kernel_name}: triton is installed but does not import ({exc})"
     if inputs.dtype not in SUPPORTED_DTYPES:
         return f"{kernel_name}: dtype {inputs.dtype} unsupported; supported: float32, float16, bfloat16"
-    f = inputs.head_dim
-    if not is_power_of_two(f) or not 16 <= f <= max_head_dim:
-        return f"{kernel_name}: head_dim {f} must be a power of two in [16, {max_head_dim}]"
+    reason = shape_problem(inputs.head_dim, inputs.mini_batch_size, max_head_dim)
+    if reason is not None:
+        return f"{kernel_name}: {reason}"
     K = inputs.mini_batch_size
-    if not 1 <= K <= MAX_MINI_BATCH:
-        return f"{kernel_name}: mini_batch_size {K} unsupported; must be in [1, {MAX_MINI_BATCH}]"
     if inputs.extra.get("decode"):
         if inputs.requires_grad:
             return f"{kernel_name}: the decode kernel is inference-only, but gradients are required"
@@ -179,6 +188,15 @@ def verify_common(inputs, max_head_dim: int, kernel_name: str) -> str | None:
         return f"{kernel_name}: num_tokens {inputs.num_tokens} is not a multiple of mini_batch_size {K}"
     if inputs.needs_double_backward:
         return f"{kernel_name}: double backward needed, but the kernel's backward is not differentiable"
+    return None
+
+
+def shape_problem(f: int, K: int, max_head_dim: int) -> str | None:
+    """Why head dim ``f`` or mini-batch size ``K`` is outside what the kernels are built for, or None."""
+    if not is_power_of_two(f) or not 16 <= f <= max_head_dim:
+        return f"head_dim {f} must be a power of two in [16, {max_head_dim}]"
+    if not 1 <= K <= MAX_MINI_BATCH:
+        return f"mini_batch_size {K} (len(tau)) unsupported; must be in [1, {MAX_MINI_BATCH}]"
     return None
 
 
@@ -226,7 +244,75 @@ def check_runnable(t: torch.Tensor, kernel_name: str) -> None:
         raise RuntimeError(f"{kernel_name}: device {t.device.type!r} unsupported; use cuda")
 
 
-def triton_kernel_spec(inner_model: str, label: str, max_head_dim: int, fused) -> KernelSpec:
+@dataclass(frozen=True)
+class HostChecks:
+    """The argument checks every Triton TTT kernel's host functions make before a launch.
+
+    ``name`` is the kernel's name (used in every message), ``kernels_module`` the dotted name of its
+    lazily imported ``_kernels`` module, ``max_head_dim`` the largest head dim its kernels are built
+    for, ``param_shapes(B, H, f)`` the shapes of its weights.
+    """
+
+    name: str
+    kernels_module: str
+    max_head_dim: int
+    param_shapes: Callable[[int, int, int], dict]
+
+    def kernels(self):
+        """The Triton kernels module, imported on first use (see the module docstring for why)."""
+        return importlib.import_module(self.kernels_module)
+
+    def mode_mismatch(self, device) -> str | None:
+        """Why the already-built kernels cannot serve ``device`` (compiled vs interpreted), or None."""
+        return mode_mismatch(self.kernels_module, device, self.name)
+
+    def check_launchable(self, t: torch.Tensor, f: int, K: int) -> None:
+        """Raise a clear error when the kernels cannot run on ``t``'s device and dtype, or on f and K."""
+        reason = shape_problem(f, K, self.max_head_dim)
+        if reason is not None:
+            raise ValueError(f"{self.name}: {reason}")
+        check_runnable(t, self.name)
+        self.kernels()
+        reason = self.mode_mismatch(t.device)
+        if reason is not None:
+            raise RuntimeError(reason)
+
+    def check_forward(self, xq, xk, xv, lr, tau, params, ln_weight, ln_bias, checkpoint_every) -> None:
+        """Every check of a chunk forward's arguments (``ValueError`` / ``RuntimeError`` naming them)."""
+        if xq.dim() != 4:
+            raise ValueError(f"xq must be [B, H, T, f], got shape {tuple(xq.shape)}")
+        B, H, _, f = xq.shape
+        check_chunk_inputs(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, self.param_shapes(B, H, f))
+        self.check_launchable(xq, f, tau.shape[0])
+        if (
+            not isinstance(checkpoint_every, int)
+            or isinstance(checkpoint_every, bool)
+            or checkpoint_every < 1
+        ):
+            raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+
+    def check_decode(self, xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias) -> None:
+        """Every check of a one-token decode's arguments; decode is inference-only."""
+        if xq.dim() != 3:
+            raise ValueError(f"xq must be [B, H, f] (one token), got shape {tuple(xq.shape)}")
+        B, H, f = xq.shape
+        check_decode_inputs(
+            xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, self.param_shapes(B, H, f)
+        )
+        self.check_launchable(xq, f, 1)
+        tensors = (xq, xk, xv, lr, tau_i, *params.values(), *pending.values(), ln_weight, ln_bias)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            raise RuntimeError(f"{self.name}.decode is inference-only; call it under torch.no_grad()")
+
+
+def empty_output(shape, dtype: torch.dtype, device, poison: bool) -> torch.Tensor:
+    """An output buffer; ``poison`` fills it with NaN so that memory a kernel forgot to write shows."""
+    if poison:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def triton_kernel_spec(inner_model: str, label: str, fused) -> KernelSpec:
     """The registration of one Triton TTT kernel package (its ``fused`` host module).
 
     ``verify`` combines the checks every Triton TTT kernel shares with the package's own check that
@@ -235,8 +321,8 @@ def triton_kernel_spec(inner_model: str, label: str, max_head_dim: int, fused) -
     name = f"triton_ttt_{inner_model}"
 
     def verify(inputs: KernelInputs) -> str | None:
-        reason = verify_common(inputs, max_head_dim, name)
-        return reason if reason is not None else fused.kernels_mode_mismatch(inputs.device)
+        reason = verify_common(inputs, fused.MAX_HEAD_DIM, name)
+        return reason if reason is not None else fused.CHECKS.mode_mismatch(inputs.device)
 
     verify.__doc__ = (
         f"``None`` when the Triton {label} kernel can run on ``inputs``, else the reason it cannot."

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from ..common import triton_kernel_spec
 from . import fused, naive
-from .fused import decode, forward
+from .fused import MAX_HEAD_DIM, decode, forward
 
-MAX_HEAD_DIM = 64
-
-KERNEL = triton_kernel_spec("mlp", "TTT-MLP", MAX_HEAD_DIM, fused)
+KERNEL = triton_kernel_spec("mlp", "TTT-MLP", fused)
 verify = KERNEL.verify
 
 __all__ = ["KERNEL", "MAX_HEAD_DIM", "decode", "forward", "naive", "verify"]

@@ -6,22 +6,16 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from ..common import (
-    MAX_MINI_BATCH,
+    HostChecks,
     block_rows,
-    check_chunk_inputs,
-    check_decode_inputs,
-    check_params,
-    check_runnable,
     dot_precision,
-    is_power_of_two,
-    mode_mismatch,
+    empty_output,
 )
 from .naive import param_shapes
 
@@ -36,36 +30,12 @@ KEYS = ("W1", "b1", "W2", "b2")
 POISON_OUTPUTS = False
 
 
-def _kernels():
-    """The Triton kernels module, imported on first use (see common.py for why)."""
-    return importlib.import_module(_KERNELS_MODULE)
-
-
-def _check_launchable(t: torch.Tensor) -> None:
-    """Raise a clear error when the kernels cannot run on ``t``'s device and dtype."""
-    check_runnable(t, NAME)
-    _kernels()
-    reason = kernels_mode_mismatch(t.device)
-    if reason is not None:
-        raise RuntimeError(reason)
-
-
-def kernels_mode_mismatch(device) -> str | None:
-    """Reason why the already-built kernels cannot serve ``device`` (compiled vs interpreted), or None."""
-    return mode_mismatch(_KERNELS_MODULE, device, NAME)
+CHECKS = HostChecks(NAME, _KERNELS_MODULE, MAX_HEAD_DIM, param_shapes)
+_kernels = CHECKS.kernels
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _check_kernel_shapes(f: int, K: int) -> None:
-    if not is_power_of_two(f) or not 16 <= f <= MAX_HEAD_DIM:
-        raise ValueError(f"{NAME}: head_dim f = {f} must be a power of two in [16, {MAX_HEAD_DIM}]")
-    if not 1 <= K <= MAX_MINI_BATCH:
-        raise ValueError(f"{NAME}: mini-batch size K = len(tau) = {K} must be in [1, {MAX_MINI_BATCH}]")
+    return empty_output(shape, dtype, device, POISON_OUTPUTS)
 
 
 def _state_buffers(rows: int, f: int, dtypes, dev) -> list[torch.Tensor]:
@@ -172,14 +142,8 @@ def forward(
     Returns:
         ``(out [B, H, T, f], {"W1", "b1", "W2", "b2"})``.
     """
-    if xq.dim() != 4:
-        raise ValueError(f"xq must be [B, H, T, f], got shape {tuple(xq.shape)}")
+    CHECKS.check_forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, checkpoint_every)
     B, H, T, f = xq.shape
-    check_chunk_inputs(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, param_shapes(B, H, f))
-    _check_kernel_shapes(f, tau.shape[0])
-    _check_launchable(xq)
-    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
     out, *new = _MLPChunk.apply(
         xq, xk, xv, lr, tau, *(params[k] for k in KEYS), ln_weight, ln_bias, float(eps), checkpoint_every
     )
@@ -207,17 +171,8 @@ def decode(
     when ``is_last`` the weights are committed and the sums reset to zero, otherwise ``new_params`` is
     ``params`` itself.
     """
-    if xq.dim() != 3:
-        raise ValueError(f"xq must be [B, H, f] (one token), got shape {tuple(xq.shape)}")
+    CHECKS.check_decode(xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias)
     B, H, f = xq.shape
-    check_decode_inputs(xq, xk, xv, lr, tau_i, ln_weight, ln_bias)
-    check_params(params, param_shapes(B, H, f))
-    check_params(pending, param_shapes(B, H, f), name="pending")
-    _check_kernel_shapes(f, 1)
-    _check_launchable(xq)
-    tensors = (xq, xk, xv, lr, tau_i, *params.values(), *pending.values(), ln_weight, ln_bias)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        raise RuntimeError(f"{NAME}.decode is inference-only; call it under torch.no_grad()")
     dev = xq.device
     out = _empty((B, H, f), xq.dtype, dev)
     new_params = {k: _empty(params[k].shape, params[k].dtype, dev) for k in KEYS} if is_last else dict(params)

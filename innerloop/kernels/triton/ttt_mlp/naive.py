@@ -12,7 +12,6 @@ import torch
 from ..common import (
     check_chunk_inputs,
     check_decode_inputs,
-    check_params,
     eta_matrix,
     gelu_tanh,
     gelu_tanh_derivative,
@@ -106,9 +105,7 @@ def decode(
         ``(out [B, H, f], new_params, new_pending)``.
     """
     B, H, f = xq.shape
-    check_decode_inputs(xq, xk, xv, lr, tau_i, ln_weight, ln_bias)
-    check_params(params, param_shapes(B, H, f))
-    check_params(pending, param_shapes(B, H, f), name="pending")
+    check_decode_inputs(xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, param_shapes(B, H, f))
     gamma, beta = head_view(ln_weight), head_view(ln_bias)
     q, k, v = xq[:, :, None], xk[:, :, None], xv[:, :, None]  # [B, H, 1, f]
     W1, b1, W2, b2 = params["W1"], params["b1"], params["W2"], params["b2"]

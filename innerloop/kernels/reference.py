@@ -1,0 +1,149 @@
+"""The pure-torch reference every dual-form fast path must equal: whole mini-batches, and segments.
+
+For a stack model (affine maps and elementwise functions) the output of token ``i`` of a mini-batch
+needs ``x_i @ W_i`` with ``W_i = W_b - tau_i * sum_{j <= i} lr_j * X_j^T G_j``, which is
+``x_i @ W_b - sum_{j <= i} tau_i lr_j (x_i . X_j) G_j``: a causal attention-like product instead
+of a weight matrix per token, applied layer by layer (the derivation is in ``kernels/README.md``).
+
+``dual_aligned_block`` is what the fast paths (``fused_torch.py``, ``cpu/``, ``triton/``) compute and
+what dispatch falls back to; ``dual_segment`` is one segment that may start inside a mini-batch with
+pending gradients (the ``dual_form`` update rule uses it for partial mini-batches and decoding).
+It is written for clarity, not speed, and is exact to all orders of differentiation.
+
+``reference_kernel(model, loss)`` wraps both in the kernel call signatures of ``spec.py``
+(:class:`~innerloop.kernels.spec.KernelForward`, :class:`~innerloop.kernels.spec.KernelDecode`), so
+that a fast path is tested against the reference with the same arguments it is called with.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from innerloop.core.functional import layer_norm_backward
+from innerloop.core.protocol import InnerLoss, InnerModel, InnerTask, Params
+from innerloop.core.scan import ChunkInputs, Segment, close_mini_batch
+from innerloop.kernels.spec import KernelDecode, KernelForward
+
+
+def key_side(task: InnerTask, params: Params, inputs: torch.Tensor, targets: torch.Tensor):
+    """Forward the keys through the stack at ``params`` and backpropagate the inner loss in closed form.
+
+    Returns ``(layer_inputs, grads)``: for each layer ``l`` its input ``X_l [B, H, N, in_l]`` and
+    the gradient of the loss w.r.t. its pre-activation output ``G_l [B, H, N, out_l]``.
+    """
+    stack = task.model.stack
+    layer_inputs, pre_activations = [], []
+    h = inputs
+    for layer in stack:
+        layer_inputs.append(h)
+        z = h @ params[layer.weight]
+        if layer.bias is not None:
+            z = z + params[layer.bias]
+        pre_activations.append(z)
+        h = layer.activation.fn(z) if layer.activation is not None else z
+
+    z_last = pre_activations[-1]
+    prediction = task.wrap_output(inputs, z_last)
+    grad_prediction = task.loss.token_loss_grad(prediction, targets)
+    if task.use_norm:
+        grad = layer_norm_backward(z_last, grad_prediction, task.norm_weight[:, None, :], task.norm_eps)
+    else:
+        grad = grad_prediction
+
+    grads = [grad]
+    for index in range(len(stack) - 1, 0, -1):
+        below = stack[index - 1]
+        grad = grad @ params[stack[index].weight].transpose(-1, -2)
+        if below.activation is not None:
+            grad = grad * below.activation.derivative(pre_activations[index - 1])
+        grads.append(grad)
+    grads.reverse()
+    return layer_inputs, grads
+
+
+def dual_segment(
+    task: InnerTask,
+    params: Params,
+    pending: Params,
+    chunk: ChunkInputs,
+    tau: torch.Tensor,
+    has_pending: bool,
+) -> tuple[torch.Tensor, Params]:
+    """One segment inside a mini-batch, dual form. Same contract as ``primal_segment``."""
+    layer_inputs, grads = key_side(task, params, chunk.inputs, chunk.targets)
+    num_tokens = chunk.query.shape[2]
+    causal = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=chunk.query.device).tril()
+    # eta[b, h, i, j] = tau_i * lr_j for j <= i, else 0.
+    eta = (tau[:, None] * chunk.lr[..., None, :]).masked_fill(~causal, 0.0)  # [B, H, N, N]
+    tau_column = tau[:, None]  # [N, 1]
+
+    h = chunk.query
+    new_pending = dict(pending)
+    for layer, x_keys, grad in zip(task.model.stack, layer_inputs, grads, strict=True):
+        weight = params[layer.weight]
+        similarity = h @ x_keys.transpose(-1, -2)  # [B, H, N, N]
+        z = h @ weight
+        if layer.bias is not None:
+            similarity = similarity + 1.0
+            z = z + params[layer.bias]
+        z = z - (eta * similarity) @ grad
+        if has_pending:
+            correction = h @ pending[layer.weight]
+            if layer.bias is not None:
+                correction = correction + pending[layer.bias]
+            z = z - tau_column * correction
+        h = layer.activation.fn(z) if layer.activation is not None else z
+
+        weighted_grad = chunk.lr[..., None] * grad  # [B, H, N, out]
+        new_pending[layer.weight] = pending[layer.weight] + x_keys.transpose(-1, -2) @ weighted_grad
+        if layer.bias is not None:
+            new_pending[layer.bias] = pending[layer.bias] + weighted_grad.sum(dim=-2, keepdim=True)
+
+    return task.wrap_output(chunk.query, h), new_pending
+
+
+def dual_aligned_block(
+    task: InnerTask, params: Params, chunk: ChunkInputs, tau: torch.Tensor
+) -> tuple[torch.Tensor, Params]:
+    """Whole mini-batches from a boundary, pending zero: the pure-torch path kernels must equal."""
+    mini_batch = task.mini_batch_size
+    outputs = []
+    zero_pending = {k: torch.zeros_like(v) for k, v in params.items()}
+    for start in range(0, chunk.query.shape[2], mini_batch):
+        seg = Segment(start, start + mini_batch, 0, closes_mini_batch=True)
+        out, pending = dual_segment(task, params, zero_pending, chunk.segment(seg), tau, has_pending=False)
+        params, _ = close_mini_batch(params, pending, tau[-1])
+        outputs.append(out)
+    return torch.cat(outputs, dim=2), params
+
+
+def reference_kernel(model: InnerModel, loss: InnerLoss) -> tuple[KernelForward, KernelDecode]:
+    """``(forward, decode)`` of the torch dual form for a stack ``model`` and an inner ``loss``, with
+    the kernels' call signatures (keys ``xk`` as the loss inputs, values ``xv`` as its targets, the
+    residual and the inner LayerNorm on): the oracle the fast paths are tested against."""
+    if model.stack is None:
+        raise ValueError(
+            f"model: {model.name!r} declares no stack (InnerModel.stack); the dual form needs one"
+        )
+
+    def task(ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, mini_batch_size: int) -> InnerTask:
+        return InnerTask(model, loss, mini_batch_size, ln_weight, ln_bias, eps, residual=True, kernel="torch")
+
+    def forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
+        chunk = ChunkInputs(xq, xk, xv, lr)  # [B, H, T, f], lr [B, H, T]
+        return dual_aligned_block(task(ln_weight, ln_bias, eps, tau.shape[0]), params, chunk, tau)
+
+    def decode(xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, eps, is_last):
+        chunk = ChunkInputs(xq[:, :, None], xk[:, :, None], xv[:, :, None], lr[:, :, None])  # one token
+        tau = tau_i.reshape(1)
+        out, pending = dual_segment(
+            task(ln_weight, ln_bias, eps, 1), params, pending, chunk, tau, has_pending=True
+        )
+        if is_last:
+            params, pending = close_mini_batch(params, pending, tau_i)
+        return out[:, :, 0], params, pending
+
+    return forward, decode
+
+
+__all__ = ["dual_aligned_block", "dual_segment", "key_side", "reference_kernel"]

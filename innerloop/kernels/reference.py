@@ -5,7 +5,7 @@ needs ``x_i @ W_i`` with ``W_i = W_b - tau_i * sum_{j <= i} lr_j * X_j^T G_j``, 
 ``x_i @ W_b - sum_{j <= i} tau_i lr_j (x_i . X_j) G_j``: a causal attention-like product instead
 of a weight matrix per token, applied layer by layer (the derivation is in ``kernels/README.md``).
 
-``dual_aligned_block`` is what the fast paths (``fused_torch.py``, ``cpu/``, ``triton/``) compute and
+``dual_aligned_block`` is what the fast paths (``fused_torch/``, ``cpu/``, ``triton/``) compute and
 what dispatch falls back to; ``dual_segment`` is one segment that may start inside a mini-batch with
 pending gradients (the ``dual_form`` update rule uses it for partial mini-batches and decoding).
 It is written for clarity, not speed, and is exact to all orders of differentiation.

@@ -5,7 +5,7 @@
 // one mini-batch of inputs, the intermediate activations) stays in a per-thread workspace small
 // enough for the L2 cache, and each mini-batch is a handful of small matrix products plus the
 // elementwise work fused around them. The math is derived in ../README.md and in README.md here;
-// the numbers equal innerloop.kernels.fused_torch (tested to 1e-10 in float64).
+// the numbers equal innerloop.kernels.reference (tested to 1e-10 in float64).
 //
 // The interface is plain C (a struct of sizes, strides and pointers), loaded with ctypes: no torch
 // headers are needed, so the file compiles in a couple of seconds with any C++17 compiler.

@@ -17,7 +17,7 @@ fewer operations inside the sequential scan:
   ``create_graph=True`` backward through it raises :data:`DOUBLE_BACKWARD_MESSAGE`;
 - the output LayerNorm and residual run once over all tokens after the scan.
 
-The derivation is in ``kernels/README.md``.
+The derivation is in ``kernels/README.md``; what moves out of the scan, in ``kernels/fused_torch/README.md``.
 """
 
 from __future__ import annotations

@@ -192,7 +192,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_convert_then_generate_and_eval(tmp_path):
+@pytest.mark.slow  # three CLI subprocesses, each ~6 s to import torch and Lightning
+def test_convert_then_generate(tmp_path):
     out = tmp_path / "converted"
     done = _cli("convert", "ttt-lm-pytorch", str(MODELS / "ttt_mlp_mamba"), str(out))
     assert done.returncode == 0, done.stderr
@@ -209,6 +210,7 @@ def test_convert_then_generate_and_eval(tmp_path):
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
+@pytest.mark.slow  # a CLI subprocess, ~5 s to import torch and Lightning
 def test_convert_of_a_broken_folder_is_one_line(tmp_path):
     done = _cli("convert", "ttt-lm-pytorch", str(tmp_path), str(tmp_path / "out"))
     assert done.returncode == 2

@@ -349,7 +349,9 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
         "source_format", choices=["ttt-lm-pytorch"], help="what SRC is (choices: %(choices)s)"
     )
     convert.add_argument("src", metavar="SRC", help="the saved model: a save_pretrained folder")
-    convert.add_argument("out", metavar="OUT", help="folder to write last.safetensors into (created if absent)")
+    convert.add_argument(
+        "out", metavar="OUT", help="folder to write last.safetensors into (created if absent)"
+    )
     convert.add_argument(
         "--overwrite",
         action="store_true",

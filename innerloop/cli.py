@@ -104,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_train(commands, preset_names())
     _add_eval(commands)
     _add_generate(commands)
+    _add_convert(commands)
     plugins_help = f"list the registered plugins of every kind ({_plugin_kinds_in_words()})"
     commands.add_parser(
         "plugins",
@@ -303,13 +304,20 @@ def _generate(args: argparse.Namespace) -> int:
     if not prompt:
         raise ConfigError("--prompt must not be empty (the model needs at least one byte to start from)")
     model = load_model(args.checkpoint)
+    vocab_size = model.config.vocab_size
+    if max(prompt) >= vocab_size:
+        raise ConfigError(
+            f"--prompt has byte {max(prompt)}, but the model's vocabulary has {vocab_size} tokens "
+            f"(0..{vocab_size - 1}): give a prompt of bytes below {vocab_size}"
+        )
     prompt_ids = torch.tensor([list(prompt)], dtype=torch.long)
     generator = torch.Generator().manual_seed(args.seed)
     # Bytes are decoded as they come (a character may span several tokens); invalid UTF-8 shows as �.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     sys.stdout.write(decoder.decode(prompt))
     for token, _state in generate(model, prompt_ids, args.tokens, args.temperature, args.top_k, generator):
-        sys.stdout.write(decoder.decode(bytes([int(token[0])])))
+        token_id = int(token[0])  # a model with more than 256 tokens may sample one that is no byte
+        sys.stdout.write(decoder.decode(bytes([token_id])) if token_id < 256 else f"[token {token_id}]")
         sys.stdout.flush()
     sys.stdout.write(decoder.decode(b"", final=True) + "\n")
     return 0
@@ -325,6 +333,57 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_convert(commands: argparse._SubParsersAction) -> None:
+    convert = commands.add_parser(
+        "convert",
+        help="turn another implementation's saved model into an innerloop checkpoint",
+        description=textwrap.fill(
+            "Read a model saved by another implementation and write it as an innerloop checkpoint, "
+            "OUT/last.safetensors, that `innerloop generate` and `innerloop eval` read. ttt-lm-pytorch: "
+            "a folder written by TTTForCausalLM.save_pretrained of test-time-training/ttt-lm-pytorch "
+            "(config.json and model.safetensors); the logits equal the reference's."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    convert.add_argument(
+        "source_format", choices=["ttt-lm-pytorch"], help="what SRC is (choices: %(choices)s)"
+    )
+    convert.add_argument("src", metavar="SRC", help="the saved model: a save_pretrained folder")
+    convert.add_argument(
+        "out", metavar="OUT", help="folder to write last.safetensors into (created if absent)"
+    )
+    convert.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=False,
+        help="replace an existing OUT/last.safetensors (default: refuse)",
+    )
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from innerloop.interop.ttt_lm_pytorch import load_model as load_reference_model
+    from innerloop.train.module import save_model_checkpoint
+
+    target = Path(args.out) / "last.safetensors"
+    if target.exists() and not args.overwrite:
+        raise ConfigError(f"{str(target)!r} exists; pass --overwrite to replace it, or give another OUT")
+    try:
+        model = load_reference_model(args.src)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"{args.source_format} model {args.src!r}: {_one_line(err)}") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = save_model_checkpoint(model, target)
+    config = model.config
+    print(
+        f"converted {args.src} ({config.num_layers} layers, hidden {config.hidden_size}, "
+        f"vocabulary {config.vocab_size}, {model.num_parameters():,} parameters)"
+    )
+    print(f"checkpoint: {path}")
+    return 0
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's input, reported as one line: bad config or arguments, a bad
     checkpoint, unusable data, and Lightning's own misconfiguration errors (its messages name the
@@ -337,7 +396,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return ConfigError, CheckpointError, DataError, MisconfigurationException
 
 
-_HANDLERS = {"train": _train, "eval": _eval, "generate": _generate, "plugins": _plugins}
+_HANDLERS = {
+    "train": _train,
+    "eval": _eval,
+    "generate": _generate,
+    "convert": _convert,
+    "plugins": _plugins,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,7 +43,10 @@ def _rendered_help(action: argparse.Action) -> str:
 
 def test_every_subcommand_is_walked():
     progs = {prog for prog, _ in _parsers()}
-    assert progs == {"innerloop", *(f"innerloop {c}" for c in ("train", "eval", "generate", "plugins"))}
+    assert progs == {
+        "innerloop",
+        *(f"innerloop {c}" for c in ("train", "eval", "generate", "convert", "plugins")),
+    }
 
 
 @pytest.mark.parametrize(("name", "action"), _actions(), ids=[name for name, _ in _actions()])

@@ -1,4 +1,8 @@
-"""Load a TTTLinear / TTTMLP layer of test-time-training/ttt-lm-pytorch into a :class:`TTTLayer`.
+"""Load a TTTLinear / TTTMLP layer, or a whole ``TTTForCausalLM``, of test-time-training/ttt-lm-pytorch.
+
+A layer becomes a :class:`TTTLayer` (:func:`load_layer`); a whole model saved by the reference's
+``save_pretrained`` (a folder with ``config.json`` and ``model.safetensors``) becomes a
+:class:`~innerloop.models.CausalLM` (:func:`load_model`) whose logits equal the reference's.
 
 The reference's ``TTTConfig`` fields that shape the layer map to ``TTTLayer`` arguments, and its
 layer ``state_dict`` maps one to one (the inner weights ``W1, b1, W2, b2`` become
@@ -22,15 +26,20 @@ layer that silently differs from the reference:
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import numbers
 import re
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from innerloop.core.layer import TTTLayer
+from innerloop.models.config import ModelConfig, TTTConfig
+from innerloop.models.lm import CausalLM
 
 
 def _integer(minimum: int) -> Callable[[Any], str | None]:
@@ -274,6 +283,36 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
     return converted
 
 
+def _check_tensor(name: str, tensor: Any, shape: torch.Size, what: str, fields: str) -> None:
+    """One tensor of a reference state dict (``name``, the reference's key): a finite floating tensor
+    of ``shape``; ``what`` is "layer" or "model", ``fields`` the config fields that decide the shape."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"state_dict[{name!r}] is a {type(tensor).__name__}, not a tensor")
+    if not tensor.is_floating_point():
+        raise ValueError(f"state_dict[{name!r}] has dtype {tensor.dtype}; the weights are floating point")
+    if tensor.shape != shape:
+        raise ValueError(
+            f"state_dict[{name!r}] has shape {tuple(tensor.shape)}, but a {what} with this config "
+            f"needs {tuple(shape)} (check {fields})"
+        )
+    bad = (~torch.isfinite(tensor)).sum().item()
+    if bad:
+        raise ValueError(f"state_dict[{name!r}] has {bad} non-finite value(s) (NaN or inf)")
+
+
+def _check_one_dtype(tensors: Mapping[str, torch.Tensor]) -> None:
+    """All tensors (by reference name) share one dtype."""
+    dtypes: dict[torch.dtype, str] = {}
+    for name, tensor in tensors.items():
+        dtypes.setdefault(tensor.dtype, name)
+    if len(dtypes) > 1:
+        raise ValueError(
+            "state_dict mixes dtypes: "
+            + ", ".join(f"{dtype} (e.g. {name!r})" for dtype, name in dtypes.items())
+            + "; convert every tensor to one dtype"
+        )
+
+
 def _check_tensors(converted: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
     """Keys, types, shapes, dtypes and finiteness of a converted state dict against the layer's own."""
     reference_name = {ours: ours.removeprefix("initial_params.") for ours in converted}
@@ -287,29 +326,10 @@ def _check_tensors(converted: Mapping[str, torch.Tensor], expected: Mapping[str,
             f"state_dict does not match a reference layer with this config: missing keys {missing}, "
             f"unexpected keys {unexpected}{hint}"
         )
-    dtypes: dict[torch.dtype, str] = {}
+    fields = "hidden_size, num_attention_heads, mini_batch_size, conv_kernel"
     for ours, tensor in converted.items():
-        name = reference_name[ours]
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"state_dict[{name!r}] is a {type(tensor).__name__}, not a tensor")
-        if not tensor.is_floating_point():
-            raise ValueError(f"state_dict[{name!r}] has dtype {tensor.dtype}; the weights are floating point")
-        if tensor.shape != expected[ours].shape:
-            raise ValueError(
-                f"state_dict[{name!r}] has shape {tuple(tensor.shape)}, but a layer with this config "
-                f"needs {tuple(expected[ours].shape)} (check hidden_size, num_attention_heads, "
-                "mini_batch_size, conv_kernel)"
-            )
-        bad = (~torch.isfinite(tensor)).sum().item()
-        if bad:
-            raise ValueError(f"state_dict[{name!r}] has {bad} non-finite value(s) (NaN or inf)")
-        dtypes.setdefault(tensor.dtype, name)
-    if len(dtypes) > 1:
-        raise ValueError(
-            "state_dict mixes dtypes: "
-            + ", ".join(f"{dtype} (e.g. {name!r})" for dtype, name in dtypes.items())
-            + "; convert every tensor to one dtype"
-        )
+        _check_tensor(reference_name[ours], tensor, expected[ours].shape, "layer", fields)
+    _check_one_dtype({reference_name[ours]: tensor for ours, tensor in converted.items()})
 
 
 def load_layer(
@@ -337,12 +357,276 @@ def load_layer(
     return layer
 
 
+# --------------------------------------------------------------------------------------------------
+# Whole models: a reference TTTForCausalLM folder -> CausalLM
+# --------------------------------------------------------------------------------------------------
+
+#: The reference ``TTTConfig.__init__`` defaults of the fields a whole model reads. ``save_pretrained``
+#: leaves out of ``config.json`` the values equal to transformers' own defaults (e.g.
+#: ``tie_word_embeddings=True``), so a missing field takes its default here, as the reference does.
+MODEL_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "intermediate_size": 5504,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 32,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "rope_theta": 10000.0,
+    "use_gate": False,
+    "share_qk": False,
+    "ttt_layer_type": "linear",
+    "ttt_base_lr": 1.0,
+    "mini_batch_size": 16,
+    "pre_conv": False,
+    "conv_kernel": 4,
+}
+
+#: What becomes of every reference ``TTTConfig`` field in a whole model: the ``ModelConfig`` field it
+#: sets, or why it does not change the logits. Fields with a value innerloop cannot reproduce are
+#: refused by :func:`model_config` (:data:`REFUSED_VALUES`).
+MODEL_FIELD_MAP: dict[str, str] = {
+    "vocab_size": "model.vocab_size",
+    "hidden_size": "model.hidden_size",
+    "intermediate_size": "model.intermediate_size",
+    "num_hidden_layers": "model.num_layers",
+    "num_attention_heads": "model.num_heads",
+    "hidden_act": "the SwiGLU MLP's activation: only 'silu' (innerloop's SwiGLU), others refused",
+    "max_position_embeddings": "unused: the reference's forward never reads it (RoPE restarts every mini-batch)",
+    "initializer_range": "model.init_std (initial weights only; 0 keeps innerloop's default)",
+    "rms_norm_eps": "model.norm_eps",
+    "use_cache": "unused: a generation option of transformers, not a weight or a computation",
+    "pad_token_id": "unused: the padding row of the embedding changes its init and gradient, not its lookup",
+    "bos_token_id": "unused: a tokenizer id",
+    "eos_token_id": "unused: a tokenizer id",
+    "pretraining_tp": "unused: splits the MLP and head matmuls into slices with the same result",
+    "tie_word_embeddings": "model.tie_embeddings",
+    "rope_theta": "model.rope_theta",
+    "use_gate": "model.ttt.use_gate",
+    "share_qk": "model.ttt.share_qk",
+    "ttt_layer_type": "model.ttt.inner_model",
+    "ttt_base_lr": "model.ttt.base_lr",
+    "mini_batch_size": "model.ttt.mini_batch_size",
+    "pre_conv": "model.pre_conv",
+    "conv_kernel": "model.pre_conv_kernel and model.ttt.conv_kernel",
+    "scan_checkpoint_group_size": "unused: gradient checkpointing while training, the same forward",
+}
+
+#: Config values a whole model cannot take, with the reason.
+REFUSED_VALUES: dict[str, tuple[Any, str]] = {
+    "hidden_act": ("silu", "innerloop's SwiGLU MLP uses silu, as the paper's models do"),
+}
+
+
+def model_config(config: Mapping[str, Any]) -> ModelConfig:
+    """The :class:`ModelConfig` of a reference ``TTTForCausalLM`` with these ``TTTConfig`` fields
+    (checked first, see :func:`check_config`; missing fields take :data:`MODEL_DEFAULTS`)."""
+    check_config({**MODEL_DEFAULTS, **config})
+    values = {**MODEL_DEFAULTS, **{k: v for k, v in config.items() if k in MODEL_DEFAULTS}}
+    for name, (only, why) in REFUSED_VALUES.items():
+        if values[name] != only:
+            raise ValueError(
+                f"config field {name!r}={values[name]!r} is not supported: only {only!r} ({why})"
+            )
+    mamba = values["pre_conv"] and values["share_qk"] and values["use_gate"]
+    init_std = float(values["initializer_range"])
+    return ModelConfig(
+        mixer="ttt",
+        backbone="mamba" if mamba else "transformer",
+        vocab_size=int(values["vocab_size"]),
+        hidden_size=int(values["hidden_size"]),
+        num_layers=int(values["num_hidden_layers"]),
+        num_heads=int(values["num_attention_heads"]),
+        intermediate_size=int(values["intermediate_size"]),
+        rope_theta=float(values["rope_theta"]),
+        pre_conv_kernel=int(values["conv_kernel"]),
+        pre_conv=values["pre_conv"],
+        norm_eps=float(values["rms_norm_eps"]),
+        tie_embeddings=values["tie_word_embeddings"],
+        init_std=init_std if init_std > 0 else ModelConfig.init_std,
+        ttt=TTTConfig(
+            inner_model=values["ttt_layer_type"],
+            mini_batch_size=int(values["mini_batch_size"]),
+            base_lr=float(values["ttt_base_lr"]),
+            conv_kernel=int(values["conv_kernel"]),
+            share_qk=values["share_qk"],
+            use_gate=values["use_gate"],
+        ),
+    )
+
+
+#: Reference key -> CausalLM key, for the parts of a block outside its TTT layer.
+_BLOCK_KEYS = {
+    "seq_norm.weight": "mixer_norm.weight",
+    "ffn_norm.weight": "mlp_norm.weight",
+    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
+    "mlp.up_proj.weight": "mlp.up_proj.weight",
+    "mlp.down_proj.weight": "mlp.down_proj.weight",
+    "conv.norm.weight": "pre_conv_norm.weight",
+    "conv.conv.weight": "pre_conv.conv.weight",
+    "conv.conv.bias": "pre_conv.conv.bias",
+}
+_TOP_KEYS = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
+_BLOCK_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def _our_key(key: str) -> str | None:
+    """The CausalLM key of a reference ``TTTForCausalLM`` key, or None for a key it does not have
+    (the reference's non-persistent buffers map to ``""``: skipped)."""
+    if key in _TOP_KEYS:
+        return _TOP_KEYS[key]
+    if key == "lm_head.weight":
+        return "lm_head.weight"
+    match = _BLOCK_KEY.fullmatch(key)
+    if match is None:
+        return None
+    index, rest = match.groups()
+    if rest.startswith("seq_modeling_block."):
+        converted = convert_state_dict({rest.removeprefix("seq_modeling_block."): torch.empty(0)})
+        return f"blocks.{index}.mixer.{next(iter(converted))}" if converted else ""
+    return f"blocks.{index}.{_BLOCK_KEYS[rest]}" if rest in _BLOCK_KEYS else None
+
+
+def convert_model_state_dict(
+    state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], tied: bool
+) -> dict[str, torch.Tensor]:
+    """A reference ``TTTForCausalLM`` state dict (its own key names) as the state dict of the
+    :class:`CausalLM` whose own is ``expected``; raises ``ValueError`` naming the first bad key.
+
+    With ``tied`` the head is the embedding: ``lm_head.weight`` may be absent (``save_pretrained``
+    drops it) or present and equal to the embedding.
+    """
+    converted: dict[str, torch.Tensor] = {}
+    reference_name: dict[str, str] = {}
+    unexpected = []
+    for key, tensor in state_dict.items():
+        ours = _our_key(key) if isinstance(key, str) else None
+        if ours == "":
+            continue  # a non-persistent buffer of the reference
+        if ours is None or ours not in expected or (tied and ours == "lm_head.weight"):
+            unexpected.append(str(key))
+            continue
+        converted[ours], reference_name[ours] = tensor, key
+    if tied and "lm_head.weight" in unexpected:
+        unexpected.remove("lm_head.weight")
+        _check_tied_head(state_dict)
+        converted["lm_head.weight"], reference_name["lm_head.weight"] = None, "model.embed_tokens.weight"  # type: ignore[assignment]
+    missing = sorted(
+        _reference_key(k) for k in set(expected) - set(converted) if not (tied and k == "lm_head.weight")
+    )
+    if unexpected or missing:
+        raise ValueError(
+            f"model.safetensors does not match a reference TTTForCausalLM with this config.json: "
+            f"missing keys {missing}, unexpected keys {sorted(unexpected)}"
+        )
+    fields = "vocab_size, hidden_size, intermediate_size, num_attention_heads, mini_batch_size, conv_kernel"
+    for ours, tensor in converted.items():
+        if tensor is not None:
+            _check_tensor(reference_name[ours], tensor, expected[ours].shape, "model", fields)
+    _check_one_dtype({reference_name[k]: t for k, t in converted.items() if t is not None})
+    if tied:
+        converted["lm_head.weight"] = converted["embed.weight"]
+    return converted
+
+
+def _check_tied_head(state_dict: Mapping[str, torch.Tensor]) -> None:
+    """A tied model's ``lm_head.weight``, when present, must be the embedding (the reference ties it)."""
+    head, embedding = state_dict["lm_head.weight"], state_dict.get("model.embed_tokens.weight")
+    same = isinstance(head, torch.Tensor) and isinstance(embedding, torch.Tensor)
+    if not (same and head.shape == embedding.shape and torch.equal(head, embedding)):
+        raise ValueError(
+            "state_dict['lm_head.weight'] differs from 'model.embed_tokens.weight', but the config ties "
+            "them (tie_word_embeddings is true or absent, whose default is true): the reference would use "
+            "the embedding; set tie_word_embeddings false in config.json to keep a separate head"
+        )
+
+
+def _reference_key(ours: str) -> str:
+    """The reference key of a CausalLM key (for messages about missing tensors)."""
+    if ours in ("embed.weight", "norm.weight"):
+        return {v: k for k, v in _TOP_KEYS.items()}[ours]
+    if ours == "lm_head.weight":
+        return ours
+    _, index, rest = ours.split(".", 2)
+    if rest.startswith("mixer."):
+        return f"model.layers.{index}.seq_modeling_block.{rest.removeprefix('mixer.').removeprefix('initial_params.')}"
+    return f"model.layers.{index}.{ {v: k for k, v in _BLOCK_KEYS.items()}[rest] }"
+
+
+def read_model_folder(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``config.json`` and the weights (``model.safetensors``, or the shards listed by
+    ``model.safetensors.index.json``) of a folder saved by ``save_pretrained``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{str(folder)!r} is not a folder (give the folder save_pretrained wrote)")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no config.json (is it a save_pretrained folder?)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(config_path)!r} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(config_path)!r} must hold a JSON object of TTTConfig fields")
+    return config, _read_weights(folder)
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    else:
+        pickled = [p.name for p in folder.glob("pytorch_model*.bin")]
+        hint = f" (it has {pickled}: save with safe_serialization=True)" if pickled else ""
+        raise FileNotFoundError(f"{str(folder)!r} has no model.safetensors{hint}")
+    weights: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            weights.update(load_file(str(path)))
+        except Exception as err:  # safetensors raises several types for a broken file
+            raise ValueError(
+                f"{str(path)!r} is not a readable safetensors file: {str(err).splitlines()[0]}"
+            ) from None
+    return weights
+
+
+def load_model(folder: str | Path) -> CausalLM:
+    """The :class:`CausalLM` equal to the reference ``TTTForCausalLM`` saved in ``folder`` by its
+    ``save_pretrained`` (``config.json`` with ``model_type`` ``"ttt"`` and ``model.safetensors``, key
+    names unchanged), in eval mode and the weights' dtype: ``logits, state = model(input_ids)``
+    gives the reference's logits.
+
+    Raises ``ValueError`` (``FileNotFoundError`` for a missing file) with one line naming the field
+    or key for an unknown, ill-typed or unsupported config field (:data:`MODEL_FIELD_MAP` says what
+    becomes of each), and for weights with missing or unexpected keys, a wrong shape, mixed dtypes
+    or a non-finite value.
+    """
+    config, weights = read_model_folder(folder)
+    model = CausalLM(model_config(config))
+    tied = model.config.tie_embeddings
+    state_dict = convert_model_state_dict(weights, model.state_dict(), tied)
+    model = model.to(state_dict["embed.weight"].dtype)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
 __all__ = [
+    "MODEL_DEFAULTS",
+    "MODEL_FIELD_MAP",
     "PRETRAINED_CONFIG_FIELDS",
     "TTT_CONFIG_FIELDS",
     "check_config",
+    "convert_model_state_dict",
     "convert_state_dict",
     "layer_kwargs",
     "layer_state_dict",
     "load_layer",
+    "load_model",
+    "model_config",
+    "read_model_folder",
 ]

@@ -2,7 +2,7 @@
 
 A block of the paper's models is::
 
-    h = h + PreConv(RMSNorm(h))        # mamba backbone only
+    h = h + PreConv(RMSNorm(h))        # mamba backbone (or model.pre_conv) only
     h = h + Mixer(RMSNorm(h))          # TTT layer, full attention or sliding-window attention
     h = h + SwiGLU(RMSNorm(h))
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from innerloop.core.functional import causal_depthwise_conv
-from innerloop.models.config import MIXER_TABLE, ModelConfig
+from innerloop.models.config import MIXER_TABLE, ModelConfig, uses_pre_conv
 
 
 class SwiGLU(nn.Module):
@@ -89,7 +89,7 @@ class Block(nn.Module):
         super().__init__()
         D = config.hidden_size
         self.pre_conv: CausalDepthwiseConv | None = None
-        if config.backbone == "mamba":
+        if uses_pre_conv(config):
             self.pre_conv_norm = nn.RMSNorm(D, eps=config.norm_eps)
             self.pre_conv = CausalDepthwiseConv(D, config.pre_conv_kernel)
         self.mixer_norm = nn.RMSNorm(D, eps=config.norm_eps)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Any, get_type_hints
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from torch import nn
 
@@ -43,8 +43,10 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 class TTTConfig:
     """Options of the TTT layer used as the mixer when ``ModelConfig.mixer == "ttt"``.
 
-    The names are registry names (``innerloop plugins`` lists them). ``share_qk`` and the output gate
-    are not options here: the backbone decides them (see :data:`BACKBONES`).
+    The names are registry names (``innerloop plugins`` lists them). ``share_qk`` (one projection for
+    Q and K, then a causal conv each) and ``use_gate`` (the output gate) are None by default: the
+    backbone decides them (see :data:`BACKBONES`); true or false sets them whatever the backbone
+    (as the reference ``TTTConfig`` does, e.g. for a converted model).
     """
 
     inner_model: str = "linear"
@@ -53,6 +55,8 @@ class TTTConfig:
     mini_batch_size: int = 16
     base_lr: float = 1.0
     conv_kernel: int = 4
+    share_qk: Optional[bool] = None  # noqa: UP045 (omegaconf reads Optional, not ``bool | None``)
+    use_gate: Optional[bool] = None  # noqa: UP045
 
 
 @dataclass
@@ -105,7 +109,11 @@ class ModelConfig:
         window: tokens a sliding-window attention query sees, itself included (``mixer="swa"``).
         rope_theta: RoPE base of the attention mixers and of the TTT layer.
         pre_conv_kernel: kernel of the mamba backbone's pre-conv residual.
-        norm_eps: epsilon of the RMSNorms.
+        pre_conv: whether every block has the pre-conv residual; None (default): the backbone
+            decides (mamba: yes, transformer: no).
+        norm_eps: epsilon of the RMSNorms (the blocks', the pre-conv's and the final one).
+        tie_embeddings: the LM head shares the embedding's weights (default); false gives the head
+            its own ``[vocab_size, hidden_size]`` weights.
         init_std: standard deviation of the normal init of embeddings and projections.
         ttt: options of the TTT layer (used when ``mixer == "ttt"``).
         e2e: options of the TTT-E2E model (used when ``mixer == "e2e"``).
@@ -121,7 +129,9 @@ class ModelConfig:
     window: int = 64
     rope_theta: float = 10000.0
     pre_conv_kernel: int = 4
+    pre_conv: Optional[bool] = None  # noqa: UP045 (omegaconf reads Optional, not ``bool | None``)
     norm_eps: float = 1e-6
+    tie_embeddings: bool = True
     init_std: float = 0.02
     ttt: TTTConfig = field(default_factory=TTTConfig)
     e2e: E2EConfig = field(default_factory=E2EConfig)
@@ -162,8 +172,16 @@ def _build_sliding_window_attention(config: ModelConfig) -> nn.Module:
     return CausalSelfAttention(config.hidden_size, config.num_heads, config.window, config.rope_theta)
 
 
+def uses_pre_conv(config: ModelConfig) -> bool:
+    """Whether the blocks of ``config`` have the pre-conv residual: ``model.pre_conv``, or when it is
+    None the backbone's choice (mamba: yes)."""
+    return config.backbone == "mamba" if config.pre_conv is None else config.pre_conv
+
+
 def _build_ttt(config: ModelConfig) -> nn.Module:
-    mamba = config.backbone == "mamba"  # the backbone decides share_qk and the output gate
+    mamba = config.backbone == "mamba"  # the backbone decides share_qk and the gate unless they are set
+    share_qk = mamba if config.ttt.share_qk is None else config.ttt.share_qk
+    use_gate = mamba if config.ttt.use_gate is None else config.ttt.use_gate
     return TTTLayer(
         config.hidden_size,
         config.num_heads,
@@ -172,8 +190,8 @@ def _build_ttt(config: ModelConfig) -> nn.Module:
         update_rule=config.ttt.update_rule,
         mini_batch_size=config.ttt.mini_batch_size,
         base_lr=config.ttt.base_lr,
-        use_gate=mamba,
-        share_qk=mamba,
+        use_gate=use_gate,
+        share_qk=share_qk,
         conv_kernel=config.ttt.conv_kernel,
         rope_theta=config.rope_theta,
     )
@@ -229,8 +247,12 @@ def check_keys(
         check_keys(given[key], section, f"{full}.", source, error)
 
 
-def _type_error(value: Any, expected: type) -> str | None:
+def _type_error(value: Any, expected: Any) -> str | None:
     """What ``value`` should be for a field declared ``expected``, or None when it is fine."""
+    if get_origin(expected) is Union:  # Optional[X]: None, or an X
+        (inner,) = (arg for arg in get_args(expected) if arg is not type(None))
+        wanted = _type_error(value, inner)
+        return None if value is None or wanted is None else f"{wanted}, or null"
     if expected is bool:
         return None if isinstance(value, bool) else "true or false (a bool, not a string or a number)"
     if expected is int:

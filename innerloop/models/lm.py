@@ -1,4 +1,5 @@
-"""A causal language model: token embedding, blocks, final RMSNorm, LM head tied to the embedding.
+"""A causal language model: token embedding, blocks, final RMSNorm, LM head (tied to the embedding
+unless ``model.tie_embeddings`` is false).
 
 The model is an RNN when its mixers are: ``logits, state = model(ids, state)`` continues a sequence
 from ``state``, which is how :func:`innerloop.models.generate` decodes one token at a time.
@@ -67,7 +68,8 @@ class CausalLM(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.lm_head.weight = self.embed.weight  # tied
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -77,6 +79,8 @@ class CausalLM(nn.Module):
         """
         std = self.config.init_std
         nn.init.normal_(self.embed.weight, std=std)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
         for module in self.modules():
             if isinstance(module, (SwiGLU, CausalSelfAttention)):
                 for linear in module.children():
@@ -103,5 +107,5 @@ class CausalLM(nn.Module):
         return logits, LMState(tuple(new_states))
 
     def num_parameters(self) -> int:
-        """Number of distinct parameters (the tied head counted once)."""
+        """Number of distinct parameters (a tied head counted once)."""
         return sum(p.numel() for p in self.parameters())

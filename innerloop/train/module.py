@@ -19,6 +19,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -36,6 +37,7 @@ from innerloop.train.checkpoint import (
     check_state_dict,
     describe_model,
     load_checkpoint,
+    save_checkpoint,
 )
 from innerloop.train.data import IGNORE_INDEX, Batch
 from innerloop.train.metrics import InnerLossDiagnostics, LossByPosition
@@ -316,3 +318,15 @@ def load_model(path: str | os.PathLike[str]) -> CausalLM | E2ELM:
     """The model stored in a training checkpoint (:class:`~innerloop.models.CausalLM`, or
     :class:`~innerloop.models.E2ELM` for ``mixer="e2e"``), in eval mode (see :func:`load_module`)."""
     return load_module(path).model
+
+
+def save_model_checkpoint(model: CausalLM | E2ELM, path: str | os.PathLike[str]) -> Path:
+    """Write ``model`` (e.g. one converted from another implementation) as an innerloop checkpoint at
+    ``path``: the hyperparameters (its config, the training defaults) and weights that
+    :func:`load_module` reads, so ``innerloop generate`` and ``innerloop eval`` take it. Written
+    atomically (see :func:`~innerloop.train.checkpoint.save_checkpoint`); returns the path."""
+    module = LanguageModelModule(model=model.config.to_dict())
+    module.model.to(next(model.parameters()).dtype)
+    module.model.load_state_dict(model.state_dict(), strict=True)
+    checkpoint = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
+    return save_checkpoint(checkpoint, path)

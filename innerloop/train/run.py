@@ -63,6 +63,7 @@ from innerloop.train.checkpoint import (
 )
 from innerloop.train.data import (
     IGNORE_INDEX,
+    DataError,
     FixedExamples,
     RecallDataModule,
     TextDataModule,
@@ -430,6 +431,13 @@ def evaluate(
     if seq_len is None:
         seq_len = _training_seq_len(Path(checkpoint))
     inputs, targets = evaluation_examples(paths, seq_len, batches * batch_size)
+    vocab_size = module.model.config.vocab_size
+    largest = max(int(inputs.max()), int(targets.max()))  # bytes 0..255 (targets' ignored ones are < 0)
+    if largest >= vocab_size:
+        raise DataError(
+            f"the data has token {largest}, but the model's vocabulary has {vocab_size} tokens "
+            f"(0..{vocab_size - 1}): this model cannot read these bytes"
+        )
     loader = DataLoader(FixedExamples(inputs, targets), batch_size=batch_size, shuffle=False)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,

@@ -1,0 +1,229 @@
+"""Whole reference models (test-time-training/ttt-lm-pytorch ``TTTForCausalLM``) loaded as CausalLMs.
+
+The fixtures in tests/data/models/ were saved by the reference's ``save_pretrained``; each holds the
+reference's own logits for its ``input_ids`` (see the README there).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from innerloop.interop import ttt_lm_pytorch
+from innerloop.interop.ttt_lm_pytorch import MODEL_FIELD_MAP, TTT_CONFIG_FIELDS, load_model
+
+MODELS = Path(__file__).parents[1] / "data" / "models"
+FIXTURES = ["ttt_linear_transformer", "ttt_mlp_mamba"]
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_logits_equal_the_reference_in_float32(name):
+    model = load_model(MODELS / name)
+    expected = load_file(str(MODELS / name / "expected.safetensors"))
+    with torch.no_grad():
+        logits, _ = model(expected["input_ids"])
+    assert logits.dtype == torch.float32
+    assert (logits - expected["logits"]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_logits_equal_the_reference_in_float64(name):
+    """Weights in float64 give the float32 reference's logits to float32 accuracy (the error is the
+    reference's rounding, not ours)."""
+    model = load_model(MODELS / name).double()
+    expected = load_file(str(MODELS / name / "expected.safetensors"))
+    with torch.no_grad():
+        logits, _ = model(expected["input_ids"])
+    assert (logits - expected["logits"].double()).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_prefill_then_decode_equals_one_shot(name):
+    model = load_model(MODELS / name)
+    ids = load_file(str(MODELS / name / "expected.safetensors"))["input_ids"]
+    with torch.no_grad():
+        whole, _ = model(ids)
+        prefix, state = model(ids[:, :13])  # not a whole number of mini-batches (8)
+        pieces = [prefix]
+        for t in range(13, ids.shape[1]):
+            logits, state = model(ids[:, t : t + 1], state)
+            pieces.append(logits)
+    assert (torch.cat(pieces, dim=1) - whole).abs().max().item() < 1e-4
+
+
+def test_every_reference_config_field_is_mapped_or_refused():
+    """Each argument of the reference TTTConfig says what it becomes (a ModelConfig field) or why it
+    does not change the logits; a new field cannot slip through unmapped."""
+    assert set(MODEL_FIELD_MAP) == set(TTT_CONFIG_FIELDS)
+    assert set(ttt_lm_pytorch.MODEL_DEFAULTS) <= set(TTT_CONFIG_FIELDS)
+
+
+def test_config_fields_reach_the_model():
+    """Non-default values of the fields that shape the model land where MODEL_FIELD_MAP says."""
+    config = ttt_lm_pytorch.model_config(
+        {
+            "vocab_size": 77,
+            "hidden_size": 48,
+            "intermediate_size": 40,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 3,
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False,
+            "rope_theta": 500.0,
+            "use_gate": True,
+            "share_qk": False,
+            "ttt_layer_type": "mlp",
+            "ttt_base_lr": 0.25,
+            "mini_batch_size": 5,
+            "pre_conv": True,
+            "conv_kernel": 3,
+        }
+    )
+    assert (config.vocab_size, config.hidden_size, config.intermediate_size) == (77, 48, 40)
+    assert (config.num_layers, config.num_heads, config.norm_eps, config.rope_theta) == (3, 3, 1e-5, 500.0)
+    assert (config.tie_embeddings, config.pre_conv, config.pre_conv_kernel) == (False, True, 3)
+    ttt = config.ttt
+    assert (ttt.inner_model, ttt.base_lr, ttt.mini_batch_size, ttt.conv_kernel) == ("mlp", 0.25, 5, 3)
+    assert (ttt.use_gate, ttt.share_qk) == (True, False)
+    model = ttt_lm_pytorch.CausalLM(config)
+    assert model.lm_head.weight is not model.embed.weight
+    assert model.blocks[0].pre_conv is not None and model.blocks[0].mixer.use_gate
+
+
+def test_unsupported_activation_is_refused():
+    with pytest.raises(ValueError, match="'hidden_act'='gelu' is not supported"):
+        ttt_lm_pytorch.model_config({"hidden_act": "gelu", "hidden_size": 64, "num_attention_heads": 4})
+
+
+def _copy(tmp_path: Path, name: str = "ttt_linear_transformer") -> Path:
+    folder = tmp_path / name
+    shutil.copytree(MODELS / name, folder)
+    return folder
+
+
+def _edit_weights(folder: Path, edit) -> None:
+    weights = load_file(str(folder / "model.safetensors"))
+    edit(weights)
+    save_file(weights, str(folder / "model.safetensors"))
+
+
+def _one_line_error(folder: Path, kind=ValueError) -> str:
+    with pytest.raises(kind) as info:
+        load_model(folder)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_files_are_named(tmp_path):
+    folder = _copy(tmp_path)
+    (folder / "model.safetensors").unlink()
+    assert "has no model.safetensors" in _one_line_error(folder, FileNotFoundError)
+    (folder / "config.json").unlink()
+    assert "has no config.json" in _one_line_error(folder, FileNotFoundError)
+    assert "is not a folder" in _one_line_error(tmp_path / "absent", FileNotFoundError)
+
+
+def test_extra_tensor_is_named(tmp_path):
+    folder = _copy(tmp_path)
+    _edit_weights(folder, lambda w: w.update({"model.layers.0.extra.weight": torch.zeros(3)}))
+    assert "unexpected keys ['model.layers.0.extra.weight']" in _one_line_error(folder)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    folder = _copy(tmp_path)
+    _edit_weights(folder, lambda w: w.pop("model.layers.1.ffn_norm.weight"))
+    assert "missing keys ['model.layers.1.ffn_norm.weight']" in _one_line_error(folder)
+
+
+def test_wrong_shape_is_named(tmp_path):
+    folder = _copy(tmp_path)
+    _edit_weights(folder, lambda w: w.update({"model.norm.weight": torch.ones(65)}))
+    assert "state_dict['model.norm.weight'] has shape (65,)" in _one_line_error(folder)
+
+
+def test_untied_config_needs_the_head(tmp_path):
+    folder = _copy(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    assert "missing keys ['lm_head.weight']" in _one_line_error(folder)
+
+
+def test_untied_head_is_used(tmp_path):
+    """An untied head with its own weights gives logits from those weights, not the embedding's."""
+    folder = _copy(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    head = torch.randn(300, 64)
+    _edit_weights(folder, lambda w: w.update({"lm_head.weight": head}))
+    model = load_model(folder)
+    assert torch.equal(model.lm_head.weight, head)
+    assert not torch.equal(model.embed.weight, head)
+
+
+def test_tied_head_that_differs_is_refused(tmp_path):
+    folder = _copy(tmp_path)
+    _edit_weights(folder, lambda w: w.update({"lm_head.weight": torch.zeros(300, 64)}))
+    assert "differs from 'model.embed_tokens.weight'" in _one_line_error(folder)
+
+
+def test_unknown_config_field_is_named(tmp_path):
+    folder = _copy(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "ttt_base_Lr": 1.0}))
+    assert "'ttt_base_Lr' -> 'ttt_base_lr'" in _one_line_error(folder)
+
+
+def test_load_model_is_documented():
+    assert inspect.getdoc(load_model)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "innerloop", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.slow  # three CLI subprocesses, each ~6 s to import torch and Lightning
+def test_convert_then_generate(tmp_path):
+    out = tmp_path / "converted"
+    done = _cli("convert", "ttt-lm-pytorch", str(MODELS / "ttt_mlp_mamba"), str(out))
+    assert done.returncode == 0, done.stderr
+    from innerloop.train.module import load_model as load_checkpoint_model
+
+    converted = load_checkpoint_model(out / "last.safetensors")
+    expected = load_file(str(MODELS / "ttt_mlp_mamba" / "expected.safetensors"))
+    with torch.no_grad():
+        logits, _ = converted(expected["input_ids"])
+    assert (logits - expected["logits"]).abs().max().item() < 1e-4
+    generated = _cli("generate", str(out / "last.safetensors"), "--tokens", "5")
+    assert generated.returncode == 0, generated.stderr
+    again = _cli("convert", "ttt-lm-pytorch", str(MODELS / "ttt_mlp_mamba"), str(out))
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+@pytest.mark.slow  # a CLI subprocess, ~5 s to import torch and Lightning
+def test_convert_of_a_broken_folder_is_one_line(tmp_path):
+    done = _cli("convert", "ttt-lm-pytorch", str(tmp_path), str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "has no config.json" in done.stderr
+
+
+def test_data_beyond_the_vocabulary_is_refused(tmp_path):
+    """A converted model with fewer than 256 tokens cannot read bytes: eval says so."""
+    from innerloop.models import CausalLM, ModelConfig
+    from innerloop.train.module import save_model_checkpoint
+    from innerloop.train.run import evaluate
+
+    model = CausalLM(ModelConfig(vocab_size=100, hidden_size=16, num_layers=1, num_heads=2))
+    path = save_model_checkpoint(model, tmp_path / "last.safetensors")
+    with pytest.raises(Exception, match="vocabulary has 100 tokens"):
+        evaluate(path, seq_len=16, batch_size=1, batches=1, progress_bar=False)

@@ -26,6 +26,11 @@ CASES = [
     "mlp_c2_h256_nh4_mb16_gate_T72",
     "mlp_c5_h128_nh2_mb16_shareqk_gate_T48",
 ]
+# The larger cases live in ../shared and take seconds each: CI runs them, the fast loop runs the
+# repository's own (c5: TTT-Linear and TTT-MLP, shared QK, gate).
+PARAMETRIZED_CASES = [
+    name if name in IN_REPOSITORY else pytest.param(name, marks=pytest.mark.slow) for name in CASES
+]
 
 
 def case_directory(request, name: str) -> Path:
@@ -66,7 +71,7 @@ def test_the_reference_model_copies_equal_the_shared_ones(reference_models_dir, 
 
 
 @pytest.mark.parametrize("update_rule", ["dual_form", "minibatch_gd"])
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", PARAMETRIZED_CASES)
 def test_output_and_every_gradient_fp32(request, name, update_rule):
     meta, tensors, params = load_case(case_directory(request, name), name)
     layer = load_layer(meta["layer_config"], params, update_rule=update_rule)
@@ -96,7 +101,7 @@ def test_output_and_every_gradient_fp32(request, name, update_rule):
             assert (current - tensors[key]).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", PARAMETRIZED_CASES)
 def test_output_fp64(request, name):
     meta, tensors, params = load_case(case_directory(request, name), name)
     layer = load_layer(meta["layer_config"], {k: v.double() for k, v in params.items()})

@@ -14,6 +14,7 @@ from innerloop.testing.checks import assert_close, assert_states_close, twin_lay
 from innerloop.testing.strategies import layer_configs, seeds
 
 
+@pytest.mark.slow  # ~10 s: hypothesis over layer configs with every gradient (the fast loop keeps the rest)
 @given(
     config=layer_configs(inner_losses=("reconstruction",), update_rules=("dual_form",)),
     tokens=st.integers(1, 26),

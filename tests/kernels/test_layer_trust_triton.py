@@ -16,7 +16,9 @@ from innerloop.testing.checks import assert_finite_where_expected_is
 # backward, each a relative error <= u = eps / 2, through a scan whose gain is about one.
 FORWARD_ULPS, GRADIENT_ULPS = 6, 12
 
-pytestmark = pytest.mark.triton_interpreter  # a child process under TRITON_INTERPRET=1 (conftest.py)
+# A child process under TRITON_INTERPRET=1 (conftest.py); slow: whole layers through the interpreter
+# (~8 s). The kernel-level Triton tests of test_triton_kernels.py stay in the fast loop.
+pytestmark = [pytest.mark.triton_interpreter, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -273,6 +273,7 @@ def _assert_finite_checkpoint(path: Path, step: int) -> None:
     assert all(torch.isfinite(p).all() for p in load_model(path).parameters())
 
 
+@pytest.mark.slow  # ~5 s: a real diverging run, then a resume (non-finite weights are also tested fast below)
 def test_a_diverging_run_stops_with_one_line_and_keeps_a_checkpoint_it_can_resume_from(
     tmp_path, capsys
 ) -> None:

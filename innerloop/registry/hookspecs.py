@@ -5,8 +5,10 @@ A plugin is a module or object with functions decorated by ``innerloop.registry.
 names are these hooks: ``register_inner_models``, ``register_inner_losses``,
 ``register_update_rules``, ``register_kernels``, ``register_model_inner_losses`` and
 ``register_model_update_rules``. Each receives a ``register`` callable (a typed registrar): call it
-once per thing the plugin provides. The registrar checks the object against the protocol right away
-and raises :class:`innerloop.registry.PluginError` with the reason if it does not conform. (To
+once per thing the plugin provides (a hook returns nothing: a plugin whose hook returns a value,
+or that implements none of these hooks, is refused). The registrar checks the object against the
+protocol right away and raises :class:`innerloop.registry.PluginError` with the reason if it does
+not conform. (To
 register a single object, ``innerloop.register_inner_loss(obj)`` and its siblings need no plugin.)
 
 Built-in plugins implement these hooks exactly as third-party plugins do; third-party plugins are

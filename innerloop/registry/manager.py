@@ -10,14 +10,18 @@ unless the environment forbids them:
 Every registered object remembers the plugin it came from (its origin), shown by
 ``innerloop plugins``.
 
-Registering a plugin is all or nothing: if one of its hooks raises, one of its objects fails
-validation or a name clashes, the registry is left exactly as it was. An entry-point plugin that
+Registering a plugin is all or nothing: if one of its hooks raises or returns a value (hooks call
+``register(obj)``; a returned object would be silently dropped), one of its objects fails validation
+or a name clashes, the registry is left exactly as it was. A plugin that implements none of the
+hooks, or marks with ``hookimpl`` a function whose name is not a hook (a misspelling), is refused
+before anything runs. An entry-point plugin that
 fails to load is skipped with one :class:`PluginLoadWarning` and listed as broken; only asking for a
 name it would have provided fails, with the reason.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import os
@@ -149,6 +153,7 @@ class Registry:
 
     def _add(self, plugin: Any, origin: str, staging: _Staging) -> None:
         self._check_new(plugin, origin)
+        self._check_hook_names(plugin, origin)
         try:
             self.plugin_manager.register(plugin, name=origin)
             self.plugin_manager.check_pending()
@@ -157,7 +162,12 @@ class Registry:
             raise PluginError(f"plugin {origin!r} is not a valid innerloop plugin: {error}") from error
         try:
             for kind in KINDS:
-                self._hook_of(plugin, kind.hook)(register=self.registrar(kind, origin, staging))
+                returned = self._hook_of(plugin, kind.hook)(register=self.registrar(kind, origin, staging))
+                if returned:  # pluggy collects the non-None return values of the implementations
+                    offered = getattr(returned[0], "name", None)
+                    if isinstance(offered, str):  # asking for it later names this plugin's failure
+                        staging.attempted.append((kind.name, offered))
+                    raise _returned_error(origin, kind, returned[0])
         except BaseException:
             self._forget(plugin)
             raise
@@ -182,6 +192,35 @@ class Registry:
                 f"a plugin named {origin!r} is already registered; nothing was changed. To replace it (e.g. when "
                 f"re-running a notebook cell) call innerloop.get_registry().remove_plugin({origin!r}) first, "
                 "or register this one under another origin"
+            )
+
+    def _check_hook_names(self, plugin: Any, origin: str) -> None:
+        """Refuse, before touching anything, a plugin whose ``hookimpl``-marked functions are not all
+        hooks (pluggy would only notice in ``check_pending``), or that implements no hook at all (it
+        would register nothing, and asking for its names would fail far from the cause)."""
+        attributes = _public_names(plugin)
+        marked = [
+            name for name in attributes if self.plugin_manager.parse_hookimpl_opts(plugin, name) is not None
+        ]
+        unknown = [name for name in marked if name not in HOOK_NAMES]
+        invalid = f"plugin {origin!r} is not a valid innerloop plugin"
+        if unknown:
+            not_hooks = "is not a hook" if len(unknown) == 1 else "are not hooks"
+            raise PluginError(
+                f"{invalid}: it marks with @innerloop.hookimpl {_with_suggestions(unknown)}, which {not_hooks}; "
+                f"valid hook names: {list(HOOK_NAMES)}. Nothing was registered"
+            )
+        if not marked:
+            lookalikes = [name for name in attributes if name in HOOK_NAMES or _close_hook(name)]
+            hint = (
+                f" (not decorated with @innerloop.hookimpl: {_with_suggestions(lookalikes)})"
+                if lookalikes
+                else ""
+            )
+            raise PluginError(
+                f"{invalid}: it implements no innerloop hook{hint}, so it would register nothing; valid hook "
+                f"names: {list(HOOK_NAMES)}, each decorated with @innerloop.hookimpl. To register a single "
+                "object without a plugin, use innerloop.register_<kind>(obj)"
             )
 
     def _forget(self, plugin: Any) -> None:
@@ -303,6 +342,40 @@ class Registry:
         if kind not in KIND_NAMES:
             raise ValueError(f"unknown plugin kind {kind!r}; valid kinds: {list(KIND_NAMES)}")
         return kind
+
+
+HOOK_NAMES: tuple[str, ...] = tuple(kind.hook for kind in KINDS)
+
+
+def _public_names(plugin: Any) -> list[str]:
+    """The attribute names of ``plugin`` that could be hook implementations (pluggy scans ``dir``)."""
+    return [name for name in dir(plugin) if not name.startswith("_")]
+
+
+def _close_hook(name: str) -> str | None:
+    """The hook name ``name`` is most likely a misspelling of, if any."""
+    matches = difflib.get_close_matches(name, HOOK_NAMES, n=1, cutoff=0.75)
+    return matches[0] if matches else None
+
+
+def _with_suggestions(names: list[str]) -> str:
+    """``names`` as a readable list, each followed by the hook it probably meant."""
+    described = []
+    for name in names:
+        meant = _close_hook(name)
+        described.append(f"{name!r} (did you mean {meant!r}?)" if meant and meant != name else repr(name))
+    return ("function " if len(names) == 1 else "functions ") + ", ".join(described)
+
+
+def _returned_error(origin: str, kind: Kind, value: Any) -> PluginError:
+    """The error for a hook implementation that returned ``value`` instead of registering it."""
+    name = getattr(value, "name", None)
+    what = f"a {type(value).__name__}" + (f" named {name!r}" if isinstance(name, str) else "")
+    return PluginError(
+        f"plugin {origin!r}: its hook {kind.hook} returned {what}, which would be silently dropped; "
+        f"hooks register objects through their argument: call register(obj) instead of returning it "
+        "(and return nothing). Nothing was registered"
+    )
 
 
 # --------------------------------------------------------------------------------------------------

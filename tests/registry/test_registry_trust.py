@@ -4,10 +4,11 @@ everyone (issue "Trust", items 6, 14 and 15)."""
 
 from __future__ import annotations
 
+import importlib
 import re
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -321,6 +322,134 @@ def test_rerunning_a_notebook_cell_keeps_the_first_registration(fresh_global_reg
 
 
 # --------------------------------------------------------------------------------------------------
+# A plugin that would register nothing (a hook returns its object, no hook, a misspelt hook) is refused
+# --------------------------------------------------------------------------------------------------
+
+
+class ReturnsItsLoss:
+    """The reviewer's mistake: the hook returns the object instead of calling ``register``."""
+
+    @hookimpl
+    def register_inner_losses(self, register):
+        return Named("returned_loss")
+
+
+class RegistersThenReturns:
+    @hookimpl
+    def register_inner_models(self, register):
+        register(FineModel())
+
+    @hookimpl
+    def register_inner_losses(self, register):
+        register(Named("kept_loss"))
+        return [Named("listed_loss")]
+
+
+class UnmarkedHook:
+    def register_inner_losses(self, register):  # no @hookimpl
+        register(Named("unmarked_loss"))
+
+
+class UnmarkedMisspelt:
+    def register_inner_loss(self, register):  # singular, no @hookimpl
+        register(Named("misspelt_loss"))
+
+
+class MarkedMisspeltBesideAGoodHook:
+    @hookimpl
+    def register_inner_losses(self, register):
+        register(Named("good_half_loss"))
+
+    @hookimpl
+    def register_update_rule(self, register):  # singular: not a hook
+        register(MiniBatchGD())
+
+
+def module_plugin(name: str, **functions) -> ModuleType:
+    """A plugin module (what ``innerloop.register(my_module)`` gets) holding ``functions``."""
+    module = ModuleType(name)
+    for attribute, function in functions.items():
+        setattr(module, attribute, function)
+    return module
+
+
+@hookimpl
+def returning_hook(register):
+    return Named("module_returned_loss")
+
+
+HOOK_LIST = re.escape(str(list(manager.HOOK_NAMES)))
+REFUSED_AS_EMPTY = {
+    "hook-returns-its-object": (
+        ReturnsItsLoss(),
+        r"'p'.*register_inner_losses returned a Named named 'returned_loss'.*"
+        r"call register\(obj\) instead of returning it",
+    ),
+    "hook-registers-then-returns": (
+        RegistersThenReturns(),
+        r"'p'.*register_inner_losses returned a list.*call register\(obj\) instead of returning it",
+    ),
+    "module-hook-returns": (
+        module_plugin("returning_module", register_inner_losses=returning_hook),
+        r"'p'.*register_inner_losses returned a Named named 'module_returned_loss'",
+    ),
+    "no-hook-at-all": (SimpleNamespace(), rf"'p'.*implements no innerloop hook.*{HOOK_LIST}"),
+    "unmarked-hook": (
+        UnmarkedHook(),
+        r"no innerloop hook \(not decorated with @innerloop\.hookimpl: function 'register_inner_losses'\)",
+    ),
+    "unmarked-misspelt-hook": (
+        UnmarkedMisspelt(),
+        r"no innerloop hook.*'register_inner_loss' \(did you mean 'register_inner_losses'\?\)",
+    ),
+    "marked-misspelt-beside-good-hook": (
+        MarkedMisspeltBesideAGoodHook(),
+        rf"'p'.*'register_update_rule' \(did you mean 'register_update_rules'\?\), which is not a hook.*{HOOK_LIST}",
+    ),
+    "marked-unrelated-name": (
+        module_plugin("odd_module", setup=hookimpl(lambda register: None)),
+        rf"'p'.*function 'setup', which is not a hook; valid hook names: {HOOK_LIST}",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_AS_EMPTY))
+def test_a_plugin_that_would_register_nothing_is_refused_and_changes_nothing(case):
+    registry = build_registry(include_external=False)
+    registry.add_plugin(FIRST, origin="first")
+    before = snapshot(registry)
+    plugin, match = REFUSED_AS_EMPTY[case]
+    with pytest.raises(PluginError, match=match):
+        registry.add_plugin(plugin, origin="p")
+    assert snapshot(registry) == before
+    registry.add_plugin(PluginWith(losses=[Named("after_loss")]), origin="p")  # the origin is still free
+
+
+def test_the_reviewers_returning_module_is_refused_by_innerloop_register(fresh_global_registry):
+    plugin = module_plugin("my_plugin", register_inner_losses=returning_hook)
+    before = snapshot(innerloop.get_registry())
+    with pytest.raises(PluginError, match=r"'my_plugin'.*call register\(obj\) instead of returning it"):
+        innerloop.register(plugin)
+    assert snapshot(innerloop.get_registry()) == before
+
+
+def test_the_example_plugin_package_still_registers(monkeypatch):
+    monkeypatch.syspath_prepend(str(README.parent / "examples" / "innerloop-huber" / "src"))
+    plugin = importlib.import_module("innerloop_huber.plugin")
+    registry = build_registry(include_external=False)
+    registry.add_plugin(plugin, origin="huber")
+    assert [(e.kind, e.name) for e in registry.entries() if e.origin == "huber"] == [("inner_loss", "huber")]
+
+
+def test_one_object_registration_and_the_built_in_plugins_still_register(fresh_global_registry):
+    registry = build_registry(include_external=False)
+    assert {"inner_model", "inner_loss", "update_rule", "kernel"} <= {e.kind for e in registry.entries()}
+    assert all(e.origin.startswith(manager.BUILTIN_PREFIX) for e in registry.entries())
+    assert innerloop.register_inner_loss(Named("one_object_loss")).name == "one_object_loss"
+    assert innerloop.get_registry().inner_loss("one_object_loss").name == "one_object_loss"
+
+
+# --------------------------------------------------------------------------------------------------
 # 15. A broken external plugin is skipped with one warning
 # --------------------------------------------------------------------------------------------------
 
@@ -351,6 +480,12 @@ BROKEN = {
     "import-error": (fail_import, "missing_dependency", "some_loss"),
     "hook-raises": (HookRaises, "hook exploded", "half_done_loss"),
     "validator-refuses": (lambda: PluginWith(losses=[WrongGradient()]), "token_loss_grad", "wrong_gradient"),
+    "hook-returns-its-object": (
+        ReturnsItsLoss,
+        "call register(obj) instead of returning it",
+        "returned_loss",
+    ),
+    "no-hook": (UnmarkedMisspelt, "implements no innerloop hook", "misspelt_loss"),
 }
 
 

@@ -163,11 +163,15 @@ class Registry:
         try:
             for kind in KINDS:
                 returned = self._hook_of(plugin, kind.hook)(register=self.registrar(kind, origin, staging))
-                if returned:  # pluggy collects the non-None return values of the implementations
-                    offered = getattr(returned[0], "name", None)
+                # pluggy collects the non-None return values of the implementations; `return
+                # register(obj)` returns what was registered and is fine, anything else was dropped
+                registered = {id(entry.obj) for entry in staging.entries[kind.name].values()}
+                dropped = [value for value in returned if id(value) not in registered]
+                if dropped:
+                    offered = getattr(dropped[0], "name", None)
                     if isinstance(offered, str):  # asking for it later names this plugin's failure
                         staging.attempted.append((kind.name, offered))
-                    raise _returned_error(origin, kind, returned[0])
+                    raise _returned_error(origin, kind, dropped[0])
         except BaseException:
             self._forget(plugin)
             raise

@@ -551,3 +551,15 @@ def test_a_training_config_asking_for_its_name_fails_with_its_message(broken_ent
     message = capsys.readouterr().err
     assert message.startswith("innerloop train: error: ") and message.count("\n") == 1
     assert_names_the_plugin(message, error)
+
+
+class ReturnsWhatItRegistered:
+    @hookimpl
+    def register_inner_models(self, register):
+        return register(FineModel())  # register returns its argument: nothing is dropped
+
+
+def test_returning_what_register_returned_is_not_a_dropped_object():
+    registry = build_registry(include_external=False)
+    registry.add_plugin(ReturnsWhatItRegistered(), origin="returns-registered")
+    assert FineModel.name in registry.names("inner_model")

@@ -97,8 +97,8 @@ def _check_arguments(args: dict[str, Any]) -> None:
     for name in ("use_gate", "share_qk", "inner_norm", "inner_residual", "needs_double_backward"):
         if not isinstance(args[name], bool):
             raise TypeError(f"{name} must be True or False, got {args[name]!r}")
-    if not _is_real(args["base_lr"]):
-        raise ValueError(f"base_lr must be a finite number, got {args['base_lr']!r}")
+    if not _is_real(args["base_lr"]) or args["base_lr"] < 0:
+        raise ValueError(f"base_lr must be a finite number >= 0, got {args['base_lr']!r}")
     for name in ("rope_theta", "norm_eps"):
         if not _is_real(args[name]) or args[name] <= 0:
             raise ValueError(f"{name} must be a finite number > 0, got {args[name]!r}")

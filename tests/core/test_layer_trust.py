@@ -351,8 +351,9 @@ def test_an_unknown_kernel_fails_at_construction_listing_the_valid_ones():
     ("argument", "value", "message"),
     [
         ("mini_batch_size", 10**9, "mini_batch_size must be <= 65536 .* got 1000000000"),
-        ("base_lr", float("nan"), "base_lr must be a finite number, got nan"),
-        ("base_lr", "1.0", "base_lr must be a finite number, got '1.0'"),
+        ("base_lr", float("nan"), "base_lr must be a finite number >= 0, got nan"),
+        ("base_lr", "1.0", "base_lr must be a finite number >= 0, got '1.0'"),
+        ("base_lr", -1.0, "base_lr must be a finite number >= 0, got -1.0"),
         ("rope_theta", 0.0, "rope_theta must be a finite number > 0, got 0.0"),
         ("rope_theta", float("inf"), "rope_theta must be a finite number > 0, got inf"),
         ("norm_eps", -1e-6, "norm_eps must be a finite number > 0, got -1e-06"),

@@ -197,7 +197,8 @@ class TTTLayer(nn.Module):
         norm_eps: epsilon of the inner LayerNorm and the post-norm.
         kernel: fast-path choice, ``"auto"`` (default), ``"torch"`` or a registered kernel name.
         non_finite: ``"raise"`` (default) rejects NaN/inf inputs with an error before they reach
-            the state; ``"ignore"`` skips the check (faster; NaNs then propagate to outputs and state).
+            the state, and raises if finite input gave non-finite outputs or state (the inner model
+            overflowed); ``"ignore"`` skips both checks (faster; NaNs then propagate to outputs and state).
         needs_double_backward: tell kernels that gradients of gradients will be taken.
         inference_chunk_size: without autograd, a call longer than this reads the sequence in chunks
             of about this many tokens (whole mini-batches), carrying the state between them: the
@@ -512,18 +513,48 @@ class TTTLayer(nn.Module):
         """Read ``x [B, T, D]`` from ``state`` (None: a new sequence); return ``(y [B, T, D], state)``."""
         self._check_input(x, state)
         self.dispatches = []
+        given_state = state
         if state is None:
             state = self.init_state(x.shape[0])  # in the weights' dtype, also under autocast
         bounds = self._inference_chunks(x, state)
         if len(bounds) == 1:
-            return self._forward_chunk(x, state)
-        y = None
-        for start, end in bounds:
-            part, state = self._forward_chunk(x[:, start:end], state)
-            if y is None:  # the output's dtype is the chunks' (under autocast it need not be x's)
-                y = part.new_empty(x.shape[0], x.shape[1], self.hidden_size)
-            y[:, start:end] = part
+            y, state = self._forward_chunk(x, state)
+        else:
+            y = None
+            for start, end in bounds:
+                part, state = self._forward_chunk(x[:, start:end], state)
+                if y is None:  # the output's dtype is the chunks' (under autocast it need not be x's)
+                    y = part.new_empty(x.shape[0], x.shape[1], self.hidden_size)
+                y[:, start:end] = part
+        if self.non_finite == "raise":
+            self._check_output(x, given_state, y, state)
         return y, state
+
+    def _check_output(
+        self, x: torch.Tensor, given_state: TTTState | None, y: torch.Tensor, new_state: TTTState
+    ) -> None:
+        """Finite input (checked before) must give finite output and state: never silently wrong numbers.
+
+        Same cheap test as the input's (a sum is finite iff every element is, barring overflow of
+        huge finite values, which the exact check settles); the state's inner weights are checked too,
+        since the last mini-batch's update can overflow after the output was read.
+        """
+        output_finite = bool(torch.isfinite(y.sum())) or bool(torch.isfinite(y).all())
+        if output_finite and new_state.is_finite():
+            return
+        what = "outputs" if not output_finite else "a state"
+        if given_state is not None and not given_state.is_finite():
+            raise ValueError(
+                f"TTTLayer produced non-finite {what}: the state passed in already holds NaN or inf; "
+                "start from state=None, or construct the layer with non_finite='ignore' to let them propagate"
+            )
+        largest = float(x.detach().abs().max())
+        scan_dtype = str(self.post_norm.weight.dtype).removeprefix("torch.")  # the inner scan's dtype
+        raise ValueError(
+            f"TTTLayer produced non-finite {what} from finite input: the inner model overflowed "
+            f"{scan_dtype} (largest |input| {largest:.1e}); normalise the input or run "
+            "in float64 (layer.double()); non_finite='ignore' returns them as they are"
+        )
 
     def _inference_chunks(self, x: torch.Tensor, state: TTTState) -> list[tuple[int, int]]:
         """Token ranges to read one after the other: the whole call, unless it runs without autograd

@@ -292,8 +292,9 @@ def test_huge_inputs_give_what_the_torch_path_gives(path, options, grad, model, 
         request.getfixturevalue("cpu_kernels")
     options = {k: v.format(model=model) for k, v in options.items()}
     torch.manual_seed(0)
-    layer = TTTLayer(16, 2, inner_model=model, mini_batch_size=4, **options)
-    reference = TTTLayer(16, 2, inner_model=model, mini_batch_size=4, kernel="torch")
+    # non_finite="ignore": the paths' raw numbers are compared (with "raise", overflow is an error)
+    layer = TTTLayer(16, 2, inner_model=model, mini_batch_size=4, non_finite="ignore", **options)
+    reference = TTTLayer(16, 2, inner_model=model, mini_batch_size=4, non_finite="ignore", kernel="torch")
     reference.load_state_dict(layer.state_dict())
     x = torch.randn(2, 12, 16) * scale
     with torch.set_grad_enabled(grad):
@@ -324,6 +325,35 @@ def test_the_torch_path_on_huge_inputs_is_right_not_just_finite(scale):
         y, _ = layer(x)
         y64, _ = wide(x.double())
     assert relative_error(y.double(), y64) < 1e-5  # float32 rounding (1e-7) through three mini-batches
+
+
+@pytest.mark.parametrize("kernel", ["torch", "fused_torch_mlp"])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_finite_input_that_overflows_the_inner_model_raises_by_default(kernel, grad):
+    """The MLP's inner weights overflow float32 near 1e10: an error naming it, never silent NaN."""
+    torch.manual_seed(0)
+    layer = TTTLayer(32, 2, inner_model="mlp", kernel=kernel)
+    x = torch.randn(1, 40, 32) * 1e10
+    with torch.set_grad_enabled(grad), pytest.raises(ValueError) as error:
+        layer(x)
+    message = str(error.value)
+    assert "non-finite outputs from finite input" in message and "overflowed float32" in message
+    assert "normalise the input or run in float64" in message and "non_finite='ignore'" in message
+    layer.non_finite = "ignore"  # asked for: the numbers as they are
+    with torch.set_grad_enabled(grad):
+        y, _ = layer(x)
+    assert not torch.isfinite(y).all()
+
+
+def test_a_non_finite_state_passed_in_is_named_as_the_cause():
+    torch.manual_seed(0)
+    layer = TTTLayer(16, 2, mini_batch_size=4)
+    x = torch.randn(1, 8, 16)
+    with torch.no_grad():
+        _, state = layer(x)
+    state.params["W1"][0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="the state passed in already holds NaN or inf"):
+        layer(x, state)
 
 
 def test_gelu_derivative_of_huge_values_is_finite():

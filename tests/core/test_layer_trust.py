@@ -105,6 +105,48 @@ def test_an_impostor_runs_on_the_torch_path_and_says_why(options, grad):
     assert [path for path, _ in auto.dispatches] == ["torch"] and torch.equal(y, y_ref)
 
 
+def _patched_loss() -> Reconstruction:
+    """The registered class, with its methods replaced on the instance (a loss twice as steep)."""
+    loss = Reconstruction()
+    loss.token_loss_grad = lambda prediction, target: 2 * (prediction - target)
+    loss.token_loss = lambda prediction, target: ((prediction - target) ** 2).sum(-1)
+    return loss
+
+
+def _patched_model() -> LinearModel:
+    model = LinearModel()
+    model.init_params = lambda num_heads, head_dim, generator=None: LinearModel.init_params(
+        model, num_heads, head_dim, generator
+    )
+    return model
+
+
+def _patched_rule() -> DualForm:
+    rule = DualForm()
+    rule.forward = lambda *args: DualForm.forward(rule, *args)
+    return rule
+
+
+@pytest.mark.parametrize(
+    ("kind", "make"),
+    [("inner_loss", _patched_loss), ("inner_model", _patched_model), ("update_rule", _patched_rule)],
+)
+def test_an_instance_with_patched_methods_runs_on_the_torch_path(kind, make):
+    """An instance of a built-in class whose methods were replaced on the instance is not the
+    registered plugin: the kernels compute the class's methods, not the patch."""
+    torch.manual_seed(0)
+    auto, reference = _twins(**{kind: make()})
+    x = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        y, _ = auto(x)
+        y_ref, _ = reference(x)
+    path, reason = auto.dispatches[0]
+    assert path == "torch" and "patched onto the instance" in reason
+    assert torch.equal(y, y_ref)
+    with pytest.raises(ValueError, match="patched onto the instance"):
+        TTTLayer(16, 2, **{kind: make()}, kernel="fused_torch_linear")
+
+
 def test_an_update_rule_subclass_reusing_the_name_gets_no_kernel():
     rule = RenamedDualForm()
     assert rule.name == "dual_form"

@@ -34,7 +34,14 @@ from innerloop.core.functional import (
     rope_inverse_frequencies,
 )
 from innerloop.core.identity import identity_label, registered_mismatch
-from innerloop.core.protocol import InnerLoss, InnerModel, InnerTask, UpdateRule, Views
+from innerloop.core.protocol import (
+    InnerLoss,
+    InnerModel,
+    InnerTask,
+    UpdateRule,
+    Views,
+    check_stack_on_random_weights,
+)
 from innerloop.core.state import StateSignature, TTTState
 
 NON_FINITE_POLICIES = ("raise", "ignore")
@@ -134,6 +141,24 @@ def _check_kernel_name(
             )
 
 
+def _check_unregistered_model(model: InnerModel, head_dim: int) -> None:
+    """A model instance that is not the registered object itself was not checked by the registrar:
+    its ``forward`` must compute its declared ``stack``, or the answer would depend on the update
+    rule (the dual form and the stack kernels run the stack, the primal form runs ``forward``)."""
+    from innerloop.registry import get_registry  # late import: core must not depend on registry
+
+    registry = get_registry()
+    if model.name in registry.names("inner_model") and registry.get("inner_model", model.name) is model:
+        return
+    mismatch = check_stack_on_random_weights(model, head_dim)
+    if mismatch is not None:
+        raise ValueError(
+            f"inner_model {model.name!r} ({type(model).__module__}.{type(model).__qualname__}) does not "
+            f"compute its declared stack ({mismatch}); make forward return apply_stack(self.stack, params, x) "
+            "or declare no stack (subclass InnerModel, not StackModel, and use update_rule='minibatch_gd')"
+        )
+
+
 def _resolve_plugins(
     inner_model: str | InnerModel,
     inner_loss: str | InnerLoss,
@@ -145,6 +170,7 @@ def _resolve_plugins(
     model: InnerModel = _resolve("inner_model", inner_model, InnerModel)
     loss: InnerLoss = _resolve("inner_loss", inner_loss, InnerLoss)
     rule: UpdateRule = _resolve("update_rule", update_rule, UpdateRule)
+    _check_unregistered_model(model, head_dim)
     reason = rule.check_model(model)
     if reason is not None:
         raise ValueError(f"update_rule={rule.name!r} cannot run inner_model={model.name!r}: {reason}")

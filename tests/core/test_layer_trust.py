@@ -19,6 +19,7 @@ from innerloop.core.functional import gelu_tanh_derivative, relative_error
 from innerloop.core.protocol import Activation, AffineLayer, InnerLoss, LossPairs, StackModel
 from innerloop.plugins.losses.reconstruction import Reconstruction
 from innerloop.plugins.models.linear import LinearModel
+from innerloop.plugins.models.mlp import MLPModel
 from innerloop.plugins.optimizers.dual_form import DualForm
 from innerloop.testing.checks import assert_finite_where_expected_is
 
@@ -145,6 +146,41 @@ def test_an_instance_with_patched_methods_runs_on_the_torch_path(kind, make):
     assert torch.equal(y, y_ref)
     with pytest.raises(ValueError, match="patched onto the instance"):
         TTTLayer(16, 2, **{kind: make()}, kernel="fused_torch_linear")
+
+
+class ForwardDisagreesWithStack(LinearModel):
+    """Declares the linear stack but computes ``tanh(x W + b)``: the dual form would run the stack,
+    minibatch_gd the forward, so the layer's answer would depend on the update rule."""
+
+    def forward(self, params, x):
+        return torch.tanh(x @ params["W1"] + params["b1"])
+
+
+@pytest.mark.parametrize("rule", ["dual_form", "minibatch_gd"])
+def test_an_unregistered_model_whose_forward_is_not_its_stack_is_refused(rule):
+    with pytest.raises(ValueError) as error:
+        TTTLayer(32, 2, inner_model=ForwardDisagreesWithStack(), update_rule=rule, kernel="torch")
+    message = str(error.value)
+    assert "inner_model 'linear'" in message and "ForwardDisagreesWithStack" in message
+    assert (
+        "does not compute its declared stack" in message and "apply_stack(self.stack, params, x)" in message
+    )
+    assert "\n" not in message
+    patched = LinearModel()
+    patched.forward = ForwardDisagreesWithStack().forward  # the same defect, patched onto an instance
+    with pytest.raises(ValueError, match="does not compute its declared stack"):
+        TTTLayer(32, 2, inner_model=patched)
+
+
+def test_checking_an_unregistered_model_does_not_move_the_callers_seed():
+    torch.manual_seed(0)
+    by_name = TTTLayer(32, 2, inner_model="mlp")
+    after_name = torch.rand(3)
+    torch.manual_seed(0)
+    by_instance = TTTLayer(32, 2, inner_model=MLPModel())  # checked: not the registered object
+    after_instance = torch.rand(3)
+    assert torch.equal(after_name, after_instance)
+    assert all(torch.equal(a, b) for a, b in zip(by_name.parameters(), by_instance.parameters(), strict=True))
 
 
 def test_an_update_rule_subclass_reusing_the_name_gets_no_kernel():

@@ -8,14 +8,32 @@ instance may set ``name = "linear"``. These helpers settle what an object *is*:
   an equal stack of affine layers and activations (:attr:`InnerModel.stack`, compared field by
   field, activation functions by identity) and equal parameter shapes at the head dim in use;
 - an inner loss or update rule is the registered one if it is that object or an instance of exactly
-  its class (a subclass may override anything, so it is a different object).
+  its class (a subclass may override anything, so it is a different object);
+- whatever its class, an object patched through its instance ``__dict__`` (a callable there that
+  shadows an attribute of its class, or that is named like a method of the protocol) is not the
+  registered one: the kernels compute the class's methods, not the patch.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule
+
 KIND_OF = {"inner_model": "inner model", "inner_loss": "inner loss", "update_rule": "update rule"}
+PROTOCOL_OF = {"inner_model": InnerModel, "inner_loss": InnerLoss, "update_rule": UpdateRule}
+
+
+def patched_attributes(kind: str, obj: Any) -> list[str]:
+    """Names of the callables in ``obj``'s instance ``__dict__`` that shadow an attribute of its class
+    or are named like an attribute of the ``kind``'s protocol (methods patched onto the instance)."""
+    protocol_names = {name for name in dir(PROTOCOL_OF[kind]) if not name.startswith("__")}
+    cls = type(obj)
+    return sorted(
+        name
+        for name, value in getattr(obj, "__dict__", {}).items()
+        if callable(value) and (hasattr(cls, name) or name in protocol_names)
+    )
 
 
 def _registered(kind: str, name: str) -> Any | None:
@@ -37,10 +55,13 @@ def registered_mismatch(kind: str, obj: Any, head_dim: int | None = None) -> str
     """None if ``obj`` is (or computes exactly what) the plugin registered under ``obj.name`` is,
     else a sentence saying why not. ``kind`` is ``"inner_model"``, ``"inner_loss"`` or
     ``"update_rule"``; ``head_dim`` (models) also compares parameter shapes."""
+    what = f"{KIND_OF[kind]} {obj.name!r} ({type(obj).__module__}.{type(obj).__qualname__})"
+    patched = patched_attributes(kind, obj)
+    if patched:
+        return f"{what} has {patched} patched onto the instance, so it is not the registered plugin"
     registered = _registered(kind, obj.name)
     if registered is obj:
         return None
-    what = f"{KIND_OF[kind]} {obj.name!r} ({type(obj).__module__}.{type(obj).__qualname__})"
     if registered is None:
         return f"{what} is not registered under that name"
     same = _same_model(obj, registered, head_dim) if kind == "inner_model" else type(obj) is type(registered)

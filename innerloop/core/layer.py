@@ -34,7 +34,14 @@ from innerloop.core.functional import (
     rope_inverse_frequencies,
 )
 from innerloop.core.identity import identity_label, registered_mismatch
-from innerloop.core.protocol import InnerLoss, InnerModel, InnerTask, UpdateRule, Views
+from innerloop.core.protocol import (
+    InnerLoss,
+    InnerModel,
+    InnerTask,
+    UpdateRule,
+    Views,
+    check_stack_on_random_weights,
+)
 from innerloop.core.state import StateSignature, TTTState
 
 NON_FINITE_POLICIES = ("raise", "ignore")
@@ -97,8 +104,8 @@ def _check_arguments(args: dict[str, Any]) -> None:
     for name in ("use_gate", "share_qk", "inner_norm", "inner_residual", "needs_double_backward"):
         if not isinstance(args[name], bool):
             raise TypeError(f"{name} must be True or False, got {args[name]!r}")
-    if not _is_real(args["base_lr"]):
-        raise ValueError(f"base_lr must be a finite number, got {args['base_lr']!r}")
+    if not _is_real(args["base_lr"]) or args["base_lr"] < 0:
+        raise ValueError(f"base_lr must be a finite number >= 0, got {args['base_lr']!r}")
     for name in ("rope_theta", "norm_eps"):
         if not _is_real(args[name]) or args[name] <= 0:
             raise ValueError(f"{name} must be a finite number > 0, got {args[name]!r}")
@@ -134,6 +141,24 @@ def _check_kernel_name(
             )
 
 
+def _check_unregistered_model(model: InnerModel, head_dim: int) -> None:
+    """A model instance that is not the registered object itself was not checked by the registrar:
+    its ``forward`` must compute its declared ``stack``, or the answer would depend on the update
+    rule (the dual form and the stack kernels run the stack, the primal form runs ``forward``)."""
+    from innerloop.registry import get_registry  # late import: core must not depend on registry
+
+    registry = get_registry()
+    if model.name in registry.names("inner_model") and registry.get("inner_model", model.name) is model:
+        return
+    mismatch = check_stack_on_random_weights(model, head_dim)
+    if mismatch is not None:
+        raise ValueError(
+            f"inner_model {model.name!r} ({type(model).__module__}.{type(model).__qualname__}) does not "
+            f"compute its declared stack ({mismatch}); make forward return apply_stack(self.stack, params, x) "
+            "or declare no stack (subclass InnerModel, not StackModel, and use update_rule='minibatch_gd')"
+        )
+
+
 def _resolve_plugins(
     inner_model: str | InnerModel,
     inner_loss: str | InnerLoss,
@@ -145,6 +170,7 @@ def _resolve_plugins(
     model: InnerModel = _resolve("inner_model", inner_model, InnerModel)
     loss: InnerLoss = _resolve("inner_loss", inner_loss, InnerLoss)
     rule: UpdateRule = _resolve("update_rule", update_rule, UpdateRule)
+    _check_unregistered_model(model, head_dim)
     reason = rule.check_model(model)
     if reason is not None:
         raise ValueError(f"update_rule={rule.name!r} cannot run inner_model={model.name!r}: {reason}")
@@ -197,7 +223,8 @@ class TTTLayer(nn.Module):
         norm_eps: epsilon of the inner LayerNorm and the post-norm.
         kernel: fast-path choice, ``"auto"`` (default), ``"torch"`` or a registered kernel name.
         non_finite: ``"raise"`` (default) rejects NaN/inf inputs with an error before they reach
-            the state; ``"ignore"`` skips the check (faster; NaNs then propagate to outputs and state).
+            the state, and raises if finite input gave non-finite outputs or state (the inner model
+            overflowed); ``"ignore"`` skips both checks (faster; NaNs then propagate to outputs and state).
         needs_double_backward: tell kernels that gradients of gradients will be taken.
         inference_chunk_size: without autograd, a call longer than this reads the sequence in chunks
             of about this many tokens (whole mini-batches), carrying the state between them: the
@@ -512,18 +539,48 @@ class TTTLayer(nn.Module):
         """Read ``x [B, T, D]`` from ``state`` (None: a new sequence); return ``(y [B, T, D], state)``."""
         self._check_input(x, state)
         self.dispatches = []
+        given_state = state
         if state is None:
             state = self.init_state(x.shape[0])  # in the weights' dtype, also under autocast
         bounds = self._inference_chunks(x, state)
         if len(bounds) == 1:
-            return self._forward_chunk(x, state)
-        y = None
-        for start, end in bounds:
-            part, state = self._forward_chunk(x[:, start:end], state)
-            if y is None:  # the output's dtype is the chunks' (under autocast it need not be x's)
-                y = part.new_empty(x.shape[0], x.shape[1], self.hidden_size)
-            y[:, start:end] = part
+            y, state = self._forward_chunk(x, state)
+        else:
+            y = None
+            for start, end in bounds:
+                part, state = self._forward_chunk(x[:, start:end], state)
+                if y is None:  # the output's dtype is the chunks' (under autocast it need not be x's)
+                    y = part.new_empty(x.shape[0], x.shape[1], self.hidden_size)
+                y[:, start:end] = part
+        if self.non_finite == "raise":
+            self._check_output(x, given_state, y, state)
         return y, state
+
+    def _check_output(
+        self, x: torch.Tensor, given_state: TTTState | None, y: torch.Tensor, new_state: TTTState
+    ) -> None:
+        """Finite input (checked before) must give finite output and state: never silently wrong numbers.
+
+        Same cheap test as the input's (a sum is finite iff every element is, barring overflow of
+        huge finite values, which the exact check settles); the state's inner weights are checked too,
+        since the last mini-batch's update can overflow after the output was read.
+        """
+        output_finite = bool(torch.isfinite(y.sum())) or bool(torch.isfinite(y).all())
+        if output_finite and new_state.is_finite():
+            return
+        what = "outputs" if not output_finite else "a state"
+        if given_state is not None and not given_state.is_finite():
+            raise ValueError(
+                f"TTTLayer produced non-finite {what}: the state passed in already holds NaN or inf; "
+                "start from state=None, or construct the layer with non_finite='ignore' to let them propagate"
+            )
+        largest = float(x.detach().abs().max())
+        scan_dtype = str(self.post_norm.weight.dtype).removeprefix("torch.")  # the inner scan's dtype
+        raise ValueError(
+            f"TTTLayer produced non-finite {what} from finite input: the inner model overflowed "
+            f"{scan_dtype} (largest |input| {largest:.1e}); normalise the input or run "
+            "in float64 (layer.double()); non_finite='ignore' returns them as they are"
+        )
 
     def _inference_chunks(self, x: torch.Tensor, state: TTTState) -> list[tuple[int, int]]:
         """Token ranges to read one after the other: the whole call, unless it runs without autograd

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from innerloop.core.functional import layer_norm
+from innerloop.core.functional import layer_norm, relative_error
 
 if TYPE_CHECKING:
     from innerloop.core.state import TTTState
@@ -130,6 +130,40 @@ def apply_stack(
         if layer.activation is not None:
             x = layer.activation.fn(x)
     return x
+
+
+# Relative error allowed between a model's forward and its declared stack, in float64 (rounding only).
+STACK_TOLERANCE = 1e-6
+
+
+def stack_forward_mismatch(
+    model: InnerModel, params: Mapping[str, torch.Tensor], x: torch.Tensor, tolerance: float = STACK_TOLERANCE
+) -> str | None:
+    """None if ``model.forward(params, x)`` equals its declared ``stack`` applied to ``x`` (or it
+    declares none), else a sentence with the relative error. The dual form and the stack kernels run
+    the stack, the primal form runs ``forward``: they must be one function."""
+    if model.stack is None:
+        return None
+    error = relative_error(model.forward(params, x), apply_stack(model.stack, params, x))
+    if error <= tolerance:  # not (error > tolerance): NaN is a mismatch too
+        return None
+    return f"{model.name}: forward vs its declared stack: relative error {error:.3e} > {tolerance:.1e}"
+
+
+def check_stack_on_random_weights(model: InnerModel, head_dim: int) -> str | None:
+    """:func:`stack_forward_mismatch` at ``head_dim`` on float64 weights (perturbed so that every
+    term, zero-initialised biases too, matters) and random inputs, drawn from a forked RNG so the
+    caller's seed does not move. Cheap: one head, three tokens."""
+    if model.stack is None:
+        return None
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        weights = {  # per-head shapes
+            k: v[0].double() + 0.1 * torch.randn(v.shape[1:], dtype=torch.float64)
+            for k, v in model.init_params(1, head_dim).items()
+        }
+        x = torch.randn(3, head_dim, dtype=torch.float64)  # [N, f]
+        return stack_forward_mismatch(model, weights, x)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,7 +344,10 @@ __all__ = [
     "Params",
     "StackModel",
     "UpdateRule",
+    "STACK_TOLERANCE",
     "apply_stack",
+    "check_stack_on_random_weights",
     "residual_and_norm",
+    "stack_forward_mismatch",
     "Views",
 ]

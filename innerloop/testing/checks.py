@@ -27,6 +27,7 @@ import torch
 from innerloop.core.functional import relative_error
 from innerloop.core.layer import TTTLayer
 from innerloop.core.protocol import (
+    STACK_TOLERANCE,
     InnerLoss,
     InnerModel,
     InnerTask,
@@ -34,6 +35,7 @@ from innerloop.core.protocol import (
     UpdateRule,
     Views,
     apply_stack,
+    stack_forward_mismatch,
 )
 from innerloop.core.state import StateSignature, TTTState
 from innerloop.testing.reference import naive_token_loop
@@ -44,7 +46,7 @@ FLOAT64_TOLERANCE = 1e-10
 #: Agreement the registry asks of a plugin at registration (one random point, float64). Looser than
 #: FLOAT64_TOLERANCE so that a plugin computing internally in float32 is not refused; a wrong closed
 #: form (a missing factor, a wrong sign) is off by far more than this.
-REGISTRATION_TOLERANCE = 1e-6
+REGISTRATION_TOLERANCE = STACK_TOLERANCE
 
 
 @dataclass
@@ -290,15 +292,12 @@ def check_stack_matches_forward(
     model: InnerModel, params: dict[str, torch.Tensor], x: torch.Tensor, tolerance: float = FLOAT64_TOLERANCE
 ) -> None:
     """A model that declares a ``stack`` computes that stack in ``forward`` (the dual form and the
-    stack kernels run the stack, the primal form runs ``forward``: they must be one function)."""
-    if model.stack is None:
-        return
-    assert_close(
-        model.forward(params, x),
-        run_stack(model, params, x),
-        f"{model.name}: forward vs its declared stack",
-        tolerance,
-    )
+    stack kernels run the stack, the primal form runs ``forward``: they must be one function).
+    The comparison is :func:`innerloop.core.protocol.stack_forward_mismatch`, which TTTLayer also runs
+    on model instances that are not the registered ones."""
+    mismatch = stack_forward_mismatch(model, params, x, tolerance)
+    if mismatch is not None:
+        raise AssertionError(mismatch)
 
 
 def check_activation_derivatives(

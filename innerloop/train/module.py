@@ -49,7 +49,7 @@ class TrainingDivergedError(RuntimeError):
 
 @contextmanager
 def _non_finite_propagates(layers: list[torch.nn.Module]) -> Iterator[None]:
-    """Let NaN and inf through the input check of ``layers`` (TTT layers with ``non_finite='raise'``).
+    """Let NaN and inf through the input and output checks of ``layers`` (TTT layers with ``non_finite='raise'``).
 
     In training the model's input is token ids, so a non-finite value inside the model is the run
     diverging: the loss check reports it as such, where the layer's error would blame the input.

@@ -19,6 +19,7 @@ from innerloop.core.functional import gelu_tanh_derivative, relative_error
 from innerloop.core.protocol import Activation, AffineLayer, InnerLoss, LossPairs, StackModel
 from innerloop.plugins.losses.reconstruction import Reconstruction
 from innerloop.plugins.models.linear import LinearModel
+from innerloop.plugins.models.mlp import MLPModel
 from innerloop.plugins.optimizers.dual_form import DualForm
 from innerloop.testing.checks import assert_finite_where_expected_is
 
@@ -103,6 +104,83 @@ def test_an_impostor_runs_on_the_torch_path_and_says_why(options, grad):
         y, _ = auto(x[:, :1], state)
         y_ref, _ = reference(x[:, :1], state_ref)
     assert [path for path, _ in auto.dispatches] == ["torch"] and torch.equal(y, y_ref)
+
+
+def _patched_loss() -> Reconstruction:
+    """The registered class, with its methods replaced on the instance (a loss twice as steep)."""
+    loss = Reconstruction()
+    loss.token_loss_grad = lambda prediction, target: 2 * (prediction - target)
+    loss.token_loss = lambda prediction, target: ((prediction - target) ** 2).sum(-1)
+    return loss
+
+
+def _patched_model() -> LinearModel:
+    model = LinearModel()
+    model.init_params = lambda num_heads, head_dim, generator=None: LinearModel.init_params(
+        model, num_heads, head_dim, generator
+    )
+    return model
+
+
+def _patched_rule() -> DualForm:
+    rule = DualForm()
+    rule.forward = lambda *args: DualForm.forward(rule, *args)
+    return rule
+
+
+@pytest.mark.parametrize(
+    ("kind", "make"),
+    [("inner_loss", _patched_loss), ("inner_model", _patched_model), ("update_rule", _patched_rule)],
+)
+def test_an_instance_with_patched_methods_runs_on_the_torch_path(kind, make):
+    """An instance of a built-in class whose methods were replaced on the instance is not the
+    registered plugin: the kernels compute the class's methods, not the patch."""
+    torch.manual_seed(0)
+    auto, reference = _twins(**{kind: make()})
+    x = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        y, _ = auto(x)
+        y_ref, _ = reference(x)
+    path, reason = auto.dispatches[0]
+    assert path == "torch" and "patched onto the instance" in reason
+    assert torch.equal(y, y_ref)
+    with pytest.raises(ValueError, match="patched onto the instance"):
+        TTTLayer(16, 2, **{kind: make()}, kernel="fused_torch_linear")
+
+
+class ForwardDisagreesWithStack(LinearModel):
+    """Declares the linear stack but computes ``tanh(x W + b)``: the dual form would run the stack,
+    minibatch_gd the forward, so the layer's answer would depend on the update rule."""
+
+    def forward(self, params, x):
+        return torch.tanh(x @ params["W1"] + params["b1"])
+
+
+@pytest.mark.parametrize("rule", ["dual_form", "minibatch_gd"])
+def test_an_unregistered_model_whose_forward_is_not_its_stack_is_refused(rule):
+    with pytest.raises(ValueError) as error:
+        TTTLayer(32, 2, inner_model=ForwardDisagreesWithStack(), update_rule=rule, kernel="torch")
+    message = str(error.value)
+    assert "inner_model 'linear'" in message and "ForwardDisagreesWithStack" in message
+    assert (
+        "does not compute its declared stack" in message and "apply_stack(self.stack, params, x)" in message
+    )
+    assert "\n" not in message
+    patched = LinearModel()
+    patched.forward = ForwardDisagreesWithStack().forward  # the same defect, patched onto an instance
+    with pytest.raises(ValueError, match="does not compute its declared stack"):
+        TTTLayer(32, 2, inner_model=patched)
+
+
+def test_checking_an_unregistered_model_does_not_move_the_callers_seed():
+    torch.manual_seed(0)
+    by_name = TTTLayer(32, 2, inner_model="mlp")
+    after_name = torch.rand(3)
+    torch.manual_seed(0)
+    by_instance = TTTLayer(32, 2, inner_model=MLPModel())  # checked: not the registered object
+    after_instance = torch.rand(3)
+    assert torch.equal(after_name, after_instance)
+    assert all(torch.equal(a, b) for a, b in zip(by_name.parameters(), by_instance.parameters(), strict=True))
 
 
 def test_an_update_rule_subclass_reusing_the_name_gets_no_kernel():
@@ -292,8 +370,9 @@ def test_huge_inputs_give_what_the_torch_path_gives(path, options, grad, model, 
         request.getfixturevalue("cpu_kernels")
     options = {k: v.format(model=model) for k, v in options.items()}
     torch.manual_seed(0)
-    layer = TTTLayer(16, 2, inner_model=model, mini_batch_size=4, **options)
-    reference = TTTLayer(16, 2, inner_model=model, mini_batch_size=4, kernel="torch")
+    # non_finite="ignore": the paths' raw numbers are compared (with "raise", overflow is an error)
+    layer = TTTLayer(16, 2, inner_model=model, mini_batch_size=4, non_finite="ignore", **options)
+    reference = TTTLayer(16, 2, inner_model=model, mini_batch_size=4, non_finite="ignore", kernel="torch")
     reference.load_state_dict(layer.state_dict())
     x = torch.randn(2, 12, 16) * scale
     with torch.set_grad_enabled(grad):
@@ -326,6 +405,35 @@ def test_the_torch_path_on_huge_inputs_is_right_not_just_finite(scale):
     assert relative_error(y.double(), y64) < 1e-5  # float32 rounding (1e-7) through three mini-batches
 
 
+@pytest.mark.parametrize("kernel", ["torch", "fused_torch_mlp"])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_finite_input_that_overflows_the_inner_model_raises_by_default(kernel, grad):
+    """The MLP's inner weights overflow float32 near 1e10: an error naming it, never silent NaN."""
+    torch.manual_seed(0)
+    layer = TTTLayer(32, 2, inner_model="mlp", kernel=kernel)
+    x = torch.randn(1, 40, 32) * 1e10
+    with torch.set_grad_enabled(grad), pytest.raises(ValueError) as error:
+        layer(x)
+    message = str(error.value)
+    assert "non-finite outputs from finite input" in message and "overflowed float32" in message
+    assert "normalise the input or run in float64" in message and "non_finite='ignore'" in message
+    layer.non_finite = "ignore"  # asked for: the numbers as they are
+    with torch.set_grad_enabled(grad):
+        y, _ = layer(x)
+    assert not torch.isfinite(y).all()
+
+
+def test_a_non_finite_state_passed_in_is_named_as_the_cause():
+    torch.manual_seed(0)
+    layer = TTTLayer(16, 2, mini_batch_size=4)
+    x = torch.randn(1, 8, 16)
+    with torch.no_grad():
+        _, state = layer(x)
+    state.params["W1"][0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="the state passed in already holds NaN or inf"):
+        layer(x, state)
+
+
 def test_gelu_derivative_of_huge_values_is_finite():
     """The MLP's backward through its activation at huge pre-activations (used by every path)."""
     assert torch.isfinite(gelu_tanh_derivative(torch.tensor([1e30, -1e30, 1e38]))).all()
@@ -351,8 +459,9 @@ def test_an_unknown_kernel_fails_at_construction_listing_the_valid_ones():
     ("argument", "value", "message"),
     [
         ("mini_batch_size", 10**9, "mini_batch_size must be <= 65536 .* got 1000000000"),
-        ("base_lr", float("nan"), "base_lr must be a finite number, got nan"),
-        ("base_lr", "1.0", "base_lr must be a finite number, got '1.0'"),
+        ("base_lr", float("nan"), "base_lr must be a finite number >= 0, got nan"),
+        ("base_lr", "1.0", "base_lr must be a finite number >= 0, got '1.0'"),
+        ("base_lr", -1.0, "base_lr must be a finite number >= 0, got -1.0"),
         ("rope_theta", 0.0, "rope_theta must be a finite number > 0, got 0.0"),
         ("rope_theta", float("inf"), "rope_theta must be a finite number > 0, got inf"),
         ("norm_eps", -1e-6, "norm_eps must be a finite number > 0, got -1e-06"),

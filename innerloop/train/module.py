@@ -214,7 +214,10 @@ class LanguageModelModule(L.LightningModule):
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
         try:
             with _non_finite_propagates(self._checked_layers if fitting else []):
-                logits = self(inputs)  # [B, T, V]
+                # The metrics accumulate in float32 whatever the precision of the forward: under
+                # bf16-mixed the logits are bf16, and a perplexity computed from them disagrees with the
+                # loss in the third digit.
+                logits = self(inputs).float()  # [B, T, V]
         finally:
             hooks = captured[1] if captured else []
             for hook in hooks:

@@ -253,3 +253,29 @@ def test_the_console_entry_point_reports_user_errors_in_one_line(run_dir) -> Non
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr.decode(errors="replace")
     assert ok.stdout.startswith("x\ufffdy".encode())
+
+
+@pytest.mark.slow  # a whole (tiny) Lightning run: about 5 s
+def test_bf16_mixed_validation_perplexity_is_exp_of_the_loss(tmp_path):
+    """Under bf16-mixed the logits are bf16; the metrics are accumulated in float32, so the printed
+    perplexity is exp(printed loss) to float32 precision (it was 244.692 for a loss of 5.5051)."""
+    import math
+
+    from innerloop.config import load_config
+    from innerloop.train import train
+
+    overrides = [
+        *(f"model.{k}={v}" for k, v in SMALL.items()),
+        "model.ttt.mini_batch_size=8",
+        "data.seq_len=32",
+        "data.batch_size=2",
+        "data.val_batches=2",
+        "trainer.val_every=2",
+        "trainer.progress_bar=false",
+        "trainer.max_steps=2",
+        "trainer.precision=bf16-mixed",
+        f"out_dir={tmp_path}",
+    ]
+    run, cfg = load_config("tiny", overrides)
+    metrics = train(run, cfg).metrics
+    assert metrics["val_ppl"] == pytest.approx(math.exp(metrics["val_loss"]), rel=1e-5)

@@ -249,10 +249,27 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
         raise CheckpointError(f"{name} has a malformed metadata tree: {_one_line(reason)}") from None
     if not isinstance(tree, dict):
         raise CheckpointError(f"{name} has a metadata tree that is a {type(tree).__name__}, not a dict")
+    _check_finite_weights(name, tree.get("state_dict"))
     device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
     if torch.device(device).type != "cpu":
         tree = _move_tensors(tree, device)
     return tree
+
+
+def _check_finite_weights(name: str, state_dict: Any) -> None:
+    """Raise one :class:`CheckpointError` line if a floating tensor of ``state_dict`` holds a NaN or an
+    infinity: such weights make every output NaN (blamed on the input later), and a NaN in one of two
+    tied weights would be silently replaced by its twin when loaded."""
+    if not isinstance(state_dict, dict):
+        return  # check_state_dict reports a state dict of the wrong kind against the model
+    for key, tensor in state_dict.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise CheckpointError(
+                    f"{name} has non-finite weights: {key!r} holds {bad} NaN/infinite value(s) of "
+                    f"{tensor.numel()} (the run that wrote it diverged); use an earlier checkpoint"
+                )
 
 
 def _move_tensors(obj: Any, device: str | torch.device) -> Any:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -270,6 +271,26 @@ def _check_finite_weights(name: str, state_dict: Any) -> None:
                     f"{name} has non-finite weights: {key!r} holds {bad} NaN/infinite value(s) of "
                     f"{tensor.numel()} (the run that wrote it diverged); use an earlier checkpoint"
                 )
+
+
+def checkpoint_identity(path: str | os.PathLike[str]) -> str:
+    """``<file stem>-<first 8 hex digits of its content checksum>``, e.g. ``last-1a2b3c4d``: names
+    what was evaluated, so outputs of two checkpoints (even two ``last.safetensors``) never collide.
+
+    The checksum is the one in the metadata (:func:`checkpoint_digest`; verified by
+    :func:`load_checkpoint`, which should be called first); an old version-1 file without one is hashed
+    whole."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            digest = (f.metadata() or {}).get(_DIGEST_KEY)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint: {_one_line(err)}") from None
+    if digest is None:
+        with path.open("rb") as file:
+            digest = hashlib.file_digest(file, "sha256").hexdigest()
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.name.removesuffix(CHECKPOINT_SUFFIX)).strip("-.") or "ckpt"
+    return f"{stem[:40]}-{digest[:8]}"
 
 
 def _move_tensors(obj: Any, device: str | torch.device) -> Any:

@@ -92,6 +92,8 @@ class LanguageModelModule(L.LightningModule):
         num_position_buckets: buckets of the loss-by-position metric.
         diagnostics_batches: validation batches per epoch on which the inner-loss diagnostics run
             (0 turns them off; they cost one extra pass of each TTT layer).
+        seq_len: tokens per example the model is trained on, recorded in the checkpoint (the default
+            length of ``innerloop eval``); ``None`` when unknown.
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class LanguageModelModule(L.LightningModule):
         min_lr: float = 1e-5,
         num_position_buckets: int = 16,
         diagnostics_batches: int = 1,
+        seq_len: int | None = None,
     ):
         super().__init__()
         if isinstance(model, ModelConfig):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from innerloop.cli import main
 from innerloop.config.load import numeric_fields
 from innerloop.config.schema import FIELD_BOUNDS
 from innerloop.train import LanguageModelModule, save_checkpoint
+from innerloop.train.checkpoint import checkpoint_identity
 from innerloop.train.plots import read_loss_by_position_csv
 
 SMALL = {"hidden_size": 16, "num_heads": 2, "num_layers": 2, "intermediate_size": 32}
@@ -27,7 +29,7 @@ TEXT = "def f(x):\n    return x + 1\n" * 40  # 1120 bytes
 def run_dir(tmp_path_factory) -> Path:
     """A run folder as training leaves it: checkpoint, config and the loss-by-position outputs."""
     folder = tmp_path_factory.mktemp("run")
-    module = LanguageModelModule(model=SMALL, num_position_buckets=4)
+    module = LanguageModelModule(model=SMALL, num_position_buckets=4, seq_len=32)
     tree = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
     save_checkpoint(tree, folder / "last.safetensors")
     (folder / "config.yaml").write_text("data:\n  seq_len: 32\n")
@@ -225,7 +227,8 @@ def test_eval_writes_its_own_files_and_never_replaces_the_runs(capsys, run_dir) 
     capsys.readouterr()
     assert {p: _sha256(p) for p in training} == training  # the run's own files, byte for byte
     written = sorted(p.name for p in run_dir.iterdir() if p not in training)
-    assert len(written) == 6 and all(name.startswith("eval_code-") for name in written)
+    assert len(written) == 6 and all(name.startswith("eval_last-") for name in written)
+    assert all("_code-" in name for name in written)
     csvs = sorted(run_dir.glob("eval_*_T16_n2.csv")) + sorted(run_dir.glob("eval_*_T32_n*.csv"))
     assert len(csvs) == 3
     assert read_loss_by_position_csv(csvs[0])[0] == [(0, 4), (4, 8), (8, 12), (12, 16)]
@@ -279,3 +282,59 @@ def test_bf16_mixed_validation_perplexity_is_exp_of_the_loss(tmp_path):
     run, cfg = load_config("tiny", overrides)
     metrics = train(run, cfg).metrics
     assert metrics["val_ppl"] == pytest.approx(math.exp(metrics["val_loss"]), rel=1e-5)
+
+
+def _evaluate(capsys, checkpoint: Path, out: Path) -> tuple[str, list[str]]:
+    """Evaluate ``checkpoint`` on 2 windows into ``out``: (its printed output, the files in ``out``)."""
+    assert main(["eval", str(checkpoint), "--batches", "1", "--batch-size", "2", "--out", str(out)]) == 0
+    return capsys.readouterr().out, sorted(p.name for p in out.iterdir())
+
+
+def test_eval_takes_seq_len_from_the_checkpoint_not_a_config_beside_it(capsys, run_dir, tmp_path) -> None:
+    """A copy of a checkpoint next to another run's config.yaml evaluates at the length it was trained
+    with (recorded in its hyperparameters), not the foreign config's."""
+    copy = tmp_path / "copy" / "last.safetensors"
+    copy.parent.mkdir()
+    copy.write_bytes((run_dir / "last.safetensors").read_bytes())
+    (copy.parent / "config.yaml").write_text("data:\n  seq_len: 64\n")  # a foreign config
+    out = tmp_path / "out"
+    out.mkdir()
+    printed, files = _evaluate(capsys, copy, out)
+    assert "does not record" not in printed
+    assert [f for f in files if f.endswith(".csv")] == [
+        f"eval_{checkpoint_identity(copy)}_default-val_T32_n2.csv"
+    ]
+    assert read_loss_by_position_csv(out / files[0])[0][-1] == (24, 32)
+
+
+def test_eval_of_a_checkpoint_without_its_seq_len_says_which_length_it_used(capsys, tmp_path) -> None:
+    module = LanguageModelModule(model=SMALL, num_position_buckets=4)  # as an older innerloop wrote it
+    tree = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    tree["hyper_parameters"].pop("seq_len")
+    checkpoint = save_checkpoint(tree, tmp_path / "old.safetensors")
+    printed, files = _evaluate(capsys, checkpoint, tmp_path)
+    assert "does not record the seq_len it was trained with" in printed
+    assert "evaluating at 128 tokens per window; give --seq-len" in printed
+    assert f"eval_{checkpoint_identity(checkpoint)}_default-val_T128_n2.csv" in files
+
+
+def test_evaluations_of_two_checkpoints_never_replace_each_other(capsys, tmp_path) -> None:
+    """Two checkpoints of the same name (other runs) in one --out get files of their own; the same
+    checkpoint with the same settings again rewrites only its own files."""
+    out = tmp_path / "out"
+    out.mkdir()
+    checkpoints = []
+    for run in ("a", "b"):
+        torch.manual_seed(ord(run))
+        module = LanguageModelModule(model=SMALL, num_position_buckets=4, seq_len=16)
+        tree = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+        (tmp_path / run).mkdir()
+        checkpoints.append(save_checkpoint(tree, tmp_path / run / "last.safetensors"))
+    _, first = _evaluate(capsys, checkpoints[0], out)
+    _, both = _evaluate(capsys, checkpoints[1], out)
+    assert len(first) == 2 and len(both) == 4 and set(first) < set(both)
+    assert all(re.fullmatch(r"eval_last-[0-9a-f]{8}_default-val_T16_n2\.(csv|png)", name) for name in both)
+    first_csv = out / next(f for f in first if f.endswith(".csv"))
+    before = first_csv.read_bytes()
+    _, again = _evaluate(capsys, checkpoints[0], out)
+    assert again == both and first_csv.read_bytes() == before

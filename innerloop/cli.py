@@ -407,6 +407,19 @@ _HANDLERS = {
 }
 
 
+def _parse_intermixed(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, except that ``train``'s key=value overrides may also come after its flags
+    (``innerloop train out_dir=c2 --resume trainer.max_steps=3100``). (argparse's own
+    ``parse_intermixed_args`` does not support subcommands.)"""
+    args, extras = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.overrides = [*args.overrides, *(a for a in extras if not a.startswith("-"))]
+        extras = [a for a in extras if a.startswith("-")]
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``innerloop`` console script; returns the exit status.
 
@@ -415,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _parser()
     try:
-        args = parser.parse_args(argv)
+        args = _parse_intermixed(parser, argv)
     except UsageError as err:
         prog = err.prog  # the top-level parser reports some errors of a command (unknown arguments)
         given = argv if argv is not None else sys.argv[1:]

@@ -338,3 +338,19 @@ def test_evaluations_of_two_checkpoints_never_replace_each_other(capsys, tmp_pat
     before = first_csv.read_bytes()
     _, again = _evaluate(capsys, checkpoints[0], out)
     assert again == both and first_csv.read_bytes() == before
+
+
+def test_train_overrides_may_come_after_the_flags(capsys, tmp_path) -> None:
+    from innerloop.cli import _parse_intermixed, _parser
+
+    args = _parse_intermixed(_parser(), ["train", "out_dir=c2", "--resume", "trainer.max_steps=3100"])
+    assert args.resume and args.overrides == ["out_dir=c2", "trainer.max_steps=3100"]
+    args = _parse_intermixed(_parser(), ["train", "a=1", "--overwrite", "b=2", "--resume", "c=3"])
+    assert args.overrides == ["a=1", "b=2", "c=3"] and args.overwrite and args.resume
+    # an override after a flag is applied (here: refused for its value, not as an unknown argument)
+    assert main(["train", f"out_dir={tmp_path}/run", "--overwrite", "optim.lr=nan"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+    for argv in (["train", "a=1", "--bogus"], ["eval", "ck", "x=1"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "unrecognized arguments" in err and len(err.strip().splitlines()) == 1

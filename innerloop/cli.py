@@ -78,6 +78,17 @@ def _number(kind: type, low: float, low_open: bool = False) -> Callable[[str], f
 _POSITIVE_INT = _number(int, 1)
 
 
+def _seed(text: str) -> int:
+    """An argparse ``type``: a seed of torch's generator, an integer in [0, 2**63)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text!r}")
+    return value
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Descriptions and epilogs as written (their line breaks kept); each option's help states its
     default itself, as ``(default: %(default)s)`` or in words (tests/test_cli_help.py checks it)."""
@@ -219,7 +230,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     )
     generate.add_argument(
         "--seed",
-        type=_number(int, 0),
+        type=_seed,
         default=0,
         help="seed of the sampling generator (default: %(default)s)",
     )

@@ -12,6 +12,7 @@ import inspect
 import logging
 import math
 import os
+import tempfile
 import typing
 import warnings
 from collections.abc import Sequence
@@ -300,11 +301,21 @@ def check_output_dir(path: str | os.PathLike[str], key: str) -> None:
     if not existing.is_dir():
         where = "" if existing == target else f" (its parent {str(existing)!r} is a file)"
         raise ConfigError(f"{key}={str(path)!r} is not a directory{where}; give a directory for the outputs")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not os.access(existing, os.W_OK | os.X_OK) or not _can_create_file_in(existing):
         raise ConfigError(
             f"{key}={str(path)!r} cannot be written: {str(existing)!r} is not writable by this user; "
             f"give another {key}"
         )
+
+
+def _can_create_file_in(directory: Path) -> bool:
+    """Whether a file can be created in ``directory`` (tried and removed at once): ``os.access`` says
+    yes to root everywhere, also in read-only or virtual file systems such as /proc."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
 
 
 #: What a checkpoint's weights and its stream of batches were made with: a resume cannot change them.

@@ -152,6 +152,8 @@ EVAL_ERRORS = [
     (["--out", "{a_file}"], ["--out=", "is not a directory"]),
     (["--bogus"], ["unrecognized arguments: --bogus"]),
 ]
+if Path("/proc/self").is_dir():  # a directory nobody (not even root) can create files in
+    EVAL_ERRORS.append((["--out", "/proc/x"], ["--out='/proc/x' cannot be written", "give another --out"]))
 
 
 @pytest.mark.parametrize(("arguments", "expected"), EVAL_ERRORS, ids=lambda a: " ".join(a)[:60])
@@ -185,7 +187,10 @@ GENERATE_ERRORS = [
     (["--top-k", "0"], ["argument --top-k", "must be an integer >= 1, got '0'"]),
     (["--top-k", "-3"], ["argument --top-k", "got '-3'"]),
     (["--tokens", "-1"], ["argument --tokens", ">= 0, got '-1'"]),
-    (["--seed", "-1"], ["argument --seed", ">= 0, got '-1'"]),
+    (["--seed", "-1"], ["argument --seed", "in [0, 2**63), got '-1'"]),
+    (["--seed", "99999999999999999999999"], ["argument --seed", "in [0, 2**63), got '9999"]),
+    (["--seed", str(2**63)], ["argument --seed", "in [0, 2**63)"]),
+    (["--seed", "1.5"], ["argument --seed", "in [0, 2**63), got '1.5'"]),
     (["--prompt", ""], ["--prompt must not be empty"]),
 ]
 
@@ -354,3 +359,12 @@ def test_train_overrides_may_come_after_the_flags(capsys, tmp_path) -> None:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert "unrecognized arguments" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_tiny_temperature_generates_the_greedy_text(capsys, run_dir) -> None:
+    checkpoint = str(run_dir / "last.safetensors")
+    outputs = []
+    for temperature in ("0", "1e-40"):
+        assert main(["generate", checkpoint, "--tokens", "20", "--temperature", temperature]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]

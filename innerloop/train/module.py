@@ -115,6 +115,10 @@ class LanguageModelModule(L.LightningModule):
         betas = tuple(betas)
         if lr <= 0 or min_lr < 0 or weight_decay < 0:
             raise ValueError(f"lr={lr} must be > 0, min_lr={min_lr} and weight_decay={weight_decay} >= 0")
+        if min_lr > lr:
+            raise ValueError(
+                f"min_lr={min_lr} must be <= lr={lr} (the cosine schedule decays from lr to min_lr)"
+            )
         if warmup_steps < 0 or max_steps < 1:
             raise ValueError(f"warmup_steps={warmup_steps} must be >= 0 and max_steps={max_steps} >= 1")
         self.save_hyperparameters()

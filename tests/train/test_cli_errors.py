@@ -101,6 +101,7 @@ TRAIN_ERRORS = [
     (["trainer.max_steps=-1"], ["trainer.max_steps=-1", ">= 1"]),
     (["data.batch_size=0"], ["data.batch_size=0", ">= 1"]),
     (["data.seq_len=0"], ["data.seq_len=0", ">= 1"]),
+    (["optim.min_lr=1", "optim.lr=0.003"], ["optim.min_lr=1 must be <= optim.lr=0.003"]),
     (["trainer.devices=0"], ["trainer.devices=0", ">= 1"]),
     (["model.norm_eps=0"], ["model.norm_eps=0.0", "> 0"]),
     (["model.ttt.mini_batch_size=0"], ["model.ttt.mini_batch_size=0", ">= 1"]),
@@ -368,3 +369,14 @@ def test_a_tiny_temperature_generates_the_greedy_text(capsys, run_dir) -> None:
         assert main(["generate", checkpoint, "--tokens", "20", "--temperature", temperature]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "kind"), [("just a string\n", "str"), ("- a\n- b\n", "list"), ("3\n", "int")]
+)
+def test_a_config_file_that_is_not_a_mapping_is_one_line(capsys, tmp_path, yaml_text, kind) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml_text)
+    assert main(["train", "--config", str(config)]) == 2
+    line = _one_error_line(capsys, "train")
+    assert f"file {str(config)!r} must be a mapping of config sections, got {kind}" in line

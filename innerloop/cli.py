@@ -78,6 +78,17 @@ def _number(kind: type, low: float, low_open: bool = False) -> Callable[[str], f
 _POSITIVE_INT = _number(int, 1)
 
 
+def _seed(text: str) -> int:
+    """An argparse ``type``: a seed of torch's generator, an integer in [0, 2**63)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text!r}")
+    return value
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Descriptions and epilogs as written (their line breaks kept); each option's help states its
     default itself, as ``(default: %(default)s)`` or in words (tests/test_cli_help.py checks it)."""
@@ -184,8 +195,10 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--out",
         default=None,
-        help="folder for eval_<data>_T<seq_len>_n<windows>.csv and .png (default: the checkpoint's folder); "
-        "the training run's own loss_by_position files are never replaced",
+        help="folder for eval_<checkpoint>_<data>_T<seq_len>_n<windows>.csv and .png, <checkpoint> being "
+        "the file's stem and the start of its checksum, e.g. eval_last-1a2b3c4d_default-val_T128_n128.csv "
+        "(default: the checkpoint's folder); the training run's own loss_by_position files are never "
+        "replaced",
     )
 
 
@@ -217,7 +230,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     )
     generate.add_argument(
         "--seed",
-        type=_number(int, 0),
+        type=_seed,
         default=0,
         help="seed of the sampling generator (default: %(default)s)",
     )
@@ -405,6 +418,19 @@ _HANDLERS = {
 }
 
 
+def _parse_intermixed(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, except that ``train``'s key=value overrides may also come after its flags
+    (``innerloop train out_dir=c2 --resume trainer.max_steps=3100``). (argparse's own
+    ``parse_intermixed_args`` does not support subcommands.)"""
+    args, extras = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.overrides = [*args.overrides, *(a for a in extras if not a.startswith("-"))]
+        extras = [a for a in extras if a.startswith("-")]
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``innerloop`` console script; returns the exit status.
 
@@ -413,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _parser()
     try:
-        args = parser.parse_args(argv)
+        args = _parse_intermixed(parser, argv)
     except UsageError as err:
         prog = err.prog  # the top-level parser reports some errors of a command (unknown arguments)
         given = argv if argv is not None else sys.argv[1:]

@@ -12,6 +12,7 @@ import inspect
 import logging
 import math
 import os
+import tempfile
 import typing
 import warnings
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -59,12 +61,23 @@ def _read_source(preset_or_file: str) -> tuple[DictConfig, str]:
             f"--config {preset_or_file!r} is neither a file nor a preset; presets: {preset_names()}"
         )
     try:
+        # What the YAML is, first: OmegaConf.create reads a bare string as a mapping with that key.
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source} is not valid YAML: {_one_line(err)}") from None
+    if document is not None and not isinstance(document, dict):
+        raise ConfigError(f"{source} must be a mapping of config sections, got {type(document).__name__}")
+    try:
         loaded = OmegaConf.create(text)
     except Exception as err:  # YAML syntax errors come in several types
         raise ConfigError(f"{source} is not valid YAML: {err}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{source} must be a mapping of config sections, got {type(loaded).__name__}")
     return loaded, source
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def _expected_type(key: str) -> Any:
@@ -130,6 +143,11 @@ def validate_run_config(run: RunConfig) -> None:
     machine, that ``out_dir`` can be written, and that the text holds a window of ``seq_len``. Raises
     :class:`ConfigError` naming the key, the value and what is valid."""
     _check_numbers(run)
+    if run.optim.min_lr > run.optim.lr:
+        raise ConfigError(
+            f"optim.min_lr={run.optim.min_lr:g} must be <= optim.lr={run.optim.lr:g} (the cosine schedule "
+            "decays from optim.lr to optim.min_lr)"
+        )
     try:
         validate_model_config(run.model)
     except ValueError as err:
@@ -300,11 +318,21 @@ def check_output_dir(path: str | os.PathLike[str], key: str) -> None:
     if not existing.is_dir():
         where = "" if existing == target else f" (its parent {str(existing)!r} is a file)"
         raise ConfigError(f"{key}={str(path)!r} is not a directory{where}; give a directory for the outputs")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not os.access(existing, os.W_OK | os.X_OK) or not _can_create_file_in(existing):
         raise ConfigError(
             f"{key}={str(path)!r} cannot be written: {str(existing)!r} is not writable by this user; "
             f"give another {key}"
         )
+
+
+def _can_create_file_in(directory: Path) -> bool:
+    """Whether a file can be created in ``directory`` (tried and removed at once): ``os.access`` says
+    yes to root everywhere, also in read-only or virtual file systems such as /proc."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
 
 
 #: What a checkpoint's weights and its stream of batches were made with: a resume cannot change them.

@@ -25,7 +25,11 @@ def sample_next(
     """Draw one token per row from ``logits [B, V]``; ``temperature == 0`` is greedy. Returns ``[B]``."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # Subtract the largest logit first (the most likely token then scores 0, the others < 0), and divide
+    # in float64: exact for any positive temperature, however small. (Dividing first overflows to
+    # inf - inf = NaN for a tiny temperature, and a temperature below float32's range rounds to 0.)
+    logits = logits.double()
+    logits = ((logits - logits.amax(dim=-1, keepdim=True)) / temperature).float()  # [B, V], max 0
     if top_k is not None and top_k < logits.shape[-1]:
         threshold = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
         logits = logits.masked_fill(logits < threshold, float("-inf"))

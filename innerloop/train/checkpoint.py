@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -249,10 +250,47 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
         raise CheckpointError(f"{name} has a malformed metadata tree: {_one_line(reason)}") from None
     if not isinstance(tree, dict):
         raise CheckpointError(f"{name} has a metadata tree that is a {type(tree).__name__}, not a dict")
+    _check_finite_weights(name, tree.get("state_dict"))
     device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
     if torch.device(device).type != "cpu":
         tree = _move_tensors(tree, device)
     return tree
+
+
+def _check_finite_weights(name: str, state_dict: Any) -> None:
+    """Raise one :class:`CheckpointError` line if a floating tensor of ``state_dict`` holds a NaN or an
+    infinity: such weights make every output NaN (blamed on the input later), and a NaN in one of two
+    tied weights would be silently replaced by its twin when loaded."""
+    if not isinstance(state_dict, dict):
+        return  # check_state_dict reports a state dict of the wrong kind against the model
+    for key, tensor in state_dict.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise CheckpointError(
+                    f"{name} has non-finite weights: {key!r} holds {bad} NaN/infinite value(s) of "
+                    f"{tensor.numel()} (the run that wrote it diverged); use an earlier checkpoint"
+                )
+
+
+def checkpoint_identity(path: str | os.PathLike[str]) -> str:
+    """``<file stem>-<first 8 hex digits of its content checksum>``, e.g. ``last-1a2b3c4d``: names
+    what was evaluated, so outputs of two checkpoints (even two ``last.safetensors``) never collide.
+
+    The checksum is the one in the metadata (:func:`checkpoint_digest`; verified by
+    :func:`load_checkpoint`, which should be called first); an old version-1 file without one is hashed
+    whole."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            digest = (f.metadata() or {}).get(_DIGEST_KEY)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint: {_one_line(err)}") from None
+    if digest is None:
+        with path.open("rb") as file:
+            digest = hashlib.file_digest(file, "sha256").hexdigest()
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.name.removesuffix(CHECKPOINT_SUFFIX)).strip("-.") or "ckpt"
+    return f"{stem[:40]}-{digest[:8]}"
 
 
 def _move_tensors(obj: Any, device: str | torch.device) -> Any:

@@ -92,6 +92,8 @@ class LanguageModelModule(L.LightningModule):
         num_position_buckets: buckets of the loss-by-position metric.
         diagnostics_batches: validation batches per epoch on which the inner-loss diagnostics run
             (0 turns them off; they cost one extra pass of each TTT layer).
+        seq_len: tokens per example the model is trained on, recorded in the checkpoint (the default
+            length of ``innerloop eval``); ``None`` when unknown.
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class LanguageModelModule(L.LightningModule):
         min_lr: float = 1e-5,
         num_position_buckets: int = 16,
         diagnostics_batches: int = 1,
+        seq_len: int | None = None,
     ):
         super().__init__()
         if isinstance(model, ModelConfig):
@@ -112,6 +115,10 @@ class LanguageModelModule(L.LightningModule):
         betas = tuple(betas)
         if lr <= 0 or min_lr < 0 or weight_decay < 0:
             raise ValueError(f"lr={lr} must be > 0, min_lr={min_lr} and weight_decay={weight_decay} >= 0")
+        if min_lr > lr:
+            raise ValueError(
+                f"min_lr={min_lr} must be <= lr={lr} (the cosine schedule decays from lr to min_lr)"
+            )
         if warmup_steps < 0 or max_steps < 1:
             raise ValueError(f"warmup_steps={warmup_steps} must be >= 0 and max_steps={max_steps} >= 1")
         self.save_hyperparameters()
@@ -214,7 +221,10 @@ class LanguageModelModule(L.LightningModule):
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
         try:
             with _non_finite_propagates(self._checked_layers if fitting else []):
-                logits = self(inputs)  # [B, T, V]
+                # The metrics accumulate in float32 whatever the precision of the forward: under
+                # bf16-mixed the logits are bf16, and a perplexity computed from them disagrees with the
+                # loss in the third digit.
+                logits = self(inputs).float()  # [B, T, V]
         finally:
             hooks = captured[1] if captured else []
             for hook in hooks:

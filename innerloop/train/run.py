@@ -59,6 +59,7 @@ from innerloop.train.checkpoint import (
     CHECKPOINT_SUFFIX,
     CheckpointError,
     SafetensorsCheckpointIO,
+    checkpoint_identity,
     load_training_checkpoint,
 )
 from innerloop.train.data import (
@@ -201,6 +202,7 @@ def build_module(run: RunConfig) -> LanguageModelModule:
         min_lr=optim.min_lr,
         num_position_buckets=run.trainer.num_position_buckets,
         diagnostics_batches=run.trainer.diagnostics_batches,
+        seq_len=build_datamodule(run).seq_len,  # data.seq_len, or the one the recall task derives
     )
 
 
@@ -408,6 +410,10 @@ def _last_checkpoint_note(ckpt: Path, run: RunConfig) -> str:
     )
 
 
+DEFAULT_EVAL_SEQ_LEN = 128
+"""Window length of an evaluation of a checkpoint that does not record its training seq_len."""
+
+
 def evaluate(
     checkpoint: str | Path,
     paths: Sequence[str] = (),
@@ -420,16 +426,16 @@ def evaluate(
     """Perplexity and loss by position of a checkpoint on text (``paths``, or the default corpus's
     validation split). ``seq_len`` defaults to the training one. Returns ``(metrics, csv, png)``.
 
-    When ``out_dir`` is given, writes ``eval_<data>_T<seq_len>_n<windows>.csv`` and ``.png`` there (see
-    :func:`evaluation_stem`): named after what was evaluated, so evaluations with other data or
-    settings do not replace each other, and never the training run's own ``loss_by_position.*``.
+    When ``out_dir`` is given, writes ``eval_<checkpoint>_<data>_T<seq_len>_n<windows>.csv`` and
+    ``.png`` there (see :func:`evaluation_stem`): named after what was evaluated, so evaluations of other
+    checkpoints, data or settings do not replace each other, and never the training run's own ``loss_by_position.*``.
     """
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("batches", batches)):
         if value is not None and value < 1:
             raise ValueError(f"{name}={value} must be >= 1")
     module = load_module(checkpoint)
     if seq_len is None:
-        seq_len = _training_seq_len(Path(checkpoint))
+        seq_len = _training_seq_len(module, checkpoint)
     inputs, targets = evaluation_examples(paths, seq_len, batches * batch_size)
     vocab_size = module.model.config.vocab_size
     largest = max(int(inputs.max()), int(targets.max()))  # bytes 0..255 (targets' ignored ones are < 0)
@@ -449,20 +455,23 @@ def evaluate(
         return metrics, None, None
     buckets = position_buckets(seq_len, module.hparams.num_position_buckets)
     losses = [metrics[f"val_loss_pos/{b}"] for b in range(len(buckets))]
-    stem = evaluation_stem(paths, seq_len, len(inputs))
+    stem = evaluation_stem(checkpoint_identity(checkpoint), paths, seq_len, len(inputs))
     csv_path = write_loss_by_position_csv(Path(out_dir) / f"{stem}.csv", buckets, losses)
     title = f"{Path(checkpoint).name} on {_data_tag(paths)}, T={seq_len}: loss by position"
     png = plot_loss_by_position(Path(out_dir) / f"{stem}.png", buckets, losses, title=title)
     return metrics, csv_path, png
 
 
-def evaluation_stem(paths: Sequence[str], seq_len: int, windows: int) -> str:
-    """File name (without suffix) of an evaluation's outputs: ``eval_<data>_T<seq_len>_n<windows>``.
+def evaluation_stem(checkpoint_id: str, paths: Sequence[str], seq_len: int, windows: int) -> str:
+    """File name (without suffix) of an evaluation's outputs:
+    ``eval_<checkpoint>_<data>_T<seq_len>_n<windows>``, e.g. ``eval_last-1a2b3c4d_default-val_T32_n16``.
 
-    ``<data>`` is ``default-val`` for the default corpus's validation split, else the first file's
+    ``<checkpoint>`` is :func:`~innerloop.train.checkpoint.checkpoint_identity` (file stem and content
+    checksum prefix: two checkpoints never share a name, and evaluating the same one with the same
+    settings again rewrites only its own file). ``<data>`` is ``default-val`` for the default corpus's validation split, else the first file's
     name and a short hash of all the files evaluated (so other files of the same name differ).
     """
-    return f"eval_{_data_tag(paths)}_T{seq_len}_n{windows}"
+    return f"eval_{checkpoint_id}_{_data_tag(paths)}_T{seq_len}_n{windows}"
 
 
 def _data_tag(paths: Sequence[str]) -> str:
@@ -474,13 +483,15 @@ def _data_tag(paths: Sequence[str]) -> str:
     return f"{name}{f'+{len(files) - 1}' if len(files) > 1 else ''}-{digest}"
 
 
-def _training_seq_len(checkpoint: Path) -> int:
-    """``data.seq_len`` of the run that wrote ``checkpoint`` (from the config.yaml beside it), else 128."""
-    from omegaconf import OmegaConf
-
-    config = checkpoint.parent / "config.yaml"
-    if config.is_file():
-        value = OmegaConf.select(OmegaConf.load(config), "data.seq_len")
-        if isinstance(value, int):
-            return value
-    return 128
+def _training_seq_len(module: LanguageModelModule, checkpoint: str | Path) -> int:
+    """The seq_len ``module`` was trained with, from the checkpoint's own hyperparameters (never from a
+    config.yaml beside the file, which a copied checkpoint may not have or may have another run's);
+    128, said in one printed line, for a checkpoint that does not record it."""
+    seq_len = module.hparams.get("seq_len")
+    if isinstance(seq_len, int) and seq_len >= 1:
+        return seq_len
+    print(
+        f"{str(checkpoint)!r} does not record the seq_len it was trained with (written by an older "
+        f"innerloop): evaluating at {DEFAULT_EVAL_SEQ_LEN} tokens per window; give --seq-len to choose"
+    )
+    return DEFAULT_EVAL_SEQ_LEN

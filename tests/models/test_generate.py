@@ -94,3 +94,17 @@ def test_bad_arguments_are_named() -> None:
         list(generate(model, torch.zeros(1, 0, dtype=torch.long), 3))
     with pytest.raises(ValueError, match="temperature=-1"):
         list(generate(model, torch.tensor([[1]]), 3, temperature=-1))
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324])
+def test_a_tiny_positive_temperature_samples_the_greedy_token(temperature) -> None:
+    """Any positive temperature is exact: a tiny one puts all the mass on the largest logit (it used to
+    overflow to NaN probabilities, a RuntimeError from multinomial)."""
+    from innerloop.models.generate import sample_next
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 256) * 30  # [B, V]
+    generator = torch.Generator().manual_seed(0)
+    for top_k in (None, 3):
+        sampled = sample_next(logits, temperature, top_k, generator)
+        assert torch.equal(sampled, logits.argmax(dim=-1))

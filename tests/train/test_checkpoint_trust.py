@@ -22,6 +22,7 @@ from innerloop.train.checkpoint import (
     UnverifiedCheckpointWarning,
     checkpoint_digest,
     load_checkpoint,
+    load_training_checkpoint,
     save_checkpoint,
 )
 from innerloop.train.module import load_model
@@ -216,3 +217,21 @@ def test_resuming_from_a_checkpoint_that_is_not_a_training_one_is_one_clear_erro
     with pytest.raises(CheckpointError) as info:
         train(run, cfg, resume=True)
     assert str(info.value).startswith(f"{str(ckpt)!r} is not a training checkpoint (it has no [")
+
+
+@pytest.mark.parametrize("key", ["model.lm_head.weight", "model.embed.weight"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused_on_load(tmp_path, key, bad) -> None:
+    """A validly signed checkpoint with a NaN or infinity in any weight (tied ones included: the twin
+    must not silently overwrite it) is one line naming the file and the tensor, for eval, generate and
+    resume alike (all read through load_checkpoint)."""
+    path = _module_checkpoint(tmp_path / "last.safetensors")
+
+    def poison(state_dict):
+        state_dict[key] = state_dict[key].clone()
+        state_dict[key][0, 1] = bad
+
+    _edit_weights(path, poison)  # saved with a checksum that matches
+    for load in (load_checkpoint, load_model, load_training_checkpoint):
+        error = _error(path, load)
+        assert f"non-finite weights: {key!r} holds 1 NaN/infinite value(s)" in error

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from innerloop.cli import main
 from innerloop.config.load import numeric_fields
 from innerloop.config.schema import FIELD_BOUNDS
 from innerloop.train import LanguageModelModule, save_checkpoint
+from innerloop.train.checkpoint import checkpoint_identity
 from innerloop.train.plots import read_loss_by_position_csv
 
 SMALL = {"hidden_size": 16, "num_heads": 2, "num_layers": 2, "intermediate_size": 32}
@@ -27,7 +29,7 @@ TEXT = "def f(x):\n    return x + 1\n" * 40  # 1120 bytes
 def run_dir(tmp_path_factory) -> Path:
     """A run folder as training leaves it: checkpoint, config and the loss-by-position outputs."""
     folder = tmp_path_factory.mktemp("run")
-    module = LanguageModelModule(model=SMALL, num_position_buckets=4)
+    module = LanguageModelModule(model=SMALL, num_position_buckets=4, seq_len=32)
     tree = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
     save_checkpoint(tree, folder / "last.safetensors")
     (folder / "config.yaml").write_text("data:\n  seq_len: 32\n")
@@ -99,6 +101,7 @@ TRAIN_ERRORS = [
     (["trainer.max_steps=-1"], ["trainer.max_steps=-1", ">= 1"]),
     (["data.batch_size=0"], ["data.batch_size=0", ">= 1"]),
     (["data.seq_len=0"], ["data.seq_len=0", ">= 1"]),
+    (["optim.min_lr=1", "optim.lr=0.003"], ["optim.min_lr=1 must be <= optim.lr=0.003"]),
     (["trainer.devices=0"], ["trainer.devices=0", ">= 1"]),
     (["model.norm_eps=0"], ["model.norm_eps=0.0", "> 0"]),
     (["model.ttt.mini_batch_size=0"], ["model.ttt.mini_batch_size=0", ">= 1"]),
@@ -150,6 +153,8 @@ EVAL_ERRORS = [
     (["--out", "{a_file}"], ["--out=", "is not a directory"]),
     (["--bogus"], ["unrecognized arguments: --bogus"]),
 ]
+if Path("/proc/self").is_dir():  # a directory nobody (not even root) can create files in
+    EVAL_ERRORS.append((["--out", "/proc/x"], ["--out='/proc/x' cannot be written", "give another --out"]))
 
 
 @pytest.mark.parametrize(("arguments", "expected"), EVAL_ERRORS, ids=lambda a: " ".join(a)[:60])
@@ -183,7 +188,10 @@ GENERATE_ERRORS = [
     (["--top-k", "0"], ["argument --top-k", "must be an integer >= 1, got '0'"]),
     (["--top-k", "-3"], ["argument --top-k", "got '-3'"]),
     (["--tokens", "-1"], ["argument --tokens", ">= 0, got '-1'"]),
-    (["--seed", "-1"], ["argument --seed", ">= 0, got '-1'"]),
+    (["--seed", "-1"], ["argument --seed", "in [0, 2**63), got '-1'"]),
+    (["--seed", "99999999999999999999999"], ["argument --seed", "in [0, 2**63), got '9999"]),
+    (["--seed", str(2**63)], ["argument --seed", "in [0, 2**63)"]),
+    (["--seed", "1.5"], ["argument --seed", "in [0, 2**63), got '1.5'"]),
     (["--prompt", ""], ["--prompt must not be empty"]),
 ]
 
@@ -225,7 +233,8 @@ def test_eval_writes_its_own_files_and_never_replaces_the_runs(capsys, run_dir) 
     capsys.readouterr()
     assert {p: _sha256(p) for p in training} == training  # the run's own files, byte for byte
     written = sorted(p.name for p in run_dir.iterdir() if p not in training)
-    assert len(written) == 6 and all(name.startswith("eval_code-") for name in written)
+    assert len(written) == 6 and all(name.startswith("eval_last-") for name in written)
+    assert all("_code-" in name for name in written)
     csvs = sorted(run_dir.glob("eval_*_T16_n2.csv")) + sorted(run_dir.glob("eval_*_T32_n*.csv"))
     assert len(csvs) == 3
     assert read_loss_by_position_csv(csvs[0])[0] == [(0, 4), (4, 8), (8, 12), (12, 16)]
@@ -253,3 +262,121 @@ def test_the_console_entry_point_reports_user_errors_in_one_line(run_dir) -> Non
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr.decode(errors="replace")
     assert ok.stdout.startswith("x\ufffdy".encode())
+
+
+@pytest.mark.slow  # a whole (tiny) Lightning run: about 5 s
+def test_bf16_mixed_validation_perplexity_is_exp_of_the_loss(tmp_path):
+    """Under bf16-mixed the logits are bf16; the metrics are accumulated in float32, so the printed
+    perplexity is exp(printed loss) to float32 precision (it was 244.692 for a loss of 5.5051)."""
+    import math
+
+    from innerloop.config import load_config
+    from innerloop.train import train
+
+    overrides = [
+        *(f"model.{k}={v}" for k, v in SMALL.items()),
+        "model.ttt.mini_batch_size=8",
+        "data.seq_len=32",
+        "data.batch_size=2",
+        "data.val_batches=2",
+        "trainer.val_every=2",
+        "trainer.progress_bar=false",
+        "trainer.max_steps=2",
+        "trainer.precision=bf16-mixed",
+        f"out_dir={tmp_path}",
+    ]
+    run, cfg = load_config("tiny", overrides)
+    metrics = train(run, cfg).metrics
+    assert metrics["val_ppl"] == pytest.approx(math.exp(metrics["val_loss"]), rel=1e-5)
+
+
+def _evaluate(capsys, checkpoint: Path, out: Path) -> tuple[str, list[str]]:
+    """Evaluate ``checkpoint`` on 2 windows into ``out``: (its printed output, the files in ``out``)."""
+    assert main(["eval", str(checkpoint), "--batches", "1", "--batch-size", "2", "--out", str(out)]) == 0
+    return capsys.readouterr().out, sorted(p.name for p in out.iterdir())
+
+
+def test_eval_takes_seq_len_from_the_checkpoint_not_a_config_beside_it(capsys, run_dir, tmp_path) -> None:
+    """A copy of a checkpoint next to another run's config.yaml evaluates at the length it was trained
+    with (recorded in its hyperparameters), not the foreign config's."""
+    copy = tmp_path / "copy" / "last.safetensors"
+    copy.parent.mkdir()
+    copy.write_bytes((run_dir / "last.safetensors").read_bytes())
+    (copy.parent / "config.yaml").write_text("data:\n  seq_len: 64\n")  # a foreign config
+    out = tmp_path / "out"
+    out.mkdir()
+    printed, files = _evaluate(capsys, copy, out)
+    assert "does not record" not in printed
+    assert [f for f in files if f.endswith(".csv")] == [
+        f"eval_{checkpoint_identity(copy)}_default-val_T32_n2.csv"
+    ]
+    assert read_loss_by_position_csv(out / files[0])[0][-1] == (24, 32)
+
+
+def test_eval_of_a_checkpoint_without_its_seq_len_says_which_length_it_used(capsys, tmp_path) -> None:
+    module = LanguageModelModule(model=SMALL, num_position_buckets=4)  # as an older innerloop wrote it
+    tree = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    tree["hyper_parameters"].pop("seq_len")
+    checkpoint = save_checkpoint(tree, tmp_path / "old.safetensors")
+    printed, files = _evaluate(capsys, checkpoint, tmp_path)
+    assert "does not record the seq_len it was trained with" in printed
+    assert "evaluating at 128 tokens per window; give --seq-len" in printed
+    assert f"eval_{checkpoint_identity(checkpoint)}_default-val_T128_n2.csv" in files
+
+
+def test_evaluations_of_two_checkpoints_never_replace_each_other(capsys, tmp_path) -> None:
+    """Two checkpoints of the same name (other runs) in one --out get files of their own; the same
+    checkpoint with the same settings again rewrites only its own files."""
+    out = tmp_path / "out"
+    out.mkdir()
+    checkpoints = []
+    for run in ("a", "b"):
+        torch.manual_seed(ord(run))
+        module = LanguageModelModule(model=SMALL, num_position_buckets=4, seq_len=16)
+        tree = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+        (tmp_path / run).mkdir()
+        checkpoints.append(save_checkpoint(tree, tmp_path / run / "last.safetensors"))
+    _, first = _evaluate(capsys, checkpoints[0], out)
+    _, both = _evaluate(capsys, checkpoints[1], out)
+    assert len(first) == 2 and len(both) == 4 and set(first) < set(both)
+    assert all(re.fullmatch(r"eval_last-[0-9a-f]{8}_default-val_T16_n2\.(csv|png)", name) for name in both)
+    first_csv = out / next(f for f in first if f.endswith(".csv"))
+    before = first_csv.read_bytes()
+    _, again = _evaluate(capsys, checkpoints[0], out)
+    assert again == both and first_csv.read_bytes() == before
+
+
+def test_train_overrides_may_come_after_the_flags(capsys, tmp_path) -> None:
+    from innerloop.cli import _parse_intermixed, _parser
+
+    args = _parse_intermixed(_parser(), ["train", "out_dir=c2", "--resume", "trainer.max_steps=3100"])
+    assert args.resume and args.overrides == ["out_dir=c2", "trainer.max_steps=3100"]
+    args = _parse_intermixed(_parser(), ["train", "a=1", "--overwrite", "b=2", "--resume", "c=3"])
+    assert args.overrides == ["a=1", "b=2", "c=3"] and args.overwrite and args.resume
+    # an override after a flag is applied (here: refused for its value, not as an unknown argument)
+    assert main(["train", f"out_dir={tmp_path}/run", "--overwrite", "optim.lr=nan"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+    for argv in (["train", "a=1", "--bogus"], ["eval", "ck", "x=1"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "unrecognized arguments" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_tiny_temperature_generates_the_greedy_text(capsys, run_dir) -> None:
+    checkpoint = str(run_dir / "last.safetensors")
+    outputs = []
+    for temperature in ("0", "1e-40"):
+        assert main(["generate", checkpoint, "--tokens", "20", "--temperature", temperature]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "kind"), [("just a string\n", "str"), ("- a\n- b\n", "list"), ("3\n", "int")]
+)
+def test_a_config_file_that_is_not_a_mapping_is_one_line(capsys, tmp_path, yaml_text, kind) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml_text)
+    assert main(["train", "--config", str(config)]) == 2
+    line = _one_error_line(capsys, "train")
+    assert f"file {str(config)!r} must be a mapping of config sections, got {kind}" in line

@@ -290,7 +290,8 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_a_checkpoint_it_can_resum
     assert f"after {diverged_at - 1} steps), is kept" in err
     assert not list(out.glob(".*pending*")) and not list(out.glob(".*.tmp"))
     # and a resume with a lower lr goes on from it
-    resume = ["train", "--resume", f"out_dir={out}", "optim.lr=1e-9", f"trainer.max_steps={diverged_at}"]
+    resume = ["train", "--resume", f"out_dir={out}", "optim.lr=1e-9", "optim.min_lr=0",
+              f"trainer.max_steps={diverged_at}"]  # fmt: skip
     assert main(resume) == 0
     assert load_checkpoint(out / "last.safetensors")["global_step"] == diverged_at
 

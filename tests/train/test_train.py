@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch
 from innerloop.cli import main
 from innerloop.config import load_config
 from innerloop.train import CheckpointError, load_checkpoint, load_model, train
+from innerloop.train.checkpoint import checkpoint_identity
 from innerloop.train.plots import read_loss_by_position_csv
 
 # A model and a run small enough for a few seconds on a CPU.
@@ -68,7 +70,9 @@ def test_train_writes_a_checkpoint_config_and_plot_that_reload(tmp_path, capsys)
         == 0
     )
     assert "perplexity:" in capsys.readouterr().out
-    stem = "eval_default-val_T32_n2"  # eval names its files after the data, the length and the windows
+    # eval names its files after the checkpoint (stem and checksum), the data, the length and the windows
+    stem = f"eval_{checkpoint_identity(out / 'last.safetensors')}_default-val_T32_n2"
+    assert re.fullmatch(r"eval_last-[0-9a-f]{8}_default-val_T32_n2", stem)
     assert len(read_loss_by_position_csv(tmp_path / f"{stem}.csv")[1]) == 4
     assert (tmp_path / f"{stem}.png").stat().st_size > 1000
     assert main(["generate", str(out / "last.safetensors"), "--prompt", "def f", "--tokens", "25"]) == 0

@@ -187,7 +187,8 @@ class LanguageModelModule(L.LightningModule):
             last = f"last finite training loss {float(loss):.4f}, after {step} steps"
         clip = self.trainer.gradient_clip_val if self._trainer is not None else None
         return TrainingDivergedError(
-            f"training diverged: {what} ({last}); try a lower optim.lr (now {self.hparams.lr:g}), "
+            f"training diverged: {what} ({last}); try a lower optim.lr (now {self.hparams.lr:g}; optim.min_lr "
+            "may not exceed it), "
             f"gradient clipping (optim.grad_clip, now {clip or 'off'}) or a longer warm-up "
             f"(optim.warmup_fraction, now {self.hparams.warmup_steps} steps)"
         )

@@ -42,7 +42,10 @@ def _train(out, *overrides: str) -> None:
     assert load_checkpoint(out / "last.safetensors")["global_step"] == 3
 
 
-@pytest.mark.parametrize("num_layers", [1, 2, 3])
+# one layer (the depth that used to crash) in the fast loop; deeper ones in CI (~0.7 s each)
+@pytest.mark.parametrize(
+    "num_layers", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)]
+)
 @pytest.mark.parametrize("mixer", list(MIXERS))
 def test_every_depth_trains_and_validates(tmp_path, capsys, mixer, num_layers) -> None:
     out = tmp_path / "run"

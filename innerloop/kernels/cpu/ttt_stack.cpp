@@ -344,130 +344,196 @@ struct Workspace {
   }
 };
 
+// One (batch, head) pair's view of a call's tensors: where its rows start, its LayerNorm affine and
+// its inner weights. Built once per pair and shared by the helpers below, for the scan and decoding.
+template <typename T>
+struct PairView {
+  int32_t layers;
+  const int64_t* dims;         // [layers + 1]: dims[0] = f, dims[layers] = the output width
+  const int32_t* activations;  // [layers]
+  const T *xq, *xk, *xv, *lr;  // this pair's first row (scan) or only row (decoding)
+  T* out;
+  const T *gamma, *beta;  // [f]
+  T eps;
+  T* weights[kMaxLayers];  // [dims[l] x dims[l+1]], updated in place
+  T* biases[kMaxLayers];   // [dims[l+1]], or null
+};
+
+// Args is InnerloopStackArgs or InnerloopDecodeArgs: the same fields, strides of their own rank.
+template <typename T, typename Args>
+PairView<T> make_pair_view(const Args& args, int64_t pair) {
+  const int64_t b = pair / args.heads, h = pair % args.heads;
+  const int64_t f = args.dims[0];
+  PairView<T> view;
+  view.layers = args.num_layers;
+  view.dims = args.dims;
+  view.activations = args.activations;
+  view.xq = static_cast<const T*>(args.xq) + b * args.xq_strides[0] + h * args.xq_strides[1];
+  view.xk = static_cast<const T*>(args.xk) + b * args.xk_strides[0] + h * args.xk_strides[1];
+  view.xv = static_cast<const T*>(args.xv) + b * args.xv_strides[0] + h * args.xv_strides[1];
+  view.lr = static_cast<const T*>(args.lr) + b * args.lr_strides[0] + h * args.lr_strides[1];
+  view.out = static_cast<T*>(args.out) + b * args.out_strides[0] + h * args.out_strides[1];
+  view.gamma = static_cast<const T*>(args.ln_weight) + h * f;
+  view.beta = static_cast<const T*>(args.ln_bias) + h * f;
+  view.eps = T(args.eps);
+  for (int32_t l = 0; l < args.num_layers; ++l) {
+    const int64_t weight_size = args.dims[l] * args.dims[l + 1];
+    view.weights[l] = static_cast<T*>(args.weights[l]) + pair * weight_size;
+    view.biases[l] = args.biases[l] ? static_cast<T*>(args.biases[l]) + pair * args.dims[l + 1] : nullptr;
+  }
+  return view;
+}
+
+// z[i, c] += bias[c] for each of the rows rows of z [rows x width].
+template <typename T>
+static inline void add_bias_rows(int64_t rows, int64_t width, const T* bias, T* z) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t c = 0; c < width; ++c) z[i * width + c] += bias[c];
+}
+
+// One row of d loss / d xhat for the reconstruction target xv - xk, written to g_row, and the two sums
+// that the LayerNorm backward needs: sum_c g and sum_c g * xhat (xhat = (z - mean) * rstd).
+template <typename T>
+static inline void ln_target_gradient_row(int64_t width, const T* z_row, T mean, T rstd, const T* gamma,
+                                          const T* beta, const T* xv_row, const T* xk_row, T* g_row, T* sum_g,
+                                          T* sum_gx) {
+  for (int64_t c = 0; c < width; ++c) {
+    const T xhat = (z_row[c] - mean) * rstd;
+    g_row[c] = gamma[c] * (gamma[c] * xhat + beta[c] - xv_row[c] + xk_row[c]);
+  }
+  *sum_g = sum_over<T>(width, [&](int64_t c) { return g_row[c]; });
+  *sum_gx = sum_over<T>(width, [&](int64_t c) { return g_row[c] * ((z_row[c] - mean) * rstd); });
+}
+
+// One output row: xq + LN(z).
+template <typename T>
+static inline void write_output_row(const PairView<T>& view, const T* z_row, const T* xq_row, T* out_row) {
+  const int64_t width = view.dims[view.layers];
+  T mean, rstd;
+  row_moments(width, z_row, view.eps, &mean, &rstd);
+  for (int64_t c = 0; c < width; ++c)
+    out_row[c] = xq_row[c] + view.gamma[c] * ((z_row[c] - mean) * rstd) + view.beta[c];
+}
+
+// ---- this mini-batch's inputs, gathered into contiguous rows, its learning rates and update scales
+template <typename T>
+static inline void gather_mini_batch(const InnerloopStackArgs& args, const PairView<T>& view, int64_t start,
+                                     Workspace<T>& ws) {
+  const int64_t k = args.mini_batch, f = args.dims[0];
+  const T* tau = static_cast<const T*>(args.tau);
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t t = start + i;
+    std::memcpy(&ws.key_in[0][i * f], view.xk + t * args.xk_strides[2], f * sizeof(T));
+    std::memcpy(&ws.query_in[0][i * f], view.xq + t * args.xq_strides[2], f * sizeof(T));
+    std::memcpy(&ws.xv[i * f], view.xv + t * args.xv_strides[2], f * sizeof(T));
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    ws.lr[j] = view.lr[(start + j) * args.lr_strides[2]];
+    ws.update_scale[j] = tau[k - 1] * ws.lr[j];  // the weight update's per-token scale
+  }
+}
+
+// ---- key side: forward at the mini-batch's starting weights
+template <typename T>
+static inline void key_side_forward(const PairView<T>& view, int64_t k, Workspace<T>& ws) {
+  for (int32_t l = 0; l < view.layers; ++l) {
+    const int64_t in = view.dims[l], width = view.dims[l + 1];
+    T* z = ws.key_pre[l].data();
+    gemm<T>(k, width, in, ws.key_in[l].data(), in, 1, view.weights[l], width, z, width, T(1), false);
+    if (view.biases[l]) add_bias_rows(k, width, view.biases[l], z);
+    if (l + 1 < view.layers) activate<T>(view.activations[l], k * width, z, ws.key_in[l + 1].data());
+  }
+}
+
+// ---- the inner gradient through the LayerNorm: G_{L-1} [K x out_features]
+template <typename T>
+static inline void layer_norm_gradient(const PairView<T>& view, int64_t k, Workspace<T>& ws) {
+  const int64_t f = view.dims[0], out_features = view.dims[view.layers];
+  const T* z = ws.key_pre[view.layers - 1].data();
+  T* g = ws.grad[view.layers - 1].data();
+  for (int64_t i = 0; i < k; ++i) {
+    T mean, rstd, sum_g, sum_gx;
+    row_moments(out_features, z + i * out_features, view.eps, &mean, &rstd);
+    T* g_row = g + i * out_features;
+    const T* z_row = z + i * out_features;
+    ln_target_gradient_row(out_features, z_row, mean, rstd, view.gamma, view.beta, &ws.xv[i * f],
+                           &ws.key_in[0][i * f], g_row, &sum_g, &sum_gx);
+    const T inv_width = T(1) / T(out_features);
+    for (int64_t c = 0; c < out_features; ++c) {
+      const T xhat = (z_row[c] - mean) * rstd;
+      g_row[c] = rstd * (g_row[c] - sum_g * inv_width - xhat * sum_gx * inv_width);
+    }
+  }
+}
+
+// ---- back through the stack at the old weights: G_{l-1} = (G_l W_l^T) * act'(Z_{l-1})
+template <typename T>
+static inline void backpropagate_stack(const PairView<T>& view, int64_t k, Workspace<T>& ws) {
+  for (int32_t l = view.layers - 1; l > 0; --l) {
+    const int64_t in = view.dims[l], width = view.dims[l + 1];
+    // G_l W_l^T, computed as its transpose W_l G_l^T so that only the small G's are transposed,
+    // never the weights
+    transpose<T>(k, width, ws.grad[l].data(), ws.scratch_a.data());  // G_l^T [width x K]
+    gemm<T>(in, k, width, view.weights[l], width, 1, ws.scratch_a.data(), k, ws.scratch_b.data(), k, T(1), false);
+    transpose<T>(in, k, ws.scratch_b.data(), ws.grad[l - 1].data());
+    scale_by_derivative<T>(view.activations[l - 1], k * in, ws.key_pre[l - 1].data(), ws.grad[l - 1].data());
+  }
+}
+
+// ---- query side (the dual form) and the weight updates, layer by layer
+template <typename T>
+static inline void query_side_and_update(const PairView<T>& view, int64_t k, const T* tau, Workspace<T>& ws) {
+  const T* lr_k = ws.lr.data();
+  for (int32_t l = 0; l < view.layers; ++l) {
+    const int64_t in = view.dims[l], width = view.dims[l + 1];
+    const T* xq_l = ws.query_in[l].data();
+    const T* xk_l = ws.key_in[l].data();
+    const T* g = ws.grad[l].data();
+    T* zq = ws.query_pre[l].data();
+    T* bias = view.biases[l];
+    gemm<T>(k, width, in, xq_l, in, 1, view.weights[l], width, zq, width, T(1), false);
+    if (bias) add_bias_rows(k, width, bias, zq);
+    // mix[i, j] = tau_i lr_j (xq_i . xk_j + [bias]) for j <= i, else 0
+    transpose<T>(k, in, xk_l, ws.scratch_a.data());  // X_l^T [in x K]
+    gemm<T>(k, k, in, xq_l, in, 1, ws.scratch_a.data(), k, ws.mix.data(), k, T(1), false);
+    const T bias_term = bias ? T(1) : T(0);
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j < k; ++j)
+        ws.mix[i * k + j] = j <= i ? tau[i] * lr_k[j] * (ws.mix[i * k + j] + bias_term) : T(0);
+    gemm<T>(k, width, k, ws.mix.data(), k, 1, g, width, zq, width, T(-1), true);
+    // W_l -= X_l^T (s G_l), b_l -= sum_j (s G_l)[j], with s_j = tau_{K-1} lr_j; X_l^T is read in place
+    T* scaled_g = ws.scratch_b.data();  // [K x width]
+    for (int64_t j = 0; j < k; ++j)
+      for (int64_t c = 0; c < width; ++c) scaled_g[j * width + c] = ws.update_scale[j] * g[j * width + c];
+    gemm<T>(in, width, k, xk_l, 1, in, scaled_g, width, view.weights[l], width, T(-1), true);
+    if (bias)
+      for (int64_t j = 0; j < k; ++j)
+        for (int64_t c = 0; c < width; ++c) bias[c] -= scaled_g[j * width + c];
+    if (l + 1 < view.layers) activate<T>(view.activations[l], k * width, zq, ws.query_in[l + 1].data());
+  }
+}
+
+// ---- output: xq + LN(z), per token of the mini-batch starting at token start
+template <typename T>
+static inline void write_outputs(const PairView<T>& view, int64_t k, int64_t start, int64_t out_token_stride,
+                                 Workspace<T>& ws) {
+  const int64_t f = view.dims[0], out_features = view.dims[view.layers];
+  const T* z = ws.query_pre[view.layers - 1].data();
+  for (int64_t i = 0; i < k; ++i)
+    write_output_row(view, z + i * out_features, &ws.query_in[0][i * f], view.out + (start + i) * out_token_stride);
+}
+
 template <typename T>
 void run_pair(const InnerloopStackArgs& args, int64_t pair, Workspace<T>& ws) {
-  const int64_t b = pair / args.heads, h = pair % args.heads;
-  const int64_t k = args.mini_batch, f = args.dims[0];
-  const int32_t layers = args.num_layers;
-  const T* xq = static_cast<const T*>(args.xq) + b * args.xq_strides[0] + h * args.xq_strides[1];
-  const T* xk = static_cast<const T*>(args.xk) + b * args.xk_strides[0] + h * args.xk_strides[1];
-  const T* xv = static_cast<const T*>(args.xv) + b * args.xv_strides[0] + h * args.xv_strides[1];
-  const T* lr = static_cast<const T*>(args.lr) + b * args.lr_strides[0] + h * args.lr_strides[1];
-  T* out = static_cast<T*>(args.out) + b * args.out_strides[0] + h * args.out_strides[1];
-  const T* tau = static_cast<const T*>(args.tau);
-  const T* gamma = static_cast<const T*>(args.ln_weight) + h * f;
-  const T* beta = static_cast<const T*>(args.ln_bias) + h * f;
-  const T eps = T(args.eps);
-  T* weights[kMaxLayers];
-  T* biases[kMaxLayers];
-  for (int32_t l = 0; l < layers; ++l) {
-    const int64_t weight_size = args.dims[l] * args.dims[l + 1];
-    weights[l] = static_cast<T*>(args.weights[l]) + pair * weight_size;
-    biases[l] = args.biases[l] ? static_cast<T*>(args.biases[l]) + pair * args.dims[l + 1] : nullptr;
-  }
-  const int64_t out_features = args.dims[layers];
-
+  const PairView<T> view = make_pair_view<T>(args, pair);
+  const int64_t k = args.mini_batch;
   for (int64_t start = 0; start < args.tokens; start += k) {
-    // ---- this mini-batch's inputs, gathered into contiguous rows
-    for (int64_t i = 0; i < k; ++i) {
-      const int64_t t = start + i;
-      std::memcpy(&ws.key_in[0][i * f], xk + t * args.xk_strides[2], f * sizeof(T));
-      std::memcpy(&ws.query_in[0][i * f], xq + t * args.xq_strides[2], f * sizeof(T));
-      std::memcpy(&ws.xv[i * f], xv + t * args.xv_strides[2], f * sizeof(T));
-    }
-    T* lr_k = ws.lr.data();  // this mini-batch's learning rates
-    T* eta_scale = ws.update_scale.data();
-    for (int64_t j = 0; j < k; ++j) {
-      lr_k[j] = lr[(start + j) * args.lr_strides[2]];
-      eta_scale[j] = tau[k - 1] * lr_k[j];  // the weight update's per-token scale
-    }
-
-    // ---- key side: forward at the mini-batch's starting weights
-    for (int32_t l = 0; l < layers; ++l) {
-      const int64_t in = args.dims[l], width = args.dims[l + 1];
-      T* z = ws.key_pre[l].data();
-      gemm<T>(k, width, in, ws.key_in[l].data(), in, 1, weights[l], width, z, width, T(1), false);
-      if (biases[l])
-        for (int64_t i = 0; i < k; ++i)
-          for (int64_t c = 0; c < width; ++c) z[i * width + c] += biases[l][c];
-      if (l + 1 < layers) activate<T>(args.activations[l], k * width, z, ws.key_in[l + 1].data());
-    }
-
-    // ---- the inner gradient: through the LayerNorm, then back through the stack (old weights)
-    {
-      const T* z = ws.key_pre[layers - 1].data();
-      T* g = ws.grad[layers - 1].data();
-      for (int64_t i = 0; i < k; ++i) {
-        T mean, rstd;
-        row_moments(out_features, z + i * out_features, eps, &mean, &rstd);
-        T* g_row = g + i * out_features;
-        const T* z_row = z + i * out_features;
-        const T* xv_row = &ws.xv[i * f];
-        const T* xk_row = &ws.key_in[0][i * f];
-        for (int64_t c = 0; c < out_features; ++c) {
-          const T xhat = (z_row[c] - mean) * rstd;
-          // d loss / d xhat for the reconstruction target xv - xk
-          g_row[c] = gamma[c] * (gamma[c] * xhat + beta[c] - xv_row[c] + xk_row[c]);
-        }
-        const T sum_g = sum_over<T>(out_features, [&](int64_t c) { return g_row[c]; });
-        const T sum_gx = sum_over<T>(out_features, [&](int64_t c) { return g_row[c] * ((z_row[c] - mean) * rstd); });
-        const T inv_width = T(1) / T(out_features);
-        for (int64_t c = 0; c < out_features; ++c) {
-          const T xhat = (z[i * out_features + c] - mean) * rstd;
-          g_row[c] = rstd * (g_row[c] - sum_g * inv_width - xhat * sum_gx * inv_width);
-        }
-      }
-    }
-    for (int32_t l = layers - 1; l > 0; --l) {
-      const int64_t in = args.dims[l], width = args.dims[l + 1];
-      // G_{l-1} = G_l W_l^T, computed as its transpose W_l G_l^T so that only the small G's are
-      // transposed, never the weights
-      transpose<T>(k, width, ws.grad[l].data(), ws.scratch_a.data());  // G_l^T [width x K]
-      gemm<T>(in, k, width, weights[l], width, 1, ws.scratch_a.data(), k, ws.scratch_b.data(), k, T(1), false);
-      transpose<T>(in, k, ws.scratch_b.data(), ws.grad[l - 1].data());
-      scale_by_derivative<T>(args.activations[l - 1], k * in, ws.key_pre[l - 1].data(), ws.grad[l - 1].data());
-    }
-
-    // ---- query side (the dual form) and the weight updates, layer by layer
-    for (int32_t l = 0; l < layers; ++l) {
-      const int64_t in = args.dims[l], width = args.dims[l + 1];
-      const T* xq_l = ws.query_in[l].data();
-      const T* xk_l = ws.key_in[l].data();
-      const T* g = ws.grad[l].data();
-      T* zq = ws.query_pre[l].data();
-      gemm<T>(k, width, in, xq_l, in, 1, weights[l], width, zq, width, T(1), false);
-      if (biases[l])
-        for (int64_t i = 0; i < k; ++i)
-          for (int64_t c = 0; c < width; ++c) zq[i * width + c] += biases[l][c];
-      // mix[i, j] = tau_i lr_j (xq_i . xk_j + [bias]) for j <= i, else 0
-      transpose<T>(k, in, xk_l, ws.scratch_a.data());  // X_l^T [in x K]
-      gemm<T>(k, k, in, xq_l, in, 1, ws.scratch_a.data(), k, ws.mix.data(), k, T(1), false);
-      const T bias_term = biases[l] ? T(1) : T(0);
-      for (int64_t i = 0; i < k; ++i)
-        for (int64_t j = 0; j < k; ++j)
-          ws.mix[i * k + j] = j <= i ? tau[i] * lr_k[j] * (ws.mix[i * k + j] + bias_term) : T(0);
-      gemm<T>(k, width, k, ws.mix.data(), k, 1, g, width, zq, width, T(-1), true);
-      // W_l -= X_l^T (s G_l), b_l -= sum_j (s G_l)[j], with s_j = tau_{K-1} lr_j; X_l^T is read in place
-      T* scaled_g = ws.scratch_b.data();  // [K x width]
-      for (int64_t j = 0; j < k; ++j)
-        for (int64_t c = 0; c < width; ++c) scaled_g[j * width + c] = eta_scale[j] * g[j * width + c];
-      gemm<T>(in, width, k, xk_l, 1, in, scaled_g, width, weights[l], width, T(-1), true);
-      if (biases[l])
-        for (int64_t j = 0; j < k; ++j)
-          for (int64_t c = 0; c < width; ++c) biases[l][c] -= scaled_g[j * width + c];
-      if (l + 1 < layers) activate<T>(args.activations[l], k * width, zq, ws.query_in[l + 1].data());
-    }
-
-    // ---- output: xq + LN(z), per token
-    const T* z = ws.query_pre[layers - 1].data();
-    for (int64_t i = 0; i < k; ++i) {
-      T mean, rstd;
-      row_moments(out_features, z + i * out_features, eps, &mean, &rstd);
-      T* out_row = out + (start + i) * args.out_strides[2];
-      const T* xq_row = &ws.query_in[0][i * f];
-      for (int64_t c = 0; c < out_features; ++c)
-        out_row[c] = xq_row[c] + gamma[c] * ((z[i * out_features + c] - mean) * rstd) + beta[c];
-    }
+    gather_mini_batch(args, view, start, ws);
+    key_side_forward(view, k, ws);
+    layer_norm_gradient(view, k, ws);
+    backpropagate_stack(view, k, ws);
+    query_side_and_update(view, k, static_cast<const T*>(args.tau), ws);
+    write_outputs(view, k, start, args.out_strides[2], ws);
   }
 }
 
@@ -507,111 +573,125 @@ int run(const InnerloopStackArgs& args) {
 // Decoding: one token of one (batch, head) pair
 // ---------------------------------------------------------------------------------------------
 
+// The pending sums of one pair while it decodes: the shapes of its weights and biases (null where none).
 template <typename T>
-void decode_pair(const InnerloopDecodeArgs& args, int64_t pair, Workspace<T>& ws) {
-  const int64_t b = pair / args.heads, h = pair % args.heads;
-  const int64_t f = args.dims[0];
-  const int32_t layers = args.num_layers;
-  const T* xq = static_cast<const T*>(args.xq) + b * args.xq_strides[0] + h * args.xq_strides[1];
-  const T* xk = static_cast<const T*>(args.xk) + b * args.xk_strides[0] + h * args.xk_strides[1];
-  const T* xv = static_cast<const T*>(args.xv) + b * args.xv_strides[0] + h * args.xv_strides[1];
-  const T lr = static_cast<const T*>(args.lr)[b * args.lr_strides[0] + h * args.lr_strides[1]];
-  T* out = static_cast<T*>(args.out) + b * args.out_strides[0] + h * args.out_strides[1];
-  const T* gamma = static_cast<const T*>(args.ln_weight) + h * f;
-  const T* beta = static_cast<const T*>(args.ln_bias) + h * f;
-  const T tau = T(args.tau), eps = T(args.eps);
-  T *weights[kMaxLayers], *biases[kMaxLayers], *pending_w[kMaxLayers], *pending_b[kMaxLayers];
-  for (int32_t l = 0; l < layers; ++l) {
-    const int64_t weight_size = args.dims[l] * args.dims[l + 1], width = args.dims[l + 1];
-    weights[l] = static_cast<T*>(args.weights[l]) + pair * weight_size;
-    pending_w[l] = static_cast<T*>(args.pending_weights[l]) + pair * weight_size;
-    biases[l] = args.biases[l] ? static_cast<T*>(args.biases[l]) + pair * width : nullptr;
-    pending_b[l] = args.biases[l] ? static_cast<T*>(args.pending_biases[l]) + pair * width : nullptr;
-  }
-  const int64_t out_features = args.dims[layers];
+struct PendingView {
+  T* weights[kMaxLayers];
+  T* biases[kMaxLayers];
+};
 
-  // ---- key side at the mini-batch's starting weights (row vectors: z = x W + b, row by row of W)
-  std::memcpy(ws.key_in[0].data(), xk, f * sizeof(T));
-  for (int32_t l = 0; l < layers; ++l) {
-    const int64_t in = args.dims[l], width = args.dims[l + 1];
+template <typename T>
+PendingView<T> make_pending_view(const InnerloopDecodeArgs& args, int64_t pair) {
+  PendingView<T> pending;
+  for (int32_t l = 0; l < args.num_layers; ++l) {
+    const int64_t weight_size = args.dims[l] * args.dims[l + 1], width = args.dims[l + 1];
+    pending.weights[l] = static_cast<T*>(args.pending_weights[l]) + pair * weight_size;
+    pending.biases[l] = args.biases[l] ? static_cast<T*>(args.pending_biases[l]) + pair * width : nullptr;
+  }
+  return pending;
+}
+
+// ---- key side at the mini-batch's starting weights (row vectors: z = x W + b, row by row of W)
+template <typename T>
+static inline void decode_key_side(const PairView<T>& view, Workspace<T>& ws) {
+  std::memcpy(ws.key_in[0].data(), view.xk, view.dims[0] * sizeof(T));
+  for (int32_t l = 0; l < view.layers; ++l) {
+    const int64_t in = view.dims[l], width = view.dims[l + 1];
     T* z = ws.key_pre[l].data();
-    for (int64_t c = 0; c < width; ++c) z[c] = biases[l] ? biases[l][c] : T(0);
+    for (int64_t c = 0; c < width; ++c) z[c] = view.biases[l] ? view.biases[l][c] : T(0);
     for (int64_t p = 0; p < in; ++p) {
       const T x_p = ws.key_in[l][p];
-      const T* w_row = weights[l] + p * width;
+      const T* w_row = view.weights[l] + p * width;
       for (int64_t c = 0; c < width; ++c) z[c] += x_p * w_row[c];
     }
-    if (l + 1 < layers) activate<T>(args.activations[l], width, z, ws.key_in[l + 1].data());
+    if (l + 1 < view.layers) activate<T>(view.activations[l], width, z, ws.key_in[l + 1].data());
   }
+}
 
-  // ---- the inner gradient through the LayerNorm, then back through the stack
-  {
-    const T* z = ws.key_pre[layers - 1].data();
-    T* g = ws.grad[layers - 1].data();
-    T mean, rstd;
-    row_moments(out_features, z, eps, &mean, &rstd);
-    for (int64_t c = 0; c < out_features; ++c)
-      g[c] = gamma[c] * (gamma[c] * ((z[c] - mean) * rstd) + beta[c] - xv[c] + xk[c]);
-    const T sum_g = sum_over<T>(out_features, [&](int64_t c) { return g[c]; });
-    const T sum_gx = sum_over<T>(out_features, [&](int64_t c) { return g[c] * ((z[c] - mean) * rstd); });
-    for (int64_t c = 0; c < out_features; ++c)
-      g[c] = rstd * (g[c] - sum_g / T(out_features) - (z[c] - mean) * rstd * sum_gx / T(out_features));
-  }
-  for (int32_t l = layers - 1; l > 0; --l) {
-    const int64_t in = args.dims[l], width = args.dims[l + 1];
-    const T* g = ws.grad[l].data();
+// ---- the inner gradient through the LayerNorm, then back through the stack. The LayerNorm step
+// divides by the width where the scan multiplies by its inverse (as before the split: the two differ
+// in the last bit, and each path is tested against the reference as it is).
+template <typename T>
+static inline void decode_inner_gradient(const PairView<T>& view, Workspace<T>& ws) {
+  const int64_t out_features = view.dims[view.layers];
+  const T* z = ws.key_pre[view.layers - 1].data();
+  T* g = ws.grad[view.layers - 1].data();
+  T mean, rstd, sum_g, sum_gx;
+  row_moments(out_features, z, view.eps, &mean, &rstd);
+  ln_target_gradient_row(out_features, z, mean, rstd, view.gamma, view.beta, view.xv, view.xk, g, &sum_g, &sum_gx);
+  for (int64_t c = 0; c < out_features; ++c)
+    g[c] = rstd * (g[c] - sum_g / T(out_features) - (z[c] - mean) * rstd * sum_gx / T(out_features));
+  for (int32_t l = view.layers - 1; l > 0; --l) {
+    const int64_t in = view.dims[l], width = view.dims[l + 1];
+    const T* g_l = ws.grad[l].data();
     T* g_prev = ws.grad[l - 1].data();
     for (int64_t p = 0; p < in; ++p) {
-      const T* w_row = weights[l] + p * width;
-      g_prev[p] = sum_over<T>(width, [&](int64_t c) { return w_row[c] * g[c]; });
+      const T* w_row = view.weights[l] + p * width;
+      g_prev[p] = sum_over<T>(width, [&](int64_t c) { return w_row[c] * g_l[c]; });
     }
-    scale_by_derivative<T>(args.activations[l - 1], in, ws.key_pre[l - 1].data(), g_prev);
+    scale_by_derivative<T>(view.activations[l - 1], in, ws.key_pre[l - 1].data(), g_prev);
   }
+}
 
-  // ---- pending sums, the query through W_b - tau_i * pending, and the commit on a closing token
-  std::memcpy(ws.query_in[0].data(), xq, f * sizeof(T));
-  for (int32_t l = 0; l < layers; ++l) {
-    const int64_t in = args.dims[l], width = args.dims[l + 1];
-    const T* g = ws.grad[l].data();
-    const T* x = ws.key_in[l].data();
-    const T* x_q = ws.query_in[l].data();
-    T* zq = ws.query_pre[l].data();
+// ---- layer l: add this token to the pending sums, and the query through W_b - tau_i * pending
+template <typename T>
+static inline void decode_query_layer(const PairView<T>& view, const PendingView<T>& pending, int32_t l, T lr,
+                                      T tau, Workspace<T>& ws) {
+  const int64_t in = view.dims[l], width = view.dims[l + 1];
+  const T* g = ws.grad[l].data();
+  const T* x = ws.key_in[l].data();
+  const T* x_q = ws.query_in[l].data();
+  T* zq = ws.query_pre[l].data();
+  for (int64_t c = 0; c < width; ++c) {
+    if (view.biases[l]) {
+      pending.biases[l][c] += lr * g[c];
+      zq[c] = view.biases[l][c] - tau * pending.biases[l][c];
+    } else {
+      zq[c] = T(0);
+    }
+  }
+  for (int64_t p = 0; p < in; ++p) {
+    T* s_row = pending.weights[l] + p * width;
+    const T* w_row = view.weights[l] + p * width;
+    const T lr_x = lr * x[p], xq_p = x_q[p];
     for (int64_t c = 0; c < width; ++c) {
-      if (biases[l]) {
-        pending_b[l][c] += lr * g[c];
-        zq[c] = biases[l][c] - tau * pending_b[l][c];
-      } else {
-        zq[c] = T(0);
-      }
+      s_row[c] += lr_x * g[c];
+      zq[c] += xq_p * (w_row[c] - tau * s_row[c]);
     }
-    for (int64_t p = 0; p < in; ++p) {
-      T* s_row = pending_w[l] + p * width;
-      const T* w_row = weights[l] + p * width;
-      const T lr_x = lr * x[p], xq_p = x_q[p];
-      for (int64_t c = 0; c < width; ++c) {
-        s_row[c] += lr_x * g[c];
-        zq[c] += xq_p * (w_row[c] - tau * s_row[c]);
-      }
-    }
-    if (args.is_last) {
-      for (int64_t i = 0; i < in * width; ++i) {
-        weights[l][i] -= tau * pending_w[l][i];
-        pending_w[l][i] = T(0);
-      }
-      if (biases[l])
-        for (int64_t c = 0; c < width; ++c) {
-          biases[l][c] -= tau * pending_b[l][c];
-          pending_b[l][c] = T(0);
-        }
-    }
-    if (l + 1 < layers) activate<T>(args.activations[l], width, zq, ws.query_in[l + 1].data());
   }
+}
 
+// ---- a token that closes its mini-batch commits W_b - tau_i * pending and zeroes pending
+template <typename T>
+static inline void commit_pending(const PairView<T>& view, const PendingView<T>& pending, int32_t l, T tau) {
+  const int64_t in = view.dims[l], width = view.dims[l + 1];
+  for (int64_t i = 0; i < in * width; ++i) {
+    view.weights[l][i] -= tau * pending.weights[l][i];
+    pending.weights[l][i] = T(0);
+  }
+  if (view.biases[l])
+    for (int64_t c = 0; c < width; ++c) {
+      view.biases[l][c] -= tau * pending.biases[l][c];
+      pending.biases[l][c] = T(0);
+    }
+}
+
+template <typename T>
+void decode_pair(const InnerloopDecodeArgs& args, int64_t pair, Workspace<T>& ws) {
+  const PairView<T> view = make_pair_view<T>(args, pair);
+  const PendingView<T> pending = make_pending_view<T>(args, pair);
+  const T lr = view.lr[0], tau = T(args.tau);
+  decode_key_side(view, ws);
+  decode_inner_gradient(view, ws);
+  std::memcpy(ws.query_in[0].data(), view.xq, view.dims[0] * sizeof(T));
+  for (int32_t l = 0; l < view.layers; ++l) {
+    decode_query_layer(view, pending, l, lr, tau, ws);
+    if (args.is_last) commit_pending(view, pending, l, tau);
+    const int64_t width = view.dims[l + 1];
+    if (l + 1 < view.layers) activate<T>(view.activations[l], width, ws.query_pre[l].data(), ws.query_in[l + 1].data());
+  }
   // ---- output: xq + LN(z)
-  const T* z = ws.query_pre[layers - 1].data();
-  T mean, rstd;
-  row_moments(out_features, z, eps, &mean, &rstd);
-  for (int64_t c = 0; c < out_features; ++c) out[c] = xq[c] + gamma[c] * ((z[c] - mean) * rstd) + beta[c];
+  write_output_row(view, ws.query_pre[view.layers - 1].data(), view.xq, view.out);
 }
 
 template <typename T>

@@ -282,7 +282,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_a_checkpoint_it_can_resum
             "trainer.max_steps=20", f"out_dir={out}"]  # fmt: skip
     assert main(args) == 2
     err = _one_error_line(capsys)
-    assert "training diverged" in err and "optim.lr (now 1000)" in err and "last finite training loss" in err
+    assert "training diverged" in err and "optim.lr (now 1000;" in err and "last finite training loss" in err
     assert "non_finite" not in err and "--resume" in err
     diverged_at = int(re.search(r"is nan after (\d+) optimizer steps", err).group(1))
     # the checkpoint of the step whose weights gave NaN was never kept: the one before is

@@ -71,10 +71,28 @@ def overflow_safe_scale(x: torch.Tensor) -> torch.Tensor:
     variance of such a row (nonzero: at least an ulp of ``2**limit``, squared) dwarfs any ``eps``,
     so ``eps`` need not be rescaled with it; the scaling costs one rounding.
     """
+    low, high = torch.aminmax(x.detach(), dim=-1, keepdim=True)  # one pass, no |x| copy
+    top = torch.maximum(high, -low)
+    return (_overflow_bound(x) / top).clamp(max=1.0)
+
+
+def _overflow_bound(x: torch.Tensor) -> float:
+    """The largest |value| a row of ``x`` may hold before its squares could overflow (see above)."""
     max_exponent = math.frexp(torch.finfo(x.dtype).max)[1]  # 128 for float32: max < 2**128
-    limit = (max_exponent - 4 - x.shape[-1].bit_length()) // 2
-    top = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=-1, keepdim=True)
-    return (2.0**limit / top).clamp(max=1.0)
+    return 2.0 ** ((max_exponent - 4 - x.shape[-1].bit_length()) // 2)
+
+
+def overflow_safe_scale_if_needed(x: torch.Tensor) -> torch.Tensor | None:
+    """:func:`overflow_safe_scale`, or ``None`` when no row of ``x`` needs scaling, which a CPU tensor
+    learns from one reduction (its common case then skips the per-row pass and the multiply). Not for
+    code under ``torch.func`` transforms (the check reads a value); elsewhere (CUDA) the scale is
+    always computed, without a host sync."""
+    if x.device.type == "cpu" and x.numel():
+        low, high = torch.aminmax(x.detach())
+        bound = _overflow_bound(x)
+        if high <= bound and low >= -bound:  # a NaN anywhere compares False: rows are then checked one by one
+            return None
+    return overflow_safe_scale(x)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -204,6 +222,7 @@ __all__ = [
     "is_power_of_two",
     "layer_norm",
     "overflow_safe_scale",
+    "overflow_safe_scale_if_needed",
     "layer_norm_backward",
     "relative_error",
     "rope_cos_sin",

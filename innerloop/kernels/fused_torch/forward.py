@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from innerloop.core.functional import overflow_safe_scale
+from innerloop.core.functional import overflow_safe_scale_if_needed
 from innerloop.core.protocol import AffineLayer, Params
 from innerloop.kernels.spec import KernelForward, KernelInputs, KernelSpec
 
@@ -173,16 +173,15 @@ class _Scan:
         back through the stack. LN runs on a copy scaled where squares would overflow: LN is
         scale-invariant, and d/dz = s d/d(sz)."""
         dim = key_pre[-1].shape[-1]
-        scale = overflow_safe_scale(key_pre[-1])  # [BH, K, 1], 1 for ordinary rows
-        scaled = key_pre[-1] * scale
+        scale = overflow_safe_scale_if_needed(key_pre[-1])  # [BH, K, 1], or None: no row needs it
+        scaled = key_pre[-1] if scale is None else key_pre[-1] * scale
         xhat, mean, rstd = torch.native_layer_norm(scaled, [dim], None, None, self.eps)
         grad_xhat = torch.addcmul(shift_n, gamma_sq, xhat)
-        grad = (
-            torch.ops.aten.native_layer_norm_backward(
-                grad_xhat, scaled, [dim], mean, rstd, None, None, [True, False, False]
-            )[0]
-            * scale
-        )
+        grad = torch.ops.aten.native_layer_norm_backward(
+            grad_xhat, scaled, [dim], mean, rstd, None, None, [True, False, False]
+        )[0]
+        if scale is not None:
+            grad = grad * scale
         grads = [grad]
         for index in range(len(self.stack) - 1, 0, -1):
             weight = self.weights[index][:, : key_pre[index - 1].shape[-1]]  # without the bias row
@@ -227,7 +226,8 @@ def make_fused_forward(stack: tuple[AffineLayer, ...]) -> KernelForward:
 
         # the output LayerNorm and residual, once over all tokens
         z_all = torch.stack(outputs, dim=1).reshape(batch, heads, tokens, dim)  # [B, H, T, f]
-        normed = torch.nn.functional.layer_norm(z_all * overflow_safe_scale(z_all), [dim], eps=eps)
+        scale = overflow_safe_scale_if_needed(z_all)
+        normed = torch.nn.functional.layer_norm(z_all if scale is None else z_all * scale, [dim], eps=eps)
         out = torch.addcmul(xq + ln_bias[None, :, None, :], normed, ln_weight[None, :, None, :])
         return _guard(out), _unfolded_params(stack, params, scan.weights)
 

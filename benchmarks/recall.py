@@ -8,6 +8,7 @@ the TTT layer writes the pairs into its inner weights and can read them back at 
 
     python benchmarks/recall.py                      # both presets, the preset's steps
     python benchmarks/recall.py --steps 300 trainer.threads=2
+    python benchmarks/recall.py --seeds 0 1 2          # the seeds RESULTS.md reports
 
 Extra ``key=value`` arguments override both presets. Prints a Markdown table (recall accuracy on the
 fixed validation set, loss on the scored tokens, parameters, wall time) and writes it to
@@ -32,25 +33,30 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the presets')")
     parser.add_argument("--out", default="runs/recall-benchmark", help="folder for the runs and the table")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="seeds to train each preset with (default: 0)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for both presets")
     args = parser.parse_args()
 
     rows = []
-    for preset in PRESETS:
-        overrides = [*args.overrides, f"out_dir={Path(args.out) / preset}", "trainer.progress_bar=false"]
-        if args.steps is not None:
-            overrides.append(f"trainer.max_steps={args.steps}")
-        run, cfg = load_config(preset, overrides)
-        start = time.perf_counter()
-        result = train(run, cfg, overwrite=True)  # a rerun replaces its own runs
-        seconds = time.perf_counter() - start
-        model = load_model(result.checkpoint)
-        mixer = run.model.mixer + (f" (window {run.model.window})" if run.model.mixer == "swa" else "")
-        rows.append(
-            f"| {preset} | {mixer} | {model.num_parameters():,} | {run.trainer.max_steps} | "
-            f"{result.metrics['val_acc']:.3f} | {result.metrics['val_loss']:.3f} | {seconds:.0f} s |"
-        )
-        print(rows[-1], flush=True)
+    for seed in args.seeds:
+        for preset in PRESETS:
+            out_dir = Path(args.out) / f"{preset}-seed{seed}"
+            overrides = [*args.overrides, f"seed={seed}", f"out_dir={out_dir}", "trainer.progress_bar=false"]
+            if args.steps is not None:
+                overrides.append(f"trainer.max_steps={args.steps}")
+            run, cfg = load_config(preset, overrides)
+            start = time.perf_counter()
+            result = train(run, cfg, overwrite=True)  # a rerun replaces its own runs
+            seconds = time.perf_counter() - start
+            model = load_model(result.checkpoint)
+            mixer = run.model.mixer + (f" (window {run.model.window})" if run.model.mixer == "swa" else "")
+            rows.append(
+                f"| {preset} | {mixer} | {seed} | {model.num_parameters():,} | {run.trainer.max_steps} | "
+                f"{result.metrics['val_acc']:.3f} | {result.metrics['val_loss']:.3f} | {seconds:.0f} s |"
+            )
+            print(rows[-1], flush=True)
 
     recall = run.data.recall
     table = "\n".join(
@@ -58,8 +64,8 @@ def main() -> None:
             f"Recall of {recall.num_pairs} pairs after {recall.gap} distractors "
             f"(chance 1/64 = 0.016); validation set of {run.data.val_batches * run.data.batch_size} sequences.",
             "",
-            "| preset | mixer | parameters | steps | recall accuracy | loss (scored tokens) | wall time |",
-            "|---|---|---|---|---|---|---|",
+            "| preset | mixer | seed | parameters | steps | recall accuracy | loss (scored tokens) | wall time |",
+            "|---|---|---|---|---|---|---|---|",
             *rows,
         ]
     )

@@ -72,7 +72,7 @@ def overflow_safe_scale(x: torch.Tensor) -> torch.Tensor:
     so ``eps`` need not be rescaled with it; the scaling costs one rounding.
     """
     low, high = torch.aminmax(x.detach(), dim=-1, keepdim=True)  # one pass, no |x| copy
-    top = torch.maximum(high, -low)
+    top = torch.maximum(high.abs(), low.abs())  # (not max(high, -low): a zero row would give -0.0)
     return (_overflow_bound(x) / top).clamp(max=1.0)
 
 

@@ -534,3 +534,11 @@ def test_plain_reconstruction_instance_is_the_registered_loss():
     with torch.no_grad():
         auto(torch.randn(1, 8, 16))
     assert auto.dispatches[0][0] != "torch"
+
+
+def test_the_overflow_safe_scale_of_an_all_zero_row_is_one():
+    # max(high, -low) of a zero row is -0.0, and 2**limit / -0.0 is -inf: the scale must read |values|
+    from innerloop.core.functional import overflow_safe_scale
+
+    rows = torch.tensor([[0.0, 0.0, 0.0], [-0.0, 0.0, -0.0], [1.0, -2.0, 0.5]])
+    assert torch.equal(overflow_safe_scale(rows), torch.ones(3, 1))

@@ -324,6 +324,7 @@ def test_eval_of_a_checkpoint_without_its_seq_len_says_which_length_it_used(caps
     assert f"eval_{checkpoint_identity(checkpoint)}_default-val_T128_n2.csv" in files
 
 
+@pytest.mark.slow  # two training runs and two evals (~2 s)
 def test_evaluations_of_two_checkpoints_never_replace_each_other(capsys, tmp_path) -> None:
     """Two checkpoints of the same name (other runs) in one --out get files of their own; the same
     checkpoint with the same settings again rewrites only its own files."""

@@ -104,6 +104,7 @@ def test_resume_applies_optimizer_and_trainer_overrides_exactly_and_records_them
     assert checkpoint["optimizer_states"][0]["param_groups"][0]["weight_decay"] == 0.05
 
 
+@pytest.mark.slow  # three training runs (~3 s); the applied-overrides resume test stays fast
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
@@ -371,6 +372,7 @@ def test_a_crash_while_the_metrics_log_gets_new_columns_keeps_the_log(tmp_path, 
     assert Path(log.metrics_file_path).read_bytes() == written
 
 
+@pytest.mark.slow  # a training run (~1 s) for the DDP launcher case
 def test_a_ddp_worker_process_trains_in_the_out_dir_its_rank_0_holds(tmp_path, monkeypatch) -> None:
     """Lightning's DDP launcher re-runs the command for ranks > 0 (LOCAL_RANK set); they must not
     take the lock or refuse the out_dir that rank 0 holds and has written its config to."""

@@ -6,7 +6,8 @@
 - ``last.safetensors``: the checkpoint (every ``trainer.checkpoint_every`` steps and at the end; see
   :class:`_SafetensorsModelCheckpoint` for when a new one replaces it);
 - ``.innerloop.lock``: the lock a run holds on its out_dir (:mod:`innerloop.train.run_dir`);
-- ``logs/version_<n>/metrics.csv``: what was logged, one folder per launch (Lightning's CSVLogger);
+- ``logs/version_<n>/metrics.csv``: what was logged, one folder per launch (Lightning's CSVLogger), with
+  ``tokens_seen``, ``wall_time`` and ``tokens_per_s`` in its rows (:mod:`innerloop.train.throughput`);
 - ``loss_by_position.csv`` and ``loss_by_position.png``: the final validation loss by position.
 
 ``evaluate`` (``innerloop eval``) writes its own ``eval_*.csv/.png`` beside them and never replaces these.
@@ -82,6 +83,7 @@ from innerloop.train.run_dir import (
     remove_previous_run,
     remove_stale_temporaries,
 )
+from innerloop.train.throughput import TrainingThroughput
 
 CHECKPOINT_NAME = "last"
 
@@ -300,7 +302,7 @@ def _train_in_locked_dir(
     if resume:
         _check_resume(run, module, ckpt)
     datamodule = build_datamodule(run)
-    trainer = build_trainer(run, callbacks)
+    trainer = build_trainer(run, [TrainingThroughput(), *callbacks])  # parameter counts, tokens/s
     if replace_previous:
         remove_previous_run(out_dir)
     if run.trainer.threads > 0:

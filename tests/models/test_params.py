@@ -1,4 +1,5 @@
-"""Parameter counts by part, sizing to a budget, and the tiny presets matched in parameters."""
+"""Parameter counts by part, sizing to a budget, the tiny presets matched in parameters, and the same
+models with test-time training switched off."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import torch
 
 from innerloop.config.load import load_config
 from innerloop.models import CausalLM, ModelConfig, build_model
+from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
 from innerloop.models.params import (
     count_config_parameters,
     count_parameters,
     size_to_budget,
 )
+from innerloop.registry import available
 
 SMALL = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "intermediate_size": 24}
 
@@ -91,3 +94,69 @@ def test_tiny_presets_are_matched_to_tiny_within_5_percent_and_say_so(preset) ->
     assert abs(total - tiny) <= 0.05 * tiny, f"{preset}: {total:,} parameters, tiny {tiny:,}"
     comments = (files("innerloop.config") / "presets" / f"{preset}.yaml").read_text()
     assert f"{total:,} parameters" in comments and f"{tiny:,}" in comments
+
+
+# --------------------------------------------------------------------------------------------------
+# no_test_time_training: the same weights, test-time training switched off
+# --------------------------------------------------------------------------------------------------
+
+TTT_COMBINATIONS = [(model, rule) for model in available("inner_model") for rule in available("update_rule")]
+
+
+def _ttt_model(inner_model: str, update_rule: str) -> CausalLM:
+    torch.manual_seed(0)
+    ttt = {"inner_model": inner_model, "update_rule": update_rule, "mini_batch_size": 4}
+    return CausalLM(ModelConfig.from_dict({**SMALL, "mixer": "ttt", "ttt": ttt})).double()
+
+
+@pytest.mark.parametrize(("inner_model", "update_rule"), TTT_COMBINATIONS)
+def test_without_ttt_the_inner_weights_stay_at_their_initial_values(inner_model, update_rule) -> None:
+    model = _ttt_model(inner_model, update_rule)
+    ids = torch.randint(256, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        on, on_state = model(ids)
+        with no_test_time_training(model) as switched:
+            off, off_state = model(ids)
+        again, _ = model(ids)
+    assert switched == 2 and modules_learning_at_test_time(model) == ["blocks.0.mixer", "blocks.1.mixer"]
+    for block, state in zip(model.blocks, off_state.blocks, strict=True):
+        initial = block.mixer.initial_params
+        for name, value in state.mixer.params.items():  # [B, H, ...]: every sequence's, still the init
+            assert torch.equal(value, initial[name].expand_as(value)), name
+        assert all(not p.any() for p in state.mixer.pending.values())  # no update pending either
+    moved = [not torch.equal(v, model.blocks[0].mixer.initial_params[k].expand_as(v))
+             for k, v in on_state.blocks[0].mixer.params.items()]  # fmt: skip
+    assert any(moved)  # with TTT on, 13 tokens of mini-batches of 4 did move them
+    assert not torch.allclose(on, off)
+    assert torch.equal(on, again) and all(b.mixer.base_lr == 1.0 for b in model.blocks)  # restored
+
+
+def test_without_ttt_e2e_keeps_its_prime_weights_fixed() -> None:
+    torch.manual_seed(0)
+    config = ModelConfig.from_dict({**SMALL, "mixer": "e2e", "window": 8, "e2e": {"chunk_size": 4}})
+    model = build_model(config).double().eval()
+    ids = torch.randint(256, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        on, on_state = model(ids)
+        with no_test_time_training(model) as switched:
+            off, off_state = model(ids)
+        # The same chunked inner loop with inner lr 0: the prime weights never move from the initial.
+        model.inner_lr = lambda: 0.0
+        fixed, fixed_state = model(ids)
+        del model.inner_lr
+    assert switched == 1 and model.config.e2e.test_time_training  # restored after the block
+    assert off_state.fast == {}
+    for name, value in fixed_state.fast.items():
+        assert torch.equal(value, dict(model.named_parameters())[name].expand_as(value))
+    torch.testing.assert_close(off, fixed, rtol=1e-10, atol=1e-10)
+    assert any(not torch.equal(v, fixed_state.fast[k]) for k, v in on_state.fast.items())
+    assert not torch.allclose(on, off)
+
+
+def test_without_ttt_a_model_without_ttt_is_unchanged() -> None:
+    model = build_model(ModelConfig.from_dict({**SMALL, "mixer": "swa", "window": 4}))
+    ids = torch.randint(256, (1, 9))
+    with torch.no_grad(), no_test_time_training(model) as switched:
+        off, _ = model(ids)
+    assert switched == 0 and modules_learning_at_test_time(model) == []
+    assert torch.equal(off, model(ids)[0].detach())

@@ -256,6 +256,25 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
     compare.add_argument(
         "--out", default="runs/compare", help="folder for the CSV, PNG and table (default: %(default)s)"
     )
+    _add_compare_windows(compare)
+    compare.add_argument(
+        "--resamples",
+        type=_POSITIVE_INT,
+        default=1000,
+        help="bootstrap resamples of the windows (default: %(default)s)",
+    )
+    compare.add_argument(
+        "--seed", type=_seed, default=0, help="seed of the bootstrap resampling (default: %(default)s)"
+    )
+    compare.add_argument(
+        "--no-ttt",
+        action="store_true",
+        help=_NO_TTT_HELP.replace("; output files end in _no-ttt", "; models without it are unchanged"),
+    )
+
+
+def _add_compare_windows(compare: argparse.ArgumentParser) -> None:
+    """``innerloop compare``'s options choosing the windows (as ``innerloop eval``'s)."""
     compare.add_argument(
         "--data",
         nargs="*",
@@ -275,20 +294,6 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="number of batches (default: as many windows as the baseline run's validation reads, or 8 "
         "batches)",
-    )
-    compare.add_argument(
-        "--resamples",
-        type=_POSITIVE_INT,
-        default=1000,
-        help="bootstrap resamples of the windows (default: %(default)s)",
-    )
-    compare.add_argument(
-        "--seed", type=_seed, default=0, help="seed of the bootstrap resampling (default: %(default)s)"
-    )
-    compare.add_argument(
-        "--no-ttt",
-        action="store_true",
-        help=_NO_TTT_HELP.replace("; output files end in _no-ttt", "; models without it are unchanged"),
     )
 
 

@@ -36,7 +36,12 @@ from innerloop.train.checkpoint import CHECKPOINT_SUFFIX, checkpoint_identity, l
 from innerloop.train.data import IGNORE_INDEX
 from innerloop.train.metrics import position_buckets
 from innerloop.train.module import LanguageModelModule, load_module
-from innerloop.train.run import check_vocabulary, checkpoint_path, evaluation_windows
+from innerloop.train.run import (
+    DEFAULT_EVAL_SEQ_LEN,
+    check_vocabulary,
+    checkpoint_path,
+    evaluation_windows,
+)
 
 DEFAULT_RESAMPLES = 1000
 """Bootstrap resamples of the windows."""
@@ -252,7 +257,9 @@ def compare(
     if no_ttt:
         _mark_no_ttt(models)
     reference = models[base]
-    seq_lens = list(seq_lens or [reference.module.hparams.get("seq_len") or 128])
+    seq_lens = list(
+        dict.fromkeys(seq_lens or [reference.module.hparams.get("seq_len") or DEFAULT_EVAL_SEQ_LEN])
+    )
     results, bands, source = [], {}, ""
     for seq_len in seq_lens:
         windows = evaluation_windows(

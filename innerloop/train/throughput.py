@@ -65,6 +65,11 @@ def load_average() -> float | None:
         return None
 
 
+def current_cpu_status() -> tuple[int, int, float | None]:
+    """``(torch threads, cores available, 1-minute load average or None)`` now."""
+    return torch.get_num_threads(), available_cpus(), load_average()
+
+
 def oversubscription(threads: int, cpus: int, load: float | None) -> str | None:
     """Why ``threads`` torch threads on ``cpus`` cores with a load average of ``load`` (before training
     starts, so it is other processes') are oversubscribed, or None when they are not."""
@@ -91,7 +96,8 @@ class TrainingThroughput(Callback):
     Args:
         collapse_factor: a drop of tokens/s by this factor against the recent median warns.
         clock: seconds, monotonic (``time.perf_counter``; tests pass a fake one).
-        cpu_status: ``() -> (threads, cpus, load_average)`` (tests simulate a loaded machine with it).
+        cpu_status: ``() -> (threads, cpus, load_average)`` (:func:`current_cpu_status`; tests simulate a
+            loaded machine with it).
         echo: where the printed lines go (``print``).
     """
 
@@ -106,7 +112,7 @@ class TrainingThroughput(Callback):
             raise ValueError(f"collapse_factor={collapse_factor} must be > 1")
         self.collapse_factor = collapse_factor
         self.clock = clock
-        self.cpu_status = cpu_status or (lambda: (torch.get_num_threads(), available_cpus(), load_average()))
+        self.cpu_status = cpu_status or current_cpu_status  # a module function: ddp_spawn pickles callbacks
         self.echo = echo
         self.tokens_seen = 0  # over all processes, every launch
         self.train_seconds = 0.0  # in training steps, every launch
@@ -194,7 +200,7 @@ class TrainingThroughput(Callback):
         self._log_counters(pl_module, in_training_step=True)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == "fit" or self._launch_start is not None:
+        if self._launch_start is not None:  # a validation of this run (not a sanity check before it)
             self._log_counters(pl_module, in_training_step=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

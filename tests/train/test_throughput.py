@@ -143,3 +143,10 @@ def test_oversubscription_reasons() -> None:
     assert "load average is 2.0 on the 2 cores" in oversubscription(1, 2, 2.0)
     with pytest.raises(ValueError, match="collapse_factor=1 must be > 1"):
         TrainingThroughput(collapse_factor=1)
+
+
+def test_the_callback_pickles_for_ddp_spawn() -> None:
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(TrainingThroughput()))
+    assert copy.tokens_seen == 0 and copy.cpu_status()[1] >= 1

@@ -160,3 +160,14 @@ def test_without_ttt_a_model_without_ttt_is_unchanged() -> None:
         off, _ = model(ids)
     assert switched == 0 and modules_learning_at_test_time(model) == []
     assert torch.equal(off, model(ids)[0].detach())
+
+
+def test_cli_params_counts_and_sizes_to_a_budget(capsys) -> None:
+    from innerloop.cli import main
+
+    assert main(["params", "--config", "tiny-mlp", "model.intermediate_size=172", "--budget", "118760"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("tiny-mlp: 133,608 parameters (embedding 16,384; mixer 2 x 25,428;")
+    assert "model.intermediate_size=133: 118,632 parameters (-0.1% of the budget 118,760)" in printed
+    assert main(["params", "--budget", "0"]) == 2
+    assert "--budget: must be an integer >= 1, got '0'" in capsys.readouterr().err

@@ -164,3 +164,23 @@ def test_no_ttt_in_compare_and_eval(runs, tmp_path, capsys) -> None:
     assert sorted(p.suffix for p in out.glob("*_no-ttt.*")) == [".csv", ".png"]
     assert main(["eval", str(runs[1] / "last.safetensors"), "--no-ttt"]) == 2
     assert "has no test-time training to switch off (model.mixer='swa')" in capsys.readouterr().err
+
+
+def test_eval_of_a_recall_run_reads_its_recall_validation(tmp_path) -> None:
+    out = tmp_path / "recall"
+    overrides = [f"model.{k}={v}" for k, v in MODEL.items()] + [
+        "data.recall.num_pairs=2", "data.recall.gap=4", "data.batch_size=3", "data.val_batches=2", f"out_dir={out}",
+    ]  # fmt: skip
+    run, cfg = load_config("recall-ttt", overrides)
+    module = LanguageModelModule(model=asdict(run.model), seq_len=11, num_position_buckets=4)
+    save_checkpoint(
+        {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)},
+        out / "last.safetensors",
+    )
+    save_config(cfg, out / "config.yaml")
+    inputs, targets = validation_examples(run)
+    metrics, _, _ = evaluate(out / "last.safetensors", progress_bar=False)
+    assert inputs.shape == (6, 4 * 2 + 4 - 1)
+    assert metrics["tokens"] == (targets >= 0).sum() == 6 * 2  # only the recalled values are scored
+    with pytest.raises(ConfigError, match="seq_len=50: the 'recall' task's sequences have a fixed length"):
+        evaluate(out / "last.safetensors", seq_len=50, progress_bar=False)

@@ -438,7 +438,7 @@ def _eval(args: argparse.Namespace) -> int:
         no_ttt=args.no_ttt,
     )
     print(f"perplexity: {metrics['val_ppl']:.3f}  (loss {metrics['val_loss']:.4f} nats/byte, "
-          f"{int(metrics['tokens'])} tokens)")  # fmt: skip
+          f"{int(metrics['tokens'])} tokens in {int(metrics['windows'])} windows)")  # fmt: skip
     print(f"loss by position: {png} ({csv_path})")
     return 0
 

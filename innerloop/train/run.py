@@ -524,7 +524,7 @@ def evaluate(
     """Perplexity and loss by position of a checkpoint, on :func:`evaluation_windows` (by default the
     windows its run's validation read). ``seq_len`` defaults to the training one. With ``no_ttt``, the
     same weights with test-time training off (:func:`~innerloop.models.ablation.no_test_time_training`).
-    Returns ``(metrics, csv, png)``.
+    Returns ``(metrics, csv, png)``; ``metrics`` also has ``tokens`` (scored) and ``windows``.
 
     When ``out_dir`` is given, writes ``eval_<checkpoint>_<data>_T<seq_len>_n<windows>.csv`` and
     ``.png`` there (see :func:`evaluation_stem`): named after what was evaluated, so evaluations of other
@@ -553,6 +553,7 @@ def evaluate(
         results = trainer.validate(module, dataloaders=loader, verbose=False)[0]
     metrics = {k: float(v) for k, v in results.items()}
     metrics["tokens"] = float((targets != IGNORE_INDEX).sum())
+    metrics["windows"] = float(len(inputs))
     if out_dir is None:
         return metrics, None, None
     buckets = position_buckets(seq_len, module.hparams.num_position_buckets)

@@ -1,4 +1,4 @@
-"""The ``innerloop`` command: train, eval, generate, plugins.
+"""The ``innerloop`` command: train, eval, compare, params, generate, convert, plugins.
 
 ``innerloop train`` with no arguments is the main job: a tiny TTT-Linear LM on the Python standard
 library's source, about a minute on 2 idle CPU cores (measured in benchmarks/RESULTS.md, "The main
@@ -112,8 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(
         dest="command", metavar="COMMAND", help="what to do; `innerloop COMMAND --help` explains it"
     )
-    _add_train(commands, preset_names())
+    presets = preset_names()
+    _add_train(commands, presets)
     _add_eval(commands)
+    _add_compare(commands)
+    _add_params(commands, presets)
     _add_generate(commands)
     _add_convert(commands)
     plugins_help = f"list the registered plugins of every kind ({_plugin_kinds_in_words()})"
@@ -161,6 +164,13 @@ def _add_train(commands: argparse._SubParsersAction, presets: Sequence[str]) -> 
     )
 
 
+_NO_TTT_HELP = (
+    "evaluate the same weights with test-time training switched off (TTT layers: inner learning rate 0; "
+    "TTT-E2E: the prime MLPs fixed), to measure what learning at test time contributes; output files end "
+    "in _no-ttt (default: off)"
+)
+
+
 def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser(
         "eval",
@@ -174,8 +184,9 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         nargs="*",
         default=[],
         metavar="PATH",
-        help="files, directories or globs to evaluate on (default: the held-out part of the "
-        "standard-library corpus)",
+        help="files, directories or globs to evaluate on (default: the windows the run's validation read, "
+        "from the config.yaml beside the checkpoint when it describes the checkpoint's model; else the "
+        "held-out part of the standard-library corpus)",
     )
     evaluate.add_argument(
         "--seq-len",
@@ -184,14 +195,19 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         help="tokens per window (default: the seq_len the checkpoint was trained with)",
     )
     evaluate.add_argument(
-        "--batch-size", type=_POSITIVE_INT, default=16, help="windows per batch (default: %(default)s)"
+        "--batch-size",
+        type=_POSITIVE_INT,
+        default=None,
+        help="windows per batch (default: the run's data.batch_size, or 16 without the run's config.yaml)",
     )
     evaluate.add_argument(
         "--batches",
         type=_POSITIVE_INT,
-        default=8,
-        help="number of batches to evaluate (default: %(default)s)",
+        default=None,
+        help="number of batches to evaluate (default: as many windows as the run's validation reads, "
+        "data.val_batches x data.batch_size; 8 batches without the run's config.yaml)",
     )
+    evaluate.add_argument("--no-ttt", action="store_true", help=_NO_TTT_HELP)
     evaluate.add_argument(
         "--out",
         default=None,
@@ -199,6 +215,122 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         "the file's stem and the start of its checksum, e.g. eval_last-1a2b3c4d_default-val_T128_n128.csv "
         "(default: the checkpoint's folder); the training run's own loss_by_position files are never "
         "replaced",
+    )
+
+
+def _add_compare(commands: argparse._SubParsersAction) -> None:
+    compare = commands.add_parser(
+        "compare",
+        help="several checkpoints on the same windows: curves, differences with bootstrap bands, a table",
+        description=textwrap.fill(
+            "Evaluate several checkpoints on exactly the same windows (by default the baseline run's "
+            "validation windows) and write compare-<id>.csv, .png and .md into --out: the loss by "
+            "position of every model overlaid, each model's difference to the baseline with a bootstrap "
+            "confidence band over windows, and a table of parameters, tokens trained, training tokens/s "
+            "and perplexity at each length (also printed)."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    compare.add_argument(
+        "models",
+        nargs="+",
+        metavar="RUN_OR_CKPT",
+        help="run folders (their last.safetensors) or checkpoint files",
+    )
+    compare.add_argument(
+        "--seq-len",
+        type=_POSITIVE_INT,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="tokens per window, one or more lengths (default: the baseline's training seq_len); the "
+        "plot shows the longest, the table the perplexity at each",
+    )
+    compare.add_argument(
+        "--baseline",
+        default=None,
+        metavar="NAME",
+        help="the model the others are compared with: its name (its run folder's), argument or path "
+        "(default: the first model)",
+    )
+    compare.add_argument(
+        "--out", default="runs/compare", help="folder for the CSV, PNG and table (default: %(default)s)"
+    )
+    _add_compare_windows(compare)
+    compare.add_argument(
+        "--resamples",
+        type=_POSITIVE_INT,
+        default=1000,
+        help="bootstrap resamples of the windows (default: %(default)s)",
+    )
+    compare.add_argument(
+        "--seed", type=_seed, default=0, help="seed of the bootstrap resampling (default: %(default)s)"
+    )
+    compare.add_argument(
+        "--no-ttt",
+        action="store_true",
+        help=_NO_TTT_HELP.replace("; output files end in _no-ttt", "; models without it are unchanged"),
+    )
+
+
+def _add_compare_windows(compare: argparse.ArgumentParser) -> None:
+    """``innerloop compare``'s options choosing the windows (as ``innerloop eval``'s)."""
+    compare.add_argument(
+        "--data",
+        nargs="*",
+        default=[],
+        metavar="PATH",
+        help="files, directories or globs to evaluate on (default: the baseline run's validation windows)",
+    )
+    compare.add_argument(
+        "--batch-size",
+        type=_POSITIVE_INT,
+        default=None,
+        help="windows per batch (default: the baseline run's data.batch_size, or 16)",
+    )
+    compare.add_argument(
+        "--batches",
+        type=_POSITIVE_INT,
+        default=None,
+        help="number of batches (default: as many windows as the baseline run's validation reads, or 8 "
+        "batches)",
+    )
+
+
+def _add_params(commands: argparse._SubParsersAction, presets: Sequence[str]) -> None:
+    params = commands.add_parser(
+        "params",
+        help="parameter counts of a config's model; --budget sizes it to a number of parameters",
+        description=textwrap.fill(
+            "Print the parameter count of the model a preset or YAML config (with overrides) describes: "
+            "total, embedding, each block's mixer and the other parts. With --budget, find the "
+            "--adjust width that brings it closest to that many parameters and print the override to use."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    params.add_argument(
+        "--config",
+        default=DEFAULT_PRESET,
+        metavar="PRESET_OR_FILE",
+        help=f"a packaged preset ({', '.join(presets)}) or a YAML file (default: %(default)s)",
+    )
+    params.add_argument(
+        "--budget",
+        type=_POSITIVE_INT,
+        default=None,
+        help="a number of parameters to size the model to (default: none, only count)",
+    )
+    params.add_argument(
+        "--adjust",
+        choices=["intermediate_size", "hidden_size"],
+        default="intermediate_size",
+        help="the width --budget changes (choices: %(choices)s; default: %(default)s)",
+    )
+    params.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. model.mixer=swa (default: none, the config as it is)",
     )
 
 
@@ -297,11 +429,55 @@ def _eval(args: argparse.Namespace) -> int:
     check_output_dir(out, "--out")
     _quiet_lightning()
     metrics, csv_path, png = evaluate(
-        args.checkpoint, args.data, args.seq_len, args.batch_size, args.batches, out_dir=out
+        args.checkpoint,
+        args.data,
+        args.seq_len,
+        args.batch_size,
+        args.batches,
+        out_dir=out,
+        no_ttt=args.no_ttt,
     )
     print(f"perplexity: {metrics['val_ppl']:.3f}  (loss {metrics['val_loss']:.4f} nats/byte, "
-          f"{int(metrics['tokens'])} tokens)")  # fmt: skip
+          f"{int(metrics['tokens'])} tokens in {int(metrics['windows'])} windows)")  # fmt: skip
     print(f"loss by position: {png} ({csv_path})")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from innerloop.config.load import check_output_dir
+    from innerloop.train.compare import compare, format_table, write_comparison
+
+    out = Path(args.out)
+    check_output_dir(out, "--out")
+    _quiet_lightning()
+    comparison = compare(
+        args.models, args.seq_len, args.baseline, args.data, args.batch_size, args.batches,
+        no_ttt=args.no_ttt, resamples=args.resamples, seed=args.seed,
+    )  # fmt: skip
+    csv_path, png, table = write_comparison(comparison, out)
+    windows = comparison.lengths[0].windows
+    print(f"{len(comparison.models)} models on the same {windows:,} windows: {comparison.windows_source}")
+    print(format_table(comparison), end="")
+    print(f"curves and differences: {png} ({csv_path}); table: {table}")
+    return 0
+
+
+def _params(args: argparse.Namespace) -> int:
+    from innerloop.config.load import load_config
+    from innerloop.models.params import count_config_parameters, size_to_budget
+
+    run, _ = load_config(args.config, args.overrides)
+    counts = count_config_parameters(run.model)
+    print(f"{args.config}: {counts.describe()}")
+    if args.budget is not None:
+        sized = size_to_budget(run.model, args.budget, args.adjust)
+        total = count_config_parameters(sized).total
+        print(
+            f"model.{args.adjust}={getattr(sized, args.adjust)}: {total:,} parameters "
+            f"({100 * (total - args.budget) / args.budget:+.1f}% of the budget {args.budget:,})"
+        )
     return 0
 
 
@@ -412,6 +588,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 _HANDLERS = {
     "train": _train,
     "eval": _eval,
+    "compare": _compare,
+    "params": _params,
     "generate": _generate,
     "convert": _convert,
     "plugins": _plugins,

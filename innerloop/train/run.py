@@ -6,7 +6,8 @@
 - ``last.safetensors``: the checkpoint (every ``trainer.checkpoint_every`` steps and at the end; see
   :class:`_SafetensorsModelCheckpoint` for when a new one replaces it);
 - ``.innerloop.lock``: the lock a run holds on its out_dir (:mod:`innerloop.train.run_dir`);
-- ``logs/version_<n>/metrics.csv``: what was logged, one folder per launch (Lightning's CSVLogger);
+- ``logs/version_<n>/metrics.csv``: what was logged, one folder per launch (Lightning's CSVLogger), with
+  ``tokens_seen``, ``wall_time`` and ``tokens_per_s`` in its rows (:mod:`innerloop.train.throughput`);
 - ``loss_by_position.csv`` and ``loss_by_position.png``: the final validation loss by position.
 
 ``evaluate`` (``innerloop eval``) writes its own ``eval_*.csv/.png`` beside them and never replaces these.
@@ -31,7 +32,8 @@ import io
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,7 @@ from innerloop.config.load import (
 from innerloop.config.schema import RunConfig
 from innerloop.data.atomic import atomic_write
 from innerloop.models import ModelConfig
+from innerloop.models.ablation import no_test_time_training
 from innerloop.train.checkpoint import (
     CHECKPOINT_SUFFIX,
     CheckpointError,
@@ -64,6 +67,7 @@ from innerloop.train.checkpoint import (
 )
 from innerloop.train.data import (
     IGNORE_INDEX,
+    Batch,
     DataError,
     FixedExamples,
     RecallDataModule,
@@ -82,6 +86,7 @@ from innerloop.train.run_dir import (
     remove_previous_run,
     remove_stale_temporaries,
 )
+from innerloop.train.throughput import TrainingThroughput
 
 CHECKPOINT_NAME = "last"
 
@@ -300,7 +305,7 @@ def _train_in_locked_dir(
     if resume:
         _check_resume(run, module, ckpt)
     datamodule = build_datamodule(run)
-    trainer = build_trainer(run, callbacks)
+    trainer = build_trainer(run, [TrainingThroughput(), *callbacks])  # parameter counts, tokens/s
     if replace_previous:
         remove_previous_run(out_dir)
     if run.trainer.threads > 0:
@@ -412,19 +417,114 @@ def _last_checkpoint_note(ckpt: Path, run: RunConfig) -> str:
 
 DEFAULT_EVAL_SEQ_LEN = 128
 """Window length of an evaluation of a checkpoint that does not record its training seq_len."""
+DEFAULT_EVAL_BATCH_SIZE, DEFAULT_EVAL_BATCHES = 16, 8
+"""Windows per batch, and batches, of an evaluation that has no run's validation to follow."""
+
+
+@dataclass
+class EvaluationWindows:
+    """The windows an evaluation reads: ``inputs [N, T]``, ``targets [N, T]``; ``tag`` names the data
+    in output files (see :func:`evaluation_stem`), ``source`` says in words where they come from."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    batch_size: int
+    tag: str
+    source: str
+
+
+def run_of_checkpoint(checkpoint: str | Path, model: dict[str, Any]) -> RunConfig | None:
+    """The run that wrote ``checkpoint``: the ``config.yaml`` beside it when it reads and describes the
+    checkpoint's model (``model``, its hyperparameters' model config); else None (a checkpoint copied
+    elsewhere, or next to another run's config)."""
+    saved = Path(checkpoint).parent / "config.yaml"
+    if not saved.is_file():
+        return None
+    try:
+        run, _ = load_config(str(saved))
+        ours = flatten_config(ModelConfig.from_dict(model), "model.")
+    except (ConfigError, ValueError, TypeError, OSError):
+        return None
+    return run if flatten_config(run.model, "model.") == ours else None
+
+
+def validation_examples(run: RunConfig, seq_len: int | None = None, count: int | None = None) -> Batch:
+    """What ``run``'s validation reads (its DataModule's validation examples); with ``seq_len``, windows
+    of that length over the same held-out data; with ``count``, that many windows instead of the
+    run's ``val_batches * batch_size`` (text: spread over the held-out data the same way; recall: the
+    first ``count`` of the same sequences)."""
+    data = run.data
+    if seq_len is not None and seq_len != build_datamodule(run).seq_len:
+        if data.name != "text":
+            raise ConfigError(
+                f"seq_len={seq_len}: the {data.name!r} task's sequences have a fixed length "
+                f"({build_datamodule(run).seq_len}); evaluate it without --seq-len"
+            )
+        data = replace(data, seq_len=seq_len)
+    if count is not None:
+        data = replace(data, batch_size=count, val_batches=1)
+    datamodule = build_datamodule(replace(run, data=data))
+    datamodule.setup("validate")
+    return datamodule.make_val_examples()
+
+
+def evaluation_windows(
+    checkpoint: str | Path,
+    module: LanguageModelModule,
+    paths: Sequence[str],
+    seq_len: int,
+    batch_size: int | None = None,
+    batches: int | None = None,
+) -> EvaluationWindows:
+    """The windows ``innerloop eval`` reads: ``paths`` when given; else the validation windows of the
+    run that wrote ``checkpoint`` (:func:`run_of_checkpoint`, :func:`validation_examples`: exactly the
+    windows its validation scored, unless ``seq_len`` or the number of windows differ); else, for a
+    checkpoint without its run's config, the default corpus's held-out split. ``batches * batch_size``
+    windows when ``batches`` is given (else the run's number of validation windows, or 8 batches);
+    ``batch_size`` defaults to the run's (or 16)."""
+    run = None if paths else run_of_checkpoint(checkpoint, module.hparams["model"])
+    if run is not None:  # the run's own number of windows unless batches is given
+        batch_size = batch_size or run.data.batch_size
+        count = None if batches is None else batch_size * batches
+        inputs, targets = validation_examples(run, seq_len, count)
+        return EvaluationWindows(
+            inputs, targets, batch_size, _run_data_tag(run), "the run's validation windows"
+        )
+    batch_size = batch_size or DEFAULT_EVAL_BATCH_SIZE
+    inputs, targets = evaluation_examples(paths, seq_len, batch_size * (batches or DEFAULT_EVAL_BATCHES))
+    source = (
+        "the given files"
+        if paths
+        else "the default corpus's held-out split (no config.yaml of this run beside the checkpoint)"
+    )
+    return EvaluationWindows(inputs, targets, batch_size, _data_tag(paths), source)
+
+
+def _run_data_tag(run: RunConfig) -> str:
+    """``default-val`` for a run on the default corpus's usual split (the windows ``evaluation_examples``
+    gives too), else ``<data.name>-val-<hash of the data config>``."""
+    data = run.data
+    if data.name == "text" and not data.paths and data.val_fraction == TextDataModule().val_fraction:
+        return "default-val"
+    varying = {"data.seq_len", "data.batch_size", "data.val_batches"}  # in the name as T and n
+    settings = {k: v for k, v in flatten_config(data, "data.").items() if k not in varying}
+    return f"{data.name}-val-{hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()[:8]}"
 
 
 def evaluate(
     checkpoint: str | Path,
     paths: Sequence[str] = (),
     seq_len: int | None = None,
-    batch_size: int = 16,
-    batches: int = 8,
+    batch_size: int | None = None,
+    batches: int | None = None,
     out_dir: str | Path | None = None,
     progress_bar: bool = True,
+    no_ttt: bool = False,
 ) -> tuple[dict[str, Any], Path | None, Path | None]:
-    """Perplexity and loss by position of a checkpoint on text (``paths``, or the default corpus's
-    validation split). ``seq_len`` defaults to the training one. Returns ``(metrics, csv, png)``.
+    """Perplexity and loss by position of a checkpoint, on :func:`evaluation_windows` (by default the
+    windows its run's validation read). ``seq_len`` defaults to the training one. With ``no_ttt``, the
+    same weights with test-time training off (:func:`~innerloop.models.ablation.no_test_time_training`).
+    Returns ``(metrics, csv, png)``; ``metrics`` also has ``tokens`` (scored) and ``windows``.
 
     When ``out_dir`` is given, writes ``eval_<checkpoint>_<data>_T<seq_len>_n<windows>.csv`` and
     ``.png`` there (see :func:`evaluation_stem`): named after what was evaluated, so evaluations of other
@@ -436,7 +536,38 @@ def evaluate(
     module = load_module(checkpoint)
     if seq_len is None:
         seq_len = _training_seq_len(module, checkpoint)
-    inputs, targets = evaluation_examples(paths, seq_len, batches * batch_size)
+    windows = evaluation_windows(checkpoint, module, paths, seq_len, batch_size, batches)
+    inputs, targets = windows.inputs, windows.targets
+    check_vocabulary(module, inputs, targets)
+    loader = DataLoader(FixedExamples(inputs, targets), batch_size=windows.batch_size, shuffle=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=progress_bar, enable_model_summary=False,
+    )  # fmt: skip
+    with no_test_time_training(module.model) if no_ttt else nullcontext(1) as switched:
+        if not switched:
+            raise ConfigError(
+                f"no_ttt (--no-ttt): {str(checkpoint)!r} has no test-time training to switch off "
+                f"(model.mixer={module.model.config.mixer!r})"
+            )
+        results = trainer.validate(module, dataloaders=loader, verbose=False)[0]
+    metrics = {k: float(v) for k, v in results.items()}
+    metrics["tokens"] = float((targets != IGNORE_INDEX).sum())
+    metrics["windows"] = float(len(inputs))
+    if out_dir is None:
+        return metrics, None, None
+    buckets = position_buckets(seq_len, module.hparams.num_position_buckets)
+    losses = [metrics[f"val_loss_pos/{b}"] for b in range(len(buckets))]
+    stem = evaluation_stem(checkpoint_identity(checkpoint), paths, seq_len, len(inputs), windows.tag, no_ttt)
+    csv_path = write_loss_by_position_csv(Path(out_dir) / f"{stem}.csv", buckets, losses)
+    ablation = ", test-time training off" if no_ttt else ""
+    title = f"{Path(checkpoint).name} on {windows.tag}, T={seq_len}{ablation}: loss by position"
+    png = plot_loss_by_position(Path(out_dir) / f"{stem}.png", buckets, losses, title=title)
+    return metrics, csv_path, png
+
+
+def check_vocabulary(module: LanguageModelModule, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """Raise :class:`DataError` when the windows hold a token the model's vocabulary does not."""
     vocab_size = module.model.config.vocab_size
     largest = max(int(inputs.max()), int(targets.max()))  # bytes 0..255 (targets' ignored ones are < 0)
     if largest >= vocab_size:
@@ -444,34 +575,29 @@ def evaluate(
             f"the data has token {largest}, but the model's vocabulary has {vocab_size} tokens "
             f"(0..{vocab_size - 1}): this model cannot read these bytes"
         )
-    loader = DataLoader(FixedExamples(inputs, targets), batch_size=batch_size, shuffle=False)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=progress_bar, enable_model_summary=False,
-    )  # fmt: skip
-    metrics = {k: float(v) for k, v in trainer.validate(module, dataloaders=loader, verbose=False)[0].items()}
-    metrics["tokens"] = float((targets != IGNORE_INDEX).sum())
-    if out_dir is None:
-        return metrics, None, None
-    buckets = position_buckets(seq_len, module.hparams.num_position_buckets)
-    losses = [metrics[f"val_loss_pos/{b}"] for b in range(len(buckets))]
-    stem = evaluation_stem(checkpoint_identity(checkpoint), paths, seq_len, len(inputs))
-    csv_path = write_loss_by_position_csv(Path(out_dir) / f"{stem}.csv", buckets, losses)
-    title = f"{Path(checkpoint).name} on {_data_tag(paths)}, T={seq_len}: loss by position"
-    png = plot_loss_by_position(Path(out_dir) / f"{stem}.png", buckets, losses, title=title)
-    return metrics, csv_path, png
 
 
-def evaluation_stem(checkpoint_id: str, paths: Sequence[str], seq_len: int, windows: int) -> str:
+def evaluation_stem(
+    checkpoint_id: str,
+    paths: Sequence[str],
+    seq_len: int,
+    windows: int,
+    data_tag: str | None = None,
+    no_ttt: bool = False,
+) -> str:
     """File name (without suffix) of an evaluation's outputs:
-    ``eval_<checkpoint>_<data>_T<seq_len>_n<windows>``, e.g. ``eval_last-1a2b3c4d_default-val_T32_n16``.
+    ``eval_<checkpoint>_<data>_T<seq_len>_n<windows>``, e.g. ``eval_last-1a2b3c4d_default-val_T32_n16``,
+    with ``_no-ttt`` at the end for an evaluation with test-time training off.
 
     ``<checkpoint>`` is :func:`~innerloop.train.checkpoint.checkpoint_identity` (file stem and content
     checksum prefix: two checkpoints never share a name, and evaluating the same one with the same
-    settings again rewrites only its own file). ``<data>`` is ``default-val`` for the default corpus's validation split, else the first file's
-    name and a short hash of all the files evaluated (so other files of the same name differ).
+    settings again rewrites only its own file). ``<data>`` is ``data_tag`` when given (the run's
+    validation data, see :func:`evaluation_windows`), ``default-val`` for the default corpus's
+    validation split, else the first file's name and a short hash of all the files evaluated (so other
+    files of the same name differ).
     """
-    return f"eval_{checkpoint_id}_{_data_tag(paths)}_T{seq_len}_n{windows}"
+    tag = data_tag if data_tag is not None else _data_tag(paths)
+    return f"eval_{checkpoint_id}_{tag}_T{seq_len}_n{windows}{'_no-ttt' if no_ttt else ''}"
 
 
 def _data_tag(paths: Sequence[str]) -> str:

@@ -1,0 +1,382 @@
+"""``innerloop compare``: several checkpoints on exactly the same windows, side by side.
+
+:func:`compare` evaluates every model on the same windows (by default the baseline run's validation
+windows, see :func:`innerloop.train.run.evaluation_windows`), at one or more lengths, and reports
+
+- the loss by position of each model, and each model's difference to the baseline with a confidence
+  band: a paired bootstrap over windows (:func:`bootstrap_difference`, seeded), since every model
+  read the same windows;
+- a table: parameters, tokens trained, training tokens/s (from the checkpoint's
+  :class:`~innerloop.train.throughput.TrainingThroughput` counters) and perplexity at each length.
+
+:func:`write_comparison` writes ``compare-<id>.csv`` (curves, differences and bands), ``.png`` (the
+curves overlaid and, below, the differences with their bands) and ``.md`` (the table), atomically;
+``<id>`` is a hash of what was compared, so other comparisons in the same folder are never replaced.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from innerloop.config.load import ConfigError
+from innerloop.data.atomic import atomic_write, atomic_write_text
+from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
+from innerloop.models.params import count_parameters
+from innerloop.train.checkpoint import CHECKPOINT_SUFFIX, checkpoint_identity, load_checkpoint
+from innerloop.train.data import IGNORE_INDEX
+from innerloop.train.metrics import position_buckets
+from innerloop.train.module import LanguageModelModule, load_module
+from innerloop.train.run import (
+    DEFAULT_EVAL_SEQ_LEN,
+    check_vocabulary,
+    checkpoint_path,
+    evaluation_windows,
+)
+
+DEFAULT_RESAMPLES = 1000
+"""Bootstrap resamples of the windows."""
+DEFAULT_BUCKETS = 16
+"""Position buckets of the loss-by-position curves."""
+
+
+@dataclass
+class ComparedModel:
+    """One model of a comparison and what is known of its training."""
+
+    name: str
+    checkpoint: Path
+    module: LanguageModelModule = field(repr=False)
+    parameters: int
+    tokens_trained: int | None
+    tokens_per_s: float | None
+    no_ttt: bool = False
+
+
+@dataclass
+class LengthResult:
+    """Every model at one window length: per-window loss sums and token counts per bucket."""
+
+    seq_len: int
+    buckets: list[tuple[int, int]]
+    loss_sums: torch.Tensor  # [M, W, K] float64: each model's summed token loss per window and bucket
+    counts: torch.Tensor  # [W, K] float64: scored tokens per window and bucket (the same for every model)
+    windows: int
+
+    def perplexity(self, model: int) -> float:
+        return math.exp(float(self.loss_sums[model].sum() / self.counts.sum()))
+
+    def curve(self, model: int) -> torch.Tensor:
+        """Mean loss per bucket ``[K]`` (NaN for a bucket without scored tokens)."""
+        return self.loss_sums[model].sum(0) / self.counts.sum(0)
+
+
+@dataclass
+class Comparison:
+    """The result of :func:`compare`; ``bands[seq_len][m]`` is model ``m``'s (mean, low, high) difference
+    to the baseline per bucket."""
+
+    models: list[ComparedModel]
+    baseline: int
+    lengths: list[LengthResult]
+    bands: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+    confidence: float
+    resamples: int
+    seed: int
+    windows_source: str
+
+
+def bootstrap_difference(
+    differences: torch.Tensor,
+    counts: torch.Tensor,
+    resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean per-token difference per bucket and its percentile bootstrap band over windows.
+
+    Args:
+        differences: ``[W, K]`` per window and bucket, the model's summed token loss minus the
+            baseline's on the same tokens.
+        counts: ``[W, K]`` scored tokens per window and bucket.
+        resamples: bootstrap resamples; each draws ``W`` windows with replacement (one
+            ``torch.randint(W, (resamples, W))`` from a generator seeded with ``seed``).
+        confidence: the band's coverage, in (0, 1).
+
+    Returns ``(mean [K], low [K], high [K])``: ``mean`` is ``sum(differences) / sum(counts)`` over all
+    windows, ``low``/``high`` the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles
+    (``torch.quantile``, linear) of the same ratio over the resamples. NaN where a bucket has no tokens.
+    """
+    if differences.shape != counts.shape or differences.dim() != 2 or differences.shape[0] < 1:
+        raise ValueError(
+            f"differences and counts must both be [windows >= 1, buckets], got {tuple(differences.shape)} "
+            f"and {tuple(counts.shape)}"
+        )
+    if resamples < 1 or not 0 < confidence < 1:
+        raise ValueError(f"resamples={resamples} must be >= 1 and confidence={confidence} in (0, 1)")
+    differences, counts = differences.double(), counts.double()
+    mean = differences.sum(0) / counts.sum(0)
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(differences.shape[0], (resamples, differences.shape[0]), generator=generator)
+    resampled = differences[picks].sum(1) / counts[picks].sum(1)  # [R, K]
+    tail = (1 - confidence) / 2
+    low, high = torch.quantile(resampled, torch.tensor([tail, 1 - tail], dtype=torch.float64), dim=0)
+    return mean, low, high
+
+
+def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
+    """A run folder's ``last.safetensors``, or the checkpoint file given; a clear error otherwise."""
+    path = Path(run_or_checkpoint)
+    if path.is_dir():
+        path = checkpoint_path(path)
+        if not path.is_file():
+            raise ConfigError(f"{str(run_or_checkpoint)!r} is a folder without a checkpoint ({path.name})")
+    elif not path.is_file():
+        raise ConfigError(
+            f"{str(run_or_checkpoint)!r} is neither a run folder nor a checkpoint file (*{CHECKPOINT_SUFFIX})"
+        )
+    return path
+
+
+def load_compared_model(path: Path, name: str, no_ttt: bool) -> ComparedModel:
+    """The model in ``path`` and its training counters (None where the checkpoint has none)."""
+    module = load_module(path)
+    counters = next(
+        (
+            s
+            for k, s in load_checkpoint(path).get("callbacks", {}).items()
+            if k.startswith("TrainingThroughput")
+        ),
+        None,
+    )
+    tokens, per_s = None, None
+    if isinstance(counters, dict) and "tokens_seen" in counters:
+        tokens = int(counters["tokens_seen"])
+        seconds = float(counters.get("train_seconds", 0.0))
+        per_s = tokens / seconds if seconds > 0 else None
+    total = count_parameters(module.model).total
+    return ComparedModel(name, path, module, total, tokens, per_s, no_ttt)
+
+
+def model_names(paths: Sequence[Path]) -> list[str]:
+    """A short distinct name per checkpoint: its run folder's name (with the file's stem when that is
+    not ``last``), numbered when two are the same."""
+    names = [p.parent.name if p.stem == "last" else f"{p.parent.name}/{p.stem}" for p in paths]
+    return [f"{n} ({names[:i].count(n) + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+@torch.no_grad()
+def token_losses(
+    module: LanguageModelModule, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int
+) -> torch.Tensor:
+    """Next-token loss of every target, ``[W, T]`` float64 (0 where the target is ignored)."""
+    pieces = []
+    for start in range(0, inputs.shape[0], batch_size):
+        logits = module(inputs[start : start + batch_size]).double()  # [b, T, V]
+        pieces.append(
+            F.cross_entropy(
+                logits.transpose(1, 2), targets[start : start + batch_size], ignore_index=IGNORE_INDEX,
+                reduction="none",
+            )
+        )  # fmt: skip
+    return torch.cat(pieces)
+
+
+def bucket_sums(values: torch.Tensor, buckets: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """``values [W, T]`` summed within each position bucket: ``[W, K]``."""
+    return torch.stack([values[:, start:end].sum(1) for start, end in buckets], dim=1)
+
+
+def _baseline_index(
+    baseline: str | None, names: list[str], given: Sequence[str | Path], paths: list[Path]
+) -> int:
+    """Which model is the baseline: ``baseline`` matches its name, its argument or its checkpoint path
+    (the first model when None)."""
+    if baseline is None:
+        return 0
+    for i, (name, arg, path) in enumerate(zip(names, given, paths, strict=True)):
+        if baseline in (name, str(arg), str(path)) or Path(baseline).resolve() in (
+            Path(arg).resolve(),
+            path.resolve(),
+        ):
+            return i
+    raise ConfigError(f"--baseline {baseline!r} is none of the models compared; their names: {names}")
+
+
+def _evaluate_length(
+    models: list[ComparedModel],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    batch_size: int,
+    num_buckets: int,
+) -> LengthResult:
+    """Every model on the same windows ``inputs, targets [W, T]``."""
+    buckets = position_buckets(inputs.shape[1], num_buckets)
+    counts = bucket_sums((targets != IGNORE_INDEX).double(), buckets)  # [W, K]
+    sums = []
+    for model in models:
+        check_vocabulary(model.module, inputs, targets)
+        with no_test_time_training(model.module.model) if model.no_ttt else nullcontext():
+            sums.append(bucket_sums(token_losses(model.module, inputs, targets, batch_size), buckets))
+    return LengthResult(inputs.shape[1], buckets, torch.stack(sums), counts, inputs.shape[0])
+
+
+def compare(
+    runs_or_checkpoints: Sequence[str | Path],
+    seq_lens: Sequence[int] | None = None,
+    baseline: str | None = None,
+    paths: Sequence[str] = (),
+    batch_size: int | None = None,
+    batches: int | None = None,
+    no_ttt: bool = False,
+    resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Comparison:
+    """Evaluate every model on the same windows at each length of ``seq_lens`` (default: the baseline's
+    training length); see the module docstring. The windows are the baseline's
+    :func:`~innerloop.train.run.evaluation_windows` (``paths``, ``batch_size`` and ``batches`` as in
+    ``innerloop eval``). ``no_ttt`` switches test-time training off in every model that has it."""
+    if not runs_or_checkpoints:
+        raise ConfigError("compare needs at least one run folder or checkpoint")
+    if seq_lens is not None and (not seq_lens or min(seq_lens) < 1):
+        raise ConfigError(f"--seq-len must be one or more integers >= 1, got {list(seq_lens)}")
+    checkpoints = [resolve_checkpoint(p) for p in runs_or_checkpoints]
+    names = model_names(checkpoints)
+    base = _baseline_index(baseline, names, runs_or_checkpoints, checkpoints)
+    models = [load_compared_model(path, name, no_ttt) for path, name in zip(checkpoints, names, strict=True)]
+    if no_ttt:
+        _mark_no_ttt(models)
+    reference = models[base]
+    seq_lens = list(
+        dict.fromkeys(seq_lens or [reference.module.hparams.get("seq_len") or DEFAULT_EVAL_SEQ_LEN])
+    )
+    results, bands, source = [], {}, ""
+    for seq_len in seq_lens:
+        windows = evaluation_windows(
+            reference.checkpoint, reference.module, paths, seq_len, batch_size, batches
+        )
+        num_buckets = reference.module.hparams.get("num_position_buckets", DEFAULT_BUCKETS)
+        result = _evaluate_length(models, windows.inputs, windows.targets, windows.batch_size, num_buckets)
+        results.append(result)
+        differences = result.loss_sums - result.loss_sums[base]  # [M, W, K]
+        bands[seq_len] = [
+            bootstrap_difference(d, result.counts, resamples, confidence, seed) for d in differences
+        ]
+        source = f"{windows.source} ({windows.tag}) of {reference.name}"
+    return Comparison(models, base, results, bands, confidence, resamples, seed, source)
+
+
+def _mark_no_ttt(models: list[ComparedModel]) -> None:
+    """Keep ``no_ttt`` only on models that learn at test time (named ``... (no TTT)``); refuse when none does."""
+    from_ablation = [bool(modules_learning_at_test_time(m.module.model)) for m in models]
+    if not any(from_ablation):
+        raise ConfigError("--no-ttt: none of the models compared has test-time training to switch off")
+    for model, has_ttt in zip(models, from_ablation, strict=True):
+        model.no_ttt = has_ttt
+        if has_ttt:
+            model.name = f"{model.name} (no TTT)"
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs: the table, the CSV, the PNG
+# --------------------------------------------------------------------------------------------------
+
+
+def _number(value: float | int | None, digits: int = 0) -> str:
+    return "?" if value is None else f"{value:,.{digits}f}"
+
+
+def format_table(comparison: Comparison) -> str:
+    """The comparison's table in Markdown: parameters, tokens trained, tokens/s, perplexity per length."""
+    lengths = comparison.lengths
+    header = ["model", "params", "tokens trained", "tok/s", *(f"ppl @{r.seq_len}" for r in lengths)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for m, model in enumerate(comparison.models):
+        name = f"{model.name} (baseline)" if m == comparison.baseline else model.name
+        cells = [name, _number(model.parameters), _number(model.tokens_trained), _number(model.tokens_per_s)]
+        cells += [f"{r.perplexity(m):.3f}" for r in lengths]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_id(comparison: Comparison) -> str:
+    """8 hex digits naming what was compared (checkpoints, settings, windows), for file names."""
+    parts = [checkpoint_identity(m.checkpoint) + m.name for m in comparison.models]
+    parts += [f"{r.seq_len}x{r.windows}" for r in comparison.lengths]
+    parts += [comparison.windows_source, str(comparison.baseline), str(comparison.resamples)]
+    parts += [str(comparison.seed), str(comparison.confidence)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
+
+
+def comparison_csv(comparison: Comparison) -> str:
+    """One row per model, length and position bucket: the loss, the difference to the baseline and its
+    bootstrap band."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(
+        ["model", "checkpoint", "seq_len", "windows", "start", "end", "loss", "diff", "diff_low", "diff_high"]
+    )
+    for result in comparison.lengths:
+        for m, model in enumerate(comparison.models):
+            mean, low, high = comparison.bands[result.seq_len][m]
+            curve = result.curve(m)
+            for b, (start, end) in enumerate(result.buckets):
+                values = (float(curve[b]), float(mean[b]), float(low[b]), float(high[b]))
+                writer.writerow([model.name, str(model.checkpoint), result.seq_len, result.windows, start, end,
+                                 *(f"{v:.6f}" for v in values)])  # fmt: skip
+    return text.getvalue()
+
+
+def plot_comparison(path: str | Path, comparison: Comparison) -> Path:
+    """The loss-by-position curves of every model overlaid (top) and each model's difference to the
+    baseline with its band (bottom), at the longest length compared."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    result = max(comparison.lengths, key=lambda r: r.seq_len)
+    middles = [(start + end - 1) / 2 for start, end in result.buckets]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True, height_ratios=(3, 2))
+    base = comparison.models[comparison.baseline].name
+    for m, model in enumerate(comparison.models):
+        (line,) = top.plot(middles, result.curve(m).tolist(), marker="o", markersize=3, label=model.name)
+        mean, low, high = comparison.bands[result.seq_len][m]
+        if m != comparison.baseline:
+            bottom.plot(middles, mean.tolist(), color=line.get_color(), label=model.name)
+            bottom.fill_between(middles, low.tolist(), high.tolist(), color=line.get_color(), alpha=0.2)
+    bottom.axhline(0.0, color="black", linewidth=0.8)
+    top.set_ylabel("loss (nats per token)")
+    top.set_title(f"loss by position, T={result.seq_len}, {result.windows} windows")
+    top.legend(fontsize=8)
+    bottom.set_ylabel(f"minus {base}")
+    bottom.set_xlabel("position in the context (bucket middle)")
+    bottom.set_title(
+        f"difference to the baseline, {comparison.confidence:.0%} bootstrap band over windows", fontsize=9
+    )
+    for ax in (top, bottom):
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+
+
+def write_comparison(comparison: Comparison, out_dir: str | Path) -> tuple[Path, Path, Path]:
+    """``compare-<id>.csv``, ``.png`` and ``.md`` (the table) in ``out_dir``, written atomically."""
+    stem = Path(out_dir) / f"compare-{comparison_id(comparison)}"
+    csv_path = atomic_write_text(stem.with_suffix(".csv"), comparison_csv(comparison))
+    png = plot_comparison(stem.with_suffix(".png"), comparison)
+    table = atomic_write_text(stem.with_suffix(".md"), format_table(comparison))
+    return csv_path, png, table

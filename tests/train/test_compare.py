@@ -1,0 +1,186 @@
+"""innerloop compare (same windows for every model, the bootstrap band, its files), innerloop eval on
+the run's own validation windows, and --no-ttt in both."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+
+from innerloop.cli import main
+from innerloop.config.load import ConfigError, load_config, save_config
+from innerloop.train import compare as compare_module
+from innerloop.train.checkpoint import save_checkpoint
+from innerloop.train.compare import bootstrap_difference, compare, format_table, write_comparison
+from innerloop.train.data import TextDataModule
+from innerloop.train.module import LanguageModelModule
+from innerloop.train.run import evaluate, validation_examples
+
+SEQ_LEN, BATCH, VAL_BATCHES = 16, 3, 2
+MODEL = {"hidden_size": 16, "num_heads": 2, "num_layers": 2, "intermediate_size": 32}
+TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(120))
+
+
+def _run(tmp_path: Path, name: str, mixer: str, seed: int) -> Path:
+    """A run folder as `innerloop train` leaves it (config.yaml and an untrained last.safetensors)."""
+    corpus = tmp_path / "corpus.py"
+    corpus.write_text(TEXT)
+    out = tmp_path / name
+    overrides = [f"model.{k}={v}" for k, v in MODEL.items()] + [
+        f"model.mixer={mixer}", "model.window=4", "model.ttt.mini_batch_size=4", f"data.paths=[{corpus}]",
+        f"data.seq_len={SEQ_LEN}", f"data.batch_size={BATCH}", f"data.val_batches={VAL_BATCHES}",
+        "trainer.num_position_buckets=4", f"out_dir={out}",
+    ]  # fmt: skip
+    run, cfg = load_config("tiny", overrides)
+    torch.manual_seed(seed)
+    module = LanguageModelModule(model=asdict(run.model), seq_len=SEQ_LEN, num_position_buckets=4)
+    tree = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 0}
+    save_checkpoint(tree, out / "last.safetensors")
+    save_config(cfg, out / "config.yaml")
+    return out
+
+
+@pytest.fixture
+def runs(tmp_path) -> list[Path]:
+    return [_run(tmp_path, "ttt", "ttt", 0), _run(tmp_path, "swa", "swa", 1)]
+
+
+def test_every_model_reads_the_same_windows_the_run_validated_on(runs, monkeypatch) -> None:
+    seen: list[torch.Tensor] = []
+    real = compare_module.token_losses
+
+    def record(module, inputs, targets, batch_size):
+        seen.append(inputs.clone())
+        return real(module, inputs, targets, batch_size)
+
+    monkeypatch.setattr(compare_module, "token_losses", record)
+    comparison = compare(runs, seq_lens=[SEQ_LEN, 24])
+    assert len(seen) == 4  # two models at two lengths
+    run, _ = load_config(str(runs[0] / "config.yaml"))
+    datamodule = TextDataModule(run.data.paths, SEQ_LEN, BATCH, run.data.val_fraction, VAL_BATCHES, run.seed)
+    datamodule.setup()
+    validation = datamodule.make_val_examples()[0]  # what the run's validation reads
+    assert validation.shape == (VAL_BATCHES * BATCH, SEQ_LEN)
+    assert torch.equal(seen[0], validation) and torch.equal(seen[1], validation)
+    assert torch.equal(seen[2], seen[3]) and seen[2].shape == (VAL_BATCHES * BATCH, 24)
+    assert torch.equal(seen[2], validation_examples(run, 24)[0])
+    # And eval, by default, on the same windows: the same loss as compare's.
+    metrics, _, _ = evaluate(runs[0] / "last.safetensors", progress_bar=False)
+    assert metrics["tokens"] == VAL_BATCHES * BATCH * SEQ_LEN
+    assert metrics["val_ppl"] == pytest.approx(comparison.lengths[0].perplexity(0), rel=1e-5)
+
+
+def test_the_bootstrap_band_matches_a_direct_computation() -> None:
+    windows, buckets, resamples, seed = 40, 3, 500, 7
+    rng = np.random.default_rng(0)
+    counts = rng.integers(5, 15, size=(windows, buckets)).astype(float)
+    per_token = 0.3 + rng.normal(0, 0.5, size=(windows, buckets))  # known per-window differences
+    differences = per_token * counts
+    mean, low, high = bootstrap_difference(
+        torch.tensor(differences), torch.tensor(counts), resamples, 0.9, seed
+    )
+    # The same draws, resample by resample, in numpy.
+    picks = torch.randint(
+        windows, (resamples, windows), generator=torch.Generator().manual_seed(seed)
+    ).numpy()
+    ratios = np.array([differences[p].sum(0) / counts[p].sum(0) for p in picks])  # [R, K]
+    np.testing.assert_allclose(mean.numpy(), differences.sum(0) / counts.sum(0), rtol=1e-12)
+    np.testing.assert_allclose(low.numpy(), np.quantile(ratios, 0.05, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(high.numpy(), np.quantile(ratios, 0.95, axis=0), rtol=1e-12)
+    assert (low < mean).all() and (mean < high).all()
+    # Identical models differ by exactly zero, with a zero-width band.
+    zero = bootstrap_difference(torch.zeros(windows, buckets), torch.tensor(counts))
+    assert all(torch.equal(t, torch.zeros(buckets, dtype=torch.float64)) for t in zero)
+
+
+def test_the_bootstrap_band_covers_the_true_difference_about_as_often_as_it_says() -> None:
+    rng = np.random.default_rng(1)
+    trials, covered = 300, 0
+    for trial in range(trials):
+        per_window = 0.2 + rng.normal(0, 1.0, size=(30, 1))  # true mean difference 0.2 per token
+        _, low, high = bootstrap_difference(torch.tensor(per_window), torch.ones(30, 1), 400, 0.9, seed=trial)
+        covered += bool(low[0] <= 0.2 <= high[0])
+    assert 0.82 <= covered / trials <= 0.96  # a 90% band (percentile bootstrap runs a little narrow)
+
+
+def test_bootstrap_refuses_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="must both be \\[windows >= 1, buckets\\]"):
+        bootstrap_difference(torch.zeros(4, 2), torch.ones(4, 3))
+    with pytest.raises(ValueError, match="confidence=1.5"):
+        bootstrap_difference(torch.zeros(4, 2), torch.ones(4, 2), confidence=1.5)
+
+
+def test_cli_compare_writes_the_csv_png_and_table(runs, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    assert (
+        main(["compare", *map(str, runs), "--baseline", "swa", "--out", str(out), "--resamples", "50"]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "2 models on the same 6 windows: the run's validation windows" in printed
+    assert "| swa (baseline) |" in printed and "| ttt |" in printed
+    files = sorted(p.name for p in out.iterdir())
+    assert [Path(f).suffix for f in files] == [".csv", ".md", ".png"]
+    with open(out / files[0], newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 2 * 4  # models x buckets
+    baseline_rows = [r for r in rows if r["model"] == "swa"]
+    assert all(float(r["diff"]) == float(r["diff_low"]) == float(r["diff_high"]) == 0 for r in baseline_rows)
+    ttt = [r for r in rows if r["model"] == "ttt"]
+    assert all(float(r["diff_low"]) <= float(r["diff"]) <= float(r["diff_high"]) for r in ttt)
+    assert (out / files[1]).read_text() in printed  # the table, as printed
+    assert matplotlib.image.imread(out / files[2]).shape[0] > 300
+
+
+def test_compare_refuses_what_it_cannot_compare(runs, tmp_path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"--baseline 'nope' is none of the models compared; their names: \['ttt', 'swa'\]"
+    ):
+        compare(runs, baseline="nope")
+    with pytest.raises(ConfigError, match="is neither a run folder nor a checkpoint file"):
+        compare([runs[0], tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="is a folder without a checkpoint"):
+        compare([tmp_path / "empty"])
+    with pytest.raises(ConfigError, match="none of the models compared has test-time training"):
+        compare([runs[1]], no_ttt=True)
+
+
+def test_no_ttt_in_compare_and_eval(runs, tmp_path, capsys) -> None:
+    comparison = compare(runs, no_ttt=True, resamples=20)
+    assert [m.name for m in comparison.models] == ["ttt (no TTT)", "swa"]  # swa has nothing to switch off
+    plain = compare(runs, resamples=20)
+    assert comparison.lengths[0].perplexity(0) != plain.lengths[0].perplexity(0)
+    assert comparison.lengths[0].perplexity(1) == plain.lengths[0].perplexity(1)
+    write_comparison(comparison, tmp_path / "c")
+    assert "ttt (no TTT) (baseline)" in format_table(comparison)
+
+    out = tmp_path / "eval"
+    assert main(["eval", str(runs[0] / "last.safetensors"), "--no-ttt", "--out", str(out)]) == 0
+    assert sorted(p.suffix for p in out.glob("*_no-ttt.*")) == [".csv", ".png"]
+    assert main(["eval", str(runs[1] / "last.safetensors"), "--no-ttt"]) == 2
+    assert "has no test-time training to switch off (model.mixer='swa')" in capsys.readouterr().err
+
+
+def test_eval_of_a_recall_run_reads_its_recall_validation(tmp_path) -> None:
+    out = tmp_path / "recall"
+    overrides = [f"model.{k}={v}" for k, v in MODEL.items()] + [
+        "data.recall.num_pairs=2", "data.recall.gap=4", "data.batch_size=3", "data.val_batches=2", f"out_dir={out}",
+    ]  # fmt: skip
+    run, cfg = load_config("recall-ttt", overrides)
+    module = LanguageModelModule(model=asdict(run.model), seq_len=11, num_position_buckets=4)
+    save_checkpoint(
+        {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)},
+        out / "last.safetensors",
+    )
+    save_config(cfg, out / "config.yaml")
+    inputs, targets = validation_examples(run)
+    metrics, _, _ = evaluate(out / "last.safetensors", progress_bar=False)
+    assert inputs.shape == (6, 4 * 2 + 4 - 1)
+    assert metrics["tokens"] == (targets >= 0).sum() == 6 * 2  # only the recalled values are scored
+    with pytest.raises(ConfigError, match="seq_len=50: the 'recall' task's sequences have a fixed length"):
+        evaluate(out / "last.safetensors", seq_len=50, progress_bar=False)

@@ -109,6 +109,31 @@ class TTTState:
             weights[key] = base - scale * self.pending[key]
         return weights
 
+    def scan_weights(self, tau: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The state as ``innerloop.ops.scan`` returns it: :meth:`current_weights` by name, plus
+        ``"momentum.<name>"`` for the momentum ``S`` when it is carried."""
+        momentum = {f"momentum.{k}": v for k, v in self.momentum.items()}
+        return {**self.current_weights(tau), **momentum}
+
+    def with_weights(self, weights: dict[str, torch.Tensor]) -> TTTState:
+        """This state with its inner weights (and momentum) replaced by ``weights``, as
+        :meth:`scan_weights` gives them (``innerloop.ops.scan``'s ``initial`` and its result): the
+        inverse of :meth:`scan_weights` at a mini-batch boundary, where a state is only weights."""
+        if self.offset != 0:
+            raise ValueError(
+                f"with_weights: the state is inside a mini-batch (position {self.position}, mini_batch_size "
+                f"{self.signature.mini_batch_size}); weights alone describe only a state at a boundary"
+            )
+        names = set(self.params) | {f"momentum.{k}" for k in self.params}
+        unknown = sorted(set(weights) - names)
+        missing = sorted(set(self.params) - set(weights))
+        if unknown or missing:
+            raise ValueError(f"weights: missing {missing}, unknown {unknown}; valid names: {sorted(names)}")
+        params = {k: weights[k] for k in self.params}
+        momentum = {k: weights[f"momentum.{k}"] for k in self.params if f"momentum.{k}" in weights}
+        pending = {k: torch.zeros_like(v) for k, v in params.items()}
+        return replace(self, params=params, pending=pending, momentum=momentum, decay={})
+
     def is_finite(self) -> bool:
         """False if any tensor of the state holds NaN or inf (e.g. after ``non_finite='ignore'``)."""
         return all(bool(torch.isfinite(t).all()) for t in self.tensors().values())

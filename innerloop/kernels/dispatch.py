@@ -122,6 +122,8 @@ def select_kernel(rule: UpdateRule, task: InnerTask, inputs: KernelInputs) -> tu
         if reason is not None:
             raise KernelUnavailableError(f"kernel={task.kernel!r} cannot run here: {reason}")
         return named[0], f"kernel {task.kernel!r} forced"
+    if not candidates:
+        return None, (f"torch: no kernel registered for ({task.model.name}, {task.loss.name}, {rule_name})")
     if fused_parts_off:
         return None, "torch: kernels fuse the inner residual and LayerNorm, which this layer turns off"
     refusals = []
@@ -131,8 +133,6 @@ def select_kernel(rule: UpdateRule, task: InnerTask, inputs: KernelInputs) -> tu
             refused = f" (refused before it: {'; '.join(refusals)})" if refusals else ""
             return kernel, f"kernel {kernel.name!r} verified{refused}"
         refusals.append(reason if reason.startswith(kernel.name) else f"{kernel.name}: {reason}")
-    if not candidates:
-        return None, (f"torch: no kernel registered for ({task.model.name}, {task.loss.name}, {rule_name})")
     return None, "torch: " + "; ".join(refusals)
 
 

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from innerloop import TTTLayer
+from innerloop import InnerModel, TTTLayer
 from innerloop.registry import get_registry
 from innerloop.testing import check_update_rule, make_problem, run_in_chunks, run_layer_in_chunks
 from innerloop.testing.checks import (
@@ -175,3 +175,24 @@ def test_the_kit_catches_a_rule_that_ignores_momentum():
 
     with pytest.raises(AssertionError, match=r"no_momentum \(linear, reconstruction, momentum\)"):
         check_update_rule(Forgetful())
+
+
+class PlainMatrix(InnerModel):
+    """``x @ W`` without a declared stack: the momentum rule runs it in the primal form."""
+
+    name = "plain_matrix"
+
+    def param_shapes(self, head_dim: int) -> dict[str, tuple[int, ...]]:
+        return {"W": (head_dim, head_dim)}
+
+    def init_params(self, num_heads: int, head_dim: int, generator: torch.Generator | None = None) -> dict:
+        return {"W": torch.zeros(num_heads, head_dim, head_dim)}
+
+    def forward(self, params, x: torch.Tensor) -> torch.Tensor:
+        return x @ params["W"]
+
+
+@pytest.mark.parametrize("rule", ["momentum", "minibatch_gd"])
+def test_a_model_without_a_stack_takes_decay_and_momentum_in_the_primal_form(rule):
+    registry = get_registry()
+    check_update_rule(registry.update_rule(rule), PlainMatrix(), registry.inner_loss("next_token"), tokens=9)

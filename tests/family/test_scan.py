@@ -207,3 +207,37 @@ def test_gradcheck_in_every_tensor_argument(inner_model, update_rule, options):
     assert torch.autograd.gradcheck(
         run, [*leaves, *initial_leaves], eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True
     )
+
+
+def test_kernels_refuse_decay_and_momentum_with_the_reason():
+    """The built-in fast paths do not forget: a decaying block runs on torch, each refusal recorded;
+    forcing one is an error naming decay; no kernel takes the momentum rule's state."""
+    from innerloop.core.protocol import InnerTask
+    from innerloop.core.scan import ChunkInputs
+    from innerloop.kernels.dispatch import KernelUnavailableError, kernel_inputs, select_kernel
+    from innerloop.registry import get_registry
+
+    given = tensors()
+    plain = {"q": given["q"], "k": given["k"], "v": given["v"], "lr": given["lr"], "mini_batch_size": 3}
+    dispatches: list[tuple[str, str]] = []
+    with torch.no_grad():
+        scan(**plain, decay=given["decay"], dispatches=dispatches)
+    assert dispatches and all(path == "torch" for path, _ in dispatches)
+    assert "fused_torch_linear: does not support decay (forgetting)" in dispatches[0][1]
+    with pytest.raises(KernelUnavailableError, match="does not support decay"), torch.no_grad():
+        scan(**plain, decay=given["decay"], kernel="fused_torch_linear")
+
+    registry = get_registry()
+    model, loss = registry.inner_model("linear"), registry.inner_loss("reconstruction")
+    task = InnerTask(model, loss, 3, given["norm_weight"], given["norm_bias"])
+    chunk = ChunkInputs(
+        given["q"][:, :, :6], given["k"][:, :, :6], given["v"][:, :, :6], given["lr"][:, :, :6]
+    )
+    params = {
+        "W1": torch.zeros(B, H, F, F, dtype=torch.float64),
+        "b1": torch.zeros(B, H, 1, F, dtype=torch.float64),
+    }
+    kernel, reason = select_kernel(
+        registry.update_rule("dual_form"), task, kernel_inputs(task, chunk, params, momentum=True)
+    )
+    assert kernel is None and "no kernel contract carries the momentum rule's state" in reason

@@ -191,7 +191,8 @@ def scan(
         decay: ``[B, H, T]`` forgetting ``1 - a_t`` of every inner weight (None: none).
         momentum: ``[B, H, T]`` the momentum ``m_t`` of update_rule ``"momentum"`` (None: 0).
         initial: weights by name, ``[B, H, *shape]`` or ``[H, *shape]``, at a mini-batch boundary,
-            plus ``"momentum.<name>"`` (``S``) for the momentum rule; None: zeros.
+            plus ``"momentum.<name>"`` (``S``) for the momentum rule; None: zeros. The inner loss
+            starts a sequence (``next_token``'s first token has no pair).
         norm_eps: the inner LayerNorm's epsilon.
         kernel: ``"auto"``, ``"torch"`` or a registered kernel's name, as in ``TTTLayer``.
         dispatches: a list that receives every fast-path decision ``(path, reason)``.

@@ -16,7 +16,13 @@ from hypothesis import strategies as st
 
 from innerloop import InnerModel, TTTLayer
 from innerloop.registry import get_registry
-from innerloop.testing import check_update_rule, make_problem, run_in_chunks, run_layer_in_chunks
+from innerloop.testing import (
+    check_inner_model,
+    check_update_rule,
+    make_problem,
+    run_in_chunks,
+    run_layer_in_chunks,
+)
 from innerloop.testing.checks import (
     FLOAT64_TOLERANCE,
     assert_close,
@@ -196,3 +202,8 @@ class PlainMatrix(InnerModel):
 def test_a_model_without_a_stack_takes_decay_and_momentum_in_the_primal_form(rule):
     registry = get_registry()
     check_update_rule(registry.update_rule(rule), PlainMatrix(), registry.inner_loss("next_token"), tokens=9)
+
+
+def test_the_matrix_model_conforms():
+    """forward = its declared stack, and every rule that takes it = the naive loop."""
+    check_inner_model(get_registry().inner_model("matrix"))

@@ -5,6 +5,7 @@
 >>> y, state = layer(torch.randn(2, 40, 64))
 """
 
+from innerloop import ops
 from innerloop.core import (
     Activation,
     AffineLayer,
@@ -58,6 +59,7 @@ __all__ = [
     "available",
     "get_registry",
     "hookimpl",
+    "ops",
     "register",
     "register_inner_loss",
     "register_inner_model",

@@ -38,6 +38,7 @@ LAYERS: tuple[str, ...] = (
     "data",
     "config",
     "train",
+    "ops",  # innerloop.ops: the public scan op, re-exported from core.ops
     "innerloop",  # the package's __init__: the public API, re-exported from the layers below
     "cli",
     "__main__",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from innerloop.core.layer import TTTLayer
+from innerloop.core.scan import run_scan
 
 
 def _weighted_loss(task, params: dict, pairs, weights: torch.Tensor) -> torch.Tensor:
@@ -32,6 +33,8 @@ def inner_loss_before_after(layer: TTTLayer, x: torch.Tensor) -> tuple[torch.Ten
     layer._check_input(x, None)
     state = layer.init_state(x.shape[0], like=x)
     views, lr, tau, _ = layer._read(x, state)
+    tau = tau if layer.update_rule.uses_token_scale else None
+    gates = layer.forgetting(x)  # (decay, momentum), each [B, H, T] or None
     task = layer.inner_task()
     mini_batch = layer.mini_batch_size
     totals_before = x.new_zeros(x.shape[0])
@@ -45,10 +48,11 @@ def inner_loss_before_after(layer: TTTLayer, x: torch.Tensor) -> tuple[torch.Ten
         weights = torch.broadcast_to(valid.to(x.dtype), lr[:, :, start:end].shape)  # [B, H, N]
 
         totals_before += _weighted_loss(task, state.params, pairs, weights)
-        _, state = layer.update_rule.forward(state, task, chunk_views, lr[:, :, start:end], tau)
-        last = (end - 1) % mini_batch
-        current = {k: state.params[k] - tau[last] * state.pending[k] for k in state.params}
-        totals_after += _weighted_loss(task, current, pairs, weights)
+        decay, momentum = (None if g is None else g[:, :, start:end] for g in gates)
+        _, state = run_scan(
+            layer.update_rule, state, task, chunk_views, lr[:, :, start:end], tau, decay, momentum
+        )
+        totals_after += _weighted_loss(task, state.current_weights(tau), pairs, weights)
         counts += weights.sum(dim=(1, 2))
     counts = counts.clamp_min(1.0)
     return totals_before / counts, totals_after / counts

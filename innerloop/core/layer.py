@@ -42,6 +42,7 @@ from innerloop.core.protocol import (
     Views,
     check_stack_on_random_weights,
 )
+from innerloop.core.scan import run_scan
 from innerloop.core.state import StateSignature, TTTState
 
 NON_FINITE_POLICIES = ("raise", "ignore")
@@ -159,7 +160,7 @@ def _check_unregistered_model(model: InnerModel, head_dim: int) -> None:
         )
 
 
-def _resolve_plugins(
+def resolve_plugins(
     inner_model: str | InnerModel,
     inner_loss: str | InnerLoss,
     update_rule: str | UpdateRule,
@@ -186,7 +187,7 @@ def check_layer_arguments(hidden_size: int, num_heads: int, **options: Any) -> N
     arguments = dict(bound.arguments)
     del arguments["self"]
     _check_arguments(arguments)
-    _resolve_plugins(
+    resolve_plugins(
         arguments["inner_model"],
         arguments["inner_loss"],
         arguments["update_rule"],
@@ -296,7 +297,7 @@ class TTTLayer(nn.Module):
         head_dim: int,
     ) -> None:
         """The plugin instances, checked to work together and with the kernel named (if any)."""
-        self.inner_model, self.inner_loss, self.update_rule = _resolve_plugins(
+        self.inner_model, self.inner_loss, self.update_rule = resolve_plugins(
             inner_model, inner_loss, update_rule, kernel, head_dim
         )
         # What the state records about the model and loss: their names, qualified by their class
@@ -443,6 +444,7 @@ class TTTLayer(nn.Module):
             wanted = {k: (batch_size, self.num_heads, *shape) for k, shape in shapes.items()}
             if given != wanted:
                 raise ValueError(f"state.{group} must have the shapes {wanted}, got {given}")
+        self._check_rule_state(state, batch_size, shapes)
         history = state.conv_history.get("shared_qk")
         wanted_history = (batch_size, self.conv_kernel - 1, self.hidden_size)
         if self.share_qk and (history is None or tuple(history.shape) != wanted_history):
@@ -468,6 +470,21 @@ class TTTLayer(nn.Module):
                     f"state tensor {name} is {tensor.dtype} but the layer keeps its state in {weights.dtype}: "
                     f"cast it with state.to({weights.dtype})"
                 )
+
+    def _check_rule_state(self, state: TTTState, batch_size: int, shapes: dict[str, tuple[int, ...]]) -> None:
+        """The momentum ``S`` and the decay product of a state have the shapes of this layer's."""
+        wanted = {k: (batch_size, self.num_heads, *shapes[k]) for k in state.momentum if k in shapes}
+        given = {k: tuple(v.shape) for k, v in state.momentum.items()}
+        if given != wanted:
+            raise ValueError(f"state.momentum must hold weights of the shapes {wanted}, got {given}")
+        unknown = sorted(set(state.decay) - {"product"})
+        product = state.decay.get("product")
+        if unknown or (product is not None and tuple(product.shape) != (batch_size, self.num_heads)):
+            shape = None if product is None else tuple(product.shape)
+            raise ValueError(
+                f"state.decay may hold only 'product' [B, H] = {(batch_size, self.num_heads)}; "
+                f"got keys {sorted(state.decay)} (product {shape})"
+            )
 
     def _read(self, x: torch.Tensor, state: TTTState) -> tuple[Views, torch.Tensor, torch.Tensor, dict]:
         """What the update rule reads: ``(views, lr [B, H, T], tau [K], new conv history)``.
@@ -515,6 +532,12 @@ class TTTLayer(nn.Module):
         lr = self.base_lr * torch.sigmoid(gate) / self.head_dim
         tau = torch.clamp_min(self.token_idx + self.learnable_token_idx, 0.0)
         return lr, tau
+
+    def forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(decay, momentum)`` ``[B, H, T]`` of the scan for ``x [B, T, D]`` (see
+        :func:`innerloop.core.scan.run_scan`); None each: this layer has no gates for them. A layer
+        of the family that forgets (Gated DeltaNet, Titans) overrides this with its gates."""
+        return None, None
 
     def inner_task(self) -> InnerTask:
         """The inner model, loss and wrapping as the update rule sees them."""
@@ -606,13 +629,20 @@ class TTTLayer(nn.Module):
         views, lr, tau, conv_history = self._read(x, state)
         # Under autocast the projections ran in low precision; the inner scan (state, inner LayerNorm
         # statistics, gradient sums) runs in the weights' dtype (float32) with autocast off.
+        decay, momentum = self.forgetting(x)
+        if not self.update_rule.uses_token_scale:
+            tau = None
         mixed = torch.is_autocast_enabled(x.device.type)
         if mixed:
             dtype = self.post_norm.weight.dtype
             views = Views(*(v.to(dtype) for v in (views.query, views.key, views.value)))
-            lr, tau = lr.to(dtype), tau.to(dtype)
+            lr, tau, decay, momentum = (
+                None if t is None else t.to(dtype) for t in (lr, tau, decay, momentum)
+            )
         with torch.autocast(x.device.type, enabled=False) if mixed else nullcontext():
-            inner_out, new_state = self.update_rule.forward(state, self.inner_task(), views, lr, tau)
+            inner_out, new_state = run_scan(
+                self.update_rule, state, self.inner_task(), views, lr, tau, decay, momentum
+            )
         new_state = replace(new_state, conv_history=conv_history)
 
         out = inner_out.transpose(1, 2).reshape(batch, tokens, self.hidden_size)  # [B, T, D]
@@ -635,4 +665,4 @@ class TTTLayer(nn.Module):
         )
 
 
-__all__ = ["TTTLayer"]
+__all__ = ["MAX_MINI_BATCH_SIZE", "TTTLayer", "check_layer_arguments", "resolve_plugins"]

@@ -302,9 +302,18 @@ class UpdateRule(ABC):
     token and the state after the chunk. All gradients inside a mini-batch are taken at the weights
     the mini-batch started with; token ``i`` of a mini-batch uses
     ``W_i = W_b - tau_i * sum_{j <= i} lr_j * grad_j``.
+
+    A rule that forgets sets ``supports_decay`` and takes ``decay=`` (``[B, H, T]``, each token's
+    ``1 - a_t``); one with momentum sets ``supports_momentum`` and takes ``momentum=``; a rule that
+    has no token-index scale sets ``uses_token_scale = False`` and gets ``tau=None``. The exact
+    semantics of each are in :func:`innerloop.core.scan.run_scan` (and docs/family.md). The
+    keywords are passed only when given, so a rule without them keeps the five-argument ``forward``.
     """
 
     name: ClassVar[str]
+    supports_decay: ClassVar[bool] = False
+    supports_momentum: ClassVar[bool] = False
+    uses_token_scale: ClassVar[bool] = True
 
     def check_model(self, model: InnerModel) -> str | None:
         """None if this rule can run ``model``, else the reason it cannot."""
@@ -317,7 +326,7 @@ class UpdateRule(ABC):
         task: InnerTask,
         views: Views,
         lr: torch.Tensor,
-        tau: torch.Tensor,
+        tau: torch.Tensor | None,
     ) -> tuple[torch.Tensor, TTTState]:
         """Run the chunk.
 
@@ -326,7 +335,8 @@ class UpdateRule(ABC):
             task: model, loss and the layer's wrapping of the model.
             views: XQ, XK, XV ``[B, H, T, f]``.
             lr: ``[B, H, T]`` per-token inner learning rates.
-            tau: ``[K]`` the token-index scale of each position in a mini-batch (clamped >= 0).
+            tau: ``[K]`` the token-index scale of each position in a mini-batch (clamped >= 0);
+                None for a rule with ``uses_token_scale = False``.
 
         Returns:
             ``(outputs [B, H, T, f], new_state)``.

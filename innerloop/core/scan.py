@@ -8,11 +8,12 @@ gradients are taken at the same weights, the mini-batch's starting weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
-from innerloop.core.protocol import InnerTask, LossPairs, Params, Views
+from innerloop.core.protocol import InnerTask, LossPairs, Params, UpdateRule, Views
 from innerloop.core.state import TTTState
 
 
@@ -49,29 +50,43 @@ class ChunkInputs:
     """The per-token inputs of the inner loop for one chunk, loss pairs already built.
 
     ``query``, ``inputs``, ``targets``: ``[B, H, T, f]``; ``lr``: ``[B, H, T]`` with invalid pairs
-    zeroed.
+    zeroed; ``decay`` and ``momentum`` (``[B, H, T]`` or None): each token's forgetting ``1 - a_t``
+    and momentum ``m_t`` (see :func:`run_scan`).
     """
 
     query: torch.Tensor
     inputs: torch.Tensor
     targets: torch.Tensor
     lr: torch.Tensor
+    decay: torch.Tensor | None = None
+    momentum: torch.Tensor | None = None
 
     def segment(self, seg: Segment) -> ChunkInputs:
         sl = slice(seg.start, seg.end)
         return ChunkInputs(
-            self.query[:, :, sl], self.inputs[:, :, sl], self.targets[:, :, sl], self.lr[:, :, sl]
+            self.query[:, :, sl],
+            self.inputs[:, :, sl],
+            self.targets[:, :, sl],
+            self.lr[:, :, sl],
+            None if self.decay is None else self.decay[:, :, sl],
+            None if self.momentum is None else self.momentum[:, :, sl],
         )
 
 
 def prepare_chunk(
-    state: TTTState, task: InnerTask, views: Views, lr: torch.Tensor
+    state: TTTState,
+    task: InnerTask,
+    views: Views,
+    lr: torch.Tensor,
+    decay: torch.Tensor | None = None,
+    momentum: torch.Tensor | None = None,
 ) -> tuple[ChunkInputs, dict]:
-    """Build the loss pairs of a chunk and fold their validity into the learning rates."""
+    """Build the loss pairs of a chunk and fold their validity into the learning rates (a token
+    without a pair takes no gradient step; its decay and momentum still apply)."""
     pairs: LossPairs = task.loss.pairs(views, state.loss_carry)
     if pairs.valid is not None:
         lr = lr * pairs.valid.to(lr.dtype)
-    return ChunkInputs(views.query, pairs.inputs, pairs.targets, lr), pairs.carry
+    return ChunkInputs(views.query, pairs.inputs, pairs.targets, lr, decay, momentum), pairs.carry
 
 
 def close_mini_batch(params: Params, pending: Params, tau_last: torch.Tensor) -> tuple[Params, Params]:
@@ -82,12 +97,296 @@ def close_mini_batch(params: Params, pending: Params, tau_last: torch.Tensor) ->
 
 
 def advance_state(
-    state: TTTState, params: Params, pending: Params, num_tokens: int, loss_carry: dict
+    state: TTTState,
+    params: Params,
+    pending: Params,
+    num_tokens: int,
+    loss_carry: dict,
+    momentum: Params | None = None,
+    decay_product: torch.Tensor | None = None,
 ) -> TTTState:
-    """The state after a chunk of ``num_tokens`` tokens."""
+    """The state after a chunk of ``num_tokens`` tokens (``momentum``: the momentum rule's ``S``,
+    None for none; ``decay_product`` ``[B, H]``: the decay product inside the current mini-batch,
+    None when it is 1)."""
     return replace(
-        state, params=params, pending=pending, position=state.position + num_tokens, loss_carry=loss_carry
+        state,
+        params=params,
+        pending=pending,
+        position=state.position + num_tokens,
+        loss_carry=loss_carry,
+        momentum={} if momentum is None else dict(momentum),
+        decay={} if decay_product is None else {"product": decay_product},
     )
 
 
-__all__ = ["ChunkInputs", "Segment", "advance_state", "close_mini_batch", "prepare_chunk", "split_segments"]
+# --------------------------------------------------------------------------------------------------
+# Decay and momentum: what every token of a segment reads, as a plan the dual and primal forms share
+# --------------------------------------------------------------------------------------------------
+
+
+def running_products(factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For per-token factors ``a [B, H, N]``: ``(within [B, H, N, N], cumulative [B, H, N])`` with
+    ``within[i, j] = prod_{r = j+1..i} a_r`` for ``j <= i`` (1 on the diagonal, 0 above it) and
+    ``cumulative[i] = prod_{r <= i} a_r``. Exact products (no logarithms), so a factor of 0 (full
+    forgetting) is fine, and differentiable to every order."""
+    num_tokens = factors.shape[-1]
+    strictly_below = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=factors.device).tril(-1)
+    # rows i, columns j: a_i where i > j, else 1; the product down column j from row j to row i.
+    table = torch.where(strictly_below, factors[..., :, None], torch.ones_like(factors)[..., :, None])
+    within = torch.cumprod(table, dim=-2).tril()
+    return within, torch.cumprod(factors, dim=-1)
+
+
+def scale_params(scale: torch.Tensor, params: Params) -> Params:
+    """``scale [B, H]`` times every weight ``[B, H, *shape]``."""
+    return {k: _times(scale, v) for k, v in params.items()}
+
+
+def _times(scale: torch.Tensor | float, value: torch.Tensor) -> torch.Tensor:
+    """``scale`` (a number, or ``[B, H]``) times ``value [B, H, *shape]``."""
+    if isinstance(scale, float):
+        return scale * value
+    return scale.reshape(scale.shape + (1,) * (value.dim() - 2)) * value
+
+
+def combine(*terms: tuple[torch.Tensor | float, Params]) -> Params:
+    """``sum_k scale_k * params_k`` for scales ``[B, H]`` (or numbers) over weights ``[B, H, *shape]``."""
+    first_scale, first = terms[0]
+    total = {k: _times(first_scale, v) for k, v in first.items()}
+    for scale, params in terms[1:]:
+        total = {k: total[k] + _times(scale, params[k]) for k in total}
+    return total
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """How each token ``i`` of a segment (inside one mini-batch) reads its weights::
+
+        W_i = base_i * W_b - sum_k coefficient_k,i * extra_k - sum_{j <= i} mixing[i, j] * lr_j * grad_j
+
+    where ``W_b`` are the mini-batch's starting weights (where every gradient is taken) and
+    ``extra_k`` are weights-shaped state (pending sums, momentum). ``base`` ``[B, H, N]`` (None: 1),
+    each coefficient ``[B, H, N]``, ``mixing`` ``[B, H, N, N]`` lower triangular. ``sums`` are rows
+    ``w [B, H, N]``: the reader also returns ``sum_j w_j * lr_j * grad_j`` for each (the state update).
+    """
+
+    base: torch.Tensor | None
+    extras: tuple[tuple[torch.Tensor, Params], ...]
+    mixing: torch.Tensor
+    sums: tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class SegmentCarry:
+    """What a segment continues from and hands on: the pending sums, the decay product ``[B, H]``
+    (None: 1) and the momentum ``S`` (None: no momentum)."""
+
+    pending: Params
+    decay_product: torch.Tensor | None
+    momentum: Params | None
+
+
+#: Turns a plan's ``sums`` into the carry after the segment.
+Finish = Callable[[list[Params]], SegmentCarry]
+
+
+def _products(factors: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`running_products` of ``factors``, or for None (all ones) the causal mask of ones
+    ``[N, N]`` and None."""
+    if factors is None:
+        num_tokens = like.shape[-1]
+        return torch.ones(num_tokens, num_tokens, dtype=like.dtype, device=like.device).tril(), None
+    return running_products(factors)
+
+
+def _start_scale(
+    carry: SegmentCarry, cumulative: torch.Tensor | None, like: torch.Tensor
+) -> torch.Tensor | None:
+    """``A_i = A_prev * prod_{r <= i} a_r`` ``[B, H, N]``, None when both are 1."""
+    if carry.decay_product is None:
+        return cumulative
+    product = carry.decay_product[..., None]  # [B, H, 1]
+    return product * cumulative if cumulative is not None else product.expand_as(like)
+
+
+def plan_dual(
+    chunk: ChunkInputs, tau: torch.Tensor, carry: SegmentCarry, has_pending: bool
+) -> tuple[SegmentPlan, Finish]:
+    """The plan of the mini-batch rule (dual form and primal form) with decay ``1 - a``:
+    ``W_i = A_i W_b - tau_i P_i`` with ``P_i = a_i P_{i-1} + lr_i grad_i`` and ``A_i = a_i A_{i-1}``.
+
+    Returns the plan and ``finish(sums) -> SegmentCarry`` (the carry after the segment)."""
+    keep = None if chunk.decay is None else 1.0 - chunk.decay  # a [B, H, N]
+    within, cumulative = _products(keep, chunk.lr)
+    base = _start_scale(carry, cumulative, chunk.lr)
+    tau_tokens = tau.expand_as(chunk.lr)  # [B, H, N]
+    extras = (
+        ((tau_tokens if cumulative is None else tau_tokens * cumulative, carry.pending),)
+        if has_pending
+        else ()
+    )
+    plan = SegmentPlan(base, extras, tau[:, None] * within, (within[..., -1, :],))
+
+    def finish(sums: list[Params]) -> SegmentCarry:
+        if not has_pending:
+            pending = sums[0]
+        else:
+            kept = 1.0 if cumulative is None else cumulative[..., -1]
+            pending = combine((kept, carry.pending), (1.0, sums[0]))
+        return SegmentCarry(pending, None if base is None else base[..., -1], None)
+
+    return plan, finish
+
+
+def plan_momentum(chunk: ChunkInputs, carry: SegmentCarry) -> tuple[SegmentPlan, Finish]:
+    """The plan of the ``momentum`` rule (Titans): ``S_i = m_i S_{i-1} - lr_i grad_i``,
+    ``W_i = a_i W_{i-1} + S_i``. With ``P_i = A_i W_b - W_i`` the state keeps the pending form
+    ``W_i = A_i W_b - P_i``, ``P_i = a_i P_{i-1} - S_i``; solved over the segment:
+    ``P_i = c_i P_prev - (D mc)_i S_prev + sum_j (D M)[i, j] lr_j grad_j`` with ``D``, ``c`` the
+    decay's and ``M``, ``mc`` the momentum's :func:`running_products` (no momentum: ``M = I``)."""
+    keep = None if chunk.decay is None else 1.0 - chunk.decay
+    within, cumulative = _products(keep, chunk.lr)
+    base = _start_scale(carry, cumulative, chunk.lr)
+    kept = torch.ones_like(chunk.lr) if cumulative is None else cumulative  # c [B, H, N]
+    extras = [(kept, carry.pending)]
+    if chunk.momentum is None:
+        plan = SegmentPlan(base, tuple(extras), within, (within[..., -1, :],))
+    else:
+        momentum_within, momentum_cumulative = running_products(chunk.momentum)
+        mixing = within @ momentum_within  # [B, H, N, N]
+        from_momentum = (within @ momentum_cumulative[..., None])[..., 0]  # [B, H, N]
+        if carry.momentum is not None:
+            extras.append((-from_momentum, carry.momentum))
+        plan = SegmentPlan(base, tuple(extras), mixing, (mixing[..., -1, :], momentum_within[..., -1, :]))
+
+    def finish(sums: list[Params]) -> SegmentCarry:
+        pending_terms = [(kept[..., -1], carry.pending), (1.0, sums[0])]
+        new_momentum = None
+        if chunk.momentum is not None:
+            momentum_terms = [(-1.0, sums[1])]
+            if carry.momentum is not None:
+                pending_terms.append((-from_momentum[..., -1], carry.momentum))
+                momentum_terms.append((momentum_cumulative[..., -1], carry.momentum))
+            new_momentum = combine(*momentum_terms)
+        return SegmentCarry(combine(*pending_terms), None if base is None else base[..., -1], new_momentum)
+
+    return plan, finish
+
+
+def close_planned(
+    params: Params, carry: SegmentCarry, tau_last: torch.Tensor | float
+) -> tuple[Params, SegmentCarry]:
+    """Commit a finished mini-batch under a plan: ``W_b <- A W_b - tau_last P``; ``P <- 0``, ``A <- 1``."""
+    base = params if carry.decay_product is None else scale_params(carry.decay_product, params)
+    new_params = {k: base[k] - tau_last * carry.pending[k] for k in params}
+    zeros = {k: torch.zeros_like(v) for k, v in carry.pending.items()}
+    return new_params, SegmentCarry(zeros, None, carry.momentum)
+
+
+#: Reads a segment under a plan: ``(task, params W_b, segment inputs, plan) -> (outputs [B, H, N, f],
+#: one weights-shaped sum per ``plan.sums`` row)``; the dual form's for stack models, the primal's for any.
+Reader = Callable[[InnerTask, Params, ChunkInputs, SegmentPlan], tuple[torch.Tensor, list[Params]]]
+
+
+def run_planned(
+    state: TTTState, task: InnerTask, chunk: ChunkInputs, tau: torch.Tensor | None, reader: Reader
+) -> tuple[torch.Tensor, Params, SegmentCarry]:
+    """Every segment of a chunk through ``reader``: the mini-batch rule with decay when ``tau`` is
+    given (:func:`plan_dual`), the momentum rule when it is None (:func:`plan_momentum`).
+
+    Returns ``(outputs [B, H, T, f], params, carry)``: the state's parts after the chunk."""
+    params = state.params
+    carry = SegmentCarry(state.pending, state.decay_product(), dict(state.momentum) or None)
+    outputs = []
+    for seg in split_segments(state.position, chunk.query.shape[2], task.mini_batch_size):
+        part = chunk.segment(seg)
+        if tau is None:
+            plan, finish = plan_momentum(part, carry)
+            tau_last: torch.Tensor | float = 1.0
+        else:
+            seg_tau = tau[seg.offset : seg.offset + seg.length]
+            plan, finish = plan_dual(part, seg_tau, carry, has_pending=seg.offset > 0)
+            tau_last = seg_tau[-1]
+        out, sums = reader(task, params, part, plan)
+        outputs.append(out)
+        carry = finish(sums)
+        if seg.closes_mini_batch:
+            params, carry = close_planned(params, carry, tau_last)
+    return torch.cat(outputs, dim=2), params, carry
+
+
+def _check_rule_takes(rule: UpdateRule, state: TTTState, tau, decay, momentum) -> None:
+    """Raise, naming the argument, when ``rule`` cannot take what it is given."""
+    if (decay is not None or state.decay) and not rule.supports_decay:
+        what = "decay is given" if decay is not None else "the state carries a decay product"
+        raise ValueError(
+            f"decay: {what} but update_rule={rule.name!r} does not support decay (forgetting); "
+            "rules that do: 'dual_form', 'minibatch_gd', 'momentum'"
+        )
+    if (momentum is not None or state.momentum) and not rule.supports_momentum:
+        what = "momentum is given" if momentum is not None else "the state carries momentum"
+        raise ValueError(
+            f"momentum: {what} but update_rule={rule.name!r} does not take momentum; use update_rule='momentum'"
+        )
+    if tau is not None and not rule.uses_token_scale:
+        raise ValueError(
+            f"token_scale must be None for update_rule={rule.name!r} (it has no token-index scale: every "
+            "token steps with its own lr), got a tensor"
+        )
+    if tau is None and rule.uses_token_scale:
+        raise ValueError(
+            f"token_scale: update_rule={rule.name!r} needs the token-index scale tau [K], got None"
+        )
+
+
+def run_scan(
+    rule: UpdateRule,
+    state: TTTState,
+    task: InnerTask,
+    views: Views,
+    lr: torch.Tensor,
+    tau: torch.Tensor | None,
+    decay: torch.Tensor | None = None,
+    momentum: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, TTTState]:
+    """The one path of ``TTTLayer`` and ``innerloop.ops.scan``: the update rule over a chunk.
+
+    Per batch and head, token ``t`` of the mini-batch starting at ``b`` (``i = t - b``) takes its
+    gradient ``grad_t`` at the weights ``W_b`` the mini-batch started with, and with ``a_t = 1 - decay_t``:
+
+    - mini-batch rules (``dual_form``, ``minibatch_gd``): ``W_t = (prod_{s=b..t} a_s) W_b -
+      tau_i * sum_{s=b..t} (prod_{r=s+1..t} a_r) lr_s grad_s``;
+    - ``momentum``: ``S_t = m_t S_{t-1} - lr_t grad_t``, ``W_t = a_t W_{t-1} + S_t`` (``S`` runs across
+      mini-batches, ``tau`` is None).
+
+    Token ``t`` outputs ``f(XQ_t; W_t)``. ``decay`` and ``momentum`` (``[B, H, T]``) are passed to the
+    rule only when given; a rule that does not take them is refused, naming the argument.
+    """
+    _check_rule_takes(rule, state, tau, decay, momentum)
+    options = {}
+    if decay is not None:
+        options["decay"] = decay
+    if momentum is not None:
+        options["momentum"] = momentum
+    return rule.forward(state, task, views, lr, tau, **options)
+
+
+__all__ = [
+    "ChunkInputs",
+    "Reader",
+    "run_planned",
+    "run_scan",
+    "Segment",
+    "SegmentCarry",
+    "SegmentPlan",
+    "advance_state",
+    "close_mini_batch",
+    "close_planned",
+    "combine",
+    "plan_dual",
+    "plan_momentum",
+    "prepare_chunk",
+    "running_products",
+    "scale_params",
+    "split_segments",
+]

@@ -6,10 +6,15 @@ A TTT layer is an RNN. Its state after reading ``position`` tokens is:
 - ``pending``: the lr-weighted gradient sums ``sum_j lr_j * grad_j`` of the tokens already read in
   the current mini-batch (zero at a mini-batch boundary), same shapes as ``params``;
 - ``loss_carry``: what the inner loss needs from earlier tokens (e.g. the previous key);
-- ``conv_history``: the last ``k - 1`` inputs of the causal convolutions (share_qk).
+- ``conv_history``: the last ``k - 1`` inputs of the causal convolutions (share_qk);
+- ``momentum``: the ``momentum`` rule's surprise momentum ``S`` per weight (same shapes as
+  ``params``), carried across mini-batches; empty when no momentum was given;
+- ``decay``: ``{"product": [B, H]}``, the product of the decays (forgetting) of the tokens already
+  read in the current mini-batch; empty when it is 1 (at a boundary, or without decay).
 
-The weights a token at mini-batch offset ``i`` sees are ``params - tau_i * pending`` (after adding
-its own gradient), which is why this is enough to continue a sequence from any split point.
+The weights a token at mini-batch offset ``i`` sees are ``product * params - tau_i * pending``
+(after adding its own step; without decay ``params - tau_i * pending``), which is why this is
+enough to continue a sequence from any split point (:meth:`TTTState.current_weights`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import torch
+
+#: The groups of tensors of a state, in the order :meth:`TTTState.tensors` lists them.
+TENSOR_GROUPS = ("params", "pending", "loss_carry", "conv_history", "momentum", "decay")
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,8 @@ class TTTState:
     signature: StateSignature
     loss_carry: dict[str, torch.Tensor] = field(default_factory=dict)
     conv_history: dict[str, torch.Tensor] = field(default_factory=dict)
+    momentum: dict[str, torch.Tensor] = field(default_factory=dict)
+    decay: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -58,6 +68,8 @@ class TTTState:
             pending={k: fn(v) for k, v in self.pending.items()},
             loss_carry={k: fn(v) for k, v in self.loss_carry.items()},
             conv_history={k: fn(v) for k, v in self.conv_history.items()},
+            momentum={k: fn(v) for k, v in self.momentum.items()},
+            decay={k: fn(v) for k, v in self.decay.items()},
         )
 
     def detach(self) -> TTTState:
@@ -71,6 +83,57 @@ class TTTState:
     def clone(self) -> TTTState:
         return self._map(lambda t: t.clone())
 
+    def decay_product(self) -> torch.Tensor | None:
+        """``[B, H]``: the product of the decays read so far in the current mini-batch (None: 1)."""
+        return self.decay.get("product")
+
+    def current_weights(self, tau: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The inner weights after the last token read: ``product * params - tau_i * pending``, with
+        ``i`` the last token's offset in its mini-batch (``params`` itself at a boundary).
+
+        Args:
+            tau: ``[K]`` the token-index scales the state was written with (None: 1, as for the
+                ``momentum`` rule).
+        """
+        if self.offset == 0:
+            return dict(self.params)
+        scale = 1.0 if tau is None else tau[self.offset - 1]
+        product = self.decay_product()
+        weights = {}
+        for key, value in self.params.items():
+            base = (
+                value
+                if product is None
+                else product.reshape(product.shape + (1,) * (value.dim() - 2)) * value
+            )
+            weights[key] = base - scale * self.pending[key]
+        return weights
+
+    def scan_weights(self, tau: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The state as ``innerloop.ops.scan`` returns it: :meth:`current_weights` by name, plus
+        ``"momentum.<name>"`` for the momentum ``S`` when it is carried."""
+        momentum = {f"momentum.{k}": v for k, v in self.momentum.items()}
+        return {**self.current_weights(tau), **momentum}
+
+    def with_weights(self, weights: dict[str, torch.Tensor]) -> TTTState:
+        """This state with its inner weights (and momentum) replaced by ``weights``, as
+        :meth:`scan_weights` gives them (``innerloop.ops.scan``'s ``initial`` and its result): the
+        inverse of :meth:`scan_weights` at a mini-batch boundary, where a state is only weights."""
+        if self.offset != 0:
+            raise ValueError(
+                f"with_weights: the state is inside a mini-batch (position {self.position}, mini_batch_size "
+                f"{self.signature.mini_batch_size}); weights alone describe only a state at a boundary"
+            )
+        names = set(self.params) | {f"momentum.{k}" for k in self.params}
+        unknown = sorted(set(weights) - names)
+        missing = sorted(set(self.params) - set(weights))
+        if unknown or missing:
+            raise ValueError(f"weights: missing {missing}, unknown {unknown}; valid names: {sorted(names)}")
+        params = {k: weights[k] for k in self.params}
+        momentum = {k: weights[f"momentum.{k}"] for k in self.params if f"momentum.{k}" in weights}
+        pending = {k: torch.zeros_like(v) for k, v in params.items()}
+        return replace(self, params=params, pending=pending, momentum=momentum, decay={})
+
     def is_finite(self) -> bool:
         """False if any tensor of the state holds NaN or inf (e.g. after ``non_finite='ignore'``)."""
         return all(bool(torch.isfinite(t).all()) for t in self.tensors().values())
@@ -78,7 +141,7 @@ class TTTState:
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor under a flat name (for serialisation, e.g. with safetensors)."""
         flat: dict[str, torch.Tensor] = {}
-        for group in ("params", "pending", "loss_carry", "conv_history"):
+        for group in TENSOR_GROUPS:
             for key, value in getattr(self, group).items():
                 flat[f"{group}.{key}"] = value
         return flat
@@ -99,12 +162,7 @@ class TTTState:
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> TTTState:
         """Inverse of :meth:`tensors` + :meth:`metadata`."""
-        groups: dict[str, dict[str, torch.Tensor]] = {
-            "params": {},
-            "pending": {},
-            "loss_carry": {},
-            "conv_history": {},
-        }
+        groups: dict[str, dict[str, torch.Tensor]] = {group: {} for group in TENSOR_GROUPS}
         for name, value in tensors.items():
             group, _, key = name.partition(".")
             if group not in groups or not key:
@@ -127,4 +185,4 @@ class TTTState:
         return cls(position=position, signature=signature, **groups)
 
 
-__all__ = ["StateSignature", "TTTState"]
+__all__ = ["TENSOR_GROUPS", "StateSignature", "TTTState"]

@@ -31,9 +31,22 @@ def kernel_inputs(
     *,
     tau: torch.Tensor | None = None,
     decode: bool = False,
+    decay: bool | None = None,
+    momentum: bool = False,
 ) -> KernelInputs:
-    """What ``verify`` sees about a block (``tau``: the token-index scales it uses, when known)."""
-    tensors = (chunk.query, chunk.inputs, chunk.targets, chunk.lr, tau, task.norm_weight, task.norm_bias)
+    """What ``verify`` sees about a block (``tau``: the token-index scales it uses, when known;
+    ``decay``: whether the block forgets, by default whether ``chunk.decay`` is given; ``momentum``:
+    whether it is the momentum rule's, with its state ``S``)."""
+    tensors = (
+        chunk.query,
+        chunk.inputs,
+        chunk.targets,
+        chunk.lr,
+        chunk.decay,
+        tau,
+        task.norm_weight,
+        task.norm_bias,
+    )
     requires_grad = torch.is_grad_enabled() and (
         any(t is not None and t.requires_grad for t in tensors)
         or any(p.requires_grad for p in params.values())
@@ -46,8 +59,25 @@ def kernel_inputs(
         num_tokens=chunk.query.shape[2],
         requires_grad=requires_grad,
         needs_double_backward=task.needs_double_backward,
-        extra={"residual": task.residual, "norm": task.use_norm, "decode": decode},
+        extra={
+            "residual": task.residual,
+            "norm": task.use_norm,
+            "decode": decode,
+            "decay": chunk.decay is not None if decay is None else decay,
+            "momentum": momentum,
+        },
     )
+
+
+def capability_refusal(kernel: KernelSpec, inputs: KernelInputs) -> str | None:
+    """Why ``kernel`` cannot take what the block needs besides its tensors (decay, momentum), or None."""
+    if inputs.extra.get("momentum"):
+        return f"{kernel.name}: no kernel contract carries the momentum rule's state (momentum S)"
+    if inputs.extra.get("decay") and not kernel.supports_decay:
+        return f"{kernel.name}: does not support decay (forgetting)"
+    if inputs.extra.get("decay") and inputs.extra.get("decode"):
+        return f"{kernel.name}: its decode path does not take decay (forgetting)"
+    return None
 
 
 def impostor_reason(rule: UpdateRule, task: InnerTask, head_dim: int) -> str | None:
@@ -86,24 +116,34 @@ def select_kernel(rule: UpdateRule, task: InnerTask, inputs: KernelInputs) -> tu
                 f"inner_loss={task.loss.name!r}, update_rule={rule_name!r}); registered kernels: {known}; "
                 "valid values are 'auto', 'torch' or one of those that match"
             )
-        reason = named[0].verify(inputs)
+        reason = capability_refusal(named[0], inputs) or named[0].verify(inputs)
         if reason is None and fused_parts_off:
             reason = "kernels fuse the inner residual and LayerNorm, which this layer turns off"
         if reason is not None:
             raise KernelUnavailableError(f"kernel={task.kernel!r} cannot run here: {reason}")
         return named[0], f"kernel {task.kernel!r} forced"
+    if not candidates:
+        return None, (f"torch: no kernel registered for ({task.model.name}, {task.loss.name}, {rule_name})")
     if fused_parts_off:
         return None, "torch: kernels fuse the inner residual and LayerNorm, which this layer turns off"
     refusals = []
     for kernel in candidates:
-        reason = kernel.verify(inputs)
+        reason = capability_refusal(kernel, inputs) or kernel.verify(inputs)
         if reason is None:
             refused = f" (refused before it: {'; '.join(refusals)})" if refusals else ""
             return kernel, f"kernel {kernel.name!r} verified{refused}"
         refusals.append(reason if reason.startswith(kernel.name) else f"{kernel.name}: {reason}")
-    if not candidates:
-        return None, (f"torch: no kernel registered for ({task.model.name}, {task.loss.name}, {rule_name})")
     return None, "torch: " + "; ".join(refusals)
+
+
+def record_torch_block(rule: UpdateRule, task: InnerTask, chunk: ChunkInputs, params: Params) -> None:
+    """Dispatch a block of the momentum rule: every kernel refuses it (none carries the momentum
+    state), a kernel forced by name raises, and the decision is recorded like any other."""
+    inputs = kernel_inputs(task, chunk, params, momentum=True)
+    kernel, reason = select_kernel(rule, task, inputs)
+    assert kernel is None  # capability_refusal refuses every kernel a momentum block
+    if task.on_dispatch is not None:
+        task.on_dispatch(TORCH_PATH, reason)
 
 
 def run_aligned_block(
@@ -120,6 +160,7 @@ def run_aligned_block(
         task.on_dispatch(kernel.name if kernel is not None else TORCH_PATH, reason)
     if kernel is None:
         return fallback(task, params, chunk, tau)
+    decay = {} if chunk.decay is None else {"decay": chunk.decay}  # only kernels that support it
     return kernel.forward(
         xq=chunk.query,
         xk=chunk.inputs,
@@ -130,6 +171,7 @@ def run_aligned_block(
         ln_weight=task.norm_weight,
         ln_bias=task.norm_bias,
         eps=task.norm_eps,
+        **decay,
     )
 
 
@@ -141,14 +183,15 @@ def run_decode_token(
     chunk: ChunkInputs,
     tau_i: torch.Tensor,
     is_last: bool,
+    decaying: bool = False,
 ) -> tuple[torch.Tensor, Params, Params] | None:
     """One token through a kernel's ``decode`` if one verifies; None means: use torch.
 
     Returns ``(out [B, H, 1, f], params, pending)`` with the mini-batch committed when ``is_last``.
+    ``decaying``: the token forgets or the state carries a decay product (no decode kernel takes it).
     """
-    inputs = kernel_inputs(
-        task, chunk, {**params, **{f"pending.{k}": v for k, v in pending.items()}}, tau=tau_i, decode=True
-    )
+    with_pending = {**params, **{f"pending.{k}": v for k, v in pending.items()}}
+    inputs = kernel_inputs(task, chunk, with_pending, tau=tau_i, decode=True, decay=decaying)
     try:
         kernel, reason = select_kernel(rule, task, inputs)
     except KernelUnavailableError as error:  # a named kernel without a usable decode path
@@ -175,6 +218,8 @@ def run_decode_token(
 
 __all__ = [
     "KernelUnavailableError",
+    "capability_refusal",
+    "record_torch_block",
     "TORCH_PATH",
     "impostor_reason",
     "kernel_inputs",

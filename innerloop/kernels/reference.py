@@ -21,7 +21,15 @@ import torch
 
 from innerloop.core.functional import layer_norm_backward
 from innerloop.core.protocol import InnerLoss, InnerModel, InnerTask, Params
-from innerloop.core.scan import ChunkInputs, Segment, close_mini_batch
+from innerloop.core.scan import (
+    ChunkInputs,
+    Segment,
+    SegmentCarry,
+    SegmentPlan,
+    close_mini_batch,
+    close_planned,
+    plan_dual,
+)
 from innerloop.kernels.spec import KernelDecode, KernelForward
 
 
@@ -102,10 +110,66 @@ def dual_segment(
     return task.wrap_output(chunk.query, h), new_pending
 
 
+def dual_planned_segment(
+    task: InnerTask, params: Params, chunk: ChunkInputs, plan: SegmentPlan
+) -> tuple[torch.Tensor, list[Params]]:
+    """One segment inside a mini-batch under a :class:`~innerloop.core.scan.SegmentPlan` (decay,
+    momentum), dual form: layer by layer, ``z_i = base_i (h_i W_b + b_b) - sum_k c_k,i (h_i E_k^W +
+    E_k^b) - sum_j mixing[i, j] lr_j (h_i . X_j + 1) G_j``. A :data:`~innerloop.core.scan.Reader`.
+
+    Returns ``(outputs [B, H, N, f], sums)``: for each row ``w`` of ``plan.sums`` the weights-shaped
+    ``sum_j w_j lr_j grad_j``."""
+    layer_inputs, grads = key_side(task, params, chunk.inputs, chunk.targets)
+    eta = plan.mixing * chunk.lr[..., None, :]  # [B, H, N, N]
+    rows = [(row * chunk.lr)[..., None] for row in plan.sums]  # [B, H, N, 1] each
+    sums: list[Params] = [{} for _ in plan.sums]
+    h = chunk.query
+    for layer, x_keys, grad in zip(task.model.stack, layer_inputs, grads, strict=True):
+
+        def apply(weights: Params, x: torch.Tensor = h, layer=layer) -> torch.Tensor:  # x W (+ b)
+            out = x @ weights[layer.weight]
+            return out + weights[layer.bias] if layer.bias is not None else out
+
+        similarity = h @ x_keys.transpose(-1, -2)  # [B, H, N, N]
+        if layer.bias is not None:
+            similarity = similarity + 1.0
+        z = apply(params)
+        if plan.base is not None:
+            z = plan.base[..., None] * z
+        for coefficient, extra in plan.extras:
+            z = z - coefficient[..., None] * apply(extra)
+        z = z - (eta * similarity) @ grad
+        h = layer.activation.fn(z) if layer.activation is not None else z
+        for row, total in zip(rows, sums, strict=True):
+            weighted = row * grad  # [B, H, N, out]
+            total[layer.weight] = x_keys.transpose(-1, -2) @ weighted
+            if layer.bias is not None:
+                total[layer.bias] = weighted.sum(dim=-2, keepdim=True)
+    return task.wrap_output(chunk.query, h), sums
+
+
+def _decayed_aligned_block(
+    task: InnerTask, params: Params, chunk: ChunkInputs, tau: torch.Tensor
+) -> tuple[torch.Tensor, Params]:
+    """:func:`dual_aligned_block` with decay (``chunk.decay``), through :func:`plan_dual`."""
+    zeros = {k: torch.zeros_like(v) for k, v in params.items()}
+    outputs = []
+    for start in range(0, chunk.query.shape[2], task.mini_batch_size):
+        part = chunk.segment(Segment(start, start + task.mini_batch_size, 0, closes_mini_batch=True))
+        plan, finish = plan_dual(part, tau, SegmentCarry(zeros, None, None), has_pending=False)
+        out, sums = dual_planned_segment(task, params, part, plan)
+        params, _ = close_planned(params, finish(sums), tau[-1])
+        outputs.append(out)
+    return torch.cat(outputs, dim=2), params
+
+
 def dual_aligned_block(
     task: InnerTask, params: Params, chunk: ChunkInputs, tau: torch.Tensor
 ) -> tuple[torch.Tensor, Params]:
-    """Whole mini-batches from a boundary, pending zero: the pure-torch path kernels must equal."""
+    """Whole mini-batches from a boundary, pending zero: the pure-torch path kernels must equal
+    (with ``chunk.decay``: the decayed dual form, which no built-in kernel computes)."""
+    if chunk.decay is not None:
+        return _decayed_aligned_block(task, params, chunk, tau)
     mini_batch = task.mini_batch_size
     outputs = []
     zero_pending = {k: torch.zeros_like(v) for k, v in params.items()}
@@ -146,4 +210,4 @@ def reference_kernel(model: InnerModel, loss: InnerLoss) -> tuple[KernelForward,
     return forward, decode
 
 
-__all__ = ["dual_aligned_block", "dual_segment", "key_side", "reference_kernel"]
+__all__ = ["dual_aligned_block", "dual_planned_segment", "dual_segment", "key_side", "reference_kernel"]

@@ -130,6 +130,11 @@ class KernelSpec:
     one token with the pending-gradient state, returning ``(out [B, H, f], params, pending)``; it is
     asked for with ``inputs.extra["decode"] = True`` and ``num_tokens = 1``. Building a spec whose
     functions do not take the Protocols' parameters raises ``TypeError``.
+
+    ``supports_decay``: ``forward`` also takes ``decay`` (``[B, H, T]``, each token's forgetting
+    ``1 - a_t``, as in :func:`innerloop.core.scan.run_scan`), passed by keyword only when a block
+    decays; dispatch refuses a decaying block to a kernel without it, and to every ``decode``.
+    No kernel contract carries the ``momentum`` rule's state: dispatch refuses its blocks to every kernel.
     """
 
     name: str
@@ -141,6 +146,7 @@ class KernelSpec:
     decode: KernelDecode | None = None
     priority: int = 0
     description: str = ""
+    supports_decay: bool = False
 
     def __post_init__(self) -> None:
         checks = [("forward", self.forward, KernelForward)]

@@ -1,6 +1,7 @@
 """Testing helpers that the built-ins' tests use and a third-party plugin's tests can call.
 
-- :mod:`innerloop.testing.checks`: ``check_inner_model``, ``check_inner_loss``, ``check_update_rule``.
+- :mod:`innerloop.testing.checks`: ``check_inner_model``, ``check_inner_loss``, ``check_update_rule``
+  (with decay and momentum where a rule takes them), ``check_update_rule_gradients``.
 - :mod:`innerloop.testing.reference`: the naive token-by-token loop every rule is checked against.
 - :mod:`innerloop.testing.strategies`: hypothesis strategies (needs the ``test`` extra).
 """
@@ -11,6 +12,8 @@ from innerloop.testing.checks import (
     check_inner_loss,
     check_inner_model,
     check_update_rule,
+    check_update_rule_gradients,
+    check_zero_decay_and_momentum,
     make_problem,
     run_in_chunks,
     run_layer_in_chunks,
@@ -25,6 +28,8 @@ __all__ = [
     "check_inner_loss",
     "check_inner_model",
     "check_update_rule",
+    "check_update_rule_gradients",
+    "check_zero_decay_and_momentum",
     "make_problem",
     "naive_token_loop",
     "run_in_chunks",

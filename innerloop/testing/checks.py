@@ -9,7 +9,9 @@ measured error when the plugin breaks a property every TTT plugin must have:
   chunk by chunk with the carry equal the pairs of the whole; the per-token gradient equals autograd;
   the primal form with this loss equals the naive loop.
 - :func:`check_update_rule`: the rule equals the naive loop, and any split of a sequence with the
-  state carried equals the whole sequence.
+  state carried equals the whole sequence; with random decay and momentum too where the rule takes
+  them, and a decay or momentum of 0 equals the plain rule (:func:`check_zero_decay_and_momentum`).
+- :func:`check_update_rule_gradients`: float64 gradcheck through the rule, decay and momentum included.
 
 The registry runs the cheap ones on every plugin it registers (:func:`check_loss_gradient`,
 :func:`check_pairs_deterministic`, :func:`check_pairs_causal`, :func:`check_pairs_chunk_invariant`,
@@ -20,7 +22,7 @@ that breaks them is refused with the reason instead of computing wrong numbers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -37,6 +39,7 @@ from innerloop.core.protocol import (
     apply_stack,
     stack_forward_mismatch,
 )
+from innerloop.core.scan import run_scan
 from innerloop.core.state import StateSignature, TTTState
 from innerloop.testing.reference import naive_token_loop
 
@@ -51,13 +54,32 @@ REGISTRATION_TOLERANCE = STACK_TOLERANCE
 
 @dataclass
 class InnerProblem:
-    """A random inner-loop problem: what an update rule takes, without a layer around it."""
+    """A random inner-loop problem: what an update rule takes, without a layer around it.
+
+    ``decay`` and ``momentum`` (``[B, H, T]`` or None) are given to the rule only when set; ``tau``
+    is None for a rule without a token-index scale (see :meth:`for_rule`)."""
 
     state: TTTState
     task: InnerTask
     views: Views
     lr: torch.Tensor
-    tau: torch.Tensor
+    tau: torch.Tensor | None
+    decay: torch.Tensor | None = None
+    momentum: torch.Tensor | None = None
+
+    def for_rule(self, rule: UpdateRule) -> InnerProblem:
+        """The problem as ``rule`` takes it: no token-index scale for a rule that has none."""
+        return self if rule.uses_token_scale else replace(self, tau=None)
+
+    def run(self, rule: UpdateRule) -> tuple[torch.Tensor, TTTState]:
+        """``rule`` over the whole problem, through :func:`innerloop.core.scan.run_scan`."""
+        return run_scan(rule, self.state, self.task, self.views, self.lr, self.tau, self.decay, self.momentum)
+
+    def naive(self) -> tuple[torch.Tensor, TTTState]:
+        """The naive token loop on the problem (:func:`innerloop.testing.reference.naive_token_loop`)."""
+        return naive_token_loop(
+            self.state, self.task, self.views, self.lr, self.tau, self.decay, self.momentum
+        )
 
 
 def make_problem(
@@ -73,8 +95,11 @@ def make_problem(
     dtype: torch.dtype = torch.float64,
     norm: bool = True,
     residual: bool = True,
+    decay: bool = False,
+    momentum: bool = False,
 ) -> InnerProblem:
-    """A random problem at a sequence start (position 0), weights perturbed so every term matters."""
+    """A random problem at a sequence start (position 0), weights perturbed so every term matters;
+    with ``decay`` / ``momentum``, random per-token decays in [0, 0.5) and momenta in [0, 1)."""
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -104,7 +129,13 @@ def make_problem(
     tau = (1.0 / torch.arange(1, mini_batch_size + 1, dtype=torch.float64)).to(dtype) + randn(
         mini_batch_size, scale=0.05
     )
-    return InnerProblem(state, task, views, lr, tau.clamp_min(0.0))
+
+    def uniform(high: float) -> torch.Tensor:  # [B, H, T]
+        return (torch.rand(batch, heads, tokens, generator=generator, dtype=torch.float64) * high).to(dtype)
+
+    decays = uniform(0.5) if decay else None
+    momenta = uniform(1.0) if momentum else None
+    return InnerProblem(state, task, views, lr, tau.clamp_min(0.0), decays, momenta)
 
 
 def run_in_chunks(
@@ -115,8 +146,21 @@ def run_in_chunks(
     bounds = [0, *sorted(set(p for p in cut_points if 0 < p < tokens)), tokens]
     state, outputs = problem.state, []
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+
+        def part(t: torch.Tensor | None, tokens: slice = slice(start, end)) -> torch.Tensor | None:
+            return None if t is None else t[:, :, tokens]
+
         views = problem.views.slice_tokens(start, end)
-        out, state = rule.forward(state, problem.task, views, problem.lr[:, :, start:end], problem.tau)
+        out, state = run_scan(
+            rule,
+            state,
+            problem.task,
+            views,
+            part(problem.lr),
+            problem.tau,
+            part(problem.decay),
+            part(problem.momentum),
+        )
         outputs.append(out)
     return torch.cat(outputs, dim=2), state
 
@@ -176,7 +220,7 @@ def assert_finite_where_expected_is(
 def assert_states_close(actual: TTTState, expected: TTTState, what: str, tolerance: float) -> None:
     if actual.position != expected.position:
         raise AssertionError(f"{what}: position {actual.position} != {expected.position}")
-    for group in ("params", "pending", "loss_carry"):
+    for group in ("params", "pending", "loss_carry", "momentum", "decay"):
         a, e = getattr(actual, group), getattr(expected, group)
         if set(a) != set(e):
             raise AssertionError(f"{what}: state.{group} keys {sorted(a)} != {sorted(e)}")
@@ -343,11 +387,10 @@ def check_inner_model(model: InnerModel, loss: InnerLoss | None = None, seed: in
     params = {k: v[0] for k, v in problem.state.params.items()}  # [H, *shape]: one sequence
     check_stack_matches_forward(model, params, problem.views.key[0])
     check_activation_derivatives(model, 3 * problem.views.key[0])
-    expected_out, expected_state = naive_token_loop(
-        problem.state, problem.task, problem.views, problem.lr, problem.tau
-    )
     for rule in _rules_for(model):
-        out, state = rule.forward(problem.state, problem.task, problem.views, problem.lr, problem.tau)
+        ruled = problem.for_rule(rule)
+        expected_out, expected_state = ruled.naive()
+        out, state = ruled.run(rule)
         assert_close(
             out, expected_out, f"{rule.name} vs naive loop on model {model.name!r}", FLOAT64_TOLERANCE
         )
@@ -373,6 +416,19 @@ def check_inner_loss(loss: InnerLoss, seed: int = 0) -> None:
     check_inner_model(model, loss, seed=seed)
 
 
+def rule_variants(rule: UpdateRule) -> list[dict[str, bool]]:
+    """The ``make_problem`` options a rule is checked with: plain, and with decay and/or momentum
+    where the rule supports them."""
+    variants = [{"decay": False, "momentum": False}]
+    if rule.supports_decay:
+        variants.append({"decay": True, "momentum": False})
+    if rule.supports_momentum:
+        variants.append({"decay": False, "momentum": True})
+        if rule.supports_decay:
+            variants.append({"decay": True, "momentum": True})
+    return variants
+
+
 def check_update_rule(
     rule: UpdateRule,
     model: InnerModel | None = None,
@@ -382,7 +438,9 @@ def check_update_rule(
     tolerance: float = FLOAT64_TOLERANCE,
     **problem_kwargs,
 ) -> None:
-    """``rule`` equals the naive loop, whole and when the sequence is cut at ``cut_points``.
+    """``rule`` equals the naive loop, whole and when the sequence is cut at ``cut_points``; with
+    random decay and momentum too where the rule supports them (:func:`rule_variants`), and a decay
+    or momentum of exactly 0 gives the plain rule's numbers.
 
     ``model`` and ``loss`` default to the registered ``linear`` and ``reconstruction``.
     """
@@ -392,19 +450,71 @@ def check_update_rule(
         registry = get_registry()
         model = model or registry.inner_model("linear")
         loss = loss or registry.inner_loss("reconstruction")
-    problem = make_problem(model, loss, seed=seed, **problem_kwargs)
-    expected_out, expected_state = naive_token_loop(
-        problem.state, problem.task, problem.views, problem.lr, problem.tau
-    )
-    tokens = problem.views.query.shape[2]
-    if cut_points is None:  # default: cuts inside, at and across mini-batch boundaries
-        k = problem.task.mini_batch_size
-        cut_points = sorted({1, max(1, k - 1), k, k + 2, tokens - 1})
-    for cuts in ([], cut_points):
-        out, state = run_in_chunks(rule, problem, cuts)
-        what = f"{rule.name} ({model.name}, {loss.name}) vs the naive token loop, cut at {cuts}"
+    for variant in rule_variants(rule):
+        problem = make_problem(model, loss, seed=seed, **variant, **problem_kwargs).for_rule(rule)
+        expected_out, expected_state = problem.naive()
+        tokens = problem.views.query.shape[2]
+        if cut_points is None:  # default: cuts inside, at and across mini-batch boundaries
+            k = problem.task.mini_batch_size
+            cuts_of_variant = sorted({1, max(1, k - 1), k, k + 2, tokens - 1})
+        else:
+            cuts_of_variant = cut_points
+        given = ", ".join(name for name, on in variant.items() if on) or "plain"
+        for cuts in ([], cuts_of_variant):
+            out, state = run_in_chunks(rule, problem, cuts)
+            what = f"{rule.name} ({model.name}, {loss.name}, {given}) vs the naive token loop, cut at {cuts}"
+            assert_close(out, expected_out, what, tolerance)
+            assert_states_close(state, expected_state, what, tolerance)
+    check_zero_decay_and_momentum(rule, model, loss, seed=seed, tolerance=tolerance, **problem_kwargs)
+
+
+def check_zero_decay_and_momentum(
+    rule: UpdateRule,
+    model: InnerModel,
+    loss: InnerLoss,
+    seed: int = 0,
+    tolerance: float = FLOAT64_TOLERANCE,
+    **problem_kwargs,
+) -> None:
+    """Where ``rule`` takes them, a decay of 0 and a momentum of 0 give the plain rule's outputs and
+    weights (the returned state then also carries the zero-decay product and the momentum)."""
+    plain = make_problem(model, loss, seed=seed, **problem_kwargs).for_rule(rule)
+    expected_out, expected_state = plain.run(rule)
+    zeros = torch.zeros_like(plain.lr)
+    options = {"decay": rule.supports_decay, "momentum": rule.supports_momentum}
+    for name in (name for name, supported in options.items() if supported):
+        out, state = replace(plain, **{name: zeros}).run(rule)
+        what = f"{rule.name} ({model.name}, {loss.name}) with {name} 0 vs without {name}"
         assert_close(out, expected_out, what, tolerance)
-        assert_states_close(state, expected_state, what, tolerance)
+        for key, value in expected_state.params.items():
+            assert_close(state.params[key], value, f"{what}: params[{key!r}]", tolerance)
+            assert_close(
+                state.pending[key], expected_state.pending[key], f"{what}: pending[{key!r}]", tolerance
+            )
+
+
+def check_update_rule_gradients(
+    rule: UpdateRule, model: InnerModel, loss: InnerLoss, seed: int = 0, **problem_kwargs
+) -> None:
+    """``torch.autograd.gradcheck`` (float64) of the rule's outputs and final weights w.r.t. the
+    views, lr, the initial weights and, where the rule takes them, decay and momentum."""
+    variant = rule_variants(rule)[-1]  # the most the rule takes
+    problem = make_problem(model, loss, seed=seed, **variant, **problem_kwargs).for_rule(rule)
+    names = [k for k in ("decay", "momentum") if getattr(problem, k) is not None]
+    leaves = [problem.views.query, problem.views.key, problem.views.value, problem.lr]
+    leaves += [getattr(problem, k) for k in names] + list(problem.state.params.values())
+    leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+
+    def run(query, key, value, lr, *rest):
+        extras = dict(zip(names, rest[: len(names)], strict=True))
+        params = dict(zip(problem.state.params, rest[len(names) :], strict=True))
+        state = replace(problem.state, params=params)
+        ruled = replace(problem, state=state, views=Views(query, key, value), lr=lr, **extras)
+        out, new_state = ruled.run(rule)
+        return (out, *new_state.current_weights(ruled.tau).values())
+
+    if not torch.autograd.gradcheck(run, leaves, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True):
+        raise AssertionError(f"{rule.name}: gradcheck failed")  # gradcheck raises with details first
 
 
 __all__ = [
@@ -422,7 +532,10 @@ __all__ = [
     "check_pairs_deterministic",
     "check_stack_matches_forward",
     "check_update_rule",
+    "check_update_rule_gradients",
+    "check_zero_decay_and_momentum",
     "make_problem",
+    "rule_variants",
     "run_in_chunks",
     "run_layer_in_chunks",
     "run_stack",

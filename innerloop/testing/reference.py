@@ -23,32 +23,70 @@ def _token_grads(task: InnerTask, params: dict, x: torch.Tensor, y: torch.Tensor
         return list(torch.autograd.grad(token_loss, list(leaves.values()), create_graph=outer))
 
 
+def _per_head(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value [B, H]`` shaped to multiply ``like [B, H, *shape]``."""
+    return value.reshape(value.shape + (1,) * (like.dim() - 2))
+
+
+def _step(params, pending, surprise, grads, lr_t, keep, m_t, momentum_rule: bool) -> dict:
+    """One token's update of the pending sums (and, for the momentum rule, of ``surprise`` in place);
+    ``lr_t``, ``keep`` (``a_t``, None: 1), ``m_t`` (None: 0) are ``[B, H]``."""
+    new_pending = {}
+    for key, value in params.items():
+        step = _per_head(lr_t, value) * grads[key]
+        kept = pending[key] if keep is None else _per_head(keep, value) * pending[key]
+        if momentum_rule:
+            m = 0.0 if m_t is None else _per_head(m_t, value)
+            surprise[key] = m * surprise[key] - step
+            new_pending[key] = kept - surprise[key]
+        else:
+            new_pending[key] = kept + step
+    return new_pending
+
+
 def naive_token_loop(
-    state: TTTState, task: InnerTask, views: Views, lr: torch.Tensor, tau: torch.Tensor
+    state: TTTState,
+    task: InnerTask,
+    views: Views,
+    lr: torch.Tensor,
+    tau: torch.Tensor | None,
+    decay: torch.Tensor | None = None,
+    momentum: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, TTTState]:
     """Same contract as ``UpdateRule.forward``: read every token in order, one at a time.
 
     Token t at mini-batch offset i: ``grad_t`` = autograd gradient of its inner loss at the
-    mini-batch's starting weights; ``pending += lr_t * grad_t``; it reads its output with
-    ``W_b - tau_i * pending``; at the end of a mini-batch those weights become ``W_b``.
+    mini-batch's starting weights ``W_b``; with ``a_t = 1 - decay_t`` (1 without decay):
+
+    - ``tau`` given (mini-batch rules): ``pending = a_t pending + lr_t grad_t``; it reads
+      ``A W_b - tau_i pending`` with ``A = prod a`` over the mini-batch so far;
+    - ``tau`` None (the momentum rule): ``S = m_t S - lr_t grad_t`` (``m = 0`` without momentum),
+      ``pending = a_t pending - S``; it reads ``A W_b - pending``, i.e. ``W_t = a_t W_{t-1} + S_t``.
+
+    At the end of a mini-batch the weights it read become ``W_b``.
     """
     pairs = task.loss.pairs(views, state.loss_carry)
     if pairs.valid is not None:
         lr = lr * pairs.valid.to(lr.dtype)
-    params = dict(state.params)
-    pending = dict(state.pending)
+    params, pending = dict(state.params), dict(state.pending)
+    product = state.decay.get("product")  # [B, H] or None (1)
+    surprise = {k: state.momentum.get(k, torch.zeros_like(v)) for k, v in params.items()}
     outputs = []
     for t in range(views.query.shape[2]):
         offset = (state.position + t) % task.mini_batch_size
         x_t, y_t = pairs.inputs[:, :, t : t + 1], pairs.targets[:, :, t : t + 1]  # [B, H, 1, f]
-        grads = _token_grads(task, params, x_t, y_t)
-        for (key, value), g in zip(params.items(), grads, strict=True):
-            lr_t = lr[:, :, t].reshape(lr.shape[:2] + (1,) * (value.dim() - 2))
-            pending[key] = pending[key] + lr_t * g
-        current = {k: params[k] - tau[offset] * pending[k] for k in params}
+        grads = dict(zip(params, _token_grads(task, params, x_t, y_t), strict=True))
+        keep = None if decay is None else 1.0 - decay[:, :, t]  # [B, H]
+        if keep is not None:
+            product = keep if product is None else product * keep
+        m_t = None if momentum is None else momentum[:, :, t]
+        pending = _step(params, pending, surprise, grads, lr[:, :, t], keep, m_t, tau is None)
+        scale = 1.0 if tau is None else tau[offset]
+        start = params if product is None else {k: _per_head(product, v) * v for k, v in params.items()}
+        current = {k: start[k] - scale * pending[k] for k in params}
         outputs.append(task.predict(current, views.query[:, :, t : t + 1]))
         if offset == task.mini_batch_size - 1:
-            params = current
+            params, product = current, None
             pending = {k: torch.zeros_like(v) for k, v in pending.items()}
     new_state = replace(
         state,
@@ -56,6 +94,8 @@ def naive_token_loop(
         pending=pending,
         position=state.position + views.query.shape[2],
         loss_carry=pairs.carry,
+        momentum=surprise if momentum is not None else {},
+        decay={} if product is None else {"product": product},
     )
     return torch.cat(outputs, dim=2), new_state
 

@@ -19,9 +19,9 @@ from innerloop.registry.manager import reset_registry
 
 def test_builtins_register_through_the_plugin_path():
     registry = build_registry(include_external=False)
-    assert registry.names("inner_model") == ["linear", "mlp"]
+    assert registry.names("inner_model") == ["linear", "matrix", "mlp"]
     assert registry.names("inner_loss") == ["next_token", "reconstruction"]
-    assert registry.names("update_rule") == ["dual_form", "minibatch_gd"]
+    assert registry.names("update_rule") == ["dual_form", "minibatch_gd", "momentum"]
     assert registry.names("model_inner_loss") == ["next_token"]
     assert registry.names("model_update_rule") == ["score_first_sgd"]
     origins = {e.origin for e in registry.entries()}
@@ -112,7 +112,9 @@ def test_a_hook_with_a_typo_is_rejected():
 
 
 def test_unknown_names_list_the_registered_ones():
-    with pytest.raises(ValueError, match=r"unknown inner model 'nope'; registered: \['linear', 'mlp'"):
+    with pytest.raises(
+        ValueError, match=r"unknown inner model 'nope'; registered: \['linear', 'matrix', 'mlp'"
+    ):
         innerloop.TTTLayer(8, 2, inner_model="nope")
     with pytest.raises(ValueError, match="unknown update rule"):
         innerloop.TTTLayer(8, 2, update_rule="adamw")
@@ -221,7 +223,7 @@ def test_registry_builds_under_no_grad_and_inference_mode(context):
     with context():
         registry = build_registry(include_external=False)
     assert "score_first_sgd" in registry.names("model_update_rule")
-    assert registry.names("inner_model") == ["linear", "mlp"]
+    assert registry.names("inner_model") == ["linear", "matrix", "mlp"]
 
 
 def test_building_the_registry_leaves_the_global_seed_alone():

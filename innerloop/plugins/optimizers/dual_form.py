@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import torch
 
-from innerloop.core.protocol import InnerModel, InnerTask, UpdateRule, Views
+from innerloop.core.protocol import InnerModel, InnerTask, Params, UpdateRule, Views
 from innerloop.core.scan import (
+    ChunkInputs,
     Segment,
+    SegmentCarry,
     advance_state,
     close_mini_batch,
+    close_planned,
+    plan_dual,
     prepare_chunk,
     split_segments,
 )
 from innerloop.core.state import TTTState
 from innerloop.kernels.dispatch import run_aligned_block, run_decode_token
-from innerloop.kernels.reference import dual_aligned_block, dual_segment
+from innerloop.kernels.reference import dual_aligned_block, dual_planned_segment, dual_segment
 from innerloop.registry import hookimpl
 
 
@@ -33,6 +37,7 @@ class DualForm(UpdateRule):
     """Dual-form mini-batch TTT for stack models (see module docstring)."""
 
     name = "dual_form"
+    supports_decay = True
 
     def check_model(self, model: InnerModel) -> str | None:
         if model.stack is None:
@@ -43,17 +48,26 @@ class DualForm(UpdateRule):
         return None
 
     def forward(
-        self, state: TTTState, task: InnerTask, views: Views, lr: torch.Tensor, tau: torch.Tensor
+        self,
+        state: TTTState,
+        task: InnerTask,
+        views: Views,
+        lr: torch.Tensor,
+        tau: torch.Tensor,
+        decay: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, TTTState]:
-        chunk, loss_carry = prepare_chunk(state, task, views, lr)
-        params, pending = state.params, state.pending
+        chunk, loss_carry = prepare_chunk(state, task, views, lr, decay)
+        decaying = decay is not None or bool(state.decay)
+        carry = SegmentCarry(state.pending, state.decay_product(), None)
+        params = state.params
         segments = split_segments(state.position, views.query.shape[2], task.mini_batch_size)
         outputs = []
         index = 0
         while index < len(segments):
             seg = segments[index]
             if seg.offset == 0 and seg.closes_mini_batch:
-                # A run of whole mini-batches: the fast path's territory.
+                # A run of whole mini-batches: the fast path's territory (a kernel without decay
+                # support refuses a decaying block, with the reason).
                 last = index
                 while last + 1 < len(segments) and segments[last + 1].closes_mini_batch:
                     last += 1
@@ -64,26 +78,44 @@ class DualForm(UpdateRule):
                 outputs.append(out)
                 index = last + 1
                 continue
-            seg_tau = tau[seg.offset : seg.offset + seg.length]
-            if seg.length == 1:  # decoding: a kernel's one-token path, if one verifies
-                decoded = run_decode_token(
-                    self, task, params, pending, chunk.segment(seg), seg_tau[0], seg.closes_mini_batch
-                )
-                if decoded is not None:
-                    out, params, pending = decoded
-                    outputs.append(out)
-                    index += 1
-                    continue
-            out, pending = dual_segment(
-                task, params, pending, chunk.segment(seg), seg_tau, has_pending=seg.offset > 0
-            )
+            out, params, carry = self._segment(task, params, carry, chunk.segment(seg), seg, tau, decaying)
             outputs.append(out)
-            if seg.closes_mini_batch:
-                params, pending = close_mini_batch(params, pending, seg_tau[-1])
             index += 1
         return torch.cat(outputs, dim=2), advance_state(
-            state, params, pending, views.query.shape[2], loss_carry
+            state, params, carry.pending, views.query.shape[2], loss_carry, None, carry.decay_product
         )
+
+    def _segment(
+        self,
+        task: InnerTask,
+        params: Params,
+        carry: SegmentCarry,
+        part: ChunkInputs,
+        seg: Segment,
+        tau: torch.Tensor,
+        decaying: bool,
+    ) -> tuple[torch.Tensor, Params, SegmentCarry]:
+        """A segment that does not start and end a mini-batch (decoding: a kernel's one-token path
+        if one verifies), committing the mini-batch when it closes one."""
+        seg_tau = tau[seg.offset : seg.offset + seg.length]
+        if seg.length == 1:
+            decoded = run_decode_token(
+                self, task, params, carry.pending, part, seg_tau[0], seg.closes_mini_batch, decaying
+            )
+            if decoded is not None:
+                out, params, pending = decoded
+                return out, params, SegmentCarry(pending, None, None)
+        if decaying:
+            plan, finish = plan_dual(part, seg_tau, carry, has_pending=seg.offset > 0)
+            out, sums = dual_planned_segment(task, params, part, plan)
+            carry = finish(sums)
+            if seg.closes_mini_batch:
+                params, carry = close_planned(params, carry, seg_tau[-1])
+            return out, params, carry
+        out, pending = dual_segment(task, params, carry.pending, part, seg_tau, has_pending=seg.offset > 0)
+        if seg.closes_mini_batch:
+            params, pending = close_mini_batch(params, pending, seg_tau[-1])
+        return out, params, SegmentCarry(pending, None, None)
 
 
 @hookimpl

@@ -9,11 +9,22 @@ and the kernels are tested against, and the decode path (one token at a time).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch.func import grad, vmap
 
 from innerloop.core.protocol import InnerTask, Params, UpdateRule, Views, residual_and_norm
-from innerloop.core.scan import ChunkInputs, advance_state, close_mini_batch, prepare_chunk, split_segments
+from innerloop.core.scan import (
+    ChunkInputs,
+    SegmentPlan,
+    advance_state,
+    close_mini_batch,
+    prepare_chunk,
+    run_planned,
+    split_segments,
+)
 from innerloop.core.state import TTTState
 from innerloop.registry import hookimpl
 
@@ -22,24 +33,17 @@ def _flatten_heads(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(0, 1)  # [B, H, ...] -> [B*H, ...]
 
 
-def primal_segment(
-    task: InnerTask,
-    params: Params,
-    pending: Params,
-    chunk: ChunkInputs,
-    tau: torch.Tensor,
-) -> tuple[torch.Tensor, Params]:
-    """One segment inside a mini-batch, primal form.
+@dataclass(frozen=True)
+class _PrimalParts:
+    """What every primal segment needs: the per-token gradients at ``W_b`` and a per-token reader."""
 
-    Args:
-        params, pending: ``[B, H, *shape]`` weights at the mini-batch start, pending gradient sums.
-        chunk: the segment's inputs, ``[B, H, N, f]`` and lr ``[B, H, N]``.
-        tau: ``[N]`` the token-index scale of each token of the segment.
+    grads: Params  # [BH, N, *shape]
+    read: Callable[[Params], torch.Tensor]  # weights per token [BH, N, *shape] -> outputs [B, H, N, f]
 
-    Returns:
-        ``(outputs [B, H, N, f], pending after the segment)``.
-    """
-    batch, heads, num_tokens, _ = chunk.query.shape
+
+def _primal_parts(task: InnerTask, params: Params, chunk: ChunkInputs) -> _PrimalParts:
+    """Per-token gradients of the inner loss at ``params`` (``torch.func``) and the output reader."""
+    batch, heads, _, _ = chunk.query.shape
     model, loss = task.model, task.loss
     flat_params = {k: _flatten_heads(v) for k, v in params.items()}  # [BH, *shape]
     if task.use_norm:
@@ -60,36 +64,100 @@ def primal_segment(
     # Per-token gradients at W_b: [BH, N, *shape].
     per_token_grad = vmap(vmap(grad(token_loss), in_dims=(None, 0, 0, None, None)))
     grads = per_token_grad(
-        flat_params,
-        _flatten_heads(chunk.inputs),
-        _flatten_heads(chunk.targets),
-        norm_weight,
-        norm_bias,
+        flat_params, _flatten_heads(chunk.inputs), _flatten_heads(chunk.targets), norm_weight, norm_bias
     )
+
+    def read(weights_per_token: Params) -> torch.Tensor:
+        per_token = vmap(vmap(predict_one, in_dims=(0, 0, None, None)))
+        outputs = per_token(weights_per_token, _flatten_heads(chunk.query), norm_weight, norm_bias)
+        return outputs.unflatten(0, (batch, heads))
+
+    return _PrimalParts(grads, read)
+
+
+def primal_segment(
+    task: InnerTask,
+    params: Params,
+    pending: Params,
+    chunk: ChunkInputs,
+    tau: torch.Tensor,
+) -> tuple[torch.Tensor, Params]:
+    """One segment inside a mini-batch, primal form.
+
+    Args:
+        params, pending: ``[B, H, *shape]`` weights at the mini-batch start, pending gradient sums.
+        chunk: the segment's inputs, ``[B, H, N, f]`` and lr ``[B, H, N]``.
+        tau: ``[N]`` the token-index scale of each token of the segment.
+
+    Returns:
+        ``(outputs [B, H, N, f], pending after the segment)``.
+    """
+    batch, heads, num_tokens, _ = chunk.query.shape
+    parts = _primal_parts(task, params, chunk)
     lr = _flatten_heads(chunk.lr)  # [BH, N]
     weights_per_token = {}
     new_pending = {}
-    for key, g in grads.items():
+    for key, g in parts.grads.items():
         extra = (1,) * (g.dim() - 2)
         running = torch.cumsum(lr.reshape(lr.shape + extra) * g, dim=1)  # [BH, N, *shape]
         running = running + _flatten_heads(pending[key])[:, None]
         new_pending[key] = running[:, -1].unflatten(0, (batch, heads))
-        weights_per_token[key] = flat_params[key][:, None] - tau.reshape((1, num_tokens) + extra) * running
+        weights_per_token[key] = (
+            _flatten_heads(params[key])[:, None] - tau.reshape((1, num_tokens) + extra) * running
+        )
+    return parts.read(weights_per_token), new_pending
 
-    read = vmap(vmap(predict_one, in_dims=(0, 0, None, None)))
-    outputs = read(weights_per_token, _flatten_heads(chunk.query), norm_weight, norm_bias)
-    return outputs.unflatten(0, (batch, heads)), new_pending
+
+def primal_planned_segment(
+    task: InnerTask, params: Params, chunk: ChunkInputs, plan: SegmentPlan
+) -> tuple[torch.Tensor, list[Params]]:
+    """One segment under a :class:`~innerloop.core.scan.SegmentPlan` (decay, momentum), primal form:
+    the weights of every token, ``W_i = base_i W_b - sum_k c_k,i E_k - sum_j mixing[i, j] lr_j grad_j``,
+    materialised; any inner model. A :data:`~innerloop.core.scan.Reader`."""
+    batch, heads = chunk.query.shape[:2]
+    parts = _primal_parts(task, params, chunk)
+    eta = _flatten_heads(plan.mixing * chunk.lr[..., None, :])  # [BH, N, N]
+    rows = [_flatten_heads(row * chunk.lr) for row in plan.sums]  # [BH, N] each
+    base = None if plan.base is None else _flatten_heads(plan.base)  # [BH, N]
+    weights_per_token: Params = {}
+    sums: list[Params] = [{} for _ in plan.sums]
+    for key, g in parts.grads.items():
+        extra = (1,) * (g.dim() - 2)
+        flat_g = g.flatten(2)  # [BH, N, numel]
+        start = _flatten_heads(params[key])[:, None]  # [BH, 1, *shape]
+        weights = start if base is None else base.reshape(base.shape + extra) * start
+        for coefficient, state in plan.extras:
+            scale = _flatten_heads(coefficient)  # [BH, N]
+            weights = weights - scale.reshape(scale.shape + extra) * _flatten_heads(state[key])[:, None]
+        weights_per_token[key] = weights - (eta @ flat_g).reshape(g.shape)
+        for row, total in zip(rows, sums, strict=True):
+            total[key] = (
+                (row[:, None] @ flat_g).reshape(g.shape[:1] + g.shape[2:]).unflatten(0, (batch, heads))
+            )
+    return parts.read(weights_per_token), sums
 
 
 class MiniBatchGD(UpdateRule):
     """Primal-form mini-batch TTT: generic over every inner model and loss (see module docstring)."""
 
     name = "minibatch_gd"
+    supports_decay = True
 
     def forward(
-        self, state: TTTState, task: InnerTask, views: Views, lr: torch.Tensor, tau: torch.Tensor
+        self,
+        state: TTTState,
+        task: InnerTask,
+        views: Views,
+        lr: torch.Tensor,
+        tau: torch.Tensor,
+        decay: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, TTTState]:
-        chunk, loss_carry = prepare_chunk(state, task, views, lr)
+        chunk, loss_carry = prepare_chunk(state, task, views, lr, decay)
+        if decay is not None or state.decay:  # forgetting: the planned form (core/scan.py)
+            out, params, carry = run_planned(state, task, chunk, tau, primal_planned_segment)
+            return out, advance_state(
+                state, params, carry.pending, views.query.shape[2], loss_carry, None, carry.decay_product
+            )
         params, pending = state.params, state.pending
         outputs = []
         for seg in split_segments(state.position, views.query.shape[2], task.mini_batch_size):

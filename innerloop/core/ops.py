@@ -1,0 +1,220 @@
+"""``scan``: the test-time-regression family as one op, like FLA's ops (public as ``innerloop.ops``).
+
+Per batch and head (row vectors), an inner model ``g`` (``"matrix"``: ``x W``; ``"linear"``:
+``x W1 + b1``; ``"mlp"``; any registered one) wrapped as ``f(x) = [x +] [LN](g(x))`` is regressed
+online on ``k_t -> v_t`` with the loss ``l_t = 1/2 ||f(k_t) - v_t||^2`` (or any registered inner
+loss). Token ``t`` of the mini-batch starting at ``b`` (``K = mini_batch_size``, ``i = t - b``)
+takes its gradient at the weights ``W_b`` the mini-batch started with; with ``a_t = 1 - decay_t``:
+
+- ``dual_form`` / ``minibatch_gd``: ``W_t = (prod_{s=b..t} a_s) W_b - tau_i sum_{s=b..t}
+  (prod_{r=s+1..t} a_r) lr_s grad_s`` (``tau = token_scale``, ones when None);
+- ``momentum`` (Titans): ``S_t = m_t S_{t-1} - lr_t grad_t``, ``W_t = a_t W_{t-1} + S_t``.
+
+Token ``t`` outputs ``f(q_t; W_t)``: the weights after its own step. Linear attention, gated linear
+attention, DeltaNet, Gated DeltaNet, TTT-Linear/MLP, momentum DeltaNet and Titans are choices of
+these arguments (docs/family.md has the table). ``TTTLayer`` runs the same path
+(:func:`innerloop.core.scan.run_scan`), with the same kernel dispatch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from innerloop.core.layer import MAX_MINI_BATCH_SIZE, resolve_plugins
+from innerloop.core.protocol import InnerLoss, InnerModel, InnerTask, UpdateRule, Views
+from innerloop.core.scan import run_scan
+from innerloop.core.state import StateSignature, TTTState
+
+Weights = dict[str, torch.Tensor]
+
+
+def _check_tensor(name: str, value: Any, shape: tuple[int, ...], like: torch.Tensor, what: str) -> None:
+    """``value`` must be a tensor of ``shape`` with ``like``'s dtype and device; the error names it."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {what}, got {type(value).__name__}")
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{name} must have shape {what} = {shape}, got {tuple(value.shape)}")
+    if value.dtype != like.dtype:
+        raise TypeError(
+            f"{name} is {value.dtype} but q is {like.dtype}: every tensor of a scan has q's dtype"
+        )
+    if value.device != like.device:
+        raise ValueError(
+            f"{name} is on {value.device} but q is on {like.device}: every tensor must be on q's device"
+        )
+
+
+def _check_views(q: Any, k: Any, v: Any) -> None:
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor [B, H, T, f], got {type(q).__name__}")
+    if not q.is_floating_point():
+        raise TypeError(f"q must be a floating-point tensor, got dtype {q.dtype}")
+    if q.dim() != 4 or q.shape[2] < 1 or q.shape[3] < 1 or q.shape[0] < 1 or q.shape[1] < 1:
+        raise ValueError(f"q must have shape [B, H, T, f] with every size >= 1, got {tuple(q.shape)}")
+    for name, tensor in (("k", k), ("v", v)):
+        _check_tensor(name, tensor, tuple(q.shape), q, "[B, H, T, f] (q's shape)")
+
+
+def _check_options(mini_batch_size: Any, inner_norm: Any, inner_residual: Any, kernel: Any) -> None:
+    if not isinstance(kernel, str):
+        raise ValueError(f"kernel must be 'auto', 'torch' or a registered kernel name, got {kernel!r}")
+    if not isinstance(mini_batch_size, int) or isinstance(mini_batch_size, bool) or mini_batch_size < 1:
+        raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size!r}")
+    if mini_batch_size > MAX_MINI_BATCH_SIZE:
+        raise ValueError(
+            f"mini_batch_size must be <= {MAX_MINI_BATCH_SIZE} (a scan builds [K, K] matrices), got "
+            f"{mini_batch_size}; for one mini-batch over the whole sequence any K >= T is the same"
+        )
+    for name, flag in (("inner_norm", inner_norm), ("inner_residual", inner_residual)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+
+
+def _norm_parameters(
+    q: torch.Tensor, inner_norm: bool, norm_weight: Any, norm_bias: Any
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The inner LayerNorm's ``[H, f]`` weight and bias (ones and zeros when not given), or Nones."""
+    heads, head_dim = q.shape[1], q.shape[3]
+    if not inner_norm:
+        for name, value in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+            if value is not None:
+                raise ValueError(f"{name} is given but inner_norm=False: pass inner_norm=True or drop {name}")
+        return None, None
+    weight = q.new_ones(heads, head_dim) if norm_weight is None else norm_weight
+    bias = q.new_zeros(heads, head_dim) if norm_bias is None else norm_bias
+    _check_tensor("norm_weight", weight, (heads, head_dim), q, "[H, f]")
+    _check_tensor("norm_bias", bias, (heads, head_dim), q, "[H, f]")
+    return weight, bias
+
+
+def _check_per_token(q: torch.Tensor, lr: Any, decay: Any, momentum: Any) -> None:
+    shape = tuple(q.shape[:3])
+    _check_tensor("lr", lr, shape, q, "[B, H, T]")
+    for name, value in (("decay", decay), ("momentum", momentum)):
+        if value is not None:
+            _check_tensor(name, value, shape, q, "[B, H, T] (or None)")
+
+
+def _token_scale(
+    q: torch.Tensor, rule: UpdateRule, token_scale: Any, mini_batch_size: int
+) -> torch.Tensor | None:
+    """``tau [K]``: ``token_scale``, ones when None for a rule that has one, None for one that has not."""
+    if not rule.uses_token_scale:
+        if token_scale is not None:
+            raise ValueError(
+                f"token_scale must be None for update_rule={rule.name!r} (it has no token-index scale: "
+                "every token steps with its own lr), got a tensor"
+            )
+        return None
+    if token_scale is None:
+        return q.new_ones(mini_batch_size)
+    _check_tensor("token_scale", token_scale, (mini_batch_size,), q, "[mini_batch_size]")
+    return token_scale
+
+
+def _initial_state(
+    q: torch.Tensor, model: InnerModel, loss: InnerLoss, rule: UpdateRule, mini_batch_size: int, initial: Any
+) -> TTTState:
+    """The state at the start of the scan: ``initial``'s weights (zeros when None) at a boundary."""
+    batch, heads, _, head_dim = q.shape
+    shapes = model.param_shapes(head_dim)
+    signature = StateSignature(batch, heads, head_dim, mini_batch_size, model.name, loss.name)
+    zeros = {k: q.new_zeros(batch, heads, *shape) for k, shape in shapes.items()}
+    state = TTTState(
+        params=zeros,
+        pending={k: torch.zeros_like(v) for k, v in zeros.items()},
+        position=0,
+        signature=signature,
+        loss_carry=loss.init_carry(batch, heads, head_dim, q),
+    )
+    if initial is None:
+        return state
+    if not isinstance(initial, dict):
+        raise TypeError(f"initial must be a dict of weights by name (or None), got {type(initial).__name__}")
+    weights = {}
+    for name, value in initial.items():
+        base = name.removeprefix("momentum.")
+        if base not in shapes:
+            valid = sorted([*shapes, *(f"momentum.{k}" for k in shapes)])
+            raise ValueError(
+                f"initial[{name!r}] is not a weight of inner_model {model.name!r}; valid names: {valid}"
+            )
+        if name != base and not rule.supports_momentum:
+            raise ValueError(f"initial[{name!r}] is a momentum but update_rule={rule.name!r} takes none")
+        per_head = (heads, *shapes[base])
+        if isinstance(value, torch.Tensor) and tuple(value.shape) == per_head:
+            value = value.expand(batch, *per_head)  # one initial state for every sequence
+        _check_tensor(f"initial[{name!r}]", value, (batch, *per_head), q, "[B, H, *shape] (or [H, *shape])")
+        weights[name] = value
+    missing = sorted(set(shapes) - set(weights))
+    if missing:
+        raise ValueError(
+            f"initial lacks {missing} (inner_model {model.name!r} has {sorted(shapes)}); omit initial for zeros"
+        )
+    return state.with_weights(weights)
+
+
+def scan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    *,
+    inner_model: str | InnerModel = "linear",
+    inner_loss: str | InnerLoss = "reconstruction",
+    update_rule: str | UpdateRule = "dual_form",
+    mini_batch_size: int = 16,
+    token_scale: torch.Tensor | None = None,
+    inner_norm: bool = True,
+    inner_residual: bool = True,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    decay: torch.Tensor | None = None,
+    momentum: torch.Tensor | None = None,
+    initial: Weights | None = None,
+    norm_eps: float = 1e-6,
+    kernel: str = "auto",
+    dispatches: list[tuple[str, str]] | None = None,
+) -> tuple[torch.Tensor, Weights]:
+    """Regress the inner model online on ``k -> v`` and read it with ``q`` (module docstring).
+
+    Args:
+        q, k, v: ``[B, H, T, f]`` queries, keys, values (no scaling is applied: pass ``s * q``).
+        lr: ``[B, H, T]`` each token's inner learning rate.
+        inner_model, inner_loss, update_rule: registered names or plugin instances.
+        mini_batch_size: ``K``, tokens whose gradients are taken at the same weights.
+        token_scale: ``tau [K]`` of the mini-batch rules (None: ones); must be None for ``momentum``.
+        inner_norm, inner_residual: ``f(x) = x + LN(g(x))`` (each can be off).
+        norm_weight, norm_bias: ``[H, f]`` the inner LayerNorm's affine (None: ones, zeros).
+        decay: ``[B, H, T]`` forgetting ``1 - a_t`` of every inner weight (None: none).
+        momentum: ``[B, H, T]`` the momentum ``m_t`` of update_rule ``"momentum"`` (None: 0).
+        initial: weights by name, ``[B, H, *shape]`` or ``[H, *shape]``, at a mini-batch boundary,
+            plus ``"momentum.<name>"`` (``S``) for the momentum rule; None: zeros. The inner loss
+            starts a sequence (``next_token``'s first token has no pair).
+        norm_eps: the inner LayerNorm's epsilon.
+        kernel: ``"auto"``, ``"torch"`` or a registered kernel's name, as in ``TTTLayer``.
+        dispatches: a list that receives every fast-path decision ``(path, reason)``.
+
+    Returns:
+        ``(outputs [B, H, T, f], weights)``: ``weights`` after the last token (for a partial last
+        mini-batch the weights it read), plus ``"momentum.<name>"`` when momentum is given.
+        Differentiable in every tensor argument.
+    """
+    _check_views(q, k, v)
+    _check_options(mini_batch_size, inner_norm, inner_residual, kernel)
+    _check_per_token(q, lr, decay, momentum)
+    model, loss, rule = resolve_plugins(inner_model, inner_loss, update_rule, kernel, q.shape[3])
+    weight, bias = _norm_parameters(q, inner_norm, norm_weight, norm_bias)
+    tau = _token_scale(q, rule, token_scale, mini_batch_size)
+    state = _initial_state(q, model, loss, rule, mini_batch_size, initial)
+    record = None if dispatches is None else (lambda path, reason: dispatches.append((path, reason)))
+    task = InnerTask(
+        model, loss, mini_batch_size, weight, bias, norm_eps, inner_residual, kernel, on_dispatch=record
+    )
+    outputs, final = run_scan(rule, state, task, Views(q, k, v), lr, tau, decay, momentum)
+    return outputs, final.scan_weights(tau)
+
+
+__all__ = ["Weights", "scan"]

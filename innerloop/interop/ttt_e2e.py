@@ -175,8 +175,10 @@ def _check_model_fields(model: Mapping[str, Any]) -> None:
         )
     for key, (supported, default, meaning) in FIXED_MODEL_FIELDS.items():
         value = model.get(key, default)
-        same = value == supported and type(value) is type(supported) or (
-            isinstance(supported, float) and _finite_number(value) and value == supported
+        same = (
+            value == supported
+            and type(value) is type(supported)
+            or (isinstance(supported, float) and _finite_number(value) and value == supported)
         )
         if not same:
             raise OfficialConfigError(
@@ -212,7 +214,9 @@ def _inner_optimizer(training: Mapping[str, Any]) -> dict[str, float]:
     for key, ours in (("lr", "inner_lr"), ("clip_gradient", "inner_grad_clip")):
         value = inner.get(key)
         if not _finite_number(value) or value < 0:
-            raise OfficialConfigError(f"training.optimizer_inner.{key}={value!r} must be a finite number >= 0")
+            raise OfficialConfigError(
+                f"training.optimizer_inner.{key}={value!r} must be a finite number >= 0"
+            )
         values[ours] = float(value)
     warmup, total = training.get("ilr_warmup_steps", 0), training.get("total_steps", 0)
     start = training.get("ilr_init", 1.0)
@@ -455,12 +459,17 @@ def convert_weights(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> di
     for t in PRIME_TENSORS:
         values = tensor(primes + t.official)
         for s in range(suffix):
-            state[f"blocks.{config.num_layers - suffix + s}.{t.ours}"] = values[s].T if t.matrix else values[s]
+            state[f"blocks.{config.num_layers - suffix + s}.{t.ours}"] = (
+                values[s].T if t.matrix else values[s]
+            )
     return {name: value.contiguous() for name, value in state.items()}
 
 
 def model_from_arrays(
-    arrays: Mapping[str, np.ndarray], config: Mapping[str, Any] | str | Path, *, test_time_training: bool = True
+    arrays: Mapping[str, np.ndarray],
+    config: Mapping[str, Any] | str | Path,
+    *,
+    test_time_training: bool = True,
 ) -> E2ELM:
     """The :class:`E2ELM` of the official tensors ``arrays`` (by their orbax names) and config."""
     ours = model_config(config, test_time_training=test_time_training)
@@ -556,4 +565,6 @@ def load_model(
     weights are read.
     """
     model_config(config, test_time_training=test_time_training)  # refuse a bad config before reading
-    return model_from_arrays(read_orbax_weights(checkpoint_dir), config, test_time_training=test_time_training)
+    return model_from_arrays(
+        read_orbax_weights(checkpoint_dir), config, test_time_training=test_time_training
+    )

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from innerloop.models import E2ELM, E2EConfig, ModelConfig, build_model
 
@@ -128,10 +129,8 @@ def read_config(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
         if path.suffix == ".json":
             data = json.loads(text)
-        else:
-            import yaml  # PyYAML, omegaconf's dependency
-
-            data = yaml.safe_load(text)
+        else:  # omegaconf's YAML reader, as Hydra's (``1e-6`` is a number, not a string)
+            data = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
     if not isinstance(data, Mapping):
         raise OfficialConfigError(f"the official config must be a mapping, got {type(data).__name__}")
     for section in ("model", "training"):
@@ -337,9 +336,9 @@ def model_config(config: Mapping[str, Any], *, test_time_training: bool = True) 
         mixer="e2e",
         **shape,
         rope_theta=float(_model_field(model, "rope_theta", *positive)),
-        norm_eps=float(model["rms_norm_eps"]) if "rms_norm_eps" in model else 1e-6,
+        norm_eps=float(_model_field({"rms_norm_eps": 1e-6, **model}, "rms_norm_eps", *positive)),
         tie_embeddings=tied,
-        init_std=float(model.get("initializer_range", 0.02)),
+        init_std=float(_model_field({"initializer_range": 0.02, **model}, "initializer_range", *positive)),
         e2e=e2e,
     )
 

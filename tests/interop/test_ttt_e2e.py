@@ -185,6 +185,15 @@ def test_a_config_file_in_yaml_reads_the_same(tmp_path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(CONFIG), encoding="utf-8")
     assert model_config(path) == model_config(CONFIG) == model_config(DATA / "config.json")
+    # As Hydra writes it: `1e-6` (a string to plain YAML 1.1) is a number; interpolations elsewhere stay.
+    text = path.read_text(encoding="utf-8").replace("rms_norm_eps: 1.0e-06", "rms_norm_eps: 1e-6")
+    path.write_text(text + "checkpoint:\n  checkpoint_dir: ${deploy_paths.checkpoint}/x\n", encoding="utf-8")
+    assert "rms_norm_eps: 1e-6" in text
+    assert model_config(path).norm_eps == 1e-6
+    with pytest.raises(OfficialConfigError, match=r"model\.rms_norm_eps='small' must be a finite number > 0"):
+        model_config(with_field("model", "rms_norm_eps", "small"))
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        model_config(tmp_path / "absent.yaml")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -308,6 +308,12 @@ def model_config(config: Mapping[str, Any], *, test_time_training: bool = True) 
             ("sliding_window_size", "window"),
         )
     }
+    hidden, heads = shape["hidden_size"], shape["num_heads"]
+    if hidden % heads or (hidden // heads) % 2:
+        raise OfficialConfigError(
+            f"model.hidden_size={hidden} must be divisible by model.num_attention_heads={heads} into heads "
+            "of an even width (RoPE rotates pairs of channels)"
+        )
     chunk = _model_field(model, "mini_batch_size", _positive_int, "a positive integer (the chunk size)")
     if chunk < 2:
         raise OfficialConfigError(f"model.mini_batch_size={chunk} must be >= 2 (innerloop's chunk_size)")

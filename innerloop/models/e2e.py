@@ -11,14 +11,20 @@ quarter of the blocks (the *suffix*) have an extra SwiGLU MLP, the prime MLP, be
 The inner loop is the same in training and inference. The prefix blocks run once over the input;
 then, chunk by chunk, the suffix blocks, the final norm and the head *score* the chunk with the
 current fast weights, the registered model inner loss (``next_token``) gives each sequence's loss on
-the chunk, and the registered update rule (``score_first_sgd``: gradient, global-norm clip, one SGD
-step) gives the fast weights of the next chunk. The suffix blocks' key/value caches carry over from
-chunk to chunk. Outer training differentiates the mean of the scored (pre-update) losses through
-the inner steps: to second order by default, to first order with ``first_order=True``.
+the chunk's tokens and their next tokens, and the registered update rule (``score_first_sgd``:
+gradient, global-norm clip, one SGD step) gives the fast weights of the next chunk. The suffix
+blocks' key/value caches carry over from chunk to chunk. Outer training differentiates the mean of
+the scored (pre-update) losses through the inner steps: to second order by default, to first order
+with ``first_order=True``.
+
+By default the model computes what the official TTT-E2E code computes (``docs/e2e.md`` lists the
+choices and the ``E2EConfig`` options that select the paper's reading instead): a chunk's loss
+includes its last token, whose target is the next chunk's first; the chunked blocks rotate queries
+and keys at positions relative to the window before the chunk (:func:`chunk_relative_attention`).
 
 ``logits, state = model(ids, state)`` continues a sequence from ``state``, for any split of it: a
-chunk that is not complete yet is scored now and kept in the state (its suffix inputs, at most
-``chunk_size - 1`` tokens) until its last token arrives and it is trained on. :meth:`E2ELM.stream`
+chunk that cannot be trained on yet is scored now and kept in the state (its suffix inputs, at most
+``chunk_size`` tokens) until its last target arrives and it is trained on. :meth:`E2ELM.stream`
 reads an arbitrarily long sequence piece by piece in constant memory.
 """
 
@@ -480,7 +486,7 @@ class E2ELM(nn.Module):
         ``[B, n_i, V]`` and the state after it.
 
         Memory is constant in the sequence length: the state holds one window of keys and values per
-        block, the fast weights and less than one chunk of pending inputs, and nothing else is kept.
+        block, the fast weights and at most one chunk of pending inputs, and nothing else is kept.
         """
         for piece in pieces:
             logits, state = self(piece, state)

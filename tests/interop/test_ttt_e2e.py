@@ -284,6 +284,14 @@ def with_field(section: str, key: str, value) -> dict:
         ("model", "mini_batch_size", 1, r"model\.mini_batch_size=1 must be >= 2"),
         ("model", "hidden_size", 64.5, r"model\.hidden_size=64\.5 must be a positive integer"),
         ("model", "rope_theta", -1.0, r"model\.rope_theta=-1\.0 must be a finite number > 0"),
+        (
+            "model",
+            "num_attention_heads",
+            3,
+            r"model\.hidden_size=64 must be divisible by model\.num_attention_heads=3",
+        ),
+        ("model", "num_attention_heads", 64, r"heads of an even width"),
+        ("model", "tie_word_embeddings", "yes", r"model\.tie_word_embeddings='yes' must be true or false"),
         ("model", "sliding_window_size", KeyError, r"lacks \['sliding_window_size'\]"),
         ("model", "moe_experts", 8, r"model\.moe_experts is not a field innerloop knows"),
         (

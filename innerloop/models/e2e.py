@@ -348,12 +348,8 @@ class E2ELM(nn.Module):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
-        if state is not None and len(state.caches) != len(self.blocks):
-            raise ValueError(f"state has {len(state.caches)} block caches, the model has {len(self.blocks)}")
-        if state is not None and state.pending_ids.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"state is for batch size {state.pending_ids.shape[0]}, input_ids has {input_ids.shape[0]}"
-            )
+        if state is not None:
+            self._check_state(state, input_ids.shape[0])
         if torch.is_inference_mode_enabled():
             # Inference tensors cannot enter autograd, and test-time training needs autograd: run on
             # normal tensors, without an outer graph.
@@ -361,6 +357,32 @@ class E2ELM(nn.Module):
                 logits, state = self._forward(input_ids.clone(), state)
             return logits, state
         return self._forward(input_ids, state)
+
+    def _check_state(self, state: E2EState, batch: int) -> None:
+        """``state`` is one this model made for a batch of ``batch`` sequences (a state of a model with
+        other ``test_time_training`` or ``rope_positions`` holds other caches and fast weights)."""
+        if len(state.caches) != len(self.blocks):
+            raise ValueError(f"state has {len(state.caches)} block caches, the model has {len(self.blocks)}")
+        if state.pending_ids.shape[0] != batch:
+            raise ValueError(f"state is for batch size {state.pending_ids.shape[0]}, input_ids has {batch}")
+        e2e = self.config.e2e
+        relative = e2e.rope_positions == "relative"
+        first_chunked = self.num_prefix if e2e.test_time_training else 0
+        for i, cache in enumerate(state.caches):
+            wanted = ChunkKVCache if relative and i >= first_chunked else KVCache
+            if cache is not None and not isinstance(cache, wanted):
+                raise ValueError(
+                    f"state's cache of block {i} is a {type(cache).__name__}, this model keeps a "
+                    f"{wanted.__name__} there: the state was made by a model with other "
+                    f"test_time_training / rope_positions (this one: {e2e.test_time_training} / "
+                    f"{e2e.rope_positions!r})"
+                )
+        names = self.fast_weight_names() if e2e.test_time_training else []
+        if sorted(state.fast) != sorted(names):
+            raise ValueError(
+                f"state holds fast weights {sorted(state.fast)}, this model (test_time_training="
+                f"{e2e.test_time_training}) needs {names}"
+            )
 
     def _forward(self, input_ids: torch.Tensor, state: E2EState | None) -> tuple[torch.Tensor, E2EState]:
         e2e = self.config.e2e

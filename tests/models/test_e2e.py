@@ -499,6 +499,22 @@ def test_bad_options_name_the_key_and_the_valid_values(option, match) -> None:
         build_model(tiny_config(**option))
 
 
+def test_a_state_of_a_model_with_other_options_is_refused() -> None:
+    model = tiny_model()
+    ids = random_ids(1, 6)
+    with torch.no_grad():
+        _, state = model(ids)
+        for other, match in (
+            (with_options(model, rope_positions="absolute"), "cache of block 1 is a ChunkKVCache"),
+            (with_options(model, test_time_training=False), "cache of block 0 is a KVCache"),
+        ):
+            with pytest.raises(ValueError, match=match):
+                other(ids, state)
+        _, plain_state = with_options(model, test_time_training=False, rope_positions="absolute")(ids)
+        with pytest.raises(ValueError, match=r"state holds fast weights \[\], this model"):
+            with_options(model, rope_positions="absolute")(ids, plain_state)
+
+
 def test_causal_lm_points_to_build_model_for_e2e() -> None:
     with pytest.raises(ValueError, match="build_model"):
         CausalLM(tiny_config())

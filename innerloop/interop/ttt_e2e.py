@@ -524,11 +524,22 @@ def weights_folder(checkpoint_dir: str | Path) -> Path:
     return latest / "model_weights"
 
 
-def _array_names(folder: Path) -> list[str]:
-    """The dotted names of the arrays orbax saved in ``folder`` (from its ``_METADATA``)."""
-    metadata = json.loads((folder / "_METADATA").read_text(encoding="utf-8"))
+def _orbax_metadata(folder: Path) -> dict[str, Any]:
+    """``folder/_METADATA``, orbax's description of the saved tree."""
+    path = folder / "_METADATA"
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise OfficialConfigError(f"{str(path)!r} is not orbax's metadata (JSON): {err}") from None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("tree_metadata"), dict):
+        raise OfficialConfigError(f"{str(path)!r} has no 'tree_metadata': not an orbax checkpoint's metadata")
+    return metadata
+
+
+def _array_names(metadata: Mapping[str, Any]) -> list[str]:
+    """The dotted names of the arrays orbax saved (from its ``_METADATA``)."""
     names = []
-    for entry in metadata.get("tree_metadata", {}).values():
+    for entry in metadata["tree_metadata"].values():
         if entry.get("value_metadata", {}).get("skip_deserialize", False):
             continue  # a None leaf (e.g. a norm without bias)
         names.append(".".join(str(key["key"]) for key in entry["key_metadata"]))
@@ -540,17 +551,23 @@ def read_orbax_weights(checkpoint_dir: str | Path) -> dict[str, np.ndarray]:
     dotted name, as float32 numpy arrays. Needs ``tensorstore``; reads OCDBT and plain zarr layouts."""
     tensorstore = _tensorstore()
     folder = weights_folder(checkpoint_dir).resolve()
-    metadata = json.loads((folder / "_METADATA").read_text(encoding="utf-8"))
+    metadata = _orbax_metadata(folder)
     driver = "zarr3" if metadata.get("use_zarr3") else "zarr"
     ocdbt = (folder / "manifest.ocdbt").is_file()
     arrays = {}
-    for name in _array_names(folder):
+    for name in _array_names(metadata):
         if ocdbt:
             kvstore = {"driver": "ocdbt", "base": folder.as_uri(), "path": name}
         else:
             kvstore = {"driver": "file", "path": str(folder / name)}
-        store = tensorstore.open({"driver": driver, "kvstore": kvstore}, open=True, read=True).result()
-        arrays[name] = np.asarray(store.read().result()).astype(np.float32)
+        try:
+            store = tensorstore.open({"driver": driver, "kvstore": kvstore}, open=True, read=True).result()
+            arrays[name] = np.asarray(store.read().result()).astype(np.float32)
+        except ValueError as err:  # tensorstore's errors: a missing or damaged array
+            message = str(err).split(" [tensorstore_spec=")[0]
+            raise OfficialConfigError(
+                f"checkpoint array {name} in {str(folder)!r} cannot be read: {message}"
+            ) from None
     return arrays
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -156,6 +157,27 @@ def test_the_checkpoint_folder_may_be_the_step_its_parent_or_model_weights(tmp_p
         weights_folder(DATA)
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         weights_folder(tmp_path / "absent")
+
+
+def test_a_damaged_orbax_checkpoint_is_refused_with_the_array_named(tmp_path) -> None:
+    pytest.importorskip("tensorstore", reason="the e2e extra (tensorstore) is part of the test extra")
+    folder = tmp_path / "0" / "model_weights"
+    shutil.copytree(DATA / "checkpoint" / "0" / "model_weights", folder)
+    for path in folder.rglob("*"):
+        path.chmod(0o644 if path.is_file() else 0o755)
+    metadata = json.loads((folder / "_METADATA").read_text(encoding="utf-8"))
+    metadata["tree_metadata"]["('language_model', 'model', 'extra')"] = {
+        "key_metadata": [{"key": k, "key_type": 2} for k in ("language_model", "model", "extra")],
+        "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False},
+    }
+    (folder / "_METADATA").write_text(json.dumps(metadata), encoding="utf-8")
+    with pytest.raises(
+        OfficialConfigError, match=r"checkpoint array language_model\.model\.extra in .* cannot be read"
+    ):
+        read_orbax_weights(tmp_path)
+    (folder / "_METADATA").write_text("{not json", encoding="utf-8")
+    with pytest.raises(OfficialConfigError, match="is not orbax's metadata"):
+        read_orbax_weights(tmp_path)
 
 
 def test_load_model_reads_orbax_and_the_config_file(official) -> None:

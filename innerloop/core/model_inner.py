@@ -37,7 +37,8 @@ class ModelInnerLoss(ABC):
         ``input_ids`` are the chunk's tokens, followed by the next chunk's first token when the model's
         ``chunk_targets`` is ``next_token`` (the official TTT-E2E loss: every token of the chunk has
         its target); with ``within_chunk`` the chunk's tokens alone. No later token is ever given
-        (the model streams).
+        (the model streams). A negative id (after the first) is a target to skip
+        (``model.e2e.skip_target_id``, the official code's mask of BOS targets).
         """
 
 

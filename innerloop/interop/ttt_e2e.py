@@ -50,8 +50,7 @@ DTYPES: dict[str, str] = {
 IGNORED_MODEL_FIELDS: dict[str, str] = {
     "name": "a label",
     "seq_len": "the training length (sizes the official RoPE table; innerloop computes any position)",
-    "bos_token_id": "the tokenizer's",
-    "eos_token_id": "the tokenizer's",
+    "eos_token_id": "the tokenizer's (the model never reads it)",
     "param_dtype": "the weights are read as float32",
     "unroll_block_scan": "a compilation choice, the same function",
     "unroll_inner_scan": "a compilation choice, the same function",
@@ -98,6 +97,7 @@ OPTIONAL_MODEL_FIELDS: dict[str, Any] = {
     "initializer_range": 0.02,
     "compute_dtype": "bf16",
     "output_size": None,
+    "bos_token_id": 1,
 }
 """``model`` fields read into innerloop's config, with the official default used when absent."""
 
@@ -328,6 +328,10 @@ def model_config(config: Mapping[str, Any], *, test_time_training: bool = True) 
     if compute not in DTYPES or DTYPES[compute] == "float64":
         raise OfficialConfigError(f"model.compute_dtype={compute!r} must be one of {sorted(DTYPES)}")
     positive = (lambda v: _finite_number(v) and v > 0, "a finite number > 0")
+    # The official data pipeline masks the targets that are BOS (document boundaries) out of the loss.
+    bos = _model_field(
+        {"bos_token_id": 1, **model}, "bos_token_id", lambda v: isinstance(v, int), "an integer"
+    )
     e2e = E2EConfig(
         chunk_size=chunk,
         suffix_fraction=_suffix_fraction(model, shape["num_layers"]),
@@ -336,6 +340,7 @@ def model_config(config: Mapping[str, Any], *, test_time_training: bool = True) 
         test_time_training=test_time_training,
         chunk_targets="next_token",
         rope_positions="relative",
+        skip_target_id=bos if 0 <= bos < shape["vocab_size"] else -1,
         compute_dtype=DTYPES[compute],
     )
     return ModelConfig(

@@ -425,6 +425,15 @@ class E2ELM(nn.Module):
         complete = end - start == self.config.e2e.chunk_size
         return complete and (end < length or self.config.e2e.chunk_targets == "within_chunk")
 
+    def _mark_skipped(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids [B, n]`` with every target (all but the first id) equal to ``e2e.skip_target_id``
+        replaced by -1, which the inner loss skips."""
+        skip = self.config.e2e.skip_target_id
+        if skip < 0:
+            return ids
+        is_target = torch.arange(ids.shape[1], device=ids.device) > 0
+        return torch.where((ids == skip) & is_target, torch.full_like(ids, -1), ids)
+
     def _inner_loop(
         self, h: torch.Tensor, ids: torch.Tensor, caches: list[AnyCache | None], fast: FastWeights
     ) -> tuple[torch.Tensor, list[AnyCache | None], FastWeights, torch.Tensor, torch.Tensor]:
@@ -456,7 +465,7 @@ class E2ELM(nn.Module):
                 logits, new_caches = self._score(h_chunk, caches, fast)  # [B, C, V]
                 if trainable:
                     targets = ids[:, start : end + 1] if with_next else ids_chunk  # [B, C (+ 1)]
-                    losses = self.inner_loss.chunk_loss(logits, targets)  # [B]
+                    losses = self.inner_loss.chunk_loss(logits, self._mark_skipped(targets))  # [B]
                     fast = self.update_rule.step(fast, losses, lr, e2e.inner_grad_clip, create_graph)
             if trainable:
                 caches = new_caches

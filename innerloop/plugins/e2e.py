@@ -22,7 +22,9 @@ class NextTokenChunkLoss(ModelInnerLoss):
     Token ``t`` of the chunk predicts token ``t + 1`` of ``input_ids``. With the chunk's ``C`` tokens
     followed by the next chunk's first (``input_ids [B, C + 1]``, ``model.e2e.chunk_targets =
     "next_token"``, the official code's loss) that is all ``C`` tokens; with the chunk alone
-    (``[B, C]``, ``within_chunk``) the ``C - 1`` pairs inside it.
+    (``[B, C]``, ``within_chunk``) the ``C - 1`` pairs inside it. A negative id marks a target the
+    loss skips (``model.e2e.skip_target_id``): the mean is over the others, 0 if there are none (as
+    the official masked loss).
     """
 
     name = "next_token"
@@ -42,10 +44,14 @@ class NextTokenChunkLoss(ModelInnerLoss):
         pairs = input_ids.shape[1] - 1  # tokens whose next token is given
         if pairs < 1:
             raise ValueError(f"a chunk needs a next-token pair; got C={chunk} and {input_ids.shape[1]} ids")
+        targets = input_ids[:, 1:]  # [B, pairs]
+        valid = targets >= 0
         per_token = F.cross_entropy(
-            logits[:, :pairs].transpose(1, 2), input_ids[:, 1:], reduction="none"
+            logits[:, :pairs].transpose(1, 2), targets.clamp_min(0), reduction="none"
         )  # [B, pairs]
-        return per_token.mean(dim=1)  # [B]
+        if bool(valid.all()):
+            return per_token.mean(dim=1)  # [B]
+        return (per_token * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1)  # [B]
 
 
 class ScoreFirstSGD(ModelUpdateRule):

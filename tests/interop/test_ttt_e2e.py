@@ -521,8 +521,12 @@ def official_forward(arrays, config, ids, targets, ttt: bool):
             h, caches[i] = _block(p, prime, i, h, cfg, caches[i], c)
         chunk_logits = _rms(h, t["language_model.model.ln_f.weight"], cfg["rms_norm_eps"]) @ head
         logits.append(chunk_logits.detach())
-        if ttt:
-            grads = torch.autograd.grad(F.cross_entropy(chunk_logits, targets[c * C : (c + 1) * C]), fast)
+        if ttt:  # cross_entropy_loss_and_accuracy with the data pipeline's mask: targets != bos
+            chunk_targets = targets[c * C : (c + 1) * C]
+            valid = (chunk_targets != cfg["bos_token_id"]).double()
+            token_loss = F.cross_entropy(chunk_logits, chunk_targets, reduction="none")
+            loss = (token_loss * valid).sum() / valid.sum().clamp_min(1e-10)
+            grads = torch.autograd.grad(loss, fast)
             norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))  # jointly over every suffix block
             scale = clip / norm if clip > 0 and norm > clip else 1.0
             fast = [(w - lr * scale * g).detach() for w, g in zip(fast, grads, strict=True)]
@@ -585,6 +589,8 @@ def test_other_configurations_equal_the_official_forward(name: str) -> None:
     arrays = random_official(config, seed=3)
     chunk, length = config["model"]["mini_batch_size"], 4 * config["model"]["mini_batch_size"]
     ids = torch.from_numpy(np.random.default_rng(4).integers(0, 40, (2, length + 1)))
+    ids[0, [5, 17, 23]] = config["model"]["bos_token_id"]  # document boundaries: targets the loss skips
+    ids[1, 9:18] = config["model"]["bos_token_id"]  # chunk 1's targets all skipped: no step
     model, plain = (
         model_from_arrays(arrays, config),
         model_from_arrays(arrays, config, test_time_training=False),

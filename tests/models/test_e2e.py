@@ -492,11 +492,42 @@ def test_broken_model_plugins_are_rejected_with_the_reason(plugin, match) -> Non
         ({"inner_loss": "mse"}, r"registered: \['next_token'"),
         ({"inner_lr": -1.0}, r"model\.e2e\.inner_lr=-1\.0 must be a finite number >= 0"),
         ({"suffix_fraction": 0.0}, r"model\.e2e\.suffix_fraction=0\.0 must be in \(0, 1\]"),
+        ({"skip_target_id": 11}, r"model\.e2e\.skip_target_id=11 must be a token id in \[0, 11\)"),
+        (
+            {"chunk_targets": "all"},
+            r"model\.e2e\.chunk_targets='all' is not one of \['next_token', 'within_chunk'\]",
+        ),
+        ({"rope_positions": "abs"}, r"model\.e2e\.rope_positions='abs' is not one of"),
+        (
+            {"compute_dtype": "bf16"},
+            r"model\.e2e\.compute_dtype='bf16' is not one of \['float32', 'bfloat16', 'float16'\]",
+        ),
     ],
 )
 def test_bad_options_name_the_key_and_the_valid_values(option, match) -> None:
     with pytest.raises(ValueError, match=match):
         build_model(tiny_config(**option))
+
+
+def test_skipped_targets_leave_the_inner_loss_and_its_step() -> None:
+    logits = torch.randn(2, 4, VOCAB, dtype=torch.float64)
+    ids = random_ids(2, 5)
+    marked = ids.clone()
+    marked[0, [2, 4]] = -1  # two of sequence 0's targets skipped
+    marked[1, 1:] = -1  # all of sequence 1's
+    losses = NextTokenChunkLoss().chunk_loss(logits, marked)
+    per_token = F.cross_entropy(logits[0], ids[0, 1:], reduction="none")
+    torch.testing.assert_close(losses[0], per_token[[0, 2]].mean(), rtol=1e-14, atol=0)
+    assert losses[1].item() == 0.0
+    # In the model: a sequence without the skipped id is unaffected; with it, the steps change.
+    model = tiny_model()
+    skipping = with_options(model, skip_target_id=3)
+    ids = random_ids(1, 13)
+    without = torch.where(ids == 3, torch.full_like(ids, 4), ids)
+    with torch.no_grad():
+        torch.testing.assert_close(skipping(without)[0], model(without)[0], rtol=0, atol=0)
+        assert (skipping(ids)[0][:, 4:] - model(ids)[0][:, 4:]).abs().max() > 1e-6
+        torch.testing.assert_close(skipping(ids)[0][:, :4], model(ids)[0][:, :4], rtol=0, atol=0)
 
 
 def test_a_state_of_a_model_with_other_options_is_refused() -> None:

@@ -233,6 +233,19 @@ def test_streaming_in_any_pieces_equals_the_one_shot_forward() -> None:
     torch.testing.assert_close(losses, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("rope", ["relative", "absolute"])
+def test_streaming_without_test_time_training_equals_the_one_shot_forward(rope: str) -> None:
+    """The plain model: with relative RoPE every block attends chunk by chunk, whatever the pieces."""
+    model = with_options(tiny_model(seed=4), test_time_training=False, rope_positions=rope)
+    ids = random_ids(2, 23, seed=5)
+    with torch.no_grad():
+        whole, _ = model(ids)
+    cuts = [0, 1, 3, 4, 9, 9, 16, 23]
+    pieces = [ids[:, a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    streamed = torch.cat([logits for logits, _ in model.stream(pieces)], dim=1)
+    torch.testing.assert_close(streamed, whole, rtol=1e-12, atol=1e-13)
+
+
 def test_streaming_float32_matches_one_shot() -> None:
     # init_std 0.02 (the default): tiny_config's 0.3 makes 16 inner steps of lr 1 amplify float32
     # rounding (pieces of other shapes in the prefix) to ~3e-5; float64 is exact (the test above).

@@ -125,6 +125,15 @@ def chunk_relative_attention(
     return attn.o_proj(y), ChunkKVCache(k[:, :, kept], v[:, :, kept], start + length)
 
 
+class FloatRMSNorm(nn.RMSNorm):
+    """RMSNorm computed in (at least) its weight's precision and returned in the input's dtype, as the
+    official code does under a bf16 ``compute_dtype``; float32 and float64 inputs are unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compute = torch.promote_types(x.dtype, self.weight.dtype)
+        return super().forward(x.to(compute)).to(x.dtype)
+
+
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """``x`` in float32 if it is in a lower precision (logits under a bf16 ``compute_dtype``)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -160,19 +169,23 @@ class E2EBlock(nn.Module):
     def __init__(self, config: ModelConfig, prime: bool):
         super().__init__()
         D, eps = config.hidden_size, config.norm_eps
-        self.attn_pre_norm = nn.RMSNorm(D, eps=eps)
+        self.attn_pre_norm = FloatRMSNorm(D, eps=eps)
         self.attn = CausalSelfAttention(
             D, config.num_heads, config.window, config.rope_theta, qk_norm=True, norm_eps=eps
         )
-        self.attn_post_norm = nn.RMSNorm(D, eps=eps)
+        self.attn.q_norm = FloatRMSNorm(
+            self.attn.head_dim, eps=eps
+        )  # the same parameter, computed in float32
+        self.attn.k_norm = FloatRMSNorm(self.attn.head_dim, eps=eps)
+        self.attn_post_norm = FloatRMSNorm(D, eps=eps)
         self.prime: SwiGLU | None = None
         if prime:
-            self.prime_pre_norm = nn.RMSNorm(D, eps=eps)
+            self.prime_pre_norm = FloatRMSNorm(D, eps=eps)
             self.prime = SwiGLU(D, config.e2e.prime_intermediate_size or config.intermediate_size)
-            self.prime_post_norm = nn.RMSNorm(D, eps=eps)
-        self.mlp_pre_norm = nn.RMSNorm(D, eps=eps)
+            self.prime_post_norm = FloatRMSNorm(D, eps=eps)
+        self.mlp_pre_norm = FloatRMSNorm(D, eps=eps)
         self.mlp = SwiGLU(D, config.intermediate_size)
-        self.mlp_post_norm = nn.RMSNorm(D, eps=eps)
+        self.mlp_post_norm = FloatRMSNorm(D, eps=eps)
 
     def forward(
         self,
@@ -274,7 +287,7 @@ class E2ELM(nn.Module):
         self.blocks = nn.ModuleList(
             E2EBlock(config, prime=i >= self.num_prefix) for i in range(config.num_layers)
         )
-        self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.norm = FloatRMSNorm(config.hidden_size, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight

@@ -340,7 +340,7 @@ def model_config(config: Mapping[str, Any], *, test_time_training: bool = True) 
         test_time_training=test_time_training,
         chunk_targets="next_token",
         rope_positions="relative",
-        skip_target_id=bos if 0 <= bos < shape["vocab_size"] else -1,
+        skip_target_id=bos if 0 <= bos < shape["vocab_size"] else None,
         compute_dtype=DTYPES[compute],
     )
     return ModelConfig(

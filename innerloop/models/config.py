@@ -90,7 +90,7 @@ class E2EConfig:
             ``absolute``: every token at its absolute position, keys cached after RoPE. The attention
             is the same function either way; the rounding of the angles differs (which matters for
             long sequences in float32).
-        skip_target_id: a token id the inner loss skips as a target (-1: none). The official data
+        skip_target_id: a token id the inner loss skips as a target (None: none). The official data
             pipeline masks targets that are the BOS token (a document boundary in packed text), so
             converted models set it to the config's ``bos_token_id``.
         compute_dtype: dtype of the matrix products: ``float32`` (exact), or ``bfloat16`` /
@@ -111,7 +111,7 @@ class E2EConfig:
     update_rule: str = "score_first_sgd"
     chunk_targets: str = "next_token"
     rope_positions: str = "relative"
-    skip_target_id: int = -1
+    skip_target_id: Optional[int] = None  # noqa: UP045 (omegaconf reads Optional, not ``int | None``)
     compute_dtype: str = "float32"
 
 
@@ -407,10 +407,10 @@ def validate_e2e_config(config: ModelConfig) -> None:
         raise ValueError(
             f"model.e2e.inner_lr_warmup_fraction={e2e.inner_lr_warmup_fraction} must be in [0, 1)"
         )
-    if not -1 <= e2e.skip_target_id < config.vocab_size:
+    if e2e.skip_target_id is not None and not 0 <= e2e.skip_target_id < config.vocab_size:
         raise ValueError(
             f"model.e2e.skip_target_id={e2e.skip_target_id} must be a token id in [0, "
-            f"{config.vocab_size}) (model.vocab_size), or -1 for none"
+            f"{config.vocab_size}) (model.vocab_size), or null for none"
         )
     for key, choices in E2E_CHOICES.items():
         if getattr(e2e, key) not in choices:

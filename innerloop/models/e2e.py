@@ -442,7 +442,7 @@ class E2ELM(nn.Module):
         """``ids [B, n]`` with every target (all but the first id) equal to ``e2e.skip_target_id``
         replaced by -1, which the inner loss skips."""
         skip = self.config.e2e.skip_target_id
-        if skip < 0:
+        if skip is None:
             return ids
         is_target = torch.arange(ids.shape[1], device=ids.device) > 0
         return torch.where((ids == skip) & is_target, torch.full_like(ids, -1), ids)

@@ -507,6 +507,10 @@ def test_broken_model_plugins_are_rejected_with_the_reason(plugin, match) -> Non
         ({"suffix_fraction": 0.0}, r"model\.e2e\.suffix_fraction=0\.0 must be in \(0, 1\]"),
         ({"skip_target_id": 11}, r"model\.e2e\.skip_target_id=11 must be a token id in \[0, 11\)"),
         (
+            {"skip_target_id": -1},
+            r"model\.e2e\.skip_target_id=-1 must be a token id in \[0, 11\) .*, or null",
+        ),
+        (
             {"chunk_targets": "all"},
             r"model\.e2e\.chunk_targets='all' is not one of \['next_token', 'within_chunk'\]",
         ),

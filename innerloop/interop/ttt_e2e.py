@@ -174,6 +174,8 @@ def _check_model_fields(model: Mapping[str, Any]) -> None:
         )
     for key, (supported, default, meaning) in FIXED_MODEL_FIELDS.items():
         value = model.get(key, default)
+        if key == "state_dtype" and DTYPES.get(value) == "float32":
+            value = supported  # "float32" is the official code's other name for "fp32"
         same = (
             value == supported
             and type(value) is type(supported)
@@ -289,14 +291,8 @@ def _check_inner_parameters(model: Mapping[str, Any], training: Mapping[str, Any
         )
 
 
-def model_config(config: Mapping[str, Any], *, test_time_training: bool = True) -> ModelConfig:
-    """innerloop's :class:`ModelConfig` of the official config (see :func:`read_config`); every
-    ``model.e2e`` option that differs between the official code and the paper's reading is the
-    official code's. Raises :class:`OfficialConfigError` naming the first field it cannot take."""
-    official = read_config(config)
-    model, training = official["model"], official["training"]
-    _check_model_fields(model)
-    _check_inner_parameters(model, training)
+def _shape(model: Mapping[str, Any]) -> dict[str, int]:
+    """The ``model`` section's sizes as :class:`ModelConfig` fields."""
     shape = {
         ours: _model_field(model, key, _positive_int, "a positive integer")
         for key, ours in (
@@ -314,43 +310,66 @@ def model_config(config: Mapping[str, Any], *, test_time_training: bool = True) 
             f"model.hidden_size={hidden} must be divisible by model.num_attention_heads={heads} into heads "
             "of an even width (RoPE rotates pairs of channels)"
         )
+    return shape
+
+
+def _tied_head(model: Mapping[str, Any]) -> bool:
+    """``tie_word_embeddings``; an untied head must predict the vocabulary (``output_size``)."""
+    tied = _model_field(model, "tie_word_embeddings", lambda v: isinstance(v, bool), "true or false")
+    output_size = model.get("output_size")
+    if not tied and output_size not in (None, model["vocab_size"]):
+        raise OfficialConfigError(
+            f"model.output_size={output_size!r} must equal model.vocab_size={model['vocab_size']} for an "
+            "untied LM head (innerloop's head predicts the vocabulary)"
+        )
+    return tied
+
+
+def _e2e_options(
+    model: Mapping[str, Any], training: Mapping[str, Any], layers: int, test_time_training: bool
+) -> E2EConfig:
+    """The :class:`E2EConfig` of the official config: the official code's choice for every option."""
     chunk = _model_field(model, "mini_batch_size", _positive_int, "a positive integer (the chunk size)")
     if chunk < 2:
         raise OfficialConfigError(f"model.mini_batch_size={chunk} must be >= 2 (innerloop's chunk_size)")
-    tied = _model_field(model, "tie_word_embeddings", lambda v: isinstance(v, bool), "true or false")
-    output_size = model.get("output_size")
-    if not tied and output_size not in (None, shape["vocab_size"]):
-        raise OfficialConfigError(
-            f"model.output_size={output_size!r} must equal model.vocab_size={shape['vocab_size']} for an "
-            "untied LM head (innerloop's head predicts the vocabulary)"
-        )
     compute = model.get("compute_dtype", OPTIONAL_MODEL_FIELDS["compute_dtype"])
-    if compute not in DTYPES or DTYPES[compute] == "float64":
+    if compute not in DTYPES:
         raise OfficialConfigError(f"model.compute_dtype={compute!r} must be one of {sorted(DTYPES)}")
-    positive = (lambda v: _finite_number(v) and v > 0, "a finite number > 0")
     # The official data pipeline masks the targets that are BOS (document boundaries) out of the loss.
     bos = _model_field(
         {"bos_token_id": 1, **model}, "bos_token_id", lambda v: isinstance(v, int), "an integer"
     )
-    e2e = E2EConfig(
+    return E2EConfig(
         chunk_size=chunk,
-        suffix_fraction=_suffix_fraction(model, shape["num_layers"]),
+        suffix_fraction=_suffix_fraction(model, layers),
         prime_intermediate_size=0,
         **_inner_optimizer(training),
         test_time_training=test_time_training,
         chunk_targets="next_token",
         rope_positions="relative",
-        skip_target_id=bos if 0 <= bos < shape["vocab_size"] else None,
+        skip_target_id=bos if 0 <= bos < model["vocab_size"] else None,
         compute_dtype=DTYPES[compute],
     )
+
+
+def model_config(config: Mapping[str, Any], *, test_time_training: bool = True) -> ModelConfig:
+    """innerloop's :class:`ModelConfig` of the official config (see :func:`read_config`); every
+    ``model.e2e`` option that differs between the official code and the paper's reading is the
+    official code's. Raises :class:`OfficialConfigError` naming the first field it cannot take."""
+    official = read_config(config)
+    model, training = official["model"], official["training"]
+    _check_model_fields(model)
+    _check_inner_parameters(model, training)
+    shape = _shape(model)
+    positive = (lambda v: _finite_number(v) and v > 0, "a finite number > 0")
     return ModelConfig(
         mixer="e2e",
         **shape,
         rope_theta=float(_model_field(model, "rope_theta", *positive)),
         norm_eps=float(_model_field({"rms_norm_eps": 1e-6, **model}, "rms_norm_eps", *positive)),
-        tie_embeddings=tied,
+        tie_embeddings=_tied_head(model),
         init_std=float(_model_field({"initializer_range": 0.02, **model}, "initializer_range", *positive)),
-        e2e=e2e,
+        e2e=_e2e_options(model, training, shape["num_layers"], test_time_training),
     )
 
 

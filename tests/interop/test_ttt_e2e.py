@@ -346,6 +346,12 @@ def test_inner_optimizer_and_untied_head_errors_name_the_field() -> None:
         model_config({"model": CONFIG["model"]})
 
 
+def test_the_official_dtype_aliases_are_accepted() -> None:
+    assert model_config(with_field("model", "state_dtype", "float32")) == model_config(CONFIG)
+    assert model_config(with_field("model", "compute_dtype", "bfloat16")).e2e.compute_dtype == "bfloat16"
+    assert model_config(with_field("model", "compute_dtype", "fp16")).e2e.compute_dtype == "float16"
+
+
 def test_equivalent_spec_inner_forms_are_accepted() -> None:
     for spec in (
         ["language_model.**.feed_forward_prime.**"],

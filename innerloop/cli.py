@@ -530,14 +530,27 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
             "Read a model saved by another implementation and write it as an innerloop checkpoint, "
             "OUT/last.safetensors, that `innerloop generate` and `innerloop eval` read. ttt-lm-pytorch: "
             "a folder written by TTTForCausalLM.save_pretrained of test-time-training/ttt-lm-pytorch "
-            "(config.json and model.safetensors); the logits equal the reference's."
+            "(config.json and model.safetensors); the logits equal the reference's. ttt-e2e: an official "
+            "TTT-E2E checkpoint of test-time-training/e2e (CHECKPOINT: .../checkpoint/<step> or its "
+            "parent) and its resolved Hydra config (CONFIG, YAML or JSON); docs/e2e.md says how."
         ),
         formatter_class=_HelpFormatter,
     )
     convert.add_argument(
-        "source_format", choices=["ttt-lm-pytorch"], help="what SRC is (choices: %(choices)s)"
+        "source_format", choices=["ttt-lm-pytorch", "ttt-e2e"], help="what SRC is (choices: %(choices)s)"
     )
-    convert.add_argument("src", metavar="SRC", help="the saved model: a save_pretrained folder")
+    convert.add_argument(
+        "src",
+        metavar="SRC",
+        help="the saved model: a save_pretrained folder (ttt-lm-pytorch), an orbax checkpoint (ttt-e2e)",
+    )
+    convert.add_argument(
+        "config",
+        metavar="CONFIG",
+        nargs="?",
+        default=None,
+        help="ttt-e2e only: the official resolved Hydra config, YAML or JSON (default: none)",
+    )
     convert.add_argument(
         "out", metavar="OUT", help="folder to write last.safetensors into (created if absent)"
     )
@@ -551,6 +564,11 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
 
 def _convert(args: argparse.Namespace) -> int:
     from pathlib import Path
+
+    if args.source_format == "ttt-e2e":
+        return _convert_ttt_e2e(args)
+    if args.config is not None:
+        raise ConfigError(f"{args.source_format} takes SRC OUT, not a CONFIG (got {args.config!r})")
 
     from innerloop.interop.ttt_lm_pytorch import load_model as load_reference_model
     from innerloop.train.module import save_model_checkpoint
@@ -568,6 +586,34 @@ def _convert(args: argparse.Namespace) -> int:
     print(
         f"converted {args.src} ({config.num_layers} layers, hidden {config.hidden_size}, "
         f"vocabulary {config.vocab_size}, {model.num_parameters():,} parameters)"
+    )
+    print(f"checkpoint: {path}")
+    return 0
+
+
+def _convert_ttt_e2e(args: argparse.Namespace) -> int:
+    """``innerloop convert ttt-e2e CHECKPOINT CONFIG OUT``: an official TTT-E2E checkpoint -> OUT/last.safetensors."""
+    from pathlib import Path
+
+    from innerloop.interop.ttt_e2e import load_model as load_official_model
+    from innerloop.train.module import save_model_checkpoint
+
+    if args.config is None:
+        raise ConfigError("ttt-e2e needs CHECKPOINT CONFIG OUT: the resolved Hydra config is missing")
+    target = Path(args.out) / "last.safetensors"
+    if target.exists() and not args.overwrite:
+        raise ConfigError(f"{str(target)!r} exists; pass --overwrite to replace it, or give another OUT")
+    try:
+        model = load_official_model(args.src, args.config)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        raise ConfigError(f"ttt-e2e checkpoint {args.src!r}: {_one_line(err)}") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = save_model_checkpoint(model, target)
+    config = model.config
+    print(
+        f"converted {args.src} ({config.num_layers} layers, {config.num_layers - model.num_prefix} with "
+        f"a prime MLP, hidden {config.hidden_size}, vocabulary {config.vocab_size}, chunk "
+        f"{config.e2e.chunk_size}, window {config.window}, {model.num_parameters():,} parameters)"
     )
     print(f"checkpoint: {path}")
     return 0

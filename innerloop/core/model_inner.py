@@ -31,9 +31,14 @@ class ModelInnerLoss(ABC):
 
     @abstractmethod
     def chunk_loss(self, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """Each sequence's loss on the chunk: ``logits [B, C, V]``, ``input_ids [B, C]`` → ``[B]``.
+        """Each sequence's loss on the chunk: ``logits [B, C, V]``, ``input_ids [B, C]`` or
+        ``[B, C + 1]`` → ``[B]``.
 
-        Only the chunk's own tokens may be used (the model streams: later tokens are not known yet).
+        ``input_ids`` are the chunk's tokens, followed by the next chunk's first token when the model's
+        ``chunk_targets`` is ``next_token`` (the official TTT-E2E loss: every token of the chunk has
+        its target); with ``within_chunk`` the chunk's tokens alone. No later token is ever given
+        (the model streams). A negative id (after the first) is a target to skip
+        (``model.e2e.skip_target_id``, the official code's mask of BOS targets).
         """
 
 

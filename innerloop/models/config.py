@@ -78,6 +78,24 @@ class E2EConfig:
             prime MLPs stay fixed): the baseline without test-time training.
         inner_loss: registered ``model_inner_loss`` (``innerloop plugins`` lists them).
         update_rule: registered ``model_update_rule``.
+        chunk_targets: which tokens a chunk's inner loss predicts. ``next_token`` (the official
+            code's): each of the chunk's ``C`` tokens predicts the token after it, the last one the
+            next chunk's first, so a chunk is trained on once that token has been read.
+            ``within_chunk``: the ``C - 1`` pairs inside the chunk, trained on as soon as the chunk's
+            last token is read (the paper's reading, innerloop's behaviour before the official code
+            was matched).
+        rope_positions: RoPE positions of the chunked attention. ``relative`` (the official code's):
+            keys are cached after the QK-norm and before RoPE, and a chunk's queries and keys are
+            rotated at positions relative to the window before the chunk (keys ``0 .. W + C - 1``).
+            ``absolute``: every token at its absolute position, keys cached after RoPE. The attention
+            is the same function either way; the rounding of the angles differs (which matters for
+            long sequences in float32).
+        skip_target_id: a token id the inner loss skips as a target (None: none). The official data
+            pipeline masks targets that are the BOS token (a document boundary in packed text), so
+            converted models set it to the config's ``bos_token_id``.
+        compute_dtype: dtype of the matrix products: ``float32`` (exact), or ``bfloat16`` /
+            ``float16`` (as the official ``compute_dtype``, under ``torch.autocast``; the weights, fast
+            weights and inner gradients' accumulation stay float32).
     """
 
     chunk_size: int = 16
@@ -91,6 +109,10 @@ class E2EConfig:
     test_time_training: bool = True
     inner_loss: str = "next_token"
     update_rule: str = "score_first_sgd"
+    chunk_targets: str = "next_token"
+    rope_positions: str = "relative"
+    skip_target_id: Optional[int] = None  # noqa: UP045 (omegaconf reads Optional, not ``int | None``)
+    compute_dtype: str = "float32"
 
 
 @dataclass
@@ -354,6 +376,15 @@ def _check_ttt(ttt: TTTConfig) -> None:
         raise ValueError(f"model.ttt: {err}") from None
 
 
+E2E_CHOICES: dict[str, tuple[str, ...]] = {
+    "chunk_targets": ("next_token", "within_chunk"),
+    "rope_positions": ("relative", "absolute"),
+    "compute_dtype": ("float32", "bfloat16", "float16"),
+}
+"""The valid values of :class:`E2EConfig`'s string options (other than registry names); the first is
+the default, the official code's behaviour."""
+
+
 def validate_e2e_config(config: ModelConfig) -> None:
     """Check ``config.e2e``; raise ``ValueError`` naming the key, its value and what is valid."""
     e2e = config.e2e
@@ -376,6 +407,14 @@ def validate_e2e_config(config: ModelConfig) -> None:
         raise ValueError(
             f"model.e2e.inner_lr_warmup_fraction={e2e.inner_lr_warmup_fraction} must be in [0, 1)"
         )
+    if e2e.skip_target_id is not None and not 0 <= e2e.skip_target_id < config.vocab_size:
+        raise ValueError(
+            f"model.e2e.skip_target_id={e2e.skip_target_id} must be a token id in [0, "
+            f"{config.vocab_size}) (model.vocab_size), or null for none"
+        )
+    for key, choices in E2E_CHOICES.items():
+        if getattr(e2e, key) not in choices:
+            raise ValueError(f"model.e2e.{key}={getattr(e2e, key)!r} is not one of {list(choices)}")
     for key, kind in (("inner_loss", "model_inner_loss"), ("update_rule", "model_update_rule")):
         name, choices = getattr(e2e, key), available(kind)
         if name not in choices:

@@ -11,14 +11,20 @@ quarter of the blocks (the *suffix*) have an extra SwiGLU MLP, the prime MLP, be
 The inner loop is the same in training and inference. The prefix blocks run once over the input;
 then, chunk by chunk, the suffix blocks, the final norm and the head *score* the chunk with the
 current fast weights, the registered model inner loss (``next_token``) gives each sequence's loss on
-the chunk, and the registered update rule (``score_first_sgd``: gradient, global-norm clip, one SGD
-step) gives the fast weights of the next chunk. The suffix blocks' key/value caches carry over from
-chunk to chunk. Outer training differentiates the mean of the scored (pre-update) losses through
-the inner steps: to second order by default, to first order with ``first_order=True``.
+the chunk's tokens and their next tokens, and the registered update rule (``score_first_sgd``:
+gradient, global-norm clip, one SGD step) gives the fast weights of the next chunk. The suffix
+blocks' key/value caches carry over from chunk to chunk. Outer training differentiates the mean of
+the scored (pre-update) losses through the inner steps: to second order by default, to first order
+with ``first_order=True``.
+
+By default the model computes what the official TTT-E2E code computes (``docs/e2e.md`` lists the
+choices and the ``E2EConfig`` options that select the paper's reading instead): a chunk's loss
+includes its last token, whose target is the next chunk's first; the chunked blocks rotate queries
+and keys at positions relative to the window before the chunk (:func:`chunk_relative_attention`).
 
 ``logits, state = model(ids, state)`` continues a sequence from ``state``, for any split of it: a
-chunk that is not complete yet is scored now and kept in the state (its suffix inputs, at most
-``chunk_size - 1`` tokens) until its last token arrives and it is trained on. :meth:`E2ELM.stream`
+chunk that cannot be trained on yet is scored now and kept in the state (its suffix inputs, at most
+``chunk_size`` tokens) until its last target arrives and it is trained on. :meth:`E2ELM.stream`
 reads an arbitrarily long sequence piece by piece in constant memory.
 """
 
@@ -34,7 +40,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from innerloop.core.model_inner import FastWeights, ModelInnerLoss, ModelUpdateRule
-from innerloop.models.attention import CausalSelfAttention, KVCache
+from innerloop.models.attention import CausalSelfAttention, KVCache, rotate_with_rope
 from innerloop.models.blocks import SwiGLU
 from innerloop.models.config import E2E, ModelConfig, validate_model_config
 from innerloop.models.lm import _tensors
@@ -48,6 +54,93 @@ from innerloop.registry import get_registry
 def num_suffix_blocks(config: ModelConfig) -> int:
     """Blocks with a prime MLP: ``round(suffix_fraction * num_layers)``, at least 1 (3 of 12)."""
     return max(1, round(config.e2e.suffix_fraction * config.num_layers))
+
+
+# --------------------------------------------------------------------------------------------------
+# Chunked attention with RoPE relative to the window before the chunk (the official code's)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkKVCache:
+    """The keys and values of the last ``window - 1`` tokens, for :func:`chunk_relative_attention`.
+
+    Unlike :class:`~innerloop.models.attention.KVCache`, ``key [B, H, S, f]`` is stored after the
+    QK-norm and *before* RoPE: each chunk rotates it at positions relative to itself. ``position`` is
+    the absolute position of the next token.
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    position: int
+
+    def detach(self) -> ChunkKVCache:
+        """The same cache cut from the autograd graph."""
+        return ChunkKVCache(self.key.detach(), self.value.detach(), self.position)
+
+
+def chunk_relative_attention(
+    attn: CausalSelfAttention, x: torch.Tensor, cache: ChunkKVCache | None, chunk_size: int
+) -> tuple[torch.Tensor, ChunkKVCache]:
+    """Sliding-window attention of ``x [B, T, D]`` after ``cache``, chunk by chunk, as the official
+    TTT-E2E code computes it: for the chunk starting at absolute position ``s``, a token at ``t`` is
+    rotated at position ``window + t - s`` (so the window before the chunk sits at ``0 .. window - 1``
+    and the chunk's queries at ``window .. window + C - 1``). Chunks start at multiples of
+    ``chunk_size``; ``x`` may start and end anywhere, the result does not depend on the split.
+
+    Returns ``y [B, T, D]`` and the cache after ``x``.
+    """
+    batch, length, hidden = x.shape
+    heads, head_dim, window = attn.num_heads, attn.head_dim, attn.window
+    assert window is not None, "chunk_relative_attention needs a sliding window"
+    start = 0 if cache is None else cache.position
+    q, k, v = attn.qkv_proj(x).view(batch, length, 3, heads, head_dim).unbind(2)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # each [B, H, T, f]
+    if attn.q_norm is not None and attn.k_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    if cache is not None:
+        k, v = torch.cat((cache.key, k), dim=2), torch.cat((cache.value, v), dim=2)  # [B, H, S + T, f]
+    first_key = start + length - k.shape[2]  # absolute position of k[:, :, 0]
+    pieces = []
+    begin = start
+    while begin < start + length:  # one piece per chunk the queries touch
+        chunk_start = begin - begin % chunk_size
+        end = min(chunk_start + chunk_size, start + length)
+        lowest = max(begin - window + 1, first_key)  # the earliest key a query of the piece sees
+        query_pos = torch.arange(begin, end, device=x.device)  # [n] absolute
+        key_pos = torch.arange(lowest, end, device=x.device)  # [m] absolute
+        offset = window - chunk_start  # absolute -> rotation position
+        q_piece = rotate_with_rope(q[:, :, begin - start : end - start], query_pos + offset, attn.rope_theta)
+        k_piece = rotate_with_rope(
+            k[:, :, lowest - first_key : end - first_key], key_pos + offset, attn.rope_theta
+        )
+        v_piece = v[:, :, lowest - first_key : end - first_key]
+        mask = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - window)
+        pieces.append(F.scaled_dot_product_attention(q_piece, k_piece, v_piece, attn_mask=mask))
+        begin = end
+    y = torch.cat(pieces, dim=2) if pieces else q  # [B, H, T, f]
+    y = y.transpose(1, 2).reshape(batch, length, hidden)
+    keep = min(k.shape[2], window - 1)
+    kept = slice(k.shape[2] - keep, k.shape[2])
+    return attn.o_proj(y), ChunkKVCache(k[:, :, kept], v[:, :, kept], start + length)
+
+
+class FloatRMSNorm(nn.RMSNorm):
+    """RMSNorm computed in (at least) its weight's precision and returned in the input's dtype, as the
+    official code does under a bf16 ``compute_dtype``; float32 and float64 inputs are unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compute = torch.promote_types(x.dtype, self.weight.dtype)
+        return super().forward(x.to(compute)).to(x.dtype)
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is in a lower precision (logits under a bf16 ``compute_dtype``)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+AnyCache = KVCache | ChunkKVCache
+"""A block's attention cache: RoPE applied (absolute positions) or not (chunk-relative positions)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -76,32 +169,45 @@ class E2EBlock(nn.Module):
     def __init__(self, config: ModelConfig, prime: bool):
         super().__init__()
         D, eps = config.hidden_size, config.norm_eps
-        self.attn_pre_norm = nn.RMSNorm(D, eps=eps)
+        self.attn_pre_norm = FloatRMSNorm(D, eps=eps)
         self.attn = CausalSelfAttention(
             D, config.num_heads, config.window, config.rope_theta, qk_norm=True, norm_eps=eps
         )
-        self.attn_post_norm = nn.RMSNorm(D, eps=eps)
+        self.attn.q_norm = FloatRMSNorm(
+            self.attn.head_dim, eps=eps
+        )  # the same parameter, computed in float32
+        self.attn.k_norm = FloatRMSNorm(self.attn.head_dim, eps=eps)
+        self.attn_post_norm = FloatRMSNorm(D, eps=eps)
         self.prime: SwiGLU | None = None
         if prime:
-            self.prime_pre_norm = nn.RMSNorm(D, eps=eps)
+            self.prime_pre_norm = FloatRMSNorm(D, eps=eps)
             self.prime = SwiGLU(D, config.e2e.prime_intermediate_size or config.intermediate_size)
-            self.prime_post_norm = nn.RMSNorm(D, eps=eps)
-        self.mlp_pre_norm = nn.RMSNorm(D, eps=eps)
+            self.prime_post_norm = FloatRMSNorm(D, eps=eps)
+        self.mlp_pre_norm = FloatRMSNorm(D, eps=eps)
         self.mlp = SwiGLU(D, config.intermediate_size)
-        self.mlp_post_norm = nn.RMSNorm(D, eps=eps)
+        self.mlp_post_norm = FloatRMSNorm(D, eps=eps)
 
     def forward(
         self,
         h: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: AnyCache | None = None,
         fast: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, KVCache]:
+        chunk_size: int | None = None,
+    ) -> tuple[torch.Tensor, AnyCache]:
         """``h [B, T, D]`` after the tokens in ``cache`` → ``h [B, T, D]`` and the new cache.
 
         ``fast``: the prime MLP's (gate, up, down) weights per sequence, ``[B, ...]``; None uses the
-        block's own (initial) prime weights.
+        block's own (initial) prime weights. ``chunk_size``: attend chunk by chunk with RoPE relative
+        to each chunk (:func:`chunk_relative_attention`, a :class:`ChunkKVCache`); None: absolute
+        positions (a :class:`KVCache`).
         """
-        mixed, cache = self.attn(self.attn_pre_norm(h), cache)
+        x = self.attn_pre_norm(h)
+        if chunk_size is None:
+            assert cache is None or isinstance(cache, KVCache)
+            mixed, cache = self.attn(x, cache)
+        else:
+            assert cache is None or isinstance(cache, ChunkKVCache)
+            mixed, cache = chunk_relative_attention(self.attn, x, cache, chunk_size)
         h = h + self.attn_post_norm(mixed)
         if self.prime is not None:
             x = self.prime_pre_norm(h)
@@ -120,17 +226,20 @@ class E2EState:
     """What :class:`E2ELM` carries between calls.
 
     Attributes:
-        caches: one SWA key/value cache per block (None before the first token). The prefix blocks'
-            caches are up to date; the suffix blocks' are as of the start of the current chunk.
+        caches: one SWA key/value cache per block (None before the first token):
+            :class:`ChunkKVCache` for the blocks that attend chunk by chunk with relative RoPE,
+            :class:`KVCache` for the others. The prefix blocks' caches are up to date; the suffix
+            blocks' are as of the start of the current chunk.
         fast: the fast weights for the current chunk, by parameter name, each ``[B, ...]``
             (empty when ``test_time_training`` is off).
-        pending: suffix-block inputs of the current chunk's tokens read so far, ``[B, p, D]``,
-            ``p < chunk_size``.
+        pending: suffix-block inputs of the current chunk's tokens read so far, ``[B, p, D]``:
+            ``p < chunk_size``, or ``p == chunk_size`` for a complete chunk that waits for the next
+            token, its last target (``chunk_targets="next_token"``).
         pending_ids: their token ids, ``[B, p]``.
         position: number of tokens read.
     """
 
-    caches: tuple[KVCache | None, ...]
+    caches: tuple[AnyCache | None, ...]
     fast: dict[str, torch.Tensor]
     pending: torch.Tensor
     pending_ids: torch.Tensor
@@ -178,9 +287,10 @@ class E2ELM(nn.Module):
         self.blocks = nn.ModuleList(
             E2EBlock(config, prime=i >= self.num_prefix) for i in range(config.num_layers)
         )
-        self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.norm = FloatRMSNorm(config.hidden_size, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.lm_head.weight = self.embed.weight  # tied
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
         registry = get_registry()
         self.inner_loss: ModelInnerLoss = registry.model_inner_loss(config.e2e.inner_loss)
         self.update_rule: ModelUpdateRule = registry.model_update_rule(config.e2e.update_rule)
@@ -193,6 +303,8 @@ class E2ELM(nn.Module):
         """Normal(0, init_std) for the embedding and every projection; norms start at 1."""
         std = self.config.init_std
         nn.init.normal_(self.embed.weight, std=std)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
         for module in self.modules():
             if isinstance(module, (SwiGLU, CausalSelfAttention)):
                 for linear in module.children():
@@ -249,12 +361,8 @@ class E2ELM(nn.Module):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
-        if state is not None and len(state.caches) != len(self.blocks):
-            raise ValueError(f"state has {len(state.caches)} block caches, the model has {len(self.blocks)}")
-        if state is not None and state.pending_ids.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"state is for batch size {state.pending_ids.shape[0]}, input_ids has {input_ids.shape[0]}"
-            )
+        if state is not None:
+            self._check_state(state, input_ids.shape[0])
         if torch.is_inference_mode_enabled():
             # Inference tensors cannot enter autograd, and test-time training needs autograd: run on
             # normal tensors, without an outer graph.
@@ -263,14 +371,47 @@ class E2ELM(nn.Module):
             return logits, state
         return self._forward(input_ids, state)
 
-    def _forward(self, input_ids: torch.Tensor, state: E2EState | None) -> tuple[torch.Tensor, E2EState]:
-        batch, length = input_ids.shape
-        caches: list[KVCache | None] = list(state.caches) if state is not None else [None] * len(self.blocks)
-        h = self.embed(input_ids)  # [B, T, D]
-        if not self.config.e2e.test_time_training:
-            return self._forward_plain(h, input_ids, caches, state)
+    def _check_state(self, state: E2EState, batch: int) -> None:
+        """``state`` is one this model made for a batch of ``batch`` sequences (a state of a model with
+        other ``test_time_training`` or ``rope_positions`` holds other caches and fast weights)."""
+        if len(state.caches) != len(self.blocks):
+            raise ValueError(f"state has {len(state.caches)} block caches, the model has {len(self.blocks)}")
+        if state.pending_ids.shape[0] != batch:
+            raise ValueError(f"state is for batch size {state.pending_ids.shape[0]}, input_ids has {batch}")
+        e2e = self.config.e2e
+        relative = e2e.rope_positions == "relative"
+        first_chunked = self.num_prefix if e2e.test_time_training else 0
+        for i, cache in enumerate(state.caches):
+            wanted = ChunkKVCache if relative and i >= first_chunked else KVCache
+            if cache is not None and not isinstance(cache, wanted):
+                raise ValueError(
+                    f"state's cache of block {i} is a {type(cache).__name__}, this model keeps a "
+                    f"{wanted.__name__} there: the state was made by a model with other "
+                    f"test_time_training / rope_positions (this one: {e2e.test_time_training} / "
+                    f"{e2e.rope_positions!r})"
+                )
+        names = self.fast_weight_names() if e2e.test_time_training else []
+        if sorted(state.fast) != sorted(names):
+            raise ValueError(
+                f"state holds fast weights {sorted(state.fast)}, this model (test_time_training="
+                f"{e2e.test_time_training}) needs {names}"
+            )
 
-        # 1. The prefix blocks, once over everything given.
+    def _forward(self, input_ids: torch.Tensor, state: E2EState | None) -> tuple[torch.Tensor, E2EState]:
+        e2e = self.config.e2e
+        compute = getattr(torch, e2e.compute_dtype)
+        # The official compute_dtype: matrix products in bf16/fp16, weights and fast weights float32.
+        precision = torch.autocast(input_ids.device.type, dtype=compute, enabled=compute != torch.float32)
+        with precision:
+            if not e2e.test_time_training:
+                return self._forward_plain(input_ids, state)
+            return self._forward_ttt(input_ids, state)
+
+    def _forward_ttt(self, input_ids: torch.Tensor, state: E2EState | None) -> tuple[torch.Tensor, E2EState]:
+        batch, length = input_ids.shape
+        caches: list[AnyCache | None] = list(state.caches) if state is not None else [None] * len(self.blocks)
+        h = self.embed(input_ids)  # [B, T, D]
+        # 1. The prefix blocks, once over everything given, at absolute positions.
         for i in range(self.num_prefix):
             h, caches[i] = self.blocks[i](h, caches[i])
         # 2. The suffix, chunk by chunk, starting with the tokens of an unfinished chunk, if any.
@@ -286,19 +427,41 @@ class E2ELM(nn.Module):
         new_state = E2EState(tuple(caches), fast, pending, pending_ids, position)
         return logits[:, -length:] if length else logits[:, :0], new_state
 
+    def _chunk_for_attention(self) -> int | None:
+        """The chunk size the chunked blocks attend with (relative RoPE), or None (absolute RoPE)."""
+        e2e = self.config.e2e
+        return e2e.chunk_size if e2e.rope_positions == "relative" else None
+
+    def _trainable(self, start: int, end: int, length: int) -> bool:
+        """Whether the chunk ``[start, end)`` of ``length`` suffix inputs can be trained on now: it is
+        complete and, with ``chunk_targets="next_token"``, the token after it has been read."""
+        complete = end - start == self.config.e2e.chunk_size
+        return complete and (end < length or self.config.e2e.chunk_targets == "within_chunk")
+
+    def _mark_skipped(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids [B, n]`` with every target (all but the first id) equal to ``e2e.skip_target_id``
+        replaced by -1, which the inner loss skips."""
+        skip = self.config.e2e.skip_target_id
+        if skip is None:
+            return ids
+        is_target = torch.arange(ids.shape[1], device=ids.device) > 0
+        return torch.where((ids == skip) & is_target, torch.full_like(ids, -1), ids)
+
     def _inner_loop(
-        self, h: torch.Tensor, ids: torch.Tensor, caches: list[KVCache | None], fast: FastWeights
-    ) -> tuple[torch.Tensor, list[KVCache | None], FastWeights, torch.Tensor, torch.Tensor]:
+        self, h: torch.Tensor, ids: torch.Tensor, caches: list[AnyCache | None], fast: FastWeights
+    ) -> tuple[torch.Tensor, list[AnyCache | None], FastWeights, torch.Tensor, torch.Tensor]:
         """Score-then-train every chunk of ``h [B, N, D]`` (suffix inputs) whose tokens start a chunk.
 
-        Returns the logits ``[B, N, V]``, the caches and fast weights after the complete chunks, and the
-        trailing incomplete chunk (scored, not trained on) as the new pending inputs and ids.
+        Returns the logits ``[B, N, V]``, the caches and fast weights after the chunks trained on, and
+        the trailing chunk that cannot be trained on yet (scored, not trained on) as the new pending
+        inputs and ids.
         """
         e2e = self.config.e2e
         chunk = e2e.chunk_size
         outer = torch.is_grad_enabled()  # an outer graph is wanted (training)
         create_graph = outer and not e2e.first_order
         lr = self.inner_lr()
+        with_next = e2e.chunk_targets == "next_token"  # the loss also reads the token after the chunk
         pieces: list[torch.Tensor] = []
         length = h.shape[1]
         pending, pending_ids = h[:, :0], ids[:, :0]
@@ -308,17 +471,18 @@ class E2ELM(nn.Module):
             if not outer:  # no graph between chunks: each chunk's inner gradient starts afresh
                 h_chunk = h_chunk.detach()
                 fast = {k: v.detach().requires_grad_() for k, v in fast.items()}
-            complete = end - start == chunk
+            trainable = self._trainable(start, end, length)
             # CPU's fused attention kernel has no double backward; the math one does.
             attention = sdpa_kernel([SDPBackend.MATH]) if create_graph else nullcontext()
             with torch.enable_grad(), attention:
                 logits, new_caches = self._score(h_chunk, caches, fast)  # [B, C, V]
-                if complete:
-                    losses = self.inner_loss.chunk_loss(logits, ids_chunk)  # [B]
+                if trainable:
+                    targets = ids[:, start : end + 1] if with_next else ids_chunk  # [B, C (+ 1)]
+                    losses = self.inner_loss.chunk_loss(logits, self._mark_skipped(targets))  # [B]
                     fast = self.update_rule.step(fast, losses, lr, e2e.inner_grad_clip, create_graph)
-            if complete:
+            if trainable:
                 caches = new_caches
-            else:  # the sequence ends inside this chunk: train on it once its last token has come
+            else:  # train on this chunk once its last token (and target) has come
                 pending, pending_ids = h_chunk, ids_chunk
             if not outer:
                 logits = logits.detach()
@@ -331,25 +495,27 @@ class E2ELM(nn.Module):
         return torch.cat(pieces, dim=1), caches, fast, pending, pending_ids
 
     def _score(
-        self, h: torch.Tensor, caches: list[KVCache | None], fast: FastWeights
-    ) -> tuple[torch.Tensor, list[KVCache | None]]:
-        """The suffix blocks, final norm and head on one chunk ``h [B, C, D]`` with fast weights ``fast``."""
+        self, h: torch.Tensor, caches: list[AnyCache | None], fast: FastWeights
+    ) -> tuple[torch.Tensor, list[AnyCache | None]]:
+        """The suffix blocks, final norm and head on one chunk ``h [B, C, D]`` with fast weights ``fast``
+        (float32 logits ``[B, C, V]``)."""
         caches = list(caches)
+        chunk = self._chunk_for_attention()
         for i in range(self.num_prefix, len(self.blocks)):
-            h, caches[i] = self.blocks[i](h, caches[i], self._block_fast(fast, i))
-        return self.lm_head(self.norm(h)), caches  # [B, C, V]
+            h, caches[i] = self.blocks[i](h, caches[i], self._block_fast(fast, i), chunk)
+        return _at_least_float32(self.lm_head(self.norm(h))), caches
 
     def _forward_plain(
-        self,
-        h: torch.Tensor,
-        input_ids: torch.Tensor,
-        caches: list[KVCache | None],
-        state: E2EState | None,
+        self, input_ids: torch.Tensor, state: E2EState | None
     ) -> tuple[torch.Tensor, E2EState]:
-        """Every block once over ``h``, prime MLPs fixed: a plain sliding-window Transformer."""
+        """Every block over ``input_ids``, prime MLPs fixed: a plain sliding-window Transformer. With
+        relative RoPE every block attends chunk by chunk, as the official code's ``pretrain`` mode."""
+        caches: list[AnyCache | None] = list(state.caches) if state is not None else [None] * len(self.blocks)
+        h = self.embed(input_ids)  # [B, T, D]
+        chunk = self._chunk_for_attention()
         for i, block in enumerate(self.blocks):
-            h, caches[i] = block(h, caches[i])
-        logits = self.lm_head(self.norm(h))  # [B, T, V]
+            h, caches[i] = block(h, caches[i], None, chunk)
+        logits = _at_least_float32(self.lm_head(self.norm(h)))  # [B, T, V]
         position = input_ids.shape[1] + (0 if state is None else state.position)
         empty = h[:, :0]
         return logits, E2EState(tuple(caches), {}, empty, input_ids[:, :0], position)
@@ -364,7 +530,7 @@ class E2ELM(nn.Module):
         ``[B, n_i, V]`` and the state after it.
 
         Memory is constant in the sequence length: the state holds one window of keys and values per
-        block, the fast weights and less than one chunk of pending inputs, and nothing else is kept.
+        block, the fast weights and at most one chunk of pending inputs, and nothing else is kept.
         """
         for piece in pieces:
             logits, state = self(piece, state)

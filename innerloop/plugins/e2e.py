@@ -17,27 +17,41 @@ from innerloop.registry import hookimpl
 
 
 class NextTokenChunkLoss(ModelInnerLoss):
-    """Mean next-token cross-entropy over the pairs inside the chunk.
+    """Mean next-token cross-entropy of the chunk's tokens whose next token is given.
 
-    Token ``t`` of the chunk predicts token ``t + 1`` for ``t = 0 .. C-2``: the chunk's last token has
-    no target yet when the chunk is read (the model streams), so a chunk of ``C`` tokens gives
-    ``C - 1`` pairs.
+    Token ``t`` of the chunk predicts token ``t + 1`` of ``input_ids``. With the chunk's ``C`` tokens
+    followed by the next chunk's first (``input_ids [B, C + 1]``, ``model.e2e.chunk_targets =
+    "next_token"``, the official code's loss) that is all ``C`` tokens; with the chunk alone
+    (``[B, C]``, ``within_chunk``) the ``C - 1`` pairs inside it. A negative id marks a target the
+    loss skips (``model.e2e.skip_target_id``): the mean is over the others, 0 if there are none (as
+    the official masked loss).
     """
 
     name = "next_token"
 
     def chunk_loss(self, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        if logits.dim() != 3 or input_ids.shape != logits.shape[:2]:
+        if logits.dim() != 3 or input_ids.dim() != 2 or input_ids.shape[0] != logits.shape[0]:
             raise ValueError(
-                f"logits must be [B, C, V] and input_ids [B, C]; got {tuple(logits.shape)} and "
-                f"{tuple(input_ids.shape)}"
+                f"logits must be [B, C, V] and input_ids [B, C] or [B, C + 1]; got {tuple(logits.shape)} "
+                f"and {tuple(input_ids.shape)}"
             )
-        if logits.shape[1] < 2:
-            raise ValueError(f"a chunk needs >= 2 tokens for a next-token pair; got C={logits.shape[1]}")
+        chunk = logits.shape[1]
+        if input_ids.shape[1] not in (chunk, chunk + 1):
+            raise ValueError(
+                f"input_ids must hold the chunk's {chunk} tokens, or those and the next one; got "
+                f"{input_ids.shape[1]} tokens for logits {tuple(logits.shape)}"
+            )
+        pairs = input_ids.shape[1] - 1  # tokens whose next token is given
+        if pairs < 1:
+            raise ValueError(f"a chunk needs a next-token pair; got C={chunk} and {input_ids.shape[1]} ids")
+        targets = input_ids[:, 1:]  # [B, pairs]
+        valid = targets >= 0
         per_token = F.cross_entropy(
-            logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none"
-        )  # [B, C-1]
-        return per_token.mean(dim=1)  # [B]
+            logits[:, :pairs].transpose(1, 2), targets.clamp_min(0), reduction="none"
+        )  # [B, pairs]
+        if bool(valid.all()):
+            return per_token.mean(dim=1)  # [B]
+        return (per_token * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1)  # [B]
 
 
 class ScoreFirstSGD(ModelUpdateRule):

@@ -337,7 +337,11 @@ def save_model_checkpoint(model: CausalLM | E2ELM, path: str | os.PathLike[str])
     :func:`load_module` reads, so ``innerloop generate`` and ``innerloop eval`` take it. Written
     atomically (see :func:`~innerloop.train.checkpoint.save_checkpoint`); returns the path."""
     module = LanguageModelModule(model=model.config.to_dict())
-    module.model.to(next(model.parameters()).dtype)
+    dtype = next(model.parameters()).dtype
+    for (
+        parameter
+    ) in module.model.parameters():  # not .to(dtype): buffers keep theirs (E2E's float64 progress)
+        parameter.data = parameter.data.to(dtype)
     module.model.load_state_dict(model.state_dict(), strict=True)
     checkpoint = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
     return save_checkpoint(checkpoint, path)

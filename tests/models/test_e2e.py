@@ -129,7 +129,8 @@ def test_first_order_option_differs_from_the_full_meta_gradient() -> None:
 
 def test_first_order_gradient_treats_the_inner_gradient_as_a_constant() -> None:
     """With one inner step, dL/dW0 of first-order MAML is the gradient at the updated weights."""
-    model = tiny_model(first_order=True, inner_grad_clip=0.0)
+    # Absolute RoPE: the plain reference below then computes the prefix block exactly as the model.
+    model = tiny_model(first_order=True, inner_grad_clip=0.0, rope_positions="absolute")
     ids = random_ids(1, 9)  # 8 inputs: chunk 0 trains, chunk 1 is scored with W1
     logits, _ = model(ids[:, :-1])
     loss_chunk1 = F.cross_entropy(logits[0, 4:], ids[0, 5:])
@@ -140,7 +141,7 @@ def test_first_order_gradient_treats_the_inner_gradient_as_a_constant() -> None:
     # and values come from attention before the only prime MLP, so chunk 1's logits are the same.
     updated = with_options(model, test_time_training=False)
     with torch.no_grad():
-        state = model(ids[:, :4])[1]
+        state = model(ids[:, :5])[1]  # chunk 0 trains once its last target, token 4, is read
         for name in names:
             dict(updated.named_parameters())[name].copy_(state.fast[name][0])
     ref_logits, _ = updated(ids[:, :8])
@@ -161,17 +162,23 @@ def naive_inner_loop(model: E2ELM, ids: torch.Tensor, clip: float, lr: float) ->
 
     With one suffix block the prime MLP comes after that block's attention, so a chunk's keys and
     values there do not depend on the fast weights: the logits of chunk c equal those of the plain
-    model with weights W_c run over everything up to the end of chunk c.
+    model with weights W_c run over everything up to the end of chunk c. Chunk c's loss: its C tokens
+    with their next tokens (``next_token``, the last chunk has no target for its last token and is
+    not trained on), or the C - 1 pairs inside it (``within_chunk``).
     """
     chunk = model.config.e2e.chunk_size
+    with_next = model.config.e2e.chunk_targets == "next_token"
     plain = with_options(model, test_time_training=False)
     names = plain.fast_weight_names()
     out = []
     for start in range(0, ids.shape[1], chunk):
         logits, _ = plain(ids[:, : start + chunk])
-        chunk_logits = logits[:, start:]  # [1, C, V]
+        chunk_logits = logits[0, start:]  # [C, V]
         out.append(chunk_logits.detach())
-        loss = F.cross_entropy(chunk_logits[0, :-1], ids[0, start + 1 : start + chunk])
+        targets = ids[0, start + 1 : start + chunk + 1] if with_next else ids[0, start + 1 : start + chunk]
+        if with_next and len(targets) < chunk:
+            break  # the last chunk: its last target is not given
+        loss = F.cross_entropy(chunk_logits[: len(targets)], targets)
         params = dict(plain.named_parameters())
         grads = torch.autograd.grad(loss, [params[n] for n in names])
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
@@ -179,13 +186,28 @@ def naive_inner_loop(model: E2ELM, ids: torch.Tensor, clip: float, lr: float) ->
         with torch.no_grad():
             for n, g in zip(names, grads, strict=True):
                 params[n].sub_(lr * scale * g)
-    return torch.cat(out, dim=1)
+    return torch.cat(out)[None]
 
 
+# The plain model attends every block chunk by chunk; with relative RoPE the E2E model's prefix block
+# attends at absolute positions (rounded angles differ): one block, then, all suffix.
+NAIVE_CASES = {
+    "next_token-relative": {"num_layers": 1, "suffix_fraction": 1.0},
+    "next_token-absolute": {"rope_positions": "absolute"},
+    "within_chunk-absolute": {"rope_positions": "absolute", "chunk_targets": "within_chunk"},
+    "within_chunk-relative": {"num_layers": 1, "suffix_fraction": 1.0, "chunk_targets": "within_chunk"},
+}
+
+
+@pytest.mark.parametrize("case", NAIVE_CASES)
 @pytest.mark.parametrize("clip", [1.0, 0.05])
-def test_inner_loop_equals_a_naive_reimplementation(clip: float) -> None:
-    model = tiny_model(inner_grad_clip=clip, inner_lr=0.7)
-    ids = random_ids(1, 16)
+def test_inner_loop_equals_a_naive_reimplementation(clip: float, case: str) -> None:
+    options = dict(NAIVE_CASES[case])
+    layers = options.pop("num_layers", 2)
+    torch.manual_seed(0)
+    config = replace(tiny_config(inner_grad_clip=clip, inner_lr=0.7, **options), num_layers=layers)
+    model = build_model(config).double()
+    ids = random_ids(1, 18)  # 4 full chunks and a partial one
     with torch.no_grad():
         logits, _ = model(ids)
     torch.testing.assert_close(logits, naive_inner_loop(model, ids, clip, 0.7), rtol=1e-10, atol=1e-12)
@@ -211,9 +233,24 @@ def test_streaming_in_any_pieces_equals_the_one_shot_forward() -> None:
     torch.testing.assert_close(losses, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("rope", ["relative", "absolute"])
+def test_streaming_without_test_time_training_equals_the_one_shot_forward(rope: str) -> None:
+    """The plain model: with relative RoPE every block attends chunk by chunk, whatever the pieces."""
+    model = with_options(tiny_model(seed=4), test_time_training=False, rope_positions=rope)
+    ids = random_ids(2, 23, seed=5)
+    with torch.no_grad():
+        whole, _ = model(ids)
+    cuts = [0, 1, 3, 4, 9, 9, 16, 23]
+    pieces = [ids[:, a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    streamed = torch.cat([logits for logits, _ in model.stream(pieces)], dim=1)
+    torch.testing.assert_close(streamed, whole, rtol=1e-12, atol=1e-13)
+
+
 def test_streaming_float32_matches_one_shot() -> None:
+    # init_std 0.02 (the default): tiny_config's 0.3 makes 16 inner steps of lr 1 amplify float32
+    # rounding (pieces of other shapes in the prefix) to ~3e-5; float64 is exact (the test above).
     torch.manual_seed(0)
-    model = build_model(tiny_config())  # float32
+    model = build_model(replace(tiny_config(), init_std=0.02))  # float32
     ids = random_ids(1, 64, seed=6)
     with torch.no_grad():
         whole, _ = model(ids)
@@ -288,18 +325,29 @@ def test_generation_runs_through_the_state() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_inner_lr_zero_equals_the_plain_sliding_window_transformer() -> None:
-    model = tiny_model(inner_lr=0.0, inner_lr_start=0.0)
+@pytest.mark.parametrize(
+    "options",
+    [{"suffix_fraction": 1.0}, {"rope_positions": "absolute"}, {"chunk_targets": "within_chunk"}],
+    ids=["all-suffix", "absolute-rope", "within-chunk"],
+)
+def test_inner_lr_zero_equals_the_plain_sliding_window_transformer(options) -> None:
+    model = tiny_model(inner_lr=0.0, inner_lr_start=0.0, **options)
     plain = with_options(model, test_time_training=False)
     ids = random_ids(2, 30)
     with torch.no_grad():
         ttt, _ = model(ids)
         swa, _ = plain(ids)
-    torch.testing.assert_close(ttt, swa, rtol=1e-12, atol=1e-13)
+    if model.num_prefix and model.config.e2e.rope_positions == "relative":
+        # The E2E model's prefix attends at absolute positions, the plain model chunk by chunk at
+        # relative ones (the official code's two modes): the same function, with RoPE angles
+        # rounded to float32 at other positions.
+        torch.testing.assert_close(ttt, swa, rtol=0, atol=1e-6)
+    else:
+        torch.testing.assert_close(ttt, swa, rtol=1e-12, atol=1e-13)
 
 
 def test_first_chunk_is_scored_before_any_update_and_later_ones_learn() -> None:
-    model = tiny_model()
+    model = tiny_model(suffix_fraction=1.0)  # every block chunked in both modes: exact
     plain = with_options(model, test_time_training=False)
     ids = random_ids(1, 12)
     with torch.no_grad():
@@ -394,7 +442,7 @@ def swap_plugin():
 
 @pytest.mark.parametrize("option", [{"update_rule": "test_keep_weights"}, {"inner_loss": "test_zero_loss"}])
 def test_plugins_are_swapped_by_name(swap_plugin, option) -> None:
-    model = tiny_model()
+    model = tiny_model(suffix_fraction=1.0)  # every block chunked in both modes: exact
     swapped = with_options(model, **option)
     plain = with_options(model, test_time_training=False)
     ids = random_ids(1, 12)
@@ -457,11 +505,62 @@ def test_broken_model_plugins_are_rejected_with_the_reason(plugin, match) -> Non
         ({"inner_loss": "mse"}, r"registered: \['next_token'"),
         ({"inner_lr": -1.0}, r"model\.e2e\.inner_lr=-1\.0 must be a finite number >= 0"),
         ({"suffix_fraction": 0.0}, r"model\.e2e\.suffix_fraction=0\.0 must be in \(0, 1\]"),
+        ({"skip_target_id": 11}, r"model\.e2e\.skip_target_id=11 must be a token id in \[0, 11\)"),
+        (
+            {"skip_target_id": -1},
+            r"model\.e2e\.skip_target_id=-1 must be a token id in \[0, 11\) .*, or null",
+        ),
+        (
+            {"chunk_targets": "all"},
+            r"model\.e2e\.chunk_targets='all' is not one of \['next_token', 'within_chunk'\]",
+        ),
+        ({"rope_positions": "abs"}, r"model\.e2e\.rope_positions='abs' is not one of"),
+        (
+            {"compute_dtype": "bf16"},
+            r"model\.e2e\.compute_dtype='bf16' is not one of \['float32', 'bfloat16', 'float16'\]",
+        ),
     ],
 )
 def test_bad_options_name_the_key_and_the_valid_values(option, match) -> None:
     with pytest.raises(ValueError, match=match):
         build_model(tiny_config(**option))
+
+
+def test_skipped_targets_leave_the_inner_loss_and_its_step() -> None:
+    logits = torch.randn(2, 4, VOCAB, dtype=torch.float64)
+    ids = random_ids(2, 5)
+    marked = ids.clone()
+    marked[0, [2, 4]] = -1  # two of sequence 0's targets skipped
+    marked[1, 1:] = -1  # all of sequence 1's
+    losses = NextTokenChunkLoss().chunk_loss(logits, marked)
+    per_token = F.cross_entropy(logits[0], ids[0, 1:], reduction="none")
+    torch.testing.assert_close(losses[0], per_token[[0, 2]].mean(), rtol=1e-14, atol=0)
+    assert losses[1].item() == 0.0
+    # In the model: a sequence without the skipped id is unaffected; with it, the steps change.
+    model = tiny_model()
+    skipping = with_options(model, skip_target_id=3)
+    ids = random_ids(1, 13)
+    without = torch.where(ids == 3, torch.full_like(ids, 4), ids)
+    with torch.no_grad():
+        torch.testing.assert_close(skipping(without)[0], model(without)[0], rtol=0, atol=0)
+        assert (skipping(ids)[0][:, 4:] - model(ids)[0][:, 4:]).abs().max() > 1e-6
+        torch.testing.assert_close(skipping(ids)[0][:, :4], model(ids)[0][:, :4], rtol=0, atol=0)
+
+
+def test_a_state_of_a_model_with_other_options_is_refused() -> None:
+    model = tiny_model()
+    ids = random_ids(1, 6)
+    with torch.no_grad():
+        _, state = model(ids)
+        for other, match in (
+            (with_options(model, rope_positions="absolute"), "cache of block 1 is a ChunkKVCache"),
+            (with_options(model, test_time_training=False), "cache of block 0 is a KVCache"),
+        ):
+            with pytest.raises(ValueError, match=match):
+                other(ids, state)
+        _, plain_state = with_options(model, test_time_training=False, rope_positions="absolute")(ids)
+        with pytest.raises(ValueError, match=r"state holds fast weights \[\], this model"):
+            with_options(model, rope_positions="absolute")(ids, plain_state)
 
 
 def test_causal_lm_points_to_build_model_for_e2e() -> None:

@@ -1,0 +1,616 @@
+"""The official TTT-E2E checkpoints (test-time-training/e2e, JAX) as innerloop E2E models.
+
+The official code saves its weights with orbax (OCDBT, zarr) and describes the model in a Hydra
+config. :func:`load_model` reads both and returns an :class:`~innerloop.models.E2ELM` whose
+``logits, state = model(input_ids)`` are the official model's, with test-time training on (the
+official ``train_mode=meta`` evaluation) or off (``train_mode=pretrain``): every option of
+``model.e2e`` that selects between the official code and the paper's reading is set to the official
+code's choice (``docs/e2e.md`` lists them).
+
+Reading orbax needs ``tensorstore`` (``pip install "innerloop[e2e]"``), imported only when a
+checkpoint folder is read; no JAX. :func:`model_from_arrays` builds the model from arrays already
+read (the same names, e.g. from a safetensors copy).
+
+Every field of the config's ``model`` section is either used, checked to have the one value
+innerloop supports, or ignored for a stated reason (:data:`IGNORED_MODEL_FIELDS`); anything else is
+refused with its name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from innerloop.models import E2ELM, E2EConfig, ModelConfig, build_model
+
+PREFIX = "language_model.model."
+"""Where the official model keeps its weights in the saved tree."""
+
+EXTRA_INSTALL = 'pip install "innerloop[e2e]"'
+
+DTYPES: dict[str, str] = {
+    "fp32": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+}
+"""The official dtype names (``ttt.utils.jax_utils.get_float_dtype_by_name``) -> torch's."""
+
+IGNORED_MODEL_FIELDS: dict[str, str] = {
+    "name": "a label",
+    "seq_len": "the training length (sizes the official RoPE table; innerloop computes any position)",
+    "eos_token_id": "the tokenizer's (the model never reads it)",
+    "param_dtype": "the weights are read as float32",
+    "unroll_block_scan": "a compilation choice, the same function",
+    "unroll_inner_scan": "a compilation choice, the same function",
+    "force_flash": "the cuDNN attention kernel, the same function",
+    **{
+        f"remat_{part}{suffix}": "rematerialisation while training, the same function"
+        for part in ("block", "prefix_block", "attention", "mlp", "rms", "multiple_gd")
+        for suffix in ("", "_bwd")
+    },
+}
+"""``model`` fields that do not change the function the model computes, with the reason."""
+
+FIXED_MODEL_FIELDS: dict[str, tuple[Any, Any, str]] = {
+    # field: (the value innerloop supports, the official default when absent, what it means)
+    "seq_modeling_block": ("SWA", "self_attention", "sliding-window attention, the TTT-E2E model"),
+    "prime": (True, False, "the suffix blocks have prime MLPs"),
+    "qk_norm": (True, True, "RMS-normalised queries and keys"),
+    "pre_norm": (True, True, "RMSNorm before every sub-layer"),
+    "post_norm": (True, True, "RMSNorm after every sub-layer"),
+    "feed_forward_prime": ("swiglu", "swiglu", "SwiGLU prime MLPs"),
+    "resid_pdrop": (0.0, 0.0, "no dropout"),
+    "embd_pdrop": (0.0, 0.0, "no dropout"),
+    "attn_pdrop": (0.0, 0.0, "no dropout"),
+    "state_dtype": ("fp32", "fp32", "float32 fast weights"),
+}
+"""``model`` fields with the one value innerloop's E2E model supports."""
+
+REQUIRED_MODEL_FIELDS: tuple[str, ...] = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "mini_batch_size",
+    "sliding_window_size",
+    "rope_theta",
+    "tie_word_embeddings",
+    "suffix_len",
+)
+"""``model`` fields read into innerloop's config; they must be given (a resolved config has them)."""
+
+OPTIONAL_MODEL_FIELDS: dict[str, Any] = {
+    "rms_norm_eps": 1e-6,
+    "initializer_range": 0.02,
+    "compute_dtype": "bf16",
+    "output_size": None,
+    "bos_token_id": 1,
+}
+"""``model`` fields read into innerloop's config, with the official default used when absent."""
+
+INNER_PARAMETERS: tuple[str, ...] = ("w1", "w2", "w3")
+"""The prime MLP's weights, the fast weights innerloop's E2E model trains at test time."""
+
+
+class OfficialConfigError(ValueError):
+    """An official config or checkpoint that innerloop cannot load as it is; the message names the field."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The config
+# --------------------------------------------------------------------------------------------------
+
+
+def read_config(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
+    """The official resolved Hydra config as a dict: ``config`` itself, or read from a YAML or JSON file.
+
+    It must have the ``model`` and ``training`` sections (Hydra writes the resolved config of a run to
+    ``.hydra/config.yaml``; ``train ... --cfg job`` prints it).
+    """
+    if isinstance(config, Mapping):
+        data: Any = dict(config)
+    else:
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config {str(path)!r} is not a file (give the resolved Hydra config)")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:  # omegaconf's YAML reader, as Hydra's (``1e-6`` is a number, not a string)
+            data = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+    if not isinstance(data, Mapping):
+        raise OfficialConfigError(f"the official config must be a mapping, got {type(data).__name__}")
+    for section in ("model", "training"):
+        if not isinstance(data.get(section), Mapping):
+            raise OfficialConfigError(
+                f"the official config has no {section!r} section (a mapping); give the resolved Hydra "
+                f"config with its 'model' and 'training' sections, got keys {sorted(data)}"
+            )
+    return dict(data)
+
+
+def _model_field(model: Mapping[str, Any], key: str, check: Callable[[Any], bool], wanted: str) -> Any:
+    """``model[key]``, refused unless ``check`` accepts it."""
+    value = model[key]
+    if not check(value):
+        raise OfficialConfigError(f"model.{key}={value!r} must be {wanted}")
+    return value
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_model_fields(model: Mapping[str, Any]) -> None:
+    """Every ``model`` field is known, required ones are given, fixed ones have the supported value."""
+    known = {*IGNORED_MODEL_FIELDS, *FIXED_MODEL_FIELDS, *REQUIRED_MODEL_FIELDS, *OPTIONAL_MODEL_FIELDS}
+    unknown = sorted(set(model) - known)
+    if unknown:
+        raise OfficialConfigError(
+            f"model.{unknown[0]} is not a field innerloop knows of the official TTT-E2E config "
+            f"(unknown: {unknown}); it may change the model, so it is refused"
+        )
+    missing = [key for key in REQUIRED_MODEL_FIELDS if key not in model]
+    if missing:
+        raise OfficialConfigError(
+            f"the official config's model section lacks {missing}; give the resolved Hydra config"
+        )
+    for key, (supported, default, meaning) in FIXED_MODEL_FIELDS.items():
+        value = model.get(key, default)
+        if key == "state_dtype" and DTYPES.get(value) == "float32":
+            value = supported  # "float32" is the official code's other name for "fp32"
+        same = (
+            value == supported
+            and type(value) is type(supported)
+            or (isinstance(supported, float) and _finite_number(value) and value == supported)
+        )
+        if not same:
+            raise OfficialConfigError(
+                f"model.{key}={value!r} is not supported: innerloop's E2E model has {key}={supported!r} "
+                f"({meaning})"
+            )
+
+
+def _suffix_fraction(model: Mapping[str, Any], layers: int) -> float:
+    """``suffix_len`` (blocks with a prime MLP) as innerloop's ``suffix_fraction``."""
+    suffix = _model_field(model, "suffix_len", _positive_int, "a positive integer (blocks with a prime MLP)")
+    if suffix > layers:
+        raise OfficialConfigError(
+            f"model.suffix_len={suffix} must be at most model.num_hidden_layers={layers}"
+        )
+    fraction = suffix / layers
+    assert max(1, round(fraction * layers)) == suffix  # innerloop's num_suffix_blocks gives it back
+    return fraction
+
+
+def _inner_optimizer(training: Mapping[str, Any]) -> dict[str, float]:
+    """``training.optimizer_inner`` and the inner-lr warm-up as :class:`E2EConfig` fields."""
+    inner = training.get("optimizer_inner")
+    if not isinstance(inner, Mapping):
+        raise OfficialConfigError(f"training.optimizer_inner must be a mapping, got {inner!r}")
+    kind = inner.get("optimizer_type")
+    if kind != "sgd":
+        raise OfficialConfigError(
+            f"training.optimizer_inner.optimizer_type={kind!r} is not supported: innerloop's E2E inner "
+            "step is 'sgd' (clipped by global norm, no momentum)"
+        )
+    values = {}
+    for key, ours in (("lr", "inner_lr"), ("clip_gradient", "inner_grad_clip")):
+        value = inner.get(key)
+        if not _finite_number(value) or value < 0:
+            raise OfficialConfigError(
+                f"training.optimizer_inner.{key}={value!r} must be a finite number >= 0"
+            )
+        values[ours] = float(value)
+    warmup, total = training.get("ilr_warmup_steps", 0), training.get("total_steps", 0)
+    start = training.get("ilr_init", 1.0)
+    if not _finite_number(start) or start < 0:
+        raise OfficialConfigError(f"training.ilr_init={start!r} must be a finite number >= 0")
+    if _positive_int(warmup) and _positive_int(total):
+        values["inner_lr_start"] = float(start)
+        values["inner_lr_warmup_fraction"] = min(warmup / total, 0.999)
+    else:
+        values["inner_lr_start"] = values["inner_lr"]
+        values["inner_lr_warmup_fraction"] = 0.0
+    return values
+
+
+def _spec_matches(spec: list[str], path: list[str]) -> bool:
+    """The official ``filter_utils.matches``: ``*`` one name, ``**`` any number (at least one)."""
+    if not spec:
+        return not path
+    if not path:
+        return False
+    head, rest = spec[0], spec[1:]
+    if head == "**":
+        return _spec_matches(rest, path[1:]) or _spec_matches(spec, path[1:])
+    return (head == "*" or head == path[0]) and _spec_matches(rest, path[1:])
+
+
+def _selected(specs: list[str], name: str) -> bool:
+    """Whether the official spec list selects the parameter ``name`` (later specs win; ``exclude ``)."""
+    chosen = False
+    for spec in specs:
+        exclude = spec.startswith("exclude ")
+        pattern = spec.removeprefix("exclude ").split(".")
+        if _spec_matches(pattern, name.split(".")):
+            chosen = not exclude
+    return chosen
+
+
+def official_parameter_names(model: Mapping[str, Any]) -> list[str]:
+    """The names the official code gives the parameters while it trains (prefix and suffix blocks
+    split, prime weights inside the suffix blocks), which ``training.spec_inner`` selects from."""
+    block = [
+        *(f"seq_modeling_block.{w}.weight" for w in ("wq", "wk", "wv", "wo", "q_norm", "k_norm")),
+        *(f"feed_forward.{w}.weight" for w in INNER_PARAMETERS),
+        *(f"{n}.weight" for n in ("seq_norm", "ffn_norm", "seq_post_norm", "ffn_post_norm")),
+    ]
+    prime = [
+        *(f"feed_forward_prime.{w}.weight" for w in INNER_PARAMETERS),
+        "ffn_prime_norm.weight",
+        "ffn_prime_post_norm.weight",
+    ]
+    h = PREFIX + "h."
+    names = [PREFIX + "wte.weight", PREFIX + "ln_f.weight"]
+    names += [h + "prefix_blocks." + n for n in block] + [h + "suffix_blocks." + n for n in block + prime]
+    if not model.get("tie_word_embeddings"):
+        names.append("language_model.lm_head.weight")
+    return names
+
+
+def _check_inner_parameters(model: Mapping[str, Any], training: Mapping[str, Any]) -> None:
+    """``training.spec_inner`` must select the prime MLPs' weights and nothing else."""
+    specs = training.get("spec_inner")
+    if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
+        raise OfficialConfigError(f"training.spec_inner must be a list of strings, got {specs!r}")
+    selected = [n for n in official_parameter_names(model) if _selected(specs, n)]
+    expected = [f"{PREFIX}h.suffix_blocks.feed_forward_prime.{w}.weight" for w in INNER_PARAMETERS]
+    if selected != expected:
+        raise OfficialConfigError(
+            f"training.spec_inner={specs!r} selects {selected} as the inner (fast) parameters; innerloop's "
+            f"E2E model trains exactly the prime MLPs' weights {expected} (e.g. "
+            "['language_model.**.suffix_blocks.feed_forward_prime.**'], the official experiments')"
+        )
+
+
+def _shape(model: Mapping[str, Any]) -> dict[str, int]:
+    """The ``model`` section's sizes as :class:`ModelConfig` fields."""
+    shape = {
+        ours: _model_field(model, key, _positive_int, "a positive integer")
+        for key, ours in (
+            ("vocab_size", "vocab_size"),
+            ("hidden_size", "hidden_size"),
+            ("intermediate_size", "intermediate_size"),
+            ("num_hidden_layers", "num_layers"),
+            ("num_attention_heads", "num_heads"),
+            ("sliding_window_size", "window"),
+        )
+    }
+    hidden, heads = shape["hidden_size"], shape["num_heads"]
+    if hidden % heads or (hidden // heads) % 2:
+        raise OfficialConfigError(
+            f"model.hidden_size={hidden} must be divisible by model.num_attention_heads={heads} into heads "
+            "of an even width (RoPE rotates pairs of channels)"
+        )
+    return shape
+
+
+def _tied_head(model: Mapping[str, Any]) -> bool:
+    """``tie_word_embeddings``; an untied head must predict the vocabulary (``output_size``)."""
+    tied = _model_field(model, "tie_word_embeddings", lambda v: isinstance(v, bool), "true or false")
+    output_size = model.get("output_size")
+    if not tied and output_size not in (None, model["vocab_size"]):
+        raise OfficialConfigError(
+            f"model.output_size={output_size!r} must equal model.vocab_size={model['vocab_size']} for an "
+            "untied LM head (innerloop's head predicts the vocabulary)"
+        )
+    return tied
+
+
+def _e2e_options(
+    model: Mapping[str, Any], training: Mapping[str, Any], layers: int, test_time_training: bool
+) -> E2EConfig:
+    """The :class:`E2EConfig` of the official config: the official code's choice for every option."""
+    chunk = _model_field(model, "mini_batch_size", _positive_int, "a positive integer (the chunk size)")
+    if chunk < 2:
+        raise OfficialConfigError(f"model.mini_batch_size={chunk} must be >= 2 (innerloop's chunk_size)")
+    compute = model.get("compute_dtype", OPTIONAL_MODEL_FIELDS["compute_dtype"])
+    if compute not in DTYPES:
+        raise OfficialConfigError(f"model.compute_dtype={compute!r} must be one of {sorted(DTYPES)}")
+    # The official data pipeline masks the targets that are BOS (document boundaries) out of the loss.
+    bos = _model_field(
+        {"bos_token_id": 1, **model}, "bos_token_id", lambda v: isinstance(v, int), "an integer"
+    )
+    return E2EConfig(
+        chunk_size=chunk,
+        suffix_fraction=_suffix_fraction(model, layers),
+        prime_intermediate_size=0,
+        **_inner_optimizer(training),
+        test_time_training=test_time_training,
+        chunk_targets="next_token",
+        rope_positions="relative",
+        skip_target_id=bos if 0 <= bos < model["vocab_size"] else None,
+        compute_dtype=DTYPES[compute],
+    )
+
+
+def model_config(config: Mapping[str, Any], *, test_time_training: bool = True) -> ModelConfig:
+    """innerloop's :class:`ModelConfig` of the official config (see :func:`read_config`); every
+    ``model.e2e`` option that differs between the official code and the paper's reading is the
+    official code's. Raises :class:`OfficialConfigError` naming the first field it cannot take."""
+    official = read_config(config)
+    model, training = official["model"], official["training"]
+    _check_model_fields(model)
+    _check_inner_parameters(model, training)
+    shape = _shape(model)
+    positive = (lambda v: _finite_number(v) and v > 0, "a finite number > 0")
+    return ModelConfig(
+        mixer="e2e",
+        **shape,
+        rope_theta=float(_model_field(model, "rope_theta", *positive)),
+        norm_eps=float(_model_field({"rms_norm_eps": 1e-6, **model}, "rms_norm_eps", *positive)),
+        tie_embeddings=_tied_head(model),
+        init_std=float(_model_field({"initializer_range": 0.02, **model}, "initializer_range", *positive)),
+        e2e=_e2e_options(model, training, shape["num_layers"], test_time_training),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The weights
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Stacked:
+    """One official tensor stacked over blocks: its name under ``h.blocks`` or ``h.prime_storage``,
+    innerloop's name in a block, and whether it is stored ``[in, out]`` (transposed for torch)."""
+
+    official: str
+    ours: str
+    matrix: bool
+
+
+BLOCK_TENSORS: tuple[_Stacked, ...] = (
+    _Stacked("seq_norm.weight", "attn_pre_norm.weight", False),
+    _Stacked("seq_modeling_block.q_norm.weight", "attn.q_norm.weight", False),
+    _Stacked("seq_modeling_block.k_norm.weight", "attn.k_norm.weight", False),
+    _Stacked("seq_modeling_block.wo.weight", "attn.o_proj.weight", True),
+    _Stacked("seq_post_norm.weight", "attn_post_norm.weight", False),
+    _Stacked("ffn_norm.weight", "mlp_pre_norm.weight", False),
+    _Stacked("feed_forward.w1.weight", "mlp.gate_proj.weight", True),
+    _Stacked("feed_forward.w3.weight", "mlp.up_proj.weight", True),
+    _Stacked("feed_forward.w2.weight", "mlp.down_proj.weight", True),
+    _Stacked("ffn_post_norm.weight", "mlp_post_norm.weight", False),
+)
+QKV: tuple[str, ...] = ("wq", "wk", "wv")
+PRIME_TENSORS: tuple[_Stacked, ...] = (
+    _Stacked("ffn_prime_norm.weight", "prime_pre_norm.weight", False),
+    _Stacked("feed_forward_prime.w1.weight", "prime.gate_proj.weight", True),
+    _Stacked("feed_forward_prime.w3.weight", "prime.up_proj.weight", True),
+    _Stacked("feed_forward_prime.w2.weight", "prime.down_proj.weight", True),
+    _Stacked("ffn_prime_post_norm.weight", "prime_post_norm.weight", False),
+)
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The official name and shape of every saved tensor of a model with innerloop config ``config``."""
+    D, F, V, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_layers
+    head_dim = D // config.num_heads
+    suffix = max(1, round(config.e2e.suffix_fraction * L))
+    per_block = {
+        "seq_modeling_block.wq.weight": (D, D),
+        "seq_modeling_block.wk.weight": (D, D),
+        "seq_modeling_block.wv.weight": (D, D),
+        "seq_modeling_block.wo.weight": (D, D),
+        "seq_modeling_block.q_norm.weight": (head_dim,),
+        "seq_modeling_block.k_norm.weight": (head_dim,),
+        "feed_forward.w1.weight": (D, F),
+        "feed_forward.w3.weight": (D, F),
+        "feed_forward.w2.weight": (F, D),
+        **{f"{n}.weight": (D,) for n in ("seq_norm", "ffn_norm", "seq_post_norm", "ffn_post_norm")},
+    }
+    per_prime = {
+        "feed_forward_prime.w1.weight": (D, F),
+        "feed_forward_prime.w3.weight": (D, F),
+        "feed_forward_prime.w2.weight": (F, D),
+        "ffn_prime_norm.weight": (D,),
+        "ffn_prime_post_norm.weight": (D,),
+    }
+    shapes = {PREFIX + "wte.weight": (V, D), PREFIX + "ln_f.weight": (D,)}
+    shapes.update({f"{PREFIX}h.blocks.{n}": (L, *s) for n, s in per_block.items()})
+    shapes.update({f"{PREFIX}h.prime_storage.{n}": (suffix, *s) for n, s in per_prime.items()})
+    if not config.tie_embeddings:
+        shapes["language_model.lm_head.weight"] = (D, V)
+    return shapes
+
+
+def _check_arrays(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> None:
+    """Every tensor the config implies is there, with its shape and finite; nothing else is."""
+    shapes = expected_shapes(config)
+    missing = sorted(set(shapes) - set(arrays))
+    if missing:
+        raise OfficialConfigError(f"the checkpoint lacks {missing} (does the config belong to it?)")
+    extra = sorted(set(arrays) - set(shapes))
+    if extra:
+        raise OfficialConfigError(
+            f"the checkpoint has tensors the config does not describe: {extra} (does the config belong to it?)"
+        )
+    for name, shape in shapes.items():
+        got = tuple(arrays[name].shape)
+        if got != shape:
+            raise OfficialConfigError(
+                f"checkpoint tensor {name} has shape {list(got)}, the config implies {list(shape)} "
+                "(does the config belong to it?)"
+            )
+        if not np.isfinite(arrays[name]).all():
+            raise OfficialConfigError(f"checkpoint tensor {name} has non-finite values")
+
+
+def convert_weights(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The official tensors (orbax names, e.g. ``language_model.model.h.blocks.feed_forward.w1.weight``
+    stacked over blocks, weights ``[in, out]``) as an :class:`E2ELM` state dict (float32)."""
+    _check_arrays(arrays, config)
+
+    def tensor(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(arrays[name], dtype=np.float32).copy())
+
+    blocks, primes = PREFIX + "h.blocks.", PREFIX + "h.prime_storage."
+    state = {"embed.weight": tensor(PREFIX + "wte.weight"), "norm.weight": tensor(PREFIX + "ln_f.weight")}
+    state["lm_head.weight"] = (
+        state["embed.weight"] if config.tie_embeddings else tensor("language_model.lm_head.weight").T
+    )
+    stacked = {t.official: tensor(blocks + t.official) for t in BLOCK_TENSORS}
+    qkv = [tensor(f"{blocks}seq_modeling_block.{w}.weight") for w in QKV]  # each [L, in, out]
+    for i in range(config.num_layers):
+        for t in BLOCK_TENSORS:
+            value = stacked[t.official][i]
+            state[f"blocks.{i}.{t.ours}"] = value.T if t.matrix else value
+        state[f"blocks.{i}.attn.qkv_proj.weight"] = torch.cat([w[i].T for w in qkv])  # [3D, D]
+    suffix = arrays[primes + PRIME_TENSORS[0].official].shape[0]
+    for t in PRIME_TENSORS:
+        values = tensor(primes + t.official)
+        for s in range(suffix):
+            state[f"blocks.{config.num_layers - suffix + s}.{t.ours}"] = (
+                values[s].T if t.matrix else values[s]
+            )
+    return {name: value.contiguous() for name, value in state.items()}
+
+
+def model_from_arrays(
+    arrays: Mapping[str, np.ndarray],
+    config: Mapping[str, Any] | str | Path,
+    *,
+    test_time_training: bool = True,
+) -> E2ELM:
+    """The :class:`E2ELM` of the official tensors ``arrays`` (by their orbax names) and config."""
+    ours = model_config(config, test_time_training=test_time_training)
+    model = build_model(ours)
+    assert isinstance(model, E2ELM)
+    state = convert_weights(arrays, ours)
+    state["outer_progress"] = torch.ones((), dtype=torch.float64)  # trained: the full inner lr
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Orbax
+# --------------------------------------------------------------------------------------------------
+
+
+def _tensorstore() -> Any:
+    try:
+        import tensorstore
+    except ImportError as err:
+        raise ImportError(
+            f"reading an orbax checkpoint needs the tensorstore package: {EXTRA_INSTALL} ({err})"
+        ) from None
+    return tensorstore
+
+
+def weights_folder(checkpoint_dir: str | Path) -> Path:
+    """The ``model_weights`` folder of an official checkpoint: ``checkpoint_dir`` is a step folder
+    (``.../checkpoint/<step>``), its parent (the latest step is taken) or the ``model_weights``
+    folder itself."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint {str(root)!r} is not a folder")
+    if (root / "_METADATA").is_file():
+        return root
+    if (root / "model_weights" / "_METADATA").is_file():
+        return root / "model_weights"
+    steps = [p for p in root.iterdir() if re.fullmatch(r"\d+", p.name) and (p / "model_weights").is_dir()]
+    if not steps:
+        raise FileNotFoundError(
+            f"{str(root)!r} is not an official checkpoint: no model_weights/_METADATA in it, and no step "
+            "folders (<step>/model_weights) under it"
+        )
+    latest = max(steps, key=lambda p: int(p.name))
+    if not (latest / "model_weights" / "_METADATA").is_file():
+        raise FileNotFoundError(f"{str(latest / 'model_weights')!r} has no _METADATA (an unfinished save?)")
+    return latest / "model_weights"
+
+
+def _orbax_metadata(folder: Path) -> dict[str, Any]:
+    """``folder/_METADATA``, orbax's description of the saved tree."""
+    path = folder / "_METADATA"
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise OfficialConfigError(f"{str(path)!r} is not orbax's metadata (JSON): {err}") from None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("tree_metadata"), dict):
+        raise OfficialConfigError(f"{str(path)!r} has no 'tree_metadata': not an orbax checkpoint's metadata")
+    return metadata
+
+
+def _array_names(metadata: Mapping[str, Any]) -> list[str]:
+    """The dotted names of the arrays orbax saved (from its ``_METADATA``)."""
+    names = []
+    for entry in metadata["tree_metadata"].values():
+        if entry.get("value_metadata", {}).get("skip_deserialize", False):
+            continue  # a None leaf (e.g. a norm without bias)
+        names.append(".".join(str(key["key"]) for key in entry["key_metadata"]))
+    return names
+
+
+def read_orbax_weights(checkpoint_dir: str | Path) -> dict[str, np.ndarray]:
+    """Every array of an official checkpoint's ``model_weights`` (see :func:`weights_folder`), by its
+    dotted name, as float32 numpy arrays. Needs ``tensorstore``; reads OCDBT and plain zarr layouts."""
+    tensorstore = _tensorstore()
+    folder = weights_folder(checkpoint_dir).resolve()
+    metadata = _orbax_metadata(folder)
+    driver = "zarr3" if metadata.get("use_zarr3") else "zarr"
+    ocdbt = (folder / "manifest.ocdbt").is_file()
+    arrays = {}
+    for name in _array_names(metadata):
+        if ocdbt:
+            kvstore = {"driver": "ocdbt", "base": folder.as_uri(), "path": name}
+        else:
+            kvstore = {"driver": "file", "path": str(folder / name)}
+        try:
+            store = tensorstore.open({"driver": driver, "kvstore": kvstore}, open=True, read=True).result()
+            arrays[name] = np.asarray(store.read().result()).astype(np.float32)
+        except ValueError as err:  # tensorstore's errors: a missing or damaged array
+            message = str(err).split(" [tensorstore_spec=")[0]
+            raise OfficialConfigError(
+                f"checkpoint array {name} in {str(folder)!r} cannot be read: {message}"
+            ) from None
+    return arrays
+
+
+def load_model(
+    checkpoint_dir: str | Path, config: Mapping[str, Any] | str | Path, *, test_time_training: bool = True
+) -> E2ELM:
+    """An official TTT-E2E checkpoint as an innerloop :class:`E2ELM` (float32 weights, eval mode).
+
+    Args:
+        checkpoint_dir: ``.../checkpoint/<step>``, or its parent (the latest step is read).
+        config: the official resolved Hydra config (a dict, or a YAML/JSON file): its ``model`` section
+            and the ``training`` section's ``optimizer_inner``, ``spec_inner`` and inner-lr warm-up.
+        test_time_training: False gives the official ``train_mode=pretrain`` model (every block chunk
+            by chunk, prime MLPs frozen).
+
+    ``logits, state = model(input_ids)`` are the official logits. The config is checked before the
+    weights are read.
+    """
+    model_config(config, test_time_training=test_time_training)  # refuse a bad config before reading
+    return model_from_arrays(
+        read_orbax_weights(checkpoint_dir), config, test_time_training=test_time_training
+    )

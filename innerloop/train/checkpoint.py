@@ -251,10 +251,24 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     if not isinstance(tree, dict):
         raise CheckpointError(f"{name} has a metadata tree that is a {type(tree).__name__}, not a dict")
     _check_finite_weights(name, tree.get("state_dict"))
+    _fill_earlier_defaults(tree)
     device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
     if torch.device(device).type != "cpu":
         tree = _move_tensors(tree, device)
     return tree
+
+
+EARLIER_E2E_DEFAULTS = {"chunk_targets": "within_chunk", "rope_positions": "absolute"}
+"""What a TTT-E2E model did before these options existed (their defaults are now the official code's):
+a checkpoint that does not name them was trained, and must be read, with these."""
+
+
+def _fill_earlier_defaults(tree: dict[str, Any]) -> None:
+    """Give a stored model config the options it was written without, at the values its model used
+    then, so that an older checkpoint loads as the same function (not silently as the new default)."""
+    model = (tree.get("hyper_parameters") or {}).get("model")
+    if isinstance(model, dict) and model.get("mixer") == "e2e" and isinstance(model.get("e2e"), dict):
+        model["e2e"] = {**EARLIER_E2E_DEFAULTS, **model["e2e"]}
 
 
 def _check_finite_weights(name: str, state_dict: Any) -> None:

@@ -338,9 +338,8 @@ def save_model_checkpoint(model: CausalLM | E2ELM, path: str | os.PathLike[str])
     atomically (see :func:`~innerloop.train.checkpoint.save_checkpoint`); returns the path."""
     module = LanguageModelModule(model=model.config.to_dict())
     dtype = next(model.parameters()).dtype
-    for (
-        parameter
-    ) in module.model.parameters():  # not .to(dtype): buffers keep theirs (E2E's float64 progress)
+    # Parameters only, not .to(dtype): buffers keep their dtype (E2E's float64 progress counter).
+    for parameter in module.model.parameters():
         parameter.data = parameter.data.to(dtype)
     module.model.load_state_dict(model.state_dict(), strict=True)
     checkpoint = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}

@@ -121,3 +121,53 @@ def test_load_model_returns_the_model_class_of_the_checkpoint(tmp_path, mixer) -
     assert not model.training
     for name, tensor in module.model.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_an_e2e_checkpoint_written_before_the_official_options_loads_as_the_model_it_was(tmp_path) -> None:
+    """E2E checkpoints from before ``chunk_targets``/``rope_positions`` existed were trained with the
+    paper's reading (``within_chunk``, ``absolute``); the official defaults must not silently change
+    what such a checkpoint computes."""
+    from innerloop.models import ModelConfig
+    from innerloop.train.module import LanguageModelModule
+
+    torch.manual_seed(0)
+    config = ModelConfig.from_dict(
+        {
+            "mixer": "e2e",
+            "hidden_size": 16,
+            "num_layers": 2,
+            "num_heads": 2,
+            "intermediate_size": 32,
+            "window": 8,
+            "e2e": {"chunk_size": 4, "chunk_targets": "within_chunk", "rope_positions": "absolute"},
+        }
+    )
+    module = LanguageModelModule(config)
+    hparams = dict(module.hparams)
+    older = {key: value for key, value in hparams["model"]["e2e"].items()}
+    for option in ("chunk_targets", "rope_positions"):
+        del older[option]
+    hparams["model"] = {**hparams["model"], "e2e": older}
+    path = save_checkpoint(
+        {"hyper_parameters": hparams, "state_dict": module.state_dict()}, tmp_path / "o.st"
+    )
+    model = load_model(path)
+    assert model.config.e2e.chunk_targets == "within_chunk"
+    assert model.config.e2e.rope_positions == "absolute"
+    ids = torch.randint(0, config.vocab_size, (1, 24))
+    assert torch.equal(model(ids)[0], module.model.eval()(ids)[0])
+    # A checkpoint that names the options keeps them.
+    current = save_checkpoint(
+        {
+            "hyper_parameters": dict(
+                LanguageModelModule(
+                    ModelConfig(
+                        mixer="e2e", hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, window=4
+                    )
+                ).hparams
+            ),
+            "state_dict": {},
+        },
+        tmp_path / "n.st",
+    )
+    assert load_checkpoint(current)["hyper_parameters"]["model"]["e2e"]["chunk_targets"] == "next_token"

@@ -318,26 +318,26 @@ def _token_unit(checkpoint: str) -> str:
 def _generate(args: argparse.Namespace) -> int:
     from innerloop.data.tokenizer import ByteTokenizer
     from innerloop.train.checkpoint import checkpoint_tokenizer
+    from innerloop.train.module import load_model
 
+    model = load_model(args.checkpoint)  # first: its errors say what is wrong with the file
     tokenizer = checkpoint_tokenizer(args.checkpoint)
     if not isinstance(tokenizer, ByteTokenizer):
-        return _generate_tokens(args, tokenizer)
-    return _generate_bytes(args)
+        return _generate_tokens(args, model, tokenizer)
+    return _generate_bytes(args, model)
 
 
-def _generate_bytes(args: argparse.Namespace) -> int:
+def _generate_bytes(args: argparse.Namespace, model) -> int:
     """``innerloop generate`` of a byte-level model: the prompt's bytes in, bytes out."""
     import torch
 
     from innerloop.models import generate
-    from innerloop.train.module import load_model
 
     # The model reads bytes: take the prompt's own bytes (os.fsencode undoes the surrogate escapes
     # Python uses for command-line bytes that are not valid UTF-8).
     prompt = os.fsencode(args.prompt)
     if not prompt:
         raise ConfigError("--prompt must not be empty (the model needs at least one byte to start from)")
-    model = load_model(args.checkpoint)
     vocab_size = model.config.vocab_size
     if max(prompt) >= vocab_size:
         raise ConfigError(
@@ -357,18 +357,16 @@ def _generate_bytes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_tokens(args: argparse.Namespace, tokenizer) -> int:
+def _generate_tokens(args: argparse.Namespace, model, tokenizer) -> int:
     """``innerloop generate`` of a model trained with a Hugging Face tokenizer: the prompt encoded by
     it; the text printed as it grows (held back while it ends in an incomplete character)."""
     import torch
 
     from innerloop.models import generate
-    from innerloop.train.module import load_model
 
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise ConfigError("--prompt must not be empty (the model needs at least one token to start from)")
-    model = load_model(args.checkpoint)
     if max(prompt) >= model.config.vocab_size:
         raise ConfigError(
             f"--prompt has token {max(prompt)}, but the model's vocabulary has {model.config.vocab_size} tokens"

@@ -41,7 +41,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from innerloop.data.atomic import atomic_write
-from innerloop.data.tokenizer import Tokenizer, TokenizerError, tokenizer_from_state
+from innerloop.data.tokenizer import Tokenizer, tokenizer_from_state
 from innerloop.models import ModelConfig
 
 FORMAT = "innerloop-checkpoint"
@@ -300,23 +300,25 @@ def checkpoint_identity(path: str | os.PathLike[str]) -> str:
 
 def checkpoint_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     """The tokenizer a checkpoint was trained with (:data:`TOKENIZER_KEY`; bytes when it records
-    none), read from its metadata alone (the weights are not loaded: :func:`load_checkpoint` verifies
-    the file). Raises :class:`CheckpointError` naming the file."""
+    none), read from its metadata alone (the weights are not loaded or verified: :func:`load_checkpoint`
+    does that). Raises :class:`CheckpointError` naming the file, as :func:`load_checkpoint` does."""
     name = repr(str(path))
+    if not Path(path).is_file():
+        load_checkpoint(path)  # raises the error of a missing file or a directory
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
-        _check_header(name, metadata)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(
+            f"{name} is not a readable innerloop checkpoint (expected a safetensors file written by "
+            f"`innerloop train`): {_one_line(err)}"
+        ) from None
+    _check_header(name, metadata)
+    try:
         tree = json.loads(metadata[_TREE_KEY])
-        state = tree.get(TOKENIZER_KEY) if isinstance(tree, dict) else None
-        return tokenizer_from_state(state, name)
-    except (SafetensorError, OSError, ValueError) as err:
-        if isinstance(err, CheckpointError):
-            raise
-        reason = (
-            _one_line(err) if isinstance(err, TokenizerError) else f"it is not readable: {_one_line(err)}"
-        )
-        raise CheckpointError(f"{name}: {reason}") from None
+        return tokenizer_from_state(tree.get(TOKENIZER_KEY) if isinstance(tree, dict) else None, name)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and TokenizerError are ValueErrors
+        raise CheckpointError(f"{name}: {_one_line(err)}") from None
 
 
 def _move_tensors(obj: Any, device: str | torch.device) -> Any:

@@ -274,7 +274,7 @@ def _run(path: str, streaming: bool, out: Path) -> list[str]:
             f"trainer.max_steps={STEPS}", f"out_dir={out}"]  # fmt: skip
 
 
-@pytest.mark.slow  # ~20 s: three training runs, one of them a subprocess that is killed
+@pytest.mark.slow  # ~35 s each here: three training runs, one of them a subprocess that is killed
 @pytest.mark.parametrize("streaming", [False, True], ids=["arrow", "streaming"])
 def test_a_killed_hf_run_resumes_bit_identical_to_an_uninterrupted_one(tmp_path, streaming) -> None:
     path = _write(tmp_path / "data", "jsonl")

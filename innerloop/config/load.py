@@ -25,7 +25,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from innerloop.config.schema import DATASETS, FIELD_BOUNDS, RunConfig
+from innerloop.config.schema import DATASETS, FIELD_BOUNDS, DataConfig, RunConfig
 from innerloop.data.atomic import atomic_write_text
 from innerloop.data.hf import check_hf_source
 from innerloop.data.recall import RECALL_VALUES
@@ -187,8 +187,7 @@ def validate_run_config(run: RunConfig) -> None:
     _check_vocabulary(run)
     if run.data.name == "text" and run.data.paths:
         _check_text(run)
-    if run.data.name == "hf":
-        _check_hf(run)
+    _check_hf(run)
     _check_trainer_names(run)
     _check_trainer_combination(run)
     check_output_dir(run.out_dir, "out_dir")
@@ -244,7 +243,22 @@ def _check_vocabulary(run: RunConfig) -> None:
 
 
 def _check_hf(run: RunConfig) -> None:
-    """A local dataset source of a known format, and the split and text field named."""
+    """For ``data.name=hf``: a local dataset source of a known format, a split and a text field named,
+    something held out for validation. For other data: none of the keys that only ``hf`` reads."""
+    if run.data.name != "hf":
+        defaults = DataConfig()
+        for key in ("split", "text_field", "streaming"):
+            if getattr(run.data, key) != getattr(defaults, key):
+                raise ConfigError(
+                    f"data.{key}={getattr(run.data, key)!r} applies to data.name='hf' only (this run's "
+                    f"data.name is {run.data.name!r}); remove it"
+                )
+        return
+    if run.data.val_fraction == 0:
+        raise ConfigError(
+            "data.val_fraction=0 holds out no validation documents: data.name='hf' holds out every "
+            "1/val_fraction-th document; set data.val_fraction > 0 (e.g. 0.1)"
+        )
     for key in ("split", "text_field"):
         if not getattr(run.data, key):
             raise ConfigError(

@@ -287,8 +287,7 @@ class RecallDataModule(_IndexedDataModule):
 class PackedBatches(IterableDataset):
     """Batches of consecutive packed windows from a recorded stream position (see
     :mod:`innerloop.data.packing`): global batch ``g`` is windows ``g*B .. g*B + B - 1``; this rank
-    reads the batches ``g`` with ``g % world_size == rank`` from ``first_batch`` (a multiple of
-    ``world_size``) on. Before each of its batches is yielded, ``record(g, position)`` is told the
+    reads the ``rank``-th batch of each group of ``world_size`` from ``first_batch`` on. Before each of its batches is yielded, ``record(g, position)`` is told the
     position of the next global batch of every rank's batches passed (what a checkpoint stores)."""
 
     def __init__(
@@ -367,6 +366,7 @@ class HFDataModule(L.LightningDataModule):
         self.val_examples: Batch | None = None
         self._positions: dict[int, StreamPosition] = {0: START}  # global batch -> where it starts
         self._resumed: tuple[int, StreamPosition] | None = None
+        self._start_step, self._first = 0, 0  # the step and global batch the stream (re)started at
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
@@ -400,25 +400,28 @@ class HFDataModule(L.LightningDataModule):
         for old in [b for b in self._positions if b <= batch - self._HISTORY]:
             del self._positions[old]
 
-    def _first_batch(self) -> int:
-        """The global batch the next training batch is: the step reached, times accumulation and ranks."""
+    def _batches_read(self) -> int:
+        """Global batches trained on since :meth:`train_dataloader` started the stream (the steps
+        taken since, times accumulation and ranks)."""
         if self.trainer is None:
             return 0
-        return self.trainer.global_step * self.trainer.accumulate_grad_batches * self.trainer.world_size
+        steps = self.trainer.global_step - self._start_step
+        return steps * self.trainer.accumulate_grad_batches * self.trainer.world_size
 
     def train_dataloader(self) -> DataLoader:
-        first, rank, world = self._first_batch(), 0, 1
+        rank, world, step = 0, 1, 0
         if self.trainer is not None:
-            rank, world = self.trainer.global_rank, self.trainer.world_size
-        if self._resumed is not None and self._resumed[0] == first:
-            position = self._resumed[1]
-        elif first == 0:
-            position = START
+            rank, world, step = self.trainer.global_rank, self.trainer.world_size, self.trainer.global_step
+        if self._resumed is not None:  # the checkpoint's position, whatever accumulation or ranks now
+            first, position = self._resumed
+        elif step == 0:
+            first, position = 0, START
         else:
             raise DataError(
-                f"cannot resume the data stream at batch {first}: the checkpoint records no stream position "
-                "for it (it was not written by a data.name='hf' run of this innerloop)"
+                f"cannot resume the data stream at step {step}: the checkpoint records no stream position "
+                "(it was not written by a data.name='hf' run of this innerloop)"
             )
+        self._start_step, self._first = step, first
         self._positions = {first: position}
         batches = PackedBatches(
             self._windows_from, self.batch_size, first, position, self._record, rank, world
@@ -432,7 +435,7 @@ class HFDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """The stream position of the next training batch: ``{"batch": g, "position": [epoch,
         document, offset]}`` (stored in the checkpoint by Lightning)."""
-        batch = self._first_batch()
+        batch = self._first + self._batches_read()
         if batch not in self._positions:
             raise DataError(f"the stream position of batch {batch} is unknown (it was not read yet)")
         return {"batch": batch, "position": list(self._positions[batch])}

@@ -180,10 +180,17 @@ def test_data_module_state_resumes_the_stream_at_the_step_reached(tmp_path) -> N
         )
         state = module.state_dict()
         assert state["batch"] == 3 and isinstance(state["position"], list)
-        resumed = _module(path, streaming)
-        resumed.load_state_dict(json.loads(json.dumps(state)))  # as the checkpoint's JSON tree holds it
-        resumed.trainer = module.trainer
-        assert all(torch.equal(a, b) for a, b in zip(_batches(resumed, 5), uninterrupted[3:], strict=True))
+        for accumulation in (1, 2):  # a resume may change trainer.* (the stream goes on where it was)
+            resumed = _module(path, streaming)
+            resumed.load_state_dict(json.loads(json.dumps(state)))  # as the checkpoint's JSON tree holds it
+            resumed.trainer = SimpleNamespace(
+                global_step=3, accumulate_grad_batches=accumulation, world_size=1, global_rank=0
+            )
+            assert all(
+                torch.equal(a, b) for a, b in zip(_batches(resumed, 5), uninterrupted[3:], strict=True)
+            )
+            resumed.trainer.global_step = 4  # one more optimizer step: `accumulation` batches later
+            assert resumed.state_dict()["batch"] == 3 + accumulation
 
 
 def test_two_ranks_read_alternate_batches_of_the_one_stream(tmp_path) -> None:
@@ -211,6 +218,7 @@ def test_what_cannot_be_read_is_one_error_naming_the_setting(tmp_path, capsys) -
         f"data.paths=[{jsonl},{csv_path}]": "mixes formats ['csv', 'json']",
         "data.paths=[]": "data.name='hf' needs data.paths",
         "data.text_field=''": "data.text_field='' must name a column",
+        "data.val_fraction=0": "data.val_fraction=0 holds out no validation documents",
     }
     for override, message in cases.items():
         overrides = [override] if override.startswith("data.paths") else [f"data.paths=[{jsonl}]", override]
@@ -231,6 +239,9 @@ def test_what_cannot_be_read_is_one_error_naming_the_setting(tmp_path, capsys) -
         HFDataModule([saved], split="validation").setup()
     with pytest.raises(DataError, match="data.split='validation'"):
         HFDataModule([jsonl], split="validation").setup()
+    for key in ("data.streaming=true", "data.split=test", "data.text_field=body"):
+        with pytest.raises(ConfigError, match=f"{key.split('=')[0]}=.* applies to data.name='hf' only"):
+            load_config("tiny", [key, f"out_dir={tmp_path / 'run'}"])
     assert main(["train", "data.name=hf", "data.paths=[wikitext]", f"out_dir={tmp_path / 'run'}"]) == 2
     assert "reads local files only" in capsys.readouterr().err
 

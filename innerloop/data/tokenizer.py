@@ -21,6 +21,7 @@ the byte-level default costs nothing at start-up.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from abc import ABC, abstractmethod
@@ -266,14 +267,30 @@ def load_tokenizer(spec: str) -> Tokenizer:
             f"data.tokenizer={spec!r} is neither {BYTES!r} nor an existing file or folder; {valid} "
             "(tokenizers are read from local files only, nothing is downloaded)"
         )
+    config = folder / TOKENIZER_CONFIG_FILE if file.name == TOKENIZER_FILE else None
+    return _load_files(spec, file, config, _stamp(file), _stamp(config))
+
+
+def _stamp(path: Path | None) -> tuple[int, int] | None:
+    """(modification time, size) of a file, None if there is none: a changed file is read again."""
+    if path is None or not path.is_file():
+        return None
+    status = path.stat()
+    return status.st_mtime_ns, status.st_size
+
+
+@functools.lru_cache(maxsize=8)
+def _load_files(
+    spec: str, file: Path, config: Path | None, file_stamp: object, config_stamp: object
+) -> HFTokenizer:
+    """:func:`load_tokenizer` of a file (cached by the files' stamps: a run's config checks, data and
+    checkpoints each ask for the tokenizer, and a large tokenizer.json takes a while to parse)."""
     source = f"data.tokenizer={spec!r}"
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise TokenizerError(f"{source}: {str(file)!r} cannot be read: {_one_line(err)}") from None
-    eos_token = (
-        _configured_eos_token(folder / TOKENIZER_CONFIG_FILE, source) if file.name == TOKENIZER_FILE else None
-    )
+    eos_token = _configured_eos_token(config, source) if config is not None else None
     return HFTokenizer(text, eos_token, source)
 
 

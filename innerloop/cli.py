@@ -119,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_params(commands, presets)
     _add_generate(commands)
     _add_convert(commands)
+    _add_tokenizer(commands)
     plugins_help = f"list the registered plugins of every kind ({_plugin_kinds_in_words()})"
     commands.add_parser(
         "plugins",
@@ -402,8 +403,9 @@ def _train(args: argparse.Namespace) -> int:
         print(f"innerloop train: error: {err}", file=sys.stderr)
         return 2
     m = result.metrics
+    unit = "byte" if run.data.tokenizer == "bytes" or run.data.name == "recall" else "token"
     print(
-        f"validation perplexity: {m['val_ppl']:.3f}  (loss {m['val_loss']:.4f} nats/byte, accuracy {m['val_acc']:.3f})"
+        f"validation perplexity: {m['val_ppl']:.3f}  (loss {m['val_loss']:.4f} nats/{unit}, accuracy {m['val_acc']:.3f})"
     )
     print(f"checkpoint:       {result.checkpoint}")
     print(f"config:           {result.config}")
@@ -437,7 +439,7 @@ def _eval(args: argparse.Namespace) -> int:
         out_dir=out,
         no_ttt=args.no_ttt,
     )
-    print(f"perplexity: {metrics['val_ppl']:.3f}  (loss {metrics['val_loss']:.4f} nats/byte, "
+    print(f"perplexity: {metrics['val_ppl']:.3f}  (loss {metrics['val_loss']:.4f} nats/{_token_unit(args.checkpoint)}, "
           f"{int(metrics['tokens'])} tokens in {int(metrics['windows'])} windows)")  # fmt: skip
     print(f"loss by position: {png} ({csv_path})")
     return 0
@@ -481,18 +483,37 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token_unit(checkpoint: str) -> str:
+    """``byte`` for a checkpoint of the byte tokenizer, else ``token``."""
+    from innerloop.data.tokenizer import ByteTokenizer
+    from innerloop.train.checkpoint import checkpoint_tokenizer
+
+    return "byte" if isinstance(checkpoint_tokenizer(checkpoint), ByteTokenizer) else "token"
+
+
 def _generate(args: argparse.Namespace) -> int:
+    from innerloop.data.tokenizer import ByteTokenizer
+    from innerloop.train.checkpoint import checkpoint_tokenizer
+    from innerloop.train.module import load_model
+
+    model = load_model(args.checkpoint)  # first: its errors say what is wrong with the file
+    tokenizer = checkpoint_tokenizer(args.checkpoint)
+    if not isinstance(tokenizer, ByteTokenizer):
+        return _generate_tokens(args, model, tokenizer)
+    return _generate_bytes(args, model)
+
+
+def _generate_bytes(args: argparse.Namespace, model) -> int:
+    """``innerloop generate`` of a byte-level model: the prompt's bytes in, bytes out."""
     import torch
 
     from innerloop.models import generate
-    from innerloop.train.module import load_model
 
     # The model reads bytes: take the prompt's own bytes (os.fsencode undoes the surrogate escapes
     # Python uses for command-line bytes that are not valid UTF-8).
     prompt = os.fsencode(args.prompt)
     if not prompt:
         raise ConfigError("--prompt must not be empty (the model needs at least one byte to start from)")
-    model = load_model(args.checkpoint)
     vocab_size = model.config.vocab_size
     if max(prompt) >= vocab_size:
         raise ConfigError(
@@ -510,6 +531,105 @@ def _generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write(decoder.decode(b"", final=True) + "\n")
     return 0
+
+
+def _generate_tokens(args: argparse.Namespace, model, tokenizer) -> int:
+    """``innerloop generate`` of a model trained with a Hugging Face tokenizer: the prompt encoded by
+    it; the text printed as it grows (held back while it ends in an incomplete character)."""
+    import torch
+
+    from innerloop.models import generate
+
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        raise ConfigError("--prompt must not be empty (the model needs at least one token to start from)")
+    if max(prompt) >= model.config.vocab_size:
+        raise ConfigError(
+            f"--prompt has token {max(prompt)}, but the model's vocabulary has {model.config.vocab_size} tokens"
+        )
+    generator = torch.Generator().manual_seed(args.seed)
+    ids, shown = list(prompt), ""
+    prompt_ids = torch.tensor([prompt], dtype=torch.long)
+    for token, _state in generate(model, prompt_ids, args.tokens, args.temperature, args.top_k, generator):
+        ids.append(int(token[0]))
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd") and text.startswith(shown):
+            sys.stdout.write(text[len(shown) :])
+            sys.stdout.flush()
+            shown = text
+    text = tokenizer.decode(ids)
+    sys.stdout.write((text[len(shown) :] if text.startswith(shown) else text) + "\n")
+    return 0
+
+
+def _add_tokenizer(commands: argparse._SubParsersAction) -> None:
+    tokenizer = commands.add_parser(
+        "tokenizer",
+        help="train a byte-level BPE tokenizer (data.tokenizer)",
+        description="Tokenizers for data.tokenizer.",
+        formatter_class=_HelpFormatter,
+    )
+    actions = tokenizer.add_subparsers(dest="action", metavar="ACTION", required=True, help="what to do")
+    train = actions.add_parser(
+        "train",
+        help="train a byte-level BPE on text files",
+        description=textwrap.fill(
+            "Train a byte-level BPE tokenizer with the `tokenizers` library and write OUT/tokenizer.json "
+            "and OUT/tokenizer_config.json (each atomically), which data.tokenizer=OUT and "
+            "transformers.AutoTokenizer.from_pretrained(OUT) read. Id 0 is <|endoftext|>, placed between "
+            "documents; the same files always give the same tokenizer."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    train.add_argument(
+        "--vocab-size",
+        type=_number(int, 257),
+        required=True,
+        help="tokens in the vocabulary, >= 257 (required)",
+    )
+    train.add_argument(
+        "--out", required=True, metavar="DIR", help="folder to write the tokenizer into (required)"
+    )
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace a tokenizer already in DIR (default: refuse)"
+    )
+    train.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="text files, directories or globs to train on (default: the training part of the corpus "
+        "`innerloop train` uses, the standard library's source without the files it holds out)",
+    )
+
+
+def _tokenizer(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from innerloop.config.load import check_output_dir
+    from innerloop.data.text import resolve_files, split_text_files, stdlib_files
+    from innerloop.data.tokenizer import TOKENIZER_FILE, train_bpe
+
+    out = Path(args.out)
+    if (out / TOKENIZER_FILE).exists() and not args.overwrite:
+        raise ConfigError(
+            f"{str(out / TOKENIZER_FILE)!r} exists; pass --overwrite to replace it, or another --out"
+        )
+    check_output_dir(out, "--out")
+    files = resolve_files(args.paths) if args.paths else split_text_files(stdlib_files(), 0.1)[0]
+    texts = (_read_text_file(f) for f in files)
+    tokenizer = train_bpe(texts, args.vocab_size)
+    written = tokenizer.save_pretrained(out)
+    print(f"trained on {len(files)} file(s): {tokenizer.vocab_size} tokens")
+    print(f"tokenizer: {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _read_text_file(path) -> str:
+    """A training file's text; :class:`ConfigError` naming it when it is not UTF-8."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def _plugins(args: argparse.Namespace) -> int:
@@ -625,10 +745,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     setting). Anything else is a bug and keeps its traceback."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    from innerloop.data.tokenizer import TokenizerError
     from innerloop.train.checkpoint import CheckpointError
     from innerloop.train.data import DataError
 
-    return ConfigError, CheckpointError, DataError, MisconfigurationException
+    return ConfigError, CheckpointError, DataError, TokenizerError, MisconfigurationException
 
 
 _HANDLERS = {
@@ -638,6 +759,7 @@ _HANDLERS = {
     "params": _params,
     "generate": _generate,
     "convert": _convert,
+    "tokenizer": _tokenizer,
     "plugins": _plugins,
 }
 

@@ -17,13 +17,14 @@ from innerloop.registry.kinds import KINDS
 _ARGPARSE_OWN = (argparse._HelpAction, argparse._VersionAction)
 
 
-def _parsers() -> list[tuple[str, argparse.ArgumentParser]]:
-    """The top-level parser and every subcommand's, by prog."""
-    top = _parser()
-    found = [(top.prog, top)]
-    for action in top._actions:
+def _parsers(parser: argparse.ArgumentParser | None = None) -> list[tuple[str, argparse.ArgumentParser]]:
+    """The top-level parser and every subcommand's (nested ones too, e.g. ``tokenizer train``), by prog."""
+    parser = parser if parser is not None else _parser()
+    found = [(parser.prog, parser)]
+    for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            found += [(sub.prog, sub) for sub in action.choices.values()]
+            for sub in action.choices.values():
+                found += _parsers(sub)
     return found
 
 
@@ -46,6 +47,8 @@ def test_every_subcommand_is_walked():
     assert progs == {
         "innerloop",
         *(f"innerloop {c}" for c in ("train", "eval", "compare", "params", "generate", "convert", "plugins")),
+        "innerloop tokenizer",
+        "innerloop tokenizer train",
     }
 
 
@@ -58,6 +61,9 @@ def test_every_argument_has_help(name, action):
 def test_every_default_is_stated(name, action):
     """An option with a default says so in its help, and a number or string default by its value."""
     if action.nargs == 0:  # a flag (--resume): off unless given, which its help describes
+        return
+    if action.required and action.option_strings:  # a required option (--out): there is no default
+        assert "required" in _rendered_help(action), f"{name} is required; its help does not say so"
         return
     default = action.default
     if default is None and not action.option_strings and action.nargs != "*":

@@ -25,10 +25,12 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from innerloop.config.schema import DATASETS, FIELD_BOUNDS, RunConfig
+from innerloop.config.schema import DATASETS, FIELD_BOUNDS, DataConfig, RunConfig
 from innerloop.data.atomic import atomic_write_text
+from innerloop.data.hf import check_hf_source
 from innerloop.data.recall import RECALL_VALUES
 from innerloop.data.text import check_text_lengths, resolve_files, text_split_lengths
+from innerloop.data.tokenizer import BYTES, Tokenizer, TokenizerError, load_tokenizer
 from innerloop.models.config import check_keys, validate_model_config
 
 DEFAULT_PRESET = "tiny"
@@ -133,8 +135,36 @@ def load_config(
     except OmegaConfBaseException as err:  # an interpolation ${...} that does not resolve
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(f"config key {key!r}: {_first_line(err)}") from None
+    if not _vocab_size_given(container, overrides):
+        _vocabulary_from_tokenizer(run, cfg)
     validate_run_config(run)
     return run, cfg
+
+
+def _vocab_size_given(container: Any, overrides: Sequence[str]) -> bool:
+    """Whether the YAML or an override sets ``model.vocab_size``."""
+    model = container.get("model") if isinstance(container, dict) else None
+    in_yaml = isinstance(model, dict) and "vocab_size" in model
+    return in_yaml or any(item.partition("=")[0].strip() == "model.vocab_size" for item in overrides)
+
+
+def _vocabulary_from_tokenizer(run: RunConfig, cfg: DictConfig) -> None:
+    """Set ``model.vocab_size`` (in ``run`` and ``cfg``, which is saved) to the tokenizer's, for text
+    data with a tokenizer other than bytes (whose 256 is the default already)."""
+    if run.data.name == "recall" or run.data.tokenizer == BYTES:
+        return
+    vocab_size = run_tokenizer(run).vocab_size
+    run.model.vocab_size = vocab_size
+    cfg.model.vocab_size = vocab_size
+
+
+def run_tokenizer(run: RunConfig) -> Tokenizer:
+    """The tokenizer ``data.tokenizer`` names (see :func:`innerloop.data.tokenizer.load_tokenizer`);
+    :class:`ConfigError` naming ``data.tokenizer`` if it cannot be loaded."""
+    try:
+        return load_tokenizer(run.data.tokenizer)
+    except TokenizerError as err:
+        raise ConfigError(str(err)) from None
 
 
 def validate_run_config(run: RunConfig) -> None:
@@ -157,6 +187,7 @@ def validate_run_config(run: RunConfig) -> None:
     _check_vocabulary(run)
     if run.data.name == "text" and run.data.paths:
         _check_text(run)
+    _check_hf(run)
     _check_trainer_names(run)
     _check_trainer_combination(run)
     check_output_dir(run.out_dir, "out_dir")
@@ -193,18 +224,59 @@ def _get(obj: Any, key: str) -> Any:
 
 def _check_vocabulary(run: RunConfig) -> None:
     """The model's vocabulary holds every token the data can give (else the embedding fails mid-run)."""
-    needed = {"text": 256, "recall": RECALL_VALUES.stop}[run.data.name]
+    if run.data.name == "recall":
+        if run.data.tokenizer != BYTES:
+            raise ConfigError(
+                f"data.tokenizer={run.data.tokenizer!r} does not apply to data.name='recall' (the task has "
+                f"its own token ids): leave data.tokenizer={BYTES!r}"
+            )
+        needed, source = RECALL_VALUES.stop, "data.name='recall'"
+    else:
+        tokenizer = run_tokenizer(run)
+        needed, source = tokenizer.vocab_size, f"data.tokenizer={run.data.tokenizer!r}"
     if run.model.vocab_size < needed:
         raise ConfigError(
-            f"model.vocab_size={run.model.vocab_size} is too small for data.name={run.data.name!r}, "
-            f"whose tokens go up to {needed - 1}: model.vocab_size must be >= {needed}"
+            f"model.vocab_size={run.model.vocab_size} is too small for {source}, "
+            f"whose tokens go up to {needed - 1}: model.vocab_size must be >= {needed} (or leave it unset: "
+            "it then follows the tokenizer)"
         )
 
 
+def _check_hf(run: RunConfig) -> None:
+    """For ``data.name=hf``: a local dataset source of a known format, a split and a text field named,
+    something held out for validation. For other data: none of the keys that only ``hf`` reads."""
+    if run.data.name != "hf":
+        defaults = DataConfig()
+        for key in ("split", "text_field", "streaming"):
+            if getattr(run.data, key) != getattr(defaults, key):
+                raise ConfigError(
+                    f"data.{key}={getattr(run.data, key)!r} applies to data.name='hf' only (this run's "
+                    f"data.name is {run.data.name!r}); remove it"
+                )
+        return
+    if run.data.val_fraction == 0:
+        raise ConfigError(
+            "data.val_fraction=0 holds out no validation documents: data.name='hf' holds out every "
+            "1/val_fraction-th document; set data.val_fraction > 0 (e.g. 0.1)"
+        )
+    for key in ("split", "text_field"):
+        if not getattr(run.data, key):
+            raise ConfigError(
+                f"data.{key}='' must name a {'split' if key == 'split' else 'column'} of the dataset"
+            )
+    try:
+        check_hf_source(run.data.paths)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def _check_text(run: RunConfig) -> None:
-    """The data files exist and hold a training and a validation window (from their sizes)."""
+    """The data files exist and, for the byte tokenizer, hold a training and a validation window (from
+    their sizes; another tokenizer's token counts are known once the files are read)."""
     try:
         files = resolve_files(run.data.paths)
+        if run.data.tokenizer != BYTES:
+            return
         train_len, val_len = text_split_lengths(files, run.data.val_fraction)
         check_text_lengths(train_len, val_len, len(files), run.data.seq_len, run.data.val_fraction)
     except ValueError as err:

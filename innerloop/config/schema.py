@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from innerloop.models.config import ModelConfig
 
-DATASETS: tuple[str, ...] = ("text", "recall")
+DATASETS: tuple[str, ...] = ("text", "recall", "hf")
 
 
 @dataclass
@@ -24,18 +24,30 @@ class RecallConfig:
 
 @dataclass
 class DataConfig:
-    """What to train on.
+    """What to train on, and how text becomes tokens.
 
-    ``name``: ``text`` (byte-level text from ``paths``; empty = the Python standard library's source)
-    or ``recall`` (the synthetic task configured by ``recall``; ``seq_len`` is then derived from it).
+    ``name``: ``text`` (text files from ``paths``; empty = the Python standard library's source),
+    ``hf`` (a local dataset read with the ``datasets`` library: data files or a ``save_to_disk``
+    folder in ``paths``, its ``split``, the column ``text_field``, read as a stream when
+    ``streaming``; see :mod:`innerloop.data.hf`) or ``recall`` (the synthetic task configured by
+    ``recall``; ``seq_len`` is then derived from it).
+
+    ``tokenizer``: ``bytes`` (token = byte, 256 tokens) or a Hugging Face tokenizer: a
+    ``tokenizer.json`` file or a folder holding one (e.g. from ``innerloop tokenizer train``). The
+    model's ``vocab_size`` follows it unless the config sets one (which must then be at least the
+    tokenizer's).
     """
 
     name: str = "text"
     paths: list[str] = field(default_factory=list)
+    tokenizer: str = "bytes"
     seq_len: int = 128
     batch_size: int = 16
     val_fraction: float = 0.1
     val_batches: int = 8
+    split: str = "train"
+    text_field: str = "text"
+    streaming: bool = False
     recall: RecallConfig = field(default_factory=RecallConfig)
 
 

@@ -1,5 +1,6 @@
-"""Byte-level text corpora: which files, how they split into training and validation, and whether
-each side holds a window of ``seq_len + 1`` bytes (from the files' sizes, before anything is read).
+"""Text corpora: which files, how they split into training and validation, and whether each side
+holds a window of ``seq_len + 1`` bytes (from the files' sizes, before anything is read); the files as
+bytes, or as the token ids of a tokenizer (:func:`read_tokens`).
 
 Used by the run config's checks (:mod:`innerloop.config`) and by the text DataModule
 (:mod:`innerloop.train.data`).
@@ -15,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
 
 # Parts of the standard library's tree that are not the standard library's own source: installed
 # packages (which differ between machines) and the test suites (large and repetitive).
@@ -80,6 +83,29 @@ def read_bytes(files: Sequence[Path]) -> torch.Tensor:
     return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
 
 
+def read_tokens(files: Sequence[Path], tokenizer: Tokenizer | None = None) -> torch.Tensor:
+    """The files' token ids, each file followed by the tokenizer's end-of-text id (when it has one).
+
+    With the byte tokenizer (or None) this is :func:`read_bytes`, ``uint8 [N]``; otherwise ``int64 [N]``,
+    each file decoded as UTF-8 (a file that is not raises :class:`DataError` naming it)."""
+    if tokenizer is None or isinstance(tokenizer, ByteTokenizer):
+        return read_bytes(files)
+    texts = []
+    for p in files:
+        try:
+            texts.append(p.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise DataError(
+                f"{str(p)!r} is not UTF-8 text ({err.reason} at byte {err.start}), which "
+                f"data.tokenizer ({tokenizer.describe()}) reads; remove it from data.paths or use "
+                "data.tokenizer=bytes"
+            ) from None
+    encode_many = getattr(tokenizer, "encode_many", None)
+    encoded = encode_many(texts) if encode_many is not None else [tokenizer.encode(t) for t in texts]
+    separator = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    return torch.tensor([token for ids in encoded for token in (*ids, *separator)], dtype=torch.int64)
+
+
 def split_text_files(files: Sequence[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
     """The training and validation files of two or more files: :func:`split_by_file`, or, when that
     leaves either side empty (too few files for the fraction), the last file held out."""
@@ -106,24 +132,24 @@ def text_split_lengths(files: Sequence[Path], val_fraction: float) -> tuple[int,
 
 
 def check_text_lengths(
-    train_len: int, val_len: int, num_files: int, seq_len: int, val_fraction: float
+    train_len: int, val_len: int, num_files: int, seq_len: int, val_fraction: float, unit: str = "bytes"
 ) -> None:
     """Raise :class:`DataError` unless both the training and the validation text hold a window of
-    ``seq_len + 1`` bytes; the message says which setting to change."""
+    ``seq_len + 1`` tokens (``unit``: what the lengths count); the message says which setting to change."""
     need = seq_len + 1
     if num_files == 1 and val_fraction == 0:
         raise DataError(
             "data.val_fraction=0 holds out no validation text: with a single file its last val_fraction "
-            "of bytes is held out; set data.val_fraction > 0 (e.g. 0.1) or give more files in data.paths"
+            f"of {unit} is held out; set data.val_fraction > 0 (e.g. 0.1) or give more files in data.paths"
         )
     if train_len < need:
         raise DataError(
-            f"the training text has {train_len} bytes, fewer than data.seq_len + 1 = {need}; give more "
+            f"the training text has {train_len} {unit}, fewer than data.seq_len + 1 = {need}; give more "
             "text (data.paths) or a shorter data.seq_len"
         )
     if val_len < need:
         held_out = f"the last {val_fraction} of the file" if num_files == 1 else "the held-out files"
         raise DataError(
-            f"the validation text ({held_out}) has {val_len} bytes, fewer than data.seq_len + 1 = {need}; "
+            f"the validation text ({held_out}) has {val_len} {unit}, fewer than data.seq_len + 1 = {need}; "
             "give more text, a larger data.val_fraction or a shorter data.seq_len"
         )

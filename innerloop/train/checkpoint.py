@@ -41,6 +41,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from innerloop.data.atomic import atomic_write
+from innerloop.data.tokenizer import Tokenizer, tokenizer_from_state
 from innerloop.models import ModelConfig
 
 FORMAT = "innerloop-checkpoint"
@@ -53,6 +54,10 @@ MAX_TREE_CHARS = 64 * 2**20
 """Largest JSON tree read (64 MiB; a training checkpoint's is a few KiB: the tensors are not in it)."""
 MAX_TREE_DEPTH = 64
 """Deepest nesting of the JSON tree read (a Lightning checkpoint nests about 8 deep)."""
+
+TOKENIZER_KEY = "tokenizer"
+"""The checkpoint key holding the run's tokenizer (:meth:`~innerloop.data.tokenizer.Tokenizer.to_state`:
+the whole tokenizer.json as text); a checkpoint without it was made with the byte tokenizer."""
 
 _TREE_KEY = "innerloop.tree"
 _DIGEST_KEY = "innerloop.sha256"
@@ -305,6 +310,29 @@ def checkpoint_identity(path: str | os.PathLike[str]) -> str:
             digest = hashlib.file_digest(file, "sha256").hexdigest()
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.name.removesuffix(CHECKPOINT_SUFFIX)).strip("-.") or "ckpt"
     return f"{stem[:40]}-{digest[:8]}"
+
+
+def checkpoint_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+    """The tokenizer a checkpoint was trained with (:data:`TOKENIZER_KEY`; bytes when it records
+    none), read from its metadata alone (the weights are not loaded or verified: :func:`load_checkpoint`
+    does that). Raises :class:`CheckpointError` naming the file, as :func:`load_checkpoint` does."""
+    name = repr(str(path))
+    if not Path(path).is_file():
+        load_checkpoint(path)  # raises the error of a missing file or a directory
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(
+            f"{name} is not a readable innerloop checkpoint (expected a safetensors file written by "
+            f"`innerloop train`): {_one_line(err)}"
+        ) from None
+    _check_header(name, metadata)
+    try:
+        tree = json.loads(metadata[_TREE_KEY])
+        return tokenizer_from_state(tree.get(TOKENIZER_KEY) if isinstance(tree, dict) else None, name)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and TokenizerError are ValueErrors
+        raise CheckpointError(f"{name}: {_one_line(err)}") from None
 
 
 def _move_tensors(obj: Any, device: str | torch.device) -> Any:

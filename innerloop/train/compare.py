@@ -30,9 +30,15 @@ import torch.nn.functional as F
 
 from innerloop.config.load import ConfigError
 from innerloop.data.atomic import atomic_write, atomic_write_text
+from innerloop.data.tokenizer import Tokenizer
 from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
 from innerloop.models.params import count_parameters
-from innerloop.train.checkpoint import CHECKPOINT_SUFFIX, checkpoint_identity, load_checkpoint
+from innerloop.train.checkpoint import (
+    CHECKPOINT_SUFFIX,
+    checkpoint_identity,
+    checkpoint_tokenizer,
+    load_checkpoint,
+)
 from innerloop.train.data import IGNORE_INDEX
 from innerloop.train.metrics import position_buckets
 from innerloop.train.module import LanguageModelModule, load_module
@@ -218,13 +224,14 @@ def _evaluate_length(
     targets: torch.Tensor,
     batch_size: int,
     num_buckets: int,
+    tokenizer: Tokenizer,
 ) -> LengthResult:
     """Every model on the same windows ``inputs, targets [W, T]``."""
     buckets = position_buckets(inputs.shape[1], num_buckets)
     counts = bucket_sums((targets != IGNORE_INDEX).double(), buckets)  # [W, K]
     sums = []
     for model in models:
-        check_vocabulary(model.module, inputs, targets)
+        check_vocabulary(model.module, inputs, targets, tokenizer)
         with no_test_time_training(model.module.model) if model.no_ttt else nullcontext():
             sums.append(bucket_sums(token_losses(model.module, inputs, targets, batch_size), buckets))
     return LengthResult(inputs.shape[1], buckets, torch.stack(sums), counts, inputs.shape[0])
@@ -257,16 +264,19 @@ def compare(
     if no_ttt:
         _mark_no_ttt(models)
     reference = models[base]
+    tokenizer = _common_tokenizer(checkpoints, names)
     seq_lens = list(
         dict.fromkeys(seq_lens or [reference.module.hparams.get("seq_len") or DEFAULT_EVAL_SEQ_LEN])
     )
     results, bands, source = [], {}, ""
     for seq_len in seq_lens:
         windows = evaluation_windows(
-            reference.checkpoint, reference.module, paths, seq_len, batch_size, batches
+            reference.checkpoint, reference.module, paths, seq_len, batch_size, batches, tokenizer
         )
         num_buckets = reference.module.hparams.get("num_position_buckets", DEFAULT_BUCKETS)
-        result = _evaluate_length(models, windows.inputs, windows.targets, windows.batch_size, num_buckets)
+        result = _evaluate_length(
+            models, windows.inputs, windows.targets, windows.batch_size, num_buckets, tokenizer
+        )
         results.append(result)
         differences = result.loss_sums - result.loss_sums[base]  # [M, W, K]
         bands[seq_len] = [
@@ -274,6 +284,19 @@ def compare(
         ]
         source = f"{windows.source} ({windows.tag}) of {reference.name}"
     return Comparison(models, base, results, bands, confidence, resamples, seed, source)
+
+
+def _common_tokenizer(checkpoints: list[Path], names: list[str]) -> Tokenizer:
+    """The one tokenizer every model was trained with; models that read text in different tokens
+    cannot be scored on the same windows (nor their losses compared), so that is refused."""
+    tokenizers = [checkpoint_tokenizer(path) for path in checkpoints]
+    for name, tokenizer in zip(names[1:], tokenizers[1:], strict=True):
+        if tokenizer != tokenizers[0]:
+            raise ConfigError(
+                f"{name} reads text as {tokenizer.describe()} but {names[0]} as {tokenizers[0].describe()}: "
+                "compare scores every model on the same token windows, so they must share a tokenizer"
+            )
+    return tokenizers[0]
 
 
 def _mark_no_ttt(models: list[ComparedModel]) -> None:

@@ -1,10 +1,12 @@
-"""DataModules: byte-level text from files, and a synthetic associative-recall task.
+"""DataModules: text from files, a local Hugging Face dataset, and a synthetic associative-recall task.
 
-Both draw their training batches as a pure function of ``(seed, batch index)``. A run resumed from a
-checkpoint at global step ``s`` therefore starts at batch ``s * accumulate_grad_batches`` and sees
-exactly the batches an uninterrupted run would have seen, with no sampler state to save. Under
-multi-process training each rank reads every ``world_size``-th batch (rank and world size come from
-the Trainer; there is no distributed code here).
+The text and recall modules draw their training batches as a pure function of ``(seed, batch index)``.
+A run resumed from a checkpoint at global step ``s`` therefore starts at batch
+``s * accumulate_grad_batches`` and sees exactly the batches an uninterrupted run would have seen,
+with no sampler state to save. The Hugging Face module reads its documents in order, packed into
+windows (:mod:`innerloop.data.packing`); its checkpoint state is the stream position of the next batch.
+Under multi-process training each rank reads every ``world_size``-th batch (rank and world size come
+from the Trainer; there is no distributed code here).
 
 Targets equal to :data:`IGNORE_INDEX` are not scored (the recall task scores only the answers).
 """
@@ -13,11 +15,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from innerloop.data.hf import iter_texts, open_hf_dataset
+from innerloop.data.packing import START, StreamPosition, is_validation, packed_windows, validation_windows
 from innerloop.data.recall import (
     IGNORE_INDEX,
     RECALL_DISTRACTORS,
@@ -32,12 +37,14 @@ from innerloop.data.text import (
     _single_file_cut,
     check_text_lengths,
     read_bytes,
+    read_tokens,
     resolve_files,
     split_by_file,
     split_text_files,
     stdlib_files,
     text_split_lengths,
 )
+from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
 
 # Re-exported: the DataModules below are built on them, and this module is where a run's data is read.
 __all__ = [
@@ -49,12 +56,14 @@ __all__ = [
     "Batch",
     "DataError",
     "FixedExamples",
+    "HFDataModule",
     "IndexedBatches",
     "RecallDataModule",
     "TextDataModule",
     "check_text_lengths",
     "evaluation_examples",
     "read_bytes",
+    "read_tokens",
     "recall_example",
     "resolve_files",
     "spread_windows",
@@ -129,7 +138,7 @@ class _IndexedDataModule(L.LightningDataModule):
 
 
 class TextDataModule(_IndexedDataModule):
-    """Byte-level language modelling on text files (vocabulary 256).
+    """Language modelling on text files: their bytes (vocabulary 256), or their tokens.
 
     Args:
         paths: files, directories or globs; empty means the Python standard library's own source
@@ -139,6 +148,8 @@ class TextDataModule(_IndexedDataModule):
         val_fraction: share of files held out for validation (split by file, deterministic).
         val_batches: number of validation batches (fixed windows spread over the held-out text).
         seed: seed of the training windows' positions.
+        tokenizer: how text becomes tokens (None: bytes, read as they are; another tokenizer reads
+            each file as UTF-8 text and puts its end-of-text id between files).
 
     With a single file there is nothing to split by file, so its last ``val_fraction`` of bytes is
     held out instead.
@@ -152,6 +163,7 @@ class TextDataModule(_IndexedDataModule):
         val_fraction: float = 0.1,
         val_batches: int = 8,
         seed: int = 0,
+        tokenizer: Tokenizer | None = None,
     ):
         super().__init__()
         if seq_len < 1 or batch_size < 1 or val_batches < 1:
@@ -161,7 +173,8 @@ class TextDataModule(_IndexedDataModule):
         self.paths = list(paths)
         self.seq_len, self.batch_size, self.val_batches, self.seed = seq_len, batch_size, val_batches, seed
         self.val_fraction = val_fraction
-        self.train_bytes: torch.Tensor | None = None
+        self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+        self.train_bytes: torch.Tensor | None = None  # the tokens (bytes with the byte tokenizer)
         self.val_bytes: torch.Tensor | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -169,14 +182,18 @@ class TextDataModule(_IndexedDataModule):
             return
         files = resolve_files(self.paths) if self.paths else stdlib_files()
         if len(files) == 1:
-            data = read_bytes(files)
+            data = read_tokens(files, self.tokenizer)
             cut = _single_file_cut(len(data), self.val_fraction)
             self.train_bytes, self.val_bytes = data[:cut], data[cut:]
         else:
             train, val = split_text_files(files, self.val_fraction)
-            self.train_bytes, self.val_bytes = read_bytes(train), read_bytes(val)
+            self.train_bytes, self.val_bytes = (
+                read_tokens(train, self.tokenizer),
+                read_tokens(val, self.tokenizer),
+            )
+        unit = "bytes" if isinstance(self.tokenizer, ByteTokenizer) else "tokens"
         check_text_lengths(
-            len(self.train_bytes), len(self.val_bytes), len(files), self.seq_len, self.val_fraction
+            len(self.train_bytes), len(self.val_bytes), len(files), self.seq_len, self.val_fraction, unit
         )
 
     def make_train_batch(self, index: int) -> Batch:
@@ -195,11 +212,11 @@ class TextDataModule(_IndexedDataModule):
         return spread_windows(self.val_bytes, self.seq_len, self.val_batches * self.batch_size)
 
 
-def spread_windows(data: torch.Tensor, seq_len: int, count: int) -> Batch:
+def spread_windows(data: torch.Tensor, seq_len: int, count: int, unit: str = "bytes") -> Batch:
     """Up to ``count`` windows of ``data`` spread evenly over it: ``(inputs [N, T], targets [N, T])``."""
     if len(data) < seq_len + 1:
         raise DataError(
-            f"the text has {len(data)} bytes, fewer than seq_len + 1 = {seq_len + 1}; give more text or a "
+            f"the text has {len(data)} {unit}, fewer than seq_len + 1 = {seq_len + 1}; give more text or a "
             "shorter seq_len"
         )
     starts = torch.linspace(0, len(data) - seq_len - 1, count).long().unique()
@@ -207,12 +224,22 @@ def spread_windows(data: torch.Tensor, seq_len: int, count: int) -> Batch:
     return windows[:, :-1], windows[:, 1:]
 
 
-def evaluation_examples(paths: Sequence[str], seq_len: int, count: int, val_fraction: float = 0.1) -> Batch:
+def evaluation_examples(
+    paths: Sequence[str],
+    seq_len: int,
+    count: int,
+    val_fraction: float = 0.1,
+    tokenizer: Tokenizer | None = None,
+) -> Batch:
     """Windows to evaluate on: all of the given files, or with no paths the validation split of the
-    default corpus (the same files :class:`TextDataModule` holds out)."""
+    default corpus (the same files :class:`TextDataModule` holds out), tokenized by ``tokenizer``
+    (None: bytes)."""
     if paths:
-        return spread_windows(read_bytes(resolve_files(paths)), seq_len, count)
-    module = TextDataModule(seq_len=seq_len, batch_size=count, val_fraction=val_fraction, val_batches=1)
+        unit = "bytes" if tokenizer is None or isinstance(tokenizer, ByteTokenizer) else "tokens"
+        return spread_windows(read_tokens(resolve_files(paths), tokenizer), seq_len, count, unit)
+    module = TextDataModule(
+        seq_len=seq_len, batch_size=count, val_fraction=val_fraction, val_batches=1, tokenizer=tokenizer
+    )
     module.setup()
     return module.make_val_examples()
 
@@ -255,3 +282,169 @@ class RecallDataModule(_IndexedDataModule):
 
     def make_val_examples(self) -> Batch:
         return self._examples(self.val_batches * self.batch_size, _generator(self.seed, -1))
+
+
+class PackedBatches(IterableDataset):
+    """Batches of consecutive packed windows from a recorded stream position (see
+    :mod:`innerloop.data.packing`): global batch ``g`` is windows ``g*B .. g*B + B - 1``; this rank
+    reads the ``rank``-th batch of each group of ``world_size`` from ``first_batch`` on. Before each of its batches is yielded, ``record(g, position)`` is told the
+    position of the next global batch of every rank's batches passed (what a checkpoint stores)."""
+
+    def __init__(
+        self,
+        windows_from: Callable[[StreamPosition], Iterator[tuple[list[int], StreamPosition]]],
+        batch_size: int,
+        first_batch: int,
+        position: StreamPosition,
+        record: Callable[[int, StreamPosition], None],
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.windows_from, self.batch_size = windows_from, batch_size
+        self.first_batch, self.position, self.record = first_batch, position, record
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[Batch]:
+        windows = self.windows_from(self.position)
+        batch = self.first_batch
+        while True:
+            own: list[list[int]] = []
+            for rank in range(self.world_size):
+                rows = [next(windows) for _ in range(self.batch_size)]
+                batch += 1
+                self.record(batch, rows[-1][1])
+                if rank == self.rank:
+                    own = [window for window, _ in rows]
+            tokens = torch.tensor(own, dtype=torch.long)  # [B, T + 1]
+            yield tokens[:, :-1], tokens[:, 1:]
+
+
+class HFDataModule(L.LightningDataModule):
+    """A local dataset read with the ``datasets`` library (:mod:`innerloop.data.hf`), tokenized as it is
+    read and packed into windows of ``seq_len + 1`` tokens (:mod:`innerloop.data.packing`).
+
+    Training reads the training documents in order, epoch after epoch; validation is the first
+    ``val_batches * batch_size`` windows of the held-out documents (every ``1/val_fraction``-th
+    document, so the two never share one). The checkpoint stores the stream position of the next
+    batch (:meth:`state_dict`), so a resumed run reads the batches an uninterrupted one would have.
+
+    Args:
+        paths, split, text_field, streaming: the dataset (see :func:`innerloop.data.hf.open_hf_dataset`).
+        tokenizer: how text becomes tokens (None: bytes); its end-of-text id follows each document.
+        seq_len, batch_size, val_fraction, val_batches: as for :class:`TextDataModule`.
+    """
+
+    _HISTORY = 256  # stream positions kept (the Trainer fetches a batch or two ahead of the step)
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        split: str = "train",
+        text_field: str = "text",
+        streaming: bool = False,
+        tokenizer: Tokenizer | None = None,
+        seq_len: int = 128,
+        batch_size: int = 16,
+        val_fraction: float = 0.1,
+        val_batches: int = 8,
+    ):
+        super().__init__()
+        if seq_len < 1 or batch_size < 1 or val_batches < 1:
+            raise ValueError(
+                f"seq_len={seq_len}, batch_size={batch_size} and val_batches={val_batches} must all be >= 1"
+            )
+        if not 0 < val_fraction < 1:
+            raise DataError(
+                f"data.val_fraction={val_fraction} must be in (0, 1) for data.name='hf': validation holds "
+                "out every 1/val_fraction-th document"
+            )
+        self.paths, self.split, self.text_field, self.streaming = list(paths), split, text_field, streaming
+        self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.val_fraction, self.val_batches = val_fraction, val_batches
+        self.dataset = None
+        self.val_examples: Batch | None = None
+        self._positions: dict[int, StreamPosition] = {0: START}  # global batch -> where it starts
+        self._resumed: tuple[int, StreamPosition] | None = None
+        self._start_step, self._first = 0, 0  # the step and global batch the stream (re)started at
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        self.dataset = open_hf_dataset(self.paths, self.split, self.streaming)
+        windows = validation_windows(
+            self._reader(validation=True), self.seq_len, self.val_batches * self.batch_size
+        )
+        tokens = torch.tensor(windows, dtype=torch.long)  # [N, T + 1]
+        self.val_examples = tokens[:, :-1], tokens[:, 1:]
+
+    def _reader(self, validation: bool):
+        """A :data:`~innerloop.data.packing.DocumentReader` of the validation or the training documents."""
+        encode_many = getattr(self.tokenizer, "encode_many", None)
+        separator = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
+
+        def read(epoch: int, first: int) -> Iterator[tuple[int, list[int]]]:
+            for start, texts in iter_texts(self.dataset, self.text_field, first):
+                encoded = encode_many(texts) if encode_many else [self.tokenizer.encode(t) for t in texts]
+                for number, ids in enumerate(encoded, start):
+                    if is_validation(number, self.val_fraction) == validation:
+                        yield number, [*ids, *separator]
+
+        return read
+
+    def _windows_from(self, position: StreamPosition) -> Iterator[tuple[list[int], StreamPosition]]:
+        return packed_windows(self._reader(validation=False), self.seq_len, position)
+
+    def _record(self, batch: int, position: StreamPosition) -> None:
+        self._positions[batch] = position
+        for old in [b for b in self._positions if b <= batch - self._HISTORY]:
+            del self._positions[old]
+
+    def _batches_read(self) -> int:
+        """Global batches trained on since :meth:`train_dataloader` started the stream (the steps
+        taken since, times accumulation and ranks)."""
+        if self.trainer is None:
+            return 0
+        steps = self.trainer.global_step - self._start_step
+        return steps * self.trainer.accumulate_grad_batches * self.trainer.world_size
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world, step = 0, 1, 0
+        if self.trainer is not None:
+            rank, world, step = self.trainer.global_rank, self.trainer.world_size, self.trainer.global_step
+        if self._resumed is not None:  # the checkpoint's position, whatever accumulation or ranks now
+            first, position = self._resumed
+        elif step == 0:
+            first, position = 0, START
+        else:
+            raise DataError(
+                f"cannot resume the data stream at step {step}: the checkpoint records no stream position "
+                "(it was not written by a data.name='hf' run of this innerloop)"
+            )
+        self._start_step, self._first = step, first
+        self._positions = {first: position}
+        batches = PackedBatches(
+            self._windows_from, self.batch_size, first, position, self._record, rank, world
+        )
+        return DataLoader(batches, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_examples is not None, "call setup() first"
+        return DataLoader(FixedExamples(*self.val_examples), batch_size=self.batch_size, shuffle=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position of the next training batch: ``{"batch": g, "position": [epoch,
+        document, offset]}`` (stored in the checkpoint by Lightning)."""
+        batch = self._first + self._batches_read()
+        if batch not in self._positions:
+            raise DataError(f"the stream position of batch {batch} is unknown (it was not read yet)")
+        return {"batch": batch, "position": list(self._positions[batch])}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume from a position :meth:`state_dict` recorded."""
+        batch, position = state_dict.get("batch"), state_dict.get("position")
+        if not isinstance(batch, int) or not (
+            isinstance(position, list) and len(position) == 3 and all(isinstance(v, int) for v in position)
+        ):
+            raise DataError(f"the checkpoint's data stream state {state_dict!r} is malformed")
+        self._resumed = (batch, StreamPosition(*position))

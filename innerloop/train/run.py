@@ -52,17 +52,21 @@ from innerloop.config.load import (
     concrete_precision,
     flatten_config,
     load_config,
+    run_tokenizer,
     save_config,
 )
 from innerloop.config.schema import RunConfig
 from innerloop.data.atomic import atomic_write
+from innerloop.data.tokenizer import Tokenizer
 from innerloop.models import ModelConfig
 from innerloop.models.ablation import no_test_time_training
 from innerloop.train.checkpoint import (
     CHECKPOINT_SUFFIX,
+    TOKENIZER_KEY,
     CheckpointError,
     SafetensorsCheckpointIO,
     checkpoint_identity,
+    checkpoint_tokenizer,
     load_training_checkpoint,
 )
 from innerloop.train.data import (
@@ -70,6 +74,7 @@ from innerloop.train.data import (
     Batch,
     DataError,
     FixedExamples,
+    HFDataModule,
     RecallDataModule,
     TextDataModule,
     evaluation_examples,
@@ -182,16 +187,34 @@ class TrainResult:
     metrics: dict[str, float]
 
 
-def build_datamodule(run: RunConfig) -> TextDataModule | RecallDataModule:
-    """The DataModule named by ``run.data.name``."""
+def build_datamodule(run: RunConfig) -> TextDataModule | RecallDataModule | HFDataModule:
+    """The DataModule named by ``run.data.name``, tokenizing with ``data.tokenizer``."""
     data = run.data
     if data.name == "recall":
         return RecallDataModule(
             data.recall.num_pairs, data.recall.gap, data.batch_size, data.val_batches, run.seed
         )
+    tokenizer = run_tokenizer(run)
+    if data.name == "hf":
+        return HFDataModule(
+            data.paths, data.split, data.text_field, data.streaming, tokenizer,
+            data.seq_len, data.batch_size, data.val_fraction, data.val_batches,
+        )  # fmt: skip
     return TextDataModule(
-        data.paths, data.seq_len, data.batch_size, data.val_fraction, data.val_batches, run.seed
+        data.paths, data.seq_len, data.batch_size, data.val_fraction, data.val_batches, run.seed, tokenizer
     )
+
+
+class _RecordTokenizer(Callback):
+    """Stores the run's tokenizer in every checkpoint (:data:`~innerloop.train.checkpoint.TOKENIZER_KEY`),
+    so that eval, generate, export and a resume use the one the weights were trained with."""
+
+    def __init__(self, run: RunConfig):
+        self.state = None if run.data.name == "recall" else run_tokenizer(run).to_state()
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self.state is not None:
+            checkpoint[TOKENIZER_KEY] = self.state
 
 
 def build_module(run: RunConfig) -> LanguageModelModule:
@@ -246,7 +269,7 @@ def build_trainer(run: RunConfig, callbacks: Sequence[Callback] = ()) -> L.Train
         gradient_clip_val=run.optim.grad_clip if run.optim.grad_clip > 0 else None,
         log_every_n_steps=t.log_every,
         logger=_CSVLogger(run.out_dir, name="logs"),  # logs/version_<n>/metrics.csv, one per launch
-        callbacks=[checkpointing, *callbacks],
+        callbacks=[checkpointing, _RecordTokenizer(run), *callbacks],
         plugins=[SafetensorsCheckpointIO()],
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
@@ -354,6 +377,7 @@ def _check_resume(run: RunConfig, module: LanguageModelModule, ckpt: Path) -> No
         saved, _ = load_config(str(saved_config))
         check_resume_changes(saved, run)
     _check_same_model(run.model, checkpoint, ckpt)
+    _check_same_tokenizer(run, ckpt)
     _check_weights_fit(module, checkpoint["state_dict"], ckpt)
     step = checkpoint.get("global_step")
     if isinstance(step, int) and run.trainer.max_steps < step:
@@ -380,6 +404,18 @@ def _check_same_model(model: ModelConfig, checkpoint: dict[str, Any], ckpt: Path
     changes = [f"{key} ({old[key]!r} -> {new[key]!r})" for key in new if old[key] != new[key]]
     if changes:
         raise CheckpointError(f"{str(ckpt)!r} holds another model than this run's: {', '.join(changes)}")
+
+
+def _check_same_tokenizer(run: RunConfig, ckpt: Path) -> None:
+    """Raise :class:`ConfigError` unless ``data.tokenizer`` is the tokenizer the checkpoint recorded
+    (the same spec may name files that changed since)."""
+    if run.data.name == "recall":
+        return
+    if run_tokenizer(run) != checkpoint_tokenizer(ckpt):
+        raise ConfigError(
+            f"--resume: data.tokenizer={run.data.tokenizer!r} is not the tokenizer {str(ckpt)!r} was trained "
+            "with (its files changed since); restore them, or start a new run"
+        )
 
 
 def _check_weights_fit(module: LanguageModelModule, stored: Any, ckpt: Path) -> None:
@@ -455,7 +491,7 @@ def validation_examples(run: RunConfig, seq_len: int | None = None, count: int |
     first ``count`` of the same sequences)."""
     data = run.data
     if seq_len is not None and seq_len != build_datamodule(run).seq_len:
-        if data.name != "text":
+        if data.name == "recall":
             raise ConfigError(
                 f"seq_len={seq_len}: the {data.name!r} task's sequences have a fixed length "
                 f"({build_datamodule(run).seq_len}); evaluate it without --seq-len"
@@ -475,6 +511,7 @@ def evaluation_windows(
     seq_len: int,
     batch_size: int | None = None,
     batches: int | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> EvaluationWindows:
     """The windows ``innerloop eval`` reads: ``paths`` when given; else the validation windows of the
     run that wrote ``checkpoint`` (:func:`run_of_checkpoint`, :func:`validation_examples`: exactly the
@@ -491,7 +528,8 @@ def evaluation_windows(
             inputs, targets, batch_size, _run_data_tag(run), "the run's validation windows"
         )
     batch_size = batch_size or DEFAULT_EVAL_BATCH_SIZE
-    inputs, targets = evaluation_examples(paths, seq_len, batch_size * (batches or DEFAULT_EVAL_BATCHES))
+    count = batch_size * (batches or DEFAULT_EVAL_BATCHES)
+    inputs, targets = evaluation_examples(paths, seq_len, count, tokenizer=tokenizer)
     source = (
         "the given files"
         if paths
@@ -536,9 +574,10 @@ def evaluate(
     module = load_module(checkpoint)
     if seq_len is None:
         seq_len = _training_seq_len(module, checkpoint)
-    windows = evaluation_windows(checkpoint, module, paths, seq_len, batch_size, batches)
+    tokenizer = checkpoint_tokenizer(checkpoint)
+    windows = evaluation_windows(checkpoint, module, paths, seq_len, batch_size, batches, tokenizer)
     inputs, targets = windows.inputs, windows.targets
-    check_vocabulary(module, inputs, targets)
+    check_vocabulary(module, inputs, targets, tokenizer)
     loader = DataLoader(FixedExamples(inputs, targets), batch_size=windows.batch_size, shuffle=False)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -566,14 +605,16 @@ def evaluate(
     return metrics, csv_path, png
 
 
-def check_vocabulary(module: LanguageModelModule, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+def check_vocabulary(
+    module: LanguageModelModule, inputs: torch.Tensor, targets: torch.Tensor, tokenizer: Tokenizer
+) -> None:
     """Raise :class:`DataError` when the windows hold a token the model's vocabulary does not."""
     vocab_size = module.model.config.vocab_size
-    largest = max(int(inputs.max()), int(targets.max()))  # bytes 0..255 (targets' ignored ones are < 0)
+    largest = max(int(inputs.max()), int(targets.max()))  # targets' ignored ones are < 0
     if largest >= vocab_size:
         raise DataError(
             f"the data has token {largest}, but the model's vocabulary has {vocab_size} tokens "
-            f"(0..{vocab_size - 1}): this model cannot read these bytes"
+            f"(0..{vocab_size - 1}): this model cannot read these tokens ({tokenizer.describe()})"
         )
 
 

@@ -184,3 +184,21 @@ def test_eval_of_a_recall_run_reads_its_recall_validation(tmp_path) -> None:
     assert metrics["tokens"] == (targets >= 0).sum() == 6 * 2  # only the recalled values are scored
     with pytest.raises(ConfigError, match="seq_len=50: the 'recall' task's sequences have a fixed length"):
         evaluate(out / "last.safetensors", seq_len=50, progress_bar=False)
+
+
+def test_models_with_different_tokenizers_are_refused(runs, monkeypatch) -> None:
+    """Token windows mean different text to models with different tokenizers: their losses are not
+    comparable, so compare refuses them by name instead of scoring one model's tokens with another."""
+    from innerloop.data.tokenizer import ByteTokenizer, HFTokenizer, byte_level_tokenizer_json
+
+    first, second = runs[0], runs[1]
+    other = HFTokenizer(byte_level_tokenizer_json(), eos_token=None, source="a test")
+    assert other != ByteTokenizer()
+    tokenizers = {str(first): ByteTokenizer(), str(second): other}
+    monkeypatch.setattr(
+        compare_module,
+        "checkpoint_tokenizer",
+        lambda path: next(t for run, t in tokenizers.items() if str(path).startswith(run)),
+    )
+    with pytest.raises(ConfigError, match="must share a tokenizer"):
+        compare([first, second])

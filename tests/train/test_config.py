@@ -35,7 +35,7 @@ def test_the_saved_config_reloads_to_the_same_run(tmp_path) -> None:
         (["model.ttt.inner_loss=contrastive"], r"inner_loss='contrastive' is not a registered.*'next_token'"),
         (["model.mixer=lstm"], r"model.mixer='lstm'.*\['ttt', 'attention', 'swa'\]"),
         (["trainer.strategy=ddpp"], r"trainer.strategy='ddpp' is not valid; valid: \[.*'ddp_spawn'"),
-        (["data.name=imagenet"], r"data.name='imagenet'.*\['text', 'recall'\]"),
+        (["data.name=imagenet"], r"data.name='imagenet'.*\['text', 'recall', 'hf'\]"),
         (["data.paths=[/no/such/file*.txt]"], r"matches no file"),
         (["max_steps"], r"not of the form key=value"),
     ],

@@ -1,0 +1,143 @@
+"""Documents packed into windows of ``seq_len + 1`` tokens, resumable from a recorded position.
+
+A dataset is a sequence of documents (texts), numbered 0, 1, 2, ... in the order the source gives
+them. Each document becomes its token ids followed by the tokenizer's end-of-text id (when it has
+one), and the documents' tokens are read as one stream, cut into windows of ``seq_len + 1`` tokens
+that start every ``seq_len`` tokens (consecutive windows share one token, so every token but the first
+is predicted exactly once). When the training documents run out the stream starts again at document
+0 (the next *epoch*), so training never ends for lack of data.
+
+Validation: document ``i`` is held out when ``floor((i + 1) * f) > floor(i * f)`` for
+``f = data.val_fraction`` (:func:`is_validation`): every ``1/f``-th document (documents 9, 19, 29, ...
+for ``f = 0.1``), decided from its number alone, so it works on a stream of unknown length and the two
+sides never share a document. The validation windows are the first ones packed from the held-out
+documents (:func:`validation_windows`), the same in every run.
+
+A :class:`StreamPosition` ``(epoch, document, offset)`` says where a window starts: token ``offset`` of
+document ``document`` (counting its end-of-text token) in epoch ``epoch``. A checkpoint stores the
+position of the next batch, and :func:`packed_windows` started there yields exactly the windows an
+uninterrupted run would have read next.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+from innerloop.data.text import DataError
+
+#: ``read(epoch, first_document)`` yields ``(document number, token ids)`` of the documents from
+#: ``first_document`` on, in order, for one epoch (it may skip documents, e.g. validation ones).
+DocumentReader = Callable[[int, int], Iterator[tuple[int, list[int]]]]
+
+
+class StreamPosition(NamedTuple):
+    """Where a window starts: token ``offset`` of document ``document`` in epoch ``epoch``."""
+
+    epoch: int
+    document: int
+    offset: int
+
+
+START = StreamPosition(0, 0, 0)
+
+
+def is_validation(document: int, val_fraction: float) -> bool:
+    """Whether document number ``document`` is held out for validation (every ``1/val_fraction``-th)."""
+    return math.floor((document + 1) * val_fraction) > math.floor(document * val_fraction)
+
+
+class _Segment:
+    """The tokens of one document still to be read, from ``offset`` on."""
+
+    __slots__ = ("document", "epoch", "offset", "tokens")
+
+    def __init__(self, epoch: int, document: int, tokens: list[int], offset: int):
+        self.epoch, self.document, self.tokens, self.offset = epoch, document, tokens, offset
+
+    @property
+    def left(self) -> int:
+        return len(self.tokens) - self.offset
+
+
+def _documents(read: DocumentReader, start: StreamPosition, need: int) -> Iterator[_Segment]:
+    """Every document's tokens from ``start`` on, epoch after epoch. Raises :class:`DataError` when a
+    whole epoch holds fewer than ``need`` tokens (it could never fill a window)."""
+    epoch, first = start.epoch, start.document
+    offset = start.offset
+    while True:
+        tokens_in_epoch = 0
+        for document, tokens in read(epoch, first):
+            if offset > len(tokens):
+                raise DataError(
+                    f"the recorded stream position {tuple(start)} is past the end of document {document} "
+                    f"({len(tokens)} tokens): the data changed since the checkpoint was written"
+                )
+            tokens_in_epoch += len(tokens)
+            yield _Segment(epoch, document, tokens, offset)
+            offset = 0
+        if first == 0 and tokens_in_epoch < need:
+            raise DataError(
+                f"the training documents hold {tokens_in_epoch} tokens, fewer than data.seq_len + 1 = "
+                f"{need}; give more data or a shorter data.seq_len"
+            )
+        epoch, first = epoch + 1, 0
+
+
+def packed_windows(
+    read: DocumentReader, seq_len: int, start: StreamPosition = START
+) -> Iterator[tuple[list[int], StreamPosition]]:
+    """Windows of ``seq_len + 1`` tokens every ``seq_len`` tokens from ``start`` on, each with the
+    position of the window after it (what a checkpoint taken after it records)."""
+    need = seq_len + 1
+    source = _documents(read, start, need)
+    segments: deque[_Segment] = deque()
+    available = 0
+    while True:
+        while available < need:
+            segment = next(source)
+            segments.append(segment)
+            available += segment.left
+        window: list[int] = []
+        for segment in segments:
+            window.extend(segment.tokens[segment.offset : segment.offset + need - len(window)])
+            if len(window) == need:
+                break
+        _advance(segments, seq_len)
+        available -= seq_len
+        head = segments[0]
+        yield window, StreamPosition(head.epoch, head.document, head.offset)
+
+
+def _advance(segments: deque[_Segment], count: int) -> None:
+    """Consume ``count`` tokens from the front; an exhausted last segment stays (its end is the position)."""
+    while count:
+        head = segments[0]
+        step = min(count, head.left)
+        head.offset += step
+        count -= step
+        if head.left == 0 and len(segments) > 1:
+            segments.popleft()
+
+
+def validation_windows(read: DocumentReader, seq_len: int, count: int) -> list[list[int]]:
+    """The first ``count`` windows of the held-out documents of epoch 0 (fewer if they run out).
+    ``read`` yields only validation documents. Raises :class:`DataError` if there is not one."""
+    need = seq_len + 1
+    tokens: list[int] = []
+    windows: list[list[int]] = []
+    for _, document_tokens in read(0, 0):
+        tokens.extend(document_tokens)
+        while len(tokens) >= need and len(windows) < count:
+            windows.append(tokens[:need])
+            del tokens[:seq_len]
+        if len(windows) == count:
+            break
+    if not windows:
+        raise DataError(
+            f"the validation documents hold fewer than data.seq_len + 1 = {need} tokens; give more data, "
+            "a larger data.val_fraction or a shorter data.seq_len"
+        )
+    return windows

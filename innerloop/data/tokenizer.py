@@ -1,0 +1,350 @@
+"""Tokenizers: how text becomes token ids, everywhere a run reads or writes text.
+
+Two kinds, behind one interface (:class:`Tokenizer`):
+
+- :class:`ByteTokenizer` (``data.tokenizer: bytes``, the default): token ``b`` is byte ``b``, 256 tokens.
+  Nothing to load, no library imported.
+- :class:`HFTokenizer`: any Hugging Face ``tokenizers`` tokenizer, given as a ``tokenizer.json`` file
+  or a folder holding one (e.g. one written by :func:`train_bpe` / ``innerloop tokenizer train``, or by
+  ``AutoTokenizer.save_pretrained``).
+
+:func:`load_tokenizer` turns a ``data.tokenizer`` spec into one; :meth:`Tokenizer.to_state` gives the
+JSON-able form a checkpoint stores (the whole ``tokenizer.json``, never a pickle) and
+:func:`tokenizer_from_state` reads it back, so evaluation, generation and a resumed run use exactly the
+tokenizer the run was trained with. :meth:`Tokenizer.save_pretrained` writes files that
+``transformers.AutoTokenizer.from_pretrained`` loads as an equivalent tokenizer (the byte tokenizer
+too: a byte-level BPE without merges whose 256 ids are the 256 bytes).
+
+``tokenizers`` is imported only when a Hugging Face tokenizer is used (see :func:`load_tokenizer`), so
+the byte-level default costs nothing at start-up.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from innerloop.data.atomic import atomic_write_text
+
+BYTES = "bytes"
+"""The ``data.tokenizer`` spec of the byte-level default."""
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+END_OF_TEXT = "<|endoftext|>"
+"""The special token :func:`train_bpe` gives id 0: placed between documents, like the byte tokenizer's NUL."""
+
+_EOS_NAMES = (END_OF_TEXT, "</s>", "<eos>", "<|end_of_text|>")
+"""Special tokens taken as the end-of-text token of a ``tokenizer.json`` that comes without a
+``tokenizer_config.json`` naming one."""
+
+
+class TokenizerError(ValueError):
+    """A ``data.tokenizer`` spec (or a stored tokenizer) that cannot be used; the message names it."""
+
+
+class Tokenizer(ABC):
+    """Text to token ids and back. ``vocab_size`` ids, ``0 .. vocab_size - 1``."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of token ids (one more than the largest id)."""
+
+    @property
+    @abstractmethod
+    def eos_id(self) -> int | None:
+        """The id placed between documents when text is packed into windows (None: none)."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """The token ids of ``text`` (no special tokens added)."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids`` (invalid UTF-8 shows as U+FFFD)."""
+
+    @abstractmethod
+    def to_state(self) -> dict[str, Any]:
+        """A JSON-able description that :func:`tokenizer_from_state` turns back into this tokenizer."""
+
+    @abstractmethod
+    def save_pretrained(self, out_dir: str | os.PathLike[str]) -> list[Path]:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``out_dir`` (atomically, each
+        file) so that ``AutoTokenizer.from_pretrained(out_dir)`` loads an equivalent tokenizer; return
+        the files written."""
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        """The token ids of a file's contents; raises :class:`UnicodeDecodeError` unless the tokenizer
+        reads raw bytes or ``data`` is UTF-8."""
+        return self.encode(data.decode("utf-8"))
+
+    def describe(self) -> str:
+        """A short description for messages, e.g. ``bytes`` or ``a tokenizer.json of 1000 tokens``."""
+        return f"a Hugging Face tokenizer of {self.vocab_size} tokens"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tokenizer) and self.to_state() == other.to_state()
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_state(), sort_keys=True))
+
+
+class ByteTokenizer(Tokenizer):
+    """Byte-level: token ``b`` is byte ``b`` (256 tokens); documents are separated by byte 0 (NUL)."""
+
+    @property
+    def vocab_size(self) -> int:
+        return 256
+
+    @property
+    def eos_id(self) -> int | None:
+        return 0
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        return list(data)  # any bytes, UTF-8 or not
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def to_state(self) -> dict[str, Any]:
+        return {"kind": BYTES}
+
+    def describe(self) -> str:
+        return BYTES
+
+    def save_pretrained(self, out_dir: str | os.PathLike[str]) -> list[Path]:
+        return _save_tokenizer_files(byte_level_tokenizer_json(), None, out_dir)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: a printable character for each byte (what the ``tokenizers``
+    ByteLevel pre-tokenizer maps bytes to)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    characters = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in characters]
+    characters.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return characters
+
+
+def byte_level_tokenizer_json() -> str:
+    """The ``tokenizer.json`` of :class:`ByteTokenizer`: a byte-level BPE without merges over the 256
+    bytes (id ``b`` = byte ``b``), no regex split, no special tokens. Encoding a text gives its UTF-8
+    bytes and decoding them gives the text back, exactly (tests/data_pipeline/test_tokenizer.py)."""
+    vocab = {character: byte for byte, character in _bytes_to_unicode().items()}
+    document = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [],
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "ByteLevel",
+            "add_prefix_space": False,
+            "trim_offsets": True,
+            "use_regex": False,
+        },
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": dict(sorted(vocab.items(), key=lambda item: item[1])),
+            "merges": [],
+        },
+    }
+    return json.dumps(document, ensure_ascii=False, indent=2)
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizers.Tokenizer``, from the text of its ``tokenizer.json``.
+
+    Args:
+        tokenizer_json: the ``tokenizer.json`` text.
+        eos_token: the token placed between documents (None: taken from the special tokens
+            ``<|endoftext|>``, ``</s>``, ``<eos>`` or ``<|end_of_text|>`` when one exists, else none).
+        source: where it came from, for messages.
+    """
+
+    def __init__(self, tokenizer_json: str, eos_token: str | None = None, source: str = "a tokenizer.json"):
+        from tokenizers import Tokenizer as _Backend
+
+        try:
+            self.backend = _Backend.from_str(tokenizer_json)
+        except Exception as err:  # the Rust library raises plain Exceptions for malformed JSON
+            raise TokenizerError(f"{source} is not a valid tokenizer.json: {_one_line(err)}") from None
+        self.tokenizer_json = tokenizer_json
+        vocabulary = self.backend.get_vocab(with_added_tokens=True)
+        if not vocabulary:
+            raise TokenizerError(f"{source} has an empty vocabulary")
+        self._vocab_size = max(vocabulary.values()) + 1
+        if eos_token is None:
+            special = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
+            eos_token = next((name for name in _EOS_NAMES if name in special), None)
+        if eos_token is not None and eos_token not in vocabulary:
+            raise TokenizerError(f"{source}: its end-of-text token {eos_token!r} is not in its vocabulary")
+        self.eos_token = eos_token
+        self._eos_id = vocabulary[eos_token] if eos_token is not None else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        """:meth:`encode` of each text (batched in the library)."""
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    def to_state(self) -> dict[str, Any]:
+        return {"kind": "huggingface", "tokenizer_json": self.tokenizer_json, "eos_token": self.eos_token}
+
+    def save_pretrained(self, out_dir: str | os.PathLike[str]) -> list[Path]:
+        return _save_tokenizer_files(self.tokenizer_json, self.eos_token, out_dir)
+
+
+def _save_tokenizer_files(
+    tokenizer_json: str, eos_token: str | None, out_dir: str | os.PathLike[str]
+) -> list[Path]:
+    """``tokenizer.json`` and a ``tokenizer_config.json`` naming the fast-tokenizer class (and the
+    end-of-text token), each written atomically."""
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 2**63 - 1}
+    if eos_token is not None:
+        config["eos_token"] = eos_token
+    out = Path(out_dir)
+    return [
+        atomic_write_text(out / TOKENIZER_FILE, tokenizer_json),
+        atomic_write_text(out / TOKENIZER_CONFIG_FILE, json.dumps(config, indent=2) + "\n"),
+    ]
+
+
+def _one_line(err: object) -> str:
+    return " ".join(str(err).split())
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer a ``data.tokenizer`` spec names: ``bytes``, a ``tokenizer.json`` file, or a folder
+    holding one (its ``tokenizer_config.json``, when present, may name the end-of-text token as
+    ``eos_token``). Raises :class:`TokenizerError` naming ``data.tokenizer`` otherwise."""
+    if spec == BYTES:
+        return ByteTokenizer()
+    path = Path(spec).expanduser()
+    valid = f"valid: {BYTES!r}, a {TOKENIZER_FILE} file or a folder holding one"
+    if path.is_dir():
+        folder, file = path, path / TOKENIZER_FILE
+        if not file.is_file():
+            raise TokenizerError(f"data.tokenizer={spec!r} is a folder without a {TOKENIZER_FILE}; {valid}")
+    elif path.is_file():
+        folder, file = path.parent, path
+    else:
+        raise TokenizerError(
+            f"data.tokenizer={spec!r} is neither {BYTES!r} nor an existing file or folder; {valid} "
+            "(tokenizers are read from local files only, nothing is downloaded)"
+        )
+    config = folder / TOKENIZER_CONFIG_FILE if file.name == TOKENIZER_FILE else None
+    return _load_files(spec, file, config, _stamp(file), _stamp(config))
+
+
+def _stamp(path: Path | None) -> tuple[int, int] | None:
+    """(modification time, size) of a file, None if there is none: a changed file is read again."""
+    if path is None or not path.is_file():
+        return None
+    status = path.stat()
+    return status.st_mtime_ns, status.st_size
+
+
+@functools.lru_cache(maxsize=8)
+def _load_files(
+    spec: str, file: Path, config: Path | None, file_stamp: object, config_stamp: object
+) -> HFTokenizer:
+    """:func:`load_tokenizer` of a file (cached by the files' stamps: a run's config checks, data and
+    checkpoints each ask for the tokenizer, and a large tokenizer.json takes a while to parse)."""
+    source = f"data.tokenizer={spec!r}"
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise TokenizerError(f"{source}: {str(file)!r} cannot be read: {_one_line(err)}") from None
+    eos_token = _configured_eos_token(config, source) if config is not None else None
+    return HFTokenizer(text, eos_token, source)
+
+
+def _configured_eos_token(config_file: Path, source: str) -> str | None:
+    """The ``eos_token`` a ``tokenizer_config.json`` beside the tokenizer names (a string, or a dict
+    with ``content``), or None."""
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TokenizerError(
+            f"{source}: {str(config_file)!r} is not readable JSON: {_one_line(err)}"
+        ) from None
+    eos = config.get("eos_token") if isinstance(config, dict) else None
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) else None
+
+
+def tokenizer_from_state(state: Any, where: str = "the checkpoint") -> Tokenizer:
+    """The tokenizer :meth:`Tokenizer.to_state` described; None (a checkpoint written before
+    tokenizers were recorded) is the byte tokenizer. Raises :class:`TokenizerError` naming ``where``."""
+    if state is None or state == {"kind": BYTES}:
+        return ByteTokenizer()
+    if (
+        not isinstance(state, dict)
+        or state.get("kind") != "huggingface"
+        or not isinstance(state.get("tokenizer_json"), str)
+        or not isinstance(state.get("eos_token"), (str, type(None)))
+    ):
+        raise TokenizerError(f"{where} records a tokenizer this innerloop cannot read: {str(state)[:200]!r}")
+    return HFTokenizer(state["tokenizer_json"], state["eos_token"], f"the tokenizer recorded in {where}")
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
+    """A byte-level BPE tokenizer of ``vocab_size`` tokens trained on ``texts`` with the ``tokenizers``
+    library: id 0 is :data:`END_OF_TEXT` (the document separator), ids 1..256 the 256 bytes, the rest
+    merges. The same texts give the same tokenizer (the library's trainer is deterministic)."""
+    if vocab_size < 257:
+        raise TokenizerError(
+            f"vocab_size={vocab_size} must be >= 257 (the end-of-text token and the 256 bytes)"
+        )
+    from tokenizers import Tokenizer as _Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    backend = _Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    return HFTokenizer(backend.to_str(), END_OF_TEXT, "the trained tokenizer")

@@ -91,13 +91,15 @@ def _intra_chunk(q, k, v, beta, gates: _Gates | None) -> _Chunks:
 
 def _inter_chunk(chunks: _Chunks, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Carry the state over the chunks: returns ``(U [B, H, N, C, d_v], starts [B, H, N, d_k, d_v], S_T)``."""
+    # unbind, not [:, :, n]: the backward of each index would write a whole-size zero tensor per chunk
+    per_chunk = [x.unbind(dim=2) for x in (chunks.pseudo_values, chunks.correction, chunks.keys_to_end)]
+    decays = [None] * len(per_chunk[0]) if chunks.whole_decay is None else chunks.whole_decay.unbind(dim=2)
     values, starts = [], []
-    for n in range(chunks.pseudo_values.shape[2]):
+    for pseudo_values, correction, keys_to_end, decay in zip(*per_chunk, decays, strict=True):
         starts.append(state)
-        u = chunks.pseudo_values[:, :, n] - chunks.correction[:, :, n] @ state  # [B, H, C, d_v]
+        u = pseudo_values - correction @ state  # [B, H, C, d_v]
         values.append(u)
-        carried = state if chunks.whole_decay is None else state * chunks.whole_decay[:, :, n]
-        state = carried + chunks.keys_to_end[:, :, n].mT @ u
+        state = (state if decay is None else state * decay) + keys_to_end.mT @ u
     return torch.stack(values, dim=2), torch.stack(starts, dim=2), state
 
 

@@ -8,12 +8,18 @@ state. The derivation is in this folder's README.md. Autograd runs through it (e
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from innerloop.kernels.delta_chunk.inputs import check_chunk_size, check_delta_inputs, compute_dtype
+
+# Gate factors below tiny ** 0.75 (3e-29 in float32, 1e-231 in float64) are taken as 0: a term they scale
+# is below 3e-29 times what the same data contributes undecayed, and the products of larger factors with
+# data above tiny ** 0.25 (1e-10 in float32) stay normal numbers.
+GATE_FLUSH = {dtype: torch.finfo(dtype).tiny ** 0.75 for dtype in (torch.float32, torch.float64)}
 
 
 @dataclass(frozen=True)
@@ -24,29 +30,52 @@ class _Gates:
     """
 
     output: torch.Tensor  # [B, H, N, C, C]: exp(G_t - G_s) for s <= t, else 0
-    error: torch.Tensor  # [B, H, N, C, C]: exp(R_t - G_s) for s < t, else 0 (R: the error's read point)
+    error: torch.Tensor  # [B, H, N, C, C]: exp(R_t - G_s) for s < t (R: the error's read point; the
+    # diagonal and above are never read: the triangular solve reads the strictly lower part only)
     error_start: torch.Tensor  # [B, H, N, C]: exp(R_t), R_t = G_t (decay first) or G_{t-1}
     query_start: torch.Tensor  # [B, H, N, C]: exp(G_t)
     to_end: torch.Tensor  # [B, H, N, C]: exp(G_{C-1} - G_s)
     whole: torch.Tensor  # [B, H, N]: exp(G_{C-1}), the chunk's decay of the state
 
 
+def _gate_exp(exponent: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """``exp(exponent)`` where ``keep`` (all by default), else 0; factors below ``GATE_FLUSH`` are 0 too.
+
+    Masked before ``exp``, so that the backward never meets ``inf * 0``. The flush keeps most subnormal
+    numbers out of the matrix products (README: "Numerics"): on a CPU, arithmetic on them is tens of
+    times slower, and strong gates produce them by the million.
+    """
+    drop = exponent < math.log(GATE_FLUSH[exponent.dtype])
+    if keep is not None:
+        drop = drop | ~keep
+    return exponent.masked_fill(drop, float("-inf")).exp()
+
+
 def _gates(decay_log: torch.Tensor, decay_first: bool) -> _Gates:
-    """Decay factors from ``decay_log [B, H, N, C]``; exponents are masked before ``exp`` (no inf * 0)."""
-    size = decay_log.shape[-1]
+    """Decay factors from ``decay_log [B, H, N, C]`` (README: "Inside a chunk").
+
+    The logs are cumulated and subtracted in float64, then cast: in float32, the difference of two long
+    sums of logs would lose ``|G| * eps`` (1e-4 for a chunk of strong gates) of every factor.
+    """
+    dtype, size = decay_log.dtype, decay_log.shape[-1]
     lower = torch.ones(size, size, dtype=torch.bool, device=decay_log.device).tril()
-    strictly_lower = lower.tril(-1)
-    cumulative = decay_log.cumsum(-1)  # G
-    read = cumulative if decay_first else cumulative - decay_log  # R
-    output = cumulative[..., :, None] - cumulative[..., None, :]
-    error = read[..., :, None] - cumulative[..., None, :]
+    logs = decay_log.to(torch.float64)
+    cumulative = logs.cumsum(-1)  # G
+    read = cumulative if decay_first else cumulative - logs  # R: G_t, or G_{t-1}
+
+    def exponents(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        return (rows[..., :, None] - columns[..., None, :]).to(dtype)  # [B, H, N, C, C]
+
+    output = _gate_exp(exponents(cumulative, cumulative), lower)
+    # R = G: the error's factors are the strictly lower part of the output's
+    error = output if decay_first else _gate_exp(exponents(read, cumulative), lower.tril(-1))
     return _Gates(
-        output=output.masked_fill(~lower, float("-inf")).exp(),
-        error=error.masked_fill(~strictly_lower, float("-inf")).exp(),
-        error_start=read.exp(),
-        query_start=cumulative.exp(),
-        to_end=(cumulative[..., -1:] - cumulative).exp(),
-        whole=cumulative[..., -1].exp(),
+        output=output,
+        error=error,
+        error_start=_gate_exp(read.to(dtype)),
+        query_start=_gate_exp(cumulative.to(dtype)),
+        to_end=_gate_exp((cumulative[..., -1:] - cumulative).to(dtype)),
+        whole=_gate_exp(cumulative[..., -1].to(dtype)),
     )
 
 
@@ -64,18 +93,20 @@ class _Chunks:
 
 def _intra_chunk(q, k, v, beta, gates: _Gates | None) -> _Chunks:
     """The UT transform of every chunk: ``(I + L) [U | W] = [diag(b) V | diag(b e^R) K]`` (README)."""
-    keys = k @ k.mT  # [B, H, N, C, C]
+    beta_keys = k * beta[..., None]  # [B, H, N, C, d_k]
+    lower = beta_keys @ k.mT  # [B, H, N, C, C]: L below the diagonal (b_t k_t . k_s), before the decay
     attention = q @ k.mT
     if gates is None:
-        step_keys = k * beta[..., None]
+        step_keys = beta_keys
         attention = attention.tril()
     else:
-        keys = keys * gates.error
-        step_keys = k * (beta * gates.error_start)[..., None]
+        lower = lower * gates.error
+        step_keys = beta_keys * gates.error_start[..., None]
         attention = attention * gates.output
-    strictly_lower = (keys * beta[..., None]).tril(-1)  # L: the unit diagonal is implied below
     right = torch.cat([v * beta[..., None], step_keys], dim=-1)  # [B, H, N, C, d_v + d_k]
-    solved = torch.linalg.solve_triangular(strictly_lower, right, upper=False, unitriangular=True)
+    # Reads the strictly lower part of `lower` only (unit diagonal; its gradient is zero elsewhere too),
+    # so neither the diagonal nor the upper triangle needs zeroing.
+    solved = torch.linalg.solve_triangular(lower, right, upper=False, unitriangular=True)
     pseudo_values, correction = solved.split([v.shape[-1], k.shape[-1]], dim=-1)
     if gates is None:
         return _Chunks(pseudo_values, correction, attention, q, k, None)

@@ -17,12 +17,15 @@ spell of the machine hits all of them alike):
     python benchmarks/delta_speed.py
     python benchmarks/delta_speed.py --chunk-sizes 32 64 128 --repeats 7 --threads 2
 
-torch.compile is off. Run it on a quiet machine (see layer_speed.py on busy 2-core machines).
+torch.compile is off. Wall and process CPU times are both printed: on a machine shared with other work
+the CPU time is the steadier of the two. Run it on a quiet machine (see layer_speed.py on busy 2-core
+machines); the numbers of this machine are in innerloop/kernels/delta_chunk/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -86,31 +89,29 @@ def train_step(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 def build_steps(args: argparse.Namespace) -> tuple[dict[str, Callable[[], None]], dict[str, int], nn.Module]:
     """The timed calls by label, the length each runs at, and the TTT-Linear layer (for its dispatch)."""
-    steps, lengths = {}, {}
-    x = torch.randn(args.batch, args.tokens, args.hidden)
+    steps: dict[str, Callable[[], None]] = {}
+    lengths: dict[str, int] = {}
+
+    def add(label: str, layer: nn.Module, tokens: int) -> None:
+        steps[label], lengths[label] = train_step(layer, torch.randn(args.batch, tokens, args.hidden)), tokens
+
     for size in args.chunk_sizes:
-        layer = DeltaNetLayer(args.hidden, args.heads, lambda *a, c=size: chunk_delta_rule(*a, chunk_size=c))
-        steps[f"DeltaNet (chunk {size})"], lengths[f"DeltaNet (chunk {size})"] = (
-            train_step(layer, x),
-            args.tokens,
-        )
-    gated = DeltaNetLayer(args.hidden, args.heads, chunk_delta_rule, gated=True)
-    steps["Gated DeltaNet (chunk 64)"], lengths["Gated DeltaNet (chunk 64)"] = (
-        train_step(gated, x),
+        rule = functools.partial(chunk_delta_rule, chunk_size=size)
+        add(f"DeltaNet (chunk {size})", DeltaNetLayer(args.hidden, args.heads, rule), args.tokens)
+    add(
+        "Gated DeltaNet (chunk 64)",
+        DeltaNetLayer(args.hidden, args.heads, chunk_delta_rule, gated=True),
         args.tokens,
     )
     ttt = innerloop.TTTLayer(hidden_size=args.hidden, num_heads=args.heads, inner_model="linear")
-    steps["TTT-Linear"], lengths["TTT-Linear"] = train_step(ttt, x), args.tokens
+    add("TTT-Linear", ttt, args.tokens)
     if args.loop_tokens:
-        short = torch.randn(args.batch, args.loop_tokens, args.hidden)
-        loop_layer = DeltaNetLayer(args.hidden, args.heads, delta_rule_loop)
-        steps["DeltaNet (token loop)"], lengths["DeltaNet (token loop)"] = (
-            train_step(loop_layer, short),
-            args.loop_tokens,
+        add(
+            "DeltaNet (token loop)", DeltaNetLayer(args.hidden, args.heads, delta_rule_loop), args.loop_tokens
         )
+    if args.loop_tokens and args.loop_tokens != args.tokens:
         ttt_short = innerloop.TTTLayer(hidden_size=args.hidden, num_heads=args.heads, inner_model="linear")
-        steps["TTT-Linear (loop length)"] = train_step(ttt_short, short)
-        lengths["TTT-Linear (loop length)"] = args.loop_tokens
+        add("TTT-Linear (loop length)", ttt_short, args.loop_tokens)
     return steps, lengths, ttt
 
 
@@ -139,7 +140,8 @@ def print_results(results: dict[str, dict], args: argparse.Namespace) -> None:
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
         f"threads={args.threads}; torch {torch.__version__}; B={args.batch} D={args.hidden} H={args.heads} "
-        f"fp32, forward + backward; median of {args.repeats}\n"
+        f"fp32, forward + backward; median of {args.repeats}"
+        f"{'; flush_denormal' if args.flush_denormal else ''}\n"
     )
     print("| layer | T | wall ms | wall / TTT-Linear's | CPU ms | CPU / TTT-Linear's |")
     print("|---|---|---|---|---|---|")
@@ -162,15 +164,21 @@ def main() -> None:
     parser.add_argument("--loop-tokens", type=int, default=256, help="length for the token loop (0: skip it)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--flush-denormal",
+        action="store_true",
+        help="torch.set_flush_denormal(True): subnormal numbers become 0 (strong gates make them)",
+    )
     parser.add_argument("--json", help="write the numbers to this file")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(args.flush_denormal)
     torch.manual_seed(0)
     steps, lengths, ttt = build_steps(args)
     medians = interleaved_medians(steps, args.repeats)
     print(f"# TTT-Linear ran {ttt.last_dispatch[0] if ttt.last_dispatch else '?'}", flush=True)
-    baseline = {args.tokens: medians["TTT-Linear"], args.loop_tokens: medians.get("TTT-Linear (loop length)")}
+    baseline = {args.loop_tokens: medians.get("TTT-Linear (loop length)"), args.tokens: medians["TTT-Linear"]}
     results = {}
     for name, (wall, cpu) in medians.items():
         base_wall, base_cpu = baseline[lengths[name]]

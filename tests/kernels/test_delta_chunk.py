@@ -198,7 +198,9 @@ def gradients(function, problem, cotangents, **options):
     decay_first=st.booleans(),
     seed=st.integers(0, 99),
 )
-def test_gradients_equal_autograd_through_the_token_loop_in_float64(shape, chunk_size, decay, decay_first, seed):
+def test_gradients_equal_autograd_through_the_token_loop_in_float64(
+    shape, chunk_size, decay, decay_first, seed
+):
     B, H, T, d_k, d_v = shape
     problem = make_problem(*shape, decay=decay, initial=True, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)

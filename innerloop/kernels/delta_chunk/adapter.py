@@ -1,0 +1,96 @@
+"""The chunked delta rule in the kernel call signature: DeltaNet as innerloop's dual_form at K = 1.
+
+With the ``matrix`` inner model (``g(x) = x W``, state ``{"W": [B, H, f, f]}``), the reconstruction loss
+``1/2 ||x_k W - x_v||^2``, no inner LayerNorm or residual and mini-batches of one token, the dual form is
+``W_t = a_t W_{t-1} - tau_0 lr_t x_k^T (x_k W_{t-1} - x_v)`` and ``out_t = x_q W_t``: the delta rule with
+``beta = tau_0 lr`` and the gradient read on the undecayed state (``decay_first=False``), ``a = 1 - decay``
+(the project's shared ZOO.md, sections b and c). :func:`delta_rule_kernel_forward` takes a
+:class:`~innerloop.kernels.spec.KernelForward`'s parameters (plus ``decay``, ``chunk_size``);
+:func:`verify` says when it applies; :func:`kernel_spec` builds the registration (made by
+``plugins/kernels.py`` once the ``matrix`` model is registered).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from innerloop.core.protocol import Params
+from innerloop.kernels.delta_chunk.chunk import chunk_delta_rule
+from innerloop.kernels.delta_chunk.inputs import SUPPORTED_DTYPES
+from innerloop.kernels.spec import KernelInputs, KernelSpec
+
+KERNEL_NAME = "delta_chunk"
+STATE_KEY = "W"  # the matrix inner model's weight
+
+
+def delta_rule_kernel_forward(
+    xq: torch.Tensor,  # [B, H, T, f]
+    xk: torch.Tensor,  # [B, H, T, f]
+    xv: torch.Tensor,  # [B, H, T, f]
+    lr: torch.Tensor,  # [B, H, T]
+    tau: torch.Tensor,  # [1]: mini-batches of one token
+    params: Params,  # {"W": [B, H, f, f]}
+    ln_weight: torch.Tensor,  # unused: no inner LayerNorm (verify refuses layers with one)
+    ln_bias: torch.Tensor,
+    eps: float,
+    decay: torch.Tensor | None = None,  # [B, H, T]: 1 - a_t, in [0, 1]
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, Params]:
+    """``(out [B, H, T, f], {"W": W_T})`` of the dual form at K = 1 (module docstring), in chunks."""
+    if set(params) != {STATE_KEY}:
+        raise ValueError(
+            f"params must hold the matrix model's weight only, {{{STATE_KEY!r}}}, got {sorted(params)}"
+        )
+    if tau.numel() != 1:
+        raise ValueError(f"tau must hold one scale (mini_batch_size=1), got shape {list(tau.shape)}")
+    decay_log = None
+    if decay is not None:
+        if not bool(((decay >= 0) & (decay <= 1)).all()):
+            low, high = decay.min().item(), decay.max().item()
+            raise ValueError(
+                f"decay must lie in [0, 1] (the gate a = 1 - decay is taken in log space), got values in [{low}, {high}]"
+            )
+        decay_log = torch.log1p(-decay)  # -inf where decay = 1: chunk_delta_rule clamps it (a full reset)
+    weights = params[STATE_KEY]
+    out, final = chunk_delta_rule(
+        xq,
+        xk,
+        xv,
+        lr * tau.reshape(()),
+        decay_log=decay_log,
+        initial_state=weights,
+        chunk_size=chunk_size,
+        decay_first=False,
+    )
+    return out, {STATE_KEY: final.to(weights.dtype)}
+
+
+def verify(inputs: KernelInputs) -> str | None:
+    """None when the chunked delta rule computes this block, else why not."""
+    if inputs.mini_batch_size != 1:
+        return (
+            f"{KERNEL_NAME}: the delta rule is the dual form with mini_batch_size=1, got "
+            f"{inputs.mini_batch_size} (K > 1 is mini-batch gradient descent, another recurrence)"
+        )
+    if inputs.extra.get("norm") or inputs.extra.get("residual"):
+        return f"{KERNEL_NAME}: computes out = q W without the inner LayerNorm and residual, which this layer uses"
+    if inputs.dtype not in SUPPORTED_DTYPES:
+        return f"{KERNEL_NAME}: dtype {inputs.dtype} is not one of {[str(d) for d in SUPPORTED_DTYPES]}"
+    return None
+
+
+def kernel_spec(priority: int = 1) -> KernelSpec:
+    """The registration for (matrix, reconstruction, dual_form); any device, autograd to all orders."""
+    return KernelSpec(
+        name=KERNEL_NAME,
+        inner_model="matrix",
+        inner_loss="reconstruction",
+        update_rule="dual_form",
+        forward=delta_rule_kernel_forward,
+        verify=verify,
+        priority=priority,
+        description="the delta rule (DeltaNet, Gated DeltaNet) in chunks (WY / UT form), pure torch",
+    )
+
+
+__all__ = ["KERNEL_NAME", "delta_rule_kernel_forward", "kernel_spec", "verify"]

@@ -1,0 +1,88 @@
+"""Checking the delta rule's inputs once, for the chunked form and its token loop alike.
+
+Both functions take the same arguments (layout ``[B, H, T, d]``, innerloop's) and refuse bad ones with
+an error that names the parameter, what was given and what is valid. Half-precision inputs are
+computed in float32; float64 stays float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for everything else (bf16 and fp16 included)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return f"[{', '.join(str(n) for n in tensor.shape)}]"
+
+
+def _require_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in SUPPORTED_DTYPES:
+        valid = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+        raise TypeError(f"{name} must have a floating dtype ({valid}), got {value.dtype}")
+    return value
+
+
+def _require_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], layout: str) -> None:
+    if tuple(tensor.shape) != expected:
+        wanted = f"[{', '.join(str(n) for n in expected)}]"
+        raise ValueError(f"{name} must have shape {layout} = {wanted} (from q and v), got {_shape(tensor)}")
+
+
+def check_delta_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    decay_log: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+) -> None:
+    """Raise a clear error unless the arguments describe one delta-rule problem (see module docstring).
+
+    ``q, k [B, H, T, d_k]``, ``v [B, H, T, d_v]``, ``beta`` and ``decay_log`` ``[B, H, T]``,
+    ``initial_state [B, H, d_k, d_v]``; ``q, k, v`` share a dtype; everything is on one device.
+    """
+    q = _require_tensor("q", q)
+    if q.ndim != 4:
+        raise ValueError(f"q must have shape [B, H, T, d_k] (4 dims), got {_shape(q)}")
+    batch, heads, tokens, key_dim = q.shape
+    _require_shape("k", _require_tensor("k", k), tuple(q.shape), "[B, H, T, d_k]")
+    v = _require_tensor("v", v)
+    if v.ndim != 4 or tuple(v.shape[:3]) != (batch, heads, tokens):
+        raise ValueError(
+            f"v must have shape [B, H, T, d_v] = [{batch}, {heads}, {tokens}, d_v], got {_shape(v)}"
+        )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    value_dim = v.shape[-1]
+    optional = {"decay_log": decay_log, "initial_state": initial_state}
+    _require_shape("beta", _require_tensor("beta", beta), (batch, heads, tokens), "[B, H, T]")
+    if decay_log is not None:
+        _require_shape(
+            "decay_log", _require_tensor("decay_log", decay_log), (batch, heads, tokens), "[B, H, T]"
+        )
+    if initial_state is not None:
+        state = _require_tensor("initial_state", initial_state)
+        _require_shape("initial_state", state, (batch, heads, key_dim, value_dim), "[B, H, d_k, d_v]")
+    for name, tensor in {"k": k, "v": v, "beta": beta, **optional}.items():
+        if tensor is not None and tensor.device != q.device:
+            raise ValueError(
+                f"{name} is on {tensor.device} but q is on {q.device}; put all inputs on one device"
+            )
+
+
+def check_chunk_size(chunk_size: object) -> int:
+    """The chunk size as an int >= 1, or a clear error."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    return chunk_size
+
+
+__all__ = ["SUPPORTED_DTYPES", "check_chunk_size", "check_delta_inputs", "compute_dtype"]

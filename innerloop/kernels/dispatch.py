@@ -77,6 +77,9 @@ def capability_refusal(kernel: KernelSpec, inputs: KernelInputs) -> str | None:
         return f"{kernel.name}: does not support decay (forgetting)"
     if inputs.extra.get("decay") and inputs.extra.get("decode"):
         return f"{kernel.name}: its decode path does not take decay (forgetting)"
+    wrapped = bool(inputs.extra.get("residual")) and bool(inputs.extra.get("norm"))
+    if kernel.fuses_inner_norm and not wrapped:
+        return f"{kernel.name}: fuses the inner residual and LayerNorm, which this layer turns off"
     return None
 
 
@@ -106,7 +109,6 @@ def select_kernel(rule: UpdateRule, task: InnerTask, inputs: KernelInputs) -> tu
     candidates = registry.kernels_for(task.model.name, task.loss.name, rule_name)
     if inputs.extra.get("decode"):
         candidates = [k for k in candidates if k.decode is not None]
-    fused_parts_off = not task.residual or not task.use_norm
     if task.kernel != "auto":
         named = [k for k in candidates if k.name == task.kernel]
         if not named:
@@ -117,15 +119,11 @@ def select_kernel(rule: UpdateRule, task: InnerTask, inputs: KernelInputs) -> tu
                 "valid values are 'auto', 'torch' or one of those that match"
             )
         reason = capability_refusal(named[0], inputs) or named[0].verify(inputs)
-        if reason is None and fused_parts_off:
-            reason = "kernels fuse the inner residual and LayerNorm, which this layer turns off"
         if reason is not None:
             raise KernelUnavailableError(f"kernel={task.kernel!r} cannot run here: {reason}")
         return named[0], f"kernel {task.kernel!r} forced"
     if not candidates:
         return None, (f"torch: no kernel registered for ({task.model.name}, {task.loss.name}, {rule_name})")
-    if fused_parts_off:
-        return None, "torch: kernels fuse the inner residual and LayerNorm, which this layer turns off"
     refusals = []
     for kernel in candidates:
         reason = capability_refusal(kernel, inputs) or kernel.verify(inputs)

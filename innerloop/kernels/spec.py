@@ -135,6 +135,10 @@ class KernelSpec:
     ``1 - a_t``, as in :func:`innerloop.core.scan.run_scan`), passed by keyword only when a block
     decays; dispatch refuses a decaying block to a kernel without it, and to every ``decode``.
     No kernel contract carries the ``momentum`` rule's state: dispatch refuses its blocks to every kernel.
+
+    ``fuses_inner_norm``: the kernel computes the wrapped inner model ``f(x) = x + LN(g(x))``, so
+    dispatch refuses it to layers that turn the inner residual or LayerNorm off. A kernel of the bare
+    ``g`` (the delta rule's ``x W``) sets it False and refuses the wrapped layers in its own ``verify``.
     """
 
     name: str
@@ -147,6 +151,7 @@ class KernelSpec:
     priority: int = 0
     description: str = ""
     supports_decay: bool = False
+    fuses_inner_norm: bool = True
 
     def __post_init__(self) -> None:
         checks = [("forward", self.forward, KernelForward)]

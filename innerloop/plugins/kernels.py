@@ -2,6 +2,8 @@
 
 - ``fused_torch_linear`` / ``fused_torch_mlp``: the pure-torch fused dual form (any device).
 - ``cpu_ttt_linear`` / ``cpu_ttt_mlp``: compiled C++ for CPU inference (built on first use).
+- ``delta_chunk``: the delta rule (the ``matrix`` model under ``dual_form`` at K = 1, no inner norm or
+  residual, with or without decay: DeltaNet, Gated DeltaNet) in chunks, pure torch, any device.
 - ``triton_ttt_linear`` / ``triton_ttt_mlp``: Triton kernels (CUDA, or CPU under
   ``TRITON_INTERPRET=1``). Triton is an optional extra (``pip install 'innerloop[triton]'``); the
   kernels are registered without it too (registering them does not import triton), and their
@@ -10,7 +12,7 @@
 
 from __future__ import annotations
 
-from innerloop.kernels import cpu, fused_torch, triton
+from innerloop.kernels import cpu, delta_chunk, fused_torch, triton
 from innerloop.kernels.spec import KernelSpec
 from innerloop.plugins.models.linear import LinearModel
 from innerloop.plugins.models.mlp import MLPModel
@@ -19,11 +21,13 @@ from innerloop.registry import hookimpl
 
 def builtin_kernel_specs() -> list[KernelSpec]:
     """Every built-in kernel registration, made here and nowhere else: the fused torch and CPU paths
-    for each built-in stack model (from its declared stack), then the Triton kernels."""
+    for each built-in stack model (from its declared stack), the chunked delta rule, then the Triton
+    kernels."""
     stack_models = (LinearModel(), MLPModel())
     return [
         *(fused_torch.kernel_spec(model.name, model.stack) for model in stack_models),
         *(cpu.kernel_spec(model.name, model.stack) for model in stack_models),
+        delta_chunk.kernel_spec(),
         *triton.KERNELS,
     ]
 

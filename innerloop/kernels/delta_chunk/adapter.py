@@ -7,7 +7,7 @@ With the ``matrix`` inner model (``g(x) = x W``, state ``{"W": [B, H, f, f]}``),
 (the project's shared ZOO.md, sections b and c). :func:`delta_rule_kernel_forward` takes a
 :class:`~innerloop.kernels.spec.KernelForward`'s parameters (plus ``decay``, ``chunk_size``);
 :func:`verify` says when it applies; :func:`kernel_spec` builds the registration (made by
-``plugins/kernels.py`` once the ``matrix`` model is registered).
+``plugins/kernels.py``).
 """
 
 from __future__ import annotations
@@ -90,6 +90,8 @@ def kernel_spec(priority: int = 1) -> KernelSpec:
         verify=verify,
         priority=priority,
         description="the delta rule (DeltaNet, Gated DeltaNet) in chunks (WY / UT form), pure torch",
+        supports_decay=True,
+        fuses_inner_norm=False,
     )
 
 

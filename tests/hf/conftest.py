@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -10,6 +11,8 @@ import pytest
 for _variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_variable] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+# trust_remote_code copies a folder's modules into HF_MODULES_CACHE: a temporary one, not ~/.cache.
+os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="innerloop-hf-modules-")
 
 import transformers  # noqa: E402 (after the environment above)
 

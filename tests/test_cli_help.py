@@ -45,7 +45,7 @@ def test_every_subcommand_is_walked():
     progs = {prog for prog, _ in _parsers()}
     assert progs == {
         "innerloop",
-        *(f"innerloop {c}" for c in ("train", "eval", "generate", "convert", "plugins")),
+        *(f"innerloop {c}" for c in ("train", "eval", "generate", "convert", "export", "plugins")),
     }
 
 

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from innerloop.hf.configuration import MODEL_TYPE, InnerloopConfig
@@ -34,9 +35,11 @@ class ExportError(ValueError):
 def to_hugging_face(model: nn.Module) -> InnerloopForCausalLM:
     """``model`` (a :class:`~innerloop.models.CausalLM` or :class:`~innerloop.models.E2ELM`) as an
     :class:`InnerloopForCausalLM` with the same weights and dtype, in eval mode."""
-    dtype = next(model.parameters()).dtype
     wrapped = InnerloopForCausalLM(InnerloopConfig(model=model.config))
-    wrapped.model.to(dtype)
+    own = dict(model.named_parameters())
+    with torch.no_grad():  # parameters take the model's dtypes; buffers keep theirs (E2E's is float64)
+        for name, parameter in wrapped.model.named_parameters():
+            parameter.data = parameter.data.to(own[name].dtype)
     wrapped.model.load_state_dict(model.state_dict(), strict=True)
     return wrapped.eval()
 

@@ -89,6 +89,21 @@ def check_attention_mask(attention_mask: torch.Tensor | None, cached: bool) -> N
         )
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Refuse an id outside ``[0, vocab_size)`` (e.g. a tokenizer's special token past the bytes),
+    naming it, rather than let the embedding fail with an index error."""
+    if input_ids.numel() == 0:
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = high if high >= vocab_size else low
+        raise ValueError(
+            f"input_ids holds token id {bad}, outside the model's vocabulary of {vocab_size} tokens "
+            f"(0..{vocab_size - 1}); a byte-level model's tokenizer has <|endoftext|> at 256, which the "
+            "model never saw (in lm-eval, give prefix_token_id=10 for tasks with empty contexts)"
+        )
+
+
 class InnerloopPreTrainedModel(PreTrainedModel):
     """Base class of innerloop's Hugging Face models: the config class and how weights are set up."""
 
@@ -226,6 +241,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
                 f"cache must be the InnerloopCache returned by a previous call, got {type(cache).__name__}"
             )
         check_attention_mask(attention_mask, cached=cache is not None)
+        check_token_ids(input_ids, self.config.vocab_size)
         logits, state = self.model(input_ids, None if cache is None else cache.state)  # [B, T, V]
         use_cache = self.config.use_cache if use_cache is None else use_cache
         seen = (0 if cache is None else cache.seq_length) + input_ids.shape[1]

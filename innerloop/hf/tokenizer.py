@@ -5,6 +5,11 @@ innerloop's default runs are byte-level: token ``i`` is the byte ``i``. :func:`b
 that tokenizer for the ``tokenizers`` library: a byte-level pre-tokenizer (which maps each byte to one
 printable character, as GPT-2's does) and a vocabulary of the 256 bytes with no merges, so
 ``encode(text).ids == list(text.encode("utf-8"))`` for any text.
+
+It also declares an end-of-text token, ``<|endoftext|>`` with id 256, past the model's vocabulary:
+tools need one (lm-eval adds it to the stop strings of ``generate_until`` and uses it as the prefix of
+an empty context), and a byte-level model has none. The model never produces it, and refuses it as
+input with a clear error (:meth:`~innerloop.hf.modeling.InnerloopForCausalLM.forward`).
 """
 
 from __future__ import annotations
@@ -29,13 +34,17 @@ def byte_characters() -> dict[int, str]:
     return table
 
 
+END_OF_TEXT = "<|endoftext|>"
+"""The byte-level tokenizer's end-of-text token (id 256, outside the bytes)."""
+
+
 def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """innerloop's byte-level tokenizer (token id = byte value, 256 tokens, no special tokens)."""
+    """innerloop's byte-level tokenizer: token id = byte value (256 tokens), and :data:`END_OF_TEXT`."""
     vocab = {character: byte for byte, character in byte_characters().items()}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=END_OF_TEXT)
 
 
 BYTES = "bytes"
@@ -63,14 +72,14 @@ def write_tokenizer_files(
 
     Args:
         folder: the export folder (being assembled).
-        vocab_size: the model's vocabulary; a tokenizer with more tokens is refused (its ids would
-            index past the embedding).
+        vocab_size: the model's vocabulary; a tokenizer whose vocabulary (special tokens aside) is
+            larger is refused (its ids would index past the embedding).
         source: see :func:`load_tokenizer` (``"bytes"``: the byte-level tokenizer).
     """
     tokenizer = load_tokenizer(source)
-    if len(tokenizer) > vocab_size:
+    if tokenizer.vocab_size > vocab_size:
         raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab_size}: "
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has {vocab_size}: "
             "export the tokenizer the model was trained with"
         )
     tokenizer.save_pretrained(str(folder))

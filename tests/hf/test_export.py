@@ -86,7 +86,10 @@ def test_the_exported_tokenizer_is_innerloops_bytes(tmp_path: Path) -> None:
         ids = tokenizer(text)["input_ids"]
         assert ids == list(text.encode("utf-8")), text
         assert tokenizer.decode(ids) == text
-    assert len(tokenizer) == 256
+    assert tokenizer.vocab_size == 256 and (tokenizer.eos_token, tokenizer.eos_token_id) == (
+        "<|endoftext|>",
+        256,
+    )
 
 
 def test_a_non_empty_out_dir_is_refused_and_an_export_replaced_only_with_overwrite(

@@ -137,3 +137,9 @@ def test_bad_inputs_are_named() -> None:
         model(inputs_embeds=torch.zeros(1, 2, 32))
     with pytest.raises(ValueError, match="cache must be the InnerloopCache"):
         model(torch.tensor([[1]]), cache=object())
+    with pytest.raises(
+        ValueError, match=r"token id 256, outside the model's vocabulary of 256 tokens \(0..255\)"
+    ):
+        model(torch.tensor([[1, 256]]))  # the byte tokenizer's <|endoftext|>
+    with pytest.raises(ValueError, match="token id -1"):
+        model(torch.tensor([[-1, 2]]))

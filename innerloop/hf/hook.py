@@ -16,12 +16,12 @@ pays for them.
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.machinery
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import Any
 
 CONFIG_MODULE = "transformers.models.auto.configuration_auto"
 MODEL_MODULE = "transformers.models.auto.modeling_auto"
@@ -68,11 +68,16 @@ def _register(module_name: str) -> None:
         )
 
 
-class _ThenRegister(importlib.abc.Loader):
-    """A loader that runs the wrapped loader, then the registration for the module it loaded."""
+class _ThenRegister:
+    """A loader that runs the wrapped loader, then the registration for the module it loaded; every
+    other attribute (``get_source``, ``is_package`` ...) is the wrapped loader's. (Loaders and finders
+    are protocols: no ``importlib.abc`` base class, which would cost an import.)"""
 
-    def __init__(self, loader: importlib.abc.Loader):
+    def __init__(self, loader: Any):
         self.loader = loader
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self.loader.create_module(spec)
@@ -82,9 +87,10 @@ class _ThenRegister(importlib.abc.Loader):
         _register(module.__name__)
 
 
-class _AutoClassWatcher(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: for a watched module it asks the other finders for the spec and wraps its
-    loader in :class:`_ThenRegister`. It stops watching a module once its spec has been handed out."""
+class _AutoClassWatcher:
+    """Finds nothing itself: for a watched module it asks the finders after it on ``sys.meta_path``
+    for the spec (so an editable or zipped transformers is found as usual) and wraps its loader in
+    :class:`_ThenRegister`. It stops watching a module once it has been asked for it."""
 
     def __init__(self, names: set[str]):
         self.pending = names
@@ -95,11 +101,16 @@ class _AutoClassWatcher(importlib.abc.MetaPathFinder):
         if fullname not in self.pending:
             return None
         self.pending.discard(fullname)
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
-        if spec is None or spec.loader is None:
-            return None
-        spec.loader = _ThenRegister(spec.loader)
-        return spec
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _ThenRegister(spec.loader)
+                return spec
+        return None
 
 
 def install() -> None:

@@ -31,6 +31,17 @@ def test_greedy_tokens_are_innerloops_own(kind: str) -> None:
     assert greedy(model, PROMPT, 24) == expected
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"use_cache": False}, {"attention_mask": torch.ones_like(PROMPT)}],
+    ids=["without_cache", "with_a_mask_of_ones"],
+)
+def test_greedy_tokens_without_the_cache_or_with_a_mask_are_the_same(options: dict) -> None:
+    model = tiny_hf_model("swa")
+    expected = [int(t) for t, _ in innerloop_generate(model.model, PROMPT, 10, temperature=0)]
+    assert greedy(model, PROMPT, 10, **options) == expected
+
+
 def test_a_batch_of_prompts_of_one_length_decodes_each_row() -> None:
     model = tiny_hf_model("ttt_linear")
     prompts = torch.cat((PROMPT, torch.tensor([list(b"import os")[:9] + [10]])))

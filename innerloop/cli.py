@@ -386,7 +386,7 @@ def _convert(args: argparse.Namespace) -> int:
     from innerloop.interop.ttt_lm_pytorch import load_model as load_reference_model
     from innerloop.train.module import save_model_checkpoint
 
-    if getattr(args, "format", "innerloop") == "hf":
+    if args.format == "hf":
         return _convert_to_hugging_face(args)
     target = Path(args.out) / "last.safetensors"
     if target.exists() and not args.overwrite:
@@ -429,9 +429,10 @@ def _convert_to_hugging_face(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.source_format} model {args.src!r}: {_one_line(err)}") from None
     # The reference's models use the Llama tokenizer, which is not shipped: the folder gets innerloop's
     # byte-level one only when the vocabulary is bytes; otherwise give the tokenizer yourself.
-    tokenizer_note = "" if model.config.vocab_size == 256 else " (no tokenizer: copy the model's own into it)"
+    bytes_model = model.config.vocab_size == 256
+    tokenizer = "bytes" if bytes_model else None
+    tokenizer_note = "" if bytes_model else " (no tokenizer: copy the model's own into it)"
     try:
-        tokenizer = "bytes" if model.config.vocab_size == 256 else None
         folder = export_model(model, args.out, overwrite=args.overwrite, tokenizer=tokenizer)
     except ExportError as err:
         raise ConfigError(str(err)) from None

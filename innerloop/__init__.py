@@ -68,3 +68,9 @@ __all__ = [
     "register_model_update_rule",
     "register_update_rule",
 ]
+
+# Hugging Face: register InnerloopConfig / InnerloopForCausalLM with transformers' Auto classes when
+# (and only when) those are loaded; this import does not import transformers (innerloop/hf/hook.py).
+from innerloop.hf import hook as _hf_hook  # noqa: E402
+
+_hf_hook.install()

@@ -1,4 +1,4 @@
-"""The ``innerloop`` command: train, eval, compare, params, generate, convert, plugins.
+"""The ``innerloop`` command: train, eval, compare, params, generate, convert, export, tokenizer, plugins.
 
 ``innerloop train`` with no arguments is the main job: a tiny TTT-Linear LM on the Python standard
 library's source, about a minute on 2 idle CPU cores (measured in benchmarks/RESULTS.md, "The main
@@ -14,6 +14,7 @@ import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from innerloop.config.load import DEFAULT_PRESET, ConfigError
 
@@ -120,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_generate(commands)
     _add_convert(commands)
     _add_tokenizer(commands)
+    _add_export(commands)
     plugins_help = f"list the registered plugins of every kind ({_plugin_kinds_in_words()})"
     commands.add_parser(
         "plugins",
@@ -645,14 +647,16 @@ def _plugins(args: argparse.Namespace) -> int:
 def _add_convert(commands: argparse._SubParsersAction) -> None:
     convert = commands.add_parser(
         "convert",
-        help="turn another implementation's saved model into an innerloop checkpoint",
+        help="turn another implementation's saved model into an innerloop checkpoint or a Hugging Face folder",
         description=textwrap.fill(
             "Read a model saved by another implementation and write it as an innerloop checkpoint, "
-            "OUT/last.safetensors, that `innerloop generate` and `innerloop eval` read. ttt-lm-pytorch: "
-            "a folder written by TTTForCausalLM.save_pretrained of test-time-training/ttt-lm-pytorch "
-            "(config.json and model.safetensors); the logits equal the reference's. ttt-e2e: an official "
-            "TTT-E2E checkpoint of test-time-training/e2e (CHECKPOINT: .../checkpoint/<step> or its "
-            "parent) and its resolved Hydra config (CONFIG, YAML or JSON); docs/e2e.md says how."
+            "OUT/last.safetensors, that `innerloop generate` and `innerloop eval` read, or with --format hf "
+            "as a Hugging Face folder OUT that AutoModelForCausalLM loads (docs/huggingface.md). "
+            "ttt-lm-pytorch: a folder written by TTTForCausalLM.save_pretrained of "
+            "test-time-training/ttt-lm-pytorch (config.json and model.safetensors); the logits equal the "
+            "reference's. ttt-e2e: an official TTT-E2E checkpoint of test-time-training/e2e (CHECKPOINT: "
+            ".../checkpoint/<step> or its parent) and its resolved Hydra config (CONFIG, YAML or JSON); "
+            "docs/e2e.md says how."
         ),
         formatter_class=_HelpFormatter,
     )
@@ -672,14 +676,18 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
         help="ttt-e2e only: the official resolved Hydra config, YAML or JSON (default: none)",
     )
     convert.add_argument(
-        "out", metavar="OUT", help="folder to write last.safetensors into (created if absent)"
+        "out",
+        metavar="OUT",
+        help="folder to write last.safetensors into, or the Hugging Face folder (created if absent)",
     )
     convert.add_argument(
         "--overwrite",
         action="store_true",
         default=False,
-        help="replace an existing OUT/last.safetensors (default: refuse)",
+        help="replace an existing OUT/last.safetensors, or with --format hf an earlier export in OUT "
+        "(default: refuse)",
     )
+    _add_convert_format(convert)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -693,6 +701,8 @@ def _convert(args: argparse.Namespace) -> int:
     from innerloop.interop.ttt_lm_pytorch import load_model as load_reference_model
     from innerloop.train.module import save_model_checkpoint
 
+    if args.format == "hf":
+        return _convert_to_hugging_face(args, lambda: load_reference_model(args.src))
     target = Path(args.out) / "last.safetensors"
     if target.exists() and not args.overwrite:
         raise ConfigError(f"{str(target)!r} exists; pass --overwrite to replace it, or give another OUT")
@@ -720,6 +730,8 @@ def _convert_ttt_e2e(args: argparse.Namespace) -> int:
 
     if args.config is None:
         raise ConfigError("ttt-e2e needs CHECKPOINT CONFIG OUT: the resolved Hydra config is missing")
+    if args.format == "hf":
+        return _convert_to_hugging_face(args, lambda: load_official_model(args.src, args.config))
     target = Path(args.out) / "last.safetensors"
     if target.exists() and not args.overwrite:
         raise ConfigError(f"{str(target)!r} exists; pass --overwrite to replace it, or give another OUT")
@@ -736,6 +748,80 @@ def _convert_ttt_e2e(args: argparse.Namespace) -> int:
         f"{config.e2e.chunk_size}, window {config.window}, {model.num_parameters():,} parameters)"
     )
     print(f"checkpoint: {path}")
+    return 0
+
+
+def _add_convert_format(convert: argparse.ArgumentParser) -> None:
+    convert.add_argument(
+        "--format",
+        choices=["innerloop", "hf"],
+        default="innerloop",
+        help="what to write: an innerloop checkpoint OUT/last.safetensors, or hf: a Hugging Face folder OUT "
+        "(config.json, model.safetensors, tokenizer; docs/huggingface.md) (default: %(default)s)",
+    )
+
+
+def _convert_to_hugging_face(args: argparse.Namespace, load: Callable[[], Any]) -> int:
+    """Write the model ``load()`` reads from ``args.src`` as a Hugging Face folder ``args.out``."""
+    from innerloop.hf.export import ExportError, check_target, export_model
+
+    try:
+        check_target(args.out, args.overwrite)
+        model = load()
+    except ExportError as err:
+        raise ConfigError(str(err)) from None
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        raise ConfigError(f"{args.source_format} model {args.src!r}: {_one_line(err)}") from None
+    # The reference's and the official models use tokenizers that are not shipped with them: the folder
+    # gets innerloop's byte-level one only when the vocabulary is bytes; otherwise give the tokenizer yourself.
+    bytes_model = model.config.vocab_size == 256
+    tokenizer = "bytes" if bytes_model else None
+    tokenizer_note = "" if bytes_model else " (no tokenizer: copy the model's own into it)"
+    try:
+        folder = export_model(model, args.out, overwrite=args.overwrite, tokenizer=tokenizer)
+    except ExportError as err:
+        raise ConfigError(str(err)) from None
+    config = model.config
+    print(
+        f"converted {args.src} ({config.num_layers} layers, hidden {config.hidden_size}, "
+        f"vocabulary {config.vocab_size}, {model.num_parameters():,} parameters)"
+    )
+    print(f"Hugging Face folder: {folder}{tokenizer_note}")
+    return 0
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export",
+        help="write a checkpoint as a Hugging Face folder (AutoModelForCausalLM, lm-eval)",
+        description=textwrap.fill(
+            "Write the model of a training checkpoint as a Hugging Face folder: config.json, "
+            "model.safetensors, generation_config.json and the tokenizer files. After `import innerloop`, "
+            "AutoModelForCausalLM.from_pretrained(OUT_DIR) loads it; tools that do not import innerloop "
+            "(lm_eval) load it with trust_remote_code=True (docs/huggingface.md). The folder is written "
+            "whole or not at all."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    export.add_argument("checkpoint", help="a last.safetensors written by `innerloop train`")
+    export.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (created if absent)")
+    export.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier export in OUT_DIR (a folder of other files is never replaced); "
+        "without it a non-empty OUT_DIR is refused",
+    )
+
+
+def _export(args: argparse.Namespace) -> int:
+    from innerloop.hf.export import ExportError, export_checkpoint
+
+    try:
+        folder = export_checkpoint(args.checkpoint, args.out_dir, overwrite=args.overwrite)
+    except ExportError as err:
+        raise ConfigError(str(err)) from None
+    print(f"Hugging Face folder: {folder}")
+    print("load it with: import innerloop; AutoModelForCausalLM.from_pretrained(" + repr(str(folder)) + ")")
     return 0
 
 
@@ -759,6 +845,7 @@ _HANDLERS = {
     "params": _params,
     "generate": _generate,
     "convert": _convert,
+    "export": _export,
     "tokenizer": _tokenizer,
     "plugins": _plugins,
 }

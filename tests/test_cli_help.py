@@ -46,7 +46,10 @@ def test_every_subcommand_is_walked():
     progs = {prog for prog, _ in _parsers()}
     assert progs == {
         "innerloop",
-        *(f"innerloop {c}" for c in ("train", "eval", "compare", "params", "generate", "convert", "plugins")),
+        *(
+            f"innerloop {c}"
+            for c in ("train", "eval", "compare", "params", "generate", "convert", "export", "plugins")
+        ),
         "innerloop tokenizer",
         "innerloop tokenizer train",
     }

@@ -38,6 +38,7 @@ LAYERS: tuple[str, ...] = (
     "data",
     "config",
     "train",
+    "hf",
     "ops",  # innerloop.ops: the public scan op, re-exported from core.ops
     "innerloop",  # the package's __init__: the public API, re-exported from the layers below
     "cli",
@@ -49,6 +50,22 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
     ("innerloop.cli", "innerloop"): (
         "cli imports lazily so that `innerloop --help` stays fast: each command imports what it runs "
         "(measured: `import innerloop.cli` 1.9 s, with config, models and train imported 7.4 s)"
+    ),
+    ("innerloop.hf.hook", "innerloop.hf.configuration"): (
+        "`import innerloop` installs the hook without importing transformers (seconds); the config class "
+        "is imported, and registered with AutoConfig, only once transformers has loaded its Auto classes"
+    ),
+    ("innerloop.hf.hook", "innerloop.hf.modeling"): (
+        "the model class (which imports transformers' PreTrainedModel) is imported, and registered "
+        "with AutoModelForCausalLM, only once transformers has loaded AutoModelForCausalLM"
+    ),
+    ("innerloop.hf", "innerloop.hf.configuration"): (
+        "`from innerloop.hf import InnerloopConfig` loads transformers on first access, so that "
+        "importing the package (as `import innerloop` does, for the hook) does not"
+    ),
+    ("innerloop.hf", "innerloop.hf.modeling"): (
+        "`from innerloop.hf import InnerloopForCausalLM` loads transformers on first access, so that "
+        "importing the package (as `import innerloop` does, for the hook) does not"
     ),
     ("innerloop.core.layer", "innerloop.registry"): (
         "TTTLayer accepts plugin names and resolves them through the registry when it is built; "

@@ -241,6 +241,15 @@ def test_train_eval_generate_and_resume_use_the_runs_tokenizer(bpe_dir, tmp_path
     )
     assert capsys.readouterr().out.startswith("def function_")
 
+    # The export carries the run's tokenizer: transformers' AutoTokenizer reads the same ids.
+    from transformers import AutoTokenizer
+
+    exported = tmp_path / "hf"
+    assert main(["export", str(checkpoint), str(exported)]) == 0
+    text = "def function_name(argument):\n    return argument"
+    hf_ids = AutoTokenizer.from_pretrained(str(exported), local_files_only=True)(text)["input_ids"]
+    assert hf_ids == load_tokenizer(str(bpe_dir)).encode(text)
+
     train_bpe(["another corpus, another tokenizer"], 290).save_pretrained(tok_copy)  # the files change
     assert main(["train", f"out_dir={out}", "--resume", "trainer.max_steps=3"]) == 2
     assert "is not the tokenizer" in capsys.readouterr().err

@@ -1,0 +1,120 @@
+"""``InnerloopConfig``: a Hugging Face ``PreTrainedConfig`` that carries innerloop's whole
+:class:`~innerloop.models.ModelConfig`.
+
+The innerloop config is stored as one nested dict under ``model`` in ``config.json``; it is checked
+with :func:`~innerloop.models.config.validate_model_config` when the config is built or loaded, so a
+bad ``config.json`` gets the same one-line error as a bad run config. The attributes transformers'
+tools read (``vocab_size``, ``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``,
+``tie_word_embeddings``) are read-only views of it: there is one source of truth.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+from innerloop.models.config import E2E, ModelConfig, validate_model_config
+
+MODEL_TYPE = "innerloop"
+"""The ``model_type`` of innerloop's Hugging Face config (what ``AutoConfig`` looks up)."""
+
+_DERIVED = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+}
+"""transformers' attribute name -> the ModelConfig field it views."""
+
+
+def model_config_from(model: Any) -> ModelConfig:
+    """The validated :class:`ModelConfig` of ``model`` (a ModelConfig, a nested dict, or None for the
+    defaults); raise ``ValueError`` naming the field, the value and what is valid."""
+    if model is not None and not isinstance(model, (ModelConfig, dict)):
+        raise ValueError(
+            f"InnerloopConfig.model must be innerloop's model config as a mapping (config.json's "
+            f"'model' section), got {type(model).__name__}: {model!r}"
+        )
+    try:
+        if model is None:
+            config = ModelConfig()
+        else:  # a copy, also of a ModelConfig: the config owns its own
+            config = ModelConfig.from_dict(model.to_dict() if isinstance(model, ModelConfig) else model)
+        validate_model_config(config)
+    except (TypeError, ValueError) as err:  # TypeError: a section that is not a mapping of its keys
+        raise ValueError(f"InnerloopConfig (config.json 'model' section): {err}") from None
+    return config
+
+
+class InnerloopConfig(PreTrainedConfig):
+    """The configuration of :class:`~innerloop.hf.modeling.InnerloopForCausalLM`.
+
+    Args:
+        model: innerloop's :class:`~innerloop.models.ModelConfig`, or the same as a nested dict (as
+            in ``config.json``); None gives the defaults. Checked at once: unknown keys, wrong types,
+            unregistered plugin names and impossible shapes raise ``ValueError``.
+        **kwargs: the usual ``PreTrainedConfig`` options (token ids, ``use_cache`` ...).
+
+    >>> config = InnerloopConfig(model={"mixer": "swa", "hidden_size": 32, "num_heads": 2})
+    >>> config.model_config.window, config.hidden_size
+    (64, 32)
+    """
+
+    model_type = MODEL_TYPE
+
+    model: dict[str, Any] | None = None
+    use_cache: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        config = model_config_from(self.model)
+        self.model = config.to_dict()
+        for name, field_name in _DERIVED.items():
+            given = kwargs.pop(name, None)
+            if given is not None and given != getattr(config, field_name):
+                raise ValueError(
+                    f"InnerloopConfig: {name}={given!r} disagrees with model.{field_name}="
+                    f"{getattr(config, field_name)!r}; {name} is read from the 'model' section, "
+                    "set it there"
+                )
+        given_tie = kwargs.pop("tie_word_embeddings", None)
+        if given_tie is not None and given_tie != self.tie_word_embeddings:
+            raise ValueError(
+                f"InnerloopConfig: tie_word_embeddings={given_tie!r} disagrees with the 'model' section "
+                f"(model.tie_embeddings={config.tie_embeddings!r}, mixer={config.mixer!r}); set "
+                "model.tie_embeddings instead"
+            )
+        super().__post_init__(**kwargs)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """innerloop's :class:`~innerloop.models.ModelConfig` (a fresh, validated copy)."""
+        return ModelConfig.from_dict(self.model)  # type: ignore[arg-type]
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the token vocabulary (``model.vocab_size``)."""
+        return self.model["vocab_size"]  # type: ignore[index]
+
+    @property
+    def hidden_size(self) -> int:
+        """Model width (``model.hidden_size``)."""
+        return self.model["hidden_size"]  # type: ignore[index]
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """Number of blocks (``model.num_layers``)."""
+        return self.model["num_layers"]  # type: ignore[index]
+
+    @property
+    def num_attention_heads(self) -> int:
+        """Heads of each mixer (``model.num_heads``)."""
+        return self.model["num_heads"]  # type: ignore[index]
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        """Whether the LM head shares the embedding's weights (always for the TTT-E2E model)."""
+        return bool(self.model["tie_embeddings"]) or self.model["mixer"] == E2E  # type: ignore[index]

@@ -1,0 +1,85 @@
+"""The tokenizer files of an exported folder, so that ``AutoTokenizer.from_pretrained(folder)`` (and
+lm-eval, which loads one) works.
+
+innerloop's default runs are byte-level: token ``i`` is the byte ``i``. :func:`byte_tokenizer` is
+that tokenizer for transformers (a byte-level pre-tokenizer and a vocabulary of the 256 bytes with no
+merges, so ``encode(text).ids == list(text.encode("utf-8"))`` for any text); a run with a Hugging Face
+tokenizer exports the one its checkpoint recorded.
+
+It also declares an end-of-text token, ``<|endoftext|>`` with id 256, past the model's vocabulary:
+tools need one (lm-eval adds it to the stop strings of ``generate_until`` and uses it as the prefix of
+an empty context), and a byte-level model has none. The model never produces it, and refuses it as
+input with a clear error (:meth:`~innerloop.hf.modeling.InnerloopForCausalLM.forward`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from innerloop.data.tokenizer import ByteTokenizer, HFTokenizer, byte_level_tokenizer_json
+from innerloop.data.tokenizer import Tokenizer as RunTokenizer
+
+END_OF_TEXT = "<|endoftext|>"
+"""The byte-level tokenizer's end-of-text token (id 256, outside the bytes)."""
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """innerloop's byte-level tokenizer (token id = byte value, the ``data.tokenizer: bytes`` of a run,
+    :func:`~innerloop.data.tokenizer.byte_level_tokenizer_json`) with :data:`END_OF_TEXT` added."""
+    backend = Tokenizer.from_str(byte_level_tokenizer_json())
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END_OF_TEXT)
+
+
+def from_run_tokenizer(tokenizer: RunTokenizer) -> PreTrainedTokenizerBase:
+    """The transformers form of the tokenizer a run recorded (its checkpoint's, see
+    :func:`~innerloop.train.checkpoint.checkpoint_tokenizer`)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return byte_tokenizer()
+    if not isinstance(tokenizer, HFTokenizer):
+        raise ValueError(f"cannot export {tokenizer.describe()} ({type(tokenizer).__name__})")
+    backend = Tokenizer.from_str(tokenizer.tokenizer_json)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=tokenizer.eos_token)
+
+
+BYTES = "bytes"
+"""The name of innerloop's byte-level tokenizer (as ``data.tokenizer`` calls it)."""
+
+
+def load_tokenizer(source: str | os.PathLike[str] | RunTokenizer) -> PreTrainedTokenizerBase:
+    """The tokenizer to export: a run's tokenizer (:func:`from_run_tokenizer`), ``"bytes"`` for
+    innerloop's bytes, else a ``tokenizer.json`` file or a folder that ``AutoTokenizer`` loads
+    (offline). Raises ``ValueError`` naming the path when it is none of these."""
+    if isinstance(source, RunTokenizer):
+        return from_run_tokenizer(source)
+    if source == BYTES:
+        return byte_tokenizer()
+    path = Path(source)
+    if path.is_file():
+        return PreTrainedTokenizerFast(tokenizer_file=str(path))
+    if path.is_dir():
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    raise ValueError(f"tokenizer {str(path)!r} is neither a tokenizer.json file nor a folder")
+
+
+def write_tokenizer_files(
+    folder: str | os.PathLike[str], vocab_size: int, source: str | os.PathLike[str] | RunTokenizer = BYTES
+) -> None:
+    """Write the tokenizer files (``tokenizer.json``, ``tokenizer_config.json`` ...) into ``folder``.
+
+    Args:
+        folder: the export folder (being assembled).
+        vocab_size: the model's vocabulary; a tokenizer whose vocabulary (special tokens aside) is
+            larger is refused (its ids would index past the embedding).
+        source: see :func:`load_tokenizer` (``"bytes"``: the byte-level tokenizer).
+    """
+    tokenizer = load_tokenizer(source)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has {vocab_size}: "
+            "export the tokenizer the model was trained with"
+        )
+    tokenizer.save_pretrained(str(folder))

@@ -1,0 +1,78 @@
+"""``import innerloop`` registers the Auto classes in either import order, without importing
+transformers itself; a folder also loads where innerloop is not imported (trust_remote_code)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from hf_testing import tiny_hf_model
+
+
+def run_fresh(code: str) -> str:
+    """Run ``code`` in a fresh interpreter (the import state of this one does not leak); its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("saved")
+    tiny_hf_model("swa").save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch: ~5 s
+def test_import_innerloop_does_not_import_transformers() -> None:
+    out = run_fresh("""
+        import sys, innerloop
+        print(sorted(m for m in sys.modules if m.split(".")[0] in ("transformers", "tokenizers", "datasets")))
+    """)
+    assert out.strip() == "[]"
+
+
+LOAD = """
+    model = AutoModelForCausalLM.from_pretrained({folder!r})
+    config = AutoConfig.from_pretrained({folder!r})
+    print(type(model).__module__, type(config).__name__)
+"""
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch and transformers: ~10 s
+@pytest.mark.parametrize(
+    "imports",
+    [
+        "import innerloop\nfrom transformers import AutoConfig, AutoModelForCausalLM",
+        "from transformers import AutoConfig, AutoModelForCausalLM\nimport innerloop",
+        "import transformers\nimport innerloop\nfrom transformers import AutoConfig, AutoModelForCausalLM",
+    ],
+    ids=["innerloop_first", "transformers_first", "transformers_then_auto_classes"],
+)
+def test_either_import_order_registers_the_auto_classes(imports: str, folder: str) -> None:
+    out = run_fresh(imports + textwrap.dedent(LOAD).format(folder=folder))
+    assert out.split() == ["innerloop.hf.modeling", "InnerloopConfig"]
+
+
+@pytest.mark.slow  # a fresh interpreter: ~5 s
+def test_a_tool_that_never_imports_innerloop_loads_with_trust_remote_code(folder: str) -> None:
+    out = run_fresh(
+        "from transformers import AutoConfig, AutoModelForCausalLM\n"
+        + textwrap.dedent(LOAD).format(folder=folder).replace(")\n", ", trust_remote_code=True)\n", 2)
+    )
+    assert out.split() == ["innerloop.hf.modeling", "InnerloopConfig"]
+
+
+def test_the_hook_registers_once_and_leaves_other_imports_alone() -> None:
+    from innerloop.hf import hook
+
+    watchers = [f for f in sys.meta_path if isinstance(f, hook._AutoClassWatcher)]
+    assert len(watchers) <= 1
+    hook.install()  # again: nothing more
+    assert len([f for f in sys.meta_path if isinstance(f, hook._AutoClassWatcher)]) == len(watchers)
+    if watchers:
+        assert watchers[0].find_spec("json", None) is None

@@ -693,6 +693,10 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if args.tokenizer is not None and args.format != "hf":
+        raise ConfigError(
+            f"--tokenizer {args.tokenizer!r} is written only into a Hugging Face folder: add --format hf"
+        )
     if args.source_format == "ttt-e2e":
         return _convert_ttt_e2e(args)
     if args.config is not None:
@@ -759,6 +763,12 @@ def _add_convert_format(convert: argparse.ArgumentParser) -> None:
         help="what to write: an innerloop checkpoint OUT/last.safetensors, or hf: a Hugging Face folder OUT "
         "(config.json, model.safetensors, tokenizer; docs/huggingface.md) (default: %(default)s)",
     )
+    convert.add_argument(
+        "--tokenizer",
+        default=None,
+        help="with --format hf: the tokenizer the model reads, written into the folder: bytes "
+        "(innerloop's byte-level one), a tokenizer.json or a tokenizer folder (default: none is written)",
+    )
 
 
 def _convert_to_hugging_face(args: argparse.Namespace, load: Callable[[], Any]) -> int:
@@ -772,13 +782,13 @@ def _convert_to_hugging_face(args: argparse.Namespace, load: Callable[[], Any]) 
         raise ConfigError(str(err)) from None
     except (ValueError, FileNotFoundError, ImportError) as err:
         raise ConfigError(f"{args.source_format} model {args.src!r}: {_one_line(err)}") from None
-    # The reference's and the official models use tokenizers that are not shipped with them: the folder
-    # gets innerloop's byte-level one only when the vocabulary is bytes; otherwise give the tokenizer yourself.
-    bytes_model = model.config.vocab_size == 256
-    tokenizer = "bytes" if bytes_model else None
-    tokenizer_note = "" if bytes_model else " (no tokenizer: copy the model's own into it)"
+    # The reference's and the official models are not shipped with their tokenizers, and a vocabulary's
+    # size does not say which one it is: the folder gets the one --tokenizer names, else none.
+    tokenizer_note = (
+        "" if args.tokenizer else " (no tokenizer: pass --tokenizer, or copy the model's own into it)"
+    )
     try:
-        folder = export_model(model, args.out, overwrite=args.overwrite, tokenizer=tokenizer)
+        folder = export_model(model, args.out, overwrite=args.overwrite, tokenizer=args.tokenizer)
     except ExportError as err:
         raise ConfigError(str(err)) from None
     config = model.config

@@ -271,6 +271,37 @@ def test_cli_converts_to_an_innerloop_checkpoint(tmp_path, official, capsys) -> 
     assert "needs CHECKPOINT CONFIG OUT" in capsys.readouterr().err
 
 
+def test_cli_converts_to_a_hugging_face_folder(tmp_path, official, capsys) -> None:
+    """``--format hf``: AutoModelForCausalLM loads the folder (after ``import innerloop``) and its logits
+    are the official ones; the official tokenizer is not shipped, so none is written (and it says so)."""
+    pytest.importorskip("tensorstore", reason="the e2e extra (tensorstore) is part of the test extra")
+    from transformers import AutoModelForCausalLM
+
+    from innerloop.cli import main
+
+    out = tmp_path / "hf"
+    args = [
+        "convert",
+        "ttt-e2e",
+        str(DATA / "checkpoint"),
+        str(DATA / "config.json"),
+        str(out),
+        "--format",
+        "hf",
+    ]
+    assert main(args) == 0
+    assert "no tokenizer" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    with torch.no_grad():
+        logits = model(torch.as_tensor(official["input_ids"], dtype=torch.long)).logits.float().numpy()
+    assert np.abs(logits - official["logits_ttt_on"]).max() < 1e-4
+    assert not (out / "tokenizer.json").exists()
+    assert main([*args, "--overwrite", "--tokenizer", "bytes"]) == 0  # a tokenizer only when named
+    assert (out / "tokenizer.json").exists()
+    assert main([*args[:4], str(tmp_path / "other"), "--tokenizer", "bytes"]) == 2  # not without --format hf
+    assert "--format hf" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------
 # Config errors: every unsupported field is named
 # --------------------------------------------------------------------------------------------------

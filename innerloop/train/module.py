@@ -42,7 +42,7 @@ from innerloop.train.checkpoint import (
 )
 from innerloop.train.data import IGNORE_INDEX, Batch
 from innerloop.train.metrics import InnerLossDiagnostics, LossByPosition
-from innerloop.train.schedules import make_schedule
+from innerloop.train.schedules import Schedule, make_schedule
 from innerloop.train.schedules import warmup_cosine as warmup_cosine  # re-exported: its old home
 
 
@@ -292,7 +292,7 @@ class LanguageModelModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step) / hp.lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def _schedule(self):
+    def _schedule(self) -> Schedule:
         """The learning rate as a function of the optimizer step, from the hyperparameters."""
         hp = self.hparams
         return make_schedule(hp.schedule, hp.warmup_steps, hp.max_steps, hp.lr, hp.min_lr, hp.decay_steps)

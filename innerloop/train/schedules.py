@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -120,7 +121,7 @@ class TTTBaseLRWarmup(L.Callback):
                 layer.base_lr = base_lr
 
     def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._set(pl_module, ttt_base_lr(trainer.global_step, self.init, self.peak, self.warmup_steps))
 

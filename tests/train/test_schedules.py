@@ -206,3 +206,20 @@ def test_the_layers_base_lr_warms_up_step_by_step_and_across_a_resume(corpus, tm
     ]
     for key in ends[0]:
         assert torch.equal(ends[0][key], ends[1][key]), key  # the resumed run ends where the whole one did
+
+
+@pytest.mark.slow  # two training runs of 3 steps (~3 s)
+def test_a_resume_may_change_the_schedule_from_the_step_reached(corpus, tmp_path) -> None:
+    out = tmp_path / "run"
+    common = ["optim.lr=0.01", "optim.min_lr=0.001", "trainer.diagnostics_batches=0", "trainer.val_every=3"]
+    run, cfg = small_run(corpus, out, *common, "trainer.max_steps=3")
+    train(run, cfg)
+    run, cfg = small_run(
+        corpus, out, *common, "trainer.max_steps=6", "optim.schedule=wsd", "optim.decay_fraction=0.5"
+    )
+    record = _RecordLearningRates()
+    train(run, cfg, resume=True, callbacks=[record])
+    wsd = make_schedule("wsd", warmup_steps=0, max_steps=6, lr=0.01, min_lr=0.001, decay_steps=3)
+    assert sorted(record.lrs) == [3, 4, 5]
+    assert [record.lrs[s] for s in (3, 4, 5)] == pytest.approx([wsd(3), wsd(4), wsd(5)], rel=1e-12)
+    assert [wsd(3), wsd(4), wsd(5)] == pytest.approx([0.01, 0.007, 0.004])

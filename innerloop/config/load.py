@@ -25,7 +25,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from innerloop.config.schema import DATASETS, FIELD_BOUNDS, DataConfig, RunConfig
+from innerloop.config.schema import DATASETS, FIELD_BOUNDS, SCHEDULES, DataConfig, RunConfig
+from innerloop.config.trainer_args import check_lightning_arguments, check_loggers, route_trainer_keys
 from innerloop.data.atomic import atomic_write_text
 from innerloop.data.hf import check_hf_source
 from innerloop.data.recall import RECALL_VALUES
@@ -118,8 +119,9 @@ def load_config(
         container = OmegaConf.to_container(loaded)
     except OmegaConfBaseException as err:  # e.g. an interpolation ${...} that does not resolve
         raise ConfigError(f"{source}: {_first_line(err)}") from None
-    check_keys(container, RunConfig, "", source, ConfigError)
-    cfg = _merge(cfg, loaded, source)
+    routed = route_trainer_keys(container, source, ConfigError)  # trainer.<Lightning argument>
+    check_keys(routed, RunConfig, "", source, ConfigError)
+    cfg = _merge(cfg, OmegaConf.create(routed) if routed is not container else loaded, source)
     for item in overrides:
         key, sep, _ = item.partition("=")
         if not sep or not key:
@@ -128,8 +130,9 @@ def load_config(
             override = OmegaConf.from_dotlist([item])
         except Exception as err:  # the value is parsed as YAML: its syntax errors come in several types
             raise ConfigError(f"override {item!r} cannot be parsed: {_first_line(err)}") from None
-        check_keys(OmegaConf.to_container(override), RunConfig, "", f"override {item!r}", ConfigError)
-        cfg = _merge(cfg, override, f"override {item!r}")
+        routed = route_trainer_keys(OmegaConf.to_container(override), f"override {item!r}", ConfigError)
+        check_keys(routed, RunConfig, "", f"override {item!r}", ConfigError)
+        cfg = _merge(cfg, OmegaConf.create(routed), f"override {item!r}")
     try:
         run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as err:  # an interpolation ${...} that does not resolve
@@ -173,11 +176,7 @@ def validate_run_config(run: RunConfig) -> None:
     machine, that ``out_dir`` can be written, and that the text holds a window of ``seq_len``. Raises
     :class:`ConfigError` naming the key, the value and what is valid."""
     _check_numbers(run)
-    if run.optim.min_lr > run.optim.lr:
-        raise ConfigError(
-            f"optim.min_lr={run.optim.min_lr:g} must be <= optim.lr={run.optim.lr:g} (the cosine schedule "
-            "decays from optim.lr to optim.min_lr)"
-        )
+    _check_schedules(run)
     try:
         validate_model_config(run.model)
     except ValueError as err:
@@ -189,7 +188,9 @@ def validate_run_config(run: RunConfig) -> None:
         _check_text(run)
     _check_hf(run)
     _check_trainer_names(run)
+    check_lightning_arguments(run.trainer.lightning, ConfigError)
     _check_trainer_combination(run)
+    check_loggers(run.logger, ConfigError)
     check_output_dir(run.out_dir, "out_dir")
 
 
@@ -214,6 +215,44 @@ def _check_numbers(run: RunConfig) -> None:
             raise ConfigError(f"{key}={value} must be a finite number {bounds.describe()}{why}")
         if value not in bounds:
             raise ConfigError(f"{key}={value} must be {bounds.describe()}{why}")
+
+
+def _check_schedules(run: RunConfig) -> None:
+    """``optim.schedule`` is a schedule whose phases fit in ``trainer.max_steps``; the TTT layers'
+    base-lr warm-up has TTT layers to warm up."""
+    optim, max_steps = run.optim, run.trainer.max_steps
+    if optim.min_lr > optim.lr:
+        raise ConfigError(
+            f"optim.min_lr={optim.min_lr:g} must be <= optim.lr={optim.lr:g} (the schedule decays from "
+            "optim.lr to optim.min_lr)"
+        )
+    if optim.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={optim.schedule!r} is not a schedule; valid: {list(SCHEDULES)}")
+    if optim.schedule == "wsd" and warmup_steps(run) + decay_steps(run) > max_steps:
+        raise ConfigError(
+            f"optim.schedule='wsd' warms up over optim.warmup_fraction={optim.warmup_fraction:g} and decays "
+            f"over optim.decay_fraction={optim.decay_fraction:g} of trainer.max_steps={max_steps} "
+            f"({warmup_steps(run)} + {decay_steps(run)} steps): the two must fit in trainer.max_steps"
+        )
+    if optim.ttt_base_lr_warmup > 0 and run.model.mixer != "ttt":
+        raise ConfigError(
+            f"optim.ttt_base_lr_warmup={optim.ttt_base_lr_warmup} warms up the base lr of TTT layers, but "
+            f"model.mixer={run.model.mixer!r} has none (mixer 'ttt' has them; TTT-E2E warms its inner lr "
+            "up with model.e2e.inner_lr_start); set optim.ttt_base_lr_warmup=0"
+        )
+
+
+def warmup_steps(run: RunConfig) -> int:
+    """The optimizer steps of the learning rate's warm-up: ``optim.warmup_fraction`` of the steps."""
+    return int(run.optim.warmup_fraction * run.trainer.max_steps)
+
+
+def decay_steps(run: RunConfig) -> int:
+    """The optimizer steps over which ``optim.schedule='wsd'`` decays: ``optim.decay_fraction`` of the
+    steps, at least 1 (0 for the other schedules, which decay from the end of the warm-up)."""
+    if run.optim.schedule != "wsd":
+        return 0
+    return max(1, int(run.optim.decay_fraction * run.trainer.max_steps))
 
 
 def _get(obj: Any, key: str) -> Any:
@@ -355,6 +394,13 @@ def _check_trainer_combination(run: RunConfig) -> None:
     except ImportError:
         return
     t = run.trainer
+    # The connector's other arguments, from trainer.lightning; not deterministic and benchmark, which it
+    # would apply to torch's global flags at once (the Trainer applies them when the run starts).
+    extra = {
+        k: t.lightning[k]
+        for k in ("num_nodes", "sync_batchnorm", "use_distributed_sampler")
+        if k in t.lightning
+    }
     chatter = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     level = chatter.level
     try:
@@ -367,12 +413,14 @@ def _check_trainer_combination(run: RunConfig) -> None:
                 accelerator=t.accelerator,
                 strategy=t.strategy,
                 precision=concrete_precision(t.precision, t.accelerator),
+                **extra,
             )
     except (MisconfigurationException, ValueError, ImportError) as err:
+        extra_text = "".join(f", trainer.{k}={v!r}" for k, v in extra.items())
         raise ConfigError(
             f"trainer.strategy={t.strategy!r}, trainer.accelerator={t.accelerator!r}, "
-            f"trainer.precision={t.precision!r}, trainer.devices={t.devices}: Lightning cannot run this "
-            f"combination here: {' '.join(str(err).split())}"
+            f"trainer.precision={t.precision!r}, trainer.devices={t.devices}{extra_text}: Lightning cannot "
+            f"run this combination here: {' '.join(str(err).split())}"
         ) from None
     finally:
         chatter.setLevel(level)
@@ -438,6 +486,19 @@ def check_resume_changes(saved: RunConfig, resumed: RunConfig) -> None:
             f"--resume cannot change {', '.join(changed)}: model.*, data.* and seed are fixed by the "
             "checkpoint's weights and the run's data stream (optim.* and trainer.* may change); start a "
             "new run (another out_dir, or --overwrite) to change them"
+        )
+    _check_same_accumulation(saved, resumed)
+
+
+def _check_same_accumulation(saved: RunConfig, resumed: RunConfig) -> None:
+    """A resume keeps ``trainer.accumulate_grad_batches``: the data stream resumes at batch ``step *
+    accumulate_grad_batches``, which another value would move (batches seen twice, or skipped)."""
+    old = saved.trainer.lightning.get("accumulate_grad_batches", 1)
+    new = resumed.trainer.lightning.get("accumulate_grad_batches", 1)
+    if old != new:
+        raise ConfigError(
+            f"--resume cannot change trainer.accumulate_grad_batches ({old!r} -> {new!r}): the run's data "
+            f"stream continues at batch (step x {old}); start a new run to change it"
         )
 
 

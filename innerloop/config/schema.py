@@ -8,10 +8,17 @@ preset sets some of them and ``key=value`` overrides on the command line set oth
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from innerloop.models.config import ModelConfig
 
 DATASETS: tuple[str, ...] = ("text", "recall", "hf")
+
+SCHEDULES: tuple[str, ...] = ("cosine", "linear", "constant", "wsd")
+"""The learning-rate schedules of ``optim.schedule`` (each implemented in :mod:`innerloop.train.schedules`)."""
+
+LOGGERS: dict[str, str] = {"csv": "", "tensorboard": "tensorboard", "wandb": "wandb"}
+"""The loggers of ``logger``, each with the package it needs (``""``: none beyond Lightning)."""
 
 
 @dataclass
@@ -53,7 +60,18 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up and cosine decay; gradient clipping by global norm."""
+    """AdamW; gradient clipping by global norm; a learning-rate schedule of optimizer steps.
+
+    ``schedule``: every schedule warms up linearly from 0 to ``lr`` over the first ``warmup_fraction``
+    of ``trainer.max_steps``, then ``cosine`` decays to ``min_lr`` at ``max_steps`` along a half
+    cosine, ``linear`` along a line, ``constant`` stays at ``lr``, and ``wsd`` (warm-up, stable,
+    decay) stays at ``lr`` until the last ``decay_fraction`` of the steps and decays linearly to
+    ``min_lr`` over them. See :mod:`innerloop.train.schedules` for the closed forms.
+
+    ``ttt_base_lr_warmup`` > 0 warms the TTT layers' inner learning rate up as the JAX reference does
+    for TTT-MLP: ``ttt_base_lr_init`` at the first step, rising linearly to ``model.ttt.base_lr`` over
+    ``ttt_base_lr_warmup`` steps (0: off, the layers use ``model.ttt.base_lr`` throughout).
+    """
 
     lr: float = 3e-3
     weight_decay: float = 0.1
@@ -62,13 +80,23 @@ class OptimConfig:
     warmup_fraction: float = 0.1
     min_lr: float = 1e-5
     grad_clip: float = 1.0
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2
+    ttt_base_lr_init: float = 0.01
+    ttt_base_lr_warmup: int = 0
 
 
 @dataclass
 class TrainerConfig:
     """Lightning Trainer settings. ``strategy`` is any Lightning strategy name (``ddp``,
     ``ddp_spawn``, ``fsdp``, ...); ``threads`` > 0 sets ``torch.set_num_threads``. ``precision`` is
-    any Lightning precision or ``auto`` (``bf16-mixed`` on a CUDA GPU, ``32-true`` otherwise)."""
+    any Lightning precision or ``auto`` (``bf16-mixed`` on a CUDA GPU, ``32-true`` otherwise).
+
+    ``lightning`` holds any other ``lightning.Trainer`` argument by name (``accumulate_grad_batches``,
+    ``deterministic``, ...), checked against the Trainer's signature. A config or override may give
+    them directly under ``trainer`` (``trainer.accumulate_grad_batches=2``): loading moves them here,
+    and maps the Lightning names of innerloop's own keys (``log_every_n_steps``, ``val_check_interval``,
+    ``gradient_clip_val``, ...) onto those keys (:mod:`innerloop.config.trainer_args`)."""
 
     max_steps: int = 1000
     val_every: int = 250
@@ -82,6 +110,7 @@ class TrainerConfig:
     diagnostics_batches: int = 1
     progress_bar: bool = True
     threads: int = 0
+    lightning: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,6 +123,8 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
     out_dir: str = "runs/tiny"
+    logger: Any = "csv"
+    """A name of :data:`LOGGERS` or a list of them; each writes under ``<out_dir>/logs/``."""
 
 
 # -- the range of every numeric field ---------------------------------------------------------------------
@@ -174,6 +205,9 @@ FIELD_BOUNDS: dict[str, Bounds] = {
     "optim.warmup_fraction": FRACTION,
     "optim.min_lr": AT_LEAST_0,
     "optim.grad_clip": Bounds(0, why="0: no clipping"),
+    "optim.decay_fraction": Bounds(0, 1, low_open=True, why="the share of the steps that wsd decays over"),
+    "optim.ttt_base_lr_init": AT_LEAST_0,
+    "optim.ttt_base_lr_warmup": Bounds(0, why="0: no warm-up of the TTT layers' base lr"),
     # trainer
     "trainer.max_steps": AT_LEAST_1,
     "trainer.val_every": AT_LEAST_1,

@@ -1,8 +1,9 @@
 """The outer loop: a LightningModule that trains a language model (a :class:`~innerloop.models.CausalLM`,
 or an :class:`~innerloop.models.E2ELM` for ``mixer: e2e``).
 
-AdamW with decoupled weight decay (0.1 by default, on matrices only), linear warm-up then cosine decay
-to ``min_lr``, gradient clipping through the Trainer (``gradient_clip_val``). Validation logs
+AdamW with decoupled weight decay (0.1 by default, on matrices only), linear warm-up then a decay to
+``min_lr`` (``schedule``: cosine by default, see :mod:`innerloop.train.schedules`), gradient clipping
+through the Trainer (``gradient_clip_val``). Validation logs
 ``val_loss``, ``val_ppl``, ``val_acc`` (next-token accuracy on scored tokens), the loss by position
 (``val_loss_pos/<bucket>``) and, for TTT models, the inner loss before and after the updates of each
 layer (``inner_loss_before/<layer>``, ``inner_loss_after/<layer>``).
@@ -41,6 +42,8 @@ from innerloop.train.checkpoint import (
 )
 from innerloop.train.data import IGNORE_INDEX, Batch
 from innerloop.train.metrics import InnerLossDiagnostics, LossByPosition
+from innerloop.train.schedules import Schedule, make_schedule
+from innerloop.train.schedules import warmup_cosine as warmup_cosine  # re-exported: its old home
 
 
 class TrainingDivergedError(RuntimeError):
@@ -63,15 +66,6 @@ def _non_finite_propagates(layers: list[torch.nn.Module]) -> Iterator[None]:
             layer.non_finite = "raise"
 
 
-def warmup_cosine(step: int, warmup_steps: int, max_steps: int, lr: float, min_lr: float) -> float:
-    """Learning rate at optimizer step ``step``: linear warm-up from 0 to ``lr`` over ``warmup_steps``,
-    then cosine decay to ``min_lr`` at ``max_steps`` (and ``min_lr`` after)."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
 def _per_item(values: torch.Tensor) -> torch.Tensor:
     """A metric's per-bucket or per-layer values as a 1-d tensor: torchmetrics squeezes a one-element
     result to 0-d (one layer, one position bucket), which cannot be indexed or iterated."""
@@ -87,8 +81,10 @@ class LanguageModelModule(L.LightningModule):
         weight_decay: AdamW weight decay, applied to parameters with 2 or more dims.
         betas: AdamW betas.
         warmup_steps: optimizer steps of linear warm-up.
-        max_steps: the step at which the cosine schedule reaches ``min_lr``.
+        max_steps: the step at which the schedule reaches ``min_lr``.
         min_lr: final learning rate.
+        schedule: ``cosine``, ``linear``, ``constant`` or ``wsd`` (:mod:`innerloop.train.schedules`).
+        decay_steps: the steps over which ``wsd`` decays (its last ones before ``max_steps``).
         num_position_buckets: buckets of the loss-by-position metric.
         diagnostics_batches: validation batches per epoch on which the inner-loss diagnostics run
             (0 turns them off; they cost one extra pass of each TTT layer).
@@ -108,6 +104,8 @@ class LanguageModelModule(L.LightningModule):
         num_position_buckets: int = 16,
         diagnostics_batches: int = 1,
         seq_len: int | None = None,
+        schedule: str = "cosine",
+        decay_steps: int = 0,
     ):
         super().__init__()
         if isinstance(model, ModelConfig):
@@ -116,11 +114,13 @@ class LanguageModelModule(L.LightningModule):
         if lr <= 0 or min_lr < 0 or weight_decay < 0:
             raise ValueError(f"lr={lr} must be > 0, min_lr={min_lr} and weight_decay={weight_decay} >= 0")
         if min_lr > lr:
+            raise ValueError(f"min_lr={min_lr} must be <= lr={lr} (the schedule decays from lr to min_lr)")
+        if warmup_steps < 0 or max_steps < 1 or not 0 <= decay_steps <= max_steps:
             raise ValueError(
-                f"min_lr={min_lr} must be <= lr={lr} (the cosine schedule decays from lr to min_lr)"
+                f"warmup_steps={warmup_steps} must be >= 0, max_steps={max_steps} >= 1 and "
+                f"decay_steps={decay_steps} in [0, max_steps]"
             )
-        if warmup_steps < 0 or max_steps < 1:
-            raise ValueError(f"warmup_steps={warmup_steps} must be >= 0 and max_steps={max_steps} >= 1")
+        make_schedule(schedule, warmup_steps, max_steps, lr, min_lr, decay_steps)  # a known name
         self.save_hyperparameters()
         self.model = build_model(ModelConfig.from_dict(model))  # CausalLM, or E2ELM for mixer='e2e'
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
@@ -209,7 +209,7 @@ class LanguageModelModule(L.LightningModule):
         hp = self.hparams
         optimizer = self.trainer.optimizers[0]
         schedule = self.trainer.lr_scheduler_configs[0].scheduler
-        lr = warmup_cosine(schedule.last_epoch, hp.warmup_steps, hp.max_steps, hp.lr, hp.min_lr)
+        lr = self._schedule()(schedule.last_epoch)
         for group, weight_decay in zip(optimizer.param_groups, (hp.weight_decay, 0.0), strict=True):
             group.update(lr=lr, initial_lr=hp.lr, weight_decay=weight_decay, betas=tuple(hp.betas))
         schedule.base_lrs = [hp.lr] * len(optimizer.param_groups)
@@ -288,11 +288,14 @@ class LanguageModelModule(L.LightningModule):
             lr=hp.lr,
             betas=hp.betas,
         )
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: warmup_cosine(step, hp.warmup_steps, hp.max_steps, hp.lr, hp.min_lr) / hp.lr,
-        )
+        lr_at = self._schedule()
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step) / hp.lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _schedule(self) -> Schedule:
+        """The learning rate as a function of the optimizer step, from the hyperparameters."""
+        hp = self.hparams
+        return make_schedule(hp.schedule, hp.warmup_steps, hp.max_steps, hp.lr, hp.min_lr, hp.decay_steps)
 
 
 def load_module(path: str | os.PathLike[str]):

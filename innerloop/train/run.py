@@ -26,12 +26,11 @@ Multi-process training is Lightning's: ``trainer.strategy=ddp`` (or ``ddp_spawn`
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import hashlib
-import io
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -39,10 +38,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
@@ -50,13 +47,14 @@ from innerloop.config.load import (
     ConfigError,
     check_resume_changes,
     concrete_precision,
+    decay_steps,
     flatten_config,
     load_config,
     run_tokenizer,
     save_config,
+    warmup_steps,
 )
 from innerloop.config.schema import RunConfig
-from innerloop.data.atomic import atomic_write
 from innerloop.data.tokenizer import Tokenizer
 from innerloop.models import ModelConfig
 from innerloop.models.ablation import no_test_time_training
@@ -80,6 +78,8 @@ from innerloop.train.data import (
     evaluation_examples,
     resolve_files,
 )
+from innerloop.train.loggers import _CSVLogger as _CSVLogger  # re-exported from its first home
+from innerloop.train.loggers import build_loggers
 from innerloop.train.metrics import position_buckets
 from innerloop.train.module import LanguageModelModule, TrainingDivergedError, load_module
 from innerloop.train.plots import plot_loss_by_position, write_loss_by_position_csv
@@ -91,6 +91,7 @@ from innerloop.train.run_dir import (
     remove_previous_run,
     remove_stale_temporaries,
 )
+from innerloop.train.schedules import TTTBaseLRWarmup
 from innerloop.train.throughput import TrainingThroughput
 
 CHECKPOINT_NAME = "last"
@@ -149,32 +150,6 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
             self._promote(trainer)
 
 
-class _AtomicExperimentWriter(ExperimentWriter):
-    """Lightning's ``metrics.csv`` writer, except that the rewrite it does when new columns appear is
-    atomic (Lightning truncates the file and writes it again: a run killed meanwhile lost its log)."""
-
-    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
-        with open(self.metrics_file_path, newline="", encoding="utf-8") as file:
-            rows = list(csv.DictReader(file))
-        text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=fieldnames)
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write(self.metrics_file_path, lambda tmp: Path(tmp).write_bytes(text.getvalue().encode()))
-
-
-class _CSVLogger(CSVLogger):
-    """Lightning's CSVLogger (``logs/version_<n>/metrics.csv``) with :class:`_AtomicExperimentWriter`."""
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AtomicExperimentWriter(log_dir=self.log_dir)
-        return self._experiment
-
-
 @dataclass
 class TrainResult:
     """Where a run's outputs are and its final validation metrics (``val_loss``, ``val_ppl``, ...)."""
@@ -225,12 +200,14 @@ def build_module(run: RunConfig) -> LanguageModelModule:
         lr=optim.lr,
         weight_decay=optim.weight_decay,
         betas=(optim.beta1, optim.beta2),
-        warmup_steps=int(optim.warmup_fraction * run.trainer.max_steps),
+        warmup_steps=warmup_steps(run),
         max_steps=run.trainer.max_steps,
         min_lr=optim.min_lr,
         num_position_buckets=run.trainer.num_position_buckets,
         diagnostics_batches=run.trainer.diagnostics_batches,
         seq_len=build_datamodule(run).seq_len,  # data.seq_len, or the one the recall task derives
+        schedule=optim.schedule,
+        decay_steps=decay_steps(run),
     )
 
 
@@ -245,7 +222,9 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 
 def build_trainer(run: RunConfig, callbacks: Sequence[Callback] = ()) -> L.Trainer:
-    """A Lightning Trainer that checkpoints to ``run.out_dir/last.safetensors`` in safetensors."""
+    """A Lightning Trainer that checkpoints to ``run.out_dir/last.safetensors`` in safetensors, logs
+    with ``run.logger`` and takes the other Lightning arguments of ``run.trainer.lightning`` as given.
+    Lightning's refusal of a setting is a :class:`ConfigError` naming those arguments."""
     t = run.trainer
     checkpointing = _SafetensorsModelCheckpoint(
         dirpath=run.out_dir,
@@ -255,26 +234,40 @@ def build_trainer(run: RunConfig, callbacks: Sequence[Callback] = ()) -> L.Train
         enable_version_counter=False,
     )
     checkpointing.CHECKPOINT_NAME_LAST = CHECKPOINT_NAME
-    return L.Trainer(
+    own_callbacks: list[Callback] = [checkpointing]
+    if run.optim.ttt_base_lr_warmup > 0:
+        optim = run.optim
+        own_callbacks.append(
+            TTTBaseLRWarmup(optim.ttt_base_lr_init, run.model.ttt.base_lr, optim.ttt_base_lr_warmup)
+        )
+    arguments = dict(
         accelerator=t.accelerator,
         devices=t.devices,
         strategy=t.strategy,
         precision=resolve_precision(t.precision, t.accelerator),
         max_steps=t.max_steps,
         max_epochs=-1,  # the training stream is endless; max_steps ends the run
-        val_check_interval=t.val_every,
+        # Lightning counts val_check_interval in batches, innerloop's val_every in optimizer steps
+        val_check_interval=t.val_every * t.lightning.get("accumulate_grad_batches", 1),
         check_val_every_n_epoch=None,
         limit_val_batches=run.data.val_batches,
         num_sanity_val_steps=0,
         gradient_clip_val=run.optim.grad_clip if run.optim.grad_clip > 0 else None,
         log_every_n_steps=t.log_every,
-        logger=_CSVLogger(run.out_dir, name="logs"),  # logs/version_<n>/metrics.csv, one per launch
-        callbacks=[checkpointing, _RecordTokenizer(run), *callbacks],
+        logger=build_loggers(run.logger, run.out_dir),  # logs/version_<n>/..., one folder per launch
+        callbacks=[*own_callbacks, _RecordTokenizer(run), *callbacks],
         plugins=[SafetensorsCheckpointIO()],
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
         default_root_dir=run.out_dir,
     )
+    if not t.lightning:
+        return L.Trainer(**arguments)
+    try:
+        return L.Trainer(**{**arguments, **t.lightning})
+    except (MisconfigurationException, ValueError, TypeError) as err:
+        given = ", ".join(f"trainer.{k}={v!r}" for k, v in t.lightning.items())
+        raise ConfigError(f"lightning.Trainer refuses {given}: {' '.join(str(err).split())}") from None
 
 
 def checkpoint_path(out_dir: str | Path) -> Path:
@@ -304,7 +297,7 @@ def train(
     out_dir = Path(run.out_dir)
     if is_launched_worker():  # rank > 0 under Lightning's DDP launcher: rank 0 owns the out_dir
         return _train_in_locked_dir(run, cfg, resume, callbacks, replace_previous=False)
-    with lock_run_dir(out_dir):
+    with lock_run_dir(out_dir), _torch_flags_restored():
         remove_stale_temporaries(out_dir)
         if not resume and not overwrite:
             refuse_previous_run(out_dir)
@@ -347,6 +340,21 @@ def _train_in_locked_dir(
         }
     plot, csv_path = _write_loss_by_position(run, metrics, datamodule.seq_len)
     return TrainResult(out_dir, ckpt, config_path, plot, csv_path, metrics)
+
+
+@contextlib.contextmanager
+def _torch_flags_restored() -> Iterator[None]:
+    """Restore torch's process-wide flags that ``trainer.deterministic`` and ``trainer.benchmark`` set
+    (Lightning sets them for the run and leaves them set), so that one run's settings do not carry over
+    to what the process does next."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def _write_loss_by_position(run: RunConfig, metrics: dict[str, float], seq_len: int) -> tuple[Path, Path]:

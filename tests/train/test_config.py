@@ -30,7 +30,10 @@ def test_the_saved_config_reloads_to_the_same_run(tmp_path) -> None:
             ["model.hiden_size=3"],
             r"unknown config key 'model.hiden_size'.*valid keys here: \[.*'hidden_size'",
         ),
-        (["optimizer.lr=1"], r"unknown config key 'optimizer'.*valid keys here: \['data', 'model', 'optim'"),
+        (
+            ["optimizer.lr=1"],
+            r"unknown config key 'optimizer'.*valid keys here: \['data', 'logger', 'model', 'optim'",
+        ),
         (["trainer.max_steps=abc"], r"config key 'trainer.max_steps'.*'abc'.*expected int"),
         (["model.ttt.inner_loss=contrastive"], r"inner_loss='contrastive' is not a registered.*'next_token'"),
         (["model.mixer=lstm"], r"model.mixer='lstm'.*\['ttt', 'attention', 'swa'\]"),

@@ -1,0 +1,259 @@
+"""``trainer.*``: innerloop's own Trainer keys, and any other ``lightning.Trainer`` argument.
+
+A config or override may set any argument of ``lightning.Trainer`` under ``trainer``
+(``trainer.accumulate_grad_batches=2``, ``trainer.deterministic=true``). :func:`route_trainer_keys`
+sorts each key a config gives under ``trainer`` before it is merged into the schema:
+
+- a key of :class:`~innerloop.config.schema.TrainerConfig` (``max_steps``, ``precision``, ...) stays;
+- a Lightning name of one of innerloop's own keys (:data:`LIGHTNING_NAMES`, e.g. ``log_every_n_steps``
+  for ``trainer.log_every``) sets that key, so there is one value for one setting;
+- any other Trainer argument goes into ``trainer.lightning`` (which the saved ``config.yaml`` shows),
+  from where ``build_trainer`` passes it to ``lightning.Trainer`` as given;
+- anything else is an unknown key: the error names it and the closest valid names.
+
+:func:`check_lightning_arguments` then checks ``trainer.lightning``: every name an argument of the
+installed Lightning's ``Trainer``, not one that innerloop sets itself (:data:`SET_BY_INNERLOOP`, with
+the reason), and every value of the type the Trainer's annotation declares (and in range, for the
+integers of :data:`LIGHTNING_BOUNDS`). :func:`check_loggers` checks the config's ``logger``.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import difflib
+import functools
+import importlib.util
+import inspect
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any, Literal, Union
+
+from innerloop.config.schema import AT_LEAST_0, AT_LEAST_1, LOGGERS, Bounds, TrainerConfig
+
+LIGHTNING_NAMES: dict[str, str] = {
+    "log_every_n_steps": "trainer.log_every",
+    "val_check_interval": "trainer.val_every",
+    "gradient_clip_val": "optim.grad_clip",
+    "enable_progress_bar": "trainer.progress_bar",
+    "limit_val_batches": "data.val_batches",
+}
+"""Lightning's name of a setting that innerloop has its own key for -> that key (``section.name``)."""
+
+_ENDLESS = (
+    "the training stream is endless (it has no epochs): trainer.max_steps ends a run and "
+    "trainer.val_every sets how often it validates"
+)
+_NO_TEST_LOOP = "`innerloop train` runs no test or predict loop"
+
+SET_BY_INNERLOOP: dict[str, str] = {
+    "logger": "the loggers are the top-level key `logger` (csv, tensorboard, wandb, or a list of them)",
+    "callbacks": (
+        "innerloop adds its own checkpointing callback; pass more Lightning callbacks to "
+        "innerloop.train.train(run, callbacks=[...])"
+    ),
+    "default_root_dir": "a run writes everything into out_dir: set out_dir",
+    "enable_checkpointing": (
+        "a run always checkpoints to <out_dir>/last.safetensors (trainer.checkpoint_every sets how often)"
+    ),
+    "plugins": "innerloop sets its safetensors checkpoint plugin; the precision is trainer.precision",
+    "max_epochs": _ENDLESS,
+    "min_epochs": _ENDLESS,
+    "check_val_every_n_epoch": _ENDLESS,
+    "reload_dataloaders_every_n_epochs": _ENDLESS,
+    "limit_train_batches": _ENDLESS,
+    "overfit_batches": "it replaces the training stream with a few fixed batches; the data is data.*",
+    "fast_dev_run": "it turns off checkpointing and logging; for a short run set trainer.max_steps",
+    "barebones": "it turns off the logging and checkpointing that a run's outputs are made of",
+    "limit_test_batches": _NO_TEST_LOOP,
+    "limit_predict_batches": _NO_TEST_LOOP,
+    "model_registry": "it uploads checkpoints to Lightning's model registry; an innerloop run uses no network",
+}
+"""``lightning.Trainer`` arguments a config may not set, each with the reason (innerloop sets it, or it
+would undo what a run guarantees)."""
+
+LIGHTNING_BOUNDS: dict[str, Bounds] = {
+    "accumulate_grad_batches": AT_LEAST_1,
+    "num_nodes": AT_LEAST_1,
+    "min_steps": AT_LEAST_0,
+    "num_sanity_val_steps": Bounds(-1, why="-1: all validation batches"),
+}
+"""The valid range of Lightning's integer arguments that Lightning itself does not check early."""
+
+
+@functools.cache
+def trainer_arguments() -> dict[str, Any]:
+    """``{name: annotation}`` of every argument of the installed ``lightning.Trainer``."""
+    from lightning.pytorch import Trainer
+
+    hints = typing.get_type_hints(Trainer.__init__)
+    names = [name for name in inspect.signature(Trainer.__init__).parameters if name != "self"]
+    return {name: hints.get(name, Any) for name in names}
+
+
+def _own_keys() -> list[str]:
+    return [f.name for f in fields(TrainerConfig)]
+
+
+def route_trainer_keys(container: Any, source: str, error: type[ValueError]) -> Any:
+    """``container`` (a config as nested dicts) with each key under ``trainer`` sorted as the module
+    doc says; raises ``error`` for an unknown key, naming it, ``source`` and the closest valid names,
+    and for a Lightning name given beside innerloop's own key for the same setting with another value."""
+    if not isinstance(container, dict) or not isinstance(container.get("trainer"), dict):
+        return container  # check_keys reports a section that is not a mapping
+    own = _own_keys()
+    trainer = {k: v for k, v in container["trainer"].items() if k in own}
+    lightning: dict[str, Any] = {}
+    routed = {**container, "trainer": trainer}
+    for key, value in container["trainer"].items():
+        if key in own:
+            continue
+        if key in LIGHTNING_NAMES:
+            _set_own_key(routed, key, value, source, error)
+        elif key in trainer_arguments():
+            lightning[key] = value
+        else:
+            raise error(_unknown_key_message(key, source))
+    if lightning:
+        given = routed["trainer"].get("lightning", {})
+        if not isinstance(given, dict):
+            raise error(f"trainer.lightning={given!r} in {source} must be a mapping of Trainer arguments")
+        routed["trainer"]["lightning"] = {**given, **lightning}
+    return routed
+
+
+def _set_own_key(routed: dict, key: str, value: Any, source: str, error: type[ValueError]) -> None:
+    """Set innerloop's key for the Lightning name ``key`` in ``routed`` (a fresh dict per section)."""
+    section_name, name = LIGHTNING_NAMES[key].split(".")
+    section = routed.get(section_name, {})
+    if not isinstance(section, dict):
+        return  # check_keys reports it
+    section = dict(section)
+    if name in section and section[name] != value:
+        raise error(
+            f"trainer.{key}={value!r} and {LIGHTNING_NAMES[key]}={section[name]!r} in {source} set the same "
+            f"thing (Lightning's {key} is innerloop's {LIGHTNING_NAMES[key]}): give one of them"
+        )
+    section[name] = value
+    routed[section_name] = section
+
+
+def _unknown_key_message(key: str, source: str) -> str:
+    own, lightning = _own_keys(), sorted(trainer_arguments())
+    close = difflib.get_close_matches(key, [*own, *lightning, *LIGHTNING_NAMES], n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return (
+        f"unknown config key 'trainer.{key}' in {source}{hint} valid keys here: innerloop's {sorted(own)} "
+        "and any lightning.Trainer argument"
+    )
+
+
+def check_lightning_arguments(arguments: Any, error: type[ValueError]) -> None:
+    """Raise ``error`` unless ``arguments`` (``trainer.lightning``) maps names of ``lightning.Trainer``
+    arguments that a config may set to values of their annotated types (and ranges)."""
+    if not isinstance(arguments, Mapping):
+        raise error(f"trainer.lightning={arguments!r} must be a mapping of lightning.Trainer arguments")
+    annotations = trainer_arguments()
+    for name, value in arguments.items():
+        key = f"trainer.{name}"
+        if name in SET_BY_INNERLOOP:
+            raise error(f"{key} cannot be set: {SET_BY_INNERLOOP[name]}")
+        if name in LIGHTNING_NAMES:
+            raise error(f"{key} is innerloop's {LIGHTNING_NAMES[name]}: set that key")
+        if name in _own_keys() or name not in annotations:
+            raise error(_unknown_key_message(name, "trainer.lightning"))
+        if not value_matches(value, annotations[name]):
+            raise error(
+                f"{key}={value!r} must be {describe_annotation(annotations[name])} (lightning.Trainer's "
+                f"{name}), got {type(value).__name__}"
+            )
+        bounds = LIGHTNING_BOUNDS.get(name)
+        if bounds is not None and value is not None and value not in bounds:
+            why = f" ({bounds.why})" if bounds.why else ""
+            raise error(f"{key}={value} must be {bounds.describe()}{why}")
+
+
+def value_matches(value: Any, annotation: Any) -> bool:
+    """Whether a config value (None, bool, int, float, str, list or dict) is of the type ``annotation``
+    declares. A class that no config value can be (an ``Accelerator``, a ``timedelta``) matches nothing;
+    a typing construct this function does not know matches anything (Lightning judges the value)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(value_matches(value, arg) for arg in args)
+    if origin is Literal:
+        return any(type(value) is type(arg) and value == arg for arg in args)
+    if annotation is type(None):
+        return value is None
+    if annotation in (bool, str):
+        return isinstance(value, annotation)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (list, collections.abc.Sequence, collections.abc.Iterable):
+        item = args[0] if args else Any
+        return isinstance(value, list) and all(value_matches(v, item) for v in value)
+    if origin in (dict, collections.abc.Mapping):
+        key_type, value_type = args if args else (Any, Any)
+        return isinstance(value, dict) and all(
+            value_matches(k, key_type) and value_matches(v, value_type) for k, v in value.items()
+        )
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def describe_annotation(annotation: Any) -> str:
+    """A readable form of a type annotation: ``int``, ``bool or 'warn' or null``, ``dict[str, int]``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return " or ".join(describe_annotation(arg) for arg in args)
+    if origin is Literal:
+        return " or ".join(repr(arg) for arg in args)
+    if annotation is type(None):
+        return "null"
+    if isinstance(annotation, type) and not args:
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def logger_names(logger: Any) -> list[str]:
+    """The names in the config's ``logger``: one name, or a list of them."""
+    if isinstance(logger, str):
+        return [logger]
+    if isinstance(logger, (list, tuple)) and all(isinstance(name, str) for name in logger):
+        return list(logger)
+    raise ValueError(
+        f"logger={logger!r} must be a logger's name or a list of names; valid: {sorted(LOGGERS)}"
+    )
+
+
+def check_loggers(logger: Any, error: type[ValueError]) -> None:
+    """Raise ``error`` unless ``logger`` names one or more loggers of :data:`LOGGERS`, each once, whose
+    package is installed (looked up without importing it)."""
+    try:
+        names = logger_names(logger)
+    except ValueError as err:
+        raise error(str(err)) from None
+    if not names:
+        raise error(f"logger=[] names no logger; give one or more of {sorted(LOGGERS)} (csv is the default)")
+    for name in names:
+        if name not in LOGGERS:
+            raise error(f"logger={name!r} is not a logger; valid: {sorted(LOGGERS)}")
+        if names.count(name) > 1:
+            raise error(f"logger={names!r} names {name!r} twice; give each logger once")
+        package = LOGGERS[name]
+        if package and not _installed(package):
+            raise error(
+                f"logger={name!r} needs the {package!r} package, which is not installed here: "
+                f"pip install {package}"
+            )
+
+
+def _installed(package: str) -> bool:
+    """Whether ``package`` can be imported (TensorBoard's writer also comes as ``tensorboardX``)."""
+    candidates = [package, "tensorboardX"] if package == "tensorboard" else [package]
+    return any(importlib.util.find_spec(name) is not None for name in candidates)

@@ -1,0 +1,135 @@
+"""The loggers of a run (the config's ``logger``: ``csv``, ``tensorboard``, ``wandb`` or a list).
+
+Each writes under ``<out_dir>/logs/``, all of one launch in one folder ``version_<n>``:
+
+- ``csv``: ``logs/version_<n>/metrics.csv`` (Lightning's CSVLogger; its rewrite of the file when new
+  columns appear is made atomic here) and ``hparams.yaml``;
+- ``tensorboard``: ``logs/version_<n>/tensorboard/events.out.tfevents.*`` (``tensorboard --logdir
+  <out_dir>/logs``);
+- ``wandb``: a Weights & Biases run in ``logs/wandb/`` (``WANDB_MODE=offline`` keeps it on this
+  machine; ``wandb sync`` uploads it later).
+
+``<n>`` is chosen once per launch, when the first logger writes (after ``--overwrite`` has removed the
+run it replaces), and shared by the loggers: one launch, one folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from innerloop.config.trainer_args import logger_names
+from innerloop.data.atomic import atomic_write
+
+LOGS_DIR = "logs"
+
+
+class _LaunchVersion:
+    """The ``<n>`` of ``logs/version_<n>`` for this launch: one more than the largest there, or 0;
+    computed on first use and then fixed, so every logger of the launch writes into the same folder."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+        self.value: int | None = None
+
+    def __call__(self) -> int:
+        if self.value is None:
+            found = [
+                int(d.name.removeprefix("version_"))
+                for d in (self.logs.iterdir() if self.logs.is_dir() else [])
+                if d.is_dir() and d.name.startswith("version_") and d.name.removeprefix("version_").isdigit()
+            ]
+            self.value = max(found, default=-1) + 1
+        return self.value
+
+
+class _AtomicExperimentWriter(ExperimentWriter):
+    """Lightning's ``metrics.csv`` writer, except that the rewrite it does when new columns appear is
+    atomic (Lightning truncates the file and writes it again: a run killed meanwhile lost its log)."""
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with open(self.metrics_file_path, newline="", encoding="utf-8") as file:
+            rows = list(csv.DictReader(file))
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.metrics_file_path, lambda tmp: Path(tmp).write_bytes(text.getvalue().encode()))
+
+
+class _CSVLogger(CSVLogger):
+    """Lightning's CSVLogger (``logs/version_<n>/metrics.csv``) with :class:`_AtomicExperimentWriter`,
+    its version chosen by the launch's :class:`_LaunchVersion` when one is given."""
+
+    def __init__(self, *args, launch_version: _LaunchVersion | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._launch_version = launch_version
+
+    def _get_next_version(self) -> int:
+        return self._launch_version() if self._launch_version is not None else super()._get_next_version()
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AtomicExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class _TensorBoardLogger(TensorBoardLogger):
+    """Lightning's TensorBoardLogger in ``logs/version_<n>/tensorboard``, ``<n>`` the launch's."""
+
+    def __init__(self, *args, launch_version: _LaunchVersion, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._launch_version = launch_version
+
+    def _get_next_version(self) -> int:
+        return self._launch_version()
+
+
+class _WandbLogger(WandbLogger):
+    """Lightning's WandbLogger, its run files in ``save_dir`` (``logs/wandb/``): the folder is made when
+    the run starts (wandb writes into the system's temporary folder when ``save_dir`` does not exist).
+    ``WANDB_MODE`` decides whether it uploads (``offline``: never)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:  # a wandb Run (a stand-in on ranks other than 0)
+        if self._experiment is None:
+            Path(self.save_dir).mkdir(parents=True, exist_ok=True)
+        return WandbLogger.experiment.fget(self)
+
+
+def build_loggers(logger: object, out_dir: str | Path) -> list[Logger]:
+    """The loggers named by ``logger`` (a name or a list of names, already validated by the config),
+    writing under ``<out_dir>/logs``."""
+    logs = Path(out_dir) / LOGS_DIR
+    version = _LaunchVersion(logs)
+    built: list[Logger] = []
+    for name in logger_names(logger):
+        if name == "csv":
+            built.append(_CSVLogger(out_dir, name=LOGS_DIR, launch_version=version))
+        elif name == "tensorboard":
+            built.append(
+                _TensorBoardLogger(
+                    out_dir,
+                    name=LOGS_DIR,
+                    sub_dir="tensorboard",
+                    default_hp_metric=False,
+                    launch_version=version,
+                )
+            )
+        elif name == "wandb":
+            built.append(
+                _WandbLogger(name=Path(out_dir).resolve().name, save_dir=str(logs), project="innerloop")
+            )
+        else:
+            raise ValueError(f"logger={name!r} is not a logger; valid: csv, tensorboard, wandb")
+    return built

@@ -23,7 +23,7 @@ def _by_prefix(model: torch.nn.Module, *prefixes: str) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefixes))
 
 
-@pytest.mark.parametrize("mixer", ["ttt", "attention", "swa", "e2e"])
+@pytest.mark.parametrize("mixer", ["ttt", "attention", "swa", "e2e", "linear_attention", "titans"])
 def test_parts_add_up_to_the_distinct_parameters(mixer) -> None:
     config = ModelConfig.from_dict({**SMALL, "mixer": mixer})
     model = build_model(config)
@@ -81,7 +81,16 @@ def test_size_to_budget_refuses_bad_arguments() -> None:
             size_to_budget(config, budget)
 
 
-TINY_PRESETS = ["tiny-attention", "tiny-mlp", "tiny-swa", "e2e-tiny"]
+TINY_PRESETS = [
+    "tiny-attention",
+    "tiny-mlp",
+    "tiny-swa",
+    "e2e-tiny",
+    "linear-attention-tiny",
+    "deltanet-tiny",
+    "gated-deltanet-tiny",
+    "titans-tiny",
+]
 
 
 @pytest.mark.parametrize("preset", TINY_PRESETS)

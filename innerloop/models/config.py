@@ -263,9 +263,13 @@ MIXER_TABLE: dict[str, Mixer] = {
     "ttt": Mixer("a TTT layer (options in model.ttt)", _build_ttt),
     "attention": Mixer("full causal self-attention", _build_attention),
     "swa": Mixer("sliding-window causal self-attention (model.window)", _build_sliding_window_attention),
-    "linear_attention": Mixer("linear attention, FLA's linear_attn layer (options in model.family)", _build_family),
+    "linear_attention": Mixer(
+        "linear attention, FLA's linear_attn layer (options in model.family)", _build_family
+    ),
     "deltanet": Mixer("DeltaNet, FLA's delta_net layer (options in model.family)", _build_family),
-    "gated_deltanet": Mixer("Gated DeltaNet, FLA's gated_deltanet layer (options in model.family)", _build_family),
+    "gated_deltanet": Mixer(
+        "Gated DeltaNet, FLA's gated_deltanet layer (options in model.family)", _build_family
+    ),
     "titans": Mixer("Titans, linear or MLP memory (model.family.memory)", _build_family),
 }
 """Every mixer, by its ``model.mixer`` name: ``validate_model_config`` and the block builder

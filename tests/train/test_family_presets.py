@@ -5,6 +5,7 @@ sequence's logits pick."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,3 +58,16 @@ def test_a_family_preset_trains_reloads_and_generates(preset, tmp_path) -> None:
         sequence = torch.cat([prompt, torch.stack(tokens, dim=1)], dim=1)
         whole, _ = model(sequence)
     assert torch.equal(whole[:, prompt.shape[1] - 1 : -1].argmax(-1), sequence[:, prompt.shape[1] :])
+
+
+@pytest.mark.slow  # two presets trained twice each through Lightning (~10 s); the full --quick trains eight
+def test_the_family_benchmark_runs_quick(tmp_path, capsys) -> None:
+    import runpy
+
+    benchmark = runpy.run_path(str(Path(__file__).parents[2] / "benchmarks" / "family.py"))
+    benchmark["main"](["--quick", "--only", "tiny", "deltanet-tiny", "--out", str(tmp_path)])
+    table = (tmp_path / "family.md").read_text(encoding="utf-8")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| tiny", "| deltanet-tiny"]
+    assert all(len(row.split(" | ")) == 10 for row in rows)  # every column filled
+    assert len(list(tmp_path.glob("compare-*.png"))) == 1 and table in capsys.readouterr().out

@@ -36,7 +36,7 @@ from torch import nn
 
 from innerloop.core.functional import causal_depthwise_conv
 from innerloop.core.layer import TTTLayer
-from innerloop.core.protocol import InnerLoss, LossPairs, Views
+from innerloop.core.protocol import InnerLoss, InnerModel, LossPairs, UpdateRule, Views
 from innerloop.core.state import TTTState
 
 ACTIVATIONS = ("silu", "identity")
@@ -117,9 +117,9 @@ class FamilyLayer(TTTLayer):
         self,
         hidden_size: int,
         num_heads: int,
-        inner_model: Any = "matrix",
-        inner_loss: Any = "reconstruction",
-        update_rule: Any = "dual_form",
+        inner_model: str | InnerModel = "matrix",
+        inner_loss: str | InnerLoss = "reconstruction",
+        update_rule: str | UpdateRule = "dual_form",
         mini_batch_size: int = 1,
         base_lr: float = 1.0,
         *,
@@ -429,7 +429,7 @@ class TitansLayer(FamilyLayer):
         self,
         hidden_size: int,
         num_heads: int,
-        inner_model: Any = "matrix",
+        inner_model: str | InnerModel = "matrix",
         mini_batch_size: int = 16,
         **options: Any,
     ) -> None:

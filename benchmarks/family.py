@@ -12,7 +12,7 @@ Two tasks, each model trained from scratch on each:
     blocks: it reaches at most 62 tokens back, and every value lies 79 or more tokens before its query)
     can only guess, 1 in 64: recall accuracy, loss on the recalled values, training tokens/s.
 
-    python benchmarks/family.py                      # the full run (steps below), ~15 minutes on 2 idle cores
+    python benchmarks/family.py trainer.threads=1    # the full run (FULL below), ~15 minutes on 2 cores
     python benchmarks/family.py --quick              # CI-sized: a few steps of each, tiny windows
     python benchmarks/family.py --only deltanet-tiny tiny trainer.threads=2
 
@@ -62,11 +62,11 @@ class Setting:
 
 
 FULL = Setting(
-    corpus_steps=30,
+    corpus_steps=60,
     corpus_batch_size=4,
     seq_len=512,
-    corpus_val_batches=4,
-    recall_steps=80,
+    corpus_val_batches=8,
+    recall_steps=240,
     recall_batch_size=16,
     num_pairs=8,
     gap=64,

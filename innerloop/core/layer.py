@@ -445,6 +445,22 @@ class TTTLayer(nn.Module):
             if given != wanted:
                 raise ValueError(f"state.{group} must have the shapes {wanted}, got {given}")
         self._check_rule_state(state, batch_size, shapes)
+        self._check_conv_history(state, batch_size)
+        weights = self.post_norm.weight
+        for name, tensor in state.tensors().items():
+            if tensor.device != weights.device:
+                raise ValueError(
+                    f"state tensor {name} is on {tensor.device}, the layer on {weights.device}: "
+                    f"move the state with state.to({str(weights.device)!r})"
+                )
+            if tensor.is_floating_point() and tensor.dtype != weights.dtype:
+                raise TypeError(
+                    f"state tensor {name} is {tensor.dtype} but the layer keeps its state in {weights.dtype}: "
+                    f"cast it with state.to({weights.dtype})"
+                )
+
+    def _check_conv_history(self, state: TTTState, batch_size: int) -> None:
+        """The state's conv history is the one this layer keeps (the shared-QK convs', or none)."""
         history = state.conv_history.get("shared_qk")
         wanted_history = (batch_size, self.conv_kernel - 1, self.hidden_size)
         if self.share_qk and (history is None or tuple(history.shape) != wanted_history):
@@ -458,18 +474,6 @@ class TTTLayer(nn.Module):
                 f"state has a conv history {sorted(state.conv_history)} but this layer has share_qk=False: "
                 "it was written by another layer"
             )
-        weights = self.post_norm.weight
-        for name, tensor in state.tensors().items():
-            if tensor.device != weights.device:
-                raise ValueError(
-                    f"state tensor {name} is on {tensor.device}, the layer on {weights.device}: "
-                    f"move the state with state.to({str(weights.device)!r})"
-                )
-            if tensor.is_floating_point() and tensor.dtype != weights.dtype:
-                raise TypeError(
-                    f"state tensor {name} is {tensor.dtype} but the layer keeps its state in {weights.dtype}: "
-                    f"cast it with state.to({weights.dtype})"
-                )
 
     def _check_rule_state(self, state: TTTState, batch_size: int, shapes: dict[str, tuple[int, ...]]) -> None:
         """The momentum ``S`` and the decay product of a state have the shapes of this layer's."""
@@ -625,7 +629,6 @@ class TTTLayer(nn.Module):
         return list(zip([0, *ends[:-1]], ends, strict=True))
 
     def _forward_chunk(self, x: torch.Tensor, state: TTTState) -> tuple[torch.Tensor, TTTState]:
-        batch, tokens, _ = x.shape
         views, lr, tau, conv_history = self._read(x, state)
         # Under autocast the projections ran in low precision; the inner scan (state, inner LayerNorm
         # statistics, gradient sums) runs in the weights' dtype (float32) with autocast off.
@@ -644,12 +647,16 @@ class TTTLayer(nn.Module):
                 self.update_rule, state, self.inner_task(), views, lr, tau, decay, momentum
             )
         new_state = replace(new_state, conv_history=conv_history)
+        return self._output(x, inner_out), new_state
 
+    def _output(self, x: torch.Tensor, inner_out: torch.Tensor) -> torch.Tensor:
+        """``y [B, T, D]`` from the inner outputs ``[B, H, T, f]``: post-norm, optional gate, o_proj."""
+        batch, tokens, _ = x.shape
         out = inner_out.transpose(1, 2).reshape(batch, tokens, self.hidden_size)  # [B, T, D]
         out = self.post_norm(out)
         if self.use_gate:
             out = F.gelu(self.g_proj(x), approximate="tanh") * out
-        return self.o_proj(out), new_state
+        return self.o_proj(out)
 
     @property
     def last_dispatch(self) -> tuple[str, str] | None:

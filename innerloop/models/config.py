@@ -15,6 +15,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from torch import nn
 
+from innerloop.core.family_layers import FAMILY_LAYERS
 from innerloop.core.layer import TTTLayer, check_layer_arguments
 from innerloop.models.attention import CausalSelfAttention
 from innerloop.registry import available, get_registry
@@ -57,6 +58,31 @@ class TTTConfig:
     conv_kernel: int = 4
     share_qk: Optional[bool] = None  # noqa: UP045 (omegaconf reads Optional, not ``bool | None``)
     use_gate: Optional[bool] = None  # noqa: UP045
+
+
+@dataclass
+class FamilyConfig:
+    """Options of the family's layers (``ModelConfig.mixer`` one of :data:`FAMILY_MIXERS`; the
+    members and the FLA layer file each follows are in ``docs/family.md``).
+
+    Args:
+        memory: Titans' inner model, ``matrix`` (linear memory) or ``mlp`` (the paper's deep memory);
+            the other members are ``matrix`` only.
+        mini_batch_size: tokens per gradient point of Titans (16), and the dual form's block size of
+            linear attention (any value is the same model); DeltaNet and Gated DeltaNet are K = 1.
+        base_lr: scale of the inner learning rate (beta, theta; linear attention's lr).
+        short_conv: causal depthwise convs on q, k, v (FLA's ``use_short_conv``; linear attention has none).
+        conv_kernel: their kernel size.
+        output_gate: the swish-gated output norm (FLA's ``use_gate``); None: the member's default
+            (Gated DeltaNet and Titans: on; linear attention and DeltaNet: off).
+    """
+
+    memory: str = "matrix"
+    mini_batch_size: int = 16
+    base_lr: float = 1.0
+    short_conv: bool = True
+    conv_kernel: int = 4
+    output_gate: Optional[bool] = None  # noqa: UP045 (omegaconf reads Optional, not ``bool | None``)
 
 
 @dataclass
@@ -138,6 +164,7 @@ class ModelConfig:
             its own ``[vocab_size, hidden_size]`` weights.
         init_std: standard deviation of the normal init of embeddings and projections.
         ttt: options of the TTT layer (used when ``mixer == "ttt"``).
+        family: options of the family's layers (used when ``mixer`` is one of :data:`FAMILY_MIXERS`).
         e2e: options of the TTT-E2E model (used when ``mixer == "e2e"``).
     """
 
@@ -157,6 +184,7 @@ class ModelConfig:
     init_std: float = 0.02
     ttt: TTTConfig = field(default_factory=TTTConfig)
     e2e: E2EConfig = field(default_factory=E2EConfig)
+    family: FamilyConfig = field(default_factory=FamilyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain nested dict (JSON/YAML-safe), the inverse of :meth:`from_dict`."""
@@ -166,12 +194,12 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a nested dict; unknown keys raise ``ValueError`` listing the valid ones."""
         data = dict(data)
-        for name in ("ttt", "e2e"):
+        for name in ("ttt", "e2e", "family"):
             section = data.get(name, {})
             data[name] = asdict(section) if is_dataclass(section) else section  # type: ignore[arg-type]
         check_keys(data, cls, "model.", "the model config")
-        ttt, e2e = data.pop("ttt"), data.pop("e2e")
-        return cls(**data, ttt=TTTConfig(**ttt), e2e=E2EConfig(**e2e))
+        ttt, e2e, family = data.pop("ttt"), data.pop("e2e"), data.pop("family")
+        return cls(**data, ttt=TTTConfig(**ttt), e2e=E2EConfig(**e2e), family=FamilyConfig(**family))
 
     @classmethod
     def paper_size(cls, size: str, **overrides: Any) -> ModelConfig:
@@ -219,6 +247,29 @@ def _build_ttt(config: ModelConfig) -> nn.Module:
     )
 
 
+FAMILY_MIXERS: tuple[str, ...] = tuple(FAMILY_LAYERS)
+"""The family's members as mixers (``innerloop.core.family_layers``), options in ``model.family``."""
+
+
+def _family_options(config: ModelConfig) -> dict[str, Any]:
+    """The keyword arguments of the member ``config.mixer`` from ``config.family``."""
+    family = config.family
+    options: dict[str, Any] = {"base_lr": family.base_lr, "norm_eps": 1e-6}
+    if family.output_gate is not None:
+        options["output_gate"] = family.output_gate
+    if config.mixer == "titans":
+        options.update(inner_model=family.memory, mini_batch_size=family.mini_batch_size)
+    if config.mixer == "linear_attention":
+        options["mini_batch_size"] = family.mini_batch_size
+    else:
+        options.update(short_conv=family.short_conv, conv_kernel=family.conv_kernel)
+    return options
+
+
+def _build_family(config: ModelConfig) -> nn.Module:
+    return FAMILY_LAYERS[config.mixer](config.hidden_size, config.num_heads, **_family_options(config))
+
+
 @dataclass(frozen=True)
 class Mixer:
     """A sequence mixer a block can use: what it is, and how a block builds it from the model's config.
@@ -234,6 +285,14 @@ MIXER_TABLE: dict[str, Mixer] = {
     "ttt": Mixer("a TTT layer (options in model.ttt)", _build_ttt),
     "attention": Mixer("full causal self-attention", _build_attention),
     "swa": Mixer("sliding-window causal self-attention (model.window)", _build_sliding_window_attention),
+    "linear_attention": Mixer(
+        "linear attention, FLA's linear_attn layer (options in model.family)", _build_family
+    ),
+    "deltanet": Mixer("DeltaNet, FLA's delta_net layer (options in model.family)", _build_family),
+    "gated_deltanet": Mixer(
+        "Gated DeltaNet, FLA's gated_deltanet layer (options in model.family)", _build_family
+    ),
+    "titans": Mixer("Titans, linear or MLP memory (model.family.memory)", _build_family),
 }
 """Every mixer, by its ``model.mixer`` name: ``validate_model_config`` and the block builder
 (:func:`innerloop.models.blocks.build_mixer`) both read it, so adding a mixer is one entry here."""
@@ -315,6 +374,8 @@ def validate_model_config(config: ModelConfig) -> None:
         validate_e2e_config(config)
     if config.mixer == "ttt":
         _check_ttt(config.ttt)
+    if config.mixer in FAMILY_MIXERS:
+        _check_family(config)
 
 
 def _check_choices(config: ModelConfig) -> None:
@@ -374,6 +435,26 @@ def _check_ttt(ttt: TTTConfig) -> None:
         )
     except ValueError as err:
         raise ValueError(f"model.ttt: {err}") from None
+
+
+def _check_family(config: ModelConfig) -> None:
+    """The family options fit the member ``config.mixer``, and its layer accepts them."""
+    family = config.family
+    memories = ("matrix", "mlp") if config.mixer == "titans" else ("matrix",)
+    if family.memory not in memories:
+        raise ValueError(
+            f"model.family.memory={family.memory!r} is not a memory of mixer {config.mixer!r}; valid: "
+            f"{list(memories)} (only titans takes the MLP memory)"
+        )
+    for key in ("mini_batch_size", "conv_kernel"):
+        if getattr(family, key) < 1:
+            raise ValueError(f"model.family.{key}={getattr(family, key)} must be >= 1")
+    if not math.isfinite(family.base_lr) or family.base_lr < 0:
+        raise ValueError(f"model.family.base_lr={family.base_lr} must be a finite number >= 0")
+    try:  # the layer's own checks, on a width of 4 (a few hundred parameters)
+        FAMILY_LAYERS[config.mixer](4, 1, **_family_options(config))
+    except ValueError as err:
+        raise ValueError(f"model.family: {err}") from None
 
 
 E2E_CHOICES: dict[str, tuple[str, ...]] = {

@@ -6,6 +6,7 @@ DEFAULT_PLUGINS: list[str] = [
     "innerloop.plugins.models.matrix",
     "innerloop.plugins.losses.reconstruction",
     "innerloop.plugins.losses.next_token",
+    "innerloop.plugins.losses.dot_product",
     "innerloop.plugins.optimizers.minibatch_gd",
     "innerloop.plugins.optimizers.dual_form",
     "innerloop.plugins.optimizers.momentum",

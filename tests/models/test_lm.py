@@ -95,7 +95,8 @@ def test_state_of_ttt_and_sliding_window_stays_constant_but_full_attention_grows
 
 
 def test_bad_config_names_the_field_and_the_choices() -> None:
-    with pytest.raises(ValueError, match=r"model\.mixer='lstm'.*\['ttt', 'attention', 'swa'\]"):
+    mixers = r"\['ttt', 'attention', 'swa', 'linear_attention', 'deltanet', 'gated_deltanet', 'titans'\]"
+    with pytest.raises(ValueError, match=r"model\.mixer='lstm'.*" + mixers):
         CausalLM(ModelConfig(mixer="lstm"))
     with pytest.raises(ValueError, match=r"model\.ttt\.inner_model='rnn'.*'linear'"):
         CausalLM(ModelConfig(ttt=TTTConfig(inner_model="rnn")))

@@ -20,7 +20,7 @@ from innerloop.registry.manager import reset_registry
 def test_builtins_register_through_the_plugin_path():
     registry = build_registry(include_external=False)
     assert registry.names("inner_model") == ["linear", "matrix", "mlp"]
-    assert registry.names("inner_loss") == ["next_token", "reconstruction"]
+    assert registry.names("inner_loss") == ["dot_product", "next_token", "reconstruction"]
     assert registry.names("update_rule") == ["dual_form", "minibatch_gd", "momentum"]
     assert registry.names("model_inner_loss") == ["next_token"]
     assert registry.names("model_update_rule") == ["score_first_sgd"]

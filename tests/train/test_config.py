@@ -36,7 +36,10 @@ def test_the_saved_config_reloads_to_the_same_run(tmp_path) -> None:
         ),
         (["trainer.max_steps=abc"], r"config key 'trainer.max_steps'.*'abc'.*expected int"),
         (["model.ttt.inner_loss=contrastive"], r"inner_loss='contrastive' is not a registered.*'next_token'"),
-        (["model.mixer=lstm"], r"model.mixer='lstm'.*\['ttt', 'attention', 'swa'\]"),
+        (
+            ["model.mixer=lstm"],
+            r"model.mixer='lstm'.*\['ttt', 'attention', 'swa', 'linear_attention', 'deltanet', 'gated_deltanet', 'titans'\]",
+        ),
         (["trainer.strategy=ddpp"], r"trainer.strategy='ddpp' is not valid; valid: \[.*'ddp_spawn'"),
         (["data.name=imagenet"], r"data.name='imagenet'.*\['text', 'recall', 'hf'\]"),
         (["data.paths=[/no/such/file*.txt]"], r"matches no file"),

@@ -1,0 +1,467 @@
+"""The test-time-regression family as layers people train: linear attention, DeltaNet, Gated DeltaNet
+and Titans, each a :class:`~innerloop.core.layer.TTTLayer` configuration.
+
+Every member is a subclass of ``TTTLayer`` that changes only what its paper (or FLA's layer) does
+differently: how q, k, v are read from ``x`` (short convolutions, SiLU, feature maps, l2-normalised
+q and k, the q scale), its gates (the inner learning rate ``lr``, ``decay`` and ``momentum``, through
+:meth:`TTTLayer.inner_learning_rates` and :meth:`TTTLayer.forgetting`) and its output norm. The scan
+is the layer's: one call of ``run_scan`` per chunk, the same as TTT-Linear's, so decoding one token at
+a time with the state equals reading the sequence whole, for every member.
+
+Data through one call (``B`` batch, ``T`` tokens, ``D`` hidden, ``H`` heads, ``f = D / H``)::
+
+    x [B, T, D]
+      -> q, k, v = q_proj(x), k_proj(x), v_proj(x)      [B, T, D]
+         short causal depthwise convs (kernel 4, no bias; their last inputs carried in the state)
+         SiLU, split into heads [B, H, T, f], feature map, l2 norm of q and k, q * f^-0.5
+      -> lr, decay, momentum [B, H, T] (the member's gates)
+      -> scan (matrix or MLP inner model; dual form at K = 1 for the delta rules, momentum for Titans)
+      -> per-head RMSNorm(f) (times swish(g_proj(x)) with the output gate), o_proj -> y [B, T, D]
+
+The FLA layer files named in each class are flash-linear-attention's ``fla/layers/*.py``; the scan
+arguments each member's gates become are the maps of ``../shared/ZOO.md`` proven in
+``tests/family/test_fla.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from innerloop.core.functional import causal_depthwise_conv
+from innerloop.core.layer import TTTLayer
+from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule, Views
+from innerloop.core.state import TTTState
+
+ACTIVATIONS = ("silu", "identity")
+FEATURE_MAPS = ("identity", "elu", "relu", "elementwise_product")
+L2_NORM_EPS = 1e-6  # FLA's l2norm: x / sqrt(sum x^2 + eps), the eps inside the square root
+# Gated DeltaNet runs as scan with values v / a (ZOO.md (c)); below this forgetting factor a the
+# factor is held at the floor (the state is then kept to < 1e-4 of itself: forgotten either way).
+DECAY_FACTOR_FLOOR = 1e-4
+CONV_NAMES = ("q", "k", "v")
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """``x / sqrt(sum x^2 + 1e-6)`` over the last dimension (FLA's ``l2norm``)."""
+    return x * torch.rsqrt(x.pow(2).sum(dim=-1, keepdim=True) + L2_NORM_EPS)
+
+
+class HadamardFeatureMap(nn.Module):
+    """FLA's ``elementwise_product`` feature map: ``layer1(x) * layer2(x)``, two ``Linear(f, f)`` with bias."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.layer1 = nn.Linear(head_dim, head_dim)
+        self.layer2 = nn.Linear(head_dim, head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer1(x) * self.layer2(x)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _log_uniform_dt(num_heads: int) -> torch.Tensor:
+    """``softplus^-1(dt)`` with ``dt`` log-uniform in [1e-3, 1e-1] (FLA Gated DeltaNet's ``dt_bias``)."""
+    dt = torch.exp(torch.rand(num_heads) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+    dt = dt.clamp_min(1e-4)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class FamilyLayer(TTTLayer):
+    """The common reading of the family's layers (FLA's layer recipe); the members are its subclasses.
+
+    Args (beyond :class:`TTTLayer`'s ``hidden_size``, ``num_heads``, plugins, ``mini_batch_size``,
+    ``base_lr``, ``inner_norm``, ``inner_residual``, ``norm_eps``, ``kernel``, ``non_finite``,
+    ``needs_double_backward``, ``inference_chunk_size``):
+        short_conv: causal depthwise convs (no bias) on the q, k and v projections.
+        conv_kernel: their kernel size (FLA: 4).
+        qk_activation: ``"silu"`` or ``"identity"`` on q and k after the convs.
+        value_activation: the same for v.
+        feature_map: on q and k per head: ``"identity"``, ``"elu"`` (elu + 1), ``"relu"`` or
+            ``"elementwise_product"`` (FLA linear attention's default, learnable).
+        qk_l2norm: l2-normalise q and k per head.
+        scale_query: multiply q by ``f ** -0.5`` (FLA's op default).
+        output_gate: the output norm is FLA's ``FusedRMSNormGated``: ``RMSNorm(o) * swish(g_proj(x))``.
+
+    There is no RoPE: the members read positions through their convolutions and the scan's order.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        inner_model: str | InnerModel = "matrix",
+        inner_loss: str | InnerLoss = "reconstruction",
+        update_rule: str | UpdateRule = "dual_form",
+        mini_batch_size: int = 1,
+        base_lr: float = 1.0,
+        *,
+        inner_norm: bool = False,
+        inner_residual: bool = False,
+        short_conv: bool = True,
+        conv_kernel: int = 4,
+        qk_activation: str = "silu",
+        value_activation: str = "silu",
+        feature_map: str = "identity",
+        qk_l2norm: bool = True,
+        scale_query: bool = True,
+        output_gate: bool = False,
+        **options: Any,
+    ) -> None:
+        for name, value in (("short_conv", short_conv), ("qk_l2norm", qk_l2norm)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+        for name, value in (("scale_query", scale_query), ("output_gate", output_gate)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+        _check_choice("qk_activation", qk_activation, ACTIVATIONS)
+        _check_choice("value_activation", value_activation, ACTIVATIONS)
+        _check_choice("feature_map", feature_map, FEATURE_MAPS)
+        # Read by _build_projections, which TTTLayer.__init__ calls (plain attributes may be set
+        # before nn.Module.__init__).
+        self.short_conv, self.qk_activation, self.value_activation = (
+            short_conv,
+            qk_activation,
+            value_activation,
+        )
+        self.feature_map, self.qk_l2norm, self.scale_query = feature_map, qk_l2norm, scale_query
+        self.output_gate = output_gate
+        super().__init__(
+            hidden_size,
+            num_heads,
+            inner_model=inner_model,
+            inner_loss=inner_loss,
+            update_rule=update_rule,
+            mini_batch_size=mini_batch_size,
+            base_lr=base_lr,
+            conv_kernel=conv_kernel,
+            inner_norm=inner_norm,
+            inner_residual=inner_residual,
+            **options,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Parameters
+    # ------------------------------------------------------------------------------------------
+
+    def _build_projections(self) -> None:
+        """q, k, v, o projections (bias-free), the short convs, the feature maps, the output gate and
+        the member's gates (:meth:`_build_gates`)."""
+        hidden_size = self.hidden_size
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        if self.short_conv:
+            for name in CONV_NAMES:
+                conv = nn.Conv1d(hidden_size, hidden_size, self.conv_kernel, groups=hidden_size, bias=False)
+                setattr(self, f"{name}_conv", conv)
+        if self.feature_map == "elementwise_product":
+            self.q_feature_map = HadamardFeatureMap(self.head_dim)
+            self.k_feature_map = HadamardFeatureMap(self.head_dim)
+        if self.output_gate:
+            self.g_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self._build_gates()
+
+    def _build_gates(self) -> None:
+        """The member's gate parameters (none here)."""
+
+    def _build_inner_parameters(self) -> None:
+        """The inner LayerNorm (when on), the initial inner weights (learned; the matrix model starts
+        at zero, FLA's empty state), tau = 1, and the per-head output RMSNorm (``post_norm``)."""
+        if self.inner_norm:
+            self.ttt_norm_weight = nn.Parameter(torch.ones(self.num_heads, self.head_dim))
+            self.ttt_norm_bias = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))
+        self.initial_params = nn.ParameterDict(
+            {
+                k: nn.Parameter(v)
+                for k, v in self.inner_model.init_params(self.num_heads, self.head_dim).items()
+            }
+        )
+        self.register_buffer("token_scale", torch.ones(self.mini_batch_size), persistent=False)
+        self.post_norm = nn.RMSNorm(self.head_dim, eps=self.norm_eps)
+
+    def _head_gate(self, x: torch.Tensor, projection: nn.Linear) -> torch.Tensor:
+        """``projection(x)`` for ``x [B, T, D]`` as ``[B, H, T]`` (one logit per head and token)."""
+        return projection(x).transpose(1, 2)
+
+    # ------------------------------------------------------------------------------------------
+    # State
+    # ------------------------------------------------------------------------------------------
+
+    def init_state(self, batch_size: int, like: torch.Tensor | None = None) -> TTTState:
+        """TTTLayer's state plus the short convs' histories (zeros: nothing before the sequence)."""
+        state = super().init_state(batch_size, like)
+        if not self.short_conv:
+            return state
+        reference = like if like is not None else self.post_norm.weight
+        zeros = reference.new_zeros(batch_size, self.conv_kernel - 1, self.hidden_size)
+        return replace(state, conv_history={name: zeros for name in CONV_NAMES})
+
+    def _check_conv_history(self, state: TTTState, batch_size: int) -> None:
+        wanted = (batch_size, self.conv_kernel - 1, self.hidden_size)
+        expected = {name: wanted for name in CONV_NAMES} if self.short_conv else {}
+        given = {name: tuple(t.shape) for name, t in state.conv_history.items()}
+        if given != expected:
+            raise ValueError(
+                f"state.conv_history must be {expected} for this layer (short_conv={self.short_conv}, "
+                f"conv_kernel={self.conv_kernel}), got {given}: pass the state this layer returned, or None"
+            )
+
+    # ------------------------------------------------------------------------------------------
+    # Reading a chunk
+    # ------------------------------------------------------------------------------------------
+
+    def _read(self, x: torch.Tensor, state: TTTState) -> tuple[Views, torch.Tensor, torch.Tensor, dict]:
+        """``(views [B, H, T, f] each, lr [B, H, T], tau [K], new conv history)``."""
+        batch, tokens, _ = x.shape
+        conv_history = dict(state.conv_history)
+        projected = {"q": self.q_proj(x), "k": self.k_proj(x), "v": self.v_proj(x)}  # [B, T, D] each
+        if self.short_conv:
+            for name in CONV_NAMES:
+                conv = getattr(self, f"{name}_conv")
+                projected[name], conv_history[name] = causal_depthwise_conv(
+                    projected[name], conv.weight, None, conv_history[name]
+                )
+
+        def heads(t: torch.Tensor, activation: str) -> torch.Tensor:  # [B, T, D] -> [B, H, T, f]
+            t = F.silu(t) if activation == "silu" else t
+            return t.reshape(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
+
+        query, key = heads(projected["q"], self.qk_activation), heads(projected["k"], self.qk_activation)
+        value = heads(projected["v"], self.value_activation)
+        query, key = self._feature_map(query, "q"), self._feature_map(key, "k")
+        if self.qk_l2norm:
+            query, key = l2_normalize(query), l2_normalize(key)
+        if self.scale_query:
+            query = query * self.head_dim**-0.5
+        lr, tau = self.inner_learning_rates(x)
+        return Views(query, key, value), lr, tau, conv_history
+
+    def _feature_map(self, t: torch.Tensor, which: str) -> torch.Tensor:
+        if self.feature_map == "elu":
+            return F.elu(t) + 1.0
+        if self.feature_map == "relu":
+            return F.relu(t)
+        if self.feature_map == "elementwise_product":
+            return getattr(self, f"{which}_feature_map")(t)
+        return t
+
+    def inner_learning_rates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``lr [B, H, T] = base_lr`` (the member's gates override this) and ``tau [K] = 1``."""
+        batch, tokens, _ = x.shape
+        lr = x.new_full((batch, self.num_heads, tokens), self.base_lr)
+        return lr, self.token_scale
+
+    def _output(self, x: torch.Tensor, inner_out: torch.Tensor) -> torch.Tensor:
+        """Per-head RMSNorm (times ``swish(g_proj(x))`` with the output gate), merged heads, o_proj."""
+        batch, tokens, _ = x.shape
+        out = self.post_norm(inner_out.transpose(1, 2))  # [B, T, H, f]
+        out = out.reshape(batch, tokens, self.hidden_size)
+        if self.output_gate:
+            out = out * F.silu(self.g_proj(x))
+        return self.o_proj(out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, inner_model={self.inner_model.name!r}, "
+            f"inner_loss={self.inner_loss.name!r}, update_rule={self.update_rule.name!r}, "
+            f"mini_batch_size={self.mini_batch_size}, base_lr={self.base_lr}, short_conv={self.short_conv}, "
+            f"feature_map={self.feature_map!r}, qk_l2norm={self.qk_l2norm}, output_gate={self.output_gate}"
+        )
+
+
+class LinearAttentionLayer(FamilyLayer):
+    """Linear attention, following FLA's ``fla/layers/linear_attn.py`` (its defaults): bias-free
+    q, k, v projections, no short conv and no activation, the learnable ``elementwise_product``
+    feature map on q and k, q scaled by ``f ** -0.5``, ``S_t = S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``,
+    a per-head RMSNorm, o_proj.
+
+    As scan: the matrix model under the ``dot_product`` inner loss (``plugins/losses/dot_product.py``) with ``lr = 1`` (``base_lr``),
+    for which every mini-batch size is the same model (``mini_batch_size`` only sets the dual form's
+    block size; 16 by default). The state starts at zero, as FLA's, and that start is learned.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mini_batch_size: int = 16,
+        *,
+        feature_map: str = "elementwise_product",
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            hidden_size,
+            num_heads,
+            inner_model="matrix",
+            inner_loss="dot_product",
+            update_rule="dual_form",
+            mini_batch_size=mini_batch_size,
+            short_conv=False,
+            qk_activation="identity",
+            value_activation="identity",
+            feature_map=feature_map,
+            qk_l2norm=False,
+            **options,
+        )
+
+
+class DeltaNetLayer(FamilyLayer):
+    """DeltaNet, following FLA's ``fla/layers/delta_net.py`` (its defaults): short convs (kernel 4,
+    no bias) on q, k, v with SiLU, l2-normalised q and k, q scaled by ``f ** -0.5``,
+    ``beta = sigmoid(b_proj(x))`` per head, ``S_t = S_{t-1} + beta_t k_t^T (v_t - k_t S_{t-1})``,
+    a per-head RMSNorm (``output_gate=True``: FLA's ``use_gate``, a swish gate), o_proj.
+
+    As scan: the matrix model, reconstruction loss, dual form at ``K = 1``, ``lr = base_lr * beta``.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, **options: Any) -> None:
+        options.setdefault("output_gate", False)
+        super().__init__(
+            hidden_size,
+            num_heads,
+            inner_model="matrix",
+            update_rule="dual_form",
+            mini_batch_size=1,
+            **options,
+        )
+
+    def _build_gates(self) -> None:
+        self.b_proj = nn.Linear(self.hidden_size, self.num_heads, bias=False)
+
+    def beta(self, x: torch.Tensor) -> torch.Tensor:
+        """``sigmoid(b_proj(x))`` ``[B, H, T]``, the delta rule's step."""
+        return torch.sigmoid(self._head_gate(x, self.b_proj))
+
+    def inner_learning_rates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.base_lr * self.beta(x), self.token_scale
+
+
+class GatedDeltaNetLayer(DeltaNetLayer):
+    """Gated DeltaNet, following FLA's ``fla/layers/gated_deltanet.py``: DeltaNet's reading plus the
+    forgetting gate ``g = -exp(A_log) * softplus(a_proj(x) + dt_bias)`` (per head; ``A_log = log U(0, 16)``,
+    ``dt_bias = softplus^-1(dt)`` with ``dt`` log-uniform in [1e-3, 1e-1], FLA's init), ``a = exp(g)``,
+    ``S' = a S_{t-1}``, ``S_t = S' + beta_t k_t^T (v_t - k_t S')``, and the gated output norm
+    ``RMSNorm(o) * swish(g_proj(x))`` (FLA's default ``use_gate=True``).
+
+    FLA decays before the gradient; scan takes the gradient at the undecayed weights. The exact map
+    (``../shared/ZOO.md`` (c)): ``decay = 1 - a``, ``lr = a * beta`` and values ``v / a``. ``a`` is held
+    at ``DECAY_FACTOR_FLOOR`` (1e-4) or above, so ``v / a`` stays finite; below it FLA's state is gone
+    all the same.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, **options: Any) -> None:
+        options.setdefault("output_gate", True)
+        super().__init__(hidden_size, num_heads, **options)
+
+    def _build_gates(self) -> None:
+        super()._build_gates()
+        self.a_proj = nn.Linear(self.hidden_size, self.num_heads, bias=False)
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.num_heads).uniform_(0, 16)))
+        self.dt_bias = nn.Parameter(_log_uniform_dt(self.num_heads))
+
+    def decay_factor(self, x: torch.Tensor) -> torch.Tensor:
+        """``a = exp(-exp(A_log) * softplus(a_proj(x) + dt_bias))`` ``[B, H, T]``, at least the floor."""
+        logits = self._head_gate(x, self.a_proj) + self.dt_bias[:, None]
+        log_a = -torch.exp(self.A_log)[:, None] * F.softplus(logits)
+        return torch.exp(log_a).clamp_min(DECAY_FACTOR_FLOOR)
+
+    def _read(self, x: torch.Tensor, state: TTTState) -> tuple[Views, torch.Tensor, torch.Tensor, dict]:
+        views, beta_lr, tau, conv_history = super()._read(x, state)
+        a = self.decay_factor(x)  # [B, H, T]
+        views = Views(views.query, views.key, views.value / a[..., None])
+        return views, a * beta_lr, tau, conv_history
+
+    def forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``decay = 1 - a`` (none while test-time training is off, ``base_lr == 0``)."""
+        if self.base_lr == 0:
+            return None, None
+        return 1.0 - self.decay_factor(x), None
+
+
+class TitansLayer(FamilyLayer):
+    """Titans (arXiv 2501.00663): the momentum rule with forgetting on a linear (``"matrix"``) or MLP
+    (``"mlp"``, the paper's deep memory) memory, inside an inner LayerNorm and residual.
+
+    FLA has no Titans layer (only the ops ``fla/ops/titans``, which this rule equals); the reading is
+    the paper's (short convs with SiLU on q, k, v, l2-normalised q and k) in FLA's form, as
+    ``fla/layers/gated_deltanet.py`` builds it, with FLA-style gates on the Titans rule:
+
+    - ``theta`` (the step): ``lr = base_lr * sigmoid(theta_proj(x))`` per head and token;
+    - ``alpha`` (forgetting): ``decay = 1 - exp(-exp(A_log) * softplus(a_proj(x) + dt_bias))``, Gated
+      DeltaNet's parametrisation and init;
+    - ``eta`` (surprise momentum): ``momentum = sigmoid(eta_proj(x))``.
+
+    As scan: ``update_rule="momentum"``, ``mini_batch_size`` tokens per gradient point (16; the paper
+    trains with the gradient at the chunk start), ``inner_norm`` and ``inner_residual`` on. q is not
+    scaled (FLA's Titans op). Output: gated per-head RMSNorm, o_proj (the paper's norm + gate).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        inner_model: str | InnerModel = "matrix",
+        mini_batch_size: int = 16,
+        **options: Any,
+    ) -> None:
+        options.setdefault("output_gate", True)
+        super().__init__(
+            hidden_size,
+            num_heads,
+            inner_model=inner_model,
+            update_rule="momentum",
+            mini_batch_size=mini_batch_size,
+            inner_norm=True,
+            inner_residual=True,
+            scale_query=False,
+            **options,
+        )
+
+    def _build_gates(self) -> None:
+        hidden_size, num_heads = self.hidden_size, self.num_heads
+        self.theta_proj = nn.Linear(hidden_size, num_heads, bias=True)
+        self.eta_proj = nn.Linear(hidden_size, num_heads, bias=True)
+        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(0, 16)))
+        self.dt_bias = nn.Parameter(_log_uniform_dt(num_heads))
+
+    def inner_learning_rates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.base_lr * torch.sigmoid(self._head_gate(x, self.theta_proj)), self.token_scale
+
+    def forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(decay, momentum)`` ``[B, H, T]``: alpha and eta (none while ``base_lr == 0``)."""
+        if self.base_lr == 0:
+            return None, None
+        logits = self._head_gate(x, self.a_proj) + self.dt_bias[:, None]
+        decay = -torch.expm1(-torch.exp(self.A_log)[:, None] * F.softplus(logits))
+        return decay, torch.sigmoid(self._head_gate(x, self.eta_proj))
+
+
+FAMILY_LAYERS: dict[str, type[FamilyLayer]] = {
+    "linear_attention": LinearAttentionLayer,
+    "deltanet": DeltaNetLayer,
+    "gated_deltanet": GatedDeltaNetLayer,
+    "titans": TitansLayer,
+}
+"""The trainable members, by their ``model.mixer`` name."""
+
+__all__ = [
+    "FAMILY_LAYERS",
+    "DeltaNetLayer",
+    "FamilyLayer",
+    "GatedDeltaNetLayer",
+    "LinearAttentionLayer",
+    "TitansLayer",
+    "l2_normalize",
+]

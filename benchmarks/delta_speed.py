@@ -11,6 +11,8 @@ spell of the machine hits all of them alike):
   ``log a = -exp(A_log) * softplus(x W_a + dt_bias)``), decayed before the error;
 - ``DeltaNet (token loop)``: the same layer on ``delta_rule_loop``, at ``--loop-tokens`` (a Python loop
   over tokens is too slow at T=2048 to time in every round); its ratio is to TTT-Linear at that length;
+- ``innerloop DeltaNetLayer`` / ``GatedDeltaNetLayer``: the library's layers (``innerloop.core.family_layers``,
+  FLA's defaults: short convolutions, gates, output norm), on whatever path dispatch picks;
 - ``TTT-Linear``: ``innerloop.TTTLayer(hidden_size=768, num_heads=12, inner_model="linear")`` as a user
   gets it (kernel="auto": the path it ran is printed).
 
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import innerloop
+from innerloop.core import family_layers
 from innerloop.kernels.delta_chunk import chunk_delta_rule, delta_rule_loop
 
 
@@ -102,6 +105,12 @@ def build_steps(args: argparse.Namespace) -> tuple[dict[str, Callable[[], None]]
         "Gated DeltaNet (chunk 64)",
         DeltaNetLayer(args.hidden, args.heads, chunk_delta_rule, gated=True),
         args.tokens,
+    )
+    # The library's own layers, as a user gets them (short convolutions, gates, norms; kernel="auto"
+    # dispatches their K = 1 blocks to the registered delta_chunk kernel).
+    add("innerloop DeltaNetLayer", family_layers.DeltaNetLayer(args.hidden, args.heads), args.tokens)
+    add(
+        "innerloop GatedDeltaNetLayer", family_layers.GatedDeltaNetLayer(args.hidden, args.heads), args.tokens
     )
     ttt = innerloop.TTTLayer(hidden_size=args.hidden, num_heads=args.heads, inner_model="linear")
     add("TTT-Linear", ttt, args.tokens)

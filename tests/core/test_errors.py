@@ -75,7 +75,8 @@ def test_odd_head_dim():
 
 def test_unknown_plugin_lists_registered():
     with pytest.raises(
-        ValueError, match=r"unknown inner loss 'l1'; registered: \['dot_product', 'next_token', 'reconstruction'"
+        ValueError,
+        match=r"unknown inner loss 'l1'; registered: \['dot_product', 'next_token', 'reconstruction'",
     ):
         TTTLayer(16, 4, inner_loss="l1")
 

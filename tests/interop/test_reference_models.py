@@ -9,8 +9,6 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -186,17 +184,19 @@ def test_load_model_is_documented():
     assert inspect.getdoc(load_model)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "innerloop", *args], capture_output=True, text=True, timeout=120
-    )
+def _cli(capsys, *args: str) -> tuple[int, str]:
+    """Run ``innerloop ARGS`` in this process (the console entry point itself is tested in
+    tests/train/test_cli_errors.py); return its exit code and stderr."""
+    from innerloop.cli import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().err
 
 
-@pytest.mark.slow  # three CLI subprocesses, each ~6 s to import torch and Lightning
-def test_convert_then_generate(tmp_path):
+def test_convert_then_generate(tmp_path, capsys):
     out = tmp_path / "converted"
-    done = _cli("convert", "ttt-lm-pytorch", str(MODELS / "ttt_mlp_mamba"), str(out))
-    assert done.returncode == 0, done.stderr
+    code, err = _cli(capsys, "convert", "ttt-lm-pytorch", str(MODELS / "ttt_mlp_mamba"), str(out))
+    assert code == 0, err
     from innerloop.train.module import load_model as load_checkpoint_model
 
     converted = load_checkpoint_model(out / "last.safetensors")
@@ -204,17 +204,16 @@ def test_convert_then_generate(tmp_path):
     with torch.no_grad():
         logits, _ = converted(expected["input_ids"])
     assert (logits - expected["logits"]).abs().max().item() < 1e-4
-    generated = _cli("generate", str(out / "last.safetensors"), "--tokens", "5")
-    assert generated.returncode == 0, generated.stderr
-    again = _cli("convert", "ttt-lm-pytorch", str(MODELS / "ttt_mlp_mamba"), str(out))
-    assert again.returncode == 2 and "--overwrite" in again.stderr
+    code, err = _cli(capsys, "generate", str(out / "last.safetensors"), "--tokens", "5")
+    assert code == 0, err
+    code, err = _cli(capsys, "convert", "ttt-lm-pytorch", str(MODELS / "ttt_mlp_mamba"), str(out))
+    assert code == 2 and "--overwrite" in err
 
 
-@pytest.mark.slow  # a CLI subprocess, ~5 s to import torch and Lightning
-def test_convert_of_a_broken_folder_is_one_line(tmp_path):
-    done = _cli("convert", "ttt-lm-pytorch", str(tmp_path), str(tmp_path / "out"))
-    assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and "has no config.json" in done.stderr
+def test_convert_of_a_broken_folder_is_one_line(tmp_path, capsys):
+    code, err = _cli(capsys, "convert", "ttt-lm-pytorch", str(tmp_path), str(tmp_path / "out"))
+    assert code == 2
+    assert err.count("\n") == 1 and "has no config.json" in err
 
 
 def test_data_beyond_the_vocabulary_is_refused(tmp_path):

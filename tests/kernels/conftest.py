@@ -7,8 +7,7 @@ compiled kernels), so it is never set here. Instead, the tests marked ``triton_i
 out of this process and run by one child ``python -m pytest`` per directory (one start-up of torch and
 Triton for all of them), with ``TRITON_INTERPRET=1`` set from the child's start; the child runs exactly
 the marked tests this session selected (after ``-m``/``-k``), and a failing child fails the item named
-``<directory>::[triton interpreter]`` with the child's report, which names each failing test. The
-child starts when the session is collected and runs beside the other tests. Where ``TRITON_INTERPRET=1`` is already set (the child, or a user who asks for it:
+``<directory>::[triton interpreter]`` with the child's report, which names each failing test. Where ``TRITON_INTERPRET=1`` is already set (the child, or a user who asks for it:
 ``TRITON_INTERPRET=1 python -m pytest tests/kernels/test_triton_kernels.py::test_x``), the marked tests
 run in place.
 """
@@ -18,7 +17,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -30,58 +28,30 @@ def interpreter_is_on() -> bool:
 
 
 class InterpreterRun(pytest.Item):
-    """The marked tests of one directory, run by a child pytest under ``TRITON_INTERPRET=1``.
-
-    The child is started when the session is collected (:meth:`start`), so its minute of interpreted
-    kernels overlaps the other tests; the item waits for it and reports its result."""
+    """The marked tests of one directory, run by a child pytest under ``TRITON_INTERPRET=1``."""
 
     def __init__(self, *, nodeids: list[str], **kwargs):
         super().__init__(**kwargs)
         self.nodeids = nodeids
-        self.process: subprocess.Popen | None = None
-        self.output = None
-
-    def start(self) -> None:
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", *self.nodeids]
-        self.output = tempfile.TemporaryFile(mode="w+")  # not a pipe: a full pipe would stall the child
-        self.process = subprocess.Popen(
-            command,
-            cwd=self.config.rootpath,
-            # One thread: the interpreter is Python-bound, and the parent's tests keep the other core.
-            env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"},
-            stdout=self.output,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
     def runtest(self) -> None:
-        if self.process is None:
-            self.start()
-        returncode = self.process.wait()
-        self.output.seek(0)
-        if returncode != 0:
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", *self.nodeids]
+        result = subprocess.run(
+            command,
+            cwd=self.config.rootpath,
+            env={**os.environ, "TRITON_INTERPRET": "1"},
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
             pytest.fail(
                 f"{len(self.nodeids)} test(s) run under TRITON_INTERPRET=1 in a child process "
-                f"(exit code {returncode}):\n{self.output.read()}",
+                f"(exit code {result.returncode}):\n{result.stdout}{result.stderr}",
                 pytrace=False,
             )
 
     def reportinfo(self):
         return self.path, None, f"{self.name}: {len(self.nodeids)} test(s) under TRITON_INTERPRET=1"
-
-
-_STARTED: list[InterpreterRun] = []
-
-
-def pytest_sessionfinish(session, exitstatus):
-    """A session stopped early (``-x``, Ctrl-C) leaves no child running."""
-    for run in _STARTED:
-        run.stop()
 
 
 @pytest.hookimpl(trylast=True)  # after -m / -k have deselected: the child runs what is left
@@ -101,10 +71,6 @@ def pytest_collection_modifyitems(config, items):
         )
         for directory, group in by_directory.items()
     }
-    if not config.getoption("collectonly"):
-        for run in runs.values():
-            run.start()
-            _STARTED.append(run)
     kept = []
     for item in items:
         if item in replaced:

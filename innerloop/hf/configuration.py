@@ -10,6 +10,7 @@ tools read (``vocab_size``, ``hidden_size``, ``num_hidden_layers``, ``num_attent
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -26,6 +27,28 @@ _DERIVED = {
     "num_attention_heads": "num_heads",
 }
 """transformers' attribute name -> the ModelConfig field it views."""
+
+
+_built = False
+_on_first_build: list[Callable[[], None]] = []
+
+
+def when_first_built(action: Callable[[], None]) -> None:
+    """Run ``action`` now if an ``InnerloopConfig`` has been built in this process, or else right
+    after the first one is (the Auto classes' model registration waits for this: hook.py)."""
+    if _built:
+        action()
+    else:
+        _on_first_build.append(action)
+
+
+def _first_built() -> None:
+    global _built
+    if _built:
+        return
+    _built = True
+    while _on_first_build:
+        _on_first_build.pop(0)()
 
 
 def model_config_from(model: Any) -> ModelConfig:
@@ -70,6 +93,7 @@ class InnerloopConfig(PreTrainedConfig):
     pad_token_id: int | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
+        _first_built()  # the Auto model class is registered once a config exists (hook.py)
         config = model_config_from(self.model)
         self.model = config.to_dict()
         for name, field_name in _DERIVED.items():

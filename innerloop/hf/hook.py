@@ -5,8 +5,13 @@ instead, the two Auto-class modules are watched:
 
 - ``transformers.models.auto.configuration_auto`` (``AutoConfig``): when it has been loaded,
   :class:`~innerloop.hf.configuration.InnerloopConfig` is registered for ``model_type="innerloop"``;
-- ``transformers.models.auto.modeling_auto`` (``AutoModelForCausalLM``): when it has been loaded,
-  :class:`~innerloop.hf.modeling.InnerloopForCausalLM` is registered for that config.
+- ``transformers.models.auto.modeling_auto`` (``AutoModelForCausalLM``): when it has been loaded
+  *and* an :class:`~innerloop.hf.configuration.InnerloopConfig` has been built (whichever comes
+  second), :class:`~innerloop.hf.modeling.InnerloopForCausalLM` is registered for that config.
+  Registering the model imports transformers' modeling stack (seconds), and other libraries load
+  ``modeling_auto`` without using innerloop's model (torchmetrics does, under Lightning, so every
+  ``innerloop train`` would pay for it). Every way the Auto classes reach innerloop's model builds the
+  config first (``from_pretrained`` loads it, ``from_config`` is given it), so nothing is missed.
 
 A module already loaded (transformers imported before innerloop) is handled at once; one not yet
 loaded is handled right after it is, by a finder on ``sys.meta_path`` that wraps its loader. Either
@@ -47,18 +52,25 @@ def register_model() -> None:
     AutoModelForCausalLM.register(InnerloopConfig, InnerloopForCausalLM, exist_ok=True)
 
 
+def register_model_when_wanted() -> None:
+    """Register the model now if an InnerloopConfig has been built, or else when the first one is."""
+    from innerloop.hf import configuration
+
+    configuration.when_first_built(lambda: _register(MODEL_MODULE, register_model))
+
+
 _REGISTRATIONS: dict[str, Callable[[], None]] = {
     CONFIG_MODULE: register_config,
-    MODEL_MODULE: register_model,
+    MODEL_MODULE: register_model_when_wanted,
 }
 """The watched module -> what to register once it is loaded."""
 
 
-def _register(module_name: str) -> None:
-    """Run the registration for ``module_name``; a failure warns (it must not break the user's import
-    of transformers) and names what to do."""
+def _register(module_name: str, registration: Callable[[], None] | None = None) -> None:
+    """Run the registration for ``module_name`` (or ``registration``); a failure warns (it must not
+    break the user's import of transformers) and names what to do."""
     try:
-        _REGISTRATIONS[module_name]()
+        (registration or _REGISTRATIONS[module_name])()
     except Exception as err:  # noqa: BLE001 (any failure is reported, none is fatal)
         warnings.warn(
             f"innerloop could not register its model with transformers' Auto classes "

@@ -58,6 +58,21 @@ def test_either_import_order_registers_the_auto_classes(imports: str, folder: st
     assert out.split() == ["innerloop.hf.modeling", "InnerloopConfig"]
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and transformers: ~6 s
+def test_a_library_loading_the_auto_classes_does_not_import_the_model_until_a_config_is_built() -> None:
+    # torchmetrics loads modeling_auto at import (so every Lightning run does): innerloop's model,
+    # and transformers' modeling stack with it, must not be imported for that alone.
+    out = run_fresh("""
+        import sys, innerloop
+        from transformers import AutoModelForCausalLM
+        print("innerloop.hf.modeling" in sys.modules)
+        from innerloop.hf import InnerloopConfig
+        config = InnerloopConfig(model={"mixer": "swa", "hidden_size": 32, "num_heads": 2, "num_layers": 1})
+        print(type(AutoModelForCausalLM.from_config(config)).__module__)
+    """)
+    assert out.split() == ["False", "innerloop.hf.modeling"]
+
+
 @pytest.mark.slow  # a fresh interpreter: ~5 s
 def test_a_tool_that_never_imports_innerloop_loads_with_trust_remote_code(folder: str) -> None:
     out = run_fresh(

@@ -95,6 +95,8 @@ class FamilyLayer(TTTLayer):
     There is no RoPE: the members read positions through their convolutions and the scan's order.
     """
 
+    uses_rope = False  # so any head size is valid
+
     def __init__(
         self,
         hidden_size: int,
@@ -117,10 +119,13 @@ class FamilyLayer(TTTLayer):
         output_gate: bool = False,
         **options: Any,
     ) -> None:
-        for name, value in (("short_conv", short_conv), ("qk_l2norm", qk_l2norm)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be True or False, got {value!r}")
-        for name, value in (("scale_query", scale_query), ("output_gate", output_gate)):
+        switches = {
+            "short_conv": short_conv,
+            "qk_l2norm": qk_l2norm,
+            "scale_query": scale_query,
+            "output_gate": output_gate,
+        }
+        for name, value in switches.items():
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
         _check_choice("qk_activation", qk_activation, ACTIVATIONS)

@@ -82,8 +82,9 @@ def _check_positive_int(name: str, value: Any, none_allowed: bool = False) -> No
         raise ValueError(f"{name} must be {valid}, got {value!r}")
 
 
-def _check_arguments(args: dict[str, Any]) -> None:
-    """One clear error per bad constructor argument: its name, the value given, what is valid."""
+def _check_arguments(args: dict[str, Any], *, rotary: bool = True) -> None:
+    """One clear error per bad constructor argument: its name, the value given, what is valid
+    (``rotary``: the layer applies RoPE, which needs an even head size)."""
     for name in ("hidden_size", "num_heads", "conv_kernel", "mini_batch_size"):
         _check_positive_int(name, args[name])
     hidden_size, num_heads = args["hidden_size"], args["num_heads"]
@@ -92,7 +93,7 @@ def _check_arguments(args: dict[str, Any]) -> None:
             f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}); "
             f"valid num_heads for this width: {[h for h in range(1, hidden_size + 1) if hidden_size % h == 0]}"
         )
-    if (hidden_size // num_heads) % 2 != 0:
+    if rotary and (hidden_size // num_heads) % 2 != 0:
         raise ValueError(
             f"head_dim = hidden_size / num_heads = {hidden_size // num_heads} must be even (RoPE rotates pairs)"
         )
@@ -239,6 +240,10 @@ class TTTLayer(nn.Module):
     Every argument is checked at construction or call, with an error naming it and what is valid.
     """
 
+    uses_rope: bool = True
+    """Whether Q and K are rotated (RoPE, which needs an even head size); subclasses that read
+    positions otherwise set it False."""
+
     def __init__(
         self,
         hidden_size: int,
@@ -261,7 +266,7 @@ class TTTLayer(nn.Module):
         inference_chunk_size: int | None = 2048,
     ) -> None:
         super().__init__()
-        _check_arguments(locals())  # every argument, by name
+        _check_arguments(locals(), rotary=self.uses_rope)  # every argument, by name
         head_dim = hidden_size // num_heads
         self._resolve_plugins(inner_model, inner_loss, update_rule, kernel, head_dim)
 

@@ -391,8 +391,15 @@ def _check_choices(config: ModelConfig) -> None:
         )
 
 
+def uses_rope(config: ModelConfig) -> bool:
+    """Whether the model's mixers rotate queries and keys (RoPE, which needs an even head width):
+    every mixer but the family's, which read positions through their convolutions."""
+    return config.mixer not in FAMILY_MIXERS
+
+
 def _check_shapes(config: ModelConfig) -> None:
-    """Positive sizes, and heads of an even width (RoPE rotates pairs of channels)."""
+    """Positive sizes, and heads of an even width where the mixer applies RoPE (it rotates pairs of
+    channels)."""
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "window"):
         value = getattr(config, name)
         if value < 1:
@@ -401,7 +408,7 @@ def _check_shapes(config: ModelConfig) -> None:
         raise ValueError(
             f"model.hidden_size={config.hidden_size} must be divisible by model.num_heads={config.num_heads}"
         )
-    if (config.hidden_size // config.num_heads) % 2:
+    if uses_rope(config) and (config.hidden_size // config.num_heads) % 2:
         raise ValueError(
             f"model.hidden_size / model.num_heads = {config.hidden_size // config.num_heads} must be even "
             "(RoPE rotates pairs of channels)"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from innerloop.models.config import ModelConfig
+from innerloop.models.config import ModelConfig, uses_rope
 from innerloop.models.factory import build_model
 
 PARTS: tuple[str, ...] = ("embedding", "head", "mixer", "prime", "mlp", "pre_conv", "norm", "other")
@@ -129,7 +129,8 @@ def size_to_budget(config: ModelConfig, budget: int, adjust: str = "intermediate
     parameter count is closest to ``budget`` (the smaller value on a tie).
 
     The count grows with either field, so the value is found by bisection. ``hidden_size`` takes
-    multiples of ``2 * num_heads`` (an even head dimension, which RoPE needs). The closest value is
+    multiples of ``num_heads`` (of ``2 * num_heads`` where the mixer applies RoPE, which needs an even
+    head dimension). The closest value is
     returned however far it is (a budget below the embedding alone gives width 1): compare
     ``count_config_parameters(result).total`` with your tolerance.
     """
@@ -139,7 +140,7 @@ def size_to_budget(config: ModelConfig, budget: int, adjust: str = "intermediate
         )
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget={budget!r} must be a positive integer (a number of parameters)")
-    step = 2 * config.num_heads if adjust == "hidden_size" else 1
+    step = (2 if uses_rope(config) else 1) * config.num_heads if adjust == "hidden_size" else 1
     low, high = 1, max(2, getattr(config, adjust) // step)
     while _total(config, adjust, high * step) < budget and high < 2**24:  # grow until over the budget
         low, high = high, high * 2

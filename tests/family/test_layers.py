@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from innerloop import TTTLayer
 from innerloop.core.family_layers import (
     DECAY_FACTOR_FLOOR,
     DeltaNetLayer,
@@ -18,20 +19,21 @@ from innerloop.core.family_layers import (
 )
 from innerloop.core.functional import layer_norm
 from innerloop.models import ModelConfig, build_model
+from innerloop.models.config import FAMILY_MIXERS, validate_model_config
 
 D, H, T = 16, 2, 21
-MEMBERS = {
-    "linear_attention": lambda: LinearAttentionLayer(D, H, mini_batch_size=4),
-    "deltanet": lambda: DeltaNetLayer(D, H),
-    "gated_deltanet": lambda: GatedDeltaNetLayer(D, H),
-    "titans": lambda: TitansLayer(D, H, mini_batch_size=4),
-    "titans_mlp": lambda: TitansLayer(D, H, inner_model="mlp", mini_batch_size=4),
+MEMBERS = {  # (width, heads) -> the member's layer
+    "linear_attention": lambda d, h: LinearAttentionLayer(d, h, mini_batch_size=4),
+    "deltanet": lambda d, h: DeltaNetLayer(d, h),
+    "gated_deltanet": lambda d, h: GatedDeltaNetLayer(d, h),
+    "titans": lambda d, h: TitansLayer(d, h, mini_batch_size=4),
+    "titans_mlp": lambda d, h: TitansLayer(d, h, inner_model="mlp", mini_batch_size=4),
 }
 
 
-def _layer(member: str) -> FamilyLayer:
+def _layer(member: str, width: int = D, heads: int = H) -> FamilyLayer:
     torch.manual_seed(0)
-    layer = MEMBERS[member]().double()
+    layer = MEMBERS[member](width, heads).double()
     with torch.no_grad():  # non-zero starts and gate logits, so every term of the recurrences counts
         for parameter in layer.parameters():
             parameter.add_(0.3 * torch.randn_like(parameter))
@@ -79,7 +81,7 @@ def _titans_recurrence(layer: TitansLayer, x: torch.Tensor) -> torch.Tensor:
         loss = 0.5 * (memory(start, k[:, :, t, None]) - v[:, :, t, None]).pow(2).sum()
         grads = torch.autograd.grad(loss, list(start.values()))
         for (name, w), g in zip(start.items(), grads, strict=True):
-            shape = (-1, H) + (1,) * (w.dim() - 2)
+            shape = (-1, layer.num_heads) + (1,) * (w.dim() - 2)
             surprise[name] = eta[:, :, t].reshape(shape) * surprise[name] - theta[:, :, t].reshape(shape) * g
             weights[name] = (1 - alpha[:, :, t]).reshape(shape) * weights[name] + surprise[name]
         outputs.append(memory(weights, q[:, :, t, None]))
@@ -109,6 +111,26 @@ def test_each_member_equals_its_recurrence_in_float64(member) -> None:
         y, _ = layer(x)
         expected = _reference_output(member, layer, x)
     assert torch.allclose(y, expected, rtol=1e-10, atol=1e-10), (y - expected).abs().max()
+
+
+@pytest.mark.parametrize("member", list(MEMBERS))
+def test_an_odd_head_width_is_valid_without_rope(member) -> None:
+    # No member rotates q and k, so no member needs an even head width (TTT's layer, with RoPE, does).
+    layer = _layer(member, width=15, heads=3)
+    x = torch.randn(2, 9, 15, dtype=torch.float64)
+    with torch.no_grad():
+        y, _ = layer(x)
+        expected = _reference_output(member, layer, x)
+    assert torch.allclose(y, expected, rtol=1e-10, atol=1e-10), (y - expected).abs().max()
+
+
+def test_odd_head_widths_in_model_configs_follow_the_mixer() -> None:
+    for mixer in FAMILY_MIXERS:
+        validate_model_config(ModelConfig(mixer=mixer, hidden_size=15, num_heads=3))
+    with pytest.raises(ValueError, match=r"model.hidden_size / model.num_heads = 5 must be even"):
+        validate_model_config(ModelConfig(mixer="ttt", hidden_size=15, num_heads=3))
+    with pytest.raises(ValueError, match=r"head_dim = hidden_size / num_heads = 5 must be even"):
+        TTTLayer(15, 3)
 
 
 @pytest.mark.parametrize("member", list(MEMBERS))

@@ -119,11 +119,17 @@ class Registry:
             offered = getattr(obj, "name", None)
             if isinstance(offered, str):
                 staging.attempted.append((kind.name, offered))
-            # Smoke tests may take gradients: run them the same way whatever context the registry is
-            # first built in (e.g. under torch.no_grad or inference mode in a validation worker). Their
-            # random inputs come from a forked generator: building the registry (on first use) must not
-            # move the user's seed, or the first layer made after manual_seed would differ from later ones.
-            with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
+            # Smoke tests may take gradients and compute on the CPU: run them the same way whatever
+            # context the registry is first built in (e.g. under torch.no_grad or inference mode in a
+            # validation worker, or `with torch.device("meta")` to count parameters). Their random
+            # inputs come from a forked generator: building the registry (on first use) must not move
+            # the user's seed, or the first layer made after manual_seed would differ from later ones.
+            with (
+                torch.random.fork_rng(devices=[]),
+                torch.inference_mode(False),
+                torch.enable_grad(),
+                torch.device("cpu"),
+            ):
                 name = kind.validate(obj)
                 if kind.external_check is not None and not origin.startswith(BUILTIN_PREFIX):
                     kind.external_check(obj, name)

@@ -218,8 +218,14 @@ def test_in_process_registration_and_removal():
     assert "scaled_test" not in registry.names("inner_loss")
 
 
-@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize(
+    "context",
+    [torch.no_grad, torch.inference_mode, lambda: torch.device("meta")],
+    ids=["no_grad", "inference", "meta"],
+)
 def test_registry_builds_under_no_grad_and_inference_mode(context):
+    # meta: count_config_parameters builds models under `with torch.device("meta")`, and may be the
+    # first to need the registry
     with context():
         registry = build_registry(include_external=False)
     assert "score_first_sgd" in registry.names("model_update_rule")

@@ -122,7 +122,10 @@ class ByteTokenizer(Tokenizer):
         return BYTES
 
     def save_pretrained(self, out_dir: str | os.PathLike[str]) -> list[Path]:
-        return _save_tokenizer_files(byte_level_tokenizer_json(), None, out_dir)
+        """The byte-level tokenizer for transformers, with :data:`END_OF_TEXT` as id 256 (past the
+        model's 256 bytes: tools such as lm-eval need an end-of-text token, and the model never
+        produces it). ``innerloop export`` writes the same files."""
+        return _save_tokenizer_files(byte_level_tokenizer_json(end_of_text=True), END_OF_TEXT, out_dir)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -139,16 +142,18 @@ def _bytes_to_unicode() -> dict[int, str]:
     return characters
 
 
-def byte_level_tokenizer_json() -> str:
+def byte_level_tokenizer_json(end_of_text: bool = False) -> str:
     """The ``tokenizer.json`` of :class:`ByteTokenizer`: a byte-level BPE without merges over the 256
-    bytes (id ``b`` = byte ``b``), no regex split, no special tokens. Encoding a text gives its UTF-8
-    bytes and decoding them gives the text back, exactly (tests/data_pipeline/test_tokenizer.py)."""
+    bytes (id ``b`` = byte ``b``), no regex split, no special tokens (with ``end_of_text``: the special
+    token :data:`END_OF_TEXT` as id 256). Encoding a text gives its UTF-8 bytes and decoding them gives
+    the text back, exactly (tests/data_pipeline/test_tokenizer.py)."""
     vocab = {character: byte for byte, character in _bytes_to_unicode().items()}
+    added = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
     document = {
         "version": "1.0",
         "truncation": None,
         "padding": None,
-        "added_tokens": [],
+        "added_tokens": [{"id": 256, "content": END_OF_TEXT, **added}] if end_of_text else [],
         "normalizer": None,
         "pre_tokenizer": {
             "type": "ByteLevel",

@@ -20,17 +20,15 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from innerloop.data.tokenizer import ByteTokenizer, HFTokenizer, byte_level_tokenizer_json
+from innerloop.data.tokenizer import END_OF_TEXT, ByteTokenizer, HFTokenizer, byte_level_tokenizer_json
 from innerloop.data.tokenizer import Tokenizer as RunTokenizer
-
-END_OF_TEXT = "<|endoftext|>"
-"""The byte-level tokenizer's end-of-text token (id 256, outside the bytes)."""
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """innerloop's byte-level tokenizer (token id = byte value, the ``data.tokenizer: bytes`` of a run,
-    :func:`~innerloop.data.tokenizer.byte_level_tokenizer_json`) with :data:`END_OF_TEXT` added."""
-    backend = Tokenizer.from_str(byte_level_tokenizer_json())
+    :func:`~innerloop.data.tokenizer.byte_level_tokenizer_json`) with :data:`END_OF_TEXT` as id 256,
+    the tokenizer ``ByteTokenizer.save_pretrained`` writes."""
+    backend = Tokenizer.from_str(byte_level_tokenizer_json(end_of_text=True))
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END_OF_TEXT)
 
 

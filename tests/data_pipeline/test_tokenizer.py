@@ -97,7 +97,8 @@ def test_autotokenizer_loads_the_saved_byte_tokenizer_as_the_same_tokenizer(tmp_
     written = ByteTokenizer().save_pretrained(tmp_path)
     assert {p.name for p in written} == {"tokenizer.json", "tokenizer_config.json"}
     loaded = AutoTokenizer.from_pretrained(tmp_path)
-    assert len(loaded) == 256
+    assert len(loaded) == 257 and loaded.vocab_size == 256  # the bytes and, past them, the end of text
+    assert loaded.eos_token == END_OF_TEXT and loaded.eos_token_id == 256
     for text in TEXTS:
         ids = ByteTokenizer().encode(text)
         assert loaded.encode(text, add_special_tokens=False) == ids
@@ -266,3 +267,17 @@ def test_a_byte_level_run_records_bytes_and_an_unrecorded_tokenizer_reads_as_byt
         checkpoint_tokenizer(
             save_checkpoint({TOKENIZER_KEY: {"kind": "sentencepiece"}}, tmp_path / "odd.safetensors")
         )
+
+
+def test_the_saved_byte_tokenizer_is_the_one_export_writes(tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    from innerloop.hf.tokenizer import byte_tokenizer
+
+    ByteTokenizer().save_pretrained(tmp_path / "saved")
+    byte_tokenizer().save_pretrained(tmp_path / "exported")
+    saved, exported = (AutoTokenizer.from_pretrained(tmp_path / name) for name in ("saved", "exported"))
+    assert saved.get_vocab() == exported.get_vocab()
+    assert saved.eos_token == exported.eos_token == END_OF_TEXT
+    for text in TEXTS:
+        assert saved.encode(text) == exported.encode(text) == ByteTokenizer().encode(text)

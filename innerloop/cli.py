@@ -691,66 +691,66 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    """``innerloop convert SOURCE_FORMAT SRC [CONFIG] OUT``: a model of another implementation -> an
+    innerloop checkpoint ``OUT/last.safetensors`` or (``--format hf``) a Hugging Face folder ``OUT``."""
     if args.tokenizer is not None and args.format != "hf":
         raise ConfigError(
             f"--tokenizer {args.tokenizer!r} is written only into a Hugging Face folder: add --format hf"
         )
     if args.source_format == "ttt-e2e":
-        return _convert_ttt_e2e(args)
-    if args.config is not None:
-        raise ConfigError(f"{args.source_format} takes SRC OUT, not a CONFIG (got {args.config!r})")
+        if args.config is None:
+            raise ConfigError("ttt-e2e needs CHECKPOINT CONFIG OUT: the resolved Hydra config is missing")
+        from innerloop.interop.ttt_e2e import load_model as load_official_model
 
-    from innerloop.interop.ttt_lm_pytorch import load_model as load_reference_model
-    from innerloop.train.module import save_model_checkpoint
+        def load() -> Any:
+            return load_official_model(args.src, args.config)
+    else:
+        if args.config is not None:
+            raise ConfigError(f"{args.source_format} takes SRC OUT, not a CONFIG (got {args.config!r})")
+        from innerloop.interop.ttt_lm_pytorch import load_model as load_reference_model
+
+        def load() -> Any:
+            return load_reference_model(args.src)
 
     if args.format == "hf":
-        return _convert_to_hugging_face(args, lambda: load_reference_model(args.src))
-    target = Path(args.out) / "last.safetensors"
-    if target.exists() and not args.overwrite:
-        raise ConfigError(f"{str(target)!r} exists; pass --overwrite to replace it, or give another OUT")
+        return _convert_to_hugging_face(args, load)
+    return _convert_to_checkpoint(args, load)
+
+
+def _load_converted(args: argparse.Namespace, load: Callable[[], Any]) -> Any:
+    """``load()``, its errors as one line naming the source."""
     try:
-        model = load_reference_model(args.src)
-    except (ValueError, FileNotFoundError) as err:
+        return load()
+    except (ValueError, FileNotFoundError, ImportError) as err:
         raise ConfigError(f"{args.source_format} model {args.src!r}: {_one_line(err)}") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    path = save_model_checkpoint(model, target)
+
+
+def _describe_converted(args: argparse.Namespace, model: Any) -> str:
     config = model.config
-    print(
-        f"converted {args.src} ({config.num_layers} layers, hidden {config.hidden_size}, "
+    e2e = (
+        f"{config.num_layers - model.num_prefix} with a prime MLP, "
+        if hasattr(model, "num_prefix")  # the TTT-E2E model
+        else ""
+    )
+    return (
+        f"converted {args.src} ({config.num_layers} layers, {e2e}hidden {config.hidden_size}, "
         f"vocabulary {config.vocab_size}, {model.num_parameters():,} parameters)"
     )
-    print(f"checkpoint: {path}")
-    return 0
 
 
-def _convert_ttt_e2e(args: argparse.Namespace) -> int:
-    """``innerloop convert ttt-e2e CHECKPOINT CONFIG OUT``: an official TTT-E2E checkpoint -> OUT/last.safetensors."""
+def _convert_to_checkpoint(args: argparse.Namespace, load: Callable[[], Any]) -> int:
+    """Write the model ``load()`` reads from ``args.src`` as ``args.out/last.safetensors``."""
     from pathlib import Path
 
-    from innerloop.interop.ttt_e2e import load_model as load_official_model
     from innerloop.train.module import save_model_checkpoint
 
-    if args.config is None:
-        raise ConfigError("ttt-e2e needs CHECKPOINT CONFIG OUT: the resolved Hydra config is missing")
-    if args.format == "hf":
-        return _convert_to_hugging_face(args, lambda: load_official_model(args.src, args.config))
     target = Path(args.out) / "last.safetensors"
     if target.exists() and not args.overwrite:
         raise ConfigError(f"{str(target)!r} exists; pass --overwrite to replace it, or give another OUT")
-    try:
-        model = load_official_model(args.src, args.config)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        raise ConfigError(f"ttt-e2e checkpoint {args.src!r}: {_one_line(err)}") from None
+    model = _load_converted(args, load)
     target.parent.mkdir(parents=True, exist_ok=True)
     path = save_model_checkpoint(model, target)
-    config = model.config
-    print(
-        f"converted {args.src} ({config.num_layers} layers, {config.num_layers - model.num_prefix} with "
-        f"a prime MLP, hidden {config.hidden_size}, vocabulary {config.vocab_size}, chunk "
-        f"{config.e2e.chunk_size}, window {config.window}, {model.num_parameters():,} parameters)"
-    )
+    print(_describe_converted(args, model))
     print(f"checkpoint: {path}")
     return 0
 
@@ -777,11 +777,9 @@ def _convert_to_hugging_face(args: argparse.Namespace, load: Callable[[], Any]) 
 
     try:
         check_target(args.out, args.overwrite)
-        model = load()
     except ExportError as err:
         raise ConfigError(str(err)) from None
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        raise ConfigError(f"{args.source_format} model {args.src!r}: {_one_line(err)}") from None
+    model = _load_converted(args, load)
     # The reference's and the official models are not shipped with their tokenizers, and a vocabulary's
     # size does not say which one it is: the folder gets the one --tokenizer names, else none.
     tokenizer_note = (
@@ -791,11 +789,7 @@ def _convert_to_hugging_face(args: argparse.Namespace, load: Callable[[], Any]) 
         folder = export_model(model, args.out, overwrite=args.overwrite, tokenizer=args.tokenizer)
     except ExportError as err:
         raise ConfigError(str(err)) from None
-    config = model.config
-    print(
-        f"converted {args.src} ({config.num_layers} layers, hidden {config.hidden_size}, "
-        f"vocabulary {config.vocab_size}, {model.num_parameters():,} parameters)"
-    )
+    print(_describe_converted(args, model))
     print(f"Hugging Face folder: {folder}{tokenizer_note}")
     return 0
 

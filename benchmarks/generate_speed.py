@@ -1,0 +1,180 @@
+"""Decoding speed of whole language models after a long prompt: tokens/s and state size by context.
+
+``innerloop generate`` reads the prompt, then feeds one token at a time with the state of the previous
+step (``innerloop.models.generate``). A TTT model's state is its inner weights, the same size after 1k or
+32k tokens, so its tokens/s should not depend on the context; full attention keeps a KV cache that grows
+with the context and reads all of it for every token; sliding-window attention keeps the last
+``window`` tokens. This script builds one model per mixer (same width, depth, heads and vocabulary;
+random weights: speed does not depend on them), reads a random prompt of each context length in
+chunks (carrying the state, which equals one call), then times greedy decoding of ``--tokens`` tokens.
+
+    python benchmarks/generate_speed.py                       # contexts 1k and 32k, ~5 minutes on 2 cores
+    python benchmarks/generate_speed.py --contexts 1024 8192 --mixers ttt attention --tokens 32
+    python benchmarks/generate_speed.py --quick               # CI-sized: tiny model, short contexts
+
+Prints one markdown table (tokens/s and the state's size per mixer and context, median of --repeats
+rounds; each round decodes every model once, so a slow spell of the machine hits all of them alike),
+and with ``--json`` writes the numbers atomically. Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+
+import torch
+
+from innerloop.models import ModelConfig, build_model
+from innerloop.models.config import TTTConfig
+
+MIXERS = {  # label -> model config changes over the common shape
+    "TTT-Linear": {"mixer": "ttt"},
+    "TTT-MLP": {"mixer": "ttt", "ttt": TTTConfig(inner_model="mlp", base_lr=0.1)},
+    "attention (KV cache)": {"mixer": "attention"},
+    "sliding window": {"mixer": "swa"},
+}
+MIXER_NAMES = {
+    "ttt": "TTT-Linear",
+    "ttt_mlp": "TTT-MLP",
+    "attention": "attention (KV cache)",
+    "swa": "sliding window",
+}
+
+
+def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
+    """One language model per requested mixer, in eval mode, same shape."""
+    base = ModelConfig(
+        vocab_size=256,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        intermediate_size=4 * args.hidden,
+        window=args.window,
+    )
+    models = {}
+    for name in args.mixers:
+        label = MIXER_NAMES[name]
+        torch.manual_seed(0)
+        models[label] = build_model(replace(base, **MIXERS[label])).eval()
+    return models
+
+
+@torch.no_grad()
+def prefill(model: torch.nn.Module, prompt: torch.Tensor, chunk: int):
+    """The state after ``prompt [1, P]``, read ``chunk`` tokens at a time; and the last logits."""
+    state = None
+    for start in range(0, prompt.shape[1], chunk):
+        logits, state = model(prompt[:, start : start + chunk], state)
+    return logits[:, -1], state
+
+
+@torch.no_grad()
+def decode_seconds(model: torch.nn.Module, last_logits: torch.Tensor, state, tokens: int) -> float:
+    """Wall seconds to decode ``tokens`` greedy tokens from ``state`` (the state is not kept)."""
+    start = time.perf_counter()
+    for _ in range(tokens):
+        token = last_logits.argmax(dim=-1, keepdim=True)  # [1, 1]
+        logits, state = model(token, state)
+        last_logits = logits[:, -1]
+    return time.perf_counter() - start
+
+
+def measure(args: argparse.Namespace) -> dict[str, dict[int, dict[str, float]]]:
+    """``results[model][context]``: median tokens/s over the rounds, the state's MiB after the prompt."""
+    models = build_models(args)
+    generator = torch.Generator().manual_seed(0)
+    results: dict[str, dict[int, dict[str, float]]] = {label: {} for label in models}
+    for context in args.contexts:
+        prompt = torch.randint(0, 256, (1, context), generator=generator)
+        prefilled = {label: prefill(model, prompt, args.prefill_chunk) for label, model in models.items()}
+        for label, model in models.items():  # warm-up
+            decode_seconds(model, *prefilled[label], tokens=2)
+        times: dict[str, list[float]] = {label: [] for label in models}
+        for _ in range(args.repeats):
+            for label, model in models.items():
+                times[label].append(decode_seconds(model, *prefilled[label], tokens=args.tokens))
+        for label in models:
+            results[label][context] = {
+                "tokens_per_s": args.tokens / statistics.median(times[label]),
+                "state_mib": prefilled[label][1].nbytes() / 2**20,
+            }
+        del prefilled
+    return results
+
+
+def print_table(args: argparse.Namespace, results: dict[str, dict[int, dict[str, float]]]) -> None:
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+        f"threads={args.threads}; torch {torch.__version__}; float32, batch 1, width {args.hidden}, "
+        f"{args.layers} blocks, {args.heads} heads, window {args.window}; {args.tokens} greedy tokens "
+        f"after each context, median of {args.repeats}\n"
+    )
+    contexts = args.contexts
+    header = [f"tok/s @{c}" for c in contexts] + [f"state MiB @{c}" for c in contexts]
+    if len(contexts) > 1:
+        header.append(f"tok/s {contexts[-1]} / {contexts[0]}")
+    print("| model | " + " | ".join(header) + " |")
+    print("|---|" + "---|" * len(header))
+    for label, by_context in results.items():
+        cells = [f"{by_context[c]['tokens_per_s']:,.0f}" for c in contexts]
+        cells += [f"{by_context[c]['state_mib']:.2f}" for c in contexts]
+        if len(contexts) > 1:
+            ratio = by_context[contexts[-1]]["tokens_per_s"] / by_context[contexts[0]]["tokens_per_s"]
+            cells.append(f"{ratio:.2f}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+def write_json(path: str, results: dict) -> None:
+    """Write ``results`` to ``path`` atomically (a temporary file beside it, then a rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as handle:
+        json.dump(results, handle, indent=2)
+    os.replace(handle.name, path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 32768], help="prompt lengths")
+    parser.add_argument("--mixers", nargs="+", choices=list(MIXER_NAMES), default=list(MIXER_NAMES))
+    parser.add_argument("--tokens", type=int, default=64, help="tokens decoded per round")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds (the median is reported)")
+    parser.add_argument("--hidden", type=int, default=512, help="model width")
+    parser.add_argument("--layers", type=int, default=4, help="blocks")
+    parser.add_argument("--heads", type=int, default=8, help="heads of every mixer")
+    parser.add_argument("--window", type=int, default=1024, help="the sliding window's length")
+    parser.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per forward call")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--json", default=None, help="also write the numbers to this file")
+    parser.add_argument("--quick", action="store_true", help="CI-sized: a tiny model, contexts 64 and 256")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.contexts, args.tokens, args.repeats = [64, 256], 4, 1
+        args.hidden, args.layers, args.heads, args.window, args.prefill_chunk = 32, 1, 2, 32, 64
+    for name in ("tokens", "repeats", "hidden", "layers", "heads", "window", "prefill_chunk", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if min(args.contexts) < 1:
+        parser.error(f"--contexts must be >= 1, got {args.contexts}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = measure(args)
+    print_table(args, results)
+    if args.json:
+        write_json(args.json, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

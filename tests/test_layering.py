@@ -56,8 +56,10 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
         "is imported, and registered with AutoConfig, only once transformers has loaded its Auto classes"
     ),
     ("innerloop.hf.hook", "innerloop.hf.modeling"): (
-        "the model class (which imports transformers' PreTrainedModel) is imported, and registered "
-        "with AutoModelForCausalLM, only once transformers has loaded AutoModelForCausalLM"
+        "the model class (which imports transformers' PreTrainedModel, seconds) is imported, and registered "
+        "with AutoModelForCausalLM, only once transformers has loaded AutoModelForCausalLM and an "
+        "InnerloopConfig has been built (libraries such as torchmetrics load the Auto classes at import, "
+        "without using innerloop's model)"
     ),
     ("innerloop.hf", "innerloop.hf.configuration"): (
         "`from innerloop.hf import InnerloopConfig` loads transformers on first access, so that "

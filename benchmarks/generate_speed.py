@@ -75,14 +75,17 @@ def prefill(model: torch.nn.Module, prompt: torch.Tensor, chunk: int):
 
 
 @torch.no_grad()
-def decode_seconds(model: torch.nn.Module, last_logits: torch.Tensor, state, tokens: int) -> float:
-    """Wall seconds to decode ``tokens`` greedy tokens from ``state`` (the state is not kept)."""
-    start = time.perf_counter()
+def decode_seconds(
+    model: torch.nn.Module, last_logits: torch.Tensor, state, tokens: int
+) -> tuple[float, float]:
+    """Wall and process CPU seconds to decode ``tokens`` greedy tokens from ``state`` (the state is
+    not kept). On a machine shared with other work the CPU time is the steadier of the two."""
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(tokens):
         token = last_logits.argmax(dim=-1, keepdim=True)  # [1, 1]
         logits, state = model(token, state)
         last_logits = logits[:, -1]
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def measure(args: argparse.Namespace) -> dict[str, dict[int, dict[str, float]]]:
@@ -95,13 +98,14 @@ def measure(args: argparse.Namespace) -> dict[str, dict[int, dict[str, float]]]:
         prefilled = {label: prefill(model, prompt, args.prefill_chunk) for label, model in models.items()}
         for label, model in models.items():  # warm-up
             decode_seconds(model, *prefilled[label], tokens=2)
-        times: dict[str, list[float]] = {label: [] for label in models}
+        times: dict[str, list[tuple[float, float]]] = {label: [] for label in models}
         for _ in range(args.repeats):
             for label, model in models.items():
                 times[label].append(decode_seconds(model, *prefilled[label], tokens=args.tokens))
         for label in models:
             results[label][context] = {
-                "tokens_per_s": args.tokens / statistics.median(times[label]),
+                "tokens_per_s": args.tokens / statistics.median(wall for wall, _ in times[label]),
+                "tokens_per_cpu_s": args.tokens / statistics.median(cpu for _, cpu in times[label]),
                 "state_mib": prefilled[label][1].nbytes() / 2**20,
             }
         del prefilled
@@ -116,17 +120,18 @@ def print_table(args: argparse.Namespace, results: dict[str, dict[int, dict[str,
         f"after each context, median of {args.repeats}\n"
     )
     contexts = args.contexts
-    header = [f"tok/s @{c}" for c in contexts] + [f"state MiB @{c}" for c in contexts]
+    columns = {"tokens_per_s": "tok/s", "tokens_per_cpu_s": "tok/CPU-s"}
+    header = [f"{name} @{c}" for name in columns.values() for c in contexts]
+    header += [f"state MiB @{c}" for c in contexts]
     if len(contexts) > 1:
-        header.append(f"tok/s {contexts[-1]} / {contexts[0]}")
+        header += [f"{name} {contexts[-1]} / {contexts[0]}" for name in columns.values()]
     print("| model | " + " | ".join(header) + " |")
     print("|---|" + "---|" * len(header))
-    for label, by_context in results.items():
-        cells = [f"{by_context[c]['tokens_per_s']:,.0f}" for c in contexts]
-        cells += [f"{by_context[c]['state_mib']:.2f}" for c in contexts]
+    for label, row in results.items():
+        cells = [f"{row[c][key]:,.1f}" for key in columns for c in contexts]
+        cells += [f"{row[c]['state_mib']:.2f}" for c in contexts]
         if len(contexts) > 1:
-            ratio = by_context[contexts[-1]]["tokens_per_s"] / by_context[contexts[0]]["tokens_per_s"]
-            cells.append(f"{ratio:.2f}")
+            cells += [f"{row[contexts[-1]][key] / row[contexts[0]][key]:.2f}" for key in columns]
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 

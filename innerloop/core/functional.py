@@ -191,12 +191,13 @@ def causal_depthwise_conv(
         history: ``[B, k - 1, C]`` the last ``k - 1`` inputs before ``x`` (zeros at sequence start).
 
     Returns:
-        ``(y [B, T, C], new_history [B, k - 1, C])``.
+        ``(y [B, T, C], new_history [B, k - 1, C])``: ``y`` in ``x``'s dtype, the history in the
+        dtype it was given (a TTT layer keeps its state in float32 also when ``x`` is bfloat16).
     """
     kernel = weight.shape[-1]
-    padded = torch.cat([history, x], dim=1)  # [B, k-1+T, C]
+    padded = torch.cat([history.to(x.dtype), x], dim=1)  # [B, k-1+T, C]
     y = F.conv1d(padded.transpose(1, 2), weight, bias, groups=weight.shape[0]).transpose(1, 2)
-    new_history = padded[:, padded.shape[1] - (kernel - 1) :] if kernel > 1 else history
+    new_history = padded[:, padded.shape[1] - (kernel - 1) :].to(history.dtype) if kernel > 1 else history
     return y, new_history
 
 

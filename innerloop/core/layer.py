@@ -233,9 +233,10 @@ class TTTLayer(nn.Module):
             ``None`` reads every call at once.
 
     Call ``y, state = layer(x, state=None)`` with ``x [B, T, D]``; ``state`` continues a sequence
-    from any split point (see :class:`innerloop.core.state.TTTState`). ``x`` and the state are in
-    the weights' dtype, except under ``torch.autocast``: then the projections run in the autocast
-    dtype and the inner scan (state, inner LayerNorm statistics, gradient sums) in the weights' dtype.
+    from any split point (see :class:`innerloop.core.state.TTTState`). ``x`` is in the weights'
+    dtype (any dtype under ``torch.autocast``); the inner scan (state, inner LayerNorm statistics,
+    gradient sums) and the state are in :attr:`scan_dtype`, the weights' dtype but at least float32:
+    under autocast or with the layer in bfloat16 / float16 only the projections run in low precision.
     Every argument is checked at construction or call, with an error naming it and what is valid.
     """
 
@@ -365,9 +366,21 @@ class TTTLayer(nn.Module):
             inner_loss=self._state_labels[1],
         )
 
+    @property
+    def scan_dtype(self) -> torch.dtype:
+        """The dtype of the inner scan and of the state: the weights' dtype, but at least float32.
+
+        A layer in bfloat16 or float16 (``layer.to(torch.bfloat16)``), like one under
+        ``torch.autocast``, runs its projections in that dtype and its inner scan (inner weights,
+        inner LayerNorm statistics, inner gradient sums) in float32: a low-precision state would
+        lose every update smaller than its rounding step.
+        """
+        return torch.promote_types(self.post_norm.weight.dtype, torch.float32)
+
     def init_state(self, batch_size: int, like: torch.Tensor | None = None) -> TTTState:
-        """The state at the start of a sequence: every sequence starts from the learnable init."""
-        reference = like if like is not None else self.post_norm.weight
+        """The state at the start of a sequence, in :attr:`scan_dtype` (or ``like``'s dtype): every
+        sequence starts from the learnable init."""
+        reference = like if like is not None else self.post_norm.weight.new_empty((), dtype=self.scan_dtype)
         params = {
             k: v.to(reference.dtype).unsqueeze(0).expand(batch_size, *v.shape)
             for k, v in self.initial_params.items()
@@ -446,17 +459,17 @@ class TTTLayer(nn.Module):
                 raise ValueError(f"state.{group} must have the shapes {wanted}, got {given}")
         self._check_rule_state(state, batch_size, shapes)
         self._check_conv_history(state, batch_size)
-        weights = self.post_norm.weight
+        weights, scan_dtype = self.post_norm.weight, self.scan_dtype
         for name, tensor in state.tensors().items():
             if tensor.device != weights.device:
                 raise ValueError(
                     f"state tensor {name} is on {tensor.device}, the layer on {weights.device}: "
                     f"move the state with state.to({str(weights.device)!r})"
                 )
-            if tensor.is_floating_point() and tensor.dtype != weights.dtype:
+            if tensor.is_floating_point() and tensor.dtype != scan_dtype:
                 raise TypeError(
-                    f"state tensor {name} is {tensor.dtype} but the layer keeps its state in {weights.dtype}: "
-                    f"cast it with state.to({weights.dtype})"
+                    f"state tensor {name} is {tensor.dtype} but the layer keeps its state in {scan_dtype}: "
+                    f"cast it with state.to({scan_dtype})"
                 )
 
     def _check_conv_history(self, state: TTTState, batch_size: int) -> None:
@@ -553,8 +566,8 @@ class TTTLayer(nn.Module):
             model=self.inner_model,
             loss=self.inner_loss,
             mini_batch_size=self.mini_batch_size,
-            norm_weight=self.ttt_norm_weight if self.inner_norm else None,
-            norm_bias=self.ttt_norm_bias if self.inner_norm else None,
+            norm_weight=self.ttt_norm_weight.to(self.scan_dtype) if self.inner_norm else None,
+            norm_bias=self.ttt_norm_bias.to(self.scan_dtype) if self.inner_norm else None,
             norm_eps=self.norm_eps,
             residual=self.inner_residual,
             kernel=self.kernel,
@@ -602,7 +615,7 @@ class TTTLayer(nn.Module):
                 "start from state=None, or construct the layer with non_finite='ignore' to let them propagate"
             )
         largest = float(x.detach().abs().max())
-        scan_dtype = str(self.post_norm.weight.dtype).removeprefix("torch.")  # the inner scan's dtype
+        scan_dtype = str(self.scan_dtype).removeprefix("torch.")
         raise ValueError(
             f"TTTLayer produced non-finite {what} from finite input: the inner model overflowed "
             f"{scan_dtype} (largest |input| {largest:.1e}); normalise the input or run "
@@ -630,23 +643,26 @@ class TTTLayer(nn.Module):
 
     def _forward_chunk(self, x: torch.Tensor, state: TTTState) -> tuple[torch.Tensor, TTTState]:
         views, lr, tau, conv_history = self._read(x, state)
-        # Under autocast the projections ran in low precision; the inner scan (state, inner LayerNorm
-        # statistics, gradient sums) runs in the weights' dtype (float32) with autocast off.
+        # Under autocast, or with the layer in bfloat16 / float16, the projections ran in low
+        # precision; the inner scan (state, inner LayerNorm statistics, gradient sums) runs in
+        # ``scan_dtype`` (at least float32) with autocast off, and its outputs go back to the weights'
+        # dtype for the post-norm and o_proj (under autocast those choose their own dtype).
         decay, momentum = self.forgetting(x)
         if not self.update_rule.uses_token_scale:
             tau = None
-        mixed = torch.is_autocast_enabled(x.device.type)
-        if mixed:
-            dtype = self.post_norm.weight.dtype
-            views = Views(*(v.to(dtype) for v in (views.query, views.key, views.value)))
+        scan_dtype, autocasting = self.scan_dtype, torch.is_autocast_enabled(x.device.type)
+        if autocasting or views.query.dtype != scan_dtype:
+            views = Views(*(v.to(scan_dtype) for v in (views.query, views.key, views.value)))
             lr, tau, decay, momentum = (
-                None if t is None else t.to(dtype) for t in (lr, tau, decay, momentum)
+                None if t is None else t.to(scan_dtype) for t in (lr, tau, decay, momentum)
             )
-        with torch.autocast(x.device.type, enabled=False) if mixed else nullcontext():
+        with torch.autocast(x.device.type, enabled=False) if autocasting else nullcontext():
             inner_out, new_state = run_scan(
                 self.update_rule, state, self.inner_task(), views, lr, tau, decay, momentum
             )
         new_state = replace(new_state, conv_history=conv_history)
+        if not autocasting:
+            inner_out = inner_out.to(self.post_norm.weight.dtype)
         return self._output(x, inner_out), new_state
 
     def _output(self, x: torch.Tensor, inner_out: torch.Tensor) -> torch.Tensor:

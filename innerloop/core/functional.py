@@ -86,8 +86,9 @@ def overflow_safe_scale_if_needed(x: torch.Tensor) -> torch.Tensor | None:
     """:func:`overflow_safe_scale`, or ``None`` when no row of ``x`` needs scaling, which a CPU tensor
     learns from one reduction (its common case then skips the per-row pass and the multiply). Not for
     code under ``torch.func`` transforms (the check reads a value); elsewhere (CUDA) the scale is
-    always computed, without a host sync."""
-    if x.device.type == "cpu" and x.numel():
+    always computed, without a host sync, and under ``torch.compile`` (no data-dependent branch to
+    break the graph)."""
+    if x.device.type == "cpu" and x.numel() and not torch.compiler.is_compiling():
         low, high = torch.aminmax(x.detach())
         bound = _overflow_bound(x)
         if high <= bound and low >= -bound:  # a NaN anywhere compares False: rows are then checked one by one

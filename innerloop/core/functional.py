@@ -164,10 +164,14 @@ def apply_rope_interleaved(
     reference's permute -> rotate-half -> un-permute round trip. float32/float64 inputs use one
     complex multiplication (the same arithmetic, one pass over memory); with ``in_place`` (only for a
     tensor that no autograd graph needs) that result is written into ``x`` when ``x`` can be viewed as
-    complex pairs. Always use the returned tensor: other dtypes and layouts return a new one.
+    complex pairs. Always use the returned tensor: other dtypes and layouts (and code being compiled
+    by ``torch.compile``) return a new one, computed with real arithmetic.
     """
     complex_view_ok = (
-        x.stride(-1) == 1 and x.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in x.stride()[:-1])
+        not torch.compiler.is_compiling()  # inductor does not generate code for complex numbers
+        and x.stride(-1) == 1
+        and x.storage_offset() % 2 == 0
+        and all(s % 2 == 0 for s in x.stride()[:-1])
     )
     if x.dtype in (torch.float32, torch.float64) and complex_view_ok:
         pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # [..., f/2] complex

@@ -51,6 +51,13 @@ NON_FINITE_POLICIES = ("raise", "ignore")
 MAX_MINI_BATCH_SIZE = 65536
 BUILT_IN_PATHS = ("auto", "torch")
 
+# Under torch.compile the inner scan runs eagerly, outside the compiled graph: it is a Python loop
+# over mini-batches (dynamo would unroll it, compiling for minutes at T / K = 128 and again for every
+# length), its paths are already fused (the fused torch dual form, the compiled CPU kernel, Triton),
+# and the CPU kernel is a ctypes call dynamo cannot trace. The projections, norms and gates around it
+# compile. The argument and finiteness checks run eagerly too: they read tensor values to decide.
+_run_scan_eagerly = torch.compiler.disable(run_scan, reason="innerloop: the inner scan runs eagerly")
+
 
 def _resolve(kind: str, value: Any, expected: type) -> Any:
     """A plugin instance from a registered name, or the instance itself."""
@@ -404,6 +411,7 @@ class TTTLayer(nn.Module):
     # Forward
     # ------------------------------------------------------------------------------------------
 
+    @torch.compiler.disable(reason="innerloop: the input checks read values")  # see _run_scan_eagerly
     def _check_input(self, x: torch.Tensor, state: TTTState | None) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor [B, T, hidden_size], got {type(x).__name__}")
@@ -596,6 +604,7 @@ class TTTLayer(nn.Module):
             self._check_output(x, given_state, y, state)
         return y, state
 
+    @torch.compiler.disable(reason="innerloop: the output checks read values")  # see _run_scan_eagerly
     def _check_output(
         self, x: torch.Tensor, given_state: TTTState | None, y: torch.Tensor, new_state: TTTState
     ) -> None:
@@ -657,7 +666,7 @@ class TTTLayer(nn.Module):
                 None if t is None else t.to(scan_dtype) for t in (lr, tau, decay, momentum)
             )
         with torch.autocast(x.device.type, enabled=False) if autocasting else nullcontext():
-            inner_out, new_state = run_scan(
+            inner_out, new_state = _run_scan_eagerly(
                 self.update_rule, state, self.inner_task(), views, lr, tau, decay, momentum
             )
         new_state = replace(new_state, conv_history=conv_history)

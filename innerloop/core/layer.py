@@ -659,12 +659,8 @@ class TTTLayer(nn.Module):
         decay, momentum = self.forgetting(x)
         if not self.update_rule.uses_token_scale:
             tau = None
-        scan_dtype, autocasting = self.scan_dtype, torch.is_autocast_enabled(x.device.type)
-        if autocasting or views.query.dtype != scan_dtype:
-            views = Views(*(v.to(scan_dtype) for v in (views.query, views.key, views.value)))
-            lr, tau, decay, momentum = (
-                None if t is None else t.to(scan_dtype) for t in (lr, tau, decay, momentum)
-            )
+        autocasting = torch.is_autocast_enabled(x.device.type)
+        views, (lr, tau, decay, momentum) = self.in_scan_dtype(views, lr, tau, decay, momentum)
         with torch.autocast(x.device.type, enabled=False) if autocasting else nullcontext():
             inner_out, new_state = _run_scan_eagerly(
                 self.update_rule, state, self.inner_task(), views, lr, tau, decay, momentum
@@ -673,6 +669,15 @@ class TTTLayer(nn.Module):
         if not autocasting:
             inner_out = inner_out.to(self.post_norm.weight.dtype)
         return self._output(x, inner_out), new_state
+
+    def in_scan_dtype(
+        self, views: Views, *tensors: torch.Tensor | None
+    ) -> tuple[Views, tuple[torch.Tensor | None, ...]]:
+        """``views`` and ``tensors`` (lr, tau, gates; None stays None) cast to :attr:`scan_dtype`,
+        what the inner scan reads (a no-op where they are in it already)."""
+        dtype = self.scan_dtype
+        views = Views(*(v.to(dtype) for v in (views.query, views.key, views.value)))
+        return views, tuple(None if t is None else t.to(dtype) for t in tensors)
 
     def _output(self, x: torch.Tensor, inner_out: torch.Tensor) -> torch.Tensor:
         """``y [B, T, D]`` from the inner outputs ``[B, H, T, f]``: post-norm, optional gate, o_proj."""

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from innerloop import TTTLayer
+from innerloop.core.diagnostics import inner_loss_before_after
 from innerloop.core.functional import relative_error
 from innerloop.models import build_model
 from innerloop.models.config import ModelConfig, TTTConfig
@@ -190,3 +191,19 @@ def test_a_ttt_language_model_trains_and_decodes_in_bf16(inner_model, backbone):
         _, state = copy.deepcopy(lm).to(torch.bfloat16)(ids)
     for block_state in state.blocks:
         assert all(t.dtype == torch.float32 for t in block_state.mixer.tensors().values())
+
+
+def test_the_inner_loss_diagnostics_run_in_float32_for_bf16():
+    """``inner_loss_before_after`` reads the layer as its forward does: the scan in float32."""
+    torch.manual_seed(0)
+    layer = TTTLayer(32, 2, mini_batch_size=4)
+    x = torch.randn(2, 16, 32)
+    expected = inner_loss_before_after(layer, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = inner_loss_before_after(layer, x)
+    plain = inner_loss_before_after(copy.deepcopy(layer).to(torch.bfloat16), x.to(torch.bfloat16))
+    for got in (mixed, plain):
+        for value, want in zip(got, expected, strict=True):
+            assert value.dtype == torch.float32
+            # a mean of squared errors of bf16-rounded views: a few u (2**-8) relative
+            assert relative_error(value, want) <= 4 * BF16_UNIT

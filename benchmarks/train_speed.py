@@ -105,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--lengths must be positive multiples of --mini-batch {args.mini_batch}, got {bad}")
     if args.reference is not None and not (args.reference / "ttt.py").is_file():
         parser.error(f"--reference {args.reference}: no ttt.py there (a ttt-lm-pytorch checkout has one)")
+    if args.json is not None and (args.json.is_dir() or not args.json.resolve().parent.is_dir()):
+        parser.error(f"--json {args.json}: must be a file path in an existing directory")
     return args
 
 
@@ -112,7 +114,11 @@ def load_reference_layers(checkout: Path, hidden: int, heads: int, mini_batch: i
     """The reference's ``TTTLinear`` and ``TTTMLP`` layers, imported from ``checkout/ttt.py``."""
     spec = importlib.util.spec_from_file_location("reference_ttt", checkout / "ttt.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:  # its imports (transformers, ...) are the checkout's business: say which one failed
+        spec.loader.exec_module(module)
+    except Exception as error:
+        message = f"--reference {checkout}: importing its ttt.py failed: {type(error).__name__}: {error}"
+        raise SystemExit(message) from error
     layers = {}
     for label, kind, base_lr in (("Linear", "linear", 1.0), ("MLP", "mlp", 0.1)):
         config = module.TTTConfig(

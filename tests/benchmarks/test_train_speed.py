@@ -71,11 +71,19 @@ def test_the_reference_column_comes_from_a_checkout(tmp_path, capsys):
     assert rows["training bf16 autocast"][3] == "-"
 
 
+def test_a_reference_that_does_not_import_is_named(tmp_path):
+    (tmp_path / "ttt.py").write_text("import a_module_that_is_not_installed\n")
+    with pytest.raises(SystemExit, match=r"importing its ttt.py failed: ModuleNotFoundError"):
+        _main()(["--quick", "--threads", "1", "--no-compile", "--reference", str(tmp_path)])
+
+
 def test_bad_options_name_themselves(tmp_path, capsys):
     for argv, message in (
         (["--lengths", "100"], "--lengths must be positive multiples of --mini-batch 16, got [100]"),
         (["--reference", str(tmp_path)], f"--reference {tmp_path}: no ttt.py there"),
         (["--hidden", "100", "--heads", "12"], "--hidden 100 must be a multiple of --heads 12"),
+        (["--json", str(tmp_path)], f"--json {tmp_path}: must be a file path in an existing directory"),
+        (["--json", str(tmp_path / "missing" / "out.json")], "must be a file path in an existing directory"),
     ):
         with pytest.raises(SystemExit):
             _main()(argv)

@@ -520,7 +520,8 @@ class TTTLayer(nn.Module):
         batch, tokens, _ = x.shape
         heads, head_dim = self.num_heads, self.head_dim
         positions = (state.position + torch.arange(tokens, device=x.device)) % self.mini_batch_size
-        cos, sin = rope_cos_sin(positions, self.rope_inv_freq, x.dtype)  # [T, f/2]
+        if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # cast once, not once per projection
         conv_history = dict(state.conv_history)
         if self.share_qk:
             shared = self.q_proj(x)  # [B, T, D]
@@ -535,6 +536,10 @@ class TTTLayer(nn.Module):
             owned = (_output_is_scratch(self.q_proj), _output_is_scratch(self.k_proj))
         value = self.v_proj(x)
         lr, tau = self.inner_learning_rates(x)
+        if query.dtype != self.scan_dtype:  # low-precision projections: the views in the scan's dtype
+            query, key, value = (t.to(self.scan_dtype) for t in (query, key, value))
+            owned = (True, True)  # fresh copies: RoPE below rotates them in place (without autograd)
+        cos, sin = rope_cos_sin(positions, self.rope_inv_freq, query.dtype)  # [T, f/2]
 
         def heads_view(t: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, H, T, f] (a view)
             return t.reshape(batch, tokens, heads, head_dim).transpose(1, 2)

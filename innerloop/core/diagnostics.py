@@ -31,29 +31,32 @@ def inner_loss_before_after(layer: TTTLayer, x: torch.Tensor) -> tuple[torch.Ten
         ``(before [B], after [B])``: token-weighted means over every mini-batch of the sequence.
     """
     layer._check_input(x, None)
-    state = layer.init_state(x.shape[0], like=x)
+    state = layer.init_state(x.shape[0])  # in the scan's dtype (float32 for a bfloat16 layer)
     views, lr, tau, _ = layer._read(x, state)
     tau = tau if layer.update_rule.uses_token_scale else None
     gates = layer.forgetting(x)  # (decay, momentum), each [B, H, T] or None
+    views, (lr, tau, *gates) = layer.in_scan_dtype(views, lr, tau, *gates)
     task = layer.inner_task()
     mini_batch = layer.mini_batch_size
-    totals_before = x.new_zeros(x.shape[0])
-    totals_after = x.new_zeros(x.shape[0])
-    counts = x.new_zeros(x.shape[0])
-    for start in range(0, x.shape[1], mini_batch):
-        end = min(start + mini_batch, x.shape[1])
-        chunk_views = views.slice_tokens(start, end)
-        pairs = task.loss.pairs(chunk_views, state.loss_carry)
-        valid = pairs.valid if pairs.valid is not None else torch.ones(end - start, dtype=x.dtype)
-        weights = torch.broadcast_to(valid.to(x.dtype), lr[:, :, start:end].shape)  # [B, H, N]
+    dtype = layer.scan_dtype
+    totals_before = x.new_zeros(x.shape[0], dtype=dtype)
+    totals_after = x.new_zeros(x.shape[0], dtype=dtype)
+    counts = x.new_zeros(x.shape[0], dtype=dtype)
+    with torch.autocast(x.device.type, enabled=False):  # the scan runs in its dtype, as in the layer
+        for start in range(0, x.shape[1], mini_batch):
+            end = min(start + mini_batch, x.shape[1])
+            chunk_views = views.slice_tokens(start, end)
+            pairs = task.loss.pairs(chunk_views, state.loss_carry)
+            valid = pairs.valid if pairs.valid is not None else torch.ones(end - start, dtype=dtype)
+            weights = torch.broadcast_to(valid.to(dtype), lr[:, :, start:end].shape)  # [B, H, N]
 
-        totals_before += _weighted_loss(task, state.params, pairs, weights)
-        decay, momentum = (None if g is None else g[:, :, start:end] for g in gates)
-        _, state = run_scan(
-            layer.update_rule, state, task, chunk_views, lr[:, :, start:end], tau, decay, momentum
-        )
-        totals_after += _weighted_loss(task, state.current_weights(tau), pairs, weights)
-        counts += weights.sum(dim=(1, 2))
+            totals_before += _weighted_loss(task, state.params, pairs, weights)
+            decay, momentum = (None if g is None else g[:, :, start:end] for g in gates)
+            _, state = run_scan(
+                layer.update_rule, state, task, chunk_views, lr[:, :, start:end], tau, decay, momentum
+            )
+            totals_after += _weighted_loss(task, state.current_weights(tau), pairs, weights)
+            counts += weights.sum(dim=(1, 2))
     counts = counts.clamp_min(1.0)
     return totals_before / counts, totals_after / counts
 

@@ -208,7 +208,7 @@ class FamilyLayer(TTTLayer):
         state = super().init_state(batch_size, like)
         if not self.short_conv:
             return state
-        reference = like if like is not None else self.post_norm.weight
+        reference = like if like is not None else self.post_norm.weight.new_empty((), dtype=self.scan_dtype)
         zeros = reference.new_zeros(batch_size, self.conv_kernel - 1, self.hidden_size)
         return replace(state, conv_history={name: zeros for name in CONV_NAMES})
 

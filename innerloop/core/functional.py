@@ -86,8 +86,9 @@ def overflow_safe_scale_if_needed(x: torch.Tensor) -> torch.Tensor | None:
     """:func:`overflow_safe_scale`, or ``None`` when no row of ``x`` needs scaling, which a CPU tensor
     learns from one reduction (its common case then skips the per-row pass and the multiply). Not for
     code under ``torch.func`` transforms (the check reads a value); elsewhere (CUDA) the scale is
-    always computed, without a host sync."""
-    if x.device.type == "cpu" and x.numel():
+    always computed, without a host sync, and under ``torch.compile`` (no data-dependent branch to
+    break the graph)."""
+    if x.device.type == "cpu" and x.numel() and not torch.compiler.is_compiling():
         low, high = torch.aminmax(x.detach())
         bound = _overflow_bound(x)
         if high <= bound and low >= -bound:  # a NaN anywhere compares False: rows are then checked one by one
@@ -163,10 +164,14 @@ def apply_rope_interleaved(
     reference's permute -> rotate-half -> un-permute round trip. float32/float64 inputs use one
     complex multiplication (the same arithmetic, one pass over memory); with ``in_place`` (only for a
     tensor that no autograd graph needs) that result is written into ``x`` when ``x`` can be viewed as
-    complex pairs. Always use the returned tensor: other dtypes and layouts return a new one.
+    complex pairs. Always use the returned tensor: other dtypes and layouts (and code being compiled
+    by ``torch.compile``) return a new one, computed with real arithmetic.
     """
     complex_view_ok = (
-        x.stride(-1) == 1 and x.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in x.stride()[:-1])
+        not torch.compiler.is_compiling()  # inductor does not generate code for complex numbers
+        and x.stride(-1) == 1
+        and x.storage_offset() % 2 == 0
+        and all(s % 2 == 0 for s in x.stride()[:-1])
     )
     if x.dtype in (torch.float32, torch.float64) and complex_view_ok:
         pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # [..., f/2] complex
@@ -191,12 +196,13 @@ def causal_depthwise_conv(
         history: ``[B, k - 1, C]`` the last ``k - 1`` inputs before ``x`` (zeros at sequence start).
 
     Returns:
-        ``(y [B, T, C], new_history [B, k - 1, C])``.
+        ``(y [B, T, C], new_history [B, k - 1, C])``: ``y`` in ``x``'s dtype, the history in the
+        dtype it was given (a TTT layer keeps its state in float32 also when ``x`` is bfloat16).
     """
     kernel = weight.shape[-1]
-    padded = torch.cat([history, x], dim=1)  # [B, k-1+T, C]
+    padded = torch.cat([history.to(x.dtype), x], dim=1)  # [B, k-1+T, C]
     y = F.conv1d(padded.transpose(1, 2), weight, bias, groups=weight.shape[0]).transpose(1, 2)
-    new_history = padded[:, padded.shape[1] - (kernel - 1) :] if kernel > 1 else history
+    new_history = padded[:, padded.shape[1] - (kernel - 1) :].to(history.dtype) if kernel > 1 else history
     return y, new_history
 
 

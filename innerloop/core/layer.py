@@ -51,6 +51,13 @@ NON_FINITE_POLICIES = ("raise", "ignore")
 MAX_MINI_BATCH_SIZE = 65536
 BUILT_IN_PATHS = ("auto", "torch")
 
+# Under torch.compile the inner scan runs eagerly, outside the compiled graph: it is a Python loop
+# over mini-batches (dynamo would unroll it, compiling for minutes at T / K = 128 and again for every
+# length), its paths are already fused (the fused torch dual form, the compiled CPU kernel, Triton),
+# and the CPU kernel is a ctypes call dynamo cannot trace. The projections, norms and gates around it
+# compile. The argument and finiteness checks run eagerly too: they read tensor values to decide.
+_run_scan_eagerly = torch.compiler.disable(run_scan, reason="innerloop: the inner scan runs eagerly")
+
 
 def _resolve(kind: str, value: Any, expected: type) -> Any:
     """A plugin instance from a registered name, or the instance itself."""
@@ -234,9 +241,10 @@ class TTTLayer(nn.Module):
             ``None`` reads every call at once.
 
     Call ``y, state = layer(x, state=None)`` with ``x [B, T, D]``; ``state`` continues a sequence
-    from any split point (see :class:`innerloop.core.state.TTTState`). ``x`` and the state are in
-    the weights' dtype, except under ``torch.autocast``: then the projections run in the autocast
-    dtype and the inner scan (state, inner LayerNorm statistics, gradient sums) in the weights' dtype.
+    from any split point (see :class:`innerloop.core.state.TTTState`). ``x`` is in the weights'
+    dtype (any dtype under ``torch.autocast``); the inner scan (state, inner LayerNorm statistics,
+    gradient sums) and the state are in :attr:`scan_dtype`, the weights' dtype but at least float32:
+    under autocast or with the layer in bfloat16 / float16 only the projections run in low precision.
     Every argument is checked at construction or call, with an error naming it and what is valid.
     """
 
@@ -370,9 +378,21 @@ class TTTLayer(nn.Module):
             inner_loss=self._state_labels[1],
         )
 
+    @property
+    def scan_dtype(self) -> torch.dtype:
+        """The dtype of the inner scan and of the state: the weights' dtype, but at least float32.
+
+        A layer in bfloat16 or float16 (``layer.to(torch.bfloat16)``), like one under
+        ``torch.autocast``, runs its projections in that dtype and its inner scan (inner weights,
+        inner LayerNorm statistics, inner gradient sums) in float32: a low-precision state would
+        lose every update smaller than its rounding step.
+        """
+        return torch.promote_types(self.post_norm.weight.dtype, torch.float32)
+
     def init_state(self, batch_size: int, like: torch.Tensor | None = None) -> TTTState:
-        """The state at the start of a sequence: every sequence starts from the learnable init."""
-        reference = like if like is not None else self.post_norm.weight
+        """The state at the start of a sequence, in :attr:`scan_dtype` (or ``like``'s dtype): every
+        sequence starts from the learnable init."""
+        reference = like if like is not None else self.post_norm.weight.new_empty((), dtype=self.scan_dtype)
         params = {
             k: v.to(reference.dtype).unsqueeze(0).expand(batch_size, *v.shape)
             for k, v in self.initial_params.items()
@@ -396,6 +416,7 @@ class TTTLayer(nn.Module):
     # Forward
     # ------------------------------------------------------------------------------------------
 
+    @torch.compiler.disable(reason="innerloop: the input checks read values")  # see _run_scan_eagerly
     def _check_input(self, x: torch.Tensor, state: TTTState | None) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor [B, T, hidden_size], got {type(x).__name__}")
@@ -451,17 +472,17 @@ class TTTLayer(nn.Module):
                 raise ValueError(f"state.{group} must have the shapes {wanted}, got {given}")
         self._check_rule_state(state, batch_size, shapes)
         self._check_conv_history(state, batch_size)
-        weights = self.post_norm.weight
+        weights, scan_dtype = self.post_norm.weight, self.scan_dtype
         for name, tensor in state.tensors().items():
             if tensor.device != weights.device:
                 raise ValueError(
                     f"state tensor {name} is on {tensor.device}, the layer on {weights.device}: "
                     f"move the state with state.to({str(weights.device)!r})"
                 )
-            if tensor.is_floating_point() and tensor.dtype != weights.dtype:
+            if tensor.is_floating_point() and tensor.dtype != scan_dtype:
                 raise TypeError(
-                    f"state tensor {name} is {tensor.dtype} but the layer keeps its state in {weights.dtype}: "
-                    f"cast it with state.to({weights.dtype})"
+                    f"state tensor {name} is {tensor.dtype} but the layer keeps its state in {scan_dtype}: "
+                    f"cast it with state.to({scan_dtype})"
                 )
 
     def _check_conv_history(self, state: TTTState, batch_size: int) -> None:
@@ -504,7 +525,8 @@ class TTTLayer(nn.Module):
         batch, tokens, _ = x.shape
         heads, head_dim = self.num_heads, self.head_dim
         positions = (state.position + torch.arange(tokens, device=x.device)) % self.mini_batch_size
-        cos, sin = rope_cos_sin(positions, self.rope_inv_freq, x.dtype)  # [T, f/2]
+        if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # cast once, not once per projection
         conv_history = dict(state.conv_history)
         if self.share_qk:
             shared = self.q_proj(x)  # [B, T, D]
@@ -519,6 +541,10 @@ class TTTLayer(nn.Module):
             owned = (_output_is_scratch(self.q_proj), _output_is_scratch(self.k_proj))
         value = self.v_proj(x)
         lr, tau = self.inner_learning_rates(x)
+        if query.dtype != self.scan_dtype:  # low-precision projections: the views in the scan's dtype
+            query, key, value = (t.to(self.scan_dtype) for t in (query, key, value))
+            owned = (True, True)  # fresh copies: RoPE below rotates them in place (without autograd)
+        cos, sin = rope_cos_sin(positions, self.rope_inv_freq, query.dtype)  # [T, f/2]
 
         def heads_view(t: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, H, T, f] (a view)
             return t.reshape(batch, tokens, heads, head_dim).transpose(1, 2)
@@ -558,8 +584,8 @@ class TTTLayer(nn.Module):
             model=self.inner_model,
             loss=self.inner_loss,
             mini_batch_size=self.mini_batch_size,
-            norm_weight=self.ttt_norm_weight if self.inner_norm else None,
-            norm_bias=self.ttt_norm_bias if self.inner_norm else None,
+            norm_weight=self.ttt_norm_weight.to(self.scan_dtype) if self.inner_norm else None,
+            norm_bias=self.ttt_norm_bias.to(self.scan_dtype) if self.inner_norm else None,
             norm_eps=self.norm_eps,
             residual=self.inner_residual,
             kernel=self.kernel,
@@ -588,6 +614,7 @@ class TTTLayer(nn.Module):
             self._check_output(x, given_state, y, state)
         return y, state
 
+    @torch.compiler.disable(reason="innerloop: the output checks read values")  # see _run_scan_eagerly
     def _check_output(
         self, x: torch.Tensor, given_state: TTTState | None, y: torch.Tensor, new_state: TTTState
     ) -> None:
@@ -607,7 +634,7 @@ class TTTLayer(nn.Module):
                 "start from state=None, or construct the layer with non_finite='ignore' to let them propagate"
             )
         largest = float(x.detach().abs().max())
-        scan_dtype = str(self.post_norm.weight.dtype).removeprefix("torch.")  # the inner scan's dtype
+        scan_dtype = str(self.scan_dtype).removeprefix("torch.")
         raise ValueError(
             f"TTTLayer produced non-finite {what} from finite input: the inner model overflowed "
             f"{scan_dtype} (largest |input| {largest:.1e}); normalise the input or run "
@@ -635,24 +662,32 @@ class TTTLayer(nn.Module):
 
     def _forward_chunk(self, x: torch.Tensor, state: TTTState) -> tuple[torch.Tensor, TTTState]:
         views, lr, tau, conv_history = self._read(x, state)
-        # Under autocast the projections ran in low precision; the inner scan (state, inner LayerNorm
-        # statistics, gradient sums) runs in the weights' dtype (float32) with autocast off.
+        # Under autocast, or with the layer in bfloat16 / float16, the projections ran in low
+        # precision; the inner scan (state, inner LayerNorm statistics, gradient sums) runs in
+        # ``scan_dtype`` (at least float32) with autocast off, and its outputs go back to the weights'
+        # dtype for the post-norm and o_proj (under autocast those choose their own dtype).
         decay, momentum = self.forgetting(x)
         if not self.update_rule.uses_token_scale:
             tau = None
-        mixed = torch.is_autocast_enabled(x.device.type)
-        if mixed:
-            dtype = self.post_norm.weight.dtype
-            views = Views(*(v.to(dtype) for v in (views.query, views.key, views.value)))
-            lr, tau, decay, momentum = (
-                None if t is None else t.to(dtype) for t in (lr, tau, decay, momentum)
-            )
-        with torch.autocast(x.device.type, enabled=False) if mixed else nullcontext():
-            inner_out, new_state = run_scan(
+        autocasting = torch.is_autocast_enabled(x.device.type)
+        views, (lr, tau, decay, momentum) = self.in_scan_dtype(views, lr, tau, decay, momentum)
+        with torch.autocast(x.device.type, enabled=False) if autocasting else nullcontext():
+            inner_out, new_state = _run_scan_eagerly(
                 self.update_rule, state, self.inner_task(), views, lr, tau, decay, momentum
             )
         new_state = replace(new_state, conv_history=conv_history)
+        if not autocasting:
+            inner_out = inner_out.to(self.post_norm.weight.dtype)
         return self._output(x, inner_out), new_state
+
+    def in_scan_dtype(
+        self, views: Views, *tensors: torch.Tensor | None
+    ) -> tuple[Views, tuple[torch.Tensor | None, ...]]:
+        """``views`` and ``tensors`` (lr, tau, gates; None stays None) cast to :attr:`scan_dtype`,
+        what the inner scan reads (a no-op where they are in it already)."""
+        dtype = self.scan_dtype
+        views = Views(*(v.to(dtype) for v in (views.query, views.key, views.value)))
+        return views, tuple(None if t is None else t.to(dtype) for t in tensors)
 
     def _output(self, x: torch.Tensor, inner_out: torch.Tensor) -> torch.Tensor:
         """``y [B, T, D]`` from the inner outputs ``[B, H, T, f]``: post-norm, optional gate, o_proj."""

@@ -1,0 +1,314 @@
+"""Training and low-precision throughput of TTT-Linear, TTT-MLP and a causal attention layer (issue 13).
+
+One run prints the issue's table, tokens/s per layer (columns) and setting (rows):
+
+- ``inference fp32`` and ``inference bf16 autocast``: forward only, no autograd;
+- ``training fwd+bwd fp32`` and ``training bf16 autocast``: forward, then backward of a scalar loss
+  into every parameter and the input;
+- ``training fp32 torch.compile``: the training row with each layer wrapped in ``torch.compile``
+  (compiled once, in the warm-up), against the eager row above it (skipped with ``--no-compile``).
+
+Columns: TTT-Linear and TTT-MLP (``kernel='auto'``: what a user gets), the attention layer of
+``layer_speed.py`` (q/k/v/o projections + SDPA, same width), and the reference implementation
+(test-time-training/ttt-lm-pytorch's ``TTTLinear`` / ``TTTMLP``) when ``--reference`` names a checkout
+of it (its ``ttt.py`` is imported from there; nothing is downloaded), else "not available".
+
+Defaults from the issue: CPU, 2 threads, float32 weights, B=1, D=768, H=12, K=16, T=2048, median of
+``--repeats`` rounds after a warm-up; each round times every (setting, layer, length) once, so that
+the machine's slow spells hit all of them alike. ``--lengths 2048 4096 8192`` adds a table per length
+and the training rows' spread across lengths (flatness). ``--quick``: tiny sizes for CI.
+
+    python benchmarks/train_speed.py
+    python benchmarks/train_speed.py --lengths 2048 4096 8192 --repeats 3
+    python benchmarks/train_speed.py --reference ~/src/ttt-lm-pytorch --json train_speed.json
+
+Run it on a quiet machine: on 2 cores, any other busy process slows OpenMP's thread barriers down by
+orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # layer_speed.py and ttt_paths.py beside this
+from layer_speed import CausalAttention  # noqa: E402
+
+import innerloop  # noqa: E402
+
+ROWS = (
+    "inference fp32",
+    "inference bf16 autocast",
+    "training fwd+bwd fp32",
+    "training bf16 autocast",
+)
+COMPILE_ROW = "training fp32 torch.compile"
+LAYERS = ("TTT-Linear", "TTT-MLP", "attention (SDPA)")
+REFERENCE = "reference ttt-lm-pytorch"
+QUICK = {"hidden": 64, "heads": 4, "mini_batch": 16, "lengths": [64], "repeats": 1}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--lengths", type=int, nargs="+", default=[2048], help="sequence lengths T (default: 2048)"
+    )
+    parser.add_argument("--hidden", type=int, default=768, help="model width D (default: 768)")
+    parser.add_argument("--heads", type=int, default=12, help="heads H (default: 12)")
+    parser.add_argument("--mini-batch", type=int, default=16, help="TTT mini-batch size K (default: 16)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per call B (default: 1)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed rounds; the median is reported (default: 5)"
+    )
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        help="a ttt-lm-pytorch checkout (its ttt.py) for the reference column",
+    )
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"CI-sized run: {QUICK} (overrides those options)"
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write the numbers to this file (atomically)"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in QUICK.items():
+            setattr(args, name, value)
+    for name in ("hidden", "heads", "mini_batch", "batch", "threads", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.hidden % args.heads or (args.hidden // args.heads) % 2:
+        parser.error(
+            f"--hidden {args.hidden} must be a multiple of --heads {args.heads} with an even head size"
+        )
+    bad = [t for t in args.lengths if t < 1 or t % args.mini_batch]
+    if bad:
+        parser.error(f"--lengths must be positive multiples of --mini-batch {args.mini_batch}, got {bad}")
+    if args.reference is not None and not (args.reference / "ttt.py").is_file():
+        parser.error(f"--reference {args.reference}: no ttt.py there (a ttt-lm-pytorch checkout has one)")
+    if args.json is not None and (args.json.is_dir() or not args.json.resolve().parent.is_dir()):
+        parser.error(f"--json {args.json}: must be a file path in an existing directory")
+    return args
+
+
+def load_reference_layers(checkout: Path, hidden: int, heads: int, mini_batch: int) -> dict[str, nn.Module]:
+    """The reference's ``TTTLinear`` and ``TTTMLP`` layers, imported from ``checkout/ttt.py``."""
+    spec = importlib.util.spec_from_file_location("reference_ttt", checkout / "ttt.py")
+    module = importlib.util.module_from_spec(spec)
+    try:  # its imports (transformers, ...) are the checkout's business: say which one failed
+        spec.loader.exec_module(module)
+    except Exception as error:
+        message = f"--reference {checkout}: importing its ttt.py failed: {type(error).__name__}: {error}"
+        raise SystemExit(message) from error
+    layers = {}
+    for label, kind, base_lr in (("Linear", "linear", 1.0), ("MLP", "mlp", 0.1)):
+        config = module.TTTConfig(
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            mini_batch_size=mini_batch,
+            ttt_layer_type=kind,
+            ttt_base_lr=base_lr,
+        )
+        layers[label] = getattr(module, f"TTT{label}")(config, layer_idx=0)
+    return layers
+
+
+class ReferenceLayer(nn.Module):
+    """A reference layer called as ours are: ``layer(x)`` with the positions a model passes."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(x.shape[1], device=x.device)[None]
+        out = self.layer(x, position_ids=positions)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def build_layers(args: argparse.Namespace) -> dict[str, nn.Module]:
+    """Every timed layer by column label (the reference's as ``reference Linear`` / ``reference MLP``)."""
+    torch.manual_seed(0)
+    layers: dict[str, nn.Module] = {
+        "TTT-Linear": innerloop.TTTLayer(
+            args.hidden, args.heads, inner_model="linear", mini_batch_size=args.mini_batch
+        ),
+        "TTT-MLP": innerloop.TTTLayer(
+            args.hidden, args.heads, inner_model="mlp", mini_batch_size=args.mini_batch, base_lr=0.1
+        ),
+        "attention (SDPA)": CausalAttention(args.hidden, args.heads),
+    }
+    if args.reference is not None:
+        for label, layer in load_reference_layers(
+            args.reference, args.hidden, args.heads, args.mini_batch
+        ).items():
+            layers[f"reference {label}"] = ReferenceLayer(layer)
+    return layers
+
+
+def _output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = layer(x)
+    return out[0] if isinstance(out, tuple) else out  # a TTT layer returns (y, state)
+
+
+def make_call(row: str, layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """One timed call of ``layer`` on ``x`` in the setting of ``row``."""
+    precision = torch.autocast("cpu", dtype=torch.bfloat16) if "bf16" in row else contextlib.nullcontext()
+    if row.startswith("inference"):
+
+        def infer() -> None:
+            with torch.inference_mode(), precision:
+                _output(layer, x)
+
+        return infer
+
+    parameters = [p for p in layer.parameters() if p.requires_grad]
+    x = x.detach().requires_grad_(True)
+
+    def train() -> None:
+        with precision:
+            loss = _output(layer, x).float().square().mean()
+        torch.autograd.grad(loss, [x, *parameters])
+
+    return train
+
+
+def timed_calls(
+    args: argparse.Namespace, layers: dict[str, nn.Module]
+) -> dict[tuple[int, str, str], Callable]:
+    """Every (length, row, column) to time, as a call. The reference runs in the fp32 rows only (as in
+    the issue's table); the compiled row wraps each of our layers in ``torch.compile``."""
+    compiled = {} if args.no_compile else {name: torch.compile(layers[name]) for name in LAYERS}
+    calls = {}
+    for tokens in args.lengths:
+        x = torch.randn(args.batch, tokens, args.hidden)
+        for row in ROWS:
+            for name, layer in layers.items():
+                if name.startswith("reference") and "bf16" in row:
+                    continue
+                calls[tokens, row, name] = make_call(row, layer, x)
+        for name, layer in compiled.items():
+            calls[tokens, COMPILE_ROW, name] = make_call(COMPILE_ROW, layer, x)
+    return calls
+
+
+def interleaved_median_seconds(calls: dict, repeats: int) -> dict:
+    """Median seconds per call of each function, timed round-robin after one warm-up call each."""
+    for call in calls.values():
+        call()
+    times: dict = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def table(results: dict[str, dict[str, float]], has_reference: bool) -> list[str]:
+    """Markdown lines: one row per setting, one column per layer (tokens/s)."""
+    lines = ["| tokens/s | " + " | ".join([*LAYERS, REFERENCE]) + " |", "|---|" + "---|" * (len(LAYERS) + 1)]
+    for row, speeds in results.items():
+        cells = [f"{speeds[name]:,.0f}" if name in speeds else "-" for name in LAYERS]
+        if not has_reference:
+            cells.append("not available")
+        elif "reference Linear" in speeds:
+            cells.append(f"Linear {speeds['reference Linear']:,.0f}, MLP {speeds['reference MLP']:,.0f}")
+        else:
+            cells.append("-")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def ratio_lines(results: dict[str, dict[str, float]]) -> list[str]:
+    """The issue's goals as same-run ratios."""
+    fp32, bf16 = results["inference fp32"], results["inference bf16 autocast"]
+    train32, train16 = results["training fwd+bwd fp32"], results["training bf16 autocast"]
+    attention = "attention (SDPA)"
+    lines = [
+        f"training fp32: TTT-Linear / attention = {train32['TTT-Linear'] / train32[attention]:.2f} (goal >= 2), "
+        f"TTT-MLP / attention = {train32['TTT-MLP'] / train32[attention]:.2f} (goal >= 1)",
+        f"bf16 / fp32 inference: TTT-Linear {bf16['TTT-Linear'] / fp32['TTT-Linear']:.2f} (goal >= 3); "
+        f"bf16 TTT-Linear / bf16 attention {bf16['TTT-Linear'] / bf16[attention]:.2f} (goal >= 3)",
+        f"bf16 / fp32 training: TTT-Linear {train16['TTT-Linear'] / train32['TTT-Linear']:.2f} (goal >= 2), "
+        f"TTT-MLP {train16['TTT-MLP'] / train32['TTT-MLP']:.2f}",
+    ]
+    if "reference Linear" in train32:
+        lines.append(
+            f"training fp32: TTT-Linear / reference = {train32['TTT-Linear'] / train32['reference Linear']:.2f} "
+            "(goal >= 3)"
+        )
+    if COMPILE_ROW in results:
+        gains = ", ".join(f"{n} {results[COMPILE_ROW][n] / train32[n]:.2f}" for n in LAYERS)
+        lines.append(f"torch.compile / eager training: {gains}")
+    return lines
+
+
+def flatness_lines(by_length: dict[int, dict[str, dict[str, float]]]) -> list[str]:
+    """The fp32 training tokens/s of each layer across lengths, and its spread (max / min - 1)."""
+    lengths = sorted(by_length)
+    lines = ["| training fp32 tokens/s | " + " | ".join(f"T={t}" for t in lengths) + " | spread |"]
+    lines.append("|---|" + "---|" * (len(lengths) + 1))
+    for name in by_length[lengths[0]]["training fwd+bwd fp32"]:
+        speeds = [by_length[t]["training fwd+bwd fp32"][name] for t in lengths]
+        cells = " | ".join(f"{s:,.0f}" for s in speeds)
+        lines.append(f"| {name} | {cells} | {max(speeds) / min(speeds) - 1:.0%} |")
+    return lines
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` through a temporary file beside it: the file is whole or absent."""
+    with tempfile.NamedTemporaryFile("w", dir=path.resolve().parent, delete=False, suffix=".tmp") as handle:
+        json.dump(data, handle, indent=1)
+    os.replace(handle.name, path)
+
+
+def main(argv: list[str] | None = None) -> dict[int, dict[str, dict[str, float]]]:
+    """Time every setting and layer, print the tables; returns ``{T: {row: {column: tokens/s}}}``."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    layers = build_layers(args)
+    seconds = interleaved_median_seconds(timed_calls(args, layers), args.repeats)
+    by_length: dict[int, dict[str, dict[str, float]]] = {t: {} for t in args.lengths}
+    for (tokens, row, name), median in seconds.items():
+        by_length[tokens].setdefault(row, {})[name] = args.batch * tokens / median
+
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, threads={args.threads}; "
+        f"torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}; B={args.batch} D={args.hidden} "
+        f"H={args.heads} K={args.mini_batch}, float32 weights; median of {args.repeats}"
+    )
+    for tokens, results in by_length.items():
+        print(f"\nT={tokens}\n")
+        print("\n".join(table(results, args.reference is not None)))
+        print("\n" + "\n".join(ratio_lines(results)))
+    if len(args.lengths) > 1:
+        print("\n" + "\n".join(flatness_lines(by_length)))
+    if args.json is not None:
+        data = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+        data["tokens_per_second"] = {str(t): results for t, results in by_length.items()}
+        write_json_atomically(args.json, data)
+    return by_length
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""benchmarks/train_speed.py (issue 13): one quick run prints the issue's table and writes its JSON;
+``--reference`` adds the reference's column from a checkout's ``ttt.py`` (here a stand-in module
+with the reference's names, since the reference's code is not part of this repository)."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+
+BENCHMARK = Path(__file__).parents[2] / "benchmarks" / "train_speed.py"
+
+# The reference's interface as train_speed.py uses it: TTTConfig(**fields), TTTLinear / TTTMLP(config,
+# layer_idx), layer(x, position_ids=...) -> y.
+STAND_IN = """
+import torch
+from torch import nn
+
+class TTTConfig:
+    def __init__(self, hidden_size, num_attention_heads, mini_batch_size, ttt_layer_type, ttt_base_lr):
+        self.hidden_size = hidden_size
+
+class TTTLinear(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x, position_ids=None):
+        assert position_ids.shape == (1, x.shape[1])
+        return self.proj(x)
+
+TTTMLP = TTTLinear
+"""
+
+
+def _table_rows(output: str) -> dict[str, list[str]]:
+    rows = [line.strip("| ").split(" | ") for line in output.splitlines() if line.startswith("| ")]
+    return {cells[0]: cells[1:] for cells in rows[1:]}  # after the header
+
+
+def _main():
+    return runpy.run_path(str(BENCHMARK))["main"]
+
+
+def test_a_quick_run_prints_the_table_and_writes_json_atomically(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    results = _main()(["--quick", "--threads", "1", "--no-compile", "--json", str(out)])
+    rows = _table_rows(capsys.readouterr().out)
+    assert list(rows) == [
+        "inference fp32",
+        "inference bf16 autocast",
+        "training fwd+bwd fp32",
+        "training bf16 autocast",
+    ]
+    for cells in rows.values():  # TTT-Linear, TTT-MLP, attention: numbers; the reference: not available
+        assert all(float(cell.replace(",", "")) > 0 for cell in cells[:3]) and cells[3] == "not available"
+    assert json.loads(out.read_text())["tokens_per_second"]["64"] == results[64]
+    assert [p.name for p in tmp_path.iterdir()] == ["speed.json"]  # no temporary file left
+
+
+def test_the_reference_column_comes_from_a_checkout(tmp_path, capsys):
+    (tmp_path / "ttt.py").write_text(STAND_IN)
+    _main()(["--quick", "--threads", "1", "--no-compile", "--reference", str(tmp_path)])
+    rows = _table_rows(capsys.readouterr().out)
+    assert (
+        rows["training fwd+bwd fp32"][3].startswith("Linear ")
+        and ", MLP " in rows["training fwd+bwd fp32"][3]
+    )
+    assert rows["training bf16 autocast"][3] == "-"
+
+
+def test_a_reference_that_does_not_import_is_named(tmp_path):
+    (tmp_path / "ttt.py").write_text("import a_module_that_is_not_installed\n")
+    with pytest.raises(SystemExit, match=r"importing its ttt.py failed: ModuleNotFoundError"):
+        _main()(["--quick", "--threads", "1", "--no-compile", "--reference", str(tmp_path)])
+
+
+def test_bad_options_name_themselves(tmp_path, capsys):
+    for argv, message in (
+        (["--lengths", "100"], "--lengths must be positive multiples of --mini-batch 16, got [100]"),
+        (["--reference", str(tmp_path)], f"--reference {tmp_path}: no ttt.py there"),
+        (["--hidden", "100", "--heads", "12"], "--hidden 100 must be a multiple of --heads 12"),
+        (["--json", str(tmp_path)], f"--json {tmp_path}: must be a file path in an existing directory"),
+        (["--json", str(tmp_path / "missing" / "out.json")], "must be a file path in an existing directory"),
+    ):
+        with pytest.raises(SystemExit):
+            _main()(argv)
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow  # reason: inductor compiles three layers' training graphs (about a minute on 2 cores)
+def test_a_quick_run_with_the_compiled_row(capsys):
+    _main()(["--quick", "--threads", "1"])
+    output = capsys.readouterr().out
+    compiled = _table_rows(output)["training fp32 torch.compile"]
+    assert all(float(cell.replace(",", "")) > 0 for cell in compiled[:3]) and compiled[3] in (
+        "-",
+        "not available",
+    )
+    assert "torch.compile / eager training: TTT-Linear" in output

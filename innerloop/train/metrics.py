@@ -5,14 +5,45 @@
 - :class:`InnerLossDiagnostics`: for each TTT layer, the inner (self-supervised) loss before and after
   the layer's updates; "after" below "before" means the inner loop is learning.
 
-Perplexity itself is ``torchmetrics.text.Perplexity``. All states are sums, so the metrics reduce
-correctly across processes.
+Perplexity is ``torchmetrics.text.Perplexity`` with float64 states (:class:`Float64Perplexity`). All
+states are sums, so the metrics reduce correctly across processes, and they stay float64 when the
+module holding them is cast to a low precision (:class:`Float64States`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torchmetrics import Metric
+from torchmetrics.text import Perplexity
+
+
+class Float64States(Metric):
+    """A metric whose floating-point states (sums of losses, counts) are float64 and stay so when its
+    module is cast, as Lightning's ``bf16-true`` and ``16-true`` precisions cast the whole
+    LightningModule: a bfloat16 count stops growing at 256, so a cast metric would report silently
+    wrong numbers (torchmetrics converts states on ``.to(dtype)``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._float64_states()
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Metric:
+        this = super()._apply(fn, *args, **kwargs)
+        self._float64_states()
+        return this
+
+    def _float64_states(self) -> None:
+        for name, default in self._defaults.items():
+            if isinstance(default, torch.Tensor) and default.is_floating_point():
+                self._defaults[name] = default.to(torch.float64)
+                setattr(self, name, getattr(self, name).to(torch.float64))
+
+
+class Float64Perplexity(Float64States, Perplexity):
+    """``torchmetrics.text.Perplexity`` summing in float64 (its own states are float32) whatever the
+    model's precision."""
 
 
 def position_buckets(seq_len: int, num_buckets: int) -> list[tuple[int, int]]:
@@ -25,7 +56,7 @@ def position_buckets(seq_len: int, num_buckets: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:], strict=True))
 
 
-class LossByPosition(Metric):
+class LossByPosition(Float64States):
     """Mean per-token loss in each of ``num_buckets`` equal buckets of positions.
 
     ``update(token_loss [B, T], mask [B, T] bool)`` adds the losses of the tokens where ``mask`` is
@@ -75,7 +106,7 @@ class LossByPosition(Metric):
         return (self.loss_sum / self.count)[:used].float()  # 0/0 = NaN marks an empty bucket
 
 
-class InnerLossDiagnostics(Metric):
+class InnerLossDiagnostics(Float64States):
     """Mean inner loss of each TTT layer before and after its updates.
 
     ``update(layer, before [B], after [B])`` adds one layer's per-sequence values (from

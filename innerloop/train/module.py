@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.classification import MulticlassAccuracy
-from torchmetrics.text import Perplexity
 
 from innerloop.core.diagnostics import inner_loss_before_after
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
@@ -41,7 +40,7 @@ from innerloop.train.checkpoint import (
     save_checkpoint,
 )
 from innerloop.train.data import IGNORE_INDEX, Batch
-from innerloop.train.metrics import InnerLossDiagnostics, LossByPosition
+from innerloop.train.metrics import Float64Perplexity, InnerLossDiagnostics, LossByPosition
 from innerloop.train.schedules import Schedule, make_schedule
 from innerloop.train.schedules import warmup_cosine as warmup_cosine  # re-exported: its old home
 
@@ -123,7 +122,7 @@ class LanguageModelModule(L.LightningModule):
         make_schedule(schedule, warmup_steps, max_steps, lr, min_lr, decay_steps)  # a known name
         self.save_hyperparameters()
         self.model = build_model(ModelConfig.from_dict(model))  # CausalLM, or E2ELM for mixer='e2e'
-        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self.val_ppl = Float64Perplexity(ignore_index=IGNORE_INDEX)
         self.val_acc = MulticlassAccuracy(
             num_classes=self.model.config.vocab_size, average="micro", ignore_index=IGNORE_INDEX
         )

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from innerloop.train.metrics import InnerLossDiagnostics, LossByPosition, position_buckets
+from innerloop.train.metrics import Float64Perplexity, InnerLossDiagnostics, LossByPosition, position_buckets
 from innerloop.train.module import warmup_cosine
 
 
@@ -65,3 +65,29 @@ def test_warmup_then_cosine_to_the_minimum() -> None:
     assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55)
     assert lrs[110] == pytest.approx(0.1) and lrs[129] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+
+
+@pytest.mark.parametrize("cast", [torch.bfloat16, torch.float16])
+def test_metrics_sum_in_float64_after_their_module_is_cast(cast) -> None:
+    # Lightning's bf16-true / 16-true cast the whole LightningModule, its metrics with it: a bf16
+    # count stops at 256, so the states must stay float64 (and exact).
+    tokens, vocab = 1000, 7
+    logits = torch.randn(1, tokens, vocab, generator=torch.Generator().manual_seed(0))
+    target = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(1))
+    perplexity = Float64Perplexity().to(cast)
+    perplexity.update(logits.to(cast).float(), target)
+    expected = torch.nn.functional.cross_entropy(logits.to(cast).double()[0], target[0]).exp()
+    assert perplexity.count.dtype == torch.float64 and perplexity.count.item() == tokens
+    assert torch.allclose(perplexity.compute().double(), expected, rtol=1e-6)
+
+    by_position = LossByPosition(num_buckets=1).to(cast)
+    by_position.update(torch.full((4, tokens), 0.1))
+    assert by_position.count.item() == 4 * tokens
+    assert by_position.compute().item() == pytest.approx(0.1, rel=1e-6)
+    diagnostics = InnerLossDiagnostics(num_layers=1).to(cast)
+    for _ in range(300):
+        diagnostics.update(0, torch.ones(1), torch.ones(1))
+    assert diagnostics.count.item() == 300
+    for metric in (perplexity, by_position, diagnostics):
+        metric.reset()
+        assert all(getattr(metric, name).dtype == torch.float64 for name in metric._defaults), metric

@@ -6,6 +6,7 @@ deterministic algorithms, gradient clipping)."""
 from __future__ import annotations
 
 import csv
+import math
 import random
 from pathlib import Path
 
@@ -270,3 +271,13 @@ def test_gradient_clip_val_clips_the_applied_gradients(corpus, tmp_path) -> None
     assert run.optim.grad_clip == 0.01
     train(run, cfg, callbacks=[RecordAppliedNorm()])
     assert len(norms) == 3 and all(0.01 * (1 - 1e-4) <= n <= 0.01 * (1 + 1e-4) for n in norms), norms
+
+
+@pytest.mark.slow  # ~3 s: a short training run in bf16
+def test_a_bf16_true_run_trains_validates_and_counts_its_tokens_exactly(corpus, tmp_path) -> None:
+    # bf16-true casts the whole LightningModule, its metrics too; their sums stay float64, so the
+    # validation perplexity is the exponential of the mean validation loss, not a bf16 count's.
+    run, cfg = small_run(corpus, tmp_path / "run", "trainer.precision=bf16-true")
+    result = train(run, cfg)
+    assert math.isfinite(result.metrics["val_ppl"])
+    assert result.metrics["val_ppl"] == pytest.approx(math.exp(result.metrics["val_loss"]), rel=1e-3)

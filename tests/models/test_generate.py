@@ -49,6 +49,7 @@ def test_memory_does_not_grow_with_generated_tokens(mixer: str) -> None:
     assert live_2000 == live_200
 
 
+@pytest.mark.slow  # ~1 s: scans every live object of the process twice
 def test_the_measurement_sees_a_growing_cache() -> None:
     # Full attention keeps every key and value: the same measurement must see it grow.
     model = tiny("attention")

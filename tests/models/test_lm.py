@@ -137,6 +137,7 @@ def test_125m_attention_model_has_the_expected_parameter_count() -> None:
     assert model.num_parameters() == V * D + L * per_block + D  # tied head; final norm
 
 
+@pytest.mark.slow  # ~0.3 s: loads and validates every packaged preset
 def test_every_packaged_preset_loads_and_writes_to_its_own_folder() -> None:
     from innerloop.config import preset_names
 

@@ -122,6 +122,7 @@ def test_layer_any_split_equals_whole(config, tokens, seed, data):
         )
 
 
+@pytest.mark.slow  # ~0.45 s: 12 examples; the chunk plan is checked fast below
 @given(
     config=layer_configs(),
     chunk=st.integers(1, 9),
@@ -156,6 +157,7 @@ def test_inference_chunks_end_on_mini_batch_boundaries_and_only_without_autograd
     assert layer._inference_chunks(x, state) == [(0, 20)]  # the parameters need gradients
 
 
+@pytest.mark.slow  # ~0.45 s: 12 examples; test_generate.py decodes against a full forward in the fast loop
 @given(config=layer_configs(), prefill=st.integers(0, 12), decode=st.integers(1, 10), seed=seeds())
 def test_prefill_then_decode_equals_whole(config, prefill, decode, seed):
     layer = perturbed_layer(config, seed % 1000)

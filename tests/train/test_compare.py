@@ -115,6 +115,7 @@ def test_bootstrap_refuses_bad_arguments() -> None:
         bootstrap_difference(torch.zeros(4, 2), torch.ones(4, 2), confidence=1.5)
 
 
+@pytest.mark.slow  # ~0.7 s: a comparison through the CLI with its PNG; compare() stays fast above
 def test_cli_compare_writes_the_csv_png_and_table(runs, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     assert (

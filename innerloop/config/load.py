@@ -8,6 +8,7 @@ dataset, strategy, accelerator or precision raises :class:`ConfigError`, which l
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -103,6 +104,40 @@ def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
         raise ConfigError(f"config key {key!r} in {source}: {_first_line(err)} (expected {name})") from None
 
 
+def _merge_in_order(cfg: DictConfig, parts: Sequence[tuple[DictConfig, str]]) -> DictConfig:
+    """``cfg`` with ``parts`` merged in order, as one merge (one copy of the config, not one per part);
+    where that fails, part by part, so that the error names the part at fault (see :func:`_merge`)."""
+    if not parts:
+        return cfg
+    try:
+        return OmegaConf.merge(cfg, *(part for part, _ in parts))  # type: ignore[return-value]
+    except OmegaConfBaseException:
+        for part, source in parts:
+            cfg = _merge(cfg, part, source)
+        return cfg
+
+
+def _checked_override(item: str) -> tuple[DictConfig, str]:
+    """The override ``key=value`` as a config to merge, with its source; :class:`ConfigError` if it is not
+    of that form, cannot be parsed or names no key of the schema."""
+    key, sep, _ = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. trainer.max_steps=100)")
+    try:
+        override = OmegaConf.from_dotlist([item])
+    except Exception as err:  # the value is parsed as YAML: its syntax errors come in several types
+        raise ConfigError(f"override {item!r} cannot be parsed: {_first_line(err)}") from None
+    routed = route_trainer_keys(OmegaConf.to_container(override), f"override {item!r}", ConfigError)
+    check_keys(routed, RunConfig, "", f"override {item!r}", ConfigError)
+    return OmegaConf.create(routed), f"override {item!r}"
+
+
+@functools.cache
+def _schema() -> DictConfig:
+    """The :class:`RunConfig` schema with its defaults, built once (merging copies it, never changes it)."""
+    return OmegaConf.structured(RunConfig)
+
+
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
@@ -113,7 +148,6 @@ def load_config(
 ) -> tuple[RunConfig, DictConfig]:
     """Load a preset or YAML file, apply ``key=value`` overrides, validate; return the typed config and
     its omegaconf form (for saving)."""
-    cfg: DictConfig = OmegaConf.structured(RunConfig)
     loaded, source = _read_source(preset_or_file)
     try:
         container = OmegaConf.to_container(loaded)
@@ -121,18 +155,15 @@ def load_config(
         raise ConfigError(f"{source}: {_first_line(err)}") from None
     routed = route_trainer_keys(container, source, ConfigError)  # trainer.<Lightning argument>
     check_keys(routed, RunConfig, "", source, ConfigError)
-    cfg = _merge(cfg, OmegaConf.create(routed) if routed is not container else loaded, source)
+    cfg = _merge(_schema(), OmegaConf.create(routed) if routed is not container else loaded, source)
+    checked: list[tuple[DictConfig, str]] = []  # merged together after the loop: one merge, not one each
     for item in overrides:
-        key, sep, _ = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. trainer.max_steps=100)")
         try:
-            override = OmegaConf.from_dotlist([item])
-        except Exception as err:  # the value is parsed as YAML: its syntax errors come in several types
-            raise ConfigError(f"override {item!r} cannot be parsed: {_first_line(err)}") from None
-        routed = route_trainer_keys(OmegaConf.to_container(override), f"override {item!r}", ConfigError)
-        check_keys(routed, RunConfig, "", f"override {item!r}", ConfigError)
-        cfg = _merge(cfg, OmegaConf.create(routed), f"override {item!r}")
+            checked.append(_checked_override(item))
+        except ConfigError:
+            _merge_in_order(cfg, checked)  # an earlier override's merge error comes first, as it is earlier
+            raise
+    cfg = _merge_in_order(cfg, checked)
     try:
         run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as err:  # an interpolation ${...} that does not resolve

@@ -213,6 +213,7 @@ def test_the_model_vocabulary_follows_the_tokenizer_unless_the_config_sets_one(b
     assert run.data.tokenizer == "bytes" and run.model.vocab_size == 256  # the default is unchanged
 
 
+@pytest.mark.slow  # ~1 s: a training run, a resume, an evaluation and a generation
 def test_train_eval_generate_and_resume_use_the_runs_tokenizer(bpe_dir, tmp_path, capsys) -> None:
     corpus, out = bpe_dir.parent / "corpus", tmp_path / "run"
     tok_copy = tmp_path / "tok"

@@ -271,6 +271,7 @@ def test_cli_converts_to_an_innerloop_checkpoint(tmp_path, official, capsys) -> 
     assert "needs CHECKPOINT CONFIG OUT" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # ~0.5 s: a conversion, a save and a load through the Auto classes
 def test_cli_converts_to_a_hugging_face_folder(tmp_path, official, capsys) -> None:
     """``--format hf``: AutoModelForCausalLM loads the folder (after ``import innerloop``) and its logits
     are the official ones; the official tokenizer is not shipped, so none is written (and it says so)."""

@@ -52,12 +52,16 @@ def test_unsupported_head_dim_falls_back_with_the_reason():
 
 @pytest.mark.triton_interpreter
 @pytest.mark.parametrize("model", ["linear", "mlp"])
-def test_token_by_token_decoding_uses_the_decode_kernel(model):
+@pytest.mark.parametrize(  # 6: a whole mini-batch (its update), then two tokens of the next
+    "tokens",
+    [6, pytest.param(11, marks=pytest.mark.slow)],  # 11: two updates, ~2 s interpreted
+)
+def test_token_by_token_decoding_uses_the_decode_kernel(model, tokens):
     torch.manual_seed(1)
     reference = TTTLayer(32, 2, inner_model=model, mini_batch_size=4, kernel="torch")
     fast = TTTLayer(32, 2, inner_model=model, mini_batch_size=4, kernel="auto")
     fast.load_state_dict(reference.state_dict())
-    x = torch.randn(2, 11, 32)
+    x = torch.randn(2, tokens, 32)
     with torch.no_grad():
         whole, _ = reference(x)
         state, outputs = None, []

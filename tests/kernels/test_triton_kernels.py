@@ -195,7 +195,10 @@ def test_kernel_decode_matches_naive_decode(case, f):
 
 
 @each_kernel
-@pytest.mark.parametrize("dtype,unit", [(torch.bfloat16, 2**-8), (torch.float16, 2**-11)])
+@pytest.mark.parametrize(
+    "dtype,unit",
+    [(torch.bfloat16, 2**-8), pytest.param(torch.float16, 2**-11, marks=pytest.mark.slow)],  # fp16: ~0.3 s
+)
 def test_kernel_half_precision_inputs(case, dtype, unit):
     """Half inputs: fp32 state and statistics inside, so the results are the fp32 answer (on the
     half-rounded inputs) up to the rounding of the stored results (``unit`` = 2^-p relative)."""

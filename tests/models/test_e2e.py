@@ -580,6 +580,7 @@ def test_presets_load_and_the_125m_one_has_the_paper_shape() -> None:
     assert run.model.e2e.first_order is True
 
 
+@pytest.mark.slow  # ~0.4 s: a Lightning training run of the E2E model
 def test_cli_trains_e2e_tiny_through_the_lightning_module(tmp_path, capsys) -> None:
     from innerloop.cli import main
     from innerloop.train import load_model

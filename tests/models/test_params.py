@@ -52,7 +52,9 @@ def test_an_untied_head_and_a_pre_conv_are_their_own_parts() -> None:
 
 
 @pytest.mark.parametrize("adjust", ["intermediate_size", "hidden_size"])
-@pytest.mark.parametrize("mixer", ["ttt", "swa", "e2e"])
+@pytest.mark.parametrize(  # the bisection is the same for every mixer; each counts its own parameters
+    "mixer", ["ttt", pytest.param("swa", marks=pytest.mark.slow), pytest.param("e2e", marks=pytest.mark.slow)]
+)  # swa, e2e: ~0.2-0.4 s each
 def test_size_to_budget_finds_the_closest_width(mixer, adjust) -> None:
     config = ModelConfig.from_dict({**SMALL, "mixer": mixer})
     budget = 50_000
@@ -176,6 +178,7 @@ def test_without_ttt_a_model_without_ttt_is_unchanged() -> None:
     assert torch.equal(off, model(ids)[0].detach())
 
 
+@pytest.mark.slow  # ~0.6 s: two bisections over model sizes; size_to_budget stays fast
 def test_cli_params_counts_and_sizes_to_a_budget(capsys) -> None:
     from innerloop.cli import main
 

@@ -172,10 +172,22 @@ USE_PLUGIN = (
 )
 
 
-def test_entry_point_plugin_is_usable_by_name(installed_entry_point):
-    result = run_python(USE_PLUGIN, installed_entry_point)
-    assert result.returncode == 0, result.stderr
-    assert "OK (1, 5, 8) ['denoise (denoise-plugin)']" in result.stdout
+def test_entry_point_plugin_is_usable_by_name(installed_entry_point, monkeypatch):
+    """In process (the tests below run USE_PLUGIN in a fresh Python): the process-wide registry, built
+    anew with the package on the path, finds the entry point through importlib.metadata."""
+    monkeypatch.syspath_prepend(str(installed_entry_point))  # also clears the import caches
+    monkeypatch.delitem(sys.modules, "denoise_plugin", raising=False)  # and puts nothing back after
+    monkeypatch.setattr(innerloop.registry.manager, "_REGISTRY", None)  # the session's is restored after
+    try:
+        layer = TTTLayer(8, 2, inner_loss="denoise_test", mini_batch_size=2)
+        y, _ = layer(torch.randn(1, 5, 8))
+        origins = [
+            e.origin for e in innerloop.get_registry().entries("inner_loss") if e.name == "denoise_test"
+        ]
+    finally:
+        sys.modules.pop("denoise_plugin", None)
+    assert tuple(y.shape) == (1, 5, 8)
+    assert origins == ["denoise (denoise-plugin)"]
 
 
 @pytest.mark.slow  # a Python subprocess (~3 s); the fast loop keeps test_entry_point_plugin_is_usable_by_name

@@ -219,6 +219,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow  # ~0.6 s: three evaluations
 def test_eval_writes_its_own_files_and_never_replaces_the_runs(capsys, run_dir) -> None:
     training = {p: _sha256(p) for p in run_dir.iterdir() if p.is_file()}
     checkpoint = str(run_dir / "last.safetensors")

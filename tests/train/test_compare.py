@@ -115,6 +115,7 @@ def test_bootstrap_refuses_bad_arguments() -> None:
         bootstrap_difference(torch.zeros(4, 2), torch.ones(4, 2), confidence=1.5)
 
 
+@pytest.mark.slow  # ~0.7 s: a comparison through the CLI with its PNG; compare() stays fast above
 def test_cli_compare_writes_the_csv_png_and_table(runs, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     assert (
@@ -150,6 +151,7 @@ def test_compare_refuses_what_it_cannot_compare(runs, tmp_path) -> None:
         compare([runs[1]], no_ttt=True)
 
 
+@pytest.mark.slow  # ~1 s: two compares and two evaluations; compare and eval stay fast above
 def test_no_ttt_in_compare_and_eval(runs, tmp_path, capsys) -> None:
     comparison = compare(runs, no_ttt=True, resamples=20)
     assert [m.name for m in comparison.models] == ["ttt (no TTT)", "swa"]  # swa has nothing to switch off
@@ -166,6 +168,7 @@ def test_no_ttt_in_compare_and_eval(runs, tmp_path, capsys) -> None:
     assert "has no test-time training to switch off (model.mixer='swa')" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # ~0.3 s: an evaluation of a recall run
 def test_eval_of_a_recall_run_reads_its_recall_validation(tmp_path) -> None:
     out = tmp_path / "recall"
     overrides = [f"model.{k}={v}" for k, v in MODEL.items()] + [

@@ -16,6 +16,19 @@ def test_overrides_are_typed_and_merged(tmp_path) -> None:
     assert run.data.paths == [f"{tmp_path}/*.txt"]
 
 
+def test_later_overrides_win_and_a_wrong_type_names_its_override() -> None:
+    """The overrides are merged together in one merge; the error still names the override at fault,
+    the first in order when a later one is malformed too."""
+    run, _ = load_config("tiny", ["trainer.max_steps=7", "seed=3", "trainer.max_steps=9"])
+    assert run.trainer.max_steps == 9 and run.seed == 3
+    expected = r"config key 'model.hidden_size' in override 'model.hidden_size=abc': .*\(expected int\)"
+    for later in (["seed=4"], ["not an override"]):
+        with pytest.raises(ConfigError, match=expected):
+            load_config("tiny", ["trainer.max_steps=3", "model.hidden_size=abc", *later])
+    with pytest.raises(ConfigError, match="override 'not an override' is not of the form key=value"):
+        load_config("tiny", ["trainer.max_steps=3", "not an override"])
+
+
 def test_the_saved_config_reloads_to_the_same_run(tmp_path) -> None:
     run, cfg = load_config("tiny-swa", ["model.window=5", f"out_dir={tmp_path}"])
     path = save_config(cfg, tmp_path / "config.yaml")

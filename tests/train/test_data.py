@@ -25,6 +25,9 @@ def test_the_default_corpus_is_the_standard_library_without_installed_packages()
     root = Path(sysconfig.get_paths()["stdlib"])
     assert root / "os.py" in files and root / "json" / "decoder.py" in files
     assert not any("site-packages" in p.parts for p in files)
+    skipped = {"test", "tests", "idle_test", "__pycache__"}  # the test suites and caches are not the corpus
+    assert not any(skipped & set(p.relative_to(root).parts[:-1]) for p in files)
+    assert files == sorted(files) and all(p.suffix == ".py" and p.is_file() for p in files)
 
 
 def test_the_split_is_by_file_deterministic_and_disjoint() -> None:

@@ -42,11 +42,18 @@ def _train(out, *overrides: str) -> None:
     assert load_checkpoint(out / "last.safetensors")["global_step"] == 3
 
 
-# one layer (the depth that used to crash) in the fast loop; deeper ones in CI (~0.7 s each)
+# one layer of TTT (the depth that used to crash) in the fast loop; the other mixers and deeper ones in
+# CI (~0.4-0.7 s each; the fast loop trains E2E in tests/models/test_e2e.py and runs every mixer's
+# model in tests/models)
 @pytest.mark.parametrize(
-    "num_layers", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)]
+    ("mixer", "num_layers"),
+    [
+        pytest.param(mixer, num_layers, marks=() if (mixer, num_layers) == ("ttt", 1) else pytest.mark.slow)
+        for num_layers in (1, 2, 3)
+        for mixer in MIXERS
+    ],
+    ids=lambda value: str(value),
 )
-@pytest.mark.parametrize("mixer", list(MIXERS))
 def test_every_depth_trains_and_validates(tmp_path, capsys, mixer, num_layers) -> None:
     out = tmp_path / "run"
     _train(out, *MIXERS[mixer], *SMALL, f"model.num_layers={num_layers}")
@@ -59,6 +66,7 @@ def test_every_depth_trains_and_validates(tmp_path, capsys, mixer, num_layers) -
     assert {"val_loss_pos/0", "val_loss_pos/1"} <= set(metrics)
 
 
+@pytest.mark.slow  # ~0.8 s: a training run and an evaluation
 def test_size_one_dimensions_train_validate_and_evaluate(tmp_path, capsys) -> None:
     """Batch 1, one head, one layer, one position bucket, a sequence of exactly one mini-batch; then an
     evaluation of length 1 (one position) with batch 1."""

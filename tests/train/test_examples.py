@@ -75,6 +75,7 @@ def test_training_from_python(tmp_path) -> None:
     assert load_model(tmp_path / "model.safetensors").config.mixer == "ttt"
 
 
+@pytest.mark.slow  # ~0.5 s: the example's 15 hypothesis examples
 def test_the_update_rule_property_example() -> None:
     spec = importlib.util.spec_from_file_location(
         "update_rule_property", EXAMPLES / "test_update_rule_property.py"

@@ -181,6 +181,7 @@ def test_a_run_whose_trainer_cannot_be_built_leaves_the_out_dir_as_it_was(finish
 # -- 7. no run replaced by accident ------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~0.5 s: a second training run, with --overwrite
 def test_training_into_an_out_dir_that_holds_a_run_is_refused_unless_overwrite(
     finished, tmp_path, capsys
 ) -> None:
@@ -211,6 +212,7 @@ sys.stdin.read()
 """
 
 
+@pytest.mark.slow  # ~0.4 s: a lock-holding subprocess and a training run
 def test_a_second_run_into_a_locked_out_dir_fails_at_once_naming_the_first(tmp_path, capsys) -> None:
     out = tmp_path / "run"
     out.mkdir()
@@ -244,6 +246,7 @@ def _leftover_of_a_killed_write(target: Path) -> str:
     return names[0]
 
 
+@pytest.mark.slow  # ~0.4 s: a resumed training run
 def test_a_run_removes_the_temporaries_a_killed_run_left_and_only_those(finished, tmp_path, caplog) -> None:
     out = _copy_run(finished, tmp_path)
     left = [_leftover_of_a_killed_write(tmp_path / name) for name in ("last.safetensors", "config.yaml")]
@@ -329,6 +332,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path) -> None:
     _assert_finite_checkpoint(tmp_path / "last.safetensors", 2)
 
 
+@pytest.mark.slow  # ~0.3 s: a training run; the checkpoint-step case stays fast
 def test_non_finite_weights_at_a_validation_step_are_reported_as_divergence(tmp_path) -> None:
     run, cfg = load_config(
         "tiny", [*TINY, "trainer.max_steps=8", "trainer.checkpoint_every=3", f"out_dir={tmp_path}"]

@@ -14,6 +14,7 @@ from innerloop.kernels.dispatch import KernelUnavailableError
 
 
 @pytest.mark.triton_interpreter
+@pytest.mark.slow  # the interpreter's child process (tests/kernels/test_triton_kernels.py says why)
 @pytest.mark.parametrize("model", ["linear", "mlp"])
 def test_layer_runs_the_triton_kernel_and_equals_torch(model):
     torch.manual_seed(0)
@@ -39,6 +40,7 @@ def test_layer_runs_the_triton_kernel_and_equals_torch(model):
 
 
 @pytest.mark.triton_interpreter
+@pytest.mark.slow  # the interpreter's child process (tests/kernels/test_triton_kernels.py says why)
 def test_unsupported_head_dim_falls_back_with_the_reason():
     layer = TTTLayer(16, 2, mini_batch_size=4)  # head_dim 8: below the Triton kernels' minimum
     layer(torch.randn(1, 8, 16))
@@ -51,6 +53,7 @@ def test_unsupported_head_dim_falls_back_with_the_reason():
 
 
 @pytest.mark.triton_interpreter
+@pytest.mark.slow  # the interpreter's child process (tests/kernels/test_triton_kernels.py says why)
 @pytest.mark.parametrize("model", ["linear", "mlp"])
 @pytest.mark.parametrize(  # 6: a whole mini-batch (its update), then two tokens of the next
     "tokens",
@@ -73,6 +76,7 @@ def test_token_by_token_decoding_uses_the_decode_kernel(model, tokens):
 
 
 @pytest.mark.triton_interpreter
+@pytest.mark.slow  # the interpreter's child process (tests/kernels/test_triton_kernels.py says why)
 def test_decode_kernel_is_refused_when_gradients_are_needed():
     layer = TTTLayer(32, 2, mini_batch_size=4)
     layer(torch.randn(1, 1, 32))

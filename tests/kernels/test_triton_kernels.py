@@ -16,7 +16,9 @@ from innerloop.core.functional import relative_error
 from innerloop.kernels.spec import KernelInputs
 from innerloop.kernels.triton import ttt_linear, ttt_mlp
 
-pytestmark = pytest.mark.triton_interpreter  # a child process under TRITON_INTERPRET=1 (conftest.py)
+# A child process under TRITON_INTERPRET=1 (conftest.py); slow: the child alone costs 8-18 s here (its
+# start-up ~4 s), too much for the fast loop. `python -m pytest -m triton_interpreter` runs them all.
+pytestmark = [pytest.mark.triton_interpreter, pytest.mark.slow]
 
 TOL = 1e-4  # float32 kernels vs the float32 reference
 TOL64 = 1e-10  # float64 reference vs the float64 primal form

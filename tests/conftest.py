@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -17,6 +18,18 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 DATA_DIR = Path(__file__).resolve().parent / "data"
 CONFORMANCE_DIR = DATA_DIR / "conformance"  # the repository's own conformance vectors (see data/README.md)
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the checkout, when present
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """Every test starts with the process's torch threads, default dtype and denormal setting: a test
+    that changes one (a benchmark's ``main`` sets the threads) must not change the rounding of the
+    tests after it (the resume tests compare runs bit for bit, some of them trained in a subprocess)."""
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+    torch.set_flush_denormal(False)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "generate_speed.py"
 
@@ -23,11 +22,9 @@ def load_script():
 @pytest.mark.slow  # ~2 s: four models read prompts of 64 and 256 tokens and decode
 def test_quick_run_prints_every_model_and_state_sizes_follow_the_mixer(tmp_path, capsys) -> None:
     out = tmp_path / "speed.json"
-    threads = torch.get_num_threads()
-    try:
-        results = load_script().main(["--quick", "--threads", "1", "--json", str(out)])
-    finally:
-        torch.set_num_threads(threads)  # the script sets the process's threads
+    results = load_script().main(
+        ["--quick", "--threads", "1", "--json", str(out)]
+    )  # conftest restores threads
     table = capsys.readouterr().out
     for label in ("TTT-Linear", "TTT-MLP", "attention (KV cache)", "sliding window"):
         assert f"| {label} |" in table

@@ -4,12 +4,10 @@ criteria, streamers)."""
 
 from __future__ import annotations
 
-import gc
-import warnings
-
 import pytest
 import torch
 from hf_testing import tiny_hf_model
+from memory_testing import live_tensor_bytes
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
@@ -48,19 +46,6 @@ def test_a_batch_of_prompts_of_one_length_decodes_each_row() -> None:
     rows = model.generate(prompts, max_new_tokens=8, do_sample=False)[:, prompts.shape[1] :]
     for row, prompt in zip(rows.tolist(), prompts, strict=True):
         assert row == greedy(model, prompt[None], 8)
-
-
-def live_tensor_bytes() -> int:
-    """Bytes of every tensor the process can still reach (as tests/models/test_generate.py counts)."""
-    gc.collect()
-    storages = {}
-    with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated aliases warns
-        warnings.simplefilter("ignore", FutureWarning)
-        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
-    for tensor in tensors:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
 
 
 class MeasureAt(StoppingCriteria):

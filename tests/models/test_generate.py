@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import gc
-import warnings
-
 import pytest
 import torch
+from memory_testing import live_tensor_bytes
 
 from innerloop.models import CausalLM, ModelConfig, generate
 
@@ -15,19 +13,6 @@ def tiny(mixer: str) -> CausalLM:
     torch.manual_seed(0)
     config = ModelConfig(mixer=mixer, hidden_size=32, num_layers=2, num_heads=2, window=8)
     return CausalLM(config).eval()
-
-
-def live_tensor_bytes() -> int:
-    """Bytes of every tensor the Python process can still reach (parameters, state, leftovers)."""
-    gc.collect()
-    storages = {}
-    with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated aliases warns
-        warnings.simplefilter("ignore", FutureWarning)
-        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
-    for tensor in tensors:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
 
 
 def memory_after(model: CausalLM, tokens: int) -> tuple[int, int]:

@@ -117,8 +117,13 @@ RECALL_MODELS = {
     "TTT-E2E window 16": ("e2e-tiny", ("model.window=16", "trainer.diagnostics_batches=0", "optim.lr=0.01")),
 }
 RECALL_PAIRS = (4, 8, 16, 32)
-RECALL_FULL = ["trainer.max_steps=300", "trainer.val_every=300", "trainer.checkpoint_every=300"]
-RECALL_COMMON = ["data.name=recall", "data.recall.gap=64", "data.batch_size=32", "data.val_batches=4"]
+RECALL_FULL = [
+    "trainer.max_steps=300",
+    "trainer.val_every=300",
+    "trainer.checkpoint_every=300",
+    "data.batch_size=16",
+]
+RECALL_COMMON = ["data.name=recall", "data.recall.gap=64", "data.val_batches=8"]
 
 
 def recall_points() -> list[Point]:
@@ -222,6 +227,16 @@ def collect(point: Point, run_dir: Path, command: list[str]) -> dict:
     }
 
 
+def finished(run_dir: Path) -> bool:
+    """Whether a run folder holds a completed training (its log ends with the final report)."""
+    log = run_dir / "train.log"
+    return (
+        (run_dir / "loss_by_position.csv").exists()
+        and log.exists()
+        and "loss by position:" in log.read_text()
+    )
+
+
 def run_point(point: Point, out: Path, base: Sequence[str], budget: int | None) -> dict | None:
     """Train one point (unless its ``result.json`` exists) and return its result; None if it failed."""
     run_dir = out / "runs" / slug(point.name)
@@ -229,16 +244,17 @@ def run_point(point: Point, out: Path, base: Sequence[str], budget: int | None) 
     if result_path.exists():
         return json.loads(result_path.read_text())
     command = command_for(point, sized_overrides(point, base, budget), run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with (run_dir / "train.log").open("w") as log:
-        done = subprocess.run(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
-        )
-    if done.returncode != 0:
-        print(
-            f"{point.name}: training failed (exit {done.returncode}); see {run_dir / 'train.log'}", flush=True
-        )
-        return None
+    if not finished(run_dir):  # a run whose driver was stopped after it finished is read back
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with (run_dir / "train.log").open("w") as log:
+            environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+        if done.returncode != 0:
+            print(
+                f"{point.name}: training failed (exit {done.returncode}); see {run_dir / 'train.log'}",
+                flush=True,
+            )
+            return None
     result = collect(point, run_dir, command)
     write_atomically(result_path, json.dumps(result, indent=1))
     print(f"{point.name}: val loss {result['val_loss']:.4f}", flush=True)
@@ -268,19 +284,30 @@ def _inner(result: dict) -> str:
     return f"{sum(before) / len(before):.3f} -> {sum(after) / len(after):.3f}" if before else ""
 
 
+REFERENCE_POINTS = ("swa 64", "sliding window 64")  # the rows the others are read against
+
+
 def lm_table(results: Sequence[dict]) -> str:
-    """Validation loss and loss by position (first, middle, last bucket) of language-model runs."""
+    """Validation loss, and the loss at the first, middle and last position bucket, each also as the
+    difference to the sliding-window run's on the same windows (same seq_len; the same validation
+    windows, so content differences between buckets cancel)."""
+    references = {r["buckets"][-1][1]: r for r in results if r["name"] in REFERENCE_POINTS}
     lines = [
-        "| point | params | val loss | val ppl | loss, first bucket | middle | last | last - first | inner loss before -> after |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| point | params | val loss | val ppl | loss (first / middle / last bucket) | minus sliding window's | inner loss before -> after |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        (first_at, first), (mid_at, mid), (last_at, last) = (
-            _bucket(r, i) for i in (0, len(r["buckets"]) // 2, -1)
-        )
+        at = (0, len(r["buckets"]) // 2, -1)
+        spans = "/".join(_bucket(r, i)[0] for i in at)
+        losses = " / ".join(f"{_bucket(r, i)[1]:.3f}" for i in at)
+        reference = references.get(r["buckets"][-1][1])
+        same = reference is not None and [b[:2] for b in reference["buckets"]] == [
+            b[:2] for b in r["buckets"]
+        ]
+        delta = " / ".join(f"{_bucket(r, i)[1] - _bucket(reference, i)[1]:+.3f}" for i in at) if same else ""
         lines.append(
-            f"| {r['name']} | {r['params']:,} | {r['val_loss']:.3f} | {r['val_ppl']:.2f} | {first:.3f} ({first_at}) "
-            f"| {mid:.3f} ({mid_at}) | {last:.3f} ({last_at}) | {last - first:+.3f} | {_inner(r)} |"
+            f"| {r['name']} | {r['params']:,} | {r['val_loss']:.3f} | {r['val_ppl']:.2f} | {losses} ({spans}) "
+            f"| {delta} | {_inner(r)} |"
         )
     return "\n".join(lines)
 
@@ -348,6 +375,33 @@ def recall_table(results: Sequence[dict]) -> tuple[str, dict[str, tuple[list[flo
     return "\n".join(lines), series
 
 
+def compare_checkpoints(out: Path, results: Sequence[dict], quick: bool) -> str:
+    """``innerloop compare`` on the trained runs (baseline: sliding window), then again with
+    ``--no-ttt`` (each TTT model's weights with test-time training off); both tables."""
+    runs = [str(out / "runs" / slug(r["name"])) for r in results]
+    lengths = ["64", "128"] if quick else ["512", "1024"]
+    baseline = slug("sliding window 64")
+    tables = []
+    for extra in ([], ["--no-ttt"]):
+        command = [
+            "innerloop",
+            "compare",
+            *runs,
+            "--baseline",
+            baseline,
+            "--seq-len",
+            *lengths,
+            "--out",
+            str(out / "compare"),
+            *extra,
+        ]
+        done = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True)
+        if done.returncode != 0:
+            return f"`{' '.join(command)}` failed:\n\n```\n{done.stderr[-2000:]}\n```"
+        tables.append(f"`{' '.join(command)}`\n\n{done.stdout.strip()}")
+    return "\n\n".join(tables)
+
+
 # ---- the studies ---------------------------------------------------------------------------------
 
 
@@ -387,6 +441,8 @@ def run_study(args: argparse.Namespace) -> None:
             "validation loss (nats/byte)",
         )
         write_atomically(out / f"{args.study}.csv", lm_csv(results))
+    if args.study == "compare":
+        table += "\n\n" + compare_checkpoints(out, results, args.quick)
     commands = "\n".join(f"- {r['name']}: `{r['command']}`" for r in results)
     write_atomically(
         out / f"{args.study}.md", f"{table}\n\nBudget {budget:,} parameters. Runs:\n\n{commands}\n"
@@ -472,6 +528,119 @@ def diagnose(checkpoint: str, windows: int, seq_len: int) -> str:
     return "\n".join(lines)
 
 
+# ---- innerloop's layer against the reference's, in training -------------------------------------
+
+
+def import_reference(ttt_py: str) -> object:
+    """The reference's ``ttt.py`` (test-time-training/ttt-lm-pytorch; not part of innerloop), imported
+    from the user's copy and adapted to transformers 5 (its output classes and tied-weight keys are
+    of transformers 4's form; the model itself is untouched)."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.spec_from_file_location("ttt", ttt_py)
+    ttt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ttt)
+
+    class Output(types.SimpleNamespace):
+        def __getitem__(self, index: int) -> object:  # the reference reads outputs[0]
+            return self.last_hidden_state if index == 0 else None
+
+    ttt.TTTForCausalLM._tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    ttt.TTTOutput = ttt.TTTCausalLMOutput = Output
+    return ttt
+
+
+def reference_pair(ttt: object, layer_type: str, folder: Path, dtype: torch.dtype) -> tuple:
+    """A small reference TTTForCausalLM (2 x 64, 4 heads) and innerloop's CausalLM loaded from it."""
+    from innerloop.interop.ttt_lm_pytorch import load_model
+
+    torch.manual_seed(0)
+    mamba = layer_type == "mlp"  # TTT-MLP with the Mamba backbone, to cover pre-conv, share_qk and gate
+    config = ttt.TTTConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        mini_batch_size=16,
+        ttt_layer_type=layer_type,
+        ttt_base_lr=0.1 if mamba else 1.0,
+        use_gate=mamba,
+        share_qk=mamba,
+        pre_conv=mamba,
+    )
+    reference = ttt.TTTForCausalLM(config).to(dtype)
+    reference.save_pretrained(folder / layer_type)
+    return reference, load_model(folder / layer_type).to(dtype)
+
+
+def _loss(
+    model: torch.nn.Module, ids: torch.Tensor, targets: torch.Tensor, is_reference: bool
+) -> torch.Tensor:
+    logits = model(input_ids=ids, use_cache=False).logits if is_reference else model(ids)[0]
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def reference_check(ttt_py: str, steps: int, folder: Path) -> str:
+    """Gradients at the same weights (float64), then both models trained on the same batches."""
+    from innerloop.interop.ttt_lm_pytorch import _our_key  # the reference -> innerloop name map
+    from innerloop.train.data import TextDataModule
+
+    ttt = import_reference(ttt_py)
+    data = TextDataModule(seq_len=128, batch_size=8, val_batches=2)
+    data.setup()
+    lines = []
+    for layer_type in ("linear", "mlp"):
+        reference, ours = reference_pair(ttt, layer_type, folder, torch.float64)
+        ids, targets = data.make_train_batch(0)
+        _loss(reference, ids, targets, True).backward()
+        _loss(ours, ids, targets, False).backward()
+        theirs = {_our_key(n): p.grad for n, p in reference.named_parameters()}
+        worst = max(
+            ((p.grad - theirs[n]).abs().max() / theirs[n].abs().max()).item()
+            for n, p in ours.named_parameters()
+        )
+        lines.append(
+            f"TTT-{layer_type}: gradients of all {len(theirs)} parameters, worst max|ours - reference| / max|reference| = {worst:.1e} (float64)"
+        )
+    models = dict(
+        zip(("reference", "innerloop"), reference_pair(ttt, "linear", folder, torch.float32), strict=True)
+    )
+    optimizers = {k: _adamw(m) for k, m in models.items()}
+    curves: dict[str, list[float]] = {k: [] for k in models}
+    for step in range(steps):
+        ids, targets = data.make_train_batch(step)
+        for name, model in models.items():
+            loss = _loss(model, ids, targets, name == "reference")
+            optimizers[name].zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizers[name].step()
+            curves[name].append(loss.item())
+    lines.append("| step | reference | innerloop |\n|---|---|---|")
+    lines += [
+        f"| {i} | {curves['reference'][i]:.5f} | {curves['innerloop'][i]:.5f} |"
+        for i in range(0, steps, max(1, steps // 10))
+    ]
+    ids, targets = data.make_val_examples()
+    with torch.no_grad():
+        final = {k: _loss(m, ids, targets, k == "reference").item() for k, m in models.items()}
+    lines.append(
+        f"\nvalidation loss after {steps} steps: reference {final['reference']:.4f}, innerloop {final['innerloop']:.4f}"
+    )
+    return "\n".join(lines)
+
+
+def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """innerloop's AdamW groups: weight decay 0.1 on matrices, none on vectors; lr 3e-3 constant."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -494,8 +663,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub.add_argument("checkpoint")
     sub.add_argument("--windows", type=int, default=8, help="validation windows (default: 8)")
     sub.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: 512)")
+    sub = commands.add_parser(
+        "reference", help="innerloop's TTT model against the reference's, gradients and training"
+    )
+    sub.add_argument("ttt_py", help="path to ttt.py of test-time-training/ttt-lm-pytorch")
+    sub.add_argument("--steps", type=int, default=100, help="training steps (default: 100)")
+    sub.add_argument(
+        "--out", default="runs/science-reference", help="folder for the reference's saved models"
+    )
     args = parser.parse_args(argv)
-    if args.study == "diagnose":
+    if args.study == "reference":
+        print(reference_check(args.ttt_py, args.steps, Path(args.out)))
+    elif args.study == "diagnose":
         print(diagnose(args.checkpoint, args.windows, args.seq_len))
     elif args.list:
         print("\n".join(p.name for p in study_points(args.study)))

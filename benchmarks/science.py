@@ -118,9 +118,9 @@ RECALL_MODELS = {
 }
 RECALL_PAIRS = (4, 8, 16, 32)
 RECALL_FULL = [
-    "trainer.max_steps=300",
-    "trainer.val_every=300",
-    "trainer.checkpoint_every=300",
+    "trainer.max_steps=200",
+    "trainer.val_every=200",
+    "trainer.checkpoint_every=200",
     "data.batch_size=16",
 ]
 RECALL_COMMON = ["data.name=recall", "data.recall.gap=64", "data.val_batches=8"]
@@ -284,6 +284,11 @@ def _inner(result: dict) -> str:
     return f"{sum(before) / len(before):.3f} -> {sum(after) / len(after):.3f}" if before else ""
 
 
+def _spans(result: dict) -> list[tuple[int, int]]:
+    """The position buckets of a result (lists once read back from JSON)."""
+    return [(int(b[0]), int(b[1])) for b in result["buckets"]]
+
+
 REFERENCE_POINTS = ("swa 64", "sliding window 64")  # the rows the others are read against
 
 
@@ -301,9 +306,7 @@ def lm_table(results: Sequence[dict]) -> str:
         spans = "/".join(_bucket(r, i)[0] for i in at)
         losses = " / ".join(f"{_bucket(r, i)[1]:.3f}" for i in at)
         reference = references.get(r["buckets"][-1][1])
-        same = reference is not None and [b[:2] for b in reference["buckets"]] == [
-            b[:2] for b in r["buckets"]
-        ]
+        same = reference is not None and _spans(reference) == _spans(r)
         delta = " / ".join(f"{_bucket(r, i)[1] - _bucket(reference, i)[1]:+.3f}" for i in at) if same else ""
         lines.append(
             f"| {r['name']} | {r['params']:,} | {r['val_loss']:.3f} | {r['val_ppl']:.2f} | {losses} ({spans}) "

@@ -83,6 +83,8 @@ SWEEP = [  # in the order of what they tell, most first
     _lin("linear mini-batch 8", "model.ttt.mini_batch_size=8"),
     Point("mlp", "tiny-mlp"),
     _lin("linear mamba backbone", "model.backbone=mamba"),
+    Point("swa 64 mamba backbone", "tiny-swa", ("model.window=64", "model.backbone=mamba")),
+    Point("mlp mamba backbone", "tiny-mlp", ("model.backbone=mamba",)),
     _lin("linear base_lr=10", "model.ttt.base_lr=10"),
     Point("swa 64 lr=1e-2", "tiny-swa", ("model.window=64", "optim.lr=0.01")),
     _lin("linear lr=1e-3", "optim.lr=0.001"),
@@ -97,17 +99,24 @@ SWEEP = [  # in the order of what they tell, most first
     Point("swa 64 seq 1024", "tiny-swa", ("model.window=64", "data.seq_len=1024", "data.batch_size=4")),
 ]
 
-COMPARE = [
-    _lin("TTT-Linear"),
-    Point("TTT-MLP", "tiny-mlp"),
+COMPARE = [  # trained by the compare study; it compares them with the sweep's runs below
     Point("full attention", "tiny-attention"),
-    Point("sliding window 64", "tiny-swa", ("model.window=64",)),
+    Point("full attention mamba backbone", "tiny-attention", ("model.backbone=mamba",)),
     Point(
         "TTT-E2E window 64",
         "e2e-tiny",
         ("model.window=64", "data.batch_size=8", "trainer.diagnostics_batches=0"),
     ),
 ]
+COMPARE_FROM_SWEEP = (
+    "linear",
+    "mlp",
+    "swa 64",
+    "linear mamba backbone",
+    "mlp mamba backbone",
+    "swa 64 mamba backbone",
+)
+"""The sweep's runs in the comparison (the sweep and compare studies share ``--out``)."""
 
 RECALL_MODELS = {
     "TTT-Linear": ("recall-ttt", ()),
@@ -289,7 +298,7 @@ def _spans(result: dict) -> list[tuple[int, int]]:
     return [(int(b[0]), int(b[1])) for b in result["buckets"]]
 
 
-REFERENCE_POINTS = ("swa 64", "sliding window 64")  # the rows the others are read against
+REFERENCE_POINTS = ("swa 64",)  # the rows the others are read against
 
 
 def lm_table(results: Sequence[dict]) -> str:
@@ -383,7 +392,7 @@ def compare_checkpoints(out: Path, results: Sequence[dict], quick: bool) -> str:
     ``--no-ttt`` (each TTT model's weights with test-time training off); both tables."""
     runs = [str(out / "runs" / slug(r["name"])) for r in results]
     lengths = ["64", "128"] if quick else ["512", "1024"]
-    baseline = slug("sliding window 64")
+    baseline = slug("swa 64")
     tables = []
     for extra in ([], ["--no-ttt"]):
         command = [
@@ -431,6 +440,9 @@ def run_study(args: argparse.Namespace) -> None:
         base = QUICK if args.quick else FULL
         budget = budget_of(BUDGET_PRESET[0], [*BUDGET_PRESET[1], *base])
     results = run_points(points, out, base, budget, args.jobs)
+    if args.study == "compare":
+        from_sweep = [out / "runs" / slug(name) / "result.json" for name in COMPARE_FROM_SWEEP]
+        results = [json.loads(path.read_text()) for path in from_sweep if path.exists()] + results
     if args.study == "recall":
         table, series = recall_table(results)
         plot_png(out / "recall.png", series, "key-value pairs", "recall accuracy")

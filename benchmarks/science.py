@@ -83,6 +83,9 @@ SWEEP = [  # in the order of what they tell, most first
     _lin("linear mini-batch 8", "model.ttt.mini_batch_size=8"),
     Point("mlp", "tiny-mlp"),
     _lin("linear mamba backbone", "model.backbone=mamba"),
+    _lin("linear pre-conv only", "model.pre_conv=true"),  # the Mamba backbone's conv, no shared QK, no gate
+    _lin("linear shared QK convs only", "model.ttt.share_qk=true"),
+    _lin("linear output gate only", "model.ttt.use_gate=true"),
     Point("swa 64 mamba backbone", "tiny-swa", ("model.window=64", "model.backbone=mamba")),
     Point("mlp mamba backbone", "tiny-mlp", ("model.backbone=mamba",)),
     _lin("linear base_lr=10", "model.ttt.base_lr=10"),
@@ -127,10 +130,10 @@ RECALL_MODELS = {
 }
 RECALL_PAIRS = (4, 8, 16, 32)
 RECALL_FULL = [
-    "trainer.max_steps=200",
-    "trainer.val_every=200",
-    "trainer.checkpoint_every=200",
-    "data.batch_size=16",
+    "trainer.max_steps=600",
+    "trainer.val_every=600",
+    "trainer.checkpoint_every=600",
+    "data.batch_size=32",
 ]
 RECALL_COMMON = ["data.name=recall", "data.recall.gap=64", "data.val_batches=8"]
 

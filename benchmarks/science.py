@@ -98,6 +98,12 @@ SWEEP = [  # in the order of what they tell, most first
     Point("swa 64", "tiny-swa", ("model.window=64",)),
     _lin("linear 2 x 96", "model.num_layers=2", "model.hidden_size=96", "model.num_heads=6", matched=False),
     _lin("linear 8 x 64", "model.num_layers=8", matched=False),
+    _lin("linear mamba backbone seq 1024", "model.backbone=mamba", "data.seq_len=1024", "data.batch_size=4"),
+    Point(
+        "swa 64 mamba backbone seq 1024",
+        "tiny-swa",
+        ("model.window=64", "model.backbone=mamba", "data.seq_len=1024", "data.batch_size=4"),
+    ),
     _lin("linear seq 1024", "data.seq_len=1024", "data.batch_size=4"),
     Point("swa 64 seq 1024", "tiny-swa", ("model.window=64", "data.seq_len=1024", "data.batch_size=4")),
 ]
@@ -301,7 +307,7 @@ def _spans(result: dict) -> list[tuple[int, int]]:
     return [(int(b[0]), int(b[1])) for b in result["buckets"]]
 
 
-REFERENCE_POINTS = ("swa 64",)  # the rows the others are read against
+REFERENCE_POINTS = ("swa 64", "swa 64 mamba backbone seq 1024")  # the rows the others are read against
 
 
 def lm_table(results: Sequence[dict]) -> str:

@@ -98,6 +98,8 @@ SWEEP = [  # in the order of what they tell, most first
     Point("swa 64", "tiny-swa", ("model.window=64",)),
     _lin("linear 2 x 96", "model.num_layers=2", "model.hidden_size=96", "model.num_heads=6", matched=False),
     _lin("linear 8 x 64", "model.num_layers=8", matched=False),
+    _lin("linear mamba backbone seed 1", "model.backbone=mamba", "seed=1"),
+    Point("swa 64 mamba backbone seed 1", "tiny-swa", ("model.window=64", "model.backbone=mamba", "seed=1")),
     _lin("linear mamba backbone seq 1024", "model.backbone=mamba", "data.seq_len=1024", "data.batch_size=4"),
     Point(
         "swa 64 mamba backbone seq 1024",
@@ -169,7 +171,7 @@ def budget_of(preset: str, overrides: Sequence[str]) -> int:
 
 def sized_overrides(point: Point, base: Sequence[str], budget: int | None) -> list[str]:
     """The point's full override list; a matched point gets the MLP width closest to ``budget``."""
-    overrides = [*base, *point.overrides, *ALWAYS]
+    overrides = [*base, *ALWAYS, *point.overrides]  # a point may set its own seed
     if point.matched and budget is not None:
         run, _ = load_config(point.preset, overrides)
         sized = size_to_budget(run.model, budget)

@@ -667,6 +667,41 @@ def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95))
 
 
+# ---- does one model's advantage grow with position? ----------------------------------------------
+
+
+def advantage_growth(model: str, baseline: str, seq_len: int | None, resamples: int = 2000) -> str:
+    """``model``'s loss minus ``baseline``'s over the first and the second half of the positions, on
+    the baseline run's validation windows, and the change from the first half to the second with a
+    95% paired bootstrap band over windows (negative: the model's advantage grows with position)."""
+    from innerloop.train.compare import compare
+
+    comparison = compare(
+        [model, baseline], None if seq_len is None else [seq_len], baseline=Path(baseline).name
+    )
+    result = comparison.lengths[0]
+    half = len(result.buckets) // 2
+    sums = result.loss_sums[0] - result.loss_sums[1]  # [W, K]: per-window summed loss difference
+    counts = result.counts  # [W, K]
+    generator = torch.Generator().manual_seed(0)
+
+    def halves(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        first = sums[rows][..., :half].sum((-1, -2)) / counts[rows][..., :half].sum((-1, -2))
+        second = sums[rows][..., half:].sum((-1, -2)) / counts[rows][..., half:].sum((-1, -2))
+        return first, second
+
+    first, second = halves(torch.arange(result.windows))
+    draws = torch.randint(0, result.windows, (resamples, result.windows), generator=generator)
+    change = torch.stack([torch.stack(halves(rows)) for rows in draws])  # [resamples, 2]
+    low, high = torch.quantile(change[:, 1] - change[:, 0], torch.tensor([0.025, 0.975], dtype=change.dtype))
+    end = result.buckets[-1][1]
+    return (
+        f"{Path(model).name} minus {Path(baseline).name} on {result.windows} windows of {result.seq_len}: "
+        f"{float(first):+.3f} over positions 0-{result.buckets[half][0] - 1}, {float(second):+.3f} over "
+        f"{result.buckets[half][0]}-{end - 1}; change {float(second - first):+.3f} [{float(low):+.3f}, {float(high):+.3f}]"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -697,8 +732,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub.add_argument(
         "--out", default="runs/science-reference", help="folder for the reference's saved models"
     )
+    sub = commands.add_parser("growth", help="does one run's advantage over another grow with position?")
+    sub.add_argument("model", help="run folder or checkpoint")
+    sub.add_argument("baseline", help="run folder or checkpoint (its validation windows are used)")
+    sub.add_argument("--seq-len", type=int, default=None, help="window length (default: the baseline's)")
     args = parser.parse_args(argv)
-    if args.study == "reference":
+    if args.study == "growth":
+        print(advantage_growth(args.model, args.baseline, args.seq_len))
+    elif args.study == "reference":
         print(reference_check(args.ttt_py, args.steps, Path(args.out)))
     elif args.study == "diagnose":
         print(diagnose(args.checkpoint, args.windows, args.seq_len))

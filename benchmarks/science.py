@@ -358,8 +358,10 @@ def plot_png(
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 4.5), dpi=80)
-    for label, (xs, ys) in series.items():
-        axes.plot(xs, ys, marker="o", markersize=3, label=label)
+    colors = plt.get_cmap("tab20").colors
+    for i, (label, (xs, ys)) in enumerate(series.items()):
+        style = "-" if i % 2 == 0 else "--"  # tab20 pairs a dark and a light shade: tell them apart
+        axes.plot(xs, ys, marker="o", markersize=3, label=label, color=colors[i % 20], linestyle=style)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)

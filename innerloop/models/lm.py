@@ -13,8 +13,7 @@ from dataclasses import dataclass, fields, is_dataclass
 import torch
 from torch import nn
 
-from innerloop.models.attention import CausalSelfAttention
-from innerloop.models.blocks import Block, BlockState, CausalDepthwiseConv, SwiGLU
+from innerloop.models.blocks import Block, BlockState, CausalDepthwiseConv
 from innerloop.models.config import ModelConfig, validate_model_config
 
 
@@ -73,18 +72,22 @@ class CausalLM(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """Normal(0, init_std) for the embedding and the projections this module owns.
+        """Normal(0, init_std) for the embedding and every linear projection, biases zero.
 
-        The TTT layer initialises its own parameters (as the paper does), so it is left alone.
+        "Every" includes the mixers' projections (a TTT layer's q, k, v, o and gate, a family layer's):
+        the reference models initialise all of them so (ttt-lm-pytorch's ``TTTPreTrainedModel.
+        _init_weights``, ttt-lm-jax's ``kernel_init=normal(initializer_range)``, FLA's models). Left
+        at PyTorch's default (uniform, std 1/sqrt(3 * width)), a 64-wide TTT layer's projections
+        would start 3.6x larger than the reference's. The layers' inner parameters (the initial inner
+        weights, the inner lr gate, the norms) are initialised by the layers, as in the reference.
         """
         std = self.config.init_std
         nn.init.normal_(self.embed.weight, std=std)
-        if not self.config.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=std)
         for module in self.modules():
-            if isinstance(module, (SwiGLU, CausalSelfAttention)):
-                for linear in module.children():
-                    nn.init.normal_(linear.weight, std=std)
+            if isinstance(module, nn.Linear) and module.weight is not self.embed.weight:
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, CausalDepthwiseConv):
                 nn.init.normal_(module.conv.weight, std=std)
                 nn.init.zeros_(module.conv.bias)

@@ -52,6 +52,25 @@ def test_logits_do_not_depend_on_future_tokens(mixer: str, backbone: str) -> Non
     assert not torch.allclose(before[:, 30:], after[:, 30:])
 
 
+@pytest.mark.parametrize(("mixer", "backbone"), MIXERS_AND_BACKBONES)
+def test_every_linear_projection_starts_as_the_reference_initialises_it(mixer: str, backbone: str) -> None:
+    """The reference models draw every nn.Linear's weight from normal(0, initializer_range) with zero
+    bias (ttt-lm-pytorch's TTTPreTrainedModel._init_weights, ttt-lm-jax's kernel_init, FLA's models),
+    the mixers' projections included. PyTorch's default (uniform, std 1/sqrt(3 * 64) = 0.072 at width
+    64) left a TTT layer's q/k/v/o 3.6x larger than the reference's, so it trained from another start."""
+    torch.manual_seed(0)
+    config = ModelConfig(mixer=mixer, backbone=backbone, hidden_size=64, num_layers=2, num_heads=4, window=8)
+    model = CausalLM(config)
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert any(".mixer." in name for name in linears) or mixer in ("attention", "swa")
+    for name, linear in linears.items():
+        # std of >= 1,024 normal draws: within 15% of 0.02 (PyTorch's default is 3.6x off at width 64)
+        assert linear.weight.std().item() == pytest.approx(config.init_std, rel=0.15), name
+        assert abs(linear.weight.mean().item()) < 0.005, name
+        if linear.bias is not None:
+            assert torch.count_nonzero(linear.bias) == 0, name
+
+
 def test_sliding_window_does_not_see_past_its_window() -> None:
     # One block, no pre-conv: position t sees tokens t - window + 1 .. t only.
     torch.manual_seed(0)

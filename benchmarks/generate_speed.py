@@ -13,13 +13,14 @@ chunks (carrying the state, which equals one call), then times greedy decoding o
     python benchmarks/generate_speed.py --quick               # CI-sized: tiny model, short contexts
 
 Prints one markdown table (tokens/s and the state's size per mixer and context, median of --repeats
-rounds; each round decodes every model once, so a slow spell of the machine hits all of them alike),
-and with ``--json`` writes the numbers atomically. Run it on a quiet machine.
+rounds; one model at a time, so that attention's large cache does not slow the others through the
+memory system), and with ``--json`` writes the numbers atomically. Run it on a quiet machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -89,26 +90,28 @@ def decode_seconds(
 
 
 def measure(args: argparse.Namespace) -> dict[str, dict[int, dict[str, float]]]:
-    """``results[model][context]``: median tokens/s over the rounds, the state's MiB after the prompt."""
+    """``results[model][context]``: median tokens/s over the rounds, the state's MiB after the prompt.
+
+    One model at a time: its prompt is read, then it decodes ``--repeats`` rounds, then its state is
+    freed before the next model's prompt. (Rounds interleaved across models would keep every model's
+    state alive at once, and attention's KV cache of 32k tokens, 512 MiB at the default size, slows
+    the other models' decoding by a quarter through the memory system alone.)"""
     models = build_models(args)
     generator = torch.Generator().manual_seed(0)
     results: dict[str, dict[int, dict[str, float]]] = {label: {} for label in models}
     for context in args.contexts:
         prompt = torch.randint(0, 256, (1, context), generator=generator)
-        prefilled = {label: prefill(model, prompt, args.prefill_chunk) for label, model in models.items()}
-        for label, model in models.items():  # warm-up
-            decode_seconds(model, *prefilled[label], tokens=2)
-        times: dict[str, list[tuple[float, float]]] = {label: [] for label in models}
-        for _ in range(args.repeats):
-            for label, model in models.items():
-                times[label].append(decode_seconds(model, *prefilled[label], tokens=args.tokens))
-        for label in models:
+        for label, model in models.items():
+            last_logits, state = prefill(model, prompt, args.prefill_chunk)
+            decode_seconds(model, last_logits, state, tokens=2)  # warm-up
+            times = [decode_seconds(model, last_logits, state, args.tokens) for _ in range(args.repeats)]
             results[label][context] = {
-                "tokens_per_s": args.tokens / statistics.median(wall for wall, _ in times[label]),
-                "tokens_per_cpu_s": args.tokens / statistics.median(cpu for _, cpu in times[label]),
-                "state_mib": prefilled[label][1].nbytes() / 2**20,
+                "tokens_per_s": args.tokens / statistics.median(wall for wall, _ in times),
+                "tokens_per_cpu_s": args.tokens / statistics.median(cpu for _, cpu in times),
+                "state_mib": state.nbytes() / 2**20,
             }
-        del prefilled
+            del last_logits, state
+            gc.collect()
     return results
 
 
@@ -166,8 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("tokens", "repeats", "hidden", "layers", "heads", "window", "prefill_chunk", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if min(args.contexts) < 1:
-        parser.error(f"--contexts must be >= 1, got {args.contexts}")
+    if min(args.contexts) < 1 or len(set(args.contexts)) != len(args.contexts):
+        parser.error(f"--contexts must be distinct lengths >= 1, got {args.contexts}")
     return args
 
 

@@ -277,7 +277,9 @@ def test_gradient_clip_val_clips_the_applied_gradients(corpus, tmp_path) -> None
 def test_a_bf16_true_run_trains_validates_and_counts_its_tokens_exactly(corpus, tmp_path) -> None:
     # bf16-true casts the whole LightningModule, its metrics too; their sums stay float64, so the
     # validation perplexity is the exponential of the mean validation loss, not a bf16 count's.
-    run, cfg = small_run(corpus, tmp_path / "run", "trainer.precision=bf16-true")
+    run, cfg = small_run(
+        corpus, tmp_path / "run", "trainer.precision=bf16-true", "trainer.max_steps=2", "trainer.val_every=2"
+    )
     result = train(run, cfg)
     assert math.isfinite(result.metrics["val_ppl"])
     assert result.metrics["val_ppl"] == pytest.approx(math.exp(result.metrics["val_loss"]), rel=1e-3)

@@ -13,8 +13,8 @@ chunks (carrying the state, which equals one call), then times greedy decoding o
     python benchmarks/generate_speed.py --quick               # CI-sized: tiny model, short contexts
 
 Prints one markdown table (tokens/s and the state's size per mixer and context, median of --repeats
-rounds; one model at a time, so that attention's large cache does not slow the others through the
-memory system), and with ``--json`` writes the numbers atomically. Run it on a quiet machine.
+rounds; one model at a time, its rounds alternating between the contexts), and with ``--json`` writes
+the numbers atomically. Run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -92,26 +92,31 @@ def decode_seconds(
 def measure(args: argparse.Namespace) -> dict[str, dict[int, dict[str, float]]]:
     """``results[model][context]``: median tokens/s over the rounds, the state's MiB after the prompt.
 
-    One model at a time: its prompt is read, then it decodes ``--repeats`` rounds, then its state is
-    freed before the next model's prompt. (Rounds interleaved across models would keep every model's
-    state alive at once, and attention's KV cache of 32k tokens, 512 MiB at the default size, slows
-    the other models' decoding by a quarter through the memory system alone.)"""
+    One model at a time: its prompts of every length are read, then each round decodes once after
+    each of them, so the machine's slow spells hit every context alike (the flatness ratio is read
+    within one model); its states are freed before the next model's prompts. (Keeping every model's
+    states alive at once would let attention's KV cache of 32k tokens, 512 MiB at the default size,
+    slow the others through the memory system.)"""
     models = build_models(args)
     generator = torch.Generator().manual_seed(0)
+    prompts = {c: torch.randint(0, 256, (1, c), generator=generator) for c in args.contexts}
     results: dict[str, dict[int, dict[str, float]]] = {label: {} for label in models}
-    for context in args.contexts:
-        prompt = torch.randint(0, 256, (1, context), generator=generator)
-        for label, model in models.items():
-            last_logits, state = prefill(model, prompt, args.prefill_chunk)
-            decode_seconds(model, last_logits, state, tokens=2)  # warm-up
-            times = [decode_seconds(model, last_logits, state, args.tokens) for _ in range(args.repeats)]
-            results[label][context] = {
-                "tokens_per_s": args.tokens / statistics.median(wall for wall, _ in times),
-                "tokens_per_cpu_s": args.tokens / statistics.median(cpu for _, cpu in times),
-                "state_mib": state.nbytes() / 2**20,
+    for label, model in models.items():
+        prefilled = {c: prefill(model, prompts[c], args.prefill_chunk) for c in args.contexts}
+        for c in args.contexts:  # warm-up
+            decode_seconds(model, *prefilled[c], tokens=2)
+        times: dict[int, list[tuple[float, float]]] = {c: [] for c in args.contexts}
+        for _ in range(args.repeats):
+            for c in args.contexts:
+                times[c].append(decode_seconds(model, *prefilled[c], tokens=args.tokens))
+        for c in args.contexts:
+            results[label][c] = {
+                "tokens_per_s": args.tokens / statistics.median(wall for wall, _ in times[c]),
+                "tokens_per_cpu_s": args.tokens / statistics.median(cpu for _, cpu in times[c]),
+                "state_mib": prefilled[c][1].nbytes() / 2**20,
             }
-            del last_logits, state
-            gc.collect()
+        del prefilled
+        gc.collect()
     return results
 
 

@@ -21,12 +21,11 @@ import copy
 
 import pytest
 import torch
+from lm_testing import tiny_ttt_lm
 
 from innerloop import TTTLayer
 from innerloop.core.diagnostics import inner_loss_before_after
 from innerloop.core.functional import relative_error
-from innerloop.models import build_model
-from innerloop.models.config import ModelConfig, TTTConfig
 
 BF16_UNIT = 2.0**-8  # bfloat16's unit roundoff (eps / 2)
 FP32_UNIT = 2.0**-24
@@ -132,20 +131,6 @@ def test_a_bf16_layer_continues_its_float32_state_and_refuses_a_bf16_one():
         layer(x[:, 5:], state.to(torch.bfloat16))
 
 
-def _tiny_lm(inner_model: str, backbone: str) -> torch.nn.Module:
-    config = ModelConfig(
-        backbone=backbone,
-        hidden_size=32,
-        num_heads=2,
-        intermediate_size=64,
-        num_layers=2,
-        ttt=TTTConfig(
-            inner_model=inner_model, mini_batch_size=4, base_lr=1.0 if inner_model == "linear" else 0.1
-        ),
-    )
-    return build_model(config)
-
-
 def _lm_run(lm, ids: torch.Tensor):
     """Training logits and gradients on ``ids``, then decoding logits token by token (no grad)."""
     logits, _ = lm(ids)
@@ -173,7 +158,7 @@ def test_a_ttt_language_model_trains_and_decodes_in_bf16(inner_model, backbone):
     """The language model under autocast and in bfloat16: logits, every gradient and the decoded
     logits within ``2 A u`` of float32 (``A`` measured in float64 as above); the TTT states float32."""
     torch.manual_seed(0)
-    lm = _tiny_lm(inner_model, backbone)
+    lm = tiny_ttt_lm(inner_model, backbone)
     ids = torch.randint(0, 256, (2, 10))
     reference = _lm_run(lm, ids)
     exact = _lm_run(copy.deepcopy(lm).double(), ids)

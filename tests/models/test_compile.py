@@ -14,27 +14,17 @@ import copy
 
 import pytest
 import torch
+from lm_testing import tiny_ttt_lm
 from torch._dynamo.utils import counters
 
 from innerloop.core.functional import apply_rope_interleaved, relative_error
-from innerloop.models import build_model
-from innerloop.models.config import ModelConfig, TTTConfig
 
 EQUAL_TO_ROUNDING = 1e-5
 
 
-def _tiny_lm(inner_model: str) -> torch.nn.Module:
+def _seeded_tiny_lm(inner_model: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = ModelConfig(
-        hidden_size=32,
-        num_heads=2,
-        intermediate_size=64,
-        num_layers=2,
-        ttt=TTTConfig(
-            inner_model=inner_model, mini_batch_size=4, base_lr=1.0 if inner_model == "linear" else 0.1
-        ),
-    )
-    return build_model(config)
+    return tiny_ttt_lm(inner_model)
 
 
 def _train_step(lm, ids):
@@ -65,7 +55,7 @@ def _flat(tensors) -> torch.Tensor:
 @pytest.mark.slow
 @pytest.mark.parametrize(("inner_model", "backend"), [("linear", "aot_eager"), ("mlp", "aot_eager")])
 def test_a_compiled_ttt_language_model_trains_and_infers_as_eager(inner_model, backend):
-    lm = _tiny_lm(inner_model)
+    lm = _seeded_tiny_lm(inner_model)
     eager = copy.deepcopy(lm)
     compiled = torch.compile(lm, backend=backend)
     ids = torch.randint(0, 256, (2, 16))

@@ -34,17 +34,11 @@ import torch
 from innerloop.models import ModelConfig, build_model
 from innerloop.models.config import TTTConfig
 
-MIXERS = {  # label -> model config changes over the common shape
-    "TTT-Linear": {"mixer": "ttt"},
-    "TTT-MLP": {"mixer": "ttt", "ttt": TTTConfig(inner_model="mlp", base_lr=0.1)},
-    "attention (KV cache)": {"mixer": "attention"},
-    "sliding window": {"mixer": "swa"},
-}
-MIXER_NAMES = {
-    "ttt": "TTT-Linear",
-    "ttt_mlp": "TTT-MLP",
-    "attention": "attention (KV cache)",
-    "swa": "sliding window",
+MIXERS = {  # --mixers name -> (table label, model config changes over the common shape)
+    "ttt": ("TTT-Linear", {"mixer": "ttt"}),
+    "ttt_mlp": ("TTT-MLP", {"mixer": "ttt", "ttt": TTTConfig(inner_model="mlp", base_lr=0.1)}),
+    "attention": ("attention (KV cache)", {"mixer": "attention"}),
+    "swa": ("sliding window", {"mixer": "swa"}),
 }
 
 
@@ -60,9 +54,9 @@ def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     )
     models = {}
     for name in args.mixers:
-        label = MIXER_NAMES[name]
+        label, changes = MIXERS[name]
         torch.manual_seed(0)
-        models[label] = build_model(replace(base, **MIXERS[label])).eval()
+        models[label] = build_model(replace(base, **changes)).eval()
     return models
 
 
@@ -156,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 32768], help="prompt lengths")
-    parser.add_argument("--mixers", nargs="+", choices=list(MIXER_NAMES), default=list(MIXER_NAMES))
+    parser.add_argument("--mixers", nargs="+", choices=list(MIXERS), default=list(MIXERS))
     parser.add_argument("--tokens", type=int, default=64, help="tokens decoded per round")
     parser.add_argument("--repeats", type=int, default=3, help="rounds (the median is reported)")
     parser.add_argument("--hidden", type=int, default=512, help="model width")

@@ -1,4 +1,5 @@
-"""A tiny TTT language model, the one the precision and compile tests compare against eager float32."""
+"""Tiny models for tests: the run overrides of the end-to-end training tests (:data:`TINY`), and the
+TTT language model the precision and compile tests compare against eager float32."""
 
 from __future__ import annotations
 
@@ -6,6 +7,21 @@ import torch
 
 from innerloop.models import build_model
 from innerloop.models.config import ModelConfig, TTTConfig
+
+TINY = [
+    "model.hidden_size=32",
+    "model.num_heads=2",
+    "model.intermediate_size=64",
+    "model.ttt.mini_batch_size=8",
+    "data.seq_len=32",
+    "data.batch_size=4",
+    "data.val_batches=1",
+    "trainer.val_every=4",
+    "trainer.checkpoint_every=2",
+    "trainer.progress_bar=false",
+    "trainer.num_position_buckets=4",
+]
+"""Overrides of a model and run small enough for a few seconds of training on a CPU."""
 
 
 def tiny_ttt_lm(inner_model: str, backbone: str = "transformer") -> torch.nn.Module:

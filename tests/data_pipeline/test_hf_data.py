@@ -20,6 +20,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from lm_testing import TINY as TINY_RUN
 
 from innerloop.cli import main
 from innerloop.config import load_config
@@ -36,19 +37,7 @@ DOCUMENTS = [
 
 SEQ_LEN, BATCH = 16, 4
 
-TINY = [
-    "model.hidden_size=32",
-    "model.num_heads=2",
-    "model.intermediate_size=64",
-    "model.ttt.mini_batch_size=8",
-    f"data.seq_len={SEQ_LEN}",
-    f"data.batch_size={BATCH}",
-    "data.val_batches=1",
-    "trainer.val_every=4",
-    "trainer.checkpoint_every=2",
-    "trainer.progress_bar=false",
-    "trainer.num_position_buckets=4",
-]
+TINY = [*TINY_RUN, f"data.seq_len={SEQ_LEN}", f"data.batch_size={BATCH}"]  # later overrides win
 
 
 def _write(folder: Path, fmt: str) -> str:

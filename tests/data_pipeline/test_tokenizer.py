@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from lm_testing import TINY  # the tiny model and run of the end-to-end tests
 
 from innerloop.cli import main
 from innerloop.config import load_config
@@ -35,21 +36,6 @@ TEXTS = [
     "naïve café — 日本語 🎉\n\ttabs  and  spaces ",
     "\x00NUL and Ā (U+0100, the byte alphabet's NUL) and ĠĊ",
     "def f(x):\n    return x ** 2\n",
-]
-
-# A model and run small enough for a few seconds on a CPU (as tests/train/test_train.py's TINY).
-TINY = [
-    "model.hidden_size=32",
-    "model.num_heads=2",
-    "model.intermediate_size=64",
-    "model.ttt.mini_batch_size=8",
-    "data.seq_len=32",
-    "data.batch_size=4",
-    "data.val_batches=1",
-    "trainer.val_every=4",
-    "trainer.checkpoint_every=2",
-    "trainer.progress_bar=false",
-    "trainer.num_position_buckets=4",
 ]
 
 

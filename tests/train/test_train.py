@@ -14,6 +14,7 @@ import lightning as L
 import matplotlib.image
 import pytest
 import torch
+from lm_testing import TINY  # the tiny model and run of the end-to-end tests
 
 from innerloop.cli import main
 from innerloop.config import load_config
@@ -22,19 +23,6 @@ from innerloop.train.checkpoint import checkpoint_identity
 from innerloop.train.plots import read_loss_by_position_csv
 
 # A model and a run small enough for a few seconds on a CPU.
-TINY = [
-    "model.hidden_size=32",
-    "model.num_heads=2",
-    "model.intermediate_size=64",
-    "model.ttt.mini_batch_size=8",
-    "data.seq_len=32",
-    "data.batch_size=4",
-    "data.val_batches=1",
-    "trainer.val_every=4",
-    "trainer.checkpoint_every=2",
-    "trainer.progress_bar=false",
-    "trainer.num_position_buckets=4",
-]
 
 
 def test_train_writes_a_checkpoint_config_and_plot_that_reload(tmp_path, capsys) -> None:

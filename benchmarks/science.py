@@ -217,6 +217,19 @@ def loss_by_position(run_dir: Path) -> list[tuple[int, int, float]]:
         return [(int(r["start"]), int(r["end"]), float(r["loss"])) for r in csv.DictReader(handle)]
 
 
+def source_commit() -> str:
+    """The commit of the library that trains the runs, ``+modified`` when innerloop/ has uncommitted
+    changes (so every result says which code made it)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+modified" if git("status", "--porcelain", "--", "innerloop") else "")
+
+
 def collect(point: Point, run_dir: Path, command: list[str]) -> dict:
     """The result of a finished run: parameters, validation, loss by position, inner diagnostics."""
     metrics = last_metrics(run_dir)
@@ -244,6 +257,7 @@ def collect(point: Point, run_dir: Path, command: list[str]) -> dict:
         "inner_before": [metrics[f"inner_loss_before/{i}"] for i in layers],
         "inner_after": [metrics[f"inner_loss_after/{i}"] for i in layers],
         "command": " ".join(command[1:]).replace(" -m innerloop", "innerloop", 1),
+        "commit": source_commit(),
     }
 
 
@@ -471,7 +485,9 @@ def run_study(args: argparse.Namespace) -> None:
         write_atomically(out / f"{args.study}.csv", lm_csv(results))
     if args.study == "compare":
         table += "\n\n" + compare_checkpoints(out, results, args.quick)
-    commands = "\n".join(f"- {r['name']}: `{r['command']}`" for r in results)
+    commands = "\n".join(
+        f"- {r['name']} (at {r.get('commit', 'an earlier commit')}): `{r['command']}`" for r in results
+    )
     write_atomically(
         out / f"{args.study}.md", f"{table}\n\nBudget {budget:,} parameters. Runs:\n\n{commands}\n"
     )

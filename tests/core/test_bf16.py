@@ -33,7 +33,8 @@ SPREAD = 2.0  # see the module docstring
 
 PATHS = {  # name: (layer options, trains, decodes token by token)
     "torch": ({"kernel": "torch"}, True, False),
-    "fused_torch": ({"kernel": "auto"}, True, False),  # with autograd, auto is the fused torch path on CPU
+    "fused_torch": ({"kernel": "fused_torch_{model}"}, True, False),
+    "auto_training": ({"kernel": "auto"}, True, False),  # TTT-Linear: the compiled scan; TTT-MLP: fused torch
     "cpu_kernel": ({"kernel": "auto"}, False, False),  # without autograd, the compiled kernel
     "decode": ({"kernel": "auto"}, False, True),
     "minibatch_gd": ({"kernel": "torch", "update_rule": "minibatch_gd"}, True, False),
@@ -41,6 +42,7 @@ PATHS = {  # name: (layer options, trains, decodes token by token)
 EXPECTED_DISPATCH = {
     "torch": "torch",
     "fused_torch": "fused_torch_{model}",
+    "auto_training": {"linear": "cpu_ttt_linear", "mlp": "fused_torch_mlp"},
     "cpu_kernel": "cpu_ttt_{model}",
     "decode": "cpu_ttt_{model}.decode",
     "minibatch_gd": None,  # the primal form dispatches nothing
@@ -95,7 +97,8 @@ def _assert_close_in_float32(name, y, state, grads, y32, state32, grads32, bound
 @pytest.mark.parametrize("model", ["linear", "mlp"])
 def test_bf16_matches_float32_to_bf16_precision_with_a_float32_state(model, path, request):
     options, train, decode = PATHS[path]
-    if path in ("cpu_kernel", "decode"):
+    options = {key: value.format(model=model) for key, value in options.items()}
+    if path in ("cpu_kernel", "decode", "auto_training"):
         request.getfixturevalue("cpu_kernels")
     torch.manual_seed(0)
     base_lr = 1.0 if model == "linear" else 0.1
@@ -107,6 +110,7 @@ def test_bf16_matches_float32_to_bf16_precision_with_a_float32_state(model, path
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, state, grads = _run(layer, x, train, decode)
     expected = EXPECTED_DISPATCH[path]
+    expected = expected.get(model) if isinstance(expected, dict) else expected
     assert {p for p, _ in layer.dispatches} <= ({expected.format(model=model)} if expected else set())
     assert y.dtype == torch.bfloat16  # o_proj ran under autocast
     _assert_close_in_float32("autocast", y, state, grads, y32, state32, grads32, bounds)

@@ -21,7 +21,7 @@ from innerloop.testing.strategies import layer_configs, seeds
     seed=seeds(),
 )
 def test_fused_equals_reference_outputs_states_and_gradients(config, tokens, seed):
-    reference, fast = twin_layers(config, seed % 1000, kernel="auto")
+    reference, fast = twin_layers(config, seed % 1000, kernel=f"fused_torch_{config['inner_model']}")
     x = torch.randn(2, tokens, config["hidden_size"], dtype=torch.float64, requires_grad=True)
     y_ref, state_ref = reference(x)
     y_fast, state_fast = fast(x)
@@ -41,7 +41,7 @@ def test_fused_equals_reference_outputs_states_and_gradients(config, tokens, see
 def test_double_backward_is_refused_or_exact(model):
     torch.manual_seed(0)
     fused = TTTLayer(
-        4, 2, inner_model=model, mini_batch_size=2
+        4, 2, inner_model=model, mini_batch_size=2, kernel=f"fused_torch_{model}"
     ).double()  # head_dim 2: the fewest perturbations
     x = torch.randn(1, 4, 4, dtype=torch.float64, requires_grad=True)  # two whole mini-batches
     (grad,) = torch.autograd.grad(fused(x)[0].sum(), x, create_graph=False)

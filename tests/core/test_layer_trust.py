@@ -234,7 +234,8 @@ def test_a_state_written_by_an_impostor_is_refused_by_the_registered_model():
 FORWARD_ULPS, GRADIENT_ULPS = 6, 12
 MIXED_PATHS = {
     "torch": {"kernel": "torch"},
-    "fused_torch": {"kernel": "auto"},  # with autograd, auto is the fused torch path on CPU
+    "fused_torch": {"kernel": "fused_torch_{model}"},
+    "cpu_training": {"kernel": "cpu_ttt_{model}"},  # TTT-Linear's compiled training scan (if it builds)
     "cpu_kernel": {"kernel": "auto"},  # without autograd, auto is the compiled kernel (if it builds)
     "minibatch_gd": {"kernel": "torch", "update_rule": "minibatch_gd"},
 }
@@ -248,12 +249,17 @@ def _flat(tensors) -> torch.Tensor:
 @pytest.mark.parametrize("model", ["linear", "mlp"])
 @pytest.mark.parametrize("path", list(MIXED_PATHS))
 def test_autocast_runs_the_scan_in_float32_and_matches_float32(path, model, dtype, request):
-    if path == "cpu_kernel":
+    if path in ("cpu_kernel", "cpu_training"):
         request.getfixturevalue("cpu_kernels")
-    grad = path != "cpu_kernel"  # the compiled kernel is inference only
+    if path == "cpu_training" and model != "linear":
+        pytest.skip(
+            "the compiled training scan is TTT-Linear's only (fused torch trains TTT-MLP, tested above)"
+        )
+    grad = path != "cpu_kernel"  # without autograd: the compiled kernel's inference path
     torch.manual_seed(0)
     base_lr = 1.0 if model == "linear" else 0.1
-    layer = TTTLayer(32, 2, inner_model=model, mini_batch_size=8, base_lr=base_lr, **MIXED_PATHS[path])
+    options = {key: value.format(model=model) for key, value in MIXED_PATHS[path].items()}
+    layer = TTTLayer(32, 2, inner_model=model, mini_batch_size=8, base_lr=base_lr, **options)
     x = torch.randn(2, 32, 32)
     params = list(layer.parameters())
     with torch.set_grad_enabled(grad):
@@ -264,9 +270,11 @@ def test_autocast_runs_the_scan_in_float32_and_matches_float32(path, model, dtyp
             grads32 = torch.autograd.grad(y32.square().sum(), params)
             grads = torch.autograd.grad(y.float().square().sum(), params)
 
-    expected_path = {"fused_torch": f"fused_torch_{model}", "cpu_kernel": f"cpu_ttt_{model}"}.get(
-        path, "torch"
-    )
+    expected_path = {
+        "fused_torch": f"fused_torch_{model}",
+        "cpu_kernel": f"cpu_ttt_{model}",
+        "cpu_training": f"cpu_ttt_{model}",
+    }.get(path, "torch")
     assert {p for p, _ in layer.dispatches} <= {expected_path}
     assert y.dtype == dtype  # o_proj ran under autocast
     assert all(t.dtype == torch.float32 for t in state.tensors().values())

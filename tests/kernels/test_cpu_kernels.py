@@ -219,7 +219,12 @@ def test_verify_names_each_limit():
     assert verify(inputs()) is None
     assert "CPU only" in verify(inputs(device=torch.device("meta")))
     assert "torch.bfloat16 is not float32 or float64" in verify(inputs(dtype=torch.bfloat16))
-    assert "forward only" in verify(inputs(requires_grad=True))
+    assert (
+        verify(inputs(requires_grad=True)) is None
+    )  # trains TTT-Linear (tests/kernels/test_cpu_training.py)
+    assert "decodes without autograd" in verify(
+        inputs(requires_grad=True, num_tokens=1, extra={"decode": True})
+    )
     assert verify(inputs(mini_batch_size=128, num_tokens=256)) is None  # no limit on K
     assert verify(inputs(num_tokens=1, extra={"decode": True})) is None  # one token mid-mini-batch
     assert "not a multiple" in verify(inputs(num_tokens=6))

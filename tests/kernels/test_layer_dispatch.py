@@ -45,7 +45,10 @@ def test_unsupported_head_dim_falls_back_with_the_reason():
     layer = TTTLayer(16, 2, mini_batch_size=4)  # head_dim 8: below the Triton kernels' minimum
     layer(torch.randn(1, 8, 16))
     path, reason = layer.last_dispatch
-    assert path == "fused_torch_linear"  # the next kernel that verifies
+    assert path in (
+        "cpu_ttt_linear",
+        "fused_torch_linear",
+    )  # the next that verifies (compiled, where it builds)
     assert "refused before it: triton_ttt_linear: head_dim 8" in reason
     forced = TTTLayer(16, 2, mini_batch_size=4, kernel="triton_ttt_linear")
     with pytest.raises(RuntimeError, match="head_dim 8 must be a power of two in \\[16, 128\\]"):
@@ -114,29 +117,41 @@ def test_layer_through_triton_equals_torch_for_any_length(model, mini_batch, hea
 
 @pytest.mark.usefixtures("cpu_kernels")
 @pytest.mark.parametrize("model", ["linear", "mlp"])
-def test_auto_takes_the_kernel_for_inference_and_fused_torch_for_training(model):
+def test_auto_takes_the_kernel_for_inference_and_for_training_ttt_linear(model):
+    """Training: the compiled scan for TTT-Linear, fused torch for TTT-MLP (with the kernel's reason)."""
     layer = TTTLayer(16, 2, inner_model=model, mini_batch_size=4)
     x = torch.randn(1, 8, 16)
     with torch.no_grad():
         layer(x)
     assert layer.last_dispatch[0] == f"cpu_ttt_{model}"
     layer(x)
-    assert layer.last_dispatch[0] == f"fused_torch_{model}"
-    assert f"cpu_ttt_{model}: forward only" in layer.last_dispatch[1]
+    if model == "linear":
+        assert layer.last_dispatch[0] == "cpu_ttt_linear"
+    else:
+        assert layer.last_dispatch[0] == "fused_torch_mlp"
+        assert "cpu_ttt_mlp: trains one-layer stacks (TTT-Linear) only" in layer.last_dispatch[1]
 
 
 @pytest.mark.usefixtures("cpu_kernels")
-def test_training_any_parameter_keeps_the_kernel_out():
-    """Even when only the token-index scales or the inner LN bias train, the forward-only kernel is
-    refused and they get their gradients."""
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_training_any_parameter_takes_a_path_with_its_gradient(model):
+    """Even when only the token-index scales or the inner LN bias train, the path chosen is one that
+    trains (TTT-Linear: the compiled scan; TTT-MLP: not the forward-only kernel) and they get their
+    gradients, equal to the torch path's."""
+    expected = {"linear": "cpu_ttt_linear", "mlp": "fused_torch_mlp"}[model]
     for trained in ("learnable_token_idx", "ttt_norm_bias"):
-        layer = TTTLayer(16, 2, mini_batch_size=4)
-        for name, p in layer.named_parameters():
-            p.requires_grad_(name == trained)
-        y, _ = layer(torch.randn(1, 8, 16))
-        assert layer.last_dispatch[0] == "fused_torch_linear", (trained, layer.last_dispatch)
-        y.square().sum().backward()
-        assert getattr(layer, trained).grad is not None, trained
+        torch.manual_seed(0)
+        layer = TTTLayer(16, 2, inner_model=model, mini_batch_size=4)
+        reference = TTTLayer(16, 2, inner_model=model, mini_batch_size=4, kernel="torch")
+        reference.load_state_dict(layer.state_dict())
+        x = torch.randn(1, 8, 16)
+        for module in (layer, reference):
+            for name, p in module.named_parameters():
+                p.requires_grad_(name == trained)
+            y, _ = module(x)
+            y.square().sum().backward()
+        assert layer.last_dispatch[0] == expected, (trained, layer.last_dispatch)
+        torch.testing.assert_close(getattr(layer, trained).grad, getattr(reference, trained).grad)
 
 
 @pytest.mark.usefixtures("cpu_kernels")

@@ -16,12 +16,13 @@ import torch
 from innerloop.core.functional import gelu_tanh, gelu_tanh_derivative
 from innerloop.core.protocol import Activation, AffineLayer, Params
 from innerloop.kernels.cpu.build import CPUKernelUnavailable, load_library
+from innerloop.kernels.cpu.library import DTYPE_CODES, run_entry_point
+from innerloop.kernels.cpu.linear_scan import compiled_linear_scan
+from innerloop.kernels.fused_torch import make_fused_forward
 from innerloop.kernels.spec import KernelDecode, KernelForward, KernelInputs, KernelSpec
 
 MAX_LAYERS = 8  # kMaxLayers in ttt_stack.cpp
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
 ACTIVATION_NAMES = ("identity", "gelu_tanh")  # the kernel's activation codes 0 and 1
-ERRORS = {1: "unsupported dtype", 2: "invalid sizes", 3: "a C++ exception (out of memory?)"}
 
 
 def activation_code(activation: Activation | None) -> int | None:
@@ -102,20 +103,6 @@ class _DecodeArgs(ctypes.Structure):
     ]
 
 
-def _library() -> ctypes.CDLL:
-    """The loaded library with its entry points' signatures declared (once per loaded library)."""
-    library = load_library()
-    if not getattr(library, "_innerloop_declared", False):
-        for function, struct in (
-            (library.innerloop_stack_forward, _StackArgs),
-            (library.innerloop_stack_decode, _DecodeArgs),
-        ):
-            function.argtypes = [ctypes.POINTER(struct)]
-            function.restype = ctypes.c_int
-        library._innerloop_declared = True
-    return library
-
-
 def _fill(args, stack, activations, dims, params: Params, views: dict, ln_weight, ln_bias, eps) -> None:
     """The fields both entry points share: sizes, the layers, the weights' and views' addresses and
     strides (as many as the struct has: 3 for chunks, 2 for one token), the inner LayerNorm."""
@@ -135,18 +122,14 @@ def _fill(args, stack, activations, dims, params: Params, views: dict, ln_weight
     args.ln_weight, args.ln_bias, args.eps = ln_weight.data_ptr(), ln_bias.data_ptr(), float(eps)
 
 
-def _run(entry_point: str, args) -> None:
-    status = getattr(_library(), entry_point)(ctypes.byref(args))
-    if status != 0:
-        raise RuntimeError(
-            f"the CPU TTT kernel ({entry_point}) failed: {ERRORS.get(status, f'status {status}')}"
-        )
-
-
 def _refuse_autograd(tensors) -> None:
-    """The kernel is forward only: never let it drop a graph silently (verify should have refused)."""
+    """The kernel's chunks of deeper stacks and its decoding are forward only: never let them drop a
+    graph silently (verify should have refused)."""
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
-        raise RuntimeError("the CPU TTT kernel is forward only, but an input requires grad; use fused_torch")
+        raise RuntimeError(
+            "the CPU TTT kernel trains one-layer stacks only and decodes without autograd, but an input "
+            "requires grad; use fused_torch"
+        )
 
 
 def _check_shapes(stack, params, batch, heads, head_dim, ln_weight, ln_bias, **vectors) -> list[int]:
@@ -198,12 +181,21 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def make_forward(stack: tuple[AffineLayer, ...]) -> KernelForward:
-    """The chunk function (see :mod:`innerloop.kernels.spec`) for a stack model with these layers."""
+    """The chunk function (see :mod:`innerloop.kernels.spec`) for a stack model with these layers.
+
+    With an autograd graph to record (a one-layer stack only, see ``make_verify``), it is the fused
+    torch path with its scan compiled, forward and backward (``linear_scan.py``)."""
     activations = [activation_code(layer.activation) for layer in stack]
+    training = make_fused_forward(stack, training_scan=compiled_linear_scan) if len(stack) == 1 else None
 
     def forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
         batch, heads, tokens, head_dim = xq.shape
-        _refuse_autograd((xq, xk, xv, lr, tau, ln_weight, ln_bias, *params.values()))
+        inputs = (xq, xk, xv, lr, tau, ln_weight, ln_bias, *params.values())
+        if training is not None and torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+            if xq.dtype not in DTYPE_CODES:
+                raise ValueError(f"the CPU TTT kernel takes float32 or float64, got {xq.dtype}")
+            return training(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps)
+        _refuse_autograd(inputs)
         shape = (batch, heads, tokens, head_dim)
         dims = _check_shapes(
             stack,
@@ -232,7 +224,7 @@ def make_forward(stack: tuple[AffineLayer, ...]) -> KernelForward:
         views = {"xq": xq, "xk": xk, "xv": xv, "lr": lr, "out": out}
         _fill(args, stack, activations, dims, new_params, views, ln_weight, ln_bias, eps)
         args.tokens, args.mini_batch, args.tau = tokens, tau.shape[0], tau.data_ptr()
-        _run("innerloop_stack_forward", args)
+        run_entry_point("innerloop_stack_forward", args)
         return out, new_params
 
     return forward
@@ -282,7 +274,7 @@ def make_decode(stack: tuple[AffineLayer, ...]) -> KernelDecode:
             if layer.bias is not None:
                 args.pending_biases[index] = new_pending[layer.bias].data_ptr()
         args.tau, args.is_last = float(tau_i), int(bool(is_last))
-        _run("innerloop_stack_decode", args)
+        run_entry_point("innerloop_stack_decode", args)
         return out, new_params, new_pending
 
     return decode
@@ -297,8 +289,14 @@ def make_verify(stack: tuple[AffineLayer, ...]):
             return f"runs on the CPU only, the inputs are on {inputs.device}"
         if inputs.dtype not in DTYPE_CODES:
             return f"dtype {inputs.dtype} is not float32 or float64"
-        if inputs.requires_grad:
-            return "forward only: an autograd graph is needed (fused_torch trains)"
+        if inputs.requires_grad and len(stack) != 1:
+            return (
+                "trains one-layer stacks (TTT-Linear) only: an autograd graph is needed (fused_torch trains)"
+            )
+        if inputs.requires_grad and inputs.extra.get("decode"):
+            return "decodes without autograd: an autograd graph is needed (the torch path trains it)"
+        if inputs.requires_grad and inputs.needs_double_backward:
+            return "double backward needed: the compiled training scan is differentiable once only"
         if not inputs.extra.get("decode") and inputs.num_tokens % inputs.mini_batch_size != 0:
             return f"num_tokens {inputs.num_tokens} is not a multiple of mini_batch_size {inputs.mini_batch_size}"
         if unsupported:
@@ -306,7 +304,7 @@ def make_verify(stack: tuple[AffineLayer, ...]):
         if len(stack) > MAX_LAYERS:
             return f"{len(stack)} layers, the kernel takes up to {MAX_LAYERS}"
         try:
-            _library()
+            load_library()
         except CPUKernelUnavailable as error:
             return str(error)
         return None

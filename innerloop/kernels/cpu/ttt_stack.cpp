@@ -88,6 +88,36 @@ struct InnerloopDecodeArgs {
   int64_t out_strides[2];
 };
 
+// Training TTT-Linear (a one-layer stack): the scan on the fused torch path's hoisted inputs, with the
+// bias folded into the weight as its last input row. NB mini-batches of K tokens, P (batch, head)
+// pairs, input width `in`, width f; every tensor contiguous and row-major:
+// both [NB, P, 2K, in] (keys, then queries); left [NB, P, K + in, K]; shift [NB, P, K, f];
+// gamma_sq [P, f]; weight [P, in, f] (forward: updated in place to the last mini-batch's weights);
+// starts [NB, P, in, f] (forward: written, the weights at every mini-batch's start; backward: read);
+// z [NB, P, K, f] (forward: written, the outputs before the output LayerNorm).
+// Backward: grad_z [NB, P, K, f]; grad_weight [P, in, f] (in: d loss / d the last weights; out:
+// d loss / d weight); grad_both, grad_left, grad_shift (the inputs' shapes) and grad_gamma_sq [P, f]
+// written.
+struct InnerloopLinearScanArgs {
+  int32_t dtype;
+  int32_t num_threads;
+  int64_t num_mini_batches, pairs, mini_batch, in, width;
+  double eps;
+  const void* both;
+  const void* left;
+  const void* shift;
+  const void* gamma_sq;
+  void* weight;
+  void* starts;
+  void* z;
+  const void* grad_z;
+  void* grad_weight;
+  void* grad_both;
+  void* grad_left;
+  void* grad_shift;
+  void* grad_gamma_sq;
+};
+
 }  // extern "C"
 
 namespace {
@@ -702,6 +732,168 @@ int decode(const InnerloopDecodeArgs& args) {
   });
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Training TTT-Linear: the scan of a one-layer stack on the fused torch path's hoisted inputs, with
+// its backward. The forward keeps the weights at the start of every mini-batch; the backward walks
+// the mini-batches last to first, recomputes each one's key side from its starting weights and
+// carries d loss / d weights from one mini-batch to the one before (README.md derives it).
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct LinearScanWorkspace {
+  std::vector<T> z_both, xhat, a, grad, rstd, c, products, grad_products, grad_g, g_t, w_t, grad_z_both;
+  LinearScanWorkspace(int64_t k, int64_t in, int64_t f)
+      : z_both(2 * k * f), xhat(k * f), a(k * f), grad(k * f), rstd(k), c(k), products((k + in) * f),
+        grad_products((k + in) * f), grad_g(k * f), g_t(f * k), w_t(f * in), grad_z_both(2 * k * f) {}
+};
+
+// One pair's slice of a call's tensors for mini-batch n.
+template <typename T>
+struct LinearBlock {
+  const T *both, *left, *shift;  // [2K x in], [(K + in) x K], [K x f]
+  int64_t index;                 // n * pairs + pair: the block's position in every [NB, P, ...] tensor
+};
+
+template <typename T>
+static inline LinearBlock<T> linear_block(const InnerloopLinearScanArgs& args, int64_t n, int64_t pair) {
+  const int64_t k = args.mini_batch, in = args.in, f = args.width, index = n * args.pairs + pair;
+  return {static_cast<const T*>(args.both) + index * 2 * k * in,
+          static_cast<const T*>(args.left) + index * (k + in) * k,
+          static_cast<const T*>(args.shift) + index * k * f, index};
+}
+
+// The key side at weights w: Z = [X_k; X_q] w (the key rows only when queries is false), then per key row the LayerNorm's xhat and rstd,
+// a = shift + gamma^2 xhat (d loss / d xhat), c = mean(a xhat) and the inner gradient
+// G = rstd (a - mean(a) - xhat c).
+template <typename T>
+static inline void linear_key_side(const InnerloopLinearScanArgs& args, const LinearBlock<T>& block, const T* w,
+                                   const T* gamma_sq, bool queries, LinearScanWorkspace<T>& ws) {
+  const int64_t k = args.mini_batch, in = args.in, f = args.width;
+  gemm<T>(queries ? 2 * k : k, f, in, block.both, in, 1, w, f, ws.z_both.data(), f, T(1), false);
+  const T inv_f = T(1) / T(f);
+  for (int64_t i = 0; i < k; ++i) {
+    const T* z = &ws.z_both[i * f];
+    const T* shift = block.shift + i * f;
+    T *x = &ws.xhat[i * f], *a = &ws.a[i * f], *g = &ws.grad[i * f];
+    T mean, rstd;
+    row_moments(f, z, T(args.eps), &mean, &rstd);
+    for (int64_t col = 0; col < f; ++col) {
+      x[col] = (z[col] - mean) * rstd;
+      a[col] = shift[col] + gamma_sq[col] * x[col];
+    }
+    const T mean_a = sum_over<T>(f, [&](int64_t col) { return a[col]; }) * inv_f;
+    const T c = sum_over<T>(f, [&](int64_t col) { return a[col] * x[col]; }) * inv_f;
+    for (int64_t col = 0; col < f; ++col) g[col] = rstd * (a[col] - mean_a - x[col] * c);
+    ws.rstd[i] = rstd;
+    ws.c[i] = c;
+  }
+}
+
+template <typename T>
+void linear_scan_forward_pair(const InnerloopLinearScanArgs& args, int64_t pair, LinearScanWorkspace<T>& ws) {
+  const int64_t k = args.mini_batch, in = args.in, f = args.width;
+  T* w = static_cast<T*>(args.weight) + pair * in * f;
+  const T* gamma_sq = static_cast<const T*>(args.gamma_sq) + pair * f;
+  for (int64_t n = 0; n < args.num_mini_batches; ++n) {
+    const LinearBlock<T> block = linear_block<T>(args, n, pair);
+    std::memcpy(static_cast<T*>(args.starts) + block.index * in * f, w, in * f * sizeof(T));
+    linear_key_side(args, block, w, gamma_sq, true, ws);
+    // [output correction; weight step] = left G
+    gemm<T>(k + in, f, k, block.left, k, 1, ws.grad.data(), f, ws.products.data(), f, T(1), false);
+    T* z = static_cast<T*>(args.z) + block.index * k * f;
+    for (int64_t i = 0; i < k * f; ++i) z[i] = ws.z_both[k * f + i] - ws.products[i];
+    for (int64_t i = 0; i < in * f; ++i) w[i] -= ws.products[k * f + i];
+  }
+}
+
+// d G -> d shift (= d a), d gamma^2 (accumulated) and d Z_k, row by row: with d = dG, u = d - mean(d)
+// - xhat mean(d xhat): d a = rstd u; d xhat = rstd (gamma^2 u - c d - a mean(d xhat)); and
+// d Z = rstd (d xhat - mean(d xhat) - xhat mean(d xhat xhat)) - rstd^2 / f (d . P(a)) xhat,
+// where P(a) = G / rstd.
+template <typename T>
+static inline void linear_key_rows_backward(const InnerloopLinearScanArgs& args, const LinearBlock<T>& block,
+                                            const T* gamma_sq, T* grad_gamma_sq, LinearScanWorkspace<T>& ws) {
+  const int64_t k = args.mini_batch, f = args.width;
+  const T inv_f = T(1) / T(f);
+  T* grad_shift = static_cast<T*>(args.grad_shift) + block.index * k * f;
+  for (int64_t i = 0; i < k; ++i) {
+    const T *d = &ws.grad_g[i * f], *x = &ws.xhat[i * f], *a = &ws.a[i * f], *g = &ws.grad[i * f];
+    const T r = ws.rstd[i], c = ws.c[i];
+    const T mean_d = sum_over<T>(f, [&](int64_t col) { return d[col]; }) * inv_f;
+    const T mean_dx = sum_over<T>(f, [&](int64_t col) { return d[col] * x[col]; }) * inv_f;
+    const T along_a = sum_over<T>(f, [&](int64_t col) { return d[col] * g[col]; }) / r;
+    T* dz = &ws.grad_z_both[i * f];  // d xhat first, then d Z_k
+    T* ds = grad_shift + i * f;
+    for (int64_t col = 0; col < f; ++col) {
+      const T u = d[col] - mean_d - x[col] * mean_dx;
+      ds[col] = r * u;
+      grad_gamma_sq[col] += r * u * x[col];
+      dz[col] = r * (gamma_sq[col] * u - c * d[col] - a[col] * mean_dx);
+    }
+    const T mean_h = sum_over<T>(f, [&](int64_t col) { return dz[col]; }) * inv_f;
+    const T mean_hx = sum_over<T>(f, [&](int64_t col) { return dz[col] * x[col]; }) * inv_f;
+    const T along_x = r * r * along_a * inv_f;
+    for (int64_t col = 0; col < f; ++col) dz[col] = r * (dz[col] - mean_h - x[col] * mean_hx) - along_x * x[col];
+  }
+}
+
+template <typename T>
+void linear_scan_backward_pair(const InnerloopLinearScanArgs& args, int64_t pair, LinearScanWorkspace<T>& ws) {
+  const int64_t k = args.mini_batch, in = args.in, f = args.width;
+  const T* gamma_sq = static_cast<const T*>(args.gamma_sq) + pair * f;
+  T* grad_w = static_cast<T*>(args.grad_weight) + pair * in * f;  // d loss / d W_{n+1}, then W_n
+  T* grad_gamma_sq = static_cast<T*>(args.grad_gamma_sq) + pair * f;
+  std::fill(grad_gamma_sq, grad_gamma_sq + f, T(0));
+  for (int64_t n = args.num_mini_batches - 1; n >= 0; --n) {
+    const LinearBlock<T> block = linear_block<T>(args, n, pair);
+    const T* w = static_cast<const T*>(args.starts) + block.index * in * f;
+    const T* grad_z = static_cast<const T*>(args.grad_z) + block.index * k * f;
+    linear_key_side(args, block, w, gamma_sq, false, ws);
+    // the products' gradient: z = Z_q - products[:K], W_{n+1} = W_n - products[K:]
+    T* grad_products = ws.grad_products.data();
+    for (int64_t i = 0; i < k * f; ++i) grad_products[i] = -grad_z[i];
+    for (int64_t i = 0; i < in * f; ++i) grad_products[k * f + i] = -grad_w[i];
+    // d left = d products G^T, d G = left^T d products
+    transpose<T>(k, f, ws.grad.data(), ws.g_t.data());
+    T* grad_left = static_cast<T*>(args.grad_left) + block.index * (k + in) * k;
+    gemm<T>(k + in, k, f, grad_products, f, 1, ws.g_t.data(), k, grad_left, k, T(1), false);
+    gemm<T>(k, f, k + in, block.left, 1, k, grad_products, f, ws.grad_g.data(), f, T(1), false);
+    linear_key_rows_backward(args, block, gamma_sq, grad_gamma_sq, ws);  // d Z_k into grad_z_both[:K]
+    std::memcpy(&ws.grad_z_both[k * f], grad_z, k * f * sizeof(T));     // d Z_q = d z
+    // d both = d Z W^T; d W_n = d W_{n+1} + both^T d Z
+    transpose<T>(in, f, w, ws.w_t.data());
+    T* grad_both = static_cast<T*>(args.grad_both) + block.index * 2 * k * in;
+    gemm<T>(2 * k, in, f, ws.grad_z_both.data(), f, 1, ws.w_t.data(), in, grad_both, in, T(1), false);
+    gemm<T>(in, f, 2 * k, block.both, 1, in, ws.grad_z_both.data(), f, grad_w, f, T(1), true);
+  }
+}
+
+template <typename T>
+int linear_scan(const InnerloopLinearScanArgs& args, bool backward) {
+  return parallel_over_pairs(args.pairs, args.num_threads, [&](int64_t first, int64_t last) {
+    LinearScanWorkspace<T> ws(args.mini_batch, args.in, args.width);
+    for (int64_t pair = first; pair < last; ++pair) {
+      if (backward)
+        linear_scan_backward_pair<T>(args, pair, ws);
+      else
+        linear_scan_forward_pair<T>(args, pair, ws);
+    }
+  });
+}
+
+int linear_scan_entry(const InnerloopLinearScanArgs* args, bool backward) {
+  if (args->num_mini_batches < 0 || args->pairs < 0 || args->mini_batch < 1 || args->in < 1 || args->width < 1)
+    return 2;
+  try {
+    if (args->dtype == kFloat32) return linear_scan<float>(*args, backward);
+    if (args->dtype == kFloat64) return linear_scan<double>(*args, backward);
+  } catch (const std::exception&) {
+    return 3;
+  }
+  return 1;
+}
+
 }  // namespace
 
 extern "C" {
@@ -731,6 +923,10 @@ int innerloop_stack_decode(const InnerloopDecodeArgs* args) {
   }
   return 1;
 }
+
+// The training scan of a one-layer stack (InnerloopLinearScanArgs); return codes as above.
+int innerloop_linear_scan_forward(const InnerloopLinearScanArgs* args) { return linear_scan_entry(args, false); }
+int innerloop_linear_scan_backward(const InnerloopLinearScanArgs* args) { return linear_scan_entry(args, true); }
 
 // 1 if the library was built with OpenMP (runs on several threads), else 0.
 int innerloop_uses_openmp(void) {

@@ -22,6 +22,7 @@ The derivation is in ``kernels/README.md``; what moves out of the scan, in ``ker
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -211,25 +212,46 @@ class _Scan:
         return z
 
 
-def make_fused_forward(stack: tuple[AffineLayer, ...]) -> KernelForward:
-    """The fused block function for a stack model with these layers."""
+TrainingScan = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+"""A one-layer stack's scan with its own backward: ``(both1, left1, shift, gamma_sq, weight, eps) ->
+(z [NB, BH, K, f], weight after the last mini-batch)`` on :class:`_Hoisted`'s tensors and the folded
+weight ``[BH, in1, f]`` (``innerloop.kernels.cpu.linear_scan`` compiles one)."""
+
+
+def make_fused_forward(
+    stack: tuple[AffineLayer, ...], training_scan: TrainingScan | None = None
+) -> KernelForward:
+    """The fused block function for a stack model with these layers; with ``training_scan`` (one-layer
+    stacks), that scan runs in place of the recorded one when a graph is needed."""
+    if training_scan is not None and len(stack) != 1:
+        raise ValueError(f"training_scan takes one-layer stacks; this stack has {len(stack)} layers")
 
     def forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
         batch, heads, tokens, dim = xq.shape
         hoisted = _hoist(xq, xk, xv, lr, tau, ln_weight, ln_bias, stack[0].bias is not None)
         tensors = (xq, xk, xv, lr, tau, ln_weight, ln_bias, *params.values())
         in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        scan = _Scan(stack, _folded_weights(stack, params, batch * heads, own_copies=in_place), in_place, eps)
-        per_mb = zip(*(t.unbind(0) for t in (hoisted.both1, hoisted.left1, hoisted.shift, hoisted.eta,
-                                             hoisted.update_scale)), strict=True)  # fmt: skip
-        outputs = [scan.mini_batch(*tensors_n, hoisted.gamma_sq) for tensors_n in per_mb]
+        weights = _folded_weights(stack, params, batch * heads, own_copies=in_place)
+        if training_scan is not None and not in_place:
+            z, last = training_scan(
+                hoisted.both1, hoisted.left1, hoisted.shift, hoisted.gamma_sq, weights[0], eps
+            )
+            z_all, weights = z.transpose(0, 1), [last]  # [BH, NB, K, f]
+        else:
+            scan = _Scan(stack, weights, in_place, eps)
+            per_mb = zip(*(t.unbind(0) for t in (hoisted.both1, hoisted.left1, hoisted.shift, hoisted.eta,
+                                                 hoisted.update_scale)), strict=True)  # fmt: skip
+            z_all = torch.stack(
+                [scan.mini_batch(*tensors_n, hoisted.gamma_sq) for tensors_n in per_mb], dim=1
+            )
+            weights = scan.weights
 
         # the output LayerNorm and residual, once over all tokens
-        z_all = torch.stack(outputs, dim=1).reshape(batch, heads, tokens, dim)  # [B, H, T, f]
+        z_all = z_all.reshape(batch, heads, tokens, dim)  # [B, H, T, f]
         scale = overflow_safe_scale_if_needed(z_all)
         normed = torch.nn.functional.layer_norm(z_all if scale is None else z_all * scale, [dim], eps=eps)
         out = torch.addcmul(xq + ln_bias[None, :, None, :], normed, ln_weight[None, :, None, :])
-        return _guard(out), _unfolded_params(stack, params, scan.weights)
+        return _guard(out), _unfolded_params(stack, params, weights)
 
     return forward
 

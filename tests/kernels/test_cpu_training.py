@@ -1,0 +1,192 @@
+"""The CPU kernel trains TTT-Linear: its compiled scan and backward equal the torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from kernel_testing import make_inputs
+
+from innerloop import TTTLayer
+from innerloop.core.functional import relative_error
+from innerloop.core.protocol import AffineLayer
+from innerloop.kernels.cpu.linear_scan import DOUBLE_BACKWARD_MESSAGE
+from innerloop.kernels.cpu.stack import make_forward, make_verify
+from innerloop.kernels.fused_torch import make_fused_forward
+from innerloop.kernels.reference import reference_kernel
+from innerloop.kernels.spec import KernelInputs
+from innerloop.plugins.losses.reconstruction import Reconstruction
+from innerloop.plugins.models.linear import LinearModel
+from innerloop.plugins.models.mlp import MLPModel
+from innerloop.testing import FLOAT64_TOLERANCE
+from innerloop.testing.checks import assert_close, assert_states_close, twin_layers
+from innerloop.testing.strategies import layer_configs, seeds
+
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # skips, with the reason, where nothing compiles
+
+LINEAR = LinearModel().stack
+WITHOUT_BIAS = (AffineLayer("W1", None, None),)
+REFERENCE_FORWARD, _ = reference_kernel(LinearModel(), Reconstruction())
+
+
+def strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values with gaps between rows and a permuted memory layout (last dim contiguous)."""
+    batch, heads, tokens, dim = t.shape
+    storage = torch.zeros(tokens, batch, heads, dim + 3, dtype=t.dtype)
+    storage[..., :dim] = t.permute(2, 0, 1, 3)
+    return storage[..., :dim].permute(1, 2, 0, 3)
+
+
+def outputs_and_gradients(forward, inputs, cotangent_seed: int, layouts: bool = False):
+    """A chunk function's output, new weights, and the gradients of a random linear function of both
+    w.r.t. every input (the views, lr, tau, the weights and the inner LayerNorm). ``layouts``: the
+    views strided and the weights shared by the batch (stride 0), as a layer passes them."""
+    xq, xk, xv, lr, tau, params, lnw, lnb = inputs
+    leaves = [xq, xk, xv, lr, tau, *params.values(), lnw, lnb]
+    if layouts:
+        xq, xk, xv = (strided(t) for t in (xq, xk, xv))
+        params = {k: v[:1].expand_as(v) for k, v in params.items()}
+    out, new_params = forward(xq, xk, xv, lr, tau, params, lnw, lnb, 1e-6)
+    generator = torch.Generator().manual_seed(cotangent_seed)  # the same cotangents in any dtype
+
+    def noise(like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(like.shape, generator=generator, dtype=torch.float64).to(like.dtype)
+
+    loss = (out * noise(out)).sum()
+    for key in sorted(new_params):
+        loss = loss + (new_params[key] * noise(new_params[key])).sum()
+    return out, new_params, torch.autograd.grad(loss, leaves)
+
+
+def leaf_inputs(inputs):
+    """Fresh leaves that require grad, with the same values."""
+    xq, xk, xv, lr, tau, params, lnw, lnb = inputs
+    fresh = [t.detach().clone().requires_grad_() for t in (xq, xk, xv, lr, tau, lnw, lnb)]
+    params = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    return (*fresh[:5], params, *fresh[5:])
+
+
+NAMES = ["xq", "xk", "xv", "lr", "tau", "weights", "bias", "ln_weight", "ln_bias"]
+
+
+def assert_training_equal(stack, inputs, layouts: bool = False, cotangent_seed: int = 0) -> None:
+    """The kernel against the reference (the fused torch path for a stack without bias, itself tested
+    against the reference): outputs, new weights, every gradient, float64 to 1e-10."""
+    oracle = REFERENCE_FORWARD if stack is LINEAR else make_fused_forward(stack)
+    reference = outputs_and_gradients(oracle, leaf_inputs(inputs), cotangent_seed, layouts)
+    ours = outputs_and_gradients(make_forward(stack), leaf_inputs(inputs), cotangent_seed, layouts)
+    assert_close(ours[0], reference[0], "training output", FLOAT64_TOLERANCE)
+    for key in reference[1]:
+        assert_close(ours[1][key], reference[1][key], f"new {key}", FLOAT64_TOLERANCE)
+    names = NAMES if len(ours[2]) == len(NAMES) else [n for n in NAMES if n != "bias"]
+    for name, g_ours, g_ref in zip(names, ours[2], reference[2], strict=True):
+        assert_close(g_ours, g_ref, f"gradient of {name}", FLOAT64_TOLERANCE)
+
+
+def test_training_equals_the_reference_on_one_example():
+    inputs = make_inputs(2, 3, 12, 5, 4, "linear", dtype=torch.float64, seed=0)
+    assert_training_equal(LINEAR, inputs, layouts=True)
+
+
+@pytest.mark.slow  # ~2 s: hypothesis over shapes and layouts (one example above stays in the fast loop)
+@given(
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 3),
+    head_dim=st.sampled_from([2, 5, 8, 16, 20]),
+    mini_batch=st.sampled_from([1, 3, 4, 16]),
+    num_mini_batches=st.integers(1, 3),
+    layouts=st.booleans(),
+    seed=seeds(),
+)
+def test_training_equals_the_reference_in_float64(
+    batch, heads, head_dim, mini_batch, num_mini_batches, layouts, seed
+):
+    """Outputs, new weights and the gradient of every input, against the pure-torch dual form."""
+    tokens = mini_batch * num_mini_batches
+    inputs = make_inputs(batch, heads, tokens, head_dim, mini_batch, "linear", dtype=torch.float64, seed=seed)
+    assert_training_equal(LINEAR, inputs, layouts, cotangent_seed=seed)
+
+
+@pytest.mark.parametrize("head_dim", [3, 16])
+def test_a_layer_without_bias_trains_equal_to_fused_torch(head_dim):
+    """A one-layer stack without bias folds no ones column: the compiled scan's input width is f."""
+    inputs = make_inputs(2, 2, 12, head_dim, 4, "linear", dtype=torch.float64, seed=1)
+    without_bias = (*inputs[:5], {"W1": inputs[5]["W1"]}, *inputs[6:])
+    assert_training_equal(WITHOUT_BIAS, without_bias)
+
+
+def test_rows_whose_squares_overflow_train_equal_to_the_reference():
+    """Inner weights so large (1e160) that every pre-activation row's squares overflow float64: the
+    LayerNorm rows take the scaled path. Outputs, new weights and every gradient but the keys' equal
+    the reference's. The keys' gradient is the sum of terms of order 1 made of products of 1e160 and
+    1e-160 that nearly cancel: float64 cannot resolve it (the fused torch path and the reference
+    already differ by a factor of about 2 there), so it is only required to be finite."""
+    xq, xk, xv, lr, tau, params, lnw, lnb = make_inputs(1, 2, 8, 8, 4, "linear", dtype=torch.float64, seed=2)
+    inputs = (xq, xk, xv, lr, tau, {"W1": params["W1"] * 1e160, "b1": params["b1"]}, lnw, lnb)
+    reference = outputs_and_gradients(REFERENCE_FORWARD, leaf_inputs(inputs), 0)
+    ours = outputs_and_gradients(make_forward(LINEAR), leaf_inputs(inputs), 0)
+    assert_close(ours[0], reference[0], "training output", FLOAT64_TOLERANCE)
+    for key in reference[1]:
+        assert_close(ours[1][key], reference[1][key], f"new {key}", FLOAT64_TOLERANCE)
+    for name, g_ours, g_ref in zip(NAMES, ours[2], reference[2], strict=True):
+        if name == "xk":
+            assert torch.isfinite(g_ours).all()
+        else:
+            assert_close(g_ours, g_ref, f"gradient of {name}", FLOAT64_TOLERANCE)
+
+
+@pytest.mark.slow  # ~1 s
+def test_float32_gradients_are_as_close_to_float64_as_fused_torch():
+    inputs64 = make_inputs(2, 3, 64, 16, 16, "linear", dtype=torch.float64, seed=3)
+    inputs32 = [{k: v.float() for k, v in t.items()} if isinstance(t, dict) else t.float() for t in inputs64]
+    exact = outputs_and_gradients(REFERENCE_FORWARD, leaf_inputs(inputs64), 0)
+    ours = outputs_and_gradients(make_forward(LINEAR), leaf_inputs(inputs32), 0)
+    fused = outputs_and_gradients(make_fused_forward(LINEAR), leaf_inputs(inputs32), 0)
+    for index, name in enumerate(NAMES):
+        error_ours = relative_error(ours[2][index], exact[2][index])
+        error_fused = relative_error(fused[2][index], exact[2][index])
+        assert error_ours < 1e-5, (name, error_ours)
+        assert error_ours < 4 * error_fused + 1e-7, (name, error_ours, error_fused)
+
+
+@pytest.mark.slow  # ~10 s: hypothesis over layer configs with every gradient
+@given(config=layer_configs(inner_models=("linear",), inner_losses=("reconstruction",), update_rules=("dual_form",)),
+       tokens=st.integers(1, 26), seed=seeds())  # fmt: skip
+def test_a_layer_trains_through_the_kernel_equal_to_torch(config, tokens, seed):
+    """The layer picks the kernel for training (``kernel="auto"``); outputs, state and every parameter's
+    gradient equal the torch path's, with a partial mini-batch at the end."""
+    reference, fast = twin_layers(config, seed % 1000, kernel="auto")
+    x = torch.randn(2, tokens, config["hidden_size"], dtype=torch.float64, requires_grad=True)
+    y_ref, state_ref = reference(x)
+    y_fast, state_fast = fast(x)
+    assert_close(y_fast, y_ref, "output", FLOAT64_TOLERANCE)
+    assert_states_close(state_fast, state_ref, "state", FLOAT64_TOLERANCE)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), [x, *reference.parameters()])
+    grads_fast = torch.autograd.grad(y_fast.square().sum(), [x, *fast.parameters()])
+    for (name, _), g_fast, g_ref in zip(fast.named_parameters(), grads_fast[1:], grads_ref[1:], strict=True):
+        assert_close(g_fast, g_ref, f"gradient of {name}", FLOAT64_TOLERANCE)
+    assert_close(grads_fast[0], grads_ref[0], "gradient of x", FLOAT64_TOLERANCE)
+    if tokens >= config["mini_batch_size"]:
+        assert "cpu_ttt_linear" in [path for path, _ in fast.dispatches]
+
+
+def test_double_backward_is_refused_with_a_clear_error():
+    torch.manual_seed(0)
+    layer = TTTLayer(8, 2, mini_batch_size=2, kernel="cpu_ttt_linear").double()
+    x = torch.randn(1, 4, 8, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="differentiable once only.*needs_double_backward=True"):
+        torch.autograd.grad(layer(x)[0].sum(), x, create_graph=True)
+    assert "differentiable once only" in DOUBLE_BACKWARD_MESSAGE
+
+
+def test_verify_says_what_training_the_kernel_takes():
+    def inputs(**changes):
+        fields = dict(device=torch.device("cpu"), dtype=torch.float32, head_dim=8, mini_batch_size=4,
+                      num_tokens=8, requires_grad=True)  # fmt: skip
+        return KernelInputs(**{**fields, **changes})
+
+    assert make_verify(LINEAR)(inputs()) is None
+    assert "trains one-layer stacks (TTT-Linear) only" in make_verify(MLPModel().stack)(inputs())
+    assert "differentiable once only" in make_verify(LINEAR)(inputs(needs_double_backward=True))
+    assert make_verify(MLPModel().stack)(inputs(requires_grad=False)) is None

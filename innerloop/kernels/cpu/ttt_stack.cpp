@@ -127,17 +127,23 @@ namespace {
 // kRows x kCols outputs; gcc/clang vectorize the column loop of the tile.
 // ---------------------------------------------------------------------------------------------
 
-// GCC/clang vector extensions: one 256-bit register of T (8 floats or 4 doubles). On targets
-// without 256-bit registers the compiler splits them; the arithmetic is the same.
+// GCC/clang vector extensions: one register of T, 512 bits where the build targets AVX-512 (16 floats
+// or 8 doubles), else 256 bits (8 or 4). On targets without such registers the compiler splits them;
+// the arithmetic is the same.
 template <typename T>
 struct Vector;
+#ifdef __AVX512F__
+constexpr int kVectorBytes = 64;  // one AVX-512 register
+#else
+constexpr int kVectorBytes = 32;
+#endif
 template <>
 struct Vector<float> {
-  typedef float type __attribute__((vector_size(32)));
+  typedef float type __attribute__((vector_size(kVectorBytes)));
 };
 template <>
 struct Vector<double> {
-  typedef double type __attribute__((vector_size(32)));
+  typedef double type __attribute__((vector_size(kVectorBytes)));
 };
 
 template <typename T>
@@ -191,7 +197,7 @@ inline void gemm_edge(int64_t rows, int64_t cols, int64_t depth, const T* a, int
 }
 
 // All rows of A against one block of kVectors * lanes columns of B: tiles of 6 rows (12 accumulators,
-// 2 B vectors and a broadcast fill the 16 vector registers of AVX2), then one tile for the rest.
+// 2 B vectors and a broadcast fit AVX2's 16 vector registers; AVX-512 has 32), then one tile for the rest.
 template <typename T, int kVectors>
 inline void gemm_column_block(int64_t m, int64_t k, const T* a, int64_t a_row, int64_t a_depth, const T* b,
                               int64_t ldb, T* c, int64_t ldc, T scale, bool accumulate) {
@@ -216,7 +222,7 @@ inline void gemm_column_block(int64_t m, int64_t k, const T* a, int64_t a_row, i
 template <typename T>
 void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t a_row, int64_t a_depth, const T* b, int64_t ldb,
           T* c, int64_t ldc, T scale, bool accumulate) {
-  constexpr int64_t kLanes = 32 / sizeof(T);
+  constexpr int64_t kLanes = kVectorBytes / sizeof(T);
   // Column blocks outside, row blocks inside: a [k x columns] slice of B stays in L1 while every row
   // block of A passes over it (the inner weights of TTT-MLP do not fit in L1 as a whole).
   int64_t j = 0;

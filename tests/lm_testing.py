@@ -1,12 +1,21 @@
-"""Tiny models for tests: the run overrides of the end-to-end training tests (:data:`TINY`), and the
-TTT language model the precision and compile tests compare against eager float32."""
+"""Tiny models for tests: the run overrides of the end-to-end training tests (:data:`TINY`), a training
+run killed in the middle (:func:`kill_a_training_run`), and the TTT language model the precision and
+compile tests compare against eager float32."""
 
 from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import torch
 
 from innerloop.models import build_model
 from innerloop.models.config import ModelConfig, TTTConfig
+from innerloop.train.checkpoint import load_checkpoint
 
 TINY = [
     "model.hidden_size=32",
@@ -22,6 +31,29 @@ TINY = [
     "trainer.num_position_buckets=4",
 ]
 """Overrides of a model and run small enough for a few seconds of training on a CPU."""
+
+
+def kill_a_training_run(
+    overrides: list[str], checkpoint: Path, after_step: int = 2, timeout_s: float = 180
+) -> int | None:
+    """Run ``innerloop train`` with ``overrides`` in a subprocess, SIGKILL it as soon as ``checkpoint``
+    holds ``after_step`` steps, and return the step the checkpoint it left holds (None if it finished
+    or the time ran out first)."""
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "innerloop.cli", "train", *overrides], env=environment,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    killed_at = None
+    try:
+        deadline = time.monotonic() + timeout_s
+        while killed_at is None and time.monotonic() < deadline and process.poll() is None:
+            if checkpoint.exists() and load_checkpoint(checkpoint)["global_step"] >= after_step:
+                process.send_signal(signal.SIGKILL)
+                killed_at = load_checkpoint(checkpoint)["global_step"]
+            time.sleep(0.02)
+    finally:
+        process.kill()
+        process.wait()
+    return killed_at
 
 
 def tiny_ttt_lm(inner_model: str, backbone: str = "transformer") -> torch.nn.Module:

@@ -7,11 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from itertools import islice
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +16,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from lm_testing import TINY as TINY_RUN
+from lm_testing import kill_a_training_run
 
 from innerloop.cli import main
 from innerloop.config import load_config
@@ -282,20 +278,8 @@ def test_a_killed_hf_run_resumes_bit_identical_to_an_uninterrupted_one(tmp_path,
     reference_result = train(reference)
 
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "innerloop.cli", "train", *_run(path, streaming, out)],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    checkpoint, killed_at = out / "last.safetensors", None
-    try:
-        deadline = time.monotonic() + 180
-        while killed_at is None and time.monotonic() < deadline and process.poll() is None:
-            if checkpoint.exists() and load_checkpoint(checkpoint)["global_step"] >= 2:
-                process.send_signal(signal.SIGKILL)
-                killed_at = load_checkpoint(checkpoint)["global_step"]
-            time.sleep(0.02)
-    finally:
-        process.kill()
-        process.wait()
+    checkpoint = out / "last.safetensors"
+    killed_at = kill_a_training_run(_run(path, streaming, out), checkpoint)
     assert killed_at is not None and killed_at < STEPS, "the run was not killed in the middle"
     assert load_checkpoint(checkpoint)["HFDataModule"]["batch"] == killed_at
 

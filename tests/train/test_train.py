@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import lightning as L
 import matplotlib.image
 import pytest
 import torch
-from lm_testing import TINY  # the tiny model and run of the end-to-end tests
+from lm_testing import TINY, kill_a_training_run  # the tiny run of the end-to-end tests; a killed run
 
 from innerloop.cli import main
 from innerloop.config import load_config
@@ -137,20 +132,8 @@ def test_a_crashed_run_resumes_to_the_same_losses_and_weights(tmp_path, uninterr
 def test_a_killed_process_resumes_to_the_same_result(tmp_path, uninterrupted) -> None:
     reference, _, reference_metrics = uninterrupted
     overrides = [*TINY, f"trainer.max_steps={RESUME_STEPS}", f"out_dir={tmp_path}"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "innerloop.cli", "train", *overrides], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    checkpoint, killed_at = tmp_path / "last.safetensors", None
-    try:
-        deadline = time.monotonic() + 120
-        while killed_at is None and time.monotonic() < deadline and process.poll() is None:
-            if checkpoint.exists() and load_checkpoint(checkpoint)["global_step"] >= 2:
-                process.send_signal(signal.SIGKILL)
-                killed_at = load_checkpoint(checkpoint)["global_step"]
-            time.sleep(0.02)
-    finally:
-        process.kill()
-        process.wait()
+    checkpoint = tmp_path / "last.safetensors"
+    killed_at = kill_a_training_run(overrides, checkpoint, timeout_s=120)
     assert killed_at is not None and killed_at < RESUME_STEPS, "the run was not killed in the middle"
 
     run, cfg = load_config(str(tmp_path / "config.yaml"))

@@ -1,5 +1,6 @@
 """Tiny models for tests: the run overrides of the end-to-end training tests (:data:`TINY`), a training
-run killed in the middle (:func:`kill_a_training_run`), and the TTT language model the precision and
+run killed in the middle (:func:`kill_a_training_run`), a TTT-E2E model's streamed logits
+(:func:`streamed_logits`), and the TTT language model the precision and
 compile tests compare against eager float32."""
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ def kill_a_training_run(
         process.kill()
         process.wait()
     return killed_at
+
+
+def streamed_logits(model: torch.nn.Module, ids: torch.Tensor, cuts: list[int]) -> torch.Tensor:
+    """The logits ``[B, N, V]`` of ``model.stream`` (a TTT-E2E model) fed ``ids [B, N]`` in the pieces
+    between consecutive ``cuts`` (from 0 to N; equal cuts make empty pieces), without autograd."""
+    pieces = [ids[:, a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    with torch.no_grad():
+        return torch.cat([logits for logits, _ in model.stream(pieces)], dim=1)
 
 
 def tiny_ttt_lm(inner_model: str, backbone: str = "transformer") -> torch.nn.Module:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from lm_testing import streamed_logits
 from safetensors.numpy import load_file
 
 from innerloop.interop.ttt_e2e import (
@@ -228,8 +229,7 @@ def test_streaming_and_generation_from_a_converted_model_equal_the_one_shot_forw
     ids = torch.from_numpy(official["input_ids"][:1, :34])
     with torch.no_grad():
         whole, _ = model(ids)
-        pieces = [ids[:, a:b] for a, b in ((0, 1), (1, 16), (16, 17), (17, 32), (32, 34))]
-        streamed = torch.cat([logits for logits, _ in model.stream(pieces)], dim=1)
+    streamed = streamed_logits(model, ids, [0, 1, 16, 17, 32, 34])
     torch.testing.assert_close(streamed, whole, rtol=0, atol=1e-5)
     prompt = ids[:, :14]
     tokens = [t for t, _ in generate(model, prompt, 4, temperature=0.0)]  # crosses a chunk's end

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from lm_testing import streamed_logits
 
 from innerloop.config import load_config
 from innerloop.models import E2ELM, CausalLM, E2EConfig, ModelConfig, build_model, generate
@@ -224,9 +225,9 @@ def test_streaming_in_any_pieces_equals_the_one_shot_forward() -> None:
     with torch.no_grad():
         whole, _ = model(ids)
     cuts = [0, 1, 2, 3, 7, 8, 8, 13, 20, 21, 33, 37]  # 1-token pieces, chunk-crossing, an empty one
+    torch.testing.assert_close(streamed_logits(model, ids, cuts), whole, rtol=1e-10, atol=1e-12)
+
     pieces = [ids[:, a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
-    streamed = torch.cat([logits for logits, _ in model.stream(pieces)], dim=1)
-    torch.testing.assert_close(streamed, whole, rtol=1e-10, atol=1e-12)
 
     losses = torch.cat(list(model.stream_losses(pieces)), dim=1)  # [B, N - 1]
     expected = F.cross_entropy(whole[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
@@ -240,9 +241,7 @@ def test_streaming_without_test_time_training_equals_the_one_shot_forward(rope: 
     ids = random_ids(2, 23, seed=5)
     with torch.no_grad():
         whole, _ = model(ids)
-    cuts = [0, 1, 3, 4, 9, 9, 16, 23]
-    pieces = [ids[:, a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
-    streamed = torch.cat([logits for logits, _ in model.stream(pieces)], dim=1)
+    streamed = streamed_logits(model, ids, [0, 1, 3, 4, 9, 9, 16, 23])
     torch.testing.assert_close(streamed, whole, rtol=1e-12, atol=1e-13)
 
 

@@ -1,0 +1,73 @@
+"""benchmarks/science.py (issue 14): a quick study trains its points, records the commit that trained
+them, reads finished runs back instead of training them again, and its table's differences to sliding
+window are bucket by bucket."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARK = Path(__file__).parents[2] / "benchmarks" / "science.py"
+
+
+def _science():
+    """The benchmark script as a module (registered first: its dataclasses look their module up)."""
+    if "science_benchmark" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("science_benchmark", BENCHMARK)
+        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules["science_benchmark"]
+
+
+def _result(name: str, losses: list[float], seq_len: int = 64) -> dict:
+    step = seq_len // len(losses)
+    buckets = [[i * step, (i + 1) * step, loss] for i, loss in enumerate(losses)]
+    return {"name": name, "params": 1000, "val_loss": sum(losses) / len(losses), "val_ppl": 9.0,
+            "buckets": buckets, "inner_before": [], "inner_after": []}  # fmt: skip
+
+
+def test_the_table_subtracts_sliding_window_bucket_by_bucket():
+    science = _science()
+    table = science.lm_table([_result("swa 64", [2.0, 1.5, 1.0]), _result("linear", [2.5, 1.75, 0.5])])
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert "+0.500 / +0.250 / -0.500" in rows["linear"]
+    assert "+0.000 / +0.000 / +0.000" in rows["swa 64"]
+    # another window length has no sliding-window run to subtract: no difference is invented
+    other = science.lm_table(
+        [_result("swa 64", [2.0, 1.5]), _result("linear seq 128", [2.0, 1.0], seq_len=128)]
+    )
+    assert other.splitlines()[-1].count("|  |") == 1
+
+
+def test_every_result_says_which_commit_trained_it():
+    commit = _science().source_commit()
+    assert commit and commit != "unknown"  # this is a git checkout
+    head = subprocess.run(["git", "-C", str(BENCHMARK.parent), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    assert commit.removesuffix("+modified") == head
+
+
+@pytest.mark.slow  # ~20 s: two tiny training runs in subprocesses
+def test_a_quick_study_trains_each_point_once_and_reads_it_back(tmp_path):
+    command = [sys.executable, str(BENCHMARK), "sweep", "--quick", "--out", str(tmp_path), "--jobs", "1",
+               "--points", "linear", "swa 64"]  # fmt: skip
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    for slug in ("linear", "swa-64"):
+        result = json.loads((tmp_path / "runs" / slug / "result.json").read_text())
+        assert result["commit"] == _science().source_commit()
+        assert result["buckets"] and result["val_loss"] > 0
+    assert "| linear |" in first.stdout and "| swa 64 |" in first.stdout
+    for name in ("sweep.md", "sweep.csv", "sweep.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    log = tmp_path / "runs" / "linear" / "train.log"
+    written = log.stat().st_mtime_ns
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert log.stat().st_mtime_ns == written  # read back, not trained again
+    assert first.stdout.endswith(again.stdout)  # the same table (the first run also reported each point)

@@ -256,7 +256,7 @@ def collect(point: Point, run_dir: Path, command: list[str]) -> dict:
         "buckets": buckets,
         "inner_before": [metrics[f"inner_loss_before/{i}"] for i in layers],
         "inner_after": [metrics[f"inner_loss_after/{i}"] for i in layers],
-        "command": " ".join(command[1:]).replace(" -m innerloop", "innerloop", 1),
+        "command": " ".join(["innerloop", *command[3:]]),  # [python, -m, innerloop, train, ...]
         "commit": source_commit(),
     }
 
@@ -349,6 +349,11 @@ def lm_table(results: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def shell_command(result: dict) -> str:
+    """The ``innerloop train`` command line of a result (older results recorded it as ``-m innerloop ...``)."""
+    return result["command"].removeprefix("-m ")
+
+
 def lm_csv(results: Sequence[dict]) -> str:
     """One row per run and position bucket."""
     text = io.StringIO()
@@ -357,7 +362,7 @@ def lm_csv(results: Sequence[dict]) -> str:
     for r in results:
         for start, end, loss in r["buckets"]:
             writer.writerow(
-                [r["name"], r["params"], r["val_loss"], r["val_ppl"], start, end, loss, r["command"]]
+                [r["name"], r["params"], r["val_loss"], r["val_ppl"], start, end, loss, shell_command(r)]
             )
     return text.getvalue()
 
@@ -486,7 +491,7 @@ def run_study(args: argparse.Namespace) -> None:
     if args.study == "compare":
         table += "\n\n" + compare_checkpoints(out, results, args.quick)
     commands = "\n".join(
-        f"- {r['name']} (at {r.get('commit', 'an earlier commit')}): `{r['command']}`" for r in results
+        f"- {r['name']} (at {r.get('commit', 'an earlier commit')}): `{shell_command(r)}`" for r in results
     )
     write_atomically(
         out / f"{args.study}.md", f"{table}\n\nBudget {budget:,} parameters. Runs:\n\n{commands}\n"

@@ -233,6 +233,22 @@ def assert_states_close(actual: TTTState, expected: TTTState, what: str, toleran
 # --------------------------------------------------------------------------------------------------
 
 
+def assert_layers_train_alike(
+    reference: torch.nn.Module, candidate: torch.nn.Module, x: torch.Tensor, tolerance: float
+) -> None:
+    """Two layers with the same weights (``twin_layers``) read ``x`` alike: outputs, states, and the
+    gradients of ``sum(y^2)`` w.r.t. ``x`` and every parameter, each within ``tolerance``."""
+    y_ref, state_ref = reference(x)
+    y, state = candidate(x)
+    assert_close(y, y_ref, "output", tolerance)
+    assert_states_close(state, state_ref, "state", tolerance)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), [x, *reference.parameters()])
+    grads = torch.autograd.grad(y.square().sum(), [x, *candidate.parameters()])
+    names = ["x", *(name for name, _ in candidate.named_parameters())]
+    for name, grad, grad_ref in zip(names, grads, grads_ref, strict=True):
+        assert_close(grad, grad_ref, f"gradient of {name}", tolerance)
+
+
 def check_loss_gradient(
     loss: InnerLoss, prediction: torch.Tensor, target: torch.Tensor, tolerance: float = FLOAT64_TOLERANCE
 ) -> None:
@@ -522,6 +538,7 @@ __all__ = [
     "REGISTRATION_TOLERANCE",
     "InnerProblem",
     "assert_close",
+    "assert_layers_train_alike",
     "assert_states_close",
     "check_activation_derivatives",
     "check_inner_loss",

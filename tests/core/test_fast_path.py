@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from innerloop import TTTLayer
 from innerloop.kernels.dispatch import KernelUnavailableError
 from innerloop.testing import FLOAT64_TOLERANCE
-from innerloop.testing.checks import assert_close, assert_states_close, twin_layers
+from innerloop.testing.checks import assert_layers_train_alike, twin_layers
 from innerloop.testing.strategies import layer_configs, seeds
 
 
@@ -23,15 +23,7 @@ from innerloop.testing.strategies import layer_configs, seeds
 def test_fused_equals_reference_outputs_states_and_gradients(config, tokens, seed):
     reference, fast = twin_layers(config, seed % 1000, kernel=f"fused_torch_{config['inner_model']}")
     x = torch.randn(2, tokens, config["hidden_size"], dtype=torch.float64, requires_grad=True)
-    y_ref, state_ref = reference(x)
-    y_fast, state_fast = fast(x)
-    assert_close(y_fast, y_ref, "fused output", FLOAT64_TOLERANCE)
-    assert_states_close(state_fast, state_ref, "fused state", FLOAT64_TOLERANCE)
-    grads_ref = torch.autograd.grad(y_ref.square().sum(), [x, *reference.parameters()])
-    grads_fast = torch.autograd.grad(y_fast.square().sum(), [x, *fast.parameters()])
-    for (name, _), g_fast, g_ref in zip(fast.named_parameters(), grads_fast[1:], grads_ref[1:], strict=True):
-        assert_close(g_fast, g_ref, f"gradient of {name}", FLOAT64_TOLERANCE)
-    assert_close(grads_fast[0], grads_ref[0], "gradient of x", FLOAT64_TOLERANCE)
+    assert_layers_train_alike(reference, fast, x, FLOAT64_TOLERANCE)
     if tokens >= config["mini_batch_size"]:
         assert f"fused_torch_{config['inner_model']}" in [path for path, _ in fast.dispatches]
 

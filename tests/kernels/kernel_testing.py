@@ -8,6 +8,15 @@ import torch
 from innerloop.kernels.triton.common import gelu_tanh, head_view, layer_norm
 
 
+def strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values with gaps between rows and a permuted memory layout (last dim contiguous), as
+    the strided views of a projection that a layer hands to a kernel."""
+    batch, heads, tokens, dim = t.shape
+    storage = torch.zeros(tokens, batch, heads, dim + 3, dtype=t.dtype)
+    storage[..., :dim] = t.permute(2, 0, 1, 3)
+    return storage[..., :dim].permute(1, 2, 0, 3)
+
+
 def make_inputs(B, H, T, f, K, model, dtype=torch.float32, seed=0, requires_grad=False):
     """Random chunk inputs at realistic scales (lr like base_lr * sigmoid / f)."""
     gen = torch.Generator().manual_seed(seed)

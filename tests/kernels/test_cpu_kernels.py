@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_testing import make_inputs
+from kernel_testing import make_inputs, strided
 
 from innerloop import TTTLayer
 from innerloop.core.functional import relative_error
@@ -38,14 +38,6 @@ REFERENCE = {
 
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")  # skips, with the reason, where nothing compiles
-
-
-def strided(t: torch.Tensor) -> torch.Tensor:
-    """The same values with gaps between rows and a permuted memory layout (last dim contiguous)."""
-    batch, heads, tokens, dim = t.shape
-    storage = torch.zeros(tokens, batch, heads, dim + 3, dtype=t.dtype)
-    storage[..., :dim] = t.permute(2, 0, 1, 3)
-    return storage[..., :dim].permute(1, 2, 0, 3)
 
 
 @given(

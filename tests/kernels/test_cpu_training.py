@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_testing import make_inputs
+from kernel_testing import make_inputs, strided
 
 from innerloop import TTTLayer
 from innerloop.core.functional import relative_error
@@ -20,7 +20,7 @@ from innerloop.plugins.losses.reconstruction import Reconstruction
 from innerloop.plugins.models.linear import LinearModel
 from innerloop.plugins.models.mlp import MLPModel
 from innerloop.testing import FLOAT64_TOLERANCE
-from innerloop.testing.checks import assert_close, assert_states_close, twin_layers
+from innerloop.testing.checks import assert_close, assert_layers_train_alike, twin_layers
 from innerloop.testing.strategies import layer_configs, seeds
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")  # skips, with the reason, where nothing compiles
@@ -28,14 +28,6 @@ pytestmark = pytest.mark.usefixtures("cpu_kernels")  # skips, with the reason, w
 LINEAR = LinearModel().stack
 WITHOUT_BIAS = (AffineLayer("W1", None, None),)
 REFERENCE_FORWARD, _ = reference_kernel(LinearModel(), Reconstruction())
-
-
-def strided(t: torch.Tensor) -> torch.Tensor:
-    """The same values with gaps between rows and a permuted memory layout (last dim contiguous)."""
-    batch, heads, tokens, dim = t.shape
-    storage = torch.zeros(tokens, batch, heads, dim + 3, dtype=t.dtype)
-    storage[..., :dim] = t.permute(2, 0, 1, 3)
-    return storage[..., :dim].permute(1, 2, 0, 3)
 
 
 def outputs_and_gradients(forward, inputs, cotangent_seed: int, layouts: bool = False):
@@ -158,15 +150,7 @@ def test_a_layer_trains_through_the_kernel_equal_to_torch(config, tokens, seed):
     gradient equal the torch path's, with a partial mini-batch at the end."""
     reference, fast = twin_layers(config, seed % 1000, kernel="auto")
     x = torch.randn(2, tokens, config["hidden_size"], dtype=torch.float64, requires_grad=True)
-    y_ref, state_ref = reference(x)
-    y_fast, state_fast = fast(x)
-    assert_close(y_fast, y_ref, "output", FLOAT64_TOLERANCE)
-    assert_states_close(state_fast, state_ref, "state", FLOAT64_TOLERANCE)
-    grads_ref = torch.autograd.grad(y_ref.square().sum(), [x, *reference.parameters()])
-    grads_fast = torch.autograd.grad(y_fast.square().sum(), [x, *fast.parameters()])
-    for (name, _), g_fast, g_ref in zip(fast.named_parameters(), grads_fast[1:], grads_ref[1:], strict=True):
-        assert_close(g_fast, g_ref, f"gradient of {name}", FLOAT64_TOLERANCE)
-    assert_close(grads_fast[0], grads_ref[0], "gradient of x", FLOAT64_TOLERANCE)
+    assert_layers_train_alike(reference, fast, x, FLOAT64_TOLERANCE)
     if tokens >= config["mini_batch_size"]:
         assert "cpu_ttt_linear" in [path for path, _ in fast.dispatches]
 

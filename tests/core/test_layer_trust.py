@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from lm_testing import TINY
 
 from innerloop import TTTLayer
 from innerloop.core.functional import gelu_tanh_derivative, relative_error
@@ -305,22 +306,8 @@ def test_autocast_continues_a_state_and_a_share_qk_conv_history():
     assert torch.isfinite(x.grad).all()
 
 
-# A language model and a run small enough for a few seconds on a CPU (as in tests/train/test_train.py).
-TINY_RUN = [
-    "model.hidden_size=32",
-    "model.num_heads=2",
-    "model.intermediate_size=64",
-    "model.num_layers=2",
-    "model.ttt.mini_batch_size=8",
-    "data.seq_len=32",
-    "data.batch_size=4",
-    "data.val_batches=1",
-    "trainer.val_every=4",
-    "trainer.checkpoint_every=2",
-    "trainer.progress_bar=false",
-    "trainer.num_position_buckets=4",
-    "trainer.max_steps=3",
-]
+# A language model and a run small enough for a few seconds on a CPU: the end-to-end tests' TINY, 3 steps.
+TINY_RUN = [*TINY, "model.num_layers=2", "trainer.max_steps=3"]
 
 
 @pytest.mark.slow  # a whole (tiny) Lightning run per model: about 8 s

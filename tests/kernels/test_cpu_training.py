@@ -11,7 +11,7 @@ from kernel_testing import make_inputs, strided
 from innerloop import TTTLayer
 from innerloop.core.functional import relative_error
 from innerloop.core.protocol import AffineLayer
-from innerloop.kernels.cpu.linear_scan import DOUBLE_BACKWARD_MESSAGE
+from innerloop.kernels.cpu.linear_scan import DOUBLE_BACKWARD_MESSAGE, compiled_linear_scan
 from innerloop.kernels.cpu.stack import make_forward, make_verify
 from innerloop.kernels.fused_torch import make_fused_forward
 from innerloop.kernels.reference import reference_kernel
@@ -162,6 +162,18 @@ def test_double_backward_is_refused_with_a_clear_error():
     with pytest.raises(RuntimeError, match="differentiable once only.*needs_double_backward=True"):
         torch.autograd.grad(layer(x)[0].sum(), x, create_graph=True)
     assert "differentiable once only" in DOUBLE_BACKWARD_MESSAGE
+
+
+def test_wrong_shapes_are_errors_not_out_of_bounds_reads():
+    both, left = torch.zeros(2, 3, 8, 5), torch.zeros(2, 3, 9, 4)
+    shift, gamma_sq, weight = torch.zeros(2, 3, 4, 4), torch.zeros(3, 1, 4), torch.zeros(3, 5, 4)
+    compiled_linear_scan(both, left, shift, gamma_sq, weight, 1e-6)  # consistent: runs
+    with pytest.raises(ValueError, match=r"left \(2, 3, 8, 4\) != \(2, 3, 9, 4\)"):
+        compiled_linear_scan(both, left[:, :, :8], shift, gamma_sq, weight, 1e-6)
+    with pytest.raises(ValueError, match=r"weight \(2, 5, 4\) != \(3, 5, 4\)"):
+        compiled_linear_scan(both, left, shift, gamma_sq, weight[:2], 1e-6)
+    with pytest.raises(ValueError, match="gamma_sq is torch.float64, both is torch.float32"):
+        compiled_linear_scan(both, left, shift, gamma_sq.double(), weight, 1e-6)
 
 
 def test_verify_says_what_training_the_kernel_takes():

@@ -43,6 +43,36 @@ class _LinearScanArgs(ctypes.Structure):
     ]
 
 
+def _check_inputs(both, left, shift, gamma_sq, weight) -> None:
+    """The kernel trusts these shapes and the dtype for its pointer arithmetic: check them first."""
+    if both.dim() != 4 or shift.dim() != 4 or both.shape[2] % 2:
+        raise ValueError(
+            f"both {tuple(both.shape)} must be [NB, BH, 2K, in] and shift {tuple(shift.shape)} [NB, BH, K, f]"
+        )
+    num_mb, pairs, two_k, inputs = both.shape
+    k, f = two_k // 2, shift.shape[-1]
+    expected = {
+        "left": (left, (num_mb, pairs, k + inputs, k)),
+        "shift": (shift, (num_mb, pairs, k, f)),
+        "gamma_sq": (gamma_sq, (pairs, 1, f)),
+        "weight": (weight, (pairs, inputs, f)),
+    }
+    problems = [
+        f"{name} {tuple(t.shape)} != {shape}"
+        for name, (t, shape) in expected.items()
+        if tuple(t.shape) != shape
+    ]
+    problems += [
+        f"{name} is {t.dtype}, both is {both.dtype}"
+        for name, (t, _) in expected.items()
+        if t.dtype != both.dtype
+    ]
+    if both.dtype not in DTYPE_CODES:
+        problems.append(f"dtype {both.dtype} is not float32 or float64")
+    if problems:
+        raise ValueError("the CPU training scan got inputs it cannot take: " + "; ".join(problems))
+
+
 def _args(eps: float, **pointers: torch.Tensor) -> _LinearScanArgs:
     """The struct for one call: sizes from ``both`` and ``shift``, every tensor's address by its field name."""
     both, shift = pointers["both"], pointers["shift"]
@@ -67,6 +97,7 @@ class CompiledLinearScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, both, left, shift, gamma_sq, weight, eps: float):
+        _check_inputs(both, left, shift, gamma_sq, weight)
         both, left, shift, gamma_sq = (t.detach().contiguous() for t in (both, left, shift, gamma_sq))
         weight = weight.detach().clone(memory_format=torch.contiguous_format)  # updated in place
         num_mb, pairs, two_k, _ = both.shape

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import (
     apply_rope_interleaved,
     causal_depthwise_conv,
@@ -56,7 +57,7 @@ BUILT_IN_PATHS = ("auto", "torch")
 # length), its paths are already fused (the fused torch dual form, the compiled CPU kernel, Triton),
 # and the CPU kernel is a ctypes call dynamo cannot trace. The projections, norms and gates around it
 # compile. The argument and finiteness checks run eagerly too: they read tensor values to decide.
-_run_scan_eagerly = torch.compiler.disable(run_scan, reason="innerloop: the inner scan runs eagerly")
+_run_scan_eagerly = run_eagerly("innerloop: the inner scan runs eagerly")(run_scan)
 
 
 def _resolve(kind: str, value: Any, expected: type) -> Any:
@@ -416,7 +417,7 @@ class TTTLayer(nn.Module):
     # Forward
     # ------------------------------------------------------------------------------------------
 
-    @torch.compiler.disable(reason="innerloop: the input checks read values")  # see _run_scan_eagerly
+    @run_eagerly("innerloop: the input checks read values")  # see _run_scan_eagerly
     def _check_input(self, x: torch.Tensor, state: TTTState | None) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor [B, T, hidden_size], got {type(x).__name__}")
@@ -614,7 +615,7 @@ class TTTLayer(nn.Module):
             self._check_output(x, given_state, y, state)
         return y, state
 
-    @torch.compiler.disable(reason="innerloop: the output checks read values")  # see _run_scan_eagerly
+    @run_eagerly("innerloop: the output checks read values")  # see _run_scan_eagerly
     def _check_output(
         self, x: torch.Tensor, given_state: TTTState | None, y: torch.Tensor, new_state: TTTState
     ) -> None:

@@ -11,12 +11,15 @@ fuses and reorders float32 operations, so "equal" is to float32 rounding: relati
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
 from lm_testing import tiny_ttt_lm
 from torch._dynamo.utils import counters
 
+from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import apply_rope_interleaved, relative_error
 
 EQUAL_TO_ROUNDING = 1e-5
@@ -92,3 +95,39 @@ def test_rope_compiles_with_inductor_as_real_arithmetic():
     (got_grad,) = torch.autograd.grad(got.square().sum(), x)
     (want_grad,) = torch.autograd.grad(want.square().sum(), x)
     assert relative_error(got_grad, want_grad) < 1e-12
+
+
+def test_importing_innerloop_does_not_load_dynamo():
+    # torch.compiler.disable imports torch._dynamo (~2 s, as long as torch itself): innerloop defers it
+    # (innerloop.core.eager) to the first call of a wrapped function once something else loaded dynamo
+    script = (
+        "import sys, innerloop\n"
+        "from innerloop.core.eager import DEFERS_DYNAMO_IMPORT\n"
+        "assert DEFERS_DYNAMO_IMPORT, 'this torch lacks the frame-skipping API: the fallback imports dynamo'\n"
+        "assert 'torch._dynamo' not in sys.modules, 'import innerloop loaded torch._dynamo'\n"
+        "innerloop.TTTLayer(hidden_size=8, num_heads=2)(__import__('torch').randn(1, 16, 8))\n"
+        "assert 'torch._dynamo' not in sys.modules, 'a forward loaded torch._dynamo'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_function_run_eagerly_breaks_the_graph_and_runs_untraced():
+    calls = []
+
+    @run_eagerly("innerloop: test")
+    def loop(x):
+        calls.append(torch.compiler.is_compiling())
+        for _ in range(3):
+            x = x * 2 + 1
+        return x
+
+    def caller(x):
+        return loop(x.sin()).cos()
+
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randn(4)
+    assert torch.equal(torch.compile(caller, backend="eager")(x), caller(x))
+    assert calls == [False, False]  # it ran eagerly under compile (and once directly)
+    assert list(counters["graph_break"]) and all("innerloop: test" in r for r in counters["graph_break"])

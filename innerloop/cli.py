@@ -383,10 +383,8 @@ def _quiet_lightning() -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from innerloop.config.load import load_config
-    from innerloop.train.module import TrainingDivergedError
-    from innerloop.train.run import train
 
-    run, cfg = load_config(args.config, args.overrides)
+    run, cfg = load_config(args.config, args.overrides)  # before importing Lightning: errors come fast
     if args.resume:
         from pathlib import Path
 
@@ -396,6 +394,9 @@ def _train(args: argparse.Namespace) -> int:
                 f"--resume: no saved config at {str(saved)!r}; is out_dir={run.out_dir!r} a run?"
             )
         run, cfg = load_config(str(saved), args.overrides)
+    from innerloop.train.module import TrainingDivergedError
+    from innerloop.train.run import train
+
     _quiet_lightning()
     if args.resume:
         print(f"resuming from {run.out_dir}/last.safetensors", flush=True)
@@ -829,17 +830,26 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that are the user's input, reported as one line: bad config or arguments, a bad
-    checkpoint, unusable data, and Lightning's own misconfiguration errors (its messages name the
-    setting). Anything else is a bug and keeps its traceback."""
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
+# Exceptions that are the user's input, reported as one line: bad config or arguments, a bad
+# checkpoint, unusable data, and Lightning's own misconfiguration errors (its messages name the
+# setting). Anything else is a bug and keeps its traceback. Named by module, not imported: an error of
+# one of these classes can only have been raised once its module was loaded, and importing them all
+# would import Lightning (seconds) before a config error could be reported.
+USER_ERRORS = (
+    ("innerloop.config.load", "ConfigError"),
+    ("innerloop.train.checkpoint", "CheckpointError"),
+    ("innerloop.train.data", "DataError"),
+    ("innerloop.data.tokenizer", "TokenizerError"),
+    ("lightning.fabric.utilities.exceptions", "MisconfigurationException"),
+)
 
-    from innerloop.data.tokenizer import TokenizerError
-    from innerloop.train.checkpoint import CheckpointError
-    from innerloop.train.data import DataError
 
-    return ConfigError, CheckpointError, DataError, TokenizerError, MisconfigurationException
+def _is_user_error(err: BaseException) -> bool:
+    for module_name, class_name in USER_ERRORS:
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(err, getattr(module, class_name)):
+            return True
+    return False
 
 
 _HANDLERS = {
@@ -890,7 +900,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return _HANDLERS[args.command](args)
-    except _user_errors() as err:
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
         print(f"innerloop {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
 

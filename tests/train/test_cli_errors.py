@@ -5,6 +5,7 @@ outputs."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import re
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from innerloop.cli import main
+from innerloop.cli import USER_ERRORS, main
 from innerloop.config.load import numeric_fields
 from innerloop.config.schema import FIELD_BOUNDS
 from innerloop.train import LanguageModelModule, save_checkpoint
@@ -382,3 +383,11 @@ def test_a_config_file_that_is_not_a_mapping_is_one_line(capsys, tmp_path, yaml_
     assert main(["train", "--config", str(config)]) == 2
     line = _one_error_line(capsys, "train")
     assert f"file {str(config)!r} must be a mapping of config sections, got {kind}" in line
+
+
+def test_every_user_error_the_cli_names_exists():
+    # main() recognises user errors by module and class name without importing them (Lightning takes
+    # seconds): a renamed class would silently turn its errors into tracebacks
+    for module_name, class_name in USER_ERRORS:
+        error_class = getattr(importlib.import_module(module_name), class_name)
+        assert isinstance(error_class, type) and issubclass(error_class, Exception), (module_name, class_name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from innerloop import TTTLayer
 
@@ -26,3 +27,28 @@ def test_in_place_rope_never_touches_a_tensor_a_hook_has_seen():
         plain, _ = layer(x)
     assert torch.equal(seen[0], torch.nn.functional.linear(x, layer.q_proj.weight))
     assert torch.equal(hooked, plain)
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []  # (op, elements of its first argument)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        first = args[0] if args else None
+        tensors = first if isinstance(first, (list, tuple)) else [first]
+        size = sum(t.numel() for t in tensors if isinstance(t, torch.Tensor))
+        self.calls.append((func.__name__.split(".")[0], size))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_whole_block_output_reaches_the_post_norm_without_a_copy():
+    # The dual form returns one aligned block's output as its path wrote it: copying it (a one-tensor
+    # torch.cat) cost a pass over the outputs, and another (a clone in the reshape to [B, T, D]) to
+    # undo the layout the CPU kernel and the fused path write, [B, T, H, f].
+    layer = TTTLayer(16, 2, mini_batch_size=4)
+    x = torch.randn(1, 32, 16)  # 512 numbers; the state's copies (the new state) are 128 and 16
+    with torch.no_grad(), _RecordOps() as record:
+        layer(x)
+    copies = [(op, size) for op, size in record.calls if op in ("cat", "clone") and size >= x.numel()]
+    assert not copies, copies

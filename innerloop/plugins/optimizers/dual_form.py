@@ -81,7 +81,10 @@ class DualForm(UpdateRule):
             out, params, carry = self._segment(task, params, carry, chunk.segment(seg), seg, tau, decaying)
             outputs.append(out)
             index += 1
-        return torch.cat(outputs, dim=2), advance_state(
+        # One block (the common case) is returned as the path wrote it: a copy would cost a pass over
+        # the outputs, and another to undo its layout (the CPU kernel writes [B, T, H, f] memory).
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+        return output, advance_state(
             state, params, carry.pending, views.query.shape[2], loss_carry, None, carry.decay_product
         )
 

@@ -6,7 +6,9 @@ One run prints the issue's table, tokens/s per layer (columns) and setting (rows
 - ``training fwd+bwd fp32`` and ``training bf16 autocast``: forward, then backward of a scalar loss
   into every parameter and the input;
 - ``training fp32 torch.compile``: the training row with each layer wrapped in ``torch.compile``
-  (compiled once, in the warm-up), against the eager row above it (skipped with ``--no-compile``).
+  (compiled once, in the warm-up), against the eager row above it (skipped with ``--no-compile``);
+- ``training fp32 compiled step``: the TTT layers on the opt-in path ``kernel="compiled_torch_<model>"``
+  (the fused dual form with each mini-batch's step compiled; skipped with ``--no-compile``).
 
 Columns: TTT-Linear and TTT-MLP (``kernel='auto'``: what a user gets), the attention layer of
 ``layer_speed.py`` (q/k/v/o projections + SDPA, same width), and the reference implementation
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib.util
 import json
 import os
@@ -48,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # layer_speed.py and t
 from layer_speed import CausalAttention  # noqa: E402
 
 import innerloop  # noqa: E402
+import innerloop.kernels.fused_torch.compiled as compiled_step  # noqa: E402
 
 ROWS = (
     "inference fp32",
@@ -56,6 +60,8 @@ ROWS = (
     "training bf16 autocast",
 )
 COMPILE_ROW = "training fp32 torch.compile"
+STEP_ROW = "training fp32 compiled step"
+TTT_MODELS = {"TTT-Linear": "linear", "TTT-MLP": "mlp"}
 LAYERS = ("TTT-Linear", "TTT-MLP", "attention (SDPA)")
 REFERENCE = "reference ttt-lm-pytorch"
 QUICK = {"hidden": 64, "heads": 4, "mini_batch": 16, "lengths": [64], "repeats": 1}
@@ -202,12 +208,19 @@ def timed_calls(
     args: argparse.Namespace, layers: dict[str, nn.Module]
 ) -> dict[tuple[int, str, str], Callable]:
     """Every (length, row, column) to time, as a call. The reference runs in the fp32 rows only (as in
-    the issue's table); the compiled row wraps each of our layers in ``torch.compile``."""
+    the issue's table); the compiled row wraps each of our layers in ``torch.compile``, the compiled-step
+    row runs the TTT layers on ``kernel="compiled_torch_<model>"``."""
     compiled = (
         {}
         if args.no_compile
         else {name: torch.compile(layers[name], backend=args.compile_backend) for name in LAYERS}
     )
+    stepped = {}
+    if not args.no_compile:
+        compiled_step.BACKEND = args.compile_backend
+        for name, model in TTT_MODELS.items():
+            stepped[name] = copy.deepcopy(layers[name])
+            stepped[name].kernel = f"compiled_torch_{model}"
     calls = {}
     for tokens in args.lengths:
         x = torch.randn(args.batch, tokens, args.hidden)
@@ -218,6 +231,8 @@ def timed_calls(
                 calls[tokens, row, name] = make_call(row, layer, x)
         for name, layer in compiled.items():
             calls[tokens, COMPILE_ROW, name] = make_call(COMPILE_ROW, layer, x)
+        for name, layer in stepped.items():
+            calls[tokens, STEP_ROW, name] = make_call(STEP_ROW, layer, x)
     return calls
 
 
@@ -270,6 +285,13 @@ def ratio_lines(results: dict[str, dict[str, float]]) -> list[str]:
     if COMPILE_ROW in results:
         gains = ", ".join(f"{n} {results[COMPILE_ROW][n] / train32[n]:.2f}" for n in LAYERS)
         lines.append(f"torch.compile / eager training: {gains}")
+    if STEP_ROW in results:
+        step = results[STEP_ROW]
+        gains = ", ".join(f"{n} {step[n] / train32[n]:.2f}" for n in TTT_MODELS)
+        lines.append(
+            f"compiled step / kernel='auto' training: {gains}; "
+            f"TTT-MLP compiled step / attention = {step['TTT-MLP'] / train32[attention]:.2f} (goal >= 1)"
+        )
     return lines
 
 

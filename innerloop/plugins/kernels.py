@@ -1,6 +1,8 @@
 """Built-in fast paths, registered through the ``register_kernels`` hook like any plugin's.
 
 - ``fused_torch_linear`` / ``fused_torch_mlp``: the pure-torch fused dual form (any device).
+- ``compiled_torch_linear`` / ``compiled_torch_mlp``: the same with each mini-batch's training step
+  compiled by ``torch.compile`` (opt-in by name: its first call per shape compiles for ~30 s).
 - ``cpu_ttt_linear`` / ``cpu_ttt_mlp``: compiled C++ for CPU inference (built on first use).
 - ``delta_chunk``: the delta rule (the ``matrix`` model under ``dual_form`` at K = 1, no inner norm or
   residual, with or without decay: DeltaNet, Gated DeltaNet) in chunks, pure torch, any device.
@@ -20,12 +22,13 @@ from innerloop.registry import hookimpl
 
 
 def builtin_kernel_specs() -> list[KernelSpec]:
-    """Every built-in kernel registration, made here and nowhere else: the fused torch and CPU paths
-    for each built-in stack model (from its declared stack), the chunked delta rule, then the Triton
+    """Every built-in kernel registration, made here and nowhere else: the fused torch (plain and
+    compiled) and CPU paths for each built-in stack model (from its declared stack), the chunked delta rule, then the Triton
     kernels."""
     stack_models = (LinearModel(), MLPModel())
     return [
         *(fused_torch.kernel_spec(model.name, model.stack) for model in stack_models),
+        *(fused_torch.compiled_kernel_spec(model.name, model.stack) for model in stack_models),
         *(cpu.kernel_spec(model.name, model.stack) for model in stack_models),
         delta_chunk.kernel_spec(),
         *triton.KERNELS,

@@ -218,11 +218,19 @@ TrainingScan = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 weight ``[BH, in1, f]`` (``innerloop.kernels.cpu.linear_scan`` compiles one)."""
 
 
+TrainingStep = Callable[..., torch.Tensor]
+"""A replacement for :meth:`_Scan.mini_batch` (same arguments, the scan first) for blocks that record
+a graph (``innerloop.kernels.fused_torch.compiled`` compiles one)."""
+
+
 def make_fused_forward(
-    stack: tuple[AffineLayer, ...], training_scan: TrainingScan | None = None
+    stack: tuple[AffineLayer, ...],
+    training_scan: TrainingScan | None = None,
+    training_step: TrainingStep | None = None,
 ) -> KernelForward:
-    """The fused block function for a stack model with these layers; with ``training_scan`` (one-layer
-    stacks), that scan runs in place of the recorded one when a graph is needed."""
+    """The fused block function for a stack model with these layers. When a graph is needed, with
+    ``training_scan`` (one-layer stacks) that scan runs in place of the recorded one; with
+    ``training_step`` that function runs each mini-batch in place of :meth:`_Scan.mini_batch`."""
     if training_scan is not None and len(stack) != 1:
         raise ValueError(f"training_scan takes one-layer stacks; this stack has {len(stack)} layers")
 
@@ -239,11 +247,10 @@ def make_fused_forward(
             z_all, weights = z.transpose(0, 1), [last]  # [BH, NB, K, f]
         else:
             scan = _Scan(stack, weights, in_place, eps)
+            step = training_step if training_step is not None and not in_place else _Scan.mini_batch
             per_mb = zip(*(t.unbind(0) for t in (hoisted.both1, hoisted.left1, hoisted.shift, hoisted.eta,
                                                  hoisted.update_scale)), strict=True)  # fmt: skip
-            z_all = torch.stack(
-                [scan.mini_batch(*tensors_n, hoisted.gamma_sq) for tensors_n in per_mb], dim=1
-            )
+            z_all = torch.stack([step(scan, *tensors_n, hoisted.gamma_sq) for tensors_n in per_mb], dim=1)
             weights = scan.weights
 
         # the output LayerNorm and residual, once over all tokens
@@ -281,4 +288,4 @@ def kernel_spec(model_name: str, stack: tuple[AffineLayer, ...]) -> KernelSpec:
     )
 
 
-__all__ = ["kernel_spec", "make_fused_forward", "verify"]
+__all__ = ["TrainingStep", "kernel_spec", "make_fused_forward", "verify"]

@@ -1,0 +1,73 @@
+"""``compiled_torch_<model>``: the fused torch path with its per-mini-batch training step compiled.
+
+The fused path's scan is a Python loop over mini-batches; for TTT-MLP each mini-batch is some 80
+small torch operations forward and twice that backward, so training spends most of its time in
+per-operation overhead. Here the step of one mini-batch (:meth:`_Scan.mini_batch`) goes through
+``torch.compile`` (inductor by default), which fuses it, forward and backward, into a few kernels;
+the loop stays in Python, so the compiled graph is one mini-batch long whatever the sequence length.
+
+It is opt-in (``TTTLayer(kernel="compiled_torch_mlp")``, priority 0: ``kernel="auto"`` never picks it),
+because the first call for each new shape compiles for about half a minute on 2 CPU cores (inductor
+caches the result on disk for later processes). Blocks without an autograd graph (inference) run the
+fused path's in-place scan uncompiled. Numbers equal the fused path's to float rounding: compiled
+code fuses and reorders floating-point operations.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from typing import Any
+
+import torch
+
+from innerloop.core.protocol import AffineLayer
+from innerloop.kernels.fused_torch.forward import _Scan, make_fused_forward
+from innerloop.kernels.fused_torch.forward import verify as fused_verify
+from innerloop.kernels.spec import KernelInputs, KernelSpec
+
+BACKEND = "inductor"
+"""``torch.compile``'s backend for the step; the tests use ``"aot_eager"`` (the same graph capture and
+autograd, without inductor's code generation)."""
+
+_compiled: dict[str, Any] = {}  # backend -> the compiled step, made on first use
+
+
+def compiled_mini_batch(scan: _Scan, *tensors: torch.Tensor) -> torch.Tensor:
+    """:meth:`_Scan.mini_batch`, compiled with :data:`BACKEND` (once per process and backend; dynamo
+    recompiles it for new shapes and stack layouts, up to its recompile limit)."""
+    step = _compiled.get(BACKEND)
+    if step is None:
+        step = _compiled[BACKEND] = torch.compile(_Scan.mini_batch, backend=BACKEND, fullgraph=True)
+    return step(scan, *tensors)
+
+
+def verify(inputs: KernelInputs) -> str | None:
+    """The fused path's limits, and what ``torch.compile`` needs on the inputs' device."""
+    reason = fused_verify(inputs)
+    if reason is not None:
+        return reason
+    if BACKEND == "inductor":
+        if inputs.device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+            return "torch.compile's inductor backend needs a C++ compiler on CPU; none is on PATH"
+        if inputs.device.type == "cuda" and importlib.util.find_spec("triton") is None:
+            return "torch.compile's inductor backend needs triton on CUDA; it is not installed"
+    return None
+
+
+def kernel_spec(model_name: str, stack: tuple[AffineLayer, ...]) -> KernelSpec:
+    """The registration of the compiled-step path for one stack model with the reconstruction loss."""
+    return KernelSpec(
+        name=f"compiled_torch_{model_name}",
+        inner_model=model_name,
+        inner_loss="reconstruction",
+        update_rule="dual_form",
+        forward=make_fused_forward(stack, training_step=compiled_mini_batch),
+        verify=verify,
+        priority=0,
+        description="the fused torch dual form with each mini-batch's training step compiled by "
+        "torch.compile (opt-in: the first call per shape compiles for ~30 s)",
+    )
+
+
+__all__ = ["BACKEND", "compiled_mini_batch", "kernel_spec", "verify"]

@@ -1,0 +1,126 @@
+"""The opt-in ``compiled_torch_<model>`` path: the fused torch dual form with each mini-batch's
+training step compiled by ``torch.compile``.
+
+Equality in float64 is checked with the ``aot_eager`` backend: dynamo's graph capture and
+AOTAutograd's forward and backward graphs, run by eager torch, without inductor's C++ code
+generation (half a minute per new shape on 2 cores). One float32 test runs the default backend,
+inductor, itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import innerloop.kernels.fused_torch.compiled as compiled
+from innerloop import TTTLayer
+from innerloop.core.functional import relative_error
+from innerloop.kernels.dispatch import KernelUnavailableError
+from innerloop.testing import FLOAT64_TOLERANCE
+from innerloop.testing.checks import assert_layers_train_alike
+from innerloop.testing.strategies import seeds
+
+
+@pytest.fixture
+def counted_backend(monkeypatch) -> CompileCounterWithBackend:
+    """aot_eager, counting the graphs it compiles; a fresh dynamo cache for each test."""
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(compiled, "BACKEND", counter)
+    torch._dynamo.reset()
+    yield counter
+    torch._dynamo.reset()
+
+
+def twins(inner_model: str, dtype: torch.dtype = torch.float64, **config) -> tuple[TTTLayer, TTTLayer]:
+    """The torch reference path and the compiled path, with the same weights."""
+    config = {"hidden_size": 16, "num_heads": 2, "mini_batch_size": 4, **config}
+    reference = TTTLayer(**config, inner_model=inner_model, kernel="torch").to(dtype)
+    candidate = TTTLayer(**config, inner_model=inner_model, kernel=f"compiled_torch_{inner_model}")
+    candidate.to(dtype).load_state_dict(reference.state_dict())
+    return reference, candidate
+
+
+@pytest.mark.slow  # ~5 s: dynamo traces and AOT-compiles the step of both models
+@pytest.mark.parametrize("inner_model", ["linear", "mlp"])
+def test_the_compiled_step_trains_like_the_torch_path(inner_model, counted_backend):
+    torch.manual_seed(0)
+    reference, candidate = twins(inner_model)
+    x = torch.randn(2, 12, 16, dtype=torch.float64, requires_grad=True)
+    assert_layers_train_alike(reference, candidate, x, FLOAT64_TOLERANCE)
+    assert candidate.dispatches == [
+        (f"compiled_torch_{inner_model}", f"kernel 'compiled_torch_{inner_model}' forced")
+    ]
+    assert counted_backend.frame_count >= 1  # the step ran compiled, not eagerly
+
+
+@pytest.mark.slow  # ~20 s: a dynamo recompile (with dynamic shapes) per new shape
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    inner_model=st.sampled_from(["linear", "mlp"]),
+    heads=st.integers(1, 3),
+    head_dim=st.sampled_from([4, 6, 8]),
+    mini_batch=st.integers(1, 5),
+    num_mini_batches=st.integers(1, 3),
+    seed=seeds(),
+)
+def test_the_compiled_step_equals_the_torch_path_in_float64(
+    inner_model, heads, head_dim, mini_batch, num_mini_batches, seed, counted_backend
+):
+    torch.manual_seed(seed)
+    config = {"hidden_size": heads * head_dim, "num_heads": heads, "mini_batch_size": mini_batch}
+    reference, candidate = twins(inner_model, **config)
+    x = torch.randn(
+        2, mini_batch * num_mini_batches, heads * head_dim, dtype=torch.float64, requires_grad=True
+    )
+    assert_layers_train_alike(reference, candidate, x, FLOAT64_TOLERANCE)
+
+
+def test_inference_runs_the_fused_scan_without_compiling(counted_backend):
+    reference, candidate = twins("mlp")
+    x = torch.randn(1, 8, 16, dtype=torch.float64)
+    with torch.no_grad():
+        want, _ = reference(x)
+        got, state = candidate(x)
+        token, _ = candidate(x[:, :1], state)  # decoding: no decode path here, torch runs it
+    assert relative_error(got, want) < FLOAT64_TOLERANCE
+    assert counted_backend.frame_count == 0
+    assert candidate.dispatches[0][0] == "torch"
+
+
+def test_double_backward_is_refused_by_name():
+    layer = TTTLayer(
+        16, 2, inner_model="mlp", mini_batch_size=4, kernel="compiled_torch_mlp", needs_double_backward=True
+    )
+    with pytest.raises(KernelUnavailableError, match="double backward needed"):
+        layer(torch.randn(1, 8, 16, requires_grad=True))
+
+
+def test_auto_never_picks_the_compiled_path():
+    layer = TTTLayer(16, 2, inner_model="mlp", mini_batch_size=4)
+    layer(torch.randn(1, 8, 16, requires_grad=True))
+    assert "compiled_torch" not in layer.dispatches[0][0]
+
+
+@pytest.mark.slow  # ~30 s from an empty inductor cache: inductor generates and compiles C++ for the step
+def test_inductor_trains_within_a_small_factor_of_the_fused_path_in_float32():
+    """The default backend, against float64 truth: the compiled step's float32 error is within a small
+    factor of the plain fused path's (inductor fuses and reorders float operations)."""
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    exact = TTTLayer(16, 2, inner_model="mlp", mini_batch_size=4, kernel="torch").double()
+    x = torch.randn(2, 16, 16, dtype=torch.float64)
+    results = {}
+    for kernel in ("torch", "fused_torch_mlp", "compiled_torch_mlp"):
+        layer = TTTLayer(16, 2, inner_model="mlp", mini_batch_size=4, kernel=kernel)
+        layer.load_state_dict(exact.state_dict())
+        layer = layer.double() if kernel == "torch" else layer.float()
+        inputs = (x if kernel == "torch" else x.float()).requires_grad_()
+        y, _ = layer(inputs)
+        grads = torch.autograd.grad(y.square().sum(), [inputs, *layer.parameters()])
+        results[kernel] = torch.cat([y.flatten(), *(g.flatten() for g in grads)]).double()
+    fused_error = relative_error(results["fused_torch_mlp"], results["torch"])
+    compiled_error = relative_error(results["compiled_torch_mlp"], results["torch"])
+    assert compiled_error < 4 * fused_error, (compiled_error, fused_error)

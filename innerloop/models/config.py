@@ -47,7 +47,9 @@ class TTTConfig:
     The names are registry names (``innerloop plugins`` lists them). ``share_qk`` (one projection for
     Q and K, then a causal conv each) and ``use_gate`` (the output gate) are None by default: the
     backbone decides them (see :data:`BACKBONES`); true or false sets them whatever the backbone
-    (as the reference ``TTTConfig`` does, e.g. for a converted model).
+    (as the reference ``TTTConfig`` does, e.g. for a converted model). ``kernel`` picks the layer's
+    fast path as ``TTTLayer(kernel=...)`` does, e.g. ``compiled_torch_mlp`` (TTT-MLP's training step
+    compiled by ``torch.compile``, opt-in); it changes speed, not the model.
     """
 
     inner_model: str = "linear"
@@ -58,6 +60,7 @@ class TTTConfig:
     conv_kernel: int = 4
     share_qk: Optional[bool] = None  # noqa: UP045 (omegaconf reads Optional, not ``bool | None``)
     use_gate: Optional[bool] = None  # noqa: UP045
+    kernel: str = "auto"  # the layer's fast-path choice: "auto", "torch" or a registered kernel's name
 
 
 @dataclass
@@ -244,6 +247,7 @@ def _build_ttt(config: ModelConfig) -> nn.Module:
         share_qk=share_qk,
         conv_kernel=config.ttt.conv_kernel,
         rope_theta=config.rope_theta,
+        kernel=config.ttt.kernel,
     )
 
 
@@ -439,6 +443,7 @@ def _check_ttt(ttt: TTTConfig) -> None:
             update_rule=ttt.update_rule,
             mini_batch_size=ttt.mini_batch_size,
             conv_kernel=ttt.conv_kernel,
+            kernel=ttt.kernel,
         )
     except ValueError as err:
         raise ValueError(f"model.ttt: {err}") from None

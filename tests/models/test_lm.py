@@ -127,6 +127,17 @@ def test_bad_config_names_the_field_and_the_choices() -> None:
         ModelConfig.from_dict({"hidden": 3})
 
 
+def test_the_ttt_kernel_option_reaches_every_layer() -> None:
+    config = ModelConfig(
+        hidden_size=32,
+        num_heads=2,
+        num_layers=2,
+        ttt=TTTConfig(inner_model="mlp", kernel="compiled_torch_mlp"),
+    )
+    kernels = {module.kernel for module in CausalLM(config).modules() if hasattr(module, "inner_task")}
+    assert kernels == {"compiled_torch_mlp"}
+
+
 @pytest.mark.parametrize("size", sorted(PAPER_SIZES))
 def test_paper_size_presets_have_the_paper_shapes(size: str) -> None:
     run, _ = load_config(f"ttt-linear-{size}")  # the preset file as users load it

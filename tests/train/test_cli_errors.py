@@ -106,6 +106,8 @@ TRAIN_ERRORS = [
     (["trainer.devices=0"], ["trainer.devices=0", ">= 1"]),
     (["model.norm_eps=0"], ["model.norm_eps=0.0", "> 0"]),
     (["model.ttt.mini_batch_size=0"], ["model.ttt.mini_batch_size=0", ">= 1"]),
+    (["model.ttt.kernel=fast"], ["model.ttt: kernel='fast' is not a kernel for", "compiled_torch_linear"]),
+    (["model.ttt.kernel=cpu_ttt_mlp"], ["kernel='cpu_ttt_mlp' is not a kernel for (inner_model='linear'"]),
     (["model.e2e.suffix_fraction=0"], ["model.e2e.suffix_fraction=0.0", "in (0, 1]"]),
     (["seed=-1"], ["seed=-1", "in [0, 4294967295]"]),
     (["model.dropout=0.1"], ["unknown config key 'model.dropout'", "valid keys here"]),

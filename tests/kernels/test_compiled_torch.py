@@ -124,3 +124,10 @@ def test_inductor_trains_within_a_small_factor_of_the_fused_path_in_float32():
     fused_error = relative_error(results["fused_torch_mlp"], results["torch"])
     compiled_error = relative_error(results["compiled_torch_mlp"], results["torch"])
     assert compiled_error < 4 * fused_error, (compiled_error, fused_error)
+
+
+def test_a_missing_compiler_is_a_reason_not_a_crash(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    layer = TTTLayer(16, 2, inner_model="mlp", mini_batch_size=4, kernel="compiled_torch_mlp")
+    with pytest.raises(KernelUnavailableError, match="'no-such-compiler' \\(CXX\\) is not on PATH"):
+        layer(torch.randn(1, 8, 16, requires_grad=True))

@@ -16,7 +16,9 @@ code fuses and reorders floating-point operations.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+import sys
 from typing import Any
 
 import torch
@@ -48,8 +50,9 @@ def verify(inputs: KernelInputs) -> str | None:
     if reason is not None:
         return reason
     if BACKEND == "inductor":
-        if inputs.device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
-            return "torch.compile's inductor backend needs a C++ compiler on CPU; none is on PATH"
+        compiler = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")  # inductor's
+        if inputs.device.type == "cpu" and shutil.which(compiler) is None:
+            return f"torch.compile's inductor backend needs a C++ compiler on CPU: {compiler!r} (CXX) is not on PATH"
         if inputs.device.type == "cuda" and importlib.util.find_spec("triton") is None:
             return "torch.compile's inductor backend needs triton on CUDA; it is not installed"
     return None

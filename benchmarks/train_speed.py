@@ -217,7 +217,6 @@ def timed_calls(
     )
     stepped = {}
     if not args.no_compile:
-        compiled_step.BACKEND = args.compile_backend
         for name, model in TTT_MODELS.items():
             stepped[name] = copy.deepcopy(layers[name])
             stepped[name].kernel = f"compiled_torch_{model}"
@@ -319,7 +318,8 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, dict[str, float]]
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     layers = build_layers(args)
-    seconds = interleaved_median_seconds(timed_calls(args, layers), args.repeats)
+    with compiled_step.compile_backend(args.compile_backend):  # the compiled-step row's backend
+        seconds = interleaved_median_seconds(timed_calls(args, layers), args.repeats)
     by_length: dict[int, dict[str, dict[str, float]]] = {t: {} for t in args.lengths}
     for (tokens, row, name), median in seconds.items():
         by_length[tokens].setdefault(row, {})[name] = args.batch * tokens / median

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import innerloop.kernels.fused_torch.compiled as compiled_step
+
 BENCHMARK = Path(__file__).parents[2] / "benchmarks" / "train_speed.py"
 
 # The reference's interface as train_speed.py uses it: TTTConfig(**fields), TTTLinear / TTTMLP(config,
@@ -92,8 +94,15 @@ def test_bad_options_name_themselves(tmp_path, capsys):
 
 @pytest.mark.slow  # reason: dynamo traces three layers' training graphs (the 'eager' backend: no C++ compile)
 def test_a_quick_run_with_the_compiled_row(capsys):
+    backend = compiled_step.BACKEND
     _main()(["--quick", "--threads", "1", "--compile-backend", "eager"])
+    # the compiled-step row set the step's backend for its run only (a leak would compile every later
+    # compiled_torch layer in this process with 'eager')
+    assert compiled_step.BACKEND == backend
     output = capsys.readouterr().out
+    stepped = _table_rows(output)["training fp32 compiled step"]
+    assert all(float(cell.replace(",", "")) > 0 for cell in stepped[:2]) and stepped[2] == "-"
+    assert "compiled step / kernel='auto' training: TTT-Linear" in output
     compiled = _table_rows(output)["training fp32 torch.compile"]
     assert all(float(cell.replace(",", "")) > 0 for cell in compiled[:3]) and compiled[3] in (
         "-",

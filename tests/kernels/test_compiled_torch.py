@@ -108,6 +108,7 @@ def test_auto_never_picks_the_compiled_path():
 def test_inductor_trains_within_a_small_factor_of_the_fused_path_in_float32():
     """The default backend, against float64 truth: the compiled step's float32 error is within a small
     factor of the plain fused path's (inductor fuses and reorders float operations)."""
+    assert compiled.BACKEND == "inductor"  # nothing before this test left another backend set
     torch._dynamo.reset()
     torch.manual_seed(1)
     exact = TTTLayer(16, 2, inner_model="mlp", mini_batch_size=4, kernel="torch").double()
@@ -128,6 +129,7 @@ def test_inductor_trains_within_a_small_factor_of_the_fused_path_in_float32():
 
 def test_a_missing_compiler_is_a_reason_not_a_crash(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setattr(compiled, "BACKEND", "inductor")
     layer = TTTLayer(16, 2, inner_model="mlp", mini_batch_size=4, kernel="compiled_torch_mlp")
     with pytest.raises(KernelUnavailableError, match="'no-such-compiler' \\(CXX\\) is not on PATH"):
         layer(torch.randn(1, 8, 16, requires_grad=True))

@@ -15,10 +15,12 @@ code fuses and reorders floating-point operations.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -32,7 +34,18 @@ BACKEND = "inductor"
 """``torch.compile``'s backend for the step; the tests use ``"aot_eager"`` (the same graph capture and
 autograd, without inductor's code generation)."""
 
-_compiled: dict[str, Any] = {}  # backend -> the compiled step, made on first use
+_compiled: dict[Any, Any] = {}  # backend -> the compiled step, made on first use
+
+
+@contextlib.contextmanager
+def compile_backend(backend: Any) -> Iterator[None]:
+    """Compile the step with ``backend`` (a name or a ``torch.compile`` backend) inside the block."""
+    global BACKEND
+    previous, BACKEND = BACKEND, backend
+    try:
+        yield
+    finally:
+        BACKEND = previous
 
 
 def compiled_mini_batch(scan: _Scan, *tensors: torch.Tensor) -> torch.Tensor:
@@ -73,4 +86,4 @@ def kernel_spec(model_name: str, stack: tuple[AffineLayer, ...]) -> KernelSpec:
     )
 
 
-__all__ = ["BACKEND", "compiled_mini_batch", "kernel_spec", "verify"]
+__all__ = ["BACKEND", "compile_backend", "compiled_mini_batch", "kernel_spec", "verify"]

@@ -3,8 +3,9 @@
 Blocks are found by parsing the markdown's fences, so a new block is covered without touching this
 file:
 
-- ```python: run in a fresh interpreter (a block's plugin registrations stay out of other tests) from
-  the repository root; any ``test_*`` function it defines is called too.
+- ```python: run in a process of its own (a block's plugin registrations stay out of other tests),
+  forked from one interpreter that imported torch and innerloop once (:data:`BLOCK_SERVER`), from the
+  repository root; any ``test_*`` function it defines is called too.
 - ```bash: every command, in order, in one temporary folder per document (so ``innerloop eval
   runs/tiny/...`` reads what the ``innerloop train`` above it wrote):
   - ``innerloop ...`` runs (in-process, through ``innerloop.cli.main`` as the console script does); ``innerloop train`` gets
@@ -106,23 +107,119 @@ for name, value in list(namespace.items()):
         value()
 """
 
+# A fresh interpreter per block costs seconds of start-up (torch, innerloop, Lightning) before the
+# block's own work. The blocks are run instead by children forked from one interpreter that imported
+# those once: each child is still a process of its own (plugin registrations, globals and threads
+# stay in it) that runs the block with fresh globals, so a block that forgets an import still fails.
+# The server forks only while it is a single thread (a thread pool copied into a fork can hang;
+# OpenBLAS, under numpy, starts one at import unless told to use one thread); otherwise, or where fork
+# does not exist, every block gets a fresh interpreter as before.
+BLOCK_SERVER = """
+import os, sys, traceback
+import torch, innerloop, innerloop.train  # what nearly every block imports, once
+single = len(os.listdir("/proc/self/task")) == 1 if os.path.isdir("/proc/self/task") else False
+print("fork" if single and hasattr(os, "fork") else "no-fork", flush=True)
+for line in sys.stdin:
+    script, log = line.rstrip("\\n").split("\\t")
+    pid = os.fork()
+    if pid == 0:
+        with open(log, "w") as output, open(os.devnull) as nothing:
+            os.dup2(nothing.fileno(), 0)
+            os.dup2(output.fileno(), 1)
+            os.dup2(output.fileno(), 2)
+            status = 0
+            try:
+                sys.argv = ["-c", script]
+                exec(compile(RUN_BLOCK, "<block runner>", "exec"), {"__name__": "__main__"})
+            except SystemExit as exit:
+                status = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+            except BaseException:
+                traceback.print_exc()
+                status = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    print(os.waitstatus_to_exitcode(status), flush=True)
+"""
 
-@pytest.mark.slow  # a fresh interpreter per block (imports torch): 3-8 s each
+
+class BlockServer:
+    """Runs blocks in children forked from one warm interpreter (see :data:`BLOCK_SERVER`)."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", f"RUN_BLOCK = {RUN_BLOCK!r}\n" + BLOCK_SERVER],
+            cwd=REPO,
+            env={**_environment(), "OPENBLAS_NUM_THREADS": "1"},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.forks = self.process.stdout.readline().strip() == "fork"
+
+    def run(self, script: Path, log: Path) -> tuple[int, str]:
+        """The block's exit status and its output (stdout and stderr together)."""
+        self.process.stdin.write(f"{script}\t{log}\n")
+        self.process.stdin.flush()
+        status = int(self.process.stdout.readline())
+        return status, log.read_text()
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def block_server():
+    server = BlockServer()
+    yield server
+    server.close()
+
+
+@pytest.mark.slow  # each block runs in a process of its own (forked from a warm one): ~1-6 s each
 @pytest.mark.parametrize("block", blocks_of("python"), ids=lambda b: b.id)
-def test_python_block_runs(block: Block, tmp_path) -> None:
+def test_python_block_runs(block: Block, tmp_path, block_server) -> None:
     if "../shared" in block.text and not SHARED.is_dir():
         pytest.skip(f"the block reads ../shared, which is not at {SHARED}")
     script = tmp_path / "block.py"
     script.write_text(block.text)
-    result = subprocess.run(
-        [sys.executable, "-c", RUN_BLOCK, str(script)],
-        cwd=REPO,
-        env=_environment(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    if block_server.forks:
+        status, output = block_server.run(script, tmp_path / "block.log")
+    else:
+        result = subprocess.run(
+            [sys.executable, "-c", RUN_BLOCK, str(script)],
+            cwd=REPO,
+            env=_environment(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        status, output = result.returncode, result.stdout + result.stderr
+    assert status == 0, f"{block.id} failed:\n{block.text}\n{output[-3000:]}"
+
+
+@pytest.mark.slow  # starts the warm interpreter (~6 s), which the python blocks share
+def test_a_block_that_fails_or_forgets_an_import_fails_in_the_server(tmp_path, block_server) -> None:
+    # the warm interpreter has torch imported; a block that uses it without importing it still fails
+    cases = {
+        "forgot.py": "torch.zeros(1)\n",
+        "raises.py": "raise ValueError('bad block')\n",
+        "ok.py": "x = 1\n",
+    }
+    statuses = {}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        statuses[name] = block_server.run(tmp_path / name, tmp_path / f"{name}.log")
+    if not block_server.forks:
+        pytest.skip(
+            "this machine's server did not fork (not a single thread, or no os.fork): blocks get fresh interpreters"
+        )
+    assert (
+        statuses["forgot.py"][0] == 1 and "NameError: name 'torch' is not defined" in statuses["forgot.py"][1]
     )
-    assert result.returncode == 0, f"{block.id} failed:\n{block.text}\n{result.stderr[-3000:]}"
+    assert statuses["raises.py"][0] == 1 and "ValueError: bad block" in statuses["raises.py"][1]
+    assert statuses["ok.py"] == (0, "")
 
 
 # ----------------------------------------------------------------------------------------------- bash

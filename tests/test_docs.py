@@ -115,7 +115,7 @@ for name, value in list(namespace.items()):
 # OpenBLAS, under numpy, starts one at import unless told to use one thread); otherwise, or where fork
 # does not exist, every block gets a fresh interpreter as before.
 BLOCK_SERVER = """
-import os, sys, traceback
+import os, signal, sys, time, traceback
 import torch, innerloop, innerloop.train  # what nearly every block imports, once
 single = len(os.listdir("/proc/self/task")) == 1 if os.path.isdir("/proc/self/task") else False
 print("fork" if single and hasattr(os, "fork") else "no-fork", flush=True)
@@ -139,8 +139,17 @@ for line in sys.stdin:
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(status)
-    _, status = os.waitpid(pid, 0)
-    print(os.waitstatus_to_exitcode(status), flush=True)
+    deadline = time.monotonic() + 300  # a block that hangs is killed, as subprocess.run(timeout=300) did
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        with open(log, "a") as output:
+            output.write("timed out after 300 s\\n")
+        print(124, flush=True)
+    else:
+        print(os.waitstatus_to_exitcode(done[1]), flush=True)
 """
 
 

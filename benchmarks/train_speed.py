@@ -6,7 +6,8 @@ One run prints the issue's table, tokens/s per layer (columns) and setting (rows
 - ``training fwd+bwd fp32`` and ``training bf16 autocast``: forward, then backward of a scalar loss
   into every parameter and the input;
 - ``training fp32 torch.compile``: the training row with each layer wrapped in ``torch.compile``
-  (compiled once, in the warm-up), against the eager row above it (skipped with ``--no-compile``);
+  (static shapes, one wrapper per length, compiled in the warm-up), against the eager row above it
+  (skipped with ``--no-compile``);
 - ``training fp32 compiled step``: the TTT layers on the opt-in path ``kernel="compiled_torch_<model>"``
   (the fused dual form with each mini-batch's step compiled; skipped with ``--no-compile``).
 
@@ -210,11 +211,6 @@ def timed_calls(
     """Every (length, row, column) to time, as a call. The reference runs in the fp32 rows only (as in
     the issue's table); the compiled row wraps each of our layers in ``torch.compile``, the compiled-step
     row runs the TTT layers on ``kernel="compiled_torch_<model>"``."""
-    compiled = (
-        {}
-        if args.no_compile
-        else {name: torch.compile(layers[name], backend=args.compile_backend) for name in LAYERS}
-    )
     stepped = {}
     if not args.no_compile:
         for name, model in TTT_MODELS.items():
@@ -228,7 +224,10 @@ def timed_calls(
                 if name.startswith("reference") and "bf16" in row:
                     continue
                 calls[tokens, row, name] = make_call(row, layer, x)
-        for name, layer in compiled.items():
+        for name in [] if args.no_compile else LAYERS:
+            # one static-shape compile per length, as a run at a fixed sequence length gets: a wrapper
+            # shared by the lengths would recompile with dynamic shapes (slower generic code)
+            layer = torch.compile(layers[name], backend=args.compile_backend, dynamic=False)
             calls[tokens, COMPILE_ROW, name] = make_call(COMPILE_ROW, layer, x)
         for name, layer in stepped.items():
             calls[tokens, STEP_ROW, name] = make_call(STEP_ROW, layer, x)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -168,7 +168,21 @@ class KernelSpec:
                 )
 
 
+def stack_kernel_spec(path: str, model_name: str, **fields: Any) -> KernelSpec:
+    """The registration of a fast path for a stack inner model under the reconstruction loss and the
+    dual form, named ``<path>_<model_name>`` (as the built-in stack paths are); ``fields`` are the
+    rest of :class:`KernelSpec`'s (``forward``, ``verify``, ``priority``, ...)."""
+    return KernelSpec(
+        name=f"{path}_{model_name}",
+        inner_model=model_name,
+        inner_loss="reconstruction",
+        update_rule="dual_form",
+        **fields,
+    )
+
+
 __all__ = [
+    "stack_kernel_spec",
     "KernelDecode",
     "KernelForward",
     "KernelInputs",

@@ -19,7 +19,7 @@ from innerloop.kernels.cpu.build import CPUKernelUnavailable, load_library
 from innerloop.kernels.cpu.library import DTYPE_CODES, run_entry_point
 from innerloop.kernels.cpu.linear_scan import compiled_linear_scan
 from innerloop.kernels.fused_torch import make_fused_forward
-from innerloop.kernels.spec import KernelDecode, KernelForward, KernelInputs, KernelSpec
+from innerloop.kernels.spec import KernelDecode, KernelForward, KernelInputs, KernelSpec, stack_kernel_spec
 
 MAX_LAYERS = 8  # kMaxLayers in ttt_stack.cpp
 ACTIVATION_NAMES = ("identity", "gelu_tanh")  # the kernel's activation codes 0 and 1
@@ -314,11 +314,9 @@ def make_verify(stack: tuple[AffineLayer, ...]):
 
 def kernel_spec(model_name: str, stack: tuple[AffineLayer, ...]) -> KernelSpec:
     """The registration of the CPU kernel for one stack model with the reconstruction loss."""
-    return KernelSpec(
-        name=f"cpu_ttt_{model_name}",
-        inner_model=model_name,
-        inner_loss="reconstruction",
-        update_rule="dual_form",
+    return stack_kernel_spec(
+        "cpu_ttt",
+        model_name,
         forward=make_forward(stack),
         verify=make_verify(stack),
         decode=make_decode(stack),

@@ -28,7 +28,7 @@ import torch
 from innerloop.core.protocol import AffineLayer
 from innerloop.kernels.fused_torch.forward import _Scan, make_fused_forward
 from innerloop.kernels.fused_torch.forward import verify as fused_verify
-from innerloop.kernels.spec import KernelInputs, KernelSpec
+from innerloop.kernels.spec import KernelInputs, KernelSpec, stack_kernel_spec
 
 BACKEND = "inductor"
 """``torch.compile``'s backend for the step; the tests use ``"aot_eager"`` (the same graph capture and
@@ -73,11 +73,9 @@ def verify(inputs: KernelInputs) -> str | None:
 
 def kernel_spec(model_name: str, stack: tuple[AffineLayer, ...]) -> KernelSpec:
     """The registration of the compiled-step path for one stack model with the reconstruction loss."""
-    return KernelSpec(
-        name=f"compiled_torch_{model_name}",
-        inner_model=model_name,
-        inner_loss="reconstruction",
-        update_rule="dual_form",
+    return stack_kernel_spec(
+        "compiled_torch",
+        model_name,
         forward=make_fused_forward(stack, training_step=compiled_mini_batch),
         verify=verify,
         priority=0,

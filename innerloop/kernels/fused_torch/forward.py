@@ -29,7 +29,7 @@ import torch
 
 from innerloop.core.functional import overflow_safe_scale_if_needed
 from innerloop.core.protocol import AffineLayer, Params
-from innerloop.kernels.spec import KernelForward, KernelInputs, KernelSpec
+from innerloop.kernels.spec import KernelForward, KernelInputs, KernelSpec, stack_kernel_spec
 
 DOUBLE_BACKWARD_MESSAGE = (
     "the fused_torch fast path is differentiable once only (aten's fused LayerNorm backward is not "
@@ -276,11 +276,9 @@ def verify(inputs: KernelInputs) -> str | None:
 
 def kernel_spec(model_name: str, stack: tuple[AffineLayer, ...]) -> KernelSpec:
     """The registration of the fused torch path for one stack model with the reconstruction loss."""
-    return KernelSpec(
-        name=f"fused_torch_{model_name}",
-        inner_model=model_name,
-        inner_loss="reconstruction",
-        update_rule="dual_form",
+    return stack_kernel_spec(
+        "fused_torch",
+        model_name,
         forward=make_fused_forward(stack),
         verify=verify,
         priority=1,

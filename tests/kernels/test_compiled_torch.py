@@ -14,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
 
 import innerloop.kernels.fused_torch.compiled as compiled
 from innerloop import TTTLayer
@@ -30,6 +31,7 @@ def counted_backend(monkeypatch) -> CompileCounterWithBackend:
     counter = CompileCounterWithBackend("aot_eager")
     monkeypatch.setattr(compiled, "BACKEND", counter)
     torch._dynamo.reset()
+    counters.clear()
     yield counter
     torch._dynamo.reset()
 
@@ -54,6 +56,7 @@ def test_the_compiled_step_trains_like_the_torch_path(inner_model, counted_backe
         (f"compiled_torch_{inner_model}", f"kernel 'compiled_torch_{inner_model}' forced")
     ]
     assert counted_backend.frame_count >= 1  # the step ran compiled, not eagerly
+    assert not counters["graph_break"], dict(counters["graph_break"])  # one whole graph per step
 
 
 @pytest.mark.slow  # ~20 s: a dynamo recompile (with dynamic shapes) per new shape
@@ -69,6 +72,8 @@ def test_the_compiled_step_trains_like_the_torch_path(inner_model, counted_backe
 def test_the_compiled_step_equals_the_torch_path_in_float64(
     inner_model, heads, head_dim, mini_batch, num_mini_batches, seed, counted_backend
 ):
+    torch._dynamo.reset()  # each example compiles afresh, so the count below is its own
+    compiled_before = counted_backend.frame_count
     torch.manual_seed(seed)
     config = {"hidden_size": heads * head_dim, "num_heads": heads, "mini_batch_size": mini_batch}
     reference, candidate = twins(inner_model, **config)
@@ -76,6 +81,20 @@ def test_the_compiled_step_equals_the_torch_path_in_float64(
         2, mini_batch * num_mini_batches, heads * head_dim, dtype=torch.float64, requires_grad=True
     )
     assert_layers_train_alike(reference, candidate, x, FLOAT64_TOLERANCE)
+    assert counted_backend.frame_count > compiled_before  # the step ran compiled, not eagerly
+
+
+@pytest.mark.slow  # ~3 s: two stacks through dynamo
+def test_past_the_recompile_limit_the_step_runs_eagerly_not_into_an_error(counted_backend):
+    # a process that trains more shapes, dtypes or stacks than dynamo's recompile limit allows keeps
+    # training, on the uncompiled step (fullgraph=True would raise there)
+    torch.manual_seed(2)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for inner_model in ("linear", "mlp"):
+            reference, candidate = twins(inner_model)
+            x = torch.randn(1, 8, 16, dtype=torch.float64, requires_grad=True)
+            assert_layers_train_alike(reference, candidate, x, FLOAT64_TOLERANCE)
+    assert counted_backend.frame_count == 1  # the second stack was past the limit: it ran eagerly
 
 
 def test_inference_runs_the_fused_scan_without_compiling(counted_backend):
@@ -84,10 +103,11 @@ def test_inference_runs_the_fused_scan_without_compiling(counted_backend):
     with torch.no_grad():
         want, _ = reference(x)
         got, state = candidate(x)
-        token, _ = candidate(x[:, :1], state)  # decoding: no decode path here, torch runs it
+        assert candidate.dispatches[0][0] == "compiled_torch_mlp"  # its in-place fused scan
+        candidate(x[:, :1], state)  # decoding: this path has no decode, torch runs it
+        assert candidate.dispatches[0][0] == "torch"
     assert relative_error(got, want) < FLOAT64_TOLERANCE
     assert counted_backend.frame_count == 0
-    assert candidate.dispatches[0][0] == "torch"
 
 
 def test_double_backward_is_refused_by_name():

@@ -50,10 +50,12 @@ def compile_backend(backend: Any) -> Iterator[None]:
 
 def compiled_mini_batch(scan: _Scan, *tensors: torch.Tensor) -> torch.Tensor:
     """:meth:`_Scan.mini_batch`, compiled with :data:`BACKEND` (once per process and backend; dynamo
-    recompiles it for new shapes and stack layouts, up to its recompile limit)."""
+    recompiles it for new shapes, dtypes and stacks up to its recompile limit, past which the step runs
+    eagerly: the fused path's numbers, at its speed). Not ``fullgraph=True``: that turns the limit into
+    an error; the tests check instead that the step compiles without a graph break."""
     step = _compiled.get(BACKEND)
     if step is None:
-        step = _compiled[BACKEND] = torch.compile(_Scan.mini_batch, backend=BACKEND, fullgraph=True)
+        step = _compiled[BACKEND] = torch.compile(_Scan.mini_batch, backend=BACKEND)
     return step(scan, *tensors)
 
 

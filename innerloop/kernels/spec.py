@@ -182,11 +182,11 @@ def stack_kernel_spec(path: str, model_name: str, **fields: Any) -> KernelSpec:
 
 
 __all__ = [
-    "stack_kernel_spec",
     "KernelDecode",
     "KernelForward",
     "KernelInputs",
     "KernelSpec",
     "protocol_parameters",
     "signature_mismatch",
+    "stack_kernel_spec",
 ]

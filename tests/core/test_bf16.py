@@ -34,7 +34,7 @@ SPREAD = 2.0  # see the module docstring
 PATHS = {  # name: (layer options, trains, decodes token by token)
     "torch": ({"kernel": "torch"}, True, False),
     "fused_torch": ({"kernel": "fused_torch_{model}"}, True, False),
-    "auto_training": ({"kernel": "auto"}, True, False),  # TTT-Linear: the compiled scan; TTT-MLP: fused torch
+    "auto_training": ({"kernel": "auto"}, True, False),  # the compiled training scan
     "cpu_kernel": ({"kernel": "auto"}, False, False),  # without autograd, the compiled kernel
     "decode": ({"kernel": "auto"}, False, True),
     "minibatch_gd": ({"kernel": "torch", "update_rule": "minibatch_gd"}, True, False),
@@ -42,7 +42,7 @@ PATHS = {  # name: (layer options, trains, decodes token by token)
 EXPECTED_DISPATCH = {
     "torch": "torch",
     "fused_torch": "fused_torch_{model}",
-    "auto_training": {"linear": "cpu_ttt_linear", "mlp": "fused_torch_mlp"},
+    "auto_training": "cpu_ttt_{model}",
     "cpu_kernel": "cpu_ttt_{model}",
     "decode": "cpu_ttt_{model}.decode",
     "minibatch_gd": None,  # the primal form dispatches nothing

@@ -1,4 +1,5 @@
-"""The CPU kernel trains TTT-Linear: its compiled scan and backward equal the torch reference."""
+"""The CPU kernel trains stack models (TTT-Linear, TTT-MLP, deeper stacks): its compiled scans and their
+backwards equal the torch reference."""
 
 from __future__ import annotations
 
@@ -10,15 +11,16 @@ from kernel_testing import make_inputs, strided
 
 from innerloop import TTTLayer
 from innerloop.core.functional import relative_error
-from innerloop.core.protocol import AffineLayer
+from innerloop.core.protocol import AffineLayer, StackModel
 from innerloop.kernels.cpu.linear_scan import DOUBLE_BACKWARD_MESSAGE, compiled_linear_scan
 from innerloop.kernels.cpu.stack import make_forward, make_verify
+from innerloop.kernels.cpu.stack_scan import compiled_stack_scan
 from innerloop.kernels.fused_torch import make_fused_forward
 from innerloop.kernels.reference import reference_kernel
 from innerloop.kernels.spec import KernelInputs
 from innerloop.plugins.losses.reconstruction import Reconstruction
 from innerloop.plugins.models.linear import LinearModel
-from innerloop.plugins.models.mlp import MLPModel
+from innerloop.plugins.models.mlp import GELU_TANH, MLPModel
 from innerloop.testing import FLOAT64_TOLERANCE
 from innerloop.testing.checks import assert_close, assert_layers_train_alike, twin_layers
 from innerloop.testing.strategies import layer_configs, seeds
@@ -59,30 +61,41 @@ def leaf_inputs(inputs):
     return (*fresh[:5], params, *fresh[5:])
 
 
-NAMES = ["xq", "xk", "xv", "lr", "tau", "weights", "bias", "ln_weight", "ln_bias"]
+def gradient_names(inputs) -> list[str]:
+    """The names of :func:`outputs_and_gradients`' gradients, in its order."""
+    return ["xq", "xk", "xv", "lr", "tau", *inputs[5], "ln_weight", "ln_bias"]
+
+
+MLP = MLPModel().stack
+REFERENCE_MLP_FORWARD, _ = reference_kernel(MLPModel(), Reconstruction())
+REFERENCES = {id(LINEAR): REFERENCE_FORWARD, id(MLP): REFERENCE_MLP_FORWARD}
 
 
 def assert_training_equal(stack, inputs, layouts: bool = False, cotangent_seed: int = 0) -> None:
-    """The kernel against the reference (the fused torch path for a stack without bias, itself tested
-    against the reference): outputs, new weights, every gradient, float64 to 1e-10."""
-    oracle = REFERENCE_FORWARD if stack is LINEAR else make_fused_forward(stack)
+    """The kernel against the reference (for other stacks than the built-in models' the fused torch path,
+    itself tested against the reference): outputs, new weights, every gradient, float64 to 1e-10."""
+    oracle = REFERENCES.get(id(stack)) or make_fused_forward(stack)
     reference = outputs_and_gradients(oracle, leaf_inputs(inputs), cotangent_seed, layouts)
     ours = outputs_and_gradients(make_forward(stack), leaf_inputs(inputs), cotangent_seed, layouts)
     assert_close(ours[0], reference[0], "training output", FLOAT64_TOLERANCE)
     for key in reference[1]:
         assert_close(ours[1][key], reference[1][key], f"new {key}", FLOAT64_TOLERANCE)
-    names = NAMES if len(ours[2]) == len(NAMES) else [n for n in NAMES if n != "bias"]
-    for name, g_ours, g_ref in zip(names, ours[2], reference[2], strict=True):
+    for name, g_ours, g_ref in zip(gradient_names(inputs), ours[2], reference[2], strict=True):
         assert_close(g_ours, g_ref, f"gradient of {name}", FLOAT64_TOLERANCE)
 
 
-def test_training_equals_the_reference_on_one_example():
-    inputs = make_inputs(2, 3, 12, 5, 4, "linear", dtype=torch.float64, seed=0)
-    assert_training_equal(LINEAR, inputs, layouts=True)
+STACKS = {"linear": LINEAR, "mlp": MLP}
 
 
-@pytest.mark.slow  # ~2 s: hypothesis over shapes and layouts (one example above stays in the fast loop)
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_training_equals_the_reference_on_one_example(model):
+    inputs = make_inputs(2, 3, 12, 5, 4, model, dtype=torch.float64, seed=0)
+    assert_training_equal(STACKS[model], inputs, layouts=True)
+
+
+@pytest.mark.slow  # ~4 s: hypothesis over shapes and layouts (one example above stays in the fast loop)
 @given(
+    model=st.sampled_from(["linear", "mlp"]),
     batch=st.integers(1, 2),
     heads=st.integers(1, 3),
     head_dim=st.sampled_from([2, 5, 8, 16, 20]),
@@ -92,12 +105,70 @@ def test_training_equals_the_reference_on_one_example():
     seed=seeds(),
 )
 def test_training_equals_the_reference_in_float64(
-    batch, heads, head_dim, mini_batch, num_mini_batches, layouts, seed
+    model, batch, heads, head_dim, mini_batch, num_mini_batches, layouts, seed
 ):
     """Outputs, new weights and the gradient of every input, against the pure-torch dual form."""
     tokens = mini_batch * num_mini_batches
-    inputs = make_inputs(batch, heads, tokens, head_dim, mini_batch, "linear", dtype=torch.float64, seed=seed)
-    assert_training_equal(LINEAR, inputs, layouts, cotangent_seed=seed)
+    inputs = make_inputs(batch, heads, tokens, head_dim, mini_batch, model, dtype=torch.float64, seed=seed)
+    assert_training_equal(STACKS[model], inputs, layouts, cotangent_seed=seed)
+
+
+DEEPER = (  # every case the stack scan distinguishes: a bias or none, tanh-GELU or the identity between
+    AffineLayer("W1", None, GELU_TANH),
+    AffineLayer("W2", "b2", None),
+    AffineLayer("W3", "b3", GELU_TANH),
+    AffineLayer("W4", None, None),
+)
+DEEPER_WIDTHS = [6, 10, 7, 9, 6]
+
+
+class DeeperModel(StackModel):
+    """An inner model of the four layers above (head dim 6), for its reference."""
+
+    name = "deeper_test_stack"
+
+    @property
+    def stack(self) -> tuple[AffineLayer, ...]:
+        return DEEPER
+
+    def param_shapes(self, head_dim: int) -> dict[str, tuple[int, ...]]:
+        shapes = {}
+        for layer, fan_in, width in zip(DEEPER, DEEPER_WIDTHS, DEEPER_WIDTHS[1:], strict=False):
+            shapes[layer.weight] = (fan_in, width)
+            if layer.bias is not None:
+                shapes[layer.bias] = (1, width)
+        return shapes
+
+    def init_params(self, num_heads: int, head_dim: int, generator=None):
+        return {
+            k: torch.randn(num_heads, *shape, generator=generator)
+            for k, shape in self.param_shapes(6).items()
+        }
+
+
+REFERENCES[id(DEEPER)] = reference_kernel(DeeperModel(), Reconstruction())[0]
+
+
+@pytest.mark.parametrize("weight_scale", [1.0, 40.0])
+def test_a_deeper_stack_trains_equal_to_the_reference(weight_scale):
+    """Four layers, with and without biases and activations. At ``weight_scale=40`` many pre-activations
+    lie beyond the GELU derivative's clamp at |x| = 100, where its own derivative is zero."""
+    xq, xk, xv, lr, tau, _, lnw, lnb = make_inputs(2, 2, 12, 6, 4, "linear", dtype=torch.float64, seed=4)
+    generator = torch.Generator().manual_seed(4)
+    params = {}
+    for name, shape in DeeperModel().param_shapes(6).items():
+        params[name] = torch.randn(2, 2, *shape, generator=generator, dtype=torch.float64)
+        params[name] *= weight_scale * shape[0] ** -0.5 if name.startswith("W") else 0.1
+    if weight_scale > 1:
+        hidden = (xk @ params["W1"]).abs()
+        assert (hidden > 100).any() and (hidden < 100).any()  # both sides of the clamp are exercised
+    inputs = (xq, xk, xv, lr, tau, params, lnw, lnb)
+    assert_training_equal(DEEPER, inputs, layouts=True)
+    # the fused torch path (training's fallback) too, which once assumed an activation between layers
+    reference = outputs_and_gradients(REFERENCES[id(DEEPER)], leaf_inputs(inputs), 0)
+    fused = outputs_and_gradients(make_fused_forward(DEEPER), leaf_inputs(inputs), 0)
+    for name, g_fused, g_ref in zip(gradient_names(inputs), fused[2], reference[2], strict=True):
+        assert_close(g_fused, g_ref, f"fused torch gradient of {name}", FLOAT64_TOLERANCE)
 
 
 @pytest.mark.parametrize("head_dim", [3, 16])
@@ -121,29 +192,31 @@ def test_rows_whose_squares_overflow_train_equal_to_the_reference():
     assert_close(ours[0], reference[0], "training output", FLOAT64_TOLERANCE)
     for key in reference[1]:
         assert_close(ours[1][key], reference[1][key], f"new {key}", FLOAT64_TOLERANCE)
-    for name, g_ours, g_ref in zip(NAMES, ours[2], reference[2], strict=True):
+    for name, g_ours, g_ref in zip(gradient_names(inputs), ours[2], reference[2], strict=True):
         if name == "xk":
             assert torch.isfinite(g_ours).all()
         else:
             assert_close(g_ours, g_ref, f"gradient of {name}", FLOAT64_TOLERANCE)
 
 
-@pytest.mark.slow  # ~1 s
-def test_float32_gradients_are_as_close_to_float64_as_fused_torch():
-    inputs64 = make_inputs(2, 3, 64, 16, 16, "linear", dtype=torch.float64, seed=3)
+@pytest.mark.slow  # ~2 s
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_float32_gradients_are_as_close_to_float64_as_fused_torch(model):
+    inputs64 = make_inputs(2, 3, 64, 16, 16, model, dtype=torch.float64, seed=3)
     inputs32 = [{k: v.float() for k, v in t.items()} if isinstance(t, dict) else t.float() for t in inputs64]
-    exact = outputs_and_gradients(REFERENCE_FORWARD, leaf_inputs(inputs64), 0)
-    ours = outputs_and_gradients(make_forward(LINEAR), leaf_inputs(inputs32), 0)
-    fused = outputs_and_gradients(make_fused_forward(LINEAR), leaf_inputs(inputs32), 0)
-    for index, name in enumerate(NAMES):
+    exact = outputs_and_gradients(REFERENCES[id(STACKS[model])], leaf_inputs(inputs64), 0)
+    ours = outputs_and_gradients(make_forward(STACKS[model]), leaf_inputs(inputs32), 0)
+    fused = outputs_and_gradients(make_fused_forward(STACKS[model]), leaf_inputs(inputs32), 0)
+    for index, name in enumerate(gradient_names(inputs64)):
         error_ours = relative_error(ours[2][index], exact[2][index])
         error_fused = relative_error(fused[2][index], exact[2][index])
         assert error_ours < 1e-5, (name, error_ours)
         assert error_ours < 4 * error_fused + 1e-7, (name, error_ours, error_fused)
 
 
-@pytest.mark.slow  # ~10 s: hypothesis over layer configs with every gradient
-@given(config=layer_configs(inner_models=("linear",), inner_losses=("reconstruction",), update_rules=("dual_form",)),
+@pytest.mark.slow  # ~15 s: hypothesis over layer configs with every gradient
+@given(config=layer_configs(inner_models=("linear", "mlp"), inner_losses=("reconstruction",),
+                            update_rules=("dual_form",)),
        tokens=st.integers(1, 26), seed=seeds())  # fmt: skip
 def test_a_layer_trains_through_the_kernel_equal_to_torch(config, tokens, seed):
     """The layer picks the kernel for training (``kernel="auto"``); outputs, state and every parameter's
@@ -152,12 +225,13 @@ def test_a_layer_trains_through_the_kernel_equal_to_torch(config, tokens, seed):
     x = torch.randn(2, tokens, config["hidden_size"], dtype=torch.float64, requires_grad=True)
     assert_layers_train_alike(reference, fast, x, FLOAT64_TOLERANCE)
     if tokens >= config["mini_batch_size"]:
-        assert "cpu_ttt_linear" in [path for path, _ in fast.dispatches]
+        assert f"cpu_ttt_{config['inner_model']}" in [path for path, _ in fast.dispatches]
 
 
-def test_double_backward_is_refused_with_a_clear_error():
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_double_backward_is_refused_with_a_clear_error(model):
     torch.manual_seed(0)
-    layer = TTTLayer(8, 2, mini_batch_size=2, kernel="cpu_ttt_linear").double()
+    layer = TTTLayer(8, 2, inner_model=model, mini_batch_size=2, kernel=f"cpu_ttt_{model}").double()
     x = torch.randn(1, 4, 8, dtype=torch.float64, requires_grad=True)
     with pytest.raises(RuntimeError, match="differentiable once only.*needs_double_backward=True"):
         torch.autograd.grad(layer(x)[0].sum(), x, create_graph=True)
@@ -176,6 +250,37 @@ def test_wrong_shapes_are_errors_not_out_of_bounds_reads():
         compiled_linear_scan(both, left, shift, gamma_sq.double(), weight, 1e-6)
 
 
+def test_wrong_shapes_for_the_stack_scan_are_errors_not_out_of_bounds_reads():
+    both, left, shift, gamma_sq = (
+        torch.zeros(2, 3, 8, 5),
+        torch.zeros(2, 3, 9, 4),
+        torch.zeros(2, 3, 4, 4),
+        torch.zeros(3, 1, 4),
+    )
+    eta, scale = torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 1)
+    weights = [torch.zeros(3, 5, 7), torch.zeros(3, 8, 4)]
+
+    def scan(**changes):
+        tensors = dict(
+            both=both, left=left, shift=shift, gamma_sq=gamma_sq, eta=eta, scale=scale, weights=weights
+        )
+        return compiled_stack_scan([1], **{**tensors, **changes}, eps=1e-6)
+
+    scan()  # consistent: runs
+    with pytest.raises(
+        ValueError, match=r"weights\[1\] \(3, 9, 4\) is not \[3, 7 \(\+1 with a bias\), width\]"
+    ):
+        scan(weights=[weights[0], torch.zeros(3, 9, 4)])
+    with pytest.raises(ValueError, match="the last layer's width 5 is not shift's 4"):
+        scan(weights=[weights[0], torch.zeros(3, 8, 5)])
+    with pytest.raises(ValueError, match=r"eta \(2, 3, 4, 3\) != \(2, 3, 4, 4\)"):
+        scan(eta=eta[..., :3])
+    with pytest.raises(ValueError, match="1 weights, the scan takes 2 to 8 layers"):
+        scan(weights=weights[:1])
+    with pytest.raises(ValueError, match=r"weights\[1\] is torch.float64, both is torch.float32"):
+        scan(weights=[weights[0], weights[1].double()])
+
+
 def test_verify_says_what_training_the_kernel_takes():
     def inputs(**changes):
         fields = dict(device=torch.device("cpu"), dtype=torch.float32, head_dim=8, mini_batch_size=4,
@@ -183,6 +288,7 @@ def test_verify_says_what_training_the_kernel_takes():
         return KernelInputs(**{**fields, **changes})
 
     assert make_verify(LINEAR)(inputs()) is None
-    assert "trains one-layer stacks (TTT-Linear) only" in make_verify(MLPModel().stack)(inputs())
+    assert make_verify(MLPModel().stack)(inputs()) is None
+    assert make_verify(DEEPER)(inputs()) is None
     assert "differentiable once only" in make_verify(LINEAR)(inputs(needs_double_backward=True))
     assert make_verify(MLPModel().stack)(inputs(requires_grad=False)) is None

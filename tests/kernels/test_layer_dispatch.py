@@ -117,28 +117,23 @@ def test_layer_through_triton_equals_torch_for_any_length(model, mini_batch, hea
 
 @pytest.mark.usefixtures("cpu_kernels")
 @pytest.mark.parametrize("model", ["linear", "mlp"])
-def test_auto_takes_the_kernel_for_inference_and_for_training_ttt_linear(model):
-    """Training: the compiled scan for TTT-Linear, fused torch for TTT-MLP (with the kernel's reason)."""
+def test_auto_takes_the_kernel_for_inference_and_for_training(model):
+    """The compiled kernel both ways: its chunk function without autograd, its training scan with."""
     layer = TTTLayer(16, 2, inner_model=model, mini_batch_size=4)
     x = torch.randn(1, 8, 16)
     with torch.no_grad():
         layer(x)
     assert layer.last_dispatch[0] == f"cpu_ttt_{model}"
     layer(x)
-    if model == "linear":
-        assert layer.last_dispatch[0] == "cpu_ttt_linear"
-    else:
-        assert layer.last_dispatch[0] == "fused_torch_mlp"
-        assert "cpu_ttt_mlp: trains one-layer stacks (TTT-Linear) only" in layer.last_dispatch[1]
+    assert layer.last_dispatch[0] == f"cpu_ttt_{model}"
 
 
 @pytest.mark.usefixtures("cpu_kernels")
 @pytest.mark.parametrize("model", ["linear", "mlp"])
 def test_training_any_parameter_takes_a_path_with_its_gradient(model):
     """Even when only the token-index scales or the inner LN bias train, the path chosen is one that
-    trains (TTT-Linear: the compiled scan; TTT-MLP: not the forward-only kernel) and they get their
-    gradients, equal to the torch path's."""
-    expected = {"linear": "cpu_ttt_linear", "mlp": "fused_torch_mlp"}[model]
+    trains (the compiled training scan) and they get their gradients, equal to the torch path's."""
+    expected = f"cpu_ttt_{model}"
     for trained in ("learnable_token_idx", "ttt_norm_bias"):
         torch.manual_seed(0)
         layer = TTTLayer(16, 2, inner_model=model, mini_batch_size=4)

@@ -18,7 +18,8 @@ from innerloop.core.protocol import Activation, AffineLayer, Params
 from innerloop.kernels.cpu.build import CPUKernelUnavailable, load_library
 from innerloop.kernels.cpu.library import DTYPE_CODES, run_entry_point
 from innerloop.kernels.cpu.linear_scan import compiled_linear_scan
-from innerloop.kernels.fused_torch import make_fused_forward
+from innerloop.kernels.cpu.stack_scan import compiled_stack_scan
+from innerloop.kernels.fused_torch import TrainingScan, make_fused_forward
 from innerloop.kernels.spec import KernelDecode, KernelForward, KernelInputs, KernelSpec, stack_kernel_spec
 
 MAX_LAYERS = 8  # kMaxLayers in ttt_stack.cpp
@@ -123,12 +124,11 @@ def _fill(args, stack, activations, dims, params: Params, views: dict, ln_weight
 
 
 def _refuse_autograd(tensors) -> None:
-    """The kernel's chunks of deeper stacks and its decoding are forward only: never let them drop a
-    graph silently (verify should have refused)."""
+    """The kernel's decoding is forward only: never let it drop a graph silently (verify should have
+    refused)."""
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
         raise RuntimeError(
-            "the CPU TTT kernel trains one-layer stacks only and decodes without autograd, but an input "
-            "requires grad; use fused_torch"
+            "the CPU TTT kernel decodes without autograd, but an input requires grad; use the torch path"
         )
 
 
@@ -180,18 +180,36 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def make_training_scan(stack: tuple[AffineLayer, ...]) -> TrainingScan:
+    """The compiled scan, forward and backward, that replaces the fused torch path's recorded one:
+    ``linear_scan.py`` for one layer, ``stack_scan.py`` for deeper stacks."""
+    if len(stack) == 1:
+
+        def linear(both, left, shift, gamma_sq, eta, update_scale, weights, eps):
+            z, last = compiled_linear_scan(both, left, shift, gamma_sq, weights[0], eps)
+            return z, [last]
+
+        return linear
+    between = [activation_code(layer.activation) for layer in stack[:-1]]
+
+    def deeper(both, left, shift, gamma_sq, eta, update_scale, weights, eps):
+        return compiled_stack_scan(between, both, left, shift, gamma_sq, eta, update_scale, weights, eps)
+
+    return deeper
+
+
 def make_forward(stack: tuple[AffineLayer, ...]) -> KernelForward:
     """The chunk function (see :mod:`innerloop.kernels.spec`) for a stack model with these layers.
 
-    With an autograd graph to record (a one-layer stack only, see ``make_verify``), it is the fused
-    torch path with its scan compiled, forward and backward (``linear_scan.py``)."""
+    With an autograd graph to record, it is the fused torch path with its scan compiled, forward and
+    backward (``linear_scan.py``, ``stack_scan.py``)."""
     activations = [activation_code(layer.activation) for layer in stack]
-    training = make_fused_forward(stack, training_scan=compiled_linear_scan) if len(stack) == 1 else None
+    training = make_fused_forward(stack, training_scan=make_training_scan(stack))
 
     def forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
         batch, heads, tokens, head_dim = xq.shape
         inputs = (xq, xk, xv, lr, tau, ln_weight, ln_bias, *params.values())
-        if training is not None and torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
             if xq.dtype not in DTYPE_CODES:
                 raise ValueError(f"the CPU TTT kernel takes float32 or float64, got {xq.dtype}")
             return training(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps)
@@ -289,10 +307,6 @@ def make_verify(stack: tuple[AffineLayer, ...]):
             return f"runs on the CPU only, the inputs are on {inputs.device}"
         if inputs.dtype not in DTYPE_CODES:
             return f"dtype {inputs.dtype} is not float32 or float64"
-        if inputs.requires_grad and len(stack) != 1:
-            return (
-                "trains one-layer stacks (TTT-Linear) only: an autograd graph is needed (fused_torch trains)"
-            )
         if inputs.requires_grad and inputs.extra.get("decode"):
             return "decodes without autograd: an autograd graph is needed (the torch path trains it)"
         if inputs.requires_grad and inputs.needs_double_backward:

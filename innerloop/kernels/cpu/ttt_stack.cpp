@@ -118,6 +118,43 @@ struct InnerloopLinearScanArgs {
   void* grad_gamma_sq;
 };
 
+// Training a deeper stack (TTT-MLP): as above for L >= 2 layers, each weight folded with its bias as its
+// last input row. in_dims/out_dims: each folded weight's shape; has_bias[l] (l >= 1): layer l's inputs
+// take a column of ones (layer 0's come with it in `both`), so in_dims[l] = out_dims[l - 1] + has_bias[l];
+// activations[l]: between layer l and l + 1. Besides the one-layer scan's tensors (f = out_dims[L - 1]):
+// eta [NB, P, K, K] (tau_i lr_j, zero above the diagonal) and scale [NB, P, K] (tau_{K-1} lr_j), which
+// the later layers use; weights[l] [P, in, out] and starts[l] [NB, P, in, out] per layer, and in the
+// backward grad_weights[l] [P, in, out] (in: d loss / d the last weights; out: d loss / d weights),
+// grad_eta and grad_scale written.
+struct InnerloopStackScanArgs {
+  int32_t dtype;
+  int32_t num_threads;
+  int64_t num_mini_batches, pairs, mini_batch;
+  int32_t num_layers;
+  int64_t in_dims[kMaxLayers];
+  int64_t out_dims[kMaxLayers];
+  int32_t has_bias[kMaxLayers];
+  int32_t activations[kMaxLayers];
+  double eps;
+  const void* both;
+  const void* left;
+  const void* shift;
+  const void* gamma_sq;
+  const void* eta;
+  const void* scale;
+  void* weights[kMaxLayers];
+  void* starts[kMaxLayers];
+  void* z;
+  const void* grad_z;
+  void* grad_weights[kMaxLayers];
+  void* grad_both;
+  void* grad_left;
+  void* grad_shift;
+  void* grad_gamma_sq;
+  void* grad_eta;
+  void* grad_scale;
+};
+
 }  // extern "C"
 
 namespace {
@@ -765,12 +802,21 @@ int decode(const InnerloopDecodeArgs& args) {
 // carries d loss / d weights from one mini-batch to the one before (README.md derives it).
 // ---------------------------------------------------------------------------------------------
 
+// The inner gradient through the LayerNorm, per key row of z [K x f] (the reconstruction loss's
+// d loss / d xhat is a = shift + gamma^2 xhat): xhat, rstd, a, c = mean(a xhat) and the gradient
+// G = rstd (a - mean(a) - xhat c), kept for the backward (ln_gradient_rows_backward).
+template <typename T>
+struct LayerNormRows {
+  T *xhat, *a, *grad, *rstd, *c;  // [K x f], [K x f], [K x f], [K], [K]
+};
+
 template <typename T>
 struct LinearScanWorkspace {
   std::vector<T> z_both, xhat, a, grad, rstd, c, products, grad_products, grad_g, g_t, w_t, grad_z_both;
   LinearScanWorkspace(int64_t k, int64_t in, int64_t f)
       : z_both(2 * k * f), xhat(k * f), a(k * f), grad(k * f), rstd(k), c(k), products((k + in) * f),
         grad_products((k + in) * f), grad_g(k * f), g_t(f * k), w_t(f * in), grad_z_both(2 * k * f) {}
+  LayerNormRows<T> rows() { return {xhat.data(), a.data(), grad.data(), rstd.data(), c.data()}; }
 };
 
 // One pair's slice of a call's tensors for mini-batch n.
@@ -788,31 +834,66 @@ static inline LinearBlock<T> linear_block(const InnerloopLinearScanArgs& args, i
           static_cast<const T*>(args.shift) + index * k * f, index};
 }
 
-// The key side at weights w: Z = [X_k; X_q] w (the key rows only when queries is false), then per key row the LayerNorm's xhat and rstd,
-// a = shift + gamma^2 xhat (d loss / d xhat), c = mean(a xhat) and the inner gradient
-// G = rstd (a - mean(a) - xhat c).
+// The rows of LayerNormRows from the key pre-activations z.
+template <typename T>
+static inline void ln_gradient_rows(int64_t k, int64_t f, const T* z, const T* shift, const T* gamma_sq, T eps,
+                                    const LayerNormRows<T>& rows) {
+  const T inv_f = T(1) / T(f);
+  for (int64_t i = 0; i < k; ++i) {
+    const T* z_row = z + i * f;
+    const T* shift_row = shift + i * f;
+    T *x = rows.xhat + i * f, *a = rows.a + i * f, *g = rows.grad + i * f;
+    T mean, rstd;
+    row_moments(f, z_row, eps, &mean, &rstd);
+    for (int64_t col = 0; col < f; ++col) {
+      x[col] = (z_row[col] - mean) * rstd;
+      a[col] = shift_row[col] + gamma_sq[col] * x[col];
+    }
+    const T mean_a = sum_over<T>(f, [&](int64_t col) { return a[col]; }) * inv_f;
+    const T c = sum_over<T>(f, [&](int64_t col) { return a[col] * x[col]; }) * inv_f;
+    for (int64_t col = 0; col < f; ++col) g[col] = rstd * (a[col] - mean_a - x[col] * c);
+    rows.rstd[i] = rstd;
+    rows.c[i] = c;
+  }
+}
+
+// d G (grad_g) -> d shift (= d a, written), d gamma^2 (accumulated) and d Z (written to grad_z), row by
+// row: with d = dG, u = d - mean(d) - xhat mean(d xhat): d a = rstd u; d xhat = rstd (gamma^2 u - c d -
+// a mean(d xhat)); and d Z = rstd (d xhat - mean(d xhat) - xhat mean(d xhat xhat)) - rstd^2 / f
+// (d . P(a)) xhat, where P(a) = G / rstd.
+template <typename T>
+static inline void ln_gradient_rows_backward(int64_t k, int64_t f, const LayerNormRows<T>& rows, const T* grad_g,
+                                             const T* gamma_sq, T* grad_shift, T* grad_gamma_sq, T* grad_z) {
+  const T inv_f = T(1) / T(f);
+  for (int64_t i = 0; i < k; ++i) {
+    const T *d = grad_g + i * f, *x = rows.xhat + i * f, *a = rows.a + i * f, *g = rows.grad + i * f;
+    const T r = rows.rstd[i], c = rows.c[i];
+    const T mean_d = sum_over<T>(f, [&](int64_t col) { return d[col]; }) * inv_f;
+    const T mean_dx = sum_over<T>(f, [&](int64_t col) { return d[col] * x[col]; }) * inv_f;
+    const T along_a = sum_over<T>(f, [&](int64_t col) { return d[col] * g[col]; }) / r;
+    T* dz = grad_z + i * f;  // d xhat first, then d Z
+    T* ds = grad_shift + i * f;
+    for (int64_t col = 0; col < f; ++col) {
+      const T u = d[col] - mean_d - x[col] * mean_dx;
+      ds[col] = r * u;
+      grad_gamma_sq[col] += r * u * x[col];
+      dz[col] = r * (gamma_sq[col] * u - c * d[col] - a[col] * mean_dx);
+    }
+    const T mean_h = sum_over<T>(f, [&](int64_t col) { return dz[col]; }) * inv_f;
+    const T mean_hx = sum_over<T>(f, [&](int64_t col) { return dz[col] * x[col]; }) * inv_f;
+    const T along_x = r * r * along_a * inv_f;
+    for (int64_t col = 0; col < f; ++col) dz[col] = r * (dz[col] - mean_h - x[col] * mean_hx) - along_x * x[col];
+  }
+}
+
+// The key side at weights w: Z = [X_k; X_q] w (the key rows only when queries is false), then the
+// LayerNorm rows of its key rows (ln_gradient_rows).
 template <typename T>
 static inline void linear_key_side(const InnerloopLinearScanArgs& args, const LinearBlock<T>& block, const T* w,
                                    const T* gamma_sq, bool queries, LinearScanWorkspace<T>& ws) {
   const int64_t k = args.mini_batch, in = args.in, f = args.width;
   gemm<T>(queries ? 2 * k : k, f, in, block.both, in, 1, w, f, ws.z_both.data(), f, T(1), false);
-  const T inv_f = T(1) / T(f);
-  for (int64_t i = 0; i < k; ++i) {
-    const T* z = &ws.z_both[i * f];
-    const T* shift = block.shift + i * f;
-    T *x = &ws.xhat[i * f], *a = &ws.a[i * f], *g = &ws.grad[i * f];
-    T mean, rstd;
-    row_moments(f, z, T(args.eps), &mean, &rstd);
-    for (int64_t col = 0; col < f; ++col) {
-      x[col] = (z[col] - mean) * rstd;
-      a[col] = shift[col] + gamma_sq[col] * x[col];
-    }
-    const T mean_a = sum_over<T>(f, [&](int64_t col) { return a[col]; }) * inv_f;
-    const T c = sum_over<T>(f, [&](int64_t col) { return a[col] * x[col]; }) * inv_f;
-    for (int64_t col = 0; col < f; ++col) g[col] = rstd * (a[col] - mean_a - x[col] * c);
-    ws.rstd[i] = rstd;
-    ws.c[i] = c;
-  }
+  ln_gradient_rows(k, f, ws.z_both.data(), block.shift, gamma_sq, T(args.eps), ws.rows());
 }
 
 template <typename T>
@@ -829,37 +910,6 @@ void linear_scan_forward_pair(const InnerloopLinearScanArgs& args, int64_t pair,
     T* z = static_cast<T*>(args.z) + block.index * k * f;
     for (int64_t i = 0; i < k * f; ++i) z[i] = ws.z_both[k * f + i] - ws.products[i];
     for (int64_t i = 0; i < in * f; ++i) w[i] -= ws.products[k * f + i];
-  }
-}
-
-// d G -> d shift (= d a), d gamma^2 (accumulated) and d Z_k, row by row: with d = dG, u = d - mean(d)
-// - xhat mean(d xhat): d a = rstd u; d xhat = rstd (gamma^2 u - c d - a mean(d xhat)); and
-// d Z = rstd (d xhat - mean(d xhat) - xhat mean(d xhat xhat)) - rstd^2 / f (d . P(a)) xhat,
-// where P(a) = G / rstd.
-template <typename T>
-static inline void linear_key_rows_backward(const InnerloopLinearScanArgs& args, const LinearBlock<T>& block,
-                                            const T* gamma_sq, T* grad_gamma_sq, LinearScanWorkspace<T>& ws) {
-  const int64_t k = args.mini_batch, f = args.width;
-  const T inv_f = T(1) / T(f);
-  T* grad_shift = static_cast<T*>(args.grad_shift) + block.index * k * f;
-  for (int64_t i = 0; i < k; ++i) {
-    const T *d = &ws.grad_g[i * f], *x = &ws.xhat[i * f], *a = &ws.a[i * f], *g = &ws.grad[i * f];
-    const T r = ws.rstd[i], c = ws.c[i];
-    const T mean_d = sum_over<T>(f, [&](int64_t col) { return d[col]; }) * inv_f;
-    const T mean_dx = sum_over<T>(f, [&](int64_t col) { return d[col] * x[col]; }) * inv_f;
-    const T along_a = sum_over<T>(f, [&](int64_t col) { return d[col] * g[col]; }) / r;
-    T* dz = &ws.grad_z_both[i * f];  // d xhat first, then d Z_k
-    T* ds = grad_shift + i * f;
-    for (int64_t col = 0; col < f; ++col) {
-      const T u = d[col] - mean_d - x[col] * mean_dx;
-      ds[col] = r * u;
-      grad_gamma_sq[col] += r * u * x[col];
-      dz[col] = r * (gamma_sq[col] * u - c * d[col] - a[col] * mean_dx);
-    }
-    const T mean_h = sum_over<T>(f, [&](int64_t col) { return dz[col]; }) * inv_f;
-    const T mean_hx = sum_over<T>(f, [&](int64_t col) { return dz[col] * x[col]; }) * inv_f;
-    const T along_x = r * r * along_a * inv_f;
-    for (int64_t col = 0; col < f; ++col) dz[col] = r * (dz[col] - mean_h - x[col] * mean_hx) - along_x * x[col];
   }
 }
 
@@ -884,7 +934,9 @@ void linear_scan_backward_pair(const InnerloopLinearScanArgs& args, int64_t pair
     T* grad_left = static_cast<T*>(args.grad_left) + block.index * (k + in) * k;
     gemm<T>(k + in, k, f, grad_products, f, 1, ws.g_t.data(), k, grad_left, k, T(1), false);
     gemm<T>(k, f, k + in, block.left, 1, k, grad_products, f, ws.grad_g.data(), f, T(1), false);
-    linear_key_rows_backward(args, block, gamma_sq, grad_gamma_sq, ws);  // d Z_k into grad_z_both[:K]
+    T* grad_shift = static_cast<T*>(args.grad_shift) + block.index * k * f;
+    ln_gradient_rows_backward(k, f, ws.rows(), ws.grad_g.data(), gamma_sq, grad_shift, grad_gamma_sq,
+                              ws.grad_z_both.data());  // d Z_k into grad_z_both[:K]
     std::memcpy(&ws.grad_z_both[k * f], grad_z, k * f * sizeof(T));     // d Z_q = d z
     // d both = d Z W^T; d W_n = d W_{n+1} + both^T d Z
     transpose<T>(in, f, w, ws.w_t.data());
@@ -913,6 +965,360 @@ int linear_scan_entry(const InnerloopLinearScanArgs* args, bool backward) {
   try {
     if (args->dtype == kFloat32) return linear_scan<float>(*args, backward);
     if (args->dtype == kFloat64) return linear_scan<double>(*args, backward);
+  } catch (const std::exception&) {
+    return 3;
+  }
+  return 1;
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Training deeper stacks (TTT-MLP): the same scheme for L >= 2 affine layers, the activation between
+// them the identity or tanh-GELU. Layer 0 runs as in the one-layer scan (its left matrix is hoisted);
+// each later layer l builds its own from its key inputs X_l and query inputs Xq_l, which depend on the
+// weights: mix_l = eta * (Xq_l X_l^T). The backward recomputes a mini-batch from its starting weights,
+// then goes back through the query side (last layer first), the chain G_{l-1} = (G_l W_l^T) * act'(Z_{l-1}),
+// the LayerNorm and the key side (README.md derives it).
+// ---------------------------------------------------------------------------------------------
+
+// d/dx gelu_tanh_derivative(x): the reference's derivative polynomial differentiated as written, with
+// its clamp to [-100, 100] (zero beyond), which is what autograd takes through it.
+template <typename T>
+inline T gelu_tanh_second_derivative(T x) {
+  if (x < T(-100) || x > T(100)) return T(0);
+  const T c = T(0.79788456), c3 = T(0.1070322243), x2 = x * x;
+  const T t = tanh_of(c * x * (T(1) + T(0.044715) * x2));
+  const T sech2 = T(1) - t * t;
+  const T dt = sech2 * c * (T(1) + T(3) * T(0.044715) * x2);  // d tanh(u(x)) / dx
+  const T p = c + c3 * x2;
+  return T(0.5) * (sech2 * p + dt) + T(0.5) * x * (sech2 * T(2) * c3 * x - T(2) * t * dt * p);
+}
+
+// out[i] (+)= grad[i] * act'(pre[i]) for the elements of a [rows x cols] block whose rows are ld_grad
+// apart in grad (the ones column of a layer with a bias is skipped), out contiguous.
+template <typename T>
+void times_derivative(int32_t activation, int64_t rows, int64_t cols, const T* grad, int64_t ld_grad, const T* pre,
+                      T* out, bool accumulate) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t c = 0; c < cols; ++c) {
+      const T d = activation == kGeluTanh ? gelu_tanh_derivative(pre[i * cols + c]) : T(1);
+      const T value = grad[i * ld_grad + c] * d;
+      out[i * cols + c] = accumulate ? out[i * cols + c] + value : value;
+    }
+}
+
+// dst [rows x (cols + ones)] = [act(src), 1]: a layer's inputs from the previous layer's pre-activations.
+template <typename T>
+void layer_inputs(int32_t activation, int64_t rows, int64_t cols, bool ones, const T* src, T* dst) {
+  const int64_t ld = cols + (ones ? 1 : 0);
+  for (int64_t i = 0; i < rows; ++i) {
+    activate<T>(activation, cols, src + i * cols, dst + i * ld);
+    if (ones) dst[i * ld + cols] = T(1);
+  }
+}
+
+template <typename T>
+struct StackScanWorkspace {
+  // Per layer l (in_l x out_l weights): key inputs X_l [K x in_l] (l >= 1; X_0 is read from `both`),
+  // key pre-activations Z_l [K x out_l] (l = 0: [2K x out_0], the query rows after the key rows), the
+  // inner gradients G_l [K x out_l], back_l = G_l W_l^T [K x out_{l-1}] (l >= 1), query inputs
+  // Xq_l [K x in_l] (l >= 1), query pre-activations [K x out_l], S_l = Xq_l X_l^T and mix_l = eta * S_l
+  // [K x K] (l >= 1); and for the backward the gradients of each of them.
+  std::vector<std::vector<T>> key_in, key_pre, grad, back, query_in, query_pre, sim, mix;
+  std::vector<std::vector<T>> d_key_in, d_key_pre, d_grad, d_query_in, d_query_pre;
+  std::vector<T> xhat, a, ln_grad, rstd, c, products, d_products, d_mix, transposed, product_t, scaled;
+
+  StackScanWorkspace(int32_t layers, const int64_t* in, const int64_t* out, int64_t k) {
+    for (auto* list : {&key_in, &key_pre, &grad, &back, &query_in, &query_pre, &sim, &mix, &d_key_in, &d_key_pre,
+                       &d_grad, &d_query_in, &d_query_pre})
+      list->resize(layers);
+    int64_t widest = 0;
+    for (int32_t l = 0; l < layers; ++l) {
+      widest = std::max({widest, in[l], out[l]});
+      key_pre[l].resize((l == 0 ? 2 : 1) * k * out[l]);
+      for (auto* list : {&grad, &query_pre, &d_key_pre, &d_grad, &d_query_pre}) (*list)[l].resize(k * out[l]);
+      if (l == 0) continue;
+      for (auto* list : {&key_in, &query_in, &d_key_in, &d_query_in}) (*list)[l].resize(k * in[l]);
+      back[l].resize(k * out[l - 1]);
+      sim[l].resize(k * k);
+      mix[l].resize(k * k);
+    }
+    const int64_t f = out[layers - 1];
+    for (auto* buffer : {&xhat, &a, &ln_grad}) buffer->resize(k * f);
+    rstd.resize(k);
+    c.resize(k);
+    products.resize((k + in[0]) * out[0]);
+    d_products.resize(std::max(k + in[0], 2 * k) * out[0]);  // also d [Z_0; Zq_0]
+    d_mix.resize(k * k);
+    transposed.resize(std::max(widest * widest, 2 * k * widest));  // a transposed W_0 or a small matrix
+    product_t.resize(2 * k * widest);
+    scaled.resize(k * widest);
+  }
+  LayerNormRows<T> rows() { return {xhat.data(), a.data(), ln_grad.data(), rstd.data(), c.data()}; }
+};
+
+// One pair's slice of a call's tensors for mini-batch n.
+template <typename T>
+struct StackBlock {
+  const T *both, *left, *shift, *eta, *scale;  // [2K x in_0], [(K + in_0) x K], [K x f], [K x K], [K]
+  int64_t index;                               // n * pairs + pair
+};
+
+template <typename T>
+static inline StackBlock<T> stack_block(const InnerloopStackScanArgs& args, int64_t n, int64_t pair) {
+  const int64_t k = args.mini_batch, in0 = args.in_dims[0], f = args.out_dims[args.num_layers - 1];
+  const int64_t index = n * args.pairs + pair;
+  return {static_cast<const T*>(args.both) + index * 2 * k * in0,
+          static_cast<const T*>(args.left) + index * (k + in0) * k,
+          static_cast<const T*>(args.shift) + index * k * f,
+          static_cast<const T*>(args.eta) + index * k * k,
+          static_cast<const T*>(args.scale) + index * k,
+          index};
+}
+
+// dst [cols x rows] = src^T for src [rows x cols] whose rows are ld apart.
+template <typename T>
+void transpose_strided(int64_t rows, int64_t cols, const T* src, int64_t ld, T* dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t col = 0; col < cols; ++col) dst[col * rows + r] = src[r * ld + col];
+}
+
+// out (+)= scale * A B^T for A [m x depth] and B [n x depth] row-major, out [m x n]: B is transposed
+// into the workspace first (B is always small here: K rows).
+template <typename T>
+void gemm_with_b_transposed(int64_t m, int64_t n, int64_t depth, const T* a, const T* b, T* out, T scale,
+                            bool accumulate, T* scratch) {
+  transpose<T>(n, depth, b, scratch);  // [depth x n]
+  gemm<T>(m, n, depth, a, depth, 1, scratch, n, out, n, scale, accumulate);
+}
+
+// out [K x cols] (+)= scale * D W^T for D [K x width] and W [cols (of rows_w) x width], without transposing
+// the large W: computed as (W D^T)^T, W read in place. ws.transposed and ws.product_t are its scratch.
+template <typename T>
+void times_weight_transposed(int64_t k, int64_t cols, int64_t width, const T* d, const T* w, T* out, T scale,
+                             bool accumulate, StackScanWorkspace<T>& ws) {
+  transpose<T>(k, width, d, ws.transposed.data());  // D^T [width x K]
+  gemm<T>(cols, k, width, w, width, 1, ws.transposed.data(), k, ws.product_t.data(), k, T(1), false);
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t col = 0; col < cols; ++col) {
+      const T value = scale * ws.product_t[col * k + i];
+      out[i * cols + col] = accumulate ? out[i * cols + col] + value : value;
+    }
+}
+
+// One mini-batch at weights w[l]: every intermediate into the workspace; with `step`, also the outputs
+// (z) and the weights moved past it in place (the forward); without, the weights are only read (the
+// backward's recomputation from the saved starting weights).
+template <typename T>
+void stack_scan_block(const InnerloopStackScanArgs& args, const StackBlock<T>& block, T* const* w, const T* gamma_sq,
+                      bool step, StackScanWorkspace<T>& ws) {
+  const int32_t layers = args.num_layers;
+  const int64_t k = args.mini_batch, f = args.out_dims[layers - 1];
+  const int64_t* in = args.in_dims;
+  const int64_t* out = args.out_dims;
+  // key side (layer 0 with the queries), then the inner gradient through the LayerNorm
+  gemm<T>(2 * k, out[0], in[0], block.both, in[0], 1, w[0], out[0], ws.key_pre[0].data(), out[0], T(1), false);
+  for (int32_t l = 1; l < layers; ++l) {
+    layer_inputs<T>(args.activations[l - 1], k, out[l - 1], args.has_bias[l], ws.key_pre[l - 1].data(),
+                    ws.key_in[l].data());
+    gemm<T>(k, out[l], in[l], ws.key_in[l].data(), in[l], 1, w[l], out[l], ws.key_pre[l].data(), out[l], T(1), false);
+  }
+  ln_gradient_rows(k, f, ws.key_pre[layers - 1].data(), block.shift, gamma_sq, T(args.eps), ws.rows());
+  std::memcpy(ws.grad[layers - 1].data(), ws.ln_grad.data(), k * f * sizeof(T));
+  // back through the stack at the starting weights: G_{l-1} = (G_l W_l^T) * act'(Z_{l-1})
+  for (int32_t l = layers - 1; l > 0; --l) {
+    times_weight_transposed<T>(k, out[l - 1], out[l], ws.grad[l].data(), w[l], ws.back[l].data(), T(1), false, ws);
+    times_derivative<T>(args.activations[l - 1], k, out[l - 1], ws.back[l].data(), out[l - 1],
+                        ws.key_pre[l - 1].data(), ws.grad[l - 1].data(), false);
+  }
+  // query side: layer 0 through the hoisted left matrix, [correction; weight step] = left G_0
+  gemm<T>(k + in[0], out[0], k, block.left, k, 1, ws.grad[0].data(), out[0], ws.products.data(), out[0], T(1), false);
+  for (int64_t i = 0; i < k * out[0]; ++i) ws.query_pre[0][i] = ws.key_pre[0][k * out[0] + i] - ws.products[i];
+  if (step)
+    for (int64_t i = 0; i < in[0] * out[0]; ++i) w[0][i] -= ws.products[k * out[0] + i];
+  for (int32_t l = 1; l < layers; ++l) {
+    T* xq = ws.query_in[l].data();
+    const T* x = ws.key_in[l].data();
+    const T* g = ws.grad[l].data();
+    layer_inputs<T>(args.activations[l - 1], k, out[l - 1], args.has_bias[l], ws.query_pre[l - 1].data(), xq);
+    gemm_with_b_transposed<T>(k, k, in[l], xq, x, ws.sim[l].data(), T(1), false, ws.transposed.data());
+    for (int64_t i = 0; i < k * k; ++i) ws.mix[l][i] = block.eta[i] * ws.sim[l][i];
+    T* zq = ws.query_pre[l].data();
+    gemm<T>(k, out[l], in[l], xq, in[l], 1, w[l], out[l], zq, out[l], T(1), false);
+    gemm<T>(k, out[l], k, ws.mix[l].data(), k, 1, g, out[l], zq, out[l], T(-1), true);
+    if (step) {  // W_l -= X_l^T (s G_l), X_l^T read in place
+      for (int64_t j = 0; j < k; ++j)
+        for (int64_t col = 0; col < out[l]; ++col) ws.scaled[j * out[l] + col] = block.scale[j] * g[j * out[l] + col];
+      gemm<T>(in[l], out[l], k, x, 1, in[l], ws.scaled.data(), out[l], w[l], out[l], T(-1), true);
+    }
+  }
+  if (step) {
+    T* z = static_cast<T*>(args.z) + block.index * k * f;
+    std::memcpy(z, ws.query_pre[layers - 1].data(), k * f * sizeof(T));
+  }
+}
+
+template <typename T>
+void stack_scan_forward_pair(const InnerloopStackScanArgs& args, int64_t pair, StackScanWorkspace<T>& ws) {
+  T* w[kMaxLayers];
+  for (int32_t l = 0; l < args.num_layers; ++l)
+    w[l] = static_cast<T*>(args.weights[l]) + pair * args.in_dims[l] * args.out_dims[l];
+  const T* gamma_sq = static_cast<const T*>(args.gamma_sq) + pair * args.out_dims[args.num_layers - 1];
+  for (int64_t n = 0; n < args.num_mini_batches; ++n) {
+    const StackBlock<T> block = stack_block<T>(args, n, pair);
+    for (int32_t l = 0; l < args.num_layers; ++l) {
+      const int64_t size = args.in_dims[l] * args.out_dims[l];
+      std::memcpy(static_cast<T*>(args.starts[l]) + block.index * size, w[l], size * sizeof(T));
+    }
+    stack_scan_block(args, block, w, gamma_sq, true, ws);
+  }
+}
+
+// The backward of one mini-batch, its intermediates recomputed in ws: grad_w[l] holds d loss / d W_l
+// after the mini-batch on entry and at its start on exit; the inputs' gradients are written.
+template <typename T>
+void stack_scan_block_backward(const InnerloopStackScanArgs& args, const StackBlock<T>& block, T* const* w,
+                               T* const* grad_w, const T* gamma_sq, T* grad_gamma_sq, StackScanWorkspace<T>& ws) {
+  const int32_t layers = args.num_layers;
+  const int64_t k = args.mini_batch, f = args.out_dims[layers - 1];
+  const int64_t* in = args.in_dims;
+  const int64_t* out = args.out_dims;
+  const int64_t index = block.index;
+  T* grad_eta = static_cast<T*>(args.grad_eta) + index * k * k;
+  T* grad_scale = static_cast<T*>(args.grad_scale) + index * k;
+  std::fill(grad_eta, grad_eta + k * k, T(0));
+  std::fill(grad_scale, grad_scale + k, T(0));
+  for (int32_t l = 0; l < layers; ++l) {
+    std::fill(ws.d_grad[l].begin(), ws.d_grad[l].end(), T(0));
+    std::fill(ws.d_key_pre[l].begin(), ws.d_key_pre[l].end(), T(0));
+  }
+  std::memcpy(ws.d_query_pre[layers - 1].data(), static_cast<const T*>(args.grad_z) + index * k * f,
+              k * f * sizeof(T));
+
+  // ---- the query side, last layer first: zq_l = Xq_l W_l - mix_l G_l and W_l' = W_l - X_l^T (s G_l)
+  for (int32_t l = layers - 1; l > 0; --l) {
+    const int64_t width = out[l], rows = in[l];
+    const T *x = ws.key_in[l].data(), *xq = ws.query_in[l].data(), *g = ws.grad[l].data();
+    const T* dzq = ws.d_query_pre[l].data();
+    T *dx = ws.d_key_in[l].data(), *dxq = ws.d_query_in[l].data(), *dg = ws.d_grad[l].data();
+    // through the weight step, with grad_w[l] = d W_l' still: d(sG) = -X dW', dX = -(sG) dW'^T
+    T* d_scaled = ws.scaled.data();
+    gemm<T>(k, width, rows, x, rows, 1, grad_w[l], width, d_scaled, width, T(-1), false);
+    for (int64_t j = 0; j < k; ++j) {
+      const T* g_row = g + j * width;
+      const T* d_row = d_scaled + j * width;
+      grad_scale[j] += sum_over<T>(width, [&](int64_t col) { return g_row[col] * d_row[col]; });
+      for (int64_t col = 0; col < width; ++col) dg[j * width + col] += block.scale[j] * d_row[col];
+    }
+    for (int64_t j = 0; j < k; ++j)
+      for (int64_t col = 0; col < width; ++col) d_scaled[j * width + col] = block.scale[j] * g[j * width + col];
+    times_weight_transposed<T>(k, rows, width, d_scaled, grad_w[l], dx, T(-1), false, ws);
+    // through the outputs: dW += Xq^T dzq, dXq = dzq W^T, d mix = -dzq G^T, dG -= mix^T dzq
+    gemm<T>(rows, width, k, xq, 1, rows, dzq, width, grad_w[l], width, T(1), true);
+    times_weight_transposed<T>(k, rows, width, dzq, w[l], dxq, T(1), false, ws);
+    gemm_with_b_transposed<T>(k, k, width, dzq, g, ws.d_mix.data(), T(-1), false, ws.transposed.data());
+    gemm<T>(k, width, k, ws.mix[l].data(), 1, k, dzq, width, dg, width, T(-1), true);
+    // mix = eta * S, S = Xq X^T: d eta += d mix * S, dS = d mix * eta (into d_mix)
+    for (int64_t i = 0; i < k * k; ++i) {
+      grad_eta[i] += ws.d_mix[i] * ws.sim[l][i];
+      ws.d_mix[i] *= block.eta[i];
+    }
+    gemm<T>(k, rows, k, ws.d_mix.data(), k, 1, x, rows, dxq, rows, T(1), true);
+    gemm<T>(k, rows, k, ws.d_mix.data(), 1, k, xq, rows, dx, rows, T(1), true);
+    // Xq_l = [act(zq_{l-1}), 1]
+    times_derivative<T>(args.activations[l - 1], k, out[l - 1], dxq, rows, ws.query_pre[l - 1].data(),
+                        ws.d_query_pre[l - 1].data(), false);
+  }
+  // ---- layer 0: zq_0 = Zq_0 - products[:K], W_0' = W_0 - products[K:], products = left G_0
+  const int64_t in0 = in[0], out0 = out[0];
+  T* d_products = ws.d_products.data();
+  for (int64_t i = 0; i < k * out0; ++i) d_products[i] = -ws.d_query_pre[0][i];
+  for (int64_t i = 0; i < in0 * out0; ++i) d_products[k * out0 + i] = -grad_w[0][i];
+  T* grad_left = static_cast<T*>(args.grad_left) + index * (k + in0) * k;
+  gemm_with_b_transposed<T>(k + in0, k, out0, d_products, ws.grad[0].data(), grad_left, T(1), false,
+                            ws.transposed.data());
+  gemm<T>(k, out0, k + in0, block.left, 1, k, d_products, out0, ws.d_grad[0].data(), out0, T(1), true);
+
+  // ---- the chain G_{l-1} = back_l * act'(Z_{l-1}), back_l = G_l W_l^T, first layer first
+  for (int32_t l = 1; l < layers; ++l) {
+    const int64_t rows = out[l - 1], width = out[l];
+    const T* pre = ws.key_pre[l - 1].data();
+    const T* dg_prev = ws.d_grad[l - 1].data();
+    T* d_back = ws.scaled.data();  // [K x rows]
+    times_derivative<T>(args.activations[l - 1], k, rows, dg_prev, rows, pre, d_back, false);
+    if (args.activations[l - 1] == kGeluTanh) {
+      T* dz = ws.d_key_pre[l - 1].data();
+      for (int64_t i = 0; i < k * rows; ++i) dz[i] += dg_prev[i] * ws.back[l][i] * gelu_tanh_second_derivative(pre[i]);
+    }
+    gemm<T>(k, width, rows, d_back, rows, 1, w[l], width, ws.d_grad[l].data(), width, T(1), true);
+    gemm<T>(rows, width, k, d_back, 1, rows, ws.grad[l].data(), width, grad_w[l], width, T(1), true);
+  }
+  // ---- the LayerNorm: d G_{L-1} -> d shift, d gamma^2, d Z_{L-1}
+  T* grad_shift = static_cast<T*>(args.grad_shift) + index * k * f;
+  ln_gradient_rows_backward(k, f, ws.rows(), ws.d_grad[layers - 1].data(), gamma_sq, grad_shift, grad_gamma_sq,
+                            ws.d_key_pre[layers - 1].data());
+  // ---- the key side, last layer first: Z_l = X_l W_l, X_l = [act(Z_{l-1}), 1]
+  for (int32_t l = layers - 1; l > 0; --l) {
+    const int64_t rows = in[l], width = out[l];
+    const T* dz = ws.d_key_pre[l].data();
+    times_weight_transposed<T>(k, rows, width, dz, w[l], ws.d_key_in[l].data(), T(1), true, ws);
+    gemm<T>(rows, width, k, ws.key_in[l].data(), 1, rows, dz, width, grad_w[l], width, T(1), true);
+    times_derivative<T>(args.activations[l - 1], k, out[l - 1], ws.d_key_in[l].data(), rows,
+                        ws.key_pre[l - 1].data(), ws.d_key_pre[l - 1].data(), true);
+  }
+  // ---- layer 0: [Z_0; Zq_0] = both W_0
+  T* d_both_pre = ws.d_products.data();  // [2K x out_0], reused
+  std::memcpy(d_both_pre, ws.d_key_pre[0].data(), k * out0 * sizeof(T));
+  std::memcpy(d_both_pre + k * out0, ws.d_query_pre[0].data(), k * out0 * sizeof(T));
+  T* grad_both = static_cast<T*>(args.grad_both) + index * 2 * k * in0;
+  transpose<T>(in0, out0, w[0], ws.transposed.data());  // W_0^T [out_0 x in_0]
+  gemm<T>(2 * k, in0, out0, d_both_pre, out0, 1, ws.transposed.data(), in0, grad_both, in0, T(1), false);
+  gemm<T>(in0, out0, 2 * k, block.both, 1, in0, d_both_pre, out0, grad_w[0], out0, T(1), true);
+}
+
+template <typename T>
+void stack_scan_backward_pair(const InnerloopStackScanArgs& args, int64_t pair, StackScanWorkspace<T>& ws) {
+  const int64_t f = args.out_dims[args.num_layers - 1];
+  const T* gamma_sq = static_cast<const T*>(args.gamma_sq) + pair * f;
+  T* grad_gamma_sq = static_cast<T*>(args.grad_gamma_sq) + pair * f;
+  std::fill(grad_gamma_sq, grad_gamma_sq + f, T(0));
+  T* grad_w[kMaxLayers];
+  for (int32_t l = 0; l < args.num_layers; ++l)
+    grad_w[l] = static_cast<T*>(args.grad_weights[l]) + pair * args.in_dims[l] * args.out_dims[l];
+  for (int64_t n = args.num_mini_batches - 1; n >= 0; --n) {
+    const StackBlock<T> block = stack_block<T>(args, n, pair);
+    T* w[kMaxLayers];
+    for (int32_t l = 0; l < args.num_layers; ++l)
+      w[l] = static_cast<T*>(args.starts[l]) + block.index * args.in_dims[l] * args.out_dims[l];
+    stack_scan_block(args, block, w, gamma_sq, false, ws);
+    stack_scan_block_backward(args, block, w, grad_w, gamma_sq, grad_gamma_sq, ws);
+  }
+}
+
+template <typename T>
+int stack_scan(const InnerloopStackScanArgs& args, bool backward) {
+  return parallel_over_pairs(args.pairs, args.num_threads, [&](int64_t first, int64_t last) {
+    StackScanWorkspace<T> ws(args.num_layers, args.in_dims, args.out_dims, args.mini_batch);
+    for (int64_t pair = first; pair < last; ++pair) {
+      if (backward)
+        stack_scan_backward_pair<T>(args, pair, ws);
+      else
+        stack_scan_forward_pair<T>(args, pair, ws);
+    }
+  });
+}
+
+int stack_scan_entry(const InnerloopStackScanArgs* args, bool backward) {
+  if (args->num_mini_batches < 0 || args->pairs < 0 || args->mini_batch < 1 || args->num_layers < 2 ||
+      args->num_layers > kMaxLayers)
+    return 2;
+  for (int32_t l = 0; l < args->num_layers; ++l) {
+    if (args->in_dims[l] < 1 || args->out_dims[l] < 1) return 2;
+    if (l > 0 && args->in_dims[l] != args->out_dims[l - 1] + (args->has_bias[l] ? 1 : 0)) return 2;
+  }
+  try {
+    if (args->dtype == kFloat32) return stack_scan<float>(*args, backward);
+    if (args->dtype == kFloat64) return stack_scan<double>(*args, backward);
   } catch (const std::exception&) {
     return 3;
   }
@@ -952,6 +1358,10 @@ int innerloop_stack_decode(const InnerloopDecodeArgs* args) {
 // The training scan of a one-layer stack (InnerloopLinearScanArgs); return codes as above.
 int innerloop_linear_scan_forward(const InnerloopLinearScanArgs* args) { return linear_scan_entry(args, false); }
 int innerloop_linear_scan_backward(const InnerloopLinearScanArgs* args) { return linear_scan_entry(args, true); }
+
+// The training scan of a deeper stack (InnerloopStackScanArgs); return codes as above.
+int innerloop_stack_scan_forward(const InnerloopStackScanArgs* args) { return stack_scan_entry(args, false); }
+int innerloop_stack_scan_backward(const InnerloopStackScanArgs* args) { return stack_scan_entry(args, true); }
 
 // 1 if the library was built with OpenMP (runs on several threads), else 0.
 int innerloop_uses_openmp(void) {

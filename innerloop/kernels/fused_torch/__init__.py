@@ -10,9 +10,17 @@ path moves out of the scan; the reference it must equal is :mod:`innerloop.kerne
 from innerloop.kernels.fused_torch.compiled import kernel_spec as compiled_kernel_spec
 from innerloop.kernels.fused_torch.forward import (
     DOUBLE_BACKWARD_MESSAGE,
+    TrainingScan,
     kernel_spec,
     make_fused_forward,
     verify,
 )
 
-__all__ = ["DOUBLE_BACKWARD_MESSAGE", "compiled_kernel_spec", "kernel_spec", "make_fused_forward", "verify"]
+__all__ = [
+    "DOUBLE_BACKWARD_MESSAGE",
+    "TrainingScan",
+    "compiled_kernel_spec",
+    "kernel_spec",
+    "make_fused_forward",
+    "verify",
+]

@@ -134,6 +134,11 @@ def _unfolded_params(stack: tuple[AffineLayer, ...], params: Params, weights: li
     return new_params
 
 
+def _activate(layer: AffineLayer, z: torch.Tensor) -> torch.Tensor:
+    """The layer's activation of its pre-activation ``z`` (None: the identity)."""
+    return z if layer.activation is None else layer.activation.fn(z)
+
+
 class _Scan:
     """The sequential part: one mini-batch at a time, the weights updated in between.
 
@@ -164,7 +169,7 @@ class _Scan:
         z_both = both_n @ self.weights[0]
         key_inputs, key_pre = [both_n[:, :mini_batch]], [z_both[:, :mini_batch]]
         for index in range(1, len(self.stack)):
-            h = self.stack[index - 1].activation.fn(key_pre[-1])
+            h = _activate(self.stack[index - 1], key_pre[-1])
             key_inputs.append(_with_ones(h) if self.has_bias[index] else h)
             key_pre.append(key_inputs[-1] @ self.weights[index])
         return z_both, key_inputs, key_pre
@@ -186,8 +191,10 @@ class _Scan:
         grads = [grad]
         for index in range(len(self.stack) - 1, 0, -1):
             weight = self.weights[index][:, : key_pre[index - 1].shape[-1]]  # without the bias row
-            derivative = self.stack[index - 1].activation.derivative(key_pre[index - 1])
-            grad = (grad @ weight.transpose(-1, -2)) * derivative
+            grad = grad @ weight.transpose(-1, -2)
+            below = self.stack[index - 1].activation
+            if below is not None:
+                grad = grad * below.derivative(key_pre[index - 1])
             grads.append(grad)
         grads.reverse()
         return grads
@@ -201,7 +208,7 @@ class _Scan:
         products = left_n @ grads[0]  # [BH, K + in1, out1]
         z = z_both[:, mini_batch:] - products[:, :mini_batch]
         for index in range(1, len(self.stack)):
-            hq = self.stack[index - 1].activation.fn(z)
+            hq = _activate(self.stack[index - 1], z)
             hq = _with_ones(hq) if self.has_bias[index] else hq
             mix = eta_n * (hq @ key_inputs[index].transpose(-1, -2))  # [BH, K, K]
             left = torch.cat([mix, (scale_n * key_inputs[index]).transpose(-1, -2)], dim=1)
@@ -212,10 +219,10 @@ class _Scan:
         return z
 
 
-TrainingScan = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-"""A one-layer stack's scan with its own backward: ``(both1, left1, shift, gamma_sq, weight, eps) ->
-(z [NB, BH, K, f], weight after the last mini-batch)`` on :class:`_Hoisted`'s tensors and the folded
-weight ``[BH, in1, f]`` (``innerloop.kernels.cpu.linear_scan`` compiles one)."""
+TrainingScan = Callable[..., tuple[torch.Tensor, list[torch.Tensor]]]
+"""A whole scan with its own backward: ``(both1, left1, shift, gamma_sq, eta, update_scale, weights, eps) ->
+(z [NB, BH, K, f], each layer's weight after the last mini-batch)`` on :class:`_Hoisted`'s tensors and
+the folded weights ``[BH, in, out]`` (``innerloop.kernels.cpu`` compiles one)."""
 
 
 TrainingStep = Callable[..., torch.Tensor]
@@ -229,10 +236,8 @@ def make_fused_forward(
     training_step: TrainingStep | None = None,
 ) -> KernelForward:
     """The fused block function for a stack model with these layers. When a graph is needed, with
-    ``training_scan`` (one-layer stacks) that scan runs in place of the recorded one; with
-    ``training_step`` that function runs each mini-batch in place of :meth:`_Scan.mini_batch`."""
-    if training_scan is not None and len(stack) != 1:
-        raise ValueError(f"training_scan takes one-layer stacks; this stack has {len(stack)} layers")
+    ``training_scan`` that scan runs in place of the recorded one; with ``training_step`` that function
+    runs each mini-batch in place of :meth:`_Scan.mini_batch`."""
 
     def forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
         batch, heads, tokens, dim = xq.shape
@@ -241,10 +246,11 @@ def make_fused_forward(
         in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         weights = _folded_weights(stack, params, batch * heads, own_copies=in_place)
         if training_scan is not None and not in_place:
-            z, last = training_scan(
-                hoisted.both1, hoisted.left1, hoisted.shift, hoisted.gamma_sq, weights[0], eps
+            h = hoisted
+            z, weights = training_scan(
+                h.both1, h.left1, h.shift, h.gamma_sq, h.eta, h.update_scale, weights, eps
             )
-            z_all, weights = z.transpose(0, 1), [last]  # [BH, NB, K, f]
+            z_all = z.transpose(0, 1)  # [BH, NB, K, f]
         else:
             scan = _Scan(stack, weights, in_place, eps)
             step = training_step if training_step is not None and not in_place else _Scan.mini_batch
@@ -286,4 +292,4 @@ def kernel_spec(model_name: str, stack: tuple[AffineLayer, ...]) -> KernelSpec:
     )
 
 
-__all__ = ["TrainingStep", "kernel_spec", "make_fused_forward", "verify"]
+__all__ = ["TrainingScan", "TrainingStep", "kernel_spec", "make_fused_forward", "verify"]

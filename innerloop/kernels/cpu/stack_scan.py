@@ -1,0 +1,187 @@
+"""Training deeper stacks (TTT-MLP) on the CPU: the compiled scan of an L-layer stack and its backward.
+
+The one-layer scan (``linear_scan.py``) generalised: layer 0 takes the fused torch path's hoisted left
+matrix, and each later layer builds its own from its key and query inputs, which depend on the inner
+weights (``innerloop_stack_scan_forward`` and ``innerloop_stack_scan_backward`` in ``ttt_stack.cpp``;
+README.md in this folder derives the backward). The forward keeps every layer's weights at the start of
+every mini-batch; the backward recomputes a mini-batch from them and carries the weights' gradients back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+
+import torch
+
+from innerloop.kernels.cpu.library import DTYPE_CODES, run_entry_point
+from innerloop.kernels.cpu.linear_scan import DOUBLE_BACKWARD_MESSAGE
+
+MAX_LAYERS = 8  # kMaxLayers in ttt_stack.cpp
+
+
+class _StackScanArgs(ctypes.Structure):
+    """Mirror of ``InnerloopStackScanArgs`` in ttt_stack.cpp (same order, same types)."""
+
+    _fields_ = [
+        ("dtype", ctypes.c_int32),
+        ("num_threads", ctypes.c_int32),
+        ("num_mini_batches", ctypes.c_int64),
+        ("pairs", ctypes.c_int64),
+        ("mini_batch", ctypes.c_int64),
+        ("num_layers", ctypes.c_int32),
+        ("in_dims", ctypes.c_int64 * MAX_LAYERS),
+        ("out_dims", ctypes.c_int64 * MAX_LAYERS),
+        ("has_bias", ctypes.c_int32 * MAX_LAYERS),
+        ("activations", ctypes.c_int32 * MAX_LAYERS),
+        ("eps", ctypes.c_double),
+        *((name, ctypes.c_void_p) for name in ("both", "left", "shift", "gamma_sq", "eta", "scale")),
+        ("weights", ctypes.c_void_p * MAX_LAYERS),
+        ("starts", ctypes.c_void_p * MAX_LAYERS),
+        ("z", ctypes.c_void_p),
+        ("grad_z", ctypes.c_void_p),
+        ("grad_weights", ctypes.c_void_p * MAX_LAYERS),
+        *(
+            (name, ctypes.c_void_p)
+            for name in ("grad_both", "grad_left", "grad_shift", "grad_gamma_sq", "grad_eta", "grad_scale")
+        ),
+    ]
+
+
+def _check_inputs(activations, both, left, shift, gamma_sq, eta, scale, weights) -> None:
+    """The kernel trusts these shapes and the dtype for its pointer arithmetic: check them first."""
+    problems = []
+    if not 2 <= len(weights) <= MAX_LAYERS:
+        problems.append(f"{len(weights)} weights, the scan takes 2 to {MAX_LAYERS} layers")
+    if len(activations) != len(weights) - 1:
+        problems.append(f"{len(activations)} activations for {len(weights)} layers (one between each two)")
+    if both.dim() != 4 or shift.dim() != 4 or both.shape[2] % 2:
+        raise ValueError(
+            f"both {tuple(both.shape)} must be [NB, BH, 2K, in] and shift {tuple(shift.shape)} [NB, BH, K, f]"
+        )
+    num_mb, pairs, two_k, inputs = both.shape
+    k, f = two_k // 2, shift.shape[-1]
+    expected = {
+        "left": (left, (num_mb, pairs, k + inputs, k)),
+        "shift": (shift, (num_mb, pairs, k, f)),
+        "gamma_sq": (gamma_sq, (pairs, 1, f)),
+        "eta": (eta, (num_mb, pairs, k, k)),
+        "scale": (scale, (num_mb, pairs, k, 1)),
+    }
+    rows = inputs
+    for index, weight in enumerate(weights):
+        if weight.dim() != 3 or weight.shape[0] != pairs or weight.shape[1] not in (rows, rows + 1):
+            problems.append(
+                f"weights[{index}] {tuple(weight.shape)} is not [{pairs}, {rows} (+1 with a bias), width]"
+            )
+        elif index == 0 and weight.shape[1] != inputs:
+            problems.append(f"weights[0] {tuple(weight.shape)} does not take both's {inputs} inputs")
+        rows = weight.shape[-1]
+    if rows != f:
+        problems.append(f"the last layer's width {rows} is not shift's {f}")
+    problems += [
+        f"{name} {tuple(t.shape)} != {shape}"
+        for name, (t, shape) in expected.items()
+        if tuple(t.shape) != shape
+    ]
+    named = {name: t for name, (t, _) in expected.items()} | {
+        f"weights[{i}]": w for i, w in enumerate(weights)
+    }
+    problems += [
+        f"{name} is {t.dtype}, both is {both.dtype}" for name, t in named.items() if t.dtype != both.dtype
+    ]
+    if both.dtype not in DTYPE_CODES:
+        problems.append(f"dtype {both.dtype} is not float32 or float64")
+    if problems:
+        raise ValueError("the CPU training scan got inputs it cannot take: " + "; ".join(problems))
+
+
+def _args(activations, eps: float, tensors: dict, per_layer: dict) -> _StackScanArgs:
+    """The struct for one call: sizes from ``both`` and the weights (``per_layer["weights"]`` or
+    ``["starts"]``), every tensor's address by its field name."""
+    both = tensors["both"]
+    num_mb, pairs, two_k, _ = both.shape
+    shapes = [w.shape[-2:] for w in per_layer.get("weights", per_layer.get("starts"))]
+    args = _StackScanArgs()
+    args.dtype, args.num_threads = DTYPE_CODES[both.dtype], torch.get_num_threads()
+    args.num_mini_batches, args.pairs, args.mini_batch = num_mb, pairs, two_k // 2
+    args.num_layers, args.eps = len(shapes), float(eps)
+    for index, (rows, width) in enumerate(shapes):
+        args.in_dims[index], args.out_dims[index] = rows, width
+        args.has_bias[index] = int(index > 0 and rows == shapes[index - 1][1] + 1)
+    args.activations[: len(activations)] = list(activations)
+    for name, tensor in tensors.items():
+        setattr(args, name, tensor.data_ptr())
+    for name, tensor_list in per_layer.items():
+        getattr(args, name)[: len(tensor_list)] = [t.data_ptr() for t in tensor_list]
+    return args
+
+
+class CompiledStackScan(torch.autograd.Function):
+    """The scan of an L-layer stack (L >= 2), compiled, forward and backward.
+
+    Inputs: ``activations`` (the kernel's code of each activation between two layers), ``eps``, then
+    ``fused_torch.forward._Hoisted``'s tensors ``both [NB, BH, 2K, in1]``, ``left [NB, BH, K + in1, K]``,
+    ``shift [NB, BH, K, f]``, ``gamma_sq [BH, 1, f]``, ``eta [NB, BH, K, K]``, ``scale [NB, BH, K, 1]``,
+    and each layer's folded weight ``[BH, in, out]`` (a bias as its last input row). Returns ``(z [NB, BH,
+    K, f]`` the outputs before the output LayerNorm, then each layer's weight after the last mini-batch).
+    """
+
+    @staticmethod
+    def forward(ctx, activations, eps, both, left, shift, gamma_sq, eta, scale, *weights):
+        _check_inputs(activations, both, left, shift, gamma_sq, eta, scale, weights)
+        tensors = {
+            name: t.detach().contiguous()
+            for name, t in zip(("both", "left", "shift", "gamma_sq", "eta", "scale"),
+                               (both, left, shift, gamma_sq, eta, scale), strict=True)
+        }  # fmt: skip
+        weights = [
+            w.detach().clone(memory_format=torch.contiguous_format) for w in weights
+        ]  # updated in place
+        num_mb, pairs, two_k, _ = both.shape
+        starts = [w.new_empty((num_mb, *w.shape)) for w in weights]  # [NB, BH, in, out] each
+        z = shift.new_empty((num_mb, pairs, two_k // 2, shift.shape[-1]))  # [NB, BH, K, f]
+        args = _args(activations, eps, tensors | {"z": z}, {"weights": weights, "starts": starts})
+        run_entry_point("innerloop_stack_scan_forward", args)
+        ctx.save_for_backward(*tensors.values(), *starts)
+        ctx.activations, ctx.eps = activations, eps
+        return (z, *weights)
+
+    @staticmethod
+    def backward(ctx, grad_z, *grad_last):
+        if torch.is_grad_enabled():  # a backward with create_graph=True
+            raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+        both, left, shift, gamma_sq, eta, scale, *starts = ctx.saved_tensors
+        grad_z = torch.zeros_like(shift) if grad_z is None else grad_z.contiguous()
+        grad_weights = [  # the kernel turns d loss / d last weights into d loss / d weights in place
+            torch.zeros_like(start[0]) if grad is None else grad.clone(memory_format=torch.contiguous_format)
+            for start, grad in zip(starts, grad_last, strict=True)
+        ]
+        saved = {"both": both, "left": left, "shift": shift, "gamma_sq": gamma_sq, "eta": eta, "scale": scale}
+        grads = {f"grad_{name}": torch.empty_like(t) for name, t in saved.items()}
+        tensors = saved | grads | {"grad_z": grad_z}
+        args = _args(ctx.activations, ctx.eps, tensors, {"starts": starts, "grad_weights": grad_weights})
+        run_entry_point("innerloop_stack_scan_backward", args)
+        return (None, None, *grads.values(), *grad_weights)
+
+
+def compiled_stack_scan(
+    activations: Sequence[int],
+    both: torch.Tensor,
+    left: torch.Tensor,
+    shift: torch.Tensor,
+    gamma_sq: torch.Tensor,
+    eta: torch.Tensor,
+    scale: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    eps: float,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:class:`CompiledStackScan` applied: ``(z [NB, BH, K, f], each layer's weight after the last
+    mini-batch)``."""
+    z, *last = CompiledStackScan.apply(
+        tuple(activations), eps, both, left, shift, gamma_sq, eta, scale, *weights
+    )
+    return z, last
+
+
+__all__ = ["CompiledStackScan", "compiled_stack_scan"]

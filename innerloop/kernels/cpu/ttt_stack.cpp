@@ -18,6 +18,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -959,9 +963,30 @@ int linear_scan(const InnerloopLinearScanArgs& args, bool backward) {
   });
 }
 
+// The training scans write the weights at every mini-batch's start into a buffer torch has just
+// allocated (hundreds of MB for TTT-MLP at T = 2048), whose first touch costs a page fault per 4 KiB
+// page: as long as writing it. Where Linux has transparent huge pages in `madvise` mode, asking for them
+// on the buffer's whole 2 MiB pages cuts that cost to about a third (measured). A hint only: where it
+// is refused or unknown, nothing changes.
+void advise_huge_pages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
+  if (bytes < int64_t(4 * kHugePage)) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + uintptr_t(bytes)) & ~(kHugePage - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
 int linear_scan_entry(const InnerloopLinearScanArgs* args, bool backward) {
   if (args->num_mini_batches < 0 || args->pairs < 0 || args->mini_batch < 1 || args->in < 1 || args->width < 1)
     return 2;
+  const int64_t element = args->dtype == kFloat64 ? 8 : 4;
+  if (!backward)
+    advise_huge_pages(args->starts, args->num_mini_batches * args->pairs * args->in * args->width * element);
   try {
     if (args->dtype == kFloat32) return linear_scan<float>(*args, backward);
     if (args->dtype == kFloat64) return linear_scan<double>(*args, backward);
@@ -994,17 +1019,28 @@ inline T gelu_tanh_second_derivative(T x) {
   return T(0.5) * (sech2 * p + dt) + T(0.5) * x * (sech2 * T(2) * c3 * x - T(2) * t * dt * p);
 }
 
-// out[i] (+)= grad[i] * act'(pre[i]) for the elements of a [rows x cols] block whose rows are ld_grad
-// apart in grad (the ones column of a layer with a bias is skipped), out contiguous.
+// slope = act'(pre) elementwise (ones for the identity).
 template <typename T>
-void times_derivative(int32_t activation, int64_t rows, int64_t cols, const T* grad, int64_t ld_grad, const T* pre,
-                      T* out, bool accumulate) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t c = 0; c < cols; ++c) {
-      const T d = activation == kGeluTanh ? gelu_tanh_derivative(pre[i * cols + c]) : T(1);
-      const T value = grad[i * ld_grad + c] * d;
-      out[i * cols + c] = accumulate ? out[i * cols + c] + value : value;
-    }
+void slopes(int32_t activation, int64_t count, const T* pre, T* slope) {
+  if (activation == kGeluTanh)
+    for (int64_t i = 0; i < count; ++i) slope[i] = gelu_tanh_derivative(pre[i]);
+  else
+    std::fill(slope, slope + count, T(1));
+}
+
+// out (+)= grad * slope elementwise over a [rows x cols] block whose rows are ld_grad apart in grad (the
+// ones column of a layer with a bias is skipped); slope and out contiguous.
+template <typename T>
+void times_slope(int64_t rows, int64_t cols, const T* grad, int64_t ld_grad, const T* slope, T* out, bool accumulate) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* g = grad + i * ld_grad;
+    const T* d = slope + i * cols;
+    T* o = out + i * cols;
+    if (accumulate)
+      for (int64_t c = 0; c < cols; ++c) o[c] += g[c] * d[c];
+    else
+      for (int64_t c = 0; c < cols; ++c) o[c] = g[c] * d[c];
+  }
 }
 
 // dst [rows x (cols + ones)] = [act(src), 1]: a layer's inputs from the previous layer's pre-activations.
@@ -1023,20 +1059,23 @@ struct StackScanWorkspace {
   // key pre-activations Z_l [K x out_l] (l = 0: [2K x out_0], the query rows after the key rows), the
   // inner gradients G_l [K x out_l], back_l = G_l W_l^T [K x out_{l-1}] (l >= 1), query inputs
   // Xq_l [K x in_l] (l >= 1), query pre-activations [K x out_l], S_l = Xq_l X_l^T and mix_l = eta * S_l
-  // [K x K] (l >= 1); and for the backward the gradients of each of them.
-  std::vector<std::vector<T>> key_in, key_pre, grad, back, query_in, query_pre, sim, mix;
+  // [K x K] (l >= 1), act' of the key and query pre-activations (l < L - 1); and for the backward the
+  // gradients of each of them.
+  std::vector<std::vector<T>> key_in, key_pre, grad, back, query_in, query_pre, sim, mix, key_slope, query_slope;
   std::vector<std::vector<T>> d_key_in, d_key_pre, d_grad, d_query_in, d_query_pre;
   std::vector<T> xhat, a, ln_grad, rstd, c, products, d_products, d_mix, transposed, product_t, scaled;
 
   StackScanWorkspace(int32_t layers, const int64_t* in, const int64_t* out, int64_t k) {
-    for (auto* list : {&key_in, &key_pre, &grad, &back, &query_in, &query_pre, &sim, &mix, &d_key_in, &d_key_pre,
-                       &d_grad, &d_query_in, &d_query_pre})
+    for (auto* list : {&key_in, &key_pre, &grad, &back, &query_in, &query_pre, &sim, &mix, &key_slope, &query_slope,
+                       &d_key_in, &d_key_pre, &d_grad, &d_query_in, &d_query_pre})
       list->resize(layers);
     int64_t widest = 0;
     for (int32_t l = 0; l < layers; ++l) {
       widest = std::max({widest, in[l], out[l]});
       key_pre[l].resize((l == 0 ? 2 : 1) * k * out[l]);
       for (auto* list : {&grad, &query_pre, &d_key_pre, &d_grad, &d_query_pre}) (*list)[l].resize(k * out[l]);
+      if (l + 1 < layers)
+        for (auto* list : {&key_slope, &query_slope}) (*list)[l].resize(k * out[l]);
       if (l == 0) continue;
       for (auto* list : {&key_in, &query_in, &d_key_in, &d_query_in}) (*list)[l].resize(k * in[l]);
       back[l].resize(k * out[l - 1]);
@@ -1128,8 +1167,9 @@ void stack_scan_block(const InnerloopStackScanArgs& args, const StackBlock<T>& b
   // back through the stack at the starting weights: G_{l-1} = (G_l W_l^T) * act'(Z_{l-1})
   for (int32_t l = layers - 1; l > 0; --l) {
     times_weight_transposed<T>(k, out[l - 1], out[l], ws.grad[l].data(), w[l], ws.back[l].data(), T(1), false, ws);
-    times_derivative<T>(args.activations[l - 1], k, out[l - 1], ws.back[l].data(), out[l - 1],
-                        ws.key_pre[l - 1].data(), ws.grad[l - 1].data(), false);
+    slopes<T>(args.activations[l - 1], k * out[l - 1], ws.key_pre[l - 1].data(), ws.key_slope[l - 1].data());
+    times_slope<T>(k, out[l - 1], ws.back[l].data(), out[l - 1], ws.key_slope[l - 1].data(), ws.grad[l - 1].data(),
+                   false);
   }
   // query side: layer 0 through the hoisted left matrix, [correction; weight step] = left G_0
   gemm<T>(k + in[0], out[0], k, block.left, k, 1, ws.grad[0].data(), out[0], ws.products.data(), out[0], T(1), false);
@@ -1226,8 +1266,9 @@ void stack_scan_block_backward(const InnerloopStackScanArgs& args, const StackBl
     gemm<T>(k, rows, k, ws.d_mix.data(), k, 1, x, rows, dxq, rows, T(1), true);
     gemm<T>(k, rows, k, ws.d_mix.data(), 1, k, xq, rows, dx, rows, T(1), true);
     // Xq_l = [act(zq_{l-1}), 1]
-    times_derivative<T>(args.activations[l - 1], k, out[l - 1], dxq, rows, ws.query_pre[l - 1].data(),
-                        ws.d_query_pre[l - 1].data(), false);
+    T* query_slope = ws.query_slope[l - 1].data();
+    slopes<T>(args.activations[l - 1], k * out[l - 1], ws.query_pre[l - 1].data(), query_slope);
+    times_slope<T>(k, out[l - 1], dxq, rows, query_slope, ws.d_query_pre[l - 1].data(), false);
   }
   // ---- layer 0: zq_0 = Zq_0 - products[:K], W_0' = W_0 - products[K:], products = left G_0
   const int64_t in0 = in[0], out0 = out[0];
@@ -1245,7 +1286,7 @@ void stack_scan_block_backward(const InnerloopStackScanArgs& args, const StackBl
     const T* pre = ws.key_pre[l - 1].data();
     const T* dg_prev = ws.d_grad[l - 1].data();
     T* d_back = ws.scaled.data();  // [K x rows]
-    times_derivative<T>(args.activations[l - 1], k, rows, dg_prev, rows, pre, d_back, false);
+    times_slope<T>(k, rows, dg_prev, rows, ws.key_slope[l - 1].data(), d_back, false);
     if (args.activations[l - 1] == kGeluTanh) {
       T* dz = ws.d_key_pre[l - 1].data();
       for (int64_t i = 0; i < k * rows; ++i) dz[i] += dg_prev[i] * ws.back[l][i] * gelu_tanh_second_derivative(pre[i]);
@@ -1263,8 +1304,8 @@ void stack_scan_block_backward(const InnerloopStackScanArgs& args, const StackBl
     const T* dz = ws.d_key_pre[l].data();
     times_weight_transposed<T>(k, rows, width, dz, w[l], ws.d_key_in[l].data(), T(1), true, ws);
     gemm<T>(rows, width, k, ws.key_in[l].data(), 1, rows, dz, width, grad_w[l], width, T(1), true);
-    times_derivative<T>(args.activations[l - 1], k, out[l - 1], ws.d_key_in[l].data(), rows,
-                        ws.key_pre[l - 1].data(), ws.d_key_pre[l - 1].data(), true);
+    times_slope<T>(k, out[l - 1], ws.d_key_in[l].data(), rows, ws.key_slope[l - 1].data(), ws.d_key_pre[l - 1].data(),
+                   true);
   }
   // ---- layer 0: [Z_0; Zq_0] = both W_0
   T* d_both_pre = ws.d_products.data();  // [2K x out_0], reused
@@ -1316,6 +1357,9 @@ int stack_scan_entry(const InnerloopStackScanArgs* args, bool backward) {
     if (args->in_dims[l] < 1 || args->out_dims[l] < 1) return 2;
     if (l > 0 && args->in_dims[l] != args->out_dims[l - 1] + (args->has_bias[l] ? 1 : 0)) return 2;
   }
+  const int64_t element = args->dtype == kFloat64 ? 8 : 4;
+  for (int32_t l = 0; l < args->num_layers && !backward; ++l)
+    advise_huge_pages(args->starts[l], args->num_mini_batches * args->pairs * args->in_dims[l] * args->out_dims[l] * element);
   try {
     if (args->dtype == kFloat32) return stack_scan<float>(*args, backward);
     if (args->dtype == kFloat64) return stack_scan<double>(*args, backward);

@@ -3,7 +3,7 @@
 - ``fused_torch_linear`` / ``fused_torch_mlp``: the pure-torch fused dual form (any device).
 - ``compiled_torch_linear`` / ``compiled_torch_mlp``: the same with each mini-batch's training step
   compiled by ``torch.compile`` (opt-in by name: its first call per shape compiles for ~30 s).
-- ``cpu_ttt_linear`` / ``cpu_ttt_mlp``: compiled C++ for CPU inference (built on first use).
+- ``cpu_ttt_linear`` / ``cpu_ttt_mlp``: compiled C++ for CPU inference and training (built on first use).
 - ``delta_chunk``: the delta rule (the ``matrix`` model under ``dual_form`` at K = 1, no inner norm or
   residual, with or without decay: DeltaNet, Gated DeltaNet) in chunks, pure torch, any device.
 - ``triton_ttt_linear`` / ``triton_ttt_mlp``: Triton kernels (CUDA, or CPU under

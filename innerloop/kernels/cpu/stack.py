@@ -2,9 +2,11 @@
 
 The kernel (``ttt_stack.cpp``) runs the dual form for any stack of affine layers whose activations
 are the identity or tanh-GELU, with the reconstruction loss, the inner LayerNorm and the residual:
-the inner models ``linear`` and ``mlp``. It is forward only (no autograd graph), in float32 or
-float64, and writes its output in the ``[B, T, H, f]`` layout the layer reshapes to ``[B, T, D]``
-for free (it returns a ``[B, H, T, f]`` view of it, as the kernel contract asks).
+the inner models ``linear`` and ``mlp``. Its chunk function is forward only (no autograd graph; with
+one, training runs the fused torch path around the compiled training scans of ``linear_scan.py`` and
+``stack_scan.py``), in float32 or float64, and writes its output in the ``[B, T, H, f]`` layout the
+layer reshapes to ``[B, T, D]`` for free (it returns a ``[B, H, T, f]`` view of it, as the kernel
+contract asks).
 """
 
 from __future__ import annotations
@@ -335,7 +337,7 @@ def kernel_spec(model_name: str, stack: tuple[AffineLayer, ...]) -> KernelSpec:
         verify=make_verify(stack),
         decode=make_decode(stack),
         priority=5,
-        description="compiled C++ dual form, one (batch, head) recurrence per thread (CPU inference)",
+        description="compiled C++ dual form, one (batch, head) recurrence per thread (CPU inference and training)",
     )
 
 

@@ -106,9 +106,13 @@ def select_kernel(rule: UpdateRule, task: InnerTask, inputs: KernelInputs) -> tu
             raise KernelUnavailableError(f"kernel={task.kernel!r} cannot run here: {impostor}")
         return None, f"torch: {impostor}"
     registry = get_registry()
-    candidates = registry.kernels_for(task.model.name, task.loss.name, rule_name)
-    if inputs.extra.get("decode"):
-        candidates = [k for k in candidates if k.decode is not None]
+    registered = registry.kernels_for(task.model.name, task.loss.name, rule_name)
+    candidates = [k for k in registered if k.decode is not None] if inputs.extra.get("decode") else registered
+    forced = [k for k in registered if k.name == task.kernel]
+    if forced and forced[0].training_only and not inputs.requires_grad:
+        # a training kernel named by the layer: blocks without a graph go where "auto" would send them
+        kernel, reason = _best(candidates, inputs, task, rule_name)
+        return kernel, f"kernel {task.kernel!r} trains only and this block records no graph; {reason}"
     if task.kernel != "auto":
         named = [k for k in candidates if k.name == task.kernel]
         if not named:
@@ -122,6 +126,13 @@ def select_kernel(rule: UpdateRule, task: InnerTask, inputs: KernelInputs) -> tu
         if reason is not None:
             raise KernelUnavailableError(f"kernel={task.kernel!r} cannot run here: {reason}")
         return named[0], f"kernel {task.kernel!r} forced"
+    return _best(candidates, inputs, task, rule_name)
+
+
+def _best(
+    candidates: list[KernelSpec], inputs: KernelInputs, task: InnerTask, rule_name: str
+) -> tuple[KernelSpec | None, str]:
+    """``kernel="auto"``'s choice: the first of ``candidates`` (by priority) that accepts the inputs."""
     if not candidates:
         return None, (f"torch: no kernel registered for ({task.model.name}, {task.loss.name}, {rule_name})")
     refusals = []

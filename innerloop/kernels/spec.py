@@ -139,6 +139,11 @@ class KernelSpec:
     ``fuses_inner_norm``: the kernel computes the wrapped inner model ``f(x) = x + LN(g(x))``, so
     dispatch refuses it to layers that turn the inner residual or LayerNorm off. A kernel of the bare
     ``g`` (the delta rule's ``x W``) sets it False and refuses the wrapped layers in its own ``verify``.
+
+    ``training_only``: a path that only speeds up training (``compiled_torch_*``). A layer that forces
+    it by name uses it for blocks that record an autograd graph; blocks that do not (inference, prefill,
+    decoding) are dispatched as under ``kernel="auto"``, and the reason says so. Its ``forward`` must
+    still run without a graph, for a caller that calls it directly.
     """
 
     name: str
@@ -152,6 +157,7 @@ class KernelSpec:
     description: str = ""
     supports_decay: bool = False
     fuses_inner_norm: bool = True
+    training_only: bool = False
 
     def __post_init__(self) -> None:
         checks = [("forward", self.forward, KernelForward)]

@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kernel_testing import make_inputs
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
@@ -97,16 +98,41 @@ def test_past_the_recompile_limit_the_step_runs_eagerly_not_into_an_error(counte
     assert counted_backend.frame_count == 1  # the second stack was past the limit: it ran eagerly
 
 
-def test_inference_runs_the_fused_scan_without_compiling(counted_backend):
+def test_blocks_without_a_graph_go_where_auto_sends_them(counted_backend):
+    """Inference, prefill and decoding of a layer that names this training-only kernel run where
+    ``kernel="auto"`` would run them (the CPU kernel where it builds), and nothing compiles."""
     reference, candidate = twins("mlp")
-    x = torch.randn(1, 8, 16, dtype=torch.float64)
+    auto = TTTLayer(16, 2, inner_model="mlp", mini_batch_size=4).double()
+    auto.load_state_dict(reference.state_dict())
+    x = torch.randn(1, 9, 16, dtype=torch.float64)
     with torch.no_grad():
         want, _ = reference(x)
-        got, state = candidate(x)
-        assert candidate.dispatches[0][0] == "compiled_torch_mlp"  # its in-place fused scan
-        candidate(x[:, :1], state)  # decoding: this path has no decode, torch runs it
-        assert candidate.dispatches[0][0] == "torch"
-    assert relative_error(got, want) < FLOAT64_TOLERANCE
+        got, state = candidate(x[:, :8])
+        auto(x[:, :8])
+        (path, reason), (auto_path, _) = candidate.dispatches[0], auto.dispatches[0]
+        assert path == auto_path != "compiled_torch_mlp"
+        assert reason.startswith("kernel 'compiled_torch_mlp' trains only and this block records no graph;")
+        last, _ = candidate(x[:, 8:], state)  # decoding: as auto decodes
+        auto_decode = auto(x[:, 8:], auto(x[:, :8])[1])
+        assert candidate.dispatches[0][0] == auto.dispatches[0][0]
+    assert relative_error(torch.cat([got, last], dim=1), want) < FLOAT64_TOLERANCE
+    assert relative_error(last, auto_decode[0]) < FLOAT64_TOLERANCE
+    assert counted_backend.frame_count == 0
+
+
+def test_called_directly_without_a_graph_the_kernel_runs_the_fused_scan(counted_backend):
+    """``training_only`` is a dispatch rule: the kernel's own forward still runs without a graph."""
+    from innerloop.registry import get_registry
+
+    spec = next(k for k in get_registry().kernels() if k.name == "compiled_torch_mlp")
+    fused = next(k for k in get_registry().kernels() if k.name == "fused_torch_mlp")
+    assert spec.training_only and not fused.training_only
+    inputs = make_inputs(1, 2, 8, 4, 4, "mlp", dtype=torch.float64)
+    xq, xk, xv, lr, tau, params, lnw, lnb = inputs
+    with torch.no_grad():
+        got, _ = spec.forward(xq, xk, xv, lr, tau, params, lnw, lnb, 1e-6)
+        want, _ = fused.forward(xq, xk, xv, lr, tau, params, lnw, lnb, 1e-6)
+    assert torch.equal(got, want)
     assert counted_backend.frame_count == 0
 
 

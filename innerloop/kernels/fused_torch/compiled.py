@@ -8,9 +8,11 @@ the loop stays in Python, so the compiled graph is one mini-batch long whatever 
 
 It is opt-in (``TTTLayer(kernel="compiled_torch_mlp")``, priority 0: ``kernel="auto"`` never picks it),
 because the first call for each new shape compiles for about half a minute on 2 CPU cores (inductor
-caches the result on disk for later processes). Blocks without an autograd graph (inference) run the
-fused path's in-place scan uncompiled. Numbers equal the fused path's to float rounding: compiled
-code fuses and reorders floating-point operations.
+caches the result on disk for later processes). It is registered ``training_only``: a layer that names
+it trains on it, and its blocks without an autograd graph (inference, prefill, decoding) go where
+``kernel="auto"`` sends them; called directly without a graph, it runs the fused path's in-place scan
+uncompiled. Numbers equal the fused path's to float rounding: compiled code fuses and reorders
+floating-point operations.
 """
 
 from __future__ import annotations
@@ -81,8 +83,9 @@ def kernel_spec(model_name: str, stack: tuple[AffineLayer, ...]) -> KernelSpec:
         forward=make_fused_forward(stack, training_step=compiled_mini_batch),
         verify=verify,
         priority=0,
+        training_only=True,
         description="the fused torch dual form with each mini-batch's training step compiled by "
-        "torch.compile (opt-in: the first call per shape compiles for ~30 s)",
+        "torch.compile (opt-in: the first call per shape compiles for ~30 s; training only)",
     )
 
 

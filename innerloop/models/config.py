@@ -49,7 +49,7 @@ class TTTConfig:
     backbone decides them (see :data:`BACKBONES`); true or false sets them whatever the backbone
     (as the reference ``TTTConfig`` does, e.g. for a converted model). ``kernel`` picks the layer's
     fast path as ``TTTLayer(kernel=...)`` does, e.g. ``compiled_torch_mlp`` (TTT-MLP's training step
-    compiled by ``torch.compile``, opt-in); it changes speed, not the model.
+    compiled by ``torch.compile``, opt-in, training only); it changes speed, not the model.
     """
 
     inner_model: str = "linear"

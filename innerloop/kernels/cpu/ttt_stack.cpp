@@ -1,4 +1,6 @@
-// The dual form of mini-batch TTT for a stack of affine layers, forward only, on the CPU.
+// The dual form of mini-batch TTT for a stack of affine layers on the CPU: whole mini-batches and
+// one-token decoding without autograd, and for training the scans of one-layer and deeper stacks with
+// their hand-written backwards (the last two sections).
 //
 // One call runs whole mini-batches for every (batch, head) pair; each pair is an independent
 // recurrence, so the pairs are split between threads. Inside a pair everything (the inner weights,

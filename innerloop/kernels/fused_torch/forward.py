@@ -97,13 +97,18 @@ def _hoist(xq, xk, xv, lr, tau, ln_weight, ln_bias, first_has_bias: bool) -> _Ho
 
     # Keys and queries stacked (one matmul per step serves both), and the "left" matrix whose product
     # with the gradient G gives at once the dual-form correction of the outputs and the weight update.
-    both1 = torch.cat([blocks(xk), blocks(xq)], dim=2)
+    # With a bias, both1 takes a column of ones and left1 its share (the + 1, the row of scales);
+    # left1 is built from the keys and queries themselves, not from slices of both1, whose backward
+    # would zero-fill a gradient of both1's whole size for each slice.
+    keys, queries = blocks(xk), blocks(xq)
+    both1 = torch.cat([keys, queries], dim=2)
+    similarity = queries @ keys.transpose(-1, -2)  # [NB, BH, K, K]
+    update_rows = [(update_scale * keys).transpose(-1, -2)]  # [NB, BH, f, K]
     if first_has_bias:
         both1 = _with_ones(both1)
-    keys1, queries1 = both1[:, :, :mini_batch], both1[:, :, mini_batch:]
-    left1 = torch.cat(
-        [eta * (queries1 @ keys1.transpose(-1, -2)), (update_scale * keys1).transpose(-1, -2)], dim=2
-    )
+        similarity = similarity + 1.0
+        update_rows.append(update_scale.transpose(-1, -2))  # the bias row: [NB, BH, 1, K]
+    left1 = torch.cat([eta * similarity, *update_rows], dim=2)
     return _Hoisted(both1, left1, shift, gamma_sq, eta, update_scale)
 
 

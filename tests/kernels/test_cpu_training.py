@@ -199,6 +199,23 @@ def test_rows_whose_squares_overflow_train_equal_to_the_reference():
             assert_close(g_ours, g_ref, f"gradient of {name}", FLOAT64_TOLERANCE)
 
 
+@pytest.mark.parametrize("scale", [1e150, 1e160, 1e200])
+def test_a_deeper_stack_whose_last_rows_overflow_trains_equal_to_the_reference(scale):
+    """TTT-MLP with its last layer's weights so large that the pre-activation rows' squares overflow
+    float64 (from about 1e154): the LayerNorm rows take the scaled path, and the gradient through them
+    comes back large (through W2), so every term of the LayerNorm backward matters. Outputs, new
+    weights and every gradient equal the reference's."""
+    xq, xk, xv, lr, tau, params, lnw, lnb = make_inputs(1, 2, 8, 8, 4, "mlp", dtype=torch.float64, seed=2)
+    inputs = (xq, xk, xv, lr, tau, {**params, "W2": params["W2"] * scale}, lnw, lnb)
+    reference = outputs_and_gradients(REFERENCE_MLP_FORWARD, leaf_inputs(inputs), 0)
+    ours = outputs_and_gradients(make_forward(MLP), leaf_inputs(inputs), 0)
+    assert_close(ours[0], reference[0], "training output", FLOAT64_TOLERANCE)
+    for key in reference[1]:
+        assert_close(ours[1][key], reference[1][key], f"new {key}", FLOAT64_TOLERANCE)
+    for name, g_ours, g_ref in zip(gradient_names(inputs), ours[2], reference[2], strict=True):
+        assert_close(g_ours, g_ref, f"gradient of {name}", FLOAT64_TOLERANCE)
+
+
 @pytest.mark.slow  # ~2 s
 @pytest.mark.parametrize("model", ["linear", "mlp"])
 def test_float32_gradients_are_as_close_to_float64_as_fused_torch(model):
@@ -279,6 +296,38 @@ def test_wrong_shapes_for_the_stack_scan_are_errors_not_out_of_bounds_reads():
         scan(weights=weights[:1])
     with pytest.raises(ValueError, match=r"weights\[1\] is torch.float64, both is torch.float32"):
         scan(weights=[weights[0], weights[1].double()])
+    with pytest.raises(ValueError, match=r"activations\[0\] is 7, not one of the kernel's codes \[0, 1\]"):
+        compiled_stack_scan([7], both, left, shift, gamma_sq, eta, scale, weights, 1e-6)
+    with pytest.raises(ValueError, match="eta is on meta, the kernel runs on the CPU"):
+        scan(eta=eta.to("meta"))
+    with pytest.raises(ValueError, match="shift is on meta, the kernel runs on the CPU"):
+        compiled_linear_scan(both, left, shift.to("meta"), gamma_sq, torch.zeros(3, 5, 4), 1e-6)
+
+
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_inputs_of_mixed_dtypes_train_as_in_the_views_dtype(model):
+    """A direct call with float32 learning rates, token scales, inner LayerNorm and weights beside
+    float64 views trains as if all were float64 (inference casts them so too)."""
+    inputs = make_inputs(1, 2, 8, 4, 4, model, dtype=torch.float64, seed=5)
+    xq, xk, xv, lr, tau, params, lnw, lnb = inputs
+    mixed = (
+        xq,
+        xk,
+        xv,
+        lr.float(),
+        tau.float(),
+        {k: v.float() for k, v in params.items()},
+        lnw.float(),
+        lnb.float(),
+    )
+    as64 = (xq, xk, xv, lr.float().double(), tau.float().double(),
+            {k: v.float().double() for k, v in params.items()}, lnw.float().double(), lnb.float().double())  # fmt: skip
+    got = outputs_and_gradients(make_forward(STACKS[model]), leaf_inputs(mixed), 0)
+    want = outputs_and_gradients(make_forward(STACKS[model]), leaf_inputs(as64), 0)
+    assert_close(got[0], want[0], "output", FLOAT64_TOLERANCE)
+    for name, g_got, g_want in zip(gradient_names(inputs), got[2], want[2], strict=True):
+        assert g_got.dtype == (torch.float64 if name in ("xq", "xk", "xv") else torch.float32), name
+        assert_close(g_got.double(), g_want, f"gradient of {name}", 1e-6)
 
 
 def test_verify_says_what_training_the_kernel_takes():

@@ -10,6 +10,8 @@ import torch
 from innerloop.kernels.cpu.build import load_library
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
+ACTIVATION_CODES = {0: "identity", 1: "gelu_tanh"}  # enum Activation in ttt_stack.cpp
+MAX_LAYERS = 8  # kMaxLayers in ttt_stack.cpp
 ERRORS = {1: "unsupported dtype", 2: "invalid sizes", 3: "a C++ exception (out of memory?)"}
 
 
@@ -25,4 +27,4 @@ def run_entry_point(entry_point: str, args: ctypes.Structure) -> None:
         )
 
 
-__all__ = ["DTYPE_CODES", "ERRORS", "run_entry_point"]
+__all__ = ["ACTIVATION_CODES", "DTYPE_CODES", "ERRORS", "MAX_LAYERS", "run_entry_point"]

@@ -69,6 +69,11 @@ def _check_inputs(both, left, shift, gamma_sq, weight) -> None:
     ]
     if both.dtype not in DTYPE_CODES:
         problems.append(f"dtype {both.dtype} is not float32 or float64")
+    problems += [
+        f"{name} is on {t.device}, the kernel runs on the CPU"
+        for name, t in {"both": both, **{name: t for name, (t, _) in expected.items()}}.items()
+        if t.device.type != "cpu"
+    ]
     if problems:
         raise ValueError("the CPU training scan got inputs it cannot take: " + "; ".join(problems))
 

@@ -18,14 +18,13 @@ import torch
 from innerloop.core.functional import gelu_tanh, gelu_tanh_derivative
 from innerloop.core.protocol import Activation, AffineLayer, Params
 from innerloop.kernels.cpu.build import CPUKernelUnavailable, load_library
-from innerloop.kernels.cpu.library import DTYPE_CODES, run_entry_point
+from innerloop.kernels.cpu.library import ACTIVATION_CODES, DTYPE_CODES, MAX_LAYERS, run_entry_point
 from innerloop.kernels.cpu.linear_scan import compiled_linear_scan
 from innerloop.kernels.cpu.stack_scan import compiled_stack_scan
 from innerloop.kernels.fused_torch import TrainingScan, make_fused_forward
 from innerloop.kernels.spec import KernelDecode, KernelForward, KernelInputs, KernelSpec, stack_kernel_spec
 
-MAX_LAYERS = 8  # kMaxLayers in ttt_stack.cpp
-ACTIVATION_NAMES = ("identity", "gelu_tanh")  # the kernel's activation codes 0 and 1
+ACTIVATION_NAMES = tuple(ACTIVATION_CODES.values())
 
 
 def activation_code(activation: Activation | None) -> int | None:
@@ -214,6 +213,11 @@ def make_forward(stack: tuple[AffineLayer, ...]) -> KernelForward:
         if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
             if xq.dtype not in DTYPE_CODES:
                 raise ValueError(f"the CPU TTT kernel takes float32 or float64, got {xq.dtype}")
+            # the compiled scans take one dtype: everything in the views' (differentiably), as inference does
+            xk, xv, lr, tau, ln_weight, ln_bias = (
+                t.to(xq.dtype) for t in (xk, xv, lr, tau, ln_weight, ln_bias)
+            )
+            params = {k: v.to(xq.dtype) for k, v in params.items()}
             return training(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps)
         _refuse_autograd(inputs)
         shape = (batch, heads, tokens, head_dim)

@@ -14,10 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from innerloop.kernels.cpu.library import DTYPE_CODES, run_entry_point
+from innerloop.kernels.cpu.library import ACTIVATION_CODES, DTYPE_CODES, MAX_LAYERS, run_entry_point
 from innerloop.kernels.cpu.linear_scan import DOUBLE_BACKWARD_MESSAGE
-
-MAX_LAYERS = 8  # kMaxLayers in ttt_stack.cpp
 
 
 class _StackScanArgs(ctypes.Structure):
@@ -55,6 +53,11 @@ def _check_inputs(activations, both, left, shift, gamma_sq, eta, scale, weights)
         problems.append(f"{len(weights)} weights, the scan takes 2 to {MAX_LAYERS} layers")
     if len(activations) != len(weights) - 1:
         problems.append(f"{len(activations)} activations for {len(weights)} layers (one between each two)")
+    problems += [
+        f"activations[{index}] is {code!r}, not one of the kernel's codes {sorted(ACTIVATION_CODES)}"
+        for index, code in enumerate(activations)
+        if code not in ACTIVATION_CODES
+    ]
     if both.dim() != 4 or shift.dim() != 4 or both.shape[2] % 2:
         raise ValueError(
             f"both {tuple(both.shape)} must be [NB, BH, 2K, in] and shift {tuple(shift.shape)} [NB, BH, K, f]"
@@ -92,6 +95,13 @@ def _check_inputs(activations, both, left, shift, gamma_sq, eta, scale, weights)
     ]
     if both.dtype not in DTYPE_CODES:
         problems.append(f"dtype {both.dtype} is not float32 or float64")
+    problems += [
+        f"{name} is on {t.device}, the kernel runs on the CPU"
+        for name, t in named.items()
+        if t.device.type != "cpu"
+    ]
+    if both.device.type != "cpu":
+        problems.append(f"both is on {both.device}, the kernel runs on the CPU")
     if problems:
         raise ValueError("the CPU training scan got inputs it cannot take: " + "; ".join(problems))
 

@@ -876,7 +876,7 @@ static inline void ln_gradient_rows_backward(int64_t k, int64_t f, const LayerNo
     const T r = rows.rstd[i], c = rows.c[i];
     const T mean_d = sum_over<T>(f, [&](int64_t col) { return d[col]; }) * inv_f;
     const T mean_dx = sum_over<T>(f, [&](int64_t col) { return d[col] * x[col]; }) * inv_f;
-    const T along_a = sum_over<T>(f, [&](int64_t col) { return d[col] * g[col]; }) / r;
+    const T sum_dg = sum_over<T>(f, [&](int64_t col) { return d[col] * g[col]; });  // rstd (d . P(a))
     T* dz = grad_z + i * f;  // d xhat first, then d Z
     T* ds = grad_shift + i * f;
     for (int64_t col = 0; col < f; ++col) {
@@ -887,7 +887,7 @@ static inline void ln_gradient_rows_backward(int64_t k, int64_t f, const LayerNo
     }
     const T mean_h = sum_over<T>(f, [&](int64_t col) { return dz[col]; }) * inv_f;
     const T mean_hx = sum_over<T>(f, [&](int64_t col) { return dz[col] * x[col]; }) * inv_f;
-    const T along_x = r * r * along_a * inv_f;
+    const T along_x = r * sum_dg * inv_f;  // not r * r first: on a scaled row r * r underflows
     for (int64_t col = 0; col < f; ++col) dz[col] = r * (dz[col] - mean_h - x[col] * mean_hx) - along_x * x[col];
   }
 }

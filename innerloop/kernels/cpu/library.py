@@ -15,6 +15,42 @@ MAX_LAYERS = 8  # kMaxLayers in ttt_stack.cpp
 ERRORS = {1: "unsupported dtype", 2: "invalid sizes", 3: "a C++ exception (out of memory?)"}
 
 
+def scan_sizes(both: torch.Tensor, shift: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """``(NB, P, K, in, f)`` of a training scan's ``both [NB, P, 2K, in]`` and ``shift [NB, P, K, f]``."""
+    if both.dim() != 4 or shift.dim() != 4 or both.shape[2] % 2:
+        raise ValueError(
+            f"both {tuple(both.shape)} must be [NB, BH, 2K, in] and shift {tuple(shift.shape)} [NB, BH, K, f]"
+        )
+    num_mb, pairs, two_k, inputs = both.shape
+    return num_mb, pairs, two_k // 2, inputs, shift.shape[-1]
+
+
+def scan_input_problems(
+    both: torch.Tensor, expected: dict[str, tuple[torch.Tensor, tuple | None]]
+) -> list[str]:
+    """What is wrong with a training scan's inputs, which the kernel trusts for its pointer arithmetic:
+    each named tensor's shape (None: not checked here), dtype (that of ``both``) and device (the CPU)."""
+    problems = [
+        f"{name} {tuple(t.shape)} != {shape}"
+        for name, (t, shape) in expected.items()
+        if shape is not None and tuple(t.shape) != shape
+    ]
+    problems += [
+        f"{name} is {t.dtype}, both is {both.dtype}"
+        for name, (t, _) in expected.items()
+        if t.dtype != both.dtype
+    ]
+    if both.dtype not in DTYPE_CODES:
+        problems.append(f"dtype {both.dtype} is not float32 or float64")
+    tensors = {"both": both, **{name: t for name, (t, _) in expected.items()}}
+    problems += [
+        f"{name} is on {t.device}, the kernel runs on the CPU"
+        for name, t in tensors.items()
+        if t.device.type != "cpu"
+    ]
+    return problems
+
+
 def run_entry_point(entry_point: str, args: ctypes.Structure) -> None:
     """Call one of the library's entry points with its argument struct; a nonzero status raises."""
     function = getattr(load_library(), entry_point)  # built on first use
@@ -27,4 +63,12 @@ def run_entry_point(entry_point: str, args: ctypes.Structure) -> None:
         )
 
 
-__all__ = ["ACTIVATION_CODES", "DTYPE_CODES", "ERRORS", "MAX_LAYERS", "run_entry_point"]
+__all__ = [
+    "ACTIVATION_CODES",
+    "DTYPE_CODES",
+    "ERRORS",
+    "MAX_LAYERS",
+    "run_entry_point",
+    "scan_input_problems",
+    "scan_sizes",
+]

@@ -15,7 +15,7 @@ import ctypes
 
 import torch
 
-from innerloop.kernels.cpu.library import DTYPE_CODES, run_entry_point
+from innerloop.kernels.cpu.library import DTYPE_CODES, run_entry_point, scan_input_problems, scan_sizes
 
 DOUBLE_BACKWARD_MESSAGE = (
     "the CPU kernel's training scan is differentiable once only; construct the TTTLayer with "
@@ -45,35 +45,14 @@ class _LinearScanArgs(ctypes.Structure):
 
 def _check_inputs(both, left, shift, gamma_sq, weight) -> None:
     """The kernel trusts these shapes and the dtype for its pointer arithmetic: check them first."""
-    if both.dim() != 4 or shift.dim() != 4 or both.shape[2] % 2:
-        raise ValueError(
-            f"both {tuple(both.shape)} must be [NB, BH, 2K, in] and shift {tuple(shift.shape)} [NB, BH, K, f]"
-        )
-    num_mb, pairs, two_k, inputs = both.shape
-    k, f = two_k // 2, shift.shape[-1]
+    num_mb, pairs, k, inputs, f = scan_sizes(both, shift)
     expected = {
         "left": (left, (num_mb, pairs, k + inputs, k)),
         "shift": (shift, (num_mb, pairs, k, f)),
         "gamma_sq": (gamma_sq, (pairs, 1, f)),
         "weight": (weight, (pairs, inputs, f)),
     }
-    problems = [
-        f"{name} {tuple(t.shape)} != {shape}"
-        for name, (t, shape) in expected.items()
-        if tuple(t.shape) != shape
-    ]
-    problems += [
-        f"{name} is {t.dtype}, both is {both.dtype}"
-        for name, (t, _) in expected.items()
-        if t.dtype != both.dtype
-    ]
-    if both.dtype not in DTYPE_CODES:
-        problems.append(f"dtype {both.dtype} is not float32 or float64")
-    problems += [
-        f"{name} is on {t.device}, the kernel runs on the CPU"
-        for name, t in {"both": both, **{name: t for name, (t, _) in expected.items()}}.items()
-        if t.device.type != "cpu"
-    ]
+    problems = scan_input_problems(both, expected)
     if problems:
         raise ValueError("the CPU training scan got inputs it cannot take: " + "; ".join(problems))
 

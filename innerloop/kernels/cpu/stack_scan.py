@@ -14,7 +14,14 @@ from collections.abc import Sequence
 
 import torch
 
-from innerloop.kernels.cpu.library import ACTIVATION_CODES, DTYPE_CODES, MAX_LAYERS, run_entry_point
+from innerloop.kernels.cpu.library import (
+    ACTIVATION_CODES,
+    DTYPE_CODES,
+    MAX_LAYERS,
+    run_entry_point,
+    scan_input_problems,
+    scan_sizes,
+)
 from innerloop.kernels.cpu.linear_scan import DOUBLE_BACKWARD_MESSAGE
 
 
@@ -48,6 +55,7 @@ class _StackScanArgs(ctypes.Structure):
 
 def _check_inputs(activations, both, left, shift, gamma_sq, eta, scale, weights) -> None:
     """The kernel trusts these shapes and the dtype for its pointer arithmetic: check them first."""
+    num_mb, pairs, k, inputs, f = scan_sizes(both, shift)
     problems = []
     if not 2 <= len(weights) <= MAX_LAYERS:
         problems.append(f"{len(weights)} weights, the scan takes 2 to {MAX_LAYERS} layers")
@@ -58,20 +66,7 @@ def _check_inputs(activations, both, left, shift, gamma_sq, eta, scale, weights)
         for index, code in enumerate(activations)
         if code not in ACTIVATION_CODES
     ]
-    if both.dim() != 4 or shift.dim() != 4 or both.shape[2] % 2:
-        raise ValueError(
-            f"both {tuple(both.shape)} must be [NB, BH, 2K, in] and shift {tuple(shift.shape)} [NB, BH, K, f]"
-        )
-    num_mb, pairs, two_k, inputs = both.shape
-    k, f = two_k // 2, shift.shape[-1]
-    expected = {
-        "left": (left, (num_mb, pairs, k + inputs, k)),
-        "shift": (shift, (num_mb, pairs, k, f)),
-        "gamma_sq": (gamma_sq, (pairs, 1, f)),
-        "eta": (eta, (num_mb, pairs, k, k)),
-        "scale": (scale, (num_mb, pairs, k, 1)),
-    }
-    rows = inputs
+    rows = inputs  # each layer's input rows: the previous one's width, plus 1 with a bias
     for index, weight in enumerate(weights):
         if weight.dim() != 3 or weight.shape[0] != pairs or weight.shape[1] not in (rows, rows + 1):
             problems.append(
@@ -82,26 +77,15 @@ def _check_inputs(activations, both, left, shift, gamma_sq, eta, scale, weights)
         rows = weight.shape[-1]
     if rows != f:
         problems.append(f"the last layer's width {rows} is not shift's {f}")
-    problems += [
-        f"{name} {tuple(t.shape)} != {shape}"
-        for name, (t, shape) in expected.items()
-        if tuple(t.shape) != shape
-    ]
-    named = {name: t for name, (t, _) in expected.items()} | {
-        f"weights[{i}]": w for i, w in enumerate(weights)
+    expected = {
+        "left": (left, (num_mb, pairs, k + inputs, k)),
+        "shift": (shift, (num_mb, pairs, k, f)),
+        "gamma_sq": (gamma_sq, (pairs, 1, f)),
+        "eta": (eta, (num_mb, pairs, k, k)),
+        "scale": (scale, (num_mb, pairs, k, 1)),
+        **{f"weights[{index}]": (weight, None) for index, weight in enumerate(weights)},
     }
-    problems += [
-        f"{name} is {t.dtype}, both is {both.dtype}" for name, t in named.items() if t.dtype != both.dtype
-    ]
-    if both.dtype not in DTYPE_CODES:
-        problems.append(f"dtype {both.dtype} is not float32 or float64")
-    problems += [
-        f"{name} is on {t.device}, the kernel runs on the CPU"
-        for name, t in named.items()
-        if t.device.type != "cpu"
-    ]
-    if both.device.type != "cpu":
-        problems.append(f"both is on {both.device}, the kernel runs on the CPU")
+    problems += scan_input_problems(both, expected)
     if problems:
         raise ValueError("the CPU training scan got inputs it cannot take: " + "; ".join(problems))
 

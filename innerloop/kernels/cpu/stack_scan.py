@@ -26,7 +26,8 @@ from innerloop.kernels.cpu.linear_scan import DOUBLE_BACKWARD_MESSAGE
 
 
 class _StackScanArgs(ctypes.Structure):
-    """Mirror of ``InnerloopStackScanArgs`` in ttt_stack.cpp (same order, same types)."""
+    """Mirror of ``InnerloopStackScanArgs`` in ttt_stack.cpp (same order, same types). Its first fields
+    repeat ``_LinearScanArgs``' because the C structs do: a ctypes mirror lists every field in C order."""
 
     _fields_ = [
         ("dtype", ctypes.c_int32),

@@ -13,7 +13,7 @@ from innerloop import TTTLayer
 from innerloop.core.functional import relative_error
 from innerloop.core.protocol import AffineLayer, StackModel
 from innerloop.kernels.cpu.linear_scan import DOUBLE_BACKWARD_MESSAGE, compiled_linear_scan
-from innerloop.kernels.cpu.stack import make_forward, make_verify
+from innerloop.kernels.cpu.stack import make_forward, make_training_scan, make_verify
 from innerloop.kernels.cpu.stack_scan import compiled_stack_scan
 from innerloop.kernels.fused_torch import make_fused_forward
 from innerloop.kernels.reference import reference_kernel
@@ -203,6 +203,37 @@ def test_rows_whose_squares_overflow_train_equal_to_the_reference(model, weight,
             assert torch.isfinite(g_ours).all()
         else:
             assert_close(g_ours, g_ref, f"gradient of {name}", FLOAT64_TOLERANCE)
+
+
+@pytest.mark.parametrize("stack", [LINEAR, MLP, DEEPER], ids=["linear", "mlp", "deeper"])
+def test_the_compiled_scans_pass_gradcheck(stack):
+    """Finite differences in float64 against the hand-written backward, on the scan's own inputs (the
+    hoisted tensors and the folded weights), not only through the reference."""
+    generator = torch.Generator().manual_seed(6)
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=generator, dtype=torch.float64)).requires_grad_()
+
+    num_mb, pairs, k, f = 2, 2, 3, 4
+    widths = [f, *(DEEPER_WIDTHS[1:-1] if stack is DEEPER else [4 * f] if stack is MLP else []), f]
+    weights, rows = [], f + (stack[0].bias is not None)
+    for index in range(len(stack)):
+        weights.append(rnd(pairs, rows, widths[index + 1], scale=rows**-0.5))
+        rows = widths[index + 1] + (index + 1 < len(stack) and stack[index + 1].bias is not None)
+    inputs = rnd(num_mb, pairs, 2 * k, weights[0].shape[1])
+    left = rnd(num_mb, pairs, k + inputs.shape[-1], k, scale=0.1)
+    shift, gamma_sq = rnd(num_mb, pairs, k, f), rnd(pairs, 1, f)
+    eta, scale = rnd(num_mb, pairs, k, k, scale=0.1), rnd(num_mb, pairs, k, 1, scale=0.1)
+    scan = make_training_scan(stack)
+    deeper = len(stack) > 1  # the one-layer scan takes no eta and scale (they are in left)
+
+    def function(inputs, left, shift, gamma_sq, *rest):
+        eta, scale, weights = (*rest[:2], rest[2:]) if deeper else (None, None, rest)
+        z, last = scan(inputs, left, shift, gamma_sq, eta, scale, list(weights), 1e-6)
+        return (z, *last)
+
+    arguments = (inputs, left, shift, gamma_sq, *((eta, scale) if deeper else ()), *weights)
+    assert torch.autograd.gradcheck(function, arguments)
 
 
 @pytest.mark.slow  # ~2 s

@@ -416,10 +416,21 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_checkpoint(path: str) -> None:
+    """A missing checkpoint is reported before Lightning is imported (seconds)."""
+    from innerloop.config.load import checkpoint_path_problem
+
+    problem = checkpoint_path_problem(path)
+    if problem is not None:
+        raise ConfigError(problem)
+
+
 def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from innerloop.config.load import check_output_dir
+
+    _check_checkpoint(args.checkpoint)
     from innerloop.train.data import resolve_files
     from innerloop.train.run import evaluate
 
@@ -495,6 +506,7 @@ def _token_unit(checkpoint: str) -> str:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    _check_checkpoint(args.checkpoint)
     from innerloop.data.tokenizer import ByteTokenizer
     from innerloop.train.checkpoint import checkpoint_tokenizer
     from innerloop.train.module import load_model

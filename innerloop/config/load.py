@@ -457,6 +457,24 @@ def _check_trainer_combination(run: RunConfig) -> None:
         chatter.setLevel(level)
 
 
+CHECKPOINT_SUFFIX = ".safetensors"  # what `innerloop train` writes: last.safetensors
+
+
+def checkpoint_path_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be a checkpoint file (a directory, or nothing there), or None. Checked by the
+    checkpoint reader and, before anything heavy is imported, by the commands that take a checkpoint."""
+    path = Path(path)
+    name = repr(str(path))
+    if path.is_dir():
+        return (
+            f"checkpoint {name} is a directory; give the checkpoint file in it "
+            f"(e.g. {str(path / ('last' + CHECKPOINT_SUFFIX))!r})"
+        )
+    if not path.is_file():
+        return f"checkpoint {name} does not exist or is not a file"
+    return None
+
+
 def check_output_dir(path: str | os.PathLike[str], key: str) -> None:
     """Raise :class:`ConfigError` (naming ``key``, e.g. ``out_dir``) unless ``path`` is a directory or
     can be made one: not a file, and its nearest existing ancestor a directory this user can write."""

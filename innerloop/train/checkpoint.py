@@ -40,6 +40,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from innerloop.config.load import CHECKPOINT_SUFFIX, checkpoint_path_problem
 from innerloop.data.atomic import atomic_write
 from innerloop.data.tokenizer import Tokenizer, tokenizer_from_state
 from innerloop.models import ModelConfig
@@ -48,7 +49,6 @@ FORMAT = "innerloop-checkpoint"
 FORMAT_VERSION = "2"
 UNVERIFIED_VERSION = "1"
 """The format version before checksums: read with an :class:`UnverifiedCheckpointWarning`."""
-CHECKPOINT_SUFFIX = ".safetensors"
 
 MAX_TREE_CHARS = 64 * 2**20
 """Largest JSON tree read (64 MiB; a training checkpoint's is a few KiB: the tensors are not in it)."""
@@ -232,13 +232,9 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     :class:`CheckpointError` (one line naming the file and the problem) for any other file."""
     path = Path(path)
     name = repr(str(path))
-    if path.is_dir():
-        raise CheckpointError(
-            f"checkpoint {name} is a directory; give the checkpoint file in it "
-            f"(e.g. {str(path / ('last' + CHECKPOINT_SUFFIX))!r})"
-        )
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {name} does not exist or is not a file")
+    problem = checkpoint_path_problem(path)
+    if problem is not None:
+        raise CheckpointError(problem)
     metadata, tensors = _read_file(path, name)
     tree_json = metadata[_TREE_KEY]
     if _DIGEST_KEY in metadata and checkpoint_digest(tree_json, tensors) != metadata[_DIGEST_KEY]:

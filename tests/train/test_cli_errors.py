@@ -393,3 +393,20 @@ def test_every_user_error_the_cli_names_exists():
     for module_name, class_name in USER_ERRORS:
         error_class = getattr(importlib.import_module(module_name), class_name)
         assert isinstance(error_class, type) and issubclass(error_class, Exception), (module_name, class_name)
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_a_missing_checkpoint_is_reported_before_lightning_is_imported(command, tmp_path):
+    # a mistyped path answers in about a second, not after the seconds of importing Lightning
+    code = (
+        "import sys\n"
+        "from innerloop.cli import main\n"
+        f"extra = ['--prompt', 'x'] if {command!r} == 'generate' else []\n"
+        f"assert main([{command!r}, {str(tmp_path / 'missing.safetensors')!r}, *extra]) == 2\n"
+        f"assert main([{command!r}, {str(tmp_path)!r}, *extra]) == 2\n"
+        "assert 'lightning' not in sys.modules, 'the check imported Lightning'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "missing.safetensors' does not exist or is not a file" in result.stderr
+    assert f"checkpoint {str(tmp_path)!r} is a directory; give the checkpoint file in it" in result.stderr

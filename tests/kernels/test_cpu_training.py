@@ -205,6 +205,7 @@ def test_rows_whose_squares_overflow_train_equal_to_the_reference(model, weight,
             assert_close(g_ours, g_ref, f"gradient of {name}", FLOAT64_TOLERANCE)
 
 
+@pytest.mark.slow  # ~1.5 s: finite differences over every input (the fast loop checks against the reference)
 @pytest.mark.parametrize("stack", [LINEAR, MLP, DEEPER], ids=["linear", "mlp", "deeper"])
 def test_the_compiled_scans_pass_gradcheck(stack):
     """Finite differences in float64 against the hand-written backward, on the scan's own inputs (the

@@ -395,6 +395,7 @@ def test_every_user_error_the_cli_names_exists():
         assert isinstance(error_class, type) and issubclass(error_class, Exception), (module_name, class_name)
 
 
+@pytest.mark.slow  # ~4.5 s: two fresh interpreters (what is imported is only visible in a new process)
 @pytest.mark.parametrize("command", ["generate", "eval"])
 def test_a_missing_checkpoint_is_reported_before_lightning_is_imported(command, tmp_path):
     # a mistyped path answers in about a second, not after the seconds of importing Lightning

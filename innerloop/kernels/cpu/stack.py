@@ -24,12 +24,10 @@ from innerloop.kernels.cpu.stack_scan import compiled_stack_scan
 from innerloop.kernels.fused_torch import TrainingScan, make_fused_forward
 from innerloop.kernels.spec import KernelDecode, KernelForward, KernelInputs, KernelSpec, stack_kernel_spec
 
-ACTIVATION_NAMES = tuple(ACTIVATION_CODES.values())
-
 
 def activation_code(activation: Activation | None) -> int | None:
-    """The kernel's code for an activation: 0 for none (the identity), 1 for exactly innerloop's
-    tanh-GELU with the reference's derivative, None for anything else (the kernel cannot run it)."""
+    """The kernel's code for an activation (:data:`ACTIVATION_CODES`): 0 for none (the identity), 1 for
+    exactly innerloop's tanh-GELU with the reference's derivative, None for anything else (the kernel cannot run it)."""
     if activation is None:
         return 0
     if activation.fn is gelu_tanh and activation.derivative is gelu_tanh_derivative:
@@ -320,7 +318,7 @@ def make_verify(stack: tuple[AffineLayer, ...]):
         if not inputs.extra.get("decode") and inputs.num_tokens % inputs.mini_batch_size != 0:
             return f"num_tokens {inputs.num_tokens} is not a multiple of mini_batch_size {inputs.mini_batch_size}"
         if unsupported:
-            return f"activations {unsupported} are not among those the kernel computes {ACTIVATION_NAMES}"
+            return f"activations {unsupported} are not among those the kernel computes {tuple(ACTIVATION_CODES.values())}"
         if len(stack) > MAX_LAYERS:
             return f"{len(stack)} layers, the kernel takes up to {MAX_LAYERS}"
         try:

@@ -1065,7 +1065,7 @@ struct StackScanWorkspace {
   // gradients of each of them.
   std::vector<std::vector<T>> key_in, key_pre, grad, back, query_in, query_pre, sim, mix, key_slope, query_slope;
   std::vector<std::vector<T>> d_key_in, d_key_pre, d_grad, d_query_in, d_query_pre;
-  std::vector<T> xhat, a, ln_grad, rstd, c, products, d_products, d_mix, transposed, product_t, scaled;
+  std::vector<T> xhat, a, rstd, c, products, d_products, d_mix, transposed, product_t, scaled;
 
   StackScanWorkspace(int32_t layers, const int64_t* in, const int64_t* out, int64_t k) {
     for (auto* list : {&key_in, &key_pre, &grad, &back, &query_in, &query_pre, &sim, &mix, &key_slope, &query_slope,
@@ -1085,7 +1085,7 @@ struct StackScanWorkspace {
       mix[l].resize(k * k);
     }
     const int64_t f = out[layers - 1];
-    for (auto* buffer : {&xhat, &a, &ln_grad}) buffer->resize(k * f);
+    for (auto* buffer : {&xhat, &a}) buffer->resize(k * f);
     rstd.resize(k);
     c.resize(k);
     products.resize((k + in[0]) * out[0]);
@@ -1095,7 +1095,8 @@ struct StackScanWorkspace {
     product_t.resize(2 * k * widest);
     scaled.resize(k * widest);
   }
-  LayerNormRows<T> rows() { return {xhat.data(), a.data(), ln_grad.data(), rstd.data(), c.data()}; }
+  // the LayerNorm rows of the last layer, whose gradient G_{L-1} they write in place
+  LayerNormRows<T> rows() { return {xhat.data(), a.data(), grad.back().data(), rstd.data(), c.data()}; }
 };
 
 // One pair's slice of a call's tensors for mini-batch n.
@@ -1165,7 +1166,6 @@ void stack_scan_block(const InnerloopStackScanArgs& args, const StackBlock<T>& b
     gemm<T>(k, out[l], in[l], ws.key_in[l].data(), in[l], 1, w[l], out[l], ws.key_pre[l].data(), out[l], T(1), false);
   }
   ln_gradient_rows(k, f, ws.key_pre[layers - 1].data(), block.shift, gamma_sq, T(args.eps), ws.rows());
-  std::memcpy(ws.grad[layers - 1].data(), ws.ln_grad.data(), k * f * sizeof(T));
   // back through the stack at the starting weights: G_{l-1} = (G_l W_l^T) * act'(Z_{l-1})
   for (int32_t l = layers - 1; l > 0; --l) {
     times_weight_transposed<T>(k, out[l - 1], out[l], ws.grad[l].data(), w[l], ws.back[l].data(), T(1), false, ws);

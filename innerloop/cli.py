@@ -499,17 +499,16 @@ def _params(args: argparse.Namespace) -> int:
 
 def _token_unit(checkpoint: str) -> str:
     """``byte`` for a checkpoint of the byte tokenizer, else ``token``."""
+    from innerloop.checkpoints import checkpoint_tokenizer
     from innerloop.data.tokenizer import ByteTokenizer
-    from innerloop.train.checkpoint import checkpoint_tokenizer
 
     return "byte" if isinstance(checkpoint_tokenizer(checkpoint), ByteTokenizer) else "token"
 
 
 def _generate(args: argparse.Namespace) -> int:
     _check_checkpoint(args.checkpoint)
+    from innerloop.checkpoints import checkpoint_tokenizer, load_model
     from innerloop.data.tokenizer import ByteTokenizer
-    from innerloop.train.checkpoint import checkpoint_tokenizer
-    from innerloop.train.module import load_model
 
     model = load_model(args.checkpoint)  # first: its errors say what is wrong with the file
     tokenizer = checkpoint_tokenizer(args.checkpoint)
@@ -849,7 +848,7 @@ def _export(args: argparse.Namespace) -> int:
 # would import Lightning (seconds) before a config error could be reported.
 USER_ERRORS = (
     ("innerloop.config.load", "ConfigError"),
-    ("innerloop.train.checkpoint", "CheckpointError"),
+    ("innerloop.checkpoints", "CheckpointError"),
     ("innerloop.train.data", "DataError"),
     ("innerloop.data.tokenizer", "TokenizerError"),
     ("lightning.fabric.utilities.exceptions", "MisconfigurationException"),

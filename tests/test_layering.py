@@ -37,6 +37,7 @@ LAYERS: tuple[str, ...] = (
     "interop",
     "data",
     "config",
+    "checkpoints",  # innerloop.checkpoints: the checkpoint format and load_model, without Lightning
     "train",
     "hf",
     "ops",  # innerloop.ops: the public scan op, re-exported from core.ops

@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from innerloop.checkpoints import checkpoint_tokenizer, load_model
 from innerloop.data.tokenizer import Tokenizer as RunTokenizer
 from innerloop.hf.configuration import MODEL_TYPE, InnerloopConfig
 from innerloop.hf.modeling import InnerloopForCausalLM
 from innerloop.hf.tokenizer import BYTES, write_tokenizer_files
-from innerloop.train.checkpoint import checkpoint_tokenizer
-from innerloop.train.module import load_model
 
 
 class ExportError(ValueError):
@@ -118,7 +117,7 @@ def export_checkpoint(
 ) -> Path:
     """Export the model of a training checkpoint (a ``last.safetensors`` of ``innerloop train``).
 
-    Raises :class:`~innerloop.train.checkpoint.CheckpointError` for a file that is not a readable
+    Raises :class:`~innerloop.checkpoints.CheckpointError` for a file that is not a readable
     checkpoint and :class:`ExportError` for a target that may not be written (checked first).
     """
     check_target(out_dir, overwrite)

@@ -34,7 +34,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 def from_run_tokenizer(tokenizer: RunTokenizer) -> PreTrainedTokenizerBase:
     """The transformers form of the tokenizer a run recorded (its checkpoint's, see
-    :func:`~innerloop.train.checkpoint.checkpoint_tokenizer`)."""
+    :func:`~innerloop.checkpoints.checkpoint_tokenizer`)."""
     if isinstance(tokenizer, ByteTokenizer):
         return byte_tokenizer()
     if not isinstance(tokenizer, HFTokenizer):

@@ -1,420 +1,53 @@
-"""Checkpoints as single safetensors files; nothing is ever unpickled.
+"""The safetensors checkpoint format (:mod:`innerloop.checkpoints`) plugged into Lightning.
 
-A Lightning checkpoint is a tree of dicts, lists and tuples whose leaves are tensors, numbers, strings
-and None (weights, optimizer moments, loop counters, callback states, hyperparameters). We store the
-tensors as safetensors entries and the rest of the tree as JSON in the safetensors metadata, under the
-key ``innerloop.tree``, with each tensor replaced by a reference to its entry. Loading parses JSON and
-safetensors only, so a checkpoint from an untrusted source cannot run code.
-
-Integrity: the metadata also holds ``innerloop.sha256``, a SHA-256 over the tree's JSON and every
-tensor (name, dtype, shape and bytes, in sorted name order, see :func:`checkpoint_digest`). Loading
-recomputes it, so a flipped byte anywhere in the data is reported as corruption instead of surfacing
-later as NaN weights. The tree's JSON is parsed with bounds on its size and nesting depth.
-
-Versions: format version 2 carries the checksum. Version 1 (innerloop before checksums) is still read,
-with a :class:`UnverifiedCheckpointWarning`, so that older runs stay usable; saving it again (e.g. by
-resuming the run) upgrades it. A file of a newer version is refused with a request to upgrade.
-
-Every problem with a file (missing, a directory, truncated, not safetensors, another format, a newer
-version, a checksum mismatch, a malformed tree, weights that do not fit the model) raises one
-:class:`CheckpointError` whose message is a single line naming the file and what is wrong.
-
-:class:`SafetensorsCheckpointIO` plugs this format into Lightning (``Trainer(plugins=[...])``), so
-``trainer.save_checkpoint`` and ``trainer.fit(ckpt_path=...)`` use it; writes are atomic.
+:class:`SafetensorsCheckpointIO` (``Trainer(plugins=[...])``) makes ``trainer.save_checkpoint`` and
+``trainer.fit(ckpt_path=...)`` write and read that format; writes are atomic and nothing is ever
+unpickled. The format itself, and reading a model back, live in :mod:`innerloop.checkpoints`, which
+does not import Lightning; its names are re-exported here for code written against this module.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
-import warnings
-from collections.abc import Mapping
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from innerloop.config.load import CHECKPOINT_SUFFIX, checkpoint_path_problem
-from innerloop.data.atomic import atomic_write
-from innerloop.data.tokenizer import Tokenizer, tokenizer_from_state
-from innerloop.models import ModelConfig
+from innerloop.checkpoints import (
+    CHECKPOINT_SUFFIX,
+    TOKENIZER_KEY,
+    CheckpointError,
+    UnverifiedCheckpointWarning,
+    check_state_dict,
+    checkpoint_digest,
+    checkpoint_identity,
+    checkpoint_tokenizer,
+    describe_model,
+    load_checkpoint,
+    load_training_checkpoint,
+    save_checkpoint,
+)
 
-FORMAT = "innerloop-checkpoint"
-FORMAT_VERSION = "2"
-UNVERIFIED_VERSION = "1"
-"""The format version before checksums: read with an :class:`UnverifiedCheckpointWarning`."""
-
-MAX_TREE_CHARS = 64 * 2**20
-"""Largest JSON tree read (64 MiB; a training checkpoint's is a few KiB: the tensors are not in it)."""
-MAX_TREE_DEPTH = 64
-"""Deepest nesting of the JSON tree read (a Lightning checkpoint nests about 8 deep)."""
-
-TOKENIZER_KEY = "tokenizer"
-"""The checkpoint key holding the run's tokenizer (:meth:`~innerloop.data.tokenizer.Tokenizer.to_state`:
-the whole tokenizer.json as text); a checkpoint without it was made with the byte tokenizer."""
-
-_TREE_KEY = "innerloop.tree"
-_DIGEST_KEY = "innerloop.sha256"
-
-
-class CheckpointError(ValueError):
-    """A file that is not a readable innerloop checkpoint (missing, corrupt, of another format or
-    version, or holding weights that do not fit the model). The message is one line naming the file."""
-
-
-class UnverifiedCheckpointWarning(UserWarning):
-    """A checkpoint of format version 1, which has no checksum, was read without an integrity check."""
-
-
-class _TreeError(ValueError):
-    """The JSON tree of a checkpoint is not one that :func:`save_checkpoint` writes."""
-
-
-# -- the tree <-> (tensors, JSON) encoding -------------------------------------------------------------
-
-
-def _encode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
-    """JSON-able form of ``obj``; tensors are moved into ``tensors`` and replaced by their key."""
-    if isinstance(obj, torch.Tensor):
-        key = f"t{len(tensors)}"
-        # clone: safetensors refuses tensors that share memory (e.g. the tied embedding and LM head)
-        tensors[key] = obj.detach().to("cpu").contiguous().clone()
-        return {"__tensor__": key}
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
-            return {k: _encode(v, tensors, f"{where}[{k!r}]") for k, v in obj.items()}
-        # non-string keys (e.g. the optimizer's integer parameter ids): a list of pairs
-        return {
-            "__dict__": [
-                [_encode(k, tensors, where), _encode(v, tensors, f"{where}[{k!r}]")] for k, v in obj.items()
-            ]
-        }
-    raise TypeError(
-        f"cannot store {type(obj).__name__} at checkpoint{where}: a checkpoint holds only tensors, "
-        "numbers, strings, None, lists, tuples and dicts"
-    )
-
-
-def _decode(obj: Any, tensors: dict[str, torch.Tensor], depth: int = 0) -> Any:
-    """Inverse of :func:`_encode`; raises :class:`_TreeError` for anything it would not have written."""
-    if depth > MAX_TREE_DEPTH:
-        raise _TreeError(f"its tree nests deeper than {MAX_TREE_DEPTH} levels")
-    if isinstance(obj, list):
-        return [_decode(v, tensors, depth + 1) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if "__tensor__" in obj:
-        key = obj["__tensor__"]
-        if len(obj) != 1 or not isinstance(key, str) or key not in tensors:
-            raise _TreeError(f"its tree refers to a tensor {key!r} that the file does not hold")
-        return tensors[key]
-    if "__tuple__" in obj:
-        items = obj["__tuple__"]
-        if len(obj) != 1 or not isinstance(items, list):
-            raise _TreeError("its tree has a malformed tuple")
-        return tuple(_decode(v, tensors, depth + 1) for v in items)
-    if "__dict__" in obj:
-        pairs = obj["__dict__"]
-        if len(obj) != 1 or not isinstance(pairs, list) or not all(_is_pair(p) for p in pairs):
-            raise _TreeError("its tree has a malformed dict")
-        decoded = {}
-        for key, value in pairs:
-            key = _decode(key, tensors, depth + 1)
-            if isinstance(key, (list, dict, torch.Tensor)):
-                raise _TreeError(f"its tree has a dict key of type {type(key).__name__}")
-            decoded[key] = _decode(value, tensors, depth + 1)
-        return decoded
-    return {k: _decode(v, tensors, depth + 1) for k, v in obj.items()}
-
-
-def _is_pair(item: Any) -> bool:
-    return isinstance(item, list) and len(item) == 2
-
-
-def checkpoint_digest(tree_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 (hex) of a checkpoint's JSON tree and its tensors: for each tensor in sorted name order,
-    its name, dtype, shape and raw bytes. Stored as ``innerloop.sha256`` and checked on load."""
-    digest = hashlib.sha256(tree_json.encode("utf-8"))
-    for key in sorted(tensors):
-        tensor = tensors[key].detach().to("cpu").contiguous()
-        digest.update(f"\0{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``checkpoint`` (a tree of tensors and plain values) to ``path`` atomically, with its
-    checksum."""
-    tensors: dict[str, torch.Tensor] = {}
-    tree = json.dumps(_encode(checkpoint, tensors, ""))
-    metadata = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        _TREE_KEY: tree,
-        _DIGEST_KEY: checkpoint_digest(tree, tensors),
-    }
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-# -- loading ---------------------------------------------------------------------------------------------
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-def _check_header(name: str, metadata: dict[str, str]) -> None:
-    """Raise :class:`CheckpointError` unless the metadata is of an innerloop checkpoint this version
-    reads; warn for a version 1 checkpoint (no checksum)."""
-    if metadata.get("format") != FORMAT or _TREE_KEY not in metadata:
-        raise CheckpointError(
-            f"{name} is a safetensors file but not an innerloop checkpoint (its metadata has no "
-            f"format={FORMAT!r}); innerloop checkpoints are written by `innerloop train`"
-        )
-    if len(metadata[_TREE_KEY]) > MAX_TREE_CHARS:
-        raise CheckpointError(
-            f"{name} has a metadata tree of {len(metadata[_TREE_KEY])} characters, more than the "
-            f"{MAX_TREE_CHARS} an innerloop checkpoint can have"
-        )
-    version = metadata.get("format_version")
-    if version == UNVERIFIED_VERSION:
-        warnings.warn(
-            f"{name} is a format-version-1 checkpoint, which has no checksum: it is read without an "
-            "integrity check (saving it again, e.g. by resuming the run, adds one)",
-            UnverifiedCheckpointWarning,
-            stacklevel=3,
-        )
-        return
-    if version != FORMAT_VERSION:
-        newer = isinstance(version, str) and version.isdigit() and int(version) > int(FORMAT_VERSION)
-        raise CheckpointError(
-            f"{name} has checkpoint format version {version!r}; this innerloop reads versions "
-            f"{UNVERIFIED_VERSION!r} and {FORMAT_VERSION!r}"
-            + ("; it was written by a newer innerloop: upgrade innerloop to read it" if newer else "")
-        )
-    if _DIGEST_KEY not in metadata:
-        raise CheckpointError(
-            f"{name} has format version {FORMAT_VERSION!r} but no checksum ({_DIGEST_KEY}): its "
-            "metadata was altered after it was written"
-        )
-
-
-def _read_file(path: Path, name: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """The metadata and tensors (on the CPU) of a safetensors checkpoint file."""
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            _check_header(name, metadata)
-            return metadata, {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError, KeyError) as err:
-        if isinstance(err, CheckpointError):
-            raise
-        raise CheckpointError(
-            f"{name} is not a readable innerloop checkpoint (expected a safetensors file written by "
-            f"`innerloop train`; it may be truncated or of another format): {_one_line(err)}"
-        ) from None
-
-
-def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`, verifying its checksum; raise
-    :class:`CheckpointError` (one line naming the file and the problem) for any other file."""
-    path = Path(path)
-    name = repr(str(path))
-    problem = checkpoint_path_problem(path)
-    if problem is not None:
-        raise CheckpointError(problem)
-    metadata, tensors = _read_file(path, name)
-    tree_json = metadata[_TREE_KEY]
-    if _DIGEST_KEY in metadata and checkpoint_digest(tree_json, tensors) != metadata[_DIGEST_KEY]:
-        raise CheckpointError(
-            f"{name} is corrupt: its checksum ({_DIGEST_KEY}) does not match its contents (the file was "
-            "damaged or altered after it was written); use another checkpoint or train again"
-        )
-    try:
-        tree = _decode(json.loads(tree_json), tensors)
-    except (RecursionError, ValueError) as err:  # json.JSONDecodeError and _TreeError are ValueErrors
-        reason = (
-            f"its tree nests too deeply ({type(err).__name__})" if isinstance(err, RecursionError) else err
-        )
-        raise CheckpointError(f"{name} has a malformed metadata tree: {_one_line(reason)}") from None
-    if not isinstance(tree, dict):
-        raise CheckpointError(f"{name} has a metadata tree that is a {type(tree).__name__}, not a dict")
-    _check_finite_weights(name, tree.get("state_dict"))
-    _fill_earlier_defaults(tree)
-    device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
-    if torch.device(device).type != "cpu":
-        tree = _move_tensors(tree, device)
-    return tree
-
-
-EARLIER_E2E_DEFAULTS = {"chunk_targets": "within_chunk", "rope_positions": "absolute"}
-"""What a TTT-E2E model did before these options existed (their defaults are now the official code's):
-a checkpoint that does not name them was trained, and must be read, with these."""
-
-
-def _fill_earlier_defaults(tree: dict[str, Any]) -> None:
-    """Give a stored model config the options it was written without, at the values its model used
-    then, so that an older checkpoint loads as the same function (not silently as the new default)."""
-    model = (tree.get("hyper_parameters") or {}).get("model")
-    if isinstance(model, dict) and model.get("mixer") == "e2e" and isinstance(model.get("e2e"), dict):
-        model["e2e"] = {**EARLIER_E2E_DEFAULTS, **model["e2e"]}
-
-
-def _check_finite_weights(name: str, state_dict: Any) -> None:
-    """Raise one :class:`CheckpointError` line if a floating tensor of ``state_dict`` holds a NaN or an
-    infinity: such weights make every output NaN (blamed on the input later), and a NaN in one of two
-    tied weights would be silently replaced by its twin when loaded."""
-    if not isinstance(state_dict, dict):
-        return  # check_state_dict reports a state dict of the wrong kind against the model
-    for key, tensor in state_dict.items():
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
-            bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                raise CheckpointError(
-                    f"{name} has non-finite weights: {key!r} holds {bad} NaN/infinite value(s) of "
-                    f"{tensor.numel()} (the run that wrote it diverged); use an earlier checkpoint"
-                )
-
-
-def checkpoint_identity(path: str | os.PathLike[str]) -> str:
-    """``<file stem>-<first 8 hex digits of its content checksum>``, e.g. ``last-1a2b3c4d``: names
-    what was evaluated, so outputs of two checkpoints (even two ``last.safetensors``) never collide.
-
-    The checksum is the one in the metadata (:func:`checkpoint_digest`; verified by
-    :func:`load_checkpoint`, which should be called first); an old version-1 file without one is hashed
-    whole."""
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            digest = (f.metadata() or {}).get(_DIGEST_KEY)
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint: {_one_line(err)}") from None
-    if digest is None:
-        with path.open("rb") as file:
-            digest = hashlib.file_digest(file, "sha256").hexdigest()
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.name.removesuffix(CHECKPOINT_SUFFIX)).strip("-.") or "ckpt"
-    return f"{stem[:40]}-{digest[:8]}"
-
-
-def checkpoint_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """The tokenizer a checkpoint was trained with (:data:`TOKENIZER_KEY`; bytes when it records
-    none), read from its metadata alone (the weights are not loaded or verified: :func:`load_checkpoint`
-    does that). Raises :class:`CheckpointError` naming the file, as :func:`load_checkpoint` does."""
-    name = repr(str(path))
-    if not Path(path).is_file():
-        load_checkpoint(path)  # raises the error of a missing file or a directory
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(
-            f"{name} is not a readable innerloop checkpoint (expected a safetensors file written by "
-            f"`innerloop train`): {_one_line(err)}"
-        ) from None
-    _check_header(name, metadata)
-    try:
-        tree = json.loads(metadata[_TREE_KEY])
-        return tokenizer_from_state(tree.get(TOKENIZER_KEY) if isinstance(tree, dict) else None, name)
-    except (ValueError, RecursionError) as err:  # JSONDecodeError and TokenizerError are ValueErrors
-        raise CheckpointError(f"{name}: {_one_line(err)}") from None
-
-
-def _move_tensors(obj: Any, device: str | torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_move_tensors(v, device) for v in obj)
-    if isinstance(obj, dict):
-        return {k: _move_tensors(v, device) for k, v in obj.items()}
-    return obj
-
-
-# -- weights against the model they are loaded into ------------------------------------------------------
-
-
-def _shown(keys: list[str], limit: int = 3) -> str:
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return f"{keys[:limit]}{more}"
-
-
-def check_state_dict(
-    expected: Mapping[str, torch.Tensor], given: Any, path: str | os.PathLike[str], model: str = "the model"
-) -> None:
-    """Raise one :class:`CheckpointError` line unless the checkpoint's ``given`` state dict has exactly
-    the keys of ``expected`` (e.g. ``module.state_dict()``), each with the same shape and dtype.
-
-    ``model`` describes what the weights are loaded into, for the message. (``load_state_dict`` would
-    raise a many-line error for missing keys and silently cast another dtype.)
-    """
-    name = repr(str(path))
-    if not isinstance(given, dict) or not all(isinstance(v, torch.Tensor) for v in given.values()):
-        raise CheckpointError(f"{name} has a state_dict that is not a mapping of names to tensors")
-    problems = []
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    if missing:
-        problems.append(f"{len(missing)} missing weight(s) {_shown(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected weight(s) {_shown(unexpected)}")
-    shapes = [
-        f"{k!r} is {list(given[k].shape)}, expected {list(v.shape)}"
-        for k, v in expected.items()
-        if k in given and given[k].shape != v.shape
-    ]
-    dtypes = [
-        f"{k!r} is {given[k].dtype}, expected {v.dtype}"
-        for k, v in expected.items()
-        if k in given and given[k].dtype != v.dtype
-    ]
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatch(es): " + ", ".join(shapes[:3]))
-    if dtypes:
-        problems.append(f"{len(dtypes)} dtype mismatch(es): " + ", ".join(dtypes[:3]))
-    if problems:
-        raise CheckpointError(
-            f"{name} does not fit {model}: " + "; ".join(problems) + " (was it written by a run with "
-            "another model config?)"
-        )
-
-
-def describe_model(config: Mapping[str, Any]) -> str:
-    """A short description of a model config for messages, e.g. ``mixer='ttt', hidden_size=64, ...``."""
-    keys = ("mixer", "backbone", "hidden_size", "num_layers", "num_heads")
-    config = {**asdict(ModelConfig()), **config}  # hyperparameters may hold only the non-default keys
-    return ", ".join(f"{k}={config.get(k)!r}" for k in keys if k in config)
-
-
-_TRAINING_KEYS = ("pytorch-lightning_version", "state_dict", "hyper_parameters", "loops", "optimizer_states")
-"""Keys Lightning reads when a run resumes from a checkpoint."""
-
-
-def load_training_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """:func:`load_checkpoint`, and check that it is a whole training checkpoint a run can resume
-    from (not e.g. weights alone); raise :class:`CheckpointError` otherwise."""
-    checkpoint = load_checkpoint(path)
-    missing = [key for key in _TRAINING_KEYS if key not in checkpoint]
-    if missing:
-        raise CheckpointError(
-            f"{str(path)!r} is not a training checkpoint (it has no {missing}), so a run cannot continue "
-            "from it; give the last.safetensors that `innerloop train` wrote"
-        )
-    return checkpoint
+__all__ = [
+    "CHECKPOINT_SUFFIX",
+    "TOKENIZER_KEY",
+    "CheckpointError",
+    "SafetensorsCheckpointIO",
+    "UnverifiedCheckpointWarning",
+    "check_state_dict",
+    "checkpoint_digest",
+    "checkpoint_identity",
+    "checkpoint_tokenizer",
+    "describe_model",
+    "load_checkpoint",
+    "load_training_checkpoint",
+    "save_checkpoint",
+]
 
 
 class SafetensorsCheckpointIO(CheckpointIO):
-    """Lightning checkpoint IO through :func:`save_checkpoint` / :func:`load_checkpoint`."""
+    """Lightning checkpoint IO through :func:`~innerloop.checkpoints.save_checkpoint` /
+    :func:`~innerloop.checkpoints.load_checkpoint`."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:

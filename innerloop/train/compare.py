@@ -28,17 +28,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from innerloop.config.load import ConfigError
-from innerloop.data.atomic import atomic_write, atomic_write_text
-from innerloop.data.tokenizer import Tokenizer
-from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
-from innerloop.models.params import count_parameters
-from innerloop.train.checkpoint import (
+from innerloop.checkpoints import (
     CHECKPOINT_SUFFIX,
     checkpoint_identity,
     checkpoint_tokenizer,
     load_checkpoint,
 )
+from innerloop.config.load import ConfigError
+from innerloop.data.atomic import atomic_write, atomic_write_text
+from innerloop.data.tokenizer import Tokenizer
+from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
+from innerloop.models.params import count_parameters
 from innerloop.train.data import IGNORE_INDEX
 from innerloop.train.metrics import position_buckets
 from innerloop.train.module import LanguageModelModule, load_module

@@ -29,9 +29,7 @@ import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.classification import MulticlassAccuracy
 
-from innerloop.core.diagnostics import inner_loss_before_after
-from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
-from innerloop.train.checkpoint import (
+from innerloop.checkpoints import (
     CheckpointError,
     _one_line,
     check_state_dict,
@@ -39,6 +37,9 @@ from innerloop.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from innerloop.checkpoints import load_model as load_model  # re-exported: its old home
+from innerloop.core.diagnostics import inner_loss_before_after
+from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
 from innerloop.train.data import IGNORE_INDEX, Batch
 from innerloop.train.metrics import Float64Perplexity, InnerLossDiagnostics, LossByPosition
 from innerloop.train.schedules import Schedule, make_schedule
@@ -135,7 +136,7 @@ class LanguageModelModule(L.LightningModule):
             self._inner_loss_before_after = inner_loss_before_after
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, with one :class:`~innerloop.train.checkpoint.CheckpointError` line, a checkpoint whose
+        """Refuse, with one :class:`~innerloop.checkpoints.CheckpointError` line, a checkpoint whose
         weights do not fit this model (e.g. an attention run's resumed into a TTT run), before Lightning
         loads them."""
         path = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
@@ -301,7 +302,7 @@ def load_module(path: str | os.PathLike[str]):
     """The :class:`~innerloop.train.module.LanguageModelModule` stored in a training checkpoint
     (hyperparameters and weights), in eval mode.
 
-    Raises :class:`~innerloop.train.checkpoint.CheckpointError` if the file is not an innerloop training checkpoint or its weights
+    Raises :class:`~innerloop.checkpoints.CheckpointError` if the file is not an innerloop training checkpoint or its weights
     do not fit the model its hyperparameters describe (missing or unexpected keys, shapes, dtypes).
     """
     checkpoint = load_checkpoint(path)
@@ -327,17 +328,11 @@ def load_module(path: str | os.PathLike[str]):
     return module.eval()
 
 
-def load_model(path: str | os.PathLike[str]) -> CausalLM | E2ELM:
-    """The model stored in a training checkpoint (:class:`~innerloop.models.CausalLM`, or
-    :class:`~innerloop.models.E2ELM` for ``mixer="e2e"``), in eval mode (see :func:`load_module`)."""
-    return load_module(path).model
-
-
 def save_model_checkpoint(model: CausalLM | E2ELM, path: str | os.PathLike[str]) -> Path:
     """Write ``model`` (e.g. one converted from another implementation) as an innerloop checkpoint at
     ``path``: the hyperparameters (its config, the training defaults) and weights that
     :func:`load_module` reads, so ``innerloop generate`` and ``innerloop eval`` take it. Written
-    atomically (see :func:`~innerloop.train.checkpoint.save_checkpoint`); returns the path."""
+    atomically (see :func:`~innerloop.checkpoints.save_checkpoint`); returns the path."""
     module = LanguageModelModule(model=model.config.to_dict())
     dtype = next(model.parameters()).dtype
     # Parameters only, not .to(dtype): buffers keep their dtype (E2E's float64 progress counter).

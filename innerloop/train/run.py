@@ -43,6 +43,14 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from innerloop.checkpoints import (
+    CHECKPOINT_SUFFIX,
+    TOKENIZER_KEY,
+    CheckpointError,
+    checkpoint_identity,
+    checkpoint_tokenizer,
+    load_training_checkpoint,
+)
 from innerloop.config.load import (
     ConfigError,
     check_resume_changes,
@@ -58,15 +66,7 @@ from innerloop.config.schema import RunConfig
 from innerloop.data.tokenizer import Tokenizer
 from innerloop.models import ModelConfig
 from innerloop.models.ablation import no_test_time_training
-from innerloop.train.checkpoint import (
-    CHECKPOINT_SUFFIX,
-    TOKENIZER_KEY,
-    CheckpointError,
-    SafetensorsCheckpointIO,
-    checkpoint_identity,
-    checkpoint_tokenizer,
-    load_training_checkpoint,
-)
+from innerloop.train.checkpoint import SafetensorsCheckpointIO
 from innerloop.train.data import (
     IGNORE_INDEX,
     Batch,
@@ -181,7 +181,7 @@ def build_datamodule(run: RunConfig) -> TextDataModule | RecallDataModule | HFDa
 
 
 class _RecordTokenizer(Callback):
-    """Stores the run's tokenizer in every checkpoint (:data:`~innerloop.train.checkpoint.TOKENIZER_KEY`),
+    """Stores the run's tokenizer in every checkpoint (:data:`~innerloop.checkpoints.TOKENIZER_KEY`),
     so that eval, generate, export and a resume use the one the weights were trained with."""
 
     def __init__(self, run: RunConfig):
@@ -638,7 +638,7 @@ def evaluation_stem(
     ``eval_<checkpoint>_<data>_T<seq_len>_n<windows>``, e.g. ``eval_last-1a2b3c4d_default-val_T32_n16``,
     with ``_no-ttt`` at the end for an evaluation with test-time training off.
 
-    ``<checkpoint>`` is :func:`~innerloop.train.checkpoint.checkpoint_identity` (file stem and content
+    ``<checkpoint>`` is :func:`~innerloop.checkpoints.checkpoint_identity` (file stem and content
     checksum prefix: two checkpoints never share a name, and evaluating the same one with the same
     settings again rewrites only its own file). ``<data>`` is ``data_tag`` when given (the run's
     validation data, see :func:`evaluation_windows`), ``default-val`` for the default corpus's

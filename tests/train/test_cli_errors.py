@@ -411,3 +411,31 @@ def test_a_missing_checkpoint_is_reported_before_lightning_is_imported(command, 
     assert result.returncode == 0, result.stderr
     assert "missing.safetensors' does not exist or is not a file" in result.stderr
     assert f"checkpoint {str(tmp_path)!r} is a directory; give the checkpoint file in it" in result.stderr
+
+
+@pytest.mark.slow  # ~4 s: a fresh interpreter (what is imported is only visible in a new process)
+def test_generate_reads_a_checkpoint_without_importing_lightning(tmp_path):
+    # generate rebuilds the model with innerloop.checkpoints alone; its errors are still user errors
+    from innerloop.models import ModelConfig, build_model
+    from innerloop.train.module import save_model_checkpoint
+
+    good = save_model_checkpoint(
+        build_model(ModelConfig(hidden_size=16, num_layers=1, num_heads=2, vocab_size=256)),
+        tmp_path / "good.safetensors",
+    )
+    bigger = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, vocab_size=256))
+    checkpoint = {"hyper_parameters": {"model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2}}}
+    checkpoint["state_dict"] = {f"model.{k}": v for k, v in bigger.state_dict().items()}
+    wrong = save_checkpoint(checkpoint, tmp_path / "wrong.safetensors")
+    code = (
+        "import sys\n"
+        "from innerloop.cli import main\n"
+        f"assert main(['generate', {str(good)!r}, '--prompt', 'ab', '--tokens', '3']) == 0\n"
+        f"assert main(['generate', {str(wrong)!r}, '--prompt', 'ab']) == 2\n"
+        "assert 'lightning' not in sys.modules, 'generate imported Lightning'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ab")
+    assert "wrong.safetensors' does not fit the model its hyperparameters describe" in result.stderr
+    assert "Traceback" not in result.stderr

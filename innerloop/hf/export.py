@@ -7,12 +7,14 @@ into place, so ``OUT_DIR`` is never half written: an interrupted export leaves t
 none) and a temporary ``.<name>.*.tmp`` folder, never a mix.
 
 An existing ``OUT_DIR`` is replaced only with ``overwrite=True`` and only when it is empty or an
-earlier export (its ``config.json`` has ``model_type`` ``innerloop``): a folder of other files is never
-deleted.
+earlier export (its ``config.json`` has ``model_type`` ``innerloop``) holding nothing but the files an
+export writes (:data:`EXPORT_FILES`): a file or folder of anyone else's, such as notes or results added
+to an earlier export, is never deleted.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -26,11 +28,51 @@ from innerloop.checkpoints import checkpoint_tokenizer, load_model
 from innerloop.data.tokenizer import Tokenizer as RunTokenizer
 from innerloop.hf.configuration import MODEL_TYPE, InnerloopConfig
 from innerloop.hf.modeling import InnerloopForCausalLM
+from innerloop.hf.remote_code import SHIMS
 from innerloop.hf.tokenizer import BYTES, write_tokenizer_files
 
 
 class ExportError(ValueError):
     """An export that cannot be made as asked (the target folder, the tokenizer); one line."""
+
+
+EXPORT_FILES: tuple[str, ...] = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",  # a large model's shards, and their index
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    *SHIMS,  # the remote-code modules
+)
+"""Names (fnmatch patterns) of the files an export writes, whatever its model and tokenizer:
+``--overwrite`` replaces a folder holding these only."""
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """The entries of ``folder`` that no export writes (folders shown with a trailing ``/``)."""
+    return sorted(
+        entry.name + "/" if entry.is_dir() else entry.name
+        for entry in folder.iterdir()
+        if entry.is_dir() or not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in EXPORT_FILES)
+    )
+
+
+def _refuse_foreign_entries(out: Path) -> None:
+    foreign = _foreign_entries(out)
+    if foreign:
+        shown = foreign[:5] + ([f"and {len(foreign) - 5} more"] if len(foreign) > 5 else [])
+        raise ExportError(
+            f"OUT_DIR {str(out)!r} is an earlier export but also holds what an export does not write "
+            f"({', '.join(shown)}): --overwrite would delete it; move it out, or give a new or empty folder"
+        )
 
 
 def to_hugging_face(model: nn.Module) -> InnerloopForCausalLM:
@@ -72,6 +114,7 @@ def check_target(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
             f"model_type {MODEL_TYPE!r}); --overwrite replaces only an earlier export: give a new or "
             "empty folder"
         )
+    _refuse_foreign_entries(out)
     return out
 
 
@@ -132,9 +175,12 @@ def run_tokenizer(checkpoint: str | os.PathLike[str]) -> RunTokenizer:
 
 
 def _sync_files(folder: Path) -> None:
-    """Flush every file of ``folder`` to disk (before the rename makes them visible)."""
+    """Flush every file of ``folder`` to disk (before the rename makes them visible), each with the
+    usual permissions (the weights file is written private, 0600, by the library that writes it)."""
+    permissions = 0o666 & ~_umask()
     for path in folder.iterdir():
         if path.is_file():
+            os.chmod(path, permissions)
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
 
@@ -146,6 +192,7 @@ def _move_into_place(staging: Path, out: Path) -> None:
     if not out.exists() or not any(out.iterdir()):
         os.replace(staging, out)  # onto an empty folder too (POSIX renames onto an empty directory)
         return
+    _refuse_foreign_entries(out)  # again: files may have been added while the export was written
     aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
     aside.rmdir()
     os.replace(out, aside)

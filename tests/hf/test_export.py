@@ -4,6 +4,7 @@ its tokenizer, and the refusals (a non-empty or foreign OUT_DIR, a bad checkpoin
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,31 @@ def test_overwrite_never_replaces_a_folder_of_other_files(tmp_path: Path, capsys
     assert main(["export", str(checkpoint), str(tmp_path), "--overwrite"]) == 2
     assert "holds files that are not an innerloop export" in capsys.readouterr().err
     assert checkpoint.is_file()
+
+
+def test_overwrite_never_deletes_what_a_user_added_to_an_earlier_export(tmp_path: Path, capsys) -> None:
+    checkpoint = checkpoint_of("swa", tmp_path)
+    out = tmp_path / "exported"
+    assert main(["export", str(checkpoint), str(out)]) == 0
+    (out / "NOTES.md").write_text("my eval notes")
+    (out / "results").mkdir()
+    (out / "results" / "r.txt").write_text("1")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(["export", str(checkpoint), str(out), "--overwrite"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "NOTES.md, results/" in error and "--overwrite would delete it" in error
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert (out / "results" / "r.txt").read_text() == "1"
+    # once they are moved out, the export is replaced; every file with the usual permissions
+    (out / "NOTES.md").unlink()
+    (out / "results" / "r.txt").unlink()
+    (out / "results").rmdir()
+    assert main(["export", str(checkpoint), str(out), "--overwrite"]) == 0
+    assert {p.name for p in out.iterdir()} == FILES
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~mask}
 
 
 def test_a_file_as_out_dir_and_a_bad_checkpoint_are_one_line_errors(tmp_path: Path, capsys) -> None:

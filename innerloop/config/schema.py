@@ -10,7 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from innerloop.models.config import ModelConfig
+from innerloop.models.config import (  # noqa: F401  (Bounds and its constants: re-exported, their old home)
+    AT_LEAST_0,
+    AT_LEAST_1,
+    FRACTION,
+    MODEL_FIELD_BOUNDS,
+    POSITIVE,
+    Bounds,
+    ModelConfig,
+)
 
 DATASETS: tuple[str, ...] = ("text", "recall", "hf")
 
@@ -130,69 +138,8 @@ class RunConfig:
 # -- the range of every numeric field ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Bounds:
-    """The valid range of a numeric config field: ``low``/``high`` (None: unbounded), each inclusive
-    unless ``*_open``; ``why`` explains a limit in the error message. Floats must also be finite."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    why: str = ""
-
-    def __contains__(self, value: float) -> bool:
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            return False
-        return self.high is None or (value < self.high if self.high_open else value <= self.high)
-
-    def describe(self) -> str:
-        """E.g. ``>= 1``, ``> 0``, ``in [0, 1)``."""
-        low, high = _number(self.low), _number(self.high)
-        if self.low is not None and self.high is not None:
-            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            return f"in {left}{low}, {high}{right}"
-        if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {low}"
-        if self.high is not None:
-            return f"{'<' if self.high_open else '<='} {high}"
-        return "any value"
-
-
-def _number(value: float | None) -> str:
-    return str(int(value)) if value is not None and float(value).is_integer() else str(value)
-
-
-AT_LEAST_1 = Bounds(1)
-AT_LEAST_0 = Bounds(0)
-POSITIVE = Bounds(0, low_open=True)
-FRACTION = Bounds(0, 1, high_open=True)  # [0, 1)
-
 FIELD_BOUNDS: dict[str, Bounds] = {
-    # model (validate_model_config checks names, divisibility and plugin combinations)
-    "model.vocab_size": AT_LEAST_1,
-    "model.hidden_size": AT_LEAST_1,
-    "model.num_layers": AT_LEAST_1,
-    "model.num_heads": AT_LEAST_1,
-    "model.intermediate_size": AT_LEAST_1,
-    "model.window": AT_LEAST_1,
-    "model.rope_theta": POSITIVE,
-    "model.pre_conv_kernel": AT_LEAST_1,
-    "model.norm_eps": POSITIVE,
-    "model.init_std": POSITIVE,
-    "model.ttt.mini_batch_size": AT_LEAST_1,
-    "model.ttt.base_lr": AT_LEAST_0,
-    "model.ttt.conv_kernel": AT_LEAST_1,
-    "model.family.mini_batch_size": AT_LEAST_1,
-    "model.family.base_lr": AT_LEAST_0,
-    "model.family.conv_kernel": AT_LEAST_1,
-    "model.e2e.chunk_size": Bounds(2, why="a chunk trains on its next-token pairs"),
-    "model.e2e.suffix_fraction": Bounds(0, 1, low_open=True),
-    "model.e2e.prime_intermediate_size": Bounds(0, why="0: the same as model.intermediate_size"),
-    "model.e2e.inner_lr": AT_LEAST_0,
-    "model.e2e.inner_lr_start": AT_LEAST_0,
-    "model.e2e.inner_lr_warmup_fraction": FRACTION,
-    "model.e2e.inner_grad_clip": Bounds(0, why="0: no clipping"),
+    **MODEL_FIELD_BOUNDS,  # model.*: models/config.py, where validate_model_config checks them
     # data
     "data.seq_len": AT_LEAST_1,
     "data.batch_size": AT_LEAST_1,

@@ -217,6 +217,77 @@ class ModelConfig:
 # --------------------------------------------------------------------------------------------------
 
 
+# -- the range of every numeric field ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The valid range of a numeric config field: ``low``/``high`` (None: unbounded), each inclusive
+    unless ``*_open``; ``why`` explains a limit in the error message. Floats must also be finite."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        """E.g. ``>= 1``, ``> 0``, ``in [0, 1)``."""
+        low, high = _number(self.low), _number(self.high)
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{low}, {high}{right}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {high}"
+        return "any value"
+
+
+def _number(value: float | None) -> str:
+    return str(int(value)) if value is not None and float(value).is_integer() else str(value)
+
+
+AT_LEAST_1 = Bounds(1)
+AT_LEAST_0 = Bounds(0)
+POSITIVE = Bounds(0, low_open=True)
+FRACTION = Bounds(0, 1, high_open=True)  # [0, 1)
+
+
+MODEL_FIELD_BOUNDS: dict[str, Bounds] = {
+    "model.vocab_size": AT_LEAST_1,
+    "model.hidden_size": AT_LEAST_1,
+    "model.num_layers": AT_LEAST_1,
+    "model.num_heads": AT_LEAST_1,
+    "model.intermediate_size": AT_LEAST_1,
+    "model.window": AT_LEAST_1,
+    "model.rope_theta": POSITIVE,
+    "model.pre_conv_kernel": AT_LEAST_1,
+    "model.norm_eps": POSITIVE,
+    "model.init_std": POSITIVE,
+    "model.ttt.mini_batch_size": AT_LEAST_1,
+    "model.ttt.base_lr": AT_LEAST_0,
+    "model.ttt.conv_kernel": AT_LEAST_1,
+    "model.family.mini_batch_size": AT_LEAST_1,
+    "model.family.base_lr": AT_LEAST_0,
+    "model.family.conv_kernel": AT_LEAST_1,
+    "model.e2e.chunk_size": Bounds(2, why="a chunk trains on its next-token pairs"),
+    "model.e2e.suffix_fraction": Bounds(0, 1, low_open=True),
+    "model.e2e.prime_intermediate_size": Bounds(0, why="0: the same as model.intermediate_size"),
+    "model.e2e.inner_lr": AT_LEAST_0,
+    "model.e2e.inner_lr_start": AT_LEAST_0,
+    "model.e2e.inner_lr_warmup_fraction": FRACTION,
+    "model.e2e.inner_grad_clip": Bounds(0, why="0: no clipping"),
+}
+"""The valid range of every int and float field of :class:`ModelConfig` (nested ones too), by its
+dotted key; :func:`validate_model_config` checks them (``tests`` hold every field to having one)."""
+
+
 def _build_attention(config: ModelConfig) -> nn.Module:
     return CausalSelfAttention(config.hidden_size, config.num_heads, None, config.rope_theta)
 
@@ -365,6 +436,22 @@ def _check_types(where: str, config: Any, schema: type) -> None:
             raise ValueError(f"{where}.{f.name}={value!r} ({type(value).__name__}) must be {wanted}")
 
 
+def _check_ranges(where: str, config: Any, schema: type) -> None:
+    """Every int and float field of ``config`` (its types checked first) inside its
+    :data:`MODEL_FIELD_BOUNDS`: a negative ``rope_theta`` or ``norm_eps`` would not fail, it would
+    build a model that computes NaN or silently dead attention."""
+    hints = get_type_hints(schema)
+    for f in fields(schema):
+        value, expected, key = getattr(config, f.name), hints[f.name], f"{where}.{f.name}"
+        if is_dataclass(expected):
+            _check_ranges(key, value, expected)
+        elif expected in (int, float):
+            bounds = MODEL_FIELD_BOUNDS[key]
+            if value not in bounds:
+                why = f" ({bounds.why})" if bounds.why else ""
+                raise ValueError(f"{key}={value} must be {bounds.describe()}{why}")
+
+
 def validate_model_config(config: ModelConfig) -> None:
     """Check names and shapes before building; raise ``ValueError`` naming the field and the choices.
 
@@ -372,6 +459,7 @@ def validate_model_config(config: ModelConfig) -> None:
     not minutes into a run.
     """
     _check_types("model", config, ModelConfig)
+    _check_ranges("model", config, ModelConfig)
     _check_choices(config)
     _check_shapes(config)
     if config.mixer == E2E:
@@ -402,12 +490,8 @@ def uses_rope(config: ModelConfig) -> bool:
 
 
 def _check_shapes(config: ModelConfig) -> None:
-    """Positive sizes, and heads of an even width where the mixer applies RoPE (it rotates pairs of
-    channels)."""
-    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "window"):
-        value = getattr(config, name)
-        if value < 1:
-            raise ValueError(f"model.{name}={value} must be a positive integer")
+    """Heads that divide the width, of an even width where the mixer applies RoPE (it rotates pairs
+    of channels); the sizes' ranges are checked before (:data:`MODEL_FIELD_BOUNDS`)."""
     if config.hidden_size % config.num_heads:
         raise ValueError(
             f"model.hidden_size={config.hidden_size} must be divisible by model.num_heads={config.num_heads}"

@@ -385,6 +385,8 @@ def _train(args: argparse.Namespace) -> int:
     from innerloop.config.load import load_config
 
     run, cfg = load_config(args.config, args.overrides)  # before importing Lightning: errors come fast
+    if not args.resume:
+        _refuse_config_inside_out_dir(args.config, run.out_dir)
     if args.resume:
         from pathlib import Path
 
@@ -414,6 +416,22 @@ def _train(args: argparse.Namespace) -> int:
     print(f"config:           {result.config}")
     print(f"loss by position: {result.plot} ({result.csv})")
     return 0
+
+
+def _refuse_config_inside_out_dir(config: str | None, out_dir: str) -> None:
+    """A new run writes ``<out_dir>/config.yaml``: the file given as ``--config`` must not be that one
+    (``--overwrite`` would replace the user's own file, comments and all)."""
+    from pathlib import Path
+
+    if config is None or not Path(config).is_file():
+        return  # a preset's name, or none
+    target = Path(out_dir) / "config.yaml"
+    if target.is_file() and Path(config).resolve() == target.resolve():
+        raise ConfigError(
+            f"--config {config!r} is out_dir's config.yaml, which a new run into out_dir={out_dir!r} "
+            "replaces: pass --resume to continue the run it belongs to, or keep the config outside "
+            "out_dir (or set another out_dir) to start a new run from it"
+        )
 
 
 def _check_checkpoint(path: str) -> None:

@@ -439,3 +439,18 @@ def test_generate_reads_a_checkpoint_without_importing_lightning(tmp_path):
     assert result.stdout.startswith("ab")
     assert "wrong.safetensors' does not fit the model its hyperparameters describe" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags", [[], ["--overwrite"]])
+def test_a_config_file_inside_out_dir_is_never_replaced_by_a_new_run(tmp_path, capsys, flags):
+    # the run writes <out_dir>/config.yaml: a hand-written one given as --config must survive
+    out = tmp_path / "ud"
+    out.mkdir()
+    config = out / "config.yaml"
+    text = "# my experiment: tuned by hand\nmodel:\n  hidden_size: 64\ntrainer:\n  max_steps: 2\n"
+    config.write_text(text)
+    assert main(["train", "--config", str(config), f"out_dir={out}", *flags]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "is out_dir's config.yaml" in error and "--resume" in error
+    assert config.read_text() == text
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]

@@ -396,6 +396,7 @@ def _train(args: argparse.Namespace) -> int:
                 f"--resume: no saved config at {str(saved)!r}; is out_dir={run.out_dir!r} a run?"
             )
         run, cfg = load_config(str(saved), args.overrides)
+    from innerloop.train.interrupt import TrainingInterrupted
     from innerloop.train.module import TrainingDivergedError
     from innerloop.train.run import train
 
@@ -407,6 +408,9 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingDivergedError as err:
         print(f"innerloop train: error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as err:
+        print(f"innerloop train: {err}", file=sys.stderr)
+        return 130  # the shell's code for a process ended by Ctrl-C
     m = result.metrics
     unit = "byte" if run.data.tokenizer == "bytes" or run.data.name == "recall" else "token"
     print(

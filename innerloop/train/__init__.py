@@ -10,6 +10,7 @@ from innerloop.train.checkpoint import (
     save_checkpoint,
 )
 from innerloop.train.data import IGNORE_INDEX, RecallDataModule, TextDataModule, recall_example, stdlib_files
+from innerloop.train.interrupt import TrainingInterrupted
 from innerloop.train.metrics import InnerLossDiagnostics, LossByPosition, position_buckets
 from innerloop.train.module import (
     LanguageModelModule,
@@ -31,6 +32,7 @@ __all__ = [
     "TextDataModule",
     "TrainResult",
     "TrainingDivergedError",
+    "TrainingInterrupted",
     "build_datamodule",
     "build_module",
     "build_trainer",

@@ -18,7 +18,8 @@ and ``trainer.*`` may differ from the saved config and apply from the step reach
 ``data.*`` and ``seed`` may not. A run owns its out_dir while it runs (see
 :mod:`innerloop.train.run_dir`: one run at a time, no run replaced without ``overwrite=True``), and a
 run whose loss or weights become NaN or inf stops with :class:`TrainingDivergedError`, its last good
-checkpoint kept.
+checkpoint kept. The first Ctrl-C stops a run after the step in progress, saves it and raises
+:class:`~innerloop.train.interrupt.TrainingInterrupted` (:mod:`innerloop.train.interrupt`).
 
 Multi-process training is Lightning's: ``trainer.strategy=ddp`` (or ``ddp_spawn``, ``fsdp``) with
 ``trainer.devices=N``.
@@ -78,6 +79,7 @@ from innerloop.train.data import (
     evaluation_examples,
     resolve_files,
 )
+from innerloop.train.interrupt import StopOnInterrupt, TrainingInterrupted
 from innerloop.train.loggers import _CSVLogger as _CSVLogger  # re-exported from its first home
 from innerloop.train.loggers import build_loggers
 from innerloop.train.metrics import position_buckets
@@ -321,7 +323,8 @@ def _train_in_locked_dir(
     if resume:
         _check_resume(run, module, ckpt)
     datamodule = build_datamodule(run)
-    trainer = build_trainer(run, [TrainingThroughput(), *callbacks])  # parameter counts, tokens/s
+    interrupt = StopOnInterrupt()  # Ctrl-C: finish the step, save it, stop
+    trainer = build_trainer(run, [TrainingThroughput(), interrupt, *callbacks])  # parameter counts, tokens/s
     if replace_previous:
         remove_previous_run(out_dir)
     if run.trainer.threads > 0:
@@ -331,6 +334,11 @@ def _train_in_locked_dir(
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if resume else None)
     except TrainingDivergedError as err:
         raise TrainingDivergedError(f"{err}; {_last_checkpoint_note(ckpt, run)}") from None
+    if interrupt.requested and trainer.global_step < run.trainer.max_steps:
+        raise TrainingInterrupted(
+            f"stopped at Ctrl-C after {trainer.global_step} of {run.trainer.max_steps} steps; the checkpoint "
+            f"{str(ckpt)!r} holds them: continue with `innerloop train --resume out_dir={run.out_dir}`"
+        )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     # Validate once more unless the last validation was at the last step. (Compared with max_steps: after
     # ddp_spawn the main process has the workers' metrics but not their step counter.)

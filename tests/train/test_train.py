@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -13,7 +15,7 @@ from lm_testing import TINY, kill_a_training_run  # the tiny run of the end-to-e
 
 from innerloop.cli import main
 from innerloop.config import load_config
-from innerloop.train import CheckpointError, load_checkpoint, load_model, train
+from innerloop.train import CheckpointError, TrainingInterrupted, load_checkpoint, load_model, train
 from innerloop.train.checkpoint import checkpoint_identity
 from innerloop.train.plots import read_loss_by_position_csv
 
@@ -140,6 +142,38 @@ def test_a_killed_process_resumes_to_the_same_result(tmp_path, uninterrupted) ->
     result = train(run, cfg, resume=True)
     assert result.metrics["val_loss"] == reference_metrics["val_loss"]
     _assert_same_weights(checkpoint, reference)
+
+
+class _PressCtrlC(L.Callback):
+    """Sends this process SIGINT (what Ctrl-C does) right after optimizer step ``at_step``."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.slow  # ~5 s: a training run stopped by Ctrl-C, then resumed
+def test_ctrl_c_saves_the_step_it_stops_at_and_the_run_resumes_to_the_same_result(tmp_path, uninterrupted):
+    reference, reference_losses, reference_metrics = uninterrupted
+    run, cfg = load_config("tiny", [*TINY, f"trainer.max_steps={RESUME_STEPS}", f"out_dir={tmp_path}"])
+    record = _RecordLosses()
+    with pytest.raises(
+        TrainingInterrupted, match=r"after 6 of 12 steps; the checkpoint .* --resume out_dir="
+    ):
+        train(run, cfg, callbacks=[record, _PressCtrlC(at_step=5)])  # seen after step 5, so step 6 ends it
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is removed
+    assert max(record.losses) == 6
+    assert load_checkpoint(tmp_path / "last.safetensors")["global_step"] == 6  # not the step-4 checkpoint
+    assert not (tmp_path / "loss_by_position.csv").exists()  # no final validation: the user asked to stop
+
+    record = _RecordLosses()
+    result = train(run, cfg, resume=True, callbacks=[record])
+    assert record.losses == {s: loss for s, loss in reference_losses.items() if s >= 7}
+    assert result.metrics["val_loss"] == reference_metrics["val_loss"]
+    _assert_same_weights(tmp_path / "last.safetensors", reference)
 
 
 def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path, capsys) -> None:

@@ -45,6 +45,20 @@ L2_NORM_EPS = 1e-6  # FLA's l2norm: x / sqrt(sum x^2 + eps), the eps inside the 
 # factor is held at the floor (the state is then kept to < 1e-4 of itself: forgotten either way).
 DECAY_FACTOR_FLOOR = 1e-4
 CONV_NAMES = ("q", "k", "v")
+DEFAULT_CONV_KERNEL = 4  # FLA's short convs
+# TTTLayer's options the family's layers do not have: passing one is refused (it would be stored
+# and ignored), with what to use instead.
+REFUSED_TTT_OPTIONS: dict[str, str] = {
+    "use_gate": "use output_gate instead (True: the swish-gated output norm, FLA's use_gate)",
+    "share_qk": (
+        "the family's layers always project q and k separately (each with its short conv when "
+        "short_conv=True); for a shared q/k projection use TTTLayer(share_qk=True)"
+    ),
+    "rope_theta": (
+        "the family's layers have no RoPE (they read positions through their short convs and the "
+        "scan's order); drop it, or use TTTLayer for a rotary layer"
+    ),
+}
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -67,6 +81,23 @@ class HadamardFeatureMap(nn.Module):
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _refuse_unimplemented(layer: str, options: dict[str, Any], short_conv: bool, conv_kernel: Any) -> None:
+    """TypeError for a TTTLayer option the family's layers do not implement (:data:`REFUSED_TTT_OPTIONS`),
+    ValueError for a ``conv_kernel`` without short convs to apply it to: neither is silently ignored."""
+    for name, instead in REFUSED_TTT_OPTIONS.items():
+        if name in options:
+            raise TypeError(
+                f"{layer} does not take {name} (got {name}={options[name]!r}): it is a TTTLayer option "
+                f"the family's layers do not implement; {instead}"
+            )
+    if not short_conv and conv_kernel != DEFAULT_CONV_KERNEL:
+        raise ValueError(
+            f"{layer} got conv_kernel={conv_kernel!r} with short_conv=False: conv_kernel is the short "
+            "convs' kernel size and this layer has none; drop conv_kernel, or turn short_conv on where "
+            "the layer takes it (DeltaNet, Gated DeltaNet, Titans)"
+        )
 
 
 def _log_uniform_dt(num_heads: int) -> torch.Tensor:
@@ -93,6 +124,9 @@ class FamilyLayer(TTTLayer):
         output_gate: the output norm is FLA's ``FusedRMSNormGated``: ``RMSNorm(o) * swish(g_proj(x))``.
 
     There is no RoPE: the members read positions through their convolutions and the scan's order.
+    TTTLayer's ``use_gate``, ``share_qk`` and ``rope_theta`` are refused with a ``TypeError`` that
+    says what to use instead (:data:`REFUSED_TTT_OPTIONS`; the gate is ``output_gate``), and so is a
+    ``conv_kernel`` other than 4 without short convs (``ValueError``): none would have any effect.
     """
 
     uses_rope = False  # so any head size is valid
@@ -110,7 +144,7 @@ class FamilyLayer(TTTLayer):
         inner_norm: bool = False,
         inner_residual: bool = False,
         short_conv: bool = True,
-        conv_kernel: int = 4,
+        conv_kernel: int = DEFAULT_CONV_KERNEL,
         qk_activation: str = "silu",
         value_activation: str = "silu",
         feature_map: str = "identity",
@@ -128,6 +162,7 @@ class FamilyLayer(TTTLayer):
         for name, value in switches.items():
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
+        _refuse_unimplemented(type(self).__name__, options, short_conv, conv_kernel)
         _check_choice("qk_activation", qk_activation, ACTIVATIONS)
         _check_choice("value_activation", value_activation, ACTIVATIONS)
         _check_choice("feature_map", feature_map, FEATURE_MAPS)

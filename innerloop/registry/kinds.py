@@ -52,6 +52,11 @@ def _check_name(obj: Any, kind: str) -> str:
     name = getattr(obj, "name", None)
     if not isinstance(name, str) or not name.strip():
         raise PluginError(f"{kind} {obj!r} has no 'name' (a non-empty string); got {name!r}")
+    if name != name.strip():
+        raise PluginError(
+            f"{kind} name {name!r} has leading or trailing whitespace; layers and configs ask for a "
+            f"plugin by its exact name, so name it {name.strip()!r}"
+        )
     return name
 
 
@@ -70,11 +75,33 @@ def _conformance(label: str, name: str, check: Callable[[], None]) -> None:
         raise PluginError(f"{label} {name!r} failed its conformance check: {error!r}") from error
 
 
+def _check_declared_params(name: str, shapes: Any, params: Any) -> None:
+    """``init_params()`` returns tensors under exactly the names ``param_shapes()`` declares: a state
+    holds the declared weights only, so an undeclared one would make the layer refuse its own state."""
+    for what, value in (("param_shapes()", shapes), ("init_params()", params)):
+        if not isinstance(value, Mapping):
+            raise PluginError(
+                f"inner model {name!r}: {what} must return a dict of weights by name; got {type(value).__name__}"
+            )
+    extra = sorted(set(params) - set(shapes))
+    if extra:
+        raise PluginError(
+            f"inner model {name!r}: init_params() returns keys {extra} that param_shapes() does not declare "
+            f"(it declares {sorted(shapes)}); declare their shapes in param_shapes() or drop them"
+        )
+    not_tensors = {k: type(v).__name__ for k, v in params.items() if not isinstance(v, torch.Tensor)}
+    if not_tensors:
+        raise PluginError(
+            f"inner model {name!r}: init_params() must return tensors; got {not_tensors} for those keys"
+        )
+
+
 def _check_inner_model(model: Any, name: str) -> None:
     heads, head_dim = 2, 4
     try:
         shapes = model.param_shapes(head_dim)
         params = model.init_params(heads, head_dim)
+        _check_declared_params(name, shapes, params)
         for key, shape in shapes.items():
             if key not in params or tuple(params[key].shape) != (heads, *shape):
                 got = tuple(params[key].shape) if key in params else "missing"
@@ -185,6 +212,11 @@ def _check_model_inner_loss(loss: Any, name: str) -> None:
             f"model inner loss {name!r}: chunk_loss(logits [B, C, V], ids [B, C]) must return one loss per "
             f"sequence, [B] = {(batch,)}; got {got}"
         )
+    if not losses.is_floating_point():
+        raise PluginError(
+            f"model inner loss {name!r}: chunk_loss() must return floating-point losses (the fast weights' "
+            f"gradient is taken through them), like the logits ({logits.dtype}); got {losses.dtype}"
+        )
 
 
 def _check_model_update_rule(rule: Any, name: str) -> None:
@@ -195,11 +227,25 @@ def _check_model_update_rule(rule: Any, name: str) -> None:
     except Exception as error:
         raise PluginError(f"model update rule {name!r} failed its smoke test: {error!r}") from error
     shapes = {k: tuple(v.shape) for k, v in fast.items()}
-    got = {k: tuple(v.shape) for k, v in new.items()} if isinstance(new, Mapping) else type(new).__name__
-    if got != shapes:
+    dtype = fast["w"].dtype
+    wanted = f"the fast weights with the same names and shapes {shapes}, as tensors of their dtype ({dtype})"
+    if not isinstance(new, Mapping):
         raise PluginError(
-            f"model update rule {name!r}: step() must return the fast weights with the same names and shapes "
-            f"{shapes}; got {got}"
+            f"model update rule {name!r}: step() must return {wanted}; got {type(new).__name__}"
+        )
+    not_tensors = {k: type(v).__name__ for k, v in new.items() if not isinstance(v, torch.Tensor)}
+    if not_tensors:
+        raise PluginError(
+            f"model update rule {name!r}: step() must return {wanted}; got non-tensors {not_tensors}"
+        )
+    got = {k: tuple(v.shape) for k, v in new.items()}
+    if got != shapes:
+        raise PluginError(f"model update rule {name!r}: step() must return {wanted}; got shapes {got}")
+    dtypes = {k: v.dtype for k, v in new.items() if v.dtype != fast[k].dtype}
+    if dtypes:
+        raise PluginError(
+            f"model update rule {name!r}: step() must return {wanted}; got dtypes {dtypes} (cast the new weights "
+            "to the dtype of the old ones)"
         )
 
 
@@ -258,7 +304,8 @@ KINDS: tuple[Kind, ...] = (
 
     ``register(model)`` takes an instance of :class:`innerloop.InnerModel` (or
     :class:`innerloop.StackModel`) with a unique ``name``. The registrar runs the model once on a tiny
-    input to check that its parameters, initialisation and forward agree, and that a declared stack
+    input to check that its parameters, initialisation and forward agree (``init_params`` returns
+    tensors of exactly the names and shapes ``param_shapes`` declares), and that a declared stack
     equals ``forward`` and each activation's derivative equals autograd.
     """,
         check=_check_inner_model,
@@ -311,7 +358,7 @@ KINDS: tuple[Kind, ...] = (
 
     ``register(loss)`` takes an instance of :class:`innerloop.core.model_inner.ModelInnerLoss` with a
     unique ``name``; the registrar checks that ``chunk_loss(logits [B, C, V], ids [B, C])`` returns
-    one loss per sequence, ``[B]``.
+    one floating-point loss per sequence, ``[B]``.
     """,
         check=_check_model_inner_loss,
     ),
@@ -324,7 +371,7 @@ KINDS: tuple[Kind, ...] = (
 
     ``register(rule)`` takes an instance of :class:`innerloop.core.model_inner.ModelUpdateRule` with a
     unique ``name``; the registrar runs ``step`` once on a tiny problem and checks that it returns
-    new fast weights of the same names and shapes.
+    new fast weights (tensors) of the same names, shapes and dtype.
     """,
         check=_check_model_update_rule,
     ),

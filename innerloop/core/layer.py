@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
@@ -77,15 +78,27 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_integer(value: Any) -> bool:
+    """An integer argument: a Python int or any other ``numbers.Integral`` (``numpy.int64``), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _is_real(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite real argument: an int, a float or any other ``numbers.Real`` (``numpy.float32``), not a
+    bool (nor ``numpy.bool_``, which is no ``numbers.Real``) and not a tensor."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (10**400)
+        return False
 
 
 def _check_positive_int(name: str, value: Any, none_allowed: bool = False) -> None:
     """Raise naming ``name`` unless ``value`` is an integer >= 1 (or None, where ``none_allowed``)."""
     if none_allowed and value is None:
         return
-    if not _is_int(value) or value < 1:
+    if not _is_integer(value) or value < 1:
         valid = "a positive integer or None" if none_allowed else "a positive integer"
         raise ValueError(f"{name} must be {valid}, got {value!r}")
 
@@ -201,7 +214,7 @@ def check_layer_arguments(hidden_size: int, num_heads: int, **options: Any) -> N
         arguments["inner_loss"],
         arguments["update_rule"],
         arguments["kernel"],
-        hidden_size // num_heads,
+        int(hidden_size) // int(num_heads),
     )
 
 
@@ -276,25 +289,26 @@ class TTTLayer(nn.Module):
     ) -> None:
         super().__init__()
         _check_arguments(locals(), rotary=self.uses_rope)  # every argument, by name
-        head_dim = hidden_size // num_heads
+        head_dim = int(hidden_size) // int(num_heads)
         self._resolve_plugins(inner_model, inner_loss, update_rule, kernel, head_dim)
 
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
+        # The numbers as Python ints and floats (the checks accept numpy's scalars too).
+        self.hidden_size = int(hidden_size)
+        self.num_heads = int(num_heads)
         self.head_dim = head_dim
-        self.mini_batch_size = mini_batch_size
+        self.mini_batch_size = int(mini_batch_size)
         self.base_lr = float(base_lr)
         self.use_gate = use_gate
         self.share_qk = share_qk
-        self.conv_kernel = conv_kernel
+        self.conv_kernel = int(conv_kernel)
         self.rope_theta = float(rope_theta)
         self.inner_norm = inner_norm
         self.inner_residual = inner_residual
-        self.norm_eps = norm_eps
+        self.norm_eps = float(norm_eps)
         self.kernel = kernel
         self.non_finite = non_finite
         self.needs_double_backward = needs_double_backward
-        self.inference_chunk_size = inference_chunk_size
+        self.inference_chunk_size = None if inference_chunk_size is None else int(inference_chunk_size)
         # Fast-path decisions of the last call: (path, reason) per run of whole mini-batches or token.
         self.dispatches: list[tuple[str, str]] = []
 

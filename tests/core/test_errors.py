@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,3 +130,48 @@ def test_bad_policy_and_kernel_names():
     # an unknown kernel fails at construction (test_layer_trust.py checks the message in full)
     with pytest.raises(ValueError, match="kernel='no_such_kernel' is not a kernel for"):
         TTTLayer(16, 4, kernel="no_such_kernel")
+
+
+def test_numpy_scalars_are_numbers():
+    # numpy's scalars (what a sweep over np.linspace / np.arange hands over) are real numbers: accepted,
+    # and the layer keeps them as Python ints and floats, with the numbers of the plain arguments.
+    numpy_args = {
+        "mini_batch_size": np.int32(4),
+        "base_lr": np.float32(0.5),
+        "conv_kernel": np.int64(3),
+        "rope_theta": np.float32(500.0),
+        "norm_eps": np.float32(1e-5),
+        "inference_chunk_size": np.uint16(8),
+    }
+    plain_args = {k: v.item() for k, v in numpy_args.items()}
+    torch.manual_seed(0)
+    numpy_layer = TTTLayer(np.int64(16), np.int64(4), share_qk=True, **numpy_args)
+    torch.manual_seed(0)
+    plain_layer = TTTLayer(16, 4, share_qk=True, **plain_args)
+    for name in ("hidden_size", "num_heads", "head_dim", *numpy_args):
+        value = getattr(numpy_layer, name)
+        assert type(value) in (int, float) and value == getattr(plain_layer, name), name
+    x = torch.randn(2, 6, 16)
+    assert torch.equal(numpy_layer(x)[0], plain_layer(x)[0])
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "valid"),
+    [
+        ("base_lr", np.bool_(True), "a finite number >= 0"),
+        ("base_lr", np.float32("nan"), "a finite number >= 0"),
+        ("base_lr", np.float64(-1.0), "a finite number >= 0"),
+        ("base_lr", torch.tensor(1.0), "a finite number >= 0"),
+        ("base_lr", 10**400, "a finite number >= 0"),
+        ("rope_theta", np.float32(0.0), "a finite number > 0"),
+        ("norm_eps", np.float32("inf"), "a finite number > 0"),
+        ("mini_batch_size", np.float64(4.0), "a positive integer"),
+        ("mini_batch_size", np.bool_(True), "a positive integer"),
+        ("conv_kernel", np.int64(0), "a positive integer"),
+        ("inference_chunk_size", np.int8(-1), "a positive integer or None"),
+    ],
+    ids=lambda v: type(v).__name__ if not isinstance(v, str) else v.split()[0],
+)
+def test_numbers_that_are_not_valid_are_still_refused_by_name(name, value, valid):
+    with pytest.raises(ValueError, match=rf"{name} must be {valid}, got "):
+        TTTLayer(16, 4, **{name: value})

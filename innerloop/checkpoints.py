@@ -328,7 +328,8 @@ def checkpoint_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
         tree = json.loads(metadata[_TREE_KEY])
         return tokenizer_from_state(tree.get(TOKENIZER_KEY) if isinstance(tree, dict) else None, name)
     except (ValueError, RecursionError) as err:  # JSONDecodeError and TokenizerError are ValueErrors
-        raise CheckpointError(f"{name}: {_one_line(err)}") from None
+        message = _one_line(err)  # a tokenizer's error names the file already
+        raise CheckpointError(message if message.startswith(name) else f"{name}: {message}") from None
 
 
 def _move_tensors(obj: Any, device: str | torch.device) -> Any:

@@ -8,6 +8,7 @@ sliding-window attention keeps only the last ``window - 1`` keys, so its memory 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         """Attend over ``x [B, T, D]`` after the cached tokens; return ``y [B, T, D]`` and the new cache."""
         batch, length, hidden = x.shape
+        if state is not None:
+            self.check_state(state, batch)
         start = 0 if state is None else state.position
         q, k, v = self.qkv_proj(x).view(batch, length, 3, self.num_heads, self.head_dim).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # each [B, H, T, f]
@@ -112,3 +115,32 @@ class CausalSelfAttention(nn.Module):
         keep = num_keys if self.window is None else min(num_keys, self.window - 1)
         cache = KVCache(k[:, :, num_keys - keep :], v[:, :, num_keys - keep :], start + length)
         return self.o_proj(y), cache
+
+    def check_state(self, state: Any, batch: int, name: str = "state") -> None:
+        """``state`` is a :class:`KVCache` a layer of this shape returned for ``batch`` sequences (shapes
+        and the position only: no value is read, so the check costs no device sync and traces under
+        ``torch.compile``)."""
+        if not isinstance(state, KVCache):
+            raise TypeError(
+                f"{name} must be the KVCache this attention layer returned (or None), got {type(state).__name__}"
+            )
+        position = state.position
+        if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+            raise ValueError(f"{name}.position must be an integer >= 0, got {position!r}")
+        wanted = (batch, self.num_heads, self.head_dim)
+        longest = position if self.window is None else min(position, self.window - 1)
+        for part in ("key", "value"):
+            tensor = getattr(state, part)
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            if not isinstance(shape, tuple) or len(shape) != 4 or (shape[0], shape[1], shape[3]) != wanted:
+                raise ValueError(
+                    f"{name}.{part} must be [batch, heads, cached, head_dim] with (batch, heads, head_dim) = "
+                    f"{wanted}, got {shape}: the cache was made for another batch size or by a layer of "
+                    "another shape; pass the state made for this input, or None"
+                )
+            if shape[2] > longest or shape[2] != state.key.shape[2]:
+                raise ValueError(
+                    f"{name} caches {state.key.shape[2]} keys and {state.value.shape[2]} values, but at "
+                    f"position {position} this layer (window={self.window}) keeps at most {longest} of "
+                    "each: the cache was made by another layer; pass the state this layer returned, or None"
+                )

@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from innerloop.core.functional import causal_depthwise_conv
+from innerloop.core.layer import TTTLayer
+from innerloop.core.state import TTTState
+from innerloop.models.attention import CausalSelfAttention, KVCache
 from innerloop.models.config import MIXER_TABLE, ModelConfig, uses_pre_conv
 
 
@@ -56,7 +59,20 @@ class CausalDepthwiseConv(nn.Module):
         batch, _, hidden = x.shape
         if history is None:  # the start of a sequence: zeros before it
             history = x.new_zeros(batch, self.kernel_size - 1, hidden)
+        else:
+            self.check_history(history, batch)
         return causal_depthwise_conv(x, self.conv.weight, self.conv.bias, history)
+
+    def check_history(self, history: Any, batch: int, name: str = "history") -> None:
+        """``history`` is the ``[batch, kernel_size - 1, hidden]`` tensor this conv returns (shapes only:
+        no value is read, so the check costs no device sync and traces under ``torch.compile``)."""
+        wanted = (batch, self.kernel_size - 1, self.conv.in_channels)
+        given = tuple(history.shape) if isinstance(history, torch.Tensor) else type(history).__name__
+        if given != wanted:
+            raise ValueError(
+                f"{name} must be the pre-conv history [batch, kernel_size - 1, hidden] = {wanted}, got "
+                f"{given}: the state was made for another batch size or by another model"
+            )
 
 
 def build_mixer(config: ModelConfig) -> nn.Module:
@@ -82,6 +98,33 @@ class BlockState:
         )
 
 
+MIXER_STATES: tuple[tuple[type[nn.Module], type], ...] = (
+    (TTTLayer, TTTState),
+    (CausalSelfAttention, KVCache),
+)
+"""The state each kind of built-in mixer returns (a family layer is a TTT layer)."""
+
+
+def check_mixer_state(mixer: nn.Module, state: Any, batch: int, name: str, mixer_name: str) -> None:
+    """``state`` is of the kind ``mixer`` returns, for ``batch`` sequences: a state of a model with
+    another mixer is named as such. The mixer checks the rest in its forward (a TTT layer) or here
+    (attention's ``check_state``)."""
+    for module_type, state_type in MIXER_STATES:
+        if isinstance(mixer, module_type) and not isinstance(state, state_type):
+            raise TypeError(
+                f"{name} must be the {state_type.__name__} this model's mixer (model.mixer={mixer_name!r}) "
+                f"returns, got {type(state).__name__}: the state was made by a model with another mixer; "
+                "pass the state this model returned, or None"
+            )
+    if isinstance(state, TTTState) and state.batch_size != batch:
+        raise ValueError(
+            f"{name} is for batch size {state.batch_size}, input_ids has {batch}: pass the state made "
+            "for this batch, or None"
+        )
+    if isinstance(mixer, CausalSelfAttention):
+        mixer.check_state(state, batch, name)
+
+
 class Block(nn.Module):
     """One residual block: optional pre-conv, mixer, SwiGLU MLP, each behind an RMSNorm."""
 
@@ -96,6 +139,26 @@ class Block(nn.Module):
         self.mixer = build_mixer(config)
         self.mlp_norm = nn.RMSNorm(D, eps=config.norm_eps)
         self.mlp = SwiGLU(D, config.intermediate_size)
+        self.mixer_name = config.mixer
+
+    def check_state(self, state: Any, batch: int, name: str = "state") -> None:
+        """``state`` is a :class:`BlockState` a block like this one returned for ``batch`` sequences:
+        its pre-conv history (or none, without a pre-conv) and its mixer's state."""
+        if not isinstance(state, BlockState):
+            raise TypeError(f"{name} must be a BlockState, got {type(state).__name__}")
+        if self.pre_conv is not None:
+            if state.conv is None:
+                raise ValueError(
+                    f"{name}.conv is None, but this model's blocks have a pre-conv (mamba backbone or "
+                    "model.pre_conv): the state was made by a model without one"
+                )
+            self.pre_conv.check_history(state.conv, batch, f"{name}.conv")
+        elif state.conv is not None:
+            raise ValueError(
+                f"{name}.conv holds a pre-conv history, but this model's blocks have no pre-conv: the "
+                "state was made by a model with one (mamba backbone or model.pre_conv)"
+            )
+        check_mixer_state(self.mixer, state.mixer, batch, f"{name}.mixer", self.mixer_name)
 
     def forward(self, h: torch.Tensor, state: BlockState | None = None) -> tuple[torch.Tensor, BlockState]:
         """``h [B, T, D]`` → ``h [B, T, D]`` and the block's new state."""

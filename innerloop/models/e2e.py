@@ -43,7 +43,7 @@ from innerloop.core.model_inner import FastWeights, ModelInnerLoss, ModelUpdateR
 from innerloop.models.attention import CausalSelfAttention, KVCache, rotate_with_rope
 from innerloop.models.blocks import SwiGLU
 from innerloop.models.config import E2E, ModelConfig, validate_model_config
-from innerloop.models.lm import _tensors
+from innerloop.models.lm import _tensors, check_token_ids
 from innerloop.registry import get_registry
 
 # --------------------------------------------------------------------------------------------------
@@ -359,10 +359,10 @@ class E2ELM(nn.Module):
         test-time training) but keeps no graph between chunks; with gradients on, the logits are
         differentiable through every inner step (second order unless ``e2e.first_order``).
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        check_token_ids(input_ids, self.config.vocab_size)
         if state is not None:
             self._check_state(state, input_ids.shape[0])
+        input_ids = input_ids.long()  # the inner loss's targets must be int64 (no copy if they are)
         if torch.is_inference_mode_enabled():
             # Inference tensors cannot enter autograd, and test-time training needs autograd: run on
             # normal tensors, without an outer graph.
@@ -374,10 +374,18 @@ class E2ELM(nn.Module):
     def _check_state(self, state: E2EState, batch: int) -> None:
         """``state`` is one this model made for a batch of ``batch`` sequences (a state of a model with
         other ``test_time_training`` or ``rope_positions`` holds other caches and fast weights)."""
+        if not isinstance(state, E2EState):
+            raise TypeError(
+                f"state must be the E2EState a previous call of this model returned (or None), got "
+                f"{type(state).__name__}"
+            )
         if len(state.caches) != len(self.blocks):
             raise ValueError(f"state has {len(state.caches)} block caches, the model has {len(self.blocks)}")
         if state.pending_ids.shape[0] != batch:
-            raise ValueError(f"state is for batch size {state.pending_ids.shape[0]}, input_ids has {batch}")
+            raise ValueError(
+                f"state is for batch size {state.pending_ids.shape[0]}, input_ids has {batch}: pass the "
+                "state made for this batch, or None"
+            )
         e2e = self.config.e2e
         relative = e2e.rope_positions == "relative"
         first_chunked = self.num_prefix if e2e.test_time_training else 0

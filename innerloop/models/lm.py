@@ -9,12 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, is_dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from innerloop.core.eager import run_eagerly
 from innerloop.models.blocks import Block, BlockState, CausalDepthwiseConv
 from innerloop.models.config import ModelConfig, validate_model_config
+
+TOKEN_ID_DTYPES = (torch.int64, torch.int32)
+"""The dtypes a model takes token ids in (those ``nn.Embedding`` indexes with)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,37 @@ def _tensors(obj: object) -> Iterator[torch.Tensor]:
     elif isinstance(obj, (list, tuple)):
         for value in obj:
             yield from _tensors(value)
+
+
+@run_eagerly("innerloop: the token id checks read values")  # as the TTT layer's input checks
+def check_token_ids(
+    input_ids: Any, vocab_size: int | None, name: str = "input_ids", min_length: int = 0
+) -> None:
+    """Refuse, naming ``name``, anything but a ``[batch, length >= min_length]`` integer tensor of ids
+    in ``[0, vocab_size)`` (None: any id >= 0). Costs one min/max pass over the ids and one device
+    sync."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of token ids [batch, length], got {type(input_ids).__name__}"
+        )
+    if input_ids.dtype not in TOKEN_ID_DTYPES:
+        raise TypeError(
+            f"{name} must hold integer token ids (dtype torch.int64 or torch.int32), got dtype "
+            f"{input_ids.dtype}"
+        )
+    if input_ids.dim() != 2 or input_ids.shape[1] < min_length:
+        length = f"length >= {min_length}" if min_length else "length"
+        raise ValueError(f"{name} must be [batch, {length}], got shape {tuple(input_ids.shape)}")
+    if input_ids.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one sync for both
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        bad = low if low < 0 else high
+        valid = ">= 0" if vocab_size is None else f"0..{vocab_size - 1}"
+        raise ValueError(
+            f"{name} holds token id {bad}, outside the model's vocabulary of vocab_size={vocab_size} "
+            f"tokens: valid ids are {valid}"
+        )
 
 
 class CausalLM(nn.Module):
@@ -97,10 +133,7 @@ class CausalLM(nn.Module):
 
         Passing the returned state with the next chunk continues the sequence.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
-        if state is not None and len(state.blocks) != len(self.blocks):
-            raise ValueError(f"state has {len(state.blocks)} blocks, the model has {len(self.blocks)}")
+        self._check_inputs(input_ids, state)
         h = self.embed(input_ids)  # [B, T, D]
         new_states = []
         for i, block in enumerate(self.blocks):
@@ -108,6 +141,24 @@ class CausalLM(nn.Module):
             new_states.append(block_state)
         logits = self.lm_head(self.norm(h))  # [B, T, V]
         return logits, LMState(tuple(new_states))
+
+    @run_eagerly("innerloop: the input checks read values")  # as the TTT layer's input checks
+    def _check_inputs(self, input_ids: Any, state: Any) -> None:
+        """The ids are ``[B, T]`` in the vocabulary and ``state`` (if given) is one this model returned
+        for ``B`` sequences: checked before any block runs (a block's pre-conv would otherwise fail on
+        a state of another batch before its mixer's check)."""
+        check_token_ids(input_ids, self.config.vocab_size)
+        if state is None:
+            return
+        if not isinstance(state, LMState):
+            raise TypeError(
+                f"state must be the LMState a previous call of this model returned (or None), got "
+                f"{type(state).__name__}"
+            )
+        if len(state.blocks) != len(self.blocks):
+            raise ValueError(f"state has {len(state.blocks)} blocks, the model has {len(self.blocks)}")
+        for i, block in enumerate(self.blocks):
+            block.check_state(state.blocks[i], input_ids.shape[0], f"state.blocks[{i}]")
 
     def num_parameters(self) -> int:
         """Number of distinct parameters (a tied head counted once)."""

@@ -21,6 +21,7 @@ from torch._dynamo.utils import counters
 
 from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import apply_rope_interleaved, relative_error
+from innerloop.models import CausalLM, ModelConfig
 
 EQUAL_TO_ROUNDING = 1e-5
 
@@ -81,6 +82,30 @@ def test_a_compiled_ttt_language_model_trains_and_infers_as_eager(inner_model, b
     assert relative_error(decoded, want_decoded) < EQUAL_TO_ROUNDING
     ttt_layer = lm.blocks[0].mixer
     assert ttt_layer.last_dispatch is not None  # the layer's dispatch record works under compile
+
+
+# reason: dynamo traces a prefill and four decoded tokens (~7 s on 2 cores)
+@pytest.mark.slow
+def test_a_compiled_attention_model_decodes_as_eager_and_still_checks_its_inputs():
+    # the language model's input and state checks read values (the ids' range): they run eagerly, as
+    # the TTT layer's do, so the model compiles around them and still refuses bad input
+    torch.manual_seed(0)
+    config = ModelConfig(mixer="swa", window=4, backbone="mamba", hidden_size=32, num_heads=2,
+                         intermediate_size=64, num_layers=2)  # fmt: skip
+    lm = CausalLM(config).eval()
+    compiled = torch.compile(copy.deepcopy(lm), backend="aot_eager")
+    ids = torch.randint(0, 256, (2, 10))
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        decoded = _decode(compiled, ids)
+        assert relative_error(decoded, _decode(lm, ids)) < EQUAL_TO_ROUNDING
+        assert counters["graph_break"] and all("innerloop: " in reason for reason in counters["graph_break"])
+        with pytest.raises(ValueError, match=r"input_ids holds token id 256, .*vocab_size=256"):
+            compiled(torch.tensor([[1, 256]]))
+        _, state = compiled(ids[:, :6])
+        with pytest.raises(ValueError, match=r"state.blocks\[0\].conv must be the pre-conv history"):
+            compiled(ids[:1, 6:7], state)
 
 
 @pytest.mark.slow  # ~19 s from an empty cache: inductor compiles one small kernel and its backward

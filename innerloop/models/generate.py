@@ -9,10 +9,13 @@ constant, however many tokens are generated.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
+
+from innerloop.models.lm import check_token_ids
 
 if TYPE_CHECKING:  # annotations only: generate calls the model, whatever its class
     from innerloop.models.e2e import E2ELM, E2EState
@@ -37,7 +40,6 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
 def generate(
     model: CausalLM | E2ELM,
     prompt_ids: torch.Tensor,
@@ -46,31 +48,65 @@ def generate(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Iterator[tuple[torch.Tensor, LMState | E2EState]]:
-    """Yield ``(tokens [B], state)`` for each of ``max_new_tokens`` sampled tokens.
+    """An iterator of ``(tokens [B], state)`` for each of ``max_new_tokens`` sampled tokens.
 
     Args:
         model: the language model (put in eval mode by the caller).
-        prompt_ids: ``[B, P]`` token ids with ``P >= 1``.
-        max_new_tokens: how many tokens to sample (>= 0).
-        temperature: softmax temperature; 0 means greedy decoding.
-        top_k: sample only among the ``top_k`` most likely tokens (None: all).
+        prompt_ids: ``[B, P]`` token ids with ``P >= 1``, each in ``[0, model.config.vocab_size)``.
+        max_new_tokens: how many tokens to sample (an int >= 0).
+        temperature: softmax temperature, a finite real number >= 0; 0 means greedy decoding.
+        top_k: sample only among the ``top_k`` most likely tokens (an int >= 1; None: all).
         generator: torch RNG for reproducible sampling.
 
-    The state is yielded so that callers can inspect it (e.g. its size); the generator itself keeps
+    The arguments are checked when ``generate`` is called; the model runs as the iterator is read.
+    The state is yielded so that callers can inspect it (e.g. its size); the iterator itself keeps
     only the latest state and the latest token.
     """
-    if prompt_ids.dim() != 2 or prompt_ids.shape[1] < 1:
-        raise ValueError(f"prompt_ids must be [batch, length >= 1], got shape {tuple(prompt_ids.shape)}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 is greedy)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1 or None")
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    check_token_ids(prompt_ids, vocab_size if _is_int(vocab_size) else None, "prompt_ids", min_length=1)
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise _bad("max_new_tokens", max_new_tokens, "an int >= 0", _is_int(max_new_tokens))
+    if not _is_real(temperature) or not (math.isfinite(temperature) and temperature >= 0):
+        raise _bad(
+            "temperature", temperature, "a finite real number >= 0 (0 is greedy)", _is_real(temperature)
+        )
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise _bad("top_k", top_k, "an int >= 1, or None for all tokens", _is_int(top_k))
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    top_k = None if top_k is None else int(top_k)
+    return _sample(model, prompt_ids, int(max_new_tokens), float(temperature), top_k, generator)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _bad(name: str, value: object, valid: str, right_type: bool) -> Exception:
+    """The error for argument ``name``: a ValueError if only its value is wrong, else a TypeError."""
+    given = f"{name}={value!r}" if right_type else f"{name}={value!r} ({type(value).__name__})"
+    return (ValueError if right_type else TypeError)(f"{given} must be {valid}")
+
+
+@torch.no_grad()
+def _sample(
+    model: CausalLM | E2ELM,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator | None,
+) -> Iterator[tuple[torch.Tensor, LMState | E2EState]]:
+    """:func:`generate` on checked arguments."""
     logits, state = model(prompt_ids)
     last = logits[:, -1]  # [B, V]
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         token = sample_next(last, temperature, top_k, generator)  # [B]
         yield token, state
-        logits, state = model(token[:, None], state)
-        last = logits[:, -1]
+        if step + 1 < max_new_tokens:  # the last token is not read: nothing would sample after it
+            logits, state = model(token[:, None], state)
+            last = logits[:, -1]

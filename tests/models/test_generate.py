@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from memory_testing import live_tensor_bytes
@@ -80,6 +81,57 @@ def test_bad_arguments_are_named() -> None:
         list(generate(model, torch.zeros(1, 0, dtype=torch.long), 3))
     with pytest.raises(ValueError, match="temperature=-1"):
         list(generate(model, torch.tensor([[1]]), 3, temperature=-1))
+
+
+BAD_ARGUMENTS = [
+    ({"max_new_tokens": -1}, ValueError, r"max_new_tokens=-1 must be an int >= 0"),
+    ({"max_new_tokens": 2.5}, TypeError, r"max_new_tokens=2.5 \(float\) must be an int >= 0"),
+    ({"max_new_tokens": "3"}, TypeError, r"max_new_tokens='3' \(str\) must be an int >= 0"),
+    ({"max_new_tokens": True}, TypeError, r"max_new_tokens=True \(bool\) must be an int >= 0"),
+    ({"temperature": "1"}, TypeError, r"temperature='1' \(str\) must be a finite real number >= 0"),
+    (
+        {"temperature": -0.5},
+        ValueError,
+        r"temperature=-0.5 must be a finite real number >= 0 \(0 is greedy\)",
+    ),
+    ({"temperature": float("nan")}, ValueError, r"temperature=nan must be a finite real number >= 0"),
+    ({"temperature": False}, TypeError, r"temperature=False \(bool\) must be a finite real number"),
+    ({"top_k": 2.5}, TypeError, r"top_k=2.5 \(float\) must be an int >= 1, or None"),
+    ({"top_k": True}, TypeError, r"top_k=True \(bool\) must be an int >= 1, or None"),
+    ({"top_k": 0}, ValueError, r"top_k=0 must be an int >= 1, or None"),
+    ({"generator": 7}, TypeError, r"generator must be a torch.Generator or None, got int"),
+    (
+        {"prompt_ids": torch.tensor([[1, 256]])},
+        ValueError,
+        r"prompt_ids holds token id 256, .*vocab_size=256",
+    ),
+    ({"prompt_ids": torch.tensor([[-3, 1]])}, ValueError, r"prompt_ids holds token id -3, .*0\.\.255"),
+    ({"prompt_ids": torch.tensor([[1.0, 2.0]])}, TypeError, r"prompt_ids must hold integer token ids"),
+    ({"prompt_ids": [[1, 2]]}, TypeError, r"prompt_ids must be a torch.Tensor of token ids"),
+    ({"prompt_ids": torch.tensor([1, 2])}, ValueError, r"prompt_ids must be \[batch, length >= 1\]"),
+]
+
+
+@pytest.mark.parametrize(("arguments", "error", "match"), BAD_ARGUMENTS)
+def test_bad_arguments_are_refused_when_generate_is_called_not_when_it_is_read(
+    arguments, error, match
+) -> None:
+    calls = []
+    model = tiny("swa")
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    given = {"prompt_ids": torch.tensor([[1, 2]]), "max_new_tokens": 3, **arguments}
+    with pytest.raises(error, match=match):
+        generate(model, **given)  # not iterated: the check is eager
+    assert not calls  # and nothing ran
+
+
+def test_generate_runs_the_model_only_as_it_is_read_and_takes_numpy_numbers() -> None:
+    calls = []
+    model = tiny("swa")
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    tokens = generate(model, torch.tensor([[1, 2]]), np.int64(3), np.float32(0.5), np.int32(5))
+    assert not calls
+    assert len(list(tokens)) == 3 and len(calls) == 3  # the prompt and two single tokens
 
 
 @pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324])

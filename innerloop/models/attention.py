@@ -7,6 +7,7 @@ sliding-window attention keeps only the last ``window - 1`` keys, so its memory 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,10 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
         if window is not None and window < 1:
             raise ValueError(f"window={window} must be >= 1 (or None for full attention)")
+        for name, value in (("rope_theta", rope_theta), ("norm_eps", norm_eps)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+                # rope_theta <= 0 makes the RoPE tables NaN, which SDPA turns into silently zero attention
+                raise ValueError(f"{name}={value!r} must be a finite number > 0")
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.window = window

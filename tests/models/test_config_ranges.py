@@ -47,3 +47,14 @@ def test_the_defaults_and_the_edges_of_the_ranges_are_accepted():
     validate_model_config(ModelConfig(**SMALL))
     validate_model_config(dataclasses.replace(ModelConfig(**SMALL), rope_theta=1e-3, norm_eps=1e-12))
     validate_model_config(ModelConfig(**{**SMALL, "ttt": TTTConfig(base_lr=0.0)}))
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("rope_theta", 0.0), ("rope_theta", -5.0), ("norm_eps", 0.0), ("rope_theta", float("nan"))],
+)
+def test_the_attention_layer_built_directly_refuses_what_would_compute_nan_or_zero(name, value):
+    from innerloop.models.attention import CausalSelfAttention
+
+    with pytest.raises(ValueError, match=f"{name}={value!r} must be a finite number > 0"):
+        CausalSelfAttention(16, 2, **{name: value})

@@ -10,8 +10,9 @@ the command that continues it. A second Ctrl-C interrupts at once, as usual (the
 always whole: every write is atomic).
 
 The handler is installed only in the main thread, and only where SIGINT has Python's default handler
-(a notebook or another program that handles SIGINT itself keeps its own); it is removed when the fit
-ends, however it ends.
+(a notebook or another program that handles SIGINT itself keeps its own), for the duration of
+``trainer.fit`` (:meth:`StopOnInterrupt.listening`); the previous handler is back when it returns or
+raises.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -32,23 +35,33 @@ class TrainingInterrupted(RuntimeError):
 
 
 class StopOnInterrupt(Callback):
-    """The first SIGINT stops the run after the current step (see the module docstring)."""
+    """The first SIGINT stops the run after the current step (see the module docstring).
+
+    The handler is installed by :meth:`listening`, around ``trainer.fit``, not from a fit hook:
+    Lightning records the signal handlers when a fit starts and puts them back when it ends, after the
+    fit hooks have run, which would leave a hook's handler installed after the run.
+    """
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    @contextmanager
+    def listening(self) -> Iterator[None]:
+        """Take SIGINT as a stop request inside the ``with`` block (see the module docstring)."""
         self.requested = False
-        if threading.current_thread() is not threading.main_thread():
+        main_thread = threading.current_thread() is threading.main_thread()
+        if not main_thread or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            yield
             return
-        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            return
-        self._previous = signal.signal(signal.SIGINT, self._request_stop)
+        previous = signal.signal(signal.SIGINT, self._request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
-        signal.signal(signal.SIGINT, self._previous)  # a second Ctrl-C interrupts at once
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
         print(
             "\ninnerloop train: Ctrl-C: stopping after this step and saving it (press Ctrl-C again to stop "
             "at once, keeping the last checkpoint written)",
@@ -61,16 +74,3 @@ class StopOnInterrupt(Callback):
         if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             self.requested = True
             trainer.should_stop = True
-
-    def _restore(self) -> None:
-        if self._previous is not None and signal.getsignal(signal.SIGINT) == self._request_stop:
-            signal.signal(signal.SIGINT, self._previous)
-        self._previous = None
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore()
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        self._restore()

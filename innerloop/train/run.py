@@ -331,7 +331,8 @@ def _train_in_locked_dir(
         torch.set_num_threads(run.trainer.threads)
     config_path = save_config(cfg if cfg is not None else run, out_dir / "config.yaml")
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if resume else None)
+        with interrupt.listening():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if resume else None)
     except TrainingDivergedError as err:
         raise TrainingDivergedError(f"{err}; {_last_checkpoint_note(ckpt, run)}") from None
     if interrupt.requested and trainer.global_step < run.trainer.max_steps:

@@ -118,6 +118,7 @@ def test_a_crashed_run_resumes_to_the_same_losses_and_weights(tmp_path, uninterr
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(run, cfg, callbacks=[_RecordLosses(crash_after=5)])
     assert load_checkpoint(tmp_path / "last.safetensors")["global_step"] == 4  # the last checkpoint
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C handling is undone
 
     record = _RecordLosses()
     result = train(run, cfg, resume=True, callbacks=[record])

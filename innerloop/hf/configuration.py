@@ -113,6 +113,27 @@ class InnerloopConfig(PreTrainedConfig):
             )
         super().__post_init__(**kwargs)
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """transformers' ``from_dict`` (what ``from_pretrained`` and ``AutoConfig`` build a loaded
+        ``config.json`` with), refusing first a config of another ``model_type`` and one without its
+        ``model`` section (which would otherwise become the default model, and then fail on every weight).
+        """
+        model_type = config_dict.get("model_type")
+        if model_type is not None and model_type != MODEL_TYPE:
+            raise ValueError(
+                f"config.json has model_type={model_type!r}, not {MODEL_TYPE!r}: it describes a "
+                f"{model_type} model, which innerloop's classes cannot load; load it with "
+                "AutoModelForCausalLM / AutoConfig (or that model's own classes)"
+            )
+        if config_dict.get("model") is None:
+            raise ValueError(
+                "InnerloopConfig: config.json has no 'model' section (innerloop's model config, e.g. "
+                '"model": {"hidden_size": 768, ...}), or it is null; every folder innerloop writes has '
+                f"one (keys found: {sorted(config_dict)})"
+            )
+        return super().from_dict(config_dict, **kwargs)
+
     @property
     def model_config(self) -> ModelConfig:
         """innerloop's :class:`~innerloop.models.ModelConfig` (a fresh, validated copy)."""

@@ -8,8 +8,10 @@ The wrapped network is exactly the one :func:`innerloop.models.build_model` buil
 ``generate()`` decodes through innerloop's recurrent state. The state travels between steps in an
 :class:`InnerloopCache` (the ``cache`` of the outputs); the prompt is read in one call and each new
 token alone, so with TTT or sliding-window mixers the memory does not grow with the tokens generated.
-innerloop models read every token into their state, so padding before a token (left padding) cannot
-be masked out: a batch must hold prompts of one length (batch size 1 in lm-eval's ``generate_until``).
+innerloop models read every token into their state, so padding cannot be masked out: a batch must hold
+prompts of one length (batch size 1 in lm-eval's ``generate_until``); a padded mask is refused wherever
+the state would have read the pads (a cache, generate()), and right padding is accepted only for scoring.
+A cache can be passed back to ``generate()`` (``cache=``, ``past_key_values=``) to continue its sequence.
 """
 
 from __future__ import annotations
@@ -24,9 +26,15 @@ from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from innerloop.hf.configuration import InnerloopConfig
+from innerloop.hf.configuration import InnerloopConfig, model_config_from
 from innerloop.hf.remote_code import AUTO_MAP, write_shims
 from innerloop.models import E2EState, LMState, build_model
+from innerloop.models.config import E2E
+
+BEAM_SEARCH_REFUSED = (
+    "beam search is not supported by innerloop models (their recurrent state cannot be reordered between "
+    "beams); use greedy decoding or sampling (num_beams=1)"
+)
 
 
 class InnerloopCache:
@@ -35,25 +43,93 @@ class InnerloopCache:
     Attributes:
         state: innerloop's :class:`~innerloop.models.LMState` or :class:`~innerloop.models.E2EState`.
         seq_length: tokens read so far.
+        fingerprint: ``[batch]`` int64, a hash of each row's tokens read so far (see
+            :func:`token_fingerprint`), or None; ``generate()`` checks with it that a prompt passed with
+            the cache starts with the tokens the cache has read.
 
     Its size does not depend on ``seq_length`` for TTT and sliding-window mixers (full attention keeps
-    every key and value). Beam search cannot reorder it (transformers then says so).
+    every key and value). It implements what transformers' ``generate()`` reads of a cache, so a cache
+    can be passed back to continue its sequence (``generate(ids, cache=out.cache)``, with ``ids`` the
+    whole sequence); beam search cannot reorder it (refused with the reason).
     """
 
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, state: LMState | E2EState, seq_length: int):
+    def __init__(self, state: LMState | E2EState, seq_length: int, fingerprint: torch.Tensor | None = None):
         self.state = state
         self.seq_length = seq_length
+        self.fingerprint = fingerprint
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """``[False]``, read by ``generate()``: a prompt passed with this cache holds the tokens the cache
+        has read, and is cut to the tokens after them (``get_seq_length()``). (For caches it calls
+        "linear", transformers passes the whole prompt: the state would read its tokens twice.)"""
+        return [False]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens read so far (``layer_idx`` is ignored: every block has read the same tokens)."""
         return self.seq_length
 
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Refused: a recurrent state cannot be reordered between beams."""
+        raise ValueError(BEAM_SEARCH_REFUSED)
+
     def nbytes(self) -> int:
         """Bytes held by the state's tensors."""
         return self.state.nbytes()
+
+
+_HASH_MODULUS = 2**31 - 1
+_HASH_BASE = 1_000_003
+
+
+def token_fingerprint(input_ids: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+    """A polynomial hash (mod 2^31 - 1) of each row of ``input_ids [B, T]``, continuing ``previous [B]``
+    (the hash of the tokens before them): ``[B]`` int64. A few small integer ops for a decoding step."""
+    ids = input_ids.to(torch.int64) % _HASH_MODULUS + 1  # [B, T]; + 1: a leading 0 still counts
+    length = ids.shape[1]
+    powers = torch.ones(1, dtype=torch.int64, device=ids.device)  # powers[k] = base^k
+    step = _HASH_BASE
+    while powers.numel() < length:
+        powers = torch.cat((powers, powers * step % _HASH_MODULUS))
+        step = step * step % _HASH_MODULUS
+    weights = powers[:length].flip(0)  # [T]: base^(T-1-t) for the token at t
+    total = (ids * weights % _HASH_MODULUS).sum(dim=1) % _HASH_MODULUS  # [B]
+    if previous is None:
+        return total
+    return (previous.to(ids.device) * pow(_HASH_BASE, length, _HASH_MODULUS) + total) % _HASH_MODULUS
+
+
+def check_cache_continues(cache: Any, input_ids: torch.Tensor, next_sequence_length: int | None) -> None:
+    """Refuse a cache passed to ``generate()`` that the prompt does not continue: ``input_ids`` (the
+    whole sequence: transformers then keeps its last ``next_sequence_length`` tokens) must be longer
+    than what the cache has read, and start with those tokens. With ``next_sequence_length`` None the
+    ids are the new tokens alone (an attention_mask longer than them was given): nothing to compare."""
+    if not isinstance(cache, InnerloopCache):
+        raise ValueError(
+            f"cache must be the InnerloopCache of a previous call or generate(), got {type(cache).__name__}"
+        )
+    if next_sequence_length is None:
+        return
+    read, length = cache.seq_length, input_ids.shape[1]
+    if next_sequence_length <= 0 or length <= read:
+        raise ValueError(
+            f"generate() got input_ids of {length} tokens with a cache that has read {read}: pass the whole "
+            f"sequence, the {read} tokens the cache has read then at least one new token (the cache cannot "
+            "give the logits of a token it has already read)"
+        )
+    if cache.fingerprint is None or cache.fingerprint.shape[0] != input_ids.shape[0]:
+        return  # a cache made by hand, or of another batch size (forward names the sizes)
+    differs = token_fingerprint(input_ids[:, :read]) != cache.fingerprint.to(input_ids.device)
+    if bool(differs.any()):
+        row = int(differs.nonzero()[0, 0])
+        raise ValueError(
+            f"generate() got a cache that has not read the first {read} tokens of input_ids (row {row} "
+            f"differs): a cache continues the sequence it was built from; pass that sequence, then the new "
+            "tokens, as input_ids"
+        )
 
 
 @dataclass
@@ -71,21 +147,81 @@ class InnerloopCausalLMOutput(ModelOutput):
     cache: InnerloopCache | None = None
 
 
-def check_attention_mask(attention_mask: torch.Tensor | None, cached: bool) -> None:
-    """Refuse a mask that would need a token to be skipped by the state (left or inner padding).
-
-    A mask of ones, or ones then zeros in each row (right padding, e.g. a batch of scoring requests),
-    is fine: a causal model's logits at a position never see the positions after it.
-    """
+def mask_padding(attention_mask: torch.Tensor | None) -> tuple[str, str] | None:
+    """The padding in ``attention_mask [B, L]``: None for no mask or a mask of ones, else ``(kind,
+    description)`` with kind ``"right"`` (ones then zeros in every row), ``"left"``, ``"hole"`` or
+    ``"empty"`` (the worst found), and a description naming a row, for error messages."""
     if attention_mask is None or bool(attention_mask.all()):
-        return
-    mask = attention_mask.to(torch.int64)  # [B, L]
-    rises = bool((mask[:, 1:] > mask[:, :-1]).any()) if mask.shape[1] > 1 else False
-    if rises or cached:
+        return None
+    ones = attention_mask.to(torch.bool)  # [B, L]
+    length = ones.shape[1]
+    positions = torch.arange(length, device=ones.device)  # [L]
+    count = ones.sum(dim=1)  # [B]
+    first = torch.where(ones, positions, length).min(dim=1).values  # [B]; L in a row of zeros
+    last = torch.where(ones, positions, -1).max(dim=1).values  # [B]; -1 in a row of zeros
+    kinds = {
+        "empty": (count == 0, "no token, all zeros"),
+        "hole": ((count > 0) & (count < last - first + 1), "zeros between its tokens"),
+        "left": ((count > 0) & (first > 0), "zeros before its first token"),
+        "right": ((count > 0) & (last < length - 1), "zeros after its last token"),
+    }
+    for kind, (rows, what) in kinds.items():
+        if bool(rows.any()):
+            row = int(rows.nonzero()[0, 0])
+            shown = ones[row].to(torch.int64).tolist()
+            text = str(shown) if length <= 24 else f"{int(count[row])} ones in {length}"
+            name = {
+                "right": "right padding",
+                "left": "left padding",
+                "hole": "a hole",
+                "empty": "an empty row",
+            }
+            return kind, f"{name[kind]} (row {row}: {text}: {what})"
+    raise AssertionError("unreachable: a mask that is not all ones has one of the kinds")
+
+
+MASKS_SUPPORTED = (
+    "supported: no attention_mask or a mask of ones (prompts of one length, no padding), and right "
+    "padding (ones then zeros) only when scoring without a cache (no cache passed, use_cache not True)"
+)
+
+
+def check_attention_mask(attention_mask: torch.Tensor | None, cached: bool, use_cache: bool | None) -> bool:
+    """Refuse a mask that the recurrent state cannot honour; return whether a cache may be returned.
+
+    innerloop models read every token into their state, so padding is never skipped. A mask of ones is
+    fine. Right padding (ones then zeros in each row, e.g. a batch of scoring requests) is fine for the
+    logits, since a causal model's logits at a position never see the positions after it, but the state
+    has read the pads: it is accepted only without a cache passed in, and then no cache is returned
+    (refused if ``use_cache=True`` asks for one). Left padding, holes and empty rows are refused.
+    """
+    padding = mask_padding(attention_mask)
+    if padding is None:
+        return True
+    kind, described = padding
+    if kind == "right" and not cached and use_cache is not True:
+        return False
+    if kind == "right":
+        given = f"{described}, with a cache {'passed in' if cached else 'asked for (use_cache=True)'}"
+        why = "a cache after right padding holds the state of the pads, and continuing it would be wrong"
+    else:
+        given = described
+        why = "the tokens after the zeros would be computed from a state that has read the padding"
+    raise ValueError(
+        f"attention_mask has {given}: innerloop models read every token into their recurrent state and "
+        f"cannot skip padding, so {why}; {MASKS_SUPPORTED}"
+    )
+
+
+def check_generate_mask(attention_mask: torch.Tensor | None) -> None:
+    """Refuse any padding in the mask ``generate()`` was given: the new tokens would follow the pads."""
+    padding = mask_padding(attention_mask)
+    if padding is not None:
         raise ValueError(
-            "attention_mask has padding before a token (left padding): innerloop models read every "
-            "token into their recurrent state, so padding cannot be skipped. Pass prompts of one length "
-            "without padding (e.g. batch size 1), or pad on the right only when scoring"
+            f"generate() got an attention_mask with {padding[1]}: innerloop models read every token into "
+            "their recurrent state and cannot skip padding, so the new tokens would follow the pads; "
+            "generate() supports prompts without padding (no attention_mask, or a mask of ones): pass "
+            "prompts of one length, e.g. one prompt at a time"
         )
 
 
@@ -129,16 +265,13 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         freshly built network, whatever plugin registered them.
         """
         wants_info = kwargs.pop("output_loading_info", False)
+        kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, as one ValueError
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        problems = {
-            kind: sorted(info.get(kind) or ())
-            for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
-            if info.get(kind)
-        }
+        problems = loading_problems(info)
         if problems:
             raise ValueError(
                 f"{args[0] if args else kwargs.get('pretrained_model_name_or_path')!r} does not hold the "
-                f"weights of the model its config.json describes: {problems}"
+                f"weights of the model its config.json describes (a config.json edited by hand?): {problems}"
             )
         model._refresh_non_persistent_buffers()
         return (model, info) if wants_info else model
@@ -162,6 +295,25 @@ class InnerloopPreTrainedModel(PreTrainedModel):
             for name, buffer in buffers.items():
                 value = fresh_buffers[name].to(device=buffer.device, dtype=buffer.dtype)
                 _set_buffer(self, name, value)
+
+
+def loading_problems(info: dict[str, Any], shown: int = 4) -> str:
+    """One line naming the missing, unexpected and mismatched weights of a ``from_pretrained`` (the first
+    ``shown`` of each kind, with the shapes of a mismatch), or ``""`` when there are none."""
+    parts = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        found = sorted(info.get(kind) or (), key=str)
+        if not found:
+            continue
+        if kind == "mismatched_keys":  # (name, shape in the folder, shape the config gives)
+            names = [
+                f"{n} {list(have)} in the folder, {list(want)} for the config" for n, have, want in found
+            ]
+        else:
+            names = [str(name) for name in found]
+        more = f" and {len(found) - shown} more" if len(found) > shown else ""
+        parts.append(f"{kind}: {'; '.join(names[:shown])}{more}")
+    return " | ".join(parts)
 
 
 def _set_buffer(root: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -205,6 +357,66 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         """The LM head (tied to the embedding unless ``model.tie_embeddings`` is false)."""
         return self.model.lm_head
 
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """Replace the token embedding by one of the same shape (a tied LM head follows it); to change the
+        vocabulary's size, use :meth:`resize_token_embeddings`, which keeps the config in step."""
+        _check_same_shape("set_input_embeddings", value, self.model.embed.weight)
+        self.model.embed = value
+        if self.config.tie_word_embeddings:
+            self.model.lm_head.weight = value.weight
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        """Replace the LM head by one of the same shape (refused for a head tied to the embedding)."""
+        if self.config.tie_word_embeddings:
+            raise ValueError(
+                "set_output_embeddings: this model's LM head is tied to the token embedding "
+                "(model.tie_embeddings); replace the embedding (set_input_embeddings) instead"
+            )
+        _check_same_shape("set_output_embeddings", value, self.model.lm_head.weight)
+        self.model.lm_head = value
+
+    def resize_token_embeddings(
+        self,
+        new_num_tokens: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        mean_resizing: bool = True,
+    ) -> nn.Embedding:
+        """Resize the vocabulary to ``new_num_tokens`` (rounded up to a multiple of ``pad_to_multiple_of``):
+        the embedding, the LM head (tied or not) and ``model.vocab_size`` in the config together.
+
+        The rows of the tokens kept are unchanged, so are their logits; added rows are the mean of the
+        old rows (``mean_resizing``, as transformers does, without its noise) or drawn with the model's
+        ``init_std``. Everything is checked before anything changes. Returns the new embedding. Refused
+        for the TTT-E2E model, whose inner loop reads the whole vocabulary (every logit would change).
+        """
+        old = self.model.embed
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return old
+        if self.config.model["mixer"] == E2E:  # type: ignore[index]
+            raise ValueError(
+                f"resize_token_embeddings is not supported for the TTT-E2E model (model.mixer={E2E!r}): its "
+                "inner loop trains on the next-token loss over the whole vocabulary, so a token added or "
+                f"removed would change every logit; the vocabulary stays model.vocab_size={old.num_embeddings}"
+            )
+        size = _resized_vocab(new_num_tokens, pad_to_multiple_of, old.num_embeddings)
+        config = model_config_from({**self.config.model, "vocab_size": size})  # type: ignore[dict-item]
+        if size == old.num_embeddings:
+            return old
+        std = config.init_std
+        embed = nn.Embedding(size, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        embed.weight = _resized_rows(old.weight, size, mean_resizing, std)
+        head = nn.Linear(
+            old.embedding_dim, size, bias=False, device=old.weight.device, dtype=old.weight.dtype
+        )
+        if self.config.tie_word_embeddings:
+            head.weight = embed.weight
+        else:
+            head.weight = _resized_rows(self.model.lm_head.weight, size, mean_resizing, std)
+        self.model.embed, self.model.lm_head = embed, head
+        self.model.config = config
+        self.config.model = config.to_dict()
+        return embed
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -220,11 +432,11 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
 
         Args:
             input_ids: token ids, ``[batch, length]``.
-            attention_mask: ``[batch, cached + length]``; only ones, or right padding (see
-                :func:`check_attention_mask`).
+            attention_mask: ``[batch, cached + length]``; only ones, or right padding when no cache is
+                passed in nor asked for (then no cache is returned; see :func:`check_attention_mask`).
             cache: the :class:`InnerloopCache` of the previous call, to continue its sequence.
-            labels: ``[batch, length]`` token ids; the loss is the next-token cross-entropy (labels
-                shifted inside, -100 ignored).
+            labels: ``[batch, length]`` integer token ids; the loss is the next-token cross-entropy
+                (labels shifted inside, -100 ignored), in float32, or float64 for a float64 model.
             use_cache: return the state as ``cache`` (default: ``config.use_cache``).
             inputs_embeds: not supported (innerloop models start from token ids).
             return_dict: a tuple instead of the output object when false.
@@ -240,27 +452,135 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"cache must be the InnerloopCache returned by a previous call, got {type(cache).__name__}"
             )
-        check_attention_mask(attention_mask, cached=cache is not None)
+        may_cache = check_attention_mask(attention_mask, cached=cache is not None, use_cache=use_cache)
         check_token_ids(input_ids, self.config.vocab_size)
+        if labels is not None:
+            labels = check_labels(labels, input_ids, self.config.vocab_size)
         logits, state = self.model(input_ids, None if cache is None else cache.state)  # [B, T, V]
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        seen = (0 if cache is None else cache.seq_length) + input_ids.shape[1]
-        new_cache = InnerloopCache(state, seen) if use_cache else None
+        use_cache = (self.config.use_cache if use_cache is None else use_cache) and may_cache
+        new_cache = None
+        if use_cache:
+            seen = (0 if cache is None else cache.seq_length) + input_ids.shape[1]
+            fingerprint = token_fingerprint(input_ids, None if cache is None else cache.fingerprint)
+            new_cache = InnerloopCache(state, seen, fingerprint)
         loss = None if labels is None else next_token_loss(logits, labels)
         output = InnerloopCausalLMOutput(loss=loss, logits=logits, cache=new_cache)
         return output if return_dict is not False else output.to_tuple()
 
-    def _reorder_cache(self, cache: InnerloopCache, beam_idx: torch.Tensor) -> InnerloopCache:
-        raise ValueError(
-            "beam search is not supported by innerloop models (their recurrent state cannot be "
-            "reordered between beams); use greedy decoding or sampling (num_beams=1)"
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        cache: InnerloopCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """transformers' own, after checking once, before the prompt is read, that the mask has no
+        padding and that a cache passed in is continued by ``input_ids``."""
+        if is_first_iteration:
+            check_generate_mask(attention_mask)
+            if cache is not None:
+                check_cache_continues(cache, input_ids, next_sequence_length)
+        return super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            cache=cache,
+            attention_mask=attention_mask,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
         )
+
+    def _prepare_attention_mask_for_generation(
+        self, inputs_tensor: torch.Tensor, generation_config: Any, model_kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        """transformers infers a mask from ``pad_token_id`` where no mask is given: an id in the prompt
+        would become padding, which innerloop models cannot skip. Refused, saying how to pass the id."""
+        mask = super()._prepare_attention_mask_for_generation(inputs_tensor, generation_config, model_kwargs)
+        padding = mask_padding(mask)
+        if padding is not None:
+            pad = generation_config.pad_token_id
+            raise ValueError(
+                f"generate() got no attention_mask, and pad_token_id={pad} occurs in input_ids, so transformers "
+                f"takes it for padding: {padding[1]}; innerloop models cannot skip padding. If id {pad} is a "
+                "token of the prompt, pass attention_mask=torch.ones_like(input_ids) (or another "
+                "pad_token_id); generate() supports prompts without padding only"
+            )
+        return mask
+
+    def _reorder_cache(self, cache: InnerloopCache, beam_idx: torch.Tensor) -> InnerloopCache:
+        raise ValueError(BEAM_SEARCH_REFUSED)
+
+
+def _check_same_shape(name: str, module: nn.Module, current: torch.Tensor) -> None:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.shape != current.shape:
+        shape = (
+            list(weight.shape) if isinstance(weight, torch.Tensor) else f"no weight ({type(module).__name__})"
+        )
+        raise ValueError(
+            f"{name}: the new module's weight is {shape}, the model's is {list(current.shape)} "
+            "([vocab, hidden]); to change the vocabulary's size, use resize_token_embeddings"
+        )
+
+
+def _resized_vocab(new_num_tokens: Any, pad_to_multiple_of: Any, current: int) -> int:
+    """``new_num_tokens`` (None: ``current``) rounded up to a multiple of ``pad_to_multiple_of``."""
+    for name, value in (("new_num_tokens", new_num_tokens), ("pad_to_multiple_of", pad_to_multiple_of)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(
+                f"resize_token_embeddings: {name} must be an integer >= 1 or None, got {value!r}"
+            )
+    size = current if new_num_tokens is None else new_num_tokens
+    if pad_to_multiple_of is not None:
+        size = -(-size // pad_to_multiple_of) * pad_to_multiple_of
+    return size
+
+
+def _resized_rows(weight: torch.Tensor, rows: int, mean_resizing: bool, std: float) -> nn.Parameter:
+    """``weight [V, D]`` cut or extended to ``[rows, D]``: the kept rows copied, added rows the mean of
+    the old ones (``mean_resizing``) or normal with ``std``."""
+    with torch.no_grad():
+        new = weight.new_empty(rows, weight.shape[1])
+        kept = min(rows, weight.shape[0])
+        new[:kept] = weight[:kept]
+        if rows > kept:
+            if mean_resizing:
+                new[kept:] = weight.mean(dim=0)
+            else:
+                nn.init.normal_(new[kept:], std=std)
+    return nn.Parameter(new, requires_grad=weight.requires_grad)
+
+
+def check_labels(labels: Any, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``labels`` as int64 on the ids' device, after refusing a non-integer tensor, a shape other than
+    ``input_ids``'s, or an id outside ``[0, vocab_size)`` other than -100, each named."""
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(
+            f"labels must be a tensor of token ids shaped like input_ids {list(input_ids.shape)}, got "
+            f"{type(labels).__name__}"
+        )
+    integer = not (labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool)
+    if not integer or labels.shape != input_ids.shape:
+        raise ValueError(
+            f"labels must be integer token ids shaped like input_ids {list(input_ids.shape)} ([batch, length]; "
+            f"-100 to ignore a position), got shape {list(labels.shape)} of {labels.dtype}"
+        )
+    labels = labels.to(device=input_ids.device, dtype=torch.int64)
+    bad = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        raise ValueError(
+            f"labels holds token id {int(labels[bad][0])}, outside the model's vocabulary of {vocab_size} "
+            f"tokens (0..{vocab_size - 1}); -100 ignores a position"
+        )
+    return labels
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of ``logits [B, T, V]`` at position t against ``labels [B, T]`` at t + 1
-    (-100 ignored), in float32."""
-    shifted_logits = logits[:, :-1].float()  # [B, T-1, V]
+    (-100 ignored), in float32 or the logits' wider dtype (float64 stays float64)."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    shifted_logits = logits[:, :-1].to(dtype)  # [B, T-1, V]
     shifted_labels = labels[:, 1:].to(logits.device)  # [B, T-1]
     return F.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1), ignore_index=-100

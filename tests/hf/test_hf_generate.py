@@ -190,3 +190,135 @@ def test_left_padded_prompts_are_refused() -> None:
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     with pytest.raises(ValueError, match="left padding"):
         model.generate(prompts, attention_mask=mask, max_new_tokens=3, pad_token_id=0)
+
+
+# --- Reusing a cache in generate() (cache= / past_key_values= / a returned cache) -----------------
+
+
+def tiny_float64(kind: str):
+    """A hidden-16 float64 model of ``kind`` (exact comparisons), built with weights scaled so that
+    greedy tokens are well separated."""
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+
+    shapes = {"hidden_size": 16, "num_heads": 2, "num_layers": 2, "intermediate_size": 32, "window": 5}
+    extra = {
+        "ttt_linear": {"ttt": {"mini_batch_size": 4}},
+        "swa": {"mixer": "swa"},
+        "attention": {"mixer": "attention"},
+        "e2e": {"mixer": "e2e", "e2e": {"chunk_size": 4}},
+    }[kind]
+    torch.manual_seed(0)
+    model = InnerloopForCausalLM(InnerloopConfig(model={**shapes, **extra})).eval().double()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.mul_(5.0)
+    return model
+
+
+IDS = torch.tensor([list(b"abcdefg"), list(b"0123456")])
+
+
+def logits_seen(model, run) -> torch.Tensor:
+    """The last-position logits of every forward ``run()`` makes, ``[B, steps, V]``."""
+    seen: list[torch.Tensor] = []
+    hook = model.register_forward_hook(lambda module, args, out: seen.append(out.logits[:, -1]))
+    try:
+        run()
+    finally:
+        hook.remove()
+    return torch.stack(seen, dim=1)
+
+
+@pytest.mark.parametrize("kind", ["ttt_linear", "swa", "attention", "e2e"])
+def test_generate_continues_a_cache_exactly(kind: str) -> None:
+    model = tiny_float64(kind)
+    cache = model(IDS[:, :4]).cache
+    out: list[torch.Tensor] = []
+    steps = logits_seen(
+        model, lambda: out.append(model.generate(IDS, cache=cache, max_new_tokens=5, do_sample=False))
+    )
+    full = out[0]
+    with torch.no_grad():
+        expected, _ = model.model(full[:, :-1])  # innerloop's own forward over the whole sequence
+    assert (steps - expected[:, IDS.shape[1] - 1 :]).abs().max().item() <= 1e-12
+    assert cache.seq_length == 4  # not changed by being continued
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+def test_generate_takes_the_cache_as_past_key_values_too() -> None:
+    model = tiny_float64("swa")
+    cache = model(IDS[:, :4]).cache
+    continued = model.generate(IDS, past_key_values=cache, max_new_tokens=5, do_sample=False)
+    assert torch.equal(continued, model.generate(IDS, max_new_tokens=5, do_sample=False))
+
+
+def test_generate_continues_the_cache_it_returned() -> None:
+    model = tiny_float64("swa")
+    first = model.generate(IDS, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    more = model.generate(first.sequences, cache=first.cache, max_new_tokens=4, do_sample=False)
+    assert torch.equal(more, model.generate(IDS, max_new_tokens=7, do_sample=False))
+
+
+def test_generate_continues_a_cache_from_the_new_tokens_and_the_whole_mask() -> None:
+    model = tiny_float64("ttt_linear")
+    cache = model(IDS[:, :4]).cache
+    mask = torch.ones_like(IDS)  # longer than the ids: they are the new tokens alone
+    new = model.generate(IDS[:, 4:], attention_mask=mask, cache=cache, max_new_tokens=4, do_sample=False)
+    whole = model.generate(IDS, max_new_tokens=4, do_sample=False)
+    assert torch.equal(new[:, 3:], whole[:, IDS.shape[1] :])
+
+
+def test_a_cache_the_prompt_does_not_continue_is_refused() -> None:
+    model = tiny_float64("swa")
+    cache = model(IDS[:, :4]).cache
+    for ids in (IDS[:, :4], IDS[:, :3]):
+        with pytest.raises(
+            ValueError, match=rf"input_ids of {ids.shape[1]} tokens with a cache that has read 4"
+        ):
+            model.generate(ids, cache=cache, max_new_tokens=2, do_sample=False)
+    other = IDS.flip(0)  # the same tokens, in the other rows
+    with pytest.raises(ValueError, match="cache that has not read the first 4 tokens of input_ids"):
+        model.generate(other, cache=cache, max_new_tokens=2, do_sample=False)
+
+
+def test_the_cache_tells_generate_what_it_needs() -> None:
+    cache = tiny_hf_model("swa")(PROMPT).cache
+    assert cache.is_linear == [False]  # generate() then cuts the prompt after what the cache has read
+    with pytest.raises(ValueError, match="beam search is not supported"):
+        cache.reorder_cache(torch.tensor([0]))
+
+
+# --- Padding in generate() ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mask", "named"),
+    [
+        ([[1, 1, 1, 1, 1, 0, 0], [1] * 7], r"right padding \(row 0: \[1, 1, 1, 1, 1, 0, 0\]"),
+        ([[1, 1, 1, 0, 1, 1, 1], [1] * 7], r"a hole \(row 0: \[1, 1, 1, 0, 1, 1, 1\]"),
+        ([[0, 0, 1, 1, 1, 1, 1], [1] * 7], r"left padding \(row 0"),
+    ],
+    ids=["right", "hole", "left"],
+)
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_padding_in_generate_is_refused_naming_it(mask: list, named: str, use_cache: bool) -> None:
+    model = tiny_hf_model("swa")
+    with pytest.raises(ValueError, match=named + r".*generate\(\) supports prompts without padding"):
+        model.generate(
+            IDS, attention_mask=torch.tensor(mask), max_new_tokens=1, pad_token_id=0, use_cache=use_cache
+        )
+
+
+def test_a_pad_token_id_inside_a_prompt_is_a_token_with_a_mask_of_ones() -> None:
+    model = tiny_hf_model("ttt_linear")
+    prompt = torch.tensor([list(b"a b c d")])  # holds byte 32, a space
+    with pytest.raises(
+        ValueError, match=r"pad_token_id=32 occurs in input_ids.*attention_mask=torch.ones_like"
+    ):
+        model.generate(prompt, pad_token_id=32, max_new_tokens=3, do_sample=False)
+    ones = torch.ones_like(prompt)
+    with_mask = model.generate(
+        prompt, attention_mask=ones, pad_token_id=32, max_new_tokens=3, do_sample=False
+    )
+    assert torch.equal(with_mask, model.generate(prompt, max_new_tokens=3, do_sample=False))

@@ -118,17 +118,40 @@ def test_the_loss_is_the_next_token_cross_entropy() -> None:
     assert model.model.embed.weight.grad is not None
 
 
-def test_right_padding_is_accepted_and_left_padding_refused() -> None:
+def test_right_padding_is_accepted_without_a_cache_and_left_padding_refused() -> None:
     model = tiny_hf_model("ttt_linear")
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
     right = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
     with torch.no_grad():
-        padded = model(ids, attention_mask=right).logits
+        padded = model(ids, attention_mask=right)
         alone = model(ids[1:, :5]).logits
-    assert (padded[1, :5] - alone[0]).abs().max().item() <= 1e-5  # the padding after them is never seen
+    assert (
+        padded.logits[1, :5] - alone[0]
+    ).abs().max().item() <= 1e-5  # the padding after them is never seen
+    assert padded.cache is None  # the state has read the pads: no cache to continue
     left = torch.tensor([[1] * 8, [0] * 3 + [1] * 5])
-    with pytest.raises(ValueError, match="left padding"):
-        model(ids, attention_mask=left)
+    with pytest.raises(ValueError, match=r"left padding \(row 1: \[0, 0, 0, 1, 1, 1, 1, 1\]"):
+        model(ids, attention_mask=left, use_cache=False)
+
+
+def test_padding_where_a_cache_is_returned_or_continued_is_refused_naming_it() -> None:
+    model = tiny_hf_model("swa")
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    right = torch.tensor([[1] * 4 + [0] * 2, [1] * 6])
+    supported = r"supported: no attention_mask or a mask of ones"
+    with pytest.raises(
+        ValueError, match=r"right padding \(row 0.*cache asked for \(use_cache=True\).*" + supported
+    ):
+        model(ids, attention_mask=right, use_cache=True)
+    cache = model(ids).cache
+    with pytest.raises(ValueError, match=r"right padding \(row 0.*with a cache passed in"):
+        model(ids, attention_mask=torch.cat((torch.ones_like(ids), right), dim=1), cache=cache)
+    hole = torch.tensor([[1, 1, 0, 1, 1, 1], [1] * 6])
+    with pytest.raises(ValueError, match=r"a hole \(row 0: \[1, 1, 0, 1, 1, 1\]: zeros between its tokens\)"):
+        model(ids, attention_mask=hole, use_cache=False)
+    with pytest.raises(ValueError, match=r"an empty row \(row 1"):
+        model(ids, attention_mask=torch.tensor([[1] * 6, [0] * 6]), use_cache=False)
+    assert model(ids, attention_mask=torch.ones_like(ids)).cache.seq_length == 6  # ones: as no mask
 
 
 def test_bad_inputs_are_named() -> None:
@@ -143,3 +166,115 @@ def test_bad_inputs_are_named() -> None:
         model(torch.tensor([[1, 256]]))  # the byte tokenizer's <|endoftext|>
     with pytest.raises(ValueError, match="token id -1"):
         model(torch.tensor([[-1, 2]]))
+
+
+def test_a_float64_models_loss_is_float64_and_low_precision_is_upcast() -> None:
+    model = tiny_hf_model("ttt_linear").double()
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, 4] = -100
+    with torch.no_grad():
+        output = model(ids, labels=labels)
+    expected = F.cross_entropy(
+        output.logits[:, :-1].reshape(-1, 256), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    assert output.loss.dtype == torch.float64
+    assert (output.loss - expected).abs().item() <= 1e-12
+    with torch.no_grad():
+        low = model.to(torch.bfloat16)(ids, labels=labels).loss
+    assert low.dtype == torch.float32
+
+
+def test_labels_of_a_wrong_dtype_shape_or_id_are_named() -> None:
+    model = tiny_hf_model("swa")
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids, labels=ids.int()).loss, model(ids, labels=ids).loss)  # int32 as int64
+    expected = r"labels must be integer token ids shaped like input_ids \[2, 8\]"
+    with pytest.raises(ValueError, match=expected + r".*got shape \[2, 7\] of torch.int64"):
+        model(ids, labels=ids[:, :-1])
+    with pytest.raises(ValueError, match=expected + r".*got shape \[2, 8\] of torch.float32"):
+        model(ids, labels=ids.float())
+    with pytest.raises(ValueError, match=r"labels holds token id 300, outside the model's vocabulary of 256"):
+        model(ids, labels=torch.full_like(ids, 300))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_resize_token_embeddings_keeps_everything_in_step(tied: bool, tmp_path) -> None:
+    config = InnerloopConfig(
+        model={"hidden_size": 16, "num_heads": 2, "num_layers": 1, "mixer": "swa", "tie_embeddings": tied}
+    )
+    torch.manual_seed(0)
+    model = InnerloopForCausalLM(config).eval()
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    embed = model.resize_token_embeddings(300)
+    assert embed is model.get_input_embeddings() and embed.weight.shape == (300, 16)
+    assert model.get_output_embeddings().weight.shape == (300, 16)
+    assert (model.model.lm_head.weight is model.model.embed.weight) == tied
+    assert model.config.vocab_size == model.config.model["vocab_size"] == model.model.config.vocab_size == 300
+    with torch.no_grad():
+        after = model(torch.cat((ids, torch.tensor([[299]])), dim=1)).logits
+    assert after.shape == (1, 7, 300)
+    assert torch.equal(after[:, :6, :256], before)  # the old tokens' logits are unchanged
+    model.save_pretrained(tmp_path)
+    loaded = InnerloopForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(torch.tensor([[299, 3]])).logits, model(torch.tensor([[299, 3]])).logits)
+    assert model.resize_token_embeddings(250, pad_to_multiple_of=64).weight.shape == (256, 16)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)  # back to 256: the same model
+
+
+def test_resize_token_embeddings_refusals_change_nothing() -> None:
+    model = tiny_hf_model("e2e")
+    weight = model.model.embed.weight
+    with pytest.raises(ValueError, match=r"not supported for the TTT-E2E model.*stays model.vocab_size=256"):
+        model.resize_token_embeddings(300)
+    swa = tiny_hf_model("swa")
+    with pytest.raises(ValueError, match=r"new_num_tokens must be an integer >= 1 or None, got 0"):
+        swa.resize_token_embeddings(0)
+    with pytest.raises(ValueError, match=r"set_input_embeddings: the new module's weight is \[300, 32\]"):
+        swa.set_input_embeddings(torch.nn.Embedding(300, 32))
+    assert model.model.embed.weight is weight and model.config.vocab_size == swa.config.vocab_size == 256
+    assert swa.model.embed.weight.shape == (256, 32)
+
+
+def test_a_config_json_whose_shapes_do_not_fit_the_weights_is_named(tmp_path) -> None:
+    tiny_hf_model("ttt_linear").save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    original = json.loads(path.read_text())
+    model = {**original["model"], "ttt": {**original["model"]["ttt"], "mini_batch_size": 8}}
+    path.write_text(json.dumps({**original, "model": model}))
+    with pytest.raises(
+        ValueError,
+        match=r"mismatched_keys: model.blocks.0.mixer.learnable_token_idx \[4\] in the folder, \[8\]",
+    ):
+        InnerloopForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("section", ["missing", "null"])
+def test_a_config_json_without_its_model_section_is_named(section: str, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    tiny_hf_model("swa").save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    if section == "missing":
+        del config["model"]
+    else:
+        config["model"] = None
+    path.write_text(json.dumps(config))
+    for load in (InnerloopForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match=r"config.json has no 'model' section"):
+            load(tmp_path)
+
+
+def test_a_folder_of_another_model_type_is_named(tmp_path) -> None:
+    # Only the config: transformers would build a default Llama (7B) for a real one.
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(ValueError, match=r"config.json has model_type='llama', not 'innerloop'"):
+        InnerloopForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"model_type='llama'"):
+        InnerloopConfig.from_pretrained(tmp_path)

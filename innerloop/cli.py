@@ -642,20 +642,29 @@ def _tokenizer(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from innerloop.config.load import check_output_dir
-    from innerloop.data.text import resolve_files, split_text_files, stdlib_files
-    from innerloop.data.tokenizer import TOKENIZER_FILE, train_bpe
+    from innerloop.data.text import DataError, resolve_files, split_text_files, stdlib_files
+    from innerloop.data.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, train_bpe
 
     out = Path(args.out)
-    if (out / TOKENIZER_FILE).exists() and not args.overwrite:
+    existing = [str(out / name) for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE) if (out / name).exists()]
+    if existing and not args.overwrite:  # both files are written: neither is replaced without --overwrite
         raise ConfigError(
-            f"{str(out / TOKENIZER_FILE)!r} exists; pass --overwrite to replace it, or another --out"
+            f"{', '.join(map(repr, existing))} exist(s); pass --overwrite to replace, or another --out"
         )
     check_output_dir(out, "--out")
-    files = resolve_files(args.paths) if args.paths else split_text_files(stdlib_files(), 0.1)[0]
+    try:
+        files = resolve_files(args.paths) if args.paths else split_text_files(stdlib_files(), 0.1)[0]
+    except DataError as err:  # it names data.paths, the training option; here the paths are PATH arguments
+        raise ConfigError(str(err).replace("data.paths entry", "PATH", 1)) from None
     texts = (_read_text_file(f) for f in files)
     tokenizer = train_bpe(texts, args.vocab_size)
     written = tokenizer.save_pretrained(out)
-    print(f"trained on {len(files)} file(s): {tokenizer.vocab_size} tokens")
+    short = (
+        f" (fewer than --vocab-size {args.vocab_size}: the text has no more merges to learn)"
+        if tokenizer.vocab_size < args.vocab_size
+        else ""
+    )
+    print(f"trained on {len(files)} file(s): {tokenizer.vocab_size} tokens{short}")
     print(f"tokenizer: {', '.join(str(p) for p in written)}")
     return 0
 
@@ -776,8 +785,10 @@ def _convert_to_checkpoint(args: argparse.Namespace, load: Callable[[], Any]) ->
     """Write the model ``load()`` reads from ``args.src`` as ``args.out/last.safetensors``."""
     from pathlib import Path
 
+    from innerloop.config.load import check_output_dir
     from innerloop.train.module import save_model_checkpoint
 
+    check_output_dir(args.out, "OUT")  # a file, or under one, is reported before the model is read
     target = Path(args.out) / "last.safetensors"
     if target.exists() and not args.overwrite:
         raise ConfigError(f"{str(target)!r} exists; pass --overwrite to replace it, or give another OUT")
@@ -871,7 +882,7 @@ def _export(args: argparse.Namespace) -> int:
 USER_ERRORS = (
     ("innerloop.config.load", "ConfigError"),
     ("innerloop.checkpoints", "CheckpointError"),
-    ("innerloop.train.data", "DataError"),
+    ("innerloop.data.text", "DataError"),  # defined there; train.data re-exports it
     ("innerloop.data.tokenizer", "TokenizerError"),
     ("lightning.fabric.utilities.exceptions", "MisconfigurationException"),
 )

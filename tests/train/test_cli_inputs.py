@@ -1,0 +1,45 @@
+"""One-line errors (never tracebacks) and no silent overwrites in the smaller commands: `innerloop
+tokenizer train` and `innerloop convert`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from innerloop.cli import main
+
+REFERENCE_MODEL = Path(__file__).resolve().parents[1] / "data" / "models" / "ttt_linear_transformer"
+
+
+@pytest.mark.parametrize("path", ["nomatch*", "emptydir"])
+def test_tokenizer_train_on_paths_matching_nothing_is_one_line_naming_the_path(tmp_path, capsys, path):
+    (tmp_path / "emptydir").mkdir()
+    code = main(
+        ["tokenizer", "train", "--vocab-size", "300", "--out", str(tmp_path / "tok"), str(tmp_path / path)]
+    )
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1, error
+    assert f"PATH {str(tmp_path / path)!r} matches no file" in error
+    assert not (tmp_path / "tok").exists()
+
+
+def test_tokenizer_train_never_replaces_a_tokenizer_config_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "tok"
+    out.mkdir()
+    (out / "tokenizer_config.json").write_text('{"my": "custom config"}')
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    assert main(["tokenizer", "train", "--vocab-size", "300", "--out", str(out), str(text)]) == 2
+    assert "tokenizer_config.json' exist(s); pass --overwrite" in capsys.readouterr().err
+    assert (out / "tokenizer_config.json").read_text() == '{"my": "custom config"}'
+
+
+@pytest.mark.parametrize("out", ["afile", "afile/sub"])
+def test_convert_into_a_file_is_one_line_before_the_model_is_read(tmp_path, capsys, out):
+    (tmp_path / "afile").write_text("mine")
+    code = main(["convert", "ttt-lm-pytorch", str(REFERENCE_MODEL), str(tmp_path / out)])
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1, error
+    assert "OUT=" in error and "is not a directory" in error
+    assert (tmp_path / "afile").read_text() == "mine"

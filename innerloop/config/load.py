@@ -8,6 +8,7 @@ dataset, strategy, accelerator or precision raises :class:`ConfigError`, which l
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import inspect
 import logging
@@ -29,7 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 from innerloop.config.schema import DATASETS, FIELD_BOUNDS, SCHEDULES, DataConfig, RunConfig
 from innerloop.config.trainer_args import check_lightning_arguments, check_loggers, route_trainer_keys
 from innerloop.data.atomic import atomic_write_text
-from innerloop.data.hf import check_hf_source
+from innerloop.data.hf import check_hf_dataset, check_hf_source
 from innerloop.data.recall import RECALL_VALUES
 from innerloop.data.text import check_text_lengths, resolve_files, text_split_lengths
 from innerloop.data.tokenizer import BYTES, Tokenizer, TokenizerError, load_tokenizer
@@ -215,6 +216,7 @@ def validate_run_config(run: RunConfig) -> None:
     if run.data.name not in DATASETS:
         raise ConfigError(f"data.name={run.data.name!r} is not a dataset; valid: {list(DATASETS)}")
     _check_vocabulary(run)
+    _check_out_dir_outside_data(run)
     if run.data.name == "text" and run.data.paths:
         _check_text(run)
     _check_hf(run)
@@ -336,8 +338,88 @@ def _check_hf(run: RunConfig) -> None:
             )
     try:
         check_hf_source(run.data.paths)
+        check_hf_dataset(run.data.paths, run.data.split, run.data.text_field, run.data.streaming)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+_RUN_FILES = (
+    "config.yaml",
+    ".innerloop.lock",
+    "last.safetensors",
+    ".last.safetensors.pending",
+    ".config.yaml.x1y2.tmp",
+    "loss_by_position.csv",
+    "loss_by_position.png",
+    "eval_last-0_data-0_T128_n128.csv",
+    "eval_last-0_data-0_T128_n128.png",
+    "logs/version_0/metrics.csv",
+    "logs/version_0/hparams.yaml",
+    "logs/version_0/events.out.tfevents.0.host.0.0",
+    "logs/wandb/run-0/files/config.yaml",
+)
+"""Examples of each kind of file a run writes in its out_dir (innerloop.train.run, run_dir, loggers):
+a glob in ``data.paths`` that can match one of them would read the run's own files as data."""
+
+
+def _check_out_dir_outside_data(run: RunConfig) -> None:
+    """``out_dir`` is neither inside a ``data.paths`` folder nor reached by a ``data.paths`` glob (nor
+    holds a ``data.paths`` entry), both resolved: the run writes its lock, config.yaml, checkpoints and
+    logs there before it reads the data, so they would become training data, and other data at each
+    launch (a resume would not see the batches an uninterrupted run saw)."""
+    if run.data.name == "recall" or not run.out_dir:
+        return
+    out = Path(run.out_dir).expanduser().resolve()
+    resolved = f" ({str(out)!r})" if str(out) != run.out_dir else ""
+    for entry in run.data.paths:
+        how = _overlap(entry, out)
+        if how:
+            raise ConfigError(
+                f"out_dir={run.out_dir!r}{resolved} {how} data.paths entry {entry!r}: the run's own "
+                "files (its lock, config.yaml, checkpoints, logs) would be read as data, and change it "
+                "from one launch to the next; give an out_dir outside the data, or data.paths that leave "
+                "it out"
+            )
+
+
+def _overlap(entry: str, out: Path) -> str | None:
+    """How the ``data.paths`` entry and the resolved ``out_dir`` overlap (words for the message), or None."""
+    parts = Path(entry).expanduser().absolute().parts
+    magic = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+    root = Path(*parts[:magic]).resolve()  # the folder the entry names, or a glob's folder
+    if magic == len(parts):  # a file or folder: a folder's files are all read
+        if root == out or root in out.parents:
+            return "lies inside"
+        inside = root.relative_to(out).parts if out in root.parents else None
+        if inside is not None and any(Path(name).parts[: len(inside)] == inside for name in _RUN_FILES):
+            return "holds"  # the entry is (or holds) a file the run writes
+        return None
+    pattern = parts[magic:]
+    if root == out or root in out.parents:
+        below = out.relative_to(root).parts
+    elif out in root.parents:  # the glob's folder is inside out_dir
+        below, pattern = (), (*root.relative_to(out).parts, *pattern)
+    else:
+        return None
+    if any(_glob_matches(pattern, (*below, *Path(name).parts)) for name in _RUN_FILES):
+        return "is reached by"
+    return None
+
+
+def _glob_matches(pattern: Sequence[str], parts: Sequence[str]) -> bool:
+    """Whether the path segments ``parts`` match the glob segments ``pattern`` as ``glob.glob(...,
+    recursive=True)`` matches them: ``**`` spans any number of segments, and no wildcard matches a name
+    that starts with a dot."""
+    if not pattern:
+        return not parts
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return _glob_matches(rest, parts) or (
+            bool(parts) and not parts[0].startswith(".") and _glob_matches(pattern, parts[1:])
+        )
+    if not parts or (parts[0].startswith(".") and not head.startswith(".")):
+        return False
+    return fnmatch.fnmatchcase(parts[0], head) and _glob_matches(rest, parts[1:])
 
 
 def _check_text(run: RunConfig) -> None:

@@ -2,9 +2,11 @@
 
 ``data.paths`` is either data files (json/jsonl, text, parquet, csv or arrow, all of one format;
 files, folders or globs) or one folder written by ``Dataset.save_to_disk`` /
-``DatasetDict.save_to_disk``. ``data.split`` picks the split (data files form the split ``train``;
-non-streaming, slices such as ``train[:90%]`` work), ``data.text_field`` the column holding the text,
-and ``data.streaming`` reads the data as a stream instead of building an Arrow table first.
+``DatasetDict.save_to_disk``. ``data.split`` picks the split (data files form the split ``train``, and
+non-streaming, slices such as ``train[:90%]`` work; a saved DatasetDict has its splits, a saved Dataset
+its own one, and slices of them work streaming or not), ``data.text_field`` the column holding the
+text, and ``data.streaming`` reads the data as a stream instead of building an Arrow table first.
+:func:`check_hf_dataset` (the config checks) opens the data and reads its first documents.
 
 Nothing is downloaded: only local paths are accepted (a name such as ``wikitext`` is refused) and
 ``HF_DATASETS_OFFLINE``/``HF_HUB_OFFLINE`` are set before ``datasets`` is imported. ``datasets`` is
@@ -13,6 +15,9 @@ imported only here, when such a dataset is opened.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -74,32 +79,172 @@ def check_hf_source(paths: Sequence[str]) -> tuple[str, list[str]]:
         )
     if len(builders) > 1:
         raise DataError(f"data.paths mixes formats {sorted(builders)}: give files of one format")
-    return builders.pop(), [str(f) for f in files]
+    builder = builders.pop()
+    empty = [f for f in files if f.stat().st_size == 0]
+    if empty and builder != "text":  # a text file may hold no line; the other formats fail to read
+        raise DataError(
+            f"data.paths has the empty file {str(empty[0])!r} ({len(empty)} empty in all), which "
+            f"data.name='hf' cannot read as {builder}: remove it from data.paths"
+        )
+    return builder, [str(f) for f in files]
+
+
+def check_hf_dataset(paths: Sequence[str], split: str, text_field: str, streaming: bool) -> None:
+    """Open ``data.paths``' split and read its first documents, as the run will (data files as a
+    stream, which reads only the start of the first file; a ``save_to_disk`` folder is memory-mapped):
+    a missing package, a split or slice that is not there, a first file that cannot be read and a
+    ``data.text_field`` that is not there are :class:`DataError` now, before a run writes anything.
+    What only a full read can find (e.g. a malformed line further on) is one error when it is read."""
+    kind, _ = check_hf_source(paths)
+    if kind != "saved" and not streaming and set(_split_names(import_datasets(), split)) == {"train"}:
+        split, streaming = "train", True  # the slice is checked here, and cut when the run opens the data
+    if next(iter_texts(open_hf_dataset(paths, split, streaming), text_field), None) is None:
+        raise DataError(f"data.paths={list(paths)!r} (data.split={split!r}) holds no document")
+
+
+INSTALL_HF = 'pip install "innerloop[hf]"'
+"""How to install the optional packages ``data.name: hf`` and BPE tokenizers need."""
+
+
+def import_datasets() -> Any:
+    """The ``datasets`` module, imported offline (``HF_DATASETS_OFFLINE``/``HF_HUB_OFFLINE`` set first);
+    :class:`DataError` naming ``data.name='hf'`` and the install command when it cannot be imported."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import datasets
+    except ImportError as err:
+        why = (
+            "which is not installed here"
+            if getattr(err, "name", None) == "datasets"
+            else f"which cannot be imported here ({_one_line(err)})"
+        )
+        raise DataError(f"data.name='hf' needs the 'datasets' package, {why}: {INSTALL_HF}") from None
+    datasets.disable_progress_bars()
+    return datasets
+
+
+class _HeldLog(logging.Handler):
+    """The records ``datasets`` logs while it reads, held instead of printed: its own handler would print
+    e.g. ``Failed to load JSON from file ...`` above the one-line error; they name the file at fault."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _reading(paths: Sequence[str], split: str, files: Sequence[str]) -> Iterator[None]:
+    """Turn what ``datasets``/``pyarrow``/``pandas`` raise while opening or reading ``data.paths`` (an
+    empty or malformed file, a file that is not of its format) into one :class:`DataError` naming
+    ``data.paths``, the file (where it is known) and the cause. The logs of a read that succeeds are
+    passed on to ``datasets``' handlers."""
+    logger = logging.getLogger("datasets")
+    held = _HeldLog()
+    handlers, logger.handlers = logger.handlers, [held]
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as err:  # datasets, pyarrow, pandas and fsspec each raise their own types
+        raise _read_error(paths, split, files, err, held.records) from None
+    finally:
+        logger.handlers = handlers
+    for record in held.records:
+        for handler in handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+
+
+def _read_error(
+    paths: Sequence[str], split: str, files: Sequence[str], err: BaseException, logs: list[logging.LogRecord]
+) -> DataError:
+    """The :class:`DataError` of ``err``: its first cause with a message (not datasets' wrapper), and the
+    file a log record or the error names."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    # datasets wraps the reader's error in DatasetGenerationError ("An error occurred while generating ...")
+    named = [e for e in chain if str(e).strip() and type(e).__name__ != "DatasetGenerationError"]
+    cause = named[0] if named else err
+    reason = f"{_one_line(cause)} ({type(cause).__name__})" if str(cause).strip() else type(cause).__name__
+    if isinstance(cause, StopIteration):
+        reason = "no record could be read (StopIteration): is a file empty?"
+    said = " ".join([*(r.getMessage() for r in logs), *(str(e) for e in chain)])
+    named_files = [f for f in files if f in said] or (list(files) if len(files) == 1 else [])
+    where = (  # the longest: 'd.json' is in a message that names 'd.jsonl' too
+        f"cannot read {max(named_files, key=len)!r}"
+        if named_files
+        else f"cannot read one of its {len(files)} files"
+    )
+    return DataError(f"data.paths={list(paths)!r} (data.split={split!r}): {where}: {reason}")
 
 
 def open_hf_dataset(paths: Sequence[str], split: str, streaming: bool) -> Any:
-    """The ``datasets`` Dataset (or IterableDataset when ``streaming``) of ``data.paths``' split."""
+    """The ``datasets`` Dataset (or IterableDataset when ``streaming``) of ``data.paths``' split (or slice
+    of it). Raises :class:`DataError` naming ``data.paths``/``data.split`` for anything it cannot open."""
     kind, files = check_hf_source(paths)
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import datasets
-
-    datasets.disable_progress_bars()
-    try:
+    datasets = import_datasets()
+    names = _split_names(datasets, split)
+    if kind != "saved" and set(names) != {"train"}:
+        raise DataError(
+            f"data.split={split!r} is not a split of data.paths={list(paths)!r}: data files form the one "
+            "split 'train' (without streaming, slices such as 'train[:90%]' work too)"
+        )
+    if kind != "saved" and streaming and "[" in split:
+        raise DataError(
+            f"data.split={split!r} is a slice, which data files read with data.streaming=true cannot "
+            "take (a stream has no length); set data.streaming=false, or give the whole split 'train'"
+        )
+    with _reading(paths, split, files):
         if kind != "saved":
-            return datasets.load_dataset(kind, data_files=files, split=split, streaming=streaming)
-        loaded = datasets.load_from_disk(files[0])
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise DataError(
-                    f"data.split={split!r} is not a split of {files[0]!r}; its splits: {sorted(loaded)}"
-                )
-            loaded = loaded[split]
-        return loaded.to_iterable_dataset() if streaming else loaded
-    except DataError:
-        raise
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        raise DataError(f"data.paths={list(paths)!r}, data.split={split!r}: {_one_line(err)}") from None
+            loaded = datasets.load_dataset(kind, data_files=files, split=split, streaming=streaming)
+        else:
+            loaded = _saved_split(datasets, datasets.load_from_disk(files[0]), split, files[0])
+            loaded = loaded.to_iterable_dataset() if streaming else loaded
+    with contextlib.suppress(AttributeError):  # iter_texts names them when reading a stream fails
+        loaded._innerloop_source = (list(paths), split, files)
+    return loaded
+
+
+def _split_names(datasets: Any, split: str) -> list[str]:
+    """The split names ``data.split`` reads (``train`` of ``train[:90%]+train[-5:]``); :class:`DataError`
+    unless it is a split name or slices of splits, as ``load_dataset`` reads them."""
+    try:
+        datasets.ReadInstruction.from_spec(split)
+    except (ValueError, AssertionError) as err:
+        raise DataError(
+            f"data.split={split!r} is not a split name, or a slice of one such as 'train[:90%]' or "
+            f"'train[10:200]': {_one_line(err)}"
+        ) from None
+    return [part.split("[")[0].strip() for part in split.split("+")]
+
+
+def _saved_split(datasets: Any, loaded: Any, split: str, folder: str) -> Any:
+    """The split (or slice of one, e.g. ``train[:10%]``, ``test[-100:]``) ``split`` of a ``save_to_disk``
+    folder: of a DatasetDict, one of its splits; of a Dataset, its own split (``train`` when it names
+    none). Slices are cut as ``load_dataset`` cuts them (the same rounding)."""
+    if isinstance(loaded, datasets.DatasetDict):
+        splits, what = dict(loaded), f"a split of {folder!r}; its splits: {sorted(loaded)}"
+    else:
+        own = str(loaded.split) if loaded.split is not None else "train"
+        splits = {own: loaded}
+        what = f"the split of the saved Dataset {folder!r}, which holds the one split {own!r}"
+    try:
+        pieces = datasets.ReadInstruction.from_spec(split).to_absolute(
+            {name: len(data) for name, data in splits.items()}
+        )
+    except (ValueError, AssertionError):
+        raise DataError(f"data.split={split!r} is not {what}") from None
+    if len(pieces) == 1 and (pieces[0].from_, pieces[0].to) == (0, len(splits[pieces[0].splitname])):
+        return splits[pieces[0].splitname]  # a whole split
+    parts = [splits[p.splitname].select(range(p.from_, p.to)) for p in pieces]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
 def _one_line(err: object) -> str:
@@ -130,14 +275,17 @@ def iter_texts(dataset: Any, text_field: str, first: int = 0) -> Iterator[tuple[
             texts = dataset[start : start + _READ_CHUNK][text_field]
             yield start, [_check_text(t, text_field, start + i) for i, t in enumerate(texts)]
         return
-    chunk: list[str] = []  # an IterableDataset: skip (read past) the first documents, then read on
+    # an IterableDataset: skip (read past) the first documents, then read on, a chunk at a time
+    source = getattr(dataset, "_innerloop_source", None)
+    records = iter(dataset.skip(first) if first else dataset)
     index = first
-    for record in dataset.skip(first) if first else dataset:
-        if text_field not in record:
-            raise _missing_field(text_field, record)
-        chunk.append(_check_text(record[text_field], text_field, index + len(chunk)))
-        if len(chunk) == _READ_CHUNK:
-            yield index, chunk
-            index, chunk = index + len(chunk), []
-    if chunk:
-        yield index, chunk
+    while True:
+        with _reading(*source) if source is not None else contextlib.nullcontext():
+            chunk = list(itertools.islice(records, _READ_CHUNK))
+        if not chunk:
+            return
+        for record in chunk:
+            if text_field not in record:
+                raise _missing_field(text_field, record)
+        yield index, [_check_text(r[text_field], text_field, index + i) for i, r in enumerate(chunk)]
+        index += len(chunk)

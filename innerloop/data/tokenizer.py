@@ -190,10 +190,9 @@ class HFTokenizer(Tokenizer):
     """
 
     def __init__(self, tokenizer_json: str, eos_token: str | None = None, source: str = "a tokenizer.json"):
-        from tokenizers import Tokenizer as _Backend
-
+        tokenizers = import_tokenizers(source)
         try:
-            self.backend = _Backend.from_str(tokenizer_json)
+            self.backend = tokenizers.Tokenizer.from_str(tokenizer_json)
         except Exception as err:  # the Rust library raises plain Exceptions for malformed JSON
             raise TokenizerError(f"{source} is not a valid tokenizer.json: {_one_line(err)}") from None
         self.tokenizer_json = tokenizer_json
@@ -251,6 +250,23 @@ def _save_tokenizer_files(
 
 def _one_line(err: object) -> str:
     return " ".join(str(err).split())
+
+
+def import_tokenizers(user: str) -> Any:
+    """The ``tokenizers`` module; :class:`TokenizerError` saying that ``user`` (e.g. ``data.tokenizer=...``)
+    needs it, and how to install it, when it cannot be imported."""
+    try:
+        import tokenizers
+    except ImportError as err:
+        why = (
+            "which is not installed here"
+            if getattr(err, "name", None) == "tokenizers"
+            else f"which cannot be imported here ({_one_line(err)})"
+        )
+        raise TokenizerError(
+            f"{user} needs the 'tokenizers' package, {why}: pip install \"innerloop[hf]\""
+        ) from None
+    return tokenizers
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
@@ -339,10 +355,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
         raise TokenizerError(
             f"vocab_size={vocab_size} must be >= 257 (the end-of-text token and the 256 bytes)"
         )
-    from tokenizers import Tokenizer as _Backend
+    tokenizers = import_tokenizers("training a BPE tokenizer")
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    backend = _Backend(models.BPE())
+    backend = tokenizers.Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

@@ -61,6 +61,7 @@ __all__ = [
     "RecallDataModule",
     "TextDataModule",
     "check_text_lengths",
+    "dataset_tokens",
     "evaluation_examples",
     "read_bytes",
     "read_tokens",
@@ -230,18 +231,48 @@ def evaluation_examples(
     count: int,
     val_fraction: float = 0.1,
     tokenizer: Tokenizer | None = None,
+    text_field: str | None = None,
 ) -> Batch:
     """Windows to evaluate on: all of the given files, or with no paths the validation split of the
     default corpus (the same files :class:`TextDataModule` holds out), tokenized by ``tokenizer``
-    (None: bytes)."""
+    (None: bytes).
+
+    The files are read as a text run reads its data (each file's bytes or text, the end-of-text id
+    between files), or with ``text_field`` as a ``data.name='hf'`` run reads its data
+    (:func:`dataset_tokens`: the documents' ``text_field``, each followed by the end-of-text id), not
+    their raw bytes. Up to ``count`` windows spread evenly over the tokens (:func:`spread_windows`)."""
     if paths:
         unit = "bytes" if tokenizer is None or isinstance(tokenizer, ByteTokenizer) else "tokens"
+        if text_field is not None:
+            return spread_windows(dataset_tokens(paths, text_field, tokenizer), seq_len, count, unit)
         return spread_windows(read_tokens(resolve_files(paths), tokenizer), seq_len, count, unit)
     module = TextDataModule(
         seq_len=seq_len, batch_size=count, val_fraction=val_fraction, val_batches=1, tokenizer=tokenizer
     )
     module.setup()
     return module.make_val_examples()
+
+
+def dataset_tokens(paths: Sequence[str], text_field: str, tokenizer: Tokenizer | None = None) -> torch.Tensor:
+    """Every document of the data files (or ``save_to_disk`` folder) ``paths``, read as
+    :class:`HFDataModule` reads a run's documents (:func:`~innerloop.data.hf.open_hf_dataset`, split
+    ``train``; the ``text_field`` of each, tokenized and followed by the tokenizer's end-of-text id),
+    as one ``int64 [N]`` stream. Raises :class:`DataError` naming ``--data`` when they cannot be read."""
+    tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+    encode_many = getattr(tokenizer, "encode_many", None)
+    separator = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    tokens: list[int] = []
+    try:
+        dataset = open_hf_dataset(paths, "train", streaming=False)
+        for _, texts in iter_texts(dataset, text_field):
+            for ids in encode_many(texts) if encode_many else [tokenizer.encode(t) for t in texts]:
+                tokens.extend(ids)
+                tokens.extend(separator)
+    except DataError as err:
+        raise DataError(
+            f"--data {list(paths)!r}, read as the run's data.name='hf' data (field {text_field!r}): {err}"
+        ) from None
+    return torch.tensor(tokens, dtype=torch.int64)
 
 
 class RecallDataModule(_IndexedDataModule):

@@ -2,7 +2,9 @@
 
 ``train(run)`` writes into ``run.out_dir``:
 
-- ``config.yaml``: the resolved config (written before training starts, so even a killed run has it);
+- ``config.yaml``: the resolved config, ``data.paths`` made absolute (written before training starts, so
+  even a killed run has it; removed again when a new run fails before its first checkpoint, so the
+  out_dir then holds no run);
 - ``last.safetensors``: the checkpoint (every ``trainer.checkpoint_every`` steps and at the end; see
   :class:`_SafetensorsModelCheckpoint` for when a new one replaces it);
 - ``.innerloop.lock``: the lock a run holds on its out_dir (:mod:`innerloop.train.run_dir`);
@@ -28,6 +30,7 @@ Multi-process training is Lightning's: ``trainer.strategy=ddp`` (or ``ddp_spawn`
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import os
 import re
@@ -39,9 +42,11 @@ from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader
 
 from innerloop.checkpoints import (
@@ -63,10 +68,13 @@ from innerloop.config.load import (
     save_config,
     warmup_steps,
 )
-from innerloop.config.schema import RunConfig
+from innerloop.config.schema import DATASETS, RunConfig
+from innerloop.config.trainer_args import route_trainer_keys
+from innerloop.data.hf import FORMATS, check_hf_source
 from innerloop.data.tokenizer import Tokenizer
 from innerloop.models import ModelConfig
 from innerloop.models.ablation import no_test_time_training
+from innerloop.models.config import check_keys
 from innerloop.train.checkpoint import SafetensorsCheckpointIO
 from innerloop.train.data import (
     IGNORE_INDEX,
@@ -296,6 +304,7 @@ def train(
     """
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: continue the run or replace it")
+    run, cfg = _with_absolute_data_paths(run, cfg)
     out_dir = Path(run.out_dir)
     if is_launched_worker():  # rank > 0 under Lightning's DDP launcher: rank 0 owns the out_dir
         return _train_in_locked_dir(run, cfg, resume, callbacks, replace_previous=False)
@@ -330,8 +339,9 @@ def _train_in_locked_dir(
     if run.trainer.threads > 0:
         torch.set_num_threads(run.trainer.threads)
     config_path = save_config(cfg if cfg is not None else run, out_dir / "config.yaml")
+    forget = not resume and not is_launched_worker()  # rank 0 of a new run wrote this config.yaml
     try:
-        with interrupt.listening():
+        with _no_run_without_checkpoint(config_path, ckpt, forget), interrupt.listening():
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if resume else None)
     except TrainingDivergedError as err:
         raise TrainingDivergedError(f"{err}; {_last_checkpoint_note(ckpt, run)}") from None
@@ -349,6 +359,43 @@ def _train_in_locked_dir(
         }
     plot, csv_path = _write_loss_by_position(run, metrics, datamodule.seq_len)
     return TrainResult(out_dir, ckpt, config_path, plot, csv_path, metrics)
+
+
+def absolute_data_paths(paths: Sequence[str], base: str | os.PathLike[str] | None = None) -> list[str]:
+    """``data.paths`` with every relative entry (``~`` expanded first) joined to ``base`` (default: the
+    current directory); absolute entries stay, and a glob stays a glob (it is not expanded)."""
+    root = os.fspath(base) if base is not None else os.getcwd()
+    return [os.path.join(root, os.path.expanduser(p)) for p in paths]
+
+
+def _with_absolute_data_paths(run: RunConfig, cfg: DictConfig | None) -> tuple[RunConfig, DictConfig | None]:
+    """``run`` and ``cfg`` with :func:`absolute_data_paths` (copies; the caller's are left as they are).
+
+    A run records its data where it was started: ``config.yaml`` then names the same files whatever
+    directory eval, compare or a resume later runs from (a relative glob would match other files, or
+    none, elsewhere)."""
+    paths = absolute_data_paths(run.data.paths)
+    if paths == list(run.data.paths):
+        return run, cfg
+    run = replace(run, data=replace(run.data, paths=paths))
+    if cfg is not None:
+        cfg = copy.deepcopy(cfg)
+        cfg.data.paths = paths
+    return run, cfg
+
+
+@contextlib.contextmanager
+def _no_run_without_checkpoint(config_path: Path, ckpt: Path, enabled: bool) -> Iterator[None]:
+    """When the block fails (an error, or a second Ctrl-C) before ``ckpt`` exists, remove ``config_path``,
+    which this launch wrote (``enabled``: a new run, not a resume, in the process that owns the out_dir):
+    an out_dir without a checkpoint then holds no run, and the corrected launch is not refused as a
+    second run. Nothing else is removed (``logs/`` of the launch stay, as a record of it)."""
+    try:
+        yield
+    except BaseException:
+        if enabled and not ckpt.exists():
+            config_path.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -392,6 +439,8 @@ def _check_resume(run: RunConfig, module: LanguageModelModule, ckpt: Path) -> No
     saved_config = ckpt.parent / "config.yaml"
     if saved_config.is_file():
         saved, _ = load_config(str(saved_config))
+        # relative data.paths of an older config.yaml name files from here, as the resumed run's do
+        saved = replace(saved, data=replace(saved.data, paths=absolute_data_paths(saved.data.paths)))
         check_resume_changes(saved, run)
     _check_same_model(run.model, checkpoint, ckpt)
     _check_same_tokenizer(run, ckpt)
@@ -486,26 +535,73 @@ class EvaluationWindows:
     source: str
 
 
+def read_run_config(path: str | Path) -> RunConfig:
+    """The run config a run saved (its ``config.yaml``): the schema's keys and types, without the checks
+    of the machine it trains on (accelerator, loggers, out_dir), which reading its data elsewhere does
+    not need (a run trained on a GPU is evaluated on a CPU). Raises :class:`ConfigError` naming the file
+    and what is wrong."""
+    source = f"{str(path)!r}"
+    try:
+        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{source} cannot be read as YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{source} is not a mapping of config sections ({type(document).__name__})")
+    routed = route_trainer_keys(document, source, ConfigError)
+    check_keys(routed, RunConfig, "", source, ConfigError)
+    try:
+        run = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(routed)))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"{source}: config key {key!r}: {str(err).strip().splitlines()[0]}") from None
+    assert isinstance(run, RunConfig)
+    if run.data.name not in DATASETS:
+        raise ConfigError(f"{source}: data.name={run.data.name!r} is not a dataset; valid: {list(DATASETS)}")
+    return run
+
+
 def run_of_checkpoint(checkpoint: str | Path, model: dict[str, Any]) -> RunConfig | None:
-    """The run that wrote ``checkpoint``: the ``config.yaml`` beside it when it reads and describes the
+    """The run that wrote ``checkpoint``: the ``config.yaml`` beside it when it describes the
     checkpoint's model (``model``, its hyperparameters' model config); else None (a checkpoint copied
-    elsewhere, or next to another run's config)."""
+    elsewhere, or next to another run's config). A config.yaml that is there but cannot be read raises
+    :class:`ConfigError` (never a silent fallback to other data)."""
+    return _run_beside(checkpoint, model)[0]
+
+
+def _run_beside(checkpoint: str | Path, model: dict[str, Any]) -> tuple[RunConfig | None, str]:
+    """:func:`run_of_checkpoint`, and when it is None why, as a clause (``there is no config.yaml
+    beside ...``)."""
     saved = Path(checkpoint).parent / "config.yaml"
     if not saved.is_file():
-        return None
+        return None, f"there is no config.yaml beside {str(checkpoint)!r}"
     try:
-        run, _ = load_config(str(saved))
+        run = read_run_config(saved)
+    except ConfigError as err:
+        raise ConfigError(
+            f"the config.yaml beside {str(checkpoint)!r} cannot be used to find its run's data: {err}; "
+            "repair it, or give --data FILES to evaluate on"
+        ) from None
+    try:
         ours = flatten_config(ModelConfig.from_dict(model), "model.")
-    except (ConfigError, ValueError, TypeError, OSError):
-        return None
-    return run if flatten_config(run.model, "model.") == ours else None
+    except (TypeError, ValueError) as err:
+        return None, f"{str(checkpoint)!r} holds a model config this innerloop cannot read ({err})"
+    theirs = flatten_config(run.model, "model.")
+    changes = [f"{k} {theirs.get(k)!r} != {ours[k]!r}" for k in ours if theirs.get(k) != ours[k]]
+    if changes:
+        more = f" and {len(changes) - 2} more" if len(changes) > 2 else ""
+        return None, (
+            f"the config.yaml beside {str(checkpoint)!r} is another run's: it describes another model "
+            f"({', '.join(changes[:2])}{more})"
+        )
+    return run, ""
 
 
 def validation_examples(run: RunConfig, seq_len: int | None = None, count: int | None = None) -> Batch:
     """What ``run``'s validation reads (its DataModule's validation examples); with ``seq_len``, windows
     of that length over the same held-out data; with ``count``, that many windows instead of the
-    run's ``val_batches * batch_size`` (text: spread over the held-out data the same way; recall: the
-    first ``count`` of the same sequences)."""
+    run's ``val_batches * batch_size`` (text: spread over the held-out data the same way; hf: the first
+    ``count`` windows of the held-out documents, fewer if they run out; recall: the first ``count`` of
+    the same sequences)."""
     data = run.data
     if seq_len is not None and seq_len != build_datamodule(run).seq_len:
         if data.name == "recall":
@@ -518,6 +614,9 @@ def validation_examples(run: RunConfig, seq_len: int | None = None, count: int |
         data = replace(data, batch_size=count, val_batches=1)
     datamodule = build_datamodule(replace(run, data=data))
     datamodule.setup("validate")
+    if isinstance(datamodule, HFDataModule):
+        assert datamodule.val_examples is not None
+        return datamodule.val_examples
     return datamodule.make_val_examples()
 
 
@@ -530,40 +629,134 @@ def evaluation_windows(
     batches: int | None = None,
     tokenizer: Tokenizer | None = None,
 ) -> EvaluationWindows:
-    """The windows ``innerloop eval`` reads: ``paths`` when given; else the validation windows of the
-    run that wrote ``checkpoint`` (:func:`run_of_checkpoint`, :func:`validation_examples`: exactly the
+    """The windows ``innerloop eval`` reads: ``paths`` when given (read as the run that wrote
+    ``checkpoint`` read its data: a ``data.name='hf'`` run's text field, else the files' text); else the
+    validation windows of that run (:func:`run_of_checkpoint`, :func:`validation_examples`: exactly the
     windows its validation scored, unless ``seq_len`` or the number of windows differ); else, for a
     checkpoint without its run's config, the default corpus's held-out split. ``batches * batch_size``
     windows when ``batches`` is given (else the run's number of validation windows, or 8 batches);
-    ``batch_size`` defaults to the run's (or 16)."""
-    run = None if paths else run_of_checkpoint(checkpoint, module.hparams["model"])
+    ``batch_size`` defaults to the run's (or 16). A config.yaml beside the checkpoint that cannot be
+    read, or run data that cannot be read, raises (one line naming it), never falls back to other data."""
+    run, why_not = _run_beside(checkpoint, module.hparams["model"])
+    if paths:
+        return _windows_of_files(paths, run, why_not, seq_len, batch_size, batches, tokenizer)
     if run is not None:  # the run's own number of windows unless batches is given
-        batch_size = batch_size or run.data.batch_size
-        count = None if batches is None else batch_size * batches
-        inputs, targets = validation_examples(run, seq_len, count)
-        return EvaluationWindows(
-            inputs, targets, batch_size, _run_data_tag(run), "the run's validation windows"
-        )
+        return _run_validation_windows(run, checkpoint, seq_len, batch_size, batches)
     batch_size = batch_size or DEFAULT_EVAL_BATCH_SIZE
     count = batch_size * (batches or DEFAULT_EVAL_BATCHES)
-    inputs, targets = evaluation_examples(paths, seq_len, count, tokenizer=tokenizer)
-    source = (
-        "the given files"
-        if paths
-        else "the default corpus's held-out split (no config.yaml of this run beside the checkpoint)"
-    )
-    return EvaluationWindows(inputs, targets, batch_size, _data_tag(paths), source)
+    inputs, targets = evaluation_examples([], seq_len, count, tokenizer=tokenizer)
+    source = f"the default corpus's held-out split ({why_not})"
+    return EvaluationWindows(inputs, targets, batch_size, _data_tag([]), source)
+
+
+def _run_validation_windows(
+    run: RunConfig, checkpoint: str | Path, seq_len: int, batch_size: int | None, batches: int | None
+) -> EvaluationWindows:
+    """The validation windows of ``run`` (the run beside ``checkpoint``); see :func:`evaluation_windows`.
+
+    A ``config.yaml`` of an older innerloop may record relative ``data.paths`` (a run now records them
+    absolute): they are read from the current directory, and the windows' source says so."""
+    batch_size = batch_size or run.data.batch_size
+    count = None if batches is None else batch_size * batches
+    relative = [p for p in run.data.paths if not os.path.isabs(os.path.expanduser(p))]
+    note = ""
+    if relative:
+        run = replace(run, data=replace(run.data, paths=absolute_data_paths(run.data.paths)))
+        note = (
+            f"; its config.yaml records relative data.paths {relative}, read from the current directory "
+            f"{os.getcwd()!r}"
+        )
+    try:
+        inputs, targets = validation_examples(run, seq_len, count)
+        tag = _run_data_tag(run)
+    except DataError as err:
+        saved = Path(checkpoint).parent / "config.yaml"
+        raise DataError(
+            f"the run's validation data (data.* of {str(saved)!r}) cannot be read: {err}{note}"
+        ) from None
+    source = f"the run's validation windows ({_describe_data(run)}{note})"
+    return EvaluationWindows(inputs, targets, batch_size, tag, source)
+
+
+def _describe_data(run: RunConfig) -> str:
+    data = run.data
+    if data.name == "recall":
+        return "the recall task"
+    paths = repr(data.paths[:3])[:-1] + (f", ... {len(data.paths) - 3} more]" if len(data.paths) > 3 else "]")
+    return f"data.name={data.name!r}, data.paths={paths}" if data.paths else "the default corpus"
+
+
+_DATASET_SUFFIXES = sorted(suffix for suffix, builder in FORMATS.items() if builder != "text")
+"""Suffixes of data files that a ``data.name='hf'`` run reads as records (their text field), a text run
+as raw text (markup and all)."""
+
+
+def _windows_of_files(
+    paths: Sequence[str],
+    run: RunConfig | None,
+    why_not: str,
+    seq_len: int,
+    batch_size: int | None,
+    batches: int | None,
+    tokenizer: Tokenizer | None,
+) -> EvaluationWindows:
+    """The windows of the files ``paths`` (``--data``), read as ``run`` read its data; see
+    :func:`evaluation_windows`. Without the run (``why_not`` says why) a dataset file (json, jsonl,
+    parquet, csv, arrow) is refused: which way its model read such files is unknown."""
+    batch_size = batch_size or DEFAULT_EVAL_BATCH_SIZE
+    count = batch_size * (batches or DEFAULT_EVAL_BATCHES)
+    text_field = run.data.text_field if run is not None and run.data.name == "hf" else None
+    if run is None:
+        dataset = next((f for f in resolve_files(paths) if f.suffix.lower() in _DATASET_SUFFIXES), None)
+        if dataset is not None:
+            raise ConfigError(
+                f"--data {str(dataset)!r}: a {dataset.suffix} file is read as records (their text field) by "
+                f"a data.name='hf' run and as raw text by a text run, and {why_not}, so how this model read "
+                f"its data is unknown; evaluate the checkpoint beside its run's config.yaml, or give text "
+                f"files (not {', '.join(_DATASET_SUFFIXES)})"
+            )
+    inputs, targets = evaluation_examples(paths, seq_len, count, tokenizer=tokenizer, text_field=text_field)
+    if text_field is not None:
+        source = f"the given files' {text_field!r} field, read as this data.name='hf' run reads its data"
+    else:
+        source = "the given files, read as text"
+    return EvaluationWindows(inputs, targets, batch_size, _data_tag(paths, text_field or ""), source)
 
 
 def _run_data_tag(run: RunConfig) -> str:
     """``default-val`` for a run on the default corpus's usual split (the windows ``evaluation_examples``
-    gives too), else ``<data.name>-val-<hash of the data config>``."""
+    gives too), else ``<data.name>-val-<hash>`` of the data config and of the data files' paths, sizes and
+    modification times (:func:`_files_fingerprint`): data files that change give another name."""
     data = run.data
     if data.name == "text" and not data.paths and data.val_fraction == TextDataModule().val_fraction:
         return "default-val"
     varying = {"data.seq_len", "data.batch_size", "data.val_batches"}  # in the name as T and n
     settings = {k: v for k, v in flatten_config(data, "data.").items() if k not in varying}
-    return f"{data.name}-val-{hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()[:8]}"
+    key = repr(sorted(settings.items())) + _files_fingerprint(_run_data_files(run))
+    return f"{data.name}-val-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def _run_data_files(run: RunConfig) -> list[Path]:
+    """The files ``run``'s data reads (none for recall and the default corpus)."""
+    data = run.data
+    if data.name == "recall" or not data.paths:
+        return []
+    if data.name == "text":
+        return resolve_files(data.paths)
+    kind, found = check_hf_source(data.paths)
+    if kind == "saved":
+        return sorted(p for p in Path(found[0]).rglob("*") if p.is_file())
+    return [Path(f) for f in found]
+
+
+def _files_fingerprint(files: Sequence[Path]) -> str:
+    """Each file's resolved path, size and modification time (ns): what changes when a file is rewritten,
+    without reading it."""
+    parts = []
+    for f in files:
+        stat = f.stat()
+        parts.append(f"{f.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}")
+    return "\n".join(parts)
 
 
 def evaluate(
@@ -594,6 +787,7 @@ def evaluate(
     tokenizer = checkpoint_tokenizer(checkpoint)
     windows = evaluation_windows(checkpoint, module, paths, seq_len, batch_size, batches, tokenizer)
     inputs, targets = windows.inputs, windows.targets
+    print(f"windows: {len(inputs)} of {seq_len} tokens from {windows.source} ({windows.tag})", flush=True)
     check_vocabulary(module, inputs, targets, tokenizer)
     loader = DataLoader(FixedExamples(inputs, targets), batch_size=windows.batch_size, shuffle=False)
     trainer = L.Trainer(
@@ -658,11 +852,14 @@ def evaluation_stem(
     return f"eval_{checkpoint_id}_{tag}_T{seq_len}_n{windows}{'_no-ttt' if no_ttt else ''}"
 
 
-def _data_tag(paths: Sequence[str]) -> str:
+def _data_tag(paths: Sequence[str], reading: str = "") -> str:
+    """``default-val`` without paths, else the first file's name, ``+<more files>`` and a hash of the
+    files' :func:`_files_fingerprint` and of ``reading`` (how they are read: the text field, or "")."""
     if not paths:
         return "default-val"
     files = resolve_files(paths)
-    digest = hashlib.sha256("\0".join(str(f) for f in files).encode()).hexdigest()[:8]
+    key = f"{reading}\n{_files_fingerprint(files)}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", files[0].stem).strip("-.")[:40] or "data"
     return f"{name}{f'+{len(files) - 1}' if len(files) > 1 else ''}-{digest}"
 

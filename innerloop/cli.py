@@ -506,7 +506,7 @@ def _params(args: argparse.Namespace) -> int:
     from innerloop.config.load import load_config
     from innerloop.models.params import count_config_parameters, size_to_budget
 
-    run, _ = load_config(args.config, args.overrides)
+    run, _ = load_config(args.config, args.overrides, model_only=True)  # a run's data and out_dir aside
     counts = count_config_parameters(run.model)
     print(f"{args.config}: {counts.describe()}")
     if args.budget is not None:

@@ -145,10 +145,12 @@ def _first_line(err: BaseException) -> str:
 
 
 def load_config(
-    preset_or_file: str = DEFAULT_PRESET, overrides: Sequence[str] = ()
+    preset_or_file: str = DEFAULT_PRESET, overrides: Sequence[str] = (), *, model_only: bool = False
 ) -> tuple[RunConfig, DictConfig]:
     """Load a preset or YAML file, apply ``key=value`` overrides, validate; return the typed config and
-    its omegaconf form (for saving)."""
+    its omegaconf form (for saving). ``model_only``: check only what the model needs (its section, and
+    the tokenizer that sets its vocabulary), for commands that build no run (``innerloop params``): a
+    data path or out_dir that a run could not use does not concern them."""
     loaded, source = _read_source(preset_or_file)
     try:
         container = OmegaConf.to_container(loaded)
@@ -172,7 +174,13 @@ def load_config(
         raise ConfigError(f"config key {key!r}: {_first_line(err)}") from None
     if not _vocab_size_given(container, overrides):
         _vocabulary_from_tokenizer(run, cfg)
-    validate_run_config(run)
+    if model_only:
+        try:
+            validate_model_config(run.model)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    else:
+        validate_run_config(run)
     return run, cfg
 
 

@@ -213,12 +213,20 @@ class TextDataModule(_IndexedDataModule):
         return spread_windows(self.val_bytes, self.seq_len, self.val_batches * self.batch_size)
 
 
-def spread_windows(data: torch.Tensor, seq_len: int, count: int, unit: str = "bytes") -> Batch:
-    """Up to ``count`` windows of ``data`` spread evenly over it: ``(inputs [N, T], targets [N, T])``."""
+def spread_windows(
+    data: torch.Tensor,
+    seq_len: int,
+    count: int,
+    unit: str = "bytes",
+    what: str = "the text",
+    seq_len_name: str = "seq_len",
+) -> Batch:
+    """Up to ``count`` windows of ``data`` spread evenly over it: ``(inputs [N, T], targets [N, T])``.
+    ``what`` and ``seq_len_name`` name the data and the length option in the error of too short a text."""
     if len(data) < seq_len + 1:
         raise DataError(
-            f"the text has {len(data)} {unit}, fewer than seq_len + 1 = {seq_len + 1}; give more text or a "
-            "shorter seq_len"
+            f"{what} has {len(data)} {unit} (end-of-text separators included), fewer than "
+            f"{seq_len_name} + 1 = {seq_len + 1}; give more text or a shorter {seq_len_name}"
         )
     starts = torch.linspace(0, len(data) - seq_len - 1, count).long().unique()
     windows = torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()]).long()
@@ -243,9 +251,10 @@ def evaluation_examples(
     their raw bytes. Up to ``count`` windows spread evenly over the tokens (:func:`spread_windows`)."""
     if paths:
         unit = "bytes" if tokenizer is None or isinstance(tokenizer, ByteTokenizer) else "tokens"
+        named = {"what": f"--data {', '.join(map(repr, paths))}", "seq_len_name": "--seq-len"}
         if text_field is not None:
-            return spread_windows(dataset_tokens(paths, text_field, tokenizer), seq_len, count, unit)
-        return spread_windows(read_tokens(resolve_files(paths), tokenizer), seq_len, count, unit)
+            return spread_windows(dataset_tokens(paths, text_field, tokenizer), seq_len, count, unit, **named)
+        return spread_windows(read_tokens(resolve_files(paths), tokenizer), seq_len, count, unit, **named)
     module = TextDataModule(
         seq_len=seq_len, batch_size=count, val_fraction=val_fraction, val_batches=1, tokenizer=tokenizer
     )

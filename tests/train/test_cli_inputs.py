@@ -43,3 +43,28 @@ def test_convert_into_a_file_is_one_line_before_the_model_is_read(tmp_path, caps
     assert code == 2 and error.count("\n") == 1, error
     assert "OUT=" in error and "is not a directory" in error
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_params_checks_the_model_only(capsys):
+    # a run's data paths and out_dir do not concern a parameter count; the model's own ranges do
+    assert main(["params", "data.paths=[/nonexistent/nomatch*]", "out_dir=/dev/null/x"]) == 0
+    assert "parameters" in capsys.readouterr().out
+    assert main(["params", "model.rope_theta=-1"]) == 2
+    assert "model.rope_theta=-1.0 must be > 0" in capsys.readouterr().err
+
+
+def test_eval_of_too_short_data_names_the_file_and_the_option(tmp_path, capsys):
+    from innerloop.models import ModelConfig, build_model
+    from innerloop.train.module import save_model_checkpoint
+
+    model = build_model(ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32))
+    checkpoint = save_model_checkpoint(model, tmp_path / "m.safetensors")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert (
+        main(["eval", str(checkpoint), "--data", str(empty), "--seq-len", "32", "--out", str(tmp_path)]) == 2
+    )
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1, error
+    assert f"--data {str(empty)!r} has 1 bytes (end-of-text separators included)" in error
+    assert "fewer than --seq-len + 1 = 33" in error

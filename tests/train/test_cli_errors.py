@@ -152,7 +152,7 @@ EVAL_ERRORS = [
     (["--batches", "-1"], ["argument --batches", ">= 1, got '-1'"]),
     (["--batch-size", "0"], ["argument --batch-size", ">= 1, got '0'"]),
     (["--data", "{dir}/missing.txt"], ["--data '", "missing.txt' matches no file"]),
-    (["--data", "{short}", "--seq-len", "16"], ["the text has 5 bytes", "seq_len + 1 = 17"]),
+    (["--data", "{short}", "--seq-len", "16"], ["short.txt' has 5 bytes", "--seq-len + 1 = 17"]),
     (["--out", "{a_file}"], ["--out=", "is not a directory"]),
     (["--bogus"], ["unrecognized arguments: --bogus"]),
 ]

@@ -69,6 +69,21 @@ def kernel_inputs(
     )
 
 
+def verify_refusal(kernel: KernelSpec, inputs: KernelInputs) -> str | None:
+    """``kernel.verify(inputs)``, held to its contract (None, or a reason string): a verify that raises
+    or returns anything else is a broken plugin, reported naming it, not an error of whatever layer
+    happened to ask (``kernel="auto"`` asks every registered kernel)."""
+    try:
+        reason = kernel.verify(inputs)
+    except Exception as error:
+        raise RuntimeError(f"kernel {kernel.name!r}: its verify() raised {error!r}") from error
+    if reason is not None and not isinstance(reason, str):
+        raise TypeError(
+            f"kernel {kernel.name!r}: verify() must return None (it can run) or a str (why not), got {reason!r}"
+        )
+    return reason
+
+
 def capability_refusal(kernel: KernelSpec, inputs: KernelInputs) -> str | None:
     """Why ``kernel`` cannot take what the block needs besides its tensors (decay, momentum), or None."""
     if inputs.extra.get("momentum"):
@@ -122,7 +137,7 @@ def select_kernel(rule: UpdateRule, task: InnerTask, inputs: KernelInputs) -> tu
                 f"inner_loss={task.loss.name!r}, update_rule={rule_name!r}); registered kernels: {known}; "
                 "valid values are 'auto', 'torch' or one of those that match"
             )
-        reason = capability_refusal(named[0], inputs) or named[0].verify(inputs)
+        reason = capability_refusal(named[0], inputs) or verify_refusal(named[0], inputs)
         if reason is not None:
             raise KernelUnavailableError(f"kernel={task.kernel!r} cannot run here: {reason}")
         return named[0], f"kernel {task.kernel!r} forced"
@@ -137,7 +152,7 @@ def _best(
         return None, (f"torch: no kernel registered for ({task.model.name}, {task.loss.name}, {rule_name})")
     refusals = []
     for kernel in candidates:
-        reason = capability_refusal(kernel, inputs) or kernel.verify(inputs)
+        reason = capability_refusal(kernel, inputs) or verify_refusal(kernel, inputs)
         if reason is None:
             refused = f" (refused before it: {'; '.join(refusals)})" if refusals else ""
             return kernel, f"kernel {kernel.name!r} verified{refused}"
@@ -170,7 +185,7 @@ def run_aligned_block(
     if kernel is None:
         return fallback(task, params, chunk, tau)
     decay = {} if chunk.decay is None else {"decay": chunk.decay}  # only kernels that support it
-    return kernel.forward(
+    out, new_params = kernel.forward(
         xq=chunk.query,
         xk=chunk.inputs,
         xv=chunk.targets,
@@ -182,6 +197,33 @@ def run_aligned_block(
         eps=task.norm_eps,
         **decay,
     )
+    _check_kernel_output(kernel, chunk.query, params, out, new_params)
+    return out, new_params
+
+
+def _check_kernel_output(
+    kernel: KernelSpec, xq: torch.Tensor, params: Params, out: torch.Tensor, new_params: Params
+) -> None:
+    """A kernel's outputs have the contract's shapes (``out`` as ``xq``, the same weights as ``params``):
+    shapes only, no values read, so a broken plugin fails here, naming itself, not later or silently."""
+    if not isinstance(out, torch.Tensor) or out.shape != xq.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RuntimeError(
+            f"kernel {kernel.name!r} returned outputs {got}; the contract is xq's shape {tuple(xq.shape)}"
+        )
+    expected = {k: tuple(v.shape) for k, v in params.items()}
+    got_params = (
+        {
+            k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            for k, v in new_params.items()
+        }
+        if isinstance(new_params, dict)
+        else type(new_params).__name__
+    )
+    if got_params != expected:
+        raise RuntimeError(
+            f"kernel {kernel.name!r} returned weights {got_params}; the contract is the weights it was given, {expected}"
+        )
 
 
 def run_decode_token(

@@ -1,0 +1,60 @@
+"""A registered kernel is held to its contract when it runs: a verify() that raises or returns anything
+but None or a reason, and outputs of other shapes than the contract's, are errors naming the kernel,
+never a confusing error of whichever layer asked, nor outputs passed on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import innerloop
+from innerloop.kernels.spec import KernelSpec
+from innerloop.registry import reset_registry
+
+
+@pytest.fixture
+def fresh_global_registry():
+    reset_registry()
+    yield
+    reset_registry()
+
+
+def _register(name, verify, forward=None):
+    def wrong_shapes(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
+        return xq[..., :2], {k: v for k, v in params.items() if k != "b1"}
+
+    innerloop.register_kernel(
+        KernelSpec(
+            name=name,
+            inner_model="linear",
+            inner_loss="reconstruction",
+            update_rule="dual_form",
+            forward=forward or wrong_shapes,
+            verify=verify,
+            priority=10**6,  # asked before the built-ins
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("verify", "message"),
+    [
+        (lambda inputs: True, r"kernel 'broken_verify_test': verify\(\) must return None .* got True"),
+        (lambda inputs: 1 / 0, r"kernel 'broken_verify_test': its verify\(\) raised ZeroDivisionError"),
+    ],
+)
+def test_a_verify_that_breaks_its_contract_is_named(fresh_global_registry, verify, message):
+    _register("broken_verify_test", verify)
+    layer = innerloop.TTTLayer(16, 2, inner_model="linear", mini_batch_size=4)
+    with pytest.raises((TypeError, RuntimeError), match=message):
+        layer(torch.randn(1, 8, 16))
+
+
+def test_outputs_of_other_shapes_than_the_contract_are_an_error_naming_the_kernel(fresh_global_registry):
+    _register("wrong_shapes_test", lambda inputs: None)
+    layer = innerloop.TTTLayer(16, 2, inner_model="linear", mini_batch_size=4)
+    with (
+        torch.no_grad(),
+        pytest.raises(RuntimeError, match=r"kernel 'wrong_shapes_test' returned outputs \(1, 2, 8, 2\)"),
+    ):
+        layer(torch.randn(1, 8, 16))

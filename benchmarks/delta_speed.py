@@ -201,6 +201,7 @@ def main() -> None:
     print_results(results, args)
     if args.json:
         directory = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(directory, exist_ok=True)  # a new folder: the numbers are not lost after the timing
         with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
             json.dump({"args": vars(args), "results": results}, handle, indent=1)
         os.replace(handle.name, args.json)

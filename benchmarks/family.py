@@ -14,7 +14,7 @@ Two tasks, each model trained from scratch on each:
 
     python benchmarks/family.py trainer.threads=1    # the full run (FULL below), ~15 minutes on 2 cores
     python benchmarks/family.py --quick              # CI-sized: a few steps of each, tiny windows
-    python benchmarks/family.py --only deltanet-tiny tiny trainer.threads=2
+    python benchmarks/family.py trainer.threads=2 --only deltanet-tiny tiny   # overrides before --only
 
 Extra ``key=value`` arguments override every run. Writes ``<out>/family.md`` (the table), and the
 comparison of task (a) as ``<out>/compare-<id>.{png,csv,md}``; prints the table.

@@ -140,6 +140,7 @@ def print_table(args: argparse.Namespace, results: dict[str, dict[int, dict[str,
 def write_json(path: str, results: dict) -> None:
     """Write ``results`` to ``path`` atomically (a temporary file beside it, then a rename)."""
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)  # a new folder: the numbers are not lost after the timing
     with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as handle:
         json.dump(results, handle, indent=2)
     os.replace(handle.name, path)

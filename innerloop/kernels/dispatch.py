@@ -130,6 +130,10 @@ def select_kernel(rule: UpdateRule, task: InnerTask, inputs: KernelInputs) -> tu
         return kernel, f"kernel {task.kernel!r} trains only and this block records no graph; {reason}"
     if task.kernel != "auto":
         named = [k for k in candidates if k.name == task.kernel]
+        if forced and not named:  # registered, but this is a decoded token and it has no decode step
+            raise KernelUnavailableError(
+                f"kernel={task.kernel!r} has no decode step (one token at a time): tokens decode on torch"
+            )
         if not named:
             known = [k.name for k in registry.kernels()]
             raise KernelUnavailableError(

@@ -58,3 +58,16 @@ def test_outputs_of_other_shapes_than_the_contract_are_an_error_naming_the_kerne
         pytest.raises(RuntimeError, match=r"kernel 'wrong_shapes_test' returned outputs \(1, 2, 8, 2\)"),
     ):
         layer(torch.randn(1, 8, 16))
+
+
+def test_a_named_kernel_without_a_decode_step_says_so_for_decoded_tokens():
+    layer = innerloop.TTTLayer(16, 2, inner_model="linear", mini_batch_size=4, kernel="fused_torch_linear")
+    with torch.no_grad():
+        _, state = layer(torch.randn(1, 4, 16))
+        layer(torch.randn(1, 1, 16), state)
+    assert layer.dispatches == [
+        (
+            "torch",
+            "torch: kernel='fused_torch_linear' has no decode step (one token at a time): tokens decode on torch",
+        )
+    ]

@@ -153,6 +153,13 @@ def _initial_state(
         raise ValueError(
             f"initial lacks {missing} (inner_model {model.name!r} has {sorted(shapes)}); omit initial for zeros"
         )
+    momenta = {name.removeprefix("momentum.") for name in weights if name.startswith("momentum.")}
+    if momenta and momenta != set(shapes):
+        lacking = sorted(f"momentum.{k}" for k in set(shapes) - momenta)
+        raise ValueError(
+            f"initial has the momentum of {sorted(momenta)} but lacks {lacking}: give the momentum of every "
+            "weight, or of none (zeros)"
+        )
     return state.with_weights(weights)
 
 

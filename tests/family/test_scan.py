@@ -241,3 +241,19 @@ def test_kernels_refuse_decay_and_momentum_with_the_reason():
         registry.update_rule("dual_form"), task, kernel_inputs(task, chunk, params, momentum=True)
     )
     assert kernel is None and "no kernel contract carries the momentum rule's state" in reason
+
+
+def test_the_momentum_of_some_weights_only_is_named():
+    # it failed deep in the dual segment with a bare KeyError for the weight without a momentum
+    given = tensors()
+    zeros, ones = torch.zeros(H, F, F, dtype=torch.float64), torch.ones(H, F, F, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"initial has the momentum of \['W1'\] but lacks \['momentum.b1'\]"):
+        scan(
+            given["q"],
+            given["k"],
+            given["v"],
+            given["lr"],
+            update_rule="momentum",
+            momentum=torch.full_like(given["lr"], 0.5),
+            initial={"W1": zeros, "b1": torch.zeros(H, 1, F, dtype=torch.float64), "momentum.W1": ones},
+        )

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from innerloop.data.text import DataError, resolve_files
+from innerloop.data.tokenizer import missing_package
 
 FORMATS: dict[str, str] = {
     ".json": "json",
@@ -102,10 +103,6 @@ def check_hf_dataset(paths: Sequence[str], split: str, text_field: str, streamin
         raise DataError(f"data.paths={list(paths)!r} (data.split={split!r}) holds no document")
 
 
-INSTALL_HF = 'pip install "innerloop[hf]"'
-"""How to install the optional packages ``data.name: hf`` and BPE tokenizers need."""
-
-
 def import_datasets() -> Any:
     """The ``datasets`` module, imported offline (``HF_DATASETS_OFFLINE``/``HF_HUB_OFFLINE`` set first);
     :class:`DataError` naming ``data.name='hf'`` and the install command when it cannot be imported."""
@@ -114,12 +111,7 @@ def import_datasets() -> Any:
     try:
         import datasets
     except ImportError as err:
-        why = (
-            "which is not installed here"
-            if getattr(err, "name", None) == "datasets"
-            else f"which cannot be imported here ({_one_line(err)})"
-        )
-        raise DataError(f"data.name='hf' needs the 'datasets' package, {why}: {INSTALL_HF}") from None
+        raise DataError(missing_package("data.name='hf'", "datasets", err)) from None
     datasets.disable_progress_bars()
     return datasets
 

@@ -252,20 +252,28 @@ def _one_line(err: object) -> str:
     return " ".join(str(err).split())
 
 
+INSTALL_HF = 'pip install "innerloop[hf]"'
+"""How to install the optional Hugging Face packages (``datasets``, ``tokenizers``)."""
+
+
+def missing_package(user: str, package: str, err: ImportError) -> str:
+    """One line: ``user`` needs ``package``, which ``err`` says is not installed (or cannot be imported,
+    and why), and the command that installs it."""
+    why = (
+        "which is not installed here"
+        if getattr(err, "name", None) == package
+        else f"which cannot be imported here ({_one_line(err)})"
+    )
+    return f"{user} needs the {package!r} package, {why}: {INSTALL_HF}"
+
+
 def import_tokenizers(user: str) -> Any:
     """The ``tokenizers`` module; :class:`TokenizerError` saying that ``user`` (e.g. ``data.tokenizer=...``)
     needs it, and how to install it, when it cannot be imported."""
     try:
         import tokenizers
     except ImportError as err:
-        why = (
-            "which is not installed here"
-            if getattr(err, "name", None) == "tokenizers"
-            else f"which cannot be imported here ({_one_line(err)})"
-        )
-        raise TokenizerError(
-            f"{user} needs the 'tokenizers' package, {why}: pip install \"innerloop[hf]\""
-        ) from None
+        raise TokenizerError(missing_package(user, "tokenizers", err)) from None
     return tokenizers
 
 

@@ -15,13 +15,19 @@ import torch
 from innerloop.core.identity import registered_mismatch
 from innerloop.core.protocol import InnerTask, Params, UpdateRule
 from innerloop.core.scan import ChunkInputs
-from innerloop.kernels.spec import KernelInputs, KernelSpec
+from innerloop.kernels import first_use
+from innerloop.kernels.first_use import BlockPath, TokenPath
+from innerloop.kernels.spec import KernelInputs, KernelSpec, check_kernel_output
 
 TORCH_PATH = "torch"
 
 
 class KernelUnavailableError(RuntimeError):
     """A kernel was requested by name but cannot run on these inputs."""
+
+
+class KernelCheckError(KernelUnavailableError):
+    """A kernel requested by name failed its first-use check (:mod:`innerloop.kernels.first_use`)."""
 
 
 def kernel_inputs(
@@ -33,10 +39,12 @@ def kernel_inputs(
     decode: bool = False,
     decay: bool | None = None,
     momentum: bool = False,
+    closes_mini_batch: bool | None = None,
 ) -> KernelInputs:
     """What ``verify`` sees about a block (``tau``: the token-index scales it uses, when known;
     ``decay``: whether the block forgets, by default whether ``chunk.decay`` is given; ``momentum``:
-    whether it is the momentum rule's, with its state ``S``)."""
+    whether it is the momentum rule's, with its state ``S``; ``closes_mini_batch``: for a decoded
+    token, whether it commits its mini-batch)."""
     tensors = (
         chunk.query,
         chunk.inputs,
@@ -65,6 +73,7 @@ def kernel_inputs(
             "decode": decode,
             "decay": chunk.decay is not None if decay is None else decay,
             "momentum": momentum,
+            **({} if closes_mini_batch is None else {"closes_mini_batch": closes_mini_batch}),
         },
     )
 
@@ -96,6 +105,35 @@ def capability_refusal(kernel: KernelSpec, inputs: KernelInputs) -> str | None:
     if kernel.fuses_inner_norm and not wrapped:
         return f"{kernel.name}: fuses the inner residual and LayerNorm, which this layer turns off"
     return None
+
+
+def refusal(kernel: KernelSpec, inputs: KernelInputs) -> str | None:
+    """Why ``kernel`` does not run blocks like ``inputs``: what they need, its ``verify``, or a failed
+    first-use check of its numbers (:mod:`innerloop.kernels.first_use`); None when it may run."""
+    failed = first_use.failure(kernel, inputs)
+    if failed is not None:
+        return first_use.refusal_message(kernel, failed)
+    return capability_refusal(kernel, inputs) or verify_refusal(kernel, inputs)
+
+
+def checked_choice(
+    rule: UpdateRule, task: InnerTask, inputs: KernelInputs, probe: Callable[[KernelSpec], str | None]
+) -> tuple[KernelSpec | None, str]:
+    """:func:`select_kernel`, with the chosen kernel's numbers checked by ``probe`` on its first use
+    for blocks like ``inputs``: a kernel that fails is refused (named: an error; ``"auto"``: a warning
+    and the next choice)."""
+    while True:
+        kernel, reason = select_kernel(rule, task, inputs)
+        if kernel is None or first_use.checked(kernel, inputs):
+            return kernel, reason
+        failed = probe(kernel)
+        if failed is None:
+            return kernel, reason
+        if task.kernel == kernel.name:
+            raise KernelCheckError(
+                f"kernel={task.kernel!r} cannot run here: {first_use.refusal_message(kernel, failed)}"
+            )
+        first_use.warn_refused(kernel, failed)  # select_kernel refuses it from now on: choose again
 
 
 def impostor_reason(rule: UpdateRule, task: InnerTask, head_dim: int) -> str | None:
@@ -141,6 +179,11 @@ def select_kernel(rule: UpdateRule, task: InnerTask, inputs: KernelInputs) -> tu
                 f"inner_loss={task.loss.name!r}, update_rule={rule_name!r}); registered kernels: {known}; "
                 "valid values are 'auto', 'torch' or one of those that match"
             )
+        failed = first_use.failure(named[0], inputs)
+        if failed is not None:
+            raise KernelCheckError(
+                f"kernel={task.kernel!r} cannot run here: {first_use.refusal_message(named[0], failed)}"
+            )
         reason = capability_refusal(named[0], inputs) or verify_refusal(named[0], inputs)
         if reason is not None:
             raise KernelUnavailableError(f"kernel={task.kernel!r} cannot run here: {reason}")
@@ -156,7 +199,7 @@ def _best(
         return None, (f"torch: no kernel registered for ({task.model.name}, {task.loss.name}, {rule_name})")
     refusals = []
     for kernel in candidates:
-        reason = capability_refusal(kernel, inputs) or verify_refusal(kernel, inputs)
+        reason = refusal(kernel, inputs)
         if reason is None:
             refused = f" (refused before it: {'; '.join(refusals)})" if refusals else ""
             return kernel, f"kernel {kernel.name!r} verified{refused}"
@@ -180,10 +223,17 @@ def run_aligned_block(
     params: Params,
     chunk: ChunkInputs,
     tau: torch.Tensor,
-    fallback: Callable[[InnerTask, Params, ChunkInputs, torch.Tensor], tuple[torch.Tensor, Params]],
+    fallback: BlockPath,
 ) -> tuple[torch.Tensor, Params]:
-    """Run whole mini-batches (from a boundary, no pending gradients) on the best path."""
-    kernel, reason = select_kernel(rule, task, kernel_inputs(task, chunk, params, tau=tau))
+    """Run whole mini-batches (from a boundary, no pending gradients) on the best path (``fallback``:
+    the torch path, which also checks a kernel's numbers on its first use)."""
+    inputs = kernel_inputs(task, chunk, params, tau=tau)
+    kernel, reason = checked_choice(
+        rule,
+        task,
+        inputs,
+        lambda candidate: first_use.check_block(candidate, inputs, task, params, chunk, tau, fallback),
+    )
     if task.on_dispatch is not None:
         task.on_dispatch(kernel.name if kernel is not None else TORCH_PATH, reason)
     if kernel is None:
@@ -201,33 +251,8 @@ def run_aligned_block(
         eps=task.norm_eps,
         **decay,
     )
-    _check_kernel_output(kernel, chunk.query, params, out, new_params)
+    check_kernel_output(kernel, chunk.query, params, out, new_params)
     return out, new_params
-
-
-def _check_kernel_output(
-    kernel: KernelSpec, xq: torch.Tensor, params: Params, out: torch.Tensor, new_params: Params
-) -> None:
-    """A kernel's outputs have the contract's shapes (``out`` as ``xq``, the same weights as ``params``):
-    shapes only, no values read, so a broken plugin fails here, naming itself, not later or silently."""
-    if not isinstance(out, torch.Tensor) or out.shape != xq.shape:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise RuntimeError(
-            f"kernel {kernel.name!r} returned outputs {got}; the contract is xq's shape {tuple(xq.shape)}"
-        )
-    expected = {k: tuple(v.shape) for k, v in params.items()}
-    got_params = (
-        {
-            k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            for k, v in new_params.items()
-        }
-        if isinstance(new_params, dict)
-        else type(new_params).__name__
-    )
-    if got_params != expected:
-        raise RuntimeError(
-            f"kernel {kernel.name!r} returned weights {got_params}; the contract is the weights it was given, {expected}"
-        )
 
 
 def run_decode_token(
@@ -238,17 +263,29 @@ def run_decode_token(
     chunk: ChunkInputs,
     tau_i: torch.Tensor,
     is_last: bool,
+    fallback: TokenPath,
     decaying: bool = False,
 ) -> tuple[torch.Tensor, Params, Params] | None:
-    """One token through a kernel's ``decode`` if one verifies; None means: use torch.
+    """One token through a kernel's ``decode`` if one verifies; None means: use torch (``fallback``,
+    the torch path, checks a kernel's numbers on its first use).
 
     Returns ``(out [B, H, 1, f], params, pending)`` with the mini-batch committed when ``is_last``.
     ``decaying``: the token forgets or the state carries a decay product (no decode kernel takes it).
     """
     with_pending = {**params, **{f"pending.{k}": v for k, v in pending.items()}}
-    inputs = kernel_inputs(task, chunk, with_pending, tau=tau_i, decode=True, decay=decaying)
+    inputs = kernel_inputs(
+        task, chunk, with_pending, tau=tau_i, decode=True, decay=decaying, closes_mini_batch=is_last
+    )
+
+    def probe(candidate: KernelSpec) -> str | None:
+        return first_use.check_decode(
+            candidate, inputs, task, params, pending, chunk, tau_i, is_last, fallback
+        )
+
     try:
-        kernel, reason = select_kernel(rule, task, inputs)
+        kernel, reason = checked_choice(rule, task, inputs, probe)
+    except KernelCheckError:
+        raise
     except KernelUnavailableError as error:  # a named kernel without a usable decode path
         kernel, reason = None, f"torch: {error}"
     if task.on_dispatch is not None:
@@ -272,12 +309,15 @@ def run_decode_token(
 
 
 __all__ = [
+    "KernelCheckError",
     "KernelUnavailableError",
     "capability_refusal",
     "record_torch_block",
     "TORCH_PATH",
     "impostor_reason",
+    "checked_choice",
     "kernel_inputs",
+    "refusal",
     "run_aligned_block",
     "run_decode_token",
     "select_kernel",

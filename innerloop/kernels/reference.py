@@ -181,6 +181,18 @@ def dual_aligned_block(
     return torch.cat(outputs, dim=2), params
 
 
+def dual_token(
+    task: InnerTask, params: Params, pending: Params, token: ChunkInputs, tau_i: torch.Tensor, is_last: bool
+) -> tuple[torch.Tensor, Params, Params]:
+    """One decoded token (``token``: ``[B, H, 1, f]`` views) with the mini-batch's pending gradient
+    sums, committing the mini-batch when ``is_last``: ``(out [B, H, 1, f], params, pending)``, what a
+    kernel's ``decode`` must equal."""
+    out, pending = dual_segment(task, params, pending, token, tau_i.reshape(1), has_pending=True)
+    if is_last:
+        params, pending = close_mini_batch(params, pending, tau_i)
+    return out, params, pending
+
+
 def reference_kernel(model: InnerModel, loss: InnerLoss) -> tuple[KernelForward, KernelDecode]:
     """``(forward, decode)`` of the torch dual form for a stack ``model`` and an inner ``loss``, with
     the kernels' call signatures (keys ``xk`` as the loss inputs, values ``xv`` as its targets, the
@@ -198,16 +210,20 @@ def reference_kernel(model: InnerModel, loss: InnerLoss) -> tuple[KernelForward,
         return dual_aligned_block(task(ln_weight, ln_bias, eps, tau.shape[0]), params, chunk, tau)
 
     def decode(xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, eps, is_last):
-        chunk = ChunkInputs(xq[:, :, None], xk[:, :, None], xv[:, :, None], lr[:, :, None])  # one token
-        tau = tau_i.reshape(1)
-        out, pending = dual_segment(
-            task(ln_weight, ln_bias, eps, 1), params, pending, chunk, tau, has_pending=True
+        token = ChunkInputs(xq[:, :, None], xk[:, :, None], xv[:, :, None], lr[:, :, None])
+        out, params, pending = dual_token(
+            task(ln_weight, ln_bias, eps, 1), params, pending, token, tau_i, is_last
         )
-        if is_last:
-            params, pending = close_mini_batch(params, pending, tau_i)
         return out[:, :, 0], params, pending
 
     return forward, decode
 
 
-__all__ = ["dual_aligned_block", "dual_planned_segment", "dual_segment", "key_side", "reference_kernel"]
+__all__ = [
+    "dual_aligned_block",
+    "dual_planned_segment",
+    "dual_segment",
+    "dual_token",
+    "key_side",
+    "reference_kernel",
+]

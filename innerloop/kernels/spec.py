@@ -174,6 +174,32 @@ class KernelSpec:
                 )
 
 
+def check_kernel_output(
+    kernel: KernelSpec, xq: torch.Tensor, params: Params, out: torch.Tensor, new_params: Params
+) -> None:
+    """A kernel's outputs have the contract's shapes (``out`` as ``xq``, the same weights as ``params``;
+    for ``decode``, ``xq`` is the token's ``[B, H, f]`` and ``params`` holds the pending sums too):
+    shapes only, no values read, so a broken plugin fails here, naming itself, not later or silently."""
+    if not isinstance(out, torch.Tensor) or out.shape != xq.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RuntimeError(
+            f"kernel {kernel.name!r} returned outputs {got}; the contract is xq's shape {tuple(xq.shape)}"
+        )
+    expected = {k: tuple(v.shape) for k, v in params.items()}
+    got_params = (
+        {
+            k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            for k, v in new_params.items()
+        }
+        if isinstance(new_params, dict)
+        else type(new_params).__name__
+    )
+    if got_params != expected:
+        raise RuntimeError(
+            f"kernel {kernel.name!r} returned weights {got_params}; the contract is the weights it was given, {expected}"
+        )
+
+
 def stack_kernel_spec(path: str, model_name: str, **fields: Any) -> KernelSpec:
     """The registration of a fast path for a stack inner model under the reconstruction loss and the
     dual form, named ``<path>_<model_name>`` (as the built-in stack paths are); ``fields`` are the
@@ -192,6 +218,7 @@ __all__ = [
     "KernelForward",
     "KernelInputs",
     "KernelSpec",
+    "check_kernel_output",
     "protocol_parameters",
     "signature_mismatch",
     "stack_kernel_spec",

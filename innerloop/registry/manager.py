@@ -36,6 +36,7 @@ import pluggy
 import torch
 
 from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule
+from innerloop.kernels import first_use
 from innerloop.kernels.spec import KernelSpec
 from innerloop.registry import hookspecs
 from innerloop.registry.kinds import KIND_BY_NAME, KIND_NAMES, KINDS, Kind, PluginError
@@ -456,10 +457,12 @@ def get_registry() -> Registry:
 
 
 def reset_registry() -> None:
-    """Forget the process-wide registry; the next :func:`get_registry` rebuilds it."""
+    """Forget the process-wide registry, and the kernels' first-use verdicts; the next
+    :func:`get_registry` rebuilds it."""
     global _REGISTRY
     with _LOCK:
         _REGISTRY = None
+    first_use.forget_verdicts()  # a kernel registered again is checked again
 
 
 def register(plugin: Any, origin: str | None = None) -> None:

@@ -29,7 +29,7 @@ from innerloop.core.scan import (
 )
 from innerloop.core.state import TTTState
 from innerloop.kernels.dispatch import run_aligned_block, run_decode_token
-from innerloop.kernels.reference import dual_aligned_block, dual_planned_segment, dual_segment
+from innerloop.kernels.reference import dual_aligned_block, dual_planned_segment, dual_segment, dual_token
 from innerloop.registry import hookimpl
 
 
@@ -103,7 +103,15 @@ class DualForm(UpdateRule):
         seg_tau = tau[seg.offset : seg.offset + seg.length]
         if seg.length == 1:
             decoded = run_decode_token(
-                self, task, params, carry.pending, part, seg_tau[0], seg.closes_mini_batch, decaying
+                self,
+                task,
+                params,
+                carry.pending,
+                part,
+                seg_tau[0],
+                seg.closes_mini_batch,
+                dual_token,
+                decaying,
             )
             if decoded is not None:
                 out, params, pending = decoded

@@ -1,0 +1,354 @@
+"""Every kernel's numbers are checked against the torch path before its first results are used.
+
+``verify`` says whether a kernel *can* run on some inputs; it says nothing of whether its numbers are
+right. A registered kernel that computes something else (a plugin with a sign error, a build that
+miscompiles, a Triton kernel on a GPU it was never tested on) would otherwise be chosen by
+``kernel="auto"`` and give silently wrong outputs, states or gradients.
+
+So the first time a kernel is chosen for a kind of block (its :func:`signature`: device type, dtype,
+head dim, mini-batch size, whether gradients are needed, the layer's residual/norm/decay options, and
+for decoding whether the token closes its mini-batch) dispatch runs it and the torch path on a probe of
+that block: the block's first two mini-batches (one token when decoding), with learning rates drawn
+so that every weight update is exercised. It compares the outputs and new weights, and with gradients
+needed, the gradient of a fixed random projection of them with respect to every input that records a
+graph. The relative RMS error must stay under :data:`TOLERANCES` for the dtype. The verdict is kept
+for the process:
+
+- a kernel that passes runs from then on without further checks;
+- a kernel that fails is refused for that signature: ``kernel="auto"`` moves on to the next candidate
+  (or torch), warning once and recording the failure in the dispatch reason; a layer that named the
+  kernel gets :class:`~innerloop.kernels.dispatch.KernelUnavailableError` with the numbers.
+
+A probe whose torch result is not finite (the user's data overflows) decides nothing and is repeated
+on the next block. Gradients of gradients (``needs_double_backward``) are not probed: the built-in
+kernels refuse those blocks in ``verify``. The probe costs one pass of two mini-batches on each path
+(twice that with gradients), once per signature and process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Mapping
+
+import torch
+
+from innerloop.core.functional import relative_error
+from innerloop.core.protocol import InnerTask, Params
+from innerloop.core.scan import ChunkInputs
+from innerloop.kernels.spec import KernelInputs, KernelSpec, check_kernel_output
+
+TOLERANCES: dict[torch.dtype, float] = {
+    torch.float64: 1e-6,  # a float64 kernel may accumulate in float32 internally
+    torch.float32: 1e-3,
+    torch.bfloat16: 5e-2,
+    torch.float16: 2e-2,
+}
+"""Largest relative RMS error of a kernel's outputs and new weights against the torch path, by dtype.
+A wrong kernel (a missing term, a sign, a wrong scale) is off by order one."""
+
+GRADIENT_FACTOR = 10.0
+"""Gradients may differ by this factor more than :data:`TOLERANCES` (a backward is a longer chain)."""
+
+PROBE_MINI_BATCHES = 2
+"""Mini-batches in a block's probe: two, so that the first update's weights are used by the second."""
+
+_VERDICTS: dict[tuple, str | None] = {}
+"""signature -> None (passed) or why the kernel failed; a signature not here is not checked yet."""
+
+BlockPath = Callable[[InnerTask, Params, ChunkInputs, torch.Tensor], tuple[torch.Tensor, Params]]
+"""The torch path of a block: ``(task, params, chunk, tau) -> (out, new_params)``."""
+
+TokenPath = Callable[
+    [InnerTask, Params, Params, ChunkInputs, torch.Tensor, bool], tuple[torch.Tensor, Params, Params]
+]
+"""The torch path of one decoded token: ``(task, params, pending, token, tau_i, is_last) ->
+(out [B, H, 1, f], params, pending)``."""
+
+
+class KernelCheckWarning(UserWarning):
+    """A kernel failed its first-use check and ``kernel="auto"`` did not use it."""
+
+
+def signature(kernel: KernelSpec, inputs: KernelInputs) -> tuple:
+    """What a verdict about ``kernel`` applies to (module docstring; a decoded token's ``inputs.extra``
+    says whether it closes its mini-batch)."""
+    extra = tuple(sorted((k, v) for k, v in inputs.extra.items() if isinstance(v, bool)))
+    return (
+        kernel,
+        inputs.device.type,
+        inputs.dtype,
+        inputs.head_dim,
+        inputs.mini_batch_size,
+        inputs.requires_grad,
+        extra,
+    )
+
+
+def failure(kernel: KernelSpec, inputs: KernelInputs) -> str | None:
+    """Why ``kernel`` failed its first-use check for blocks like ``inputs``; None if it passed or was
+    not checked yet."""
+    return _VERDICTS.get(signature(kernel, inputs))
+
+
+def checked(kernel: KernelSpec, inputs: KernelInputs) -> bool:
+    """Whether a verdict about ``kernel`` for blocks like ``inputs`` is known."""
+    return signature(kernel, inputs) in _VERDICTS
+
+
+def forget_verdicts() -> None:
+    """Forget every verdict: each kernel is checked again on its next first use."""
+    _VERDICTS.clear()
+
+
+def check_block(
+    kernel: KernelSpec,
+    inputs: KernelInputs,
+    task: InnerTask,
+    params: Params,
+    chunk: ChunkInputs,
+    tau: torch.Tensor,
+    torch_path: BlockPath,
+) -> str | None:
+    """Probe ``kernel.forward`` against ``torch_path`` on this block's first mini-batches (module
+    docstring); records and returns the verdict (None: it passed, or the probe decided nothing)."""
+    tokens = min(chunk.query.shape[2], PROBE_MINI_BATCHES * task.mini_batch_size)
+    probe = _probe_inputs(
+        {
+            "xq": chunk.query[:, :, :tokens],
+            "xk": chunk.inputs[:, :, :tokens],
+            "xv": chunk.targets[:, :, :tokens],
+            "lr": chunk.lr[:, :, :tokens],
+            "decay": None if chunk.decay is None else chunk.decay[:, :, :tokens],
+            "ln_weight": task.norm_weight,
+            "ln_bias": task.norm_bias,
+        },
+        params,
+        inputs.head_dim,
+    )
+
+    def run_kernel(t: dict, p: Params) -> tuple[torch.Tensor, Params]:
+        decay = {} if t["decay"] is None else {"decay": t["decay"]}
+        result = kernel.forward(
+            xq=t["xq"],
+            xk=t["xk"],
+            xv=t["xv"],
+            lr=t["lr"],
+            tau=tau,
+            params=p,
+            ln_weight=t["ln_weight"],
+            ln_bias=t["ln_bias"],
+            eps=task.norm_eps,
+            **decay,
+        )
+        check_kernel_output(kernel, t["xq"], p, *result)  # a broken contract is an error, not a verdict
+        return result
+
+    def run_torch(t: dict, p: Params) -> tuple[torch.Tensor, Params]:
+        probe_task = _with_norm(task, t["ln_weight"], t["ln_bias"])
+        return torch_path(probe_task, p, ChunkInputs(t["xq"], t["xk"], t["xv"], t["lr"], t["decay"]), tau)
+
+    return _record(signature(kernel, inputs), kernel, inputs, probe, run_kernel, run_torch)
+
+
+def check_decode(
+    kernel: KernelSpec,
+    inputs: KernelInputs,
+    task: InnerTask,
+    params: Params,
+    pending: Params,
+    token: ChunkInputs,
+    tau_i: torch.Tensor,
+    is_last: bool,
+    torch_path: TokenPath,
+) -> str | None:
+    """Probe ``kernel.decode`` against ``torch_path`` on this token (``token``: ``[B, H, 1, f]``
+    views); records and returns the verdict as :func:`check_block` does."""
+    probe = _probe_inputs(
+        {
+            "xq": token.query,
+            "xk": token.inputs,
+            "xv": token.targets,
+            "lr": token.lr,
+            "decay": None,
+            "ln_weight": task.norm_weight,
+            "ln_bias": task.norm_bias,
+        },
+        _joined(params, pending),
+        inputs.head_dim,
+    )
+
+    def split(p: Params) -> tuple[Params, Params]:
+        return {k: p[k] for k in params}, {k: p[f"pending.{k}"] for k in pending}
+
+    def run_kernel(t: dict, p: Params) -> tuple[torch.Tensor, Params]:
+        start, sums = split(p)
+        out, new_params, new_pending = kernel.decode(
+            xq=t["xq"][:, :, 0],
+            xk=t["xk"][:, :, 0],
+            xv=t["xv"][:, :, 0],
+            lr=t["lr"][:, :, 0],
+            tau_i=tau_i,
+            params=start,
+            pending=sums,
+            ln_weight=t["ln_weight"],
+            ln_bias=t["ln_bias"],
+            eps=task.norm_eps,
+            is_last=is_last,
+        )
+        for given, returned in ((start, new_params), (sums, new_pending)):  # pending as the weights
+            check_kernel_output(kernel, t["xq"][:, :, 0], given, out, returned)
+        return out, _joined(new_params, new_pending)
+
+    def run_torch(t: dict, p: Params) -> tuple[torch.Tensor, Params]:
+        start, sums = split(p)
+        probe_task = _with_norm(task, t["ln_weight"], t["ln_bias"])
+        one = ChunkInputs(t["xq"], t["xk"], t["xv"], t["lr"])
+        out, new_params, new_pending = torch_path(probe_task, start, sums, one, tau_i, is_last)
+        return out[:, :, 0], _joined(new_params, new_pending)
+
+    return _record(signature(kernel, inputs), kernel, inputs, probe, run_kernel, run_torch)
+
+
+def refusal_message(kernel: KernelSpec, reason: str) -> str:
+    """The sentence a refused kernel is reported with."""
+    return f"{kernel.name}: failed its first-use check against the torch path ({reason})"
+
+
+def warn_refused(kernel: KernelSpec, reason: str) -> None:
+    """Tell the user once (per signature) that ``kernel="auto"`` refused a kernel for its numbers."""
+    warnings.warn(
+        refusal_message(kernel, reason) + "; innerloop runs these blocks without it",
+        KernelCheckWarning,
+        stacklevel=4,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The probe
+# --------------------------------------------------------------------------------------------------
+
+
+def _probe_inputs(tensors: dict, params: Params, head_dim: int) -> tuple[dict, Params]:
+    """Private copies of a probe's inputs (a kernel may write into what it is given), with learning
+    rates drawn in ``(0, 1/f]`` so that every update of the probe moves the weights."""
+    copies = {k: None if v is None else v.detach().clone() for k, v in tensors.items()}
+    generator = torch.Generator(device=copies["lr"].device).manual_seed(0)
+    lr = torch.rand(copies["lr"].shape, generator=generator, device=copies["lr"].device, dtype=torch.float32)
+    copies["lr"] = ((0.5 + 0.5 * lr) / head_dim).to(copies["lr"].dtype)
+    copies = {
+        k: v.requires_grad_(tensors[k].requires_grad) if v is not None else None for k, v in copies.items()
+    }
+    weights = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in params.items()}
+    return copies, weights
+
+
+def _joined(params: Params, pending: Params) -> Params:
+    """A decoded token's weights and pending sums in one dict, as its probe compares them."""
+    return {**params, **{f"pending.{k}": v for k, v in pending.items()}}
+
+
+def _with_norm(task: InnerTask, weight: torch.Tensor | None, bias: torch.Tensor | None) -> InnerTask:
+    """``task`` with the probe's copies of the inner LayerNorm (so their gradients are the probe's)."""
+    return dataclasses.replace(task, norm_weight=weight, norm_bias=bias, kernel="torch", on_dispatch=None)
+
+
+def _record(
+    key: tuple,
+    kernel: KernelSpec,
+    inputs: KernelInputs,
+    probe: tuple[dict, Params],
+    run_kernel: Callable[[dict, Params], tuple[torch.Tensor, Params]],
+    run_torch: Callable[[dict, Params], tuple[torch.Tensor, Params]],
+) -> str | None:
+    tensors, weights = probe
+    tolerance = TOLERANCES.get(inputs.dtype, TOLERANCES[torch.float32])
+    # The probe's own graph must not meet an enclosing activation checkpoint's saved-tensor hooks.
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        with torch.enable_grad() if inputs.requires_grad else torch.no_grad():
+            expected = run_torch(tensors, weights)
+            actual = run_kernel(tensors, weights)
+        if not _all_finite(expected):
+            return None  # the data overflows on the torch path too: nothing decided, probe again later
+        got, want = _flatten(actual), _flatten(expected)
+        reason = _compare(got, want, tolerance)
+        if reason is None and inputs.requires_grad:
+            reason = _compare_gradients(got, want, tensors, weights, tolerance * GRADIENT_FACTOR)
+    _VERDICTS[key] = reason
+    return reason
+
+
+def _flatten(result: tuple[torch.Tensor, Params]) -> dict[str, torch.Tensor]:
+    out, new_params = result
+    return {"out": out, **{f"new {k}": v for k, v in new_params.items()}}
+
+
+def _all_finite(result: tuple[torch.Tensor, Params]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in _flatten(result).values())
+
+
+def _compare(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tolerance: float) -> str | None:
+    """The first of ``want``'s tensors that ``got`` does not match within ``tolerance``, said."""
+    if set(got) != set(want):
+        return f"it returned {sorted(got)}, the torch path {sorted(want)}"
+    for name, reference in want.items():
+        value = got[name]
+        if value.shape != reference.shape:
+            return f"{name} has shape {tuple(value.shape)}, the torch path's {tuple(reference.shape)}"
+        error = relative_error(value.detach(), reference.detach())
+        if not error <= tolerance:  # NaN fails too
+            return f"{name} differs by a relative RMS error of {error:.3g}, over the {tolerance:g} allowed"
+    return None
+
+
+def _gradients(
+    results: dict[str, torch.Tensor], projection: dict[str, torch.Tensor], leaves: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The gradient of ``sum(results * projection)`` w.r.t. each leaf (zero where none flows)."""
+    terms = [(results[k] * projection[k]).sum() for k in results if results[k].requires_grad]
+    names = list(leaves)
+    grads = torch.autograd.grad(sum(terms), [leaves[k] for k in names], allow_unused=True) if terms else []
+    found = dict(zip(names, grads, strict=True)) if terms else {}
+    return {
+        f"the gradient of {k}": torch.zeros_like(v) if found.get(k) is None else found[k]
+        for k, v in leaves.items()
+    }
+
+
+def _compare_gradients(
+    actual: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor | None],
+    weights: Params,
+    tolerance: float,
+) -> str | None:
+    """Both paths' gradients of one random projection of the results, w.r.t. every input that records
+    a graph."""
+    leaves = {k: v for k, v in tensors.items() if v is not None and v.requires_grad}
+    leaves.update({k: v for k, v in weights.items() if v.requires_grad})
+    if not leaves:
+        return None
+    generator = torch.Generator(device=expected["out"].device).manual_seed(1)
+    projection = {
+        k: torch.randn(v.shape, generator=generator, device=v.device, dtype=torch.float32).to(v.dtype)
+        for k, v in expected.items()
+    }
+    return _compare(
+        _gradients(actual, projection, leaves), _gradients(expected, projection, leaves), tolerance
+    )
+
+
+__all__ = [
+    "GRADIENT_FACTOR",
+    "KernelCheckWarning",
+    "PROBE_MINI_BATCHES",
+    "TOLERANCES",
+    "check_block",
+    "check_decode",
+    "checked",
+    "failure",
+    "forget_verdicts",
+    "refusal_message",
+    "signature",
+    "warn_refused",
+]

@@ -1,0 +1,193 @@
+"""A registered kernel's numbers are checked against the torch path before its first results are used
+(innerloop/kernels/first_use.py): a kernel whose outputs, weights, gradients or decoded tokens differ is
+never used silently. ``kernel="auto"`` moves on to the next path and warns; a layer that named the
+kernel gets an error with the numbers. A right kernel is probed once per kind of block."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import innerloop
+from innerloop.core.functional import relative_error
+from innerloop.kernels.dispatch import KernelCheckError
+from innerloop.kernels.first_use import KernelCheckWarning
+from innerloop.kernels.reference import reference_kernel
+from innerloop.kernels.spec import KernelSpec
+from innerloop.plugins.losses.reconstruction import Reconstruction
+from innerloop.plugins.models.linear import LinearModel
+from innerloop.registry import reset_registry
+
+REFERENCE_FORWARD, REFERENCE_DECODE = reference_kernel(LinearModel(), Reconstruction())
+NAME = "first_use_test"
+
+
+@pytest.fixture(autouse=True)
+def fresh_global_registry():
+    reset_registry()
+    yield
+    reset_registry()
+
+
+class Counting:
+    """A kernel's function that counts its calls and may change what the reference returns."""
+
+    def __init__(self, function, change=None):
+        self.function, self.change, self.calls = function, change, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        result = self.function(*args, **kwargs)
+        return result if self.change is None else self.change(*result)
+
+
+def register(forward=None, decode=None) -> None:
+    def forward_signature(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
+        return (forward or REFERENCE_FORWARD)(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps)
+
+    def decode_signature(xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, eps, is_last):
+        return (decode or REFERENCE_DECODE)(
+            xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, eps, is_last
+        )
+
+    innerloop.register_kernel(
+        KernelSpec(
+            name=NAME,
+            inner_model="linear",
+            inner_loss="reconstruction",
+            update_rule="dual_form",
+            forward=forward_signature,
+            decode=decode_signature,
+            verify=lambda inputs: None,
+            priority=10**6,  # asked before the built-ins
+        )
+    )
+
+
+def layer_pair(kernel: str = "auto", dtype=torch.float32):
+    torch.manual_seed(0)
+    layer = innerloop.TTTLayer(16, 2, inner_model="linear", mini_batch_size=4, kernel=kernel).to(dtype)
+    reference = innerloop.TTTLayer(16, 2, inner_model="linear", mini_batch_size=4, kernel="torch").to(dtype)
+    reference.load_state_dict(layer.state_dict())
+    return layer, reference
+
+
+def scaled_weights(out, params):
+    return out, {k: v * 1.01 for k, v in params.items()}
+
+
+def test_auto_refuses_a_kernel_with_wrong_weights_warns_once_and_gives_the_torch_numbers():
+    register(Counting(REFERENCE_FORWARD, scaled_weights))
+    layer, reference = layer_pair()
+    x = torch.randn(2, 12, 16)
+    with (
+        torch.no_grad(),
+        pytest.warns(KernelCheckWarning, match=rf"{NAME}: failed its first-use check .*new W1"),
+    ):
+        out, state = layer(x)
+    path, reason = layer.last_dispatch
+    assert path != NAME and f"{NAME}: failed its first-use check" in reason
+    with torch.no_grad():
+        expected, expected_state = reference(x)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(state.params["W1"], expected_state.params["W1"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the verdict is kept: no second warning, no second probe
+        with torch.no_grad():
+            layer(x)
+
+
+def test_a_named_kernel_that_fails_its_check_is_an_error_with_the_numbers():
+    register(Counting(REFERENCE_FORWARD, lambda out, params: (out + 0.1, params)))
+    layer, _ = layer_pair(kernel=NAME)
+    for _ in range(2):  # the first call probes it, the second reads the verdict: the same error
+        with (
+            torch.no_grad(),
+            pytest.raises(KernelCheckError, match=r"out differs by a relative RMS error of"),
+        ):
+            layer(torch.randn(1, 8, 16))
+
+
+class WrongBackward(torch.autograd.Function):
+    """The identity forward, twice the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 2 * grad
+
+
+def test_right_outputs_with_wrong_gradients_are_refused_for_training_only():
+    register(Counting(REFERENCE_FORWARD, lambda out, params: (WrongBackward.apply(out), params)))
+    layer, reference = layer_pair()
+    x = torch.randn(1, 8, 16)
+    with torch.no_grad():
+        layer(x)
+    assert layer.last_dispatch[0] == NAME  # inference: its outputs are right
+    with pytest.warns(KernelCheckWarning, match=r"the gradient of \w+ differs"):
+        out, _ = layer(x)
+    assert layer.last_dispatch[0] != NAME
+    out.sum().backward()
+    expected, _ = reference(x)
+    expected.sum().backward()
+    for (name, got), want in zip(layer.named_parameters(), reference.parameters(), strict=True):
+        assert relative_error(got.grad, want.grad) < 1e-5, name  # float32 paths: rounding apart
+
+
+def test_a_wrong_decode_step_is_refused_and_decoding_gives_the_torch_numbers():
+    def forgetful(out, params, pending):
+        return out, params, {k: torch.zeros_like(v) for k, v in pending.items()}
+
+    register(decode=Counting(REFERENCE_DECODE, forgetful))
+    layer, reference = layer_pair()
+    prompt, tokens = torch.randn(1, 4, 16), torch.randn(1, 3, 16)
+    with torch.no_grad():
+        _, state = layer(prompt)
+        _, expected_state = reference(prompt)
+        with pytest.warns(KernelCheckWarning, match=r"new pending\.\w+ differs"):
+            out, state = layer(tokens[:, :1], state)
+        expected, expected_state = reference(tokens[:, :1], expected_state)
+    assert layer.last_dispatch[0] != f"{NAME}.decode"
+    torch.testing.assert_close(out, expected)
+    layer_named, _ = layer_pair(kernel=NAME)
+    with torch.no_grad(), pytest.raises(KernelCheckError, match="first-use check"):
+        _, state = layer_named(prompt)
+        layer_named(tokens[:, :1], state)
+
+
+def test_a_right_kernel_is_used_and_probed_once_per_kind_of_block():
+    forward = Counting(REFERENCE_FORWARD)
+    register(forward)
+    layer, reference = layer_pair()
+    x = torch.randn(2, 12, 16)
+    with torch.no_grad():
+        out, _ = layer(x)
+        expected, _ = reference(x)
+    assert layer.last_dispatch[0] == NAME
+    torch.testing.assert_close(out, expected)
+    assert forward.calls == 2  # the probe, then the block
+    with torch.no_grad():
+        layer(x)
+    assert forward.calls == 3
+    layer.double()
+    with torch.no_grad():
+        layer(x.double())  # another dtype: probed again
+    assert forward.calls == 5
+
+
+def test_a_probe_whose_torch_result_overflows_decides_nothing():
+    forward = Counting(REFERENCE_FORWARD)
+    register(forward)
+    layer, _ = layer_pair()
+    layer.non_finite = "ignore"
+    with torch.no_grad():
+        layer(torch.full((1, 8, 16), 1e38))
+        assert forward.calls == 2
+        layer(torch.randn(1, 8, 16))
+    assert forward.calls == 4  # probed again on the next block, then used
+    assert layer.last_dispatch[0] == NAME

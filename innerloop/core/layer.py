@@ -194,6 +194,10 @@ def resolve_plugins(
     loss: InnerLoss = _resolve("inner_loss", inner_loss, InnerLoss)
     rule: UpdateRule = _resolve("update_rule", update_rule, UpdateRule)
     _check_unregistered_model(model, head_dim)
+    from innerloop.registry import check_instance  # late import: core must not depend on registry
+
+    for kind, instance in (("inner_loss", loss), ("update_rule", rule)):
+        check_instance(kind, instance)  # a plugin given as an instance meets the registrar's checks
     reason = rule.check_model(model)
     if reason is not None:
         raise ValueError(f"update_rule={rule.name!r} cannot run inner_model={model.name!r}: {reason}")

@@ -160,8 +160,11 @@ def _check_inner_loss(loss: Any, name: str) -> None:
         check_pairs_causal(loss, views, carry, cut=2, tolerance=REGISTRATION_TOLERANCE)
         check_pairs_chunk_invariant(loss, views, carry, cut=1, tolerance=REGISTRATION_TOLERANCE)
         if type(loss).token_loss_grad is not InnerLoss.token_loss_grad:  # a closed form to check
-            prediction = torch.randn(expected, dtype=torch.float64)
-            check_loss_gradient(loss, prediction, pairs.targets, REGISTRATION_TOLERANCE)
+            targets = torch.randn(2, heads, 32, head_dim, dtype=torch.float64)
+            # errors from 0.01 to 100 in size: a piecewise closed form (Huber, clipping) is met in each piece
+            scales = torch.logspace(-2, 2, targets.shape[2], dtype=torch.float64)[:, None]
+            prediction = targets + scales * torch.randn(targets.shape, dtype=torch.float64)
+            check_loss_gradient(loss, prediction, targets, REGISTRATION_TOLERANCE)
 
     _conformance("inner loss", name, pairs_and_gradient)
 
@@ -181,7 +184,8 @@ def _check_update_rule_against_naive_loop(rule: Any, name: str) -> None:
     model = LinearModel()
     if _conformance_refusal(rule, model, name) is not None:
         return
-    problem = {"batch": 1, "heads": 1, "head_dim": 2, "tokens": 5, "mini_batch_size": 2}
+    # two sequences and two heads: a rule that mixes them is refused
+    problem = {"batch": 2, "heads": 2, "head_dim": 2, "tokens": 5, "mini_batch_size": 2}
     _conformance(
         "update rule",
         name,

@@ -120,20 +120,7 @@ class Registry:
             offered = getattr(obj, "name", None)
             if isinstance(offered, str):
                 staging.attempted.append((kind.name, offered))
-            # Smoke tests may take gradients and compute on the CPU: run them the same way whatever
-            # context the registry is first built in (e.g. under torch.no_grad or inference mode in a
-            # validation worker, or `with torch.device("meta")` to count parameters). Their random
-            # inputs come from a forked generator: building the registry (on first use) must not move
-            # the user's seed, or the first layer made after manual_seed would differ from later ones.
-            with (
-                torch.random.fork_rng(devices=[]),
-                torch.inference_mode(False),
-                torch.enable_grad(),
-                torch.device("cpu"),
-            ):
-                name = kind.validate(obj)
-                if kind.external_check is not None and not origin.startswith(BUILTIN_PREFIX):
-                    kind.external_check(obj, name)
+            name = validate_plugin(kind, obj, external=not origin.startswith(BUILTIN_PREFIX))
             registered = self._entries[kind.name]
             if name in registered:
                 raise PluginError(
@@ -356,6 +343,49 @@ class Registry:
 
 
 HOOK_NAMES: tuple[str, ...] = tuple(kind.hook for kind in KINDS)
+
+
+_CHECKED_INSTANCES: dict[int, Any] = {}
+"""id -> plugin instance (kept alive, so that its id is not reused) that passed :func:`check_instance`."""
+
+
+def validate_plugin(kind: Kind, obj: Any, external: bool) -> str:
+    """``kind.validate(obj)`` and, for an object that does not ship with innerloop (``external``), its
+    ``external_check``: the name ``obj`` goes by, or :class:`PluginError` with the reason.
+
+    Smoke tests may take gradients and compute on the CPU: they run the same way whatever context
+    they are called in (under ``torch.no_grad`` or inference mode in a validation worker, or ``with
+    torch.device("meta")`` to count parameters). Their random inputs come from a forked CPU generator
+    seeded with 0: one plugin always gets the same verdict, and the user's seed does not move (the first
+    layer made after ``manual_seed`` must not differ from later ones).
+    """
+    with (
+        torch.random.fork_rng(devices=[]),
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        torch.device("cpu"),
+    ):
+        torch.random.default_generator.manual_seed(0)  # the CPU generator only: fork_rng restores it
+        name = kind.validate(obj)
+        if external and kind.external_check is not None:
+            kind.external_check(obj, name)
+    return name
+
+
+def check_instance(kind_name: str, obj: Any) -> None:
+    """Hold a plugin instance given directly (``TTTLayer(inner_loss=MyLoss())``), not through the
+    registry, to the checks the registrar runs; the registered object itself, and an instance already
+    checked, pass at once. Instances of classes that ship with innerloop skip the external check."""
+    registry = get_registry()
+    names = registry.names(kind_name)
+    name = getattr(obj, "name", None)
+    if (isinstance(name, str) and name in names and registry.get(kind_name, name) is obj) or (
+        id(obj) in _CHECKED_INSTANCES
+    ):
+        return
+    builtin = type(obj).__module__.startswith("innerloop.")
+    validate_plugin(KIND_BY_NAME[kind_name], obj, external=not builtin)
+    _CHECKED_INSTANCES[id(obj)] = obj
 
 
 def _public_names(plugin: Any) -> list[str]:

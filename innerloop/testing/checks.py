@@ -426,8 +426,12 @@ def check_inner_loss(loss: InnerLoss, seed: int = 0) -> None:
     check_pairs_causal(loss, views, carry, cut=5)
     check_pairs_chunk_invariant(loss, views, carry, cut=4)
 
-    prediction = torch.randn_like(whole.targets, dtype=torch.float64)
-    check_loss_gradient(loss, prediction, whole.targets, FLOAT64_TOLERANCE)
+    generator = torch.Generator().manual_seed(seed)
+    # errors from 0.01 to 100 in size: a piecewise closed form (Huber, clipping) is met in each piece
+    scales = torch.logspace(-2, 2, whole.targets.shape[2], dtype=torch.float64)[:, None]
+    noise = torch.randn(whole.targets.shape, generator=generator, dtype=torch.float64)
+    prediction = whole.targets.double() + scales * noise
+    check_loss_gradient(loss, prediction, whole.targets.double(), FLOAT64_TOLERANCE)
 
     check_inner_model(model, loss, seed=seed)
 

@@ -174,6 +174,29 @@ class ForgetsTau(MiniBatchGD):
         return super().forward(state, task, views, lr, torch.ones_like(tau))
 
 
+class HeadMixing(MiniBatchGD):
+    """Shares one learning rate across the batch and the heads: right at one sequence and one head."""
+
+    name = "head_mixing"
+
+    def forward(self, state, task, views, lr, tau):
+        return super().forward(state, task, views, lr.mean(dim=(0, 1), keepdim=True).expand_as(lr), tau)
+
+
+class HuberWrongTail(Reconstruct):
+    """The Huber loss (delta 3) whose closed-form gradient clips at 6, not 3: right for small errors,
+    wrong wherever an error is over 3."""
+
+    name = "huber_wrong_tail"
+    delta = 3.0
+
+    def token_loss(self, prediction, target):
+        return torch.nn.functional.huber_loss(prediction, target, reduction="none", delta=self.delta).sum(-1)
+
+    def token_loss_grad(self, prediction, target):
+        return (prediction - target).clamp(-2 * self.delta, 2 * self.delta)
+
+
 @pytest.mark.parametrize(
     ("plugin", "match"),
     [
@@ -187,6 +210,11 @@ class ForgetsTau(MiniBatchGD):
         (PluginWith(models=[ForwardWithoutBias()]), r"forward vs its declared stack: relative error"),
         (PluginWith(models=[WrongActivationDerivative()]), r"derivative of activation 'tanh' vs autograd"),
         (PluginWith(rules=[ForgetsTau()]), r"update rule 'forgets_tau' fails a conformance check: .*naive"),
+        (PluginWith(rules=[HeadMixing()]), r"update rule 'head_mixing' fails a conformance check: .*naive"),
+        (
+            PluginWith(losses=[HuberWrongTail()]),
+            r"'huber_wrong_tail' fails a conformance check: .*token_loss_grad",
+        ),
     ],
     ids=[
         "loss-gradient",
@@ -196,6 +224,8 @@ class ForgetsTau(MiniBatchGD):
         "stack-vs-forward",
         "activation-derivative",
         "update-rule",
+        "update-rule-mixing-heads",
+        "loss-gradient-wrong-in-its-tails",
     ],
 )
 def test_a_plugin_that_computes_wrong_numbers_is_refused_with_the_reason(plugin, match):
@@ -204,6 +234,41 @@ def test_a_plugin_that_computes_wrong_numbers_is_refused_with_the_reason(plugin,
     with pytest.raises(PluginError, match=match):
         registry.add_plugin(plugin, origin="wrong")
     assert snapshot(registry) == before
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_verdict_does_not_depend_on_the_callers_seed(seed):
+    registry = build_registry(include_external=False)
+    torch.manual_seed(seed)
+    with pytest.raises(PluginError, match="huber_wrong_tail"):
+        registry.add_plugin(PluginWith(losses=[HuberWrongTail()]), origin="wrong")
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"inner_loss": WrongGradient()}, r"inner loss 'wrong_gradient' fails a conformance check"),
+        ({"inner_loss": HuberWrongTail()}, r"inner loss 'huber_wrong_tail' fails a conformance check"),
+        ({"update_rule": HeadMixing()}, r"update rule 'head_mixing' fails a conformance check"),
+        ({"update_rule": ForgetsTau()}, r"update rule 'forgets_tau' fails a conformance check"),
+    ],
+    ids=["loss-gradient", "loss-tails", "rule-mixing-heads", "rule-without-tau"],
+)
+def test_a_plugin_given_as_an_instance_meets_the_registrars_checks(options, match):
+    with pytest.raises(PluginError, match=match):
+        innerloop.TTTLayer(8, 2, mini_batch_size=2, **options)
+    q = k = v = torch.randn(1, 2, 4, 4)
+    with pytest.raises(PluginError, match=match):
+        innerloop.ops.scan(q, k, v, torch.full((1, 2, 4), 0.1), mini_batch_size=2, **options)
+
+
+def test_a_right_plugin_given_as_an_instance_is_accepted():
+    loss, rule = Reconstruct(), RenamedGD()
+    layer = innerloop.TTTLayer(8, 2, mini_batch_size=2, inner_loss=loss, update_rule=rule)
+    reference = innerloop.TTTLayer(8, 2, mini_batch_size=2, update_rule="minibatch_gd")
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(1, 6, 8)
+    torch.testing.assert_close(layer(x)[0], reference(x)[0])
 
 
 def test_correct_plugins_of_every_kind_are_accepted_and_the_seed_does_not_move():

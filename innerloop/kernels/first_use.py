@@ -27,9 +27,10 @@ kernels refuse those blocks in ``verify``. The probe costs one pass of two mini-
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -263,11 +264,9 @@ def _record(
 ) -> str | None:
     tensors, weights = probe
     tolerance = TOLERANCES.get(inputs.dtype, TOLERANCES[torch.float32])
-    # The probe's own graph must not meet an enclosing activation checkpoint's saved-tensor hooks.
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-        with torch.enable_grad() if inputs.requires_grad else torch.no_grad():
-            expected = run_torch(tensors, weights)
-            actual = run_kernel(tensors, weights)
+    with _own_saved_tensors(), torch.enable_grad() if inputs.requires_grad else torch.no_grad():
+        expected = run_torch(tensors, weights)
+        actual = run_kernel(tensors, weights)
         if not _all_finite(expected):
             return None  # the data overflows on the torch path too: nothing decided, probe again later
         got, want = _flatten(actual), _flatten(expected)
@@ -276,6 +275,18 @@ def _record(
             reason = _compare_gradients(got, want, tensors, weights, tolerance * GRADIENT_FACTOR)
     _VERDICTS[key] = reason
     return reason
+
+
+@contextlib.contextmanager
+def _own_saved_tensors() -> Iterator[None]:
+    """The probe's graph keeps its saved tensors itself: an enclosing activation checkpoint's
+    saved-tensor hooks must not take them (where hooks are disabled, as under vmap, there are none)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
+        except RuntimeError:  # "saved tensors default hooks are disabled"
+            pass
+        yield
 
 
 def _flatten(result: tuple[torch.Tensor, Params]) -> dict[str, torch.Tensor]:

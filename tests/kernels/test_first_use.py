@@ -191,3 +191,16 @@ def test_a_probe_whose_torch_result_overflows_decides_nothing():
         layer(torch.randn(1, 8, 16))
     assert forward.calls == 4  # probed again on the next block, then used
     assert layer.last_dispatch[0] == NAME
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_first_use_inside_activation_checkpointing_gives_the_torch_gradients(reentrant):
+    """The probe's autograd graph runs inside the checkpointed forward: it keeps its own saved tensors."""
+    layer, reference = layer_pair()
+    x = torch.randn(2, 12, 16, requires_grad=True)
+    out = torch.utils.checkpoint.checkpoint(lambda t: layer(t)[0], x, use_reentrant=reentrant)
+    out.square().sum().backward()
+    got, x.grad = x.grad, None
+    reference(x)[0].square().sum().backward()
+    assert layer.last_dispatch[0] != "torch"
+    assert relative_error(got, x.grad) < 1e-5

@@ -100,9 +100,9 @@ class CausalSelfAttention(nn.Module):
             rotate_with_rope(k, positions, self.rope_theta),
         )
 
-        if state is not None:
-            k = torch.cat((state.key, k), dim=2)  # [B, H, S + T, f]
-            v = torch.cat((state.value, v), dim=2)
+        if state is not None:  # a cache of another dtype is used in the one this call computes in
+            k = torch.cat((state.key.to(k.dtype), k), dim=2)  # [B, H, S + T, f]
+            v = torch.cat((state.value.to(v.dtype), v), dim=2)
         num_keys = k.shape[2]
 
         if self.window is None and state is None:
@@ -143,9 +143,9 @@ class CausalSelfAttention(nn.Module):
                     f"{wanted}, got {shape}: the cache was made for another batch size or by a layer of "
                     "another shape; pass the state made for this input, or None"
                 )
-            if shape[2] > longest or shape[2] != state.key.shape[2]:
+            if shape[2] != longest or shape[2] != state.key.shape[2]:
                 raise ValueError(
                     f"{name} caches {state.key.shape[2]} keys and {state.value.shape[2]} values, but at "
-                    f"position {position} this layer (window={self.window}) keeps at most {longest} of "
-                    "each: the cache was made by another layer; pass the state this layer returned, or None"
+                    f"position {position} this layer (window={self.window}) keeps {longest} of each: the "
+                    "cache was made by another layer; pass the state this layer returned, or None"
                 )

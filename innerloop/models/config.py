@@ -564,6 +564,21 @@ the default, the official code's behaviour."""
 
 def validate_e2e_config(config: ModelConfig) -> None:
     """Check ``config.e2e``; raise ``ValueError`` naming the key, its value and what is valid."""
+    validate_e2e_options(config)
+    e2e = config.e2e
+    for key, kind in (("inner_loss", "model_inner_loss"), ("update_rule", "model_update_rule")):
+        name, choices = getattr(e2e, key), available(kind)
+        if name not in choices:
+            hint = get_registry().broken_hint(kind, name)  # a broken plugin that provides it, if any
+            raise ValueError(
+                f"model.e2e.{key}={name!r} is not a registered {kind}; registered: {choices} "
+                f"(`innerloop plugins` lists them with their sources). {hint}".rstrip()
+            )
+
+
+def validate_e2e_options(config: ModelConfig) -> None:
+    """Check the options of ``config.e2e`` a model reads at every call (all but the plugins it was built
+    with), which a user may change on a built model; ``ValueError`` naming the key, value and valid ones."""
     e2e = config.e2e
     if e2e.chunk_size < 2:
         raise ValueError(
@@ -592,11 +607,3 @@ def validate_e2e_config(config: ModelConfig) -> None:
     for key, choices in E2E_CHOICES.items():
         if getattr(e2e, key) not in choices:
             raise ValueError(f"model.e2e.{key}={getattr(e2e, key)!r} is not one of {list(choices)}")
-    for key, kind in (("inner_loss", "model_inner_loss"), ("update_rule", "model_update_rule")):
-        name, choices = getattr(e2e, key), available(kind)
-        if name not in choices:
-            hint = get_registry().broken_hint(kind, name)  # a broken plugin that provides it, if any
-            raise ValueError(
-                f"model.e2e.{key}={name!r} is not a registered {kind}; registered: {choices} "
-                f"(`innerloop plugins` lists them with their sources). {hint}".rstrip()
-            )

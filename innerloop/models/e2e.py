@@ -42,7 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from innerloop.core.model_inner import FastWeights, ModelInnerLoss, ModelUpdateRule
 from innerloop.models.attention import CausalSelfAttention, KVCache, rotate_with_rope
 from innerloop.models.blocks import SwiGLU
-from innerloop.models.config import E2E, ModelConfig, validate_model_config
+from innerloop.models.config import E2E, ModelConfig, validate_e2e_options, validate_model_config
 from innerloop.models.lm import _tensors, check_token_ids
 from innerloop.registry import get_registry
 
@@ -98,8 +98,9 @@ def chunk_relative_attention(
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # each [B, H, T, f]
     if attn.q_norm is not None and attn.k_norm is not None:
         q, k = attn.q_norm(q), attn.k_norm(k)
-    if cache is not None:
-        k, v = torch.cat((cache.key, k), dim=2), torch.cat((cache.value, v), dim=2)  # [B, H, S + T, f]
+    if cache is not None:  # a cache of another dtype is used in the one this call computes in
+        k = torch.cat((cache.key.to(k.dtype), k), dim=2)  # [B, H, S + T, f]
+        v = torch.cat((cache.value.to(v.dtype), v), dim=2)
     first_key = start + length - k.shape[2]  # absolute position of k[:, :, 0]
     pieces = []
     begin = start
@@ -123,6 +124,24 @@ def chunk_relative_attention(
     keep = min(k.shape[2], window - 1)
     kept = slice(k.shape[2] - keep, k.shape[2])
     return attn.o_proj(y), ChunkKVCache(k[:, :, kept], v[:, :, kept], start + length)
+
+
+def _check_chunk_cache(cache: ChunkKVCache, attn: CausalSelfAttention, batch: int, name: str) -> None:
+    """``cache`` is one ``attn`` made for ``batch`` sequences: its shapes, and the ``min(position,
+    window - 1)`` keys a cache at its position holds (no value is read)."""
+    position = cache.position
+    if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+        raise ValueError(f"{name}.position must be an integer >= 0, got {position!r}")
+    assert attn.window is not None
+    wanted = [batch, attn.num_heads, min(position, attn.window - 1), attn.head_dim]
+    for part in ("key", "value"):
+        got = list(getattr(cache, part).shape)
+        if got != wanted:
+            raise ValueError(
+                f"{name}.{part} is {got}; at position {position} this block (window={attn.window}) keeps "
+                f"[batch, heads, cached, head_dim] = {wanted}: the cache was made by another model or for "
+                "another batch; pass the state this model returned, or None"
+            )
 
 
 class FloatRMSNorm(nn.RMSNorm):
@@ -149,7 +168,9 @@ AnyCache = KVCache | ChunkKVCache
 
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """SwiGLU with per-sequence weights: ``x [B, T, D]``, ``gate, up [B, F, D]``, ``down [B, D, F]``."""
+    """SwiGLU with per-sequence weights: ``x [B, T, D]``, ``gate, up [B, F, D]``, ``down [B, D, F]``
+    (fast weights kept in a higher precision than ``x`` are used in ``x``'s)."""
+    gate, up, down = (w.to(x.dtype) for w in (gate, up, down))
     return (F.silu(x @ gate.mT) * (x @ up.mT)) @ down.mT  # [B, T, D]
 
 
@@ -237,6 +258,8 @@ class E2EState:
             token, its last target (``chunk_targets="next_token"``).
         pending_ids: their token ids, ``[B, p]``.
         position: number of tokens read.
+        chunk_size: the ``e2e.chunk_size`` of the model that made the state (its chunks' boundaries);
+            None for a state made before the field existed.
     """
 
     caches: tuple[AnyCache | None, ...]
@@ -244,6 +267,7 @@ class E2EState:
     pending: torch.Tensor
     pending_ids: torch.Tensor
     position: int
+    chunk_size: int | None = None
 
     def detach(self) -> E2EState:
         """The same state cut from the autograd graph."""
@@ -253,6 +277,7 @@ class E2EState:
             self.pending.detach(),
             self.pending_ids,
             self.position,
+            self.chunk_size,
         )
 
     def nbytes(self) -> int:
@@ -324,8 +349,13 @@ class E2ELM(nn.Module):
     def initial_fast_weights(self, batch_size: int) -> FastWeights:
         """The meta-learned initial fast weights, one (expanded, not copied) row per sequence."""
         params = dict(self.named_parameters())
+        # In at least float32, whatever the parameters' dtype (model.bfloat16()): a bf16 fast weight
+        # would lose every inner update smaller than its rounding step.
         return {
-            name: params[name].unsqueeze(0).expand(batch_size, *params[name].shape)
+            name: params[name]
+            .unsqueeze(0)
+            .expand(batch_size, *params[name].shape)
+            .to(torch.promote_types(params[name].dtype, torch.float32))
             for name in self.fast_weight_names()
         }
 
@@ -360,6 +390,7 @@ class E2ELM(nn.Module):
         differentiable through every inner step (second order unless ``e2e.first_order``).
         """
         check_token_ids(input_ids, self.config.vocab_size)
+        validate_e2e_options(self.config)  # read at every call, and users may change them on a built model
         if state is not None:
             self._check_state(state, input_ids.shape[0])
         input_ids = input_ids.long()  # the inner loss's targets must be int64 (no copy if they are)
@@ -398,18 +429,60 @@ class E2ELM(nn.Module):
                     f"test_time_training / rope_positions (this one: {e2e.test_time_training} / "
                     f"{e2e.rope_positions!r})"
                 )
+        if state.chunk_size is not None and state.chunk_size != e2e.chunk_size:
+            raise ValueError(
+                f"state was made by a model with e2e.chunk_size={state.chunk_size}, this one has "
+                f"{e2e.chunk_size}: its chunks would start elsewhere; pass a state this model made, or None"
+            )
+        self._check_state_shapes(state, batch)
+
+    def _check_state_shapes(self, state: E2EState, batch: int) -> None:
+        """The state's fast weights, pending tokens and caches have this model's shapes for ``batch``."""
+        e2e = self.config.e2e
+        params = dict(self.named_parameters())
         names = self.fast_weight_names() if e2e.test_time_training else []
         if sorted(state.fast) != sorted(names):
             raise ValueError(
                 f"state holds fast weights {sorted(state.fast)}, this model (test_time_training="
                 f"{e2e.test_time_training}) needs {names}"
             )
+        for name in names:
+            wanted, got = (batch, *params[name].shape), tuple(state.fast[name].shape)
+            if got != wanted:
+                raise ValueError(
+                    f"state's fast weight {name} is {list(got)}, this model's is {list(wanted)} for a batch "
+                    f"of {batch}: the state was made by a model of another shape"
+                )
+        pending, hidden = state.pending.shape[1], self.config.hidden_size
+        if tuple(state.pending.shape) != (batch, pending, hidden) or tuple(state.pending_ids.shape) != (
+            batch,
+            pending,
+        ):
+            raise ValueError(
+                f"state.pending is {list(state.pending.shape)} and state.pending_ids "
+                f"{list(state.pending_ids.shape)}; this model needs [{batch}, p, {hidden}] and [{batch}, p]"
+            )
+        check_token_ids(state.pending_ids, self.config.vocab_size, name="state.pending_ids")
+        if pending > e2e.chunk_size:
+            raise ValueError(
+                f"state holds {pending} pending tokens, more than a chunk of this model "
+                f"(e2e.chunk_size={e2e.chunk_size}): it was made by a model with larger chunks"
+            )
+        for i, cache in enumerate(state.caches):
+            if isinstance(cache, KVCache):
+                self.blocks[i].attn.check_state(cache, batch, name=f"state.caches[{i}]")
+            elif isinstance(cache, ChunkKVCache):
+                _check_chunk_cache(cache, self.blocks[i].attn, batch, f"state.caches[{i}]")
 
     def _forward(self, input_ids: torch.Tensor, state: E2EState | None) -> tuple[torch.Tensor, E2EState]:
         e2e = self.config.e2e
         compute = getattr(torch, e2e.compute_dtype)
         # The official compute_dtype: matrix products in bf16/fp16, weights and fast weights float32.
-        precision = torch.autocast(input_ids.device.type, dtype=compute, enabled=compute != torch.float32)
+        # float32 leaves an enclosing autocast (Lightning's mixed precision) in charge; autocast with
+        # enabled=False would switch it off.
+        precision = (
+            nullcontext() if compute == torch.float32 else torch.autocast(input_ids.device.type, compute)
+        )
         with precision:
             if not e2e.test_time_training:
                 return self._forward_plain(input_ids, state)
@@ -428,11 +501,11 @@ class E2ELM(nn.Module):
             pending, pending_ids = h[:, :0], input_ids[:, :0]
         else:
             fast, pending, pending_ids = state.fast, state.pending, state.pending_ids
-        h = torch.cat((pending, h), dim=1)  # [B, p + T, D]
+        h = torch.cat((pending.to(h.dtype), h), dim=1)  # [B, p + T, D], in this call's dtype
         ids = torch.cat((pending_ids, input_ids), dim=1)  # [B, p + T]
         logits, caches, fast, pending, pending_ids = self._inner_loop(h, ids, caches, fast)
         position = length if state is None else state.position + length
-        new_state = E2EState(tuple(caches), fast, pending, pending_ids, position)
+        new_state = E2EState(tuple(caches), fast, pending, pending_ids, position, self.config.e2e.chunk_size)
         return logits[:, -length:] if length else logits[:, :0], new_state
 
     def _chunk_for_attention(self) -> int | None:
@@ -473,6 +546,8 @@ class E2ELM(nn.Module):
         pieces: list[torch.Tensor] = []
         length = h.shape[1]
         pending, pending_ids = h[:, :0], ids[:, :0]
+        if outer:  # fast weights cut from the graph (a detached state, frozen prime MLPs) start afresh
+            fast = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in fast.items()}
         for start in range(0, length, chunk):
             end = min(start + chunk, length)
             h_chunk, ids_chunk = h[:, start:end], ids[:, start:end]  # [B, C, D], [B, C]
@@ -526,7 +601,9 @@ class E2ELM(nn.Module):
         logits = _at_least_float32(self.lm_head(self.norm(h)))  # [B, T, V]
         position = input_ids.shape[1] + (0 if state is None else state.position)
         empty = h[:, :0]
-        return logits, E2EState(tuple(caches), {}, empty, input_ids[:, :0], position)
+        return logits, E2EState(
+            tuple(caches), {}, empty, input_ids[:, :0], position, self.config.e2e.chunk_size
+        )
 
     # ---- streaming -------------------------------------------------------------------------------
 

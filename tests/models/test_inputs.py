@@ -116,7 +116,7 @@ def test_a_state_made_for_another_batch_size_is_named(kind: str) -> None:
             "swa",
             "attention",
             ValueError,
-            r"state.blocks\[0\].mixer caches 6 keys .*window=4\) keeps at most 3",
+            r"state.blocks\[0\].mixer caches 6 keys .*window=4\) keeps 3 of each",
         ),
         ("ttt", "e2e", TypeError, r"state must be the LMState .*got E2EState"),
         ("mamba-swa", "e2e", TypeError, r"state must be the LMState .*got E2EState"),

@@ -332,11 +332,12 @@ class TTTLayer(nn.Module):
         self.inner_model, self.inner_loss, self.update_rule = resolve_plugins(
             inner_model, inner_loss, update_rule, kernel, head_dim
         )
-        # What the state records about the model and loss: their names, qualified by their class
+        # What the state records about the model, loss and rule: their names, qualified by their class
         # when they are not the registered plugins of those names (see innerloop.core.identity).
         self._state_labels = (
             identity_label("inner_model", self.inner_model, head_dim),
             identity_label("inner_loss", self.inner_loss),
+            identity_label("update_rule", self.update_rule),
         )
 
     def _build_projections(self) -> None:
@@ -387,7 +388,9 @@ class TTTLayer(nn.Module):
     # ------------------------------------------------------------------------------------------
 
     def signature_for(self, batch_size: int) -> StateSignature:
-        """What a state of this layer for ``batch_size`` sequences must agree on."""
+        """What a state of this layer for ``batch_size`` sequences must agree on: the shapes, the
+        plugins (inner model, inner loss, update rule) and the layer's class, which decides how the
+        state's weights read ``x`` (a DeltaNet state is no Gated DeltaNet state, nor a TTT one)."""
         return StateSignature(
             batch_size=batch_size,
             num_heads=self.num_heads,
@@ -395,6 +398,8 @@ class TTTLayer(nn.Module):
             mini_batch_size=self.mini_batch_size,
             inner_model=self._state_labels[0],
             inner_loss=self._state_labels[1],
+            update_rule=self._state_labels[2],
+            layer=type(self).__qualname__,
         )
 
     @property
@@ -478,8 +483,15 @@ class TTTLayer(nn.Module):
                 for field in expected.__dataclass_fields__
                 if getattr(state.signature, field) != getattr(expected, field)
             }
+            unrecorded = sorted(field for field, (given, _) in differing.items() if given is None)
+            hint = (
+                f"; the state does not record {unrecorded}: it was not written by a layer (or by an older "
+                "innerloop), start from state=None or from the state this layer returned"
+                if unrecorded
+                else ""
+            )
             raise ValueError(
-                f"state does not belong to this layer and input: (state's, expected) differ in {differing}"
+                f"state does not belong to this layer and input: (state's, expected) differ in {differing}{hint}"
             )
         if not _is_int(state.position) or state.position < 0:
             raise ValueError(f"state.position must be an integer >= 0, got {state.position!r}")

@@ -25,11 +25,18 @@ import torch
 
 #: The groups of tensors of a state, in the order :meth:`TTTState.tensors` lists them.
 TENSOR_GROUPS = ("params", "pending", "loss_carry", "conv_history", "momentum", "decay")
+#: The signature's fields :meth:`TTTState.metadata` writes only when they are recorded (not None).
+OPTIONAL_METADATA = ("update_rule", "layer")
 
 
 @dataclass(frozen=True)
 class StateSignature:
-    """What a state must agree on with the layer (and the input) that continues it."""
+    """What a state must agree on with the layer (and the input) that continues it.
+
+    ``update_rule`` and ``layer`` (the layer's class: ``TTTLayer``, ``DeltaNetLayer``,
+    ``GatedDeltaNetLayer``, ...) are recorded by the layers; they are None (not recorded) for a
+    state built outside a layer (``innerloop.ops.scan``, the testing kit), which no layer takes.
+    """
 
     batch_size: int
     num_heads: int
@@ -37,6 +44,8 @@ class StateSignature:
     mini_batch_size: int
     inner_model: str
     inner_loss: str
+    update_rule: str | None = None
+    layer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +166,7 @@ class TTTState:
             "mini_batch_size": str(sig.mini_batch_size),
             "inner_model": sig.inner_model,
             "inner_loss": sig.inner_loss,
+            **{key: value for key in OPTIONAL_METADATA if (value := getattr(sig, key)) is not None},
         }
 
     @classmethod
@@ -178,6 +188,7 @@ class TTTState:
                 mini_batch_size=int(metadata["mini_batch_size"]),
                 inner_model=metadata["inner_model"],
                 inner_loss=metadata["inner_loss"],
+                **{key: metadata[key] for key in OPTIONAL_METADATA if key in metadata},
             )
             position = int(metadata["position"])
         except KeyError as missing:

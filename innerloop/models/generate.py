@@ -25,7 +25,34 @@ if TYPE_CHECKING:  # annotations only: generate calls the model, whatever its cl
 def sample_next(
     logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """Draw one token per row from ``logits [B, V]``; ``temperature == 0`` is greedy. Returns ``[B]``."""
+    """Draw one token per row from ``logits [B, V]``; ``temperature == 0`` is greedy. Returns ``[B]``.
+
+    ``top_k`` keeps exactly ``top_k`` candidates per row (the indices ``torch.topk`` picks; among tokens
+    tied with the ``top_k``-th logit, the rest are dropped). ``-inf`` logits (masked tokens) are never
+    drawn; a row holding NaN or ``+inf``, or ``-inf`` for every token, is refused with a ValueError.
+    """
+    bad = _non_finite_rows(logits)
+    if bad:
+        raise ValueError(
+            f"logits are not finite in rows {bad} (NaN or +inf, or -inf for every token): there is no "
+            "distribution to draw a token from"
+        )
+    return _draw(logits, temperature, top_k, generator)
+
+
+def _non_finite_rows(logits: torch.Tensor) -> list[int]:
+    """The rows of ``logits [B, V]`` that hold NaN or ``+inf``, or ``-inf`` for every token (one
+    reduction: a row's maximum is finite iff none of these holds, since max propagates NaN)."""
+    finite = torch.isfinite(logits.amax(dim=-1))  # [B]
+    if bool(finite.all()):
+        return []
+    return (~finite).nonzero().flatten().tolist()
+
+
+def _draw(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """:func:`sample_next` on logits already checked."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     # Subtract the largest logit first (the most likely token then scores 0, the others < 0), and divide
@@ -34,8 +61,10 @@ def sample_next(
     logits = logits.double()
     logits = ((logits - logits.amax(dim=-1, keepdim=True)) / temperature).float()  # [B, V], max 0
     if top_k is not None and top_k < logits.shape[-1]:
-        threshold = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
-        logits = logits.masked_fill(logits < threshold, float("-inf"))
+        # Keep the k entries topk picks, by index: a threshold (logits < k-th value) would keep every
+        # token tied with the k-th, more than k candidates.
+        kept = torch.topk(logits, top_k, dim=-1)  # values, indices [B, k]
+        logits = torch.full_like(logits, float("-inf")).scatter_(-1, kept.indices, kept.values)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -58,7 +87,9 @@ def generate(
         top_k: sample only among the ``top_k`` most likely tokens (an int >= 1; None: all).
         generator: torch RNG for reproducible sampling.
 
-    The arguments are checked when ``generate`` is called; the model runs as the iterator is read.
+    The arguments are checked when ``generate`` is called; the model runs as the iterator is read
+    (with ``max_new_tokens=0`` the iterator is empty and the model never runs). Logits the model
+    produces with NaN or ``+inf`` (or ``-inf`` for every token) raise a ValueError naming the step.
     The state is yielded so that callers can inspect it (e.g. its size); the iterator itself keeps
     only the latest state and the latest token.
     """
@@ -102,10 +133,20 @@ def _sample(
     generator: torch.Generator | None,
 ) -> Iterator[tuple[torch.Tensor, LMState | E2EState]]:
     """:func:`generate` on checked arguments."""
+    if max_new_tokens == 0:  # nothing to sample: the prompt need not be read
+        return
     logits, state = model(prompt_ids)
     last = logits[:, -1]  # [B, V]
     for step in range(max_new_tokens):
-        token = sample_next(last, temperature, top_k, generator)  # [B]
+        bad = _non_finite_rows(last)
+        if bad:
+            read = "the prompt" if step == 0 else f"the prompt and {step} sampled token(s)"
+            raise ValueError(
+                f"generate: the model produced non-finite logits at step {step} (after reading {read}) "
+                f"in rows {bad}: NaN or +inf, or -inf for every token, from which no token can be drawn; "
+                "the model's weights or its state have overflowed or hold NaN"
+            )
+        token = _draw(last, temperature, top_k, generator)  # [B]
         yield token, state
         if step + 1 < max_new_tokens:  # the last token is not read: nothing would sample after it
             logits, state = model(token[:, None], state)

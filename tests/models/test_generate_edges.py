@@ -1,0 +1,89 @@
+"""Edge cases of sampling: ties at the top-k cut, no tokens asked for, logits that are not finite."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from innerloop.models import CausalLM, ModelConfig, generate, sample_next
+
+
+def tiny() -> CausalLM:
+    torch.manual_seed(0)
+    config = ModelConfig(mixer="ttt", hidden_size=32, num_layers=2, num_heads=2)
+    return CausalLM(config).eval()
+
+
+def draws(logits: torch.Tensor, top_k: int | None, count: int) -> set[int]:
+    generator = torch.Generator().manual_seed(0)
+    return {t for _ in range(count) for t in sample_next(logits, 1.0, top_k, generator).tolist()}
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_top_k_keeps_exactly_k_tokens_when_logits_tie(top_k: int) -> None:
+    # All 64 logits tie with the k-th: a threshold would keep all 64; topk's indices keep k.
+    drawn = draws(torch.zeros(1, 64), top_k, 300)
+    assert len(drawn) == top_k
+
+
+def test_top_k_with_bfloat16_ties_at_the_cut() -> None:
+    logits = torch.full((1, 32), -5.0)
+    logits[0, [3, 7, 11]] = 2.0  # three tokens tie for the second place behind token 20
+    logits[0, 20] = 3.0
+    drawn = draws(logits.bfloat16(), 2, 400)
+    assert 20 in drawn and len(drawn) == 2 and drawn <= {3, 7, 11, 20}
+
+
+def test_top_k_still_never_draws_masked_tokens() -> None:
+    logits = torch.randn(2, 64)
+    logits[:, 10:] = float("-inf")  # a masked vocabulary: fewer finite logits than top_k
+    for top_k in (None, 5, 20):
+        assert max(draws(logits, top_k, 100)) < 10
+
+
+def test_max_new_tokens_zero_does_not_run_the_model() -> None:
+    calls = []
+    model = tiny()
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    assert list(generate(model, torch.tensor([[1, 2, 3]]), 0)) == []
+    assert not calls  # the prompt was not read: nothing samples after it
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_from_the_model_are_refused_naming_the_step(temperature: float, bad: float) -> None:
+    model = tiny()
+    calls = []
+
+    def poison(_module, _args, output):  # the third call (step 2) returns NaN / inf in row 1
+        calls.append(1)
+        logits, state = output
+        if len(calls) == 3:
+            logits = logits.clone()
+            logits[1, -1, 5] = bad
+        return logits, state
+
+    model.register_forward_hook(poison)
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    tokens = generate(model, prompt, 5, temperature=temperature, top_k=None)
+    got = []
+    with pytest.raises(ValueError, match=r"non-finite logits at step 2 .*in rows \[1\]"):
+        for token, _state in tokens:
+            got.append(token)
+    assert len(got) == 2  # the tokens before the bad step were yielded
+
+
+def test_a_row_with_every_logit_minus_inf_is_refused() -> None:
+    logits = torch.zeros(2, 8)
+    logits[0] = float("-inf")
+    for temperature in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"not finite in rows \[0\]"):
+            sample_next(logits, temperature, None, None)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_sample_next_refuses_nan_logits(temperature: float) -> None:
+    logits = torch.zeros(3, 8)
+    logits[2, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"not finite in rows \[2\]"):
+        sample_next(logits, temperature, 3, None)

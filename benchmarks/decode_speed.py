@@ -15,12 +15,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from ttt_paths import PATHS, print_table, ttt_layers  # beside this script
+
+from innerloop.core.layer import MAX_MINI_BATCH_SIZE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py, ttt_paths.py: beside this script
+from cli_args import check_distinct, check_heads, int_range, positive_int  # noqa: E402
+from ttt_paths import PATHS, print_table, ttt_layers  # noqa: E402
 
 
 class CachedAttention(nn.Module):
@@ -51,19 +58,25 @@ class CachedAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, width)), (keys, values, length)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--tokens", type=int, default=128, help="tokens decoded after the prefill")
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--mini-batch", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--contexts", type=positive_int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--tokens", type=positive_int, default=128, help="tokens decoded after the prefill")
+    parser.add_argument("--hidden", type=positive_int, default=768)
+    parser.add_argument("--heads", type=positive_int, default=12)
+    parser.add_argument("--mini-batch", type=int_range(1, MAX_MINI_BATCH_SIZE), default=16)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--paths", nargs="+", default=["auto", "torch"], choices=PATHS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_heads(parser, args.hidden, args.heads)
+    check_distinct(parser, "--contexts", args.contexts)
+    return args
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     layers: dict[str, nn.Module] = ttt_layers(args.hidden, args.heads, args.mini_batch, args.paths)

@@ -32,9 +32,11 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,9 @@ from torch import nn
 import innerloop
 from innerloop.core import family_layers
 from innerloop.kernels.delta_chunk import chunk_delta_rule, delta_rule_loop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
+from cli_args import check_distinct, check_heads, non_negative_int, positive_int  # noqa: E402
 
 
 class DeltaNetLayer(nn.Module):
@@ -161,26 +166,34 @@ def print_results(results: dict[str, dict], args: argparse.Namespace) -> None:
         )
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[32, 64, 128])
-    parser.add_argument("--loop-tokens", type=int, default=256, help="length for the token loop (0: skip it)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tokens", type=positive_int, default=2048)
+    parser.add_argument("--hidden", type=positive_int, default=768)
+    parser.add_argument("--heads", type=positive_int, default=12)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--chunk-sizes", type=positive_int, nargs="+", default=[32, 64, 128])
+    parser.add_argument(
+        "--loop-tokens", type=non_negative_int, default=256, help="length for the token loop (0: skip it)"
+    )
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument(
         "--flush-denormal",
         action="store_true",
         help="torch.set_flush_denormal(True): subnormal numbers become 0 (strong gates make them)",
     )
     parser.add_argument("--json", help="write the numbers to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_heads(parser, args.hidden, args.heads)  # the TTT-Linear layer's RoPE wants an even head size
+    check_distinct(parser, "--chunk-sizes", args.chunk_sizes)
+    return args
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(args.flush_denormal)
     torch.manual_seed(0)

@@ -4,15 +4,16 @@ Two parts, both CPU-only:
 
 1. ``streaming``: an e2e-tiny-shaped model reads a sequence and a 4x longer one in streaming mode;
    reports the peak CPU tensor memory of each (``innerloop.testing.memory``), the state's size, and
-   the time per chunk by position in the sequence.
-2. ``train``: three models trained one after another for the same wall-clock time through
-   ``innerloop.train`` (the same path as ``innerloop train --config e2e-tiny``):
+   the wall time per chunk by position in the sequence.
+2. ``train``: three models trained one after another for the same CPU time (not wall-clock time)
+   through ``innerloop.train`` (the same path as ``innerloop train --config e2e-tiny``):
    ``e2e`` (TTT-E2E), ``swa`` (the same sliding-window network without test-time training,
    ``model.e2e.test_time_training=false``) and ``full`` (the same, with a window as long as the
    sequence: full attention). Each run's max_steps is set from its measured step time so that its
    learning-rate schedule ends when its time is up, and a callback stops it at the budget anyway.
-   Time is the process's CPU time (``time.process_time``), single-threaded by default: the machine
-   is shared, and wall time would measure the neighbours' load as much as the model.
+   Time is the process's CPU time (``time.process_time``, summed over its threads), not wall-clock
+   time, single-threaded by default: the machine is shared, and wall time would measure the
+   neighbours' load as much as the model. Validation and the step-time estimate come on top of it.
    Reports the validation loss by position of each, a plot and a JSON file.
 
 Reproduce (from the repository root)::
@@ -28,6 +29,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +40,9 @@ from innerloop.config import load_config
 from innerloop.data.atomic import atomic_write, atomic_write_text
 from innerloop.models import build_model
 from innerloop.testing.memory import peak_cpu_allocation
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
+from cli_args import positive_float, positive_int  # noqa: E402
 
 # The demo's shape: e2e-tiny at 4 blocks with MLP 172 (248,384 parameters; the preset itself is now
 # 2 blocks, matched to tiny's budget), with 256-byte sequences (8 windows of 32, 16 chunks of 16).
@@ -211,18 +216,31 @@ def plot(results: dict, path: Path) -> Path:
         plt.close(fig)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--minutes", type=float, default=3.0, help="training CPU time of each model")
+    parser.add_argument(
+        "--minutes",
+        type=positive_float,
+        default=3.0,
+        help="training budget of each model in minutes of process CPU time, summed over its threads; "
+        "not wall-clock time (default: %(default)s)",
+    )
     parser.add_argument("--out", default="benchmarks/results/e2e_demo", help="output folder")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads")
     parser.add_argument("--skip-train", action="store_true", help="only the streaming measurements")
-    parser.add_argument("--short-tokens", type=int, default=512, help="length of the shorter stream")
-    args = parser.parse_args()
-    if args.minutes <= 0:
-        parser.error(f"--minutes={args.minutes} must be > 0")
+    parser.add_argument(
+        "--short-tokens",
+        type=positive_int,
+        default=512,
+        help="length of the shorter stream (the longer one is 4x)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     out = Path(args.out)
 
     report: dict = {"streaming": streaming(args.short_tokens, 64, args.threads)}

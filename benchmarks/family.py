@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,9 @@ from innerloop.config import load_config
 from innerloop.data.atomic import atomic_write_text
 from innerloop.train import train
 from innerloop.train.compare import compare, load_compared_model, write_comparison
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
+from cli_args import SEED_MAX, seed_int  # noqa: E402
 
 PRESETS = (
     "tiny",
@@ -174,19 +178,25 @@ def run_benchmark(setting: Setting, presets: tuple[str, ...], seed: int, out: Pa
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="CI-sized run: a few steps, short windows")
     parser.add_argument("--out", default="runs/family-benchmark", help="folder for the runs and the table")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every run (default: 0)")
+    parser.add_argument(
+        "--seed", type=seed_int, default=0, help=f"seed of every run, 0 to {SEED_MAX} (default: 0)"
+    )
     parser.add_argument(
         "--only", nargs="+", default=list(PRESETS), choices=PRESETS, metavar="PRESET",
         help=f"presets to train (default: all of {', '.join(PRESETS)})",
     )  # fmt: skip
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every run")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     out = Path(args.out)
     table = run_benchmark(QUICK if args.quick else FULL, tuple(args.only), args.seed, out, args.overrides)
     print("\n" + table)

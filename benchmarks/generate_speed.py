@@ -25,14 +25,19 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 from innerloop.models import ModelConfig, build_model
 from innerloop.models.config import TTTConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
+from cli_args import check_distinct, check_heads, positive_int  # noqa: E402
 
 MIXERS = {  # --mixers name -> (table label, model config changes over the common shape)
     "ttt": ("TTT-Linear", {"mixer": "ttt"}),
@@ -150,27 +155,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 32768], help="prompt lengths")
+    parser.add_argument(
+        "--contexts", type=positive_int, nargs="+", default=[1024, 32768], help="prompt lengths, distinct"
+    )
     parser.add_argument("--mixers", nargs="+", choices=list(MIXERS), default=list(MIXERS))
-    parser.add_argument("--tokens", type=int, default=64, help="tokens decoded per round")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds (the median is reported)")
-    parser.add_argument("--hidden", type=int, default=512, help="model width")
-    parser.add_argument("--layers", type=int, default=4, help="blocks")
-    parser.add_argument("--heads", type=int, default=8, help="heads of every mixer")
-    parser.add_argument("--window", type=int, default=1024, help="the sliding window's length")
-    parser.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per forward call")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--tokens", type=positive_int, default=64, help="tokens decoded per round")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="rounds (the median is reported)")
+    parser.add_argument("--hidden", type=positive_int, default=512, help="model width")
+    parser.add_argument("--layers", type=positive_int, default=4, help="blocks")
+    parser.add_argument("--heads", type=positive_int, default=8, help="heads of every mixer")
+    parser.add_argument("--window", type=positive_int, default=1024, help="the sliding window's length")
+    parser.add_argument(
+        "--prefill-chunk", type=positive_int, default=2048, help="prompt tokens per forward call"
+    )
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch threads")
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
     parser.add_argument("--quick", action="store_true", help="CI-sized: a tiny model, contexts 64 and 256")
     args = parser.parse_args(argv)
     if args.quick:
         args.contexts, args.tokens, args.repeats = [64, 256], 4, 1
         args.hidden, args.layers, args.heads, args.window, args.prefill_chunk = 32, 1, 2, 32, 64
-    for name in ("tokens", "repeats", "hidden", "layers", "heads", "window", "prefill_chunk", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if min(args.contexts) < 1 or len(set(args.contexts)) != len(args.contexts):
-        parser.error(f"--contexts must be distinct lengths >= 1, got {args.contexts}")
+    check_heads(parser, args.hidden, args.heads)  # every mixer rotates pairs of channels (RoPE)
+    check_distinct(parser, "--contexts", args.contexts)  # a context is a column of the table
     return args
 
 

@@ -16,29 +16,59 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+# Host-side modules only: none of them imports Triton.
+from innerloop.kernels.triton.common import MAX_MINI_BATCH, shape_problem
+from innerloop.kernels.triton.ttt_linear.fused import MAX_HEAD_DIM as LINEAR_MAX_HEAD_DIM
+from innerloop.kernels.triton.ttt_mlp.fused import MAX_HEAD_DIM as MLP_MAX_HEAD_DIM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
+from cli_args import int_range, non_negative_int, positive_int  # noqa: E402
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_HEAD_DIMS = {"linear": LINEAR_MAX_HEAD_DIM, "mlp": MLP_MAX_HEAD_DIM}
+LABELS = {"linear": "TTT-Linear", "mlp": "TTT-MLP"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["linear", "mlp", "both"], default="both")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--mini-batch", type=int, default=16)
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--heads", type=positive_int, default=12)
+    p.add_argument(
+        "--head-dim",
+        type=positive_int,
+        default=64,
+        help=f"a power of two from 16 to {LINEAR_MAX_HEAD_DIM} (linear) or {MLP_MAX_HEAD_DIM} (mlp)",
+    )
+    p.add_argument("--mini-batch", type=int_range(1, MAX_MINI_BATCH), default=16)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
-    p.add_argument("--min-len", type=int, default=2048)
-    p.add_argument("--max-len", type=int, default=32768)
-    p.add_argument("--repeats", type=int, default=5)
     p.add_argument(
-        "--skip-naive-above", type=int, default=32768, help="skip the naive reference above this T"
+        "--min-len", type=positive_int, default=2048, help="first T, a multiple of --mini-batch; doubled"
     )
-    return p.parse_args(argv)
+    p.add_argument("--max-len", type=positive_int, default=32768, help="last T at most, >= --min-len")
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument(
+        "--skip-naive-above",
+        type=non_negative_int,
+        default=32768,
+        help="skip the naive reference above this T (0: at every T)",
+    )
+    args = p.parse_args(argv)
+    for model in ["linear", "mlp"] if args.model == "both" else [args.model]:
+        reason = shape_problem(args.head_dim, args.mini_batch, MAX_HEAD_DIMS[model])
+        if reason is not None:
+            p.error(f"--head-dim {args.head_dim}: the Triton {LABELS[model]} kernel's {reason}")
+    if args.min_len % args.mini_batch:
+        p.error(f"--min-len {args.min_len} must be a multiple of --mini-batch {args.mini_batch}")
+    if args.min_len > args.max_len:
+        p.error(f"--min-len {args.min_len} must be <= --max-len {args.max_len}")
+    return args
 
 
 def cuda_time_ms(fn, repeats: int) -> float:

@@ -21,13 +21,20 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from ttt_paths import PATHS, print_table, ttt_layers  # beside this script
+
+from innerloop.core.layer import MAX_MINI_BATCH_SIZE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py, ttt_paths.py: beside this script
+from cli_args import check_distinct, check_heads, int_range, positive_int  # noqa: E402
+from ttt_paths import PATHS, print_table, ttt_layers  # noqa: E402
 
 
 class CausalAttention(nn.Module):
@@ -60,17 +67,17 @@ def interleaved_median_seconds(fns: dict, repeats: int) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--mini-batch", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--hidden", type=positive_int, default=768)
+    parser.add_argument("--heads", type=positive_int, default=12)
+    parser.add_argument("--mini-batch", type=int_range(1, MAX_MINI_BATCH_SIZE), default=16)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument(
         "--paths",
         nargs="+",
@@ -79,8 +86,14 @@ def main() -> None:
         help="TTT dispatch paths to time",
     )
     parser.add_argument("--json", help="write the numbers to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_heads(parser, args.hidden, args.heads)
+    check_distinct(parser, "--lengths", args.lengths)
+    return args
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     layers: dict[str, nn.Module] = ttt_layers(args.hidden, args.heads, args.mini_batch, args.paths)

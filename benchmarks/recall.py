@@ -18,27 +18,42 @@ fixed validation set, loss on the scored tokens, parameters, wall time) and writ
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 from innerloop.config import load_config
 from innerloop.train import load_model, train
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
+from cli_args import SEED_MAX, check_distinct, positive_int, seed_int  # noqa: E402
+
 PRESETS = ("recall-ttt", "recall-swa")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the presets')")
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="training steps (default: the presets')"
+    )
     parser.add_argument("--out", default="runs/recall-benchmark", help="folder for the runs and the table")
     parser.add_argument(
-        "--seeds", type=int, nargs="+", default=[0], help="seeds to train each preset with (default: 0)"
+        "--seeds",
+        type=seed_int,
+        nargs="+",
+        default=[0],
+        help=f"seeds to train each preset with, distinct, each 0 to {SEED_MAX} (default: 0)",
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for both presets")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_distinct(parser, "--seeds", args.seeds)  # a seed's runs go to one folder per preset
+    return args
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     rows = []
     for seed in args.seeds:
         for preset in PRESETS:

@@ -36,6 +36,9 @@ import torch
 from innerloop.config import load_config
 from innerloop.models.params import count_config_parameters, size_to_budget
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
+from cli_args import positive_int  # noqa: E402
+
 # Issue 14's shape: 4 blocks x 64 wide, 512-byte windows of the built-in corpus (the standard library).
 FULL = [
     "model.num_layers=4",
@@ -502,15 +505,27 @@ def run_study(args: argparse.Namespace) -> None:
 # ---- what the inner loop does in a trained model -------------------------------------------------
 
 
-def _mixer_inputs(model: torch.nn.Module, ids: torch.Tensor) -> dict[int, torch.Tensor]:
-    """The input ``[B, T, D]`` of every block's TTT mixer for ``ids``."""
+class DiagnoseArgumentError(ValueError):
+    """An option of ``diagnose`` that does not fit the checkpoint (known only once it is loaded)."""
+
+
+def _ttt_blocks(model: torch.nn.Module) -> list[int]:
+    """The indices of the blocks whose mixer is a TTT layer (the family's layers are TTT layers too; an
+    E2E model's blocks have no ``mixer``)."""
     from innerloop.core.layer import TTTLayer
 
+    blocks = getattr(model, "blocks", [])
+    return [i for i, block in enumerate(blocks) if isinstance(getattr(block, "mixer", None), TTTLayer)]
+
+
+def _mixer_inputs(model: torch.nn.Module, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """The input ``[B, T, D]`` of every block's TTT mixer for ``ids``."""
     inputs: dict[int, torch.Tensor] = {}
     hooks = [
-        block.mixer.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].detach()))
-        for i, block in enumerate(model.blocks)
-        if isinstance(block.mixer, TTTLayer)
+        model.blocks[i].mixer.register_forward_pre_hook(
+            lambda m, a, i=i: inputs.__setitem__(i, a[0].detach())
+        )
+        for i in _ttt_blocks(model)
     ]
     model(ids)
     for hook in hooks:
@@ -549,11 +564,26 @@ def inner_losses_by_mini_batch(layer: torch.nn.Module, x: torch.Tensor) -> torch
 
 @torch.no_grad()
 def diagnose(checkpoint: str, windows: int, seq_len: int) -> str:
-    """A Markdown report of each TTT layer's inner lr gate, token-index scale and inner losses."""
+    """A Markdown report of each TTT layer's inner lr gate, token-index scale and inner losses; one line
+    saying so when the model has no TTT layer. :class:`DiagnoseArgumentError` when ``seq_len`` is shorter
+    than a TTT layer's mini-batch (no mini-batch to report)."""
     from innerloop.train import load_model
     from innerloop.train.data import TextDataModule
 
     model = load_model(checkpoint)
+    blocks = _ttt_blocks(model)
+    if not blocks:
+        mixer = getattr(getattr(model, "config", None), "mixer", None) or type(model).__name__
+        return (
+            f"{checkpoint}: nothing to diagnose: no block of this model has a TTT layer as its mixer (mixer "
+            f"{mixer!r}), and diagnose reports a TTT layer's inner lr gate, token scale and inner losses"
+        )
+    mini_batch = max(model.blocks[i].mixer.mini_batch_size for i in blocks)
+    if seq_len < mini_batch:
+        raise DiagnoseArgumentError(
+            f"--seq-len {seq_len} must be >= {mini_batch}, the mini-batch size of this model's TTT layers "
+            "(the inner losses are reported per mini-batch)"
+        )
     data = TextDataModule(seq_len=seq_len, batch_size=windows, val_batches=1)
     data.setup()
     ids, _ = data.make_val_examples()
@@ -564,7 +594,7 @@ def diagnose(checkpoint: str, windows: int, seq_len: int) -> str:
         gate = lr * layer.head_dim / max(layer.base_lr, 1e-12)  # sigmoid(x . w_h + c_h), [B, H, T]
         losses = inner_losses_by_mini_batch(layer, x)  # [3, n]
         n = losses.shape[1]
-        at = [0, n // 4, n // 2, n - 1]
+        at = sorted({0, n // 4, n // 2, n - 1})  # fewer than four when there are fewer mini-batches
         lines += [
             f"block {i}: gate sigmoid mean {gate.mean():.3f} (min {gate.min():.3f}, max {gate.max():.3f}), "
             f"inner lr base_lr*gate/f mean {lr.mean():.4f}; token scale tau {[round(float(t), 3) for t in tau.flatten()[:4]]}"
@@ -725,7 +755,8 @@ def advantage_growth(model: str, baseline: str, seq_len: int | None, resamples: 
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per study, and the diagnose / reference / growth tools."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -738,34 +769,51 @@ def main(argv: Sequence[str] | None = None) -> None:
             help="folder for the runs, tables and plots (default: runs/science)",
         )
         sub.add_argument("--quick", action="store_true", help="CI-sized: 2 blocks, 64-byte windows, 3 steps")
-        sub.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default: 2)")
+        sub.add_argument(
+            "--jobs", type=positive_int, default=2, help="runs at a time, one thread each (default: 2)"
+        )
         sub.add_argument("--points", nargs="+", help="run only these points (default: all)")
         sub.add_argument("--list", action="store_true", help="print the study's point names and exit")
     sub = commands.add_parser(
         "diagnose", help="inner lr gate, token scale and inner losses of a TTT checkpoint"
     )
     sub.add_argument("checkpoint")
-    sub.add_argument("--windows", type=int, default=8, help="validation windows (default: 8)")
-    sub.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: 512)")
+    sub.add_argument("--windows", type=positive_int, default=8, help="validation windows (default: 8)")
+    sub.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=512,
+        help="tokens per window, at least the TTT layers' mini-batch size (default: 512)",
+    )
     sub = commands.add_parser(
         "reference", help="innerloop's TTT model against the reference's, gradients and training"
     )
     sub.add_argument("ttt_py", help="path to ttt.py of test-time-training/ttt-lm-pytorch")
-    sub.add_argument("--steps", type=int, default=100, help="training steps (default: 100)")
+    sub.add_argument("--steps", type=positive_int, default=100, help="training steps (default: 100)")
     sub.add_argument(
         "--out", default="runs/science-reference", help="folder for the reference's saved models"
     )
     sub = commands.add_parser("growth", help="does one run's advantage over another grow with position?")
     sub.add_argument("model", help="run folder or checkpoint")
     sub.add_argument("baseline", help="run folder or checkpoint (its validation windows are used)")
-    sub.add_argument("--seq-len", type=int, default=None, help="window length (default: the baseline's)")
+    sub.add_argument(
+        "--seq-len", type=positive_int, default=None, help="window length (default: the baseline's)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.study == "growth":
         print(advantage_growth(args.model, args.baseline, args.seq_len))
     elif args.study == "reference":
         print(reference_check(args.ttt_py, args.steps, Path(args.out)))
     elif args.study == "diagnose":
-        print(diagnose(args.checkpoint, args.windows, args.seq_len))
+        try:
+            print(diagnose(args.checkpoint, args.windows, args.seq_len))
+        except DiagnoseArgumentError as error:
+            parser.error(str(error))
     elif args.list:
         print("\n".join(p.name for p in study_points(args.study)))
     else:

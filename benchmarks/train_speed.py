@@ -48,11 +48,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # layer_speed.py and ttt_paths.py beside this
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args, layer_speed, ttt_paths: beside this
+from cli_args import check_distinct, check_heads, int_range, positive_int  # noqa: E402
 from layer_speed import CausalAttention  # noqa: E402
 
 import innerloop  # noqa: E402
 import innerloop.kernels.fused_torch.compiled as compiled_step  # noqa: E402
+from innerloop.core.layer import MAX_MINI_BATCH_SIZE  # noqa: E402
 
 ROWS = (
     "inference fp32",
@@ -73,15 +75,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--lengths", type=int, nargs="+", default=[2048], help="sequence lengths T (default: 2048)"
+        "--lengths", type=positive_int, nargs="+", default=[2048], help="sequence lengths T (default: 2048)"
     )
-    parser.add_argument("--hidden", type=int, default=768, help="model width D (default: 768)")
-    parser.add_argument("--heads", type=int, default=12, help="heads H (default: 12)")
-    parser.add_argument("--mini-batch", type=int, default=16, help="TTT mini-batch size K (default: 16)")
-    parser.add_argument("--batch", type=int, default=1, help="sequences per call B (default: 1)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument("--hidden", type=positive_int, default=768, help="model width D (default: 768)")
+    parser.add_argument("--heads", type=positive_int, default=12, help="heads H (default: 12)")
     parser.add_argument(
-        "--repeats", type=int, default=5, help="timed rounds; the median is reported (default: 5)"
+        "--mini-batch",
+        type=int_range(1, MAX_MINI_BATCH_SIZE),
+        default=16,
+        help="TTT mini-batch size K (default: 16)",
+    )
+    parser.add_argument("--batch", type=positive_int, default=1, help="sequences per call B (default: 1)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (default: 2)")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=5, help="timed rounds; the median is reported (default: 5)"
     )
     parser.add_argument(
         "--reference",
@@ -106,14 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         for name, value in QUICK.items():
             setattr(args, name, value)
-    for name in ("hidden", "heads", "mini_batch", "batch", "threads", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.hidden % args.heads or (args.hidden // args.heads) % 2:
-        parser.error(
-            f"--hidden {args.hidden} must be a multiple of --heads {args.heads} with an even head size"
-        )
-    bad = [t for t in args.lengths if t < 1 or t % args.mini_batch]
+    check_heads(parser, args.hidden, args.heads)
+    check_distinct(parser, "--lengths", args.lengths)  # a length is a table of its own
+    bad = [t for t in args.lengths if t % args.mini_batch]
     if bad:
         parser.error(f"--lengths must be positive multiples of --mini-batch {args.mini_batch}, got {bad}")
     if args.reference is not None and not (args.reference / "ttt.py").is_file():

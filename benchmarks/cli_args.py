@@ -1,0 +1,80 @@
+"""What the benchmark scripts' command lines accept: argparse ``type=`` functions and cross-argument checks.
+
+A bad value is argparse's own one-line error (exit status 2) naming the argument, the value and what
+is valid, e.g. ``error: argument --repeats: must be an integer >= 1, got '0'``, instead of a traceback
+or a table of nothing. The scripts import this module from beside themselves (``benchmarks/`` is put on
+``sys.path`` by each of them, so that they also work when a test loads them by path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Sequence
+
+SEED_MAX = 2**32 - 1  # Lightning seeds numpy, which takes 32-bit seeds (innerloop's config checks the same)
+
+
+def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type=``: an integer ``>= low`` (and ``<= high`` when given)."""
+    valid = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}")
+        return value
+
+    parse.__name__ = f"int_range({low}, {high})"
+    return parse
+
+
+positive_int = int_range(1)
+"""Sizes, counts, lengths, threads, repeats: at least 1."""
+
+non_negative_int = int_range(0)
+"""Counts where 0 is documented to mean "none" or "skip"."""
+
+seed_int = int_range(0, SEED_MAX)
+"""A training seed (``seed=`` of innerloop's config)."""
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type=``: a finite number > 0 (``nan`` and ``inf`` are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def check_distinct(parser: argparse.ArgumentParser, flag: str, values: Sequence[int]) -> None:
+    """``parser.error`` when a list option repeats a value (each value is a row or column of the table)."""
+    repeated = sorted({v for v in values if list(values).count(v) > 1})
+    if repeated:
+        parser.error(f"{flag} must be distinct values, got {list(values)} ({repeated} repeated)")
+
+
+def check_heads(
+    parser: argparse.ArgumentParser,
+    hidden: int,
+    heads: int,
+    hidden_flag: str = "--hidden",
+    heads_flag: str = "--heads",
+) -> None:
+    """``parser.error`` unless ``heads`` divides ``hidden`` into an even head size (RoPE rotates pairs of
+    channels, and the layers split the width into equal heads)."""
+    if hidden % heads:
+        problem = f"{hidden} / {heads} is not a whole number"
+    elif (hidden // heads) % 2:
+        problem = f"the head size {hidden} / {heads} = {hidden // heads} is odd"
+    else:
+        return
+    parser.error(
+        f"{hidden_flag} {hidden} must be a multiple of {heads_flag} {heads} with an even head size ({problem})"
+    )

@@ -410,7 +410,7 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     except TrainingInterrupted as err:
         print(f"innerloop train: {err}", file=sys.stderr)
-        return 130  # the shell's code for a process ended by Ctrl-C
+        return err.exit_code  # the shell's code for a process ended by that signal: 130 Ctrl-C, 143 SIGTERM
     m = result.metrics
     unit = "byte" if run.data.tokenizer == "bytes" or run.data.name == "recall" else "token"
     print(

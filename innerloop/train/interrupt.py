@@ -9,10 +9,19 @@ training, and :func:`innerloop.train.run.train` raises :class:`TrainingInterrupt
 the command that continues it. A second Ctrl-C interrupts at once, as usual (the checkpoint on disk is
 always whole: every write is atomic).
 
-The handler is installed only in the main thread, and only where SIGINT has Python's default handler
-(a notebook or another program that handles SIGINT itself keeps its own), for the duration of
+SIGTERM (a job scheduler's stop, ``docker stop``, ``kill``) is taken the same way: Lightning's own
+handler would end the run at the next batch, without saving the steps since the last checkpoint and,
+through ``SystemExit``, with exit status 0, as if it had finished. A second SIGTERM ends the process at
+once.
+
+The SIGINT handler is installed only in the main thread, and only where SIGINT has Python's default
+handler (a notebook or another program that handles SIGINT itself keeps its own), for the duration of
 ``trainer.fit`` (:meth:`StopOnInterrupt.listening`); the previous handler is back when it returns or
-raises.
+raises. The SIGTERM handler replaces Lightning's when training starts, in the main thread; Lightning
+puts back the handler from before the fit when the fit ends.
+
+A stop never lands between the micro-batches of one optimizer step: the language-model module waits
+for the step's last one (``LanguageModelModule.on_train_batch_end``).
 """
 
 from __future__ import annotations
@@ -30,8 +39,16 @@ from lightning.pytorch.callbacks import Callback
 
 
 class TrainingInterrupted(RuntimeError):
-    """The run stopped at a Ctrl-C after saving its last completed step; the message says which step
-    and how to continue it."""
+    """The run stopped at a Ctrl-C or SIGTERM after saving its last completed step; the message says
+    which step and how to continue it. ``exit_code`` is the shell's for a process ended by that signal
+    (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int = 128 + signal.SIGINT) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
 
 class StopOnInterrupt(Callback):
@@ -44,11 +61,19 @@ class StopOnInterrupt(Callback):
 
     def __init__(self) -> None:
         self.requested = False
+        self.signal: int | None = None  # the signal that asked for the stop
+
+    @property
+    def signal_name(self) -> str:
+        """How the stop was asked for, in words."""
+        return (
+            SIGNAL_NAMES.get(self.signal, "a stop request") if self.signal is not None else "a stop request"
+        )
 
     @contextmanager
     def listening(self) -> Iterator[None]:
         """Take SIGINT as a stop request inside the ``with`` block (see the module docstring)."""
-        self.requested = False
+        self.requested, self.signal = False, None
         main_thread = threading.current_thread() is threading.main_thread()
         if not main_thread or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
             yield
@@ -60,14 +85,21 @@ class StopOnInterrupt(Callback):
             signal.signal(signal.SIGINT, previous)
 
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
+        self.requested, self.signal = True, signum
+        # a second signal interrupts at once
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        again = "press Ctrl-C again" if signum == signal.SIGINT else "send SIGTERM again"
         print(
-            "\ninnerloop train: Ctrl-C: stopping after this step and saving it (press Ctrl-C again to stop "
+            f"\ninnerloop train: {self.signal_name}: stopping after this step and saving it ({again} to stop "
             "at once, keeping the last checkpoint written)",
             file=sys.stderr,
             flush=True,
         )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning installed its SIGTERM handler when the fit started (after the fit-start hooks)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._request_stop)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         # every process stops at the same step if any was interrupted (a no-op on one process)

@@ -195,6 +195,20 @@ class LanguageModelModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._apply_optimizer_hyperparameters()
+        self._stop_deferred = False
+
+    def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        """A stop asked for in the middle of a gradient accumulation (Ctrl-C, SIGTERM,
+        ``trainer.max_time``, a callback) waits for the accumulation's last micro-batch: a run stopped
+        between micro-batches would save a half-accumulated step, and its resume would pair other batches
+        into every later step. (This hook runs after every callback's.)"""
+        trainer = self.trainer
+        at_step_boundary = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if trainer.should_stop and not at_step_boundary:
+            trainer.should_stop, self._stop_deferred = False, True
+        elif at_step_boundary and getattr(self, "_stop_deferred", False):
+            trainer.should_stop, self._stop_deferred = True, False
+
 
     def _apply_optimizer_hyperparameters(self) -> None:
         """Make the optimizer and the schedule follow this module's hyperparameters from the step reached.

@@ -34,6 +34,7 @@ import copy
 import hashlib
 import os
 import re
+import signal
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -98,8 +99,9 @@ from innerloop.train.run_dir import (
     is_launched_worker,
     lock_run_dir,
     refuse_previous_run,
-    remove_previous_run,
     remove_stale_temporaries,
+    set_aside_previous_run,
+    settle_previous_run,
 )
 from innerloop.train.schedules import TTTBaseLRWarmup
 from innerloop.train.throughput import TrainingThroughput
@@ -309,6 +311,7 @@ def train(
     if is_launched_worker():  # rank > 0 under Lightning's DDP launcher: rank 0 owns the out_dir
         return _train_in_locked_dir(run, cfg, resume, callbacks, replace_previous=False)
     with lock_run_dir(out_dir), _torch_flags_restored():
+        settle_previous_run(out_dir)  # an --overwrite launch killed before it ended
         remove_stale_temporaries(out_dir)
         if not resume and not overwrite:
             refuse_previous_run(out_dir)
@@ -334,8 +337,8 @@ def _train_in_locked_dir(
     datamodule = build_datamodule(run)
     interrupt = StopOnInterrupt()  # Ctrl-C: finish the step, save it, stop
     trainer = build_trainer(run, [TrainingThroughput(), interrupt, *callbacks])  # parameter counts, tokens/s
-    if replace_previous:
-        remove_previous_run(out_dir)
+    if replace_previous:  # kept aside until this run has a checkpoint (its data is read in fit)
+        set_aside_previous_run(out_dir)
     if run.trainer.threads > 0:
         torch.set_num_threads(run.trainer.threads)
     config_path = save_config(cfg if cfg is not None else run, out_dir / "config.yaml")
@@ -345,10 +348,15 @@ def _train_in_locked_dir(
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if resume else None)
     except TrainingDivergedError as err:
         raise TrainingDivergedError(f"{err}; {_last_checkpoint_note(ckpt, run)}") from None
+    finally:
+        if replace_previous:
+            settle_previous_run(out_dir)  # removed if this run has a checkpoint, else put back
     if interrupt.requested and trainer.global_step < run.trainer.max_steps:
         raise TrainingInterrupted(
-            f"stopped at Ctrl-C after {trainer.global_step} of {run.trainer.max_steps} steps; the checkpoint "
-            f"{str(ckpt)!r} holds them: continue with `innerloop train --resume out_dir={run.out_dir}`"
+            f"stopped at {interrupt.signal_name} after {trainer.global_step} of {run.trainer.max_steps} steps; "
+            f"the checkpoint {str(ckpt)!r} holds them: continue with `innerloop train --resume "
+            f"out_dir={run.out_dir}`",
+            exit_code=128 + (interrupt.signal or signal.SIGINT),
         )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     # Validate once more unless the last validation was at the last step. (Compared with max_steps: after

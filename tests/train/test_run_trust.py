@@ -26,7 +26,7 @@ from innerloop.data.atomic import atomic_write
 from innerloop.train import TrainingDivergedError, load_checkpoint, load_model, save_checkpoint, train
 from innerloop.train.module import warmup_cosine
 from innerloop.train.run import build_trainer
-from innerloop.train.run_dir import LOCK_NAME, lock_run_dir
+from innerloop.train.run_dir import LOCK_NAME, lock_run_dir, set_aside_previous_run, settle_previous_run
 
 FINISHED_STEPS = 4
 
@@ -249,7 +249,9 @@ def _leftover_of_a_killed_write(target: Path) -> str:
 @pytest.mark.slow  # ~0.4 s: a resumed training run
 def test_a_run_removes_the_temporaries_a_killed_run_left_and_only_those(finished, tmp_path, caplog) -> None:
     out = _copy_run(finished, tmp_path)
-    left = [_leftover_of_a_killed_write(tmp_path / name) for name in ("last.safetensors", "config.yaml")]
+    # the checkpoint, the pending checkpoint (before it is confirmed) and the config
+    names = ("last.safetensors", ".last.safetensors.pending", "config.yaml")
+    left = [_leftover_of_a_killed_write(tmp_path / name) for name in names]
     left.append(_leftover_of_a_killed_write(tmp_path / "loss_by_position.png"))
     for name in left:
         shutil.move(tmp_path / name, out / name)
@@ -395,3 +397,36 @@ def test_a_ddp_worker_process_trains_in_the_out_dir_its_rank_0_holds(tmp_path, m
         save_config(cfg, tmp_path / "config.yaml")
         monkeypatch.setenv("LOCAL_RANK", "1")
         assert train(run, cfg).metrics["val_step"] == 1
+
+
+# -- --overwrite keeps the previous run until the new one has a checkpoint ---------------------------
+
+
+def _run_files(out: Path) -> dict[str, str]:
+    return {name: sha for name, sha in _hashes(out).items() if not name.startswith("logs")}
+
+
+@pytest.mark.slow  # ~3 s: a launch that fails on its data
+def test_an_overwrite_that_fails_before_its_first_checkpoint_leaves_the_previous_run(
+    finished, tmp_path, capsys
+):
+    out = _copy_run(finished, tmp_path)
+    before = _run_files(out)
+    args = ["train", "--overwrite", *TINY, "data.seq_len=100000000", f"out_dir={out}"]
+    assert main(args) == 2  # the data is read (and refused) inside the fit, after the old run was set aside
+    assert "fewer than data.seq_len" in capsys.readouterr().err
+    assert _run_files(out) == before
+
+
+def test_an_overwrite_killed_before_its_first_checkpoint_is_undone_at_the_next_launch(finished, tmp_path):
+    out = _copy_run(finished, tmp_path)
+    before = _run_files(out)
+    set_aside_previous_run(out)  # what the killed launch did, then it wrote its own config.yaml
+    (out / "config.yaml").write_text("out_dir: somewhere else\n")
+    assert settle_previous_run(out) == [
+        "config.yaml",
+        "last.safetensors",
+        "loss_by_position.csv",
+        "loss_by_position.png",
+    ]
+    assert _run_files(out) == before

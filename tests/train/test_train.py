@@ -177,6 +177,49 @@ def test_ctrl_c_saves_the_step_it_stops_at_and_the_run_resumes_to_the_same_resul
     _assert_same_weights(tmp_path / "last.safetensors", reference)
 
 
+class _SendSignal(L.Callback):
+    """Sends this process ``signum`` at the end of micro-batch ``at_batch`` (0-based, of the launch)."""
+
+    def __init__(self, signum: int, at_batch: int):
+        self.signum, self.at_batch, self.seen = signum, at_batch, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.seen == self.at_batch:
+            os.kill(os.getpid(), self.signum)
+        self.seen += 1
+
+
+ACCUMULATED = [*TINY, "trainer.accumulate_grad_batches=2", "trainer.max_steps=6"]
+
+
+@pytest.mark.slow  # ~8 s: three short runs with gradient accumulation
+def test_a_stop_between_micro_batches_waits_for_the_step_and_resumes_to_the_same_weights(tmp_path) -> None:
+    """A Ctrl-C after the first of a step's two micro-batches must not save half a step: the resume
+    would pair other batches into every later step."""
+    run, cfg = load_config("tiny", [*ACCUMULATED, f"out_dir={tmp_path / 'whole'}"])
+    train(run, cfg)
+    run, cfg = load_config("tiny", [*ACCUMULATED, f"out_dir={tmp_path / 'cut'}"])
+    with pytest.raises(TrainingInterrupted, match=r"stopped at Ctrl-C after 3 of 6 steps"):
+        # sent after step 2, seen after the first half of step 3 (batch 4): the stop waits for batch 5
+        train(run, cfg, callbacks=[_SendSignal(signal.SIGINT, at_batch=3)])
+    checkpoint = load_checkpoint(tmp_path / "cut" / "last.safetensors")
+    assert checkpoint["global_step"] == 3
+    train(run, cfg, resume=True)
+    _assert_same_weights(tmp_path / "cut" / "last.safetensors", tmp_path / "whole" / "last.safetensors")
+
+
+@pytest.mark.slow  # ~4 s: a training run stopped by SIGTERM
+def test_sigterm_saves_the_step_it_stops_at_and_exits_with_its_code(tmp_path) -> None:
+    run, cfg = load_config("tiny", [*TINY, "trainer.max_steps=8", f"out_dir={tmp_path}"])
+    before = signal.getsignal(signal.SIGTERM)
+    # sent after step 3, seen at the end of step 4 (the stop callback runs before this one)
+    with pytest.raises(TrainingInterrupted, match=r"stopped at SIGTERM after 4 of 8 steps") as stopped:
+        train(run, cfg, callbacks=[_SendSignal(signal.SIGTERM, at_batch=2)])
+    assert stopped.value.exit_code == 143
+    assert load_checkpoint(tmp_path / "last.safetensors")["global_step"] == 4  # not a periodic one
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is undone
+
+
 def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path, capsys) -> None:
     assert main(["train", *TINY, f"out_dir={tmp_path}", "--resume"]) == 2
     assert "no saved config" in capsys.readouterr().err

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import os
 import re
 import signal
@@ -72,7 +73,7 @@ from innerloop.config.load import (
 from innerloop.config.schema import DATASETS, RunConfig
 from innerloop.config.trainer_args import route_trainer_keys
 from innerloop.data.hf import FORMATS, check_hf_source
-from innerloop.data.tokenizer import Tokenizer
+from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
 from innerloop.models import ModelConfig
 from innerloop.models.ablation import no_test_time_training
 from innerloop.models.config import check_keys
@@ -174,14 +175,17 @@ class TrainResult:
     metrics: dict[str, float]
 
 
-def build_datamodule(run: RunConfig) -> TextDataModule | RecallDataModule | HFDataModule:
-    """The DataModule named by ``run.data.name``, tokenizing with ``data.tokenizer``."""
+def build_datamodule(
+    run: RunConfig, tokenizer: Tokenizer | None = None
+) -> TextDataModule | RecallDataModule | HFDataModule:
+    """The DataModule named by ``run.data.name``, tokenizing with ``tokenizer`` (by default
+    ``data.tokenizer``'s files as they are now; evaluation passes the one a checkpoint recorded)."""
     data = run.data
     if data.name == "recall":
         return RecallDataModule(
             data.recall.num_pairs, data.recall.gap, data.batch_size, data.val_batches, run.seed
         )
-    tokenizer = run_tokenizer(run)
+    tokenizer = tokenizer if tokenizer is not None else run_tokenizer(run)
     if data.name == "hf":
         return HFDataModule(
             data.paths, data.split, data.text_field, data.streaming, tokenizer,
@@ -604,12 +608,14 @@ def _run_beside(checkpoint: str | Path, model: dict[str, Any]) -> tuple[RunConfi
     return run, ""
 
 
-def validation_examples(run: RunConfig, seq_len: int | None = None, count: int | None = None) -> Batch:
+def validation_examples(
+    run: RunConfig, seq_len: int | None = None, count: int | None = None, tokenizer: Tokenizer | None = None
+) -> Batch:
     """What ``run``'s validation reads (its DataModule's validation examples); with ``seq_len``, windows
     of that length over the same held-out data; with ``count``, that many windows instead of the
     run's ``val_batches * batch_size`` (text: spread over the held-out data the same way; hf: the first
     ``count`` windows of the held-out documents, fewer if they run out; recall: the first ``count`` of
-    the same sequences)."""
+    the same sequences). ``tokenizer``: the one to tokenize with (default: ``data.tokenizer``'s files)."""
     data = run.data
     if seq_len is not None and seq_len != build_datamodule(run).seq_len:
         if data.name == "recall":
@@ -620,7 +626,7 @@ def validation_examples(run: RunConfig, seq_len: int | None = None, count: int |
         data = replace(data, seq_len=seq_len)
     if count is not None:
         data = replace(data, batch_size=count, val_batches=1)
-    datamodule = build_datamodule(replace(run, data=data))
+    datamodule = build_datamodule(replace(run, data=data), tokenizer)
     datamodule.setup("validate")
     if isinstance(datamodule, HFDataModule):
         assert datamodule.val_examples is not None
@@ -649,7 +655,7 @@ def evaluation_windows(
     if paths:
         return _windows_of_files(paths, run, why_not, seq_len, batch_size, batches, tokenizer)
     if run is not None:  # the run's own number of windows unless batches is given
-        return _run_validation_windows(run, checkpoint, seq_len, batch_size, batches)
+        return _run_validation_windows(run, checkpoint, seq_len, batch_size, batches, tokenizer)
     batch_size = batch_size or DEFAULT_EVAL_BATCH_SIZE
     count = batch_size * (batches or DEFAULT_EVAL_BATCHES)
     inputs, targets = evaluation_examples([], seq_len, count, tokenizer=tokenizer)
@@ -658,9 +664,16 @@ def evaluation_windows(
 
 
 def _run_validation_windows(
-    run: RunConfig, checkpoint: str | Path, seq_len: int, batch_size: int | None, batches: int | None
+    run: RunConfig,
+    checkpoint: str | Path,
+    seq_len: int,
+    batch_size: int | None,
+    batches: int | None,
+    tokenizer: Tokenizer | None = None,
 ) -> EvaluationWindows:
     """The validation windows of ``run`` (the run beside ``checkpoint``); see :func:`evaluation_windows`.
+    They are tokenized with ``tokenizer``, by default the one ``checkpoint`` recorded (the tokenizer the
+    model was trained with; ``data.tokenizer``'s files may have changed since) and named after it.
 
     A ``config.yaml`` of an older innerloop may record relative ``data.paths`` (a run now records them
     absolute): they are read from the current directory, and the windows' source says so."""
@@ -675,8 +688,9 @@ def _run_validation_windows(
             f"{os.getcwd()!r}"
         )
     try:
-        inputs, targets = validation_examples(run, seq_len, count)
-        tag = _run_data_tag(run)
+        tokenizer = tokenizer if tokenizer is not None else checkpoint_tokenizer(checkpoint)
+        inputs, targets = validation_examples(run, seq_len, count, tokenizer)
+        tag = _run_data_tag(run, tokenizer)
     except DataError as err:
         saved = Path(checkpoint).parent / "config.yaml"
         raise DataError(
@@ -731,16 +745,23 @@ def _windows_of_files(
     return EvaluationWindows(inputs, targets, batch_size, _data_tag(paths, text_field or ""), source)
 
 
-def _run_data_tag(run: RunConfig) -> str:
-    """``default-val`` for a run on the default corpus's usual split (the windows ``evaluation_examples``
-    gives too), else ``<data.name>-val-<hash>`` of the data config and of the data files' paths, sizes and
-    modification times (:func:`_files_fingerprint`): data files that change give another name."""
+def _run_data_tag(run: RunConfig, tokenizer: Tokenizer | None = None) -> str:
+    """``default-val`` for a run on the default corpus's usual split in bytes (the windows
+    ``evaluation_examples`` gives too), else ``<data.name>-val-<hash>`` of the data config, of the data
+    files' paths, sizes and modification times (:func:`_files_fingerprint`) and of the ``tokenizer`` the
+    windows were made with: data files or a tokenizer that change give another name."""
     data = run.data
-    if data.name == "text" and not data.paths and data.val_fraction == TextDataModule().val_fraction:
+    in_bytes = tokenizer is None or tokenizer == ByteTokenizer()
+    default_split = (
+        data.name == "text" and not data.paths and data.val_fraction == TextDataModule().val_fraction
+    )
+    if default_split and in_bytes:
         return "default-val"
     varying = {"data.seq_len", "data.batch_size", "data.val_batches"}  # in the name as T and n
     settings = {k: v for k, v in flatten_config(data, "data.").items() if k not in varying}
     key = repr(sorted(settings.items())) + _files_fingerprint(_run_data_files(run))
+    if not in_bytes and data.name != "recall":
+        key += json.dumps(tokenizer.to_state(), sort_keys=True)
     return f"{data.name}-val-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 

@@ -238,9 +238,20 @@ def test_train_eval_generate_and_resume_use_the_runs_tokenizer(bpe_dir, tmp_path
     hf_ids = AutoTokenizer.from_pretrained(str(exported), local_files_only=True)(text)["input_ids"]
     assert hf_ids == load_tokenizer(str(bpe_dir)).encode(text)
 
+    eval_dir = tmp_path / "eval"
+    capsys.readouterr()
+
+    def evaluated() -> list[str]:  # its own validation windows: what they are, and the perplexity
+        assert main(["eval", str(checkpoint), "--batches", "1", "--out", str(eval_dir)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        return [line for line in lines if line.startswith(("windows:", "perplexity:"))]
+
+    before = evaluated()
     train_bpe(["another corpus, another tokenizer"], 290).save_pretrained(tok_copy)  # the files change
     assert main(["train", f"out_dir={out}", "--resume", "trainer.max_steps=3"]) == 2
     assert "is not the tokenizer" in capsys.readouterr().err
+    # eval still reads the run's windows with the tokenizer the model was trained with
+    assert evaluated() == before and len(before) == 2
 
 
 def test_a_byte_level_run_records_bytes_and_an_unrecorded_tokenizer_reads_as_bytes(tmp_path) -> None:

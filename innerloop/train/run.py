@@ -33,6 +33,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import os
 import re
 import signal
@@ -106,6 +107,8 @@ from innerloop.train.run_dir import (
 )
 from innerloop.train.schedules import TTTBaseLRWarmup
 from innerloop.train.throughput import TrainingThroughput
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "last"
 
@@ -341,6 +344,13 @@ def _train_in_locked_dir(
     datamodule = build_datamodule(run)
     interrupt = StopOnInterrupt()  # Ctrl-C: finish the step, save it, stop
     trainer = build_trainer(run, [TrainingThroughput(), interrupt, *callbacks])  # parameter counts, tokens/s
+    if run.optim.ttt_base_lr_warmup > run.trainer.max_steps:
+        log.warning(
+            "optim.ttt_base_lr_warmup=%d is longer than the run (trainer.max_steps=%d): the inner learning "
+            "rate never reaches model.ttt.base_lr, but validation scores the model at it",
+            run.optim.ttt_base_lr_warmup,
+            run.trainer.max_steps,
+        )
     if replace_previous:  # kept aside until this run has a checkpoint (its data is read in fit)
         set_aside_previous_run(out_dir)
     if run.trainer.threads > 0:
@@ -361,6 +371,15 @@ def _train_in_locked_dir(
             f"the checkpoint {str(ckpt)!r} holds them: continue with `innerloop train --resume "
             f"out_dir={run.out_dir}`",
             exit_code=128 + (interrupt.signal or signal.SIGINT),
+        )
+    if trainer.global_step < run.trainer.max_steps:  # trainer.max_time, or a callback, stopped it
+        log.warning(
+            "the run stopped at step %d of trainer.max_steps=%d (trainer.max_time or a callback asked it "
+            "to stop); %s holds it: continue with `innerloop train --resume out_dir=%s`",
+            trainer.global_step,
+            run.trainer.max_steps,
+            ckpt,
+            run.out_dir,
         )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     # Validate once more unless the last validation was at the last step. (Compared with max_steps: after

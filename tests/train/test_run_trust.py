@@ -430,3 +430,23 @@ def test_an_overwrite_killed_before_its_first_checkpoint_is_undone_at_the_next_l
         "loss_by_position.png",
     ]
     assert _run_files(out) == before
+
+
+# -- a run that ends before max_steps, or never finishes its inner-lr warm-up, says so -----------------
+
+
+@pytest.mark.slow  # ~3 s: a run stopped by trainer.max_time
+def test_a_run_stopped_by_max_time_says_where_it_stopped(tmp_path, caplog) -> None:
+    args = ["train", *TINY, "trainer.max_steps=10000", "trainer.max_time=00:00:00:01", f"out_dir={tmp_path}"]
+    with caplog.at_level(logging.WARNING, logger="innerloop.train.run"):
+        assert main(args) == 0
+    stopped = [r.getMessage() for r in caplog.records if "stopped at step" in r.getMessage()]
+    assert len(stopped) == 1 and "of trainer.max_steps=10000" in stopped[0] and "--resume" in stopped[0]
+
+
+@pytest.mark.slow  # ~2 s: a two-step run
+def test_an_inner_lr_warm_up_longer_than_the_run_is_a_warning(tmp_path, caplog) -> None:
+    args = ["train", *TINY, "trainer.max_steps=2", "optim.ttt_base_lr_warmup=50", f"out_dir={tmp_path}"]
+    with caplog.at_level(logging.WARNING, logger="innerloop.train.run"):
+        assert main(args) == 0
+    assert any("optim.ttt_base_lr_warmup=50 is longer than the run" in r.getMessage() for r in caplog.records)

@@ -344,13 +344,7 @@ def _train_in_locked_dir(
     datamodule = build_datamodule(run)
     interrupt = StopOnInterrupt()  # Ctrl-C: finish the step, save it, stop
     trainer = build_trainer(run, [TrainingThroughput(), interrupt, *callbacks])  # parameter counts, tokens/s
-    if run.optim.ttt_base_lr_warmup > run.trainer.max_steps:
-        log.warning(
-            "optim.ttt_base_lr_warmup=%d is longer than the run (trainer.max_steps=%d): the inner learning "
-            "rate never reaches model.ttt.base_lr, but validation scores the model at it",
-            run.optim.ttt_base_lr_warmup,
-            run.trainer.max_steps,
-        )
+    _warn_of_a_warm_up_longer_than_the_run(run)
     if replace_previous:  # kept aside until this run has a checkpoint (its data is read in fit)
         set_aside_previous_run(out_dir)
     if run.trainer.threads > 0:
@@ -381,6 +375,29 @@ def _train_in_locked_dir(
             ckpt,
             run.out_dir,
         )
+    return _finish(run, module, datamodule, trainer, ckpt, config_path)
+
+
+def _warn_of_a_warm_up_longer_than_the_run(run: RunConfig) -> None:
+    if run.optim.ttt_base_lr_warmup > run.trainer.max_steps:
+        log.warning(
+            "optim.ttt_base_lr_warmup=%d is longer than the run (trainer.max_steps=%d): the inner learning "
+            "rate never reaches model.ttt.base_lr, but validation scores the model at it",
+            run.optim.ttt_base_lr_warmup,
+            run.trainer.max_steps,
+        )
+
+
+def _finish(
+    run: RunConfig,
+    module: LanguageModelModule,
+    datamodule: TextDataModule | RecallDataModule | HFDataModule,
+    trainer: L.Trainer,
+    ckpt: Path,
+    config_path: Path,
+) -> TrainResult:
+    """The final validation (unless the last one was at the last step), the loss-by-position files and
+    the result of a run that ended."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     # Validate once more unless the last validation was at the last step. (Compared with max_steps: after
     # ddp_spawn the main process has the workers' metrics but not their step counter.)
@@ -389,7 +406,7 @@ def _train_in_locked_dir(
             k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()
         }
     plot, csv_path = _write_loss_by_position(run, metrics, datamodule.seq_len)
-    return TrainResult(out_dir, ckpt, config_path, plot, csv_path, metrics)
+    return TrainResult(Path(run.out_dir), ckpt, config_path, plot, csv_path, metrics)
 
 
 def absolute_data_paths(paths: Sequence[str], base: str | os.PathLike[str] | None = None) -> list[str]:

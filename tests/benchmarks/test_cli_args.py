@@ -116,6 +116,7 @@ COMMANDS = [
 ]
 
 
+@pytest.mark.slow  # ~3 s each: a subprocess that imports torch before it parses its arguments
 @pytest.mark.parametrize(("script", "argv", "message"), COMMANDS, ids=[c[0] for c in COMMANDS])
 def test_a_bad_value_exits_with_status_2_and_no_traceback(script, argv, message):
     done = subprocess.run(

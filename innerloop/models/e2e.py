@@ -260,6 +260,10 @@ class E2EState:
         position: number of tokens read.
         chunk_size: the ``e2e.chunk_size`` of the model that made the state (its chunks' boundaries);
             None for a state made before the field existed.
+        scored: the suffix blocks' caches after the pending tokens (None for the prefix blocks), as
+            they were scored with the current fast weights: the next token of the chunk is scored from
+            them, so that decoding costs the same for every token of a chunk. None when no token is
+            pending (or for a state made before the field existed: the pending tokens are scored again).
     """
 
     caches: tuple[AnyCache | None, ...]
@@ -268,6 +272,7 @@ class E2EState:
     pending_ids: torch.Tensor
     position: int
     chunk_size: int | None = None
+    scored: tuple[AnyCache | None, ...] | None = None
 
     def detach(self) -> E2EState:
         """The same state cut from the autograd graph."""
@@ -278,11 +283,25 @@ class E2EState:
             self.pending_ids,
             self.position,
             self.chunk_size,
+            None if self.scored is None else _detached(self.scored),
         )
 
     def nbytes(self) -> int:
         """Bytes held by the state's tensors (bounded: window, chunk and fast weights, not length)."""
         return sum(t.numel() * t.element_size() for t in _tensors(self))
+
+
+@dataclass
+class Scored:
+    """The first ``tokens`` of a chunk were scored by an earlier call; ``caches`` are the blocks' caches
+    after them (:attr:`E2EState.scored`)."""
+
+    tokens: int
+    caches: list[AnyCache | None]
+
+
+def _detached(caches: tuple[AnyCache | None, ...]) -> tuple[AnyCache | None, ...]:
+    return tuple(None if c is None else c.detach() for c in caches)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -468,11 +487,24 @@ class E2ELM(nn.Module):
                 f"state holds {pending} pending tokens, more than a chunk of this model "
                 f"(e2e.chunk_size={e2e.chunk_size}): it was made by a model with larger chunks"
             )
-        for i, cache in enumerate(state.caches):
+        self._check_caches(state.caches, batch, "state.caches")
+        if state.scored is not None:
+            if len(state.scored) != len(self.blocks) or any(
+                c is not None for c in state.scored[: self.num_prefix]
+            ):
+                raise ValueError(
+                    f"state.scored must hold one cache per block, None for the {self.num_prefix} prefix "
+                    f"blocks; got {len(state.scored)} entries: pass the state this model returned, or None"
+                )
+            self._check_caches(state.scored, batch, "state.scored")
+
+    def _check_caches(self, caches: tuple[AnyCache | None, ...], batch: int, name: str) -> None:
+        """Each cache has the shapes its block keeps for ``batch`` sequences at its position."""
+        for i, cache in enumerate(caches):
             if isinstance(cache, KVCache):
-                self.blocks[i].attn.check_state(cache, batch, name=f"state.caches[{i}]")
+                self.blocks[i].attn.check_state(cache, batch, name=f"{name}[{i}]")
             elif isinstance(cache, ChunkKVCache):
-                _check_chunk_cache(cache, self.blocks[i].attn, batch, f"state.caches[{i}]")
+                _check_chunk_cache(cache, self.blocks[i].attn, batch, f"{name}[{i}]")
 
     def _forward(self, input_ids: torch.Tensor, state: E2EState | None) -> tuple[torch.Tensor, E2EState]:
         e2e = self.config.e2e
@@ -498,14 +530,17 @@ class E2ELM(nn.Module):
         # 2. The suffix, chunk by chunk, starting with the tokens of an unfinished chunk, if any.
         if state is None:
             fast = self.initial_fast_weights(batch)
-            pending, pending_ids = h[:, :0], input_ids[:, :0]
+            pending, pending_ids, scored = h[:, :0], input_ids[:, :0], None
         else:
-            fast, pending, pending_ids = state.fast, state.pending, state.pending_ids
+            fast, pending, pending_ids, scored = state.fast, state.pending, state.pending_ids, state.scored
         h = torch.cat((pending.to(h.dtype), h), dim=1)  # [B, p + T, D], in this call's dtype
         ids = torch.cat((pending_ids, input_ids), dim=1)  # [B, p + T]
-        logits, caches, fast, pending, pending_ids = self._inner_loop(h, ids, caches, fast)
+        done = Scored(pending.shape[1], list(scored)) if scored is not None and pending.shape[1] else None
+        logits, caches, fast, pending, pending_ids, scored = self._inner_loop(h, ids, caches, fast, done)
         position = length if state is None else state.position + length
-        new_state = E2EState(tuple(caches), fast, pending, pending_ids, position, self.config.e2e.chunk_size)
+        new_state = E2EState(
+            tuple(caches), fast, pending, pending_ids, position, self.config.e2e.chunk_size, scored
+        )
         return logits[:, -length:] if length else logits[:, :0], new_state
 
     def _chunk_for_attention(self) -> int | None:
@@ -529,13 +564,30 @@ class E2ELM(nn.Module):
         return torch.where((ids == skip) & is_target, torch.full_like(ids, -1), ids)
 
     def _inner_loop(
-        self, h: torch.Tensor, ids: torch.Tensor, caches: list[AnyCache | None], fast: FastWeights
-    ) -> tuple[torch.Tensor, list[AnyCache | None], FastWeights, torch.Tensor, torch.Tensor]:
+        self,
+        h: torch.Tensor,
+        ids: torch.Tensor,
+        caches: list[AnyCache | None],
+        fast: FastWeights,
+        done: Scored | None = None,
+    ) -> tuple[
+        torch.Tensor,
+        list[AnyCache | None],
+        FastWeights,
+        torch.Tensor,
+        torch.Tensor,
+        tuple[AnyCache | None, ...] | None,
+    ]:
         """Score-then-train every chunk of ``h [B, N, D]`` (suffix inputs) whose tokens start a chunk.
 
-        Returns the logits ``[B, N, V]``, the caches and fast weights after the chunks trained on, and
-        the trailing chunk that cannot be trained on yet (scored, not trained on) as the new pending
-        inputs and ids.
+        ``done``: how many of the first chunk's tokens an earlier call scored, and the caches after them;
+        while that chunk cannot be trained on, only its new tokens are scored (from those caches).
+
+        Returns the logits ``[B, N', V]`` (``N' = N``, or without the tokens of ``done`` when they were
+        not scored again: the last ``N - done.tokens`` are the new tokens'), the caches and fast
+        weights after the chunks trained on, the trailing chunk that cannot be trained on yet (scored,
+        not trained on) as the new pending inputs and ids, and the caches after scoring it (None when
+        nothing is pending).
         """
         e2e = self.config.e2e
         chunk = e2e.chunk_size
@@ -545,16 +597,24 @@ class E2ELM(nn.Module):
         with_next = e2e.chunk_targets == "next_token"  # the loss also reads the token after the chunk
         pieces: list[torch.Tensor] = []
         length = h.shape[1]
-        pending, pending_ids = h[:, :0], ids[:, :0]
+        pending, pending_ids, scored = h[:, :0], ids[:, :0], None
         if outer:  # fast weights cut from the graph (a detached state, frozen prime MLPs) start afresh
             fast = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in fast.items()}
         for start in range(0, length, chunk):
             end = min(start + chunk, length)
             h_chunk, ids_chunk = h[:, start:end], ids[:, start:end]  # [B, C, D], [B, C]
+            trainable = self._trainable(start, end, length)
+            if start == 0 and done is not None and not trainable:  # score only the chunk's new tokens
+                logits, new_scored = self._score(h_chunk[:, done.tokens :], done.caches, fast)
+                pending, pending_ids, scored = h_chunk, ids_chunk, self._suffix_caches(new_scored)
+                if not outer:
+                    pending, scored = pending.detach(), _detached(scored)
+                    logits = logits.detach()
+                pieces.append(logits)
+                continue
             if not outer:  # no graph between chunks: each chunk's inner gradient starts afresh
                 h_chunk = h_chunk.detach()
                 fast = {k: v.detach().requires_grad_() for k, v in fast.items()}
-            trainable = self._trainable(start, end, length)
             # CPU's fused attention kernel has no double backward; the math one does.
             attention = sdpa_kernel([SDPBackend.MATH]) if create_graph else nullcontext()
             with torch.enable_grad(), attention:
@@ -566,16 +626,22 @@ class E2ELM(nn.Module):
             if trainable:
                 caches = new_caches
             else:  # train on this chunk once its last token (and target) has come
-                pending, pending_ids = h_chunk, ids_chunk
+                pending, pending_ids, scored = h_chunk, ids_chunk, self._suffix_caches(new_caches)
             if not outer:
                 logits = logits.detach()
                 caches = [None if c is None else c.detach() for c in caches]
                 fast = {k: v.detach() for k, v in fast.items()}
                 pending = pending.detach()
+                scored = None if scored is None else _detached(scored)
             pieces.append(logits)
         if not pieces:
-            return h.new_zeros(h.shape[0], 0, self.config.vocab_size), caches, fast, pending, pending_ids
-        return torch.cat(pieces, dim=1), caches, fast, pending, pending_ids
+            empty = h.new_zeros(h.shape[0], 0, self.config.vocab_size)
+            return empty, caches, fast, pending, pending_ids, scored
+        return torch.cat(pieces, dim=1), caches, fast, pending, pending_ids, scored
+
+    def _suffix_caches(self, caches: list[AnyCache | None]) -> tuple[AnyCache | None, ...]:
+        """``caches`` with None for the prefix blocks (whose caches the state keeps up to date already)."""
+        return tuple(None if i < self.num_prefix else c for i, c in enumerate(caches))
 
     def _score(
         self, h: torch.Tensor, caches: list[AnyCache | None], fast: FastWeights

@@ -160,3 +160,25 @@ def test_a_bf16_model_keeps_its_fast_weights_in_float32():
         expected = reference_state.fast[name] - reference.initial_fast_weights(2)[name]
         assert (moved != 0).float().mean() > 0.99, name  # every weight took its (small) update
         assert torch.nn.functional.cosine_similarity(moved.flatten(), expected.flatten(), dim=0) > 0.9
+
+
+def test_decoding_scores_each_token_once_until_its_chunk_trains():
+    """Per decoded token the suffix blocks run over that token only (the pending tokens' caches are in
+    the state), and over the whole chunk once, when it trains: the same work for every token of a chunk."""
+    model = tiny_model(chunk_size=4)
+    tokens = ids(length=14)
+    scored = []
+    score = model._score
+    model._score = lambda h, caches, fast: scored.append(h.shape[1]) or score(h, caches, fast)
+    with torch.no_grad():
+        expected, _ = model(tokens)
+        _, state = model(tokens[:, :5])  # chunk 0 waits for token 4, its next token: trained; 1 pending
+        scored.clear()
+        pieces = []
+        for t in range(5, 14):
+            logits, state = model(tokens[:, t : t + 1], state)
+            pieces.append(logits)
+    # tokens 5..7 complete chunk 1 (scored one at a time), token 8 trains it (the chunk again, then 8
+    # alone); the same for chunk 2 (9..11, then 12), and 13 starts chunk 3
+    assert scored == [1, 1, 1, 4, 1, 1, 1, 1, 4, 1, 1]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), expected[:, 5:])

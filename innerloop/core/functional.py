@@ -96,6 +96,12 @@ def overflow_safe_scale_if_needed(x: torch.Tensor) -> torch.Tensor | None:
     return overflow_safe_scale(x)
 
 
+def _row_variance(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """The biased variance of each row of ``x`` (``mean`` its rows' means, for an empty ``x``, where
+    ``torch.var`` warns that it has no degrees of freedom: a batch of no sequences is no mistake)."""
+    return x.var(dim=-1, keepdim=True, unbiased=False) if x.numel() else mean
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over the last dim with per-head ``weight``/``bias`` broadcast from the left.
 
@@ -104,7 +110,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     """
     x = x * overflow_safe_scale(x)
     mean = x.mean(dim=-1, keepdim=True)
-    var = x.var(dim=-1, keepdim=True, unbiased=False)
+    var = _row_variance(x, mean)
     std = torch.sqrt(var + eps)
     return weight * ((x - mean) / std) + bias
 
@@ -122,7 +128,7 @@ def layer_norm_backward(
     scale = overflow_safe_scale(x)
     x = x * scale
     mean = x.mean(dim=-1, keepdim=True)
-    var = x.var(dim=-1, keepdim=True, unbiased=False)
+    var = _row_variance(x, mean)
     std = torch.sqrt(var + eps)
     x_hat = (x - mean) / std
     grad_x_hat = grad_y * weight

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
+import innerloop
 from innerloop import TTTLayer
 
 
@@ -175,3 +178,17 @@ def test_numpy_scalars_are_numbers():
 def test_numbers_that_are_not_valid_are_still_refused_by_name(name, value, valid):
     with pytest.raises(ValueError, match=rf"{name} must be {valid}, got "):
         TTTLayer(16, 4, **{name: value})
+
+
+@pytest.mark.parametrize("inner_model", ["linear", "mlp"])
+def test_a_batch_of_no_sequences_runs_without_warnings(inner_model):
+    """B = 0 (an empty shard, a filtered batch) is no mistake: empty outputs and gradients, no warning
+    (torch.var warns about degrees of freedom on an empty tensor)."""
+    layer = innerloop.TTTLayer(16, 2, inner_model=inner_model, mini_batch_size=4)
+    x = torch.randn(0, 8, 16, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, state = layer(x)
+        out.sum().backward()
+        decoded, _ = layer(torch.randn(0, 1, 16), state)
+    assert out.shape == (0, 8, 16) and decoded.shape == (0, 1, 16) and x.grad.shape == x.shape

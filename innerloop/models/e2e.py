@@ -300,6 +300,18 @@ class Scored:
     caches: list[AnyCache | None]
 
 
+InnerLoopResult = tuple[
+    torch.Tensor,
+    list[AnyCache | None],
+    FastWeights,
+    torch.Tensor,
+    torch.Tensor,
+    tuple[AnyCache | None, ...] | None,
+]
+"""What :meth:`E2ELM._inner_loop` returns: logits, caches, fast weights, pending inputs and ids, and
+the caches after the pending tokens."""
+
+
 def _detached(caches: tuple[AnyCache | None, ...]) -> tuple[AnyCache | None, ...]:
     return tuple(None if c is None else c.detach() for c in caches)
 
@@ -570,14 +582,7 @@ class E2ELM(nn.Module):
         caches: list[AnyCache | None],
         fast: FastWeights,
         done: Scored | None = None,
-    ) -> tuple[
-        torch.Tensor,
-        list[AnyCache | None],
-        FastWeights,
-        torch.Tensor,
-        torch.Tensor,
-        tuple[AnyCache | None, ...] | None,
-    ]:
+    ) -> InnerLoopResult:
         """Score-then-train every chunk of ``h [B, N, D]`` (suffix inputs) whose tokens start a chunk.
 
         ``done``: how many of the first chunk's tokens an earlier call scored, and the caches after them;
@@ -589,12 +594,9 @@ class E2ELM(nn.Module):
         not trained on) as the new pending inputs and ids, and the caches after scoring it (None when
         nothing is pending).
         """
-        e2e = self.config.e2e
-        chunk = e2e.chunk_size
+        chunk = self.config.e2e.chunk_size
         outer = torch.is_grad_enabled()  # an outer graph is wanted (training)
-        create_graph = outer and not e2e.first_order
-        lr = self.inner_lr()
-        with_next = e2e.chunk_targets == "next_token"  # the loss also reads the token after the chunk
+        with_next = self.config.e2e.chunk_targets == "next_token"  # the loss also reads the next token
         pieces: list[torch.Tensor] = []
         length = h.shape[1]
         pending, pending_ids, scored = h[:, :0], ids[:, :0], None
@@ -615,14 +617,8 @@ class E2ELM(nn.Module):
             if not outer:  # no graph between chunks: each chunk's inner gradient starts afresh
                 h_chunk = h_chunk.detach()
                 fast = {k: v.detach().requires_grad_() for k, v in fast.items()}
-            # CPU's fused attention kernel has no double backward; the math one does.
-            attention = sdpa_kernel([SDPBackend.MATH]) if create_graph else nullcontext()
-            with torch.enable_grad(), attention:
-                logits, new_caches = self._score(h_chunk, caches, fast)  # [B, C, V]
-                if trainable:
-                    targets = ids[:, start : end + 1] if with_next else ids_chunk  # [B, C (+ 1)]
-                    losses = self.inner_loss.chunk_loss(logits, self._mark_skipped(targets))  # [B]
-                    fast = self.update_rule.step(fast, losses, lr, e2e.inner_grad_clip, create_graph)
+            targets = (ids[:, start : end + 1] if with_next else ids_chunk) if trainable else None
+            logits, new_caches, fast = self._score_and_train(h_chunk, targets, caches, fast)
             if trainable:
                 caches = new_caches
             else:  # train on this chunk once its last token (and target) has come
@@ -638,6 +634,26 @@ class E2ELM(nn.Module):
             empty = h.new_zeros(h.shape[0], 0, self.config.vocab_size)
             return empty, caches, fast, pending, pending_ids, scored
         return torch.cat(pieces, dim=1), caches, fast, pending, pending_ids, scored
+
+    def _score_and_train(
+        self,
+        h_chunk: torch.Tensor,
+        targets: torch.Tensor | None,
+        caches: list[AnyCache | None],
+        fast: FastWeights,
+    ) -> tuple[torch.Tensor, list[AnyCache | None], FastWeights]:
+        """Score one chunk ``h_chunk [B, C, D]`` (logits ``[B, C, V]`` and the caches after it); with its
+        ``targets`` (``[B, C (+ 1)]``: the chunk can be trained on), take the inner step on it too."""
+        e2e = self.config.e2e
+        create_graph = torch.is_grad_enabled() and not e2e.first_order
+        # CPU's fused attention kernel has no double backward; the math one does.
+        attention = sdpa_kernel([SDPBackend.MATH]) if create_graph else nullcontext()
+        with torch.enable_grad(), attention:
+            logits, new_caches = self._score(h_chunk, caches, fast)
+            if targets is not None:
+                losses = self.inner_loss.chunk_loss(logits, self._mark_skipped(targets))  # [B]
+                fast = self.update_rule.step(fast, losses, self.inner_lr(), e2e.inner_grad_clip, create_graph)
+        return logits, new_caches, fast
 
     def _suffix_caches(self, caches: list[AnyCache | None]) -> tuple[AnyCache | None, ...]:
         """``caches`` with None for the prefix blocks (whose caches the state keeps up to date already)."""

@@ -354,7 +354,16 @@ def check_state_dict(
     expected: Mapping[str, torch.Tensor], given: Any, path: str | os.PathLike[str], model: str = "the model"
 ) -> None:
     """Raise one :class:`CheckpointError` line unless the checkpoint's ``given`` state dict has exactly
-    the keys of ``expected`` (e.g. ``module.state_dict()``), each with the same shape and dtype.
+    the keys of ``expected`` (e.g. ``module.state_dict()``), each with the same shape and a dtype that
+    fits (see below).
+
+    A floating-point weight may be stored in another floating dtype than ``expected`` has: a run with
+    a ``*-true`` precision (``bf16-true``, ``16-true``, ``64-true``) casts the whole model, so its
+    checkpoint holds e.g. bfloat16 weights where a freshly built model has float32 ones
+    (:func:`load_weights` says in which dtype they are then loaded). Refused are a non-floating dtype
+    that differs (an integer tensor where a float one is expected, or the reverse) and a floating one
+    that differs from the checkpoint's other weights of the same built dtype (no precision casts a
+    model's float32 weights to two dtypes: such a file was edited or written by another program).
 
     ``model`` describes what the weights are loaded into, for the message. (``load_state_dict`` would
     raise a many-line error for missing keys and silently cast another dtype.)
@@ -374,20 +383,100 @@ def check_state_dict(
         for k, v in expected.items()
         if k in given and given[k].shape != v.shape
     ]
-    dtypes = [
-        f"{k!r} is {given[k].dtype}, expected {v.dtype}"
-        for k, v in expected.items()
-        if k in given and given[k].dtype != v.dtype
-    ]
     if shapes:
         problems.append(f"{len(shapes)} shape mismatch(es): " + ", ".join(shapes[:3]))
+    dtypes = _dtype_mismatches(expected, given)
     if dtypes:
         problems.append(f"{len(dtypes)} dtype mismatch(es): " + ", ".join(dtypes[:3]))
     if problems:
-        raise CheckpointError(
-            f"{name} does not fit {model}: " + "; ".join(problems) + " (was it written by a run with "
-            "another model config?)"
+        cause = (
+            "innerloop writes a model's floating weights all in one dtype, the run's precision's, and "
+            "its other weights unchanged: was the file edited, or written by another program?"
+            if not (missing or unexpected or shapes)
+            else "was it written by a run with another model config?"
         )
+        raise CheckpointError(f"{name} does not fit {model}: " + "; ".join(problems) + f" ({cause})")
+
+
+def _floating_pairs(
+    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]
+) -> list[tuple[str, torch.dtype, torch.dtype]]:
+    """``(key, built dtype, stored dtype)`` of the weights that are floating-point in both."""
+    return [
+        (key, tensor.dtype, given[key].dtype)
+        for key, tensor in expected.items()
+        if key in given and tensor.is_floating_point() and given[key].is_floating_point()
+    ]
+
+
+def stored_dtypes(
+    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]
+) -> dict[torch.dtype, torch.dtype]:
+    """For each floating dtype of ``expected`` (a freshly built model's state dict), the dtype in which
+    the checkpoint's ``given`` state dict holds those weights (the most common one, should they differ:
+    :func:`check_state_dict` refuses that), e.g. ``{torch.float32: torch.bfloat16}`` for a
+    ``bf16-true`` run."""
+    counts: dict[torch.dtype, dict[torch.dtype, int]] = {}
+    for _, built, stored in _floating_pairs(expected, given):
+        counts.setdefault(built, {}).setdefault(stored, 0)
+        counts[built][stored] += 1
+    return {
+        built: max(seen, key=lambda dtype: (seen[dtype], dtype == built)) for built, seen in counts.items()
+    }
+
+
+def _dtype_mismatches(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> list[str]:
+    """What :func:`check_state_dict` refuses of the dtypes, one phrase per weight."""
+    common = stored_dtypes(expected, given)
+    mismatches = []
+    for key, tensor in expected.items():
+        if key not in given:
+            continue
+        stored = given[key].dtype
+        if tensor.is_floating_point() and given[key].is_floating_point():
+            if stored != common[tensor.dtype]:
+                mismatches.append(
+                    f"{key!r} is {stored}, expected {common[tensor.dtype]} like its other weights"
+                )
+        elif stored != tensor.dtype:
+            mismatches.append(f"{key!r} is {stored}, expected {tensor.dtype}")
+    return mismatches
+
+
+def load_weights(
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], keep_dtype: bool = False
+) -> None:
+    """Load ``state_dict`` (a checkpoint's, checked against ``model.state_dict()`` by
+    :func:`check_state_dict`) into ``model``, first giving the model the dtypes its weights are used in.
+
+    Floating-point weights stored in another dtype than ``model`` was built with (a ``*-true``
+    precision's checkpoint: bfloat16, float16 or float64 where the model is float32) are loaded
+
+    - by default, in the wider of the two (:func:`torch.promote_types`): bfloat16 and float16 weights
+      are upcast to float32, exactly, and the model computes in float32 as for any other checkpoint
+      (low-precision matmuls are slow on most CPUs and evaluations stay comparable across runs);
+      float64 ones stay float64, so no stored digit is lost;
+    - with ``keep_dtype``, in the stored dtype (what the export writes, see
+      :mod:`innerloop.hf.export`: the weights exactly as trained).
+
+    A dtype change applies to every parameter and buffer (persistent or not) of the model built in that
+    dtype, as Lightning's cast of the whole module does in training. Tied weights stay tied.
+    """
+    wanted = {
+        built: stored if keep_dtype else torch.promote_types(built, stored)
+        for built, stored in stored_dtypes(model.state_dict(), state_dict).items()
+    }
+    wanted = {built: dtype for built, dtype in wanted.items() if dtype != built}
+    if wanted:
+        with torch.no_grad():
+            for parameter in model.parameters():  # each once, so a tied weight is cast once
+                if parameter.dtype in wanted:
+                    parameter.data = parameter.data.to(wanted[parameter.dtype])
+            for owner in model.modules():
+                for key, buffer in list(owner.named_buffers(recurse=False)):
+                    if buffer.dtype in wanted:  # set again: it stays a (non-)persistent buffer
+                        setattr(owner, key, buffer.to(wanted[buffer.dtype]))
+    model.load_state_dict(state_dict)
 
 
 def describe_model(config: Mapping[str, Any]) -> str:
@@ -421,14 +510,19 @@ MODEL_PREFIX = "model."
 module's, whose ``model`` attribute is the language model."""
 
 
-def load_model(path: str | os.PathLike[str]) -> CausalLM | E2ELM:
+def load_model(path: str | os.PathLike[str], keep_dtype: bool = False) -> CausalLM | E2ELM:
     """The model stored in a training checkpoint written by ``innerloop train`` (its config from the
     hyperparameters, its weights from the state dict): a :class:`~innerloop.models.CausalLM`, or an
     :class:`~innerloop.models.E2ELM` for ``mixer="e2e"``, in eval mode, without importing Lightning.
 
+    The weights of a run trained in a ``*-true`` precision load too (:func:`load_weights`): those of
+    ``bf16-true`` and ``16-true`` upcast to float32 (exactly), those of ``64-true`` in float64, so the
+    model computes in float32 or wider; with ``keep_dtype``, in the dtype they are stored in (the
+    export's choice).
+
     Raises :class:`CheckpointError` if the file is not an innerloop checkpoint with a model, or its
     weights do not fit the model its hyperparameters describe (missing or unexpected keys, shapes,
-    dtypes)."""
+    dtypes: see :func:`check_state_dict`)."""
     checkpoint = load_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters")
     state_dict = checkpoint.get("state_dict")
@@ -446,5 +540,6 @@ def load_model(path: str | os.PathLike[str]) -> CausalLM | E2ELM:
     expected = {MODEL_PREFIX + key: value for key, value in model.state_dict().items()}
     description = f"the model its hyperparameters describe ({describe_model(hparams['model'])})"
     check_state_dict(expected, state_dict, path, description)
-    model.load_state_dict({key.removeprefix(MODEL_PREFIX): value for key, value in state_dict.items()})
+    weights = {key.removeprefix(MODEL_PREFIX): value for key, value in state_dict.items()}
+    load_weights(model, weights, keep_dtype)
     return model.eval()

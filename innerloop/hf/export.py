@@ -160,11 +160,15 @@ def export_checkpoint(
 ) -> Path:
     """Export the model of a training checkpoint (a ``last.safetensors`` of ``innerloop train``).
 
+    The weights are written in the dtype they are stored in (``load_model(..., keep_dtype=True)``):
+    a ``bf16-true`` run's in bfloat16, a ``64-true`` run's in float64, any other's in float32, and
+    ``config.json`` names that dtype (``dtype``, which ``from_pretrained(..., dtype="auto")`` loads).
+
     Raises :class:`~innerloop.checkpoints.CheckpointError` for a file that is not a readable
     checkpoint and :class:`ExportError` for a target that may not be written (checked first).
     """
     check_target(out_dir, overwrite)
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, keep_dtype=True)  # the weights as trained, e.g. bfloat16
     return export_model(model, out_dir, overwrite=overwrite, tokenizer=run_tokenizer(checkpoint))
 
 

@@ -25,7 +25,9 @@ from innerloop.checkpoints import (
     describe_model,
     load_checkpoint,
     load_training_checkpoint,
+    load_weights,
     save_checkpoint,
+    stored_dtypes,
 )
 
 __all__ = [
@@ -41,7 +43,9 @@ __all__ = [
     "describe_model",
     "load_checkpoint",
     "load_training_checkpoint",
+    "load_weights",
     "save_checkpoint",
+    "stored_dtypes",
 ]
 
 

@@ -35,6 +35,7 @@ from innerloop.checkpoints import (
     check_state_dict,
     describe_model,
     load_checkpoint,
+    load_weights,
     save_checkpoint,
 )
 from innerloop.checkpoints import load_model as load_model  # re-exported: its old home
@@ -138,12 +139,28 @@ class LanguageModelModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with one :class:`~innerloop.checkpoints.CheckpointError` line, a checkpoint whose
         weights do not fit this model (e.g. an attention run's resumed into a TTT run), before Lightning
-        loads them."""
+        loads them.
+
+        The weights of a ``*-true`` precision run (bfloat16, float16 or float64 ones where this module,
+        as built, has float32) fit. Lightning restores them before it casts the module to the run's
+        precision; so a ``*-true`` run's module is cast here first, as Lightning casts it next (a cast
+        it then repeats as a no-op): the weights load in the precision they were trained in without a
+        round trip through float32 (which would round float64 ones), and a run resumed in its precision
+        continues bit-identically. (Strategies that restore after the cast, e.g. FSDP, load into the
+        cast module already.) A resume in another precision loads them cast to that one.
+        """
         path = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
         theirs = (checkpoint.get("hyper_parameters") or {}).get("model")
         written_for = f"; it was written for ({describe_model(theirs)})" if isinstance(theirs, dict) else ""
         model = f"this run's model ({describe_model(self.hparams.model)}){written_for}"
         check_state_dict(self.state_dict(), checkpoint.get("state_dict"), path, model)
+        trainer = self._trainer
+        if trainer is not None and not trainer.strategy.restore_checkpoint_after_setup:
+            probe = torch.nn.Module()  # no layer a plugin would replace: only its cast shows
+            probe.register_parameter("weight", torch.nn.Parameter(torch.zeros((), dtype=torch.float32)))
+            precision_dtype = trainer.precision_plugin.convert_module(probe).weight.dtype
+            if precision_dtype != torch.float32:  # a *-true precision
+                self.to(dtype=precision_dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``input_ids [B, T]`` → ``logits [B, T, V]``."""
@@ -208,7 +225,6 @@ class LanguageModelModule(L.LightningModule):
             trainer.should_stop, self._stop_deferred = False, True
         elif at_step_boundary and getattr(self, "_stop_deferred", False):
             trainer.should_stop, self._stop_deferred = True, False
-
 
     def _apply_optimizer_hyperparameters(self) -> None:
         """Make the optimizer and the schedule follow this module's hyperparameters from the step reached.
@@ -312,9 +328,14 @@ class LanguageModelModule(L.LightningModule):
         return make_schedule(hp.schedule, hp.warmup_steps, hp.max_steps, hp.lr, hp.min_lr, hp.decay_steps)
 
 
-def load_module(path: str | os.PathLike[str]):
+def load_module(path: str | os.PathLike[str], keep_dtype: bool = False):
     """The :class:`~innerloop.train.module.LanguageModelModule` stored in a training checkpoint
     (hyperparameters and weights), in eval mode.
+
+    The weights of a ``*-true`` precision run load as :func:`~innerloop.checkpoints.load_model` loads
+    them (:func:`~innerloop.checkpoints.load_weights`): bfloat16 and float16 ones upcast to float32,
+    float64 ones in float64, or with ``keep_dtype`` in their stored dtype. So ``innerloop eval`` and
+    ``compare`` compute such a run in float32 (or float64), as every other run.
 
     Raises :class:`~innerloop.checkpoints.CheckpointError` if the file is not an innerloop training checkpoint or its weights
     do not fit the model its hyperparameters describe (missing or unexpected keys, shapes, dtypes).
@@ -338,7 +359,7 @@ def load_module(path: str | os.PathLike[str]):
         ) from None
     description = f"the model its hyperparameters describe ({describe_model(hparams['model'])})"
     check_state_dict(module.state_dict(), checkpoint["state_dict"], path, description)
-    module.load_state_dict(checkpoint["state_dict"])
+    load_weights(module, checkpoint["state_dict"], keep_dtype)
     return module.eval()
 
 

@@ -28,7 +28,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from innerloop.models import E2ELM, E2EConfig, ModelConfig, build_model
 
@@ -127,17 +129,26 @@ def read_config(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
         if not path.is_file():
             raise FileNotFoundError(f"config {str(path)!r} is not a file (give the resolved Hydra config)")
         text = path.read_text(encoding="utf-8")
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:  # omegaconf's YAML reader, as Hydra's (``1e-6`` is a number, not a string)
-            data = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+        try:
+            if path.suffix == ".json":
+                data = json.loads(text)
+            else:  # omegaconf's YAML reader, as Hydra's (``1e-6`` is a number, not a string)
+                data = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+        except (ValueError, yaml.YAMLError, OmegaConfBaseException) as err:  # JSONDecodeError is a ValueError
+            problem = " ".join(str(err).split())
+            raise OfficialConfigError(f"config {str(path)!r} cannot be read: {problem}") from None
     if not isinstance(data, Mapping):
         raise OfficialConfigError(f"the official config must be a mapping, got {type(data).__name__}")
     for section in ("model", "training"):
-        if not isinstance(data.get(section), Mapping):
+        if section not in data:
             raise OfficialConfigError(
-                f"the official config has no {section!r} section (a mapping); give the resolved Hydra "
-                f"config with its 'model' and 'training' sections, got keys {sorted(data)}"
+                f"the official config has no {section!r} section; give the resolved Hydra config with its "
+                f"'model' and 'training' sections, got keys {sorted(data)}"
+            )
+        if not isinstance(data[section], Mapping):
+            raise OfficialConfigError(
+                f"the official config's {section!r} section must be a mapping of its fields, got "
+                f"{type(data[section]).__name__} {data[section]!r}"
             )
     return dict(data)
 
@@ -352,12 +363,32 @@ def _e2e_options(
     )
 
 
-def model_config(config: Mapping[str, Any], *, test_time_training: bool = True) -> ModelConfig:
+TRAIN_MODES = {"meta": True, "pretrain": False}
+"""The official ``training.train_mode`` values and whether each runs test-time training (the official
+code raises for any other; absent, it is ``pretrain``)."""
+
+
+def train_mode_test_time_training(training: Mapping[str, Any]) -> bool:
+    """Whether the official config's ``training.train_mode`` runs test-time training."""
+    mode = training.get("train_mode", "pretrain")
+    if mode not in TRAIN_MODES:
+        raise OfficialConfigError(
+            f"training.train_mode={mode!r} is not one of the official modes {sorted(TRAIN_MODES)} "
+            "('meta': test-time training on; 'pretrain': a plain sliding-window Transformer)"
+        )
+    return TRAIN_MODES[mode]
+
+
+def model_config(config: Mapping[str, Any], *, test_time_training: bool | None = None) -> ModelConfig:
     """innerloop's :class:`ModelConfig` of the official config (see :func:`read_config`); every
     ``model.e2e`` option that differs between the official code and the paper's reading is the
-    official code's. Raises :class:`OfficialConfigError` naming the first field it cannot take."""
+    official code's. ``test_time_training``: None (default) follows ``training.train_mode``, as the
+    official code does; True or False overrides it (e.g. a meta-trained checkpoint without its inner
+    loop, the ablation). Raises :class:`OfficialConfigError` naming the first field it cannot take."""
     official = read_config(config)
     model, training = official["model"], official["training"]
+    mode_says = train_mode_test_time_training(training)
+    test_time_training = mode_says if test_time_training is None else test_time_training
     _check_model_fields(model)
     _check_inner_parameters(model, training)
     shape = _shape(model)
@@ -498,9 +529,10 @@ def model_from_arrays(
     arrays: Mapping[str, np.ndarray],
     config: Mapping[str, Any] | str | Path,
     *,
-    test_time_training: bool = True,
+    test_time_training: bool | None = None,
 ) -> E2ELM:
-    """The :class:`E2ELM` of the official tensors ``arrays`` (by their orbax names) and config."""
+    """The :class:`E2ELM` of the official tensors ``arrays`` (by their orbax names) and config
+    (``test_time_training``: see :func:`model_config`)."""
     ours = model_config(config, test_time_training=test_time_training)
     model = build_model(ours)
     assert isinstance(model, E2ELM)
@@ -596,7 +628,10 @@ def read_orbax_weights(checkpoint_dir: str | Path) -> dict[str, np.ndarray]:
 
 
 def load_model(
-    checkpoint_dir: str | Path, config: Mapping[str, Any] | str | Path, *, test_time_training: bool = True
+    checkpoint_dir: str | Path,
+    config: Mapping[str, Any] | str | Path,
+    *,
+    test_time_training: bool | None = None,
 ) -> E2ELM:
     """An official TTT-E2E checkpoint as an innerloop :class:`E2ELM` (float32 weights, eval mode).
 
@@ -604,8 +639,9 @@ def load_model(
         checkpoint_dir: ``.../checkpoint/<step>``, or its parent (the latest step is read).
         config: the official resolved Hydra config (a dict, or a YAML/JSON file): its ``model`` section
             and the ``training`` section's ``optimizer_inner``, ``spec_inner`` and inner-lr warm-up.
-        test_time_training: False gives the official ``train_mode=pretrain`` model (every block chunk
-            by chunk, prime MLPs frozen).
+        test_time_training: None (default) follows the config's ``training.train_mode`` (``meta``: on;
+            ``pretrain``: the plain model, every block chunk by chunk, prime MLPs frozen); True or
+            False overrides it.
 
     ``logits, state = model(input_ids)`` are the official logits. The config is checked before the
     weights are read.

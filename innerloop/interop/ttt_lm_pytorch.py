@@ -393,7 +393,7 @@ MODEL_FIELD_MAP: dict[str, str] = {
     "intermediate_size": "model.intermediate_size",
     "num_hidden_layers": "model.num_layers",
     "num_attention_heads": "model.num_heads",
-    "hidden_act": "the SwiGLU MLP's activation: only 'silu' (innerloop's SwiGLU), others refused",
+    "hidden_act": "the SwiGLU MLP's activation: only 'silu' (innerloop's SwiGLU) or its alias 'swish'",
     "max_position_embeddings": "unused: the reference's forward never reads it (RoPE restarts every mini-batch)",
     "initializer_range": "model.init_std (initial weights only; 0 keeps innerloop's default)",
     "rms_norm_eps": "model.norm_eps",
@@ -401,7 +401,10 @@ MODEL_FIELD_MAP: dict[str, str] = {
     "pad_token_id": "unused: the padding row of the embedding changes its init and gradient, not its lookup",
     "bos_token_id": "unused: a tokenizer id",
     "eos_token_id": "unused: a tokenizer id",
-    "pretraining_tp": "unused: splits the MLP and head matmuls into slices with the same result",
+    "pretraining_tp": (
+        "unused: splits the MLP and head matmuls into slices with the same result; refused unless it "
+        "divides intermediate_size and vocab_size (the reference then drops the remainder)"
+    ),
     "tie_word_embeddings": "model.tie_embeddings",
     "rope_theta": "model.rope_theta",
     "use_gate": "model.ttt.use_gate",
@@ -420,11 +423,29 @@ REFUSED_VALUES: dict[str, tuple[Any, str]] = {
 }
 
 
+def _check_tensor_parallel_slices(values: Mapping[str, Any]) -> None:
+    """The reference splits its MLP and head into ``pretraining_tp`` slices of ``size // tp`` rows and
+    drops the remainder: innerloop computes the same only when ``tp`` divides the sizes."""
+    slices = values["pretraining_tp"]
+    if slices <= 1:
+        return
+    for name in ("intermediate_size", "vocab_size"):
+        if values[name] % slices:
+            raise ValueError(
+                f"config field 'pretraining_tp'={slices} does not divide {name}={values[name]}: the "
+                f"reference then drops the last {values[name] % slices} of them (a model innerloop does "
+                "not reproduce); only a pretraining_tp that divides intermediate_size and vocab_size is supported"
+            )
+
+
 def model_config(config: Mapping[str, Any]) -> ModelConfig:
     """The :class:`ModelConfig` of a reference ``TTTForCausalLM`` with these ``TTTConfig`` fields
     (checked first, see :func:`check_config`; missing fields take :data:`MODEL_DEFAULTS`)."""
     check_config({**MODEL_DEFAULTS, **config})
     values = {**MODEL_DEFAULTS, **{k: v for k, v in config.items() if k in MODEL_DEFAULTS}}
+    if values["hidden_act"] == "swish":  # transformers' name for the same function
+        values["hidden_act"] = "silu"
+    _check_tensor_parallel_slices({**values, "pretraining_tp": config.get("pretraining_tp", 1)})
     for name, (only, why) in REFUSED_VALUES.items():
         if values[name] != only:
             raise ValueError(
@@ -610,7 +631,10 @@ def load_model(folder: str | Path) -> CausalLM:
     model = CausalLM(model_config(config))
     tied = model.config.tie_embeddings
     state_dict = convert_model_state_dict(weights, model.state_dict(), tied)
-    model = model.to(state_dict["embed.weight"].dtype)
+    dtype = state_dict["embed.weight"].dtype
+    with torch.no_grad():  # the parameters only: the RoPE and token-index tables stay float32, as in
+        for parameter in model.parameters():  # the checkpoint and Hugging Face folder convert writes
+            parameter.data = parameter.data.to(dtype)
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
 

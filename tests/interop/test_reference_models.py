@@ -226,3 +226,30 @@ def test_data_beyond_the_vocabulary_is_refused(tmp_path):
     path = save_model_checkpoint(model, tmp_path / "last.safetensors")
     with pytest.raises(Exception, match="vocabulary has 100 tokens"):
         evaluate(path, seq_len=16, batch_size=1, batches=1, progress_bar=False)
+
+
+@pytest.mark.parametrize(("tp", "field"), [(2, "intermediate_size"), (3, "vocab_size")])
+def test_a_pretraining_tp_that_does_not_divide_the_sizes_is_refused(tp, field):
+    """The reference drops the remainder of its slices: a model innerloop does not reproduce."""
+    config = {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 24, "vocab_size": 48}
+    config[field] += 1
+    with pytest.raises(ValueError, match=rf"'pretraining_tp'={tp} does not divide {field}="):
+        ttt_lm_pytorch.model_config({**config, "pretraining_tp": tp})
+    config[field] -= 1
+    ttt_lm_pytorch.model_config({**config, "pretraining_tp": tp})  # divides both: the same model
+
+
+def test_swish_is_silu():
+    config = {"hidden_size": 16, "num_attention_heads": 2}
+    assert ttt_lm_pytorch.model_config({**config, "hidden_act": "swish"}) == ttt_lm_pytorch.model_config(
+        config
+    )
+
+
+def test_a_bf16_model_keeps_its_rope_and_token_index_tables_in_float32(tmp_path):
+    """As the checkpoint and Hugging Face folder that convert writes keep them: one answer per model."""
+    folder = _copy(tmp_path)
+    _edit_weights(folder, lambda w: w.update({k: v.bfloat16() for k, v in w.items()}))
+    model = load_model(folder)
+    assert model.embed.weight.dtype == torch.bfloat16
+    assert {b.dtype for b in model.buffers() if b.is_floating_point()} == {torch.float32}

@@ -93,6 +93,43 @@ def test_logits_with_test_time_training_equal_the_official(arrays, official) -> 
     assert np.abs(on[:, CHUNK:] - off[:, CHUNK:]).max() > 1e-2
 
 
+@pytest.mark.parametrize(("mode", "logits"), [("meta", "logits_ttt_on"), ("pretrain", "logits_ttt_off")])
+def test_the_configs_train_mode_decides_test_time_training(arrays, official, mode, logits) -> None:
+    """The official code runs a ``pretrain`` config without its inner loop: so does the conversion."""
+    config = copy.deepcopy(CONFIG)
+    config["training"]["train_mode"] = mode
+    model = model_from_arrays(arrays, config)
+    error = np.abs(logits_of(model, official["input_ids"]) - official[logits]).max()
+    assert error < 1e-4, error
+
+
+def test_an_unknown_train_mode_is_refused_and_an_absent_one_is_the_official_default() -> None:
+    config = copy.deepcopy(CONFIG)
+    config["training"]["train_mode"] = "nonsense"
+    with pytest.raises(
+        OfficialConfigError, match=r"training.train_mode='nonsense' is not one of the official"
+    ):
+        model_config(config)
+    del config["training"]["train_mode"]
+    assert not model_config(config).e2e.test_time_training  # the official default: pretrain
+    assert model_config(config, test_time_training=True).e2e.test_time_training  # an explicit choice wins
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("model: [unclosed", r"config '.*bad.yaml' cannot be read"),
+        ("model: {}\ntraining: 3\n", r"'training' section must be a mapping"),
+    ],
+)
+def test_an_unreadable_or_malformed_config_file_is_one_line(tmp_path, text, match) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(OfficialConfigError, match=match) as info:
+        model_config(str(path))
+    assert "\n" not in str(info.value)
+
+
 def test_logits_without_test_time_training_equal_the_official(arrays, official) -> None:
     model = model_from_arrays(arrays, CONFIG, test_time_training=False)
     error = np.abs(logits_of(model, official["input_ids"]) - official["logits_ttt_off"]).max()

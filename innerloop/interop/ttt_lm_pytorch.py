@@ -594,13 +594,28 @@ def read_model_folder(folder: str | Path) -> tuple[dict[str, Any], dict[str, tor
     return config, _read_weights(folder)
 
 
+def _shard_names(index: Path) -> list[str]:
+    """The weight files a sharded folder's ``model.safetensors.index.json`` names (its ``weight_map``:
+    tensor name -> file name)."""
+    try:
+        content = json.loads(index.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{str(index)!r} is not valid JSON: {err}") from None
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(
+            f"{str(index)!r} must be an object with a 'weight_map' object (tensor name -> file name), as "
+            "save_pretrained writes it"
+        )
+    return sorted(set(weight_map.values()))
+
+
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
         files = [single]
     elif index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = [folder / name for name in sorted(set(weight_map.values()))]
+        files = [folder / name for name in _shard_names(index)]
     else:
         pickled = [p.name for p in folder.glob("pytorch_model*.bin")]
         hint = f" (it has {pickled}: save with safe_serialization=True)" if pickled else ""

@@ -253,3 +253,11 @@ def test_a_bf16_model_keeps_its_rope_and_token_index_tables_in_float32(tmp_path)
     model = load_model(folder)
     assert model.embed.weight.dtype == torch.bfloat16
     assert {b.dtype for b in model.buffers() if b.is_floating_point()} == {torch.float32}
+
+
+@pytest.mark.parametrize("index", ["[1, 2]", '{"weight_map": 3}', "{not json"])
+def test_a_malformed_shard_index_is_one_line_naming_it(tmp_path, index):
+    folder = _copy(tmp_path)
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(index)
+    assert "model.safetensors.index.json" in _one_line_error(folder)

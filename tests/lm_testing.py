@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 
 from innerloop.models import build_model
@@ -78,3 +79,16 @@ def tiny_ttt_lm(inner_model: str, backbone: str = "transformer") -> torch.nn.Mod
         ),
     )
     return build_model(config)
+
+
+class RecordLosses(L.Callback):
+    """Training loss at each optimizer step; optionally crash right after step ``crash_after``."""
+
+    def __init__(self, crash_after: int | None = None):
+        self.losses: dict[int, float] = {}
+        self.crash_after = crash_after
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])
+        if trainer.global_step == self.crash_after:
+            raise RuntimeError("simulated crash")

@@ -11,7 +11,11 @@ import lightning as L
 import matplotlib.image
 import pytest
 import torch
-from lm_testing import TINY, kill_a_training_run  # the tiny run of the end-to-end tests; a killed run
+from lm_testing import (  # the tiny run of the end-to-end tests; a killed run
+    TINY,
+    RecordLosses,
+    kill_a_training_run,
+)
 
 from innerloop.cli import main
 from innerloop.config import load_config
@@ -75,19 +79,6 @@ def test_eval_of_a_corrupt_checkpoint_is_one_clear_error(tmp_path, capsys) -> No
         load_model(bad)
 
 
-class _RecordLosses(L.Callback):
-    """Training loss at each optimizer step; optionally crash right after step ``crash_after``."""
-
-    def __init__(self, crash_after: int | None = None):
-        self.losses: dict[int, float] = {}
-        self.crash_after = crash_after
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses[trainer.global_step] = float(outputs["loss"])
-        if trainer.global_step == self.crash_after:
-            raise RuntimeError("simulated crash")
-
-
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["state_dict"]
 
@@ -106,7 +97,7 @@ RESUME_STEPS = 12
 def uninterrupted(tmp_path_factory) -> tuple[Path, dict[int, float], dict[str, float]]:
     out = tmp_path_factory.mktemp("uninterrupted")
     run, cfg = load_config("tiny", [*TINY, f"trainer.max_steps={RESUME_STEPS}", f"out_dir={out}"])
-    record = _RecordLosses()
+    record = RecordLosses()
     result = train(run, cfg, callbacks=[record])
     return out / "last.safetensors", record.losses, result.metrics
 
@@ -116,11 +107,11 @@ def test_a_crashed_run_resumes_to_the_same_losses_and_weights(tmp_path, uninterr
     reference, reference_losses, reference_metrics = uninterrupted
     run, cfg = load_config("tiny", [*TINY, f"trainer.max_steps={RESUME_STEPS}", f"out_dir={tmp_path}"])
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(run, cfg, callbacks=[_RecordLosses(crash_after=5)])
+        train(run, cfg, callbacks=[RecordLosses(crash_after=5)])
     assert load_checkpoint(tmp_path / "last.safetensors")["global_step"] == 4  # the last checkpoint
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C handling is undone
 
-    record = _RecordLosses()
+    record = RecordLosses()
     result = train(run, cfg, resume=True, callbacks=[record])
     assert min(record.losses) == 5  # it went on from step 4
     assert record.losses == {s: loss for s, loss in reference_losses.items() if s >= 5}
@@ -160,7 +151,7 @@ class _PressCtrlC(L.Callback):
 def test_ctrl_c_saves_the_step_it_stops_at_and_the_run_resumes_to_the_same_result(tmp_path, uninterrupted):
     reference, reference_losses, reference_metrics = uninterrupted
     run, cfg = load_config("tiny", [*TINY, f"trainer.max_steps={RESUME_STEPS}", f"out_dir={tmp_path}"])
-    record = _RecordLosses()
+    record = RecordLosses()
     with pytest.raises(
         TrainingInterrupted, match=r"after 6 of 12 steps; the checkpoint .* --resume out_dir="
     ):
@@ -170,7 +161,7 @@ def test_ctrl_c_saves_the_step_it_stops_at_and_the_run_resumes_to_the_same_resul
     assert load_checkpoint(tmp_path / "last.safetensors")["global_step"] == 6  # not the step-4 checkpoint
     assert not (tmp_path / "loss_by_position.csv").exists()  # no final validation: the user asked to stop
 
-    record = _RecordLosses()
+    record = RecordLosses()
     result = train(run, cfg, resume=True, callbacks=[record])
     assert record.losses == {s: loss for s, loss in reference_losses.items() if s >= 7}
     assert result.metrics["val_loss"] == reference_metrics["val_loss"]

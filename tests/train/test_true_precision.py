@@ -11,10 +11,9 @@ import re
 import shutil
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from lm_testing import TINY
+from lm_testing import TINY, RecordLosses
 from safetensors.torch import load_file
 
 from innerloop.checkpoints import CheckpointError, load_checkpoint, load_model, save_checkpoint
@@ -163,19 +162,6 @@ def test_non_finite_bfloat16_weights_are_still_refused(tmp_path) -> None:
 STEPS = 6
 
 
-class _RecordLosses(L.Callback):
-    """Training loss at each optimizer step; optionally crash right after step ``crash_after``."""
-
-    def __init__(self, crash_after: int | None = None):
-        self.losses: dict[int, float] = {}
-        self.crash_after = crash_after
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses[trainer.global_step] = float(outputs["loss"])
-        if trainer.global_step == self.crash_after:
-            raise RuntimeError("simulated crash")
-
-
 def _tensors(tree, where: str = ""):
     """``(where, tensor)`` of every tensor in a checkpoint tree (weights, optimizer moments, ...)."""
     if isinstance(tree, torch.Tensor):
@@ -203,13 +189,13 @@ def _run(out: Path, precision: str, callbacks=(), resume: bool = False):
 def test_a_true_precision_run_resumes_bit_identically(tmp_path, precision, dtype) -> None:
     """64-true too: restored into the float32 module Lightning casts only afterwards, its float64
     weights would be rounded to float32 on the way."""
-    record = _RecordLosses()
+    record = RecordLosses()
     reference = _run(tmp_path / "whole", precision, [record])
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _run(tmp_path / "crashed", precision, [_RecordLosses(crash_after=3)])
+        _run(tmp_path / "crashed", precision, [RecordLosses(crash_after=3)])
     assert load_checkpoint(tmp_path / "crashed" / "last.safetensors")["global_step"] == 2
 
-    resumed_record = _RecordLosses()
+    resumed_record = RecordLosses()
     resumed = _run(tmp_path / "crashed", precision, [resumed_record], resume=True)
     assert min(resumed_record.losses) == 3
     assert resumed_record.losses == {s: loss for s, loss in record.losses.items() if s >= 3}

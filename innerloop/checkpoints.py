@@ -57,7 +57,10 @@ MAX_TREE_DEPTH = 64
 
 TOKENIZER_KEY = "tokenizer"
 """The checkpoint key holding the run's tokenizer (:meth:`~innerloop.data.tokenizer.Tokenizer.to_state`:
-the whole tokenizer.json as text); a checkpoint without it was made with the byte tokenizer."""
+the whole tokenizer.json as text). ``innerloop convert`` records the tokenizer ``--tokenizer`` names, or
+without it ``{"kind": "unknown"}`` (:class:`~innerloop.data.tokenizer.UnknownTokenizer`: the model's
+tokenizer is not known, so no text is read with it). A checkpoint without the key is one of an older
+innerloop training run, which was byte-level (a recall run's too: its data are token ids)."""
 
 _TREE_KEY = "innerloop.tree"
 _DIGEST_KEY = "innerloop.sha256"
@@ -310,8 +313,10 @@ def checkpoint_identity(path: str | os.PathLike[str]) -> str:
 
 def checkpoint_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     """The tokenizer a checkpoint was trained with (:data:`TOKENIZER_KEY`; bytes when it records
-    none), read from its metadata alone (the weights are not loaded or verified: :func:`load_checkpoint`
-    does that). Raises :class:`CheckpointError` naming the file, as :func:`load_checkpoint` does."""
+    none, an :class:`~innerloop.data.tokenizer.UnknownTokenizer` naming the file when it records that
+    its tokenizer is unknown), read from its metadata alone (the weights are not loaded or verified:
+    :func:`load_checkpoint` does that). Raises :class:`CheckpointError` naming the file, as
+    :func:`load_checkpoint` does."""
     name = repr(str(path))
     if not Path(path).is_file():
         load_checkpoint(path)  # raises the error of a missing file or a directory

@@ -453,6 +453,8 @@ def _eval(args: argparse.Namespace) -> int:
     from innerloop.config.load import check_output_dir
 
     _check_checkpoint(args.checkpoint)
+    if args.data:  # text, which a checkpoint that records no tokenizer cannot read
+        _refuse_text_without_tokenizer(args.checkpoint)
     from innerloop.train.data import resolve_files
     from innerloop.train.run import evaluate
 
@@ -479,6 +481,18 @@ def _eval(args: argparse.Namespace) -> int:
           f"{int(metrics['tokens'])} tokens in {int(metrics['windows'])} windows)")  # fmt: skip
     print(f"loss by position: {png} ({csv_path})")
     return 0
+
+
+def _refuse_text_without_tokenizer(checkpoint: str) -> None:
+    """Raise the one-line :class:`~innerloop.data.tokenizer.TokenizerError` of a checkpoint that records
+    no tokenizer (``innerloop convert`` without ``--tokenizer``), before Lightning is imported (seconds):
+    text (``--data``) cannot become its token ids."""
+    from innerloop.checkpoints import checkpoint_tokenizer
+    from innerloop.data.tokenizer import UnknownTokenizer
+
+    tokenizer = checkpoint_tokenizer(checkpoint)
+    if isinstance(tokenizer, UnknownTokenizer):
+        tokenizer.encode("")  # raises, naming the checkpoint and how to record a tokenizer
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -736,10 +750,6 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
 def _convert(args: argparse.Namespace) -> int:
     """``innerloop convert SOURCE_FORMAT SRC [CONFIG] OUT``: a model of another implementation -> an
     innerloop checkpoint ``OUT/last.safetensors`` or (``--format hf``) a Hugging Face folder ``OUT``."""
-    if args.tokenizer is not None and args.format != "hf":
-        raise ConfigError(
-            f"--tokenizer {args.tokenizer!r} is written only into a Hugging Face folder: add --format hf"
-        )
     if args.source_format == "ttt-e2e":
         if args.config is None:
             raise ConfigError("ttt-e2e needs CHECKPOINT CONFIG OUT: the resolved Hydra config is missing")
@@ -782,22 +792,50 @@ def _describe_converted(args: argparse.Namespace, model: Any) -> str:
 
 
 def _convert_to_checkpoint(args: argparse.Namespace, load: Callable[[], Any]) -> int:
-    """Write the model ``load()`` reads from ``args.src`` as ``args.out/last.safetensors``."""
+    """Write the model ``load()`` reads from ``args.src`` as ``args.out/last.safetensors``, recording the
+    tokenizer ``--tokenizer`` names, or without it that the model's tokenizer is unknown (a vocabulary's
+    size does not say which it is): then ``generate`` and ``eval`` refuse text, and ``export`` writes no
+    tokenizer files."""
     from pathlib import Path
 
     from innerloop.config.load import check_output_dir
+    from innerloop.data.tokenizer import UnknownTokenizer, tokenizer_from_source
     from innerloop.train.module import save_model_checkpoint
 
     check_output_dir(args.out, "OUT")  # a file, or under one, is reported before the model is read
     target = Path(args.out) / "last.safetensors"
+    if target.exists() and not target.is_file():
+        raise ConfigError(f"{str(target)!r} is not a file (a folder?); remove it, or give another OUT")
     if target.exists() and not args.overwrite:
         raise ConfigError(f"{str(target)!r} exists; pass --overwrite to replace it, or give another OUT")
+    tokenizer = tokenizer_from_source(args.tokenizer) if args.tokenizer is not None else UnknownTokenizer()
     model = _load_converted(args, load)
+    tokens = _base_vocab_size(tokenizer) if args.tokenizer is not None else 0
+    if tokens > model.config.vocab_size:
+        raise ConfigError(
+            f"--tokenizer {args.tokenizer!r} has {tokens} tokens but the model's vocabulary has "
+            f"{model.config.vocab_size}: give the tokenizer the model was trained with"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
-    path = save_model_checkpoint(model, target)
+    path = save_model_checkpoint(model, target, tokenizer.to_state())
     print(_describe_converted(args, model))
     print(f"checkpoint: {path}")
+    if args.tokenizer is None:
+        print(
+            "tokenizer: none recorded (unknown): generate and eval refuse text and export writes no "
+            "tokenizer; convert again with --tokenizer to record the model's own"
+        )
+    else:
+        described = tokenizer.describe()
+        print(f"tokenizer: {described}" + ("" if described == args.tokenizer else f" ({args.tokenizer})"))
     return 0
+
+
+def _base_vocab_size(tokenizer: Any) -> int:
+    """The tokenizer's vocabulary without its added (special) tokens, which may lie past a model's
+    vocabulary: the size ``--format hf`` checks too (transformers' ``vocab_size``)."""
+    backend = getattr(tokenizer, "backend", None)  # an HFTokenizer's `tokenizers.Tokenizer`
+    return backend.get_vocab_size(with_added_tokens=False) if backend is not None else tokenizer.vocab_size
 
 
 def _add_convert_format(convert: argparse.ArgumentParser) -> None:
@@ -811,8 +849,10 @@ def _add_convert_format(convert: argparse.ArgumentParser) -> None:
     convert.add_argument(
         "--tokenizer",
         default=None,
-        help="with --format hf: the tokenizer the model reads, written into the folder: bytes "
-        "(innerloop's byte-level one), a tokenizer.json or a tokenizer folder (default: none is written)",
+        help="the tokenizer the model reads: bytes (innerloop's byte-level one), a tokenizer.json or a "
+        "tokenizer folder; recorded in the checkpoint (generate and eval read text with it, export writes "
+        "it) or, with --format hf, written into the folder (default: none; the checkpoint records that "
+        "the model's tokenizer is unknown, so generate and eval refuse text)",
     )
 
 
@@ -836,7 +876,17 @@ def _convert_to_hugging_face(args: argparse.Namespace, load: Callable[[], Any]) 
         raise ConfigError(str(err)) from None
     print(_describe_converted(args, model))
     print(f"Hugging Face folder: {folder}{tokenizer_note}")
+    _print_kept(folder)
     return 0
+
+
+def _print_kept(folder: Any) -> None:
+    """Say which entries of an export folder the export did not write (kept from an earlier one)."""
+    from innerloop.hf.export import foreign_entries
+
+    kept = foreign_entries(folder)
+    if kept:
+        print(f"kept in it (not written by the export): {', '.join(kept)}")
 
 
 def _add_export(commands: argparse._SubParsersAction) -> None:
@@ -857,19 +907,37 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an earlier export in OUT_DIR (a folder of other files is never replaced); "
-        "without it a non-empty OUT_DIR is refused",
+        help="replace an earlier export in OUT_DIR: only the files it wrote itself are replaced, anything "
+        "added to it is kept, and a folder of other files is never replaced; without it a non-empty "
+        "OUT_DIR is refused",
+    )
+    export.add_argument(
+        "--tokenizer",
+        default=None,
+        help="the tokenizer to write into the folder: bytes (innerloop's byte-level one), a tokenizer.json "
+        "or a tokenizer folder (default: the one the checkpoint records; none for a converted checkpoint "
+        "that records none)",
     )
 
 
 def _export(args: argparse.Namespace) -> int:
-    from innerloop.hf.export import ExportError, export_checkpoint
+    from innerloop.data.tokenizer import UnknownTokenizer
+    from innerloop.hf.export import ExportError, export_checkpoint, run_tokenizer
 
     try:
-        folder = export_checkpoint(args.checkpoint, args.out_dir, overwrite=args.overwrite)
+        folder = export_checkpoint(
+            args.checkpoint, args.out_dir, overwrite=args.overwrite, tokenizer=args.tokenizer
+        )
     except ExportError as err:
         raise ConfigError(str(err)) from None
-    print(f"Hugging Face folder: {folder}")
+    unknown = args.tokenizer is None and isinstance(run_tokenizer(args.checkpoint), UnknownTokenizer)
+    note = (
+        " (no tokenizer: the checkpoint records none; pass --tokenizer, or copy the model's own into it)"
+        if unknown
+        else ""
+    )
+    print(f"Hugging Face folder: {folder}{note}")
+    _print_kept(folder)
     print("load it with: import innerloop; AutoModelForCausalLM.from_pretrained(" + repr(str(folder)) + ")")
     return 0
 

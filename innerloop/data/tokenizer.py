@@ -8,6 +8,10 @@ Two kinds, behind one interface (:class:`Tokenizer`):
   or a folder holding one (e.g. one written by :func:`train_bpe` / ``innerloop tokenizer train``, or by
   ``AutoTokenizer.save_pretrained``).
 
+and a third that reads no text: :class:`UnknownTokenizer`, the tokenizer of a checkpoint that records
+that it does not know its tokenizer (a model converted from another implementation without
+``--tokenizer``): every use of it as text raises :class:`TokenizerError` saying so and how to give one.
+
 :func:`load_tokenizer` turns a ``data.tokenizer`` spec into one; :meth:`Tokenizer.to_state` gives the
 JSON-able form a checkpoint stores (the whole ``tokenizer.json``, never a pickle) and
 :func:`tokenizer_from_state` reads it back, so evaluation, generation and a resumed run use exactly the
@@ -33,6 +37,11 @@ from innerloop.data.atomic import atomic_write_text
 
 BYTES = "bytes"
 """The ``data.tokenizer`` spec of the byte-level default."""
+
+UNKNOWN = "unknown"
+"""The ``kind`` of :class:`UnknownTokenizer`'s state, ``{"kind": "unknown"}``: written by ``innerloop
+convert`` without ``--tokenizer``. (A checkpoint that records no tokenizer at all is one of an older
+innerloop training run, which was byte-level.)"""
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -126,6 +135,61 @@ class ByteTokenizer(Tokenizer):
         model's 256 bytes: tools such as lm-eval need an end-of-text token, and the model never
         produces it). ``innerloop export`` writes the same files."""
         return _save_tokenizer_files(byte_level_tokenizer_json(end_of_text=True), END_OF_TEXT, out_dir)
+
+
+class UnknownTokenizer(Tokenizer):
+    """The tokenizer of a checkpoint that records that its tokenizer is unknown (``innerloop convert``
+    without ``--tokenizer``: another implementation's model comes without its tokenizer, and a
+    vocabulary's size does not say which it is). It reads and writes no text: :meth:`encode`,
+    :meth:`decode`, :meth:`save_pretrained` and :attr:`vocab_size` raise :class:`TokenizerError`
+    naming ``where`` and how to record the model's tokenizer. Data that is token ids already never
+    reaches it.
+
+    Args:
+        where: the checkpoint, for messages (e.g. ``"'runs/x/last.safetensors'"``).
+    """
+
+    def __init__(self, where: str = "the checkpoint"):
+        self.where = where
+
+    def _refuse(self) -> TokenizerError:
+        return TokenizerError(no_tokenizer_message(self.where))
+
+    @property
+    def vocab_size(self) -> int:
+        raise self._refuse()
+
+    @property
+    def eos_id(self) -> int | None:
+        return None
+
+    def encode(self, text: str) -> list[int]:
+        raise self._refuse()
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        raise self._refuse()
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise self._refuse()
+
+    def to_state(self) -> dict[str, Any]:
+        return {"kind": UNKNOWN}
+
+    def describe(self) -> str:
+        return "no recorded tokenizer (converted without --tokenizer)"
+
+    def save_pretrained(self, out_dir: str | os.PathLike[str]) -> list[Path]:
+        raise self._refuse()
+
+
+def no_tokenizer_message(where: str) -> str:
+    """One line: the checkpoint ``where`` records no tokenizer, so text cannot become its token ids,
+    and how to record one."""
+    return (
+        f"{where} records no tokenizer (a model converted by `innerloop convert` without --tokenizer), so "
+        "text cannot be turned into its token ids or back: convert the model again with --tokenizer "
+        "naming its own tokenizer (a tokenizer.json or a tokenizer folder; bytes for a byte-level model)"
+    )
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -277,10 +341,11 @@ def import_tokenizers(user: str) -> Any:
     return tokenizers
 
 
-def load_tokenizer(spec: str) -> Tokenizer:
+def load_tokenizer(spec: str, option: str = "data.tokenizer") -> Tokenizer:
     """The tokenizer a ``data.tokenizer`` spec names: ``bytes``, a ``tokenizer.json`` file, or a folder
     holding one (its ``tokenizer_config.json``, when present, may name the end-of-text token as
-    ``eos_token``). Raises :class:`TokenizerError` naming ``data.tokenizer`` otherwise."""
+    ``eos_token``). Raises :class:`TokenizerError` naming ``option`` (``data.tokenizer``, or the
+    command-line option that gave ``spec``) otherwise."""
     if spec == BYTES:
         return ByteTokenizer()
     path = Path(spec).expanduser()
@@ -288,16 +353,54 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if path.is_dir():
         folder, file = path, path / TOKENIZER_FILE
         if not file.is_file():
-            raise TokenizerError(f"data.tokenizer={spec!r} is a folder without a {TOKENIZER_FILE}; {valid}")
+            raise TokenizerError(f"{option}={spec!r} is a folder without a {TOKENIZER_FILE}; {valid}")
     elif path.is_file():
         folder, file = path.parent, path
     else:
         raise TokenizerError(
-            f"data.tokenizer={spec!r} is neither {BYTES!r} nor an existing file or folder; {valid} "
+            f"{option}={spec!r} is neither {BYTES!r} nor an existing file or folder; {valid} "
             "(tokenizers are read from local files only, nothing is downloaded)"
         )
     config = folder / TOKENIZER_CONFIG_FILE if file.name == TOKENIZER_FILE else None
-    return _load_files(spec, file, config, _stamp(file), _stamp(config))
+    return _load_files(f"{option}={spec!r}", file, config, _stamp(file), _stamp(config))
+
+
+def tokenizer_from_source(spec: str, option: str = "--tokenizer") -> Tokenizer:
+    """The tokenizer of a command line's ``option`` (``innerloop convert --tokenizer``), in the form a
+    checkpoint records: what :func:`load_tokenizer` reads (``bytes``, a ``tokenizer.json`` file or a
+    folder holding one), or a tokenizer folder without a ``tokenizer.json`` (e.g. a ``tokenizer.model``
+    with its ``tokenizer_config.json``) that ``transformers.AutoTokenizer`` loads, offline, as a fast
+    tokenizer: its ``tokenizers`` form is recorded. The sources are those ``innerloop convert --format
+    hf --tokenizer`` writes into a Hugging Face folder. Raises :class:`TokenizerError` naming ``option``."""
+    path = Path(spec).expanduser()
+    if spec != BYTES and path.is_dir() and not (path / TOKENIZER_FILE).is_file():
+        return _transformers_tokenizer(path, f"{option}={spec!r}")
+    return load_tokenizer(spec, option)
+
+
+def _transformers_tokenizer(folder: Path, source: str) -> HFTokenizer:
+    """The fast form of the tokenizer ``transformers.AutoTokenizer`` loads from ``folder`` (offline)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as err:
+        raise TokenizerError(
+            missing_package(f"{source} (a folder without a {TOKENIZER_FILE})", "transformers", err)
+        ) from None
+    try:
+        loaded = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:  # transformers raises OSError, ValueError, KeyError, ... for what it cannot read
+        raise TokenizerError(
+            f"{source} is a folder without a {TOKENIZER_FILE} from which transformers' AutoTokenizer "
+            f"cannot load a tokenizer: {_one_line(err)}"
+        ) from None
+    backend = getattr(loaded, "backend_tokenizer", None)
+    if backend is None:
+        raise TokenizerError(
+            f"{source}: transformers loads it as {type(loaded).__name__}, which has no `tokenizers` form "
+            f"to record; give a folder holding its {TOKENIZER_FILE}"
+        )
+    eos = loaded.eos_token if isinstance(loaded.eos_token, str) else None
+    return HFTokenizer(backend.to_str(), eos, source)
 
 
 def _stamp(path: Path | None) -> tuple[int, int] | None:
@@ -310,11 +413,11 @@ def _stamp(path: Path | None) -> tuple[int, int] | None:
 
 @functools.lru_cache(maxsize=8)
 def _load_files(
-    spec: str, file: Path, config: Path | None, file_stamp: object, config_stamp: object
+    source: str, file: Path, config: Path | None, file_stamp: object, config_stamp: object
 ) -> HFTokenizer:
     """:func:`load_tokenizer` of a file (cached by the files' stamps: a run's config checks, data and
-    checkpoints each ask for the tokenizer, and a large tokenizer.json takes a while to parse)."""
-    source = f"data.tokenizer={spec!r}"
+    checkpoints each ask for the tokenizer, and a large tokenizer.json takes a while to parse);
+    ``source`` names the spec in messages, e.g. ``data.tokenizer='runs/tok'``."""
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -341,10 +444,14 @@ def _configured_eos_token(config_file: Path, source: str) -> str | None:
 
 
 def tokenizer_from_state(state: Any, where: str = "the checkpoint") -> Tokenizer:
-    """The tokenizer :meth:`Tokenizer.to_state` described; None (a checkpoint written before
-    tokenizers were recorded) is the byte tokenizer. Raises :class:`TokenizerError` naming ``where``."""
+    """The tokenizer :meth:`Tokenizer.to_state` described; None (a checkpoint of a training run written
+    before tokenizers were recorded, which was byte-level) is the byte tokenizer, and
+    ``{"kind": "unknown"}`` (``innerloop convert`` without ``--tokenizer``) an :class:`UnknownTokenizer`.
+    Raises :class:`TokenizerError` naming ``where``."""
     if state is None or state == {"kind": BYTES}:
         return ByteTokenizer()
+    if state == {"kind": UNKNOWN}:
+        return UnknownTokenizer(where)
     if (
         not isinstance(state, dict)
         or state.get("kind") != "huggingface"

@@ -1,24 +1,33 @@
 """``innerloop export``: a training checkpoint (or any innerloop model) -> a Hugging Face folder.
 
 The folder holds ``config.json`` (with ``auto_map``), ``model.safetensors``,
-``generation_config.json``, the tokenizer files and the two remote-code modules of
-:mod:`innerloop.hf.remote_code`. It is assembled in a temporary folder next to ``OUT_DIR`` and renamed
-into place, so ``OUT_DIR`` is never half written: an interrupted export leaves the previous folder (or
-none) and a temporary ``.<name>.*.tmp`` folder, never a mix.
+``generation_config.json``, the tokenizer files (when the model's tokenizer is known), the two
+remote-code modules of :mod:`innerloop.hf.remote_code` and :data:`MANIFEST`, the list of the files
+the export wrote. It is assembled in a temporary folder next to ``OUT_DIR`` and renamed into place, so
+``OUT_DIR`` is never half written: an interrupted export leaves the previous folder (or none) and a
+temporary ``.<name>.*.tmp`` folder, never a mix. An ``OUT_DIR`` that is a symbolic link is written
+through: the folder it points to gets the export, the link stays.
 
 An existing ``OUT_DIR`` is replaced only with ``overwrite=True`` and only when it is empty or an
-earlier export (its ``config.json`` has ``model_type`` ``innerloop``) holding nothing but the files an
-export writes (:data:`EXPORT_FILES`): a file or folder of anyone else's, such as notes or results added
-to an earlier export, is never deleted.
+earlier export (its ``config.json`` has ``model_type`` ``innerloop``). Only the files that earlier
+export wrote itself, unchanged since (its :data:`MANIFEST` lists them with their sizes and checksums),
+are replaced or deleted. Everything else in it is the user's (tokenizer files copied in, notes,
+results, a file of the export edited since): it is kept, moved into the new folder, unless the new
+export writes a file of the same name with other contents, which is refused naming it (nothing is
+changed). An export written before the manifest existed: its model files (:data:`LEGACY_EXPORT_FILES`)
+are taken as the export's, its tokenizer files as the user's (the docs told users to copy tokenizer
+files into such folders).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +35,7 @@ from torch import nn
 
 from innerloop.checkpoints import checkpoint_tokenizer, load_model
 from innerloop.data.tokenizer import Tokenizer as RunTokenizer
+from innerloop.data.tokenizer import UnknownTokenizer
 from innerloop.hf.configuration import MODEL_TYPE, InnerloopConfig
 from innerloop.hf.modeling import InnerloopForCausalLM
 from innerloop.hf.remote_code import SHIMS
@@ -36,43 +46,140 @@ class ExportError(ValueError):
     """An export that cannot be made as asked (the target folder, the tokenizer); one line."""
 
 
-EXPORT_FILES: tuple[str, ...] = (
+MANIFEST = "innerloop_export.json"
+"""The file, in every export, that lists the files the export wrote (name -> size and SHA-256; the
+weights too, so that weights saved over an export, e.g. after fine-tuning, are never taken as the
+export's): what a later ``--overwrite`` may replace or delete."""
+
+_MANIFEST_FORMAT = "innerloop-export"
+
+LEGACY_EXPORT_FILES: tuple[str, ...] = (
     "config.json",
     "generation_config.json",
     "model.safetensors",
     "model-*-of-*.safetensors",  # a large model's shards, and their index
     "model.safetensors.index.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
     *SHIMS,  # the remote-code modules
 )
-"""Names (fnmatch patterns) of the files an export writes, whatever its model and tokenizer:
-``--overwrite`` replaces a folder holding these only."""
+"""Names (fnmatch patterns) of the files an export written before :data:`MANIFEST` existed is taken to
+have written: the model's. Its tokenizer files are taken as the user's (a converted model's export had
+none, and the docs said to copy the model's own into it)."""
 
 
-def _foreign_entries(folder: Path) -> list[str]:
-    """The entries of ``folder`` that no export writes (folders shown with a trailing ``/``)."""
-    return sorted(
-        entry.name + "/" if entry.is_dir() else entry.name
-        for entry in folder.iterdir()
-        if entry.is_dir() or not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in EXPORT_FILES)
-    )
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
-def _refuse_foreign_entries(out: Path) -> None:
-    foreign = _foreign_entries(out)
-    if foreign:
-        shown = foreign[:5] + ([f"and {len(foreign) - 5} more"] if len(foreign) > 5 else [])
+def _sha256(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def _write_manifest(staging: Path) -> None:
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(staging.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {"format": _MANIFEST_FORMAT, "version": 1, "files": files}
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def _read_manifest(folder: Path) -> dict[str, dict[str, object]] | None:
+    """The files :data:`MANIFEST` in ``folder`` lists, or None (no manifest, or not one an export wrote)."""
+    path = folder / MANIFEST
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != _MANIFEST_FORMAT:
+        return None
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return None
+    # Plain file names only: a manifest naming "../x" must not make --overwrite delete a file elsewhere.
+    return {
+        name: record
+        for name, record in files.items()
+        if isinstance(record, dict)
+        and name not in ("", ".", "..", MANIFEST)
+        and Path(name).name == name
+        and "\\" not in name
+    }
+
+
+def _unchanged(path: Path, record: dict[str, object]) -> bool:
+    """Whether ``path`` is still the file an export wrote (a regular file of the recorded size and
+    checksum)."""
+    if path.is_symlink() or not path.is_file() or path.stat().st_size != record.get("size"):
+        return False
+    return _sha256(path) == record.get("sha256")
+
+
+def _export_owned(folder: Path) -> set[str]:
+    """The files of the earlier export ``folder`` that it wrote itself and that are unchanged: the ones
+    ``--overwrite`` may replace or delete."""
+    listed = _read_manifest(folder)
+    if listed is None:  # written before the manifest existed: only the model's files are the export's
+        return {
+            p.name
+            for p in folder.iterdir()
+            if _matches(p.name, LEGACY_EXPORT_FILES) and p.is_file() and not p.is_symlink()
+        }
+    owned = {name for name, record in listed.items() if _unchanged(folder / name, record)}
+    return owned | {MANIFEST}
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:5] + ([f"and {len(names) - 5} more"] if len(names) > 5 else []))
+
+
+def _entry_name(path: Path) -> str:
+    return path.name + "/" if path.is_dir() and not path.is_symlink() else path.name
+
+
+def foreign_entries(folder: str | os.PathLike[str]) -> list[str]:
+    """The entries of an export ``folder`` that its :data:`MANIFEST` does not list (folders shown with a
+    trailing ``/``): what a user added, which ``--overwrite`` keeps (by name only; ``--overwrite`` also
+    keeps a listed file that changed since, which is checked by its checksum)."""
+    folder = Path(folder)
+    listed = _read_manifest(folder)
+    owned = _export_owned(folder) if listed is None else {*listed, MANIFEST}
+    return sorted(_entry_name(p) for p in folder.iterdir() if p.name not in owned)
+
+
+@dataclass
+class _Replacement:
+    """What replacing the earlier export ``out`` by the new one in ``staging`` does."""
+
+    owned: set[str]  # the earlier export's own files: replaced or deleted
+    kept: list[str]  # everything else in it: moved into the new folder
+
+
+def _plan_replacement(out: Path, staging: Path) -> _Replacement:
+    """Raise :class:`ExportError` (nothing changed) when an entry of ``out`` that its export did not
+    write would be replaced by a different one of the new export; else say what happens to each."""
+    owned = _export_owned(out)
+    kept, clashes = [], []
+    for entry in sorted(out.iterdir()):
+        if entry.name in owned:
+            continue
+        new = staging / entry.name
+        if not new.exists():
+            kept.append(entry.name)
+        elif entry.is_symlink() or not entry.is_file() or not new.is_file() or _sha256(entry) != _sha256(new):
+            clashes.append(_entry_name(entry))
+        else:  # the same contents as the new export's file: replacing it loses nothing
+            owned.add(entry.name)
+    if clashes:
         raise ExportError(
-            f"OUT_DIR {str(out)!r} is an earlier export but also holds what an export does not write "
-            f"({', '.join(shown)}): --overwrite would delete it; move it out, or give a new or empty folder"
+            f"OUT_DIR {str(out)!r} is an earlier export that also holds {_shown(clashes)}, which that "
+            "export did not write (or that changed since), and the new export writes a different file "
+            "of that name: --overwrite would replace it; move it out, or give a new or empty folder"
         )
+    return _Replacement(owned, kept)
 
 
 def to_hugging_face(model: nn.Module) -> InnerloopForCausalLM:
@@ -96,25 +203,41 @@ def is_export_folder(folder: Path) -> bool:
     return isinstance(config, dict) and config.get("model_type") == MODEL_TYPE
 
 
-def check_target(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
-    """``out_dir`` as a Path, if an export may be written there; else :class:`ExportError`."""
+def _resolved_target(out_dir: str | os.PathLike[str]) -> Path:
+    """``out_dir``, or the folder it points to when it is a symbolic link (written through)."""
     out = Path(out_dir)
+    if not out.is_symlink():
+        return out
+    target = Path(os.path.realpath(out))
+    if not target.is_dir():
+        what = "a file" if target.exists() else "nothing (a broken link)"
+        raise ExportError(
+            f"OUT_DIR {str(out)!r} is a symbolic link to {str(target)!r}, which is {what}, not a folder; "
+            "give a folder, or a link to one"
+        )
+    return target
+
+
+def check_target(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
+    """The folder an export to ``out_dir`` writes (``out_dir`` itself, or the folder a symbolic link
+    ``out_dir`` points to), if an export may be written there; else :class:`ExportError`. (Which files
+    of an earlier export are kept is decided once the new one is written: see the module docstring.)"""
+    out = _resolved_target(out_dir)
     if out.exists() and not out.is_dir():
-        raise ExportError(f"OUT_DIR {str(out)!r} is a file, not a folder; give a new or empty folder")
+        raise ExportError(f"OUT_DIR {str(out_dir)!r} is a file, not a folder; give a new or empty folder")
     if not out.is_dir() or not any(out.iterdir()):
         return out
     if not overwrite:
         raise ExportError(
-            f"OUT_DIR {str(out)!r} is not empty; pass --overwrite to replace an earlier export there, "
+            f"OUT_DIR {str(out_dir)!r} is not empty; pass --overwrite to replace an earlier export there, "
             "or give a new or empty folder"
         )
     if not is_export_folder(out):
         raise ExportError(
-            f"OUT_DIR {str(out)!r} holds files that are not an innerloop export (no config.json with "
+            f"OUT_DIR {str(out_dir)!r} holds files that are not an innerloop export (no config.json with "
             f"model_type {MODEL_TYPE!r}); --overwrite replaces only an earlier export: give a new or "
             "empty folder"
         )
-    _refuse_foreign_entries(out)
     return out
 
 
@@ -128,18 +251,24 @@ def export_model(
 
     Args:
         model: a :class:`~innerloop.models.CausalLM` or :class:`~innerloop.models.E2ELM`.
-        out_dir: the folder to write (created; see the module docstring for an existing one).
-        overwrite: replace an earlier export at ``out_dir``.
+        out_dir: the folder to write (created; see the module docstring for an existing one, and for a
+            symbolic link).
+        overwrite: replace an earlier export at ``out_dir`` (keeping what it holds that it did not write).
         tokenizer: the tokenizer the model reads: a run's tokenizer (``innerloop.data.tokenizer``),
-            ``"bytes"`` (innerloop's byte-level one), a ``tokenizer.json`` or a tokenizer folder (see :func:`innerloop.hf.tokenizer.load_tokenizer`),
-            or None to write no tokenizer files (e.g. a converted model whose tokenizer is not at hand).
+            ``"bytes"`` (innerloop's byte-level one), a ``tokenizer.json`` or a tokenizer folder (see
+            :func:`innerloop.hf.tokenizer.load_tokenizer`), or None (or an
+            :class:`~innerloop.data.tokenizer.UnknownTokenizer`) to write no tokenizer files (e.g. a
+            converted model whose tokenizer is not at hand).
 
-    Returns the folder's path.
+    Returns ``out_dir``'s path.
     """
     out = check_target(out_dir, overwrite)
+    if isinstance(tokenizer, UnknownTokenizer):
+        tokenizer = None
     wrapped = to_hugging_face(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    holds_users_files = False
     try:
         wrapped.save_pretrained(staging)
         if tokenizer is not None:
@@ -147,34 +276,59 @@ def export_model(
                 write_tokenizer_files(staging, wrapped.config.vocab_size, tokenizer)
             except (ValueError, OSError) as err:
                 raise ExportError(f"tokenizer: {' '.join(str(err).split())}") from None
+        _write_manifest(staging)
         _sync_files(staging)
         _move_into_place(staging, out)
+    except _UsersFilesInStaging:
+        holds_users_files = True
+        raise
     finally:
-        if staging.exists():
+        if staging.exists() and not holds_users_files:
             shutil.rmtree(staging)
-    return out
+    return Path(out_dir)
 
 
 def export_checkpoint(
-    checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str], overwrite: bool = False
+    checkpoint: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    overwrite: bool = False,
+    tokenizer: str | os.PathLike[str] | RunTokenizer | None = None,
 ) -> Path:
-    """Export the model of a training checkpoint (a ``last.safetensors`` of ``innerloop train``).
+    """Export the model of a training checkpoint (a ``last.safetensors`` of ``innerloop train``, or one
+    ``innerloop convert`` wrote).
 
     The weights are written in the dtype they are stored in (``load_model(..., keep_dtype=True)``):
     a ``bf16-true`` run's in bfloat16, a ``64-true`` run's in float64, any other's in float32, and
     ``config.json`` names that dtype (``dtype``, which ``from_pretrained(..., dtype="auto")`` loads).
 
+    ``tokenizer``: the tokenizer files to write (as :func:`export_model` takes it); None, the default,
+    is the tokenizer the checkpoint records (:func:`run_tokenizer`): none for a converted checkpoint
+    that records its tokenizer as unknown.
+
     Raises :class:`~innerloop.checkpoints.CheckpointError` for a file that is not a readable
     checkpoint and :class:`ExportError` for a target that may not be written (checked first).
     """
     check_target(out_dir, overwrite)
+    recorded = tokenizer is None
+    if recorded:
+        tokenizer = run_tokenizer(checkpoint)
     model = load_model(checkpoint, keep_dtype=True)  # the weights as trained, e.g. bfloat16
-    return export_model(model, out_dir, overwrite=overwrite, tokenizer=run_tokenizer(checkpoint))
+    try:
+        return export_model(model, out_dir, overwrite=overwrite, tokenizer=tokenizer)
+    except ExportError as err:
+        if not recorded or not str(err).startswith("tokenizer:"):
+            raise
+        raise ExportError(
+            f"{err} (the tokenizer {str(checkpoint)!r} records, {tokenizer.describe()}); give the model's "
+            "own tokenizer with --tokenizer"
+        ) from None
 
 
 def run_tokenizer(checkpoint: str | os.PathLike[str]) -> RunTokenizer:
-    """The tokenizer a training run used (recorded in its checkpoint; bytes when none is): the one
-    place that decides which tokenizer files an export of a checkpoint gets."""
+    """The tokenizer a checkpoint records (bytes when it records none, as an older training run's;
+    an :class:`~innerloop.data.tokenizer.UnknownTokenizer`, for which an export writes no tokenizer
+    files, when it records that its tokenizer is unknown): the one place that decides which tokenizer
+    files an export of a checkpoint gets without ``--tokenizer``."""
     return checkpoint_tokenizer(checkpoint)
 
 
@@ -189,19 +343,67 @@ def _sync_files(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
+class _UsersFilesInStaging(ExportError):
+    """Files of the user's could not be moved back out of the staging folder: it must not be deleted."""
+
+
 def _move_into_place(staging: Path, out: Path) -> None:
-    """Rename ``staging`` to ``out``. An existing ``out`` (checked by :func:`check_target`) is first
-    renamed aside and deleted only once the new folder is in place."""
+    """Rename ``staging`` to ``out`` (an empty or missing folder, or an earlier export that
+    :func:`check_target` accepted). An earlier export's entries that it did not write are first moved
+    into ``staging`` (:func:`_plan_replacement`), the earlier export is renamed aside, ``staging`` into
+    place, and only then are the earlier export's own files deleted. Any failure before the new folder
+    is in place puts everything back where it was."""
     os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700: give the usual permissions
     if not out.exists() or not any(out.iterdir()):
         os.replace(staging, out)  # onto an empty folder too (POSIX renames onto an empty directory)
         return
-    _refuse_foreign_entries(out)  # again: files may have been added while the export was written
+    plan = _plan_replacement(out, staging)  # checked now: files may have been added during the export
     aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
     aside.rmdir()
-    os.replace(out, aside)
-    os.replace(staging, out)
-    shutil.rmtree(aside)
+    moved: list[str] = []
+    try:
+        for name in plan.kept:
+            os.rename(out / name, staging / name)
+            moved.append(name)
+        os.replace(out, aside)
+        try:
+            os.replace(staging, out)
+        except BaseException:
+            os.replace(aside, out)
+            raise
+    except BaseException:
+        _move_back(moved, staging, out)
+        raise
+    _delete_earlier_export(aside, plan.owned, out)
+
+
+def _move_back(names: list[str], staging: Path, out: Path) -> None:
+    """Return the user's entries ``names`` from ``staging`` to ``out`` after a failed replacement."""
+    for name in names:
+        try:
+            os.rename(staging / name, out / name)
+        except OSError as err:
+            raise _UsersFilesInStaging(
+                f"OUT_DIR {str(out)!r} could not be replaced, and {_shown(names)} could not be moved back "
+                f"into it from {str(staging)!r} ({' '.join(str(err).split())}): they are kept there"
+            ) from None
+
+
+def _delete_earlier_export(aside: Path, owned: set[str], out: Path) -> None:
+    """Delete the earlier export's own files from ``aside``, then ``aside``; anything else found there
+    (added while the export was replaced) is left, and said."""
+    for name in owned:
+        path = aside / name
+        if path.is_file() or path.is_symlink():
+            path.unlink()  # a link itself, never what it points to
+    try:
+        aside.rmdir()
+    except OSError:
+        left = sorted(_entry_name(p) for p in aside.iterdir())
+        raise ExportError(
+            f"the new export is in OUT_DIR {str(out)!r}, but the earlier one held files added while it "
+            f"was replaced ({_shown(left)}): they are kept in {str(aside)!r}"
+        ) from None
 
 
 def _umask() -> int:
@@ -210,4 +412,12 @@ def _umask() -> int:
     return mask
 
 
-__all__ = ["ExportError", "check_target", "export_checkpoint", "export_model", "to_hugging_face"]
+__all__ = [
+    "MANIFEST",
+    "ExportError",
+    "check_target",
+    "export_checkpoint",
+    "export_model",
+    "foreign_entries",
+    "to_hugging_face",
+]

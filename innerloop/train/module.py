@@ -30,6 +30,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.classification import MulticlassAccuracy
 
 from innerloop.checkpoints import (
+    TOKENIZER_KEY,
     CheckpointError,
     _one_line,
     check_state_dict,
@@ -363,11 +364,15 @@ def load_module(path: str | os.PathLike[str], keep_dtype: bool = False):
     return module.eval()
 
 
-def save_model_checkpoint(model: CausalLM | E2ELM, path: str | os.PathLike[str]) -> Path:
+def save_model_checkpoint(
+    model: CausalLM | E2ELM, path: str | os.PathLike[str], tokenizer: dict[str, Any] | None = None
+) -> Path:
     """Write ``model`` (e.g. one converted from another implementation) as an innerloop checkpoint at
     ``path``: the hyperparameters (its config, the training defaults) and weights that
-    :func:`load_module` reads, so ``innerloop generate`` and ``innerloop eval`` take it. Written
-    atomically (see :func:`~innerloop.checkpoints.save_checkpoint`); returns the path."""
+    :func:`load_module` reads, so ``innerloop generate`` and ``innerloop eval`` take it, and with
+    ``tokenizer`` (a :meth:`~innerloop.data.tokenizer.Tokenizer.to_state`) the tokenizer it reads
+    (:data:`~innerloop.checkpoints.TOKENIZER_KEY`; none recorded reads as bytes). Written atomically
+    (see :func:`~innerloop.checkpoints.save_checkpoint`); returns the path."""
     module = LanguageModelModule(model=model.config.to_dict())
     dtype = next(model.parameters()).dtype
     # Parameters only, not .to(dtype): buffers keep their dtype (E2E's float64 progress counter).
@@ -375,4 +380,6 @@ def save_model_checkpoint(model: CausalLM | E2ELM, path: str | os.PathLike[str])
         parameter.data = parameter.data.to(dtype)
     module.model.load_state_dict(model.state_dict(), strict=True)
     checkpoint = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
+    if tokenizer is not None:
+        checkpoint[TOKENIZER_KEY] = tokenizer
     return save_checkpoint(checkpoint, path)

@@ -26,6 +26,7 @@ FILES = {
     "tokenizer_config.json",
     "configuration_innerloop.py",
     "modeling_innerloop.py",
+    "innerloop_export.json",  # the files the export wrote (tests/hf/test_export_overwrite.py)
 }
 
 
@@ -117,29 +118,23 @@ def test_overwrite_never_replaces_a_folder_of_other_files(tmp_path: Path, capsys
     assert checkpoint.is_file()
 
 
-def test_overwrite_never_deletes_what_a_user_added_to_an_earlier_export(tmp_path: Path, capsys) -> None:
+def test_overwrite_keeps_what_a_user_added_to_an_earlier_export(tmp_path: Path, capsys) -> None:
     checkpoint = checkpoint_of("swa", tmp_path)
     out = tmp_path / "exported"
     assert main(["export", str(checkpoint), str(out)]) == 0
     (out / "NOTES.md").write_text("my eval notes")
     (out / "results").mkdir()
     (out / "results" / "r.txt").write_text("1")
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     capsys.readouterr()
-    assert main(["export", str(checkpoint), str(out), "--overwrite"]) == 2
-    error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "NOTES.md, results/" in error and "--overwrite would delete it" in error
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
-    assert (out / "results" / "r.txt").read_text() == "1"
-    # once they are moved out, the export is replaced; every file with the usual permissions
-    (out / "NOTES.md").unlink()
-    (out / "results" / "r.txt").unlink()
-    (out / "results").rmdir()
     assert main(["export", str(checkpoint), str(out), "--overwrite"]) == 0
-    assert {p.name for p in out.iterdir()} == FILES
+    assert "kept in it (not written by the export): NOTES.md, results/" in capsys.readouterr().out
+    assert (out / "NOTES.md").read_text() == "my eval notes"
+    assert (out / "results" / "r.txt").read_text() == "1"
+    assert {p.name for p in out.iterdir()} == FILES | {"NOTES.md", "results"}
+    # every file the export wrote with the usual permissions
     mask = os.umask(0)
     os.umask(mask)
-    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~mask}
+    assert {(out / name).stat().st_mode & 0o777 for name in FILES} == {0o666 & ~mask}
 
 
 def test_a_file_as_out_dir_and_a_bad_checkpoint_are_one_line_errors(tmp_path: Path, capsys) -> None:

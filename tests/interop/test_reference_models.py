@@ -195,7 +195,9 @@ def _cli(capsys, *args: str) -> tuple[int, str]:
 
 def test_convert_then_generate(tmp_path, capsys):
     out = tmp_path / "converted"
-    code, err = _cli(capsys, "convert", "ttt-lm-pytorch", str(MODELS / "ttt_mlp_mamba"), str(out))
+    code, err = _cli(
+        capsys, "convert", "ttt-lm-pytorch", str(MODELS / "ttt_mlp_mamba"), str(out), "--tokenizer", "bytes"
+    )
     assert code == 0, err
     from innerloop.train.module import load_model as load_checkpoint_model
 
@@ -206,7 +208,9 @@ def test_convert_then_generate(tmp_path, capsys):
     assert (logits - expected["logits"]).abs().max().item() < 1e-4
     code, err = _cli(capsys, "generate", str(out / "last.safetensors"), "--tokens", "5")
     assert code == 0, err
-    code, err = _cli(capsys, "convert", "ttt-lm-pytorch", str(MODELS / "ttt_mlp_mamba"), str(out))
+    code, err = _cli(
+        capsys, "convert", "ttt-lm-pytorch", str(MODELS / "ttt_mlp_mamba"), str(out), "--tokenizer", "bytes"
+    )
     assert code == 2 and "--overwrite" in err
 
 

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from lm_testing import streamed_logits
 from safetensors.numpy import load_file
 
+from innerloop.checkpoints import checkpoint_tokenizer
+from innerloop.data.tokenizer import ByteTokenizer
 from innerloop.interop.ttt_e2e import (
     OfficialConfigError,
     expected_shapes,
@@ -336,8 +338,9 @@ def test_cli_converts_to_a_hugging_face_folder(tmp_path, official, capsys) -> No
     assert not (out / "tokenizer.json").exists()
     assert main([*args, "--overwrite", "--tokenizer", "bytes"]) == 0  # a tokenizer only when named
     assert (out / "tokenizer.json").exists()
-    assert main([*args[:4], str(tmp_path / "other"), "--tokenizer", "bytes"]) == 2  # not without --format hf
-    assert "--format hf" in capsys.readouterr().err
+    # an innerloop checkpoint records the tokenizer --tokenizer names (else none, and says so)
+    assert main([*args[:4], str(tmp_path / "other"), "--tokenizer", "bytes"]) == 0
+    assert checkpoint_tokenizer(tmp_path / "other" / "last.safetensors") == ByteTokenizer()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -122,6 +122,7 @@ def test_rope_compiles_with_inductor_as_real_arithmetic():
     assert relative_error(got_grad, want_grad) < 1e-12
 
 
+@pytest.mark.slow  # ~2 s: a fresh interpreter imports innerloop
 def test_importing_innerloop_does_not_load_dynamo():
     # torch.compiler.disable imports torch._dynamo (~2 s, as long as torch itself): innerloop defers it
     # (innerloop.core.eager) to the first call of a wrapped function once something else loaded dynamo

@@ -235,6 +235,7 @@ def test_data_files_of_a_text_run_are_read_as_text(tmp_path) -> None:
 # -- item 11: output names follow the data ------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~1 s: three evaluations
 def test_evaluating_again_after_the_data_changed_never_replaces_the_earlier_result(tmp_path) -> None:
     data = tmp_path / "data.txt"
     data.write_text(TEXT)

@@ -871,13 +871,31 @@ def _convert_to_hugging_face(args: argparse.Namespace, load: Callable[[], Any]) 
         "" if args.tokenizer else " (no tokenizer: pass --tokenizer, or copy the model's own into it)"
     )
     try:
-        folder = export_model(model, args.out, overwrite=args.overwrite, tokenizer=args.tokenizer)
+        special = _converted_special_tokens(args)
+        folder = export_model(
+            model, args.out, overwrite=args.overwrite, tokenizer=args.tokenizer, special_tokens=special
+        )
     except ExportError as err:
         raise ConfigError(str(err)) from None
     print(_describe_converted(args, model))
     print(f"Hugging Face folder: {folder}{tokenizer_note}")
     _print_kept(folder)
     return 0
+
+
+def _converted_special_tokens(args: argparse.Namespace) -> dict[str, int]:
+    """The bos/eos (and pad) token ids of the converted model's own config (read after the model was)."""
+    import json
+    from pathlib import Path
+
+    if args.source_format == "ttt-e2e":
+        from innerloop.interop.ttt_e2e import special_token_ids as official_ids
+
+        return official_ids(args.config)
+    from innerloop.interop.ttt_lm_pytorch import special_token_ids
+
+    config = json.loads((Path(args.src) / "config.json").read_text(encoding="utf-8"))
+    return special_token_ids(config) if isinstance(config, dict) else {}
 
 
 def _print_kept(folder: Any) -> None:

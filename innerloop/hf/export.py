@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,6 +247,7 @@ def export_model(
     out_dir: str | os.PathLike[str],
     overwrite: bool = False,
     tokenizer: str | os.PathLike[str] | RunTokenizer | None = BYTES,
+    special_tokens: Mapping[str, int] | None = None,
 ) -> Path:
     """Write ``model`` (an innerloop language model) as a Hugging Face folder at ``out_dir``.
 
@@ -259,6 +261,9 @@ def export_model(
             :func:`innerloop.hf.tokenizer.load_tokenizer`), or None (or an
             :class:`~innerloop.data.tokenizer.UnknownTokenizer`) to write no tokenizer files (e.g. a
             converted model whose tokenizer is not at hand).
+        special_tokens: token ids by name (``bos_token_id``, ``eos_token_id``, ``pad_token_id``) for
+            ``config.json`` and ``generation_config.json``, e.g. those of a converted model's original
+            config (transformers' ``generate`` stops at ``eos_token_id``).
 
     Returns ``out_dir``'s path.
     """
@@ -266,6 +271,9 @@ def export_model(
     if isinstance(tokenizer, UnknownTokenizer):
         tokenizer = None
     wrapped = to_hugging_face(model)
+    for name, token_id in (special_tokens or {}).items():
+        setattr(wrapped.config, name, token_id)
+        setattr(wrapped.generation_config, name, token_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     holds_users_files = False

@@ -52,7 +52,7 @@ DTYPES: dict[str, str] = {
 IGNORED_MODEL_FIELDS: dict[str, str] = {
     "name": "a label",
     "seq_len": "the training length (sizes the official RoPE table; innerloop computes any position)",
-    "eos_token_id": "the tokenizer's (the model never reads it)",
+    "eos_token_id": "the tokenizer's (the model never reads it; a Hugging Face export carries it for generate)",
     "param_dtype": "the weights are read as float32",
     "unroll_block_scan": "a compilation choice, the same function",
     "unroll_inner_scan": "a compilation choice, the same function",
@@ -377,6 +377,14 @@ def train_mode_test_time_training(training: Mapping[str, Any]) -> bool:
             "('meta': test-time training on; 'pretrain': a plain sliding-window Transformer)"
         )
     return TRAIN_MODES[mode]
+
+
+def special_token_ids(config: Mapping[str, Any] | str | Path) -> dict[str, int]:
+    """The official config's ``model.bos_token_id`` (official default 1) and ``model.eos_token_id``,
+    as token ids: what a Hugging Face export's ``generate`` needs (it stops at EOS)."""
+    model = read_config(config)["model"]
+    ids = {"bos_token_id": model.get("bos_token_id", 1), "eos_token_id": model.get("eos_token_id")}
+    return {k: v for k, v in ids.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
 
 
 def model_config(config: Mapping[str, Any], *, test_time_training: bool | None = None) -> ModelConfig:

@@ -631,6 +631,16 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+SPECIAL_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+"""Token ids of the reference config that the model never reads but generation does (an export's
+``config.json`` and ``generation_config.json`` carry them: transformers' ``generate`` stops at EOS)."""
+
+
+def special_token_ids(config: Mapping[str, Any]) -> dict[str, int]:
+    """The :data:`SPECIAL_TOKEN_FIELDS` a reference config (``config.json``) sets to a token id."""
+    return {k: config[k] for k in SPECIAL_TOKEN_FIELDS if isinstance(config.get(k), int) and config[k] >= 0}
+
+
 def load_model(folder: str | Path) -> CausalLM:
     """The :class:`CausalLM` equal to the reference ``TTTForCausalLM`` saved in ``folder`` by its
     ``save_pretrained`` (``config.json`` with ``model_type`` ``"ttt"`` and ``model.safetensors``, key
@@ -655,6 +665,8 @@ def load_model(folder: str | Path) -> CausalLM:
 
 
 __all__ = [
+    "SPECIAL_TOKEN_FIELDS",
+    "special_token_ids",
     "MODEL_DEFAULTS",
     "MODEL_FIELD_MAP",
     "PRETRAINED_CONFIG_FIELDS",

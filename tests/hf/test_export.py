@@ -190,6 +190,11 @@ def test_convert_to_hf_reproduces_the_reference_logits(
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "innerloop" and config["model"]["vocab_size"] == 300
     assert not (out / "tokenizer.json").exists()  # the reference's tokenizer is not ours to write
+    # the reference's special token ids, for transformers' generate (which stops at EOS)
+    reference = json.loads((reference_models_dir / name / "config.json").read_text())
+    generation = json.loads((out / "generation_config.json").read_text())
+    for key in ("bos_token_id", "eos_token_id"):
+        assert config[key] == generation[key] == reference[key], key
     expected = load_file(str(reference_models_dir / name / "expected.safetensors"))
     model = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():

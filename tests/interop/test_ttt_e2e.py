@@ -331,6 +331,9 @@ def test_cli_converts_to_a_hugging_face_folder(tmp_path, official, capsys) -> No
     ]
     assert main(args) == 0
     assert "no tokenizer" in capsys.readouterr().out
+    generation = json.loads((out / "generation_config.json").read_text())  # what generate stops at
+    assert generation["eos_token_id"] == CONFIG["model"]["eos_token_id"]
+    assert generation["bos_token_id"] == CONFIG["model"]["bos_token_id"]
     model = AutoModelForCausalLM.from_pretrained(str(out))
     with torch.no_grad():
         logits = model(torch.as_tensor(official["input_ids"], dtype=torch.long)).logits.float().numpy()

@@ -48,6 +48,19 @@ TOLERANCES: dict[torch.dtype, float] = {
 """Largest relative RMS error of a kernel's outputs and new weights against the torch path, by dtype.
 A wrong kernel (a missing term, a sign, a wrong scale) is off by order one."""
 
+MATMUL_PRECISION_DTYPES = {"high": torch.float16, "medium": torch.bfloat16}
+"""``torch.set_float32_matmul_precision`` levels below ``"highest"`` and the precision their float32
+products may round to (TF32's 10-bit mantissa like float16's; ``"medium"`` allows bfloat16)."""
+
+
+def tolerance_for(dtype: torch.dtype) -> float:
+    """:data:`TOLERANCES` for ``dtype``; for float32, that of the precision its matrix products may
+    round to under ``torch.set_float32_matmul_precision`` (both paths then round, each its own way)."""
+    if dtype == torch.float32:
+        dtype = MATMUL_PRECISION_DTYPES.get(torch.get_float32_matmul_precision(), torch.float32)
+    return TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+
+
 GRADIENT_FACTOR = 10.0
 """Gradients may differ by this factor more than :data:`TOLERANCES` (a backward is a longer chain)."""
 
@@ -263,7 +276,7 @@ def _record(
     run_torch: Callable[[dict, Params], tuple[torch.Tensor, Params]],
 ) -> str | None:
     tensors, weights = probe
-    tolerance = TOLERANCES.get(inputs.dtype, TOLERANCES[torch.float32])
+    tolerance = tolerance_for(inputs.dtype)
     with _own_saved_tensors(), torch.enable_grad() if inputs.requires_grad else torch.no_grad():
         expected = run_torch(tensors, weights)
         actual = run_kernel(tensors, weights)
@@ -351,6 +364,7 @@ def _compare_gradients(
 
 __all__ = [
     "GRADIENT_FACTOR",
+    "MATMUL_PRECISION_DTYPES",
     "KernelCheckWarning",
     "PROBE_MINI_BATCHES",
     "TOLERANCES",
@@ -361,5 +375,6 @@ __all__ = [
     "forget_verdicts",
     "refusal_message",
     "signature",
+    "tolerance_for",
     "warn_refused",
 ]

@@ -204,3 +204,20 @@ def test_a_first_use_inside_activation_checkpointing_gives_the_torch_gradients(r
     reference(x)[0].square().sum().backward()
     assert layer.last_dispatch[0] != "torch"
     assert relative_error(got, x.grad) < 1e-5
+
+
+def test_float32_matrix_products_in_lower_precision_loosen_the_tolerance():
+    """Under torch.set_float32_matmul_precision("high") (TF32 on GPUs) both paths round their products:
+    a right kernel must not be refused for the rounding."""
+    from innerloop.kernels.first_use import TOLERANCES, tolerance_for
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert tolerance_for(torch.float32) == TOLERANCES[torch.float32]
+        torch.set_float32_matmul_precision("high")
+        assert tolerance_for(torch.float32) == TOLERANCES[torch.float16]
+        torch.set_float32_matmul_precision("medium")
+        assert tolerance_for(torch.float32) == TOLERANCES[torch.bfloat16]
+        assert tolerance_for(torch.float64) == TOLERANCES[torch.float64]
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -272,9 +272,14 @@ def run_decode_token(
     Returns ``(out [B, H, 1, f], params, pending)`` with the mini-batch committed when ``is_last``.
     ``decaying``: the token forgets or the state carries a decay product (no decode kernel takes it).
     """
-    with_pending = {**params, **{f"pending.{k}": v for k, v in pending.items()}}
     inputs = kernel_inputs(
-        task, chunk, with_pending, tau=tau_i, decode=True, decay=decaying, closes_mini_batch=is_last
+        task,
+        chunk,
+        first_use.joined_weights(params, pending),
+        tau=tau_i,
+        decode=True,
+        decay=decaying,
+        closes_mini_batch=is_last,
     )
 
     def probe(candidate: KernelSpec) -> str | None:

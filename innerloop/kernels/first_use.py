@@ -188,7 +188,7 @@ def check_decode(
             "ln_weight": task.norm_weight,
             "ln_bias": task.norm_bias,
         },
-        _joined(params, pending),
+        joined_weights(params, pending),
         inputs.head_dim,
     )
 
@@ -212,14 +212,14 @@ def check_decode(
         )
         for given, returned in ((start, new_params), (sums, new_pending)):  # pending as the weights
             check_kernel_output(kernel, t["xq"][:, :, 0], given, out, returned)
-        return out, _joined(new_params, new_pending)
+        return out, joined_weights(new_params, new_pending)
 
     def run_torch(t: dict, p: Params) -> tuple[torch.Tensor, Params]:
         start, sums = split(p)
         probe_task = _with_norm(task, t["ln_weight"], t["ln_bias"])
         one = ChunkInputs(t["xq"], t["xk"], t["xv"], t["lr"])
         out, new_params, new_pending = torch_path(probe_task, start, sums, one, tau_i, is_last)
-        return out[:, :, 0], _joined(new_params, new_pending)
+        return out[:, :, 0], joined_weights(new_params, new_pending)
 
     return _record(signature(kernel, inputs), kernel, inputs, probe, run_kernel, run_torch)
 
@@ -257,8 +257,9 @@ def _probe_inputs(tensors: dict, params: Params, head_dim: int) -> tuple[dict, P
     return copies, weights
 
 
-def _joined(params: Params, pending: Params) -> Params:
-    """A decoded token's weights and pending sums in one dict, as its probe compares them."""
+def joined_weights(params: Params, pending: Params) -> Params:
+    """A decoded token's weights and pending sums in one dict (``pending.<name>``), as its ``verify``
+    sees them and its probe compares them."""
     return {**params, **{f"pending.{k}": v for k, v in pending.items()}}
 
 
@@ -373,6 +374,7 @@ __all__ = [
     "checked",
     "failure",
     "forget_verdicts",
+    "joined_weights",
     "refusal_message",
     "signature",
     "tolerance_for",

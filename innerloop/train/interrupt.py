@@ -66,9 +66,7 @@ class StopOnInterrupt(Callback):
     @property
     def signal_name(self) -> str:
         """How the stop was asked for, in words."""
-        return (
-            SIGNAL_NAMES.get(self.signal, "a stop request") if self.signal is not None else "a stop request"
-        )
+        return SIGNAL_NAMES.get(self.signal, "a stop request")  # None (no signal) too
 
     @contextmanager
     def listening(self) -> Iterator[None]:

@@ -134,6 +134,7 @@ class LanguageModelModule(L.LightningModule):
         self._inner_loss_before_after = None
         self._last_finite_loss: tuple[int, torch.Tensor] | None = None  # (global step, training loss)
         self._checked_layers = [m for m in self.model.modules() if getattr(m, "non_finite", None) == "raise"]
+        self._stop_deferred = False  # a stop asked for mid-accumulation (on_train_batch_end)
         if diagnostics_batches > 0 and self.model.config.mixer == "ttt":
             self._inner_loss_before_after = inner_loss_before_after
 
@@ -224,7 +225,7 @@ class LanguageModelModule(L.LightningModule):
         at_step_boundary = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         if trainer.should_stop and not at_step_boundary:
             trainer.should_stop, self._stop_deferred = False, True
-        elif at_step_boundary and getattr(self, "_stop_deferred", False):
+        elif at_step_boundary and self._stop_deferred:
             trainer.should_stop, self._stop_deferred = True, False
 
     def _apply_optimizer_hyperparameters(self) -> None:

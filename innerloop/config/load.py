@@ -17,7 +17,7 @@ import os
 import tempfile
 import typing
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields, is_dataclass
 from importlib import resources
 from pathlib import Path
@@ -34,7 +34,7 @@ from innerloop.data.hf import check_hf_dataset, check_hf_source
 from innerloop.data.recall import RECALL_VALUES
 from innerloop.data.text import check_text_lengths, resolve_files, text_split_lengths
 from innerloop.data.tokenizer import BYTES, Tokenizer, TokenizerError, load_tokenizer
-from innerloop.models.config import check_keys, validate_model_config
+from innerloop.models.config import check_keys, field_types, validate_model_config
 
 DEFAULT_PRESET = "tiny"
 
@@ -91,7 +91,7 @@ def _expected_type(key: str) -> Any:
     for part in key.split("."):
         if not is_dataclass(node):
             return None
-        node = typing.get_type_hints(node).get(part)
+        node = field_types(node).get(part)
     return node
 
 
@@ -105,14 +105,17 @@ def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
         raise ConfigError(f"config key {key!r} in {source}: {_first_line(err)} (expected {name})") from None
 
 
-def _merge_in_order(cfg: DictConfig, parts: Sequence[tuple[DictConfig, str]]) -> DictConfig:
-    """``cfg`` with ``parts`` merged in order, as one merge (one copy of the config, not one per part);
-    where that fails, part by part, so that the error names the part at fault (see :func:`_merge`)."""
+def _merge_in_order(base: Callable[[], DictConfig], parts: Sequence[tuple[DictConfig, str]]) -> DictConfig:
+    """The config ``base()`` builds, with ``parts`` merged in order into it, in place (``base()`` is a new
+    config each call, so no copy is needed: a copy costs a third of a config load). Where that fails,
+    a new base and the parts one by one, so that the error names the part at fault (see :func:`_merge`)."""
+    cfg = base()
     if not parts:
         return cfg
     try:
-        return OmegaConf.merge(cfg, *(part for part, _ in parts))  # type: ignore[return-value]
+        return OmegaConf.unsafe_merge(cfg, *(part for part, _ in parts))  # type: ignore[return-value]
     except OmegaConfBaseException:
+        cfg = base()
         for part, source in parts:
             cfg = _merge(cfg, part, source)
         return cfg
@@ -145,12 +148,16 @@ def _first_line(err: BaseException) -> str:
 
 
 def load_config(
-    preset_or_file: str = DEFAULT_PRESET, overrides: Sequence[str] = (), *, model_only: bool = False
+    preset_or_file: str | os.PathLike[str] = DEFAULT_PRESET,
+    overrides: Sequence[str] = (),
+    *,
+    model_only: bool = False,
 ) -> tuple[RunConfig, DictConfig]:
     """Load a preset or YAML file, apply ``key=value`` overrides, validate; return the typed config and
     its omegaconf form (for saving). ``model_only``: check only what the model needs (its section, and
     the tokenizer that sets its vocabulary), for commands that build no run (``innerloop params``): a
     data path or out_dir that a run could not use does not concern them."""
+    _check_load_arguments(preset_or_file, overrides)
     loaded, source = _read_source(preset_or_file)
     try:
         container = OmegaConf.to_container(loaded)
@@ -158,15 +165,16 @@ def load_config(
         raise ConfigError(f"{source}: {_first_line(err)}") from None
     routed = route_trainer_keys(container, source, ConfigError)  # trainer.<Lightning argument>
     check_keys(routed, RunConfig, "", source, ConfigError)
-    cfg = _merge(_schema(), OmegaConf.create(routed) if routed is not container else loaded, source)
+    from_source = OmegaConf.create(routed) if routed is not container else loaded
+    base = functools.partial(_merge, _schema(), from_source, source)  # a new config each call
     checked: list[tuple[DictConfig, str]] = []  # merged together after the loop: one merge, not one each
     for item in overrides:
         try:
             checked.append(_checked_override(item))
         except ConfigError:
-            _merge_in_order(cfg, checked)  # an earlier override's merge error comes first, as it is earlier
+            _merge_in_order(base, checked)  # an earlier override's merge error comes first, as it is earlier
             raise
-    cfg = _merge_in_order(cfg, checked)
+    cfg = _merge_in_order(base, checked)
     try:
         run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as err:  # an interpolation ${...} that does not resolve
@@ -182,6 +190,25 @@ def load_config(
     else:
         validate_run_config(run)
     return run, cfg
+
+
+def _check_load_arguments(preset_or_file: Any, overrides: Any) -> None:
+    """:class:`ConfigError` for arguments of :func:`load_config` of the wrong kind: a string of overrides
+    would be read character by character, ``None`` as a path."""
+    if not isinstance(preset_or_file, (str, os.PathLike)):
+        raise ConfigError(
+            f"preset_or_file must be a preset name or a YAML file path, got {type(preset_or_file).__name__}; "
+            f"presets: {preset_names()}"
+        )
+    if isinstance(overrides, (str, bytes)) or not isinstance(overrides, Sequence):
+        raise ConfigError(
+            f"overrides must be a list of 'key=value' strings, got {type(overrides).__name__} {overrides!r}"
+        )
+    wrong = [item for item in overrides if not isinstance(item, str)]
+    if wrong:
+        raise ConfigError(
+            f"overrides must be 'key=value' strings, got {wrong[0]!r} ({type(wrong[0]).__name__})"
+        )
 
 
 def _vocab_size_given(container: Any, overrides: Sequence[str]) -> bool:
@@ -238,7 +265,7 @@ def validate_run_config(run: RunConfig) -> None:
 def numeric_fields(schema: type = RunConfig, prefix: str = "") -> list[str]:
     """Dotted keys of every int and float field of the dataclass ``schema``, nested ones too."""
     found = []
-    for name, kind in typing.get_type_hints(schema).items():
+    for name, kind in field_types(schema).items():
         if is_dataclass(kind):
             found += numeric_fields(kind, f"{prefix}{name}.")
         elif kind in (int, float):
@@ -480,17 +507,18 @@ def _strategies_by_name(registry: Any) -> list[str]:
     names = []
     for name in registry.available_strategies():
         entry = registry[name]
-        parameters = inspect.signature(entry["strategy"]).parameters.values()
-        needed = [
-            p.name
-            for p in parameters
-            if p.default is p.empty
-            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-            and p.name not in entry["init_params"]
-        ]
-        if not needed:
+        if not [p for p in _required_parameters(entry["strategy"]) if p not in entry["init_params"]]:
             names.append(name)
     return names
+
+
+@functools.cache
+def _required_parameters(strategy: Any) -> tuple[str, ...]:
+    """The parameters that ``strategy`` (a class) takes by name and has no default for (``inspect``
+    is slow: asked once per class, not on every config load)."""
+    parameters = inspect.signature(strategy).parameters.values()
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(p.name for p in parameters if p.default is p.empty and p.kind in named)
 
 
 def concrete_precision(precision: str, accelerator: str) -> str:

@@ -8,6 +8,7 @@ against the registry by :func:`validate_model_config`, before anything is built.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -376,6 +377,13 @@ MIXERS: tuple[str, ...] = tuple(MIXER_TABLE)
 """The names of the sequence mixers a block can use (see :data:`MIXER_TABLE`)."""
 
 
+@functools.cache
+def field_types(schema: type) -> dict[str, Any]:
+    """The resolved type of every field of the dataclass ``schema``, by name (``typing.get_type_hints``,
+    computed once per class: config checks ask for it on every validation)."""
+    return get_type_hints(schema)
+
+
 def check_keys(
     given: Mapping[str, Any], schema: type, prefix: str, source: str, error: type[ValueError] = ValueError
 ) -> None:
@@ -386,7 +394,7 @@ def check_keys(
     an override); nested sections are checked against their own dataclasses.
     """
     valid = {f.name: f for f in fields(schema)}
-    hints = get_type_hints(schema)
+    hints = field_types(schema)
     for key in given:
         full = f"{prefix}{key}"
         if key not in valid:
@@ -425,7 +433,7 @@ def _check_types(where: str, config: Any, schema: type) -> None:
     """Every field of ``config`` (a ``schema`` instance or an omegaconf node of it) has its declared
     type: a dict from JSON or Python is not converted, so ``"false"`` for a bool or ``16.7`` for an
     int is refused here rather than read as something else later."""
-    hints = get_type_hints(schema)
+    hints = field_types(schema)
     for f in fields(schema):
         value, expected = getattr(config, f.name), hints[f.name]
         if is_dataclass(expected):
@@ -440,7 +448,7 @@ def _check_ranges(where: str, config: Any, schema: type) -> None:
     """Every int and float field of ``config`` (its types checked first) inside its
     :data:`MODEL_FIELD_BOUNDS`: a negative ``rope_theta`` or ``norm_eps`` would not fail, it would
     build a model that computes NaN or silently dead attention."""
-    hints = get_type_hints(schema)
+    hints = field_types(schema)
     for f in fields(schema):
         value, expected, key = getattr(config, f.name), hints[f.name], f"{where}.{f.name}"
         if is_dataclass(expected):

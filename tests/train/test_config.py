@@ -76,6 +76,25 @@ def test_an_unknown_preset_lists_the_presets() -> None:
         load_config("huge")
 
 
+@pytest.mark.parametrize(
+    ("preset_or_file", "overrides", "message"),
+    [
+        (None, (), r"preset_or_file must be a preset name or a YAML file path, got NoneType"),
+        ("tiny", "trainer.max_steps=5", r"overrides must be a list of 'key=value' strings, got str"),
+        ("tiny", ["trainer.max_steps=5", 5], r"overrides must be 'key=value' strings, got 5 \(int\)"),
+    ],
+)
+def test_arguments_of_the_wrong_kind_are_named(preset_or_file, overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(preset_or_file, overrides)
+
+
+def test_a_path_object_loads_as_its_string(tmp_path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  hidden_size: 48\n")
+    assert load_config(path)[0].model.hidden_size == load_config(str(path))[0].model.hidden_size == 48
+
+
 def test_the_cli_prints_one_error_line_and_exits_2(capsys) -> None:
     assert main(["train", "model.ttt.update_rule=adam"]) == 2
     err = capsys.readouterr().err.strip()

@@ -15,6 +15,20 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n``, on by default in pyproject.toml), each worker takes its share of the
+    cores for torch's threads: two workers of two threads each on two cores ran the fast tests four
+    times slower than one process. ``OMP_NUM_THREADS`` passes the same count to the training runs
+    that tests start in subprocesses, which must round as the in-process run they are compared with."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // int(workers))
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 CONFORMANCE_DIR = DATA_DIR / "conformance"  # the repository's own conformance vectors (see data/README.md)
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the checkout, when present

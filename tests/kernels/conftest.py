@@ -35,7 +35,19 @@ class InterpreterRun(pytest.Item):
         self.nodeids = nodeids
 
     def runtest(self) -> None:
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", *self.nodeids]
+        # -n 0: one process (the parent suite's workers already use the cores)
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-n",
+            "0",
+            "-p",
+            "no:cacheprovider",
+            "-rfEs",
+            *self.nodeids,
+        ]
         result = subprocess.run(
             command,
             cwd=self.config.rootpath,

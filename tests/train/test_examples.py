@@ -38,7 +38,7 @@ def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Complete
 
 @pytest.mark.slow  # ~14 s: pip-installs the example package, then runs its suite in a subprocess
 def test_the_plugin_package_passes_its_own_tests(plugin_env, tmp_path) -> None:
-    result = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(PLUGIN / "tests")],
+    result = _run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", str(PLUGIN / "tests")],
                   plugin_env, tmp_path)  # fmt: skip
     assert " passed" in result.stdout and "failed" not in result.stdout
 

@@ -83,7 +83,7 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value: Any) -> bool:
+def is_real(value: Any) -> bool:
     """A finite real argument: an int, a float or any other ``numbers.Real`` (``numpy.float32``), not a
     bool (nor ``numpy.bool_``, which is no ``numbers.Real``) and not a tensor."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
@@ -94,7 +94,7 @@ def _is_real(value: Any) -> bool:
         return False
 
 
-def _check_positive_int(name: str, value: Any, none_allowed: bool = False) -> None:
+def check_positive_int(name: str, value: Any, none_allowed: bool = False) -> None:
     """Raise naming ``name`` unless ``value`` is an integer >= 1 (or None, where ``none_allowed``)."""
     if none_allowed and value is None:
         return
@@ -107,7 +107,7 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True) -> None:
     """One clear error per bad constructor argument: its name, the value given, what is valid
     (``rotary``: the layer applies RoPE, which needs an even head size)."""
     for name in ("hidden_size", "num_heads", "conv_kernel", "mini_batch_size"):
-        _check_positive_int(name, args[name])
+        check_positive_int(name, args[name])
     hidden_size, num_heads = args["hidden_size"], args["num_heads"]
     if hidden_size % num_heads != 0:
         raise ValueError(
@@ -127,14 +127,14 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True) -> None:
     for name in ("use_gate", "share_qk", "inner_norm", "inner_residual", "needs_double_backward"):
         if not isinstance(args[name], bool):
             raise TypeError(f"{name} must be True or False, got {args[name]!r}")
-    if not _is_real(args["base_lr"]) or args["base_lr"] < 0:
+    if not is_real(args["base_lr"]) or args["base_lr"] < 0:
         raise ValueError(f"base_lr must be a finite number >= 0, got {args['base_lr']!r}")
     for name in ("rope_theta", "norm_eps"):
-        if not _is_real(args[name]) or args[name] <= 0:
+        if not is_real(args[name]) or args[name] <= 0:
             raise ValueError(f"{name} must be a finite number > 0, got {args[name]!r}")
     if args["non_finite"] not in NON_FINITE_POLICIES:
         raise ValueError(f"non_finite must be one of {NON_FINITE_POLICIES}, got {args['non_finite']!r}")
-    _check_positive_int("inference_chunk_size", args["inference_chunk_size"], none_allowed=True)
+    check_positive_int("inference_chunk_size", args["inference_chunk_size"], none_allowed=True)
     if not isinstance(args["kernel"], str):
         raise ValueError(
             f"kernel must be 'auto', 'torch' or a registered kernel name, got {args['kernel']!r}"
@@ -743,4 +743,11 @@ class TTTLayer(nn.Module):
         )
 
 
-__all__ = ["MAX_MINI_BATCH_SIZE", "TTTLayer", "check_layer_arguments", "resolve_plugins"]
+__all__ = [
+    "MAX_MINI_BATCH_SIZE",
+    "TTTLayer",
+    "check_layer_arguments",
+    "check_positive_int",
+    "is_real",
+    "resolve_plugins",
+]

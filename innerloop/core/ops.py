@@ -18,11 +18,12 @@ these arguments (docs/family.md has the table). ``TTTLayer`` runs the same path
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
-from innerloop.core.layer import MAX_MINI_BATCH_SIZE, resolve_plugins
+from innerloop.core.layer import MAX_MINI_BATCH_SIZE, check_positive_int, is_real, resolve_plugins
 from innerloop.core.protocol import InnerLoss, InnerModel, InnerTask, UpdateRule, Views
 from innerloop.core.scan import run_scan
 from innerloop.core.state import StateSignature, TTTState
@@ -30,15 +31,29 @@ from innerloop.core.state import StateSignature, TTTState
 Weights = dict[str, torch.Tensor]
 
 
-def _check_tensor(name: str, value: Any, shape: tuple[int, ...], like: torch.Tensor, what: str) -> None:
-    """``value`` must be a tensor of ``shape`` with ``like``'s dtype and device; the error names it."""
+def _check_tensor(
+    name: str,
+    value: Any,
+    shape: tuple[int, ...],
+    like: torch.Tensor,
+    what: str,
+    also: torch.dtype | None = None,
+) -> None:
+    """``value`` must be a tensor of ``shape`` with ``like``'s dtype (or ``also``) and device; the error
+    names it."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor {what}, got {type(value).__name__}")
     if tuple(value.shape) != shape:
         raise ValueError(f"{name} must have shape {what} = {shape}, got {tuple(value.shape)}")
-    if value.dtype != like.dtype:
+    allowed = {like.dtype} if also is None else {like.dtype, also}
+    if value.dtype not in allowed and len(allowed) == 1:
         raise TypeError(
             f"{name} is {value.dtype} but q is {like.dtype}: every tensor of a scan has q's dtype"
+        )
+    if value.dtype not in allowed:
+        valid = " or ".join(sorted(str(dtype) for dtype in allowed))
+        raise TypeError(
+            f"{name} is {value.dtype}; valid: {valid} (q's dtype, or the scan's: at least float32)"
         )
     if value.device != like.device:
         raise ValueError(
@@ -57,11 +72,14 @@ def _check_views(q: Any, k: Any, v: Any) -> None:
         _check_tensor(name, tensor, tuple(q.shape), q, "[B, H, T, f] (q's shape)")
 
 
-def _check_options(mini_batch_size: Any, inner_norm: Any, inner_residual: Any, kernel: Any) -> None:
+def _check_options(
+    mini_batch_size: Any, inner_norm: Any, inner_residual: Any, kernel: Any, norm_eps: Any
+) -> int:
+    """Each option checked, naming it; returns ``mini_batch_size`` as an ``int`` (it may be a numpy one)."""
     if not isinstance(kernel, str):
         raise ValueError(f"kernel must be 'auto', 'torch' or a registered kernel name, got {kernel!r}")
-    if not isinstance(mini_batch_size, int) or isinstance(mini_batch_size, bool) or mini_batch_size < 1:
-        raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size!r}")
+    check_positive_int("mini_batch_size", mini_batch_size)
+    mini_batch_size = int(mini_batch_size)
     if mini_batch_size > MAX_MINI_BATCH_SIZE:
         raise ValueError(
             f"mini_batch_size must be <= {MAX_MINI_BATCH_SIZE} (a scan builds [K, K] matrices), got "
@@ -70,6 +88,9 @@ def _check_options(mini_batch_size: Any, inner_norm: Any, inner_residual: Any, k
     for name, flag in (("inner_norm", inner_norm), ("inner_residual", inner_residual)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
+    if not is_real(norm_eps) or norm_eps <= 0:
+        raise ValueError(f"norm_eps must be a finite number > 0, got {norm_eps!r}")
+    return mini_batch_size
 
 
 def _norm_parameters(
@@ -95,6 +116,17 @@ def _check_per_token(q: torch.Tensor, lr: Any, decay: Any, momentum: Any) -> Non
     for name, value in (("decay", decay), ("momentum", momentum)):
         if value is not None:
             _check_tensor(name, value, shape, q, "[B, H, T] (or None)")
+    if q.device.type == "meta":  # shapes only: no values to check
+        return
+    # One rule for every path: a kernel takes the decay's gate a = 1 - decay in log space.
+    if decay is not None and not bool(((decay >= 0) & (decay <= 1)).all()):
+        outside = decay[~((decay >= 0) & (decay <= 1))]
+        raise ValueError(
+            f"decay must lie in [0, 1] (the forgetting 1 - a_t of a gate a_t in [0, 1]), got "
+            f"{outside.numel()} values outside it, e.g. {outside[0].item()}"
+        )
+    if momentum is not None and not bool(torch.isfinite(momentum).all()):
+        raise ValueError("momentum must be finite, got NaN or infinite values")
 
 
 def _token_scale(
@@ -115,9 +147,16 @@ def _token_scale(
 
 
 def _initial_state(
-    q: torch.Tensor, model: InnerModel, loss: InnerLoss, rule: UpdateRule, mini_batch_size: int, initial: Any
+    q: torch.Tensor,
+    model: InnerModel,
+    loss: InnerLoss,
+    rule: UpdateRule,
+    mini_batch_size: int,
+    initial: Any,
+    given_dtype: torch.dtype,
 ) -> TTTState:
-    """The state at the start of the scan: ``initial``'s weights (zeros when None) at a boundary."""
+    """The state at the start of the scan, in ``q``'s dtype (the scan's): ``initial``'s weights (zeros
+    when None) at a boundary; ``initial`` may also come in ``given_dtype`` (the caller's q's)."""
     batch, heads, _, head_dim = q.shape
     shapes = model.param_shapes(head_dim)
     signature = StateSignature(batch, heads, head_dim, mini_batch_size, model.name, loss.name)
@@ -146,8 +185,10 @@ def _initial_state(
         per_head = (heads, *shapes[base])
         if isinstance(value, torch.Tensor) and tuple(value.shape) == per_head:
             value = value.expand(batch, *per_head)  # one initial state for every sequence
-        _check_tensor(f"initial[{name!r}]", value, (batch, *per_head), q, "[B, H, *shape] (or [H, *shape])")
-        weights[name] = value
+        _check_tensor(
+            f"initial[{name!r}]", value, (batch, *per_head), q, "[B, H, *shape] (or [H, *shape])", given_dtype
+        )
+        weights[name] = value.to(q.dtype)
     missing = sorted(set(shapes) - set(weights))
     if missing:
         raise ValueError(
@@ -195,33 +236,51 @@ def scan(
         token_scale: ``tau [K]`` of the mini-batch rules (None: ones); must be None for ``momentum``.
         inner_norm, inner_residual: ``f(x) = x + LN(g(x))`` (each can be off).
         norm_weight, norm_bias: ``[H, f]`` the inner LayerNorm's affine (None: ones, zeros).
-        decay: ``[B, H, T]`` forgetting ``1 - a_t`` of every inner weight (None: none).
+        decay: ``[B, H, T]`` forgetting ``1 - a_t`` of every inner weight, in ``[0, 1]`` (None: none).
         momentum: ``[B, H, T]`` the momentum ``m_t`` of update_rule ``"momentum"`` (None: 0).
         initial: weights by name, ``[B, H, *shape]`` or ``[H, *shape]``, at a mini-batch boundary,
             plus ``"momentum.<name>"`` (``S``) for the momentum rule; None: zeros. The inner loss
             starts a sequence (``next_token``'s first token has no pair).
-        norm_eps: the inner LayerNorm's epsilon.
+        norm_eps: the inner LayerNorm's epsilon (a finite number > 0).
         kernel: ``"auto"``, ``"torch"`` or a registered kernel's name, as in ``TTTLayer``.
         dispatches: a list that receives every fast-path decision ``(path, reason)``.
 
     Returns:
         ``(outputs [B, H, T, f], weights)``: ``weights`` after the last token (for a partial last
         mini-batch the weights it read), plus ``"momentum.<name>"`` when momentum is given.
-        Differentiable in every tensor argument.
+        Differentiable in every tensor argument. The scan computes in q's dtype but at least float32
+        (bfloat16 / float16 inputs: float32, also under autocast, as in ``TTTLayer``): ``outputs`` come
+        back in q's dtype, ``weights`` in the scan's, and ``initial`` may be in either.
     """
     _check_views(q, k, v)
-    _check_options(mini_batch_size, inner_norm, inner_residual, kernel)
+    mini_batch_size = _check_options(mini_batch_size, inner_norm, inner_residual, kernel, norm_eps)
     _check_per_token(q, lr, decay, momentum)
     model, loss, rule = resolve_plugins(inner_model, inner_loss, update_rule, kernel, q.shape[3])
     weight, bias = _norm_parameters(q, inner_norm, norm_weight, norm_bias)
     tau = _token_scale(q, rule, token_scale, mini_batch_size)
-    state = _initial_state(q, model, loss, rule, mini_batch_size, initial)
+    # The scan runs in q's dtype but at least float32, as TTTLayer's (its state, LayerNorm statistics
+    # and gradient sums), with autocast off: every path, torch or kernel, gives the same numbers.
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    q32, k32, v32, lr, tau, decay, momentum, weight, bias = (
+        None if t is None else t.to(dtype) for t in (q, k, v, lr, tau, decay, momentum, weight, bias)
+    )
+    state = _initial_state(q32, model, loss, rule, mini_batch_size, initial, q.dtype)
     record = None if dispatches is None else (lambda path, reason: dispatches.append((path, reason)))
     task = InnerTask(
-        model, loss, mini_batch_size, weight, bias, norm_eps, inner_residual, kernel, on_dispatch=record
+        model,
+        loss,
+        mini_batch_size,
+        weight,
+        bias,
+        float(norm_eps),
+        inner_residual,
+        kernel,
+        on_dispatch=record,
     )
-    outputs, final = run_scan(rule, state, task, Views(q, k, v), lr, tau, decay, momentum)
-    return outputs, final.scan_weights(tau)
+    autocasting = q.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(q.device.type)
+    with torch.autocast(q.device.type, enabled=False) if autocasting else nullcontext():
+        outputs, final = run_scan(rule, state, task, Views(q32, k32, v32), lr, tau, decay, momentum)
+    return outputs.to(q.dtype), final.scan_weights(tau)
 
 
 __all__ = ["Weights", "scan"]

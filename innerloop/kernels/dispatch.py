@@ -150,6 +150,13 @@ def select_kernel(rule: UpdateRule, task: InnerTask, inputs: KernelInputs) -> tu
     """The kernel to run (or None for torch) and a sentence saying why."""
     if task.kernel == TORCH_PATH:
         return None, "torch path forced (kernel='torch')"
+    if inputs.device.type == "meta":  # shapes only: a kernel, and its first-use check, need values
+        if task.kernel != "auto":
+            raise KernelUnavailableError(
+                f"kernel={task.kernel!r} cannot run on meta tensors (they hold no values); use "
+                "kernel='auto' or 'torch', which trace the torch path"
+            )
+        return None, "torch: meta tensors hold no values (kernels run on real data)"
     from innerloop.registry import get_registry
 
     rule_name = rule.name

@@ -23,6 +23,10 @@ ALLOWED: dict[str, str] = {
     "kernels/triton/ttt_linear/_kernels.py:linear_backward_kernel": _JIT_KERNEL,
     "kernels/triton/ttt_mlp/_kernels.py:mlp_backward_kernel": _JIT_KERNEL,
     "kernels/triton/ttt_mlp/_kernels.py:mlp_decode_kernel": _JIT_KERNEL,
+    "core/ops.py:scan": (
+        "the public op: its 16 keyword arguments and their reference in the docstring are 55 lines; "
+        "the body is 17 lines of calls to named helpers"
+    ),
 }
 
 

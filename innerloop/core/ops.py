@@ -18,7 +18,7 @@ these arguments (docs/family.md has the table). ``TTTLayer`` runs the same path
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -204,6 +204,16 @@ def _initial_state(
     return state.with_weights(weights)
 
 
+def _cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(dtype)
+
+
+def _autocast_off(device_type: str) -> AbstractContextManager:
+    """Autocast switched off where it is on (the scan's products run in its dtype), else nothing."""
+    autocasting = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+    return torch.autocast(device_type, enabled=False) if autocasting else nullcontext()
+
+
 def scan(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -256,15 +266,11 @@ def scan(
     mini_batch_size = _check_options(mini_batch_size, inner_norm, inner_residual, kernel, norm_eps)
     _check_per_token(q, lr, decay, momentum)
     model, loss, rule = resolve_plugins(inner_model, inner_loss, update_rule, kernel, q.shape[3])
-    weight, bias = _norm_parameters(q, inner_norm, norm_weight, norm_bias)
-    tau = _token_scale(q, rule, token_scale, mini_batch_size)
     # The scan runs in q's dtype but at least float32, as TTTLayer's (its state, LayerNorm statistics
     # and gradient sums), with autocast off: every path, torch or kernel, gives the same numbers.
     dtype = torch.promote_types(q.dtype, torch.float32)
-    q32, k32, v32, lr, tau, decay, momentum, weight, bias = (
-        None if t is None else t.to(dtype) for t in (q, k, v, lr, tau, decay, momentum, weight, bias)
-    )
-    state = _initial_state(q32, model, loss, rule, mini_batch_size, initial, q.dtype)
+    weight, bias = (_cast(t, dtype) for t in _norm_parameters(q, inner_norm, norm_weight, norm_bias))
+    tau = _cast(_token_scale(q, rule, token_scale, mini_batch_size), dtype)
     record = None if dispatches is None else (lambda path, reason: dispatches.append((path, reason)))
     task = InnerTask(
         model,
@@ -277,9 +283,12 @@ def scan(
         kernel,
         on_dispatch=record,
     )
-    autocasting = q.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(q.device.type)
-    with torch.autocast(q.device.type, enabled=False) if autocasting else nullcontext():
-        outputs, final = run_scan(rule, state, task, Views(q32, k32, v32), lr, tau, decay, momentum)
+    views = Views(*(_cast(t, dtype) for t in (q, k, v)))
+    state = _initial_state(views.query, model, loss, rule, mini_batch_size, initial, q.dtype)
+    with _autocast_off(q.device.type):
+        outputs, final = run_scan(
+            rule, state, task, views, *(_cast(t, dtype) for t in (lr, tau, decay, momentum))
+        )
     return outputs.to(q.dtype), final.scan_weights(tau)
 
 

@@ -30,7 +30,12 @@ def sample_next(
     ``top_k`` keeps exactly ``top_k`` candidates per row (the indices ``torch.topk`` picks; among tokens
     tied with the ``top_k``-th logit, the rest are dropped). ``-inf`` logits (masked tokens) are never
     drawn; a row holding NaN or ``+inf``, or ``-inf`` for every token, is refused with a ValueError.
+    ``temperature``, ``top_k`` and ``generator`` are checked as :func:`generate` checks them.
     """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        described = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a floating-point tensor [batch, vocab], got {described}")
+    temperature, top_k = _checked_sampling(temperature, top_k, generator)
     bad = _non_finite_rows(logits)
     if bad:
         raise ValueError(
@@ -97,6 +102,12 @@ def generate(
     check_token_ids(prompt_ids, vocab_size if _is_int(vocab_size) else None, "prompt_ids", min_length=1)
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise _bad("max_new_tokens", max_new_tokens, "an int >= 0", _is_int(max_new_tokens))
+    temperature, top_k = _checked_sampling(temperature, top_k, generator)
+    return _sample(model, prompt_ids, int(max_new_tokens), temperature, top_k, generator)
+
+
+def _checked_sampling(temperature: object, top_k: object, generator: object) -> tuple[float, int | None]:
+    """``(temperature, top_k)`` as a float and an int (or None), each checked and named if wrong."""
     if not _is_real(temperature) or not (math.isfinite(temperature) and temperature >= 0):
         raise _bad(
             "temperature", temperature, "a finite real number >= 0 (0 is greedy)", _is_real(temperature)
@@ -105,8 +116,7 @@ def generate(
         raise _bad("top_k", top_k, "an int >= 1, or None for all tokens", _is_int(top_k))
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    top_k = None if top_k is None else int(top_k)
-    return _sample(model, prompt_ids, int(max_new_tokens), float(temperature), top_k, generator)
+    return float(temperature), None if top_k is None else int(top_k)
 
 
 def _is_int(value: object) -> bool:

@@ -147,7 +147,7 @@ class CausalLM(nn.Module):
         """The ids are ``[B, T]`` in the vocabulary and ``state`` (if given) is one this model returned
         for ``B`` sequences: checked before any block runs (a block's pre-conv would otherwise fail on
         a state of another batch before its mixer's check)."""
-        check_token_ids(input_ids, self.config.vocab_size)
+        check_token_ids(input_ids, self.config.vocab_size, min_length=1)  # a T=0 call has nothing to score
         if state is None:
             return
         if not isinstance(state, LMState):

@@ -87,3 +87,41 @@ def test_sample_next_refuses_nan_logits(temperature: float) -> None:
     logits[2, 4] = float("nan")
     with pytest.raises(ValueError, match=r"not finite in rows \[2\]"):
         sample_next(logits, temperature, 3, None)
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "error", "message"),
+    [
+        (-1.0, None, ValueError, r"temperature=-1\.0 must be a finite real number >= 0"),
+        (float("inf"), None, ValueError, r"temperature=inf must be a finite real number >= 0"),
+        (float("nan"), None, ValueError, r"temperature=nan must be a finite real number >= 0"),
+        (None, None, TypeError, r"temperature=None \(NoneType\) must be a finite real number"),
+        (1.0, 0, ValueError, r"top_k=0 must be an int >= 1, or None"),
+        (1.0, -1, ValueError, r"top_k=-1 must be an int >= 1, or None"),
+        (1.0, 2.0, TypeError, r"top_k=2\.0 \(float\) must be an int >= 1"),
+    ],
+)
+def test_sample_next_checks_its_arguments_as_generate_does(temperature, top_k, error, message) -> None:
+    """A negative temperature drew the least likely token every time, inf drew uniformly."""
+    logits = torch.tensor([[10.0, 0.0, -10.0]])
+    with pytest.raises(error, match=message):
+        sample_next(logits, temperature, top_k, None)
+    with pytest.raises(error, match=message):
+        next(generate(tiny(), torch.zeros(1, 2, dtype=torch.long), 1, temperature, top_k))
+
+
+@pytest.mark.parametrize(
+    "logits", [torch.zeros(4), torch.zeros(1, 2, 4), torch.zeros(2, 4, dtype=torch.long)]
+)
+def test_sample_next_takes_only_a_batch_of_float_logits(logits) -> None:
+    with pytest.raises(ValueError, match=r"logits must be a floating-point tensor \[batch, vocab\]"):
+        sample_next(logits, 1.0, None, None)
+
+
+@pytest.mark.parametrize("backbone", ["transformer", "mamba"])
+@pytest.mark.parametrize("mixer", ["ttt", "attention"])
+def test_an_empty_input_is_named_not_a_crash_inside_a_block(backbone, mixer) -> None:
+    """T = 0 crashed in the pre-conv (mamba), named the TTT layer's x, or returned empty logits."""
+    model = CausalLM(ModelConfig(mixer=mixer, backbone=backbone, hidden_size=16, num_heads=2)).eval()
+    with pytest.raises(ValueError, match=r"input_ids must be \[batch, length >= 1\], got shape \(2, 0\)"):
+        model(torch.zeros(2, 0, dtype=torch.long))

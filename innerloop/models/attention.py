@@ -34,6 +34,10 @@ class KVCache:
         """The same cache cut from the autograd graph."""
         return KVCache(self.key.detach(), self.value.detach(), self.position)
 
+    def to(self, *args: Any, **kwargs: Any) -> KVCache:
+        """The cache moved or cast like ``Tensor.to`` (keys and values)."""
+        return KVCache(self.key.to(*args, **kwargs), self.value.to(*args, **kwargs), self.position)
+
 
 def rotate_with_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """``x [B, H, T, f]`` with RoPE at ``positions [T]``: the TTT layer's rotation (interleaved pairs,

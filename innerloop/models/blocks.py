@@ -97,6 +97,13 @@ class BlockState:
             self.mixer.detach() if hasattr(self.mixer, "detach") else self.mixer,
         )
 
+    def to(self, *args: Any, **kwargs: Any) -> BlockState:
+        """The state moved or cast like ``Tensor.to``: the pre-conv history and the mixer's state."""
+        return BlockState(
+            None if self.conv is None else self.conv.to(*args, **kwargs),
+            self.mixer.to(*args, **kwargs) if hasattr(self.mixer, "to") else self.mixer,
+        )
+
 
 MIXER_STATES: tuple[tuple[type[nn.Module], type], ...] = (
     (TTTLayer, TTTState),

@@ -32,6 +32,11 @@ class LMState:
         """The same state cut from the autograd graph."""
         return LMState(tuple(block.detach() for block in self.blocks))
 
+    def to(self, *args: Any, **kwargs: Any) -> LMState:
+        """The state moved or cast like ``Tensor.to`` (what a model moved with ``model.to(...)``
+        continues from): every block's state."""
+        return LMState(tuple(block.to(*args, **kwargs) for block in self.blocks))
+
     def nbytes(self) -> int:
         """Bytes held by every tensor of the state (what decoding keeps in memory between tokens)."""
         return sum(t.numel() * t.element_size() for t in _tensors(self))

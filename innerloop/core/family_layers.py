@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +100,32 @@ def _refuse_unimplemented(layer: str, options: dict[str, Any], short_conv: bool,
         )
 
 
+def _same_value(given: Any, fixed: Any) -> bool:
+    """Whether ``given`` is the value ``fixed`` (``np.int64(1)`` is 1; ``1`` is not ``True``)."""
+    if isinstance(given, bool) or isinstance(fixed, bool):
+        return given is fixed
+    try:
+        return bool(given == fixed)
+    except (TypeError, ValueError, RuntimeError):  # e.g. a tensor of several values
+        return False
+
+
+def with_fixed_options(
+    layer: str, options: dict[str, Any], fixed: dict[str, tuple[Any, str]]
+) -> dict[str, Any]:
+    """``options`` plus the arguments the member ``layer`` fixes (``fixed``: name -> (value, why)).
+
+    Passing a fixed argument with its value is allowed; another value is refused with a ``ValueError``
+    that says the member fixes it, to which value and why (instead of Python's "got multiple values").
+    """
+    for name, (value, why) in fixed.items():
+        if name in options and not _same_value(options[name], value):
+            raise ValueError(
+                f"{layer} fixes {name}={value!r}, got {name}={options[name]!r}: {why}; drop {name}"
+            )
+    return {**options, **{name: value for name, (value, _) in fixed.items()}}
+
+
 def _log_uniform_dt(num_heads: int) -> torch.Tensor:
     """``softplus^-1(dt)`` with ``dt`` log-uniform in [1e-3, 1e-1] (FLA Gated DeltaNet's ``dt_bias``)."""
     dt = torch.exp(torch.rand(num_heads) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
@@ -127,9 +153,13 @@ class FamilyLayer(TTTLayer):
     TTTLayer's ``use_gate``, ``share_qk`` and ``rope_theta`` are refused with a ``TypeError`` that
     says what to use instead (:data:`REFUSED_TTT_OPTIONS`; the gate is ``output_gate``), and so is a
     ``conv_kernel`` other than 4 without short convs (``ValueError``): none would have any effect.
+    Each member fixes some arguments (:attr:`fixed_options`: the value and why); another value for one
+    of them is refused with a ``ValueError`` that says so.
     """
 
     uses_rope = False  # so any head size is valid
+    # name -> (value, why): the arguments a member sets itself (with_fixed_options); none here
+    fixed_options: ClassVar[dict[str, tuple[Any, str]]] = {}
 
     def __init__(
         self,
@@ -331,6 +361,19 @@ class LinearAttentionLayer(FamilyLayer):
     block size; 16 by default). The state starts at zero, as FLA's, and that start is learned.
     """
 
+    fixed_options: ClassVar[dict[str, tuple[Any, str]]] = {
+        "inner_model": ("matrix", "linear attention's state is one matrix S, read as o = q S"),
+        "inner_loss": (
+            "dot_product",
+            "S_t = S_{t-1} + k_t^T v_t is the dual form under the dot_product loss",
+        ),
+        "update_rule": ("dual_form", "S_t = S_{t-1} + k_t^T v_t is the dual form under the dot_product loss"),
+        "short_conv": (False, "FLA's linear attention has no short convs (DeltaNetLayer has them)"),
+        "qk_activation": ("identity", "FLA's linear attention shapes q and k by feature_map only"),
+        "value_activation": ("identity", "FLA's linear attention uses v as projected"),
+        "qk_l2norm": (False, "FLA's linear attention shapes q and k by feature_map only"),
+    }
+
     def __init__(
         self,
         hidden_size: int,
@@ -343,16 +386,9 @@ class LinearAttentionLayer(FamilyLayer):
         super().__init__(
             hidden_size,
             num_heads,
-            inner_model="matrix",
-            inner_loss="dot_product",
-            update_rule="dual_form",
             mini_batch_size=mini_batch_size,
-            short_conv=False,
-            qk_activation="identity",
-            value_activation="identity",
             feature_map=feature_map,
-            qk_l2norm=False,
-            **options,
+            **with_fixed_options(type(self).__name__, options, self.fixed_options),
         )
 
 
@@ -365,15 +401,20 @@ class DeltaNetLayer(FamilyLayer):
     As scan: the matrix model, reconstruction loss, dual form at ``K = 1``, ``lr = base_lr * beta``.
     """
 
+    fixed_options: ClassVar[dict[str, tuple[Any, str]]] = {
+        "inner_model": ("matrix", "the delta rule's state is one matrix S, read as o = q S"),
+        "update_rule": ("dual_form", "the delta rule is the dual form at mini_batch_size=1"),
+        "mini_batch_size": (
+            1,
+            "the delta rule takes one step per token; mini-batches of K > 1 tokens are mini-batch "
+            "gradient descent, another rule (FamilyLayer or TTTLayer take it)",
+        ),
+    }
+
     def __init__(self, hidden_size: int, num_heads: int, **options: Any) -> None:
         options.setdefault("output_gate", False)
         super().__init__(
-            hidden_size,
-            num_heads,
-            inner_model="matrix",
-            update_rule="dual_form",
-            mini_batch_size=1,
-            **options,
+            hidden_size, num_heads, **with_fixed_options(type(self).__name__, options, self.fixed_options)
         )
 
     def _build_gates(self) -> None:
@@ -397,8 +438,22 @@ class GatedDeltaNetLayer(DeltaNetLayer):
     FLA decays before the gradient; scan takes the gradient at the undecayed weights. The exact map
     (``../shared/ZOO.md`` (c)): ``decay = 1 - a``, ``lr = a * beta`` and values ``v / a``. ``a`` is held
     at ``DECAY_FACTOR_FLOOR`` (1e-4) or above, so ``v / a`` stays finite; below it FLA's state is gone
-    all the same.
+    all the same. The map holds for the bare matrix model only: ``inner_norm`` and ``inner_residual``
+    are fixed to False (refused when True).
     """
+
+    fixed_options: ClassVar[dict[str, tuple[Any, str]]] = {
+        **DeltaNetLayer.fixed_options,
+        **{
+            name: (
+                False,
+                "Gated DeltaNet decays before its gradient step and runs as scan's rule through lr = a * beta and "
+                f"values v / a, which equals it only without the inner {what}; with it the layer "
+                "would compute neither rule (DeltaNetLayer and TitansLayer take it)",
+            )
+            for name, what in (("inner_norm", "LayerNorm"), ("inner_residual", "residual"))
+        },
+    }
 
     def __init__(self, hidden_size: int, num_heads: int, **options: Any) -> None:
         options.setdefault("output_gate", True)
@@ -410,11 +465,23 @@ class GatedDeltaNetLayer(DeltaNetLayer):
         self.A_log = nn.Parameter(torch.log(torch.empty(self.num_heads).uniform_(0, 16)))
         self.dt_bias = nn.Parameter(_log_uniform_dt(self.num_heads))
 
+    def log_decay_factor(self, x: torch.Tensor) -> torch.Tensor:
+        """``log a = -exp(A_log) * softplus(a_proj(x) + dt_bias)`` ``[B, H, T]``, at least ``log`` of the floor.
+
+        In :attr:`scan_dtype` (at least float32, as FLA's gate), whatever the weights' dtype: a
+        bfloat16 ``a`` near 1 is 1 or ``1 - 2^-8``, which would turn a decay of 1e-3 into 0 or 4e-3.
+        """
+        dtype = self.scan_dtype
+        logits = self._head_gate(x, self.a_proj).to(dtype) + self.dt_bias.to(dtype)[:, None]
+        log_a = -torch.exp(self.A_log.to(dtype))[:, None] * F.softplus(logits)
+        return log_a.clamp_min(math.log(DECAY_FACTOR_FLOOR))
+
     def decay_factor(self, x: torch.Tensor) -> torch.Tensor:
-        """``a = exp(-exp(A_log) * softplus(a_proj(x) + dt_bias))`` ``[B, H, T]``, at least the floor."""
-        logits = self._head_gate(x, self.a_proj) + self.dt_bias[:, None]
-        log_a = -torch.exp(self.A_log)[:, None] * F.softplus(logits)
-        return torch.exp(log_a).clamp_min(DECAY_FACTOR_FLOOR)
+        """``a = exp(log a)`` ``[B, H, T]`` (:meth:`log_decay_factor`), at least the floor."""
+        log_a = self.log_decay_factor(x)
+        return torch.where(
+            log_a > math.log(DECAY_FACTOR_FLOOR), log_a.exp(), DECAY_FACTOR_FLOOR
+        )  # not exp(log)
 
     def _read(self, x: torch.Tensor, state: TTTState) -> tuple[Views, torch.Tensor, torch.Tensor, dict]:
         views, beta_lr, tau, conv_history = super()._read(x, state)
@@ -423,10 +490,12 @@ class GatedDeltaNetLayer(DeltaNetLayer):
         return views, a * beta_lr, tau, conv_history
 
     def forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``decay = 1 - a`` (none while test-time training is off, ``base_lr == 0``)."""
+        """``decay = 1 - a``, as ``-expm1(log a)`` in :attr:`scan_dtype` (exact for decays near 0, where
+        ``1 - a`` would keep only ``eps / decay`` of them); none while test-time training is off
+        (``base_lr == 0``)."""
         if self.base_lr == 0:
             return None, None
-        return 1.0 - self.decay_factor(x), None
+        return -torch.expm1(self.log_decay_factor(x)), None
 
 
 class TitansLayer(FamilyLayer):
@@ -447,6 +516,13 @@ class TitansLayer(FamilyLayer):
     scaled (FLA's Titans op). Output: gated per-head RMSNorm, o_proj (the paper's norm + gate).
     """
 
+    fixed_options: ClassVar[dict[str, tuple[Any, str]]] = {
+        "update_rule": ("momentum", "Titans is the momentum rule with forgetting"),
+        "inner_norm": (True, "Titans' memory is read through the inner LayerNorm (FLA's Titans ops)"),
+        "inner_residual": (True, "Titans' memory is read with the inner residual (FLA's Titans ops)"),
+        "scale_query": (False, "FLA's Titans op does not scale q"),
+    }
+
     def __init__(
         self,
         hidden_size: int,
@@ -460,12 +536,8 @@ class TitansLayer(FamilyLayer):
             hidden_size,
             num_heads,
             inner_model=inner_model,
-            update_rule="momentum",
             mini_batch_size=mini_batch_size,
-            inner_norm=True,
-            inner_residual=True,
-            scale_query=False,
-            **options,
+            **with_fixed_options(type(self).__name__, options, self.fixed_options),
         )
 
     def _build_gates(self) -> None:
@@ -504,4 +576,5 @@ __all__ = [
     "LinearAttentionLayer",
     "TitansLayer",
     "l2_normalize",
+    "with_fixed_options",
 ]

@@ -79,6 +79,10 @@ class FamilyConfig:
         conv_kernel: their kernel size.
         output_gate: the swish-gated output norm (FLA's ``use_gate``); None: the member's default
             (Gated DeltaNet and Titans: on; linear attention and DeltaNet: off).
+
+    A key the chosen member does not read (:data:`FAMILY_OPTIONS_USED`: ``mini_batch_size`` for
+    DeltaNet and Gated DeltaNet, ``short_conv`` and ``conv_kernel`` for linear attention) must stay at
+    its default: another value is refused, not dropped.
     """
 
     memory: str = "matrix"
@@ -327,18 +331,30 @@ FAMILY_MIXERS: tuple[str, ...] = tuple(FAMILY_LAYERS)
 """The family's members as mixers (``innerloop.core.family_layers``), options in ``model.family``."""
 
 
+FAMILY_OPTIONS_USED: dict[str, tuple[str, ...]] = {
+    "linear_attention": ("mini_batch_size", "base_lr", "output_gate"),
+    "deltanet": ("base_lr", "short_conv", "conv_kernel", "output_gate"),
+    "gated_deltanet": ("base_lr", "short_conv", "conv_kernel", "output_gate"),
+    "titans": ("memory", "mini_batch_size", "base_lr", "short_conv", "conv_kernel", "output_gate"),
+}
+"""The ``model.family`` keys each member reads; another key set away from its default is refused
+(``_check_family``). ``memory`` is checked with its choices (``matrix`` only but for titans)."""
+FAMILY_OPTIONS_UNUSED_WHY = {
+    "mini_batch_size": "it takes one gradient step per token (K = 1)",
+    "short_conv": "it has no short convs",
+    "conv_kernel": "it has no short convs",
+}
+"""Why a member that does not read a ``model.family`` key does not (the error names it)."""
+
+
 def _family_options(config: ModelConfig) -> dict[str, Any]:
-    """The keyword arguments of the member ``config.mixer`` from ``config.family``."""
-    family = config.family
-    options: dict[str, Any] = {"base_lr": family.base_lr, "norm_eps": 1e-6}
-    if family.output_gate is not None:
-        options["output_gate"] = family.output_gate
-    if config.mixer == "titans":
-        options.update(inner_model=family.memory, mini_batch_size=family.mini_batch_size)
-    if config.mixer == "linear_attention":
-        options["mini_batch_size"] = family.mini_batch_size
-    else:
-        options.update(short_conv=family.short_conv, conv_kernel=family.conv_kernel)
+    """The keyword arguments of the member ``config.mixer`` from the ``config.family`` keys it reads."""
+    arguments = {"memory": "inner_model"}  # model.family key -> the layer's argument, where they differ
+    options: dict[str, Any] = {"norm_eps": 1e-6}
+    for key in FAMILY_OPTIONS_USED[config.mixer]:
+        value = getattr(config.family, key)
+        if value is not None:  # output_gate None: the member's default
+            options[arguments.get(key, key)] = value
     return options
 
 
@@ -555,10 +571,28 @@ def _check_family(config: ModelConfig) -> None:
             raise ValueError(f"model.family.{key}={getattr(family, key)} must be >= 1")
     if not math.isfinite(family.base_lr) or family.base_lr < 0:
         raise ValueError(f"model.family.base_lr={family.base_lr} must be a finite number >= 0")
+    _refuse_unused_family_options(config)
     try:  # the layer's own checks, on a width of 4 (a few hundred parameters)
         FAMILY_LAYERS[config.mixer](4, 1, **_family_options(config))
     except ValueError as err:
         raise ValueError(f"model.family: {err}") from None
+
+
+def _refuse_unused_family_options(config: ModelConfig) -> None:
+    """A ``model.family`` key the member does not read, set away from its default, is an error (it was
+    silently dropped): the message names the key, the member and the keys it reads."""
+    used = FAMILY_OPTIONS_USED[config.mixer]
+    for option in fields(FamilyConfig):
+        key, value = option.name, getattr(config.family, option.name)
+        if key in used or key == "memory" or value == option.default:
+            continue
+        if key == "short_conv" and value is False:  # "no short convs": what a member without them does
+            continue
+        raise ValueError(
+            f"model.family.{key}={value!r} is not used by mixer {config.mixer!r} "
+            f"({FAMILY_OPTIONS_UNUSED_WHY[key]}); it reads model.family.{{{', '.join(used)}}}: "
+            f"drop it, or set it to its default {option.default!r}, which this mixer ignores"
+        )
 
 
 E2E_CHOICES: dict[str, tuple[str, ...]] = {

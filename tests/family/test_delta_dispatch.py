@@ -8,8 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from innerloop.core.functional import relative_error
 from innerloop.core.ops import scan
 from innerloop.kernels.dispatch import KernelUnavailableError
+from innerloop.testing import FLOAT64_TOLERANCE
 
 B, H, F = 2, 3, 8
 
@@ -54,6 +56,27 @@ def test_scan_runs_the_chunked_delta_rule_and_it_equals_the_torch_dual_form(toke
     ((slow_out * probe).sum() + slow_state["W"].sum()).backward()
     for name in leaves:
         torch.testing.assert_close(leaves[name].grad, torch_leaves[name].grad, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize(("gate_name", "gate"), [("reset", 0.0), ("near_reset", 1e-12), ("no_decay", 1.0)])
+def test_a_full_reset_and_gates_near_it_give_the_torch_paths_gradient(gate_name, gate) -> None:
+    """decay = 1 (a document boundary), 1 - 1e-12 and 0 at a few tokens of two chunks (64 + 6 tokens):
+    the gradient w.r.t. decay went through log(1 - decay), NaN at a reset and ~eps / a off near one."""
+    tensors = _inputs(70, decaying=True)
+    tensors["decay"][0, 0, [3, 40]] = 1 - gate
+    tensors["decay"][1, 2, [0, 65, 69]] = 1 - gate
+    results = {}
+    for kernel in ("auto", "torch"):
+        leaves = {name: t.clone().requires_grad_() for name, t in tensors.items()}
+        records: list = []
+        out, state = _delta_scan(leaves, kernel, records)
+        probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
+        ((out * probe).sum() + state["W"].sum()).backward()
+        results[kernel] = {"out": out, "W": state["W"], **{f"d_{n}": t.grad for n, t in leaves.items()}}
+        assert {path for path, _ in records} == ({"delta_chunk"} if kernel == "auto" else {"torch"}), records
+    for name, expected in results["torch"].items():
+        assert torch.isfinite(expected).all(), name
+        assert relative_error(results["auto"][name], expected) <= FLOAT64_TOLERANCE, (gate_name, name)
 
 
 def test_layers_the_delta_kernel_does_not_compute_go_to_torch_with_the_reason() -> None:

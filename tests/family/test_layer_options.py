@@ -4,6 +4,7 @@ and ``rope_theta`` (stored and ignored before) are refused by name with what to 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from innerloop import TTTLayer
+from innerloop.config.load import ConfigError, load_config
 from innerloop.core.family_layers import (
     REFUSED_TTT_OPTIONS,
     DeltaNetLayer,
@@ -20,6 +22,7 @@ from innerloop.core.family_layers import (
     TitansLayer,
 )
 from innerloop.models import ModelConfig, build_model
+from innerloop.models.config import FAMILY_MIXERS, FAMILY_OPTIONS_USED, FamilyConfig
 
 D, H = 8, 2
 MEMBERS = (LinearAttentionLayer, DeltaNetLayer, GatedDeltaNetLayer, TitansLayer)
@@ -134,3 +137,106 @@ def test_numpy_scalars_are_numbers_for_the_family_too() -> None:
     assert (layer.hidden_size, layer.num_heads, layer.base_lr, layer.conv_kernel) == (D, H, 0.5, 3)
     assert type(layer.conv_kernel) is int and layer.q_conv.kernel_size == (3,)
     assert LinearAttentionLayer(D, H, conv_kernel=np.int64(4)).conv_kernel == 4  # the default, no conflict
+
+
+# (member, argument, a value it does not take, the value it fixes, why): each member's fixed arguments
+FIXED = [
+    (DeltaNetLayer, "mini_batch_size", 4, 1, "the delta rule takes one step per token"),
+    (DeltaNetLayer, "update_rule", "momentum", "dual_form", "the delta rule is the dual form"),
+    (DeltaNetLayer, "inner_model", "mlp", "matrix", "the delta rule's state is one matrix"),
+    (LinearAttentionLayer, "short_conv", True, False, "FLA's linear attention has no short convs"),
+    (LinearAttentionLayer, "qk_l2norm", True, False, "shapes q and k by feature_map only"),
+    (
+        LinearAttentionLayer,
+        "inner_loss",
+        "reconstruction",
+        "dot_product",
+        "the dual form under the dot_product",
+    ),
+    (TitansLayer, "inner_norm", False, True, "read through the inner LayerNorm"),
+    (TitansLayer, "scale_query", True, False, "FLA's Titans op does not scale q"),
+    (GatedDeltaNetLayer, "inner_norm", True, False, "equals it only without the inner LayerNorm"),
+    (GatedDeltaNetLayer, "inner_residual", True, False, "equals it only without the inner residual"),
+    (GatedDeltaNetLayer, "mini_batch_size", 2, 1, "the delta rule takes one step per token"),
+]
+
+
+@pytest.mark.parametrize(
+    ("member", "name", "given", "fixed", "why"), FIXED, ids=lambda v: getattr(v, "__name__", str(v))
+)
+def test_an_argument_a_member_fixes_is_refused_with_its_value_and_why(
+    member, name, given, fixed, why
+) -> None:
+    # Before: Python's "got multiple values for keyword argument" (Gated DeltaNet's inner_norm and
+    # inner_residual: accepted, and the layer computed neither FLA's rule nor a documented one).
+    match = rf"{member.__name__} fixes {name}={fixed!r}, got {name}={given!r}: .*{why}.*; drop {name}$"
+    with pytest.raises(ValueError, match=match):
+        member(D, H, **{name: given})
+    layer = member(D, H, **{name: fixed})  # the value it fixes is no conflict
+    assert (getattr(layer, name, None) == fixed) or name in ("inner_loss", "update_rule", "inner_model")
+
+
+def test_the_fixed_arguments_are_the_ones_the_members_set() -> None:
+    assert set(DeltaNetLayer.fixed_options) == {"inner_model", "update_rule", "mini_batch_size"}
+    assert set(GatedDeltaNetLayer.fixed_options) == set(DeltaNetLayer.fixed_options) | {
+        "inner_norm",
+        "inner_residual",
+    }
+    gated = GatedDeltaNetLayer(D, H, mini_batch_size=np.int64(1), inner_norm=False, inner_residual=False)
+    assert (gated.mini_batch_size, gated.inner_norm, gated.inner_residual) == (1, False, False)
+    titans = TitansLayer(D, H, inner_model="mlp", inner_norm=True)
+    assert (titans.inner_model.name, titans.update_rule.name, titans.scale_query) == (
+        "mlp",
+        "momentum",
+        False,
+    )
+
+
+def test_gated_deltanet_options_a_config_cannot_reach_are_unknown_keys() -> None:
+    """The language-model config has no model.family.inner_norm / inner_residual: refused by key."""
+    for key in ("inner_norm", "inner_residual"):
+        with pytest.raises(ConfigError, match=rf"unknown config key 'model.family.{key}'.*valid keys here"):
+            load_config("gated-deltanet-tiny", [f"model.family.{key}=true"])
+
+
+@pytest.mark.parametrize(
+    ("preset", "override", "reads"),
+    [
+        ("deltanet-tiny", "mini_batch_size=8", "base_lr, short_conv, conv_kernel, output_gate"),
+        ("gated-deltanet-tiny", "mini_batch_size=4", "base_lr, short_conv, conv_kernel, output_gate"),
+        ("linear-attention-tiny", "short_conv=true", None),  # the default: no error
+        ("linear-attention-tiny", "short_conv=false", None),  # "no short convs": what it does anyway
+        ("linear-attention-tiny", "conv_kernel=7", "mini_batch_size, base_lr, output_gate"),
+    ],
+)
+def test_a_family_key_the_member_does_not_read_is_refused_unless_at_its_default(
+    preset, override, reads
+) -> None:
+    # Before: dropped without a word (deltanet-tiny with mini_batch_size=8 built a K = 1 model).
+    if reads is None:
+        load_config(preset, [f"model.family.{override}"])
+        return
+    key, _ = override.split("=")
+    mixer = preset.removesuffix("-tiny").replace("-", "_")
+    match = rf"^model.family.{key}=.* is not used by mixer '{mixer}' \(.*\); it reads model.family.\{{{reads}\}}: "
+    with pytest.raises(ConfigError, match=match) as error:
+        load_config(preset, [f"model.family.{override}"])
+    assert "\n" not in str(error.value)
+    config = {
+        "hidden_size": D,
+        "num_heads": H,
+        "mixer": mixer,
+        "family": {key: 8 if key != "short_conv" else False},
+    }
+    with pytest.raises(ValueError, match=rf"model.family.{key}=.* is not used by mixer '{mixer}'"):
+        build_model(ModelConfig.from_dict(config))
+
+
+def test_every_family_key_is_read_by_some_member_and_every_member_is_listed() -> None:
+    assert set(FAMILY_OPTIONS_USED) == set(FAMILY_MIXERS)
+    keys = {option.name for option in dataclasses.fields(FamilyConfig)}
+    assert set().union(*FAMILY_OPTIONS_USED.values()) == keys
+    titans = build_model(ModelConfig.from_dict({"hidden_size": D, "num_heads": H, "mixer": "titans",
+                                                "family": {"mini_batch_size": 4, "short_conv": False}}))  # fmt: skip
+    mixer = next(m for m in titans.modules() if isinstance(m, TitansLayer))
+    assert (mixer.mini_batch_size, mixer.short_conv) == (4, False)  # titans reads them all

@@ -5,6 +5,9 @@ the gradients reach every gate, and bad options and configs are refused by name.
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
 
@@ -169,6 +172,26 @@ def test_gated_deltanet_holds_the_decay_factor_at_its_floor() -> None:
         expected = _reference_output("gated_deltanet", layer, x)
     assert torch.isfinite(y).all() and state.is_finite()
     assert torch.allclose(y, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_a_bfloat16_gated_deltanet_keeps_its_long_memory_decays() -> None:
+    """bf16 weights, long memories (decays 1e-4 to 3e-2): the decays equal the float32 layer's (same
+    rounded weights and input) to bf16's precision. They were ``1 - a`` in bf16, where ``a`` near 1 has
+    a spacing of 2^-8: half of them became exactly 0 (no forgetting), the rest 2^-8 multiples."""
+    torch.manual_seed(0)
+    layer = GatedDeltaNetLayer(64, 4)
+    with torch.no_grad():
+        layer.A_log.fill_(math.log(0.1))
+        layer.a_proj.weight.mul_(0.5)  # |a_proj(x)| <~ 1: its bf16 rounding moves a decay by <= 2^-9 of it
+    low = layer.to(torch.bfloat16)
+    x = torch.randn(1, 512, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        decay, _ = low.forgetting(x)
+        expected, _ = copy.deepcopy(low).float().forgetting(x.float())
+    assert expected.min() > 1e-4 and expected.max() < 3e-2
+    assert bool((decay > 0).all())
+    assert ((decay - expected).abs() / expected).max() <= torch.finfo(torch.bfloat16).eps
+    assert decay.dtype == torch.float32  # the scan's dtype
 
 
 def test_the_gates_start_where_fla_starts_them() -> None:

@@ -272,6 +272,29 @@ def test_a_full_reset_gate_is_exact_with_finite_gradients():
             assert relative_error(grads[name], expected[name]) <= EXACT, name
 
 
+def test_the_token_loop_takes_the_gate_itself_with_its_gradient_at_a_full_reset():
+    """``gate = a`` equals ``decay_log = log a``, and its gradient at ``a = 0`` is the finite ``d/da``
+    (the kernel adapter's path for gradients w.r.t. a decay near 1; through ``log a`` it is NaN there)."""
+    problem = make_problem(1, 2, 12, 3, 4, decay=True, initial=True, seed=4)
+    gate = problem["decay_log"].exp()
+    gate[0, 1, 5] = 0.0
+    q, k, v, beta, start = (problem[n] for n in ("q", "k", "v", "beta", "initial_state"))
+    for decay_first in (True, False):
+        by_gate = delta_rule_loop(q, k, v, beta, gate=gate, initial_state=start, decay_first=decay_first)
+        by_log = delta_rule_loop(
+            q, k, v, beta, decay_log=gate.log(), initial_state=start, decay_first=decay_first
+        )
+        assert all(relative_error(a, b) <= EXACT for a, b in zip(by_gate, by_log, strict=True))
+    leaf = gate.clone().requires_grad_(True)
+    out, state = delta_rule_loop(q, k, v, beta, gate=leaf, initial_state=start, decay_first=False)
+    (d_gate,) = torch.autograd.grad(out.sum() + state.sum(), leaf)
+    assert torch.isfinite(d_gate).all() and d_gate[0, 1, 5] != 0
+    with pytest.raises(ValueError, match="decay_log .* or as gate .*, not both"):
+        delta_rule_loop(q, k, v, beta, decay_log=gate.log(), gate=gate)
+    with pytest.raises(ValueError, match=r"gate must have shape \[B, H, T\] = \[1, 2, 12\]"):
+        delta_rule_loop(q, k, v, beta, gate=gate[..., :5])
+
+
 def test_no_tokens_return_the_initial_state():
     problem = make_problem(2, 3, 0, 4, 5, decay=True, initial=True)
     for function in (chunk_delta_rule, delta_rule_loop):

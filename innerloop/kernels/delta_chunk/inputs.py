@@ -43,11 +43,13 @@ def check_delta_inputs(
     beta: torch.Tensor,
     decay_log: torch.Tensor | None,
     initial_state: torch.Tensor | None,
+    *,
+    gate: torch.Tensor | None = None,
 ) -> None:
     """Raise a clear error unless the arguments describe one delta-rule problem (see module docstring).
 
-    ``q, k [B, H, T, d_k]``, ``v [B, H, T, d_v]``, ``beta`` and ``decay_log`` ``[B, H, T]``,
-    ``initial_state [B, H, d_k, d_v]``; ``q, k, v`` share a dtype; everything is on one device.
+    ``q, k [B, H, T, d_k]``, ``v [B, H, T, d_v]``, ``beta``, ``decay_log`` and ``gate`` (the token loop's
+    alternative to ``decay_log``: ``a_t`` itself; not both) ``[B, H, T]``, ``initial_state [B, H, d_k, d_v]``; ``q, k, v`` share a dtype; everything is on one device.
     """
     q = _require_tensor("q", q)
     if q.ndim != 4:
@@ -62,12 +64,13 @@ def check_delta_inputs(
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     value_dim = v.shape[-1]
-    optional = {"decay_log": decay_log, "initial_state": initial_state}
+    optional = {"decay_log": decay_log, "gate": gate, "initial_state": initial_state}
     _require_shape("beta", _require_tensor("beta", beta), (batch, heads, tokens), "[B, H, T]")
-    if decay_log is not None:
-        _require_shape(
-            "decay_log", _require_tensor("decay_log", decay_log), (batch, heads, tokens), "[B, H, T]"
-        )
+    if decay_log is not None and gate is not None:
+        raise ValueError("give the gate as decay_log (log a_t) or as gate (a_t), not both")
+    for name in ("decay_log", "gate"):
+        if optional[name] is not None:
+            _require_shape(name, _require_tensor(name, optional[name]), (batch, heads, tokens), "[B, H, T]")
     if initial_state is not None:
         state = _require_tensor("initial_state", initial_state)
         _require_shape("initial_state", state, (batch, heads, key_dim, value_dim), "[B, H, d_k, d_v]")

@@ -8,7 +8,9 @@ Per batch and head, with row vectors ``q_t, k_t [d_k]``, ``v_t [d_v]``, a step `
 
 and every token reads the state after its own step: ``o_t = q_t S_t``. ``q`` is used as given (no
 ``d_k ** -0.5`` scale: the caller scales). The two orders coincide without decay. This is a plain
-Python loop over tokens, written for clarity; it is exact to all orders of differentiation.
+Python loop over tokens, written for clarity; it is exact to all orders of differentiation. The gate may
+also be given as ``a_t`` itself (``gate``): then its gradient is exact at ``a_t = 0`` too, where the one
+w.r.t. ``a_t`` through ``decay_log = log a_t`` cannot be recovered (``d a / d log a = a = 0``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def delta_rule_loop(
     beta: torch.Tensor,  # [B, H, T]
     *,
     decay_log: torch.Tensor | None = None,  # [B, H, T]: log a_t
+    gate: torch.Tensor | None = None,  # [B, H, T]: a_t itself, instead of decay_log
     initial_state: torch.Tensor | None = None,  # [B, H, d_k, d_v]
     decay_first: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +36,7 @@ def delta_rule_loop(
     ``o`` has the inputs' dtype; the final state has the compute dtype (float64 for float64 inputs,
     float32 otherwise) and equals ``initial_state`` (or zeros) when ``T = 0``.
     """
-    check_delta_inputs(q, k, v, beta, decay_log, initial_state)
+    check_delta_inputs(q, k, v, beta, decay_log, initial_state, gate=gate)
     input_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     batch, heads, tokens, key_dim = q.shape
     value_dim = v.shape[-1]
@@ -48,6 +51,8 @@ def delta_rule_loop(
         decayed = state
         if decay_log is not None:
             decayed = state * decay_log[:, :, t, None, None].to(dtype).exp()
+        if gate is not None:
+            decayed = state * gate[:, :, t, None, None].to(dtype)
         read = decayed if decay_first else state  # the state the prediction error is read on
         error = v[:, :, t] - torch.einsum("bhk,bhkv->bhv", k_t, read)  # [B, H, d_v]
         state = decayed + beta[:, :, t, None, None] * k_t[..., :, None] * error[..., None, :]

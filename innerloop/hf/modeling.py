@@ -24,8 +24,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
+from innerloop.hf.arguments import (
+    check_generate_mask_shape,
+    check_logits_to_keep,
+    check_mask_shape,
+    check_other_arguments,
+    hidden_states_wanted,
+    one_cache,
+    recording_hidden_states,
+)
 from innerloop.hf.configuration import InnerloopConfig, model_config_from
 from innerloop.hf.remote_code import AUTO_MAP, write_shims
 from innerloop.models import E2EState, LMState, build_model
@@ -46,6 +56,9 @@ class InnerloopCache:
         fingerprint: ``[batch]`` int64, a hash of each row's tokens read so far (see
             :func:`token_fingerprint`), or None; ``generate()`` checks with it that a prompt passed with
             the cache starts with the tokens the cache has read.
+        dtype, device: the model's dtype and device when it made the cache (None for a cache made by
+            hand): the model refuses the cache once it is in another dtype or on another device, since
+            the state cannot be converted with it (read the sequence again instead).
 
     Its size does not depend on ``seq_length`` for TTT and sliding-window mixers (full attention keeps
     every key and value). It implements what transformers' ``generate()`` reads of a cache, so a cache
@@ -56,10 +69,19 @@ class InnerloopCache:
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, state: LMState | E2EState, seq_length: int, fingerprint: torch.Tensor | None = None):
+    def __init__(
+        self,
+        state: LMState | E2EState,
+        seq_length: int,
+        fingerprint: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ):
         self.state = state
         self.seq_length = seq_length
         self.fingerprint = fingerprint
+        self.dtype = dtype
+        self.device = device
 
     @property
     def is_linear(self) -> list[bool]:
@@ -138,13 +160,17 @@ class InnerloopCausalLMOutput(ModelOutput):
 
     Attributes:
         loss: mean next-token cross-entropy over the labels that are not -100 (when labels are given).
-        logits: ``[B, T, vocab]``.
+        logits: ``[B, T, vocab]`` (the positions ``logits_to_keep`` keeps).
         cache: the state after the last token (:class:`InnerloopCache`), unless ``use_cache=False``.
+        hidden_states: with ``output_hidden_states=True``, ``num_layers + 1`` tensors ``[B, T, hidden]``:
+            the embedding's output, each block's output, the last one after the final norm (as
+            transformers' models return them).
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     cache: InnerloopCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 def mask_padding(attention_mask: torch.Tensor | None) -> tuple[str, str] | None:
@@ -338,6 +364,8 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"model.lm_head.weight": "model.embed.weight"}
+    # transformers' Trainer then passes no num_items_in_batch (forward refuses arguments it does not use)
+    accepts_loss_kwargs = False
 
     def __init__(self, config: InnerloopConfig):
         super().__init__(config)
@@ -426,46 +454,113 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
         return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        past_key_values: InnerloopCache | None = None,
+        cache_params: InnerloopCache | None = None,
         **kwargs: Any,
     ) -> InnerloopCausalLMOutput | tuple:
         """``input_ids [B, T]`` -> logits ``[B, T, vocab]``, continuing from ``cache`` when given.
 
         Args:
             input_ids: token ids, ``[batch, length]``.
-            attention_mask: ``[batch, cached + length]``; only ones, or right padding when no cache is
-                passed in nor asked for (then no cache is returned; see :func:`check_attention_mask`).
-            cache: the :class:`InnerloopCache` of the previous call, to continue its sequence.
+            attention_mask: ``[batch, cached + length]`` (it covers the tokens the cache has read too, as
+                in transformers); only ones, or right padding when no cache is passed in nor asked for
+                (then no cache is returned; see :func:`check_attention_mask`).
+            cache: the :class:`InnerloopCache` of the previous call, to continue its sequence (or as
+                ``past_key_values`` or ``cache_params``: two different caches are refused).
             labels: ``[batch, length]`` integer token ids; the loss is the next-token cross-entropy
-                (labels shifted inside, -100 ignored), in float32, or float64 for a float64 model.
+                (labels shifted inside, -100 ignored), in float32, or float64 for a float64 model, over
+                every position whatever ``logits_to_keep``.
             use_cache: return the state as ``cache`` (default: ``config.use_cache``).
             inputs_embeds: not supported (innerloop models start from token ids).
             return_dict: a tuple instead of the output object when false.
-            **kwargs: what generate() passes along and a recurrent model has no use for
-                (``position_ids``, ``output_attentions`` ...): ignored.
+            logits_to_keep: an int k keeps the logits of the last k positions (0, the default, keeps
+                all), a tensor the positions it holds (see :func:`~innerloop.hf.arguments.check_logits_to_keep`).
+            output_hidden_states: also return the hidden states (default: the config's); not for TTT-E2E.
+            **kwargs: ``position_ids`` / ``cache_position`` equal to the positions the model reads,
+                ``output_attentions=False`` and arguments given as None are accepted; any other is
+                refused, naming it.
         """
         if inputs_embeds is not None or input_ids is None:
             raise ValueError(
                 "InnerloopForCausalLM takes input_ids (token ids [batch, length]); inputs_embeds is not "
                 "supported"
             )
-        if cache is not None and not isinstance(cache, InnerloopCache):
+        cache = one_cache(cache, past_key_values, cache_params)
+        self._check_cache(cache)
+        may_cache, hidden = self._check_inputs(
+            input_ids, attention_mask, cache, use_cache, output_hidden_states
+        )
+        check_other_arguments(kwargs, 0 if cache is None else cache.seq_length, input_ids.shape[1])
+        check_logits_to_keep(logits_to_keep)
+        if labels is not None:
+            labels = check_labels(labels, input_ids, self.config.vocab_size)
+        logits, state, hidden_states = self._run(input_ids, cache, hidden)  # logits [B, T, V]
+        use_cache = (self.config.use_cache if use_cache is None else use_cache) and may_cache
+        new_cache = self._next_cache(input_ids, cache, state) if use_cache else None
+        loss = None if labels is None else next_token_loss(logits, labels)
+        logits = slice_logits_to_keep(logits, logits_to_keep)  # as transformers' models keep them
+        output = InnerloopCausalLMOutput(
+            loss=loss, logits=logits, cache=new_cache, hidden_states=hidden_states
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def _check_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: InnerloopCache | None,
+        use_cache: bool | None,
+        output_hidden_states: bool | None,
+    ) -> tuple[bool, bool]:
+        """Check the ids and the mask; return whether a cache may be returned (see
+        :func:`check_attention_mask`) and whether the hidden states are wanted."""
+        check_token_ids(input_ids, self.config.vocab_size)
+        check_mask_shape(attention_mask, input_ids, 0 if cache is None else cache.seq_length)
+        may_cache = check_attention_mask(attention_mask, cached=cache is not None, use_cache=use_cache)
+        is_e2e = self.config.model["mixer"] == E2E  # type: ignore[index]
+        return may_cache, hidden_states_wanted(output_hidden_states, self.config.output_hidden_states, is_e2e)
+
+    def _check_cache(self, cache: Any) -> None:
+        """Refuse anything but an :class:`InnerloopCache`, and a cache this model made in another dtype
+        or on another device (its state cannot be converted: the sequence must be read again)."""
+        if cache is None:
+            return
+        if not isinstance(cache, InnerloopCache):
             raise ValueError(
                 f"cache must be the InnerloopCache returned by a previous call, got {type(cache).__name__}"
             )
-        may_cache = check_attention_mask(attention_mask, cached=cache is not None, use_cache=use_cache)
-        check_token_ids(input_ids, self.config.vocab_size)
-        if labels is not None:
-            labels = check_labels(labels, input_ids, self.config.vocab_size)
-        logits, state = self.model(input_ids, None if cache is None else cache.state)  # [B, T, V]
-        use_cache = (self.config.use_cache if use_cache is None else use_cache) and may_cache
-        new_cache = None
-        if use_cache:
-            seen = (0 if cache is None else cache.seq_length) + input_ids.shape[1]
-            fingerprint = token_fingerprint(input_ids, None if cache is None else cache.fingerprint)
-            new_cache = InnerloopCache(state, seen, fingerprint)
-        loss = None if labels is None else next_token_loss(logits, labels)
-        output = InnerloopCausalLMOutput(loss=loss, logits=logits, cache=new_cache)
-        return output if return_dict is not False else output.to_tuple()
+        dtype = self.dtype if cache.dtype is None else cache.dtype  # None: a cache made by hand
+        device = self.device if cache.device is None else cache.device
+        if (dtype, device) != (self.dtype, self.device):
+            raise ValueError(
+                f"cache was made by the model in {dtype} on {device}, and the model is now in {self.dtype} "
+                f"on {self.device}: a cache continues the model as it was, and its state cannot be "
+                "converted; read the sequence again with the model as it is now (model(input_ids).cache), "
+                f"or put the model back (model.to(device='{device}', dtype={dtype}))"
+            )
+
+    def _run(
+        self, input_ids: torch.Tensor, cache: InnerloopCache | None, hidden: bool
+    ) -> tuple[torch.Tensor, LMState | E2EState, tuple[torch.Tensor, ...] | None]:
+        """innerloop's network on ``input_ids`` from the cache's state: the logits, the new state, and the
+        hidden states when ``hidden`` (see :func:`~innerloop.hf.arguments.recording_hidden_states`)."""
+        state = None if cache is None else cache.state
+        if not hidden:
+            logits, new_state = self.model(input_ids, state)
+            return logits, new_state, None
+        with recording_hidden_states(self.model) as recorded:
+            logits, new_state = self.model(input_ids, state)
+        return logits, new_state, tuple(recorded)
+
+    def _next_cache(
+        self, input_ids: torch.Tensor, cache: InnerloopCache | None, state: LMState | E2EState
+    ) -> InnerloopCache:
+        """The cache after ``input_ids``, read from ``cache`` (None: from the start) into ``state``."""
+        seen = (0 if cache is None else cache.seq_length) + input_ids.shape[1]
+        fingerprint = token_fingerprint(input_ids, None if cache is None else cache.fingerprint)
+        return InnerloopCache(state, seen, fingerprint, dtype=self.dtype, device=self.device)
 
     def prepare_inputs_for_generation(
         self,
@@ -507,6 +602,36 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
                 "pad_token_id); generate() supports prompts without padding only"
             )
         return mask
+
+    def _prepare_model_inputs(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, str, dict[str, Any]]:
+        """transformers' own, then the shape of ``generate()``'s attention_mask is checked against the ids
+        (and the cache passed in), before transformers drops a mask of ones."""
+        inputs, input_name, model_kwargs = super()._prepare_model_inputs(*args, **kwargs)
+        if input_name == "input_ids" and inputs.dim() == 2:
+            cache = model_kwargs.get("cache")
+            cached = cache.seq_length if isinstance(cache, InnerloopCache) else None
+            check_generate_mask_shape(model_kwargs.get("attention_mask"), inputs, cached)
+        return inputs, input_name, model_kwargs
+
+    def _prefill(
+        self,
+        input_ids: torch.Tensor,
+        generation_config: Any,
+        model_kwargs: dict[str, Any],
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        """transformers' own, after refusing chunked prefill without a cache with what to pass: an
+        innerloop model's cache is made by its first forward, so transformers cannot make an empty one."""
+        chunk = generation_config.prefill_chunk_size
+        if chunk is not None and model_kwargs.get("cache") is None:
+            raise ValueError(
+                f"generate(prefill_chunk_size={chunk}) reads the prompt in chunks into a cache, and an "
+                "innerloop model makes its cache by reading tokens: read the first token, then pass its "
+                "cache with the whole prompt: cache = model(input_ids[:, :1]).cache; "
+                f"model.generate(input_ids, cache=cache, prefill_chunk_size={chunk}, ...)"
+            )
+        return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
 
     def _reorder_cache(self, cache: InnerloopCache, beam_idx: torch.Tensor) -> InnerloopCache:
         raise ValueError(BEAM_SEARCH_REFUSED)

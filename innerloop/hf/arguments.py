@@ -1,0 +1,189 @@
+"""The arguments of ``InnerloopForCausalLM.forward`` besides the token ids, checked before the model runs.
+
+transformers' models share arguments that an innerloop model reads its own way or has no use for. Each
+is handled here by name: the cache under its three names, the attention mask's shape, positions,
+``logits_to_keep`` and ``output_hidden_states``. Any other argument is refused, naming it: ignoring an
+argument that changes another model's numbers would hide a mistake (e.g. a cache passed under a name the
+model did not read gives the logits of the new tokens without their context).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+CACHE_NAMES = ("cache", "past_key_values", "cache_params")
+"""The names a cache is passed under: the model's own, transformers' usual one, and Mamba's."""
+
+SUPPORTED_ARGUMENTS = (
+    "input_ids, attention_mask, cache (or past_key_values, cache_params), labels, use_cache, return_dict, "
+    "logits_to_keep, output_hidden_states, output_attentions=False, and position_ids or cache_position "
+    "equal to the positions the model reads"
+)
+
+
+def one_cache(cache: Any, past_key_values: Any, cache_params: Any) -> Any:
+    """The cache given under any of :data:`CACHE_NAMES`, or None when none is. The same object under two
+    names is one cache; two different objects are refused (which one to continue would be a guess)."""
+    values = (cache, past_key_values, cache_params)
+    given = {name: value for name, value in zip(CACHE_NAMES, values, strict=True) if value is not None}
+    if len({id(value) for value in given.values()}) > 1:
+        names = " and ".join(f"{name}={type(value).__name__}" for name, value in given.items())
+        raise ValueError(
+            f"forward got two different caches, {names}: pass one cache, as cache= (past_key_values= and "
+            "cache_params= are other names for it)"
+        )
+    return next(iter(given.values()), None)
+
+
+def check_mask_shape(attention_mask: Any, input_ids: torch.Tensor, cached: int) -> None:
+    """``attention_mask`` covers the tokens the cache has read (``cached``) and the new ones, as in
+    transformers: ``[batch, cached + length]``; anything else is refused, naming both shapes."""
+    if attention_mask is None:
+        return
+    batch, length = input_ids.shape
+    expected = [batch, cached + length]
+    if isinstance(attention_mask, torch.Tensor) and list(attention_mask.shape) == expected:
+        return
+    given = _shape_of(attention_mask)
+    raise ValueError(
+        f"attention_mask must be [batch, cached + length] = {expected} (input_ids {list(input_ids.shape)} "
+        f"after {cached} tokens in the cache), got {given}"
+    )
+
+
+def check_generate_mask_shape(attention_mask: Any, input_ids: torch.Tensor, cached: int | None) -> None:
+    """The mask ``generate()`` was given: ``[batch, length]`` like ``input_ids``, or, with a cache that has
+    read ``cached`` tokens, ``[batch, cached + length]`` (then ``input_ids`` are the new tokens alone)."""
+    if attention_mask is None:
+        return
+    batch, length = input_ids.shape
+    valid = [[batch, length]] if not cached else [[batch, length], [batch, cached + length]]
+    if isinstance(attention_mask, torch.Tensor) and list(attention_mask.shape) in valid:
+        return
+    expected = f"[batch, length] = {valid[0]}"
+    if cached:
+        expected += (
+            f", or [batch, cached + length] = {valid[1]} when input_ids are the tokens after the cache's"
+        )
+        expected += f" {cached}"
+    raise ValueError(
+        f"generate() got an attention_mask of {_shape_of(attention_mask)} for input_ids "
+        f"{list(input_ids.shape)}: it must be {expected}"
+    )
+
+
+def check_other_arguments(arguments: dict[str, Any], start: int, length: int) -> None:
+    """Refuse, naming them, the arguments ``forward`` does not read, but accept what changes nothing:
+    an argument given as None, ``output_attentions`` off, and ``position_ids`` / ``cache_position`` equal
+    to the positions of the new tokens (``start .. start + length - 1``: innerloop models count
+    positions in their cache)."""
+    unsupported = []
+    for name, value in arguments.items():
+        if value is None:
+            continue
+        if name in ("position_ids", "cache_position"):
+            _check_positions(name, value, start, length)
+        elif name == "output_attentions":
+            if value is not False:
+                raise ValueError(
+                    f"output_attentions={value!r} is not supported: innerloop models do not return "
+                    "attention weights (most of their mixers have none); leave it False"
+                )
+        else:
+            unsupported.append(name)
+    if unsupported:
+        raise ValueError(
+            f"InnerloopForCausalLM.forward got argument(s) it does not use: {', '.join(unsupported)}; "
+            f"supported: {SUPPORTED_ARGUMENTS}"
+        )
+
+
+def _check_positions(name: str, value: Any, start: int, length: int) -> None:
+    """``value`` must be ``[length]`` or ``[rows, length]`` integer positions ``start .. start + length - 1``."""
+    expected = torch.arange(start, start + length)
+    fits = (
+        isinstance(value, torch.Tensor)
+        and not (value.is_floating_point() or value.dtype == torch.bool)
+        and value.dim() in (1, 2)
+        and value.shape[-1] == length
+    )
+    if fits and bool((value.detach().cpu().reshape(-1, length) == expected).all()):
+        return
+    shown = value.tolist() if isinstance(value, torch.Tensor) and value.numel() <= 16 else _shape_of(value)
+    raise ValueError(
+        f"{name} must be the positions of input_ids after the {start} tokens in the cache, "
+        f"{start}..{start + length - 1} ([{length}] or [batch, {length}]), got {shown}: innerloop models "
+        f"count positions in their cache; leave {name} out"
+    )
+
+
+def _shape_of(value: Any) -> str:
+    """``"shape [2, 3]"`` for a tensor, else the type's name: how an error shows a wrong argument."""
+    if isinstance(value, torch.Tensor):
+        return f"shape {list(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def check_logits_to_keep(logits_to_keep: Any) -> None:
+    """Refuse a ``logits_to_keep`` that transformers' models do not take
+    (``transformers.modeling_utils.slice_logits_to_keep``, which ``forward`` applies to the logits): an
+    int ``k >= 0`` keeps the last ``k`` positions (0 keeps all of them); a 1-D tensor holds the positions
+    kept in every row; a 2-D integer tensor ``[B, n]`` the positions of each row, a 2-D bool tensor
+    ``[B, T]`` a mask (the kept logits then come flattened, ``[kept, V]``)."""
+    is_int = isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool)
+    is_tensor = (
+        isinstance(logits_to_keep, torch.Tensor)
+        and not logits_to_keep.is_floating_point()
+        and logits_to_keep.dim() in (1, 2)
+    )
+    if (is_int and logits_to_keep >= 0) or is_tensor:
+        return
+    shown = _shape_of(logits_to_keep) if isinstance(logits_to_keep, torch.Tensor) else repr(logits_to_keep)
+    raise ValueError(
+        f"logits_to_keep must be an int >= 0 (keep the last k positions; 0 keeps all) or a 1-D or 2-D "
+        f"integer tensor of positions, got {shown}"
+    )
+
+
+def hidden_states_wanted(output_hidden_states: Any, default: bool, is_e2e: bool) -> bool:
+    """Whether to return the hidden states: ``output_hidden_states``, or ``default`` (the config's) when
+    None. True or False only (transformers' selection by index is not supported), and not for the
+    TTT-E2E model."""
+    wanted = default if output_hidden_states is None else output_hidden_states
+    if not isinstance(wanted, bool):
+        raise ValueError(
+            f"output_hidden_states must be True or False (selecting hidden states by index is not "
+            f"supported), got {wanted!r}"
+        )
+    if wanted and is_e2e:
+        raise ValueError(
+            "output_hidden_states=True is not supported for the TTT-E2E model (model.mixer='e2e'): its "
+            "last blocks run chunk by chunk, each chunk with the fast weights trained on the chunks before "
+            "it, and innerloop does not record their outputs; leave output_hidden_states off"
+        )
+    return wanted
+
+
+@contextmanager
+def recording_hidden_states(network: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """While the block runs, a forward of ``network`` (a :class:`~innerloop.models.CausalLM`) appends its
+    hidden states to the list yielded, as transformers' models return them: the embedding's output, the
+    output of each block but the last, then the final norm's output (the last block's output,
+    normalised: what the LM head reads). ``num_layers + 1`` tensors ``[B, T, D]`` in all."""
+    recorded: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: Any, output: Any) -> None:
+        recorded.append(output[0] if isinstance(output, tuple) else output)  # a block returns (h, state)
+
+    modules = [network.embed, *network.blocks[:-1], network.norm]
+    handles = [module.register_forward_hook(keep) for module in modules]
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()

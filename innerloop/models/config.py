@@ -194,6 +194,15 @@ class ModelConfig:
     e2e: E2EConfig = field(default_factory=E2EConfig)
     family: FamilyConfig = field(default_factory=FamilyConfig)
 
+    def __post_init__(self) -> None:
+        """A section given as a mapping (``ModelConfig(ttt={"mini_batch_size": 4})``) becomes its
+        dataclass, its keys checked as :meth:`from_dict` checks them."""
+        for name, section_type in (("ttt", TTTConfig), ("e2e", E2EConfig), ("family", FamilyConfig)):
+            section = getattr(self, name)
+            if isinstance(section, Mapping):
+                check_keys(section, section_type, f"model.{name}.", "the model config")
+                setattr(self, name, section_type(**section))
+
     def to_dict(self) -> dict[str, Any]:
         """A plain nested dict (JSON/YAML-safe), the inverse of :meth:`from_dict`."""
         return asdict(self)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from innerloop.models import ModelConfig, build_model
+from innerloop.models import ModelConfig, build_model, validate_model_config
 
 BAD = [
     ({"hidden_size": 16.7}, "model.hidden_size=16.7"),
@@ -42,3 +42,20 @@ def test_unknown_keys_are_refused_with_the_valid_ones(data, named) -> None:
 def test_an_int_where_a_float_is_declared_is_fine() -> None:
     model = build_model(ModelConfig.from_dict({"hidden_size": 16, "num_heads": 2, "rope_theta": 10000}))
     assert model.config.rope_theta == 10000
+
+
+@pytest.mark.parametrize(
+    ("section", "given", "attribute", "value"),
+    [("ttt", {"mini_batch_size": 4}, "mini_batch_size", 4), ("family", {"base_lr": 0.5}, "base_lr", 0.5)],
+)
+def test_a_section_given_as_a_mapping_is_its_dataclass(section, given, attribute, value) -> None:
+    """ModelConfig(ttt={...}) failed deep in validation with "'dict' object has no attribute ..."."""
+    config = ModelConfig(hidden_size=16, num_heads=2, **{section: given})
+    assert getattr(getattr(config, section), attribute) == value
+    assert config == ModelConfig.from_dict({"hidden_size": 16, "num_heads": 2, section: given})
+    validate_model_config(config)
+
+
+def test_a_section_mapping_with_an_unknown_key_names_it() -> None:
+    with pytest.raises(ValueError, match=r"unknown config key 'model.ttt.mini_batch' .*valid keys here"):
+        ModelConfig(hidden_size=16, num_heads=2, ttt={"mini_batch": 4})

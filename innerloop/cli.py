@@ -369,6 +369,12 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         default=0,
         help="seed of the sampling generator (default: %(default)s)",
     )
+    generate.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="go on past the tokenizer's end-of-text token (default: stop there, as a Hugging Face "
+        "export's generate does; a byte-level model has none)",
+    )
 
 
 def _quiet_lightning() -> None:
@@ -600,7 +606,15 @@ def _generate_tokens(args: argparse.Namespace, model, tokenizer) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     ids, shown = list(prompt), ""
     prompt_ids = torch.tensor([prompt], dtype=torch.long)
-    for token, _state in generate(model, prompt_ids, args.tokens, args.temperature, args.top_k, generator):
+    eos = tokenizer.eos_id
+    if args.ignore_eos or eos is None or eos >= model.config.vocab_size:  # none the model can sample
+        eos = None
+    sampled = generate(
+        model, prompt_ids, args.tokens, args.temperature, args.top_k, generator, eos_token_id=eos
+    )
+    for token, _state in sampled:
+        if int(token[0]) == eos:
+            break  # the end of the text: not printed
         ids.append(int(token[0]))
         text = tokenizer.decode(ids)
         if not text.endswith("\ufffd") and text.startswith(shown):

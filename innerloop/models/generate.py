@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -81,6 +81,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, LMState | E2EState]]:
     """An iterator of ``(tokens [B], state)`` for each of ``max_new_tokens`` sampled tokens.
 
@@ -91,6 +92,8 @@ def generate(
         temperature: softmax temperature, a finite real number >= 0; 0 means greedy decoding.
         top_k: sample only among the ``top_k`` most likely tokens (an int >= 1; None: all).
         generator: torch RNG for reproducible sampling.
+        eos_token_id: an end-of-sequence id (or several): a row that has sampled one yields the first
+            of them from then on, and the iterator ends once every row has (None: never).
 
     The arguments are checked when ``generate`` is called; the model runs as the iterator is read
     (with ``max_new_tokens=0`` the iterator is empty and the model never runs). Logits the model
@@ -103,7 +106,22 @@ def generate(
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise _bad("max_new_tokens", max_new_tokens, "an int >= 0", _is_int(max_new_tokens))
     temperature, top_k = _checked_sampling(temperature, top_k, generator)
-    return _sample(model, prompt_ids, int(max_new_tokens), temperature, top_k, generator)
+    stops = _checked_eos(eos_token_id, vocab_size if _is_int(vocab_size) else None)
+    return _sample(model, prompt_ids, int(max_new_tokens), temperature, top_k, generator, stops)
+
+
+def _checked_eos(eos_token_id: object, vocab_size: int | None) -> list[int]:
+    """``eos_token_id`` as a list of ids (empty for None), each an int in the vocabulary."""
+    if eos_token_id is None:
+        return []
+    ids = [eos_token_id] if _is_int(eos_token_id) else eos_token_id
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or not ids:
+        raise TypeError(f"eos_token_id must be a token id, a non-empty list of them, or None, got {ids!r}")
+    for token in ids:
+        if not _is_int(token) or token < 0 or (vocab_size is not None and token >= vocab_size):
+            valid = "an int >= 0" if vocab_size is None else f"an int in 0..{vocab_size - 1}"
+            raise _bad("eos_token_id", token, valid, _is_int(token))
+    return [int(token) for token in ids]
 
 
 def _checked_sampling(temperature: object, top_k: object, generator: object) -> tuple[float, int | None]:
@@ -141,12 +159,15 @@ def _sample(
     temperature: float,
     top_k: int | None,
     generator: torch.Generator | None,
+    stops: list[int],
 ) -> Iterator[tuple[torch.Tensor, LMState | E2EState]]:
     """:func:`generate` on checked arguments."""
     if max_new_tokens == 0:  # nothing to sample: the prompt need not be read
         return
     logits, state = model(prompt_ids)
     last = logits[:, -1]  # [B, V]
+    stop_ids = torch.tensor(stops, dtype=torch.long, device=prompt_ids.device)
+    ended = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)  # [B]
     for step in range(max_new_tokens):
         bad = _non_finite_rows(last)
         if bad:
@@ -157,7 +178,12 @@ def _sample(
                 "the model's weights or its state have overflowed or hold NaN"
             )
         token = _draw(last, temperature, top_k, generator)  # [B]
+        if stops:  # a row that has ended repeats its end-of-sequence id
+            token = torch.where(ended, stop_ids[0], token)
+            ended |= torch.isin(token, stop_ids)
         yield token, state
+        if stops and bool(ended.all()):
+            return
         if step + 1 < max_new_tokens:  # the last token is not read: nothing would sample after it
             logits, state = model(token[:, None], state)
             last = logits[:, -1]

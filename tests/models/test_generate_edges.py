@@ -125,3 +125,71 @@ def test_an_empty_input_is_named_not_a_crash_inside_a_block(backbone, mixer) -> 
     model = CausalLM(ModelConfig(mixer=mixer, backbone=backbone, hidden_size=16, num_heads=2)).eval()
     with pytest.raises(ValueError, match=r"input_ids must be \[batch, length >= 1\], got shape \(2, 0\)"):
         model(torch.zeros(2, 0, dtype=torch.long))
+
+
+def _sampled(model: CausalLM, prompt: torch.Tensor, steps: int, **options) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(3)
+    return [
+        token.tolist() for token, _ in generate(model, prompt, steps, 1.0, generator=generator, **options)
+    ]
+
+
+def test_generation_ends_when_every_row_has_sampled_an_end_of_sequence_id() -> None:
+    model = tiny()
+    prompt = torch.tensor([[1, 2, 3], [7, 8, 9]])
+    free = _sampled(model, prompt, 12)  # [step][row]; rows draw independently of each other
+    step = next(s for s in range(2, 12) if free[s][0] not in [t[0] for t in free[:s]])
+    eos = free[step][0]  # a token the first row samples first at `step`
+    row_ends = [next((s for s, tokens in enumerate(free) if tokens[r] == eos), None) for r in (0, 1)]
+    ended = _sampled(model, prompt, 12, eos_token_id=eos)
+    assert len(ended) == (12 if row_ends[1] is None else max(row_ends) + 1)  # until both rows have ended
+    for s, tokens in enumerate(ended):
+        assert tokens[0] == (free[s][0] if s <= step else eos)  # an ended row repeats its end
+        if row_ends[1] is None or s <= row_ends[1]:
+            assert tokens[1] == free[s][1]  # the other row is not changed by the first one's end
+
+
+def test_any_of_several_end_of_sequence_ids_ends_a_row() -> None:
+    model, prompt = tiny(), torch.tensor([[1, 2, 3]])
+    free = [t[0] for t in _sampled(model, prompt, 12)]
+    step = next(s for s in range(2, 12) if free[s] not in free[:s])
+    unseen = next(token for token in range(256) if token not in free)
+    assert _sampled(model, prompt, 12, eos_token_id=[unseen, free[step]]) == [[t] for t in free[: step + 1]]
+
+
+@pytest.mark.parametrize("eos", [-1, 256, 2.0, "2", [], [1, None]])
+def test_a_bad_end_of_sequence_id_is_named(eos) -> None:
+    with pytest.raises((TypeError, ValueError), match=r"eos_token_id"):
+        generate(tiny(), torch.tensor([[1, 2]]), 3, eos_token_id=eos)
+
+
+@pytest.mark.parametrize(("ignore_eos", "printed"), [(False, "xbcd\n"), (True, "xbcdfe\n")])
+def test_the_cli_stops_at_the_tokenizers_end_of_text_unless_told_not_to(
+    monkeypatch, capsys, ignore_eos, printed
+) -> None:
+    import argparse
+
+    import innerloop.models
+    from innerloop import cli
+
+    class Letters:  # a tokenizer whose end of text is id 5
+        eos_id = 5
+
+        def encode(self, text: str) -> list[int]:
+            return [23, 1, 2]
+
+        def decode(self, ids: list[int]) -> str:
+            return "".join(chr(ord("a") + i) for i in ids)
+
+    asked = []
+
+    def sampled(model, prompt_ids, steps, temperature, top_k, generator, eos_token_id=None):
+        asked.append(eos_token_id)
+        yield from ((torch.tensor([token]), None) for token in (3, 5, 4))
+
+    monkeypatch.setattr(innerloop.models, "generate", sampled)
+    args = argparse.Namespace(
+        prompt="x", tokens=3, temperature=0.0, top_k=None, seed=0, ignore_eos=ignore_eos
+    )
+    assert cli._generate_tokens(args, tiny(), Letters()) == 0
+    assert capsys.readouterr().out == printed and asked == [None if ignore_eos else 5]

@@ -7,7 +7,8 @@ steps behind). :class:`StopOnInterrupt` instead takes the first Ctrl-C as a requ
 progress completes, Lightning stops the loop, the checkpoint callback writes that step at the end of
 training, and :func:`innerloop.train.run.train` raises :class:`TrainingInterrupted` naming the step and
 the command that continues it. A second Ctrl-C interrupts at once, as usual (the checkpoint on disk is
-always whole: every write is atomic).
+always whole: every write is atomic), and ``train`` raises :class:`TrainingInterrupted` naming the last
+checkpoint, with the shell's status for Ctrl-C, 130 (Lightning's own handling exits 1).
 
 SIGTERM (a job scheduler's stop, ``docker stop``, ``kill``) is taken the same way: Lightning's own
 handler would end the run at the next batch, without saving the steps since the last checkpoint and,
@@ -62,6 +63,7 @@ class StopOnInterrupt(Callback):
     def __init__(self) -> None:
         self.requested = False
         self.signal: int | None = None  # the signal that asked for the stop
+        self.stopped_at_once = False  # a second Ctrl-C interrupted the step (Lightning then exits 1)
 
     @property
     def signal_name(self) -> str:
@@ -71,7 +73,7 @@ class StopOnInterrupt(Callback):
     @contextmanager
     def listening(self) -> Iterator[None]:
         """Take SIGINT as a stop request inside the ``with`` block (see the module docstring)."""
-        self.requested, self.signal = False, None
+        self.requested, self.signal, self.stopped_at_once = False, None, False
         main_thread = threading.current_thread() is threading.main_thread()
         if not main_thread or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
             yield
@@ -85,7 +87,7 @@ class StopOnInterrupt(Callback):
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.requested, self.signal = True, signum
         # a second signal interrupts at once
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        signal.signal(signum, self._interrupt_at_once if signum == signal.SIGINT else signal.SIG_DFL)
         again = "press Ctrl-C again" if signum == signal.SIGINT else "send SIGTERM again"
         print(
             f"\ninnerloop train: {self.signal_name}: stopping after this step and saving it ({again} to stop "
@@ -93,6 +95,13 @@ class StopOnInterrupt(Callback):
             file=sys.stderr,
             flush=True,
         )
+
+    def _interrupt_at_once(self, signum: int, frame: FrameType | None) -> None:
+        """The second Ctrl-C: Python's own KeyboardInterrupt, remembered (Lightning turns it into
+        ``exit(1)``; :func:`innerloop.train.run.train` raises :class:`TrainingInterrupted` instead)."""
+        self.stopped_at_once = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise KeyboardInterrupt
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning installed its SIGTERM handler when the fit started (after the fit-start hooks)

@@ -356,6 +356,13 @@ def _train_in_locked_dir(
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if resume else None)
     except TrainingDivergedError as err:
         raise TrainingDivergedError(f"{err}; {_last_checkpoint_note(ckpt, run)}") from None
+    except SystemExit:  # Lightning's exit(1) after a KeyboardInterrupt
+        if not interrupt.stopped_at_once:
+            raise
+        raise TrainingInterrupted(
+            f"stopped at once at a second Ctrl-C, in step {trainer.global_step + 1}; "
+            f"{_last_checkpoint_note(ckpt, run, overrides='')}"
+        ) from None
     finally:
         if replace_previous:
             settle_previous_run(out_dir)  # removed if this run has a checkpoint, else put back
@@ -551,8 +558,9 @@ def _check_weights_fit(module: LanguageModelModule, stored: Any, ckpt: Path) -> 
     module.load_state_dict(stored)
 
 
-def _last_checkpoint_note(ckpt: Path, run: RunConfig) -> str:
-    """What a diverged run leaves: its last checkpoint and how to continue it."""
+def _last_checkpoint_note(ckpt: Path, run: RunConfig, overrides: str = " optim.lr=<lower>") -> str:
+    """What a diverged (or interrupted) run leaves: its last checkpoint and how to continue it, with
+    ``overrides`` on the resume command."""
     if not ckpt.is_file():
         return "no checkpoint was written"
     try:
@@ -561,7 +569,7 @@ def _last_checkpoint_note(ckpt: Path, run: RunConfig) -> str:
         return f"the checkpoint {str(ckpt)!r} could not be read back"
     return (
         f"the last checkpoint, {str(ckpt)!r} (after {step} steps), is kept: continue it with "
-        f"`innerloop train --resume out_dir={run.out_dir} optim.lr=<lower>`"
+        f"`innerloop train --resume out_dir={run.out_dir}{overrides}`"
     )
 
 

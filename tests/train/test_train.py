@@ -231,3 +231,35 @@ def test_two_process_ddp_on_cpu_trains(tmp_path) -> None:
     assert 0 < result.metrics["val_loss"] < 10 and result.plot.exists()
     model = load_model(result.checkpoint)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class _PressCtrlCTwice(L.Callback):
+    """Ctrl-C at the end of micro-batch ``at_batch`` (a stop request), and again at the start of the next
+    one: the second interrupts the step in the middle."""
+
+    def __init__(self, at_batch: int):
+        self.at_batch, self.seen = at_batch, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.seen == self.at_batch:
+            os.kill(os.getpid(), signal.SIGINT)
+        self.seen += 1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.seen == self.at_batch + 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.slow  # ~3 s: a training run interrupted twice
+def test_a_second_ctrl_c_stops_at_once_with_the_shells_status_and_keeps_the_checkpoint(tmp_path) -> None:
+    """Lightning turned the second Ctrl-C into exit(1): a script saw a failure, a Python caller a
+    SystemExit from a library call."""
+    overrides = [*ACCUMULATED, "trainer.checkpoint_every=1", f"out_dir={tmp_path}"]
+    run, cfg = load_config("tiny", overrides)
+    with pytest.raises(
+        TrainingInterrupted, match=r"stopped at once at a second Ctrl-C, in step 2; the last checkpoint"
+    ) as error:
+        train(run, cfg, callbacks=[_PressCtrlCTwice(at_batch=1)])  # micro-batch 1 closes step 1
+    assert error.value.exit_code == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert load_checkpoint(tmp_path / "last.safetensors")["global_step"] == 1  # the last checkpoint written

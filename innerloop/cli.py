@@ -473,6 +473,7 @@ def _eval(args: argparse.Namespace) -> int:
             ) from None
     out = Path(args.out) if args.out is not None else Path(args.checkpoint).parent
     check_output_dir(out, "--out")
+    _check_out_outside_the_data(out, [args.checkpoint], args.data)
     _quiet_lightning()
     metrics, csv_path, png = evaluate(
         args.checkpoint,
@@ -487,6 +488,28 @@ def _eval(args: argparse.Namespace) -> int:
           f"{int(metrics['tokens'])} tokens in {int(metrics['windows'])} windows)")  # fmt: skip
     print(f"loss by position: {png} ({csv_path})")
     return 0
+
+
+def _check_out_outside_the_data(out: os.PathLike, models: Sequence[str], data: Sequence[str]) -> None:
+    """``--out`` outside what the evaluation reads: the ``--data`` entries, else each model's run's
+    ``data.paths`` (its config.yaml; one that cannot be read is left to the evaluation to report)."""
+    from pathlib import Path
+
+    from innerloop.config.load import check_output_outside_data
+
+    if data:
+        check_output_outside_data(out, data, "--out", "--data")
+        return
+    from innerloop.train.run import read_run_config
+
+    for model in models:
+        run_dir = Path(model) if Path(model).is_dir() else Path(model).parent
+        try:
+            run = read_run_config(run_dir / "config.yaml")
+        except (ConfigError, OSError):
+            continue
+        if run.data.name != "recall":
+            check_output_outside_data(out, run.data.paths, "--out", f"the data.paths of {str(run_dir)!r}")
 
 
 def _refuse_text_without_tokenizer(checkpoint: str) -> None:
@@ -509,6 +532,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     check_output_dir(out, "--out")
+    _check_out_outside_the_data(out, args.models, args.data)
     _quiet_lightning()
     comparison = compare(
         args.models, args.seq_len, args.baseline, args.data, args.batch_size, args.batches,

@@ -417,8 +417,28 @@ def _check_out_dir_outside_data(run: RunConfig) -> None:
             )
 
 
-def _overlap(entry: str, out: Path) -> str | None:
-    """How the ``data.paths`` entry and the resolved ``out_dir`` overlap (words for the message), or None."""
+#: Names of the files ``innerloop eval`` and ``compare`` write into ``--out`` (a tag in place of ``x``).
+_RESULT_FILES = ("eval_x.csv", "eval_x.png", "compare-x.csv", "compare-x.png", "compare-x.md")
+
+
+def check_output_outside_data(out: str | Path, paths: Sequence[str], option: str, data_option: str) -> None:
+    """:class:`ConfigError` when the folder ``out`` (given as ``option``) lies inside a data entry of
+    ``paths`` (``data_option`` names them), is one, or is reached by one's glob: an evaluation's results
+    written there would be read as data by the next evaluation, which would give other numbers."""
+    resolved = Path(out).expanduser().resolve()
+    for entry in paths:
+        how = _overlap(entry, resolved, _RESULT_FILES)
+        if how:
+            raise ConfigError(
+                f"{option} {str(out)!r} {how} {data_option} entry {entry!r}: the results written there would "
+                "be read as data by the next evaluation, and change its numbers; give an output folder "
+                "outside the data"
+            )
+
+
+def _overlap(entry: str, out: Path, written: Sequence[str] = _RUN_FILES) -> str | None:
+    """How the ``data.paths`` entry and the resolved ``out_dir`` overlap (words for the message), or None;
+    ``written``: the names of the files written into ``out_dir``."""
     parts = Path(entry).expanduser().absolute().parts
     magic = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
     root = Path(*parts[:magic]).resolve()  # the folder the entry names, or a glob's folder
@@ -426,7 +446,7 @@ def _overlap(entry: str, out: Path) -> str | None:
         if root == out or root in out.parents:
             return "lies inside"
         inside = root.relative_to(out).parts if out in root.parents else None
-        if inside is not None and any(Path(name).parts[: len(inside)] == inside for name in _RUN_FILES):
+        if inside is not None and any(Path(name).parts[: len(inside)] == inside for name in written):
             return "holds"  # the entry is (or holds) a file the run writes
         return None
     pattern = parts[magic:]
@@ -436,7 +456,7 @@ def _overlap(entry: str, out: Path) -> str | None:
         below, pattern = (), (*root.relative_to(out).parts, *pattern)
     else:
         return None
-    if any(_glob_matches(pattern, (*below, *Path(name).parts)) for name in _RUN_FILES):
+    if any(_glob_matches(pattern, (*below, *Path(name).parts)) for name in written):
         return "is reached by"
     return None
 

@@ -14,6 +14,7 @@ Targets equal to :data:`IGNORE_INDEX` are not scored (the recall task scores onl
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -45,6 +46,8 @@ from innerloop.data.text import (
     text_split_lengths,
 )
 from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
 
 # Re-exported: the DataModules below are built on them, and this module is where a run's data is read.
 __all__ = [
@@ -222,12 +225,25 @@ def spread_windows(
     seq_len_name: str = "seq_len",
 ) -> Batch:
     """Up to ``count`` windows of ``data`` spread evenly over it: ``(inputs [N, T], targets [N, T])``.
-    ``what`` and ``seq_len_name`` name the data and the length option in the error of too short a text."""
+    ``what`` and ``seq_len_name`` name the data and the length option in the error of too short a text.
+
+    No two windows score the same token: where the data holds fewer than ``count`` windows of
+    ``seq_len`` targets, it is cut into as many as it holds, with a warning. (Overlapping windows
+    scored tokens several times, weighted the middle of the data over its ends, and made the
+    bootstrap bands of ``compare`` narrow without limit from the same tokens read again.)"""
     if len(data) < seq_len + 1:
         raise DataError(
             f"{what} has {len(data)} {unit} (end-of-text separators included), fewer than "
             f"{seq_len_name} + 1 = {seq_len + 1}; give more text or a shorter {seq_len_name}"
         )
+    holds = (len(data) - 1) // seq_len  # windows whose targets do not overlap
+    if count > holds:
+        log.warning(
+            "%s holds %d windows of %s=%d without overlap (%d %s); scoring those %d, not the %d asked for",
+            what, holds, seq_len_name, seq_len, len(data), unit, holds, count,
+        )  # fmt: skip
+        count = holds
+    # starts at least seq_len apart: (len - seq_len - 1) / (count - 1) >= seq_len for count <= holds
     starts = torch.linspace(0, len(data) - seq_len - 1, count).long().unique()
     windows = torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()]).long()
     return windows[:, :-1], windows[:, 1:]

@@ -661,11 +661,12 @@ def validation_examples(
     ``count`` windows of the held-out documents, fewer if they run out; recall: the first ``count`` of
     the same sequences). ``tokenizer``: the one to tokenize with (default: ``data.tokenizer``'s files)."""
     data = run.data
-    if seq_len is not None and seq_len != build_datamodule(run).seq_len:
+    run_seq_len = build_datamodule(run, tokenizer).seq_len  # with the tokenizer given: no files read
+    if seq_len is not None and seq_len != run_seq_len:
         if data.name == "recall":
             raise ConfigError(
                 f"seq_len={seq_len}: the {data.name!r} task's sequences have a fixed length "
-                f"({build_datamodule(run).seq_len}); evaluate it without --seq-len"
+                f"({run_seq_len}); evaluate it without --seq-len"
             )
         data = replace(data, seq_len=seq_len)
     if count is not None:

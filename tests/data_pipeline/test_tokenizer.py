@@ -279,3 +279,28 @@ def test_the_saved_byte_tokenizer_is_the_one_export_writes(tmp_path) -> None:
     assert saved.eos_token == exported.eos_token == END_OF_TEXT
     for text in TEXTS:
         assert saved.encode(text) == exported.encode(text) == ByteTokenizer().encode(text)
+
+
+@pytest.mark.slow  # ~2 s: a training run, then its evaluation and comparison
+def test_eval_and_compare_of_a_run_whose_tokenizer_files_are_gone_use_the_recorded_one(
+    bpe_dir, tmp_path, capsys
+) -> None:
+    """eval and compare failed on data.tokenizer's missing folder (a run moved to another machine),
+    though the checkpoint records the tokenizer: they built the run's DataModule only to read seq_len."""
+    corpus, out, tok_copy = bpe_dir.parent / "corpus", tmp_path / "run", tmp_path / "tok"
+    tok_copy.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tok_copy / name).write_bytes((bpe_dir / name).read_bytes())
+    overrides = [*TINY, "trainer.max_steps=2", f"data.tokenizer={tok_copy}", f"data.paths=[{corpus}]"]
+    run, cfg = load_config("tiny", [*overrides, f"out_dir={out}"])
+    train(run, cfg)
+    checkpoint = out / "last.safetensors"
+    assert main(["eval", str(checkpoint), "--batches", "1"]) == 0
+    before = capsys.readouterr().out
+    tok_copy.rename(tmp_path / "tok_moved")
+    assert main(["eval", str(checkpoint), "--batches", "1"]) == 0
+    after = capsys.readouterr().out
+    assert [line for line in after.splitlines() if line.startswith("perplexity")] == [
+        line for line in before.splitlines() if line.startswith("perplexity")
+    ]
+    assert main(["compare", str(out), str(out), "--batches", "1", "--out", str(tmp_path / "cmp")]) == 0

@@ -290,3 +290,47 @@ def test_a_failing_resume_keeps_the_run(tmp_path, monkeypatch) -> None:
     assert (out / "last.safetensors").read_bytes() == checkpoint
     with pytest.raises(ConfigError, match="already holds a run"):
         refuse_previous_run(out)
+
+
+@pytest.mark.parametrize(
+    ("length", "seq_len", "count"), [(1000, 16, 8), (1000, 16, 62), (1000, 16, 500), (17, 16, 3)]
+)
+def test_windows_never_score_a_token_twice(length, seq_len, count, caplog) -> None:
+    """Asking for more windows than the data holds overlapped them: tokens were scored many times and
+    compare's bootstrap bands narrowed from the same tokens read again."""
+    data = torch.arange(length)
+    with caplog.at_level("WARNING"):
+        inputs, targets = spread_windows(data, seq_len, count)
+    holds = (length - 1) // seq_len
+    assert len(targets) == min(count, holds)
+    scored = targets.flatten().tolist()
+    assert len(scored) == len(set(scored))  # each target position once
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])
+    assert ("without overlap" in caplog.text) == (count > holds)
+
+
+@pytest.mark.parametrize("command", ["eval", "compare"])
+@pytest.mark.parametrize("where", ["run data", "--data", "--data glob"])
+def test_an_output_folder_inside_the_evaluated_data_is_refused(tmp_path, capsys, command, where) -> None:
+    """eval/compare --out inside the data wrote results that the next evaluation read as data: the same
+    command gave perplexity 91.7, then 226.7."""
+    from innerloop.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "code.py").write_text(TEXT)
+    checkpoint = _run_folder(tmp_path / "run", [f"data.paths=[{data}]"])
+    given = {"run data": [], "--data": ["--data", str(data)], "--data glob": ["--data", str(data / "**")]}[
+        where
+    ]
+    target = [str(checkpoint)] if command == "eval" else [str(checkpoint.parent)]
+    out = data / "results"
+    assert main([command, *target, *given, "--out", str(out), "--batches", "1"]) == 2
+    error = capsys.readouterr().err
+    assert (
+        "--out" in error
+        and ("lies inside" in error or "is reached by" in error)
+        and "outside the data" in error
+    )
+    assert not out.exists() or not any(out.iterdir())  # nothing written
+    assert main([command, *target, *given, "--out", str(tmp_path / "elsewhere"), "--batches", "1"]) == 0

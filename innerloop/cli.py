@@ -408,7 +408,7 @@ def _train(args: argparse.Namespace) -> int:
 
     _quiet_lightning()
     if args.resume:
-        print(f"resuming from {run.out_dir}/last.safetensors", flush=True)
+        print(f"resuming the run in {run.out_dir} from its last checkpoint", flush=True)
     try:
         result = train(run, cfg, resume=args.resume, overwrite=args.overwrite)
     except TrainingDivergedError as err:

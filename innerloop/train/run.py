@@ -103,6 +103,7 @@ from innerloop.train.run_dir import (
     refuse_previous_run,
     remove_stale_temporaries,
     set_aside_previous_run,
+    settle_pending_checkpoint,
     settle_previous_run,
 )
 from innerloop.train.schedules import TTTBaseLRWarmup
@@ -123,10 +124,21 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
     once the loss of step ``k + 1``, computed from those weights, is finite (or at the end, or on a crash
     that is not a divergence): a diverged run keeps a checkpoint that a resume with a lower lr can go on
     from, not weights whose next loss is already NaN.
+
+    A run killed in between (e.g. during the validation after a checkpoint step) leaves the pending
+    file; the next launch keeps it if it is whole and later (:func:`~innerloop.train.run_dir.
+    settle_pending_checkpoint`), and a resume starts from it with :meth:`confirm_later`: it replaces
+    ``last.safetensors`` under the same condition, the next step's loss on its weights (which only
+    running that step can tell).
     """
 
     FILE_EXTENSION = CHECKPOINT_SUFFIX
     _pending: tuple[Path, Path] | None = None  # (written, to replace)
+
+    def confirm_later(self, pending: Path, target: Path) -> None:
+        """Treat ``pending`` (a resume's starting checkpoint, left by a killed run) as written by this
+        run: it replaces ``target`` once the first step's loss is finite, or is removed if it is not."""
+        self._pending = (pending, target)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         module = trainer.lightning_module
@@ -320,6 +332,7 @@ def train(
     with lock_run_dir(out_dir), _torch_flags_restored():
         settle_previous_run(out_dir)  # an --overwrite launch killed before it ended
         remove_stale_temporaries(out_dir)
+        settle_pending_checkpoint(out_dir)  # kept for --resume if whole and later, else removed
         if not resume and not overwrite:
             refuse_previous_run(out_dir)
         return _train_in_locked_dir(run, cfg, resume, callbacks, replace_previous=overwrite)
@@ -337,13 +350,15 @@ def _train_in_locked_dir(
     out_dir as it was."""
     out_dir = Path(run.out_dir)
     ckpt = checkpoint_path(out_dir)
+    start = _resume_checkpoint(out_dir) if resume else None
     L.seed_everything(run.seed, workers=True, verbose=False)
     module = build_module(run)
-    if resume:
-        _check_resume(run, module, ckpt)
+    if start is not None:
+        _check_resume(run, module, start)
     datamodule = build_datamodule(run)
     interrupt = StopOnInterrupt()  # Ctrl-C: finish the step, save it, stop
     trainer = build_trainer(run, [TrainingThroughput(), interrupt, *callbacks])  # parameter counts, tokens/s
+    _confirm_a_pending_start(trainer, start, ckpt)
     _warn_of_a_warm_up_longer_than_the_run(run)
     if replace_previous:  # kept aside until this run has a checkpoint (its data is read in fit)
         set_aside_previous_run(out_dir)
@@ -353,7 +368,7 @@ def _train_in_locked_dir(
     forget = not resume and not is_launched_worker()  # rank 0 of a new run wrote this config.yaml
     try:
         with _no_run_without_checkpoint(config_path, ckpt, forget), interrupt.listening():
-            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if resume else None)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(start) if start is not None else None)
     except TrainingDivergedError as err:
         raise TrainingDivergedError(f"{err}; {_last_checkpoint_note(ckpt, run)}") from None
     except SystemExit:  # Lightning's exit(1) after a KeyboardInterrupt
@@ -383,6 +398,22 @@ def _train_in_locked_dir(
             run.out_dir,
         )
     return _finish(run, module, datamodule, trainer, ckpt, config_path)
+
+
+def _resume_checkpoint(out_dir: Path) -> Path:
+    """Where a resume in ``out_dir`` starts: the pending checkpoint a killed run left, if the launch kept
+    it (:func:`~innerloop.train.run_dir.settle_pending_checkpoint`: whole and later than
+    ``last.safetensors``; the other ranks of a DDP run find what rank 0 kept), else ``last.safetensors``."""
+    pending = out_dir / PENDING_CHECKPOINT
+    return pending if pending.is_file() else checkpoint_path(out_dir)
+
+
+def _confirm_a_pending_start(trainer: L.Trainer, start: Path | None, ckpt: Path) -> None:
+    """When a resume starts from a pending checkpoint (not ``ckpt``), let the run confirm it as the run
+    that wrote it would have: it replaces ``ckpt`` once the first step's loss is finite."""
+    if start is not None and start != ckpt:
+        checkpointing = next(c for c in trainer.callbacks if isinstance(c, _SafetensorsModelCheckpoint))
+        checkpointing.confirm_later(start, ckpt)
 
 
 def _warn_of_a_warm_up_longer_than_the_run(run: RunConfig) -> None:

@@ -6,8 +6,11 @@
 - :func:`refuse_previous_run`: a new run into an out_dir that holds one is refused (``--resume``
   continues it; ``--overwrite`` replaces it, :func:`set_aside_previous_run`).
 - :func:`remove_stale_temporaries`: the temporary files that the atomic writes of a killed run left.
+- :func:`settle_pending_checkpoint`: a checkpoint a killed run wrote but had not confirmed yet
+  (:data:`PENDING_CHECKPOINT`) is kept for ``--resume`` if it is whole and later than
+  ``last.safetensors``, and removed otherwise.
 
-All three act on the out_dir of the process that owns the run; :func:`is_launched_worker` tells the
+All of them act on the out_dir of the process that owns the run; :func:`is_launched_worker` tells the
 processes that Lightning's DDP launcher starts for the other ranks (they re-run the same command).
 """
 
@@ -16,10 +19,20 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import torch
+
+from innerloop.checkpoints import (
+    CheckpointError,
+    UnverifiedCheckpointWarning,
+    load_checkpoint,
+    load_training_checkpoint,
+)
 from innerloop.config.load import ConfigError
 from innerloop.data.atomic import stale_temporaries
 
@@ -28,11 +41,15 @@ log = logging.getLogger(__name__)
 #: The files a training run writes at the top of its out_dir (Lightning's logs go under ``logs/``).
 CHECKPOINT_FILE = "last.safetensors"
 RUN_OUTPUTS = ("config.yaml", CHECKPOINT_FILE, "loss_by_position.csv", "loss_by_position.png")
-#: A run is in an out_dir when one of these is there.
-RUN_MARKERS = ("config.yaml", CHECKPOINT_FILE)
-LOCK_NAME = ".innerloop.lock"
-#: A checkpoint written but not yet known good (see ``innerloop.train.run``); stale when a run starts.
+#: A checkpoint written but not yet confirmed (see ``innerloop.train.run``): it replaces
+#: ``last.safetensors`` once the next step's loss on its weights is finite. A killed run can leave one;
+#: :func:`settle_pending_checkpoint` then keeps it for ``--resume`` if it is whole and later.
 PENDING_CHECKPOINT = ".last.safetensors.pending"
+#: A run is in an out_dir when one of these is there.
+RUN_MARKERS = ("config.yaml", CHECKPOINT_FILE, PENDING_CHECKPOINT)
+#: What ``--overwrite`` sets aside (and puts back if the new run ends without a checkpoint).
+SET_ASIDE_OUTPUTS = (*RUN_OUTPUTS, PENDING_CHECKPOINT)
+LOCK_NAME = ".innerloop.lock"
 
 
 class RunDirError(ConfigError):
@@ -87,18 +104,18 @@ def refuse_previous_run(out_dir: str | os.PathLike[str]) -> None:
 
 
 SET_ASIDE_PREFIX = ".replaced."
-"""``--overwrite`` renames the previous run's :data:`RUN_OUTPUTS` to ``.replaced.<name>`` until the new
+"""``--overwrite`` renames the previous run's :data:`SET_ASIDE_OUTPUTS` to ``.replaced.<name>`` until the new
 run has written its first checkpoint (see :func:`set_aside_previous_run`)."""
 
 
 def set_aside_previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
-    """Rename the :data:`RUN_OUTPUTS` of the run in ``out_dir`` out of the new run's way (``--overwrite``;
-    its ``logs/`` stay), keeping them until the new run has a checkpoint: :func:`settle_previous_run`
+    """Rename the :data:`SET_ASIDE_OUTPUTS` of the run in ``out_dir`` (its pending checkpoint too) out of
+    the new run's way (``--overwrite``; its ``logs/`` stay), keeping them until the new run has a checkpoint: :func:`settle_previous_run`
     then removes them, or puts them back if the new run ended without one (a launch that fails on its
     data, its first step, or a kill leaves the previous run as it was). Call it holding the lock.
     Returns the names set aside."""
     out_dir = Path(out_dir)
-    moved = [name for name in RUN_OUTPUTS if (out_dir / name).is_file()]
+    moved = [name for name in SET_ASIDE_OUTPUTS if (out_dir / name).is_file()]
     for name in moved:
         os.replace(out_dir / name, out_dir / f"{SET_ASIDE_PREFIX}{name}")
     if moved:
@@ -116,10 +133,12 @@ def settle_previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
     the lock, after the replacing run has ended (or, for a launch that was killed, at the next launch).
     Returns the names settled."""
     out_dir = Path(out_dir)
-    aside = [name for name in RUN_OUTPUTS if (out_dir / f"{SET_ASIDE_PREFIX}{name}").is_file()]
+    aside = [name for name in SET_ASIDE_OUTPUTS if (out_dir / f"{SET_ASIDE_PREFIX}{name}").is_file()]
     if not aside:
         return []
     replaced = (out_dir / CHECKPOINT_FILE).is_file()  # the new run wrote its checkpoint
+    if not replaced:  # a pending checkpoint of the undone replacement must not pair with the old run
+        (out_dir / PENDING_CHECKPOINT).unlink(missing_ok=True)
     for name in aside:
         kept = out_dir / f"{SET_ASIDE_PREFIX}{name}"
         if replaced:
@@ -139,13 +158,12 @@ def settle_previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
 
 def remove_stale_temporaries(out_dir: str | os.PathLike[str]) -> list[Path]:
     """Remove the temporary files that atomic writes of :data:`RUN_OUTPUTS` and :data:`PENDING_CHECKPOINT`
-    (and of each launch's ``logs/version_<n>/metrics.csv``) left in ``out_dir`` (a run killed while writing), and a
-    :data:`PENDING_CHECKPOINT` never confirmed. Call it holding the lock, so that no writer of this
-    out_dir is running. Says in one line what it removed; returns their paths."""
+    (and of each launch's ``logs/version_<n>/metrics.csv``) left in ``out_dir`` (a run killed while
+    writing). The pending checkpoint itself is a whole file, judged by :func:`settle_pending_checkpoint`.
+    Call it holding the lock, so that no writer of this out_dir is running. Says in one line what it
+    removed; returns their paths."""
     out_dir = Path(out_dir)
     stale = stale_temporaries(out_dir, (*RUN_OUTPUTS, PENDING_CHECKPOINT))  # a checkpoint's size each
-    if (out_dir / PENDING_CHECKPOINT).is_file():
-        stale.append(out_dir / PENDING_CHECKPOINT)
     for logs in sorted(out_dir.glob("logs/version_*")):
         stale += stale_temporaries(logs, ["metrics.csv"])
     for path in stale:
@@ -156,3 +174,80 @@ def remove_stale_temporaries(out_dir: str | os.PathLike[str]) -> list[Path]:
             "removed %d temporary file(s) left by an interrupted run in %s: %s", len(stale), out_dir, names
         )
     return stale
+
+
+def settle_pending_checkpoint(out_dir: str | os.PathLike[str]) -> int | None:
+    """Keep or remove the :data:`PENDING_CHECKPOINT` a killed run left in ``out_dir`` (one killed, e.g.
+    during a validation, between writing the checkpoint of a step and confirming it at the next step).
+
+    It is kept when it is whole (its checksum matches; format version 1, which has none, is not
+    accepted), a training checkpoint whose weights and optimizer state are finite (what the run checked
+    before writing it), and holds a later ``global_step`` than ``last.safetensors`` (or there is no
+    readable ``last.safetensors``): ``--resume`` then continues from it, and it replaces
+    ``last.safetensors`` once the resumed run finds the next step's loss on its weights finite, as in
+    the run that wrote it. Otherwise it is removed. Says in one line which, and why; returns the step
+    of a kept one. Call it holding the lock."""
+    out_dir = Path(out_dir)
+    pending = out_dir / PENDING_CHECKPOINT
+    if not pending.is_file():
+        return None
+    last_step = _step_of(out_dir / CHECKPOINT_FILE)
+    step, problem = _judge_pending(pending, last_step)
+    if problem is not None:
+        pending.unlink()
+        log.warning(
+            "removed %s, a checkpoint an interrupted run wrote but had not confirmed: %s", pending, problem
+        )
+        return None
+    log.warning(
+        "kept %s, the checkpoint of global_step %d that an interrupted run wrote but had not confirmed "
+        "(it is whole and later than %s): --resume continues from step %d, and it replaces %s once the "
+        "next step's loss on its weights is finite",
+        pending,
+        step,
+        f"{CHECKPOINT_FILE} ({'none' if last_step is None else f'global_step {last_step}'})",
+        step,
+        CHECKPOINT_FILE,
+    )
+    return step
+
+
+def _judge_pending(pending: Path, last_step: int | None) -> tuple[int, str | None]:
+    """The pending checkpoint's global_step, and why it must not be kept (None if it may) beside a
+    ``last.safetensors`` of ``last_step`` (None: none there, or not readable)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UnverifiedCheckpointWarning)
+            checkpoint = load_training_checkpoint(pending)
+    except (CheckpointError, UnverifiedCheckpointWarning) as err:
+        return -1, f"it is not a whole checkpoint ({err})"
+    step = checkpoint.get("global_step")
+    if not isinstance(step, int):
+        return -1, f"it records no global_step (got {step!r})"
+    if _has_non_finite(checkpoint.get("optimizer_states")):
+        return step, f"its optimizer state (global_step {step}) holds NaN or inf"
+    if last_step is not None and step <= last_step:
+        return step, f"it holds global_step {step}, not later than {CHECKPOINT_FILE}'s {last_step}"
+    return step, None
+
+
+def _step_of(checkpoint: Path) -> int | None:
+    """The global_step of a readable training checkpoint, or None (none there, unreadable, corrupt)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnverifiedCheckpointWarning)
+            step = load_checkpoint(checkpoint).get("global_step")
+    except CheckpointError:
+        return None
+    return step if isinstance(step, int) else None
+
+
+def _has_non_finite(tree: Any) -> bool:
+    """Whether a floating tensor anywhere in ``tree`` (dicts, lists, tuples) holds NaN or inf."""
+    if isinstance(tree, torch.Tensor):
+        return tree.is_floating_point() and not bool(torch.isfinite(tree).all())
+    if isinstance(tree, dict):
+        return any(_has_non_finite(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return any(_has_non_finite(v) for v in tree)
+    return False

@@ -43,7 +43,28 @@ class Float64States(Metric):
 
 class Float64Perplexity(Float64States, Perplexity):
     """``torchmetrics.text.Perplexity`` summing in float64 (its own states are float32) whatever the
-    model's precision."""
+    model's precision, with each token's log-probability taken as ``logit - logsumexp(logits)``:
+    torchmetrics' softmax-then-log made a target probability below float32's smallest (about 1e-45)
+    ``log(0)``, an infinite perplexity beside a finite loss."""
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        """``preds [B, T, V]`` logits, ``target [B, T]`` token ids (``ignore_index`` not scored)."""
+        if preds.dim() != 3 or tuple(target.shape) != tuple(preds.shape[:2]) or target.is_floating_point():
+            raise ValueError(
+                f"preds must be logits [batch, length, vocab] and target integer ids [batch, length], got "
+                f"{tuple(preds.shape)} and {tuple(target.shape)} ({target.dtype})"
+            )
+        logits = preds.reshape(-1, preds.shape[-1]).float()  # [N, V]
+        target = target.reshape(-1)  # [N]
+        scored = (
+            target != self.ignore_index
+            if self.ignore_index is not None
+            else torch.ones_like(target, dtype=torch.bool)
+        )
+        picked = logits.gather(1, target.where(scored, 0)[:, None]).squeeze(1)  # [N] the targets' logits
+        negative_log_probs = (torch.logsumexp(logits, dim=-1) - picked)[scored]
+        self.total_log_probs += negative_log_probs.double().sum()
+        self.count += scored.sum()
 
 
 def position_buckets(seq_len: int, num_buckets: int) -> list[tuple[int, int]]:

@@ -91,3 +91,19 @@ def test_metrics_sum_in_float64_after_their_module_is_cast(cast) -> None:
     for metric in (perplexity, by_position, diagnostics):
         metric.reset()
         assert all(getattr(metric, name).dtype == torch.float64 for name in metric._defaults), metric
+
+
+def test_perplexity_is_the_exponential_of_the_mean_token_loss_however_unlikely_a_target() -> None:
+    """torchmetrics took softmax then log: a target probability below ~1e-45 was log(0), and a checkpoint
+    with a finite loss read an infinite perplexity."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11)
+    logits[1, 4] = torch.tensor([0.0] * 10 + [-200.0])  # the target, id 10, has probability ~e^-200
+    target = torch.randint(0, 10, (3, 7))
+    target[1, 4], target[0, 2] = 10, -100
+    perplexity = Float64Perplexity(ignore_index=-100)
+    perplexity.update(logits, target)
+    scored = target != -100
+    loss = torch.nn.functional.cross_entropy(logits.double()[scored], target[scored])
+    assert math.isfinite(float(perplexity.compute()))
+    assert float(perplexity.compute()) == pytest.approx(math.exp(float(loss)), rel=1e-6)

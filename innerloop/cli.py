@@ -484,7 +484,7 @@ def _eval(args: argparse.Namespace) -> int:
         out_dir=out,
         no_ttt=args.no_ttt,
     )
-    print(f"perplexity: {metrics['val_ppl']:.3f}  (loss {metrics['val_loss']:.4f} nats/{_token_unit(args.checkpoint)}, "
+    print(f"perplexity: {metrics['val_ppl']:.3f}  (loss {metrics['val_loss']:.4f} nats/{_token_unit(args.checkpoint, args.data)}, "
           f"{int(metrics['tokens'])} tokens in {int(metrics['windows'])} windows)")  # fmt: skip
     print(f"loss by position: {png} ({csv_path})")
     return 0
@@ -563,11 +563,21 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
-def _token_unit(checkpoint: str) -> str:
-    """``byte`` for a checkpoint of the byte tokenizer, else ``token``."""
+def _token_unit(checkpoint: str, data: Sequence[str] = ()) -> str:
+    """``byte`` for text read by the byte tokenizer, else ``token`` (a BPE tokenizer's, or the recall
+    task's symbols, which a recall run's evaluation reads without ``--data``)."""
+    from pathlib import Path
+
     from innerloop.checkpoints import checkpoint_tokenizer
     from innerloop.data.tokenizer import ByteTokenizer
+    from innerloop.train.run import read_run_config
 
+    if not data and (Path(checkpoint).parent / "config.yaml").is_file():
+        try:
+            if read_run_config(Path(checkpoint).parent / "config.yaml").data.name == "recall":
+                return "token"
+        except ConfigError:
+            pass  # the evaluation has read it already, or reported it
     return "byte" if isinstance(checkpoint_tokenizer(checkpoint), ByteTokenizer) else "token"
 
 

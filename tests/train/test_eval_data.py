@@ -334,3 +334,13 @@ def test_an_output_folder_inside_the_evaluated_data_is_refused(tmp_path, capsys,
     )
     assert not out.exists() or not any(out.iterdir())  # nothing written
     assert main([command, *target, *given, "--out", str(tmp_path / "elsewhere"), "--batches", "1"]) == 0
+
+
+def test_the_loss_of_a_recall_run_is_per_token_not_per_byte(tmp_path, capsys) -> None:
+    checkpoint = _run_folder(
+        tmp_path / "run",
+        ["data.name=recall", "data.recall.num_pairs=2", "data.recall.gap=9"],  # 4 * 2 + 9 - 1 = SEQ_LEN
+    )
+    assert main(["eval", str(checkpoint), "--batches", "1"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("perplexity"))
+    assert "nats/token" in line, line

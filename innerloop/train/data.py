@@ -428,9 +428,13 @@ class HFDataModule(L.LightningDataModule):
         if self.dataset is not None:
             return
         self.dataset = open_hf_dataset(self.paths, self.split, self.streaming)
-        windows = validation_windows(
-            self._reader(validation=True), self.seq_len, self.val_batches * self.batch_size
-        )
+        asked = self.val_batches * self.batch_size
+        windows = validation_windows(self._reader(validation=True), self.seq_len, asked)
+        if len(windows) < asked:
+            log.warning(
+                "the held-out documents hold %d windows of seq_len=%d; scoring those %d, not the %d asked for",
+                len(windows), self.seq_len, len(windows), asked,
+            )  # fmt: skip
         tokens = torch.tensor(windows, dtype=torch.long)  # [N, T + 1]
         self.val_examples = tokens[:, :-1], tokens[:, 1:]
 

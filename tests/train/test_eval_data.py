@@ -344,3 +344,13 @@ def test_the_loss_of_a_recall_run_is_per_token_not_per_byte(tmp_path, capsys) ->
     assert main(["eval", str(checkpoint), "--batches", "1"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("perplexity"))
     assert "nats/token" in line, line
+
+
+def test_an_hf_run_asked_for_more_windows_than_its_held_out_documents_hold_says_so(tmp_path, caplog) -> None:
+    jsonl = _jsonl(tmp_path / "corpus.jsonl")
+    checkpoint = _run_folder(tmp_path / "hf", ["data.name=hf", f"data.paths=[{jsonl}]"])
+    with caplog.at_level("WARNING"):
+        metrics = evaluate(checkpoint, batches=1000, progress_bar=False)[0]
+    assert metrics["windows"] < 1000 * BATCH
+    assert f"hold {int(metrics['windows'])} windows of seq_len={SEQ_LEN}; scoring those" in caplog.text
+    assert f"not the {1000 * BATCH} asked for" in caplog.text

@@ -71,6 +71,10 @@ class CheckpointError(ValueError):
     version, or holding weights that do not fit the model). The message is one line naming the file."""
 
 
+_WARNED_UNVERIFIED: set[str] = set()
+"""The format-version-1 files warned about in this process (:class:`UnverifiedCheckpointWarning`)."""
+
+
 class UnverifiedCheckpointWarning(UserWarning):
     """A checkpoint of format version 1, which has no checksum, was read without an integrity check."""
 
@@ -193,12 +197,14 @@ def _check_header(name: str, metadata: dict[str, str]) -> None:
         )
     version = metadata.get("format_version")
     if version == UNVERIFIED_VERSION:
-        warnings.warn(
-            f"{name} is a format-version-1 checkpoint, which has no checksum: it is read without an "
-            "integrity check (saving it again, e.g. by resuming the run, adds one)",
-            UnverifiedCheckpointWarning,
-            stacklevel=3,
-        )
+        if name not in _WARNED_UNVERIFIED:  # once per file: an eval reads it three times
+            _WARNED_UNVERIFIED.add(name)
+            warnings.warn(
+                f"{name} is a format-version-1 checkpoint, which has no checksum: it is read without an "
+                "integrity check (saving it again, e.g. by resuming the run, adds one)",
+                UnverifiedCheckpointWarning,
+                stacklevel=3,
+            )
         return
     if version != FORMAT_VERSION:
         newer = isinstance(version, str) and version.isdigit() and int(version) > int(FORMAT_VERSION)

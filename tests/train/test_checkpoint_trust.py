@@ -153,6 +153,11 @@ def test_an_old_version_1_checkpoint_loads_with_a_warning(tmp_path) -> None:
     with pytest.warns(UnverifiedCheckpointWarning, match="no checksum"):
         model = load_model(path)
     assert model.config.hidden_size == 16
+    with warnings.catch_warnings(record=True) as again:  # once per file (an eval reads it three times)
+        warnings.simplefilter("always")
+        load_model(path)
+        load_checkpoint(path)
+    assert not [w for w in again if issubclass(w.category, UnverifiedCheckpointWarning)]
 
 
 def test_a_saved_checkpoint_verifies_without_a_warning(tmp_path) -> None:

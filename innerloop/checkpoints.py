@@ -232,7 +232,7 @@ def _read_file(path: Path, name: str) -> tuple[dict[str, str], dict[str, torch.T
             raise
         raise CheckpointError(
             f"{name} is not a readable innerloop checkpoint (expected a safetensors file written by "
-            f"`innerloop train`; it may be truncated or of another format): {_one_line(err)}"
+            f"`innerloop train`; it may be truncated, corrupt or of another format): {_one_line(err)}"
         ) from None
 
 

@@ -659,6 +659,8 @@ def _run_beside(checkpoint: str | Path, model: dict[str, Any]) -> tuple[RunConfi
     """:func:`run_of_checkpoint`, and when it is None why, as a clause (``there is no config.yaml
     beside ...``)."""
     saved = Path(checkpoint).parent / "config.yaml"
+    if not saved.is_file() and Path(checkpoint).is_symlink():  # a link to a run's checkpoint: its run
+        saved = Path(checkpoint).resolve().parent / "config.yaml"
     if not saved.is_file():
         return None, f"there is no config.yaml beside {str(checkpoint)!r}"
     try:

@@ -354,3 +354,15 @@ def test_an_hf_run_asked_for_more_windows_than_its_held_out_documents_hold_says_
     assert metrics["windows"] < 1000 * BATCH
     assert f"hold {int(metrics['windows'])} windows of seq_len={SEQ_LEN}; scoring those" in caplog.text
     assert f"not the {1000 * BATCH} asked for" in caplog.text
+
+
+def test_a_link_to_a_runs_checkpoint_evaluates_on_that_runs_windows(tmp_path) -> None:
+    data = tmp_path / "data.txt"
+    data.write_text(TEXT)
+    checkpoint = _run_folder(tmp_path / "run", [f"data.paths=[{data}]"])
+    (tmp_path / "links").mkdir()
+    link = tmp_path / "links" / "model.safetensors"
+    link.symlink_to(checkpoint)
+    direct = evaluate(checkpoint, batches=1, progress_bar=False)[0]
+    linked = evaluate(link, batches=1, progress_bar=False)[0]  # was: the default corpus
+    assert linked == direct

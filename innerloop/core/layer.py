@@ -45,7 +45,7 @@ from innerloop.core.protocol import (
     check_stack_on_random_weights,
 )
 from innerloop.core.scan import run_scan
-from innerloop.core.state import StateSignature, TTTState
+from innerloop.core.state import StateSignature, TTTState, inner_output_label
 
 NON_FINITE_POLICIES = ("raise", "ignore")
 # The layer builds [K, K] matrices per head and mini-batch (the dual form's causal products) and
@@ -389,8 +389,9 @@ class TTTLayer(nn.Module):
 
     def signature_for(self, batch_size: int) -> StateSignature:
         """What a state of this layer for ``batch_size`` sequences must agree on: the shapes, the
-        plugins (inner model, inner loss, update rule) and the layer's class, which decides how the
-        state's weights read ``x`` (a DeltaNet state is no Gated DeltaNet state, nor a TTT one)."""
+        plugins (inner model, inner loss, update rule), the layer's class, which decides how the
+        state's weights read ``x`` (a DeltaNet state is no Gated DeltaNet state, nor a TTT one), and
+        the inner LayerNorm and residual, whose gradients its pending sums hold."""
         return StateSignature(
             batch_size=batch_size,
             num_heads=self.num_heads,
@@ -400,6 +401,7 @@ class TTTLayer(nn.Module):
             inner_loss=self._state_labels[1],
             update_rule=self._state_labels[2],
             layer=type(self).__qualname__,
+            inner_output=inner_output_label(self.inner_norm, self.inner_residual),
         )
 
     @property

@@ -26,16 +26,26 @@ import torch
 #: The groups of tensors of a state, in the order :meth:`TTTState.tensors` lists them.
 TENSOR_GROUPS = ("params", "pending", "loss_carry", "conv_history", "momentum", "decay")
 #: The signature's fields :meth:`TTTState.metadata` writes only when they are recorded (not None).
-OPTIONAL_METADATA = ("update_rule", "layer")
+OPTIONAL_METADATA = ("update_rule", "layer", "inner_output")
+
+
+def inner_output_label(inner_norm: bool, inner_residual: bool) -> str:
+    """:attr:`StateSignature.inner_output` of ``f(x) = [x +] [LN](g(x))`` with these options."""
+    return {(True, True): "residual+norm", (True, False): "norm", (False, True): "residual"}.get(
+        (inner_norm, inner_residual), "bare"
+    )
 
 
 @dataclass(frozen=True)
 class StateSignature:
     """What a state must agree on with the layer (and the input) that continues it.
 
-    ``update_rule`` and ``layer`` (the layer's class: ``TTTLayer``, ``DeltaNetLayer``,
-    ``GatedDeltaNetLayer``, ...) are recorded by the layers; they are None (not recorded) for a
-    state built outside a layer (``innerloop.ops.scan``, the testing kit), which no layer takes.
+    ``update_rule``, ``layer`` (the layer's class: ``TTTLayer``, ``DeltaNetLayer``,
+    ``GatedDeltaNetLayer``, ...) and ``inner_output`` (what the inner model's output passes through:
+    ``"residual+norm"``, ``"norm"``, ``"residual"`` or ``"bare"``, see :func:`inner_output_label`) are
+    recorded by the layers: a state's pending sums are gradients of that function, which another
+    option would read as another one's. They are None (not recorded) for a state built outside a
+    layer (``innerloop.ops.scan``, the testing kit), which no layer takes.
     """
 
     batch_size: int
@@ -46,6 +56,7 @@ class StateSignature:
     inner_loss: str
     update_rule: str | None = None
     layer: str | None = None
+    inner_output: str | None = None
 
 
 @dataclass(frozen=True)
@@ -196,4 +207,4 @@ class TTTState:
         return cls(position=position, signature=signature, **groups)
 
 
-__all__ = ["TENSOR_GROUPS", "StateSignature", "TTTState"]
+__all__ = ["TENSOR_GROUPS", "StateSignature", "TTTState", "inner_output_label"]

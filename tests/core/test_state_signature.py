@@ -138,3 +138,28 @@ def test_a_state_that_does_not_record_its_rule_and_layer_is_refused_with_a_hint(
     message = refusal(layer, old)
     assert "'update_rule': (None, 'dual_form')" in message and "'layer': (None, 'TTTLayer')" in message
     assert "does not record ['layer', 'update_rule']" in message and "state=None" in message
+
+
+OUTPUTS = [(True, True), (True, False), (False, True), (False, False)]
+
+
+@pytest.mark.parametrize(("writer", "reader"), list(permutations(OUTPUTS, 2)))
+def test_a_state_of_another_inner_layernorm_or_residual_is_refused(writer, reader) -> None:
+    """Its pending sums are gradients of the other f(x) = [x +] [LN](g(x)): a layer with the other
+    options continued it silently into other numbers."""
+
+    def layer(options):
+        norm, residual = options
+        return made(
+            lambda: TTTLayer(
+                D, H, inner_model="mlp", mini_batch_size=4, inner_norm=norm, inner_residual=residual
+            )
+        )
+
+    state = state_after(layer(writer))
+    x = torch.randn(2, 1, D, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"differ in \{'inner_output': "):
+        layer(reader)(x, state=state)
+    saved = TTTState.from_tensors(state.tensors(), state.metadata())
+    assert saved.signature == state.signature  # recorded through save and load
+    layer(writer)(x, state=saved)

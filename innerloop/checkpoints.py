@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -161,6 +162,34 @@ def checkpoint_digest(tree_json: str, tensors: Mapping[str, torch.Tensor]) -> st
     return digest.hexdigest()
 
 
+_VERSION_KEY = "innerloop_version"  # the innerloop that wrote a checkpoint (not covered by the checksum)
+
+
+def innerloop_version() -> str:
+    """This innerloop's version (the package is imported before any of its modules)."""
+    return getattr(sys.modules.get("innerloop"), "__version__", "unknown")
+
+
+def written_by(path: str | os.PathLike[str]) -> str | None:
+    """The version of the innerloop that wrote the checkpoint at ``path`` (None: not recorded, as in
+    checkpoints before 0.1.0's, or not readable)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return (f.metadata() or {}).get(_VERSION_KEY)
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
+def rebuild_error(path: str | os.PathLike[str], err: BaseException) -> CheckpointError:
+    """The error for a checkpoint whose model this innerloop cannot rebuild from its hyperparameters;
+    when another innerloop wrote it, the message says which."""
+    written, ours = written_by(path), innerloop_version()
+    other = f" (it was written by innerloop {written}; this is {ours})" if written not in (None, ours) else ""
+    return CheckpointError(
+        f"{str(path)!r} holds a model this innerloop cannot rebuild{other}: {_one_line(err)}"
+    )
+
+
 def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``checkpoint`` (a tree of tensors and plain values) to ``path`` atomically, with its
     checksum."""
@@ -169,6 +198,7 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[str]) ->
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        _VERSION_KEY: innerloop_version(),
         _TREE_KEY: tree,
         _DIGEST_KEY: checkpoint_digest(tree, tensors),
     }
@@ -545,9 +575,7 @@ def load_model(path: str | os.PathLike[str], keep_dtype: bool = False) -> Causal
     try:
         model = build_model(ModelConfig.from_dict(hparams["model"]))
     except (TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(
-            f"{str(path)!r} holds a model this innerloop cannot rebuild: {_one_line(err)}"
-        ) from None
+        raise rebuild_error(path, err) from None
     expected = {MODEL_PREFIX + key: value for key, value in model.state_dict().items()}
     description = f"the model its hyperparameters describe ({describe_model(hparams['model'])})"
     check_state_dict(expected, state_dict, path, description)

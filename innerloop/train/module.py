@@ -32,11 +32,11 @@ from torchmetrics.classification import MulticlassAccuracy
 from innerloop.checkpoints import (
     TOKENIZER_KEY,
     CheckpointError,
-    _one_line,
     check_state_dict,
     describe_model,
     load_checkpoint,
     load_weights,
+    rebuild_error,
     save_checkpoint,
 )
 from innerloop.checkpoints import load_model as load_model  # re-exported: its old home
@@ -356,9 +356,7 @@ def load_module(path: str | os.PathLike[str], keep_dtype: bool = False):
     try:
         module = LanguageModelModule(**hparams)
     except (TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(
-            f"{str(path)!r} holds a model this innerloop cannot rebuild: {_one_line(err)}"
-        ) from None
+        raise rebuild_error(path, err) from None
     description = f"the model its hyperparameters describe ({describe_model(hparams['model'])})"
     check_state_dict(module.state_dict(), checkpoint["state_dict"], path, description)
     load_weights(module, checkpoint["state_dict"], keep_dtype)

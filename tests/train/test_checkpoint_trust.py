@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import innerloop
 from innerloop.config import load_config
 from innerloop.train import LanguageModelModule, train
 from innerloop.train.checkpoint import (
@@ -25,7 +26,7 @@ from innerloop.train.checkpoint import (
     load_training_checkpoint,
     save_checkpoint,
 )
-from innerloop.train.module import load_model
+from innerloop.train.module import load_model, load_module
 
 SMALL = {"hidden_size": 16, "num_heads": 2, "num_layers": 1, "intermediate_size": 32}
 
@@ -240,3 +241,21 @@ def test_non_finite_weights_are_refused_on_load(tmp_path, key, bad) -> None:
     for load in (load_checkpoint, load_model, load_training_checkpoint):
         error = _error(path, load)
         assert f"non-finite weights: {key!r} holds 1 NaN/infinite value(s)" in error
+
+
+@pytest.mark.parametrize("load", [load_model, load_module])
+def test_a_newer_innerloops_checkpoint_says_which_innerloop_wrote_it(tmp_path, load) -> None:
+    path = _module_checkpoint(tmp_path / "last.safetensors")
+    metadata, tensors = _read_raw(path)
+    assert metadata["innerloop_version"] == innerloop.__version__  # recorded when saved
+    tree = json.loads(metadata["innerloop.tree"])
+    tree["hyper_parameters"]["model"]["future_option"] = 1  # a hyperparameter this innerloop lacks
+    _rewrite(
+        path,
+        {**metadata, "innerloop.tree": json.dumps(tree), "innerloop_version": "9.0.0"},
+        tensors,
+        sign=True,
+    )
+    message = _error(path, load)
+    assert f"cannot rebuild (it was written by innerloop 9.0.0; this is {innerloop.__version__})" in message
+    assert "future_option" in message

@@ -21,8 +21,9 @@ CACHE_NAMES = ("cache", "past_key_values", "cache_params")
 
 SUPPORTED_ARGUMENTS = (
     "input_ids, attention_mask, cache (or past_key_values, cache_params), labels, use_cache, return_dict, "
-    "logits_to_keep, output_hidden_states, output_attentions=False, and position_ids or cache_position "
-    "equal to the positions the model reads"
+    "logits_to_keep, output_hidden_states, output_attentions=False, position_ids or cache_position "
+    "equal to the positions the model reads, token_type_ids of one segment (all 0), and tokenizer (which "
+    "generate passes along for stop_strings)"
 )
 
 
@@ -42,17 +43,21 @@ def one_cache(cache: Any, past_key_values: Any, cache_params: Any) -> Any:
 
 def check_mask_shape(attention_mask: Any, input_ids: torch.Tensor, cached: int) -> None:
     """``attention_mask`` covers the tokens the cache has read (``cached``) and the new ones, as in
-    transformers: ``[batch, cached + length]``; anything else is refused, naming both shapes."""
+    transformers: ``[batch, cached + length]``; with a cache, a mask of the new tokens alone
+    (``[batch, length]``, what many decoding loops pass) is taken too. Anything else is refused, naming
+    both shapes. (Its values are checked by ``check_attention_mask``.)"""
     if attention_mask is None:
         return
     batch, length = input_ids.shape
     expected = [batch, cached + length]
-    if isinstance(attention_mask, torch.Tensor) and list(attention_mask.shape) == expected:
+    valid = [expected, [batch, length]] if cached else [expected]
+    if isinstance(attention_mask, torch.Tensor) and list(attention_mask.shape) in valid:
         return
     given = _shape_of(attention_mask)
+    also = f", or [batch, length] = {valid[1]} for the new tokens alone" if cached else ""
     raise ValueError(
-        f"attention_mask must be [batch, cached + length] = {expected} (input_ids {list(input_ids.shape)} "
-        f"after {cached} tokens in the cache), got {given}"
+        f"attention_mask must be [batch, cached + length] = {expected}{also} (input_ids "
+        f"{list(input_ids.shape)} after {cached} tokens in the cache), got {given}"
     )
 
 
@@ -88,6 +93,10 @@ def check_other_arguments(arguments: dict[str, Any], start: int, length: int) ->
             continue
         if name in ("position_ids", "cache_position"):
             _check_positions(name, value, start, length)
+        elif name == "tokenizer":  # generate(stop_strings=..., tokenizer=...) passes it along
+            continue
+        elif name == "token_type_ids":
+            _check_one_segment(value)
         elif name == "output_attentions":
             if value is not False:
                 raise ValueError(
@@ -100,6 +109,16 @@ def check_other_arguments(arguments: dict[str, Any], start: int, length: int) ->
         raise ValueError(
             f"InnerloopForCausalLM.forward got argument(s) it does not use: {', '.join(unsupported)}; "
             f"supported: {SUPPORTED_ARGUMENTS}"
+        )
+
+
+def _check_one_segment(token_type_ids: Any) -> None:
+    """``token_type_ids`` (which some tokenizers return, so that ``model(**tokenizer(text))`` passes
+    them) must all be 0: one segment, which is what a model without segment embeddings reads."""
+    if isinstance(token_type_ids, torch.Tensor) and not bool((token_type_ids == 0).all()):
+        raise ValueError(
+            "token_type_ids holds segments other than 0: innerloop models have no segment embeddings, so "
+            "they would read every token as segment 0; drop token_type_ids or make them all 0"
         )
 
 

@@ -72,7 +72,7 @@ def test_two_different_caches_are_refused_and_one_cache_under_two_names_is_one()
 @pytest.mark.parametrize(
     ("arguments", "named"),
     [
-        ({"token_type_ids": torch.zeros_like(IDS)}, r"does not use: token_type_ids; supported: input_ids"),
+        ({"token_type_ids": torch.ones_like(IDS)}, r"token_type_ids holds segments other than 0"),
         (
             {"num_items_in_batch": 12, "head_mask": torch.ones(2)},
             r"does not use: num_items_in_batch, head_mask",
@@ -132,16 +132,27 @@ def test_a_mask_of_another_shape_than_the_ids_is_refused_naming_both(mask: torch
         model(IDS, attention_mask=mask)
 
 
-def test_with_a_cache_the_mask_covers_the_cached_tokens_too() -> None:
+def test_with_a_cache_the_mask_covers_the_cached_tokens_too_or_the_new_ones_alone() -> None:
     model = tiny_hf_model("ttt_linear")
     with torch.no_grad():
         cache = model(IDS[:, :4]).cache
         with pytest.raises(
-            ValueError, match=r"= \[2, 6\] \(input_ids \[2, 2\] after 4 tokens .*got shape \[2, 2\]"
+            ValueError,
+            match=r"= \[2, 6\], or \[batch, length\] = \[2, 2\] .*\(input_ids \[2, 2\] after 4 tokens .*got shape \[2, 3\]",
         ):
-            model(IDS[:, 4:], cache=cache, attention_mask=torch.ones(2, 2))
-        masked = model(IDS[:, 4:], cache=cache, attention_mask=torch.ones(2, 6)).logits
-        assert torch.equal(masked, model(IDS[:, 4:], cache=cache).logits)
+            model(IDS[:, 4:], cache=cache, attention_mask=torch.ones(2, 3))
+        unmasked = model(IDS[:, 4:], cache=cache).logits
+        assert torch.equal(model(IDS[:, 4:], cache=cache, attention_mask=torch.ones(2, 6)).logits, unmasked)
+        assert torch.equal(model(IDS[:, 4:], cache=cache, attention_mask=torch.ones(2, 2)).logits, unmasked)
+
+
+def test_arguments_that_change_nothing_are_taken() -> None:
+    """generate(stop_strings=..., tokenizer=...) passes the tokenizer to forward, and a tokenizer that
+    returns token_type_ids passes them in model(**tokenizer(text)): both were refused."""
+    model = tiny_hf_model("ttt_linear")
+    with torch.no_grad():
+        plain = model(IDS).logits
+        assert torch.equal(model(IDS, token_type_ids=torch.zeros_like(IDS), tokenizer=object()).logits, plain)
 
 
 def test_generate_refuses_a_mask_of_another_shape_than_the_ids() -> None:

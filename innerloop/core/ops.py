@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from innerloop.core.layer import MAX_MINI_BATCH_SIZE, check_positive_int, is_real, resolve_plugins
 from innerloop.core.protocol import InnerLoss, InnerModel, InnerTask, UpdateRule, Views
@@ -88,6 +89,8 @@ def _check_options(
     for name, flag in (("inner_norm", inner_norm), ("inner_residual", inner_residual)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
+    if isinstance(norm_eps, torch.Tensor) and norm_eps.numel() == 1 and not norm_eps.requires_grad:
+        norm_eps = norm_eps.item()  # a 0-d tensor of the number
     if not is_real(norm_eps) or norm_eps <= 0:
         raise ValueError(f"norm_eps must be a finite number > 0, got {norm_eps!r}")
     return mini_batch_size
@@ -110,13 +113,19 @@ def _norm_parameters(
     return weight, bias
 
 
+def _in_functorch(*tensors: torch.Tensor | None) -> bool:
+    """Whether any of ``tensors`` is inside a ``torch.func`` transform (``vmap`` cannot read a batched
+    tensor's values: the value checks run outside the transforms only)."""
+    return any(t is not None and is_functorch_wrapped_tensor(t) for t in tensors)
+
+
 def _check_per_token(q: torch.Tensor, lr: Any, decay: Any, momentum: Any) -> None:
     shape = tuple(q.shape[:3])
     _check_tensor("lr", lr, shape, q, "[B, H, T]")
     for name, value in (("decay", decay), ("momentum", momentum)):
         if value is not None:
             _check_tensor(name, value, shape, q, "[B, H, T] (or None)")
-    if q.device.type == "meta":  # shapes only: no values to check
+    if q.device.type == "meta" or _in_functorch(decay, momentum):  # no values to read
         return
     # One rule for every path: a kernel takes the decay's gate a = 1 - decay in log space.
     if decay is not None and not bool(((decay >= 0) & (decay <= 1)).all()):

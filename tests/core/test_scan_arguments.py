@@ -111,3 +111,21 @@ def test_a_low_precision_scan_continues_from_its_float32_weights_or_their_roundi
         TypeError, match=r"initial\['W1'\] is torch.float16; valid: torch.bfloat16 or torch.float32"
     ):
         scan(q, k, v, lr, mini_batch_size=4, initial={n: w.half() for n, w in weights.items()})
+
+
+def test_the_value_checks_leave_vmap_and_a_tensor_norm_eps_working() -> None:
+    """The decay/momentum value checks read values, which vmap cannot: they broke vmap over scan."""
+    q, k, v, lr = _inputs()
+    decay = 0.3 * torch.rand(lr.shape, dtype=lr.dtype)
+
+    def one(q, k, v, lr, decay):  # one sequence: add the batch dimension scan takes
+        out, _ = scan(q[None], k[None], v[None], lr[None], mini_batch_size=2, decay=decay[None], **MATRIX)
+        return out[0]
+
+    stacked = torch.stack([q[0], q[0] * 2]), torch.stack([k[0]] * 2), torch.stack([v[0]] * 2)
+    mapped = torch.func.vmap(one)(*stacked, torch.stack([lr[0]] * 2), torch.stack([decay[0]] * 2))
+    looped = torch.stack([one(stacked[0][i], k[0], v[0], lr[0], decay[0]) for i in range(2)])
+    torch.testing.assert_close(mapped, looped, rtol=1e-12, atol=1e-12)
+    by_tensor, _ = scan(q, k, v, lr, mini_batch_size=2, norm_eps=torch.tensor(1e-5, dtype=torch.float64))
+    by_float, _ = scan(q, k, v, lr, mini_batch_size=2, norm_eps=1e-5)
+    assert torch.equal(by_tensor, by_float)

@@ -54,7 +54,8 @@ class Float64Perplexity(Float64States, Perplexity):
                 f"preds must be logits [batch, length, vocab] and target integer ids [batch, length], got "
                 f"{tuple(preds.shape)} and {tuple(target.shape)} ({target.dtype})"
             )
-        logits = preds.reshape(-1, preds.shape[-1]).float()  # [N, V]
+        # [N, V], in float32 or wider: float64 logits (a float64 model) are not rounded
+        logits = preds.reshape(-1, preds.shape[-1]).to(torch.promote_types(preds.dtype, torch.float32))
         target = target.reshape(-1)  # [N]
         scored = (
             target != self.ignore_index

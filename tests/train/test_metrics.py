@@ -107,3 +107,12 @@ def test_perplexity_is_the_exponential_of_the_mean_token_loss_however_unlikely_a
     loss = torch.nn.functional.cross_entropy(logits.double()[scored], target[scored])
     assert math.isfinite(float(perplexity.compute()))
     assert float(perplexity.compute()) == pytest.approx(math.exp(float(loss)), rel=1e-6)
+
+
+def test_perplexity_of_float64_logits_is_computed_in_float64() -> None:
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 5, 7, dtype=torch.float64), torch.randint(0, 7, (2, 5))
+    perplexity = Float64Perplexity()
+    perplexity.update(logits, target)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+    assert float(perplexity.compute()) == pytest.approx(math.exp(float(loss)), rel=1e-13)

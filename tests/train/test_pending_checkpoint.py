@@ -17,6 +17,7 @@ from lm_testing import TINY  # the tiny run of the end-to-end tests
 
 from innerloop.config import load_config
 from innerloop.train import TrainingDivergedError, load_checkpoint, train
+from innerloop.train.checkpoint import save_checkpoint
 from innerloop.train.run_dir import (
     PENDING_CHECKPOINT,
     RunDirError,
@@ -167,3 +168,17 @@ def test_overwrite_sets_a_pending_checkpoint_aside_and_puts_it_back_with_its_run
     settle_previous_run(tmp_path)  # it ended without last.safetensors: the previous run comes back whole
     assert (tmp_path / PENDING_CHECKPOINT).read_text() == "old+"
     assert (tmp_path / "last.safetensors").read_text() == "old"
+
+
+@pytest.mark.slow  # ~0.5 s: a resumed training run
+def test_a_pending_checkpoint_with_non_finite_weights_is_removed(runs, tmp_path, caplog) -> None:
+    tree = load_checkpoint(runs["pending"] / "last.safetensors")
+    key = next(iter(tree["state_dict"]))
+    tree["state_dict"][key] = torch.full_like(tree["state_dict"][key], float("nan"))
+    poisoned = save_checkpoint(tree, tmp_path / "poisoned.safetensors")  # whole, with its checksum
+    out = _killed_with_pending(runs, tmp_path / "run", poisoned.read_bytes())
+    first_step = _FirstStep()
+    with caplog.at_level(logging.WARNING, logger="innerloop.train.run_dir"):
+        _train(out, PENDING, resume=True, callbacks=[first_step])
+    assert "NaN/infinite value(s)" in _messages(caplog)  # the loader checks the weights
+    assert first_step.step == FIRST  # from last.safetensors

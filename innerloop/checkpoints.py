@@ -45,6 +45,7 @@ from innerloop.config.load import CHECKPOINT_SUFFIX, checkpoint_path_problem
 from innerloop.data.atomic import atomic_write
 from innerloop.data.tokenizer import Tokenizer, tokenizer_from_state
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
+from innerloop.models.config import reset_unused_family_options
 
 FORMAT = "innerloop-checkpoint"
 FORMAT_VERSION = "2"
@@ -178,6 +179,20 @@ def written_by(path: str | os.PathLike[str]) -> str | None:
             return (f.metadata() or {}).get(_VERSION_KEY)
     except (SafetensorError, OSError, ValueError):
         return None
+
+
+def saved_model_config(path: str | os.PathLike[str], model: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's model config as this innerloop builds it: ``model.family`` keys its member does not
+    read, which never had an effect, at their defaults (:func:`reset_unused_family_options`), with a
+    warning naming them."""
+    model, reset = reset_unused_family_options(model)
+    if reset:
+        warnings.warn(
+            f"{str(path)!r} records {', '.join(reset)}, which mixer {model.get('mixer')!r} does not read (it "
+            "never had an effect): loaded with the defaults",
+            stacklevel=3,
+        )
+    return model
 
 
 def rebuild_error(path: str | os.PathLike[str], err: BaseException) -> CheckpointError:
@@ -572,6 +587,7 @@ def load_model(path: str | os.PathLike[str], keep_dtype: bool = False) -> Causal
             f"{str(path)!r} is an innerloop checkpoint without a model (no hyper_parameters['model'] or "
             "state_dict); pass a checkpoint written by `innerloop train`"
         )
+    hparams = {**hparams, "model": saved_model_config(path, hparams["model"])}
     try:
         model = build_model(ModelConfig.from_dict(hparams["model"]))
     except (TypeError, ValueError, RuntimeError) as err:

@@ -587,6 +587,28 @@ def _check_family(config: ModelConfig) -> None:
         raise ValueError(f"model.family: {err}") from None
 
 
+def reset_unused_family_options(model: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A saved model config (a checkpoint's) with the ``model.family`` keys its member does not read
+    set back to their defaults, and those keys as ``key=value`` (what they held). Such keys never had
+    an effect (innerloop dropped them before it refused them), so the model is the one that trained;
+    a new config with one is refused (``_check_family``)."""
+    family = model.get("family")
+    used = FAMILY_OPTIONS_USED.get(model.get("mixer"))  # type: ignore[arg-type]
+    if used is None or not isinstance(family, dict):
+        return model, []
+    defaults = {option.name: option.default for option in fields(FamilyConfig)}
+    unused = {
+        key: value
+        for key, value in family.items()
+        if key in defaults and key not in used and key != "memory" and value != defaults[key]
+        and not (key == "short_conv" and value is False)
+    }  # fmt: skip
+    if not unused:
+        return model, []
+    family = {**family, **{key: defaults[key] for key in unused}}
+    return {**model, "family": family}, [f"model.family.{key}={value!r}" for key, value in unused.items()]
+
+
 def _refuse_unused_family_options(config: ModelConfig) -> None:
     """A ``model.family`` key the member does not read, set away from its default, is an error (it was
     silently dropped): the message names the key, the member and the keys it reads."""

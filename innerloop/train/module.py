@@ -38,6 +38,7 @@ from innerloop.checkpoints import (
     load_weights,
     rebuild_error,
     save_checkpoint,
+    saved_model_config,
 )
 from innerloop.checkpoints import load_model as load_model  # re-exported: its old home
 from innerloop.core.diagnostics import inner_loss_before_after
@@ -353,6 +354,7 @@ def load_module(path: str | os.PathLike[str], keep_dtype: bool = False):
             f"{str(path)!r} is an innerloop checkpoint without a model (no hyper_parameters['model'] or "
             "state_dict); pass a checkpoint written by `innerloop train`"
         )
+    hparams = {**hparams, "model": saved_model_config(path, hparams["model"])}
     try:
         module = LanguageModelModule(**hparams)
     except (TypeError, ValueError, RuntimeError) as err:

@@ -259,3 +259,19 @@ def test_a_newer_innerloops_checkpoint_says_which_innerloop_wrote_it(tmp_path, l
     message = _error(path, load)
     assert f"cannot rebuild (it was written by innerloop 9.0.0; this is {innerloop.__version__})" in message
     assert "future_option" in message
+
+
+@pytest.mark.parametrize("load", [load_model, load_module])
+def test_a_family_key_its_member_never_read_loads_at_its_default_with_a_warning(tmp_path, load) -> None:
+    """Such a key had no effect when the run trained; since the config refuses it, a checkpoint that
+    records one could not be loaded at all."""
+    path = _module_checkpoint(tmp_path / "last.safetensors", mixer="deltanet")
+    metadata, tensors = _read_raw(path)
+    tree = json.loads(metadata["innerloop.tree"])
+    tree["hyper_parameters"]["model"]["family"] = {"mini_batch_size": 8}  # DeltaNet takes one step per token
+    _rewrite(path, {**metadata, "innerloop.tree": json.dumps(tree)}, tensors, sign=True)
+    with pytest.warns(
+        UserWarning, match=r"records model.family.mini_batch_size=8, which mixer 'deltanet' does not read"
+    ):
+        loaded = load(path)
+    assert loaded is not None

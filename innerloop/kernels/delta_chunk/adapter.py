@@ -50,12 +50,12 @@ def delta_rule_kernel_forward(
         raise ValueError(f"tau must hold one scale (mini_batch_size=1), got shape {list(tau.shape)}")
     decay_log = None
     if decay is not None:
-        if not bool(((decay >= 0) & (decay <= 1)).all()):
-            low, high = decay.min().item(), decay.max().item()
+        low, high = torch.stack(torch.aminmax(decay.detach())).tolist()  # one sync for both checks
+        if not (low >= 0 and high <= 1):  # NaN fails too
             raise ValueError(
                 f"decay must lie in [0, 1] (the gate a = 1 - decay is taken in log space), got values in [{low}, {high}]"
             )
-        if linear_gates_needed(decay):
+        if linear_gates_needed(decay, high):
             weights = params[STATE_KEY]
             beta, gate = lr * tau.reshape(()), 1 - decay
             out, final = delta_rule_loop(
@@ -77,8 +77,9 @@ def delta_rule_kernel_forward(
     return out, {STATE_KEY: final.to(weights.dtype)}
 
 
-def linear_gates_needed(decay: torch.Tensor) -> bool:
-    """Whether the gradient w.r.t. ``decay`` must be taken with the gates in linear space (the token loop).
+def linear_gates_needed(decay: torch.Tensor, largest: float) -> bool:
+    """Whether the gradient w.r.t. ``decay`` (whose largest value is ``largest``) must be taken with the
+    gates in linear space (the token loop).
 
     The chunked form takes the gate ``a = 1 - decay`` as ``log a``: its gradient w.r.t. ``decay``,
     ``(a * d/da) * (-1 / a)``, loses ``eps / a`` of itself and is NaN at a full reset (``decay = 1``),
@@ -86,9 +87,7 @@ def linear_gates_needed(decay: torch.Tensor) -> bool:
     below :data:`SMALL_GATE`, :func:`delta_rule_kernel_forward` runs the token loop on ``a`` itself
     (the torch path's speed, exact to all orders). The log gates' outputs are exact either way.
     """
-    if not (torch.is_grad_enabled() and decay.requires_grad):
-        return False
-    return bool((decay > 1 - SMALL_GATE).any())
+    return torch.is_grad_enabled() and decay.requires_grad and largest > 1 - SMALL_GATE
 
 
 def verify(inputs: KernelInputs) -> str | None:

@@ -500,16 +500,16 @@ def _check_out_outside_the_data(out: os.PathLike, models: Sequence[str], data: S
     if data:
         check_output_outside_data(out, data, "--out", "--data")
         return
-    from innerloop.train.run import read_run_config
+    from innerloop.train.run import read_run_config, run_config_path
 
     for model in models:
-        run_dir = Path(model) if Path(model).is_dir() else Path(model).parent
+        saved = run_config_path(Path(model) / "last.safetensors" if Path(model).is_dir() else model)
         try:
-            run = read_run_config(run_dir / "config.yaml")
+            run = read_run_config(saved) if saved is not None else None
         except (ConfigError, OSError):
             continue
-        if run.data.name != "recall":
-            check_output_outside_data(out, run.data.paths, "--out", f"the data.paths of {str(run_dir)!r}")
+        if run is not None and run.data.name != "recall":
+            check_output_outside_data(out, run.data.paths, "--out", f"the data.paths of {str(saved)!r}")
 
 
 def _refuse_text_without_tokenizer(checkpoint: str) -> None:
@@ -566,15 +566,15 @@ def _params(args: argparse.Namespace) -> int:
 def _token_unit(checkpoint: str, data: Sequence[str] = ()) -> str:
     """``byte`` for text read by the byte tokenizer, else ``token`` (a BPE tokenizer's, or the recall
     task's symbols, which a recall run's evaluation reads without ``--data``)."""
-    from pathlib import Path
 
     from innerloop.checkpoints import checkpoint_tokenizer
     from innerloop.data.tokenizer import ByteTokenizer
-    from innerloop.train.run import read_run_config
+    from innerloop.train.run import read_run_config, run_config_path
 
-    if not data and (Path(checkpoint).parent / "config.yaml").is_file():
+    saved = None if data else run_config_path(checkpoint)
+    if saved is not None:
         try:
-            if read_run_config(Path(checkpoint).parent / "config.yaml").data.name == "recall":
+            if read_run_config(saved).data.name == "recall":
                 return "token"
         except ConfigError:
             pass  # the evaluation has read it already, or reported it

@@ -655,13 +655,20 @@ def run_of_checkpoint(checkpoint: str | Path, model: dict[str, Any]) -> RunConfi
     return _run_beside(checkpoint, model)[0]
 
 
+def run_config_path(checkpoint: str | Path) -> Path | None:
+    """The ``config.yaml`` beside ``checkpoint``, or, for a link to a run's checkpoint, beside the file
+    it points to; None where there is none."""
+    for folder in (Path(checkpoint).parent, Path(checkpoint).resolve().parent):
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    return None
+
+
 def _run_beside(checkpoint: str | Path, model: dict[str, Any]) -> tuple[RunConfig | None, str]:
     """:func:`run_of_checkpoint`, and when it is None why, as a clause (``there is no config.yaml
     beside ...``)."""
-    saved = Path(checkpoint).parent / "config.yaml"
-    if not saved.is_file() and Path(checkpoint).is_symlink():  # a link to a run's checkpoint: its run
-        saved = Path(checkpoint).resolve().parent / "config.yaml"
-    if not saved.is_file():
+    saved = run_config_path(checkpoint)
+    if saved is None:
         return None, f"there is no config.yaml beside {str(checkpoint)!r}"
     try:
         run = read_run_config(saved)

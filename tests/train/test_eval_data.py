@@ -366,3 +366,16 @@ def test_a_link_to_a_runs_checkpoint_evaluates_on_that_runs_windows(tmp_path) ->
     direct = evaluate(checkpoint, batches=1, progress_bar=False)[0]
     linked = evaluate(link, batches=1, progress_bar=False)[0]  # was: the default corpus
     assert linked == direct
+
+
+def test_an_output_folder_inside_the_data_of_a_linked_runs_checkpoint_is_refused(tmp_path, capsys) -> None:
+    """The --out check and the unit read the config beside the link's target, as the evaluation does."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "code.py").write_text(TEXT)
+    checkpoint = _run_folder(tmp_path / "run", [f"data.paths=[{data}]"])
+    (tmp_path / "links").mkdir()
+    link = tmp_path / "links" / "model.safetensors"
+    link.symlink_to(checkpoint)
+    assert main(["eval", str(link), "--out", str(data / "results"), "--batches", "1"]) == 2
+    assert "lies inside" in capsys.readouterr().err

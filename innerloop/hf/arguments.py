@@ -41,11 +41,12 @@ def one_cache(cache: Any, past_key_values: Any, cache_params: Any) -> Any:
     return next(iter(given.values()), None)
 
 
-def check_mask_shape(attention_mask: Any, input_ids: torch.Tensor, cached: int) -> None:
+def check_mask_shape(attention_mask: Any, input_ids: torch.Tensor, cached: int, caller: str = "") -> None:
     """``attention_mask`` covers the tokens the cache has read (``cached``) and the new ones, as in
-    transformers: ``[batch, cached + length]``; with a cache, a mask of the new tokens alone
-    (``[batch, length]``, what many decoding loops pass) is taken too. Anything else is refused, naming
-    both shapes. (Its values are checked by ``check_attention_mask``.)"""
+    transformers: ``[batch, cached + length]``; with a cache, ``[batch, length]`` is taken too (a mask of
+    the new tokens alone, what many decoding loops pass, or in ``generate()`` the whole prompt passed
+    with its cache). Anything else is refused, naming both shapes; ``caller`` (``"generate()"``) starts
+    the message. (The mask's values are checked by ``check_attention_mask``.)"""
     if attention_mask is None:
         return
     batch, length = input_ids.shape
@@ -53,32 +54,10 @@ def check_mask_shape(attention_mask: Any, input_ids: torch.Tensor, cached: int) 
     valid = [expected, [batch, length]] if cached else [expected]
     if isinstance(attention_mask, torch.Tensor) and list(attention_mask.shape) in valid:
         return
-    given = _shape_of(attention_mask)
-    also = f", or [batch, length] = {valid[1]} for the new tokens alone" if cached else ""
+    also = f", or [batch, length] = {valid[1]}" if cached else ""
     raise ValueError(
-        f"attention_mask must be [batch, cached + length] = {expected}{also} (input_ids "
-        f"{list(input_ids.shape)} after {cached} tokens in the cache), got {given}"
-    )
-
-
-def check_generate_mask_shape(attention_mask: Any, input_ids: torch.Tensor, cached: int | None) -> None:
-    """The mask ``generate()`` was given: ``[batch, length]`` like ``input_ids``, or, with a cache that has
-    read ``cached`` tokens, ``[batch, cached + length]`` (then ``input_ids`` are the new tokens alone)."""
-    if attention_mask is None:
-        return
-    batch, length = input_ids.shape
-    valid = [[batch, length]] if not cached else [[batch, length], [batch, cached + length]]
-    if isinstance(attention_mask, torch.Tensor) and list(attention_mask.shape) in valid:
-        return
-    expected = f"[batch, length] = {valid[0]}"
-    if cached:
-        expected += (
-            f", or [batch, cached + length] = {valid[1]} when input_ids are the tokens after the cache's"
-        )
-        expected += f" {cached}"
-    raise ValueError(
-        f"generate() got an attention_mask of {_shape_of(attention_mask)} for input_ids "
-        f"{list(input_ids.shape)}: it must be {expected}"
+        f"{caller + ': ' if caller else ''}attention_mask must be [batch, cached + length] = {expected}{also} "
+        f"(input_ids {list(input_ids.shape)} after {cached} tokens in the cache), got {_shape_of(attention_mask)}"
     )
 
 

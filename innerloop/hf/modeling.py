@@ -28,7 +28,6 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
 from innerloop.hf.arguments import (
-    check_generate_mask_shape,
     check_logits_to_keep,
     check_mask_shape,
     check_other_arguments,
@@ -609,8 +608,8 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         inputs, input_name, model_kwargs = super()._prepare_model_inputs(*args, **kwargs)
         if input_name == "input_ids" and inputs.dim() == 2:
             cache = model_kwargs.get("cache")
-            cached = cache.seq_length if isinstance(cache, InnerloopCache) else None
-            check_generate_mask_shape(model_kwargs.get("attention_mask"), inputs, cached)
+            cached = cache.seq_length if isinstance(cache, InnerloopCache) else 0
+            check_mask_shape(model_kwargs.get("attention_mask"), inputs, cached, caller="generate()")
         return inputs, input_name, model_kwargs
 
     def _prefill(

@@ -159,11 +159,14 @@ def test_generate_refuses_a_mask_of_another_shape_than_the_ids() -> None:
     model = tiny_hf_model("ttt_linear")
     short = torch.ones(2, 3, dtype=torch.long)
     with pytest.raises(
-        ValueError, match=r"generate\(\) got an attention_mask of shape \[2, 3\] for input_ids"
+        ValueError,
+        match=r"generate\(\): attention_mask must be \[batch, cached \+ length\] = \[2, 6\] .*got shape \[2, 3\]",
     ):
         model.generate(IDS, attention_mask=short, max_new_tokens=2)
     cache = model(IDS[:, :4]).cache
-    with pytest.raises(ValueError, match=r"or \[batch, cached \+ length\] = \[2, 10\] when input_ids are"):
+    with pytest.raises(
+        ValueError, match=r"= \[2, 10\], or \[batch, length\] = \[2, 6\] \(input_ids \[2, 6\] after 4"
+    ):
         model.generate(IDS, cache=cache, attention_mask=short, max_new_tokens=2)
 
 

@@ -110,10 +110,10 @@ run has written its first checkpoint (see :func:`set_aside_previous_run`)."""
 
 def set_aside_previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
     """Rename the :data:`SET_ASIDE_OUTPUTS` of the run in ``out_dir`` (its pending checkpoint too) out of
-    the new run's way (``--overwrite``; its ``logs/`` stay), keeping them until the new run has a checkpoint: :func:`settle_previous_run`
-    then removes them, or puts them back if the new run ended without one (a launch that fails on its
-    data, its first step, or a kill leaves the previous run as it was). Call it holding the lock.
-    Returns the names set aside."""
+    the new run's way (``--overwrite``; its ``logs/`` stay), keeping them until the new run has a
+    checkpoint: :func:`settle_previous_run` then removes them, or puts them back if the new run ended
+    without one (a launch that fails on its data, its first step, or a kill leaves the previous run as it
+    was). Call it holding the lock. Returns the names set aside."""
     out_dir = Path(out_dir)
     moved = [name for name in SET_ASIDE_OUTPUTS if (out_dir / name).is_file()]
     for name in moved:

@@ -281,6 +281,22 @@ def _read_file(path: Path, name: str) -> tuple[dict[str, str], dict[str, torch.T
         ) from None
 
 
+def is_safetensors_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a file that starts as a safetensors file does (an 8-byte little-endian
+    header length that fits the file, then a JSON object): innerloop's checkpoint format, as opposed
+    to a pickled ``torch.save`` one. Reads 9 bytes; False for anything that cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except (OSError, TypeError, ValueError):
+        return False
+    if len(start) < 9:
+        return False
+    header_length = int.from_bytes(start[:8], "little")
+    return 0 < header_length <= size - 8 and start[8:9] == b"{"
+
+
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`, verifying its checksum; raise
     :class:`CheckpointError` (one line naming the file and the problem) for any other file."""

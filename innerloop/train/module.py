@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import lightning as L
 import torch
@@ -34,6 +34,7 @@ from innerloop.checkpoints import (
     CheckpointError,
     check_state_dict,
     describe_model,
+    is_safetensors_file,
     load_checkpoint,
     load_weights,
     rebuild_error,
@@ -138,6 +139,50 @@ class LanguageModelModule(L.LightningModule):
         self._stop_deferred = False  # a stop asked for mid-accumulation (on_train_batch_end)
         if diagnostics_batches > 0 and self.model.config.mixer == "ttt":
             self._inner_loss_before_after = inner_loss_before_after
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | os.PathLike[str] | IO[bytes],
+        map_location: Any = None,
+        hparams_file: str | os.PathLike[str] | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> LanguageModelModule:
+        """Lightning's ``load_from_checkpoint``, which also reads innerloop's own checkpoints.
+
+        The files ``innerloop train`` and :class:`~innerloop.train.SafetensorsCheckpointIO` write (also
+        under Lightning's ``.ckpt`` names) are safetensors, which Lightning's loader (``torch.load``)
+        cannot read. For them the module is rebuilt from the hyperparameters the file holds (keyword
+        arguments replace some, as in Lightning) and loaded with its weights, every key and shape
+        checked; weights stored in bfloat16 or float16 load upcast to float32
+        (:func:`~innerloop.checkpoints.load_weights`). ``map_location`` names the device to put it on
+        (a mapping or function of devices does not apply: the file records none, and the module stays
+        on the CPU). ``hparams_file`` is refused for them (the file carries its hyperparameters), and
+        ``strict=False`` too (a checkpoint must fit the model it describes). Other files (pickled
+        Lightning checkpoints, file objects) go to Lightning's loader unchanged.
+        """
+        is_path = isinstance(checkpoint_path, (str, os.PathLike))
+        if not (is_path and is_safetensors_file(checkpoint_path)):
+            return super().load_from_checkpoint(
+                checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs
+            )
+        name = repr(str(checkpoint_path))
+        if hparams_file is not None:
+            raise ValueError(
+                f"hparams_file={str(hparams_file)!r}: {name} is an innerloop checkpoint, which carries its "
+                "hyperparameters; pass the ones to change as keyword arguments"
+            )
+        if strict is False:
+            raise ValueError(
+                f"strict=False: {name} is an innerloop checkpoint, loaded only into the model it describes "
+                "(every key and shape checked); leave strict unset or True"
+            )
+        module = _module_from_checkpoint(cls, checkpoint_path, kwargs, keep_dtype=False)
+        if isinstance(map_location, (str, int, torch.device)):
+            module = module.to(torch.device(map_location))
+        return module
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with one :class:`~innerloop.checkpoints.CheckpointError` line, a checkpoint whose
@@ -343,6 +388,14 @@ def load_module(path: str | os.PathLike[str], keep_dtype: bool = False):
     Raises :class:`~innerloop.checkpoints.CheckpointError` if the file is not an innerloop training checkpoint or its weights
     do not fit the model its hyperparameters describe (missing or unexpected keys, shapes, dtypes).
     """
+    return _module_from_checkpoint(LanguageModelModule, path, {}, keep_dtype).eval()
+
+
+def _module_from_checkpoint(
+    cls: type[LanguageModelModule], path: str | os.PathLike[str], overrides: dict[str, Any], keep_dtype: bool
+) -> LanguageModelModule:
+    """``cls`` built from an innerloop checkpoint's hyperparameters (``overrides`` replacing some) and
+    loaded with its weights (:func:`~innerloop.checkpoints.load_weights`), in train mode."""
     checkpoint = load_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters")
     if (
@@ -354,15 +407,20 @@ def load_module(path: str | os.PathLike[str], keep_dtype: bool = False):
             f"{str(path)!r} is an innerloop checkpoint without a model (no hyper_parameters['model'] or "
             "state_dict); pass a checkpoint written by `innerloop train`"
         )
-    hparams = {**hparams, "model": saved_model_config(path, hparams["model"])}
+    hparams = {**hparams, **overrides}
+    if isinstance(hparams["model"], dict):
+        hparams["model"] = saved_model_config(path, hparams["model"])
     try:
-        module = LanguageModelModule(**hparams)
+        module = cls(**hparams)
     except (TypeError, ValueError, RuntimeError) as err:
+        if overrides:  # the keyword arguments may be what is wrong: say which were given
+            given = ", ".join(f"{key}={value!r}" for key, value in overrides.items())
+            raise ValueError(f"{str(path)!r} loaded with {given} in place of its own: {err}") from None
         raise rebuild_error(path, err) from None
-    description = f"the model its hyperparameters describe ({describe_model(hparams['model'])})"
+    description = f"the model its hyperparameters describe ({describe_model(module.hparams.model)})"
     check_state_dict(module.state_dict(), checkpoint["state_dict"], path, description)
     load_weights(module, checkpoint["state_dict"], keep_dtype)
-    return module.eval()
+    return module
 
 
 def save_model_checkpoint(

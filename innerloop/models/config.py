@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
@@ -265,6 +266,24 @@ class Bounds:
 
 def _number(value: float | None) -> str:
     return str(int(value)) if value is not None and float(value).is_integer() else str(value)
+
+
+def checked_number(name: str, value: Any, kind: type, bounds: Bounds) -> int | float:
+    """``value`` as a plain ``kind`` (``int``: any integer, e.g. numpy's, not a bool; ``float``: any
+    finite real), inside ``bounds``; else ``ValueError`` naming ``name``, the value and what is valid."""
+    integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if kind is int and not integer:
+        raise ValueError(f"{name}={value!r} ({type(value).__name__}) must be an integer {bounds.describe()}")
+    if kind is float and not (real and math.isfinite(value)):
+        raise ValueError(
+            f"{name}={value!r} ({type(value).__name__}) must be a finite number {bounds.describe()}"
+        )
+    plain = int(value) if kind is int else float(value)
+    if plain not in bounds:
+        why = f" ({bounds.why})" if bounds.why else ""
+        raise ValueError(f"{name}={plain} must be {bounds.describe()}{why}")
+    return plain
 
 
 AT_LEAST_1 = Bounds(1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -46,6 +47,7 @@ from innerloop.data.text import (
     text_split_lengths,
 )
 from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
+from innerloop.models.config import AT_LEAST_0, AT_LEAST_1, FRACTION, Bounds, checked_number
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +143,23 @@ class _IndexedDataModule(L.LightningDataModule):
         return DataLoader(FixedExamples(inputs, targets), batch_size=self.batch_size, shuffle=False)
 
 
+SEED_BOUNDS = Bounds(0, 2**32 - 1, why="Lightning seeds numpy, which takes 32-bit seeds")
+
+
+def _checked_sizes(**sizes: int) -> list[int]:
+    """Each of ``sizes`` as a plain int >= 1 (``ValueError`` naming the first that is not)."""
+    return [int(checked_number(name, value, int, AT_LEAST_1)) for name, value in sizes.items()]
+
+
+def _path_list(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    """``paths`` as a list of strings: one path is a list of one (a string is not read as its letters)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not isinstance(paths, Sequence) or not all(isinstance(p, (str, os.PathLike)) for p in paths):
+        raise ValueError(f"paths={paths!r} must be a path or a list of paths (files, directories or globs)")
+    return [os.fspath(p) for p in paths]
+
+
 class TextDataModule(_IndexedDataModule):
     """Language modelling on text files: their bytes (vocabulary 256), or their tokens.
 
@@ -170,13 +189,12 @@ class TextDataModule(_IndexedDataModule):
         tokenizer: Tokenizer | None = None,
     ):
         super().__init__()
-        if seq_len < 1 or batch_size < 1 or val_batches < 1:
-            raise ValueError(
-                f"seq_len={seq_len}, batch_size={batch_size} and val_batches={val_batches} must all be >= 1"
-            )
-        self.paths = list(paths)
-        self.seq_len, self.batch_size, self.val_batches, self.seed = seq_len, batch_size, val_batches, seed
-        self.val_fraction = val_fraction
+        self.paths = _path_list(paths)
+        self.seq_len, self.batch_size, self.val_batches = _checked_sizes(
+            seq_len=seq_len, batch_size=batch_size, val_batches=val_batches
+        )
+        self.seed = int(checked_number("seed", seed, int, SEED_BOUNDS))
+        self.val_fraction = checked_number("val_fraction", val_fraction, float, FRACTION)
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         self.train_bytes: torch.Tensor | None = None  # the tokens (bytes with the byte tokenizer)
         self.val_bytes: torch.Tensor | None = None
@@ -315,14 +333,11 @@ class RecallDataModule(_IndexedDataModule):
         self, num_pairs: int = 8, gap: int = 64, batch_size: int = 16, val_batches: int = 8, seed: int = 0
     ):
         super().__init__()
-        if not 1 <= num_pairs <= len(RECALL_KEYS):
-            raise ValueError(f"num_pairs={num_pairs} must be in [1, {len(RECALL_KEYS)}]")
-        if gap < 0:
-            raise ValueError(f"gap={gap} must be >= 0")
-        if batch_size < 1 or val_batches < 1:
-            raise ValueError(f"batch_size={batch_size} and val_batches={val_batches} must be >= 1")
-        self.num_pairs, self.gap = num_pairs, gap
-        self.batch_size, self.val_batches, self.seed = batch_size, val_batches, seed
+        pairs_bounds = Bounds(1, len(RECALL_KEYS), why=f"the task has {len(RECALL_KEYS)} keys")
+        self.num_pairs = int(checked_number("num_pairs", num_pairs, int, pairs_bounds))
+        self.gap = int(checked_number("gap", gap, int, AT_LEAST_0))
+        self.batch_size, self.val_batches = _checked_sizes(batch_size=batch_size, val_batches=val_batches)
+        self.seed = int(checked_number("seed", seed, int, SEED_BOUNDS))
 
     @property
     def seq_len(self) -> int:
@@ -405,16 +420,21 @@ class HFDataModule(L.LightningDataModule):
         val_batches: int = 8,
     ):
         super().__init__()
-        if seq_len < 1 or batch_size < 1 or val_batches < 1:
-            raise ValueError(
-                f"seq_len={seq_len}, batch_size={batch_size} and val_batches={val_batches} must all be >= 1"
-            )
+        seq_len, batch_size, val_batches = _checked_sizes(
+            seq_len=seq_len, batch_size=batch_size, val_batches=val_batches
+        )
+        val_fraction = checked_number("val_fraction", val_fraction, float, FRACTION)
         if not 0 < val_fraction < 1:
             raise DataError(
                 f"data.val_fraction={val_fraction} must be in (0, 1) for data.name='hf': validation holds "
                 "out every 1/val_fraction-th document"
             )
-        self.paths, self.split, self.text_field, self.streaming = list(paths), split, text_field, streaming
+        self.paths, self.split, self.text_field, self.streaming = (
+            _path_list(paths),
+            split,
+            text_field,
+            streaming,
+        )
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         self.seq_len, self.batch_size = seq_len, batch_size
         self.val_fraction, self.val_batches = val_fraction, val_batches

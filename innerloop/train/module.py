@@ -44,10 +44,53 @@ from innerloop.checkpoints import (
 from innerloop.checkpoints import load_model as load_model  # re-exported: its old home
 from innerloop.core.diagnostics import inner_loss_before_after
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
+from innerloop.models.config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Bounds, checked_number
 from innerloop.train.data import IGNORE_INDEX, Batch
 from innerloop.train.metrics import Float64Perplexity, InnerLossDiagnostics, LossByPosition
 from innerloop.train.schedules import Schedule, make_schedule
 from innerloop.train.schedules import warmup_cosine as warmup_cosine  # re-exported: its old home
+
+_NUMBER_ARGUMENTS: dict[str, tuple[type, Bounds]] = {
+    "lr": (float, POSITIVE),
+    "weight_decay": (float, AT_LEAST_0),
+    "min_lr": (float, AT_LEAST_0),
+    "warmup_steps": (int, AT_LEAST_0),
+    "max_steps": (int, AT_LEAST_1),
+    "decay_steps": (int, AT_LEAST_0),
+    "num_position_buckets": (int, AT_LEAST_1),
+    "diagnostics_batches": (int, Bounds(0, why="0: no inner-loss diagnostics")),
+}
+
+
+def _checked_hyperparameters(**arguments: Any) -> dict[str, Any]:
+    """:class:`LanguageModelModule`'s arguments as plain values (what its checkpoint stores), each of
+    its type and in its range; ``ValueError`` naming the argument otherwise (from Python nothing else
+    checks them: a NaN ``lr`` would train to NaN, a ``beta`` of 1.5 diverge)."""
+    checked = dict(arguments)
+    for name, (kind, bounds) in _NUMBER_ARGUMENTS.items():
+        checked[name] = checked_number(name, arguments[name], kind, bounds)
+    if arguments["seq_len"] is not None:
+        checked["seq_len"] = checked_number("seq_len", arguments["seq_len"], int, AT_LEAST_1)
+    betas = arguments["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas={betas!r} must be a pair (beta1, beta2), each {FRACTION.describe()}")
+    checked["betas"] = tuple(
+        checked_number(f"betas[{i}]", beta, float, FRACTION) for i, beta in enumerate(betas)
+    )
+    if checked["min_lr"] > checked["lr"]:
+        raise ValueError(
+            f"min_lr={checked['min_lr']} must be <= lr={checked['lr']} (the schedule decays from lr to min_lr)"
+        )
+    if checked["decay_steps"] > checked["max_steps"]:
+        raise ValueError(
+            f"decay_steps={checked['decay_steps']} must be in [0, max_steps={checked['max_steps']}]"
+        )
+    # a known name, and a schedule these numbers make
+    make_schedule(
+        checked["schedule"],
+        *(checked[k] for k in ("warmup_steps", "max_steps", "lr", "min_lr", "decay_steps")),
+    )
+    return checked
 
 
 class TrainingDivergedError(RuntimeError):
@@ -114,18 +157,9 @@ class LanguageModelModule(L.LightningModule):
         super().__init__()
         if isinstance(model, ModelConfig):
             model = asdict(model)  # hyperparameters are plain values (the checkpoint stores no objects)
-        betas = tuple(betas)
-        if lr <= 0 or min_lr < 0 or weight_decay < 0:
-            raise ValueError(f"lr={lr} must be > 0, min_lr={min_lr} and weight_decay={weight_decay} >= 0")
-        if min_lr > lr:
-            raise ValueError(f"min_lr={min_lr} must be <= lr={lr} (the schedule decays from lr to min_lr)")
-        if warmup_steps < 0 or max_steps < 1 or not 0 <= decay_steps <= max_steps:
-            raise ValueError(
-                f"warmup_steps={warmup_steps} must be >= 0, max_steps={max_steps} >= 1 and "
-                f"decay_steps={decay_steps} in [0, max_steps]"
-            )
-        make_schedule(schedule, warmup_steps, max_steps, lr, min_lr, decay_steps)  # a known name
-        self.save_hyperparameters()
+        arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
+        hyperparameters = _checked_hyperparameters(**arguments)
+        self.save_hyperparameters(hyperparameters)
         self.model = build_model(ModelConfig.from_dict(model))  # CausalLM, or E2ELM for mixer='e2e'
         self.val_ppl = Float64Perplexity(ignore_index=IGNORE_INDEX)
         self.val_acc = MulticlassAccuracy(

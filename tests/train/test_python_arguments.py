@@ -60,7 +60,10 @@ def test_module_arguments_are_stored_as_plain_values() -> None:
         (lambda: RecallDataModule(gap=-1), r"gap=-1 must be >= 0"),
         (lambda: RecallDataModule(batch_size=2.0), r"batch_size=2.0 \(float\) must be an integer >= 1"),
         (lambda: HFDataModule(["x"], val_batches=0), r"val_batches=0 must be >= 1"),
-        (lambda: HFDataModule(["x"], val_fraction=float("nan")), r"val_fraction=nan \(float\) must be a finite"),
+        (
+            lambda: HFDataModule(["x"], val_fraction=float("nan")),
+            r"val_fraction=nan \(float\) must be a finite",
+        ),
     ],
 )
 def test_bad_data_module_arguments_are_refused_by_name(build, message) -> None:

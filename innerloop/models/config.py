@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
@@ -520,6 +521,35 @@ def validate_model_config(config: ModelConfig) -> None:
         _check_ttt(config.ttt)
     if config.mixer in FAMILY_MIXERS:
         _check_family(config)
+    _warn_unknown_unread_plugins(config)
+
+
+_PLUGIN_FIELDS = {
+    "ttt": (("inner_model", "inner_model"), ("inner_loss", "inner_loss"), ("update_rule", "update_rule")),
+    E2E: (("inner_loss", "model_inner_loss"), ("update_rule", "model_update_rule")),
+}
+"""The plugin names of the sections ``model.ttt`` and ``model.e2e``: (field, registry kind)."""
+
+
+def _warn_unknown_unread_plugins(config: ModelConfig) -> None:
+    """Warn about a plugin name that no plugin registers in a section this mixer does not read (e.g.
+    a typo in ``model.e2e.inner_loss`` of a ``mixer: ttt`` model): it has no effect, so the model is
+    right, but a user who meant it to count should hear. Not an error: a config may keep another
+    mixer's settings to switch back to (``model.mixer=attention`` on a TTT preset), and a checkpoint
+    must load where a plugin it never used is not installed."""
+    for section, plugin_fields in _PLUGIN_FIELDS.items():
+        if config.mixer == section:
+            continue
+        for key, kind in plugin_fields:
+            name = getattr(getattr(config, section), key)
+            if name not in available(kind):
+                warnings.warn(
+                    f"model.{section}.{key}={name!r} is not a registered {kind} (registered: "
+                    f"{available(kind)}); it is ignored, since model.mixer={config.mixer!r} does not "
+                    f"read model.{section}",
+                    UserWarning,
+                    stacklevel=3,
+                )
 
 
 def _check_choices(config: ModelConfig) -> None:

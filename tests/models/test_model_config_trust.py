@@ -5,10 +5,11 @@ truncating ``16.7``."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 
-from innerloop.models import ModelConfig, build_model, validate_model_config
+from innerloop.models import E2EConfig, ModelConfig, TTTConfig, build_model, validate_model_config
 
 BAD = [
     ({"hidden_size": 16.7}, "model.hidden_size=16.7"),
@@ -59,3 +60,30 @@ def test_a_section_given_as_a_mapping_is_its_dataclass(section, given, attribute
 def test_a_section_mapping_with_an_unknown_key_names_it() -> None:
     with pytest.raises(ValueError, match=r"unknown config key 'model.ttt.mini_batch' .*valid keys here"):
         ModelConfig(hidden_size=16, num_heads=2, ttt={"mini_batch": 4})
+
+
+@pytest.mark.parametrize(
+    ("config", "warned"),
+    [
+        (
+            ModelConfig(mixer="attention", ttt=TTTConfig(inner_loss="hubber")),
+            r"model\.ttt\.inner_loss='hubber'",
+        ),
+        (
+            ModelConfig(mixer="ttt", e2e=E2EConfig(inner_loss="nexttoken")),
+            r"model\.e2e\.inner_loss='nexttoken'",
+        ),
+        (ModelConfig(mixer="deltanet", ttt=TTTConfig(update_rule="dual")), r"model\.ttt\.update_rule='dual'"),
+    ],
+)
+def test_an_unknown_plugin_name_in_a_section_the_mixer_does_not_read_is_warned_about(config, warned) -> None:
+    with pytest.warns(
+        UserWarning, match=warned + r" is not a registered .* it is ignored, since model\.mixer="
+    ):
+        validate_model_config(config)
+
+
+def test_known_plugin_names_in_unread_sections_pass_quietly() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_model_config(ModelConfig(mixer="attention", ttt=TTTConfig(inner_model="mlp")))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from innerloop.core.identity import registered_mismatch
 from innerloop.core.protocol import InnerTask, Params, UpdateRule
@@ -55,6 +56,9 @@ def kernel_inputs(
         task.norm_weight,
         task.norm_bias,
     )
+    transformed = any(t is not None and is_functorch_wrapped_tensor(t) for t in tensors) or any(
+        is_functorch_wrapped_tensor(p) for p in params.values()
+    )
     requires_grad = torch.is_grad_enabled() and (
         any(t is not None and t.requires_grad for t in tensors)
         or any(p.requires_grad for p in params.values())
@@ -73,6 +77,7 @@ def kernel_inputs(
             "decode": decode,
             "decay": chunk.decay is not None if decay is None else decay,
             "momentum": momentum,
+            "functorch": transformed,
             **({} if closes_mini_batch is None else {"closes_mini_batch": closes_mini_batch}),
         },
     )
@@ -157,6 +162,13 @@ def select_kernel(rule: UpdateRule, task: InnerTask, inputs: KernelInputs) -> tu
                 "kernel='auto' or 'torch', which trace the torch path"
             )
         return None, "torch: meta tensors hold no values (kernels run on real data)"
+    if inputs.extra.get("functorch"):  # vmap / grad / jacrev: no kernel (nor its first-use probe) runs there
+        if task.kernel != "auto":
+            raise KernelUnavailableError(
+                f"kernel={task.kernel!r} cannot run inside a torch.func transform (vmap, grad, jacrev, ...); "
+                "use kernel='auto' or 'torch', which run the torch path there"
+            )
+        return None, "torch: inside a torch.func transform (vmap, grad, ...), where kernels do not run"
     from innerloop.registry import get_registry
 
     rule_name = rule.name

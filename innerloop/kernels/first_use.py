@@ -143,18 +143,19 @@ def check_block(
 
     def run_kernel(t: dict, p: Params) -> tuple[torch.Tensor, Params]:
         decay = {} if t["decay"] is None else {"decay": t["decay"]}
-        result = kernel.forward(
-            xq=t["xq"],
-            xk=t["xk"],
-            xv=t["xv"],
-            lr=t["lr"],
-            tau=tau,
-            params=p,
-            ln_weight=t["ln_weight"],
-            ln_bias=t["ln_bias"],
-            eps=task.norm_eps,
-            **decay,
-        )
+        with _raised_is_a_verdict():
+            result = kernel.forward(
+                xq=t["xq"],
+                xk=t["xk"],
+                xv=t["xv"],
+                lr=t["lr"],
+                tau=tau,
+                params=p,
+                ln_weight=t["ln_weight"],
+                ln_bias=t["ln_bias"],
+                eps=task.norm_eps,
+                **decay,
+            )
         check_kernel_output(kernel, t["xq"], p, *result)  # a broken contract is an error, not a verdict
         return result
 
@@ -197,19 +198,20 @@ def check_decode(
 
     def run_kernel(t: dict, p: Params) -> tuple[torch.Tensor, Params]:
         start, sums = split(p)
-        out, new_params, new_pending = kernel.decode(
-            xq=t["xq"][:, :, 0],
-            xk=t["xk"][:, :, 0],
-            xv=t["xv"][:, :, 0],
-            lr=t["lr"][:, :, 0],
-            tau_i=tau_i,
-            params=start,
-            pending=sums,
-            ln_weight=t["ln_weight"],
-            ln_bias=t["ln_bias"],
-            eps=task.norm_eps,
-            is_last=is_last,
-        )
+        with _raised_is_a_verdict():
+            out, new_params, new_pending = kernel.decode(
+                xq=t["xq"][:, :, 0],
+                xk=t["xk"][:, :, 0],
+                xv=t["xv"][:, :, 0],
+                lr=t["lr"][:, :, 0],
+                tau_i=tau_i,
+                params=start,
+                pending=sums,
+                ln_weight=t["ln_weight"],
+                ln_bias=t["ln_bias"],
+                eps=task.norm_eps,
+                is_last=is_last,
+            )
         for given, returned in ((start, new_params), (sums, new_pending)):  # pending as the weights
             check_kernel_output(kernel, t["xq"][:, :, 0], given, out, returned)
         return out, joined_weights(new_params, new_pending)
@@ -280,7 +282,11 @@ def _record(
     tolerance = tolerance_for(inputs.dtype)
     with _own_saved_tensors(), torch.enable_grad() if inputs.requires_grad else torch.no_grad():
         expected = run_torch(tensors, weights)
-        actual = run_kernel(tensors, weights)
+        try:
+            actual = run_kernel(tensors, weights)
+        except _KernelRaised as raised:  # it cannot run these blocks (a launch or build failure): refused
+            _VERDICTS[key] = str(raised)
+            return str(raised)
         if not _all_finite(expected):
             return None  # the data overflows on the torch path too: nothing decided, probe again later
         got, want = _flatten(actual), _flatten(expected)
@@ -289,6 +295,19 @@ def _record(
             reason = _compare_gradients(got, want, tensors, weights, tolerance * GRADIENT_FACTOR)
     _VERDICTS[key] = reason
     return reason
+
+
+class _KernelRaised(Exception):
+    """A kernel's forward or decode raised during its probe (the message says what)."""
+
+
+@contextlib.contextmanager
+def _raised_is_a_verdict() -> Iterator[None]:
+    """An exception from the kernel's own call becomes the probe's verdict (``_KernelRaised``)."""
+    try:
+        yield
+    except Exception as error:
+        raise _KernelRaised(f"it raised {type(error).__name__}: {error}") from error
 
 
 @contextlib.contextmanager

@@ -221,3 +221,26 @@ def test_float32_matrix_products_in_lower_precision_loosen_the_tolerance():
         assert tolerance_for(torch.float64) == TOLERANCES[torch.float64]
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def _raises(*args, **kwargs):
+    raise RuntimeError("out of resources: shared memory, Required: 262144, Hardware limit: 101376")
+
+
+def test_a_kernel_that_raises_in_its_probe_is_refused_and_auto_gives_the_torch_numbers():
+    register(_raises, _raises)
+    layer, reference = layer_pair()
+    x = torch.randn(2, 12, 16)
+    with (
+        torch.no_grad(),
+        pytest.warns(
+            KernelCheckWarning, match=rf"{NAME}: failed its first-use check .*it raised RuntimeError: out of"
+        ),
+    ):
+        out, _ = layer(x)
+    assert layer.last_dispatch[0] != NAME
+    with torch.no_grad():
+        torch.testing.assert_close(out, reference(x)[0])
+    named, _ = layer_pair(kernel=NAME)
+    with torch.no_grad(), pytest.raises(KernelCheckError, match=r"it raised RuntimeError: out of resources"):
+        named(x)

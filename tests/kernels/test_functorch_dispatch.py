@@ -1,0 +1,48 @@
+"""Inside torch.func transforms (vmap, grad, jacrev) no kernel runs: the tensors there are wrappers
+without storage (the C++ kernels read raw pointers) and autograd.Functions without ``setup_context``
+cannot be transformed. ``kernel="auto"`` runs the torch path there, with the torch path's numbers, and a
+named kernel is refused with the reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from innerloop.kernels.dispatch import KernelUnavailableError
+from innerloop.ops import scan
+
+MODELS = [{"inner_model": "linear"}, {"inner_model": "mlp"}, {"inner_model": "matrix", "mini_batch_size": 1}]
+
+
+def _inputs():
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 2, 8, 16, generator=generator, dtype=torch.float64)
+    lr = torch.rand(3, 2, 8, generator=generator, dtype=torch.float64) / 16
+    return q, lr
+
+
+def _scan_sum(q, lr, **options):
+    options = {"mini_batch_size": 4, **options}
+    return scan(q, q.flip(-1), q.roll(1, -1), lr, **options)[0].square().sum()
+
+
+@pytest.mark.parametrize("options", MODELS, ids=lambda o: o["inner_model"])
+def test_auto_inside_vmap_and_grad_gives_the_torch_paths_numbers(options) -> None:
+    q, lr = _inputs()
+    _scan_sum(q, lr, **options)  # a plain call first: the kernels' first-use checks are done
+    per_row = torch.func.vmap(lambda q, lr: _scan_sum(q[None], lr[None], **options))(q, lr)
+    per_row_torch = torch.stack(
+        [_scan_sum(q[i : i + 1], lr[i : i + 1], kernel="torch", **options) for i in range(3)]
+    )
+    torch.testing.assert_close(per_row, per_row_torch, rtol=1e-12, atol=1e-12)
+    gradient = torch.func.grad(lambda q: _scan_sum(q, lr, **options))(q)
+    expected = torch.func.grad(lambda q: _scan_sum(q, lr, kernel="torch", **options))(q)
+    torch.testing.assert_close(gradient, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_named_kernel_inside_a_transform_is_refused_with_the_reason() -> None:
+    q, lr = _inputs()
+    with pytest.raises(
+        KernelUnavailableError, match=r"kernel='cpu_ttt_linear' cannot run inside a torch\.func"
+    ):
+        torch.func.grad(lambda q: _scan_sum(q, lr, kernel="cpu_ttt_linear"))(q)

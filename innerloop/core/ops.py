@@ -74,7 +74,12 @@ def _check_views(q: Any, k: Any, v: Any) -> None:
 
 
 def _check_options(
-    mini_batch_size: Any, inner_norm: Any, inner_residual: Any, kernel: Any, norm_eps: Any
+    mini_batch_size: Any,
+    inner_norm: Any,
+    inner_residual: Any,
+    kernel: Any,
+    norm_eps: Any,
+    double: Any = False,
 ) -> int:
     """Each option checked, naming it; returns ``mini_batch_size`` as an ``int`` (it may be a numpy one)."""
     if not isinstance(kernel, str):
@@ -86,7 +91,12 @@ def _check_options(
             f"mini_batch_size must be <= {MAX_MINI_BATCH_SIZE} (a scan builds [K, K] matrices), got "
             f"{mini_batch_size}; for one mini-batch over the whole sequence any K >= T is the same"
         )
-    for name, flag in (("inner_norm", inner_norm), ("inner_residual", inner_residual)):
+    flags = (
+        ("inner_norm", inner_norm),
+        ("inner_residual", inner_residual),
+        ("needs_double_backward", double),
+    )
+    for name, flag in flags:
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
     if isinstance(norm_eps, torch.Tensor) and norm_eps.numel() == 1 and not norm_eps.requires_grad:
@@ -244,6 +254,7 @@ def scan(
     norm_eps: float = 1e-6,
     kernel: str = "auto",
     dispatches: list[tuple[str, str]] | None = None,
+    needs_double_backward: bool = False,
 ) -> tuple[torch.Tensor, Weights]:
     """Regress the inner model online on ``k -> v`` and read it with ``q`` (module docstring).
 
@@ -263,16 +274,21 @@ def scan(
         norm_eps: the inner LayerNorm's epsilon (a finite number > 0).
         kernel: ``"auto"``, ``"torch"`` or a registered kernel's name, as in ``TTTLayer``.
         dispatches: a list that receives every fast-path decision ``(path, reason)``.
+        needs_double_backward: gradients of gradients will be taken (``create_graph=True``, e.g. a
+            meta-learned initialisation): ``kernel="auto"`` then keeps to paths that are twice
+            differentiable (the fast training paths are differentiable once only).
 
     Returns:
         ``(outputs [B, H, T, f], weights)``: ``weights`` after the last token (for a partial last
         mini-batch the weights it read), plus ``"momentum.<name>"`` when momentum is given.
-        Differentiable in every tensor argument. The scan computes in q's dtype but at least float32
+        Differentiable in every tensor argument (twice with ``needs_double_backward``). The scan computes in q's dtype but at least float32
         (bfloat16 / float16 inputs: float32, also under autocast, as in ``TTTLayer``): ``outputs`` come
         back in q's dtype, ``weights`` in the scan's, and ``initial`` may be in either.
     """
     _check_views(q, k, v)
-    mini_batch_size = _check_options(mini_batch_size, inner_norm, inner_residual, kernel, norm_eps)
+    mini_batch_size = _check_options(
+        mini_batch_size, inner_norm, inner_residual, kernel, norm_eps, needs_double_backward
+    )
     _check_per_token(q, lr, decay, momentum)
     model, loss, rule = resolve_plugins(inner_model, inner_loss, update_rule, kernel, q.shape[3])
     # The scan runs in q's dtype but at least float32, as TTTLayer's (its state, LayerNorm statistics
@@ -290,6 +306,7 @@ def scan(
         float(norm_eps),
         inner_residual,
         kernel,
+        needs_double_backward=needs_double_backward,
         on_dispatch=record,
     )
     views = Views(*(_cast(t, dtype) for t in (q, k, v)))

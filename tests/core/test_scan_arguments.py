@@ -129,3 +129,22 @@ def test_the_value_checks_leave_vmap_and_a_tensor_norm_eps_working() -> None:
     by_tensor, _ = scan(q, k, v, lr, mini_batch_size=2, norm_eps=torch.tensor(1e-5, dtype=torch.float64))
     by_float, _ = scan(q, k, v, lr, mini_batch_size=2, norm_eps=1e-5)
     assert torch.equal(by_tensor, by_float)
+
+
+@pytest.mark.parametrize("inner_model", ["linear", "mlp"])
+def test_needs_double_backward_gives_the_torch_paths_gradients_of_gradients(inner_model) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 6, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    lr = torch.full((1, 2, 6), 0.1, dtype=torch.float64)
+
+    def second_derivative(**options):
+        out, _ = scan(x, x.flip(-1), x, lr, inner_model=inner_model, mini_batch_size=3, **options)
+        (gradient,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        return torch.autograd.grad(gradient.square().sum(), x)[0]
+
+    expected = second_derivative(kernel="torch")
+    torch.testing.assert_close(second_derivative(needs_double_backward=True), expected, rtol=1e-12, atol=0)
+    with pytest.raises(RuntimeError, match=r"pass needs_double_backward=True to the TTTLayer or ops\.scan"):
+        second_derivative()
+    with pytest.raises(TypeError, match=r"needs_double_backward must be True or False, got 1"):
+        scan(x, x, x, lr, needs_double_backward=1)

@@ -18,8 +18,8 @@ import torch
 from innerloop.kernels.cpu.library import DTYPE_CODES, run_entry_point, scan_input_problems, scan_sizes
 
 DOUBLE_BACKWARD_MESSAGE = (
-    "the CPU kernel's training scan is differentiable once only; construct the TTTLayer with "
-    "needs_double_backward=True (or kernel='torch') to take gradients of gradients"
+    "the CPU kernel's training scan is differentiable once only; pass needs_double_backward=True to "
+    "the TTTLayer or ops.scan (or kernel='torch') to take gradients of gradients"
 )
 
 

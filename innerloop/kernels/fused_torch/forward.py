@@ -33,7 +33,7 @@ from innerloop.kernels.spec import KernelForward, KernelInputs, KernelSpec, stac
 
 DOUBLE_BACKWARD_MESSAGE = (
     "the fused_torch fast path is differentiable once only (aten's fused LayerNorm backward is not "
-    "twice differentiable); construct the TTTLayer with needs_double_backward=True (or kernel='torch') "
+    "twice differentiable); pass needs_double_backward=True to the TTTLayer or ops.scan (or kernel='torch') "
     "to take gradients of gradients"
 )
 

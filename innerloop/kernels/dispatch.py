@@ -106,9 +106,12 @@ def capability_refusal(kernel: KernelSpec, inputs: KernelInputs) -> str | None:
         return f"{kernel.name}: does not support decay (forgetting)"
     if inputs.extra.get("decay") and inputs.extra.get("decode"):
         return f"{kernel.name}: its decode path does not take decay (forgetting)"
-    wrapped = bool(inputs.extra.get("residual")) and bool(inputs.extra.get("norm"))
-    if kernel.fuses_inner_norm and not wrapped:
-        return f"{kernel.name}: fuses the inner residual and LayerNorm, which this layer turns off"
+    norm, residual = bool(inputs.extra.get("norm")), bool(inputs.extra.get("residual"))
+    if kernel.fuses_inner_norm and not (norm and residual):
+        return (
+            f"{kernel.name}: fuses the inner residual and LayerNorm, which this layer turns off "
+            f"(inner_norm={norm}, inner_residual={residual})"
+        )
     return None
 
 

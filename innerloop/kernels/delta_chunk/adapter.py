@@ -97,8 +97,12 @@ def verify(inputs: KernelInputs) -> str | None:
             f"{KERNEL_NAME}: the delta rule is the dual form with mini_batch_size=1, got "
             f"{inputs.mini_batch_size} (K > 1 is mini-batch gradient descent, another recurrence)"
         )
-    if inputs.extra.get("norm") or inputs.extra.get("residual"):
-        return f"{KERNEL_NAME}: computes out = q W without the inner LayerNorm and residual, which this layer uses"
+    norm, residual = bool(inputs.extra.get("norm")), bool(inputs.extra.get("residual"))
+    if norm or residual:
+        return (
+            f"{KERNEL_NAME}: computes out = q W without the inner LayerNorm and residual, which this layer "
+            f"uses (inner_norm={norm}, inner_residual={residual})"
+        )
     if inputs.dtype not in SUPPORTED_DTYPES:
         return f"{KERNEL_NAME}: dtype {inputs.dtype} is not one of {[str(d) for d in SUPPORTED_DTYPES]}"
     return None

@@ -281,6 +281,8 @@ def scan(
     Returns:
         ``(outputs [B, H, T, f], weights)``: ``weights`` after the last token (for a partial last
         mini-batch the weights it read), plus ``"momentum.<name>"`` when momentum is given.
+        A NaN or inf input is not refused; it spreads to the outputs of its whole mini-batch (of its
+        64-token chunk on the chunked delta-rule kernel), earlier tokens included, and to all later ones.
         Differentiable in every tensor argument (twice with ``needs_double_backward``). The scan computes in q's dtype but at least float32
         (bfloat16 / float16 inputs: float32, also under autocast, as in ``TTTLayer``): ``outputs`` come
         back in q's dtype, ``weights`` in the scan's, and ``initial`` may be in either.

@@ -51,7 +51,7 @@ def ln_normalize(x, F: tl.constexpr, eps):
     core/functional.py); ``rstd`` is the row's own. Ordinary rows have scale 1 and are unchanged.
     """
     top = tl.max(tl.abs(x), axis=1)
-    scale = tl.minimum(1125899906842624.0 / top, 1.0)  # 2**50 / top, at most 1
+    scale = tl.minimum(1125899906842624.0 / tl.maximum(top, 1.0), 1.0)  # 2**50 / top, at most 1 (no 0 / 0)
     xs = x * scale[:, None]
     mean = tl.sum(xs, axis=1) / F
     xc = xs - mean[:, None]

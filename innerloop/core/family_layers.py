@@ -257,8 +257,13 @@ class FamilyLayer(TTTLayer):
                 for k, v in self.inner_model.init_params(self.num_heads, self.head_dim).items()
             }
         )
-        self.register_buffer("token_scale", torch.ones(self.mini_batch_size), persistent=False)
+        for name, table in self.derived_buffers().items():  # token_scale
+            self.register_buffer(name, table, persistent=False)
         self.post_norm = nn.RMSNorm(self.head_dim, eps=self.norm_eps)
+
+    def derived_buffers(self) -> dict[str, torch.Tensor]:
+        """The non-persistent buffer made from the options: ``token_scale``, tau = 1 for every token."""
+        return {"token_scale": torch.ones(self.mini_batch_size)}
 
     def _head_gate(self, x: torch.Tensor, projection: nn.Linear) -> torch.Tensor:
         """``projection(x)`` for ``x [B, T, D]`` as ``[B, H, T]`` (one logit per head and token)."""

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import (
@@ -222,6 +223,18 @@ def check_layer_arguments(hidden_size: int, num_heads: int, **options: Any) -> N
     )
 
 
+def _autocasting(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False for meta tensors (which autocast does not
+    know: the query raises "unknown device type for autocast")."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
+def holds_values(x: torch.Tensor) -> bool:
+    """Whether ``x``'s values can be read (checked): not a meta tensor (shapes only) nor a tensor
+    inside a torch.func transform (vmap, grad), where reading a value is data-dependent control flow."""
+    return x.device.type != "meta" and not is_functorch_wrapped_tensor(x)
+
+
 def _output_is_scratch(module: nn.Module) -> bool:
     """Whether ``module(x)`` is a fresh tensor nobody else holds: a plain ``nn.Linear`` (not a
     subclass or a wrapper, which may return cached or input tensors) with no forward hooks, local or
@@ -366,13 +379,8 @@ class TTTLayer(nn.Module):
         self.learnable_ttt_lr_weight = nn.Parameter(torch.randn(num_heads, 1, hidden_size) * 0.02)
         self.learnable_ttt_lr_bias = nn.Parameter(torch.zeros(num_heads, 1))
         self.learnable_token_idx = nn.Parameter(torch.zeros(mini_batch_size))
-        # 1 / (i + 1), made in float32 as the reference does (and cast with the module).
-        self.register_buffer(
-            "token_idx", 1.0 / torch.arange(1, mini_batch_size + 1, dtype=torch.float32), persistent=False
-        )
-        self.register_buffer(
-            "rope_inv_freq", rope_inverse_frequencies(head_dim, self.rope_theta), persistent=False
-        )
+        for name, table in self.derived_buffers().items():  # token_idx, rope_inv_freq
+            self.register_buffer(name, table, persistent=False)
 
         # The inner LayerNorm (per head) and the learnable initial inner weights.
         if self.inner_norm:
@@ -382,6 +390,27 @@ class TTTLayer(nn.Module):
             {k: nn.Parameter(v) for k, v in self.inner_model.init_params(num_heads, head_dim).items()}
         )
         self.post_norm = nn.LayerNorm(hidden_size, eps=self.norm_eps)
+
+    def derived_buffers(self) -> dict[str, torch.Tensor]:
+        """The buffers made from the layer's options, not learned and not saved (non-persistent), as
+        at construction: ``token_idx`` ``1 / (i + 1)`` and the RoPE inverse frequencies, in float32 as
+        the reference makes them (the module's casts then apply to them)."""
+        return {
+            "token_idx": 1.0 / torch.arange(1, self.mini_batch_size + 1, dtype=torch.float32),
+            "rope_inv_freq": rope_inverse_frequencies(self.head_dim, self.rope_theta),
+        }
+
+    def _apply(self, fn: Any, recurse: bool = True) -> TTTLayer:
+        """``nn.Module._apply`` (behind ``.to``, ``.double()``, ``.cuda()``, ``to_empty``), then the
+        :meth:`derived_buffers` made again in their new device and dtype. ``to_empty`` (after building
+        on the meta device) leaves them uninitialised, and ``load_state_dict`` does not fill them."""
+        super()._apply(fn, recurse)
+        with torch.no_grad():
+            for name, table in self.derived_buffers().items():
+                current = self._buffers.get(name)
+                if current is not None:
+                    self._buffers[name] = table.to(device=current.device, dtype=current.dtype)
+        return self
 
     # ------------------------------------------------------------------------------------------
     # State
@@ -419,8 +448,11 @@ class TTTLayer(nn.Module):
         """The state at the start of a sequence, in :attr:`scan_dtype` (or ``like``'s dtype): every
         sequence starts from the learnable init."""
         reference = like if like is not None else self.post_norm.weight.new_empty((), dtype=self.scan_dtype)
+        # copy=True: one differentiable copy of the init, shared by the batch rows. A view would tie the
+        # state to the nn.Parameter until its first mini-batch closes: an optimizer step or a
+        # load_state_dict would then change a state the caller holds.
         params = {
-            k: v.to(reference.dtype).unsqueeze(0).expand(batch_size, *v.shape)
+            k: v.to(reference.dtype, copy=True).unsqueeze(0).expand(batch_size, *v.shape)
             for k, v in self.initial_params.items()
         }
         pending = {k: torch.zeros_like(v) for k, v in params.items()}
@@ -456,7 +488,8 @@ class TTTLayer(nn.Module):
             raise ValueError(f"x must hold at least one token (T >= 1), got T = {x.shape[1]}")
         # A sum is finite iff every element is (NaN and inf propagate), barring overflow of huge finite
         # values, which the exact check below then settles: one cheap pass in the common case.
-        if self.non_finite == "raise" and not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
+        checked = self.non_finite == "raise" and holds_values(x)
+        if checked and not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
             raise ValueError(
                 "x contains NaN or inf; a TTT layer would write them into its state. Clean the input, or "
                 "construct the layer with non_finite='ignore' to let them propagate"
@@ -466,7 +499,7 @@ class TTTLayer(nn.Module):
             raise ValueError(
                 f"x is on {x.device} but the layer's weights are on {weights.device}: move one to the other"
             )
-        if x.dtype != weights.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != weights.dtype and not _autocasting(x.device.type):
             raise TypeError(
                 f"x is {x.dtype} but the layer's weights are {weights.dtype}: cast x (x.to({weights.dtype})) "
                 f"or the layer (layer.to({x.dtype})), or run under torch.autocast for mixed precision"
@@ -558,7 +591,7 @@ class TTTLayer(nn.Module):
         batch, tokens, _ = x.shape
         heads, head_dim = self.num_heads, self.head_dim
         positions = (state.position + torch.arange(tokens, device=x.device)) % self.mini_batch_size
-        if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
+        if _autocasting(x.device.type) and x.dtype == torch.float32:
             x = x.to(torch.get_autocast_dtype(x.device.type))  # cast once, not once per projection
         conv_history = dict(state.conv_history)
         if self.share_qk:
@@ -643,7 +676,7 @@ class TTTLayer(nn.Module):
                 if y is None:  # the output's dtype is the chunks' (under autocast it need not be x's)
                     y = part.new_empty(x.shape[0], x.shape[1], self.hidden_size)
                 y[:, start:end] = part
-        if self.non_finite == "raise":
+        if self.non_finite == "raise" and holds_values(y):
             self._check_output(x, given_state, y, state)
         return y, state
 
@@ -702,7 +735,7 @@ class TTTLayer(nn.Module):
         decay, momentum = self.forgetting(x)
         if not self.update_rule.uses_token_scale:
             tau = None
-        autocasting = torch.is_autocast_enabled(x.device.type)
+        autocasting = _autocasting(x.device.type)
         views, (lr, tau, decay, momentum) = self.in_scan_dtype(views, lr, tau, decay, momentum)
         with torch.autocast(x.device.type, enabled=False) if autocasting else nullcontext():
             inner_out, new_state = _run_scan_eagerly(

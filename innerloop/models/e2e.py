@@ -384,9 +384,11 @@ class E2ELM(nn.Module):
         # would lose every inner update smaller than its rounding step.
         return {
             name: params[name]
+            .to(
+                torch.promote_types(params[name].dtype, torch.float32), copy=True
+            )  # not a view of the parameter
             .unsqueeze(0)
             .expand(batch_size, *params[name].shape)
-            .to(torch.promote_types(params[name].dtype, torch.float32))
             for name in self.fast_weight_names()
         }
 

@@ -1,8 +1,9 @@
 """A hypothesis property test of an update rule: the dual form computes what the primal form does.
 
 The dual form (no per-token weight matrices) and mini-batch gradient descent in the primal form
-(through torch.func) must give the same outputs and the same final state for every layer
-configuration, in float64, and when the sequence is fed in arbitrary chunks. Run it with
+(through torch.func) must give the same outputs, the same final state and the same gradients of
+every parameter for every layer configuration (the inner LayerNorm and residual on and off
+included), in float64, and when the sequence is fed in arbitrary chunks. Run it with
 
     python -m pytest examples/test_update_rule_property.py
 
@@ -16,11 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from innerloop import TTTLayer
-from innerloop.testing.strategies import layer_configs, seeds, split_points
+from innerloop.testing.strategies import ALL_INNER_WRAPPINGS, layer_configs, seeds, split_points
 
 
 @given(
-    config=layer_configs(inner_models=("linear", "mlp"), update_rules=("dual_form",)),
+    # every loss and every LayerNorm / residual wrapping: a rule right for one only is caught
+    config=layer_configs(
+        inner_models=("linear", "mlp"), update_rules=("dual_form",), inner_wrappings=ALL_INNER_WRAPPINGS
+    ),
     seed=seeds(),
     data=st.data(),
 )
@@ -39,7 +43,17 @@ def test_dual_form_equals_the_primal_form_on_any_chunking(config, seed, data) ->
     for start, end in zip([0, *cuts], [*cuts, length], strict=True):
         y, state = dual(x[:, start:end], state)
         pieces.append(y)
-    torch.testing.assert_close(torch.cat(pieces, dim=1), expected, rtol=1e-9, atol=1e-10)
+    got = torch.cat(pieces, dim=1)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
     for group in ("params", "pending"):  # the weights and the partial mini-batch's gradient sums
         for name, value in getattr(expected_state, group).items():
             torch.testing.assert_close(getattr(state, group)[name], value, rtol=1e-9, atol=1e-10)
+    # the gradients too: a rule that detaches the lr or the initial weights has the right outputs
+    probe = torch.randn(expected.shape, dtype=torch.float64)
+    names = [name for name, _ in primal.named_parameters()]
+    wanted = torch.autograd.grad((expected * probe).sum(), list(primal.parameters()), allow_unused=True)
+    grads = torch.autograd.grad((got * probe).sum(), list(dual.parameters()), allow_unused=True)
+    for name, grad, want in zip(names, grads, wanted, strict=True):
+        if want is not None:
+            assert grad is not None, f"{name} gets no gradient through the rule"
+            torch.testing.assert_close(grad, want, rtol=1e-8, atol=1e-9, msg=f"gradient of {name}")

@@ -174,7 +174,10 @@ def _check_unregistered_model(model: InnerModel, head_dim: int) -> None:
     registry = get_registry()
     if model.name in registry.names("inner_model") and registry.get("inner_model", model.name) is model:
         return
-    mismatch = check_stack_on_random_weights(model, head_dim)
+    try:
+        mismatch = check_stack_on_random_weights(model, head_dim)
+    except Exception:  # a forward that fails outright: the registrar's checks, next, say how
+        return
     if mismatch is not None:
         raise ValueError(
             f"inner_model {model.name!r} ({type(model).__module__}.{type(model).__qualname__}) does not "
@@ -194,10 +197,10 @@ def resolve_plugins(
     model: InnerModel = _resolve("inner_model", inner_model, InnerModel)
     loss: InnerLoss = _resolve("inner_loss", inner_loss, InnerLoss)
     rule: UpdateRule = _resolve("update_rule", update_rule, UpdateRule)
-    _check_unregistered_model(model, head_dim)
+    _check_unregistered_model(model, head_dim)  # its stack at this layer's head_dim, the clearest message
     from innerloop.registry import check_instance  # late import: core must not depend on registry
 
-    for kind, instance in (("inner_loss", loss), ("update_rule", rule)):
+    for kind, instance in (("inner_model", model), ("inner_loss", loss), ("update_rule", rule)):
         check_instance(kind, instance)  # a plugin given as an instance meets the registrar's checks
     reason = rule.check_model(model)
     if reason is not None:

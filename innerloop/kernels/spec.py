@@ -120,6 +120,11 @@ class KernelInputs:
     extra: dict = field(default_factory=dict)
 
 
+#: Kernel names a plugin may not take: ``TTTLayer(kernel=...)`` reads them as its own paths (the
+#: same names as ``innerloop.core.layer.BUILT_IN_PATHS``).
+RESERVED_KERNEL_NAMES: tuple[str, ...] = ("auto", "torch")
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     """A registered fast path.
@@ -144,6 +149,9 @@ class KernelSpec:
     it by name uses it for blocks that record an autograd graph; blocks that do not (inference, prefill,
     decoding) are dispatched as under ``kernel="auto"``, and the reason says so. Its ``forward`` must
     still run without a graph, for a caller that calls it directly.
+
+    The name may not be ``"auto"`` or ``"torch"`` (:data:`RESERVED_KERNEL_NAMES`), and ``priority``
+    must be an int: building a spec that breaks either raises.
     """
 
     name: str
@@ -160,6 +168,7 @@ class KernelSpec:
     training_only: bool = False
 
     def __post_init__(self) -> None:
+        self._check_fields()
         checks = [("forward", self.forward, KernelForward)]
         if self.decode is not None:
             checks.append(("decode", self.decode, KernelDecode))
@@ -171,6 +180,32 @@ class KernelSpec:
                 raise TypeError(
                     f"KernelSpec {self.name!r}: {field_name} {reason} (see {protocol.__name__} in "
                     "innerloop/kernels/spec.py)"
+                )
+
+    def _check_fields(self) -> None:
+        """The name is not one of the layer's own paths; ``priority`` is an int; the flags are bools."""
+        if self.name in RESERVED_KERNEL_NAMES:
+            raise ValueError(
+                f"KernelSpec name {self.name!r} is reserved: kernel={self.name!r} selects the layer's own path "
+                f"(reserved: {list(RESERVED_KERNEL_NAMES)}), so this kernel could never be asked for by name; "
+                "choose another name"
+            )
+        for field_name in ("inner_model", "inner_loss", "update_rule"):
+            value = getattr(self, field_name)
+            if not isinstance(value, str) or not value:
+                raise TypeError(
+                    f"KernelSpec {self.name!r}: {field_name} must be the registered name (a non-empty str) of "
+                    f"the {field_name.replace('_', ' ')} it computes; got {value!r}"
+                )
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise TypeError(
+                f"KernelSpec {self.name!r}: priority must be an int (higher wins among kernels that verify); "
+                f"got {type(self.priority).__name__} {self.priority!r}"
+            )
+        for field_name in ("supports_decay", "fuses_inner_norm", "training_only"):
+            if not isinstance(getattr(self, field_name), bool):
+                raise TypeError(
+                    f"KernelSpec {self.name!r}: {field_name} must be a bool; got {getattr(self, field_name)!r}"
                 )
 
 
@@ -217,6 +252,7 @@ __all__ = [
     "KernelDecode",
     "KernelForward",
     "KernelInputs",
+    "RESERVED_KERNEL_NAMES",
     "KernelSpec",
     "check_kernel_output",
     "protocol_parameters",

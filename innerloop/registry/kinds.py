@@ -16,17 +16,18 @@ from typing import Any
 import torch
 
 from innerloop.core.model_inner import ModelInnerLoss, ModelUpdateRule
-from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule, Views
+from innerloop.core.protocol import InnerLoss, InnerModel, LossPairs, UpdateRule, Views
 from innerloop.kernels.spec import KernelSpec
 from innerloop.testing.checks import (
     REGISTRATION_TOLERANCE,
     check_activation_derivatives,
     check_loss_gradient,
     check_pairs_causal,
-    check_pairs_chunk_invariant,
     check_pairs_deterministic,
+    check_pairs_token_by_token,
     check_stack_matches_forward,
     check_update_rule,
+    warm_carry,
 )
 
 
@@ -96,30 +97,44 @@ def _check_declared_params(name: str, shapes: Any, params: Any) -> None:
         )
 
 
+def _smoke_params(model: Any, name: str, heads: int, head_dim: int) -> dict[str, torch.Tensor]:
+    """``init_params`` checked against ``param_shapes``, cast to float32 (as a float32 layer holds them)."""
+    shapes = model.param_shapes(head_dim)
+    params = model.init_params(heads, head_dim)
+    _check_declared_params(name, shapes, params)
+    for key, shape in shapes.items():
+        if key not in params or tuple(params[key].shape) != (heads, *shape):
+            got = tuple(params[key].shape) if key in params else "missing"
+            raise PluginError(
+                f"inner model {name!r}: init_params()[{key!r}] has shape {got}, "
+                f"param_shapes() says {(heads, *shape)}"
+            )
+    not_float = {k: str(v.dtype) for k, v in params.items() if not v.is_floating_point()}
+    if not_float:
+        raise PluginError(
+            f"inner model {name!r}: init_params() must return floating-point weights (they are trained); "
+            f"got {not_float}"
+        )
+    return {k: v.to(torch.float32) for k, v in params.items()}
+
+
 def _check_inner_model(model: Any, name: str) -> None:
     heads, head_dim = 2, 4
     try:
-        shapes = model.param_shapes(head_dim)
-        params = model.init_params(heads, head_dim)
-        _check_declared_params(name, shapes, params)
-        for key, shape in shapes.items():
-            if key not in params or tuple(params[key].shape) != (heads, *shape):
-                got = tuple(params[key].shape) if key in params else "missing"
-                raise PluginError(
-                    f"inner model {name!r}: init_params()[{key!r}] has shape {got}, "
-                    f"param_shapes() says {(heads, *shape)}"
-                )
-        x = torch.zeros(heads, 3, head_dim)
+        params = _smoke_params(model, name, heads, head_dim)
+        x = torch.randn(heads, 3, head_dim)
         out = model.forward(params, x)
     except PluginError:
         raise
     except Exception as error:  # the model's own failure, reported as a rejection
         raise PluginError(f"inner model {name!r} failed its smoke test: {error!r}") from error
-    if tuple(out.shape) != tuple(x.shape):
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(x.shape):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise PluginError(
-            f"inner model {name!r}: forward maps [heads, N, f] = {tuple(x.shape)} to {tuple(out.shape)}; "
+            f"inner model {name!r}: forward maps [heads, N, f] = {tuple(x.shape)} to {got}; "
             "it must return the same shape (g maps head_dim features to head_dim features)"
         )
+    _check_model_learns(model, name, params, x)
 
     def stack_and_activations() -> None:
         # float64 weights perturbed so that every term (zero-initialised biases too) matters
@@ -134,31 +149,54 @@ def _check_inner_model(model: Any, name: str) -> None:
     _conformance("inner model", name, stack_and_activations)
 
 
+def _check_model_learns(model: Any, name: str, params: dict[str, torch.Tensor], x: torch.Tensor) -> None:
+    """``forward``'s output depends on the weights through autograd at a random point: a model whose
+    gradient is cut (``.detach()``) or zero everywhere (``torch.round``) would never learn."""
+    weights = {k: (v + 0.1 * torch.randn(v.shape)).requires_grad_(True) for k, v in params.items()}
+    try:
+        out = model.forward(weights, x)
+        grads = (
+            torch.autograd.grad(
+                (out * torch.randn(out.shape)).sum(), list(weights.values()), allow_unused=True
+            )
+            if out.requires_grad
+            else []
+        )
+    except Exception as error:
+        raise PluginError(f"inner model {name!r} failed its smoke test (gradient): {error!r}") from error
+    if not any(g is not None and bool(g.abs().sum() > 0) for g in grads):
+        raise PluginError(
+            f"inner model {name!r}: the gradient of forward w.r.t. its weights {sorted(weights)} is zero or "
+            "missing at a random point (a .detach(), torch.round, an integer cast or no_grad in forward?); "
+            "the inner loop learns through this gradient and would never change the weights"
+        )
+
+
 def _check_inner_loss(loss: Any, name: str) -> None:
     batch, heads, tokens, head_dim = 1, 2, 3, 4
+    expected = (batch, heads, tokens, head_dim)
     try:
-        views = Views(*(torch.randn(batch, heads, tokens, head_dim) for _ in range(3)))
+        views = Views(*(torch.randn(expected) for _ in range(3)))
         carry = loss.init_carry(batch, heads, head_dim, views.key)
         pairs = loss.pairs(views, carry)
         per_token = loss.token_loss(pairs.inputs, pairs.targets)
     except Exception as error:
         raise PluginError(f"inner loss {name!r} failed its smoke test: {error!r}") from error
-    expected = (batch, heads, tokens, head_dim)
-    if tuple(pairs.inputs.shape) != expected or tuple(pairs.targets.shape) != expected:
+    _check_pairs_fields(name, pairs, expected, views.key.dtype)
+    if not isinstance(per_token, torch.Tensor) or tuple(per_token.shape) != expected[:-1]:
+        got = tuple(per_token.shape) if isinstance(per_token, torch.Tensor) else type(per_token).__name__
         raise PluginError(
-            f"inner loss {name!r}: pairs() must give inputs and targets of shape [B, H, T, f] = {expected}; "
-            f"got {tuple(pairs.inputs.shape)} and {tuple(pairs.targets.shape)}"
+            f"inner loss {name!r}: token_loss() must reduce the feature dim to [B, H, T] = {expected[:-1]}; got {got}"
         )
-    if tuple(per_token.shape) != expected[:-1]:
-        raise PluginError(
-            f"inner loss {name!r}: token_loss() must reduce the feature dim to [B, H, T] = {expected[:-1]}; "
-            f"got {tuple(per_token.shape)}"
-        )
+    _check_loss_grad_runs(loss, name, pairs.targets)
 
     def pairs_and_gradient() -> None:
         check_pairs_deterministic(loss, views, carry)
         check_pairs_causal(loss, views, carry, cut=2, tolerance=REGISTRATION_TOLERANCE)
-        check_pairs_chunk_invariant(loss, views, carry, cut=1, tolerance=REGISTRATION_TOLERANCE)
+        # every cut and one token at a time (decoding), from the initial carry and from a carried-on one
+        check_pairs_token_by_token(loss, views, carry, tolerance=REGISTRATION_TOLERANCE)
+        earlier = Views(*(torch.randn(expected) for _ in range(3)))
+        check_pairs_token_by_token(loss, views, warm_carry(loss, earlier, carry), REGISTRATION_TOLERANCE)
         if type(loss).token_loss_grad is not InnerLoss.token_loss_grad:  # a closed form to check
             targets = torch.randn(2, heads, 32, head_dim, dtype=torch.float64)
             # errors from 0.01 to 100 in size: a piecewise closed form (Huber, clipping) is met in each piece
@@ -169,28 +207,141 @@ def _check_inner_loss(loss: Any, name: str) -> None:
     _conformance("inner loss", name, pairs_and_gradient)
 
 
-#: Run only on rules from plugins that do not ship with innerloop (origin not ``builtin:...``): the
-#: built-in rules are checked against the naive loop to float64 precision by the test suite
-#: (tests/core/test_invariances.py), and checking them at every start-up would cost ~2 s (the first
-#: ``torch.func.grad`` call imports torch's compiler stack).
-def _check_update_rule_against_naive_loop(rule: Any, name: str) -> None:
-    """The rule equals the naive token loop on a tiny TTT-Linear problem, whole and cut mid-mini-batch.
+def _check_pairs_fields(name: str, pairs: Any, expected: tuple[int, ...], dtype: torch.dtype) -> None:
+    """``pairs()`` gives a LossPairs of inputs and targets ``[B, H, T, f]`` in the views' dtype, a
+    ``valid`` that broadcasts to ``[B, H, T]`` and a dict carry."""
+    label = f"inner loss {name!r}: pairs()"
+    if not isinstance(pairs, LossPairs):
+        raise PluginError(f"{label} must return an innerloop.LossPairs; got {type(pairs).__name__}")
+    for field in ("inputs", "targets"):
+        value = getattr(pairs, field)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != expected:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise PluginError(
+                f"{label} must give inputs and targets of shape [B, H, T, f] = {expected}; got {field} {got}"
+            )
+        if value.dtype != dtype:
+            raise PluginError(
+                f"{label} gave {field} of dtype {value.dtype} for views of dtype {dtype}; build the pairs in "
+                "the views' dtype (the layer may run in float32, bfloat16 or float64)"
+            )
+    valid = pairs.valid
+    if valid is not None and (
+        not isinstance(valid, torch.Tensor) or not _broadcasts_to(tuple(valid.shape), expected[:-1])
+    ):
+        got = tuple(valid.shape) if isinstance(valid, torch.Tensor) else type(valid).__name__
+        raise PluginError(
+            f"{label} gave valid of shape {got}; valid (a weight per pair) must broadcast to [B, H, T] = "
+            f"{expected[:-1]} (or be None: every pair counts)"
+        )
+    if not isinstance(pairs.carry, Mapping):
+        raise PluginError(
+            f"{label} must give a carry that is a dict of tensors (what the next chunk needs); got "
+            f"{type(pairs.carry).__name__}"
+        )
 
-    A rule that cannot run a linear model is checked only by its own tests.
+
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` (plain Python: ``torch.broadcast_shapes`` imports sympy)."""
+    if len(shape) > len(target):
+        return False
+    return all(have in (1, want) for have, want in zip(shape[::-1], target[::-1], strict=False))
+
+
+def _check_loss_grad_runs(loss: Any, name: str, targets: torch.Tensor) -> None:
+    """``token_loss_grad`` runs as the layer calls it (the default one under ``torch.func``), in the
+    prediction's dtype and shape, and is not zero everywhere (the inner loop would never learn)."""
+    prediction = targets + torch.randn(targets.shape, dtype=targets.dtype)
+    default = type(loss).token_loss_grad is InnerLoss.token_loss_grad
+    try:
+        grad = loss.token_loss_grad(prediction, targets)
+    except Exception as error:
+        hint = (
+            "; the default token_loss_grad differentiates token_loss under torch.func (vmap), so token_loss "
+            "must be written in torch ops only: no .item(), no Python branching on tensor values, no numpy"
+            if default
+            else ""
+        )
+        raise PluginError(f"inner loss {name!r}: token_loss_grad failed: {error!r}{hint}") from error
+    if not isinstance(grad, torch.Tensor) or tuple(grad.shape) != tuple(prediction.shape):
+        got = tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__
+        raise PluginError(
+            f"inner loss {name!r}: token_loss_grad must have the prediction's shape {tuple(prediction.shape)}; got {got}"
+        )
+    if grad.dtype != prediction.dtype:
+        raise PluginError(
+            f"inner loss {name!r}: token_loss_grad returned {grad.dtype} for a {prediction.dtype} prediction; it "
+            "must return the prediction's dtype"
+        )
+    if not bool(grad.abs().sum() > 0):
+        raise PluginError(
+            f"inner loss {name!r}: token_loss_grad is zero at a random point (prediction != target): is "
+            "token_loss cut from the prediction (.detach(), torch.round, an integer cast)? The inner loop "
+            "learns through this gradient and would never change the weights"
+        )
+
+
+#: Run only on rules from plugins that do not ship with innerloop (the modules of
+#: ``innerloop.plugins.DEFAULT_PLUGINS``): the built-in rules are checked against the naive loop to
+#: float64 precision, values and gradients, by the test suite (tests/core/test_invariances.py), and
+#: checking them at every start-up would cost ~2 s (the first ``torch.func.grad`` call imports
+#: torch's compiler stack).
+def _check_update_rule_against_naive_loop(rule: Any, name: str) -> None:
+    """The rule equals the naive token loop on a tiny problem, in values and in the gradients w.r.t.
+    every input: whole and cut mid-mini-batch, with the reconstruction and next-token losses (a carry
+    across chunks and an invalid first pair), the layer's LayerNorm and residual on and off.
+
+    The model is the first built-in one the rule accepts (linear, mlp, matrix); a rule that accepts
+    none of them (it is written for a plugin's own model) is checked only by its own tests. A problem
+    the rule refuses to run (it raises, e.g. for a mini-batch size or a wrapping it does not take) is
+    skipped; one that it runs must agree, and it must run at least one.
     """
+    from innerloop.plugins.losses.next_token import NextToken
     from innerloop.plugins.losses.reconstruction import Reconstruction
     from innerloop.plugins.models.linear import LinearModel
+    from innerloop.plugins.models.matrix import MatrixModel
+    from innerloop.plugins.models.mlp import MLPModel
 
-    model = LinearModel()
-    if _conformance_refusal(rule, model, name) is not None:
+    models = [
+        m for m in (LinearModel(), MLPModel(), MatrixModel()) if _conformance_refusal(rule, m, name) is None
+    ]
+    if not models:
         return
-    # two sequences and two heads: a rule that mixes them is refused
-    problem = {"batch": 2, "heads": 2, "head_dim": 2, "tokens": 5, "mini_batch_size": 2}
-    _conformance(
-        "update rule",
-        name,
-        lambda: check_update_rule(rule, model, Reconstruction(), tolerance=REGISTRATION_TOLERANCE, **problem),
-    )
+    # two sequences and two heads: a rule that mixes them is refused. next_token (an invalid first pair,
+    # a carry across chunks) with gradients; reconstruction with the inner LayerNorm and residual on
+    # and off; and the plainest problem (one-token mini-batches, no wrapping) a rule may be limited to
+    problem = {"batch": 2, "heads": 2, "head_dim": 2, "tokens": 5}
+    problems = [
+        (NextToken(), {"mini_batch_size": 2, "norm": True, "residual": True}, True),
+        (Reconstruction(), {"mini_batch_size": 2, "norm": True, "residual": True}, False),
+        (Reconstruction(), {"mini_batch_size": 2, "norm": False, "residual": False}, False),
+        (Reconstruction(), {"mini_batch_size": 1, "norm": False, "residual": False}, True),
+    ]
+    unsupported = []
+    for loss, options, gradients in problems:
+        try:
+            check_update_rule(
+                rule,
+                models[0],
+                loss,
+                tolerance=REGISTRATION_TOLERANCE,
+                gradients=gradients,
+                **options,
+                **problem,
+            )
+        except AssertionError as error:  # wrong numbers: refused
+            _conformance("update rule", name, lambda error=error: _raise(error))
+        except Exception as error:  # a configuration the rule refuses to run (its own ValueError)
+            unsupported.append(f"{loss.name}, {options}: {error!r}")
+    if len(unsupported) == len(problems):
+        raise PluginError(
+            f"update rule {name!r} failed its conformance check: it raised on every problem tried with the "
+            f"built-in model {models[0].name!r} ({'; '.join(unsupported)})"
+        )
+
+
+def _raise(error: BaseException) -> None:
+    raise error
 
 
 def _conformance_refusal(rule: Any, model: InnerModel, name: str) -> str | None:
@@ -283,10 +434,22 @@ class Kind:
 
     def validate(self, obj: Any) -> str:
         """The name ``obj`` registers under; :class:`PluginError` with the reason if it does not conform."""
-        if self.must_be_instance_of_base and not isinstance(obj, self.base):
-            raise PluginError(f"register a {self.base.__name__} for a {self.label}; got {type(obj).__name__}")
+        if isinstance(obj, str):
+            raise PluginError(
+                f"register a {self.base.__name__} instance for a {self.label}, not a name: got the str {obj!r} "
+                "(a registered plugin is asked for by name in layers and configs; registering needs the object)"
+            )
         if inspect.isclass(obj):
             raise PluginError(f"register an instance of the {self.label}, not the class {obj.__name__}")
+        other = _other_kind(self, obj)
+        if other is not None:
+            raise PluginError(
+                f"{type(obj).__name__} {getattr(obj, 'name', '')!r} is an instance of {other.base.__name__}, "
+                f"not of {self.base.__name__}: register it in the hook {other.hook} (or with "
+                f"innerloop.register_{other.name}), not as a kind {self.name!r} object"
+            )
+        if self.must_be_instance_of_base and not isinstance(obj, self.base):
+            raise PluginError(f"register a {self.base.__name__} for a {self.label}; got {type(obj).__name__}")
         name = _check_name(obj, self.label)
         missing = _missing_methods(obj, self.required)
         if missing:
@@ -310,7 +473,8 @@ KINDS: tuple[Kind, ...] = (
     :class:`innerloop.StackModel`) with a unique ``name``. The registrar runs the model once on a tiny
     input to check that its parameters, initialisation and forward agree (``init_params`` returns
     tensors of exactly the names and shapes ``param_shapes`` declares), and that a declared stack
-    equals ``forward`` and each activation's derivative equals autograd.
+    equals ``forward``, that ``forward`` has a non-zero gradient w.r.t. the weights, and that each
+    activation's derivative equals autograd (in value and in its own derivative).
     """,
         check=_check_inner_model,
     ),
@@ -323,9 +487,10 @@ KINDS: tuple[Kind, ...] = (
 
     ``register(loss)`` takes an instance of :class:`innerloop.InnerLoss` (e.g. a subclass of
     :class:`innerloop.HalfSquaredError`) with a unique ``name``; the registrar checks that its pairs
-    and per-token loss have the right shapes, that ``pairs`` is deterministic, causal and the same
-    whether a sequence comes whole or in chunks, and that a closed-form ``token_loss_grad`` equals
-    autograd.
+    and per-token loss have the right shapes and dtype, that ``pairs`` is deterministic, causal and the
+    same whether a sequence comes whole, in chunks or one token at a time, that ``token_loss_grad`` runs
+    (under ``torch.func`` when not overridden) and is not zero everywhere, and that a closed-form
+    ``token_loss_grad`` equals autograd in value and in its own derivative.
     """,
         check=_check_inner_loss,
     ),
@@ -337,7 +502,10 @@ KINDS: tuple[Kind, ...] = (
         """Register update rules (inner optimizers).
 
     ``register(rule)`` takes an instance of :class:`innerloop.UpdateRule` with a unique ``name``; the
-    registrar checks it against the naive token loop on a tiny TTT-Linear problem.
+    registrar checks a rule that does not ship with innerloop against the naive token loop on a tiny
+    problem (values and gradients; the first built-in model it accepts; the reconstruction and
+    next-token losses; the inner LayerNorm and residual on and off). The built-in rules are checked
+    by innerloop's test suite instead.
     """,
         external_check=_check_update_rule_against_naive_loop,
     ),
@@ -382,4 +550,14 @@ KINDS: tuple[Kind, ...] = (
 )
 
 KIND_NAMES: tuple[str, ...] = tuple(kind.name for kind in KINDS)
+
+
+def _other_kind(kind: Kind, obj: Any) -> Kind | None:
+    """The kind whose base ``obj`` is an instance of, when that is not ``kind``'s (a loss offered as a
+    model): None when it is an instance of ``kind``'s base, or of no kind's."""
+    if isinstance(obj, kind.base):
+        return None
+    return next((other for other in KINDS if isinstance(obj, other.base)), None)
+
+
 KIND_BY_NAME: dict[str, Kind] = {kind.name: kind for kind in KINDS}

@@ -25,6 +25,7 @@ import difflib
 import importlib
 import inspect
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable
@@ -142,7 +143,23 @@ class Registry:
         clashes, the plugin or its origin is already registered), the error is raised and the
         registry is left exactly as it was.
         """
+        if origin is not None and not isinstance(origin, str):
+            raise PluginError(
+                f"origin must be a str (a name for the plugin); got {type(origin).__name__} {origin!r}"
+            )
         origin = origin or getattr(plugin, "__name__", None) or type(plugin).__name__
+        if isinstance(plugin, str):
+            raise PluginError(
+                f"register a plugin module or object, not its name: got the str {plugin!r}; import the module "
+                "and pass it (innerloop.register(importlib.import_module(name))), or install it with an "
+                f"{ENTRY_POINT_GROUP!r} entry point"
+            )
+        if origin.startswith(BUILTIN_PREFIX) and not _is_builtin_module(plugin):
+            raise PluginError(
+                f"origin {origin!r}: the prefix {BUILTIN_PREFIX!r} is reserved for innerloop's own plugins "
+                f"(the modules of innerloop.plugins.DEFAULT_PLUGINS, whose update rules the test suite checks "
+                "instead of the registrar); choose another origin"
+            )
         self._add(plugin, origin, _Staging())
 
     def _add(self, plugin: Any, origin: str, staging: _Staging) -> None:
@@ -192,14 +209,35 @@ class Registry:
                 "or register this one under another origin"
             )
 
+    def _marked_hooks(self, plugin: Any) -> list[str]:
+        """The attribute names of ``plugin`` marked with ``@innerloop.hookimpl``."""
+        return [
+            n for n in _public_names(plugin) if self.plugin_manager.parse_hookimpl_opts(plugin, n) is not None
+        ]
+
+    def _check_hook_arguments(self, plugin: Any, origin: str, marked: list[str]) -> None:
+        """Refuse a hook that does not take the argument ``register`` by name (pluggy would call one that
+        takes nothing with nothing, so it would silently register nothing, and ``*args`` fails inside)."""
+        for hook in marked:
+            try:
+                parameters = inspect.signature(getattr(plugin, hook)).parameters
+            except (TypeError, ValueError):
+                continue
+            by_name = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            if "register" not in parameters or parameters["register"].kind not in by_name:
+                raise PluginError(
+                    f"plugin {origin!r} is not a valid innerloop plugin: its hook {hook} must take the argument "
+                    f"'register' by name (def {hook}(register): register(obj)); its signature is "
+                    f"{inspect.signature(getattr(plugin, hook))}. Nothing was registered"
+                )
+
     def _check_hook_names(self, plugin: Any, origin: str) -> None:
         """Refuse, before touching anything, a plugin whose ``hookimpl``-marked functions are not all
         hooks (pluggy would only notice in ``check_pending``), or that implements no hook at all (it
         would register nothing, and asking for its names would fail far from the cause)."""
         attributes = _public_names(plugin)
-        marked = [
-            name for name in attributes if self.plugin_manager.parse_hookimpl_opts(plugin, name) is not None
-        ]
+        marked = self._marked_hooks(plugin)
+        self._check_hook_arguments(plugin, origin, [name for name in marked if name in HOOK_NAMES])
         unknown = [name for name in marked if name not in HOOK_NAMES]
         invalid = f"plugin {origin!r} is not a valid innerloop plugin"
         if unknown:
@@ -236,17 +274,20 @@ class Registry:
         distribution = _distribution_of(entry_point)
         origin = f"{entry_point.name} ({distribution})"
         staging = _Staging()
+        before = len(self.entries())
         try:
             plugin = entry_point.load()
-        except Exception as error:
+        except (Exception, SystemExit) as error:  # a script-like module: sys.exit or argparse at import
             failure = f"importing {entry_point.value!r} raised {type(error).__name__}: {error}"
         else:
             try:
+                if len(self.entries()) > before and not self._marked_hooks(plugin):
+                    return None  # its import registered objects (innerloop.register_<kind>): no hook needed
                 self._add(plugin, origin, staging)
                 return None
             except PluginError as error:
                 failure = str(error)
-            except Exception as error:
+            except (Exception, SystemExit) as error:
                 failure = f"its registration hook raised {type(error).__name__}: {error}"
         broken = BrokenPlugin(entry_point.name, distribution, failure, tuple(staging.attempted))
         self._broken.append(broken)
@@ -258,8 +299,23 @@ class Registry:
         return list(self._broken)
 
     def remove_plugin(self, origin: str) -> None:
-        """Unregister a plugin and everything it registered (used by tests and notebooks)."""
+        """Unregister a plugin and everything it registered (used by tests and notebooks).
+
+        ``origin`` is the plugin's origin as ``innerloop plugins`` shows it (not the name of an object
+        it registered); a ValueError lists the registered origins if no plugin has it.
+        """
         plugin = self.plugin_manager.get_plugin(origin)
+        origins = {e.origin for entries in self._entries.values() for e in entries.values()}
+        if plugin is None and origin not in origins:
+            named = sorted(
+                f"{e.kind.replace('_', ' ')} {e.name!r} (origin {e.origin!r})"
+                for e in self.entries()
+                if e.name == origin
+            )
+            hint = f"; {origin!r} is the name of {', '.join(named)}: pass its origin" if named else ""
+            raise ValueError(
+                f"no plugin with origin {origin!r} is registered{hint}; registered origins: {sorted(origins)}"
+            )
         if plugin is not None:
             self.plugin_manager.unregister(plugin)
         for entries in self._entries.values():
@@ -375,7 +431,8 @@ def validate_plugin(kind: Kind, obj: Any, external: bool) -> str:
 def check_instance(kind_name: str, obj: Any) -> None:
     """Hold a plugin instance given directly (``TTTLayer(inner_loss=MyLoss())``), not through the
     registry, to the checks the registrar runs; the registered object itself, and an instance already
-    checked, pass at once. Instances of classes that ship with innerloop skip the external check."""
+    checked, pass at once. Instances of classes defined in the built-in plugin modules
+    (``innerloop.plugins.DEFAULT_PLUGINS``) skip the external check (the test suite checks them)."""
     registry = get_registry()
     names = registry.names(kind_name)
     name = getattr(obj, "name", None)
@@ -383,7 +440,7 @@ def check_instance(kind_name: str, obj: Any) -> None:
         id(obj) in _CHECKED_INSTANCES
     ):
         return
-    builtin = type(obj).__module__.startswith("innerloop.")
+    builtin = type(obj).__module__ in _builtin_modules()
     validate_plugin(KIND_BY_NAME[kind_name], obj, external=not builtin)
     _CHECKED_INSTANCES[id(obj)] = obj
 
@@ -461,28 +518,69 @@ def load_entry_point_plugins(registry: Registry) -> list[str]:
     return loaded
 
 
-def build_registry(include_external: bool = True) -> Registry:
-    """A fresh registry with the built-ins and (if allowed) the entry-point plugins."""
+def build_registry(
+    include_external: bool = True, on_builtins: Callable[[Registry], None] | None = None
+) -> Registry:
+    """A fresh registry with the built-ins and (if allowed) the entry-point plugins.
+
+    ``on_builtins(registry)`` is called once the built-ins are in, before the entry points load
+    (:func:`get_registry` publishes the registry there, so that an entry-point module that registers
+    an object at import, ``@innerloop.register_inner_loss class ...``, registers it in this registry).
+    """
     from innerloop.plugins import DEFAULT_PLUGINS
 
     registry = Registry()
     for module_name in DEFAULT_PLUGINS:
         registry.add_plugin(importlib.import_module(module_name), origin=f"{BUILTIN_PREFIX}{module_name}")
+    if on_builtins is not None:
+        on_builtins(registry)
     if include_external:
         load_entry_point_plugins(registry)
     return registry
+
+
+def _builtin_modules() -> frozenset[str]:
+    """The modules of the plugins that ship with innerloop (``innerloop.plugins.DEFAULT_PLUGINS``)."""
+    from innerloop.plugins import DEFAULT_PLUGINS
+
+    return frozenset(DEFAULT_PLUGINS)
+
+
+def _is_builtin_module(plugin: Any) -> bool:
+    """Whether ``plugin`` is one of the built-in plugin modules themselves (not a module or object that
+    merely names itself like one)."""
+    name = getattr(plugin, "__name__", None)
+    return inspect.ismodule(plugin) and name in _builtin_modules() and sys.modules.get(name) is plugin
 
 
 _REGISTRY: Registry | None = None
 _LOCK = threading.RLock()
 
 
+_BUILDING: Registry | None = None
+"""The process-wide registry while its entry points load (then :func:`get_registry` returns it)."""
+
+
 def get_registry() -> Registry:
-    """The process-wide registry, built on first use."""
-    global _REGISTRY
+    """The process-wide registry, built on first use.
+
+    While it is being built (an entry-point module calling ``innerloop.register_<kind>`` at import),
+    the registry under construction is returned: a second one is never built.
+    """
+    global _REGISTRY, _BUILDING
     with _LOCK:
         if _REGISTRY is None:
-            _REGISTRY = build_registry()
+            if _BUILDING is not None:
+                return _BUILDING
+
+            def publish(registry: Registry) -> None:
+                global _BUILDING
+                _BUILDING = registry
+
+            try:
+                _REGISTRY = build_registry(on_builtins=publish)
+            finally:
+                _BUILDING = None
         return _REGISTRY
 
 
@@ -522,11 +620,39 @@ def register_object(kind: str, obj: Any, origin: str | None = None) -> Any:
     """
     if kind not in KIND_BY_NAME:
         raise ValueError(f"unknown plugin kind {kind!r}; valid kinds: {list(KIND_NAMES)}")
-    instance = obj() if inspect.isclass(obj) else obj
+    instance = _instantiate(KIND_BY_NAME[kind], obj) if inspect.isclass(obj) else obj
     plugin = _OneObjectPlugin(KIND_BY_NAME[kind], instance)
-    cls = type(instance)
-    get_registry().add_plugin(plugin, origin=origin or f"{cls.__module__}.{cls.__qualname__}")
+    registry = get_registry()
+    registry.add_plugin(plugin, origin=origin or _default_origin(registry, instance))
     return obj
+
+
+def _instantiate(kind: Kind, cls: type) -> Any:
+    """``cls()``, for ``register_<kind>`` used as a class decorator; a class that needs arguments is
+    refused with what to do instead."""
+    try:
+        inspect.signature(cls).bind()
+    except TypeError as error:
+        raise PluginError(
+            f"register_{kind.name} was given the class {cls.__qualname__}, which it instantiates with no "
+            f"arguments (as a class decorator), but {cls.__qualname__}() {error}: register an instance "
+            f"instead, innerloop.register_{kind.name}({cls.__qualname__}(...))"
+        ) from None
+    except ValueError:  # no signature to inspect (a builtin): let the call say
+        pass
+    return cls()
+
+
+def _default_origin(registry: Registry, instance: Any) -> str:
+    """``module.QualName`` of ``instance``'s class; ``module.QualName:name`` when another instance of
+    the class, with another name, already has that origin (so that each can be removed on its own)."""
+    cls = type(instance)
+    origin = f"{cls.__module__}.{cls.__qualname__}"
+    name = getattr(instance, "name", None)
+    taken = [e.name for e in registry.entries() if e.origin == origin]
+    if taken and isinstance(name, str) and name not in taken:
+        return f"{origin}:{name}"
+    return origin
 
 
 def _register_one(kind: str) -> Callable[..., Any]:

@@ -1,7 +1,9 @@
 """Testing helpers that the built-ins' tests use and a third-party plugin's tests can call.
 
 - :mod:`innerloop.testing.checks`: ``check_inner_model``, ``check_inner_loss``, ``check_update_rule``
-  (with decay and momentum where a rule takes them), ``check_update_rule_gradients``.
+  (with decay and momentum where a rule takes them; by default every built-in loss, the inner LayerNorm
+  and residual on and off, and the gradients against the naive loop's), ``check_update_rule_gradients``
+  (a gradcheck).
 - :mod:`innerloop.testing.reference`: the naive token-by-token loop every rule is checked against.
 - :mod:`innerloop.testing.strategies`: hypothesis strategies (needs the ``test`` extra).
 """

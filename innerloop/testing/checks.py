@@ -6,11 +6,15 @@ measured error when the plugin breaks a property every TTT plugin must have:
 - :func:`check_inner_model`: shapes; the dual form (if the model declares a stack) equals the primal
   form equals the naive token-by-token loop.
 - :func:`check_inner_loss`: shapes; causality (a pair never depends on later tokens); pairs built
-  chunk by chunk with the carry equal the pairs of the whole; the per-token gradient equals autograd;
+  chunk by chunk (cut anywhere) and token by token with the carry, from the initial carry and from a
+  carried-on one, equal the pairs of the whole; the per-token gradient equals autograd;
   the primal form with this loss equals the naive loop.
 - :func:`check_update_rule`: the rule equals the naive loop, and any split of a sequence with the
   state carried equals the whole sequence; with random decay and momentum too where the rule takes
-  them, and a decay or momentum of 0 equals the plain rule (:func:`check_zero_decay_and_momentum`).
+  them, and a decay or momentum of 0 equals the plain rule (:func:`check_zero_decay_and_momentum`);
+  for every built-in loss and layer wrapping (norm, residual on and off) unless told one; and the
+  gradients w.r.t. every input equal the naive loop's
+  (:func:`check_update_rule_gradients_match_naive`).
 - :func:`check_update_rule_gradients`: float64 gradcheck through the rule, decay and momentum included.
 
 The registry runs the cheap ones on every plugin it registers (:func:`check_loss_gradient`,
@@ -255,18 +259,70 @@ def check_loss_gradient(
     """``loss.token_loss_grad`` equals autograd of ``loss.token_loss`` at ``prediction`` (in float64).
 
     ``prediction`` and ``target`` are ``[..., f]``.
+
+    The dual form differentiates through ``token_loss_grad`` (the outer loop's gradients), so its
+    derivatives w.r.t. prediction and target must equal autograd's second derivatives of
+    ``token_loss`` too: a closed form that leaves the autograd graph (``.detach()``, numpy,
+    ``no_grad``) has the right values and silently wrong outer gradients.
     """
     prediction = prediction.detach().double().requires_grad_(True)
-    target = target.detach().double()
+    target = target.detach().double().requires_grad_(True)
     with torch.enable_grad():
-        autograd = torch.autograd.grad(loss.token_loss(prediction, target).sum(), prediction)[0]
-    closed_form = loss.token_loss_grad(prediction.detach(), target)
+        autograd = torch.autograd.grad(
+            loss.token_loss(prediction, target).sum(), prediction, create_graph=True
+        )[0]
+        closed_form = loss.token_loss_grad(prediction, target)
     if tuple(closed_form.shape) != tuple(prediction.shape):
         raise AssertionError(
             f"{loss.name}: token_loss_grad must have the prediction's shape {tuple(prediction.shape)}; "
             f"got {tuple(closed_form.shape)}"
         )
     assert_close(closed_form, autograd, f"{loss.name}: token_loss_grad vs autograd of token_loss", tolerance)
+    check_derivative_in_graph(
+        closed_form,
+        autograd,
+        (prediction, target),
+        ("prediction", "target"),
+        f"{loss.name}: token_loss_grad",
+        tolerance,
+    )
+
+
+def check_derivative_in_graph(
+    closed_form: torch.Tensor,
+    autograd: torch.Tensor,
+    inputs: tuple[torch.Tensor, ...],
+    names: tuple[str, ...],
+    what: str,
+    tolerance: float = FLOAT64_TOLERANCE,
+) -> None:
+    """A closed-form derivative ``closed_form`` (computed from ``inputs``) has the same derivatives
+    w.r.t. ``inputs`` as ``autograd`` (the same derivative taken by autograd with ``create_graph``):
+    its vector-Jacobian products with a fixed random vector agree. A closed form outside the graph
+    counts as constant, so it passes only where autograd's second derivative is zero too."""
+    probe = torch.randn(autograd.shape, dtype=autograd.dtype, generator=torch.Generator().manual_seed(1))
+
+    def vjp(of: torch.Tensor) -> list[torch.Tensor]:
+        if not of.requires_grad:
+            return [torch.zeros_like(x) for x in inputs]
+        grads = torch.autograd.grad((of * probe).sum(), inputs, allow_unused=True, retain_graph=True)
+        return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
+
+    with torch.enable_grad():
+        got, wanted = vjp(closed_form), vjp(autograd)
+    for name, g, w in zip(names, got, wanted, strict=True):
+        detached = (
+            ""
+            if closed_form.requires_grad
+            else " (it is outside the autograd graph: .detach(), numpy, no_grad?)"
+        )
+        assert_close(
+            g,
+            w,
+            f"{what}: its derivative w.r.t. {name} vs autograd's second derivative{detached}; the dual form "
+            "differentiates through it for the outer gradients",
+            tolerance,
+        )
 
 
 def _same(first: torch.Tensor | None, second: torch.Tensor | None) -> bool:
@@ -342,6 +398,35 @@ def check_pairs_chunk_invariant(
     assert_close(chunked_valid, _validity(whole), f"{loss.name}: validity chunked at {cut}", tolerance)
 
 
+def check_pairs_token_by_token(
+    loss: InnerLoss, views: Views, carry: dict[str, torch.Tensor], tolerance: float = 0.0
+) -> None:
+    """Pairs built one token at a time, the carry passed on (what decoding does), equal the pairs of
+    the whole; so do pairs built in two chunks cut at every position (:func:`check_pairs_chunk_invariant`)."""
+    tokens = views.key.shape[2]
+    for cut in range(1, tokens):
+        check_pairs_chunk_invariant(loss, views, carry, cut=cut, tolerance=tolerance)
+    whole = loss.pairs(views, carry)
+    pieces, step_carry = [], carry
+    for t in range(tokens):
+        step = loss.pairs(views.slice_tokens(t, t + 1), step_carry)
+        pieces.append(step)
+        step_carry = step.carry
+    for field in ("inputs", "targets"):
+        built = torch.cat([getattr(p, field) for p in pieces], 2)
+        assert_close(built, getattr(whole, field), f"{loss.name}: {field} built token by token", tolerance)
+    built_valid = torch.cat([_validity(p) for p in pieces], 2)
+    assert_close(built_valid, _validity(whole), f"{loss.name}: validity built token by token", tolerance)
+
+
+def warm_carry(loss: InnerLoss, views: Views, carry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The carry after ``loss.pairs`` has read ``views`` (two chunks, so that a carry built wrongly
+    from a short chunk shows): a starting carry that is not the initial (often zero) one."""
+    cut = max(1, views.key.shape[2] // 2)
+    first = loss.pairs(views.slice_tokens(0, cut), carry)
+    return loss.pairs(views.slice_tokens(cut, views.key.shape[2]), first.carry).carry
+
+
 def run_stack(model: InnerModel, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """The model's declared ``stack`` applied to ``x [*batch, N, f]`` layer by layer (not its
     ``forward``, which a model may write itself: :func:`check_stack_matches_forward` compares them)."""
@@ -363,20 +448,20 @@ def check_stack_matches_forward(
 def check_activation_derivatives(
     model: InnerModel, z: torch.Tensor, tolerance: float = FLOAT64_TOLERANCE
 ) -> None:
-    """Each activation of the model's stack: ``derivative(z)`` equals autograd of ``fn`` at ``z`` (float64)."""
+    """Each activation of the model's stack: ``derivative(z)`` equals autograd of ``fn`` at ``z`` (float64),
+    and so does its own derivative (the dual form differentiates through it: see
+    :func:`check_derivative_in_graph`)."""
     for layer in model.stack or ():
         activation = layer.activation
         if activation is None:
             continue
         point = z.detach().double().requires_grad_(True)
         with torch.enable_grad():
-            autograd = torch.autograd.grad(activation.fn(point).sum(), point)[0]
-        assert_close(
-            activation.derivative(point.detach()),
-            autograd,
-            f"{model.name}: derivative of activation {activation.name!r} vs autograd of its fn",
-            tolerance,
-        )
+            autograd = torch.autograd.grad(activation.fn(point).sum(), point, create_graph=True)[0]
+            derivative = activation.derivative(point)
+        what = f"{model.name}: derivative of activation {activation.name!r}"
+        assert_close(derivative, autograd, f"{what} vs autograd of its fn", tolerance)
+        check_derivative_in_graph(derivative, autograd, (point,), ("z",), what, tolerance)
 
 
 def _rule(name: str) -> UpdateRule:
@@ -424,7 +509,10 @@ def check_inner_loss(loss: InnerLoss, seed: int = 0) -> None:
     whole = loss.pairs(views, carry)
 
     check_pairs_causal(loss, views, carry, cut=5)
-    check_pairs_chunk_invariant(loss, views, carry, cut=4)
+    # every cut and one token at a time (decoding), from the initial carry and from one carried on
+    check_pairs_token_by_token(loss, views, carry)
+    earlier = Views(*(t.flip(2) for t in (views.query, views.key, views.value)))  # tokens read before
+    check_pairs_token_by_token(loss, views, warm_carry(loss, earlier, carry))
 
     generator = torch.Generator().manual_seed(seed)
     # errors from 0.01 to 100 in size: a piecewise closed form (Huber, clipping) is met in each piece
@@ -449,6 +537,15 @@ def rule_variants(rule: UpdateRule) -> list[dict[str, bool]]:
     return variants
 
 
+#: The layer wrappings ``(norm, residual)`` :func:`check_update_rule` checks a rule with by default:
+#: both on (the layer's default) and both off.
+WRAPPINGS: tuple[tuple[bool, bool], ...] = ((True, True), (False, False))
+
+#: The built-in losses :func:`check_update_rule` checks a rule with by default: reconstruction
+#: (every pair valid), next_token (the first pair invalid, a carry across chunks), dot_product.
+BUILTIN_LOSSES: tuple[str, ...] = ("reconstruction", "next_token", "dot_product")
+
+
 def check_update_rule(
     rule: UpdateRule,
     model: InnerModel | None = None,
@@ -456,20 +553,48 @@ def check_update_rule(
     cut_points: list[int] | None = None,
     seed: int = 0,
     tolerance: float = FLOAT64_TOLERANCE,
+    gradients: bool = True,
     **problem_kwargs,
 ) -> None:
     """``rule`` equals the naive loop, whole and when the sequence is cut at ``cut_points``; with
     random decay and momentum too where the rule supports them (:func:`rule_variants`), and a decay
-    or momentum of exactly 0 gives the plain rule's numbers.
+    or momentum of exactly 0 gives the plain rule's numbers. With ``gradients``, the gradients of its
+    outputs and final weights w.r.t. every input (views, lr, initial weights, LayerNorm, decay,
+    momentum, token scales) equal the naive loop's too (:func:`check_update_rule_gradients_match_naive`).
 
-    ``model`` and ``loss`` default to the registered ``linear`` and ``reconstruction``.
+    ``model`` defaults to the registered ``linear``. ``loss`` defaults to each built-in loss in turn
+    (:data:`BUILTIN_LOSSES`), and unless ``norm`` / ``residual`` are given, each layer wrapping in
+    :data:`WRAPPINGS` is checked: a rule that is right for one loss or wrapping only is caught.
     """
-    if model is None or loss is None:
-        from innerloop.registry import get_registry
+    from innerloop.registry import get_registry
 
-        registry = get_registry()
-        model = model or registry.inner_model("linear")
-        loss = loss or registry.inner_loss("reconstruction")
+    registry = get_registry()
+    model = model or registry.inner_model("linear")
+    losses = [loss] if loss is not None else [registry.inner_loss(n) for n in BUILTIN_LOSSES]
+    given = {k: problem_kwargs.pop(k) for k in ("norm", "residual") if k in problem_kwargs}
+    wrappings = [dict(zip(("norm", "residual"), w, strict=True)) for w in WRAPPINGS] if not given else [given]
+    for each_loss in losses:
+        for wrapping in wrappings:
+            options = {**problem_kwargs, **wrapping}
+            _check_rule_on(rule, model, each_loss, cut_points, seed, tolerance, options)
+            check_zero_decay_and_momentum(rule, model, each_loss, seed=seed, tolerance=tolerance, **options)
+            if gradients:
+                variant = rule_variants(rule)[-1]  # the most the rule takes
+                problem = make_problem(model, each_loss, seed=seed, **variant, **options).for_rule(rule)
+                check_update_rule_gradients_match_naive(rule, problem, tolerance)
+
+
+def _check_rule_on(
+    rule: UpdateRule,
+    model: InnerModel,
+    loss: InnerLoss,
+    cut_points: list[int] | None,
+    seed: int,
+    tolerance: float,
+    problem_kwargs: dict,
+) -> None:
+    """The values half of :func:`check_update_rule` for one model, loss and wrapping."""
+    wrapping = ", ".join(f"{k}={problem_kwargs[k]}" for k in ("norm", "residual") if k in problem_kwargs)
     for variant in rule_variants(rule):
         problem = make_problem(model, loss, seed=seed, **variant, **problem_kwargs).for_rule(rule)
         expected_out, expected_state = problem.naive()
@@ -482,10 +607,75 @@ def check_update_rule(
         given = ", ".join(name for name, on in variant.items() if on) or "plain"
         for cuts in ([], cuts_of_variant):
             out, state = run_in_chunks(rule, problem, cuts)
-            what = f"{rule.name} ({model.name}, {loss.name}, {given}) vs the naive token loop, cut at {cuts}"
+            what = (
+                f"{rule.name} ({model.name}, {loss.name}, {given}{', ' + wrapping if wrapping else ''}) "
+                f"vs the naive token loop, cut at {cuts}"
+            )
             assert_close(out, expected_out, what, tolerance)
             assert_states_close(state, expected_state, what, tolerance)
-    check_zero_decay_and_momentum(rule, model, loss, seed=seed, tolerance=tolerance, **problem_kwargs)
+
+
+def check_update_rule_gradients_match_naive(
+    rule: UpdateRule, problem: InnerProblem, tolerance: float = FLOAT64_TOLERANCE
+) -> None:
+    """The gradients of a random projection of ``rule``'s outputs and final weights on ``problem``
+    w.r.t. every input it takes equal those of the naive loop (which autograd differentiates token
+    by token): a rule that detaches the lr, the initial weights or anything else, or differentiates
+    a part wrongly, trains wrongly even when its forward values are right."""
+    inputs = _differentiable_inputs(problem)
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
+    ruled = _with_inputs(problem, leaves)
+    generator = torch.Generator().manual_seed(2)
+    gradients = []
+    with torch.enable_grad():
+        for run in (lambda: ruled.run(rule), ruled.naive):
+            out, state = run()
+            outputs = [out, *state.current_weights(ruled.tau).values()]
+            if not gradients:
+                probes = [torch.randn(o.shape, generator=generator, dtype=o.dtype) for o in outputs]
+            total = sum((o * p).sum() for o, p in zip(outputs, probes, strict=True))
+            grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+            gradients.append(
+                [torch.zeros_like(v) if g is None else g for g, v in zip(grads, leaves.values(), strict=True)]
+            )
+    task = problem.task
+    for name, got, wanted in zip(leaves, *gradients, strict=True):
+        what = f"{rule.name} ({task.model.name}, {task.loss.name}): gradient w.r.t. {name} vs the naive token loop's"
+        assert_close(got, wanted, what, tolerance)
+
+
+def _differentiable_inputs(problem: InnerProblem) -> dict[str, torch.Tensor]:
+    """Every tensor input of ``problem`` the outer loop differentiates, by a readable name."""
+    inputs = {
+        "query": problem.views.query,
+        "key": problem.views.key,
+        "value": problem.views.value,
+        "lr": problem.lr,
+    }
+    inputs.update({f"initial params[{k!r}]": v for k, v in problem.state.params.items()})
+    for name in ("tau", "decay", "momentum"):
+        if getattr(problem, name) is not None:
+            inputs[name] = getattr(problem, name)
+    for name in ("norm_weight", "norm_bias"):
+        if getattr(problem.task, name) is not None:
+            inputs[name] = getattr(problem.task, name)
+    return inputs
+
+
+def _with_inputs(problem: InnerProblem, leaves: dict[str, torch.Tensor]) -> InnerProblem:
+    """``problem`` with the inputs named as in :func:`_differentiable_inputs` replaced by ``leaves``."""
+    params = {k: leaves[f"initial params[{k!r}]"] for k in problem.state.params}
+    views = Views(leaves["query"], leaves["key"], leaves["value"])
+    norms = {k: leaves[k] for k in ("norm_weight", "norm_bias") if k in leaves}
+    extras = {k: leaves[k] for k in ("tau", "decay", "momentum") if k in leaves}
+    return replace(
+        problem,
+        state=replace(problem.state, params=params),
+        task=replace(problem.task, **norms),
+        views=views,
+        lr=leaves["lr"],
+        **extras,
+    )
 
 
 def check_zero_decay_and_momentum(
@@ -545,15 +735,18 @@ __all__ = [
     "assert_layers_train_alike",
     "assert_states_close",
     "check_activation_derivatives",
+    "check_derivative_in_graph",
     "check_inner_loss",
     "check_inner_model",
     "check_loss_gradient",
     "check_pairs_causal",
     "check_pairs_chunk_invariant",
     "check_pairs_deterministic",
+    "check_pairs_token_by_token",
     "check_stack_matches_forward",
     "check_update_rule",
     "check_update_rule_gradients",
+    "check_update_rule_gradients_match_naive",
     "check_zero_decay_and_momentum",
     "make_problem",
     "rule_variants",

@@ -16,6 +16,15 @@ except ImportError as error:  # pragma: no cover - exercised only without the te
     ) from error
 
 
+#: Every ``(inner_norm, inner_residual)`` pair, for :func:`layer_configs` in tests of update rules.
+ALL_INNER_WRAPPINGS: tuple[tuple[bool, bool], ...] = (
+    (True, True),
+    (False, False),
+    (True, False),
+    (False, True),
+)
+
+
 @st.composite
 def layer_configs(
     draw,
@@ -25,11 +34,20 @@ def layer_configs(
     max_heads: int = 3,
     head_dims: tuple[int, ...] = (4, 6, 8),
     max_mini_batch: int = 6,
+    inner_wrappings: tuple[tuple[bool, bool], ...] = ((True, True),),
 ) -> dict[str, Any]:
-    """Keyword arguments of a small ``TTTLayer``: every option of the reference layer varies."""
+    """Keyword arguments of a small ``TTTLayer``: every option of the reference layer varies.
+
+    ``inner_wrappings`` are the ``(inner_norm, inner_residual)`` pairs drawn from: the default is the
+    paper's (both on), which every fused kernel computes; a test of an update rule should pass
+    :data:`ALL_INNER_WRAPPINGS`, or a rule that ignores ``task.residual`` or the LayerNorm passes.
+    """
     num_heads = draw(st.integers(1, max_heads))
     head_dim = draw(st.sampled_from(head_dims))
+    inner_norm, inner_residual = draw(st.sampled_from(inner_wrappings))
     return {
+        "inner_norm": inner_norm,
+        "inner_residual": inner_residual,
         "hidden_size": num_heads * head_dim,
         "num_heads": num_heads,
         "inner_model": draw(st.sampled_from(inner_models)),
@@ -77,4 +95,4 @@ def seeds() -> st.SearchStrategy[int]:
     return st.integers(0, 2**31 - 1)
 
 
-__all__ = ["layer_configs", "seeds", "split_points", "views"]
+__all__ = ["ALL_INNER_WRAPPINGS", "layer_configs", "seeds", "split_points", "views"]

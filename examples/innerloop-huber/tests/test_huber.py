@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -54,3 +55,20 @@ def test_a_layer_with_the_huber_loss_streams_exactly() -> None:
     first, state = layer(x[:, :7])
     second, _ = layer(x[:, 7:], state)
     torch.testing.assert_close(torch.cat((first, second), dim=1), whole, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("delta", "error"),
+    [
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        (0.0, ValueError),
+        (-1.0, ValueError),
+        (True, TypeError),
+        ("1", TypeError),
+    ],
+)
+def test_a_bad_delta_is_refused_naming_it(delta: object, error: type) -> None:
+    # nan and inf would make NaN gradients (inf * -inf in the branch torch.where does not select)
+    with pytest.raises(error, match="delta"):
+        HuberReconstruction(delta)

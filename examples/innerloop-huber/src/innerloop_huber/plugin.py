@@ -13,6 +13,8 @@ With a large ``delta`` it is the built-in ``reconstruction`` loss.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 
 import torch
@@ -27,9 +29,15 @@ class HuberReconstruction(InnerLoss):
     name = "huber"
 
     def __init__(self, delta: float = 1.0):
-        if delta <= 0:
-            raise ValueError(f"delta={delta} must be > 0")
-        self.delta = delta
+        # a real number (not a bool, a str or a tensor), finite and > 0: with delta = inf or nan the
+        # unselected branch of torch.where is inf * -inf, and its NaN reaches the gradients
+        if not isinstance(delta, numbers.Real) or isinstance(delta, bool):
+            raise TypeError(
+                f"HuberReconstruction: delta must be a real number; got {type(delta).__name__} {delta!r}"
+            )
+        if not (math.isfinite(delta) and delta > 0):
+            raise ValueError(f"HuberReconstruction: delta must be finite and > 0; got {delta!r}")
+        self.delta = float(delta)
 
     def pairs(self, views: Views, carry: Mapping[str, torch.Tensor]) -> LossPairs:
         return LossPairs(inputs=views.key, targets=views.value, valid=None, carry={})

@@ -229,6 +229,13 @@ def _best(
     return None, "torch: " + "; ".join(refusals)
 
 
+def record_torch_part(task: InnerTask, reason: str) -> None:
+    """Record a part of a call that only the torch path computes (no kernel contract covers it), with
+    why, so that ``dispatches`` accounts for every part of a call."""
+    if task.on_dispatch is not None:
+        task.on_dispatch(TORCH_PATH, f"{TORCH_PATH}: {reason}")
+
+
 def record_torch_block(rule: UpdateRule, task: InnerTask, chunk: ChunkInputs, params: Params) -> None:
     """Dispatch a block of the momentum rule: every kernel refuses it (none carries the momentum
     state), a kernel forced by name raises, and the decision is recorded like any other."""
@@ -345,6 +352,7 @@ __all__ = [
     "checked_choice",
     "kernel_inputs",
     "refusal",
+    "record_torch_part",
     "run_aligned_block",
     "run_decode_token",
     "select_kernel",

@@ -45,7 +45,7 @@ EXPECTED_DISPATCH = {
     "auto_training": "cpu_ttt_{model}",
     "cpu_kernel": "cpu_ttt_{model}",
     "decode": "cpu_ttt_{model}.decode",
-    "minibatch_gd": None,  # the primal form dispatches nothing
+    "minibatch_gd": "torch",  # the primal form, recorded as torch
 }
 
 

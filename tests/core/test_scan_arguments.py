@@ -70,7 +70,8 @@ def test_meta_tensors_trace_the_torch_path_and_a_named_kernel_is_refused(options
     out, weights = scan(q, k, v, lr, mini_batch_size=mini_batch_size, dispatches=dispatches, **options)
     assert out.device.type == "meta" and out.shape == q.shape
     assert all(w.device.type == "meta" for w in weights.values())
-    assert dispatches and all(path == "torch" and "meta" in reason for path, reason in dispatches)
+    assert dispatches and all(path == "torch" for path, _ in dispatches)
+    assert any("meta tensors hold no values" in reason for _, reason in dispatches)
     with pytest.raises(Exception, match=r"kernel='cpu_ttt_linear' cannot run on meta tensors"):
         scan(q, k, v, lr, mini_batch_size=4, kernel="cpu_ttt_linear")
 

@@ -155,3 +155,18 @@ def test_forcing_the_kernel_on_a_layer_without_its_fused_parts_is_an_error(switc
     layer = TTTLayer(16, 2, mini_batch_size=4, kernel="cpu_ttt_linear", **{switch: False})
     with torch.no_grad(), pytest.raises(KernelUnavailableError, match="residual and LayerNorm"):
         layer(torch.randn(1, 8, 16))
+
+
+@pytest.mark.parametrize(
+    ("tokens", "mini_batch_size", "update_rule", "recorded"),
+    [
+        (8, 3, "dual_form", "a part of 2 tokens inside a mini-batch"),  # two whole mini-batches, then 2
+        (6, 16, "dual_form", "a part of 6 tokens inside a mini-batch"),  # no whole mini-batch at all
+        (8, 4, "minibatch_gd", "minibatch_gd is the primal form"),
+    ],
+)
+def test_every_part_of_a_call_is_in_dispatches(tokens, mini_batch_size, update_rule, recorded) -> None:
+    layer = TTTLayer(16, 2, mini_batch_size=mini_batch_size, update_rule=update_rule)
+    with torch.no_grad():
+        layer(torch.randn(1, tokens, 16))
+    assert layer.last_dispatch[0] == "torch" and recorded in layer.last_dispatch[1]

@@ -28,7 +28,7 @@ from innerloop.core.scan import (
     split_segments,
 )
 from innerloop.core.state import TTTState
-from innerloop.kernels.dispatch import run_aligned_block, run_decode_token
+from innerloop.kernels.dispatch import record_torch_part, run_aligned_block, run_decode_token
 from innerloop.kernels.reference import dual_aligned_block, dual_planned_segment, dual_segment, dual_token
 from innerloop.registry import hookimpl
 
@@ -116,6 +116,12 @@ class DualForm(UpdateRule):
             if decoded is not None:
                 out, params, pending = decoded
                 return out, params, SegmentCarry(pending, None, None)
+        if seg.length > 1:
+            record_torch_part(
+                task,
+                f"a part of {seg.length} tokens inside a mini-batch (kernels take whole mini-batches from a "
+                "boundary, or one decoded token)",
+            )
         if decaying:
             plan, finish = plan_dual(part, seg_tau, carry, has_pending=seg.offset > 0)
             out, sums = dual_planned_segment(task, params, part, plan)

@@ -26,6 +26,7 @@ from innerloop.core.scan import (
     split_segments,
 )
 from innerloop.core.state import TTTState
+from innerloop.kernels.dispatch import record_torch_part
 from innerloop.registry import hookimpl
 
 
@@ -153,6 +154,9 @@ class MiniBatchGD(UpdateRule):
         decay: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, TTTState]:
         chunk, loss_carry = prepare_chunk(state, task, views, lr, decay)
+        record_torch_part(
+            task, "minibatch_gd is the primal form, in torch for any model (kernels run dual_form)"
+        )
         if decay is not None or state.decay:  # forgetting: the planned form (core/scan.py)
             out, params, carry = run_planned(state, task, chunk, tau, primal_planned_segment)
             return out, advance_state(

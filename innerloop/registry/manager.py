@@ -21,6 +21,7 @@ name it would have provided fails, with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import inspect
@@ -441,7 +442,8 @@ def check_instance(kind_name: str, obj: Any) -> None:
     ):
         return
     builtin = type(obj).__module__ in _builtin_modules()
-    validate_plugin(KIND_BY_NAME[kind_name], obj, external=not builtin)
+    with outside_transforms():
+        validate_plugin(KIND_BY_NAME[kind_name], obj, external=not builtin)
     _CHECKED_INSTANCES[id(obj)] = obj
 
 
@@ -553,6 +555,17 @@ def _is_builtin_module(plugin: Any) -> bool:
     return inspect.ismodule(plugin) and name in _builtin_modules() and sys.modules.get(name) is plugin
 
 
+def outside_transforms() -> contextlib.AbstractContextManager[None]:
+    """A context in which torch.func transforms the caller is inside (vmap, grad) do not apply: the
+    registrar's checks build and differentiate their own plain tensors (a first use of the registry
+    inside ``torch.func.vmap`` would otherwise fail them with vmap's errors, blaming a built-in)."""
+    try:
+        from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+    except ImportError:  # another torch: nothing to clear there
+        return contextlib.nullcontext()
+    return temporarily_clear_interpreter_stack()
+
+
 _REGISTRY: Registry | None = None
 _LOCK = threading.RLock()
 
@@ -578,7 +591,8 @@ def get_registry() -> Registry:
                 _BUILDING = registry
 
             try:
-                _REGISTRY = build_registry(on_builtins=publish)
+                with outside_transforms():  # the plugins' checks make plain tensors, not the caller's vmap
+                    _REGISTRY = build_registry(on_builtins=publish)
             finally:
                 _BUILDING = None
         return _REGISTRY

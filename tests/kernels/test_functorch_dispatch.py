@@ -5,6 +5,9 @@ named kernel is refused with the reason."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -46,3 +49,23 @@ def test_a_named_kernel_inside_a_transform_is_refused_with_the_reason() -> None:
         KernelUnavailableError, match=r"kernel='cpu_ttt_linear' cannot run inside a torch\.func"
     ):
         torch.func.grad(lambda q: _scan_sum(q, lr, kernel="cpu_ttt_linear"))(q)
+
+
+FIRST_USE_INSIDE_VMAP = """
+import torch
+from innerloop.ops import scan
+q, lr = torch.randn(2, 1, 8, 16, dtype=torch.float64), torch.rand(2, 1, 8, dtype=torch.float64) / 16
+out = torch.func.vmap(lambda q, lr: scan(q[None], q[None], q[None], lr[None], mini_batch_size=4)[0][0])(q, lr)
+expected = torch.cat([scan(q[i : i + 1], q[i : i + 1], q[i : i + 1], lr[i : i + 1], mini_batch_size=4)[0] for i in range(2)])
+assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
+"""
+
+
+# reason: a process of its own (~4 s: torch and innerloop imported afresh), so that the registry is first
+# built, and the plugins' registration checks first run, inside the caller's vmap
+@pytest.mark.slow
+def test_a_first_use_of_innerloop_inside_vmap_builds_the_registry_outside_it() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", FIRST_USE_INSIDE_VMAP], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

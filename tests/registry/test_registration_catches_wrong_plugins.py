@@ -1,7 +1,7 @@
-"""Registration and innerloop.testing refuse plugins that compute wrong numbers silently (review s9,
-findings 1, 2, 3, 4, 9, 11, 12 and 13): closed forms outside the autograd graph, carries wrong for
-one-token chunks, update rules wrong for another loss, wrapping or the outer gradients, eager-only
-losses, dtype slips and losses or models with no gradient."""
+"""Registration and innerloop.testing refuse plugins that compute wrong numbers silently: closed
+forms outside the autograd graph, carries wrong for one-token chunks, update rules wrong for another
+loss, wrapping or the outer gradients, eager-only losses, dtype slips and losses or models with no
+gradient."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Plugin loading and registration slips fail clearly, naming the plugin, the field and what is valid
-(review s9, findings 5, 6, 7, 8, 10, 15 and 16)."""
+"""Plugin loading and registration slips fail clearly, naming the plugin, the field and what is valid."""
 
 from __future__ import annotations
 

@@ -144,15 +144,17 @@ def _add_train(commands: argparse._SubParsersAction, presets: Sequence[str]) -> 
     )
     train.add_argument(
         "--config",
-        default=DEFAULT_PRESET,
+        default=None,
         metavar="PRESET_OR_FILE",
-        help=f"a packaged preset ({', '.join(presets)}) or a YAML file (default: %(default)s)",
+        help=f"a packaged preset ({', '.join(presets)}) or a YAML file (default: {DEFAULT_PRESET}; with "
+        "--resume, the run's own config.yaml, and a --config given must agree with it)",
     )
     train.add_argument(
         "--resume",
         action="store_true",
         help="continue the run in out_dir from its last checkpoint (its saved config.yaml is the base config; "
-        "optim.* and trainer.* overrides apply from the step reached, e.g. trainer.max_steps to extend it)",
+        "optim.* and trainer.* overrides apply from the step reached, e.g. trainer.max_steps to extend it; "
+        "out_dir comes from the overrides, else from --config)",
     )
     train.add_argument(
         "--overwrite",
@@ -390,18 +392,11 @@ def _quiet_lightning() -> None:
 def _train(args: argparse.Namespace) -> int:
     from innerloop.config.load import load_config
 
-    run, cfg = load_config(args.config, args.overrides)  # before importing Lightning: errors come fast
-    if not args.resume:
-        _refuse_config_inside_out_dir(args.config, run.out_dir)
     if args.resume:
-        from pathlib import Path
-
-        saved = Path(run.out_dir) / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(
-                f"--resume: no saved config at {str(saved)!r}; is out_dir={run.out_dir!r} a run?"
-            )
-        run, cfg = load_config(str(saved), args.overrides)
+        run, cfg = _resume_config(args.config, args.overrides)
+    else:  # before importing Lightning: errors come fast
+        run, cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
+        _refuse_config_inside_out_dir(args.config, run.out_dir)
     from innerloop.train.interrupt import TrainingInterrupted
     from innerloop.train.module import TrainingDivergedError
     from innerloop.train.run import train
@@ -426,6 +421,33 @@ def _train(args: argparse.Namespace) -> int:
     print(f"config:           {result.config}")
     print(f"loss by position: {result.plot} ({result.csv})")
     return 0
+
+
+def _resume_config(config: str | None, overrides: Sequence[str]) -> tuple[Any, Any]:
+    """The config of ``innerloop train --resume``: the run's saved config.yaml with ``overrides``,
+    checked as a whole (not the preset's values). out_dir comes from the overrides, else from ``config``
+    (the preset or file; ``tiny`` when None). Where ``config`` sets other values than the run's, a
+    warning names them: the run continues from its own config, and those values are not used (a
+    preset named again to resume, ``--config tiny --resume``, is the usual case)."""
+    from pathlib import Path
+
+    from innerloop.config.load import config_differences, load_config, read_out_dir
+
+    out_dir = read_out_dir(config or DEFAULT_PRESET, overrides)
+    saved = Path(out_dir) / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"--resume: no saved config at {str(saved)!r}; is out_dir={out_dir!r} a run?")
+    run, cfg = load_config(str(saved), overrides, out_dir=out_dir)
+    differences = config_differences(config, overrides, run) if config is not None else []
+    if differences:
+        print(
+            f"innerloop train: warning: --resume continues the run in {out_dir!r} from its saved config.yaml "
+            f"(with the overrides); --config {config!r} differs from it in {', '.join(differences)}, which "
+            "are not used: give changes as overrides (optim.* and trainer.* may change, e.g. "
+            "trainer.max_steps=...)",
+            file=sys.stderr,
+        )
+    return run, cfg
 
 
 def _refuse_config_inside_out_dir(config: str | None, out_dir: str) -> None:
@@ -465,6 +487,10 @@ def _eval(args: argparse.Namespace) -> int:
     from innerloop.train.run import evaluate
 
     for pattern in args.data:
+        if not pattern.strip():
+            raise ConfigError(
+                "--data '' is empty (it would read the whole current directory); give files, directories or globs"
+            )
         try:
             resolve_files([pattern])
         except ValueError:
@@ -924,7 +950,7 @@ def _convert_to_hugging_face(args: argparse.Namespace, load: Callable[[], Any]) 
             model, args.out, overwrite=args.overwrite, tokenizer=args.tokenizer, special_tokens=special
         )
     except ExportError as err:
-        raise ConfigError(str(err)) from None
+        raise _export_error(err, args.tokenizer) from None
     print(_describe_converted(args, model))
     print(f"Hugging Face folder: {folder}{tokenizer_note}")
     _print_kept(folder)
@@ -944,6 +970,14 @@ def _converted_special_tokens(args: argparse.Namespace) -> dict[str, int]:
 
     config = json.loads((Path(args.src) / "config.json").read_text(encoding="utf-8"))
     return special_token_ids(config) if isinstance(config, dict) else {}
+
+
+def _export_error(err: Exception, tokenizer: str | None) -> ConfigError:
+    """An export's error as a user error; one about the tokenizer names ``--tokenizer`` when it gave it."""
+    message = str(err)
+    if tokenizer is not None and message.startswith("tokenizer:"):
+        message = f"--tokenizer {tokenizer!r}:{message.removeprefix('tokenizer:')}"
+    return ConfigError(message)
 
 
 def _print_kept(folder: Any) -> None:
@@ -995,7 +1029,7 @@ def _export(args: argparse.Namespace) -> int:
             args.checkpoint, args.out_dir, overwrite=args.overwrite, tokenizer=args.tokenizer
         )
     except ExportError as err:
-        raise ConfigError(str(err)) from None
+        raise _export_error(err, args.tokenizer) from None
     unknown = args.tokenizer is None and isinstance(run_tokenizer(args.checkpoint), UnknownTokenizer)
     note = (
         " (no tokenizer: the checkpoint records none; pass --tokenizer, or copy the model's own into it)"
@@ -1064,7 +1098,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _parser()
     try:
-        args = _parse_intermixed(parser, argv)
+        args = _expand_user(_parse_intermixed(parser, argv))
     except UsageError as err:
         prog = err.prog  # the top-level parser reports some errors of a command (unknown arguments)
         given = argv if argv is not None else sys.argv[1:]
@@ -1078,11 +1112,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return _HANDLERS[args.command](args)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (start-up, an evaluation): nothing to save
+        print(f"\ninnerloop {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 128 + 2  # the shell's status for SIGINT
     except Exception as err:
         if not _is_user_error(err):
             raise
         print(f"innerloop {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+_PATH_ARGUMENTS = (
+    "checkpoint",
+    "out_dir",
+    "out",
+    "src",
+    "config",
+    "tokenizer",
+    "baseline",
+    "data",
+    "models",
+    "paths",
+)
+"""The attributes of every command's arguments that hold a path (or a list of paths)."""
+
+
+def _expand_user(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with a leading ``~`` expanded in every path argument (:data:`_PATH_ARGUMENTS`), as a shell
+    does for an unquoted one: a quoted ``'~/x'``, or one a script passes, names the same folder in the
+    checks (which expand it) and in the writes (pathlib does not expand it)."""
+    for name in _PATH_ARGUMENTS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) else v for v in value])
+    return args
 
 
 def _one_line(err: BaseException) -> str:

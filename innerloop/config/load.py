@@ -51,9 +51,9 @@ def preset_names() -> list[str]:
 
 def _read_source(preset_or_file: str) -> tuple[DictConfig, str]:
     """The YAML of a file path or a packaged preset name, and a description of where it came from."""
-    path = Path(preset_or_file)
+    path = Path(preset_or_file).expanduser()
     if path.is_file():
-        source = f"file {str(path)!r}"
+        source = f"file {str(Path(preset_or_file))!r}"
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
@@ -152,11 +152,35 @@ def load_config(
     overrides: Sequence[str] = (),
     *,
     model_only: bool = False,
+    out_dir: str | None = None,
 ) -> tuple[RunConfig, DictConfig]:
     """Load a preset or YAML file, apply ``key=value`` overrides, validate; return the typed config and
     its omegaconf form (for saving). ``model_only``: check only what the model needs (its section, and
     the tokenizer that sets its vocabulary), for commands that build no run (``innerloop params``): a
-    data path or out_dir that a run could not use does not concern them."""
+    data path or out_dir that a run could not use does not concern them. ``out_dir``, when given, replaces
+    the config's (after the overrides): a resume's folder is where its config.yaml was found, not the
+    one the config names (a moved run's). A ``~`` in ``out_dir`` is expanded."""
+    container, _, cfg = _merged_config(preset_or_file, overrides)
+    run = _typed(cfg)
+    if out_dir is not None:  # a resume trains in the folder its config.yaml was found in
+        cfg.out_dir = run.out_dir = out_dir
+    if run.out_dir != os.path.expanduser(run.out_dir):  # Lightning expands ~, pathlib does not: one folder
+        run.out_dir = cfg.out_dir = os.path.expanduser(run.out_dir)
+    if not _vocab_size_given(container, overrides):
+        _vocabulary_from_tokenizer(run, cfg)
+    if model_only:
+        try:
+            validate_model_config(run.model)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    else:
+        validate_run_config(run)
+    return run, cfg
+
+
+def _merged_config(preset_or_file: Any, overrides: Sequence[str]) -> tuple[Any, Any, DictConfig]:
+    """The config source's mapping as read, that mapping with its ``trainer`` keys routed, and the
+    schema with the source and ``overrides`` merged in; the keys and types checked, not the values."""
     _check_load_arguments(preset_or_file, overrides)
     loaded, source = _read_source(preset_or_file)
     try:
@@ -174,22 +198,99 @@ def load_config(
         except ConfigError:
             _merge_in_order(base, checked)  # an earlier override's merge error comes first, as it is earlier
             raise
-    cfg = _merge_in_order(base, checked)
+    return container, routed, _merge_in_order(base, checked)
+
+
+def _typed(cfg: DictConfig) -> RunConfig:
+    """``cfg`` as a :class:`RunConfig`; an interpolation that does not resolve is a :class:`ConfigError`."""
     try:
-        run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as err:  # an interpolation ${...} that does not resolve
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(f"config key {key!r}: {_first_line(err)}") from None
-    if not _vocab_size_given(container, overrides):
-        _vocabulary_from_tokenizer(run, cfg)
-    if model_only:
-        try:
-            validate_model_config(run.model)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    else:
-        validate_run_config(run)
-    return run, cfg
+
+
+def read_out_dir(
+    preset_or_file: str | os.PathLike[str] = DEFAULT_PRESET, overrides: Sequence[str] = ()
+) -> str:
+    """The ``out_dir`` a config with ``overrides`` names (``~`` expanded), its keys and types checked but
+    not its values: where ``--resume`` finds the run, whose own saved config is then the one checked
+    (the preset's or file's other values do not concern it)."""
+    _, _, cfg = _merged_config(preset_or_file, overrides)
+    try:
+        out_dir = cfg.out_dir
+    except OmegaConfBaseException as err:  # an interpolation ${...} that does not resolve
+        raise ConfigError(f"config key 'out_dir': {_first_line(err)}") from None
+    return os.path.expanduser(str(out_dir))
+
+
+def config_differences(
+    preset_or_file: str | os.PathLike[str], overrides: Sequence[str], run: RunConfig
+) -> list[str]:
+    """``key (run's value -> config's value)`` for each key that the preset or file sets (other than
+    ``out_dir``) where it, with ``overrides``, differs from ``run``. Data paths and a tokenizer path
+    are compared as a run records them, absolute (:func:`absolute_data_paths`)."""
+    _, routed, cfg = _merged_config(preset_or_file, overrides)
+    given = set(_flat_dict(routed)) - {"out_dir"}
+    theirs = _typed(cfg)
+    theirs.data.paths = absolute_data_paths(theirs.data.paths)
+    theirs.data.tokenizer = absolute_tokenizer(theirs.data.tokenizer)
+    new = _flat_dict(OmegaConf.to_container(OmegaConf.structured(theirs)))
+    old = _flat_dict(OmegaConf.to_container(OmegaConf.structured(run)))
+    return [f"{k} ({old.get(k)!r} -> {new[k]!r})" for k in sorted(given & new.keys()) if old.get(k) != new[k]]
+
+
+def _flat_dict(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{dotted key: value}`` of nested dicts (lists and other values are leaves)."""
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree} if prefix else {}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat_dict(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def absolute_data_paths(paths: Sequence[str], base: str | os.PathLike[str] | None = None) -> list[str]:
+    """``data.paths`` with every relative entry (``~`` expanded first) joined to ``base`` (default: the
+    current directory); absolute entries stay, and a glob stays a glob (it is not expanded)."""
+    root = os.fspath(base) if base is not None else os.getcwd()
+    return [os.path.join(root, os.path.expanduser(p)) for p in paths]
+
+
+def absolute_tokenizer(spec: str) -> str:
+    """``data.tokenizer`` made absolute when it names a file or folder (``~`` expanded first): the same
+    tokenizer files from any directory; ``bytes`` (and a spec that names nothing) as it is."""
+    if spec == BYTES or not os.path.exists(os.path.expanduser(spec)):
+        return spec
+    return os.path.abspath(os.path.expanduser(spec))
+
+
+def read_run_config(path: str | Path) -> RunConfig:
+    """The run config a run saved (its ``config.yaml``): the schema's keys and types, without the checks
+    of the machine it trains on (accelerator, loggers, out_dir), which reading its data elsewhere does
+    not need (a run trained on a GPU is evaluated on a CPU). Raises :class:`ConfigError` naming the file
+    and what is wrong."""
+    source = f"{str(path)!r}"
+    try:
+        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{source} cannot be read as YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{source} is not a mapping of config sections ({type(document).__name__})")
+    routed = route_trainer_keys(document, source, ConfigError)
+    check_keys(routed, RunConfig, "", source, ConfigError)
+    try:
+        run = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(routed)))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"{source}: config key {key!r}: {str(err).strip().splitlines()[0]}") from None
+    assert isinstance(run, RunConfig)
+    if run.data.name not in DATASETS:
+        raise ConfigError(f"{source}: data.name={run.data.name!r} is not a dataset; valid: {list(DATASETS)}")
+    return run
 
 
 def _check_load_arguments(preset_or_file: Any, overrides: Any) -> None:
@@ -251,6 +352,13 @@ def validate_run_config(run: RunConfig) -> None:
     if run.data.name not in DATASETS:
         raise ConfigError(f"data.name={run.data.name!r} is not a dataset; valid: {list(DATASETS)}")
     _check_vocabulary(run)
+    _check_unread_data_keys(run)
+    empty = [entry for entry in run.data.paths if not str(entry).strip()]
+    if run.data.name != "recall" and empty:
+        raise ConfigError(
+            f"data.paths entry {empty[0]!r} is empty (it would read the whole current directory); give files, "
+            "directories or globs"
+        )
     _check_out_dir_outside_data(run)
     if run.data.name == "text" and run.data.paths:
         _check_text(run)
@@ -260,6 +368,45 @@ def validate_run_config(run: RunConfig) -> None:
     _check_trainer_combination(run)
     check_loggers(run.logger, ConfigError)
     check_output_dir(run.out_dir, "out_dir")
+
+
+RECALL_UNREAD_KEYS = ("paths", "seq_len", "val_fraction")
+"""The ``data.*`` keys the recall task does not read (its windows are ``4 * num_pairs + gap - 1``
+tokens of its own, which ``seq_len`` may repeat; ``data.tokenizer`` and the ``hf`` keys are refused by
+their own checks)."""
+
+
+def _check_unread_data_keys(run: RunConfig) -> None:
+    """Refuse, naming them, ``data.*`` keys set away from their defaults that ``data.name`` does not
+    read: they would change nothing (``data.seq_len`` of the recall task), as the ``hf``-only keys of
+    other data are refused (:func:`_check_hf`)."""
+    default = DataConfig()
+    if run.data.name == "recall":
+        derived = 4 * run.data.recall.num_pairs + run.data.recall.gap - 1  # RecallDataModule.seq_len
+        unread = [
+            key
+            for key in RECALL_UNREAD_KEYS
+            if _get(run.data, key) not in (_get(default, key), derived if key == "seq_len" else None)
+        ]
+        why = (
+            "the recall task makes its own sequences of 4 * data.recall.num_pairs + data.recall.gap - 1 = "
+            f"{derived} tokens"
+        )
+    else:
+        unread = [
+            key for key in ("recall.num_pairs", "recall.gap") if _get(run.data, key) != _get(default, key)
+        ]
+        why = "they configure data.name='recall' only"
+    if unread:
+        shown = ", ".join(f"data.{key}={_plain(_get(run.data, key))!r}" for key in unread)
+        raise ConfigError(
+            f"{shown}: not read by data.name={run.data.name!r} ({why}); remove them, or set them to the defaults"
+        )
+
+
+def _plain(value: Any) -> Any:
+    """An omegaconf list as a plain list (for messages)."""
+    return list(value) if OmegaConf.is_list(value) else value
 
 
 def numeric_fields(schema: type = RunConfig, prefix: str = "") -> list[str]:
@@ -619,6 +766,11 @@ def check_output_dir(path: str | os.PathLike[str], key: str) -> None:
     if not str(path):
         raise ConfigError(f"{key}='' must name a directory for the outputs")
     target = Path(path).expanduser()
+    if target.is_symlink() and not target.exists():
+        raise ConfigError(
+            f"{key}={str(path)!r} is a symbolic link to {os.readlink(target)!r}, which does not exist; give a "
+            "directory, or a link to one"
+        )
     existing = target
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any, Literal, Union
 
-from innerloop.config.schema import AT_LEAST_0, AT_LEAST_1, LOGGERS, Bounds, TrainerConfig
+from innerloop.config.schema import AT_LEAST_1, LOGGERS, Bounds, TrainerConfig
 
 LIGHTNING_NAMES: dict[str, str] = {
     "log_every_n_steps": "trainer.log_every",
@@ -60,6 +60,10 @@ SET_BY_INNERLOOP: dict[str, str] = {
     "plugins": "innerloop sets its safetensors checkpoint plugin; the precision is trainer.precision",
     "max_epochs": _ENDLESS,
     "min_epochs": _ENDLESS,
+    "min_steps": (
+        "Lightning ignores a stop before it, so Ctrl-C and SIGTERM could not stop a run and save it; "
+        "trainer.max_steps sets how long a run trains"
+    ),
     "check_val_every_n_epoch": _ENDLESS,
     "reload_dataloaders_every_n_epochs": _ENDLESS,
     "limit_train_batches": _ENDLESS,
@@ -76,7 +80,6 @@ would undo what a run guarantees)."""
 LIGHTNING_BOUNDS: dict[str, Bounds] = {
     "accumulate_grad_batches": AT_LEAST_1,
     "num_nodes": AT_LEAST_1,
-    "min_steps": AT_LEAST_0,
     "num_sanity_val_steps": Bounds(-1, why="-1: all validation batches"),
 }
 """The valid range of Lightning's integer arguments that Lightning itself does not check early."""
@@ -115,12 +118,30 @@ def route_trainer_keys(container: Any, source: str, error: type[ValueError]) -> 
             lightning[key] = value
         else:
             raise error(_unknown_key_message(key, source))
+    _check_lightning_names(trainer.get("lightning"), source, error)
     if lightning:
         given = routed["trainer"].get("lightning", {})
         if not isinstance(given, dict):
             raise error(f"trainer.lightning={given!r} in {source} must be a mapping of Trainer arguments")
+        twice = [k for k in lightning if k in given and given[k] != lightning[k]]
+        if twice:
+            k = twice[0]
+            raise error(
+                f"trainer.{k}={lightning[k]!r} and trainer.lightning.{k}={given[k]!r} in {source} set the "
+                "same Lightning argument: give one of them"
+            )
         routed["trainer"]["lightning"] = {**given, **lightning}
     return routed
+
+
+def _check_lightning_names(given: Any, source: str, error: type[ValueError]) -> None:
+    """Raise ``error`` naming ``trainer.lightning.<name>`` and ``source`` for a name in a ``trainer.lightning``
+    mapping that is no ``lightning.Trainer`` argument (or is one of innerloop's own keys)."""
+    if not isinstance(given, dict):
+        return  # check_keys and check_lightning_arguments report it
+    for name in given:
+        if name in _own_keys() or name not in trainer_arguments():
+            raise error(_unknown_key_message(str(name), source, "trainer.lightning"))
 
 
 def _set_own_key(routed: dict, key: str, value: Any, source: str, error: type[ValueError]) -> None:
@@ -139,12 +160,16 @@ def _set_own_key(routed: dict, key: str, value: Any, source: str, error: type[Va
     routed[section_name] = section
 
 
-def _unknown_key_message(key: str, source: str) -> str:
+def _unknown_key_message(key: str, source: str, section: str = "trainer") -> str:
+    """The error for ``<section>.<key>``, an unknown key under ``trainer`` (or ``trainer.lightning``)."""
     own, lightning = _own_keys(), sorted(trainer_arguments())
-    close = difflib.get_close_matches(key, [*own, *lightning, *LIGHTNING_NAMES], n=3, cutoff=0.6)
+    if section == "trainer.lightning" and key in own:
+        return f"unknown config key '{section}.{key}' in {source}: it is innerloop's own key trainer.{key}; set that"
+    names = list(dict.fromkeys([*own, *lightning, *LIGHTNING_NAMES]))  # max_steps is in two lists: once
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return (
-        f"unknown config key 'trainer.{key}' in {source}{hint} valid keys here: innerloop's {sorted(own)} "
+        f"unknown config key '{section}.{key}' in {source}{hint}; valid keys here: innerloop's {sorted(own)} "
         "and any lightning.Trainer argument"
     )
 
@@ -162,7 +187,7 @@ def check_lightning_arguments(arguments: Any, error: type[ValueError]) -> None:
         if name in LIGHTNING_NAMES:
             raise error(f"{key} is innerloop's {LIGHTNING_NAMES[name]}: set that key")
         if name in _own_keys() or name not in annotations:
-            raise error(_unknown_key_message(name, "trainer.lightning"))
+            raise error(_unknown_key_message(name, "the config", "trainer.lightning"))
         if not value_matches(value, annotations[name]):
             raise error(
                 f"{key}={value!r} must be {describe_annotation(annotations[name])} (lightning.Trainer's "

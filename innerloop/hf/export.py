@@ -206,7 +206,7 @@ def is_export_folder(folder: Path) -> bool:
 
 def _resolved_target(out_dir: str | os.PathLike[str]) -> Path:
     """``out_dir``, or the folder it points to when it is a symbolic link (written through)."""
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser()
     if not out.is_symlink():
         return out
     target = Path(os.path.realpath(out))
@@ -280,10 +280,7 @@ def export_model(
     try:
         wrapped.save_pretrained(staging)
         if tokenizer is not None:
-            try:
-                write_tokenizer_files(staging, wrapped.config.vocab_size, tokenizer)
-            except (ValueError, OSError) as err:
-                raise ExportError(f"tokenizer: {' '.join(str(err).split())}") from None
+            _write_tokenizer(staging, wrapped.config.vocab_size, tokenizer)
         _write_manifest(staging)
         _sync_files(staging)
         _move_into_place(staging, out)
@@ -293,7 +290,23 @@ def export_model(
     finally:
         if staging.exists() and not holds_users_files:
             shutil.rmtree(staging)
-    return Path(out_dir)
+    return Path(out_dir).expanduser()
+
+
+def _write_tokenizer(
+    staging: Path, vocab_size: int, tokenizer: str | os.PathLike[str] | RunTokenizer
+) -> None:
+    """:func:`write_tokenizer_files`, its errors an :class:`ExportError` starting ``tokenizer:``. A file
+    that is not a tokenizer.json makes the ``tokenizers`` library raise a bare ``Exception``."""
+    try:
+        write_tokenizer_files(staging, vocab_size, tokenizer)
+    except (ValueError, OSError) as err:
+        raise ExportError(f"tokenizer: {' '.join(str(err).split())}") from None
+    except Exception as err:  # noqa: BLE001 - the tokenizers library's parse errors are bare Exceptions
+        raise ExportError(
+            f"tokenizer: {str(tokenizer)!r} cannot be read as a tokenizer ({' '.join(str(err).split())}); "
+            "valid: 'bytes', a tokenizer.json file or a tokenizer folder"
+        ) from None
 
 
 def export_checkpoint(

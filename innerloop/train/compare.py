@@ -141,7 +141,7 @@ def bootstrap_difference(
 
 def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
     """A run folder's ``last.safetensors``, or the checkpoint file given; a clear error otherwise."""
-    path = Path(run_or_checkpoint)
+    path = Path(run_or_checkpoint).expanduser()
     if path.is_dir():
         path = checkpoint_path(path)
         if not path.is_file():
@@ -210,8 +210,8 @@ def _baseline_index(
     if baseline is None:
         return 0
     for i, (name, arg, path) in enumerate(zip(names, given, paths, strict=True)):
-        if baseline in (name, str(arg), str(path)) or Path(baseline).resolve() in (
-            Path(arg).resolve(),
+        if baseline in (name, str(arg), str(path)) or Path(baseline).expanduser().resolve() in (
+            Path(arg).expanduser().resolve(),
             path.resolve(),
         ):
             return i
@@ -398,7 +398,7 @@ def plot_comparison(path: str | Path, comparison: Comparison) -> Path:
 
 def write_comparison(comparison: Comparison, out_dir: str | Path) -> tuple[Path, Path, Path]:
     """``compare-<id>.csv``, ``.png`` and ``.md`` (the table) in ``out_dir``, written atomically."""
-    stem = Path(out_dir) / f"compare-{comparison_id(comparison)}"
+    stem = Path(out_dir).expanduser() / f"compare-{comparison_id(comparison)}"
     csv_path = atomic_write_text(stem.with_suffix(".csv"), comparison_csv(comparison))
     png = plot_comparison(stem.with_suffix(".png"), comparison)
     table = atomic_write_text(stem.with_suffix(".md"), format_table(comparison))

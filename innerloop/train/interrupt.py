@@ -21,6 +21,9 @@ handler (a notebook or another program that handles SIGINT itself keeps its own)
 raises. The SIGTERM handler replaces Lightning's when training starts, in the main thread; Lightning
 puts back the handler from before the fit when the fit ends.
 
+The validation after training runs under :func:`ended_by_signals`: there is no step left to save, so a
+Ctrl-C or SIGTERM ends it and ``train`` raises :class:`TrainingInterrupted` with the signal's status.
+
 A stop never lands between the micro-batches of one optimizer step: the language-model module waits
 for the step's last one (``LanguageModelModule.on_train_batch_end``).
 """
@@ -30,8 +33,9 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -60,10 +64,12 @@ class StopOnInterrupt(Callback):
     fit hooks have run, which would leave a hook's handler installed after the run.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, watch: Sequence[Path] = ()) -> None:
         self.requested = False
         self.signal: int | None = None  # the signal that asked for the stop
         self.stopped_at_once = False  # a second Ctrl-C interrupted the step (Lightning then exits 1)
+        self.watch = tuple(watch)  # checkpoint files: whether one existed when the stop was asked for
+        self.had_checkpoint = False
 
     @property
     def signal_name(self) -> str:
@@ -74,6 +80,7 @@ class StopOnInterrupt(Callback):
     def listening(self) -> Iterator[None]:
         """Take SIGINT as a stop request inside the ``with`` block (see the module docstring)."""
         self.requested, self.signal, self.stopped_at_once = False, None, False
+        self.had_checkpoint = False
         main_thread = threading.current_thread() is threading.main_thread()
         if not main_thread or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
             yield
@@ -85,6 +92,8 @@ class StopOnInterrupt(Callback):
             signal.signal(signal.SIGINT, previous)
 
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
+        if not self.requested:
+            self.had_checkpoint = any(path.exists() for path in self.watch)
         self.requested, self.signal = True, signum
         # a second signal interrupts at once
         signal.signal(signum, self._interrupt_at_once if signum == signal.SIGINT else signal.SIG_DFL)
@@ -113,3 +122,42 @@ class StopOnInterrupt(Callback):
         if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             self.requested = True
             trainer.should_stop = True
+
+
+@contextmanager
+def ended_by_signals(message: str) -> Iterator[None]:
+    """Around the validation after training (there is no step left to save): the first Ctrl-C or
+    SIGTERM ends it (Ctrl-C at once, SIGTERM at Lightning's next batch) and raises
+    :class:`TrainingInterrupted` ``"stopped at <signal> <message>"`` with the signal's exit status (130,
+    143), also when the validation had reached its end, as its outputs are not written. Without this,
+    Lightning turns them into ``SystemExit``: 1 for Ctrl-C and 0, as if finished, for SIGTERM. The
+    handlers are installed in the main thread only, SIGINT only where it has Python's default handler;
+    the previous ones are back when the block ends."""
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_signal)
+        # the validation adds Lightning's SIGTERM handler to this one (it ends the loop at the next batch)
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        try:
+            yield
+        except (KeyboardInterrupt, SystemExit) as err:
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            if not received and not isinstance(err, SIGTERMException):
+                raise
+            received.append(signal.SIGTERM)
+        if received:
+            name = SIGNAL_NAMES.get(received[0], "a signal")
+            raise TrainingInterrupted(f"stopped at {name} {message}", exit_code=128 + received[0])
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

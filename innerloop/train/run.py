@@ -45,11 +45,9 @@ from typing import Any
 
 import lightning as L
 import torch
-import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from innerloop.checkpoints import (
@@ -62,22 +60,23 @@ from innerloop.checkpoints import (
 )
 from innerloop.config.load import (
     ConfigError,
+    absolute_data_paths,
+    absolute_tokenizer,
     check_resume_changes,
     concrete_precision,
     decay_steps,
     flatten_config,
-    load_config,
+    read_run_config,
     run_tokenizer,
     save_config,
     warmup_steps,
 )
-from innerloop.config.schema import DATASETS, RunConfig
-from innerloop.config.trainer_args import route_trainer_keys
+from innerloop.config.schema import RunConfig
+from innerloop.data.atomic import atomic_write_text
 from innerloop.data.hf import FORMATS, check_hf_source
 from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
 from innerloop.models import ModelConfig
 from innerloop.models.ablation import no_test_time_training
-from innerloop.models.config import check_keys
 from innerloop.train.checkpoint import SafetensorsCheckpointIO
 from innerloop.train.data import (
     IGNORE_INDEX,
@@ -90,7 +89,7 @@ from innerloop.train.data import (
     evaluation_examples,
     resolve_files,
 )
-from innerloop.train.interrupt import StopOnInterrupt, TrainingInterrupted
+from innerloop.train.interrupt import StopOnInterrupt, TrainingInterrupted, ended_by_signals
 from innerloop.train.loggers import _CSVLogger as _CSVLogger  # re-exported from its first home
 from innerloop.train.loggers import build_loggers
 from innerloop.train.metrics import position_buckets
@@ -100,6 +99,7 @@ from innerloop.train.run_dir import (
     PENDING_CHECKPOINT,
     is_launched_worker,
     lock_run_dir,
+    refuse_foreign_config,
     refuse_previous_run,
     remove_stale_temporaries,
     set_aside_previous_run,
@@ -223,6 +223,28 @@ class _RecordTokenizer(Callback):
             checkpoint[TOKENIZER_KEY] = self.state
 
 
+RUN_DATA_KEY = "innerloop_run"
+"""The checkpoint entry holding the ``data.*`` settings and ``seed`` of the run that wrote it (flat,
+dotted keys): what its stream of batches was made with, which a resume may not change."""
+
+
+def run_data_record(run: RunConfig) -> dict[str, Any]:
+    """What :data:`RUN_DATA_KEY` records of ``run``: ``{"data.seq_len": 32, ..., "seed": 0}``."""
+    return {**flatten_config(run.data, "data."), "seed": run.seed}
+
+
+class _RecordRunData(Callback):
+    """Stores :func:`run_data_record` in every checkpoint (:data:`RUN_DATA_KEY`): a resume is checked
+    against what the checkpoint was trained with, not only against its config.yaml, which may have been
+    edited."""
+
+    def __init__(self, run: RunConfig):
+        self.record = run_data_record(run)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[RUN_DATA_KEY] = self.record
+
+
 def build_module(run: RunConfig) -> LanguageModelModule:
     """The LightningModule for ``run``'s model and optimizer settings."""
     optim = run.optim
@@ -286,7 +308,7 @@ def build_trainer(run: RunConfig, callbacks: Sequence[Callback] = ()) -> L.Train
         gradient_clip_val=run.optim.grad_clip if run.optim.grad_clip > 0 else None,
         log_every_n_steps=t.log_every,
         logger=build_loggers(run.logger, run.out_dir),  # logs/version_<n>/..., one folder per launch
-        callbacks=[*own_callbacks, _RecordTokenizer(run), *callbacks],
+        callbacks=[*own_callbacks, _RecordTokenizer(run), _RecordRunData(run), *callbacks],
         plugins=[SafetensorsCheckpointIO()],
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
@@ -333,6 +355,8 @@ def train(
         settle_previous_run(out_dir)  # an --overwrite launch killed before it ended
         remove_stale_temporaries(out_dir)
         settle_pending_checkpoint(out_dir)  # kept for --resume if whole and later, else removed
+        if not resume:
+            refuse_foreign_config(out_dir)  # a user's own config.yaml, which even --overwrite keeps
         if not resume and not overwrite:
             refuse_previous_run(out_dir)
         return _train_in_locked_dir(run, cfg, resume, callbacks, replace_previous=overwrite)
@@ -356,18 +380,50 @@ def _train_in_locked_dir(
     if start is not None:
         _check_resume(run, module, start)
     datamodule = build_datamodule(run)
-    interrupt = StopOnInterrupt()  # Ctrl-C: finish the step, save it, stop
+    # Ctrl-C: finish the step, save it, stop; whether this run had a checkpoint then
+    interrupt = StopOnInterrupt(watch=(ckpt, out_dir / PENDING_CHECKPOINT))
     trainer = build_trainer(run, [TrainingThroughput(), interrupt, *callbacks])  # parameter counts, tokens/s
     _confirm_a_pending_start(trainer, start, ckpt)
     _warn_of_a_warm_up_longer_than_the_run(run)
-    if replace_previous:  # kept aside until this run has a checkpoint (its data is read in fit)
-        set_aside_previous_run(out_dir)
     if run.trainer.threads > 0:
         torch.set_num_threads(run.trainer.threads)
-    config_path = save_config(cfg if cfg is not None else run, out_dir / "config.yaml")
-    forget = not resume and not is_launched_worker()  # rank 0 of a new run wrote this config.yaml
+    with interrupt.listening():  # from here on a Ctrl-C is a stop request, also before the fit starts
+        config_path, undone = _fit(run, cfg, module, datamodule, trainer, interrupt, start, replace_previous)
+    _raise_if_stopped(run, trainer, interrupt, ckpt, undone)
+    if trainer.global_step < run.trainer.max_steps:  # trainer.max_time, or a callback, stopped it
+        log.warning(
+            "the run stopped at step %d of trainer.max_steps=%d (trainer.max_time or a callback asked it "
+            "to stop); %s holds it: continue with `innerloop train --resume out_dir=%s`",
+            trainer.global_step,
+            run.trainer.max_steps,
+            ckpt,
+            run.out_dir,
+        )
+    return _finish(run, module, datamodule, trainer, ckpt, config_path)
+
+
+def _fit(
+    run: RunConfig,
+    cfg: DictConfig | None,
+    module: LanguageModelModule,
+    datamodule: TextDataModule | RecallDataModule | HFDataModule,
+    trainer: L.Trainer,
+    interrupt: StopOnInterrupt,
+    start: Path | None,
+    replace_previous: bool,
+) -> tuple[Path, bool]:
+    """Write config.yaml and train; returns its path, and whether an ``--overwrite`` run was undone: one
+    stopped (Ctrl-C, SIGTERM) before its first checkpoint, which is not kept in place of the run it was
+    to replace (a 1-step checkpoint written because of the stop would be). With ``replace_previous``
+    the previous run is set aside first, and removed or put back at the end
+    (:func:`~innerloop.train.run_dir.settle_previous_run`)."""
+    out_dir = Path(run.out_dir)
+    ckpt, config_path = checkpoint_path(out_dir), out_dir / "config.yaml"
+    set_aside = set_aside_previous_run(out_dir) if replace_previous else []  # kept until a checkpoint
+    undone = False
     try:
-        with _no_run_without_checkpoint(config_path, ckpt, forget), interrupt.listening():
+        with _config_settled(config_path, ckpt, start is not None):
+            save_config(cfg if cfg is not None else run, config_path)
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(start) if start is not None else None)
     except TrainingDivergedError as err:
         raise TrainingDivergedError(f"{err}; {_last_checkpoint_note(ckpt, run)}") from None
@@ -379,25 +435,44 @@ def _train_in_locked_dir(
             f"{_last_checkpoint_note(ckpt, run, overrides='')}"
         ) from None
     finally:
+        stopped_early = interrupt.requested and trainer.global_step < run.trainer.max_steps
+        if set_aside and stopped_early and not interrupt.had_checkpoint:
+            undone = True  # this run's files go; settle_previous_run puts the previous run's back
+            for path in (ckpt, out_dir / PENDING_CHECKPOINT, config_path):
+                path.unlink(missing_ok=True)
         if replace_previous:
             settle_previous_run(out_dir)  # removed if this run has a checkpoint, else put back
-    if interrupt.requested and trainer.global_step < run.trainer.max_steps:
+    return config_path, undone
+
+
+def _raise_if_stopped(
+    run: RunConfig, trainer: L.Trainer, interrupt: StopOnInterrupt, ckpt: Path, undone: bool
+) -> None:
+    """Raise :class:`TrainingInterrupted` when a Ctrl-C or SIGTERM stopped the fit: it names the step
+    and how to continue (or that an ``--overwrite`` run was ``undone``, the previous run kept)."""
+    if not interrupt.requested:
+        return
+    stopped = (
+        f"stopped at {interrupt.signal_name} after {trainer.global_step} of {run.trainer.max_steps} steps"
+    )
+    exit_code = 128 + (interrupt.signal or signal.SIGINT)
+    if undone:
         raise TrainingInterrupted(
-            f"stopped at {interrupt.signal_name} after {trainer.global_step} of {run.trainer.max_steps} steps; "
-            f"the checkpoint {str(ckpt)!r} holds them: continue with `innerloop train --resume "
+            f"{stopped}, before this run's first checkpoint: nothing of it is kept, and the run it was to "
+            f"replace is back in {run.out_dir!r} as it was; start again with --overwrite to replace it",
+            exit_code=exit_code,
+        )
+    if trainer.global_step < run.trainer.max_steps:
+        raise TrainingInterrupted(
+            f"{stopped}; the checkpoint {str(ckpt)!r} holds them: continue with `innerloop train --resume "
             f"out_dir={run.out_dir}`",
-            exit_code=128 + (interrupt.signal or signal.SIGINT),
+            exit_code=exit_code,
         )
-    if trainer.global_step < run.trainer.max_steps:  # trainer.max_time, or a callback, stopped it
-        log.warning(
-            "the run stopped at step %d of trainer.max_steps=%d (trainer.max_time or a callback asked it "
-            "to stop); %s holds it: continue with `innerloop train --resume out_dir=%s`",
-            trainer.global_step,
-            run.trainer.max_steps,
-            ckpt,
-            run.out_dir,
-        )
-    return _finish(run, module, datamodule, trainer, ckpt, config_path)
+    raise TrainingInterrupted(
+        f"{stopped}, before the final validation; the checkpoint {str(ckpt)!r} holds them all: "
+        f"`innerloop train --resume out_dir={run.out_dir}` runs the final validation",
+        exit_code=exit_code,
+    )
 
 
 def _resume_checkpoint(out_dir: Path) -> Path:
@@ -440,48 +515,67 @@ def _finish(
     # Validate once more unless the last validation was at the last step. (Compared with max_steps: after
     # ddp_spawn the main process has the workers' metrics but not their step counter.)
     if metrics.get("val_step") != run.trainer.max_steps:
-        metrics = {
-            k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()
-        }
+        stopped = (
+            f"during the final validation, after all {trainer.global_step} steps; the checkpoint "
+            f"{str(ckpt)!r} holds them: `innerloop train --resume out_dir={run.out_dir}` runs the validation "
+            "again and writes loss_by_position.*"
+        )
+        with ended_by_signals(stopped):
+            results = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        metrics = {k: float(v) for k, v in results.items()}
     plot, csv_path = _write_loss_by_position(run, metrics, datamodule.seq_len)
     return TrainResult(Path(run.out_dir), ckpt, config_path, plot, csv_path, metrics)
 
 
-def absolute_data_paths(paths: Sequence[str], base: str | os.PathLike[str] | None = None) -> list[str]:
-    """``data.paths`` with every relative entry (``~`` expanded first) joined to ``base`` (default: the
-    current directory); absolute entries stay, and a glob stays a glob (it is not expanded)."""
-    root = os.fspath(base) if base is not None else os.getcwd()
-    return [os.path.join(root, os.path.expanduser(p)) for p in paths]
-
-
 def _with_absolute_data_paths(run: RunConfig, cfg: DictConfig | None) -> tuple[RunConfig, DictConfig | None]:
-    """``run`` and ``cfg`` with :func:`absolute_data_paths` (copies; the caller's are left as they are).
+    """``run`` and ``cfg`` with :func:`absolute_data_paths`, an absolute :func:`absolute_tokenizer` and
+    ``out_dir``'s ``~`` expanded (copies; the caller's are left as they are).
 
     A run records its data where it was started: ``config.yaml`` then names the same files whatever
     directory eval, compare or a resume later runs from (a relative glob would match other files, or
-    none, elsewhere)."""
+    none, elsewhere). Lightning expands a ``~`` in out_dir and pathlib does not: expanded once, every
+    file of the run goes into one folder."""
     paths = absolute_data_paths(run.data.paths)
-    if paths == list(run.data.paths):
+    tokenizer = absolute_tokenizer(run.data.tokenizer)
+    out_dir = os.path.expanduser(run.out_dir)
+    if (paths, tokenizer, out_dir) == (list(run.data.paths), run.data.tokenizer, run.out_dir):
         return run, cfg
-    run = replace(run, data=replace(run.data, paths=paths))
+    run = replace(run, out_dir=out_dir, data=replace(run.data, paths=paths, tokenizer=tokenizer))
     if cfg is not None:
         cfg = copy.deepcopy(cfg)
-        cfg.data.paths = paths
+        cfg.data.paths, cfg.data.tokenizer, cfg.out_dir = paths, tokenizer, out_dir
     return run, cfg
 
 
 @contextlib.contextmanager
-def _no_run_without_checkpoint(config_path: Path, ckpt: Path, enabled: bool) -> Iterator[None]:
-    """When the block fails (an error, or a second Ctrl-C) before ``ckpt`` exists, remove ``config_path``,
-    which this launch wrote (``enabled``: a new run, not a resume, in the process that owns the out_dir):
-    an out_dir without a checkpoint then holds no run, and the corrected launch is not refused as a
-    second run. Nothing else is removed (``logs/`` of the launch stay, as a record of it)."""
+def _config_settled(config_path: Path, ckpt: Path, resume: bool) -> Iterator[None]:
+    """Around the writing of ``config_path`` and the fit, in the process that owns the out_dir: when the
+    block fails (an error, or a second Ctrl-C) before this launch wrote a checkpoint, the config.yaml it
+    wrote goes. A new run's is removed (if ``ckpt`` does not exist: an out_dir without a checkpoint then
+    holds no run, and the corrected launch is not refused as a second run); a resume's is replaced by
+    the text it had before (the overrides of a resume that failed on its data never ran a step, and a
+    later plain ``--resume`` must not take them up). Nothing else is removed (``logs/`` of the launch
+    stay, as a record of it)."""
+    owner = not is_launched_worker()
+    before = _file_stamp(ckpt)
+    previous = config_path.read_text(encoding="utf-8") if resume and config_path.is_file() else None
     try:
         yield
     except BaseException:
-        if enabled and not ckpt.exists():
+        if owner and not resume and not ckpt.exists():
             config_path.unlink(missing_ok=True)
+        elif owner and previous is not None and _file_stamp(ckpt) == before:
+            atomic_write_text(config_path, previous)
         raise
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when ``path`` is written again (atomically: a new inode), or None if it is not there."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 @contextlib.contextmanager
@@ -524,11 +618,15 @@ def _check_resume(run: RunConfig, module: LanguageModelModule, ckpt: Path) -> No
     checkpoint = load_training_checkpoint(ckpt)
     saved_config = ckpt.parent / "config.yaml"
     if saved_config.is_file():
-        saved, _ = load_config(str(saved_config))
-        # relative data.paths of an older config.yaml name files from here, as the resumed run's do
-        saved = replace(saved, data=replace(saved.data, paths=absolute_data_paths(saved.data.paths)))
+        # its keys and types only, not the checks of the machine it ran on (accelerator, devices,
+        # loggers, out_dir), which the resume's overrides may change (a run moved to another machine)
+        saved = read_run_config(saved_config)
+        # relative data.paths or data.tokenizer of an older config.yaml name files from here, as the
+        # resumed run's do
+        saved, _ = _with_absolute_data_paths(replace(saved, out_dir=run.out_dir), None)
         check_resume_changes(saved, run)
     _check_same_model(run.model, checkpoint, ckpt)
+    _check_same_data(run, module, checkpoint, ckpt)
     _check_same_tokenizer(run, ckpt)
     _check_weights_fit(module, checkpoint["state_dict"], ckpt)
     step = checkpoint.get("global_step")
@@ -556,6 +654,31 @@ def _check_same_model(model: ModelConfig, checkpoint: dict[str, Any], ckpt: Path
     changes = [f"{key} ({old[key]!r} -> {new[key]!r})" for key in new if old[key] != new[key]]
     if changes:
         raise CheckpointError(f"{str(ckpt)!r} holds another model than this run's: {', '.join(changes)}")
+
+
+def _check_same_data(
+    run: RunConfig, module: LanguageModelModule, checkpoint: dict[str, Any], ckpt: Path
+) -> None:
+    """Raise :class:`ConfigError` unless ``run``'s ``data.*`` and ``seed`` are those the checkpoint was
+    trained with (:data:`RUN_DATA_KEY`; a checkpoint of an older innerloop records only its seq_len):
+    the config.yaml a resume starts from may have been edited by hand."""
+    recorded = checkpoint.get(RUN_DATA_KEY)
+    if not isinstance(recorded, dict):
+        hparams = checkpoint.get("hyper_parameters")
+        seq_len = hparams.get("seq_len") if isinstance(hparams, dict) else None
+        recorded = {} if seq_len is None else {"data.seq_len": seq_len}
+        now = {"data.seq_len": module.hparams.get("seq_len")}  # the recall task's derived one too
+    else:
+        now = run_data_record(run)
+        recorded = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()}
+        now = {k: tuple(v) if isinstance(v, list) else v for k, v in now.items()}
+    changed = [f"{k} ({recorded[k]!r} -> {now[k]!r})" for k in now if k in recorded and recorded[k] != now[k]]
+    if changed:
+        raise ConfigError(
+            f"--resume: the run's config.yaml gives {', '.join(changed)}, but {str(ckpt)!r} was trained with "
+            "the first values: data.* and seed are fixed by the run's data stream; put the checkpoint's "
+            "values back in config.yaml, or start a new run (another out_dir, or --overwrite)"
+        )
 
 
 def _check_same_tokenizer(run: RunConfig, ckpt: Path) -> None:
@@ -620,31 +743,6 @@ class EvaluationWindows:
     batch_size: int
     tag: str
     source: str
-
-
-def read_run_config(path: str | Path) -> RunConfig:
-    """The run config a run saved (its ``config.yaml``): the schema's keys and types, without the checks
-    of the machine it trains on (accelerator, loggers, out_dir), which reading its data elsewhere does
-    not need (a run trained on a GPU is evaluated on a CPU). Raises :class:`ConfigError` naming the file
-    and what is wrong."""
-    source = f"{str(path)!r}"
-    try:
-        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"{source} cannot be read as YAML: {' '.join(str(err).split())}") from None
-    if not isinstance(document, dict):
-        raise ConfigError(f"{source} is not a mapping of config sections ({type(document).__name__})")
-    routed = route_trainer_keys(document, source, ConfigError)
-    check_keys(routed, RunConfig, "", source, ConfigError)
-    try:
-        run = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(routed)))
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(f"{source}: config key {key!r}: {str(err).strip().splitlines()[0]}") from None
-    assert isinstance(run, RunConfig)
-    if run.data.name not in DATASETS:
-        raise ConfigError(f"{source}: data.name={run.data.name!r} is not a dataset; valid: {list(DATASETS)}")
-    return run
 
 
 def run_of_checkpoint(checkpoint: str | Path, model: dict[str, Any]) -> RunConfig | None:
@@ -923,10 +1021,11 @@ def evaluate(
     buckets = position_buckets(seq_len, module.hparams.num_position_buckets)
     losses = [metrics[f"val_loss_pos/{b}"] for b in range(len(buckets))]
     stem = evaluation_stem(checkpoint_identity(checkpoint), paths, seq_len, len(inputs), windows.tag, no_ttt)
-    csv_path = write_loss_by_position_csv(Path(out_dir) / f"{stem}.csv", buckets, losses)
+    out_dir = Path(out_dir).expanduser()
+    csv_path = write_loss_by_position_csv(out_dir / f"{stem}.csv", buckets, losses)
     ablation = ", test-time training off" if no_ttt else ""
     title = f"{Path(checkpoint).name} on {windows.tag}, T={seq_len}{ablation}: loss by position"
-    png = plot_loss_by_position(Path(out_dir) / f"{stem}.png", buckets, losses, title=title)
+    png = plot_loss_by_position(out_dir / f"{stem}.png", buckets, losses, title=title)
     return metrics, csv_path, png
 
 

@@ -5,6 +5,7 @@
   holds the holder's pid, so a second run into the same out_dir fails at once and names it.
 - :func:`refuse_previous_run`: a new run into an out_dir that holds one is refused (``--resume``
   continues it; ``--overwrite`` replaces it, :func:`set_aside_previous_run`).
+- :func:`refuse_foreign_config`: a ``config.yaml`` that is not an innerloop run's is never replaced.
 - :func:`remove_stale_temporaries`: the temporary files that the atomic writes of a killed run left.
 - :func:`settle_pending_checkpoint`: a checkpoint a killed run wrote but had not confirmed yet
   (:data:`PENDING_CHECKPOINT`) is kept for ``--resume`` if it is whole and later than
@@ -33,7 +34,7 @@ from innerloop.checkpoints import (
     load_checkpoint,
     load_training_checkpoint,
 )
-from innerloop.config.load import ConfigError
+from innerloop.config.load import ConfigError, read_run_config
 from innerloop.data.atomic import stale_temporaries
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,25 @@ def refuse_previous_run(out_dir: str | os.PathLike[str]) -> None:
         )
 
 
+def refuse_foreign_config(out_dir: str | os.PathLike[str]) -> None:
+    """Raise :class:`RunDirError` if ``out_dir`` holds a ``config.yaml`` that is not an innerloop run's
+    (it does not read as a run config, and no checkpoint is beside it): a run writes its own config.yaml
+    there, and ``--overwrite`` would remove the user's file, so it is refused even then."""
+    out_dir = Path(out_dir)
+    config = out_dir / "config.yaml"
+    if not config.is_file() or any(
+        (out_dir / name).exists() for name in (CHECKPOINT_FILE, PENDING_CHECKPOINT)
+    ):
+        return
+    try:
+        read_run_config(config)
+    except ConfigError as err:
+        raise RunDirError(
+            f"out_dir={str(out_dir)!r} holds a config.yaml that is not an innerloop run's ({err}); a run "
+            "writes its own config.yaml there (--overwrite too): move that file, or train into another out_dir"
+        ) from None
+
+
 SET_ASIDE_PREFIX = ".replaced."
 """``--overwrite`` renames the previous run's :data:`SET_ASIDE_OUTPUTS` to ``.replaced.<name>`` until the new
 run has written its first checkpoint (see :func:`set_aside_previous_run`)."""
@@ -120,9 +140,10 @@ def set_aside_previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
         os.replace(out_dir / name, out_dir / f"{SET_ASIDE_PREFIX}{name}")
     if moved:
         log.warning(
-            "--overwrite: the previous run's %s in %s are replaced once this run writes its first checkpoint",
+            "--overwrite: the previous run's %s in %s %s replaced once this run writes its first checkpoint",
             ", ".join(moved),
             out_dir,
+            "is" if len(moved) == 1 else "are",
         )
     return moved
 

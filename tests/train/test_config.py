@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from innerloop.cli import main
@@ -111,3 +113,33 @@ def test_the_cli_lists_plugins(capsys) -> None:
     for kind in ("inner_model", "inner_loss", "update_rule"):
         for name in available(kind):
             assert name in out
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides", "named"),
+    [
+        (
+            "recall-ttt",
+            ["data.seq_len=64"],
+            "data.seq_len=64: not read by data.name='recall' (the recall task makes its own sequences of 4 * data.recall.num_pairs + data.recall.gap - 1 = 95 tokens)",
+        ),
+        (
+            "recall-ttt",
+            ["data.paths=[a.txt]", "data.val_fraction=0.5"],
+            "data.paths=['a.txt'], data.val_fraction=0.5:",
+        ),
+        ("tiny", ["data.recall.gap=3"], "data.recall.gap=3: not read by data.name='text'"),
+    ],
+)
+def test_a_data_key_the_dataset_does_not_read_is_refused_by_name(preset, overrides, named) -> None:
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(preset, overrides)
+
+
+def test_a_recall_seq_len_equal_to_the_tasks_own_length_is_accepted() -> None:
+    assert load_config("recall-ttt", ["data.seq_len=95"])[0].data.seq_len == 95  # 4 * 8 + 64 - 1
+
+
+def test_the_presets_set_no_data_key_their_dataset_ignores() -> None:
+    for preset in ("tiny", "recall-ttt", "recall-swa", "tiny-mlp", "ttt-linear-125m"):
+        load_config(preset, [])

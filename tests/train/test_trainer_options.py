@@ -109,7 +109,7 @@ def test_trainer_arguments_from_overrides_and_files_reach_the_trainer(corpus, tm
         (["trainer.max_epochs=3"], r"trainer.max_epochs cannot be set: the training stream is endless"),
         (["trainer.default_root_dir=x"], r"trainer.default_root_dir cannot be set: .* set out_dir"),
         (["trainer.lightning.log_every_n_steps=3"], r"trainer.log_every_n_steps is innerloop's trainer.log_every"),
-        (["trainer.lightning.max_steps=3"], r"unknown config key 'trainer.max_steps' in trainer.lightning"),
+        (["trainer.lightning.max_steps=3"], r"unknown config key 'trainer.lightning.max_steps' in override 'trainer.lightning.max_steps=3': it is innerloop's own key trainer.max_steps"),
         (["trainer.lightning=3"], r"trainer.lightning"),
         (["trainer.val_check_interval=0.5"], r"'trainer.val_every' in override 'trainer.val_check_interval=0.5'"),
     ],

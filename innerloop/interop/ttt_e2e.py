@@ -348,7 +348,10 @@ def _e2e_options(
         raise OfficialConfigError(f"model.compute_dtype={compute!r} must be one of {sorted(DTYPES)}")
     # The official data pipeline masks the targets that are BOS (document boundaries) out of the loss.
     bos = _model_field(
-        {"bos_token_id": 1, **model}, "bos_token_id", lambda v: isinstance(v, int), "an integer"
+        {"bos_token_id": 1, **model},
+        "bos_token_id",
+        lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "an integer",
     )
     return E2EConfig(
         chunk_size=chunk,
@@ -651,8 +654,9 @@ def load_model(
             ``pretrain``: the plain model, every block chunk by chunk, prime MLPs frozen); True or
             False overrides it.
 
-    ``logits, state = model(input_ids)`` are the official logits. The config is checked before the
-    weights are read.
+    ``logits, state = model(input_ids)`` are the official logits; for inference run it under
+    ``torch.no_grad()``, else autograd keeps the inner steps' second-order graph (memory that grows
+    with the length). The config is checked before the weights are read.
     """
     model_config(config, test_time_training=test_time_training)  # refuse a bad config before reading
     return model_from_arrays(

@@ -701,6 +701,9 @@ def validate_e2e_config(config: ModelConfig) -> None:
 def validate_e2e_options(config: ModelConfig) -> None:
     """Check the options of ``config.e2e`` a model reads at every call (all but the plugins it was built
     with), which a user may change on a built model; ``ValueError`` naming the key, value and valid ones."""
+    # Types first: a built model's options are plain attributes, so ``"false"`` for first_order or 0
+    # for test_time_training would otherwise be read as truthy / falsy values here.
+    _check_types("model.e2e", config.e2e, E2EConfig)
     e2e = config.e2e
     if e2e.chunk_size < 2:
         raise ValueError(

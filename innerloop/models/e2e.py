@@ -404,8 +404,10 @@ class E2ELM(nn.Module):
         """The inner learning rate now: linear from ``inner_lr_start`` to ``inner_lr`` over the first
         ``inner_lr_warmup_fraction`` of outer training, then ``inner_lr``."""
         e2e = self.config.e2e
+        if e2e.inner_lr_warmup_fraction <= 0 or self.outer_progress.device.type == "meta":
+            return e2e.inner_lr  # meta: shapes only, no progress to read
         progress = float(self.outer_progress)
-        if e2e.inner_lr_warmup_fraction <= 0 or progress >= e2e.inner_lr_warmup_fraction:
+        if progress >= e2e.inner_lr_warmup_fraction:
             return e2e.inner_lr
         return (
             e2e.inner_lr_start + (e2e.inner_lr - e2e.inner_lr_start) * progress / e2e.inner_lr_warmup_fraction

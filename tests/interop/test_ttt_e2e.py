@@ -391,6 +391,7 @@ def with_field(section: str, key: str, value) -> dict:
         ("model", "tie_word_embeddings", "yes", r"model\.tie_word_embeddings='yes' must be true or false"),
         ("model", "sliding_window_size", KeyError, r"lacks \['sliding_window_size'\]"),
         ("model", "moe_experts", 8, r"model\.moe_experts is not a field innerloop knows"),
+        ("model", "bos_token_id", True, r"model\.bos_token_id=True .*an integer"),
         (
             "training",
             "spec_inner",

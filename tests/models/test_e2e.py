@@ -612,3 +612,23 @@ def test_cli_trains_e2e_tiny_through_the_lightning_module(tmp_path, capsys) -> N
     # The LightningModule told the model where the outer training was (last step: 2 of 3).
     assert float(model.outer_progress) == pytest.approx(2 / 3)
     assert (out / "loss_by_position.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("first_order", "false"), ("test_time_training", 0), ("chunk_size", 4.0), ("inner_grad_clip", "1")],
+)
+def test_an_option_of_the_wrong_type_set_on_a_built_model_is_refused_by_name(option, value) -> None:
+    model = tiny_model()
+    setattr(model.config.e2e, option, value)  # the options a model reads at every call
+    with pytest.raises(
+        ValueError, match=rf"model\.e2e\.{option}={value!r} \({type(value).__name__}\) must be"
+    ):
+        model(random_ids(1, 8))
+
+
+def test_a_forward_on_meta_tensors_with_test_time_training_gives_the_shapes() -> None:
+    with torch.device("meta"):
+        model = build_model(tiny_config(inner_lr_warmup_fraction=0.5))
+        logits, _ = model(torch.zeros(2, 9, dtype=torch.long))
+    assert logits.shape == (2, 9, VOCAB) and logits.device.type == "meta"

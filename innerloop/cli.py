@@ -413,7 +413,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"innerloop train: {err}", file=sys.stderr)
         return err.exit_code  # the shell's code for a process ended by that signal: 130 Ctrl-C, 143 SIGTERM
     m = result.metrics
-    unit = "byte" if run.data.tokenizer == "bytes" or run.data.name == "recall" else "token"
+    unit = "byte" if run.data.tokenizer == "bytes" and run.data.name != "recall" else "token"
     print(
         f"validation perplexity: {m['val_ppl']:.3f}  (loss {m['val_loss']:.4f} nats/{unit}, accuracy {m['val_acc']:.3f})"
     )
@@ -565,8 +565,13 @@ def _compare(args: argparse.Namespace) -> int:
         no_ttt=args.no_ttt, resamples=args.resamples, seed=args.seed,
     )  # fmt: skip
     csv_path, png, table = write_comparison(comparison, out)
-    windows = comparison.lengths[0].windows
-    print(f"{len(comparison.models)} models on the same {windows:,} windows: {comparison.windows_source}")
+    counts = [
+        f"{r.windows:,}" + (f" at T={r.seq_len}" if len(comparison.lengths) > 1 else "")
+        for r in comparison.lengths
+    ]
+    print(
+        f"{len(comparison.models)} models on the same {', '.join(counts)} windows: {comparison.windows_source}"
+    )
     print(format_table(comparison), end="")
     print(f"curves and differences: {png} ({csv_path}); table: {table}")
     return 0

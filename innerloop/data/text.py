@@ -23,6 +23,13 @@ from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
 # packages (which differ between machines) and the test suites (large and repetitive).
 _STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 
+_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
+
 DOCUMENT_SEPARATOR = 0
 """Byte placed between files (text never contains a NUL byte)."""
 
@@ -45,6 +52,8 @@ def stdlib_files() -> list[Path]:
 def resolve_files(patterns: Sequence[str]) -> list[Path]:
     """Expand files, directories (all files below) and globs (``**`` allowed) into a sorted file list.
 
+    Below a directory, hidden files and folders (``.git/``, ``.venv/``: a name starting with ``.``) and
+    ``__pycache__`` are skipped, as a glob skips hidden names; a file named directly is always read.
     An entry that matches no file raises :class:`DataError` naming it.
     """
     files: set[Path] = set()
@@ -53,7 +62,7 @@ def resolve_files(patterns: Sequence[str]) -> list[Path]:
         if path.is_file():
             matched = [path]
         elif path.is_dir():
-            matched = [p for p in path.rglob("*") if p.is_file()]
+            matched = [p for p in path.rglob("*") if p.is_file() and not _skipped_below(p.relative_to(path))]
         else:
             matched = [Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p)]
         if not matched:
@@ -62,6 +71,12 @@ def resolve_files(patterns: Sequence[str]) -> list[Path]:
             )
         files.update(p.resolve() for p in matched)
     return sorted(files)
+
+
+def _skipped_below(relative: Path) -> bool:
+    """Whether a file found below a data directory is skipped: in or named as a hidden entry (``.git``),
+    or compiled Python (``__pycache__``)."""
+    return any(part.startswith(".") or part == "__pycache__" for part in relative.parts)
 
 
 def split_by_file(files: Sequence[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
@@ -87,7 +102,9 @@ def read_bytes(files: Sequence[Path]) -> torch.Tensor:
     return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
 
 
-def read_tokens(files: Sequence[Path], tokenizer: Tokenizer | None = None) -> torch.Tensor:
+def read_tokens(
+    files: Sequence[Path], tokenizer: Tokenizer | None = None, option: str = "data.paths"
+) -> torch.Tensor:
     """The files' token ids, each file followed by the tokenizer's end-of-text id (when it has one).
 
     With the byte tokenizer (or None) this is :func:`read_bytes`, ``uint8 [N]``; otherwise ``int64 [N]``,
@@ -99,10 +116,13 @@ def read_tokens(files: Sequence[Path], tokenizer: Tokenizer | None = None) -> to
         try:
             texts.append(p.read_bytes().decode("utf-8"))
         except UnicodeDecodeError as err:
+            bom = next((n for b, n in _BOMS if p.read_bytes().startswith(b)), None)
+            what = f"{bom} text (it starts with a {bom} byte-order mark)" if bom else "not UTF-8 text"
+            fix = "data.tokenizer=bytes" if option == "data.paths" else "a model trained on bytes"
             raise DataError(
-                f"{str(p)!r} is not UTF-8 text ({err.reason} at byte {err.start}), which "
-                f"data.tokenizer ({tokenizer.describe()}) reads; remove it from data.paths or use "
-                "data.tokenizer=bytes"
+                f"{option} file {str(p)!r} is {what} ({err.reason} at byte {err.start}), but the tokenizer "
+                f"({tokenizer.describe()}) reads UTF-8 only; convert it to UTF-8 (e.g. iconv -t utf-8), "
+                f"remove it from {option}, or use {fix}"
             ) from None
     encode_many = getattr(tokenizer, "encode_many", None)
     encoded = encode_many(texts) if encode_many is not None else [tokenizer.encode(t) for t in texts]

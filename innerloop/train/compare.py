@@ -131,9 +131,15 @@ def bootstrap_difference(
         raise ValueError(f"resamples={resamples} must be >= 1 and confidence={confidence} in (0, 1)")
     differences, counts = differences.double(), counts.double()
     mean = differences.sum(0) / counts.sum(0)
+    if differences.shape[0] < 2:  # one window: resampling it says nothing about the spread
+        nan = torch.full_like(mean, math.nan)
+        return mean, nan, nan.clone()
     generator = torch.Generator().manual_seed(seed)
     picks = torch.randint(differences.shape[0], (resamples, differences.shape[0]), generator=generator)
-    resampled = differences[picks].sum(1) / counts[picks].sum(1)  # [R, K]
+    # in chunks of resamples: [R, W, K] at once is R * W * K * 8 bytes (6.5 GB for 100,000 x 512 x 16)
+    resampled = torch.cat(
+        [differences[chunk].sum(1) / counts[chunk].sum(1) for chunk in picks.split(1000)]
+    )  # [R, K]
     tail = (1 - confidence) / 2
     low, high = torch.quantile(resampled, torch.tensor([tail, 1 - tail], dtype=torch.float64), dim=0)
     return mean, low, high
@@ -292,9 +298,21 @@ def _common_tokenizer(checkpoints: list[Path], names: list[str]) -> Tokenizer:
     tokenizers = [checkpoint_tokenizer(path) for path in checkpoints]
     for name, tokenizer in zip(names[1:], tokenizers[1:], strict=True):
         if tokenizer != tokenizers[0]:
+            ours, theirs = tokenizer.to_state(), tokenizers[0].to_state()
+            if ours.get("kind") == theirs.get("kind") == "huggingface":  # say what differs: the
+                import json  # descriptions alone ("a Hugging Face tokenizer of 300 tokens") may be equal
+
+                a, b = json.loads(ours["tokenizer_json"]), json.loads(theirs["tokenizer_json"])
+                keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+                if ours.get("eos_token") != theirs.get("eos_token"):
+                    keys.append("end-of-text token")
+                differs = f" (their tokenizer.json differ in {', '.join(keys) or 'formatting only'})"
+            else:
+                differs = ""
             raise ConfigError(
-                f"{name} reads text as {tokenizer.describe()} but {names[0]} as {tokenizers[0].describe()}: "
-                "compare scores every model on the same token windows, so they must share a tokenizer"
+                f"{name} reads text as {tokenizer.describe()} but {names[0]} as {tokenizers[0].describe()}"
+                f"{differs}: compare scores every model on the same token windows, so they must share a "
+                "tokenizer"
             )
     return tokenizers[0]
 

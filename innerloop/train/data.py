@@ -262,7 +262,9 @@ def spread_windows(
         )  # fmt: skip
         count = holds
     # starts at least seq_len apart: (len - seq_len - 1) / (count - 1) >= seq_len for count <= holds
-    starts = torch.linspace(0, len(data) - seq_len - 1, count).long().unique()
+    # integer arithmetic: float32 linspace rounds starts of data past ~2**23 tokens, making neighbours overlap
+    last = len(data) - seq_len - 1
+    starts = (torch.arange(count, dtype=torch.int64) * last) // max(count - 1, 1)
     windows = torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()]).long()
     return windows[:, :-1], windows[:, 1:]
 
@@ -288,7 +290,8 @@ def evaluation_examples(
         named = {"what": f"--data {', '.join(map(repr, paths))}", "seq_len_name": "--seq-len"}
         if text_field is not None:
             return spread_windows(dataset_tokens(paths, text_field, tokenizer), seq_len, count, unit, **named)
-        return spread_windows(read_tokens(resolve_files(paths), tokenizer), seq_len, count, unit, **named)
+        tokens = read_tokens(resolve_files(paths), tokenizer, option="--data")
+        return spread_windows(tokens, seq_len, count, unit, **named)
     module = TextDataModule(
         seq_len=seq_len, batch_size=count, val_fraction=val_fraction, val_batches=1, tokenizer=tokenizer
     )

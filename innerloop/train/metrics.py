@@ -123,6 +123,12 @@ class LossByPosition(Float64States):
         self.loss_sum.index_add_(0, bucket_of, losses.sum(dim=0))
         self.count.index_add_(0, bucket_of, weights.sum(dim=0))
 
+    def reset(self) -> None:
+        """Clear the sums and the length: the next update may be of another length (a module validated
+        at one seq_len and then at another)."""
+        super().reset()
+        self.seq_len = None
+
     def compute(self) -> torch.Tensor:
         used = len(self.buckets())
         return (self.loss_sum / self.count)[:used].float()  # 0/0 = NaN marks an empty bucket

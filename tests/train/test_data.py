@@ -15,6 +15,7 @@ from innerloop.train.data import (
     RecallDataModule,
     TextDataModule,
     recall_example,
+    resolve_files,
     split_by_file,
     stdlib_files,
 )
@@ -87,3 +88,18 @@ def test_recall_validation_is_fixed_and_training_varies() -> None:
     assert torch.equal(module.make_val_examples()[0], module.make_val_examples()[0])
     assert module.make_val_examples()[0].shape == (4, module.seq_len)
     assert not torch.equal(module.make_train_batch(0)[0], module.make_train_batch(1)[0])
+
+
+def test_a_data_folder_skips_hidden_entries_and_compiled_python(tmp_path) -> None:
+    (tmp_path / "notes.txt").write_text("text")
+    for hidden in (".git/HEAD", ".venv/lib/x.py", "pkg/__pycache__/m.cpython-311.pyc", "pkg/.env"):
+        (tmp_path / hidden).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / hidden).write_bytes(b"\x00binary")
+    (tmp_path / "pkg" / "m.py").write_text("code")
+    assert [p.relative_to(tmp_path).as_posix() for p in resolve_files([str(tmp_path)])] == [
+        "notes.txt",
+        "pkg/m.py",
+    ]
+    assert resolve_files([str(tmp_path / ".git" / "HEAD")]) == [
+        (tmp_path / ".git" / "HEAD").resolve()
+    ]  # named

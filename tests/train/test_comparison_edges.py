@@ -1,0 +1,61 @@
+"""Edges of evaluating and comparing on one's own data: a one-window comparison claims no certainty,
+evaluation windows never overlap on long data, loss-by-position can be computed again at another
+length, and a text file in another encoding is named with what to do."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from innerloop.data.text import DataError, read_tokens
+from innerloop.data.tokenizer import train_bpe
+from innerloop.train.compare import bootstrap_difference
+from innerloop.train.data import spread_windows
+from innerloop.train.metrics import LossByPosition
+
+
+def test_one_window_gives_no_band_and_two_give_one() -> None:
+    mean, low, high = bootstrap_difference(torch.tensor([[0.5, -1.0]]), torch.ones(1, 2))
+    assert mean.tolist() == [0.5, -1.0] and all(math.isnan(v) for v in (*low.tolist(), *high.tolist()))
+    _, low, high = bootstrap_difference(torch.tensor([[0.5], [1.5]]), torch.ones(2, 1), resamples=2500)
+    assert low.item() < high.item()
+
+
+def test_many_resamples_are_drawn_in_parts() -> None:
+    differences = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    chunked = bootstrap_difference(differences, torch.ones(64, 3), resamples=3001)
+    assert all(torch.isfinite(t).all() for t in chunked)
+
+
+def test_windows_of_long_data_never_overlap() -> None:
+    seq_len, holds = 128, 100_000  # as many windows as 12.8M tokens hold: float32 starts overlapped here
+    data = torch.arange(seq_len * holds + 2)  # each token its position: a window's first is its start
+    inputs, _ = spread_windows(data, seq_len=seq_len, count=holds)
+    assert inputs.shape == (holds, seq_len) and int(inputs[:, 0].diff().min()) >= seq_len  # scored apart
+
+
+def test_loss_by_position_is_computed_again_at_another_length() -> None:
+    metric = LossByPosition(4)
+    metric.update(torch.ones(2, 8), torch.ones(2, 8, dtype=torch.bool))
+    metric.compute()
+    metric.reset()
+    metric.update(torch.ones(2, 12), torch.ones(2, 12, dtype=torch.bool))  # refused before the fix
+    assert metric.compute().tolist() == [1.0] * 4
+
+
+@pytest.mark.parametrize(
+    ("option", "fix"), [("data.paths", "data.tokenizer=bytes"), ("--data", "a model trained on bytes")]
+)
+def test_a_utf16_file_is_named_with_its_encoding_and_the_options_of_its_command(
+    tmp_path, option, fix
+) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes("héllo wörld".encode("utf-16"))
+    tokenizer = train_bpe(["hello world, some text to learn from"] * 20, 300)
+    with pytest.raises(
+        DataError, match=rf"{option} file .* is UTF-16 text \(it starts with a UTF-16 byte-order mark\)"
+    ) as error:
+        read_tokens([path], tokenizer, option=option)
+    assert "iconv" in str(error.value) and fix in str(error.value)

@@ -462,6 +462,11 @@ def tokenizer_from_state(state: Any, where: str = "the checkpoint") -> Tokenizer
     return HFTokenizer(state["tokenizer_json"], state["eos_token"], f"the tokenizer recorded in {where}")
 
 
+MAX_TRAINED_VOCAB = 2**24
+"""The largest vocabulary :func:`train_bpe` is asked for (16.7M tokens; the trainer allocates tables of
+that size up front, and aborts with an out-of-memory message past about 2**31)."""
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
     """A byte-level BPE tokenizer of ``vocab_size`` tokens trained on ``texts`` with the ``tokenizers``
     library: id 0 is :data:`END_OF_TEXT` (the document separator), ids 1..256 the 256 bytes, the rest
@@ -469,6 +474,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
     if vocab_size < 257:
         raise TokenizerError(
             f"vocab_size={vocab_size} must be >= 257 (the end-of-text token and the 256 bytes)"
+        )
+    if vocab_size > MAX_TRAINED_VOCAB:
+        raise TokenizerError(
+            f"vocab_size={vocab_size} must be <= {MAX_TRAINED_VOCAB} (the tokenizers library's trainer "
+            "reserves memory for every token asked for, and aborts the process when it cannot)"
         )
     tokenizers = import_tokenizers("training a BPE tokenizer")
     from tokenizers import decoders, models, pre_tokenizers, trainers

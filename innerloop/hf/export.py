@@ -38,9 +38,9 @@ from innerloop.checkpoints import checkpoint_tokenizer, load_model
 from innerloop.data.tokenizer import Tokenizer as RunTokenizer
 from innerloop.data.tokenizer import UnknownTokenizer
 from innerloop.hf.configuration import MODEL_TYPE, InnerloopConfig
-from innerloop.hf.modeling import InnerloopForCausalLM
+from innerloop.hf.modeling import InnerloopForCausalLM, _set_buffer
 from innerloop.hf.remote_code import SHIMS
-from innerloop.hf.tokenizer import BYTES, write_tokenizer_files
+from innerloop.hf.tokenizer import BYTES, load_tokenizer, write_tokenizer_files
 
 
 class ExportError(ValueError):
@@ -186,12 +186,18 @@ def _plan_replacement(out: Path, staging: Path) -> _Replacement:
 def to_hugging_face(model: nn.Module) -> InnerloopForCausalLM:
     """``model`` (a :class:`~innerloop.models.CausalLM` or :class:`~innerloop.models.E2ELM`) as an
     :class:`InnerloopForCausalLM` with the same weights and dtype, in eval mode."""
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: the module it wraps
     wrapped = InnerloopForCausalLM(InnerloopConfig(model=model.config))
     own = dict(model.named_parameters())
     with torch.no_grad():  # parameters take the model's dtypes; buffers keep theirs (E2E's is float64)
         for name, parameter in wrapped.model.named_parameters():
             parameter.data = parameter.data.to(own[name].dtype)
     wrapped.model.load_state_dict(model.state_dict(), strict=True)
+    own_buffers = dict(model.named_buffers())
+    for name, buffer in list(wrapped.named_non_persistent_buffers()):  # not in the state dict
+        source = own_buffers[name.removeprefix("model.")]
+        if source.dtype != buffer.dtype:  # e.g. the RoPE table of a bfloat16 model, as it trained
+            _set_buffer(wrapped, name, buffer.to(source.dtype))
     return wrapped.eval()
 
 
@@ -271,7 +277,11 @@ def export_model(
     if isinstance(tokenizer, UnknownTokenizer):
         tokenizer = None
     wrapped = to_hugging_face(model)
-    for name, token_id in (special_tokens or {}).items():
+    special_tokens = {
+        **_tokenizer_special_tokens(tokenizer, wrapped.config.vocab_size),
+        **(special_tokens or {}),
+    }
+    for name, token_id in special_tokens.items():
         setattr(wrapped.config, name, token_id)
         setattr(wrapped.generation_config, name, token_id)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -291,6 +301,21 @@ def export_model(
         if staging.exists() and not holds_users_files:
             shutil.rmtree(staging)
     return Path(out_dir).expanduser()
+
+
+def _tokenizer_special_tokens(
+    tokenizer: str | os.PathLike[str] | RunTokenizer | None, vocab_size: int
+) -> dict[str, int]:
+    """``eos_token_id`` of the tokenizer the export writes, when the model can produce it (a BPE
+    tokenizer's <|endoftext|>; not the byte tokenizer's, id 256, past the model's bytes), so that
+    transformers' ``generate`` stops there as ``innerloop generate`` does."""
+    eos = getattr(tokenizer, "eos_id", None) if isinstance(tokenizer, RunTokenizer) else None
+    if tokenizer is not None and not isinstance(tokenizer, RunTokenizer) and tokenizer != BYTES:
+        try:
+            eos = load_tokenizer(tokenizer).eos_token_id
+        except Exception:  # noqa: BLE001 - _write_tokenizer reports it
+            eos = None
+    return {"eos_token_id": eos} if isinstance(eos, int) and 0 <= eos < vocab_size else {}
 
 
 def _write_tokenizer(

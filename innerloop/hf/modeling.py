@@ -318,8 +318,11 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         fresh_buffers = {f"model.{k}": v for k, v in fresh.named_buffers()}
         with torch.no_grad():
             for name, buffer in buffers.items():
-                value = fresh_buffers[name].to(device=buffer.device, dtype=buffer.dtype)
-                _set_buffer(self, name, value)
+                fresh_value = fresh_buffers[name]
+                # innerloop's casts apply to every buffer (load_weights, Lightning's *-true precisions):
+                # a floating table built in float32 follows the model's dtype, as in the model trained
+                dtype = self.dtype if fresh_value.is_floating_point() else fresh_value.dtype
+                _set_buffer(self, name, fresh_value.to(device=buffer.device, dtype=dtype))
 
 
 def loading_problems(info: dict[str, Any], shown: int = 4) -> str:

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from innerloop.data.tokenizer import END_OF_TEXT, ByteTokenizer, HFTokenizer, byte_level_tokenizer_json
 from innerloop.data.tokenizer import Tokenizer as RunTokenizer
+from innerloop.data.tokenizer import load_tokenizer as load_run_tokenizer
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -56,8 +57,8 @@ def load_tokenizer(source: str | os.PathLike[str] | RunTokenizer) -> PreTrainedT
     if source == BYTES:
         return byte_tokenizer()
     path = Path(source)
-    if path.is_file():
-        return PreTrainedTokenizerFast(tokenizer_file=str(path))
+    if path.is_file():  # innerloop's reading of it: its end-of-text token found as data.tokenizer finds it
+        return from_run_tokenizer(load_run_tokenizer(str(path), "tokenizer"))
     if path.is_dir():
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     raise ValueError(f"tokenizer {str(path)!r} is neither a tokenizer.json file nor a folder")

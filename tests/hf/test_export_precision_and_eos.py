@@ -1,0 +1,56 @@
+"""An export computes what the innerloop model computes in every dtype, stops where innerloop's
+generate stops, and takes a compiled model; absurd tokenizer sizes are refused before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hf_testing import MODEL_KINDS
+
+import innerloop  # noqa: F401 (registers the Auto classes)
+from innerloop.data.tokenizer import MAX_TRAINED_VOCAB, TokenizerError, train_bpe
+from innerloop.hf.export import export_model
+from innerloop.models import ModelConfig, build_model
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["ttt_linear", "ttt_mlp_mamba_untied"])
+def test_a_low_precision_ttt_model_exports_with_its_own_numbers(kind, dtype, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_dict(MODEL_KINDS[kind])).to(dtype).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(export_model(model, tmp_path / "exported"))
+    assert loaded.model.blocks[0].mixer.token_idx.dtype == dtype  # the tables as the model holds them
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids)[0])
+
+
+def test_an_export_with_a_bpe_tokenizer_stops_generating_at_its_end_of_text(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = train_bpe(["some words to learn a few merges from, again and again"] * 30, 300)
+    config = {**MODEL_KINDS["ttt_linear"], "vocab_size": tokenizer.vocab_size}
+    torch.manual_seed(0)
+    out = export_model(build_model(ModelConfig.from_dict(config)), tmp_path / "exported", tokenizer=tokenizer)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.config.eos_token_id == loaded.generation_config.eos_token_id == tokenizer.eos_id
+
+
+def test_a_compiled_model_exports_as_the_model_it_wraps(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_dict(MODEL_KINDS["ttt_linear"])).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(export_model(torch.compile(model), tmp_path / "exported"))
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (loaded(ids).logits - model(ids)[0]).abs().max().item() <= 1e-5
+
+
+def test_a_tokenizer_vocabulary_past_what_the_trainer_can_hold_is_refused() -> None:
+    with pytest.raises(TokenizerError, match=rf"vocab_size=5000000000 must be <= {MAX_TRAINED_VOCAB}"):
+        train_bpe(["text"], 5_000_000_000)

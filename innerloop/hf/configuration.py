@@ -10,11 +10,13 @@ tools read (``vocab_size``, ``hidden_size``, ``num_hidden_layers``, ``num_attent
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 from transformers import PreTrainedConfig
 
+from innerloop.checkpoints import EARLIER_E2E_DEFAULTS, saved_model_config
 from innerloop.models.config import E2E, ModelConfig, validate_model_config
 
 MODEL_TYPE = "innerloop"
@@ -68,6 +70,42 @@ def model_config_from(model: Any) -> ModelConfig:
     except (TypeError, ValueError) as err:  # TypeError: a section that is not a mapping of its keys
         raise ValueError(f"InnerloopConfig (config.json 'model' section): {err}") from None
     return config
+
+
+def _missing_keys(given: Any, full: dict[str, Any], prefix: str = "model.") -> list[str]:
+    """The dotted keys of ``full`` (a complete model config) that ``given`` lacks."""
+    if not isinstance(given, dict):
+        return []
+    missing = []
+    for key, value in full.items():
+        if key not in given:
+            missing.append(f"{prefix}{key}")
+        elif isinstance(value, dict):
+            missing += _missing_keys(given[key], value, f"{prefix}{key}.")
+    return missing
+
+
+def _loaded_model_section(model: Any) -> Any:
+    """config.json's ``model`` section read as a saved model config is: E2E options added since an
+    export was written get the values its model used then, ``model.family`` keys its member never read
+    go back to their defaults (older exports recorded them; a warning names them), and any other key
+    that is missing, which takes today's default, is named in a warning (innerloop writes every key: the
+    file was edited, or written by another version)."""
+    if not isinstance(model, dict):
+        return model  # refused, naming it, when the config is built
+    if model.get("mixer") == E2E and isinstance(model.get("e2e"), dict):
+        model = {**model, "e2e": {**EARLIER_E2E_DEFAULTS, **model["e2e"]}}
+    model = saved_model_config("config.json", model)
+    missing = _missing_keys(model, ModelConfig().to_dict())
+    if missing:
+        warnings.warn(
+            f"config.json's 'model' section lacks {', '.join(missing)}: loaded with today's defaults for them "
+            "(innerloop writes every key; an edited file, or one from another version, may describe "
+            "another model)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return model
 
 
 class InnerloopConfig(PreTrainedConfig):
@@ -132,6 +170,7 @@ class InnerloopConfig(PreTrainedConfig):
                 '"model": {"hidden_size": 768, ...}), or it is null; every folder innerloop writes has '
                 f"one (keys found: {sorted(config_dict)})"
             )
+        config_dict = {**config_dict, "model": _loaded_model_section(config_dict["model"])}
         return super().from_dict(config_dict, **kwargs)
 
     @property

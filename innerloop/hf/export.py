@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -187,7 +187,10 @@ def to_hugging_face(model: nn.Module) -> InnerloopForCausalLM:
     """``model`` (a :class:`~innerloop.models.CausalLM` or :class:`~innerloop.models.E2ELM`) as an
     :class:`InnerloopForCausalLM` with the same weights and dtype, in eval mode."""
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: the module it wraps
-    wrapped = InnerloopForCausalLM(InnerloopConfig(model=model.config))
+    # The kernel a run chose (triton_ttt_linear on a GPU) changes speed, not the model: the folder runs
+    # wherever it is loaded, on the best path there.
+    config = replace(model.config, ttt=replace(model.config.ttt, kernel="auto"))
+    wrapped = InnerloopForCausalLM(InnerloopConfig(model=config))
     own = dict(model.named_parameters())
     with torch.no_grad():  # parameters take the model's dtypes; buffers keep theirs (E2E's is float64)
         for name, parameter in wrapped.model.named_parameters():

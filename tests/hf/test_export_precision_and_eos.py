@@ -3,6 +3,7 @@ generate stops, and takes a compiled model; absurd tokenizer sizes are refused b
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,44 @@ def test_a_compiled_model_exports_as_the_model_it_wraps(tmp_path: Path) -> None:
 def test_a_tokenizer_vocabulary_past_what_the_trainer_can_hold_is_refused() -> None:
     with pytest.raises(TokenizerError, match=rf"vocab_size=5000000000 must be <= {MAX_TRAINED_VOCAB}"):
         train_bpe(["text"], 5_000_000_000)
+
+
+def _edited(folder: Path, edit) -> Path:
+    config = json.loads((folder / "config.json").read_text())
+    edit(config["model"])
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_the_export_runs_on_the_best_path_wherever_it_is_loaded(tmp_path: Path) -> None:
+    config = {
+        **MODEL_KINDS["ttt_linear"],
+        "ttt": {**MODEL_KINDS["ttt_linear"].get("ttt", {}), "kernel": "torch"},
+    }
+    out = export_model(build_model(ModelConfig.from_dict(config)), tmp_path / "exported")
+    assert json.loads((out / "config.json").read_text())["model"]["ttt"]["kernel"] == "auto"
+
+
+def test_a_key_missing_from_config_json_is_named_in_a_warning(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = export_model(build_model(ModelConfig.from_dict(MODEL_KINDS["swa"])), tmp_path / "exported")
+    _edited(out, lambda model: model.pop("window"))
+    with pytest.warns(
+        UserWarning, match=r"config.json's 'model' section lacks model\.window: loaded with today's"
+    ):
+        AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_an_older_exports_family_key_its_member_never_read_loads_with_a_warning(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = build_model(ModelConfig.from_dict({**MODEL_KINDS["ttt_linear"], "mixer": "deltanet"})).eval()
+    out = _edited(export_model(model, tmp_path / "exported"), lambda m: m["family"].update(mini_batch_size=4))
+    with pytest.warns(
+        UserWarning, match=r"records model\.family\.mini_batch_size=4, which mixer 'deltanet' does not read"
+    ):
+        loaded = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (loaded(ids).logits - model(ids)[0]).abs().max().item() <= 1e-5

@@ -90,6 +90,11 @@ def check_hf_source(paths: Sequence[str]) -> tuple[str, list[str]]:
     return builder, [str(f) for f in files]
 
 
+_EMPTY_CHUNKS = 8
+"""Chunks of documents :func:`check_hf_dataset` reads past a first chunk of empty texts before it
+gives up looking for text (the whole dataset when it is shorter)."""
+
+
 def check_hf_dataset(paths: Sequence[str], split: str, text_field: str, streaming: bool) -> None:
     """Open ``data.paths``' split and read its first documents, as the run will (data files as a
     stream, which reads only the start of the first file; a ``save_to_disk`` folder is memory-mapped):
@@ -99,8 +104,15 @@ def check_hf_dataset(paths: Sequence[str], split: str, text_field: str, streamin
     kind, _ = check_hf_source(paths)
     if kind != "saved" and not streaming and set(_split_names(import_datasets(), split)) == {"train"}:
         split, streaming = "train", True  # the slice is checked here, and cut when the run opens the data
-    if next(iter_texts(open_hf_dataset(paths, split, streaming), text_field), None) is None:
+    chunks = iter_texts(open_hf_dataset(paths, split, streaming), text_field)
+    first = next(chunks, None)
+    if first is None:
         raise DataError(f"data.paths={list(paths)!r} (data.split={split!r}) holds no document")
+    if not any(first[1]) and not any(any(texts) for _, texts in itertools.islice(chunks, _EMPTY_CHUNKS)):
+        raise DataError(
+            f"data.text_field={text_field!r} is empty in every document of data.paths={list(paths)!r} "
+            f"(data.split={split!r}) read so far: a run would train on end-of-text tokens alone"
+        )
 
 
 def import_datasets() -> Any:
@@ -245,8 +257,14 @@ def _one_line(err: object) -> str:
 
 def _check_text(value: Any, text_field: str, index: int) -> str:
     if not isinstance(value, str):
+        what = (
+            "missing or null (an empty CSV cell reads as null)"
+            if value is None
+            else f"a {type(value).__name__} ({value!r:.40})"
+        )
         raise DataError(
-            f"data.text_field={text_field!r} of document {index} is a {type(value).__name__}, not text"
+            f"data.text_field={text_field!r} of document {index} (counted from 0 over data.paths in order) is "
+            f'{what}; every document\'s text must be a string ("" for an empty one)'
         )
     return value
 

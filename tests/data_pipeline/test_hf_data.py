@@ -217,7 +217,10 @@ def test_what_cannot_be_read_is_one_error_naming_the_setting(tmp_path, capsys) -
         _module(jsonl, False, text_field="body")
     with pytest.raises(DataError, match=r"data.text_field='body'.*\['id', 'text'\]"):
         _module(jsonl, True, text_field="body")
-    with pytest.raises(DataError, match=r"data.text_field='id' of document 0 is a int, not text"):
+    with pytest.raises(
+        DataError,
+        match=r"data.text_field='id' of document 0 .* is a int \(0\); every document's text must be a string",
+    ):
         _module(jsonl, True, text_field="id")
     saved = _write(tmp_path / "c", "saved-dict")
     with pytest.raises(DataError, match=r"data.split='validation' is not a split of .*\['test', 'train'\]"):
@@ -290,3 +293,12 @@ def test_a_killed_hf_run_resumes_bit_identical_to_an_uninterrupted_one(tmp_path,
     assert ours["HFDataModule"] == theirs["HFDataModule"]
     for key, value in theirs["state_dict"].items():
         assert torch.equal(ours["state_dict"][key], value), key
+
+
+@pytest.mark.parametrize("texts", [["", "", ""], [None]])
+def test_documents_without_text_are_refused_before_a_run_with_what_is_valid(tmp_path, texts) -> None:
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    message = "is empty in every document" if texts[0] == "" else r"missing or null .* must be a string"
+    with pytest.raises((ConfigError, DataError), match=message):
+        load_config("tiny", ["data.name=hf", f"data.paths=[{jsonl}]", f"out_dir={tmp_path / 'run'}"])

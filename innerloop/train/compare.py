@@ -19,11 +19,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import logging
 import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +36,7 @@ from innerloop.checkpoints import (
     checkpoint_tokenizer,
     load_checkpoint,
 )
-from innerloop.config.load import ConfigError
+from innerloop.config.load import ConfigError, read_run_config
 from innerloop.data.atomic import atomic_write, atomic_write_text
 from innerloop.data.tokenizer import Tokenizer
 from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
@@ -47,7 +49,10 @@ from innerloop.train.run import (
     check_vocabulary,
     checkpoint_path,
     evaluation_windows,
+    run_config_path,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RESAMPLES = 1000
 """Bootstrap resamples of the windows."""
@@ -271,6 +276,8 @@ def compare(
         _mark_no_ttt(models)
     reference = models[base]
     tokenizer = _common_tokenizer(checkpoints, names)
+    for note in training_data_notes(checkpoints, names, base):
+        log.warning("%s", note)
     seq_lens = list(
         dict.fromkeys(seq_lens or [reference.module.hparams.get("seq_len") or DEFAULT_EVAL_SEQ_LEN])
     )
@@ -290,6 +297,45 @@ def compare(
         ]
         source = f"{windows.source} ({windows.tag}) of {reference.name}"
     return Comparison(models, base, results, bands, confidence, resamples, seed, source)
+
+
+DATA_KEYS = ("name", "paths", "tokenizer", "val_fraction", "split", "text_field")
+"""The ``data.*`` keys that decide which text a run trained on and which it held out."""
+
+
+def training_data_notes(checkpoints: Sequence[Path], names: Sequence[str], base: int) -> list[str]:
+    """A line for each compared model that was trained on other data than the baseline (its run's
+    ``config.yaml`` differs in :data:`DATA_KEYS`), or whose training data is unknown (no config.yaml
+    beside it): the windows are the baseline's held-out text, which such a model may have trained on,
+    so its lead would not be a fair one."""
+
+    def data_of(checkpoint: Path) -> dict[str, Any] | None:
+        saved = run_config_path(checkpoint)
+        if saved is None:
+            return None
+        try:
+            data = read_run_config(saved).data
+        except ConfigError:
+            return None
+        return {
+            key: list(v) if isinstance(v := getattr(data, key), (list, tuple)) else v for key in DATA_KEYS
+        }
+
+    theirs = data_of(checkpoints[base])
+    notes = []
+    for index, (checkpoint, name) in enumerate(zip(checkpoints, names, strict=True)):
+        ours = data_of(checkpoint)
+        if index == base or theirs is None or ours == theirs:
+            continue
+        if ours is None:
+            notes.append(f"{name}: its training data is unknown (no config.yaml beside {str(checkpoint)!r})")
+            continue
+        keys = [f"data.{k}={ours[k]!r} (baseline {theirs[k]!r})" for k in DATA_KEYS if ours[k] != theirs[k]]
+        notes.append(
+            f"{name} was trained on other data than the baseline {names[base]}: {', '.join(keys)}; the "
+            "windows are the baseline's held-out text, which it may have trained on"
+        )
+    return notes
 
 
 def _common_tokenizer(checkpoints: list[Path], names: list[str]) -> Tokenizer:

@@ -205,3 +205,17 @@ def test_models_with_different_tokenizers_are_refused(runs, monkeypatch) -> None
     )
     with pytest.raises(ConfigError, match="must share a tokenizer"):
         compare([first, second])
+
+
+def test_a_model_trained_on_other_data_or_unknown_data_is_named(runs, tmp_path) -> None:
+    from innerloop.train.compare import training_data_notes
+
+    checkpoints = [run / "last.safetensors" for run in runs]
+    assert training_data_notes(checkpoints, ["ttt", "swa"], 0) == []  # the same data: nothing to say
+    config = runs[1] / "config.yaml"
+    config.write_text(config.read_text().replace("val_fraction: 0.1", "val_fraction: 0.5"))
+    (notes,) = training_data_notes(checkpoints, ["ttt", "swa"], 0)
+    assert notes.startswith("swa was trained on other data than the baseline ttt: data.val_fraction=0.5")
+    config.unlink()
+    (notes,) = training_data_notes(checkpoints, ["ttt", "swa"], 0)
+    assert "swa: its training data is unknown" in notes

@@ -36,7 +36,7 @@ from torch import nn
 
 from innerloop.checkpoints import checkpoint_tokenizer, load_model
 from innerloop.data.tokenizer import Tokenizer as RunTokenizer
-from innerloop.data.tokenizer import UnknownTokenizer
+from innerloop.data.tokenizer import TokenizerError, UnknownTokenizer
 from innerloop.hf.configuration import MODEL_TYPE, InnerloopConfig
 from innerloop.hf.modeling import InnerloopForCausalLM, _set_buffer
 from innerloop.hf.remote_code import SHIMS
@@ -328,6 +328,10 @@ def _write_tokenizer(
     that is not a tokenizer.json makes the ``tokenizers`` library raise a bare ``Exception``."""
     try:
         write_tokenizer_files(staging, vocab_size, tokenizer)
+    except TokenizerError as err:  # innerloop's reading of a tokenizer.json file
+        raise ExportError(
+            f"tokenizer: {' '.join(str(err).split())}; valid: 'bytes', a tokenizer.json file or a tokenizer folder"
+        ) from None
     except (ValueError, OSError) as err:
         raise ExportError(f"tokenizer: {' '.join(str(err).split())}") from None
     except Exception as err:  # noqa: BLE001 - the tokenizers library's parse errors are bare Exceptions

@@ -913,8 +913,9 @@ def _convert_to_checkpoint(args: argparse.Namespace, load: Callable[[], Any]) ->
 def _base_vocab_size(tokenizer: Any) -> int:
     """The tokenizer's vocabulary without its added (special) tokens, which may lie past a model's
     vocabulary: the size ``--format hf`` checks too (transformers' ``vocab_size``)."""
-    backend = getattr(tokenizer, "backend", None)  # an HFTokenizer's `tokenizers.Tokenizer`
-    return backend.get_vocab_size(with_added_tokens=False) if backend is not None else tokenizer.vocab_size
+    from innerloop.hf.tokenizer import base_id_bound
+
+    return base_id_bound(tokenizer)  # one past the largest id: more than the entries when ids skip
 
 
 def _add_convert_format(convert: argparse.ArgumentParser) -> None:

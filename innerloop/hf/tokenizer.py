@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -64,6 +65,17 @@ def load_tokenizer(source: str | os.PathLike[str] | RunTokenizer) -> PreTrainedT
     raise ValueError(f"tokenizer {str(path)!r} is neither a tokenizer.json file nor a folder")
 
 
+def base_id_bound(tokenizer: Any) -> int:
+    """One past the largest id of ``tokenizer``'s vocabulary, its added (special) tokens aside, which
+    may lie past a model's vocabulary: the rows a model needs. Not the number of entries, which is
+    smaller when ids skip (a WordLevel vocabulary {"a": 0, "b": 5000}). ``tokenizer``: a transformers
+    tokenizer or innerloop's :class:`~innerloop.data.tokenizer.HFTokenizer`."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "backend", None)
+    if backend is None:
+        return tokenizer.vocab_size
+    return max(backend.get_vocab(with_added_tokens=False).values(), default=-1) + 1
+
+
 def write_tokenizer_files(
     folder: str | os.PathLike[str], vocab_size: int, source: str | os.PathLike[str] | RunTokenizer = BYTES
 ) -> None:
@@ -76,9 +88,10 @@ def write_tokenizer_files(
         source: see :func:`load_tokenizer` (``"bytes"``: the byte-level tokenizer).
     """
     tokenizer = load_tokenizer(source)
-    if tokenizer.vocab_size > vocab_size:
+    bound = base_id_bound(tokenizer)
+    if bound > vocab_size:
         raise ValueError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has {vocab_size}: "
-            "export the tokenizer the model was trained with"
+            f"the tokenizer has ids up to {bound - 1} (special tokens aside) but the model's vocabulary has "
+            f"{vocab_size}: export the tokenizer the model was trained with"
         )
     tokenizer.save_pretrained(str(folder))

@@ -96,3 +96,18 @@ def test_an_older_exports_family_key_its_member_never_read_loads_with_a_warning(
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (loaded(ids).logits - model(ids)[0]).abs().max().item() <= 1e-5
+
+
+def test_a_tokenizer_whose_ids_pass_the_vocabulary_is_refused_though_it_has_few_entries(
+    tmp_path: Path,
+) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    sparse = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1, "b": 5000}, unk_token="[UNK]"))
+    sparse.pre_tokenizer = pre_tokenizers.Whitespace()
+    sparse.save(str(tmp_path / "tokenizer.json"))
+    model = build_model(ModelConfig.from_dict(MODEL_KINDS["ttt_linear"]))
+    with pytest.raises(
+        ValueError, match=r"the tokenizer has ids up to 5000 .* the model's vocabulary has 256"
+    ):
+        export_model(model, tmp_path / "exported", tokenizer=str(tmp_path / "tokenizer.json"))

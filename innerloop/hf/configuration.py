@@ -150,6 +150,24 @@ class InnerloopConfig(PreTrainedConfig):
                 "model.tie_embeddings instead"
             )
         super().__post_init__(**kwargs)
+        self._check_special_token_ids()
+
+    def _check_special_token_ids(self) -> None:
+        """``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` (transformers' fields) are None or
+        token ids of this model (``eos_token_id`` may be a list of them): a string or an id past the
+        vocabulary would fail later, in generate, far from config.json."""
+        vocab = self.model["vocab_size"]  # type: ignore[index]
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name, None)
+            ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
+            if value is not None and not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids
+            ):
+                raise ValueError(
+                    f"InnerloopConfig: {name}={value!r} must be a token id in [0, {vocab}) (model.vocab_size)"
+                    + (", a list of them" if name == "eos_token_id" else "")
+                    + ", or null"
+                )
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:

@@ -111,3 +111,19 @@ def test_a_tokenizer_whose_ids_pass_the_vocabulary_is_refused_though_it_has_few_
         ValueError, match=r"the tokenizer has ids up to 5000 .* the model's vocabulary has 256"
     ):
         export_model(model, tmp_path / "exported", tokenizer=str(tmp_path / "tokenizer.json"))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("eos_token_id", "x"), ("eos_token_id", 999), ("pad_token_id", 300)]
+)
+def test_a_special_token_id_that_is_no_token_of_the_model_is_refused_at_load(
+    tmp_path: Path, key, value
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = export_model(build_model(ModelConfig.from_dict(MODEL_KINDS["swa"])), tmp_path / "exported")
+    config = json.loads((out / "config.json").read_text())
+    config[key] = value
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"{key}={value!r} must be a token id in \[0, 256\)"):
+        AutoModelForCausalLM.from_pretrained(out)

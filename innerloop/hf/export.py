@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from innerloop.checkpoints import checkpoint_tokenizer, load_model
 from innerloop.data.tokenizer import Tokenizer as RunTokenizer
@@ -280,10 +281,8 @@ def export_model(
     if isinstance(tokenizer, UnknownTokenizer):
         tokenizer = None
     wrapped = to_hugging_face(model)
-    special_tokens = {
-        **_tokenizer_special_tokens(tokenizer, wrapped.config.vocab_size),
-        **(special_tokens or {}),
-    }
+    loaded = None if tokenizer is None else _load_tokenizer(tokenizer)  # read once, before writing
+    special_tokens = {**_end_of_text(loaded, wrapped.config.vocab_size), **(special_tokens or {})}
     for name, token_id in special_tokens.items():
         setattr(wrapped.config, name, token_id)
         setattr(wrapped.generation_config, name, token_id)
@@ -292,8 +291,8 @@ def export_model(
     holds_users_files = False
     try:
         wrapped.save_pretrained(staging)
-        if tokenizer is not None:
-            _write_tokenizer(staging, wrapped.config.vocab_size, tokenizer)
+        if loaded is not None:
+            _write_tokenizer(staging, wrapped.config.vocab_size, loaded)
         _write_manifest(staging)
         _sync_files(staging)
         _move_into_place(staging, out)
@@ -306,39 +305,38 @@ def export_model(
     return Path(out_dir).expanduser()
 
 
-def _tokenizer_special_tokens(
-    tokenizer: str | os.PathLike[str] | RunTokenizer | None, vocab_size: int
-) -> dict[str, int]:
-    """``eos_token_id`` of the tokenizer the export writes, when the model can produce it (a BPE
-    tokenizer's <|endoftext|>; not the byte tokenizer's, id 256, past the model's bytes), so that
-    transformers' ``generate`` stops there as ``innerloop generate`` does."""
-    eos = getattr(tokenizer, "eos_id", None) if isinstance(tokenizer, RunTokenizer) else None
-    if tokenizer is not None and not isinstance(tokenizer, RunTokenizer) and tokenizer != BYTES:
-        try:
-            eos = load_tokenizer(tokenizer).eos_token_id
-        except Exception:  # noqa: BLE001 - _write_tokenizer reports it
-            eos = None
-    return {"eos_token_id": eos} if isinstance(eos, int) and 0 <= eos < vocab_size else {}
-
-
-def _write_tokenizer(
-    staging: Path, vocab_size: int, tokenizer: str | os.PathLike[str] | RunTokenizer
-) -> None:
-    """:func:`write_tokenizer_files`, its errors an :class:`ExportError` starting ``tokenizer:``. A file
-    that is not a tokenizer.json makes the ``tokenizers`` library raise a bare ``Exception``."""
+def _load_tokenizer(tokenizer: str | os.PathLike[str] | RunTokenizer) -> PreTrainedTokenizerBase:
+    """:func:`~innerloop.hf.tokenizer.load_tokenizer`, its errors an :class:`ExportError` starting
+    ``tokenizer:`` that says what is valid. A file that is not a tokenizer.json makes the ``tokenizers``
+    library raise a bare ``Exception``."""
+    valid = "valid: 'bytes', a tokenizer.json file or a tokenizer folder"
     try:
-        write_tokenizer_files(staging, vocab_size, tokenizer)
+        return load_tokenizer(tokenizer)
     except TokenizerError as err:  # innerloop's reading of a tokenizer.json file
-        raise ExportError(
-            f"tokenizer: {' '.join(str(err).split())}; valid: 'bytes', a tokenizer.json file or a tokenizer folder"
-        ) from None
+        raise ExportError(f"tokenizer: {' '.join(str(err).split())}; {valid}") from None
     except (ValueError, OSError) as err:
         raise ExportError(f"tokenizer: {' '.join(str(err).split())}") from None
     except Exception as err:  # noqa: BLE001 - the tokenizers library's parse errors are bare Exceptions
         raise ExportError(
-            f"tokenizer: {str(tokenizer)!r} cannot be read as a tokenizer ({' '.join(str(err).split())}); "
-            "valid: 'bytes', a tokenizer.json file or a tokenizer folder"
+            f"tokenizer: {str(tokenizer)!r} cannot be read as a tokenizer ({' '.join(str(err).split())}); {valid}"
         ) from None
+
+
+def _end_of_text(tokenizer: PreTrainedTokenizerBase | None, vocab_size: int) -> dict[str, int]:
+    """``eos_token_id`` of the tokenizer the export writes, when the model can produce it (a BPE
+    tokenizer's <|endoftext|>; not the byte tokenizer's, id 256, past the model's bytes), so that
+    transformers' ``generate`` stops there as ``innerloop generate`` does."""
+    eos = None if tokenizer is None else tokenizer.eos_token_id
+    return {"eos_token_id": eos} if isinstance(eos, int) and 0 <= eos < vocab_size else {}
+
+
+def _write_tokenizer(staging: Path, vocab_size: int, tokenizer: PreTrainedTokenizerBase) -> None:
+    """:func:`write_tokenizer_files`, its refusal (a tokenizer larger than the model's vocabulary) an
+    :class:`ExportError` starting ``tokenizer:``."""
+    try:
+        write_tokenizer_files(staging, vocab_size, tokenizer)
+    except ValueError as err:
+        raise ExportError(f"tokenizer: {' '.join(str(err).split())}") from None
 
 
 def export_checkpoint(

@@ -77,7 +77,9 @@ def base_id_bound(tokenizer: Any) -> int:
 
 
 def write_tokenizer_files(
-    folder: str | os.PathLike[str], vocab_size: int, source: str | os.PathLike[str] | RunTokenizer = BYTES
+    folder: str | os.PathLike[str],
+    vocab_size: int,
+    source: str | os.PathLike[str] | RunTokenizer | PreTrainedTokenizerBase = BYTES,
 ) -> None:
     """Write the tokenizer files (``tokenizer.json``, ``tokenizer_config.json`` ...) into ``folder``.
 
@@ -85,9 +87,10 @@ def write_tokenizer_files(
         folder: the export folder (being assembled).
         vocab_size: the model's vocabulary; a tokenizer whose vocabulary (special tokens aside) is
             larger is refused (its ids would index past the embedding).
-        source: see :func:`load_tokenizer` (``"bytes"``: the byte-level tokenizer).
+        source: see :func:`load_tokenizer` (``"bytes"``: the byte-level tokenizer), or a tokenizer it
+            loaded.
     """
-    tokenizer = load_tokenizer(source)
+    tokenizer = source if isinstance(source, PreTrainedTokenizerBase) else load_tokenizer(source)
     bound = base_id_bound(tokenizer)
     if bound > vocab_size:
         raise ValueError(

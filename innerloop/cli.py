@@ -889,12 +889,15 @@ def _convert_to_checkpoint(args: argparse.Namespace, load: Callable[[], Any]) ->
         raise ConfigError(f"{str(target)!r} exists; pass --overwrite to replace it, or give another OUT")
     tokenizer = tokenizer_from_source(args.tokenizer) if args.tokenizer is not None else UnknownTokenizer()
     model = _load_converted(args, load)
-    tokens = _base_vocab_size(tokenizer) if args.tokenizer is not None else 0
-    if tokens > model.config.vocab_size:
-        raise ConfigError(
-            f"--tokenizer {args.tokenizer!r} has {tokens} tokens but the model's vocabulary has "
-            f"{model.config.vocab_size}: give the tokenizer the model was trained with"
-        )
+    if args.tokenizer is not None:
+        from innerloop.hf.tokenizer import base_id_bound
+
+        bound = base_id_bound(tokenizer)  # one past the largest id, special tokens aside
+        if bound > model.config.vocab_size:
+            raise ConfigError(
+                f"--tokenizer {args.tokenizer!r} has ids up to {bound - 1} (special tokens aside) but the "
+                f"model's vocabulary has {model.config.vocab_size}: give the tokenizer the model was trained with"
+            )
     target.parent.mkdir(parents=True, exist_ok=True)
     path = save_model_checkpoint(model, target, tokenizer.to_state())
     print(_describe_converted(args, model))
@@ -908,14 +911,6 @@ def _convert_to_checkpoint(args: argparse.Namespace, load: Callable[[], Any]) ->
         described = tokenizer.describe()
         print(f"tokenizer: {described}" + ("" if described == args.tokenizer else f" ({args.tokenizer})"))
     return 0
-
-
-def _base_vocab_size(tokenizer: Any) -> int:
-    """The tokenizer's vocabulary without its added (special) tokens, which may lie past a model's
-    vocabulary: the size ``--format hf`` checks too (transformers' ``vocab_size``)."""
-    from innerloop.hf.tokenizer import base_id_bound
-
-    return base_id_bound(tokenizer)  # one past the largest id: more than the entries when ids skip
 
 
 def _add_convert_format(convert: argparse.ArgumentParser) -> None:

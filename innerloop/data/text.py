@@ -116,7 +116,7 @@ def read_tokens(
         try:
             texts.append(p.read_bytes().decode("utf-8"))
         except UnicodeDecodeError as err:
-            bom = next((n for b, n in _BOMS if p.read_bytes().startswith(b)), None)
+            bom = next((n for b, n in _BOMS if err.object.startswith(b)), None)  # the bytes it decoded
             what = f"{bom} text (it starts with a {bom} byte-order mark)" if bom else "not UTF-8 text"
             fix = "data.tokenizer=bytes" if option == "data.paths" else "a model trained on bytes"
             raise DataError(

@@ -541,11 +541,11 @@ def _warn_unknown_unread_plugins(config: ModelConfig) -> None:
         if config.mixer == section:
             continue
         for key, kind in plugin_fields:
-            name = getattr(getattr(config, section), key)
-            if name not in available(kind):
+            name, registered = getattr(getattr(config, section), key), available(kind)
+            if name not in registered:
                 warnings.warn(
                     f"model.{section}.{key}={name!r} is not a registered {kind} (registered: "
-                    f"{available(kind)}); it is ignored, since model.mixer={config.mixer!r} does not "
+                    f"{registered}); it is ignored, since model.mixer={config.mixer!r} does not "
                     f"read model.{section}",
                     UserWarning,
                     stacklevel=3,

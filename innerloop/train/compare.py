@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -345,9 +346,8 @@ def _common_tokenizer(checkpoints: list[Path], names: list[str]) -> Tokenizer:
     for name, tokenizer in zip(names[1:], tokenizers[1:], strict=True):
         if tokenizer != tokenizers[0]:
             ours, theirs = tokenizer.to_state(), tokenizers[0].to_state()
-            if ours.get("kind") == theirs.get("kind") == "huggingface":  # say what differs: the
-                import json  # descriptions alone ("a Hugging Face tokenizer of 300 tokens") may be equal
-
+            # say what differs: the descriptions alone ("a Hugging Face tokenizer of 300 tokens") may be equal
+            if ours.get("kind") == theirs.get("kind") == "huggingface":
                 a, b = json.loads(ours["tokenizer_json"]), json.loads(theirs["tokenizer_json"])
                 keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
                 if ours.get("eos_token") != theirs.get("eos_token"):

@@ -4,6 +4,7 @@ the run's own validation windows, and --no-ttt in both."""
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -204,6 +205,14 @@ def test_models_with_different_tokenizers_are_refused(runs, monkeypatch) -> None
         lambda path: next(t for run, t in tokenizers.items() if str(path).startswith(run)),
     )
     with pytest.raises(ConfigError, match="must share a tokenizer"):
+        compare([first, second])
+    # two tokenizers whose descriptions read the same: the message says where their tokenizer.json differ
+    lowercasing = json.loads(byte_level_tokenizer_json())
+    lowercasing["normalizer"] = {"type": "Lowercase"}
+    tokenizers[str(first)] = HFTokenizer(json.dumps(lowercasing), eos_token=None, source="a test")
+    tokenizers[str(second)] = other
+    assert tokenizers[str(first)].describe() == other.describe()
+    with pytest.raises(ConfigError, match=r"\(their tokenizer.json differ in normalizer\): compare scores"):
         compare([first, second])
 
 

@@ -370,38 +370,48 @@ def validate_run_config(run: RunConfig) -> None:
     check_output_dir(run.out_dir, "out_dir")
 
 
-RECALL_UNREAD_KEYS = ("paths", "seq_len", "val_fraction")
-"""The ``data.*`` keys the recall task does not read (its windows are ``4 * num_pairs + gap - 1``
-tokens of its own, which ``seq_len`` may repeat; ``data.tokenizer`` and the ``hf`` keys are refused by
-their own checks)."""
+DATA_KEY_READERS = {
+    "paths": ("text", "hf"),
+    "seq_len": ("text", "hf"),
+    "val_fraction": ("text", "hf"),
+    "split": ("hf",),
+    "text_field": ("hf",),
+    "streaming": ("hf",),
+    "recall.num_pairs": ("recall",),
+    "recall.gap": ("recall",),
+}
+"""The ``data.*`` keys that only some values of ``data.name`` read (``data.tokenizer`` of recall is
+refused by :func:`_check_vocabulary`)."""
 
 
 def _check_unread_data_keys(run: RunConfig) -> None:
     """Refuse, naming them, ``data.*`` keys set away from their defaults that ``data.name`` does not
-    read: they would change nothing (``data.seq_len`` of the recall task), as the ``hf``-only keys of
-    other data are refused (:func:`_check_hf`)."""
-    default = DataConfig()
-    if run.data.name == "recall":
-        derived = 4 * run.data.recall.num_pairs + run.data.recall.gap - 1  # RecallDataModule.seq_len
-        unread = [
-            key
-            for key in RECALL_UNREAD_KEYS
-            if _get(run.data, key) not in (_get(default, key), derived if key == "seq_len" else None)
-        ]
-        why = (
-            "the recall task makes its own sequences of 4 * data.recall.num_pairs + data.recall.gap - 1 = "
-            f"{derived} tokens"
-        )
-    else:
-        unread = [
-            key for key in ("recall.num_pairs", "recall.gap") if _get(run.data, key) != _get(default, key)
-        ]
-        why = "they configure data.name='recall' only"
-    if unread:
-        shown = ", ".join(f"data.{key}={_plain(_get(run.data, key))!r}" for key in unread)
-        raise ConfigError(
-            f"{shown}: not read by data.name={run.data.name!r} ({why}); remove them, or set them to the defaults"
-        )
+    read (:data:`DATA_KEY_READERS`): they would change nothing. The recall task's ``seq_len`` may repeat
+    the length it derives, ``4 * num_pairs + gap - 1``."""
+    default, name = DataConfig(), run.data.name
+    derived = 4 * run.data.recall.num_pairs + run.data.recall.gap - 1  # RecallDataModule.seq_len
+    unread = [
+        key
+        for key, readers in DATA_KEY_READERS.items()
+        if name not in readers
+        and _get(run.data, key) != _get(default, key)
+        and not (name == "recall" and key == "seq_len" and run.data.seq_len == derived)
+    ]
+    if not unread:
+        return
+    readers = " or ".join(repr(reader) for reader in DATA_KEY_READERS[unread[0]])
+    unread = [key for key in unread if DATA_KEY_READERS[key] == DATA_KEY_READERS[unread[0]]]
+    why = (
+        ": the recall task makes its own sequences of 4 * data.recall.num_pairs + data.recall.gap - 1 = "
+        f"{derived} tokens"
+        if name == "recall"
+        else ""
+    )
+    shown = ", ".join(f"data.{key}={_plain(_get(run.data, key))!r}" for key in unread)
+    raise ConfigError(
+        f"{shown} appl{'ies' if len(unread) == 1 else 'y'} to data.name={readers} only (this run's data.name "
+        f"is {name!r}{why}); remove {'it' if len(unread) == 1 else 'them'}, or set the default"
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -498,16 +508,9 @@ def _check_vocabulary(run: RunConfig) -> None:
 
 def _check_hf(run: RunConfig) -> None:
     """For ``data.name=hf``: a local dataset source of a known format, a split and a text field named,
-    something held out for validation. For other data: none of the keys that only ``hf`` reads."""
+    something held out for validation."""
     if run.data.name != "hf":
-        defaults = DataConfig()
-        for key in ("split", "text_field", "streaming"):
-            if getattr(run.data, key) != getattr(defaults, key):
-                raise ConfigError(
-                    f"data.{key}={getattr(run.data, key)!r} applies to data.name='hf' only (this run's "
-                    f"data.name is {run.data.name!r}); remove it"
-                )
-        return
+        return  # the keys only hf reads: _check_unread_data_keys
     if run.data.val_fraction == 0:
         raise ConfigError(
             "data.val_fraction=0 holds out no validation documents: data.name='hf' holds out every "

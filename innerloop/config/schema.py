@@ -46,7 +46,8 @@ class DataConfig:
     folder in ``paths``, its ``split``, the column ``text_field``, read as a stream when
     ``streaming``; see :mod:`innerloop.data.hf`) or ``recall`` (the synthetic task configured by
     ``recall``; ``seq_len`` is then derived from it). Keys the chosen data does not read are refused
-    unless at their defaults: ``paths``, ``val_fraction`` and another ``seq_len`` for ``recall``,
+    unless at their defaults (:data:`~innerloop.config.load.DATA_KEY_READERS`): ``paths``,
+    ``val_fraction`` and another ``seq_len`` for ``recall``,
     ``recall.*`` for the others, ``split``, ``text_field`` and ``streaming`` for all but ``hf``.
 
     ``tokenizer``: ``bytes`` (token = byte, 256 tokens) or a Hugging Face tokenizer: a

@@ -121,14 +121,15 @@ def test_the_cli_lists_plugins(capsys) -> None:
         (
             "recall-ttt",
             ["data.seq_len=64"],
-            "data.seq_len=64: not read by data.name='recall' (the recall task makes its own sequences of 4 * data.recall.num_pairs + data.recall.gap - 1 = 95 tokens)",
+            "data.seq_len=64 applies to data.name='text' or 'hf' only (this run's data.name is 'recall': the "
+            "recall task makes its own sequences of 4 * data.recall.num_pairs + data.recall.gap - 1 = 95 tokens)",
         ),
         (
             "recall-ttt",
             ["data.paths=[a.txt]", "data.val_fraction=0.5"],
-            "data.paths=['a.txt'], data.val_fraction=0.5:",
+            "data.paths=['a.txt'], data.val_fraction=0.5 apply to data.name='text' or 'hf' only",
         ),
-        ("tiny", ["data.recall.gap=3"], "data.recall.gap=3: not read by data.name='text'"),
+        ("tiny", ["data.recall.gap=3"], "data.recall.gap=3 applies to data.name='recall' only (this run's"),
     ],
 )
 def test_a_data_key_the_dataset_does_not_read_is_refused_by_name(preset, overrides, named) -> None:

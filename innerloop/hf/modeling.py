@@ -310,19 +310,22 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         write_shims(save_directory)
 
     def _refresh_non_persistent_buffers(self) -> None:
-        buffers = dict(self.named_non_persistent_buffers())  # type: ignore[attr-defined]
-        if not buffers:
-            return
-        with torch.device("cpu"):
-            fresh = build_model(self.config.model_config)
-        fresh_buffers = {f"model.{k}": v for k, v in fresh.named_buffers()}
+        """Make the tables no checkpoint holds (the layers' ``derived_buffers``: token index, RoPE
+        frequencies) again, in the model's device and dtype: transformers may have left them
+        uninitialised (it builds on the meta device), and innerloop's casts apply to every buffer
+        (load_weights, Lightning's ``*-true`` precisions), so a bfloat16 model reads bfloat16 tables."""
         with torch.no_grad():
-            for name, buffer in buffers.items():
-                fresh_value = fresh_buffers[name]
-                # innerloop's casts apply to every buffer (load_weights, Lightning's *-true precisions):
-                # a floating table built in float32 follows the model's dtype, as in the model trained
-                dtype = self.dtype if fresh_value.is_floating_point() else fresh_value.dtype
-                _set_buffer(self, name, fresh_value.to(device=buffer.device, dtype=dtype))
+            for module in self.modules():
+                derived = getattr(module, "derived_buffers", None)
+                if not callable(derived):
+                    continue
+                for name, table in derived().items():
+                    current = module._buffers.get(name)
+                    if current is not None:
+                        dtype = self.dtype if table.is_floating_point() else table.dtype
+                        module.register_buffer(
+                            name, table.to(device=current.device, dtype=dtype), persistent=False
+                        )
 
 
 def loading_problems(info: dict[str, Any], shown: int = 4) -> str:

@@ -92,3 +92,14 @@ class RecordLosses(L.Callback):
         self.losses[trainer.global_step] = float(outputs["loss"])
         if trainer.global_step == self.crash_after:
             raise RuntimeError("simulated crash")
+
+
+class PressCtrlC(L.Callback):
+    """Sends this process SIGINT (what Ctrl-C does) right after optimizer step ``at_step``."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            os.kill(os.getpid(), signal.SIGINT)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from lm_testing import TINY
+from lm_testing import TINY, PressCtrlC
 
 from innerloop.cli import main
 from innerloop.config import load_config
@@ -91,15 +91,6 @@ def test_a_signal_during_the_final_validation_is_reported_with_its_status(tmp_pa
     assert result.csv.exists()
 
 
-class _PressCtrlCAt(L.Callback):
-    def __init__(self, at_step: int):
-        self.at_step = at_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.at_step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-
 # reason: the shared 4-step fixture and a replacing run stopped after one step (~5 s)
 @pytest.mark.slow
 def test_ctrl_c_before_the_first_checkpoint_of_an_overwrite_run_keeps_the_previous_run(
@@ -113,7 +104,7 @@ def test_ctrl_c_before_the_first_checkpoint_of_an_overwrite_run_keeps_the_previo
     with pytest.raises(
         TrainingInterrupted, match=r"before this run's first checkpoint: nothing of it is kept"
     ):
-        train(run, cfg, overwrite=True, callbacks=[_PressCtrlCAt(at_step=1)])  # checkpoints at step 2
+        train(run, cfg, overwrite=True, callbacks=[PressCtrlC(at_step=1)])  # checkpoints at step 2
     assert {name: (previous / name).read_bytes() for name in files} == files
     assert not list(previous.glob(".replaced.*"))
 

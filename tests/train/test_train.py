@@ -13,6 +13,7 @@ import pytest
 import torch
 from lm_testing import (  # the tiny run of the end-to-end tests; a killed run
     TINY,
+    PressCtrlC,
     RecordLosses,
     kill_a_training_run,
 )
@@ -136,17 +137,6 @@ def test_a_killed_process_resumes_to_the_same_result(tmp_path, uninterrupted) ->
     _assert_same_weights(checkpoint, reference)
 
 
-class _PressCtrlC(L.Callback):
-    """Sends this process SIGINT (what Ctrl-C does) right after optimizer step ``at_step``."""
-
-    def __init__(self, at_step: int):
-        self.at_step = at_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.at_step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-
 @pytest.mark.slow  # ~5 s: a training run stopped by Ctrl-C, then resumed
 def test_ctrl_c_saves_the_step_it_stops_at_and_the_run_resumes_to_the_same_result(tmp_path, uninterrupted):
     reference, reference_losses, reference_metrics = uninterrupted
@@ -155,7 +145,7 @@ def test_ctrl_c_saves_the_step_it_stops_at_and_the_run_resumes_to_the_same_resul
     with pytest.raises(
         TrainingInterrupted, match=r"after 6 of 12 steps; the checkpoint .* --resume out_dir="
     ):
-        train(run, cfg, callbacks=[record, _PressCtrlC(at_step=5)])  # seen after step 5, so step 6 ends it
+        train(run, cfg, callbacks=[record, PressCtrlC(at_step=5)])  # seen after step 5, so step 6 ends it
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is removed
     assert max(record.losses) == 6
     assert load_checkpoint(tmp_path / "last.safetensors")["global_step"] == 6  # not the step-4 checkpoint

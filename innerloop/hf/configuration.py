@@ -108,6 +108,19 @@ def _loaded_model_section(model: Any) -> Any:
     return model
 
 
+def _merged_model_section(loaded: Any, override: Any) -> Any:
+    """``override`` (keyword ``model=`` of ``from_pretrained``) merged key by key into the loaded
+    ``model`` section, as transformers merges a dict into a sub-config; anything but two mappings is
+    left to the validation to name."""
+    if not isinstance(override, dict) or not isinstance(loaded, dict):
+        return override
+    merged = dict(loaded)
+    for key, value in override.items():
+        both_mappings = isinstance(value, dict) and isinstance(loaded.get(key), dict)
+        merged[key] = _merged_model_section(loaded[key], value) if both_mappings else value
+    return merged
+
+
 class InnerloopConfig(PreTrainedConfig):
     """The configuration of :class:`~innerloop.hf.modeling.InnerloopForCausalLM`.
 
@@ -140,7 +153,7 @@ class InnerloopConfig(PreTrainedConfig):
                 raise ValueError(
                     f"InnerloopConfig: {name}={given!r} disagrees with model.{field_name}="
                     f"{getattr(config, field_name)!r}; {name} is read from the 'model' section, "
-                    "set it there"
+                    f"set it there (model={{{field_name!r}: {given!r}}})"
                 )
         given_tie = kwargs.pop("tie_word_embeddings", None)
         if given_tie is not None and given_tie != self.tie_word_embeddings:
@@ -189,7 +202,19 @@ class InnerloopConfig(PreTrainedConfig):
                 f"one (keys found: {sorted(config_dict)})"
             )
         config_dict = {**config_dict, "model": _loaded_model_section(config_dict["model"])}
+        if "model" in kwargs:  # a partial override: its keys replace the loaded ones, the rest stay
+            config_dict["model"] = _merged_model_section(config_dict["model"], kwargs.pop("model"))
+        for name in (*_DERIVED, "tie_word_embeddings"):  # views: checked against the section, as in __init__
+            if name in kwargs:
+                config_dict[name] = kwargs.pop(name)
         return super().from_dict(config_dict, **kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Keep ``model`` a validated, complete model config whenever it is assigned (transformers sets
+        attributes directly, e.g. ``from_pretrained``'s keyword overrides)."""
+        if name == "model" and value is not None:
+            value = model_config_from(value).to_dict()
+        super().__setattr__(name, value)
 
     @property
     def model_config(self) -> ModelConfig:

@@ -92,6 +92,32 @@ def test_derived_attributes_follow_the_model_section() -> None:
     assert InnerloopConfig(model={"mixer": "e2e", "tie_embeddings": False}).tie_word_embeddings
 
 
+def test_from_pretrained_overrides_merge_into_the_saved_model_section(tmp_path) -> None:
+    """transformers' keyword overrides (``from_pretrained(folder, model=..., vocab_size=...)``) are
+    set on the loaded config with setattr: a partial ``model`` merges into the saved section (as a
+    dict merges into a sub-config), a view disagreeing with it is refused, and any later assignment
+    of ``model`` is validated, never stored as given."""
+    from transformers import AutoConfig
+
+    saved = {"vocab_size": 50, "hidden_size": 32, "num_heads": 2, "num_layers": 1}
+    InnerloopConfig(model=saved).save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path, model={"ttt": {"inner_model": "mlp"}})
+    assert config.model["ttt"]["inner_model"] == "mlp"
+    assert {key: config.model[key] for key in saved} == saved
+    assert config.model_config.ttt.mini_batch_size == ModelConfig().ttt.mini_batch_size
+    with pytest.raises(ValueError, match="unknown config key 'model.d_model'"):
+        AutoConfig.from_pretrained(tmp_path, model={"d_model": 64})
+    with pytest.raises(
+        ValueError, match=r"vocab_size=100 disagrees with model.vocab_size=50.*'vocab_size': 100"
+    ):
+        AutoConfig.from_pretrained(tmp_path, vocab_size=100)
+    assert AutoConfig.from_pretrained(tmp_path, hidden_size=32).hidden_size == 32
+    config.model = {"num_layers": 3}  # an assignment is a whole config: the rest are defaults
+    assert config.model == ModelConfig.from_dict({"num_layers": 3}).to_dict()
+    with pytest.raises(ValueError, match="unknown config key 'model.bogus'"):
+        config.model = {"bogus": 1}
+
+
 def test_a_folder_missing_weights_is_refused(tmp_path) -> None:
     from safetensors.torch import load_file, save_file
 

@@ -133,8 +133,12 @@ class ByteTokenizer(Tokenizer):
     def save_pretrained(self, out_dir: str | os.PathLike[str]) -> list[Path]:
         """The byte-level tokenizer for transformers, with :data:`END_OF_TEXT` as id 256 (past the
         model's 256 bytes: tools such as lm-eval need an end-of-text token, and the model never
-        produces it). ``innerloop export`` writes the same files."""
-        return _save_tokenizer_files(byte_level_tokenizer_json(end_of_text=True), END_OF_TEXT, out_dir)
+        produces it). The text ``<|endoftext|>`` is read as its 13 bytes, as :meth:`encode` reads it
+        (``split_special_tokens``); only the id 256 means the token. ``innerloop export`` writes the
+        same files."""
+        return _save_tokenizer_files(
+            byte_level_tokenizer_json(end_of_text=True), END_OF_TEXT, out_dir, split_special_tokens=True
+        )
 
 
 class UnknownTokenizer(Tokenizer):
@@ -298,13 +302,19 @@ class HFTokenizer(Tokenizer):
 
 
 def _save_tokenizer_files(
-    tokenizer_json: str, eos_token: str | None, out_dir: str | os.PathLike[str]
+    tokenizer_json: str,
+    eos_token: str | None,
+    out_dir: str | os.PathLike[str],
+    split_special_tokens: bool = False,
 ) -> list[Path]:
     """``tokenizer.json`` and a ``tokenizer_config.json`` naming the fast-tokenizer class (and the
-    end-of-text token), each written atomically."""
+    end-of-text token; with ``split_special_tokens``, special tokens' text is encoded as ordinary
+    text), each written atomically."""
     config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 2**63 - 1}
     if eos_token is not None:
         config["eos_token"] = eos_token
+    if split_special_tokens:
+        config["split_special_tokens"] = True
     out = Path(out_dir)
     return [
         atomic_write_text(out / TOKENIZER_FILE, tokenizer_json),

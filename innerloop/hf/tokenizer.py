@@ -29,9 +29,10 @@ from innerloop.data.tokenizer import load_tokenizer as load_run_tokenizer
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """innerloop's byte-level tokenizer (token id = byte value, the ``data.tokenizer: bytes`` of a run,
     :func:`~innerloop.data.tokenizer.byte_level_tokenizer_json`) with :data:`END_OF_TEXT` as id 256,
-    the tokenizer ``ByteTokenizer.save_pretrained`` writes."""
+    the tokenizer ``ByteTokenizer.save_pretrained`` writes. The text ``<|endoftext|>`` is encoded as its
+    bytes, as a run reads it (``split_special_tokens``); only the id 256 is the token."""
     backend = Tokenizer.from_str(byte_level_tokenizer_json(end_of_text=True))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END_OF_TEXT)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END_OF_TEXT, split_special_tokens=True)
 
 
 def from_run_tokenizer(tokenizer: RunTokenizer) -> PreTrainedTokenizerBase:

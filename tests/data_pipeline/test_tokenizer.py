@@ -277,8 +277,10 @@ def test_the_saved_byte_tokenizer_is_the_one_export_writes(tmp_path) -> None:
     saved, exported = (AutoTokenizer.from_pretrained(tmp_path / name) for name in ("saved", "exported"))
     assert saved.get_vocab() == exported.get_vocab()
     assert saved.eos_token == exported.eos_token == END_OF_TEXT
-    for text in TEXTS:
+    for text in [*TEXTS, f"a{END_OF_TEXT}b", END_OF_TEXT]:  # the token's text is read as bytes, as a run does
         assert saved.encode(text) == exported.encode(text) == ByteTokenizer().encode(text)
+        assert byte_tokenizer().encode(text) == ByteTokenizer().encode(text)
+    assert saved.decode([97, 256]) == exported.decode([97, 256]) == f"a{END_OF_TEXT}"
 
 
 @pytest.mark.slow  # ~2 s: a training run, then its evaluation and comparison

@@ -79,13 +79,47 @@ def _skipped_below(relative: Path) -> bool:
     return any(part.startswith(".") or part == "__pycache__" for part in relative.parts)
 
 
-def split_by_file(files: Sequence[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
+_GLOB_MAGIC = frozenset("*?[")
+
+
+def _entry_folder(pattern: str) -> Path:
+    """The folder a ``data.paths`` entry names files below: a folder itself, a file's parent, or a
+    glob's folder before its first wildcard."""
+    path = Path(pattern).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        return path.parent
+    literal = []
+    for part in path.parts:
+        if _GLOB_MAGIC & set(part):
+            break
+        literal.append(part)
+    return Path(*literal) if literal else Path()
+
+
+def split_root(patterns: Sequence[str], files: Sequence[Path]) -> Path:
+    """The folder :func:`split_by_file` hashes paths relative to for the ``data.paths`` entries
+    ``patterns`` (whose files are ``files``, from :func:`resolve_files`): the entries' common folder, so
+    that a file added anywhere below them moves no other file between training and validation (the
+    files' own common folder would move when one is added higher up). A file outside them (a symlink
+    resolved elsewhere) widens it."""
+    folders = [str(_entry_folder(p).resolve()) for p in patterns]
+    return Path(os.path.commonpath([*folders, *(str(p.parent) for p in files)]))
+
+
+def split_by_file(
+    files: Sequence[Path], val_fraction: float, root: Path | None = None
+) -> tuple[list[Path], list[Path]]:
     """Deterministic train/validation split: a file is in validation if a hash of its path relative to
-    the files' common directory falls below ``val_fraction``. The same files always split the same way.
+    ``root`` falls below ``val_fraction``. The same files always split the same way, and a file's side
+    does not depend on the other files. ``root`` (every file is below it) defaults to the files' common
+    folder; give :func:`split_root` of the entries the files came from.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
-    root = Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path()
+    if root is None:
+        root = Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path()
     train, val = [], []
     for p in files:
         digest = hashlib.sha256(p.relative_to(root).as_posix().encode()).digest()
@@ -130,10 +164,13 @@ def read_tokens(
     return torch.tensor([token for ids in encoded for token in (*ids, *separator)], dtype=torch.int64)
 
 
-def split_text_files(files: Sequence[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
-    """The training and validation files of two or more files: :func:`split_by_file`, or, when that
-    leaves either side empty (too few files for the fraction), the last file held out."""
-    train, val = split_by_file(files, val_fraction)
+def split_text_files(
+    files: Sequence[Path], val_fraction: float, root: Path | None = None
+) -> tuple[list[Path], list[Path]]:
+    """The training and validation files of two or more files: :func:`split_by_file` (relative to
+    ``root``), or, when that leaves either side empty (too few files for the fraction), the last file
+    held out."""
+    train, val = split_by_file(files, val_fraction, root)
     if not val or not train:
         train, val = list(files[:-1]), list(files[-1:])
     return train, val
@@ -144,14 +181,16 @@ def _single_file_cut(length: int, val_fraction: float) -> int:
     return int(length * (1 - val_fraction))
 
 
-def text_split_lengths(files: Sequence[Path], val_fraction: float) -> tuple[int, int]:
-    """Bytes of the training and validation text :class:`TextDataModule` makes of ``files``, from the
-    files' sizes (nothing is read), separators included."""
+def text_split_lengths(
+    files: Sequence[Path], val_fraction: float, root: Path | None = None
+) -> tuple[int, int]:
+    """Bytes of the training and validation text :class:`TextDataModule` makes of ``files`` (split
+    relative to ``root``), from the files' sizes (nothing is read), separators included."""
     if len(files) == 1:
         length = files[0].stat().st_size + 1
         cut = _single_file_cut(length, val_fraction)
         return cut, length - cut
-    train, val = split_text_files(files, val_fraction)
+    train, val = split_text_files(files, val_fraction, root)
     return sum(p.stat().st_size + 1 for p in train), sum(p.stat().st_size + 1 for p in val)
 
 

@@ -42,6 +42,7 @@ from innerloop.data.text import (
     read_tokens,
     resolve_files,
     split_by_file,
+    split_root,
     split_text_files,
     stdlib_files,
     text_split_lengths,
@@ -74,6 +75,7 @@ __all__ = [
     "resolve_files",
     "spread_windows",
     "split_by_file",
+    "split_root",
     "split_text_files",
     "stdlib_files",
     "text_split_lengths",
@@ -208,7 +210,8 @@ class TextDataModule(_IndexedDataModule):
             cut = _single_file_cut(len(data), self.val_fraction)
             self.train_bytes, self.val_bytes = data[:cut], data[cut:]
         else:
-            train, val = split_text_files(files, self.val_fraction)
+            root = split_root(self.paths, files) if self.paths else None
+            train, val = split_text_files(files, self.val_fraction, root)
             self.train_bytes, self.val_bytes = (
                 read_tokens(train, self.tokenizer),
                 read_tokens(val, self.tokenizer),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
+import pytest
 import torch
 
 from innerloop.train.data import (
@@ -14,9 +15,12 @@ from innerloop.train.data import (
     IndexedBatches,
     RecallDataModule,
     TextDataModule,
+    read_tokens,
     recall_example,
     resolve_files,
     split_by_file,
+    split_root,
+    split_text_files,
     stdlib_files,
 )
 
@@ -38,6 +42,32 @@ def test_the_split_is_by_file_deterministic_and_disjoint() -> None:
     assert set(train_again) == set(train) and set(val_again) == set(val)
     assert not set(train) & set(val) and set(train) | set(val) == set(files)
     assert 0.05 < len(val) / len(files) < 0.15
+
+
+@pytest.mark.parametrize("entry", ["{root}", "{root}/**/*.txt", "{root}/sub"])
+def test_adding_a_file_moves_no_other_file_between_training_and_validation(tmp_path, entry) -> None:
+    """The split hashes paths relative to the data.paths entries, not to the files' common folder: with
+    every file in data/sub/, that folder was the root, and a file added in data/ re-drew every file's
+    side (validation text a checkpoint had trained on)."""
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    for i in range(30):
+        (tmp_path / "sub" / ("deeper" if i % 3 else "") / f"part{i}.txt").write_text(f"text {i} " * 40)
+    paths = [entry.format(root=tmp_path)]
+
+    def split() -> tuple[set[Path], set[Path]]:
+        files = resolve_files(paths)
+        train, val = split_text_files(files, 0.2, split_root(paths, files))
+        module = TextDataModule(paths, seq_len=8, batch_size=1, val_fraction=0.2)
+        module.setup()
+        assert torch.equal(module.val_bytes, read_tokens(val))  # the module splits the same way
+        return set(train), set(val)
+
+    train, val = split()
+    (tmp_path / "sub" / "added.txt").write_text("new " * 40)
+    (tmp_path / "added.txt").write_text("new " * 40)
+    (tmp_path / "sub" / "deeper" / "added.txt").write_text("new " * 40)
+    train_after, val_after = split()
+    assert train <= train_after and val <= val_after and val
 
 
 def test_training_batches_depend_only_on_their_index(tmp_path) -> None:

@@ -16,13 +16,16 @@ except ImportError as error:  # pragma: no cover - exercised only without the te
     ) from error
 
 
-#: Every ``(inner_norm, inner_residual)`` pair, for :func:`layer_configs` in tests of update rules.
+#: Every ``(inner_norm, inner_residual)`` pair: what :func:`layer_configs` draws from by default.
 ALL_INNER_WRAPPINGS: tuple[tuple[bool, bool], ...] = (
     (True, True),
     (False, False),
     (True, False),
     (False, True),
 )
+
+#: The paper's wrapping alone (inner LayerNorm and residual on), the one the fused kernels compute.
+PAPER_INNER_WRAPPING: tuple[tuple[bool, bool], ...] = ((True, True),)
 
 
 @st.composite
@@ -34,13 +37,14 @@ def layer_configs(
     max_heads: int = 3,
     head_dims: tuple[int, ...] = (4, 6, 8),
     max_mini_batch: int = 6,
-    inner_wrappings: tuple[tuple[bool, bool], ...] = ((True, True),),
+    inner_wrappings: tuple[tuple[bool, bool], ...] = ALL_INNER_WRAPPINGS,
 ) -> dict[str, Any]:
     """Keyword arguments of a small ``TTTLayer``: every option of the reference layer varies.
 
-    ``inner_wrappings`` are the ``(inner_norm, inner_residual)`` pairs drawn from: the default is the
-    paper's (both on), which every fused kernel computes; a test of an update rule should pass
-    :data:`ALL_INNER_WRAPPINGS`, or a rule that ignores ``task.residual`` or the LayerNorm passes.
+    ``inner_wrappings`` are the ``(inner_norm, inner_residual)`` pairs drawn from: by default all four,
+    so that a rule that ignores ``task.residual`` or the LayerNorm is caught. A test that a fused kernel
+    is used should pass :data:`PAPER_INNER_WRAPPING` (both on, the paper's), the only wrapping those
+    kernels compute; with the others ``kernel="auto"`` runs the torch path.
     """
     num_heads = draw(st.integers(1, max_heads))
     head_dim = draw(st.sampled_from(head_dims))
@@ -95,4 +99,4 @@ def seeds() -> st.SearchStrategy[int]:
     return st.integers(0, 2**31 - 1)
 
 
-__all__ = ["ALL_INNER_WRAPPINGS", "layer_configs", "seeds", "split_points", "views"]
+__all__ = ["ALL_INNER_WRAPPINGS", "PAPER_INNER_WRAPPING", "layer_configs", "seeds", "split_points", "views"]

@@ -11,12 +11,14 @@ from innerloop import TTTLayer
 from innerloop.kernels.dispatch import KernelUnavailableError
 from innerloop.testing import FLOAT64_TOLERANCE
 from innerloop.testing.checks import assert_layers_train_alike, twin_layers
-from innerloop.testing.strategies import layer_configs, seeds
+from innerloop.testing.strategies import PAPER_INNER_WRAPPING, layer_configs, seeds
 
 
 @pytest.mark.slow  # ~10 s: hypothesis over layer configs with every gradient (the fast loop keeps the rest)
 @given(
-    config=layer_configs(inner_losses=("reconstruction",), update_rules=("dual_form",)),
+    config=layer_configs(
+        inner_losses=("reconstruction",), update_rules=("dual_form",), inner_wrappings=PAPER_INNER_WRAPPING
+    ),
     tokens=st.integers(1, 26),
     seed=seeds(),
 )

@@ -23,7 +23,7 @@ from innerloop.plugins.models.linear import LinearModel
 from innerloop.plugins.models.mlp import GELU_TANH, MLPModel
 from innerloop.testing import FLOAT64_TOLERANCE
 from innerloop.testing.checks import assert_close, assert_layers_train_alike, twin_layers
-from innerloop.testing.strategies import layer_configs, seeds
+from innerloop.testing.strategies import PAPER_INNER_WRAPPING, layer_configs, seeds
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")  # skips, with the reason, where nothing compiles
 
@@ -254,7 +254,7 @@ def test_float32_gradients_are_as_close_to_float64_as_fused_torch(model):
 
 @pytest.mark.slow  # ~15 s: hypothesis over layer configs with every gradient
 @given(config=layer_configs(inner_models=("linear", "mlp"), inner_losses=("reconstruction",),
-                            update_rules=("dual_form",)),
+                            update_rules=("dual_form",), inner_wrappings=PAPER_INNER_WRAPPING),
        tokens=st.integers(1, 26), seed=seeds())  # fmt: skip
 def test_a_layer_trains_through_the_kernel_equal_to_torch(config, tokens, seed):
     """The layer picks the kernel for training (``kernel="auto"``); outputs, state and every parameter's

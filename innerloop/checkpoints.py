@@ -334,12 +334,18 @@ EARLIER_E2E_DEFAULTS = {"chunk_targets": "within_chunk", "rope_positions": "abso
 a checkpoint that does not name them was trained, and must be read, with these."""
 
 
+EARLIER_TTT_DEFAULTS = {"inner_norm": True, "inner_residual": True}
+"""The TTT layer's inner wrapping before ``model.ttt`` could set it: the paper's, as today's default."""
+
+
 def _fill_earlier_defaults(tree: dict[str, Any]) -> None:
     """Give a stored model config the options it was written without, at the values its model used
     then, so that an older checkpoint loads as the same function (not silently as the new default)."""
     model = (tree.get("hyper_parameters") or {}).get("model")
     if isinstance(model, dict) and model.get("mixer") == "e2e" and isinstance(model.get("e2e"), dict):
         model["e2e"] = {**EARLIER_E2E_DEFAULTS, **model["e2e"]}
+    if isinstance(model, dict) and isinstance(model.get("ttt"), dict):
+        model["ttt"] = {**EARLIER_TTT_DEFAULTS, **model["ttt"]}
 
 
 def _check_finite_weights(name: str, state_dict: Any) -> None:

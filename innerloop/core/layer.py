@@ -143,19 +143,30 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True) -> None:
 
 
 def _check_kernel_name(
-    kernel: str, model: InnerModel, loss: InnerLoss, rule: UpdateRule, head_dim: int
+    kernel: str,
+    model: InnerModel,
+    loss: InnerLoss,
+    rule: UpdateRule,
+    head_dim: int,
+    wrapping: tuple[bool, bool],
 ) -> None:
-    """A kernel named explicitly must exist for this (model, loss, rule), and they must be the
-    registered plugins it was written for: say so at construction, not at the first mini-batch."""
+    """A kernel named explicitly must exist for this (model, loss, rule), compute its inner wrapping
+    ``(inner_norm, inner_residual)``, and the plugins must be the registered ones it was written for:
+    say so at construction, not at the first mini-batch."""
     if kernel in BUILT_IN_PATHS:
         return
     from innerloop.registry import get_registry  # late import: core must not depend on registry
 
-    matching = [k.name for k in get_registry().kernels_for(model.name, loss.name, rule.name)]
-    if kernel not in matching:
+    specs = {k.name: k for k in get_registry().kernels_for(model.name, loss.name, rule.name)}
+    if kernel not in specs:
         raise ValueError(
             f"kernel={kernel!r} is not a kernel for (inner_model={model.name!r}, inner_loss={loss.name!r}, "
-            f"update_rule={rule.name!r}); valid values: {[*BUILT_IN_PATHS, *matching]}"
+            f"update_rule={rule.name!r}); valid values: {[*BUILT_IN_PATHS, *specs]}"
+        )
+    if specs[kernel].fuses_inner_norm and not all(wrapping):
+        raise ValueError(
+            f"kernel={kernel!r} fuses the inner LayerNorm and residual, which this layer turns off "
+            f"(inner_norm={wrapping[0]}, inner_residual={wrapping[1]}); use kernel='auto' or 'torch'"
         )
     for kind, obj in (("inner_model", model), ("inner_loss", loss), ("update_rule", rule)):
         reason = registered_mismatch(kind, obj, head_dim if kind == "inner_model" else None)
@@ -192,8 +203,10 @@ def resolve_plugins(
     update_rule: str | UpdateRule,
     kernel: str,
     head_dim: int,
+    wrapping: tuple[bool, bool] = (True, True),
 ) -> tuple[InnerModel, InnerLoss, UpdateRule]:
-    """The plugin instances named, checked to work together and with the kernel named (if any)."""
+    """The plugin instances named, checked to work together and with the kernel named (if any), which
+    must compute the inner ``wrapping`` ``(inner_norm, inner_residual)``."""
     model: InnerModel = _resolve("inner_model", inner_model, InnerModel)
     loss: InnerLoss = _resolve("inner_loss", inner_loss, InnerLoss)
     rule: UpdateRule = _resolve("update_rule", update_rule, UpdateRule)
@@ -205,7 +218,7 @@ def resolve_plugins(
     reason = rule.check_model(model)
     if reason is not None:
         raise ValueError(f"update_rule={rule.name!r} cannot run inner_model={model.name!r}: {reason}")
-    _check_kernel_name(kernel, model, loss, rule, head_dim)
+    _check_kernel_name(kernel, model, loss, rule, head_dim, wrapping)
     return model, loss, rule
 
 
@@ -223,6 +236,7 @@ def check_layer_arguments(hidden_size: int, num_heads: int, **options: Any) -> N
         arguments["update_rule"],
         arguments["kernel"],
         int(hidden_size) // int(num_heads),
+        (bool(arguments["inner_norm"]), bool(arguments["inner_residual"])),
     )
 
 
@@ -310,7 +324,9 @@ class TTTLayer(nn.Module):
         super().__init__()
         _check_arguments(locals(), rotary=self.uses_rope)  # every argument, by name
         head_dim = int(hidden_size) // int(num_heads)
-        self._resolve_plugins(inner_model, inner_loss, update_rule, kernel, head_dim)
+        self._resolve_plugins(
+            inner_model, inner_loss, update_rule, kernel, head_dim, (inner_norm, inner_residual)
+        )
 
         # The numbers as Python ints and floats (the checks accept numpy's scalars too).
         self.hidden_size = int(hidden_size)
@@ -343,10 +359,12 @@ class TTTLayer(nn.Module):
         update_rule: str | UpdateRule,
         kernel: str,
         head_dim: int,
+        wrapping: tuple[bool, bool],
     ) -> None:
-        """The plugin instances, checked to work together and with the kernel named (if any)."""
+        """The plugin instances, checked to work together and with the kernel named (if any), which must
+        compute the inner ``wrapping`` ``(inner_norm, inner_residual)``."""
         self.inner_model, self.inner_loss, self.update_rule = resolve_plugins(
-            inner_model, inner_loss, update_rule, kernel, head_dim
+            inner_model, inner_loss, update_rule, kernel, head_dim, wrapping
         )
         # What the state records about the model, loss and rule: their names, qualified by their class
         # when they are not the registered plugins of those names (see innerloop.core.identity).

@@ -292,7 +292,9 @@ def scan(
         mini_batch_size, inner_norm, inner_residual, kernel, norm_eps, needs_double_backward
     )
     _check_per_token(q, lr, decay, momentum)
-    model, loss, rule = resolve_plugins(inner_model, inner_loss, update_rule, kernel, q.shape[3])
+    model, loss, rule = resolve_plugins(
+        inner_model, inner_loss, update_rule, kernel, q.shape[3], (bool(inner_norm), bool(inner_residual))
+    )
     # The scan runs in q's dtype but at least float32, as TTTLayer's (its state, LayerNorm statistics
     # and gradient sums), with autocast off: every path, torch or kernel, gives the same numbers.
     dtype = torch.promote_types(q.dtype, torch.float32)

@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-from innerloop.checkpoints import EARLIER_E2E_DEFAULTS, saved_model_config
+from innerloop.checkpoints import EARLIER_E2E_DEFAULTS, EARLIER_TTT_DEFAULTS, saved_model_config
 from innerloop.models.config import E2E, ModelConfig, validate_model_config
 
 MODEL_TYPE = "innerloop"
@@ -95,6 +95,8 @@ def _loaded_model_section(model: Any) -> Any:
         return model  # refused, naming it, when the config is built
     if model.get("mixer") == E2E and isinstance(model.get("e2e"), dict):
         model = {**model, "e2e": {**EARLIER_E2E_DEFAULTS, **model["e2e"]}}
+    if isinstance(model.get("ttt"), dict):  # written before model.ttt could set the inner wrapping
+        model = {**model, "ttt": {**EARLIER_TTT_DEFAULTS, **model["ttt"]}}
     model = saved_model_config("config.json", model)
     missing = _missing_keys(model, ModelConfig().to_dict())
     if missing:

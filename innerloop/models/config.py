@@ -53,6 +53,8 @@ class TTTConfig:
     (as the reference ``TTTConfig`` does, e.g. for a converted model). ``kernel`` picks the layer's
     fast path as ``TTTLayer(kernel=...)`` does, e.g. ``compiled_torch_mlp`` (TTT-MLP's training step
     compiled by ``torch.compile``, opt-in, training only); it changes speed, not the model.
+    ``inner_norm`` and ``inner_residual`` are the inner model's wrapping ``f(x) = x + LN(g(x))`` (the
+    paper's, both on); switching either off is the paper's ablation, which runs on the torch path.
     """
 
     inner_model: str = "linear"
@@ -64,6 +66,8 @@ class TTTConfig:
     share_qk: Optional[bool] = None  # noqa: UP045 (omegaconf reads Optional, not ``bool | None``)
     use_gate: Optional[bool] = None  # noqa: UP045
     kernel: str = "auto"  # the layer's fast-path choice: "auto", "torch" or a registered kernel's name
+    inner_norm: bool = True  # the inner model's output LayerNorm
+    inner_residual: bool = True  # the inner model's residual connection
 
 
 @dataclass
@@ -353,6 +357,8 @@ def _build_ttt(config: ModelConfig) -> nn.Module:
         conv_kernel=config.ttt.conv_kernel,
         rope_theta=config.rope_theta,
         kernel=config.ttt.kernel,
+        inner_norm=config.ttt.inner_norm,
+        inner_residual=config.ttt.inner_residual,
     )
 
 
@@ -610,6 +616,8 @@ def _check_ttt(ttt: TTTConfig) -> None:
             mini_batch_size=ttt.mini_batch_size,
             conv_kernel=ttt.conv_kernel,
             kernel=ttt.kernel,
+            inner_norm=ttt.inner_norm,
+            inner_residual=ttt.inner_residual,
         )
     except ValueError as err:
         raise ValueError(f"model.ttt: {err}") from None

@@ -97,8 +97,11 @@ def test_layers_the_delta_kernel_does_not_compute_go_to_torch_with_the_reason() 
 
 
 def test_the_fused_kernels_still_refuse_layers_without_the_inner_norm() -> None:
-    """The refusal moved from dispatch into each kernel's declared capability: unchanged for them."""
+    """A fused kernel named for a scan without the inner LayerNorm is refused when the call is checked,
+    before anything runs (the declared capability, fuses_inner_norm)."""
     generator = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 16, 4, generator=generator) for _ in range(3))
-    with pytest.raises(KernelUnavailableError, match="fuses the inner residual and LayerNorm"):
+    with pytest.raises(
+        ValueError, match="fuses the inner LayerNorm and residual, which this layer turns off"
+    ):
         scan(q, k, v, torch.full((1, 2, 16), 0.1), inner_norm=False, kernel="fused_torch_linear")

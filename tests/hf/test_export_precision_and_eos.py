@@ -84,6 +84,27 @@ def test_a_key_missing_from_config_json_is_named_in_a_warning(tmp_path: Path) ->
         AutoModelForCausalLM.from_pretrained(out)
 
 
+def test_an_export_written_before_the_inner_wrapping_was_an_option_loads_quietly(tmp_path: Path) -> None:
+    """model.ttt.inner_norm / inner_residual were added with the paper's wrapping as their default:
+    an older config.json without them describes that model, so they are filled without a warning."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    model = build_model(ModelConfig.from_dict(MODEL_KINDS["ttt_linear"])).eval()
+    out = _edited(
+        export_model(model, tmp_path / "exported"),
+        lambda m: [m["ttt"].pop(k) for k in ("inner_norm", "inner_residual")],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert (loaded.config.model["ttt"]["inner_norm"], loaded.config.model["ttt"]["inner_residual"]) == (
+        True,
+        True,
+    )
+
+
 def test_an_older_exports_family_key_its_member_never_read_loads_with_a_warning(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 

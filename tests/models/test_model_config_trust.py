@@ -20,6 +20,7 @@ BAD = [
     ({"mixer": 3}, "model.mixer=3"),
     ({"ttt": {"base_lr": "1.0"}}, "model.ttt.base_lr='1.0'"),
     ({"ttt": {"mini_batch_size": 8.0}}, "model.ttt.mini_batch_size=8.0"),
+    ({"ttt": {"inner_norm": "false"}}, "model.ttt.inner_norm='false'"),
     ({"e2e": {"first_order": "false"}}, "model.e2e.first_order='false'"),
     ({"e2e": {"test_time_training": 0}}, "model.e2e.test_time_training=0"),
 ]
@@ -87,3 +88,33 @@ def test_known_plugin_names_in_unread_sections_pass_quietly() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         validate_model_config(ModelConfig(mixer="attention", ttt=TTTConfig(inner_model="mlp")))
+
+
+@pytest.mark.parametrize("wrapping", [(False, True), (True, False), (False, False)])
+def test_the_inner_wrapping_is_a_model_option(wrapping) -> None:
+    """model.ttt.inner_norm / inner_residual reach the layers (the paper's ablation, from a config); a
+    fused kernel named with either off is refused when the config is checked, not at the first batch."""
+    import torch
+
+    norm, residual = wrapping
+    config = ModelConfig.from_dict(
+        {
+            "hidden_size": 16,
+            "num_heads": 2,
+            "num_layers": 1,
+            "ttt": {"inner_norm": norm, "inner_residual": residual},
+        }
+    )
+    model = build_model(config)
+    layer = model.blocks[0].mixer
+    assert (layer.inner_norm, layer.inner_residual) == wrapping
+    with torch.no_grad():
+        model(torch.arange(20)[None])
+    assert layer.last_dispatch[0] == "torch"
+    named = ModelConfig.from_dict(
+        {"ttt": {"inner_norm": norm, "inner_residual": residual, "kernel": "fused_torch_linear"}}
+    )
+    with pytest.raises(
+        ValueError, match="fuses the inner LayerNorm and residual, which this layer turns off"
+    ):
+        validate_model_config(named)

@@ -240,6 +240,11 @@ def check_layer_arguments(hidden_size: int, num_heads: int, **options: Any) -> N
     )
 
 
+_AUTOCAST_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
+"""The dtypes of ``x`` a float32 layer takes under ``torch.autocast`` (which casts float32 and leaves
+float64 as it is)."""
+
+
 def _autocasting(device_type: str) -> bool:
     """``torch.is_autocast_enabled(device_type)``, False for meta tensors (which autocast does not
     know: the query raises "unknown device type for autocast")."""
@@ -290,7 +295,7 @@ class TTTLayer(nn.Module):
 
     Call ``y, state = layer(x, state=None)`` with ``x [B, T, D]``; ``state`` continues a sequence
     from any split point (see :class:`innerloop.core.state.TTTState`). ``x`` is in the weights'
-    dtype (any dtype under ``torch.autocast``); the inner scan (state, inner LayerNorm statistics,
+    dtype (under ``torch.autocast`` a float32 layer also takes bfloat16 and float16 ``x``); the inner scan (state, inner LayerNorm statistics,
     gradient sums) and the state are in :attr:`scan_dtype`, the weights' dtype but at least float32:
     under autocast or with the layer in bfloat16 / float16 only the projections run in low precision.
     Every argument is checked at construction or call, with an error naming it and what is valid.
@@ -524,6 +529,12 @@ class TTTLayer(nn.Module):
             raise TypeError(
                 f"x is {x.dtype} but the layer's weights are {weights.dtype}: cast x (x.to({weights.dtype})) "
                 f"or the layer (layer.to({x.dtype})), or run under torch.autocast for mixed precision"
+            )
+        if x.dtype != weights.dtype and (weights.dtype != torch.float32 or x.dtype not in _AUTOCAST_INPUTS):
+            raise TypeError(
+                f"x is {x.dtype} but the layer's weights are {weights.dtype}: under torch.autocast a layer "
+                "takes x of another dtype only with float32 weights and x in float32, bfloat16 or float16 "
+                "(autocast leaves other dtypes as they are); cast x or the layer to one dtype"
             )
         if state is not None:
             self._check_state(state, x.shape[0])
@@ -765,8 +776,9 @@ class TTTLayer(nn.Module):
                 self.update_rule, state, self.inner_task(), views, lr, tau, decay, momentum
             )
         new_state = replace(new_state, conv_history=conv_history)
-        if not autocasting:
-            inner_out = inner_out.to(self.post_norm.weight.dtype)
+        # Back to the weights' dtype (a no-op for float32 and float64 layers, under autocast or not): a
+        # bfloat16 layer's post-norm takes bfloat16, also under autocast.
+        inner_out = inner_out.to(self.post_norm.weight.dtype)
         return self._output(x, inner_out), new_state
 
     def in_scan_dtype(

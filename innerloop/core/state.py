@@ -101,6 +101,7 @@ class TTTState:
         return self._map(lambda t: t.to(*args, **kwargs))
 
     def clone(self) -> TTTState:
+        """A copy whose tensors own their memory (gradients flow back through the copy)."""
         return self._map(lambda t: t.clone())
 
     def decay_product(self) -> torch.Tensor | None:

@@ -92,6 +92,7 @@ class BlockState:
     mixer: Any
 
     def detach(self) -> BlockState:
+        """The same state cut from the autograd graph."""
         return BlockState(
             None if self.conv is None else self.conv.detach(),
             self.mixer.detach() if hasattr(self.mixer, "detach") else self.mixer,

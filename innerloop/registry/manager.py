@@ -331,6 +331,7 @@ class Registry:
         return sorted(self._entries[kind])
 
     def entries(self, kind: str | None = None) -> list[Entry]:
+        """The registered entries of ``kind`` (every kind when None), sorted by name within a kind."""
         kinds = KIND_NAMES if kind is None else (self._check_kind(kind),)
         return [e for k in kinds for e in sorted(self._entries[k].values(), key=lambda e: e.name)]
 
@@ -365,12 +366,15 @@ class Registry:
         return ""
 
     def inner_model(self, name: str) -> InnerModel:
+        """The :class:`~innerloop.core.protocol.InnerModel` registered under ``name``."""
         return self.get("inner_model", name)
 
     def inner_loss(self, name: str) -> InnerLoss:
+        """The :class:`~innerloop.core.protocol.InnerLoss` registered under ``name``."""
         return self.get("inner_loss", name)
 
     def update_rule(self, name: str) -> UpdateRule:
+        """The :class:`~innerloop.core.protocol.UpdateRule` registered under ``name``."""
         return self.get("update_rule", name)
 
     def model_inner_loss(self, name: str) -> Any:
@@ -382,6 +386,7 @@ class Registry:
         return self.get("model_update_rule", name)
 
     def kernels(self) -> list[KernelSpec]:
+        """Every registered :class:`~innerloop.kernels.KernelSpec`, sorted by name."""
         return [e.obj for e in self.entries("kernel")]
 
     def kernels_for(self, inner_model: str, inner_loss: str, update_rule: str) -> list[KernelSpec]:

@@ -128,9 +128,12 @@ class _IndexedDataModule(L.LightningDataModule):
     seed: int
 
     def make_train_batch(self, index: int) -> Batch:
+        """Training batch number ``index``: ``(inputs, targets)``, each ``[batch_size, seq_len]``, a pure
+        function of ``(seed, index)`` (what makes a resume exact)."""
         raise NotImplementedError
 
     def make_val_examples(self) -> Batch:
+        """Every validation example, ``(inputs, targets)`` with one row each, the same on every call."""
         raise NotImplementedError
 
     def train_dataloader(self) -> DataLoader:
@@ -222,7 +225,9 @@ class TextDataModule(_IndexedDataModule):
         )
 
     def make_train_batch(self, index: int) -> Batch:
-        assert self.train_bytes is not None, "call setup() first"
+        """``batch_size`` windows at random starts in the training text, drawn from ``(seed, index)``."""
+        if self.train_bytes is None:
+            raise RuntimeError("TextDataModule: call setup() before make_train_batch()")
         starts = torch.randint(
             0,
             len(self.train_bytes) - self.seq_len,
@@ -233,7 +238,9 @@ class TextDataModule(_IndexedDataModule):
         return windows[:, :-1], windows[:, 1:]  # [B, T] each
 
     def make_val_examples(self) -> Batch:
-        assert self.val_bytes is not None, "call setup() first"
+        """``val_batches * batch_size`` windows spread evenly over the validation text."""
+        if self.val_bytes is None:
+            raise RuntimeError("TextDataModule: call setup() before make_val_examples()")
         return spread_windows(self.val_bytes, self.seq_len, self.val_batches * self.batch_size)
 
 
@@ -355,9 +362,11 @@ class RecallDataModule(_IndexedDataModule):
         return torch.stack([e[0] for e in examples]), torch.stack([e[1] for e in examples])
 
     def make_train_batch(self, index: int) -> Batch:
+        """``batch_size`` recall examples drawn from ``(seed, index)``."""
         return self._examples(self.batch_size, _generator(self.seed, index))
 
     def make_val_examples(self) -> Batch:
+        """``val_batches * batch_size`` recall examples, drawn from their own fixed stream."""
         return self._examples(self.val_batches * self.batch_size, _generator(self.seed, -1))
 
 

@@ -410,7 +410,7 @@ class LanguageModelModule(L.LightningModule):
         return make_schedule(hp.schedule, hp.warmup_steps, hp.max_steps, hp.lr, hp.min_lr, hp.decay_steps)
 
 
-def load_module(path: str | os.PathLike[str], keep_dtype: bool = False):
+def load_module(path: str | os.PathLike[str], keep_dtype: bool = False) -> LanguageModelModule:
     """The :class:`~innerloop.train.module.LanguageModelModule` stored in a training checkpoint
     (hyperparameters and weights), in eval mode.
 

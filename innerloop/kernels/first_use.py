@@ -292,7 +292,10 @@ def _record(
         got, want = _flatten(actual), _flatten(expected)
         reason = _compare(got, want, tolerance)
         if reason is None and inputs.requires_grad:
-            reason = _compare_gradients(got, want, tensors, weights, tolerance * GRADIENT_FACTOR)
+            try:
+                reason = _compare_gradients(got, want, tensors, weights, tolerance * GRADIENT_FACTOR)
+            except _KernelRaised as raised:  # its backward cannot run (e.g. out of shared memory): refused
+                reason = f"its backward: {raised}"
     _VERDICTS[key] = reason
     return reason
 
@@ -377,9 +380,9 @@ def _compare_gradients(
         k: torch.randn(v.shape, generator=generator, device=v.device, dtype=torch.float32).to(v.dtype)
         for k, v in expected.items()
     }
-    return _compare(
-        _gradients(actual, projection, leaves), _gradients(expected, projection, leaves), tolerance
-    )
+    with _raised_is_a_verdict():  # the kernel's backward runs here
+        kernel_gradients = _gradients(actual, projection, leaves)
+    return _compare(kernel_gradients, _gradients(expected, projection, leaves), tolerance)
 
 
 __all__ = [

@@ -227,6 +227,43 @@ def _raises(*args, **kwargs):
     raise RuntimeError("out of resources: shared memory, Required: 262144, Hardware limit: 101376")
 
 
+class _BackwardRaises(torch.autograd.Function):
+    """The identity, whose backward fails as a GPU kernel's launch out of shared memory does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("out of resources: shared memory, Required: 401800, Hardware limit: 232448")
+
+
+def _backward_raises(*args, **kwargs):
+    out, params = REFERENCE_FORWARD(*args, **kwargs)
+    return _BackwardRaises.apply(out), params
+
+
+def test_a_kernel_whose_backward_raises_in_its_probe_is_refused_and_auto_trains_on_the_torch_path():
+    """The probe runs the kernel's backward too (a training call): a backward that cannot run is refused
+    as a forward that cannot is, instead of crashing the first training step."""
+    register(_backward_raises)
+    layer, reference = layer_pair(dtype=torch.float64)  # the next paths equal torch to rounding
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    with pytest.warns(
+        KernelCheckWarning, match=rf"{NAME}: failed its first-use check .*its backward: it raised"
+    ):
+        out, _ = layer(x)
+    assert layer.last_dispatch[0] != NAME
+    out.sum().backward()
+    reference(x)[0].sum().backward()
+    for (name, grad), expected in zip(layer.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(grad.grad, expected.grad, msg=name)
+    named, _ = layer_pair(kernel=NAME, dtype=torch.float64)
+    with pytest.raises(KernelCheckError, match=r"its backward: it raised RuntimeError: out of resources"):
+        named(x)
+
+
 def test_a_kernel_that_raises_in_its_probe_is_refused_and_auto_gives_the_torch_numbers():
     register(_raises, _raises)
     layer, reference = layer_pair()

@@ -90,7 +90,7 @@ def signature(kernel: KernelSpec, inputs: KernelInputs) -> tuple:
     extra = tuple(sorted((k, v) for k, v in inputs.extra.items() if isinstance(v, bool)))
     return (
         kernel,
-        inputs.device.type,
+        inputs.device,  # with its index: each GPU is probed (its shared memory may differ)
         inputs.dtype,
         inputs.head_dim,
         inputs.mini_batch_size,

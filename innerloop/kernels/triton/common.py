@@ -8,6 +8,7 @@ under the CPU interpreter (``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -56,6 +57,12 @@ def eta_matrix(lr: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
+def launch_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Where a kernel reading ``tensor`` is launched: its CUDA device made current (Triton launches on the
+    current device, and a tensor on ``cuda:1`` read from ``cuda:0`` fails or races), nothing on CPU."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def triton_missing() -> str | None:
     """Why the Triton kernels cannot run in this environment (triton not installed), or ``None``.
 

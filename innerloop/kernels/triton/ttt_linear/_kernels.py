@@ -39,7 +39,7 @@ def linear_forward_kernel(
     F: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Chunked dual form over ``NB`` mini-batches, storing the weights every ``GROUP`` mini-batches."""
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # int64: offsets such as pid * T * F pass 2**31 on large inputs
     h = pid % H
     rows = tl.arange(0, BK)
     cols = tl.arange(0, F)
@@ -83,7 +83,7 @@ def linear_backward_kernel(
     Writes per-token grads (dxq, dxk, dxv, dlr), the grads of the initial weights, and per-program
     partial sums of dtau ``[BK]`` and of the LayerNorm weight/bias ``[F]`` (reduced in torch).
     """
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # int64: offsets such as pid * T * F pass 2**31 on large inputs
     h = pid % H
     rows = tl.arange(0, BK)
     cols = tl.arange(0, F)
@@ -189,7 +189,7 @@ def linear_decode_kernel(
 
     Vectors are handled as ``[1, F]`` tiles so the LayerNorm helpers apply unchanged.
     """
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # int64: offsets such as pid * T * F pass 2**31 on large inputs
     h = pid % H
     cols = tl.arange(0, F)
     r1 = tl.arange(0, 1)

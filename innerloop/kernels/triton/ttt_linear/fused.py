@@ -16,6 +16,7 @@ from ..common import (
     block_rows,
     dot_precision,
     empty_output,
+    launch_device,
 )
 from .naive import param_shapes
 
@@ -54,13 +55,14 @@ class _LinearChunk(torch.autograd.Function):
         b_new = _empty((B, H, 1, f), b1.dtype, dev)
         ckpt_w = _empty((B * H, n_ckpt, f, f), torch.float32, dev)  # weights at every group start
         ckpt_b = _empty((B * H, n_ckpt, f), torch.float32, dev)
-        _kernels().linear_forward_kernel[(B * H,)](
-            xq, xk, xv, lr, tau, W1c, b1c, lnw, lnb,
-            out, W_new, b_new, ckpt_w, ckpt_b,
-            H, T, K, NB, n_ckpt, eps,
-            F=f, BK=block_rows(K), GROUP=checkpoint_every, PREC=dot_precision(xq.dtype),
-            num_warps=4 if f <= 64 else 8,
-        )  # fmt: skip
+        with launch_device(xq):
+            _kernels().linear_forward_kernel[(B * H,)](
+                xq, xk, xv, lr, tau, W1c, b1c, lnw, lnb,
+                out, W_new, b_new, ckpt_w, ckpt_b,
+                H, T, K, NB, n_ckpt, eps,
+                F=f, BK=block_rows(K), GROUP=checkpoint_every, PREC=dot_precision(xq.dtype),
+                num_warps=4 if f <= 64 else 8,
+            )  # fmt: skip
         ctx.save_for_backward(xq, xk, xv, lr, tau, lnw, lnb, ckpt_w, ckpt_b)
         ctx.meta = (eps, checkpoint_every, W1.dtype, b1.dtype, ln_weight.dtype, ln_bias.dtype)
         return out, W_new, b_new
@@ -89,14 +91,16 @@ class _LinearChunk(torch.autograd.Function):
         db0 = _empty((B, H, 1, f), f32, dev)
         dlnw = _empty((B * H, f), f32, dev)
         dlnb = _empty((B * H, f), f32, dev)
-        _kernels().linear_backward_kernel[(B * H,)](
-            xq, xk, xv, lr, tau, lnw, lnb, ckpt_w, ckpt_b,
-            d_out, d_W_new, d_b_new, scratch_w, scratch_b,
-            dxq, dxk, dxv, dlr, dtau, dW0, db0, dlnw, dlnb,
-            H, T, K, NB, n_ckpt, eps,
-            F=f, BK=BK, GROUP=group, PREC=dot_precision(xq.dtype),
-            num_warps=4 if f <= 64 else 8,
-        )  # fmt: skip
+        with launch_device(xq):
+            _kernels().linear_backward_kernel[(B * H,)](
+                xq, xk, xv, lr, tau, lnw, lnb, ckpt_w, ckpt_b,
+                d_out, d_W_new, d_b_new, scratch_w, scratch_b,
+                dxq, dxk, dxv, dlr, dtau, dW0, db0, dlnw, dlnb,
+                H, T, K, NB, n_ckpt, eps,
+                F=f, BK=BK, GROUP=group, PREC=dot_precision(xq.dtype),
+                num_warps=4 if f <= 64 else 8,
+                num_stages=1,  # no software pipelining: shared memory of 98 KiB, not 272, at f = 128
+            )  # fmt: skip
         return (
             dxq.to(xq.dtype),
             dxk.to(xk.dtype),
@@ -176,10 +180,11 @@ def decode(
     new_pending = {k: _empty(v.shape, v.dtype, dev) for k, v in pending.items()}
     c = [t.contiguous() for t in (xq, xk, xv, lr, tau_i, params["W1"], params["b1"])]
     s = [pending["W1"].contiguous(), pending["b1"].contiguous()]
-    _kernels().linear_decode_kernel[(B * H,)](
-        *c, *s, ln_weight.contiguous(), ln_bias.contiguous(),
-        out, new_params["W1"], new_params["b1"], new_pending["W1"], new_pending["b1"],
-        H, float(eps),
-        F=f, IS_LAST=bool(is_last),
-    )  # fmt: skip
+    with launch_device(xq):
+        _kernels().linear_decode_kernel[(B * H,)](
+            *c, *s, ln_weight.contiguous(), ln_bias.contiguous(),
+            out, new_params["W1"], new_params["b1"], new_pending["W1"], new_pending["b1"],
+            H, float(eps),
+            F=f, IS_LAST=bool(is_last),
+        )  # fmt: skip
     return out, new_params, new_pending

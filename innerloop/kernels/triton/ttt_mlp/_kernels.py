@@ -79,7 +79,7 @@ def mlp_forward_kernel(
     F: tl.constexpr, F4: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Chunked dual form over ``NB`` mini-batches, storing the weights every ``GROUP`` mini-batches."""
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # int64: offsets such as pid * T * F pass 2**31 on large inputs
     h = pid % H
     rows = tl.arange(0, BK)
     cols = tl.arange(0, F)
@@ -127,7 +127,7 @@ def mlp_backward_kernel(
     """Reverse sweep, as the TTT-Linear backward: per checkpoint group (last first) recompute the
     starting weights of its mini-batches into scratch, then apply the adjoint equations of README.md
     from the group's last mini-batch to its first."""
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # int64: offsets such as pid * T * F pass 2**31 on large inputs
     h = pid % H
     rows = tl.arange(0, BK)
     cols = tl.arange(0, F)
@@ -279,7 +279,7 @@ def mlp_decode_kernel(
 
     Vectors are ``[1, n]`` tiles; vector-matrix products are broadcast-and-sum (no ``tl.dot`` for 1 row).
     """
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # int64: offsets such as pid * T * F pass 2**31 on large inputs
     h = pid % H
     cols = tl.arange(0, F)
     hcols = tl.arange(0, F4)

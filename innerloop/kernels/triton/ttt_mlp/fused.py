@@ -16,6 +16,7 @@ from ..common import (
     block_rows,
     dot_precision,
     empty_output,
+    launch_device,
 )
 from .naive import param_shapes
 
@@ -62,13 +63,14 @@ class _MLPChunk(torch.autograd.Function):
         new = [_empty(w.shape, w.dtype, dev) for w in weights]
         # weights at the start of every checkpoint group, float32, [B * H * n_ckpt, ...]
         ckpt = _state_buffers(B * H * n_ckpt, f, [torch.float32] * 4, dev)
-        _kernels().mlp_forward_kernel[(B * H,)](
-            xq, xk, xv, lr, tau, *wc, lnw, lnb,
-            out, *new, *ckpt,
-            H, T, K, NB, n_ckpt, eps,
-            F=f, F4=4 * f, BK=block_rows(K), GROUP=checkpoint_every, PREC=dot_precision(xq.dtype),
-            num_warps=4 if f <= 32 else 8,
-        )  # fmt: skip
+        with launch_device(xq):
+            _kernels().mlp_forward_kernel[(B * H,)](
+                xq, xk, xv, lr, tau, *wc, lnw, lnb,
+                out, *new, *ckpt,
+                H, T, K, NB, n_ckpt, eps,
+                F=f, F4=4 * f, BK=block_rows(K), GROUP=checkpoint_every, PREC=dot_precision(xq.dtype),
+                num_warps=4 if f <= 32 else 8,
+            )  # fmt: skip
         ctx.save_for_backward(xq, xk, xv, lr, tau, lnw, lnb, *ckpt)
         ctx.meta = (eps, checkpoint_every, n_ckpt, [w.dtype for w in weights], ln_weight.dtype, ln_bias.dtype)
         return (out, *new)
@@ -97,14 +99,16 @@ class _MLPChunk(torch.autograd.Function):
         d_init = [_empty(s, f32, dev) for s in shapes]
         dlnw = _empty((B * H, f), f32, dev)
         dlnb = _empty((B * H, f), f32, dev)
-        _kernels().mlp_backward_kernel[(B * H,)](
-            xq, xk, xv, lr, tau, lnw, lnb, *ckpt,
-            d_out, *d_new, *scratch,
-            dxq, dxk, dxv, dlr, dtau, *d_init, dlnw, dlnb,
-            H, T, K, NB, n_ckpt, eps,
-            F=f, F4=4 * f, BK=BK, GROUP=group, PREC=dot_precision(xq.dtype),
-            num_warps=4 if f <= 32 else 8,
-        )  # fmt: skip
+        with launch_device(xq):
+            _kernels().mlp_backward_kernel[(B * H,)](
+                xq, xk, xv, lr, tau, lnw, lnb, *ckpt,
+                d_out, *d_new, *scratch,
+                dxq, dxk, dxv, dlr, dtau, *d_init, dlnw, dlnb,
+                H, T, K, NB, n_ckpt, eps,
+                F=f, F4=4 * f, BK=BK, GROUP=group, PREC=dot_precision(xq.dtype),
+                num_warps=4 if f <= 32 else 8,
+                num_stages=1,  # no software pipelining: shared memory of 156 KiB, not 392, at f = 64
+            )  # fmt: skip
         return (
             dxq.to(xq.dtype),
             dxk.to(xk.dtype),
@@ -177,12 +181,13 @@ def decode(
     out = _empty((B, H, f), xq.dtype, dev)
     new_params = {k: _empty(params[k].shape, params[k].dtype, dev) for k in KEYS} if is_last else dict(params)
     new_pending = {k: _empty(pending[k].shape, pending[k].dtype, dev) for k in KEYS}
-    _kernels().mlp_decode_kernel[(B * H,)](
-        *(t.contiguous() for t in (xq, xk, xv, lr, tau_i)),
-        *(params[k].contiguous() for k in KEYS), *(pending[k].contiguous() for k in KEYS),
-        ln_weight.contiguous(), ln_bias.contiguous(),
-        out, *(new_params[k] for k in KEYS), *(new_pending[k] for k in KEYS),
-        H, float(eps),
-        F=f, F4=4 * f, IS_LAST=bool(is_last),
-    )  # fmt: skip
+    with launch_device(xq):
+        _kernels().mlp_decode_kernel[(B * H,)](
+            *(t.contiguous() for t in (xq, xk, xv, lr, tau_i)),
+            *(params[k].contiguous() for k in KEYS), *(pending[k].contiguous() for k in KEYS),
+            ln_weight.contiguous(), ln_bias.contiguous(),
+            out, *(new_params[k] for k in KEYS), *(new_pending[k] for k in KEYS),
+            H, float(eps),
+            F=f, F4=4 * f, IS_LAST=bool(is_last),
+        )  # fmt: skip
     return out, new_params, new_pending

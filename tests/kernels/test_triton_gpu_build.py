@@ -1,0 +1,64 @@
+"""The Triton kernels as a GPU compiles them, checked here without one: Triton lowers them for an
+sm_90 target on the CPU (no device is needed until launch), and the intermediate code says how wide
+each pointer offset is. A 32-bit offset such as ``pid * T * F`` wraps past 2**31 elements (B=8, H=32,
+T=128k, f=128) and reads and writes another tensor's memory without an error."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton", reason="the Triton kernels need triton (the test extra installs it)")
+
+LOWERING = textwrap.dedent(
+    """
+    import re
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from innerloop.kernels.triton.ttt_linear import _kernels as linear
+    from innerloop.kernels.triton.ttt_mlp import _kernels as mlp
+
+    F, BLOCK = 16, {"BK": 16, "GROUP": 2, "PREC": "ieee"}
+    KERNELS = [
+        (linear.linear_forward_kernel, {"F": F, **BLOCK}),
+        (linear.linear_backward_kernel, {"F": F, **BLOCK}),
+        (linear.linear_decode_kernel, {"F": F, "IS_LAST": True}),
+        (mlp.mlp_forward_kernel, {"F": F, "F4": 4 * F, **BLOCK}),
+        (mlp.mlp_backward_kernel, {"F": F, "F4": 4 * F, **BLOCK}),
+        (mlp.mlp_decode_kernel, {"F": F, "F4": 4 * F, "IS_LAST": True}),
+    ]
+    for kernel, constants in KERNELS:
+        names = kernel.arg_names
+        kind = lambda a: "constexpr" if a in constants else "*fp32" if a.endswith("_ptr") else "fp32" if a == "eps" else "i32"
+        source = ASTSource(
+            kernel,
+            signature={a: kind(a) for a in names},
+            constexprs={(names.index(a),): v for a, v in constants.items()},
+        )
+        ir = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ttir"]
+        for pointer, width in re.findall(r"tt\\.addptr %(\\w+_ptr), %\\S+ : !tt\\.ptr<\\w+>, (i\\d+)", ir):
+            print(kernel.fn.__name__, pointer, width)
+    """
+)
+
+
+@pytest.mark.slow  # reason: Triton lowers six kernels for a GPU target in a child process, ~15 s
+def test_every_offset_from_a_kernel_argument_is_64_bit() -> None:
+    env = {
+        k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"
+    }  # the GPU compiler, not the interpreter
+    result = subprocess.run(
+        [sys.executable, "-c", LOWERING], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    offsets = [line.split() for line in result.stdout.splitlines()]
+    kernels = {kernel for kernel, _, _ in offsets}
+    assert len(kernels) == 6, result.stdout  # every kernel was lowered and read
+    # tau [K] is the mini-batch's token scale, shared by every program: its offsets stay below K
+    narrow = [(k, p, w) for k, p, w in offsets if w != "i64" and p != "tau_ptr"]
+    assert not narrow, f"32-bit offsets from kernel arguments: {narrow}"

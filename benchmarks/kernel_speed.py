@@ -6,8 +6,13 @@ For each sequence length T in 2k..32k, times (on CUDA) the chunk forward of:
 - causal ``torch.nn.functional.scaled_dot_product_attention`` at the same width (B, H, T, f),
 and, with ``--backward``, forward + backward of each. Prints one table row per (T, method).
 
+``--dtype`` is the activations' dtype given to the Triton kernel and to SDPA. The default, float32, is
+what ``TTTLayer`` hands the kernel (its inner scan is float32 at any weight dtype); bfloat16 / float16
+time the kernel's lower-precision build, called directly. The naive reference always reads float32
+(it takes one dtype).
+
 Usage: python benchmarks/kernel_speed.py [--model linear|mlp|both] [--batch 1] [--heads 12]
-       [--head-dim 64] [--mini-batch 16] [--dtype bfloat16] [--backward] [--max-len 32768]
+       [--head-dim 64] [--mini-batch 16] [--dtype float32] [--backward] [--max-len 32768]
 
 On a machine without CUDA it prints a message and exits with status 0.
 """
@@ -46,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"a power of two from 16 to {LINEAR_MAX_HEAD_DIM} (linear) or {MLP_MAX_HEAD_DIM} (mlp)",
     )
     p.add_argument("--mini-batch", type=int_range(1, MAX_MINI_BATCH), default=16)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     p.add_argument(
         "--min-len", type=positive_int, default=2048, help="first T, a multiple of --mini-batch; doubled"
@@ -159,8 +164,11 @@ def main(argv=None) -> int:
         for model in models:
             inputs = make_inputs(model, B, H, T, f, K, dtype, args.backward)
             rows.append((f"triton_{model}", runner(modules[model].forward, inputs, args.backward)))
-            if T <= args.skip_naive_above:
-                rows.append((f"naive_{model}", runner(modules[model].naive.forward, inputs, args.backward)))
+            if T <= args.skip_naive_above:  # the reference reads float32 only
+                reference_inputs = make_inputs(model, B, H, T, f, K, torch.float32, args.backward)
+                rows.append(
+                    (f"naive_{model}", runner(modules[model].naive.forward, reference_inputs, args.backward))
+                )
         for name, fn in rows:
             try:
                 ms = cuda_time_ms(fn, args.repeats)

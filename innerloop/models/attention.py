@@ -2,13 +2,17 @@
 
 Both keep a key/value cache as their recurrent state, so they decode through the same
 ``y, state = mixer(x, state)`` call as a TTT layer. Full attention's cache grows with the sequence;
-sliding-window attention keeps only the last ``window - 1`` keys, so its memory per token is constant.
+sliding-window attention keeps only the last ``window - 1`` keys, so its memory per token is constant,
+and it reads a long input a block of queries at a time (:func:`sliding_window_attention`), so reading
+``T`` tokens costs memory and time in proportion to ``T * (window + block)``, not ``T**2``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -47,6 +51,59 @@ def rotate_with_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> 
     inv_freq = rope_inverse_frequencies(x.shape[-1], theta)
     cos, sin = rope_cos_sin(positions, inv_freq, compute)  # [T, f/2]
     return apply_rope_interleaved(x.to(compute), cos, sin).to(x.dtype)
+
+
+QUERY_BLOCK = 256
+"""How many queries sliding-window attention reads at once (:meth:`CausalSelfAttention.forward`)."""
+
+# (q_piece, k_piece, query positions [n], key positions [m], first query position) -> rotated (q, k)
+PieceRotation = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]
+]
+
+
+def block_bounds(start: int, stop: int, size: int) -> list[int]:
+    """The bounds of the blocks that split positions ``[start, stop)`` at the multiples of ``size``:
+    ``[start, <multiples of size in between>, stop]``, or ``[start]`` (no block) when empty."""
+    if stop <= start:
+        return [start]
+    return [start, *range(start - start % size + size, stop, size), stop]
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    bounds: list[int],
+    rotate: PieceRotation | None = None,
+) -> torch.Tensor:
+    """Causal attention of queries ``q [B, H, T, f]`` at absolute positions ``bounds[0] .. bounds[-1] - 1``
+    over keys and values ``k, v [B, H, K, f]`` at the ``K >= T`` positions that end at ``bounds[-1] - 1``,
+    each query seeing the last ``window`` positions (itself included). Returns ``[B, H, T, f]``.
+
+    The queries are read one block ``[bounds[i], bounds[i + 1])`` at a time, each against only the keys
+    it can see (from ``window - 1`` before the block to its end) with a ``[n, m]`` mask, so the memory and
+    time are in proportion to ``T * (window + block)``; the result is the full ``[T, K]`` mask's.
+    ``rotate``, if given, applies RoPE to each block's queries and keys.
+    """
+    start, stop = bounds[0], bounds[-1]
+    first_key = stop - k.shape[2]  # absolute position of k[:, :, 0]
+    pieces = []
+    for begin, end in pairwise(bounds):
+        lowest = max(begin - window + 1, first_key)  # the earliest key a query of the block sees
+        query_pos = torch.arange(begin, end, device=q.device)  # [n] absolute
+        key_pos = torch.arange(lowest, end, device=q.device)  # [m] absolute
+        q_piece = q[:, :, begin - start : end - start]
+        k_piece = k[:, :, lowest - first_key : end - first_key]
+        v_piece = v[:, :, lowest - first_key : end - first_key]
+        if rotate is not None:
+            q_piece, k_piece = rotate(q_piece, k_piece, query_pos, key_pos, begin)
+        mask = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - window)
+        pieces.append(F.scaled_dot_product_attention(q_piece, k_piece, v_piece, attn_mask=mask))
+    if len(pieces) == 1:  # a decoding step or a short input: no copy
+        return pieces[0]
+    return torch.cat(pieces, dim=2) if pieces else q
 
 
 class CausalSelfAttention(nn.Module):
@@ -109,16 +166,16 @@ class CausalSelfAttention(nn.Module):
             v = torch.cat((state.value.to(v.dtype), v), dim=2)
         num_keys = k.shape[2]
 
-        if self.window is None and state is None:
+        if self.window is not None:  # block by block: O(T * (window + block)), not a [T, S + T] mask
+            bounds = block_bounds(start, start + length, QUERY_BLOCK)
+            y = sliding_window_attention(q, k, v, self.window, bounds)
+        elif state is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             # Query i sits at absolute position start + i; key j at start + length - num_keys + j.
             query_pos = torch.arange(start, start + length, device=x.device)[:, None]  # [T, 1]
             key_pos = torch.arange(start + length - num_keys, start + length, device=x.device)[None, :]
-            mask = key_pos <= query_pos  # [T, S + T]
-            if self.window is not None:
-                mask = mask & (key_pos > query_pos - self.window)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_pos <= query_pos)  # mask [T, S + T]
         y = y.transpose(1, 2).reshape(batch, length, hidden)
 
         keep = num_keys if self.window is None else min(num_keys, self.window - 1)

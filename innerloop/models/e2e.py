@@ -40,7 +40,13 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from innerloop.core.model_inner import FastWeights, ModelInnerLoss, ModelUpdateRule
-from innerloop.models.attention import CausalSelfAttention, KVCache, rotate_with_rope
+from innerloop.models.attention import (
+    CausalSelfAttention,
+    KVCache,
+    block_bounds,
+    rotate_with_rope,
+    sliding_window_attention,
+)
 from innerloop.models.blocks import SwiGLU
 from innerloop.models.config import E2E, ModelConfig, validate_e2e_options, validate_model_config
 from innerloop.models.lm import _tensors, check_token_ids
@@ -101,25 +107,23 @@ def chunk_relative_attention(
     if cache is not None:  # a cache of another dtype is used in the one this call computes in
         k = torch.cat((cache.key.to(k.dtype), k), dim=2)  # [B, H, S + T, f]
         v = torch.cat((cache.value.to(v.dtype), v), dim=2)
-    first_key = start + length - k.shape[2]  # absolute position of k[:, :, 0]
-    pieces = []
-    begin = start
-    while begin < start + length:  # one piece per chunk the queries touch
-        chunk_start = begin - begin % chunk_size
-        end = min(chunk_start + chunk_size, start + length)
-        lowest = max(begin - window + 1, first_key)  # the earliest key a query of the piece sees
-        query_pos = torch.arange(begin, end, device=x.device)  # [n] absolute
-        key_pos = torch.arange(lowest, end, device=x.device)  # [m] absolute
-        offset = window - chunk_start  # absolute -> rotation position
-        q_piece = rotate_with_rope(q[:, :, begin - start : end - start], query_pos + offset, attn.rope_theta)
-        k_piece = rotate_with_rope(
-            k[:, :, lowest - first_key : end - first_key], key_pos + offset, attn.rope_theta
+
+    def rotate(
+        q_piece: torch.Tensor,
+        k_piece: torch.Tensor,
+        query_pos: torch.Tensor,
+        key_pos: torch.Tensor,
+        begin: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        offset = window - (begin - begin % chunk_size)  # absolute -> rotation position in this chunk
+        return (
+            rotate_with_rope(q_piece, query_pos + offset, attn.rope_theta),
+            rotate_with_rope(k_piece, key_pos + offset, attn.rope_theta),
         )
-        v_piece = v[:, :, lowest - first_key : end - first_key]
-        mask = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - window)
-        pieces.append(F.scaled_dot_product_attention(q_piece, k_piece, v_piece, attn_mask=mask))
-        begin = end
-    y = torch.cat(pieces, dim=2) if pieces else q  # [B, H, T, f]
+
+    # One block per chunk the queries touch.
+    bounds = block_bounds(start, start + length, chunk_size)
+    y = sliding_window_attention(q, k, v, window, bounds, rotate)  # [B, H, T, f]
     y = y.transpose(1, 2).reshape(batch, length, hidden)
     keep = min(k.shape[2], window - 1)
     kept = slice(k.shape[2] - keep, k.shape[2])

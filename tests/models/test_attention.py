@@ -1,0 +1,138 @@
+"""Sliding-window attention reads long inputs block by block: the numbers of the dense ``[T, S + T]``
+mask, in memory and time linear in ``T`` (innerloop.models.attention)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from innerloop.models import attention
+from innerloop.models.attention import CausalSelfAttention, rotate_with_rope
+from innerloop.testing.memory import peak_cpu_allocation
+
+BLOCK = 8  # the query block the tests use, so that short inputs span many blocks
+
+
+def dense_reference(layer: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output for ``x [B, T, D]`` read from position 0, from the dense ``[T, T]`` mask and
+    the attention formula written out (scores, masked softmax, weighted values)."""
+    batch, length, hidden = x.shape
+    q, k, v = layer.qkv_proj(x).view(batch, length, 3, layer.num_heads, layer.head_dim).unbind(2)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # each [B, H, T, f]
+    if layer.q_norm is not None and layer.k_norm is not None:
+        q, k = layer.q_norm(q), layer.k_norm(k)
+    positions = torch.arange(length)
+    q, k = (rotate_with_rope(t, positions, layer.rope_theta) for t in (q, k))
+    window = layer.window if layer.window is not None else length
+    offsets = positions[:, None] - positions[None, :]  # [T, T]: query minus key position
+    visible = (offsets >= 0) & (offsets < window)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(layer.head_dim)).masked_fill(~visible, -math.inf)
+    y = scores.softmax(dim=-1) @ v  # [B, H, T, f]
+    return layer.o_proj(y.transpose(1, 2).reshape(batch, length, hidden))
+
+
+def swa_layer(window: int, hidden: int = 16, heads: int = 2, qk_norm: bool = True) -> CausalSelfAttention:
+    torch.manual_seed(0)
+    return CausalSelfAttention(hidden, heads, window=window, qk_norm=qk_norm).double()
+
+
+def read_in_pieces(layer: CausalSelfAttention, x: torch.Tensor, first: int) -> torch.Tensor:
+    """``x`` read as ``x[:, :first]`` and then the rest with the cache carried (one call if first=0)."""
+    if first == 0:
+        return layer(x)[0]
+    head, cache = layer(x[:, :first])
+    return torch.cat((head, layer(x[:, first:], cache)[0]), dim=1)
+
+
+# (window, T, tokens read before the rest with the cache): T < window, T = window, T > window, T not a
+# multiple of the block, windows shorter and longer than the block, a cache that ends inside a block.
+CASES = [
+    (16, 5, 0),
+    (16, 16, 0),
+    (16, 45, 0),
+    (4, 37, 0),
+    (3, 8, 0),
+    (1, 19, 0),
+    (16, 45, 13),
+    (4, 37, 21),
+    (16, 40, 3),
+    (5, 33, 8),
+]
+
+
+@pytest.mark.parametrize(("window", "length", "first"), CASES)
+def test_blocked_sliding_window_equals_the_dense_mask(monkeypatch, window, length, first) -> None:
+    monkeypatch.setattr(attention, "QUERY_BLOCK", BLOCK)
+    layer = swa_layer(window)
+    x = torch.randn(3, length, 16, dtype=torch.float64, requires_grad=True)  # batch 3
+    weights = torch.randn(3, length, 16, dtype=torch.float64)
+    got = read_in_pieces(layer, x, first)
+    (got * weights).sum().backward()
+    got_grads = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    x.grad = None
+    layer.zero_grad()
+
+    want = dense_reference(layer, x)
+    (want * weights).sum().backward()
+    want_grads = [x.grad] + [p.grad for p in layer.parameters()]
+    assert (got - want).abs().max() <= 1e-12
+    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+        assert (got_grad - want_grad).abs().max() <= 1e-12
+
+
+def test_blocked_sliding_window_under_bf16_autocast(monkeypatch) -> None:
+    layer = swa_layer(12, hidden=32, heads=4, qk_norm=False)  # (nn.RMSNorm warns under bf16 autocast)
+    x = torch.randn(2, 70, 32, dtype=torch.float64)
+    with torch.no_grad():
+        want = dense_reference(layer, x).float()
+        layer, x = layer.float(), x.float()
+        monkeypatch.setattr(attention, "QUERY_BLOCK", 10**9)  # one block: the dense [T, T] mask
+        with torch.autocast("cpu", torch.bfloat16):
+            dense = read_in_pieces(layer, x, 0)
+        monkeypatch.setattr(attention, "QUERY_BLOCK", BLOCK)
+        with torch.autocast("cpu", torch.bfloat16):
+            blocked, carried = read_in_pieces(layer, x, 0), read_in_pieces(layer, x, 29)
+    assert blocked.dtype == dense.dtype == torch.bfloat16
+    scale = want.abs().max()
+    for y in (dense, blocked, carried):
+        assert (y.float() - want).abs().max() <= 2e-2 * scale
+    assert (blocked.float() - dense.float()).abs().max() <= 2e-2 * scale
+
+
+def test_a_decoding_step_is_one_attention_call_over_the_cache(monkeypatch) -> None:
+    """T = 1 after a cache: one SDPA call, the query against the ``window`` keys, no block split."""
+    layer = swa_layer(16)
+    x = torch.randn(2, 301, 16, dtype=torch.float64)
+    _, cache = layer(x[:, :300])
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, **kwargs):
+        calls.append((q.shape[2], k.shape[2], None if attn_mask is None else tuple(attn_mask.shape)))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording_sdpa)
+    y, after = layer(x[:, 300:], cache)
+    assert calls == [(1, 16, (1, 16))]
+    assert after.key.shape[2] == 15 and after.position == 301
+    assert (y - dense_reference(layer, x)[:, 300:]).abs().max() <= 1e-12
+
+
+def no_grad_peak(layer: CausalSelfAttention, length: int) -> int:
+    x = torch.randn(1, length, 64)
+    with torch.no_grad():
+        return peak_cpu_allocation(lambda: layer(x))
+
+
+def test_sliding_window_prefill_memory_grows_linearly() -> None:
+    """A window-64 layer of width 64 reads 8192 tokens in about twice the memory of 4096 (the dense
+    [T, T] mask took 202 MB at 8192 and 53 MB at 4096)."""
+    torch.manual_seed(0)
+    layer = CausalSelfAttention(64, 4, window=64).eval()
+    no_grad_peak(layer, 256)  # warm-up (lazy initialisations)
+    short, long = no_grad_peak(layer, 4096), no_grad_peak(layer, 8192)
+    assert short > 0
+    assert long < 2.5 * short, (short, long)
+    assert long < 24 * 2**20, long  # the input, q/k/v, the output and one block's scores: about 13 MB

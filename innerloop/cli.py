@@ -348,7 +348,10 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     )
     generate.add_argument("checkpoint", help="a last.safetensors written by `innerloop train`")
     generate.add_argument(
-        "--prompt", default="def ", help="text to start from, any bytes (default: %(default)r)"
+        "--prompt",
+        default="def ",
+        help="text to start from: any bytes for a byte-level model, UTF-8 text for a model with a Hugging Face "
+        "tokenizer (default: %(default)r)",
     )
     generate.add_argument(
         "--tokens", type=_number(int, 0), default=200, help="bytes to generate (default: %(default)s)"
@@ -654,6 +657,20 @@ def _generate_bytes(args: argparse.Namespace, model) -> int:
     return 0
 
 
+def _text_prompt(prompt: str, tokenizer) -> str:
+    """``--prompt`` as text for a tokenizer that reads UTF-8 text (a Hugging Face one), not bytes:
+    command-line bytes that are not UTF-8 reach Python as surrogate escapes, which it cannot encode."""
+    data = os.fsencode(prompt)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"--prompt {data[:40]!r} is not valid UTF-8 (byte 0x{data[err.start]:02x} at {err.start}), but the "
+            f"model's tokenizer ({tokenizer.describe()}) reads UTF-8 text: give a UTF-8 prompt (a prompt of any "
+            "bytes is read only by a byte-level model)"
+        ) from None
+
+
 def _generate_tokens(args: argparse.Namespace, model, tokenizer) -> int:
     """``innerloop generate`` of a model trained with a Hugging Face tokenizer: the prompt encoded by
     it; the text printed as it grows (held back while it ends in an incomplete character)."""
@@ -661,7 +678,7 @@ def _generate_tokens(args: argparse.Namespace, model, tokenizer) -> int:
 
     from innerloop.models import generate
 
-    prompt = tokenizer.encode(args.prompt)
+    prompt = tokenizer.encode(_text_prompt(args.prompt, tokenizer))
     if not prompt:
         raise ConfigError("--prompt must not be empty (the model needs at least one token to start from)")
     if max(prompt) >= model.config.vocab_size:
@@ -734,11 +751,12 @@ def _add_tokenizer(commands: argparse._SubParsersAction) -> None:
 def _tokenizer(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from innerloop.config.load import check_output_dir
+    from innerloop.config.load import check_output_dir, check_tokenizer_out_outside_data
     from innerloop.data.text import DataError, resolve_files, split_text_files, stdlib_files
     from innerloop.data.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, train_bpe
 
     out = Path(args.out)
+    check_tokenizer_out_outside_data(out, args.paths, (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE))
     existing = [str(out / name) for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE) if (out / name).exists()]
     if existing and not args.overwrite:  # both files are written: neither is replaced without --overwrite
         raise ConfigError(
@@ -936,7 +954,7 @@ def _convert_to_hugging_face(args: argparse.Namespace, load: Callable[[], Any]) 
     from innerloop.hf.export import ExportError, check_target, export_model
 
     try:
-        check_target(args.out, args.overwrite)
+        check_target(args.out, args.overwrite, "OUT")
     except ExportError as err:
         raise ConfigError(str(err)) from None
     model = _load_converted(args, load)

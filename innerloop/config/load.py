@@ -89,9 +89,12 @@ def _expected_type(key: str) -> Any:
     """The type that the dotted ``key`` has in the :class:`RunConfig` schema (None if it has none)."""
     node: Any = RunConfig
     for part in key.split("."):
+        name, _, index = part.partition("[")  # a list's element: data.paths[0]
         if not is_dataclass(node):
             return None
-        node = field_types(node).get(part)
+        node = field_types(node).get(name)
+        if index and typing.get_origin(node) is list:
+            node = typing.get_args(node)[0]
     return node
 
 
@@ -233,6 +236,7 @@ def config_differences(
     _, routed, cfg = _merged_config(preset_or_file, overrides)
     given = set(_flat_dict(routed)) - {"out_dir"}
     theirs = _typed(cfg)
+    check_path_entries(theirs.data.paths, f"--config {str(preset_or_file)!r}: ")
     theirs.data.paths = absolute_data_paths(theirs.data.paths)
     theirs.data.tokenizer = absolute_tokenizer(theirs.data.tokenizer)
     new = _flat_dict(OmegaConf.to_container(OmegaConf.structured(theirs)))
@@ -274,6 +278,10 @@ def read_run_config(path: str | Path) -> RunConfig:
     not need (a run trained on a GPU is evaluated on a CPU). Raises :class:`ConfigError` naming the file
     and what is wrong."""
     source = f"{str(path)!r}"
+    if Path(path).is_dir():
+        raise ConfigError(f"{source} is a folder, not a config file")
+    if Path(path).is_symlink() and not Path(path).exists():
+        raise ConfigError(f"{source} is a symbolic link to {os.readlink(path)!r}, which does not exist")
     try:
         document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
@@ -290,6 +298,7 @@ def read_run_config(path: str | Path) -> RunConfig:
     assert isinstance(run, RunConfig)
     if run.data.name not in DATASETS:
         raise ConfigError(f"{source}: data.name={run.data.name!r} is not a dataset; valid: {list(DATASETS)}")
+    check_path_entries(run.data.paths, f"{source}: ")
     return run
 
 
@@ -351,6 +360,7 @@ def validate_run_config(run: RunConfig) -> None:
         raise ConfigError(str(err)) from None
     if run.data.name not in DATASETS:
         raise ConfigError(f"data.name={run.data.name!r} is not a dataset; valid: {list(DATASETS)}")
+    check_path_entries(run.data.paths)
     _check_vocabulary(run)
     _check_unread_data_keys(run)
     empty = [entry for entry in run.data.paths if not str(entry).strip()]
@@ -368,6 +378,19 @@ def validate_run_config(run: RunConfig) -> None:
     _check_trainer_combination(run)
     check_loggers(run.logger, ConfigError)
     check_output_dir(run.out_dir, "out_dir")
+
+
+def check_path_entries(paths: Sequence[Any], source: str = "") -> None:
+    """Every ``data.paths`` entry is a string: OmegaConf converts a number to one but lets a list or a
+    mapping through as an element of a ``list[str]`` (``data.paths=[[a, b]]``, YAML ``- [a, b]``).
+    ``source``: where the config came from, to start the message with (e.g. a saved config.yaml)."""
+    for entry in paths:
+        if not isinstance(entry, str):
+            kind = {list: "a list", dict: "a mapping"}.get(type(entry), type(entry).__name__)
+            raise ConfigError(
+                f"{source}data.paths entry {entry!r} is {kind}, not a path: each entry is one string, a file, "
+                "folder or glob (e.g. data.paths=[a.txt,texts/] or, in YAML, one '- texts/' line each)"
+            )
 
 
 DATA_KEY_READERS = {
@@ -583,6 +606,22 @@ def check_output_outside_data(out: str | Path, paths: Sequence[str], option: str
                 f"{option} {str(out)!r} {how} {data_option} entry {entry!r}: the results written there would "
                 "be read as data by the next evaluation, and change its numbers; give an output folder "
                 "outside the data"
+            )
+
+
+def check_tokenizer_out_outside_data(out: str | Path, paths: Sequence[str], written: Sequence[str]) -> None:
+    """:class:`ConfigError` when ``innerloop tokenizer train --out`` (``out``) lies inside a PATH of
+    ``paths``, is one, or is reached by one's glob, so that the files it writes (``written``, their
+    names) would be read as text: the next training of the tokenizer would learn from the last one's
+    JSON, and every run on that data would train on it."""
+    resolved = Path(out).expanduser().resolve()
+    for entry in paths:
+        how = _overlap(entry, resolved, written)
+        if how:
+            raise ConfigError(
+                f"--out {str(out)!r} {how} PATH {entry!r}: the tokenizer files written there "
+                f"({', '.join(written)}) would be read as text by the next tokenizer training and by runs on "
+                "that data; give an --out outside the data, or PATHs that leave it out"
             )
 
 

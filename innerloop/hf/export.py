@@ -36,6 +36,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from innerloop.checkpoints import checkpoint_tokenizer, load_model
+from innerloop.config.load import ConfigError, check_output_dir
 from innerloop.data.tokenizer import Tokenizer as RunTokenizer
 from innerloop.data.tokenizer import TokenizerError, UnknownTokenizer
 from innerloop.hf.configuration import MODEL_TYPE, InnerloopConfig
@@ -214,7 +215,7 @@ def is_export_folder(folder: Path) -> bool:
     return isinstance(config, dict) and config.get("model_type") == MODEL_TYPE
 
 
-def _resolved_target(out_dir: str | os.PathLike[str]) -> Path:
+def _resolved_target(out_dir: str | os.PathLike[str], name: str = "OUT_DIR") -> Path:
     """``out_dir``, or the folder it points to when it is a symbolic link (written through)."""
     out = Path(out_dir).expanduser()
     if not out.is_symlink():
@@ -223,29 +224,47 @@ def _resolved_target(out_dir: str | os.PathLike[str]) -> Path:
     if not target.is_dir():
         what = "a file" if target.exists() else "nothing (a broken link)"
         raise ExportError(
-            f"OUT_DIR {str(out)!r} is a symbolic link to {str(target)!r}, which is {what}, not a folder; "
+            f"{name} {str(out)!r} is a symbolic link to {str(target)!r}, which is {what}, not a folder; "
             "give a folder, or a link to one"
         )
     return target
 
 
-def check_target(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
+def _check_writable(out_dir: str | os.PathLike[str], out: Path, name: str) -> None:
+    """:class:`ExportError` unless the folder ``out`` (``out_dir`` resolved) can be made, and its parent,
+    where the export is assembled, written (checked before anything is written: a path under a file,
+    or in a folder this user cannot write, is one line naming ``name``)."""
+    try:
+        check_output_dir(out_dir, name)
+    except ConfigError as err:
+        raise ExportError(str(err)) from None
+    parent = out.absolute().parent
+    if out.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(
+            f"{name} {str(out_dir)!r} cannot be written: the export is assembled beside it, in "
+            f"{str(parent)!r}, which this user cannot write; give a folder in a writable one"
+        )
+
+
+def check_target(out_dir: str | os.PathLike[str], overwrite: bool, name: str = "OUT_DIR") -> Path:
     """The folder an export to ``out_dir`` writes (``out_dir`` itself, or the folder a symbolic link
-    ``out_dir`` points to), if an export may be written there; else :class:`ExportError`. (Which files
-    of an earlier export are kept is decided once the new one is written: see the module docstring.)"""
-    out = _resolved_target(out_dir)
+    ``out_dir`` points to), if an export may be written there; else :class:`ExportError`, naming
+    ``out_dir`` as ``name`` (the command's argument). (Which files of an earlier export are kept is
+    decided once the new one is written: see the module docstring.)"""
+    out = _resolved_target(out_dir, name)
     if out.exists() and not out.is_dir():
-        raise ExportError(f"OUT_DIR {str(out_dir)!r} is a file, not a folder; give a new or empty folder")
+        raise ExportError(f"{name} {str(out_dir)!r} is a file, not a folder; give a new or empty folder")
+    _check_writable(out_dir, out, name)
     if not out.is_dir() or not any(out.iterdir()):
         return out
     if not overwrite:
         raise ExportError(
-            f"OUT_DIR {str(out_dir)!r} is not empty; pass --overwrite to replace an earlier export there, "
+            f"{name} {str(out_dir)!r} is not empty; pass --overwrite to replace an earlier export there, "
             "or give a new or empty folder"
         )
     if not is_export_folder(out):
         raise ExportError(
-            f"OUT_DIR {str(out_dir)!r} holds files that are not an innerloop export (no config.json with "
+            f"{name} {str(out_dir)!r} holds files that are not an innerloop export (no config.json with "
             f"model_type {MODEL_TYPE!r}); --overwrite replaces only an earlier export: give a new or "
             "empty folder"
         )

@@ -88,6 +88,7 @@ from innerloop.train.data import (
     TextDataModule,
     evaluation_examples,
     resolve_files,
+    spread_windows,
 )
 from innerloop.train.interrupt import StopOnInterrupt, TrainingInterrupted, ended_by_signals
 from innerloop.train.loggers import _CSVLogger as _CSVLogger  # re-exported from its first home
@@ -755,9 +756,10 @@ def run_of_checkpoint(checkpoint: str | Path, model: dict[str, Any]) -> RunConfi
 
 def run_config_path(checkpoint: str | Path) -> Path | None:
     """The ``config.yaml`` beside ``checkpoint``, or, for a link to a run's checkpoint, beside the file
-    it points to; None where there is none."""
+    it points to; None where there is none. A ``config.yaml`` that is no file (a folder, a broken link)
+    is returned too: reading it is an error naming it, never a quiet fallback to other data."""
     for folder in (Path(checkpoint).parent, Path(checkpoint).resolve().parent):
-        if (folder / "config.yaml").is_file():
+        if os.path.lexists(folder / "config.yaml"):
             return folder / "config.yaml"
     return None
 
@@ -806,6 +808,8 @@ def validation_examples(
                 f"seq_len={seq_len}: the {data.name!r} task's sequences have a fixed length "
                 f"({run_seq_len}); evaluate it without --seq-len"
             )
+        if data.name == "text":
+            return _text_validation_at(run, seq_len, count, tokenizer)
         data = replace(data, seq_len=seq_len)
     if count is not None:
         data = replace(data, batch_size=count, val_batches=1)
@@ -815,6 +819,23 @@ def validation_examples(
         assert datamodule.val_examples is not None
         return datamodule.val_examples
     return datamodule.make_val_examples()
+
+
+def _text_validation_at(
+    run: RunConfig, seq_len: int, count: int | None, tokenizer: Tokenizer | None
+) -> Batch:
+    """A text run's validation windows at a ``seq_len`` other than its own (an evaluation's
+    ``--seq-len``): its held-out text, split as the run split it, in windows of that length. Only the
+    held-out text must hold one (not the training text), and a text too short names ``--seq-len``,
+    which the user gave, not the run's ``data.seq_len``."""
+    datamodule = build_datamodule(run, tokenizer)  # at the run's own seq_len, which its text holds
+    assert isinstance(datamodule, TextDataModule)
+    datamodule.setup("validate")
+    assert datamodule.val_bytes is not None
+    count = count if count is not None else run.data.val_batches * run.data.batch_size
+    unit = "bytes" if isinstance(datamodule.tokenizer, ByteTokenizer) else "tokens"
+    what, name = "the validation text", "--seq-len"
+    return spread_windows(datamodule.val_bytes, seq_len, count, unit, what=what, seq_len_name=name)
 
 
 def evaluation_windows(

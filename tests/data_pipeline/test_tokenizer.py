@@ -254,6 +254,31 @@ def test_train_eval_generate_and_resume_use_the_runs_tokenizer(bpe_dir, tmp_path
     assert evaluated() == before and len(before) == 2
 
 
+def test_generate_of_a_bpe_model_refuses_a_prompt_that_is_not_utf8_in_one_line(
+    bpe_dir, tmp_path, capsys
+) -> None:
+    """It was a TypeError traceback from the tokenizers library (a byte-level model takes any bytes:
+    tests/train/test_cli_errors.py)."""
+    import os
+
+    from innerloop.models import ModelConfig, build_model
+    from innerloop.train.module import save_model_checkpoint
+
+    tokenizer = load_tokenizer(str(bpe_dir))
+    config = ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, vocab_size=300)
+    checkpoint = save_model_checkpoint(build_model(config), tmp_path / "m.safetensors", tokenizer.to_state())
+    prompt = os.fsdecode(b"ab\xff")  # how Python hands such command-line bytes to the program
+    assert main(["generate", str(checkpoint), "--prompt", prompt, "--tokens", "2"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Traceback" not in error, error
+    assert (
+        "--prompt b'ab\\xff' is not valid UTF-8 (byte 0xff at 2), but the model's tokenizer (a Hugging Face "
+        "tokenizer of 300 tokens) reads UTF-8 text: give a UTF-8 prompt"
+    ) in error
+    assert main(["generate", str(checkpoint), "--prompt", "café", "--tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith("café")
+
+
 def test_a_byte_level_run_records_bytes_and_an_unrecorded_tokenizer_reads_as_bytes(tmp_path) -> None:
     run, _ = load_config("tiny", [f"out_dir={tmp_path}"])
     assert _RecordTokenizer(run).state == {"kind": "bytes"}

@@ -149,6 +149,47 @@ def test_a_file_as_out_dir_and_a_bad_checkpoint_are_one_line_errors(tmp_path: Pa
     assert not (tmp_path / "out").exists()
 
 
+def test_an_out_dir_that_cannot_be_made_is_one_line_and_nothing_is_written(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """It was a FileExistsError traceback (a path under a file) or a PermissionError one (a folder this
+    user cannot write)."""
+    checkpoint = checkpoint_of("swa", tmp_path / "ck")
+    (tmp_path / "afile").write_text("mine")
+    assert main(["export", str(checkpoint), str(tmp_path / "afile" / "x")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1, error
+    assert (
+        f"OUT_DIR='{tmp_path}/afile/x' is not a directory (its parent '{tmp_path}/afile' is a file)" in error
+    )
+    # (a permission test with chmod cannot fail for root, so the permission answer is what is faked)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    assert main(["export", str(checkpoint), str(locked / "x")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1, error
+    assert f"OUT_DIR='{locked}/x' cannot be written: '{locked}' is not writable by this user" in error
+    (locked / "empty").mkdir()  # an existing folder: the export is assembled in its parent
+    assert main(["export", str(checkpoint), str(locked / "empty")]) == 2
+    assert f"is assembled beside it, in '{locked}', which this user cannot write" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "mine"
+    assert sorted(p.name for p in locked.iterdir()) == ["empty"] and not any((locked / "empty").iterdir())
+
+
+def test_convert_to_hf_under_a_file_is_one_line_naming_out(
+    reference_models_dir: Path, tmp_path: Path, capsys
+) -> None:
+    (tmp_path / "afile").write_text("mine")
+    source = str(reference_models_dir / "ttt_linear_transformer")
+    assert main(["convert", "ttt-lm-pytorch", source, str(tmp_path / "afile" / "x"), "--format", "hf"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1, error
+    assert f"OUT='{tmp_path}/afile/x' is not a directory (its parent '{tmp_path}/afile' is a file)" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 def test_an_interrupted_export_leaves_the_previous_one(tmp_path: Path, monkeypatch) -> None:
     from innerloop.hf import export
 

@@ -454,3 +454,24 @@ def test_a_config_file_inside_out_dir_is_never_replaced_by_a_new_run(tmp_path, c
     assert error.count("\n") == 1 and "is out_dir's config.yaml" in error and "--resume" in error
     assert config.read_text() == text
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "named"),
+    [
+        ("folder", "is a folder, not a config file"),
+        ("link", "is a symbolic link to 'gone.yaml', which does not exist"),
+    ],
+)
+def test_a_config_yaml_that_is_no_file_is_one_error_not_a_fallback(
+    capsys, run_dir, tmp_path, kind, named
+) -> None:
+    """eval said there was no config.yaml beside the checkpoint and evaluated the default corpus."""
+    (tmp_path / "last.safetensors").write_bytes((run_dir / "last.safetensors").read_bytes())
+    if kind == "folder":
+        (tmp_path / "config.yaml").mkdir()
+    else:
+        (tmp_path / "config.yaml").symlink_to("gone.yaml")
+    assert main(["eval", str(tmp_path / "last.safetensors"), "--batches", "1"]) == 2
+    line = _one_error_line(capsys, "eval")
+    assert f"cannot be used to find its run's data: '{tmp_path}/config.yaml' {named}; repair it" in line

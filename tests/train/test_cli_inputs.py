@@ -35,6 +35,31 @@ def test_tokenizer_train_never_replaces_a_tokenizer_config_without_overwrite(tmp
     assert (out / "tokenizer_config.json").read_text() == '{"my": "custom config"}'
 
 
+@pytest.mark.parametrize(
+    ("out", "paths", "how"),
+    [
+        ("data", ["data"], "lies inside"),
+        ("data/tok", ["data"], "lies inside"),
+        ("data", ["data/*"], "is reached by"),
+    ],
+)
+def test_tokenizer_train_refuses_an_out_inside_its_own_data(tmp_path, capsys, out, paths, how):
+    """Its files were written into the data, and the next training read the last one's JSON as text."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    paths = [str(tmp_path / path) for path in paths]
+    code = main(
+        ["tokenizer", "train", "--vocab-size", "300", "--out", str(tmp_path / out), *paths, "--overwrite"]
+    )
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1, error
+    assert (
+        f"--out {str(tmp_path / out)!r} {how} PATH {paths[0]!r}: the tokenizer files written there" in error
+    )
+    assert [p.name for p in data.iterdir()] == ["text.txt"]
+
+
 @pytest.mark.parametrize("out", ["afile", "afile/sub"])
 def test_convert_into_a_file_is_one_line_before_the_model_is_read(tmp_path, capsys, out):
     (tmp_path / "afile").write_text("mine")

@@ -228,3 +228,32 @@ def test_a_model_trained_on_other_data_or_unknown_data_is_named(runs, tmp_path) 
     config.unlink()
     (notes,) = training_data_notes(checkpoints, ["ttt", "swa"], 0)
     assert "swa: its training data is unknown" in notes
+
+
+@pytest.mark.parametrize("seq_len", [1000, 5000])  # longer than the validation text; than both texts
+def test_a_seq_len_longer_than_the_runs_validation_text_names_the_option_given(
+    runs, tmp_path, capsys, seq_len
+) -> None:
+    """It named data.seq_len and the training text, though the user gave --seq-len and the evaluation
+    reads the validation text (the corpus: 3.2k bytes of training text, 0.4k held out)."""
+    expected = f"the validation text has 411 bytes (end-of-text separators included), fewer than --seq-len + 1 = {seq_len + 1}; give more text or a shorter --seq-len"
+    out = tmp_path / "results"
+    assert (
+        main(["eval", str(runs[0] / "last.safetensors"), "--seq-len", str(seq_len), "--out", str(out)]) == 2
+    )
+    assert main(["compare", *map(str, runs), "--seq-len", str(seq_len), "--out", str(out)]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and all(expected in line and "data.seq_len" not in line for line in errors), (
+        errors
+    )
+
+
+def test_the_runs_windows_at_another_seq_len_are_its_validation_text_in_windows_of_that_length(runs) -> None:
+    run, _ = load_config(str(runs[0] / "config.yaml"))
+    for seq_len, count in [(24, None), (40, 5), (8, 100)]:
+        windows = count or VAL_BATCHES * BATCH
+        datamodule = TextDataModule(run.data.paths, seq_len, windows, run.data.val_fraction, 1, run.seed)
+        datamodule.setup()
+        expected = datamodule.make_val_examples()
+        got = validation_examples(run, seq_len, count)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

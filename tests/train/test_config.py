@@ -144,3 +144,44 @@ def test_a_recall_seq_len_equal_to_the_tasks_own_length_is_accepted() -> None:
 def test_the_presets_set_no_data_key_their_dataset_ignores() -> None:
     for preset in ("tiny", "recall-ttt", "recall-swa", "tiny-mlp", "ttt-linear-125m"):
         load_config(preset, [])
+
+
+@pytest.mark.parametrize(
+    ("paths", "shown"),
+    [
+        ("[[{dir}]]", "['{dir}'] is a list"),
+        ("[[a, b], c]", "['a', 'b'] is a list"),
+        ("[{a: 1}]", "{'a': 1} is a mapping"),
+    ],
+)
+def test_a_data_paths_entry_that_is_not_a_string_is_one_error_naming_it(tmp_path, paths, shown) -> None:
+    """A list or a mapping inside data.paths was a TypeError traceback (OmegaConf does not check the
+    elements of a list[str] that are containers)."""
+    paths, shown = paths.replace("{dir}", str(tmp_path)), shown.replace("{dir}", str(tmp_path))
+    message = f"data.paths entry {shown}, not a path: each entry is one string, a file, folder or glob"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("tiny", [f"data.paths={paths}", f"out_dir={tmp_path / 'run'}"])
+    (tmp_path / "nested.yaml").write_text(f"data:\n  paths: {paths}\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(str(tmp_path / "nested.yaml"), [f"out_dir={tmp_path / 'run'}"])
+
+
+def test_a_saved_or_resume_config_with_a_nested_data_paths_entry_is_one_error(tmp_path) -> None:
+    from innerloop.config.load import config_differences, read_run_config
+    from innerloop.config.schema import RunConfig
+
+    nested = tmp_path / "config.yaml"
+    nested.write_text("data:\n  paths:\n    - [a, b]\n")
+    with pytest.raises(
+        ConfigError, match=re.escape(f"{str(nested)!r}: data.paths entry ['a', 'b'] is a list")
+    ):
+        read_run_config(nested)
+    with pytest.raises(
+        ConfigError, match=re.escape(f"--config {str(nested)!r}: data.paths entry ['a', 'b']")
+    ):
+        config_differences(str(nested), [], RunConfig())  # train --resume --config nested.yaml
+
+
+def test_a_null_data_paths_entry_names_the_string_type() -> None:
+    with pytest.raises(ConfigError, match=re.escape("config key 'data.paths[0]'") + r".*\(expected str\)$"):
+        load_config("tiny", ["data.paths=[null]"])

@@ -1134,6 +1134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (start-up, an evaluation): nothing to save
         print(f"\ninnerloop {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
         return 128 + 2  # the shell's status for SIGINT
+    except BrokenPipeError:  # the reader of stdout went away (`innerloop generate ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit fails too
+        return 128 + 13  # the shell's status for SIGPIPE
     except Exception as err:
         if not _is_user_error(err):
             raise

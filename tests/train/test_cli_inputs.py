@@ -93,3 +93,28 @@ def test_eval_of_too_short_data_names_the_file_and_the_option(tmp_path, capsys):
     assert error.count("\n") == 1, error
     assert f"--data {str(empty)!r} has 1 bytes (end-of-text separators included)" in error
     assert "fewer than --seq-len + 1 = 33" in error
+
+
+@pytest.mark.slow  # reason: a child Python that imports innerloop, ~2.5 s
+def test_a_reader_that_stops_early_ends_the_command_quietly() -> None:
+    """`innerloop generate ... | head -c 3`: the closed pipe ends the command with the shell's SIGPIPE
+    status and no traceback (it printed BrokenPipeError's traceback and exited 1)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from innerloop import cli\n"
+        "def chatty(args):\n"
+        "    for i in range(10**6):\n"
+        "        print('token', i, flush=True)\n"
+        "    return 0\n"
+        "cli._HANDLERS['plugins'] = chatty\n"
+        "sys.exit(cli.main(['plugins']))\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdout is not None and child.stderr is not None
+    assert child.stdout.read(5) == b"token"
+    child.stdout.close()  # the reader goes away
+    status = child.wait(timeout=120)
+    assert (status, child.stderr.read()) == (141, b"")

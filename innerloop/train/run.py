@@ -101,6 +101,7 @@ from innerloop.train.run_dir import (
     is_launched_worker,
     lock_run_dir,
     refuse_foreign_config,
+    refuse_foreign_outputs,
     refuse_previous_run,
     remove_stale_temporaries,
     set_aside_previous_run,
@@ -358,6 +359,7 @@ def train(
         settle_pending_checkpoint(out_dir)  # kept for --resume if whole and later, else removed
         if not resume:
             refuse_foreign_config(out_dir)  # a user's own config.yaml, which even --overwrite keeps
+            refuse_foreign_outputs(out_dir)  # a user's own loss_by_position.csv / .png, likewise
         if not resume and not overwrite:
             refuse_previous_run(out_dir)
         return _train_in_locked_dir(run, cfg, resume, callbacks, replace_previous=overwrite)

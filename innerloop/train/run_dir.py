@@ -123,6 +123,22 @@ def refuse_foreign_config(out_dir: str | os.PathLike[str]) -> None:
         ) from None
 
 
+def refuse_foreign_outputs(out_dir: str | os.PathLike[str]) -> None:
+    """Raise :class:`RunDirError` if ``out_dir`` holds files named as a run's outputs (its loss plot and
+    CSV) but no run (no config.yaml, no checkpoint): a run writes them after its checkpoint, so they are
+    someone else's, and the run (``--overwrite`` too) would replace them."""
+    out_dir = Path(out_dir)
+    if any((out_dir / name).exists() for name in RUN_MARKERS):
+        return
+    theirs = [name for name in RUN_OUTPUTS if name not in RUN_MARKERS and (out_dir / name).exists()]
+    if theirs:
+        raise RunDirError(
+            f"out_dir={str(out_dir)!r} holds {', '.join(theirs)} but no run (no config.yaml or "
+            f"{CHECKPOINT_FILE}): a run writes files of those names there (--overwrite too); move them, or "
+            "train into another out_dir"
+        )
+
+
 SET_ASIDE_PREFIX = ".replaced."
 """``--overwrite`` renames the previous run's :data:`SET_ASIDE_OUTPUTS` to ``.replaced.<name>`` until the new
 run has written its first checkpoint (see :func:`set_aside_previous_run`)."""

@@ -174,6 +174,19 @@ def test_a_users_own_config_yaml_is_refused_even_with_overwrite(tmp_path, capsys
     refuse_foreign_config(_saved_run(tmp_path / "a_run"))  # a run's own is not refused here
 
 
+@pytest.mark.parametrize(
+    ("name", "overwrite"), [("loss_by_position.csv", []), ("loss_by_position.png", ["--overwrite"])]
+)
+def test_a_users_file_named_as_a_run_output_is_refused_not_replaced(
+    tmp_path, capsys, name, overwrite
+) -> None:
+    (tmp_path / name).write_text("user,data\n")
+    assert main(["train", f"out_dir={tmp_path}", *overwrite, "trainer.max_steps=1"]) == 2
+    assert f"holds {name} but no run" in _error(capsys)
+    assert (tmp_path / name).read_text() == "user,data\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".innerloop.lock", name]
+
+
 # export --tokenizer of a file that is no tokenizer.json
 
 

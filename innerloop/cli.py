@@ -147,7 +147,7 @@ def _add_train(commands: argparse._SubParsersAction, presets: Sequence[str]) -> 
         default=None,
         metavar="PRESET_OR_FILE",
         help=f"a packaged preset ({', '.join(presets)}) or a YAML file (default: {DEFAULT_PRESET}; with "
-        "--resume, the run's own config.yaml, and a --config given must agree with it)",
+        "--resume, the run's own config.yaml: a --config that sets other values is warned about and not used)",
     )
     train.add_argument(
         "--resume",

@@ -144,8 +144,8 @@ class RunConfig:
 FIELD_BOUNDS: dict[str, Bounds] = {
     **MODEL_FIELD_BOUNDS,  # model.*: models/config.py, where validate_model_config checks them
     # data
-    "data.seq_len": AT_LEAST_1,
-    "data.batch_size": AT_LEAST_1,
+    "data.seq_len": Bounds(1, 2**30, why="a window of tokens held in memory"),
+    "data.batch_size": Bounds(1, 2**24, why="the windows of a batch are held in memory at once"),
     "data.val_fraction": FRACTION,
     "data.val_batches": AT_LEAST_1,
     "data.recall.num_pairs": Bounds(1, 64, why="the task has 64 keys"),

@@ -297,12 +297,16 @@ POSITIVE = Bounds(0, low_open=True)
 FRACTION = Bounds(0, 1, high_open=True)  # [0, 1)
 
 
+# Sizes past these cannot be allocated on any machine (a 2**24-row table of width 2**24 is 2**48 values):
+# refused with a message, not an allocator traceback after the run has started.
+_SIZE = Bounds(1, 2**24, why="larger tables do not fit in memory")
+
 MODEL_FIELD_BOUNDS: dict[str, Bounds] = {
-    "model.vocab_size": AT_LEAST_1,
-    "model.hidden_size": AT_LEAST_1,
-    "model.num_layers": AT_LEAST_1,
+    "model.vocab_size": _SIZE,
+    "model.hidden_size": _SIZE,
+    "model.num_layers": Bounds(1, 2**16, why="each block is a module of its own"),
     "model.num_heads": AT_LEAST_1,
-    "model.intermediate_size": AT_LEAST_1,
+    "model.intermediate_size": _SIZE,
     "model.window": AT_LEAST_1,
     "model.rope_theta": POSITIVE,
     "model.pre_conv_kernel": AT_LEAST_1,

@@ -25,7 +25,7 @@ SMALL = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size"
         ("attention", {"init_std": -1.0}, "model.init_std=-1.0 must be > 0"),
         ("ttt", {"ttt": TTTConfig(base_lr=-1.0)}, "model.ttt.base_lr=-1.0 must be >= 0"),
         ("e2e", {"e2e": E2EConfig(chunk_size=1)}, "model.e2e.chunk_size=1 must be >= 2"),
-        ("ttt", {"num_layers": 0}, "model.num_layers=0 must be >= 1"),
+        ("ttt", {"num_layers": 0}, "model.num_layers=0 must be in \\[1, 65536\\]"),
     ],
 )
 def test_a_value_out_of_range_is_refused_before_the_model_is_built(mixer, changes, message):

@@ -13,6 +13,8 @@ from innerloop.models import E2EConfig, ModelConfig, TTTConfig, build_model, val
 
 BAD = [
     ({"hidden_size": 16.7}, "model.hidden_size=16.7"),
+    ({"vocab_size": 99999999999}, "model.vocab_size=99999999999 must be in [1, 16777216]"),
+    ({"num_layers": 10**8}, "model.num_layers=100000000 must be in [1, 65536]"),
     ({"num_layers": True}, "model.num_layers=True"),
     ({"vocab_size": "256"}, "model.vocab_size='256'"),
     ({"rope_theta": math.nan}, "model.rope_theta=nan"),

@@ -11,15 +11,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from innerloop.core.functional import apply_rope_interleaved, rope_cos_sin, rope_inverse_frequencies
+
+
+class _Room:
+    """Buffers ``[B, H, capacity, f]`` that caches of one sequence are views of, and how far they are
+    written (:func:`appended`). Positions below ``filled`` are never written again."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor, filled: int) -> None:
+        self.key, self.value, self.filled = key, value, filled
 
 
 @dataclass(frozen=True)
@@ -27,12 +36,15 @@ class KVCache:
     """Keys and values of the tokens a future query may attend to, and how many tokens were read.
 
     ``key`` and ``value`` are ``[B, H, S, f]`` with RoPE already applied to ``key``; ``position`` is the
-    absolute position of the next token.
+    absolute position of the next token. Without autograd, full attention's caches are views of buffers
+    with room to grow (``_room``), so that a decoded token is written in place instead of the whole cache
+    being copied; a cache is still a value: appending to an older one copies (see :func:`appended`).
     """
 
     key: torch.Tensor
     value: torch.Tensor
     position: int
+    _room: _Room | None = field(default=None, repr=False, compare=False)
 
     def detach(self) -> KVCache:
         """The same cache cut from the autograd graph."""
@@ -41,6 +53,49 @@ class KVCache:
     def to(self, *args: Any, **kwargs: Any) -> KVCache:
         """The cache moved or cast like ``Tensor.to`` (keys and values)."""
         return KVCache(self.key.to(*args, **kwargs), self.value.to(*args, **kwargs), self.position)
+
+
+def appended(
+    state: KVCache | None, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, _Room | None]:
+    """The keys and values ``[B, H, S + T, f]`` of ``state`` followed by ``k, v [B, H, T, f]``, and the
+    room they are views of (None: plain tensors).
+
+    Without autograd (and outside ``torch.compile``) they are written into ``state``'s buffers when the
+    next positions there are free: a decoded token costs its own keys, not a copy of the cache. The
+    buffers grow by a quarter (at least 256 positions) when full. A state whose next positions another
+    call has written already (decoding twice from one cache) gets a copy, so no cache ever changes."""
+    old_k = None if state is None else state.key.to(k.dtype)  # another dtype: used in this call's
+    old_v = None if state is None else state.value.to(v.dtype)
+    traced = torch.compiler.is_compiling() or is_functorch_wrapped_tensor(k)
+    if torch.is_grad_enabled() or traced:  # in-place writes would break autograd, compile or vmap
+        if old_k is None or old_v is None:
+            return k, v, None
+        return torch.cat((old_k, k), dim=2), torch.cat((old_v, v), dim=2), None
+    cached, length = (0 if old_k is None else old_k.shape[2]), k.shape[2]
+    needed = cached + length
+    room = None if state is None else state._room
+    fits = (
+        room is not None
+        and room.filled == cached
+        and room.key.shape[2] >= needed
+        and room.key.dtype == k.dtype
+        and room.key.device == k.device
+        and state is not None
+        and state.key.data_ptr() == room.key.data_ptr()
+    )
+    if not fits:
+        batch, heads, _, head_dim = k.shape
+        capacity = needed + max(needed // 4, 256)
+        room = _Room(
+            k.new_empty(batch, heads, capacity, head_dim), v.new_empty(batch, heads, capacity, head_dim), 0
+        )
+        if old_k is not None and old_v is not None:
+            room.key[:, :, :cached], room.value[:, :, :cached] = old_k, old_v
+    assert room is not None
+    room.key[:, :, cached:needed], room.value[:, :, cached:needed] = k, v
+    room.filled = needed
+    return room.key[:, :, :needed], room.value[:, :, :needed], room
 
 
 def rotate_with_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -161,8 +216,11 @@ class CausalSelfAttention(nn.Module):
             rotate_with_rope(k, positions, self.rope_theta),
         )
 
-        if state is not None:  # a cache of another dtype is used in the one this call computes in
-            k = torch.cat((state.key.to(k.dtype), k), dim=2)  # [B, H, S + T, f]
+        room = None
+        if self.window is None:  # the whole cache is kept: grown in place where it can be (appended)
+            k, v, room = appended(state, k, v)  # [B, H, S + T, f]
+        elif state is not None:  # a cache of another dtype is used in the one this call computes in
+            k = torch.cat((state.key.to(k.dtype), k), dim=2)  # [B, H, S + T, f] (S < window)
             v = torch.cat((state.value.to(v.dtype), v), dim=2)
         num_keys = k.shape[2]
 
@@ -179,7 +237,7 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(batch, length, hidden)
 
         keep = num_keys if self.window is None else min(num_keys, self.window - 1)
-        cache = KVCache(k[:, :, num_keys - keep :], v[:, :, num_keys - keep :], start + length)
+        cache = KVCache(k[:, :, num_keys - keep :], v[:, :, num_keys - keep :], start + length, room)
         return self.o_proj(y), cache
 
     def check_state(self, state: Any, batch: int, name: str = "state") -> None:

@@ -87,10 +87,11 @@ def test_memory_does_not_grow_with_generated_tokens(kind: str) -> None:
     assert growth_per_token(kind) <= KEPT_PER_TOKEN
 
 
-@pytest.mark.slow  # ~5 s: the control of the test above
+@pytest.mark.slow  # ~10 s: the control of the test above
 def test_the_measurement_sees_a_growing_cache() -> None:
-    # Full attention keeps every key and value (2 x layers x hidden floats a token): it must show.
-    assert growth_per_token("attention") > 2 * 2 * 32 * 4
+    # Full attention keeps every key and value (2 x layers x hidden floats a token): it must show. Its
+    # buffers grow in steps (a quarter, at least 256 tokens), so over 560 tokens at least half shows.
+    assert growth_per_token("attention", late=600) > 2 * 2 * 32 * 4 / 2
 
 
 def test_the_cache_has_the_same_size_after_more_tokens() -> None:

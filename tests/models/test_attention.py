@@ -136,3 +136,58 @@ def test_sliding_window_prefill_memory_grows_linearly() -> None:
     assert short > 0
     assert long < 2.5 * short, (short, long)
     assert long < 24 * 2**20, long  # the input, q/k/v, the output and one block's scores: about 13 MB
+
+
+def _decode(layer: CausalSelfAttention, x: torch.Tensor, prefill: int, state=None):
+    """``layer`` over ``x [B, T, D]``: the first ``prefill`` tokens at once, then one token per call;
+    the outputs ``[B, T, D]`` and every state returned."""
+    outputs, states = [], []
+    for start, end in [(0, prefill), *((t, t + 1) for t in range(prefill, x.shape[1]))]:
+        y, state = layer(x[:, start:end], state)
+        outputs.append(y)
+        states.append(state)
+    return torch.cat(outputs, dim=1), states
+
+
+def test_decoding_writes_each_token_into_the_cache_in_place_and_equals_the_whole() -> None:
+    """Without autograd, full attention's cache grows in place: a decoded token writes its own keys, not
+    a copy of the cache (at 32k tokens the copy cost 8x the attention itself). The numbers are the
+    whole call's, and each step's keys live in the buffer the prefill made."""
+    torch.manual_seed(0)
+    layer = CausalSelfAttention(16, 2, None).double()
+    x = torch.randn(2, 40, 16, dtype=torch.float64)
+    with torch.no_grad():
+        whole, _ = layer(x)
+        stepped, states = _decode(layer, x, prefill=9)
+    assert (stepped - whole).abs().max().item() <= 1e-12
+    assert len({state.key.data_ptr() for state in states}) == 1  # one buffer: 31 steps, no copy
+    assert [state.key.shape[2] for state in states] == list(range(9, 41))
+
+
+def test_a_cache_stays_a_value_when_decoded_from_twice() -> None:
+    """Two continuations of one cache (beam search, a benchmark's rounds) each see that cache only: the
+    second, finding the next positions written by the first, copies; neither changes the cache."""
+    torch.manual_seed(0)
+    layer = CausalSelfAttention(16, 2, None).double()
+    x, other = torch.randn(2, 12, 16, dtype=torch.float64), torch.randn(2, 3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        _, state = layer(x[:, :9])
+        kept = state.key.clone(), state.value.clone()
+        first, _ = layer(other, state)
+        second, _ = layer(x[:, 9:], state)
+        again, _ = layer(other, state)
+        whole, _ = layer(x)
+    assert torch.equal(state.key, kept[0]) and torch.equal(state.value, kept[1])
+    assert (second - whole[:, 9:]).abs().max().item() <= 1e-12
+    assert torch.equal(first, again)
+
+
+def test_with_autograd_the_cache_is_concatenated_and_gradients_flow() -> None:
+    torch.manual_seed(0)
+    layer = CausalSelfAttention(16, 2, None).double()
+    x = torch.randn(1, 10, 16, dtype=torch.float64, requires_grad=True)
+    stepped, states = _decode(layer, x, prefill=6)
+    assert states[-1]._room is None
+    (grad,) = torch.autograd.grad(stepped.sum(), x)
+    (expected,) = torch.autograd.grad(layer(x)[0].sum(), x)
+    assert (grad - expected).abs().max().item() <= 1e-12

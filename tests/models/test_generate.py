@@ -35,14 +35,15 @@ def test_memory_does_not_grow_with_generated_tokens(mixer: str) -> None:
     assert live_2000 == live_200
 
 
-@pytest.mark.slow  # ~1 s: scans every live object of the process twice
+@pytest.mark.slow  # ~2 s: scans every live object of the process twice
 def test_the_measurement_sees_a_growing_cache() -> None:
-    # Full attention keeps every key and value: the same measurement must see it grow.
+    # Full attention keeps every key and value: the same measurement must see it grow. Its buffers grow
+    # in steps (a quarter, at least 256 tokens), so at least half the cache's growth shows.
     model = tiny("attention")
     state_10, live_10 = memory_after(model, 10)
-    state_100, live_100 = memory_after(model, 100)
-    assert state_100 > 5 * state_10  # 104 keys and values kept against 14
-    assert live_100 - live_10 >= state_100 - state_10
+    state_600, live_600 = memory_after(model, 600)
+    assert state_600 > 40 * state_10  # 604 keys and values kept against 14
+    assert live_600 - live_10 >= (state_600 - state_10) / 2
 
 
 @pytest.mark.parametrize("mixer", ["ttt", "attention"])

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from innerloop.models.config import ModelConfig, uses_rope
+from innerloop.models.config import MODEL_FIELD_BOUNDS, ModelConfig, uses_rope
 from innerloop.models.factory import build_model
 
 PARTS: tuple[str, ...] = ("embedding", "head", "mixer", "prime", "mlp", "pre_conv", "norm", "other")
@@ -141,9 +141,10 @@ def size_to_budget(config: ModelConfig, budget: int, adjust: str = "intermediate
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget={budget!r} must be a positive integer (a number of parameters)")
     step = (2 if uses_rope(config) else 1) * config.num_heads if adjust == "hidden_size" else 1
-    low, high = 1, max(2, getattr(config, adjust) // step)
-    while _total(config, adjust, high * step) < budget and high < 2**24:  # grow until over the budget
-        low, high = high, high * 2
+    largest = int(MODEL_FIELD_BOUNDS[f"model.{adjust}"].high or 2**24) // step  # the field's own limit
+    low, high = 1, min(largest, max(2, getattr(config, adjust) // step))
+    while _total(config, adjust, high * step) < budget and high < largest:  # grow until over the budget
+        low, high = high, min(largest, high * 2)
     while high - low > 1:  # the largest multiple whose count is <= budget lies in [low, high)
         middle = (low + high) // 2
         if _total(config, adjust, middle * step) <= budget:

@@ -74,6 +74,14 @@ def test_size_to_budget_finds_the_closest_width(mixer, adjust) -> None:
     assert unchanged == {k: v for k, v in vars(config).items() if k != adjust}
 
 
+def test_a_budget_past_the_largest_valid_width_gives_that_width() -> None:
+    """The search stops at the field's own limit (2**24): past it no width is valid, and a huge budget
+    raised a traceback instead of the closest model there is."""
+    config = ModelConfig.from_dict(SMALL)
+    sized = size_to_budget(config, 10**13, "intermediate_size")
+    assert sized.intermediate_size == 2**24
+
+
 def test_size_to_budget_refuses_bad_arguments() -> None:
     config = ModelConfig.from_dict(SMALL)
     with pytest.raises(ValueError, match="adjust='num_layers'.*valid"):

@@ -225,7 +225,9 @@ class CausalSelfAttention(nn.Module):
         num_keys = k.shape[2]
 
         if self.window is not None:  # block by block: O(T * (window + block)), not a [T, S + T] mask
-            bounds = block_bounds(start, start + length, QUERY_BLOCK)
+            # blocks counted from this call's first query, so the graph torch.compile traces for a
+            # decoding step does not depend on the position
+            bounds = [start + offset for offset in range(0, length, QUERY_BLOCK)] + [start + length]
             y = sliding_window_attention(q, k, v, self.window, bounds)
         elif state is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -191,3 +191,26 @@ def test_with_autograd_the_cache_is_concatenated_and_gradients_flow() -> None:
     (grad,) = torch.autograd.grad(stepped.sum(), x)
     (expected,) = torch.autograd.grad(layer(x)[0].sum(), x)
     assert (grad - expected).abs().max().item() <= 1e-12
+
+
+@pytest.mark.slow  # reason: torch.compile of a layer and 12 decoding steps, ~10 s
+def test_compiled_sliding_window_decoding_does_not_recompile_at_every_position() -> None:
+    """Blocks are counted from each call's first query: a decoding step's graph does not depend on its
+    position (blocks at multiples of 256 made dynamo recompile at every token, then give up)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    layer = CausalSelfAttention(16, 2, 8).eval()
+    compiled = torch.compile(layer)
+    x = torch.randn(1, 30, 16)
+    with torch.no_grad():
+        whole, _ = layer(x)
+        _, state = compiled(x[:, :18])
+        steps = []
+        for t in range(18, 30):
+            y, state = compiled(x[:, t : t + 1], state)
+            steps.append(y)
+    assert (torch.cat(steps, dim=1) - whole[:, 18:]).abs().max().item() <= 1e-5
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3  # prefill, first step, later steps

@@ -213,7 +213,12 @@ class InnerloopConfig(PreTrainedConfig):
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Keep ``model`` a validated, complete model config whenever it is assigned (transformers sets
-        attributes directly, e.g. ``from_pretrained``'s keyword overrides)."""
+        attributes directly: ``from_pretrained``'s keyword overrides, ``config.update``). A mapping
+        assigned to a built config changes the keys it names and keeps the others, as
+        ``from_pretrained(model=...)`` does; a :class:`ModelConfig` replaces the whole section."""
+        current = self.__dict__.get("model")
+        if name == "model" and isinstance(value, dict) and isinstance(current, dict):
+            value = _merged_model_section(current, value)
         if name == "model" and value is not None:
             value = model_config_from(value).to_dict()
         super().__setattr__(name, value)

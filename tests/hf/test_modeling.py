@@ -112,8 +112,13 @@ def test_from_pretrained_overrides_merge_into_the_saved_model_section(tmp_path) 
     ):
         AutoConfig.from_pretrained(tmp_path, vocab_size=100)
     assert AutoConfig.from_pretrained(tmp_path, hidden_size=32).hidden_size == 32
-    config.model = {"num_layers": 3}  # an assignment is a whole config: the rest are defaults
-    assert config.model == ModelConfig.from_dict({"num_layers": 3}).to_dict()
+    config.model = {"num_layers": 3}  # a mapping changes the keys it names (setattr, config.update)
+    assert config.model["num_layers"] == 3 and config.model["hidden_size"] == 32
+    config.update({"model": {"ttt": {"mini_batch_size": 4}}})
+    assert config.model["ttt"] == {**config.model["ttt"], "inner_model": "mlp", "mini_batch_size": 4}
+    assert config.model["vocab_size"] == 50
+    config.model = ModelConfig(num_layers=5)  # a ModelConfig is the whole section
+    assert config.model == ModelConfig(num_layers=5).to_dict()
     with pytest.raises(ValueError, match="unknown config key 'model.bogus'"):
         config.model = {"bogus": 1}
 

@@ -12,7 +12,7 @@ import glob
 import hashlib
 import os
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -58,19 +58,22 @@ def resolve_files(patterns: Sequence[str]) -> list[Path]:
     """
     files: set[Path] = set()
     for pattern in patterns:
-        path = Path(pattern).expanduser()
-        if path.is_file():
-            matched = [path]
-        elif path.is_dir():
-            matched = [p for p in path.rglob("*") if p.is_file() and not _skipped_below(p.relative_to(path))]
-        else:
-            matched = [Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p)]
-        if not matched:
-            raise DataError(
-                f"data.paths entry {pattern!r} matches no file (give files, directories or globs)"
-            )
-        files.update(p.resolve() for p in matched)
+        files.update(p.resolve() for p in _found_files(pattern))
     return sorted(files)
+
+
+def _found_files(pattern: str) -> list[Path]:
+    """The files the ``data.paths`` entry ``pattern`` names, as found (links not resolved)."""
+    path = Path(pattern).expanduser()
+    if path.is_file():
+        matched = [path]
+    elif path.is_dir():
+        matched = [p for p in path.rglob("*") if p.is_file() and not _skipped_below(p.relative_to(path))]
+    else:
+        matched = [Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p)]
+    if not matched:
+        raise DataError(f"data.paths entry {pattern!r} matches no file (give files, directories or globs)")
+    return matched
 
 
 def _skipped_below(relative: Path) -> bool:
@@ -98,31 +101,36 @@ def _entry_folder(pattern: str) -> Path:
     return Path(*literal) if literal else Path()
 
 
-def split_root(patterns: Sequence[str], files: Sequence[Path]) -> Path:
-    """The folder :func:`split_by_file` hashes paths relative to for the ``data.paths`` entries
-    ``patterns`` (whose files are ``files``, from :func:`resolve_files`): the entries' common folder, so
-    that a file added anywhere below them moves no other file between training and validation (the
-    files' own common folder would move when one is added higher up). A file outside them (a symlink
-    resolved elsewhere) widens it."""
-    folders = [str(_entry_folder(p).resolve()) for p in patterns]
-    return Path(os.path.commonpath([*folders, *(str(p.parent) for p in files)]))
+def split_keys(patterns: Sequence[str]) -> dict[Path, str]:
+    """What :func:`split_by_file` hashes for each file of the ``data.paths`` entries ``patterns`` (keyed
+    by its resolved path, as :func:`resolve_files` gives it): the path as found, links not resolved,
+    relative to the entries' common folder. A file's key depends on nothing but its own place below the
+    entries, so a file added anywhere (a link to elsewhere too) moves no other file between training and
+    validation, and the data folder may move. A file named by two entries keeps the first one's key."""
+    root = os.path.commonpath([os.path.abspath(_entry_folder(p)) for p in patterns])
+    keys: dict[Path, str] = {}
+    for pattern in patterns:
+        for found in _found_files(pattern):
+            key = Path(os.path.relpath(os.path.abspath(found), root)).as_posix()
+            keys.setdefault(found.resolve(), key)
+    return keys
 
 
 def split_by_file(
-    files: Sequence[Path], val_fraction: float, root: Path | None = None
+    files: Sequence[Path], val_fraction: float, keys: Mapping[Path, str] | None = None
 ) -> tuple[list[Path], list[Path]]:
-    """Deterministic train/validation split: a file is in validation if a hash of its path relative to
-    ``root`` falls below ``val_fraction``. The same files always split the same way, and a file's side
-    does not depend on the other files. ``root`` (every file is below it) defaults to the files' common
-    folder; give :func:`split_root` of the entries the files came from.
+    """Deterministic train/validation split: a file is in validation if a hash of its key falls below
+    ``val_fraction``. The same files always split the same way, and a file's side does not depend on
+    the other files. ``keys``: :func:`split_keys` of the entries the files came from; without them, a
+    file's key is its path relative to the files' common folder.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
-    if root is None:
-        root = Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path()
+    root = Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path()
     train, val = [], []
     for p in files:
-        digest = hashlib.sha256(p.relative_to(root).as_posix().encode()).digest()
+        key = keys[p] if keys is not None else p.relative_to(root).as_posix()
+        digest = hashlib.sha256(key.encode()).digest()
         (val if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else train).append(p)
     return train, val
 
@@ -165,12 +173,11 @@ def read_tokens(
 
 
 def split_text_files(
-    files: Sequence[Path], val_fraction: float, root: Path | None = None
+    files: Sequence[Path], val_fraction: float, keys: Mapping[Path, str] | None = None
 ) -> tuple[list[Path], list[Path]]:
-    """The training and validation files of two or more files: :func:`split_by_file` (relative to
-    ``root``), or, when that leaves either side empty (too few files for the fraction), the last file
-    held out."""
-    train, val = split_by_file(files, val_fraction, root)
+    """The training and validation files of two or more files: :func:`split_by_file` (on ``keys``), or,
+    when that leaves either side empty (too few files for the fraction), the last file held out."""
+    train, val = split_by_file(files, val_fraction, keys)
     if not val or not train:
         train, val = list(files[:-1]), list(files[-1:])
     return train, val
@@ -182,15 +189,15 @@ def _single_file_cut(length: int, val_fraction: float) -> int:
 
 
 def text_split_lengths(
-    files: Sequence[Path], val_fraction: float, root: Path | None = None
+    files: Sequence[Path], val_fraction: float, keys: Mapping[Path, str] | None = None
 ) -> tuple[int, int]:
-    """Bytes of the training and validation text :class:`TextDataModule` makes of ``files`` (split
-    relative to ``root``), from the files' sizes (nothing is read), separators included."""
+    """Bytes of the training and validation text :class:`TextDataModule` makes of ``files`` (split on
+    ``keys``), from the files' sizes (nothing is read), separators included."""
     if len(files) == 1:
         length = files[0].stat().st_size + 1
         cut = _single_file_cut(length, val_fraction)
         return cut, length - cut
-    train, val = split_text_files(files, val_fraction, root)
+    train, val = split_text_files(files, val_fraction, keys)
     return sum(p.stat().st_size + 1 for p in train), sum(p.stat().st_size + 1 for p in val)
 
 

@@ -42,7 +42,7 @@ from innerloop.data.text import (
     read_tokens,
     resolve_files,
     split_by_file,
-    split_root,
+    split_keys,
     split_text_files,
     stdlib_files,
     text_split_lengths,
@@ -75,7 +75,7 @@ __all__ = [
     "resolve_files",
     "spread_windows",
     "split_by_file",
-    "split_root",
+    "split_keys",
     "split_text_files",
     "stdlib_files",
     "text_split_lengths",
@@ -213,8 +213,8 @@ class TextDataModule(_IndexedDataModule):
             cut = _single_file_cut(len(data), self.val_fraction)
             self.train_bytes, self.val_bytes = data[:cut], data[cut:]
         else:
-            root = split_root(self.paths, files) if self.paths else None
-            train, val = split_text_files(files, self.val_fraction, root)
+            keys = split_keys(self.paths) if self.paths else None
+            train, val = split_text_files(files, self.val_fraction, keys)
             self.train_bytes, self.val_bytes = (
                 read_tokens(train, self.tokenizer),
                 read_tokens(val, self.tokenizer),

@@ -19,7 +19,7 @@ from innerloop.train.data import (
     recall_example,
     resolve_files,
     split_by_file,
-    split_root,
+    split_keys,
     split_text_files,
     stdlib_files,
 )
@@ -52,11 +52,14 @@ def test_adding_a_file_moves_no_other_file_between_training_and_validation(tmp_p
     (tmp_path / "sub" / "deeper").mkdir(parents=True)
     for i in range(30):
         (tmp_path / "sub" / ("deeper" if i % 3 else "") / f"part{i}.txt").write_text(f"text {i} " * 40)
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "linked.txt").write_text("linked " * 40)
     paths = [entry.format(root=tmp_path)]
 
     def split() -> tuple[set[Path], set[Path]]:
         files = resolve_files(paths)
-        train, val = split_text_files(files, 0.2, split_root(paths, files))
+        train, val = split_text_files(files, 0.2, split_keys(paths))
         module = TextDataModule(paths, seq_len=8, batch_size=1, val_fraction=0.2)
         module.setup()
         assert torch.equal(module.val_bytes, read_tokens(val))  # the module splits the same way
@@ -66,8 +69,30 @@ def test_adding_a_file_moves_no_other_file_between_training_and_validation(tmp_p
     (tmp_path / "sub" / "added.txt").write_text("new " * 40)
     (tmp_path / "added.txt").write_text("new " * 40)
     (tmp_path / "sub" / "deeper" / "added.txt").write_text("new " * 40)
+    (tmp_path / "sub" / "link.txt").symlink_to(elsewhere / "linked.txt")  # a file that lives elsewhere
     train_after, val_after = split()
     assert train <= train_after and val <= val_after and val
+
+
+def test_files_named_through_links_split_by_the_names_given(tmp_path) -> None:
+    """Entries that are links (a Hugging Face snapshot folder is made of them) split by the path as
+    found, not by where the links point: the same names split the same way wherever the data lives."""
+    store, data = tmp_path / "store", tmp_path / "data"
+    store.mkdir()
+    data.mkdir()
+    for i in range(20):
+        (store / f"blob{i}").write_text(f"text {i} " * 40)
+        (data / f"part{i}.txt").symlink_to(store / f"blob{i}")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i in range(20):
+        (plain / f"part{i}.txt").write_text(f"text {i} " * 40)
+    linked = split_text_files(resolve_files([str(data)]), 0.3, split_keys([str(data)]))
+    named = split_text_files(resolve_files([str(plain)]), 0.3, split_keys([str(plain)]))
+    assert named[0] and named[1]
+    assert [sorted(p.name for p in side) for side in named] == [
+        sorted(f"part{p.name[4:]}.txt" for p in side) for side in linked
+    ]
 
 
 def test_training_batches_depend_only_on_their_index(tmp_path) -> None:

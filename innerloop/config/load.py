@@ -598,15 +598,14 @@ def check_output_outside_data(out: str | Path, paths: Sequence[str], option: str
     """:class:`ConfigError` when the folder ``out`` (given as ``option``) lies inside a data entry of
     ``paths`` (``data_option`` names them), is one, or is reached by one's glob: an evaluation's results
     written there would be read as data by the next evaluation, which would give other numbers."""
-    resolved = Path(out).expanduser().resolve()
-    for entry in paths:
-        how = _overlap(entry, resolved, _RESULT_FILES)
-        if how:
-            raise ConfigError(
-                f"{option} {str(out)!r} {how} {data_option} entry {entry!r}: the results written there would "
-                "be read as data by the next evaluation, and change its numbers; give an output folder "
-                "outside the data"
-            )
+    found = _first_overlap(out, paths, _RESULT_FILES)
+    if found:
+        entry, how = found
+        raise ConfigError(
+            f"{option} {str(out)!r} {how} {data_option} entry {entry!r}: the results written there would "
+            "be read as data by the next evaluation, and change its numbers; give an output folder "
+            "outside the data"
+        )
 
 
 def check_tokenizer_out_outside_data(out: str | Path, paths: Sequence[str], written: Sequence[str]) -> None:
@@ -614,15 +613,25 @@ def check_tokenizer_out_outside_data(out: str | Path, paths: Sequence[str], writ
     ``paths``, is one, or is reached by one's glob, so that the files it writes (``written``, their
     names) would be read as text: the next training of the tokenizer would learn from the last one's
     JSON, and every run on that data would train on it."""
+    found = _first_overlap(out, paths, written)
+    if found:
+        entry, how = found
+        raise ConfigError(
+            f"--out {str(out)!r} {how} PATH {entry!r}: the tokenizer files written there "
+            f"({', '.join(written)}) would be read as text by the next tokenizer training and by runs on "
+            "that data; give an --out outside the data, or PATHs that leave it out"
+        )
+
+
+def _first_overlap(out: str | Path, paths: Sequence[str], written: Sequence[str]) -> tuple[str, str] | None:
+    """The first entry of ``paths`` that the output folder ``out`` (receiving files named ``written``)
+    overlaps, and how (words for the message, :func:`_overlap`); None when none does."""
     resolved = Path(out).expanduser().resolve()
     for entry in paths:
         how = _overlap(entry, resolved, written)
         if how:
-            raise ConfigError(
-                f"--out {str(out)!r} {how} PATH {entry!r}: the tokenizer files written there "
-                f"({', '.join(written)}) would be read as text by the next tokenizer training and by runs on "
-                "that data; give an --out outside the data, or PATHs that leave it out"
-            )
+            return entry, how
+    return None
 
 
 def _overlap(entry: str, out: Path, written: Sequence[str] = _RUN_FILES) -> str | None:

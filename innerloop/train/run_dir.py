@@ -17,6 +17,7 @@ processes that Lightning's DDP launcher starts for the other ranks (they re-run 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -66,9 +67,12 @@ def is_launched_worker() -> bool:
 @contextmanager
 def lock_run_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
     """Hold an exclusive lock on ``out_dir`` (created if needed) for the ``with`` block; yield the lock
-    file. Raise :class:`RunDirError` naming the holder's pid if another process holds it."""
+    file. Raise :class:`RunDirError` naming the holder's pid if another process holds it. A folder this
+    call made that holds nothing but the lock at the end (a run refused before it wrote anything) is
+    removed: the out_dir is left as it was."""
     out_dir = Path(out_dir)
     lock_path = out_dir / LOCK_NAME
+    made = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -89,8 +93,19 @@ def lock_run_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
             yield lock_path
         finally:
             os.ftruncate(fd, 0)
+            if made:
+                _remove_if_only_the_lock(out_dir)
     finally:
         os.close(fd)  # releases the lock
+
+
+def _remove_if_only_the_lock(out_dir: Path) -> None:
+    """Remove ``out_dir`` if it holds nothing but its lock file (called holding the lock); a folder that
+    another process has begun to use meanwhile is left alone."""
+    with contextlib.suppress(OSError):
+        if [p.name for p in out_dir.iterdir()] == [LOCK_NAME]:
+            (out_dir / LOCK_NAME).unlink()
+            out_dir.rmdir()
 
 
 def refuse_previous_run(out_dir: str | os.PathLike[str]) -> None:

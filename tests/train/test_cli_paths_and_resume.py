@@ -254,3 +254,16 @@ def test_ctrl_c_outside_training_is_one_line_and_the_shells_status(monkeypatch, 
     monkeypatch.setitem(cli._HANDLERS, "params", interrupted)
     assert main(["params"]) == 130
     assert "innerloop params: interrupted (Ctrl-C)" in _error(capsys)
+
+
+def test_a_run_refused_before_it_writes_leaves_no_out_dir_behind(tmp_path, capsys) -> None:
+    """A trainer value Lightning refuses is found once the lock is taken: the folder the run made for it
+    is removed with its lock (it stayed, holding only .innerloop.lock); a folder that existed stays."""
+    out = tmp_path / "new" / "run"
+    assert main(["train", f"out_dir={out}", "trainer.lightning.max_time=abc"]) == 2
+    assert "lightning.Trainer refuses trainer.max_time='abc'" in _error(capsys)
+    assert not out.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert main(["train", f"out_dir={existing}", "trainer.lightning.max_time=abc"]) == 2
+    assert existing.is_dir()

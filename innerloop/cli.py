@@ -501,7 +501,7 @@ def _eval(args: argparse.Namespace) -> int:
                 f"--data {pattern!r} matches no file (give files, directories or globs)"
             ) from None
     out = Path(args.out) if args.out is not None else Path(args.checkpoint).parent
-    check_output_dir(out, "--out")
+    check_output_dir(args.out if args.out is not None else out, "--out")  # --out '' is refused, not '.'
     _check_out_outside_the_data(out, [args.checkpoint], args.data)
     _quiet_lightning()
     metrics, csv_path, png = evaluate(
@@ -560,7 +560,7 @@ def _compare(args: argparse.Namespace) -> int:
     from innerloop.train.compare import compare, format_table, write_comparison
 
     out = Path(args.out)
-    check_output_dir(out, "--out")
+    check_output_dir(args.out, "--out")  # --out '' is refused, not read as the current directory
     _check_out_outside_the_data(out, args.models, args.data)
     _quiet_lightning()
     comparison = compare(

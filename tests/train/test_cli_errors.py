@@ -476,3 +476,11 @@ def test_a_config_yaml_that_is_no_file_is_one_error_not_a_fallback(
     assert main(["eval", str(tmp_path / "last.safetensors"), "--batches", "1"]) == 2
     line = _one_error_line(capsys, "eval")
     assert f"cannot be used to find its run's data: '{tmp_path}/config.yaml' {named}; repair it" in line
+
+
+@pytest.mark.parametrize("command", ["eval", "compare"])
+def test_an_empty_out_is_refused_not_read_as_the_current_directory(capsys, run_dir, command) -> None:
+    checkpoint = str(run_dir / "last.safetensors")
+    models = [checkpoint] if command == "eval" else [checkpoint, checkpoint]
+    assert main([command, *models, "--out", ""]) == 2
+    assert "--out='' must name a directory for the outputs" in capsys.readouterr().err

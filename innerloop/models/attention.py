@@ -59,7 +59,7 @@ def appended(
     state: KVCache | None, k: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, _Room | None]:
     """The keys and values ``[B, H, S + T, f]`` of ``state`` followed by ``k, v [B, H, T, f]``, and the
-    room they are views of (None: plain tensors).
+    room they are views of (None: plain tensors; a first call, without a state, makes none).
 
     Without autograd (and outside ``torch.compile``) they are written into ``state``'s buffers when the
     next positions there are free: a decoded token costs its own keys, not a copy of the cache. The
@@ -67,22 +67,19 @@ def appended(
     call has written already (decoding twice from one cache) gets a copy, so no cache ever changes."""
     old_k = None if state is None else state.key.to(k.dtype)  # another dtype: used in this call's
     old_v = None if state is None else state.value.to(v.dtype)
+    if old_k is None or old_v is None:  # a first call: its keys as they are (a decode step makes room)
+        return k, v, None
     traced = torch.compiler.is_compiling() or is_functorch_wrapped_tensor(k)
     if torch.is_grad_enabled() or traced:  # in-place writes would break autograd, compile or vmap
-        if old_k is None or old_v is None:
-            return k, v, None
         return torch.cat((old_k, k), dim=2), torch.cat((old_v, v), dim=2), None
-    cached, length = (0 if old_k is None else old_k.shape[2]), k.shape[2]
+    cached, length = old_k.shape[2], k.shape[2]
     needed = cached + length
-    room = None if state is None else state._room
+    room = state._room if state is not None else None
     fits = (
         room is not None
-        and room.filled == cached
+        and room.filled == cached  # nobody has written past this cache
         and room.key.shape[2] >= needed
-        and room.key.dtype == k.dtype
-        and room.key.device == k.device
-        and state is not None
-        and state.key.data_ptr() == room.key.data_ptr()
+        and old_k.data_ptr() == room.key.data_ptr()  # the cache is the room's, in this call's dtype
     )
     if not fits:
         batch, heads, _, head_dim = k.shape
@@ -90,9 +87,7 @@ def appended(
         room = _Room(
             k.new_empty(batch, heads, capacity, head_dim), v.new_empty(batch, heads, capacity, head_dim), 0
         )
-        if old_k is not None and old_v is not None:
-            room.key[:, :, :cached], room.value[:, :, :cached] = old_k, old_v
-    assert room is not None
+        room.key[:, :, :cached], room.value[:, :, :cached] = old_k, old_v
     room.key[:, :, cached:needed], room.value[:, :, cached:needed] = k, v
     room.filled = needed
     return room.key[:, :, :needed], room.value[:, :, :needed], room

@@ -152,7 +152,8 @@ def _decode(layer: CausalSelfAttention, x: torch.Tensor, prefill: int, state=Non
 def test_decoding_writes_each_token_into_the_cache_in_place_and_equals_the_whole() -> None:
     """Without autograd, full attention's cache grows in place: a decoded token writes its own keys, not
     a copy of the cache (at 32k tokens the copy cost 8x the attention itself). The numbers are the
-    whole call's, and each step's keys live in the buffer the prefill made."""
+    whole call's, and every step's keys live in the buffer the first step made (a call without a state
+    keeps its keys as they are: an evaluation pays nothing for the room)."""
     torch.manual_seed(0)
     layer = CausalSelfAttention(16, 2, None).double()
     x = torch.randn(2, 40, 16, dtype=torch.float64)
@@ -160,7 +161,8 @@ def test_decoding_writes_each_token_into_the_cache_in_place_and_equals_the_whole
         whole, _ = layer(x)
         stepped, states = _decode(layer, x, prefill=9)
     assert (stepped - whole).abs().max().item() <= 1e-12
-    assert len({state.key.data_ptr() for state in states}) == 1  # one buffer: 31 steps, no copy
+    assert states[0]._room is None
+    assert len({state.key.data_ptr() for state in states[1:]}) == 1  # one buffer: 30 steps, no copy
     assert [state.key.shape[2] for state in states] == list(range(9, 41))
 
 

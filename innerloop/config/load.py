@@ -32,7 +32,7 @@ from innerloop.config.trainer_args import check_lightning_arguments, check_logge
 from innerloop.data.atomic import atomic_write_text
 from innerloop.data.hf import check_hf_dataset, check_hf_source
 from innerloop.data.recall import RECALL_VALUES
-from innerloop.data.text import check_text_lengths, resolve_files, split_keys, text_split_lengths
+from innerloop.data.text import check_text_lengths, split_keys, text_split_lengths
 from innerloop.data.tokenizer import BYTES, Tokenizer, TokenizerError, load_tokenizer
 from innerloop.models.config import check_keys, field_types, validate_model_config
 
@@ -679,10 +679,11 @@ def _check_text(run: RunConfig) -> None:
     """The data files exist and, for the byte tokenizer, hold a training and a validation window (from
     their sizes; another tokenizer's token counts are known once the files are read)."""
     try:
-        files = resolve_files(run.data.paths)
+        keys = split_keys(run.data.paths)  # the files, found once, and their split keys
         if run.data.tokenizer != BYTES:
             return
-        train_len, val_len = text_split_lengths(files, run.data.val_fraction, split_keys(run.data.paths))
+        files = sorted(keys)
+        train_len, val_len = text_split_lengths(files, run.data.val_fraction, keys)
         check_text_lengths(train_len, val_len, len(files), run.data.seq_len, run.data.val_fraction)
     except ValueError as err:
         raise ConfigError(str(err)) from None

@@ -56,10 +56,7 @@ def resolve_files(patterns: Sequence[str]) -> list[Path]:
     ``__pycache__`` are skipped, as a glob skips hidden names; a file named directly is always read.
     An entry that matches no file raises :class:`DataError` naming it.
     """
-    files: set[Path] = set()
-    for pattern in patterns:
-        files.update(p.resolve() for p in _found_files(pattern))
-    return sorted(files)
+    return sorted(split_keys(patterns))
 
 
 def _found_files(pattern: str) -> list[Path]:
@@ -103,7 +100,7 @@ def _entry_folder(pattern: str) -> Path:
 
 def split_keys(patterns: Sequence[str]) -> dict[Path, str]:
     """What :func:`split_by_file` hashes for each file of the ``data.paths`` entries ``patterns`` (keyed
-    by its resolved path, as :func:`resolve_files` gives it): the path as found, links not resolved,
+    by its resolved path: the keys are :func:`resolve_files`'s files): the path as found, links not resolved,
     relative to the entries' common folder. A file's key depends on nothing but its own place below the
     entries, so a file added anywhere (a link to elsewhere too) moves no other file between training and
     validation, and the data folder may move. A file named by two entries keeps the first one's key."""

@@ -207,13 +207,13 @@ class TextDataModule(_IndexedDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_bytes is not None:
             return
-        files = resolve_files(self.paths) if self.paths else stdlib_files()
+        keys = split_keys(self.paths) if self.paths else None  # the files, found once, and their split keys
+        files = sorted(keys) if keys is not None else stdlib_files()
         if len(files) == 1:
             data = read_tokens(files, self.tokenizer)
             cut = _single_file_cut(len(data), self.val_fraction)
             self.train_bytes, self.val_bytes = data[:cut], data[cut:]
         else:
-            keys = split_keys(self.paths) if self.paths else None
             train, val = split_text_files(files, self.val_fraction, keys)
             self.train_bytes, self.val_bytes = (
                 read_tokens(train, self.tokenizer),

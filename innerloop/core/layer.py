@@ -295,8 +295,8 @@ class TTTLayer(nn.Module):
 
     Call ``y, state = layer(x, state=None)`` with ``x [B, T, D]``; ``state`` continues a sequence
     from any split point (see :class:`innerloop.core.state.TTTState`). ``x`` is in the weights'
-    dtype (under ``torch.autocast`` a float32 layer also takes bfloat16 and float16 ``x``); the inner scan (state, inner LayerNorm statistics,
-    gradient sums) and the state are in :attr:`scan_dtype`, the weights' dtype but at least float32:
+    dtype (under ``torch.autocast`` a float32 layer also takes bfloat16 and float16 ``x``); the inner
+    scan (state, inner LayerNorm statistics, gradient sums) and the state are in :attr:`scan_dtype`, the weights' dtype but at least float32:
     under autocast or with the layer in bfloat16 / float16 only the projections run in low precision.
     Every argument is checked at construction or call, with an error naming it and what is valid.
     """

@@ -357,9 +357,9 @@ inline T sum_over(int64_t n, Term term) {
   for (; i + kParts <= n; i += kParts)
     for (int j = 0; j < kParts; ++j) parts[j] += term(i + j);
   for (int j = 0; i < n; ++i, ++j) parts[j] += term(i);
-  T total = T(0);
-  for (int j = 0; j < kParts; ++j) total += parts[j];
-  return total;
+  for (int half = kParts / 2; half > 0; half /= 2)  // pairwise: halves of a register, not a serial chain
+    for (int j = 0; j < half; ++j) parts[j] += parts[j + half];
+  return parts[0];
 }
 
 // The largest |row[i]|, NaNs ignored (std::max(top, |x|) leaves top alone for a NaN x), a register of
@@ -382,6 +382,22 @@ inline T max_abs_over(int64_t n, const T* row) {
   return top;
 }
 
+// 2^exponent for a normal exponent, from its bits (std::ldexp is a library call, once per row here).
+template <typename T>
+inline T power_of_two(int exponent) {
+  if constexpr (sizeof(T) == 4) {
+    const int32_t bits = (exponent + 127) << 23;
+    float value;
+    std::memcpy(&value, &bits, sizeof(value));
+    return value;
+  } else {
+    const int64_t bits = static_cast<int64_t>(exponent + 1023) << 52;
+    double value;
+    std::memcpy(&value, &bits, sizeof(value));
+    return value;
+  }
+}
+
 // Mean and 1/std of one row, as torch's layer_norm computes them (biased variance). A row whose
 // squares could overflow (largest |value| above 2^limit, limit as in overflow_safe_scale in
 // core/functional.py) takes its moments on a copy scaled to a largest |value| of 2^limit: LayerNorm is
@@ -389,9 +405,8 @@ inline T max_abs_over(int64_t n, const T* row) {
 template <typename T>
 inline void row_moments(int64_t width, const T* row, T eps, T* mean_out, T* rstd_out) {
   const T top = max_abs_over(width, row);
-  int bits = 0;
-  for (int64_t w = width; w > 0; w >>= 1) ++bits;
-  const T limit = std::ldexp(T(1), (std::numeric_limits<T>::max_exponent - 4 - bits) / 2);
+  const int bits = 64 - __builtin_clzll(static_cast<uint64_t>(width));  // width's bit length (width >= 1)
+  const T limit = power_of_two<T>((std::numeric_limits<T>::max_exponent - 4 - bits) / 2);
   if (!(top > limit)) {  // ordinary rows (and NaN ones), the common case: no scaling at all
     const T mean = sum_over<T>(width, [&](int64_t i) { return row[i]; }) / T(width);
     const T sq = sum_over<T>(width, [&](int64_t i) { return (row[i] - mean) * (row[i] - mean); });

@@ -12,7 +12,9 @@ One run prints the issue's table, tokens/s per layer (columns) and setting (rows
   (the fused dual form with each mini-batch's step compiled; skipped with ``--no-compile``).
 
 Columns: TTT-Linear and TTT-MLP (``kernel='auto'``: what a user gets), the attention layer of
-``layer_speed.py`` (q/k/v/o projections + SDPA, same width), and the reference implementation
+``layer_speed.py`` (q/k/v/o projections + SDPA, same width), the four D x D projections alone (what
+every one of those layers spends most of its products on: the machine's limit for them, and its
+bf16 / fp32 ratio the bound on theirs), and the reference implementation
 (test-time-training/ttt-lm-pytorch's ``TTTLinear`` / ``TTTMLP``) when ``--reference`` names a checkout
 of it (its ``ttt.py`` is imported from there; nothing is downloaded), else "not available".
 
@@ -66,6 +68,8 @@ COMPILE_ROW = "training fp32 torch.compile"
 STEP_ROW = "training fp32 compiled step"
 TTT_MODELS = {"TTT-Linear": "linear", "TTT-MLP": "mlp"}
 LAYERS = ("TTT-Linear", "TTT-MLP", "attention (SDPA)")
+PROJECTIONS = "projections alone"
+COLUMNS = (*LAYERS, PROJECTIONS)
 REFERENCE = "reference ttt-lm-pytorch"
 QUICK = {"hidden": 64, "heads": 4, "mini_batch": 16, "lengths": [64], "repeats": 1}
 
@@ -160,6 +164,18 @@ class ReferenceLayer(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
+class Projections(nn.Module):
+    """The q/k/v/o products of a layer of width D and nothing else: ``o(q(x) + k(x) + v(x))``. A layer
+    built on them runs at most as fast as this, in either precision (the issue's "bf16 limit")."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(hidden_size, hidden_size, bias=False) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(self.q(x) + self.k(x) + self.v(x))
+
+
 def build_layers(args: argparse.Namespace) -> dict[str, nn.Module]:
     """Every timed layer by column label (the reference's as ``reference Linear`` / ``reference MLP``)."""
     torch.manual_seed(0)
@@ -171,6 +187,7 @@ def build_layers(args: argparse.Namespace) -> dict[str, nn.Module]:
             args.hidden, args.heads, inner_model="mlp", mini_batch_size=args.mini_batch, base_lr=0.1
         ),
         "attention (SDPA)": CausalAttention(args.hidden, args.heads),
+        PROJECTIONS: Projections(args.hidden),
     }
     if args.reference is not None:
         for label, layer in load_reference_layers(
@@ -226,7 +243,7 @@ def timed_calls(
                 if name.startswith("reference") and "bf16" in row:
                     continue
                 calls[tokens, row, name] = make_call(row, layer, x)
-        for name in [] if args.no_compile else LAYERS:
+        for name in [] if args.no_compile else LAYERS:  # not the projections: nothing for compile to fuse
             # one static-shape compile per length, as a run at a fixed sequence length gets: a wrapper
             # shared by the lengths would recompile with dynamic shapes (slower generic code)
             layer = torch.compile(layers[name], backend=args.compile_backend, dynamic=False)
@@ -251,9 +268,12 @@ def interleaved_median_seconds(calls: dict, repeats: int) -> dict:
 
 def table(results: dict[str, dict[str, float]], has_reference: bool) -> list[str]:
     """Markdown lines: one row per setting, one column per layer (tokens/s)."""
-    lines = ["| tokens/s | " + " | ".join([*LAYERS, REFERENCE]) + " |", "|---|" + "---|" * (len(LAYERS) + 1)]
+    lines = [
+        "| tokens/s | " + " | ".join([*COLUMNS, REFERENCE]) + " |",
+        "|---|" + "---|" * (len(COLUMNS) + 1),
+    ]
     for row, speeds in results.items():
-        cells = [f"{speeds[name]:,.0f}" if name in speeds else "-" for name in LAYERS]
+        cells = [f"{speeds[name]:,.0f}" if name in speeds else "-" for name in COLUMNS]
         if not has_reference:
             cells.append("not available")
         elif "reference Linear" in speeds:
@@ -269,6 +289,7 @@ def ratio_lines(results: dict[str, dict[str, float]]) -> list[str]:
     fp32, bf16 = results["inference fp32"], results["inference bf16 autocast"]
     train32, train16 = results["training fwd+bwd fp32"], results["training bf16 autocast"]
     attention = "attention (SDPA)"
+    alone32, alone16 = fp32[PROJECTIONS], bf16[PROJECTIONS]
     lines = [
         f"training fp32: TTT-Linear / attention = {train32['TTT-Linear'] / train32[attention]:.2f} (goal >= 2), "
         f"TTT-MLP / attention = {train32['TTT-MLP'] / train32[attention]:.2f} (goal >= 1)",
@@ -276,6 +297,10 @@ def ratio_lines(results: dict[str, dict[str, float]]) -> list[str]:
         f"bf16 TTT-Linear / bf16 attention {bf16['TTT-Linear'] / bf16[attention]:.2f} (goal >= 3)",
         f"bf16 / fp32 training: TTT-Linear {train16['TTT-Linear'] / train32['TTT-Linear']:.2f} (goal >= 2), "
         f"TTT-MLP {train16['TTT-MLP'] / train32['TTT-MLP']:.2f}",
+        f"this machine's bf16 / fp32 for the projections alone (the bound on a layer made of them): "
+        f"inference {alone16 / alone32:.2f}, training {train16[PROJECTIONS] / train32[PROJECTIONS]:.2f}",
+        f"share of the projections' limit: TTT-Linear inference fp32 {fp32['TTT-Linear'] / alone32:.0%}, "
+        f"bf16 {bf16['TTT-Linear'] / alone16:.0%} (goal >= 70%); attention bf16 {bf16[attention] / alone16:.0%}",
     ]
     if "reference Linear" in train32:
         lines.append(

@@ -49,15 +49,21 @@ def _main():
 def test_a_quick_run_prints_the_table_and_writes_json_atomically(tmp_path, capsys):
     out = tmp_path / "speed.json"
     results = _main()(["--quick", "--threads", "1", "--no-compile", "--json", str(out)])
-    rows = _table_rows(capsys.readouterr().out)
+    output = capsys.readouterr().out
+    rows = _table_rows(output)
     assert list(rows) == [
         "inference fp32",
         "inference bf16 autocast",
         "training fwd+bwd fp32",
         "training bf16 autocast",
     ]
-    for cells in rows.values():  # TTT-Linear, TTT-MLP, attention: numbers; the reference: not available
-        assert all(float(cell.replace(",", "")) > 0 for cell in cells[:3]) and cells[3] == "not available"
+    for cells in rows.values():  # TTT-Linear, TTT-MLP, attention, the projections: numbers; no reference
+        assert all(float(cell.replace(",", "")) > 0 for cell in cells[:4]) and cells[4] == "not available"
+    # the projections alone give the machine's bound in the same run, and each layer's share of it
+    assert (
+        "this machine's bf16 / fp32 for the projections alone (the bound on a layer made of them)" in output
+    )
+    assert "share of the projections' limit: TTT-Linear inference fp32 " in output
     assert json.loads(out.read_text())["tokens_per_second"]["64"] == results[64]
     assert [p.name for p in tmp_path.iterdir()] == ["speed.json"]  # no temporary file left
 
@@ -67,10 +73,10 @@ def test_the_reference_column_comes_from_a_checkout(tmp_path, capsys):
     _main()(["--quick", "--threads", "1", "--no-compile", "--reference", str(tmp_path)])
     rows = _table_rows(capsys.readouterr().out)
     assert (
-        rows["training fwd+bwd fp32"][3].startswith("Linear ")
-        and ", MLP " in rows["training fwd+bwd fp32"][3]
+        rows["training fwd+bwd fp32"][4].startswith("Linear ")
+        and ", MLP " in rows["training fwd+bwd fp32"][4]
     )
-    assert rows["training bf16 autocast"][3] == "-"
+    assert rows["training bf16 autocast"][4] == "-"
 
 
 def test_a_reference_that_does_not_import_is_named(tmp_path):
@@ -104,7 +110,8 @@ def test_a_quick_run_with_the_compiled_row(capsys):
     assert all(float(cell.replace(",", "")) > 0 for cell in stepped[:2]) and stepped[2] == "-"
     assert "compiled step / kernel='auto' training: TTT-Linear" in output
     compiled = _table_rows(output)["training fp32 torch.compile"]
-    assert all(float(cell.replace(",", "")) > 0 for cell in compiled[:3]) and compiled[3] in (
+    assert all(float(cell.replace(",", "")) > 0 for cell in compiled[:3]) and compiled[3] == "-"
+    assert compiled[4] in (
         "-",
         "not available",
     )

@@ -14,6 +14,7 @@ import inspect
 import logging
 import math
 import os
+import re
 import tempfile
 import typing
 import warnings
@@ -27,14 +28,28 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from innerloop.config.schema import DATASETS, FIELD_BOUNDS, SCHEDULES, DataConfig, RunConfig
-from innerloop.config.trainer_args import check_lightning_arguments, check_loggers, route_trainer_keys
+from innerloop.config.schema import (
+    DATASETS,
+    FIELD_BOUNDS,
+    SCHEDULES,
+    DataConfig,
+    RunConfig,
+    TrainerConfig,
+)
+from innerloop.config.trainer_args import (
+    LIGHTNING_NAMES,
+    check_lightning_arguments,
+    check_loggers,
+    route_trainer_keys,
+    trainer_arguments,
+    value_matches,
+)
 from innerloop.data.atomic import atomic_write_text
 from innerloop.data.hf import check_hf_dataset, check_hf_source
 from innerloop.data.recall import RECALL_VALUES
 from innerloop.data.text import check_text_lengths, split_keys, text_split_lengths
 from innerloop.data.tokenizer import BYTES, Tokenizer, TokenizerError, load_tokenizer
-from innerloop.models.config import check_keys, field_types, validate_model_config
+from innerloop.models.config import check_keys, field_types, unread_model_keys, validate_model_config
 
 DEFAULT_PRESET = "tiny"
 
@@ -49,8 +64,10 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_source(preset_or_file: str) -> tuple[DictConfig, str]:
-    """The YAML of a file path or a packaged preset name, and a description of where it came from."""
+def _read_source(preset_or_file: str) -> tuple[DictConfig, str, list[str]]:
+    """The YAML of a file path or a packaged preset name, a description of where it came from, and the
+    typed keys it gives an interpolation ``${...}`` (their values are checked once resolved, see
+    :func:`check_value_kinds`)."""
     path = Path(preset_or_file).expanduser()
     if path.is_file():
         source = f"file {str(Path(preset_or_file))!r}"
@@ -78,7 +95,7 @@ def _read_source(preset_or_file: str) -> tuple[DictConfig, str]:
         raise ConfigError(f"{source} is not valid YAML: {err}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{source} must be a mapping of config sections, got {type(loaded).__name__}")
-    return loaded, source
+    return loaded, source, check_value_kinds(yaml.compose(text, Loader=yaml.SafeLoader), "", source)
 
 
 def _one_line(err: BaseException) -> str:
@@ -86,9 +103,18 @@ def _one_line(err: BaseException) -> str:
 
 
 def _expected_type(key: str) -> Any:
-    """The type that the dotted ``key`` has in the :class:`RunConfig` schema (None if it has none)."""
+    """The type that the dotted ``key`` has in the :class:`RunConfig` schema (None if it has none). A
+    key under ``trainer`` that is Lightning's name of one of innerloop's keys (:data:`LIGHTNING_NAMES`)
+    has that key's type, another Lightning argument the Trainer's annotation of it."""
+    parts = key.split(".")
+    if parts[0] == "trainer" and len(parts) > 1:
+        name = parts[-1] if parts[1] == "lightning" and len(parts) == 3 else parts[1]
+        if name in LIGHTNING_NAMES and len(parts) == 2:
+            return _expected_type(LIGHTNING_NAMES[name])
+        if name not in field_types(TrainerConfig) and (len(parts) == 2 or parts[1] == "lightning"):
+            return trainer_arguments().get(name) if len(parts) <= 3 else None
     node: Any = RunConfig
-    for part in key.split("."):
+    for part in parts:
         name, _, index = part.partition("[")  # a list's element: data.paths[0]
         if not is_dataclass(node):
             return None
@@ -96,6 +122,183 @@ def _expected_type(key: str) -> Any:
         if index and typing.get_origin(node) is list:
             node = typing.get_args(node)[0]
     return node
+
+
+# -- the kinds of values a typed key takes ----------------------------------------------------------------
+# YAML 1.1, which OmegaConf reads, and OmegaConf's conversions accept much that is not what the schema
+# declares (`yes`, `1` and `'1'` for a bool; `0x20`, `0o17`, `017`, `1:30` and full-width digits for a
+# number). A scalar for a bool, int or float key is checked here on its text, before any of that.
+
+_PLAIN_INT = re.compile(r"[-+]?(0|[1-9][0-9]*(_[0-9]+)*)")
+_PLAIN_FLOAT = re.compile(
+    r"[-+]?([0-9]+(_[0-9]+)*\.([0-9]+(_[0-9]+)*)?|\.[0-9]+(_[0-9]+)*)([eE][-+]?[0-9]+)?"
+    r"|[-+]?(0|[1-9][0-9]*(_[0-9]+)*)[eE][-+]?[0-9]+"
+    r"|[-+]?\.?(inf|infinity|nan)",  # refused later, with the reason (the number must be finite)
+    re.IGNORECASE,
+)
+_BOOLS = ("true", "True", "TRUE", "false", "False", "FALSE")
+_NULLS = ("", "~", "null", "Null", "NULL")
+_KIND_WORDS = {
+    bool: "true or false",
+    int: "a decimal integer (ASCII digits, an optional sign, e.g. 64 or 10_000)",
+    float: "a decimal number (e.g. 3e-4, 0.5 or 2)",
+    type(None): "null",
+}
+
+
+_UnionType = type(int | None)  # the type of ``X | None``, which typing.get_origin gives for it
+
+
+def _kinds(expected: Any) -> tuple[Any, ...] | None:
+    """The members of the type ``expected`` (a union's, or itself) when each is a bool, int, float,
+    None or a ``Literal``, whose text can be judged; None for any other type (str, Any, a class)."""
+    union = typing.get_origin(expected) in (typing.Union, _UnionType)
+    members = typing.get_args(expected) if union else (expected,)
+    literal = [m for m in members if typing.get_origin(m) is typing.Literal]
+    if all(m in _KIND_WORDS for m in members if m not in literal):
+        return members
+    return None
+
+
+def _text_fits(text: str, kinds: Sequence[Any]) -> bool:
+    """Whether the plain (unquoted) YAML scalar ``text`` is a value of one of ``kinds``."""
+    for kind in kinds:
+        if typing.get_origin(kind) is typing.Literal and text in [str(v) for v in typing.get_args(kind)]:
+            return True
+        if kind is bool and text in _BOOLS or kind is type(None) and text in _NULLS:
+            return True
+        if kind is int and _PLAIN_INT.fullmatch(text):
+            return True
+        if kind is float and (_PLAIN_INT.fullmatch(text) or _PLAIN_FLOAT.fullmatch(text)):
+            return True
+    return False
+
+
+def _kind_words(kinds: Sequence[Any]) -> str:
+    words = [
+        " or ".join(repr(v) for v in typing.get_args(k))
+        if typing.get_origin(k) is typing.Literal
+        else _KIND_WORDS[k]
+        for k in kinds
+    ]
+    return ", or ".join(words)
+
+
+def check_value_kinds(node: yaml.Node | None, key: str, source: str) -> list[str]:
+    """Raise :class:`ConfigError` for a scalar of the YAML ``node`` (the value of the dotted ``key``;
+    ``""``: the whole config) that is not of the kind its key takes: a bool key takes only ``true`` or
+    ``false``, an int key a plain decimal integer (not a bool, not hexadecimal, octal or binary, not
+    ``017``, not non-ASCII digits), a float key such an integer or a decimal number (``3e-4``), and a
+    key that is not optional no null (nor an empty value). A quoted scalar is a string. Returns the typed
+    keys given an interpolation ``${...}``, whose values :func:`check_interpolated_kinds` checks once
+    resolved. Unknown keys are left to :func:`~innerloop.models.config.check_keys`."""
+    if isinstance(node, yaml.MappingNode):
+        interpolated = []
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            inner = (
+                key if key_node.tag == "tag:yaml.org,2002:merge" else f"{key}.{key_node.value}".lstrip(".")
+            )
+            interpolated += check_value_kinds(value_node, inner, source)
+        return interpolated
+    if isinstance(node, yaml.SequenceNode):
+        return [
+            k for i, item in enumerate(node.value) for k in check_value_kinds(item, f"{key}[{i}]", source)
+        ]
+    text, quoted = ("", False) if node is None else (node.value, node.style in ("'", '"'))
+    if not key or (key.partition(".")[0] not in field_types(RunConfig)):
+        return []
+    key = _routed_key(key)
+    expected = _expected_type(key)
+    if "${" in text:
+        return [key] if _kinds(expected) is not None else []
+    if not quoted and text in _NULLS and not _takes_null(expected):
+        raise ConfigError(_no_value_message(key, source, text, expected))
+    kinds = _kinds(expected)
+    if kinds is None or (not quoted and _text_fits(text, kinds)):
+        return []
+    if _is_lightning_argument(key) and not value_matches(text if quoted else yaml.safe_load(text), expected):
+        return []  # not of its kind even as YAML reads it: check_lightning_arguments says so, with its type
+    shown = f"{text!r} (a quoted string)" if quoted else repr(text)
+    name = expected.__name__ if isinstance(expected, type) else str(expected).replace("typing.", "")
+    raise ConfigError(
+        f"config key {key!r} in {source}: {shown} is not {_kind_words(kinds)} (expected {name})"
+    )
+
+
+def _routed_key(key: str) -> str:
+    """The dotted ``key`` where :func:`~innerloop.config.trainer_args.route_trainer_keys` puts its value:
+    ``trainer.log_every_n_steps`` is ``trainer.log_every``, ``trainer.deterministic`` is
+    ``trainer.lightning.deterministic``."""
+    parts = key.split(".")
+    if parts[0] != "trainer" or len(parts) != 2 or parts[1] in field_types(TrainerConfig):
+        return key
+    return LIGHTNING_NAMES.get(parts[1], f"trainer.lightning.{parts[1]}")
+
+
+def _is_lightning_argument(key: str) -> bool:
+    """Whether the dotted ``key`` is a ``lightning.Trainer`` argument other than innerloop's own keys
+    (``trainer.deterministic``, ``trainer.lightning.deterministic``)."""
+    parts = key.split(".")
+    if parts[0] != "trainer" or len(parts) not in (2, 3) or (len(parts) == 3 and parts[1] != "lightning"):
+        return False
+    return parts[-1] not in field_types(TrainerConfig) and parts[-1] not in LIGHTNING_NAMES
+
+
+def _takes_null(expected: Any) -> bool:
+    """Whether a key of type ``expected`` may be null (Optional, Any or unknown)."""
+    return expected in (None, Any) or type(None) in typing.get_args(expected)
+
+
+def _no_value_message(key: str, source: str, text: str, expected: Any) -> str:
+    """The error of a key that is not optional given no value (``out_dir=``) or null."""
+    given = "is given no value" if text == "" else f"is {text} (no value)"
+    default = _default_value(key)
+    example = f", e.g. its default {default!r}" if default is not None else ""
+    kinds = _kinds(expected)
+    wanted = (
+        _kind_words(kinds)
+        if kinds
+        else ("a string" if expected is str else f"a value of type {getattr(expected, '__name__', expected)}")
+    )
+    return f"config key {key!r} in {source} {given}: it takes {wanted}{example}"
+
+
+def _default_value(key: str) -> Any:
+    """The schema's default of the dotted ``key`` (None for none, or a list element's key)."""
+    node: Any = _schema()
+    for part in key.split("."):
+        if "[" in part or not isinstance(node, DictConfig) or part not in node:
+            return None
+        node = node[part]
+    return node if not isinstance(node, DictConfig) and not OmegaConf.is_list(node) else None
+
+
+def check_interpolated_kinds(cfg: DictConfig, keys: Sequence[str], source: str) -> None:
+    """Raise :class:`ConfigError` for a key of ``keys`` (given an interpolation ``${...}`` in ``cfg``,
+    the merged config) whose resolved value is not of its key's kind, as :func:`check_value_kinds` says
+    (a string, e.g. from ``oc.env``, judged on its text). An interpolation that does not resolve is left
+    to the error that reports it."""
+    if not keys:
+        return
+    plain = OmegaConf.create(OmegaConf.to_container(cfg))  # untyped: an interpolation resolves as it is
+    for key in keys:
+        try:
+            value = OmegaConf.select(plain, key, throw_on_missing=True)
+        except OmegaConfBaseException:
+            continue
+        kinds = _kinds(_expected_type(key)) or ()
+        fits = any(
+            type(value) is kind or (kind is float and type(value) is int)
+            for kind in kinds
+            if kind in _KIND_WORDS
+        ) or (isinstance(value, str) and _text_fits(value, kinds))
+        if kinds and not fits:
+            raise ConfigError(
+                f"config key {key!r} in {source}: the interpolation resolves to {value!r} "
+                f"({type(value).__name__}), which is not {_kind_words(kinds)}"
+            )
 
 
 def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
@@ -124,9 +327,10 @@ def _merge_in_order(base: Callable[[], DictConfig], parts: Sequence[tuple[DictCo
         return cfg
 
 
-def _checked_override(item: str) -> tuple[DictConfig, str]:
-    """The override ``key=value`` as a config to merge, with its source; :class:`ConfigError` if it is not
-    of that form, cannot be parsed or names no key of the schema."""
+def _checked_override(item: str) -> tuple[DictConfig, str, list[str]]:
+    """The override ``key=value`` as a config to merge, with its source and the typed keys it gives an
+    interpolation (:func:`check_value_kinds`); :class:`ConfigError` if it is not of that form, cannot
+    be parsed, names no key of the schema or gives a value of another kind than its key takes."""
     key, sep, _ = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form key=value (e.g. trainer.max_steps=100)")
@@ -134,9 +338,13 @@ def _checked_override(item: str) -> tuple[DictConfig, str]:
         override = OmegaConf.from_dotlist([item])
     except Exception as err:  # the value is parsed as YAML: its syntax errors come in several types
         raise ConfigError(f"override {item!r} cannot be parsed: {_first_line(err)}") from None
-    routed = route_trainer_keys(OmegaConf.to_container(override), f"override {item!r}", ConfigError)
-    check_keys(routed, RunConfig, "", f"override {item!r}", ConfigError)
-    return OmegaConf.create(routed), f"override {item!r}"
+    source = f"override {item!r}"
+    routed = route_trainer_keys(OmegaConf.to_container(override), source, ConfigError)
+    check_keys(routed, RunConfig, "", source, ConfigError)
+    interpolated = check_value_kinds(
+        yaml.compose(item.partition("=")[2], Loader=yaml.SafeLoader), key, source
+    )
+    return OmegaConf.create(routed), source, interpolated
 
 
 @functools.cache
@@ -178,14 +386,41 @@ def load_config(
             raise ConfigError(str(err)) from None
     else:
         validate_run_config(run)
+    from_file = out_dir is None and Path(preset_or_file).expanduser().is_file()  # a resume's: innerloop's
+    _warn_unread_model_keys(run, overrides, _flat_dict(container) if from_file else {}, str(preset_or_file))
     return run, cfg
+
+
+def _warn_unread_model_keys(
+    run: RunConfig, overrides: Sequence[str], from_file: dict[str, Any], file: str
+) -> None:
+    """Warn, once per key, about a ``model.*`` key that an override or the user's YAML file (its keys
+    flattened, ``from_file``) sets and the model never reads (:func:`~innerloop.models.config.
+    unread_model_keys`): e.g. ``model.ttt.base_lr`` of an attention model, ``model.window`` of a TTT
+    model. A preset's keys are not warned about, nor a file's key at its default (a saved run's
+    config.yaml holds every key). Not an error: the model is the one asked for."""
+    unread = unread_model_keys(run.model)
+    defaults = _flat_dict(OmegaConf.to_container(_schema()))
+    given = {item.partition("=")[0].strip(): f"override {item!r}" for item in overrides}
+    given.update(
+        {k: f"file {file!r}" for k, v in from_file.items() if k not in given and v != defaults.get(k, v)}
+    )
+    for key, source in given.items():
+        section = next((u for u in unread if key == u or key.startswith(f"{u}.")), None)
+        if section is not None:
+            warnings.warn(
+                f"{key} ({source}) is not read by this model (model.mixer={run.model.mixer!r}): "
+                f"{unread[section]}, so it changes nothing",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def _merged_config(preset_or_file: Any, overrides: Sequence[str]) -> tuple[Any, Any, DictConfig]:
     """The config source's mapping as read, that mapping with its ``trainer`` keys routed, and the
     schema with the source and ``overrides`` merged in; the keys and types checked, not the values."""
     _check_load_arguments(preset_or_file, overrides)
-    loaded, source = _read_source(preset_or_file)
+    loaded, source, interpolated = _read_source(preset_or_file)
     try:
         container = OmegaConf.to_container(loaded)
     except OmegaConfBaseException as err:  # e.g. an interpolation ${...} that does not resolve
@@ -195,13 +430,19 @@ def _merged_config(preset_or_file: Any, overrides: Sequence[str]) -> tuple[Any, 
     from_source = OmegaConf.create(routed) if routed is not container else loaded
     base = functools.partial(_merge, _schema(), from_source, source)  # a new config each call
     checked: list[tuple[DictConfig, str]] = []  # merged together after the loop: one merge, not one each
+    sources = {key: source for key in interpolated}
     for item in overrides:
         try:
-            checked.append(_checked_override(item))
+            override, where, keys = _checked_override(item)
         except ConfigError:
             _merge_in_order(base, checked)  # an earlier override's merge error comes first, as it is earlier
             raise
-    return container, routed, _merge_in_order(base, checked)
+        checked.append((override, where))
+        sources.update(dict.fromkeys(keys, where))
+    merged = _merge_in_order(base, checked)
+    for key, where in sources.items():
+        check_interpolated_kinds(merged, [key], where)
+    return container, routed, merged
 
 
 def _typed(cfg: DictConfig) -> RunConfig:
@@ -283,15 +524,19 @@ def read_run_config(path: str | Path) -> RunConfig:
     if Path(path).is_symlink() and not Path(path).exists():
         raise ConfigError(f"{source} is a symbolic link to {os.readlink(path)!r}, which does not exist")
     try:
-        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
+        document = yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"{source} cannot be read as YAML: {' '.join(str(err).split())}") from None
     if not isinstance(document, dict):
         raise ConfigError(f"{source} is not a mapping of config sections ({type(document).__name__})")
     routed = route_trainer_keys(document, source, ConfigError)
     check_keys(routed, RunConfig, "", source, ConfigError)
+    interpolated = check_value_kinds(yaml.compose(text, Loader=yaml.SafeLoader), "", source)
     try:
-        run = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(routed)))
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(routed))
+        check_interpolated_kinds(merged, interpolated, source)  # type: ignore[arg-type]
+        run = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(f"{source}: config key {key!r}: {str(err).strip().splitlines()[0]}") from None
@@ -341,6 +586,10 @@ def _vocabulary_from_tokenizer(run: RunConfig, cfg: DictConfig) -> None:
 def run_tokenizer(run: RunConfig) -> Tokenizer:
     """The tokenizer ``data.tokenizer`` names (see :func:`innerloop.data.tokenizer.load_tokenizer`);
     :class:`ConfigError` naming ``data.tokenizer`` if it cannot be loaded."""
+    if run.data.tokenizer == "":  # a path '' would name the current directory and read its tokenizer.json
+        raise ConfigError(
+            f"data.tokenizer='' is empty: give {BYTES!r}, a tokenizer.json file or a folder holding one"
+        )
     try:
         return load_tokenizer(run.data.tokenizer)
     except TokenizerError as err:
@@ -594,17 +843,23 @@ def _check_out_dir_outside_data(run: RunConfig) -> None:
 _RESULT_FILES = ("eval_x.csv", "eval_x.png", "compare-x.csv", "compare-x.png", "compare-x.md")
 
 
-def check_output_outside_data(out: str | Path, paths: Sequence[str], option: str, data_option: str) -> None:
+def check_output_outside_data(
+    out: str | Path,
+    paths: Sequence[str],
+    option: str,
+    data_option: str,
+    fix: str = "give an output folder outside the data",
+) -> None:
     """:class:`ConfigError` when the folder ``out`` (given as ``option``) lies inside a data entry of
     ``paths`` (``data_option`` names them), is one, or is reached by one's glob: an evaluation's results
-    written there would be read as data by the next evaluation, which would give other numbers."""
+    written there would be read as data by the next evaluation, which would give other numbers. ``fix``
+    ends the message (what to do; e.g. how to choose another folder than a default one)."""
     found = _first_overlap(out, paths, _RESULT_FILES)
     if found:
         entry, how = found
         raise ConfigError(
             f"{option} {str(out)!r} {how} {data_option} entry {entry!r}: the results written there would "
-            "be read as data by the next evaluation, and change its numbers; give an output folder "
-            "outside the data"
+            f"be read as data by the next evaluation, and change its numbers; {fix}"
         )
 
 

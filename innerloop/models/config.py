@@ -541,14 +541,45 @@ _PLUGIN_FIELDS = {
 """The plugin names of the sections ``model.ttt`` and ``model.e2e``: (field, registry kind)."""
 
 
+def unread_model_keys(config: ModelConfig) -> dict[str, str]:
+    """The dotted keys (``model.ttt``: the whole section) that the model ``config`` describes never
+    reads, each with the reason: another mixer's section, ``model.window`` of a mixer that attends to
+    every token, and so on. Setting one changes nothing; :func:`innerloop.config.load.load_config`
+    warns about one an override sets."""
+    mixer = config.mixer
+    unread = {
+        f"model.{section}": f"only model.mixer={section!r} reads it"
+        for section in ("ttt", E2E)
+        if mixer != section
+    }
+    if mixer not in FAMILY_MIXERS:
+        unread["model.family"] = f"only the family's mixers {list(FAMILY_MIXERS)} read it"
+    if mixer not in ("swa", E2E):
+        unread["model.window"] = "only the sliding-window attention of model.mixer='swa' or 'e2e' reads it"
+    if not uses_rope(config):
+        unread["model.rope_theta"] = f"mixer {mixer!r} applies no RoPE"
+    if mixer == E2E:
+        for key in ("backbone", "pre_conv", "pre_conv_kernel"):
+            unread[f"model.{key}"] = "the TTT-E2E model has blocks of its own, without a pre-conv"
+    elif not uses_pre_conv(config):
+        unread["model.pre_conv_kernel"] = (
+            "the blocks have no pre-conv (model.pre_conv or backbone mamba adds one)"
+        )
+    decided = [config.pre_conv, *((config.ttt.share_qk, config.ttt.use_gate) if mixer == "ttt" else ())]
+    if mixer != E2E and None not in decided:
+        unread["model.backbone"] = "what it decides (model.pre_conv; model.ttt.share_qk, use_gate) is set"
+    return unread
+
+
 def _warn_unknown_unread_plugins(config: ModelConfig) -> None:
     """Warn about a plugin name that no plugin registers in a section this mixer does not read (e.g.
     a typo in ``model.e2e.inner_loss`` of a ``mixer: ttt`` model): it has no effect, so the model is
     right, but a user who meant it to count should hear. Not an error: a config may keep another
     mixer's settings to switch back to (``model.mixer=attention`` on a TTT preset), and a checkpoint
     must load where a plugin it never used is not installed."""
+    unread = unread_model_keys(config)
     for section, plugin_fields in _PLUGIN_FIELDS.items():
-        if config.mixer == section:
+        if f"model.{section}" not in unread:
             continue
         for key, kind in plugin_fields:
             name, registered = getattr(getattr(config, section), key), available(kind)

@@ -183,5 +183,8 @@ def test_a_saved_or_resume_config_with_a_nested_data_paths_entry_is_one_error(tm
 
 
 def test_a_null_data_paths_entry_names_the_string_type() -> None:
-    with pytest.raises(ConfigError, match=re.escape("config key 'data.paths[0]'") + r".*\(expected str\)$"):
+    expected = (
+        "config key 'data.paths[0]' in override 'data.paths=[null]' is null (no value): it takes a string"
+    )
+    with pytest.raises(ConfigError, match=re.escape(expected) + "$"):
         load_config("tiny", ["data.paths=[null]"])

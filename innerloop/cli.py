@@ -502,7 +502,8 @@ def _eval(args: argparse.Namespace) -> int:
             ) from None
     out = Path(args.out) if args.out is not None else Path(args.checkpoint).parent
     check_output_dir(args.out if args.out is not None else out, "--out")  # --out '' is refused, not '.'
-    _check_out_outside_the_data(out, [args.checkpoint], args.data)
+    default = None if args.out is not None else "the checkpoint's folder"
+    _check_out_outside_the_data(out, [args.checkpoint], args.data, default)
     _quiet_lightning()
     metrics, csv_path, png = evaluate(
         args.checkpoint,
@@ -519,15 +520,22 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_out_outside_the_data(out: os.PathLike, models: Sequence[str], data: Sequence[str]) -> None:
+def _check_out_outside_the_data(
+    out: os.PathLike, models: Sequence[str], data: Sequence[str], default: str | None = None
+) -> None:
     """``--out`` outside what the evaluation reads: the ``--data`` entries, else each model's run's
-    ``data.paths`` (its config.yaml; one that cannot be read is left to the evaluation to report)."""
+    ``data.paths`` (its config.yaml; one that cannot be read is left to the evaluation to report).
+    ``default``: what the folder is when ``--out`` was not given (the message says so)."""
     from pathlib import Path
 
     from innerloop.config.load import check_output_outside_data
 
+    option, fix = "--out", "give an output folder outside the data"
+    if default is not None:
+        option = f"the default --out ({default})"
+        fix = "give --out DIR to write the results into another folder, outside the data"
     if data:
-        check_output_outside_data(out, data, "--out", "--data")
+        check_output_outside_data(out, data, option, "--data", fix)
         return
     from innerloop.train.run import read_run_config, run_config_path
 
@@ -538,7 +546,7 @@ def _check_out_outside_the_data(out: os.PathLike, models: Sequence[str], data: S
         except (ConfigError, OSError):
             continue
         if run is not None and run.data.name != "recall":
-            check_output_outside_data(out, run.data.paths, "--out", f"the data.paths of {str(saved)!r}")
+            check_output_outside_data(out, run.data.paths, option, f"the data.paths of {str(saved)!r}", fix)
 
 
 def _refuse_text_without_tokenizer(checkpoint: str) -> None:
@@ -1117,7 +1125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _parser()
     try:
-        args = _expand_user(_parse_intermixed(parser, argv))
+        args = _expand_user(_refuse_empty_paths(parser, _parse_intermixed(parser, argv)))
     except UsageError as err:
         prog = err.prog  # the top-level parser reports some errors of a command (unknown arguments)
         given = argv if argv is not None else sys.argv[1:]
@@ -1157,6 +1165,41 @@ _PATH_ARGUMENTS = (
     "paths",
 )
 """The attributes of every command's arguments that hold a path (or a list of paths)."""
+
+
+def _refuse_empty_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """``args``, or a :class:`UsageError` naming the first path argument (:data:`_PATH_ARGUMENTS`) given
+    as ``''``: an empty path would name the current directory (a ``tokenizer.json`` or checkpoint found
+    there, the outputs written there) or, for ``--config``, the default preset."""
+    for name in _PATH_ARGUMENTS:
+        value = getattr(args, name, None)
+        if value == "" or (isinstance(value, list) and "" in value):
+            subparser = _chosen_subparser(parser, args)
+            action = next((a for a in subparser._actions if a.dest == name), None)  # noqa: SLF001
+            shown = (
+                (action.option_strings[0] if action.option_strings else action.metavar) if action else None
+            )
+            wanted = _EMPTY_PATH_HINTS.get(name, "a path (an empty one would name the current directory)")
+            raise UsageError(subparser.prog, f"{shown or name} '' is empty: give {wanted}")
+    return args
+
+
+_EMPTY_PATH_HINTS = {
+    "config": "a preset's name or a YAML file",
+    "tokenizer": "bytes, a tokenizer.json or a folder holding one (an empty path would name the current directory)",
+    "baseline": "the name or path of one of the models compared",
+}
+"""What a path argument of :data:`_PATH_ARGUMENTS` takes, where it is more than a path."""
+
+
+def _chosen_subparser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command parser that read ``args``: ``innerloop tokenizer train``'s for that command."""
+    while True:
+        commands = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)  # noqa: SLF001
+        chosen = getattr(args, commands.dest, None) if commands is not None else None
+        if chosen not in (commands.choices if commands is not None else {}):
+            return parser
+        parser = commands.choices[chosen]
 
 
 def _expand_user(args: argparse.Namespace) -> argparse.Namespace:

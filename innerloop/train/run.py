@@ -77,7 +77,7 @@ from innerloop.data.hf import FORMATS, check_hf_source
 from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
 from innerloop.models import ModelConfig
 from innerloop.models.ablation import no_test_time_training
-from innerloop.train.checkpoint import SafetensorsCheckpointIO
+from innerloop.train.checkpoint import SafetensorsCheckpointIO, holds_training_state
 from innerloop.train.data import (
     IGNORE_INDEX,
     Batch,
@@ -1107,8 +1107,13 @@ def _training_seq_len(module: LanguageModelModule, checkpoint: str | Path) -> in
     seq_len = module.hparams.get("seq_len")
     if isinstance(seq_len, int) and seq_len >= 1:
         return seq_len
+    why = (
+        "written by an older innerloop"
+        if holds_training_state(checkpoint)
+        else "a model that innerloop did not train, e.g. one made by `innerloop convert`"
+    )
     print(
-        f"{str(checkpoint)!r} does not record the seq_len it was trained with (written by an older "
-        f"innerloop): evaluating at {DEFAULT_EVAL_SEQ_LEN} tokens per window; give --seq-len to choose"
+        f"{str(checkpoint)!r} records no training seq_len ({why}): evaluating at {DEFAULT_EVAL_SEQ_LEN} "
+        "tokens per window; give --seq-len to choose"
     )
     return DEFAULT_EVAL_SEQ_LEN

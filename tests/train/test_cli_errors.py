@@ -311,7 +311,7 @@ def test_eval_takes_seq_len_from_the_checkpoint_not_a_config_beside_it(capsys, r
     out = tmp_path / "out"
     out.mkdir()
     printed, files = _evaluate(capsys, copy, out)
-    assert "does not record" not in printed
+    assert "records no training seq_len" not in printed
     assert [f for f in files if f.endswith(".csv")] == [
         f"eval_{checkpoint_identity(copy)}_default-val_T32_n2.csv"
     ]
@@ -320,11 +320,11 @@ def test_eval_takes_seq_len_from_the_checkpoint_not_a_config_beside_it(capsys, r
 
 def test_eval_of_a_checkpoint_without_its_seq_len_says_which_length_it_used(capsys, tmp_path) -> None:
     module = LanguageModelModule(model=SMALL, num_position_buckets=4)  # as an older innerloop wrote it
-    tree = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    tree = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 3}
     tree["hyper_parameters"].pop("seq_len")
     checkpoint = save_checkpoint(tree, tmp_path / "old.safetensors")
     printed, files = _evaluate(capsys, checkpoint, tmp_path)
-    assert "does not record the seq_len it was trained with" in printed
+    assert "records no training seq_len (written by an older innerloop)" in printed
     assert "evaluating at 128 tokens per window; give --seq-len" in printed
     assert f"eval_{checkpoint_identity(checkpoint)}_default-val_T128_n2.csv" in files
 
@@ -483,4 +483,28 @@ def test_an_empty_out_is_refused_not_read_as_the_current_directory(capsys, run_d
     checkpoint = str(run_dir / "last.safetensors")
     models = [checkpoint] if command == "eval" else [checkpoint, checkpoint]
     assert main([command, *models, "--out", ""]) == 2
-    assert "--out='' must name a directory for the outputs" in capsys.readouterr().err
+    assert _one_error_line(capsys, command).endswith(
+        "--out '' is empty: give a path (an empty one would name the current directory)"
+    )
+
+
+def test_eval_of_a_converted_checkpoint_says_it_records_no_training_seq_len(capsys, tmp_path) -> None:
+    """A checkpoint made by `innerloop convert` (a model, no training state) is not called older."""
+    from innerloop.models import CausalLM, ModelConfig
+    from innerloop.train.module import save_model_checkpoint
+
+    checkpoint = save_model_checkpoint(CausalLM(ModelConfig(**SMALL)), tmp_path / "converted.safetensors")
+    printed, files = _evaluate(capsys, checkpoint, tmp_path)
+    assert "records no training seq_len (a model that innerloop did not train, e.g. one made by " in printed
+    assert "older innerloop" not in printed
+    assert f"eval_{checkpoint_identity(checkpoint)}_default-val_T128_n2.csv" in files
+
+
+def test_a_default_out_inside_the_data_is_named_as_the_default(capsys, run_dir) -> None:
+    checkpoint = str(run_dir / "last.safetensors")
+    assert main(["eval", checkpoint, "--data", str(run_dir), "--batches", "1"]) == 2
+    line = _one_error_line(capsys, "eval")
+    assert f"the default --out (the checkpoint's folder) {str(run_dir)!r} lies inside --data entry" in line
+    assert line.endswith("give --out DIR to write the results into another folder, outside the data")
+    assert main(["eval", checkpoint, "--data", str(run_dir), "--out", str(run_dir), "--batches", "1"]) == 2
+    assert _one_error_line(capsys, "eval").startswith(f"innerloop eval: error: --out {str(run_dir)!r} lies")

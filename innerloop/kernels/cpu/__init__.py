@@ -6,6 +6,7 @@ Importing this package compiles nothing; the C++ library is built on first use a
 ``register_kernels`` hook like any plugin's.
 """
 
+from innerloop.kernels.cpu.buffers import release_buffers
 from innerloop.kernels.cpu.stack import kernel_spec
 
-__all__ = ["kernel_spec"]
+__all__ = ["kernel_spec", "release_buffers"]

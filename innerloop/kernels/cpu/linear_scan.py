@@ -15,6 +15,7 @@ import ctypes
 
 import torch
 
+from innerloop.kernels.cpu.buffers import scan_buffer
 from innerloop.kernels.cpu.library import DTYPE_CODES, run_entry_point, scan_input_problems, scan_sizes
 
 DOUBLE_BACKWARD_MESSAGE = (
@@ -85,7 +86,7 @@ class CompiledLinearScan(torch.autograd.Function):
         both, left, shift, gamma_sq = (t.detach().contiguous() for t in (both, left, shift, gamma_sq))
         weight = weight.detach().clone(memory_format=torch.contiguous_format)  # updated in place
         num_mb, pairs, two_k, _ = both.shape
-        starts = weight.new_empty((num_mb, *weight.shape))  # [NB, BH, in, f]
+        starts = scan_buffer(num_mb * weight.numel(), weight).view(num_mb, *weight.shape)  # [NB, BH, in, f]
         z = shift.new_empty((num_mb, pairs, two_k // 2, shift.shape[-1]))  # [NB, BH, K, f]
         tensors = {"both": both, "left": left, "shift": shift, "gamma_sq": gamma_sq}
         run_entry_point(

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from innerloop.kernels.cpu.buffers import scan_buffer
 from innerloop.kernels.cpu.library import (
     ACTIVATION_CODES,
     DTYPE_CODES,
@@ -134,7 +135,11 @@ class CompiledStackScan(torch.autograd.Function):
             w.detach().clone(memory_format=torch.contiguous_format) for w in weights
         ]  # updated in place
         num_mb, pairs, two_k, _ = both.shape
-        starts = [w.new_empty((num_mb, *w.shape)) for w in weights]  # [NB, BH, in, out] each
+        flat = scan_buffer(num_mb * sum(w.numel() for w in weights), weights[0])
+        sizes = [num_mb * w.numel() for w in weights]
+        starts = [  # [NB, BH, in, out] each
+            part.view(num_mb, *w.shape) for part, w in zip(flat.split(sizes), weights, strict=True)
+        ]
         z = shift.new_empty((num_mb, pairs, two_k // 2, shift.shape[-1]))  # [NB, BH, K, f]
         args = _args(activations, eps, tensors | {"z": z}, {"weights": weights, "starts": starts})
         run_entry_point("innerloop_stack_scan_forward", args)

@@ -88,6 +88,45 @@ def check_token_ids(
         )
 
 
+LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
+"""The floating dtypes ``torch.autocast`` runs in, which a model's weights may also be in."""
+
+
+@run_eagerly("innerloop: the precision check reads the autocast state")
+def check_weights_under_autocast(
+    model: nn.Module, device_type: str, autocast_dtype: torch.dtype | None = None, source: str = ""
+) -> None:
+    """Refuse, naming both dtypes, a model whose weights are in one low-precision dtype while it would
+    run under ``torch.autocast`` to another (bfloat16 weights under float16 autocast, or float16
+    weights under bfloat16). torch's autocast does not mix the two: some models fail deep inside
+    ("Unexpected floating ScalarType in at::autocast::prioritize"), others run in a mix of both, so
+    every model refuses them before it runs. What runs: float32 (or float64) weights under any
+    autocast, and bfloat16 / float16 weights without autocast or under autocast to their own dtype.
+
+    ``autocast_dtype`` and ``source``: the dtype the model would autocast to and what sets it (a model
+    option); None: the enclosing ``torch.autocast`` on ``device_type``, if it is on.
+    """
+    if autocast_dtype is None:
+        if device_type == "meta" or not torch.is_autocast_enabled(device_type):
+            return
+        autocast_dtype = torch.get_autocast_dtype(device_type)
+        source = f"torch.autocast({device_type!r}) is on with dtype {autocast_dtype}"
+    clashing = sorted(
+        {
+            str(p.dtype)
+            for p in model.parameters()
+            if p.dtype in LOW_PRECISION_DTYPES and p.dtype != autocast_dtype
+        }
+    )
+    if clashing:
+        weights = " and ".join(clashing)
+        raise TypeError(
+            f"the model's weights are {weights} but {source}: a model in bfloat16 or float16 runs "
+            f"without autocast or under autocast to its own dtype. Keep the weights float32 for mixed "
+            f"precision (model.float()), or use one dtype for both (model.to({autocast_dtype}))"
+        )
+
+
 class CausalLM(nn.Module):
     """Decoder-only language model whose blocks use the mixer named in ``config``.
 
@@ -153,6 +192,7 @@ class CausalLM(nn.Module):
         for ``B`` sequences: checked before any block runs (a block's pre-conv would otherwise fail on
         a state of another batch before its mixer's check)."""
         check_token_ids(input_ids, self.config.vocab_size, min_length=1)  # a T=0 call has nothing to score
+        check_weights_under_autocast(self, self.embed.weight.device.type)
         if state is None:
             return
         if not isinstance(state, LMState):

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from innerloop.core.eager import run_eagerly
 from innerloop.core.model_inner import FastWeights, ModelInnerLoss, ModelUpdateRule
 from innerloop.models.attention import (
     CausalSelfAttention,
@@ -49,7 +50,7 @@ from innerloop.models.attention import (
 )
 from innerloop.models.blocks import SwiGLU
 from innerloop.models.config import E2E, ModelConfig, validate_e2e_options, validate_model_config
-from innerloop.models.lm import _tensors, check_token_ids
+from innerloop.models.lm import _tensors, check_token_ids, check_weights_under_autocast
 from innerloop.registry import get_registry
 
 # --------------------------------------------------------------------------------------------------
@@ -430,6 +431,7 @@ class E2ELM(nn.Module):
         """
         check_token_ids(input_ids, self.config.vocab_size)
         validate_e2e_options(self.config)  # read at every call, and users may change them on a built model
+        self._check_precision()
         if state is not None:
             self._check_state(state, input_ids.shape[0])
         input_ids = input_ids.long()  # the inner loss's targets must be int64 (no copy if they are)
@@ -440,6 +442,17 @@ class E2ELM(nn.Module):
                 logits, state = self._forward(input_ids.clone(), state)
             return logits, state
         return self._forward(input_ids, state)
+
+    def _check_precision(self) -> None:
+        """The weights' dtype fits the autocast the model runs under: ``e2e.compute_dtype``'s, or
+        (``float32``) the enclosing one (:func:`~innerloop.models.lm.check_weights_under_autocast`)."""
+        compute = self.config.e2e.compute_dtype
+        device_type = self.embed.weight.device.type
+        if compute == "float32":
+            check_weights_under_autocast(self, device_type)
+        else:
+            source = f"model.e2e.compute_dtype={compute!r} runs it under torch.autocast to that dtype"
+            check_weights_under_autocast(self, device_type, getattr(torch, compute), source)
 
     def _check_state(self, state: E2EState, batch: int) -> None:
         """``state`` is one this model made for a batch of ``batch`` sequences (a state of a model with
@@ -651,9 +664,29 @@ class E2ELM(nn.Module):
         fast: FastWeights,
     ) -> tuple[torch.Tensor, list[AnyCache | None], FastWeights]:
         """Score one chunk ``h_chunk [B, C, D]`` (logits ``[B, C, V]`` and the caches after it); with its
-        ``targets`` (``[B, C (+ 1)]``: the chunk can be trained on), take the inner step on it too."""
+        ``targets`` (``[B, C (+ 1)]``: the chunk can be trained on), take the inner step on it too.
+
+        A chunk trained on is scored and stepped eagerly under ``torch.compile``: the step's
+        ``torch.autograd.grad`` goes through the scoring's backward, which, compiled, could be neither
+        differentiated again (the outer gradient, second order: "aot_autograd does not currently support
+        double backward") nor run twice (the update rule retains the graph; AOTAutograd may compile a
+        backward that frees its buffers). A chunk only scored compiles."""
+        create_graph = torch.is_grad_enabled() and not self.config.e2e.first_order
+        if targets is not None:
+            return self._score_and_step_eagerly(h_chunk, targets, caches, fast, create_graph)
+        return self._score_and_step(h_chunk, targets, caches, fast, create_graph)
+
+    def _score_and_step(
+        self,
+        h_chunk: torch.Tensor,
+        targets: torch.Tensor | None,
+        caches: list[AnyCache | None],
+        fast: FastWeights,
+        create_graph: bool,
+    ) -> tuple[torch.Tensor, list[AnyCache | None], FastWeights]:
+        """:meth:`_score_and_train`'s work; ``create_graph``: the outer loss differentiates through the
+        inner step (second order)."""
         e2e = self.config.e2e
-        create_graph = torch.is_grad_enabled() and not e2e.first_order
         # CPU's fused attention kernel has no double backward; the math one does.
         attention = sdpa_kernel([SDPBackend.MATH]) if create_graph else nullcontext()
         with torch.enable_grad(), attention:
@@ -662,6 +695,10 @@ class E2ELM(nn.Module):
                 losses = self.inner_loss.chunk_loss(logits, self._mark_skipped(targets))  # [B]
                 fast = self.update_rule.step(fast, losses, self.inner_lr(), e2e.inner_grad_clip, create_graph)
         return logits, new_caches, fast
+
+    _score_and_step_eagerly = run_eagerly("innerloop: the inner step takes a gradient eagerly")(
+        _score_and_step
+    )
 
     def _suffix_caches(self, caches: list[AnyCache | None]) -> tuple[AnyCache | None, ...]:
         """``caches`` with None for the prefix blocks (whose caches the state keeps up to date already)."""

@@ -21,7 +21,7 @@ from torch._dynamo.utils import counters
 
 from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import apply_rope_interleaved, relative_error
-from innerloop.models import CausalLM, ModelConfig
+from innerloop.models import CausalLM, E2EConfig, ModelConfig, build_model
 
 EQUAL_TO_ROUNDING = 1e-5
 
@@ -106,6 +106,46 @@ def test_a_compiled_attention_model_decodes_as_eager_and_still_checks_its_inputs
         _, state = compiled(ids[:, :6])
         with pytest.raises(ValueError, match=r"state.blocks\[0\].conv must be the pre-conv history"):
             compiled(ids[:1, 6:7], state)
+
+
+def _tiny_e2e_lm() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = ModelConfig(mixer="e2e", window=8, hidden_size=32, num_heads=2, intermediate_size=64,
+                         num_layers=2, e2e=E2EConfig(chunk_size=4))  # fmt: skip
+    return build_model(config)
+
+
+# reason: dynamo traces a TTT-E2E model's training step (~8 s on 2 cores)
+@pytest.mark.slow
+def test_a_compiled_e2e_model_trains_through_its_inner_steps_as_eager():
+    # the outer gradient differentiates the inner steps' backward (second order), which a compiled
+    # backward cannot be: the inner step runs eagerly, the rest compiles (review s10: "a leaf Variable
+    # that requires grad is being used in an in-place operation")
+    lm = _tiny_e2e_lm()
+    eager = copy.deepcopy(lm)
+    compiled = torch.compile(lm, backend="aot_eager")
+    ids = torch.randint(0, 256, (2, 12))
+    torch._dynamo.reset()
+    logits, grads = _train_step(compiled, ids)
+    want_logits, want_grads = _train_step(eager, ids)
+    assert relative_error(logits, want_logits) < EQUAL_TO_ROUNDING
+    assert relative_error(_flat(grads), _flat(want_grads)) < EQUAL_TO_ROUNDING
+
+
+# reason: dynamo compiles the prefill and each decoded token anew (another number of tokens waits in
+# the chunk at each): ~25 s on 2 cores
+@pytest.mark.slow
+def test_a_compiled_e2e_model_decodes_as_eager():
+    # chunks of 4: the prefill trains the first chunk, the decoded tokens the second. The inner step's
+    # gradient runs eagerly: a compiled backward may free its buffers after one use (AOTAutograd's
+    # donated buffers), and the update rule's gradient keeps the graph ("compiled with non-empty
+    # donated buffers which requires ... retain_graph=False" once a recompile made shapes dynamic)
+    lm = _tiny_e2e_lm()
+    compiled = torch.compile(copy.deepcopy(lm), backend="aot_eager")
+    ids = torch.randint(0, 256, (2, 12))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert relative_error(_decode(compiled, ids), _decode(lm, ids)) < EQUAL_TO_ROUNDING
 
 
 @pytest.mark.slow  # ~19 s from an empty cache: inductor compiles one small kernel and its backward

@@ -115,10 +115,11 @@ def capability_refusal(kernel: KernelSpec, inputs: KernelInputs) -> str | None:
     return None
 
 
-def refusal(kernel: KernelSpec, inputs: KernelInputs) -> str | None:
-    """Why ``kernel`` does not run blocks like ``inputs``: what they need, its ``verify``, or a failed
-    first-use check of its numbers (:mod:`innerloop.kernels.first_use`); None when it may run."""
-    failed = first_use.failure(kernel, inputs)
+def refusal(kernel: KernelSpec, inputs: KernelInputs, task: InnerTask, rule: UpdateRule) -> str | None:
+    """Why ``kernel`` does not run blocks like ``inputs`` of ``task`` under ``rule``: what they need,
+    its ``verify``, or a failed first-use check of its numbers on these very plugins
+    (:mod:`innerloop.kernels.first_use`); None when it may run."""
+    failed = first_use.failure(kernel, inputs, task, rule)
     if failed is not None:
         return first_use.refusal_message(kernel, failed)
     return capability_refusal(kernel, inputs) or verify_refusal(kernel, inputs)
@@ -132,7 +133,7 @@ def checked_choice(
     and the next choice)."""
     while True:
         kernel, reason = select_kernel(rule, task, inputs)
-        if kernel is None or first_use.checked(kernel, inputs):
+        if kernel is None or first_use.checked(kernel, inputs, task, rule):
             return kernel, reason
         failed = probe(kernel)
         if failed is None:
@@ -186,7 +187,7 @@ def select_kernel(rule: UpdateRule, task: InnerTask, inputs: KernelInputs) -> tu
     forced = [k for k in registered if k.name == task.kernel]
     if forced and forced[0].training_only and not inputs.requires_grad:
         # a training kernel named by the layer: blocks without a graph go where "auto" would send them
-        kernel, reason = _best(candidates, inputs, task, rule_name)
+        kernel, reason = _best(candidates, inputs, task, rule)
         return kernel, f"kernel {task.kernel!r} trains only and this block records no graph; {reason}"
     if task.kernel != "auto":
         named = [k for k in candidates if k.name == task.kernel]
@@ -201,7 +202,7 @@ def select_kernel(rule: UpdateRule, task: InnerTask, inputs: KernelInputs) -> tu
                 f"inner_loss={task.loss.name!r}, update_rule={rule_name!r}); registered kernels: {known}; "
                 "valid values are 'auto', 'torch' or one of those that match"
             )
-        failed = first_use.failure(named[0], inputs)
+        failed = first_use.failure(named[0], inputs, task, rule)
         if failed is not None:
             raise KernelCheckError(
                 f"kernel={task.kernel!r} cannot run here: {first_use.refusal_message(named[0], failed)}"
@@ -210,18 +211,18 @@ def select_kernel(rule: UpdateRule, task: InnerTask, inputs: KernelInputs) -> tu
         if reason is not None:
             raise KernelUnavailableError(f"kernel={task.kernel!r} cannot run here: {reason}")
         return named[0], f"kernel {task.kernel!r} forced"
-    return _best(candidates, inputs, task, rule_name)
+    return _best(candidates, inputs, task, rule)
 
 
 def _best(
-    candidates: list[KernelSpec], inputs: KernelInputs, task: InnerTask, rule_name: str
+    candidates: list[KernelSpec], inputs: KernelInputs, task: InnerTask, rule: UpdateRule
 ) -> tuple[KernelSpec | None, str]:
     """``kernel="auto"``'s choice: the first of ``candidates`` (by priority) that accepts the inputs."""
     if not candidates:
-        return None, (f"torch: no kernel registered for ({task.model.name}, {task.loss.name}, {rule_name})")
+        return None, (f"torch: no kernel registered for ({task.model.name}, {task.loss.name}, {rule.name})")
     refusals = []
     for kernel in candidates:
-        reason = refusal(kernel, inputs)
+        reason = refusal(kernel, inputs, task, rule)
         if reason is None:
             refused = f" (refused before it: {'; '.join(refusals)})" if refusals else ""
             return kernel, f"kernel {kernel.name!r} verified{refused}"
@@ -261,7 +262,7 @@ def run_aligned_block(
         rule,
         task,
         inputs,
-        lambda candidate: first_use.check_block(candidate, inputs, task, params, chunk, tau, fallback),
+        lambda candidate: first_use.check_block(candidate, inputs, task, rule, params, chunk, tau, fallback),
     )
     if task.on_dispatch is not None:
         task.on_dispatch(kernel.name if kernel is not None else TORCH_PATH, reason)
@@ -313,7 +314,7 @@ def run_decode_token(
 
     def probe(candidate: KernelSpec) -> str | None:
         return first_use.check_decode(
-            candidate, inputs, task, params, pending, chunk, tau_i, is_last, fallback
+            candidate, inputs, task, rule, params, pending, chunk, tau_i, is_last, fallback
         )
 
     try:

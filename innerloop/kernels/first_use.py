@@ -5,14 +5,16 @@ right. A registered kernel that computes something else (a plugin with a sign er
 miscompiles, a Triton kernel on a GPU it was never tested on) would otherwise be chosen by
 ``kernel="auto"`` and give silently wrong outputs, states or gradients.
 
-So the first time a kernel is chosen for a kind of block (its :func:`signature`: device type, dtype,
-head dim, mini-batch size, whether gradients are needed, the layer's residual/norm/decay options, and
-for decoding whether the token closes its mini-batch) dispatch runs it and the torch path on a probe of
+So the first time a kernel is chosen for a kind of block (its :func:`signature`: the kernel, inner
+model, inner loss and update rule objects themselves, device, dtype, head dim, mini-batch size, whether
+gradients are needed, the layer's residual/norm/decay options, and for decoding whether the token
+closes its mini-batch) dispatch runs it and the torch path on a probe of
 that block: the block's first two mini-batches (one token when decoding), with learning rates drawn
 so that every weight update is exercised. It compares the outputs and new weights, and with gradients
 needed, the gradient of a fixed random projection of them with respect to every input that records a
 graph. The relative RMS error must stay under :data:`TOLERANCES` for the dtype. The verdict is kept
-for the process:
+for the process, for those very objects (compared by identity, not by name: a loss registered under
+the name of one that was removed, or a kernel registered again, is checked again):
 
 - a kernel that passes runs from then on without further checks;
 - a kernel that fails is refused for that signature: ``kernel="auto"`` moves on to the next candidate
@@ -35,7 +37,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 
 from innerloop.core.functional import relative_error
-from innerloop.core.protocol import InnerTask, Params
+from innerloop.core.protocol import InnerTask, Params, UpdateRule
 from innerloop.core.scan import ChunkInputs
 from innerloop.kernels.spec import KernelInputs, KernelSpec, check_kernel_output
 
@@ -70,6 +72,23 @@ PROBE_MINI_BATCHES = 2
 _VERDICTS: dict[tuple, str | None] = {}
 """signature -> None (passed) or why the kernel failed; a signature not here is not checked yet."""
 
+
+class _Held:
+    """An object in a verdict's key, compared by identity (a plugin may define ``__eq__``, or be equal
+    to another that computes something else) and kept alive by the key (so its ``id`` is not reused)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: object) -> None:
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Held) and other.obj is self.obj
+
+
 BlockPath = Callable[[InnerTask, Params, ChunkInputs, torch.Tensor], tuple[torch.Tensor, Params]]
 """The torch path of a block: ``(task, params, chunk, tau) -> (out, new_params)``."""
 
@@ -84,12 +103,13 @@ class KernelCheckWarning(UserWarning):
     """A kernel failed its first-use check and ``kernel="auto"`` did not use it."""
 
 
-def signature(kernel: KernelSpec, inputs: KernelInputs) -> tuple:
-    """What a verdict about ``kernel`` applies to (module docstring; a decoded token's ``inputs.extra``
-    says whether it closes its mini-batch)."""
+def signature(kernel: KernelSpec, inputs: KernelInputs, task: InnerTask, rule: UpdateRule) -> tuple:
+    """What a verdict about ``kernel`` applies to (module docstring): the kernel, ``task``'s inner model
+    and loss and ``rule``, by identity, and the kind of block (a decoded token's ``inputs.extra`` says
+    whether it closes its mini-batch)."""
     extra = tuple(sorted((k, v) for k, v in inputs.extra.items() if isinstance(v, bool)))
     return (
-        kernel,
+        *(_Held(obj) for obj in (kernel, task.model, task.loss, rule)),
         inputs.device,  # with its index: each GPU is probed (its shared memory may differ)
         inputs.dtype,
         inputs.head_dim,
@@ -99,19 +119,20 @@ def signature(kernel: KernelSpec, inputs: KernelInputs) -> tuple:
     )
 
 
-def failure(kernel: KernelSpec, inputs: KernelInputs) -> str | None:
-    """Why ``kernel`` failed its first-use check for blocks like ``inputs``; None if it passed or was
-    not checked yet."""
-    return _VERDICTS.get(signature(kernel, inputs))
+def failure(kernel: KernelSpec, inputs: KernelInputs, task: InnerTask, rule: UpdateRule) -> str | None:
+    """Why ``kernel`` failed its first-use check for blocks like ``inputs`` of ``task`` under ``rule``;
+    None if it passed or was not checked yet."""
+    return _VERDICTS.get(signature(kernel, inputs, task, rule))
 
 
-def checked(kernel: KernelSpec, inputs: KernelInputs) -> bool:
-    """Whether a verdict about ``kernel`` for blocks like ``inputs`` is known."""
-    return signature(kernel, inputs) in _VERDICTS
+def checked(kernel: KernelSpec, inputs: KernelInputs, task: InnerTask, rule: UpdateRule) -> bool:
+    """Whether a verdict about ``kernel`` for blocks like ``inputs`` of ``task`` under ``rule`` is known."""
+    return signature(kernel, inputs, task, rule) in _VERDICTS
 
 
 def forget_verdicts() -> None:
-    """Forget every verdict: each kernel is checked again on its next first use."""
+    """Forget every verdict: each kernel is checked again on its next first use (the registry calls
+    this when a plugin is removed, which also lets the removed objects go)."""
     _VERDICTS.clear()
 
 
@@ -119,6 +140,7 @@ def check_block(
     kernel: KernelSpec,
     inputs: KernelInputs,
     task: InnerTask,
+    rule: UpdateRule,
     params: Params,
     chunk: ChunkInputs,
     tau: torch.Tensor,
@@ -163,13 +185,14 @@ def check_block(
         probe_task = _with_norm(task, t["ln_weight"], t["ln_bias"])
         return torch_path(probe_task, p, ChunkInputs(t["xq"], t["xk"], t["xv"], t["lr"], t["decay"]), tau)
 
-    return _record(signature(kernel, inputs), kernel, inputs, probe, run_kernel, run_torch)
+    return _record(signature(kernel, inputs, task, rule), kernel, inputs, probe, run_kernel, run_torch)
 
 
 def check_decode(
     kernel: KernelSpec,
     inputs: KernelInputs,
     task: InnerTask,
+    rule: UpdateRule,
     params: Params,
     pending: Params,
     token: ChunkInputs,
@@ -223,7 +246,7 @@ def check_decode(
         out, new_params, new_pending = torch_path(probe_task, start, sums, one, tau_i, is_last)
         return out[:, :, 0], joined_weights(new_params, new_pending)
 
-    return _record(signature(kernel, inputs), kernel, inputs, probe, run_kernel, run_torch)
+    return _record(signature(kernel, inputs, task, rule), kernel, inputs, probe, run_kernel, run_torch)
 
 
 def refusal_message(kernel: KernelSpec, reason: str) -> str:

@@ -7,7 +7,11 @@ included), in float64, and when the sequence is fed in arbitrary chunks. Run it 
 
     python -m pytest examples/test_update_rule_property.py
 
-Write the same test for your own update rule by putting its registered name in ``update_rules``.
+Write the same test for your own update rule by putting its registered name in ``update_rules``
+(and ``RULE``). The shapes vary where plugins go wrong: batches of up to 4 sequences and up to 4
+heads; the second test also draws odd head dims and 1, and calls of up to 40 tokens (longer than a
+rule's internal blocks of 16 or 32), through ``check_update_rule``
+(:func:`innerloop.testing.strategies.problems`).
 """
 
 from __future__ import annotations
@@ -16,25 +20,29 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from innerloop import TTTLayer
-from innerloop.testing.strategies import layer_configs, seeds, split_points
+from innerloop import TTTLayer, get_registry
+from innerloop.testing import check_update_rule
+from innerloop.testing.strategies import layer_configs, problems, seeds, split_points
+
+RULE = "dual_form"
 
 
 @given(
     # every loss and every LayerNorm / residual wrapping (the default): a rule right for one only is caught
-    config=layer_configs(inner_models=("linear", "mlp"), update_rules=("dual_form",)),
+    config=layer_configs(inner_models=("linear", "mlp"), update_rules=(RULE,)),
     seed=seeds(),
     data=st.data(),
 )
 @settings(max_examples=15, deadline=None)
 def test_dual_form_equals_the_primal_form_on_any_chunking(config, seed, data) -> None:
     length = data.draw(st.integers(1, 3 * config["mini_batch_size"] + 2), label="length")
+    batch = data.draw(st.integers(1, 4), label="batch")
     cuts = data.draw(split_points(length), label="cuts")
     torch.manual_seed(seed)
     dual = TTTLayer(**config).double()
     primal = TTTLayer(**{**config, "update_rule": "minibatch_gd"}).double()
     primal.load_state_dict(dual.state_dict())
-    x = torch.randn(2, length, config["hidden_size"], dtype=torch.float64)
+    x = torch.randn(batch, length, config["hidden_size"], dtype=torch.float64)
 
     expected, expected_state = primal(x)
     pieces, state = [], None
@@ -55,3 +63,21 @@ def test_dual_form_equals_the_primal_form_on_any_chunking(config, seed, data) ->
         if want is not None:
             assert grad is not None, f"{name} gets no gradient through the rule"
             torch.testing.assert_close(grad, want, rtol=1e-8, atol=1e-9, msg=f"gradient of {name}")
+
+
+@given(shape=problems(), seed=seeds())
+@settings(max_examples=15, deadline=None)
+def test_the_rule_equals_the_naive_token_loop_at_any_shape(shape, seed) -> None:
+    """The rule against the naive token loop, whole and cut, for the reconstruction loss (the values;
+    ``check_update_rule`` with no loss and ``gradients=True`` checks every built-in loss, the
+    wrappings and the gradients, at a fixed shape)."""
+    registry = get_registry()
+    check_update_rule(
+        registry.update_rule(RULE),
+        loss=registry.inner_loss("reconstruction"),
+        seed=seed,
+        gradients=False,
+        norm=True,
+        residual=True,
+        **shape,
+    )

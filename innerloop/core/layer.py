@@ -49,6 +49,9 @@ from innerloop.core.scan import run_scan
 from innerloop.core.state import StateSignature, TTTState, inner_output_label
 
 NON_FINITE_POLICIES = ("raise", "ignore")
+# Inputs this large (|x|) may overflow a float32 inner scan through the projections and the inner
+# model's products; below it, a non-finite output is blamed on the plugins, not on overflow.
+LARGE_INPUT = 1e4
 # The layer builds [K, K] matrices per head and mini-batch (the dual form's causal products) and
 # [K] tables (tau, RoPE positions): beyond this they are too large to be a mini-batch size.
 MAX_MINI_BATCH_SIZE = 65536
@@ -174,6 +177,17 @@ def _check_kernel_name(
             raise ValueError(
                 f"kernel={kernel!r} cannot run this layer: {reason}; use kernel='auto' or 'torch'"
             )
+
+
+def plugin_label(kind: str, obj: Any) -> str:
+    """``obj`` in words for an error: its kind, name and origin (the plugin that registered it, as
+    ``innerloop plugins`` shows it), or its class when it is not the registered object."""
+    from innerloop.registry import get_registry  # late import: core must not depend on registry
+
+    entry = next((e for e in get_registry().entries(kind) if e.obj is obj), None)
+    cls = type(obj)
+    origin = f"origin {entry.origin!r}" if entry else f"not registered: {cls.__module__}.{cls.__qualname__}"
+    return f"{kind.replace('_', ' ')} {getattr(obj, 'name', '?')!r} ({origin})"
 
 
 def _check_unregistered_model(model: InnerModel, head_dim: int) -> None:
@@ -413,9 +427,32 @@ class TTTLayer(nn.Module):
             self.ttt_norm_weight = nn.Parameter(torch.ones(num_heads, head_dim))
             self.ttt_norm_bias = nn.Parameter(torch.zeros(num_heads, head_dim))
         self.initial_params = nn.ParameterDict(
-            {k: nn.Parameter(v) for k, v in self.inner_model.init_params(num_heads, head_dim).items()}
+            {k: nn.Parameter(v) for k, v in self._checked_init_params(num_heads, head_dim).items()}
         )
         self.post_norm = nn.LayerNorm(hidden_size, eps=self.norm_eps)
+
+    def _checked_init_params(self, num_heads: int, head_dim: int) -> dict[str, torch.Tensor]:
+        """``inner_model.init_params(num_heads, head_dim)``, checked against its ``param_shapes`` at this
+        layer's own shape (the registrar checked one small shape: a model that hard-codes the heads or
+        the head dim fails here, naming it, not at the first forward with a bare torch error)."""
+        model = self.inner_model
+        params = model.init_params(num_heads, head_dim)
+        wanted = {k: (num_heads, *shape) for k, shape in model.param_shapes(head_dim).items()}
+        got = {
+            k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in params.items()
+        }
+        if got != wanted:
+            wrong = sorted(k for k in set(got) | set(wanted) if got.get(k) != wanted.get(k))
+            detail = "; ".join(
+                f"init_params({num_heads}, {head_dim})[{k!r}] has shape {got.get(k, 'missing')}, "
+                f"expected {wanted.get(k, 'no such weight')}"
+                for k in wrong
+            )
+            raise ValueError(
+                f"{plugin_label('inner_model', model)}: {detail} (param_shapes({head_dim}) with num_heads "
+                f"first); does it hard-code the number of heads or the head dim?"
+            )
+        return params
 
     def derived_buffers(self) -> dict[str, torch.Tensor]:
         """The buffers made from the layer's options, not learned and not saved (non-persistent), as
@@ -733,12 +770,27 @@ class TTTLayer(nn.Module):
                 f"TTTLayer produced non-finite {what}: the state passed in already holds NaN or inf; "
                 "start from state=None, or construct the layer with non_finite='ignore' to let them propagate"
             )
-        largest = float(x.detach().abs().max())
+        largest = float(x.detach().abs().max()) if x.numel() else 0.0
         scan_dtype = str(self.scan_dtype).removeprefix("torch.")
+        if largest >= LARGE_INPUT:
+            raise ValueError(
+                f"TTTLayer produced non-finite {what} from finite input: the inner model overflowed "
+                f"{scan_dtype} (largest |input| {largest:.1e}); normalise the input or run "
+                "in float64 (layer.double()); non_finite='ignore' returns them as they are"
+            )
+        plugins = ", ".join(
+            plugin_label(kind, obj)
+            for kind, obj in (
+                ("inner_model", self.inner_model),
+                ("inner_loss", self.inner_loss),
+                ("update_rule", self.update_rule),
+            )
+        )
         raise ValueError(
-            f"TTTLayer produced non-finite {what} from finite input: the inner model overflowed "
-            f"{scan_dtype} (largest |input| {largest:.1e}); normalise the input or run "
-            "in float64 (layer.double()); non_finite='ignore' returns them as they are"
+            f"TTTLayer produced non-finite {what} from finite input of moderate size (largest |input| "
+            f"{largest:.1e}, far from overflowing {scan_dtype}): the likely source is a NaN or inf computed by "
+            f"the layer's plugins, {plugins} (e.g. a sqrt, log or division at 0 in a loss or its gradient, "
+            "where a prediction equals its target); non_finite='ignore' returns them as they are"
         )
 
     def _inference_chunks(self, x: torch.Tensor, state: TTTState) -> list[tuple[int, int]]:

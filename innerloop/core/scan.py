@@ -339,6 +339,15 @@ def _check_rule_takes(rule: UpdateRule, state: TTTState, tau, decay, momentum) -
         )
 
 
+def add_note(error: BaseException, note: str) -> None:
+    """``error.add_note(note)`` (the note is shown under the message, the exception keeps its type); on
+    Python 3.10, which has no notes, the note is appended to a str message instead."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    elif error.args and isinstance(error.args[0], str):
+        error.args = (f"{error.args[0]}\n{note}", *error.args[1:])
+
+
 def run_scan(
     rule: UpdateRule,
     state: TTTState,
@@ -368,11 +377,46 @@ def run_scan(
         options["decay"] = decay
     if momentum is not None:
         options["momentum"] = momentum
-    return rule.forward(state, task, views, lr, tau, **options)
+    try:
+        return rule.forward(state, task, views, lr, tau, **options)
+    except Exception as error:  # a plugin's own failure: name it (the type stays, for callers that catch it)
+        note_plugin_failure(error, {"inner model": task.model, "inner loss": task.loss, "update rule": rule})
+        raise
+
+
+def note_plugin_failure(error: BaseException, plugins: dict[str, object]) -> None:
+    """Add a note to ``error`` naming the plugin (of ``plugins``, by kind) whose method raised it: the
+    deepest frame of its traceback that runs a method of one of them. Built-in plugins (innerloop's
+    own modules) and errors already noted are left as they are."""
+    found = None
+    frame = error.__traceback__
+    while frame is not None:
+        owner = frame.tb_frame.f_locals.get("self")
+        for kind, plugin in plugins.items():
+            if owner is plugin:
+                found = (kind, plugin, frame.tb_frame.f_code.co_name)
+        frame = frame.tb_next
+    if found is None or any(_PLUGIN_NOTE in note for note in getattr(error, "__notes__", ())):
+        return
+    kind, plugin, method = found
+    cls = type(plugin)
+    if cls.__module__.split(".")[0] == "innerloop":
+        return
+    name = getattr(plugin, "name", "?")
+    add_note(
+        error,
+        f"{_PLUGIN_NOTE} {kind} {name!r} ({cls.__module__}.{cls.__qualname__}.{method}): the error is the plugin's "
+        "own; innerloop.testing's check_inner_model / check_inner_loss / check_update_rule run it at other shapes",
+    )
+
+
+_PLUGIN_NOTE = "raised in the plugin"
 
 
 __all__ = [
     "ChunkInputs",
+    "add_note",
+    "note_plugin_failure",
     "Reader",
     "run_planned",
     "run_scan",

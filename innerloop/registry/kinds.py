@@ -9,6 +9,7 @@ methods they must have, and the checks the registrar runs before accepting one. 
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,9 @@ from innerloop.kernels.spec import KernelSpec
 from innerloop.testing.checks import (
     REGISTRATION_TOLERANCE,
     check_activation_derivatives,
+    check_forward_batch_independent,
     check_loss_gradient,
+    check_pairs_batch_independent,
     check_pairs_causal,
     check_pairs_deterministic,
     check_pairs_token_by_token,
@@ -49,6 +52,31 @@ def _missing_methods(obj: Any, required: Iterable[str]) -> list[str]:
     return missing
 
 
+NAME_RULE = (
+    "a plugin name must read back as the same string from a config (YAML / OmegaConf, e.g. "
+    "`model.ttt.inner_loss=<name>`): no whitespace or control characters, no '=' or '${', and not a "
+    "word or number YAML reads as another value (true, on, yes, null, ~, 1e3, 0x10, 1_000, [a], ...); "
+    "letters, digits and _ - . / : such as 'my_loss' or 'huber-2' are safe"
+)
+"""What :func:`_check_name` asks of a plugin name, said in its errors."""
+
+
+_YAML_WORDS = frozenset({"y", "n", "yes", "no", "on", "off", "true", "false", "null"})
+"""Words YAML 1.1 may read as a bool or null (:func:`_check_name` parses those, and every name that is
+not a plain word, to see what a config reads)."""
+
+
+def _config_reading(name: str) -> Any:
+    """What a config reads for ``name`` written unquoted (``key=<name>`` on the command line or
+    ``key: <name>`` in YAML, which OmegaConf parses alike), or the parse error's class name."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([f"name={name}"]))["name"]
+    except Exception as error:  # YAML cannot parse it at all (an alias *x, a tag !x, a %directive)
+        return f"an error ({type(error).__name__})"
+
+
 def _check_name(obj: Any, kind: str) -> str:
     name = getattr(obj, "name", None)
     if not isinstance(name, str) or not name.strip():
@@ -57,6 +85,14 @@ def _check_name(obj: Any, kind: str) -> str:
         raise PluginError(
             f"{kind} name {name!r} has leading or trailing whitespace; layers and configs ask for a "
             f"plugin by its exact name, so name it {name.strip()!r}"
+        )
+    if any(c.isspace() or not c.isprintable() for c in name) or "=" in name or "${" in name:
+        raise PluginError(f"{kind} name {name!r} cannot be chosen from a config: {NAME_RULE}")
+    plain = re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) and name.lower() not in _YAML_WORDS
+    reading = name if plain else _config_reading(name)  # a plain word reads as itself: no parse needed
+    if reading != name:
+        raise PluginError(
+            f"{kind} name {name!r} cannot be chosen from a config, which reads it as {reading!r}: {NAME_RULE}"
         )
     return name
 
@@ -145,6 +181,14 @@ def _check_inner_model(model: Any, name: str) -> None:
         check_activation_derivatives(
             model, 3 * torch.randn(4, 5, dtype=torch.float64), REGISTRATION_TOLERANCE
         )
+        # two sequences, each with its own weights: an output must not depend on the other sequence
+        batched = {
+            k: v.double()[None] + 0.1 * torch.randn(2, *v.shape, dtype=torch.float64)
+            for k, v in params.items()
+        }
+        check_forward_batch_independent(
+            model, batched, torch.randn(2, heads, 3, head_dim, dtype=torch.float64), REGISTRATION_TOLERANCE
+        )
 
     _conformance("inner model", name, stack_and_activations)
 
@@ -164,6 +208,12 @@ def _check_model_learns(model: Any, name: str, params: dict[str, torch.Tensor], 
         )
     except Exception as error:
         raise PluginError(f"inner model {name!r} failed its smoke test (gradient): {error!r}") from error
+    non_finite = _non_finite(out.detach(), *(g for g in grads if g is not None))
+    if non_finite is not None:
+        raise PluginError(
+            f"inner model {name!r}: forward or its gradient w.r.t. its weights {sorted(weights)} is non-finite "
+            f"({non_finite}) at a finite random point; the inner loop would write it into the weights"
+        )
     if not any(g is not None and bool(g.abs().sum() > 0) for g in grads):
         raise PluginError(
             f"inner model {name!r}: the gradient of forward w.r.t. its weights {sorted(weights)} is zero or "
@@ -173,7 +223,7 @@ def _check_model_learns(model: Any, name: str, params: dict[str, torch.Tensor], 
 
 
 def _check_inner_loss(loss: Any, name: str) -> None:
-    batch, heads, tokens, head_dim = 1, 2, 3, 4
+    batch, heads, tokens, head_dim = 2, 2, 3, 4  # two sequences: a loss must not mix them
     expected = (batch, heads, tokens, head_dim)
     try:
         views = Views(*(torch.randn(expected) for _ in range(3)))
@@ -193,6 +243,7 @@ def _check_inner_loss(loss: Any, name: str) -> None:
     def pairs_and_gradient() -> None:
         check_pairs_deterministic(loss, views, carry)
         check_pairs_causal(loss, views, carry, cut=2, tolerance=REGISTRATION_TOLERANCE)
+        check_pairs_batch_independent(loss, views, carry, tolerance=REGISTRATION_TOLERANCE)
         # every cut and one token at a time (decoding), from the initial carry and from a carried-on one
         check_pairs_token_by_token(loss, views, carry, tolerance=REGISTRATION_TOLERANCE)
         earlier = Views(*(torch.randn(expected) for _ in range(3)))
@@ -248,6 +299,16 @@ def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     return all(have in (1, want) for have, want in zip(shape[::-1], target[::-1], strict=False))
 
 
+def _non_finite(*tensors: torch.Tensor) -> str | None:
+    """What is non-finite in ``tensors`` ("NaN", "inf" or "NaN and inf"), or None when all are finite."""
+    found = [
+        what
+        for what, test in (("NaN", torch.isnan), ("inf", torch.isinf))
+        if any(bool(test(t).any()) for t in tensors if t.is_floating_point())
+    ]
+    return " and ".join(found) or None
+
+
 def _check_loss_grad_runs(loss: Any, name: str, targets: torch.Tensor) -> None:
     """``token_loss_grad`` runs as the layer calls it (the default one under ``torch.func``), in the
     prediction's dtype and shape, and is not zero everywhere (the inner loop would never learn)."""
@@ -272,6 +333,12 @@ def _check_loss_grad_runs(loss: Any, name: str, targets: torch.Tensor) -> None:
         raise PluginError(
             f"inner loss {name!r}: token_loss_grad returned {grad.dtype} for a {prediction.dtype} prediction; it "
             "must return the prediction's dtype"
+        )
+    non_finite = _non_finite(grad)
+    if non_finite is not None:
+        raise PluginError(
+            f"inner loss {name!r}: token_loss_grad returned non-finite values ({non_finite}) at a finite point "
+            "(prediction != target); the inner loop would write them into the weights"
         )
     if not bool(grad.abs().sum() > 0):
         raise PluginError(
@@ -473,8 +540,9 @@ KINDS: tuple[Kind, ...] = (
     :class:`innerloop.StackModel`) with a unique ``name``. The registrar runs the model once on a tiny
     input to check that its parameters, initialisation and forward agree (``init_params`` returns
     tensors of exactly the names and shapes ``param_shapes`` declares), and that a declared stack
-    equals ``forward``, that ``forward`` has a non-zero gradient w.r.t. the weights, and that each
-    activation's derivative equals autograd (in value and in its own derivative).
+    equals ``forward``, that ``forward`` has a finite, non-zero gradient w.r.t. the weights, that each
+    activation's derivative equals autograd (in value and in its own derivative), and that a batch of
+    two sequences gives each the output it gets alone.
     """,
         check=_check_inner_model,
     ),
@@ -488,8 +556,9 @@ KINDS: tuple[Kind, ...] = (
     ``register(loss)`` takes an instance of :class:`innerloop.InnerLoss` (e.g. a subclass of
     :class:`innerloop.HalfSquaredError`) with a unique ``name``; the registrar checks that its pairs
     and per-token loss have the right shapes and dtype, that ``pairs`` is deterministic, causal and the
-    same whether a sequence comes whole, in chunks or one token at a time, that ``token_loss_grad`` runs
-    (under ``torch.func`` when not overridden) and is not zero everywhere, and that a closed-form
+    same whether a sequence comes whole, in chunks or one token at a time, and for each sequence of a
+    batch the same as alone, that ``token_loss_grad`` runs (under ``torch.func`` when not overridden)
+    and is finite and not zero everywhere, and that a closed-form
     ``token_loss_grad`` equals autograd in value and in its own derivative.
     """,
         check=_check_inner_loss,

@@ -38,6 +38,7 @@ import pluggy
 import torch
 
 from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule
+from innerloop.core.scan import add_note
 from innerloop.kernels import first_use
 from innerloop.kernels.spec import KernelSpec
 from innerloop.registry import hookspecs
@@ -184,8 +185,10 @@ class Registry:
                     if isinstance(offered, str):  # asking for it later names this plugin's failure
                         staging.attempted.append((kind.name, offered))
                     raise _returned_error(origin, kind, dropped[0])
-        except BaseException:
+        except BaseException as error:
             self._forget(plugin)
+            if isinstance(error, Exception) and not isinstance(error, PluginError):  # the plugin's own error
+                add_note(error, f"raised by a registration hook of plugin {origin!r}; nothing was registered")
             raise
         for kind, accepted in staging.entries.items():
             self._entries[kind].update(accepted)
@@ -322,6 +325,9 @@ class Registry:
         for entries in self._entries.values():
             for name in [n for n, e in entries.items() if e.origin == origin]:
                 del entries[name]
+        # the kernels' verdicts are tied to the objects they were earned with (so a plugin registered
+        # under a removed one's name is checked anew); forgetting them also lets the removed objects go
+        first_use.forget_verdicts()
 
     # ---- looking up ------------------------------------------------------------------------------
 
@@ -355,15 +361,17 @@ class Registry:
 
     def broken_hint(self, kind: str, name: Any) -> str:
         """Why ``name`` may be missing: the broken plugin that provides it, or every broken plugin
-        when it is not known which would have (one that failed to import); "" when none is broken."""
+        when it is not known which would have (one that failed to import), and whether the environment
+        switches external plugins off or allows only some; "" when none of these applies."""
         providers = [b for b in self._broken if (kind, name) in b.names]
         if providers:
             return providers[0].message()
         if self._broken:
-            return "Plugins that failed to load and may have provided it: " + "; ".join(
+            broken = "Plugins that failed to load and may have provided it: " + "; ".join(
                 b.message() for b in self._broken
             )
-        return ""
+            return f"{broken}. {_external_plugins_hint()}".rstrip(". ") + "."
+        return _external_plugins_hint()
 
     def inner_model(self, name: str) -> InnerModel:
         """The :class:`~innerloop.core.protocol.InnerModel` registered under ``name``."""
@@ -495,6 +503,23 @@ def _allowed_external() -> tuple[bool, set[str] | None]:
     if allow is None:
         return True, None
     return True, {name.strip() for name in allow.split(",") if name.strip()}
+
+
+def _external_plugins_hint() -> str:
+    """Why an installed plugin package may not have been loaded: the environment switches external
+    plugins off, or allows only some; "" when every entry point is loaded."""
+    enabled, allowlist = _allowed_external()
+    if not enabled:
+        return (
+            f"External (entry-point) plugins are switched off ({DISABLE_ENV}={os.environ.get(DISABLE_ENV)!r}): "
+            f"no installed plugin package was loaded, so one that provides it is missing here; unset {DISABLE_ENV} to load them."
+        )
+    if allowlist is not None:
+        return (
+            f"Only the entry-point plugins {sorted(allowlist)} are loaded ({ALLOW_ENV}={os.environ.get(ALLOW_ENV)!r}); "
+            f"add the plugin that provides it to {ALLOW_ENV}, or unset it."
+        )
+    return ""
 
 
 def _distribution_of(entry_point: Any) -> str:

@@ -419,6 +419,62 @@ def check_pairs_token_by_token(
     assert_close(built_valid, _validity(whole), f"{loss.name}: validity built token by token", tolerance)
 
 
+def _carry_row(carry: dict[str, torch.Tensor], row: int, batch: int) -> dict[str, torch.Tensor]:
+    """Sequence ``row``'s part of a carry: each tensor with a leading batch dim cut to ``row:row+1``
+    (one without one, shared by the batch, as it is)."""
+    return {
+        k: v[row : row + 1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch else v
+        for k, v in carry.items()
+    }
+
+
+def _views_row(views: Views, row: int) -> Views:
+    return Views(*(t[row : row + 1] for t in (views.query, views.key, views.value)))
+
+
+def check_pairs_batch_independent(
+    loss: InnerLoss, views: Views, carry: dict[str, torch.Tensor], tolerance: float = FLOAT64_TOLERANCE
+) -> None:
+    """Each sequence's pairs (inputs, targets, validity and carry) in a batch of ``B >= 2`` equal those
+    of the sequence read alone: a loss that mixes the sequences of a batch (a mean over dim 0) gives
+    each sequence numbers that depend on which others share its batch."""
+    batch = views.key.shape[0]
+    if batch < 2:
+        raise ValueError(f"check_pairs_batch_independent needs views of batch >= 2, got batch {batch}")
+    whole = loss.pairs(views, carry)
+    for row in range(batch):
+        alone = loss.pairs(_views_row(views, row), _carry_row(carry, row, batch))
+        what = f"{loss.name}: sequence {row}'s pairs in a batch of {batch} vs the sequence alone"
+        hint = " (a pair must not depend on the other sequences of the batch)"
+        for field in ("inputs", "targets"):
+            got = getattr(whole, field)[row : row + 1]
+            assert_close(got, getattr(alone, field), f"{what} ({field}){hint}", tolerance)
+        assert_close(_validity(whole)[row : row + 1], _validity(alone), f"{what} (valid){hint}", tolerance)
+        for key, value in _carry_row(whole.carry, row, batch).items():
+            assert_close(value, alone.carry[key], f"{what} (carry[{key!r}]){hint}", tolerance)
+
+
+def check_forward_batch_independent(
+    model: InnerModel, params: dict[str, torch.Tensor], x: torch.Tensor, tolerance: float = FLOAT64_TOLERANCE
+) -> None:
+    """``forward`` on a batch (params ``[B, H, *shape]``, ``x [B, H, N, f]``, ``B >= 2``) equals
+    ``forward`` on each sequence alone: a model that mixes the sequences (or reads the batch size)
+    gives each one numbers that depend on the others."""
+    batch = x.shape[0]
+    if batch < 2:
+        raise ValueError(f"check_forward_batch_independent needs x of batch >= 2, got batch {batch}")
+    whole = model.forward(params, x)
+    for row in range(batch):
+        alone = model.forward({k: v[row : row + 1] for k, v in params.items()}, x[row : row + 1])
+        assert_close(
+            whole[row : row + 1],
+            alone,
+            f"{model.name}: forward of sequence {row} in a batch of {batch} vs the sequence alone (an output "
+            "must not depend on the other sequences of the batch)",
+            tolerance,
+        )
+
+
 def warm_carry(loss: InnerLoss, views: Views, carry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The carry after ``loss.pairs`` has read ``views`` (two chunks, so that a carry built wrongly
     from a short chunk shows): a starting carry that is not the initial (often zero) one."""
@@ -478,16 +534,35 @@ def _rules_for(model: InnerModel) -> list[UpdateRule]:
     return [r for r in rules if r.check_model(model) is None]
 
 
-def check_inner_model(model: InnerModel, loss: InnerLoss | None = None, seed: int = 0) -> None:
+#: The shape :func:`check_inner_model` and :func:`check_inner_loss` check a plugin at by default:
+#: three sequences (a plugin that mixes them, or treats the third differently, is caught), three
+#: heads, an odd head dim, and a call of 37 tokens (longer than a plugin's internal blocks of 16 or
+#: 32, ending mid-mini-batch). Give ``make_problem``'s shape arguments to check others
+#: (:func:`innerloop.testing.strategies.problems` draws them).
+PLUGIN_CHECK_SHAPE: dict[str, int] = {
+    "batch": 3,
+    "heads": 3,
+    "head_dim": 5,
+    "tokens": 37,
+    "mini_batch_size": 5,
+}
+
+
+def check_inner_model(model: InnerModel, loss: InnerLoss | None = None, seed: int = 0, **shape: int) -> None:
     """``forward`` equals the declared stack (if any), each activation's derivative equals autograd,
-    and every update rule that accepts ``model`` equals the naive loop on it (float64)."""
+    ``forward`` on a batch equals ``forward`` on each sequence alone, and every update rule that
+    accepts ``model`` equals the naive loop on it (float64).
+
+    ``shape``: ``make_problem``'s ``batch`` (at least 2), ``heads``, ``head_dim``, ``tokens`` and
+    ``mini_batch_size``; unset ones are :data:`PLUGIN_CHECK_SHAPE`'s."""
     from innerloop.registry import get_registry
 
     loss = loss or get_registry().inner_loss("reconstruction")
-    problem = make_problem(model, loss, seed=seed)
+    problem = make_problem(model, loss, seed=seed, **_check_shape(shape))
     params = {k: v[0] for k, v in problem.state.params.items()}  # [H, *shape]: one sequence
     check_stack_matches_forward(model, params, problem.views.key[0])
     check_activation_derivatives(model, 3 * problem.views.key[0])
+    check_forward_batch_independent(model, problem.state.params, problem.views.key)
     for rule in _rules_for(model):
         ruled = problem.for_rule(rule)
         expected_out, expected_state = ruled.naive()
@@ -498,17 +573,33 @@ def check_inner_model(model: InnerModel, loss: InnerLoss | None = None, seed: in
         assert_states_close(state, expected_state, f"{rule.name} on model {model.name!r}", FLOAT64_TOLERANCE)
 
 
-def check_inner_loss(loss: InnerLoss, seed: int = 0) -> None:
-    """Shapes, causality, chunk invariance of the pairs, gradient, and agreement with the naive loop."""
+def _check_shape(shape: dict[str, int]) -> dict[str, int]:
+    """``shape`` completed with :data:`PLUGIN_CHECK_SHAPE`, each value checked."""
+    unknown = sorted(set(shape) - set(PLUGIN_CHECK_SHAPE))
+    if unknown:
+        raise TypeError(f"unknown shape argument(s) {unknown}; valid: {sorted(PLUGIN_CHECK_SHAPE)}")
+    full = {**PLUGIN_CHECK_SHAPE, **shape}
+    for name, value in full.items():
+        least = 2 if name == "batch" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    return full
+
+
+def check_inner_loss(loss: InnerLoss, seed: int = 0, **shape: int) -> None:
+    """Shapes, causality, chunk invariance of the pairs, independence of the sequences of a batch,
+    gradient, and agreement with the naive loop (``shape``: as :func:`check_inner_model`'s)."""
     from innerloop.registry import get_registry
 
     model = get_registry().inner_model("linear")
-    problem = make_problem(model, loss, seed=seed, tokens=9)
+    full = _check_shape(shape)
+    problem = make_problem(model, loss, seed=seed, **full)
     views, carry = problem.views, problem.state.loss_carry
     check_pairs_deterministic(loss, views, carry)  # first: every check below compares pairs
     whole = loss.pairs(views, carry)
 
-    check_pairs_causal(loss, views, carry, cut=5)
+    check_pairs_causal(loss, views, carry, cut=max(1, full["tokens"] // 2))
+    check_pairs_batch_independent(loss, views, carry)
     # every cut and one token at a time (decoding), from the initial carry and from one carried on
     check_pairs_token_by_token(loss, views, carry)
     earlier = Views(*(t.flip(2) for t in (views.query, views.key, views.value)))  # tokens read before
@@ -521,7 +612,7 @@ def check_inner_loss(loss: InnerLoss, seed: int = 0) -> None:
     prediction = whole.targets.double() + scales * noise
     check_loss_gradient(loss, prediction, whole.targets.double(), FLOAT64_TOLERANCE)
 
-    check_inner_model(model, loss, seed=seed)
+    check_inner_model(model, loss, seed=seed, **full)
 
 
 def rule_variants(rule: UpdateRule) -> list[dict[str, bool]]:
@@ -565,6 +656,12 @@ def check_update_rule(
     ``model`` defaults to the registered ``linear``. ``loss`` defaults to each built-in loss in turn
     (:data:`BUILTIN_LOSSES`), and unless ``norm`` / ``residual`` are given, each layer wrapping in
     :data:`WRAPPINGS` is checked: a rule that is right for one loss or wrapping only is caught.
+
+    ``problem_kwargs`` go to :func:`make_problem` (``batch``, ``heads``, ``head_dim``, ``tokens``,
+    ``mini_batch_size``, ...). Without a shape among them, the values are also checked at
+    :data:`PLUGIN_CHECK_SHAPE` (three sequences and heads, an odd head dim, a 37-token call), with the
+    first loss and wrapping; :func:`innerloop.testing.strategies.problems` draws shapes for a
+    hypothesis test.
     """
     from innerloop.registry import get_registry
 
@@ -573,6 +670,9 @@ def check_update_rule(
     losses = [loss] if loss is not None else [registry.inner_loss(n) for n in BUILTIN_LOSSES]
     given = {k: problem_kwargs.pop(k) for k in ("norm", "residual") if k in problem_kwargs}
     wrappings = [dict(zip(("norm", "residual"), w, strict=True)) for w in WRAPPINGS] if not given else [given]
+    if not set(problem_kwargs) & set(PLUGIN_CHECK_SHAPE):  # no shape given: the values at the wide one too
+        wide = {**problem_kwargs, **PLUGIN_CHECK_SHAPE, **wrappings[0]}
+        _check_rule_on(rule, model, losses[0], cut_points, seed, tolerance, wide)
     for each_loss in losses:
         for wrapping in wrappings:
             options = {**problem_kwargs, **wrapping}
@@ -731,14 +831,17 @@ __all__ = [
     "FLOAT64_TOLERANCE",
     "REGISTRATION_TOLERANCE",
     "InnerProblem",
+    "PLUGIN_CHECK_SHAPE",
     "assert_close",
     "assert_layers_train_alike",
     "assert_states_close",
     "check_activation_derivatives",
     "check_derivative_in_graph",
+    "check_forward_batch_independent",
     "check_inner_loss",
     "check_inner_model",
     "check_loss_gradient",
+    "check_pairs_batch_independent",
     "check_pairs_causal",
     "check_pairs_chunk_invariant",
     "check_pairs_deterministic",

@@ -34,12 +34,13 @@ def layer_configs(
     inner_models: tuple[str, ...] = ("linear", "mlp"),
     inner_losses: tuple[str, ...] = ("reconstruction", "next_token"),
     update_rules: tuple[str, ...] = ("dual_form", "minibatch_gd"),
-    max_heads: int = 3,
+    max_heads: int = 4,
     head_dims: tuple[int, ...] = (4, 6, 8),
     max_mini_batch: int = 6,
     inner_wrappings: tuple[tuple[bool, bool], ...] = ALL_INNER_WRAPPINGS,
 ) -> dict[str, Any]:
-    """Keyword arguments of a small ``TTTLayer``: every option of the reference layer varies.
+    """Keyword arguments of a small ``TTTLayer``: every option of the reference layer varies (head dims
+    are even: the layer's RoPE rotates pairs; :func:`problems` also draws odd ones and 1).
 
     ``inner_wrappings`` are the ``(inner_norm, inner_residual)`` pairs drawn from: by default all four,
     so that a rule that ignores ``task.residual`` or the LayerNorm is caught. A test that a fused kernel
@@ -77,10 +78,10 @@ def split_points(draw, total: int, max_cuts: int = 4) -> list[int]:
 @st.composite
 def views(
     draw,
-    max_batch: int = 2,
-    max_heads: int = 3,
-    head_dims: tuple[int, ...] = (4, 6, 8),
-    max_tokens: int = 20,
+    max_batch: int = 4,
+    max_heads: int = 4,
+    head_dims: tuple[int, ...] = (1, 3, 4, 5, 8),
+    max_tokens: int = 40,
     dtype: torch.dtype = torch.float64,
 ) -> Views:
     """Random ``Views`` (XQ, XK, XV ``[B, H, T, f]``) with values of moderate size."""
@@ -94,9 +95,40 @@ def views(
     return Views(*(torch.randn(shape, generator=generator, dtype=dtype) for _ in range(3)))
 
 
+@st.composite
+def problems(
+    draw,
+    max_batch: int = 4,
+    max_heads: int = 4,
+    head_dims: tuple[int, ...] = (1, 2, 3, 5, 8),
+    max_tokens: int = 40,
+    max_mini_batch: int = 6,
+) -> dict[str, int]:
+    """Shape keyword arguments of :func:`innerloop.testing.checks.make_problem` (and of
+    ``check_inner_model``, ``check_inner_loss``, ``check_update_rule``): ``batch`` (from 2, up to
+    ``max_batch``: a plugin wrong for the third sequence is caught), ``heads``, ``head_dim`` (odd ones
+    and 1 by default), ``tokens`` (up to ``max_tokens``: longer than a plugin's internal blocks of 16
+    or 32) and ``mini_batch_size``. Hypothesis shrinks a failure to its smallest shape."""
+    return {
+        "batch": draw(st.integers(2, max_batch)),
+        "heads": draw(st.integers(1, max_heads)),
+        "head_dim": draw(st.sampled_from(head_dims)),
+        "tokens": draw(st.integers(1, max_tokens)),
+        "mini_batch_size": draw(st.integers(1, max_mini_batch)),
+    }
+
+
 def seeds() -> st.SearchStrategy[int]:
     """Seeds for torch generators."""
     return st.integers(0, 2**31 - 1)
 
 
-__all__ = ["ALL_INNER_WRAPPINGS", "PAPER_INNER_WRAPPING", "layer_configs", "seeds", "split_points", "views"]
+__all__ = [
+    "ALL_INNER_WRAPPINGS",
+    "PAPER_INNER_WRAPPING",
+    "layer_configs",
+    "problems",
+    "seeds",
+    "split_points",
+    "views",
+]

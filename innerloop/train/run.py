@@ -169,6 +169,12 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._promote(trainer)
 
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resume from a pending checkpoint at trainer.max_steps runs no step and no on_train_end
+        # (Lightning skips a fit loop that is done): the end of the run promotes it, as the run that
+        # wrote it would have at its end. Otherwise on_train_end has promoted already.
+        self._promote(trainer)
+
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:

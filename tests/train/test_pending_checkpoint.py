@@ -125,6 +125,19 @@ def test_a_truncated_corrupt_or_older_pending_checkpoint_is_removed_saying_why(
     assert not (out / PENDING_CHECKPOINT).exists()
 
 
+@pytest.mark.slow  # ~0.5 s: a resumed training run
+def test_a_pending_checkpoint_of_the_last_step_replaces_last_when_a_resume_has_no_step_left(
+    runs, tmp_path
+) -> None:
+    """Killed after writing the final step's checkpoint (during the validation at max_steps): the resume
+    has no step to run, and the final weights must still end up in last.safetensors, not stay hidden."""
+    final = (runs["pending"] / "last.safetensors").read_bytes()
+    out = _killed_with_pending(runs, tmp_path / "run", final)
+    _train(out, PENDING, resume=True)
+    assert (out / "last.safetensors").read_bytes() == final
+    assert not (out / PENDING_CHECKPOINT).exists()
+
+
 class _NanLoss(L.Callback):
     """Make the weights' loss NaN at the first step (the resumed pending weights' next step)."""
 

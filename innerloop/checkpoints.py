@@ -15,6 +15,13 @@ Versions: format version 2 carries the checksum. Version 1 (innerloop before che
 with a :class:`UnverifiedCheckpointWarning`, so that older runs stay usable; saving it again (e.g. by
 resuming the run) upgrades it. A file of a newer version is refused with a request to upgrade.
 
+Plugins: a checkpoint with a model records, under :data:`PLUGINS_KEY`, where each plugin that model
+uses came from (:func:`plugin_record`: the registry's origin and, for an entry-point plugin, its
+distribution and version). :func:`load_checkpoint` warns once (:class:`PluginChangedWarning`) for
+each that is registered now with another origin or version; a name registered by no plugin makes the
+model's rebuild error also say where it came from (:func:`rebuild_error`). A checkpoint without the
+record (written before it existed) loads as before.
+
 Every problem with a file (missing, a directory, truncated, not safetensors, another format, a newer
 version, a checksum mismatch, a malformed tree, weights that do not fit the model) raises one
 :class:`CheckpointError` whose message is a single line naming the file and what is wrong.
@@ -45,7 +52,9 @@ from innerloop.config.load import CHECKPOINT_SUFFIX, checkpoint_path_problem
 from innerloop.data.atomic import atomic_write
 from innerloop.data.tokenizer import Tokenizer, tokenizer_from_state
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
-from innerloop.models.config import reset_unused_family_options
+from innerloop.models.config import PLUGIN_FIELDS, reset_unused_family_options
+from innerloop.registry import get_registry
+from innerloop.registry.kinds import KIND_NAMES
 
 FORMAT = "innerloop-checkpoint"
 FORMAT_VERSION = "2"
@@ -63,6 +72,12 @@ the whole tokenizer.json as text). ``innerloop convert`` records the tokenizer `
 without it ``{"kind": "unknown"}`` (:class:`~innerloop.data.tokenizer.UnknownTokenizer`: the model's
 tokenizer is not known, so no text is read with it). A checkpoint without the key is one of an older
 innerloop training run, which was byte-level (a recall run's too: its data are token ids)."""
+
+PLUGINS_KEY = "innerloop_plugins"
+"""The checkpoint key recording where each plugin the model uses came from (:func:`plugin_record`):
+``{kind: {name: {"origin": ..., "distribution": ..., "version": ...}}}``. Loading compares it with
+the plugins registered then (:func:`warn_changed_plugins`). A checkpoint without it (written before
+innerloop recorded it) loads as before, unchecked."""
 
 _TREE_KEY = "innerloop.tree"
 _DIGEST_KEY = "innerloop.sha256"
@@ -181,6 +196,15 @@ def written_by(path: str | os.PathLike[str]) -> str | None:
         return None
 
 
+def holds_training_state(path: str | os.PathLike[str]) -> bool:
+    """Whether the checkpoint at ``path`` holds a training run's state (its ``global_step``: written by
+    ``innerloop train``), not only a model (``innerloop convert``, :func:`~innerloop.train.module.
+    save_model_checkpoint`). Read from its metadata alone, unverified; False for a file that cannot be
+    read."""
+    tree = _metadata_tree(path)
+    return isinstance(tree, dict) and "global_step" in tree
+
+
 def saved_model_config(path: str | os.PathLike[str], model: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's model config as this innerloop builds it: ``model.family`` keys its member does not
     read, which never had an effect, at their defaults (:func:`reset_unused_family_options`), with a
@@ -197,17 +221,23 @@ def saved_model_config(path: str | os.PathLike[str], model: dict[str, Any]) -> d
 
 def rebuild_error(path: str | os.PathLike[str], err: BaseException) -> CheckpointError:
     """The error for a checkpoint whose model this innerloop cannot rebuild from its hyperparameters;
-    when another innerloop wrote it, the message says which."""
+    when another innerloop wrote it, the message says which, and when a plugin it records is not
+    registered here, where that plugin came from (:func:`missing_plugins_note`)."""
     written, ours = written_by(path), innerloop_version()
     other = f" (it was written by innerloop {written}; this is {ours})" if written not in (None, ours) else ""
-    return CheckpointError(
-        f"{str(path)!r} holds a model this innerloop cannot rebuild{other}: {_one_line(err)}"
-    )
+    missing = missing_plugins_note(recorded_plugins(path))
+    reason = f"{_one_line(err).rstrip('.')}; {missing}" if missing else _one_line(err)
+    return CheckpointError(f"{str(path)!r} holds a model this innerloop cannot rebuild{other}: {reason}")
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``checkpoint`` (a tree of tensors and plain values) to ``path`` atomically, with its
-    checksum."""
+    checksum. A checkpoint with a model (``hyper_parameters['model']``) also records where each plugin
+    that model uses came from (:data:`PLUGINS_KEY`, :func:`plugin_record`)."""
+    hyper_parameters = checkpoint.get("hyper_parameters")
+    model = hyper_parameters.get("model") if isinstance(hyper_parameters, Mapping) else None
+    if isinstance(model, Mapping):
+        checkpoint = {**checkpoint, PLUGINS_KEY: plugin_record(model, checkpoint.get(PLUGINS_KEY))}
     tensors: dict[str, torch.Tensor] = {}
     tree = json.dumps(_encode(checkpoint, tensors, ""))
     metadata = {
@@ -218,6 +248,163 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[str]) ->
         _DIGEST_KEY: checkpoint_digest(tree, tensors),
     }
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+# -- where the plugins a checkpoint's model uses came from -----------------------------------------------
+
+_ORIGIN_KEYS = ("origin", "distribution", "version")
+
+
+class PluginChangedWarning(UserWarning):
+    """A checkpoint or export records, beside a plugin name its model uses, another origin (or
+    distribution version) than the plugin registered under that name now: the model is rebuilt with the
+    plugin registered now, which may compute another function."""
+
+
+_WARNED_PLUGINS: set[tuple[Any, ...]] = set()
+"""The (source, kind, name, recorded, current) already warned about in this process."""
+
+
+def used_plugins(model: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(registry kind, name)`` of each plugin a saved model config (a mapping, which may hold only
+    the keys that differ from the defaults) uses: its mixer's section's (:data:`PLUGIN_FIELDS`)."""
+    defaults = ModelConfig().to_dict()
+    mixer = model.get("mixer", defaults["mixer"])
+    fields = PLUGIN_FIELDS.get(mixer) if isinstance(mixer, str) else None
+    section = model.get(mixer, {}) if fields is not None else None
+    if not isinstance(section, Mapping):
+        return []
+    section = {**defaults[mixer], **section}
+    return [(kind, section[key]) for key, kind in fields if isinstance(section.get(key), str)]
+
+
+def plugin_origin(kind: str, name: str) -> dict[str, str] | None:
+    """Where the plugin registered now under ``name`` (of registry ``kind``) comes from: its
+    ``origin`` as ``innerloop plugins`` shows it (``builtin:...`` for innerloop's own) and, for one
+    an installed package's entry point registered, that ``distribution`` and its ``version``; None
+    when no plugin has that name."""
+    registry = get_registry()
+    entry = next((e for e in registry.entries(kind) if e.name == name), None)
+    if entry is None:
+        return None
+    found = {"origin": entry.origin}
+    installed = registry.distribution(entry.origin)
+    if installed is not None:
+        found["distribution"] = installed[0]
+        if installed[1] is not None:
+            found["version"] = installed[1]
+    return found
+
+
+def plugin_record(model: Mapping[str, Any], earlier: Any = None) -> dict[str, dict[str, dict[str, str]]]:
+    """:data:`PLUGINS_KEY`'s value for a model config: ``{kind: {name: plugin_origin(kind, name)}}``
+    for each plugin it uses. A name not registered now keeps what ``earlier`` (the record of the
+    checkpoint being written again, if any) says of it."""
+    known = {(kind, name): origin for kind, name, origin in _recorded_plugins(earlier)}
+    record: dict[str, dict[str, dict[str, str]]] = {}
+    for kind, name in used_plugins(model):
+        origin = plugin_origin(kind, name) or known.get((kind, name))
+        if origin is not None:
+            record.setdefault(kind, {})[name] = origin
+    return record
+
+
+def _recorded_plugins(
+    record: Any, model: Mapping[str, Any] | None = None
+) -> list[tuple[str, str, dict[str, str]]]:
+    """``(kind, name, origin)`` of each well-formed item of a plugin record (of those ``model``, a model
+    config, uses, when given); nothing of one that is not a record (none, an older file's, an edited
+    one's)."""
+    if not isinstance(record, Mapping):
+        return []
+    used = None if model is None else set(used_plugins(model))
+    found = []
+    for kind, names in record.items():
+        if kind not in KIND_NAMES or not isinstance(names, Mapping):
+            continue
+        for name, origin in names.items():
+            if not (
+                isinstance(name, str)
+                and isinstance(origin, Mapping)
+                and isinstance(origin.get("origin"), str)
+            ):
+                continue
+            if used is None or (kind, name) in used:
+                found.append(
+                    (kind, name, {k: origin[k] for k in _ORIGIN_KEYS if isinstance(origin.get(k), str)})
+                )
+    return found
+
+
+def _described(origin: Mapping[str, str]) -> str:
+    """``plugin 'huber (innerloop-huber)' from distribution 'innerloop-huber' 0.1``."""
+    text = f"plugin {origin['origin']!r}"
+    if "distribution" in origin:
+        text += f" from distribution {origin['distribution']!r}" + (
+            f" {origin['version']}" if "version" in origin else ""
+        )
+    return text
+
+
+def warn_changed_plugins(
+    source: str, record: Any, model: Mapping[str, Any] | None = None, stacklevel: int = 3
+) -> None:
+    """Warn (:class:`PluginChangedWarning`, once per ``source`` and change) for each plugin of
+    ``record`` (a checkpoint's or export's :data:`PLUGINS_KEY`; of those ``model``, a model config,
+    uses, when given) that is registered now with another origin, distribution or version than
+    recorded. ``source`` names the file or folder. A name not registered now is left to the error of
+    rebuilding the model (:func:`missing_plugins_note`); a record of none (an older file) warns of
+    nothing."""
+    for kind, name, recorded in _recorded_plugins(record, model):
+        current = plugin_origin(kind, name)
+        key = (source, kind, name, tuple(sorted(recorded.items())), tuple(sorted((current or {}).items())))
+        if current is None or current == recorded or key in _WARNED_PLUGINS:
+            continue
+        _WARNED_PLUGINS.add(key)
+        warnings.warn(
+            f"{source} was saved with the {kind.replace('_', ' ')} {name!r} of {_described(recorded)}; "
+            f"here {name!r} is registered by {_described(current)}: the model is built with the one "
+            "registered now, which may compute another function (install the one it was saved with "
+            "to reproduce its numbers)",
+            PluginChangedWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def missing_plugins_note(record: Any, model: Mapping[str, Any] | None = None) -> str:
+    """Where each plugin of ``record`` (of those ``model`` uses, when given) that no plugin registers
+    now came from when it was saved, for the error of a model that cannot be rebuilt; "" when every
+    recorded name is registered."""
+    missing = [
+        f"its {kind.replace('_', ' ')} {name!r} was registered by {_described(origin)}"
+        for kind, name, origin in _recorded_plugins(record, model)
+        if plugin_origin(kind, name) is None
+    ]
+    if not missing:
+        return ""
+    return (
+        "when it was saved, "
+        + "; ".join(missing)
+        + f": install or register {'it' if len(missing) == 1 else 'them'} here"
+    )
+
+
+def _metadata_tree(path: str | os.PathLike[str]) -> Any:
+    """The JSON tree of the checkpoint at ``path``, read from its metadata alone (tensor references
+    left as they are, nothing verified); None for a file that cannot be read."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return json.loads((f.metadata() or {}).get(_TREE_KEY, "{}"))
+    except (SafetensorError, OSError, ValueError, RecursionError):
+        return None
+
+
+def recorded_plugins(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The plugin record (:data:`PLUGINS_KEY`) of the checkpoint at ``path``, read from its metadata
+    alone (not verified: :func:`load_checkpoint` does that); None when it has none or cannot be read."""
+    tree = _metadata_tree(path)
+    record = tree.get(PLUGINS_KEY) if isinstance(tree, dict) else None
+    return record if isinstance(record, dict) else None
 
 
 # -- loading ---------------------------------------------------------------------------------------------
@@ -323,6 +510,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
         raise CheckpointError(f"{name} has a metadata tree that is a {type(tree).__name__}, not a dict")
     _check_finite_weights(name, tree.get("state_dict"))
     _fill_earlier_defaults(tree)
+    warn_changed_plugins(name, tree.get(PLUGINS_KEY))
     device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
     if torch.device(device).type != "cpu":
         tree = _move_tensors(tree, device)

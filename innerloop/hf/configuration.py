@@ -16,7 +16,12 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-from innerloop.checkpoints import EARLIER_E2E_DEFAULTS, EARLIER_TTT_DEFAULTS, saved_model_config
+from innerloop.checkpoints import (
+    EARLIER_E2E_DEFAULTS,
+    EARLIER_TTT_DEFAULTS,
+    missing_plugins_note,
+    saved_model_config,
+)
 from innerloop.models.config import E2E, ModelConfig, validate_model_config
 
 MODEL_TYPE = "innerloop"
@@ -123,6 +128,11 @@ def _merged_model_section(loaded: Any, override: Any) -> Any:
     return merged
 
 
+def _as_mapping(model: Any) -> dict[str, Any]:
+    """A ``model`` section as a mapping (an empty one for anything else, which the checks refuse)."""
+    return model if isinstance(model, dict) else {}
+
+
 class InnerloopConfig(PreTrainedConfig):
     """The configuration of :class:`~innerloop.hf.modeling.InnerloopForCausalLM`.
 
@@ -130,6 +140,10 @@ class InnerloopConfig(PreTrainedConfig):
         model: innerloop's :class:`~innerloop.models.ModelConfig`, or the same as a nested dict (as
             in ``config.json``); None gives the defaults. Checked at once: unknown keys, wrong types,
             unregistered plugin names and impossible shapes raise ``ValueError``.
+        innerloop_plugins: where each plugin the model uses came from when the folder was saved
+            (:func:`innerloop.checkpoints.plugin_record`, written by ``save_pretrained``);
+            ``from_pretrained`` warns when the plugin registered now under one of those names has another
+            origin or version. None: not recorded (a config built in Python, an older export).
         **kwargs: the usual ``PreTrainedConfig`` options (token ids, ``use_cache`` ...).
 
     >>> config = InnerloopConfig(model={"mixer": "swa", "hidden_size": 32, "num_heads": 2})
@@ -140,6 +154,7 @@ class InnerloopConfig(PreTrainedConfig):
     model_type = MODEL_TYPE
 
     model: dict[str, Any] | None = None
+    innerloop_plugins: dict[str, Any] | None = None
     use_cache: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -209,7 +224,15 @@ class InnerloopConfig(PreTrainedConfig):
         for name in (*_DERIVED, "tie_word_embeddings"):  # views: checked against the section, as in __init__
             if name in kwargs:
                 config_dict[name] = kwargs.pop(name)
-        return super().from_dict(config_dict, **kwargs)
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        except ValueError as err:  # a plugin name not registered here: say where it came from
+            missing = missing_plugins_note(
+                config_dict.get("innerloop_plugins"), _as_mapping(config_dict["model"])
+            )
+            if not missing:
+                raise
+            raise ValueError(f"{' '.join(str(err).split()).rstrip('.')}; {missing}") from None
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Keep ``model`` a validated, complete model config whenever it is assigned (transformers sets

@@ -40,7 +40,7 @@ from innerloop.config.load import ConfigError, check_output_dir
 from innerloop.data.tokenizer import Tokenizer as RunTokenizer
 from innerloop.data.tokenizer import TokenizerError, UnknownTokenizer
 from innerloop.hf.configuration import MODEL_TYPE, InnerloopConfig
-from innerloop.hf.modeling import InnerloopForCausalLM, _set_buffer
+from innerloop.hf.modeling import InnerloopForCausalLM, set_buffer
 from innerloop.hf.remote_code import SHIMS
 from innerloop.hf.tokenizer import BYTES, load_tokenizer, write_tokenizer_files
 
@@ -202,7 +202,7 @@ def to_hugging_face(model: nn.Module) -> InnerloopForCausalLM:
     for name, buffer in list(wrapped.named_non_persistent_buffers()):  # not in the state dict
         source = own_buffers[name.removeprefix("model.")]
         if source.dtype != buffer.dtype:  # e.g. the RoPE table of a bfloat16 model, as it trained
-            _set_buffer(wrapped, name, buffer.to(source.dtype))
+            set_buffer(wrapped, name, buffer.to(source.dtype))
     return wrapped.eval()
 
 

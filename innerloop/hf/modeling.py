@@ -27,6 +27,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
+from innerloop.checkpoints import plugin_record, warn_changed_plugins
 from innerloop.hf.arguments import (
     check_logits_to_keep,
     check_mask_shape,
@@ -288,24 +289,33 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         missing weights uninitialised). transformers builds the model on the meta device and leaves
         its non-persistent buffers (e.g. the TTT layer's RoPE table) empty: they are copied from a
         freshly built network, whatever plugin registered them.
+
+        A folder that records where its plugins came from (``config.innerloop_plugins``) is compared
+        with the plugins registered now: a :class:`~innerloop.checkpoints.PluginChangedWarning` names
+        each one registered with another origin or version.
         """
         wants_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, as one ValueError
+        source = repr(str(args[0] if args else kwargs.get("pretrained_model_name_or_path")))
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         problems = loading_problems(info)
         if problems:
             raise ValueError(
-                f"{args[0] if args else kwargs.get('pretrained_model_name_or_path')!r} does not hold the "
-                f"weights of the model its config.json describes (a config.json edited by hand?): {problems}"
+                f"{source} does not hold the weights of the model its config.json describes (a config.json "
+                f"edited by hand?): {problems}"
             )
+        warn_changed_plugins(source, model.config.innerloop_plugins, model.config.model)
         model._refresh_non_persistent_buffers()
         return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> None:
         """transformers' ``save_pretrained``, plus ``auto_map`` in config.json and the two modules it
         names (:mod:`innerloop.hf.remote_code`), so that the folder also loads with
-        ``trust_remote_code=True`` where innerloop is installed but not imported."""
+        ``trust_remote_code=True`` where innerloop is installed but not imported; and in
+        ``innerloop_plugins``, where each plugin the model uses came from
+        (:func:`~innerloop.checkpoints.plugin_record`), which ``from_pretrained`` checks."""
         self.config.auto_map = dict(AUTO_MAP)
+        self.config.innerloop_plugins = plugin_record(self.config.model, self.config.innerloop_plugins)
         super().save_pretrained(save_directory, *args, **kwargs)
         write_shims(save_directory)
 
@@ -347,7 +357,7 @@ def loading_problems(info: dict[str, Any], shown: int = 4) -> str:
     return " | ".join(parts)
 
 
-def _set_buffer(root: nn.Module, name: str, value: torch.Tensor) -> None:
+def set_buffer(root: nn.Module, name: str, value: torch.Tensor) -> None:
     """Replace the buffer ``name`` (dotted) of ``root`` with ``value``, keeping it non-persistent."""
     owner_name, _, buffer_name = name.rpartition(".")
     owner = root.get_submodule(owner_name) if owner_name else root

@@ -534,11 +534,12 @@ def validate_model_config(config: ModelConfig) -> None:
     _warn_unknown_unread_plugins(config)
 
 
-_PLUGIN_FIELDS = {
+PLUGIN_FIELDS = {
     "ttt": (("inner_model", "inner_model"), ("inner_loss", "inner_loss"), ("update_rule", "update_rule")),
     E2E: (("inner_loss", "model_inner_loss"), ("update_rule", "model_update_rule")),
 }
-"""The plugin names of the sections ``model.ttt`` and ``model.e2e``: (field, registry kind)."""
+"""The plugin names a model config holds, by mixer: that mixer's section (``model.ttt``, ``model.e2e``)
+-> (field, registry kind). Another mixer reads no plugin by name."""
 
 
 def unread_model_keys(config: ModelConfig) -> dict[str, str]:
@@ -578,7 +579,7 @@ def _warn_unknown_unread_plugins(config: ModelConfig) -> None:
     mixer's settings to switch back to (``model.mixer=attention`` on a TTT preset), and a checkpoint
     must load where a plugin it never used is not installed."""
     unread = unread_model_keys(config)
-    for section, plugin_fields in _PLUGIN_FIELDS.items():
+    for section, plugin_fields in PLUGIN_FIELDS.items():
         if f"model.{section}" not in unread:
             continue
         for key, kind in plugin_fields:

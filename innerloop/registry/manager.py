@@ -112,6 +112,7 @@ class Registry:
         self.plugin_manager.add_hookspecs(hookspecs)
         self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KIND_NAMES}
         self._broken: list[BrokenPlugin] = []
+        self._distributions: dict[str, tuple[str, str | None]] = {}  # origin -> (distribution, version)
 
     # ---- registering -----------------------------------------------------------------------------
 
@@ -279,6 +280,7 @@ class Registry:
         origin = f"{entry_point.name} ({distribution})"
         staging = _Staging()
         before = len(self.entries())
+        origins_before = {entry.origin for entry in self.entries()}
         try:
             plugin = entry_point.load()
         except (Exception, SystemExit) as error:  # a script-like module: sys.exit or argparse at import
@@ -286,8 +288,11 @@ class Registry:
         else:
             try:
                 if len(self.entries()) > before and not self._marked_hooks(plugin):
-                    return None  # its import registered objects (innerloop.register_<kind>): no hook needed
+                    # its import registered objects (innerloop.register_<kind>): no hook needed
+                    self._remember_distribution(entry_point, origins_before)
+                    return None
                 self._add(plugin, origin, staging)
+                self._remember_distribution(entry_point, origins_before)
                 return None
             except PluginError as error:
                 failure = str(error)
@@ -297,6 +302,21 @@ class Registry:
         self._broken.append(broken)
         warnings.warn(broken.message(), PluginLoadWarning, stacklevel=2)
         return broken
+
+    def _remember_distribution(self, entry_point: Any, origins_before: set[str]) -> None:
+        """Record the distribution (and its version) of ``entry_point`` for every origin that appeared
+        while it loaded (the entry point's own, and those of objects its import registered)."""
+        version = getattr(getattr(entry_point, "dist", None), "version", None)
+        installed = (_distribution_of(entry_point), version if isinstance(version, str) else None)
+        for entry in self.entries():
+            if entry.origin not in origins_before:
+                self._distributions[entry.origin] = installed
+
+    def distribution(self, origin: str) -> tuple[str, str | None] | None:
+        """``(name, version)`` of the installed distribution whose ``innerloop`` entry point registered
+        the plugin of ``origin`` (version None when its metadata has none); None for a built-in or
+        in-process plugin. Checkpoints record it beside each plugin a model uses."""
+        return self._distributions.get(origin)
 
     def broken(self) -> list[BrokenPlugin]:
         """The entry-point plugins that failed to load (skipped), in load order."""
@@ -325,6 +345,7 @@ class Registry:
         for entries in self._entries.values():
             for name in [n for n, e in entries.items() if e.origin == origin]:
                 del entries[name]
+        self._distributions.pop(origin, None)
         # the kernels' verdicts are tied to the objects they were earned with (so a plugin registered
         # under a removed one's name is checked anew); forgetting them also lets the removed objects go
         first_use.forget_verdicts()

@@ -8,16 +8,12 @@ does not import Lightning; its names are re-exported here for code written again
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
-from safetensors import SafetensorError, safe_open
 
 from innerloop.checkpoints import (
-    _TREE_KEY,  # the metadata key of the checkpoint's tree
     CHECKPOINT_SUFFIX,
     TOKENIZER_KEY,
     CheckpointError,
@@ -27,6 +23,7 @@ from innerloop.checkpoints import (
     checkpoint_identity,
     checkpoint_tokenizer,
     describe_model,
+    holds_training_state,
     load_checkpoint,
     load_training_checkpoint,
     load_weights,
@@ -72,15 +69,3 @@ class SafetensorsCheckpointIO(CheckpointIO):
 
     def remove_checkpoint(self, path: Any) -> None:
         Path(path).unlink(missing_ok=True)
-
-
-def holds_training_state(path: str | os.PathLike[str]) -> bool:
-    """Whether the checkpoint at ``path`` holds a training run's state (its ``global_step``: written by
-    ``innerloop train``), not only a model (``innerloop convert``, :func:`~innerloop.train.module.
-    save_model_checkpoint`). Read from its metadata alone; False for a file that cannot be read."""
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            tree = json.loads((f.metadata() or {}).get(_TREE_KEY, "{}"))
-    except (SafetensorError, OSError, ValueError):
-        return False
-    return isinstance(tree, dict) and "global_step" in tree

@@ -75,11 +75,22 @@ def test_training_from_python(tmp_path) -> None:
     assert load_model(tmp_path / "model.safetensors").config.mixer == "ttt"
 
 
-@pytest.mark.slow  # ~0.5 s: the example's 15 hypothesis examples
-def test_the_update_rule_property_example() -> None:
+def _property_example():
+    """examples/test_update_rule_property.py, imported as a module (it is not under tests/)."""
     spec = importlib.util.spec_from_file_location(
         "update_rule_property", EXAMPLES / "test_update_rule_property.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.test_dual_form_equals_the_primal_form_on_any_chunking()  # hypothesis runs its examples
+    return module
+
+
+@pytest.mark.slow  # ~2-6 s: the example's 15 hypothesis examples, each a float64 layer and its gradients
+def test_the_update_rule_property_example() -> None:
+    _property_example().test_dual_form_equals_the_primal_form_on_any_chunking()  # hypothesis runs its examples
+
+
+def test_the_update_rule_property_example_at_any_shape() -> None:
+    """The example's second property test: the rule against the naive token loop at 15 drawn shapes
+    (~0.6 s under the suite's derandomized hypothesis profile)."""
+    _property_example().test_the_rule_equals_the_naive_token_loop_at_any_shape()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import hashlib
 import json
 import logging
@@ -48,6 +49,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 
 from innerloop.checkpoints import (
@@ -98,6 +100,7 @@ from innerloop.train.module import LanguageModelModule, TrainingDivergedError, l
 from innerloop.train.plots import plot_loss_by_position, write_loss_by_position_csv
 from innerloop.train.run_dir import (
     PENDING_CHECKPOINT,
+    RunDirError,
     is_launched_worker,
     lock_run_dir,
     refuse_foreign_config,
@@ -436,6 +439,13 @@ def _fit(
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(start) if start is not None else None)
     except TrainingDivergedError as err:
         raise TrainingDivergedError(f"{err}; {_last_checkpoint_note(ckpt, run)}") from None
+    except (OSError, SafetensorError) as err:
+        if not out_of_space(err):
+            raise
+        raise RunDirError(
+            f"writing into out_dir={run.out_dir!r} failed: {' '.join(str(err).split())}; free some space: "
+            f"{_last_checkpoint_note(ckpt, run, overrides='')}"
+        ) from None
     except SystemExit:  # Lightning's exit(1) after a KeyboardInterrupt
         if not interrupt.stopped_at_once:
             raise
@@ -719,6 +729,17 @@ def _check_weights_fit(module: LanguageModelModule, stored: Any, ckpt: Path) -> 
         more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise CheckpointError(f"{str(ckpt)!r} does not fit this run's model: {'; '.join(problems[:3])}{more}")
     module.load_state_dict(stored)
+
+
+def out_of_space(err: BaseException) -> bool:
+    """Whether ``err`` says that a write found the disk (or the user's quota) full: an ``OSError`` with
+    ENOSPC or EDQUOT, or safetensors' error wrapping one (which is not an ``OSError``)."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(err)
+    return isinstance(err, SafetensorError) and any(
+        f"os error {code}" in text for code in (errno.ENOSPC, errno.EDQUOT)
+    )
 
 
 def _last_checkpoint_note(ckpt: Path, run: RunConfig, overrides: str = " optim.lr=<lower>") -> str:

@@ -87,12 +87,19 @@ def lock_run_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
                 f"out_dir={str(out_dir)!r} is in use by another run (pid {holder}, lock {str(lock_path)!r}); "
                 "wait for it to end, or train into another out_dir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         try:
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            except OSError as err:  # e.g. a full disk: the folder this call made is removed below
+                raise RunDirError(
+                    f"out_dir={str(out_dir)!r} cannot be used: writing its lock {str(lock_path)!r} failed: "
+                    f"{err.strerror or err}"
+                ) from None
             yield lock_path
         finally:
-            os.ftruncate(fd, 0)
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
             if made:
                 _remove_if_only_the_lock(out_dir)
     finally:

@@ -35,14 +35,18 @@ def test_a_lock_that_cannot_be_written_leaves_no_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "pwrite", full)
     out = tmp_path / "new" / "run"
-    with pytest.raises(RunDirError, match=rf"writing its lock .*{LOCK_NAME}.* failed: No space left on device"):
+    with pytest.raises(
+        RunDirError, match=rf"writing its lock .*{LOCK_NAME}.* failed: No space left on device"
+    ):
         with lock_run_dir(out):
             pass
     assert not out.exists()  # made by this call, removed with its lock
 
 
 @pytest.mark.slow  # ~1 s: a short training run
-def test_a_checkpoint_write_on_a_full_disk_is_one_error_and_the_last_checkpoint_is_kept(tmp_path, monkeypatch):
+def test_a_checkpoint_write_on_a_full_disk_is_one_error_and_the_last_checkpoint_is_kept(
+    tmp_path, monkeypatch
+):
     out: Path = tmp_path / "run"
     run, cfg = load_config(
         "tiny", [*TINY, f"out_dir={out}", "trainer.max_steps=6", "trainer.checkpoint_every=2"]

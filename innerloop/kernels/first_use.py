@@ -13,8 +13,9 @@ that block: the block's first two mini-batches (one token when decoding), with l
 so that every weight update is exercised. It compares the outputs and new weights, and with gradients
 needed, the gradient of a fixed random projection of them with respect to every input that records a
 graph. The relative RMS error must stay under :data:`TOLERANCES` for the dtype. The verdict is kept
-for the process, for those very objects (compared by identity, not by name: a loss registered under
-the name of one that was removed, or a kernel registered again, is checked again):
+for the process, for those very objects or copies of them (not by name: a loss of another class
+registered under the name of one that was removed, or an instance configured differently, is checked
+again; a deep copy of a layer is not):
 
 - a kernel that passes runs from then on without further checks;
 - a kernel that fails is refused for that signature: ``kernel="auto"`` moves on to the next candidate
@@ -74,8 +75,11 @@ _VERDICTS: dict[tuple, str | None] = {}
 
 
 class _Held:
-    """An object in a verdict's key, compared by identity (a plugin may define ``__eq__``, or be equal
-    to another that computes something else) and kept alive by the key (so its ``id`` is not reused)."""
+    """An object in a verdict's key: equal to the same object, or to one of the very same class whose
+    attributes are equal (:func:`_same_state`: a ``copy.deepcopy`` of a layer, whose plugins are
+    copies, computes what the original does), never to an object of another class (a plugin registered
+    under a removed one's name) nor by the plugin's own ``__eq__`` (which may call equal two objects that
+    compute different things). The key keeps the object alive."""
 
     __slots__ = ("obj",)
 
@@ -83,10 +87,42 @@ class _Held:
         self.obj = obj
 
     def __hash__(self) -> int:
-        return id(self.obj)
+        return hash(type(self.obj))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Held) and other.obj is self.obj
+        return isinstance(other, _Held) and (
+            other.obj is self.obj or (type(other.obj) is type(self.obj) and _same_state(other.obj, self.obj))
+        )
+
+
+def _same_state(a: object, b: object) -> bool:
+    """Whether two objects of one class hold equal attributes (``vars``): tensors equal in shape, dtype
+    and values, containers item by item, anything else by ``==`` (so nested objects of classes without
+    their own ``__eq__`` only by identity). False where that cannot be told (no ``__dict__``)."""
+    try:
+        return _equal_values(vars(a), vars(b))
+    except TypeError:
+        return False
+
+
+def _equal_values(x: object, y: object) -> bool:
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return (
+            isinstance(x, torch.Tensor)
+            and isinstance(y, torch.Tensor)
+            and (x.shape, x.dtype, x.device) == (y.shape, y.dtype, y.device)
+            and bool(torch.equal(x, y))
+        )
+    if type(x) is not type(y):
+        return False
+    if isinstance(x, dict):
+        return x.keys() == y.keys() and all(_equal_values(x[k], y[k]) for k in x)  # type: ignore[attr-defined]
+    if isinstance(x, (list, tuple)):
+        return len(x) == len(y) and all(map(_equal_values, x, y))  # type: ignore[arg-type]
+    try:
+        return bool(x == y)
+    except Exception:  # an == that raises or returns an array: not known to be equal
+        return False
 
 
 BlockPath = Callable[[InnerTask, Params, ChunkInputs, torch.Tensor], tuple[torch.Tensor, Params]]
@@ -105,8 +141,8 @@ class KernelCheckWarning(UserWarning):
 
 def signature(kernel: KernelSpec, inputs: KernelInputs, task: InnerTask, rule: UpdateRule) -> tuple:
     """What a verdict about ``kernel`` applies to (module docstring): the kernel, ``task``'s inner model
-    and loss and ``rule``, by identity, and the kind of block (a decoded token's ``inputs.extra`` says
-    whether it closes its mini-batch)."""
+    and loss and ``rule`` (the objects, or copies of them: :class:`_Held`), and the kind of block (a
+    decoded token's ``inputs.extra`` says whether it closes its mini-batch)."""
     extra = tuple(sorted((k, v) for k, v in inputs.extra.items() if isinstance(v, bool)))
     return (
         *(_Held(obj) for obj in (kernel, task.model, task.loss, rule)),

@@ -1,9 +1,11 @@
 """A kernel's first-use verdict holds for the very plugin objects it was earned with
 (innerloop/kernels/first_use.py): a plugin registered under the name of one that was removed, or given
-as another instance, is never run through a verdict earned by another object."""
+as an instance configured otherwise, is never run through a verdict earned by another object; a copy
+(a deep-copied layer) is."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -96,17 +98,30 @@ def test_a_loss_registered_under_a_removed_ones_name_is_checked_again():
     torch.testing.assert_close(state.params["W1"], expected_state.params["W1"])
 
 
-def test_a_verdict_is_not_shared_by_another_instance_that_passes_as_the_registered_one():
-    """Another instance of the registered class (the name checks accept it) gets its own probe."""
+def _probes_of(layer: innerloop.TTTLayer, x: torch.Tensor, calls: list[int]) -> int:
+    """How many kernel calls running ``layer`` on ``x`` made beyond the block itself (1: a probe)."""
+    before = len(calls)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)
+    assert layer.last_dispatch[0] == NAME
+    return len(calls) - before - 1
+
+
+def test_a_verdict_holds_for_copies_and_not_for_an_instance_configured_otherwise():
+    """A deep copy of a layer (its plugins are copies) and an equal instance of the registered class
+    compute what the checked objects do: no new probe. An instance of that class whose attributes
+    differ gets its own probe."""
     calls = register_reference_kernel()
     x = torch.randn(1, 8, 16)
-    with torch.no_grad():
-        twin("auto")(x)
-        assert len(calls) == 2  # its probe, then the block
-        torch.manual_seed(0)
-        layer = innerloop.TTTLayer(16, 2, mini_batch_size=4, inner_loss=Reconstruction())
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            layer(x)
-    assert layer.last_dispatch[0] == NAME
-    assert len(calls) == 4  # its probe on the new instance, then the block itself
+    first = twin("auto")
+    assert _probes_of(first, x, calls) == 1
+    assert _probes_of(copy.deepcopy(first), x, calls) == 0
+    torch.manual_seed(0)
+    assert (
+        _probes_of(innerloop.TTTLayer(16, 2, mini_batch_size=4, inner_loss=Reconstruction()), x, calls) == 0
+    )
+    configured = Reconstruction()
+    configured.note = "another setting"  # an attribute the registered object does not have
+    torch.manual_seed(0)
+    assert _probes_of(innerloop.TTTLayer(16, 2, mini_batch_size=4, inner_loss=configured), x, calls) == 1

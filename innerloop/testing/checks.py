@@ -419,13 +419,24 @@ def check_pairs_token_by_token(
     assert_close(built_valid, _validity(whole), f"{loss.name}: validity built token by token", tolerance)
 
 
-def _carry_row(carry: dict[str, torch.Tensor], row: int, batch: int) -> dict[str, torch.Tensor]:
-    """Sequence ``row``'s part of a carry: each tensor with a leading batch dim cut to ``row:row+1``
-    (one without one, shared by the batch, as it is)."""
+def _batched_carry_keys(loss: InnerLoss, views: Views) -> set[str]:
+    """The carry entries that hold one row per sequence: those whose shape ``init_carry`` gives
+    differently for this batch and for one sequence (a carry shared by the batch, e.g. ``[H, f]``, has
+    the same shape for both, even where H happens to equal the batch size)."""
+    batch, heads, _, head_dim = views.key.shape
+    many = loss.init_carry(batch, heads, head_dim, views.key)
+    one = loss.init_carry(1, heads, head_dim, views.key[:1])
     return {
-        k: v[row : row + 1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch else v
-        for k, v in carry.items()
+        k
+        for k, v in many.items()
+        if isinstance(v, torch.Tensor) and isinstance(one.get(k), torch.Tensor) and one[k].shape != v.shape
     }
+
+
+def _carry_row(carry: dict[str, torch.Tensor], row: int, batched: set[str]) -> dict[str, torch.Tensor]:
+    """Sequence ``row``'s part of a carry: each entry of ``batched`` (one row per sequence) cut to
+    ``row:row+1``, the others (shared by the batch) as they are."""
+    return {k: v[row : row + 1] if k in batched else v for k, v in carry.items()}
 
 
 def _views_row(views: Views, row: int) -> Views:
@@ -442,15 +453,16 @@ def check_pairs_batch_independent(
     if batch < 2:
         raise ValueError(f"check_pairs_batch_independent needs views of batch >= 2, got batch {batch}")
     whole = loss.pairs(views, carry)
+    batched = _batched_carry_keys(loss, views)
     for row in range(batch):
-        alone = loss.pairs(_views_row(views, row), _carry_row(carry, row, batch))
+        alone = loss.pairs(_views_row(views, row), _carry_row(carry, row, batched))
         what = f"{loss.name}: sequence {row}'s pairs in a batch of {batch} vs the sequence alone"
         hint = " (a pair must not depend on the other sequences of the batch)"
         for field in ("inputs", "targets"):
             got = getattr(whole, field)[row : row + 1]
             assert_close(got, getattr(alone, field), f"{what} ({field}){hint}", tolerance)
         assert_close(_validity(whole)[row : row + 1], _validity(alone), f"{what} (valid){hint}", tolerance)
-        for key, value in _carry_row(whole.carry, row, batch).items():
+        for key, value in _carry_row(whole.carry, row, batched).items():
             assert_close(value, alone.carry[key], f"{what} (carry[{key!r}]){hint}", tolerance)
 
 

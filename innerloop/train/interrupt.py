@@ -4,8 +4,9 @@ Python turns Ctrl-C (SIGINT) into a ``KeyboardInterrupt`` wherever the program h
 may be halfway through an optimizer step, so a checkpoint cannot safely be written from there, and a
 run that just dies keeps only its last periodic checkpoint (up to ``trainer.checkpoint_every - 1``
 steps behind). :class:`StopOnInterrupt` instead takes the first Ctrl-C as a request: the step in
-progress completes, Lightning stops the loop, the checkpoint callback writes that step at the end of
-training, and :func:`innerloop.train.run.train` raises :class:`TrainingInterrupted` naming the step and
+progress completes and becomes the fit's last (:func:`end_the_fit_after_this_step`), the checkpoint
+callback writes it as it writes a periodic checkpoint (so the resumed run logs the rows an uninterrupted
+one does), and :func:`innerloop.train.run.train` raises :class:`TrainingInterrupted` naming the step and
 the command that continues it. A second Ctrl-C interrupts at once, as usual (the checkpoint on disk is
 always whole: every write is atomic), and ``train`` raises :class:`TrainingInterrupted` naming the last
 checkpoint, with the shell's status for Ctrl-C, 130 (Lightning's own handling exits 1).
@@ -24,8 +25,9 @@ puts back the handler from before the fit when the fit ends.
 The validation after training runs under :func:`ended_by_signals`: there is no step left to save, so a
 Ctrl-C or SIGTERM ends it and ``train`` raises :class:`TrainingInterrupted` with the signal's status.
 
-A stop never lands between the micro-batches of one optimizer step: the language-model module waits
-for the step's last one (``LanguageModelModule.on_train_batch_end``).
+A stop never lands between the micro-batches of one optimizer step: :class:`StopOnInterrupt` waits for
+the step's last one (as the language-model module does for other stops, ``trainer.max_time`` or a
+callback's ``trainer.should_stop``: ``LanguageModelModule.on_train_batch_end``).
 """
 
 from __future__ import annotations
@@ -117,11 +119,27 @@ class StopOnInterrupt(Callback):
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._request_stop)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         # every process stops at the same step if any was interrupted (a no-op on one process)
-        if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
-            self.requested = True
-            trainer.should_stop = True
+        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            return
+        self.requested = True
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:  # the optimizer step is whole
+            end_the_fit_after_this_step(trainer)
+
+
+def end_the_fit_after_this_step(trainer: L.Trainer) -> None:
+    """Make the optimizer step just taken the fit's last, as if ``trainer.max_steps`` ended there.
+
+    Not through ``trainer.should_stop``: Lightning takes that as an early stop, which adds a validation
+    and a ``metrics.csv`` row that an uninterrupted run does not have at that step, so a stopped and
+    resumed run would not log what the uninterrupted one logs. Ended like this, the fit runs what the
+    step would have run anyway (its validation, at ``trainer.val_every``), and the checkpoint of the step
+    is written where a periodic one is (``_SafetensorsModelCheckpoint.on_train_batch_end``), which a
+    resume continues from as from any periodic checkpoint."""
+    trainer.fit_loop.epoch_loop.max_steps = trainer.global_step  # never past max_steps: it is not reached
 
 
 @contextmanager

@@ -297,10 +297,11 @@ class LanguageModelModule(L.LightningModule):
         self._stop_deferred = False
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
-        """A stop asked for in the middle of a gradient accumulation (Ctrl-C, SIGTERM,
-        ``trainer.max_time``, a callback) waits for the accumulation's last micro-batch: a run stopped
+        """A stop asked for in the middle of a gradient accumulation (``trainer.max_time``, a callback
+        setting ``trainer.should_stop``) waits for the accumulation's last micro-batch: a run stopped
         between micro-batches would save a half-accumulated step, and its resume would pair other batches
-        into every later step. (This hook runs after every callback's.)"""
+        into every later step. (This hook runs after every callback's. Ctrl-C and SIGTERM wait the same
+        way in :class:`~innerloop.train.interrupt.StopOnInterrupt`.)"""
         trainer = self.trainer
         at_step_boundary = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         if trainer.should_stop and not at_step_boundary:

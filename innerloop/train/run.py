@@ -120,9 +120,15 @@ CHECKPOINT_NAME = "last"
 
 
 class _SafetensorsModelCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint writing ``last.safetensors`` (the IO plugin does the format), always at
-    the end of training (Lightning skips that save if any "last" was written before), and only weights
-    known to be good.
+    """Lightning's ModelCheckpoint writing ``last.safetensors`` (the IO plugin does the format), always
+    after the fit's last step, and only weights known to be good.
+
+    The checkpoint of the last step (``trainer.max_steps``, or a Ctrl-C or SIGTERM stop,
+    :func:`~innerloop.train.interrupt.end_the_fit_after_this_step`) is written where a periodic one is, at
+    the end of the step's last batch, not at the end of training as Lightning writes it: Lightning's loop
+    counters then are those of a finished epoch, and a run resumed from them logged every row one step
+    late and kept ``trainer.log_every`` on other steps than an uninterrupted run. Written like a periodic
+    one, every checkpoint resumes to the rows the uninterrupted run logs.
 
     Weights or optimizer moments holding NaN or inf are never saved (the run stops as diverged). The
     checkpoint of step ``k`` is written to ``.last.safetensors.pending`` and replaces ``last.safetensors``
@@ -161,6 +167,15 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
         if self._pending is not None and trainer.is_global_zero:
             os.replace(*self._pending)
         self._pending = None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # a periodic checkpoint
+        step_is_whole = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        fit_ends = trainer.global_step >= trainer.max_steps or trainer.should_stop
+        if step_is_whole and fit_ends and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
@@ -449,9 +464,10 @@ def _fit(
     except SystemExit:  # Lightning's exit(1) after a KeyboardInterrupt
         if not interrupt.stopped_at_once:
             raise
+        # the last step completed: the second Ctrl-C may land in the next step or in this one's checkpoint
         raise TrainingInterrupted(
-            f"stopped at once at a second Ctrl-C, in step {trainer.global_step + 1}; "
-            f"{_last_checkpoint_note(ckpt, run, overrides='')}"
+            f"stopped at once at a second Ctrl-C, after {trainer.global_step} of {run.trainer.max_steps} "
+            f"steps; {_last_checkpoint_note(ckpt, run, overrides='')}"
         ) from None
     finally:
         stopped_early = interrupt.requested and trainer.global_step < run.trainer.max_steps

@@ -247,7 +247,8 @@ def test_a_second_ctrl_c_stops_at_once_with_the_shells_status_and_keeps_the_chec
     overrides = [*ACCUMULATED, "trainer.checkpoint_every=1", f"out_dir={tmp_path}"]
     run, cfg = load_config("tiny", overrides)
     with pytest.raises(
-        TrainingInterrupted, match=r"stopped at once at a second Ctrl-C, in step 2; the last checkpoint"
+        TrainingInterrupted,
+        match=r"stopped at once at a second Ctrl-C, after 1 of 6 steps; the last checkpoint",
     ) as error:
         train(run, cfg, callbacks=[_PressCtrlCTwice(at_batch=1)])  # micro-batch 1 closes step 1
     assert error.value.exit_code == 130

@@ -1,8 +1,9 @@
 """The out_dir of a training run: one run at a time, no run replaced by accident, no stale temporaries.
 
-- :func:`lock_run_dir`: an exclusive ``fcntl.flock`` on ``<out_dir>/.innerloop.lock``, held for the life
-  of a run; the operating system releases it when the process ends, even when it is killed. The file
-  holds the holder's pid, so a second run into the same out_dir fails at once and names it.
+- :func:`lock_run_dir`: an exclusive ``fcntl.flock`` on the out_dir itself and on
+  ``<out_dir>/.innerloop.lock``, held for the life of a run; the operating system releases them when the
+  process ends, even when it is killed. The file holds the holder's pid, so a second run into the same
+  out_dir fails at once and names it; the lock on the folder holds even when the lock file is deleted.
 - :func:`refuse_previous_run`: a new run into an out_dir that holds one is refused (``--resume``
   continues it; ``--overwrite`` replaces it, :func:`set_aside_previous_run`).
 - :func:`refuse_foreign_config`: a ``config.yaml`` that is not an innerloop run's is never replaced.
@@ -69,12 +70,68 @@ def lock_run_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
     """Hold an exclusive lock on ``out_dir`` (created if needed) for the ``with`` block; yield the lock
     file. Raise :class:`RunDirError` naming the holder's pid if another process holds it. A folder this
     call made that holds nothing but the lock at the end (a run refused before it wrote anything) is
-    removed: the out_dir is left as it was."""
+    removed: the out_dir is left as it was.
+
+    Two locks are taken, both released by the operating system when the process ends: one on the folder
+    itself (:func:`_lock_the_folder`), which deleting the lock file does not undo, and one on
+    :data:`LOCK_NAME` in it, which holds the pid that a refused run names."""
     out_dir = Path(out_dir)
     lock_path = out_dir / LOCK_NAME
     made = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirError(f"out_dir={str(out_dir)!r} cannot be used: {err.strerror or err}") from None
+    folder_fd = _lock_the_folder(out_dir)
+    try:
+        with _lock_file_held(out_dir, lock_path) as fd:
+            try:
+                try:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+                except OSError as err:  # e.g. a full disk: the folder this call made is removed below
+                    raise RunDirError(
+                        f"out_dir={str(out_dir)!r} cannot be used: writing its lock {str(lock_path)!r} "
+                        f"failed: {err.strerror or err}"
+                    ) from None
+                yield lock_path
+            finally:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+                if made:
+                    _remove_if_only_the_lock(out_dir)
+    finally:
+        if folder_fd is not None:
+            os.close(folder_fd)  # releases the folder's lock
+
+
+def _lock_the_folder(out_dir: Path) -> int | None:
+    """``flock`` the folder ``out_dir`` and return the descriptor that holds the lock: a lock that
+    deleting or replacing the lock file cannot undo (users delete "stale" lock files), so a second run
+    is refused while the first lives. A folder that cannot be opened, or a file system that refuses
+    locks on folders (e.g. NFS, where an exclusive flock needs a file open for writing), leaves the lock
+    file's lock alone in charge, as before (None)."""
+    try:
+        folder_fd = os.open(out_dir, os.O_RDONLY)
+    except OSError as err:
+        log.debug("out_dir=%s cannot be opened to lock it (%s); its lock file alone is", out_dir, err)
+        return None
+    try:
+        fcntl.flock(folder_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder_pid(out_dir, folder_fd)
+        os.close(folder_fd)
+        raise _in_use(out_dir, holder) from None
+    except OSError as err:
+        log.debug("out_dir=%s: the folder cannot be locked (%s); its lock file alone is", out_dir, err)
+    return folder_fd
+
+
+@contextmanager
+def _lock_file_held(out_dir: Path, lock_path: Path) -> Iterator[int]:
+    """``flock`` :data:`LOCK_NAME` in ``out_dir`` (created if needed) for the ``with`` block; yield its
+    descriptor. Raise :class:`RunDirError` naming the pid it holds if another process has it locked."""
+    try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
         raise RunDirError(f"out_dir={str(out_dir)!r} cannot be used: {err.strerror or err}") from None
@@ -83,27 +140,36 @@ def lock_run_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip() or "unknown"
-            raise RunDirError(
-                f"out_dir={str(out_dir)!r} is in use by another run (pid {holder}, lock {str(lock_path)!r}); "
-                "wait for it to end, or train into another out_dir"
-            ) from None
-        try:
-            try:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-            except OSError as err:  # e.g. a full disk: the folder this call made is removed below
-                raise RunDirError(
-                    f"out_dir={str(out_dir)!r} cannot be used: writing its lock {str(lock_path)!r} failed: "
-                    f"{err.strerror or err}"
-                ) from None
-            yield lock_path
-        finally:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-            if made:
-                _remove_if_only_the_lock(out_dir)
+            raise _in_use(out_dir, holder) from None
+        yield fd
     finally:
         os.close(fd)  # releases the lock
+
+
+def _in_use(out_dir: Path, holder: str) -> RunDirError:
+    lock_path = out_dir / LOCK_NAME
+    return RunDirError(
+        f"out_dir={str(out_dir)!r} is in use by another run (pid {holder}, lock {str(lock_path)!r}); "
+        "wait for it to end, or train into another out_dir"
+    )
+
+
+def _holder_pid(out_dir: Path, folder_fd: int) -> str:
+    """The pid of the run that holds ``out_dir``'s lock: the one its lock file records, else (the file
+    was deleted or emptied) the one the system's lock table gives for the folder (Linux's
+    ``/proc/locks``), else ``unknown``."""
+    with contextlib.suppress(OSError):
+        recorded = (out_dir / LOCK_NAME).read_text(encoding="ascii", errors="replace").strip()
+        if recorded:
+            return recorded
+    stat = os.fstat(folder_fd)
+    folder = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/locks").read_text(encoding="ascii", errors="replace").splitlines():
+            fields = line.split()
+            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == folder:
+                return fields[4]
+    return "unknown"
 
 
 def _remove_if_only_the_lock(out_dir: Path) -> None:

@@ -5,7 +5,9 @@ The folder holds ``config.json`` (with ``auto_map``), ``model.safetensors``,
 remote-code modules of :mod:`innerloop.hf.remote_code` and :data:`MANIFEST`, the list of the files
 the export wrote. It is assembled in a temporary folder next to ``OUT_DIR`` and renamed into place, so
 ``OUT_DIR`` is never half written: an interrupted export leaves the previous folder (or none) and a
-temporary ``.<name>.*.tmp`` folder, never a mix. An ``OUT_DIR`` that is a symbolic link is written
+temporary ``.<name>.*.tmp`` folder, never a mix (killed between the two renames of an ``--overwrite``,
+the previous folder waits in ``.<name>.*.old``); the next export settles them
+(:func:`settle_interrupted_export`). An ``OUT_DIR`` that is a symbolic link is written
 through: the folder it points to gets the export, the link stays.
 
 An existing ``OUT_DIR`` is replaced only with ``overwrite=True`` and only when it is empty or an
@@ -24,7 +26,9 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -43,6 +47,8 @@ from innerloop.hf.configuration import MODEL_TYPE, InnerloopConfig
 from innerloop.hf.modeling import InnerloopForCausalLM, set_buffer
 from innerloop.hf.remote_code import SHIMS
 from innerloop.hf.tokenizer import BYTES, load_tokenizer, write_tokenizer_files
+
+log = logging.getLogger(__name__)
 
 
 class ExportError(ValueError):
@@ -250,8 +256,10 @@ def check_target(out_dir: str | os.PathLike[str], overwrite: bool, name: str = "
     """The folder an export to ``out_dir`` writes (``out_dir`` itself, or the folder a symbolic link
     ``out_dir`` points to), if an export may be written there; else :class:`ExportError`, naming
     ``out_dir`` as ``name`` (the command's argument). (Which files of an earlier export are kept is
-    decided once the new one is written: see the module docstring.)"""
+    decided once the new one is written: see the module docstring.) What an interrupted export left
+    beside it is settled first (:func:`settle_interrupted_export`)."""
     out = _resolved_target(out_dir, name)
+    settle_interrupted_export(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{name} {str(out_dir)!r} is a file, not a folder; give a new or empty folder")
     _check_writable(out_dir, out, name)
@@ -476,6 +484,92 @@ def _delete_earlier_export(aside: Path, owned: set[str], out: Path) -> None:
         ) from None
 
 
+def _leftovers(out: Path, suffix: str) -> list[Path]:
+    """The folders an interrupted export to ``out`` left beside it, oldest first: its staging folders
+    (``suffix`` ``.tmp``) or the earlier export it had renamed aside (``.old``), as ``tempfile.mkdtemp``
+    names them (``.<name>.<8 characters><suffix>``)."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}{re.escape(suffix)}")
+    if not out.parent.is_dir():
+        return []
+    found = [
+        p for p in out.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+    ]
+    return sorted(found, key=lambda p: p.stat().st_mtime_ns)
+
+
+def settle_interrupted_export(out_dir: str | os.PathLike[str]) -> list[str]:
+    """Settle what an export to ``out_dir`` that was killed left beside it, and say so in one line
+    (a warning); return what was done, one phrase each.
+
+    - ``OUT_DIR`` missing (killed between its two renames): the earlier export, renamed aside
+      (``.<name>.*.old``), is put back.
+    - Staging folders (``.<name>.*.tmp``): the files the export wrote (its :data:`MANIFEST` lists them;
+      without one, it had not yet moved anything of the user's in) are deleted, and the user's files
+      that an ``--overwrite`` had moved in from ``OUT_DIR`` are moved back into it.
+    - An earlier export set aside while the new one is in place (killed while deleting it): its own
+      unchanged files are deleted, as the export would have.
+
+    Nothing of the user's is deleted: a file that cannot go back (its name is taken in ``OUT_DIR``) or
+    a folder that still holds something after this stays where it is, and the line names it."""
+    out = Path(out_dir).expanduser()
+    done: list[str] = []
+    earlier = _leftovers(out, ".old")
+    if not out.exists() and earlier:
+        os.replace(earlier[-1], out)  # the most recent one set aside: the export OUT_DIR held last
+        done.append(f"put the earlier export back from {earlier.pop().name}")
+    for staging in _leftovers(out, ".tmp"):
+        done.append(_settle_staging(staging, out))
+    if is_export_folder(out):
+        done += [_settle_set_aside(aside) for aside in earlier]
+    elif earlier:
+        done += [f"left {aside.name} (OUT_DIR holds no export to replace it)" for aside in earlier]
+    if done:
+        log.warning("settled an interrupted export to %s: %s", out, "; ".join(done))
+    return done
+
+
+def _settle_staging(staging: Path, out: Path) -> str:
+    """Move the user's entries of the staging folder ``staging`` back into ``out`` and delete the rest
+    (what the export wrote); one phrase saying what was done."""
+    listed = _read_manifest(staging)
+    written = None if listed is None else {*listed, MANIFEST}
+    users = [p for p in staging.iterdir() if written is not None and p.name not in written]
+    stuck = []
+    for entry in users:
+        if out.is_dir() and not os.path.lexists(out / entry.name):
+            os.rename(entry, out / entry.name)
+        else:
+            stuck.append(_entry_name(entry))
+    for entry in staging.iterdir():
+        if _entry_name(entry) in stuck:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    back = (
+        f", moved {_shown([p.name for p in users if p.name not in stuck])} back into OUT_DIR" if users else ""
+    )
+    if stuck:
+        return f"kept {staging.name}{back}: it holds {_shown(stuck)} of yours, whose names OUT_DIR has taken"
+    staging.rmdir()
+    return f"removed the unfinished export {staging.name}{back}"
+
+
+def _settle_set_aside(aside: Path) -> str:
+    """Delete the earlier export set aside in ``aside`` (its own unchanged files, then the folder); one
+    phrase. Anything else in it stays, and the phrase names it."""
+    for name in _export_owned(aside):
+        path = aside / name
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+    left = sorted(_entry_name(p) for p in aside.iterdir())
+    if left:
+        return f"kept {aside.name}, which holds {_shown(left)} that the earlier export did not write"
+    aside.rmdir()
+    return f"removed the replaced earlier export {aside.name}"
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -489,5 +583,6 @@ __all__ = [
     "export_checkpoint",
     "export_model",
     "foreign_entries",
+    "settle_interrupted_export",
     "to_hugging_face",
 ]

@@ -17,10 +17,11 @@ resuming the run) upgrades it. A file of a newer version is refused with a reque
 
 Plugins: a checkpoint with a model records, under :data:`PLUGINS_KEY`, where each plugin that model
 uses came from (:func:`plugin_record`: the registry's origin and, for an entry-point plugin, its
-distribution and version). :func:`load_checkpoint` warns once (:class:`PluginChangedWarning`) for
-each that is registered now with another origin or version; a name registered by no plugin makes the
-model's rebuild error also say where it came from (:func:`rebuild_error`). A checkpoint without the
-record (written before it existed) loads as before.
+distribution and version, for one registered in the process, its class). :func:`load_checkpoint` warns
+once (:class:`PluginChangedWarning`) for each that is registered now by another plugin
+(:func:`same_plugin`); a name registered by no plugin makes the model's rebuild error also say where
+it came from (:func:`rebuild_error`). A checkpoint without the record (written before it existed)
+loads as before.
 
 Every problem with a file (missing, a directory, truncated, not safetensors, another format, a newer
 version, a checksum mismatch, a malformed tree, weights that do not fit the model) raises one
@@ -55,6 +56,7 @@ from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
 from innerloop.models.config import PLUGIN_FIELDS, reset_unused_family_options
 from innerloop.registry import get_registry
 from innerloop.registry.kinds import KIND_NAMES
+from innerloop.registry.manager import BUILTIN_PREFIX
 
 FORMAT = "innerloop-checkpoint"
 FORMAT_VERSION = "2"
@@ -75,7 +77,8 @@ innerloop training run, which was byte-level (a recall run's too: its data are t
 
 PLUGINS_KEY = "innerloop_plugins"
 """The checkpoint key recording where each plugin the model uses came from (:func:`plugin_record`):
-``{kind: {name: {"origin": ..., "distribution": ..., "version": ...}}}``. Loading compares it with
+``{kind: {name: {"origin": ..., "distribution": ..., "version": ...}}}``, or ``{"origin": ...,
+"class": ...}`` for a plugin registered in the process (no distribution). Loading compares it with
 the plugins registered then (:func:`warn_changed_plugins`). A checkpoint without it (written before
 innerloop recorded it) loads as before, unchecked."""
 
@@ -252,13 +255,14 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[str]) ->
 
 # -- where the plugins a checkpoint's model uses came from -----------------------------------------------
 
-_ORIGIN_KEYS = ("origin", "distribution", "version")
+_ORIGIN_KEYS = ("origin", "distribution", "version", "class")
 
 
 class PluginChangedWarning(UserWarning):
-    """A checkpoint or export records, beside a plugin name its model uses, another origin (or
-    distribution version) than the plugin registered under that name now: the model is rebuilt with the
-    plugin registered now, which may compute another function."""
+    """A checkpoint or export records, beside a plugin name its model uses, another plugin than the one
+    registered under that name now (another distribution or version, another class, see
+    :func:`same_plugin`): the model is rebuilt with the plugin registered now, which may compute another
+    function."""
 
 
 _WARNED_PLUGINS: set[tuple[Any, ...]] = set()
@@ -281,8 +285,9 @@ def used_plugins(model: Mapping[str, Any]) -> list[tuple[str, str]]:
 def plugin_origin(kind: str, name: str) -> dict[str, str] | None:
     """Where the plugin registered now under ``name`` (of registry ``kind``) comes from: its
     ``origin`` as ``innerloop plugins`` shows it (``builtin:...`` for innerloop's own) and, for one
-    an installed package's entry point registered, that ``distribution`` and its ``version``; None
-    when no plugin has that name."""
+    an installed package's entry point registered, that ``distribution`` and its ``version``; for one
+    registered in the process (not built in, no distribution), the ``class`` of the registered object
+    (``module.QualName``); None when no plugin has that name."""
     registry = get_registry()
     entry = next((e for e in registry.entries(kind) if e.name == name), None)
     if entry is None:
@@ -293,7 +298,28 @@ def plugin_origin(kind: str, name: str) -> dict[str, str] | None:
         found["distribution"] = installed[0]
         if installed[1] is not None:
             found["version"] = installed[1]
+    elif not entry.origin.startswith(BUILTIN_PREFIX):
+        cls = entry.obj if isinstance(entry.obj, type) else type(entry.obj)
+        found["class"] = f"{cls.__module__}.{cls.__qualname__}"
     return found
+
+
+def same_plugin(name: str, recorded: Mapping[str, str], current: Mapping[str, str]) -> bool:
+    """Whether ``current`` (:func:`plugin_origin` now) is the plugin ``recorded`` (a record's item)
+    under ``name``: for one an installed package registered (either has a ``distribution``), the same
+    distribution and version; for innerloop's own, the same origin; for one registered in the process,
+    the same class (its origin depends on what else the process registered first, e.g.
+    ``module.Class:name``, so it is not compared). A record without the class (innerloop 0.1's) matches
+    the same origin, or a default origin ``module.Class[:name]`` naming the current class."""
+    if "distribution" in recorded or "distribution" in current:
+        return all(recorded.get(key) == current.get(key) for key in ("distribution", "version"))
+    if recorded["origin"].startswith(BUILTIN_PREFIX) or current["origin"].startswith(BUILTIN_PREFIX):
+        return recorded["origin"] == current["origin"]
+    if "class" in recorded:
+        return recorded["class"] == current.get("class")
+    return recorded["origin"] == current["origin"] or recorded["origin"].removesuffix(
+        f":{name}"
+    ) == current.get("class")
 
 
 def plugin_record(model: Mapping[str, Any], earlier: Any = None) -> dict[str, dict[str, dict[str, str]]]:
@@ -337,8 +363,12 @@ def _recorded_plugins(
 
 
 def _described(origin: Mapping[str, str]) -> str:
-    """``plugin 'huber (innerloop-huber)' from distribution 'innerloop-huber' 0.1``."""
+    """``plugin 'huber (innerloop-huber)' from distribution 'innerloop-huber' 0.1``, or ``plugin
+    'my_pkg' (class 'my_pkg.Huber')`` for one registered in the process whose origin is not its class."""
     text = f"plugin {origin['origin']!r}"
+    cls = origin.get("class")
+    if cls is not None and origin["origin"].partition(":")[0] != cls:
+        text += f" (class {cls!r})"
     if "distribution" in origin:
         text += f" from distribution {origin['distribution']!r}" + (
             f" {origin['version']}" if "version" in origin else ""
@@ -351,14 +381,14 @@ def warn_changed_plugins(
 ) -> None:
     """Warn (:class:`PluginChangedWarning`, once per ``source`` and change) for each plugin of
     ``record`` (a checkpoint's or export's :data:`PLUGINS_KEY`; of those ``model``, a model config,
-    uses, when given) that is registered now with another origin, distribution or version than
-    recorded. ``source`` names the file or folder. A name not registered now is left to the error of
+    uses, when given) that is registered now by another plugin than recorded (:func:`same_plugin`).
+    ``source`` names the file or folder. A name not registered now is left to the error of
     rebuilding the model (:func:`missing_plugins_note`); a record of none (an older file) warns of
     nothing."""
     for kind, name, recorded in _recorded_plugins(record, model):
         current = plugin_origin(kind, name)
         key = (source, kind, name, tuple(sorted(recorded.items())), tuple(sorted((current or {}).items())))
-        if current is None or current == recorded or key in _WARNED_PLUGINS:
+        if current is None or same_plugin(name, recorded, current) or key in _WARNED_PLUGINS:
             continue
         _WARNED_PLUGINS.add(key)
         warnings.warn(

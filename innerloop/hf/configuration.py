@@ -142,8 +142,9 @@ class InnerloopConfig(PreTrainedConfig):
             unregistered plugin names and impossible shapes raise ``ValueError``.
         innerloop_plugins: where each plugin the model uses came from when the folder was saved
             (:func:`innerloop.checkpoints.plugin_record`, written by ``save_pretrained``);
-            ``from_pretrained`` warns when the plugin registered now under one of those names has another
-            origin or version. None: not recorded (a config built in Python, an older export).
+            ``from_pretrained`` warns when another plugin (another distribution, version or class:
+            :func:`innerloop.checkpoints.same_plugin`) is registered now under one of those names.
+            None: not recorded (a config built in Python, an older export).
         **kwargs: the usual ``PreTrainedConfig`` options (token ids, ``use_cache`` ...).
 
     >>> config = InnerloopConfig(model={"mixer": "swa", "hidden_size": 32, "num_heads": 2})

@@ -292,7 +292,7 @@ class InnerloopPreTrainedModel(PreTrainedModel):
 
         A folder that records where its plugins came from (``config.innerloop_plugins``) is compared
         with the plugins registered now: a :class:`~innerloop.checkpoints.PluginChangedWarning` names
-        each one registered with another origin or version.
+        each name registered now by another plugin (:func:`~innerloop.checkpoints.same_plugin`).
         """
         wants_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, as one ValueError

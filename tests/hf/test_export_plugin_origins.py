@@ -73,7 +73,9 @@ def _swap(registry) -> None:
 
 def test_config_json_records_each_plugin_with_its_origin(exported) -> None:
     record = json.loads((exported / "config.json").read_text())["innerloop_plugins"]
-    assert record["inner_loss"] == {NAME: {"origin": "first_pkg (first-dist)"}}
+    assert record["inner_loss"] == {
+        NAME: {"origin": "first_pkg (first-dist)", "class": f"{__name__}.TargetsAsGiven"}
+    }
     assert record["update_rule"] == {
         "dual_form": {"origin": "builtin:innerloop.plugins.optimizers.dual_form"}
     }

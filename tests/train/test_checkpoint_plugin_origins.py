@@ -60,6 +60,10 @@ def fresh_registry():
     reset_registry()
 
 
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _config() -> ModelConfig:
     return ModelConfig.from_dict(
         {"vocab_size": 64, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "ttt": {"inner_loss": NAME}}
@@ -87,7 +91,7 @@ def test_the_checkpoint_records_each_plugin_with_its_origin(fresh_registry, tmp_
     path = _save(tmp_path / "c.safetensors")
     assert recorded_plugins(path) == {
         "inner_model": {"linear": {"origin": "builtin:innerloop.plugins.models.linear"}},
-        "inner_loss": {NAME: {"origin": "first_pkg (first-dist)"}},
+        "inner_loss": {NAME: {"origin": "first_pkg (first-dist)", "class": _class_name(TargetsAsGiven)}},
         "update_rule": {"dual_form": {"origin": "builtin:innerloop.plugins.optimizers.dual_form"}},
     }
     assert load_checkpoint(path)[PLUGINS_KEY] == recorded_plugins(path)  # in the verified tree

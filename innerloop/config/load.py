@@ -160,12 +160,14 @@ def _kinds(expected: Any) -> tuple[Any, ...] | None:
     return None
 
 
-def _text_fits(text: str, kinds: Sequence[Any]) -> bool:
-    """Whether the plain (unquoted) YAML scalar ``text`` is a value of one of ``kinds``."""
+def _text_fits(text: str, kinds: Sequence[Any], quoted: bool = False) -> bool:
+    """Whether the YAML scalar ``text`` is a value of one of ``kinds``. A quoted scalar (``"5"``,
+    ``!!int "5"``) is judged on its text as a plain one, by the same strict rules (``"0x20"`` is no
+    int, ``"yes"`` no bool), except that a quoted null (``"null"``, ``""``) is a string, not null."""
     for kind in kinds:
         if typing.get_origin(kind) is typing.Literal and text in [str(v) for v in typing.get_args(kind)]:
             return True
-        if kind is bool and text in _BOOLS or kind is type(None) and text in _NULLS:
+        if kind is bool and text in _BOOLS or kind is type(None) and text in _NULLS and not quoted:
             return True
         if kind is int and _PLAIN_INT.fullmatch(text):
             return True
@@ -189,9 +191,11 @@ def check_value_kinds(node: yaml.Node | None, key: str, source: str) -> list[str
     ``""``: the whole config) that is not of the kind its key takes: a bool key takes only ``true`` or
     ``false``, an int key a plain decimal integer (not a bool, not hexadecimal, octal or binary, not
     ``017``, not non-ASCII digits), a float key such an integer or a decimal number (``3e-4``), and a
-    key that is not optional no null (nor an empty value). A quoted scalar is a string. Returns the typed
-    keys given an interpolation ``${...}``, whose values :func:`check_interpolated_kinds` checks once
-    resolved. Unknown keys are left to :func:`~innerloop.models.config.check_keys`."""
+    key that is not optional no null (nor an empty value). A quoted scalar is judged on its text as an
+    unquoted one (``lr: "0.001"`` is a float), but a quoted null is a string. Returns the typed keys
+    given an interpolation ``${...}``, whose values :func:`check_interpolated_kinds` checks once
+    resolved. Unknown keys, and a section (``model:``) given a scalar or nothing, are left to
+    :func:`~innerloop.models.config.check_keys`, which lists the section's keys."""
     if isinstance(node, yaml.MappingNode):
         interpolated = []
         for key_node, value_node in node.value:
@@ -213,14 +217,19 @@ def check_value_kinds(node: yaml.Node | None, key: str, source: str) -> list[str
     expected = _expected_type(key)
     if "${" in text:
         return [key] if _kinds(expected) is not None else []
+    if is_dataclass(expected):
+        return []
     if not quoted and text in _NULLS and not _takes_null(expected):
         raise ConfigError(_no_value_message(key, source, text, expected))
     kinds = _kinds(expected)
-    if kinds is None or (not quoted and _text_fits(text, kinds)):
+    if kinds is None or _text_fits(text, kinds, quoted):
         return []
     if _is_lightning_argument(key) and not value_matches(text if quoted else yaml.safe_load(text), expected):
         return []  # not of its kind even as YAML reads it: check_lightning_arguments says so, with its type
-    shown = f"{text!r} (a quoted string)" if quoted else repr(text)
+    shown = repr(text)
+    if quoted:
+        null = text in _NULLS and type(None) in kinds
+        shown += " (a quoted string, not null: write null unquoted)" if null else " (a quoted string)"
     name = expected.__name__ if isinstance(expected, type) else str(expected).replace("typing.", "")
     raise ConfigError(
         f"config key {key!r} in {source}: {shown} is not {_kind_words(kinds)} (expected {name})"

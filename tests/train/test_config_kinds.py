@@ -21,7 +21,11 @@ REFUSED = [
     ("trainer.progress_bar=2", "'2' is not true or false (expected bool)"),
     ("trainer.progress_bar=yes", "'yes' is not true or false"),
     ("trainer.progress_bar=on", "'on' is not true or false"),
-    ("trainer.progress_bar='true'", "'true' (a quoted string) is not true or false"),
+    ("trainer.progress_bar='yes'", "'yes' (a quoted string) is not true or false"),
+    ("model.hidden_size='0x20'", "'0x20' (a quoted string) is not a decimal integer"),
+    ("model.hidden_size='６４'", "'６４' (a quoted string) is not a decimal integer"),
+    ("trainer.max_steps='null'", "'null' (a quoted string) is not a decimal integer"),
+    ("model.ttt.use_gate='null'", "'null' (a quoted string, not null: write null unquoted) is not true or"),
     ("trainer.enable_progress_bar=1", "config key 'trainer.progress_bar' in override"),  # Lightning's name
     ("model.ttt.use_gate=1", "'1' is not true or false, or null (expected Optional[bool])"),
     ("model.hidden_size=６４", "'６４' is not a decimal integer"),
@@ -74,13 +78,47 @@ def test_a_yaml_file_is_held_to_the_same_kinds(tmp_path) -> None:
     for text, message in [
         ("trainer:\n  progress_bar: yes\n", "config key 'trainer.progress_bar' in file"),
         ("model:\n  hidden_size: 0x20\n", "'0x20' is not a decimal integer"),
-        ("model:\n  hidden_size: '64'\n", "'64' (a quoted string) is not a decimal integer"),
+        ("model:\n  hidden_size: '0x40'\n", "'0x40' (a quoted string) is not a decimal integer"),
+        ("model:\n  hidden_size: !!int '0x40'\n", "'0x40' (a quoted string) is not a decimal integer"),
+        ("model:\n  tie_embeddings: 'on'\n", "'on' (a quoted string) is not true or false"),
         ("base: &b\n  use_gate: 1\nmodel:\n  ttt:\n    <<: *b\n", "config key 'model.ttt.use_gate'"),
     ]:
         path = tmp_path / "mine.yaml"
         path.write_text(text)
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(str(path))
+
+
+def test_a_quoted_value_whose_text_fits_its_key_is_taken(tmp_path) -> None:
+    """As innerloop read them before 0.1's kind checks: a quoted number or bool whose text is one."""
+    run, _ = load_config(
+        "tiny",
+        ['optim.lr="0.001"', "trainer.max_steps='5'", 'model.tie_embeddings="true"', "seed='+7'"],
+    )
+    assert (run.optim.lr, run.trainer.max_steps, run.model.tie_embeddings, run.seed) == (0.001, 5, True, 7)
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        'optim:\n  lr: "3e-4"\n  min_lr: \'.5e-5\'\ntrainer:\n  max_steps: !!int "10_000"\n'
+        "  progress_bar: \"False\"\nmodel:\n  ttt:\n    use_gate: 'true'\n"
+    )
+    for loaded in (load_config(str(path))[0], read_run_config(path)):
+        assert (loaded.optim.lr, loaded.optim.min_lr, loaded.trainer.max_steps) == (3e-4, 5e-6, 10_000)
+        assert loaded.trainer.progress_bar is False and loaded.model.ttt.use_gate is True
+
+
+@pytest.mark.parametrize(
+    ("text", "override"),
+    [("model:\n", "model="), ("model:\n  ttt:\n", "model.ttt="), ("model: ~\n", "model=null")],
+)
+def test_a_section_given_no_value_lists_its_keys(tmp_path, text, override) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    key = override.partition("=")[0]
+    message = f"config key {key!r} in {{}} is a section, not a value: give a mapping of its keys ["
+    with pytest.raises(ConfigError, match=re.escape(message.format(f"file {str(path)!r}"))):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=re.escape(message.format(f"override {override!r}"))):
+        load_config("tiny", [override])
 
 
 def test_a_hand_edited_run_config_is_held_to_the_same_kinds(tmp_path) -> None:

@@ -53,31 +53,48 @@ def _missing_methods(obj: Any, required: Iterable[str]) -> list[str]:
 
 
 NAME_RULE = (
-    "a plugin name must read back as the same string from a config (YAML / OmegaConf, e.g. "
-    "`model.ttt.inner_loss=<name>`): no whitespace or control characters, no '=' or '${', and not a "
-    "word or number YAML reads as another value (true, on, yes, null, ~, 1e3, 0x10, 1_000, [a], ...); "
-    "letters, digits and _ - . / : such as 'my_loss' or 'huber-2' are safe"
+    "a plugin name must read back as the same string from a config (an override "
+    "`model.ttt.inner_loss=<name>` or a YAML file's `inner_loss: <name>`): no control or other "
+    "non-printing characters, no leading or trailing whitespace, no '=' or '${', and not one a config "
+    "reads as another value (true, on, null, ~, 1e3, 0x10, 1_000, 007, 1.50, [a], 'a #b', ...); "
+    "letters, digits, inner spaces and _ - . / : such as 'my_loss', 'huber-2' or '2' are safe"
 )
 """What :func:`_check_name` asks of a plugin name, said in its errors."""
 
 
 _YAML_WORDS = frozenset({"y", "n", "yes", "no", "on", "off", "true", "false", "null"})
-"""Words YAML 1.1 may read as a bool or null (:func:`_check_name` parses those, and every name that is
-not a plain word, to see what a config reads)."""
+"""Words YAML 1.1 may read as a bool or null: :func:`_check_name` parses those, and every name that is
+not a plain word, to see what a config reads (a plain word reads as itself)."""
 
 
-def _config_reading(name: str) -> Any:
-    """What a config reads for ``name`` written unquoted (``key=<name>`` on the command line or
-    ``key: <name>`` in YAML, which OmegaConf parses alike), or the parse error's class name."""
+@dataclass
+class _NameField:
+    """A config's str key holding a plugin name (as ``model.ttt.inner_loss``), for :func:`_config_readings`."""
+
+    name: str = ""
+
+
+def _config_readings(name: str) -> list[str]:
+    """What a config's str key reads for ``name`` written unquoted, as an override (``key=<name>``) and
+    in a YAML file (``key: <name>``); a value the key refuses (null, a list) or YAML cannot parse (an
+    alias ``*x``, a tag ``!x``) as the error's class name."""
     from omegaconf import OmegaConf
 
-    try:
-        return OmegaConf.to_container(OmegaConf.from_dotlist([f"name={name}"]))["name"]
-    except Exception as error:  # YAML cannot parse it at all (an alias *x, a tag !x, a %directive)
-        return f"an error ({type(error).__name__})"
+    schema = OmegaConf.structured(_NameField)
+    readings = []
+    for written in (
+        lambda: OmegaConf.from_dotlist([f"name={name}"]),
+        lambda: OmegaConf.create(f"name: {name}\n"),
+    ):
+        try:
+            readings.append(OmegaConf.merge(schema, written()).name)
+        except Exception as error:  # parse errors and OmegaConf's refusals come in several types
+            readings.append(f"an error ({type(error).__name__})")
+    return readings
 
 
 def _check_name(obj: Any, kind: str) -> str:
+    """``obj``'s name, if a config can choose it (:data:`NAME_RULE`); :class:`PluginError` if not."""
     name = getattr(obj, "name", None)
     if not isinstance(name, str) or not name.strip():
         raise PluginError(f"{kind} {obj!r} has no 'name' (a non-empty string); got {name!r}")
@@ -86,13 +103,14 @@ def _check_name(obj: Any, kind: str) -> str:
             f"{kind} name {name!r} has leading or trailing whitespace; layers and configs ask for a "
             f"plugin by its exact name, so name it {name.strip()!r}"
         )
-    if any(c.isspace() or not c.isprintable() for c in name) or "=" in name or "${" in name:
+    if not name.isprintable() or "=" in name or "${" in name:
         raise PluginError(f"{kind} name {name!r} cannot be chosen from a config: {NAME_RULE}")
     plain = re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) and name.lower() not in _YAML_WORDS
-    reading = name if plain else _config_reading(name)  # a plain word reads as itself: no parse needed
-    if reading != name:
+    readings = [name] if plain else _config_readings(name)  # a plain word reads as itself: no parse
+    other = next((reading for reading in readings if reading != name), None)
+    if other is not None:
         raise PluginError(
-            f"{kind} name {name!r} cannot be chosen from a config, which reads it as {reading!r}: {NAME_RULE}"
+            f"{kind} name {name!r} cannot be chosen from a config, which reads it as {other!r}: {NAME_RULE}"
         )
     return name
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -77,6 +78,7 @@ from innerloop.config.schema import RunConfig
 from innerloop.data.atomic import atomic_write_text
 from innerloop.data.hf import FORMATS, check_hf_source
 from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
+from innerloop.kernels.cpu import release_buffers
 from innerloop.models import ModelConfig
 from innerloop.models.ablation import no_test_time_training
 from innerloop.train.checkpoint import SafetensorsCheckpointIO, holds_training_state
@@ -354,6 +356,22 @@ def checkpoint_path(out_dir: str | Path) -> Path:
     return Path(out_dir) / f"{CHECKPOINT_NAME}{CHECKPOINT_SUFFIX}"
 
 
+def _releasing_scan_buffers(function: Any) -> Any:
+    """``function``, freeing the CPU training scans' kept buffers (:func:`~innerloop.kernels.cpu.
+    release_buffers`, hundreds of MB for TTT-MLP) when it returns or raises, so that a finished run does
+    not hold them in a notebook or sweep process (another run in the process would allocate again)."""
+
+    @functools.wraps(function)
+    def releasing(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        finally:
+            release_buffers()
+
+    return releasing
+
+
+@_releasing_scan_buffers
 def train(
     run: RunConfig,
     cfg: DictConfig | None = None,

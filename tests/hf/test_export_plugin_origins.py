@@ -10,30 +10,14 @@ import warnings
 
 import pytest
 import torch
+from plugin_testing import NAME, TargetsAsGiven, TargetsDoubled, class_name
 
 import innerloop
-from innerloop import HalfSquaredError, LossPairs
 from innerloop.checkpoints import PluginChangedWarning
 from innerloop.hf import InnerloopForCausalLM
 from innerloop.hf.export import export_model
 from innerloop.models import ModelConfig, build_model
 from innerloop.registry import get_registry, reset_registry
-
-NAME = "hf_origins_test_loss"
-
-
-class TargetsAsGiven(HalfSquaredError):
-    name = NAME
-
-    def pairs(self, views, carry):
-        return LossPairs(inputs=views.key, targets=views.value, valid=None, carry={})
-
-
-class TargetsDoubled(TargetsAsGiven):
-    """Another plugin's loss under the same name, with other math."""
-
-    def pairs(self, views, carry):
-        return LossPairs(inputs=views.key, targets=2 * views.value, valid=None, carry={})
 
 
 @pytest.fixture
@@ -74,7 +58,7 @@ def _swap(registry) -> None:
 def test_config_json_records_each_plugin_with_its_origin(exported) -> None:
     record = json.loads((exported / "config.json").read_text())["innerloop_plugins"]
     assert record["inner_loss"] == {
-        NAME: {"origin": "first_pkg (first-dist)", "class": f"{__name__}.TargetsAsGiven"}
+        NAME: {"origin": "first_pkg (first-dist)", "class": class_name(TargetsAsGiven)}
     }
     assert record["update_rule"] == {
         "dual_form": {"origin": "builtin:innerloop.plugins.optimizers.dual_form"}

@@ -12,11 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from plugin_testing import NAME, TargetsAsGiven, TargetsDoubled, class_name
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import innerloop
-from innerloop import HalfSquaredError, LossPairs
 from innerloop.checkpoints import (
     PLUGINS_KEY,
     CheckpointError,
@@ -33,24 +33,6 @@ from innerloop.models import ModelConfig, build_model
 from innerloop.registry import get_registry, hookimpl, manager, reset_registry
 from innerloop.train.module import load_module, save_model_checkpoint
 
-NAME = "origins_test_loss"
-
-
-class TargetsAsGiven(HalfSquaredError):
-    """A plugin loss: the key view should reconstruct the value view."""
-
-    name = NAME
-
-    def pairs(self, views, carry):
-        return LossPairs(inputs=views.key, targets=views.value, valid=None, carry={})
-
-
-class TargetsDoubled(TargetsAsGiven):
-    """Another plugin's loss under the same name, with other math (the model computes another function)."""
-
-    def pairs(self, views, carry):
-        return LossPairs(inputs=views.key, targets=2 * views.value, valid=None, carry={})
-
 
 @pytest.fixture
 def fresh_registry():
@@ -58,10 +40,6 @@ def fresh_registry():
     reset_registry()
     yield get_registry()
     reset_registry()
-
-
-def _class_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _config() -> ModelConfig:
@@ -91,7 +69,7 @@ def test_the_checkpoint_records_each_plugin_with_its_origin(fresh_registry, tmp_
     path = _save(tmp_path / "c.safetensors")
     assert recorded_plugins(path) == {
         "inner_model": {"linear": {"origin": "builtin:innerloop.plugins.models.linear"}},
-        "inner_loss": {NAME: {"origin": "first_pkg (first-dist)", "class": _class_name(TargetsAsGiven)}},
+        "inner_loss": {NAME: {"origin": "first_pkg (first-dist)", "class": class_name(TargetsAsGiven)}},
         "update_rule": {"dual_form": {"origin": "builtin:innerloop.plugins.optimizers.dual_form"}},
     }
     assert load_checkpoint(path)[PLUGINS_KEY] == recorded_plugins(path)  # in the verified tree

@@ -203,6 +203,8 @@ class TextDataModule(_IndexedDataModule):
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         self.train_bytes: torch.Tensor | None = None  # the tokens (bytes with the byte tokenizer)
         self.val_bytes: torch.Tensor | None = None
+        self.validation_keys: list[str] | None = None  # the split keys of the validation files (data.paths)
+        self._recorded_validation: list[str] | None = None  # what a resumed checkpoint recorded
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_bytes is not None:
@@ -215,13 +217,52 @@ class TextDataModule(_IndexedDataModule):
             self.train_bytes, self.val_bytes = data[:cut], data[cut:]
         else:
             train, val = split_text_files(files, self.val_fraction, keys)
+            if keys is not None:
+                self.validation_keys = sorted(keys[p] for p in val)
             self.train_bytes, self.val_bytes = (
                 read_tokens(train, self.tokenizer),
                 read_tokens(val, self.tokenizer),
             )
+        self._check_recorded_split()
         unit = "bytes" if isinstance(self.tokenizer, ByteTokenizer) else "tokens"
         check_text_lengths(
             len(self.train_bytes), len(self.val_bytes), len(files), self.seq_len, self.val_fraction, unit
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The split the run validates on, ``{"validation_files": [split key, ...]}`` (stored in the
+        checkpoint by Lightning; empty for one file or the default corpus), which a resume checks."""
+        return {} if self.validation_keys is None else {"validation_files": list(self.validation_keys)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Check a resumed checkpoint's split against this one's (:meth:`_check_recorded_split`)."""
+        recorded = state_dict.get("validation_files")
+        if isinstance(recorded, list) and all(isinstance(k, str) for k in recorded):
+            self._recorded_validation = recorded
+            self._check_recorded_split()
+
+    def _check_recorded_split(self) -> None:
+        """Raise :class:`DataError` when the files of ``data.paths`` split otherwise than when the resumed
+        checkpoint was written: with a few files the split may hold out the last file in sorted order
+        (:func:`~innerloop.data.text.split_text_files`), so a file added since can move the one the run
+        validated on into its training text."""
+        if self._recorded_validation is None or self.validation_keys is None:
+            return
+        recorded, current = set(self._recorded_validation), set(self.validation_keys)
+        if recorded == current:
+            return
+        changes = [
+            f"{what} {sorted(names)}"
+            for what, names in (
+                ("validated on before, now not (in training, or gone):", recorded - current),
+                ("validated on now, not before:", current - recorded),
+            )
+            if names
+        ]
+        raise DataError(
+            "the files of data.paths split otherwise than when the checkpoint was written (files were added, "
+            f"removed or renamed): {'; '.join(changes)}. Resuming would train on text the run validated on, "
+            "or validate on other text: put data.paths back as they were, or start a new run"
         )
 
     def make_train_batch(self, index: int) -> Batch:

@@ -1,0 +1,41 @@
+"""A resume refuses data whose split by file moved since the checkpoint: with a few files the split may
+hold out the last file in sorted order, so a file added later can move the one the run validated on into
+its training text (review s11, HF/data H1). The checkpoint records the validation files' split keys."""
+
+from __future__ import annotations
+
+import pytest
+from lm_testing import TINY  # the tiny run of the end-to-end tests
+
+from innerloop.config import load_config
+from innerloop.data.text import DataError, split_by_file
+from innerloop.train import train
+
+# At data.val_fraction=0.1 each of these hashes to the training side, so the split holds out the last
+# one in sorted order: e.txt, then z.txt once it is added.
+FIRST, ADDED = ("b.txt", "c.txt", "e.txt"), "z.txt"
+
+
+def _write(folder, name: str) -> None:
+    (folder / name).write_text(f"# {name}\n" + "def f(x):\n    return x + 1\n" * 80)
+
+
+@pytest.mark.slow  # ~2 s: a short training run and two resumes
+def test_a_resume_refuses_data_whose_split_moved_a_validation_file_into_training(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    for name in FIRST:
+        _write(data, name)
+    files = sorted(data.iterdir())
+    assert split_by_file(files, 0.1)[1] == []  # the fallback applies: every file on the training side
+    run, cfg = load_config("tiny", [*TINY, f"data.paths=[{data}]", "trainer.max_steps=2", f"out_dir={out}"])
+    train(run, cfg)
+
+    _write(data, ADDED)
+    run, cfg = load_config(str(out / "config.yaml"), ["trainer.max_steps=3"])
+    with pytest.raises(
+        DataError, match=r"validated on before, now not .*\['e.txt'\].*not before: \['z.txt'\]"
+    ):
+        train(run, cfg, resume=True)
+    (data / ADDED).unlink()  # the data as it was: the resume goes on
+    assert train(run, cfg, resume=True).checkpoint.is_file()

@@ -66,6 +66,7 @@ __all__ = [
     "IndexedBatches",
     "RecallDataModule",
     "TextDataModule",
+    "check_split_unchanged",
     "check_text_lengths",
     "dataset_tokens",
     "evaluation_examples",
@@ -77,6 +78,7 @@ __all__ = [
     "split_by_file",
     "split_keys",
     "split_text_files",
+    "validation_file_keys",
     "stdlib_files",
     "text_split_lengths",
 ]
@@ -165,6 +167,41 @@ def _path_list(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]])
     return [os.fspath(p) for p in paths]
 
 
+def check_split_unchanged(recorded: Sequence[str], current: Sequence[str], doing: str) -> None:
+    """Raise :class:`DataError` when the validation files of a split by file (their split keys) are
+    not those a checkpoint ``recorded``: with a few files the split may hold out the last file in sorted
+    order (:func:`~innerloop.data.text.split_text_files`), so a file added since can move the one the run
+    validated on into its training text. ``doing``: what would go wrong, for the message."""
+    before, now = set(recorded), set(current)
+    if before == now:
+        return
+    changes = [
+        f"{what} {sorted(names)}"
+        for what, names in (
+            ("validated on before, now not (in training, or gone):", before - now),
+            ("validated on now, not before:", now - before),
+        )
+        if names
+    ]
+    raise DataError(
+        "the files of data.paths split otherwise than when the checkpoint was written (files were added, "
+        f"removed or renamed): {'; '.join(changes)}. {doing} would use text the run trained on as validation "
+        "text, or the reverse: put data.paths back as they were"
+    )
+
+
+def validation_file_keys(paths: Sequence[str], val_fraction: float) -> list[str] | None:
+    """The split keys of the validation files :class:`TextDataModule` holds out of ``paths`` (found and
+    split, nothing read); None for one file or the default corpus, which split no files."""
+    if not paths:
+        return None
+    keys = split_keys(paths)
+    if len(keys) < 2:
+        return None
+    _, val = split_text_files(sorted(keys), val_fraction, keys)
+    return sorted(keys[p] for p in val)
+
+
 class TextDataModule(_IndexedDataModule):
     """Language modelling on text files: their bytes (vocabulary 256), or their tokens.
 
@@ -242,28 +279,9 @@ class TextDataModule(_IndexedDataModule):
             self._check_recorded_split()
 
     def _check_recorded_split(self) -> None:
-        """Raise :class:`DataError` when the files of ``data.paths`` split otherwise than when the resumed
-        checkpoint was written: with a few files the split may hold out the last file in sorted order
-        (:func:`~innerloop.data.text.split_text_files`), so a file added since can move the one the run
-        validated on into its training text."""
-        if self._recorded_validation is None or self.validation_keys is None:
-            return
-        recorded, current = set(self._recorded_validation), set(self.validation_keys)
-        if recorded == current:
-            return
-        changes = [
-            f"{what} {sorted(names)}"
-            for what, names in (
-                ("validated on before, now not (in training, or gone):", recorded - current),
-                ("validated on now, not before:", current - recorded),
-            )
-            if names
-        ]
-        raise DataError(
-            "the files of data.paths split otherwise than when the checkpoint was written (files were added, "
-            f"removed or renamed): {'; '.join(changes)}. Resuming would train on text the run validated on, "
-            "or validate on other text: put data.paths back as they were, or start a new run"
-        )
+        """:func:`check_split_unchanged` of a resumed checkpoint's split against this one's."""
+        if self._recorded_validation is not None and self.validation_keys is not None:
+            check_split_unchanged(self._recorded_validation, self.validation_keys, "Resuming")
 
     def make_train_batch(self, index: int) -> Batch:
         """``batch_size`` windows at random starts in the training text, drawn from ``(seed, index)``."""

@@ -59,6 +59,7 @@ from innerloop.checkpoints import (
     CheckpointError,
     checkpoint_identity,
     checkpoint_tokenizer,
+    load_checkpoint,
     load_training_checkpoint,
 )
 from innerloop.config.load import (
@@ -90,9 +91,11 @@ from innerloop.train.data import (
     HFDataModule,
     RecallDataModule,
     TextDataModule,
+    check_split_unchanged,
     evaluation_examples,
     resolve_files,
     spread_windows,
+    validation_file_keys,
 )
 from innerloop.train.interrupt import StopOnInterrupt, TrainingInterrupted, ended_by_signals
 from innerloop.train.loggers import _CSVLogger as _CSVLogger  # re-exported from its first home
@@ -954,6 +957,7 @@ def _run_validation_windows(
             f"; its config.yaml records relative data.paths {relative}, read from the current directory "
             f"{os.getcwd()!r}"
         )
+    _check_the_runs_split(run, checkpoint)
     try:
         tokenizer = tokenizer if tokenizer is not None else checkpoint_tokenizer(checkpoint)
         inputs, targets = validation_examples(run, seq_len, count, tokenizer)
@@ -965,6 +969,24 @@ def _run_validation_windows(
         ) from None
     source = f"the run's validation windows ({_describe_data(run)}{note})"
     return EvaluationWindows(inputs, targets, batch_size, tag, source)
+
+
+def _check_the_runs_split(run: RunConfig, checkpoint: str | Path) -> None:
+    """Refuse to score a text run's validation windows when its files split otherwise than the checkpoint
+    recorded (:func:`~innerloop.train.data.check_split_unchanged`): they would hold text it trained on.
+    A checkpoint without the record (older, or of one file or the default corpus) is not checked."""
+    if run.data.name != "text":
+        return
+    state = load_checkpoint(checkpoint).get(TextDataModule.__qualname__)  # any checkpoint: a model's too
+    recorded = state.get("validation_files") if isinstance(state, dict) else None
+    if not isinstance(recorded, list):
+        return
+    try:
+        current = validation_file_keys(run.data.paths, run.data.val_fraction)
+    except DataError:  # files that cannot be found: reading the windows says so, with its context
+        return
+    if current is not None:
+        check_split_unchanged(recorded, current, "Evaluating its validation windows")
 
 
 def _describe_data(run: RunConfig) -> str:

@@ -1,4 +1,5 @@
-"""A resume refuses data whose split by file moved since the checkpoint: with a few files the split may
+"""A resume, and an evaluation of the run's validation windows, refuse data whose split by file moved since
+the checkpoint: with a few files the split may
 hold out the last file in sorted order, so a file added later can move the one the run validated on into
 its training text (review s11, HF/data H1). The checkpoint records the validation files' split keys."""
 
@@ -10,6 +11,8 @@ from lm_testing import TINY  # the tiny run of the end-to-end tests
 from innerloop.config import load_config
 from innerloop.data.text import DataError, split_by_file
 from innerloop.train import train
+from innerloop.train.module import load_module
+from innerloop.train.run import evaluation_windows
 
 # At data.val_fraction=0.1 each of these hashes to the training side, so the split holds out the last
 # one in sorted order: e.txt, then z.txt once it is added.
@@ -37,5 +40,8 @@ def test_a_resume_refuses_data_whose_split_moved_a_validation_file_into_training
         DataError, match=r"validated on before, now not .*\['e.txt'\].*not before: \['z.txt'\]"
     ):
         train(run, cfg, resume=True)
+    checkpoint = out / "last.safetensors"
+    with pytest.raises(DataError, match=r"Evaluating its validation windows would use text the run trained"):
+        evaluation_windows(checkpoint, load_module(checkpoint), [], 32)
     (data / ADDED).unlink()  # the data as it was: the resume goes on
     assert train(run, cfg, resume=True).checkpoint.is_file()

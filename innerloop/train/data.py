@@ -241,7 +241,8 @@ class TextDataModule(_IndexedDataModule):
         self.train_bytes: torch.Tensor | None = None  # the tokens (bytes with the byte tokenizer)
         self.val_bytes: torch.Tensor | None = None
         self.validation_keys: list[str] | None = None  # the split keys of the validation files (data.paths)
-        self._recorded_validation: list[str] | None = None  # what a resumed checkpoint recorded
+        self.training_digest: str | None = None  # sha256 of the training text's tokens
+        self._recorded: dict[str, Any] = {}  # what a resumed checkpoint recorded (state_dict)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_bytes is not None:
@@ -260,28 +261,45 @@ class TextDataModule(_IndexedDataModule):
                 read_tokens(train, self.tokenizer),
                 read_tokens(val, self.tokenizer),
             )
-        self._check_recorded_split()
+        self.training_digest = hashlib.sha256(self.train_bytes.numpy().tobytes()).hexdigest()
+        self._check_recorded()
         unit = "bytes" if isinstance(self.tokenizer, ByteTokenizer) else "tokens"
         check_text_lengths(
             len(self.train_bytes), len(self.val_bytes), len(files), self.seq_len, self.val_fraction, unit
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """The split the run validates on, ``{"validation_files": [split key, ...]}`` (stored in the
-        checkpoint by Lightning; empty for one file or the default corpus), which a resume checks."""
-        return {} if self.validation_keys is None else {"validation_files": list(self.validation_keys)}
+        """What a resume checks (stored in the checkpoint by Lightning): the split the run validates on,
+        ``"validation_files"`` (split keys; none for one file or the default corpus), and the training
+        text's ``"training_digest"``."""
+        state: dict[str, Any] = {}
+        if self.validation_keys is not None:
+            state["validation_files"] = list(self.validation_keys)
+        if self.training_digest is not None:
+            state["training_digest"] = self.training_digest
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Check a resumed checkpoint's split against this one's (:meth:`_check_recorded_split`)."""
-        recorded = state_dict.get("validation_files")
-        if isinstance(recorded, list) and all(isinstance(k, str) for k in recorded):
-            self._recorded_validation = recorded
-            self._check_recorded_split()
+        """Check a resumed checkpoint's data against this one's (:meth:`_check_recorded`)."""
+        self._recorded = dict(state_dict)
+        self._check_recorded()
 
-    def _check_recorded_split(self) -> None:
-        """:func:`check_split_unchanged` of a resumed checkpoint's split against this one's."""
-        if self._recorded_validation is not None and self.validation_keys is not None:
-            check_split_unchanged(self._recorded_validation, self.validation_keys, "Resuming")
+    def _check_recorded(self) -> None:
+        """A resumed checkpoint's split must be this one's (:func:`check_split_unchanged`: else the run
+        would train on text it validated on); a training text that differs (a file edited, added or
+        removed) gets a warning: the resume goes on, but not on the data the run was trained on."""
+        if self.train_bytes is None:  # before setup: checked there
+            return
+        recorded = self._recorded.get("validation_files")
+        if isinstance(recorded, list) and self.validation_keys is not None:
+            check_split_unchanged(recorded, self.validation_keys, "Resuming")
+        digest = self._recorded.get("training_digest")
+        if isinstance(digest, str) and digest != self.training_digest:
+            log.warning(
+                "the training text differs from the one the checkpoint was trained on (a file of data.paths "
+                "edited, added or removed since): the resumed run goes on, on other data than the run it "
+                "continues, so it is not the run an uninterrupted one would have been"
+            )
 
     def make_train_batch(self, index: int) -> Batch:
         """``batch_size`` windows at random starts in the training text, drawn from ``(seed, index)``."""

@@ -1,9 +1,12 @@
-"""A resume, and an evaluation of the run's validation windows, refuse data whose split by file moved since
-the checkpoint: with a few files the split may
-hold out the last file in sorted order, so a file added later can move the one the run validated on into
-its training text (review s11, HF/data H1). The checkpoint records the validation files' split keys."""
+"""A resume, and an evaluation of the run's validation windows, refuse data whose split by file moved
+since the checkpoint: with a few files the split may hold out the last file in sorted order, so a file
+added later can move the one the run validated on into its training text (review s11, HF/data H1). The
+checkpoint records the validation files' split keys, and a digest of the training text: a resume on
+edited training files is warned about (M1)."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 from lm_testing import TINY  # the tiny run of the end-to-end tests
@@ -23,8 +26,8 @@ def _write(folder, name: str) -> None:
     (folder / name).write_text(f"# {name}\n" + "def f(x):\n    return x + 1\n" * 80)
 
 
-@pytest.mark.slow  # ~2 s: a short training run and two resumes
-def test_a_resume_refuses_data_whose_split_moved_a_validation_file_into_training(tmp_path):
+@pytest.mark.slow  # ~3 s: a short training run and three resumes
+def test_a_resume_refuses_data_whose_split_moved_a_validation_file_into_training(tmp_path, caplog):
     data, out = tmp_path / "data", tmp_path / "run"
     data.mkdir()
     for name in FIRST:
@@ -43,5 +46,13 @@ def test_a_resume_refuses_data_whose_split_moved_a_validation_file_into_training
     checkpoint = out / "last.safetensors"
     with pytest.raises(DataError, match=r"Evaluating its validation windows would use text the run trained"):
         evaluation_windows(checkpoint, load_module(checkpoint), [], 32)
-    (data / ADDED).unlink()  # the data as it was: the resume goes on
-    assert train(run, cfg, resume=True).checkpoint.is_file()
+    (data / ADDED).unlink()  # the data as it was: the resume goes on, without a word
+    with caplog.at_level(logging.WARNING, logger="innerloop.train.data"):
+        assert train(run, cfg, resume=True).checkpoint.is_file()
+    assert "training text differs" not in caplog.text
+
+    (data / "c.txt").write_text("an edited training file\n" * 40)  # the split stays; the text does not
+    run, cfg = load_config(str(out / "config.yaml"), ["trainer.max_steps=4"])
+    with caplog.at_level(logging.WARNING, logger="innerloop.train.data"):
+        train(run, cfg, resume=True)
+    assert "the training text differs from the one the checkpoint was trained on" in caplog.text

@@ -241,7 +241,7 @@ class TextDataModule(_IndexedDataModule):
         self.train_bytes: torch.Tensor | None = None  # the tokens (bytes with the byte tokenizer)
         self.val_bytes: torch.Tensor | None = None
         self.validation_keys: list[str] | None = None  # the split keys of the validation files (data.paths)
-        self.training_digest: str | None = None  # sha256 of the training text's tokens
+        self._training_digest: str | None = None  # see training_digest
         self._recorded: dict[str, Any] = {}  # what a resumed checkpoint recorded (state_dict)
 
     def setup(self, stage: str | None = None) -> None:
@@ -261,12 +261,19 @@ class TextDataModule(_IndexedDataModule):
                 read_tokens(train, self.tokenizer),
                 read_tokens(val, self.tokenizer),
             )
-        self.training_digest = hashlib.sha256(self.train_bytes.numpy().tobytes()).hexdigest()
         self._check_recorded()
         unit = "bytes" if isinstance(self.tokenizer, ByteTokenizer) else "tokens"
         check_text_lengths(
             len(self.train_bytes), len(self.val_bytes), len(files), self.seq_len, self.val_fraction, unit
         )
+
+    @property
+    def training_digest(self) -> str | None:
+        """sha256 of the training text's tokens (None before :meth:`setup`), computed when first asked
+        (by a checkpoint or a resume's check, not by an evaluation, which reads only the held-out text)."""
+        if self._training_digest is None and self.train_bytes is not None:
+            self._training_digest = hashlib.sha256(self.train_bytes.numpy().tobytes()).hexdigest()
+        return self._training_digest
 
     def state_dict(self) -> dict[str, Any]:
         """What a resume checks (stored in the checkpoint by Lightning): the split the run validates on,
@@ -275,8 +282,9 @@ class TextDataModule(_IndexedDataModule):
         state: dict[str, Any] = {}
         if self.validation_keys is not None:
             state["validation_files"] = list(self.validation_keys)
-        if self.training_digest is not None:
-            state["training_digest"] = self.training_digest
+        digest = self.training_digest
+        if digest is not None:
+            state["training_digest"] = digest
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

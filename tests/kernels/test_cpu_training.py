@@ -12,6 +12,8 @@ from kernel_testing import make_inputs, strided
 from innerloop import TTTLayer
 from innerloop.core.functional import relative_error
 from innerloop.core.protocol import AffineLayer, StackModel
+from innerloop.kernels.cpu import stack_scan
+from innerloop.kernels.cpu.library import ACTIVATION_CODES, run_entry_point
 from innerloop.kernels.cpu.linear_scan import DOUBLE_BACKWARD_MESSAGE, compiled_linear_scan
 from innerloop.kernels.cpu.stack import make_forward, make_training_scan, make_verify
 from innerloop.kernels.cpu.stack_scan import compiled_stack_scan
@@ -30,6 +32,7 @@ pytestmark = pytest.mark.usefixtures("cpu_kernels")  # skips, with the reason, w
 LINEAR = LinearModel().stack
 WITHOUT_BIAS = (AffineLayer("W1", None, None),)
 REFERENCE_FORWARD, _ = reference_kernel(LinearModel(), Reconstruction())
+GELU_CODE = next(code for code, name in ACTIVATION_CODES.items() if name == "gelu_tanh")
 
 
 def outputs_and_gradients(forward, inputs, cotangent_seed: int, layouts: bool = False):
@@ -323,6 +326,41 @@ def test_wrong_shapes_for_the_stack_scan_are_errors_not_out_of_bounds_reads():
         scan(eta=eta.to("meta"))
     with pytest.raises(ValueError, match="shift is on meta, the kernel runs on the CPU"):
         compiled_linear_scan(both, left, shift.to("meta"), gamma_sq, torch.zeros(3, 5, 4), 1e-6)
+
+
+@pytest.mark.parametrize("widths", [(7, 4), (6, 9, 4), (3, 5, 2, 4)])
+def test_the_stack_scans_record_size_is_the_kernels(widths):
+    """The forward keeps a record per (mini-batch, pair) that the backward reads: Python sizes the
+    buffer, the kernel lays it out. A size the kernel does not compute itself is refused, not read past."""
+    num_mb, pairs, k, inputs = 2, 3, 4, 5
+    rows = [inputs] + [width + 1 for width in widths[:-1]]  # every later layer with a bias row
+    tensors = {
+        "both": torch.randn(num_mb, pairs, 2 * k, inputs),
+        "left": torch.randn(num_mb, pairs, k + inputs, k),
+        "shift": torch.randn(num_mb, pairs, k, widths[-1]),
+        "gamma_sq": torch.rand(pairs, 1, widths[-1]),
+        "eta": torch.rand(num_mb, pairs, k, k).tril(),
+        "scale": torch.rand(num_mb, pairs, k, 1),
+        "z": torch.empty(num_mb, pairs, k, widths[-1]),
+    }
+    weights = [torch.randn(pairs, r, w) * 0.3 for r, w in zip(rows, widths, strict=True)]
+    starts = [torch.empty(num_mb, *w.shape) for w in weights]
+    size = stack_scan.record_size(k, widths)
+    activations = [GELU_CODE] * (len(widths) - 1)
+    for wrong in (size - 1, size + 1):
+        args = stack_scan._args(
+            activations, 1e-6, tensors | {"records": torch.empty(num_mb, pairs, size + 1)},
+            {"weights": [w.clone() for w in weights], "starts": starts},
+        )  # fmt: skip
+        args.record_size = wrong
+        with pytest.raises(RuntimeError, match="invalid sizes"):
+            run_entry_point("innerloop_stack_scan_forward", args)
+    args = stack_scan._args(
+        activations, 1e-6, tensors | {"records": torch.empty(num_mb, pairs, size)},
+        {"weights": weights, "starts": starts},
+    )  # fmt: skip
+    assert args.record_size == size
+    run_entry_point("innerloop_stack_scan_forward", args)
 
 
 @pytest.mark.parametrize("model", ["linear", "mlp"])

@@ -4,7 +4,8 @@ The one-layer scan (``linear_scan.py``) generalised: layer 0 takes the fused tor
 matrix, and each later layer builds its own from its key and query inputs, which depend on the inner
 weights (``innerloop_stack_scan_forward`` and ``innerloop_stack_scan_backward`` in ``ttt_stack.cpp``;
 README.md in this folder derives the backward). The forward keeps every layer's weights at the start of
-every mini-batch; the backward recomputes a mini-batch from them and carries the weights' gradients back.
+every mini-batch and each mini-batch's products (its record); the backward restores a mini-batch from
+them and carries the weights' gradients back.
 """
 
 from __future__ import annotations
@@ -52,7 +53,22 @@ class _StackScanArgs(ctypes.Structure):
             (name, ctypes.c_void_p)
             for name in ("grad_both", "grad_left", "grad_shift", "grad_gamma_sq", "grad_eta", "grad_scale")
         ),
+        ("record_size", ctypes.c_int64),
+        ("records", ctypes.c_void_p),
     ]
+
+
+def record_size(mini_batch: int, widths: Sequence[int]) -> int:
+    """Elements the forward keeps per (mini-batch, pair) for the backward (``stack_record_size`` in
+    ttt_stack.cpp): each layer's key pre-activations ``[K, width]``, every layer's but the last's query
+    pre-activations ``[K, width]``, and for each layer after the first ``G W^T [K, previous width]`` and
+    the query-key similarities ``[K, K]``. ``widths``: each layer's output width."""
+    size = 0
+    for index, width in enumerate(widths):
+        size += mini_batch * width * (2 if index + 1 < len(widths) else 1)
+        if index > 0:
+            size += mini_batch * (widths[index - 1] + mini_batch)
+    return size
 
 
 def _check_inputs(activations, both, left, shift, gamma_sq, eta, scale, weights) -> None:
@@ -106,6 +122,7 @@ def _args(activations, eps: float, tensors: dict, per_layer: dict) -> _StackScan
         args.in_dims[index], args.out_dims[index] = rows, width
         args.has_bias[index] = int(index > 0 and rows == shapes[index - 1][1] + 1)
     args.activations[: len(activations)] = list(activations)
+    args.record_size = record_size(two_k // 2, [width for _, width in shapes])
     for name, tensor in tensors.items():
         setattr(args, name, tensor.data_ptr())
     for name, tensor_list in per_layer.items():
@@ -135,15 +152,19 @@ class CompiledStackScan(torch.autograd.Function):
             w.detach().clone(memory_format=torch.contiguous_format) for w in weights
         ]  # updated in place
         num_mb, pairs, two_k, _ = both.shape
-        flat = scan_buffer(num_mb * sum(w.numel() for w in weights), weights[0])
-        sizes = [num_mb * w.numel() for w in weights]
-        starts = [  # [NB, BH, in, out] each
-            part.view(num_mb, *w.shape) for part, w in zip(flat.split(sizes), weights, strict=True)
-        ]
+        record = record_size(two_k // 2, [w.shape[-1] for w in weights])
+        sizes = [num_mb * w.numel() for w in weights] + [num_mb * pairs * record]
+        *starts, records = scan_buffer(sum(sizes), weights[0]).split(sizes)
+        starts = [
+            start.view(num_mb, *w.shape) for start, w in zip(starts, weights, strict=True)
+        ]  # [NB, BH, in, out]
+        records = records.view(num_mb, pairs, record)
         z = shift.new_empty((num_mb, pairs, two_k // 2, shift.shape[-1]))  # [NB, BH, K, f]
-        args = _args(activations, eps, tensors | {"z": z}, {"weights": weights, "starts": starts})
+        args = _args(
+            activations, eps, tensors | {"z": z, "records": records}, {"weights": weights, "starts": starts}
+        )
         run_entry_point("innerloop_stack_scan_forward", args)
-        ctx.save_for_backward(*tensors.values(), *starts)
+        ctx.save_for_backward(*tensors.values(), records, *starts)
         ctx.activations, ctx.eps = activations, eps
         return (z, *weights)
 
@@ -151,7 +172,7 @@ class CompiledStackScan(torch.autograd.Function):
     def backward(ctx, grad_z, *grad_last):
         if torch.is_grad_enabled():  # a backward with create_graph=True
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
-        both, left, shift, gamma_sq, eta, scale, *starts = ctx.saved_tensors
+        both, left, shift, gamma_sq, eta, scale, records, *starts = ctx.saved_tensors
         grad_z = torch.zeros_like(shift) if grad_z is None else grad_z.contiguous()
         grad_weights = [  # the kernel turns d loss / d last weights into d loss / d weights in place
             torch.zeros_like(start[0]) if grad is None else grad.clone(memory_format=torch.contiguous_format)
@@ -159,7 +180,7 @@ class CompiledStackScan(torch.autograd.Function):
         ]
         saved = {"both": both, "left": left, "shift": shift, "gamma_sq": gamma_sq, "eta": eta, "scale": scale}
         grads = {f"grad_{name}": torch.empty_like(t) for name, t in saved.items()}
-        tensors = saved | grads | {"grad_z": grad_z}
+        tensors = saved | grads | {"grad_z": grad_z, "records": records}
         args = _args(ctx.activations, ctx.eps, tensors, {"starts": starts, "grad_weights": grad_weights})
         run_entry_point("innerloop_stack_scan_backward", args)
         return (None, None, *grads.values(), *grad_weights)

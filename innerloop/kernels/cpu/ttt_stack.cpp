@@ -131,7 +131,7 @@ struct InnerloopLinearScanArgs {
 // eta [NB, P, K, K] (tau_i lr_j, zero above the diagonal) and scale [NB, P, K] (tau_{K-1} lr_j), which
 // the later layers use; weights[l] [P, in, out] and starts[l] [NB, P, in, out] per layer, and in the
 // backward grad_weights[l] [P, in, out] (in: d loss / d the last weights; out: d loss / d weights),
-// grad_eta and grad_scale written.
+// grad_eta and grad_scale written; records: what the forward keeps of each mini-batch for the backward.
 struct InnerloopStackScanArgs {
   int32_t dtype;
   int32_t num_threads;
@@ -159,6 +159,8 @@ struct InnerloopStackScanArgs {
   void* grad_gamma_sq;
   void* grad_eta;
   void* grad_scale;
+  int64_t record_size;  // stack_record_size of these sizes: elements per (mini-batch, pair) record
+  void* records;        // [NB, P, record_size]: forward writes, backward reads (see StackRecord)
 };
 
 }  // extern "C"
@@ -1018,8 +1020,8 @@ int linear_scan_entry(const InnerloopLinearScanArgs* args, bool backward) {
 // Training deeper stacks (TTT-MLP): the same scheme for L >= 2 affine layers, the activation between
 // them the identity or tanh-GELU. Layer 0 runs as in the one-layer scan (its left matrix is hoisted);
 // each later layer l builds its own from its key inputs X_l and query inputs Xq_l, which depend on the
-// weights: mix_l = eta * (Xq_l X_l^T). The backward recomputes a mini-batch from its starting weights,
-// then goes back through the query side (last layer first), the chain G_{l-1} = (G_l W_l^T) * act'(Z_{l-1}),
+// weights: mix_l = eta * (Xq_l X_l^T). The forward keeps each mini-batch's products (a record); the
+// backward restores a mini-batch from its record and its starting weights, then goes back through the query side (last layer first), the chain G_{l-1} = (G_l W_l^T) * act'(Z_{l-1}),
 // the LayerNorm and the key side (README.md derives it).
 // ---------------------------------------------------------------------------------------------
 
@@ -1163,12 +1165,11 @@ void times_weight_transposed(int64_t k, int64_t cols, int64_t width, const T* d,
     }
 }
 
-// One mini-batch at weights w[l]: every intermediate into the workspace; with `step`, also the outputs
-// (z) and the weights moved past it in place (the forward); without, the weights are only read (the
-// backward's recomputation from the saved starting weights).
+// One mini-batch at weights w[l]: every intermediate into the workspace, the outputs into z and the
+// weights moved past the mini-batch in place.
 template <typename T>
 void stack_scan_block(const InnerloopStackScanArgs& args, const StackBlock<T>& block, T* const* w, const T* gamma_sq,
-                      bool step, StackScanWorkspace<T>& ws) {
+                      StackScanWorkspace<T>& ws) {
   const int32_t layers = args.num_layers;
   const int64_t k = args.mini_batch, f = args.out_dims[layers - 1];
   const int64_t* in = args.in_dims;
@@ -1191,8 +1192,7 @@ void stack_scan_block(const InnerloopStackScanArgs& args, const StackBlock<T>& b
   // query side: layer 0 through the hoisted left matrix, [correction; weight step] = left G_0
   gemm<T>(k + in[0], out[0], k, block.left, k, 1, ws.grad[0].data(), out[0], ws.products.data(), out[0], T(1), false);
   for (int64_t i = 0; i < k * out[0]; ++i) ws.query_pre[0][i] = ws.key_pre[0][k * out[0] + i] - ws.products[i];
-  if (step)
-    for (int64_t i = 0; i < in[0] * out[0]; ++i) w[0][i] -= ws.products[k * out[0] + i];
+  for (int64_t i = 0; i < in[0] * out[0]; ++i) w[0][i] -= ws.products[k * out[0] + i];
   for (int32_t l = 1; l < layers; ++l) {
     T* xq = ws.query_in[l].data();
     const T* x = ws.key_in[l].data();
@@ -1203,15 +1203,66 @@ void stack_scan_block(const InnerloopStackScanArgs& args, const StackBlock<T>& b
     T* zq = ws.query_pre[l].data();
     gemm<T>(k, out[l], in[l], xq, in[l], 1, w[l], out[l], zq, out[l], T(1), false);
     gemm<T>(k, out[l], k, ws.mix[l].data(), k, 1, g, out[l], zq, out[l], T(-1), true);
-    if (step) {  // W_l -= X_l^T (s G_l), X_l^T read in place
-      for (int64_t j = 0; j < k; ++j)
-        for (int64_t col = 0; col < out[l]; ++col) ws.scaled[j * out[l] + col] = block.scale[j] * g[j * out[l] + col];
-      gemm<T>(in[l], out[l], k, x, 1, in[l], ws.scaled.data(), out[l], w[l], out[l], T(-1), true);
-    }
+    // W_l -= X_l^T (s G_l), X_l^T read in place
+    for (int64_t j = 0; j < k; ++j)
+      for (int64_t col = 0; col < out[l]; ++col) ws.scaled[j * out[l] + col] = block.scale[j] * g[j * out[l] + col];
+    gemm<T>(in[l], out[l], k, x, 1, in[l], ws.scaled.data(), out[l], w[l], out[l], T(-1), true);
   }
-  if (step) {
-    T* z = static_cast<T*>(args.z) + block.index * k * f;
-    std::memcpy(z, ws.query_pre[layers - 1].data(), k * f * sizeof(T));
+  T* z = static_cast<T*>(args.z) + block.index * k * f;
+  std::memcpy(z, ws.query_pre[layers - 1].data(), k * f * sizeof(T));
+}
+
+// What the forward keeps of a mini-batch for the backward, in this order: per layer l, the key
+// pre-activations Z_l [K x out_l], for l < L - 1 the query pre-activations zq_l [K x out_l], for l >= 1
+// back_l = G_l W_l^T [K x out_{l-1}] and S_l = Xq_l X_l^T [K x K]. These are the products; everything
+// else the backward reads (the layers' inputs, act', the LayerNorm rows, G_l, mix_l) is elementwise
+// from them. visit(part, count) is called on each part's place in the workspace.
+template <typename T, typename Visit>
+void visit_record(int32_t layers, int64_t k, const int64_t* out, StackScanWorkspace<T>& ws, Visit visit) {
+  for (int32_t l = 0; l < layers; ++l) {
+    visit(ws.key_pre[l].data(), k * out[l]);  // for l = 0 the key rows only (the query rows follow them)
+    if (l + 1 < layers) visit(ws.query_pre[l].data(), k * out[l]);
+    if (l == 0) continue;
+    visit(ws.back[l].data(), k * out[l - 1]);
+    visit(ws.sim[l].data(), k * k);
+  }
+}
+
+// The elements of one record (visit_record's parts added up).
+int64_t stack_record_size(int32_t layers, int64_t k, const int64_t* out) {
+  int64_t size = 0;
+  for (int32_t l = 0; l < layers; ++l) size += k * out[l] * (l + 1 < layers ? 2 : 1) + (l > 0 ? k * (out[l - 1] + k) : 0);
+  return size;
+}
+
+template <typename T>
+static inline T* stack_record(const InnerloopStackScanArgs& args, int64_t index) {
+  return static_cast<T*>(args.records) + index * args.record_size;
+}
+
+// The backward's workspace for one mini-batch from its record: the kept products copied back, then
+// what follows from them elementwise (the layers' inputs, act' of the key rows, the LayerNorm rows and
+// G_{L-1}, G_{l-1} = back_l * act'(Z_{l-1}), mix_l = eta * S_l), as the forward computed them.
+template <typename T>
+void restore_stack_block(const InnerloopStackScanArgs& args, const StackBlock<T>& block, const T* gamma_sq,
+                         StackScanWorkspace<T>& ws) {
+  const int32_t layers = args.num_layers;
+  const int64_t k = args.mini_batch, f = args.out_dims[layers - 1];
+  const int64_t* out = args.out_dims;
+  const T* record = stack_record<T>(args, block.index);
+  visit_record(layers, k, out, ws, [&](T* part, int64_t count) {
+    std::memcpy(part, record, count * sizeof(T));
+    record += count;
+  });
+  ln_gradient_rows(k, f, ws.key_pre[layers - 1].data(), block.shift, gamma_sq, T(args.eps), ws.rows());
+  for (int32_t l = layers - 1; l > 0; --l) {
+    const int32_t activation = args.activations[l - 1];
+    layer_inputs<T>(activation, k, out[l - 1], args.has_bias[l], ws.key_pre[l - 1].data(), ws.key_in[l].data());
+    layer_inputs<T>(activation, k, out[l - 1], args.has_bias[l], ws.query_pre[l - 1].data(), ws.query_in[l].data());
+    slopes<T>(activation, k * out[l - 1], ws.key_pre[l - 1].data(), ws.key_slope[l - 1].data());
+    times_slope<T>(k, out[l - 1], ws.back[l].data(), out[l - 1], ws.key_slope[l - 1].data(), ws.grad[l - 1].data(),
+                   false);
+    for (int64_t i = 0; i < k * k; ++i) ws.mix[l][i] = block.eta[i] * ws.sim[l][i];
   }
 }
 
@@ -1227,11 +1278,16 @@ void stack_scan_forward_pair(const InnerloopStackScanArgs& args, int64_t pair, S
       const int64_t size = args.in_dims[l] * args.out_dims[l];
       std::memcpy(static_cast<T*>(args.starts[l]) + block.index * size, w[l], size * sizeof(T));
     }
-    stack_scan_block(args, block, w, gamma_sq, true, ws);
+    stack_scan_block(args, block, w, gamma_sq, ws);
+    T* record = stack_record<T>(args, block.index);
+    visit_record(args.num_layers, args.mini_batch, args.out_dims, ws, [&](T* part, int64_t count) {
+      std::memcpy(record, part, count * sizeof(T));
+      record += count;
+    });
   }
 }
 
-// The backward of one mini-batch, its intermediates recomputed in ws: grad_w[l] holds d loss / d W_l
+// The backward of one mini-batch, its intermediates restored in ws (restore_stack_block): grad_w[l] holds d loss / d W_l
 // after the mini-batch on entry and at its start on exit; the inputs' gradients are written.
 template <typename T>
 void stack_scan_block_backward(const InnerloopStackScanArgs& args, const StackBlock<T>& block, T* const* w,
@@ -1348,7 +1404,7 @@ void stack_scan_backward_pair(const InnerloopStackScanArgs& args, int64_t pair, 
     T* w[kMaxLayers];
     for (int32_t l = 0; l < args.num_layers; ++l)
       w[l] = static_cast<T*>(args.starts[l]) + block.index * args.in_dims[l] * args.out_dims[l];
-    stack_scan_block(args, block, w, gamma_sq, false, ws);
+    restore_stack_block(args, block, gamma_sq, ws);
     stack_scan_block_backward(args, block, w, grad_w, gamma_sq, grad_gamma_sq, ws);
   }
 }
@@ -1374,9 +1430,11 @@ int stack_scan_entry(const InnerloopStackScanArgs* args, bool backward) {
     if (args->in_dims[l] < 1 || args->out_dims[l] < 1) return 2;
     if (l > 0 && args->in_dims[l] != args->out_dims[l - 1] + (args->has_bias[l] ? 1 : 0)) return 2;
   }
+  if (args->record_size != stack_record_size(args->num_layers, args->mini_batch, args->out_dims)) return 2;
   const int64_t element = args->dtype == kFloat64 ? 8 : 4;
   for (int32_t l = 0; l < args->num_layers && !backward; ++l)
     advise_huge_pages(args->starts[l], args->num_mini_batches * args->pairs * args->in_dims[l] * args->out_dims[l] * element);
+  if (!backward) advise_huge_pages(args->records, args->num_mini_batches * args->pairs * args->record_size * element);
   try {
     if (args->dtype == kFloat32) return stack_scan<float>(*args, backward);
     if (args->dtype == kFloat64) return stack_scan<double>(*args, backward);

@@ -331,10 +331,12 @@ def test_wrong_shapes_for_the_stack_scan_are_errors_not_out_of_bounds_reads():
 @pytest.mark.parametrize("widths", [(7, 4), (6, 9, 4), (3, 5, 2, 4)])
 def test_the_stack_scans_record_size_is_the_kernels(widths):
     """The forward keeps a record per (mini-batch, pair) that the backward reads: Python sizes the
-    buffer, the kernel lays it out. A size the kernel does not compute itself is refused, not read past."""
+    buffer, the kernel lays it out and fills it exactly. A size the kernel does not compute itself is
+    refused, not written past."""
     num_mb, pairs, k, inputs = 2, 3, 4, 5
     rows = [inputs] + [width + 1 for width in widths[:-1]]  # every later layer with a bias row
-    tensors = {
+    size = stack_scan.record_size(k, widths)
+    tensors = {  # the struct holds raw pointers: every tensor stays referenced here
         "both": torch.randn(num_mb, pairs, 2 * k, inputs),
         "left": torch.randn(num_mb, pairs, k + inputs, k),
         "shift": torch.randn(num_mb, pairs, k, widths[-1]),
@@ -342,25 +344,22 @@ def test_the_stack_scans_record_size_is_the_kernels(widths):
         "eta": torch.rand(num_mb, pairs, k, k).tril(),
         "scale": torch.rand(num_mb, pairs, k, 1),
         "z": torch.empty(num_mb, pairs, k, widths[-1]),
+        "records": torch.full((num_mb * pairs * size + 1,), float("nan")),  # one sentinel past the end
     }
-    weights = [torch.randn(pairs, r, w) * 0.3 for r, w in zip(rows, widths, strict=True)]
-    starts = [torch.empty(num_mb, *w.shape) for w in weights]
-    size = stack_scan.record_size(k, widths)
-    activations = [GELU_CODE] * (len(widths) - 1)
+    per_layer = {
+        "weights": [torch.randn(pairs, r, w) * 0.3 for r, w in zip(rows, widths, strict=True)],
+        "starts": [torch.empty(num_mb, pairs, r, w) for r, w in zip(rows, widths, strict=True)],
+    }
+    args = stack_scan._args([GELU_CODE] * (len(widths) - 1), 1e-6, tensors, per_layer)
+    assert args.record_size == size
     for wrong in (size - 1, size + 1):
-        args = stack_scan._args(
-            activations, 1e-6, tensors | {"records": torch.empty(num_mb, pairs, size + 1)},
-            {"weights": [w.clone() for w in weights], "starts": starts},
-        )  # fmt: skip
         args.record_size = wrong
         with pytest.raises(RuntimeError, match="invalid sizes"):
             run_entry_point("innerloop_stack_scan_forward", args)
-    args = stack_scan._args(
-        activations, 1e-6, tensors | {"records": torch.empty(num_mb, pairs, size)},
-        {"weights": weights, "starts": starts},
-    )  # fmt: skip
-    assert args.record_size == size
+    assert tensors["records"].isnan().all()  # refused before anything was written
+    args.record_size = size
     run_entry_point("innerloop_stack_scan_forward", args)
+    assert not tensors["records"][:-1].isnan().any() and tensors["records"][-1].isnan()
 
 
 @pytest.mark.parametrize("model", ["linear", "mlp"])

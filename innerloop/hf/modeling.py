@@ -17,7 +17,10 @@ A cache can be passed back to ``generate()`` (``cache=``, ``past_key_values=``) 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -293,7 +296,12 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         A folder that records where its plugins came from (``config.innerloop_plugins``) is compared
         with the plugins registered now: a :class:`~innerloop.checkpoints.PluginChangedWarning` names
         each name registered now by another plugin (:func:`~innerloop.checkpoints.same_plugin`).
+
+        A folder that is missing because an ``innerloop export --overwrite`` to it was killed between
+        its two renames raises ``FileNotFoundError`` naming the earlier export, set aside beside it
+        (:func:`refuse_an_interrupted_export`).
         """
+        refuse_an_interrupted_export(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
         wants_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, as one ValueError
         source = repr(str(args[0] if args else kwargs.get("pretrained_model_name_or_path")))
@@ -336,6 +344,38 @@ class InnerloopPreTrainedModel(PreTrainedModel):
                         module.register_buffer(
                             name, table.to(device=current.device, dtype=dtype), persistent=False
                         )
+
+
+def refuse_an_interrupted_export(folder: Any) -> None:
+    """Raise ``FileNotFoundError`` when ``folder`` (a local path) does not exist because an
+    ``innerloop export --overwrite`` to it was killed between its two renames: the earlier export waits
+    beside it in ``.<name>.<8 characters>.old`` (:mod:`innerloop.hf.export`); the message names the
+    most recent one and how to put it back. Nothing is moved here: the next export to ``folder`` settles
+    it (:func:`innerloop.hf.export.settle_interrupted_export`, which this module cannot import: the
+    export imports this module). Anything else (a folder that exists, a Hub id) is left to transformers."""
+    if not isinstance(folder, (str, os.PathLike)):
+        return
+    out = Path(folder).expanduser()
+    if not out.name or os.path.lexists(out):
+        return
+    set_aside = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}\.old")  # as tempfile.mkdtemp names it
+    try:
+        earlier = [
+            p
+            for p in out.parent.iterdir()
+            if set_aside.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+        ]
+        latest = max(earlier, key=lambda p: p.stat().st_mtime_ns, default=None)
+    except OSError:  # no parent folder, or one that cannot be read: nothing to name
+        return
+    if latest is None:
+        return
+    raise FileNotFoundError(
+        f"{str(folder)!r} does not exist: an `innerloop export` that was replacing the export there was "
+        f"interrupted, and the earlier export waits beside it in {str(latest)!r}; put it back with "
+        f"`mv {shlex.quote(str(latest))} {shlex.quote(str(out))}` (the next `innerloop export` to "
+        f"{str(folder)!r} puts it back too, before it writes)"
+    )
 
 
 def loading_problems(info: dict[str, Any], shown: int = 4) -> str:

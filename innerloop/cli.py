@@ -440,7 +440,12 @@ def _resume_config(config: str | None, overrides: Sequence[str]) -> tuple[Any, A
     saved = Path(out_dir) / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"--resume: no saved config at {str(saved)!r}; is out_dir={out_dir!r} a run?")
-    run, cfg = load_config(str(saved), overrides, out_dir=out_dir)
+    try:
+        run, cfg = load_config(str(saved), overrides, out_dir=out_dir)
+    except ConfigError as err:  # a plugin no longer installed: the run's checkpoint says where it came from
+        from innerloop.train.run import with_missing_plugins_named
+
+        raise with_missing_plugins_named(err, out_dir) from None
     differences = config_differences(config, overrides, run) if config is not None else []
     if differences:
         print(
@@ -776,7 +781,7 @@ def _tokenizer(args: argparse.Namespace) -> int:
     except DataError as err:  # it names data.paths, the training option; here the paths are PATH arguments
         raise ConfigError(str(err).replace("data.paths entry", "PATH", 1)) from None
     texts = (_read_text_file(f) for f in files)
-    tokenizer = train_bpe(texts, args.vocab_size)
+    tokenizer = train_bpe(texts, args.vocab_size, files=files)
     written = tokenizer.save_pretrained(out)
     short = (
         f" (fewer than --vocab-size {args.vocab_size}: the text has no more merges to learn)"

@@ -61,6 +61,8 @@ from innerloop.checkpoints import (
     checkpoint_tokenizer,
     load_checkpoint,
     load_training_checkpoint,
+    missing_plugins_note,
+    recorded_plugins,
 )
 from innerloop.config.load import (
     ConfigError,
@@ -150,6 +152,8 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
 
     FILE_EXTENSION = CHECKPOINT_SUFFIX
     _pending: tuple[Path, Path] | None = None  # (written, to replace)
+    writing_step: int | None = None
+    """The step whose checkpoint is being written (still set if the write was interrupted), else None."""
 
     def confirm_later(self, pending: Path, target: Path) -> None:
         """Treat ``pending`` (a resume's starting checkpoint, left by a killed run) as written by this
@@ -165,8 +169,9 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
                 f"the weights or optimizer state hold NaN or inf after {trainer.global_step} optimizer steps"
             )
         pending = Path(filepath).parent / PENDING_CHECKPOINT
+        self.writing_step = trainer.global_step
         super()._save_checkpoint(trainer, str(pending))
-        self._pending = (pending, Path(filepath))
+        self._pending, self.writing_step = (pending, Path(filepath)), None
 
     def _promote(self, trainer: L.Trainer) -> None:
         if self._pending is not None and trainer.is_global_zero:
@@ -485,10 +490,9 @@ def _fit(
     except SystemExit:  # Lightning's exit(1) after a KeyboardInterrupt
         if not interrupt.stopped_at_once:
             raise
-        # the last step completed: the second Ctrl-C may land in the next step or in this one's checkpoint
         raise TrainingInterrupted(
             f"stopped at once at a second Ctrl-C, after {trainer.global_step} of {run.trainer.max_steps} "
-            f"steps; {_last_checkpoint_note(ckpt, run, overrides='')}"
+            f"steps{_what_was_interrupted(trainer)}; {_last_checkpoint_note(ckpt, run, overrides='')}"
         ) from None
     finally:
         stopped_early = interrupt.requested and trainer.global_step < run.trainer.max_steps
@@ -499,6 +503,15 @@ def _fit(
         if replace_previous:
             settle_previous_run(out_dir)  # removed if this run has a checkpoint, else put back
     return config_path, undone
+
+
+def _what_was_interrupted(trainer: L.Trainer) -> str:
+    """``", while writing the checkpoint of step N"`` when a second Ctrl-C stopped the fit during that
+    write, else "" (it stopped the step in progress, which is lost, or the validation after the last
+    step)."""
+    saving = trainer.checkpoint_callback
+    step = saving.writing_step if isinstance(saving, _SafetensorsModelCheckpoint) else None
+    return "" if step is None else f", while writing the checkpoint of step {step}"
 
 
 def _raise_if_stopped(
@@ -537,6 +550,21 @@ def _resume_checkpoint(out_dir: Path) -> Path:
     ``last.safetensors``; the other ranks of a DDP run find what rank 0 kept), else ``last.safetensors``."""
     pending = out_dir / PENDING_CHECKPOINT
     return pending if pending.is_file() else checkpoint_path(out_dir)
+
+
+def with_missing_plugins_named(err: ConfigError, out_dir: str | Path) -> ConfigError:
+    """``err``, the error of reading the saved config of the run in ``out_dir`` to resume it, with where
+    each plugin that the run's checkpoint records and that no plugin registers now came from (its
+    distribution, as :func:`~innerloop.train.module.load_module` and ``innerloop eval`` name it:
+    :func:`~innerloop.checkpoints.missing_plugins_note`); ``err`` itself when there is none. The config
+    names the plugins (``model.ttt.inner_loss=...``) but not where they came from: only the checkpoint
+    does, and a config naming a plugin that is not registered fails before the checkpoint is read."""
+    checkpoints = (Path(out_dir) / PENDING_CHECKPOINT, checkpoint_path(out_dir))  # as _resume_checkpoint
+    record = next((r for r in map(recorded_plugins, checkpoints) if r is not None), None)
+    missing = missing_plugins_note(record)
+    if not missing:
+        return err
+    return ConfigError(f"{' '.join(str(err).split()).rstrip('.')}; {missing}")
 
 
 def _confirm_a_pending_start(trainer: L.Trainer, start: Path | None, ckpt: Path) -> None:

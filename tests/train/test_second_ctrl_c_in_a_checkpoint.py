@@ -1,5 +1,6 @@
 """A second Ctrl-C while a checkpoint is being written names the last step completed (the step whose
-checkpoint was being written), not the next one, which never started."""
+checkpoint was being written), not the next one, which never started, and says that the checkpoint of
+that step was being written (review s11, resume L4)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ def test_a_second_ctrl_c_during_a_checkpoint_write_names_the_step_completed(tmp_
     with pytest.raises(TrainingInterrupted) as stopped:
         train(run, cfg, callbacks=[_CtrlCTwiceWhileSaving(step=4)])
     message = str(stopped.value)
-    assert message.startswith("stopped at once at a second Ctrl-C, after 4 of 8 steps; "), message
+    assert message.startswith(
+        "stopped at once at a second Ctrl-C, after 4 of 8 steps, while writing the checkpoint of step 4; "
+    ), message
     assert "step 5" not in message
     assert "(after 2 steps), is kept" in message  # the step-4 checkpoint was never written
     assert load_checkpoint(tmp_path / "last.safetensors")["global_step"] == 2

@@ -477,10 +477,19 @@ MAX_TRAINED_VOCAB = 2**24
 that size up front, and aborts with an out-of-memory message past about 2**31)."""
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
+def train_bpe(
+    texts: Iterable[str], vocab_size: int, files: Sequence[str | os.PathLike[str]] | None = None
+) -> HFTokenizer:
     """A byte-level BPE tokenizer of ``vocab_size`` tokens trained on ``texts`` with the ``tokenizers``
     library: id 0 is :data:`END_OF_TEXT` (the document separator), ids 1..256 the 256 bytes, the rest
-    merges. The same texts give the same tokenizer (the library's trainer is deterministic)."""
+    merges. The same texts give the same tokenizer (the library's trainer is deterministic). Text with
+    fewer distinct pairs than ``vocab_size`` asks for gives fewer tokens (the library stops when nothing
+    is left to merge).
+
+    Raises :class:`TokenizerError` when ``texts`` hold no text to learn merges from (nothing, or only
+    whitespace) or too little for a single merge: such a tokenizer would be the byte-level one with its
+    ids moved. ``files``, the files the texts were read from, are named in these messages.
+    """
     if vocab_size < 257:
         raise TokenizerError(
             f"vocab_size={vocab_size} must be >= 257 (the end-of-text token and the 256 bytes)"
@@ -502,5 +511,51 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(texts, trainer)
+    tally = _TextTally()
+    backend.train_from_iterator(tally.count(texts), trainer)
+    _check_merges_learned(tally, backend.get_vocab_size(with_added_tokens=True) - 257, files)
     return HFTokenizer(backend.to_str(), END_OF_TEXT, "the trained tokenizer")
+
+
+class _TextTally:
+    """What :func:`train_bpe` saw of its texts, counted as they pass (they may be read once only)."""
+
+    def __init__(self) -> None:
+        self.characters = 0
+        self.has_text = False  # any character that is not whitespace
+
+    def count(self, texts: Iterable[str]) -> Iterable[str]:
+        """``texts``, unchanged, tallied on the way."""
+        for text in texts:
+            self.characters += len(text)
+            self.has_text = self.has_text or (bool(text) and not text.isspace())
+            yield text
+
+
+def _check_merges_learned(tally: _TextTally, merges: int, files: Sequence[Any] | None) -> None:
+    """:class:`TokenizerError` when :func:`train_bpe`'s text held nothing to learn, or no merge was learned."""
+    where = _describe_files(files)
+    verb = "have" if files is not None and len(files) > 1 else "has"
+    if not tally.has_text:
+        raise TokenizerError(
+            f"{where} {verb} no text to learn merges from (empty, or only whitespace); train on files "
+            "that hold text"
+        )
+    if merges <= 0:
+        characters = f"{tally.characters} character{'s' if tally.characters != 1 else ''}"
+        raise TokenizerError(
+            f"{where} {verb} too little text to learn a single merge ({characters}, no pair of bytes "
+            "inside a word); train on more text, or use data.tokenizer=bytes for byte-level tokens"
+        )
+
+
+def _describe_files(files: Sequence[Any] | None, shown: int = 5) -> str:
+    """``files`` for a message: ``'a.txt'``, ``the 2 files 'a.txt', 'b.txt'``, ``the 9 files 'a.txt', ...
+    and 4 more``; ``the training input`` without files."""
+    if not files:
+        return "the training input"
+    names = [repr(str(f)) for f in files]
+    if len(names) == 1:
+        return names[0]
+    listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    return f"the {len(names)} files {listed}"

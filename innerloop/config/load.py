@@ -47,7 +47,7 @@ from innerloop.config.trainer_args import (
 from innerloop.data.atomic import atomic_write_text
 from innerloop.data.hf import check_hf_dataset, check_hf_source
 from innerloop.data.recall import RECALL_VALUES
-from innerloop.data.text import check_text_lengths, split_keys, text_split_lengths
+from innerloop.data.text import check_text_split, split_keys
 from innerloop.data.tokenizer import BYTES, Tokenizer, TokenizerError, load_tokenizer
 from innerloop.models.config import check_keys, field_types, unread_model_keys, validate_model_config
 
@@ -947,8 +947,7 @@ def _check_text(run: RunConfig) -> None:
         if run.data.tokenizer != BYTES:
             return
         files = sorted(keys)
-        train_len, val_len = text_split_lengths(files, run.data.val_fraction, keys)
-        check_text_lengths(train_len, val_len, len(files), run.data.seq_len, run.data.val_fraction)
+        check_text_split(files, run.data.val_fraction, run.data.seq_len, keys)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

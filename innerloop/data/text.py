@@ -180,6 +180,18 @@ def split_text_files(
     return train, val
 
 
+def fallback_held_out(
+    files: Sequence[Path], val_fraction: float, keys: Mapping[Path, str] | None = None
+) -> Path | None:
+    """The file :func:`split_text_files` holds out because the split by file hash put every one of
+    ``files`` on one side (the last file in sorted order), or None when the hash split holds out some
+    and not all (or there is a single file, which is split by bytes instead)."""
+    if len(files) < 2:
+        return None
+    train, val = split_by_file(files, val_fraction, keys)
+    return files[-1] if not val or not train else None
+
+
 def _single_file_cut(length: int, val_fraction: float) -> int:
     """Where a single file's bytes are split: its last ``val_fraction`` is held out."""
     return int(length * (1 - val_fraction))
@@ -198,11 +210,30 @@ def text_split_lengths(
     return sum(p.stat().st_size + 1 for p in train), sum(p.stat().st_size + 1 for p in val)
 
 
+def check_text_split(
+    files: Sequence[Path], val_fraction: float, seq_len: int, keys: Mapping[Path, str] | None = None
+) -> None:
+    """:func:`check_text_lengths` of the byte-level split of ``files`` (sorted; split on ``keys``), from
+    the files' sizes (nothing is read): the check a run config makes before any text is read."""
+    train_len, val_len = text_split_lengths(files, val_fraction, keys)
+    fallback = fallback_held_out(files, val_fraction, keys)
+    check_text_lengths(train_len, val_len, len(files), seq_len, val_fraction, fallback_file=fallback)
+
+
 def check_text_lengths(
-    train_len: int, val_len: int, num_files: int, seq_len: int, val_fraction: float, unit: str = "bytes"
+    train_len: int,
+    val_len: int,
+    num_files: int,
+    seq_len: int,
+    val_fraction: float,
+    unit: str = "bytes",
+    fallback_file: Path | None = None,
 ) -> None:
     """Raise :class:`DataError` unless both the training and the validation text hold a window of
-    ``seq_len + 1`` tokens (``unit``: what the lengths count); the message says which setting to change."""
+    ``seq_len + 1`` tokens (``unit``: what the lengths count); the message says which setting to change.
+    ``fallback_file``: the file held out because the split by file hash put every file on one side
+    (:func:`fallback_held_out`): the message then names it and why it was held out, and advises more
+    files or a larger one sorted last rather than a larger data.val_fraction (which chose nothing)."""
     need = seq_len + 1
     if num_files == 1 and val_fraction == 0:
         raise DataError(
@@ -214,9 +245,18 @@ def check_text_lengths(
             f"the training text has {train_len} {unit}, fewer than data.seq_len + 1 = {need}; give more "
             "text (data.paths) or a shorter data.seq_len"
         )
-    if val_len < need:
-        held_out = f"the last {val_fraction} of the file" if num_files == 1 else "the held-out files"
+    if val_len >= need:
+        return
+    if fallback_file is not None:
         raise DataError(
-            f"the validation text ({held_out}) has {val_len} {unit}, fewer than data.seq_len + 1 = {need}; "
-            "give more text, a larger data.val_fraction or a shorter data.seq_len"
+            f"the validation text has {val_len} {unit}, fewer than data.seq_len + 1 = {need}: the split by "
+            f"file hash at data.val_fraction={val_fraction} put all {num_files} files on one side, so the "
+            f"last file in sorted order, {str(fallback_file)!r}, is held out instead; give more files in "
+            "data.paths (so that the hash split holds out some), a larger file that sorts last, or a "
+            "shorter data.seq_len"
         )
+    held_out = f"the last {val_fraction} of the file" if num_files == 1 else "the held-out files"
+    raise DataError(
+        f"the validation text ({held_out}) has {val_len} {unit}, fewer than data.seq_len + 1 = {need}; "
+        "give more text, a larger data.val_fraction or a shorter data.seq_len"
+    )

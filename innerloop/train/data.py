@@ -38,6 +38,7 @@ from innerloop.data.text import (
     DataError,
     _single_file_cut,
     check_text_lengths,
+    fallback_held_out,
     read_bytes,
     read_tokens,
     resolve_files,
@@ -264,7 +265,13 @@ class TextDataModule(_IndexedDataModule):
         self._check_recorded()
         unit = "bytes" if isinstance(self.tokenizer, ByteTokenizer) else "tokens"
         check_text_lengths(
-            len(self.train_bytes), len(self.val_bytes), len(files), self.seq_len, self.val_fraction, unit
+            len(self.train_bytes),
+            len(self.val_bytes),
+            len(files),
+            self.seq_len,
+            self.val_fraction,
+            unit,
+            fallback_file=fallback_held_out(files, self.val_fraction, keys),
         )
 
     @property

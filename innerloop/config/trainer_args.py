@@ -8,7 +8,9 @@ sorts each key a config gives under ``trainer`` before it is merged into the sch
 - a Lightning name of one of innerloop's own keys (:data:`LIGHTNING_NAMES`, e.g. ``log_every_n_steps``
   for ``trainer.log_every``) sets that key, so there is one value for one setting;
 - any other Trainer argument goes into ``trainer.lightning`` (which the saved ``config.yaml`` shows),
-  from where ``build_trainer`` passes it to ``lightning.Trainer`` as given;
+  from where ``build_trainer`` passes it to ``lightning.Trainer`` as given; a quoted value is read on
+  its text, as innerloop's own keys read one (:func:`value_of_its_kind`: ``"2"`` is the int 2 for
+  ``num_sanity_val_steps``, ``"true"`` true for ``deterministic``);
 - anything else is an unknown key: the error names it and the closest valid names.
 
 :func:`check_lightning_arguments` then checks ``trainer.lightning``: every name an argument of the
@@ -24,9 +26,10 @@ import difflib
 import functools
 import importlib.util
 import inspect
+import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import fields
 from typing import Any, Literal, Union
 
@@ -115,10 +118,15 @@ def route_trainer_keys(container: Any, source: str, error: type[ValueError]) -> 
         if key in LIGHTNING_NAMES:
             _set_own_key(routed, key, value, source, error)
         elif key in trainer_arguments():
-            lightning[key] = value
+            lightning[key] = value_of_its_kind(value, trainer_arguments()[key])
         else:
             raise error(_unknown_key_message(key, source))
     _check_lightning_names(trainer.get("lightning"), source, error)
+    if isinstance(trainer.get("lightning"), dict):
+        trainer["lightning"] = {
+            name: value_of_its_kind(value, trainer_arguments()[name])
+            for name, value in trainer["lightning"].items()
+        }
     if lightning:
         given = routed["trainer"].get("lightning", {})
         if not isinstance(given, dict):
@@ -176,11 +184,19 @@ def _unknown_key_message(key: str, source: str, section: str = "trainer") -> str
 
 def check_lightning_arguments(arguments: Any, error: type[ValueError]) -> None:
     """Raise ``error`` unless ``arguments`` (``trainer.lightning``) maps names of ``lightning.Trainer``
-    arguments that a config may set to values of their annotated types (and ranges)."""
+    arguments that a config may set to values of their annotated types (and ranges). A string whose text
+    is of its argument's kind (an interpolation's value, e.g. ``${oc.env:STEPS}``, which is text) is
+    read as :func:`value_of_its_kind` reads a quoted value, and replaced by that value in ``arguments``
+    (when they can be changed), as an interpolation into one of innerloop's own keys is."""
     if not isinstance(arguments, Mapping):
         raise error(f"trainer.lightning={arguments!r} must be a mapping of lightning.Trainer arguments")
     annotations = trainer_arguments()
-    for name, value in arguments.items():
+    for name, given in list(arguments.items()):
+        value = value_of_its_kind(given, annotations.get(name, Any))
+        if value is not given and isinstance(arguments, MutableMapping):
+            arguments[name] = value
+        else:
+            value = given
         key = f"trainer.{name}"
         if name in SET_BY_INNERLOOP:
             raise error(f"{key} cannot be set: {SET_BY_INNERLOOP[name]}")
@@ -189,10 +205,7 @@ def check_lightning_arguments(arguments: Any, error: type[ValueError]) -> None:
         if name in _own_keys() or name not in annotations:
             raise error(_unknown_key_message(name, "the config", "trainer.lightning"))
         if not value_matches(value, annotations[name]):
-            raise error(
-                f"{key}={value!r} must be {describe_annotation(annotations[name])} (lightning.Trainer's "
-                f"{name}), got {type(value).__name__}"
-            )
+            raise error(_wrong_type_message(key, name, value, annotations[name]))
         bounds = LIGHTNING_BOUNDS.get(name)
         if bounds is not None and value is not None and value not in bounds:
             why = f" ({bounds.why})" if bounds.why else ""
@@ -229,6 +242,77 @@ def value_matches(value: Any, annotation: Any) -> bool:
     if isinstance(annotation, type):
         return isinstance(value, annotation)
     return True
+
+
+# A quoted value (a YAML string) of a Lightning argument whose type is made of bools, ints, floats, null
+# and Literals is read on its text by the rules innerloop.config.load applies to a quoted value of
+# innerloop's own keys (its _PLAIN_INT, _PLAIN_FLOAT and _BOOLS, which load.py, importing this module,
+# cannot share with it; tests/train/test_lightning_quoted_values.py checks that both agree).
+_PLAIN_INT = re.compile(r"[-+]?(0|[1-9][0-9]*(_[0-9]+)*)")
+_PLAIN_FLOAT = re.compile(
+    r"[-+]?([0-9]+(_[0-9]+)*\.([0-9]+(_[0-9]+)*)?|\.[0-9]+(_[0-9]+)*)([eE][-+]?[0-9]+)?"
+    r"|[-+]?(0|[1-9][0-9]*(_[0-9]+)*)[eE][-+]?[0-9]+"
+    r"|[-+]?\.?(inf|infinity|nan)",
+    re.IGNORECASE,
+)
+_BOOLS = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
+_TEXT_KINDS = (bool, int, float, type(None))
+
+
+def value_of_its_kind(value: Any, annotation: Any) -> Any:
+    """``value`` as the type ``annotation`` declares, when it is a string (a quoted YAML value) that the
+    type does not take as it is and the type is made of bools, ints, floats, null and ``Literal``
+    values: ``"2"`` is ``2`` for an int, ``"true"`` is ``True`` for a bool, ``"0.5"`` is ``0.5`` for a
+    float, as a quoted value of innerloop's own keys is read. The text must be of the kind: a bool takes
+    only true or false, an int plain decimal digits (an optional sign, ``_`` between groups), a float a
+    decimal number; a quoted null stays a string. Any other value is returned as it is (a string not of
+    its kind, too: :func:`check_lightning_arguments` refuses it, naming the key and what is valid)."""
+    members = _text_members(annotation)
+    if not isinstance(value, str) or value_matches(value, annotation) or members is None:
+        return value
+    for member in members:
+        literal = (
+            [v for v in typing.get_args(member) if str(v) == value]
+            if typing.get_origin(member) is Literal
+            else []
+        )
+        if literal:
+            return literal[0]
+    if bool in members and value in _BOOLS:
+        return _BOOLS[value]
+    if int in members and _PLAIN_INT.fullmatch(value):
+        return int(value)
+    if float in members and (_PLAIN_INT.fullmatch(value) or _PLAIN_FLOAT.fullmatch(value)):
+        return float(value)
+    return value
+
+
+def _text_members(annotation: Any) -> tuple[Any, ...] | None:
+    """The members of the type ``annotation`` (a union's, or itself) when each is a bool, int, float,
+    None or a ``Literal``, whose text :func:`value_of_its_kind` reads; None for any other type (one
+    with a string, a class or a list in it)."""
+    union = typing.get_origin(annotation) in (Union, types.UnionType)
+    members = typing.get_args(annotation) if union else (annotation,)
+    if all(m in _TEXT_KINDS or typing.get_origin(m) is Literal for m in members):
+        return members
+    return None
+
+
+def _wrong_type_message(key: str, name: str, value: Any, annotation: Any) -> str:
+    """The error of the Lightning argument ``name`` (``key``) given ``value``, not of its type."""
+    message = (
+        f"{key}={value!r} must be {describe_annotation(annotation)} (lightning.Trainer's {name}), "
+        f"got {type(value).__name__}"
+    )
+    members = _text_members(annotation)
+    if isinstance(value, str) and members is not None:
+        message += (
+            "; a quoted value is read on its text, which must be of that kind (true or false for a bool, "
+            "decimal digits for an int, a decimal number for a float)"
+        )
+        if type(None) in members and value in ("", "~", "null", "Null", "NULL"):
+            message += ", and a quoted null is a string: write null unquoted"
+    return message
 
 
 def describe_annotation(annotation: Any) -> str:

@@ -484,8 +484,18 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _non_floating_dtype(array: Any) -> str | None:
+    """The dtype of ``array`` (a numpy array or torch tensor) if it is not floating point, else None.
+    numpy's bfloat16 (``ml_dtypes``, what JAX saves) is floating point, though numpy files it apart."""
+    if isinstance(array, torch.Tensor):
+        return None if array.is_floating_point() else str(array.dtype)
+    dtype = np.asarray(array).dtype
+    return None if np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16" else str(dtype)
+
+
 def _check_arrays(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> None:
-    """Every tensor the config implies is there, with its shape and finite; nothing else is."""
+    """Every tensor the config implies is there, with its shape, floating point and finite; nothing
+    else is."""
     shapes = expected_shapes(config)
     missing = sorted(set(shapes) - set(arrays))
     if missing:
@@ -501,6 +511,12 @@ def _check_arrays(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> None
             raise OfficialConfigError(
                 f"checkpoint tensor {name} has shape {list(got)}, the config implies {list(shape)} "
                 "(does the config belong to it?)"
+            )
+        dtype = _non_floating_dtype(arrays[name])
+        if dtype is not None:
+            raise OfficialConfigError(
+                f"checkpoint tensor {name} has dtype {dtype}; the weights are floating point "
+                "(float16, bfloat16, float32 or float64)"
             )
         if not np.isfinite(arrays[name]).all():
             raise OfficialConfigError(f"checkpoint tensor {name} has non-finite values")

@@ -230,11 +230,38 @@ def check_config(config: Mapping[str, Any]) -> None:
         )
 
 
+def _head_counts(hidden_size: int) -> list[int]:
+    """Every ``num_attention_heads`` that splits ``hidden_size`` into heads of an even width."""
+    small = [n for n in range(1, math.isqrt(hidden_size) + 1) if hidden_size % n == 0]
+    divisors = sorted({*small, *(hidden_size // n for n in small)})
+    return [n for n in divisors if (hidden_size // n) % 2 == 0]
+
+
+def _check_head_width(config: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the config fields ``hidden_size`` and ``num_attention_heads`` unless
+    the heads split ``hidden_size`` evenly into heads of an even width (RoPE rotates pairs of
+    channels). Both fields must already be checked integers."""
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    if hidden % heads == 0 and (hidden // heads) % 2 == 0:
+        return
+    problem = (
+        f"does not divide 'hidden_size'={hidden}"
+        if hidden % heads
+        else f"splits 'hidden_size'={hidden} into heads of the odd width {hidden // heads}"
+    )
+    raise ValueError(
+        f"config field 'num_attention_heads'={heads} {problem}; it must split hidden_size into heads of "
+        f"an even width (RoPE rotates pairs of channels): valid num_attention_heads for hidden_size={hidden}: "
+        f"{_head_counts(hidden) or 'none (hidden_size is odd)'}"
+    )
+
+
 def layer_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     """``TTTLayer`` keyword arguments from the reference's TTTConfig fields (checked first, see
-    :func:`check_config`)."""
+    :func:`check_config` and :func:`_check_head_width`)."""
     check_config(config)
     values = {k: config.get(k, default) for k, default in LAYER_FIELDS.items()}
+    _check_head_width(values)
     return {
         "hidden_size": int(values["hidden_size"]),
         "num_heads": int(values["num_attention_heads"]),
@@ -440,9 +467,11 @@ def _check_tensor_parallel_slices(values: Mapping[str, Any]) -> None:
 
 def model_config(config: Mapping[str, Any]) -> ModelConfig:
     """The :class:`ModelConfig` of a reference ``TTTForCausalLM`` with these ``TTTConfig`` fields
-    (checked first, see :func:`check_config`; missing fields take :data:`MODEL_DEFAULTS`)."""
+    (checked first, see :func:`check_config` and :func:`_check_head_width`; missing fields take
+    :data:`MODEL_DEFAULTS`)."""
     check_config({**MODEL_DEFAULTS, **config})
     values = {**MODEL_DEFAULTS, **{k: v for k, v in config.items() if k in MODEL_DEFAULTS}}
+    _check_head_width(values)
     if values["hidden_act"] == "swish":  # transformers' name for the same function
         values["hidden_act"] = "silu"
     _check_tensor_parallel_slices({**values, "pretraining_tp": config.get("pretraining_tp", 1)})

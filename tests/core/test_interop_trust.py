@@ -105,6 +105,21 @@ def test_ill_typed_or_out_of_range_values_are_refused_naming_the_field(field, va
     one_line_error(lambda: load_layer(config, reference_state_dict()), f"'{field}'", repr(value))
 
 
+@pytest.mark.parametrize(
+    ("hidden", "heads", "problem"),
+    [
+        (16, 3, "does not divide 'hidden_size'=16"),
+        (20, 4, "splits 'hidden_size'=20 into heads of the odd width 5"),
+    ],
+)
+def test_heads_that_do_not_split_the_width_evenly_name_the_config_fields(hidden, heads, problem) -> None:
+    config = dict(CONFIG, hidden_size=hidden, num_attention_heads=heads)
+    message = one_line_error(
+        lambda: layer_kwargs(config), f"config field 'num_attention_heads'={heads} {problem}"
+    )
+    assert "num_heads" not in message
+
+
 def test_integral_floats_and_defaults_are_accepted() -> None:
     kwargs = layer_kwargs(
         dict(CONFIG, hidden_size=16.0, mini_batch_size=4.0, ttt_base_lr=1, rope_theta=10000)

@@ -180,6 +180,28 @@ def test_unknown_config_field_is_named(tmp_path):
     assert "'ttt_base_Lr' -> 'ttt_base_lr'" in _one_line_error(folder)
 
 
+HEAD_WIDTH_CASES = [
+    (64, 3, "does not divide 'hidden_size'=64", "[1, 2, 4, 8, 16, 32]"),
+    (72, 8, "splits 'hidden_size'=72 into heads of the odd width 9", "[1, 2, 3, 4, 6, 9, 12, 18, 36]"),
+]
+
+
+@pytest.mark.parametrize(("hidden", "heads", "problem", "valid"), HEAD_WIDTH_CASES)
+def test_heads_that_do_not_split_the_width_evenly_name_the_config_json_fields(
+    tmp_path, hidden, heads, problem, valid
+):
+    """The error names the fields of the user's config.json, not innerloop's ModelConfig fields."""
+    folder = _copy(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(
+        json.dumps({**config, "hidden_size": hidden, "num_attention_heads": heads})
+    )
+    message = _one_line_error(folder)
+    assert message.startswith(f"config field 'num_attention_heads'={heads} {problem};"), message
+    assert f"valid num_attention_heads for hidden_size={hidden}: {valid}" in message
+    assert "model." not in message
+
+
 def test_load_model_is_documented():
     assert inspect.getdoc(load_model)
 

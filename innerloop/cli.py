@@ -491,20 +491,9 @@ def _eval(args: argparse.Namespace) -> int:
     _check_checkpoint(args.checkpoint)
     if args.data:  # text, which a checkpoint that records no tokenizer cannot read
         _refuse_text_without_tokenizer(args.checkpoint)
-    from innerloop.train.data import resolve_files
     from innerloop.train.run import evaluate
 
-    for pattern in args.data:
-        if not pattern.strip():
-            raise ConfigError(
-                "--data '' is empty (it would read the whole current directory); give files, directories or globs"
-            )
-        try:
-            resolve_files([pattern])
-        except ValueError:
-            raise ConfigError(
-                f"--data {pattern!r} matches no file (give files, directories or globs)"
-            ) from None
+    _check_data_patterns(args.data)
     out = Path(args.out) if args.out is not None else Path(args.checkpoint).parent
     check_output_dir(args.out if args.out is not None else out, "--out")  # --out '' is refused, not '.'
     default = None if args.out is not None else "the checkpoint's folder"
@@ -523,6 +512,24 @@ def _eval(args: argparse.Namespace) -> int:
           f"{int(metrics['tokens'])} tokens in {int(metrics['windows'])} windows)")  # fmt: skip
     print(f"loss by position: {png} ({csv_path})")
     return 0
+
+
+def _check_data_patterns(patterns: Sequence[str]) -> None:
+    """Each ``--data`` entry (eval's, compare's) names files: an empty one, or one that matches no file,
+    is an error naming ``--data`` (not the library's ``data.paths``)."""
+    from innerloop.train.data import resolve_files
+
+    for pattern in patterns:
+        if not pattern.strip():
+            raise ConfigError(
+                "--data '' is empty (it would read the whole current directory); give files, directories or globs"
+            )
+        try:
+            resolve_files([pattern])
+        except ValueError:
+            raise ConfigError(
+                f"--data {pattern!r} matches no file (give files, directories or globs)"
+            ) from None
 
 
 def _check_out_outside_the_data(
@@ -574,6 +581,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     check_output_dir(args.out, "--out")  # --out '' is refused, not read as the current directory
+    _check_data_patterns(args.data)
     _check_out_outside_the_data(out, args.models, args.data)
     _quiet_lightning()
     comparison = compare(

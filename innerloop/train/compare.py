@@ -24,7 +24,7 @@ import logging
 import math
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,20 +37,24 @@ from innerloop.checkpoints import (
     checkpoint_tokenizer,
     load_checkpoint,
 )
-from innerloop.config.load import ConfigError, read_run_config
+from innerloop.config.load import ConfigError
+from innerloop.config.schema import DataConfig, RunConfig
 from innerloop.data.atomic import atomic_write, atomic_write_text
 from innerloop.data.tokenizer import Tokenizer
 from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
 from innerloop.models.params import count_parameters
-from innerloop.train.data import IGNORE_INDEX
+from innerloop.train.data import IGNORE_INDEX, DataError, TextDataModule, resolve_files
 from innerloop.train.metrics import position_buckets
 from innerloop.train.module import LanguageModelModule, load_module
 from innerloop.train.run import (
-    DEFAULT_EVAL_SEQ_LEN,
+    RunFiles,
+    _training_seq_len,
     check_vocabulary,
     checkpoint_path,
     evaluation_windows,
     run_config_path,
+    run_files,
+    run_of_checkpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -72,6 +76,9 @@ class ComparedModel:
     tokens_trained: int | None
     tokens_per_s: float | None
     no_ttt: bool = False
+    data_state: dict[str, Any] = field(default_factory=dict, repr=False)
+    """What the checkpoint's :class:`~innerloop.train.data.TextDataModule` recorded (its held-out
+    ``validation_files``, ``training_digest``)."""
 
 
 @dataclass
@@ -168,13 +175,9 @@ def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
 def load_compared_model(path: Path, name: str, no_ttt: bool) -> ComparedModel:
     """The model in ``path`` and its training counters (None where the checkpoint has none)."""
     module = load_module(path)
+    tree = load_checkpoint(path)
     counters = next(
-        (
-            s
-            for k, s in load_checkpoint(path).get("callbacks", {}).items()
-            if k.startswith("TrainingThroughput")
-        ),
-        None,
+        (s for k, s in tree.get("callbacks", {}).items() if k.startswith("TrainingThroughput")), None
     )
     tokens, per_s = None, None
     if isinstance(counters, dict) and "tokens_seen" in counters:
@@ -182,13 +185,20 @@ def load_compared_model(path: Path, name: str, no_ttt: bool) -> ComparedModel:
         seconds = float(counters.get("train_seconds", 0.0))
         per_s = tokens / seconds if seconds > 0 else None
     total = count_parameters(module.model).total
-    return ComparedModel(name, path, module, total, tokens, per_s, no_ttt)
+    data_state = tree.get(TextDataModule.__qualname__)
+    data_state = dict(data_state) if isinstance(data_state, dict) else {}
+    return ComparedModel(name, path, module, total, tokens, per_s, no_ttt, data_state)
 
 
 def model_names(paths: Sequence[Path]) -> list[str]:
     """A short distinct name per checkpoint: its run folder's name (with the file's stem when that is
-    not ``last``), numbered when two are the same."""
+    not ``last``); where two are the same, with the folder above it too (``exp1/ttt``, ``exp2/ttt``),
+    and numbered when they are still the same."""
     names = [p.parent.name if p.stem == "last" else f"{p.parent.name}/{p.stem}" for p in paths]
+    names = [
+        f"{p.absolute().parent.parent.name}/{n}" if names.count(n) > 1 else n
+        for p, n in zip(paths, names, strict=True)
+    ]
     return [f"{n} ({names[:i].count(n) + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
@@ -215,14 +225,19 @@ def bucket_sums(values: torch.Tensor, buckets: Sequence[tuple[int, int]]) -> tor
 
 
 def _baseline_index(
-    baseline: str | None, names: list[str], given: Sequence[str | Path], paths: list[Path]
+    baseline: str | None,
+    names: list[str],
+    given: Sequence[str | Path],
+    paths: list[Path],
+    no_ttt: bool = False,
 ) -> int:
-    """Which model is the baseline: ``baseline`` matches its name, its argument or its checkpoint path
-    (the first model when None)."""
+    """Which model is the baseline: ``baseline`` matches its name (with ``no_ttt`` also as the table
+    shows it, ``<name> (no TTT)``), its argument or its checkpoint path (the first model when None)."""
     if baseline is None:
         return 0
     for i, (name, arg, path) in enumerate(zip(names, given, paths, strict=True)):
-        if baseline in (name, str(arg), str(path)) or Path(baseline).expanduser().resolve() in (
+        shown = (name, f"{name} (no TTT)") if no_ttt else (name,)
+        if baseline in (*shown, str(arg), str(path)) or Path(baseline).expanduser().resolve() in (
             Path(arg).expanduser().resolve(),
             path.resolve(),
         ):
@@ -264,24 +279,24 @@ def compare(
     """Evaluate every model on the same windows at each length of ``seq_lens`` (default: the baseline's
     training length); see the module docstring. The windows are the baseline's
     :func:`~innerloop.train.run.evaluation_windows` (``paths``, ``batch_size`` and ``batches`` as in
-    ``innerloop eval``). ``no_ttt`` switches test-time training off in every model that has it."""
+    ``innerloop eval``). ``no_ttt`` switches test-time training off in every model that has it. Every
+    model's training data is checked against the windows first (:func:`training_data_notes`: logged as
+    warnings; a model that trained on the baseline's held-out text is refused)."""
     if not runs_or_checkpoints:
         raise ConfigError("compare needs at least one run folder or checkpoint")
     if seq_lens is not None and (not seq_lens or min(seq_lens) < 1):
         raise ConfigError(f"--seq-len must be one or more integers >= 1, got {list(seq_lens)}")
     checkpoints = [resolve_checkpoint(p) for p in runs_or_checkpoints]
     names = model_names(checkpoints)
-    base = _baseline_index(baseline, names, runs_or_checkpoints, checkpoints)
+    base = _baseline_index(baseline, names, runs_or_checkpoints, checkpoints, no_ttt)
     models = [load_compared_model(path, name, no_ttt) for path, name in zip(checkpoints, names, strict=True)]
     if no_ttt:
         _mark_no_ttt(models)
     reference = models[base]
     tokenizer = _common_tokenizer(checkpoints, names)
-    for note in training_data_notes(checkpoints, names, base):
+    for note in training_data_notes(models, base, paths):
         log.warning("%s", note)
-    seq_lens = list(
-        dict.fromkeys(seq_lens or [reference.module.hparams.get("seq_len") or DEFAULT_EVAL_SEQ_LEN])
-    )
+    seq_lens = list(dict.fromkeys(seq_lens or [_training_seq_len(reference.module, reference.checkpoint)]))
     results, bands, source = [], {}, ""
     for seq_len in seq_lens:
         windows = evaluation_windows(
@@ -300,42 +315,171 @@ def compare(
     return Comparison(models, base, results, bands, confidence, resamples, seed, source)
 
 
-DATA_KEYS = ("name", "paths", "tokenizer", "val_fraction", "split", "text_field")
-"""The ``data.*`` keys that decide which text a run trained on and which it held out."""
+DATA_KEYS = ("name", "paths", "tokenizer", "val_fraction", "split", "text_field", "recall")
+"""The ``data.*`` keys that decide which text a run trained on and which it held out (``recall``: the
+recall task's settings, ``data.recall.*``)."""
 
 
-def training_data_notes(checkpoints: Sequence[Path], names: Sequence[str], base: int) -> list[str]:
-    """A line for each compared model that was trained on other data than the baseline (its run's
-    ``config.yaml`` differs in :data:`DATA_KEYS`), or whose training data is unknown (no config.yaml
-    beside it): the windows are the baseline's held-out text, which such a model may have trained on,
-    so its lead would not be a fair one."""
+def _data_settings(data: DataConfig) -> dict[str, Any]:
+    """``data``'s :data:`DATA_KEYS` as plain values (lists; the recall task's settings as a dict)."""
+    settings = {}
+    for key in DATA_KEYS:
+        value = getattr(data, key)
+        if is_dataclass(value) and not isinstance(value, type):
+            value = asdict(value)
+        settings[key] = list(value) if isinstance(value, (list, tuple)) else value
+    return settings
 
-    def data_of(checkpoint: Path) -> dict[str, Any] | None:
-        saved = run_config_path(checkpoint)
-        if saved is None:
-            return None
+
+@dataclass
+class _TrainingData:
+    """What is known of a compared model's training data: its run (None: unknown, ``unknown`` says
+    why), its files (:func:`~innerloop.train.run.run_files`) and its training text's digest."""
+
+    run: RunConfig | None
+    unknown: str = ""
+    files: RunFiles | None = None
+    digest: str | None = None
+
+
+def _training_data(model: ComparedModel) -> _TrainingData:
+    """:class:`_TrainingData` of ``model``, from the config.yaml beside its checkpoint and what the
+    checkpoint recorded."""
+    if run_config_path(model.checkpoint) is None:
+        return _TrainingData(None, f"no config.yaml beside {str(model.checkpoint)!r}")
+    try:
+        run = run_of_checkpoint(model.checkpoint, model.module.hparams["model"])
+    except ConfigError as err:
+        return _TrainingData(None, str(err))
+    if run is None:
+        return _TrainingData(None, f"the config.yaml beside {str(model.checkpoint)!r} is another run's")
+    recorded = model.data_state.get("validation_files")
+    files = run_files(run.data, recorded if isinstance(recorded, list) else None)
+    digest = model.data_state.get("training_digest")
+    return _TrainingData(run, files=files, digest=digest if isinstance(digest, str) else None)
+
+
+@dataclass
+class _WindowsText:
+    """Where the windows are read from: ``files`` (resolved; None where not known as files), ``tail``
+    (they are one file's last ``tail``: a one-file run's held-out text) and ``words``."""
+
+    files: frozenset[Path] | None
+    tail: float | None
+    words: str
+
+
+def _windows_text(paths: Sequence[str], baseline: _TrainingData) -> _WindowsText:
+    """The text the windows are read from: the ``paths`` (``--data``), else the baseline run's held-out
+    text (its files as they split now, as its windows are read), else the default corpus's held-out
+    split (a baseline whose run is unknown)."""
+    if paths:
         try:
-            data = read_run_config(saved).data
-        except ConfigError:
-            return None
-        return {
-            key: list(v) if isinstance(v := getattr(data, key), (list, tuple)) else v for key in DATA_KEYS
-        }
+            files: frozenset[Path] | None = frozenset(resolve_files(paths))
+        except DataError:  # reading the windows says so
+            files = None
+        return _WindowsText(files, None, "the --data files")
+    if baseline.run is None:
+        split = run_files(DataConfig())
+        return _WindowsText(split.held_out if split else None, None, "the default corpus's held-out split")
+    split = run_files(baseline.run.data)
+    if baseline.run.data.name == "recall":
+        return _WindowsText(None, None, "the baseline's recall task")
+    if split is None or split.records:
+        return _WindowsText(None, None, "the baseline's held-out data")
+    return _WindowsText(split.held_out, split.tail, "the baseline's held-out text")
 
-    theirs = data_of(checkpoints[base])
-    notes = []
-    for index, (checkpoint, name) in enumerate(zip(checkpoints, names, strict=True)):
-        ours = data_of(checkpoint)
-        if index == base or theirs is None or ours == theirs:
-            continue
-        if ours is None:
-            notes.append(f"{name}: its training data is unknown (no config.yaml beside {str(checkpoint)!r})")
-            continue
-        keys = [f"data.{k}={ours[k]!r} (baseline {theirs[k]!r})" for k in DATA_KEYS if ours[k] != theirs[k]]
-        notes.append(
-            f"{name} was trained on other data than the baseline {names[base]}: {', '.join(keys)}; the "
-            "windows are the baseline's held-out text, which it may have trained on"
+
+def _trained_on_the_windows(
+    name: str, data: _TrainingData, windows: _WindowsText, refuse: bool
+) -> str | None:
+    """A note when ``windows`` are read from text the model ``name`` trained on (by its run's files);
+    with ``refuse``, a :class:`ConfigError` instead (the windows were not chosen by the user)."""
+    if data.files is None or windows.files is None:
+        return None
+    trained = data.files.trained_on(windows.files, windows.tail)
+    if not trained:
+        return None
+    note = (
+        f"{name} was trained on {data.files.describe(trained)}, which the windows ({windows.words}) are "
+        "read from: its loss on them is not a held-out one"
+    )
+    if data.files.resplit:
+        note += (
+            " (its checkpoint records other held-out files than its data.paths split into now: files were "
+            "added, removed or renamed since, and a file added since is counted as trained on)"
         )
+    if refuse:
+        raise ConfigError(
+            f"{note}; compare the models on text none of them trained on (--data FILES), or choose another "
+            "--baseline"
+        )
+    return note
+
+
+def _other_data_note(
+    name: str, data: _TrainingData, baseline: _TrainingData, baseline_name: str, windows: _WindowsText
+) -> str | None:
+    """A note when the model ``name`` trained on other data than the windows' (the baseline's held-out
+    text, or the default corpus's when the baseline's data is unknown), or on the same ``data.*``
+    settings but other text (their checkpoints record other training-text digests)."""
+    assert data.run is not None
+    checked = data.files is not None and windows.files is not None  # and none of the windows trained on
+    if checked:
+        held_out = "none of which it trained on (by its data.paths, as they find files now)"
+    elif windows.words == "the baseline's recall task":
+        held_out = "not the task it trained on"
+    else:
+        held_out = "which it may have trained on"
+    if baseline.run is None:
+        if data.run.data.name == "text" and not data.run.data.paths:
+            return None  # the default corpus too: its files were checked
+        ours = f"data.name={data.run.data.name!r}, data.paths={data.run.data.paths!r}"
+        return f"{name} was trained on other data ({ours}) than {windows.words}, which it is scored on"
+    ours, theirs = _data_settings(data.run.data), _data_settings(baseline.run.data)
+    if ours != theirs:
+        keys = [f"data.{k}={ours[k]!r} (baseline {theirs[k]!r})" for k in DATA_KEYS if ours[k] != theirs[k]]
+        return (
+            f"{name} was trained on other data than the baseline {baseline_name}: {', '.join(keys)}; the "
+            f"windows are {windows.words}, {held_out}"
+        )
+    if data.digest is not None and baseline.digest is not None and data.digest != baseline.digest:
+        return (
+            f"{name} was trained on other text than the baseline {baseline_name}, with the same data.* "
+            "settings: their checkpoints record different training-text digests (a file of data.paths was "
+            f"edited, added or removed between their runs), so {windows.words} may hold text it trained on"
+        )
+    return None
+
+
+def training_data_notes(models: Sequence[ComparedModel], base: int, paths: Sequence[str] = ()) -> list[str]:
+    """A line for each compared model whose training data is not known to be apart from the windows':
+    its data is unknown (no config.yaml beside it, the baseline's too); it trained on text the windows
+    are read from (by its run's files, as its data.paths find them now, and the held-out files its
+    checkpoint records); or, without ``paths``, it trained on other data than the baseline
+    (:data:`DATA_KEYS` differ) or other text (the recorded training-text digests differ).
+
+    Without ``paths`` (``--data``) the windows are the baseline's held-out text, which no model may
+    have trained on: a model that did is refused (:class:`ConfigError` naming it). With ``paths``, the
+    user's choice, such a model is named in a note."""
+    known = [_training_data(model) for model in models]
+    windows = _windows_text(paths, known[base])
+    notes = []
+    for index, (model, data) in enumerate(zip(models, known, strict=True)):
+        if data.run is None:
+            role = " (the baseline)" if index == base else ""
+            notes.append(
+                f"{model.name}{role}: its training data is unknown ({data.unknown}), so whether it "
+                f"trained on {windows.words} cannot be checked"
+            )
+            continue
+        if index == base and not paths:
+            continue  # its own held-out text; evaluation_windows checks its split
+        note = _trained_on_the_windows(model.name, data, windows, refuse=not paths)
+        if note is None and not paths and index != base:
+            note = _other_data_note(model.name, data, known[base], models[base].name, windows)
+        if note is not None:
+            notes.append(note)
     return notes
 
 
@@ -383,17 +527,32 @@ def _number(value: float | int | None, digits: int = 0) -> str:
     return "?" if value is None else f"{value:,.{digits}f}"
 
 
+TOKENS_PER_S_NOTE = (
+    "tok/s in training: tokens trained / seconds in training steps, every step of every launch included "
+    "(each launch's first, warm-up step too) at the machine's load then; compare short runs by steps, not "
+    "by time"
+)
+"""What the table's ``tok/s in training`` column measures (printed below the table)."""
+
+
 def format_table(comparison: Comparison) -> str:
-    """The comparison's table in Markdown: parameters, tokens trained, tokens/s, perplexity per length."""
+    """The comparison's table in Markdown: parameters, tokens trained, training tokens/s (see
+    :data:`TOKENS_PER_S_NOTE`, the table's last line), perplexity per length."""
     lengths = comparison.lengths
-    header = ["model", "params", "tokens trained", "tok/s", *(f"ppl @{r.seq_len}" for r in lengths)]
+    header = [
+        "model",
+        "params",
+        "tokens trained",
+        "tok/s in training",
+        *(f"ppl @{r.seq_len}" for r in lengths),
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m, model in enumerate(comparison.models):
         name = f"{model.name} (baseline)" if m == comparison.baseline else model.name
         cells = [name, _number(model.parameters), _number(model.tokens_trained), _number(model.tokens_per_s)]
         cells += [f"{r.perplexity(m):.3f}" for r in lengths]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", TOKENS_PER_S_NOTE]) + "\n"
 
 
 def comparison_id(comparison: Comparison) -> str:

@@ -39,7 +39,7 @@ import logging
 import os
 import re
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -77,9 +77,10 @@ from innerloop.config.load import (
     save_config,
     warmup_steps,
 )
-from innerloop.config.schema import RunConfig
+from innerloop.config.schema import DataConfig, RunConfig
 from innerloop.data.atomic import atomic_write_text
 from innerloop.data.hf import FORMATS, check_hf_source
+from innerloop.data.text import split_keys, split_text_files, stdlib_files
 from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
 from innerloop.kernels.cpu import release_buffers
 from innerloop.models import ModelConfig
@@ -1062,6 +1063,89 @@ def _windows_of_files(
     return EvaluationWindows(inputs, targets, batch_size, _data_tag(paths, text_field or ""), source)
 
 
+@dataclass(frozen=True)
+class RunFiles:
+    """The files a run's data read, resolved, as its ``data.paths`` find them now: those it trained on
+    and those it held out. ``tail``: a text run of one file trained on the first ``1 - tail`` of it and
+    held out the rest (both sets hold the file). ``resplit``: the checkpoint records other held-out files
+    than the files split into now (files added, removed or renamed since; ``held_out`` is the record's).
+    ``records``: a ``data.name='hf'`` run, which holds out documents within its files (every file is in
+    ``training``)."""
+
+    training: frozenset[Path]
+    held_out: frozenset[Path]
+    tail: float | None = None
+    resplit: bool = False
+    records: bool = False
+
+    def trained_on(self, files: Iterable[Path], tail: float | None = None) -> list[Path]:
+        """Which of ``files`` (resolved) hold text this run trained on, sorted. ``tail``: the files are
+        one file's last ``tail`` (a one-file run's held-out text); within a one-file run's own held-out
+        tail (``tail <= self.tail``) nothing is its training text."""
+        if tail is not None and self.tail is not None and tail <= self.tail:
+            return []
+        return sorted(self.training.intersection(files))
+
+    def describe(self, files: Sequence[Path]) -> str:
+        """``files`` (some of :attr:`training`) in words: which part of them the run trained on."""
+        names = [str(f) for f in files[:3]] + ([f"... {len(files) - 3} more"] if len(files) > 3 else [])
+        if self.tail is not None:
+            return f"the first {1 - self.tail:.0%} of {names[0]!r}"
+        return f"the records it did not hold out of {names}" if self.records else repr(names)
+
+
+def run_files(data: DataConfig, recorded_held_out: Sequence[str] | None = None) -> RunFiles | None:
+    """:class:`RunFiles` of a run's ``data`` (the default corpus for a text run without paths);
+    ``recorded_held_out``: the split keys of the files its checkpoint records holding out (its
+    ``validation_files``), else they are split as now. None for the recall task, and for data.paths
+    that find no files now (reading them says so)."""
+    if data.name not in ("text", "hf"):
+        return None
+    try:
+        if data.name == "hf":
+            found = _run_data_files(replace(RunConfig(), data=data))
+            return RunFiles(frozenset(f.resolve() for f in found), frozenset(), records=True)
+        keys = split_keys(absolute_data_paths(data.paths)) if data.paths else None
+    except (DataError, ConfigError, OSError):
+        return None
+    files = sorted(keys) if keys is not None else stdlib_files()
+    if len(files) == 1:
+        return RunFiles(frozenset(files), frozenset(files), tail=data.val_fraction)
+    held = split_text_files(files, data.val_fraction, keys)[1]
+    resplit = False
+    if recorded_held_out is not None and keys is not None:
+        resplit = sorted(keys[p] for p in held) != sorted(recorded_held_out)
+        held = [p for p in files if keys[p] in recorded_held_out]
+    held_out = frozenset(p.resolve() for p in held)
+    return RunFiles(frozenset(p.resolve() for p in files) - held_out, held_out, resplit=resplit)
+
+
+def recorded_data_state(checkpoint: str | Path) -> dict[str, Any]:
+    """What the checkpoint's :class:`TextDataModule` recorded (``validation_files``,
+    ``training_digest``; empty when nothing)."""
+    state = load_checkpoint(checkpoint).get(TextDataModule.__qualname__)
+    return dict(state) if isinstance(state, dict) else {}
+
+
+def _warn_of_evaluating_training_text(
+    checkpoint: str | Path, run: RunConfig | None, paths: Sequence[str]
+) -> None:
+    """A warning when files of ``paths`` (``--data``) hold text the run of ``checkpoint`` trained on: its
+    loss on them is not a held-out one."""
+    if run is None:
+        return
+    recorded = recorded_data_state(checkpoint).get("validation_files") if run.data.name == "text" else None
+    files = run_files(run.data, recorded if isinstance(recorded, list) else None)
+    trained = files.trained_on(resolve_files(paths)) if files is not None else []
+    if trained:
+        log.warning(
+            "%s was trained on %s (its run's data.paths), which --data evaluates on: its loss there is "
+            "not a held-out one",
+            str(checkpoint),
+            files.describe(trained),
+        )
+
+
 def _run_data_tag(run: RunConfig, tokenizer: Tokenizer | None = None) -> str:
     """``default-val`` for a run on the default corpus's usual split in bytes (the windows
     ``evaluation_examples`` gives too), else ``<data.name>-val-<hash>`` of the data config, of the data
@@ -1134,6 +1218,10 @@ def evaluate(
     windows = evaluation_windows(checkpoint, module, paths, seq_len, batch_size, batches, tokenizer)
     inputs, targets = windows.inputs, windows.targets
     print(f"windows: {len(inputs)} of {seq_len} tokens from {windows.source} ({windows.tag})", flush=True)
+    if paths:
+        _warn_of_evaluating_training_text(
+            checkpoint, run_of_checkpoint(checkpoint, module.hparams["model"]), paths
+        )
     check_vocabulary(module, inputs, targets, tokenizer)
     loader = DataLoader(FixedExamples(inputs, targets), batch_size=windows.batch_size, shuffle=False)
     trainer = L.Trainer(

@@ -217,16 +217,22 @@ def test_models_with_different_tokenizers_are_refused(runs, monkeypatch) -> None
 
 
 def test_a_model_trained_on_other_data_or_unknown_data_is_named(runs, tmp_path) -> None:
-    from innerloop.train.compare import training_data_notes
+    from innerloop.train.compare import load_compared_model, training_data_notes
 
-    checkpoints = [run / "last.safetensors" for run in runs]
-    assert training_data_notes(checkpoints, ["ttt", "swa"], 0) == []  # the same data: nothing to say
+    def models() -> list:
+        return [load_compared_model(run / "last.safetensors", run.name, False) for run in runs]
+
+    assert training_data_notes(models(), 0) == []  # the same data: nothing to say
     config = runs[1] / "config.yaml"
     config.write_text(config.read_text().replace("val_fraction: 0.1", "val_fraction: 0.5"))
-    (notes,) = training_data_notes(checkpoints, ["ttt", "swa"], 0)
+    (notes,) = training_data_notes(models(), 0)
     assert notes.startswith("swa was trained on other data than the baseline ttt: data.val_fraction=0.5")
+    assert notes.endswith("the windows are the baseline's held-out text, none of which it trained on (by its data.paths, as they find files now)")  # fmt: skip
+    # The other way round, the baseline holds out the last half, which swa trained on: refused.
+    with pytest.raises(ConfigError, match=r"^ttt was trained on the first 90% of .*, which the windows \(the baseline's held-out text\)"):  # fmt: skip
+        training_data_notes(models(), 1)
     config.unlink()
-    (notes,) = training_data_notes(checkpoints, ["ttt", "swa"], 0)
+    (notes,) = training_data_notes(models(), 0)
     assert "swa: its training data is unknown" in notes
 
 

@@ -429,11 +429,18 @@ def _metadata_tree(path: str | os.PathLike[str]) -> Any:
         return None
 
 
+def recorded_entry(path: str | os.PathLike[str], key: str) -> Any:
+    """The top-level entry ``key`` of the checkpoint at ``path`` (e.g. a data module's recorded state),
+    read from its metadata alone: no tensor is read and nothing verified (:func:`load_checkpoint` does
+    that). None when there is none or the file cannot be read."""
+    tree = _metadata_tree(path)
+    return tree.get(key) if isinstance(tree, dict) else None
+
+
 def recorded_plugins(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The plugin record (:data:`PLUGINS_KEY`) of the checkpoint at ``path``, read from its metadata
     alone (not verified: :func:`load_checkpoint` does that); None when it has none or cannot be read."""
-    tree = _metadata_tree(path)
-    record = tree.get(PLUGINS_KEY) if isinstance(tree, dict) else None
+    record = recorded_entry(path, PLUGINS_KEY)
     return record if isinstance(record, dict) else None
 
 

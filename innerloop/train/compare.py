@@ -340,6 +340,7 @@ class _TrainingData:
     unknown: str = ""
     files: RunFiles | None = None
     digest: str | None = None
+    written: float | None = None  # when its checkpoint was written (its mtime)
 
 
 def _training_data(model: ComparedModel) -> _TrainingData:
@@ -356,7 +357,26 @@ def _training_data(model: ComparedModel) -> _TrainingData:
     recorded = model.data_state.get("validation_files")
     files = run_files(run.data, recorded if isinstance(recorded, list) else None)
     digest = model.data_state.get("training_digest")
-    return _TrainingData(run, files=files, digest=digest if isinstance(digest, str) else None)
+    try:
+        written = model.checkpoint.stat().st_mtime
+    except OSError:
+        written = None
+    return _TrainingData(
+        run, files=files, digest=digest if isinstance(digest, str) else None, written=written
+    )
+
+
+def _there_before(files: list[Path], written: float | None) -> list[Path]:
+    """Those of ``files`` that were in place before a checkpoint written at ``written`` (their inode
+    changed last by then: a file created, moved in or edited since is not among them)."""
+    before = []
+    for file in files:
+        try:
+            if written is not None and file.stat().st_ctime <= written:
+                before.append(file)
+        except OSError:
+            pass
+    return before
 
 
 @dataclass
@@ -400,16 +420,18 @@ def _trained_on_the_windows(
     trained = data.files.trained_on(windows.files, windows.tail)
     if not trained:
         return None
+    # With files added, removed or renamed since, only a file there before its checkpoint surely trained it.
+    surely = _there_before(trained, data.written) if data.files.resplit else trained
     note = (
-        f"{name} was trained on {data.files.describe(trained)}, which the windows ({windows.words}) are "
-        "read from: its loss on them is not a held-out one"
+        f"{name} {'was' if surely else 'may have been'} trained on {data.files.describe(trained)}, which the "
+        f"windows ({windows.words}) are read from: its loss on them is not a held-out one"
     )
     if data.files.resplit:
         note += (
             " (its checkpoint records other held-out files than its data.paths split into now: files were "
             "added, removed or renamed since, and a file added since is counted as trained on)"
         )
-    if refuse:
+    if refuse and surely:
         raise ConfigError(
             f"{note}; compare the models on text none of them trained on (--data FILES), or choose another "
             "--baseline"

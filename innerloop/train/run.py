@@ -62,6 +62,7 @@ from innerloop.checkpoints import (
     load_checkpoint,
     load_training_checkpoint,
     missing_plugins_note,
+    recorded_entry,
     recorded_plugins,
 )
 from innerloop.config.load import (
@@ -1123,7 +1124,7 @@ def run_files(data: DataConfig, recorded_held_out: Sequence[str] | None = None) 
 def recorded_data_state(checkpoint: str | Path) -> dict[str, Any]:
     """What the checkpoint's :class:`TextDataModule` recorded (``validation_files``,
     ``training_digest``; empty when nothing)."""
-    state = load_checkpoint(checkpoint).get(TextDataModule.__qualname__)
+    state = recorded_entry(checkpoint, TextDataModule.__qualname__)  # metadata only: no tensor is read
     return dict(state) if isinstance(state, dict) else {}
 
 
@@ -1138,11 +1139,12 @@ def _warn_of_evaluating_training_text(
     files = run_files(run.data, recorded if isinstance(recorded, list) else None)
     trained = files.trained_on(resolve_files(paths)) if files is not None else []
     if trained:
+        source = "its run's data.paths" if run.data.paths else "the built-in corpus, its run's data"
         log.warning(
-            "%s was trained on %s (its run's data.paths), which --data evaluates on: its loss there is "
-            "not a held-out one",
+            "%s was trained on %s (%s), which --data evaluates on: its loss there is not a held-out one",
             str(checkpoint),
             files.describe(trained),
+            source,
         )
 
 

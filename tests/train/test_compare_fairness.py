@@ -6,6 +6,7 @@ CLI's --data errors, the table's tok/s note, --baseline under --no-ttt and model
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -190,3 +191,20 @@ def test_run_folders_of_the_same_name_are_told_apart_by_the_folder_above() -> No
     first, second = Path("exp1/ttt/last.safetensors"), Path("exp2/ttt/last.safetensors")
     assert model_names([first, second, Path("swa/last.safetensors")]) == ["exp1/ttt", "exp2/ttt", "swa"]
     assert model_names([first, first]) == ["exp1/ttt (1)", "exp1/ttt (2)"]
+
+
+def test_a_file_added_after_a_models_run_is_not_held_against_it(tmp_path, three_files) -> None:
+    """The regression review's case: M trained on {a,b,c} holding out a.txt; z1.txt lands in the folder
+    afterwards and a newer run N holds it out. M never saw z1.txt: compare N M notes the doubt (its
+    split moved) instead of refusing, as it did before the per-model check."""
+    old_run = _run(
+        tmp_path / "M", [str(three_files)], {"validation_files": ["a.txt"], "training_digest": "1"}
+    )
+    written = (old_run / "last.safetensors").stat().st_mtime
+    os.utime(old_run / "last.safetensors", (written - 60, written - 60))  # M finished a minute ago
+    (three_files / "z1.txt").write_text(_text("z"))
+    held_now = validation_file_keys([str(three_files)], 0.1)
+    assert held_now != ["a.txt"]
+    new_run = _run(tmp_path / "N", [str(three_files)], {"validation_files": held_now, "training_digest": "2"})
+    notes = compare_module.training_data_notes(_models(new_run, old_run), 0)
+    assert any(note.startswith("M may have been trained on") for note in notes), notes

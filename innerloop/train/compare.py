@@ -194,7 +194,8 @@ def model_names(paths: Sequence[Path]) -> list[str]:
     """A short distinct name per checkpoint: its run folder's name (with the file's stem when that is
     not ``last``); where two are the same, with the folder above it too (``exp1/ttt``, ``exp2/ttt``),
     and numbered when they are still the same."""
-    names = [p.parent.name if p.stem == "last" else f"{p.parent.name}/{p.stem}" for p in paths]
+    folders = [p.absolute().parent.name for p in paths]  # a relative path's parent may be ''
+    names = [f if p.stem == "last" else f"{f}/{p.stem}" for p, f in zip(paths, folders, strict=True)]
     names = [
         f"{p.absolute().parent.parent.name}/{n}" if names.count(n) > 1 else n
         for p, n in zip(paths, names, strict=True)

@@ -951,7 +951,16 @@ def evaluation_windows(
     windows when ``batches`` is given (else the run's number of validation windows, or 8 batches);
     ``batch_size`` defaults to the run's (or 16). A config.yaml beside the checkpoint that cannot be
     read, or run data that cannot be read, raises (one line naming it), never falls back to other data."""
-    run, why_not = _run_beside(checkpoint, module.hparams["model"])
+    try:
+        run, why_not = _run_beside(checkpoint, module.hparams["model"])
+    except ConfigError as err:
+        if not paths:
+            raise
+        advice = "repair it, or give --data FILES to evaluate on"  # _run_beside's, for eval without --data
+        raise ConfigError(
+            f"{str(err).removesuffix(advice)}repair it: it says how to read --data (as text, or a "
+            "data.name='hf' run's text field), and whether the run trained on those files"
+        ) from None
     if paths:
         return _windows_of_files(paths, run, why_not, seq_len, batch_size, batches, tokenizer)
     if run is not None:  # the run's own number of windows unless batches is given

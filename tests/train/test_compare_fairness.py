@@ -208,3 +208,26 @@ def test_a_file_added_after_a_models_run_is_not_held_against_it(tmp_path, three_
     new_run = _run(tmp_path / "N", [str(three_files)], {"validation_files": held_now, "training_digest": "2"})
     notes = compare_module.training_data_notes(_models(new_run, old_run), 0)
     assert any(note.startswith("M may have been trained on") for note in notes), notes
+
+
+def test_checkpoints_given_relative_to_the_current_folder_are_named_by_their_folder(
+    tmp_path, monkeypatch
+) -> None:
+    (tmp_path / "A").mkdir()
+    monkeypatch.chdir(tmp_path / "A")
+    assert model_names([Path("last.safetensors"), Path("../B/last.safetensors"), Path("x.safetensors")]) == [
+        "A", "B", "A/x",
+    ]  # fmt: skip
+
+
+def test_eval_data_with_an_unreadable_run_config_says_to_repair_it_not_to_give_data(
+    tmp_path, three_files
+) -> None:
+    run = _run(tmp_path / "broken", [str(three_files)], {"validation_files": ["a.txt"]})
+    with (run / "config.yaml").open("a") as config:
+        config.write("some_future_key: 1\n")
+    with pytest.raises(ConfigError) as refused:
+        evaluate(run / "last.safetensors", [str(three_files / "a.txt")], batches=1, progress_bar=False)
+    message = str(refused.value)
+    assert "cannot be used to find its run's data" in message and "give --data" not in message
+    assert message.endswith("repair it: it says how to read --data (as text, or a data.name='hf' run's text field), and whether the run trained on those files")  # fmt: skip

@@ -460,6 +460,8 @@ def _other_data_note(
         ours = f"data.name={data.run.data.name!r}, data.paths={data.run.data.paths!r}"
         return f"{name} was trained on other data ({ours}) than {windows.words}, which it is scored on"
     ours, theirs = _data_settings(data.run.data), _data_settings(baseline.run.data)
+    if _same_files(data.files, baseline.files):  # other spellings of the same files (a link, a relative path)
+        ours["paths"] = theirs["paths"]
     if ours != theirs:
         keys = [f"data.{k}={ours[k]!r} (baseline {theirs[k]!r})" for k in DATA_KEYS if ours[k] != theirs[k]]
         return (
@@ -473,6 +475,16 @@ def _other_data_note(
             f"edited, added or removed between their runs), so {windows.words} may hold text it trained on"
         )
     return None
+
+
+def _same_files(ours: RunFiles | None, theirs: RunFiles | None) -> bool:
+    """Whether two runs' data.paths find the same files now (resolved: links and relative paths read as
+    the files they name), with the same split of them."""
+    if ours is None or theirs is None:
+        return False
+    return (ours.training, ours.held_out, ours.tail, ours.records) == (
+        theirs.training, theirs.held_out, theirs.tail, theirs.records,
+    )  # fmt: skip
 
 
 def training_data_notes(models: Sequence[ComparedModel], base: int, paths: Sequence[str] = ()) -> list[str]:

@@ -1120,7 +1120,8 @@ def run_files(data: DataConfig, recorded_held_out: Sequence[str] | None = None) 
         return None
     files = sorted(keys) if keys is not None else stdlib_files()
     if len(files) == 1:
-        return RunFiles(frozenset(files), frozenset(files), tail=data.val_fraction)
+        one = frozenset(p.resolve() for p in files)
+        return RunFiles(one, one, tail=data.val_fraction)
     held = split_text_files(files, data.val_fraction, keys)[1]
     resplit = False
     if recorded_held_out is not None and keys is not None:

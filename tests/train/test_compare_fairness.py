@@ -231,3 +231,23 @@ def test_eval_data_with_an_unreadable_run_config_says_to_repair_it_not_to_give_d
     message = str(refused.value)
     assert "cannot be used to find its run's data" in message and "give --data" not in message
     assert message.endswith("repair it: it says how to read --data (as text, or a data.name='hf' run's text field), and whether the run trained on those files")  # fmt: skip
+
+
+def test_the_same_files_through_a_link_are_the_same_data(tmp_path, three_files) -> None:
+    """The regression review's LOW-4: a run on a link to the baseline's data folder (or file) trained on
+    the same files; no "other data" note. A run on other files still gets one."""
+    state = {"validation_files": ["a.txt"], "training_digest": "1"}
+    (tmp_path / "link").symlink_to(three_files, target_is_directory=True)
+    baseline = _run(tmp_path / "base", [str(three_files)], state)
+    linked = _run(tmp_path / "linked", [str(tmp_path / "link")], state)
+    assert compare_module.training_data_notes(_models(baseline, linked), 0) == []
+    corpus = tmp_path / "one.txt"
+    corpus.write_text(_text("o") * 3)
+    (tmp_path / "one_link.txt").symlink_to(corpus)
+    single = _run(tmp_path / "single", [str(corpus)], {"training_digest": "2"})
+    single_linked = _run(
+        tmp_path / "single_linked", [str(tmp_path / "one_link.txt")], {"training_digest": "2"}
+    )
+    assert compare_module.training_data_notes(_models(single, single_linked), 0) == []
+    (note,) = compare_module.training_data_notes(_models(baseline, single), 0)
+    assert note.startswith("single was trained on other data than the baseline base: data.paths=")

@@ -35,7 +35,7 @@ from innerloop.checkpoints import (
     CHECKPOINT_SUFFIX,
     checkpoint_identity,
     checkpoint_tokenizer,
-    load_checkpoint,
+    recorded_entry,
 )
 from innerloop.config.load import ConfigError
 from innerloop.config.schema import DataConfig, RunConfig
@@ -43,18 +43,19 @@ from innerloop.data.atomic import atomic_write, atomic_write_text
 from innerloop.data.tokenizer import Tokenizer
 from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
 from innerloop.models.params import count_parameters
-from innerloop.train.data import IGNORE_INDEX, DataError, TextDataModule, resolve_files
+from innerloop.train.data import IGNORE_INDEX, DataError, resolve_files
 from innerloop.train.metrics import position_buckets
 from innerloop.train.module import LanguageModelModule, load_module
 from innerloop.train.run import (
     RunFiles,
-    _training_seq_len,
     check_vocabulary,
     checkpoint_path,
     evaluation_windows,
+    recorded_data_state,
     run_config_path,
     run_files,
     run_of_checkpoint,
+    training_seq_len,
 )
 
 log = logging.getLogger(__name__)
@@ -174,10 +175,12 @@ def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
 
 def load_compared_model(path: Path, name: str, no_ttt: bool) -> ComparedModel:
     """The model in ``path`` and its training counters (None where the checkpoint has none)."""
-    module = load_module(path)
-    tree = load_checkpoint(path)
-    counters = next(
-        (s for k, s in tree.get("callbacks", {}).items() if k.startswith("TrainingThroughput")), None
+    module = load_module(path)  # reads and verifies the whole checkpoint; the rest is in its metadata
+    callbacks = recorded_entry(path, "callbacks")
+    counters = (
+        next((s for k, s in callbacks.items() if k.startswith("TrainingThroughput")), None)
+        if isinstance(callbacks, dict)
+        else None
     )
     tokens, per_s = None, None
     if isinstance(counters, dict) and "tokens_seen" in counters:
@@ -185,9 +188,7 @@ def load_compared_model(path: Path, name: str, no_ttt: bool) -> ComparedModel:
         seconds = float(counters.get("train_seconds", 0.0))
         per_s = tokens / seconds if seconds > 0 else None
     total = count_parameters(module.model).total
-    data_state = tree.get(TextDataModule.__qualname__)
-    data_state = dict(data_state) if isinstance(data_state, dict) else {}
-    return ComparedModel(name, path, module, total, tokens, per_s, no_ttt, data_state)
+    return ComparedModel(name, path, module, total, tokens, per_s, no_ttt, recorded_data_state(path))
 
 
 def model_names(paths: Sequence[Path]) -> list[str]:
@@ -297,7 +298,7 @@ def compare(
     tokenizer = _common_tokenizer(checkpoints, names)
     for note in training_data_notes(models, base, paths):
         log.warning("%s", note)
-    seq_lens = list(dict.fromkeys(seq_lens or [_training_seq_len(reference.module, reference.checkpoint)]))
+    seq_lens = list(dict.fromkeys(seq_lens or [training_seq_len(reference.module, reference.checkpoint)]))
     results, bands, source = [], {}, ""
     for seq_len in seq_lens:
         windows = evaluation_windows(

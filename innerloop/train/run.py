@@ -1225,7 +1225,7 @@ def evaluate(
             raise ValueError(f"{name}={value} must be >= 1")
     module = load_module(checkpoint)
     if seq_len is None:
-        seq_len = _training_seq_len(module, checkpoint)
+        seq_len = training_seq_len(module, checkpoint)
     tokenizer = checkpoint_tokenizer(checkpoint)
     windows = evaluation_windows(checkpoint, module, paths, seq_len, batch_size, batches, tokenizer)
     inputs, targets = windows.inputs, windows.targets
@@ -1311,7 +1311,7 @@ def _data_tag(paths: Sequence[str], reading: str = "") -> str:
     return f"{name}{f'+{len(files) - 1}' if len(files) > 1 else ''}-{digest}"
 
 
-def _training_seq_len(module: LanguageModelModule, checkpoint: str | Path) -> int:
+def training_seq_len(module: LanguageModelModule, checkpoint: str | Path) -> int:
     """The seq_len ``module`` was trained with, from the checkpoint's own hyperparameters (never from a
     config.yaml beside the file, which a copied checkpoint may not have or may have another run's);
     128, said in one printed line, for a checkpoint that does not record it."""

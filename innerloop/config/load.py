@@ -14,7 +14,6 @@ import inspect
 import logging
 import math
 import os
-import re
 import tempfile
 import typing
 import warnings
@@ -37,7 +36,10 @@ from innerloop.config.schema import (
     TrainerConfig,
 )
 from innerloop.config.trainer_args import (
+    BOOL_TEXTS,
     LIGHTNING_NAMES,
+    PLAIN_FLOAT,
+    PLAIN_INT,
     check_lightning_arguments,
     check_loggers,
     route_trainer_keys,
@@ -129,14 +131,6 @@ def _expected_type(key: str) -> Any:
 # declares (`yes`, `1` and `'1'` for a bool; `0x20`, `0o17`, `017`, `1:30` and full-width digits for a
 # number). A scalar for a bool, int or float key is checked here on its text, before any of that.
 
-_PLAIN_INT = re.compile(r"[-+]?(0|[1-9][0-9]*(_[0-9]+)*)")
-_PLAIN_FLOAT = re.compile(
-    r"[-+]?([0-9]+(_[0-9]+)*\.([0-9]+(_[0-9]+)*)?|\.[0-9]+(_[0-9]+)*)([eE][-+]?[0-9]+)?"
-    r"|[-+]?(0|[1-9][0-9]*(_[0-9]+)*)[eE][-+]?[0-9]+"
-    r"|[-+]?\.?(inf|infinity|nan)",  # refused later, with the reason (the number must be finite)
-    re.IGNORECASE,
-)
-_BOOLS = ("true", "True", "TRUE", "false", "False", "FALSE")
 _NULLS = ("", "~", "null", "Null", "NULL")
 _KIND_WORDS = {
     bool: "true or false",
@@ -167,11 +161,11 @@ def _text_fits(text: str, kinds: Sequence[Any], quoted: bool = False) -> bool:
     for kind in kinds:
         if typing.get_origin(kind) is typing.Literal and text in [str(v) for v in typing.get_args(kind)]:
             return True
-        if kind is bool and text in _BOOLS or kind is type(None) and text in _NULLS and not quoted:
+        if kind is bool and text in BOOL_TEXTS or kind is type(None) and text in _NULLS and not quoted:
             return True
-        if kind is int and _PLAIN_INT.fullmatch(text):
+        if kind is int and PLAIN_INT.fullmatch(text):
             return True
-        if kind is float and (_PLAIN_INT.fullmatch(text) or _PLAIN_FLOAT.fullmatch(text)):
+        if kind is float and (PLAIN_INT.fullmatch(text) or PLAIN_FLOAT.fullmatch(text)):
             return True
     return False
 

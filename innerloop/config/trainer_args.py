@@ -244,18 +244,18 @@ def value_matches(value: Any, annotation: Any) -> bool:
     return True
 
 
-# A quoted value (a YAML string) of a Lightning argument whose type is made of bools, ints, floats, null
-# and Literals is read on its text by the rules innerloop.config.load applies to a quoted value of
-# innerloop's own keys (its _PLAIN_INT, _PLAIN_FLOAT and _BOOLS, which load.py, importing this module,
-# cannot share with it; tests/train/test_lightning_quoted_values.py checks that both agree).
-_PLAIN_INT = re.compile(r"[-+]?(0|[1-9][0-9]*(_[0-9]+)*)")
-_PLAIN_FLOAT = re.compile(
+# The text of a bool, int or float as a config may write it (innerloop.config.load checks its own keys'
+# scalars on these; value_of_its_kind reads a quoted value of a Lightning argument by them): a bool
+# only true or false, an int plain decimal digits (an optional sign, `_` between groups), a float a
+# decimal number. Defined here because load.py imports this module.
+PLAIN_INT = re.compile(r"[-+]?(0|[1-9][0-9]*(_[0-9]+)*)")
+PLAIN_FLOAT = re.compile(
     r"[-+]?([0-9]+(_[0-9]+)*\.([0-9]+(_[0-9]+)*)?|\.[0-9]+(_[0-9]+)*)([eE][-+]?[0-9]+)?"
     r"|[-+]?(0|[1-9][0-9]*(_[0-9]+)*)[eE][-+]?[0-9]+"
-    r"|[-+]?\.?(inf|infinity|nan)",
+    r"|[-+]?\.?(inf|infinity|nan)",  # load.py refuses these later, with the reason (must be finite)
     re.IGNORECASE,
 )
-_BOOLS = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
+BOOL_TEXTS = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
 _TEXT_KINDS = (bool, int, float, type(None))
 
 
@@ -278,11 +278,11 @@ def value_of_its_kind(value: Any, annotation: Any) -> Any:
         )
         if literal:
             return literal[0]
-    if bool in members and value in _BOOLS:
-        return _BOOLS[value]
-    if int in members and _PLAIN_INT.fullmatch(value):
+    if bool in members and value in BOOL_TEXTS:
+        return BOOL_TEXTS[value]
+    if int in members and PLAIN_INT.fullmatch(value):
         return int(value)
-    if float in members and (_PLAIN_INT.fullmatch(value) or _PLAIN_FLOAT.fullmatch(value)):
+    if float in members and (PLAIN_INT.fullmatch(value) or PLAIN_FLOAT.fullmatch(value)):
         return float(value)
     return value
 

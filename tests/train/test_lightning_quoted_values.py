@@ -26,7 +26,7 @@ TEXTS = [
 
 @pytest.mark.parametrize("kind", [int, float, bool])
 def test_a_text_is_read_as_its_kind_exactly_when_innerloops_own_keys_take_it(kind) -> None:
-    """value_of_its_kind keeps its own copy of load.py's rules (load.py imports trainer_args): the same."""
+    """value_of_its_kind reads a quoted text exactly where load.py takes it for its own keys."""
     for text in TEXTS:
         value = value_of_its_kind(text, kind | None)
         assert (value is not text) == _text_fits(text, (kind, type(None)), quoted=True), text

@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -44,7 +43,7 @@ from innerloop.config.load import ConfigError, check_output_dir
 from innerloop.data.tokenizer import Tokenizer as RunTokenizer
 from innerloop.data.tokenizer import TokenizerError, UnknownTokenizer
 from innerloop.hf.configuration import MODEL_TYPE, InnerloopConfig
-from innerloop.hf.modeling import InnerloopForCausalLM, set_buffer
+from innerloop.hf.modeling import InnerloopForCausalLM, export_leftovers, set_buffer
 from innerloop.hf.remote_code import SHIMS
 from innerloop.hf.tokenizer import BYTES, load_tokenizer, write_tokenizer_files
 
@@ -484,19 +483,6 @@ def _delete_earlier_export(aside: Path, owned: set[str], out: Path) -> None:
         ) from None
 
 
-def _leftovers(out: Path, suffix: str) -> list[Path]:
-    """The folders an interrupted export to ``out`` left beside it, oldest first: its staging folders
-    (``suffix`` ``.tmp``) or the earlier export it had renamed aside (``.old``), as ``tempfile.mkdtemp``
-    names them (``.<name>.<8 characters><suffix>``)."""
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}{re.escape(suffix)}")
-    if not out.parent.is_dir():
-        return []
-    found = [
-        p for p in out.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
-    ]
-    return sorted(found, key=lambda p: p.stat().st_mtime_ns)
-
-
 def settle_interrupted_export(out_dir: str | os.PathLike[str]) -> list[str]:
     """Settle what an export to ``out_dir`` that was killed left beside it, and say so in one line
     (a warning); return what was done, one phrase each.
@@ -513,11 +499,11 @@ def settle_interrupted_export(out_dir: str | os.PathLike[str]) -> list[str]:
     a folder that still holds something after this stays where it is, and the line names it."""
     out = Path(out_dir).expanduser()
     done: list[str] = []
-    earlier = _leftovers(out, ".old")
+    earlier = export_leftovers(out, ".old")
     if not out.exists() and earlier:
         os.replace(earlier[-1], out)  # the most recent one set aside: the export OUT_DIR held last
         done.append(f"put the earlier export back from {earlier.pop().name}")
-    for staging in _leftovers(out, ".tmp"):
+    for staging in export_leftovers(out, ".tmp"):
         done.append(_settle_staging(staging, out))
     if is_export_folder(out):
         done += [_settle_set_aside(aside) for aside in earlier]

@@ -346,30 +346,39 @@ class InnerloopPreTrainedModel(PreTrainedModel):
                         )
 
 
+def export_leftovers(out: Path, suffix: str) -> list[Path]:
+    """The folders an interrupted export to ``out`` left beside it, oldest first: its staging folders
+    (``suffix`` ``.tmp``) or the earlier export it had renamed aside (``.old``), as ``tempfile.mkdtemp``
+    names them (``.<name>.<8 characters><suffix>``). Here, not in :mod:`innerloop.hf.export` (which
+    imports this module), so that loading can name them too."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}{re.escape(suffix)}")
+    if not out.parent.is_dir():
+        return []
+    found = [
+        p for p in out.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+    ]
+    return sorted(found, key=lambda p: p.stat().st_mtime_ns)
+
+
 def refuse_an_interrupted_export(folder: Any) -> None:
     """Raise ``FileNotFoundError`` when ``folder`` (a local path) does not exist because an
     ``innerloop export --overwrite`` to it was killed between its two renames: the earlier export waits
-    beside it in ``.<name>.<8 characters>.old`` (:mod:`innerloop.hf.export`); the message names the
-    most recent one and how to put it back. Nothing is moved here: the next export to ``folder`` settles
-    it (:func:`innerloop.hf.export.settle_interrupted_export`, which this module cannot import: the
-    export imports this module). Anything else (a folder that exists, a Hub id) is left to transformers."""
+    beside it (:func:`export_leftovers`); the message names the most recent one and how to put it back.
+    Nothing is moved here: the next export to ``folder`` settles it
+    (:func:`innerloop.hf.export.settle_interrupted_export`). Anything else (a folder that exists, a Hub
+    id) is left to transformers."""
     if not isinstance(folder, (str, os.PathLike)):
         return
     out = Path(folder).expanduser()
     if not out.name or os.path.lexists(out):
         return
-    set_aside = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}\.old")  # as tempfile.mkdtemp names it
     try:
-        earlier = [
-            p
-            for p in out.parent.iterdir()
-            if set_aside.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
-        ]
-        latest = max(earlier, key=lambda p: p.stat().st_mtime_ns, default=None)
-    except OSError:  # no parent folder, or one that cannot be read: nothing to name
+        earlier = export_leftovers(out, ".old")
+    except OSError:  # a parent folder that cannot be read: nothing to name
         return
-    if latest is None:
+    if not earlier:
         return
+    latest = earlier[-1]
     raise FileNotFoundError(
         f"{str(folder)!r} does not exist: an `innerloop export` that was replacing the export there was "
         f"interrupted, and the earlier export waits beside it in {str(latest)!r}; put it back with "

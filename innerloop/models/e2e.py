@@ -30,9 +30,12 @@ reads an arbitrarily long sequence piece by piece in constant memory.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +62,30 @@ from innerloop.registry import get_registry
 
 
 def num_suffix_blocks(config: ModelConfig) -> int:
-    """Blocks with a prime MLP: ``round(suffix_fraction * num_layers)``, at least 1 (3 of 12)."""
+    """Blocks with a prime MLP: ``round(suffix_fraction * num_layers)``, at least 1 (3 of 12).
+
+    Python's ``round`` rounds a tie to the even number: with ``suffix_fraction=0.25``, 10 layers give 2
+    suffix blocks (2.5 -> 2) and 14 layers give 4 (3.5 -> 4).
+    """
     return max(1, round(config.e2e.suffix_fraction * config.num_layers))
+
+
+BUILT_FIELDS: tuple[str, ...] = ("window", "e2e.suffix_fraction")
+"""``ModelConfig`` fields an :class:`E2ELM` reads only when it is built (the attention window, which
+blocks have a prime MLP): changing one on a built model is refused at the next forward."""
+
+
+def _config_field(config: ModelConfig, field: str) -> Any:
+    """The value of ``field`` (a dotted name such as ``"e2e.suffix_fraction"``) in ``config``."""
+    value: Any = config
+    for part in field.split("."):
+        value = getattr(value, part)
+    return value
+
+
+class OneChunkTrainingWarning(UserWarning):
+    """A TTT-E2E model is trained on sequences of at most one chunk: no inner step reaches the outer
+    loss, so training is the sliding-window baseline's (:meth:`E2ELM.forward`)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,9 +380,14 @@ class E2ELM(nn.Module):
         registry = get_registry()
         self.inner_loss: ModelInnerLoss = registry.model_inner_loss(config.e2e.inner_loss)
         self.update_rule: ModelUpdateRule = registry.model_update_rule(config.e2e.update_rule)
-        # Share of the outer training done, for the inner lr's warm-up. Saved with the weights; 1 (fully
-        # warmed up) for a model that is not being trained. Set by the training loop.
+        # Share of the outer training done, for the inner lr's warm-up (set_outer_progress). 1 (fully
+        # warmed up) in a freshly built model. The training loop sets it to global_step / max_steps
+        # before each step, and it is saved with the weights: a loaded checkpoint keeps the progress of
+        # the last step it was trained at, (max_steps - 1) / max_steps for a finished run, and runs at
+        # that step's inner lr (as validation during the run did) until set_outer_progress(1.0).
         self.register_buffer("outer_progress", torch.ones((), dtype=torch.float64))
+        self._built = {field: _config_field(config, field) for field in BUILT_FIELDS}
+        self._warned_of_one_chunk_training = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -402,16 +432,64 @@ class E2ELM(nn.Module):
         return gate, up, down
 
     def set_outer_progress(self, progress: float) -> None:
-        """Tell the model how far outer training is (``step / max_steps``), for the inner-lr warm-up."""
-        self.outer_progress.fill_(min(max(float(progress), 0.0), 1.0))
+        """Tell the model how far outer training is (``step / max_steps``, in [0, 1]), for the inner-lr
+        warm-up; ``set_outer_progress(1.0)`` gives the full ``inner_lr``.
+
+        A finite value outside [0, 1] is clamped to it (a step past ``max_steps`` is fully warmed up);
+        nan and +-inf are refused with a ``ValueError``.
+        """
+        if isinstance(progress, (str, bytes, bool)):
+            raise TypeError(
+                f"progress must be a number in [0, 1], got {progress!r} ({type(progress).__name__})"
+            )
+        value = float(progress)
+        if not math.isfinite(value):
+            raise ValueError(
+                f"progress={value} must be a finite number in [0, 1] (outer steps done / max_steps); "
+                "finite values outside [0, 1] are clamped to it"
+            )
+        self.outer_progress.fill_(min(max(value, 0.0), 1.0))
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """``nn.Module``'s, after refusing an ``outer_progress`` buffer outside [0, 1] (nan included):
+        training stores ``step / max_steps``, so such a value can only come from an edited file, and it
+        would give a nan or negative inner lr."""
+        progress = state_dict.get(prefix + "outer_progress")
+        if isinstance(progress, torch.Tensor) and progress.numel() == 1 and progress.device.type != "meta":
+            value = float(progress)
+            if not 0.0 <= value <= 1.0:  # also refuses nan
+                raise ValueError(
+                    f"the checkpoint's buffer {prefix}outer_progress (the share of outer training done, "
+                    f"for the inner-lr warm-up) is {value}; it must be a finite number in [0, 1], as "
+                    "training stores it: was the file edited or written by another program?"
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def inner_lr(self) -> float:
         """The inner learning rate now: linear from ``inner_lr_start`` to ``inner_lr`` over the first
-        ``inner_lr_warmup_fraction`` of outer training, then ``inner_lr``."""
+        ``inner_lr_warmup_fraction`` of outer training, then ``inner_lr``. ``ValueError`` if the
+        ``outer_progress`` buffer is outside [0, 1] or nan (a file loaded around ``load_state_dict``)."""
         e2e = self.config.e2e
         if e2e.inner_lr_warmup_fraction <= 0 or self.outer_progress.device.type == "meta":
             return e2e.inner_lr  # meta: shapes only, no progress to read
         progress = float(self.outer_progress)
+        if not 0.0 <= progress <= 1.0:  # also nan: written into the buffer, not by set_outer_progress
+            raise ValueError(
+                f"the buffer outer_progress (the share of outer training done, for the inner-lr warm-up) "
+                f"is {progress}; it must be a finite number in [0, 1]: set it with "
+                "model.set_outer_progress(...) (1.0: the full inner_lr)"
+            )
         if progress >= e2e.inner_lr_warmup_fraction:
             return e2e.inner_lr
         return (
@@ -428,12 +506,19 @@ class E2ELM(nn.Module):
         Under ``torch.no_grad`` / ``inference_mode`` the inner loop still takes its gradients (that is
         test-time training) but keeps no graph between chunks; with gradients on, the logits are
         differentiable through every inner step (second order unless ``e2e.first_order``).
+
+        Most ``config.e2e`` options are read at every call; a change of a :data:`BUILT_FIELDS` one
+        (``window``, ``e2e.suffix_fraction``) on a built model raises ``ValueError``. A training forward
+        of a new sequence of at most ``chunk_size`` tokens warns once (:class:`OneChunkTrainingWarning`).
         """
         check_token_ids(input_ids, self.config.vocab_size)
         validate_e2e_options(self.config)  # read at every call, and users may change them on a built model
+        self._check_built_fields()  # read only when built: a change is refused, not ignored
         self._check_precision()
         if state is not None:
             self._check_state(state, input_ids.shape[0])
+        else:
+            self._warn_of_one_chunk_training(input_ids.shape[1])
         input_ids = input_ids.long()  # the inner loss's targets must be int64 (no copy if they are)
         if torch.is_inference_mode_enabled():
             # Inference tensors cannot enter autograd, and test-time training needs autograd: run on
@@ -442,6 +527,36 @@ class E2ELM(nn.Module):
                 logits, state = self._forward(input_ids.clone(), state)
             return logits, state
         return self._forward(input_ids, state)
+
+    def _check_built_fields(self) -> None:
+        """The :data:`BUILT_FIELDS` of ``self.config`` still have the values the model was built with."""
+        for field, built in self._built.items():
+            now = _config_field(self.config, field)
+            if now != built:
+                raise ValueError(
+                    f"model.{field} was {built!r} when this model was built and is now {now!r}: a built "
+                    f"model does not read it again (its blocks were made for {built!r}); set it back, or "
+                    "build a new model with the new config (build_model)"
+                )
+
+    def _warn_of_one_chunk_training(self, length: int) -> None:
+        """Warn once if a training forward (train mode, gradients on, test-time training, a new sequence)
+        reads at most one chunk: no inner step can then reach the outer loss (with ``next_token``
+        targets none is taken; with ``within_chunk`` the one taken scores nothing)."""
+        e2e = self.config.e2e
+        training = self.training and torch.is_grad_enabled() and e2e.test_time_training
+        if not training or self._warned_of_one_chunk_training or not 0 < length <= e2e.chunk_size:
+            return
+        self._warned_of_one_chunk_training = True
+        warnings.warn(
+            f"TTT-E2E training on sequences of {length} tokens (data.seq_len in `innerloop train`), at "
+            f"most one chunk (model.e2e.chunk_size={e2e.chunk_size}): every logit is scored before the "
+            "chunk's inner step, so no inner step reaches the outer loss and training is then exactly "
+            "the sliding-window baseline (model.e2e.test_time_training=false). Use data.seq_len > "
+            "model.e2e.chunk_size (several chunks) to train test-time training",
+            OneChunkTrainingWarning,
+            stacklevel=2,
+        )
 
     def _check_precision(self) -> None:
         """The weights' dtype fits the autocast the model runs under: ``e2e.compute_dtype``'s, or

@@ -99,7 +99,9 @@ class InnerModel(ABC):
     def stack(self) -> tuple[AffineLayer, ...] | None:
         """The model as a stack of affine maps and elementwise functions, or None if it is not one.
 
-        A model that declares its stack can be run by the dual form and by the stack kernels.
+        A model that declares its stack can be run by the dual form, and by the stack kernels once
+        they are registered for its name (``innerloop.kernels.fused_torch.kernel_spec`` and
+        ``innerloop.kernels.cpu.kernel_spec``; the built-in models' are registered by innerloop).
         """
         return None
 
@@ -308,12 +310,28 @@ class UpdateRule(ABC):
     has no token-index scale sets ``uses_token_scale = False`` and gets ``tau=None``. The exact
     semantics of each are in :func:`innerloop.core.scan.run_scan` (and docs/family.md). The
     keywords are passed only when given, so a rule without them keeps the five-argument ``forward``.
+
+    What a rule computes is checked (at registration and by :func:`innerloop.testing.check_update_rule`)
+    against a token-by-token statement of it: by default the naive token loop of mini-batch gradient
+    descent with these decay and momentum semantics
+    (:func:`innerloop.testing.reference.naive_token_loop`), so a rule is an *implementation* of that
+    (a faster or fused one). A rule that is another inner optimizer declares its own statement in
+    :attr:`reference`.
     """
 
     name: ClassVar[str]
     supports_decay: ClassVar[bool] = False
     supports_momentum: ClassVar[bool] = False
     uses_token_scale: ClassVar[bool] = True
+
+    #: The token-by-token statement of what this rule computes, which the checks compare it with (whole
+    #: and cut anywhere, values and gradients): None (the default) for mini-batch gradient descent, the
+    #: naive token loop. A rule that is another inner optimizer defines a method
+    #: ``reference(self, state, task, views, lr, tau, decay=None, momentum=None)`` with ``forward``'s
+    #: contract (``decay=`` / ``momentum=`` passed only when given), written as a plain loop over the
+    #: tokens, independent of ``forward``'s code (a reference that calls ``forward`` checks nothing);
+    #: see ``innerloop.testing.reference.naive_token_loop`` for the shape of one.
+    reference: ClassVar[Callable[..., tuple[torch.Tensor, TTTState]] | None] = None
 
     def check_model(self, model: InnerModel) -> str | None:
         """None if this rule can run ``model``, else the reason it cannot."""

@@ -24,6 +24,7 @@ from innerloop.testing.checks import (
     check_activation_derivatives,
     check_forward_batch_independent,
     check_loss_gradient,
+    check_loss_gradient_at_zero_error,
     check_pairs_batch_independent,
     check_pairs_causal,
     check_pairs_deterministic,
@@ -329,7 +330,8 @@ def _non_finite(*tensors: torch.Tensor) -> str | None:
 
 def _check_loss_grad_runs(loss: Any, name: str, targets: torch.Tensor) -> None:
     """``token_loss_grad`` runs as the layer calls it (the default one under ``torch.func``), in the
-    prediction's dtype and shape, and is not zero everywhere (the inner loop would never learn)."""
+    prediction's dtype and shape, and is not zero everywhere (the inner loop would never learn); at
+    prediction == target, it and its derivatives are finite (:func:`check_loss_gradient_at_zero_error`)."""
     prediction = targets + torch.randn(targets.shape, dtype=targets.dtype)
     default = type(loss).token_loss_grad is InnerLoss.token_loss_grad
     try:
@@ -364,6 +366,18 @@ def _check_loss_grad_runs(loss: Any, name: str, targets: torch.Tensor) -> None:
             "token_loss cut from the prediction (.detach(), torch.round, an integer cast)? The inner loop "
             "learns through this gradient and would never change the weights"
         )
+    _conformance("inner loss", name, lambda: check_loss_gradient_at_zero_error(loss, targets))
+
+
+#: What every update rule computes, said in its refusal: the checks compare a rule with the naive token
+#: loop of mini-batch gradient descent (innerloop.testing.reference.naive_token_loop).
+UPDATE_RULE_CONTRACT = (
+    "an update rule is an implementation of mini-batch gradient descent on the inner loss (every "
+    "gradient of a mini-batch taken at the weights it started with, token i reading W_b - tau_i * "
+    "sum_{j<=i} lr_j grad_j), with decay and momentum where it sets supports_decay / supports_momentum, "
+    "and is checked against the naive token loop; another inner optimizer declares its own token-by-token "
+    "reference (UpdateRule.reference), which it is checked against instead"
+)
 
 
 #: Run only on rules from plugins that do not ship with innerloop (the modules of
@@ -372,57 +386,77 @@ def _check_loss_grad_runs(loss: Any, name: str, targets: torch.Tensor) -> None:
 #: checking them at every start-up would cost ~2 s (the first ``torch.func.grad`` call imports
 #: torch's compiler stack).
 def _check_update_rule_against_naive_loop(rule: Any, name: str) -> None:
-    """The rule equals the naive token loop on a tiny problem, in values and in the gradients w.r.t.
-    every input: whole and cut mid-mini-batch, with the reconstruction and next-token losses (a carry
-    across chunks and an invalid first pair), the layer's LayerNorm and residual on and off.
+    """The rule equals the naive token loop (or the reference it declares) on a tiny problem, in
+    values and in the gradients w.r.t. every input: whole and cut mid-mini-batch, with the
+    reconstruction and next-token losses (a carry across chunks and an invalid first pair), the
+    layer's LayerNorm and residual on and off.
 
-    The model is the first built-in one the rule accepts (linear, mlp, matrix); a rule that accepts
+    Every built-in model the rule accepts (linear, mlp, matrix) is checked: a rule right for one
+    model only (one that updates the weights of ``linear`` by name) is refused. A rule that accepts
     none of them (it is written for a plugin's own model) is checked only by its own tests. A problem
     the rule refuses to run (it raises, e.g. for a mini-batch size or a wrapping it does not take) is
-    skipped; one that it runs must agree, and it must run at least one.
+    skipped; one that it runs must agree, and it must run at least one on each model.
     """
-    from innerloop.plugins.losses.next_token import NextToken
-    from innerloop.plugins.losses.reconstruction import Reconstruction
     from innerloop.plugins.models.linear import LinearModel
     from innerloop.plugins.models.matrix import MatrixModel
     from innerloop.plugins.models.mlp import MLPModel
 
-    models = [
+    reference = getattr(rule, "reference", None)
+    if reference is not None and not callable(reference):
+        raise PluginError(
+            f"update rule {name!r}: reference must be None (the rule is mini-batch gradient descent) or a "
+            f"method reference(state, task, views, lr, tau) computing the rule token by token; got "
+            f"{type(reference).__name__} {reference!r}"
+        )
+    accepted = [
         m for m in (LinearModel(), MLPModel(), MatrixModel()) if _conformance_refusal(rule, m, name) is None
     ]
-    if not models:
-        return
+    for index, model in enumerate(accepted):
+        _check_update_rule_on_model(rule, name, model, every_problem=index == 0)
+
+
+def _check_update_rule_on_model(rule: Any, name: str, model: InnerModel, every_problem: bool) -> None:
+    """:func:`_check_update_rule_against_naive_loop` on one built-in model: every problem on the first
+    model the rule accepts; on the others (to keep registration cheap), the two that tell a rule
+    right for one model only: next_token wrapped (values), and the plainest problem with gradients (a
+    rule wrong for one loss or wrapping only is caught on the first model)."""
+    from innerloop.plugins.losses.next_token import NextToken
+    from innerloop.plugins.losses.reconstruction import Reconstruction
+
     # two sequences and two heads: a rule that mixes them is refused. next_token (an invalid first pair,
     # a carry across chunks) with gradients; reconstruction with the inner LayerNorm and residual on
-    # and off; and the plainest problem (one-token mini-batches, no wrapping) a rule may be limited to
-    problem = {"batch": 2, "heads": 2, "head_dim": 2, "tokens": 5}
+    # and off; and the plainest problem (one-token mini-batches, no wrapping) a rule may be limited to.
+    # Head dim 3: over two features the inner LayerNorm is a constant, and the gradients through it ~0
+    problem = {"batch": 2, "heads": 2, "head_dim": 3, "tokens": 5}
     problems = [
         (NextToken(), {"mini_batch_size": 2, "norm": True, "residual": True}, True),
         (Reconstruction(), {"mini_batch_size": 2, "norm": True, "residual": True}, False),
         (Reconstruction(), {"mini_batch_size": 2, "norm": False, "residual": False}, False),
         (Reconstruction(), {"mini_batch_size": 1, "norm": False, "residual": False}, True),
     ]
+    if not every_problem:  # gradients once: through the LayerNorm-free plainest problem
+        problems = [(problems[0][0], problems[0][1], False), problems[-1]]
     unsupported = []
     for loss, options, gradients in problems:
         try:
             check_update_rule(
-                rule,
-                models[0],
-                loss,
-                tolerance=REGISTRATION_TOLERANCE,
-                gradients=gradients,
-                **options,
-                **problem,
+                rule, model, loss, tolerance=REGISTRATION_TOLERANCE, gradients=gradients, **options, **problem
             )
         except AssertionError as error:  # wrong numbers: refused
-            _conformance("update rule", name, lambda error=error: _raise(error))
+            _conformance("update rule", name, lambda error=error: _raise(_with_contract(error)))
         except Exception as error:  # a configuration the rule refuses to run (its own ValueError)
             unsupported.append(f"{loss.name}, {options}: {error!r}")
     if len(unsupported) == len(problems):
         raise PluginError(
             f"update rule {name!r} failed its conformance check: it raised on every problem tried with the "
-            f"built-in model {models[0].name!r} ({'; '.join(unsupported)})"
+            f"built-in model {model.name!r}, which its check_model accepts ({'; '.join(unsupported)}); "
+            f"refuse the model in check_model if the rule cannot run it"
         )
+
+
+def _with_contract(error: AssertionError) -> AssertionError:
+    """``error`` with what an update rule must compute (:data:`UPDATE_RULE_CONTRACT`) appended."""
+    return AssertionError(f"{error} ({UPDATE_RULE_CONTRACT})")
 
 
 def _raise(error: BaseException) -> None:
@@ -589,8 +623,9 @@ KINDS: tuple[Kind, ...] = (
         """Register update rules (inner optimizers).
 
     ``register(rule)`` takes an instance of :class:`innerloop.UpdateRule` with a unique ``name``; the
-    registrar checks a rule that does not ship with innerloop against the naive token loop on a tiny
-    problem (values and gradients; the first built-in model it accepts; the reconstruction and
+    registrar checks a rule that does not ship with innerloop against the naive token loop of
+    mini-batch gradient descent (or the token-by-token ``reference`` the rule declares) on a tiny
+    problem (values and gradients; every built-in model it accepts; the reconstruction and
     next-token losses; the inner LayerNorm and residual on and off). The built-in rules are checked
     by innerloop's test suite instead.
     """,

@@ -16,7 +16,10 @@ or a name clashes, the registry is left exactly as it was. A plugin that impleme
 hooks, or marks with ``hookimpl`` a function whose name is not a hook (a misspelling), is refused
 before anything runs. An entry-point plugin that
 fails to load is skipped with one :class:`PluginLoadWarning` and listed as broken; only asking for a
-name it would have provided fails, with the reason.
+name it would have provided fails, with the reason. When two installed distributions register the
+same name, the second to load is refused (the warning), and asking for that name fails naming both
+(which one a run got would otherwise depend on install order); a plugin that takes a built-in's name
+is refused and the built-in is used.
 """
 
 from __future__ import annotations
@@ -363,12 +366,39 @@ class Registry:
         return [e for k in kinds for e in sorted(self._entries[k].values(), key=lambda e: e.name)]
 
     def get(self, kind: str, name: str) -> Any:
-        """The object registered under ``name``; a ValueError listing the valid names otherwise."""
+        """The object registered under ``name``; a ValueError listing the valid names otherwise, and a
+        :class:`PluginError` naming both when two installed distributions provide ``name``
+        (:meth:`clash_error`)."""
         self._check_kind(kind)
         entries = self._entries[kind]
         if not isinstance(name, str) or name not in entries:
             raise self.unknown_name_error(kind, name)
+        clash = self.clash_error(kind, name)
+        if clash is not None:
+            raise clash
         return entries[name].obj
+
+    def clash_error(self, kind: str, name: str) -> PluginError | None:
+        """The error for asking for ``name`` when an entry-point plugin registered it and another
+        entry-point plugin, refused at load for the clash (or any other reason), offered the same name:
+        which one a run gets would depend on the order ``sys.path`` finds them in, so neither is chosen.
+        None when there is no such clash (a plugin that offered a built-in's name is refused, and the
+        built-in is used, as before)."""
+        entry = self._entries[kind].get(name)
+        winner = None if entry is None else self._distributions.get(entry.origin)
+        if winner is None:  # a built-in or in-process object, or none: no clash between installs
+            return None
+        rivals = [b for b in self._broken if (kind, name) in b.names and b.origin != entry.origin]
+        if not rivals:
+            return None
+        label = kind.replace("_", " ")
+        others = "; ".join(f"plugin {b.entry_point!r} from distribution {b.distribution!r}" for b in rivals)
+        return PluginError(
+            f"{label} name {name!r} is provided by two installed distributions: plugin {entry.origin!r} from "
+            f"distribution {winner[0]!r}, and {others} (refused at load: {rivals[0].error}). Which one a run "
+            f"would get depends on install order, so neither is used: uninstall one, or set {ALLOW_ENV} to "
+            "the entry point to load"
+        )
 
     def unknown_name_error(self, kind: str, name: Any) -> ValueError:
         """The error for asking for a name that is not registered: the valid names, and the broken
@@ -469,11 +499,8 @@ def check_instance(kind_name: str, obj: Any) -> None:
     checked, pass at once. Instances of classes defined in the built-in plugin modules
     (``innerloop.plugins.DEFAULT_PLUGINS``) skip the external check (the test suite checks them)."""
     registry = get_registry()
-    names = registry.names(kind_name)
-    name = getattr(obj, "name", None)
-    if (isinstance(name, str) and name in names and registry.get(kind_name, name) is obj) or (
-        id(obj) in _CHECKED_INSTANCES
-    ):
+    registered = any(entry.obj is obj for entry in registry.entries(kind_name))  # not by name: no clash check
+    if registered or id(obj) in _CHECKED_INSTANCES:
         return
     builtin = type(obj).__module__ in _builtin_modules()
     with outside_transforms():

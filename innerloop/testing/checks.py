@@ -9,7 +9,8 @@ measured error when the plugin breaks a property every TTT plugin must have:
   chunk by chunk (cut anywhere) and token by token with the carry, from the initial carry and from a
   carried-on one, equal the pairs of the whole; the per-token gradient equals autograd;
   the primal form with this loss equals the naive loop.
-- :func:`check_update_rule`: the rule equals the naive loop, and any split of a sequence with the
+- :func:`check_update_rule`: the rule equals the naive loop (or the token-by-token reference it
+  declares, ``UpdateRule.reference``: another inner optimizer), and any split of a sequence with the
   state carried equals the whole sequence; with random decay and momentum too where the rule takes
   them, and a decay or momentum of 0 equals the plain rule (:func:`check_zero_decay_and_momentum`);
   for every built-in loss and layer wrapping (norm, residual on and off) unless told one; and the
@@ -84,6 +85,23 @@ class InnerProblem:
         return naive_token_loop(
             self.state, self.task, self.views, self.lr, self.tau, self.decay, self.momentum
         )
+
+    def expected(self, rule: UpdateRule) -> tuple[torch.Tensor, TTTState]:
+        """What ``rule`` must compute on the problem: its declared token-by-token reference
+        (``UpdateRule.reference``, given ``decay=`` / ``momentum=`` only when set), else the naive
+        token loop of mini-batch gradient descent (:meth:`naive`)."""
+        reference = getattr(rule, "reference", None)
+        if reference is None:
+            return self.naive()
+        extras = {k: getattr(self, k) for k in ("decay", "momentum") if getattr(self, k) is not None}
+        return reference(self.state, self.task, self.views, self.lr, self.tau, **extras)
+
+
+def reference_name(rule: UpdateRule) -> str:
+    """What :meth:`InnerProblem.expected` compares ``rule`` with, in words."""
+    if getattr(rule, "reference", None) is None:
+        return "the naive token loop"
+    return f"its declared reference ({type(rule).__qualname__}.reference)"
 
 
 def make_problem(
@@ -286,6 +304,38 @@ def check_loss_gradient(
         f"{loss.name}: token_loss_grad",
         tolerance,
     )
+    check_loss_gradient_at_zero_error(loss, target)
+
+
+def check_loss_gradient_at_zero_error(loss: InnerLoss, target: torch.Tensor) -> None:
+    """``loss.token_loss_grad`` and its derivatives w.r.t. prediction and target (what the outer
+    gradients flow through) are finite where the prediction equals the target (``[..., f]``, float64).
+
+    A zero error is met in real runs (a zero-padded prefix, a repeated token): a loss such as
+    ``(p - t).norm(-1)``, without an eps, has a finite gradient there but a NaN second derivative,
+    and its layer trains on NaN gradients without an error.
+    """
+    prediction = target.detach().double().clone().requires_grad_(True)
+    target = target.detach().double().clone().requires_grad_(True)
+    probe = torch.randn(prediction.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.enable_grad():
+        grad = loss.token_loss_grad(prediction, target)
+        derivatives = (
+            torch.autograd.grad((grad * probe).sum(), (prediction, target), allow_unused=True)
+            if grad.requires_grad
+            else ()
+        )
+    # no derivatives when token_loss_grad is outside the graph (check_loss_gradient refuses that)
+    for what, value in (
+        ("token_loss_grad", grad),
+        *zip(("its derivative w.r.t. prediction", "its derivative w.r.t. target"), derivatives, strict=False),
+    ):
+        if value is not None and not bool(torch.isfinite(value).all()):
+            raise AssertionError(
+                f"{loss.name}: {what} is not finite where prediction == target (a zero error, met at a "
+                "zero-padded prefix or a repeated token); the outer gradients flow through it. A norm or a "
+                "square root of the error needs an eps (e.g. sqrt(||p - t||^2 + eps))"
+            )
 
 
 def check_derivative_in_graph(
@@ -383,10 +433,25 @@ def _validity(pairs: LossPairs) -> torch.Tensor:
     return pairs.valid.to(pairs.inputs.dtype).expand(shape)
 
 
+def _assert_validity_close(pieces: list[LossPairs], whole: LossPairs, what: str, tolerance: float) -> None:
+    """The validity of ``pieces`` (concatenated over tokens) equals that of ``whole``: exactly where
+    every ``valid`` is a bool mask (or None), within ``tolerance`` where one is a float weight (a
+    reduction inside ``pairs`` rounds differently on a slice than on the whole)."""
+    built = torch.cat([_validity(p) for p in pieces], 2)
+    masks = all(p.valid is None or p.valid.dtype == torch.bool for p in [*pieces, whole])
+    assert_close(built, _validity(whole), what, 0.0 if masks else tolerance)
+
+
 def check_pairs_chunk_invariant(
-    loss: InnerLoss, views: Views, carry: dict[str, torch.Tensor], cut: int, tolerance: float = 0.0
+    loss: InnerLoss,
+    views: Views,
+    carry: dict[str, torch.Tensor],
+    cut: int,
+    tolerance: float = FLOAT64_TOLERANCE,
 ) -> None:
-    """Pairs built in two chunks (split at ``cut``, the carry passed on) equal the pairs of the whole."""
+    """Pairs built in two chunks (split at ``cut``, the carry passed on) equal the pairs of the whole:
+    the float fields (inputs, targets, a float ``valid`` weight) within ``tolerance``, a bool
+    ``valid`` mask exactly."""
     whole = loss.pairs(views, carry)
     tokens = views.key.shape[2]
     first = loss.pairs(views.slice_tokens(0, cut), carry)
@@ -394,15 +459,15 @@ def check_pairs_chunk_invariant(
     for field in ("inputs", "targets"):
         chunked = torch.cat([getattr(first, field), getattr(second, field)], 2)
         assert_close(chunked, getattr(whole, field), f"{loss.name}: {field} chunked at {cut}", tolerance)
-    chunked_valid = torch.cat([_validity(first), _validity(second)], 2)
-    assert_close(chunked_valid, _validity(whole), f"{loss.name}: validity chunked at {cut}", tolerance)
+    _assert_validity_close([first, second], whole, f"{loss.name}: validity chunked at {cut}", tolerance)
 
 
 def check_pairs_token_by_token(
-    loss: InnerLoss, views: Views, carry: dict[str, torch.Tensor], tolerance: float = 0.0
+    loss: InnerLoss, views: Views, carry: dict[str, torch.Tensor], tolerance: float = FLOAT64_TOLERANCE
 ) -> None:
     """Pairs built one token at a time, the carry passed on (what decoding does), equal the pairs of
-    the whole; so do pairs built in two chunks cut at every position (:func:`check_pairs_chunk_invariant`)."""
+    the whole; so do pairs built in two chunks cut at every position (:func:`check_pairs_chunk_invariant`).
+    Float fields are compared within ``tolerance``, a bool ``valid`` mask exactly."""
     tokens = views.key.shape[2]
     for cut in range(1, tokens):
         check_pairs_chunk_invariant(loss, views, carry, cut=cut, tolerance=tolerance)
@@ -415,8 +480,7 @@ def check_pairs_token_by_token(
     for field in ("inputs", "targets"):
         built = torch.cat([getattr(p, field) for p in pieces], 2)
         assert_close(built, getattr(whole, field), f"{loss.name}: {field} built token by token", tolerance)
-    built_valid = torch.cat([_validity(p) for p in pieces], 2)
-    assert_close(built_valid, _validity(whole), f"{loss.name}: validity built token by token", tolerance)
+    _assert_validity_close(pieces, whole, f"{loss.name}: validity built token by token", tolerance)
 
 
 def _batched_carry_keys(loss: InnerLoss, views: Views) -> set[str]:
@@ -559,6 +623,21 @@ PLUGIN_CHECK_SHAPE: dict[str, int] = {
     "mini_batch_size": 5,
 }
 
+#: The second shape the checks reach without a shape given: five heads (a plugin wrong past the
+#: fourth is caught) and one call of 150 tokens (longer than internal blocks of 48 or 64 tokens, FLA's
+#: usual chunk; mini-batches of 16, ending mid-mini-batch), at head dim 4 and two sequences to stay cheap.
+LONG_CHECK_SHAPE: dict[str, int] = {
+    "batch": 2,
+    "heads": 5,
+    "head_dim": 4,
+    "tokens": 150,
+    "mini_batch_size": 16,
+}
+
+#: Every shape :func:`check_inner_model`, :func:`check_inner_loss` and :func:`check_update_rule`
+#: check a plugin at when no shape is given.
+PLUGIN_CHECK_SHAPES: tuple[dict[str, int], ...] = (PLUGIN_CHECK_SHAPE, LONG_CHECK_SHAPE)
+
 
 def check_inner_model(model: InnerModel, loss: InnerLoss | None = None, seed: int = 0, **shape: int) -> None:
     """``forward`` equals the declared stack (if any), each activation's derivative equals autograd,
@@ -566,21 +645,31 @@ def check_inner_model(model: InnerModel, loss: InnerLoss | None = None, seed: in
     accepts ``model`` equals the naive loop on it (float64).
 
     ``shape``: ``make_problem``'s ``batch`` (at least 2), ``heads``, ``head_dim``, ``tokens`` and
-    ``mini_batch_size``; unset ones are :data:`PLUGIN_CHECK_SHAPE`'s."""
+    ``mini_batch_size``; unset ones are :data:`PLUGIN_CHECK_SHAPE`'s. With no shape given, every
+    shape of :data:`PLUGIN_CHECK_SHAPES` is checked (a 37-token and a 150-token call, up to five heads)."""
     from innerloop.registry import get_registry
 
     loss = loss or get_registry().inner_loss("reconstruction")
-    problem = make_problem(model, loss, seed=seed, **_check_shape(shape))
+    for full in [_check_shape(shape)] if shape else PLUGIN_CHECK_SHAPES:
+        _check_inner_model_at(model, loss, seed, full)
+
+
+def _check_inner_model_at(model: InnerModel, loss: InnerLoss, seed: int, shape: dict[str, int]) -> None:
+    """:func:`check_inner_model` at one full shape."""
+    problem = make_problem(model, loss, seed=seed, **shape)
     params = {k: v[0] for k, v in problem.state.params.items()}  # [H, *shape]: one sequence
     check_stack_matches_forward(model, params, problem.views.key[0])
     check_activation_derivatives(model, 3 * problem.views.key[0])
     check_forward_batch_independent(model, problem.state.params, problem.views.key)
     for rule in _rules_for(model):
         ruled = problem.for_rule(rule)
-        expected_out, expected_state = ruled.naive()
+        expected_out, expected_state = ruled.expected(rule)
         out, state = ruled.run(rule)
         assert_close(
-            out, expected_out, f"{rule.name} vs naive loop on model {model.name!r}", FLOAT64_TOLERANCE
+            out,
+            expected_out,
+            f"{rule.name} vs {reference_name(rule)} on model {model.name!r}",
+            FLOAT64_TOLERANCE,
         )
         assert_states_close(state, expected_state, f"{rule.name} on model {model.name!r}", FLOAT64_TOLERANCE)
 
@@ -595,16 +684,28 @@ def _check_shape(shape: dict[str, int]) -> dict[str, int]:
         least = 2 if name == "batch" else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    if full["head_dim"] == 2:
+        raise ValueError(
+            "head_dim must be 1 or at least 3 here, got 2: these checks run the layer's inner LayerNorm, "
+            "which over two features is a constant (+-w + b) whose derivative is ~1e-10 of its inputs, so "
+            "a float64 comparison of the gradients through it measures rounding, not the plugin"
+        )
     return full
 
 
 def check_inner_loss(loss: InnerLoss, seed: int = 0, **shape: int) -> None:
     """Shapes, causality, chunk invariance of the pairs, independence of the sequences of a batch,
-    gradient, and agreement with the naive loop (``shape``: as :func:`check_inner_model`'s)."""
+    gradient, and agreement with the naive loop (``shape``: as :func:`check_inner_model`'s; with
+    none given, every shape of :data:`PLUGIN_CHECK_SHAPES`)."""
+    for full in [_check_shape(shape)] if shape else PLUGIN_CHECK_SHAPES:
+        _check_inner_loss_at(loss, seed, full)
+
+
+def _check_inner_loss_at(loss: InnerLoss, seed: int, full: dict[str, int]) -> None:
+    """:func:`check_inner_loss` at one full shape."""
     from innerloop.registry import get_registry
 
     model = get_registry().inner_model("linear")
-    full = _check_shape(shape)
     problem = make_problem(model, loss, seed=seed, **full)
     views, carry = problem.views, problem.state.loss_carry
     check_pairs_deterministic(loss, views, carry)  # first: every check below compares pairs
@@ -651,7 +752,7 @@ BUILTIN_LOSSES: tuple[str, ...] = ("reconstruction", "next_token", "dot_product"
 
 def check_update_rule(
     rule: UpdateRule,
-    model: InnerModel | None = None,
+    model: InnerModel | str | None = None,
     loss: InnerLoss | None = None,
     cut_points: list[int] | None = None,
     seed: int = 0,
@@ -659,32 +760,76 @@ def check_update_rule(
     gradients: bool = True,
     **problem_kwargs,
 ) -> None:
-    """``rule`` equals the naive loop, whole and when the sequence is cut at ``cut_points``; with
+    """``rule`` equals the naive loop (or the token-by-token reference it declares,
+    ``UpdateRule.reference``), whole and when the sequence is cut at ``cut_points``; with
     random decay and momentum too where the rule supports them (:func:`rule_variants`), and a decay
     or momentum of exactly 0 gives the plain rule's numbers. With ``gradients``, the gradients of its
     outputs and final weights w.r.t. every input (views, lr, initial weights, LayerNorm, decay,
     momentum, token scales) equal the naive loop's too (:func:`check_update_rule_gradients_match_naive`).
 
-    ``model`` defaults to the registered ``linear``. ``loss`` defaults to each built-in loss in turn
+    ``model`` (an inner model or a registered model's name) defaults to every registered model the
+    rule accepts (``check_model``), ``linear`` first. ``loss`` defaults to each built-in loss in turn
     (:data:`BUILTIN_LOSSES`), and unless ``norm`` / ``residual`` are given, each layer wrapping in
-    :data:`WRAPPINGS` is checked: a rule that is right for one loss or wrapping only is caught.
+    :data:`WRAPPINGS` is checked: a rule that is right for one model, loss or wrapping only is caught.
 
     ``problem_kwargs`` go to :func:`make_problem` (``batch``, ``heads``, ``head_dim``, ``tokens``,
-    ``mini_batch_size``, ...). Without a shape among them, the values are also checked at
-    :data:`PLUGIN_CHECK_SHAPE` (three sequences and heads, an odd head dim, a 37-token call), with the
-    first loss and wrapping; :func:`innerloop.testing.strategies.problems` draws shapes for a
+    ``mini_batch_size``, ...). Without a shape among them, the values are also checked at each shape
+    of :data:`PLUGIN_CHECK_SHAPES` (three sequences and heads, an odd head dim, a 37-token call; five
+    heads and a 150-token call), with the first loss and wrapping;
+    :func:`innerloop.testing.strategies.problems` draws shapes (and, if asked, the model) for a
     hypothesis test.
     """
     from innerloop.registry import get_registry
 
     registry = get_registry()
-    model = model or registry.inner_model("linear")
     losses = [loss] if loss is not None else [registry.inner_loss(n) for n in BUILTIN_LOSSES]
     given = {k: problem_kwargs.pop(k) for k in ("norm", "residual") if k in problem_kwargs}
     wrappings = [dict(zip(("norm", "residual"), w, strict=True)) for w in WRAPPINGS] if not given else [given]
-    if not set(problem_kwargs) & set(PLUGIN_CHECK_SHAPE):  # no shape given: the values at the wide one too
-        wide = {**problem_kwargs, **PLUGIN_CHECK_SHAPE, **wrappings[0]}
-        _check_rule_on(rule, model, losses[0], cut_points, seed, tolerance, wide)
+    for each_model in _models_for(rule, model):
+        if not set(problem_kwargs) & set(
+            PLUGIN_CHECK_SHAPE
+        ):  # no shape given: the values at the wide ones too
+            for shape in PLUGIN_CHECK_SHAPES:
+                wide = {**problem_kwargs, **shape, **wrappings[0]}
+                _check_rule_on(rule, each_model, losses[0], cut_points, seed, tolerance, wide)
+        _check_rule_with(
+            rule, each_model, losses, wrappings, cut_points, seed, tolerance, gradients, problem_kwargs
+        )
+
+
+def _models_for(rule: UpdateRule, model: InnerModel | str | None) -> list[InnerModel]:
+    """The models :func:`check_update_rule` checks ``rule`` on: ``model`` (an instance or a registered
+    name), or every registered model the rule accepts, ``linear`` first."""
+    from innerloop.registry import get_registry
+
+    registry = get_registry()
+    if isinstance(model, str):
+        return [registry.inner_model(model)]
+    if model is not None:
+        return [model]
+    names = sorted(registry.names("inner_model"), key=lambda n: (n != "linear", n))
+    accepted = [m for m in (registry.inner_model(n) for n in names) if rule.check_model(m) is None]
+    if not accepted:
+        raise ValueError(
+            f"update rule {rule.name!r} accepts none of the registered inner models {names} (its check_model "
+            "refuses each): pass the model it is written for, check_update_rule(rule, model=MyModel())"
+        )
+    return accepted
+
+
+def _check_rule_with(
+    rule: UpdateRule,
+    model: InnerModel,
+    losses: list[InnerLoss],
+    wrappings: list[dict],
+    cut_points: list[int] | None,
+    seed: int,
+    tolerance: float,
+    gradients: bool,
+    problem_kwargs: dict,
+) -> None:
+    """:func:`check_update_rule` on one model: each loss and wrapping, values, zero decay and momentum
+    and (with ``gradients``) the gradients."""
     for each_loss in losses:
         for wrapping in wrappings:
             options = {**problem_kwargs, **wrapping}
@@ -709,7 +854,7 @@ def _check_rule_on(
     wrapping = ", ".join(f"{k}={problem_kwargs[k]}" for k in ("norm", "residual") if k in problem_kwargs)
     for variant in rule_variants(rule):
         problem = make_problem(model, loss, seed=seed, **variant, **problem_kwargs).for_rule(rule)
-        expected_out, expected_state = problem.naive()
+        expected_out, expected_state = problem.expected(rule)
         tokens = problem.views.query.shape[2]
         if cut_points is None:  # default: cuts inside, at and across mini-batch boundaries
             k = problem.task.mini_batch_size
@@ -721,7 +866,7 @@ def _check_rule_on(
             out, state = run_in_chunks(rule, problem, cuts)
             what = (
                 f"{rule.name} ({model.name}, {loss.name}, {given}{', ' + wrapping if wrapping else ''}) "
-                f"vs the naive token loop, cut at {cuts}"
+                f"vs {reference_name(rule)}, cut at {cuts}"
             )
             assert_close(out, expected_out, what, tolerance)
             assert_states_close(state, expected_state, what, tolerance)
@@ -740,7 +885,7 @@ def check_update_rule_gradients_match_naive(
     generator = torch.Generator().manual_seed(2)
     gradients = []
     with torch.enable_grad():
-        for run in (lambda: ruled.run(rule), ruled.naive):
+        for run in (lambda: ruled.run(rule), lambda: ruled.expected(rule)):
             out, state = run()
             outputs = [out, *state.current_weights(ruled.tau).values()]
             if not gradients:
@@ -752,7 +897,7 @@ def check_update_rule_gradients_match_naive(
             )
     task = problem.task
     for name, got, wanted in zip(leaves, *gradients, strict=True):
-        what = f"{rule.name} ({task.model.name}, {task.loss.name}): gradient w.r.t. {name} vs the naive token loop's"
+        what = f"{rule.name} ({task.model.name}, {task.loss.name}): gradient w.r.t. {name} vs that of {reference_name(rule)}"
         assert_close(got, wanted, what, tolerance)
 
 
@@ -843,16 +988,20 @@ __all__ = [
     "FLOAT64_TOLERANCE",
     "REGISTRATION_TOLERANCE",
     "InnerProblem",
+    "LONG_CHECK_SHAPE",
     "PLUGIN_CHECK_SHAPE",
+    "PLUGIN_CHECK_SHAPES",
     "assert_close",
     "assert_layers_train_alike",
     "assert_states_close",
+    "reference_name",
     "check_activation_derivatives",
     "check_derivative_in_graph",
     "check_forward_batch_independent",
     "check_inner_loss",
     "check_inner_model",
     "check_loss_gradient",
+    "check_loss_gradient_at_zero_error",
     "check_pairs_batch_independent",
     "check_pairs_causal",
     "check_pairs_chunk_invariant",

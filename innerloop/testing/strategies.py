@@ -99,23 +99,39 @@ def views(
 def problems(
     draw,
     max_batch: int = 4,
-    max_heads: int = 4,
-    head_dims: tuple[int, ...] = (1, 2, 3, 5, 8),
+    max_heads: int = 6,
+    head_dims: tuple[int, ...] = (1, 3, 4, 5, 8),
     max_tokens: int = 40,
     max_mini_batch: int = 6,
-) -> dict[str, int]:
+    inner_models: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
     """Shape keyword arguments of :func:`innerloop.testing.checks.make_problem` (and of
     ``check_inner_model``, ``check_inner_loss``, ``check_update_rule``): ``batch`` (from 2, up to
-    ``max_batch``: a plugin wrong for the third sequence is caught), ``heads``, ``head_dim`` (odd ones
-    and 1 by default), ``tokens`` (up to ``max_tokens``: longer than a plugin's internal blocks of 16
-    or 32) and ``mini_batch_size``. Hypothesis shrinks a failure to its smallest shape."""
-    return {
+    ``max_batch``: a plugin wrong for the third sequence is caught), ``heads`` (up to ``max_heads``:
+    past the fourth by default), ``head_dim`` (odd ones and 1 by default), ``tokens`` (up to
+    ``max_tokens``: longer than a plugin's internal blocks of 16 or 32; ``check_update_rule`` without
+    a shape also runs a 150-token call) and ``mini_batch_size``. Hypothesis shrinks a failure to its
+    smallest shape.
+
+    ``inner_models`` (registered names, e.g. ``("linear", "mlp")``) adds a drawn ``model`` to the
+    arguments, for ``check_update_rule(rule, **shape)`` (which takes a model's name): a rule right for
+    one model only is caught. Leave it None for ``make_problem`` and the other checks, which take the
+    model positionally (``check_update_rule`` then checks every registered model the rule accepts).
+
+    The default head dims leave out 2: the inner LayerNorm over two features is a constant (``+-w + b``)
+    whose derivative is ~1e-10 of its inputs, so the gradients through it, and any float64 comparison
+    of them, measure rounding rather than the plugin's math.
+    """
+    drawn: dict[str, Any] = {
         "batch": draw(st.integers(2, max_batch)),
         "heads": draw(st.integers(1, max_heads)),
         "head_dim": draw(st.sampled_from(head_dims)),
         "tokens": draw(st.integers(1, max_tokens)),
         "mini_batch_size": draw(st.integers(1, max_mini_batch)),
     }
+    if inner_models is not None:
+        drawn["model"] = draw(st.sampled_from(inner_models))
+    return drawn
 
 
 def seeds() -> st.SearchStrategy[int]:

@@ -179,26 +179,31 @@ def test_an_error_raised_by_a_plugin_at_runtime_keeps_its_type_and_names_the_plu
 # ---- M3: a NaN made by a plugin is not called an overflow -------------------------------------------
 
 
-class NormLoss(InnerLoss):
-    """||p - y|| (not squared): its gradient is NaN where p == y (zero input rows)."""
+class LogOfTargetLoss(InnerLoss):
+    """The half squared error times ``1 + 0 * log(sum |y|)``: finite wherever a target is nonzero (so
+    registration, on random targets, accepts it), NaN on an all-zero input row (``0 * log 0``).
 
-    name = "norm_loss"
+    (This test used ``||p - y||``, whose gradient is NaN where ``p == y``; registration now refuses
+    that loss, see tests/registry/test_review_s13_registration.py.)"""
+
+    name = "log_of_target_loss"
 
     def pairs(self, views, carry):
         return LossPairs(views.key, views.value)
 
     def token_loss(self, p, y):
-        return (p - y).pow(2).sum(-1).sqrt()
+        return 0.5 * (p - y).pow(2).sum(-1) * (1 + 0 * y.abs().sum(-1).log())
 
 
 def test_a_nan_from_a_plugin_on_small_input_names_the_plugins_not_overflow(fresh_global_registry):
-    innerloop.register_inner_loss(NormLoss(), origin="normplug")
-    layer = innerloop.TTTLayer(8, 2, inner_loss="norm_loss")
+    innerloop.register_inner_loss(LogOfTargetLoss(), origin="logplug")
+    layer = innerloop.TTTLayer(8, 2, inner_loss="log_of_target_loss")
     with pytest.raises(ValueError, match="non-finite outputs") as raised:
         layer(torch.zeros(1, 8, 8))
     message = str(raised.value)
     assert "overflowed" not in message
-    assert "inner loss 'norm_loss' (origin 'normplug')" in message and "update rule 'dual_form'" in message
+    assert "inner loss 'log_of_target_loss' (origin 'logplug')" in message
+    assert "update rule 'dual_form'" in message
 
 
 # ---- M2: shapes of the shipped checks -------------------------------------------------------------

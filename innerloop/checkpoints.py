@@ -17,11 +17,13 @@ resuming the run) upgrades it. A file of a newer version is refused with a reque
 
 Plugins: a checkpoint with a model records, under :data:`PLUGINS_KEY`, where each plugin that model
 uses came from (:func:`plugin_record`: the registry's origin and, for an entry-point plugin, its
-distribution and version, for one registered in the process, its class). :func:`load_checkpoint` warns
-once (:class:`PluginChangedWarning`) for each that is registered now by another plugin
-(:func:`same_plugin`); a name registered by no plugin makes the model's rebuild error also say where
-it came from (:func:`rebuild_error`). A checkpoint without the record (written before it existed)
-loads as before.
+distribution and version, for one registered in the process, its class), and under
+:data:`PLUGIN_SOURCES_KEY` a digest of the source of each plugin registered in the process
+(:func:`plugin_source_digest`). :func:`load_checkpoint` warns once (:class:`PluginChangedWarning`) for
+each that is registered now by another plugin (:func:`same_plugin`), or by the same class whose source
+changed since; a name registered by no plugin makes the model's rebuild error also say where it came
+from (:func:`rebuild_error`). A checkpoint without the records (written before they existed) loads as
+before.
 
 Every problem with a file (missing, a directory, truncated, not safetensors, another format, a newer
 version, a checksum mismatch, a malformed tree, weights that do not fit the model) raises one
@@ -35,6 +37,7 @@ it; :class:`innerloop.train.checkpoint.SafetensorsCheckpointIO` plugs this forma
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -81,6 +84,15 @@ PLUGINS_KEY = "innerloop_plugins"
 "class": ...}`` for a plugin registered in the process (no distribution). Loading compares it with
 the plugins registered then (:func:`warn_changed_plugins`). A checkpoint without it (written before
 innerloop recorded it) loads as before, unchecked."""
+
+PLUGIN_SOURCES_KEY = "innerloop_plugin_sources"
+"""The checkpoint key recording, for each plugin the model uses that was registered in the process (not
+built in, not an installed distribution's: those are told apart by origin and version), the SHA-256 of
+its class's source (:func:`plugin_source_digest`): ``{kind: {name: digest}}``. The class path alone
+(:data:`PLUGINS_KEY`) does not change when the code of ``module.Class`` does; loading warns
+(:class:`PluginChangedWarning`) when the class registered now is the recorded one but its source
+differs. A plugin whose source cannot be read records no digest, and its reload compares its class
+alone; a checkpoint without the key (written before it existed) loads without this check."""
 
 _TREE_KEY = "innerloop.tree"
 _DIGEST_KEY = "innerloop.sha256"
@@ -236,11 +248,16 @@ def rebuild_error(path: str | os.PathLike[str], err: BaseException) -> Checkpoin
 def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``checkpoint`` (a tree of tensors and plain values) to ``path`` atomically, with its
     checksum. A checkpoint with a model (``hyper_parameters['model']``) also records where each plugin
-    that model uses came from (:data:`PLUGINS_KEY`, :func:`plugin_record`)."""
+    that model uses came from (:data:`PLUGINS_KEY`, :func:`plugin_record`) and the source digests of
+    those registered in the process (:data:`PLUGIN_SOURCES_KEY`, :func:`plugin_sources`)."""
     hyper_parameters = checkpoint.get("hyper_parameters")
     model = hyper_parameters.get("model") if isinstance(hyper_parameters, Mapping) else None
     if isinstance(model, Mapping):
-        checkpoint = {**checkpoint, PLUGINS_KEY: plugin_record(model, checkpoint.get(PLUGINS_KEY))}
+        checkpoint = {
+            **checkpoint,
+            PLUGINS_KEY: plugin_record(model, checkpoint.get(PLUGINS_KEY)),
+            PLUGIN_SOURCES_KEY: plugin_sources(model, checkpoint.get(PLUGIN_SOURCES_KEY)),
+        }
     tensors: dict[str, torch.Tensor] = {}
     tree = json.dumps(_encode(checkpoint, tensors, ""))
     metadata = {
@@ -289,7 +306,7 @@ def plugin_origin(kind: str, name: str) -> dict[str, str] | None:
     registered in the process (not built in, no distribution), the ``class`` of the registered object
     (``module.QualName``); None when no plugin has that name."""
     registry = get_registry()
-    entry = next((e for e in registry.entries(kind) if e.name == name), None)
+    entry = _registered_entry(kind, name)
     if entry is None:
         return None
     found = {"origin": entry.origin}
@@ -302,6 +319,71 @@ def plugin_origin(kind: str, name: str) -> dict[str, str] | None:
         cls = entry.obj if isinstance(entry.obj, type) else type(entry.obj)
         found["class"] = f"{cls.__module__}.{cls.__qualname__}"
     return found
+
+
+def _registered_entry(kind: str, name: str) -> Any:
+    """The registry's entry for ``name`` of ``kind`` now (None when no plugin has that name)."""
+    return next((e for e in get_registry().entries(kind) if e.name == name), None)
+
+
+def plugin_source_digest(cls: type) -> str | None:
+    """The SHA-256 of the source of ``cls`` and of its base classes from the same top-level package
+    (where a plugin's math may live; innerloop's and other libraries' bases are left out, so an
+    upgrade of those does not count as a change of the plugin), as :func:`inspect.getsource` reads it
+    from their files now. None when a source cannot be read: a class defined in ``python -c``, in an
+    interactive session without a file, by ``exec``, or in compiled code. (Helpers a method calls are
+    not covered, nor an instance's settings.)"""
+    package = cls.__module__.partition(".")[0]
+    digest = hashlib.sha256()
+    for klass in cls.__mro__:
+        if klass.__module__.partition(".")[0] != package:
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):  # no file, or a built-in/compiled class
+            return None
+        digest.update(f"{klass.__module__}.{klass.__qualname__}\0{source}\0".encode())
+    return digest.hexdigest()
+
+
+def _source_digest_now(kind: str, name: str) -> str | None:
+    """:func:`plugin_source_digest` of the plugin registered now under ``name``, when one registered in
+    the process (not built in, not an installed distribution's) has it; None otherwise."""
+    entry = _registered_entry(kind, name)
+    if entry is None or entry.origin.startswith(BUILTIN_PREFIX):
+        return None
+    if get_registry().distribution(entry.origin) is not None:
+        return None
+    return plugin_source_digest(entry.obj if isinstance(entry.obj, type) else type(entry.obj))
+
+
+def plugin_sources(model: Mapping[str, Any], earlier: Any = None) -> dict[str, dict[str, str]]:
+    """:data:`PLUGIN_SOURCES_KEY`'s value for a model config: ``{kind: {name: digest}}`` for each plugin
+    it uses that is registered in the process and whose source can be read. A name not registered now
+    keeps what ``earlier`` (the record of the checkpoint being written again, if any) says of it."""
+    known = {(kind, name): digest for kind, name, digest in _recorded_sources(earlier)}
+    record: dict[str, dict[str, str]] = {}
+    for kind, name in used_plugins(model):
+        if _registered_entry(kind, name) is None:
+            digest = known.get((kind, name))
+        else:
+            digest = _source_digest_now(kind, name)
+        if digest is not None:
+            record.setdefault(kind, {})[name] = digest
+    return record
+
+
+def _recorded_sources(record: Any) -> list[tuple[str, str, str]]:
+    """``(kind, name, digest)`` of each well-formed item of a :data:`PLUGIN_SOURCES_KEY` record."""
+    if not isinstance(record, Mapping):
+        return []
+    return [
+        (kind, name, digest)
+        for kind, names in record.items()
+        if kind in KIND_NAMES and isinstance(names, Mapping)
+        for name, digest in names.items()
+        if isinstance(name, str) and isinstance(digest, str)
+    ]
 
 
 def same_plugin(name: str, recorded: Mapping[str, str], current: Mapping[str, str]) -> bool:
@@ -377,28 +459,54 @@ def _described(origin: Mapping[str, str]) -> str:
 
 
 def warn_changed_plugins(
-    source: str, record: Any, model: Mapping[str, Any] | None = None, stacklevel: int = 3
+    source: str,
+    record: Any,
+    model: Mapping[str, Any] | None = None,
+    stacklevel: int = 3,
+    sources: Any = None,
 ) -> None:
     """Warn (:class:`PluginChangedWarning`, once per ``source`` and change) for each plugin of
     ``record`` (a checkpoint's or export's :data:`PLUGINS_KEY`; of those ``model``, a model config,
-    uses, when given) that is registered now by another plugin than recorded (:func:`same_plugin`).
-    ``source`` names the file or folder. A name not registered now is left to the error of
-    rebuilding the model (:func:`missing_plugins_note`); a record of none (an older file) warns of
-    nothing."""
+    uses, when given) that is registered now by another plugin than recorded (:func:`same_plugin`),
+    or, with ``sources`` (a checkpoint's :data:`PLUGIN_SOURCES_KEY`), by the recorded class whose
+    source digest differs now (neither digest missing). ``source`` names the file or folder. A name not
+    registered now is left to the error of rebuilding the model (:func:`missing_plugins_note`); a
+    record of none (an older file) warns of nothing."""
+    digests = {(kind, name): digest for kind, name, digest in _recorded_sources(sources)}
     for kind, name, recorded in _recorded_plugins(record, model):
         current = plugin_origin(kind, name)
-        key = (source, kind, name, tuple(sorted(recorded.items())), tuple(sorted((current or {}).items())))
-        if current is None or same_plugin(name, recorded, current) or key in _WARNED_PLUGINS:
+        if current is None:
+            continue
+        if same_plugin(name, recorded, current):
+            message = _changed_source_message(source, kind, name, recorded, digests.get((kind, name)))
+        else:
+            message = (
+                f"{source} was saved with the {kind.replace('_', ' ')} {name!r} of {_described(recorded)}; "
+                f"here {name!r} is registered by {_described(current)}: the model is built with the one "
+                "registered now, which may compute another function (install the one it was saved with "
+                "to reproduce its numbers)"
+            )
+        key = (source, kind, name, tuple(sorted(recorded.items())), tuple(sorted(current.items())), message)
+        if message is None or key in _WARNED_PLUGINS:
             continue
         _WARNED_PLUGINS.add(key)
-        warnings.warn(
-            f"{source} was saved with the {kind.replace('_', ' ')} {name!r} of {_described(recorded)}; "
-            f"here {name!r} is registered by {_described(current)}: the model is built with the one "
-            "registered now, which may compute another function (install the one it was saved with "
-            "to reproduce its numbers)",
-            PluginChangedWarning,
-            stacklevel=stacklevel,
-        )
+        warnings.warn(message, PluginChangedWarning, stacklevel=stacklevel)
+
+
+def _changed_source_message(
+    source: str, kind: str, name: str, recorded: Mapping[str, str], digest: str | None
+) -> str | None:
+    """The warning for the plugin registered now under ``name``, the recorded class, when its source
+    digest is not the recorded ``digest``; None when it is, or when either is unknown."""
+    now = _source_digest_now(kind, name)
+    if digest is None or now is None or now == digest:
+        return None
+    return (
+        f"{source} was saved with the {kind.replace('_', ' ')} {name!r} of {_described(recorded)} whose "
+        f"class source had SHA-256 {digest[:12]}...; here that class's source has {now[:12]}...: its code "
+        "changed since the checkpoint was written, and the model is built with the code now, which may "
+        "compute another function (restore the code it was saved with to reproduce its numbers)"
+    )
 
 
 def missing_plugins_note(record: Any, model: Mapping[str, Any] | None = None) -> str:
@@ -547,7 +655,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
         raise CheckpointError(f"{name} has a metadata tree that is a {type(tree).__name__}, not a dict")
     _check_finite_weights(name, tree.get("state_dict"))
     _fill_earlier_defaults(tree)
-    warn_changed_plugins(name, tree.get(PLUGINS_KEY))
+    warn_changed_plugins(name, tree.get(PLUGINS_KEY), sources=tree.get(PLUGIN_SOURCES_KEY))
     device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
     if torch.device(device).type != "cpu":
         tree = _move_tensors(tree, device)

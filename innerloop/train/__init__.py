@@ -14,6 +14,7 @@ from innerloop.train.interrupt import TrainingInterrupted
 from innerloop.train.metrics import InnerLossDiagnostics, LossByPosition, position_buckets
 from innerloop.train.module import (
     LanguageModelModule,
+    NonFiniteLayerOutputError,
     TrainingDivergedError,
     load_model,
     load_module,
@@ -27,6 +28,7 @@ __all__ = [
     "InnerLossDiagnostics",
     "LanguageModelModule",
     "LossByPosition",
+    "NonFiniteLayerOutputError",
     "RecallDataModule",
     "SafetensorsCheckpointIO",
     "TextDataModule",

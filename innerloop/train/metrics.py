@@ -12,11 +12,14 @@ module holding them is cast to a low precision (:class:`Float64States`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torchmetrics import Metric
 from torchmetrics.text import Perplexity
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 
 class Float64States(Metric):
@@ -82,22 +85,35 @@ class LossByPosition(Float64States):
     """Mean per-token loss in each of ``num_buckets`` equal buckets of positions.
 
     ``update(token_loss [B, T], mask [B, T] bool)`` adds the losses of the tokens where ``mask`` is
-    true; ``compute()`` returns ``[num_buckets]`` means (NaN for a bucket without scored tokens). The
-    sequence length is fixed by the first update; :meth:`buckets` gives the positions of each bucket.
+    true; ``compute()`` returns ``[num_buckets]`` means (NaN for a bucket without scored tokens), or
+    ``[seq_len]`` when fewer positions were seen; :meth:`buckets` gives the positions of each bucket.
+
+    The sums are kept per position, so batches may differ in length (e.g. padded to the longest of
+    each batch) with ``varying_lengths=True``: the buckets are then those of the longest length seen
+    (:attr:`seq_len`, across processes when synced), each the mean over every scored token at its
+    positions, whichever batch it came from. Without it, the first update fixes the length and
+    another is an error (a consumer labelling the buckets with one length may rely on that).
     """
 
     full_state_update = False
     is_differentiable = False
     higher_is_better = False
 
-    def __init__(self, num_buckets: int = 16, **kwargs):
+    def __init__(self, num_buckets: int = 16, varying_lengths: bool = False, **kwargs):
         super().__init__(**kwargs)
         if num_buckets < 1:
             raise ValueError(f"num_buckets={num_buckets} must be >= 1")
         self.num_buckets = num_buckets
-        self.seq_len: int | None = None
-        self.add_state("loss_sum", torch.zeros(num_buckets, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros(num_buckets, dtype=torch.float64), dist_reduce_fx="sum")
+        self.varying_lengths = varying_lengths
+        # [longest length seen]: summed loss and scored-token count at each position
+        self.add_state("loss_by_position", torch.zeros(0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count_by_position", torch.zeros(0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    @property
+    def seq_len(self) -> int | None:
+        """The longest length seen since the last reset (None before the first update)."""
+        length = self.loss_by_position.numel()
+        return length or None
 
     def buckets(self) -> list[tuple[int, int]]:
         """Position ranges ``[start, end)`` of the buckets (after the first update)."""
@@ -105,33 +121,65 @@ class LossByPosition(Float64States):
             raise RuntimeError("LossByPosition has seen no data yet")
         return position_buckets(self.seq_len, self.num_buckets)
 
+    @property
+    def loss_sum(self) -> torch.Tensor:
+        """The summed loss of each bucket, ``[len(buckets())]`` float64."""
+        return self._by_bucket(self.loss_by_position)
+
+    @property
+    def count(self) -> torch.Tensor:
+        """The number of scored tokens of each bucket, ``[len(buckets())]`` float64."""
+        return self._by_bucket(self.count_by_position)
+
+    def _by_bucket(self, by_position: torch.Tensor) -> torch.Tensor:
+        return torch.stack([by_position[start:end].sum() for start, end in self.buckets()])
+
     def update(self, token_loss: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         if token_loss.dim() != 2:
             raise ValueError(f"token_loss must be [batch, length], got shape {tuple(token_loss.shape)}")
-        length = token_loss.shape[1]
-        if self.seq_len is None:
-            self.seq_len = length
-        elif length != self.seq_len:
-            raise ValueError(f"LossByPosition was set up for length {self.seq_len}, got length {length}")
         if mask is None:
             mask = torch.ones_like(token_loss, dtype=torch.bool)
-        bucket_of = torch.empty(length, dtype=torch.long, device=token_loss.device)  # [T]
-        for b, (start, end) in enumerate(self.buckets()):
-            bucket_of[start:end] = b
-        weights = mask.to(torch.float64)
-        losses = torch.where(mask, token_loss.detach().to(torch.float64), 0.0)
-        self.loss_sum.index_add_(0, bucket_of, losses.sum(dim=0))
-        self.count.index_add_(0, bucket_of, weights.sum(dim=0))
+        if mask.shape != token_loss.shape:
+            raise ValueError(
+                f"mask must have token_loss's shape {tuple(token_loss.shape)}, got {tuple(mask.shape)}"
+            )
+        length = token_loss.shape[1]
+        if not self.varying_lengths and self.seq_len not in (None, length):
+            raise ValueError(
+                f"LossByPosition was set up for length {self.seq_len}, got length {length}; construct it "
+                "with varying_lengths=True to bucket batches of differing lengths by position"
+            )
+        self._grow_to(length)
+        losses = torch.where(mask, token_loss.detach().to(torch.float64), 0.0).sum(dim=0)  # [T]
+        self.loss_by_position[:length] += losses
+        self.count_by_position[:length] += mask.sum(dim=0).to(torch.float64)
 
-    def reset(self) -> None:
-        """Clear the sums and the length: the next update may be of another length (a module validated
-        at one seq_len and then at another)."""
-        super().reset()
-        self.seq_len = None
+    def _grow_to(self, length: int) -> None:
+        """Extend the per-position sums with zeros to ``length`` positions (if shorter)."""
+        missing = length - self.loss_by_position.numel()
+        if missing > 0:
+            self.loss_by_position = F.pad(self.loss_by_position, (0, missing))
+            self.count_by_position = F.pad(self.count_by_position, (0, missing))
+
+    def _sync_dist(self, dist_sync_fn: Callable = gather_all_tensors, process_group: Any = None) -> None:
+        """Sum the per-position states across processes, first extended to the longest length any
+        process saw (torchmetrics stacks states of one shape)."""
+        lengths = dist_sync_fn(
+            torch.tensor([self.loss_by_position.numel()], device=self.loss_by_position.device),
+            group=process_group or self.process_group,
+        )
+        self._grow_to(max(int(n) for n in lengths))
+        super()._sync_dist(dist_sync_fn, process_group)
+
+    def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
+        """Add another state of this metric (``forward``'s), each extended to the longer length."""
+        self._grow_to(incoming_state["loss_by_position"].numel())
+        length = self.loss_by_position.numel()
+        incoming = {name: F.pad(value, (0, length - value.numel())) for name, value in incoming_state.items()}
+        super()._reduce_states(incoming)
 
     def compute(self) -> torch.Tensor:
-        used = len(self.buckets())
-        return (self.loss_sum / self.count)[:used].float()  # 0/0 = NaN marks an empty bucket
+        return (self.loss_sum / self.count).float()  # 0/0 = NaN marks an empty bucket
 
 
 class InnerLossDiagnostics(Float64States):

@@ -4,13 +4,17 @@ or an :class:`~innerloop.models.E2ELM` for ``mixer: e2e``).
 AdamW with decoupled weight decay (0.1 by default, on matrices only), linear warm-up then a decay to
 ``min_lr`` (``schedule``: cosine by default, see :mod:`innerloop.train.schedules`), gradient clipping
 through the Trainer (``gradient_clip_val``). Validation logs
-``val_loss``, ``val_ppl``, ``val_acc`` (next-token accuracy on scored tokens), the loss by position
-(``val_loss_pos/<bucket>``) and, for TTT models, the inner loss before and after the updates of each
-layer (``inner_loss_before/<layer>``, ``inner_loss_after/<layer>``).
+``val_loss`` (the mean loss per scored token, ``log(val_ppl)``, whatever the batches' sizes and
+padding), ``val_ppl``, ``val_acc`` (next-token accuracy on scored tokens), the loss by position
+(``val_loss_pos/<bucket>``, bucketed up to the longest validation batch: batches may differ in length)
+and, for TTT models, the inner loss before and after the updates of each layer
+(``inner_loss_before/<layer>``, ``inner_loss_after/<layer>``).
 
 A training (or, while fitting, validation) loss that is NaN or inf raises :class:`TrainingDivergedError`
 with the step, the last finite loss and what to try; NaN produced inside the model is reported so too,
-not as bad input of a TTT layer (the input is token ids).
+not as bad input of a TTT layer (the input is token ids). When the NaN first appeared in a TTT layer's
+output from finite input of moderate size, with the layer's weights finite, the error is a
+:class:`NonFiniteLayerOutputError` naming that layer and its plugins (the likely source) instead.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from innerloop.checkpoints import (
 )
 from innerloop.checkpoints import load_model as load_model  # re-exported: its old home
 from innerloop.core.diagnostics import inner_loss_before_after
+from innerloop.core.layer import LARGE_INPUT, plugin_label
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
 from innerloop.models.config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Bounds, checked_number
 from innerloop.train.data import IGNORE_INDEX, Batch
@@ -97,20 +102,70 @@ class TrainingDivergedError(RuntimeError):
     """The training loss (or the weights) became NaN or inf; the message says when and what to try."""
 
 
-@contextmanager
-def _non_finite_propagates(layers: list[torch.nn.Module]) -> Iterator[None]:
-    """Let NaN and inf through the input and output checks of ``layers`` (TTT layers with ``non_finite='raise'``).
+class NonFiniteLayerOutputError(TrainingDivergedError):
+    """While training, NaN or inf first appeared in a TTT layer's output from finite input of moderate
+    size: the likely source is the layer's plugins, not the learning rate; the message names the layer
+    and its plugins. (A :class:`TrainingDivergedError`, so that a run stops on it as on a divergence,
+    keeping its last good checkpoint.)"""
 
-    In training the model's input is token ids, so a non-finite value inside the model is the run
-    diverging: the loss check reports it as such, where the layer's error would blame the input.
+
+LayerCall = tuple[str, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""One call of a checked layer while training: its name, and its input's and output's (min, max)."""
+
+
+@contextmanager
+def _non_finite_propagates(
+    layers: list[tuple[str, torch.nn.Module]], calls: list[LayerCall]
+) -> Iterator[None]:
+    """Let NaN and inf through the input and output checks of ``layers`` (``(name, TTT layer)`` with
+    ``non_finite='raise'``), appending to ``calls`` the range of each call's input and output.
+
+    In training the model's input is token ids, so NaN reaching a layer's input is the run diverging,
+    where the layer's input check would blame the input. A non-finite loss is traced through ``calls``
+    instead (:func:`_first_non_finite_output`). Recording costs one reduction of each input and output
+    (as the layer's own checks do) and no device sync: the ranges are read only when the loss is not
+    finite.
     """
-    for layer in layers:
+
+    def record(name: str):
+        def hook(module, args, kwargs, output) -> None:
+            x = args[0] if args else kwargs.get("x")
+            y = output[0] if isinstance(output, tuple) else output
+            if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.numel() and y.numel():
+                calls.append((name, torch.aminmax(x.detach()), torch.aminmax(y.detach())))
+
+        return hook
+
+    hooks = [layer.register_forward_hook(record(name), with_kwargs=True) for name, layer in layers]
+    for _, layer in layers:
         layer.non_finite = "ignore"
     try:
         yield
     finally:
-        for layer in layers:
+        for (_, layer), hook in zip(layers, hooks, strict=True):
             layer.non_finite = "raise"
+            hook.remove()
+
+
+def _largest(value_range: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """The largest magnitude in a tensor, from its ``(min, max)``: NaN if it holds NaN, inf if inf."""
+    low, high = (float(v) for v in value_range)
+    return math.nan if math.isnan(low) or math.isnan(high) else max(-low, high)
+
+
+def _first_non_finite_output(calls: list[LayerCall]) -> tuple[str, float] | None:
+    """``(layer name, largest |input|)`` of the first call in ``calls`` whose output holds NaN or inf
+    while its input is finite and of moderate size (below :data:`~innerloop.core.layer.LARGE_INPUT`,
+    where an overflow cannot be the cause); None when there is none, or when the first non-finite
+    output came from non-finite or huge input (the run diverging before that layer)."""
+    for name, input_range, output_range in calls:
+        if math.isfinite(_largest(output_range)):
+            continue
+        largest_input = _largest(input_range)
+        if math.isfinite(largest_input) and largest_input < LARGE_INPUT:
+            return name, largest_input
+        return None
+    return None
 
 
 def _per_item(values: torch.Tensor) -> torch.Tensor:
@@ -165,11 +220,15 @@ class LanguageModelModule(L.LightningModule):
         self.val_acc = MulticlassAccuracy(
             num_classes=self.model.config.vocab_size, average="micro", ignore_index=IGNORE_INDEX
         )
-        self.val_loss_by_position = LossByPosition(num_position_buckets)
+        self.val_loss_by_position = LossByPosition(num_position_buckets, varying_lengths=True)
         self.inner_diagnostics = InnerLossDiagnostics(self.model.config.num_layers)
         self._inner_loss_before_after = None
         self._last_finite_loss: tuple[int, torch.Tensor] | None = None  # (global step, training loss)
-        self._checked_layers = [m for m in self.model.modules() if getattr(m, "non_finite", None) == "raise"]
+        self._checked_layers = [
+            (f"model.{name}", m)
+            for name, m in self.model.named_modules()
+            if getattr(m, "non_finite", None) == "raise"
+        ]
         self._stop_deferred = False  # a stop asked for mid-accumulation (on_train_batch_end)
         if diagnostics_batches > 0 and self.model.config.mixer == "ttt":
             self._inner_loss_before_after = inner_loss_before_after
@@ -252,13 +311,13 @@ class LanguageModelModule(L.LightningModule):
         inputs, targets = batch
         if hasattr(self.model, "set_outer_progress"):  # TTT-E2E: its inner lr warms up with the outer steps
             self.model.set_outer_progress(self.global_step / self.hparams.max_steps)
-        with _non_finite_propagates(self._checked_layers):
+        calls: list[LayerCall] = []
+        with _non_finite_propagates(self._checked_layers, calls):
             logits = self(inputs)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         if not self._finite_on_every_process(loss):
-            raise self.diverged(
-                f"the training loss is {self._describe(loss)} after {self.global_step} optimizer steps"
-            )
+            what = f"the training loss is {self._describe(loss)} after {self.global_step} optimizer steps"
+            raise self._non_finite_error(what, calls)
         self._last_finite_loss = (self.global_step, loss.detach())
         self.log("train_loss", loss, prog_bar=True)
         return loss
@@ -290,6 +349,38 @@ class LanguageModelModule(L.LightningModule):
             "may not exceed it), "
             f"gradient clipping (optim.grad_clip, now {clip or 'off'}) or a longer warm-up "
             f"(optim.warmup_fraction, now {self.hparams.warmup_steps} steps)"
+        )
+
+    def _non_finite_error(self, what: str, calls: list[LayerCall]) -> TrainingDivergedError:
+        """The error for a non-finite loss (``what`` says which): :class:`NonFiniteLayerOutputError`
+        naming the TTT layer and its plugins when the NaN or inf first appeared in such a layer's
+        output from finite input of moderate size (``calls``, see :func:`_non_finite_propagates`) and
+        that layer's weights are finite; otherwise the run diverged (:meth:`diverged`)."""
+        found = _first_non_finite_output(calls)
+        if found is None:
+            return self.diverged(what)
+        name, largest_input = found
+        layer = self.get_submodule(name)
+        if not all(bool(torch.isfinite(p).all()) for p in layer.parameters()):
+            return self.diverged(f"{what}; the weights of the TTT layer {name!r} hold NaN or inf")
+        plugins = ", ".join(
+            plugin_label(kind, getattr(layer, kind))
+            for kind in ("inner_model", "inner_loss", "update_rule")
+            if getattr(layer, kind, None) is not None
+        )
+        earlier = ""
+        if self._last_finite_loss is not None:
+            step, loss = self._last_finite_loss
+            earlier = (
+                f"; if the training loss was rising before (last finite {float(loss):.4f}, after {step} "
+                f"steps), the run may be diverging instead: then try a lower optim.lr (now {self.hparams.lr:g})"
+            )
+        return NonFiniteLayerOutputError(
+            f"{what}: the NaN or inf first appeared in the output of the TTT layer {name!r} "
+            f"({type(layer).__name__}), from finite input of moderate size (largest |input| "
+            f"{largest_input:.1e}), with finite weights: the likely source is a NaN or inf computed by the "
+            f"layer's plugins, {plugins} (e.g. a sqrt, log or division at 0 in a loss or its gradient, "
+            f"where a prediction equals its target), not the learning rate{earlier}"
         )
 
     def on_train_start(self) -> None:
@@ -333,8 +424,9 @@ class LanguageModelModule(L.LightningModule):
         # While fitting, NaN here is the run diverging (see training_step); a model evaluated on its own
         # keeps the layers' input check.
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        calls: list[LayerCall] = []
         try:
-            with _non_finite_propagates(self._checked_layers if fitting else []):
+            with _non_finite_propagates(self._checked_layers if fitting else [], calls):
                 # The metrics accumulate in float32 whatever the precision of the forward: under
                 # bf16-mixed the logits are bf16, and a perplexity computed from them disagrees with the
                 # loss in the third digit.
@@ -348,17 +440,21 @@ class LanguageModelModule(L.LightningModule):
         )  # [B, T]
         scored = targets != IGNORE_INDEX
         if fitting and not self._finite_on_every_process(token_loss[scored]):
-            raise self.diverged(f"the validation loss is not finite after {self.global_step} optimizer steps")
+            what = f"the validation loss is not finite after {self.global_step} optimizer steps"
+            raise self._non_finite_error(what, calls)
         self.val_ppl.update(logits, targets)
         self.val_acc.update(logits.flatten(0, 1), targets.flatten())
         self.val_loss_by_position.update(token_loss, scored)
-        self.log("val_loss", token_loss[scored].mean(), prog_bar=True, sync_dist=True)
         if captured:
             self._update_inner_diagnostics(captured[0])
 
     def on_validation_epoch_end(self) -> None:
         self.log("val_step", float(self.trainer.global_step) if self._trainer is not None else 0.0)
-        self.log("val_ppl", self.val_ppl.compute(), prog_bar=True)
+        # val_loss is the mean over scored tokens (not over batches, which may differ in size or padding):
+        # log(val_ppl), from the same float64 sums, so the two always agree (logged in float32, as before)
+        perplexity = self.val_ppl.compute()
+        self.log("val_loss", torch.log(perplexity).float(), prog_bar=True)
+        self.log("val_ppl", perplexity, prog_bar=True)
         self.log("val_acc", self.val_acc.compute())
         self.val_ppl.reset()
         self.val_acc.reset()

@@ -481,7 +481,8 @@ def _fit(
             save_config(cfg if cfg is not None else run, config_path)
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(start) if start is not None else None)
     except TrainingDivergedError as err:
-        raise TrainingDivergedError(f"{err}; {_last_checkpoint_note(ckpt, run)}") from None
+        # the same class (NonFiniteLayerOutputError names a layer's plugins), the checkpoint note added
+        raise type(err)(f"{err}; {_last_checkpoint_note(ckpt, run)}") from None
     except (OSError, SafetensorError) as err:
         if not out_of_space(err):
             raise

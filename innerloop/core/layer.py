@@ -155,7 +155,14 @@ def _check_kernel_name(
 ) -> None:
     """A kernel named explicitly must exist for this (model, loss, rule), compute its inner wrapping
     ``(inner_norm, inner_residual)``, and the plugins must be the registered ones it was written for:
-    say so at construction, not at the first mini-batch."""
+    say so at construction, not at the first mini-batch.
+
+    What only the kernel's ``verify`` knows is not checked here: a :class:`KernelSpec` does not say
+    which mini-batch sizes, devices, dtypes or head dims it takes, nor whether it is twice
+    differentiable (``delta_chunk`` runs ``mini_batch_size=1`` only; ``fused_torch_*``, ``cpu_ttt_*``,
+    ``compiled_torch_*`` and ``triton_ttt_*`` refuse the blocks that record a graph of a layer built
+    with ``needs_double_backward=True``). The first call that sends the kernel such a block raises
+    ``KernelUnavailableError`` naming the kernel and its reason."""
     if kernel in BUILT_IN_PATHS:
         return
     from innerloop.registry import get_registry  # late import: core must not depend on registry
@@ -297,7 +304,10 @@ class TTTLayer(nn.Module):
         inner_norm: per-head LayerNorm on the inner model's output (paper: on).
         inner_residual: residual around the inner model (paper: on).
         norm_eps: epsilon of the inner LayerNorm and the post-norm.
-        kernel: fast-path choice, ``"auto"`` (default), ``"torch"`` or a registered kernel name.
+        kernel: fast-path choice, ``"auto"`` (default), ``"torch"`` or a registered kernel name. A
+            named kernel is checked at construction against the plugins and ``inner_norm`` /
+            ``inner_residual``; what its ``verify`` decides (device, dtype, mini-batch size, gradients
+            of gradients) is checked at the first call that sends it a block.
         non_finite: ``"raise"`` (default) rejects NaN/inf inputs with an error before they reach
             the state, and raises if finite input gave non-finite outputs or state (the inner model
             overflowed); ``"ignore"`` skips both checks (faster; NaNs then propagate to outputs and state).
@@ -434,9 +444,21 @@ class TTTLayer(nn.Module):
     def _checked_init_params(self, num_heads: int, head_dim: int) -> dict[str, torch.Tensor]:
         """``inner_model.init_params(num_heads, head_dim)``, checked against its ``param_shapes`` at this
         layer's own shape (the registrar checked one small shape: a model that hard-codes the heads or
-        the head dim fails here, naming it, not at the first forward with a bare torch error)."""
+        the head dim fails here, naming it, not at the first forward with a bare torch error), in the
+        layer's dtype.
+
+        The layer's dtype is torch's default dtype, as for all its other parameters (``.to()``,
+        ``.double()``, ... change it later). ``init_params`` takes no dtype, so a plugin cannot know the
+        layer's, and the dtype of what it returns says nothing of the precision the user chose: weights
+        in another floating dtype (float64 from numpy, say) are cast to the layer's, so that a float32
+        layer holds float32 weights only, rounded as any of its parameters is (the registrar has
+        refused non-floating weights)."""
         model = self.inner_model
-        params = model.init_params(num_heads, head_dim)
+        dtype = torch.get_default_dtype()
+        params = {
+            k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in model.init_params(num_heads, head_dim).items()
+        }
         wanted = {k: (num_heads, *shape) for k, shape in model.param_shapes(head_dim).items()}
         got = {
             k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in params.items()

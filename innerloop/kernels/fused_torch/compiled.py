@@ -80,7 +80,9 @@ def kernel_spec(model_name: str, stack: tuple[AffineLayer, ...]) -> KernelSpec:
     return stack_kernel_spec(
         "compiled_torch",
         model_name,
-        forward=make_fused_forward(stack, training_step=compiled_mini_batch),
+        forward=make_fused_forward(
+            stack, training_step=compiled_mini_batch, kernel_name=f"compiled_torch_{model_name}"
+        ),
         verify=verify,
         priority=0,
         training_only=True,

@@ -13,8 +13,9 @@ fewer operations inside the sequential scan:
   share their right factor, so one matmul per layer and mini-batch computes both;
 - the gradient through the inner LayerNorm uses aten's fused ``native_layer_norm`` and
   ``native_layer_norm_backward``, so the path is differentiable once only: that backward is not
-  twice differentiable, so ``verify`` refuses a layer built with ``needs_double_backward=True`` and a
-  ``create_graph=True`` backward through it raises :data:`DOUBLE_BACKWARD_MESSAGE`;
+  twice differentiable, so ``verify`` refuses the blocks that record a graph of a layer built with
+  ``needs_double_backward=True`` (its blocks under ``torch.no_grad`` run), and a ``create_graph=True``
+  backward through it raises :func:`double_backward_message`, naming the kernel;
 - the output LayerNorm and residual run once over all tokens after the scan.
 
 The derivation is in ``kernels/README.md``; what moves out of the scan, in ``kernels/fused_torch/README.md``.
@@ -22,6 +23,7 @@ The derivation is in ``kernels/README.md``; what moves out of the scan, in ``ker
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,29 +33,39 @@ from innerloop.core.functional import overflow_safe_scale_if_needed
 from innerloop.core.protocol import AffineLayer, Params
 from innerloop.kernels.spec import KernelForward, KernelInputs, KernelSpec, stack_kernel_spec
 
-DOUBLE_BACKWARD_MESSAGE = (
-    "the fused_torch fast path is differentiable once only (aten's fused LayerNorm backward is not "
-    "twice differentiable); pass needs_double_backward=True to the TTTLayer or ops.scan (or kernel='torch') "
-    "to take gradients of gradients"
-)
+
+def double_backward_message(path: str) -> str:
+    """The error of a ``create_graph=True`` backward through ``path`` (a kernel's name, or words for
+    the fused path when it runs outside a registered kernel)."""
+    return (
+        f"{path} is differentiable once only (aten's fused LayerNorm backward is not twice "
+        "differentiable); pass needs_double_backward=True to the TTTLayer or ops.scan (or kernel='torch') "
+        "to take gradients of gradients"
+    )
+
+
+DOUBLE_BACKWARD_MESSAGE = double_backward_message("the fused_torch fast path")
+"""The message of a :func:`make_fused_forward` block that was not told its kernel's name."""
 
 
 class _OnceDifferentiable(torch.autograd.Function):
-    """Identity whose backward refuses to build a graph (``create_graph=True``) with a clear error."""
+    """Identity whose backward refuses to build a graph (``create_graph=True``) with a clear error
+    (``message``: which path refuses)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, message: str) -> torch.Tensor:
+        ctx.message = message
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         if torch.is_grad_enabled():  # only true inside a backward with create_graph=True
-            raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
-        return grad
+            raise RuntimeError(ctx.message)
+        return grad, None
 
 
-def _guard(t: torch.Tensor) -> torch.Tensor:
-    return _OnceDifferentiable.apply(t) if t.requires_grad else t
+def _guard(t: torch.Tensor, message: str) -> torch.Tensor:
+    return _OnceDifferentiable.apply(t, message) if t.requires_grad else t
 
 
 def _with_ones(x: torch.Tensor) -> torch.Tensor:
@@ -128,14 +140,17 @@ def _folded_weights(
     return weights
 
 
-def _unfolded_params(stack: tuple[AffineLayer, ...], params: Params, weights: list[torch.Tensor]) -> Params:
-    """The inverse of :func:`_folded_weights`: ``params``' names and shapes, guarded for autograd."""
+def _unfolded_params(
+    stack: tuple[AffineLayer, ...], params: Params, weights: list[torch.Tensor], guard: Callable
+) -> Params:
+    """The inverse of :func:`_folded_weights`: ``params``' names and shapes, each passed through
+    ``guard`` (for autograd)."""
     new_params: Params = {}
     for layer, matrix in zip(stack, weights, strict=True):
         rows = params[layer.weight].shape[-2]
-        new_params[layer.weight] = _guard(matrix[:, :rows].reshape(params[layer.weight].shape))
+        new_params[layer.weight] = guard(matrix[:, :rows].reshape(params[layer.weight].shape))
         if layer.bias is not None:
-            new_params[layer.bias] = _guard(matrix[:, rows:].reshape(params[layer.bias].shape))
+            new_params[layer.bias] = guard(matrix[:, rows:].reshape(params[layer.bias].shape))
     return new_params
 
 
@@ -227,7 +242,10 @@ class _Scan:
 TrainingScan = Callable[..., tuple[torch.Tensor, list[torch.Tensor]]]
 """A whole scan with its own backward: ``(both1, left1, shift, gamma_sq, eta, update_scale, weights, eps) ->
 (z [NB, BH, K, f], each layer's weight after the last mini-batch)`` on :class:`_Hoisted`'s tensors and
-the folded weights ``[BH, in, out]`` (``innerloop.kernels.cpu`` compiles one)."""
+the folded weights ``[BH, in, out]`` (``innerloop.kernels.cpu`` compiles one). A scan whose backward is
+not twice differentiable raises its own error inside a ``create_graph=True`` backward (the CPU scans
+raise ``innerloop.kernels.cpu.linear_scan.DOUBLE_BACKWARD_MESSAGE``); one that does not is stopped
+right after it by the fused path's guard on its inputs."""
 
 
 TrainingStep = Callable[..., torch.Tensor]
@@ -235,14 +253,26 @@ TrainingStep = Callable[..., torch.Tensor]
 a graph (``innerloop.kernels.fused_torch.compiled`` compiles one)."""
 
 
+def _unguarded(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def make_fused_forward(
     stack: tuple[AffineLayer, ...],
     training_scan: TrainingScan | None = None,
     training_step: TrainingStep | None = None,
+    kernel_name: str | None = None,
 ) -> KernelForward:
     """The fused block function for a stack model with these layers. When a graph is needed, with
     ``training_scan`` that scan runs in place of the recorded one; with ``training_step`` that function
-    runs each mini-batch in place of :meth:`_Scan.mini_batch`."""
+    runs each mini-batch in place of :meth:`_Scan.mini_batch`.
+
+    A ``create_graph=True`` backward through the block raises :func:`double_backward_message` naming
+    ``kernel_name`` (the registered kernel this forward is; None: "the fused_torch fast path"). With
+    ``training_scan`` the guard sits on the scan's inputs, not on the block's outputs, so that the scan's
+    own error, naming the path that ran, comes first."""
+    path = "the fused_torch fast path" if kernel_name is None else f"kernel {kernel_name!r}"
+    guard = functools.partial(_guard, message=double_backward_message(path))
 
     def forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
         batch, heads, tokens, dim = xq.shape
@@ -250,12 +280,13 @@ def make_fused_forward(
         tensors = (xq, xk, xv, lr, tau, ln_weight, ln_bias, *params.values())
         in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         weights = _folded_weights(stack, params, batch * heads, own_copies=in_place)
+        output_guard = guard
         if training_scan is not None and not in_place:
             h = hoisted
-            z, weights = training_scan(
-                h.both1, h.left1, h.shift, h.gamma_sq, h.eta, h.update_scale, weights, eps
-            )
+            scan_inputs = (h.both1, h.left1, h.shift, h.gamma_sq, h.eta, h.update_scale)
+            z, weights = training_scan(*map(guard, scan_inputs), [guard(w) for w in weights], eps)
             z_all = z.transpose(0, 1)  # [BH, NB, K, f]
+            output_guard = _unguarded  # the scan's inputs are guarded
         else:
             scan = _Scan(stack, weights, in_place, eps)
             step = training_step if training_step is not None and not in_place else _Scan.mini_batch
@@ -269,16 +300,18 @@ def make_fused_forward(
         scale = overflow_safe_scale_if_needed(z_all)
         normed = torch.nn.functional.layer_norm(z_all if scale is None else z_all * scale, [dim], eps=eps)
         out = torch.addcmul(xq + ln_bias[None, :, None, :], normed, ln_weight[None, :, None, :])
-        return _guard(out), _unfolded_params(stack, params, weights)
+        return output_guard(out), _unfolded_params(stack, params, weights, output_guard)
 
     return forward
 
 
 def verify(inputs: KernelInputs) -> str | None:
-    """The fused torch path runs anywhere torch does; it needs whole mini-batches only."""
+    """The fused torch path runs anywhere torch does; it needs whole mini-batches only, and refuses a
+    block that records a graph for a layer that takes gradients of gradients (``needs_double_backward``).
+    A block without a graph (``torch.no_grad``, inference mode) is differentiated never, so it runs."""
     if inputs.num_tokens % inputs.mini_batch_size != 0:
         return f"num_tokens {inputs.num_tokens} is not a multiple of mini_batch_size {inputs.mini_batch_size}"
-    if inputs.needs_double_backward:
+    if inputs.requires_grad and inputs.needs_double_backward:
         return "double backward needed: aten's fused LayerNorm backward is not twice differentiable"
     if inputs.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         return f"dtype {inputs.dtype} is not a floating type this path supports"
@@ -290,11 +323,19 @@ def kernel_spec(model_name: str, stack: tuple[AffineLayer, ...]) -> KernelSpec:
     return stack_kernel_spec(
         "fused_torch",
         model_name,
-        forward=make_fused_forward(stack),
+        forward=make_fused_forward(stack, kernel_name=f"fused_torch_{model_name}"),
         verify=verify,
         priority=1,
         description="pure-torch dual form with the weight-independent work hoisted out of the scan",
     )
 
 
-__all__ = ["TrainingScan", "TrainingStep", "kernel_spec", "make_fused_forward", "verify"]
+__all__ = [
+    "DOUBLE_BACKWARD_MESSAGE",
+    "TrainingScan",
+    "TrainingStep",
+    "double_backward_message",
+    "kernel_spec",
+    "make_fused_forward",
+    "verify",
+]

@@ -193,7 +193,8 @@ def verify_common(inputs, max_head_dim: int, kernel_name: str) -> str | None:
             return f"{kernel_name}: the decode kernel is inference-only, but gradients are required"
     elif inputs.num_tokens % K != 0:
         return f"{kernel_name}: num_tokens {inputs.num_tokens} is not a multiple of mini_batch_size {K}"
-    if inputs.needs_double_backward:
+    # a block without a graph (torch.no_grad, inference mode) is never differentiated, twice or once
+    if inputs.requires_grad and inputs.needs_double_backward:
         return f"{kernel_name}: double backward needed, but the kernel's backward is not differentiable"
     return None
 

@@ -41,6 +41,7 @@ def test_an_export_with_a_bpe_tokenizer_stops_generating_at_its_end_of_text(tmp_
     assert loaded.config.eos_token_id == loaded.generation_config.eos_token_id == tokenizer.eos_id
 
 
+@pytest.mark.slow  # reason: ~0.7 s: wraps a model in torch.compile, exports and reloads it
 def test_a_compiled_model_exports_as_the_model_it_wraps(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 

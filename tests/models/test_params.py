@@ -74,6 +74,7 @@ def test_size_to_budget_finds_the_closest_width(mixer, adjust) -> None:
     assert unchanged == {k: v for k, v in vars(config).items() if k != adjust}
 
 
+@pytest.mark.slow  # reason: ~1.5 s: sizes models up to the largest valid width
 def test_a_budget_past_the_largest_valid_width_gives_that_width() -> None:
     """The search stops at the field's own limit (2**24): past it no width is valid, and a huge budget
     raised a traceback instead of the closest model there is."""

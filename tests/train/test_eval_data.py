@@ -91,6 +91,7 @@ def test_eval_of_an_hf_run_scores_its_validation_windows_rewindowed_on_request(t
     assert metrics["val_ppl"] == pytest.approx(_perplexity(checkpoint, inputs, targets), rel=1e-5)
 
 
+@pytest.mark.slow  # reason: ~1 s: trains two runs on HF data files, then compares them
 def test_compare_of_hf_runs_scores_their_validation_windows(tmp_path, capsys) -> None:
     jsonl = _jsonl(tmp_path / "corpus.jsonl")
     runs = [

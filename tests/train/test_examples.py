@@ -90,6 +90,7 @@ def test_the_update_rule_property_example() -> None:
     _property_example().test_dual_form_equals_the_primal_form_on_any_chunking()  # hypothesis runs its examples
 
 
+@pytest.mark.slow  # reason: ~3 s: 15 drawn shapes, each checked on every inner model the rule accepts
 def test_the_update_rule_property_example_at_any_shape() -> None:
     """The example's second property test: the rule against the naive token loop at 15 drawn shapes
     (~0.6 s under the suite's derandomized hypothesis profile)."""

@@ -233,6 +233,7 @@ def test_eval_data_with_an_unreadable_run_config_says_to_repair_it_not_to_give_d
     assert message.endswith("repair it: it says how to read --data (as text, or a data.name='hf' run's text field), and whether the run trained on those files")  # fmt: skip
 
 
+@pytest.mark.slow  # reason: ~0.7 s: trains two runs, then compares them
 def test_the_same_files_through_a_link_are_the_same_data(tmp_path, three_files) -> None:
     """The regression review's LOW-4: a run on a link to the baseline's data folder (or file) trained on
     the same files; no "other data" note. A run on other files still gets one."""

@@ -34,6 +34,7 @@ def test_resamples_drawn_in_parts_give_the_bands_of_drawing_them_at_once() -> No
     torch.testing.assert_close(mean, differences.mean(0), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow  # reason: ~1 s: spreads 100,000 windows over 12.8M tokens
 def test_windows_of_long_data_never_overlap() -> None:
     seq_len, holds = 128, 100_000  # as many windows as 12.8M tokens hold: float32 starts overlapped here
     data = torch.arange(seq_len * holds + 2)  # each token its position: a window's first is its start

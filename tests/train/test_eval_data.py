@@ -75,6 +75,7 @@ def _hf_validation(path: Path, seq_len: int, batch_size: int, val_batches: int) 
 # -- item 1: data.name=hf runs ------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # reason: ~0.5 s: trains an HF-data run, then evaluates it
 def test_eval_of_an_hf_run_scores_its_validation_windows_rewindowed_on_request(tmp_path, capsys) -> None:
     jsonl = _jsonl(tmp_path / "corpus.jsonl")
     checkpoint = _run_folder(tmp_path / "hf", ["data.name=hf", f"data.paths=[{jsonl}]"])
@@ -347,6 +348,7 @@ def test_the_loss_of_a_recall_run_is_per_token_not_per_byte(tmp_path, capsys) ->
     assert "nats/token" in line, line
 
 
+@pytest.mark.slow  # reason: ~1 s: trains an HF-data run, then evaluates it
 def test_an_hf_run_asked_for_more_windows_than_its_held_out_documents_hold_says_so(tmp_path, caplog) -> None:
     jsonl = _jsonl(tmp_path / "corpus.jsonl")
     checkpoint = _run_folder(tmp_path / "hf", ["data.name=hf", f"data.paths=[{jsonl}]"])

@@ -334,6 +334,7 @@ def test_nan_in_the_middle_of_the_forward_is_reported_as_divergence_not_bad_inpu
     assert not list(tmp_path.glob(".*pending*"))
 
 
+@pytest.mark.slow  # reason: ~1 s: trains a run until its weights turn non-finite
 def test_non_finite_weights_are_never_checkpointed(tmp_path) -> None:
     run, cfg = load_config("tiny", [*TINY, "trainer.max_steps=8", f"out_dir={tmp_path}"])
     corrupt_after_step_4 = _Corrupt(at=4, hook="on_train_batch_end", value=float("nan"))

@@ -41,6 +41,7 @@ def _run(tmp_path, name: str):
     )
 
 
+@pytest.mark.slow  # reason: ~0.5 s: trains a finished and a failed run
 def test_a_finished_or_failed_run_keeps_no_scan_buffers(tmp_path) -> None:
     watch = KeptDuringTraining()
     train(*_run(tmp_path, "done"), callbacks=[watch])

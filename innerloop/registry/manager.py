@@ -32,7 +32,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -303,7 +303,13 @@ class Registry:
                 failure = f"its registration hook raised {type(error).__name__}: {error}"
         broken = BrokenPlugin(entry_point.name, distribution, failure, tuple(staging.attempted))
         self._broken.append(broken)
-        warnings.warn(broken.message(), PluginLoadWarning, stacklevel=2)
+        clashed = [(k, n) for k, n in broken.names if self.clash_error(k, n) is not None]
+        refused = "".join(
+            f"; so the {k.replace('_', ' ')} name {n!r}, which another installed distribution also provides, "
+            f"is refused from both (set {ALLOW_ENV} to the entry point to load)"
+            for k, n in clashed
+        )
+        warnings.warn(broken.message() + refused, PluginLoadWarning, stacklevel=2)
         return broken
 
     def _remember_distribution(self, entry_point: Any, origins_before: set[str]) -> None:
@@ -356,9 +362,10 @@ class Registry:
     # ---- looking up ------------------------------------------------------------------------------
 
     def names(self, kind: str) -> list[str]:
-        """Registered names of a kind, sorted."""
+        """Registered names of a kind that can be asked for, sorted: not a name two installed
+        distributions provide (:meth:`clash_error`), which every lookup refuses."""
         self._check_kind(kind)
-        return sorted(self._entries[kind])
+        return sorted(name for name in self._entries[kind] if self.clash_error(kind, name) is None)
 
     def entries(self, kind: str | None = None) -> list[Entry]:
         """The registered entries of ``kind`` (every kind when None), sorted by name within a kind."""
@@ -470,13 +477,24 @@ _CHECKED_INSTANCES: dict[int, Any] = {}
 """id -> plugin instance (kept alive, so that its id is not reused) that passed :func:`check_instance`."""
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """``torch.set_default_dtype(dtype)`` inside the block, the caller's default restored after it."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 def validate_plugin(kind: Kind, obj: Any, external: bool) -> str:
     """``kind.validate(obj)`` and, for an object that does not ship with innerloop (``external``), its
     ``external_check``: the name ``obj`` goes by, or :class:`PluginError` with the reason.
 
-    Smoke tests may take gradients and compute on the CPU: they run the same way whatever context
-    they are called in (under ``torch.no_grad`` or inference mode in a validation worker, or ``with
-    torch.device("meta")`` to count parameters). Their random inputs come from a forked CPU generator
+    Smoke tests may take gradients and compute on the CPU in float32: they run the same way whatever
+    context they are called in (under ``torch.no_grad`` or inference mode in a validation worker, ``with
+    torch.device("meta")`` to count parameters, or after ``torch.set_default_dtype(torch.float64)``). Their random inputs come from a forked CPU generator
     seeded with 0: one plugin always gets the same verdict, and the user's seed does not move (the first
     layer made after ``manual_seed`` must not differ from later ones).
     """
@@ -488,6 +506,7 @@ def validate_plugin(kind: Kind, obj: Any, external: bool) -> str:
         torch.inference_mode(False),
         torch.enable_grad(),
         contextlib.nullcontext() if on_cpu else torch.device("cpu"),
+        _default_dtype(torch.float32),
     ):
         torch.random.default_generator.manual_seed(0)  # the CPU generator only: fork_rng restores it
         name = kind.validate(obj)
@@ -780,7 +799,16 @@ def format_plugin_table(registry: Registry | None = None) -> str:
     """A plain-text table of every registered plugin (kind, name, origin), then the broken ones (skipped)
     with the reason each failed."""
     registry = registry or get_registry()
-    rows = [(e.kind, e.name, e.origin) for e in registry.entries()]
+    rows = [
+        (
+            e.kind,
+            e.name,
+            e.origin
+            if registry.clash_error(e.kind, e.name) is None
+            else f"{e.origin} [refused: another installed distribution provides the same name, see below]",
+        )
+        for e in registry.entries()
+    ]
     header = ("kind", "name", "origin")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
     lines = [

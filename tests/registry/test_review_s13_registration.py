@@ -14,7 +14,7 @@ from innerloop.core.protocol import HalfSquaredError, InnerLoss, LossPairs, Upda
 from innerloop.core.scan import advance_state, close_mini_batch, prepare_chunk, split_segments
 from innerloop.plugins.optimizers.minibatch_gd import MiniBatchGD, _flatten_heads, _primal_parts
 from innerloop.registry import PluginError, build_registry, hookimpl, reset_registry
-from innerloop.registry.manager import PluginLoadWarning
+from innerloop.registry.manager import PluginLoadWarning, format_plugin_table
 
 
 @pytest.fixture(scope="module")
@@ -267,6 +267,38 @@ def test_a_name_two_distributions_register_is_an_error_naming_both(order):
     with pytest.raises(PluginError, match="two installed distributions") as raised:
         registry.inner_loss("clashing_huber")
     assert "'plug-a'" in str(raised.value) and "'plug-b'" in str(raised.value)
+
+
+def test_a_clashed_name_is_listed_and_warned_about_as_refused():
+    """The listing, the valid names and the load warning agree with the lookup that refuses the name."""
+    registry = build_registry(include_external=False)
+    with pytest.warns(
+        PluginLoadWarning, match="which another installed distribution also provides, is refused"
+    ):
+        for name in ("plug_a", "plug_b"):
+            registry.add_entry_point(
+                FakeEntryPoint(name, One("inner_losses", Huber(1.0)), name.replace("_", "-"))
+            )
+    assert "clashing_huber" not in registry.names("inner_loss")
+    assert "reconstruction" in registry.names("inner_loss")
+    row = next(line for line in format_plugin_table(registry).splitlines() if "clashing_huber" in line)
+    assert "[refused: another installed distribution provides the same name" in row
+
+
+def test_the_registry_loads_under_a_float64_default_dtype():
+    """The plugin checks run in float32 whatever the caller's default dtype (they failed with "expected
+    scalar type Double but found Float" when the registry was first loaded under float64)."""
+    reset_registry()
+    torch.set_default_dtype(torch.float64)  # the suite's autouse fixture restores it
+    try:
+        layer = innerloop.TTTLayer(16, 2, mini_batch_size=4)
+        assert torch.get_default_dtype() == torch.float64  # the checks gave the caller's default back
+        assert {p.dtype for p in layer.parameters()} == {torch.float64}
+        y, _ = layer(torch.randn(1, 8, 16))
+        assert y.dtype == torch.float64 and bool(torch.isfinite(y).all())
+    finally:
+        torch.set_default_dtype(torch.float32)
+        reset_registry()
 
 
 def test_a_plugin_taking_a_builtin_name_keeps_the_builtin():

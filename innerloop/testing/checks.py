@@ -767,8 +767,8 @@ def check_update_rule(
     outputs and final weights w.r.t. every input (views, lr, initial weights, LayerNorm, decay,
     momentum, token scales) equal the naive loop's too (:func:`check_update_rule_gradients_match_naive`).
 
-    ``model`` (an inner model or a registered model's name) defaults to every registered model the
-    rule accepts (``check_model``), ``linear`` first. ``loss`` defaults to each built-in loss in turn
+    ``model`` (an inner model or a registered model's name) defaults to every built-in model the
+    rule accepts (``check_model``), ``linear`` first; give a plugin's model by name or instance. ``loss`` defaults to each built-in loss in turn
     (:data:`BUILTIN_LOSSES`), and unless ``norm`` / ``residual`` are given, each layer wrapping in
     :data:`WRAPPINGS` is checked: a rule that is right for one model, loss or wrapping only is caught.
 
@@ -799,19 +799,22 @@ def check_update_rule(
 
 def _models_for(rule: UpdateRule, model: InnerModel | str | None) -> list[InnerModel]:
     """The models :func:`check_update_rule` checks ``rule`` on: ``model`` (an instance or a registered
-    name), or every registered model the rule accepts, ``linear`` first."""
+    name), or every built-in model the rule accepts, ``linear`` first (as registration does: what a
+    plugin's tests check does not depend on which other plugins are installed)."""
     from innerloop.registry import get_registry
+    from innerloop.registry.manager import BUILTIN_PREFIX
 
     registry = get_registry()
     if isinstance(model, str):
         return [registry.inner_model(model)]
     if model is not None:
         return [model]
-    names = sorted(registry.names("inner_model"), key=lambda n: (n != "linear", n))
+    builtins = [e.name for e in registry.entries("inner_model") if e.origin.startswith(BUILTIN_PREFIX)]
+    names = sorted(builtins, key=lambda n: (n != "linear", n))
     accepted = [m for m in (registry.inner_model(n) for n in names) if rule.check_model(m) is None]
     if not accepted:
         raise ValueError(
-            f"update rule {rule.name!r} accepts none of the registered inner models {names} (its check_model "
+            f"update rule {rule.name!r} accepts none of the built-in inner models {names} (its check_model "
             "refuses each): pass the model it is written for, check_update_rule(rule, model=MyModel())"
         )
     return accepted

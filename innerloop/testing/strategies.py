@@ -116,7 +116,7 @@ def problems(
     ``inner_models`` (registered names, e.g. ``("linear", "mlp")``) adds a drawn ``model`` to the
     arguments, for ``check_update_rule(rule, **shape)`` (which takes a model's name): a rule right for
     one model only is caught. Leave it None for ``make_problem`` and the other checks, which take the
-    model positionally (``check_update_rule`` then checks every registered model the rule accepts).
+    model positionally (``check_update_rule`` then checks every built-in model the rule accepts).
 
     The default head dims leave out 2: the inner LayerNorm over two features is a constant (``+-w + b``)
     whose derivative is ~1e-10 of its inputs, so the gradients through it, and any float64 comparison

@@ -11,9 +11,12 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import innerloop
 from innerloop import get_registry
 from innerloop.core.protocol import HalfSquaredError, InnerLoss, LossPairs, Views
+from innerloop.plugins.models.linear import LinearModel
 from innerloop.plugins.optimizers.dual_form import DualForm
+from innerloop.registry import reset_registry
 from innerloop.testing import check_inner_loss, check_update_rule, checks
 from innerloop.testing.checks import (
     check_loss_gradient,
@@ -194,3 +197,32 @@ def test_check_update_rule_reaches_a_long_call_and_five_heads(rule):
     assert long_shape["tokens"] > 64 and long_shape["heads"] >= 5
     with pytest.raises(AssertionError, match=rf"{rule.name} \(linear, reconstruction, .*cut at \[\]"):
         check_update_rule(rule, model="linear", gradients=False)
+
+
+class PluginLinear(LinearModel):
+    """A third-party inner model (the linear one under another name), registered in the process."""
+
+    name = "plugin_linear_for_checks"
+
+
+class PluginModelOnly(DualForm):
+    """Accepts the plugin model only."""
+
+    name = "plugin_model_only_check"
+
+    def check_model(self, model):
+        return None if model.name == PluginLinear.name else "written for plugin_linear_for_checks only"
+
+
+def test_check_update_rule_defaults_to_the_builtin_models_not_whatever_else_is_installed():
+    """What a plugin's tests check by default must not depend on the other plugins installed: like
+    registration, the default is the built-in models; a plugin's model is checked when named."""
+    reset_registry()
+    try:
+        innerloop.register_inner_model(PluginLinear())
+        with pytest.raises(ValueError, match="accepts none of the built-in inner models"):
+            check_update_rule(PluginModelOnly(), gradients=False)
+        loss = get_registry().inner_loss("reconstruction")
+        check_update_rule(PluginModelOnly(), PluginLinear.name, loss, gradients=False, tokens=7)
+    finally:
+        reset_registry()

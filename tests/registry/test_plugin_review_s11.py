@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from plugin_testing import One
 
 import innerloop
 from innerloop import HalfSquaredError, InnerLoss, InnerModel, LossPairs
@@ -26,16 +27,6 @@ def fresh_global_registry():
     reset_registry()
     yield
     reset_registry()
-
-
-class One:
-    """A plugin registering one object through the hook of ``kind``."""
-
-    def __init__(self, kind: str, obj):
-        def hook(register):
-            register(obj)
-
-        setattr(self, f"register_{kind}", hookimpl(hook))
 
 
 def refused(registry, kind: str, obj, match: str) -> None:

@@ -11,29 +11,20 @@ import types
 
 import pytest
 import torch
+from plugin_testing import One
 
 import innerloop
 from innerloop.core.protocol import Activation, AffineLayer, InnerLoss, InnerModel, LossPairs, StackModel
 from innerloop.plugins.losses.reconstruction import HalfSquaredError
 from innerloop.plugins.models.linear import LinearModel
 from innerloop.plugins.optimizers.dual_form import DualForm
-from innerloop.registry import PluginError, build_registry, hookimpl
+from innerloop.registry import PluginError, build_registry
 from innerloop.testing import check_inner_loss, check_update_rule
 
 
 @pytest.fixture(scope="module")
 def registry():
     return build_registry(include_external=False)
-
-
-class One:
-    """A plugin registering one object through the hook of ``kind``."""
-
-    def __init__(self, kind: str, obj):
-        def hook(register):
-            register(obj)
-
-        setattr(self, f"register_{kind}", hookimpl(hook))
 
 
 def refused(registry, kind: str, obj, match: str) -> None:

@@ -8,28 +8,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from plugin_testing import One
 
 import innerloop
 from innerloop.core.protocol import HalfSquaredError, InnerLoss, LossPairs, UpdateRule
 from innerloop.core.scan import advance_state, close_mini_batch, prepare_chunk, split_segments
 from innerloop.plugins.optimizers.minibatch_gd import MiniBatchGD, _flatten_heads, _primal_parts
-from innerloop.registry import PluginError, build_registry, hookimpl, reset_registry
+from innerloop.registry import PluginError, build_registry, reset_registry
 from innerloop.registry.manager import PluginLoadWarning, format_plugin_table
 
 
 @pytest.fixture(scope="module")
 def registry():
     return build_registry(include_external=False)
-
-
-class One:
-    """A plugin registering one object through the hook of ``kind``."""
-
-    def __init__(self, kind: str, obj):
-        def hook(register):
-            register(obj)
-
-        setattr(self, f"register_{kind}", hookimpl(hook))
 
 
 # ---- a primal mini-batch rule with a per-token gradient transform (the review's rules.py) ---------

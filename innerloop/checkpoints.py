@@ -91,8 +91,10 @@ built in, not an installed distribution's: those are told apart by origin and ve
 its class's source (:func:`plugin_source_digest`): ``{kind: {name: digest}}``. The class path alone
 (:data:`PLUGINS_KEY`) does not change when the code of ``module.Class`` does; loading warns
 (:class:`PluginChangedWarning`) when the class registered now is the recorded one but its source
-differs. A plugin whose source cannot be read records no digest, and its reload compares its class
-alone; a checkpoint without the key (written before it existed) loads without this check."""
+differs. The digest is of the source text, as read when the run started (:data:`_SOURCE_DIGESTS`), so an
+edit of comments or layout counts as a change. A plugin whose source cannot be read records no digest,
+and its reload compares its class alone; a checkpoint without the key (written before it existed) loads
+without this check."""
 
 _TREE_KEY = "innerloop.tree"
 _DIGEST_KEY = "innerloop.sha256"
@@ -346,15 +348,30 @@ def plugin_source_digest(cls: type) -> str | None:
     return digest.hexdigest()
 
 
+_SOURCE_DIGESTS: dict[int, tuple[Any, str | None]] = {}
+"""``id(plugin object) -> (the object, its source digest)``: each registered plugin's source is read
+once, the first time its digest is asked for (a training run asks when its module is built), so that a
+plugin file edited while a run goes on does not change what the run's checkpoints record. The object
+is kept so that its id is not reused."""
+
+
 def _source_digest_now(kind: str, name: str) -> str | None:
     """:func:`plugin_source_digest` of the plugin registered now under ``name``, when one registered in
-    the process (not built in, not an installed distribution's) has it; None otherwise."""
+    the process (not built in, not an installed distribution's) has it, as first read in this process
+    (:data:`_SOURCE_DIGESTS`); None otherwise."""
     entry = _registered_entry(kind, name)
     if entry is None or entry.origin.startswith(BUILTIN_PREFIX):
         return None
     if get_registry().distribution(entry.origin) is not None:
         return None
-    return plugin_source_digest(entry.obj if isinstance(entry.obj, type) else type(entry.obj))
+    cached = _SOURCE_DIGESTS.get(id(entry.obj))
+    if cached is None or cached[0] is not entry.obj:
+        cached = (
+            entry.obj,
+            plugin_source_digest(entry.obj if isinstance(entry.obj, type) else type(entry.obj)),
+        )
+        _SOURCE_DIGESTS[id(entry.obj)] = cached
+    return cached[1]
 
 
 def plugin_sources(model: Mapping[str, Any], earlier: Any = None) -> dict[str, dict[str, str]]:

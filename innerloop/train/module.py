@@ -41,6 +41,7 @@ from innerloop.checkpoints import (
     is_safetensors_file,
     load_checkpoint,
     load_weights,
+    plugin_sources,
     rebuild_error,
     save_checkpoint,
     saved_model_config,
@@ -216,6 +217,7 @@ class LanguageModelModule(L.LightningModule):
         hyperparameters = _checked_hyperparameters(**arguments)
         self.save_hyperparameters(hyperparameters)
         self.model = build_model(ModelConfig.from_dict(model))  # CausalLM, or E2ELM for mixer='e2e'
+        plugin_sources(model)  # read the plugins' sources now: the checkpoints record the code that ran
         self.val_ppl = Float64Perplexity(ignore_index=IGNORE_INDEX)
         self.val_acc = MulticlassAccuracy(
             num_classes=self.model.config.vocab_size, average="micro", ignore_index=IGNORE_INDEX

@@ -363,6 +363,24 @@ def test_the_same_source_loads_quietly_and_is_recorded(plugin_file) -> None:
     assert _plugin_warnings(path) == []
 
 
+def test_a_run_records_the_source_it_started_with_when_the_file_is_edited_during_it(plugin_file) -> None:
+    """A plugin file edited while a run goes on (to prepare the next experiment) does not change what
+    the run's checkpoints record: the source is read when the run's module is built."""
+    cls = _plugin_class(plugin_file, SQUARED)
+    innerloop.register_inner_loss(cls())
+    started_with = plugin_source_digest(cls)
+    config = ModelConfig(
+        vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, ttt=TTTConfig(inner_loss=cls.name)
+    )
+    module = LanguageModelModule(config, lr=1e-3, max_steps=2, warmup_steps=0)
+    (plugin_file / f"{PLUGIN_MODULE}.py").write_text(
+        textwrap.dedent(PLUGIN_SOURCE.format(body=SQUARED.replace("0.5", "2.0")))
+    )
+    assert plugin_source_digest(cls) != started_with  # the file now reads otherwise
+    path = save_model_checkpoint(module.model, plugin_file / "c.safetensors")
+    assert load_checkpoint(path)[PLUGIN_SOURCES_KEY] == {"inner_loss": {"review_s13_recon": started_with}}
+
+
 def _without_source_digests(source, target):
     """``source`` as innerloop wrote checkpoints before the digests: without :data:`PLUGIN_SOURCES_KEY`,
     with a valid checksum."""

@@ -1,11 +1,19 @@
 """Plugins for the tests: two plugin losses under one name, with different math, for the tests of what
 checkpoints and exports record of their plugins (tests/train/test_checkpoint_plugin_origins.py, tests/hf/
-test_export_plugin_origins.py: loading where the other one answers to the name must warn), and
-:class:`One`, a plugin object registering one object through one hook (the registry's tests)."""
+test_export_plugin_origins.py: loading where the other one answers to the name must warn),
+:class:`One`, a plugin object registering one object through one hook (the registry's tests), and
+:func:`without_key`, a checkpoint as written before one of its records existed."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from innerloop import HalfSquaredError, LossPairs, hookimpl
+from innerloop.checkpoints import checkpoint_digest
 
 NAME = "origins_test_loss"
 
@@ -39,3 +47,17 @@ class One:
             register(obj)
 
         setattr(self, f"register_{kind}", hookimpl(hook))
+
+
+def without_key(source: Path, target: Path, key: str) -> Path:
+    """``source`` as innerloop wrote checkpoints before ``key`` existed (a plugin record, the source
+    digests): the same tree without ``key``, with a valid checksum, written to ``target``."""
+    with safe_open(str(source), framework="pt", device="cpu") as f:
+        metadata = dict(f.metadata())
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    tree = json.loads(metadata["innerloop.tree"])
+    del tree[key]
+    metadata["innerloop.tree"] = json.dumps(tree)
+    metadata["innerloop.sha256"] = checkpoint_digest(metadata["innerloop.tree"], tensors)
+    save_file(tensors, str(target), metadata=metadata)
+    return target

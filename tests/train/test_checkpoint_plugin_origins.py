@@ -5,23 +5,19 @@ the record existed loads quietly, as before."""
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from plugin_testing import NAME, TargetsAsGiven, TargetsDoubled, class_name
-from safetensors import safe_open
-from safetensors.torch import save_file
+from plugin_testing import NAME, TargetsAsGiven, TargetsDoubled, class_name, without_key
 
 import innerloop
 from innerloop.checkpoints import (
     PLUGINS_KEY,
     CheckpointError,
     PluginChangedWarning,
-    checkpoint_digest,
     load_checkpoint,
     load_model,
     load_training_checkpoint,
@@ -128,23 +124,9 @@ def test_the_same_plugin_loads_quietly(fresh_registry, tmp_path) -> None:
     assert messages == []
 
 
-def _without_record(source: Path, target: Path) -> Path:
-    """``source`` as innerloop wrote checkpoints before the plugin record: the same tree without
-    :data:`PLUGINS_KEY`, with a valid checksum."""
-    with safe_open(str(source), framework="pt", device="cpu") as f:
-        metadata = dict(f.metadata())
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    tree = json.loads(metadata["innerloop.tree"])
-    del tree[PLUGINS_KEY]
-    metadata["innerloop.tree"] = json.dumps(tree)
-    metadata["innerloop.sha256"] = checkpoint_digest(metadata["innerloop.tree"], tensors)
-    save_file(tensors, str(target), metadata=metadata)
-    return target
-
-
 def test_a_checkpoint_written_before_the_record_loads_quietly(fresh_registry, tmp_path) -> None:
     innerloop.register_inner_loss(TargetsAsGiven(), origin="first_pkg (first-dist)")
-    old = _without_record(_save(tmp_path / "c.safetensors"), tmp_path / "old.safetensors")
+    old = without_key(_save(tmp_path / "c.safetensors"), tmp_path / "old.safetensors", PLUGINS_KEY)
     assert recorded_plugins(old) is None
     fresh_registry.remove_plugin("first_pkg (first-dist)")
     innerloop.register_inner_loss(TargetsDoubled(), origin="second_pkg (second-dist)")

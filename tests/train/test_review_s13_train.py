@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import sys
 import textwrap
@@ -21,8 +20,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
+from plugin_testing import without_key
 from torch.utils.data import DataLoader
 
 import innerloop
@@ -30,7 +28,6 @@ from innerloop import InnerLoss, LossPairs
 from innerloop.checkpoints import (
     PLUGIN_SOURCES_KEY,
     PluginChangedWarning,
-    checkpoint_digest,
     load_checkpoint,
     load_model,
     plugin_source_digest,
@@ -381,23 +378,9 @@ def test_a_run_records_the_source_it_started_with_when_the_file_is_edited_during
     assert load_checkpoint(path)[PLUGIN_SOURCES_KEY] == {"inner_loss": {"review_s13_recon": started_with}}
 
 
-def _without_source_digests(source, target):
-    """``source`` as innerloop wrote checkpoints before the digests: without :data:`PLUGIN_SOURCES_KEY`,
-    with a valid checksum."""
-    with safe_open(str(source), framework="pt", device="cpu") as f:
-        metadata = dict(f.metadata())
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    tree = json.loads(metadata["innerloop.tree"])
-    del tree[PLUGIN_SOURCES_KEY]
-    metadata["innerloop.tree"] = json.dumps(tree)
-    metadata["innerloop.sha256"] = checkpoint_digest(metadata["innerloop.tree"], tensors)
-    save_file(tensors, str(target), metadata=metadata)
-    return target
-
-
 def test_a_checkpoint_without_source_digests_loads_quietly(plugin_file) -> None:
     path = _saved_with(_plugin_class(plugin_file, SQUARED), plugin_file / "c.safetensors")
-    old = _without_source_digests(path, plugin_file / "old.safetensors")
+    old = without_key(path, plugin_file / "old.safetensors", PLUGIN_SOURCES_KEY)
     reset_registry()
     innerloop.register_inner_loss(_plugin_class(plugin_file, SQUARED.replace("0.5", "2.0"))())
     assert _plugin_warnings(old) == []

@@ -76,8 +76,9 @@ class CompiledLinearScan(torch.autograd.Function):
 
     Inputs (``fused_torch.forward._hoist``'s): ``both [NB, BH, 2K, in]`` the keys then the queries (a
     column of ones appended with a bias), ``left [NB, BH, K + in, K]``, ``shift [NB, BH, K, f]``,
-    ``gamma_sq [BH, 1, f]``, ``weight [BH, in, f]`` the folded starting weights. Returns ``(z [NB, BH, K,
-    f]`` the outputs before the output LayerNorm, ``weight`` after the last mini-batch).
+    ``gamma_sq [BH, 1, f]``, ``weight [BH, in, f]`` the folded starting weights. Returns ``(z [BH, NB, K,
+    f]`` the outputs before the output LayerNorm (pair-major: a view of ``[B, H, T, f]``), ``weight``
+    after the last mini-batch).
     """
 
     @staticmethod
@@ -87,7 +88,7 @@ class CompiledLinearScan(torch.autograd.Function):
         weight = weight.detach().clone(memory_format=torch.contiguous_format)  # updated in place
         num_mb, pairs, two_k, _ = both.shape
         starts = scan_buffer(num_mb * weight.numel(), weight).view(num_mb, *weight.shape)  # [NB, BH, in, f]
-        z = shift.new_empty((num_mb, pairs, two_k // 2, shift.shape[-1]))  # [NB, BH, K, f]
+        z = shift.new_empty((pairs, num_mb, two_k // 2, shift.shape[-1]))  # [BH, NB, K, f]
         tensors = {"both": both, "left": left, "shift": shift, "gamma_sq": gamma_sq}
         run_entry_point(
             "innerloop_linear_scan_forward",
@@ -102,7 +103,7 @@ class CompiledLinearScan(torch.autograd.Function):
         if torch.is_grad_enabled():  # a backward with create_graph=True
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
         both, left, shift, gamma_sq, starts = ctx.saved_tensors
-        grad_z = torch.zeros_like(shift) if grad_z is None else grad_z.contiguous()
+        grad_z = shift.new_zeros(shift.transpose(0, 1).shape) if grad_z is None else grad_z.contiguous()
         grad_weight = (  # the kernel turns d loss / d last weights into d loss / d weight in place
             torch.zeros_like(starts[0])
             if grad_last is None
@@ -128,7 +129,7 @@ def compiled_linear_scan(
     weight: torch.Tensor,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:class:`CompiledLinearScan` applied: ``(z [NB, BH, K, f], weight after the last mini-batch)``."""
+    """:class:`CompiledLinearScan` applied: ``(z [BH, NB, K, f], weight after the last mini-batch)``."""
     return CompiledLinearScan.apply(both, left, shift, gamma_sq, weight, eps)
 
 

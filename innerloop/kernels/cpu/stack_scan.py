@@ -136,8 +136,9 @@ class CompiledStackScan(torch.autograd.Function):
     Inputs: ``activations`` (the kernel's code of each activation between two layers), ``eps``, then
     ``fused_torch.forward._Hoisted``'s tensors ``both [NB, BH, 2K, in1]``, ``left [NB, BH, K + in1, K]``,
     ``shift [NB, BH, K, f]``, ``gamma_sq [BH, 1, f]``, ``eta [NB, BH, K, K]``, ``scale [NB, BH, K, 1]``,
-    and each layer's folded weight ``[BH, in, out]`` (a bias as its last input row). Returns ``(z [NB, BH,
-    K, f]`` the outputs before the output LayerNorm, then each layer's weight after the last mini-batch).
+    and each layer's folded weight ``[BH, in, out]`` (a bias as its last input row). Returns ``(z [BH, NB,
+    K, f]`` the outputs before the output LayerNorm (pair-major: a view of ``[B, H, T, f]``), then each
+    layer's weight after the last mini-batch).
     """
 
     @staticmethod
@@ -159,7 +160,7 @@ class CompiledStackScan(torch.autograd.Function):
             start.view(num_mb, *w.shape) for start, w in zip(starts, weights, strict=True)
         ]  # [NB, BH, in, out]
         records = records.view(num_mb, pairs, record)
-        z = shift.new_empty((num_mb, pairs, two_k // 2, shift.shape[-1]))  # [NB, BH, K, f]
+        z = shift.new_empty((pairs, num_mb, two_k // 2, shift.shape[-1]))  # [BH, NB, K, f]
         args = _args(
             activations, eps, tensors | {"z": z, "records": records}, {"weights": weights, "starts": starts}
         )
@@ -173,7 +174,7 @@ class CompiledStackScan(torch.autograd.Function):
         if torch.is_grad_enabled():  # a backward with create_graph=True
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
         both, left, shift, gamma_sq, eta, scale, records, *starts = ctx.saved_tensors
-        grad_z = torch.zeros_like(shift) if grad_z is None else grad_z.contiguous()
+        grad_z = shift.new_zeros(shift.transpose(0, 1).shape) if grad_z is None else grad_z.contiguous()
         grad_weights = [  # the kernel turns d loss / d last weights into d loss / d weights in place
             torch.zeros_like(start[0]) if grad is None else grad.clone(memory_format=torch.contiguous_format)
             for start, grad in zip(starts, grad_last, strict=True)
@@ -197,7 +198,7 @@ def compiled_stack_scan(
     weights: Sequence[torch.Tensor],
     eps: float,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """:class:`CompiledStackScan` applied: ``(z [NB, BH, K, f], each layer's weight after the last
+    """:class:`CompiledStackScan` applied: ``(z [BH, NB, K, f], each layer's weight after the last
     mini-batch)``."""
     z, *last = CompiledStackScan.apply(
         tuple(activations), eps, both, left, shift, gamma_sq, eta, scale, *weights

@@ -100,10 +100,10 @@ struct InnerloopDecodeArgs {
 // both [NB, P, 2K, in] (keys, then queries); left [NB, P, K + in, K]; shift [NB, P, K, f];
 // gamma_sq [P, f]; weight [P, in, f] (forward: updated in place to the last mini-batch's weights);
 // starts [NB, P, in, f] (forward: written, the weights at every mini-batch's start; backward: read);
-// z [NB, P, K, f] (forward: written, the outputs before the output LayerNorm).
-// Backward: grad_z [NB, P, K, f]; grad_weight [P, in, f] (in: d loss / d the last weights; out:
-// d loss / d weight); grad_both, grad_left, grad_shift (the inputs' shapes) and grad_gamma_sq [P, f]
-// written.
+// z [P, NB, K, f] (forward: written, the outputs before the output LayerNorm; pair-major, so that the
+// output LayerNorm reads it as [B, H, T, f] with no copy). Backward: grad_z [P, NB, K, f]; grad_weight
+// [P, in, f] (in: d loss / d the last weights; out: d loss / d weight); grad_both, grad_left, grad_shift
+// (the inputs' shapes) and grad_gamma_sq [P, f] written.
 struct InnerloopLinearScanArgs {
   int32_t dtype;
   int32_t num_threads;
@@ -930,7 +930,7 @@ void linear_scan_forward_pair(const InnerloopLinearScanArgs& args, int64_t pair,
     linear_key_side(args, block, w, gamma_sq, true, ws);
     // [output correction; weight step] = left G
     gemm<T>(k + in, f, k, block.left, k, 1, ws.grad.data(), f, ws.products.data(), f, T(1), false);
-    T* z = static_cast<T*>(args.z) + block.index * k * f;
+    T* z = static_cast<T*>(args.z) + (pair * args.num_mini_batches + n) * k * f;
     for (int64_t i = 0; i < k * f; ++i) z[i] = ws.z_both[k * f + i] - ws.products[i];
     for (int64_t i = 0; i < in * f; ++i) w[i] -= ws.products[k * f + i];
   }
@@ -946,7 +946,7 @@ void linear_scan_backward_pair(const InnerloopLinearScanArgs& args, int64_t pair
   for (int64_t n = args.num_mini_batches - 1; n >= 0; --n) {
     const LinearBlock<T> block = linear_block<T>(args, n, pair);
     const T* w = static_cast<const T*>(args.starts) + block.index * in * f;
-    const T* grad_z = static_cast<const T*>(args.grad_z) + block.index * k * f;
+    const T* grad_z = static_cast<const T*>(args.grad_z) + (pair * args.num_mini_batches + n) * k * f;
     linear_key_side(args, block, w, gamma_sq, false, ws);
     // the products' gradient: z = Z_q - products[:K], W_{n+1} = W_n - products[K:]
     T* grad_products = ws.grad_products.data();
@@ -1121,6 +1121,7 @@ template <typename T>
 struct StackBlock {
   const T *both, *left, *shift, *eta, *scale;  // [2K x in_0], [(K + in_0) x K], [K x f], [K x K], [K]
   int64_t index;                               // n * pairs + pair
+  int64_t z_index;                             // pair * NB + n: z and grad_z are [P, NB, K, f]
 };
 
 template <typename T>
@@ -1132,14 +1133,8 @@ static inline StackBlock<T> stack_block(const InnerloopStackScanArgs& args, int6
           static_cast<const T*>(args.shift) + index * k * f,
           static_cast<const T*>(args.eta) + index * k * k,
           static_cast<const T*>(args.scale) + index * k,
-          index};
-}
-
-// dst [cols x rows] = src^T for src [rows x cols] whose rows are ld apart.
-template <typename T>
-void transpose_strided(int64_t rows, int64_t cols, const T* src, int64_t ld, T* dst) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t col = 0; col < cols; ++col) dst[col * rows + r] = src[r * ld + col];
+          index,
+          pair * args.num_mini_batches + n};
 }
 
 // out (+)= scale * A B^T for A [m x depth] and B [n x depth] row-major, out [m x n]: B is transposed
@@ -1208,7 +1203,7 @@ void stack_scan_block(const InnerloopStackScanArgs& args, const StackBlock<T>& b
       for (int64_t col = 0; col < out[l]; ++col) ws.scaled[j * out[l] + col] = block.scale[j] * g[j * out[l] + col];
     gemm<T>(in[l], out[l], k, x, 1, in[l], ws.scaled.data(), out[l], w[l], out[l], T(-1), true);
   }
-  T* z = static_cast<T*>(args.z) + block.index * k * f;
+  T* z = static_cast<T*>(args.z) + block.z_index * k * f;
   std::memcpy(z, ws.query_pre[layers - 1].data(), k * f * sizeof(T));
 }
 
@@ -1305,7 +1300,7 @@ void stack_scan_block_backward(const InnerloopStackScanArgs& args, const StackBl
     std::fill(ws.d_grad[l].begin(), ws.d_grad[l].end(), T(0));
     std::fill(ws.d_key_pre[l].begin(), ws.d_key_pre[l].end(), T(0));
   }
-  std::memcpy(ws.d_query_pre[layers - 1].data(), static_cast<const T*>(args.grad_z) + index * k * f,
+  std::memcpy(ws.d_query_pre[layers - 1].data(), static_cast<const T*>(args.grad_z) + block.z_index * k * f,
               k * f * sizeof(T));
 
   // ---- the query side, last layer first: zq_l = Xq_l W_l - mix_l G_l and W_l' = W_l - X_l^T (s G_l)

@@ -241,7 +241,7 @@ class _Scan:
 
 TrainingScan = Callable[..., tuple[torch.Tensor, list[torch.Tensor]]]
 """A whole scan with its own backward: ``(both1, left1, shift, gamma_sq, eta, update_scale, weights, eps) ->
-(z [NB, BH, K, f], each layer's weight after the last mini-batch)`` on :class:`_Hoisted`'s tensors and
+(z [BH, NB, K, f], each layer's weight after the last mini-batch)`` on :class:`_Hoisted`'s tensors and
 the folded weights ``[BH, in, out]`` (``innerloop.kernels.cpu`` compiles one). A scan whose backward is
 not twice differentiable raises its own error inside a ``create_graph=True`` backward (the CPU scans
 raise ``innerloop.kernels.cpu.linear_scan.DOUBLE_BACKWARD_MESSAGE``); one that does not is stopped
@@ -284,8 +284,7 @@ def make_fused_forward(
         if training_scan is not None and not in_place:
             h = hoisted
             scan_inputs = (h.both1, h.left1, h.shift, h.gamma_sq, h.eta, h.update_scale)
-            z, weights = training_scan(*map(guard, scan_inputs), [guard(w) for w in weights], eps)
-            z_all = z.transpose(0, 1)  # [BH, NB, K, f]
+            z_all, weights = training_scan(*map(guard, scan_inputs), [guard(w) for w in weights], eps)
             output_guard = _unguarded  # the scan's inputs are guarded
         else:
             scan = _Scan(stack, weights, in_place, eps)

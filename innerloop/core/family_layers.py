@@ -25,6 +25,7 @@ arguments each member's gates become are the maps of ``../shared/ZOO.md`` proven
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import replace
 from typing import Any, ClassVar
@@ -83,15 +84,35 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-def _refuse_unimplemented(layer: str, options: dict[str, Any], short_conv: bool, conv_kernel: Any) -> None:
-    """TypeError for a TTTLayer option the family's layers do not implement (:data:`REFUSED_TTT_OPTIONS`),
-    ValueError for a ``conv_kernel`` without short convs to apply it to: neither is silently ignored."""
+def _valid_options(member: type) -> list[str]:
+    """Every keyword ``member`` takes: its own and its bases' up to FamilyLayer, and TTTLayer's (less
+    :data:`REFUSED_TTT_OPTIONS`)."""
+    names: set[str] = set()
+    for cls in member.__mro__:
+        if "__init__" in vars(cls) and (cls is TTTLayer or issubclass(cls, FamilyLayer)):
+            names |= {
+                name
+                for name, parameter in inspect.signature(cls.__init__).parameters.items()
+                if name != "self" and parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL)
+            }
+    return sorted(names - set(REFUSED_TTT_OPTIONS))
+
+
+def _refuse_unimplemented(member: type, options: dict[str, Any], short_conv: bool, conv_kernel: Any) -> None:
+    """TypeError for a TTTLayer option the family's layers do not implement (:data:`REFUSED_TTT_OPTIONS`)
+    or a keyword no layer takes (named against ``member``, the class the caller built, with the valid
+    ones), ValueError for a ``conv_kernel`` without short convs to apply it to: none is silently ignored."""
+    layer = member.__name__
     for name, instead in REFUSED_TTT_OPTIONS.items():
         if name in options:
             raise TypeError(
                 f"{layer} does not take {name} (got {name}={options[name]!r}): it is a TTTLayer option "
                 f"the family's layers do not implement; {instead}"
             )
+    valid = _valid_options(member)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"{layer} got unexpected keyword arguments {unknown}; valid: {valid}")
     if not short_conv and conv_kernel != DEFAULT_CONV_KERNEL:
         raise ValueError(
             f"{layer} got conv_kernel={conv_kernel!r} with short_conv=False: conv_kernel is the short "
@@ -192,7 +213,7 @@ class FamilyLayer(TTTLayer):
         for name, value in switches.items():
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
-        _refuse_unimplemented(type(self).__name__, options, short_conv, conv_kernel)
+        _refuse_unimplemented(type(self), options, short_conv, conv_kernel)
         _check_choice("qk_activation", qk_activation, ACTIVATIONS)
         _check_choice("value_activation", value_activation, ACTIVATIONS)
         _check_choice("feature_map", feature_map, FEATURE_MAPS)
@@ -377,6 +398,15 @@ class LinearAttentionLayer(FamilyLayer):
         "qk_activation": ("identity", "FLA's linear attention shapes q and k by feature_map only"),
         "value_activation": ("identity", "FLA's linear attention uses v as projected"),
         "qk_l2norm": (False, "FLA's linear attention shapes q and k by feature_map only"),
+        "inner_norm": (
+            False,
+            "linear attention reads o = q S; with the inner LayerNorm the update depends on S, so the "
+            "layer is no longer linear attention and mini_batch_size changes the model (FamilyLayer takes it)",
+        ),
+        "inner_residual": (
+            False,
+            "linear attention reads o = q S; the inner residual would add q (FamilyLayer takes it)",
+        ),
     }
 
     def __init__(
@@ -444,8 +474,11 @@ class GatedDeltaNetLayer(DeltaNetLayer):
     (``../shared/ZOO.md`` (c)): ``decay = 1 - a``, ``lr = a * beta`` and values ``v / a``. ``a`` is held
     at ``DECAY_FACTOR_FLOOR`` (1e-4) or above, so ``v / a`` stays finite; below it FLA keeps less than
     1e-4 of the old state and this layer keeps 1e-4 of it (measured: outputs up to 5e-4 apart at an output
-    scale of 1, when every gate is far below the floor). The map holds for the bare matrix model only: ``inner_norm`` and ``inner_residual``
-    are fixed to False (refused when True).
+    scale of 1, when every gate is far below the floor). The map holds for the bare matrix model only:
+    ``inner_norm`` and ``inner_residual`` are fixed to False (refused when True).
+
+    ``base_lr=0`` turns test-time training off altogether: no step and no decay, so the state stays
+    where it starts (FLA would still decay it; with ``base_lr`` above 0, however small, it decays).
     """
 
     fixed_options: ClassVar[dict[str, tuple[Any, str]]] = {
@@ -520,6 +553,9 @@ class TitansLayer(FamilyLayer):
     As scan: ``update_rule="momentum"``, ``mini_batch_size`` tokens per gradient point (16; the paper
     trains with the gradient at the chunk start), ``inner_norm`` and ``inner_residual`` on. q is not
     scaled (FLA's Titans op). Output: gated per-head RMSNorm, o_proj (the paper's norm + gate).
+
+    ``base_lr=0`` turns test-time training off altogether: no step, no decay and no momentum, so the
+    memory stays where it starts (with ``base_lr`` above 0, however small, it decays).
     """
 
     fixed_options: ClassVar[dict[str, tuple[Any, str]]] = {

@@ -153,6 +153,9 @@ FIXED = [
         "dot_product",
         "the dual form under the dot_product",
     ),
+    # Before: accepted, and the layer was no longer linear attention (K = 1 and K = 16 differed by 2.0).
+    (LinearAttentionLayer, "inner_norm", True, False, "mini_batch_size changes the model"),
+    (LinearAttentionLayer, "inner_residual", True, False, "the inner residual would add q"),
     (TitansLayer, "inner_norm", False, True, "read through the inner LayerNorm"),
     (TitansLayer, "scale_query", True, False, "FLA's Titans op does not scale q"),
     (GatedDeltaNetLayer, "inner_norm", True, False, "equals it only without the inner LayerNorm"),
@@ -190,6 +193,35 @@ def test_the_fixed_arguments_are_the_ones_the_members_set() -> None:
         "momentum",
         False,
     )
+
+
+@pytest.mark.parametrize("member", MEMBERS, ids=lambda m: m.__name__)
+def test_an_unknown_keyword_is_named_against_the_member_with_the_valid_ones(member) -> None:
+    # Before: "TTTLayer.__init__() got an unexpected keyword argument 'betaa'", no valid names.
+    with pytest.raises(
+        TypeError, match=rf"^{member.__name__} got unexpected keyword arguments \['betaa'\]; valid: "
+    ):
+        member(D, H, betaa=1)
+    with pytest.raises(TypeError) as error:
+        member(D, H, norm_epss=1e-5)
+    valid = str(error.value).split("valid: ")[1]
+    for name in ("norm_eps", "base_lr", "kernel", "output_gate"):
+        assert repr(name) in valid
+    for name in REFUSED_TTT_OPTIONS:
+        assert repr(name) not in valid
+
+
+def test_a_linear_attention_state_is_the_same_for_every_mini_batch_size() -> None:
+    """The docstring's claim, which the fixed inner_norm and inner_residual keep true."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 37, D, dtype=torch.float64)
+    outputs = []
+    for mini_batch_size in (1, 5, 16):
+        torch.manual_seed(1)
+        layer = LinearAttentionLayer(D, H, mini_batch_size=mini_batch_size).double()
+        outputs.append(layer(x)[0])
+    for other in outputs[1:]:
+        torch.testing.assert_close(other, outputs[0], rtol=1e-12, atol=1e-12)
 
 
 def test_gated_deltanet_options_a_config_cannot_reach_are_unknown_keys() -> None:

@@ -343,7 +343,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     generate = commands.add_parser(
         "generate",
         help="sample text through the recurrent state",
-        description="Sample text from a checkpoint, one byte at a time through the recurrent state.",
+        description="Sample text from a checkpoint, one token at a time through the recurrent state (a token is a byte for a byte-level model, a tokenizer's token otherwise).",
         formatter_class=_HelpFormatter,
     )
     generate.add_argument("checkpoint", help="a last.safetensors written by `innerloop train`")
@@ -354,7 +354,10 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         "tokenizer (default: %(default)r)",
     )
     generate.add_argument(
-        "--tokens", type=_number(int, 0), default=200, help="bytes to generate (default: %(default)s)"
+        "--tokens",
+        type=_number(int, 0),
+        default=200,
+        help="tokens to generate: bytes for a byte-level model (default: %(default)s)",
     )
     generate.add_argument(
         "--temperature",
@@ -366,7 +369,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         "--top-k",
         type=_POSITIVE_INT,
         default=None,
-        help="sample among the k most likely bytes (default: no limit, sample among all)",
+        help="sample among the k most likely tokens (default: no limit, sample among all)",
     )
     generate.add_argument(
         "--seed",

@@ -144,6 +144,26 @@ def test_double_backward_is_refused_by_name():
         layer(torch.randn(1, 8, 16, requires_grad=True))
 
 
+@pytest.mark.slow  # ~3 s: dynamo traces and AOT-compiles the step
+@pytest.mark.parametrize("retained", ["backward", "autograd.grad"])
+def test_a_retained_graph_is_refused_by_name_not_with_torch_internals(counted_backend, retained):
+    # Before: torch's "compiled with non-empty donated buffers ..." (AOTAutograd frees the compiled
+    # backward's saved tensors after one use), naming neither the kernel nor what to use instead.
+    layer = TTTLayer(16, 2, inner_model="linear", mini_batch_size=4, kernel="compiled_torch_linear")
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    y, _ = layer(x)
+    with pytest.raises(
+        RuntimeError, match="kernel 'compiled_torch_linear' runs its backward once only.*kernel='auto'"
+    ):
+        if retained == "backward":
+            y.square().mean().backward(retain_graph=True)
+        else:
+            torch.autograd.grad(y.sum(), x, retain_graph=True)
+    y, _ = layer(x)
+    y.square().mean().backward()  # a plain backward runs
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_auto_never_picks_the_compiled_path():
     layer = TTTLayer(16, 2, inner_model="mlp", mini_batch_size=4)
     layer(torch.randn(1, 8, 16, requires_grad=True))

@@ -18,6 +18,7 @@ floating-point operations.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import shutil
@@ -50,15 +51,61 @@ def compile_backend(backend: Any) -> Iterator[None]:
         BACKEND = previous
 
 
-def compiled_mini_batch(scan: _Scan, *tensors: torch.Tensor) -> torch.Tensor:
+def retained_graph_message(kernel_name: str) -> str:
+    """The error of a second backward through a graph the compiled step recorded."""
+    return (
+        f"kernel {kernel_name!r} runs its backward once only: torch.compile's AOTAutograd frees the "
+        "compiled step's saved tensors after one use (donated buffers), so backward(retain_graph=True), "
+        "a second autograd.grad through the same forward or gradcheck cannot run through it; use "
+        "kernel='auto' (or a fused_torch_* kernel) for that"
+    )
+
+
+def _keeps_graph() -> bool:
+    """Whether the backward running now keeps its graph (``retain_graph=True``); False where torch
+    does not say."""
+    keeps = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return bool(keeps()) if keeps is not None else False
+
+
+class _BackwardOnce(torch.autograd.Function):
+    """Identity on a compiled step's output whose backward refuses a retained graph with a clear error
+    (``message``) before torch's own ("compiled with non-empty donated buffers ...") would come."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, message: str) -> torch.Tensor:
+        ctx.message = message
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        # create_graph=True also keeps the graph: the fused path's own guard names that case
+        if _keeps_graph() and not torch.is_grad_enabled():
+            raise RuntimeError(ctx.message)
+        return grad, None
+
+
+def _backward_once(t: torch.Tensor, message: str) -> torch.Tensor:
+    return _BackwardOnce.apply(t, message) if t.requires_grad else t
+
+
+def compiled_mini_batch(
+    scan: _Scan, *tensors: torch.Tensor, kernel_name: str = "compiled_torch"
+) -> torch.Tensor:
     """:meth:`_Scan.mini_batch`, compiled with :data:`BACKEND` (once per process and backend; dynamo
     recompiles it for new shapes, dtypes and stacks up to its recompile limit, past which the step runs
     eagerly: the fused path's numbers, at its speed). Not ``fullgraph=True``: that turns the limit into
-    an error; the tests check instead that the step compiles without a graph break."""
+    an error; the tests check instead that the step compiles without a graph break.
+
+    Its outputs (the pre-LN outputs and the moved weights) refuse a backward that keeps the graph, with
+    :func:`retained_graph_message` naming ``kernel_name``."""
     step = _compiled.get(BACKEND)
     if step is None:
         step = _compiled[BACKEND] = torch.compile(_Scan.mini_batch, backend=BACKEND)
-    return step(scan, *tensors)
+    message = retained_graph_message(kernel_name)
+    z = step(scan, *tensors)
+    scan.weights = [_backward_once(w, message) for w in scan.weights]
+    return _backward_once(z, message)
 
 
 def verify(inputs: KernelInputs) -> str | None:
@@ -81,7 +128,9 @@ def kernel_spec(model_name: str, stack: tuple[AffineLayer, ...]) -> KernelSpec:
         "compiled_torch",
         model_name,
         forward=make_fused_forward(
-            stack, training_step=compiled_mini_batch, kernel_name=f"compiled_torch_{model_name}"
+            stack,
+            training_step=functools.partial(compiled_mini_batch, kernel_name=f"compiled_torch_{model_name}"),
+            kernel_name=f"compiled_torch_{model_name}",
         ),
         verify=verify,
         priority=0,
@@ -91,4 +140,11 @@ def kernel_spec(model_name: str, stack: tuple[AffineLayer, ...]) -> KernelSpec:
     )
 
 
-__all__ = ["BACKEND", "compile_backend", "compiled_mini_batch", "kernel_spec", "verify"]
+__all__ = [
+    "BACKEND",
+    "compile_backend",
+    "compiled_mini_batch",
+    "kernel_spec",
+    "retained_graph_message",
+    "verify",
+]

@@ -162,7 +162,8 @@ class InnerloopCausalLMOutput(ModelOutput):
     """Output of :meth:`InnerloopForCausalLM.forward`.
 
     Attributes:
-        loss: mean next-token cross-entropy over the labels that are not -100 (when labels are given).
+        loss: mean next-token cross-entropy over the labels that are not -100 (when labels are given;
+            0, attached to the graph, when no label is left to score).
         logits: ``[B, T, vocab]`` (the positions ``logits_to_keep`` keeps).
         cache: the state after the last token (:class:`InnerloopCache`), unless ``use_cache=False``.
         hidden_states: with ``output_hidden_states=True``, ``num_layers + 1`` tensors ``[B, T, hidden]``:
@@ -535,7 +536,8 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
                 ``past_key_values`` or ``cache_params``: two different caches are refused).
             labels: ``[batch, length]`` integer token ids; the loss is the next-token cross-entropy
                 (labels shifted inside, -100 ignored), in float32, or float64 for a float64 model, over
-                every position whatever ``logits_to_keep``.
+                every position whatever ``logits_to_keep``; 0 (with zero gradients) when no label is
+                left to score, not NaN.
             use_cache: return the state as ``cache`` (default: ``config.use_cache``).
             inputs_embeds: not supported (innerloop models start from token ids).
             return_dict: a tuple instead of the output object when false.
@@ -767,10 +769,18 @@ def check_labels(labels: Any, input_ids: torch.Tensor, vocab_size: int) -> torch
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of ``logits [B, T, V]`` at position t against ``labels [B, T]`` at t + 1
-    (-100 ignored), in float32 or the logits' wider dtype (float64 stays float64)."""
+    (-100 ignored), in float32 or the logits' wider dtype (float64 stays float64).
+
+    With no label left to score (every shifted label -100, or one token per row) the loss is 0,
+    attached to the graph (its backward gives zero gradients), not the mean over nothing, NaN, which
+    would fill every gradient with NaN."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
     shifted_logits = logits[:, :-1].to(dtype)  # [B, T-1, V]
-    shifted_labels = labels[:, 1:].to(logits.device)  # [B, T-1]
-    return F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1), ignore_index=-100
+    shifted_labels = labels[:, 1:].to(logits.device).reshape(-1)  # [B * (T-1)]
+    total = F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
+        shifted_labels,
+        ignore_index=-100,
+        reduction="sum",
     )
+    return total / (shifted_labels != -100).sum().clamp_min(1)

@@ -99,6 +99,15 @@ def _checked_hyperparameters(**arguments: Any) -> dict[str, Any]:
     return checked
 
 
+def _mean_scored_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits [B, T, V]`` over the targets ``[B, T]`` that are scored (not
+    :data:`IGNORE_INDEX`); 0, attached to the graph, for a batch with none (not NaN, which would read as
+    a divergence)."""
+    targets = targets.flatten()
+    total = F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum().clamp_min(1)
+
+
 class TrainingDivergedError(RuntimeError):
     """The training loss (or the weights) became NaN or inf; the message says when and what to try."""
 
@@ -316,7 +325,7 @@ class LanguageModelModule(L.LightningModule):
         calls: list[LayerCall] = []
         with _non_finite_propagates(self._checked_layers, calls):
             logits = self(inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        loss = _mean_scored_loss(logits, targets)
         if not self._finite_on_every_process(loss):
             what = f"the training loss is {self._describe(loss)} after {self.global_step} optimizer steps"
             raise self._non_finite_error(what, calls)

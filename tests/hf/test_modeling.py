@@ -149,6 +149,23 @@ def test_the_loss_is_the_next_token_cross_entropy() -> None:
     assert model.model.embed.weight.grad is not None
 
 
+@pytest.mark.parametrize("case", ["every label -100", "only the unshifted first label", "one token"])
+def test_no_label_left_to_score_is_a_zero_loss_with_zero_gradients_not_nan(case) -> None:
+    # Before: the mean over nothing, NaN, whose backward filled every gradient with NaN.
+    model = tiny_hf_model("ttt_linear")
+    ids = torch.randint(
+        0, 256, (2, 1 if case == "one token" else 6), generator=torch.Generator().manual_seed(0)
+    )
+    labels = torch.full_like(ids, -100)
+    if case != "every label -100":
+        labels[:, 0] = ids[:, 0]  # position 0 is never a target: the labels are shifted inside
+    output = model(ids, labels=labels)
+    assert output.loss.item() == 0.0
+    output.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.count_nonzero(g) == 0 for g in grads)
+
+
 def test_right_padding_is_accepted_without_a_cache_and_left_padding_refused() -> None:
     model = tiny_hf_model("ttt_linear")
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))

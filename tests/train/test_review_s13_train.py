@@ -395,3 +395,19 @@ def test_a_class_without_readable_source_records_no_digest(fresh_registry, tmp_p
     path = _saved_with(cls, tmp_path / "c.safetensors")
     assert load_checkpoint(path)[PLUGIN_SOURCES_KEY] == {}
     assert _plugin_warnings(path) == []
+
+
+# -- a batch with no scored target (review s14) ----------------------------------------------------------
+
+
+def test_a_batch_with_no_scored_target_is_a_zero_loss_not_a_divergence() -> None:
+    # Before: the mean over nothing, NaN, stopped the run as "the training loss is nan".
+    module = _module()
+    inputs, targets = _batch()
+    loss = module.training_step((inputs, torch.full_like(targets, IGNORE_INDEX)), 0)
+    assert loss.item() == 0.0 and loss.requires_grad
+    partly = targets.clone()
+    partly[0] = IGNORE_INDEX
+    logits = module(inputs)
+    expected = F.cross_entropy(logits.flatten(0, 1), partly.flatten(), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(module.training_step((inputs, partly), 0), expected)

@@ -534,10 +534,9 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
                 (then no cache is returned; see :func:`check_attention_mask`).
             cache: the :class:`InnerloopCache` of the previous call, to continue its sequence (or as
                 ``past_key_values`` or ``cache_params``: two different caches are refused).
-            labels: ``[batch, length]`` integer token ids; the loss is the next-token cross-entropy
-                (labels shifted inside, -100 ignored), in float32, or float64 for a float64 model, over
-                every position whatever ``logits_to_keep``; 0 (with zero gradients) when no label is
-                left to score, not NaN.
+            labels: ``[batch, length]`` integer token ids; the loss is :func:`next_token_loss` (labels
+                shifted inside, -100 ignored; float32, or float64 for a float64 model; 0 with nothing
+                left to score), over every position whatever ``logits_to_keep``.
             use_cache: return the state as ``cache`` (default: ``config.use_cache``).
             inputs_embeds: not supported (innerloop models start from token ids).
             return_dict: a tuple instead of the output object when false.

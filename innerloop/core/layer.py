@@ -50,8 +50,10 @@ from innerloop.core.state import StateSignature, TTTState, inner_output_label
 
 NON_FINITE_POLICIES = ("raise", "ignore")
 # Inputs this large (|x|) may overflow a float32 inner scan through the projections and the inner
-# model's products; below it, a non-finite output is blamed on the plugins, not on overflow.
+# model's products; below it, with the inner weights moderate, a non-finite output is blamed on the
+# plugins, not on overflow.
 LARGE_INPUT = 1e4
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 # The layer builds [K, K] matrices per head and mini-batch (the dual form's causal products) and
 # [K] tables (tau, RoPE positions): beyond this they are too large to be a mini-batch size.
 MAX_MINI_BATCH_SIZE = 65536
@@ -136,12 +138,28 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True) -> None:
     for name in ("rope_theta", "norm_eps"):
         if not is_real(args[name]) or args[name] <= 0:
             raise ValueError(f"{name} must be a finite number > 0, got {args[name]!r}")
+    check_norm_eps(args["norm_eps"], torch.promote_types(torch.get_default_dtype(), torch.float32))
     if args["non_finite"] not in NON_FINITE_POLICIES:
         raise ValueError(f"non_finite must be one of {NON_FINITE_POLICIES}, got {args['non_finite']!r}")
     check_positive_int("inference_chunk_size", args["inference_chunk_size"], none_allowed=True)
     if not isinstance(args["kernel"], str):
         raise ValueError(
             f"kernel must be 'auto', 'torch' or a registered kernel name, got {args['kernel']!r}"
+        )
+
+
+def check_norm_eps(norm_eps: float, scan_dtype: torch.dtype) -> None:
+    """Raise naming ``norm_eps`` unless it is a normal number of ``scan_dtype`` (the dtype of the inner
+    LayerNorm): one that rounds to 0 or to a subnormal there leaves the LayerNorm of a constant row
+    dividing 0 by 0, and every output NaN."""
+    smallest = torch.finfo(scan_dtype).tiny
+    if float(norm_eps) < smallest:
+        name = str(scan_dtype).removeprefix("torch.")
+        raise ValueError(
+            f"norm_eps={norm_eps!r} rounds to 0 or to a subnormal in {name}, the layer's scan dtype (the inner "
+            f"LayerNorm of a constant row would divide 0 by 0); valid: a finite number >= {smallest:.2e} in "
+            f"{name} (>= {torch.finfo(torch.float64).tiny:.2e} for a float64 layer, built under "
+            "torch.set_default_dtype(torch.float64)); the default is 1e-6"
         )
 
 
@@ -186,12 +204,25 @@ def _check_kernel_name(
             )
 
 
+def _registered_entry(kind: str, obj: Any) -> Any:
+    """The registry's entry whose object is ``obj`` itself (None: ``obj`` is not registered)."""
+    from innerloop.registry import get_registry  # late import: core must not depend on registry
+
+    return next((e for e in get_registry().entries(kind) if e.obj is obj), None)
+
+
+def is_built_in(kind: str, obj: Any) -> bool:
+    """Whether ``obj`` is one of innerloop's own plugins, registered as such (origin ``builtin:...``)."""
+    from innerloop.registry.manager import BUILTIN_PREFIX  # late import: core must not depend on registry
+
+    entry = _registered_entry(kind, obj)
+    return entry is not None and entry.origin.startswith(BUILTIN_PREFIX)
+
+
 def plugin_label(kind: str, obj: Any) -> str:
     """``obj`` in words for an error: its kind, name and origin (the plugin that registered it, as
     ``innerloop plugins`` shows it), or its class when it is not the registered object."""
-    from innerloop.registry import get_registry  # late import: core must not depend on registry
-
-    entry = next((e for e in get_registry().entries(kind) if e.obj is obj), None)
+    entry = _registered_entry(kind, obj)
     cls = type(obj)
     origin = f"origin {entry.origin!r}" if entry else f"not registered: {cls.__module__}.{cls.__qualname__}"
     return f"{kind.replace('_', ' ')} {getattr(obj, 'name', '?')!r} ({origin})"
@@ -278,6 +309,18 @@ def holds_values(x: torch.Tensor) -> bool:
     return x.device.type != "meta" and not is_functorch_wrapped_tensor(x)
 
 
+def _largest_magnitude(state: TTTState) -> float:
+    """The largest |value| of a state's inner weights (``params`` and ``pending``), NaN left out and
+    inf counted: 0.0 when every value is NaN."""
+    largest = 0.0
+    for tensor in (*state.params.values(), *state.pending.values()):
+        magnitudes = tensor.detach().abs()
+        magnitudes = torch.where(torch.isnan(magnitudes), 0.0, magnitudes)
+        if magnitudes.numel():
+            largest = max(largest, float(magnitudes.max()))
+    return largest
+
+
 def _output_is_scratch(module: nn.Module) -> bool:
     """Whether ``module(x)`` is a fresh tensor nobody else holds: a plain ``nn.Linear`` (not a
     subclass or a wrapper, which may return cached or input tensors) with no forward hooks, local or
@@ -303,7 +346,8 @@ class TTTLayer(nn.Module):
         rope_theta: RoPE base.
         inner_norm: per-head LayerNorm on the inner model's output (paper: on).
         inner_residual: residual around the inner model (paper: on).
-        norm_eps: epsilon of the inner LayerNorm and the post-norm.
+        norm_eps: epsilon of the inner LayerNorm and the post-norm; a normal number of
+            :attr:`scan_dtype` (>= 1.18e-38 in float32, checked at construction and at each call).
         kernel: fast-path choice, ``"auto"`` (default), ``"torch"`` or a registered kernel name. A
             named kernel is checked at construction against the plugins and ``inner_norm`` /
             ``inner_residual``; what its ``verify`` decides (device, dtype, mini-batch size, gradients
@@ -311,6 +355,9 @@ class TTTLayer(nn.Module):
         non_finite: ``"raise"`` (default) rejects NaN/inf inputs with an error before they reach
             the state, and raises if finite input gave non-finite outputs or state (the inner model
             overflowed); ``"ignore"`` skips both checks (faster; NaNs then propagate to outputs and state).
+            Under ``"ignore"`` a NaN or inf token spreads to the outputs of its whole mini-batch, earlier
+            tokens included, and to all later ones: the outputs before it then depend on where the
+            sequence was split between calls (a call that ends before it returns them finite).
         needs_double_backward: tell kernels that gradients of gradients will be taken.
         inference_chunk_size: without autograd, a call longer than this reads the sequence in chunks
             of about this many tokens (whole mini-batches), carrying the state between them: the
@@ -318,7 +365,9 @@ class TTTLayer(nn.Module):
             ``None`` reads every call at once.
 
     Call ``y, state = layer(x, state=None)`` with ``x [B, T, D]``; ``state`` continues a sequence
-    from any split point (see :class:`innerloop.core.state.TTTState`). ``x`` is in the weights'
+    from any split point (see :class:`innerloop.core.state.TTTState`). A state made under
+    ``torch.inference_mode`` continues only in a call that records no graph (``torch.no_grad``), or
+    after ``state.clone()`` outside inference mode. ``x`` is in the weights'
     dtype (under ``torch.autocast`` a float32 layer also takes bfloat16 and float16 ``x``); the inner
     scan (state, inner LayerNorm statistics, gradient sums) and the state are in :attr:`scan_dtype`, the weights' dtype but at least float32:
     under autocast or with the layer in bfloat16 / float16 only the projections run in low precision.
@@ -595,8 +644,10 @@ class TTTLayer(nn.Module):
                 "takes x of another dtype only with float32 weights and x in float32, bfloat16 or float16 "
                 "(autocast leaves other dtypes as they are); cast x or the layer to one dtype"
             )
+        check_norm_eps(self.norm_eps, self.scan_dtype)  # a layer cast to a narrower dtype (.float())
         if state is not None:
             self._check_state(state, x.shape[0])
+            self._check_state_is_recordable(state, x)
 
     def _check_state(self, state: TTTState, batch_size: int) -> None:
         """The state must come from a layer like this one, for this batch, in the scan's dtype."""
@@ -641,6 +692,25 @@ class TTTLayer(nn.Module):
                     f"state tensor {name} is {tensor.dtype} but the layer keeps its state in {scan_dtype}: "
                     f"cast it with state.to({scan_dtype})"
                 )
+
+    def _check_state_is_recordable(self, state: TTTState, x: torch.Tensor) -> None:
+        """A state made under ``torch.inference_mode`` cannot enter a call that records an autograd
+        graph: torch refuses to save its tensors for backward, on some paths and not others (a kernel
+        may copy the state first). Refused here on every path, naming the remedies."""
+        if not torch.is_grad_enabled():
+            return
+        inference = sorted(name for name, t in state.tensors().items() if t.is_inference())
+        if not inference:
+            return
+        records_graph = x.requires_grad or any(p.requires_grad for p in self.parameters())
+        if records_graph:
+            raise ValueError(
+                f"state holds inference tensors ({', '.join(inference)}: made under torch.inference_mode), "
+                "which autograd cannot save for backward, and this call records a graph (grad is enabled and "
+                "the layer's parameters or x require grad): run the continuation under torch.no_grad() "
+                "(or torch.inference_mode()), or pass state.clone() called outside inference mode (a copy "
+                "of normal tensors), or make the state under torch.no_grad() instead of inference_mode"
+            )
 
     def _check_conv_history(self, state: TTTState, batch_size: int) -> None:
         """The state's conv history is the one this layer keeps (the shared-QK convs', or none)."""
@@ -792,27 +862,147 @@ class TTTLayer(nn.Module):
                 f"TTTLayer produced non-finite {what}: the state passed in already holds NaN or inf; "
                 "start from state=None, or construct the layer with non_finite='ignore' to let them propagate"
             )
-        largest = float(x.detach().abs().max()) if x.numel() else 0.0
-        scan_dtype = str(self.scan_dtype).removeprefix("torch.")
-        if largest >= LARGE_INPUT:
-            raise ValueError(
-                f"TTTLayer produced non-finite {what} from finite input: the inner model overflowed "
-                f"{scan_dtype} (largest |input| {largest:.1e}); normalise the input or run "
-                "in float64 (layer.double()); non_finite='ignore' returns them as they are"
-            )
-        plugins = ", ".join(
-            plugin_label(kind, obj)
-            for kind, obj in (
-                ("inner_model", self.inner_model),
-                ("inner_loss", self.inner_loss),
-                ("update_rule", self.update_rule),
-            )
-        )
+        saved_dispatches = list(self.dispatches)  # the diagnosis below reruns parts of the call
+        try:
+            with torch.no_grad():
+                cause = self._non_finite_cause(x, given_state, new_state)
+        finally:
+            self.dispatches = saved_dispatches
         raise ValueError(
-            f"TTTLayer produced non-finite {what} from finite input of moderate size (largest |input| "
-            f"{largest:.1e}, far from overflowing {scan_dtype}): the likely source is a NaN or inf computed by "
-            f"the layer's plugins, {plugins} (e.g. a sqrt, log or division at 0 in a loss or its gradient, "
-            "where a prediction equals its target); non_finite='ignore' returns them as they are"
+            f"TTTLayer produced non-finite {what} from finite input{cause}; "
+            "non_finite='ignore' returns them as they are"
+        )
+
+    def _non_finite_cause(self, x: torch.Tensor, given_state: TTTState | None, new_state: TTTState) -> str:
+        """Why finite input gave non-finite outputs or state, in words, after "from finite input" (for
+        :meth:`_check_output`): the first that explains it of the layer's parameters, its projections
+        or inner learning rate, its low-precision output, its inner weights, a huge input, and last
+        its plugins."""
+        largest = float(x.detach().abs().max()) if x.numel() else 0.0
+        size = f" (largest |input| {largest:.1e})"
+        broken = [name for name, p in self.named_parameters() if not bool(torch.isfinite(p).all())]
+        if broken:
+            return (
+                f"{size}: the layer's parameters {broken} hold NaN or inf (a diverged optimizer step?); "
+                "reload finite weights"
+            )
+        state = given_state if given_state is not None else self.init_state(x.shape[0])
+        reading = self._read_overflow(x, state)
+        if reading is not None:
+            return size + reading
+        scan_dtype = str(self.scan_dtype).removeprefix("torch.")
+        low = self._projection_dtype(x)
+        if low in LOW_PRECISION and new_state.is_finite():
+            low_name = str(low).removeprefix("torch.")
+            return (
+                f"{size}: the inner scan's {scan_dtype} state stayed finite, so the post-norm, gate or o_proj "
+                f"overflowed {low_name} (largest finite {low_name} {torch.finfo(low).max:.1e}); keep the weights in "
+                "float32 (layer.float()), or look for huge post-norm, gate or o_proj weights"
+            )
+        weights = self._largest_inner_weight(x, state)
+        if weights > math.sqrt(torch.finfo(self.scan_dtype).max):
+            return size + self._inner_weights_overflow(weights, largest)
+        widen = "" if self.scan_dtype == torch.float64 else " or run in float64 (layer.double())"
+        if largest >= LARGE_INPUT:
+            return f"{size}: the inner model overflowed {scan_dtype}; normalise the input{widen}"
+        return (
+            f" of moderate size (largest |input| {largest:.1e}, far from overflowing {scan_dtype}), and the "
+            f"inner weights stayed moderate (largest |W| {weights:.1e}): {self._plugin_suspects()}"
+        )
+
+    def _inner_weights_overflow(self, weights: float, largest_input: float) -> str:
+        """The cause in words when the inner weights grew to ``weights`` (beyond the square root of the
+        scan dtype's largest value, where their products overflow), with what to do."""
+        scan_dtype = str(self.scan_dtype).removeprefix("torch.")
+        limit = math.sqrt(torch.finfo(self.scan_dtype).max)
+        remedies = [
+            f"lower base_lr (now {self.base_lr:g})",
+            self._lr_gate_advice(),
+        ]
+        if largest_input >= LARGE_INPUT:  # the input first: it is out of the ordinary
+            remedies.insert(0, "normalise the input")
+        if self.scan_dtype != torch.float64:
+            remedies.append("run in float64 (layer.double())")
+        return (
+            f": the inner weights overflowed {scan_dtype} (largest |W| {weights:.1e} up to the first non-finite "
+            f"mini-batch, beyond {limit:.1e}, the square root of {scan_dtype}'s largest value); "
+            f"{', '.join(remedies[:-1])} or {remedies[-1]}"
+        )
+
+    def _lr_gate_advice(self) -> str:
+        """What to check of the inner learning rate's gate, by its parameters' names where known."""
+        if hasattr(self, "learnable_ttt_lr_weight"):
+            return (
+                "check the inner learning rate's gate (learnable_ttt_lr_weight and _bias) if it was trained"
+            )
+        return "check the inner learning rate's gates if they were trained"
+
+    def _projection_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the projections, post-norm and o_proj run in: the autocast dtype under autocast,
+        else the weights'."""
+        if _autocasting(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return self.post_norm.weight.dtype
+
+    def _read_overflow(self, x: torch.Tensor, state: TTTState) -> str | None:
+        """The cause, in words, when the projections (Q, K, V) or the inner learning rate of ``x``
+        are not finite; None when they are."""
+        views, lr, _, _ = self._read(x, state)
+        if not all(bool(torch.isfinite(v).all()) for v in (views.query, views.key, views.value)):
+            dtype = self._projection_dtype(x)
+            name = str(dtype).removeprefix("torch.")
+            if dtype in LOW_PRECISION:
+                advice = (
+                    f"normalise the input, or keep the weights in float32 (layer.float()) instead of {name}"
+                )
+            elif dtype != torch.float64:
+                advice = "normalise the input or run in float64 (layer.double())"
+            else:
+                advice = "normalise the input"
+            largest_finite = torch.finfo(dtype).max
+            return (
+                f": the projections Q, K, V overflowed {name} (largest finite {largest_finite:.1e}); {advice}"
+            )
+        if not bool(torch.isfinite(lr).all()):
+            return (
+                f": the inner learning rate is not finite in {str(lr.dtype).removeprefix('torch.')}; lower "
+                f"base_lr (now {self.base_lr:g}) or {self._lr_gate_advice()}"
+            )
+        return None
+
+    def _largest_inner_weight(self, x: torch.Tensor, state: TTTState) -> float:
+        """The largest |inner weight| (``params`` and ``pending``, NaN left out, inf counted) of
+        ``state`` and of the states after each mini-batch of ``x`` read from it, up to the first
+        mini-batch whose output or state is not finite: how large the weights grew before it failed."""
+        largest = _largest_magnitude(state)
+        tokens, size = x.shape[1], self.mini_batch_size
+        first = size - state.position % size  # the first piece closes the current mini-batch
+        ends = [*range(first, tokens, size), tokens]
+        for start, end in zip([0, *ends[:-1]], ends, strict=True):
+            y, state = self._forward_chunk(x[:, start:end], state)
+            largest = max(largest, _largest_magnitude(state))
+            if not bool(torch.isfinite(y).all()) or not state.is_finite():
+                break
+        return largest
+
+    def _plugin_suspects(self) -> str:
+        """The layer's plugins as the suspects of a NaN: those not built in; the built-in ones are
+        tested on such inputs and unlikely the cause."""
+        external, built_in = [], []
+        for kind in ("inner_model", "inner_loss", "update_rule"):
+            obj = getattr(self, kind)
+            (built_in if is_built_in(kind, obj) else external).append(plugin_label(kind, obj))
+        if external:
+            also = f"; the built-in {', '.join(built_in)} are unlikely the cause" if built_in else ""
+            return (
+                f"the likely source is a NaN or inf computed by the layer's plugins that are not built in, "
+                f"{', '.join(external)} (e.g. a sqrt, log or division at 0 in a loss or its gradient, where a "
+                f"prediction equals its target){also}"
+            )
+        return (
+            f"its plugins are all built in ({', '.join(built_in)}) and unlikely the cause; check the layer's "
+            f"parameters for huge values and norm_eps (now {self.norm_eps:g}), and please report the case "
+            "with its input if they look ordinary"
         )
 
     def _inference_chunks(self, x: torch.Tensor, state: TTTState) -> list[tuple[int, int]]:
@@ -891,7 +1081,9 @@ __all__ = [
     "MAX_MINI_BATCH_SIZE",
     "TTTLayer",
     "check_layer_arguments",
+    "check_norm_eps",
     "check_positive_int",
+    "is_built_in",
     "is_real",
     "resolve_plugins",
 ]

@@ -1,0 +1,184 @@
+"""What TTTLayer says when finite input gives non-finite numbers, and the inputs it refuses first
+(review s14: MED-1, LOW-1, LOW-2, LOW-3).
+
+The error must name the actual cause: the inner weights overflowing (a huge inner learning rate), a
+float16 layer's own projections or output, a NaN parameter, and only then the plugins (with the
+built-in ones named as unlikely). ``norm_eps`` that is 0 in the scan's dtype is refused before it
+can divide 0 by 0, and a state made under ``torch.inference_mode`` is refused by name (not by torch,
+on some paths only) where the call records a graph.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from innerloop import TTTLayer
+from innerloop.core.layer import check_layer_arguments
+from innerloop.core.protocol import InnerLoss, LossPairs
+
+HIDDEN, HEADS, K = 16, 2, 4
+
+
+def error_of(layer: TTTLayer, x: torch.Tensor, state=None) -> str:
+    with pytest.raises(ValueError) as raised:
+        layer(x, state)
+    return str(raised.value)
+
+
+# ---- MED-1: the inner weights overflowing, not the plugins ----------------------------------------
+
+
+@pytest.mark.parametrize("kernel", ["torch", "auto"])
+def test_a_huge_inner_learning_rate_is_named_as_the_inner_weights_overflowing(kernel):
+    torch.manual_seed(0)
+    layer = TTTLayer(HIDDEN, HEADS, inner_model="mlp", mini_batch_size=K, base_lr=1e20, kernel=kernel)
+    message = error_of(layer, torch.randn(1, 3 * K, HIDDEN))
+    assert "the inner weights overflowed float32 (largest |W|" in message
+    assert "lower base_lr (now 1e+20)" in message and "learnable_ttt_lr_weight" in message
+    assert "run in float64 (layer.double())" in message
+    assert "plugins" not in message and "likely source" not in message
+
+
+def test_a_float64_layer_is_not_told_to_run_in_float64():
+    torch.manual_seed(0)
+    layer = TTTLayer(HIDDEN, HEADS, inner_model="mlp", mini_batch_size=K, base_lr=1e300).double()
+    message = error_of(layer, torch.randn(1, 3 * K, HIDDEN, dtype=torch.float64))
+    assert "the inner weights overflowed float64" in message and "float64 (layer.double())" not in message
+
+
+def test_an_inner_learning_rate_that_is_inf_in_float32_is_named():
+    torch.manual_seed(0)
+    layer = TTTLayer(HIDDEN, HEADS, mini_batch_size=K, base_lr=1e300)  # 1e300 is inf in float32
+    message = error_of(layer, torch.randn(1, 2 * K, HIDDEN))
+    assert "the inner learning rate is not finite in float32; lower base_lr (now 1e+300)" in message
+
+
+def test_a_nan_parameter_is_named():
+    torch.manual_seed(0)
+    layer = TTTLayer(HIDDEN, HEADS, mini_batch_size=K)
+    with torch.no_grad():
+        layer.ttt_norm_weight[0, 0] = float("nan")
+    message = error_of(layer, torch.randn(1, 2 * K, HIDDEN))
+    assert "the layer's parameters ['ttt_norm_weight'] hold NaN or inf" in message
+
+
+def test_the_diagnosis_leaves_the_calls_dispatches_as_they_were():
+    torch.manual_seed(0)
+    layer = TTTLayer(HIDDEN, HEADS, inner_model="mlp", mini_batch_size=K, base_lr=1e20, kernel="torch")
+    x = torch.randn(1, 3 * K, HIDDEN)
+    layer.non_finite = "ignore"
+    layer(x)
+    expected = list(layer.dispatches)
+    layer.non_finite = "raise"
+    error_of(layer, x)
+    assert layer.dispatches == expected
+
+
+class LogOfTarget(InnerLoss):
+    """Finite on random targets, NaN on an all-zero input row (``0 * log 0``)."""
+
+    name = "log_of_target_s14"
+
+    def pairs(self, views, carry):
+        return LossPairs(views.key, views.value)
+
+    def token_loss(self, prediction, target):
+        return 0.5 * (prediction - target).pow(2).sum(-1) * (1 + 0 * target.abs().sum(-1).log())
+
+
+@pytest.mark.slow  # ~1-2 s: the registrar's checks of the plugin instance (check_instance)
+def test_a_plugin_nan_names_the_plugin_that_is_not_built_in_and_calls_the_built_in_ones_unlikely():
+    layer = TTTLayer(8, 2, mini_batch_size=K, inner_loss=LogOfTarget())  # an instance: not registered
+    message = error_of(layer, torch.zeros(1, 2 * K, 8))
+    assert "the inner weights stayed moderate (largest |W|" in message and "overflowed" not in message
+    assert "plugins that are not built in, inner loss 'log_of_target_s14' (not registered" in message
+    assert "the built-in inner model 'linear'" in message and "unlikely the cause" in message
+
+
+# ---- MED-1: a norm_eps that is 0 in the scan's dtype ----------------------------------------------
+
+
+@pytest.mark.parametrize("norm_eps", [1e-300, 1e-39])
+def test_a_norm_eps_that_rounds_to_zero_or_a_subnormal_in_float32_is_refused_at_construction(norm_eps):
+    with pytest.raises(ValueError) as raised:
+        TTTLayer(HIDDEN, HEADS, norm_eps=norm_eps)
+    message = str(raised.value)
+    assert f"norm_eps={norm_eps!r} rounds to 0 or to a subnormal in float32" in message
+    assert ">= 1.18e-38 in float32" in message
+    with pytest.raises(ValueError, match="norm_eps=1e-300 rounds to 0"):
+        check_layer_arguments(HIDDEN, HEADS, norm_eps=1e-300)
+
+
+def test_the_smallest_normal_float32_norm_eps_is_taken():
+    TTTLayer(HIDDEN, HEADS, norm_eps=torch.finfo(torch.float32).tiny)
+
+
+def test_a_float64_layer_takes_a_tiny_norm_eps_until_it_is_cast_to_float32():
+    torch.set_default_dtype(torch.float64)  # the conftest fixture restores it
+    layer = TTTLayer(HIDDEN, HEADS, mini_batch_size=K, norm_eps=1e-300)
+    y, _ = layer(torch.zeros(1, K, HIDDEN))  # a constant row: LayerNorm of 0 with eps 1e-300
+    assert torch.isfinite(y).all()
+    layer.float()
+    with pytest.raises(ValueError, match=r"norm_eps=1e-300 rounds to 0 or to a subnormal in float32"):
+        layer(torch.zeros(1, K, HIDDEN, dtype=torch.float32))
+
+
+# ---- LOW-2: a float16 layer's own overflow ----------------------------------------------------------
+
+
+def test_float16_projections_that_overflow_are_named_in_float16():
+    torch.manual_seed(0)
+    layer = TTTLayer(32, 2, mini_batch_size=K).to(torch.float16)
+    x = ((torch.rand(1, 2 * K, 32) * 2 - 1) * 65000).to(torch.float16)  # finite in float16
+    message = error_of(layer, x)
+    assert "the projections Q, K, V overflowed float16" in message and "float32 (layer.float())" in message
+    assert "overflowed float32" not in message
+
+
+def test_a_float16_output_that_overflows_while_the_scan_stays_finite_is_named_in_float16():
+    torch.manual_seed(0)
+    layer = TTTLayer(HIDDEN, HEADS, mini_batch_size=K).to(torch.float16)
+    with torch.no_grad():  # finite float16 weights whose product with the post-norm overflows float16
+        layer.post_norm.weight.mul_(1e3)
+        layer.o_proj.weight.mul_(1e3)
+    message = error_of(layer, torch.randn(1, 2 * K, HIDDEN).to(torch.float16))
+    assert "state stayed finite, so the post-norm, gate or o_proj overflowed float16" in message
+    assert "overflowed float32" not in message
+
+
+# ---- LOW-1: non_finite='ignore' spreads a NaN to its whole mini-batch ------------------------------
+
+
+def test_ignore_spreads_a_nan_to_earlier_tokens_of_its_mini_batch_as_the_docstring_says():
+    torch.manual_seed(0)
+    layer = TTTLayer(HIDDEN, HEADS, mini_batch_size=K, non_finite="ignore")
+    x = torch.randn(1, 2 * K, HIDDEN)
+    x[0, K + 2, 0] = float("nan")
+    with torch.no_grad():
+        y, _ = layer(x)
+        before, _ = layer(x[:, : K + 2])
+    finite = torch.isfinite(y[0]).all(-1).tolist()
+    assert finite == [True] * K + [False] * K  # tokens K and K + 1 come before the NaN
+    assert torch.isfinite(before).all()  # a call that ends before it returns them finite
+    doc = " ".join(TTTLayer.__doc__.split())
+    assert "spreads to the outputs of its whole mini-batch, earlier tokens included" in doc
+
+
+# ---- LOW-3: a state made under torch.inference_mode -------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", ["torch", "auto"])
+def test_an_inference_mode_state_is_refused_by_name_where_the_call_records_a_graph(kernel):
+    torch.manual_seed(0)
+    layer = TTTLayer(HIDDEN, HEADS, mini_batch_size=K, kernel=kernel)
+    x = torch.randn(1, 2 * K + 1, HIDDEN)
+    with torch.inference_mode():
+        _, state = layer(x[:, : 2 * K])
+    message = error_of(layer, x[:, 2 * K :], state)
+    assert message.startswith("state holds inference tensors (params.W1")
+    assert "torch.no_grad()" in message and "state.clone() called outside inference mode" in message
+    with torch.no_grad():  # the remedies named
+        layer(x[:, 2 * K :], state)
+    y, _ = layer(x[:, 2 * K :], state.clone())
+    assert y.requires_grad

@@ -22,10 +22,22 @@ again; a deep copy of a layer is not):
   (or torch), warning once and recording the failure in the dispatch reason; a layer that named the
   kernel gets :class:`~innerloop.kernels.dispatch.KernelUnavailableError` with the numbers.
 
-A probe whose torch result is not finite (the user's data overflows) decides nothing and is repeated
-on the next block. Gradients of gradients (``needs_double_backward``) are not probed: the built-in
-kernels refuse those blocks in ``verify``. The probe costs one pass of two mini-batches on each path
-(twice that with gradients), once per signature and process.
+A verdict is about the kernel, so it does not rest on user data too degenerate or ill-conditioned to
+tell a right kernel from a wrong one: queries, keys or values all zero, constant along each token's
+features, or so small that their products underflow (float32 subnormals, where both paths are rounding
+noise), or an inner LayerNorm over two features or fewer (whose backward cancels). On such data, pass or
+fail, the probe is repeated on seeded random data of the same shapes, dtypes and device (the layer's
+own weights and inner LayerNorm, or seeded ones where those are degenerate too), and that probe
+decides; a refusal then gives both results and the magnitude of the user's data. A kernel that passes
+on random data but differed on the degenerate block runs that block too (it is as far from the exact
+result there as the torch path is). On well-conditioned data the user's block decides, as it did.
+
+A probe whose torch result is not finite (the user's data overflows), or that holds no values (a batch
+of 0), decides nothing and is repeated on the next block. A kernel that raises, or returns non-finite
+values where the torch path's are finite, is refused whatever the data. Gradients of gradients
+(``needs_double_backward``) are not probed: the built-in kernels refuse those blocks in ``verify``.
+The probe costs one pass of two mini-batches on each path (twice that with gradients; twice again
+where the random data decides), once per signature and process.
 """
 
 from __future__ import annotations
@@ -318,6 +330,83 @@ def _probe_inputs(tensors: dict, params: Params, head_dim: int) -> tuple[dict, P
     return copies, weights
 
 
+SYNTHETIC_SEED = 2
+"""Seed of the synthetic probe's draws (:func:`_synthetic_probe`): its verdict is the same in every run."""
+
+_VIEWS = {"xq": "queries", "xk": "keys", "xv": "values"}
+
+
+def _degenerate(tensors: Mapping[str, torch.Tensor | None]) -> str | None:
+    """Why a probe's data cannot decide (a pass on it tests too little, a difference on it may be its
+    conditioning), or None: its queries, keys or values are :func:`_weak` (all zero, constant rows,
+    subnormal), or the inner LayerNorm normalises two features or fewer (its output is then +-1 or 0
+    whatever the input, and its backward cancels)."""
+    if tensors.get("ln_weight") is not None and tensors["xq"].shape[-1] <= 2:
+        return "its inner LayerNorm normalises two features or fewer, where it is ill-conditioned"
+    for name, said in _VIEWS.items():
+        weakness = _weak(tensors[name])
+        if weakness is not None:
+            return f"its {said} {weakness}"
+    return None
+
+
+def _weak(tensor: torch.Tensor | None) -> str | None:
+    """Why ``tensor`` exercises a kernel too little, or None: every row (last dim) holds one value
+    (all zero, or constant rows: the inner LayerNorm then has nothing to normalise), or its largest
+    |value| is under the square root of the dtype's smallest normal number (zero or subnormal, or so
+    small that the products of two values underflow). One ``amax`` and ``amin`` over the tensor."""
+    if tensor is None or tensor.numel() == 0:
+        return None
+    values = tensor.detach()
+    if bool((values.amax(dim=-1) == values.amin(dim=-1)).all()):
+        return "are constant along each row"
+    largest = _magnitude(values)
+    if largest < torch.finfo(values.dtype).tiny ** 0.5:
+        return "are so small that their products underflow"
+    return None
+
+
+def _magnitude(tensor: torch.Tensor) -> float:
+    return float(tensor.detach().abs().amax()) if tensor.numel() else 0.0
+
+
+def _largest_magnitude(tensors: Mapping[str, torch.Tensor | None]) -> float:
+    """The largest |value| of a probe's queries, keys and values (what a refusal reports)."""
+    return max(_magnitude(tensors[name]) for name in _VIEWS)  # type: ignore[arg-type]
+
+
+def _synthetic_probe(tensors: dict, weights: Params) -> tuple[dict, Params]:
+    """Well-conditioned inputs of a probe's shapes, dtypes, layouts, devices and ``requires_grad``:
+    seeded standard normal queries, keys and values, decays drawn in ``[0.5, 1)``, the probe's drawn
+    learning rates, and the layer's own weights (pending sums) and inner LayerNorm where they are not
+    :func:`_weak` or non-finite themselves, else seeded ones of an initialisation's scale (weights
+    ``randn / sqrt(rows)``; LayerNorm weight ``1 + randn / 4``, bias ``randn / 4``)."""
+    generator = torch.Generator(device=tensors["lr"].device).manual_seed(SYNTHETIC_SEED)
+
+    def drawn(like: torch.Tensor, scale: float, shift: float = 0.0, uniform: bool = False) -> torch.Tensor:
+        draw = torch.rand if uniform else torch.randn
+        values = draw(like.shape, generator=generator, device=like.device, dtype=torch.float32)
+        copy = torch.empty_like(like).copy_(shift + scale * values)  # like's dtype and layout
+        return copy.requires_grad_(like.requires_grad)
+
+    def own_or_drawn(like: torch.Tensor, scale: float, shift: float = 0.0) -> torch.Tensor:
+        usable = _weak(like) is None and bool(torch.isfinite(like.detach()).all())
+        return (
+            like.detach().clone().requires_grad_(like.requires_grad) if usable else drawn(like, scale, shift)
+        )
+
+    synthetic = {name: drawn(tensors[name], 1.0) for name in _VIEWS}
+    synthetic["lr"] = tensors["lr"].detach().clone().requires_grad_(tensors["lr"].requires_grad)
+    decay, ln_weight, ln_bias = tensors["decay"], tensors["ln_weight"], tensors["ln_bias"]
+    synthetic["decay"] = None if decay is None else drawn(decay, 0.5, 0.5, uniform=True)
+    synthetic["ln_weight"] = None if ln_weight is None else own_or_drawn(ln_weight, 0.25, 1.0)
+    synthetic["ln_bias"] = None if ln_bias is None else own_or_drawn(ln_bias, 0.25)
+    own = {
+        k: own_or_drawn(v, max(v.shape[-2], 1) ** -0.5 if v.dim() > 1 else 1.0) for k, v in weights.items()
+    }
+    return synthetic, own
+
+
 def joined_weights(params: Params, pending: Params) -> Params:
     """A decoded token's weights and pending sums in one dict (``pending.<name>``), as its ``verify``
     sees them and its probe compares them."""
@@ -337,26 +426,93 @@ def _record(
     run_kernel: Callable[[dict, Params], tuple[torch.Tensor, Params]],
     run_torch: Callable[[dict, Params], tuple[torch.Tensor, Params]],
 ) -> str | None:
+    """Probe on the user's data, then, where that data cannot decide (the paths disagree on it, or it
+    is :func:`_degenerate`), on :func:`_synthetic_probe` data; records and returns the verdict."""
     tensors, weights = probe
+    weakness = _degenerate(tensors)
+    magnitude = _largest_magnitude(tensors)
+    synthetic = _synthetic_probe(tensors, weights)  # drawn before a kernel may write into the weights
+    on_data = _probe_once(inputs, tensors, weights, run_kernel, run_torch)
+    if on_data == _UNDECIDED:
+        return None  # the data overflows on the torch path too: nothing decided, probe again later
+    if isinstance(on_data, _CouldNotRun):
+        verdict: str | None = on_data  # it cannot run such blocks, whatever their values
+    elif isinstance(on_data, _NotFinite):  # wrong on this data, however it is conditioned
+        verdict = f"{_said_data(magnitude, weakness)}: {on_data}"
+    elif weakness is None:  # well-conditioned data decides: a match passes, a difference is refused
+        verdict = None if on_data is None else f"{_said_data(magnitude, weakness)}: {on_data}"
+    else:
+        on_random = _probe_once(inputs, *synthetic, run_kernel, run_torch)
+        if on_random == _UNDECIDED and on_data is None:
+            return None  # neither decides: probe again on the next block
+        verdict = _combined_verdict(on_data, on_random, weakness, magnitude)
+    _VERDICTS[key] = verdict
+    return verdict
+
+
+_UNDECIDED = "undecided: the torch path's own result is not finite, or the probe holds no values"
+""":func:`_probe_once`'s answer when the probe decides nothing."""
+
+
+class _CouldNotRun(str):
+    """A verdict that the kernel (or its backward) raised: it cannot run such blocks, whatever their
+    values, so no other data is tried."""
+
+
+class _NotFinite(str):
+    """A verdict that the kernel returned non-finite values where the torch path's are finite: wrong on
+    that data whatever its conditioning, so no other data can excuse it."""
+
+
+def _probe_once(
+    inputs: KernelInputs,
+    tensors: dict,
+    weights: Params,
+    run_kernel: Callable[[dict, Params], tuple[torch.Tensor, Params]],
+    run_torch: Callable[[dict, Params], tuple[torch.Tensor, Params]],
+) -> str | None:
+    """Both paths on one probe's inputs: None (they match), why not, or :data:`_UNDECIDED`."""
     tolerance = tolerance_for(inputs.dtype)
     with _own_saved_tensors(), torch.enable_grad() if inputs.requires_grad else torch.no_grad():
         expected = run_torch(tensors, weights)
         try:
             actual = run_kernel(tensors, weights)
         except _KernelRaised as raised:  # it cannot run these blocks (a launch or build failure): refused
-            _VERDICTS[key] = str(raised)
-            return str(raised)
-        if not _all_finite(expected):
-            return None  # the data overflows on the torch path too: nothing decided, probe again later
+            return _CouldNotRun(raised)
+        if not _all_finite(expected) or tensors["xq"].numel() == 0:  # overflow, or no values (B = 0)
+            return _UNDECIDED
+        if not _all_finite(actual):
+            return _NotFinite("it returned non-finite values where the torch path's are finite")
         got, want = _flatten(actual), _flatten(expected)
         reason = _compare(got, want, tolerance)
         if reason is None and inputs.requires_grad:
             try:
                 reason = _compare_gradients(got, want, tensors, weights, tolerance * GRADIENT_FACTOR)
             except _KernelRaised as raised:  # its backward cannot run (e.g. out of shared memory): refused
-                reason = f"its backward: {raised}"
-    _VERDICTS[key] = reason
+                reason = _CouldNotRun(f"its backward: {raised}")
     return reason
+
+
+def _combined_verdict(
+    on_data: str | None, on_random: str | None, weakness: str | None, magnitude: float
+) -> str | None:
+    """The verdict of a probe on the user's data (``on_data``: None or why it failed) that was
+    repeated on synthetic data (``on_random``): the synthetic probe decides. A kernel right on
+    well-conditioned data that differed on the user's was defeated by that data's conditioning (both
+    paths are then as far from the exact result); one wrong there is wrong."""
+    if on_random is None:
+        return None
+    result = "it matched, but such data tests too little" if on_data is None else on_data
+    data = f"{_said_data(magnitude, weakness)}: {result}"
+    if on_random == _UNDECIDED:
+        return f"{data}; on seeded random data of the same shapes the torch path overflowed, so this stands"
+    return f"{data}; on seeded random data of the same shapes: {on_random}"
+
+
+def _said_data(magnitude: float, weakness: str | None) -> str:
+    """The user's data a verdict was reached on, as a refusal names it."""
+    said = "" if weakness is None else f"; {weakness}"
+    return f"on this call's data (largest |query, key, value| {magnitude:.2g}{said})"
 
 
 class _KernelRaised(Exception):
@@ -449,6 +605,7 @@ __all__ = [
     "MATMUL_PRECISION_DTYPES",
     "KernelCheckWarning",
     "PROBE_MINI_BATCHES",
+    "SYNTHETIC_SEED",
     "TOLERANCES",
     "check_block",
     "check_decode",

@@ -1,7 +1,7 @@
 """Tiny models for tests: the run overrides of the end-to-end training tests (:data:`TINY`), a training
 run killed in the middle (:func:`kill_a_training_run`), a TTT-E2E model's streamed logits
-(:func:`streamed_logits`), and the TTT language model the precision and
-compile tests compare against eager float32."""
+(:func:`streamed_logits`), every tensor a language model's state holds (:func:`state_tensors`), and
+the TTT language model the precision and compile tests compare against eager float32."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import lightning as L
@@ -64,6 +65,22 @@ def streamed_logits(model: torch.nn.Module, ids: torch.Tensor, cuts: list[int]) 
     pieces = [ids[:, a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
     with torch.no_grad():
         return torch.cat([logits for logits, _ in model.stream(pieces)], dim=1)
+
+
+def state_tensors(state: object, path: str = "state") -> dict[str, torch.Tensor]:
+    """Every tensor of a language model's state (an ``LMState`` or ``E2EState``: dataclasses, dicts,
+    lists and tuples of tensors), by its path in the state, e.g. ``state.blocks[1].mixer.key``."""
+    if isinstance(state, torch.Tensor):
+        return {path: state}
+    if is_dataclass(state) and not isinstance(state, type):
+        items = [(f".{f.name}", getattr(state, f.name)) for f in fields(state)]
+    elif isinstance(state, dict):
+        items = [(f"[{key!r}]", value) for key, value in state.items()]
+    elif isinstance(state, (list, tuple)):
+        items = [(f"[{i}]", value) for i, value in enumerate(state)]
+    else:
+        return {}  # a number (a position, a chunk size) or None
+    return {name: t for suffix, value in items for name, t in state_tensors(value, path + suffix).items()}
 
 
 def tiny_ttt_lm(inner_model: str, backbone: str = "transformer") -> torch.nn.Module:

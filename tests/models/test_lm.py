@@ -1,14 +1,48 @@
-"""The causal LM: streaming = whole sequence, causality, windows, backbones, paper shapes."""
+"""The causal LM: streaming = whole sequence (decoding from a 1-token prompt, uneven pieces, a kept state
+decoded from twice: for every kind of model, TTT-E2E included), causality, windows, backbones, paper
+shapes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from lm_testing import state_tensors
 
 from innerloop.config import load_config
-from innerloop.models import BACKBONES, MIXERS, MODEL_SIZES, CausalLM, ModelConfig, TTTConfig
+from innerloop.models import (
+    BACKBONES,
+    E2ELM,
+    MIXERS,
+    MODEL_SIZES,
+    CausalLM,
+    E2EConfig,
+    ModelConfig,
+    TTTConfig,
+    build_model,
+    generate,
+)
+from innerloop.models.config import FamilyConfig
 
 MIXERS_AND_BACKBONES = [(m, b) for m in MIXERS for b in BACKBONES]  # every mixer is tested
+
+# Every kind of language model the library builds, with mini-batches, windows and chunks of 4 tokens, so
+# that a sequence of 14 tokens crosses three of their boundaries (deltanet and gated_deltanet update at
+# every token; their short convs carry 3 tokens).
+MODEL_KINDS = {
+    "ttt-linear": {"mixer": "ttt", "ttt": TTTConfig(mini_batch_size=4)},
+    "ttt-mlp-mamba": {
+        "mixer": "ttt",
+        "backbone": "mamba",
+        "ttt": TTTConfig(inner_model="mlp", mini_batch_size=4),
+    },
+    "attention": {"mixer": "attention"},
+    "swa": {"mixer": "swa", "window": 4},
+    "linear_attention": {"mixer": "linear_attention", "family": FamilyConfig(mini_batch_size=4)},
+    "deltanet": {"mixer": "deltanet"},
+    "gated_deltanet": {"mixer": "gated_deltanet"},
+    "titans-mlp": {"mixer": "titans", "family": FamilyConfig(mini_batch_size=4, memory="mlp")},
+    "e2e": {"mixer": "e2e", "window": 4, "e2e": E2EConfig(chunk_size=4, suffix_fraction=0.5)},
+}
 
 # The paper's model shapes, written here as the independent source the package is checked against:
 # hidden / layers / heads from the paper's table (Sun et al. 2024, arXiv 2407.04620), MLP width from the
@@ -21,12 +55,11 @@ PAPER_SIZES = {
 }
 
 
-def tiny(mixer: str, backbone: str = "transformer", **kw) -> CausalLM:
+def tiny(mixer: str, backbone: str = "transformer", **kw) -> CausalLM | E2ELM:
+    """Two blocks of width 32 in float64 (window 8 unless ``kw`` says otherwise)."""
     torch.manual_seed(0)
-    config = ModelConfig(
-        mixer=mixer, backbone=backbone, hidden_size=32, num_layers=2, num_heads=2, window=8, **kw
-    )
-    return CausalLM(config).double()
+    options = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "window": 8, **kw}
+    return build_model(ModelConfig(mixer=mixer, backbone=backbone, **options)).double().eval()
 
 
 @pytest.mark.parametrize(("mixer", "backbone"), MIXERS_AND_BACKBONES)
@@ -39,6 +72,92 @@ def test_chunks_with_state_equal_the_whole_sequence(mixer: str, backbone: str) -
         logits, state = model(ids[:, start:end], state)
         pieces.append(logits)
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=0, atol=1e-10)
+
+
+def decoded_logits(model: CausalLM | E2ELM, ids: torch.Tensor, cuts: list[int], state=None):
+    """The logits of ``ids [B, N]`` read in the pieces between consecutive ``cuts`` (from 0 to N), each
+    piece continuing from the state the one before it returned (the first from ``state``), and the
+    last state."""
+    pieces = []
+    with torch.no_grad():
+        for start, end in zip(cuts[:-1], cuts[1:], strict=True):
+            logits, state = model(ids[:, start:end], state)
+            pieces.append(logits)
+    return torch.cat(pieces, dim=1), state
+
+
+def whole_logits(model: CausalLM | E2ELM, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids)[0]
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_a_one_token_prompt_then_token_by_token_decoding_equals_the_whole_sequence(kind: str) -> None:
+    """Token 0 alone, then each token alone: 13 steps across three mini-batch, window and chunk ends."""
+    model = tiny(**MODEL_KINDS[kind])
+    ids = torch.randint(0, 256, (2, 14), generator=torch.Generator().manual_seed(4))
+    decoded, _ = decoded_logits(model, ids, list(range(15)))
+    torch.testing.assert_close(decoded, whole_logits(model, ids), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("pieces", [(3, 5, 1), (2, 7, 6)], ids=str)
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_a_prompt_read_in_uneven_pieces_equals_the_whole_sequence(kind: str, pieces: tuple[int, ...]) -> None:
+    """Prompts of 9 and 15 tokens (not multiples of 4), read in uneven pieces, most of which end inside
+    a mini-batch, window or chunk; the state they leave continues as the whole prompt's does."""
+    model = tiny(**MODEL_KINDS[kind])
+    length = sum(pieces)
+    ids = torch.randint(0, 256, (2, length + 2), generator=torch.Generator().manual_seed(5))
+    cuts = [sum(pieces[:i]) for i in range(len(pieces) + 1)]
+    decoded, state = decoded_logits(model, ids[:, :length], cuts)
+    torch.testing.assert_close(decoded, whole_logits(model, ids[:, :length]), rtol=0, atol=1e-10)
+    continued, _ = decoded_logits(model, ids[:, length:], [0, 1, 2], state)
+    torch.testing.assert_close(continued, whole_logits(model, ids)[:, length:], rtol=0, atol=1e-10)
+
+
+def copy_of(state) -> dict[str, torch.Tensor]:
+    """A copy of every tensor of ``state``, by its path (:func:`assert_unchanged` compares with it)."""
+    return {name: t.clone() for name, t in state_tensors(state).items()}
+
+
+def assert_unchanged(state, snapshot: dict[str, torch.Tensor], which: str) -> None:
+    now = state_tensors(state)
+    assert now.keys() == snapshot.keys(), which
+    for name, value in snapshot.items():
+        assert torch.equal(now[name], value), f"{which}: {name} was changed in place"
+
+
+@pytest.mark.parametrize("kept_at", [0, 2], ids=["after-the-prompt", "after-2-generated-tokens"])
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_a_state_kept_from_generation_stays_valid_after_decoding_goes_on_from_it(
+    kind: str, kept_at: int
+) -> None:
+    """A state ``generate`` yields (after a 6-token prompt, or 2 tokens later: full attention's cache then
+    has room that the later tokens are written into), kept while generation goes on from it, is decoded
+    from three times: the generated tokens, other tokens, the generated tokens again. Both decodings of
+    the generated tokens give the whole sequence's logits, bit for bit the same, and after each decoding
+    no state kept along the way (nor the first decoding's last one) has a tensor written in place."""
+    model = tiny(**MODEL_KINDS[kind])
+    prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(6))
+    tokens, kept, snapshots = [], [], []
+    for token, state in generate(
+        model, prompt, 9, temperature=1.0, generator=torch.Generator().manual_seed(7)
+    ):
+        tokens.append(token)  # ``state``: after the prompt and the tokens before ``token``
+        kept.append(state)
+        snapshots.append(copy_of(state))
+    tokens = torch.stack(tokens, dim=1)
+    cuts = list(range(tokens.shape[1] - kept_at + 1))
+    once, last = decoded_logits(model, tokens[:, kept_at:], cuts, kept[kept_at])
+    kept.append(last)
+    snapshots.append(copy_of(last))
+    for continuation in ((tokens[:, kept_at:] + 1) % 256, tokens[:, kept_at:]):  # other tokens, the same
+        again, _ = decoded_logits(model, continuation, cuts, kept[kept_at])
+        for step, (state, snapshot) in enumerate(zip(kept, snapshots, strict=True)):
+            assert_unchanged(state, snapshot, f"state {step}")
+    torch.testing.assert_close(again, once, rtol=0, atol=0)
+    whole = whole_logits(model, torch.cat((prompt, tokens), dim=1))
+    torch.testing.assert_close(once, whole[:, prompt.shape[1] + kept_at :], rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize(("mixer", "backbone"), MIXERS_AND_BACKBONES)

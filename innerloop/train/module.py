@@ -48,7 +48,7 @@ from innerloop.checkpoints import (
 )
 from innerloop.checkpoints import load_model as load_model  # re-exported: its old home
 from innerloop.core.diagnostics import inner_loss_before_after
-from innerloop.core.layer import LARGE_INPUT, plugin_label
+from innerloop.core.layer import LARGE_INPUT, is_built_in, plugin_label
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
 from innerloop.models.config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Bounds, checked_number
 from innerloop.train.data import IGNORE_INDEX, Batch
@@ -365,8 +365,9 @@ class LanguageModelModule(L.LightningModule):
     def _non_finite_error(self, what: str, calls: list[LayerCall]) -> TrainingDivergedError:
         """The error for a non-finite loss (``what`` says which): :class:`NonFiniteLayerOutputError`
         naming the TTT layer and its plugins when the NaN or inf first appeared in such a layer's
-        output from finite input of moderate size (``calls``, see :func:`_non_finite_propagates`) and
-        that layer's weights are finite; otherwise the run diverged (:meth:`diverged`)."""
+        output from finite input of moderate size (``calls``, see :func:`_non_finite_propagates`),
+        that layer's weights are finite and not all its plugins are built in; otherwise the run
+        diverged (:meth:`diverged`, which then says where the NaN or inf first appeared)."""
         found = _first_non_finite_output(calls)
         if found is None:
             return self.diverged(what)
@@ -374,11 +375,16 @@ class LanguageModelModule(L.LightningModule):
         layer = self.get_submodule(name)
         if not all(bool(torch.isfinite(p).all()) for p in layer.parameters()):
             return self.diverged(f"{what}; the weights of the TTT layer {name!r} hold NaN or inf")
-        plugins = ", ".join(
-            plugin_label(kind, getattr(layer, kind))
-            for kind in ("inner_model", "inner_loss", "update_rule")
-            if getattr(layer, kind, None) is not None
-        )
+        kinds = [kind for kind in ("inner_model", "inner_loss", "update_rule") if getattr(layer, kind, None)]
+        plugins = ", ".join(plugin_label(kind, getattr(layer, kind)) for kind in kinds)
+        if all(is_built_in(kind, getattr(layer, kind)) for kind in kinds):
+            largest = max(float(p.detach().abs().max()) for p in layer.parameters() if p.numel())
+            return self.diverged(
+                f"{what}; it first appeared in the output of the TTT layer {name!r} from finite input "
+                f"(largest |input| {largest_input:.1e}), and that layer's plugins are all built in ({plugins}), "
+                f"so its own weights (largest |weight| {largest:.1e}) more likely grew until its inner "
+                "model overflowed"
+            )
         earlier = ""
         if self._last_finite_loss is not None:
             step, loss = self._last_finite_loss

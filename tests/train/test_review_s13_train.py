@@ -411,3 +411,16 @@ def test_a_batch_with_no_scored_target_is_a_zero_loss_not_a_divergence() -> None
     logits = module(inputs)
     expected = F.cross_entropy(logits.flatten(0, 1), partly.flatten(), ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(module.training_step((inputs, partly), 0), expected)
+
+
+def test_a_nan_from_a_layer_of_built_in_plugins_reads_as_a_divergence_naming_the_layer() -> None:
+    # Before: the built-in plugins were named the likely source, "not the learning rate" (review s14).
+    module = _module()
+    with torch.no_grad():
+        module.model.blocks[0].mixer.q_proj.weight.mul_(1e37)  # finite, but its products overflow
+    with pytest.raises(TrainingDivergedError) as error:
+        module.training_step(_batch(), 0)
+    message = str(error.value)
+    assert not isinstance(error.value, NonFiniteLayerOutputError)
+    assert "output of the TTT layer 'model.blocks.0.mixer'" in message
+    assert "plugins are all built in" in message and "optim.lr" in message

@@ -644,6 +644,11 @@ class TTTLayer(nn.Module):
                 "takes x of another dtype only with float32 weights and x in float32, bfloat16 or float16 "
                 "(autocast leaves other dtypes as they are); cast x or the layer to one dtype"
             )
+        if self.base_lr > torch.finfo(self.scan_dtype).max:
+            raise ValueError(
+                f"base_lr={self.base_lr!r} overflows {str(self.scan_dtype).removeprefix('torch.')}, the layer's "
+                f"scan dtype; valid: a finite number >= 0 up to {torch.finfo(self.scan_dtype).max:.2e}"
+            )
         check_norm_eps(self.norm_eps, self.scan_dtype)  # a layer cast to a narrower dtype (.float())
         if state is not None:
             self._check_state(state, x.shape[0])

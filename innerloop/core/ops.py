@@ -24,7 +24,13 @@ from typing import Any
 import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
 
-from innerloop.core.layer import MAX_MINI_BATCH_SIZE, check_positive_int, is_real, resolve_plugins
+from innerloop.core.layer import (
+    MAX_MINI_BATCH_SIZE,
+    check_norm_eps,
+    check_positive_int,
+    is_real,
+    resolve_plugins,
+)
 from innerloop.core.protocol import InnerLoss, InnerModel, InnerTask, UpdateRule, Views
 from innerloop.core.scan import run_scan
 from innerloop.core.state import StateSignature, TTTState
@@ -292,6 +298,8 @@ def scan(
         mini_batch_size, inner_norm, inner_residual, kernel, norm_eps, needs_double_backward
     )
     _check_per_token(q, lr, decay, momentum)
+    if inner_norm:  # an epsilon that rounds to 0 in the scan's dtype makes a constant row's LayerNorm 0 / 0
+        check_norm_eps(float(norm_eps), torch.promote_types(q.dtype, torch.float32))
     model, loss, rule = resolve_plugins(
         inner_model, inner_loss, update_rule, kernel, q.shape[3], (bool(inner_norm), bool(inner_residual))
     )

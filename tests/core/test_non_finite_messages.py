@@ -47,11 +47,20 @@ def test_a_float64_layer_is_not_told_to_run_in_float64():
     assert "the inner weights overflowed float64" in message and "float64 (layer.double())" not in message
 
 
+class InfiniteRates(TTTLayer):
+    """A layer whose own inner learning rates overflow (a base_lr that overflows float32 is refused up
+    front, so only a layer's own inner_learning_rates can get here)."""
+
+    def inner_learning_rates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lr, tau = super().inner_learning_rates(x)
+        return lr * float("inf"), tau
+
+
 def test_an_inner_learning_rate_that_is_inf_in_float32_is_named():
     torch.manual_seed(0)
-    layer = TTTLayer(HIDDEN, HEADS, mini_batch_size=K, base_lr=1e300)  # 1e300 is inf in float32
+    layer = InfiniteRates(HIDDEN, HEADS, mini_batch_size=K)
     message = error_of(layer, torch.randn(1, 2 * K, HIDDEN))
-    assert "the inner learning rate is not finite in float32; lower base_lr (now 1e+300)" in message
+    assert "the inner learning rate is not finite in float32; lower base_lr (now 1)" in message
 
 
 def test_a_nan_parameter_is_named():
@@ -182,3 +191,29 @@ def test_an_inference_mode_state_is_refused_by_name_where_the_call_records_a_gra
         layer(x[:, 2 * K :], state)
     y, _ = layer(x[:, 2 * K :], state.clone())
     assert y.requires_grad
+
+
+def test_scan_refuses_a_norm_eps_that_rounds_to_zero_in_its_dtype() -> None:
+    # Before: innerloop.ops.scan(..., norm_eps=1e-300) in float32 returned NaN without a word.
+    from innerloop.ops import scan
+
+    q = torch.randn(1, 2, 8, 4)
+    lr = torch.full((1, 2, 8), 0.1)
+    with pytest.raises(ValueError, match=r"norm_eps=1e-300 rounds to 0 or to a subnormal in float32"):
+        scan(q, q, q, lr, inner_model="linear", mini_batch_size=4, norm_eps=1e-300)
+    outputs = scan(
+        *(t.double() for t in (q, q, q, lr)), inner_model="linear", mini_batch_size=4, norm_eps=1e-300
+    )[0]
+    assert torch.isfinite(outputs).all()  # float64 represents it
+
+
+@pytest.mark.parametrize("member", ["TTTLayer", "LinearAttentionLayer"])
+def test_a_base_lr_that_overflows_the_scan_dtype_is_refused_by_name(member) -> None:
+    # Before: inf inner learning rates (TTTLayer), or torch's "value cannot be converted to type float
+    # without overflow" (the family's layers).
+    from innerloop.core.family_layers import LinearAttentionLayer
+
+    build = {"TTTLayer": TTTLayer, "LinearAttentionLayer": LinearAttentionLayer}[member]
+    with pytest.raises(ValueError, match=r"base_lr=1e\+300 overflows float32, the layer's scan dtype"):
+        build(8, 2, base_lr=1e300)(torch.randn(1, 4, 8))
+    build(8, 2, base_lr=1e300).double()(torch.randn(1, 4, 8, dtype=torch.float64))  # fits float64

@@ -130,7 +130,8 @@ def checked_choice(
 ) -> tuple[KernelSpec | None, str]:
     """:func:`select_kernel`, with the chosen kernel's numbers checked by ``probe`` on its first use
     for blocks like ``inputs``: a kernel that fails is refused (named: an error; ``"auto"``: a warning
-    and the next choice)."""
+    and the next choice); one whose probe is :class:`~innerloop.kernels.first_use.Deferred` leaves this
+    block to the torch path and is probed again on the next."""
     while True:
         kernel, reason = select_kernel(rule, task, inputs)
         if kernel is None or first_use.checked(kernel, inputs, task, rule):
@@ -138,6 +139,8 @@ def checked_choice(
         failed = probe(kernel)
         if failed is None:
             return kernel, reason
+        if isinstance(failed, first_use.Deferred):
+            return None, f"torch: {kernel.name}'s first-use check is deferred to a later block ({failed})"
         if task.kernel == kernel.name:
             raise KernelCheckError(
                 f"kernel={task.kernel!r} cannot run here: {first_use.refusal_message(kernel, failed)}"

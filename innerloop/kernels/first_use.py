@@ -23,21 +23,22 @@ again; a deep copy of a layer is not):
   kernel gets :class:`~innerloop.kernels.dispatch.KernelUnavailableError` with the numbers.
 
 A verdict is about the kernel, so it does not rest on user data too degenerate or ill-conditioned to
-tell a right kernel from a wrong one: queries, keys or values all zero, constant along each token's
-features, or so small that their products underflow (float32 subnormals, where both paths are rounding
-noise), or an inner LayerNorm over two features or fewer (whose backward cancels). On such data, pass or
-fail, the probe is repeated on seeded random data of the same shapes, dtypes and device (the layer's
-own weights and inner LayerNorm, or seeded ones where those are degenerate too), and that probe
-decides; a refusal then gives both results and the magnitude of the user's data. A kernel that passes
-on random data but differed on the degenerate block runs that block too (it is as far from the exact
-result there as the torch path is). On well-conditioned data the user's block decides, as it did.
+tell a right kernel from a wrong one. Weak data (queries, keys or values all zero, constant along each
+token's features, or so small that their products underflow, e.g. float32 subnormals) tests too little:
+a pass on it is confirmed on seeded random data of the same shapes, dtypes and device (the layer's own
+weights and inner LayerNorm, or seeded ones where those are weak too), and a kernel that differs there
+is refused. A difference on weak data, or where the inner LayerNorm normalises two features or fewer
+(ill-conditioned whatever the data), is not pinned on the kernel: that block runs the torch path
+(:class:`Deferred`, the dispatch reason says so), no verdict is recorded, and the next block like it is
+probed again. On well-conditioned data the user's block decides.
 
 A probe whose torch result is not finite (the user's data overflows), or that holds no values (a batch
 of 0), decides nothing and is repeated on the next block. A kernel that raises, or returns non-finite
-values where the torch path's are finite, is refused whatever the data. Gradients of gradients
-(``needs_double_backward``) are not probed: the built-in kernels refuse those blocks in ``verify``.
-The probe costs one pass of two mini-batches on each path (twice that with gradients; twice again
-where the random data decides), once per signature and process.
+values (outputs or gradients) where the torch path's are finite, is refused whatever the data.
+Gradients of gradients (``needs_double_backward``) are not probed: the built-in kernels refuse those
+blocks in ``verify``. The probe costs one pass of two mini-batches on each path (twice that with
+gradients; twice again where random data confirms a pass), once per signature and process, and again
+on each later block while deferred.
 """
 
 from __future__ import annotations
@@ -336,13 +337,19 @@ SYNTHETIC_SEED = 2
 _VIEWS = {"xq": "queries", "xk": "keys", "xv": "values"}
 
 
-def _degenerate(tensors: Mapping[str, torch.Tensor | None]) -> str | None:
-    """Why a probe's data cannot decide (a pass on it tests too little, a difference on it may be its
-    conditioning), or None: its queries, keys or values are :func:`_weak` (all zero, constant rows,
-    subnormal), or the inner LayerNorm normalises two features or fewer (its output is then +-1 or 0
-    whatever the input, and its backward cancels)."""
+def _ill_conditioned(tensors: Mapping[str, torch.Tensor | None]) -> str | None:
+    """Why a difference on a probe's data may be its conditioning, not the kernel, whatever the data:
+    the inner LayerNorm normalises two features or fewer (its output is then +-1 or 0 whatever the
+    input, and its backward cancels); or None."""
     if tensors.get("ln_weight") is not None and tensors["xq"].shape[-1] <= 2:
         return "its inner LayerNorm normalises two features or fewer, where it is ill-conditioned"
+    return None
+
+
+def _degenerate(tensors: Mapping[str, torch.Tensor | None]) -> str | None:
+    """Why a probe's data tests too little for a pass on it to be kept (and a difference on it may be
+    its conditioning), or None: its queries, keys or values are :func:`_weak` (all zero, constant
+    rows, subnormal)."""
     for name, said in _VIEWS.items():
         weakness = _weak(tensors[name])
         if weakness is not None:
@@ -426,28 +433,37 @@ def _record(
     run_kernel: Callable[[dict, Params], tuple[torch.Tensor, Params]],
     run_torch: Callable[[dict, Params], tuple[torch.Tensor, Params]],
 ) -> str | None:
-    """Probe on the user's data, then, where that data cannot decide (the paths disagree on it, or it
-    is :func:`_degenerate`), on :func:`_synthetic_probe` data; records and returns the verdict."""
+    """Probe on the user's data; records and returns the verdict, or returns a :class:`Deferred` (not
+    recorded) where that data cannot decide a difference (module docstring)."""
     tensors, weights = probe
-    weakness = _degenerate(tensors)
-    magnitude = _largest_magnitude(tensors)
-    synthetic = _synthetic_probe(tensors, weights)  # drawn before a kernel may write into the weights
+    weak, ill = _degenerate(tensors), _ill_conditioned(tensors)
+    said = _said_data(_largest_magnitude(tensors), weak or ill)
+    synthetic = _synthetic_probe(tensors, weights) if weak else None  # drawn before a kernel may write
     on_data = _probe_once(inputs, tensors, weights, run_kernel, run_torch)
     if on_data == _UNDECIDED:
         return None  # the data overflows on the torch path too: nothing decided, probe again later
-    if isinstance(on_data, _CouldNotRun):
-        verdict: str | None = on_data  # it cannot run such blocks, whatever their values
-    elif isinstance(on_data, _NotFinite):  # wrong on this data, however it is conditioned
-        verdict = f"{_said_data(magnitude, weakness)}: {on_data}"
-    elif weakness is None:  # well-conditioned data decides: a match passes, a difference is refused
-        verdict = None if on_data is None else f"{_said_data(magnitude, weakness)}: {on_data}"
-    else:
+    if isinstance(on_data, (_CouldNotRun, _NotFinite)):  # wrong or unable whatever the data's conditioning
+        verdict: str | None = on_data if isinstance(on_data, _CouldNotRun) else f"{said}: {on_data}"
+    elif on_data is not None and (weak or ill):  # a difference this data cannot pin on the kernel
+        return Deferred(f"{said}: {on_data}")
+    elif on_data is not None or not weak:  # well-conditioned data decides; so does a pass on it
+        verdict = None if on_data is None else f"{said}: {on_data}"
+    else:  # a pass on data that tests too little: seeded random data of the same shapes confirms it
         on_random = _probe_once(inputs, *synthetic, run_kernel, run_torch)
-        if on_random == _UNDECIDED and on_data is None:
-            return None  # neither decides: probe again on the next block
-        verdict = _combined_verdict(on_data, on_random, weakness, magnitude)
+        if on_random is None or on_random == _UNDECIDED:
+            verdict = None
+        elif ill and not isinstance(on_random, (_CouldNotRun, _NotFinite)):
+            return Deferred(f"{said}: it matched; on seeded random data of the same shapes: {on_random}")
+        else:
+            verdict = f"{said}: it matched, but such data tests too little; on seeded random data of the same shapes: {on_random}"
     _VERDICTS[key] = verdict
     return verdict
+
+
+class Deferred(str):
+    """A probe that found a difference on data too degenerate or ill-conditioned to pin it on the
+    kernel: no verdict is recorded, this block runs the torch path (whose numbers are the reference)
+    and the next block like it is probed again."""
 
 
 _UNDECIDED = "undecided: the torch path's own result is not finite, or the probe holds no values"
@@ -491,22 +507,6 @@ def _probe_once(
             except _KernelRaised as raised:  # its backward cannot run (e.g. out of shared memory): refused
                 reason = _CouldNotRun(f"its backward: {raised}")
     return reason
-
-
-def _combined_verdict(
-    on_data: str | None, on_random: str | None, weakness: str | None, magnitude: float
-) -> str | None:
-    """The verdict of a probe on the user's data (``on_data``: None or why it failed) that was
-    repeated on synthetic data (``on_random``): the synthetic probe decides. A kernel right on
-    well-conditioned data that differed on the user's was defeated by that data's conditioning (both
-    paths are then as far from the exact result); one wrong there is wrong."""
-    if on_random is None:
-        return None
-    result = "it matched, but such data tests too little" if on_data is None else on_data
-    data = f"{_said_data(magnitude, weakness)}: {result}"
-    if on_random == _UNDECIDED:
-        return f"{data}; on seeded random data of the same shapes the torch path overflowed, so this stands"
-    return f"{data}; on seeded random data of the same shapes: {on_random}"
 
 
 def _said_data(magnitude: float, weakness: str | None) -> str:
@@ -597,7 +597,14 @@ def _compare_gradients(
     }
     with _raised_is_a_verdict():  # the kernel's backward runs here
         kernel_gradients = _gradients(actual, projection, leaves)
-    return _compare(kernel_gradients, _gradients(expected, projection, leaves), tolerance)
+    torch_gradients = _gradients(expected, projection, leaves)
+    finite = [
+        all(bool(torch.isfinite(g).all()) for g in grads.values())
+        for grads in (torch_gradients, kernel_gradients)
+    ]
+    if finite == [True, False]:
+        return _NotFinite("its gradients are not finite where the torch path's are")
+    return _compare(kernel_gradients, torch_gradients, tolerance)
 
 
 __all__ = [
@@ -609,6 +616,7 @@ __all__ = [
     "TOLERANCES",
     "check_block",
     "check_decode",
+    "Deferred",
     "checked",
     "failure",
     "forget_verdicts",

@@ -54,6 +54,8 @@ NON_FINITE_POLICIES = ("raise", "ignore")
 # plugins, not on overflow.
 LARGE_INPUT = 1e4
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+# A non-finite output's diagnosis rereads the call in at most this many pieces (TTTLayer._check_output).
+DIAGNOSIS_PIECES = 16
 # The layer builds [K, K] matrices per head and mini-batch (the dual form's causal products) and
 # [K] tables (tau, RoPE positions): beyond this they are too large to be a mini-batch size.
 MAX_MINI_BATCH_SIZE = 65536
@@ -205,10 +207,18 @@ def _check_kernel_name(
 
 
 def _registered_entry(kind: str, obj: Any) -> Any:
-    """The registry's entry whose object is ``obj`` itself (None: ``obj`` is not registered)."""
+    """The registry's entry whose object is ``obj`` itself, else one of ``obj``'s class and name (a copy
+    of it: ``copy.deepcopy`` of a layer, ``torch.load`` of a pickled one); None: not registered."""
     from innerloop.registry import get_registry  # late import: core must not depend on registry
 
-    return next((e for e in get_registry().entries(kind) if e.obj is obj), None)
+    entries = get_registry().entries(kind)
+    same = next((e for e in entries if e.obj is obj), None)
+    if same is not None:
+        return same
+    name = getattr(obj, "name", None)
+    return next(
+        (e for e in entries if type(e.obj) is type(obj) and getattr(e.obj, "name", None) == name), None
+    )
 
 
 def is_built_in(kind: str, obj: Any) -> bool:
@@ -977,12 +987,14 @@ class TTTLayer(nn.Module):
 
     def _largest_inner_weight(self, x: torch.Tensor, state: TTTState) -> float:
         """The largest |inner weight| (``params`` and ``pending``, NaN left out, inf counted) of
-        ``state`` and of the states after each mini-batch of ``x`` read from it, up to the first
-        mini-batch whose output or state is not finite: how large the weights grew before it failed."""
+        ``state`` and of the states after each piece of ``x`` read from it (whole mini-batches, at most
+        :data:`DIAGNOSIS_PIECES` pieces, so that the diagnosis costs about one more call), up to the
+        first piece whose output or state is not finite: how large the weights grew before it failed."""
         largest = _largest_magnitude(state)
         tokens, size = x.shape[1], self.mini_batch_size
+        step = size * max(1, math.ceil(math.ceil(tokens / size) / DIAGNOSIS_PIECES))
         first = size - state.position % size  # the first piece closes the current mini-batch
-        ends = [*range(first, tokens, size), tokens]
+        ends = [*range(first, tokens, step), tokens]
         for start, end in zip([0, *ends[:-1]], ends, strict=True):
             y, state = self._forward_chunk(x[:, start:end], state)
             largest = max(largest, _largest_magnitude(state))

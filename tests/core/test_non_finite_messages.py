@@ -217,3 +217,40 @@ def test_a_base_lr_that_overflows_the_scan_dtype_is_refused_by_name(member) -> N
     with pytest.raises(ValueError, match=r"base_lr=1e\+300 overflows float32, the layer's scan dtype"):
         build(8, 2, base_lr=1e300)(torch.randn(1, 4, 8))
     build(8, 2, base_lr=1e300).double()(torch.randn(1, 4, 8, dtype=torch.float64))  # fits float64
+
+
+def test_a_copied_or_reloaded_layers_built_in_plugins_are_still_named_built_in() -> None:
+    # Review s14: after copy.deepcopy (or torch.save / torch.load) the plugins were "not registered",
+    # so the error blamed them as a third party's.
+    import copy
+    import io
+
+    from innerloop.core.layer import is_built_in, plugin_label
+
+    layer = TTTLayer(HIDDEN, HEADS, inner_model="mlp", mini_batch_size=K)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(layer), torch.load(buffer, weights_only=False)):
+        for kind in ("inner_model", "inner_loss", "update_rule"):
+            assert is_built_in(kind, getattr(twin, kind))
+            assert "origin 'builtin:" in plugin_label(kind, getattr(twin, kind))
+
+
+def test_the_diagnosis_rereads_a_long_call_in_a_bounded_number_of_pieces(monkeypatch) -> None:
+    # Review s14: one piece per mini-batch made the error path 2.5x the call at mini_batch_size=1.
+    from innerloop.core.layer import DIAGNOSIS_PIECES
+
+    torch.manual_seed(0)
+    layer = TTTLayer(HIDDEN, HEADS, inner_model="mlp", mini_batch_size=1, base_lr=1e20)
+    pieces = []
+    original = TTTLayer._forward_chunk
+
+    def counted(self, x, state):
+        pieces.append(x.shape[1])
+        return original(self, x, state)
+
+    monkeypatch.setattr(TTTLayer, "_forward_chunk", counted)
+    message = error_of(layer, torch.randn(1, 64, HIDDEN))
+    assert "the inner weights overflowed float32" in message
+    assert len(pieces) - 1 <= DIAGNOSIS_PIECES + 1  # the call itself, then the diagnosis's pieces

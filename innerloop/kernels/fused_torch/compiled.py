@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from innerloop.core.protocol import AffineLayer
-from innerloop.kernels.fused_torch.forward import _Scan, make_fused_forward
+from innerloop.kernels.fused_torch.forward import _Scan, make_fused_forward, refusing_identity
 from innerloop.kernels.fused_torch.forward import verify as fused_verify
 from innerloop.kernels.spec import KernelInputs, KernelSpec, stack_kernel_spec
 
@@ -61,32 +61,18 @@ def retained_graph_message(kernel_name: str) -> str:
     )
 
 
-def _keeps_graph() -> bool:
-    """Whether the backward running now keeps its graph (``retain_graph=True``); False where torch
-    does not say."""
+def _keeps_its_graph() -> bool:
+    """Whether the backward running now keeps its graph (``retain_graph=True``) without building one
+    (``create_graph=True`` also keeps it: the fused path's own guard names that case); False where
+    torch does not say."""
     keeps = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return bool(keeps()) if keeps is not None else False
-
-
-class _BackwardOnce(torch.autograd.Function):
-    """Identity on a compiled step's output whose backward refuses a retained graph with a clear error
-    (``message``) before torch's own ("compiled with non-empty donated buffers ...") would come."""
-
-    @staticmethod
-    def forward(ctx, t: torch.Tensor, message: str) -> torch.Tensor:
-        ctx.message = message
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        # create_graph=True also keeps the graph: the fused path's own guard names that case
-        if _keeps_graph() and not torch.is_grad_enabled():
-            raise RuntimeError(ctx.message)
-        return grad, None
+    return keeps is not None and bool(keeps()) and not torch.is_grad_enabled()
 
 
 def _backward_once(t: torch.Tensor, message: str) -> torch.Tensor:
-    return _BackwardOnce.apply(t, message) if t.requires_grad else t
+    """``t``, whose backward refuses a retained graph with ``message``, before torch's own error
+    ("compiled with non-empty donated buffers ...") would come."""
+    return refusing_identity(t, message, _keeps_its_graph)
 
 
 def compiled_mini_batch(

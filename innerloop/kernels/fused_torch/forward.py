@@ -48,24 +48,34 @@ DOUBLE_BACKWARD_MESSAGE = double_backward_message("the fused_torch fast path")
 """The message of a :func:`make_fused_forward` block that was not told its kernel's name."""
 
 
-class _OnceDifferentiable(torch.autograd.Function):
-    """Identity whose backward refuses to build a graph (``create_graph=True``) with a clear error
-    (``message``: which path refuses)."""
+class _RefusingIdentity(torch.autograd.Function):
+    """Identity whose backward raises a clear error (``message``: which path refuses, and why) when
+    ``refuses()``, asked inside the backward, says the backward is one that path cannot run."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, message: str) -> torch.Tensor:
-        ctx.message = message
+    def forward(ctx, x: torch.Tensor, message: str, refuses: Callable[[], bool]) -> torch.Tensor:
+        ctx.message, ctx.refuses = message, refuses
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        if torch.is_grad_enabled():  # only true inside a backward with create_graph=True
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        if ctx.refuses():
             raise RuntimeError(ctx.message)
-        return grad, None
+        return grad, None, None
+
+
+def refusing_identity(t: torch.Tensor, message: str, refuses: Callable[[], bool]) -> torch.Tensor:
+    """``t`` through :class:`_RefusingIdentity` when it records a graph, else ``t`` itself."""
+    return _RefusingIdentity.apply(t, message, refuses) if t.requires_grad else t
+
+
+def _builds_a_graph() -> bool:
+    return torch.is_grad_enabled()  # inside a backward: true only with create_graph=True
 
 
 def _guard(t: torch.Tensor, message: str) -> torch.Tensor:
-    return _OnceDifferentiable.apply(t, message) if t.requires_grad else t
+    """``t``, whose backward refuses to build a graph (``create_graph=True``) with ``message``."""
+    return refusing_identity(t, message, _builds_a_graph)
 
 
 def _with_ones(x: torch.Tensor) -> torch.Tensor:
@@ -336,5 +346,6 @@ __all__ = [
     "double_backward_message",
     "kernel_spec",
     "make_fused_forward",
+    "refusing_identity",
     "verify",
 ]

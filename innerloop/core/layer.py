@@ -930,9 +930,12 @@ class TTTLayer(nn.Module):
         scan dtype's largest value, where their products overflow), with what to do."""
         scan_dtype = str(self.scan_dtype).removeprefix("torch.")
         limit = math.sqrt(torch.finfo(self.scan_dtype).max)
+        projections = [getattr(self, name, None) for name in ("q_proj", "k_proj", "v_proj")]  # share_qk: no k
+        projection = max(float(m.weight.detach().abs().max()) for m in projections if m is not None)
         remedies = [
             f"lower base_lr (now {self.base_lr:g})",
             self._lr_gate_advice(),
+            f"check the q, k and v projections' weights (largest |weight| {projection:.1e}) if they were trained",
         ]
         if largest_input >= LARGE_INPUT:  # the input first: it is out of the ordinary
             remedies.insert(0, "normalise the input")
@@ -940,7 +943,7 @@ class TTTLayer(nn.Module):
             remedies.append("run in float64 (layer.double())")
         return (
             f": the inner weights overflowed {scan_dtype} (largest |W| {weights:.1e} up to the first non-finite "
-            f"mini-batch, beyond {limit:.1e}, the square root of {scan_dtype}'s largest value); "
+            f"piece, beyond {limit:.1e}, the square root of {scan_dtype}'s largest value); "
             f"{', '.join(remedies[:-1])} or {remedies[-1]}"
         )
 

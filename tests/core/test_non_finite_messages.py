@@ -37,7 +37,14 @@ def test_a_huge_inner_learning_rate_is_named_as_the_inner_weights_overflowing(ke
     assert "the inner weights overflowed float32 (largest |W|" in message
     assert "lower base_lr (now 1e+20)" in message and "learnable_ttt_lr_weight" in message
     assert "run in float64 (layer.double())" in message
+    assert "check the q, k and v projections' weights (largest |weight|" in message
     assert "plugins" not in message and "likely source" not in message
+
+
+def test_a_shared_qk_layers_overflow_is_named_too():
+    torch.manual_seed(0)
+    layer = TTTLayer(HIDDEN, HEADS, inner_model="mlp", mini_batch_size=K, base_lr=1e20, share_qk=True)
+    assert "the inner weights overflowed float32" in error_of(layer, torch.randn(1, 3 * K, HIDDEN))
 
 
 def test_a_float64_layer_is_not_told_to_run_in_float64():

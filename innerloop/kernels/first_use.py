@@ -1,4 +1,4 @@
-"""Every kernel's numbers are checked against the torch path before its first results are used.
+"""Every kernel's numbers are checked against the torch path on a probe of its first block.
 
 ``verify`` says whether a kernel *can* run on some inputs; it says nothing of whether its numbers are
 right. A registered kernel that computes something else (a plugin with a sign error, a build that
@@ -24,10 +24,11 @@ again; a deep copy of a layer is not):
 
 A verdict is about the kernel, so it does not rest on user data too degenerate or ill-conditioned to
 tell a right kernel from a wrong one. Weak data (queries, keys or values all zero, constant along each
-token's features, or so small that their products underflow, e.g. float32 subnormals) tests too little:
-a pass on it is confirmed on seeded random data of the same shapes, dtypes and device (the layer's own
-weights and inner LayerNorm, or seeded ones where those are weak too), and a kernel that differs there
-is refused. A difference on weak data, or where the inner LayerNorm normalises two features or fewer
+token's features, or so small that their products underflow, e.g. float32 subnormals; starting weights
+or pending sums that are zero or the same in every batch row, as a fresh layer's are; a decoded token's
+scale of 1, where it opens its mini-batch) tests too little: a pass on it is confirmed on seeded random
+data of the same shapes, dtypes and device (the layer's own weights and inner LayerNorm, or seeded ones
+where those are weak too, and a drawn token scale), and a kernel that differs there is refused. A difference on weak data, or where the inner LayerNorm normalises two features or fewer
 (ill-conditioned whatever the data), is not pinned on the kernel: that block runs the torch path
 (:class:`Deferred`, the dispatch reason says so), no verdict is recorded, and the next block like it is
 probed again. On well-conditioned data the user's block decides.
@@ -36,7 +37,9 @@ A probe whose torch result is not finite (the user's data overflows), or that ho
 of 0), decides nothing and is repeated on the next block. A kernel that raises, or returns non-finite
 values (outputs or gradients) where the torch path's are finite, is refused whatever the data.
 Gradients of gradients (``needs_double_backward``) are not probed: the built-in kernels refuse those
-blocks in ``verify``. The probe costs one pass of two mini-batches on each path (twice that with
+blocks in ``verify``. The probe covers a block's first two mini-batches (one token when decoding): a
+kernel wrong only from a later mini-batch on is not caught here, which its own tests must settle. The
+probe costs one pass of two mini-batches on each path (twice that with
 gradients; twice again where random data confirms a pass), once per signature and process, and again
 on each later block while deferred.
 """
@@ -260,6 +263,7 @@ def check_decode(
             "decay": None,
             "ln_weight": task.norm_weight,
             "ln_bias": task.norm_bias,
+            "tau": tau_i,  # in the probe's inputs, so that random data can draw it (1 opens a mini-batch)
         },
         joined_weights(params, pending),
         inputs.head_dim,
@@ -276,7 +280,7 @@ def check_decode(
                 xk=t["xk"][:, :, 0],
                 xv=t["xv"][:, :, 0],
                 lr=t["lr"][:, :, 0],
-                tau_i=tau_i,
+                tau_i=t["tau"],
                 params=start,
                 pending=sums,
                 ln_weight=t["ln_weight"],
@@ -292,7 +296,7 @@ def check_decode(
         start, sums = split(p)
         probe_task = _with_norm(task, t["ln_weight"], t["ln_bias"])
         one = ChunkInputs(t["xq"], t["xk"], t["xv"], t["lr"])
-        out, new_params, new_pending = torch_path(probe_task, start, sums, one, tau_i, is_last)
+        out, new_params, new_pending = torch_path(probe_task, start, sums, one, t["tau"], is_last)
         return out[:, :, 0], joined_weights(new_params, new_pending)
 
     return _record(signature(kernel, inputs, task, rule), kernel, inputs, probe, run_kernel, run_torch)
@@ -373,6 +377,32 @@ def _weak(tensor: torch.Tensor | None) -> str | None:
     return None
 
 
+def _same_in_every_row(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` (batch first) holds the same values in every batch row: a fresh layer's
+    starting weights, on which a kernel that reads one row's weights for all looks right."""
+    return tensor.dim() > 0 and tensor.shape[0] > 1 and bool((tensor.detach() == tensor.detach()[:1]).all())
+
+
+def _unit_token_scale(tensors: Mapping[str, torch.Tensor | None]) -> str | None:
+    """Why a decoded token's scale tests too little: it is 1 (the token opens its mini-batch), where a
+    kernel that ignores it looks right; or None."""
+    tau = tensors.get("tau")
+    return "its token scale is 1" if tau is not None and bool((tau == 1).all()) else None
+
+
+def _weak_weights(weights: Params) -> str | None:
+    """Why a probe's starting weights (and pending sums) test too little for a pass on them to be kept:
+    one of them is :func:`_weak` (a zero bias, zero pending sums) or the same in every batch row (a
+    fresh layer's); or None."""
+    for name, tensor in weights.items():
+        weakness = _weak(tensor)
+        if weakness is None and _same_in_every_row(tensor):
+            weakness = "are the same in every batch row"
+        if weakness is not None:
+            return f"its starting {name} {weakness}"
+    return None
+
+
 def _magnitude(tensor: torch.Tensor) -> float:
     return float(tensor.detach().abs().amax()) if tensor.numel() else 0.0
 
@@ -397,7 +427,9 @@ def _synthetic_probe(tensors: dict, weights: Params) -> tuple[dict, Params]:
         return copy.requires_grad_(like.requires_grad)
 
     def own_or_drawn(like: torch.Tensor, scale: float, shift: float = 0.0) -> torch.Tensor:
-        usable = _weak(like) is None and bool(torch.isfinite(like.detach()).all())
+        usable = (
+            _weak(like) is None and not _same_in_every_row(like) and bool(torch.isfinite(like.detach()).all())
+        )
         return (
             like.detach().clone().requires_grad_(like.requires_grad) if usable else drawn(like, scale, shift)
         )
@@ -406,6 +438,8 @@ def _synthetic_probe(tensors: dict, weights: Params) -> tuple[dict, Params]:
     synthetic["lr"] = tensors["lr"].detach().clone().requires_grad_(tensors["lr"].requires_grad)
     decay, ln_weight, ln_bias = tensors["decay"], tensors["ln_weight"], tensors["ln_bias"]
     synthetic["decay"] = None if decay is None else drawn(decay, 0.5, 0.5, uniform=True)
+    if "tau" in tensors:  # a decoded token's scale: 1 where it opens its mini-batch, which hides its use
+        synthetic["tau"] = drawn(tensors["tau"], 0.75, 0.25, uniform=True)
     synthetic["ln_weight"] = None if ln_weight is None else own_or_drawn(ln_weight, 0.25, 1.0)
     synthetic["ln_bias"] = None if ln_bias is None else own_or_drawn(ln_bias, 0.25)
     own = {
@@ -438,7 +472,8 @@ def _record(
     tensors, weights = probe
     weak, ill = _degenerate(tensors), _ill_conditioned(tensors)
     said = _said_data(_largest_magnitude(tensors), weak or ill)
-    synthetic = _synthetic_probe(tensors, weights) if weak else None  # drawn before a kernel may write
+    untested = weak or _weak_weights(weights) or _unit_token_scale(tensors)  # a pass here is confirmed
+    synthetic = _synthetic_probe(tensors, weights) if untested else None  # drawn before a kernel may write
     on_data = _probe_once(inputs, tensors, weights, run_kernel, run_torch)
     if on_data == _UNDECIDED:
         return None  # the data overflows on the torch path too: nothing decided, probe again later
@@ -446,7 +481,7 @@ def _record(
         verdict: str | None = on_data if isinstance(on_data, _CouldNotRun) else f"{said}: {on_data}"
     elif on_data is not None and (weak or ill):  # a difference this data cannot pin on the kernel
         return Deferred(f"{said}: {on_data}")
-    elif on_data is not None or not weak:  # well-conditioned data decides; so does a pass on it
+    elif on_data is not None or not untested:  # well-conditioned data decides; so does a pass on it
         verdict = None if on_data is None else f"{said}: {on_data}"
     else:  # a pass on data that tests too little: seeded random data of the same shapes confirms it
         on_random = _probe_once(inputs, *synthetic, run_kernel, run_torch)
@@ -455,7 +490,8 @@ def _record(
         elif ill and not isinstance(on_random, (_CouldNotRun, _NotFinite)):
             return Deferred(f"{said}: it matched; on seeded random data of the same shapes: {on_random}")
         else:
-            verdict = f"{said}: it matched, but such data tests too little; on seeded random data of the same shapes: {on_random}"
+            tested = "such data" if weak else f"{untested}, which"
+            verdict = f"{said}: it matched, but {tested} tests too little; on seeded random data of the same shapes: {on_random}"
     _VERDICTS[key] = verdict
     return verdict
 

@@ -171,14 +171,16 @@ def test_a_right_kernel_is_used_and_probed_once_per_kind_of_block():
         expected, _ = reference(x)
     assert layer.last_dispatch[0] == NAME
     torch.testing.assert_close(out, expected)
-    assert forward.calls == 2  # the probe, then the block
+    # the probe on the block's data, then on seeded random data (a fresh layer's starting weights, the
+    # same in every batch row and with zero biases, test too little for a pass on them alone), the block
+    assert forward.calls == 3
     with torch.no_grad():
         layer(x)
-    assert forward.calls == 3
+    assert forward.calls == 4
     layer.double()
     with torch.no_grad():
         layer(x.double())  # another dtype: probed again
-    assert forward.calls == 5
+    assert forward.calls == 7
 
 
 def test_a_probe_whose_torch_result_overflows_decides_nothing():
@@ -190,7 +192,7 @@ def test_a_probe_whose_torch_result_overflows_decides_nothing():
         layer(torch.full((1, 8, 16), 1e38))
         assert forward.calls == 2
         layer(torch.randn(1, 8, 16))
-    assert forward.calls == 4  # probed again on the next block, then used
+    assert forward.calls == 5  # probed again on the next block (its data, then random data), then used
     assert layer.last_dispatch[0] == NAME
 
 
@@ -452,3 +454,44 @@ def test_right_kernels_at_head_dim_two_run_where_they_match_on_the_users_data():
         warnings.simplefilter("error", KernelCheckWarning)
         layer(torch.randn(2, 8, 8))
     assert layer.last_dispatch[0] == "cpu_ttt_mlp"
+
+
+def drops_the_bias(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
+    """Ignores the incoming inner bias: right while it is zero, as on a fresh layer."""
+    start = {k: torch.zeros_like(v) if k.startswith("b") else v for k, v in params.items()}
+    return REFERENCE_FORWARD(xq, xk, xv, lr, tau, start, ln_weight, ln_bias, eps)
+
+
+def reads_row_zero(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
+    """Reads batch row 0's starting weights for every row: right while the rows agree, as on a fresh layer."""
+    start = {k: v[:1].expand_as(v).clone() for k, v in params.items()}
+    return REFERENCE_FORWARD(xq, xk, xv, lr, tau, start, ln_weight, ln_bias, eps)
+
+
+@pytest.mark.parametrize("wrong", [drops_the_bias, reads_row_zero], ids=lambda f: f.__name__)
+def test_a_kernel_wrong_on_carried_weights_is_refused_though_a_fresh_layers_weights_hide_it(wrong):
+    # Review s14 (HIGH): a fresh layer's starting weights (zero biases, the same in every batch row)
+    # passed such kernels, and the pass was kept: carried states then came out 64-83% off, no warning.
+    register(wrong)
+    layer, _ = layer_pair(kernel=NAME)
+    with (
+        torch.no_grad(),
+        pytest.raises(KernelCheckError, match=r"its starting .* tests too little; on seeded random"),
+    ):
+        layer(torch.randn(2, 8, 16))
+
+
+def ignores_the_token_scale(xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, eps, is_last):
+    """Decodes as if every token's scale were 1: right on a token that opens its mini-batch."""
+    return REFERENCE_DECODE(
+        xq, xk, xv, lr, torch.ones_like(tau_i), params, pending, ln_weight, ln_bias, eps, is_last
+    )
+
+
+def test_a_decode_kernel_that_ignores_the_token_scale_is_refused_on_the_token_that_opens_a_mini_batch():
+    # Review s14 (HIGH): the first decoded token (scale 1, zero pending sums) passed such a kernel, and
+    # the later tokens of each mini-batch came out 6-19% off, with no warning.
+    register(decode=ignores_the_token_scale)
+    layer, _ = layer_pair(kernel=NAME)
+    with torch.no_grad(), pytest.raises(KernelCheckError, match=r"tests too little; on seeded random data"):
+        layer(torch.randn(2, 1, 16))

@@ -89,6 +89,12 @@ PROBE_MINI_BATCHES = 2
 _VERDICTS: dict[tuple, str | None] = {}
 """signature -> None (passed) or why the kernel failed; a signature not here is not checked yet."""
 
+DEFERRALS_BEFORE_WARNING = 8
+"""After this many :class:`Deferred` probes of one signature in a row, a :class:`KernelCheckWarning`
+says that the torch path keeps running those blocks (once per signature)."""
+
+_DEFERRALS: dict[tuple, int] = {}  # signature -> Deferred probes so far (until a verdict is kept)
+
 
 class _Held:
     """An object in a verdict's key: equal to the same object, or to one of the very same class whose
@@ -186,6 +192,7 @@ def forget_verdicts() -> None:
     """Forget every verdict: each kernel is checked again on its next first use (the registry calls
     this when a plugin is removed, which also lets the removed objects go)."""
     _VERDICTS.clear()
+    _DEFERRALS.clear()
 
 
 def check_block(
@@ -480,7 +487,7 @@ def _record(
     if isinstance(on_data, (_CouldNotRun, _NotFinite)):  # wrong or unable whatever the data's conditioning
         verdict: str | None = on_data if isinstance(on_data, _CouldNotRun) else f"{said}: {on_data}"
     elif on_data is not None and (weak or ill):  # a difference this data cannot pin on the kernel
-        return Deferred(f"{said}: {on_data}")
+        return _deferred(key, kernel, f"{said}: {on_data}")
     elif on_data is not None or not untested:  # well-conditioned data decides; so does a pass on it
         verdict = None if on_data is None else f"{said}: {on_data}"
     else:  # a pass on data that tests too little: seeded random data of the same shapes confirms it
@@ -488,12 +495,30 @@ def _record(
         if on_random is None or on_random == _UNDECIDED:
             verdict = None
         elif ill and not isinstance(on_random, (_CouldNotRun, _NotFinite)):
-            return Deferred(f"{said}: it matched; on seeded random data of the same shapes: {on_random}")
+            return _deferred(
+                key, kernel, f"{said}: it matched; on seeded random data of the same shapes: {on_random}"
+            )
         else:
             tested = "such data" if weak else f"{untested}, which"
             verdict = f"{said}: it matched, but {tested} tests too little; on seeded random data of the same shapes: {on_random}"
     _VERDICTS[key] = verdict
+    _DEFERRALS.pop(key, None)
     return verdict
+
+
+def _deferred(key: tuple, kernel: KernelSpec, reason: str) -> Deferred:
+    """A :class:`Deferred` probe of ``key``, counted: the :data:`DEFERRALS_BEFORE_WARNING`-th in a row
+    warns that the torch path keeps running these blocks (every block so far was degenerate, e.g. a head
+    dim of 2 with the inner LayerNorm, where a wrong kernel would be deferred for ever)."""
+    count = _DEFERRALS[key] = _DEFERRALS.get(key, 0) + 1
+    if count == DEFERRALS_BEFORE_WARNING:
+        warnings.warn(
+            f"{kernel.name}: its first-use check was deferred on {count} blocks in a row, each too degenerate "
+            f"or ill-conditioned to decide ({reason}); the torch path runs these blocks until one decides",
+            KernelCheckWarning,
+            stacklevel=5,
+        )
+    return Deferred(reason)
 
 
 class Deferred(str):
@@ -652,6 +677,7 @@ __all__ = [
     "TOLERANCES",
     "check_block",
     "check_decode",
+    "DEFERRALS_BEFORE_WARNING",
     "Deferred",
     "checked",
     "failure",

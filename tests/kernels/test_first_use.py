@@ -12,6 +12,7 @@ import torch
 
 import innerloop
 from innerloop.core.functional import relative_error
+from innerloop.kernels import first_use
 from innerloop.kernels.dispatch import KernelCheckError
 from innerloop.kernels.first_use import KernelCheckWarning
 from innerloop.kernels.reference import reference_kernel
@@ -495,3 +496,21 @@ def test_a_decode_kernel_that_ignores_the_token_scale_is_refused_on_the_token_th
     layer, _ = layer_pair(kernel=NAME)
     with torch.no_grad(), pytest.raises(KernelCheckError, match=r"tests too little; on seeded random data"):
         layer(torch.randn(2, 1, 16))
+
+
+def test_a_kernel_deferred_block_after_block_is_warned_about_once():
+    # Review s14 (LOW): a wrong kernel named at head dim 2 was deferred on every block without a word.
+    register(Counting(REFERENCE_FORWARD, scaled_output))
+    torch.manual_seed(0)
+    layer = innerloop.TTTLayer(4, 2, inner_model="linear", mini_batch_size=4, kernel=NAME)
+    reference = innerloop.TTTLayer(4, 2, inner_model="linear", mini_batch_size=4, kernel="torch")
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(1, 8, 4)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(first_use.DEFERRALS_BEFORE_WARNING + 2):
+            out, _ = layer(x)
+            assert "first-use check is deferred" in layer.last_dispatch[1]
+            torch.testing.assert_close(out, reference(x)[0])  # the torch path ran
+    said = [w for w in caught if "deferred on 8 blocks in a row" in str(w.message)]
+    assert len(said) == 1 and issubclass(said[0].category, KernelCheckWarning)

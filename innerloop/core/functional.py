@@ -226,6 +226,17 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return diff / scale
 
 
+def mean_scored_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Mean cross-entropy of ``logits [..., V]`` against ``targets [...]`` over the targets that are not
+    ``ignore_index``; 0, attached to the graph (zero gradients), where none is left to score, not the
+    mean over nothing, NaN, which would fill every gradient with NaN."""
+    targets = targets.reshape(-1)
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets, ignore_index=ignore_index, reduction="sum"
+    )
+    return total / (targets != ignore_index).sum().clamp_min(1)
+
+
 def is_power_of_two(n: int) -> bool:
     """True for 1, 2, 4, 8, ..."""
     return n > 0 and (n & (n - 1)) == 0
@@ -237,6 +248,7 @@ __all__ = [
     "gelu_tanh",
     "gelu_tanh_derivative",
     "is_power_of_two",
+    "mean_scored_cross_entropy",
     "layer_norm",
     "overflow_safe_scale",
     "overflow_safe_scale_if_needed",

@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
 from innerloop.checkpoints import plugin_record, warn_changed_plugins
+from innerloop.core.functional import mean_scored_cross_entropy
 from innerloop.hf.arguments import (
     check_logits_to_keep,
     check_mask_shape,
@@ -775,11 +775,5 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     would fill every gradient with NaN."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
     shifted_logits = logits[:, :-1].to(dtype)  # [B, T-1, V]
-    shifted_labels = labels[:, 1:].to(logits.device).reshape(-1)  # [B * (T-1)]
-    total = F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
-        shifted_labels,
-        ignore_index=-100,
-        reduction="sum",
-    )
-    return total / (shifted_labels != -100).sum().clamp_min(1)
+    shifted_labels = labels[:, 1:].to(logits.device)  # [B, T-1]
+    return mean_scored_cross_entropy(shifted_logits, shifted_labels, ignore_index=-100)

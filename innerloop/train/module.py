@@ -48,6 +48,7 @@ from innerloop.checkpoints import (
 )
 from innerloop.checkpoints import load_model as load_model  # re-exported: its old home
 from innerloop.core.diagnostics import inner_loss_before_after
+from innerloop.core.functional import mean_scored_cross_entropy
 from innerloop.core.layer import LARGE_INPUT, is_built_in, plugin_label
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
 from innerloop.models.config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Bounds, checked_number
@@ -97,15 +98,6 @@ def _checked_hyperparameters(**arguments: Any) -> dict[str, Any]:
         *(checked[k] for k in ("warmup_steps", "max_steps", "lr", "min_lr", "decay_steps")),
     )
     return checked
-
-
-def _mean_scored_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of ``logits [B, T, V]`` over the targets ``[B, T]`` that are scored (not
-    :data:`IGNORE_INDEX`); 0, attached to the graph, for a batch with none (not NaN, which would read as
-    a divergence)."""
-    targets = targets.flatten()
-    total = F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (targets != IGNORE_INDEX).sum().clamp_min(1)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -325,7 +317,8 @@ class LanguageModelModule(L.LightningModule):
         calls: list[LayerCall] = []
         with _non_finite_propagates(self._checked_layers, calls):
             logits = self(inputs)
-        loss = _mean_scored_loss(logits, targets)
+        # 0 for a batch with no scored target, not NaN (which would read as a divergence)
+        loss = mean_scored_cross_entropy(logits, targets, IGNORE_INDEX)
         if not self._finite_on_every_process(loss):
             what = f"the training loss is {self._describe(loss)} after {self.global_step} optimizer steps"
             raise self._non_finite_error(what, calls)

@@ -25,6 +25,7 @@ arguments each member's gates become are the maps of ``../shared/ZOO.md`` proven
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import replace
@@ -84,6 +85,7 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+@functools.cache
 def _valid_options(member: type) -> list[str]:
     """Every keyword ``member`` takes: its own and its bases' up to FamilyLayer, and TTTLayer's (less
     :data:`REFUSED_TTT_OPTIONS`)."""
@@ -109,10 +111,11 @@ def _refuse_unimplemented(member: type, options: dict[str, Any], short_conv: boo
                 f"{layer} does not take {name} (got {name}={options[name]!r}): it is a TTTLayer option "
                 f"the family's layers do not implement; {instead}"
             )
-    valid = _valid_options(member)
-    unknown = sorted(set(options) - set(valid))
+    unknown = sorted(set(options) - set(_valid_options(member)))
     if unknown:
-        raise TypeError(f"{layer} got unexpected keyword arguments {unknown}; valid: {valid}")
+        raise TypeError(
+            f"{layer} got unexpected keyword arguments {unknown}; valid: {_valid_options(member)}"
+        )
     if not short_conv and conv_kernel != DEFAULT_CONV_KERNEL:
         raise ValueError(
             f"{layer} got conv_kernel={conv_kernel!r} with short_conv=False: conv_kernel is the short "

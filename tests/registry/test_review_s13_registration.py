@@ -4,6 +4,7 @@ that declares its own token-by-token reference (another inner optimizer)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -90,8 +91,6 @@ def soft_sign_token_loop(state, task, views, lr, tau):
         outputs.append(task.predict(current, views.query[:, :, t : t + 1]))
         if offset == task.mini_batch_size - 1:
             params, pending = current, {k: torch.zeros_like(v) for k, v in pending.items()}
-    from dataclasses import replace
-
     new_state = replace(
         state,
         params=params,

@@ -64,8 +64,22 @@ REFUSED_TTT_OPTIONS: dict[str, str] = {
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    """``x / sqrt(sum x^2 + 1e-6)`` over the last dimension (FLA's ``l2norm``)."""
-    return x * torch.rsqrt(x.pow(2).sum(dim=-1, keepdim=True) + L2_NORM_EPS)
+    """``x / sqrt(sum x^2 + 1e-6)`` over the last dimension (FLA's ``l2norm``), in ``x``'s dtype.
+
+    Computed in at least float32 (as FLA's ``l2norm``) and cast back: in float16 the sum of squares
+    overflows once it passes 65504 (an RMS of 32 at 64 elements), and ``rsqrt(inf) = 0`` would turn
+    ``x`` into zeros, silently.
+    """
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (wide * torch.rsqrt(wide.pow(2).sum(dim=-1, keepdim=True) + L2_NORM_EPS)).to(x.dtype)
+
+
+def _log_forget_factor(logits: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """``-exp(A_log) * softplus(logits + dt_bias)`` ``[B, H, T]`` for ``logits [B, H, T]`` and the
+    per-head ``A_log``, ``dt_bias`` ``[H]`` (Gated DeltaNet's and Titans' forgetting gate, as a log),
+    in ``logits``' dtype: the gates pass logits in :attr:`~innerloop.core.layer.TTTLayer.scan_dtype`."""
+    dtype = logits.dtype
+    return -torch.exp(A_log.to(dtype))[:, None] * F.softplus(logits + dt_bias.to(dtype)[:, None])
 
 
 class HadamardFeatureMap(nn.Module):
@@ -290,8 +304,14 @@ class FamilyLayer(TTTLayer):
         return {"token_scale": torch.ones(self.mini_batch_size)}
 
     def _head_gate(self, x: torch.Tensor, projection: nn.Linear) -> torch.Tensor:
-        """``projection(x)`` for ``x [B, T, D]`` as ``[B, H, T]`` (one logit per head and token)."""
-        return projection(x).transpose(1, 2)
+        """``projection(x)`` for ``x [B, T, D]`` as ``[B, H, T]`` (one logit per head and token), in
+        :attr:`scan_dtype`.
+
+        The projection runs in the weights' (or autocast's) dtype, as FLA's; the gate made of the logit
+        (sigmoid, softplus, exp) in at least float32, as everything else that writes the state: in
+        bfloat16 a retention ``1 - decay`` below 2^-9 is exactly 0, and a step ``beta`` near 1 is 1.
+        """
+        return projection(x).transpose(1, 2).to(self.scan_dtype)
 
     # ------------------------------------------------------------------------------------------
     # State
@@ -356,9 +376,10 @@ class FamilyLayer(TTTLayer):
         return t
 
     def inner_learning_rates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``lr [B, H, T] = base_lr`` (the member's gates override this) and ``tau [K] = 1``."""
+        """``lr [B, H, T] = base_lr`` in :attr:`scan_dtype` (the member's gates override this) and
+        ``tau [K] = 1``."""
         batch, tokens, _ = x.shape
-        lr = x.new_full((batch, self.num_heads, tokens), self.base_lr)
+        lr = x.new_full((batch, self.num_heads, tokens), self.base_lr, dtype=self.scan_dtype)
         return lr, self.token_scale
 
     def _output(self, x: torch.Tensor, inner_out: torch.Tensor) -> torch.Tensor:
@@ -459,7 +480,7 @@ class DeltaNetLayer(FamilyLayer):
         self.b_proj = nn.Linear(self.hidden_size, self.num_heads, bias=False)
 
     def beta(self, x: torch.Tensor) -> torch.Tensor:
-        """``sigmoid(b_proj(x))`` ``[B, H, T]``, the delta rule's step."""
+        """``sigmoid(b_proj(x))`` ``[B, H, T]``, the delta rule's step, in :attr:`scan_dtype`."""
         return torch.sigmoid(self._head_gate(x, self.b_proj))
 
     def inner_learning_rates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -513,9 +534,7 @@ class GatedDeltaNetLayer(DeltaNetLayer):
         In :attr:`scan_dtype` (at least float32, as FLA's gate), whatever the weights' dtype: a
         bfloat16 ``a`` near 1 is 1 or ``1 - 2^-8``, which would turn a decay of 1e-3 into 0 or 4e-3.
         """
-        dtype = self.scan_dtype
-        logits = self._head_gate(x, self.a_proj).to(dtype) + self.dt_bias.to(dtype)[:, None]
-        log_a = -torch.exp(self.A_log.to(dtype))[:, None] * F.softplus(logits)
+        log_a = _log_forget_factor(self._head_gate(x, self.a_proj), self.A_log, self.dt_bias)
         return log_a.clamp_min(math.log(DECAY_FACTOR_FLOOR))
 
     def decay_factor(self, x: torch.Tensor) -> torch.Tensor:
@@ -594,14 +613,19 @@ class TitansLayer(FamilyLayer):
         self.dt_bias = nn.Parameter(_log_uniform_dt(num_heads))
 
     def inner_learning_rates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``lr = base_lr * sigmoid(theta_proj(x))`` ``[B, H, T]`` in :attr:`scan_dtype`, and ``tau [K] = 1``."""
         return self.base_lr * torch.sigmoid(self._head_gate(x, self.theta_proj)), self.token_scale
 
     def forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(decay, momentum)`` ``[B, H, T]``: alpha and eta (none while ``base_lr == 0``)."""
+        """``(decay, momentum)`` ``[B, H, T]``: alpha and eta (none while ``base_lr == 0``).
+
+        In :attr:`scan_dtype` (at least float32), whatever the weights' dtype: in bfloat16 a retention
+        ``1 - decay`` below 2^-9 is exactly 0, which wipes the memory where it should keep a trace, and
+        the inner LayerNorm (scale-invariant) reads a trace as well as the whole memory.
+        """
         if self.base_lr == 0:
             return None, None
-        logits = self._head_gate(x, self.a_proj) + self.dt_bias[:, None]
-        decay = -torch.expm1(-torch.exp(self.A_log)[:, None] * F.softplus(logits))
+        decay = -torch.expm1(_log_forget_factor(self._head_gate(x, self.a_proj), self.A_log, self.dt_bias))
         return decay, torch.sigmoid(self._head_gate(x, self.eta_proj))
 
 

@@ -946,17 +946,39 @@ def _check_text(run: RunConfig) -> None:
         raise ConfigError(str(err)) from None
 
 
+# Lightning precisions that cast the whole module, and AdamW's states with it, to float16
+FLOAT16_WEIGHT_PRECISIONS = ("16-true", "transformer-engine-float16")
+
+
+def check_trainable_precision(precision: str) -> None:
+    """Raise :class:`ConfigError` for a ``trainer.precision`` that casts the weights to float16
+    (:data:`FLOAT16_WEIGHT_PRECISIONS`): AdamW cannot train them, at any learning rate."""
+    if precision not in FLOAT16_WEIGHT_PRECISIONS:
+        return
+    raise ConfigError(
+        f"trainer.precision={precision!r} cannot train: it casts the whole model, and AdamW's states with it, "
+        "to float16, where AdamW's eps (1e-8) rounds to 0 and the second moments (squared gradients) "
+        "underflow to 0, so a step divides 0 by 0 and the loss is NaN after the first step, at any optim.lr; "
+        "use 16-mixed (float16 autocast on float32 weights), bf16-true, bf16-mixed, 32-true or 64-true. A "
+        "model trained so can still run in float16 for inference (model.half(), or from_pretrained(..., "
+        "dtype=torch.float16) of its export)"
+    )
+
+
 def _check_trainer_names(run: RunConfig) -> None:
-    """Strategy, accelerator and precision are Lightning names; the accelerator exists here."""
+    """Strategy, accelerator and precision are Lightning names (a precision that trains:
+    :func:`check_trainable_precision`); the accelerator exists here."""
     from lightning.fabric.connector import _PRECISION_INPUT_STR
     from lightning.pytorch.accelerators import AcceleratorRegistry
     from lightning.pytorch.strategies import StrategyRegistry
 
+    check_trainable_precision(run.trainer.precision)
     accelerators = sorted(AcceleratorRegistry.available_accelerators())
+    precisions = [p for p in typing.get_args(_PRECISION_INPUT_STR) if p not in FLOAT16_WEIGHT_PRECISIONS]
     choices = {
         "trainer.strategy": (run.trainer.strategy, ["auto", *_strategies_by_name(StrategyRegistry)]),
         "trainer.accelerator": (run.trainer.accelerator, ["auto", *accelerators]),
-        "trainer.precision": (run.trainer.precision, ["auto", *typing.get_args(_PRECISION_INPUT_STR)]),
+        "trainer.precision": (run.trainer.precision, ["auto", *precisions]),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:

@@ -349,10 +349,21 @@ class LanguageModelModule(L.LightningModule):
             last = f"last finite training loss {float(loss):.4f}, after {step} steps"
         clip = self.trainer.gradient_clip_val if self._trainer is not None else None
         return TrainingDivergedError(
-            f"training diverged: {what} ({last}); try a lower optim.lr (now {self.hparams.lr:g}; optim.min_lr "
-            "may not exceed it), "
+            f"training diverged: {what} ({last}); {self._float16_cause()}try a lower optim.lr (now "
+            f"{self.hparams.lr:g}; optim.min_lr may not exceed it), "
             f"gradient clipping (optim.grad_clip, now {clip or 'off'}) or a longer warm-up "
             f"(optim.warmup_fraction, now {self.hparams.warmup_steps} steps)"
+        )
+
+    def _float16_cause(self) -> str:
+        """The likely cause of a divergence when the module's weights are float16 (a module cast by hand,
+        or a float16 ``*-true`` precision, which the config refuses), before the usual remedies; "" otherwise."""
+        if not any(p.dtype == torch.float16 for p in self.parameters()):
+            return ""
+        return (
+            "the module's weights are float16, where AdamW cannot train at any optim.lr (its eps 1e-8 rounds "
+            "to 0 and its second moments underflow, so a step divides 0 by 0): train with float32 weights "
+            "(trainer.precision=16-mixed, bf16-mixed or 32-true) or in bf16-true or 64-true; beyond that, "
         )
 
     def _non_finite_error(self, what: str, calls: list[LayerCall]) -> TrainingDivergedError:

@@ -70,6 +70,7 @@ from innerloop.config.load import (
     absolute_data_paths,
     absolute_tokenizer,
     check_resume_changes,
+    check_trainable_precision,
     concrete_precision,
     decay_steps,
     flatten_config,
@@ -304,7 +305,10 @@ def build_module(run: RunConfig) -> LanguageModelModule:
 
 def resolve_precision(precision: str, accelerator: str) -> str:
     """``trainer.precision`` made concrete (:func:`innerloop.config.load.concrete_precision`); when it
-    was ``auto``, says what it chose in one printed line."""
+    was ``auto``, says what it chose in one printed line. A precision that cannot train (float16
+    weights: :func:`~innerloop.config.load.check_trainable_precision`) raises :class:`ConfigError`,
+    also for a run built in Python without :func:`~innerloop.config.validate_run_config`."""
+    check_trainable_precision(precision)
     chosen = concrete_precision(precision, accelerator)
     if precision == "auto":
         where = "a CUDA GPU" if chosen == "bf16-mixed" else "no CUDA GPU"

@@ -874,7 +874,7 @@ class TTTLayer(nn.Module):
         what = "outputs" if not output_finite else "a state"
         if given_state is not None and not given_state.is_finite():
             raise ValueError(
-                f"TTTLayer produced non-finite {what}: the state passed in already holds NaN or inf; "
+                f"{type(self).__name__} produced non-finite {what}: the state passed in already holds NaN or inf; "
                 "start from state=None, or construct the layer with non_finite='ignore' to let them propagate"
             )
         saved_dispatches = list(self.dispatches)  # the diagnosis below reruns parts of the call
@@ -884,7 +884,7 @@ class TTTLayer(nn.Module):
         finally:
             self.dispatches = saved_dispatches
         raise ValueError(
-            f"TTTLayer produced non-finite {what} from finite input{cause}; "
+            f"{type(self).__name__} produced non-finite {what} from finite input{cause}; "
             "non_finite='ignore' returns them as they are"
         )
 
@@ -911,8 +911,8 @@ class TTTLayer(nn.Module):
             low_name = str(low).removeprefix("torch.")
             return (
                 f"{size}: the inner scan's {scan_dtype} state stayed finite, so the post-norm, gate or o_proj "
-                f"overflowed {low_name} (largest finite {low_name} {torch.finfo(low).max:.1e}); keep the weights in "
-                "float32 (layer.float()), or look for huge post-norm, gate or o_proj weights"
+                f"overflowed {low_name} (largest finite {low_name} {torch.finfo(low).max:.1e}); "
+                f"{self._wider_dtype_advice(x)}, or look for huge post-norm, gate or o_proj weights"
             )
         weights = self._largest_inner_weight(x, state)
         if weights > math.sqrt(torch.finfo(self.scan_dtype).max):
@@ -955,12 +955,46 @@ class TTTLayer(nn.Module):
             )
         return "check the inner learning rate's gates if they were trained"
 
+    def _autocast_decides(self, x: torch.Tensor) -> bool:
+        """Whether autocast chose the dtype of the projections, post-norm and o_proj (it casts the
+        weights unless they are float64)."""
+        return _autocasting(x.device.type) and self.post_norm.weight.dtype != torch.float64
+
     def _projection_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype the projections, post-norm and o_proj run in: the autocast dtype under autocast,
         else the weights'."""
-        if _autocasting(x.device.type):
+        if self._autocast_decides(x):
             return torch.get_autocast_dtype(x.device.type)
         return self.post_norm.weight.dtype
+
+    def _wider_dtype_advice(self, x: torch.Tensor) -> str | None:
+        """How to run the projections and output in a dtype of wider range, in words; None for float64.
+        Under autocast that is the autocast's dtype, not the weights' (``layer.float()`` changes nothing
+        there); float32 has bfloat16's range, so a bfloat16 overflow needs float64."""
+        dtype = self._projection_dtype(x)
+        if self._autocast_decides(x) and dtype == torch.float16:
+            return "run the layer without float16 autocast, or under bfloat16 autocast (float32's range)"
+        if self._autocast_decides(x):
+            name = str(dtype).removeprefix("torch.")
+            return f"run the layer without {name} autocast, in float64 (layer.double())"
+        if dtype == torch.float16:
+            return "keep the weights in float32 (layer.float()) or bfloat16 instead of float16"
+        return "run in float64 (layer.double())" if dtype != torch.float64 else None
+
+    def _overflowed_reading(self, x: torch.Tensor, dtype_name: str) -> str:
+        """What overflowed ``dtype_name`` of the reading of ``x`` into Q, K, V, in words: the projections,
+        or (when those stayed finite) the layer's feature map, else what follows the projections."""
+        if _autocasting(x.device.type) and x.dtype == torch.float32:
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # as _read casts it
+        projections = [getattr(self, name, None) for name in ("q_proj", "k_proj", "v_proj")]  # share_qk: no k
+        if not all(bool(torch.isfinite(m(x)).all()) for m in projections if m is not None):
+            return f"the projections Q, K, V overflowed {dtype_name}"
+        feature_map = getattr(self, "feature_map", "identity")  # the family's layers
+        if feature_map != "identity":
+            return (
+                f"the feature map {feature_map!r} on Q and K overflowed {dtype_name}, from finite projections"
+            )
+        return f"Q, K, V overflowed {dtype_name} after the projections, which stayed finite"
 
     def _read_overflow(self, x: torch.Tensor, state: TTTState) -> str | None:
         """The cause, in words, when the projections (Q, K, V) or the inner learning rate of ``x``
@@ -968,19 +1002,11 @@ class TTTLayer(nn.Module):
         views, lr, _, _ = self._read(x, state)
         if not all(bool(torch.isfinite(v).all()) for v in (views.query, views.key, views.value)):
             dtype = self._projection_dtype(x)
-            name = str(dtype).removeprefix("torch.")
-            if dtype in LOW_PRECISION:
-                advice = (
-                    f"normalise the input, or keep the weights in float32 (layer.float()) instead of {name}"
-                )
-            elif dtype != torch.float64:
-                advice = "normalise the input or run in float64 (layer.double())"
-            else:
-                advice = "normalise the input"
+            wider = self._wider_dtype_advice(x)
+            advice = "normalise the input" + (f", or {wider}" if wider else "")
             largest_finite = torch.finfo(dtype).max
-            return (
-                f": the projections Q, K, V overflowed {name} (largest finite {largest_finite:.1e}); {advice}"
-            )
+            what = self._overflowed_reading(x, str(dtype).removeprefix("torch."))
+            return f": {what} (largest finite {largest_finite:.1e}); {advice}"
         if not bool(torch.isfinite(lr).all()):
             return (
                 f": the inner learning rate is not finite in {str(lr.dtype).removeprefix('torch.')}; lower "

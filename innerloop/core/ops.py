@@ -276,7 +276,10 @@ def scan(
         momentum: ``[B, H, T]`` the momentum ``m_t`` of update_rule ``"momentum"`` (None: 0).
         initial: weights by name, ``[B, H, *shape]`` or ``[H, *shape]``, at a mini-batch boundary,
             plus ``"momentum.<name>"`` (``S``) for the momentum rule; None: zeros. The inner loss
-            starts a sequence (``next_token``'s first token has no pair).
+            starts a sequence (``next_token``'s first token has no pair). Continuing from the weights
+            a call returned is exact when that call's token count was a multiple of
+            ``mini_batch_size`` (else see Returns); a dict cannot say where in a mini-batch it stopped,
+            so this is not checked.
         norm_eps: the inner LayerNorm's epsilon (a finite number > 0).
         kernel: ``"auto"``, ``"torch"`` or a registered kernel's name, as in ``TTTLayer``.
         dispatches: a list that receives every fast-path decision ``(path, reason)``.
@@ -287,6 +290,12 @@ def scan(
     Returns:
         ``(outputs [B, H, T, f], weights)``: ``weights`` after the last token (for a partial last
         mini-batch the weights it read), plus ``"momentum.<name>"`` when momentum is given.
+        After a partial last mini-batch these weights cannot be continued exactly: passed as
+        ``initial``, the next call starts a new mini-batch where the whole sequence would have
+        finished the partial one: silently other numbers, unless the mini-batch size does not change
+        the model (linear attention's: the bare matrix model under the ``dot_product`` loss). To split
+        a sequence anywhere, use :class:`~innerloop.core.layer.TTTLayer` and its state, which carries
+        the partial mini-batch.
         A NaN or inf input is not refused; it spreads to the outputs of its whole mini-batch (of its
         64-token chunk on the chunked delta-rule kernel), earlier tokens included, and to all later ones.
         Differentiable in every tensor argument (twice with ``needs_double_backward``). The scan computes in q's dtype but at least float32

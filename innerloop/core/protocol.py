@@ -203,6 +203,36 @@ class InnerLoss(ABC):
         """What :meth:`pairs` needs at the start of a sequence (default: nothing)."""
         return {}
 
+    def batched_carry_keys(self, num_heads: int, head_dim: int, like: torch.Tensor) -> frozenset[str]:
+        """The carry entries that hold one row per sequence, batch-first (``[batch, ...]``); every other
+        entry is shared by the batch. :meth:`TTTState.index_select` selects the rows of the first and
+        keeps the others; :meth:`TTTState.cat` joins the first and needs the others equal.
+
+        The default reads :meth:`init_carry`: an entry shaped ``[2, *s]`` for two sequences and
+        ``[1, *s]`` for one is per sequence, one of the same shape for both is shared; any other shape
+        is refused (a loss with such a carry overrides this method)."""
+        two = self.init_carry(2, num_heads, head_dim, like)
+        one = self.init_carry(1, num_heads, head_dim, like)
+        batched = set()
+        for key, value in two.items():
+            single = one.get(key)
+            shapes = (list(value.shape), None if single is None else list(single.shape))
+            if single is not None and single.shape == value.shape:
+                continue
+            if (
+                single is None
+                or value.dim() == 0
+                or (value.shape[0], single.shape[0]) != (2, 1)
+                or (value.shape[1:] != single.shape[1:])
+            ):
+                raise ValueError(
+                    f"inner loss {self.name!r}: init_carry gives {key!r} shapes {shapes[0]} for 2 sequences "
+                    f"and {shapes[1]} for 1: neither batch-first nor shared by the batch; the loss must "
+                    "say which carry entries are per sequence (override InnerLoss.batched_carry_keys)"
+                )
+            batched.add(key)
+        return frozenset(batched)
+
     @abstractmethod
     def pairs(self, views: Views, carry: Mapping[str, torch.Tensor]) -> LossPairs:
         """The (input, target) pair of every token of ``views``; causal: token t uses tokens <= t."""

@@ -19,12 +19,17 @@ enough to continue a sequence from any split point (:meth:`TTTState.current_weig
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
 #: The groups of tensors of a state, in the order :meth:`TTTState.tensors` lists them.
 TENSOR_GROUPS = ("params", "pending", "loss_carry", "conv_history", "momentum", "decay")
+#: The groups whose every tensor is batch-first (``[B, ...]``); ``loss_carry`` is the inner loss's to
+#: read (:meth:`~innerloop.core.protocol.InnerLoss.batched_carry_keys`).
+BATCH_FIRST_GROUPS = ("params", "pending", "conv_history", "momentum", "decay")
 #: The signature's fields :meth:`TTTState.metadata` writes only when they are recorded (not None).
 OPTIONAL_METADATA = ("update_rule", "layer", "inner_output")
 
@@ -34,6 +39,74 @@ def inner_output_label(inner_norm: bool, inner_residual: bool) -> str:
     return {(True, True): "residual+norm", (True, False): "norm", (False, True): "residual"}.get(
         (inner_norm, inner_residual), "bare"
     )
+
+
+def check_batch_rows(rows: Any, batch_size: int, name: str = "rows") -> torch.Tensor:
+    """``rows`` as an int64 tensor, after refusing, naming ``name``, anything but a non-empty 1-D
+    integer tensor of row numbers in ``[0, batch_size)`` (repeats allowed: a row may be taken twice).
+    Reads the smallest and largest row (one device sync)."""
+    if not isinstance(rows, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a 1-D torch.Tensor of batch row numbers (int64), got {type(rows).__name__}"
+        )
+    if rows.dtype not in (torch.int64, torch.int32):
+        raise TypeError(
+            f"{name} must hold integer row numbers (dtype torch.int64 or int32), got {rows.dtype}"
+        )
+    if rows.dim() != 1 or rows.numel() == 0:
+        raise ValueError(
+            f"{name} must be a non-empty 1-D tensor of row numbers, got shape {list(rows.shape)}"
+        )
+    low, high = (int(v) for v in torch.stack(torch.aminmax(rows)).tolist())
+    if low < 0 or high >= batch_size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"{name} holds row {bad}, outside the state's batch of {batch_size} sequences: valid rows are "
+            f"0..{batch_size - 1}"
+        )
+    return rows.to(torch.int64)
+
+
+def take_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The rows ``rows`` (checked by :func:`check_batch_rows`) of a batch-first ``tensor [B, ...]``."""
+    return tensor.index_select(0, rows.to(tensor.device))
+
+
+def cat_rows(tensors: Sequence[torch.Tensor], name: str) -> torch.Tensor:
+    """Batch-first tensors ``[B_i, ...]`` of several states, concatenated along the batch: refused,
+    naming ``name``, unless they agree on dtype, device and every dimension but the first (torch would
+    promote a dtype silently)."""
+    first = tensors[0]
+    for i, tensor in enumerate(tensors):
+        if tensor.dim() == 0:
+            raise ValueError(f"{name} is 0-d in state {i}: it holds no batch rows to concatenate")
+        if (tensor.dtype, tensor.device, tensor.shape[1:]) != (first.dtype, first.device, first.shape[1:]):
+            raise ValueError(
+                f"cannot concatenate the states: {name} is {tensor.dtype} {list(tensor.shape)} on "
+                f"{tensor.device} in state {i} but {first.dtype} {list(first.shape)} on {first.device} in "
+                "state 0; concatenate states of one model, in one dtype and on one device "
+                "(state.to(...) converts one)"
+            )
+    return torch.cat(list(tensors), dim=0)
+
+
+def same_positions(positions: Sequence[int], what: str) -> None:
+    """Refuse to concatenate states at different positions (each row of a state is at its position)."""
+    if len(set(positions)) > 1:
+        raise ValueError(
+            f"cannot concatenate {what}s at different positions {list(positions)}: every row of a state is "
+            "at the state's position; concatenate states that have read the same number of tokens"
+        )
+
+
+def check_states(states: Any, cls: type, what: str) -> list[Any]:
+    """``states`` as a list, after refusing an empty sequence or an element that is not a ``cls``."""
+    if isinstance(states, (torch.Tensor, str)) or not isinstance(states, Sequence) or not states:
+        raise ValueError(f"{what}.cat takes a non-empty list of {cls.__name__}s, got {states!r:.80}")
+    for i, state in enumerate(states):
+        if not isinstance(state, cls):
+            raise TypeError(f"{what}.cat: states[{i}] is a {type(state).__name__}, not a {cls.__name__}")
+    return list(states)
 
 
 @dataclass(frozen=True)
@@ -103,6 +176,82 @@ class TTTState:
     def clone(self) -> TTTState:
         """A copy whose tensors own their memory (gradients flow back through the copy)."""
         return self._map(lambda t: t.clone())
+
+    def index_select(self, rows: torch.Tensor, inner_loss: Any = None) -> TTTState:
+        """The state of the sequences ``rows`` in that order: a 1-D int64 tensor of batch rows, repeats
+        allowed (reorder beams, keep some sequences of a batch, repeat one prompt's state). Each row
+        continues exactly as that sequence alone would.
+
+        ``inner_loss``: the layer's inner loss (``layer.inner_loss``), needed only when ``loss_carry``
+        is not empty: its :meth:`~innerloop.core.protocol.InnerLoss.batched_carry_keys` says which
+        carry entries hold a row per sequence (selected) and which are shared by the batch (kept).
+        A language model's states pass the registered loss themselves.
+        """
+        rows = check_batch_rows(rows, self.batch_size)
+        return self._take_rows(rows, inner_loss)
+
+    def _take_rows(self, rows: torch.Tensor, inner_loss: Any) -> TTTState:
+        """:meth:`index_select` with ``rows`` already checked."""
+        batched = self._batched_carry(inner_loss, "index_select")
+        groups = {g: {k: take_rows(v, rows) for k, v in getattr(self, g).items()} for g in BATCH_FIRST_GROUPS}
+        carry = {k: take_rows(v, rows) if k in batched else v for k, v in self.loss_carry.items()}
+        signature = replace(self.signature, batch_size=int(rows.shape[0]))
+        return replace(self, **groups, loss_carry=carry, signature=signature)
+
+    @classmethod
+    def cat(cls, states: Sequence[TTTState], inner_loss: Any = None) -> TTTState:
+        """One state holding the sequences of ``states`` one after the other (``[B_1 + B_2 + ...]``):
+        states of one layer at one position, in one dtype, e.g. of separately read batches. Carry
+        entries shared by the batch must be equal in every state. ``inner_loss`` as in
+        :meth:`index_select`."""
+        states = check_states(states, cls, "TTTState")
+        first = states[0]
+        same_positions([s.position for s in states], "TTTState")
+        for i, state in enumerate(states):
+            _check_same_layout(first, state, i)
+        groups = {
+            g: {k: cat_rows([getattr(s, g)[k] for s in states], f"{g}[{k!r}]") for k in getattr(first, g)}
+            for g in BATCH_FIRST_GROUPS
+        }
+        batched = first._batched_carry(inner_loss, "cat")
+        for state in states[1:]:
+            state._batched_carry(inner_loss, "cat")  # each state's per-sequence entries: [B_i, ...]
+        carry = {}
+        for key in first.loss_carry:
+            parts = [s.loss_carry[key] for s in states]
+            carry[key] = cat_rows(parts, f"loss_carry[{key!r}]") if key in batched else _shared(parts, key)
+        signature = replace(first.signature, batch_size=sum(s.batch_size for s in states))
+        return replace(first, **groups, loss_carry=carry, signature=signature)
+
+    def _batched_carry(self, inner_loss: Any, method: str) -> frozenset[str]:
+        """The carry entries with a row per sequence, as ``inner_loss`` (that wrote the state) says,
+        after checking that each is ``[batch_size, ...]``; empty when the carry is."""
+        if not self.loss_carry:
+            return frozenset()
+        recorded = self.signature.inner_loss
+        if inner_loss is None:
+            raise ValueError(
+                f"TTTState.{method}: the state's loss_carry holds {sorted(self.loss_carry)} of inner loss "
+                f"{recorded!r}, and only that loss knows which of them belong to each sequence: pass "
+                "inner_loss= (the layer's layer.inner_loss); a language model's states pass it themselves"
+            )
+        name = getattr(inner_loss, "name", None)
+        if recorded.partition(" (")[0] != name:
+            raise ValueError(
+                f"TTTState.{method}: inner_loss is {name!r}, but the state was written by inner loss "
+                f"{recorded!r}: pass that loss (the layer's layer.inner_loss)"
+            )
+        like = next(iter(self.loss_carry.values())).new_zeros(())
+        batched = inner_loss.batched_carry_keys(self.signature.num_heads, self.signature.head_dim, like)
+        _check_carry_keys_are_known(inner_loss, self, like, method)
+        for key in batched & set(self.loss_carry):
+            shape = list(self.loss_carry[key].shape)
+            if not shape or shape[0] != self.batch_size:
+                raise ValueError(
+                    f"TTTState.{method}: loss_carry[{key!r}] is {shape}, but inner loss {name!r} holds a row "
+                    f"per sequence there: [{self.batch_size}, ...] for this state's batch"
+                )
+        return batched
 
     def decay_product(self) -> torch.Tensor | None:
         """``[B, H]``: the product of the decays read so far in the current mini-batch (None: 1)."""
@@ -208,4 +357,68 @@ class TTTState:
         return cls(position=position, signature=signature, **groups)
 
 
-__all__ = ["TENSOR_GROUPS", "StateSignature", "TTTState", "inner_output_label"]
+def _check_same_layout(first: TTTState, state: TTTState, index: int) -> None:
+    """``state`` (``states[index]``) was written by a layer like ``first``'s: the same signature but for
+    the batch size, and the same tensors in every group."""
+    if replace(state.signature, batch_size=0) != replace(first.signature, batch_size=0):
+        raise ValueError(
+            f"cannot concatenate TTTStates of different layers: states[{index}].signature is "
+            f"{state.signature}, states[0]'s {first.signature} (only batch_size may differ)"
+        )
+    for group in (*BATCH_FIRST_GROUPS, "loss_carry"):
+        keys, wanted = sorted(getattr(state, group)), sorted(getattr(first, group))
+        if keys != wanted:
+            raise ValueError(
+                f"cannot concatenate the TTTStates: states[{index}].{group} holds {keys}, states[0]'s "
+                f"{wanted}; concatenate states of one layer at one position"
+            )
+
+
+def _check_carry_keys_are_known(inner_loss: Any, state: TTTState, like: torch.Tensor, method: str) -> None:
+    """Under the default :meth:`~innerloop.core.protocol.InnerLoss.batched_carry_keys` (which reads
+    ``init_carry``), refuse a carry entry that ``init_carry`` does not make: the default cannot tell
+    whether it holds a row per sequence, and keeping it whole could give a row another's carry."""
+    if type(inner_loss).batched_carry_keys.__qualname__ != "InnerLoss.batched_carry_keys":
+        return  # the loss says itself (core.protocol imports this module: its method is known by name)
+    made = inner_loss.init_carry(1, state.signature.num_heads, state.signature.head_dim, like)
+    unknown = sorted(set(state.loss_carry) - set(made))
+    if unknown:
+        raise ValueError(
+            f"TTTState.{method}: loss_carry holds {unknown}, which inner loss {getattr(inner_loss, 'name', '?')!r}'s "
+            "init_carry does not make, so whether they hold a row per sequence is unknown: the loss must say "
+            "(override InnerLoss.batched_carry_keys)"
+        )
+
+
+def _shared(parts: list[torch.Tensor], key: str) -> torch.Tensor:
+    """A carry entry shared by the batch, equal in every state joined (else refused)."""
+    first = parts[0]
+    for i, part in enumerate(parts):
+        if (
+            part.shape != first.shape
+            or part.dtype != first.dtype
+            or not torch.equal(part, first.to(part.device))
+        ):
+            raise ValueError(
+                f"cannot concatenate the TTTStates: loss_carry[{key!r}] is shared by the batch and differs "
+                f"between states[0] and states[{i}]"
+            )
+    return first
+
+
+torch.serialization.add_safe_globals([StateSignature, TTTState])
+# torch.load's default weights_only=True loads a saved state: both classes hold only tensors, ints,
+# strings, None and dicts of tensors, and have no __setstate__ or __reduce__ that could run code.
+
+__all__ = [
+    "BATCH_FIRST_GROUPS",
+    "TENSOR_GROUPS",
+    "StateSignature",
+    "TTTState",
+    "cat_rows",
+    "check_batch_rows",
+    "check_states",
+    "inner_output_label",
+    "same_positions",
+    "take_rows",
+]

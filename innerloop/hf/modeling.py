@@ -44,11 +44,6 @@ from innerloop.hf.remote_code import AUTO_MAP, write_shims
 from innerloop.models import E2EState, LMState, build_model
 from innerloop.models.config import E2E
 
-BEAM_SEARCH_REFUSED = (
-    "beam search is not supported by innerloop models (their recurrent state cannot be reordered between "
-    "beams); use greedy decoding or sampling (num_beams=1)"
-)
-
 
 class InnerloopCache:
     """The recurrent state of an innerloop model between calls, as ``generate()`` carries it.
@@ -66,7 +61,7 @@ class InnerloopCache:
     Its size does not depend on ``seq_length`` for TTT and sliding-window mixers (full attention keeps
     every key and value). It implements what transformers' ``generate()`` reads of a cache, so a cache
     can be passed back to continue its sequence (``generate(ids, cache=out.cache)``, with ``ids`` the
-    whole sequence); beam search cannot reorder it (refused with the reason).
+    whole sequence); beam search reorders it (:meth:`reorder_cache`, with the state's ``index_select``).
     """
 
     is_compileable = False
@@ -98,13 +93,27 @@ class InnerloopCache:
         return self.seq_length
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
-        """Refused: a recurrent state cannot be reordered between beams."""
-        raise ValueError(BEAM_SEARCH_REFUSED)
+        """Keep the rows ``beam_idx`` (a 1-D int64 tensor of batch rows, repeats allowed) of the cache,
+        in that order, in place, as transformers' beam search asks: each row then continues the
+        sequence of the row it came from (the state's ``index_select``)."""
+        selected = self.index_select(beam_idx)
+        self.state, self.fingerprint = selected.state, selected.fingerprint
+
+    def index_select(self, rows: torch.Tensor) -> InnerloopCache:
+        """A new cache of the sequences ``rows`` (a 1-D int64 tensor of batch rows, repeats allowed)
+        of this one, in that order; this cache is unchanged."""
+        state = self.state.index_select(rows)  # checks rows, naming what is valid
+        fingerprint = None if self.fingerprint is None else self.fingerprint[rows.to(self.fingerprint.device)]
+        return InnerloopCache(state, self.seq_length, fingerprint, self.dtype, self.device)
 
     def nbytes(self) -> int:
         """Bytes held by the state's tensors."""
         return self.state.nbytes()
 
+
+torch.serialization.add_safe_globals([InnerloopCache])
+# torch.load's default weights_only=True loads a saved cache: it holds a state (registered by innerloop's
+# models), ints, a tensor, a dtype and a device, and has no __setstate__ or __reduce__ that could run code.
 
 _HASH_MODULUS = 2**31 - 1
 _HASH_BASE = 1_000_003
@@ -699,7 +708,27 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
 
     def _reorder_cache(self, cache: InnerloopCache, beam_idx: torch.Tensor) -> InnerloopCache:
-        raise ValueError(BEAM_SEARCH_REFUSED)
+        """The cache of the beams ``beam_idx`` (beam search, between two steps): a new cache, so that a
+        cache passed to ``generate()`` is never changed."""
+        if not isinstance(cache, InnerloopCache):
+            raise ValueError(f"beam search got a cache that is not an InnerloopCache: {type(cache).__name__}")
+        return cache.index_select(beam_idx)
+
+    def _expand_inputs_for_generation(
+        self, expand_size: int = 1, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        """transformers' own (each prompt repeated ``expand_size`` times, for beams or
+        ``num_return_sequences``), and a cache passed in repeated with its prompt, row by row."""
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, *args, **kwargs)
+        for name in ("cache", "past_key_values", "cache_params"):
+            cache = model_kwargs.get(name)
+            if expand_size > 1 and isinstance(cache, InnerloopCache) and input_ids is not None:
+                batch = cache.state.batch_size
+                if batch * expand_size == input_ids.shape[0]:  # else forward names the batch sizes
+                    model_kwargs[name] = cache.index_select(
+                        torch.arange(batch).repeat_interleave(expand_size)
+                    )
+        return input_ids, model_kwargs
 
 
 def _check_same_shape(name: str, module: nn.Module, current: torch.Tensor) -> None:

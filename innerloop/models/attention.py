@@ -10,7 +10,7 @@ and it reads a long input a block of queries at a time (:func:`sliding_window_at
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
@@ -21,6 +21,7 @@ from torch import nn
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from innerloop.core.functional import apply_rope_interleaved, rope_cos_sin, rope_inverse_frequencies
+from innerloop.core.state import cat_rows, check_batch_rows, check_states, same_positions, take_rows
 
 
 class _Room:
@@ -38,13 +39,31 @@ class KVCache:
     ``key`` and ``value`` are ``[B, H, S, f]`` with RoPE already applied to ``key``; ``position`` is the
     absolute position of the next token. Without autograd, full attention's caches are views of buffers
     with room to grow (``_room``), so that a decoded token is written in place instead of the whole cache
-    being copied; a cache is still a value: appending to an older one copies (see :func:`appended`).
+    being copied; a cache is still a value: the ``key`` and ``value`` it holds are what the next call
+    attends to, and appending to an older one copies (see :func:`appended`). The room is not an argument:
+    a cache built by hand, or by ``dataclasses.replace``, has none.
     """
 
     key: torch.Tensor
     value: torch.Tensor
     position: int
-    _room: _Room | None = field(default=None, repr=False, compare=False)
+    _room: _Room | None = field(default=None, init=False, repr=False, compare=False)
+
+    @classmethod
+    def in_room(cls, key: torch.Tensor, value: torch.Tensor, position: int, room: _Room | None) -> KVCache:
+        """A cache whose ``key`` and ``value`` are views of ``room`` (None: a plain cache)."""
+        cache = cls(key, value, position)
+        object.__setattr__(cache, "_room", room)
+        return cache
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (and deep-copied) without the room: the copy owns its keys and values."""
+        return {"key": self.key, "value": self.value, "position": self.position}
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences held (``key.shape[0]``)."""
+        return int(self.key.shape[0])
 
     def detach(self) -> KVCache:
         """The same cache cut from the autograd graph."""
@@ -53,6 +72,54 @@ class KVCache:
     def to(self, *args: Any, **kwargs: Any) -> KVCache:
         """The cache moved or cast like ``Tensor.to`` (keys and values)."""
         return KVCache(self.key.to(*args, **kwargs), self.value.to(*args, **kwargs), self.position)
+
+    def clone(self) -> KVCache:
+        """A copy whose keys and values own their memory (gradients flow back through the copy)."""
+        return KVCache(self.key.clone(), self.value.clone(), self.position)
+
+    def index_select(self, rows: torch.Tensor) -> KVCache:
+        """The cache of the sequences ``rows`` (a 1-D int64 tensor of batch rows, repeats allowed), in
+        that order."""
+        return self._take_rows(check_batch_rows(rows, self.batch_size))
+
+    def _take_rows(self, rows: torch.Tensor) -> KVCache:
+        """:meth:`index_select` with ``rows`` already checked."""
+        return KVCache(take_rows(self.key, rows), take_rows(self.value, rows), self.position)
+
+    @classmethod
+    def cat(cls, caches: Sequence[KVCache]) -> KVCache:
+        """One cache holding the sequences of ``caches`` one after the other: caches of one layer at
+        one position, in one dtype."""
+        caches = check_states(caches, cls, "KVCache")
+        same_positions([c.position for c in caches], "KVCache")
+        key = cat_rows([c.key for c in caches], "key")
+        return KVCache(key, cat_rows([c.value for c in caches], "value"), caches[0].position)
+
+
+def _is_room_view(tensor: torch.Tensor, buffer: torch.Tensor, length: int) -> bool:
+    """``tensor`` is ``buffer[:, :, :length]`` itself: the same memory, shape and strides."""
+    return (
+        tensor.data_ptr() == buffer.data_ptr()
+        and tensor.dtype == buffer.dtype
+        and tensor.shape == (*buffer.shape[:2], length, buffer.shape[3])
+        and tensor.stride() == buffer.stride()
+    )
+
+
+def _room_fits(room: _Room | None, old_k: torch.Tensor, old_v: torch.Tensor, needed: int) -> bool:
+    """Whether ``needed`` positions can be written in place into ``room`` after the cache ``old_k,
+    old_v``: both are the room's own views (a cache whose key or value was replaced, or rows selected or
+    expanded, is not), nobody has written past them, there is space, and the room may be written here
+    (an inference tensor only inside inference mode)."""
+    cached = old_k.shape[2]
+    return (
+        room is not None
+        and room.filled == cached  # nobody has written past this cache
+        and room.key.shape[2] >= needed
+        and _is_room_view(old_k, room.key, cached)
+        and _is_room_view(old_v, room.value, cached)
+        and not (room.key.is_inference() and not torch.is_inference_mode_enabled())
+    )
 
 
 def appended(
@@ -64,7 +131,8 @@ def appended(
     Without autograd (and outside ``torch.compile``) they are written into ``state``'s buffers when the
     next positions there are free: a decoded token costs its own keys, not a copy of the cache. The
     buffers grow by a quarter (at least 256 positions) when full. A state whose next positions another
-    call has written already (decoding twice from one cache) gets a copy, so no cache ever changes."""
+    call has written already (decoding twice from one cache) gets a copy, so no cache ever changes; so
+    does a cache that is not the room's own views (:func:`_room_fits`)."""
     old_k = None if state is None else state.key.to(k.dtype)  # another dtype: used in this call's
     old_v = None if state is None else state.value.to(v.dtype)
     if old_k is None or old_v is None:  # a first call: its keys as they are (a decode step makes room)
@@ -75,13 +143,7 @@ def appended(
     cached, length = old_k.shape[2], k.shape[2]
     needed = cached + length
     room = state._room if state is not None else None
-    fits = (
-        room is not None
-        and room.filled == cached  # nobody has written past this cache
-        and room.key.shape[2] >= needed
-        and old_k.data_ptr() == room.key.data_ptr()  # the cache is the room's, in this call's dtype
-    )
-    if not fits:
+    if room is None or not _room_fits(room, old_k, old_v, needed):  # a new room, the cache copied in
         batch, heads, _, head_dim = k.shape
         capacity = needed + max(needed // 4, 256)
         room = _Room(
@@ -91,6 +153,9 @@ def appended(
     room.key[:, :, cached:needed], room.value[:, :, cached:needed] = k, v
     room.filled = needed
     return room.key[:, :, :needed], room.value[:, :, :needed], room
+
+
+torch.serialization.add_safe_globals([KVCache])  # torch.load(weights_only=True): tensors and an int
 
 
 def rotate_with_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -234,7 +299,7 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(batch, length, hidden)
 
         keep = num_keys if self.window is None else min(num_keys, self.window - 1)
-        cache = KVCache(k[:, :, num_keys - keep :], v[:, :, num_keys - keep :], start + length, room)
+        cache = KVCache.in_room(k[:, :, num_keys - keep :], v[:, :, num_keys - keep :], start + length, room)
         return self.o_proj(y), cache
 
     def check_state(self, state: Any, batch: int, name: str = "state") -> None:

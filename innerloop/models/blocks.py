@@ -12,6 +12,7 @@ runs a whole sequence, a chunk of it or one token with the same call.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +22,11 @@ from torch import nn
 
 from innerloop.core.functional import causal_depthwise_conv
 from innerloop.core.layer import TTTLayer
-from innerloop.core.state import TTTState
+from innerloop.core.protocol import InnerLoss
+from innerloop.core.state import TTTState, cat_rows, check_batch_rows, check_states, take_rows
 from innerloop.models.attention import CausalSelfAttention, KVCache
 from innerloop.models.config import MIXER_TABLE, ModelConfig, uses_pre_conv
+from innerloop.registry import get_registry
 
 
 class SwiGLU(nn.Module):
@@ -104,6 +107,88 @@ class BlockState:
             None if self.conv is None else self.conv.to(*args, **kwargs),
             self.mixer.to(*args, **kwargs) if hasattr(self.mixer, "to") else self.mixer,
         )
+
+    def clone(self) -> BlockState:
+        """A copy whose tensors own their memory (gradients flow back through the copy)."""
+        return BlockState(
+            None if self.conv is None else self.conv.clone(),
+            self.mixer.clone() if hasattr(self.mixer, "clone") else self.mixer,
+        )
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences held (the pre-conv history's rows, or the mixer state's)."""
+        if self.conv is not None:
+            return int(self.conv.shape[0])
+        return int(self.mixer.batch_size)
+
+    def index_select(self, rows: torch.Tensor) -> BlockState:
+        """The state of the sequences ``rows`` (a 1-D int64 tensor of batch rows, repeats allowed), in
+        that order: the pre-conv history's rows and the mixer state's (:func:`select_mixer_rows`)."""
+        return self._take_rows(check_batch_rows(rows, self.batch_size))
+
+    def _take_rows(self, rows: torch.Tensor) -> BlockState:
+        """:meth:`index_select` with ``rows`` already checked."""
+        conv = None if self.conv is None else take_rows(self.conv, rows)
+        return BlockState(conv, select_mixer_rows(self.mixer, rows))
+
+    @classmethod
+    def cat(cls, states: Sequence[BlockState]) -> BlockState:
+        """One state holding the sequences of ``states`` one after the other (:func:`cat_mixer_states`):
+        states of one block at one position, in one dtype."""
+        states = check_states(states, cls, "BlockState")
+        convs = [s.conv for s in states]
+        if any(c is None for c in convs) and any(c is not None for c in convs):
+            raise ValueError(
+                "cannot concatenate BlockStates with and without a pre-conv history: other models"
+            )
+        conv = None if convs[0] is None else cat_rows([c for c in convs if c is not None], "conv")
+        return BlockState(conv, cat_mixer_states([s.mixer for s in states]))
+
+
+def registered_inner_loss(state: TTTState) -> InnerLoss | None:
+    """The inner loss that reads ``state.loss_carry``: the one registered under the name the state
+    records (None when the carry is empty, the loss then has nothing to say)."""
+    if not state.loss_carry:
+        return None
+    name = state.signature.inner_loss
+    try:
+        return get_registry().inner_loss(name)
+    except ValueError as error:
+        raise ValueError(
+            f"the state's loss carry was written by inner loss {name!r}, which is not registered: select "
+            "its rows with TTTState.index_select(rows, inner_loss=...) given the layer's inner loss"
+        ) from error
+
+
+def select_mixer_rows(state: Any, rows: torch.Tensor) -> Any:
+    """The mixer state ``state`` of the sequences ``rows`` (checked): a :class:`TTTState` (its loss
+    carry read by its registered inner loss), a :class:`KVCache`, or a plugin mixer's state with an
+    ``index_select(rows)`` method."""
+    if isinstance(state, TTTState):
+        return state._take_rows(rows, registered_inner_loss(state))
+    if isinstance(state, KVCache):
+        return state._take_rows(rows)
+    if not hasattr(state, "index_select"):
+        raise TypeError(
+            f"the mixer state {type(state).__name__} has no index_select(rows): its rows cannot be selected"
+        )
+    return state.index_select(rows)
+
+
+def cat_mixer_states(states: list[Any]) -> Any:
+    """The mixer states ``states`` (of one type) joined along the batch, as :func:`select_mixer_rows`."""
+    kinds = sorted({type(s).__name__ for s in states})
+    if len(kinds) > 1:
+        raise TypeError(f"cannot concatenate mixer states of different kinds {kinds}: states of other models")
+    if isinstance(states[0], TTTState):
+        return TTTState.cat(states, registered_inner_loss(states[0]))
+    if not hasattr(type(states[0]), "cat"):
+        raise TypeError(f"the mixer state {kinds[0]} has no cat(states): it cannot be concatenated")
+    return type(states[0]).cat(states)
+
+
+torch.serialization.add_safe_globals([BlockState])  # torch.load(weights_only=True): tensors, states
 
 
 MIXER_STATES: tuple[tuple[type[nn.Module], type], ...] = (

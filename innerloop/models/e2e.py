@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from innerloop.core.eager import run_eagerly
 from innerloop.core.model_inner import FastWeights, ModelInnerLoss, ModelUpdateRule
+from innerloop.core.state import cat_rows, check_batch_rows, check_states, same_positions, take_rows
 from innerloop.models.attention import (
     CausalSelfAttention,
     KVCache,
@@ -109,6 +110,37 @@ class ChunkKVCache:
     def detach(self) -> ChunkKVCache:
         """The same cache cut from the autograd graph."""
         return ChunkKVCache(self.key.detach(), self.value.detach(), self.position)
+
+    def to(self, *args: Any, **kwargs: Any) -> ChunkKVCache:
+        """The cache moved or cast like ``Tensor.to`` (keys and values)."""
+        return ChunkKVCache(self.key.to(*args, **kwargs), self.value.to(*args, **kwargs), self.position)
+
+    def clone(self) -> ChunkKVCache:
+        """A copy whose keys and values own their memory (gradients flow back through the copy)."""
+        return ChunkKVCache(self.key.clone(), self.value.clone(), self.position)
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences held (``key.shape[0]``)."""
+        return int(self.key.shape[0])
+
+    def index_select(self, rows: torch.Tensor) -> ChunkKVCache:
+        """The cache of the sequences ``rows`` (a 1-D int64 tensor of batch rows, repeats allowed), in
+        that order."""
+        return self._take_rows(check_batch_rows(rows, self.batch_size))
+
+    def _take_rows(self, rows: torch.Tensor) -> ChunkKVCache:
+        """:meth:`index_select` with ``rows`` already checked."""
+        return ChunkKVCache(take_rows(self.key, rows), take_rows(self.value, rows), self.position)
+
+    @classmethod
+    def cat(cls, caches: Sequence[ChunkKVCache]) -> ChunkKVCache:
+        """One cache holding the sequences of ``caches`` one after the other: caches of one block at one
+        position, in one dtype."""
+        caches = check_states(caches, cls, "ChunkKVCache")
+        same_positions([c.position for c in caches], "ChunkKVCache")
+        key = cat_rows([c.key for c in caches], "key")
+        return ChunkKVCache(key, cat_rows([c.value for c in caches], "value"), caches[0].position)
 
 
 def chunk_relative_attention(
@@ -316,6 +348,65 @@ class E2EState:
             None if self.scored is None else _detached(self.scored),
         )
 
+    def _map(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], ids: Callable[[torch.Tensor], torch.Tensor]
+    ) -> E2EState:
+        """The state with ``fn`` applied to every tensor but the token ids, and ``ids`` to those."""
+        return E2EState(
+            _each_cache(self.caches, lambda c: type(c)(fn(c.key), fn(c.value), c.position)),
+            {k: fn(v) for k, v in self.fast.items()},
+            fn(self.pending),
+            ids(self.pending_ids),
+            self.position,
+            self.chunk_size,
+            None
+            if self.scored is None
+            else _each_cache(self.scored, lambda c: type(c)(fn(c.key), fn(c.value), c.position)),
+        )
+
+    def to(self, *args: Any, **kwargs: Any) -> E2EState:
+        """The state moved or cast like ``Tensor.to``: the caches, fast weights and pending inputs; the
+        pending token ids keep their integer dtype and follow to the device."""
+        device = self.pending.to(*args, **kwargs).device
+        return self._map(lambda t: t.to(*args, **kwargs), lambda ids: ids.to(device))
+
+    def clone(self) -> E2EState:
+        """A copy whose tensors own their memory (gradients flow back through the copy)."""
+        return self._map(torch.clone, torch.clone)
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences held (the rows of ``pending``, which has them even when no input is pending)."""
+        return int(self.pending.shape[0])
+
+    def index_select(self, rows: torch.Tensor) -> E2EState:
+        """The state of the sequences ``rows`` in that order: a 1-D int64 tensor of batch rows, repeats
+        allowed (reorder beams, keep some sequences of a batch, repeat one prompt's state). Each row
+        continues exactly as that sequence alone would."""
+        rows = check_batch_rows(rows, self.batch_size)
+        return self._map(lambda t: take_rows(t, rows), lambda ids: take_rows(ids, rows))
+
+    @classmethod
+    def cat(cls, states: Sequence[E2EState]) -> E2EState:
+        """One state holding the sequences of ``states`` one after the other: states of one model that
+        have read the same number of tokens, in one dtype. Anything else is refused, naming what
+        differs."""
+        states = check_states(states, cls, "E2EState")
+        same_positions([s.position for s in states], "E2EState")
+        _check_same_e2e_layout(states)
+        first = states[0]
+        fast = {k: cat_rows([s.fast[k] for s in states], f"fast[{k!r}]") for k in first.fast}
+        scored = None if first.scored is None else _cat_caches([s.scored or () for s in states], "scored")
+        return E2EState(
+            _cat_caches([s.caches for s in states], "caches"),
+            fast,
+            cat_rows([s.pending for s in states], "pending"),
+            cat_rows([s.pending_ids for s in states], "pending_ids"),
+            first.position,
+            first.chunk_size,
+            scored,
+        )
+
     def nbytes(self) -> int:
         """Bytes held by the state's tensors (bounded: window, chunk and fast weights, not length)."""
         return sum(t.numel() * t.element_size() for t in _tensors(self))
@@ -344,6 +435,47 @@ the caches after the pending tokens."""
 
 def _detached(caches: tuple[AnyCache | None, ...]) -> tuple[AnyCache | None, ...]:
     return tuple(None if c is None else c.detach() for c in caches)
+
+
+def _each_cache(
+    caches: tuple[AnyCache | None, ...], fn: Callable[[AnyCache], AnyCache]
+) -> tuple[AnyCache | None, ...]:
+    return tuple(None if c is None else fn(c) for c in caches)
+
+
+def _check_same_e2e_layout(states: list[E2EState]) -> None:
+    """The states were made by one model: chunk size, number of caches, fast weights, scored caches."""
+    first = states[0]
+    for i, state in enumerate(states):
+        mine = (state.chunk_size, len(state.caches), sorted(state.fast), state.scored is None)
+        wanted = (first.chunk_size, len(first.caches), sorted(first.fast), first.scored is None)
+        if mine != wanted:
+            raise ValueError(
+                "cannot concatenate the E2EStates: (chunk_size, caches, fast weights, no scored caches) is "
+                f"{mine} in states[{i}] and {wanted} in states[0]; concatenate states of one model at one "
+                "position"
+            )
+
+
+def _cat_caches(per_state: Sequence[tuple[AnyCache | None, ...]], name: str) -> tuple[AnyCache | None, ...]:
+    """The caches of several states joined block by block (all None, or all of one kind, per block)."""
+    joined: list[AnyCache | None] = []
+    for block, caches in enumerate(zip(*per_state, strict=True)):
+        kinds = {type(c) for c in caches}
+        if kinds == {type(None)}:
+            joined.append(None)
+        elif len(kinds) == 1:
+            cache_type = kinds.pop()
+            joined.append(cache_type.cat(list(caches)))
+        else:
+            names = sorted(k.__name__ for k in kinds)
+            raise ValueError(
+                f"cannot concatenate {name}[{block}]: caches of kinds {names}; states of other models"
+            )
+    return tuple(joined)
+
+
+torch.serialization.add_safe_globals([ChunkKVCache, E2EState])  # torch.load(weights_only=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from ``state``, which is how :func:`innerloop.models.generate` decodes one token
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from innerloop.core.eager import run_eagerly
+from innerloop.core.state import check_batch_rows, check_states
 from innerloop.models.blocks import Block, BlockState, CausalDepthwiseConv
 from innerloop.models.config import ModelConfig, validate_model_config
 
@@ -37,9 +38,43 @@ class LMState:
         continues from): every block's state."""
         return LMState(tuple(block.to(*args, **kwargs) for block in self.blocks))
 
+    def clone(self) -> LMState:
+        """A copy whose tensors own their memory (gradients flow back through the copy): e.g. a state
+        made under ``torch.inference_mode`` as normal tensors, cloned outside it."""
+        return LMState(tuple(block.clone() for block in self.blocks))
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences held."""
+        return self.blocks[0].batch_size
+
+    def index_select(self, rows: torch.Tensor) -> LMState:
+        """The state of the sequences ``rows`` in that order: a 1-D int64 tensor of batch rows,
+        repeats allowed (reorder beams, keep some sequences of a batch, repeat one prompt's state for
+        several samples). Each row continues exactly as that sequence alone would."""
+        rows = check_batch_rows(rows, self.batch_size)
+        return LMState(tuple(block._take_rows(rows) for block in self.blocks))
+
+    @classmethod
+    def cat(cls, states: Sequence[LMState]) -> LMState:
+        """One state holding the sequences of ``states`` one after the other (``[B_1 + B_2 + ...]``):
+        states of one model that have read the same number of tokens, in one dtype, e.g. of batches
+        read separately. Anything else is refused, naming what differs."""
+        states = check_states(states, cls, "LMState")
+        depths = {len(s.blocks) for s in states}
+        if len(depths) > 1:
+            raise ValueError(
+                f"cannot concatenate LMStates of {sorted(depths)} blocks: states of other models"
+            )
+        per_block = zip(*(s.blocks for s in states), strict=True)
+        return LMState(tuple(BlockState.cat(list(blocks)) for blocks in per_block))
+
     def nbytes(self) -> int:
         """Bytes held by every tensor of the state (what decoding keeps in memory between tokens)."""
         return sum(t.numel() * t.element_size() for t in _tensors(self))
+
+
+torch.serialization.add_safe_globals([LMState])  # torch.load(weights_only=True): a tuple of BlockStates
 
 
 def _tensors(obj: object) -> Iterator[torch.Tensor]:

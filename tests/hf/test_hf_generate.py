@@ -179,12 +179,6 @@ def test_a_streamer_receives_the_prompt_then_each_token() -> None:
     assert streamer.received[-1] == "end"
 
 
-def test_beam_search_is_refused_with_the_reason() -> None:
-    model = tiny_hf_model("swa")
-    with pytest.raises(ValueError, match="beam search is not supported by innerloop models"):
-        model.generate(PROMPT, max_new_tokens=3, num_beams=2)
-
-
 def test_left_padded_prompts_are_refused() -> None:
     model = tiny_hf_model("swa")
     prompts = torch.tensor([[0, 0, 5, 6], [1, 2, 3, 4]])
@@ -286,8 +280,7 @@ def test_a_cache_the_prompt_does_not_continue_is_refused() -> None:
 def test_the_cache_tells_generate_what_it_needs() -> None:
     cache = tiny_hf_model("swa")(PROMPT).cache
     assert cache.is_linear == [False]  # generate() then cuts the prompt after what the cache has read
-    with pytest.raises(ValueError, match="beam search is not supported"):
-        cache.reorder_cache(torch.tensor([0]))
+    # beam search reorders it (tests/hf/test_review_s15_beams.py)
 
 
 # --- Padding in generate() ---------------------------------------------------------------------------

@@ -38,6 +38,10 @@ class NextToken(HalfSquaredError):
         new_carry = {"previous_key": key[:, :, -1:].clone(), "has_previous": key.new_ones(())}
         return LossPairs(inputs=inputs, targets=views.value, valid=valid, carry=new_carry)
 
+    def batched_carry_keys(self, num_heads: int, head_dim: int, like: torch.Tensor) -> frozenset[str]:
+        """``previous_key`` is per sequence; ``has_previous`` (0-d) is shared by the batch."""
+        return frozenset({"previous_key"})
+
 
 @hookimpl
 def register_inner_losses(register) -> None:

@@ -8,6 +8,7 @@ dataset, strategy, accelerator or precision raises :class:`ConfigError`, which l
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import functools
 import inspect
@@ -81,6 +82,7 @@ def _read_source(preset_or_file: str) -> tuple[DictConfig, str, list[str]]:
         text = (resources.files("innerloop.config") / "presets" / f"{preset_or_file}.yaml").read_text("utf-8")
         source = f"preset {preset_or_file!r}"
     else:
+        check_not_a_link_loop(path, f"--config {preset_or_file!r}")
         raise ConfigError(
             f"--config {preset_or_file!r} is neither a file nor a preset; presets: {preset_names()}"
         )
@@ -89,7 +91,12 @@ def _read_source(preset_or_file: str) -> tuple[DictConfig, str, list[str]]:
         document = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{source} is not valid YAML: {_one_line(err)}") from None
-    if document is not None and not isinstance(document, dict):
+    if document is None:  # an empty file, or only comments or null: a truncated file, or the wrong one
+        raise ConfigError(
+            f"{source} is empty: no settings (nothing but comments, or null); give the settings to change "
+            f"(e.g. 'trainer: {{max_steps: 100}}'), or leave --config out for the preset {DEFAULT_PRESET!r}"
+        )
+    if not isinstance(document, dict):
         raise ConfigError(f"{source} must be a mapping of config sections, got {type(document).__name__}")
     try:
         loaded = OmegaConf.create(text)
@@ -190,15 +197,21 @@ def check_value_kinds(node: yaml.Node | None, key: str, source: str) -> list[str
     given an interpolation ``${...}``, whose values :func:`check_interpolated_kinds` checks once
     resolved. Unknown keys, and a section (``model:``) given a scalar or nothing, are left to
     :func:`~innerloop.models.config.check_keys`, which lists the section's keys."""
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        _check_container_kind(
+            "a mapping" if isinstance(node, yaml.MappingNode) else "a list", "", key, source
+        )
     if isinstance(node, yaml.MappingNode):
         interpolated = []
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 continue
-            inner = (
-                key if key_node.tag == "tag:yaml.org,2002:merge" else f"{key}.{key_node.value}".lstrip(".")
-            )
-            interpolated += check_value_kinds(value_node, inner, source)
+            if key_node.tag != "tag:yaml.org,2002:merge":
+                interpolated += check_value_kinds(value_node, f"{key}.{key_node.value}".lstrip("."), source)
+                continue
+            merged = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for mapping in merged:  # `<<: *base` or `<<: [*a, *b]`: their keys are this mapping's
+                interpolated += check_value_kinds(mapping, key, source)
         return interpolated
     if isinstance(node, yaml.SequenceNode):
         return [
@@ -213,8 +226,11 @@ def check_value_kinds(node: yaml.Node | None, key: str, source: str) -> list[str
         return [key] if _kinds(expected) is not None else []
     if is_dataclass(expected):
         return []
+    if text == MISSING_MARKER and (expected is not None or _is_lightning_argument(key)):
+        raise ConfigError(_missing_message(key, source, expected, quoted))
     if not quoted and text in _NULLS and not _takes_null(expected):
         raise ConfigError(_no_value_message(key, source, text, expected))
+    _check_container_kind("one value", text, key, source)
     kinds = _kinds(expected)
     if kinds is None or _text_fits(text, kinds, quoted):
         return []
@@ -257,15 +273,104 @@ def _takes_null(expected: Any) -> bool:
 def _no_value_message(key: str, source: str, text: str, expected: Any) -> str:
     """The error of a key that is not optional given no value (``out_dir=``) or null."""
     given = "is given no value" if text == "" else f"is {text} (no value)"
-    default = _default_value(key)
-    example = f", e.g. its default {default!r}" if default is not None else ""
-    kinds = _kinds(expected)
-    wanted = (
-        _kind_words(kinds)
-        if kinds
-        else ("a string" if expected is str else f"a value of type {getattr(expected, '__name__', expected)}")
+    return f"config key {key!r} in {source} {given}: it takes {_what_key_takes(key, expected)}"
+
+
+MISSING_MARKER = "???"
+"""omegaconf's (and Hydra's) mandatory-value marker: a template's key that each user must fill in."""
+
+
+def _missing_message(key: str, source: str, expected: Any, quoted: bool) -> str:
+    """The error of a key given :data:`MISSING_MARKER`, which a merge would silently drop (the value
+    before it, a preset's or the default, would stay), quoted or not (omegaconf reads both alike)."""
+    how = " (quoted or not, omegaconf reads '???' as the marker)" if quoted else ""
+    return (
+        f"config key {key!r} in {source} is '???', a value to fill in{how}: give it a value "
+        f"(it takes {_what_key_takes(key, expected)})"
     )
-    return f"config key {key!r} in {source} {given}: it takes {wanted}{example}"
+
+
+#: What the container keys take, and an example of each (for messages).
+_CONTAINER_WORDS = {
+    "data.paths": (
+        "a list of paths (files, folders or globs)",
+        "data.paths=[a.txt,texts/] (in YAML: paths: [a.txt, texts/])",
+    ),
+    "trainer.lightning": (
+        "a mapping of lightning.Trainer arguments by name",
+        "trainer.lightning.deterministic=true (in YAML, under trainer: lightning: {deterministic: true})",
+    ),
+    "logger": ("a logger's name or a list of names (csv, tensorboard, wandb)", "logger=[csv,tensorboard]"),
+}
+
+
+def _what_key_takes(key: str, expected: Any) -> str:
+    """Words for what the dotted ``key`` (of type ``expected``) takes, with an example: a container
+    key's form (:data:`_CONTAINER_WORDS`), else its kind and its default."""
+    words, example = _key_words_and_example(key, expected)
+    return f"{words}, e.g. {example}" if example else words
+
+
+def _key_words_and_example(key: str, expected: Any) -> tuple[str, str]:
+    """What the dotted ``key`` takes, in words, and an example ("" for none): see :func:`_what_key_takes`."""
+    if key in _CONTAINER_WORDS:
+        return _CONTAINER_WORDS[key]
+    kinds = _kinds(expected)
+    if kinds:
+        wanted = _kind_words(kinds)
+    elif expected is str:
+        wanted = "a string"
+    else:
+        wanted = (
+            f"a value of type {getattr(expected, '__name__', None) or str(expected).replace('typing.', '')}"
+        )
+    default = _default_value(key)
+    return wanted, (f"its default {default!r}" if default is not None else "")
+
+
+def _container_kind(expected: Any) -> str | None:
+    """``"a list"``, ``"a mapping"`` or ``"one value"``: what a key of type ``expected`` takes; None
+    when it may take more than one of them (``Any``, an unknown key)."""
+    origin = typing.get_origin(expected)
+    if origin in (list, tuple):
+        return "a list"
+    if origin is dict or is_dataclass(expected):
+        return "a mapping"
+    union = origin in (typing.Union, _UnionType)
+    members = typing.get_args(expected) if union else (expected,)
+    scalars = (str, int, float, bool, type(None))
+    if expected not in (None, Any) and all(
+        m in scalars or typing.get_origin(m) is typing.Literal for m in members
+    ):
+        return "one value"
+    return None
+
+
+def _check_container_kind(given: str, text: str, key: str, source: str) -> None:
+    """Raise :class:`ConfigError` when the dotted ``key`` is given ``given`` (``"a list"``, ``"a mapping"``
+    or ``"one value"``, whose YAML is ``text``) but takes another of them (:func:`_container_kind`):
+    omegaconf's own errors name its internals (``AnyNode is not a ListConfig``), or are a TypeError.
+    A section given other than a mapping is left to :func:`~innerloop.models.config.check_keys`, which
+    lists its keys; a Lightning argument to :func:`~innerloop.config.trainer_args.check_lightning_arguments`."""
+    if not key or "[" in key or key.partition(".")[0] not in field_types(RunConfig):
+        return
+    key = _routed_key(key)
+    expected = _expected_type(key)
+    wanted = _container_kind(expected)
+    if wanted in (None, given) or is_dataclass(expected) or _is_lightning_argument(key):
+        return
+    words, example = _key_words_and_example(key, expected)
+    if wanted == "a list" and given == "one value":
+        yaml_key = key.rpartition(".")[2]
+        raise ConfigError(
+            f"config key {key!r} in {source} takes {words}, got one value {text!r}: write {key}=[{text}] "
+            f"(in YAML: {yaml_key}: [{text}])"
+        )
+    shown = f"one value {text!r}" if given == "one value" else given
+    raise ConfigError(
+        f"config key {key!r} in {source} takes {words}, got {shown}"
+        + (f": e.g. {example}" if example else "")
+    )
 
 
 def _default_value(key: str) -> Any:
@@ -312,6 +417,12 @@ def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
         expected = _expected_type(key) if key != "?" else None
         name = getattr(expected, "__name__", None) or str(expected)
         raise ConfigError(f"config key {key!r} in {source}: {_first_line(err)} (expected {name})") from None
+    except TypeError as err:  # "Cannot merge incompatible container types": no key named
+        raise ConfigError(
+            f"{source}: {_first_line(err)}: a key that takes a list is given a mapping, or the reverse "
+            f"(data.paths takes a list, e.g. {_CONTAINER_WORDS['data.paths'][1]}; trainer.lightning a "
+            "mapping)"
+        ) from None
 
 
 def _merge_in_order(base: Callable[[], DictConfig], parts: Sequence[tuple[DictConfig, str]]) -> DictConfig:
@@ -323,7 +434,7 @@ def _merge_in_order(base: Callable[[], DictConfig], parts: Sequence[tuple[DictCo
         return cfg
     try:
         return OmegaConf.unsafe_merge(cfg, *(part for part, _ in parts))  # type: ignore[return-value]
-    except OmegaConfBaseException:
+    except (OmegaConfBaseException, TypeError):
         cfg = base()
         for part, source in parts:
             cfg = _merge(cfg, part, source)
@@ -390,19 +501,71 @@ def load_config(
     else:
         validate_run_config(run)
     from_file = out_dir is None and Path(preset_or_file).expanduser().is_file()  # a resume's: innerloop's
-    _warn_unread_model_keys(run, overrides, _flat_dict(container) if from_file else {}, str(preset_or_file))
+    _warn_keys_given_twice(overrides)
+    _warn_unread_keys(
+        run, overrides, _flat_dict(container) if from_file else {}, str(preset_or_file), model_only
+    )
     return run, cfg
 
 
-def _warn_unread_model_keys(
-    run: RunConfig, overrides: Sequence[str], from_file: dict[str, Any], file: str
+def _warn_keys_given_twice(overrides: Sequence[str]) -> None:
+    """Warn about a key that two of ``overrides`` set (also under two names of one key,
+    ``trainer.log_every_n_steps`` and ``trainer.log_every``), naming both: the overrides merge in
+    order, so the last is used, and the first is a value the user may believe the run has."""
+    seen: dict[str, str] = {}
+    for item in overrides:
+        key = _routed_key(item.partition("=")[0].strip())
+        if key in seen:
+            warnings.warn(
+                f"config key {key!r} is given twice in the overrides, {seen[key]!r} and {item!r}: the last "
+                "is used; give it once",
+                UserWarning,
+                stacklevel=3,
+            )
+        seen[key] = item
+
+
+def unread_run_keys(run: RunConfig) -> dict[str, str]:
+    """The dotted ``optim.*`` and ``trainer.*`` keys that the training of ``run`` never reads, each with
+    the reason (the counterpart of :func:`~innerloop.models.config.unread_model_keys`): the learning-rate
+    schedule's (:mod:`innerloop.train.schedules`), the TTT base-lr warm-up's (``TTTBaseLRWarmup``, added
+    only when ``optim.ttt_base_lr_warmup`` > 0) and the inner-loss diagnostics' (run for
+    ``model.mixer='ttt'`` only, ``LanguageModelModule``)."""
+    optim, unread = run.optim, {}
+    if optim.schedule != "wsd":
+        how = "does not decay" if optim.schedule == "constant" else "decays from the end of the warm-up"
+        unread["optim.decay_fraction"] = (
+            f"only optim.schedule='wsd' reads it, for its last phase (this run's {optim.schedule!r} {how})"
+        )
+    if optim.schedule == "constant":
+        unread["optim.min_lr"] = "optim.schedule='constant' stays at optim.lr after the warm-up"
+    if optim.ttt_base_lr_warmup == 0:
+        unread["optim.ttt_base_lr_init"] = (
+            "it is where the warm-up of the TTT layers' base lr starts, and optim.ttt_base_lr_warmup=0 "
+            "turns that warm-up off"
+        )
+    if run.model.mixer != "ttt":
+        unread["trainer.diagnostics_batches"] = (
+            f"the inner-loss diagnostics run for model.mixer='ttt' only (this run's is {run.model.mixer!r})"
+        )
+    return unread
+
+
+def _warn_unread_keys(
+    run: RunConfig, overrides: Sequence[str], from_file: dict[str, Any], file: str, model_only: bool
 ) -> None:
     """Warn, once per key, about a ``model.*`` key that an override or the user's YAML file (its keys
     flattened, ``from_file``) sets and the model never reads (:func:`~innerloop.models.config.
     unread_model_keys`): e.g. ``model.ttt.base_lr`` of an attention model, ``model.window`` of a TTT
-    model. A preset's keys are not warned about, nor a file's key at its default (a saved run's
-    config.yaml holds every key). Not an error: the model is the one asked for."""
-    unread = unread_model_keys(run.model)
+    model; and, unless ``model_only``, about such an ``optim.*`` or ``trainer.*`` key that the training
+    never reads (:func:`unread_run_keys`). A preset's keys are not warned about, nor a file's key at its
+    default (a saved run's config.yaml holds every key). Not an error: the run is the one asked for."""
+    unread = {
+        key: f"is not read by this model (model.mixer={run.model.mixer!r}): {why}"
+        for key, why in unread_model_keys(run.model).items()
+    }
+    if not model_only:
+        unread.update({key: f"is not read by this run: {why}" for key, why in unread_run_keys(run).items()})
     defaults = _flat_dict(OmegaConf.to_container(_schema()))
     given = {item.partition("=")[0].strip(): f"override {item!r}" for item in overrides}
     given.update(
@@ -412,10 +575,7 @@ def _warn_unread_model_keys(
         section = next((u for u in unread if key == u or key.startswith(f"{u}.")), None)
         if section is not None:
             warnings.warn(
-                f"{key} ({source}) is not read by this model (model.mixer={run.model.mixer!r}): "
-                f"{unread[section]}, so it changes nothing",
-                UserWarning,
-                stacklevel=3,
+                f"{key} ({source}) {unread[section]}, so it changes nothing", UserWarning, stacklevel=3
             )
 
 
@@ -524,6 +684,7 @@ def read_run_config(path: str | Path) -> RunConfig:
     source = f"{str(path)!r}"
     if Path(path).is_dir():
         raise ConfigError(f"{source} is a folder, not a config file")
+    check_not_a_link_loop(path, source)
     if Path(path).is_symlink() and not Path(path).exists():
         raise ConfigError(f"{source} is a symbolic link to {os.readlink(path)!r}, which does not exist")
     try:
@@ -540,6 +701,8 @@ def read_run_config(path: str | Path) -> RunConfig:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(routed))
         check_interpolated_kinds(merged, interpolated, source)  # type: ignore[arg-type]
         run = OmegaConf.to_object(merged)
+    except TypeError as err:  # a list merged into a mapping, or the reverse (check_value_kinds names most)
+        raise ConfigError(f"{source}: {_first_line(err)}") from None
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(f"{source}: config key {key!r}: {str(err).strip().splitlines()[0]}") from None
@@ -621,6 +784,7 @@ def validate_run_config(run: RunConfig) -> None:
             f"data.paths entry {empty[0]!r} is empty (it would read the whole current directory); give files, "
             "directories or globs"
         )
+    _check_no_link_loops(run)
     _check_out_dir_outside_data(run)
     if run.data.name == "text" and run.data.paths:
         _check_text(run)
@@ -722,10 +886,13 @@ def _check_schedules(run: RunConfig) -> None:
     base-lr warm-up has TTT layers to warm up."""
     optim, max_steps = run.optim, run.trainer.max_steps
     if optim.min_lr > optim.lr:
-        raise ConfigError(
-            f"optim.min_lr={optim.min_lr:g} must be <= optim.lr={optim.lr:g} (the schedule decays from "
-            "optim.lr to optim.min_lr)"
+        why = (
+            "optim.schedule='constant' never reads optim.min_lr, but the training module holds every "
+            "schedule to it; e.g. optim.min_lr=0"
+            if optim.schedule == "constant"
+            else "the schedule decays from optim.lr to optim.min_lr"
         )
+        raise ConfigError(f"optim.min_lr={optim.min_lr:g} must be <= optim.lr={optim.lr:g} ({why})")
     if optim.schedule not in SCHEDULES:
         raise ConfigError(f"optim.schedule={optim.schedule!r} is not a schedule; valid: {list(SCHEDULES)}")
     if optim.schedule == "wsd" and warmup_steps(run) + decay_steps(run) > max_steps:
@@ -822,6 +989,34 @@ _RUN_FILES = (
 a glob in ``data.paths`` that can match one of them would read the run's own files as data."""
 
 
+def check_not_a_link_loop(path: str | os.PathLike[str], subject: str) -> None:
+    """Raise :class:`ConfigError` saying that ``subject`` (e.g. ``out_dir='runs/a'``) is a symbolic link
+    loop when ``path`` (``~`` expanded), or a folder on its way, is a link that leads back to itself:
+    it names nothing, ``Path.exists`` says False and ``Path.resolve`` raises RuntimeError."""
+    try:
+        os.stat(os.path.expanduser(os.fspath(path)))
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ConfigError(
+                f"{subject} is a symbolic link loop: it, or a folder on its way, is a link that leads back to "
+                "itself and names no file or folder (see ls -l); give a file or folder, or a link to one"
+            ) from None
+
+
+def _check_no_link_loops(run: RunConfig) -> None:
+    """``out_dir`` and the ``data.paths`` entries are no symbolic link loops (:func:`check_not_a_link_loop`)."""
+    check_not_a_link_loop(run.out_dir, f"out_dir={run.out_dir!r}")
+    if run.data.name != "recall":
+        for entry in run.data.paths:
+            check_not_a_link_loop(entry, f"data.paths entry {entry!r}")
+
+
+def _real_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` (``~`` expanded) with every symbolic link resolved (``os.path.realpath``: a link loop,
+    refused before by :func:`check_not_a_link_loop`, never raises here, unlike ``Path.resolve``)."""
+    return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+
+
 def _check_out_dir_outside_data(run: RunConfig) -> None:
     """``out_dir`` is neither inside a ``data.paths`` folder nor reached by a ``data.paths`` glob (nor
     holds a ``data.paths`` entry), both resolved: the run writes its lock, config.yaml, checkpoints and
@@ -829,7 +1024,7 @@ def _check_out_dir_outside_data(run: RunConfig) -> None:
     launch (a resume would not see the batches an uninterrupted run saw)."""
     if run.data.name == "recall" or not run.out_dir:
         return
-    out = Path(run.out_dir).expanduser().resolve()
+    out = _real_path(run.out_dir)
     resolved = f" ({str(out)!r})" if str(out) != run.out_dir else ""
     for entry in run.data.paths:
         how = _overlap(entry, out)
@@ -857,7 +1052,7 @@ def check_output_outside_data(
     ``paths`` (``data_option`` names them), is one, or is reached by one's glob: an evaluation's results
     written there would be read as data by the next evaluation, which would give other numbers. ``fix``
     ends the message (what to do; e.g. how to choose another folder than a default one)."""
-    found = _first_overlap(out, paths, _RESULT_FILES)
+    found = _first_overlap(out, paths, _RESULT_FILES, option, f"{data_option} entry")
     if found:
         entry, how = found
         raise ConfigError(
@@ -871,7 +1066,7 @@ def check_tokenizer_out_outside_data(out: str | Path, paths: Sequence[str], writ
     ``paths``, is one, or is reached by one's glob, so that the files it writes (``written``, their
     names) would be read as text: the next training of the tokenizer would learn from the last one's
     JSON, and every run on that data would train on it."""
-    found = _first_overlap(out, paths, written)
+    found = _first_overlap(out, paths, written, "--out", "PATH")
     if found:
         entry, how = found
         raise ConfigError(
@@ -881,10 +1076,16 @@ def check_tokenizer_out_outside_data(out: str | Path, paths: Sequence[str], writ
         )
 
 
-def _first_overlap(out: str | Path, paths: Sequence[str], written: Sequence[str]) -> tuple[str, str] | None:
+def _first_overlap(
+    out: str | Path, paths: Sequence[str], written: Sequence[str], option: str, data_option: str
+) -> tuple[str, str] | None:
     """The first entry of ``paths`` that the output folder ``out`` (receiving files named ``written``)
-    overlaps, and how (words for the message, :func:`_overlap`); None when none does."""
-    resolved = Path(out).expanduser().resolve()
+    overlaps, and how (words for the message, :func:`_overlap`); None when none does. ``out`` or an
+    entry that is a symbolic link loop is an error naming ``option`` or ``data_option``."""
+    check_not_a_link_loop(out, f"{option} {str(out)!r}")
+    for entry in paths:
+        check_not_a_link_loop(entry, f"{data_option} {entry!r}")
+    resolved = _real_path(out)
     for entry in paths:
         how = _overlap(entry, resolved, written)
         if how:
@@ -897,7 +1098,7 @@ def _overlap(entry: str, out: Path, written: Sequence[str] = _RUN_FILES) -> str 
     ``written``: the names of the files written into ``out_dir``."""
     parts = Path(entry).expanduser().absolute().parts
     magic = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
-    root = Path(*parts[:magic]).resolve()  # the folder the entry names, or a glob's folder
+    root = _real_path(Path(*parts[:magic]))  # the folder the entry names, or a glob's folder
     if magic == len(parts):  # a file or folder: a folder's files are all read
         if root == out or root in out.parents:
             return "lies inside"
@@ -1097,6 +1298,7 @@ def check_output_dir(path: str | os.PathLike[str], key: str) -> None:
     if not str(path):
         raise ConfigError(f"{key}='' must name a directory for the outputs")
     target = Path(path).expanduser()
+    check_not_a_link_loop(target, f"{key}={str(path)!r}")
     if target.is_symlink() and not target.exists():
         raise ConfigError(
             f"{key}={str(path)!r} is a symbolic link to {os.readlink(target)!r}, which does not exist; give a "

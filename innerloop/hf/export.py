@@ -39,7 +39,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from innerloop.checkpoints import checkpoint_tokenizer, load_model
-from innerloop.config.load import ConfigError, check_output_dir
+from innerloop.config.load import ConfigError, check_not_a_link_loop, check_output_dir
 from innerloop.data.tokenizer import Tokenizer as RunTokenizer
 from innerloop.data.tokenizer import TokenizerError, UnknownTokenizer
 from innerloop.hf.configuration import MODEL_TYPE, InnerloopConfig
@@ -225,6 +225,10 @@ def _resolved_target(out_dir: str | os.PathLike[str], name: str = "OUT_DIR") -> 
     out = Path(out_dir).expanduser()
     if not out.is_symlink():
         return out
+    try:
+        check_not_a_link_loop(out, f"{name} {str(out)!r}")
+    except ConfigError as err:
+        raise ExportError(str(err)) from None
     target = Path(os.path.realpath(out))
     if not target.is_dir():
         what = "a file" if target.exists() else "nothing (a broken link)"

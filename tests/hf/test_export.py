@@ -149,6 +149,15 @@ def test_a_file_as_out_dir_and_a_bad_checkpoint_are_one_line_errors(tmp_path: Pa
     assert not (tmp_path / "out").exists()
 
 
+def test_an_out_dir_that_is_a_symbolic_link_loop_is_named_so(tmp_path: Path, capsys) -> None:
+    checkpoint = checkpoint_of("swa", tmp_path)
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert main(["export", str(checkpoint), str(tmp_path / "a")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "is a symbolic link loop" in error
+
+
 def test_an_out_dir_that_cannot_be_made_is_one_line_and_nothing_is_written(
     tmp_path: Path, capsys, monkeypatch
 ) -> None:

@@ -604,13 +604,49 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _params(args: argparse.Namespace) -> int:
+_SEARCH_STARTS = {
+    # num_heads followed by a 0 (omegaconf joins the text), i.e. 10 * num_heads: heads of width 10,
+    # an even width as RoPE needs, whatever num_heads is
+    "hidden_size": "${model.num_heads}0",
+    "intermediate_size": "1",
+}
+"""A value of each ``params --adjust`` width that the config's other values always allow: where the
+config's own value is invalid, the search starts there (the result does not depend on the start)."""
+
+
+def _params_model(args: argparse.Namespace) -> tuple[Any, str | None]:
+    """The run config ``params`` counts, and None; with ``--budget``, where only the ``--adjust`` width
+    makes the config invalid (``hidden_size`` 64 with ``model.num_heads=3``), the config with that
+    width at :data:`_SEARCH_STARTS` instead, and why the given one is invalid (the search replaces it)."""
     from innerloop.config.load import load_config
+
+    try:
+        return load_config(args.config, args.overrides, model_only=True)[0], None  # data, out_dir aside
+    except ConfigError as err:
+        if args.budget is None:
+            raise
+        searched = f"model.{args.adjust}"
+        others = [item for item in args.overrides if item.partition("=")[0].strip() != searched]
+        try:  # the width's own overrides dropped: the search replaces them (and a key is given once)
+            run, _ = load_config(
+                args.config, [*others, f"{searched}={_SEARCH_STARTS[args.adjust]}"], model_only=True
+            )
+        except ConfigError:
+            raise err from None  # not (only) the width: the error as given
+        return run, str(err)
+
+
+def _params(args: argparse.Namespace) -> int:
     from innerloop.models.params import count_config_parameters, size_to_budget
 
-    run, _ = load_config(args.config, args.overrides, model_only=True)  # a run's data and out_dir aside
-    counts = count_config_parameters(run.model)
-    print(f"{args.config}: {counts.describe()}")
+    run, invalid = _params_model(args)
+    if invalid is None:
+        print(f"{args.config}: {count_config_parameters(run.model).describe()}")
+    else:
+        print(
+            f"{args.config}: {invalid}; --adjust {args.adjust} replaces model.{args.adjust}, searching the "
+            "widths the other values allow"
+        )
     if args.budget is not None:
         sized = size_to_budget(run.model, args.budget, args.adjust)
         total = count_config_parameters(sized).total

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 import os
 import sysconfig
 from collections.abc import Mapping, Sequence
@@ -18,6 +19,8 @@ from pathlib import Path
 import torch
 
 from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
 
 # Parts of the standard library's tree that are not the standard library's own source: installed
 # packages (which differ between machines) and the test suites (large and repetitive).
@@ -217,7 +220,9 @@ def check_text_split(
     the files' sizes (nothing is read): the check a run config makes before any text is read."""
     train_len, val_len = text_split_lengths(files, val_fraction, keys)
     fallback = fallback_held_out(files, val_fraction, keys)
-    check_text_lengths(train_len, val_len, len(files), seq_len, val_fraction, fallback_file=fallback)
+    check_text_lengths(
+        train_len, val_len, len(files), seq_len, val_fraction, fallback_file=fallback, announce=False
+    )
 
 
 def check_text_lengths(
@@ -228,17 +233,25 @@ def check_text_lengths(
     val_fraction: float,
     unit: str = "bytes",
     fallback_file: Path | None = None,
+    announce: bool = True,
 ) -> None:
-    """Raise :class:`DataError` unless both the training and the validation text hold a window of
-    ``seq_len + 1`` tokens (``unit``: what the lengths count); the message says which setting to change.
-    ``fallback_file``: the file held out because the split by file hash put every file on one side
-    (:func:`fallback_held_out`): the message then names it and why it was held out, and advises more
-    files or a larger one sorted last rather than a larger data.val_fraction (which chose nothing)."""
+    """Raise :class:`DataError` unless some text is held out (``val_fraction`` > 0) and both the training
+    and the validation text hold a window of ``seq_len + 1`` tokens (``unit``: what the lengths count);
+    the message says which setting to change. ``fallback_file``: the file held out because the split by
+    file hash put every file on one side (:func:`fallback_held_out`): the message then names it and why
+    it was held out, and advises more files or a larger one sorted last rather than a larger
+    data.val_fraction (which chose nothing); when the split is usable, ``announce`` logs one warning
+    naming it (the data module's setup does; the config check before it does not, so it is said once)."""
     need = seq_len + 1
-    if num_files == 1 and val_fraction == 0:
+    if val_fraction == 0:
+        how = (
+            f"with a single file its last val_fraction of {unit} is held out"
+            if num_files == 1
+            else f"with {num_files} files, those whose path hash falls below it are held out"
+        )
         raise DataError(
-            "data.val_fraction=0 holds out no validation text: with a single file its last val_fraction "
-            f"of {unit} is held out; set data.val_fraction > 0 (e.g. 0.1) or give more files in data.paths"
+            f"data.val_fraction=0 holds out no validation text ({how}); set data.val_fraction > 0 "
+            "(e.g. 0.1)" + (" or give more files in data.paths" if num_files == 1 else "")
         )
     if train_len < need:
         raise DataError(
@@ -246,6 +259,12 @@ def check_text_lengths(
             "text (data.paths) or a shorter data.seq_len"
         )
     if val_len >= need:
+        if fallback_file is not None and announce:
+            log.warning(
+                "validation text: the split by file hash at data.val_fraction=%s put all %d files on one "
+                "side, so the last file in sorted order, %r, is held out instead",
+                val_fraction, num_files, str(fallback_file),
+            )  # fmt: skip
         return
     if fallback_file is not None:
         raise DataError(

@@ -262,7 +262,7 @@ class HFTokenizer(Tokenizer):
         try:
             self.backend = tokenizers.Tokenizer.from_str(tokenizer_json)
         except Exception as err:  # the Rust library raises plain Exceptions for malformed JSON
-            raise TokenizerError(f"{source} is not a valid tokenizer.json: {_one_line(err)}") from None
+            raise TokenizerError(_not_a_tokenizer_json(source, tokenizer_json, err)) from None
         self.tokenizer_json = tokenizer_json
         vocabulary = self.backend.get_vocab(with_added_tokens=True)
         if not vocabulary:
@@ -324,6 +324,42 @@ def _save_tokenizer_files(
 
 def _one_line(err: object) -> str:
     return " ".join(str(err).split())
+
+
+TOKENIZER_JSON_KEYS: tuple[str, ...] = (
+    "version",
+    "truncation",
+    "padding",
+    "added_tokens",
+    "normalizer",
+    "pre_tokenizer",
+    "post_processor",
+    "decoder",
+    "model",
+)
+"""The top-level keys of a ``tokenizer.json`` (the ``tokenizers`` library refuses any other); only
+``model`` (the vocabulary and how text is split into it) is required."""
+
+
+def _not_a_tokenizer_json(source: str, text: str, err: Exception) -> str:
+    """Why ``text``, which ``tokenizers`` could not read (``err``), is not a ``tokenizer.json``: not JSON
+    at all, JSON of another shape (which keys are missing or foreign), or a tokenizer.json whose
+    content the library refuses."""
+    try:
+        document = json.loads(text)
+    except ValueError as json_err:  # json.JSONDecodeError
+        return f"{source} is not a valid tokenizer.json: it is not valid JSON ({_one_line(json_err)})"
+    optional = list(TOKENIZER_JSON_KEYS[:-1])
+    shape = f"a tokenizer.json is a JSON object with the key 'model' and optionally {optional}"
+    if not isinstance(document, dict):
+        return f"{source} is JSON ({type(document).__name__}) but not a tokenizer.json: {shape}"
+    problems = [] if "model" in document else ["it has no key 'model'"]
+    foreign = sorted(key for key in document if key not in TOKENIZER_JSON_KEYS)
+    if foreign:
+        problems.append(f"its keys {foreign} are not keys of a tokenizer.json")
+    if problems:
+        return f"{source} is JSON but not a tokenizer.json: {'; '.join(problems)} ({shape})"
+    return f"{source} is not a valid tokenizer.json: {_one_line(err)}"
 
 
 INSTALL_HF = 'pip install "innerloop[hf]"'

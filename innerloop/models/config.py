@@ -344,9 +344,16 @@ def uses_pre_conv(config: ModelConfig) -> bool:
     return config.backbone == "mamba" if config.pre_conv is None else config.pre_conv
 
 
+def ttt_share_qk(config: ModelConfig) -> bool:
+    """Whether the TTT layers of ``config`` share one Q/K projection (followed by two causal convs of
+    ``model.ttt.conv_kernel``): ``model.ttt.share_qk``, or when it is None the backbone's choice
+    (mamba: yes)."""
+    return config.backbone == "mamba" if config.ttt.share_qk is None else config.ttt.share_qk
+
+
 def _build_ttt(config: ModelConfig) -> nn.Module:
-    mamba = config.backbone == "mamba"  # the backbone decides share_qk and the gate unless they are set
-    share_qk = mamba if config.ttt.share_qk is None else config.ttt.share_qk
+    mamba = config.backbone == "mamba"  # the backbone decides the gate unless it is set
+    share_qk = ttt_share_qk(config)
     use_gate = mamba if config.ttt.use_gate is None else config.ttt.use_gate
     return TTTLayer(
         config.hidden_size,
@@ -569,7 +576,51 @@ def unread_model_keys(config: ModelConfig) -> dict[str, str]:
     decided = [config.pre_conv, *((config.ttt.share_qk, config.ttt.use_gate) if mixer == "ttt" else ())]
     if mixer != E2E and None not in decided:
         unread["model.backbone"] = "what it decides (model.pre_conv; model.ttt.share_qk, use_gate) is set"
+    if mixer == "ttt" and not ttt_share_qk(config):
+        unread["model.ttt.conv_kernel"] = (
+            "it sizes the Q/K convs that only a shared Q/K projection has (model.ttt.share_qk=true, or "
+            "null with backbone mamba)"
+        )
+    if mixer == E2E:
+        unread.update(_unread_e2e_keys(config.e2e))
     return unread
+
+
+E2E_INNER_LOOP_KEYS: tuple[str, ...] = (
+    "inner_lr",
+    "inner_lr_start",
+    "inner_lr_warmup_fraction",
+    "inner_grad_clip",
+    "first_order",
+    "inner_loss",
+    "update_rule",
+    "chunk_targets",
+    "skip_target_id",
+)
+"""The :class:`E2EConfig` keys only the inner loop reads: with ``test_time_training`` off they change
+nothing."""
+
+
+def _unread_e2e_keys(e2e: E2EConfig) -> dict[str, str]:
+    """The ``model.e2e`` keys a TTT-E2E model with the options ``e2e`` never reads, each with the
+    reason (:func:`unread_model_keys`)."""
+    if not e2e.test_time_training:
+        why = "model.e2e.test_time_training=false: the prime MLPs stay fixed, no inner step is taken"
+        unread = {f"model.e2e.{key}": why for key in E2E_INNER_LOOP_KEYS}
+        if e2e.rope_positions == "absolute":
+            unread["model.e2e.chunk_size"] = (
+                "model.e2e.test_time_training=false with rope_positions='absolute': every block attends "
+                "at absolute positions, in no chunks"
+            )
+        return unread
+    if e2e.inner_lr_warmup_fraction == 0:
+        return {
+            "model.e2e.inner_lr_start": (
+                "model.e2e.inner_lr_warmup_fraction=0: no warm-up, the inner lr is model.e2e.inner_lr "
+                "from the first step"
+            )
+        }
+    return {}
 
 
 def _warn_unknown_unread_plugins(config: ModelConfig) -> None:

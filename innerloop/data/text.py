@@ -235,23 +235,19 @@ def check_text_lengths(
     fallback_file: Path | None = None,
     announce: bool = True,
 ) -> None:
-    """Raise :class:`DataError` unless some text is held out (``val_fraction`` > 0) and both the training
-    and the validation text hold a window of ``seq_len + 1`` tokens (``unit``: what the lengths count);
-    the message says which setting to change. ``fallback_file``: the file held out because the split by
+    """Raise :class:`DataError` unless both the training and the validation text hold a window of
+    ``seq_len + 1`` tokens (``unit``: what the lengths count), and, for a single file, ``val_fraction`` > 0;
+    the message says which setting to change. (Several files at ``val_fraction`` 0 hold out the last
+    one, as runs made so did; a new run refuses 0 itself: :func:`innerloop.train.run.train`.) ``fallback_file``: the file held out because the split by
     file hash put every file on one side (:func:`fallback_held_out`): the message then names it and why
     it was held out, and advises more files or a larger one sorted last rather than a larger
     data.val_fraction (which chose nothing); when the split is usable, ``announce`` logs one warning
     naming it (the data module's setup does; the config check before it does not, so it is said once)."""
     need = seq_len + 1
-    if val_fraction == 0:
-        how = (
-            f"with a single file its last val_fraction of {unit} is held out"
-            if num_files == 1
-            else f"with {num_files} files, those whose path hash falls below it are held out"
-        )
+    if val_fraction == 0 and num_files == 1:
         raise DataError(
-            f"data.val_fraction=0 holds out no validation text ({how}); set data.val_fraction > 0 "
-            "(e.g. 0.1)" + (" or give more files in data.paths" if num_files == 1 else "")
+            "data.val_fraction=0 holds out no validation text: with a single file its last val_fraction "
+            f"of {unit} is held out; set data.val_fraction > 0 (e.g. 0.1) or give more files in data.paths"
         )
     if train_len < need:
         raise DataError(

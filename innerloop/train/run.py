@@ -405,6 +405,8 @@ def train(
     """
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: continue the run or replace it")
+    if not resume:
+        check_new_run_holds_out_text(run)
     run, cfg = _with_absolute_data_paths(run, cfg)
     out_dir = Path(run.out_dir)
     if is_launched_worker():  # rank > 0 under Lightning's DDP launcher: rank 0 owns the out_dir
@@ -419,6 +421,18 @@ def train(
         if not resume and not overwrite:
             refuse_previous_run(out_dir)
         return _train_in_locked_dir(run, cfg, resume, callbacks, replace_previous=overwrite)
+
+
+def check_new_run_holds_out_text(run: RunConfig) -> None:
+    """Refuse a new text run at ``data.val_fraction=0``: it asks for no validation text, which a run
+    cannot have (the by-file split would hold out its last file instead, taking it from the training
+    text). A run saved so (before this check) still resumes and evaluates, holding out that file."""
+    if run.data.name == "text" and run.data.val_fraction == 0:
+        raise ConfigError(
+            "data.val_fraction=0 holds out no validation text, which a run needs (with several files the "
+            "split would hold out the last one instead, taking it from the training text); set "
+            "data.val_fraction > 0 (e.g. 0.1)"
+        )
 
 
 def _train_in_locked_dir(

@@ -1,4 +1,5 @@
-"""Review s15 (data): data.val_fraction=0 with several files is refused as with one (L3), the last file
+"""Review s15 (data): data.val_fraction=0 is refused for a new run whatever the number of files, while a
+run saved so still reads its data (L3 and its regression review), the last file
 held out when the split by file hash holds out none is named in one logged line (L3), and a JSON file
 that is not a tokenizer.json is called that, not a JSON syntax error (L7)."""
 
@@ -10,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from innerloop.checkpoints import CheckpointError
 from innerloop.config.load import ConfigError, load_config
 from innerloop.data.text import DataError, check_text_lengths, split_by_file, split_keys
 from innerloop.data.tokenizer import TokenizerError, byte_level_tokenizer_json, load_tokenizer
 from innerloop.train.data import TextDataModule
+from innerloop.train.run import train
 
 LONG = "the quick brown fox jumps over the lazy dog. " * 40
 NOTICE = "is held out instead"
@@ -30,20 +33,28 @@ def _folder(tmp_path: Path, names: tuple[str, ...]) -> Path:
 # -- L3: data.val_fraction=0 holds out nothing, whatever the number of files -------------------------------
 
 
-def test_val_fraction_0_with_several_files_is_refused_naming_the_key_and_the_fix(tmp_path) -> None:
-    with pytest.raises(DataError, match=r"data.val_fraction=0 holds out no validation text \(with 3 files"):
-        check_text_lengths(1000, 1000, 3, 16, 0.0)
+def test_val_fraction_0_is_refused_for_a_new_run_before_anything_is_written(tmp_path) -> None:
     folder = _folder(tmp_path, ("a.txt", "b.txt", "c.txt"))
-    with pytest.raises(DataError, match=r"set data.val_fraction > 0 \(e.g. 0.1\)"):
-        TextDataModule([str(folder)], seq_len=16, val_fraction=0.0).setup()
-    overrides = [
-        f"data.paths=[{folder}]",
-        "data.val_fraction=0",
-        "data.seq_len=16",
-        f"out_dir={tmp_path / 'r'}",
-    ]
-    with pytest.raises(ConfigError, match=r"^data.val_fraction=0 holds out no validation text"):
-        load_config("tiny", overrides)
+    out_dir = tmp_path / "r"
+    overrides = [f"data.paths=[{folder}]", "data.val_fraction=0", "data.seq_len=16", f"out_dir={out_dir}"]
+    run, _ = load_config("tiny", overrides)
+    with pytest.raises(ConfigError, match=r"^data.val_fraction=0 holds out no validation text.*e.g. 0.1"):
+        train(run)
+    assert not out_dir.exists()
+
+
+def test_a_run_saved_at_val_fraction_0_with_several_files_still_reads_its_data(tmp_path, caplog) -> None:
+    # review s15 regressions, MED: such runs (made before the refusal) must still resume and evaluate
+    folder = _folder(tmp_path, ("a.txt", "b.txt", "c.txt"))
+    check_text_lengths(1000, 1000, 3, 16, 0.0)
+    data = TextDataModule([str(folder)], seq_len=16, val_fraction=0.0)
+    with caplog.at_level(logging.WARNING):
+        data.setup()
+    assert any("c.txt" in notice for notice in _notices(caplog))
+    assert data.val_bytes.numel() == len(LONG) + 1  # one file and its document separator
+    with pytest.raises(CheckpointError, match="no checkpoint"):  # past the new-run check, to the checkpoint
+        train(load_config("tiny", [f"data.paths=[{folder}]", "data.val_fraction=0", "data.seq_len=16",
+                                   f"out_dir={tmp_path / 'r'}"])[0], resume=True)  # fmt: skip
 
 
 def test_val_fraction_0_with_one_file_keeps_its_message() -> None:

@@ -544,7 +544,7 @@ def unread_run_keys(run: RunConfig) -> dict[str, str]:
             "it is where the warm-up of the TTT layers' base lr starts, and optim.ttt_base_lr_warmup=0 "
             "turns that warm-up off"
         )
-    if run.model.mixer != "ttt":
+    if run.model.mixer != "ttt" and run.trainer.diagnostics_batches != 0:  # 0: off, as it is anyway
         unread["trainer.diagnostics_batches"] = (
             f"the inner-loss diagnostics run for model.mixer='ttt' only (this run's is {run.model.mixer!r})"
         )
@@ -885,14 +885,11 @@ def _check_schedules(run: RunConfig) -> None:
     """``optim.schedule`` is a schedule whose phases fit in ``trainer.max_steps``; the TTT layers'
     base-lr warm-up has TTT layers to warm up."""
     optim, max_steps = run.optim, run.trainer.max_steps
-    if optim.min_lr > optim.lr:
-        why = (
-            "optim.schedule='constant' never reads optim.min_lr, but the training module holds every "
-            "schedule to it; e.g. optim.min_lr=0"
-            if optim.schedule == "constant"
-            else "the schedule decays from optim.lr to optim.min_lr"
+    if optim.min_lr > optim.lr and optim.schedule != "constant":  # a constant schedule never reads it
+        raise ConfigError(
+            f"optim.min_lr={optim.min_lr:g} must be <= optim.lr={optim.lr:g} (the schedule decays from "
+            "optim.lr to optim.min_lr)"
         )
-        raise ConfigError(f"optim.min_lr={optim.min_lr:g} must be <= optim.lr={optim.lr:g} ({why})")
     if optim.schedule not in SCHEDULES:
         raise ConfigError(f"optim.schedule={optim.schedule!r} is not a schedule; valid: {list(SCHEDULES)}")
     if optim.schedule == "wsd" and warmup_steps(run) + decay_steps(run) > max_steps:

@@ -84,7 +84,7 @@ def _checked_hyperparameters(**arguments: Any) -> dict[str, Any]:
     checked["betas"] = tuple(
         checked_number(f"betas[{i}]", beta, float, FRACTION) for i, beta in enumerate(betas)
     )
-    if checked["min_lr"] > checked["lr"]:
+    if checked["min_lr"] > checked["lr"] and checked["schedule"] != "constant":  # constant never reads it
         raise ValueError(
             f"min_lr={checked['min_lr']} must be <= lr={checked['lr']} (the schedule decays from lr to min_lr)"
         )

@@ -20,6 +20,7 @@ from innerloop.config.load import (
     check_tokenizer_out_outside_data,
     read_run_config,
 )
+from innerloop.train.run import build_module
 
 
 def _load(overrides, tmp_path, config="tiny", **kwargs):
@@ -184,12 +185,21 @@ def test_a_merge_type_error_is_a_config_error() -> None:
 # -- L2, L1: keys the run never reads ---------------------------------------------------------------------
 
 
-def test_a_constant_schedule_names_min_lr_as_unread(tmp_path) -> None:
-    with pytest.raises(ConfigError, match="optim.schedule='constant' never reads optim.min_lr"):
-        _load(["optim.schedule=constant", "optim.min_lr=0.5"], tmp_path)
-    _, caught = _load(["optim.schedule=constant", "optim.min_lr=0.001"], tmp_path)
-    assert any(m.startswith("optim.min_lr (override") and "changes nothing" in m for m in caught)
+def test_a_constant_schedule_names_min_lr_as_unread_and_does_not_hold_lr_to_it(tmp_path) -> None:
+    # regression review s15: the refusal advised a min_lr that the warning then called unread
+    for min_lr in ("0.5", "0.001"):  # above and below optim.lr
+        run, caught = _load(["optim.schedule=constant", f"optim.min_lr={min_lr}"], tmp_path)
+        assert any(m.startswith("optim.min_lr (override") and "changes nothing" in m for m in caught)
+    build_module(run)  # the training module takes it too
+    with pytest.raises(ConfigError, match=r"must be <= optim.lr=.*decays from optim.lr to optim.min_lr"):
+        _load(["optim.schedule=cosine", "optim.min_lr=0.5"], tmp_path)
     _, caught = _load(["optim.schedule=cosine", "optim.min_lr=0.001"], tmp_path)
+    assert not [m for m in caught if "changes nothing" in m]
+
+
+def test_diagnostics_batches_0_is_not_warned_about_on_a_model_without_ttt_layers(tmp_path) -> None:
+    # regression review s15: the e2e presets set 0 (off) themselves, and a saved e2e config.yaml repeats it
+    _, caught = _load(["trainer.diagnostics_batches=0", "model.mixer=attention"], tmp_path)
     assert not [m for m in caught if "changes nothing" in m]
 
 

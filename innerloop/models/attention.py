@@ -83,8 +83,19 @@ class KVCache:
         return self._take_rows(check_batch_rows(rows, self.batch_size))
 
     def _take_rows(self, rows: torch.Tensor) -> KVCache:
-        """:meth:`index_select` with ``rows`` already checked."""
-        return KVCache(take_rows(self.key, rows), take_rows(self.value, rows), self.position)
+        """:meth:`index_select` with ``rows`` already checked. A cache with room to grow, selected without
+        autograd (beam search between two decoded tokens), gets a room of the same capacity, so that the
+        next token is written in place rather than the selected rows copied once more."""
+        room, length = self._room, self.key.shape[2]
+        traced = torch.compiler.is_compiling() or is_functorch_wrapped_tensor(self.key)
+        if room is None or torch.is_grad_enabled() or traced or room.key.shape[2] <= length:
+            return KVCache(take_rows(self.key, rows), take_rows(self.value, rows), self.position)
+        index = rows.to(self.key.device)
+        shape = (index.shape[0], *room.key.shape[1:])  # [rows, H, capacity, f]
+        new = _Room(self.key.new_empty(shape), self.value.new_empty(shape), length)
+        torch.index_select(self.key, 0, index, out=new.key[:, :, :length])
+        torch.index_select(self.value, 0, index, out=new.value[:, :, :length])
+        return KVCache.in_room(new.key[:, :, :length], new.value[:, :, :length], self.position, new)
 
     @classmethod
     def cat(cls, caches: Sequence[KVCache]) -> KVCache:

@@ -301,6 +301,30 @@ def test_an_edited_value_of_a_decoded_cache_is_the_one_attended_to() -> None:
     assert largest_difference(plain, full[:, 10:]) <= TOLERANCE
 
 
+def test_selected_rows_of_a_decoded_cache_get_a_room_the_next_token_is_written_into() -> None:
+    """Beam search selects rows between two tokens: the selection is copied once, into a room of the
+    same capacity, and the next token goes into that room in place (regression review s15, LOW-3: it
+    was copied a second time, into a room 256 positions larger, at every step)."""
+    model = attention_lm()
+    ids = ids_of(3, 12, seed=5)
+    rows = torch.tensor([2, 0, 0])
+    with torch.no_grad():
+        full, _ = model(ids[rows])
+        _, state = model(ids[:, :9])
+        _, state = model(ids[:, 9:10], state)
+        selected = state.index_select(rows)
+        logits, after = model(ids[rows, 10:11], selected)
+        cache, cache_after = selected.blocks[0].mixer, after.blocks[0].mixer
+        assert cache._room is not None
+        assert cache._room.key.shape[2] == state.blocks[0].mixer._room.key.shape[2]
+        assert cache_after.key.data_ptr() == cache.key.data_ptr()  # written in place
+        assert largest_difference(logits, full[:, 10:11]) <= TOLERANCE
+        logits, _ = model(ids[rows, 11:], after)
+        assert largest_difference(logits, full[:, 11:]) <= TOLERANCE
+        logits, _ = model(ids[:, 10:], state)  # the batch's cache is untouched
+        assert largest_difference(logits, model(ids)[0][:, 10:]) <= TOLERANCE
+
+
 def test_sliced_and_expanded_rows_of_a_decoded_cache_continue_as_those_sequences() -> None:
     """MED-2: a row-0 slice of a decoded (room) cache, and a 1-row cache expanded to 3, are views of the
     room with another batch size: they are copied, not written into the room, and continue exactly."""

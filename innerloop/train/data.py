@@ -5,8 +5,9 @@ A run resumed from a checkpoint at global step ``s`` therefore starts at batch
 ``s * accumulate_grad_batches`` and sees exactly the batches an uninterrupted run would have seen,
 with no sampler state to save. The Hugging Face module reads its documents in order, packed into
 windows (:mod:`innerloop.data.packing`); its checkpoint state is the stream position of the next batch.
-Under multi-process training each rank reads every ``world_size``-th batch (rank and world size come
-from the Trainer; there is no distributed code here).
+Under multi-process training each rank reads every ``world_size``-th batch, and every ``world_size``-th
+validation example, padded with unscored rows so that each example is scored once (rank and world size
+come from the Trainer; there is no distributed code here).
 
 Targets equal to :data:`IGNORE_INDEX` are not scored (the recall task scores only the answers).
 """
@@ -63,6 +64,7 @@ __all__ = [
     "Batch",
     "DataError",
     "FixedExamples",
+    "RankShardOfExamples",
     "HFDataModule",
     "IndexedBatches",
     "RecallDataModule",
@@ -124,6 +126,45 @@ class FixedExamples(Dataset):
         return self.inputs[i], self.targets[i]
 
 
+class RankShardOfExamples(IterableDataset):
+    """Rank ``rank``'s batches of the validation examples under ``world`` processes: every ``world``-th
+    example from the ``rank``-th, padded with unscored rows (targets all :data:`IGNORE_INDEX`) to the
+    longest shard's length, so that every example is scored exactly once across the ranks and every rank
+    runs the same number of batches (the validation step waits on every rank at each batch).
+
+    An iterable dataset, so that Lightning leaves it alone: its ``DistributedSampler`` would instead pad
+    the examples by repeating the first ones, which the summed metrics would then score twice.
+    """
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, rank: int, world: int):
+        rows_per_rank = -(-inputs.shape[0] // world)  # ceil
+        inputs, targets = inputs[rank::world], targets[rank::world]
+        missing = rows_per_rank - inputs.shape[0]
+        if missing:
+            inputs = torch.cat([inputs, inputs.new_zeros(missing, inputs.shape[1])])
+            targets = torch.cat([targets, targets.new_full((missing, targets.shape[1]), IGNORE_INDEX)])
+        self.inputs, self.targets, self.batch_size = inputs, targets, batch_size
+
+    def __len__(self) -> int:
+        return -(-self.inputs.shape[0] // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for start in range(0, self.inputs.shape[0], self.batch_size):
+            yield self.inputs[start : start + self.batch_size], self.targets[start : start + self.batch_size]
+
+
+def validation_loader(
+    inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, trainer: L.Trainer | None
+) -> DataLoader:
+    """The validation batches of ``(inputs, targets)`` (a row each) on this process: all of them on one
+    process, this rank's :class:`RankShardOfExamples` under several."""
+    world = 1 if trainer is None else trainer.world_size
+    if world == 1:
+        return DataLoader(FixedExamples(inputs, targets), batch_size=batch_size, shuffle=False)
+    shard = RankShardOfExamples(inputs, targets, batch_size, trainer.global_rank, world)
+    return DataLoader(shard, batch_size=None)
+
+
 class _IndexedDataModule(L.LightningDataModule):
     """Shared logic: a resumable training stream and a fixed validation set."""
 
@@ -148,7 +189,7 @@ class _IndexedDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         inputs, targets = self.make_val_examples()
-        return DataLoader(FixedExamples(inputs, targets), batch_size=self.batch_size, shuffle=False)
+        return validation_loader(inputs, targets, self.batch_size, self.trainer)
 
 
 SEED_BOUNDS = Bounds(0, 2**32 - 1, why="Lightning seeds numpy, which takes 32-bit seeds")
@@ -617,7 +658,7 @@ class HFDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_examples is not None, "call setup() first"
-        return DataLoader(FixedExamples(*self.val_examples), batch_size=self.batch_size, shuffle=False)
+        return validation_loader(*self.val_examples, self.batch_size, self.trainer)
 
     def state_dict(self) -> dict[str, Any]:
         """The stream position of the next training batch: ``{"batch": g, "position": [epoch,

@@ -70,6 +70,13 @@ class Float64Perplexity(Float64States, Perplexity):
         self.total_log_probs += negative_log_probs.double().sum()
         self.count += scored.sum()
 
+    def mean_loss(self) -> torch.Tensor:
+        """The mean negative log-probability per scored token (float64), over every process as
+        :meth:`compute` is: the loss itself, finite where ``compute()``'s ``exp`` of it overflows float64
+        (a mean above about 709.8 nats)."""
+        with self.sync_context():
+            return self.total_log_probs / self.count
+
 
 def position_buckets(seq_len: int, num_buckets: int) -> list[tuple[int, int]]:
     """``num_buckets`` contiguous ``[start, end)`` position ranges covering ``0..seq_len`` (sizes differ

@@ -4,7 +4,7 @@ or an :class:`~innerloop.models.E2ELM` for ``mixer: e2e``).
 AdamW with decoupled weight decay (0.1 by default, on matrices only), linear warm-up then a decay to
 ``min_lr`` (``schedule``: cosine by default, see :mod:`innerloop.train.schedules`), gradient clipping
 through the Trainer (``gradient_clip_val``). Validation logs
-``val_loss`` (the mean loss per scored token, ``log(val_ppl)``, whatever the batches' sizes and
+``val_loss`` (the mean loss per scored token, ``log(val_ppl)`` where that is finite, whatever the batches' sizes and
 padding), ``val_ppl``, ``val_acc`` (next-token accuracy on scored tokens), the loss by position
 (``val_loss_pos/<bucket>``, bucketed up to the longest validation batch: batches may differ in length)
 and, for TTT models, the inner loss before and after the updates of each layer
@@ -471,10 +471,11 @@ class LanguageModelModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.log("val_step", float(self.trainer.global_step) if self._trainer is not None else 0.0)
-        # val_loss is the mean over scored tokens (not over batches, which may differ in size or padding):
-        # log(val_ppl), from the same float64 sums, so the two always agree (logged in float32, as before)
+        # val_loss is the mean over scored tokens (not over batches, which may differ in size or padding),
+        # from the same float64 sums as val_ppl = exp(val_loss); taken directly, not as log(val_ppl), which
+        # is inf once the mean passes about 709.8 nats (logged in float32, as before)
         perplexity = self.val_ppl.compute()
-        self.log("val_loss", torch.log(perplexity).float(), prog_bar=True)
+        self.log("val_loss", self.val_ppl.mean_loss().float(), prog_bar=True)
         self.log("val_ppl", perplexity, prog_bar=True)
         self.log("val_acc", self.val_acc.compute())
         self.val_ppl.reset()

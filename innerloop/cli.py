@@ -418,6 +418,10 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as err:
         print(f"innerloop train: {err}", file=sys.stderr)
         return err.exit_code  # the shell's code for a process ended by that signal: 130 Ctrl-C, 143 SIGTERM
+    from innerloop.train.run_dir import is_launched_worker
+
+    if is_launched_worker():  # another rank's copy of this command: rank 0 prints the summary once
+        return 0
     m = result.metrics
     unit = "byte" if run.data.tokenizer == "bytes" and run.data.name != "recall" else "token"
     print(

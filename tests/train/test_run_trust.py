@@ -400,6 +400,18 @@ def test_a_ddp_worker_process_trains_in_the_out_dir_its_rank_0_holds(tmp_path, m
         assert train(run, cfg).metrics["val_step"] == 1
 
 
+@pytest.mark.slow  # a training run (~1 s) for the DDP launcher case
+def test_a_ddp_worker_process_prints_no_summary_of_its_own(tmp_path, monkeypatch, capsys) -> None:
+    # review s15 metrics, LOW: every rank's copy of the command printed the run's summary
+    overrides = [*TINY, "trainer.max_steps=1", f"out_dir={tmp_path}"]
+    _, cfg = load_config("tiny", overrides)
+    with lock_run_dir(tmp_path):  # rank 0
+        save_config(cfg, tmp_path / "config.yaml")
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        assert main(["train", *overrides]) == 0
+    assert "validation perplexity" not in capsys.readouterr().out
+
+
 # -- --overwrite keeps the previous run until the new one has a checkpoint ---------------------------
 
 

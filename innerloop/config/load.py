@@ -885,13 +885,13 @@ def _check_schedules(run: RunConfig) -> None:
     """``optim.schedule`` is a schedule whose phases fit in ``trainer.max_steps``; the TTT layers'
     base-lr warm-up has TTT layers to warm up."""
     optim, max_steps = run.optim, run.trainer.max_steps
+    if optim.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={optim.schedule!r} is not a schedule; valid: {list(SCHEDULES)}")
     if optim.min_lr > optim.lr and optim.schedule != "constant":  # a constant schedule never reads it
         raise ConfigError(
             f"optim.min_lr={optim.min_lr:g} must be <= optim.lr={optim.lr:g} (the schedule decays from "
             "optim.lr to optim.min_lr)"
         )
-    if optim.schedule not in SCHEDULES:
-        raise ConfigError(f"optim.schedule={optim.schedule!r} is not a schedule; valid: {list(SCHEDULES)}")
     if optim.schedule == "wsd" and warmup_steps(run) + decay_steps(run) > max_steps:
         raise ConfigError(
             f"optim.schedule='wsd' warms up over optim.warmup_fraction={optim.warmup_fraction:g} and decays "

@@ -247,7 +247,7 @@ def check_text_lengths(
     if val_fraction == 0 and num_files == 1:
         raise DataError(
             "data.val_fraction=0 holds out no validation text: with a single file its last val_fraction "
-            f"of {unit} is held out; set data.val_fraction > 0 (e.g. 0.1) or give more files in data.paths"
+            f"of {unit} is held out; set data.val_fraction > 0 (e.g. 0.1)"
         )
     if train_len < need:
         raise DataError(

@@ -95,7 +95,9 @@ class LengthResult:
     def perplexity(self, model: int) -> float:
         """``exp`` of the model's mean loss per scored token (inf past float64's range, about 709.8 nats)."""
         mean_loss = float(self.loss_sums[model].sum() / self.counts.sum())
-        return math.exp(mean_loss) if mean_loss < math.log(torch.finfo(torch.float64).max) else math.inf
+        return (
+            math.inf if mean_loss >= math.log(torch.finfo(torch.float64).max) else math.exp(mean_loss)
+        )  # NaN stays
 
     def curve(self, model: int) -> torch.Tensor:
         """Mean loss per bucket ``[K]`` (NaN for a bucket without scored tokens)."""

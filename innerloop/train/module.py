@@ -466,8 +466,9 @@ class LanguageModelModule(L.LightningModule):
         self.val_ppl.update(logits, targets)
         self.val_acc.update(logits.flatten(0, 1), targets.flatten())
         self.val_loss_by_position.update(token_loss, scored)
-        if captured:
-            self._update_inner_diagnostics(captured[0])
+        kept = scored.any(dim=1)  # [B]: a row that scores nothing (multi-process padding) is not diagnosed
+        if captured and bool(kept.any()):
+            self._update_inner_diagnostics({i: x[kept] for i, x in captured[0].items()})
 
     def on_validation_epoch_end(self) -> None:
         self.log("val_step", float(self.trainer.global_step) if self._trainer is not None else 0.0)

@@ -59,9 +59,11 @@ def test_a_run_saved_at_val_fraction_0_with_several_files_still_reads_its_data(t
 
 def test_val_fraction_0_with_one_file_keeps_its_message() -> None:
     with pytest.raises(
-        DataError, match=r"with a single file its last val_fraction of bytes.*give more files"
-    ):
+        DataError,
+        match=r"with a single file its last val_fraction of bytes is held out; set data.val_fraction > 0",
+    ) as refused:
         check_text_lengths(1000, 0, 1, 16, 0.0)
+    assert "more files" not in str(refused.value)  # a new run with several files refuses 0 too
 
 
 # -- L3: the file held out by the fallback is named, once --------------------------------------------------

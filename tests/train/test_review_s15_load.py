@@ -250,3 +250,9 @@ def test_an_empty_yaml_file_is_refused(tmp_path, text) -> None:
     path.write_text(text)
     with pytest.raises(ConfigError, match=rf"file {str(path)!r} is empty: no settings"):
         _load([], tmp_path, config=str(path))
+
+
+def test_an_unknown_schedule_is_named_before_min_lr_is_held_to_it(tmp_path) -> None:
+    # review s15 last commits, LOW: the min_lr error came first and hid the misspelt schedule
+    with pytest.raises(ConfigError, match=r"optim.schedule='cosin' is not a schedule"):
+        _load(["optim.schedule=cosin", "optim.min_lr=0.5"], tmp_path)

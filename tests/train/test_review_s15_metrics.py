@@ -91,6 +91,26 @@ def test_compares_perplexity_of_a_huge_loss_is_inf_not_an_overflow_error() -> No
         windows=1,
     )
     assert math.isinf(result.perplexity(0)) and result.perplexity(1) == pytest.approx(math.exp(2.0))
+    nan = LengthResult(4, [(0, 4)], torch.full((1, 1, 1), math.nan, dtype=torch.float64), result.counts, 1)
+    assert math.isnan(nan.perplexity(0))  # a diverged model reads nan, not inf
+
+
+def test_rows_that_score_nothing_are_left_out_of_the_inner_loss_diagnostics() -> None:
+    # the padding rows of a rank's validation shard (review s15 last commits, MED)
+    run, _ = load_config("tiny", ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2"])
+    torch.manual_seed(0)
+    module = build_module(run).double()
+    inputs = torch.randint(0, 256, (3, 16))
+    targets = inputs.roll(-1, dims=1)
+    module.validation_step((inputs[:2], targets[:2]), 0)
+    want = module.inner_diagnostics.compute()
+    module.inner_diagnostics.reset()
+    padded = targets.clone()
+    padded[2] = IGNORE_INDEX
+    module.validation_step((inputs, padded), 0)
+    got = module.inner_diagnostics.compute()
+    assert want and want.keys() == got.keys()
+    assert all(torch.equal(got[key], want[key]) for key in want)
 
 
 # reason: two processes (ddp_spawn on CPU) train 2 steps and validate, then an evaluation (~40 s)

@@ -270,15 +270,22 @@ def with_caches(state: LMState, make) -> LMState:
     return LMState(tuple(BlockState(b.conv, make(b.mixer)) for b in state.blocks))
 
 
+def prefill_and_decode_one(model: CausalLM, ids: torch.Tensor) -> tuple[torch.Tensor, LMState]:
+    """The logits of ``ids`` in one call, and the state after a 9-token prefill and one decoded token
+    (full attention's cache then lives in a room)."""
+    full, _ = model(ids)
+    _, state = model(ids[:, :9])
+    _, state = model(ids[:, 9:10], state)
+    return full, state
+
+
 def test_an_edited_value_of_a_decoded_cache_is_the_one_attended_to() -> None:
     """HIGH-1: once a cache lives in a room (a token decoded without autograd), a cache holding another
     value tensor (dataclasses.replace) is attended with that value, as a KVCache built anew is."""
     model = attention_lm()
     ids = ids_of(2, 12, seed=3)
     with torch.no_grad():
-        full, _ = model(ids)
-        _, state = model(ids[:, :9])
-        _, state = model(ids[:, 9:10], state)
+        full, state = prefill_and_decode_one(model, ids)
         assert state.blocks[0].mixer._room is not None
         # first, while the room's next positions are free: a cache that keeps the room but holds another
         # value (built by hand) is not continued in place
@@ -309,9 +316,8 @@ def test_selected_rows_of_a_decoded_cache_get_a_room_the_next_token_is_written_i
     ids = ids_of(3, 12, seed=5)
     rows = torch.tensor([2, 0, 0])
     with torch.no_grad():
+        _, state = prefill_and_decode_one(model, ids)
         full, _ = model(ids[rows])
-        _, state = model(ids[:, :9])
-        _, state = model(ids[:, 9:10], state)
         selected = state.index_select(rows)
         logits, after = model(ids[rows, 10:11], selected)
         cache, cache_after = selected.blocks[0].mixer, after.blocks[0].mixer
@@ -331,9 +337,7 @@ def test_sliced_and_expanded_rows_of_a_decoded_cache_continue_as_those_sequences
     model = attention_lm()
     ids = ids_of(3, 12, seed=4)
     with torch.no_grad():
-        full, _ = model(ids)
-        _, state = model(ids[:, :9])
-        _, state = model(ids[:, 9:10], state)
+        full, state = prefill_and_decode_one(model, ids)
         for make in (
             lambda c: dataclasses.replace(c, key=c.key[0:1], value=c.value[0:1]),
             lambda c: KVCache.in_room(c.key[0:1], c.value[0:1], c.position, c._room),  # the room kept

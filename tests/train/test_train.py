@@ -20,7 +20,7 @@ from lm_testing import (  # the tiny run of the end-to-end tests; a killed run
 
 from innerloop.cli import main
 from innerloop.config import load_config
-from innerloop.train import CheckpointError, TrainingInterrupted, load_checkpoint, load_model, train
+from innerloop.train import CheckpointError, TrainingInterrupted, evaluate, load_checkpoint, load_model, train
 from innerloop.train.checkpoint import checkpoint_identity
 from innerloop.train.plots import read_loss_by_position_csv
 
@@ -206,10 +206,11 @@ def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path, capsys) -> Non
     assert "no saved config" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_two_process_ddp_on_cpu_trains(tmp_path) -> None:
+@pytest.mark.slow  # reason: two processes (ddp_spawn on CPU) train 4 steps and validate (~12 s)
+def test_two_process_ddp_on_cpu_trains_and_validates_every_window_once(tmp_path) -> None:
     overrides = [
-        *TINY,
+        *(item for item in TINY if not item.startswith("data.batch_size=")),
+        "data.batch_size=5",  # 5 validation windows: the ranks' shards differ by one (padded, unscored)
         "trainer.max_steps=4",
         "trainer.devices=2",
         "trainer.strategy=ddp_spawn",
@@ -221,6 +222,10 @@ def test_two_process_ddp_on_cpu_trains(tmp_path) -> None:
     assert 0 < result.metrics["val_loss"] < 10 and result.plot.exists()
     model = load_model(result.checkpoint)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # review s15 metrics (HIGH): Lightning's sampler repeated the first window to even the ranks out
+    metrics, _, _ = evaluate(result.checkpoint, progress_bar=False)
+    assert metrics["windows"] == 5
+    assert result.metrics["val_ppl"] == pytest.approx(metrics["val_ppl"], rel=1e-5)
 
 
 class _PressCtrlCTwice(L.Callback):

@@ -463,11 +463,14 @@ def _train_in_locked_dir(
     with interrupt.listening():  # from here on a Ctrl-C is a stop request, also before the fit starts
         config_path, undone = _fit(run, cfg, module, datamodule, trainer, interrupt, start, replace_previous)
     _raise_if_stopped(run, trainer, interrupt, ckpt, undone)
-    if trainer.global_step < run.trainer.max_steps:  # trainer.max_time, or a callback, stopped it
+    steps = trainer.global_step
+    if steps < run.trainer.max_steps and ckpt.is_file():  # under ddp_spawn the spawned ranks trained, not
+        steps = max(steps, int(load_checkpoint(ckpt).get("global_step", steps)))  # this process's trainer
+    if steps < run.trainer.max_steps:  # trainer.max_time, or a callback, stopped it
         log.warning(
             "the run stopped at step %d of trainer.max_steps=%d (trainer.max_time or a callback asked it "
             "to stop); %s holds it: continue with `innerloop train --resume out_dir=%s`",
-            trainer.global_step,
+            steps,
             run.trainer.max_steps,
             ckpt,
             run.out_dir,

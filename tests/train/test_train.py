@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -207,7 +208,7 @@ def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path, capsys) -> Non
 
 
 @pytest.mark.slow  # reason: two processes (ddp_spawn on CPU) train 4 steps and validate (~12 s)
-def test_two_process_ddp_on_cpu_trains_and_validates_every_window_once(tmp_path) -> None:
+def test_two_process_ddp_on_cpu_trains_and_validates_every_window_once(tmp_path, caplog) -> None:
     overrides = [
         *(item for item in TINY if not item.startswith("data.batch_size=")),
         "data.batch_size=5",  # 5 validation windows: the ranks' shards differ by one (padded, unscored)
@@ -217,8 +218,10 @@ def test_two_process_ddp_on_cpu_trains_and_validates_every_window_once(tmp_path)
         f"out_dir={tmp_path}",
     ]
     run, cfg = load_config("tiny", overrides)
-    result = train(run, cfg)
+    with caplog.at_level(logging.WARNING, logger="innerloop.train.run"):
+        result = train(run, cfg)
     assert load_checkpoint(result.checkpoint)["global_step"] == 4
+    assert not [r for r in caplog.records if "the run stopped at step" in r.getMessage()]  # it finished
     assert 0 < result.metrics["val_loss"] < 10 and result.plot.exists()
     model = load_model(result.checkpoint)
     assert all(torch.isfinite(p).all() for p in model.parameters())

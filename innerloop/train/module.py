@@ -473,11 +473,11 @@ class LanguageModelModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.log("val_step", float(self.trainer.global_step) if self._trainer is not None else 0.0)
         # val_loss is the mean over scored tokens (not over batches, which may differ in size or padding),
-        # from the same float64 sums as val_ppl = exp(val_loss); taken directly, not as log(val_ppl), which
-        # is inf once the mean passes about 709.8 nats (logged in float32, as before)
-        perplexity = self.val_ppl.compute()
-        self.log("val_loss", self.val_ppl.mean_loss().float(), prog_bar=True)
-        self.log("val_ppl", perplexity, prog_bar=True)
+        # from the float64 sums (synced across processes once); val_ppl = exp(val_loss), inf once the mean
+        # passes about 709.8 nats, where log(val_ppl) would be too (val_loss logged in float32, as before)
+        mean_loss = self.val_ppl.mean_loss()
+        self.log("val_loss", mean_loss.float(), prog_bar=True)
+        self.log("val_ppl", torch.exp(mean_loss), prog_bar=True)
         self.log("val_acc", self.val_acc.compute())
         self.val_ppl.reset()
         self.val_acc.reset()

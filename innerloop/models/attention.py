@@ -31,6 +31,17 @@ class _Room:
     def __init__(self, key: torch.Tensor, value: torch.Tensor, filled: int) -> None:
         self.key, self.value, self.filled = key, value, filled
 
+    @classmethod
+    def like(cls, key: torch.Tensor, value: torch.Tensor, batch: int, capacity: int) -> _Room:
+        """An empty room of ``batch`` sequences and ``capacity`` positions, with ``key``'s and
+        ``value``'s heads, head dim, dtype and device."""
+        heads, head_dim = key.shape[1], key.shape[3]
+        return cls(
+            key.new_empty(batch, heads, capacity, head_dim),
+            value.new_empty(batch, heads, capacity, head_dim),
+            0,
+        )
+
 
 @dataclass(frozen=True)
 class KVCache:
@@ -91,8 +102,8 @@ class KVCache:
         if room is None or torch.is_grad_enabled() or traced or room.key.shape[2] <= length:
             return KVCache(take_rows(self.key, rows), take_rows(self.value, rows), self.position)
         index = rows.to(self.key.device)
-        shape = (index.shape[0], *room.key.shape[1:])  # [rows, H, capacity, f]
-        new = _Room(self.key.new_empty(shape), self.value.new_empty(shape), length)
+        new = _Room.like(self.key, self.value, index.shape[0], room.key.shape[2])
+        new.filled = length
         torch.index_select(self.key, 0, index, out=new.key[:, :, :length])
         torch.index_select(self.value, 0, index, out=new.value[:, :, :length])
         return KVCache.in_room(new.key[:, :, :length], new.value[:, :, :length], self.position, new)
@@ -155,11 +166,7 @@ def appended(
     needed = cached + length
     room = state._room if state is not None else None
     if room is None or not _room_fits(room, old_k, old_v, needed):  # a new room, the cache copied in
-        batch, heads, _, head_dim = k.shape
-        capacity = needed + max(needed // 4, 256)
-        room = _Room(
-            k.new_empty(batch, heads, capacity, head_dim), v.new_empty(batch, heads, capacity, head_dim), 0
-        )
+        room = _Room.like(k, v, k.shape[0], capacity=needed + max(needed // 4, 256))
         room.key[:, :, :cached], room.value[:, :, :cached] = old_k, old_v
     room.key[:, :, cached:needed], room.value[:, :, cached:needed] = k, v
     room.filled = needed

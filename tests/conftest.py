@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -22,11 +22,38 @@ def pytest_configure(config: pytest.Config) -> None:
     times slower than one process. ``OMP_NUM_THREADS`` passes the same count to the training runs
     that tests start in subprocesses, which must round as the in-process run they are compared with."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    if workers:
+    if workers and os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch  # here, not at the top: the xdist controller, which runs no test, never imports torch
+
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         threads = max(1, cores // int(workers))
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        _rebuild_worker_warnings_one_at_a_time()
+
+
+def _rebuild_worker_warnings_one_at_a_time() -> None:
+    """pytest-xdist's controller rebuilds each warning a worker reports in that worker's receiving
+    thread, importing the module of the warning's class (``innerloop.train.throughput``, Lightning's
+    ``PossibleUserWarning``). Two workers reporting at once made two threads import Lightning together,
+    and its circular imports failed half-way: "cannot import name 'BitsandbytesPrecision' from partially
+    initialized module", every worker down, the run failed. One lock makes those imports one at a time."""
+    try:
+        from xdist import workermanage
+    except ImportError:  # no xdist: warnings are never rebuilt in another thread
+        return
+    rebuild = workermanage.unserialize_warning_message
+    if getattr(rebuild, "one_at_a_time", False):
+        return
+    lock = threading.Lock()
+
+    def rebuild_one_at_a_time(data):
+        with lock:
+            return rebuild(data)
+
+    rebuild_one_at_a_time.one_at_a_time = True
+    workermanage.unserialize_warning_message = rebuild_one_at_a_time
 
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -39,6 +66,8 @@ def _restore_torch_globals():
     """Every test starts with the process's torch threads, default dtype and denormal setting: a test
     that changes one (a benchmark's ``main`` sets the threads) must not change the rounding of the
     tests after it (the resume tests compare runs bit for bit, some of them trained in a subprocess)."""
+    import torch
+
     threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     yield
     torch.set_num_threads(threads)

@@ -76,7 +76,12 @@ def overflow_safe_scale(x: torch.Tensor) -> torch.Tensor:
     variance of such a row (nonzero: at least an ulp of ``2**limit``, squared) dwarfs any ``eps``,
     so ``eps`` need not be rescaled with it; the scaling costs one rounding.
     """
-    low, high = torch.aminmax(x.detach(), dim=-1, keepdim=True)  # one pass, no |x| copy
+    detached = x.detach()
+    # torch's CPU aminmax over a dim is not vectorised: two reductions there are 6-8x faster
+    if x.device.type == "cpu":
+        low, high = detached.amin(dim=-1, keepdim=True), detached.amax(dim=-1, keepdim=True)
+    else:  # one pass, no |x| copy
+        low, high = torch.aminmax(detached, dim=-1, keepdim=True)
     top = torch.maximum(high.abs(), low.abs())  # (not max(high, -low): a zero row would give -0.0)
     return (_overflow_bound(x) / top).clamp(max=1.0)
 

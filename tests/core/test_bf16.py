@@ -156,6 +156,7 @@ def _as_lists(run) -> list[list[torch.Tensor]]:
     return [[logits], list(grads), [decoded]]
 
 
+@pytest.mark.slow  # ~1.2 s in all: training steps and decoding of four language models; bf16 against float32 stays in the fast loop
 @pytest.mark.parametrize("backbone", ["transformer", "mamba"])
 @pytest.mark.parametrize("inner_model", ["linear", "mlp"])
 def test_a_ttt_language_model_trains_and_decodes_in_bf16(inner_model, backbone):

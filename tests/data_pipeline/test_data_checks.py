@@ -65,6 +65,7 @@ def corpus(tmp_path) -> Path:
         ("{c}/run/*.csv", "{c}/run", "is reached by"),
     ],
 )
+@pytest.mark.slow  # ~1.1 s in all: eight layouts of data and out_dir
 def test_an_out_dir_inside_the_data_is_refused(corpus, entry, out, how) -> None:
     entry, out = entry.format(c=corpus), out.format(c=corpus)
     expected = f"out_dir='{out}'" + r".* " + how + f" data.paths entry '{entry}': the run's own files"

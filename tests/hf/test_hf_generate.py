@@ -122,6 +122,7 @@ def sampled_outside_nucleus(model, top_p: float, sample_top_p: float) -> int:
     )
 
 
+@pytest.mark.slow  # ~0.5 s: many sampled generations
 def test_top_p_samples_only_from_the_nucleus() -> None:
     model = tiny_hf_model("ttt_linear")
     assert sampled_outside_nucleus(model, 0.3, sample_top_p=0.3) == 0

@@ -127,6 +127,7 @@ def assert_unchanged(state, snapshot: dict[str, torch.Tensor], which: str) -> No
         assert torch.equal(now[name], value), f"{which}: {name} was changed in place"
 
 
+@pytest.mark.slow  # ~2.6 s in all: 18 model kinds and positions; prefill then decode stays in the fast loop (test_a_one_token_prompt_then_token_by_token_decoding_equals_the_whole_sequence)
 @pytest.mark.parametrize("kept_at", [0, 2], ids=["after-the-prompt", "after-2-generated-tokens"])
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 def test_a_state_kept_from_generation_stays_valid_after_decoding_goes_on_from_it(

@@ -55,6 +55,7 @@ def test_an_untied_head_and_a_pre_conv_are_their_own_parts() -> None:
 @pytest.mark.parametrize(  # the bisection is the same for every mixer; each counts its own parameters
     "mixer", ["ttt", pytest.param("swa", marks=pytest.mark.slow), pytest.param("e2e", marks=pytest.mark.slow)]
 )  # swa, e2e: ~0.2-0.4 s each
+@pytest.mark.slow  # ~0.8 s in all: a search over widths
 def test_size_to_budget_finds_the_closest_width(mixer, adjust) -> None:
     config = ModelConfig.from_dict({**SMALL, "mixer": mixer})
     budget = 50_000
@@ -104,6 +105,7 @@ TINY_PRESETS = [
 ]
 
 
+@pytest.mark.slow  # ~0.8 s in all: every tiny preset built
 @pytest.mark.parametrize("preset", TINY_PRESETS)
 def test_tiny_presets_are_matched_to_tiny_within_5_percent_and_say_so(preset) -> None:
     from importlib.resources import files

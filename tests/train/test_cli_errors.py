@@ -301,6 +301,7 @@ def _evaluate(capsys, checkpoint: Path, out: Path) -> tuple[str, list[str]]:
     return capsys.readouterr().out, sorted(p.name for p in out.iterdir())
 
 
+@pytest.mark.slow  # ~0.4 s: an evaluation through the CLI
 def test_eval_takes_seq_len_from_the_checkpoint_not_a_config_beside_it(capsys, run_dir, tmp_path) -> None:
     """A copy of a checkpoint next to another run's config.yaml evaluates at the length it was trained
     with (recorded in its hyperparameters), not the foreign config's."""
@@ -488,6 +489,7 @@ def test_an_empty_out_is_refused_not_read_as_the_current_directory(capsys, run_d
     )
 
 
+@pytest.mark.slow  # ~0.5 s: a conversion and an evaluation
 def test_eval_of_a_converted_checkpoint_says_it_records_no_training_seq_len(capsys, tmp_path) -> None:
     """A checkpoint made by `innerloop convert` (a model, no training state) is not called older."""
     from innerloop.models import CausalLM, ModelConfig

@@ -51,6 +51,7 @@ def runs(tmp_path) -> list[Path]:
     return [_run(tmp_path, "ttt", "ttt", 0), _run(tmp_path, "swa", "swa", 1)]
 
 
+@pytest.mark.slow  # ~0.5 s: a comparison of three models
 def test_every_model_reads_the_same_windows_the_run_validated_on(runs, monkeypatch) -> None:
     seen: list[torch.Tensor] = []
     real = compare_module.token_losses
@@ -216,6 +217,7 @@ def test_models_with_different_tokenizers_are_refused(runs, monkeypatch) -> None
         compare([first, second])
 
 
+@pytest.mark.slow  # ~0.5 s: a comparison through the CLI
 def test_a_model_trained_on_other_data_or_unknown_data_is_named(runs, tmp_path) -> None:
     from innerloop.train.compare import load_compared_model, training_data_notes
 
@@ -236,6 +238,7 @@ def test_a_model_trained_on_other_data_or_unknown_data_is_named(runs, tmp_path) 
     assert "swa: its training data is unknown" in notes
 
 
+@pytest.mark.slow  # ~1 s in all: two comparisons through the CLI
 @pytest.mark.parametrize("seq_len", [1000, 5000])  # longer than the validation text; than both texts
 def test_a_seq_len_longer_than_the_runs_validation_text_names_the_option_given(
     runs, tmp_path, capsys, seq_len

@@ -82,6 +82,7 @@ def test_a_model_that_trained_on_the_baselines_held_out_file_is_refused_in_eithe
         compare([run_a, run_b], resamples=10)  # A's own split check, as before (and as eval)
 
 
+@pytest.mark.slow  # ~0.6 s: a comparison through the CLI
 def test_models_with_the_same_data_settings_but_other_training_text_are_named(tmp_path, three_files) -> None:
     state = {"validation_files": ["a.txt"], "training_digest": "1"}
     first = _run(tmp_path / "first", [str(three_files)], state)
@@ -119,6 +120,7 @@ def test_data_files_that_a_model_trained_on_are_named_in_compare_and_eval(
     )
 
 
+@pytest.mark.slow  # ~0.4 s: a comparison through the CLI
 def test_a_baseline_with_unknown_training_data_is_named_and_so_are_models_on_other_data(
     tmp_path, three_files
 ) -> None:
@@ -136,6 +138,7 @@ def test_a_baseline_with_unknown_training_data_is_named_and_so_are_models_on_oth
         compare_module.training_data_notes(_models(baseline, less), 0)
 
 
+@pytest.mark.slow  # ~0.3 s: a comparison through the CLI
 def test_recall_runs_of_other_tasks_are_named(tmp_path) -> None:
     def recall(name: str, gap: int) -> Path:
         task = ("data.recall.num_pairs=2", f"data.recall.gap={gap}")

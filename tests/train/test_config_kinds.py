@@ -128,6 +128,7 @@ def test_a_hand_edited_run_config_is_held_to_the_same_kinds(tmp_path) -> None:
         read_run_config(path)
 
 
+@pytest.mark.slow  # ~1.5 s in all: every preset, loaded, saved and loaded again
 @pytest.mark.parametrize("preset", preset_names())
 def test_every_preset_and_the_config_yaml_innerloop_saves_of_it_still_load(tmp_path, preset) -> None:
     """Presets, and config.yaml files written by innerloop (floats as 1.0e-05, nulls, booleans), are

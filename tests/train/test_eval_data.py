@@ -143,6 +143,7 @@ def test_a_run_records_its_data_paths_absolute_so_eval_elsewhere_reads_the_same_
     assert str(project / "docs") in capsys.readouterr().out
 
 
+@pytest.mark.slow  # ~0.4 s: an evaluation through the CLI
 def test_relative_paths_of_an_older_config_are_read_from_here_and_say_so(
     tmp_path, monkeypatch, capsys
 ) -> None:
@@ -177,6 +178,7 @@ def test_relative_paths_of_an_older_config_are_read_from_here_and_say_so(
         ("- a list\n", "not a mapping"),
     ],
 )
+@pytest.mark.slow  # ~0.9 s in all: three evaluations through the CLI
 def test_a_config_beside_the_checkpoint_that_cannot_be_used_is_one_error(
     tmp_path, capsys, text, reason
 ) -> None:
@@ -204,6 +206,7 @@ def test_a_config_of_another_model_beside_the_checkpoint_says_which_windows_were
 # -- item 7: --data files read as the run read its data -----------------------------------------------
 
 
+@pytest.mark.slow  # ~0.8 s: an HF run folder and an evaluation through the CLI
 def test_data_files_of_an_hf_run_are_read_as_its_documents_not_their_json(tmp_path, capsys) -> None:
     jsonl = _jsonl(tmp_path / "corpus.jsonl")
     checkpoint = _run_folder(tmp_path / "hf", ["data.name=hf", f"data.paths=[{jsonl}]"])
@@ -311,6 +314,7 @@ def test_windows_never_score_a_token_twice(length, seq_len, count, caplog) -> No
     assert ("without overlap" in caplog.text) == (count > holds)
 
 
+@pytest.mark.slow  # ~2.4 s in all: six eval/compare runs; an out_dir inside the data stays in the fast loop (test_data_checks.py)
 @pytest.mark.parametrize("command", ["eval", "compare"])
 @pytest.mark.parametrize("where", ["run data", "--data", "--data glob"])
 def test_an_output_folder_inside_the_evaluated_data_is_refused(tmp_path, capsys, command, where) -> None:
@@ -338,6 +342,7 @@ def test_an_output_folder_inside_the_evaluated_data_is_refused(tmp_path, capsys,
     assert main([command, *target, *given, "--out", str(tmp_path / "elsewhere"), "--batches", "1"]) == 0
 
 
+@pytest.mark.slow  # ~0.6 s: an evaluation through the CLI
 def test_the_loss_of_a_recall_run_is_per_token_not_per_byte(tmp_path, capsys) -> None:
     checkpoint = _run_folder(
         tmp_path / "run",
@@ -359,6 +364,7 @@ def test_an_hf_run_asked_for_more_windows_than_its_held_out_documents_hold_says_
     assert f"not the {1000 * BATCH} asked for" in caplog.text
 
 
+@pytest.mark.slow  # ~0.4 s: an evaluation through the CLI
 def test_a_link_to_a_runs_checkpoint_evaluates_on_that_runs_windows(tmp_path) -> None:
     data = tmp_path / "data.txt"
     data.write_text(TEXT)

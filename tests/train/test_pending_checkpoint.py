@@ -158,6 +158,7 @@ def test_a_kept_pending_checkpoint_replaces_last_only_once_its_next_loss_is_fini
     assert not (out / PENDING_CHECKPOINT).exists()
 
 
+@pytest.mark.slow  # ~1 s: three training runs
 def test_a_new_run_refused_in_an_out_dir_with_a_pending_checkpoint_leaves_it_for_resume(
     runs, tmp_path
 ) -> None:

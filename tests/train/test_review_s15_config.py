@@ -90,6 +90,7 @@ def test_e2e_overrides_that_change_nothing_are_warned_about() -> None:
 ARGUMENTS = ["params", "--budget", "100000", "--adjust", "hidden_size", "model.num_heads=3"]
 
 
+@pytest.mark.slow  # ~0.7 s: a search over widths
 def test_params_adjusts_hidden_size_where_the_configs_width_does_not_fit_the_heads(capsys) -> None:
     assert main(ARGUMENTS) == 0
     first, sized = capsys.readouterr().out.strip().splitlines()

@@ -77,6 +77,7 @@ class _RecordOptimizer(L.Callback):
         self.groups[trainer.global_step] = [(g["lr"], g["weight_decay"], *g["betas"]) for g in groups]
 
 
+@pytest.mark.slow  # ~1.2 s: two training runs
 def test_resume_applies_optimizer_and_trainer_overrides_exactly_and_records_them(finished, tmp_path) -> None:
     out = _copy_run(finished, tmp_path)
     overrides = ["optim.lr=0.3", "optim.min_lr=0.01", "optim.weight_decay=0.05", "optim.beta1=0.8",

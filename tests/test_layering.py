@@ -93,6 +93,10 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
         "and run every registered rule; the registry itself uses this module's checks, so testing "
         "sits below it"
     ),
+    ("innerloop.testing.kernel_checks", "innerloop.registry"): (
+        "check_kernel takes a registered kernel's name; the registry itself uses innerloop.testing's "
+        "checks, so testing sits below it"
+    ),
 }
 """Function-level imports that are deliberate: (importing module, imported module or package) -> why."""
 

@@ -4,6 +4,10 @@
   (with decay and momentum where a rule takes them; by default every built-in loss, the inner LayerNorm
   and residual on and off, and the gradients against the naive loop's), ``check_update_rule_gradients``
   (a gradcheck).
+- :mod:`innerloop.testing.kernel_checks`: ``check_kernel``, a registered kernel against the torch path
+  through a layer (several lengths and splits, a carried state, gradients, no_grad, decoding): what
+  dispatch's first-use probe, which sees a block's first two mini-batches only, leaves to the kernel's
+  own tests.
 - :mod:`innerloop.testing.reference`: the naive token-by-token loop every rule is checked against.
 - :mod:`innerloop.testing.strategies`: hypothesis strategies (needs the ``test`` extra).
 """
@@ -21,14 +25,18 @@ from innerloop.testing.checks import (
     run_layer_in_chunks,
     twin_layers,
 )
+from innerloop.testing.kernel_checks import KERNEL_CHECK_TOLERANCES, KernelCheckReport, check_kernel
 from innerloop.testing.reference import causal_linear_attention, naive_token_loop
 
 __all__ = [
     "FLOAT64_TOLERANCE",
     "InnerProblem",
+    "KERNEL_CHECK_TOLERANCES",
+    "KernelCheckReport",
     "causal_linear_attention",
     "check_inner_loss",
     "check_inner_model",
+    "check_kernel",
     "check_update_rule",
     "check_update_rule_gradients",
     "check_zero_decay_and_momentum",

@@ -1,0 +1,373 @@
+"""``check_kernel``: a registered kernel against the torch path, through a layer, on every case its
+first-use probe leaves out.
+
+Dispatch's first-use probe (:mod:`innerloop.kernels.first_use`) compares a kernel with the torch path
+on the first two mini-batches of the first block of each kind only, so a kernel wrong from its third
+mini-batch on, in its backward, under ``torch.no_grad`` only, or for some batch rows, may still be
+chosen by ``kernel="auto"``. :func:`check_kernel` settles those in a plugin's own tests: it builds two
+layers with the same weights (:func:`~innerloop.testing.checks.twin_layers`), one forced onto the
+kernel and one on ``kernel="torch"``, and compares them on
+
+- calls of at least three whole mini-batches plus a partial one, and of fewer tokens than a
+  mini-batch, each in one call and split in several calls with the state carried between them;
+- from a fresh state and from a state carried from a first call (different weights in each of the
+  three batch rows, and pending sums: the call starts inside a mini-batch);
+- an even head dim (:class:`~innerloop.core.layer.TTTLayer`) and an odd one
+  (:class:`~innerloop.core.family_layers.FamilyLayer`, which has no RoPE), three heads;
+- with gradients (outputs, final state, and the gradients of a fixed random projection of both with
+  respect to the input and every parameter), under ``torch.no_grad`` and under
+  ``torch.inference_mode`` (outputs and final state);
+- and, when the kernel has a ``decode`` step, a prefill then token-by-token decoding.
+
+A case the kernel refuses (its ``verify``, or what its :class:`~innerloop.kernels.spec.KernelSpec`
+declares: a training-only path, no decode step, ...) is skipped and the report says why; a case with no
+whole mini-batch for the kernel is compared all the same. If the kernel computed nothing in any case,
+the check fails: a kernel that refuses everything is not checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+import torch
+
+from innerloop.core.family_layers import REFUSED_TTT_OPTIONS, FamilyLayer
+from innerloop.core.layer import TTTLayer
+from innerloop.core.state import TTTState
+from innerloop.kernels.dispatch import KernelCheckError, KernelUnavailableError
+from innerloop.kernels.first_use import tolerance_for
+from innerloop.kernels.spec import KernelSpec
+from innerloop.testing.checks import (
+    FLOAT64_TOLERANCE,
+    assert_close,
+    assert_states_close,
+    run_layer_in_chunks,
+    twin_layers,
+)
+
+#: Relative error :func:`check_kernel` allows by dtype, for outputs, states and gradients alike.
+#: float64 asks as much as of two mathematically equal computations; float32 leaves room for a
+#: different order of summation over a few mini-batches (the built-in kernels differ by < 1e-5), or,
+#: where ``torch.set_float32_matmul_precision`` lets products round to TF32 or bfloat16, the first-use
+#: check's tolerance for that precision (:func:`~innerloop.kernels.first_use.tolerance_for`). A wrong
+#: kernel is off by far more.
+KERNEL_CHECK_TOLERANCES: dict[torch.dtype, float] = {
+    torch.float64: FLOAT64_TOLERANCE,
+    torch.float32: 1e-4,
+}
+
+BATCH_SIZE = 3
+"""Sequences per call: a kernel that reads one batch row's data or weights for all is caught."""
+
+NUM_HEADS = 3
+"""Heads per layer: a kernel that reads one head's inner LayerNorm or weights for all is caught."""
+
+DEFAULT_MINI_BATCH_SIZE = 4
+
+MODES = ("grad", "no_grad", "inference_mode")
+"""How each call is made: recording a graph (gradients compared too), or not (two ways)."""
+
+_MODE_CONTEXTS: dict[str, Callable[[], AbstractContextManager]] = {
+    "grad": torch.enable_grad,
+    "no_grad": torch.no_grad,
+    "inference_mode": torch.inference_mode,
+}
+
+_PROJECTION_SEED = 1
+
+
+@dataclass
+class KernelCheckReport:
+    """What :func:`check_kernel` compared: ``ran``, the cases in which the kernel computed part of the
+    result; ``compared``, those the layer gave it no block of (fewer tokens than a mini-batch), checked
+    all the same; ``skipped``, the cases it refused, with the reason its spec gave."""
+
+    kernel: str
+    ran: list[str] = field(default_factory=list)
+    compared: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    """One comparison: the layer (head dim), the call (tokens, where it starts, where it is cut) and
+    the mode (:data:`MODES`, or ``"decode"``)."""
+
+    head_dim: int
+    tokens: int
+    carried: bool
+    cuts: tuple[int, ...]
+    mode: str
+
+    def __str__(self) -> str:
+        layer = "TTTLayer" if self.head_dim % 2 == 0 else "FamilyLayer"
+        start = "a state carried from a first call" if self.carried else "a fresh state"
+        if self.mode == "decode":
+            split = f"prefill of {self.cuts[0]} then token by token"
+        else:
+            split = f"split at {list(self.cuts)}" if self.cuts else "in one call"
+        return f"head_dim {self.head_dim} ({layer}), {self.tokens} tokens from {start}, {split}, {self.mode}"
+
+
+def check_kernel(
+    kernel: str | KernelSpec,
+    *,
+    inner_model: object | None = None,
+    inner_loss: object | None = None,
+    update_rule: object | None = None,
+    dtype: torch.dtype = torch.float64,
+    tolerance: float | None = None,
+    head_dims: tuple[int, ...] = (4, 5),
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    **layer_options: object,
+) -> KernelCheckReport:
+    """Compare a layer forced onto ``kernel`` with the same layer on ``kernel="torch"`` (module
+    docstring: the cases); raise ``AssertionError`` naming the kernel, the case and the tensor that
+    differs, with its relative error.
+
+    Args:
+        kernel: a registered kernel's name, or its registered :class:`~innerloop.kernels.spec.KernelSpec`.
+        inner_model, inner_loss, update_rule: the plugins (names or instances) the layer is built
+            with; by default the names the spec declares.
+        dtype: the layers' dtype, ``torch.float64`` (tolerance ``1e-10``) or ``torch.float32``
+            (``1e-4``, looser under a lowered float32 matmul precision), :data:`KERNEL_CHECK_TOLERANCES`.
+        tolerance: another largest relative error, for outputs, states and gradients alike.
+        head_dims: the head dims checked (an odd one runs on a ``FamilyLayer``, which has no RoPE).
+        device: where the layers run.
+        seed: the layers' weights and inputs.
+        layer_options: further ``TTTLayer`` arguments (``mini_batch_size``, default 4; ``inner_norm``
+            and ``inner_residual``, by default on for a kernel that ``fuses_inner_norm``, else off; ...).
+
+    Returns the :class:`KernelCheckReport` of the cases run, compared and skipped. Raises
+    ``AssertionError`` also when the kernel ran in no case at all.
+    """
+    spec = _kernel_spec(kernel)
+    tolerance = _tolerance(dtype, tolerance)
+    config = _layer_config(spec, inner_model, inner_loss, update_rule, layer_options)
+    report = KernelCheckReport(spec.name)
+    for head_dim in _checked_head_dims(head_dims):
+        checker = _Checker(spec, config, head_dim, dtype, torch.device(device), seed, tolerance, report)
+        for case in _cases(head_dim, checker.mini_batch_size, spec.decode is not None):
+            checker.run(case)
+        if spec.decode is None:
+            report.skipped[f"head_dim {head_dim}, decode"] = f"{spec.name} has no decode step"
+    if not report.ran:
+        raise AssertionError(
+            f"check_kernel({spec.name!r}): the kernel computed nothing in any of the {len(report.skipped)} "
+            f"cases it refused and {len(report.compared)} without a block for it, so nothing of it was "
+            f"checked; the reasons: {sorted(set(report.skipped.values()))}"
+        )
+    return report
+
+
+def _kernel_spec(kernel: str | KernelSpec) -> KernelSpec:
+    """The registered spec of that name (the registry's error lists the valid names), or ``kernel``."""
+    if not isinstance(kernel, (str, KernelSpec)):
+        raise TypeError(f"kernel must be a registered kernel's name or a KernelSpec, got {kernel!r}")
+    if isinstance(kernel, KernelSpec):
+        return kernel
+    from innerloop.registry import get_registry  # late import: the registry uses innerloop.testing's checks
+
+    return get_registry().get("kernel", kernel)
+
+
+def _tolerance(dtype: torch.dtype, tolerance: float | None) -> float:
+    if dtype not in KERNEL_CHECK_TOLERANCES:
+        raise ValueError(
+            f"dtype must be one of {list(KERNEL_CHECK_TOLERANCES)} (the layers' dtype), got {dtype!r}"
+        )
+    if tolerance is None:
+        lowered = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+        return tolerance_for(dtype) if lowered else KERNEL_CHECK_TOLERANCES[dtype]  # TF32 / bfloat16 products
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
+        raise ValueError(f"tolerance must be a positive number (a relative error), got {tolerance!r}")
+    return float(tolerance)
+
+
+def _checked_head_dims(head_dims: tuple[int, ...]) -> tuple[int, ...]:
+    valid = isinstance(head_dims, (tuple, list)) and len(head_dims) > 0
+    if not valid or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in head_dims):
+        raise ValueError(f"head_dims must be a non-empty tuple of positive ints, got {head_dims!r}")
+    return tuple(head_dims)
+
+
+def _layer_config(
+    spec: KernelSpec, inner_model: object, inner_loss: object, update_rule: object, options: dict
+) -> dict:
+    """The layer's arguments: the spec's plugins unless given, its wrapping, ``options`` on top."""
+    for name in ("kernel", "hidden_size", "num_heads"):
+        if name in options:
+            raise TypeError(
+                f"check_kernel sets {name} itself (got {name}={options[name]!r}): pass the kernel as its "
+                "first argument and the head dims as head_dims"
+            )
+    wrapped = spec.fuses_inner_norm
+    return {
+        "inner_model": spec.inner_model if inner_model is None else inner_model,
+        "inner_loss": spec.inner_loss if inner_loss is None else inner_loss,
+        "update_rule": spec.update_rule if update_rule is None else update_rule,
+        "mini_batch_size": DEFAULT_MINI_BATCH_SIZE,
+        "inner_norm": wrapped,
+        "inner_residual": wrapped,
+        **options,
+    }
+
+
+def _cases(head_dim: int, mini_batch_size: int, decodes: bool) -> Iterator[KernelCase]:
+    """Every case of one head dim: each length, start and cut, in each mode; then decoding."""
+    k = mini_batch_size
+    long = 3 * k + k // 2 + 1  # three whole mini-batches and a partial one (K = 1: four whole ones)
+    lengths = [long] if k == 1 else [long, k - 1]
+    for tokens in lengths:
+        cuts = tuple(c for c in (1, k + k // 2 + 1, 3 * k) if 0 < c < tokens)
+        for carried in (False, True):
+            for mode in MODES:
+                yield KernelCase(head_dim, tokens, carried, (), mode)
+                if cuts:
+                    yield KernelCase(head_dim, tokens, carried, cuts, mode)
+    if decodes:
+        yield KernelCase(head_dim, 2 * k + 1, True, (k + 1,), "decode")
+
+
+def _twin_layers(
+    config: dict, head_dim: int, seed: int, kernel: str, dtype: torch.dtype
+) -> tuple[TTTLayer, TTTLayer]:
+    """:func:`twin_layers` at ``head_dim`` (an odd one: ``FamilyLayer``s, without TTTLayer's RoPE)."""
+    sizes = {"hidden_size": NUM_HEADS * head_dim, "num_heads": NUM_HEADS}
+    if head_dim % 2 == 0:
+        return twin_layers({**config, **sizes}, seed, kernel, dtype)
+    family = {k: v for k, v in config.items() if k not in REFUSED_TTT_OPTIONS}
+    torch.manual_seed(seed)
+    reference = FamilyLayer(**sizes, **family, kernel="torch").to(dtype)
+    with torch.no_grad():  # away from the initial values, as twin_layers does
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    fast = FamilyLayer(**sizes, **family, kernel=kernel).to(dtype)
+    fast.load_state_dict(reference.state_dict())
+    return reference, fast
+
+
+def _copy(state: TTTState | None) -> TTTState | None:
+    return None if state is None else state.clone()
+
+
+def _run_recorded(
+    layer: TTTLayer, x: torch.Tensor, cuts: tuple[int, ...], state: TTTState | None
+) -> tuple[tuple[torch.Tensor, TTTState], list[tuple[str, str]]]:
+    """:func:`run_layer_in_chunks` and the dispatch decisions of every call it made."""
+    paths: list[tuple[str, str]] = []
+    hook = layer.register_forward_hook(lambda module, args, out: paths.extend(module.dispatches))
+    try:
+        result = run_layer_in_chunks(layer, x, list(cuts), state)
+    finally:
+        hook.remove()
+    return result, paths
+
+
+def _projected_gradients(
+    layer: TTTLayer, x: torch.Tensor, result: tuple[torch.Tensor, TTTState]
+) -> dict[str, torch.Tensor]:
+    """The gradients of a fixed random projection of the outputs and the final state's weights and
+    pending sums with respect to ``x`` and every parameter (zero where none flows)."""
+    outputs, state = result
+    generator = torch.Generator().manual_seed(_PROJECTION_SEED)
+    weights = [group[k] for group in (state.params, state.pending) for k in sorted(group)]  # one order
+    projected = sum(
+        (t * torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)).sum()
+        for t in (outputs, *weights)
+    )
+    leaves = {"the input x": x, **{f"parameter {n}": p for n, p in layer.named_parameters()}}
+    grads = torch.autograd.grad(projected, list(leaves.values()), allow_unused=True)
+    return {
+        name: torch.zeros_like(leaf) if grad is None else grad
+        for (name, leaf), grad in zip(leaves.items(), grads, strict=True)
+    }
+
+
+class _Checker:
+    """The twin layers of one head dim, the state carried from a first call, and the cases run on them."""
+
+    def __init__(
+        self,
+        spec: KernelSpec,
+        config: dict,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        seed: int,
+        tolerance: float,
+        report: KernelCheckReport,
+    ) -> None:
+        self.spec, self.tolerance, self.report = spec, tolerance, report
+        reference, fast = _twin_layers(config, head_dim, seed, spec.name, dtype)  # checks the options
+        self.mini_batch_size = reference.mini_batch_size
+        self.reference, self.fast = reference.to(device), fast.to(device)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.shape, self.dtype, self.device = (BATCH_SIZE, NUM_HEADS * head_dim), dtype, device
+        with torch.no_grad():  # inside a mini-batch, different weights in each batch row
+            self.carried = self.reference(self.draw(self.mini_batch_size + 1))[1]
+
+    def draw(self, tokens: int) -> torch.Tensor:
+        batch, hidden = self.shape
+        x = torch.randn(batch, tokens, hidden, generator=self.generator, dtype=torch.float64)
+        return x.to(device=self.device, dtype=self.dtype)
+
+    def run(self, case: KernelCase) -> None:
+        """Compare the two layers on ``case`` and record whether the kernel computed part of it."""
+        what = f"check_kernel({self.spec.name!r}): {case}"
+        x, state = self.draw(case.tokens), self.carried if case.carried else None
+        try:
+            paths = self._compare(case, x, state, what)
+        except KernelCheckError as error:
+            raise AssertionError(f"{what}: dispatch's first-use check refused the kernel: {error}") from error
+        except KernelUnavailableError as error:  # its verify, or what its spec declares, refuses the case
+            self.report.skipped[str(case)] = f"not compared: {error}"
+            return
+        except AssertionError:
+            raise
+        except Exception as error:
+            raise AssertionError(f"{what}: raised {type(error).__name__}: {error}") from error
+        self._record(case, paths)
+
+    def _compare(
+        self, case: KernelCase, x: torch.Tensor, state: TTTState | None, what: str
+    ) -> list[tuple[str, str]]:
+        grad = case.mode == "grad"
+        cuts = case.cuts
+        if case.mode == "decode":  # a prefill, then one call per token
+            cuts = tuple(range(case.cuts[0], case.tokens))
+        with _MODE_CONTEXTS["inference_mode" if case.mode == "decode" else case.mode]():
+            x_reference, x_fast = (x.clone().requires_grad_(grad) for _ in range(2))
+            expected = self.reference(x_reference, _copy(state))
+            actual, paths = _run_recorded(self.fast, x_fast, cuts, _copy(state))
+            assert_close(actual[0], expected[0], f"{what}: output", self.tolerance)
+            assert_states_close(actual[1], expected[1], f"{what}: final state", self.tolerance)
+            if grad:
+                want = _projected_gradients(self.reference, x_reference, expected)
+                got = _projected_gradients(self.fast, x_fast, actual)
+                for name, gradient in want.items():
+                    assert_close(got[name], gradient, f"{what}: gradient of {name}", self.tolerance)
+        return paths
+
+    def _record(self, case: KernelCase, paths: list[tuple[str, str]]) -> None:
+        """``ran`` when the kernel (its decode step, for a decoding case) computed part of the case;
+        else ``skipped`` with the reasons dispatch gave about it, or ``compared`` where it gave none
+        (no whole mini-batch for it)."""
+        name = self.spec.name
+        wanted = {name, f"{name}.decode"}
+        if case.mode == "decode" and self.mini_batch_size > 1:  # K = 1: each token is a whole mini-batch
+            wanted = {f"{name}.decode"}
+        if any(path in wanted for path, _ in paths):
+            self.report.ran.append(str(case))
+            return
+        refusals = sorted({reason for path, reason in paths if name in reason})
+        if refusals:
+            self.report.skipped[str(case)] = "compared on another path: " + "; ".join(refusals)
+        else:
+            self.report.compared.append(str(case))
+
+
+__all__ = ["KERNEL_CHECK_TOLERANCES", "KernelCase", "KernelCheckReport", "check_kernel"]

@@ -20,7 +20,11 @@ from innerloop.core.model_inner import ModelInnerLoss, ModelUpdateRule
 from innerloop.core.protocol import InnerLoss, InnerModel, LossPairs, UpdateRule, Views
 from innerloop.kernels.spec import KernelSpec
 from innerloop.testing.checks import (
+    MIXED_WRAPPINGS,
     REGISTRATION_TOLERANCE,
+    InnerProblem,
+    RaisedWithoutGradError,
+    RuleOutputError,
     check_activation_derivatives,
     check_forward_batch_independent,
     check_loss_gradient,
@@ -31,6 +35,8 @@ from innerloop.testing.checks import (
     check_pairs_token_by_token,
     check_stack_matches_forward,
     check_update_rule,
+    check_update_rule_without_grad,
+    make_problem,
     warm_carry,
 )
 
@@ -173,7 +179,9 @@ def _smoke_params(model: Any, name: str, heads: int, head_dim: int) -> dict[str,
     return {k: v.to(torch.float32) for k, v in params.items()}
 
 
-def _check_inner_model(model: Any, name: str) -> None:
+def _inner_model_smoke(model: Any, name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The model run once on a tiny input: ``init_params`` agrees with ``param_shapes``, ``forward`` keeps
+    the shape ``[heads, N, f]`` and learns (:func:`_check_model_learns`); its float32 weights and input."""
     heads, head_dim = 2, 4
     try:
         params = _smoke_params(model, name, heads, head_dim)
@@ -190,6 +198,12 @@ def _check_inner_model(model: Any, name: str) -> None:
             "it must return the same shape (g maps head_dim features to head_dim features)"
         )
     _check_model_learns(model, name, params, x)
+    return params, x
+
+
+def _check_inner_model(model: Any, name: str) -> None:
+    params, x = _inner_model_smoke(model, name)
+    heads, head_dim = x.shape[0], x.shape[-1]
 
     def stack_and_activations() -> None:
         # float64 weights perturbed so that every term (zero-initialised biases too) matters
@@ -241,23 +255,36 @@ def _check_model_learns(model: Any, name: str, params: dict[str, torch.Tensor], 
         )
 
 
-def _check_inner_loss(loss: Any, name: str) -> None:
+def _inner_loss_smoke(loss: Any, name: str) -> tuple[Views, dict[str, torch.Tensor]]:
+    """The loss run once on tiny views ``[B, H, T, f] = (2, 2, 3, 4)``: the pairs' fields have the views'
+    shape and dtype (checked before ``token_loss`` reads them), ``token_loss`` reduces the feature dim,
+    ``token_loss_grad`` runs (:func:`_check_loss_grad_runs`); the views and the initial carry."""
     batch, heads, tokens, head_dim = 2, 2, 3, 4  # two sequences: a loss must not mix them
     expected = (batch, heads, tokens, head_dim)
     try:
         views = Views(*(torch.randn(expected) for _ in range(3)))
         carry = loss.init_carry(batch, heads, head_dim, views.key)
         pairs = loss.pairs(views, carry)
-        per_token = loss.token_loss(pairs.inputs, pairs.targets)
     except Exception as error:
         raise PluginError(f"inner loss {name!r} failed its smoke test: {error!r}") from error
     _check_pairs_fields(name, pairs, expected, views.key.dtype)
+    try:
+        per_token = loss.token_loss(pairs.inputs, pairs.targets)
+    except Exception as error:
+        raise PluginError(f"inner loss {name!r} failed its smoke test (token_loss): {error!r}") from error
     if not isinstance(per_token, torch.Tensor) or tuple(per_token.shape) != expected[:-1]:
         got = tuple(per_token.shape) if isinstance(per_token, torch.Tensor) else type(per_token).__name__
         raise PluginError(
             f"inner loss {name!r}: token_loss() must reduce the feature dim to [B, H, T] = {expected[:-1]}; got {got}"
         )
     _check_loss_grad_runs(loss, name, pairs.targets)
+    return views, carry
+
+
+def _check_inner_loss(loss: Any, name: str) -> None:
+    views, carry = _inner_loss_smoke(loss, name)
+    expected = tuple(views.key.shape)
+    heads, head_dim = expected[1], expected[3]
 
     def pairs_and_gradient() -> None:
         check_pairs_deterministic(loss, views, carry)
@@ -389,7 +416,9 @@ def _check_update_rule_against_naive_loop(rule: Any, name: str) -> None:
     """The rule equals the naive token loop (or the reference it declares) on a tiny problem, in
     values and in the gradients w.r.t. every input: whole and cut mid-mini-batch, with the
     reconstruction and next-token losses (a carry across chunks and an invalid first pair), the
-    layer's LayerNorm and residual on and off.
+    layer's LayerNorm and residual each on and off (all four pairs); the values under
+    ``torch.no_grad()`` and ``torch.inference_mode()`` too, and what ``forward`` returns is
+    ``(outputs [B, H, T, f], TTTState)``.
 
     Every built-in model the rule accepts (linear, mlp, matrix) is checked: a rule right for one
     model only (one that updates the weights of ``linear`` by name) is refused. A rule that accepts
@@ -416,36 +445,34 @@ def _check_update_rule_against_naive_loop(rule: Any, name: str) -> None:
 
 
 def _check_update_rule_on_model(rule: Any, name: str, model: InnerModel, every_problem: bool) -> None:
-    """:func:`_check_update_rule_against_naive_loop` on one built-in model: every problem on the first
-    model the rule accepts; on the others (to keep registration cheap), the two that tell a rule
-    right for one model only: next_token wrapped (values), and the plainest problem with gradients (a
-    rule wrong for one loss or wrapping only is caught on the first model)."""
-    from innerloop.plugins.losses.next_token import NextToken
-    from innerloop.plugins.losses.reconstruction import Reconstruction
-
-    # two sequences and two heads: a rule that mixes them is refused. next_token (an invalid first pair,
-    # a carry across chunks) with gradients; reconstruction with the inner LayerNorm and residual on
-    # and off; and the plainest problem (one-token mini-batches, no wrapping) a rule may be limited to.
-    # Head dim 3: over two features the inner LayerNorm is a constant, and the gradients through it ~0
+    """:func:`_check_update_rule_against_naive_loop` on one built-in model: every problem of
+    :func:`_registration_problems` on the first model the rule accepts, and on the first of them the rule
+    runs, its values without autograd too (:func:`_check_without_grad`); on the others (to keep
+    registration cheap), the two that tell a rule right for one model only."""
     problem = {"batch": 2, "heads": 2, "head_dim": 3, "tokens": 5}
-    problems = [
-        (NextToken(), {"mini_batch_size": 2, "norm": True, "residual": True}, True),
-        (Reconstruction(), {"mini_batch_size": 2, "norm": True, "residual": True}, False),
-        (Reconstruction(), {"mini_batch_size": 2, "norm": False, "residual": False}, False),
-        (Reconstruction(), {"mini_batch_size": 1, "norm": False, "residual": False}, True),
-    ]
-    if not every_problem:  # gradients once: through the LayerNorm-free plainest problem
-        problems = [(problems[0][0], problems[0][1], False), problems[-1]]
+    problems = _registration_problems(every_problem)
     unsupported = []
-    for loss, options, gradients in problems:
+    for index, (loss, options, gradients) in enumerate(problems):
         try:
             check_update_rule(
-                rule, model, loss, tolerance=REGISTRATION_TOLERANCE, gradients=gradients, **options, **problem
+                rule,
+                model,
+                loss,
+                tolerance=REGISTRATION_TOLERANCE,
+                gradients=gradients,
+                without_grad=False,
+                **options,
+                **problem,
             )
+        except RuleOutputError as error:  # the wrong type or layout: said by name, not as numbers
+            raise PluginError(str(error)) from error
         except AssertionError as error:  # wrong numbers: refused
-            _conformance("update rule", name, lambda error=error: _raise(_with_contract(error)))
+            _conformance("update rule", name, lambda error=error: _raise(_with_contract(error, rule)))
         except Exception as error:  # a configuration the rule refuses to run (its own ValueError)
             unsupported.append(f"{loss.name}, {options}: {error!r}")
+            continue
+        if every_problem and len(unsupported) == index:  # the first problem the rule runs
+            _check_without_grad(rule, name, make_problem(model, loss, **options, **problem))
     if len(unsupported) == len(problems):
         raise PluginError(
             f"update rule {name!r} failed its conformance check: it raised on every problem tried with the "
@@ -454,9 +481,66 @@ def _check_update_rule_on_model(rule: Any, name: str, model: InnerModel, every_p
         )
 
 
-def _with_contract(error: AssertionError) -> AssertionError:
-    """``error`` with what an update rule must compute (:data:`UPDATE_RULE_CONTRACT`) appended."""
-    return AssertionError(f"{error} ({UPDATE_RULE_CONTRACT})")
+def _registration_problems(every_problem: bool) -> list[tuple[InnerLoss, dict[str, Any], bool]]:
+    """The problems ``(loss, options, gradients)`` a rule is checked on at registration, on a problem of
+    two sequences and two heads (a rule that mixes them is refused) and head dim 3 (over two features
+    the inner LayerNorm is a constant, and the gradients through it ~0).
+
+    With ``every_problem`` (the first model): next_token (an invalid first pair, a carry across chunks)
+    with the inner LayerNorm and residual on, with gradients; reconstruction with both off and with each
+    on alone (``TTTLayer`` takes them independently: a rule that ties one to the other is refused, each
+    way round); and the plainest problem (one-token mini-batches, no wrapping) a rule may be limited to,
+    with gradients.
+    Otherwise the two that tell a rule right for one model only: next_token wrapped (values), and the
+    plainest problem with gradients (a rule wrong for one loss or wrapping only is caught on the first
+    model)."""
+    from innerloop.plugins.losses.next_token import NextToken
+    from innerloop.plugins.losses.reconstruction import Reconstruction
+
+    wrapped = {"mini_batch_size": 2, "norm": True, "residual": True}
+    plainest = (Reconstruction(), {"mini_batch_size": 1, "norm": False, "residual": False}, True)
+    if not every_problem:  # gradients once: through the LayerNorm-free plainest problem
+        return [(NextToken(), wrapped, False), plainest]
+    wrappings = [(False, False), *MIXED_WRAPPINGS]  # both on: next_token's, on every model
+    return [
+        (NextToken(), wrapped, True),
+        *(
+            (Reconstruction(), {"mini_batch_size": 2, "norm": norm, "residual": residual}, False)
+            for norm, residual in wrappings
+        ),
+        plainest,
+    ]
+
+
+def _check_without_grad(rule: Any, name: str, problem: InnerProblem) -> None:
+    """The rule's values on ``problem`` under ``torch.no_grad()`` and ``torch.inference_mode()``
+    (:func:`innerloop.testing.checks.check_update_rule_without_grad`), a refusal if they differ: a layer
+    runs its rule so in evaluation and generation. A rule that raises there is not refused (as a problem
+    it refuses to run is skipped): it fails loudly at use, and ``check_update_rule`` reports it."""
+    try:
+        check_update_rule_without_grad(rule, problem.for_rule(rule), tolerance=REGISTRATION_TOLERANCE)
+    except RuleOutputError as error:
+        raise PluginError(str(error)) from error
+    except RaisedWithoutGradError:
+        return
+    except AssertionError as error:
+        _conformance("update rule", name, lambda error=error: _raise(error))
+
+
+#: What an update rule that declares its own ``reference`` computes, said in its refusal instead of
+#: :data:`UPDATE_RULE_CONTRACT`.
+REFERENCE_CONTRACT = (
+    "an update rule that declares a token-by-token reference (UpdateRule.reference) must compute what "
+    "that reference computes, in values and in gradients, whole and cut anywhere with the state carried, "
+    "with decay and momentum where it sets supports_decay / supports_momentum"
+)
+
+
+def _with_contract(error: AssertionError, rule: Any) -> AssertionError:
+    """``error`` with what ``rule`` must compute appended: :data:`UPDATE_RULE_CONTRACT`, or
+    :data:`REFERENCE_CONTRACT` for a rule that declares its own ``reference``."""
+    contract = UPDATE_RULE_CONTRACT if getattr(rule, "reference", None) is None else REFERENCE_CONTRACT
+    return AssertionError(f"{error} ({contract})")
 
 
 def _raise(error: BaseException) -> None:
@@ -521,6 +605,23 @@ def _check_model_update_rule(rule: Any, name: str) -> None:
             f"model update rule {name!r}: step() must return {wanted}; got dtypes {dtypes} (cast the new weights "
             "to the dtype of the old ones)"
         )
+
+
+def smoke_test(kind_name: str, plugin: Any) -> None:
+    """The registrar's smoke test of an inner model (``kind_name="inner_model"``) or inner loss
+    (``"inner_loss"``), alone: run once on a tiny input, its pieces have the shapes and dtypes the
+    protocol asks for (a model's ``init_params`` those of ``param_shapes``, ``forward`` keeps
+    ``[heads, N, f]``; a loss's pairs ``[B, H, T, f]``, ``token_loss`` ``[B, H, T]``, ...).
+    :class:`PluginError` with the same sentence registration gives; innerloop.testing's
+    ``check_inner_model`` / ``check_inner_loss`` run it before their numeric checks. Its random inputs
+    come from a forked generator: the caller's seed does not move."""
+    smoke = {"inner_model": _inner_model_smoke, "inner_loss": _inner_loss_smoke}
+    if kind_name not in smoke:
+        raise ValueError(f"kind_name must be one of {sorted(smoke)}; got {kind_name!r}")
+    name = getattr(plugin, "name", None) or type(plugin).__name__
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
+        torch.random.default_generator.manual_seed(0)
+        smoke[kind_name](plugin, name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -626,8 +727,9 @@ KINDS: tuple[Kind, ...] = (
     registrar checks a rule that does not ship with innerloop against the naive token loop of
     mini-batch gradient descent (or the token-by-token ``reference`` the rule declares) on a tiny
     problem (values and gradients; every built-in model it accepts; the reconstruction and
-    next-token losses; the inner LayerNorm and residual on and off). The built-in rules are checked
-    by innerloop's test suite instead.
+    next-token losses; the inner LayerNorm and residual each on and off; under ``torch.no_grad()``
+    and ``torch.inference_mode()`` too), after checking that ``forward`` returns ``(outputs
+    [B, H, T, f], TTTState)``. The built-in rules are checked by innerloop's test suite instead.
     """,
         external_check=_check_update_rule_against_naive_loop,
     ),

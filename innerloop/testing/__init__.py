@@ -2,8 +2,8 @@
 
 - :mod:`innerloop.testing.checks`: ``check_inner_model``, ``check_inner_loss``, ``check_update_rule``
   (with decay and momentum where a rule takes them; by default every built-in loss, the inner LayerNorm
-  and residual on and off, and the gradients against the naive loop's), ``check_update_rule_gradients``
-  (a gradcheck).
+  and residual each on and off, the values under ``no_grad`` and ``inference_mode``, and the gradients
+  against the naive loop's), ``check_update_rule_gradients`` (a gradcheck).
 - :mod:`innerloop.testing.kernel_checks`: ``check_kernel``, a registered kernel against the torch path
   through a layer (several lengths and splits, a carried state, gradients, no_grad, decoding): what
   dispatch's first-use probe, which sees a block's first two mini-batches only, leaves to the kernel's

@@ -77,8 +77,12 @@ class InnerProblem:
         return self if rule.uses_token_scale else replace(self, tau=None)
 
     def run(self, rule: UpdateRule) -> tuple[torch.Tensor, TTTState]:
-        """``rule`` over the whole problem, through :func:`innerloop.core.scan.run_scan`."""
-        return run_scan(rule, self.state, self.task, self.views, self.lr, self.tau, self.decay, self.momentum)
+        """``rule`` over the whole problem, through :func:`innerloop.core.scan.run_scan`; what it returns
+        checked by :func:`check_rule_returns`."""
+        result = run_scan(
+            rule, self.state, self.task, self.views, self.lr, self.tau, self.decay, self.momentum
+        )
+        return check_rule_returns(rule, result, self.state, self.views)
 
     def naive(self) -> tuple[torch.Tensor, TTTState]:
         """The naive token loop on the problem (:func:`innerloop.testing.reference.naive_token_loop`)."""
@@ -160,6 +164,56 @@ def make_problem(
     return InnerProblem(state, task, views, lr, tau.clamp_min(0.0), decays, momenta)
 
 
+class RuleOutputError(AssertionError):
+    """An update rule's ``forward`` returned the wrong type or layout (not ``(outputs [B, H, T, f],
+    TTTState)``): said by name, before any comparison of values."""
+
+
+def _shape_or_type(value: object) -> str:
+    """``value`` in words: a tensor's shape, else its type."""
+    if isinstance(value, torch.Tensor):
+        return f"a Tensor of shape {tuple(value.shape)}"
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
+def check_rule_returns(
+    rule: UpdateRule, result: object, state: TTTState, views: Views
+) -> tuple[torch.Tensor, TTTState]:
+    """``result`` (what ``rule.forward`` returned for ``state`` and ``views``) is ``(outputs, state)``:
+    outputs of the query's shape ``[B, H, T, f]`` and a :class:`TTTState` whose weights have the shapes
+    of the input state's; returned as that pair, else :class:`RuleOutputError` naming what came back."""
+    name = getattr(rule, "name", type(rule).__name__)
+    expected = tuple(views.query.shape)
+    if not isinstance(result, tuple | list) or len(result) != 2:
+        got = (
+            f"a {type(result).__name__} of length {len(result)}" if isinstance(result, tuple | list) else None
+        )
+        raise RuleOutputError(
+            f"update rule {name!r}: forward must return (outputs [B, H, T, f], TTTState); got "
+            f"{got or _shape_or_type(result)}"
+        )
+    out, new_state = result
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        raise RuleOutputError(
+            f"update rule {name!r}: forward must return outputs of the query's shape [B, H, T, f] = "
+            f"{expected}; got {_shape_or_type(out)}"
+        )
+    if not isinstance(new_state, TTTState):
+        raise RuleOutputError(
+            f"update rule {name!r}: forward must return (outputs, TTTState); got {_shape_or_type(new_state)} "
+            "as the state"
+        )
+    for key, value in state.params.items():
+        got = new_state.params.get(key)
+        if not isinstance(got, torch.Tensor) or got.shape != value.shape:
+            raise RuleOutputError(
+                f"update rule {name!r}: the state forward returns must hold weights of the input state's "
+                f"shapes; got params[{key!r}]: {'missing' if got is None else _shape_or_type(got)}, expected "
+                f"a Tensor of shape {tuple(value.shape)}"
+            )
+    return out, new_state
+
+
 def run_in_chunks(
     rule: UpdateRule, problem: InnerProblem, cut_points: list[int]
 ) -> tuple[torch.Tensor, TTTState]:
@@ -173,7 +227,7 @@ def run_in_chunks(
             return None if t is None else t[:, :, tokens]
 
         views = problem.views.slice_tokens(start, end)
-        out, state = run_scan(
+        result = run_scan(
             rule,
             state,
             problem.task,
@@ -183,6 +237,7 @@ def run_in_chunks(
             part(problem.decay),
             part(problem.momentum),
         )
+        out, state = check_rule_returns(rule, result, state, views)
         outputs.append(out)
     return torch.cat(outputs, dim=2), state
 
@@ -646,12 +701,29 @@ def check_inner_model(model: InnerModel, loss: InnerLoss | None = None, seed: in
 
     ``shape``: ``make_problem``'s ``batch`` (at least 2), ``heads``, ``head_dim``, ``tokens`` and
     ``mini_batch_size``; unset ones are :data:`PLUGIN_CHECK_SHAPE`'s. With no shape given, every
-    shape of :data:`PLUGIN_CHECK_SHAPES` is checked (a 37-token and a 150-token call, up to five heads)."""
+    shape of :data:`PLUGIN_CHECK_SHAPES` is checked (a 37-token and a 150-token call, up to five heads).
+    The registrar's smoke test runs first (:func:`registrar_smoke_test`): a wrong shape is named as
+    registration names it."""
     from innerloop.registry import get_registry
 
+    shapes = [_check_shape(shape)] if shape else PLUGIN_CHECK_SHAPES
+    registrar_smoke_test("inner_model", model)
     loss = loss or get_registry().inner_loss("reconstruction")
-    for full in [_check_shape(shape)] if shape else PLUGIN_CHECK_SHAPES:
+    for full in shapes:
         _check_inner_model_at(model, loss, seed, full)
+
+
+def registrar_smoke_test(kind_name: str, plugin: InnerModel | InnerLoss) -> None:
+    """The registrar's smoke test of an inner model or loss (``innerloop.registry.kinds.smoke_test``):
+    a wrong shape or type (``init_params`` against ``param_shapes``, ``forward``'s output, the pairs'
+    fields, ``token_loss``'s reduction) is named as registration names it, as an ``AssertionError``,
+    before any numeric check meets it as a raw torch error."""
+    from innerloop.registry.kinds import PluginError, smoke_test
+
+    try:
+        smoke_test(kind_name, plugin)
+    except PluginError as error:
+        raise AssertionError(str(error)) from error
 
 
 def _check_inner_model_at(model: InnerModel, loss: InnerLoss, seed: int, shape: dict[str, int]) -> None:
@@ -660,7 +732,14 @@ def _check_inner_model_at(model: InnerModel, loss: InnerLoss, seed: int, shape: 
     params = {k: v[0] for k, v in problem.state.params.items()}  # [H, *shape]: one sequence
     check_stack_matches_forward(model, params, problem.views.key[0])
     check_activation_derivatives(model, 3 * problem.views.key[0])
-    check_forward_batch_independent(model, problem.state.params, problem.views.key)
+    # each sequence with its own weights (the problem's are one copy per sequence): a model that reads
+    # sequence 0's weights for every sequence is named here, before a rule's comparison meets it
+    generator = torch.Generator().manual_seed(seed + 1)
+    batched = {
+        k: v + 0.1 * torch.randn(v.shape, generator=generator, dtype=torch.float64).to(v.dtype)
+        for k, v in problem.state.params.items()
+    }
+    check_forward_batch_independent(model, batched, problem.views.key)
     for rule in _rules_for(model):
         ruled = problem.for_rule(rule)
         expected_out, expected_state = ruled.expected(rule)
@@ -696,8 +775,11 @@ def _check_shape(shape: dict[str, int]) -> dict[str, int]:
 def check_inner_loss(loss: InnerLoss, seed: int = 0, **shape: int) -> None:
     """Shapes, causality, chunk invariance of the pairs, independence of the sequences of a batch,
     gradient, and agreement with the naive loop (``shape``: as :func:`check_inner_model`'s; with
-    none given, every shape of :data:`PLUGIN_CHECK_SHAPES`)."""
-    for full in [_check_shape(shape)] if shape else PLUGIN_CHECK_SHAPES:
+    none given, every shape of :data:`PLUGIN_CHECK_SHAPES`). The registrar's smoke test runs first
+    (:func:`registrar_smoke_test`): a wrong shape is named as registration names it."""
+    shapes = [_check_shape(shape)] if shape else PLUGIN_CHECK_SHAPES
+    registrar_smoke_test("inner_loss", loss)
+    for full in shapes:
         _check_inner_loss_at(loss, seed, full)
 
 
@@ -741,9 +823,15 @@ def rule_variants(rule: UpdateRule) -> list[dict[str, bool]]:
     return variants
 
 
-#: The layer wrappings ``(norm, residual)`` :func:`check_update_rule` checks a rule with by default:
-#: both on (the layer's default) and both off.
+#: The layer wrappings ``(norm, residual)`` :func:`check_update_rule` checks a rule with on every
+#: model and loss by default: both on (the layer's default) and both off.
 WRAPPINGS: tuple[tuple[bool, bool], ...] = ((True, True), (False, False))
+
+#: The mixed wrappings (one of the inner LayerNorm and residual on, the other off), which
+#: :func:`check_update_rule` checks by default on the first model and loss (values): ``TTTLayer``
+#: takes ``inner_norm`` and ``inner_residual`` independently, so a rule that ties one to the other
+#: (reads ``task.use_norm`` for ``task.residual``) is caught, each way round.
+MIXED_WRAPPINGS: tuple[tuple[bool, bool], ...] = ((True, False), (False, True))
 
 #: The built-in losses :func:`check_update_rule` checks a rule with by default: reconstruction
 #: (every pair valid), next_token (the first pair invalid, a carry across chunks), dot_product.
@@ -758,6 +846,7 @@ def check_update_rule(
     seed: int = 0,
     tolerance: float = FLOAT64_TOLERANCE,
     gradients: bool = True,
+    without_grad: bool = True,
     **problem_kwargs,
 ) -> None:
     """``rule`` equals the naive loop (or the token-by-token reference it declares,
@@ -766,11 +855,16 @@ def check_update_rule(
     or momentum of exactly 0 gives the plain rule's numbers. With ``gradients``, the gradients of its
     outputs and final weights w.r.t. every input (views, lr, initial weights, LayerNorm, decay,
     momentum, token scales) equal the naive loop's too (:func:`check_update_rule_gradients_match_naive`).
+    With ``without_grad``, on the first model, loss and wrapping, its values under ``torch.no_grad()``
+    and ``torch.inference_mode()`` (evaluation, generation) are the same (:func:`check_update_rule_without_grad`).
+    What ``forward`` returns is checked first: ``(outputs [B, H, T, f], TTTState)``, else
+    :class:`RuleOutputError` (:func:`check_rule_returns`).
 
     ``model`` (an inner model or a registered model's name) defaults to every built-in model the
-    rule accepts (``check_model``), ``linear`` first; give a plugin's model by name or instance. ``loss`` defaults to each built-in loss in turn
-    (:data:`BUILTIN_LOSSES`), and unless ``norm`` / ``residual`` are given, each layer wrapping in
-    :data:`WRAPPINGS` is checked: a rule that is right for one model, loss or wrapping only is caught.
+    rule accepts (``check_model``), ``linear`` first; give a plugin's model by name or instance. ``loss``
+    defaults to each built-in loss in turn (:data:`BUILTIN_LOSSES`), and unless ``norm`` / ``residual``
+    are given, each layer wrapping in :data:`WRAPPINGS` is checked, and those in :data:`MIXED_WRAPPINGS`
+    on the first model and loss: a rule that is right for one model, loss or wrapping only is caught.
 
     ``problem_kwargs`` go to :func:`make_problem` (``batch``, ``heads``, ``head_dim``, ``tokens``,
     ``mini_batch_size``, ...). Without a shape among them, the values are also checked at each shape
@@ -785,7 +879,8 @@ def check_update_rule(
     losses = [loss] if loss is not None else [registry.inner_loss(n) for n in BUILTIN_LOSSES]
     given = {k: problem_kwargs.pop(k) for k in ("norm", "residual") if k in problem_kwargs}
     wrappings = [dict(zip(("norm", "residual"), w, strict=True)) for w in WRAPPINGS] if not given else [given]
-    for each_model in _models_for(rule, model):
+    mixed = [] if given else [dict(zip(("norm", "residual"), w, strict=True)) for w in MIXED_WRAPPINGS]
+    for index, each_model in enumerate(_models_for(rule, model)):
         if not set(problem_kwargs) & set(
             PLUGIN_CHECK_SHAPE
         ):  # no shape given: the values at the wide ones too
@@ -795,6 +890,14 @@ def check_update_rule(
         _check_rule_with(
             rule, each_model, losses, wrappings, cut_points, seed, tolerance, gradients, problem_kwargs
         )
+        if index == 0:  # the mixed wrappings and the modes without autograd: first model and loss only
+            for wrapping in mixed:
+                options = {**problem_kwargs, **wrapping}
+                _check_rule_on(rule, each_model, losses[0], cut_points, seed, tolerance, options)
+            if without_grad:
+                options = {**problem_kwargs, **wrappings[0]}
+                problem = make_problem(each_model, losses[0], seed=seed, **options).for_rule(rule)
+                check_update_rule_without_grad(rule, problem, cut_points, tolerance)
 
 
 def _models_for(rule: UpdateRule, model: InnerModel | str | None) -> list[InnerModel]:
@@ -858,12 +961,7 @@ def _check_rule_on(
     for variant in rule_variants(rule):
         problem = make_problem(model, loss, seed=seed, **variant, **problem_kwargs).for_rule(rule)
         expected_out, expected_state = problem.expected(rule)
-        tokens = problem.views.query.shape[2]
-        if cut_points is None:  # default: cuts inside, at and across mini-batch boundaries
-            k = problem.task.mini_batch_size
-            cuts_of_variant = sorted({1, max(1, k - 1), k, k + 2, tokens - 1})
-        else:
-            cuts_of_variant = cut_points
+        cuts_of_variant = default_cuts(problem) if cut_points is None else cut_points
         given = ", ".join(name for name, on in variant.items() if on) or "plain"
         for cuts in ([], cuts_of_variant):
             out, state = run_in_chunks(rule, problem, cuts)
@@ -871,6 +969,59 @@ def _check_rule_on(
                 f"{rule.name} ({model.name}, {loss.name}, {given}{', ' + wrapping if wrapping else ''}) "
                 f"vs {reference_name(rule)}, cut at {cuts}"
             )
+            assert_close(out, expected_out, what, tolerance)
+            assert_states_close(state, expected_state, what, tolerance)
+
+
+def default_cuts(problem: InnerProblem) -> list[int]:
+    """Where :func:`check_update_rule` cuts ``problem``'s sequence by default: inside, at and across
+    mini-batch boundaries, and before the last token."""
+    tokens, k = problem.views.query.shape[2], problem.task.mini_batch_size
+    return sorted({1, max(1, k - 1), k, k + 2, tokens - 1})
+
+
+class RaisedWithoutGradError(AssertionError):
+    """An update rule that runs with autograd on raised under ``torch.no_grad()`` or
+    ``torch.inference_mode()`` (:func:`check_update_rule_without_grad`): a layer with it fails, loudly,
+    in evaluation and generation. Registration skips such a problem, as it skips any the rule refuses
+    to run; its wrong values there are refused."""
+
+
+#: The modes a layer runs its rule in without autograd (evaluation, generation, a prefill), by name.
+NO_GRAD_MODES: tuple[tuple[str, type], ...] = (
+    ("torch.no_grad()", torch.no_grad),
+    ("torch.inference_mode()", torch.inference_mode),
+)
+
+
+def check_update_rule_without_grad(
+    rule: UpdateRule,
+    problem: InnerProblem,
+    cut_points: list[int] | None = None,
+    tolerance: float = FLOAT64_TOLERANCE,
+) -> None:
+    """``rule`` on ``problem`` under each of :data:`NO_GRAD_MODES` (``torch.no_grad()``,
+    ``torch.inference_mode()``: evaluation, generation, a prefill) equals what it must compute
+    (:meth:`InnerProblem.expected`), whole and cut at ``cut_points`` (default: :func:`default_cuts`);
+    forward only. A fast path taken only without autograd (``if not torch.is_grad_enabled()``) is
+    otherwise never run by the checks, which compare values with autograd on. A rule that raises in
+    one of these modes fails with :class:`RaisedWithoutGradError`."""
+    expected_out, expected_state = problem.expected(rule)
+    task = problem.task
+    for label, mode in NO_GRAD_MODES:
+        for cuts in ([], default_cuts(problem) if cut_points is None else cut_points):
+            what = f"{rule.name} ({task.model.name}, {task.loss.name}) under {label} vs {reference_name(rule)}, cut at {cuts}"
+            try:
+                with mode():
+                    out, state = run_in_chunks(rule, problem, cuts)
+            except RuleOutputError:
+                raise
+            except Exception as error:  # a rule that runs with autograd on must run without it too
+                raise RaisedWithoutGradError(
+                    f"{what}: forward raised {error!r}; a layer runs its rule so in evaluation and generation "
+                    "(torch.autograd.grad cannot run under torch.inference_mode: take the inner gradients with "
+                    "torch.func, as minibatch_gd does)"
+                ) from error
             assert_close(out, expected_out, what, tolerance)
             assert_states_close(state, expected_state, what, tolerance)
 
@@ -1014,8 +1165,17 @@ __all__ = [
     "check_update_rule",
     "check_update_rule_gradients",
     "check_update_rule_gradients_match_naive",
+    "check_update_rule_without_grad",
+    "check_rule_returns",
+    "default_cuts",
+    "MIXED_WRAPPINGS",
+    "NO_GRAD_MODES",
+    "RaisedWithoutGradError",
+    "RuleOutputError",
+    "WRAPPINGS",
     "check_zero_decay_and_momentum",
     "make_problem",
+    "registrar_smoke_test",
     "rule_variants",
     "run_in_chunks",
     "run_layer_in_chunks",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from source_testing import parse_file
+
 PACKAGE = Path(__file__).resolve().parents[1] / "innerloop"
 MAX_LINES = 60
 
@@ -30,8 +32,9 @@ ALLOWED: dict[str, str] = {
 }
 
 
-def _function_lengths(source: str) -> dict[str, int]:
-    """``qualified name -> lines`` (``def`` line to last line) of every function in ``source``."""
+def _function_lengths(source: str | ast.Module) -> dict[str, int]:
+    """``qualified name -> lines`` (``def`` line to last line) of every function in ``source`` (text,
+    or its syntax tree)."""
     lengths: dict[str, int] = {}
 
     def visit(node: ast.AST, prefix: str) -> None:
@@ -45,7 +48,7 @@ def _function_lengths(source: str) -> dict[str, int]:
             else:
                 visit(child, prefix)
 
-    visit(ast.parse(source), "")
+    visit(ast.parse(source) if isinstance(source, str) else source, "")
     return lengths
 
 
@@ -53,9 +56,7 @@ def _all_lengths() -> dict[str, int]:
     lengths = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         where = path.relative_to(PACKAGE).as_posix()
-        lengths.update(
-            {f"{where}:{name}": n for name, n in _function_lengths(path.read_text(encoding="utf-8")).items()}
-        )
+        lengths.update({f"{where}:{name}": n for name, n in _function_lengths(parse_file(path)).items()})
     return lengths
 
 

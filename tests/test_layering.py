@@ -23,6 +23,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from source_testing import parse_file
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "innerloop"
@@ -164,7 +165,7 @@ def collect_imports(root: Path) -> list[Import]:
     modules = module_files(root)
     found = []
     for module, path in modules.items():
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        tree = parse_file(path)
         relative = path.relative_to(root).as_posix()
         for node, lazy in _statements(tree):
             for target in _targets(node, module, path.name == "__init__.py", modules):

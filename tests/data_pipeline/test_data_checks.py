@@ -83,6 +83,7 @@ def test_an_out_dir_inside_the_data_is_refused(corpus, entry, out, how) -> None:
         ("{c}/sub", "{c}"),  # the run writes nothing into sub/
     ],
 )
+@pytest.mark.slow  # ~0.6 s in all: five layouts, each starting a run
 def test_an_out_dir_the_data_never_reads_is_accepted(corpus, entry, out) -> None:
     out = out.format(c=corpus)
     load_config("tiny", [f"data.paths=[{entry.format(c=corpus)}]", f"out_dir={out}", "data.seq_len=16"])

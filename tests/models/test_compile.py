@@ -178,6 +178,7 @@ def test_importing_innerloop_does_not_load_dynamo():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow  # ~0.3 s: a torch.compile
 def test_a_function_run_eagerly_breaks_the_graph_and_runs_untraced():
     calls = []
 

@@ -262,6 +262,7 @@ def test_a_plugin_given_as_an_instance_meets_the_registrars_checks(options, matc
         innerloop.ops.scan(q, k, v, torch.full((1, 2, 4), 0.1), mini_batch_size=2, **options)
 
 
+@pytest.mark.slow  # ~0.8 s: instances of every kind checked as registration checks them
 def test_a_right_plugin_given_as_an_instance_is_accepted():
     loss, rule = Reconstruct(), RenamedGD()
     layer = innerloop.TTTLayer(8, 2, mini_batch_size=2, inner_loss=loss, update_rule=rule)
@@ -271,6 +272,7 @@ def test_a_right_plugin_given_as_an_instance_is_accepted():
     torch.testing.assert_close(layer(x)[0], reference(x)[0])
 
 
+@pytest.mark.slow  # ~0.9 s: every kind of plugin registered, each with its conformance checks
 def test_correct_plugins_of_every_kind_are_accepted_and_the_seed_does_not_move():
     registry = build_registry(include_external=False)
     torch.manual_seed(0)

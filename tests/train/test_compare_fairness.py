@@ -66,6 +66,7 @@ def three_files(tmp_path) -> Path:
     return data
 
 
+@pytest.mark.slow  # ~0.4 s: two comparisons through the CLI
 def test_a_model_that_trained_on_the_baselines_held_out_file_is_refused_in_either_order(
     tmp_path, three_files
 ) -> None:

@@ -80,6 +80,7 @@ def test_without_a_checkpoint_that_records_it_the_error_is_left_as_it_is(run_wit
     assert with_missing_plugins_named(error, out) is error
 
 
+@pytest.mark.slow  # ~0.6 s: a training run, then a resume through the CLI
 def test_innerloop_train_resume_names_the_plugins_distribution(run_without_its_plugin, capsys) -> None:
     out = run_without_its_plugin
     assert main(["train", "--resume", f"out_dir={out}"]) == 2

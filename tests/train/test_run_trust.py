@@ -128,6 +128,7 @@ def test_resume_refuses_model_data_and_seed_changes_before_writing_anything(
     assert load_checkpoint(out / "last.safetensors")["global_step"] == FINISHED_STEPS + 1
 
 
+@pytest.mark.slow  # ~0.5 s: a training run, then a resume
 def test_resume_refuses_a_max_steps_behind_the_checkpoint(finished, tmp_path, capsys) -> None:
     out = _copy_run(finished, tmp_path)
     before = _hashes(out)
@@ -327,6 +328,7 @@ class _Corrupt(L.Callback):
                 pl_module.model.blocks[0].mlp.down_proj.weight.fill_(self.value)
 
 
+@pytest.mark.slow  # ~0.3 s: a training run that diverges
 def test_nan_in_the_middle_of_the_forward_is_reported_as_divergence_not_bad_input(tmp_path) -> None:
     run, cfg = load_config("tiny", [*TINY, "trainer.max_steps=8", f"out_dir={tmp_path}"])
     with pytest.raises(TrainingDivergedError, match=r"training diverged: the training loss is nan after 3 "):

@@ -28,6 +28,7 @@ from innerloop.train.plots import read_loss_by_position_csv
 # A model and a run small enough for a few seconds on a CPU.
 
 
+@pytest.mark.slow  # ~0.9 s: a training run, then its checkpoint, config and plot reloaded; test_depths.py trains in the fast loop
 def test_train_writes_a_checkpoint_config_and_plot_that_reload(tmp_path, capsys) -> None:
     out = tmp_path / "run"
     assert main(["train", *TINY, "trainer.max_steps=3", f"out_dir={out}"]) == 0  # ends between validations

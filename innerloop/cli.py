@@ -442,8 +442,10 @@ def _resume_config(config: str | None, overrides: Sequence[str]) -> tuple[Any, A
     from pathlib import Path
 
     from innerloop.config.load import config_differences, load_config, read_out_dir
+    from innerloop.train.run_dir import settle_interrupted_overwrite
 
     out_dir = read_out_dir(config or DEFAULT_PRESET, overrides)
+    settle_interrupted_overwrite(out_dir)  # a killed --overwrite: read the config of the run it left
     saved = Path(out_dir) / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"--resume: no saved config at {str(saved)!r}; is out_dir={out_dir!r} a run?")
@@ -506,19 +508,40 @@ def _eval(args: argparse.Namespace) -> int:
     default = None if args.out is not None else "the checkpoint's folder"
     _check_out_outside_the_data(out, [args.checkpoint], args.data, default)
     _quiet_lightning()
-    metrics, csv_path, png = evaluate(
-        args.checkpoint,
-        args.data,
-        args.seq_len,
-        args.batch_size,
-        args.batches,
-        out_dir=out,
-        no_ttt=args.no_ttt,
-    )
+    from innerloop.train.interrupt import TrainingInterrupted
+
+    try:
+        metrics, csv_path, png = evaluate(
+            args.checkpoint,
+            args.data,
+            args.seq_len,
+            args.batch_size,
+            args.batches,
+            out_dir=out,
+            no_ttt=args.no_ttt,
+        )
+    except TrainingInterrupted as err:  # Ctrl-C or SIGTERM during the evaluation
+        print(f"innerloop eval: {err}", file=sys.stderr)
+        return err.exit_code  # 130, 143: the shell's status for a process ended by that signal
     print(f"perplexity: {metrics['val_ppl']:.3f}  (loss {metrics['val_loss']:.4f} nats/{_token_unit(args.checkpoint, args.data)}, "
           f"{int(metrics['tokens'])} tokens in {int(metrics['windows'])} windows)")  # fmt: skip
     print(f"loss by position: {png} ({csv_path})")
     return 0
+
+
+def _remove_stale_temporaries(command: str, targets: Sequence[os.PathLike]) -> None:
+    """Before ``innerloop <command>`` writes ``targets``: remove the temporary files that a killed earlier
+    write of them left beside them (``.<name>.<8 characters>.tmp``; one a live write holds is kept), and
+    say so in one line."""
+    from innerloop.data.atomic import remove_stale_temporaries_of
+
+    removed = remove_stale_temporaries_of(targets)
+    if removed:
+        print(
+            f"innerloop {command}: removed {len(removed)} temporary file(s) an interrupted earlier write left: "
+            f"{', '.join(map(str, removed))}",
+            file=sys.stderr,
+        )
 
 
 def _check_data_patterns(patterns: Sequence[str]) -> None:
@@ -584,7 +607,7 @@ def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from innerloop.config.load import check_output_dir
-    from innerloop.train.compare import compare, format_table, write_comparison
+    from innerloop.train.compare import compare, comparison_id, format_table, write_comparison
 
     out = Path(args.out)
     check_output_dir(args.out, "--out")  # --out '' is refused, not read as the current directory
@@ -595,6 +618,8 @@ def _compare(args: argparse.Namespace) -> int:
         args.models, args.seq_len, args.baseline, args.data, args.batch_size, args.batches,
         no_ttt=args.no_ttt, resamples=args.resamples, seed=args.seed,
     )  # fmt: skip
+    stem = out.expanduser() / f"compare-{comparison_id(comparison)}"  # as write_comparison names them
+    _remove_stale_temporaries("compare", [stem.with_suffix(suffix) for suffix in (".csv", ".png", ".md")])
     csv_path, png, table = write_comparison(comparison, out)
     counts = [
         f"{r.windows:,}" + (f" at T={r.seq_len}" if len(comparison.lengths) > 1 else "")
@@ -981,6 +1006,7 @@ def _convert_to_checkpoint(args: argparse.Namespace, load: Callable[[], Any]) ->
                 f"model's vocabulary has {model.config.vocab_size}: give the tokenizer the model was trained with"
             )
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries("convert", [target])
     path = save_model_checkpoint(model, target, tokenizer.to_state())
     print(_describe_converted(args, model))
     print(f"checkpoint: {path}")

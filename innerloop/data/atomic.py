@@ -5,6 +5,8 @@ A reader (or a run resumed after a crash) sees either the old file or the new on
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import tempfile
@@ -17,14 +19,19 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
 
     The temporary file sits in the same directory (``os.replace`` is atomic only within one file
     system) and is removed if ``write`` fails. Parent directories are created. Returns ``path``.
+
+    While it is written, the temporary file is ``flock``-ed (released by the operating system when the
+    process ends, even when it is killed): :func:`stale_temporaries` leaves alone a temporary file whose
+    writer is alive, and finds those of a killed writer, which nothing else removes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     try:
+        with contextlib.suppress(OSError):  # a file system without locks: the file is not marked in use
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         write(tmp)
         # mkstemp (and some writers, e.g. safetensors) create 0600 files: give the usual permissions
         os.chmod(tmp, 0o666 & ~umask)
@@ -35,6 +42,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    finally:
+        os.close(fd)  # releases the lock
     return path
 
 
@@ -58,11 +67,44 @@ def _temporary_name_pattern(names: Iterable[str]) -> re.Pattern[str]:
 def stale_temporaries(directory: str | os.PathLike[str], names: Iterable[str]) -> list[Path]:
     """The temporary files :func:`atomic_write` left in ``directory`` for targets called ``names``
     (a writer killed between creating and renaming them leaves one). Only plain files whose names
-    match exactly; the caller must know no writer is still running there."""
+    match exactly, and not one a live writer holds (its ``flock``); on a file system without locks
+    that cannot be told, and the caller must know no writer is still running there."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
     pattern = _temporary_name_pattern(names)
     return sorted(
-        p for p in directory.iterdir() if pattern.fullmatch(p.name) and p.is_file() and not p.is_symlink()
+        p
+        for p in directory.iterdir()
+        if pattern.fullmatch(p.name) and p.is_file() and not p.is_symlink() and not _being_written(p)
     )
+
+
+def _being_written(path: Path) -> bool:
+    """Whether a live :func:`atomic_write` holds the lock on the temporary file ``path``."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False  # gone meanwhile, or unreadable: not a file this process can judge or remove
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False  # a file system without locks
+    finally:
+        os.close(fd)
+    return False
+
+
+def remove_stale_temporaries_of(targets: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Remove the :func:`stale_temporaries` of each file in ``targets`` (beside it, named after it): what
+    a killed earlier write of the same file left. A command calls it before it writes ``targets``;
+    returns the paths removed."""
+    removed = []
+    for target in map(Path, targets):
+        for path in stale_temporaries(target.parent, [target.name]):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed

@@ -3,7 +3,7 @@
 Each writes under ``<out_dir>/logs/``, all of one launch in one folder ``version_<n>``:
 
 - ``csv``: ``logs/version_<n>/metrics.csv`` (Lightning's CSVLogger; its rewrite of the file when new
-  columns appear is made atomic here) and ``hparams.yaml``;
+  columns appear is made atomic here) and ``hparams.yaml`` (written atomically here);
 - ``tensorboard``: ``logs/version_<n>/tensorboard/events.out.tfevents.*`` (``tensorboard --logdir
   <out_dir>/logs``);
 - ``wandb``: a Weights & Biases run in ``logs/wandb/`` (``WANDB_MODE=offline`` keeps it on this
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
@@ -51,7 +52,14 @@ class _LaunchVersion:
 
 class _AtomicExperimentWriter(ExperimentWriter):
     """Lightning's ``metrics.csv`` writer, except that the rewrite it does when new columns appear is
-    atomic (Lightning truncates the file and writes it again: a run killed meanwhile lost its log)."""
+    atomic (Lightning truncates the file and writes it again: a run killed meanwhile lost its log), and
+    so is each write of ``hparams.yaml`` (Lightning's left a kill an empty file)."""
+
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        """Record ``params`` and write all recorded ones to ``hparams.yaml``, atomically."""
+        self.hparams.update(params)
+        target = Path(self.log_dir) / self.NAME_HPARAMS_FILE
+        atomic_write(target, lambda tmp: save_hparams_to_yaml(tmp, self.hparams))
 
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         with open(self.metrics_file_path, newline="", encoding="utf-8") as file:

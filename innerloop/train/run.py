@@ -80,7 +80,7 @@ from innerloop.config.load import (
     warmup_steps,
 )
 from innerloop.config.schema import DataConfig, RunConfig
-from innerloop.data.atomic import atomic_write_text
+from innerloop.data.atomic import atomic_write_text, remove_stale_temporaries_of
 from innerloop.data.hf import FORMATS, check_hf_source
 from innerloop.data.text import split_keys, split_text_files, stdlib_files
 from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
@@ -1268,7 +1268,8 @@ def evaluate(
                 f"no_ttt (--no-ttt): {str(checkpoint)!r} has no test-time training to switch off "
                 f"(model.mixer={module.model.config.mixer!r})"
             )
-        results = trainer.validate(module, dataloaders=loader, verbose=False)[0]
+        with ended_by_signals("during the evaluation; nothing was written"):  # not Lightning's bare exit 1
+            results = trainer.validate(module, dataloaders=loader, verbose=False)[0]
     metrics = {k: float(v) for k, v in results.items()}
     metrics["tokens"] = float((targets != IGNORE_INDEX).sum())
     metrics["windows"] = float(len(inputs))
@@ -1277,12 +1278,25 @@ def evaluate(
     buckets = position_buckets(seq_len, module.hparams.num_position_buckets)
     losses = [metrics[f"val_loss_pos/{b}"] for b in range(len(buckets))]
     stem = evaluation_stem(checkpoint_identity(checkpoint), paths, seq_len, len(inputs), windows.tag, no_ttt)
-    out_dir = Path(out_dir).expanduser()
-    csv_path = write_loss_by_position_csv(out_dir / f"{stem}.csv", buckets, losses)
     ablation = ", test-time training off" if no_ttt else ""
     title = f"{Path(checkpoint).name} on {windows.tag}, T={seq_len}{ablation}: loss by position"
-    png = plot_loss_by_position(out_dir / f"{stem}.png", buckets, losses, title=title)
+    csv_path, png = _write_evaluation(Path(out_dir).expanduser() / stem, buckets, losses, title)
     return metrics, csv_path, png
+
+
+def _write_evaluation(
+    stem: Path, buckets: Sequence[tuple[int, int]], losses: Sequence[float], title: str
+) -> tuple[Path, Path]:
+    """Write an evaluation's ``<stem>.csv`` and ``.png`` (atomically), first removing the temporary
+    files a killed earlier write of them left; returns their paths."""
+    csv_target, png_target = stem.with_name(f"{stem.name}.csv"), stem.with_name(f"{stem.name}.png")
+    removed = remove_stale_temporaries_of([csv_target, png_target])
+    if removed:  # a killed earlier evaluation of the same checkpoint, data and settings left them
+        log.warning(
+            "removed temporary file(s) an interrupted earlier write left: %s", ", ".join(map(str, removed))
+        )
+    csv_path = write_loss_by_position_csv(csv_target, buckets, losses)
+    return csv_path, plot_loss_by_position(png_target, buckets, losses, title=title)
 
 
 def check_vocabulary(

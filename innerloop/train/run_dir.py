@@ -7,6 +7,8 @@
 - :func:`refuse_previous_run`: a new run into an out_dir that holds one is refused (``--resume``
   continues it; ``--overwrite`` replaces it, :func:`set_aside_previous_run`).
 - :func:`refuse_foreign_config`: a ``config.yaml`` that is not an innerloop run's is never replaced.
+- :func:`settle_interrupted_overwrite`: before ``--resume`` reads ``config.yaml``, undo (or finish) an
+  ``--overwrite`` that was killed.
 - :func:`remove_stale_temporaries`: the temporary files that the atomic writes of a killed run left.
 - :func:`settle_pending_checkpoint`: a checkpoint a killed run wrote but had not confirmed yet
   (:data:`PENDING_CHECKPOINT`) is kept for ``--resume`` if it is whole and later than
@@ -185,6 +187,12 @@ def refuse_previous_run(out_dir: str | os.PathLike[str]) -> None:
     """Raise :class:`RunDirError` if ``out_dir`` holds a run (its config or checkpoint)."""
     out_dir = Path(out_dir)
     found = [name for name in RUN_MARKERS if (out_dir / name).exists()]
+    if found == ["config.yaml"]:  # e.g. a new run killed before its first checkpoint: nothing to resume
+        raise RunDirError(
+            f"out_dir={str(out_dir)!r} already holds a run's config.yaml but no checkpoint (a run killed "
+            "before its first checkpoint leaves it so; it is not removed, as it may be yours): pass "
+            "--overwrite to start the run again there, or train into another out_dir"
+        )
     if found:
         raise RunDirError(
             f"out_dir={str(out_dir)!r} already holds a run ({', '.join(found)}); pass --resume to continue "
@@ -262,8 +270,10 @@ def settle_previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
     if not aside:
         return []
     replaced = (out_dir / CHECKPOINT_FILE).is_file()  # the new run wrote its checkpoint
-    if not replaced:  # a pending checkpoint of the undone replacement must not pair with the old run
-        (out_dir / PENDING_CHECKPOINT).unlink(missing_ok=True)
+    # the replacement's unconfirmed first checkpoint goes with it: it must not pair with the old run
+    dropped = not replaced and (out_dir / PENDING_CHECKPOINT).is_file()
+    if dropped:
+        (out_dir / PENDING_CHECKPOINT).unlink()
     for name in aside:
         kept = out_dir / f"{SET_ASIDE_PREFIX}{name}"
         if replaced:
@@ -274,23 +284,40 @@ def settle_previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
         log.warning("--overwrite: removed the previous run's %s from %s", ", ".join(aside), out_dir)
     else:
         log.warning(
-            "--overwrite: the replacing run ended without a checkpoint; the previous run's %s are back in %s",
+            "--overwrite: the replacing run ended without a confirmed checkpoint%s; the previous run's %s "
+            "are back in %s, as before the --overwrite",
+            f" (its unconfirmed first checkpoint {PENDING_CHECKPOINT} is removed)" if dropped else "",
             ", ".join(aside),
             out_dir,
         )
     return aside
 
 
+def settle_interrupted_overwrite(out_dir: str | os.PathLike[str]) -> list[str]:
+    """Before ``--resume`` reads the run's ``config.yaml``: :func:`settle_previous_run` what an
+    ``--overwrite`` launch that was killed left set aside (holding the lock for it), so that the resume
+    reads the config of the run it continues (the previous run's, put back, when the killed one had no
+    checkpoint), not the killed launch's. Nothing set aside (the usual case): nothing is done. Raises
+    :class:`RunDirError` if another run holds the out_dir. Returns the names settled."""
+    out_dir = Path(out_dir)
+    if is_launched_worker() or not any(
+        (out_dir / f"{SET_ASIDE_PREFIX}{name}").is_file() for name in SET_ASIDE_OUTPUTS
+    ):
+        return []
+    with lock_run_dir(out_dir):
+        return settle_previous_run(out_dir)
+
+
 def remove_stale_temporaries(out_dir: str | os.PathLike[str]) -> list[Path]:
     """Remove the temporary files that atomic writes of :data:`RUN_OUTPUTS` and :data:`PENDING_CHECKPOINT`
-    (and of each launch's ``logs/version_<n>/metrics.csv``) left in ``out_dir`` (a run killed while
-    writing). The pending checkpoint itself is a whole file, judged by :func:`settle_pending_checkpoint`.
+    (and of each launch's ``logs/version_<n>/metrics.csv`` and ``hparams.yaml``) left in ``out_dir`` (a
+    run killed while writing). The pending checkpoint itself is a whole file, judged by :func:`settle_pending_checkpoint`.
     Call it holding the lock, so that no writer of this out_dir is running. Says in one line what it
     removed; returns their paths."""
     out_dir = Path(out_dir)
     stale = stale_temporaries(out_dir, (*RUN_OUTPUTS, PENDING_CHECKPOINT))  # a checkpoint's size each
     for logs in sorted(out_dir.glob("logs/version_*")):
-        stale += stale_temporaries(logs, ["metrics.csv"])
+        stale += stale_temporaries(logs, ["metrics.csv", "hparams.yaml"])
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:

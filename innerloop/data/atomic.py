@@ -6,12 +6,16 @@ A reader (or a run resumed after a crash) sees either the old file or the new on
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: a temporary file is not marked in use while it is written
+    fcntl = None
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
@@ -30,8 +34,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     umask = os.umask(0)
     os.umask(umask)
     try:
-        with contextlib.suppress(OSError):  # a file system without locks: the file is not marked in use
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fcntl is not None:
+            with contextlib.suppress(OSError):  # a file system without locks: the file is not marked in use
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         write(tmp)
         # mkstemp (and some writers, e.g. safetensors) create 0600 files: give the usual permissions
         os.chmod(tmp, 0o666 & ~umask)
@@ -82,6 +87,8 @@ def stale_temporaries(directory: str | os.PathLike[str], names: Iterable[str]) -
 
 def _being_written(path: Path) -> bool:
     """Whether a live :func:`atomic_write` holds the lock on the temporary file ``path``."""
+    if fcntl is None:
+        return False
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

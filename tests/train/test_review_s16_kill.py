@@ -111,6 +111,20 @@ def test_stale_temporaries_skip_a_write_that_is_still_running(tmp_path) -> None:
     assert not left.exists() and other.exists() and target.read_bytes() == b"new"
 
 
+def test_without_fcntl_writes_stay_atomic_and_leftovers_are_found(tmp_path, monkeypatch) -> None:
+    """Where ``fcntl`` does not exist (not POSIX) a write is still atomic and a leftover temporary is
+    still found; only a live writer's cannot be told from a killed one's."""
+    import innerloop.data.atomic as atomic
+
+    monkeypatch.setattr(atomic, "fcntl", None)
+    target = tmp_path / "results.json"
+    atomic_write(target, lambda tmp: Path(tmp).write_text("{}"))
+    assert target.read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    left = tmp_path / ".results.json.abcd1234.tmp"
+    left.write_text("{")
+    assert remove_stale_temporaries_of([target]) == [left] and not left.exists()
+
+
 def test_convert_removes_the_temporary_file_a_killed_convert_left(tmp_path, capsys) -> None:
     """F2: ``innerloop convert ... --overwrite`` after a killed one removes its ``.tmp`` and says so."""
     out = tmp_path / "converted"

@@ -529,21 +529,6 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _remove_stale_temporaries(command: str, targets: Sequence[os.PathLike]) -> None:
-    """Before ``innerloop <command>`` writes ``targets``: remove the temporary files that a killed earlier
-    write of them left beside them (``.<name>.<8 characters>.tmp``; one a live write holds is kept), and
-    say so in one line."""
-    from innerloop.data.atomic import remove_stale_temporaries_of
-
-    removed = remove_stale_temporaries_of(targets)
-    if removed:
-        print(
-            f"innerloop {command}: removed {len(removed)} temporary file(s) an interrupted earlier write left: "
-            f"{', '.join(map(str, removed))}",
-            file=sys.stderr,
-        )
-
-
 def _check_data_patterns(patterns: Sequence[str]) -> None:
     """Each ``--data`` entry (eval's, compare's) names files: an empty one, or one that matches no file,
     is an error naming ``--data`` (not the library's ``data.paths``)."""
@@ -607,7 +592,7 @@ def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from innerloop.config.load import check_output_dir
-    from innerloop.train.compare import compare, comparison_id, format_table, write_comparison
+    from innerloop.train.compare import compare, format_table, write_comparison
 
     out = Path(args.out)
     check_output_dir(args.out, "--out")  # --out '' is refused, not read as the current directory
@@ -618,8 +603,6 @@ def _compare(args: argparse.Namespace) -> int:
         args.models, args.seq_len, args.baseline, args.data, args.batch_size, args.batches,
         no_ttt=args.no_ttt, resamples=args.resamples, seed=args.seed,
     )  # fmt: skip
-    stem = out.expanduser() / f"compare-{comparison_id(comparison)}"  # as write_comparison names them
-    _remove_stale_temporaries("compare", [stem.with_suffix(suffix) for suffix in (".csv", ".png", ".md")])
     csv_path, png, table = write_comparison(comparison, out)
     counts = [
         f"{r.windows:,}" + (f" at T={r.seq_len}" if len(comparison.lengths) > 1 else "")
@@ -985,6 +968,7 @@ def _convert_to_checkpoint(args: argparse.Namespace, load: Callable[[], Any]) ->
     from pathlib import Path
 
     from innerloop.config.load import check_output_dir
+    from innerloop.data.atomic import remove_stale_temporaries_of
     from innerloop.data.tokenizer import UnknownTokenizer, tokenizer_from_source
     from innerloop.train.module import save_model_checkpoint
 
@@ -1006,7 +990,7 @@ def _convert_to_checkpoint(args: argparse.Namespace, load: Callable[[], Any]) ->
                 f"model's vocabulary has {model.config.vocab_size}: give the tokenizer the model was trained with"
             )
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries("convert", [target])
+    remove_stale_temporaries_of([target])  # what a killed earlier convert of it left
     path = save_model_checkpoint(model, target, tokenizer.to_state())
     print(_describe_converted(args, model))
     print(f"checkpoint: {path}")

@@ -6,11 +6,14 @@ A reader (or a run resumed after a crash) sees either the old file or the new on
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 try:
     import fcntl
@@ -107,11 +110,17 @@ def _being_written(path: Path) -> bool:
 def remove_stale_temporaries_of(targets: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """Remove the :func:`stale_temporaries` of each file in ``targets`` (beside it, named after it): what
     a killed earlier write of the same file left. A command calls it before it writes ``targets``;
-    returns the paths removed."""
+    says in one line what it removed, and returns their paths."""
     removed = []
     for target in map(Path, targets):
         for path in stale_temporaries(target.parent, [target.name]):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path)
+    if removed:
+        log.warning(
+            "removed %d temporary file(s) an interrupted earlier write left: %s",
+            len(removed),
+            ", ".join(map(str, removed)),
+        )
     return removed

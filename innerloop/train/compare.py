@@ -39,7 +39,7 @@ from innerloop.checkpoints import (
 )
 from innerloop.config.load import ConfigError
 from innerloop.config.schema import DataConfig, RunConfig
-from innerloop.data.atomic import atomic_write, atomic_write_text
+from innerloop.data.atomic import atomic_write, atomic_write_text, remove_stale_temporaries_of
 from innerloop.data.tokenizer import Tokenizer
 from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
 from innerloop.models.params import count_parameters
@@ -660,8 +660,10 @@ def plot_comparison(path: str | Path, comparison: Comparison) -> Path:
 
 
 def write_comparison(comparison: Comparison, out_dir: str | Path) -> tuple[Path, Path, Path]:
-    """``compare-<id>.csv``, ``.png`` and ``.md`` (the table) in ``out_dir``, written atomically."""
+    """``compare-<id>.csv``, ``.png`` and ``.md`` (the table) in ``out_dir``, written atomically (after
+    removing the temporary files a killed earlier write of them left)."""
     stem = Path(out_dir).expanduser() / f"compare-{comparison_id(comparison)}"
+    remove_stale_temporaries_of([stem.with_suffix(suffix) for suffix in (".csv", ".png", ".md")])
     csv_path = atomic_write_text(stem.with_suffix(".csv"), comparison_csv(comparison))
     png = plot_comparison(stem.with_suffix(".png"), comparison)
     table = atomic_write_text(stem.with_suffix(".md"), format_table(comparison))

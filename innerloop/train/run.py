@@ -1290,11 +1290,9 @@ def _write_evaluation(
     """Write an evaluation's ``<stem>.csv`` and ``.png`` (atomically), first removing the temporary
     files a killed earlier write of them left; returns their paths."""
     csv_target, png_target = stem.with_name(f"{stem.name}.csv"), stem.with_name(f"{stem.name}.png")
-    removed = remove_stale_temporaries_of([csv_target, png_target])
-    if removed:  # a killed earlier evaluation of the same checkpoint, data and settings left them
-        log.warning(
-            "removed temporary file(s) an interrupted earlier write left: %s", ", ".join(map(str, removed))
-        )
+    remove_stale_temporaries_of(
+        [csv_target, png_target]
+    )  # a killed earlier evaluation of the same one left them
     csv_path = write_loss_by_position_csv(csv_target, buckets, losses)
     return csv_path, plot_loss_by_position(png_target, buckets, losses, title=title)
 

@@ -125,7 +125,7 @@ def test_without_fcntl_writes_stay_atomic_and_leftovers_are_found(tmp_path, monk
     assert remove_stale_temporaries_of([target]) == [left] and not left.exists()
 
 
-def test_convert_removes_the_temporary_file_a_killed_convert_left(tmp_path, capsys) -> None:
+def test_convert_removes_the_temporary_file_a_killed_convert_left(tmp_path, caplog) -> None:
     """F2: ``innerloop convert ... --overwrite`` after a killed one removes its ``.tmp`` and says so."""
     out = tmp_path / "converted"
     out.mkdir()
@@ -138,7 +138,7 @@ def test_convert_removes_the_temporary_file_a_killed_convert_left(tmp_path, caps
     assert main(["convert", "ttt-lm-pytorch", str(REFERENCE_MODEL), str(out), "--overwrite"]) == 0
 
     assert not left.exists()
-    assert "removed 1 temporary file(s)" in capsys.readouterr().err
+    assert "removed 1 temporary file(s) an interrupted earlier write left" in caplog.text
     assert mine.read_text() == "the user's"
     assert sorted(p.name for p in out.iterdir()) == ["last.safetensors", "notes.txt"]
 
@@ -170,7 +170,7 @@ def test_eval_out_removes_the_temporary_files_a_killed_eval_left(finished, tmp_p
 
 
 @pytest.mark.slow  # reason: trains a tiny run (module fixture) and compares it twice
-def test_compare_out_removes_the_temporary_files_a_killed_compare_left(finished, tmp_path, capsys) -> None:
+def test_compare_out_removes_the_temporary_files_a_killed_compare_left(finished, tmp_path, caplog) -> None:
     """F2: compare --out, rerun after a kill, removes the ``.tmp`` of its CSV, PNG and table."""
     results = tmp_path / "results"
     assert main(["compare", str(finished), "--out", str(results)]) == 0
@@ -178,13 +178,13 @@ def test_compare_out_removes_the_temporary_files_a_killed_compare_left(finished,
     left = [results / f".{name}.abcd1234.tmp" for name in names]
     for path in left:
         path.write_bytes(b"half")
-    capsys.readouterr()
+    caplog.clear()
 
     assert main(["compare", str(finished), "--out", str(results)]) == 0
 
     assert not any(p.exists() for p in left)
     assert sorted(p.name for p in results.iterdir()) == names
-    assert "removed 3 temporary file(s)" in capsys.readouterr().err
+    assert "removed 3 temporary file(s) an interrupted earlier write left" in caplog.text
 
 
 @pytest.mark.slow  # reason: trains a tiny run (module fixture) and starts an evaluation

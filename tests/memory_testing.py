@@ -6,6 +6,7 @@ import gc
 import warnings
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 
 def live_tensor_bytes() -> int:
@@ -19,7 +20,7 @@ def live_tensor_bytes() -> int:
         warnings.simplefilter("ignore", FutureWarning)
         tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
     for tensor in tensors:
-        if tensor.device.type == "meta":
+        if tensor.device.type == "meta" or isinstance(tensor, FakeTensor):
             continue
         try:
             storage = tensor.untyped_storage()

@@ -55,6 +55,13 @@ class _AtomicExperimentWriter(ExperimentWriter):
     atomic (Lightning truncates the file and writes it again: a run killed meanwhile lost its log), and
     so is each write of ``hparams.yaml`` (Lightning's left a kill an empty file)."""
 
+    def _check_log_dir_exists(self) -> None:
+        """Lightning's check (a warning, and the old ``metrics.csv`` removed) only where a
+        ``metrics.csv`` is there: the launch's folder holding another logger's files of the same launch
+        (``tensorboard/``, when that logger was made first) is not "previous log files"."""
+        if self._fs.isfile(self.metrics_file_path):
+            super()._check_log_dir_exists()
+
     def log_hparams(self, params: dict[str, Any]) -> None:
         """Record ``params`` and write all recorded ones to ``hparams.yaml``, atomically."""
         self.hparams.update(params)

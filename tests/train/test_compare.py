@@ -33,7 +33,8 @@ def _run(tmp_path: Path, name: str, mixer: str, seed: int) -> Path:
     corpus.write_text(TEXT)
     out = tmp_path / name
     overrides = [f"model.{k}={v}" for k, v in MODEL.items()] + [
-        f"model.mixer={mixer}", "model.window=4", "model.ttt.mini_batch_size=4", f"data.paths=[{corpus}]",
+        f"model.mixer={mixer}", "model.ttt.mini_batch_size=4" if mixer == "ttt" else "model.window=4",
+        f"data.paths=[{corpus}]",
         f"data.seq_len={SEQ_LEN}", f"data.batch_size={BATCH}", f"data.val_batches={VAL_BATCHES}",
         "trainer.num_position_buckets=4", f"out_dir={out}",
     ]  # fmt: skip

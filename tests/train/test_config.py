@@ -21,7 +21,8 @@ def test_overrides_are_typed_and_merged(tmp_path) -> None:
 def test_later_overrides_win_and_a_wrong_type_names_its_override() -> None:
     """The overrides are merged together in one merge; the error still names the override at fault,
     the first in order when a later one is malformed too."""
-    run, _ = load_config("tiny", ["trainer.max_steps=7", "seed=3", "trainer.max_steps=9"])
+    with pytest.warns(UserWarning, match="'trainer.max_steps' is given twice in the overrides"):
+        run, _ = load_config("tiny", ["trainer.max_steps=7", "seed=3", "trainer.max_steps=9"])
     assert run.trainer.max_steps == 9 and run.seed == 3
     expected = r"config key 'model.hidden_size' in override 'model.hidden_size=abc': .*\(expected int\)"
     for later in (["seed=4"], ["not an override"]):

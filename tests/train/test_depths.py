@@ -100,6 +100,8 @@ MODEL_CASES = [
 ]
 
 
+# a model in training mode warns that E2E trains nothing within one chunk: what these sizes are
+@pytest.mark.filterwarnings("ignore::innerloop.models.e2e.OneChunkTrainingWarning")
 @pytest.mark.parametrize(("mixer", "num_layers", "length", "window"), MODEL_CASES)
 def test_size_one_models_keep_their_shapes_and_continue_any_split(mixer, num_layers, length, window) -> None:
     """One head, batch 1, one layer, one token, a window of one, a sequence of exactly one mini-batch

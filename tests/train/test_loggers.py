@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import warnings
 from pathlib import Path
 
 import pytest
@@ -64,11 +65,15 @@ def test_tensorboard_holds_the_logged_losses_beside_the_csv_log(corpus, tmp_path
     assert _tensorboard_series(launch / "tensorboard", "val_loss") == _csv_series(launch, "val_loss")
     assert list(elsewhere.iterdir()) == []
 
-    # a second launch (a resume) writes both logs into the next folder, together
+    # a second launch (a resume) writes both logs into the next folder, together, without Lightning's
+    # warning that the folder TensorBoard made first holds "previous log files" that "will be deleted"
     run, cfg = small_run(
         corpus, out, "logger=[tensorboard,csv]", "trainer.log_every=1", "trainer.max_steps=5"
     )
-    train(run, cfg, resume=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(run, cfg, resume=True)
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
     assert [
         step for step, _ in _tensorboard_series(out / "logs" / "version_1" / "tensorboard", "train_loss")
     ] == [4]

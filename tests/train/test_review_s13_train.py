@@ -125,6 +125,9 @@ def test_a_plugins_nan_after_finite_steps_also_says_what_a_divergence_would_look
     assert "if the training loss was rising before (last finite " in str(error.value)
 
 
+@pytest.mark.filterwarnings(
+    "ignore:You defined a .validation_step. but have no .val_dataloader."
+)  # the first fit
 def test_a_plugins_nan_while_fitting_names_the_plugin_in_training_and_in_validation(exploding) -> None:
     module = _module(inner_loss=EXPLODING)
     loader = DataLoader([_batch()], batch_size=None)

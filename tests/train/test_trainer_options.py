@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import math
 import random
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -53,17 +54,22 @@ def _metrics_rows(out_dir: Path, version: int = 0) -> list[dict[str, str]]:
 
 
 def test_trainer_arguments_from_overrides_and_files_reach_the_trainer(corpus, tmp_path) -> None:
-    run, cfg = small_run(
-        corpus,
-        tmp_path / "run",
-        "trainer.accumulate_grad_batches=2",
-        "trainer.deterministic=warn",
-        "trainer.gradient_clip_algorithm=value",
-        "trainer.log_every_n_steps=5",  # Lightning's names of innerloop's own keys set those keys
-        "trainer.val_check_interval=7",
-        "trainer.gradient_clip_val=0.25",
-        "trainer.enable_progress_bar=false",
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run, cfg = small_run(
+            corpus,
+            tmp_path / "run",
+            "trainer.accumulate_grad_batches=2",
+            "trainer.deterministic=warn",
+            "trainer.gradient_clip_algorithm=value",
+            "trainer.log_every_n_steps=5",  # Lightning's names of innerloop's own keys set those keys
+            "trainer.val_check_interval=7",
+            "trainer.gradient_clip_val=0.25",
+            "trainer.enable_progress_bar=false",
+        )
+    # TINY sets val_every and progress_bar too: the alias is the same key given twice, and said so
+    twice = sorted(str(w.message).split("'")[1] for w in caught if "is given twice" in str(w.message))
+    assert twice == ["trainer.progress_bar", "trainer.val_every"], [str(w.message) for w in caught]
     assert run.trainer.lightning == {
         "accumulate_grad_batches": 2,
         "deterministic": "warn",

@@ -143,7 +143,8 @@ def checked_choice(
             return None, f"torch: {kernel.name}'s first-use check is deferred to a later block ({failed})"
         if task.kernel == kernel.name:
             raise KernelCheckError(
-                f"kernel={task.kernel!r} cannot run here: {first_use.refusal_message(kernel, failed)}"
+                f"kernel={task.kernel!r} cannot run here: {first_use.refusal_message(kernel, failed)}; "
+                "kernel='auto' runs the layer on a kernel that passes, the torch path at worst"
             )
         first_use.warn_refused(kernel, failed)  # select_kernel refuses it from now on: choose again
 

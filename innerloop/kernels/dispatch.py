@@ -78,6 +78,7 @@ def kernel_inputs(
             "decay": chunk.decay is not None if decay is None else decay,
             "momentum": momentum,
             "functorch": transformed,
+            "empty": chunk.query.numel() == 0,
             **({} if closes_mini_batch is None else {"closes_mini_batch": closes_mini_batch}),
         },
     )
@@ -170,6 +171,8 @@ def select_kernel(rule: UpdateRule, task: InnerTask, inputs: KernelInputs) -> tu
                 "kernel='auto' or 'torch', which trace the torch path"
             )
         return None, "torch: meta tensors hold no values (kernels run on real data)"
+    if inputs.extra.get("empty"):  # a batch of 0: nothing to compute, nor to check a kernel's numbers on
+        return None, "torch: an empty batch (no values for a kernel or its first-use check)"
     if inputs.extra.get("functorch"):  # vmap / grad / jacrev: no kernel (nor its first-use probe) runs there
         if task.kernel != "auto":
             raise KernelUnavailableError(

@@ -319,10 +319,10 @@ class FamilyLayer(TTTLayer):
 
     def init_state(self, batch_size: int, like: torch.Tensor | None = None) -> TTTState:
         """TTTLayer's state plus the short convs' histories (zeros: nothing before the sequence)."""
+        batch_size, reference = self.state_reference(batch_size, like)
         state = super().init_state(batch_size, like)
         if not self.short_conv:
             return state
-        reference = like if like is not None else self.post_norm.weight.new_empty((), dtype=self.scan_dtype)
         zeros = reference.new_zeros(batch_size, self.conv_kernel - 1, self.hidden_size)
         return replace(state, conv_history={name: zeros for name in CONV_NAMES})
 

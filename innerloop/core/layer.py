@@ -307,7 +307,7 @@ _AUTOCAST_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 float64 as it is)."""
 
 
-def _autocasting(device_type: str) -> bool:
+def autocasting(device_type: str) -> bool:
     """``torch.is_autocast_enabled(device_type)``, False for meta tensors (which autocast does not
     know: the query raises "unknown device type for autocast")."""
     return device_type != "meta" and torch.is_autocast_enabled(device_type)
@@ -588,10 +588,27 @@ class TTTLayer(nn.Module):
         """
         return torch.promote_types(self.post_norm.weight.dtype, torch.float32)
 
+    def state_reference(self, batch_size: Any, like: torch.Tensor | None) -> tuple[int, torch.Tensor]:
+        """``(batch_size, reference)`` for :meth:`init_state`, each checked: ``batch_size`` an integer
+        >= 0 (0: an empty batch), ``like`` None or a floating-point tensor (the state's dtype and device;
+        None: :attr:`scan_dtype` on the weights' device)."""
+        if not _is_integer(batch_size) or batch_size < 0:
+            raise ValueError(f"batch_size must be an integer >= 0, got {batch_size!r}")
+        if like is None:
+            return int(batch_size), self.post_norm.weight.new_empty((), dtype=self.scan_dtype)
+        if not isinstance(like, torch.Tensor) or not like.is_floating_point():
+            given = f"dtype {like.dtype}" if isinstance(like, torch.Tensor) else type(like).__name__
+            raise TypeError(
+                f"like must be a floating-point torch.Tensor (the state's dtype and device; the layer keeps "
+                f"its state in {self.scan_dtype}) or None, got {given}"
+            )
+        return int(batch_size), like
+
     def init_state(self, batch_size: int, like: torch.Tensor | None = None) -> TTTState:
         """The state at the start of a sequence, in :attr:`scan_dtype` (or ``like``'s dtype): every
-        sequence starts from the learnable init."""
-        reference = like if like is not None else self.post_norm.weight.new_empty((), dtype=self.scan_dtype)
+        sequence starts from the learnable init. ``batch_size``: an integer >= 0; ``like``: None or a
+        floating-point tensor."""
+        batch_size, reference = self.state_reference(batch_size, like)
         # copy=True: one differentiable copy of the init, shared by the batch rows. A view would tie the
         # state to the nn.Parameter until its first mini-batch closes: an optimizer step or a
         # load_state_dict would then change a state the caller holds.
@@ -643,7 +660,7 @@ class TTTLayer(nn.Module):
             raise ValueError(
                 f"x is on {x.device} but the layer's weights are on {weights.device}: move one to the other"
             )
-        if x.dtype != weights.dtype and not _autocasting(x.device.type):
+        if x.dtype != weights.dtype and not autocasting(x.device.type):
             raise TypeError(
                 f"x is {x.dtype} but the layer's weights are {weights.dtype}: cast x (x.to({weights.dtype})) "
                 f"or the layer (layer.to({x.dtype})), or run under torch.autocast for mixed precision"
@@ -695,17 +712,29 @@ class TTTLayer(nn.Module):
                 raise ValueError(f"state.{group} must have the shapes {wanted}, got {given}")
         self._check_rule_state(state, batch_size, shapes)
         self._check_conv_history(state, batch_size)
+        self._check_state_tensors(state)
+
+    def _check_state_tensors(self, state: TTTState) -> None:
+        """Every state tensor is on the weights' device and in the dtype this layer keeps it in: the scan
+        dtype, or for a loss carry entry the dtype its inner loss starts it in (an integer state would
+        truncate the weights, another float dtype round them)."""
         weights, scan_dtype = self.post_norm.weight, self.scan_dtype
+        expected = {}
+        if state.loss_carry:
+            reference = weights.new_empty((), dtype=scan_dtype)
+            carry = self.inner_loss.init_carry(1, self.num_heads, self.head_dim, reference)
+            expected = {f"loss_carry.{key}": value.dtype for key, value in carry.items()}
         for name, tensor in state.tensors().items():
             if tensor.device != weights.device:
                 raise ValueError(
                     f"state tensor {name} is on {tensor.device}, the layer on {weights.device}: "
                     f"move the state with state.to({str(weights.device)!r})"
                 )
-            if tensor.is_floating_point() and tensor.dtype != scan_dtype:
+            wanted = expected.get(name, scan_dtype)
+            if tensor.dtype != wanted:
                 raise TypeError(
-                    f"state tensor {name} is {tensor.dtype} but the layer keeps its state in {scan_dtype}: "
-                    f"cast it with state.to({scan_dtype})"
+                    f"state tensor {name} is {tensor.dtype} but the layer keeps its state in {wanted}: pass "
+                    f"the state the layer returned, or cast it with state.to({scan_dtype})"
                 )
 
     def _check_state_is_recordable(self, state: TTTState, x: torch.Tensor) -> None:
@@ -767,7 +796,7 @@ class TTTLayer(nn.Module):
         batch, tokens, _ = x.shape
         heads, head_dim = self.num_heads, self.head_dim
         positions = (state.position + torch.arange(tokens, device=x.device)) % self.mini_batch_size
-        if _autocasting(x.device.type) and x.dtype == torch.float32:
+        if autocasting(x.device.type) and x.dtype == torch.float32:
             x = x.to(torch.get_autocast_dtype(x.device.type))  # cast once, not once per projection
         conv_history = dict(state.conv_history)
         if self.share_qk:
@@ -958,7 +987,7 @@ class TTTLayer(nn.Module):
     def _autocast_decides(self, x: torch.Tensor) -> bool:
         """Whether autocast chose the dtype of the projections, post-norm and o_proj (it casts the
         weights unless they are float64)."""
-        return _autocasting(x.device.type) and self.post_norm.weight.dtype != torch.float64
+        return autocasting(x.device.type) and self.post_norm.weight.dtype != torch.float64
 
     def _projection_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype the projections, post-norm and o_proj run in: the autocast dtype under autocast,
@@ -984,7 +1013,7 @@ class TTTLayer(nn.Module):
     def _overflowed_reading(self, x: torch.Tensor, dtype_name: str) -> str:
         """What overflowed ``dtype_name`` of the reading of ``x`` into Q, K, V, in words: the projections,
         or (when those stayed finite) the layer's feature map, else what follows the projections."""
-        if _autocasting(x.device.type) and x.dtype == torch.float32:
+        if autocasting(x.device.type) and x.dtype == torch.float32:
             x = x.to(torch.get_autocast_dtype(x.device.type))  # as _read casts it
         projections = [getattr(self, name, None) for name in ("q_proj", "k_proj", "v_proj")]  # share_qk: no k
         if not all(bool(torch.isfinite(m(x)).all()) for m in projections if m is not None):
@@ -1079,9 +1108,9 @@ class TTTLayer(nn.Module):
         decay, momentum = self.forgetting(x)
         if not self.update_rule.uses_token_scale:
             tau = None
-        autocasting = _autocasting(x.device.type)
+        under_autocast = autocasting(x.device.type)
         views, (lr, tau, decay, momentum) = self.in_scan_dtype(views, lr, tau, decay, momentum)
-        with torch.autocast(x.device.type, enabled=False) if autocasting else nullcontext():
+        with torch.autocast(x.device.type, enabled=False) if under_autocast else nullcontext():
             inner_out, new_state = _run_scan_eagerly(
                 self.update_rule, state, self.inner_task(), views, lr, tau, decay, momentum
             )

@@ -73,8 +73,12 @@ def _check_views(q: Any, k: Any, v: Any) -> None:
         raise TypeError(f"q must be a torch.Tensor [B, H, T, f], got {type(q).__name__}")
     if not q.is_floating_point():
         raise TypeError(f"q must be a floating-point tensor, got dtype {q.dtype}")
-    if q.dim() != 4 or q.shape[2] < 1 or q.shape[3] < 1 or q.shape[0] < 1 or q.shape[1] < 1:
-        raise ValueError(f"q must have shape [B, H, T, f] with every size >= 1, got {tuple(q.shape)}")
+    # B = 0 is an empty batch (empty outputs and weights, as TTTLayer's); heads, tokens and the head size
+    # must be there
+    if q.dim() != 4 or q.shape[1] < 1 or q.shape[2] < 1 or q.shape[3] < 1:
+        raise ValueError(
+            f"q must have shape [B, H, T, f] with H, T, f >= 1 (B = 0 is an empty batch), got {tuple(q.shape)}"
+        )
     for name, tensor in (("k", k), ("v", v)):
         _check_tensor(name, tensor, tuple(q.shape), q, "[B, H, T, f] (q's shape)")
 
@@ -303,6 +307,8 @@ def scan(
         back in q's dtype, ``weights`` in the scan's, and ``initial`` may be in either.
     """
     _check_views(q, k, v)
+    if dispatches is not None and not isinstance(dispatches, list):
+        raise TypeError(f"dispatches must be a list (or None), got {type(dispatches).__name__}")
     mini_batch_size = _check_options(
         mini_batch_size, inner_norm, inner_residual, kernel, norm_eps, needs_double_backward
     )

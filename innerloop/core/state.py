@@ -343,18 +343,30 @@ class TTTState:
             groups[group][key] = value
         try:
             signature = StateSignature(
-                batch_size=int(metadata["batch_size"]),
-                num_heads=int(metadata["num_heads"]),
-                head_dim=int(metadata["head_dim"]),
-                mini_batch_size=int(metadata["mini_batch_size"]),
+                batch_size=_metadata_int(metadata, "batch_size"),
+                num_heads=_metadata_int(metadata, "num_heads"),
+                head_dim=_metadata_int(metadata, "head_dim"),
+                mini_batch_size=_metadata_int(metadata, "mini_batch_size"),
                 inner_model=metadata["inner_model"],
                 inner_loss=metadata["inner_loss"],
                 **{key: metadata[key] for key in OPTIONAL_METADATA if key in metadata},
             )
-            position = int(metadata["position"])
+            position = _metadata_int(metadata, "position")
         except KeyError as missing:
             raise ValueError(f"state metadata lacks {missing}; got keys {sorted(metadata)}") from None
         return cls(position=position, signature=signature, **groups)
+
+
+def _metadata_int(metadata: dict[str, str], key: str) -> int:
+    """``metadata[key]`` read as an integer (``KeyError`` if absent); ``ValueError`` naming ``key`` if it is
+    not one."""
+    value = metadata[key]
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"state metadata {key}={value!r} must be an integer (as TTTState.metadata writes it)"
+        ) from None
 
 
 def _check_same_layout(first: TTTState, state: TTTState, index: int) -> None:

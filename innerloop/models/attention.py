@@ -9,7 +9,6 @@ and it reads a long input a block of queries at a time (:func:`sliding_window_at
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -21,6 +20,7 @@ from torch import nn
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from innerloop.core.functional import apply_rope_interleaved, rope_cos_sin, rope_inverse_frequencies
+from innerloop.core.layer import autocasting, check_positive_int, is_real
 from innerloop.core.state import cat_rows, check_batch_rows, check_states, same_positions, take_rows
 
 
@@ -239,6 +239,28 @@ def sliding_window_attention(
     return torch.cat(pieces, dim=2) if pieces else q
 
 
+def check_hidden_states(x: Any, hidden_size: int, weights: torch.Tensor) -> None:
+    """``x`` is a floating-point ``[B, T, hidden_size]`` tensor on ``weights``' device, in their dtype
+    (another one only under ``torch.autocast``); each error names ``x``, what it is and what is valid.
+    Shapes and dtypes only: no value is read (no device sync; traces under ``torch.compile``), so a NaN
+    in ``x`` is not refused here: it comes out as NaN."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor [B, T, hidden_size], got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != 3 or x.shape[-1] != hidden_size:
+        raise ValueError(f"x must have shape [B, T, hidden_size={hidden_size}], got {tuple(x.shape)}")
+    if x.device != weights.device:
+        raise ValueError(
+            f"x is on {x.device} but the layer's weights are on {weights.device}: move one to the other"
+        )
+    if x.dtype != weights.dtype and not autocasting(x.device.type):
+        raise TypeError(
+            f"x is {x.dtype} but the layer's weights are {weights.dtype}: cast x (x.to({weights.dtype})) "
+            f"or the layer (layer.to({x.dtype})), or run under torch.autocast for mixed precision"
+        )
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with RoPE, full or with a sliding window.
 
@@ -261,25 +283,44 @@ class CausalSelfAttention(nn.Module):
         norm_eps: float = 1e-6,
     ):
         super().__init__()
+        check_positive_int("hidden_size", hidden_size)
+        check_positive_int("num_heads", num_heads)
+        check_positive_int("window", window, none_allowed=True)  # None: full attention
+        hidden_size, num_heads = int(hidden_size), int(num_heads)
+        window = None if window is None else int(window)
         if hidden_size % num_heads:
-            raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
-        if window is not None and window < 1:
-            raise ValueError(f"window={window} must be >= 1 (or None for full attention)")
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}); valid num_heads "
+                f"for this width: {[h for h in range(1, hidden_size + 1) if hidden_size % h == 0]}"
+            )
+        if (hidden_size // num_heads) % 2:
+            raise ValueError(
+                f"head_dim = hidden_size / num_heads = {hidden_size // num_heads} must be even (RoPE rotates pairs)"
+            )
         for name, value in (("rope_theta", rope_theta), ("norm_eps", norm_eps)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+            if not is_real(value) or value <= 0:
                 # rope_theta <= 0 makes the RoPE tables NaN, which SDPA turns into silently zero attention
                 raise ValueError(f"{name}={value!r} must be a finite number > 0")
+        if not isinstance(qk_norm, bool):
+            raise TypeError(f"qk_norm must be True or False, got {qk_norm!r}")
+        self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.window = window
-        self.rope_theta = rope_theta
+        self.rope_theta = float(rope_theta)
         self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=float(norm_eps)) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=float(norm_eps)) if qk_norm else None
+
+    def check_input(self, x: Any) -> None:
+        """``x`` is a floating-point ``[B, T, hidden_size]`` tensor in the weights' dtype and on their
+        device (:func:`check_hidden_states`)."""
+        check_hidden_states(x, self.hidden_size, self.qkv_proj.weight)
 
     def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         """Attend over ``x [B, T, D]`` after the cached tokens; return ``y [B, T, D]`` and the new cache."""
+        self.check_input(x)
         batch, length, hidden = x.shape
         if state is not None:
             self.check_state(state, batch)
@@ -342,9 +383,26 @@ class CausalSelfAttention(nn.Module):
                     f"{wanted}, got {shape}: the cache was made for another batch size or by a layer of "
                     "another shape; pass the state made for this input, or None"
                 )
+            self.check_cache_tensor(f"{name}.{part}", tensor)
             if shape[2] != longest or shape[2] != state.key.shape[2]:
                 raise ValueError(
                     f"{name} caches {state.key.shape[2]} keys and {state.value.shape[2]} values, but at "
                     f"position {position} this layer (window={self.window}) keeps {longest} of each: the "
                     "cache was made by another layer; pass the state this layer returned, or None"
                 )
+
+    def check_cache_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """A cached key or value is floating-point, on the weights' device. Its float dtype may differ
+        from the weights' (a cache written under ``torch.autocast`` holds the autocast dtype): it is
+        used in the dtype the call computes in. An integer cache would truncate the keys: refused."""
+        weights = self.qkv_proj.weight
+        if not tensor.is_floating_point():
+            raise TypeError(
+                f"{name} is {tensor.dtype} but a key/value cache holds floating-point keys and values "
+                f"(this layer's: {weights.dtype}): pass the state this layer returned, or None"
+            )
+        if tensor.device != weights.device:
+            raise ValueError(
+                f"{name} is on {tensor.device}, the layer on {weights.device}: move the cache with "
+                f"state.to({str(weights.device)!r})"
+            )

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from innerloop.core.functional import causal_depthwise_conv
-from innerloop.core.layer import TTTLayer
+from innerloop.core.layer import TTTLayer, check_positive_int
 from innerloop.core.protocol import InnerLoss
 from innerloop.core.state import TTTState, cat_rows, check_batch_rows, check_states, take_rows
-from innerloop.models.attention import CausalSelfAttention, KVCache
+from innerloop.models.attention import CausalSelfAttention, KVCache, check_hidden_states
 from innerloop.models.config import MIXER_TABLE, ModelConfig, uses_pre_conv
 from innerloop.registry import get_registry
 
@@ -51,14 +51,18 @@ class CausalDepthwiseConv(nn.Module):
 
     def __init__(self, hidden_size: int, kernel_size: int):
         super().__init__()
-        if kernel_size < 1:
-            raise ValueError(f"kernel_size={kernel_size} must be >= 1")
+        check_positive_int("hidden_size", hidden_size)
+        check_positive_int("kernel_size", kernel_size)
+        hidden_size, kernel_size = int(hidden_size), int(kernel_size)
         self.kernel_size = kernel_size
         self.conv = nn.Conv1d(hidden_size, hidden_size, kernel_size, groups=hidden_size, bias=True)
 
     def forward(
         self, x: torch.Tensor, history: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Convolve ``x [B, T, D]`` after ``history`` (None: zeros, a new sequence); return ``(y [B, T, D],
+        the new history [B, kernel_size - 1, D])``."""
+        check_hidden_states(x, self.conv.in_channels, self.conv.weight)
         batch, _, hidden = x.shape
         if history is None:  # the start of a sequence: zeros before it
             history = x.new_zeros(batch, self.kernel_size - 1, hidden)
@@ -75,6 +79,15 @@ class CausalDepthwiseConv(nn.Module):
             raise ValueError(
                 f"{name} must be the pre-conv history [batch, kernel_size - 1, hidden] = {wanted}, got "
                 f"{given}: the state was made for another batch size or by another model"
+            )
+        if not history.is_floating_point():  # an integer history would truncate the inputs it holds
+            raise TypeError(
+                f"{name} is {history.dtype} but the pre-conv history holds floating-point inputs: pass the "
+                "state the model returned, or None"
+            )
+        if history.device != self.conv.weight.device:
+            raise ValueError(
+                f"{name} is on {history.device}, the conv on {self.conv.weight.device}: move the state to it"
             )
 
 

@@ -202,12 +202,22 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         """A section given as a mapping (``ModelConfig(ttt={"mini_batch_size": 4})``) becomes its
-        dataclass, its keys checked as :meth:`from_dict` checks them."""
+        dataclass, its keys checked as :meth:`from_dict` checks them; a section that is neither its
+        dataclass nor a mapping (None, a number) is refused naming it. A numpy number in an int or
+        float field (``hidden_size=np.int64(32)``) becomes the plain Python number."""
         for name, section_type in (("ttt", TTTConfig), ("e2e", E2EConfig), ("family", FamilyConfig)):
             section = getattr(self, name)
             if isinstance(section, Mapping):
                 check_keys(section, section_type, f"model.{name}.", "the model config")
-                setattr(self, name, section_type(**section))
+                section = section_type(**section)
+            elif not isinstance(section, section_type):
+                raise TypeError(
+                    f"model.{name} is a section, not a value: give an instance of {section_type.__name__} or a mapping "
+                    f"of its keys {sorted(f.name for f in fields(section_type))}, got "
+                    f"{type(section).__name__}: {section!r}"
+                )
+            setattr(self, name, _with_plain_numbers(section))
+        _with_plain_numbers(self)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain nested dict (JSON/YAML-safe), the inverse of :meth:`from_dict`."""
@@ -216,6 +226,11 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a nested dict; unknown keys raise ``ValueError`` listing the valid ones."""
+        if not isinstance(data, Mapping):
+            raise TypeError(
+                f"ModelConfig.from_dict needs a mapping of the config's keys (e.g. {{'hidden_size': 64}}), "
+                f"got {type(data).__name__}: {data!r}"
+            )
         data = dict(data)
         for name in ("ttt", "e2e", "family"):
             section = data.get(name, {})
@@ -230,6 +245,34 @@ class ModelConfig:
         if size not in MODEL_SIZES:
             raise ValueError(f"size={size!r} is not a paper size; valid sizes: {sorted(MODEL_SIZES)}")
         return cls.from_dict({**MODEL_SIZES[size], **overrides})
+
+
+def _with_plain_numbers(config: Any) -> Any:
+    """``config`` (a config dataclass) with every int or float field that holds another integer or real
+    number type (``numpy.int64``, ``numpy.float32``; not a bool) set to the plain ``int`` or ``float``,
+    so that the checks, the layers and JSON see Python numbers. Other values are left to the checks."""
+    hints = field_types(type(config))
+    for f in fields(config):
+        value, expected = getattr(config, f.name), hints[f.name]
+        if get_origin(expected) is Union:  # Optional[X]
+            expected = next(arg for arg in get_args(expected) if arg is not type(None))
+        if isinstance(value, bool) or type(value) in (int, float):
+            continue
+        if expected is int and isinstance(value, numbers.Integral):
+            setattr(config, f.name, int(value))
+        elif expected is float and isinstance(value, numbers.Real):
+            setattr(config, f.name, float(value))
+    return config
+
+
+def require_model_config(config: Any) -> ModelConfig:
+    """``config`` itself if it is a :class:`ModelConfig`, else ``TypeError`` saying how to build one."""
+    if not isinstance(config, ModelConfig):
+        raise TypeError(
+            "config must be a ModelConfig (ModelConfig.from_dict(d) builds one from a dict), got "
+            f"{type(config).__name__}"
+        )
+    return config
 
 
 # --------------------------------------------------------------------------------------------------
@@ -482,8 +525,12 @@ def _type_error(value: Any, expected: Any) -> str | None:
     if expected is bool:
         return None if isinstance(value, bool) else "true or false (a bool, not a string or a number)"
     if expected is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, (int, bool)):
+            return "a Python int (convert it with int(...))"  # a numpy int set after building
         return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
     if expected is float:
+        if isinstance(value, numbers.Real) and not isinstance(value, (int, float, bool)):
+            return "a Python float (convert it with float(...))"  # a numpy float set after building
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         return None if number and math.isfinite(value) else "a finite number"
     if expected is str:

@@ -53,7 +53,13 @@ from innerloop.models.attention import (
     sliding_window_attention,
 )
 from innerloop.models.blocks import SwiGLU
-from innerloop.models.config import E2E, ModelConfig, validate_e2e_options, validate_model_config
+from innerloop.models.config import (
+    E2E,
+    ModelConfig,
+    require_model_config,
+    validate_e2e_options,
+    validate_model_config,
+)
 from innerloop.models.lm import _tensors, check_token_ids, check_weights_under_autocast
 from innerloop.registry import get_registry
 
@@ -204,6 +210,7 @@ def _check_chunk_cache(cache: ChunkKVCache, attn: CausalSelfAttention, batch: in
                 f"[batch, heads, cached, head_dim] = {wanted}: the cache was made by another model or for "
                 "another batch; pass the state this model returned, or None"
             )
+        attn.check_cache_tensor(f"{name}.{part}", getattr(cache, part))
 
 
 class FloatRMSNorm(nn.RMSNorm):
@@ -496,7 +503,7 @@ class E2ELM(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.mixer != E2E:
+        if require_model_config(config).mixer != E2E:
             raise ValueError(f"E2ELM needs model.mixer='e2e', got {config.mixer!r}")
         validate_model_config(config)
         self.config = config
@@ -734,6 +741,34 @@ class E2ELM(nn.Module):
                 f"{e2e.chunk_size}: its chunks would start elsewhere; pass a state this model made, or None"
             )
         self._check_state_shapes(state, batch)
+        self._check_state_dtypes(state)
+
+    def _check_state_dtypes(self, state: E2EState) -> None:
+        """The state's fast weights and pending suffix inputs are floating point and at least as precise
+        as this model keeps them (under any ``compute_dtype``): the fast weights in their parameter's
+        dtype but at least float32 (:meth:`initial_fast_weights`), the pending inputs in the embedding's.
+        An integer state would truncate them, a narrower float dtype (a float32 model given float16)
+        round them; a wider one (float64) is taken and the call computes in the model's dtype. The
+        caches are checked by :meth:`_check_caches` (floating point; a cache written under autocast
+        holds its dtype)."""
+        params = dict(self.named_parameters())
+        expected = {
+            f"fast[{name!r}]": (tensor, torch.promote_types(params[name].dtype, torch.float32))
+            for name, tensor in state.fast.items()
+        }
+        expected["pending"] = (state.pending, self.embed.weight.dtype)
+        for name, (tensor, wanted) in expected.items():
+            if not tensor.is_floating_point() or torch.promote_types(tensor.dtype, wanted) != tensor.dtype:
+                raise TypeError(
+                    f"state.{name} is {tensor.dtype} but this model keeps it in {wanted} (a narrower or "
+                    "integer dtype would round or truncate it): pass the state this model returned (not a "
+                    "cast copy), or None"
+                )
+            if tensor.device != self.embed.weight.device:
+                raise ValueError(
+                    f"state.{name} is on {tensor.device}, the model on {self.embed.weight.device}: move "
+                    f"the state with state.to({str(self.embed.weight.device)!r})"
+                )
 
     def _check_state_shapes(self, state: E2EState, batch: int) -> None:
         """The state's fast weights, pending tokens and caches have this model's shapes for ``batch``."""

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from innerloop.models.config import E2E, ModelConfig
+from innerloop.models.config import E2E, ModelConfig, require_model_config
 from innerloop.models.e2e import E2ELM
 from innerloop.models.lm import CausalLM
 
 
 def build_model(config: ModelConfig) -> nn.Module:
     """The language model ``config`` describes: :class:`~innerloop.models.E2ELM` for
-    ``mixer == "e2e"``, else :class:`~innerloop.models.CausalLM`."""
-    if config.mixer == E2E:
+    ``mixer == "e2e"``, else :class:`~innerloop.models.CausalLM`. ``config`` must be a
+    :class:`ModelConfig` (``ModelConfig.from_dict(d)`` builds one from a dict)."""
+    if require_model_config(config).mixer == E2E:
         return E2ELM(config)
     return CausalLM(config)

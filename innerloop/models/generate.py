@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from innerloop.models.config import ModelConfig
 from innerloop.models.lm import check_token_ids
 
 if TYPE_CHECKING:  # annotations only: generate calls the model, whatever its class
@@ -95,12 +96,13 @@ def generate(
         eos_token_id: an end-of-sequence id (or several): a row that has sampled one yields the first
             of them from then on, and the iterator ends once every row has (None: never).
 
-    The arguments are checked when ``generate`` is called; the model runs as the iterator is read
+    The arguments (the model's type among them) are checked when ``generate`` is called; the model runs as the iterator is read
     (with ``max_new_tokens=0`` the iterator is empty and the model never runs). Logits the model
     produces with NaN or ``+inf`` (or ``-inf`` for every token) raise a ValueError naming the step.
     The state is yielded so that callers can inspect it (e.g. its size); the iterator itself keeps
     only the latest state and the latest token.
     """
+    _check_model(model)
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     check_token_ids(prompt_ids, vocab_size if _is_int(vocab_size) else None, "prompt_ids", min_length=1)
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
@@ -108,6 +110,26 @@ def generate(
     temperature, top_k = _checked_sampling(temperature, top_k, generator)
     stops = _checked_eos(eos_token_id, vocab_size if _is_int(vocab_size) else None)
     return _sample(model, prompt_ids, int(max_new_tokens), temperature, top_k, generator, stops)
+
+
+def _check_model(model: object) -> None:
+    """``model`` is something :func:`generate` can call as ``logits, state = model(ids, state)``: refused
+    now, before the iterator is read, if it is not callable, or if it is a Hugging Face wrapper
+    (``InnerloopForCausalLM``, recognised by the innerloop model it holds as ``.model``), whose forward
+    returns an output object instead."""
+    if not callable(model):
+        raise TypeError(
+            f"model must be an innerloop language model (CausalLM or E2ELM), got {type(model).__name__}"
+        )
+    inner = getattr(model, "model", None)
+    if not isinstance(getattr(model, "config", None), ModelConfig) and isinstance(
+        getattr(inner, "config", None), ModelConfig
+    ):
+        raise TypeError(
+            f"model is a Hugging Face model ({type(model).__name__}), whose forward returns an output "
+            "object, not (logits, state): use model.generate(...) (transformers' generate) for it, or "
+            "innerloop.models.generate(model.model, ...) for the innerloop model it holds"
+        )
 
 
 def _checked_eos(eos_token_id: object, vocab_size: int | None) -> list[int]:

@@ -17,7 +17,7 @@ from torch import nn
 from innerloop.core.eager import run_eagerly
 from innerloop.core.state import check_batch_rows, check_states
 from innerloop.models.blocks import Block, BlockState, CausalDepthwiseConv
-from innerloop.models.config import ModelConfig, validate_model_config
+from innerloop.models.config import ModelConfig, require_model_config, validate_model_config
 
 TOKEN_ID_DTYPES = (torch.int64, torch.int32)
 """The dtypes a model takes token ids in (those ``nn.Embedding`` indexes with)."""
@@ -171,7 +171,7 @@ class CausalLM(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.mixer == "e2e":
+        if require_model_config(config).mixer == "e2e":
             raise ValueError(
                 "model.mixer='e2e' is a whole model of its own: build it with innerloop.models.build_model "
                 "(or innerloop.models.E2ELM)"

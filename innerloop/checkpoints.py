@@ -236,6 +236,42 @@ def saved_model_config(path: str | os.PathLike[str], model: dict[str, Any]) -> d
     return model
 
 
+def missing_config_keys(given: Any, full: Mapping[str, Any], prefix: str = "model.") -> list[str]:
+    """The dotted keys of ``full`` (a complete model config, ``ModelConfig().to_dict()``) that ``given``
+    (a stored one) lacks."""
+    if not isinstance(given, Mapping):
+        return []
+    missing = []
+    for key, value in full.items():
+        if key not in given:
+            missing.append(f"{prefix}{key}")
+        elif isinstance(value, Mapping):
+            missing += missing_config_keys(given[key], value, f"{prefix}{key}.")
+    return missing
+
+
+def missing_keys_note(given: Any, source: str, shown: int = 6) -> str:
+    """``""``, or a sentence for an error about weights that do not fit the model a stored config
+    ``given`` (a model section) describes: the keys it lacks, named with the defaults they were given
+    (a missing ``hidden_size`` gives the default width, and every weight then seems wrong). Only for
+    such errors: a config written before a key existed lacks it, and loads with its default."""
+    defaults = ModelConfig().to_dict()
+    missing = missing_config_keys(given, defaults)
+    if not missing:
+        return ""
+    named = []
+    for dotted in missing[:shown]:
+        value: Any = defaults
+        for part in dotted.removeprefix("model.").split("."):
+            value = value[part]
+        named.append(f"{dotted} (given the default {value!r})" if not isinstance(value, Mapping) else dotted)
+    more = f" and {len(missing) - shown} more" if len(missing) > shown else ""
+    return (
+        f"; {source} lacks {', '.join(named)}{more}: the weights may fit other values of these keys "
+        "(add them, with the values the model was trained with)"
+    )
+
+
 def rebuild_error(path: str | os.PathLike[str], err: BaseException) -> CheckpointError:
     """The error for a checkpoint whose model this innerloop cannot rebuild from its hyperparameters;
     when another innerloop wrote it, the message says which, and when a plugin it records is not
@@ -950,7 +986,8 @@ def load_model(path: str | os.PathLike[str], keep_dtype: bool = False) -> Causal
 
     Raises :class:`CheckpointError` if the file is not an innerloop checkpoint with a model, or its
     weights do not fit the model its hyperparameters describe (missing or unexpected keys, shapes,
-    dtypes: see :func:`check_state_dict`)."""
+    dtypes: see :func:`check_state_dict`; the message also names the keys the hyperparameters lack,
+    which took their defaults: :func:`missing_keys_note`)."""
     checkpoint = load_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters")
     state_dict = checkpoint.get("state_dict")
@@ -966,7 +1003,13 @@ def load_model(path: str | os.PathLike[str], keep_dtype: bool = False) -> Causal
         raise rebuild_error(path, err) from None
     expected = {MODEL_PREFIX + key: value for key, value in model.state_dict().items()}
     description = f"the model its hyperparameters describe ({describe_model(hparams['model'])})"
-    check_state_dict(expected, state_dict, path, description)
+    try:
+        check_state_dict(expected, state_dict, path, description)
+    except CheckpointError as err:  # a key the hyperparameters lack may be why: name it
+        note = missing_keys_note(hparams["model"], "its hyperparameters' model config")
+        if not note:
+            raise
+        raise CheckpointError(f"{err}{note}") from None
     weights = {key.removeprefix(MODEL_PREFIX): value for key, value in state_dict.items()}
     load_weights(model, weights, keep_dtype)
     return model.eval()

@@ -1,8 +1,8 @@
 """The arguments of ``InnerloopForCausalLM.forward`` besides the token ids, checked before the model runs.
 
 transformers' models share arguments that an innerloop model reads its own way or has no use for. Each
-is handled here by name: the cache under its three names, the attention mask's shape, positions,
-``logits_to_keep`` and ``output_hidden_states``. Any other argument is refused, naming it: ignoring an
+is handled here by name: the cache under its three names, the attention mask's shape and values,
+positions, ``logits_to_keep``, ``output_hidden_states`` and the flags ``use_cache`` / ``return_dict``. Any other argument is refused, naming it: ignoring an
 argument that changes another model's numbers would hide a mistake (e.g. a cache passed under a name the
 model did not read gives the logits of the new tokens without their context).
 """
@@ -46,7 +46,7 @@ def check_mask_shape(attention_mask: Any, input_ids: torch.Tensor, cached: int, 
     transformers: ``[batch, cached + length]``; with a cache, ``[batch, length]`` is taken too (a mask of
     the new tokens alone, what many decoding loops pass, or in ``generate()`` the whole prompt passed
     with its cache). Anything else is refused, naming both shapes; ``caller`` (``"generate()"``) starts
-    the message. (The mask's values are checked by ``check_attention_mask``.)"""
+    the message. (The mask's values are checked by :func:`check_mask_values`.)"""
     if attention_mask is None:
         return
     batch, length = input_ids.shape
@@ -94,7 +94,11 @@ def check_other_arguments(arguments: dict[str, Any], start: int, length: int) ->
 def _check_one_segment(token_type_ids: Any) -> None:
     """``token_type_ids`` (which some tokenizers return, so that ``model(**tokenizer(text))`` passes
     them) must all be 0: one segment, which is what a model without segment embeddings reads."""
-    if isinstance(token_type_ids, torch.Tensor) and not bool((token_type_ids == 0).all()):
+    if not isinstance(token_type_ids, torch.Tensor):
+        raise ValueError(
+            f"token_type_ids must be a tensor of segment ids (all 0), got {type(token_type_ids).__name__}"
+        )
+    if not bool((token_type_ids == 0).all()):
         raise ValueError(
             "token_type_ids holds segments other than 0: innerloop models have no segment embeddings, so "
             "they would read every token as segment 0; drop token_type_ids or make them all 0"
@@ -127,25 +131,78 @@ def _shape_of(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def check_logits_to_keep(logits_to_keep: Any) -> None:
-    """Refuse a ``logits_to_keep`` that transformers' models do not take
-    (``transformers.modeling_utils.slice_logits_to_keep``, which ``forward`` applies to the logits): an
-    int ``k >= 0`` keeps the last ``k`` positions (0 keeps all of them); a 1-D tensor holds the positions
-    kept in every row; a 2-D integer tensor ``[B, n]`` the positions of each row, a 2-D bool tensor
-    ``[B, T]`` a mask (the kept logits then come flattened, ``[kept, V]``)."""
-    is_int = isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool)
-    is_tensor = (
-        isinstance(logits_to_keep, torch.Tensor)
-        and not logits_to_keep.is_floating_point()
-        and logits_to_keep.dim() in (1, 2)
-    )
-    if (is_int and logits_to_keep >= 0) or is_tensor:
+def check_logits_to_keep(logits_to_keep: Any, batch: int, length: int) -> None:
+    """Refuse a ``logits_to_keep`` that transformers' models do not take, or that points outside the
+    logits of ``input_ids [batch, length]`` (``transformers.modeling_utils.slice_logits_to_keep``, which
+    ``forward`` applies to the logits ``[batch, length, V]``):
+
+    - an int ``k >= 0`` keeps the last ``k`` positions (0, or a ``k`` past ``length``, keeps all of them);
+    - a 1-D integer tensor holds the positions kept in every row, a 2-D one ``[batch, n]`` those of each
+      row: positions ``0 .. length - 1`` (transformers documents positions, not Python's negative
+      indices; out of range, ``torch.take_along_dim`` would silently read another row's logits);
+    - a bool tensor is a mask of the positions kept, ``[length]`` for every row or ``[batch, length]``
+      (the kept logits of a 2-D mask then come flattened, ``[kept, V]``).
+
+    The message names what was given and what is valid. Reading a tensor's range costs one device sync.
+    """
+    if isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool) and logits_to_keep >= 0:
         return
-    shown = _shape_of(logits_to_keep) if isinstance(logits_to_keep, torch.Tensor) else repr(logits_to_keep)
+    problem = _logits_to_keep_problem(logits_to_keep, batch, length)
+    if problem is None:
+        return
     raise ValueError(
-        f"logits_to_keep must be an int >= 0 (keep the last k positions; 0 keeps all) or a 1-D or 2-D "
-        f"integer tensor of positions, got {shown}"
+        f"logits_to_keep must be an int >= 0 (keep the last k positions; 0 keeps all), a 1-D or [{batch}, n] "
+        f"integer tensor of positions 0..{length - 1}, or a bool mask [{length}] or [{batch}, {length}] "
+        f"(input_ids are [{batch}, {length}]), got {problem}"
     )
+
+
+def _logits_to_keep_problem(logits_to_keep: Any, batch: int, length: int) -> str | None:
+    """What is wrong with a ``logits_to_keep`` that is not an int ``>= 0`` (see
+    :func:`check_logits_to_keep`), as the end of its message, or None when it is valid."""
+    if not isinstance(logits_to_keep, torch.Tensor):
+        return f"{logits_to_keep!r} ({type(logits_to_keep).__name__})"
+    shape, dtype = list(logits_to_keep.shape), logits_to_keep.dtype
+    is_mask = dtype == torch.bool
+    if logits_to_keep.dim() not in (1, 2) or not (is_mask or _is_integer(dtype)):
+        return f"a tensor of shape {shape} and {dtype}"
+    if is_mask:
+        return None if shape in ([length], [batch, length]) else f"a bool mask of shape {shape}"
+    if logits_to_keep.dim() == 2 and shape[0] != batch:
+        return f"an integer tensor of shape {shape}, whose first dimension is not the batch, {batch}"
+    if logits_to_keep.numel() == 0:
+        return None
+    low, high = torch.stack(torch.aminmax(logits_to_keep)).tolist()  # one sync for both
+    if low >= 0 and high < length:
+        return None
+    return f"position {low if low < 0 else high}, outside the {length} positions of input_ids"
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def check_mask_values(attention_mask: Any, caller: str = "") -> None:
+    """Refuse an ``attention_mask`` (a tensor, its shape checked by :func:`check_mask_shape`) that holds
+    a value other than 0 and 1 (a bool mask is always fine): 0.5, 2, -1 or NaN would otherwise be taken
+    for a token. ``caller`` (``"generate()"``) starts the message. One device sync."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype == torch.bool:
+        return
+    valid = (attention_mask == 0) | (attention_mask == 1)
+    if bool(valid.all()):
+        return
+    bad = attention_mask[~valid][0].item()
+    raise ValueError(
+        f"{caller + ': ' if caller else ''}attention_mask holds the value {bad!r} ({attention_mask.dtype}): a mask "
+        "holds 1 for a token and 0 for padding (or True / False, a bool tensor), nothing else"
+    )
+
+
+def check_flag(name: str, value: Any) -> None:
+    """Refuse a ``use_cache`` / ``return_dict`` that is not True, False or None (a string such as
+    ``"no"`` would be read as true)."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{name} must be True, False or None, got {value!r} ({type(value).__name__})")
 
 
 def hidden_states_wanted(output_hidden_states: Any, default: bool, is_e2e: bool) -> bool:

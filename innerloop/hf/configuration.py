@@ -19,6 +19,7 @@ from transformers import PreTrainedConfig
 from innerloop.checkpoints import (
     EARLIER_E2E_DEFAULTS,
     EARLIER_TTT_DEFAULTS,
+    missing_config_keys,
     missing_plugins_note,
     saved_model_config,
 )
@@ -77,17 +78,15 @@ def model_config_from(model: Any) -> ModelConfig:
     return config
 
 
-def _missing_keys(given: Any, full: dict[str, Any], prefix: str = "model.") -> list[str]:
-    """The dotted keys of ``full`` (a complete model config) that ``given`` lacks."""
-    if not isinstance(given, dict):
-        return []
-    missing = []
-    for key, value in full.items():
-        if key not in given:
-            missing.append(f"{prefix}{key}")
-        elif isinstance(value, dict):
-            missing += _missing_keys(given[key], value, f"{prefix}{key}.")
-    return missing
+def with_earlier_defaults(model: dict[str, Any]) -> dict[str, Any]:
+    """config.json's ``model`` section with the options added since an export was written at the values
+    its model used then: E2E options (:data:`~innerloop.checkpoints.EARLIER_E2E_DEFAULTS`) and the TTT
+    layer's inner wrapping (:data:`~innerloop.checkpoints.EARLIER_TTT_DEFAULTS`)."""
+    if model.get("mixer") == E2E and isinstance(model.get("e2e"), dict):
+        model = {**model, "e2e": {**EARLIER_E2E_DEFAULTS, **model["e2e"]}}
+    if isinstance(model.get("ttt"), dict):  # written before model.ttt could set the inner wrapping
+        model = {**model, "ttt": {**EARLIER_TTT_DEFAULTS, **model["ttt"]}}
+    return model
 
 
 def _loaded_model_section(model: Any) -> Any:
@@ -98,12 +97,8 @@ def _loaded_model_section(model: Any) -> Any:
     file was edited, or written by another version)."""
     if not isinstance(model, dict):
         return model  # refused, naming it, when the config is built
-    if model.get("mixer") == E2E and isinstance(model.get("e2e"), dict):
-        model = {**model, "e2e": {**EARLIER_E2E_DEFAULTS, **model["e2e"]}}
-    if isinstance(model.get("ttt"), dict):  # written before model.ttt could set the inner wrapping
-        model = {**model, "ttt": {**EARLIER_TTT_DEFAULTS, **model["ttt"]}}
-    model = saved_model_config("config.json", model)
-    missing = _missing_keys(model, ModelConfig().to_dict())
+    model = saved_model_config("config.json", with_earlier_defaults(model))
+    missing = missing_config_keys(model, ModelConfig().to_dict())
     if missing:
         warnings.warn(
             f"config.json's 'model' section lacks {', '.join(missing)}: loaded with today's defaults for them "

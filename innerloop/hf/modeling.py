@@ -16,6 +16,9 @@ A cache can be passed back to ``generate()`` (``cache=``, ``past_key_values=``) 
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
+import json
 import os
 import re
 import shlex
@@ -24,25 +27,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
-from innerloop.checkpoints import plugin_record, warn_changed_plugins
+from innerloop.checkpoints import missing_keys_note, plugin_record, warn_changed_plugins
 from innerloop.core.functional import mean_scored_cross_entropy
+from innerloop.data.atomic import atomic_write_text
 from innerloop.hf.arguments import (
+    check_flag,
     check_logits_to_keep,
     check_mask_shape,
+    check_mask_values,
     check_other_arguments,
     hidden_states_wanted,
     one_cache,
     recording_hidden_states,
 )
-from innerloop.hf.configuration import InnerloopConfig, model_config_from
+from innerloop.hf.configuration import InnerloopConfig, model_config_from, with_earlier_defaults
 from innerloop.hf.remote_code import AUTO_MAP, write_shims
 from innerloop.models import E2EState, LMState, build_model
 from innerloop.models.config import E2E
+from innerloop.models.lm import TOKEN_ID_DTYPES
+from innerloop.models.lm import check_token_ids as check_token_id_tensor
 
 
 class InnerloopCache:
@@ -264,9 +273,26 @@ def check_generate_mask(attention_mask: torch.Tensor | None) -> None:
         )
 
 
-def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """Refuse an id outside ``[0, vocab_size)`` (e.g. a tokenizer's special token past the bytes),
-    naming it, rather than let the embedding fail with an index error."""
+def check_token_ids_shape(input_ids: Any) -> None:
+    """Refuse, naming ``input_ids``, anything but a torch.Tensor of integer token ids ``[batch, length >=
+    1]`` (a 1-D tensor, a list or a numpy array would fail deep inside with an unrelated error).
+    Reads no values: no device sync."""
+    fits = (
+        isinstance(input_ids, torch.Tensor)
+        and input_ids.dtype in TOKEN_ID_DTYPES
+        and input_ids.dim() == 2
+        and input_ids.shape[1] >= 1
+    )
+    if not fits:
+        check_token_id_tensor(input_ids, None, min_length=1)  # raises, naming what is wrong and what is valid
+        raise AssertionError("unreachable: innerloop.models.lm.check_token_ids refuses what does not fit")
+
+
+def check_token_ids(input_ids: Any, vocab_size: int) -> None:
+    """Refuse anything but integer token ids ``[batch, length >= 1]`` (:func:`check_token_ids_shape`),
+    and an id outside ``[0, vocab_size)`` (e.g. a tokenizer's special token past the bytes), naming it,
+    rather than let the embedding fail with an index error."""
+    check_token_ids_shape(input_ids)
     if input_ids.numel() == 0:
         return
     low, high = int(input_ids.min()), int(input_ids.max())
@@ -307,21 +333,35 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         with the plugins registered now: a :class:`~innerloop.checkpoints.PluginChangedWarning` names
         each name registered now by another plugin (:func:`~innerloop.checkpoints.same_plugin`).
 
+        A local folder is checked too: a weights file that is not a whole safetensors file is named
+        (:func:`stored_weight_dtypes`); a weight stored in an integer or bool dtype where the model's is
+        floating is refused (transformers would cast it); when the weights do not fit, the message also
+        names the keys config.json's ``model`` section lacks, which took their defaults; and where
+        ``innerloop export`` recorded its files (:data:`EXPORT_RECORD`), the weights files must be the
+        ones it wrote (their SHA-256, computed once per load: seconds for a large model): a file changed
+        since is refused, naming it (:func:`check_export_record`).
+
         A folder that is missing because an ``innerloop export --overwrite`` to it was killed between
         its two renames raises ``FileNotFoundError`` naming the earlier export, set aside beside it
         (:func:`refuse_an_interrupted_export`).
         """
-        refuse_an_interrupted_export(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        given = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        refuse_an_interrupted_export(given)
+        folder = local_folder(given, kwargs.get("subfolder"))
+        stored = stored_weight_dtypes(folder) if folder is not None else {}
         wants_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, as one ValueError
-        source = repr(str(args[0] if args else kwargs.get("pretrained_model_name_or_path")))
+        source = repr(str(given))
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         problems = loading_problems(info)
         if problems:
             raise ValueError(
                 f"{source} does not hold the weights of the model its config.json describes (a config.json "
-                f"edited by hand?): {problems}"
+                f"edited by hand?): {problems}{config_keys_note(folder)}"
             )
+        refuse_integer_weights(model, stored)
+        if folder is not None:  # after the checks above, which name what is wrong more precisely
+            check_export_record(folder)
         warn_changed_plugins(source, model.config.innerloop_plugins, model.config.model)
         model._refresh_non_persistent_buffers()
         return (model, info) if wants_info else model
@@ -331,11 +371,14 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         names (:mod:`innerloop.hf.remote_code`), so that the folder also loads with
         ``trust_remote_code=True`` where innerloop is installed but not imported; and in
         ``innerloop_plugins``, where each plugin the model uses came from
-        (:func:`~innerloop.checkpoints.plugin_record`), which ``from_pretrained`` checks."""
+        (:func:`~innerloop.checkpoints.plugin_record`), which ``from_pretrained`` checks. Saved into an
+        export, the files it replaces leave the export's record (:func:`forget_replaced_export_files`):
+        they load as the files saved."""
         self.config.auto_map = dict(AUTO_MAP)
         self.config.innerloop_plugins = plugin_record(self.config.model, self.config.innerloop_plugins)
         super().save_pretrained(save_directory, *args, **kwargs)
         write_shims(save_directory)
+        forget_replaced_export_files(Path(save_directory))
 
     def _refresh_non_persistent_buffers(self) -> None:
         """Make the tables no checkpoint holds (the layers' ``derived_buffers``: token index, RoPE
@@ -354,6 +397,161 @@ class InnerloopPreTrainedModel(PreTrainedModel):
                         module.register_buffer(
                             name, table.to(device=current.device, dtype=dtype), persistent=False
                         )
+
+
+EXPORT_RECORD = "innerloop_export.json"
+"""The file in which ``innerloop export`` records each file it wrote, with its size and SHA-256
+(:data:`innerloop.hf.export.MANIFEST`; named here too, since export imports this module)."""
+
+_RECORD_FORMAT = "innerloop-export"
+
+CHECKED_EXPORT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
+"""The files of an export whose checksums ``from_pretrained`` verifies (fnmatch patterns): the weights,
+where a changed byte would silently change the model's numbers. ``config.json`` is not among them: it
+is checked for what it says when it is loaded (innerloop's checks, a warning naming a missing key), and
+may be edited; nor are ``generation_config.json`` and the tokenizer's files, which the model does not
+read."""
+
+
+def local_folder(given: Any, subfolder: Any = None) -> Path | None:
+    """The local folder ``from_pretrained`` reads for ``given`` (a path; ``subfolder`` inside it), or
+    None (a Hub id, a folder that does not exist)."""
+    if not isinstance(given, (str, os.PathLike)):
+        return None
+    folder = Path(given).expanduser() / (subfolder if isinstance(subfolder, str) else "")
+    return folder if folder.is_dir() else None
+
+
+def export_record(folder: Path) -> dict[str, dict[str, Any]] | None:
+    """The files :data:`EXPORT_RECORD` in ``folder`` lists (plain file name -> ``{"size", "sha256"}``),
+    or None: no record, or not one ``innerloop export`` wrote (a folder saved by hand loads as before)."""
+    path = folder / EXPORT_RECORD
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != _RECORD_FORMAT:
+        return None
+    files = record.get("files")
+    if not isinstance(files, dict):
+        return None
+    return {
+        name: entry
+        for name, entry in files.items()
+        if isinstance(entry, dict) and Path(name).name == name and name not in ("", ".", "..")
+    }
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def _changed_since_export(path: Path, entry: dict[str, Any]) -> bool:
+    """Whether ``path`` (a regular file) differs from the size and checksum its export recorded."""
+    return path.stat().st_size != entry.get("size") or _sha256(path) != entry.get("sha256")
+
+
+def check_export_record(folder: Path) -> None:
+    """Refuse, naming it, a file of :data:`CHECKED_EXPORT_FILES` that the export's record
+    (:func:`export_record`) lists and that changed since (its size or SHA-256 differs: a damaged copy,
+    or a file edited by hand). A folder without a record is not checked."""
+    record = export_record(folder) or {}
+    for name, entry in sorted(record.items()):
+        path = folder / name
+        checked = any(fnmatch.fnmatchcase(name, pattern) for pattern in CHECKED_EXPORT_FILES)
+        if checked and path.is_file() and not path.is_symlink() and _changed_since_export(path, entry):
+            raise ValueError(
+                f"{str(path)!r} was changed after `innerloop export` wrote it: its size or SHA-256 differs "
+                f"from the one {EXPORT_RECORD} records (a damaged or truncated copy? copy or export the "
+                f"folder again; if you changed it on purpose, delete its entry from {EXPORT_RECORD})"
+            )
+
+
+def stored_weight_dtypes(folder: Path) -> dict[str, tuple[str, str]]:
+    """Each weight in the safetensors files of ``folder`` (:func:`_weight_files`) -> its file and its
+    stored dtype (safetensors' name, e.g. ``"F32"``), for :func:`refuse_integer_weights`; a file that
+    safetensors cannot read (truncated, damaged) is refused, naming it. Reads the headers only."""
+    stored: dict[str, tuple[str, str]] = {}
+    for path in _weight_files(folder):
+        try:
+            with safe_open(path, "pt") as file:
+                stored.update({key: (path.name, file.get_slice(key).get_dtype()) for key in file.keys()})
+        except (SafetensorError, OSError) as err:
+            raise ValueError(
+                f"{str(path)!r} is not a readable safetensors file ({err}): a truncated or damaged copy? "
+                "copy or export the folder again"
+            ) from None
+    return stored
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files ``from_pretrained`` reads the weights of ``folder`` from: ``model.safetensors``,
+    or the shards its index names (none found: left to transformers, which names what is missing)."""
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    try:
+        index = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))
+        shards = sorted(set(index["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    return [folder / shard for shard in shards if isinstance(shard, str) and (folder / shard).is_file()]
+
+
+def refuse_integer_weights(model: nn.Module, stored: dict[str, tuple[str, str]]) -> None:
+    """Refuse a weight stored in an integer or bool dtype (``stored``: weight -> file and safetensors
+    dtype, from :func:`stored_weight_dtypes`) where ``model``'s weight is floating: transformers would
+    cast it silently (innerloop's own ``load_model`` refuses it too)."""
+    state = model.state_dict()
+    for key, (file, dtype) in sorted(stored.items()):
+        floating_stored = dtype.startswith("F") or dtype == "BF16"
+        if key in state and state[key].is_floating_point() and not floating_stored:
+            raise ValueError(
+                f"{file}: the weight {key!r} is stored as {dtype}, not a floating dtype, where the model's "
+                f"is {state[key].dtype}; innerloop writes floating weights: was the file edited, or written "
+                "by another program?"
+            )
+
+
+def config_keys_note(folder: Path | None) -> str:
+    """For the error about weights that do not fit: the keys the ``model`` section of ``folder``'s
+    config.json lacks, which took their defaults (:func:`~innerloop.checkpoints.missing_keys_note`), or
+    ``""`` (none, no local folder, a config.json that cannot be read)."""
+    if folder is None:
+        return ""
+    try:
+        model = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if not isinstance(model, dict):
+        return ""
+    return missing_keys_note(with_earlier_defaults(model), "config.json's 'model' section")
+
+
+def forget_replaced_export_files(folder: Path) -> None:
+    """After ``save_pretrained`` into ``folder``: drop from the export's record (:func:`export_record`)
+    the files that now differ from what it recorded, so that ``from_pretrained`` reads the files saved
+    (an ``innerloop export --overwrite`` treats a changed file and an unlisted one alike: as the user's,
+    kept). Nothing is written when no recorded file changed."""
+    path = folder / EXPORT_RECORD
+    files = export_record(folder)
+    if not files:
+        return
+    changed = [
+        name
+        for name, entry in files.items()
+        if (folder / name).is_file()
+        and not (folder / name).is_symlink()
+        and _changed_since_export(folder / name, entry)
+    ]
+    if not changed:
+        return
+    record = json.loads(path.read_text(encoding="utf-8"))
+    record["files"] = {name: entry for name, entry in record["files"].items() if name not in changed}
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def export_leftovers(out: Path, suffix: str) -> list[Path]:
@@ -537,9 +735,10 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         """``input_ids [B, T]`` -> logits ``[B, T, vocab]``, continuing from ``cache`` when given.
 
         Args:
-            input_ids: token ids, ``[batch, length]``.
+            input_ids: token ids, a tensor ``[batch, length >= 1]`` of int64 or int32 (anything else is
+                refused, naming it, before any other argument is read).
             attention_mask: ``[batch, cached + length]`` (it covers the tokens the cache has read too, as
-                in transformers); only ones, or right padding when no cache is passed in nor asked for
+                in transformers) of 0 and 1 (or bool); only ones, or right padding when no cache is passed in nor asked for
                 (then no cache is returned; see :func:`check_attention_mask`).
             cache: the :class:`InnerloopCache` of the previous call, to continue its sequence (or as
                 ``past_key_values`` or ``cache_params``: two different caches are refused).
@@ -550,7 +749,8 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
             inputs_embeds: not supported (innerloop models start from token ids).
             return_dict: a tuple instead of the output object when false.
             logits_to_keep: an int k keeps the logits of the last k positions (0, the default, keeps
-                all), a tensor the positions it holds (see :func:`~innerloop.hf.arguments.check_logits_to_keep`).
+                all), a tensor the positions it holds, ``0 .. length - 1``, or a bool mask (see
+                :func:`~innerloop.hf.arguments.check_logits_to_keep`: out of range is refused).
             output_hidden_states: also return the hidden states (default: the config's); not for TTT-E2E.
             **kwargs: ``position_ids`` / ``cache_position`` equal to the positions the model reads,
                 ``output_attentions=False`` and arguments given as None are accepted; any other is
@@ -566,10 +766,8 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         may_cache, hidden = self._check_inputs(
             input_ids, attention_mask, cache, use_cache, output_hidden_states
         )
-        check_other_arguments(kwargs, 0 if cache is None else cache.seq_length, input_ids.shape[1])
-        check_logits_to_keep(logits_to_keep)
-        if labels is not None:
-            labels = check_labels(labels, input_ids, self.config.vocab_size)
+        self._check_arguments(kwargs, input_ids, cache, logits_to_keep, return_dict)
+        labels = None if labels is None else check_labels(labels, input_ids, self.config.vocab_size)
         logits, state, hidden_states = self._run(input_ids, cache, hidden)  # logits [B, T, V]
         use_cache = (self.config.use_cache if use_cache is None else use_cache) and may_cache
         new_cache = self._next_cache(input_ids, cache, state) if use_cache else None
@@ -588,13 +786,30 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         use_cache: bool | None,
         output_hidden_states: bool | None,
     ) -> tuple[bool, bool]:
-        """Check the ids and the mask; return whether a cache may be returned (see
-        :func:`check_attention_mask`) and whether the hidden states are wanted."""
+        """Check the ids (first: the other checks read their shape), the mask and ``use_cache``; return
+        whether a cache may be returned (see :func:`check_attention_mask`) and whether the hidden states
+        are wanted."""
         check_token_ids(input_ids, self.config.vocab_size)
         check_mask_shape(attention_mask, input_ids, 0 if cache is None else cache.seq_length)
+        check_mask_values(attention_mask)
+        check_flag("use_cache", use_cache)
         may_cache = check_attention_mask(attention_mask, cached=cache is not None, use_cache=use_cache)
         is_e2e = self.config.model["mixer"] == E2E  # type: ignore[index]
         return may_cache, hidden_states_wanted(output_hidden_states, self.config.output_hidden_states, is_e2e)
+
+    @staticmethod
+    def _check_arguments(
+        kwargs: dict[str, Any],
+        input_ids: torch.Tensor,
+        cache: InnerloopCache | None,
+        logits_to_keep: Any,
+        return_dict: Any,
+    ) -> None:
+        """Check ``forward``'s other arguments (:func:`~innerloop.hf.arguments.check_other_arguments`),
+        ``logits_to_keep`` against the ids' shape, and ``return_dict``."""
+        check_other_arguments(kwargs, 0 if cache is None else cache.seq_length, input_ids.shape[1])
+        check_logits_to_keep(logits_to_keep, *input_ids.shape)
+        check_flag("return_dict", return_dict)
 
     def _check_cache(self, cache: Any) -> None:
         """Refuse anything but an :class:`InnerloopCache`, and a cache this model made in another dtype
@@ -678,13 +893,16 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         return mask
 
     def _prepare_model_inputs(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, str, dict[str, Any]]:
-        """transformers' own, then the shape of ``generate()``'s attention_mask is checked against the ids
-        (and the cache passed in), before transformers drops a mask of ones."""
+        """transformers' own, then ``generate()``'s input_ids are checked (a tensor ``[batch, length]`` of
+        integer ids), and its attention_mask's shape against them (and the cache passed in) and its values
+        (0 and 1), before transformers drops a mask of ones."""
         inputs, input_name, model_kwargs = super()._prepare_model_inputs(*args, **kwargs)
-        if input_name == "input_ids" and inputs.dim() == 2:
+        if input_name == "input_ids":
+            check_token_ids_shape(inputs)  # a 1-D tensor, a list: named here, not deep in transformers
             cache = model_kwargs.get("cache")
             cached = cache.seq_length if isinstance(cache, InnerloopCache) else 0
             check_mask_shape(model_kwargs.get("attention_mask"), inputs, cached, caller="generate()")
+            check_mask_values(model_kwargs.get("attention_mask"), caller="generate()")
         return inputs, input_name, model_kwargs
 
     def _prefill(

@@ -8,7 +8,6 @@ against the registry by :func:`validate_model_config`, before anything is built.
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import warnings
@@ -482,11 +481,17 @@ MIXERS: tuple[str, ...] = tuple(MIXER_TABLE)
 """The names of the sequence mixers a block can use (see :data:`MIXER_TABLE`)."""
 
 
-@functools.cache
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
 def field_types(schema: type) -> dict[str, Any]:
     """The resolved type of every field of the dataclass ``schema``, by name (``typing.get_type_hints``,
-    computed once per class: config checks ask for it on every validation)."""
-    return get_type_hints(schema)
+    computed once per class: config checks ask for it on every validation). Kept in a plain dict, not
+    ``functools.cache``: TTT-E2E validates its options in its forward, which ``torch.compile`` traces,
+    and Dynamo warns at every cached function it meets."""
+    if schema not in _FIELD_TYPES:
+        _FIELD_TYPES[schema] = get_type_hints(schema)
+    return _FIELD_TYPES[schema]
 
 
 def check_keys(

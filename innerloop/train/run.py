@@ -158,6 +158,30 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
     writing_step: int | None = None
     """The step whose checkpoint is being written (still set if the write was interrupted), else None."""
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning's, for a run resumed in another folder than it was written in (moved or copied):
+        the paths it recorded are taken as the same files in this folder, so Lightning neither warns
+        that its best-model scores (which this callback does not keep: ``save_top_k=0``) are dropped,
+        nor reads a ``last_model_path`` in the old folder."""
+        recorded = state_dict.get("dirpath", self.dirpath)
+        if recorded and self.dirpath and recorded != self.dirpath:
+
+            def here(path: Any) -> Any:  # a file of the recorded folder -> the same name in this one
+                inside = isinstance(path, str) and path and Path(path).parent == Path(recorded)
+                return os.path.join(self.dirpath, Path(path).name) if inside else path
+
+            state_dict = {
+                **state_dict,
+                "dirpath": self.dirpath,
+                **{
+                    k: here(state_dict[k])
+                    for k in ("best_model_path", "kth_best_model_path", "last_model_path")
+                    if k in state_dict
+                },
+                "best_k_models": {here(k): v for k, v in state_dict.get("best_k_models", {}).items()},
+            }
+        super().load_state_dict(state_dict)
+
     def confirm_later(self, pending: Path, target: Path) -> None:
         """Treat ``pending`` (a resume's starting checkpoint, left by a killed run) as written by this
         run: it replaces ``target`` once the first step's loss is finite, or is removed if it is not."""

@@ -23,6 +23,10 @@ from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import apply_rope_interleaved, relative_error
 from innerloop.models import CausalLM, E2EConfig, ModelConfig, build_model
 
+# What Dynamo warns of in innerloop's code is a defect here (e.g. a functools.cache it meets while
+# tracing E2E's option checks: it warns at every compile)
+pytestmark = pytest.mark.filterwarnings("error:Dynamo detected a call to a:UserWarning")
+
 EQUAL_TO_ROUNDING = 1e-5
 
 

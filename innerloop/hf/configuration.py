@@ -269,5 +269,6 @@ class InnerloopConfig(PreTrainedConfig):
 
     @property
     def tie_word_embeddings(self) -> bool:
-        """Whether the LM head shares the embedding's weights (always for the TTT-E2E model)."""
-        return bool(self.model["tie_embeddings"]) or self.model["mixer"] == E2E  # type: ignore[index]
+        """Whether the LM head shares the embedding's weights: ``model.tie_embeddings``, for every mixer
+        (transformers ties the two on load when this says so)."""
+        return bool(self.model["tie_embeddings"])  # type: ignore[index]

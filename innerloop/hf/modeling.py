@@ -357,7 +357,7 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         if problems:
             raise ValueError(
                 f"{source} does not hold the weights of the model its config.json describes (a config.json "
-                f"edited by hand?): {problems}{config_keys_note(folder)}"
+                f"edited by hand?): {problems}{config_keys_note(folder)}{untied_e2e_note(model, info)}"
             )
         refuse_integer_weights(model, stored)
         if folder is not None:  # after the checks above, which name what is wrong more precisely
@@ -592,6 +592,20 @@ def refuse_an_interrupted_export(folder: Any) -> None:
         f"interrupted, and the earlier export waits beside it in {str(latest)!r}; put it back with "
         f"`mv {shlex.quote(str(latest))} {shlex.quote(str(out))}` (the next `innerloop export` to "
         f"{str(folder)!r} puts it back too, before it writes)"
+    )
+
+
+def untied_e2e_note(model: InnerloopPreTrainedModel, info: dict[str, Any]) -> str:
+    """For a TTT-E2E model with its own LM head whose folder lacks exactly that head: the export was
+    written by an innerloop that took every TTT-E2E model for tied (transformers then saved the embedding
+    alone, and loading tied the head to it: wrong logits). ``""`` otherwise."""
+    model_section = model.config.model
+    untied_e2e = model_section["mixer"] == E2E and not model_section["tie_embeddings"]  # type: ignore[index]
+    if not untied_e2e or list(info.get("missing_keys") or ()) != ["model.lm_head.weight"]:
+        return ""
+    return (
+        "; an earlier innerloop exported a TTT-E2E model with its own LM head (model.tie_embeddings=false) "
+        "as tied and left the head out: export the model again from its checkpoint (innerloop export)"
     )
 
 

@@ -34,7 +34,7 @@ def test_logits_are_innerloops_own_and_survive_a_round_trip(kind, tmp_path) -> N
         reloaded = loaded(ids).logits
     assert (reloaded - expected).abs().max().item() <= 1e-5
     tied = loaded.model.lm_head.weight is loaded.model.embed.weight
-    assert tied == (MODEL_KINDS[kind].get("tie_embeddings", True) or kind == "e2e")
+    assert tied == MODEL_KINDS[kind].get("tie_embeddings", True)
 
 
 def test_non_persistent_buffers_are_rebuilt_on_load(tmp_path) -> None:
@@ -89,7 +89,7 @@ def test_derived_attributes_follow_the_model_section() -> None:
         InnerloopConfig(model={}, vocab_size=512)
     with pytest.raises(ValueError, match="tie_word_embeddings=False disagrees"):
         InnerloopConfig(model={}, tie_word_embeddings=False)
-    assert InnerloopConfig(model={"mixer": "e2e", "tie_embeddings": False}).tie_word_embeddings
+    assert not InnerloopConfig(model={"mixer": "e2e", "tie_embeddings": False}).tie_word_embeddings
 
 
 def test_from_pretrained_overrides_merge_into_the_saved_model_section(tmp_path) -> None:

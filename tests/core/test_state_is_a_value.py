@@ -101,6 +101,9 @@ def test_the_tables_not_saved_are_made_again_whatever_a_move_leaves_in_them(buil
 
 
 @pytest.mark.slow  # ~0.7 s in all: three model kinds on meta tensors
+@pytest.mark.filterwarnings(
+    "ignore::innerloop.models.e2e.OneChunkTrainingWarning"
+)  # 5 tokens, in training mode
 @pytest.mark.parametrize("options", MIXERS, ids=str)
 def test_a_forward_on_meta_tensors_gives_the_shapes(options) -> None:
     with torch.device("meta"):

@@ -20,7 +20,13 @@ MODEL_KINDS: dict[str, dict] = {
     "attention": {**TINY, "mixer": "attention"},
     "swa": {**TINY, "mixer": "swa"},
     "e2e": {**TINY, "mixer": "e2e", "num_layers": 4, "e2e": {"chunk_size": 4}},
-    "e2e_untied": {**TINY, "mixer": "e2e", "tie_embeddings": False, "num_layers": 4, "e2e": {"chunk_size": 4}},
+    "e2e_untied": {
+        **TINY,
+        "mixer": "e2e",
+        "tie_embeddings": False,
+        "num_layers": 4,
+        "e2e": {"chunk_size": 4},
+    },
 }
 """innerloop model configs (``model`` sections) covering every kind build_model makes."""
 

@@ -197,6 +197,9 @@ def _fit_on_examples(corpus, out, batch_size: int, accumulate: int, examples, in
 
 
 @pytest.mark.slow  # three short float64 runs (~3 s)
+# Lightning's own notes on these few-batch fits without validation data
+@pytest.mark.filterwarnings("ignore:You defined a .validation_step. but have no .val_dataloader.")
+@pytest.mark.filterwarnings("ignore:The number of training batches .* is smaller than the logging interval")
 def test_accumulating_two_batches_of_4_equals_one_batch_of_8_in_float64(corpus, tmp_path) -> None:
     """Equal because every micro-batch scores as many tokens (full text windows: the mean of the two
     micro-batch means is the mean over the 8 windows), there is no dropout, and the micro-batches are

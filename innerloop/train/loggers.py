@@ -5,7 +5,7 @@ Each writes under ``<out_dir>/logs/``, all of one launch in one folder ``version
 - ``csv``: ``logs/version_<n>/metrics.csv`` (Lightning's CSVLogger; its rewrite of the file when new
   columns appear is made atomic here) and ``hparams.yaml`` (written atomically here);
 - ``tensorboard``: ``logs/version_<n>/tensorboard/events.out.tfevents.*`` (``tensorboard --logdir
-  <out_dir>/logs``);
+  <out_dir>/logs``) and its ``hparams.yaml`` (written atomically here);
 - ``wandb``: a Weights & Biases run in ``logs/wandb/`` (``WANDB_MODE=offline`` keeps it on this
   machine; ``wandb sync`` uploads it later).
 
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -107,6 +108,16 @@ class _TensorBoardLogger(TensorBoardLogger):
 
     def _get_next_version(self) -> int:
         return self._launch_version()
+
+    @rank_zero_only
+    def save(self) -> None:
+        """Lightning's (flush the events; write ``hparams.yaml`` once, when the folder exists and the
+        file does not), with ``hparams.yaml`` written atomically: Lightning writes it in place, and a run
+        killed meanwhile left an empty or partial file."""
+        super(TensorBoardLogger, self).save()  # the events, as TensorBoardLogger's own parent flushes them
+        target = Path(self.log_dir) / self.NAME_HPARAMS_FILE
+        if Path(self.log_dir).is_dir() and not target.is_file():
+            atomic_write(target, lambda tmp: save_hparams_to_yaml(tmp, self.hparams))
 
 
 class _WandbLogger(WandbLogger):

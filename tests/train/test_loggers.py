@@ -149,3 +149,26 @@ def test_logger_lists_come_from_overrides(corpus, tmp_path) -> None:
     assert [type(x).__name__ for x in loggers] == ["_CSVLogger", "_TensorBoardLogger"]
     launch = tmp_path / "logs" / "version_0"  # one folder per launch, for all its loggers
     assert [Path(x.log_dir) for x in loggers] == [launch, launch / "tensorboard"]
+
+
+def test_tensorboards_hparams_yaml_is_written_atomically(tmp_path, monkeypatch) -> None:
+    """Lightning's TensorBoardLogger wrote hparams.yaml in place (a kill meanwhile left it empty or
+    partial): it is written to a temporary file and renamed, once."""
+    import innerloop.train.loggers as loggers
+
+    written_to: list[Path] = []
+    original = loggers.save_hparams_to_yaml
+
+    def recording(path, hparams) -> None:
+        written_to.append(Path(path))
+        original(path, hparams)
+
+    monkeypatch.setattr(loggers, "save_hparams_to_yaml", recording)
+    (tensorboard,) = loggers.build_loggers("tensorboard", tmp_path)
+    tensorboard.log_hyperparams({"lr": 0.5})
+    tensorboard.save()
+    target = Path(tensorboard.log_dir) / "hparams.yaml"
+    assert written_to and target not in written_to  # written elsewhere, then renamed into place
+    assert "lr: 0.5" in target.read_text()
+    tensorboard.save()  # once: an existing file is left as it is
+    assert len(written_to) == 1

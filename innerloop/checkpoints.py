@@ -53,7 +53,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from innerloop.config.load import CHECKPOINT_SUFFIX, checkpoint_path_problem
-from innerloop.data.atomic import atomic_write
+from innerloop.data.atomic import atomic_write, file_sha256
 from innerloop.data.tokenizer import Tokenizer, tokenizer_from_state
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
 from innerloop.models.config import PLUGIN_FIELDS, reset_unused_family_options
@@ -764,8 +764,7 @@ def checkpoint_identity(path: str | os.PathLike[str]) -> str:
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{str(path)!r} is not a readable checkpoint: {_one_line(err)}") from None
     if digest is None:
-        with path.open("rb") as file:
-            digest = hashlib.file_digest(file, "sha256").hexdigest()
+        digest = file_sha256(path)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.name.removesuffix(CHECKPOINT_SUFFIX)).strip("-.") or "ckpt"
     return f"{stem[:40]}-{digest[:8]}"
 

@@ -24,7 +24,6 @@ files into such folders).
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from transformers import PreTrainedTokenizerBase
 
 from innerloop.checkpoints import checkpoint_tokenizer, load_model
 from innerloop.config.load import ConfigError, check_not_a_link_loop, check_output_dir
+from innerloop.data.atomic import file_sha256
 from innerloop.data.tokenizer import Tokenizer as RunTokenizer
 from innerloop.data.tokenizer import TokenizerError, UnknownTokenizer
 from innerloop.hf.configuration import MODEL_TYPE, InnerloopConfig
@@ -78,14 +78,9 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
 def _write_manifest(staging: Path) -> None:
     files = {
-        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
         for p in sorted(staging.iterdir())
         if p.is_file() and p.name != MANIFEST
     }
@@ -123,7 +118,7 @@ def _unchanged(path: Path, record: dict[str, object]) -> bool:
     checksum)."""
     if path.is_symlink() or not path.is_file() or path.stat().st_size != record.get("size"):
         return False
-    return _sha256(path) == record.get("sha256")
+    return file_sha256(path) == record.get("sha256")
 
 
 def _export_owned(folder: Path) -> set[str]:
@@ -177,7 +172,12 @@ def _plan_replacement(out: Path, staging: Path) -> _Replacement:
         new = staging / entry.name
         if not new.exists():
             kept.append(entry.name)
-        elif entry.is_symlink() or not entry.is_file() or not new.is_file() or _sha256(entry) != _sha256(new):
+        elif (
+            entry.is_symlink()
+            or not entry.is_file()
+            or not new.is_file()
+            or file_sha256(entry) != file_sha256(new)
+        ):
             clashes.append(_entry_name(entry))
         else:  # the same contents as the new export's file: replacing it loses nothing
             owned.add(entry.name)

@@ -17,7 +17,6 @@ A cache can be passed back to ``generate()`` (``cache=``, ``past_key_values=``) 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import os
 import re
@@ -35,7 +34,7 @@ from transformers.utils import ModelOutput
 
 from innerloop.checkpoints import missing_keys_note, plugin_record, warn_changed_plugins
 from innerloop.core.functional import mean_scored_cross_entropy
-from innerloop.data.atomic import atomic_write_text
+from innerloop.data.atomic import atomic_write_text, file_sha256
 from innerloop.hf.arguments import (
     check_flag,
     check_logits_to_keep,
@@ -444,14 +443,9 @@ def export_record(folder: Path) -> dict[str, dict[str, Any]] | None:
     }
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
 def _changed_since_export(path: Path, entry: dict[str, Any]) -> bool:
     """Whether ``path`` (a regular file) differs from the size and checksum its export recorded."""
-    return path.stat().st_size != entry.get("size") or _sha256(path) != entry.get("sha256")
+    return path.stat().st_size != entry.get("size") or file_sha256(path) != entry.get("sha256")
 
 
 def check_export_record(folder: Path) -> None:

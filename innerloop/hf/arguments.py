@@ -9,10 +9,12 @@ model did not read gives the logits of the new tokens without their context).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy
 import torch
 from torch import nn
 
@@ -137,9 +139,9 @@ def check_logits_to_keep(logits_to_keep: Any, batch: int, length: int) -> None:
     ``forward`` applies to the logits ``[batch, length, V]``):
 
     - an int ``k >= 0`` keeps the last ``k`` positions (0, or a ``k`` past ``length``, keeps all of them);
-    - a 1-D integer tensor holds the positions kept in every row, a 2-D one ``[batch, n]`` those of each
-      row: positions ``0 .. length - 1`` (transformers documents positions, not Python's negative
-      indices; out of range, ``torch.take_along_dim`` would silently read another row's logits);
+    - a 1-D integer tensor holds the positions kept in every row, ``-length .. length - 1`` (transformers
+      indexes the logits with it: -1 is the last position); a 2-D one ``[batch, n]`` those of each row,
+      ``0 .. length - 1`` (out of range, ``torch.take_along_dim`` silently reads another row's logits);
     - a bool tensor is a mask of the positions kept, ``[length]`` for every row or ``[batch, length]``
       (the kept logits of a 2-D mask then come flattened, ``[kept, V]``).
 
@@ -151,9 +153,9 @@ def check_logits_to_keep(logits_to_keep: Any, batch: int, length: int) -> None:
     if problem is None:
         return
     raise ValueError(
-        f"logits_to_keep must be an int >= 0 (keep the last k positions; 0 keeps all), a 1-D or [{batch}, n] "
-        f"integer tensor of positions 0..{length - 1}, or a bool mask [{length}] or [{batch}, {length}] "
-        f"(input_ids are [{batch}, {length}]), got {problem}"
+        f"logits_to_keep must be an int >= 0 (keep the last k positions; 0 keeps all), a 1-D integer tensor "
+        f"of positions {-length}..{length - 1}, a [{batch}, n] one of positions 0..{length - 1}, or a bool "
+        f"mask [{length}] or [{batch}, {length}] (input_ids are [{batch}, {length}]), got {problem}"
     )
 
 
@@ -173,9 +175,10 @@ def _logits_to_keep_problem(logits_to_keep: Any, batch: int, length: int) -> str
     if logits_to_keep.numel() == 0:
         return None
     low, high = torch.stack(torch.aminmax(logits_to_keep)).tolist()  # one sync for both
-    if low >= 0 and high < length:
+    lowest = -length if logits_to_keep.dim() == 1 else 0  # a 1-D tensor indexes: -1 is the last position
+    if low >= lowest and high < length:
         return None
-    return f"position {low if low < 0 else high}, outside the {length} positions of input_ids"
+    return f"position {low if low < lowest else high}, outside the {length} positions of input_ids"
 
 
 def _is_integer(dtype: torch.dtype) -> bool:
@@ -199,10 +202,14 @@ def check_mask_values(attention_mask: Any, caller: str = "") -> None:
 
 
 def check_flag(name: str, value: Any) -> None:
-    """Refuse a ``use_cache`` / ``return_dict`` that is not True, False or None (a string such as
-    ``"no"`` would be read as true)."""
-    if value is not None and not isinstance(value, bool):
-        raise ValueError(f"{name} must be True, False or None, got {value!r} ({type(value).__name__})")
+    """Refuse a ``use_cache`` / ``return_dict`` that is not True, False or None, a numpy bool, or an
+    integer 0 or 1 (a string such as ``"no"`` would be read as true)."""
+    if value is None or isinstance(value, (bool, numpy.bool_)):
+        return
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return
+    kind = f"{type(value).__module__}.{type(value).__qualname__}".removeprefix("builtins.")
+    raise ValueError(f"{name} must be True, False or None, got {value!r} ({kind})")
 
 
 def hidden_states_wanted(output_hidden_states: Any, default: bool, is_e2e: bool) -> bool:

@@ -265,13 +265,17 @@ def _with_plain_numbers(config: Any) -> Any:
 
 
 def require_model_config(config: Any) -> ModelConfig:
-    """``config`` itself if it is a :class:`ModelConfig`, else ``TypeError`` saying how to build one."""
-    if not isinstance(config, ModelConfig):
-        raise TypeError(
-            "config must be a ModelConfig (ModelConfig.from_dict(d) builds one from a dict), got "
-            f"{type(config).__name__}"
-        )
-    return config
+    """``config`` as a :class:`ModelConfig`: itself, or one built by :meth:`ModelConfig.from_dict` from
+    a mapping of its fields (a dict, an OmegaConf ``DictConfig`` such as ``OmegaConf.structured(
+    ModelConfig(...))``, checked as any config is); anything else is a ``TypeError`` saying what is valid."""
+    if isinstance(config, ModelConfig):
+        return config
+    if isinstance(config, Mapping):
+        return ModelConfig.from_dict(config)
+    raise TypeError(
+        "config must be a ModelConfig, or a mapping of its fields (a dict, an OmegaConf DictConfig), got "
+        f"{type(config).__name__}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -501,9 +501,10 @@ class E2ELM(nn.Module):
     is the outer loss (the mean of the chunks' pre-update losses).
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig | Mapping[str, Any]):
         super().__init__()
-        if require_model_config(config).mixer != E2E:
+        config = require_model_config(config)
+        if config.mixer != E2E:
             raise ValueError(f"E2ELM needs model.mixer='e2e', got {config.mixer!r}")
         validate_model_config(config)
         self.config = config
@@ -744,30 +745,32 @@ class E2ELM(nn.Module):
         self._check_state_dtypes(state)
 
     def _check_state_dtypes(self, state: E2EState) -> None:
-        """The state's fast weights and pending suffix inputs are floating point and at least as precise
-        as this model keeps them (under any ``compute_dtype``): the fast weights in their parameter's
-        dtype but at least float32 (:meth:`initial_fast_weights`), the pending inputs in the embedding's.
-        An integer state would truncate them, a narrower float dtype (a float32 model given float16)
-        round them; a wider one (float64) is taken and the call computes in the model's dtype. The
-        caches are checked by :meth:`_check_caches` (floating point; a cache written under autocast
-        holds its dtype)."""
-        params = dict(self.named_parameters())
-        expected = {
-            f"fast[{name!r}]": (tensor, torch.promote_types(params[name].dtype, torch.float32))
+        """The state's tensors are floating point and on the model's device. The fast weights are at least
+        as precise as this model keeps them (their parameter's dtype, at least float32:
+        :meth:`initial_fast_weights`): narrower ones were rounded by a cast (a wider one, float64, is taken
+        and the call computes in the model's dtype). The pending suffix inputs may be of any float dtype:
+        they are in the embedding's dtype when made (a state made before ``model.float()`` holds bfloat16
+        ones, exact in float32) and are cast to the call's. An integer state would truncate either. The
+        caches are checked by :meth:`_check_caches` (floating point; a cache written under autocast holds
+        its dtype)."""
+        checked = {
+            f"fast[{name!r}]": (tensor, torch.promote_types(self.get_parameter(name).dtype, torch.float32))
             for name, tensor in state.fast.items()
         }
-        expected["pending"] = (state.pending, self.embed.weight.dtype)
-        for name, (tensor, wanted) in expected.items():
+        pending_dtype = state.pending.dtype if state.pending.is_floating_point() else self.embed.weight.dtype
+        checked["pending"] = (state.pending, pending_dtype)  # any float dtype: cast to the call's
+        device = self.embed.weight.device
+        for name, (tensor, wanted) in checked.items():
             if not tensor.is_floating_point() or torch.promote_types(tensor.dtype, wanted) != tensor.dtype:
                 raise TypeError(
                     f"state.{name} is {tensor.dtype} but this model keeps it in {wanted} (a narrower or "
                     "integer dtype would round or truncate it): pass the state this model returned (not a "
                     "cast copy), or None"
                 )
-            if tensor.device != self.embed.weight.device:
+            if tensor.device != device:
                 raise ValueError(
-                    f"state.{name} is on {tensor.device}, the model on {self.embed.weight.device}: move "
-                    f"the state with state.to({str(self.embed.weight.device)!r})"
+                    f"state.{name} is on {tensor.device}, the model on {device}: move the state with "
+                    f"state.to({str(device)!r})"
                 )
 
     def _check_state_shapes(self, state: E2EState, batch: int) -> None:

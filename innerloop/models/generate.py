@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from innerloop.models.config import ModelConfig
 from innerloop.models.lm import check_token_ids
 
 if TYPE_CHECKING:  # annotations only: generate calls the model, whatever its class
@@ -114,22 +113,28 @@ def generate(
 
 def _check_model(model: object) -> None:
     """``model`` is something :func:`generate` can call as ``logits, state = model(ids, state)``: refused
-    now, before the iterator is read, if it is not callable, or if it is a Hugging Face wrapper
-    (``InnerloopForCausalLM``, recognised by the innerloop model it holds as ``.model``), whose forward
-    returns an output object instead."""
+    now, before the iterator is read, if it is not callable, or if it is a Hugging Face model (a
+    ``transformers.PreTrainedModel``, such as ``InnerloopForCausalLM``), whose forward returns an output
+    object instead. A module of the user's own that wraps an innerloop model is taken as it is."""
     if not callable(model):
         raise TypeError(
             f"model must be an innerloop language model (CausalLM or E2ELM), got {type(model).__name__}"
         )
-    inner = getattr(model, "model", None)
-    if not isinstance(getattr(model, "config", None), ModelConfig) and isinstance(
-        getattr(inner, "config", None), ModelConfig
-    ):
+    if _is_hugging_face_model(model):
         raise TypeError(
             f"model is a Hugging Face model ({type(model).__name__}), whose forward returns an output "
             "object, not (logits, state): use model.generate(...) (transformers' generate) for it, or "
             "innerloop.models.generate(model.model, ...) for the innerloop model it holds"
         )
+
+
+def _is_hugging_face_model(model: object) -> bool:
+    """Whether ``model`` is a ``transformers.PreTrainedModel`` (told by its classes, without importing
+    transformers: a model of it exists only once transformers is imported)."""
+    return any(
+        cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers.")
+        for cls in type(model).__mro__
+    )
 
 
 def _checked_eos(eos_token_id: object, vocab_size: int | None) -> list[int]:

@@ -7,7 +7,7 @@ from ``state``, which is how :func:`innerloop.models.generate` decodes one token
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
@@ -169,9 +169,10 @@ class CausalLM(nn.Module):
         config: a :class:`ModelConfig`; it is validated (names, shapes, plugin names) first.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig | Mapping[str, Any]):
         super().__init__()
-        if require_model_config(config).mixer == "e2e":
+        config = require_model_config(config)
+        if config.mixer == "e2e":
             raise ValueError(
                 "model.mixer='e2e' is a whole model of its own: build it with innerloop.models.build_model "
                 "(or innerloop.models.E2ELM)"

@@ -9,6 +9,7 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -42,8 +43,8 @@ def ids() -> torch.Tensor:
         (torch.tensor([[0], [50]]), "position 50, outside the 9 positions"),  # once wrapped to row 1
         (torch.tensor([[0], [9]]), "position 9, outside the 9 positions"),
         (torch.tensor([-20]), "position -20"),
-        (torch.tensor([-1]), "position -1"),  # positions, as transformers documents them
-        (torch.tensor([[-1], [0]]), "position -1"),
+        (torch.tensor([-10]), "position -10"),  # a 1-D tensor indexes: -9 .. 8
+        (torch.tensor([[-1], [0]]), "position -1"),  # a 2-D one holds positions: 0 .. 8
         (torch.tensor([3, 12]), "position 12"),
         (
             torch.tensor([[1], [2], [3]]),
@@ -60,7 +61,7 @@ def ids() -> torch.Tensor:
 def test_a_logits_to_keep_outside_the_ids_is_refused(model, ids, logits_to_keep, said):
     with pytest.raises(
         ValueError,
-        match=rf"logits_to_keep must be an int >= 0 .*0\.\.8.*\(input_ids are \[2, 9\]\), got {said}",
+        match=rf"logits_to_keep must be an int >= 0 .*-9\.\.8.*0\.\.8.*\(input_ids are \[2, 9\]\), got {said}",
     ):
         model(ids, logits_to_keep=logits_to_keep)
 
@@ -70,12 +71,16 @@ def test_logits_to_keep_inside_the_ids_keeps_those_logits(model, ids):
         full = model(ids).logits  # [2, 9, V]
         rows = model(ids, logits_to_keep=torch.tensor([[0, 8], [5, 3]])).logits
         every_row = model(ids, logits_to_keep=torch.tensor([8, 2])).logits
+        from_the_end = model(
+            ids, logits_to_keep=torch.tensor([-1, -9])
+        ).logits  # 1-D indexes, as transformers
         mask = torch.zeros(2, 9, dtype=torch.bool)
         mask[0, 1], mask[1, 7] = True, True
         masked = model(ids, logits_to_keep=mask).logits
         last_of_all = model(ids, logits_to_keep=20).logits  # k past the length keeps all, as in transformers
     torch.testing.assert_close(rows, torch.stack([full[0, [0, 8]], full[1, [5, 3]]]), rtol=0, atol=0)
     torch.testing.assert_close(every_row, full[:, [8, 2]], rtol=0, atol=0)
+    torch.testing.assert_close(from_the_end, full[:, [8, 0]], rtol=0, atol=0)
     torch.testing.assert_close(masked, full[mask], rtol=0, atol=0)
     torch.testing.assert_close(last_of_all, full, rtol=0, atol=0)
 
@@ -147,6 +152,17 @@ def test_masks_of_0_and_1_in_any_dtype_are_accepted(model, ids):
 def test_a_flag_that_is_not_a_bool_is_refused(model, ids, name):
     with pytest.raises(ValueError, match=rf"{name} must be True, False or None, got 'yes' \(str\)"):
         model(ids, **{name: "yes"})
+    with pytest.raises(ValueError, match=rf"{name} must be True, False or None, got 2 \(int\)"):
+        model(ids, **{name: 2})
+
+
+@pytest.mark.parametrize(
+    "flag", [numpy.bool_(True), 1, numpy.int64(0)], ids=["numpy_bool", "one", "numpy_zero"]
+)
+def test_a_flag_that_is_plainly_true_or_false_is_taken(model, ids, flag):
+    with torch.no_grad():
+        output = model(ids, use_cache=flag, return_dict=True)
+    assert (output.cache is not None) == bool(flag)
 
 
 def test_token_type_ids_that_are_not_a_tensor_are_refused(model, ids):

@@ -4,6 +4,7 @@ and inputs, integer and other-dtype states (attention caches, ``E2ELM``), a conf
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from dataclasses import replace
@@ -160,16 +161,39 @@ def test_conv_refuses_an_integer_history_and_takes_an_empty_batch() -> None:
 
 # --- M3: a config that is no ModelConfig ---------------------------------------------------------------------
 
-NOT_A_CONFIG = "config must be a ModelConfig \\(ModelConfig.from_dict\\(d\\) builds one from a dict\\), got"
+NOT_A_CONFIG = (
+    "config must be a ModelConfig, or a mapping of its fields \\(a dict, an OmegaConf DictConfig\\), got"
+)
 
 
 @pytest.mark.parametrize("build", [build_model, CausalLM, E2ELM], ids=["build_model", "CausalLM", "E2ELM"])
 @pytest.mark.parametrize(
-    "config, kind", [({"hidden_size": 32}, "dict"), (None, "NoneType")], ids=["dict", "None"]
+    "config, kind", [(None, "NoneType"), (["hidden_size", 32], "list")], ids=["None", "list"]
 )
 def test_a_config_that_is_no_model_config_is_refused(build, config, kind) -> None:
     with pytest.raises(TypeError, match=f"{NOT_A_CONFIG} {kind}"):
         build(config)
+
+
+@pytest.mark.parametrize("mixer", ["ttt", "e2e"])
+def test_a_dict_or_an_omegaconf_config_builds_the_model_its_fields_describe(mixer: str) -> None:
+    """``OmegaConf.structured(ModelConfig(...))`` is how OmegaConf and Hydra users hold the config."""
+    from omegaconf import OmegaConf
+
+    fields = {"mixer": mixer, "hidden_size": 32, "num_heads": 2, "num_layers": 2, "intermediate_size": 64}
+    models = []
+    for config in (ModelConfig(**fields), fields, OmegaConf.structured(ModelConfig(**fields))):
+        torch.manual_seed(0)
+        models.append(build_model(config))
+    assert all(model.config == models[0].config for model in models)
+    assert all(type(model) is type(models[0]) for model in models)
+    for model in models[1:]:
+        for (name, got), (_, want) in zip(
+            model.state_dict().items(), models[0].state_dict().items(), strict=True
+        ):
+            assert torch.equal(got, want), name
+    with pytest.raises(ValueError, match="hidden_sise"):
+        build_model({**fields, "hidden_sise": 8})  # a misspelt field is named, as in any config
 
 
 @pytest.mark.parametrize("section", ["ttt", "e2e", "family"])
@@ -241,20 +265,37 @@ def _e2e(test_time_training: bool = True) -> E2ELM:
     return build_model(config).eval()
 
 
-@pytest.mark.parametrize("test_time_training", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_e2e_refuses_a_state_of_a_narrower_float_dtype(test_time_training: bool, dtype: torch.dtype) -> None:
-    """A wider one (float64 in a float32 model) continues in the model's dtype:
+def test_e2e_refuses_fast_weights_of_a_narrower_float_dtype(dtype: torch.dtype) -> None:
+    """Fast weights are kept in at least float32: narrower ones were rounded by a cast. A wider one
+    (float64 in a float32 model) continues in the model's dtype:
     tests/models/test_e2e_states.py::test_a_state_in_another_dtype_continues_in_the_models_dtype."""
-    model = _e2e(test_time_training)
+    model = _e2e()
     ids = torch.randint(0, 50, (2, 10))
     with torch.no_grad():
         _, state = model(ids[:, :3])
-        entry = r"fast\['blocks\.1\.prime\.gate_proj\.weight'\]" if test_time_training else "pending"
+        entry = r"fast\['blocks\.1\.prime\.gate_proj\.weight'\]"
         with pytest.raises(
             TypeError, match=rf"state\.{entry} is {dtype} but this model keeps it in torch\.float32"
         ):
             model(ids[:, 3:], state.to(dtype))
+
+
+@pytest.mark.parametrize("test_time_training", [True, False])
+def test_e2e_continues_its_state_made_before_model_float(test_time_training: bool) -> None:
+    """A state made while the model was bfloat16 holds bfloat16 pending inputs (the embedding's dtype):
+    after ``model.float()`` it continues (bfloat16 is exact in float32), as the same state with those
+    inputs cast up does."""
+    model = _e2e(test_time_training).to(torch.bfloat16)
+    ids = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        _, state = model(ids[:, :3])
+        assert state.pending.dtype == torch.bfloat16
+        model.float()
+        continued, _ = model(ids[:, 3:], state)
+        cast_up = dataclasses.replace(state, pending=state.pending.float())
+        expected, _ = model(ids[:, 3:], cast_up)
+    assert torch.equal(continued, expected)
 
 
 def test_e2e_refuses_an_integer_state_by_name() -> None:
@@ -278,16 +319,17 @@ def test_e2e_refuses_an_integer_state_by_name() -> None:
 # --- M5: generate given a model it cannot drive ----------------------------------------------------------------
 
 
-class _HuggingFaceLike(nn.Module):
-    """What innerloop.hf.InnerloopForCausalLM looks like to generate: its config is no ModelConfig, the
-    innerloop model is ``.model``, and its forward returns an output object."""
+class _Wrapper(nn.Module):
+    """A user's own module around an innerloop model, kept as ``.model`` (a common name), with the
+    contract generate calls: ``logits, state = model(ids, state)``."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model, self.config = model, object()
+        self.model = model
 
-    def forward(self, input_ids, **_):
-        return {"logits": self.model(input_ids)[0]}
+    def forward(self, input_ids, state=None):
+        logits, state = self.model(input_ids, state)
+        return 2 * logits, state
 
 
 def _tiny_lm() -> CausalLM:
@@ -297,11 +339,17 @@ def _tiny_lm() -> CausalLM:
 
 
 def test_generate_refuses_a_hugging_face_model_when_called() -> None:
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+
+    torch.manual_seed(0)
+    hf_model = InnerloopForCausalLM(
+        InnerloopConfig(model={"hidden_size": 32, "num_heads": 2, "num_layers": 1})
+    )
     prompt = torch.zeros(1, 2, dtype=torch.long)
     with pytest.raises(
         TypeError, match=r"Hugging Face model .*use model\.generate\(\.\.\.\).*generate\(model\.model"
     ):
-        generate(_HuggingFaceLike(_tiny_lm()), prompt, 2)  # not read: refused before the first token
+        generate(hf_model, prompt, 2)  # not read: refused before the first token
 
 
 @pytest.mark.parametrize("model", [None, 3, "model"])
@@ -313,10 +361,13 @@ def test_generate_refuses_a_model_that_is_not_callable_when_called(model: object
 
 
 def test_generate_still_drives_a_wrapped_innerloop_model() -> None:
-    """A plain module wrapper (no .model / foreign config), e.g. torch.compile's, is not refused."""
+    """A module of the user's own around the model (here doubling its logits), kept as ``.model``, is not
+    taken for a Hugging Face model: it follows generate's contract."""
     model = _tiny_lm().eval()
-    tokens = [int(t) for t, _ in generate(model, torch.zeros(1, 2, dtype=torch.long), 3, temperature=0)]
-    assert len(tokens) == 3
+    prompt = torch.zeros(1, 2, dtype=torch.long)
+    wrapped = [int(t) for t, _ in generate(_Wrapper(model), prompt, 3, temperature=0)]
+    plain = [int(t) for t, _ in generate(model, prompt, 3, temperature=0)]
+    assert wrapped == plain  # greedy: doubled logits pick the same tokens
 
 
 def test_e2e_refuses_integer_fast_weights_and_pending_inputs() -> None:

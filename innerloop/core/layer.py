@@ -307,6 +307,20 @@ _AUTOCAST_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 float64 as it is)."""
 
 
+def check_device_and_dtype(x: torch.Tensor, weights: torch.Tensor) -> None:
+    """A layer's input ``x`` is on its ``weights``' device and in their dtype (another dtype only under
+    ``torch.autocast``); each error names ``x``, what it is and what to do."""
+    if x.device != weights.device:
+        raise ValueError(
+            f"x is on {x.device} but the layer's weights are on {weights.device}: move one to the other"
+        )
+    if x.dtype != weights.dtype and not autocasting(x.device.type):
+        raise TypeError(
+            f"x is {x.dtype} but the layer's weights are {weights.dtype}: cast x (x.to({weights.dtype})) "
+            f"or the layer (layer.to({x.dtype})), or run under torch.autocast for mixed precision"
+        )
+
+
 def autocasting(device_type: str) -> bool:
     """``torch.is_autocast_enabled(device_type)``, False for meta tensors (which autocast does not
     know: the query raises "unknown device type for autocast")."""
@@ -656,15 +670,7 @@ class TTTLayer(nn.Module):
                 "construct the layer with non_finite='ignore' to let them propagate"
             )
         weights = self.post_norm.weight
-        if x.device != weights.device:
-            raise ValueError(
-                f"x is on {x.device} but the layer's weights are on {weights.device}: move one to the other"
-            )
-        if x.dtype != weights.dtype and not autocasting(x.device.type):
-            raise TypeError(
-                f"x is {x.dtype} but the layer's weights are {weights.dtype}: cast x (x.to({weights.dtype})) "
-                f"or the layer (layer.to({x.dtype})), or run under torch.autocast for mixed precision"
-            )
+        check_device_and_dtype(x, weights)
         if x.dtype != weights.dtype and (weights.dtype != torch.float32 or x.dtype not in _AUTOCAST_INPUTS):
             raise TypeError(
                 f"x is {x.dtype} but the layer's weights are {weights.dtype}: under torch.autocast a layer "

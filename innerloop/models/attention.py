@@ -20,7 +20,7 @@ from torch import nn
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from innerloop.core.functional import apply_rope_interleaved, rope_cos_sin, rope_inverse_frequencies
-from innerloop.core.layer import autocasting, check_positive_int, is_real
+from innerloop.core.layer import check_device_and_dtype, check_positive_int, is_real
 from innerloop.core.state import cat_rows, check_batch_rows, check_states, same_positions, take_rows
 
 
@@ -250,15 +250,7 @@ def check_hidden_states(x: Any, hidden_size: int, weights: torch.Tensor) -> None
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() != 3 or x.shape[-1] != hidden_size:
         raise ValueError(f"x must have shape [B, T, hidden_size={hidden_size}], got {tuple(x.shape)}")
-    if x.device != weights.device:
-        raise ValueError(
-            f"x is on {x.device} but the layer's weights are on {weights.device}: move one to the other"
-        )
-    if x.dtype != weights.dtype and not autocasting(x.device.type):
-        raise TypeError(
-            f"x is {x.dtype} but the layer's weights are {weights.dtype}: cast x (x.to({weights.dtype})) "
-            f"or the layer (layer.to({x.dtype})), or run under torch.autocast for mixed precision"
-        )
+    check_device_and_dtype(x, weights)
 
 
 class CausalSelfAttention(nn.Module):

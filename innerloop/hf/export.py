@@ -43,7 +43,15 @@ from innerloop.data.atomic import file_sha256
 from innerloop.data.tokenizer import Tokenizer as RunTokenizer
 from innerloop.data.tokenizer import TokenizerError, UnknownTokenizer
 from innerloop.hf.configuration import MODEL_TYPE, InnerloopConfig
-from innerloop.hf.modeling import InnerloopForCausalLM, export_leftovers, set_buffer
+from innerloop.hf.modeling import (
+    EXPORT_RECORD,
+    EXPORT_RECORD_FORMAT,
+    InnerloopForCausalLM,
+    export_leftovers,
+    export_record,
+    set_buffer,
+    unchanged_since_export,
+)
 from innerloop.hf.remote_code import SHIMS
 from innerloop.hf.tokenizer import BYTES, load_tokenizer, write_tokenizer_files
 
@@ -54,12 +62,11 @@ class ExportError(ValueError):
     """An export that cannot be made as asked (the target folder, the tokenizer); one line."""
 
 
-MANIFEST = "innerloop_export.json"
+MANIFEST = EXPORT_RECORD
 """The file, in every export, that lists the files the export wrote (name -> size and SHA-256; the
 weights too, so that weights saved over an export, e.g. after fine-tuning, are never taken as the
-export's): what a later ``--overwrite`` may replace or delete."""
-
-_MANIFEST_FORMAT = "innerloop-export"
+export's): what a later ``--overwrite`` may replace or delete, and what ``from_pretrained`` checks the
+weights against (:data:`innerloop.hf.modeling.EXPORT_RECORD`, read by its :func:`export_record`)."""
 
 LEGACY_EXPORT_FILES: tuple[str, ...] = (
     "config.json",
@@ -84,54 +91,21 @@ def _write_manifest(staging: Path) -> None:
         for p in sorted(staging.iterdir())
         if p.is_file() and p.name != MANIFEST
     }
-    manifest = {"format": _MANIFEST_FORMAT, "version": 1, "files": files}
+    manifest = {"format": EXPORT_RECORD_FORMAT, "version": 1, "files": files}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-
-
-def _read_manifest(folder: Path) -> dict[str, dict[str, object]] | None:
-    """The files :data:`MANIFEST` in ``folder`` lists, or None (no manifest, or not one an export wrote)."""
-    path = folder / MANIFEST
-    if path.is_symlink() or not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("format") != _MANIFEST_FORMAT:
-        return None
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        return None
-    # Plain file names only: a manifest naming "../x" must not make --overwrite delete a file elsewhere.
-    return {
-        name: record
-        for name, record in files.items()
-        if isinstance(record, dict)
-        and name not in ("", ".", "..", MANIFEST)
-        and Path(name).name == name
-        and "\\" not in name
-    }
-
-
-def _unchanged(path: Path, record: dict[str, object]) -> bool:
-    """Whether ``path`` is still the file an export wrote (a regular file of the recorded size and
-    checksum)."""
-    if path.is_symlink() or not path.is_file() or path.stat().st_size != record.get("size"):
-        return False
-    return file_sha256(path) == record.get("sha256")
 
 
 def _export_owned(folder: Path) -> set[str]:
     """The files of the earlier export ``folder`` that it wrote itself and that are unchanged: the ones
     ``--overwrite`` may replace or delete."""
-    listed = _read_manifest(folder)
+    listed = export_record(folder)
     if listed is None:  # written before the manifest existed: only the model's files are the export's
         return {
             p.name
             for p in folder.iterdir()
             if _matches(p.name, LEGACY_EXPORT_FILES) and p.is_file() and not p.is_symlink()
         }
-    owned = {name for name, record in listed.items() if _unchanged(folder / name, record)}
+    owned = {name for name, record in listed.items() if unchanged_since_export(folder / name, record)}
     return owned | {MANIFEST}
 
 
@@ -148,7 +122,7 @@ def foreign_entries(folder: str | os.PathLike[str]) -> list[str]:
     trailing ``/``): what a user added, which ``--overwrite`` keeps (by name only; ``--overwrite`` also
     keeps a listed file that changed since, which is checked by its checksum)."""
     folder = Path(folder)
-    listed = _read_manifest(folder)
+    listed = export_record(folder)
     owned = _export_owned(folder) if listed is None else {*listed, MANIFEST}
     return sorted(_entry_name(p) for p in folder.iterdir() if p.name not in owned)
 
@@ -521,7 +495,7 @@ def settle_interrupted_export(out_dir: str | os.PathLike[str]) -> list[str]:
 def _settle_staging(staging: Path, out: Path) -> str:
     """Move the user's entries of the staging folder ``staging`` back into ``out`` and delete the rest
     (what the export wrote); one phrase saying what was done."""
-    listed = _read_manifest(staging)
+    listed = export_record(staging)
     written = None if listed is None else {*listed, MANIFEST}
     users = [p for p in staging.iterdir() if written is not None and p.name not in written]
     stuck = []

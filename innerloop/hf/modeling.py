@@ -400,9 +400,9 @@ class InnerloopPreTrainedModel(PreTrainedModel):
 
 EXPORT_RECORD = "innerloop_export.json"
 """The file in which ``innerloop export`` records each file it wrote, with its size and SHA-256
-(:data:`innerloop.hf.export.MANIFEST`; named here too, since export imports this module)."""
+(:data:`innerloop.hf.export.MANIFEST` is this name: the export writes it, this module reads it)."""
 
-_RECORD_FORMAT = "innerloop-export"
+EXPORT_RECORD_FORMAT = "innerloop-export"
 
 CHECKED_EXPORT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
 """The files of an export whose checksums ``from_pretrained`` verifies (fnmatch patterns): the weights,
@@ -431,21 +431,28 @@ def export_record(folder: Path) -> dict[str, dict[str, Any]] | None:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or record.get("format") != _RECORD_FORMAT:
+    if not isinstance(record, dict) or record.get("format") != EXPORT_RECORD_FORMAT:
         return None
     files = record.get("files")
     if not isinstance(files, dict):
         return None
+    # Plain file names only: a record naming "../x" must not make --overwrite delete a file elsewhere.
     return {
         name: entry
         for name, entry in files.items()
-        if isinstance(entry, dict) and Path(name).name == name and name not in ("", ".", "..")
+        if isinstance(entry, dict)
+        and name not in ("", ".", "..", EXPORT_RECORD)
+        and Path(name).name == name
+        and "\\" not in name
     }
 
 
-def _changed_since_export(path: Path, entry: dict[str, Any]) -> bool:
-    """Whether ``path`` (a regular file) differs from the size and checksum its export recorded."""
-    return path.stat().st_size != entry.get("size") or file_sha256(path) != entry.get("sha256")
+def unchanged_since_export(path: Path, entry: dict[str, Any]) -> bool:
+    """Whether ``path`` is still the file an export wrote: a regular file (not a link) of the size and
+    checksum its record gives (``entry``, from :func:`export_record`)."""
+    if path.is_symlink() or not path.is_file() or path.stat().st_size != entry.get("size"):
+        return False
+    return file_sha256(path) == entry.get("sha256")
 
 
 def check_export_record(folder: Path) -> None:
@@ -456,7 +463,7 @@ def check_export_record(folder: Path) -> None:
     for name, entry in sorted(record.items()):
         path = folder / name
         checked = any(fnmatch.fnmatchcase(name, pattern) for pattern in CHECKED_EXPORT_FILES)
-        if checked and path.is_file() and not path.is_symlink() and _changed_since_export(path, entry):
+        if checked and path.is_file() and not path.is_symlink() and not unchanged_since_export(path, entry):
             raise ValueError(
                 f"{str(path)!r} was changed after `innerloop export` wrote it: its size or SHA-256 differs "
                 f"from the one {EXPORT_RECORD} records (a damaged or truncated copy? copy or export the "
@@ -539,7 +546,7 @@ def forget_replaced_export_files(folder: Path) -> None:
         for name, entry in files.items()
         if (folder / name).is_file()
         and not (folder / name).is_symlink()
-        and _changed_since_export(folder / name, entry)
+        and not unchanged_since_export(folder / name, entry)
     ]
     if not changed:
         return

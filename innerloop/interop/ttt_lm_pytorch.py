@@ -667,7 +667,11 @@ SPECIAL_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 def special_token_ids(config: Mapping[str, Any]) -> dict[str, int]:
     """The :data:`SPECIAL_TOKEN_FIELDS` a reference config (``config.json``) sets to a token id."""
-    return {k: config[k] for k in SPECIAL_TOKEN_FIELDS if isinstance(config.get(k), int) and config[k] >= 0}
+
+    def is_token_id(value: Any) -> bool:  # not a bool, which Python counts as an int
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    return {k: config[k] for k in SPECIAL_TOKEN_FIELDS if is_token_id(config.get(k))}
 
 
 def load_model(folder: str | Path) -> CausalLM:

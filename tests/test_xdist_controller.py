@@ -20,7 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_controller_imports_no_torch_and_no_innerloop() -> None:
     command = [sys.executable, "-X", "importtime", "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider"]
     command += ["-n", "1", "tests/test_python_310.py"]
-    environment = {k: v for k, v in os.environ.items() if k != "PYTHONPROFILEIMPORTTIME"}
+    # a run of its own: not a worker of this run (tests/conftest.py reads PYTEST_XDIST_* to tell)
+    environment = {
+        k: v for k, v in os.environ.items() if k != "PYTHONPROFILEIMPORTTIME" and not k.startswith("PYTEST_")
+    }
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     # -X importtime reaches the controller only (xdist starts its workers without it)

@@ -49,8 +49,7 @@ from innerloop.hf.configuration import InnerloopConfig, model_config_from, with_
 from innerloop.hf.remote_code import AUTO_MAP, write_shims
 from innerloop.models import E2EState, LMState, build_model
 from innerloop.models.config import E2E
-from innerloop.models.lm import TOKEN_ID_DTYPES
-from innerloop.models.lm import check_token_ids as check_token_id_tensor
+from innerloop.models.lm import check_token_id_layout
 
 
 class InnerloopCache:
@@ -275,16 +274,8 @@ def check_generate_mask(attention_mask: torch.Tensor | None) -> None:
 def check_token_ids_shape(input_ids: Any) -> None:
     """Refuse, naming ``input_ids``, anything but a torch.Tensor of integer token ids ``[batch, length >=
     1]`` (a 1-D tensor, a list or a numpy array would fail deep inside with an unrelated error).
-    Reads no values: no device sync."""
-    fits = (
-        isinstance(input_ids, torch.Tensor)
-        and input_ids.dtype in TOKEN_ID_DTYPES
-        and input_ids.dim() == 2
-        and input_ids.shape[1] >= 1
-    )
-    if not fits:
-        check_token_id_tensor(input_ids, None, min_length=1)  # raises, naming what is wrong and what is valid
-        raise AssertionError("unreachable: innerloop.models.lm.check_token_ids refuses what does not fit")
+    Reads no values: no device sync (:func:`innerloop.models.lm.check_token_id_layout`)."""
+    check_token_id_layout(input_ids, min_length=1)
 
 
 def check_token_ids(input_ids: Any, vocab_size: int) -> None:

@@ -99,6 +99,22 @@ def check_token_ids(
     """Refuse, naming ``name``, anything but a ``[batch, length >= min_length]`` integer tensor of ids
     in ``[0, vocab_size)`` (None: any id >= 0). Costs one min/max pass over the ids and one device
     sync."""
+    check_token_id_layout(input_ids, name, min_length)
+    if input_ids.numel() == 0 or input_ids.device.type == "meta":  # meta: shapes only, no ids to read
+        return
+    low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one sync for both
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        bad = low if low < 0 else high
+        valid = ">= 0" if vocab_size is None else f"0..{vocab_size - 1}"
+        raise ValueError(
+            f"{name} holds token id {bad}, outside the model's vocabulary of vocab_size={vocab_size} "
+            f"tokens: valid ids are {valid}"
+        )
+
+
+def check_token_id_layout(input_ids: Any, name: str = "input_ids", min_length: int = 0) -> None:
+    """Refuse, naming ``name``, anything but a ``[batch, length >= min_length]`` tensor of integer token
+    ids (:data:`TOKEN_ID_DTYPES`). Reads no value: no device sync."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(
             f"{name} must be a torch.Tensor of token ids [batch, length], got {type(input_ids).__name__}"
@@ -111,16 +127,6 @@ def check_token_ids(
     if input_ids.dim() != 2 or input_ids.shape[1] < min_length:
         length = f"length >= {min_length}" if min_length else "length"
         raise ValueError(f"{name} must be [batch, {length}], got shape {tuple(input_ids.shape)}")
-    if input_ids.numel() == 0 or input_ids.device.type == "meta":  # meta: shapes only, no ids to read
-        return
-    low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one sync for both
-    if low < 0 or (vocab_size is not None and high >= vocab_size):
-        bad = low if low < 0 else high
-        valid = ">= 0" if vocab_size is None else f"0..{vocab_size - 1}"
-        raise ValueError(
-            f"{name} holds token id {bad}, outside the model's vocabulary of vocab_size={vocab_size} "
-            f"tokens: valid ids are {valid}"
-        )
 
 
 LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)

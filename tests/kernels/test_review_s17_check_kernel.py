@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 import innerloop
 from innerloop.kernels import fused_torch
@@ -78,3 +79,36 @@ def test_a_kernel_that_ignores_the_weights_of_a_carried_state_fails_naming_the_c
         r"call, in one call, grad: output",
     ):
         check_kernel(name, head_dims=(4,))
+
+
+def halves_lr_on_one_mini_batch(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
+    """Right on blocks of two mini-batches or more; ``lr`` halved on a block of exactly one (what a call
+    that starts and ends inside mini-batches, as a chat turn does, hands the kernel)."""
+    if mini_batches(xq, tau) == 1:
+        lr = lr * 0.5
+    return FORWARD(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps)
+
+
+def ignores_the_inner_norms_affine_on_long_blocks(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
+    """On a block of three mini-batches or more, the inner LayerNorm's affine at its initial values
+    (weight 1, bias 0) with the gradient right there: right on a fresh layer, wrong on a trained one."""
+    if mini_batches(xq, tau) >= 3:
+        ln_weight = torch.ones_like(ln_weight) + (ln_weight - ln_weight.detach())
+        ln_bias = ln_bias - ln_bias.detach()
+    return FORWARD(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps)
+
+
+def test_a_kernel_wrong_on_a_block_of_one_mini_batch_fails_naming_the_split():
+    # mutation round 5, KC2: only the split at k + k // 2 + 1 hands the kernel a one-mini-batch block
+    name = register_changed("s17_one_mini_batch", halves_lr_on_one_mini_batch)
+    with pytest.raises(
+        AssertionError, match=r"check_kernel\('s17_one_mini_batch'\): head_dim 4 .*split at \[1, 7, 12\]"
+    ):
+        check_kernel(name, head_dims=(4,))
+
+
+def test_a_kernel_that_ignores_the_inner_norms_affine_fails_at_an_odd_head_dim():
+    # mutation round 5, KC7: the odd-head-dim twins must be moved away from their initial weights too
+    name = register_changed("s17_no_norm_affine", ignores_the_inner_norms_affine_on_long_blocks)
+    with pytest.raises(AssertionError, match=r"check_kernel\('s17_no_norm_affine'\): head_dim 5"):
+        check_kernel(name, head_dims=(5,))

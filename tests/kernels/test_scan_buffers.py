@@ -95,3 +95,15 @@ def test_two_forwards_before_one_backward(model):
         want = _gradients(reference, sum(reference(x)[0].square().sum() for x in xs), xs[0])
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_two_buffers_held_at_once_are_both_kept_and_reused(monkeypatch):
+    # two forwards before one backward (a summed-loss gradient accumulation) hold two buffers at once:
+    # both must be kept for the next step, not one of them allocated anew (mutation round 5, K18)
+    monkeypatch.delenv("INNERLOOP_KEEP_SCAN_BUFFERS", raising=False)
+    like = torch.zeros(1)
+    first, second = scan_buffer(100, like), scan_buffer(50, like)
+    storages = {first.untyped_storage().data_ptr(), second.untyped_storage().data_ptr()}
+    del first, second
+    again = scan_buffer(100, like), scan_buffer(50, like)
+    assert {t.untyped_storage().data_ptr() for t in again} == storages

@@ -40,8 +40,9 @@ class _GeluTanh(torch.autograd.Function):
 
     The forward is ``F.gelu(x, approximate="tanh")``. The backward uses
     :func:`gelu_tanh_derivative`, written in differentiable torch ops, so gradients of gradients
-    (the outer loop through the inner loop) and ``torch.func`` transforms work through it. This makes
-    the generic primal form (autograd) and the dual form (closed form) agree to float64 precision.
+    (the outer loop through the inner loop) and ``torch.func`` transforms, reverse and forward mode,
+    work through it. This makes the generic primal form (autograd) and the dual form (closed form)
+    agree to float64 precision.
     """
 
     generate_vmap_rule = True
@@ -54,11 +55,18 @@ class _GeluTanh(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         (x,) = inputs
         ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         return grad_output * gelu_tanh_derivative(x)
+
+    @staticmethod
+    def jvp(ctx, x_tangent: torch.Tensor) -> torch.Tensor:
+        """Forward mode (``torch.func.jvp``, ``jacfwd``, ``hessian``) with the same derivative."""
+        (x,) = ctx.saved_tensors
+        return x_tangent * gelu_tanh_derivative(x)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

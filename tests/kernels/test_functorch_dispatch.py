@@ -1,4 +1,4 @@
-"""Inside torch.func transforms (vmap, grad, jacrev) no kernel runs: the tensors there are wrappers
+"""Inside torch.func transforms (vmap, grad, jacrev, jvp, jacfwd, hessian) no kernel runs: the tensors there are wrappers
 without storage (the C++ kernels read raw pointers) and autograd.Functions without ``setup_context``
 cannot be transformed. ``kernel="auto"`` runs the torch path there, with the torch path's numbers, and a
 named kernel is refused with the reason."""
@@ -41,6 +41,29 @@ def test_auto_inside_vmap_and_grad_gives_the_torch_paths_numbers(options) -> Non
     gradient = torch.func.grad(lambda q: _scan_sum(q, lr, **options))(q)
     expected = torch.func.grad(lambda q: _scan_sum(q, lr, kernel="torch", **options))(q)
     torch.testing.assert_close(gradient, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("options", MODELS, ids=lambda o: o["inner_model"])
+def test_forward_mode_transforms_equal_reverse_mode(options) -> None:
+    # forward mode (jvp, jacfwd, and hessian, which is forward over reverse) through every model,
+    # TTT-MLP's tanh-GELU included (its autograd.Function has a jvp with the backward's derivative)
+    q, lr = _inputs()
+    q, lr = q[:1, :1, :, :6], lr[:1, :1]  # [1, 1, 8, 6]: a Jacobian of 48 x 48
+
+    def outputs(q):
+        return scan(q, q.flip(-1), q.roll(1, -1), lr, **{"mini_batch_size": 4, **options})[0]
+
+    torch.testing.assert_close(
+        torch.func.jacfwd(outputs)(q), torch.func.jacrev(outputs)(q), rtol=1e-10, atol=1e-12
+    )
+    tangent = torch.randn_like(q)
+    _, pushed = torch.func.jvp(outputs, (q,), (tangent,))
+    expected = torch.func.jacrev(outputs)(q).flatten(4).flatten(0, 3) @ tangent.flatten()
+    torch.testing.assert_close(pushed.flatten(), expected, rtol=1e-10, atol=1e-12)
+    loss = lambda q: _scan_sum(q, lr, **options)  # noqa: E731
+    torch.testing.assert_close(
+        torch.func.hessian(loss)(q), torch.func.jacrev(torch.func.jacrev(loss))(q), rtol=1e-10, atol=1e-10
+    )
 
 
 def test_a_named_kernel_inside_a_transform_is_refused_with_the_reason() -> None:

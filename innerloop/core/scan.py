@@ -372,6 +372,10 @@ def run_scan(
     rule only when given; a rule that does not take them is refused, naming the argument.
     """
     _check_rule_takes(rule, state, tau, decay, momentum)
+    if state.offset == 0 and state.pending:
+        # At a mini-batch boundary the pending sums are zero by definition (TTTState): every path reads
+        # them so, whatever a hand-made state holds (a whole call would ignore them, a decoded token add them).
+        state = replace(state, pending={k: torch.zeros_like(v) for k, v in state.pending.items()})
     options = {}
     if decay is not None:
         options["decay"] = decay

@@ -4,7 +4,8 @@ A TTT layer is an RNN. Its state after reading ``position`` tokens is:
 
 - ``params``: the inner weights at the start of the current mini-batch, ``[B, H, *shape]``;
 - ``pending``: the lr-weighted gradient sums ``sum_j lr_j * grad_j`` of the tokens already read in
-  the current mini-batch (zero at a mini-batch boundary), same shapes as ``params``;
+  the current mini-batch, same shapes as ``params``; zero at a mini-batch boundary (a layer reads
+  them as zero there whatever they hold, and :meth:`TTTState.from_tensors` refuses nonzero ones);
 - ``loss_carry``: what the inner loss needs from earlier tokens (e.g. the previous key);
 - ``conv_history``: the last ``k - 1`` inputs of the causal convolutions (share_qk);
 - ``momentum``: the ``momentum`` rule's surprise momentum ``S`` per weight (same shapes as
@@ -354,7 +355,23 @@ class TTTState:
             position = _metadata_int(metadata, "position")
         except KeyError as missing:
             raise ValueError(f"state metadata lacks {missing}; got keys {sorted(metadata)}") from None
-        return cls(position=position, signature=signature, **groups)
+        state = cls(position=position, signature=signature, **groups)
+        _check_no_pending_at_a_boundary(state)
+        return state
+
+
+def _check_no_pending_at_a_boundary(state: TTTState) -> None:
+    """A state at a mini-batch boundary has no pending sums (a layer writes zeros there): nonzero ones
+    are a corrupt or hand-edited state, which a layer would read as zeros. Meta tensors are not read."""
+    if state.offset != 0:
+        return
+    nonzero = sorted(k for k, t in state.pending.items() if t.device.type != "meta" and bool(t.any()))
+    if nonzero:
+        raise ValueError(
+            f"state tensors pending.{nonzero[0]} (of {nonzero}) are nonzero at a mini-batch boundary (position "
+            f"{state.position}, mini_batch_size {state.signature.mini_batch_size}), where a layer keeps them "
+            "zero: the tensors do not belong to this metadata, or were edited"
+        )
 
 
 def _metadata_int(metadata: dict[str, str], key: str) -> int:

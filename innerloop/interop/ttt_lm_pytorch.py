@@ -425,7 +425,7 @@ MODEL_FIELD_MAP: dict[str, str] = {
     "initializer_range": "model.init_std (initial weights only; 0 keeps innerloop's default)",
     "rms_norm_eps": "model.norm_eps",
     "use_cache": "unused: a generation option of transformers, not a weight or a computation",
-    "pad_token_id": "unused: the padding row of the embedding changes its init and gradient, not its lookup",
+    "pad_token_id": "model.padding_id (the embedding row that starts at zero and takes no gradient from its lookup)",
     "bos_token_id": "unused: a tokenizer id",
     "eos_token_id": "unused: a tokenizer id",
     "pretraining_tp": (
@@ -465,6 +465,19 @@ def _check_tensor_parallel_slices(values: Mapping[str, Any]) -> None:
             )
 
 
+def _padding_id(pad_token_id: Any, vocab_size: int) -> int | None:
+    """The reference's ``nn.Embedding(vocab_size, hidden_size, padding_idx=pad_token_id)`` row (checked
+    as a token id before): one id below ``vocab_size``, or None."""
+    if pad_token_id is None:
+        return None
+    if isinstance(pad_token_id, list) or not pad_token_id < vocab_size:
+        raise ValueError(
+            f"config field 'pad_token_id'={pad_token_id!r} must be one token id in [0, vocab_size={vocab_size}) "
+            "or null: the reference's embedding takes it as its padding row"
+        )
+    return int(pad_token_id)
+
+
 def model_config(config: Mapping[str, Any]) -> ModelConfig:
     """The :class:`ModelConfig` of a reference ``TTTForCausalLM`` with these ``TTTConfig`` fields
     (checked first, see :func:`check_config` and :func:`_check_head_width`; missing fields take
@@ -496,6 +509,7 @@ def model_config(config: Mapping[str, Any]) -> ModelConfig:
         norm_eps=float(values["rms_norm_eps"]),
         tie_embeddings=values["tie_word_embeddings"],
         init_std=init_std if init_std > 0 else ModelConfig.init_std,
+        padding_id=_padding_id(config.get("pad_token_id"), int(values["vocab_size"])),
         ttt=TTTConfig(
             inner_model=values["ttt_layer_type"],
             mini_batch_size=int(values["mini_batch_size"]),

@@ -176,6 +176,9 @@ class ModelConfig:
         tie_embeddings: the LM head shares the embedding's weights (default); false gives the head
             its own ``[vocab_size, hidden_size]`` weights.
         init_std: standard deviation of the normal init of embeddings and projections.
+        padding_id: a token id whose embedding row starts at zero and takes no gradient through the
+            lookup (``nn.Embedding``'s ``padding_idx``; the reference models set it from
+            ``pad_token_id``), in ``[0, vocab_size)``; None (default): every row trains.
         ttt: options of the TTT layer (used when ``mixer == "ttt"``).
         family: options of the family's layers (used when ``mixer`` is one of :data:`FAMILY_MIXERS`).
         e2e: options of the TTT-E2E model (used when ``mixer == "e2e"``).
@@ -195,6 +198,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     init_std: float = 0.02
+    padding_id: Optional[int] = None  # noqa: UP045 (omegaconf reads Optional)
     ttt: TTTConfig = field(default_factory=TTTConfig)
     e2e: E2EConfig = field(default_factory=E2EConfig)
     family: FamilyConfig = field(default_factory=FamilyConfig)
@@ -726,6 +730,11 @@ def _check_shapes(config: ModelConfig) -> None:
     if config.hidden_size % config.num_heads:
         raise ValueError(
             f"model.hidden_size={config.hidden_size} must be divisible by model.num_heads={config.num_heads}"
+        )
+    if config.padding_id is not None and not 0 <= config.padding_id < config.vocab_size:
+        raise ValueError(
+            f"model.padding_id={config.padding_id} must be a token id in [0, {config.vocab_size}) "
+            f"(model.vocab_size={config.vocab_size}), or null for none"
         )
     if uses_rope(config) and (config.hidden_size // config.num_heads) % 2:
         raise ValueError(

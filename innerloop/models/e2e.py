@@ -60,7 +60,7 @@ from innerloop.models.config import (
     validate_e2e_options,
     validate_model_config,
 )
-from innerloop.models.lm import _tensors, check_token_ids, check_weights_under_autocast
+from innerloop.models.lm import _tensors, check_token_ids, check_weights_under_autocast, init_embedding
 from innerloop.registry import get_registry
 
 # --------------------------------------------------------------------------------------------------
@@ -509,7 +509,7 @@ class E2ELM(nn.Module):
         validate_model_config(config)
         self.config = config
         self.num_prefix = config.num_layers - num_suffix_blocks(config)
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.padding_id)
         self.blocks = nn.ModuleList(
             E2EBlock(config, prime=i >= self.num_prefix) for i in range(config.num_layers)
         )
@@ -533,7 +533,7 @@ class E2ELM(nn.Module):
     def _init_weights(self) -> None:
         """Normal(0, init_std) for the embedding and every projection; norms start at 1."""
         std = self.config.init_std
-        nn.init.normal_(self.embed.weight, std=std)
+        init_embedding(self.embed, std)
         if not self.config.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=std)
         for module in self.modules():

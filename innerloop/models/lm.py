@@ -168,6 +168,15 @@ def check_weights_under_autocast(
         )
 
 
+def init_embedding(embed: nn.Embedding, std: float) -> None:
+    """Normal(0, ``std``) for an embedding table, its padding row (``padding_idx``, if any) zero, as the
+    reference models initialise theirs."""
+    nn.init.normal_(embed.weight, std=std)
+    if embed.padding_idx is not None:
+        with torch.no_grad():
+            embed.weight[embed.padding_idx].zero_()
+
+
 class CausalLM(nn.Module):
     """Decoder-only language model whose blocks use the mixer named in ``config``.
 
@@ -185,7 +194,7 @@ class CausalLM(nn.Module):
             )
         validate_model_config(config)
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.padding_id)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -204,7 +213,7 @@ class CausalLM(nn.Module):
         weights, the inner lr gate, the norms) are initialised by the layers, as in the reference.
         """
         std = self.config.init_std
-        nn.init.normal_(self.embed.weight, std=std)
+        init_embedding(self.embed, std)
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.weight is not self.embed.weight:
                 nn.init.normal_(module.weight, std=std)

@@ -83,9 +83,15 @@ def test_config_fields_reach_the_model():
             "mini_batch_size": 5,
             "pre_conv": True,
             "conv_kernel": 3,
+            "pad_token_id": 7,
         }
     )
-    assert (config.vocab_size, config.hidden_size, config.intermediate_size) == (77, 48, 40)
+    assert (config.vocab_size, config.hidden_size, config.intermediate_size, config.padding_id) == (
+        77,
+        48,
+        40,
+        7,
+    )
     assert (config.num_layers, config.num_heads, config.norm_eps, config.rope_theta) == (3, 3, 1e-5, 500.0)
     assert (config.tie_embeddings, config.pre_conv, config.pre_conv_kernel) == (False, True, 3)
     ttt = config.ttt
@@ -94,6 +100,28 @@ def test_config_fields_reach_the_model():
     model = ttt_lm_pytorch.CausalLM(config)
     assert model.lm_head.weight is not model.embed.weight
     assert model.blocks[0].pre_conv is not None and model.blocks[0].mixer.use_gate
+
+
+def test_the_pad_row_takes_no_gradient_from_its_lookup_as_in_the_reference(tmp_path):
+    # the reference's nn.Embedding(padding_idx=pad_token_id): fine-tuning a converted model on inputs
+    # that hold the pad id must leave that row's gradient to the tied head alone (review s18, reference)
+    folder = _copy(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "pad_token_id": 5}))
+    model = load_model(folder).double()
+    assert model.config.padding_id == 5 and model.embed.padding_idx == 5
+    ids = torch.tensor([[5, 1, 5, 2, 3, 5]])
+    lookup = torch.autograd.grad(model.embed(ids).square().sum(), model.embed.weight)[0]
+    assert lookup[5].abs().max() == 0 and lookup[1].abs().max() > 0
+    logits = model(ids)[0]
+    whole = torch.autograd.grad(logits.logsumexp(-1).sum(), model.embed.weight)[0]
+    assert whole[5].abs().max() > 0  # the tied head's share of the pad row remains, as in the reference
+
+
+@pytest.mark.parametrize("pad", [[1, 2], 10**6])
+def test_a_pad_token_id_the_embedding_cannot_take_is_refused(pad):
+    with pytest.raises(ValueError, match=r"'pad_token_id'=.* must be one token id in \[0, vocab_size="):
+        ttt_lm_pytorch.model_config({"pad_token_id": pad, "hidden_size": 64, "num_attention_heads": 4})
 
 
 def test_unsupported_activation_is_refused():

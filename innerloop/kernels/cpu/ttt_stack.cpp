@@ -1380,8 +1380,7 @@ void stack_scan_block_backward(const InnerloopStackScanArgs& args, const StackBl
   std::memcpy(d_both_pre, ws.d_key_pre[0].data(), k * out0 * sizeof(T));
   std::memcpy(d_both_pre + k * out0, ws.d_query_pre[0].data(), k * out0 * sizeof(T));
   T* grad_both = static_cast<T*>(args.grad_both) + index * 2 * k * in0;
-  transpose<T>(in0, out0, w[0], ws.transposed.data());  // W_0^T [out_0 x in_0]
-  gemm<T>(2 * k, in0, out0, d_both_pre, out0, 1, ws.transposed.data(), in0, grad_both, in0, T(1), false);
+  times_weight_transposed<T>(2 * k, in0, out0, d_both_pre, w[0], grad_both, T(1), false, ws);
   gemm<T>(in0, out0, 2 * k, block.both, 1, in0, d_both_pre, out0, grad_w[0], out0, T(1), true);
 }
 

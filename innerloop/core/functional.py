@@ -40,9 +40,9 @@ class _GeluTanh(torch.autograd.Function):
 
     The forward is ``F.gelu(x, approximate="tanh")``. The backward uses
     :func:`gelu_tanh_derivative`, written in differentiable torch ops, so gradients of gradients
-    (the outer loop through the inner loop) and ``torch.func`` transforms, reverse and forward mode,
-    work through it. This makes the generic primal form (autograd) and the dual form (closed form)
-    agree to float64 precision.
+    (the outer loop through the inner loop) and ``torch.func``'s reverse-mode transforms work through
+    it. This makes the generic primal form (autograd) and the dual form (closed form) agree to float64
+    precision. :class:`_GeluTanhForwardMode` adds forward mode.
     """
 
     generate_vmap_rule = True
@@ -62,16 +62,24 @@ class _GeluTanh(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         return grad_output * gelu_tanh_derivative(x)
 
+
+class _GeluTanhForwardMode(_GeluTanh):
+    """:class:`_GeluTanh` with a ``jvp`` (the same derivative), for ``torch.func.jvp``, ``jacfwd`` and
+    ``hessian``. Eager only: ``torch.compile`` cannot trace an autograd.Function that defines ``jvp``
+    (each call would break the graph), so compiled code takes :class:`_GeluTanh`."""
+
     @staticmethod
     def jvp(ctx, x_tangent: torch.Tensor) -> torch.Tensor:
-        """Forward mode (``torch.func.jvp``, ``jacfwd``, ``hessian``) with the same derivative."""
         (x,) = ctx.saved_tensors
         return x_tangent * gelu_tanh_derivative(x)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """tanh-approximated GELU with the reference's derivative (see :class:`_GeluTanh`)."""
-    return _GeluTanh.apply(x)
+    """tanh-approximated GELU with the reference's derivative (see :class:`_GeluTanh`), in forward
+    mode too except under ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return _GeluTanh.apply(x)
+    return _GeluTanhForwardMode.apply(x)
 
 
 def overflow_safe_scale(x: torch.Tensor) -> torch.Tensor:

@@ -692,7 +692,8 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
 
         The rows of the tokens kept are unchanged, so are their logits; added rows are the mean of the
         old rows (``mean_resizing``, as transformers does, without its noise) or drawn with the model's
-        ``init_std``. Everything is checked before anything changes. Returns the new embedding. Refused
+        ``init_std``. The padding row (``model.padding_id``) stays the padding row. Everything is checked
+        before anything changes. Returns the new embedding. Refused
         for the TTT-E2E model, whose inner loop reads the whole vocabulary (every logit would change).
         """
         old = self.model.embed
@@ -705,11 +706,23 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
                 f"removed would change every logit; the vocabulary stays model.vocab_size={old.num_embeddings}"
             )
         size = _resized_vocab(new_num_tokens, pad_to_multiple_of, old.num_embeddings)
+        if old.padding_idx is not None and old.padding_idx >= size:
+            raise ValueError(
+                f"new_num_tokens={new_num_tokens} (pad_to_multiple_of={pad_to_multiple_of}) gives {size} tokens, "
+                f"which drops the padding row model.padding_id={old.padding_idx}; keep at least "
+                f"{old.padding_idx + 1} tokens"
+            )
         config = model_config_from({**self.config.model, "vocab_size": size})  # type: ignore[dict-item]
         if size == old.num_embeddings:
             return old
         std = config.init_std
-        embed = nn.Embedding(size, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        embed = nn.Embedding(
+            size,
+            old.embedding_dim,
+            padding_idx=old.padding_idx,
+            device=old.weight.device,
+            dtype=old.weight.dtype,
+        )
         embed.weight = _resized_rows(old.weight, size, mean_resizing, std)
         head = nn.Linear(
             old.embedding_dim, size, bias=False, device=old.weight.device, dtype=old.weight.dtype

@@ -42,3 +42,19 @@ def test_the_hugging_face_export_keeps_the_padding_row(tmp_path: Path) -> None:
     model = build_model(ModelConfig.from_dict({**SMALL, "padding_id": 3})).eval()
     loaded = AutoModelForCausalLM.from_pretrained(export_model(model, tmp_path / "exported", tokenizer=None))
     assert loaded.model.embed.padding_idx == 3
+
+
+def test_resizing_the_vocabulary_keeps_the_padding_row_and_refuses_to_drop_it(tmp_path: Path) -> None:
+    # review s18 (regressions): the resized embedding was built without padding_idx, so the row trained
+    # until the next save and load
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_dict({**SMALL, "padding_id": 3, "tie_embeddings": False})).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(export_model(model, tmp_path / "exported", tokenizer=None))
+    loaded.resize_token_embeddings(40)
+    assert loaded.model.embed.padding_idx == 3
+    logits = loaded(torch.tensor([[3, 1, 3, 2, 3, 39]])).logits
+    grad = torch.autograd.grad(logits.square().sum(), loaded.model.embed.weight)[0]
+    assert grad[3].abs().max() == 0 and grad[39].abs().max() > 0
+    with pytest.raises(ValueError, match=r"new_num_tokens=2 .* drops the padding row model\.padding_id=3"):
+        loaded.resize_token_embeddings(2)
+    assert loaded.model.embed.num_embeddings == 40  # nothing changed

@@ -310,7 +310,9 @@ class TTTState:
         return all(bool(torch.isfinite(t).all()) for t in self.tensors().values())
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor under a flat name (for serialisation, e.g. with safetensors)."""
+        """Every tensor under a flat name (for serialisation), as the state holds it: a broadcast view or
+        a slice of a shared buffer stays one, so safetensors (contiguous tensors that share no memory)
+        takes copies, ``t.clone(memory_format=torch.contiguous_format)`` (docs/architecture.md)."""
         flat: dict[str, torch.Tensor] = {}
         for group in TENSOR_GROUPS:
             for key, value in getattr(self, group).items():

@@ -6,7 +6,7 @@ replays it op by op. Here the scan and its backward are compiled (``innerloop_li
 ``innerloop_linear_scan_backward`` in ``ttt_stack.cpp``): the forward keeps the weights at the start of
 every mini-batch, the backward walks the mini-batches last to first, recomputes each one's key side from
 them and carries the weights' gradient back (README.md in this folder derives it). The hoisting before
-and the output LayerNorm after stay in torch, with autograd.
+and the output LayerNorm after are compiled too (``scan_ends.py``).
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ from innerloop.core.protocol import Activation, AffineLayer, Params
 from innerloop.kernels.cpu.build import CPUKernelUnavailable, load_library
 from innerloop.kernels.cpu.library import ACTIVATION_CODES, DTYPE_CODES, MAX_LAYERS, run_entry_point
 from innerloop.kernels.cpu.linear_scan import compiled_linear_scan
+from innerloop.kernels.cpu.scan_ends import CompiledHoist, CompiledOutputNorm
 from innerloop.kernels.cpu.stack_scan import compiled_stack_scan
-from innerloop.kernels.fused_torch import TrainingScan, make_fused_forward
+from innerloop.kernels.fused_torch import TrainingEnds, TrainingScan, make_fused_forward
 from innerloop.kernels.spec import KernelDecode, KernelForward, KernelInputs, KernelSpec, stack_kernel_spec
 
 
@@ -179,6 +180,10 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+COMPILED_ENDS = TrainingEnds(hoist=CompiledHoist.apply, output=CompiledOutputNorm.apply)
+"""The hoisting and the output LayerNorm around the training scans, compiled (``scan_ends.py``)."""
+
+
 def make_training_scan(stack: tuple[AffineLayer, ...]) -> TrainingScan:
     """The compiled scan, forward and backward, that replaces the fused torch path's recorded one:
     ``linear_scan.py`` for one layer, ``stack_scan.py`` for deeper stacks."""
@@ -201,9 +206,10 @@ def make_forward(stack: tuple[AffineLayer, ...]) -> KernelForward:
     """The chunk function (see :mod:`innerloop.kernels.spec`) for a stack model with these layers.
 
     With an autograd graph to record, it is the fused torch path with its scan compiled, forward and
-    backward (``linear_scan.py``, ``stack_scan.py``)."""
+    backward (``linear_scan.py``, ``stack_scan.py``), and the hoisting and output LayerNorm around it
+    (``scan_ends.py``)."""
     activations = [activation_code(layer.activation) for layer in stack]
-    training = make_fused_forward(stack, training_scan=make_training_scan(stack))
+    training = make_fused_forward(stack, training_scan=make_training_scan(stack), training_ends=COMPILED_ENDS)
 
     def forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
         batch, heads, tokens, head_dim = xq.shape

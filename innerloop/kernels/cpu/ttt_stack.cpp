@@ -163,6 +163,69 @@ struct InnerloopStackScanArgs {
   void* records;        // [NB, P, record_size]: forward writes, backward reads (see StackRecord)
 };
 
+// Training, around either scan: what the scans take that does not depend on the inner weights, computed
+// from the layer's views for all mini-batches (the "hoisting" of ../fused_torch/forward.py:_hoist), and
+// its backward. xq, xk, xv [B, H, T, f] and lr [B, H, T] are strided (the last dim of the views
+// contiguous); tau [K]; ln_weight, ln_bias [H, f]; bias: the first layer has a bias (both takes a column
+// of ones and left its row of scales), in = f + bias. Written by the forward, read as gradients by the
+// backward (each contiguous, P = B H pairs): both [NB, P, 2K, in], left [NB, P, K + in, K],
+// shift [NB, P, K, f], gamma_sq [P, f], eta [NB, P, K, K], scale [NB, P, K] (grad_eta and grad_scale may
+// be null: a one-layer scan reads them only through left). The backward writes grad_xq, grad_xk,
+// grad_xv (strided like the views) and grad_lr [B, H, T] (contiguous), and per pair the partial sums
+// grad_tau [P, K], grad_ln_weight and grad_ln_bias [P, f] that the host adds up.
+struct InnerloopHoistArgs {
+  int32_t dtype;
+  int32_t num_threads;
+  int64_t batch, heads, tokens, mini_batch, width;
+  int32_t bias;
+  const void* xq;
+  const void* xk;
+  const void* xv;
+  const void* lr;
+  int64_t xq_strides[3], xk_strides[3], xv_strides[3], lr_strides[3];
+  const void* tau;
+  const void* ln_weight;
+  const void* ln_bias;
+  void* both;
+  void* left;
+  void* shift;
+  void* gamma_sq;
+  void* eta;
+  void* scale;
+  void* grad_xq;
+  void* grad_xk;
+  void* grad_xv;
+  int64_t grad_xq_strides[3], grad_xk_strides[3], grad_xv_strides[3];
+  void* grad_lr;
+  void* grad_tau;
+  void* grad_ln_weight;
+  void* grad_ln_bias;
+};
+
+// Training, after either scan: out = xq + ln_weight * LN(z) + ln_bias per row (the output LayerNorm and
+// residual), and its backward. z [B, H, T, f] contiguous (the scans' pair-major output); xq as above;
+// out [B, H, T, f] strided (the host passes a view of [B, T, H, f] memory). Backward: grad_out strided,
+// grad_z [B, H, T, f] contiguous written, and per pair the partial sums grad_ln_weight, grad_ln_bias
+// [P, f]; the residual's gradient is grad_out itself (the host passes it on).
+struct InnerloopOutputNormArgs {
+  int32_t dtype;
+  int32_t num_threads;
+  int64_t batch, heads, tokens, width;
+  double eps;
+  const void* z;
+  const void* xq;
+  int64_t xq_strides[3];
+  const void* ln_weight;
+  const void* ln_bias;
+  void* out;
+  int64_t out_strides[3];
+  const void* grad_out;
+  int64_t grad_out_strides[3];
+  void* grad_z;
+  void* grad_ln_weight;
+  void* grad_ln_bias;
+};
+
 }  // extern "C"
 
 namespace {
@@ -676,6 +739,19 @@ int parallel_over_pairs(int64_t pairs, int32_t num_threads, Work work) {
   return failed ? 3 : 0;
 }
 
+// run(T{}) with T the call's element type (float32 or float64); the entry points' status: run's, 1 for
+// another dtype, 3 for a C++ exception (e.g. out of memory).
+template <typename Run>
+int by_dtype(int32_t dtype, Run run) {
+  try {
+    if (dtype == kFloat32) return run(float{});
+    if (dtype == kFloat64) return run(double{});
+  } catch (const std::exception&) {
+    return 3;
+  }
+  return 1;
+}
+
 template <typename T>
 int run(const InnerloopStackArgs& args) {
   return parallel_over_pairs(args.batch * args.heads, args.num_threads, [&](int64_t first, int64_t last) {
@@ -1006,13 +1082,7 @@ int linear_scan_entry(const InnerloopLinearScanArgs* args, bool backward) {
   const int64_t element = args->dtype == kFloat64 ? 8 : 4;
   if (!backward)
     advise_huge_pages(args->starts, args->num_mini_batches * args->pairs * args->in * args->width * element);
-  try {
-    if (args->dtype == kFloat32) return linear_scan<float>(*args, backward);
-    if (args->dtype == kFloat64) return linear_scan<double>(*args, backward);
-  } catch (const std::exception&) {
-    return 3;
-  }
-  return 1;
+  return by_dtype(args->dtype, [&](auto zero) { return linear_scan<decltype(zero)>(*args, backward); });
 }
 
 
@@ -1416,6 +1486,256 @@ int stack_scan(const InnerloopStackScanArgs& args, bool backward) {
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Training, around the scans: the hoisting (forward and backward) and the output LayerNorm with the
+// residual (forward and backward), one (batch, head) pair per thread; README.md derives the backward.
+// ---------------------------------------------------------------------------------------------
+
+// A pair's rows of a strided [B, H, T, n] tensor (or [B, H, T] with n = 1): row t at base + t * strides[2].
+template <typename T, typename Pointer>
+static inline Pointer pair_rows(Pointer data, const int64_t* strides, int64_t pair, int64_t heads) {
+  return data + (pair / heads) * strides[0] + (pair % heads) * strides[1];
+}
+
+// One mini-batch's hoisted inputs for the scans: keys and queries gathered (with their ones column),
+// shift = gamma (beta - xv + xk), eta[i, j] = tau_i lr_j (j <= i), scale_j = tau_{K-1} lr_j, and left =
+// [eta * (Q K^T + 1); (scale K)^T; scale] (the + 1 and the last row with a bias only).
+template <typename T>
+void hoist_block(const InnerloopHoistArgs& args, int64_t pair, int64_t n, T* sim) {
+  const int64_t k = args.mini_batch, f = args.width, in = f + args.bias, heads = args.heads;
+  const int64_t pairs = args.batch * heads, index = n * pairs + pair, h = pair % heads;
+  const T* xq = pair_rows<T>(static_cast<const T*>(args.xq), args.xq_strides, pair, heads);
+  const T* xk = pair_rows<T>(static_cast<const T*>(args.xk), args.xk_strides, pair, heads);
+  const T* xv = pair_rows<T>(static_cast<const T*>(args.xv), args.xv_strides, pair, heads);
+  const T* lr = pair_rows<T>(static_cast<const T*>(args.lr), args.lr_strides, pair, heads);
+  const T* tau = static_cast<const T*>(args.tau);
+  const T* gamma = static_cast<const T*>(args.ln_weight) + h * f;
+  const T* beta = static_cast<const T*>(args.ln_bias) + h * f;
+  T* both = static_cast<T*>(args.both) + index * 2 * k * in;
+  T* left = static_cast<T*>(args.left) + index * (k + in) * k;
+  T* shift = static_cast<T*>(args.shift) + index * k * f;
+  T* eta = static_cast<T*>(args.eta) + index * k * k;
+  T* scale = static_cast<T*>(args.scale) + index * k;
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t t = n * k + i;
+    const T* key = xk + t * args.xk_strides[2];
+    const T* value = xv + t * args.xv_strides[2];
+    std::memcpy(both + i * in, key, f * sizeof(T));
+    std::memcpy(both + (k + i) * in, xq + t * args.xq_strides[2], f * sizeof(T));
+    if (args.bias) both[i * in + f] = both[(k + i) * in + f] = T(1);
+    for (int64_t c = 0; c < f; ++c) shift[i * f + c] = (beta[c] - value[c] + key[c]) * gamma[c];
+  }
+  for (int64_t j = 0; j < k; ++j) scale[j] = tau[k - 1] * lr[(n * k + j) * args.lr_strides[2]];
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j < k; ++j) eta[i * k + j] = j <= i ? tau[i] * lr[(n * k + j) * args.lr_strides[2]] : T(0);
+  // sim = Q K^T (+ 1): rows of both, dot products over the f key columns
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j < k; ++j) {
+      const T* q_row = both + (k + i) * in;
+      const T* k_row = both + j * in;
+      sim[i * k + j] = sum_over<T>(f, [&](int64_t c) { return q_row[c] * k_row[c]; }) + (args.bias ? T(1) : T(0));
+      left[i * k + j] = eta[i * k + j] * sim[i * k + j];
+    }
+  for (int64_t c = 0; c < f; ++c)
+    for (int64_t j = 0; j < k; ++j) left[(k + c) * k + j] = scale[j] * both[j * in + c];
+  if (args.bias)
+    for (int64_t j = 0; j < k; ++j) left[(k + f) * k + j] = scale[j];
+}
+
+template <typename T>
+void hoist_pair(const InnerloopHoistArgs& args, int64_t pair, std::vector<T>& sim) {
+  const int64_t f = args.width;
+  const T* gamma = static_cast<const T*>(args.ln_weight) + (pair % args.heads) * f;
+  T* gamma_sq = static_cast<T*>(args.gamma_sq) + pair * f;
+  for (int64_t c = 0; c < f; ++c) gamma_sq[c] = gamma[c] * gamma[c];
+  for (int64_t n = 0; n < args.tokens / args.mini_batch; ++n) hoist_block(args, pair, n, sim.data());
+}
+
+// The gradients of one mini-batch's hoisted inputs (read from both, left, ... of the args) carried
+// back to the views, lr, tau and the LayerNorm affine (README.md, "Hoisting in the kernel").
+template <typename T>
+void hoist_block_backward(const InnerloopHoistArgs& args, int64_t pair, int64_t n, T* work, T* d_tau, T* d_gamma,
+                          T* d_beta) {
+  const int64_t k = args.mini_batch, f = args.width, in = f + args.bias, heads = args.heads;
+  const int64_t pairs = args.batch * heads, index = n * pairs + pair, h = pair % heads;
+  const T* xq = pair_rows<T>(static_cast<const T*>(args.xq), args.xq_strides, pair, heads);
+  const T* xk = pair_rows<T>(static_cast<const T*>(args.xk), args.xk_strides, pair, heads);
+  const T* xv = pair_rows<T>(static_cast<const T*>(args.xv), args.xv_strides, pair, heads);
+  const T* lr = pair_rows<T>(static_cast<const T*>(args.lr), args.lr_strides, pair, heads);
+  T* dq = pair_rows<T>(static_cast<T*>(args.grad_xq), args.grad_xq_strides, pair, heads);
+  T* dk = pair_rows<T>(static_cast<T*>(args.grad_xk), args.grad_xk_strides, pair, heads);
+  T* dv = pair_rows<T>(static_cast<T*>(args.grad_xv), args.grad_xv_strides, pair, heads);
+  T* d_lr = static_cast<T*>(args.grad_lr) + pair * args.tokens + n * k;
+  const T* tau = static_cast<const T*>(args.tau);
+  const T* gamma = static_cast<const T*>(args.ln_weight) + h * f;
+  const T* beta = static_cast<const T*>(args.ln_bias) + h * f;
+  const T* g_both = static_cast<const T*>(args.both) + index * 2 * k * in;
+  const T* g_left = static_cast<const T*>(args.left) + index * (k + in) * k;
+  const T* g_shift = static_cast<const T*>(args.shift) + index * k * f;
+  const T* g_eta = args.eta ? static_cast<const T*>(args.eta) + index * k * k : nullptr;
+  const T* g_scale = args.scale ? static_cast<const T*>(args.scale) + index * k : nullptr;
+  auto key = [&](int64_t j) { return xk + (n * k + j) * args.xk_strides[2]; };
+  auto query = [&](int64_t i) { return xq + (n * k + i) * args.xq_strides[2]; };
+  T* sim = work;  // [K x K] each, then [K] each
+  T* d_sim = sim + k * k;
+  T* d_eta = d_sim + k * k;
+  T* d_scale = d_eta + k * k;
+  T* lr_k = d_scale + k;
+  for (int64_t j = 0; j < k; ++j) lr_k[j] = lr[(n * k + j) * args.lr_strides[2]];
+  // left's top rows: d eta += d left * sim, d sim = d left * eta (zero above the diagonal)
+  for (int64_t i = 0; i < k; ++i) {
+    const T* q_row = query(i);
+    for (int64_t j = 0; j < k; ++j) {
+      const T* k_row = key(j);
+      sim[i * k + j] = sum_over<T>(f, [&](int64_t c) { return q_row[c] * k_row[c]; }) + (args.bias ? T(1) : T(0));
+      const T eta = j <= i ? tau[i] * lr_k[j] : T(0);
+      d_eta[i * k + j] = j <= i ? g_left[i * k + j] * sim[i * k + j] + (g_eta ? g_eta[i * k + j] : T(0)) : T(0);
+      d_sim[i * k + j] = g_left[i * k + j] * eta;
+    }
+  }
+  // left's update rows: d scale_j += sum_c d left[K + c, j] K[j, c] (+ the bias row), d K[j, c] += scale_j d left[K + c, j]
+  for (int64_t j = 0; j < k; ++j) {
+    const T* k_row = key(j);
+    T sum = sum_over<T>(f, [&](int64_t c) { return g_left[(k + c) * k + j] * k_row[c]; });
+    if (args.bias) sum += g_left[(k + f) * k + j];
+    d_scale[j] = sum + (g_scale ? g_scale[j] : T(0));
+  }
+  for (int64_t i = 0; i < k; ++i) {
+    // d Q[i] = d both[K + i] + sum_j d sim[i, j] K[j]
+    T* dq_row = dq + (n * k + i) * args.grad_xq_strides[2];
+    for (int64_t c = 0; c < f; ++c) dq_row[c] = g_both[(k + i) * in + c];
+    for (int64_t j = 0; j <= i; ++j) {
+      const T weight = d_sim[i * k + j];
+      const T* k_row = key(j);
+      for (int64_t c = 0; c < f; ++c) dq_row[c] += weight * k_row[c];
+    }
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    // d K[j] = d both[j] + sum_i d sim[i, j] Q[i] + scale_j d left[K + :, j] + gamma d shift[j]; d V[j] = -gamma d shift[j]
+    const int64_t t = n * k + j;
+    T* dk_row = dk + t * args.grad_xk_strides[2];
+    T* dv_row = dv + t * args.grad_xv_strides[2];
+    const T scale_j = tau[k - 1] * lr_k[j];
+    const T* shift_row = g_shift + j * f;
+    const T* k_row = key(j);
+    const T* v_row = xv + t * args.xv_strides[2];
+    for (int64_t c = 0; c < f; ++c) {
+      dk_row[c] = g_both[j * in + c] + scale_j * g_left[(k + c) * k + j] + gamma[c] * shift_row[c];
+      dv_row[c] = -gamma[c] * shift_row[c];
+      d_gamma[c] += shift_row[c] * (beta[c] - v_row[c] + k_row[c]);
+      d_beta[c] += shift_row[c] * gamma[c];
+    }
+    for (int64_t i = j; i < k; ++i) {
+      const T weight = d_sim[i * k + j];
+      const T* q_row = query(i);
+      for (int64_t c = 0; c < f; ++c) dk_row[c] += weight * q_row[c];
+    }
+  }
+  // eta[i, j] = tau_i lr_j (j <= i), scale_j = tau_{K-1} lr_j
+  for (int64_t j = 0; j < k; ++j) {
+    T sum = d_scale[j] * tau[k - 1];
+    for (int64_t i = j; i < k; ++i) sum += d_eta[i * k + j] * tau[i];
+    d_lr[j] = sum;
+    d_tau[k - 1] += d_scale[j] * lr_k[j];
+  }
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j <= i; ++j) d_tau[i] += d_eta[i * k + j] * lr_k[j];
+}
+
+template <typename T>
+void hoist_pair_backward(const InnerloopHoistArgs& args, int64_t pair, std::vector<T>& work) {
+  const int64_t k = args.mini_batch, f = args.width;
+  T* d_tau = static_cast<T*>(args.grad_tau) + pair * k;
+  T* d_gamma = static_cast<T*>(args.grad_ln_weight) + pair * f;
+  T* d_beta = static_cast<T*>(args.grad_ln_bias) + pair * f;
+  std::fill(d_tau, d_tau + k, T(0));
+  std::fill(d_beta, d_beta + f, T(0));
+  // gamma_sq = gamma^2
+  const T* gamma = static_cast<const T*>(args.ln_weight) + (pair % args.heads) * f;
+  const T* g_gamma_sq = static_cast<const T*>(args.gamma_sq) + pair * f;
+  for (int64_t c = 0; c < f; ++c) d_gamma[c] = T(2) * gamma[c] * g_gamma_sq[c];
+  for (int64_t n = 0; n < args.tokens / args.mini_batch; ++n)
+    hoist_block_backward(args, pair, n, work.data(), d_tau, d_gamma, d_beta);
+}
+
+template <typename T>
+int hoist(const InnerloopHoistArgs& args, bool backward) {
+  return parallel_over_pairs(args.batch * args.heads, args.num_threads, [&](int64_t first, int64_t last) {
+    const int64_t k = args.mini_batch;
+    std::vector<T> work(3 * k * k + 2 * k);  // hoist_block_backward's: sim, d sim, d eta, d scale, lr
+    for (int64_t pair = first; pair < last; ++pair) {
+      if (backward)
+        hoist_pair_backward<T>(args, pair, work);
+      else
+        hoist_pair<T>(args, pair, work);
+    }
+  });
+}
+
+int hoist_entry(const InnerloopHoistArgs* args, bool backward) {
+  if (args->batch < 0 || args->heads < 1 || args->width < 1 || args->mini_batch < 1 ||
+      args->tokens % args->mini_batch != 0 || (args->bias != 0 && args->bias != 1))
+    return 2;
+  return by_dtype(args->dtype, [&](auto zero) { return hoist<decltype(zero)>(*args, backward); });
+}
+
+// out = xq + gamma LN(z) + beta for one pair's rows; the backward: d z = rstd P(gamma d out) with
+// P(v) = v - mean(v) - xhat mean(v xhat), d gamma += d out xhat, d beta += d out.
+template <typename T>
+void output_norm_pair(const InnerloopOutputNormArgs& args, int64_t pair, bool backward) {
+  const int64_t f = args.width, heads = args.heads, h = pair % heads;
+  const T* gamma = static_cast<const T*>(args.ln_weight) + h * f;
+  const T* beta = static_cast<const T*>(args.ln_bias) + h * f;
+  const T eps = T(args.eps);
+  const T* z = static_cast<const T*>(args.z) + pair * args.tokens * f;
+  if (!backward) {
+    const T* xq = pair_rows<T>(static_cast<const T*>(args.xq), args.xq_strides, pair, heads);
+    T* out = pair_rows<T>(static_cast<T*>(args.out), args.out_strides, pair, heads);
+    for (int64_t t = 0; t < args.tokens; ++t) {
+      const T* z_row = z + t * f;
+      const T* xq_row = xq + t * args.xq_strides[2];
+      T* out_row = out + t * args.out_strides[2];
+      T mean, rstd;
+      row_moments(f, z_row, eps, &mean, &rstd);
+      for (int64_t c = 0; c < f; ++c) out_row[c] = xq_row[c] + beta[c] + ((z_row[c] - mean) * rstd) * gamma[c];
+    }
+    return;
+  }
+  const T* grad_out = pair_rows<T>(static_cast<const T*>(args.grad_out), args.grad_out_strides, pair, heads);
+  T* grad_z = static_cast<T*>(args.grad_z) + pair * args.tokens * f;
+  T* d_gamma = static_cast<T*>(args.grad_ln_weight) + pair * f;
+  T* d_beta = static_cast<T*>(args.grad_ln_bias) + pair * f;
+  std::fill(d_gamma, d_gamma + f, T(0));
+  std::fill(d_beta, d_beta + f, T(0));
+  const T inv_width = T(1) / T(f);
+  for (int64_t t = 0; t < args.tokens; ++t) {
+    const T* z_row = z + t * f;
+    const T* g_row = grad_out + t * args.grad_out_strides[2];
+    T* dz_row = grad_z + t * f;
+    T mean, rstd;
+    row_moments(f, z_row, eps, &mean, &rstd);
+    for (int64_t c = 0; c < f; ++c) {
+      const T xhat = (z_row[c] - mean) * rstd;
+      dz_row[c] = g_row[c] * gamma[c];  // d xhat
+      d_gamma[c] += g_row[c] * xhat;
+      d_beta[c] += g_row[c];
+    }
+    const T mean_d = sum_over<T>(f, [&](int64_t c) { return dz_row[c]; }) * inv_width;
+    const T mean_dx = sum_over<T>(f, [&](int64_t c) { return dz_row[c] * ((z_row[c] - mean) * rstd); }) * inv_width;
+    for (int64_t c = 0; c < f; ++c) dz_row[c] = rstd * (dz_row[c] - mean_d - ((z_row[c] - mean) * rstd) * mean_dx);
+  }
+}
+
+int output_norm_entry(const InnerloopOutputNormArgs* args, bool backward) {
+  if (args->batch < 0 || args->heads < 1 || args->width < 1 || args->tokens < 0) return 2;
+  return by_dtype(args->dtype, [&](auto zero) {
+    using T = decltype(zero);
+    return parallel_over_pairs(args->batch * args->heads, args->num_threads, [&](int64_t first, int64_t last) {
+      for (int64_t pair = first; pair < last; ++pair) output_norm_pair<T>(*args, pair, backward);
+    });
+  });
+}
+
 int stack_scan_entry(const InnerloopStackScanArgs* args, bool backward) {
   if (args->num_mini_batches < 0 || args->pairs < 0 || args->mini_batch < 1 || args->num_layers < 2 ||
       args->num_layers > kMaxLayers)
@@ -1429,13 +1749,7 @@ int stack_scan_entry(const InnerloopStackScanArgs* args, bool backward) {
   for (int32_t l = 0; l < args->num_layers && !backward; ++l)
     advise_huge_pages(args->starts[l], args->num_mini_batches * args->pairs * args->in_dims[l] * args->out_dims[l] * element);
   if (!backward) advise_huge_pages(args->records, args->num_mini_batches * args->pairs * args->record_size * element);
-  try {
-    if (args->dtype == kFloat32) return stack_scan<float>(*args, backward);
-    if (args->dtype == kFloat64) return stack_scan<double>(*args, backward);
-  } catch (const std::exception&) {
-    return 3;
-  }
-  return 1;
+  return by_dtype(args->dtype, [&](auto zero) { return stack_scan<decltype(zero)>(*args, backward); });
 }
 
 }  // namespace
@@ -1447,25 +1761,13 @@ int innerloop_stack_forward(const InnerloopStackArgs* args) {
   if (args->num_layers < 1 || args->num_layers > kMaxLayers || args->mini_batch < 1 ||
       args->tokens % args->mini_batch != 0)
     return 2;
-  try {
-    if (args->dtype == kFloat32) return run<float>(*args);
-    if (args->dtype == kFloat64) return run<double>(*args);
-  } catch (const std::exception&) {
-    return 3;
-  }
-  return 1;
+  return by_dtype(args->dtype, [&](auto zero) { return run<decltype(zero)>(*args); });
 }
 
 // 0 on success; 1: unsupported dtype; 2: invalid sizes; 3: an exception (e.g. out of memory).
 int innerloop_stack_decode(const InnerloopDecodeArgs* args) {
   if (args->num_layers < 1 || args->num_layers > kMaxLayers) return 2;
-  try {
-    if (args->dtype == kFloat32) return decode<float>(*args);
-    if (args->dtype == kFloat64) return decode<double>(*args);
-  } catch (const std::exception&) {
-    return 3;
-  }
-  return 1;
+  return by_dtype(args->dtype, [&](auto zero) { return decode<decltype(zero)>(*args); });
 }
 
 // The training scan of a one-layer stack (InnerloopLinearScanArgs); return codes as above.
@@ -1475,6 +1777,12 @@ int innerloop_linear_scan_backward(const InnerloopLinearScanArgs* args) { return
 // The training scan of a deeper stack (InnerloopStackScanArgs); return codes as above.
 int innerloop_stack_scan_forward(const InnerloopStackScanArgs* args) { return stack_scan_entry(args, false); }
 int innerloop_stack_scan_backward(const InnerloopStackScanArgs* args) { return stack_scan_entry(args, true); }
+
+// Training, around the scans (InnerloopHoistArgs, InnerloopOutputNormArgs); return codes as above.
+int innerloop_hoist_forward(const InnerloopHoistArgs* args) { return hoist_entry(args, false); }
+int innerloop_hoist_backward(const InnerloopHoistArgs* args) { return hoist_entry(args, true); }
+int innerloop_output_norm_forward(const InnerloopOutputNormArgs* args) { return output_norm_entry(args, false); }
+int innerloop_output_norm_backward(const InnerloopOutputNormArgs* args) { return output_norm_entry(args, true); }
 
 // 1 if the library was built with OpenMP (runs on several threads), else 0.
 int innerloop_uses_openmp(void) {

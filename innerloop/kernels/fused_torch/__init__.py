@@ -10,6 +10,7 @@ path moves out of the scan; the reference it must equal is :mod:`innerloop.kerne
 from innerloop.kernels.fused_torch.compiled import kernel_spec as compiled_kernel_spec
 from innerloop.kernels.fused_torch.forward import (
     DOUBLE_BACKWARD_MESSAGE,
+    TrainingEnds,
     TrainingScan,
     kernel_spec,
     make_fused_forward,
@@ -18,6 +19,7 @@ from innerloop.kernels.fused_torch.forward import (
 
 __all__ = [
     "DOUBLE_BACKWARD_MESSAGE",
+    "TrainingEnds",
     "TrainingScan",
     "compiled_kernel_spec",
     "kernel_spec",

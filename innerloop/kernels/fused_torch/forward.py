@@ -258,6 +258,17 @@ raise ``innerloop.kernels.cpu.linear_scan.DOUBLE_BACKWARD_MESSAGE``); one that d
 right after it by the fused path's guard on its inputs."""
 
 
+@dataclass(frozen=True)
+class TrainingEnds:
+    """What a training scan may replace around itself (``innerloop.kernels.cpu`` compiles both): the
+    hoisting, ``(first_has_bias, xq, xk, xv, lr, tau, ln_weight, ln_bias) -> (both1, left1, shift,
+    gamma_sq, eta, update_scale)`` as :func:`_hoist` computes them, and the output LayerNorm with the
+    residual, ``(eps, z [B, H, T, f], xq, ln_weight, ln_bias) -> xq + ln_weight * LN(z) + ln_bias``."""
+
+    hoist: Callable[..., tuple[torch.Tensor, ...]]
+    output: Callable[..., torch.Tensor]
+
+
 TrainingStep = Callable[..., torch.Tensor]
 """A replacement for :meth:`_Scan.mini_batch` (same arguments, the scan first) for blocks that record
 a graph (``innerloop.kernels.fused_torch.compiled`` compiles one)."""
@@ -272,10 +283,12 @@ def make_fused_forward(
     training_scan: TrainingScan | None = None,
     training_step: TrainingStep | None = None,
     kernel_name: str | None = None,
+    training_ends: TrainingEnds | None = None,
 ) -> KernelForward:
     """The fused block function for a stack model with these layers. When a graph is needed, with
-    ``training_scan`` that scan runs in place of the recorded one; with ``training_step`` that function
-    runs each mini-batch in place of :meth:`_Scan.mini_batch`.
+    ``training_scan`` that scan runs in place of the recorded one (and ``training_ends``, if given, the
+    hoisting before it and the output LayerNorm after it); with ``training_step`` that function runs
+    each mini-batch in place of :meth:`_Scan.mini_batch`.
 
     A ``create_graph=True`` backward through the block raises :func:`double_backward_message` naming
     ``kernel_name`` (the registered kernel this forward is; None: "the fused_torch fast path"). With
@@ -286,9 +299,14 @@ def make_fused_forward(
 
     def forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
         batch, heads, tokens, dim = xq.shape
-        hoisted = _hoist(xq, xk, xv, lr, tau, ln_weight, ln_bias, stack[0].bias is not None)
         tensors = (xq, xk, xv, lr, tau, ln_weight, ln_bias, *params.values())
         in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        ends = training_ends if training_scan is not None and not in_place else None
+        inputs = (xq, xk, xv, lr, tau, ln_weight, ln_bias)
+        if ends is None:
+            hoisted = _hoist(*inputs, stack[0].bias is not None)
+        else:
+            hoisted = _Hoisted(*ends.hoist(stack[0].bias is not None, *inputs))
         weights = _folded_weights(stack, params, batch * heads, own_copies=in_place)
         output_guard = guard
         if training_scan is not None and not in_place:
@@ -296,6 +314,9 @@ def make_fused_forward(
             scan_inputs = (h.both1, h.left1, h.shift, h.gamma_sq, h.eta, h.update_scale)
             z_all, weights = training_scan(*map(guard, scan_inputs), [guard(w) for w in weights], eps)
             output_guard = _unguarded  # the scan's inputs are guarded
+            if ends is not None:
+                out = ends.output(eps, z_all.reshape(batch, heads, tokens, dim), xq, ln_weight, ln_bias)
+                return out, _unfolded_params(stack, params, weights, output_guard)
         else:
             scan = _Scan(stack, weights, in_place, eps)
             step = training_step if training_step is not None and not in_place else _Scan.mini_batch
@@ -341,6 +362,7 @@ def kernel_spec(model_name: str, stack: tuple[AffineLayer, ...]) -> KernelSpec:
 
 __all__ = [
     "DOUBLE_BACKWARD_MESSAGE",
+    "TrainingEnds",
     "TrainingScan",
     "TrainingStep",
     "double_backward_message",

@@ -135,3 +135,23 @@ def test_a_double_backward_is_refused_and_wrong_shapes_are_named():
         CompiledHoist.apply(True, xq, xk, xv, lr, torch.ones(3, dtype=torch.float64), ln_weight, ln_bias)
     with pytest.raises(ValueError, match="z and xq"):
         CompiledOutputNorm.apply(1e-6, xq[..., :2], xq, ln_weight, ln_bias)
+
+
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_a_step_on_the_inner_norms_bias_between_forward_and_backward_is_fine(model):
+    # as on the torch path, whose backward reads the bias only through beta - xv + xk computed in the
+    # forward (an optimizer step between two forwards and their backward, review s18); the weight is
+    # read by both paths' backwards, and a step on it raises on both
+    from innerloop import TTTLayer
+
+    grads = {}
+    for kernel in ("torch", "auto"):
+        torch.manual_seed(0)
+        layer = TTTLayer(24, 2, inner_model=model, mini_batch_size=4, kernel=kernel).double()
+        x = torch.randn(2, 8, 24, dtype=torch.float64, requires_grad=True)
+        y, _ = layer(x)
+        with torch.no_grad():
+            layer.ttt_norm_bias.add_(0.3)
+        grads[kernel] = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
+    for a, b in zip(grads["auto"], grads["torch"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -134,7 +134,10 @@ class CompiledHoist(torch.autograd.Function):
         args = _hoist_args(views, tau, ln_weight, ln_bias, has_bias)
         _set(args, **hoisted)
         run_entry_point("innerloop_hoist_forward", args)
-        ctx.save_for_backward(*views.values(), tau, ln_weight, ln_bias)
+        # the backward reads beta only in d gamma's term gamma * (beta - xv + xk): a copy of its own, so that
+        # a step of the optimizer on the bias between forward and backward (as the torch path allows) is fine
+        ctx.save_for_backward(*views.values(), tau, ln_weight)
+        ctx.ln_bias = ln_bias.clone()
         ctx.has_bias = has_bias
         return tuple(hoisted.values())
 
@@ -142,7 +145,8 @@ class CompiledHoist(torch.autograd.Function):
     def backward(ctx, *grads):
         if torch.is_grad_enabled():  # a backward with create_graph=True
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
-        xq, xk, xv, lr, tau, ln_weight, ln_bias = ctx.saved_tensors
+        xq, xk, xv, lr, tau, ln_weight = ctx.saved_tensors
+        ln_bias = ctx.ln_bias
         views = {"xq": xq, "xk": xk, "xv": xv, "lr": lr}
         batch, heads, tokens, width = xq.shape
         pairs = batch * heads
@@ -205,7 +209,7 @@ class CompiledOutputNorm(torch.autograd.Function):
         args = _output_norm_args(eps, z, ln_weight, ln_bias)
         _set(args, xq=xq, out=out)
         run_entry_point("innerloop_output_norm_forward", args)
-        ctx.save_for_backward(z, ln_weight, ln_bias)
+        ctx.save_for_backward(z, ln_weight)  # the backward does not read the bias
         ctx.eps = eps
         return out
 
@@ -213,7 +217,7 @@ class CompiledOutputNorm(torch.autograd.Function):
     def backward(ctx, grad_out):
         if torch.is_grad_enabled():  # a backward with create_graph=True
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
-        z, ln_weight, ln_bias = ctx.saved_tensors
+        z, ln_weight = ctx.saved_tensors
         grad_out = _rows(grad_out)
         batch, heads, _, width = z.shape
         grads = {
@@ -221,7 +225,7 @@ class CompiledOutputNorm(torch.autograd.Function):
             "grad_ln_weight": z.new_empty(batch * heads, width),
             "grad_ln_bias": z.new_empty(batch * heads, width),
         }
-        args = _output_norm_args(ctx.eps, z, ln_weight, ln_bias)
+        args = _output_norm_args(ctx.eps, z, ln_weight, ln_bias=None)
         _set(args, grad_out=grad_out, **grads)
         run_entry_point("innerloop_output_norm_backward", args)
         by_head = (batch, heads, width)
@@ -234,7 +238,7 @@ class CompiledOutputNorm(torch.autograd.Function):
         )
 
 
-def _output_norm_args(eps: float, z, ln_weight, ln_bias) -> _OutputNormArgs:
+def _output_norm_args(eps: float, z, ln_weight, ln_bias: torch.Tensor | None) -> _OutputNormArgs:
     args = _OutputNormArgs()
     args.dtype, args.num_threads = DTYPE_CODES[z.dtype], torch.get_num_threads()
     args.batch, args.heads, args.tokens, args.width = z.shape

@@ -59,3 +59,10 @@ def test_from_tensors_refuses_nonzero_pending_at_a_boundary() -> None:
         TTTState.from_tensors(edited.tensors(), edited.metadata())
     _, inside = layer(x[:, :3])  # inside a mini-batch the sums are the state: they load
     assert TTTState.from_tensors(inside.tensors(), inside.metadata()).offset == 1
+
+
+def test_a_boundary_state_on_the_meta_device_loads_without_reading_values() -> None:
+    layer = TTTLayer(8, 2, mini_batch_size=2).double()
+    _, state = layer(torch.randn(1, 2, 8, dtype=torch.float64))
+    tensors = {name: t.to("meta") for name, t in state.tensors().items()}  # shapes only (tracing)
+    assert TTTState.from_tensors(tensors, state.metadata()).offset == 0

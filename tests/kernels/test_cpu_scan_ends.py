@@ -155,3 +155,58 @@ def test_a_step_on_the_inner_norms_bias_between_forward_and_backward_is_fine(mod
         grads[kernel] = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
     for a, b in zip(grads["auto"], grads["torch"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _output_leaves():
+    """A projection (xq is a strided view of it), a small-variance z (eps matters), the norm's affine."""
+    generator = torch.Generator().manual_seed(0)
+
+    def leaf(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=generator, dtype=torch.float64)).requires_grad_()
+
+    return leaf(2, 6, 3, 3, 5), leaf(2, 3, 6, 5, scale=0.05), leaf(3, 5), leaf(3, 5)
+
+
+def test_the_output_norm_uses_the_eps_it_is_given():
+    # mutation review s18, P05: every other test used 1e-6
+    projection, z, ln_weight, ln_bias = _output_leaves()
+    xq = projection[:, :, 0].transpose(1, 2)
+    for eps in (1e-2, 1e-5):
+        got = CompiledOutputNorm.apply(eps, z, xq, ln_weight, ln_bias)
+        torch.testing.assert_close(got, _torch_output(eps, z, xq, ln_weight, ln_bias), rtol=1e-10, atol=1e-12)
+
+
+def test_the_output_norms_backward_takes_any_gradient_layout():
+    # a gradient read through a transpose, and an expanded one (out.sum()): mutation review s18, P04
+    projection, z, ln_weight, ln_bias = _output_leaves()
+    xq = projection[:, :, 0].transpose(1, 2)
+    weights = torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    inputs = [z, ln_weight, ln_bias, projection]
+    for loss in (lambda out: (out.transpose(-1, -2) * weights).sum(), lambda out: out.sum()):
+        got = torch.autograd.grad(loss(CompiledOutputNorm.apply(1e-6, z, xq, ln_weight, ln_bias)), inputs)
+        wanted = torch.autograd.grad(loss(_torch_output(1e-6, z, xq, ln_weight, ln_bias)), inputs)
+        for a, b in zip(got, wanted, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _node_names(root) -> set[str]:
+    seen, stack, names = set(), [root], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_training_through_the_cpu_kernel_runs_the_compiled_ends(model):
+    # the ends are a speed path, equal to the torch ops: only the graph shows that they run (P08)
+    from innerloop import TTTLayer
+
+    torch.manual_seed(0)
+    layer = TTTLayer(8, 2, inner_model=model, mini_batch_size=2, kernel=f"cpu_ttt_{model}").double()
+    y, _ = layer(torch.randn(1, 4, 8, dtype=torch.float64, requires_grad=True))
+    assert {"CompiledHoistBackward", "CompiledOutputNormBackward"} <= _node_names(y.grad_fn)

@@ -46,24 +46,42 @@ def test_auto_inside_vmap_and_grad_gives_the_torch_paths_numbers(options) -> Non
 @pytest.mark.parametrize("options", MODELS, ids=lambda o: o["inner_model"])
 def test_forward_mode_transforms_equal_reverse_mode(options) -> None:
     # forward mode (jvp, jacfwd, and hessian, which is forward over reverse) through every model,
-    # TTT-MLP's tanh-GELU included (its autograd.Function has a jvp with the backward's derivative)
+    # TTT-MLP's tanh-GELU included (its autograd.Function has a jvp with the backward's derivative).
+    # Random initial weights: from zeros (ops.scan's default) an MLP's hidden layer stays zero, and
+    # its GELU would never reach the outputs.
     q, lr = _inputs()
     q, lr = q[:1, :1, :, :6], lr[:1, :1]  # [1, 1, 8, 6]: a Jacobian of 48 x 48
+    options = {"mini_batch_size": 4, **options}
+    generator = torch.Generator().manual_seed(1)
+    _, shapes = scan(q, q, q, lr, **options)
+    initial = {
+        name: torch.randn(w.shape, generator=generator, dtype=q.dtype) / 2 for name, w in shapes.items()
+    }
 
     def outputs(q):
-        return scan(q, q.flip(-1), q.roll(1, -1), lr, **{"mini_batch_size": 4, **options})[0]
+        return scan(q, q.flip(-1), q.roll(1, -1), lr, initial=initial, **options)[0]
 
-    torch.testing.assert_close(
-        torch.func.jacfwd(outputs)(q), torch.func.jacrev(outputs)(q), rtol=1e-10, atol=1e-12
-    )
+    jacobian = torch.func.jacrev(outputs)(q)
+    torch.testing.assert_close(torch.func.jacfwd(outputs)(q), jacobian, rtol=1e-10, atol=1e-12)
     tangent = torch.randn_like(q)
     _, pushed = torch.func.jvp(outputs, (q,), (tangent,))
-    expected = torch.func.jacrev(outputs)(q).flatten(4).flatten(0, 3) @ tangent.flatten()
-    torch.testing.assert_close(pushed.flatten(), expected, rtol=1e-10, atol=1e-12)
-    loss = lambda q: _scan_sum(q, lr, **options)  # noqa: E731
+    torch.testing.assert_close(
+        pushed.flatten(), jacobian.flatten(4).flatten(0, 3) @ tangent.flatten(), rtol=1e-10, atol=1e-12
+    )
+    loss = lambda q: outputs(q).square().sum()  # noqa: E731
     torch.testing.assert_close(
         torch.func.hessian(loss)(q), torch.func.jacrev(torch.func.jacrev(loss))(q), rtol=1e-10, atol=1e-10
     )
+
+
+def test_the_gelus_jvp_is_its_derivative() -> None:
+    # the reference's derivative polynomial, as the backward takes it (mutation review s18, G01)
+    from innerloop.core.functional import gelu_tanh, gelu_tanh_derivative
+
+    x = torch.linspace(-4, 4, 17, dtype=torch.float64)
+    tangent = torch.randn(17, dtype=torch.float64)
+    _, pushed = torch.func.jvp(gelu_tanh, (x,), (tangent,))
+    torch.testing.assert_close(pushed, tangent * gelu_tanh_derivative(x), rtol=1e-12, atol=1e-12)
 
 
 def test_the_gelu_with_forward_mode_still_compiles_into_one_graph() -> None:

@@ -55,6 +55,11 @@ def test_resizing_the_vocabulary_keeps_the_padding_row_and_refuses_to_drop_it(tm
     logits = loaded(torch.tensor([[3, 1, 3, 2, 3, 39]])).logits
     grad = torch.autograd.grad(logits.square().sum(), loaded.model.embed.weight)[0]
     assert grad[3].abs().max() == 0 and grad[39].abs().max() > 0
-    with pytest.raises(ValueError, match=r"new_num_tokens=2 .* drops the padding row model\.padding_id=3"):
-        loaded.resize_token_embeddings(2)
+    for size in (2, 3):  # 3 tokens: ids 0-2, no row 3
+        with pytest.raises(
+            ValueError, match=rf"new_num_tokens={size} .* drops the padding row model\.padding_id=3"
+        ):
+            loaded.resize_token_embeddings(size)
     assert loaded.model.embed.num_embeddings == 40  # nothing changed
+    loaded.resize_token_embeddings(4)  # the padding row the last one: kept
+    assert loaded.model.embed.padding_idx == 3

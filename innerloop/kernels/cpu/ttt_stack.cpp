@@ -1552,7 +1552,8 @@ void hoist_pair(const InnerloopHoistArgs& args, int64_t pair, std::vector<T>& si
 }
 
 // The gradients of one mini-batch's hoisted inputs (read from both, left, ... of the args) carried
-// back to the views, lr, tau and the LayerNorm affine (README.md, "Hoisting in the kernel").
+// back to the views, lr, tau and the LayerNorm affine (README.md, "The ends of the training scans").
+// work: hoist_work_size(K, f) elements of scratch.
 template <typename T>
 void hoist_block_backward(const InnerloopHoistArgs& args, int64_t pair, int64_t n, T* work, T* d_tau, T* d_gamma,
                           T* d_beta) {
@@ -1567,68 +1568,75 @@ void hoist_block_backward(const InnerloopHoistArgs& args, int64_t pair, int64_t 
   T* dv = pair_rows<T>(static_cast<T*>(args.grad_xv), args.grad_xv_strides, pair, heads);
   T* d_lr = static_cast<T*>(args.grad_lr) + pair * args.tokens + n * k;
   const T* tau = static_cast<const T*>(args.tau);
-  const T* gamma = static_cast<const T*>(args.ln_weight) + h * f;
-  const T* beta = static_cast<const T*>(args.ln_bias) + h * f;
+  const T* __restrict__ gamma = static_cast<const T*>(args.ln_weight) + h * f;
+  const T* __restrict__ beta = static_cast<const T*>(args.ln_bias) + h * f;
   const T* g_both = static_cast<const T*>(args.both) + index * 2 * k * in;
   const T* g_left = static_cast<const T*>(args.left) + index * (k + in) * k;
   const T* g_shift = static_cast<const T*>(args.shift) + index * k * f;
   const T* g_eta = args.eta ? static_cast<const T*>(args.eta) + index * k * k : nullptr;
   const T* g_scale = args.scale ? static_cast<const T*>(args.scale) + index * k : nullptr;
-  auto key = [&](int64_t j) { return xk + (n * k + j) * args.xk_strides[2]; };
-  auto query = [&](int64_t i) { return xq + (n * k + i) * args.xq_strides[2]; };
-  T* sim = work;  // [K x K] each, then [K] each
+  // scratch: [K x K] sim, d sim, d eta; [K] d scale, lr; [K x f] keys, queries, the update rows' gradient
+  // transposed, d Q and d K from the similarities
+  T* sim = work;
   T* d_sim = sim + k * k;
   T* d_eta = d_sim + k * k;
   T* d_scale = d_eta + k * k;
   T* lr_k = d_scale + k;
-  for (int64_t j = 0; j < k; ++j) lr_k[j] = lr[(n * k + j) * args.lr_strides[2]];
-  // left's top rows: d eta += d left * sim, d sim = d left * eta (zero above the diagonal)
+  T* keys = lr_k + k;
+  T* queries = keys + k * f;
+  T* d_update = queries + k * f;  // d_update[j, c] = d left[K + c, j]
+  T* dq_sim = d_update + k * f;
+  T* dk_sim = dq_sim + k * f;
   for (int64_t i = 0; i < k; ++i) {
-    const T* q_row = query(i);
+    const int64_t t = n * k + i;
+    std::memcpy(keys + i * f, xk + t * args.xk_strides[2], f * sizeof(T));
+    std::memcpy(queries + i * f, xq + t * args.xq_strides[2], f * sizeof(T));
+    lr_k[i] = lr[t * args.lr_strides[2]];
+  }
+  transpose<T>(f, k, g_left + k * k, d_update);  // [f x K] -> [K x f]
+  // left's top rows: d eta += d left * sim, d sim = d left * eta (zero above the diagonal)
+  for (int64_t i = 0; i < k; ++i)
     for (int64_t j = 0; j < k; ++j) {
-      const T* k_row = key(j);
+      const T* q_row = queries + i * f;
+      const T* k_row = keys + j * f;
       sim[i * k + j] = sum_over<T>(f, [&](int64_t c) { return q_row[c] * k_row[c]; }) + (args.bias ? T(1) : T(0));
       const T eta = j <= i ? tau[i] * lr_k[j] : T(0);
       d_eta[i * k + j] = j <= i ? g_left[i * k + j] * sim[i * k + j] + (g_eta ? g_eta[i * k + j] : T(0)) : T(0);
       d_sim[i * k + j] = g_left[i * k + j] * eta;
     }
-  }
-  // left's update rows: d scale_j += sum_c d left[K + c, j] K[j, c] (+ the bias row), d K[j, c] += scale_j d left[K + c, j]
+  // d Q = d sim K, d K = d sim^T Q (the similarities' share)
+  gemm<T>(k, f, k, d_sim, k, 1, keys, f, dq_sim, f, T(1), false);
+  gemm<T>(k, f, k, d_sim, 1, k, queries, f, dk_sim, f, T(1), false);
   for (int64_t j = 0; j < k; ++j) {
-    const T* k_row = key(j);
-    T sum = sum_over<T>(f, [&](int64_t c) { return g_left[(k + c) * k + j] * k_row[c]; });
-    if (args.bias) sum += g_left[(k + f) * k + j];
-    d_scale[j] = sum + (g_scale ? g_scale[j] : T(0));
+    // left's update rows: d scale_j = sum_c d left[K + c, j] K[j, c] (+ the bias row)
+    const T* u_row = d_update + j * f;
+    const T* k_row = keys + j * f;
+    d_scale[j] = sum_over<T>(f, [&](int64_t c) { return u_row[c] * k_row[c]; }) +
+                 (args.bias ? g_left[(k + f) * k + j] : T(0)) + (g_scale ? g_scale[j] : T(0));
   }
   for (int64_t i = 0; i < k; ++i) {
-    // d Q[i] = d both[K + i] + sum_j d sim[i, j] K[j]
-    T* dq_row = dq + (n * k + i) * args.grad_xq_strides[2];
-    for (int64_t c = 0; c < f; ++c) dq_row[c] = g_both[(k + i) * in + c];
-    for (int64_t j = 0; j <= i; ++j) {
-      const T weight = d_sim[i * k + j];
-      const T* k_row = key(j);
-      for (int64_t c = 0; c < f; ++c) dq_row[c] += weight * k_row[c];
-    }
-  }
-  for (int64_t j = 0; j < k; ++j) {
-    // d K[j] = d both[j] + sum_i d sim[i, j] Q[i] + scale_j d left[K + :, j] + gamma d shift[j]; d V[j] = -gamma d shift[j]
-    const int64_t t = n * k + j;
-    T* dk_row = dk + t * args.grad_xk_strides[2];
-    T* dv_row = dv + t * args.grad_xv_strides[2];
-    const T scale_j = tau[k - 1] * lr_k[j];
-    const T* shift_row = g_shift + j * f;
-    const T* k_row = key(j);
-    const T* v_row = xv + t * args.xv_strides[2];
+    const int64_t t = n * k + i;
+    T* __restrict__ dq_row = dq + t * args.grad_xq_strides[2];
+    T* __restrict__ dk_row = dk + t * args.grad_xk_strides[2];
+    T* __restrict__ dv_row = dv + t * args.grad_xv_strides[2];
+    const T* __restrict__ both_q = g_both + (k + i) * in;
+    const T* __restrict__ both_k = g_both + i * in;
+    const T* __restrict__ from_q = dq_sim + i * f;
+    const T* __restrict__ from_k = dk_sim + i * f;
+    const T* __restrict__ u_row = d_update + i * f;
+    const T* __restrict__ shift_row = g_shift + i * f;
+    const T* __restrict__ k_row = keys + i * f;
+    const T* __restrict__ v_row = xv + t * args.xv_strides[2];
+    const T scale_i = tau[k - 1] * lr_k[i];
     for (int64_t c = 0; c < f; ++c) {
-      dk_row[c] = g_both[j * in + c] + scale_j * g_left[(k + c) * k + j] + gamma[c] * shift_row[c];
+      dq_row[c] = both_q[c] + from_q[c];
+      // d K = d both + d sim^T Q + scale d left_update^T + gamma d shift; d V = -gamma d shift
+      dk_row[c] = both_k[c] + from_k[c] + scale_i * u_row[c] + gamma[c] * shift_row[c];
       dv_row[c] = -gamma[c] * shift_row[c];
+    }
+    for (int64_t c = 0; c < f; ++c) {
       d_gamma[c] += shift_row[c] * (beta[c] - v_row[c] + k_row[c]);
       d_beta[c] += shift_row[c] * gamma[c];
-    }
-    for (int64_t i = j; i < k; ++i) {
-      const T weight = d_sim[i * k + j];
-      const T* q_row = query(i);
-      for (int64_t c = 0; c < f; ++c) dk_row[c] += weight * q_row[c];
     }
   }
   // eta[i, j] = tau_i lr_j (j <= i), scale_j = tau_{K-1} lr_j
@@ -1641,6 +1649,9 @@ void hoist_block_backward(const InnerloopHoistArgs& args, int64_t pair, int64_t 
   for (int64_t i = 0; i < k; ++i)
     for (int64_t j = 0; j <= i; ++j) d_tau[i] += d_eta[i * k + j] * lr_k[j];
 }
+
+// The scratch hoist_block_backward needs: three [K x K], two [K], five [K x f].
+inline int64_t hoist_work_size(int64_t k, int64_t f) { return 3 * k * k + 2 * k + 5 * k * f; }
 
 template <typename T>
 void hoist_pair_backward(const InnerloopHoistArgs& args, int64_t pair, std::vector<T>& work) {
@@ -1662,7 +1673,7 @@ template <typename T>
 int hoist(const InnerloopHoistArgs& args, bool backward) {
   return parallel_over_pairs(args.batch * args.heads, args.num_threads, [&](int64_t first, int64_t last) {
     const int64_t k = args.mini_batch;
-    std::vector<T> work(3 * k * k + 2 * k);  // hoist_block_backward's: sim, d sim, d eta, d scale, lr
+    std::vector<T> work(hoist_work_size(k, args.width));
     for (int64_t pair = first; pair < last; ++pair) {
       if (backward)
         hoist_pair_backward<T>(args, pair, work);

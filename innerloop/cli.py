@@ -186,7 +186,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("checkpoint", help="a last.safetensors written by `innerloop train`")
     evaluate.add_argument(
         "--data",
-        nargs="*",
+        nargs="+",
         default=[],
         metavar="PATH",
         help="files, directories or globs to evaluate on (default: the windows the run's validation read, "
@@ -282,7 +282,7 @@ def _add_compare_windows(compare: argparse.ArgumentParser) -> None:
     """``innerloop compare``'s options choosing the windows (as ``innerloop eval``'s)."""
     compare.add_argument(
         "--data",
-        nargs="*",
+        nargs="+",
         default=[],
         metavar="PATH",
         help="files, directories or globs to evaluate on (default: the baseline run's validation windows)",
@@ -978,6 +978,11 @@ def _convert_to_checkpoint(args: argparse.Namespace, load: Callable[[], Any]) ->
         raise ConfigError(f"{str(target)!r} is not a file (a folder?); remove it, or give another OUT")
     if target.exists() and not args.overwrite:
         raise ConfigError(f"{str(target)!r} exists; pass --overwrite to replace it, or give another OUT")
+    if os.path.lexists(Path(args.out) / "config.yaml"):  # even with --overwrite: it is another run's
+        raise ConfigError(
+            f"OUT {args.out!r} holds a training run (its config.yaml): a converted model there would sit beside "
+            "that run's config, logs and checkpoints, and break its --resume; give another OUT"
+        )
     tokenizer = tokenizer_from_source(args.tokenizer) if args.tokenizer is not None else UnknownTokenizer()
     model = _load_converted(args, load)
     if args.tokenizer is not None:

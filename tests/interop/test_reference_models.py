@@ -243,6 +243,19 @@ def _cli(capsys, *args: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def test_convert_refuses_a_training_runs_folder_even_with_overwrite(tmp_path, capsys):
+    # the converted model would sit beside the run's config.yaml, logs and checkpoints (review s18, CLI)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: {}\n")
+    (run / "last.safetensors").write_bytes(b"the run's own")
+    code, err = _cli(
+        capsys, "convert", "ttt-lm-pytorch", str(MODELS / "ttt_linear_transformer"), str(run), "--overwrite"
+    )
+    assert code == 2 and "holds a training run (its config.yaml)" in err
+    assert (run / "last.safetensors").read_bytes() == b"the run's own"
+
+
 def test_convert_then_generate(tmp_path, capsys):
     out = tmp_path / "converted"
     code, err = _cli(

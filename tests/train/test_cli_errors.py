@@ -153,6 +153,8 @@ EVAL_ERRORS = [
     (["--batches", "-1"], ["argument --batches", ">= 1, got '-1'"]),
     (["--batch-size", "0"], ["argument --batch-size", ">= 1, got '0'"]),
     (["--data", "{dir}/missing.txt"], ["--data '", "missing.txt' matches no file"]),
+    # no paths (a glob or variable that expanded to nothing) would have scored the run's own windows
+    (["--data"], ["argument --data: expected at least one argument"]),
     (["--data", "{short}", "--seq-len", "16"], ["short.txt' has 5 bytes", "--seq-len + 1 = 17"]),
     (["--out", "{a_file}"], ["--out=", "is not a directory"]),
     (["--bogus"], ["unrecognized arguments: --bogus"]),

@@ -157,6 +157,9 @@ def test_compare_names_data_that_matches_no_file(tmp_path, three_files, capsys) 
     missing = str(tmp_path / "nothing.txt")
     assert main(["compare", str(run), "--data", missing, "--out", str(tmp_path / "out")]) == 2
     assert f"--data {missing!r} matches no file (give files, directories or globs)" in capsys.readouterr().err
+    # no paths at all (a glob or variable that expanded to nothing): refused, not the baseline's windows
+    assert main(["compare", str(run), "--data", "--out", str(tmp_path / "out")]) == 2
+    assert "argument --data: expected at least one argument" in capsys.readouterr().err
 
 
 def test_the_table_says_what_its_tokens_per_second_measure(tmp_path, three_files, capsys) -> None:

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -1208,6 +1209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = _warning_line(args.command)  # a warning is one line too, not a source excerpt
     try:
         return _HANDLERS[args.command](args)
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (start-up, an evaluation): nothing to save
@@ -1221,6 +1224,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"innerloop {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _warning_line(command: str) -> Callable[..., str]:
+    """``warnings.formatwarning`` for a command: ``innerloop <command>: warning: <message>`` on a line of
+    its own (printed warnings only; a caller recording warnings sees them unchanged)."""
+
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        return f"\ninnerloop {command}: warning: {message}\n"
+
+    return format_warning
 
 
 _PATH_ARGUMENTS = (

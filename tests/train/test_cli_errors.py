@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -512,3 +513,20 @@ def test_a_default_out_inside_the_data_is_named_as_the_default(capsys, run_dir) 
     assert line.endswith("give --out DIR to write the results into another folder, outside the data")
     assert main(["eval", checkpoint, "--data", str(run_dir), "--out", str(run_dir), "--batches", "1"]) == 2
     assert _one_error_line(capsys, "eval").startswith(f"innerloop eval: error: --out {str(run_dir)!r} lies")
+
+
+def test_a_warning_prints_as_one_line_naming_the_command(capsys, monkeypatch) -> None:
+    # not Python's "path:line: UserWarning:" and a line of source (review s18, CLI). pytest records
+    # warnings instead of printing them: print them here as Python does, through formatwarning
+    def show(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    monkeypatch.setattr(warnings, "showwarning", show)
+    before = warnings.formatwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["params", "model.hidden_size=32", "model.hidden_size=64"]) == 0
+    err = capsys.readouterr().err
+    assert "\ninnerloop params: warning: config key 'model.hidden_size' is given twice" in err
+    assert "UserWarning" not in err and "cli.py" not in err
+    assert warnings.formatwarning is before  # the process's own is back

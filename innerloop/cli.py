@@ -610,7 +610,8 @@ def _compare(args: argparse.Namespace) -> int:
         for r in comparison.lengths
     ]
     print(
-        f"{len(comparison.models)} models on the same {', '.join(counts)} windows: {comparison.windows_source}"
+        f"{len(comparison.models)} model{'s' if len(comparison.models) != 1 else ''} on the same "
+        f"{', '.join(counts)} windows: {comparison.windows_source}"
     )
     print(format_table(comparison), end="")
     print(f"curves and differences: {png} ({csv_path}); table: {table}")

@@ -400,7 +400,7 @@ def spread_windows(
     holds = (len(data) - 1) // seq_len  # windows whose targets do not overlap
     if count > holds:
         log.warning(
-            "%s holds %d windows of %s=%d without overlap (%d %s); scoring those %d, not the %d asked for",
+            "%s holds %d windows of %s=%d without overlap (%d %s); scoring those %d, not the %d of batches x batch size",
             what, holds, seq_len_name, seq_len, len(data), unit, holds, count,
         )  # fmt: skip
         count = holds
@@ -600,7 +600,7 @@ class HFDataModule(L.LightningDataModule):
         windows = validation_windows(self._reader(validation=True), self.seq_len, asked)
         if len(windows) < asked:
             log.warning(
-                "the held-out documents hold %d windows of seq_len=%d; scoring those %d, not the %d asked for",
+                "the held-out documents hold %d windows of seq_len=%d; scoring those %d, not the %d of batches x batch size",
                 len(windows), self.seq_len, len(windows), asked,
             )  # fmt: skip
         tokens = torch.tensor(windows, dtype=torch.long)  # [N, T + 1]

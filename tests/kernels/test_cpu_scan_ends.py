@@ -4,6 +4,8 @@ fused torch path's ``_hoist`` and the output LayerNorm its torch ops, in values 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given
@@ -123,9 +125,8 @@ def test_the_output_norm_equals_the_torch_paths(width, huge_row):
 def test_a_double_backward_is_refused_and_wrong_shapes_are_named():
     _, views = _inputs(1, 2, 4, 3, 2, seed=0)
     hoisted = CompiledHoist.apply(True, *views())
-    with pytest.raises(RuntimeError, match="differentiable once only"):
+    with pytest.raises(RuntimeError, match=re.escape(DOUBLE_BACKWARD_MESSAGE)):
         torch.autograd.grad(hoisted[1].sum(), views()[-1], create_graph=True)
-    assert DOUBLE_BACKWARD_MESSAGE.startswith("the CPU kernel's training scan")
     xq, xk, xv, lr, tau, ln_weight, ln_bias = views()
     with pytest.raises(
         ValueError, match=r"training ends got inputs they cannot take: lr \(1, 2, 3\) != \(1, 2, 4\)"

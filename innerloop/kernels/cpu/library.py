@@ -26,29 +26,36 @@ def scan_sizes(both: torch.Tensor, shift: torch.Tensor) -> tuple[int, int, int, 
 
 
 def scan_input_problems(
-    both: torch.Tensor, expected: dict[str, tuple[torch.Tensor, tuple | None]]
+    both: torch.Tensor, expected: dict[str, tuple[torch.Tensor, tuple | None]], first: str = "both"
 ) -> list[str]:
     """What is wrong with a training scan's inputs, which the kernel trusts for its pointer arithmetic:
-    each named tensor's shape (None: not checked here), dtype (that of ``both``) and device (the CPU)."""
+    each named tensor's shape (None: not checked here), dtype (that of ``both``, named ``first`` in the
+    messages) and device (the CPU)."""
     problems = [
         f"{name} {tuple(t.shape)} != {shape}"
         for name, (t, shape) in expected.items()
         if shape is not None and tuple(t.shape) != shape
     ]
     problems += [
-        f"{name} is {t.dtype}, both is {both.dtype}"
+        f"{name} is {t.dtype}, {first} is {both.dtype}"
         for name, (t, _) in expected.items()
         if t.dtype != both.dtype
     ]
     if both.dtype not in DTYPE_CODES:
         problems.append(f"dtype {both.dtype} is not float32 or float64")
-    tensors = {"both": both, **{name: t for name, (t, _) in expected.items()}}
+    tensors = {first: both, **{name: t for name, (t, _) in expected.items()}}
     problems += [
         f"{name} is on {t.device}, the kernel runs on the CPU"
         for name, t in tensors.items()
         if t.device.type != "cpu"
     ]
     return problems
+
+
+def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim is contiguous (the kernels read every other dim through its
+    stride), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def run_entry_point(entry_point: str, args: ctypes.Structure) -> None:
@@ -68,6 +75,7 @@ __all__ = [
     "DTYPE_CODES",
     "ERRORS",
     "MAX_LAYERS",
+    "rows_contiguous",
     "run_entry_point",
     "scan_input_problems",
     "scan_sizes",

@@ -15,7 +15,7 @@ import ctypes
 
 import torch
 
-from innerloop.kernels.cpu.library import DTYPE_CODES, run_entry_point
+from innerloop.kernels.cpu.library import DTYPE_CODES, rows_contiguous, run_entry_point, scan_input_problems
 from innerloop.kernels.cpu.linear_scan import DOUBLE_BACKWARD_MESSAGE
 
 _VIEWS = ("xq", "xk", "xv", "lr")
@@ -70,11 +70,6 @@ def _set(args: ctypes.Structure, **tensors: torch.Tensor | None) -> None:
             getattr(args, f"{name}_strides")[:] = list(tensor.stride()[:3])
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when its last dim is contiguous (the kernel's only requirement of a view), else a copy."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _views_in_bhtf_layout(like: torch.Tensor) -> torch.Tensor:
     """An empty ``[B, H, T, f]`` tensor in ``[B, T, H, f]`` memory: the layout of the projections'
     views, so that gradients and outputs reshape to ``[B, T, D]`` without a copy."""
@@ -87,25 +82,18 @@ def _check(
 ) -> None:
     """The kernel trusts these shapes, the dtype and the device for its pointer arithmetic."""
     xq = views["xq"]
-    batch, heads, tokens, width = xq.shape
+    _, heads, tokens, width = xq.shape
     expected = {
-        "xk": xq.shape,
-        "xv": xq.shape,
-        "lr": xq.shape[:3],
-        "ln_weight": (heads, width),
-        "ln_bias": (heads, width),
+        "xk": (views["xk"], tuple(xq.shape)),
+        "xv": (views["xv"], tuple(xq.shape)),
+        "lr": (views["lr"], tuple(xq.shape[:3])),
+        "tau": (tau, None),
+        "ln_weight": (ln_weight, (heads, width)),
+        "ln_bias": (ln_bias, (heads, width)),
     }
-    tensors = {**views, "tau": tau, "ln_weight": ln_weight, "ln_bias": ln_bias}
-    problems = [f"{name} {tuple(tensors[name].shape)} != {tuple(shape)}" for name, shape in expected.items()
-                if tensors[name].shape != shape]  # fmt: skip
+    problems = scan_input_problems(xq, expected, first="xq")
     if tau.dim() != 1 or tau.shape[0] < 1 or tokens % tau.shape[0]:
         problems.append(f"tau {tuple(tau.shape)} must be [K] with K dividing the {tokens} tokens")
-    problems += [
-        f"{name} is {t.dtype}, xq is {xq.dtype}" for name, t in tensors.items() if t.dtype != xq.dtype
-    ]
-    problems += [f"{name} is on {t.device}" for name, t in tensors.items() if t.device.type != "cpu"]
-    if xq.dtype not in DTYPE_CODES:
-        problems.append(f"dtype {xq.dtype} is not float32 or float64")
     if problems:
         raise ValueError("the CPU kernel's training ends got inputs they cannot take: " + "; ".join(problems))
 
@@ -118,7 +106,7 @@ class CompiledHoist(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, has_bias, xq, xk, xv, lr, tau, ln_weight, ln_bias):
-        views = {name: _rows(t.detach()) for name, t in zip(_VIEWS, (xq, xk, xv, lr), strict=True)}
+        views = {name: rows_contiguous(t.detach()) for name, t in zip(_VIEWS, (xq, xk, xv, lr), strict=True)}
         tau, ln_weight, ln_bias = (t.detach().contiguous() for t in (tau, ln_weight, ln_bias))
         _check(views, tau, ln_weight, ln_bias)
         batch, heads, tokens, width = xq.shape
@@ -195,7 +183,7 @@ class CompiledOutputNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, eps, z, xq, ln_weight, ln_bias):
         z, ln_weight, ln_bias = (t.detach().contiguous() for t in (z, ln_weight, ln_bias))
-        xq = _rows(xq.detach())
+        xq = rows_contiguous(xq.detach())
         if (
             z.shape != xq.shape
             or ln_weight.shape != (xq.shape[1], xq.shape[3])
@@ -218,7 +206,7 @@ class CompiledOutputNorm(torch.autograd.Function):
         if torch.is_grad_enabled():  # a backward with create_graph=True
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
         z, ln_weight = ctx.saved_tensors
-        grad_out = _rows(grad_out)
+        grad_out = rows_contiguous(grad_out)
         batch, heads, _, width = z.shape
         grads = {
             "grad_z": torch.empty_like(z),

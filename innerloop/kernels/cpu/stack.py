@@ -18,7 +18,13 @@ import torch
 from innerloop.core.functional import gelu_tanh, gelu_tanh_derivative
 from innerloop.core.protocol import Activation, AffineLayer, Params
 from innerloop.kernels.cpu.build import CPUKernelUnavailable, load_library
-from innerloop.kernels.cpu.library import ACTIVATION_CODES, DTYPE_CODES, MAX_LAYERS, run_entry_point
+from innerloop.kernels.cpu.library import (
+    ACTIVATION_CODES,
+    DTYPE_CODES,
+    MAX_LAYERS,
+    rows_contiguous,
+    run_entry_point,
+)
 from innerloop.kernels.cpu.linear_scan import compiled_linear_scan
 from innerloop.kernels.cpu.scan_ends import CompiledHoist, CompiledOutputNorm
 from innerloop.kernels.cpu.stack_scan import compiled_stack_scan
@@ -175,11 +181,6 @@ def _contiguous(params: Params, dtype: torch.dtype) -> Params:
     return {k: v.to(dtype).contiguous() for k, v in params.items()}
 
 
-def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when its last dim is contiguous (any other strides are fine), else a copy."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 COMPILED_ENDS = TrainingEnds(hoist=CompiledHoist.apply, output=CompiledOutputNorm.apply)
 """The hoisting and the output LayerNorm around the training scans, compiled (``scan_ends.py``)."""
 
@@ -240,7 +241,7 @@ def make_forward(stack: tuple[AffineLayer, ...]) -> KernelForward:
         if tau.dim() != 1 or tau.shape[0] < 1 or tokens % tau.shape[0] != 0:
             raise ValueError(f"tau {tuple(tau.shape)} must be [K] with K dividing the {tokens} tokens")
         dtype = xq.dtype
-        xq, xk, xv = (_rows_contiguous(t.to(dtype)) for t in (xq, xk, xv))
+        xq, xk, xv = (rows_contiguous(t.to(dtype)) for t in (xq, xk, xv))
         lr = lr.to(dtype)
         tau, ln_weight, ln_bias = (t.to(dtype).contiguous() for t in (tau, ln_weight, ln_bias))
         # The kernel updates the weights in place: fresh contiguous copies, which become the new state.
@@ -286,7 +287,7 @@ def make_decode(stack: tuple[AffineLayer, ...]) -> KernelDecode:
         if mismatched:
             raise ValueError(f"pending must have the shapes of params; differing: {mismatched}")
         dtype = xq.dtype
-        xq, xk, xv = (_rows_contiguous(t.to(dtype)) for t in (xq, xk, xv))
+        xq, xk, xv = (rows_contiguous(t.to(dtype)) for t in (xq, xk, xv))
         lr = lr.to(dtype)
         ln_weight, ln_bias = (t.to(dtype).contiguous() for t in (ln_weight, ln_bias))
         # The weights change only when the token closes its mini-batch; the pending sums always do.

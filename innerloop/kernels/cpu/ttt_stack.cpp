@@ -1543,12 +1543,12 @@ void hoist_block(const InnerloopHoistArgs& args, int64_t pair, int64_t n, T* sim
 }
 
 template <typename T>
-void hoist_pair(const InnerloopHoistArgs& args, int64_t pair, std::vector<T>& sim) {
+void hoist_pair(const InnerloopHoistArgs& args, int64_t pair, std::vector<T>& work) {
   const int64_t f = args.width;
   const T* gamma = static_cast<const T*>(args.ln_weight) + (pair % args.heads) * f;
   T* gamma_sq = static_cast<T*>(args.gamma_sq) + pair * f;
   for (int64_t c = 0; c < f; ++c) gamma_sq[c] = gamma[c] * gamma[c];
-  for (int64_t n = 0; n < args.tokens / args.mini_batch; ++n) hoist_block(args, pair, n, sim.data());
+  for (int64_t n = 0; n < args.tokens / args.mini_batch; ++n) hoist_block(args, pair, n, work.data());  // its sim
 }
 
 // The gradients of one mini-batch's hoisted inputs (read from both, left, ... of the args) carried

@@ -195,6 +195,20 @@ def forget_verdicts() -> None:
     _DEFERRALS.clear()
 
 
+def saved_verdicts() -> tuple[dict[tuple, str | None], dict[tuple, int]]:
+    """A copy of every verdict and deferral count, for :func:`restore_verdicts`."""
+    return dict(_VERDICTS), dict(_DEFERRALS)
+
+
+def restore_verdicts(saved: tuple[dict[tuple, str | None], dict[tuple, int]]) -> None:
+    """The verdicts and deferral counts :func:`saved_verdicts` copied, and no others."""
+    verdicts, deferrals = saved
+    _VERDICTS.clear()
+    _VERDICTS.update(verdicts)
+    _DEFERRALS.clear()
+    _DEFERRALS.update(deferrals)
+
+
 def check_block(
     kernel: KernelSpec,
     inputs: KernelInputs,

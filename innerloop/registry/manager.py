@@ -707,6 +707,35 @@ def reset_registry() -> None:
     first_use.forget_verdicts()  # a kernel registered again is checked again
 
 
+@contextlib.contextmanager
+def isolated_registry() -> Iterator[None]:
+    """A fresh process-wide registry inside the block, the process's own one back after it.
+
+    Inside, :func:`get_registry` builds a new registry on first use (the built-ins and the allowed
+    entry points) with no kernel verdicts; what the block registers, removes or breaks is gone when it
+    ends, and the registry and verdicts from before come back as they were (nothing is rebuilt). For a
+    plugin's tests::
+
+        @pytest.fixture(autouse=True)
+        def own_registry():
+            with innerloop.registry.isolated_registry():
+                yield
+    """
+    global _REGISTRY
+    with _LOCK:
+        if _BUILDING is not None:
+            raise RuntimeError("isolated_registry() cannot start while the registry is being built")
+        before, verdicts = _REGISTRY, first_use.saved_verdicts()
+        _REGISTRY = None
+        first_use.forget_verdicts()
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _REGISTRY = before
+            first_use.restore_verdicts(verdicts)
+
+
 def register(plugin: Any, origin: str | None = None) -> None:
     """Register an in-process plugin (module or object with hookimpls) in the global registry."""
     get_registry().add_plugin(plugin, origin=origin)

@@ -31,7 +31,7 @@ from innerloop.kernels import fused_torch
 from innerloop.kernels.dispatch import KernelUnavailableError
 from innerloop.kernels.fused_torch.forward import _Scan
 from innerloop.kernels.spec import KernelInputs
-from innerloop.registry import reset_registry
+from innerloop.registry import isolated_registry
 
 HIDDEN, HEADS, K = 16, 2, 4
 
@@ -242,9 +242,8 @@ class FixedDtypeInit(StackModel):
 
 @pytest.fixture
 def fresh_global_registry():
-    reset_registry()
-    yield
-    reset_registry()
+    with isolated_registry():
+        yield
 
 
 def test_float64_initial_weights_are_cast_to_a_float32_layers_dtype(fresh_global_registry):

@@ -17,15 +17,14 @@ from innerloop.checkpoints import PluginChangedWarning
 from innerloop.hf import InnerloopForCausalLM
 from innerloop.hf.export import export_model
 from innerloop.models import ModelConfig, build_model
-from innerloop.registry import get_registry, reset_registry
+from innerloop.registry import get_registry, isolated_registry
 
 
 @pytest.fixture
 def registry():
     """The process-wide registry rebuilt before and after (what a test registers does not leak)."""
-    reset_registry()
-    yield get_registry()
-    reset_registry()
+    with isolated_registry():
+        yield get_registry()
 
 
 @pytest.fixture

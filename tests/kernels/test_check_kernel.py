@@ -21,7 +21,7 @@ from innerloop.kernels.reference import reference_kernel
 from innerloop.kernels.spec import KernelSpec
 from innerloop.plugins.losses.reconstruction import Reconstruction
 from innerloop.plugins.models.linear import LinearModel
-from innerloop.registry import get_registry, reset_registry
+from innerloop.registry import get_registry, isolated_registry
 from innerloop.testing import (
     FLOAT64_TOLERANCE,
     KERNEL_CHECK_TOLERANCES,
@@ -33,9 +33,8 @@ from innerloop.testing import (
 
 @pytest.fixture(autouse=True)
 def fresh_global_registry():
-    reset_registry()
-    yield
-    reset_registry()
+    with isolated_registry():
+        yield
 
 
 def register_changed(name: str, forward=None, verify=None) -> str:

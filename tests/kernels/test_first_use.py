@@ -20,7 +20,7 @@ from innerloop.kernels.spec import KernelSpec
 from innerloop.ops import scan
 from innerloop.plugins.losses.reconstruction import Reconstruction
 from innerloop.plugins.models.linear import LinearModel
-from innerloop.registry import reset_registry
+from innerloop.registry import isolated_registry
 
 REFERENCE_FORWARD, REFERENCE_DECODE = reference_kernel(LinearModel(), Reconstruction())
 NAME = "first_use_test"
@@ -28,9 +28,8 @@ NAME = "first_use_test"
 
 @pytest.fixture(autouse=True)
 def fresh_global_registry():
-    reset_registry()
-    yield
-    reset_registry()
+    with isolated_registry():
+        yield
 
 
 class Counting:

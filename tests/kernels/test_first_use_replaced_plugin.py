@@ -18,7 +18,7 @@ from innerloop.kernels.reference import reference_kernel
 from innerloop.kernels.spec import KernelSpec
 from innerloop.plugins.losses.reconstruction import Reconstruction
 from innerloop.plugins.models.linear import LinearModel
-from innerloop.registry import get_registry, reset_registry
+from innerloop.registry import get_registry, isolated_registry
 
 NAME = "replaced_plugin_test"
 RECONSTRUCTION_ORIGIN = "builtin:innerloop.plugins.losses.reconstruction"
@@ -26,9 +26,8 @@ RECONSTRUCTION_ORIGIN = "builtin:innerloop.plugins.losses.reconstruction"
 
 @pytest.fixture(autouse=True)
 def fresh_global_registry():
-    reset_registry()
-    yield
-    reset_registry()
+    with isolated_registry():
+        yield
 
 
 class SquaredError(HalfSquaredError):

@@ -9,14 +9,13 @@ import torch
 
 import innerloop
 from innerloop.kernels.spec import KernelSpec
-from innerloop.registry import reset_registry
+from innerloop.registry import isolated_registry
 
 
 @pytest.fixture
 def fresh_global_registry():
-    reset_registry()
-    yield
-    reset_registry()
+    with isolated_registry():
+        yield
 
 
 def _register(name, verify, forward=None):

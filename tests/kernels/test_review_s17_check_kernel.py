@@ -15,7 +15,7 @@ import torch
 import innerloop
 from innerloop.kernels import fused_torch
 from innerloop.plugins.models.linear import LinearModel
-from innerloop.registry import get_registry, reset_registry
+from innerloop.registry import get_registry, isolated_registry
 from innerloop.testing import check_kernel
 
 FORWARD = fused_torch.kernel_spec("linear", LinearModel().stack).forward
@@ -23,9 +23,8 @@ FORWARD = fused_torch.kernel_spec("linear", LinearModel().stack).forward
 
 @pytest.fixture(autouse=True)
 def fresh_global_registry():
-    reset_registry()
-    yield
-    reset_registry()
+    with isolated_registry():
+        yield
 
 
 def register_changed(name: str, forward) -> str:

@@ -10,7 +10,7 @@ import pytest
 import innerloop
 from innerloop.config.load import ConfigError, load_config
 from innerloop.plugins.losses.reconstruction import Reconstruction
-from innerloop.registry import PluginError, available, reset_registry
+from innerloop.registry import PluginError, available, isolated_registry
 
 READ_BACK = ["2", "10", "1.5", "a b", "huber:0.5", "loss#2", "ℓ2", "NaN", "-x", "2024-01-01", "x'y", "a,b"]
 READ_AS_ANOTHER = ["1e3", "true", "on", "Yes", "null", "~", "0x10", "1_000", "007", "1.50", "+1", ".inf"]
@@ -25,9 +25,8 @@ class NamedReconstruction(Reconstruction):
 
 @pytest.fixture
 def fresh_registry():
-    reset_registry()
-    yield
-    reset_registry()
+    with isolated_registry():
+        yield
 
 
 def _config_reads(name: str, tmp_path) -> list[str | None]:

@@ -13,7 +13,7 @@ import innerloop
 from innerloop import HalfSquaredError, InnerLoss, InnerModel, LossPairs
 from innerloop.plugins.models.linear import LinearModel
 from innerloop.plugins.optimizers.dual_form import DualForm
-from innerloop.registry import PluginError, build_registry, hookimpl, reset_registry
+from innerloop.registry import PluginError, build_registry, hookimpl, isolated_registry
 from innerloop.testing import check_inner_loss, check_inner_model, check_update_rule
 
 
@@ -24,9 +24,8 @@ def registry():
 
 @pytest.fixture
 def fresh_global_registry():
-    reset_registry()
-    yield
-    reset_registry()
+    with isolated_registry():
+        yield
 
 
 def refused(registry, kind: str, obj, match: str) -> None:

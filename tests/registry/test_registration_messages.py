@@ -20,8 +20,8 @@ from innerloop.registry import (
     PluginLoadWarning,
     build_registry,
     hookimpl,
+    isolated_registry,
     manager,
-    reset_registry,
 )
 
 
@@ -39,13 +39,12 @@ def entry_points(monkeypatch):
     """Set the entry points the global registry loads (the registry is rebuilt and forgotten after)."""
     monkeypatch.delenv(DISABLE_ENV, raising=False)
     monkeypatch.delenv(manager.ALLOW_ENV, raising=False)
-    reset_registry()
 
     def use(*points):
         monkeypatch.setattr(manager, "_entry_points", lambda: list(points))
 
-    yield use
-    reset_registry()
+    with isolated_registry():
+        yield use
 
 
 class Deco(HalfSquaredError):

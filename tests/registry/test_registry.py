@@ -14,7 +14,7 @@ from innerloop import TTTLayer
 from innerloop.plugins.losses.reconstruction import HalfSquaredError
 from innerloop.registry import PluginError, Registry, build_registry, format_plugin_table, hookimpl
 from innerloop.registry.hookspecs import register_inner_losses
-from innerloop.registry.manager import reset_registry
+from innerloop.registry.manager import isolated_registry
 
 
 def test_builtins_register_through_the_plugin_path():
@@ -247,13 +247,10 @@ def test_registry_builds_under_no_grad_and_inference_mode(context):
 def test_building_the_registry_leaves_the_global_seed_alone():
     """Validating plugins draws random inputs from a forked generator: the first layer made after
     manual_seed gets the same weights as any later one (the registry is built on first use)."""
-    reset_registry()
-    try:
+    with isolated_registry():
         torch.manual_seed(0)
         first = TTTLayer(16, 2).state_dict()
         torch.manual_seed(0)
         second = TTTLayer(16, 2).state_dict()
         for key in first:
             assert torch.equal(first[key], second[key]), key
-    finally:
-        reset_registry()

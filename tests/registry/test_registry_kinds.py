@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import innerloop
-from innerloop.registry import PluginError, build_registry, hookimpl, hookspecs, manager, reset_registry
+from innerloop.registry import PluginError, build_registry, hookimpl, hookspecs, isolated_registry, manager
 from innerloop.registry.kinds import KINDS, Kind
 
 
@@ -51,9 +51,8 @@ class SmoothL1(innerloop.InnerLoss):
 
 @pytest.fixture
 def fresh_global_registry():
-    reset_registry()
-    yield
-    reset_registry()
+    with isolated_registry():
+        yield
 
 
 def test_one_object_registers_without_a_plugin_class(fresh_global_registry):

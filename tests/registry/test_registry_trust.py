@@ -25,8 +25,8 @@ from innerloop.registry import (
     Registry,
     build_registry,
     hookimpl,
+    isolated_registry,
     manager,
-    reset_registry,
 )
 from innerloop.testing import check_inner_loss, check_inner_model
 
@@ -301,9 +301,8 @@ def test_check_inner_loss_names_a_non_deterministic_pairs():
 
 @pytest.fixture
 def fresh_global_registry():
-    reset_registry()
-    yield
-    reset_registry()
+    with isolated_registry():
+        yield
 
 
 def readme_plugin_block() -> str:

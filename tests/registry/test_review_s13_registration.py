@@ -15,7 +15,7 @@ import innerloop
 from innerloop.core.protocol import HalfSquaredError, InnerLoss, LossPairs, UpdateRule
 from innerloop.core.scan import advance_state, close_mini_batch, prepare_chunk, split_segments
 from innerloop.plugins.optimizers.minibatch_gd import MiniBatchGD, _flatten_heads, _primal_parts
-from innerloop.registry import PluginError, build_registry, reset_registry
+from innerloop.registry import PluginError, build_registry, isolated_registry
 from innerloop.registry.manager import PluginLoadWarning, format_plugin_table
 
 
@@ -203,9 +203,8 @@ class LogOfTarget(InnerLoss):
 
 @pytest.fixture
 def fresh_global_registry():
-    reset_registry()
-    yield
-    reset_registry()
+    with isolated_registry():
+        yield
 
 
 def test_a_nan_a_plugin_makes_at_run_time_names_the_plugins(fresh_global_registry):
@@ -278,17 +277,13 @@ def test_a_clashed_name_is_listed_and_warned_about_as_refused():
 def test_the_registry_loads_under_a_float64_default_dtype():
     """The plugin checks run in float32 whatever the caller's default dtype (they failed with "expected
     scalar type Double but found Float" when the registry was first loaded under float64)."""
-    reset_registry()
     torch.set_default_dtype(torch.float64)  # the suite's autouse fixture restores it
-    try:
+    with isolated_registry():
         layer = innerloop.TTTLayer(16, 2, mini_batch_size=4)
         assert torch.get_default_dtype() == torch.float64  # the checks gave the caller's default back
         assert {p.dtype for p in layer.parameters()} == {torch.float64}
         y, _ = layer(torch.randn(1, 8, 16))
         assert y.dtype == torch.float64 and bool(torch.isfinite(y).all())
-    finally:
-        torch.set_default_dtype(torch.float32)
-        reset_registry()
 
 
 def test_a_plugin_taking_a_builtin_name_keeps_the_builtin():

@@ -8,15 +8,14 @@ import torch
 
 import innerloop
 from innerloop.core.protocol import HalfSquaredError, LossPairs, Views
-from innerloop.registry import reset_registry
+from innerloop.registry import isolated_registry
 from innerloop.testing.checks import check_pairs_batch_independent
 
 
 @pytest.fixture(autouse=True)
 def fresh_global_registry():
-    reset_registry()
-    yield
-    reset_registry()
+    with isolated_registry():
+        yield
 
 
 class SharedScale(HalfSquaredError):

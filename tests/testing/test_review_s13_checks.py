@@ -16,7 +16,7 @@ from innerloop import get_registry
 from innerloop.core.protocol import HalfSquaredError, InnerLoss, LossPairs, Views
 from innerloop.plugins.models.linear import LinearModel
 from innerloop.plugins.optimizers.dual_form import DualForm
-from innerloop.registry import reset_registry
+from innerloop.registry import isolated_registry
 from innerloop.testing import check_inner_loss, check_update_rule, checks
 from innerloop.testing.checks import (
     check_loss_gradient,
@@ -217,12 +217,9 @@ class PluginModelOnly(DualForm):
 def test_check_update_rule_defaults_to_the_builtin_models_not_whatever_else_is_installed():
     """What a plugin's tests check by default must not depend on the other plugins installed: like
     registration, the default is the built-in models; a plugin's model is checked when named."""
-    reset_registry()
-    try:
+    with isolated_registry():
         innerloop.register_inner_model(PluginLinear())
         with pytest.raises(ValueError, match="accepts none of the built-in inner models"):
             check_update_rule(PluginModelOnly(), gradients=False)
         loss = get_registry().inner_loss("reconstruction")
         check_update_rule(PluginModelOnly(), PluginLinear.name, loss, gradients=False, tokens=7)
-    finally:
-        reset_registry()

@@ -26,16 +26,15 @@ from innerloop.checkpoints import (
     save_checkpoint,
 )
 from innerloop.models import ModelConfig, build_model
-from innerloop.registry import get_registry, hookimpl, manager, reset_registry
+from innerloop.registry import get_registry, hookimpl, isolated_registry, manager, reset_registry
 from innerloop.train.module import load_module, save_model_checkpoint
 
 
 @pytest.fixture
 def fresh_registry():
     """The process-wide registry rebuilt before and after (what a test registers does not leak)."""
-    reset_registry()
-    yield get_registry()
-    reset_registry()
+    with isolated_registry():
+        yield get_registry()
 
 
 def _config() -> ModelConfig:

@@ -22,7 +22,7 @@ from innerloop.checkpoints import (
 from innerloop.hf import InnerloopForCausalLM
 from innerloop.hf.export import export_model
 from innerloop.models import ModelConfig, build_model
-from innerloop.registry import get_registry, reset_registry
+from innerloop.registry import get_registry, isolated_registry, reset_registry
 from innerloop.train.module import save_model_checkpoint
 
 FIRST, SECOND = "stable_origin_first", "stable_origin_second"
@@ -52,9 +52,8 @@ OTHER_CLASS = f"{__name__}.OtherNamedLoss"
 @pytest.fixture
 def registry():
     """The process-wide registry rebuilt before and after (what a test registers does not leak)."""
-    reset_registry()
-    yield get_registry()
-    reset_registry()
+    with isolated_registry():
+        yield get_registry()
 
 
 def _model():

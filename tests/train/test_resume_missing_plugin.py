@@ -15,7 +15,7 @@ from innerloop.cli import main
 from innerloop.config import load_config
 from innerloop.config.load import ConfigError, save_config
 from innerloop.models import build_model
-from innerloop.registry import hookimpl, manager, reset_registry
+from innerloop.registry import hookimpl, isolated_registry, manager, reset_registry
 from innerloop.train.module import save_model_checkpoint
 from innerloop.train.run import PENDING_CHECKPOINT, with_missing_plugins_named
 
@@ -50,15 +50,15 @@ def _installed(monkeypatch, installed: bool) -> None:
 def run_without_its_plugin(monkeypatch, tmp_path: Path):
     """A run's out_dir (config.yaml, last.safetensors) whose inner loss came from ``origins-dist``, which
     is uninstalled since."""
-    _installed(monkeypatch, True)
-    out = tmp_path / "run"
-    out.mkdir()
-    run, cfg = load_config("tiny", [*SMALL, f"model.ttt.inner_loss={NAME}", f"out_dir={out}"])
-    save_config(cfg, out / "config.yaml")
-    save_model_checkpoint(build_model(run.model), out / "last.safetensors")
-    _installed(monkeypatch, False)
-    yield out
-    reset_registry()
+    with isolated_registry():
+        _installed(monkeypatch, True)
+        out = tmp_path / "run"
+        out.mkdir()
+        run, cfg = load_config("tiny", [*SMALL, f"model.ttt.inner_loss={NAME}", f"out_dir={out}"])
+        save_config(cfg, out / "config.yaml")
+        save_model_checkpoint(build_model(run.model), out / "last.safetensors")
+        _installed(monkeypatch, False)
+        yield out
 
 
 def test_the_error_of_reading_the_runs_config_names_the_plugins_distribution(run_without_its_plugin) -> None:

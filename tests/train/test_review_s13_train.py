@@ -33,7 +33,7 @@ from innerloop.checkpoints import (
     plugin_source_digest,
 )
 from innerloop.models import ModelConfig, TTTConfig, build_model
-from innerloop.registry import get_registry, reset_registry
+from innerloop.registry import get_registry, isolated_registry, reset_registry
 from innerloop.train import IGNORE_INDEX, LanguageModelModule, TrainingDivergedError
 from innerloop.train.metrics import LossByPosition, position_buckets
 from innerloop.train.module import NonFiniteLayerOutputError, save_model_checkpoint
@@ -44,9 +44,8 @@ EXPLODING = "review_s13_exploding"
 @pytest.fixture
 def fresh_registry():
     """The process-wide registry rebuilt before and after (what a test registers does not leak)."""
-    reset_registry()
-    yield get_registry()
-    reset_registry()
+    with isolated_registry():
+        yield get_registry()
 
 
 def _trainer(**options) -> L.Trainer:

@@ -26,7 +26,7 @@ from innerloop.models import ModelConfig, build_model
 from innerloop.models.attention import CausalSelfAttention
 from innerloop.plugins.losses.reconstruction import Reconstruction
 from innerloop.plugins.models.linear import LinearModel
-from innerloop.registry import reset_registry
+from innerloop.registry import isolated_registry
 from innerloop.train.data import TextDataModule
 
 WRAPPINGS_OFF_THE_DEFAULT = [(True, False), (False, True), (False, False)]
@@ -167,9 +167,8 @@ def test_one_token_of_padding_is_told_apart_like_several(mask, kind) -> None:
 
 @pytest.fixture
 def fresh_registry():
-    reset_registry()
-    yield
-    reset_registry()
+    with isolated_registry():
+        yield
 
 
 def test_a_kernel_reading_row_0s_weights_is_refused_on_a_trained_layers_identical_rows(

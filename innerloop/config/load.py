@@ -8,6 +8,7 @@ dataset, strategy, accelerator or precision raises :class:`ConfigError`, which l
 
 from __future__ import annotations
 
+import copy
 import errno
 import fnmatch
 import functools
@@ -19,7 +20,7 @@ import tempfile
 import typing
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -67,25 +68,27 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_source(preset_or_file: str) -> tuple[DictConfig, str, list[str]]:
-    """The YAML of a file path or a packaged preset name, a description of where it came from, and the
-    typed keys it gives an interpolation ``${...}`` (their values are checked once resolved, see
-    :func:`check_value_kinds`)."""
+def _read_source(preset_or_file: str) -> tuple[str, str]:
+    """The YAML text of a file path or a packaged preset name, and a description of where it came from."""
     path = Path(preset_or_file).expanduser()
     if path.is_file():
         source = f"file {str(Path(preset_or_file))!r}"
         try:
-            text = path.read_text(encoding="utf-8")
+            return path.read_text(encoding="utf-8"), source
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"{source} cannot be read as UTF-8 YAML: {err}") from None
-    elif preset_or_file in preset_names():
+    if preset_or_file in preset_names():
         text = (resources.files("innerloop.config") / "presets" / f"{preset_or_file}.yaml").read_text("utf-8")
-        source = f"preset {preset_or_file!r}"
-    else:
-        check_not_a_link_loop(path, f"--config {preset_or_file!r}")
-        raise ConfigError(
-            f"--config {preset_or_file!r} is neither a file nor a preset; presets: {preset_names()}"
-        )
+        return text, f"preset {preset_or_file!r}"
+    check_not_a_link_loop(path, f"--config {preset_or_file!r}")
+    raise ConfigError(
+        f"--config {preset_or_file!r} is neither a file nor a preset; presets: {preset_names()}"
+    )
+
+
+def _parse_source(text: str, source: str) -> tuple[DictConfig, list[str]]:
+    """The YAML ``text`` of ``source`` as a config, and the typed keys it gives an interpolation
+    ``${...}`` (their values are checked once resolved, see :func:`check_value_kinds`)."""
     try:
         # What the YAML is, first: OmegaConf.create reads a bare string as a mapping with that key.
         document = yaml.safe_load(text)
@@ -104,7 +107,33 @@ def _read_source(preset_or_file: str) -> tuple[DictConfig, str, list[str]]:
         raise ConfigError(f"{source} is not valid YAML: {err}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{source} must be a mapping of config sections, got {type(loaded).__name__}")
-    return loaded, source, check_value_kinds(yaml.compose(text, Loader=yaml.SafeLoader), "", source)
+    return loaded, check_value_kinds(yaml.compose(text, Loader=yaml.SafeLoader), "", source)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A config source read and merged into the schema (see :func:`_merged_source`)."""
+
+    container: Any  # the mapping as read
+    routed: Any  # that mapping with its ``trainer`` keys routed
+    merged: DictConfig  # the schema with the source merged in: never handed out, only copies of it
+    interpolated: tuple[str, ...]  # the typed keys the source gives an interpolation
+
+
+@functools.lru_cache(maxsize=32)
+def _merged_source(text: str, source: str) -> _Source:
+    """``text`` of ``source`` parsed, its keys and types checked and merged into the schema; kept by
+    text (the tests and a process resuming runs load the same presets hundreds of times: the three
+    YAML parses and the merge are most of a load). A source that fails raises each time."""
+    loaded, interpolated = _parse_source(text, source)
+    try:
+        container = OmegaConf.to_container(loaded)
+    except OmegaConfBaseException as err:  # e.g. an interpolation ${...} that does not resolve
+        raise ConfigError(f"{source}: {_first_line(err)}") from None
+    routed = route_trainer_keys(container, source, ConfigError)  # trainer.<Lightning argument>
+    check_keys(routed, RunConfig, "", source, ConfigError)
+    from_source = OmegaConf.create(routed) if routed is not container else loaded
+    return _Source(container, routed, _merge(_schema(), from_source, source), tuple(interpolated))
 
 
 def _one_line(err: BaseException) -> str:
@@ -445,6 +474,13 @@ def _checked_override(item: str) -> tuple[DictConfig, str, list[str]]:
     """The override ``key=value`` as a config to merge, with its source and the typed keys it gives an
     interpolation (:func:`check_value_kinds`); :class:`ConfigError` if it is not of that form, cannot
     be parsed, names no key of the schema or gives a value of another kind than its key takes."""
+    override, source, interpolated = _parsed_override(item)
+    return copy.deepcopy(override), source, list(interpolated)  # a merge may take the nodes it is given
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_override(item: str) -> tuple[DictConfig, str, tuple[str, ...]]:
+    """:func:`_checked_override`'s work, kept by the override's text (never handed out: copies of it)."""
     key, sep, _ = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form key=value (e.g. trainer.max_steps=100)")
@@ -458,7 +494,7 @@ def _checked_override(item: str) -> tuple[DictConfig, str, list[str]]:
     interpolated = check_value_kinds(
         yaml.compose(item.partition("=")[2], Loader=yaml.SafeLoader), key, source
     )
-    return OmegaConf.create(routed), source, interpolated
+    return OmegaConf.create(routed), source, tuple(interpolated)
 
 
 @functools.cache
@@ -583,17 +619,11 @@ def _merged_config(preset_or_file: Any, overrides: Sequence[str]) -> tuple[Any, 
     """The config source's mapping as read, that mapping with its ``trainer`` keys routed, and the
     schema with the source and ``overrides`` merged in; the keys and types checked, not the values."""
     _check_load_arguments(preset_or_file, overrides)
-    loaded, source, interpolated = _read_source(preset_or_file)
-    try:
-        container = OmegaConf.to_container(loaded)
-    except OmegaConfBaseException as err:  # e.g. an interpolation ${...} that does not resolve
-        raise ConfigError(f"{source}: {_first_line(err)}") from None
-    routed = route_trainer_keys(container, source, ConfigError)  # trainer.<Lightning argument>
-    check_keys(routed, RunConfig, "", source, ConfigError)
-    from_source = OmegaConf.create(routed) if routed is not container else loaded
-    base = functools.partial(_merge, _schema(), from_source, source)  # a new config each call
+    text, source = _read_source(preset_or_file)
+    read = _merged_source(text, source)
+    base = functools.partial(copy.deepcopy, read.merged)  # a new config each call
     checked: list[tuple[DictConfig, str]] = []  # merged together after the loop: one merge, not one each
-    sources = {key: source for key in interpolated}
+    sources = {key: source for key in read.interpolated}
     for item in overrides:
         try:
             override, where, keys = _checked_override(item)
@@ -605,7 +635,7 @@ def _merged_config(preset_or_file: Any, overrides: Sequence[str]) -> tuple[Any, 
     merged = _merge_in_order(base, checked)
     for key, where in sources.items():
         check_interpolated_kinds(merged, [key], where)
-    return container, routed, merged
+    return copy.deepcopy(read.container), copy.deepcopy(read.routed), merged
 
 
 def _typed(cfg: DictConfig) -> RunConfig:

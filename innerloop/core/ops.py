@@ -233,6 +233,20 @@ def _initial_state(
     return state.with_weights(weights)
 
 
+def _check_momentum_is_read(initial: Any, momentum: torch.Tensor | None) -> None:
+    """A carried momentum ``S`` without the gate ``momentum`` would be dropped (``S_t = m_t S_{t-1}`` with
+    no ``m``): the caller most likely forgot this call's gate, and the continuation would not equal the
+    whole sequence."""
+    if momentum is not None or not isinstance(initial, dict):
+        return
+    carried = sorted(name for name in initial if isinstance(name, str) and name.startswith("momentum."))
+    if carried:
+        raise ValueError(
+            f"initial carries {carried} but momentum=None: pass this call's momentum [B, H, T] (the carried "
+            "momentum is read through it), or leave those entries out of initial to start without one"
+        )
+
+
 def _cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if tensor is None else tensor.to(dtype)
 
@@ -279,7 +293,8 @@ def scan(
         decay: ``[B, H, T]`` forgetting ``1 - a_t`` of every inner weight, in ``[0, 1]`` (None: none).
         momentum: ``[B, H, T]`` the momentum ``m_t`` of update_rule ``"momentum"`` (None: 0).
         initial: weights by name, ``[B, H, *shape]`` or ``[H, *shape]``, at a mini-batch boundary,
-            plus ``"momentum.<name>"`` (``S``) for the momentum rule; None: zeros. The inner loss
+            plus ``"momentum.<name>"`` (``S``) for the momentum rule, read through ``momentum`` (refused
+            without it); None: zeros. The inner loss
             starts a sequence (``next_token``'s first token has no pair). Continuing from the weights
             a call returned is exact when that call's token count was a multiple of
             ``mini_batch_size`` (else see Returns); a dict cannot say where in a mini-batch it stopped,
@@ -338,6 +353,7 @@ def scan(
     )
     views = Views(*(_cast(t, dtype) for t in (q, k, v)))
     state = _initial_state(views.query, model, loss, rule, mini_batch_size, initial, q.dtype)
+    _check_momentum_is_read(initial, momentum)  # after _initial_state: a rule without momentum says so first
     with _autocast_off(q.device.type):
         outputs, final = run_scan(
             rule, state, task, views, *(_cast(t, dtype) for t in (lr, tau, decay, momentum))

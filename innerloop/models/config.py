@@ -8,10 +8,11 @@ against the registry by :func:`validate_model_config`, before anything is built.
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
@@ -509,14 +510,31 @@ def check_keys(
     and for a section of the schema given as something other than a mapping (e.g. ``model.ttt=5``).
 
     ``prefix`` is the dotted path of ``given`` (``"model."``), ``source`` where it came from (a file,
-    an override); nested sections are checked against their own dataclasses.
+    an override); nested sections are checked against their own dataclasses. The error for an unknown
+    key lists the valid keys of its section and suggests the keys it may have meant: a close spelling
+    in its section (``model.ttt.innerloss``: ``model.ttt.inner_loss``) or the same name in another
+    section of ``schema`` (``model.inner_loss``: ``model.ttt.inner_loss``).
     """
+    _check_section_keys(given, schema, prefix, source, error, _key_paths(schema, prefix))
+
+
+def _check_section_keys(
+    given: Mapping[str, Any],
+    schema: type,
+    prefix: str,
+    source: str,
+    error: type[ValueError],
+    all_keys: Sequence[str],
+) -> None:
+    """:func:`check_keys` for the section ``schema`` at ``prefix``; ``all_keys`` are the dotted keys of
+    the whole schema checked, where an unknown key's name is looked up."""
     valid = {f.name: f for f in fields(schema)}
     hints = field_types(schema)
     for key in given:
         full = f"{prefix}{key}"
         if key not in valid:
-            raise error(f"unknown config key {full!r} in {source}; valid keys here: {sorted(valid)}")
+            hint = _did_you_mean(str(key), prefix, sorted(valid), all_keys)
+            raise error(f"unknown config key {full!r} in {source}{hint}; valid keys here: {sorted(valid)}")
         section = hints[key]
         if not is_dataclass(section):
             continue
@@ -526,7 +544,34 @@ def check_keys(
                 f"{sorted(f.name for f in fields(section))} (e.g. {full}.{fields(section)[0].name}=...), "
                 f"got {given[key]!r}"
             )
-        check_keys(given[key], section, f"{full}.", source, error)
+        _check_section_keys(given[key], section, f"{full}.", source, error, all_keys)
+
+
+def _key_paths(schema: type, prefix: str) -> list[str]:
+    """The dotted path of every key of the dataclass ``schema``, its sections' keys included, each
+    after ``prefix`` (``"model."`` gives ``model.hidden_size``, ``model.ttt``, ``model.ttt.inner_loss``)."""
+    paths = []
+    for name, kind in field_types(schema).items():
+        paths.append(f"{prefix}{name}")
+        if is_dataclass(kind):
+            paths.extend(_key_paths(kind, f"{prefix}{name}."))  # type: ignore[arg-type]
+    return paths
+
+
+def _did_you_mean(key: str, prefix: str, valid: Sequence[str], all_keys: Sequence[str]) -> str:
+    """``"; did you mean ...?"`` for the unknown key ``key`` of the section at ``prefix`` whose keys are
+    ``valid``, or ``""`` when nothing is near. It names keys of the section spelt like ``key``, and
+    keys of other sections (in ``all_keys``) named ``key``; failing both, keys elsewhere spelt like it."""
+    near = [f"{prefix}{name}" for name in difflib.get_close_matches(key, valid, n=3, cutoff=0.6)]
+    by_name: dict[str, list[str]] = {}
+    for path in all_keys:
+        by_name.setdefault(path.rpartition(".")[2], []).append(path)
+    elsewhere = by_name.get(key, [])
+    if not near and not elsewhere:
+        for name in difflib.get_close_matches(key, list(by_name), n=3, cutoff=0.75):
+            elsewhere.extend(by_name[name])
+    suggestions = list(dict.fromkeys(near + elsewhere))
+    return f"; did you mean {' or '.join(repr(path) for path in suggestions)}?" if suggestions else ""
 
 
 def _type_error(value: Any, expected: Any) -> str | None:

@@ -257,3 +257,20 @@ def test_the_momentum_of_some_weights_only_is_named():
             momentum=torch.full_like(given["lr"], 0.5),
             initial={"W1": zeros, "b1": torch.zeros(H, 1, F, dtype=torch.float64), "momentum.W1": ones},
         )
+
+
+def test_a_carried_momentum_without_this_calls_momentum_is_refused():
+    """A state from a momentum call continued without the gate would drop the carried S silently (and
+    no longer equal the whole sequence): refused, naming the entries and what to pass."""
+    given = tensors()
+    zeros = torch.zeros(H, F, F, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"initial carries \['momentum.W'\] but momentum=None"):
+        scan(
+            given["q"],
+            given["k"],
+            given["v"],
+            given["lr"],
+            inner_model="matrix",
+            update_rule="momentum",
+            initial={"W": zeros, "momentum.W": zeros},
+        )

@@ -4,10 +4,12 @@
 windows, see :func:`innerloop.train.run.evaluation_windows`), at one or more lengths, and reports
 
 - the loss by position of each model, and each model's difference to the baseline with a confidence
-  band: a paired bootstrap over windows (:func:`bootstrap_difference`, seeded), since every model
-  read the same windows;
+  band: a paired bootstrap over windows (:func:`~innerloop.train.bootstrap.bootstrap_difference`,
+  seeded, widened for few windows; none below :data:`~innerloop.train.bootstrap.MIN_BAND_WINDOWS`),
+  since every model read the same windows;
 - a table: parameters, tokens trained, training tokens/s (from the checkpoint's
-  :class:`~innerloop.train.throughput.TrainingThroughput` counters) and perplexity at each length.
+  :class:`~innerloop.train.throughput.TrainingThroughput` counters), and at each length the perplexity
+  and the difference to the baseline over whole windows with its band.
 
 :func:`write_comparison` writes ``compare-<id>.csv`` (curves, differences and bands), ``.png`` (the
 curves overlaid and, below, the differences with their bands) and ``.md`` (the table), atomically;
@@ -43,6 +45,7 @@ from innerloop.data.atomic import atomic_write, atomic_write_text, remove_stale_
 from innerloop.data.tokenizer import Tokenizer
 from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
 from innerloop.models.params import count_parameters
+from innerloop.train.bootstrap import DEFAULT_RESAMPLES, MIN_BAND_WINDOWS, bootstrap_difference
 from innerloop.train.data import IGNORE_INDEX, DataError, resolve_files
 from innerloop.train.metrics import position_buckets
 from innerloop.train.module import LanguageModelModule, load_module
@@ -60,8 +63,6 @@ from innerloop.train.run import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RESAMPLES = 1000
-"""Bootstrap resamples of the windows."""
 DEFAULT_BUCKETS = 16
 """Position buckets of the loss-by-position curves."""
 
@@ -107,7 +108,8 @@ class LengthResult:
 @dataclass
 class Comparison:
     """The result of :func:`compare`; ``bands[seq_len][m]`` is model ``m``'s (mean, low, high) difference
-    to the baseline per bucket."""
+    to the baseline per bucket, ``overall[seq_len][m]`` the same over whole windows (per scored token;
+    low and high NaN below :data:`~innerloop.train.bootstrap.MIN_BAND_WINDOWS` windows)."""
 
     models: list[ComparedModel]
     baseline: int
@@ -117,50 +119,7 @@ class Comparison:
     resamples: int
     seed: int
     windows_source: str
-
-
-def bootstrap_difference(
-    differences: torch.Tensor,
-    counts: torch.Tensor,
-    resamples: int = DEFAULT_RESAMPLES,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean per-token difference per bucket and its percentile bootstrap band over windows.
-
-    Args:
-        differences: ``[W, K]`` per window and bucket, the model's summed token loss minus the
-            baseline's on the same tokens.
-        counts: ``[W, K]`` scored tokens per window and bucket.
-        resamples: bootstrap resamples; each draws ``W`` windows with replacement (one
-            ``torch.randint(W, (resamples, W))`` from a generator seeded with ``seed``).
-        confidence: the band's coverage, in (0, 1).
-
-    Returns ``(mean [K], low [K], high [K])``: ``mean`` is ``sum(differences) / sum(counts)`` over all
-    windows, ``low``/``high`` the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles
-    (``torch.quantile``, linear) of the same ratio over the resamples. NaN where a bucket has no tokens.
-    """
-    if differences.shape != counts.shape or differences.dim() != 2 or differences.shape[0] < 1:
-        raise ValueError(
-            f"differences and counts must both be [windows >= 1, buckets], got {tuple(differences.shape)} "
-            f"and {tuple(counts.shape)}"
-        )
-    if resamples < 1 or not 0 < confidence < 1:
-        raise ValueError(f"resamples={resamples} must be >= 1 and confidence={confidence} in (0, 1)")
-    differences, counts = differences.double(), counts.double()
-    mean = differences.sum(0) / counts.sum(0)
-    if differences.shape[0] < 2:  # one window: resampling it says nothing about the spread
-        nan = torch.full_like(mean, math.nan)
-        return mean, nan, nan.clone()
-    generator = torch.Generator().manual_seed(seed)
-    picks = torch.randint(differences.shape[0], (resamples, differences.shape[0]), generator=generator)
-    # in chunks of resamples: [R, W, K] at once is R * W * K * 8 bytes (6.5 GB for 100,000 x 512 x 16)
-    resampled = torch.cat(
-        [differences[chunk].sum(1) / counts[chunk].sum(1) for chunk in picks.split(1000)]
-    )  # [R, K]
-    tail = (1 - confidence) / 2
-    low, high = torch.quantile(resampled, torch.tensor([tail, 1 - tail], dtype=torch.float64), dim=0)
-    return mean, low, high
+    overall: dict[int, list[tuple[float, float, float]]] = field(default_factory=dict)
 
 
 def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
@@ -302,8 +261,10 @@ def compare(
     tokenizer = _common_tokenizer(checkpoints, names)
     for note in training_data_notes(models, base, paths):
         log.warning("%s", note)
+    for note in size_notes(models, base):
+        log.warning("%s", note)
     seq_lens = list(dict.fromkeys(seq_lens or [training_seq_len(reference.module, reference.checkpoint)]))
-    results, bands, source = [], {}, ""
+    comparison = Comparison(models, base, [], {}, confidence, resamples, seed, "")
     for seq_len in seq_lens:
         windows = evaluation_windows(
             reference.checkpoint, reference.module, paths, seq_len, batch_size, batches, tokenizer
@@ -312,13 +273,58 @@ def compare(
         result = _evaluate_length(
             models, windows.inputs, windows.targets, windows.batch_size, num_buckets, tokenizer
         )
-        results.append(result)
-        differences = result.loss_sums - result.loss_sums[base]  # [M, W, K]
-        bands[seq_len] = [
-            bootstrap_difference(d, result.counts, resamples, confidence, seed) for d in differences
-        ]
-        source = f"{windows.source} ({windows.tag}) of {reference.name}"
-    return Comparison(models, base, results, bands, confidence, resamples, seed, source)
+        _add_length(comparison, result)
+        comparison.windows_source = f"{windows.source} ({windows.tag}) of {reference.name}"
+    return comparison
+
+
+def _add_length(comparison: Comparison, result: LengthResult) -> None:
+    """``result`` and its differences to the baseline, per bucket and over whole windows, with their
+    bands; a warning when the windows are too few for a band."""
+    if result.windows < MIN_BAND_WINDOWS and len(comparison.models) > 1:
+        log.warning(
+            "T=%d: %d window%s, fewer than the %d a %.0f%% band needs to cover as often as it says: the "
+            "differences to the baseline have no band (NaN in the CSV); score more windows (--batches, "
+            "--batch-size, or more text with --data)",
+            result.seq_len, result.windows, "" if result.windows == 1 else "s", MIN_BAND_WINDOWS,
+            100 * comparison.confidence,
+        )  # fmt: skip
+    options = (comparison.resamples, comparison.confidence, comparison.seed)
+    differences = result.loss_sums - result.loss_sums[comparison.baseline]  # [M, W, K]
+    total = result.counts.sum(1, keepdim=True)  # [W, 1]: every scored token of a window
+    comparison.lengths.append(result)
+    comparison.bands[result.seq_len] = [bootstrap_difference(d, result.counts, *options) for d in differences]
+    comparison.overall[result.seq_len] = [
+        tuple(float(v[0]) for v in bootstrap_difference(d.sum(1, keepdim=True), total, *options))
+        for d in differences
+    ]
+
+
+SIZE_TOLERANCE = 0.05
+"""Relative difference in parameters beyond which :func:`size_notes` names a model (the presets' tiny
+models are matched within it, ``tests/models/test_params.py``)."""
+
+
+def size_notes(models: Sequence[ComparedModel], base: int) -> list[str]:
+    """A line for each model whose parameters differ from the baseline's by more than
+    :data:`SIZE_TOLERANCE`, or whose tokens trained differ from the baseline's (both known): a lower loss
+    may then come from the size or the training, not the architecture."""
+    baseline, notes = models[base], []
+    for index, model in enumerate(models):
+        if index == base:
+            continue
+        if abs(model.parameters - baseline.parameters) > SIZE_TOLERANCE * baseline.parameters:
+            notes.append(
+                f"{model.name} has {model.parameters:,} parameters, {model.parameters / baseline.parameters:.2f}x "
+                f"the baseline {baseline.name}'s {baseline.parameters:,}: its difference is also one of size"
+            )
+        trained = (model.tokens_trained, baseline.tokens_trained)
+        if None not in trained and trained[0] != trained[1]:
+            notes.append(
+                f"{model.name} trained on {trained[0]:,} tokens, the baseline {baseline.name} on {trained[1]:,}: "
+                "its difference is also one of training"
+            )
+    return notes
 
 
 DATA_KEYS = ("name", "paths", "tokenizer", "val_fraction", "split", "text_field", "recall")
@@ -468,7 +474,11 @@ def _other_data_note(
     if _same_files(data.files, baseline.files):  # other spellings of the same files (a link, a relative path)
         ours["paths"] = theirs["paths"]
     if ours != theirs:
-        keys = [f"data.{k}={ours[k]!r} (baseline {theirs[k]!r})" for k in DATA_KEYS if ours[k] != theirs[k]]
+        keys = [
+            f"data.{k}={_shown(k, ours)} (baseline {_shown(k, theirs)})"
+            for k in DATA_KEYS
+            if ours[k] != theirs[k]
+        ]
         return (
             f"{name} was trained on other data than the baseline {baseline_name}: {', '.join(keys)}; the "
             f"windows are {windows.words}, {held_out}"
@@ -480,6 +490,13 @@ def _other_data_note(
             f"edited, added or removed between their runs), so {windows.words} may hold text it trained on"
         )
     return None
+
+
+def _shown(key: str, settings: dict[str, Any]) -> str:
+    """The ``data.<key>`` setting as a note shows it: no paths of the text dataset is the default corpus."""
+    if key == "paths" and not settings["paths"] and settings["name"] == "text":
+        return "[] (the default corpus)"
+    return repr(settings[key])
 
 
 def _same_files(ours: RunFiles | None, theirs: RunFiles | None) -> bool:
@@ -577,22 +594,37 @@ TOKENS_PER_S_NOTE = (
 
 def format_table(comparison: Comparison) -> str:
     """The comparison's table in Markdown: parameters, tokens trained, training tokens/s (see
-    :data:`TOKENS_PER_S_NOTE`, the table's last line), perplexity per length."""
+    :data:`TOKENS_PER_S_NOTE`, below the table), and per length the perplexity and the loss difference
+    to the baseline over whole windows with its band (see :data:`DIFFERENCE_NOTE`)."""
     lengths = comparison.lengths
-    header = [
-        "model",
-        "params",
-        "tokens trained",
-        "tok/s in training",
-        *(f"ppl @{r.seq_len}" for r in lengths),
-    ]
+    header = ["model", "params", "tokens trained", "tok/s in training"]
+    for r in lengths:
+        header += [f"ppl @{r.seq_len}", f"loss - baseline @{r.seq_len}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m, model in enumerate(comparison.models):
         name = f"{model.name} (baseline)" if m == comparison.baseline else model.name
         cells = [name, _number(model.parameters), _number(model.tokens_trained), _number(model.tokens_per_s)]
-        cells += [f"{r.perplexity(m):.3f}" for r in lengths]
+        for r in lengths:
+            cells += [f"{r.perplexity(m):.3f}", _difference_cell(comparison, r.seq_len, m)]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join([*lines, "", TOKENS_PER_S_NOTE]) + "\n"
+    note = DIFFERENCE_NOTE.format(confidence=comparison.confidence, windows=MIN_BAND_WINDOWS)
+    return "\n".join([*lines, "", note, "", TOKENS_PER_S_NOTE]) + "\n"
+
+
+DIFFERENCE_NOTE = (
+    "loss - baseline: the mean loss per scored token minus the baseline's on the same windows (nats; "
+    "negative: lower loss than the baseline), with its {confidence:.0%} band, a paired bootstrap over "
+    "windows (none below {windows} windows)"
+)
+"""What the table's ``loss - baseline`` columns hold (printed below the table)."""
+
+
+def _difference_cell(comparison: Comparison, seq_len: int, model: int) -> str:
+    if model == comparison.baseline:
+        return "-"
+    mean, low, high = comparison.overall[seq_len][model]
+    band = "no band" if math.isnan(low) else f"{low:+.4f} to {high:+.4f}"
+    return f"{mean:+.4f} ({band})"
 
 
 def comparison_id(comparison: Comparison) -> str:

@@ -11,15 +11,25 @@ import torch
 
 from innerloop.data.text import DataError, read_tokens
 from innerloop.data.tokenizer import train_bpe
+from innerloop.train.bootstrap import MIN_BAND_WINDOWS, expanded_tail
 from innerloop.train.compare import bootstrap_difference
 from innerloop.train.data import spread_windows
 from innerloop.train.metrics import LossByPosition
 
 
-def test_one_window_gives_no_band_and_two_give_one() -> None:
-    mean, low, high = bootstrap_difference(torch.tensor([[0.5, -1.0]]), torch.ones(1, 2))
-    assert mean.tolist() == [0.5, -1.0] and all(math.isnan(v) for v in (*low.tolist(), *high.tolist()))
-    _, low, high = bootstrap_difference(torch.tensor([[0.5], [1.5]]), torch.ones(2, 1), resamples=2500)
+@pytest.mark.parametrize("windows", [1, 2, MIN_BAND_WINDOWS - 1])
+def test_too_few_windows_give_no_band(windows) -> None:
+    """Below MIN_BAND_WINDOWS no percentile band covers what it says (a "95%" band over 2 windows left
+    the true difference out in half the trials): the mean, and NaN for the band."""
+    differences = torch.arange(2.0 * windows).reshape(windows, 2)
+    mean, low, high = bootstrap_difference(differences, torch.ones(windows, 2))
+    torch.testing.assert_close(mean, differences.double().mean(0))
+    assert all(math.isnan(v) for v in (*low.tolist(), *high.tolist()))
+
+
+def test_enough_windows_give_a_band() -> None:
+    differences = torch.arange(float(MIN_BAND_WINDOWS))[:, None]
+    _, low, high = bootstrap_difference(differences, torch.ones(MIN_BAND_WINDOWS, 1), resamples=2500)
     assert low.item() < high.item()
 
 
@@ -29,7 +39,8 @@ def test_resamples_drawn_in_parts_give_the_bands_of_drawing_them_at_once() -> No
     mean, low, high = bootstrap_difference(differences, counts, resamples=3001, seed=5)  # 4 parts
     picks = torch.randint(64, (3001, 64), generator=torch.Generator().manual_seed(5))  # the same draws
     at_once = differences[picks].sum(1) / counts[picks].sum(1)  # [R, K]
-    quantiles = torch.quantile(at_once, torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
+    tail = expanded_tail(64, 0.95)
+    quantiles = torch.quantile(at_once, torch.tensor([tail, 1 - tail], dtype=torch.float64), dim=0)
     torch.testing.assert_close(torch.stack([low, high]), quantiles, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(mean, differences.mean(0), rtol=1e-12, atol=1e-12)
 

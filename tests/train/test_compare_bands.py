@@ -25,6 +25,7 @@ from innerloop.train.compare import (
     Comparison,
     LengthResult,
     _add_length,
+    _shown,
     format_table,
     size_notes,
 )
@@ -133,3 +134,11 @@ def test_a_model_of_another_size_or_training_is_named() -> None:
         "attn trained on 384 tokens, the baseline ttt on 128: its difference is also one of training",
     ]  # swa: 1% more parameters, the same tokens
     assert size_notes([_model("a", 100, None), _model("b", 104, 50)], 0) == []  # within 5%, tokens unknown
+
+
+def test_a_note_names_the_default_corpus() -> None:
+    """A run without data.paths trained on the default corpus; a note said ``data.paths=[]``."""
+    assert _shown("paths", {"name": "text", "paths": []}) == "[] (the default corpus)"
+    assert _shown("paths", {"name": "text", "paths": ["a.txt"]}) == "['a.txt']"
+    assert _shown("paths", {"name": "hf", "paths": []}) == "[]"  # a Hugging Face dataset: no corpus
+    assert _shown("val_fraction", {"name": "text", "paths": [], "val_fraction": 0.1}) == "0.1"

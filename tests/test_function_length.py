@@ -8,6 +8,7 @@ longer needed (the function was shortened or removed) fails too, so the list sta
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 from source_testing import parse_file
@@ -52,6 +53,7 @@ def _function_lengths(source: str | ast.Module) -> dict[str, int]:
     return lengths
 
 
+@functools.cache  # both tests below read the same tree (about a second to walk)
 def _all_lengths() -> dict[str, int]:
     lengths = {}
     for path in sorted(PACKAGE.rglob("*.py")):

@@ -515,7 +515,7 @@ def check_keys(
     in its section (``model.ttt.innerloss``: ``model.ttt.inner_loss``) or the same name in another
     section of ``schema`` (``model.inner_loss``: ``model.ttt.inner_loss``).
     """
-    _check_section_keys(given, schema, prefix, source, error, _key_paths(schema, prefix))
+    _check_section_keys(given, schema, prefix, source, error, (schema, prefix))
 
 
 def _check_section_keys(
@@ -524,17 +524,17 @@ def _check_section_keys(
     prefix: str,
     source: str,
     error: type[ValueError],
-    all_keys: Sequence[str],
+    root: tuple[type, str],
 ) -> None:
-    """:func:`check_keys` for the section ``schema`` at ``prefix``; ``all_keys`` are the dotted keys of
-    the whole schema checked, where an unknown key's name is looked up."""
+    """:func:`check_keys` for the section ``schema`` at ``prefix``; ``root`` is the whole schema checked
+    and its prefix, where an unknown key's name is looked up."""
     valid = {f.name: f for f in fields(schema)}
     hints = field_types(schema)
     for key in given:
         full = f"{prefix}{key}"
         if key not in valid:
-            hint = _did_you_mean(str(key), prefix, sorted(valid), all_keys)
-            raise error(f"unknown config key {full!r} in {source}{hint}; valid keys here: {sorted(valid)}")
+            hint = _did_you_mean(str(key), prefix, sorted(valid), _key_paths(*root))
+            raise error(f"unknown config key {full!r} in {source}; valid keys here: {sorted(valid)}{hint}")
         section = hints[key]
         if not is_dataclass(section):
             continue
@@ -544,7 +544,7 @@ def _check_section_keys(
                 f"{sorted(f.name for f in fields(section))} (e.g. {full}.{fields(section)[0].name}=...), "
                 f"got {given[key]!r}"
             )
-        _check_section_keys(given[key], section, f"{full}.", source, error, all_keys)
+        _check_section_keys(given[key], section, f"{full}.", source, error, root)
 
 
 def _key_paths(schema: type, prefix: str) -> list[str]:
@@ -566,12 +566,12 @@ def _did_you_mean(key: str, prefix: str, valid: Sequence[str], all_keys: Sequenc
     by_name: dict[str, list[str]] = {}
     for path in all_keys:
         by_name.setdefault(path.rpartition(".")[2], []).append(path)
-    elsewhere = by_name.get(key, [])
+    elsewhere = list(by_name.get(key, []))
     if not near and not elsewhere:
         for name in difflib.get_close_matches(key, list(by_name), n=3, cutoff=0.75):
             elsewhere.extend(by_name[name])
     suggestions = list(dict.fromkeys(near + elsewhere))
-    return f"; did you mean {' or '.join(repr(path) for path in suggestions)}?" if suggestions else ""
+    return f"; did you mean {', '.join(repr(path) for path in suggestions)}?" if suggestions else ""
 
 
 def _type_error(value: Any, expected: Any) -> str | None:

@@ -1275,7 +1275,8 @@ def evaluate(
     tokenizer = checkpoint_tokenizer(checkpoint)
     windows = evaluation_windows(checkpoint, module, paths, seq_len, batch_size, batches, tokenizer)
     inputs, targets = windows.inputs, windows.targets
-    print(f"windows: {len(inputs)} of {seq_len} tokens from {windows.source} ({windows.tag})", flush=True)
+    count = f"{len(inputs)} window{'' if len(inputs) == 1 else 's'}"
+    print(f"evaluating {count} of {seq_len} tokens from {windows.source} ({windows.tag})", flush=True)
     if paths:
         _warn_of_evaluating_training_text(
             checkpoint, run_of_checkpoint(checkpoint, module.hparams["model"]), paths

@@ -246,4 +246,5 @@ class TrainingThroughput(Callback):
             return
         self.warned = True
         if trainer.is_global_zero:
-            warnings.warn(message, CPUOversubscribedWarning, stacklevel=3)
+            # attributed to the hook or check here that found it, not to Lightning's call of the hook
+            warnings.warn(message, CPUOversubscribedWarning, stacklevel=2)

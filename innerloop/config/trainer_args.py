@@ -33,7 +33,8 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import fields
 from typing import Any, Literal, Union
 
-from innerloop.config.schema import AT_LEAST_1, LOGGERS, Bounds, TrainerConfig
+from innerloop.config.schema import AT_LEAST_1, LOGGERS, Bounds, RunConfig, TrainerConfig
+from innerloop.models.config import key_paths
 
 LIGHTNING_NAMES: dict[str, str] = {
     "log_every_n_steps": "trainer.log_every",
@@ -175,6 +176,8 @@ def _unknown_key_message(key: str, source: str, section: str = "trainer") -> str
         return f"unknown config key '{section}.{key}' in {source}: it is innerloop's own key trainer.{key}; set that"
     names = list(dict.fromkeys([*own, *lightning, *LIGHTNING_NAMES]))  # max_steps is in two lists: once
     close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    if not close:  # a key of another section (trainer.lr: optim.lr)
+        close = [path for path in key_paths(RunConfig) if path.rpartition(".")[2] == key]
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return (
         f"unknown config key '{section}.{key}' in {source}{hint}; valid keys here: innerloop's {sorted(own)} "

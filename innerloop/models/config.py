@@ -533,7 +533,7 @@ def _check_section_keys(
     for key in given:
         full = f"{prefix}{key}"
         if key not in valid:
-            hint = _did_you_mean(str(key), prefix, sorted(valid), _key_paths(*root))
+            hint = _did_you_mean(str(key), prefix, sorted(valid), key_paths(*root))
             raise error(f"unknown config key {full!r} in {source}; valid keys here: {sorted(valid)}{hint}")
         section = hints[key]
         if not is_dataclass(section):
@@ -547,14 +547,14 @@ def _check_section_keys(
         _check_section_keys(given[key], section, f"{full}.", source, error, root)
 
 
-def _key_paths(schema: type, prefix: str) -> list[str]:
+def key_paths(schema: type, prefix: str = "") -> list[str]:
     """The dotted path of every key of the dataclass ``schema``, its sections' keys included, each
     after ``prefix`` (``"model."`` gives ``model.hidden_size``, ``model.ttt``, ``model.ttt.inner_loss``)."""
     paths = []
     for name, kind in field_types(schema).items():
         paths.append(f"{prefix}{name}")
         if is_dataclass(kind):
-            paths.extend(_key_paths(kind, f"{prefix}{name}."))  # type: ignore[arg-type]
+            paths.extend(key_paths(kind, f"{prefix}{name}."))  # type: ignore[arg-type]
     return paths
 
 

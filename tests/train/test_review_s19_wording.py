@@ -117,3 +117,15 @@ def test_pyprojects_filter_still_matches_the_oversubscribed_warning() -> None:
         callback.on_train_start(SimpleNamespace(is_global_zero=True), None)
     assert re.match(pattern, str(caught[0].message), re.IGNORECASE)
     assert category == "UserWarning" and issubclass(caught[0].category, UserWarning)
+
+
+@pytest.mark.parametrize(
+    ("override", "suggested"),
+    [
+        ("trainer.lr=0.1", "'optim.lr'"),
+        ("trainer.inner_loss=x", "'model.ttt.inner_loss', 'model.e2e.inner_loss'"),
+    ],
+)
+def test_a_key_of_another_section_under_trainer_is_suggested(override, suggested) -> None:
+    with pytest.raises(ConfigError, match=f"did you mean {re.escape(suggested)}\\?"):
+        load_config("tiny", [override])

@@ -315,7 +315,7 @@ def size_notes(models: Sequence[ComparedModel], base: int) -> list[str]:
             continue
         if abs(model.parameters - baseline.parameters) > SIZE_TOLERANCE * baseline.parameters:
             notes.append(
-                f"{model.name} has {model.parameters:,} parameters, {model.parameters / baseline.parameters:.2f}x "
+                f"{model.name} has {model.parameters:,} parameters, {_relative(model.parameters, baseline.parameters)} "
                 f"the baseline {baseline.name}'s {baseline.parameters:,}: its difference is also one of size"
             )
         trained = (model.tokens_trained, baseline.tokens_trained)
@@ -590,6 +590,15 @@ TOKENS_PER_S_NOTE = (
     "by time"
 )
 """What the table's ``tok/s in training`` column measures (printed below the table)."""
+
+
+def _relative(value: int, to: int) -> str:
+    """``value`` against ``to`` in words: ``2.55x`` for a factor of 2 or more (either way), else ``5.0% more
+    than`` / ``5.0% fewer than``."""
+    ratio = value / to
+    if ratio >= 2 or ratio <= 0.5:
+        return f"{ratio:.2f}x"
+    return f"{abs(ratio - 1):.1%} {'more' if ratio > 1 else 'fewer'} than"
 
 
 def format_table(comparison: Comparison) -> str:

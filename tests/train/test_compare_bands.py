@@ -128,10 +128,17 @@ def test_too_few_windows_are_warned_about_and_get_no_band(caplog) -> None:
 
 
 def test_a_model_of_another_size_or_training_is_named() -> None:
-    models = [_model("ttt", 118_760, 128), _model("attn", 302_720, 384), _model("swa", 120_000, 128)]
+    models = [
+        _model("ttt", 118_760, 128),
+        _model("attn", 302_720, 384),
+        _model("swa", 120_000, 128),
+        _model("small", 112_000, 128),
+    ]
     assert size_notes(models, 0) == [
         "attn has 302,720 parameters, 2.55x the baseline ttt's 118,760: its difference is also one of size",
         "attn trained on 384 tokens, the baseline ttt on 128: its difference is also one of training",
+        "small has 112,000 parameters, 5.7% fewer than the baseline ttt's 118,760: its difference is also one "
+        "of size",
     ]  # swa: 1% more parameters, the same tokens
     assert size_notes([_model("a", 100, None), _model("b", 104, 50)], 0) == []  # within 5%, tokens unknown
 

@@ -988,14 +988,7 @@ def _convert_to_checkpoint(args: argparse.Namespace, load: Callable[[], Any]) ->
     tokenizer = tokenizer_from_source(args.tokenizer) if args.tokenizer is not None else UnknownTokenizer()
     model = _load_converted(args, load)
     if args.tokenizer is not None:
-        from innerloop.hf.tokenizer import base_id_bound
-
-        bound = base_id_bound(tokenizer)  # one past the largest id, special tokens aside
-        if bound > model.config.vocab_size:
-            raise ConfigError(
-                f"--tokenizer {args.tokenizer!r} has ids up to {bound - 1} (special tokens aside) but the "
-                f"model's vocabulary has {model.config.vocab_size}: give the tokenizer the model was trained with"
-            )
+        _check_converted_tokenizer(args, tokenizer, model.config.vocab_size)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries_of([target])  # what a killed earlier convert of it left
     path = save_model_checkpoint(model, target, tokenizer.to_state())
@@ -1044,6 +1037,15 @@ def _convert_to_hugging_face(args: argparse.Namespace, load: Callable[[], Any]) 
     tokenizer_note = (
         "" if args.tokenizer else " (no tokenizer: pass --tokenizer, or copy the model's own into it)"
     )
+    if args.tokenizer is not None:
+        from innerloop.data.tokenizer import TokenizerError, tokenizer_from_source
+
+        try:
+            tokenizer = tokenizer_from_source(args.tokenizer)
+        except TokenizerError:
+            tokenizer = None  # the export names what is wrong with it, as before
+        if tokenizer is not None:
+            _check_converted_tokenizer(args, tokenizer, model.config.vocab_size)
     try:
         special = _converted_special_tokens(args)
         folder = export_model(
@@ -1055,6 +1057,44 @@ def _convert_to_hugging_face(args: argparse.Namespace, load: Callable[[], Any]) 
     print(f"Hugging Face folder: {folder}{tokenizer_note}")
     _print_kept(folder)
     return 0
+
+
+def _check_converted_tokenizer(args: argparse.Namespace, tokenizer: Any, vocab_size: int) -> None:
+    """Refuse a ``--tokenizer`` that cannot be the converted model's: ids past its vocabulary, or a
+    bos/eos id of its config that the tokenizer does not have (a Llama-2 tokenizer for a Llama-3-sized
+    model); warn where the config's bos/eos id is an ordinary token of it (the TTT-E2E inner loss skips
+    the bos id as the start of a document, and generate stops at eos), or where it covers under half
+    of the vocabulary."""
+    from innerloop.hf.tokenizer import base_id_bound
+
+    bound = base_id_bound(tokenizer)  # one past the largest id, special tokens aside
+    if bound > vocab_size:
+        raise ConfigError(
+            f"--tokenizer {args.tokenizer!r} has ids up to {bound - 1} (special tokens aside) but the "
+            f"model's vocabulary has {vocab_size}: give the tokenizer the model was trained with"
+        )
+    backend = getattr(tokenizer, "backend", None)  # a tokenizers.Tokenizer; the byte one has no specials
+    if backend is not None:
+        specials = {i for i, token in backend.get_added_tokens_decoder().items() if token.special}
+        size = backend.get_vocab_size(with_added_tokens=True)
+        for name, token_id in _converted_special_tokens(args).items():
+            token = backend.id_to_token(token_id)
+            where = f"the converted model's {name}={token_id} (its config)"
+            if token is None:
+                raise ConfigError(
+                    f"{where} is no id of --tokenizer {args.tokenizer!r} ({size} ids): give the tokenizer the "
+                    "model was trained with (the official TTT-E2E releases read Llama-3's, 128,256 ids)"
+                )
+            if token_id not in specials:
+                warnings.warn(f"{where} is the ordinary token {token!r} of --tokenizer {args.tokenizer!r}, not a "
+                              "special token: is it the tokenizer the model was trained with?", UserWarning, stacklevel=2)  # fmt: skip
+    if bound < vocab_size / 2:
+        warnings.warn(
+            f"--tokenizer {args.tokenizer!r} has {bound} ids (special tokens aside) for a vocabulary of {vocab_size}: "
+            "is it the tokenizer the model was trained with?",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def _converted_special_tokens(args: argparse.Namespace) -> dict[str, int]:

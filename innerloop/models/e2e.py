@@ -521,10 +521,10 @@ class E2ELM(nn.Module):
         self.inner_loss: ModelInnerLoss = registry.model_inner_loss(config.e2e.inner_loss)
         self.update_rule: ModelUpdateRule = registry.model_update_rule(config.e2e.update_rule)
         # Share of the outer training done, for the inner lr's warm-up (set_outer_progress). 1 (fully
-        # warmed up) in a freshly built model. The training loop sets it to global_step / max_steps
+        # warmed up) in a freshly built model. The training loop sets it to (global_step + 1) / max_steps
         # before each step, and it is saved with the weights: a loaded checkpoint keeps the progress of
-        # the last step it was trained at, (max_steps - 1) / max_steps for a finished run, and runs at
-        # that step's inner lr (as validation during the run did) until set_outer_progress(1.0).
+        # the last step it was trained at (1 for a finished run) and runs at that step's inner lr (as
+        # validation during the run did) until set_outer_progress(1.0).
         self.register_buffer("outer_progress", torch.ones((), dtype=torch.float64))
         self._built = {field: _config_field(config, field) for field in BUILT_FIELDS}
         self._warned_of_one_chunk_training = False
@@ -572,7 +572,7 @@ class E2ELM(nn.Module):
         return gate, up, down
 
     def set_outer_progress(self, progress: float) -> None:
-        """Tell the model how far outer training is (``step / max_steps``, in [0, 1]), for the inner-lr
+        """Tell the model how far outer training is (``steps / max_steps``, in [0, 1]), for the inner-lr
         warm-up; ``set_outer_progress(1.0)`` gives the full ``inner_lr``.
 
         A finite value outside [0, 1] is clamped to it (a step past ``max_steps`` is fully warmed up);

@@ -313,7 +313,8 @@ class LanguageModelModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         inputs, targets = batch
         if hasattr(self.model, "set_outer_progress"):  # TTT-E2E: its inner lr warms up with the outer steps
-            self.model.set_outer_progress(self.global_step / self.hparams.max_steps)
+            # counting this step as done, as the official schedule does: min(1, (step + 1) / warm-up steps)
+            self.model.set_outer_progress((self.global_step + 1) / self.hparams.max_steps)
         calls: list[LayerCall] = []
         with _non_finite_propagates(self._checked_layers, calls):
             logits = self(inputs)

@@ -580,9 +580,15 @@ def test_presets_load_and_the_125m_one_has_the_paper_shape() -> None:
 
 
 @pytest.mark.slow  # ~0.4 s: a Lightning training run of the E2E model
-def test_cli_trains_e2e_tiny_through_the_lightning_module(tmp_path, capsys) -> None:
+def test_cli_trains_e2e_tiny_through_the_lightning_module(tmp_path, capsys, monkeypatch) -> None:
     from innerloop.cli import main
     from innerloop.train import load_model
+
+    told: list[float] = []
+    set_progress = E2ELM.set_outer_progress
+    monkeypatch.setattr(
+        E2ELM, "set_outer_progress", lambda self, p: (told.append(p), set_progress(self, p))[1]
+    )
 
     text = tmp_path / "corpus.txt"
     text.write_text("def f(x):\n    return x + 1\n" * 200, encoding="utf-8")
@@ -609,8 +615,11 @@ def test_cli_trains_e2e_tiny_through_the_lightning_module(tmp_path, capsys) -> N
     assert "validation perplexity:" in capsys.readouterr().out
     model = load_model(out / "last.safetensors")
     assert isinstance(model, E2ELM) and model.config.e2e.chunk_size == 8
-    # The LightningModule told the model where the outer training was (last step: 2 of 3).
-    assert float(model.outer_progress) == pytest.approx(2 / 3)
+    # The LightningModule told the model where the outer training was before each step, that step
+    # counted done as in the official schedule, min(1, (step + 1) / warm-up steps); the checkpoint keeps
+    # the last step's.
+    assert told == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert float(model.outer_progress) == 1.0
     assert (out / "loss_by_position.png").is_file()
 
 

@@ -231,10 +231,22 @@ def _inner_optimizer(training: Mapping[str, Any]) -> dict[str, float]:
             )
         values[ours] = float(value)
     warmup, total = training.get("ilr_warmup_steps", 0), training.get("total_steps", 0)
+    for key, value in (("ilr_warmup_steps", warmup), ("total_steps", total)):
+        if not (_positive_int(value) or value == 0) or isinstance(value, (bool, float)):
+            unresolved = isinstance(value, str) and "${" in value
+            hint = " (an unresolved interpolation: give the config Hydra resolved, --cfg job --resolve)"
+            raise OfficialConfigError(
+                f"training.{key}={value!r} must be an integer >= 0{hint if unresolved else ''}"
+            )
     start = training.get("ilr_init", 1.0)
     if not _finite_number(start) or start < 0:
         raise OfficialConfigError(f"training.ilr_init={start!r} must be a finite number >= 0")
-    if _positive_int(warmup) and _positive_int(total):
+    if warmup >= 1 and total < 1:
+        raise OfficialConfigError(
+            f"training.ilr_warmup_steps={warmup} needs training.total_steps >= 1, got {total!r} (the warm-up "
+            "is a share of the outer steps)"
+        )
+    if warmup >= 1:
         values["inner_lr_start"] = float(start)
         values["inner_lr_warmup_fraction"] = min(warmup / total, 0.999)
     else:

@@ -442,6 +442,23 @@ def test_inner_optimizer_and_untied_head_errors_name_the_field() -> None:
         model_config({"model": CONFIG["model"]})
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("ilr_warmup_steps", "${training.total_steps}", r"training\.ilr_warmup_steps='\$\{training\.total_steps\}' must be an integer >= 0 \(an unresolved interpolation"),
+        ("ilr_warmup_steps", -1, r"training\.ilr_warmup_steps=-1 must be an integer >= 0$"),
+        ("total_steps", 4800.0, r"training\.total_steps=4800\.0 must be an integer >= 0$"),
+        ("total_steps", 0, r"training\.ilr_warmup_steps=480 needs training\.total_steps >= 1, got 0"),
+    ],
+)  # fmt: skip
+def test_a_warm_up_that_is_not_whole_steps_is_refused_not_dropped(key, value, match) -> None:
+    """Such a warm-up was read as none (the full inner lr from the first step), silently."""
+    with pytest.raises(OfficialConfigError, match=match):
+        model_config(with_field("training", key, value))
+    none = model_config(with_field("training", "ilr_warmup_steps", 0)).e2e
+    assert (none.inner_lr_warmup_fraction, none.inner_lr_start) == (0.0, none.inner_lr)
+
+
 def test_the_official_dtype_aliases_are_accepted() -> None:
     assert model_config(with_field("model", "state_dtype", "float32")) == model_config(CONFIG)
     assert model_config(with_field("model", "compute_dtype", "bfloat16")).e2e.compute_dtype == "bfloat16"

@@ -121,7 +121,7 @@ def route_trainer_keys(container: Any, source: str, error: type[ValueError]) -> 
         elif key in trainer_arguments():
             lightning[key] = value_of_its_kind(value, trainer_arguments()[key])
         else:
-            raise error(_unknown_key_message(key, source))
+            raise error(_unknown_key_message(str(key), source))
     _check_lightning_names(trainer.get("lightning"), source, error)
     if isinstance(trainer.get("lightning"), dict):
         trainer["lightning"] = {

@@ -116,11 +116,34 @@ class OfficialConfigError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
+def _resolved_where_possible(config: Any) -> Any:
+    """``config`` as plain containers, each interpolation ``${...}`` resolved where it resolves outside
+    Hydra (``${training.total_steps}``; a config Hydra saved under ``.hydra`` keeps them) and left as
+    its text where not (``${hydra:...}``, ``${now:...}``): a field the loader reads then names it."""
+    data = OmegaConf.to_container(config, resolve=False)
+
+    def resolve(node: Any, path: tuple[Any, ...]) -> Any:
+        if isinstance(node, dict):
+            return {k: resolve(v, (*path, k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v, (*path, i)) for i, v in enumerate(node)]
+        if isinstance(node, str) and "${" in node:
+            try:
+                value = OmegaConf.select(config, ".".join(map(str, path)), throw_on_resolution_failure=True)
+            except Exception:  # an unknown resolver, a missing key, a cycle: kept as written
+                return node
+            return OmegaConf.to_container(value, resolve=False) if OmegaConf.is_config(value) else value
+        return node
+
+    return resolve(data, ())
+
+
 def read_config(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
     """The official resolved Hydra config as a dict: ``config`` itself, or read from a YAML or JSON file.
 
-    It must have the ``model`` and ``training`` sections (Hydra writes the resolved config of a run to
-    ``.hydra/config.yaml``; ``train ... --cfg job`` prints it).
+    It must have the ``model`` and ``training`` sections (``train ... --cfg job --resolve`` prints it;
+    Hydra writes it to a run's ``.hydra/config.yaml`` with its interpolations, which are resolved here
+    where they resolve outside Hydra).
     """
     if isinstance(config, Mapping):
         data: Any = dict(config)
@@ -133,7 +156,7 @@ def read_config(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
             if path.suffix == ".json":
                 data = json.loads(text)
             else:  # omegaconf's YAML reader, as Hydra's (``1e-6`` is a number, not a string)
-                data = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+                data = _resolved_where_possible(OmegaConf.create(text))
         except (ValueError, yaml.YAMLError, OmegaConfBaseException) as err:  # JSONDecodeError is a ValueError
             problem = " ".join(str(err).split())
             raise OfficialConfigError(f"config {str(path)!r} cannot be read: {problem}") from None
@@ -231,7 +254,8 @@ def _inner_optimizer(training: Mapping[str, Any]) -> dict[str, float]:
             )
         values[ours] = float(value)
     warmup, total = training.get("ilr_warmup_steps", 0), training.get("total_steps", 0)
-    for key, value in (("ilr_warmup_steps", warmup), ("total_steps", total)):
+    read = (("ilr_warmup_steps", warmup), ("total_steps", total))
+    for key, value in read if _positive_int(warmup) else read[:1]:  # total_steps: read for a warm-up only
         if not (_positive_int(value) or value == 0) or isinstance(value, (bool, float)):
             unresolved = isinstance(value, str) and "${" in value
             hint = " (an unresolved interpolation: give the config Hydra resolved, --cfg job --resolve)"

@@ -282,7 +282,7 @@ class Registry:
         distribution = _distribution_of(entry_point)
         origin = f"{entry_point.name} ({distribution})"
         staging = _Staging()
-        before = len(self.entries())
+        before = {(entry.kind, entry.name) for entry in self.entries()}
         origins_before = {entry.origin for entry in self.entries()}
         try:
             plugin = entry_point.load()
@@ -290,8 +290,16 @@ class Registry:
             failure = f"importing {entry_point.value!r} raised {type(error).__name__}: {error}"
         else:
             try:
-                if len(self.entries()) > before and not self._marked_hooks(plugin):
+                registered_at_import = [e for e in self.entries() if (e.kind, e.name) not in before]
+                if not self._marked_hooks(plugin) and registered_at_import:
                     # its import registered objects (innerloop.register_<kind>): no hook needed
+                    _REGISTERED_AT_IMPORT[entry_point.value] = registered_at_import
+                    self._remember_distribution(entry_point, origins_before)
+                    return None
+                if not self._marked_hooks(plugin) and entry_point.value in _REGISTERED_AT_IMPORT:
+                    # imported for an earlier registry (reset_registry, isolated_registry): its import does
+                    # not run again, so what it registered then is registered again, checked the same way
+                    self._register_again(_REGISTERED_AT_IMPORT[entry_point.value], staging)
                     self._remember_distribution(entry_point, origins_before)
                     return None
                 self._add(plugin, origin, staging)
@@ -311,6 +319,14 @@ class Registry:
         )
         warnings.warn(broken.message() + refused, PluginLoadWarning, stacklevel=2)
         return broken
+
+    def _register_again(self, entries: list[Entry], staging: _Staging) -> None:
+        """Register ``entries`` again, through the registrar of each one's kind and origin (validated, no
+        clash), all or none."""
+        for entry in entries:
+            self.registrar(KIND_BY_NAME[entry.kind], entry.origin, staging)(entry.obj)
+        for kind, accepted in staging.entries.items():
+            self._entries[kind].update(accepted)
 
     def _remember_distribution(self, entry_point: Any, origins_before: set[str]) -> None:
         """Record the distribution (and its version) of ``entry_point`` for every origin that appeared
@@ -669,6 +685,10 @@ def outside_transforms() -> contextlib.AbstractContextManager[None]:
 _REGISTRY: Registry | None = None
 _LOCK = threading.RLock()
 
+_REGISTERED_AT_IMPORT: dict[str, list[Entry]] = {}
+"""Entry point (``module:attr``) -> what its module registered when imported (``innerloop.register_<kind>``
+at import, no hooks): a later registry of this process gets them again (the module is not imported again)."""
+
 
 _BUILDING: Registry | None = None
 """The process-wide registry while its entry points load (then :func:`get_registry` returns it)."""
@@ -709,7 +729,8 @@ def reset_registry() -> None:
 
 @contextlib.contextmanager
 def isolated_registry() -> Iterator[None]:
-    """A fresh process-wide registry inside the block, the process's own one back after it.
+    """A fresh process-wide registry inside the block, the process's own one back after it (blocks
+    nest; they are not for several threads at once: the registry is the process's).
 
     Inside, :func:`get_registry` builds a new registry on first use (the built-ins and the allowed
     entry points) with no kernel verdicts; what the block registers, removes or breaks is gone when it

@@ -44,8 +44,9 @@ def bootstrap_difference(
 
     Returns ``(mean [K], low [K], high [K])``: ``mean`` is ``sum(differences) / sum(counts)`` over all
     windows, ``low``/``high`` the :func:`expanded_tail` and ``1 -`` it quantiles (``torch.quantile``,
-    linear) of the same ratio over the resamples. NaN where a bucket has no tokens; ``low``/``high`` NaN
-    everywhere below :data:`MIN_BAND_WINDOWS` windows.
+    linear, over the resamples that hold a token of the bucket) of the same ratio over the resamples. NaN
+    where a bucket has no tokens; ``low``/``high`` NaN everywhere below :data:`MIN_BAND_WINDOWS` windows,
+    and in a bucket where a window's difference is not finite (an inf or NaN loss).
     """
     if differences.shape != counts.shape or differences.dim() != 2 or differences.shape[0] < 1:
         raise ValueError(
@@ -67,7 +68,10 @@ def bootstrap_difference(
         [differences[chunk].sum(1) / counts[chunk].sum(1) for chunk in picks.split(1000)]
     )  # [R, K]
     tail = expanded_tail(windows, confidence)
-    low, high = torch.quantile(resampled, torch.tensor([tail, 1 - tail], dtype=torch.float64), dim=0)
+    # nanquantile: a resample may hold no scored token of a bucket (0 / 0) that other windows have
+    low, high = torch.nanquantile(resampled, torch.tensor([tail, 1 - tail], dtype=torch.float64), dim=0)
+    if not bool(torch.isfinite(differences).all()):  # an inf or NaN loss: no spread to speak of
+        low, high = (torch.where(torch.isfinite(differences).all(0), q, math.nan) for q in (low, high))
     return mean, low, high
 
 

@@ -593,12 +593,14 @@ TOKENS_PER_S_NOTE = (
 
 
 def _relative(value: int, to: int) -> str:
-    """``value`` against ``to`` in words: ``2.55x`` for a factor of 2 or more (either way), else ``5.0% more
-    than`` / ``5.0% fewer than``."""
+    """``value`` against ``to`` in words: ``2.55x`` for a factor of 2 or more (either way), else ``5.03%
+    more than`` / ``fewer than`` (two decimals below 10%: 5.03% must not read as the 5% tolerance)."""
     ratio = value / to
     if ratio >= 2 or ratio <= 0.5:
         return f"{ratio:.2f}x"
-    return f"{abs(ratio - 1):.1%} {'more' if ratio > 1 else 'fewer'} than"
+    share = abs(ratio - 1)
+    amount = f"{share:.2%}" if share < 0.1 else f"{share:.1%}"
+    return f"{amount} {'more' if ratio > 1 else 'fewer'} than"
 
 
 def format_table(comparison: Comparison) -> str:
@@ -623,7 +625,7 @@ def format_table(comparison: Comparison) -> str:
 DIFFERENCE_NOTE = (
     "loss - baseline: the mean loss per scored token minus the baseline's on the same windows (nats; "
     "negative: lower loss than the baseline), with its {confidence:.0%} band, a paired bootstrap over "
-    "windows (none below {windows} windows)"
+    "windows (none below {windows} windows, or where a loss is not finite)"
 )
 """What the table's ``loss - baseline`` columns hold (printed below the table)."""
 

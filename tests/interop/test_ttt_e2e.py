@@ -32,6 +32,7 @@ from innerloop.interop.ttt_e2e import (
     load_model,
     model_config,
     model_from_arrays,
+    read_config,
     read_orbax_weights,
     weights_folder,
 )
@@ -760,3 +761,26 @@ def test_other_configurations_equal_the_official_forward(name: str) -> None:
                     mine = after[c][f"blocks.{first_suffix + s}.prime.{ours}.weight"][b].T
                     official_w = fast[c][("w1", "w2", "w3").index(w)][s]
                     assert np.abs(mine - official_w).max() < 1e-5, (c, s, w)
+
+
+def test_a_yaml_config_with_interpolations_reads_them_resolved_where_they_resolve(tmp_path) -> None:
+    """The config Hydra saves under .hydra keeps its interpolations: those that resolve outside Hydra
+    are read resolved (the warm-up), others stay as written (a field read from one names it)."""
+    import yaml
+
+    config = copy.deepcopy(CONFIG)
+    config["training"]["ilr_warmup_steps"] = "${training.total_steps}"
+    config["training"]["output_dir"] = "${hydra:runtime.cwd}/out"  # never read by the loader
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    read = read_config(path)
+    assert read["training"]["ilr_warmup_steps"] == config["training"]["total_steps"]
+    assert read["training"]["output_dir"] == "${hydra:runtime.cwd}/out"
+    assert model_config(read).e2e.inner_lr_warmup_fraction == 0.999
+
+
+def test_total_steps_is_not_read_without_a_warm_up() -> None:
+    for total in (None, "???", "${training.steps}"):
+        config = with_field("training", "ilr_warmup_steps", 0)
+        config["training"]["total_steps"] = total
+        assert model_config(config).e2e.inner_lr_warmup_fraction == 0.0

@@ -137,7 +137,7 @@ def test_a_model_of_another_size_or_training_is_named() -> None:
     assert size_notes(models, 0) == [
         "attn has 302,720 parameters, 2.55x the baseline ttt's 118,760: its difference is also one of size",
         "attn trained on 384 tokens, the baseline ttt on 128: its difference is also one of training",
-        "small has 112,000 parameters, 5.7% fewer than the baseline ttt's 118,760: its difference is also one "
+        "small has 112,000 parameters, 5.69% fewer than the baseline ttt's 118,760: its difference is also one "
         "of size",
     ]  # swa: 1% more parameters, the same tokens
     assert size_notes([_model("a", 100, None), _model("b", 104, 50)], 0) == []  # within 5%, tokens unknown
@@ -149,3 +149,21 @@ def test_a_note_names_the_default_corpus() -> None:
     assert _shown("paths", {"name": "text", "paths": ["a.txt"]}) == "['a.txt']"
     assert _shown("paths", {"name": "hf", "paths": []}) == "[]"  # a Hugging Face dataset: no corpus
     assert _shown("val_fraction", {"name": "text", "paths": [], "val_fraction": 0.1}) == "0.1"
+
+
+def test_a_bucket_some_windows_do_not_score_still_gets_a_band() -> None:
+    """A resample of only the windows without a token of the bucket is 0 / 0: left out of the quantiles
+    (torch.quantile gave the whole band NaN)."""
+    counts = torch.ones(8, 1, dtype=torch.float64)
+    counts[:4] = 0  # half the windows score no token of the bucket
+    differences = torch.linspace(-1, 1, 8, dtype=torch.float64)[:, None] * counts
+    mean, low, high = bootstrap_difference(differences, counts, resamples=2000)
+    assert low.item() < mean.item() < high.item()
+
+
+def test_a_loss_that_is_not_finite_gets_no_band_in_its_bucket() -> None:
+    differences = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    differences[3, 0] = math.inf
+    mean, low, high = bootstrap_difference(differences, torch.ones(8, 2), resamples=200)
+    assert mean[0].item() == math.inf and math.isnan(low[0]) and math.isnan(high[0])
+    assert low[1].item() < high[1].item()  # the other bucket's band is unchanged

@@ -129,3 +129,11 @@ def test_pyprojects_filter_still_matches_the_oversubscribed_warning() -> None:
 def test_a_key_of_another_section_under_trainer_is_suggested(override, suggested) -> None:
     with pytest.raises(ConfigError, match=f"did you mean {re.escape(suggested)}\\?"):
         load_config("tiny", [override])
+
+
+def test_a_trainer_key_that_is_not_a_string_is_an_unknown_key(tmp_path) -> None:
+    """YAML `trainer: {1: 2}` crashed with a TypeError while naming the key."""
+    path = tmp_path / "run.yaml"
+    path.write_text("trainer:\n  1: 2\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'trainer.1'"):
+        load_config(str(path))

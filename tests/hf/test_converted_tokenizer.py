@@ -106,8 +106,17 @@ def test_convert_records_the_tokenizer_it_is_given(
     )
     assert code == 0 and out.startswith("def "), err
 
-    code, out, err = _run(capsys, "convert", "ttt-lm-pytorch", source, tmp_path / "t", "--tokenizer", bpe_dir)
+    # innerloop's own BPE has its one special token at 0: the reference config's bos 1 and eos 2 are
+    # ordinary tokens of it, which convert says (the model converts all the same)
+    with pytest.warns(UserWarning, match=r"\(its config\) is the ordinary token") as caught:
+        code, out, err = _run(
+            capsys, "convert", "ttt-lm-pytorch", source, tmp_path / "t", "--tokenizer", bpe_dir
+        )
     assert code == 0, err
+    assert [str(w.message).split(" (its config)")[0] for w in caught] == [
+        "the converted model's bos_token_id=1",
+        "the converted model's eos_token_id=2",
+    ]
     recorded = checkpoint_tokenizer(tmp_path / "t" / "last.safetensors")
     assert recorded == load_tokenizer(str(bpe_dir))
     code, out, err = _run(

@@ -86,13 +86,14 @@ def test_a_checkpoint_saved_during_the_warm_up_runs_at_the_inner_lr_the_docs_giv
     model = load_model(out / "last.safetensors")
     e2e = model.config.e2e
     assert (e2e.inner_lr, e2e.inner_lr_start) == (1.0, 0.1)  # the preset's, which the docs use
-    # The docs: a finished run is saved at (max_steps - 1) / max_steps = 0.75, inner lr 0.85.
-    assert float(model.outer_progress) == pytest.approx(0.75)
+    # The docs: a finished run is saved at progress 1, the full inner lr (its last step counted done, as
+    # the official schedule counts it); a checkpoint after 2 of its 4 steps: progress 0.5, inner lr 0.6.
+    assert float(model.outer_progress) == 1.0
     ids = torch.randint(256, (1, 40), generator=torch.Generator().manual_seed(0))
     used = inner_lrs_used(model, monkeypatch, ids)
-    assert len(used) == 4 and used == pytest.approx([0.85] * 4)  # chunks 0-3 train (4 is pending)
-    model.set_outer_progress(1.0)  # the docs' way to the full inner lr
-    assert inner_lrs_used(model, monkeypatch, ids) == pytest.approx([1.0] * 4)
+    assert len(used) == 4 and used == pytest.approx([1.0] * 4)  # chunks 0-3 train (4 is pending)
+    model.set_outer_progress(2 / 4)
+    assert inner_lrs_used(model, monkeypatch, ids) == pytest.approx([0.6] * 4)
 
 
 def test_the_docs_say_what_inner_lr_a_loaded_checkpoint_runs_at() -> None:
@@ -100,9 +101,9 @@ def test_the_docs_say_what_inner_lr_a_loaded_checkpoint_runs_at() -> None:
     assert "a model that is not being trained uses the full `inner_lr`" not in docs
     for claim in (
         "a loaded checkpoint keeps it",
-        "a finished run is saved at `(max_steps - 1) / max_steps`",
-        "`max_steps=4 model.e2e.inner_lr_warmup_fraction=0.9` even the finished run's: progress 0.75, "
-        "inner lr 0.85",
+        "a finished run is saved at 1, the full `inner_lr`",
+        "`max_steps=4 model.e2e.inner_lr_warmup_fraction=0.9` a checkpoint after 2 steps: progress 0.5, "
+        "inner lr 0.6",
         "call `model.set_outer_progress(1.0)` after loading",
     ):
         assert claim in docs
@@ -110,9 +111,9 @@ def test_the_docs_say_what_inner_lr_a_loaded_checkpoint_runs_at() -> None:
 
 def test_the_inner_lr_of_a_step_during_the_default_warm_up_is_the_one_the_docs_give() -> None:
     model = tiny_model(inner_lr=1.0, inner_lr_start=0.1, inner_lr_warmup_fraction=0.1)
-    model.set_outer_progress(499 / 10_000)  # a checkpoint written after step 500 of 10 000
-    assert model.inner_lr() == pytest.approx(0.5491)
-    assert "progress 0.0499, inner lr `0.1 + 0.9 * 0.0499 / 0.1 = 0.549`" in docs_text()
+    model.set_outer_progress(500 / 10_000)  # a checkpoint written after step 500 of 10 000
+    assert model.inner_lr() == pytest.approx(0.55)
+    assert "progress 0.05, inner lr `0.1 + 0.9 * 0.05 / 0.1 = 0.55`" in docs_text()
     model.set_outer_progress(1 / 2)  # a finished 2-step run: past the default warm-up
     assert model.inner_lr() == 1.0
 

@@ -1077,6 +1077,16 @@ def _check_converted_tokenizer(args: argparse.Namespace, tokenizer: Any, vocab_s
     if backend is not None:
         specials = {i for i, token in backend.get_added_tokens_decoder().items() if token.special}
         size = backend.get_vocab_size(with_added_tokens=True)
+        past = sorted(i for i in specials if i >= vocab_size)
+        if past:
+            warnings.warn(
+                f"--tokenizer {args.tokenizer!r} has special tokens past the model's vocabulary of {vocab_size} "
+                f"({', '.join(f'{backend.id_to_token(i)!r} = {i}' for i in past)}): the model never reads or "
+                "writes them, and an export's tokenizer names them (its end-of-text among them, perhaps) where "
+                "the model's config names its own",
+                UserWarning,
+                stacklevel=2,
+            )
         for name, token_id in _converted_special_tokens(args).items():
             token = backend.id_to_token(token_id)
             where = f"the converted model's {name}={token_id} (its config)"

@@ -620,7 +620,8 @@ def _merged_config(preset_or_file: Any, overrides: Sequence[str]) -> tuple[Any, 
     schema with the source and ``overrides`` merged in; the keys and types checked, not the values."""
     _check_load_arguments(preset_or_file, overrides)
     text, source = _read_source(preset_or_file)
-    read = _merged_source(text, source)
+    # a config of a megabyte or more (a generated one) is not kept: the cache holds 32 sources
+    read = _merged_source(text, source) if len(text) < 1_000_000 else _merged_source.__wrapped__(text, source)
     base = functools.partial(copy.deepcopy, read.merged)  # a new config each call
     checked: list[tuple[DictConfig, str]] = []  # merged together after the loop: one merge, not one each
     sources = {key: source for key in read.interpolated}

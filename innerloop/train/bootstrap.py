@@ -15,6 +15,8 @@ says, so none is claimed.
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
+from typing import Any
 
 import torch
 
@@ -53,10 +55,16 @@ def bootstrap_difference(
             f"differences and counts must both be [windows >= 1, buckets], got {tuple(differences.shape)} "
             f"and {tuple(counts.shape)}"
         )
-    if resamples < 1 or not 0 < confidence < 1:
-        raise ValueError(f"resamples={resamples} must be >= 1 and confidence={confidence} in (0, 1)")
+    if _not_a_number(resamples) or isinstance(resamples, float) or resamples < 1:
+        raise ValueError(f"resamples={resamples!r} must be an integer >= 1")
+    _check_probability("confidence", confidence)
+    if _not_a_number(seed) or isinstance(seed, float):
+        raise ValueError(f"seed={seed!r} must be an integer")
     differences, counts = differences.double(), counts.double()
-    mean = differences.sum(0) / counts.sum(0)
+    if not bool(((counts >= 0) & torch.isfinite(counts)).all()):
+        raise ValueError("counts must be finite numbers of scored tokens >= 0")
+    total = counts.sum(0)
+    mean = torch.where(total > 0, differences.sum(0) / total, math.nan)  # NaN: a bucket without tokens
     windows = differences.shape[0]
     if windows < MIN_BAND_WINDOWS:
         nan = torch.full_like(mean, math.nan)
@@ -78,46 +86,89 @@ def bootstrap_difference(
 def expanded_tail(windows: int, confidence: float) -> float:
     """The lower quantile of the expanded percentile band over ``windows >= 2`` values:
     ``Phi(-sqrt(n / (n - 1)) * t_{n-1}((1 + confidence) / 2))``, below ``(1 - confidence) / 2``."""
-    if windows < 2 or not 0 < confidence < 1:
-        raise ValueError(f"windows={windows} must be >= 2 and confidence={confidence} in (0, 1)")
+    if _not_a_number(windows) or isinstance(windows, float) or windows < 2:
+        raise ValueError(f"windows={windows!r} must be an integer >= 2")
+    _check_probability("confidence", confidence)
     z = math.sqrt(windows / (windows - 1)) * student_t_quantile((1 + confidence) / 2, windows - 1)
-    return 0.5 * math.erfc(z / math.sqrt(2))  # Phi(-z)
+    return NormalDist().cdf(-z)
+
+
+LARGE_DOF = 1e6
+"""Degrees of freedom from which Student's t is computed from the normal distribution with its first
+corrections in ``1 / dof`` (Cornish-Fisher for quantiles, Edgeworth for the tail; their error is of
+order ``dof^-2`` or smaller, below 1e-11), not from the incomplete beta function, whose ``lgamma`` terms
+lose digits there."""
 
 
 def student_t_quantile(probability: float, dof: float) -> float:
-    """The ``probability`` quantile of Student's t with ``dof > 0`` degrees of freedom (bisection on
-    :func:`student_t_cdf`, to about 1e-12)."""
-    if not 0 < probability < 1 or not dof > 0:
-        raise ValueError(f"probability={probability} must be in (0, 1) and dof={dof} > 0")
-    if probability < 0.5:
-        return -student_t_quantile(1 - probability, dof)
+    """The ``probability`` quantile of Student's t with ``dof > 0`` degrees of freedom (``inf``: the
+    normal distribution): bisection on the tail :func:`student_t_tail` to about 1e-12 relative, or
+    from :data:`LARGE_DOF` on the Cornish-Fisher expansion. A quantile past 1e150 (a tiny ``dof``) is a
+    ValueError."""
+    _check_probability("probability", probability)
+    _check_dof(dof)
+    if dof >= LARGE_DOF:
+        z = NormalDist().inv_cdf(probability)
+        return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
+    tail = probability if probability < 0.5 else 1 - probability  # P(T > |quantile|)
     low, high = 0.0, 1.0
-    while student_t_cdf(high, dof) < probability:
+    while student_t_tail(high, dof) > tail:
         low, high = high, 2 * high
+        if high > 1e150:
+            raise ValueError(
+                f"the {probability} quantile of Student's t with dof={dof} is past 1e150, beyond this function"
+            )
     while high - low > 1e-12 * max(1.0, high):
         middle = (low + high) / 2
-        low, high = (middle, high) if student_t_cdf(middle, dof) < probability else (low, middle)
-    return (low + high) / 2
+        low, high = (middle, high) if student_t_tail(middle, dof) > tail else (low, middle)
+    quantile = (low + high) / 2
+    return quantile if probability >= 0.5 else -quantile
 
 
 def student_t_cdf(t: float, dof: float) -> float:
-    """``P(T <= t)`` for Student's t with ``dof`` degrees of freedom:
-    ``1 - I_{dof / (dof + t^2)}(dof / 2, 1 / 2) / 2`` for ``t >= 0``, by symmetry below."""
-    upper = 0.5 * regularized_incomplete_beta(dof / (dof + t * t), dof / 2, 0.5)  # P(T > |t|)
+    """``P(T <= t)`` for Student's t with ``dof > 0`` degrees of freedom (``inf``: the normal)."""
+    if _not_a_number(t) or math.isnan(t):
+        raise ValueError(f"t={t!r} must be a number (not NaN)")
+    upper = student_t_tail(abs(t), dof)
     return 1 - upper if t >= 0 else upper
 
 
+def student_t_tail(t: float, dof: float) -> float:
+    """``P(T > t)`` for ``t >= 0``: ``I_{dof / (dof + t^2)}(dof / 2, 1 / 2) / 2``, with ``1 - x`` given
+    as ``t^2 / (dof + t^2)`` (no cancellation for large ``dof``)."""
+    _check_dof(dof)
+    if _not_a_number(t) or not t >= 0:
+        raise ValueError(f"t={t!r} must be a number >= 0")
+    if math.isinf(t):
+        return 0.0
+    if dof >= LARGE_DOF:  # Edgeworth: P(T > t) = Phi(-t) + phi(t) (t^3 + t) / (4 dof) + O(dof^-2)
+        return NormalDist().cdf(-t) + NormalDist().pdf(t) * (t**3 + t) / (4 * dof)
+    denominator = dof + t * t
+    return 0.5 * _incomplete_beta(dof / denominator, t * t / denominator, dof / 2, 0.5)
+
+
 def regularized_incomplete_beta(x: float, a: float, b: float) -> float:
-    """``I_x(a, b)`` for ``0 <= x <= 1``, ``a, b > 0``: the continued fraction of ``I_x(a, b)``
-    evaluated by Lentz's method where it converges fast (``x < (a + 1) / (a + b + 2)``), else
-    ``1 - I_{1-x}(b, a)``."""
+    """``I_x(a, b)`` for ``0 <= x <= 1`` and finite ``a, b > 0``: the continued fraction of
+    ``I_x(a, b)`` evaluated by Lentz's method where it converges fast (``x < (a + 1) / (a + b + 2)``),
+    else ``1 - I_{1-x}(b, a)``; a ValueError where it does not converge (``a`` or ``b`` past about
+    1e6)."""
+    for name, value in (("a", a), ("b", b)):
+        if _not_a_number(value) or not 0 < value < math.inf:
+            raise ValueError(f"{name}={value!r} must be a finite number > 0")
+    if _not_a_number(x) or not 0 <= x <= 1:
+        raise ValueError(f"x={x!r} must be a number in [0, 1]")
+    return _incomplete_beta(x, 1.0 - x, a, b)
+
+
+def _incomplete_beta(x: float, y: float, a: float, b: float) -> float:
+    """``I_x(a, b)`` with ``y = 1 - x`` given (computed without cancellation by the caller)."""
     if x <= 0.0:
         return 0.0
-    if x >= 1.0:
+    if y <= 0.0:
         return 1.0
     if x > (a + 1) / (a + b + 2):
-        return 1.0 - regularized_incomplete_beta(1.0 - x, b, a)
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+        return 1.0 - _incomplete_beta(y, x, b, a)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(y)
     return math.exp(log_front) * _beta_continued_fraction(x, a, b) / a
 
 
@@ -132,7 +183,7 @@ def _beta_continued_fraction(x: float, a: float, b: float) -> float:
 
     c, d = 1.0, 1.0 / clamp(1.0 - (a + b) * x / (a + 1))
     value = d
-    for m in range(1, 1000):
+    for m in range(1, 10_000):
         for numerator in (
             m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
             -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
@@ -141,5 +192,20 @@ def _beta_continued_fraction(x: float, a: float, b: float) -> float:
             c = clamp(1.0 + numerator / c)
             value *= c * d
         if abs(c * d - 1.0) < 1e-15:
-            break
-    return value
+            return value
+    raise ValueError(f"the incomplete beta function I_x(a, b) at x={x}, a={a}, b={b} did not converge")
+
+
+def _not_a_number(value: Any) -> bool:
+    """Whether ``value`` is not a plain real number (a bool, a str, a tensor are not)."""
+    return isinstance(value, bool) or not isinstance(value, (int, float))
+
+
+def _check_probability(name: str, value: Any) -> None:
+    if _not_a_number(value) or not 0 < value < 1:
+        raise ValueError(f"{name}={value!r} must be a number in (0, 1)")
+
+
+def _check_dof(dof: Any) -> None:
+    if _not_a_number(dof) or not dof > 0:
+        raise ValueError(f"dof={dof!r} must be a number > 0 (inf: the normal distribution)")

@@ -247,10 +247,7 @@ def compare(
     ``innerloop eval``). ``no_ttt`` switches test-time training off in every model that has it. Every
     model's training data is checked against the windows first (:func:`training_data_notes`: logged as
     warnings; a model that trained on the baseline's held-out text is refused)."""
-    if not runs_or_checkpoints:
-        raise ConfigError("compare needs at least one run folder or checkpoint")
-    if seq_lens is not None and (not seq_lens or min(seq_lens) < 1):
-        raise ConfigError(f"--seq-len must be one or more integers >= 1, got {list(seq_lens)}")
+    _check_compare_arguments(runs_or_checkpoints, seq_lens, baseline, resamples, confidence, seed)
     checkpoints = [resolve_checkpoint(p) for p in runs_or_checkpoints]
     names = model_names(checkpoints)
     base = _baseline_index(baseline, names, runs_or_checkpoints, checkpoints, no_ttt)
@@ -276,6 +273,31 @@ def compare(
         _add_length(comparison, result)
         comparison.windows_source = f"{windows.source} ({windows.tag}) of {reference.name}"
     return comparison
+
+
+def _check_compare_arguments(
+    runs: Any, seq_lens: Any, baseline: Any, resamples: Any, confidence: Any, seed: Any
+) -> None:
+    """:func:`compare`'s arguments, checked before any model is loaded."""
+
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if isinstance(runs, (str, Path)) or not isinstance(runs, Sequence) or not runs:
+        raise ConfigError(f"compare needs a list of one or more run folders or checkpoints, got {runs!r}")
+    if seq_lens is not None and (
+        isinstance(seq_lens, (str, bytes)) or not isinstance(seq_lens, Sequence) or not seq_lens
+        or not all(integer(n) and n >= 1 for n in seq_lens)
+    ):  # fmt: skip
+        raise ConfigError(f"--seq-len must be one or more integers >= 1, got {seq_lens!r}")
+    if baseline is not None and not isinstance(baseline, (str, Path)):
+        raise ConfigError(f"--baseline must be a model's name or path, got {baseline!r}")
+    if not integer(resamples) or resamples < 1:
+        raise ConfigError(f"--resamples must be an integer >= 1, got {resamples!r}")
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+        raise ConfigError(f"confidence must be a number in (0, 1), got {confidence!r}")
+    if not integer(seed):
+        raise ConfigError(f"--seed must be an integer, got {seed!r}")
 
 
 def _add_length(comparison: Comparison, result: LengthResult) -> None:
@@ -313,7 +335,13 @@ def size_notes(models: Sequence[ComparedModel], base: int) -> list[str]:
     for index, model in enumerate(models):
         if index == base:
             continue
-        if abs(model.parameters - baseline.parameters) > SIZE_TOLERANCE * baseline.parameters:
+        if baseline.parameters == 0 or model.parameters == 0:
+            if model.parameters != baseline.parameters:
+                notes.append(
+                    f"{model.name} has {model.parameters:,} parameters, the baseline {baseline.name} "
+                    f"{baseline.parameters:,}: its difference is also one of size"
+                )
+        elif abs(model.parameters - baseline.parameters) > SIZE_TOLERANCE * baseline.parameters:
             notes.append(
                 f"{model.name} has {model.parameters:,} parameters, {_relative(model.parameters, baseline.parameters)} "
                 f"the baseline {baseline.name}'s {baseline.parameters:,}: its difference is also one of size"

@@ -87,3 +87,11 @@ def test_a_tokenizer_covering_under_half_the_vocabulary_is_warned_about(tmp_path
     tokenizer = word_level(tmp_path / "t.json", ["<unk0>", "<s>", "</s>", "a", "b"], ["<s>", "</s>"])
     (warning,) = converted_warnings(tmp_path, tokenizer)
     assert "has 6 ids (special tokens aside) for a vocabulary of 256" in warning
+
+
+def test_special_tokens_past_the_vocabulary_are_warned_about(tmp_path) -> None:
+    """An export's tokenizer named an end-of-text id (257) the model of 256 ids cannot produce."""
+    words = ["<unk0>", "<s>", "</s>", *(f"w{i}" for i in range(250))]  # ids 0-252, [UNK] 253
+    tokenizer = word_level(tmp_path / "t.json", words, ["<s>", "</s>", "<pad>", "<eot>", "<sep>", "<x>"])
+    (warning,) = converted_warnings(tmp_path, tokenizer)  # <pad> 254, <eot> 255: inside; 256, 257: past
+    assert "has special tokens past the model's vocabulary of 256 ('<sep>' = 256, '<x>' = 257)" in warning

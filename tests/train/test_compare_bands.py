@@ -65,7 +65,7 @@ def test_the_incomplete_beta_function_at_closed_forms() -> None:
 def test_the_expanded_tail_is_the_plain_one_for_many_windows_and_narrower_for_few() -> None:
     assert expanded_tail(100_000, 0.95) == pytest.approx(0.025, rel=1e-3)
     assert expanded_tail(6, 0.95) < expanded_tail(30, 0.95) < 0.025
-    with pytest.raises(ValueError, match="windows=1 must be >= 2"):
+    with pytest.raises(ValueError, match="windows=1 must be an integer >= 2"):
         expanded_tail(1, 0.95)
 
 
@@ -167,3 +167,81 @@ def test_a_loss_that_is_not_finite_gets_no_band_in_its_bucket() -> None:
     mean, low, high = bootstrap_difference(differences, torch.ones(8, 2), resamples=200)
     assert mean[0].item() == math.inf and math.isnan(low[0]) and math.isnan(high[0])
     assert low[1].item() < high[1].item()  # the other bucket's band is unchanged
+
+
+@pytest.mark.parametrize("dof", [1e5, 1e6, 3e6, 1e9, 1e20, math.inf])
+def test_students_t_for_many_degrees_of_freedom_tends_to_the_normal(dof) -> None:
+    """dof / (dof + t^2) rounded to 1: the quantile at 1e20 was 90.5, at inf 4.5e-13 (1.96 both)."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.975)
+    expected = z + (z**3 + z) / (4 * dof)  # Cornish-Fisher to first order: the rest is below 1e-9 here
+    assert student_t_quantile(0.975, dof) == pytest.approx(expected, rel=1e-9)
+    assert student_t_cdf(expected, dof) == pytest.approx(0.975, abs=1e-10)
+
+
+def test_a_tiny_tail_probability_is_not_rounded_to_one() -> None:
+    # P(T < -t) = 1e-17 at dof 3: t = 10^(17/3) (3 sqrt 3 / (2 pi))^(1/3) to first order (Cauchy-like tail)
+    quantile = student_t_quantile(1e-17, 3)
+    assert quantile < -1e5 and student_t_cdf(quantile, 3) == pytest.approx(1e-17, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: student_t_quantile(0.975, 0), r"dof=0 must be a number > 0"),
+        (lambda: student_t_quantile(0.975, True), r"dof=True must be a number > 0"),
+        (lambda: student_t_quantile(1.0, 3), r"probability=1.0 must be a number in \(0, 1\)"),
+        (lambda: student_t_quantile(0.975, 0.001), r"past 1e150"),
+        (lambda: student_t_cdf(1.0, -2), r"dof=-2 must be a number > 0"),
+        (lambda: student_t_cdf(math.nan, 3), r"t=nan must be a number"),
+        (lambda: regularized_incomplete_beta(1.5, 1, 1), r"x=1.5 must be a number in \[0, 1\]"),
+        (lambda: regularized_incomplete_beta(0.5, -0.5, 1), r"a=-0.5 must be a finite number > 0"),
+        (lambda: regularized_incomplete_beta(0.5, 1, math.inf), r"b=inf must be a finite number > 0"),
+        (lambda: bootstrap_difference(torch.ones(8, 1), -torch.ones(8, 1)), r"counts must be finite"),
+        (lambda: bootstrap_difference(torch.ones(8, 1), torch.ones(8, 1), resamples=2.0), r"resamples=2.0"),
+        (
+            lambda: bootstrap_difference(torch.ones(8, 1), torch.ones(8, 1), confidence=True),
+            r"confidence=True",
+        ),
+        (lambda: bootstrap_difference(torch.ones(8, 1), torch.ones(8, 1), seed=0.5), r"seed=0.5"),
+    ],
+)
+def test_inputs_out_of_range_are_refused_naming_them(call, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_a_bucket_without_tokens_has_a_nan_mean() -> None:
+    counts = torch.ones(8, 2)
+    counts[:, 1] = 0
+    mean, low, high = bootstrap_difference(torch.ones(8, 2), counts)
+    assert mean[0].item() == pytest.approx(1.0) and math.isnan(mean[1]) and math.isnan(low[1])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "match"),
+    [
+        ({"runs_or_checkpoints": "runs/a"}, "a list of one or more run folders"),
+        ({"seq_lens": 16}, r"--seq-len must be one or more integers >= 1, got 16"),
+        ({"seq_lens": [16.5]}, r"got \[16.5\]"),
+        ({"seq_lens": [True]}, r"got \[True\]"),
+        ({"baseline": 1}, r"--baseline must be a model's name or path, got 1"),
+        ({"resamples": 0}, r"--resamples must be an integer >= 1, got 0"),
+        ({"confidence": 1.5}, r"confidence must be a number in \(0, 1\), got 1.5"),
+        ({"seed": "0"}, r"--seed must be an integer, got '0'"),
+    ],
+)
+def test_compare_checks_its_arguments_before_loading_anything(arguments, match) -> None:
+    from innerloop.config import ConfigError
+    from innerloop.train.compare import compare
+
+    call = {"runs_or_checkpoints": ["/nonexistent/run"], **arguments}
+    with pytest.raises(ConfigError, match=match):
+        compare(**call)
+
+
+def test_a_baseline_without_parameters_is_no_division_by_zero() -> None:
+    assert size_notes([_model("empty", 0, 1), _model("ttt", 100, 1)], 0) == [
+        "ttt has 100 parameters, the baseline empty 0: its difference is also one of size"
+    ]

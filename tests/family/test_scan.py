@@ -91,16 +91,26 @@ def test_bad_arguments_are_named(change, error, match):
         scan(**arguments)
 
 
-def test_a_momentum_initial_needs_the_momentum_rule():
+@pytest.mark.parametrize(
+    ("rule", "match"),
+    [
+        ("dual_form", r"initial\['momentum.W'\] is a momentum"),  # the default rule takes no momentum
+        # a state from a momentum call continued without the gate would drop the carried S silently
+        # (and no longer equal the whole sequence): refused, naming the entries and what to pass
+        ("momentum", r"initial carries \['momentum.W'\] but momentum=None"),
+    ],
+)
+def test_a_carried_momentum_needs_the_momentum_rule_and_this_calls_momentum(rule, match):
     given = tensors()
     zeros = torch.zeros(H, F, F, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"initial\['momentum.W'\] is a momentum"):
+    with pytest.raises(ValueError, match=match):
         scan(
             given["q"],
             given["k"],
             given["v"],
             given["lr"],
             inner_model="matrix",
+            update_rule=rule,
             initial={"W": zeros, "momentum.W": zeros},
         )
 
@@ -256,21 +266,4 @@ def test_the_momentum_of_some_weights_only_is_named():
             update_rule="momentum",
             momentum=torch.full_like(given["lr"], 0.5),
             initial={"W1": zeros, "b1": torch.zeros(H, 1, F, dtype=torch.float64), "momentum.W1": ones},
-        )
-
-
-def test_a_carried_momentum_without_this_calls_momentum_is_refused():
-    """A state from a momentum call continued without the gate would drop the carried S silently (and
-    no longer equal the whole sequence): refused, naming the entries and what to pass."""
-    given = tensors()
-    zeros = torch.zeros(H, F, F, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"initial carries \['momentum.W'\] but momentum=None"):
-        scan(
-            given["q"],
-            given["k"],
-            given["v"],
-            given["lr"],
-            inner_model="matrix",
-            update_rule="momentum",
-            initial={"W": zeros, "momentum.W": zeros},
         )

@@ -256,7 +256,7 @@ def _inner_optimizer(training: Mapping[str, Any]) -> dict[str, float]:
     warmup, total = training.get("ilr_warmup_steps", 0), training.get("total_steps", 0)
     read = (("ilr_warmup_steps", warmup), ("total_steps", total))
     for key, value in read if _positive_int(warmup) else read[:1]:  # total_steps: read for a warm-up only
-        if not (_positive_int(value) or value == 0) or isinstance(value, (bool, float)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
             unresolved = isinstance(value, str) and "${" in value
             hint = " (an unresolved interpolation: give the config Hydra resolved, --cfg job --resolve)"
             raise OfficialConfigError(

@@ -194,6 +194,10 @@ class Registry:
             if isinstance(error, Exception) and not isinstance(error, PluginError):  # the plugin's own error
                 add_note(error, f"raised by a registration hook of plugin {origin!r}; nothing was registered")
             raise
+        self._commit(staging)
+
+    def _commit(self, staging: _Staging) -> None:
+        """Add what ``staging`` holds (a plugin accepted whole) to the registry."""
         for kind, accepted in staging.entries.items():
             self._entries[kind].update(accepted)
 
@@ -291,12 +295,13 @@ class Registry:
         else:
             try:
                 registered_at_import = [e for e in self.entries() if (e.kind, e.name) not in before]
-                if not self._marked_hooks(plugin) and registered_at_import:
+                hooked = self._marked_hooks(plugin)
+                if not hooked and registered_at_import:
                     # its import registered objects (innerloop.register_<kind>): no hook needed
                     _REGISTERED_AT_IMPORT[entry_point.value] = registered_at_import
                     self._remember_distribution(entry_point, origins_before)
                     return None
-                if not self._marked_hooks(plugin) and entry_point.value in _REGISTERED_AT_IMPORT:
+                if not hooked and entry_point.value in _REGISTERED_AT_IMPORT:
                     # imported for an earlier registry (reset_registry, isolated_registry): its import does
                     # not run again, so what it registered then is registered again, checked the same way
                     self._register_again(_REGISTERED_AT_IMPORT[entry_point.value], staging)
@@ -325,8 +330,7 @@ class Registry:
         clash), all or none."""
         for entry in entries:
             self.registrar(KIND_BY_NAME[entry.kind], entry.origin, staging)(entry.obj)
-        for kind, accepted in staging.entries.items():
-            self._entries[kind].update(accepted)
+        self._commit(staging)
 
     def _remember_distribution(self, entry_point: Any, origins_before: set[str]) -> None:
         """Record the distribution (and its version) of ``entry_point`` for every origin that appeared

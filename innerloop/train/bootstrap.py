@@ -45,7 +45,7 @@ def bootstrap_difference(
         confidence: the band's coverage, in (0, 1).
 
     Returns ``(mean [K], low [K], high [K])``: ``mean`` is ``sum(differences) / sum(counts)`` over all
-    windows, ``low``/``high`` the :func:`expanded_tail` and ``1 -`` it quantiles (``torch.quantile``,
+    windows, ``low``/``high`` the :func:`expanded_tail` and ``1 -`` it quantiles (``torch.nanquantile``,
     linear, over the resamples that hold a token of the bucket) of the same ratio over the resamples. NaN
     where a bucket has no tokens; ``low``/``high`` NaN everywhere below :data:`MIN_BAND_WINDOWS` windows,
     and in a bucket where a window's difference is not finite (an inf or NaN loss).

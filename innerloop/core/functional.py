@@ -7,7 +7,8 @@ differentiates its forward GELU values (in the outer backward) with torch's exac
 the polynomial only for the inner gradient; here GELU's autograd derivative is the polynomial
 everywhere (:class:`_GeluTanh`), so that the primal form (autograd) and the dual form agree to float64
 precision. Outputs and inner gradients equal the reference's; TTT-MLP's outer gradients differ from it
-by about 1e-9 relative in float64 (the polynomial's truncated constant), invisible in float32.
+by about 1e-9 relative in float64 (the polynomial's truncated constant; up to a few 1e-8 on a tensor whose
+gradient is small), invisible in float32.
 """
 
 from __future__ import annotations

@@ -332,6 +332,33 @@ def flatness_lines(by_length: dict[int, dict[str, dict[str, float]]]) -> list[st
     return lines
 
 
+def cpu_description() -> str:
+    """The CPU's model name and its bf16 matrix units (what the bf16 rows depend on), from Linux's
+    /proc/cpuinfo where there is one."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    units = [
+        name for flag, name in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX BF16")) if flag in flags
+    ]
+    return f"{model or platform.machine()} ({', '.join(units) or 'no bf16 matrix instructions'})"
+
+
+ALLOCATOR_VARIABLES = ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+"""Settings that decide whether freed activations go back to the operating system between steps (and
+come back as page faults in the next one): a preloaded allocator (jemalloc, tcmalloc) or glibc's
+tunables. They change every column's speed, most of all the bf16 rows' (RESULTS.md)."""
+
+
+def allocator_description() -> str:
+    """The memory allocator settings of this process's environment, or glibc's defaults."""
+    settings = [f"{name}={os.environ[name]}" for name in ALLOCATOR_VARIABLES if os.environ.get(name)]
+    return ", ".join(settings) if settings else "the C library's default (no LD_PRELOAD or MALLOC_* settings)"
+
+
 def write_json_atomically(path: Path, data: dict) -> None:
     """Write ``data`` to ``path`` through a temporary file beside it: the file is whole or absent."""
     with tempfile.NamedTemporaryFile("w", dir=path.resolve().parent, delete=False, suffix=".tmp") as handle:
@@ -351,10 +378,11 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, dict[str, float]]
         by_length[tokens].setdefault(row, {})[name] = args.batch * tokens / median
 
     print(
-        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, threads={args.threads}; "
+        f"\nmachine: {cpu_description()}, {os.cpu_count()} cpus, threads={args.threads}; "
         f"torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}; B={args.batch} D={args.hidden} "
         f"H={args.heads} K={args.mini_batch}, float32 weights; median of {args.repeats}"
     )
+    print(f"memory allocator: {allocator_description()}")
     for tokens, results in by_length.items():
         print(f"\nT={tokens}\n")
         print("\n".join(table(results, args.reference is not None)))
@@ -363,6 +391,7 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, dict[str, float]]
         print("\n" + "\n".join(flatness_lines(by_length)))
     if args.json is not None:
         data = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+        data["machine"] = {"cpu": cpu_description(), "allocator": allocator_description()}
         data["tokens_per_second"] = {str(t): results for t, results in by_length.items()}
         write_json_atomically(args.json, data)
     return by_length

@@ -64,8 +64,22 @@ def test_a_quick_run_prints_the_table_and_writes_json_atomically(tmp_path, capsy
         "this machine's bf16 / fp32 for the projections alone (the bound on a layer made of them)" in output
     )
     assert "share of the projections' limit: TTT-Linear inference fp32 " in output
-    assert json.loads(out.read_text())["tokens_per_second"]["64"] == results[64]
+    data = json.loads(out.read_text())
+    assert data["tokens_per_second"]["64"] == results[64]
     assert [p.name for p in tmp_path.iterdir()] == ["speed.json"]  # no temporary file left
+    # the allocator settings change every number (page faults): the run says which it had
+    allocator = runpy.run_path(str(BENCHMARK))["allocator_description"]()
+    assert f"memory allocator: {allocator}" in output and data["machine"]["allocator"] == allocator
+
+
+def test_the_allocator_settings_are_named(monkeypatch):
+    describe = runpy.run_path(str(BENCHMARK))["allocator_description"]
+    for name in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
+        monkeypatch.delenv(name, raising=False)
+    assert describe().startswith("the C library's default")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "10000000000")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
+    assert describe() == "LD_PRELOAD=/usr/lib/libjemalloc.so.2, MALLOC_TRIM_THRESHOLD_=10000000000"
 
 
 def test_the_reference_column_comes_from_a_checkout(tmp_path, capsys):

@@ -357,6 +357,8 @@ def run_bash_block(block: Block, cwd: Path) -> None:
             run([*argv[:2], "--check", *argv[2:]], REPO, environment)
         elif argv[0] == "innerloop":
             run_innerloop(written, argv, cwd)
+        elif argv[:2] == ["python", argv[1]] and argv[1].startswith("benchmarks/") and "--quick" in argv:
+            run(argv, REPO, environment)  # a benchmark at its tiny CI sizes, with the block's environment
         else:
             pytest.fail(f"{block.id}: tests/test_docs.py does not know how to check {written!r}")
 

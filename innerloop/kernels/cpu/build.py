@@ -34,8 +34,12 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("ttt_stack.cpp")
 BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math")
 # Tried in order, the first that compiles wins: the host's instruction set and OpenMP (which, inside
-# torch, resolves to torch's own OpenMP runtime and thread pool), then without either.
+# torch, resolves to torch's own OpenMP runtime and thread pool), then without either. The first set
+# also lets the compiler's own vectorised loops use 512-bit registers where the host has them (GCC's
+# -march=native prefers 256-bit ones on recent Intel CPUs; the products' tiles are 512 bits anyway):
+# TTT-MLP's training scan ran 5% faster and the hoisting's backward 30% (README.md), same numbers.
 FLAG_SETS = (
+    (*BASE_FLAGS, "-march=native", "-mprefer-vector-width=512", "-fopenmp"),
     (*BASE_FLAGS, "-march=native", "-fopenmp"),
     (*BASE_FLAGS, "-fopenmp"),
     (*BASE_FLAGS, "-march=native"),

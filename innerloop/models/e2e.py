@@ -806,6 +806,7 @@ class E2ELM(nn.Module):
                 f"(e2e.chunk_size={e2e.chunk_size}): it was made by a model with larger chunks"
             )
         self._check_caches(state.caches, batch, "state.caches")
+        self._check_positions(state)
         if state.scored is not None:
             if len(state.scored) != len(self.blocks) or any(
                 c is not None for c in state.scored[: self.num_prefix]
@@ -815,6 +816,42 @@ class E2ELM(nn.Module):
                     f"blocks; got {len(state.scored)} entries: pass the state this model returned, or None"
                 )
             self._check_caches(state.scored, batch, "state.scored")
+
+    def _check_positions(self, state: E2EState) -> None:
+        """The state's position agrees with its caches': the prefix blocks' caches are at ``position``,
+        the suffix blocks' at the start of the current chunk (``position - pending``, a multiple of
+        ``chunk_size``) and the scored ones after the pending tokens (a cache of None is at 0). The
+        caches' positions place RoPE and the window, so a state edited by hand that disagrees would give
+        other numbers without an error."""
+        position, pending = state.position, state.pending.shape[1]
+        if not isinstance(position, int) or isinstance(position, bool) or position < pending:
+            raise ValueError(
+                f"state.position must be an integer >= the {pending} pending tokens, got {position!r}: pass "
+                "the state this model returned, or None"
+            )
+        chunk_start = position - pending
+        suffix_from = self.num_prefix if self.config.e2e.test_time_training else len(self.blocks)
+        if suffix_from < len(self.blocks) and chunk_start % self.config.e2e.chunk_size:
+            raise ValueError(
+                f"state.position {position} with {pending} pending tokens puts the current chunk at "
+                f"{chunk_start}, not a multiple of e2e.chunk_size={self.config.e2e.chunk_size}: pass the "
+                "state this model returned, or None"
+            )
+        lists = [("state.caches", state.caches, chunk_start)]
+        if state.scored is not None:
+            lists.append(("state.scored", state.scored, position))
+        for name, caches, suffix_position in lists:
+            for i, cache in enumerate(caches):
+                if i < suffix_from and name == "state.scored":
+                    continue  # None there (checked by the caller)
+                wanted = position if i < suffix_from else suffix_position
+                got = 0 if cache is None else cache.position
+                if got != wanted:
+                    raise ValueError(
+                        f"{name}[{i}] is at position {got}, but a state at position {position} with {pending} "
+                        f"pending tokens has it at {wanted}: the state was edited or assembled from "
+                        "different states; pass the state this model returned, or None"
+                    )
 
     def _check_caches(self, caches: tuple[AnyCache | None, ...], batch: int, name: str) -> None:
         """Each cache has the shapes its block keeps for ``batch`` sequences at its position."""

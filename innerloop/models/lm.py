@@ -74,6 +74,24 @@ class LMState:
         return sum(t.numel() * t.element_size() for t in _tensors(self))
 
 
+def check_same_block_positions(state: LMState) -> None:
+    """Every block's mixer state has read as many tokens (each block reads every token): a state
+    assembled by hand from blocks of other positions would place RoPE, windows and mini-batches
+    elsewhere in each block, so it is refused, naming the blocks. Mixer states without a ``position``
+    (a plugin's) are not compared."""
+    positions = {
+        i: block.mixer.position
+        for i, block in enumerate(state.blocks)
+        if isinstance(getattr(block.mixer, "position", None), int)
+    }
+    if len(set(positions.values())) > 1:
+        described = ", ".join(f"state.blocks[{i}] at {position}" for i, position in positions.items())
+        raise ValueError(
+            f"the blocks' states have read different numbers of tokens ({described}): the state was edited "
+            "or assembled from different states; pass the state this model returned, or None"
+        )
+
+
 torch.serialization.add_safe_globals([LMState])  # torch.load(weights_only=True): a tuple of BlockStates
 
 
@@ -255,6 +273,7 @@ class CausalLM(nn.Module):
             raise ValueError(f"state has {len(state.blocks)} blocks, the model has {len(self.blocks)}")
         for i, block in enumerate(self.blocks):
             block.check_state(state.blocks[i], input_ids.shape[0], f"state.blocks[{i}]")
+        check_same_block_positions(state)
 
     def num_parameters(self) -> int:
         """Number of distinct parameters (a tied head counted once)."""

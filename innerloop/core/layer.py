@@ -719,6 +719,21 @@ class TTTLayer(nn.Module):
         self._check_rule_state(state, batch_size, shapes)
         self._check_conv_history(state, batch_size)
         self._check_state_tensors(state)
+        self._check_no_pending_at_a_boundary(state)
+
+    def _check_no_pending_at_a_boundary(self, state: TTTState) -> None:
+        """At a mini-batch boundary a state's pending sums are zero (every layer writes them so, and
+        :meth:`TTTState.from_tensors` refuses others): nonzero ones there mean a position edited by hand,
+        whose sums the scan would read as zero."""
+        if state.offset or not all(holds_values(t) for t in state.pending.values()):
+            return
+        nonzero = sorted(k for k, v in state.pending.items() if bool(v.any()))
+        if nonzero:
+            raise ValueError(
+                f"state.position {state.position} is at a mini-batch boundary (mini_batch_size "
+                f"{self.mini_batch_size}), but state.pending {nonzero} are not zero: the state was edited "
+                "(a position moved?); pass the state this layer returned, or None"
+            )
 
     def _check_state_tensors(self, state: TTTState) -> None:
         """Every state tensor is on the weights' device and in the dtype this layer keeps it in: the scan
@@ -728,8 +743,15 @@ class TTTLayer(nn.Module):
         expected = {}
         if state.loss_carry:
             reference = weights.new_empty((), dtype=scan_dtype)
-            carry = self.inner_loss.init_carry(1, self.num_heads, self.head_dim, reference)
+            carry = self.inner_loss.init_carry(state.batch_size, self.num_heads, self.head_dim, reference)
             expected = {f"loss_carry.{key}": value.dtype for key, value in carry.items()}
+            given = {key: tuple(value.shape) for key, value in state.loss_carry.items()}
+            wanted = {key: tuple(value.shape) for key, value in carry.items()}
+            if given != wanted:
+                raise ValueError(
+                    f"state.loss_carry must hold what inner loss {self.inner_loss.name!r} keeps for this batch, "
+                    f"{wanted}; got {given}: pass the state this layer returned, or None"
+                )
         for name, tensor in state.tensors().items():
             if tensor.device != weights.device:
                 raise ValueError(
@@ -791,6 +813,29 @@ class TTTLayer(nn.Module):
             raise ValueError(
                 f"state.decay may hold only 'product' [B, H] = {(batch_size, self.num_heads)}; "
                 f"got keys {sorted(state.decay)} (product {shape})"
+            )
+
+    def _check_rule_state_fits_gates(self, state: TTTState, decays: bool, has_momentum: bool) -> None:
+        """A state's decay product and momentum are the ones this layer's gates write: a product inside a
+        mini-batch exactly when the layer forgets (none at a boundary), and after the first token a
+        momentum for every weight exactly when it has momentum gates (:meth:`forgetting`). A group left
+        out or added by hand would be read as a product of 1, a zero momentum, or applied where the
+        layer has no such gate."""
+        wants_product = decays and state.offset > 0
+        if ("product" in state.decay) != wants_product:
+            where = f"at mini-batch offset {state.offset}" + (
+                "" if decays else " of a layer that does not forget"
+            )
+            raise ValueError(
+                f"state.decay must {'hold' if wants_product else 'not hold'} a 'product' {where}, got keys "
+                f"{sorted(state.decay)}: pass the state this layer returned, or None"
+            )
+        wanted = sorted(state.params) if has_momentum and state.position > 0 else []
+        if state.momentum and not has_momentum or (wanted and sorted(state.momentum) != wanted):
+            raise ValueError(
+                f"state.momentum must hold {wanted or 'nothing'} for this layer "
+                f"({'momentum gates' if has_momentum else 'no momentum gates'}, position {state.position}), got "
+                f"{sorted(state.momentum)}: pass the state this layer returned, or None"
             )
 
     def _read(self, x: torch.Tensor, state: TTTState) -> tuple[Views, torch.Tensor, torch.Tensor, dict]:
@@ -1112,6 +1157,7 @@ class TTTLayer(nn.Module):
         # ``scan_dtype`` (at least float32) with autocast off, and its outputs go back to the weights'
         # dtype for the post-norm and o_proj (under autocast those choose their own dtype).
         decay, momentum = self.forgetting(x)
+        self._check_rule_state_fits_gates(state, decay is not None, momentum is not None)
         if not self.update_rule.uses_token_scale:
             tau = None
         under_autocast = autocasting(x.device.type)

@@ -4,8 +4,8 @@ A TTT layer is an RNN. Its state after reading ``position`` tokens is:
 
 - ``params``: the inner weights at the start of the current mini-batch, ``[B, H, *shape]``;
 - ``pending``: the lr-weighted gradient sums ``sum_j lr_j * grad_j`` of the tokens already read in
-  the current mini-batch, same shapes as ``params``; zero at a mini-batch boundary (a layer reads
-  them as zero there whatever they hold, and :meth:`TTTState.from_tensors` refuses nonzero ones);
+  the current mini-batch, same shapes as ``params``; zero at a mini-batch boundary (a layer and
+  :meth:`TTTState.from_tensors` refuse nonzero ones there; ``ops.scan`` reads them as zero);
 - ``loss_carry``: what the inner loss needs from earlier tokens (e.g. the previous key);
 - ``conv_history``: the last ``k - 1`` inputs of the causal convolutions (share_qk);
 - ``momentum``: the ``momentum`` rule's surprise momentum ``S`` per weight (same shapes as
@@ -302,6 +302,16 @@ class TTTState:
             raise ValueError(f"weights: missing {missing}, unknown {unknown}; valid names: {sorted(names)}")
         params = {k: weights[k] for k in self.params}
         momentum = {k: weights[f"momentum.{k}"] for k in self.params if f"momentum.{k}" in weights}
+        if (self.momentum or momentum) and sorted(momentum) != sorted(self.params):
+            wanted = [f"momentum.{k}" for k in self.params]
+            given = sorted(f"momentum.{k}" for k in momentum)
+            carried = (
+                " (this state carries one: leaving it out would restart it at zero)" if self.momentum else ""
+            )
+            raise ValueError(
+                f"weights: the momentum S needs all of {wanted}, got {given}{carried}; scan_weights() gives "
+                "the weights with their momentum"
+            )
         pending = {k: torch.zeros_like(v) for k, v in params.items()}
         return replace(self, params=params, pending=pending, momentum=momentum, decay={})
 

@@ -143,6 +143,33 @@ def token_fingerprint(input_ids: torch.Tensor, previous: torch.Tensor | None = N
     return (previous.to(ids.device) * pow(_HASH_BASE, length, _HASH_MODULUS) + total) % _HASH_MODULUS
 
 
+def tokens_read(state: Any) -> int | None:
+    """How many tokens ``state`` has read: an E2EState's position, an LMState's blocks' (the model checks
+    that they agree); None where no block records one (a plugin mixer's state)."""
+    if isinstance(getattr(state, "position", None), int):
+        return state.position
+    for block in getattr(state, "blocks", ()):
+        position = getattr(getattr(block, "mixer", None), "position", None)
+        if isinstance(position, int):
+            return position
+    return None
+
+
+def check_cache_length(cache: InnerloopCache) -> None:
+    """A cache's ``seq_length`` is what its state has read: ``generate()`` cuts the prompt at it, so a
+    cache whose count disagrees (one made or edited by hand) would read tokens twice or skip them."""
+    length = cache.seq_length
+    if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+        raise ValueError(f"cache.seq_length must be an integer >= 0, got {length!r}")
+    read = tokens_read(cache.state)
+    if read is not None and read != length:
+        raise ValueError(
+            f"cache.seq_length is {length} but its state has read {read} tokens: generate() would read prompt "
+            f"tokens twice or skip them; make the cache with InnerloopCache(state, {read}), or pass the cache "
+            "the model returned"
+        )
+
+
 def check_cache_continues(cache: Any, input_ids: torch.Tensor, next_sequence_length: int | None) -> None:
     """Refuse a cache passed to ``generate()`` that the prompt does not continue: ``input_ids`` (the
     whole sequence: transformers then keeps its last ``next_sequence_length`` tokens) must be longer
@@ -152,6 +179,7 @@ def check_cache_continues(cache: Any, input_ids: torch.Tensor, next_sequence_len
         raise ValueError(
             f"cache must be the InnerloopCache of a previous call or generate(), got {type(cache).__name__}"
         )
+    check_cache_length(cache)
     if next_sequence_length is None:
         return
     read, length = cache.seq_length, input_ids.shape[1]
@@ -839,6 +867,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"cache must be the InnerloopCache returned by a previous call, got {type(cache).__name__}"
             )
+        check_cache_length(cache)
         dtype = self.dtype if cache.dtype is None else cache.dtype  # None: a cache made by hand
         device = self.device if cache.device is None else cache.device
         if (dtype, device) != (self.dtype, self.device):

@@ -114,7 +114,7 @@ class InnerloopCache:
         return InnerloopCache(state, self.seq_length, fingerprint, self.dtype, self.device)
 
     def nbytes(self) -> int:
-        """Bytes held by the state's tensors."""
+        """Bytes of the state's tensors (:meth:`~innerloop.models.LMState.nbytes`)."""
         return self.state.nbytes()
 
 

@@ -70,7 +70,10 @@ class LMState:
         return LMState(tuple(BlockState.cat(list(blocks)) for blocks in per_block))
 
     def nbytes(self) -> int:
-        """Bytes held by every tensor of the state (what decoding keeps in memory between tokens)."""
+        """Bytes of every tensor of the state, by its own size: what the state describes between tokens.
+        A full-attention cache decoded without autograd is a view of a buffer with room to grow
+        (docs/architecture.md), so the memory it holds can be up to that room larger; the TTT and
+        sliding-window states hold exactly this."""
         return sum(t.numel() * t.element_size() for t in _tensors(self))
 
 

@@ -6,6 +6,6 @@ attention, DeltaNet, Gated DeltaNet, TTT-Linear/MLP, Titans and the rest of the 
 docs/family.md). It is the path ``TTTLayer`` runs (``innerloop.core.ops``).
 """
 
-from innerloop.core.ops import Weights, scan
+from innerloop.core.ops import PartialWeights, Weights, scan
 
-__all__ = ["Weights", "scan"]
+__all__ = ["PartialWeights", "Weights", "scan"]

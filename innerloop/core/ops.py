@@ -38,6 +38,15 @@ from innerloop.core.state import StateSignature, TTTState
 Weights = dict[str, torch.Tensor]
 
 
+class PartialWeights(dict):
+    """The weights :func:`scan` returns after a call that stopped inside a mini-batch: the weights its
+    last tokens read, ``tokens_into_mini_batch`` tokens into that mini-batch. A plain dict of weights
+    cannot say where a mini-batch stopped; these can, so :func:`scan` refuses them as ``initial``
+    (a new call would start a new mini-batch where the whole sequence finishes this one)."""
+
+    tokens_into_mini_batch: int = 0
+
+
 def _check_tensor(
     name: str,
     value: Any,
@@ -175,6 +184,19 @@ def _token_scale(
     return token_scale
 
 
+def _check_not_partial(initial: dict, mini_batch_size: int) -> None:
+    """Refuse the :class:`PartialWeights` of a scan that stopped inside a mini-batch as ``initial``."""
+    if isinstance(initial, PartialWeights) and initial.tokens_into_mini_batch:
+        raise ValueError(
+            f"initial holds the weights of a scan that stopped {initial.tokens_into_mini_batch} tokens into a "
+            f"mini-batch of {mini_batch_size}: continuing from them would start a new mini-batch where the "
+            "whole sequence finishes that one (other numbers). Split a sequence at multiples of "
+            "mini_batch_size, or use TTTLayer and its state (which carries the partial mini-batch); "
+            "dict(initial) passes them anyway, exact only where the mini-batch size does not change the "
+            "model (linear attention's bare matrix model under the dot_product loss)"
+        )
+
+
 def _initial_state(
     q: torch.Tensor,
     model: InnerModel,
@@ -201,6 +223,7 @@ def _initial_state(
         return state
     if not isinstance(initial, dict):
         raise TypeError(f"initial must be a dict of weights by name (or None), got {type(initial).__name__}")
+    _check_not_partial(initial, mini_batch_size)
     weights = {}
     for name, value in initial.items():
         base = name.removeprefix("momentum.")
@@ -309,12 +332,13 @@ def scan(
     Returns:
         ``(outputs [B, H, T, f], weights)``: ``weights`` after the last token (for a partial last
         mini-batch the weights it read), plus ``"momentum.<name>"`` when momentum is given.
-        After a partial last mini-batch these weights cannot be continued exactly: passed as
-        ``initial``, the next call starts a new mini-batch where the whole sequence would have
-        finished the partial one: silently other numbers, unless the mini-batch size does not change
-        the model (linear attention's: the bare matrix model under the ``dot_product`` loss). To split
-        a sequence anywhere, use :class:`~innerloop.core.layer.TTTLayer` and its state, which carries
-        the partial mini-batch.
+        After a partial last mini-batch these weights cannot be continued exactly (the next call would
+        start a new mini-batch where the whole sequence finishes the partial one): they come back as a
+        :class:`PartialWeights` (a dict saying how far into its mini-batch the call stopped), which
+        ``initial`` refuses; ``dict(weights)`` passes them anyway, exact only where the mini-batch size
+        does not change the model (linear attention's: the bare matrix model under the ``dot_product``
+        loss). To split a sequence anywhere, use :class:`~innerloop.core.layer.TTTLayer` and its state,
+        which carries the partial mini-batch.
         A NaN or inf input is not refused; it spreads to the outputs of its whole mini-batch (of its
         64-token chunk on the chunked delta-rule kernel), earlier tokens included, and to all later ones.
         Differentiable in every tensor argument (twice with ``needs_double_backward``). The scan computes in q's dtype but at least float32
@@ -358,7 +382,11 @@ def scan(
         outputs, final = run_scan(
             rule, state, task, views, *(_cast(t, dtype) for t in (lr, tau, decay, momentum))
         )
-    return outputs.to(q.dtype), final.scan_weights(tau)
+    weights = final.scan_weights(tau)
+    if final.offset:  # stopped inside a mini-batch: marked, so that `initial` can refuse them
+        weights = PartialWeights(weights)
+        weights.tokens_into_mini_batch = final.offset
+    return outputs.to(q.dtype), weights
 
 
-__all__ = ["Weights", "scan"]
+__all__ = ["PartialWeights", "Weights", "scan"]

@@ -21,6 +21,7 @@ import typing
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, is_dataclass
+from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -937,9 +938,15 @@ def _check_schedules(run: RunConfig) -> None:
         )
 
 
+def fraction_of_steps(fraction: float, steps: int) -> int:
+    """Whole steps in ``fraction`` of ``steps``, rounded down, reading the fraction as the decimal it is
+    written as: 0.29 of 100 steps is 29 (in binary floating point, 0.29 * 100 = 28.999999999999996)."""
+    return math.floor(Fraction(repr(float(fraction))) * steps)
+
+
 def warmup_steps(run: RunConfig) -> int:
     """The optimizer steps of the learning rate's warm-up: ``optim.warmup_fraction`` of the steps."""
-    return int(run.optim.warmup_fraction * run.trainer.max_steps)
+    return fraction_of_steps(run.optim.warmup_fraction, run.trainer.max_steps)
 
 
 def decay_steps(run: RunConfig) -> int:
@@ -947,7 +954,7 @@ def decay_steps(run: RunConfig) -> int:
     steps, at least 1 (0 for the other schedules, which decay from the end of the warm-up)."""
     if run.optim.schedule != "wsd":
         return 0
-    return max(1, int(run.optim.decay_fraction * run.trainer.max_steps))
+    return max(1, fraction_of_steps(run.optim.decay_fraction, run.trainer.max_steps))
 
 
 def _get(obj: Any, key: str) -> Any:

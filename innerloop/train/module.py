@@ -227,6 +227,7 @@ class LanguageModelModule(L.LightningModule):
         self.inner_diagnostics = InnerLossDiagnostics(self.model.config.num_layers)
         self._inner_loss_before_after = None
         self._last_finite_loss: tuple[int, torch.Tensor] | None = None  # (global step, training loss)
+        self._step_losses: tuple[int, list[torch.Tensor]] = (-1, [])  # this optimizer step's micro-batches
         self._checked_layers = [
             (f"model.{name}", m)
             for name, m in self.model.named_modules()
@@ -324,8 +325,19 @@ class LanguageModelModule(L.LightningModule):
             what = f"the training loss is {self._describe(loss)} after {self.global_step} optimizer steps"
             raise self._non_finite_error(what, calls)
         self._last_finite_loss = (self.global_step, loss.detach())
-        self.log("train_loss", loss, prog_bar=True)
+        self.log("train_loss", self._optimizer_step_loss(loss), prog_bar=True)
         return loss
+
+    def _optimizer_step_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The mean loss of this optimizer step's micro-batches so far: under gradient accumulation the
+        step is on their mean, and the row logged at its last micro-batch shows that mean (not the last
+        micro-batch's own loss). The micro-batches of one step share ``global_step``."""
+        step, losses = self._step_losses
+        if step != self.global_step:
+            losses = []
+        losses.append(loss.detach())
+        self._step_losses = (self.global_step, losses)
+        return torch.stack(losses).mean()
 
     def _finite_on_every_process(self, values: torch.Tensor) -> bool:
         """Whether ``values`` are finite here and on every other process of the run (all processes

@@ -98,8 +98,10 @@ def generate(
     The arguments (the model's type among them) are checked when ``generate`` is called; the model runs as the iterator is read
     (with ``max_new_tokens=0`` the iterator is empty and the model never runs). Logits the model
     produces with NaN or ``+inf`` (or ``-inf`` for every token) raise a ValueError naming the step.
-    The state is yielded so that callers can inspect it (e.g. its size); the iterator itself keeps
-    only the latest state and the latest token.
+    Each ``state`` is the one its ``tokens`` were sampled from: it has read the prompt and the earlier
+    tokens, not ``tokens`` (``model(tokens[:, None], state)`` continues the sequence). It is yielded so
+    that callers can inspect it (e.g. its size) or continue from it; the iterator itself keeps only the
+    latest state and the latest token.
     """
     _check_model(model)
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -178,7 +180,6 @@ def _bad(name: str, value: object, valid: str, right_type: bool) -> Exception:
     return (ValueError if right_type else TypeError)(f"{given} must be {valid}")
 
 
-@torch.no_grad()
 def _sample(
     model: CausalLM | E2ELM,
     prompt_ids: torch.Tensor,
@@ -188,10 +189,13 @@ def _sample(
     generator: torch.Generator | None,
     stops: list[int],
 ) -> Iterator[tuple[torch.Tensor, LMState | E2EState]]:
-    """:func:`generate` on checked arguments."""
+    """:func:`generate` on checked arguments. The model runs without autograd; grad mode is set around
+    each call (not by decorating this generator, whose wrapper printed a traceback at interpreter exit
+    for an iterator left half read)."""
     if max_new_tokens == 0:  # nothing to sample: the prompt need not be read
         return
-    logits, state = model(prompt_ids)
+    with torch.no_grad():
+        logits, state = model(prompt_ids)
     last = logits[:, -1]  # [B, V]
     stop_ids = torch.tensor(stops, dtype=torch.long, device=prompt_ids.device)
     ended = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)  # [B]
@@ -212,5 +216,6 @@ def _sample(
         if stops and bool(ended.all()):
             return
         if step + 1 < max_new_tokens:  # the last token is not read: nothing would sample after it
-            logits, state = model(token[:, None], state)
+            with torch.no_grad():
+                logits, state = model(token[:, None], state)
             last = logits[:, -1]

@@ -20,7 +20,9 @@ from innerloop.kernels.cpu.library import DTYPE_CODES, run_entry_point, scan_inp
 
 DOUBLE_BACKWARD_MESSAGE = (
     "the CPU kernel's training scan is differentiable once only; pass needs_double_backward=True to "
-    "the TTTLayer or ops.scan (or kernel='torch') to take gradients of gradients"
+    "the TTTLayer or ops.scan (or kernel='torch') to take gradients of gradients (in a language model, on "
+    "each TTT layer: `for block in model.blocks: block.mixer.needs_double_backward = True`, or "
+    "model.ttt.kernel=torch)"
 )
 
 

@@ -40,7 +40,8 @@ def double_backward_message(path: str) -> str:
     return (
         f"{path} is differentiable once only (aten's fused LayerNorm backward is not twice "
         "differentiable); pass needs_double_backward=True to the TTTLayer or ops.scan (or kernel='torch') "
-        "to take gradients of gradients"
+        "to take gradients of gradients (in a language model, on each TTT layer: `for block in model.blocks: "
+        "block.mixer.needs_double_backward = True`, or model.ttt.kernel=torch)"
     )
 
 

@@ -9,7 +9,6 @@ under the CPU interpreter (``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import importlib.util
 import os
@@ -56,10 +55,10 @@ def eta_matrix(lr: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return torch.tril(tau[:, None] * lr[..., None, :])
 
 
-@functools.cache
 def launch_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     """Where a kernel reading ``tensor`` is launched: its CUDA device made current (Triton launches on the
-    current device, and a tensor on ``cuda:1`` read from ``cuda:0`` fails or races), nothing on CPU."""
+    current device, and a tensor on ``cuda:1`` read from ``cuda:0`` fails or races), nothing on CPU. A new
+    context per call: a cache keyed by the tensor kept every input of every launch alive (review s20)."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 

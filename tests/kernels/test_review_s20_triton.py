@@ -119,6 +119,22 @@ def test_several_checkpoint_groups_at_the_default(model):
 
 
 @each_kernel
+def test_a_checkpoint_group_longer_than_the_chunk_is_the_chunk(model, monkeypatch):
+    """review s20 (LOW): the backward's scratch was sized by checkpoint_every itself (10**6 at head_dim
+    16: about 1 GB per sequence and head); a group longer than the chunk runs as the whole chunk, so no
+    buffer is larger than the chunk's mini-batches, and the numbers are those of checkpoint_every = NB."""
+    package, _ = PACKAGES[model]
+    shapes = []
+    allocate = package.fused._empty
+    monkeypatch.setattr(
+        package.fused, "_empty", lambda shape, *a: shapes.append(tuple(shape)) or allocate(shape, *a)
+    )
+    ref, ker, l64, l32 = _pair(model, 1, 1, 12, 16, 4, seed=15)  # NB = 3 mini-batches of 4
+    _check_forward_backward(model, ref, ker, l64, l32, checkpoint_every=10**4)
+    assert shapes and max(max(shape, default=0) for shape in shapes) < 10**3, shapes
+
+
+@each_kernel
 @pytest.mark.parametrize("B,T", [(0, 8), (2, 0)])
 def test_empty_batch_or_chunk(model, B, T):
     """B = 0: empty results; T = 0: the weights come back unchanged and their gradient passes through."""

@@ -53,6 +53,9 @@ class _MLPChunk(torch.autograd.Function):
         B, H, T, f = xq.shape
         K = tau.shape[0]
         NB = T // K
+        # a group longer than the chunk is the whole chunk: the backward's scratch holds one group's
+        # weights, so it is sized by the group actually run, not by the argument (review s20)
+        checkpoint_every = max(1, min(checkpoint_every, NB))
         n_ckpt = math.ceil(NB / checkpoint_every)
         dev = xq.device
         weights = (W1, b1, W2, b2)

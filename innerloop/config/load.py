@@ -1257,13 +1257,19 @@ def _required_parameters(strategy: Any) -> tuple[str, ...]:
 
 def concrete_precision(precision: str, accelerator: str) -> str:
     """``trainer.precision`` with ``auto`` made concrete: ``bf16-mixed`` on a CUDA accelerator (named,
-    or ``auto`` with a GPU present), ``32-true`` elsewhere (bf16 autocast is slow on most CPUs)."""
+    or ``auto`` with a GPU present) whose GPU computes in bfloat16 natively, ``16-mixed`` on one that
+    would only emulate it (before Ampere: V100, T4), ``32-true`` elsewhere (bf16 autocast is slow on
+    most CPUs)."""
     if precision != "auto":
         return precision
     import torch
 
     on_cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if on_cuda else "32-true"
+    if not on_cuda:
+        return "32-true"
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return "16-mixed"
+    return "bf16-mixed"
 
 
 def _check_trainer_combination(run: RunConfig) -> None:

@@ -335,7 +335,9 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     check_trainable_precision(precision)
     chosen = concrete_precision(precision, accelerator)
     if precision == "auto":
-        where = "a CUDA GPU" if chosen == "bf16-mixed" else "no CUDA GPU"
+        where = {"bf16-mixed": "a CUDA GPU", "16-mixed": "a CUDA GPU without native bfloat16"}.get(
+            chosen, "no CUDA GPU"
+        )
         print(f"trainer.precision=auto: {chosen} ({where} for accelerator={accelerator})")
     return chosen
 

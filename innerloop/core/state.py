@@ -317,7 +317,8 @@ class TTTState:
 
     def is_finite(self) -> bool:
         """False if any tensor of the state holds NaN or inf (e.g. after ``non_finite='ignore'``)."""
-        return all(bool(torch.isfinite(t).all()) for t in self.tensors().values())
+        flags = [torch.isfinite(t).all() for t in self.tensors().values()]
+        return bool(torch.stack(flags).all()) if flags else True  # one read of the device, not one per tensor
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor under a flat name (for serialisation), as the state holds it: a broadcast view or

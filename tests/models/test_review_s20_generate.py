@@ -39,7 +39,9 @@ def built_models() -> None:
 
 @pytest.fixture(scope="module")
 def hf_model_class():
-    pytest.importorskip("transformers")
+    pytest.importorskip(
+        "transformers", reason="the Hugging Face wrapper needs transformers (in the test extra)"
+    )
     from innerloop.hf import InnerloopForCausalLM
 
     return InnerloopForCausalLM
@@ -176,12 +178,14 @@ def test_hf_beam_search_equals_a_plain_beam_search(hf_model_class) -> None:
             logp = torch.log_softmax(model(rows)[0][:, -1].float(), dim=-1)
             candidates = [
                 (score + float(v), seq + [int(t)])
-                for (score, seq), row in zip(beams, logp, strict=False)
-                for v, t in zip(*row.topk(3), strict=False)
+                for (score, seq), row in zip(beams, logp, strict=True)
+                for v, t in zip(*row.topk(3), strict=True)
             ]
             beams = sorted(candidates, key=lambda c: -c[0])[:3]
     assert out.sequences[:, ids.shape[1] :].tolist() == [seq for _, seq in beams]
-    assert (out.sequences_scores - torch.tensor([s for s, _ in beams])).abs().max() < 1e-3
+    # float32 sums of 5 log-probabilities from two paths (stateful and whole-sequence): 1.9e-6 measured
+    gap = (out.sequences_scores - torch.tensor([s for s, _ in beams])).abs().max()
+    assert gap < 2e-5
 
 
 @pytest.mark.slow  # a fresh interpreter (imports torch and innerloop: ~3 s)

@@ -950,8 +950,9 @@ class TTTLayer(nn.Module):
             return
         # one read of the device for the output's sum and every state tensor (a host sync on a GPU);
         # only when it fails are the exact checks below run
-        flags = [torch.isfinite(y.sum()), *(torch.isfinite(t).all() for t in new_state.tensors().values())]
-        if bool(torch.stack(flags).all()):
+        state_finite = new_state.finite_flag()
+        output_sum_finite = torch.isfinite(y.sum())
+        if bool(output_sum_finite if state_finite is None else output_sum_finite & state_finite.to(y.device)):
             return
         output_finite = bool(torch.isfinite(y.sum())) or bool(torch.isfinite(y).all())
         if output_finite and new_state.is_finite():

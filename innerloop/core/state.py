@@ -317,8 +317,14 @@ class TTTState:
 
     def is_finite(self) -> bool:
         """False if any tensor of the state holds NaN or inf (e.g. after ``non_finite='ignore'``)."""
+        flag = self.finite_flag()
+        return True if flag is None else bool(flag)  # one read of the device, not one per tensor
+
+    def finite_flag(self) -> torch.Tensor | None:
+        """A 0-d bool tensor, True where every tensor of the state is finite, not read back from the
+        device (a caller may join it to its own flags for one read); None for a state without tensors."""
         flags = [torch.isfinite(t).all() for t in self.tensors().values()]
-        return bool(torch.stack(flags).all()) if flags else True  # one read of the device, not one per tensor
+        return torch.stack(flags).all() if flags else None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor under a flat name (for serialisation), as the state holds it: a broadcast view or

@@ -143,26 +143,14 @@ def token_fingerprint(input_ids: torch.Tensor, previous: torch.Tensor | None = N
     return (previous.to(ids.device) * pow(_HASH_BASE, length, _HASH_MODULUS) + total) % _HASH_MODULUS
 
 
-def tokens_read(state: Any) -> int | None:
-    """How many tokens ``state`` has read: an E2EState's position, an LMState's blocks' (the model checks
-    that they agree); None where no block records one (a plugin mixer's state)."""
-    if isinstance(getattr(state, "position", None), int):
-        return state.position
-    for block in getattr(state, "blocks", ()):
-        position = getattr(getattr(block, "mixer", None), "position", None)
-        if isinstance(position, int):
-            return position
-    return None
-
-
 def check_cache_length(cache: InnerloopCache) -> None:
     """A cache's ``seq_length`` is what its state has read: ``generate()`` cuts the prompt at it, so a
     cache whose count disagrees (one made or edited by hand) would read tokens twice or skip them."""
     length = cache.seq_length
     if not isinstance(length, int) or isinstance(length, bool) or length < 0:
         raise ValueError(f"cache.seq_length must be an integer >= 0, got {length!r}")
-    read = tokens_read(cache.state)
-    if read is not None and read != length:
+    read = getattr(cache.state, "position", None)  # LMState's and E2EState's tokens read (None: not recorded)
+    if isinstance(read, int) and read != length:
         raise ValueError(
             f"cache.seq_length is {length} but its state has read {read} tokens: generate() would read prompt "
             f"tokens twice or skip them; make the cache with InnerloopCache(state, {read}), or pass the cache "

@@ -69,6 +69,21 @@ class LMState:
         per_block = zip(*(s.blocks for s in states), strict=True)
         return LMState(tuple(BlockState.cat(list(blocks)) for blocks in per_block))
 
+    def block_positions(self) -> dict[int, int]:
+        """Tokens each block's mixer state has read, by block index (a mixer state that records no
+        ``position``, a plugin's, is left out)."""
+        return {
+            i: block.mixer.position
+            for i, block in enumerate(self.blocks)
+            if isinstance(getattr(block.mixer, "position", None), int)
+        }
+
+    @property
+    def position(self) -> int | None:
+        """Tokens the state has read: its blocks' (a model refuses a state whose blocks disagree,
+        :func:`check_same_block_positions`); None when no block records one."""
+        return next(iter(self.block_positions().values()), None)
+
     def nbytes(self) -> int:
         """Bytes of every tensor of the state, by its own size: what the state describes between tokens.
         A full-attention cache decoded without autograd is a view of a buffer with room to grow
@@ -82,11 +97,7 @@ def check_same_block_positions(state: LMState) -> None:
     assembled by hand from blocks of other positions would place RoPE, windows and mini-batches
     elsewhere in each block, so it is refused, naming the blocks. Mixer states without a ``position``
     (a plugin's) are not compared."""
-    positions = {
-        i: block.mixer.position
-        for i, block in enumerate(state.blocks)
-        if isinstance(getattr(block.mixer, "position", None), int)
-    }
+    positions = state.block_positions()
     if len(set(positions.values())) > 1:
         described = ", ".join(f"state.blocks[{i}] at {position}" for i, position in positions.items())
         raise ValueError(

@@ -709,10 +709,31 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     _check_finite_weights(name, tree.get("state_dict"))
     _fill_earlier_defaults(tree)
     warn_changed_plugins(name, tree.get(PLUGINS_KEY), sources=tree.get(PLUGIN_SOURCES_KEY))
-    device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
-    if torch.device(device).type != "cpu":
+    device = checkpoint_device(map_location)
+    if device.type != "cpu":
         tree = _move_tensors(tree, device)
     return tree
+
+
+def checkpoint_device(map_location: Any) -> torch.device:
+    """The device a checkpoint's tensors are loaded onto for ``map_location``: a device, its name or its
+    index (``0``: the accelerator's first device, as for ``torch.device``), or None for the CPU. A mapping or a function
+    of devices, which ``torch.load`` also takes, is refused: the file records no device to map from."""
+    if map_location is None:
+        return torch.device("cpu")
+    if isinstance(map_location, (str, int, torch.device)) and not isinstance(map_location, bool):
+        try:
+            return torch.device(map_location)
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(
+                f"map_location={map_location!r} is not a device ({_one_line(err)}); valid: a torch.device, "
+                "a device name such as 'cpu' or 'cuda:0', a device index, or None for the CPU"
+            ) from None
+    raise TypeError(
+        f"map_location={map_location!r} ({type(map_location).__name__}) does not apply to an innerloop "
+        "checkpoint, which records no device to map from; valid: a torch.device, a device name such as "
+        "'cpu' or 'cuda:0', a device index, or None for the CPU"
+    )
 
 
 EARLIER_E2E_DEFAULTS = {"chunk_targets": "within_chunk", "rope_positions": "absolute"}

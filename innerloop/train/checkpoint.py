@@ -65,7 +65,10 @@ class SafetensorsCheckpointIO(CheckpointIO):
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
-        return load_checkpoint(path, map_location if map_location is not None else "cpu")
+        # Lightning's loaders may pass a function of storages and locations: the file records no device
+        # to map from, so the tensors stay on the CPU (Lightning moves the module afterwards).
+        is_device = not (callable(map_location) or isinstance(map_location, dict))
+        return load_checkpoint(path, map_location if is_device else None)
 
     def remove_checkpoint(self, path: Any) -> None:
         Path(path).unlink(missing_ok=True)

@@ -37,6 +37,7 @@ from innerloop.checkpoints import (
     TOKENIZER_KEY,
     CheckpointError,
     check_state_dict,
+    checkpoint_device,
     describe_model,
     is_safetensors_file,
     load_checkpoint,
@@ -277,8 +278,8 @@ class LanguageModelModule(L.LightningModule):
                 "(every key and shape checked); leave strict unset or True"
             )
         module = _module_from_checkpoint(cls, checkpoint_path, kwargs, keep_dtype=False)
-        if isinstance(map_location, (str, int, torch.device)):
-            module = module.to(torch.device(map_location))
+        if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
+            module = module.to(checkpoint_device(map_location))
         return module
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -171,3 +171,25 @@ def test_an_e2e_checkpoint_written_before_the_official_options_loads_as_the_mode
         tmp_path / "n.st",
     )
     assert load_checkpoint(current)["hyper_parameters"]["model"]["e2e"]["chunk_targets"] == "next_token"
+
+
+def test_map_location_is_a_device_or_a_clear_error(tmp_path) -> None:
+    """A device index means what ``torch.device`` says (the accelerator's), not silently the CPU; a
+    mapping or a function of devices, which the file gives nothing to map from, is refused by name."""
+    from innerloop.checkpoints import checkpoint_device
+
+    path = tmp_path / "c.ckpt"
+    save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+    assert load_checkpoint(path, None)["state_dict"]["w"].device.type == "cpu"
+    assert load_checkpoint(path, torch.device("cpu"))["state_dict"]["w"].device.type == "cpu"
+    if torch.cuda.is_available():
+        assert checkpoint_device(0) == torch.device("cuda", 0)
+    else:  # torch.device(0) is the accelerator's first device: none here
+        with pytest.raises(ValueError, match="map_location=0 is not a device .*accelerator"):
+            load_checkpoint(path, 0)
+    assert checkpoint_device("cuda:1") == torch.device("cuda", 1)
+    for given in ({"cuda:0": "cpu"}, lambda storage, location: storage, 1.5, True):
+        with pytest.raises(TypeError, match="map_location=.*valid: a torch.device"):
+            load_checkpoint(path, given)
+    with pytest.raises(ValueError, match="map_location='gpu9' is not a device"):
+        load_checkpoint(path, "gpu9")

@@ -15,7 +15,8 @@ needed, the gradient of a fixed random projection of them with respect to every 
 graph. The relative RMS error must stay under :data:`TOLERANCES` for the dtype. The verdict is kept
 for the process, for those very objects or copies of them (not by name: a loss of another class
 registered under the name of one that was removed, or an instance configured differently, is checked
-again; a deep copy of a layer is not):
+again; a deep copy of a layer is not, unless a plugin of it holds tensors: such an object's verdicts
+are its own, and are forgotten when it is freed):
 
 - a kernel that passes runs from then on without further checks;
 - a kernel that fails is refused for that signature: ``kernel="auto"`` moves on to the next candidate
@@ -49,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -101,20 +103,73 @@ class _Held:
     attributes are equal (:func:`_same_state`: a ``copy.deepcopy`` of a layer, whose plugins are
     copies, computes what the original does), never to an object of another class (a plugin registered
     under a removed one's name) nor by the plugin's own ``__eq__`` (which may call equal two objects that
-    compute different things). The key keeps the object alive."""
+    compute different things).
 
-    __slots__ = ("obj",)
+    An object holding tensors (a plugin with a weighting vector, an ``nn.Module``) is equal only to
+    itself and held by a weak reference: comparing its tensors by value would read them back from their
+    device at every dispatch, and holding it would keep them in memory for the whole process. Its
+    verdicts are forgotten when it is freed (a copy of it is checked anew). Any other object is held."""
+
+    __slots__ = ("by_identity", "kind", "obj", "ref")
 
     def __init__(self, obj: object) -> None:
-        self.obj = obj
+        self.kind = type(obj)
+        self.obj: object | None = obj
+        self.ref: weakref.ref | None = None
+        self.by_identity = _holds_tensors(obj)
+        if self.by_identity:
+            with contextlib.suppress(TypeError):  # an object that takes no weak reference stays held
+                self.ref, self.obj = weakref.ref(obj, _forget_freed), None
+
+    def target(self) -> object | None:
+        """The object, or None once a weakly held one was freed."""
+        return self.ref() if self.ref is not None else self.obj
 
     def __hash__(self) -> int:
-        return hash(type(self.obj))
+        return hash(self.kind)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Held) and (
-            other.obj is self.obj or (type(other.obj) is type(self.obj) and _same_state(other.obj, self.obj))
+        if not isinstance(other, _Held):
+            return False
+        mine, theirs = self.target(), other.target()
+        if mine is None or theirs is None:
+            return other is self
+        if mine is theirs:
+            return True
+        return not (self.by_identity or other.by_identity) and (
+            type(mine) is type(theirs) and _same_state(mine, theirs)
         )
+
+
+def _holds_tensors(obj: object) -> bool:
+    """Whether ``obj``'s attributes (``vars``), or the dicts, lists and tuples among them, hold a tensor."""
+    pending, seen = [getattr(obj, "__dict__", {})], set()
+    while pending:
+        value = pending.pop()
+        if isinstance(value, torch.Tensor):
+            return True
+        if isinstance(value, (dict, list, tuple)) and id(value) not in seen:  # a container may hold itself
+            seen.add(id(value))
+            pending.extend(value.values() if isinstance(value, dict) else value)
+    return False
+
+
+_FREED: list[weakref.ref] = []
+"""Weak references of held objects that were freed, whose verdicts :func:`_drop_freed` drops (a
+weak reference's callback runs inside the garbage collector, where changing the tables is unsafe)."""
+
+
+def _forget_freed(ref: weakref.ref) -> None:
+    _FREED.append(ref)
+
+
+def _drop_freed() -> None:
+    """Drop the verdicts and deferral counts about the objects that were freed since the last call."""
+    while _FREED:
+        ref = _FREED.pop()
+        for table in (_VERDICTS, _DEFERRALS):
+            for key in [k for k in table if any(isinstance(p, _Held) and p.ref is ref for p in k)]:
+                table.pop(key, None)
 
 
 def _same_state(a: object, b: object) -> bool:
@@ -193,6 +248,7 @@ def forget_verdicts() -> None:
     this when a plugin is removed, which also lets the removed objects go)."""
     _VERDICTS.clear()
     _DEFERRALS.clear()
+    _FREED.clear()
 
 
 def saved_verdicts() -> tuple[dict[tuple, str | None], dict[tuple, int]]:
@@ -515,6 +571,7 @@ def _record(
         else:
             tested = "such data" if weak else f"{untested}, which"
             verdict = f"{said}: it matched, but {tested} tests too little; on seeded random data of the same shapes: {on_random}"
+    _drop_freed()
     _VERDICTS[key] = verdict
     _DEFERRALS.pop(key, None)
     return verdict
@@ -524,6 +581,7 @@ def _deferred(key: tuple, kernel: KernelSpec, reason: str) -> Deferred:
     """A :class:`Deferred` probe of ``key``, counted: the :data:`DEFERRALS_BEFORE_WARNING`-th in a row
     warns that the torch path keeps running these blocks (every block so far was degenerate, e.g. a head
     dim of 2 with the inner LayerNorm, where a wrong kernel would be deferred for ever)."""
+    _drop_freed()
     count = _DEFERRALS[key] = _DEFERRALS.get(key, 0) + 1
     if count == DEFERRALS_BEFORE_WARNING:
         warnings.warn(

@@ -125,3 +125,35 @@ def test_a_verdict_holds_for_copies_and_not_for_an_instance_configured_otherwise
     configured.note = "another setting"  # an attribute the registered object does not have
     torch.manual_seed(0)
     assert _probes_of(innerloop.TTTLayer(16, 2, mini_batch_size=4, inner_loss=configured), x, calls) == 2
+
+
+def test_a_plugin_holding_tensors_is_checked_per_object_never_read_back_and_not_kept_alive(monkeypatch):
+    """A loss holding a tensor: its verdict is its own (a copy, whose tensor may live on a GPU, is probed
+    anew rather than compared by value, which would read the tensor back at every dispatch), and the
+    verdict does not keep it (and its tensor) alive once the layer using it is freed."""
+    import gc
+    import weakref
+
+    from innerloop.kernels import first_use
+
+    calls = register_reference_kernel()
+    x = torch.randn(1, 8, 16)
+    holding = Reconstruction()
+    holding.weighting = torch.ones(3)  # e.g. a per-feature weighting a third-party loss keeps
+    torch.manual_seed(0)
+    layer = innerloop.TTTLayer(16, 2, mini_batch_size=4, inner_loss=holding)
+    assert _probes_of(layer, x, calls) == 2
+    assert _probes_of(layer, x, calls) == 0  # the same objects: the verdict holds
+    compared = []
+    monkeypatch.setattr(first_use.torch, "equal", lambda a, b: compared.append(1) or True)
+    assert _probes_of(copy.deepcopy(layer), x, calls) == 2
+    assert compared == []  # the copy's tensor was never compared by value
+    monkeypatch.undo()
+    freed = weakref.ref(holding)
+    del layer, holding
+    gc.collect()
+    assert freed() is None  # the verdict's key did not keep the loss alive
+    first_use._drop_freed()
+    assert not any(
+        isinstance(p, first_use._Held) and p.ref is not None for k in first_use._VERDICTS for p in k
+    )

@@ -80,7 +80,6 @@ def test_e2e_chunk_loss_reads_no_value():
     assert counts["reads"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="review s20: E2E reads outer_progress from the device per chunk")
 def test_e2e_forward_reads_outer_progress_at_most_once():
     from innerloop.models import build_model
     from innerloop.models.config import E2EConfig, ModelConfig

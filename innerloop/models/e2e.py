@@ -945,6 +945,7 @@ class E2ELM(nn.Module):
         pending, pending_ids, scored = h[:, :0], ids[:, :0], None
         if outer:  # fast weights cut from the graph (a detached state, frozen prime MLPs) start afresh
             fast = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in fast.items()}
+        inner_lr: float | None = None  # read once per call (its buffer may live on a GPU), when needed
         for start in range(0, length, chunk):
             end = min(start + chunk, length)
             h_chunk, ids_chunk = h[:, start:end], ids[:, start:end]  # [B, C, D], [B, C]
@@ -961,7 +962,9 @@ class E2ELM(nn.Module):
                 h_chunk = h_chunk.detach()
                 fast = {k: v.detach().requires_grad_() for k, v in fast.items()}
             targets = (ids[:, start : end + 1] if with_next else ids_chunk) if trainable else None
-            logits, new_caches, fast = self._score_and_train(h_chunk, targets, caches, fast)
+            if trainable and inner_lr is None:
+                inner_lr = self.inner_lr()
+            logits, new_caches, fast = self._score_and_train(h_chunk, targets, caches, fast, inner_lr)
             if trainable:
                 caches = new_caches
             else:  # train on this chunk once its last token (and target) has come
@@ -984,9 +987,11 @@ class E2ELM(nn.Module):
         targets: torch.Tensor | None,
         caches: list[AnyCache | None],
         fast: FastWeights,
+        inner_lr: float | None,
     ) -> tuple[torch.Tensor, list[AnyCache | None], FastWeights]:
         """Score one chunk ``h_chunk [B, C, D]`` (logits ``[B, C, V]`` and the caches after it); with its
-        ``targets`` (``[B, C (+ 1)]``: the chunk can be trained on), take the inner step on it too.
+        ``targets`` (``[B, C (+ 1)]``: the chunk can be trained on), take the inner step on it too, at
+        ``inner_lr`` (:meth:`inner_lr`, read by the caller).
 
         A chunk trained on is scored and stepped eagerly under ``torch.compile``: the step's
         ``torch.autograd.grad`` goes through the scoring's backward, which, compiled, could be neither
@@ -995,8 +1000,8 @@ class E2ELM(nn.Module):
         backward that frees its buffers). A chunk only scored compiles."""
         create_graph = torch.is_grad_enabled() and not self.config.e2e.first_order
         if targets is not None:
-            return self._score_and_step_eagerly(h_chunk, targets, caches, fast, create_graph)
-        return self._score_and_step(h_chunk, targets, caches, fast, create_graph)
+            return self._score_and_step_eagerly(h_chunk, targets, caches, fast, create_graph, inner_lr)
+        return self._score_and_step(h_chunk, targets, caches, fast, create_graph, None)
 
     def _score_and_step(
         self,
@@ -1005,6 +1010,7 @@ class E2ELM(nn.Module):
         caches: list[AnyCache | None],
         fast: FastWeights,
         create_graph: bool,
+        inner_lr: float | None,
     ) -> tuple[torch.Tensor, list[AnyCache | None], FastWeights]:
         """:meth:`_score_and_train`'s work; ``create_graph``: the outer loss differentiates through the
         inner step (second order)."""
@@ -1015,7 +1021,8 @@ class E2ELM(nn.Module):
             logits, new_caches = self._score(h_chunk, caches, fast)
             if targets is not None:
                 losses = self.inner_loss.chunk_loss(logits, self._mark_skipped(targets))  # [B]
-                fast = self.update_rule.step(fast, losses, self.inner_lr(), e2e.inner_grad_clip, create_graph)
+                assert inner_lr is not None, "a chunk trained on needs the inner learning rate"
+                fast = self.update_rule.step(fast, losses, inner_lr, e2e.inner_grad_clip, create_graph)
         return logits, new_caches, fast
 
     _score_and_step_eagerly = run_eagerly("innerloop: the inner step takes a gradient eagerly")(

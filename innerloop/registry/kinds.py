@@ -289,11 +289,12 @@ def _check_inner_loss(loss: Any, name: str) -> None:
     def pairs_and_gradient() -> None:
         check_pairs_deterministic(loss, views, carry)
         check_pairs_causal(loss, views, carry, cut=2, tolerance=REGISTRATION_TOLERANCE)
-        check_pairs_batch_independent(loss, views, carry, tolerance=REGISTRATION_TOLERANCE)
-        # every cut and one token at a time (decoding), from the initial carry and from a carried-on one
-        check_pairs_token_by_token(loss, views, carry, tolerance=REGISTRATION_TOLERANCE)
+        # every cut and one token at a time (decoding), and each sequence alone, from the initial carry
+        # and from a carried-on one (where a carry made after init_carry shows)
         earlier = Views(*(torch.randn(expected) for _ in range(3)))
-        check_pairs_token_by_token(loss, views, warm_carry(loss, earlier, carry), REGISTRATION_TOLERANCE)
+        for start in (carry, warm_carry(loss, earlier, carry)):
+            check_pairs_batch_independent(loss, views, start, tolerance=REGISTRATION_TOLERANCE)
+            check_pairs_token_by_token(loss, views, start, tolerance=REGISTRATION_TOLERANCE)
         if type(loss).token_loss_grad is not InnerLoss.token_loss_grad:  # a closed form to check
             targets = torch.randn(2, heads, 32, head_dim, dtype=torch.float64)
             # errors from 0.01 to 100 in size: a piecewise closed form (Huber, clipping) is met in each piece

@@ -538,18 +538,34 @@ def check_pairs_token_by_token(
     _assert_validity_close(pieces, whole, f"{loss.name}: validity built token by token", tolerance)
 
 
-def _batched_carry_keys(loss: InnerLoss, views: Views) -> set[str]:
-    """The carry entries that hold one row per sequence: those whose shape ``init_carry`` gives
-    differently for this batch and for one sequence (a carry shared by the batch, e.g. ``[H, f]``, has
-    the same shape for both, even where H happens to equal the batch size)."""
-    batch, heads, _, head_dim = views.key.shape
-    many = loss.init_carry(batch, heads, head_dim, views.key)
-    one = loss.init_carry(1, heads, head_dim, views.key[:1])
-    return {
-        k
-        for k, v in many.items()
-        if isinstance(v, torch.Tensor) and isinstance(one.get(k), torch.Tensor) and one[k].shape != v.shape
-    }
+def _batched_carry_keys(loss: InnerLoss, views: Views) -> frozenset[str]:
+    """The carry entries that hold one row per sequence, as the loss declares them
+    (:meth:`InnerLoss.batched_carry_keys`: by default those whose shape ``init_carry`` gives differently
+    for two sequences and for one; a loss whose carry holds other entries overrides it)."""
+    _, heads, _, head_dim = views.key.shape
+    return frozenset(loss.batched_carry_keys(heads, head_dim, views.key))
+
+
+def _check_carry_entry_declared(
+    loss: InnerLoss, key: str, whole: torch.Tensor, alone: object, batch: int, initial_keys: set[str]
+) -> None:
+    """Refuse, with the reason, a carry entry that holds a row per sequence (``[batch, ...]`` for the
+    batch, ``[1, ...]`` for one sequence) that :meth:`InnerLoss.batched_carry_keys` does not list: it is
+    then taken as shared by the batch, so that selecting or joining states would mix the sequences."""
+    per_sequence = (
+        isinstance(alone, torch.Tensor)
+        and alone.dim() == whole.dim() >= 1
+        and (whole.shape[0], alone.shape[0]) == (batch, 1)
+        and whole.shape[1:] == alone.shape[1:]
+    )
+    if per_sequence:
+        made = "init_carry makes it" if key in initial_keys else "init_carry does not make it"
+        raise AssertionError(
+            f"{loss.name}: carry[{key!r}] holds a row per sequence ({list(whole.shape)} for a batch of {batch}, "
+            f"{list(alone.shape)} for one sequence) but batched_carry_keys() does not list it ({made}), so it "
+            "would be taken as shared by the batch: make it in init_carry, or override "
+            "InnerLoss.batched_carry_keys to list it"
+        )
 
 
 def _carry_row(carry: dict[str, torch.Tensor], row: int, batched: set[str]) -> dict[str, torch.Tensor]:
@@ -573,6 +589,8 @@ def check_pairs_batch_independent(
         raise ValueError(f"check_pairs_batch_independent needs views of batch >= 2, got batch {batch}")
     whole = loss.pairs(views, carry)
     batched = _batched_carry_keys(loss, views)
+    _, heads, _, head_dim = views.key.shape
+    initial_keys = set(loss.init_carry(1, heads, head_dim, views.key[:1]))
     for row in range(batch):
         alone = loss.pairs(_views_row(views, row), _carry_row(carry, row, batched))
         what = f"{loss.name}: sequence {row}'s pairs in a batch of {batch} vs the sequence alone"
@@ -582,6 +600,8 @@ def check_pairs_batch_independent(
             assert_close(got, getattr(alone, field), f"{what} ({field}){hint}", tolerance)
         assert_close(_validity(whole)[row : row + 1], _validity(alone), f"{what} (valid){hint}", tolerance)
         for key, value in _carry_row(whole.carry, row, batched).items():
+            if key not in batched:
+                _check_carry_entry_declared(loss, key, value, alone.carry.get(key), batch, initial_keys)
             assert_close(value, alone.carry[key], f"{what} (carry[{key!r}]){hint}", tolerance)
 
 
@@ -794,11 +814,12 @@ def _check_inner_loss_at(loss: InnerLoss, seed: int, full: dict[str, int]) -> No
     whole = loss.pairs(views, carry)
 
     check_pairs_causal(loss, views, carry, cut=max(1, full["tokens"] // 2))
-    check_pairs_batch_independent(loss, views, carry)
-    # every cut and one token at a time (decoding), from the initial carry and from one carried on
-    check_pairs_token_by_token(loss, views, carry)
+    # every cut and one token at a time (decoding), and each sequence alone, from the initial carry and
+    # from one carried on (where a carry made after init_carry shows)
     earlier = Views(*(t.flip(2) for t in (views.query, views.key, views.value)))  # tokens read before
-    check_pairs_token_by_token(loss, views, warm_carry(loss, earlier, carry))
+    for start in (carry, warm_carry(loss, earlier, carry)):
+        check_pairs_batch_independent(loss, views, start)
+        check_pairs_token_by_token(loss, views, start)
 
     generator = torch.Generator().manual_seed(seed)
     # errors from 0.01 to 100 in size: a piecewise closed form (Huber, clipping) is met in each piece

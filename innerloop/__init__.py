@@ -24,6 +24,7 @@ from innerloop.core.model_inner import ModelInnerLoss, ModelUpdateRule
 from innerloop.registry import (
     PluginError,
     PluginLoadWarning,
+    PluginWarning,
     available,
     get_registry,
     hookimpl,
@@ -51,6 +52,7 @@ __all__ = [
     "ModelUpdateRule",
     "PluginError",
     "PluginLoadWarning",
+    "PluginWarning",
     "StackModel",
     "TTTLayer",
     "TTTState",

@@ -1168,10 +1168,14 @@ class TTTLayer(nn.Module):
             tau = None
         under_autocast = autocasting(x.device.type)
         views, (lr, tau, decay, momentum) = self.in_scan_dtype(views, lr, tau, decay, momentum)
+        recorded = len(self.dispatches)
         with torch.autocast(x.device.type, enabled=False) if under_autocast else nullcontext():
             inner_out, new_state = _run_scan_eagerly(
                 self.update_rule, state, self.inner_task(), views, lr, tau, decay, momentum
             )
+        if len(self.dispatches) == recorded:  # a rule that dispatches nothing (a plugin's own loop)
+            label = plugin_label("update_rule", self.update_rule)
+            self.dispatches.append(("torch", f"{label} runs its own forward: no kernel dispatch"))
         new_state = replace(new_state, conv_history=conv_history)
         # Back to the weights' dtype (a no-op for float32 and float64 layers, under autocast or not): a
         # bfloat16 layer's post-norm takes bfloat16, also under autocast.

@@ -10,6 +10,7 @@ import pluggy
 
 hookimpl = pluggy.HookimplMarker("innerloop")
 
+from innerloop.registry.kinds import PluginWarning  # noqa: E402
 from innerloop.registry.manager import (  # noqa: E402  (hookimpl must exist before plugins import it)
     ALLOW_ENV,
     DISABLE_ENV,
@@ -44,6 +45,7 @@ __all__ = [
     "Entry",
     "PluginError",
     "PluginLoadWarning",
+    "PluginWarning",
     "Registry",
     "available",
     "build_registry",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,11 @@ from innerloop.testing.checks import (
 
 class PluginError(ValueError):
     """A plugin does not conform to the protocol, or clashes with one already registered."""
+
+
+class PluginWarning(UserWarning):
+    """A plugin was registered, but it cannot run everywhere a layer runs it (e.g. an update rule that
+    raises without autograd, so that a layer using it fails in evaluation and generation)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -522,8 +528,13 @@ def _check_without_grad(rule: Any, name: str, problem: InnerProblem) -> None:
         check_update_rule_without_grad(rule, problem.for_rule(rule), tolerance=REGISTRATION_TOLERANCE)
     except RuleOutputError as error:
         raise PluginError(str(error)) from error
-    except RaisedWithoutGradError:
-        return
+    except RaisedWithoutGradError as error:
+        warnings.warn(
+            f"update rule {name!r} is registered, but a layer using it cannot run without autograd: "
+            + " ".join(str(error).split()),
+            PluginWarning,
+            stacklevel=2,
+        )
     except AssertionError as error:
         _conformance("update rule", name, lambda error=error: _raise(error))
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from plugin_testing import One
 
+import innerloop
 from innerloop.core.protocol import InnerLoss, InnerModel, LossPairs, UpdateRule
 from innerloop.plugins.losses.reconstruction import Reconstruction
 from innerloop.plugins.models.mlp import MLPModel
@@ -137,7 +138,8 @@ def test_a_rule_wrong_without_autograd_is_refused_and_fails_the_check(registry, 
 @pytest.mark.slow  # reason: registers a rule right everywhere it runs: every registration problem, ~2 s
 def test_a_rule_raising_in_inference_mode_registers_and_the_check_says_why(registry):
     rule = RaisesInInferenceMode()
-    register(registry, "update_rules", rule)  # loud at use, not wrong numbers: not refused
+    with pytest.warns(innerloop.PluginWarning, match="cannot run without autograd"):
+        register(registry, "update_rules", rule)  # loud at use, not wrong numbers: not refused
     assert rule.name in registry.names("update_rule")
     with pytest.raises(RaisedWithoutGradError, match=r"under torch\.inference_mode\(\).*forward raised"):
         check_update_rule(rule, **CHEAP, norm=True, residual=True)

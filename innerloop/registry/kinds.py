@@ -283,6 +283,12 @@ def _inner_loss_smoke(loss: Any, name: str) -> tuple[Views, dict[str, torch.Tens
         raise PluginError(
             f"inner loss {name!r}: token_loss() must reduce the feature dim to [B, H, T] = {expected[:-1]}; got {got}"
         )
+    non_finite = _non_finite(per_token)
+    if non_finite is not None:
+        raise PluginError(
+            f"inner loss {name!r}: token_loss returned non-finite values ({non_finite}) for finite predictions "
+            "and targets; the inner loop would write them into the weights"
+        )
     _check_loss_grad_runs(loss, name, pairs.targets)
     return views, carry
 
@@ -390,8 +396,13 @@ def _check_loss_grad_runs(loss: Any, name: str, targets: torch.Tensor) -> None:
         )
     non_finite = _non_finite(grad)
     if non_finite is not None:
+        what = (
+            "the gradient of token_loss (autograd's: no token_loss_grad is defined)"
+            if default
+            else "token_loss_grad"
+        )
         raise PluginError(
-            f"inner loss {name!r}: token_loss_grad returned non-finite values ({non_finite}) at a finite point "
+            f"inner loss {name!r}: {what} returned non-finite values ({non_finite}) at a finite point "
             "(prediction != target); the inner loop would write them into the weights"
         )
     if not bool(grad.abs().sum() > 0):

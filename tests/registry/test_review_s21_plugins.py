@@ -497,11 +497,6 @@ def test_a_carry_not_batch_first_is_refused_with_the_reason():
     assert "neither batch-first nor shared by the batch" in str(refused.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a token_loss that returns NaN (no token_loss_grad defined: autograd) is refused as "
-    "'token_loss_grad returned non-finite values': the message blames a method the plugin does not define",
-)
 def test_a_nan_token_loss_is_refused_naming_token_loss():
     class NanLoss(CosineReconstruction):
         name = "s21_nan_loss"
@@ -514,7 +509,7 @@ def test_a_nan_token_loss_is_refused_naming_token_loss():
         innerloop.register_inner_loss(NanLoss())
     message = str(refused.value)
     assert "s21_nan_loss" in message
-    assert "token_loss_grad" not in message or "autograd" in message
+    assert "token_loss returned non-finite values (NaN)" in message
 
 
 class AutogradTokenLoop(UpdateRule):

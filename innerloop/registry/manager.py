@@ -801,7 +801,8 @@ def register_object(kind: str, obj: Any, origin: str | None = None) -> Any:
 
     ``obj`` is an instance, or a class that is instantiated with no arguments (so that this works as
     a class decorator); ``obj`` is returned. The origin (shown by ``innerloop plugins``) defaults to
-    the object's class, ``module.QualName``. Validation and errors are those of :meth:`Registry.add_plugin`.
+    the object's class, ``module.QualName`` (for an instance of an innerloop class, such as a
+    :class:`KernelSpec`, the calling module's name in place of innerloop's). Validation and errors are those of :meth:`Registry.add_plugin`.
     """
     if kind not in KIND_BY_NAME:
         raise ValueError(f"unknown plugin kind {kind!r}; valid kinds: {list(KIND_NAMES)}")
@@ -830,14 +831,27 @@ def _instantiate(kind: Kind, cls: type) -> Any:
 
 def _default_origin(registry: Registry, instance: Any) -> str:
     """``module.QualName`` of ``instance``'s class; ``module.QualName:name`` when another instance of
-    the class, with another name, already has that origin (so that each can be removed on its own)."""
+    the class, with another name, already has that origin (so that each can be removed on its own).
+    An instance of one of innerloop's own classes (a :class:`KernelSpec`) registered from outside
+    innerloop is the caller's: ``caller_module.QualName``."""
     cls = type(instance)
-    origin = f"{cls.__module__}.{cls.__qualname__}"
+    module = cls.__module__
+    if module.split(".")[0] == "innerloop":
+        module = _calling_module() or module
+    origin = f"{module}.{cls.__qualname__}"
     name = getattr(instance, "name", None)
     taken = [e.name for e in registry.entries() if e.origin == origin]
     if taken and isinstance(name, str) and name not in taken:
         return f"{origin}:{name}"
     return origin
+
+
+def _calling_module() -> str | None:
+    """The module that called into innerloop's registration functions, when it is not innerloop's."""
+    frame = inspect.currentframe()
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "innerloop":
+        frame = frame.f_back
+    return None if frame is None else frame.f_globals.get("__name__")
 
 
 def _register_one(kind: str) -> Callable[..., Any]:

@@ -554,11 +554,6 @@ def test_a_rule_that_raises_under_inference_mode_is_refused_or_warned():
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="innerloop.register_kernel(spec) gives a third-party kernel the origin "
-    "'innerloop.kernels.spec.KernelSpec' (its class's module): `innerloop plugins` attributes it to innerloop",
-)
 def test_a_directly_registered_kernel_names_its_own_origin():
     with isolated_registry():
         innerloop.register_inner_model(SiluMLP())
@@ -568,4 +563,4 @@ def test_a_directly_registered_kernel_names_its_own_origin():
             for e in innerloop.get_registry().entries("kernel")
             if e.name == "fused_torch_s21_silu_mlp"
         )
-        assert not origin.startswith("innerloop."), origin
+        assert origin == f"{__name__}.KernelSpec", origin

@@ -860,6 +860,8 @@ def _read_text_file(path) -> str:
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         raise ConfigError(f"{str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"{str(path)!r} cannot be read: {err.strerror or err}") from None
 
 
 def _plugins(args: argparse.Namespace) -> int:

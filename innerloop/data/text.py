@@ -73,7 +73,7 @@ def _found_files(pattern: str) -> list[Path]:
         matched = [Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p)]
     if not matched:
         raise DataError(f"data.paths entry {pattern!r} matches no file (give files, directories or globs)")
-    return matched
+    return sorted(matched)  # in a fixed order, not the file system's: a file found twice keeps one key
 
 
 def _skipped_below(relative: Path) -> bool:
@@ -135,13 +135,25 @@ def split_by_file(
     return train, val
 
 
-def read_bytes(files: Sequence[Path]) -> torch.Tensor:
-    """The files' bytes, concatenated with :data:`DOCUMENT_SEPARATOR` between them, as ``uint8 [N]``."""
+def read_bytes(files: Sequence[Path], option: str = "data.paths") -> torch.Tensor:
+    """The files' bytes, each file followed by :data:`DOCUMENT_SEPARATOR`, as ``uint8 [N]``; a file that
+    cannot be read raises :class:`DataError` naming it and ``option`` (where it was given)."""
     chunks = []
     for p in files:
-        chunks.append(p.read_bytes())
+        chunks.append(_file_bytes(p, option))
         chunks.append(bytes([DOCUMENT_SEPARATOR]))
     return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+
+
+def _file_bytes(path: Path, option: str) -> bytes:
+    """``path``'s bytes, or :class:`DataError` naming it when the system cannot read it."""
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise DataError(
+            f"{option} file {str(path)!r} cannot be read: {err.strerror or err}; check its permissions, or "
+            f"remove it from {option}"
+        ) from None
 
 
 def read_tokens(
@@ -152,11 +164,11 @@ def read_tokens(
     With the byte tokenizer (or None) this is :func:`read_bytes`, ``uint8 [N]``; otherwise ``int64 [N]``,
     each file decoded as UTF-8 (a file that is not raises :class:`DataError` naming it)."""
     if tokenizer is None or isinstance(tokenizer, ByteTokenizer):
-        return read_bytes(files)
+        return read_bytes(files, option)
     texts = []
     for p in files:
         try:
-            texts.append(p.read_bytes().decode("utf-8"))
+            texts.append(_file_bytes(p, option).decode("utf-8"))
         except UnicodeDecodeError as err:
             bom = next((n for b, n in _BOMS if err.object.startswith(b)), None)  # the bytes it decoded
             what = f"{bom} text (it starts with a {bom} byte-order mark)" if bom else "not UTF-8 text"

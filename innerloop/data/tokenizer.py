@@ -263,6 +263,10 @@ class HFTokenizer(Tokenizer):
             self.backend = tokenizers.Tokenizer.from_str(tokenizer_json)
         except Exception as err:  # the Rust library raises plain Exceptions for malformed JSON
             raise TokenizerError(_not_a_tokenizer_json(source, tokenizer_json, err)) from None
+        # Text is encoded as text: a special token's text inside a document or prompt (the string
+        # "<|endoftext|>" in a file about tokenizers) is ordinary characters, never the token itself,
+        # which the data pipeline places between documents (as the byte tokenizer reads a NUL in text).
+        self.backend.encode_special_tokens = True
         self.tokenizer_json = tokenizer_json
         vocabulary = self.backend.get_vocab(with_added_tokens=True)
         if not vocabulary:
@@ -298,7 +302,9 @@ class HFTokenizer(Tokenizer):
         return {"kind": "huggingface", "tokenizer_json": self.tokenizer_json, "eos_token": self.eos_token}
 
     def save_pretrained(self, out_dir: str | os.PathLike[str]) -> list[Path]:
-        return _save_tokenizer_files(self.tokenizer_json, self.eos_token, out_dir)
+        """``tokenizer.json`` and a ``tokenizer_config.json`` that encodes special tokens' text as text,
+        as this tokenizer does (``split_special_tokens``)."""
+        return _save_tokenizer_files(self.tokenizer_json, self.eos_token, out_dir, split_special_tokens=True)
 
 
 def _save_tokenizer_files(

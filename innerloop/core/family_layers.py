@@ -366,6 +366,15 @@ class FamilyLayer(TTTLayer):
         lr, tau = self.inner_learning_rates(x)
         return Views(query, key, value), lr, tau, conv_history
 
+    def state_layer_label(self) -> str:
+        """The class and the options that decide the spaces of the keys and values a state regresses
+        (a state built over l2-normalised keys is no state for raw ones); the query's scale, which only
+        reads the state, is not among them."""
+        return (
+            f"{type(self).__qualname__}(qk_activation={self.qk_activation!r}, feature_map={self.feature_map!r}, "
+            f"qk_l2norm={self.qk_l2norm}, value_activation={self.value_activation!r})"
+        )
+
     def _feature_map(self, t: torch.Tensor, which: str) -> torch.Tensor:
         if self.feature_map == "elu":
             return F.elu(t) + 1.0

@@ -587,9 +587,14 @@ class TTTLayer(nn.Module):
             inner_model=self._state_labels[0],
             inner_loss=self._state_labels[1],
             update_rule=self._state_labels[2],
-            layer=type(self).__qualname__,
+            layer=self.state_layer_label(),
             inner_output=inner_output_label(self.inner_norm, self.inner_residual),
         )
+
+    def state_layer_label(self) -> str:
+        """The layer in a state's signature: its class (a subclass that reads ``x`` into keys and values
+        in ways its options choose names those options too, :class:`~innerloop.core.family_layers.FamilyLayer`)."""
+        return type(self).__qualname__
 
     @property
     def scan_dtype(self) -> torch.dtype:

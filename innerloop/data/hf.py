@@ -20,10 +20,10 @@ import itertools
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from innerloop.data.text import DataError, resolve_files
+from innerloop.data.text import DataError, split_keys
 from innerloop.data.tokenizer import missing_package
 
 FORMATS: dict[str, str] = {
@@ -70,12 +70,16 @@ def check_hf_source(paths: Sequence[str]) -> tuple[str, list[str]]:
                 "files only (nothing is downloaded); download a hub dataset yourself and give its files "
                 "or its save_to_disk folder"
             )
-    files = resolve_files(paths)
-    builders = {FORMATS.get(f.suffix.lower()) for f in files}
+    # The files in the order of their names as found, each read by its suffix as found: a link's
+    # target may have none (the Hugging Face hub cache keeps snapshots/<rev>/train.jsonl -> blobs/<hash>).
+    keys = split_keys(paths)  # resolved file -> its path as found, relative to the entries' folder
+    files = sorted(keys, key=lambda f: keys[f])
+    suffixes = {f: PurePosixPath(keys[f]).suffix.lower() for f in files}
+    builders = {FORMATS.get(suffixes[f]) for f in files}
     if None in builders:
-        unknown = next(f for f in files if f.suffix.lower() not in FORMATS)
+        unknown = next(f for f in files if suffixes[f] not in FORMATS)
         raise DataError(
-            f"data.paths has {str(unknown)!r}, whose suffix {unknown.suffix!r} is not a data format "
+            f"data.paths has {keys[unknown]!r}, whose suffix {suffixes[unknown]!r} is not a data format "
             f"data.name='hf' reads; valid suffixes: {sorted(FORMATS)}"
         )
     if len(builders) > 1:

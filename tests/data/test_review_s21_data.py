@@ -45,7 +45,6 @@ def test_an_unreadable_text_file_is_a_data_error_naming_it(tmp_path) -> None:
 # -- MED: hf data files that are links into the hub cache's blobs -------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="review s21 MED: check_hf_source reads the resolved suffix")
 def test_hf_data_files_linked_to_suffixless_blobs_are_read_by_their_own_suffix(tmp_path) -> None:
     from innerloop.data.hf import check_hf_source
 

@@ -177,6 +177,13 @@ _NO_TTT_HELP = (
 )
 
 
+_SPLIT_HELP = (
+    "the split of --data to read, for a data.name='hf' run's records (a slice such as 'test[:50%%]' too; "
+    "default: the data's own: 'train' for data files, a saved Dataset's split, a saved DatasetDict's "
+    "only one)"
+)
+
+
 def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser(
         "eval",
@@ -194,6 +201,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         "from the config.yaml beside the checkpoint when it describes the checkpoint's model; else the "
         "held-out part of the standard-library corpus)",
     )
+    evaluate.add_argument("--split", default=None, help=_SPLIT_HELP)
     evaluate.add_argument(
         "--seq-len",
         type=_POSITIVE_INT,
@@ -288,6 +296,7 @@ def _add_compare_windows(compare: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="files, directories or globs to evaluate on (default: the baseline run's validation windows)",
     )
+    compare.add_argument("--split", default=None, help=_SPLIT_HELP)
     compare.add_argument(
         "--batch-size",
         type=_POSITIVE_INT,
@@ -520,6 +529,7 @@ def _eval(args: argparse.Namespace) -> int:
             args.batches,
             out_dir=out,
             no_ttt=args.no_ttt,
+            split=args.split,
         )
     except TrainingInterrupted as err:  # Ctrl-C or SIGTERM during the evaluation
         print(f"innerloop eval: {err}", file=sys.stderr)
@@ -602,7 +612,7 @@ def _compare(args: argparse.Namespace) -> int:
     _quiet_lightning()
     comparison = compare(
         args.models, args.seq_len, args.baseline, args.data, args.batch_size, args.batches,
-        no_ttt=args.no_ttt, resamples=args.resamples, seed=args.seed,
+        no_ttt=args.no_ttt, resamples=args.resamples, seed=args.seed, split=args.split,
     )  # fmt: skip
     csv_path, png, table = write_comparison(comparison, out)
     counts = [

@@ -220,6 +220,20 @@ def open_hf_dataset(paths: Sequence[str], split: str, streaming: bool) -> Any:
     return loaded
 
 
+def saved_splits(paths: Sequence[str]) -> list[str] | None:
+    """The splits a ``save_to_disk`` folder ``paths`` holds (a DatasetDict's, sorted; a Dataset's own one,
+    ``train`` when it names none), or None when ``paths`` are data files (which form the split ``train``)."""
+    folder = _saved_dataset_folder(paths)
+    if folder is None:
+        return None
+    datasets = import_datasets()
+    with _reading(paths, "(its own)", [str(folder)]):
+        loaded = datasets.load_from_disk(str(folder))
+    if isinstance(loaded, datasets.DatasetDict):
+        return sorted(loaded)
+    return [str(loaded.split) if loaded.split is not None else "train"]
+
+
 def _split_names(datasets: Any, split: str) -> list[str]:
     """The split names ``data.split`` reads (``train`` of ``train[:90%]+train[-5:]``); :class:`DataError`
     unless it is a split name or slices of splits, as ``load_dataset`` reads them."""

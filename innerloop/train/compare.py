@@ -240,11 +240,12 @@ def compare(
     resamples: int = DEFAULT_RESAMPLES,
     confidence: float = 0.95,
     seed: int = 0,
+    split: str | None = None,
 ) -> Comparison:
     """Evaluate every model on the same windows at each length of ``seq_lens`` (default: the baseline's
     training length); see the module docstring. The windows are the baseline's
-    :func:`~innerloop.train.run.evaluation_windows` (``paths``, ``batch_size`` and ``batches`` as in
-    ``innerloop eval``). ``no_ttt`` switches test-time training off in every model that has it. Every
+    :func:`~innerloop.train.run.evaluation_windows` (``paths``, ``split``, ``batch_size`` and ``batches``
+    as in ``innerloop eval``). ``no_ttt`` switches test-time training off in every model that has it. Every
     model's training data is checked against the windows first (:func:`training_data_notes`: logged as
     warnings; a model that trained on the baseline's held-out text is refused)."""
     _check_compare_arguments(runs_or_checkpoints, seq_lens, baseline, resamples, confidence, seed)
@@ -264,7 +265,7 @@ def compare(
     comparison = Comparison(models, base, [], {}, confidence, resamples, seed, "")
     for seq_len in seq_lens:
         windows = evaluation_windows(
-            reference.checkpoint, reference.module, paths, seq_len, batch_size, batches, tokenizer
+            reference.checkpoint, reference.module, paths, seq_len, batch_size, batches, tokenizer, split
         )
         num_buckets = reference.module.hparams.get("num_position_buckets", DEFAULT_BUCKETS)
         result = _evaluate_length(

@@ -24,7 +24,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from innerloop.data.hf import iter_texts, open_hf_dataset
+from innerloop.data.hf import iter_texts, open_hf_dataset, saved_splits
 from innerloop.data.packing import START, StreamPosition, is_validation, packed_windows, validation_windows
 from innerloop.data.recall import (
     IGNORE_INDEX,
@@ -419,10 +419,11 @@ def evaluation_examples(
     val_fraction: float = 0.1,
     tokenizer: Tokenizer | None = None,
     text_field: str | None = None,
+    split: str | None = None,
 ) -> Batch:
     """Windows to evaluate on: all of the given files, or with no paths the validation split of the
     default corpus (the same files :class:`TextDataModule` holds out), tokenized by ``tokenizer``
-    (None: bytes).
+    (None: bytes). ``split``: the split of records read with ``text_field`` (:func:`dataset_tokens`).
 
     The files are read as a text run reads its data (each file's bytes or text, the end-of-text id
     between files), or with ``text_field`` as a ``data.name='hf'`` run reads its data
@@ -432,7 +433,8 @@ def evaluation_examples(
         unit = "bytes" if tokenizer is None or isinstance(tokenizer, ByteTokenizer) else "tokens"
         named = {"what": f"--data {', '.join(map(repr, paths))}", "seq_len_name": "--seq-len"}
         if text_field is not None:
-            return spread_windows(dataset_tokens(paths, text_field, tokenizer), seq_len, count, unit, **named)
+            tokens = dataset_tokens(paths, text_field, tokenizer, split)
+            return spread_windows(tokens, seq_len, count, unit, **named)
         tokens = read_tokens(resolve_files(paths), tokenizer, option="--data")
         return spread_windows(tokens, seq_len, count, unit, **named)
     module = TextDataModule(
@@ -442,26 +444,42 @@ def evaluation_examples(
     return module.make_val_examples()
 
 
-def dataset_tokens(paths: Sequence[str], text_field: str, tokenizer: Tokenizer | None = None) -> torch.Tensor:
+def dataset_tokens(
+    paths: Sequence[str], text_field: str, tokenizer: Tokenizer | None = None, split: str | None = None
+) -> torch.Tensor:
     """Every document of the data files (or ``save_to_disk`` folder) ``paths``, read as
-    :class:`HFDataModule` reads a run's documents (:func:`~innerloop.data.hf.open_hf_dataset`, split
-    ``train``; the ``text_field`` of each, tokenized and followed by the tokenizer's end-of-text id),
-    as one ``int64 [N]`` stream. Raises :class:`DataError` naming ``--data`` when they cannot be read."""
+    :class:`HFDataModule` reads a run's documents (:func:`~innerloop.data.hf.open_hf_dataset`; the
+    ``text_field`` of each, tokenized and followed by the tokenizer's end-of-text id), as one
+    ``int64 [N]`` stream. ``split`` (``--split``; a slice such as ``test[:50%]`` too) defaults to the
+    data's own split: ``train`` for data files, a saved Dataset's own one, a saved DatasetDict's only
+    one (one of several must be named). Raises :class:`DataError` naming ``--data`` when they cannot be
+    read."""
     tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
     encode_many = getattr(tokenizer, "encode_many", None)
     separator = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
     tokens: list[int] = []
     try:
-        dataset = open_hf_dataset(paths, "train", streaming=False)
+        dataset = open_hf_dataset(paths, split or _own_split(paths), streaming=False)
         for _, texts in iter_texts(dataset, text_field):
             for ids in encode_many(texts) if encode_many else [tokenizer.encode(t) for t in texts]:
                 tokens.extend(ids)
                 tokens.extend(separator)
     except DataError as err:
+        said = str(err).replace("data.split=", "--split ")  # eval's and compare's name for it
         raise DataError(
-            f"--data {list(paths)!r}, read as the run's data.name='hf' data (field {text_field!r}): {err}"
+            f"--data {list(paths)!r}, read as the run's data.name='hf' data (field {text_field!r}): {said}"
         ) from None
     return torch.tensor(tokens, dtype=torch.int64)
+
+
+def _own_split(paths: Sequence[str]) -> str:
+    """The split ``paths`` hold when ``--split`` names none: see :func:`dataset_tokens`."""
+    splits = saved_splits(paths)
+    if splits is None:
+        return "train"
+    if len(splits) > 1:
+        raise DataError(f"the saved DatasetDict holds the splits {splits}: name the one to read with --split")
+    return splits[0]
 
 
 class RecallDataModule(_IndexedDataModule):

@@ -990,9 +990,11 @@ def evaluation_windows(
     batch_size: int | None = None,
     batches: int | None = None,
     tokenizer: Tokenizer | None = None,
+    split: str | None = None,
 ) -> EvaluationWindows:
     """The windows ``innerloop eval`` reads: ``paths`` when given (read as the run that wrote
-    ``checkpoint`` read its data: a ``data.name='hf'`` run's text field, else the files' text); else the
+    ``checkpoint`` read its data: a ``data.name='hf'`` run's text field, of ``split`` (``--split``;
+    default the data's own), else the files' text); else the
     validation windows of that run (:func:`run_of_checkpoint`, :func:`validation_examples`: exactly the
     windows its validation scored, unless ``seq_len`` or the number of windows differ); else, for a
     checkpoint without its run's config, the default corpus's held-out split. ``batches * batch_size``
@@ -1009,8 +1011,10 @@ def evaluation_windows(
             f"{str(err).removesuffix(advice)}repair it: it says how to read --data (as text, or a "
             "data.name='hf' run's text field), and whether the run trained on those files"
         ) from None
+    if split is not None and not paths:
+        raise ConfigError(f"--split {split!r} names a split of --data, and no --data was given")
     if paths:
-        return _windows_of_files(paths, run, why_not, seq_len, batch_size, batches, tokenizer)
+        return _windows_of_files(paths, run, why_not, seq_len, batch_size, batches, tokenizer, split)
     if run is not None:  # the run's own number of windows unless batches is given
         return _run_validation_windows(run, checkpoint, seq_len, batch_size, batches, tokenizer)
     batch_size = batch_size or DEFAULT_EVAL_BATCH_SIZE
@@ -1097,6 +1101,7 @@ def _windows_of_files(
     batch_size: int | None,
     batches: int | None,
     tokenizer: Tokenizer | None,
+    split: str | None = None,
 ) -> EvaluationWindows:
     """The windows of the files ``paths`` (``--data``), read as ``run`` read its data; see
     :func:`evaluation_windows`. Without the run (``why_not`` says why) a dataset file (json, jsonl,
@@ -1104,6 +1109,11 @@ def _windows_of_files(
     batch_size = batch_size or DEFAULT_EVAL_BATCH_SIZE
     count = batch_size * (batches or DEFAULT_EVAL_BATCHES)
     text_field = run.data.text_field if run is not None and run.data.name == "hf" else None
+    if split is not None and text_field is None:
+        raise ConfigError(
+            f"--split {split!r} names a split of records, which a data.name='hf' run reads; this model's "
+            "--data is read as text (its run read text), which has no splits: leave --split out"
+        )
     if run is None:
         dataset = next((f for f in resolve_files(paths) if f.suffix.lower() in _DATASET_SUFFIXES), None)
         if dataset is not None:
@@ -1113,12 +1123,18 @@ def _windows_of_files(
                 f"its data is unknown; evaluate the checkpoint beside its run's config.yaml, or give text "
                 f"files (not {', '.join(_DATASET_SUFFIXES)})"
             )
-    inputs, targets = evaluation_examples(paths, seq_len, count, tokenizer=tokenizer, text_field=text_field)
+    inputs, targets = evaluation_examples(
+        paths, seq_len, count, tokenizer=tokenizer, text_field=text_field, split=split
+    )
     if text_field is not None:
-        source = f"the given files' {text_field!r} field, read as this data.name='hf' run reads its data"
+        which = f"split {split!r}" if split is not None else "their own split"
+        source = (
+            f"the given files' {text_field!r} field ({which}), read as this data.name='hf' run reads its data"
+        )
     else:
         source = "the given files, read as text"
-    return EvaluationWindows(inputs, targets, batch_size, _data_tag(paths, text_field or ""), source)
+    reading = (text_field or "") + (f"\nsplit={split}" if split is not None else "")  # in the files' names
+    return EvaluationWindows(inputs, targets, batch_size, _data_tag(paths, reading), source)
 
 
 @dataclass(frozen=True)
@@ -1258,10 +1274,12 @@ def evaluate(
     out_dir: str | Path | None = None,
     progress_bar: bool = True,
     no_ttt: bool = False,
+    split: str | None = None,
 ) -> tuple[dict[str, Any], Path | None, Path | None]:
     """Perplexity and loss by position of a checkpoint, on :func:`evaluation_windows` (by default the
     windows its run's validation read). ``seq_len`` defaults to the training one. With ``no_ttt``, the
     same weights with test-time training off (:func:`~innerloop.models.ablation.no_test_time_training`).
+    ``split``: the split of ``paths`` read as records (``--split``, see :func:`evaluation_windows`).
     Returns ``(metrics, csv, png)``; ``metrics`` also has ``tokens`` (scored) and ``windows``.
 
     When ``out_dir`` is given, writes ``eval_<checkpoint>_<data>_T<seq_len>_n<windows>.csv`` and
@@ -1275,7 +1293,7 @@ def evaluate(
     if seq_len is None:
         seq_len = training_seq_len(module, checkpoint)
     tokenizer = checkpoint_tokenizer(checkpoint)
-    windows = evaluation_windows(checkpoint, module, paths, seq_len, batch_size, batches, tokenizer)
+    windows = evaluation_windows(checkpoint, module, paths, seq_len, batch_size, batches, tokenizer, split)
     inputs, targets = windows.inputs, windows.targets
     count = f"{len(inputs)} window{'' if len(inputs) == 1 else 's'}"
     print(f"evaluating {count} of {seq_len} tokens from {windows.source} ({windows.tag})", flush=True)

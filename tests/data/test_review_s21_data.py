@@ -61,7 +61,6 @@ def test_hf_data_files_linked_to_suffixless_blobs_are_read_by_their_own_suffix(t
 
 
 @pytest.mark.slow  # builds and saves an Arrow dataset (~0.5 s)
-@pytest.mark.xfail(strict=True, reason="review s21 MED: dataset_tokens always asks for split 'train'")
 def test_eval_data_reads_a_saved_dataset_of_another_split(tmp_path) -> None:
     datasets = pytest.importorskip("datasets")
     from innerloop.train.data import dataset_tokens
@@ -124,3 +123,39 @@ def test_the_split_of_a_linked_file_does_not_depend_on_directory_order(tmp_path)
             keys = split_keys([str(tmp_path)])
         splits.append(sorted(p.name for p in split_text_files(sorted(keys), 0.5, keys)[1]))
     assert splits[0] == splits[1]
+
+
+@pytest.mark.slow  # builds and saves an Arrow dataset (~0.5 s)
+def test_eval_data_of_a_saved_dataset_dict_needs_a_split_and_reads_the_one_named(tmp_path) -> None:
+    """A saved DatasetDict was read as its split 'train' without a word; now its split is named (--split),
+    and without it the error lists the splits."""
+    datasets = pytest.importorskip("datasets")
+    from innerloop.data.text import DataError
+    from innerloop.train.data import dataset_tokens
+
+    saved = tmp_path / "both"
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": ["tr"]}),
+            "test": datasets.Dataset.from_dict({"text": ["te"]}),
+        }
+    ).save_to_disk(str(saved))
+    with pytest.raises(
+        DataError, match=r"holds the splits \['test', 'train'\]: name the one to read with --split"
+    ):
+        dataset_tokens([str(saved)], "text")
+    assert bytes(dataset_tokens([str(saved)], "text", split="test").tolist()) == b"te\0"
+    with pytest.raises(DataError, match="--split 'valid' is not a split of"):
+        dataset_tokens([str(saved)], "text", split="valid")
+
+
+def test_a_split_for_data_read_as_text_is_refused_naming_it(tmp_path) -> None:
+    """--split names a split of records; --data read as text (a text run's, or without the run) has none:
+    refused, not ignored."""
+    from innerloop.config.load import ConfigError
+    from innerloop.train.run import _windows_of_files
+
+    text = tmp_path / "a.txt"
+    text.write_text("some text to evaluate on " * 4)
+    with pytest.raises(ConfigError, match=r"--split 'test' names a split of records.*leave --split out"):
+        _windows_of_files([str(text)], None, "no config.yaml beside it", 8, 1, 1, None, split="test")

@@ -128,13 +128,21 @@ def validation_windows(read: DocumentReader, seq_len: int, count: int) -> list[l
     need = seq_len + 1
     tokens: list[int] = []
     windows: list[list[int]] = []
+    documents = 0
     for _, document_tokens in read(0, 0):
+        documents += 1
         tokens.extend(document_tokens)
         while len(tokens) >= need and len(windows) < count:
             windows.append(tokens[:need])
             del tokens[:seq_len]
         if len(windows) == count:
             break
+    if documents == 0:
+        raise DataError(
+            "no document is held out for validation: every 1/data.val_fraction-th document is (documents "
+            "numbered from 0: at 0.1, documents 9, 19, ...), and the data holds fewer; give at least "
+            "1/data.val_fraction documents (e.g. split a long document into several)"
+        )
     if not windows:
         raise DataError(
             f"the validation documents hold fewer than data.seq_len + 1 = {need} tokens; give more data, "

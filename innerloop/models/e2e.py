@@ -945,7 +945,7 @@ class E2ELM(nn.Module):
         pending, pending_ids, scored = h[:, :0], ids[:, :0], None
         if outer:  # fast weights cut from the graph (a detached state, frozen prime MLPs) start afresh
             fast = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in fast.items()}
-        inner_lr: float | None = None  # read once per call (its buffer may live on a GPU), when needed
+        inner_lr = self.inner_lr() if length >= chunk else None  # read once per call (a GPU buffer)
         for start in range(0, length, chunk):
             end = min(start + chunk, length)
             h_chunk, ids_chunk = h[:, start:end], ids[:, start:end]  # [B, C, D], [B, C]
@@ -962,8 +962,6 @@ class E2ELM(nn.Module):
                 h_chunk = h_chunk.detach()
                 fast = {k: v.detach().requires_grad_() for k, v in fast.items()}
             targets = (ids[:, start : end + 1] if with_next else ids_chunk) if trainable else None
-            if trainable and inner_lr is None:
-                inner_lr = self.inner_lr()
             logits, new_caches, fast = self._score_and_train(h_chunk, targets, caches, fast, inner_lr)
             if trainable:
                 caches = new_caches

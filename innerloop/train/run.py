@@ -1286,12 +1286,9 @@ def evaluate(
     ``.png`` there (see :func:`evaluation_stem`): named after what was evaluated, so evaluations of other
     checkpoints, data or settings do not replace each other, and never the training run's own ``loss_by_position.*``.
     """
-    for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("batches", batches)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name}={value} must be >= 1")
+    _check_positive(seq_len=seq_len, batch_size=batch_size, batches=batches)
     module = load_module(checkpoint)
-    if seq_len is None:
-        seq_len = training_seq_len(module, checkpoint)
+    seq_len = training_seq_len(module, checkpoint) if seq_len is None else seq_len
     tokenizer = checkpoint_tokenizer(checkpoint)
     windows = evaluation_windows(checkpoint, module, paths, seq_len, batch_size, batches, tokenizer, split)
     inputs, targets = windows.inputs, windows.targets
@@ -1327,6 +1324,13 @@ def evaluate(
     title = f"{Path(checkpoint).name} on {windows.tag}, T={seq_len}{ablation}: loss by position"
     csv_path, png = _write_evaluation(Path(out_dir).expanduser() / stem, buckets, losses, title)
     return metrics, csv_path, png
+
+
+def _check_positive(**values: int | None) -> None:
+    """``ValueError`` naming the first of ``values`` (None: not given) that is below 1."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
 
 
 def _write_evaluation(

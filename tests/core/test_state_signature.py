@@ -66,7 +66,8 @@ def test_a_state_of_another_family_member_with_the_same_shapes_is_refused_naming
         a, b = made(first), made(second)
         for writer, reader in ((a, b), (b, a)):
             message = refusal(reader, state_after(writer))
-            assert f"'layer': ({type(writer).__name__!r}, {type(reader).__name__!r})" in message
+            assert f"'layer': ({writer.state_layer_label()!r}, {reader.state_layer_label()!r})" in message
+            assert writer.state_layer_label().startswith(type(writer).__name__)
             assert "update_rule" not in message and "mini_batch_size" not in message
 
 
@@ -113,7 +114,8 @@ def test_a_state_still_continues_its_own_layer_after_to_detach_clone_and_save_lo
         whole, _ = layer(x)
         _, state = layer(x[:, :5])
     assert state.signature.update_rule == layer.update_rule.name
-    assert state.signature.layer == type(layer).__name__
+    assert state.signature.layer == layer.state_layer_label()
+    assert state.signature.layer.startswith(type(layer).__name__)
     loaded = TTTState.from_tensors(state.tensors(), state.metadata())
     assert loaded.signature == state.signature
     variants = {

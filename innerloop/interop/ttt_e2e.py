@@ -151,7 +151,13 @@ def read_config(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
         path = Path(config)
         if not path.is_file():
             raise FileNotFoundError(f"config {str(path)!r} is not a file (give the resolved Hydra config)")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise OfficialConfigError(
+                f"config {str(path)!r} cannot be read: it is not UTF-8 text ({err.reason} at byte {err.start}); "
+                "give the resolved Hydra config, a YAML or JSON file"
+            ) from None
         try:
             if path.suffix == ".json":
                 data = json.loads(text)
@@ -554,8 +560,24 @@ def _check_arrays(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> None
                 f"checkpoint tensor {name} has dtype {dtype}; the weights are floating point "
                 "(float16, bfloat16, float32 or float64)"
             )
-        if not np.isfinite(arrays[name]).all():
-            raise OfficialConfigError(f"checkpoint tensor {name} has non-finite values")
+        if not np.isfinite(_float32(arrays[name])).all():  # what the model will hold: overflow shows
+            stored = _float32(arrays[name], np.float64)
+            if not np.isfinite(stored).all():
+                raise OfficialConfigError(f"checkpoint tensor {name} has non-finite values")
+            raise OfficialConfigError(
+                f"checkpoint tensor {name} has values up to {float(np.abs(stored).max()):.3g} in magnitude, "
+                f"beyond float32's largest ({float(np.finfo(np.float32).max):.3g}), which the model's weights "
+                "are: they would load as inf"
+            )
+
+
+def _float32(array: Any, dtype: Any = np.float32) -> np.ndarray:
+    """``array`` (a numpy array of any floating dtype, bfloat16 included, or a torch tensor) as a numpy
+    array of ``dtype`` (values beyond its range become inf, without numpy's warning)."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().to("cpu", torch.float64).numpy()
+    with np.errstate(over="ignore"):
+        return np.asarray(array, dtype=dtype)
 
 
 def convert_weights(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -564,7 +586,7 @@ def convert_weights(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> di
     _check_arrays(arrays, config)
 
     def tensor(name: str) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(arrays[name], dtype=np.float32).copy())
+        return torch.from_numpy(_float32(arrays[name]).copy())
 
     blocks, primes = PREFIX + "h.blocks.", PREFIX + "h.prime_storage."
     state = {"embed.weight": tensor(PREFIX + "wte.weight"), "norm.weight": tensor(PREFIX + "ln_f.weight")}

@@ -185,6 +185,8 @@ LAYER_FIELDS: dict[str, Any] = {
     "ttt_base_lr": 1.0,
     "rope_theta": 10000.0,
 }
+#: The dtypes a model's weights may have (the layer computes in them, its scan in at least float32).
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: Non-persistent buffers of the reference layer; recomputed here, so skipped if present.
 BUFFERS = {"token_idx", "rotary_emb.inv_freq"}
 INNER_WEIGHTS = {"W1", "b1", "W2", "b2"}
@@ -315,8 +317,11 @@ def _check_tensor(name: str, tensor: Any, shape: torch.Size, what: str, fields: 
     of ``shape``; ``what`` is "layer" or "model", ``fields`` the config fields that decide the shape."""
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"state_dict[{name!r}] is a {type(tensor).__name__}, not a tensor")
-    if not tensor.is_floating_point():
-        raise ValueError(f"state_dict[{name!r}] has dtype {tensor.dtype}; the weights are floating point")
+    if tensor.dtype not in WEIGHT_DTYPES:
+        raise ValueError(
+            f"state_dict[{name!r}] has dtype {tensor.dtype}; the weights are float16, bfloat16, float32 or "
+            "float64"
+        )
     if tensor.shape != shape:
         raise ValueError(
             f"state_dict[{name!r}] has shape {tuple(tensor.shape)}, but a {what} with this config "
@@ -548,7 +553,10 @@ def _our_key(key: str) -> str | None:
         return None
     index, rest = match.groups()
     if rest.startswith("seq_modeling_block."):
-        converted = convert_state_dict({rest.removeprefix("seq_modeling_block."): torch.empty(0)})
+        name = rest.removeprefix("seq_modeling_block.")
+        if name.startswith(("buffer.", "param.")):  # the conformance vectors' prefixes, no model's keys
+            return None
+        converted = convert_state_dict({name: torch.empty(0)})
         return f"blocks.{index}.mixer.{next(iter(converted))}" if converted else ""
     return f"blocks.{index}.{_BLOCK_KEYS[rest]}" if rest in _BLOCK_KEYS else None
 
@@ -637,9 +645,9 @@ def read_model_folder(folder: str | Path) -> tuple[dict[str, Any], dict[str, tor
     return config, _read_weights(folder)
 
 
-def _shard_names(index: Path) -> list[str]:
-    """The weight files a sharded folder's ``model.safetensors.index.json`` names (its ``weight_map``:
-    tensor name -> file name)."""
+def _weight_map(index: Path) -> dict[str, str]:
+    """A sharded folder's ``model.safetensors.index.json`` ``weight_map`` (tensor name -> file name,
+    a file of the folder itself)."""
     try:
         content = json.loads(index.read_text(encoding="utf-8"))
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
@@ -650,27 +658,46 @@ def _shard_names(index: Path) -> list[str]:
             f"{str(index)!r} must be an object with a 'weight_map' object (tensor name -> file name), as "
             "save_pretrained writes it"
         )
-    return sorted(set(weight_map.values()))
+    outside = sorted({f for f in weight_map.values() if Path(f).name != f or f in ("", ".", "..")})
+    if outside:
+        raise ValueError(f"{str(index)!r} names weight files outside its folder: {outside}")
+    return weight_map
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises several types for a broken file
+        raise ValueError(
+            f"{str(path)!r} is not a readable safetensors file: {str(err).splitlines()[0]}"
+        ) from None
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The weights of ``model.safetensors``, or of the shards a ``model.safetensors.index.json`` names:
+    each tensor from the file its ``weight_map`` assigns it, in none other (a tensor in two files, or
+    in a file the map does not assign it to, is refused)."""
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
-        files = [single]
-    elif index.is_file():
-        files = [folder / name for name in _shard_names(index)]
-    else:
+        return _read_safetensors(single)
+    if not index.is_file():
         pickled = [p.name for p in folder.glob("pytorch_model*.bin")]
         hint = f" (it has {pickled}: save with safe_serialization=True)" if pickled else ""
         raise FileNotFoundError(f"{str(folder)!r} has no model.safetensors{hint}")
+    weight_map = _weight_map(index)
     weights: dict[str, torch.Tensor] = {}
-    for path in files:
-        try:
-            weights.update(load_file(str(path)))
-        except Exception as err:  # safetensors raises several types for a broken file
-            raise ValueError(
-                f"{str(path)!r} is not a readable safetensors file: {str(err).splitlines()[0]}"
-            ) from None
+    for name in sorted(set(weight_map.values())):
+        for key, tensor in _read_safetensors(folder / name).items():
+            if weight_map.get(key) != name:
+                assigned = f"to {weight_map[key]!r}" if key in weight_map else "to no file"
+                raise ValueError(
+                    f"{str(folder / name)!r} holds {key!r}, which {str(index)!r} assigns {assigned}: the shards "
+                    "and their index disagree"
+                )
+            weights[key] = tensor
+    missing = sorted(set(weight_map) - set(weights))
+    if missing:
+        raise ValueError(f"{str(index)!r} assigns {missing[:5]} to shards that do not hold them")
     return weights
 
 

@@ -731,9 +731,10 @@ def load_model(folder: str | Path) -> CausalLM:
     tied = model.config.tie_embeddings
     state_dict = convert_model_state_dict(weights, model.state_dict(), tied)
     dtype = state_dict["embed.weight"].dtype
-    with torch.no_grad():  # the parameters only: the RoPE and token-index tables stay float32, as in
-        for parameter in model.parameters():  # the checkpoint and Hugging Face folder convert writes
-            parameter.data = parameter.data.to(dtype)
+    # The weights' dtype, buffers (RoPE and token-index tables) included, as model.to(dtype) and the
+    # reference's own .to(dtype) cast them, and as the checkpoint and Hugging Face folder that convert
+    # writes load again: the converted model and its saved copies are one function.
+    model.to(dtype)
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
 

@@ -42,13 +42,7 @@ def _reference_weights() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow  # converts a model, writes and reads a checkpoint (~1 s)
-@pytest.mark.xfail(
-    strict=True,
-    reason="ttt_lm_pytorch.load_model casts only the parameters of a bf16/fp16 model (RoPE and token-index "
-    "buffers stay float32), but load_weights(keep_dtype=True) and from_pretrained cast the buffers too: "
-    "the saved and reloaded model computes other logits (1.6e-2 max-abs in bf16)",
-)
-@pytest.mark.parametrize("dtype", [torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_low_precision_converted_model_saved_and_loaded_again_is_bit_identical(tmp_path, dtype):
     from innerloop.checkpoints import load_model as load_checkpoint_model
     from innerloop.train.module import save_model_checkpoint

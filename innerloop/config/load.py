@@ -1195,7 +1195,8 @@ def check_trainable_precision(precision: str) -> None:
         f"trainer.precision={precision!r} cannot train: it casts the whole model, and AdamW's states with it, "
         "to float16, where AdamW's eps (1e-8) rounds to 0 and the second moments (squared gradients) "
         "underflow to 0, so a step divides 0 by 0 and the loss is NaN after the first step, at any optim.lr; "
-        "use 16-mixed (float16 autocast on float32 weights), bf16-true, bf16-mixed, 32-true or 64-true. A "
+        "use 16-mixed (float16 autocast on float32 weights, on a GPU), bf16-true, bf16-mixed, 32-true or "
+        "64-true. A "
         "model trained so can still run in float16 for inference (model.half(), or from_pretrained(..., "
         "dtype=torch.float16) of its export)"
     )
@@ -1219,6 +1220,7 @@ def _check_trainer_names(run: RunConfig) -> None:
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"{key}={value!r} is not valid; valid: {valid}")
+    _check_float16_autocast_device(run.trainer.precision, run.trainer.accelerator)
     if run.trainer.accelerator == "auto":
         return
     here = ["auto", *(a for a in accelerators if AcceleratorRegistry[a]["accelerator"].is_available())]
@@ -1233,6 +1235,24 @@ def _check_trainer_names(run: RunConfig) -> None:
         raise ConfigError(
             f"trainer.devices={run.trainer.devices} but this machine has {count} "
             f"{run.trainer.accelerator} device(s)"
+        )
+
+
+def _check_float16_autocast_device(precision: str, accelerator: str) -> None:
+    """Refuse ``16-mixed`` where the run would train on the CPU: Lightning then runs ``bf16-mixed`` in
+    its place (one warning of its own), and the run would record a precision it did not train in."""
+    import torch
+
+    if precision != "16-mixed":
+        return
+    on_cpu = accelerator == "cpu" or (
+        accelerator == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    )
+    if on_cpu:
+        raise ConfigError(
+            f"trainer.precision='16-mixed' (float16 autocast) is not run on a CPU (trainer.accelerator="
+            f"{accelerator!r} here): Lightning would train in bf16-mixed instead; use bf16-mixed (bfloat16 "
+            "autocast) or 32-true on a CPU, 16-mixed on a GPU"
         )
 
 

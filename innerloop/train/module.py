@@ -448,8 +448,11 @@ class LanguageModelModule(L.LightningModule):
         hp = self.hparams
         optimizer = self.trainer.optimizers[0]
         schedule = self.trainer.lr_scheduler_configs[0].scheduler
-        lr = self._schedule()(schedule.last_epoch)
-        for group, weight_decay in zip(optimizer.param_groups, (hp.weight_decay, 0.0), strict=True):
+        # the lr as the schedule computes it at every step (base lr times its factor, the new
+        # hyperparameters' since configure_optimizers built it), to the last bit: a resume continues
+        # exactly the run it resumes
+        lrs = [hp.lr * factor(schedule.last_epoch) for factor in schedule.lr_lambdas]
+        for group, lr, weight_decay in zip(optimizer.param_groups, lrs, (hp.weight_decay, 0.0), strict=True):
             group.update(lr=lr, initial_lr=hp.lr, weight_decay=weight_decay, betas=tuple(hp.betas))
         schedule.base_lrs = [hp.lr] * len(optimizer.param_groups)
 

@@ -714,17 +714,19 @@ def _file_stamp(path: Path) -> tuple[int, int, int] | None:
 
 @contextlib.contextmanager
 def _torch_flags_restored() -> Iterator[None]:
-    """Restore torch's process-wide flags that ``trainer.deterministic`` and ``trainer.benchmark`` set
-    (Lightning sets them for the run and leaves them set), so that one run's settings do not carry over
-    to what the process does next."""
+    """Restore torch's process-wide settings that ``trainer.deterministic``, ``trainer.benchmark`` and
+    ``trainer.threads`` change (Lightning sets the first two for the run and leaves them set), so that one
+    run's settings do not carry over to what the process does next."""
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     benchmark = torch.backends.cudnn.benchmark
+    threads = torch.get_num_threads()
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.backends.cudnn.benchmark = benchmark
+        torch.set_num_threads(threads)
 
 
 def _write_loss_by_position(run: RunConfig, metrics: dict[str, float], seq_len: int) -> tuple[Path, Path]:

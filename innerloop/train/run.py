@@ -1129,10 +1129,8 @@ def _windows_of_files(
         paths, seq_len, count, tokenizer=tokenizer, text_field=text_field, split=split
     )
     if text_field is not None:
-        which = f"split {split!r}" if split is not None else "their own split"
-        source = (
-            f"the given files' {text_field!r} field ({which}), read as this data.name='hf' run reads its data"
-        )
+        source = f"the given files' {text_field!r} field, read as this data.name='hf' run reads its data"
+        source += f", split {split!r}" if split is not None else ""
     else:
         source = "the given files, read as text"
     reading = (text_field or "") + (f"\nsplit={split}" if split is not None else "")  # in the files' names

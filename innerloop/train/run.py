@@ -36,6 +36,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -48,7 +49,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer
 from omegaconf import DictConfig
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
@@ -493,15 +494,33 @@ def _train_in_locked_dir(
     if steps < run.trainer.max_steps and ckpt.is_file():  # under ddp_spawn the spawned ranks trained, not
         steps = max(steps, int(load_checkpoint(ckpt).get("global_step", steps)))  # this process's trainer
     if steps < run.trainer.max_steps:  # trainer.max_time, or a callback, stopped it
-        log.warning(
-            "the run stopped at step %d of trainer.max_steps=%d (trainer.max_time or a callback asked it "
-            "to stop); %s holds it: continue with `innerloop train --resume out_dir=%s`",
-            steps,
-            run.trainer.max_steps,
-            ckpt,
-            run.out_dir,
-        )
+        log.warning("the run stopped at step %d of trainer.max_steps=%d %s", steps, run.trainer.max_steps,
+                    _how_to_continue(run, trainer, ckpt))  # fmt: skip
     return _finish(run, module, datamodule, trainer, ckpt, config_path)
+
+
+def _time_budget(trainer: L.Trainer) -> float | None:
+    """``trainer.max_time`` in seconds when its time is spent (Lightning's Timer counts the time of every
+    launch of a run: the checkpoint keeps it), else None."""
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    duration = None if timer is None else timer._duration
+    return duration if duration is not None and timer.time_elapsed() >= duration else None
+
+
+def _how_to_continue(run: RunConfig, trainer: L.Trainer, ckpt: Path) -> str:
+    """Why a fit ended before ``trainer.max_steps``, and the command that continues it."""
+    resume = f"innerloop train --resume out_dir={run.out_dir}"
+    budget = _time_budget(trainer)
+    if budget is not None:
+        seconds = math.ceil(2 * budget)  # as much time again
+        longer = (
+            f"{seconds // 86400:02d}:{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        )
+        return (
+            f"(its trainer.max_time, {budget:g} s over all its launches, is spent); {ckpt} holds it: continue "
+            f"with `{resume} trainer.max_time={longer}` (as long again; trainer.max_time=null for no limit)"
+        )
+    return f"(a callback asked it to stop); {ckpt} holds it: continue with `{resume}`"
 
 
 def _fit(
@@ -527,6 +546,11 @@ def _fit(
         with _config_settled(config_path, ckpt, start is not None):
             save_config(cfg if cfg is not None else run, config_path)
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(start) if start is not None else None)
+            if not interrupt.requested and not ckpt.exists() and trainer.global_step < run.trainer.max_steps:
+                raise ConfigError(  # (a new run's config.yaml goes with it: the out_dir holds no run)
+                    f"the run ended before its first step, so no checkpoint was written "
+                    f"{_how_to_continue(run, trainer, ckpt).split(';')[0]}: give it time for at least a step"
+                )
     except TrainingDivergedError as err:
         # the same class (NonFiniteLayerOutputError names a layer's plugins), the checkpoint note added
         raise type(err)(f"{err}; {_last_checkpoint_note(ckpt, run)}") from None

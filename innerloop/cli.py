@@ -406,8 +406,10 @@ def _quiet_lightning() -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from innerloop.config.load import load_config
+    from innerloop.config.load import ConfigError, load_config
 
+    if args.resume and args.overwrite:  # said before anything else is (train() refuses it too)
+        raise ConfigError("--resume and --overwrite contradict each other: continue the run or replace it")
     if args.resume:
         run, cfg = _resume_config(args.config, args.overrides)
     else:  # before importing Lightning: errors come fast
@@ -1272,12 +1274,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    command = " ".join(filter(None, (args.command, getattr(args, "action", None))))  # "tokenizer train"
     formatwarning = warnings.formatwarning
-    warnings.formatwarning = _warning_line(args.command)  # a warning is one line too, not a source excerpt
+    warnings.formatwarning = _warning_line(command)  # a warning is one line too, not a source excerpt
     try:
         return _HANDLERS[args.command](args)
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (start-up, an evaluation): nothing to save
-        print(f"\ninnerloop {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        print(f"\ninnerloop {command}: interrupted (Ctrl-C)", file=sys.stderr)
         return 128 + 2  # the shell's status for SIGINT
     except BrokenPipeError:  # the reader of stdout went away (`innerloop generate ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit fails too
@@ -1285,7 +1288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         if not _is_user_error(err):
             raise
-        print(f"innerloop {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"innerloop {command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     finally:
         warnings.formatwarning = formatwarning

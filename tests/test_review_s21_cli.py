@@ -110,29 +110,16 @@ def test_the_command_suggested_after_a_max_time_stop_continues_the_run(tmp_path,
     assert load_checkpoint(out / "last.safetensors")["global_step"] > reached
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "review s21 LOW: --config NAME takes a file called NAME in the current directory over the preset "
-        "of that name without a word (here the schema's defaults with one change, out_dir runs/tiny), "
-        "so `--config tiny-mlp` trains another model than the preset it names"
-    ),
-)
 def test_a_file_that_shadows_a_preset_name_is_named(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny-mlp").write_text("optim:\n  lr: 0.1\n")
-    assert main(["params", "--config", "tiny-mlp"]) == 0
+    assert main(["params", "--config", "tiny-mlp"]) == 2  # which one was meant is not guessed
     err = capsys.readouterr().err
-    assert "preset" in err, err  # a warning (or an error) saying that the file was read, not the preset
+    assert "'tiny-mlp' is both a preset and a file in the current directory" in err, err
+    assert "--config ./tiny-mlp for the file" in err
+    assert main(["params", "--config", "./tiny-mlp"]) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "review s21 LOW: errors of `innerloop tokenizer train` raised after parsing are prefixed "
-        "'innerloop tokenizer: error:', argparse's own 'innerloop tokenizer train: error:'"
-    ),
-)
 def test_tokenizer_train_errors_name_the_command(tmp_path, capsys):
     status = main(
         ["tokenizer", "train", "--vocab-size", "300", "--out", str(tmp_path / "tok"), str(tmp_path / "nope")]
@@ -142,19 +129,11 @@ def test_tokenizer_train_errors_name_the_command(tmp_path, capsys):
     assert err.startswith("innerloop tokenizer train: error:"), err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "review s21 LOW: an interpolation inside a list override, data.paths=[${oc.env:HOME}/x], is "
-        "refused with only YAML's 'cannot be parsed: while parsing a flow sequence' (the '{' of '${' "
-        "opens a YAML flow mapping), which names neither the cause nor the fix (quote the entry: "
-        "data.paths=['${oc.env:HOME}/x'], which works); docs/training.md presents ${...} as supported"
-    ),
-)
 def test_an_interpolation_in_a_list_override_is_read_or_explained(capsys):
     status = main(["params", "data.paths=[${oc.env:HOME}/x]"])  # params reads the model only
     err = capsys.readouterr().err
-    assert status == 0 or "quote" in err, err
+    assert status == 2 and "quote a list entry that holds an interpolation" in err, err
+    assert main(["params", "data.paths=['${oc.env:HOME}/x']"]) == 0  # quoted as the message says
 
 
 @pytest.mark.slow  # trains a tiny run, then resumes it (about 4 s)
@@ -182,13 +161,6 @@ def test_resuming_a_finished_run_logs_no_second_validation_row(tmp_path):
 
 
 @pytest.mark.slow  # the resume path imports Lightning and validates the run's data (about 2 s)
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "review s21 LOW: `innerloop train --resume --overwrite` prints 'resuming the run in ... from its "
-        "last checkpoint' before refusing the contradiction (the check is in train(), after the print)"
-    ),
-)
 def test_resume_with_overwrite_is_refused_before_saying_it_resumes(tmp_path, capsys):
     from innerloop.config.load import load_config, save_config
 

@@ -72,6 +72,11 @@ def preset_names() -> list[str]:
 def _read_source(preset_or_file: str) -> tuple[str, str]:
     """The YAML text of a file path or a packaged preset name, and a description of where it came from."""
     path = Path(preset_or_file).expanduser()
+    if path.is_file() and preset_or_file in preset_names():  # a bare name: which one was meant?
+        raise ConfigError(
+            f"--config {preset_or_file!r} is both a preset and a file in the current directory; write "
+            f"--config ./{preset_or_file} for the file, or rename it to use the preset"
+        )
     if path.is_file():
         source = f"file {str(Path(preset_or_file))!r}"
         try:
@@ -488,7 +493,10 @@ def _parsed_override(item: str) -> tuple[DictConfig, str, tuple[str, ...]]:
     try:
         override = OmegaConf.from_dotlist([item])
     except Exception as err:  # the value is parsed as YAML: its syntax errors come in several types
-        raise ConfigError(f"override {item!r} cannot be parsed: {_first_line(err)}") from None
+        hint = ""
+        if "${" in item and "[" in item.partition("=")[2]:  # YAML reads the { of ${...} as a mapping
+            hint = "; quote a list entry that holds an interpolation, e.g. data.paths=['${oc.env:HOME}/x']"
+        raise ConfigError(f"override {item!r} cannot be parsed: {_first_line(err)}{hint}") from None
     source = f"override {item!r}"
     routed = route_trainer_keys(OmegaConf.to_container(override), source, ConfigError)
     check_keys(routed, RunConfig, "", source, ConfigError)

@@ -681,7 +681,12 @@ def _finish(
         with ended_by_signals(stopped):
             results = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         metrics = {k: float(v) for k, v in results.items()}
-    plot, csv_path = _write_loss_by_position(run, metrics, datamodule.seq_len)
+    writing = (
+        f"while loss_by_position.* were written, after all {trainer.global_step} steps; the checkpoint "
+        f"{str(ckpt)!r} holds them: `innerloop train --resume out_dir={run.out_dir}` writes the files again"
+    )
+    with ended_by_signals(writing):
+        plot, csv_path = _write_loss_by_position(run, metrics, datamodule.seq_len)
     return TrainResult(Path(run.out_dir), ckpt, config_path, plot, csv_path, metrics)
 
 
@@ -754,14 +759,16 @@ def _torch_flags_restored() -> Iterator[None]:
 
 
 def _write_loss_by_position(run: RunConfig, metrics: dict[str, float], seq_len: int) -> tuple[Path, Path]:
-    """``loss_by_position.png`` and ``.csv`` of the final validation, in ``run.out_dir``."""
+    """``loss_by_position.png`` and ``.csv`` of the final validation, in ``run.out_dir``, each written
+    atomically: the plot first (the slow one), so that an interruption while it is drawn leaves the
+    previous pair as it was."""
     out_dir = Path(run.out_dir)
     buckets = position_buckets(seq_len, run.trainer.num_position_buckets)
     losses = [metrics[f"val_loss_pos/{b}"] for b in range(len(buckets))]
-    csv_path = write_loss_by_position_csv(out_dir / "loss_by_position.csv", buckets, losses)
     steps = int(metrics["val_step"])
     title = f"{run.model.mixer} ({run.model.backbone}), {steps} steps: validation loss by position"
     plot = plot_loss_by_position(out_dir / "loss_by_position.png", buckets, losses, title=title)
+    csv_path = write_loss_by_position_csv(out_dir / "loss_by_position.csv", buckets, losses)
     return plot, csv_path
 
 

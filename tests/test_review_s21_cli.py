@@ -132,14 +132,6 @@ def test_an_interpolation_in_a_list_override_is_read_or_explained(capsys):
 
 
 @pytest.mark.slow  # trains a tiny run, then resumes it (about 4 s)
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "review s21 LOW: `--resume` of a run that has finished (no larger trainer.max_steps) trains "
-        "nothing but validates again and logs a second validation row at the last step in a new "
-        "logs/version_<n>/metrics.csv, so the run's logs read as two validations of one step"
-    ),
-)
 def test_resuming_a_finished_run_logs_no_second_validation_row(tmp_path):
     import csv
 

@@ -678,7 +678,9 @@ def _finish(
             f"{str(ckpt)!r} holds them: `innerloop train --resume out_dir={run.out_dir}` runs the validation "
             "again and writes loss_by_position.*"
         )
-        with ended_by_signals(stopped):
+        # a launch that trained nothing (a finished run resumed) logs no second row for that step
+        quiet = _without_loggers(trainer) if not metrics else contextlib.nullcontext()
+        with ended_by_signals(stopped), quiet:
             results = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         metrics = {k: float(v) for k, v in results.items()}
     writing = (
@@ -756,6 +758,17 @@ def _torch_flags_restored() -> Iterator[None]:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.backends.cudnn.benchmark = benchmark
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _without_loggers(trainer: L.Trainer) -> Iterator[None]:
+    """``trainer`` logs nothing inside the block."""
+    loggers = trainer.loggers
+    trainer.loggers = []
+    try:
+        yield
+    finally:
+        trainer.loggers = loggers
 
 
 def _write_loss_by_position(run: RunConfig, metrics: dict[str, float], seq_len: int) -> tuple[Path, Path]:

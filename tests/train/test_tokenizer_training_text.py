@@ -60,7 +60,7 @@ def test_the_command_refuses_in_one_line_and_writes_nothing(tmp_path, capsys, te
     path.write_text(text, encoding="utf-8")
     assert _train(tmp_path, path) == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and error.startswith("innerloop tokenizer: error: "), error
+    assert error.count("\n") == 1 and error.startswith("innerloop tokenizer train: error: "), error
     assert "no text to learn merges from" in error or "too little text to learn a single merge" in error
     assert not (tmp_path / "tok").exists()
 

@@ -39,12 +39,15 @@ Weights = dict[str, torch.Tensor]
 
 
 class PartialWeights(dict):
-    """The weights :func:`scan` returns after a call that stopped inside a mini-batch: the weights its
-    last tokens read, ``tokens_into_mini_batch`` tokens into that mini-batch. A plain dict of weights
-    cannot say where a mini-batch stopped; these can, so :func:`scan` refuses them as ``initial``
-    (a new call would start a new mini-batch where the whole sequence finishes this one)."""
+    """The weights :func:`scan` returns when they alone cannot continue the sequence exactly: after a
+    call that stopped inside a mini-batch (the weights its last tokens read, ``tokens_into_mini_batch``
+    tokens into that mini-batch: a new call would start a new mini-batch where the whole sequence
+    finishes this one), or under an inner loss that carries something from one call to the next
+    (``dropped_carry``: ``next_token``'s last key, which pairs with the next call's first token). A
+    plain dict of weights cannot say either; these can, so :func:`scan` refuses them as ``initial``."""
 
     tokens_into_mini_batch: int = 0
+    dropped_carry: tuple[str, ...] = ()  # the inner loss's carry entries these weights do not hold
 
 
 def _check_tensor(
@@ -185,7 +188,15 @@ def _token_scale(
 
 
 def _check_not_partial(initial: dict, mini_batch_size: int) -> None:
-    """Refuse the :class:`PartialWeights` of a scan that stopped inside a mini-batch as ``initial``."""
+    """Refuse the :class:`PartialWeights` of a scan that stopped inside a mini-batch, or whose inner loss's
+    carry they do not hold, as ``initial``."""
+    if isinstance(initial, PartialWeights) and initial.dropped_carry:
+        raise ValueError(
+            f"initial holds the weights of a scan whose inner loss carries {list(initial.dropped_carry)} from "
+            "one call to the next (next_token: the last key, paired with the next call's first token), which "
+            "weights cannot hold: continuing from them drops that pair (other numbers). Use TTTLayer and its "
+            "state, which carries it; dict(initial) passes them anyway, as the start of a new sequence"
+        )
     if isinstance(initial, PartialWeights) and initial.tokens_into_mini_batch:
         raise ValueError(
             f"initial holds the weights of a scan that stopped {initial.tokens_into_mini_batch} tokens into a "
@@ -320,8 +331,8 @@ def scan(
             without it); None: zeros. The inner loss
             starts a sequence (``next_token``'s first token has no pair). Continuing from the weights
             a call returned is exact when that call's token count was a multiple of
-            ``mini_batch_size`` (else see Returns); a dict cannot say where in a mini-batch it stopped,
-            so this is not checked.
+            ``mini_batch_size`` and its inner loss carries nothing from one call to the next (else
+            they come back as :class:`PartialWeights`, which are refused here: see Returns).
         norm_eps: the inner LayerNorm's epsilon (a finite number > 0).
         kernel: ``"auto"``, ``"torch"`` or a registered kernel's name, as in ``TTTLayer``.
         dispatches: a list that receives every fast-path decision ``(path, reason)``.
@@ -337,8 +348,10 @@ def scan(
         :class:`PartialWeights` (a dict saying how far into its mini-batch the call stopped), which
         ``initial`` refuses; ``dict(weights)`` passes them anyway, exact only where the mini-batch size
         does not change the model (linear attention's: the bare matrix model under the ``dot_product``
-        loss). To split a sequence anywhere, use :class:`~innerloop.core.layer.TTTLayer` and its state,
-        which carries the partial mini-batch.
+        loss). So do the weights of an inner loss that carries something to the next call
+        (``next_token``'s last key), which they cannot hold (``dropped_carry``). To split a sequence
+        anywhere, use :class:`~innerloop.core.layer.TTTLayer` and its state, which carries the partial
+        mini-batch and the loss's carry.
         A NaN or inf input is not refused; it spreads to the outputs of its whole mini-batch (of its
         64-token chunk on the chunked delta-rule kernel), earlier tokens included, and to all later ones.
         Differentiable in every tensor argument (twice with ``needs_double_backward``). The scan computes in q's dtype but at least float32
@@ -383,9 +396,10 @@ def scan(
             rule, state, task, views, *(_cast(t, dtype) for t in (lr, tau, decay, momentum))
         )
     weights = final.scan_weights(tau)
-    if final.offset:  # stopped inside a mini-batch: marked, so that `initial` can refuse them
+    if final.offset or final.loss_carry:  # weights alone cannot continue: marked for `initial` to refuse
         weights = PartialWeights(weights)
         weights.tokens_into_mini_batch = final.offset
+        weights.dropped_carry = tuple(sorted(final.loss_carry))
     return outputs.to(q.dtype), weights
 
 

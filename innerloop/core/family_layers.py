@@ -289,11 +289,8 @@ class FamilyLayer(TTTLayer):
         if self.inner_norm:
             self.ttt_norm_weight = nn.Parameter(torch.ones(self.num_heads, self.head_dim))
             self.ttt_norm_bias = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))
-        self.initial_params = nn.ParameterDict(
-            {
-                k: nn.Parameter(v)
-                for k, v in self.inner_model.init_params(self.num_heads, self.head_dim).items()
-            }
+        self.initial_params = nn.ParameterDict(  # checked at this layer's shape, in its dtype (as TTTLayer's)
+            {k: nn.Parameter(v) for k, v in self._checked_init_params(self.num_heads, self.head_dim).items()}
         )
         for name, table in self.derived_buffers().items():  # token_scale
             self.register_buffer(name, table, persistent=False)

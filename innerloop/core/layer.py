@@ -609,8 +609,10 @@ class TTTLayer(nn.Module):
 
     def state_reference(self, batch_size: Any, like: torch.Tensor | None) -> tuple[int, torch.Tensor]:
         """``(batch_size, reference)`` for :meth:`init_state`, each checked: ``batch_size`` an integer
-        >= 0 (0: an empty batch), ``like`` None or a floating-point tensor (the state's dtype and device;
-        None: :attr:`scan_dtype` on the weights' device)."""
+        >= 0 (0: an empty batch), ``like`` None or a floating-point tensor (the state's device; None: the
+        weights'). The reference is an empty tensor of :attr:`scan_dtype` on that device: a state is
+        always in the scan's dtype, which is all :meth:`forward` takes (a bfloat16 ``like`` of a
+        bfloat16 layer's input gives a float32 state)."""
         if not _is_integer(batch_size) or batch_size < 0:
             raise ValueError(f"batch_size must be an integer >= 0, got {batch_size!r}")
         if like is None:
@@ -621,18 +623,18 @@ class TTTLayer(nn.Module):
                 f"like must be a floating-point torch.Tensor (the state's dtype and device; the layer keeps "
                 f"its state in {self.scan_dtype}) or None, got {given}"
             )
-        return int(batch_size), like
+        return int(batch_size), like.new_empty((), dtype=self.scan_dtype)
 
     def init_state(self, batch_size: int, like: torch.Tensor | None = None) -> TTTState:
-        """The state at the start of a sequence, in :attr:`scan_dtype` (or ``like``'s dtype): every
-        sequence starts from the learnable init. ``batch_size``: an integer >= 0; ``like``: None or a
-        floating-point tensor."""
+        """The state at the start of a sequence, in :attr:`scan_dtype`, on ``like``'s device (None: the
+        weights'): every sequence starts from the learnable init. ``batch_size``: an integer >= 0;
+        ``like``: None or a floating-point tensor."""
         batch_size, reference = self.state_reference(batch_size, like)
         # copy=True: one differentiable copy of the init, shared by the batch rows. A view would tie the
         # state to the nn.Parameter until its first mini-batch closes: an optimizer step or a
         # load_state_dict would then change a state the caller holds.
         params = {
-            k: v.to(reference.dtype, copy=True).unsqueeze(0).expand(batch_size, *v.shape)
+            k: v.to(reference.device, reference.dtype, copy=True).unsqueeze(0).expand(batch_size, *v.shape)
             for k, v in self.initial_params.items()
         }
         pending = {k: torch.zeros_like(v) for k, v in params.items()}

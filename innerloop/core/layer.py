@@ -102,6 +102,10 @@ def is_real(value: Any) -> bool:
         return False
 
 
+MAX_CONV_KERNEL = 1024
+"""The largest ``conv_kernel`` a layer takes (its convolutions are short: 4 by default)."""
+
+
 def check_positive_int(name: str, value: Any, none_allowed: bool = False) -> None:
     """Raise naming ``name`` unless ``value`` is an integer >= 1 (or None, where ``none_allowed``)."""
     if none_allowed and value is None:
@@ -137,9 +141,18 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True) -> None:
             raise TypeError(f"{name} must be True or False, got {args[name]!r}")
     if not is_real(args["base_lr"]) or args["base_lr"] < 0:
         raise ValueError(f"base_lr must be a finite number >= 0, got {args['base_lr']!r}")
-    for name in ("rope_theta", "norm_eps"):
-        if not is_real(args[name]) or args[name] <= 0:
-            raise ValueError(f"{name} must be a finite number > 0, got {args[name]!r}")
+    if args["conv_kernel"] > MAX_CONV_KERNEL:
+        raise ValueError(
+            f"conv_kernel must be <= {MAX_CONV_KERNEL} (a short causal convolution; its state keeps "
+            f"conv_kernel - 1 inputs of every sequence), got {args['conv_kernel']!r}"
+        )
+    if not is_real(args["rope_theta"]) or args["rope_theta"] < 1:
+        raise ValueError(
+            f"rope_theta must be a finite number >= 1, got {args['rope_theta']!r} (the RoPE base: its "
+            "frequencies theta^(-2i/head_dim) stay <= 1, so that every angle is finite; the paper's is 10000)"
+        )
+    if not is_real(args["norm_eps"]) or args["norm_eps"] <= 0:
+        raise ValueError(f"norm_eps must be a finite number > 0, got {args['norm_eps']!r}")
     check_norm_eps(args["norm_eps"], torch.promote_types(torch.get_default_dtype(), torch.float32))
     if args["non_finite"] not in NON_FINITE_POLICIES:
         raise ValueError(f"non_finite must be one of {NON_FINITE_POLICIES}, got {args['non_finite']!r}")

@@ -237,7 +237,7 @@ def _initial_state(
     _check_not_partial(initial, mini_batch_size)
     weights = {}
     for name, value in initial.items():
-        base = name.removeprefix("momentum.")
+        base = name.removeprefix("momentum.") if isinstance(name, str) else None
         if base not in shapes:
             valid = sorted([*shapes, *(f"momentum.{k}" for k in shapes)])
             raise ValueError(

@@ -289,10 +289,12 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(
                 f"head_dim = hidden_size / num_heads = {hidden_size // num_heads} must be even (RoPE rotates pairs)"
             )
-        for name, value in (("rope_theta", rope_theta), ("norm_eps", norm_eps)):
-            if not is_real(value) or value <= 0:
-                # rope_theta <= 0 makes the RoPE tables NaN, which SDPA turns into silently zero attention
-                raise ValueError(f"{name}={value!r} must be a finite number > 0")
+        # rope_theta <= 0 makes the RoPE tables NaN (which SDPA turns into silently zero attention), and
+        # one below 1 frequencies above 1 whose angles overflow: the base is >= 1, its frequencies <= 1
+        if not is_real(rope_theta) or rope_theta < 1:
+            raise ValueError(f"rope_theta={rope_theta!r} must be a finite number >= 1 (the RoPE base)")
+        if not is_real(norm_eps) or norm_eps <= 0:
+            raise ValueError(f"norm_eps={norm_eps!r} must be a finite number > 0")
         if not isinstance(qk_norm, bool):
             raise TypeError(f"qk_norm must be True or False, got {qk_norm!r}")
         self.hidden_size = hidden_size

@@ -359,7 +359,7 @@ MODEL_FIELD_BOUNDS: dict[str, Bounds] = {
     "model.num_heads": AT_LEAST_1,
     "model.intermediate_size": _SIZE,
     "model.window": AT_LEAST_1,
-    "model.rope_theta": POSITIVE,
+    "model.rope_theta": Bounds(1, why="the RoPE base: its frequencies theta^(-2i/head_dim) stay <= 1"),
     "model.pre_conv_kernel": AT_LEAST_1,
     "model.norm_eps": POSITIVE,
     "model.init_std": POSITIVE,

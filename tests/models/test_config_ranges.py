@@ -18,9 +18,9 @@ SMALL = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size"
 @pytest.mark.parametrize(
     ("mixer", "changes", "message"),
     [
-        ("attention", {"rope_theta": 0.0}, "model.rope_theta=0.0 must be > 0"),
-        ("swa", {"rope_theta": -5.0}, "model.rope_theta=-5.0 must be > 0"),
-        ("e2e", {"rope_theta": 0.0}, "model.rope_theta=0.0 must be > 0"),
+        ("attention", {"rope_theta": 0.0}, "model.rope_theta=0.0 must be >= 1"),
+        ("swa", {"rope_theta": -5.0}, "model.rope_theta=-5.0 must be >= 1"),
+        ("e2e", {"rope_theta": 0.0}, "model.rope_theta=0.0 must be >= 1"),
         ("ttt", {"norm_eps": -1.0}, "model.norm_eps=-1.0 must be > 0"),
         ("attention", {"init_std": -1.0}, "model.init_std=-1.0 must be > 0"),
         ("ttt", {"ttt": TTTConfig(base_lr=-1.0)}, "model.ttt.base_lr=-1.0 must be >= 0"),
@@ -45,7 +45,7 @@ def test_every_numeric_model_field_has_bounds_and_the_run_config_uses_them():
 
 def test_the_defaults_and_the_edges_of_the_ranges_are_accepted():
     validate_model_config(ModelConfig(**SMALL))
-    validate_model_config(dataclasses.replace(ModelConfig(**SMALL), rope_theta=1e-3, norm_eps=1e-12))
+    validate_model_config(dataclasses.replace(ModelConfig(**SMALL), rope_theta=1.0, norm_eps=1e-12))
     validate_model_config(ModelConfig(**{**SMALL, "ttt": TTTConfig(base_lr=0.0)}))
 
 
@@ -56,5 +56,6 @@ def test_the_defaults_and_the_edges_of_the_ranges_are_accepted():
 def test_the_attention_layer_built_directly_refuses_what_would_compute_nan_or_zero(name, value):
     from innerloop.models.attention import CausalSelfAttention
 
-    with pytest.raises(ValueError, match=f"{name}={value!r} must be a finite number > 0"):
+    bound = ">= 1" if name == "rope_theta" else "> 0"
+    with pytest.raises(ValueError, match=f"{name}={value!r} must be a finite number {bound}"):
         CausalSelfAttention(16, 2, **{name: value})

@@ -42,7 +42,7 @@ D, H = 32, 4
         ({"window": 0}, r"window must be a positive integer or None, got 0"),
         ({"hidden_size": 12, "num_heads": 5}, r"hidden_size \(12\) must be divisible by num_heads \(5\)"),
         ({"hidden_size": 12, "num_heads": 4}, r"head_dim = hidden_size / num_heads = 3 must be even"),
-        ({"rope_theta": float("nan")}, r"rope_theta=nan must be a finite number > 0"),
+        ({"rope_theta": float("nan")}, r"rope_theta=nan must be a finite number >= 1"),
         ({"norm_eps": 0}, r"norm_eps=0 must be a finite number > 0"),
     ],
 )

@@ -75,7 +75,7 @@ def test_params_checks_the_model_only(capsys):
     assert main(["params", "data.paths=[/nonexistent/nomatch*]", "out_dir=/dev/null/x"]) == 0
     assert "parameters" in capsys.readouterr().out
     assert main(["params", "model.rope_theta=-1"]) == 2
-    assert "model.rope_theta=-1.0 must be > 0" in capsys.readouterr().err
+    assert "model.rope_theta=-1.0 must be >= 1" in capsys.readouterr().err
 
 
 def test_eval_of_too_short_data_names_the_file_and_the_option(tmp_path, capsys):

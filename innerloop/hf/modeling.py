@@ -294,6 +294,31 @@ def check_token_ids_shape(input_ids: Any) -> None:
     check_token_id_layout(input_ids, min_length=1)
 
 
+def padding_zeroed(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``input_ids [B, T]`` with the ids the mask leaves out (right padding: the mask's last ``T``
+    columns cover them) set to 0: the model reads them after every real token, so they change no real
+    token's logits, and none of their own is scored."""
+    if attention_mask is None:
+        return input_ids
+    keep = attention_mask[:, -input_ids.shape[1] :].to(device=input_ids.device, dtype=torch.bool)
+    return input_ids.masked_fill(~keep, 0)
+
+
+def check_generate_pad_token(generation_config: Any, batch_size: int, vocab_size: int) -> None:
+    """Refuse, before anything is generated, a ``pad_token_id`` outside the vocabulary where a batch's
+    rows may end at ``eos_token_id`` one before another: transformers feeds the pad id to the rows that
+    ended, as their next token (their outputs are discarded, but the model must read it)."""
+    pad, eos = generation_config.pad_token_id, generation_config.eos_token_id
+    if batch_size < 2 or eos is None or pad is None or 0 <= int(pad) < vocab_size:
+        return
+    raise ValueError(
+        f"generate() got pad_token_id={pad}, outside the model's vocabulary of {vocab_size} tokens "
+        f"(0..{vocab_size - 1}), with eos_token_id={eos} and a batch of {batch_size}: transformers feeds the "
+        "pad id to every row that has ended as its next token; give a pad_token_id in the vocabulary (e.g. "
+        "pad_token_id=0: what those rows read after their end is never used)"
+    )
+
+
 def check_token_ids(input_ids: Any, vocab_size: int) -> None:
     """Refuse anything but integer token ids ``[batch, length >= 1]`` (:func:`check_token_ids_shape`),
     and an id outside ``[0, vocab_size)`` (e.g. a tokenizer's special token past the bytes), naming it,
@@ -801,6 +826,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         may_cache, hidden = self._check_inputs(
             input_ids, attention_mask, cache, use_cache, output_hidden_states
         )
+        input_ids = padding_zeroed(input_ids, attention_mask)  # padding's ids may lie past the vocabulary
         self._check_arguments(kwargs, input_ids, cache, logits_to_keep, return_dict)
         labels = None if labels is None else check_labels(labels, input_ids, self.config.vocab_size)
         logits, state, hidden_states = self._run(input_ids, cache, hidden)  # logits [B, T, V]
@@ -821,14 +847,18 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         use_cache: bool | None,
         output_hidden_states: bool | None,
     ) -> tuple[bool, bool]:
-        """Check the ids (first: the other checks read their shape), the mask and ``use_cache``; return
+        """Check the ids' layout (first: the other checks read their shape), the mask, ``use_cache`` and
+        the ids' values where the mask reads them (a right padding's ids are never scored, and a tokenizer
+        may pad with an id past the model's vocabulary: the byte tokenizer's end of text, 256); return
         whether a cache may be returned (see :func:`check_attention_mask`) and whether the hidden states
         are wanted."""
-        check_token_ids(input_ids, self.config.vocab_size)
-        check_mask_shape(attention_mask, input_ids, 0 if cache is None else cache.seq_length)
+        check_token_ids_shape(input_ids)
+        cached = 0 if cache is None else cache.seq_length
+        check_mask_shape(attention_mask, input_ids, cached)
         check_mask_values(attention_mask)
         check_flag("use_cache", use_cache)
         may_cache = check_attention_mask(attention_mask, cached=cache is not None, use_cache=use_cache)
+        check_token_ids(padding_zeroed(input_ids, attention_mask), self.config.vocab_size)
         is_e2e = self.config.model["mixer"] == E2E  # type: ignore[index]
         return may_cache, hidden_states_wanted(output_hidden_states, self.config.output_hidden_states, is_e2e)
 
@@ -951,6 +981,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
     ) -> Any:
         """transformers' own, after refusing chunked prefill without a cache with what to pass: an
         innerloop model's cache is made by its first forward, so transformers cannot make an empty one."""
+        check_generate_pad_token(generation_config, input_ids.shape[0], self.config.vocab_size)
         chunk = generation_config.prefill_chunk_size
         if chunk is not None and model_kwargs.get("cache") is None:
             raise ValueError(

@@ -95,7 +95,7 @@ class HadamardFeatureMap(nn.Module):
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:  # a numpy string array passes `in`
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 

@@ -154,7 +154,7 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True) -> None:
     if not is_real(args["norm_eps"]) or args["norm_eps"] <= 0:
         raise ValueError(f"norm_eps must be a finite number > 0, got {args['norm_eps']!r}")
     check_norm_eps(args["norm_eps"], torch.promote_types(torch.get_default_dtype(), torch.float32))
-    if args["non_finite"] not in NON_FINITE_POLICIES:
+    if not isinstance(args["non_finite"], str) or args["non_finite"] not in NON_FINITE_POLICIES:
         raise ValueError(f"non_finite must be one of {NON_FINITE_POLICIES}, got {args['non_finite']!r}")
     check_positive_int("inference_chunk_size", args["inference_chunk_size"], none_allowed=True)
     if not isinstance(args["kernel"], str):

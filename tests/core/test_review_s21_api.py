@@ -119,3 +119,14 @@ def test_a_rope_theta_whose_table_overflows_is_refused_by_name() -> None:
     torch.manual_seed(0)
     with pytest.raises(ValueError, match=r"rope_theta must be a finite number >= 1, got 1e-300"):
         TTTLayer(8, 2, rope_theta=1e-300)
+
+
+def test_a_numpy_string_is_no_valid_choice() -> None:
+    """A numpy array passed Python's ``in`` against the valid strings and was kept as the option (a
+    family layer's state label then read ``array('elu', ...)``)."""
+    import numpy as np
+
+    with pytest.raises(ValueError, match="non_finite must be one of"):
+        TTTLayer(8, 2, non_finite=np.array(["raise"]))
+    with pytest.raises(ValueError, match="feature_map must be one of"):
+        FamilyLayer(8, 2, feature_map=np.array("elu"))

@@ -823,10 +823,9 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
             )
         cache = one_cache(cache, past_key_values, cache_params)
         self._check_cache(cache)
-        may_cache, hidden = self._check_inputs(
+        input_ids, may_cache, hidden = self._check_inputs(  # the padding's ids zeroed: see there
             input_ids, attention_mask, cache, use_cache, output_hidden_states
         )
-        input_ids = padding_zeroed(input_ids, attention_mask)  # padding's ids may lie past the vocabulary
         self._check_arguments(kwargs, input_ids, cache, logits_to_keep, return_dict)
         labels = None if labels is None else check_labels(labels, input_ids, self.config.vocab_size)
         logits, state, hidden_states = self._run(input_ids, cache, hidden)  # logits [B, T, V]
@@ -846,21 +845,23 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         cache: InnerloopCache | None,
         use_cache: bool | None,
         output_hidden_states: bool | None,
-    ) -> tuple[bool, bool]:
+    ) -> tuple[torch.Tensor, bool, bool]:
         """Check the ids' layout (first: the other checks read their shape), the mask, ``use_cache`` and
         the ids' values where the mask reads them (a right padding's ids are never scored, and a tokenizer
         may pad with an id past the model's vocabulary: the byte tokenizer's end of text, 256); return
-        whether a cache may be returned (see :func:`check_attention_mask`) and whether the hidden states
-        are wanted."""
+        the ids with the padding's set to 0 (:func:`padding_zeroed`), whether a cache may be returned
+        (see :func:`check_attention_mask`) and whether the hidden states are wanted."""
         check_token_ids_shape(input_ids)
         cached = 0 if cache is None else cache.seq_length
         check_mask_shape(attention_mask, input_ids, cached)
         check_mask_values(attention_mask)
         check_flag("use_cache", use_cache)
         may_cache = check_attention_mask(attention_mask, cached=cache is not None, use_cache=use_cache)
-        check_token_ids(padding_zeroed(input_ids, attention_mask), self.config.vocab_size)
+        input_ids = padding_zeroed(input_ids, attention_mask)
+        check_token_ids(input_ids, self.config.vocab_size)
         is_e2e = self.config.model["mixer"] == E2E  # type: ignore[index]
-        return may_cache, hidden_states_wanted(output_hidden_states, self.config.output_hidden_states, is_e2e)
+        hidden = hidden_states_wanted(output_hidden_states, self.config.output_hidden_states, is_e2e)
+        return input_ids, may_cache, hidden
 
     @staticmethod
     def _check_arguments(

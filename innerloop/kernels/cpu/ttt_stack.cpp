@@ -358,6 +358,27 @@ void transpose(int64_t rows, int64_t cols, const T* src, T* dst) {  // dst [cols
     for (int64_t col = 0; col < cols; ++col) dst[col * rows + r] = src[r * cols + col];
 }
 
+// Sums over a whole sequence of a pair (the gradients of parameters every token shares): each block's
+// partial sums (a mini-batch's, or a run of tokens', in T) are added up in double, so that float32's
+// rounding does not grow with the sequence's length, as a sequential float32 sum's does (the torch
+// path reduces over the tokens pairwise).
+template <typename T>
+struct LongSum {
+  std::vector<T> block;       // this block's partial sums
+  std::vector<double> total;  // the blocks' so far
+  explicit LongSum(int64_t n) : block(n, T(0)), total(n, 0.0) {}
+  T* start_block() {
+    std::fill(block.begin(), block.end(), T(0));
+    return block.data();
+  }
+  void end_block() {
+    for (size_t i = 0; i < block.size(); ++i) total[i] += static_cast<double>(block[i]);
+  }
+  void write(T* out) const {
+    for (size_t i = 0; i < total.size(); ++i) out[i] = static_cast<T>(total[i]);
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Elementwise pieces
 // ---------------------------------------------------------------------------------------------
@@ -1028,8 +1049,7 @@ void linear_scan_backward_pair(const InnerloopLinearScanArgs& args, int64_t pair
   const int64_t k = args.mini_batch, in = args.in, f = args.width;
   const T* gamma_sq = static_cast<const T*>(args.gamma_sq) + pair * f;
   T* grad_w = static_cast<T*>(args.grad_weight) + pair * in * f;  // d loss / d W_{n+1}, then W_n
-  T* grad_gamma_sq = static_cast<T*>(args.grad_gamma_sq) + pair * f;
-  std::fill(grad_gamma_sq, grad_gamma_sq + f, T(0));
+  LongSum<T> grad_gamma_sq(f);  // written to args.grad_gamma_sq after the last mini-batch
   for (int64_t n = args.num_mini_batches - 1; n >= 0; --n) {
     const LinearBlock<T> block = linear_block<T>(args, n, pair);
     const T* w = static_cast<const T*>(args.starts) + block.index * in * f;
@@ -1045,8 +1065,9 @@ void linear_scan_backward_pair(const InnerloopLinearScanArgs& args, int64_t pair
     gemm<T>(k + in, k, f, grad_products, f, 1, ws.g_t.data(), k, grad_left, k, T(1), false);
     gemm<T>(k, f, k + in, block.left, 1, k, grad_products, f, ws.grad_g.data(), f, T(1), false);
     T* grad_shift = static_cast<T*>(args.grad_shift) + block.index * k * f;
-    ln_gradient_rows_backward(k, f, ws.rows(), ws.grad_g.data(), gamma_sq, grad_shift, grad_gamma_sq,
+    ln_gradient_rows_backward(k, f, ws.rows(), ws.grad_g.data(), gamma_sq, grad_shift, grad_gamma_sq.start_block(),
                               ws.grad_z_both.data());  // d Z_k into grad_z_both[:K]
+    grad_gamma_sq.end_block();
     std::memcpy(&ws.grad_z_both[k * f], grad_z, k * f * sizeof(T));     // d Z_q = d z
     // d both = d Z W^T; d W_n = d W_{n+1} + both^T d Z
     transpose<T>(in, f, w, ws.w_t.data());
@@ -1054,6 +1075,7 @@ void linear_scan_backward_pair(const InnerloopLinearScanArgs& args, int64_t pair
     gemm<T>(2 * k, in, f, ws.grad_z_both.data(), f, 1, ws.w_t.data(), in, grad_both, in, T(1), false);
     gemm<T>(in, f, 2 * k, block.both, 1, in, ws.grad_z_both.data(), f, grad_w, f, T(1), true);
   }
+  grad_gamma_sq.write(static_cast<T*>(args.grad_gamma_sq) + pair * f);
 }
 
 template <typename T>
@@ -1469,8 +1491,7 @@ template <typename T>
 void stack_scan_backward_pair(const InnerloopStackScanArgs& args, int64_t pair, StackScanWorkspace<T>& ws) {
   const int64_t f = args.out_dims[args.num_layers - 1];
   const T* gamma_sq = static_cast<const T*>(args.gamma_sq) + pair * f;
-  T* grad_gamma_sq = static_cast<T*>(args.grad_gamma_sq) + pair * f;
-  std::fill(grad_gamma_sq, grad_gamma_sq + f, T(0));
+  LongSum<T> grad_gamma_sq(f);  // written to args.grad_gamma_sq after the last mini-batch
   T* grad_w[kMaxLayers];
   for (int32_t l = 0; l < args.num_layers; ++l)
     grad_w[l] = static_cast<T*>(args.grad_weights[l]) + pair * args.in_dims[l] * args.out_dims[l];
@@ -1480,8 +1501,10 @@ void stack_scan_backward_pair(const InnerloopStackScanArgs& args, int64_t pair, 
     for (int32_t l = 0; l < args.num_layers; ++l)
       w[l] = static_cast<T*>(args.starts[l]) + block.index * args.in_dims[l] * args.out_dims[l];
     restore_stack_block(args, block, gamma_sq, ws);
-    stack_scan_block_backward(args, block, w, grad_w, gamma_sq, grad_gamma_sq, ws);
+    stack_scan_block_backward(args, block, w, grad_w, gamma_sq, grad_gamma_sq.start_block(), ws);
+    grad_gamma_sq.end_block();
   }
+  grad_gamma_sq.write(static_cast<T*>(args.grad_gamma_sq) + pair * f);
 }
 
 template <typename T>
@@ -1666,16 +1689,27 @@ void hoist_block_backward(const InnerloopHoistArgs& args, int64_t pair, int64_t 
 // The scratch hoist_block_backward needs: three [K x K], two [K], five [K x f].
 inline int64_t hoist_work_size(int64_t k, int64_t f) { return 3 * k * k + 2 * k + 5 * k * f; }
 
-// One pair's sums before its mini-batches: d tau and d beta zero, d gamma from gamma_sq = gamma^2.
+// One pair's sums over its mini-batches, [d tau (K), d gamma (f), d beta (f)], before the first: d tau
+// and d beta zero, d gamma from gamma_sq = gamma^2.
 template <typename T>
-void hoist_pair_backward_start(const InnerloopHoistArgs& args, int64_t pair) {
+LongSum<T> hoist_pair_backward_start(const InnerloopHoistArgs& args, int64_t pair) {
   const int64_t k = args.mini_batch, f = args.width;
-  std::fill_n(static_cast<T*>(args.grad_tau) + pair * k, k, T(0));
-  std::fill_n(static_cast<T*>(args.grad_ln_bias) + pair * f, f, T(0));
-  T* d_gamma = static_cast<T*>(args.grad_ln_weight) + pair * f;
+  LongSum<T> sums(k + 2 * f);
   const T* gamma = static_cast<const T*>(args.ln_weight) + (pair % args.heads) * f;
   const T* g_gamma_sq = static_cast<const T*>(args.gamma_sq) + pair * f;
-  for (int64_t c = 0; c < f; ++c) d_gamma[c] = T(2) * gamma[c] * g_gamma_sq[c];
+  for (int64_t c = 0; c < f; ++c) sums.total[k + c] = static_cast<double>(T(2) * gamma[c] * g_gamma_sq[c]);
+  return sums;
+}
+
+// The sums written where the host reads them: grad_tau [P, K], grad_ln_weight and grad_ln_bias [P, f].
+template <typename T>
+void hoist_pair_backward_end(const InnerloopHoistArgs& args, int64_t pair, const LongSum<T>& sums) {
+  const int64_t k = args.mini_batch, f = args.width;
+  std::vector<T> values(k + 2 * f);
+  sums.write(values.data());
+  std::copy_n(values.data(), k, static_cast<T*>(args.grad_tau) + pair * k);
+  std::copy_n(values.data() + k, f, static_cast<T*>(args.grad_ln_weight) + pair * f);
+  std::copy_n(values.data() + k + f, f, static_cast<T*>(args.grad_ln_bias) + pair * f);
 }
 
 // A thread's pairs, mini-batch by mini-batch: one mini-batch of neighbouring pairs lies together in
@@ -1687,9 +1721,10 @@ int hoist(const InnerloopHoistArgs& args, bool backward) {
   return parallel_over_pairs(args.batch * args.heads, args.num_threads, [&](int64_t first, int64_t last) {
     const int64_t k = args.mini_batch, f = args.width;
     std::vector<T> work(hoist_work_size(k, f));
+    std::vector<LongSum<T>> sums;  // the backward's, one per pair of the thread
     for (int64_t pair = first; pair < last; ++pair) {
       if (backward)
-        hoist_pair_backward_start<T>(args, pair);
+        sums.push_back(hoist_pair_backward_start<T>(args, pair));
       else
         hoist_pair_start<T>(args, pair);
     }
@@ -1699,11 +1734,11 @@ int hoist(const InnerloopHoistArgs& args, bool backward) {
           hoist_block(args, pair, n, work.data());  // work: its sim
           continue;
         }
-        T* d_tau = static_cast<T*>(args.grad_tau) + pair * k;
-        T* d_gamma = static_cast<T*>(args.grad_ln_weight) + pair * f;
-        T* d_beta = static_cast<T*>(args.grad_ln_bias) + pair * f;
-        hoist_block_backward(args, pair, n, work.data(), d_tau, d_gamma, d_beta);
+        T* block = sums[pair - first].start_block();  // [d tau, d gamma, d beta] of this mini-batch
+        hoist_block_backward(args, pair, n, work.data(), block, block + k, block + k + f);
+        sums[pair - first].end_block();
       }
+    for (int64_t pair = first; backward && pair < last; ++pair) hoist_pair_backward_end(args, pair, sums[pair - first]);
   });
 }
 
@@ -1716,6 +1751,8 @@ int hoist_entry(const InnerloopHoistArgs* args, bool backward) {
 
 // out = xq + gamma LN(z) + beta for one pair's rows; the backward: d z = rstd P(gamma d out) with
 // P(v) = v - mean(v) - xhat mean(v xhat), d gamma += d out xhat, d beta += d out.
+constexpr int64_t kOutputNormBlock = 64;  // tokens whose d gamma, d beta are summed in T, then in double
+
 template <typename T>
 void output_norm_pair(const InnerloopOutputNormArgs& args, int64_t pair, bool backward) {
   const int64_t f = args.width, heads = args.heads, h = pair % heads;
@@ -1738,27 +1775,34 @@ void output_norm_pair(const InnerloopOutputNormArgs& args, int64_t pair, bool ba
   }
   const T* grad_out = pair_rows<T>(static_cast<const T*>(args.grad_out), args.grad_out_strides, pair, heads);
   T* grad_z = static_cast<T*>(args.grad_z) + pair * args.tokens * f;
-  T* d_gamma = static_cast<T*>(args.grad_ln_weight) + pair * f;
-  T* d_beta = static_cast<T*>(args.grad_ln_bias) + pair * f;
-  std::fill(d_gamma, d_gamma + f, T(0));
-  std::fill(d_beta, d_beta + f, T(0));
+  LongSum<T> sums(2 * f);  // [d gamma, d beta], over blocks of kOutputNormBlock tokens
   const T inv_width = T(1) / T(f);
-  for (int64_t t = 0; t < args.tokens; ++t) {
-    const T* z_row = z + t * f;
-    const T* g_row = grad_out + t * args.grad_out_strides[2];
-    T* dz_row = grad_z + t * f;
-    T mean, rstd;
-    row_moments(f, z_row, eps, &mean, &rstd);
-    for (int64_t c = 0; c < f; ++c) {
-      const T xhat = (z_row[c] - mean) * rstd;
-      dz_row[c] = g_row[c] * gamma[c];  // d xhat
-      d_gamma[c] += g_row[c] * xhat;
-      d_beta[c] += g_row[c];
+  for (int64_t start = 0; start < args.tokens; start += kOutputNormBlock) {
+    T* d_gamma = sums.start_block();
+    T* d_beta = d_gamma + f;
+    for (int64_t t = start; t < std::min(start + kOutputNormBlock, args.tokens); ++t) {
+      const T* z_row = z + t * f;
+      const T* g_row = grad_out + t * args.grad_out_strides[2];
+      T* dz_row = grad_z + t * f;
+      T mean, rstd;
+      row_moments(f, z_row, eps, &mean, &rstd);
+      for (int64_t c = 0; c < f; ++c) {
+        const T xhat = (z_row[c] - mean) * rstd;
+        dz_row[c] = g_row[c] * gamma[c];  // d xhat
+        d_gamma[c] += g_row[c] * xhat;
+        d_beta[c] += g_row[c];
+      }
+      const T mean_d = sum_over<T>(f, [&](int64_t c) { return dz_row[c]; }) * inv_width;
+      const T mean_dx =
+          sum_over<T>(f, [&](int64_t c) { return dz_row[c] * ((z_row[c] - mean) * rstd); }) * inv_width;
+      for (int64_t c = 0; c < f; ++c) dz_row[c] = rstd * (dz_row[c] - mean_d - ((z_row[c] - mean) * rstd) * mean_dx);
     }
-    const T mean_d = sum_over<T>(f, [&](int64_t c) { return dz_row[c]; }) * inv_width;
-    const T mean_dx = sum_over<T>(f, [&](int64_t c) { return dz_row[c] * ((z_row[c] - mean) * rstd); }) * inv_width;
-    for (int64_t c = 0; c < f; ++c) dz_row[c] = rstd * (dz_row[c] - mean_d - ((z_row[c] - mean) * rstd) * mean_dx);
+    sums.end_block();
   }
+  std::vector<T> values(2 * f);
+  sums.write(values.data());
+  std::copy_n(values.data(), f, static_cast<T*>(args.grad_ln_weight) + pair * f);
+  std::copy_n(values.data() + f, f, static_cast<T*>(args.grad_ln_bias) + pair * f);
 }
 
 int output_norm_entry(const InnerloopOutputNormArgs* args, bool backward) {

@@ -361,20 +361,21 @@ void transpose(int64_t rows, int64_t cols, const T* src, T* dst) {  // dst [cols
 // Sums over a whole sequence of a pair (the gradients of parameters every token shares): each block's
 // partial sums (a mini-batch's, or a run of tokens', in T) are added up in double, so that float32's
 // rounding does not grow with the sequence's length, as a sequential float32 sum's does (the torch
-// path reduces over the tokens pairwise).
+// path reduces over the tokens pairwise). A block is summed in T where the host reads the result
+// (``out``: a scratch buffer elsewhere ran the hoisting's backward 1.3x slower), zeroed before it.
 template <typename T>
 struct LongSum {
-  std::vector<T> block;       // this block's partial sums
+  T* out;                     // [n], the block's partial sums, then the whole sums
   std::vector<double> total;  // the blocks' so far
-  explicit LongSum(int64_t n) : block(n, T(0)), total(n, 0.0) {}
+  LongSum(T* out_, int64_t n) : out(out_), total(n, 0.0) {}
   T* start_block() {
-    std::fill(block.begin(), block.end(), T(0));
-    return block.data();
+    std::fill(out, out + total.size(), T(0));
+    return out;
   }
   void end_block() {
-    for (size_t i = 0; i < block.size(); ++i) total[i] += static_cast<double>(block[i]);
+    for (size_t i = 0; i < total.size(); ++i) total[i] += static_cast<double>(out[i]);
   }
-  void write(T* out) const {
+  void write() const {
     for (size_t i = 0; i < total.size(); ++i) out[i] = static_cast<T>(total[i]);
   }
 };
@@ -1049,7 +1050,7 @@ void linear_scan_backward_pair(const InnerloopLinearScanArgs& args, int64_t pair
   const int64_t k = args.mini_batch, in = args.in, f = args.width;
   const T* gamma_sq = static_cast<const T*>(args.gamma_sq) + pair * f;
   T* grad_w = static_cast<T*>(args.grad_weight) + pair * in * f;  // d loss / d W_{n+1}, then W_n
-  LongSum<T> grad_gamma_sq(f);  // written to args.grad_gamma_sq after the last mini-batch
+  LongSum<T> grad_gamma_sq(static_cast<T*>(args.grad_gamma_sq) + pair * f, f);
   for (int64_t n = args.num_mini_batches - 1; n >= 0; --n) {
     const LinearBlock<T> block = linear_block<T>(args, n, pair);
     const T* w = static_cast<const T*>(args.starts) + block.index * in * f;
@@ -1075,7 +1076,7 @@ void linear_scan_backward_pair(const InnerloopLinearScanArgs& args, int64_t pair
     gemm<T>(2 * k, in, f, ws.grad_z_both.data(), f, 1, ws.w_t.data(), in, grad_both, in, T(1), false);
     gemm<T>(in, f, 2 * k, block.both, 1, in, ws.grad_z_both.data(), f, grad_w, f, T(1), true);
   }
-  grad_gamma_sq.write(static_cast<T*>(args.grad_gamma_sq) + pair * f);
+  grad_gamma_sq.write();
 }
 
 template <typename T>
@@ -1491,7 +1492,7 @@ template <typename T>
 void stack_scan_backward_pair(const InnerloopStackScanArgs& args, int64_t pair, StackScanWorkspace<T>& ws) {
   const int64_t f = args.out_dims[args.num_layers - 1];
   const T* gamma_sq = static_cast<const T*>(args.gamma_sq) + pair * f;
-  LongSum<T> grad_gamma_sq(f);  // written to args.grad_gamma_sq after the last mini-batch
+  LongSum<T> grad_gamma_sq(static_cast<T*>(args.grad_gamma_sq) + pair * f, f);
   T* grad_w[kMaxLayers];
   for (int32_t l = 0; l < args.num_layers; ++l)
     grad_w[l] = static_cast<T*>(args.grad_weights[l]) + pair * args.in_dims[l] * args.out_dims[l];
@@ -1504,7 +1505,7 @@ void stack_scan_backward_pair(const InnerloopStackScanArgs& args, int64_t pair, 
     stack_scan_block_backward(args, block, w, grad_w, gamma_sq, grad_gamma_sq.start_block(), ws);
     grad_gamma_sq.end_block();
   }
-  grad_gamma_sq.write(static_cast<T*>(args.grad_gamma_sq) + pair * f);
+  grad_gamma_sq.write();
 }
 
 template <typename T>
@@ -1689,27 +1690,47 @@ void hoist_block_backward(const InnerloopHoistArgs& args, int64_t pair, int64_t 
 // The scratch hoist_block_backward needs: three [K x K], two [K], five [K x f].
 inline int64_t hoist_work_size(int64_t k, int64_t f) { return 3 * k * k + 2 * k + 5 * k * f; }
 
-// One pair's sums over its mini-batches, [d tau (K), d gamma (f), d beta (f)], before the first: d tau
-// and d beta zero, d gamma from gamma_sq = gamma^2.
+// One pair's sums over its mini-batches, [d tau (K), d gamma (f), d beta (f)] in double (as
+// LongSum's: the rounding does not grow with the sequence), before the first: d tau and d beta zero,
+// d gamma from gamma_sq = gamma^2.
 template <typename T>
-LongSum<T> hoist_pair_backward_start(const InnerloopHoistArgs& args, int64_t pair) {
+std::vector<double> hoist_pair_backward_start(const InnerloopHoistArgs& args, int64_t pair) {
   const int64_t k = args.mini_batch, f = args.width;
-  LongSum<T> sums(k + 2 * f);
+  std::vector<double> total(k + 2 * f, 0.0);
   const T* gamma = static_cast<const T*>(args.ln_weight) + (pair % args.heads) * f;
   const T* g_gamma_sq = static_cast<const T*>(args.gamma_sq) + pair * f;
-  for (int64_t c = 0; c < f; ++c) sums.total[k + c] = static_cast<double>(T(2) * gamma[c] * g_gamma_sq[c]);
-  return sums;
+  for (int64_t c = 0; c < f; ++c) total[k + c] = static_cast<double>(T(2) * gamma[c] * g_gamma_sq[c]);
+  return total;
 }
 
-// The sums written where the host reads them: grad_tau [P, K], grad_ln_weight and grad_ln_bias [P, f].
+// One mini-batch of a pair: its d tau, d gamma, d beta, summed in T where the host reads them (a
+// scratch there ran the backward 1.3x slower), then added to the pair's ``total``.
 template <typename T>
-void hoist_pair_backward_end(const InnerloopHoistArgs& args, int64_t pair, const LongSum<T>& sums) {
+void hoist_pair_backward_block(const InnerloopHoistArgs& args, int64_t pair, int64_t n, T* work,
+                               std::vector<double>& total) {
   const int64_t k = args.mini_batch, f = args.width;
-  std::vector<T> values(k + 2 * f);
-  sums.write(values.data());
-  std::copy_n(values.data(), k, static_cast<T*>(args.grad_tau) + pair * k);
-  std::copy_n(values.data() + k, f, static_cast<T*>(args.grad_ln_weight) + pair * f);
-  std::copy_n(values.data() + k + f, f, static_cast<T*>(args.grad_ln_bias) + pair * f);
+  T* d_tau = static_cast<T*>(args.grad_tau) + pair * k;
+  T* d_gamma = static_cast<T*>(args.grad_ln_weight) + pair * f;
+  T* d_beta = static_cast<T*>(args.grad_ln_bias) + pair * f;
+  std::fill_n(d_tau, k, T(0));
+  std::fill_n(d_gamma, f, T(0));
+  std::fill_n(d_beta, f, T(0));
+  hoist_block_backward(args, pair, n, work, d_tau, d_gamma, d_beta);
+  for (int64_t i = 0; i < k; ++i) total[i] += static_cast<double>(d_tau[i]);
+  for (int64_t c = 0; c < f; ++c) total[k + c] += static_cast<double>(d_gamma[c]);
+  for (int64_t c = 0; c < f; ++c) total[k + f + c] += static_cast<double>(d_beta[c]);
+}
+
+// The pair's totals written where the host reads them: grad_tau [P, K], grad_ln_weight, grad_ln_bias [P, f].
+template <typename T>
+void hoist_pair_backward_end(const InnerloopHoistArgs& args, int64_t pair, const std::vector<double>& total) {
+  const int64_t k = args.mini_batch, f = args.width;
+  T* d_tau = static_cast<T*>(args.grad_tau) + pair * k;
+  T* d_gamma = static_cast<T*>(args.grad_ln_weight) + pair * f;
+  T* d_beta = static_cast<T*>(args.grad_ln_bias) + pair * f;
+  for (int64_t i = 0; i < k; ++i) d_tau[i] = static_cast<T>(total[i]);
+  for (int64_t c = 0; c < f; ++c) d_gamma[c] = static_cast<T>(total[k + c]);
+  for (int64_t c = 0; c < f; ++c) d_beta[c] = static_cast<T>(total[k + f + c]);
 }
 
 // A thread's pairs, mini-batch by mini-batch: one mini-batch of neighbouring pairs lies together in
@@ -1721,24 +1742,22 @@ int hoist(const InnerloopHoistArgs& args, bool backward) {
   return parallel_over_pairs(args.batch * args.heads, args.num_threads, [&](int64_t first, int64_t last) {
     const int64_t k = args.mini_batch, f = args.width;
     std::vector<T> work(hoist_work_size(k, f));
-    std::vector<LongSum<T>> sums;  // the backward's, one per pair of the thread
+    std::vector<std::vector<double>> totals;  // the backward's sums, one per pair of the thread
     for (int64_t pair = first; pair < last; ++pair) {
       if (backward)
-        sums.push_back(hoist_pair_backward_start<T>(args, pair));
+        totals.push_back(hoist_pair_backward_start<T>(args, pair));
       else
         hoist_pair_start<T>(args, pair);
     }
     for (int64_t n = 0; n < args.tokens / k; ++n)
       for (int64_t pair = first; pair < last; ++pair) {
-        if (!backward) {
+        if (backward)
+          hoist_pair_backward_block(args, pair, n, work.data(), totals[pair - first]);
+        else
           hoist_block(args, pair, n, work.data());  // work: its sim
-          continue;
-        }
-        T* block = sums[pair - first].start_block();  // [d tau, d gamma, d beta] of this mini-batch
-        hoist_block_backward(args, pair, n, work.data(), block, block + k, block + k + f);
-        sums[pair - first].end_block();
       }
-    for (int64_t pair = first; backward && pair < last; ++pair) hoist_pair_backward_end(args, pair, sums[pair - first]);
+    for (int64_t pair = first; backward && pair < last; ++pair)
+      hoist_pair_backward_end<T>(args, pair, totals[pair - first]);
   });
 }
 
@@ -1775,11 +1794,12 @@ void output_norm_pair(const InnerloopOutputNormArgs& args, int64_t pair, bool ba
   }
   const T* grad_out = pair_rows<T>(static_cast<const T*>(args.grad_out), args.grad_out_strides, pair, heads);
   T* grad_z = static_cast<T*>(args.grad_z) + pair * args.tokens * f;
-  LongSum<T> sums(2 * f);  // [d gamma, d beta], over blocks of kOutputNormBlock tokens
+  LongSum<T> gamma_sum(static_cast<T*>(args.grad_ln_weight) + pair * f, f);  // over blocks of
+  LongSum<T> beta_sum(static_cast<T*>(args.grad_ln_bias) + pair * f, f);     // kOutputNormBlock tokens
   const T inv_width = T(1) / T(f);
   for (int64_t start = 0; start < args.tokens; start += kOutputNormBlock) {
-    T* d_gamma = sums.start_block();
-    T* d_beta = d_gamma + f;
+    T* d_gamma = gamma_sum.start_block();
+    T* d_beta = beta_sum.start_block();
     for (int64_t t = start; t < std::min(start + kOutputNormBlock, args.tokens); ++t) {
       const T* z_row = z + t * f;
       const T* g_row = grad_out + t * args.grad_out_strides[2];
@@ -1797,12 +1817,11 @@ void output_norm_pair(const InnerloopOutputNormArgs& args, int64_t pair, bool ba
           sum_over<T>(f, [&](int64_t c) { return dz_row[c] * ((z_row[c] - mean) * rstd); }) * inv_width;
       for (int64_t c = 0; c < f; ++c) dz_row[c] = rstd * (dz_row[c] - mean_d - ((z_row[c] - mean) * rstd) * mean_dx);
     }
-    sums.end_block();
+    gamma_sum.end_block();
+    beta_sum.end_block();
   }
-  std::vector<T> values(2 * f);
-  sums.write(values.data());
-  std::copy_n(values.data(), f, static_cast<T*>(args.grad_ln_weight) + pair * f);
-  std::copy_n(values.data() + f, f, static_cast<T*>(args.grad_ln_bias) + pair * f);
+  gamma_sum.write();
+  beta_sum.write();
 }
 
 int output_norm_entry(const InnerloopOutputNormArgs* args, bool backward) {

@@ -235,8 +235,23 @@ def causal_depthwise_conv(
     kernel = weight.shape[-1]
     padded = torch.cat([history.to(x.dtype), x], dim=1)  # [B, k-1+T, C]
     y = F.conv1d(padded.transpose(1, 2), weight, bias, groups=weight.shape[0]).transpose(1, 2)
-    new_history = padded[:, padded.shape[1] - (kernel - 1) :].to(history.dtype) if kernel > 1 else history
+    # a copy: a view would keep the whole padded input alive in the state (owning would copy it too)
+    new_history = (
+        padded[:, padded.shape[1] - (kernel - 1) :].to(history.dtype, copy=True) if kernel > 1 else history
+    )
     return y, new_history
+
+
+def owning(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it when it is a view of a buffer more than twice its size: what a recurrent
+    state keeps of a call (a window of keys, a chunk of inputs, a convolution's last inputs) must not
+    keep the call's whole input alive (a 10,000-token prompt's keys behind a 31-token window), which
+    ``nbytes`` would not show and ``torch.save`` would write. Gradients flow through the copy."""
+    try:
+        held = t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (functorch's, sparse): as they are
+        return t
+    return t.clone() if held > 2 * t.numel() * t.element_size() else t
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._C._functorch import is_functorch_wrapped_tensor
 
-from innerloop.core.functional import apply_rope_interleaved, rope_cos_sin, rope_inverse_frequencies
+from innerloop.core.functional import apply_rope_interleaved, owning, rope_cos_sin, rope_inverse_frequencies
 from innerloop.core.layer import check_device_and_dtype, check_positive_int, is_real
 from innerloop.core.state import cat_rows, check_batch_rows, check_states, same_positions, take_rows
 
@@ -352,7 +352,10 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(batch, length, hidden)
 
         keep = num_keys if self.window is None else min(num_keys, self.window - 1)
-        cache = KVCache.in_room(k[:, :, num_keys - keep :], v[:, :, num_keys - keep :], start + length, room)
+        kept_k, kept_v = k[:, :, num_keys - keep :], v[:, :, num_keys - keep :]
+        if room is None:  # a window's keys own their memory, not the whole call's (full attention: its room)
+            kept_k, kept_v = owning(kept_k), owning(kept_v)
+        cache = KVCache.in_room(kept_k, kept_v, start + length, room)
         return self.o_proj(y), cache
 
     def check_state(self, state: Any, batch: int, name: str = "state") -> None:

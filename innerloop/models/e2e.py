@@ -43,6 +43,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from innerloop.core.eager import run_eagerly
+from innerloop.core.functional import owning
 from innerloop.core.model_inner import FastWeights, ModelInnerLoss, ModelUpdateRule
 from innerloop.core.state import cat_rows, check_batch_rows, check_states, same_positions, take_rows
 from innerloop.models.attention import (
@@ -191,7 +192,7 @@ def chunk_relative_attention(
     y = y.transpose(1, 2).reshape(batch, length, hidden)
     keep = min(k.shape[2], window - 1)
     kept = slice(k.shape[2] - keep, k.shape[2])
-    return attn.o_proj(y), ChunkKVCache(k[:, :, kept], v[:, :, kept], start + length)
+    return attn.o_proj(y), ChunkKVCache(owning(k[:, :, kept]), owning(v[:, :, kept]), start + length)
 
 
 def _check_chunk_cache(cache: ChunkKVCache, attn: CausalSelfAttention, batch: int, name: str) -> None:
@@ -893,8 +894,14 @@ class E2ELM(nn.Module):
         done = Scored(pending.shape[1], list(scored)) if scored is not None and pending.shape[1] else None
         logits, caches, fast, pending, pending_ids, scored = self._inner_loop(h, ids, caches, fast, done)
         position = length if state is None else state.position + length
-        new_state = E2EState(
-            tuple(caches), fast, pending, pending_ids, position, self.config.e2e.chunk_size, scored
+        new_state = E2EState(  # the pending chunk's own copy, not a view of the whole call's inputs
+            tuple(caches),
+            fast,
+            owning(pending),
+            owning(pending_ids),
+            position,
+            self.config.e2e.chunk_size,
+            scored,
         )
         return logits[:, -length:] if length else logits[:, :0], new_state
 

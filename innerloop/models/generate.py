@@ -196,7 +196,8 @@ def _sample(
         return
     with torch.no_grad():
         logits, state = model(prompt_ids)
-    last = logits[:, -1]  # [B, V]
+    last = logits[:, -1].clone()  # [B, V]: its own copy, so that the prompt's [B, P, V] logits can go
+    del logits
     stop_ids = torch.tensor(stops, dtype=torch.long, device=prompt_ids.device)
     ended = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)  # [B]
     for step in range(max_new_tokens):

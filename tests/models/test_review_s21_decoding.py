@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 from dataclasses import fields, is_dataclass
 
-import pytest
 import torch
 
 from innerloop.core.functional import causal_depthwise_conv

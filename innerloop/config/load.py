@@ -1441,6 +1441,27 @@ def _check_same_accumulation(saved: RunConfig, resumed: RunConfig) -> None:
             f"--resume cannot change trainer.accumulate_grad_batches ({old!r} -> {new!r}): the run's data "
             f"stream continues at batch (step x {old}); start a new run to change it"
         )
+    if saved.data.name == "hf":  # its stream position is recorded in global batches: any processes
+        return
+    processes = {
+        key: (saved_value, resumed_value)
+        for key, saved_value, resumed_value in (
+            ("trainer.devices", saved.trainer.devices, resumed.trainer.devices),
+            (
+                "trainer.num_nodes",
+                saved.trainer.lightning.get("num_nodes", 1),
+                resumed.trainer.lightning.get("num_nodes", 1),
+            ),
+        )
+        if saved_value != resumed_value
+    }
+    if processes:
+        said = ", ".join(f"{key} ({a!r} -> {b!r})" for key, (a, b) in processes.items())
+        raise ConfigError(
+            f"--resume cannot change {said}: each process of the run reads every (processes)-th batch of "
+            f"data.name={saved.data.name!r}'s stream, from batch (step x accumulation) of its own, so "
+            "another count would read batches twice or skip them; resume with the run's own, or start a new run"
+        )
 
 
 def save_config(cfg: DictConfig | RunConfig, path: str | os.PathLike[str]) -> Path:

@@ -326,7 +326,8 @@ class LanguageModelModule(L.LightningModule):
             what = f"the training loss is {self._describe(loss)} after {self.global_step} optimizer steps"
             raise self._non_finite_error(what, calls)
         self._last_finite_loss = (self.global_step, loss.detach())
-        self.log("train_loss", self._optimizer_step_loss(loss), prog_bar=True)
+        # the mean over every process's batch too (sync_dist: one all-reduce per step, only with several)
+        self.log("train_loss", self._optimizer_step_loss(loss), prog_bar=True, sync_dist=True)
         return loss
 
     def _optimizer_step_loss(self, loss: torch.Tensor) -> torch.Tensor:

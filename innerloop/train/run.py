@@ -485,6 +485,7 @@ def _train_in_locked_dir(
     trainer = build_trainer(run, [TrainingThroughput(), interrupt, *callbacks])  # parameter counts, tokens/s
     _confirm_a_pending_start(trainer, start, ckpt)
     _warn_of_a_warm_up_longer_than_the_run(run)
+    _warn_of_spawned_processes(run)
     if run.trainer.threads > 0:
         torch.set_num_threads(run.trainer.threads)
     with interrupt.listening():  # from here on a Ctrl-C is a stop request, also before the fit starts
@@ -647,6 +648,19 @@ def _confirm_a_pending_start(trainer: L.Trainer, start: Path | None, ckpt: Path)
     if start is not None and start != ckpt:
         checkpointing = next(c for c in trainer.callbacks if isinstance(c, _SafetensorsModelCheckpoint))
         checkpointing.confirm_later(start, ckpt)
+
+
+def _warn_of_spawned_processes(run: RunConfig) -> None:
+    """Say what ``ddp_spawn`` cannot do: its main process only waits for the ranks it spawned, where no
+    stop handler runs, so Ctrl-C or SIGTERM ends the run without saving its last steps (a Ctrl-C from a
+    terminal can leave it waiting); ``ddp`` stops at the step and saves it."""
+    if run.trainer.strategy == "ddp_spawn":
+        log.warning(
+            "trainer.strategy='ddp_spawn': a Ctrl-C or SIGTERM cannot stop this run cleanly (its main process "
+            "waits for the processes it spawned: the steps since the last checkpoint are lost, and a Ctrl-C "
+            "from a terminal may leave it waiting; `innerloop train --resume` continues from the last "
+            "checkpoint); trainer.strategy=ddp stops at the step and saves it"
+        )
 
 
 def _warn_of_a_warm_up_longer_than_the_run(run: RunConfig) -> None:

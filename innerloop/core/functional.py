@@ -246,7 +246,10 @@ def owning(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a copy of it when it is a view of a buffer more than twice its size: what a recurrent
     state keeps of a call (a window of keys, a chunk of inputs, a convolution's last inputs) must not
     keep the call's whole input alive (a 10,000-token prompt's keys behind a 31-token window), which
-    ``nbytes`` would not show and ``torch.save`` would write. Gradients flow through the copy."""
+    ``nbytes`` would not show and ``torch.save`` would write. Gradients flow through the copy. Under
+    ``torch.compile``, which cannot trace a storage's size, always a copy."""
+    if torch.compiler.is_compiling():
+        return t.clone()
     try:
         held = t.untyped_storage().nbytes()
     except (RuntimeError, NotImplementedError):  # tensors without storage (functorch's, sparse): as they are

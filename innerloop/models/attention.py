@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._C._functorch import is_functorch_wrapped_tensor
 
-from innerloop.core.functional import apply_rope_interleaved, owning, rope_cos_sin, rope_inverse_frequencies
+from innerloop.core.functional import apply_rope_interleaved, rope_cos_sin, rope_inverse_frequencies
 from innerloop.core.layer import check_device_and_dtype, check_positive_int, is_real
 from innerloop.core.state import cat_rows, check_batch_rows, check_states, same_positions, take_rows
 
@@ -353,8 +353,11 @@ class CausalSelfAttention(nn.Module):
 
         keep = num_keys if self.window is None else min(num_keys, self.window - 1)
         kept_k, kept_v = k[:, :, num_keys - keep :], v[:, :, num_keys - keep :]
-        if room is None:  # a window's keys own their memory, not the whole call's (full attention: its room)
-            kept_k, kept_v = owning(kept_k), owning(kept_v)
+        # The keys a window keeps own their memory, not the whole call's: a view of this call's qkv
+        # projection (no state) or of a concatenation more than twice as long is copied. Decided from
+        # shapes (torch.compile traces it): a decoded token's window is most of its concatenation.
+        if room is None and (state is None or 2 * keep < num_keys):
+            kept_k, kept_v = kept_k.clone(), kept_v.clone()
         cache = KVCache.in_room(kept_k, kept_v, start + length, room)
         return self.o_proj(y), cache
 

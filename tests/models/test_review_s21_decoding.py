@@ -12,28 +12,14 @@ A test of a defect not yet fixed is a strict xfail whose reason says what is wro
 from __future__ import annotations
 
 import io
-from dataclasses import fields, is_dataclass
 
 import torch
 
 from innerloop.core.functional import causal_depthwise_conv
 from innerloop.models import E2EConfig, ModelConfig, build_model
+from innerloop.models.lm import _tensors  # every tensor a state reaches, as LMState.nbytes walks them
 
 PROMPT = 1000  # tokens of the prefill; the states below hold a few hundred bytes per block of their own
-
-
-def _tensors(obj: object):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif is_dataclass(obj) and not isinstance(obj, type):
-        for f in fields(obj):
-            yield from _tensors(getattr(obj, f.name))
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from _tensors(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from _tensors(value)
 
 
 def _held_bytes(state: object) -> int:

@@ -32,6 +32,7 @@ callback's ``trainer.should_stop``: ``LanguageModelModule.on_train_batch_end``).
 
 from __future__ import annotations
 
+import multiprocessing
 import signal
 import sys
 import threading
@@ -118,6 +119,11 @@ class StopOnInterrupt(Callback):
         # Lightning installed its SIGTERM handler when the fit started (after the fit-start hooks)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._request_stop)
+            # A process ddp_spawn started trains where no listening() runs (its main process only waits):
+            # a terminal's Ctrl-C, which reaches the whole process group, is its stop request too
+            spawned = multiprocessing.parent_process() is not None
+            if spawned and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                signal.signal(signal.SIGINT, self._request_stop)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -596,9 +596,10 @@ def _raise_if_stopped(
     and how to continue (or that an ``--overwrite`` run was ``undone``, the previous run kept)."""
     if not interrupt.requested:
         return
-    stopped = (
-        f"stopped at {interrupt.signal_name} after {trainer.global_step} of {run.trainer.max_steps} steps"
-    )
+    steps = trainer.global_step
+    if steps < run.trainer.max_steps and ckpt.is_file():  # under ddp_spawn the spawned ranks trained
+        steps = max(steps, int(load_checkpoint(ckpt).get("global_step", steps)))
+    stopped = f"stopped at {interrupt.signal_name} after {steps} of {run.trainer.max_steps} steps"
     exit_code = 128 + (interrupt.signal or signal.SIGINT)
     if undone:
         raise TrainingInterrupted(
@@ -606,7 +607,7 @@ def _raise_if_stopped(
             f"replace is back in {run.out_dir!r} as it was; start again with --overwrite to replace it",
             exit_code=exit_code,
         )
-    if trainer.global_step < run.trainer.max_steps:
+    if steps < run.trainer.max_steps:
         raise TrainingInterrupted(
             f"{stopped}; the checkpoint {str(ckpt)!r} holds them: continue with `innerloop train --resume "
             f"out_dir={run.out_dir}`",
@@ -651,15 +652,15 @@ def _confirm_a_pending_start(trainer: L.Trainer, start: Path | None, ckpt: Path)
 
 
 def _warn_of_spawned_processes(run: RunConfig) -> None:
-    """Say what ``ddp_spawn`` cannot do: its main process only waits for the ranks it spawned, where no
-    stop handler runs, so Ctrl-C or SIGTERM ends the run without saving its last steps (a Ctrl-C from a
-    terminal can leave it waiting); ``ddp`` stops at the step and saves it."""
+    """Say what ``ddp_spawn`` cannot do: its main process only waits for the ranks it spawned, so a
+    SIGTERM sent to it alone ends it at once, the ranks orphaned and the steps since the last checkpoint
+    lost (a terminal's Ctrl-C reaches the ranks too, which stop at the step and save it); ``ddp`` handles
+    both."""
     if run.trainer.strategy == "ddp_spawn":
         log.warning(
-            "trainer.strategy='ddp_spawn': a Ctrl-C or SIGTERM cannot stop this run cleanly (its main process "
-            "waits for the processes it spawned: the steps since the last checkpoint are lost, and a Ctrl-C "
-            "from a terminal may leave it waiting; `innerloop train --resume` continues from the last "
-            "checkpoint); trainer.strategy=ddp stops at the step and saves it"
+            "trainer.strategy='ddp_spawn': a SIGTERM sent to this process alone (kill PID, a scheduler) ends it "
+            "at once, and the steps since the last checkpoint are lost (`innerloop train --resume` continues "
+            "from it); a Ctrl-C stops every process at the step and saves it. trainer.strategy=ddp handles both"
         )
 
 

@@ -128,15 +128,21 @@ def _launch(out: Path, log) -> subprocess.Popen:
 @pytest.mark.parametrize(
     "to_group, signum, status",
     [
-        pytest.param(True, signal.SIGINT, 130, id="ctrl-c-from-a-terminal-hangs"),
-        pytest.param(False, signal.SIGTERM, 143, id="sigterm-to-the-main-process-kills-it-unsaved"),
+        # a terminal's Ctrl-C reaches the spawned ranks too, which take it as a stop request (it hung before)
+        pytest.param(True, signal.SIGINT, 130, id="ctrl-c-from-a-terminal"),
+        pytest.param(
+            False,
+            signal.SIGTERM,
+            143,
+            id="sigterm-to-the-main-process",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="review s21 ddp (HIGH, open): under ddp_spawn the main process only waits for its ranks "
+                "and has no SIGTERM handler: a SIGTERM to it alone ends it at once, the ranks orphaned, the "
+                "steps since the last checkpoint lost (a warning at the start says so; ddp stops cleanly)",
+            ),
+        ),
     ],
-)
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s21 ddp (HIGH): under ddp_spawn StopOnInterrupt's handlers are not where the training "
-    "runs: Ctrl-C (SIGINT to the process group) kills the ranks and leaves the main process waiting for ever; "
-    "SIGTERM to the main process ends it at once (no handler there), nothing saved, no message",
 )
 def test_a_stop_of_a_ddp_spawn_run_saves_the_step_and_ends_it(tmp_path, to_group, signum, status) -> None:
     out = tmp_path / "run"

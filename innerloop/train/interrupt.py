@@ -20,7 +20,10 @@ The SIGINT handler is installed only in the main thread, and only where SIGINT h
 handler (a notebook or another program that handles SIGINT itself keeps its own), for the duration of
 ``trainer.fit`` (:meth:`StopOnInterrupt.listening`); the previous handler is back when it returns or
 raises. The SIGTERM handler replaces Lightning's when training starts, in the main thread; Lightning
-puts back the handler from before the fit when the fit ends.
+puts back the handler from before the fit when the fit ends. Around the fit, ``listening`` takes SIGTERM
+too, for a main process that only waits (``ddp_spawn``): it passes the request on to the processes it
+started as SIGUSR1 (not SIGTERM, which a ``kill`` of the whole group gave them already: twice, it would
+stop them at once); those take SIGINT and SIGUSR1 as stop requests from the start of their training.
 
 The validation after training runs under :func:`ended_by_signals`: there is no step left to save, so a
 Ctrl-C or SIGTERM ends it and ``train`` raises :class:`TrainingInterrupted` with the signal's status.
@@ -32,7 +35,9 @@ callback's ``trainer.should_stop``: ``LanguageModelModule.on_train_batch_end``).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -57,6 +62,10 @@ class TrainingInterrupted(RuntimeError):
 
 
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+RANK_STOP_SIGNAL = getattr(signal, "SIGUSR1", None)
+"""How a main process that only waits (ddp_spawn) passes a SIGTERM on to the processes it started (None
+where the platform has no SIGUSR1)."""
 
 
 class StopOnInterrupt(Callback):
@@ -89,10 +98,29 @@ class StopOnInterrupt(Callback):
             yield
             return
         previous = signal.signal(signal.SIGINT, self._request_stop)
+        previous_term = signal.signal(signal.SIGTERM, self._request_stop_of_every_process)
         try:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGTERM, previous_term)
+
+    def _request_stop_of_every_process(self, signum: int, frame: FrameType | None) -> None:
+        """SIGTERM before the fit's own handler is installed, or in a main process that only waits for
+        the processes ddp_spawn started: a stop request, passed on to those processes as
+        :data:`RANK_STOP_SIGNAL` (not as SIGTERM, which they may have had from the same ``kill`` of the
+        whole group, and whose second arrival stops at once)."""
+        self._request_stop(signum, frame)
+        if RANK_STOP_SIGNAL is not None:
+            for child in multiprocessing.active_children():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, RANK_STOP_SIGNAL)
+
+    def _request_stop_quietly(self, signum: int, frame: FrameType | None) -> None:
+        """A spawned process's stop request passed on by its main process: idempotent, never at once."""
+        if not self.requested:
+            self._request_stop(signal.SIGTERM, frame)
+            signal.signal(signal.SIGTERM, self._request_stop)  # the main process said it: not yet "again"
 
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
         if not self.requested:
@@ -124,6 +152,8 @@ class StopOnInterrupt(Callback):
             spawned = multiprocessing.parent_process() is not None
             if spawned and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
                 signal.signal(signal.SIGINT, self._request_stop)
+            if spawned and RANK_STOP_SIGNAL is not None:  # a SIGTERM its main process had, passed on
+                signal.signal(RANK_STOP_SIGNAL, self._request_stop_quietly)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -485,7 +485,6 @@ def _train_in_locked_dir(
     trainer = build_trainer(run, [TrainingThroughput(), interrupt, *callbacks])  # parameter counts, tokens/s
     _confirm_a_pending_start(trainer, start, ckpt)
     _warn_of_a_warm_up_longer_than_the_run(run)
-    _warn_of_spawned_processes(run)
     if run.trainer.threads > 0:
         torch.set_num_threads(run.trainer.threads)
     with interrupt.listening():  # from here on a Ctrl-C is a stop request, also before the fit starts
@@ -649,19 +648,6 @@ def _confirm_a_pending_start(trainer: L.Trainer, start: Path | None, ckpt: Path)
     if start is not None and start != ckpt:
         checkpointing = next(c for c in trainer.callbacks if isinstance(c, _SafetensorsModelCheckpoint))
         checkpointing.confirm_later(start, ckpt)
-
-
-def _warn_of_spawned_processes(run: RunConfig) -> None:
-    """Say what ``ddp_spawn`` cannot do: its main process only waits for the ranks it spawned, so a
-    SIGTERM sent to it alone ends it at once, the ranks orphaned and the steps since the last checkpoint
-    lost (a terminal's Ctrl-C reaches the ranks too, which stop at the step and save it); ``ddp`` handles
-    both."""
-    if run.trainer.strategy == "ddp_spawn":
-        log.warning(
-            "trainer.strategy='ddp_spawn': a SIGTERM sent to this process alone (kill PID, a scheduler) ends it "
-            "at once, and the steps since the last checkpoint are lost (`innerloop train --resume` continues "
-            "from it); a Ctrl-C stops every process at the step and saves it. trainer.strategy=ddp handles both"
-        )
 
 
 def _warn_of_a_warm_up_longer_than_the_run(run: RunConfig) -> None:

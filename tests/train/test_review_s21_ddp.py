@@ -130,18 +130,11 @@ def _launch(out: Path, log) -> subprocess.Popen:
     [
         # a terminal's Ctrl-C reaches the spawned ranks too, which take it as a stop request (it hung before)
         pytest.param(True, signal.SIGINT, 130, id="ctrl-c-from-a-terminal"),
-        pytest.param(
-            False,
-            signal.SIGTERM,
-            143,
-            id="sigterm-to-the-main-process",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="review s21 ddp (HIGH, open): under ddp_spawn the main process only waits for its ranks "
-                "and has no SIGTERM handler: a SIGTERM to it alone ends it at once, the ranks orphaned, the "
-                "steps since the last checkpoint lost (a warning at the start says so; ddp stops cleanly)",
-            ),
-        ),
+        # a SIGTERM to the main process alone (kill PID, a scheduler): passed on to the ranks (it killed the
+        # main process at once before, the ranks orphaned, the last steps lost)
+        pytest.param(False, signal.SIGTERM, 143, id="sigterm-to-the-main-process"),
+        # and to the whole group (the ranks have it twice: from the kill and from the main process)
+        pytest.param(True, signal.SIGTERM, 143, id="sigterm-to-the-group"),
     ],
 )
 def test_a_stop_of_a_ddp_spawn_run_saves_the_step_and_ends_it(tmp_path, to_group, signum, status) -> None:

@@ -1,6 +1,7 @@
 """Review s21 (multi-process training on CPU): defects found with two gloo processes (ddp_spawn, ddp).
 
-Each test is an unfixed defect (xfail, strict); see /work/notes/review_s21_ddp.md.
+Each test pins a defect the review found (notes/review_s21_ddp.md): fixed, or a strict xfail whose reason
+says what is still wrong.
 """
 
 from __future__ import annotations

@@ -406,10 +406,9 @@ def _quiet_lightning() -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from innerloop.config.load import ConfigError, load_config
+    from innerloop.config.load import check_resume_or_overwrite, load_config
 
-    if args.resume and args.overwrite:  # said before anything else is (train() refuses it too)
-        raise ConfigError("--resume and --overwrite contradict each other: continue the run or replace it")
+    check_resume_or_overwrite(args.resume, args.overwrite)  # before anything says it resumes
     if args.resume:
         run, cfg = _resume_config(args.config, args.overrides)
     else:  # before importing Lightning: errors come fast

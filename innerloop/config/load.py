@@ -1428,12 +1428,20 @@ def check_resume_changes(saved: RunConfig, resumed: RunConfig) -> None:
             "checkpoint's weights and the run's data stream (optim.* and trainer.* may change); start a "
             "new run (another out_dir, or --overwrite) to change them"
         )
-    _check_same_accumulation(saved, resumed)
+    _check_same_data_stream(saved, resumed)
 
 
-def _check_same_accumulation(saved: RunConfig, resumed: RunConfig) -> None:
-    """A resume keeps ``trainer.accumulate_grad_batches``: the data stream resumes at batch ``step *
-    accumulate_grad_batches``, which another value would move (batches seen twice, or skipped)."""
+def check_resume_or_overwrite(resume: bool, overwrite: bool) -> None:
+    """``--resume`` continues a run and ``--overwrite`` replaces it: refuse both at once."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: continue the run or replace it")
+
+
+def _check_same_data_stream(saved: RunConfig, resumed: RunConfig) -> None:
+    """A resume keeps what decides where the data stream continues: ``trainer.accumulate_grad_batches``
+    (the stream resumes at batch ``step * accumulate_grad_batches``, which another value would move:
+    batches seen twice, or skipped), and for text and recall data the number of processes, each of which
+    reads every (processes)-th batch (``data.name=hf`` records its position in global batches)."""
     old = saved.trainer.lightning.get("accumulate_grad_batches", 1)
     new = resumed.trainer.lightning.get("accumulate_grad_batches", 1)
     if old != new:
@@ -1441,24 +1449,16 @@ def _check_same_accumulation(saved: RunConfig, resumed: RunConfig) -> None:
             f"--resume cannot change trainer.accumulate_grad_batches ({old!r} -> {new!r}): the run's data "
             f"stream continues at batch (step x {old}); start a new run to change it"
         )
-    if saved.data.name == "hf":  # its stream position is recorded in global batches: any processes
+    if saved.data.name == "hf":
         return
     processes = {
-        key: (saved_value, resumed_value)
-        for key, saved_value, resumed_value in (
-            ("trainer.devices", saved.trainer.devices, resumed.trainer.devices),
-            (
-                "trainer.num_nodes",
-                saved.trainer.lightning.get("num_nodes", 1),
-                resumed.trainer.lightning.get("num_nodes", 1),
-            ),
-        )
-        if saved_value != resumed_value
+        "trainer.devices": (saved.trainer.devices, resumed.trainer.devices),
+        "trainer.num_nodes": tuple(run.trainer.lightning.get("num_nodes", 1) for run in (saved, resumed)),
     }
-    if processes:
-        said = ", ".join(f"{key} ({a!r} -> {b!r})" for key, (a, b) in processes.items())
+    changed = ", ".join(f"{key} ({a!r} -> {b!r})" for key, (a, b) in processes.items() if a != b)
+    if changed:
         raise ConfigError(
-            f"--resume cannot change {said}: each process of the run reads every (processes)-th batch of "
+            f"--resume cannot change {changed}: each process of the run reads every (processes)-th batch of "
             f"data.name={saved.data.name!r}'s stream, from batch (step x accumulation) of its own, so "
             "another count would read batches twice or skip them; resume with the run's own, or start a new run"
         )

@@ -235,7 +235,7 @@ def causal_depthwise_conv(
     kernel = weight.shape[-1]
     padded = torch.cat([history.to(x.dtype), x], dim=1)  # [B, k-1+T, C]
     y = F.conv1d(padded.transpose(1, 2), weight, bias, groups=weight.shape[0]).transpose(1, 2)
-    # a copy: a view would keep the whole padded input alive in the state (owning would copy it too)
+    # a copy (a few rows): a view would keep the whole padded input alive in the state
     new_history = (
         padded[:, padded.shape[1] - (kernel - 1) :].to(history.dtype, copy=True) if kernel > 1 else history
     )

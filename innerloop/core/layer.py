@@ -974,7 +974,7 @@ class TTTLayer(nn.Module):
         output_sum_finite = torch.isfinite(y.sum())
         if bool(output_sum_finite if state_finite is None else output_sum_finite & state_finite.to(y.device)):
             return
-        output_finite = bool(torch.isfinite(y.sum())) or bool(torch.isfinite(y).all())
+        output_finite = bool(output_sum_finite) or bool(torch.isfinite(y).all())
         if output_finite and new_state.is_finite():
             return
         what = "outputs" if not output_finite else "a state"

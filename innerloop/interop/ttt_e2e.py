@@ -535,9 +535,9 @@ def _non_floating_dtype(array: Any) -> str | None:
     return None if np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16" else str(dtype)
 
 
-def _check_arrays(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> None:
-    """Every tensor the config implies is there, with its shape, floating point and finite; nothing
-    else is."""
+def _checked_float32(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
+    """Every tensor the config implies is there, with its shape, floating point and finite as the float32
+    the model holds; nothing else is. Returns them in float32 (converted once, here)."""
     shapes = expected_shapes(config)
     missing = sorted(set(shapes) - set(arrays))
     if missing:
@@ -547,6 +547,7 @@ def _check_arrays(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> None
         raise OfficialConfigError(
             f"the checkpoint has tensors the config does not describe: {extra} (does the config belong to it?)"
         )
+    values: dict[str, np.ndarray] = {}
     for name, shape in shapes.items():
         got = tuple(arrays[name].shape)
         if got != shape:
@@ -560,8 +561,9 @@ def _check_arrays(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> None
                 f"checkpoint tensor {name} has dtype {dtype}; the weights are floating point "
                 "(float16, bfloat16, float32 or float64)"
             )
-        if not np.isfinite(_float32(arrays[name])).all():  # what the model will hold: overflow shows
-            stored = _float32(arrays[name], np.float64)
+        values[name] = _as_numpy(arrays[name])
+        if not np.isfinite(values[name]).all():  # what the model will hold: overflow shows
+            stored = _as_numpy(arrays[name], np.float64)
             if not np.isfinite(stored).all():
                 raise OfficialConfigError(f"checkpoint tensor {name} has non-finite values")
             raise OfficialConfigError(
@@ -569,9 +571,10 @@ def _check_arrays(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> None
                 f"beyond float32's largest ({float(np.finfo(np.float32).max):.3g}), which the model's weights "
                 "are: they would load as inf"
             )
+    return values
 
 
-def _float32(array: Any, dtype: Any = np.float32) -> np.ndarray:
+def _as_numpy(array: Any, dtype: Any = np.float32) -> np.ndarray:
     """``array`` (a numpy array of any floating dtype, bfloat16 included, or a torch tensor) as a numpy
     array of ``dtype`` (values beyond its range become inf, without numpy's warning)."""
     if isinstance(array, torch.Tensor):
@@ -583,10 +586,10 @@ def _float32(array: Any, dtype: Any = np.float32) -> np.ndarray:
 def convert_weights(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> dict[str, torch.Tensor]:
     """The official tensors (orbax names, e.g. ``language_model.model.h.blocks.feed_forward.w1.weight``
     stacked over blocks, weights ``[in, out]``) as an :class:`E2ELM` state dict (float32)."""
-    _check_arrays(arrays, config)
+    checked = _checked_float32(arrays, config)
 
     def tensor(name: str) -> torch.Tensor:
-        return torch.from_numpy(_float32(arrays[name]).copy())
+        return torch.from_numpy(checked[name].copy())  # a copy: never a view of the caller's arrays
 
     blocks, primes = PREFIX + "h.blocks.", PREFIX + "h.prime_storage."
     state = {"embed.weight": tensor(PREFIX + "wte.weight"), "norm.weight": tensor(PREFIX + "ln_f.weight")}

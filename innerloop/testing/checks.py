@@ -538,14 +538,6 @@ def check_pairs_token_by_token(
     _assert_validity_close(pieces, whole, f"{loss.name}: validity built token by token", tolerance)
 
 
-def _batched_carry_keys(loss: InnerLoss, views: Views) -> frozenset[str]:
-    """The carry entries that hold one row per sequence, as the loss declares them
-    (:meth:`InnerLoss.batched_carry_keys`: by default those whose shape ``init_carry`` gives differently
-    for two sequences and for one; a loss whose carry holds other entries overrides it)."""
-    _, heads, _, head_dim = views.key.shape
-    return frozenset(loss.batched_carry_keys(heads, head_dim, views.key))
-
-
 def _check_carry_entry_declared(
     loss: InnerLoss, key: str, whole: torch.Tensor, alone: object, batch: int, initial_keys: set[str]
 ) -> None:
@@ -588,8 +580,8 @@ def check_pairs_batch_independent(
     if batch < 2:
         raise ValueError(f"check_pairs_batch_independent needs views of batch >= 2, got batch {batch}")
     whole = loss.pairs(views, carry)
-    batched = _batched_carry_keys(loss, views)
     _, heads, _, head_dim = views.key.shape
+    batched = frozenset(loss.batched_carry_keys(heads, head_dim, views.key))  # as the loss declares them
     initial_keys = set(loss.init_carry(1, heads, head_dim, views.key[:1]))
     for row in range(batch):
         alone = loss.pairs(_views_row(views, row), _carry_row(carry, row, batched))

@@ -71,6 +71,7 @@ from innerloop.config.load import (
     absolute_data_paths,
     absolute_tokenizer,
     check_resume_changes,
+    check_resume_or_overwrite,
     check_trainable_precision,
     concrete_precision,
     decay_steps,
@@ -430,8 +431,7 @@ def train(
     anything is written. A diverging run raises :class:`TrainingDivergedError`, keeping its last
     finite checkpoint.
     """
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite contradict each other: continue the run or replace it")
+    check_resume_or_overwrite(resume, overwrite)
     if not resume:
         check_new_run_holds_out_text(run)
     run, cfg = _with_absolute_data_paths(run, cfg)
@@ -490,13 +490,20 @@ def _train_in_locked_dir(
     with interrupt.listening():  # from here on a Ctrl-C is a stop request, also before the fit starts
         config_path, undone = _fit(run, cfg, module, datamodule, trainer, interrupt, start, replace_previous)
     _raise_if_stopped(run, trainer, interrupt, ckpt, undone)
-    steps = trainer.global_step
-    if steps < run.trainer.max_steps and ckpt.is_file():  # under ddp_spawn the spawned ranks trained, not
-        steps = max(steps, int(load_checkpoint(ckpt).get("global_step", steps)))  # this process's trainer
+    steps = _steps_done(run, trainer, ckpt)
     if steps < run.trainer.max_steps:  # trainer.max_time, or a callback, stopped it
-        log.warning("the run stopped at step %d of trainer.max_steps=%d %s", steps, run.trainer.max_steps,
-                    _how_to_continue(run, trainer, ckpt))  # fmt: skip
+        log.warning("the run stopped at step %d of trainer.max_steps=%d %s; %s holds it: continue with %s",
+                    steps, run.trainer.max_steps, _stop_reason(trainer), ckpt, _continuing(run, trainer))  # fmt: skip
     return _finish(run, module, datamodule, trainer, ckpt, config_path)
+
+
+def _steps_done(run: RunConfig, trainer: L.Trainer, ckpt: Path) -> int:
+    """The optimizer steps the run has taken: this process's trainer's, or under ``ddp_spawn`` (whose
+    spawned processes trained, not this one) the checkpoint's."""
+    steps = trainer.global_step
+    if steps < run.trainer.max_steps and ckpt.is_file():
+        steps = max(steps, int(load_checkpoint(ckpt).get("global_step", steps)))
+    return steps
 
 
 def _time_budget(trainer: L.Trainer) -> float | None:
@@ -507,20 +514,24 @@ def _time_budget(trainer: L.Trainer) -> float | None:
     return duration if duration is not None and timer.time_elapsed() >= duration else None
 
 
-def _how_to_continue(run: RunConfig, trainer: L.Trainer, ckpt: Path) -> str:
-    """Why a fit ended before ``trainer.max_steps``, and the command that continues it."""
-    resume = f"innerloop train --resume out_dir={run.out_dir}"
+def _stop_reason(trainer: L.Trainer) -> str:
+    """Why a fit ended before ``trainer.max_steps``, in parentheses."""
     budget = _time_budget(trainer)
     if budget is not None:
-        seconds = math.ceil(2 * budget)  # as much time again
-        longer = (
-            f"{seconds // 86400:02d}:{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-        )
-        return (
-            f"(its trainer.max_time, {budget:g} s over all its launches, is spent); {ckpt} holds it: continue "
-            f"with `{resume} trainer.max_time={longer}` (as long again; trainer.max_time=null for no limit)"
-        )
-    return f"(a callback asked it to stop); {ckpt} holds it: continue with `{resume}`"
+        return f"(its trainer.max_time, {budget:g} s over all its launches, is spent)"
+    return "(a callback asked it to stop)"
+
+
+def _continuing(run: RunConfig, trainer: L.Trainer) -> str:
+    """The command (quoted) that continues a fit that ended before ``trainer.max_steps``: with a spent
+    ``trainer.max_time``, as long again (Lightning counts it over every launch: a bare resume stops at once)."""
+    resume = f"innerloop train --resume out_dir={run.out_dir}"
+    budget = _time_budget(trainer)
+    if budget is None:
+        return f"`{resume}`"
+    seconds = math.ceil(2 * budget)
+    longer = f"{seconds // 86400:02d}:{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return f"`{resume} trainer.max_time={longer}` (as long again; trainer.max_time=null for no limit)"
 
 
 def _fit(
@@ -548,8 +559,8 @@ def _fit(
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(start) if start is not None else None)
             if not interrupt.requested and not ckpt.exists() and trainer.global_step < run.trainer.max_steps:
                 raise ConfigError(  # (a new run's config.yaml goes with it: the out_dir holds no run)
-                    f"the run ended before its first step, so no checkpoint was written "
-                    f"{_how_to_continue(run, trainer, ckpt).split(';')[0]}: give it time for at least a step"
+                    f"the run ended before its first step, so no checkpoint was written {_stop_reason(trainer)}: "
+                    "give it time for at least a step"
                 )
     except TrainingDivergedError as err:
         # the same class (NonFiniteLayerOutputError names a layer's plugins), the checkpoint note added
@@ -595,9 +606,7 @@ def _raise_if_stopped(
     and how to continue (or that an ``--overwrite`` run was ``undone``, the previous run kept)."""
     if not interrupt.requested:
         return
-    steps = trainer.global_step
-    if steps < run.trainer.max_steps and ckpt.is_file():  # under ddp_spawn the spawned ranks trained
-        steps = max(steps, int(load_checkpoint(ckpt).get("global_step", steps)))
+    steps = _steps_done(run, trainer, ckpt)
     stopped = f"stopped at {interrupt.signal_name} after {steps} of {run.trainer.max_steps} steps"
     exit_code = 128 + (interrupt.signal or signal.SIGINT)
     if undone:

@@ -36,6 +36,7 @@ it; :class:`innerloop.train.checkpoint.SafetensorsCheckpointIO` plugs this forma
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -650,16 +651,23 @@ def _check_header(name: str, metadata: dict[str, str]) -> None:
         )
 
 
-def _read_file(path: Path, name: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """The metadata and tensors (on the CPU) of a safetensors checkpoint file."""
+def _read_file(path: Path, name: str, attempts: int = 3) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and tensors (on the CPU) of a safetensors checkpoint file. A file replaced while it
+    is read (a running run's checkpoint, written atomically at every save: safetensors reads its header
+    and maps its data separately) is read again, up to ``attempts`` times."""
+    stamp = None
     try:
+        stamp = (path.stat().st_ino, path.stat().st_mtime_ns)
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             _check_header(name, metadata)
             return metadata, {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError, KeyError) as err:
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as err:
         if isinstance(err, CheckpointError):
             raise
+        with contextlib.suppress(OSError):
+            if attempts > 1 and stamp is not None and (path.stat().st_ino, path.stat().st_mtime_ns) != stamp:
+                return _read_file(path, name, attempts - 1)  # replaced meanwhile: the new one
         raise CheckpointError(
             f"{name} is not a readable innerloop checkpoint (expected a safetensors file written by "
             f"`innerloop train`; it may be truncated, corrupt or of another format): {_one_line(err)}"

@@ -193,3 +193,33 @@ def test_map_location_is_a_device_or_a_clear_error(tmp_path) -> None:
             load_checkpoint(path, given)
     with pytest.raises(ValueError, match="map_location='gpu9' is not a device"):
         load_checkpoint(path, "gpu9")
+
+
+def test_a_checkpoint_replaced_while_it_is_read_is_read_again_and_a_bad_one_is_one_error(
+    tmp_path, monkeypatch
+):
+    """safetensors reads a header, then maps the data: a running run replacing its checkpoint between
+    the two made a raw RuntimeError (seen reading a live ddp run's last.safetensors). The new file is
+    read instead; a mismatch with nothing replaced is a CheckpointError naming the file."""
+    import innerloop.checkpoints as checkpoints
+
+    path = tmp_path / "last.safetensors"
+    save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "global_step": 1}, path)
+    real, calls = checkpoints.safe_open, []
+
+    def racing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # the run saves its next step meanwhile
+            save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 2}, path)
+            raise RuntimeError("file size is smaller than the required mapping size")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "safe_open", racing)
+    assert load_checkpoint(path)["global_step"] == 2 and len(calls) == 2
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("file size is smaller than the required mapping size")
+
+    monkeypatch.setattr(checkpoints, "safe_open", broken)
+    with pytest.raises(CheckpointError, match="last.safetensors' is not a readable innerloop checkpoint"):
+        load_checkpoint(path)

@@ -25,8 +25,12 @@ too, for a main process that only waits (``ddp_spawn``): it passes the request o
 started as SIGUSR1 (not SIGTERM, which a ``kill`` of the whole group gave them already: twice, it would
 stop them at once); those take SIGINT and SIGUSR1 as stop requests from the start of their training.
 
-The validation after training runs under :func:`ended_by_signals`: there is no step left to save, so a
-Ctrl-C or SIGTERM ends it and ``train`` raises :class:`TrainingInterrupted` with the signal's status.
+The run's final validation is the last step's, inside the fit: a stop asked for during it (or during
+the last step) waits for its end, as during any validation, and ``train`` then raises
+:class:`TrainingInterrupted` before the loss-by-position files are written. A validation after the fit
+(a finished run resumed: the files written again) runs under :func:`ended_by_signals`: there is no step
+left to save, so a Ctrl-C or SIGTERM ends it and ``train`` raises :class:`TrainingInterrupted` with the
+signal's status.
 
 A stop never lands between the micro-batches of one optimizer step: :class:`StopOnInterrupt` waits for
 the step's last one (as the language-model module does for other stops, ``trainer.max_time`` or a

@@ -276,6 +276,25 @@ def build_datamodule(
     )
 
 
+class _ValidateAtTheLastStep(Callback):
+    """Runs the run's final validation inside the fit, as the validation of its last step
+    (``trainer.max_steps`` of the config; a stop before it, Ctrl-C or SIGTERM, validates nothing extra),
+    when ``trainer.val_every`` does not land there: its ``metrics.csv`` row then has the ``step`` column
+    of every validation inside the fit (Lightning's, one less than ``val_step``), in the launch's log
+    folder. After the fit the main process of ``ddp_spawn`` has neither the workers' step counter nor
+    their logger's folder: a validation run there was logged at step 0 in a second folder."""
+
+    def __init__(self, last_step: int):
+        self.last_step = last_step
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step_is_whole = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if step_is_whole and trainer.global_step >= self.last_step:
+            trainer.should_stop = True  # Lightning validates a fit that stops before its epoch ends
+
+
 class _RecordTokenizer(Callback):
     """Stores the run's tokenizer in every checkpoint (:data:`~innerloop.checkpoints.TOKENIZER_KEY`),
     so that eval, generate, export and a resume use the one the weights were trained with."""
@@ -357,7 +376,7 @@ def build_trainer(run: RunConfig, callbacks: Sequence[Callback] = ()) -> L.Train
         enable_version_counter=False,
     )
     checkpointing.CHECKPOINT_NAME_LAST = CHECKPOINT_NAME
-    own_callbacks: list[Callback] = [checkpointing]
+    own_callbacks: list[Callback] = [checkpointing, _ValidateAtTheLastStep(t.max_steps)]
     if run.optim.ttt_base_lr_warmup > 0:
         optim = run.optim
         own_callbacks.append(
@@ -494,7 +513,7 @@ def _train_in_locked_dir(
     if steps < run.trainer.max_steps:  # trainer.max_time, or a callback, stopped it
         log.warning("the run stopped at step %d of trainer.max_steps=%d %s; %s holds it: continue with %s",
                     steps, run.trainer.max_steps, _stop_reason(trainer), ckpt, _continuing(run, trainer))  # fmt: skip
-    return _finish(run, module, datamodule, trainer, ckpt, config_path)
+    return _finish(run, module, datamodule, trainer, ckpt, config_path, steps)
 
 
 def _steps_done(run: RunConfig, trainer: L.Trainer, ckpt: Path) -> int:
@@ -621,6 +640,12 @@ def _raise_if_stopped(
             f"out_dir={run.out_dir}`",
             exit_code=exit_code,
         )
+    if trainer.callback_metrics.get("val_step") == steps:  # the fit's last step was validated (and logged)
+        raise TrainingInterrupted(
+            f"{stopped}, after their final validation, before loss_by_position.* were written; the checkpoint "
+            f"{str(ckpt)!r} holds them all: `innerloop train --resume out_dir={run.out_dir}` writes the files",
+            exit_code=exit_code,
+        )
     raise TrainingInterrupted(
         f"{stopped}, before the final validation; the checkpoint {str(ckpt)!r} holds them all: "
         f"`innerloop train --resume out_dir={run.out_dir}` runs the final validation",
@@ -676,13 +701,12 @@ def _finish(
     trainer: L.Trainer,
     ckpt: Path,
     config_path: Path,
+    steps: int,
 ) -> TrainResult:
-    """The final validation (unless the last one was at the last step), the loss-by-position files and
-    the result of a run that ended."""
+    """The final validation (unless the fit's last was at the last of its ``steps``: it is, unless a
+    finished run was resumed), the loss-by-position files and the result of a run that ended."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    # Validate once more unless the last validation was at the last step. (Compared with max_steps: after
-    # ddp_spawn the main process has the workers' metrics but not their step counter.)
-    if metrics.get("val_step") != run.trainer.max_steps:
+    if metrics.get("val_step") != steps:
         stopped = (
             f"during the final validation, after all {trainer.global_step} steps; the checkpoint "
             f"{str(ckpt)!r} holds them: `innerloop train --resume out_dir={run.out_dir}` runs the validation "

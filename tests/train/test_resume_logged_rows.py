@@ -96,7 +96,7 @@ def test_a_finished_run_extended_with_resume_logs_the_uninterrupted_rows(tmp_pat
     _train(tmp_path, resume=True)
     rows = _logged_rows(tmp_path)
     # the 5-step run's own final validation is a row the 8-step run has no reason to log
-    final_of_the_first_launch = {"step": "5", "val_step": "5.0"}
+    final_of_the_first_launch = {"step": "4", "val_step": "5.0"}
     assert [r for r in rows if final_of_the_first_launch.items() <= r.items()] != []
     assert [r for r in rows if not final_of_the_first_launch.items() <= r.items()] == uninterrupted
 
@@ -110,3 +110,31 @@ def test_a_crashed_run_resumed_from_its_periodic_checkpoint_logs_the_uninterrupt
     assert load_checkpoint(tmp_path / "last.safetensors")["global_step"] == 4
     _train(tmp_path, resume=True)
     assert _logged_rows(tmp_path) == uninterrupted  # the crash came before step 5's row was logged
+
+
+class _StopAt(L.Callback):
+    """Asks the fit to stop after optimizer step ``step``, as ``trainer.max_time`` does
+    (``trainer.should_stop``)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def _validations(rows: list[dict[str, str]]) -> list[tuple[str, str]]:
+    return [(row["step"], row["val_step"]) for row in rows if "val_loss" in row]
+
+
+@pytest.mark.slow  # reason: uses the uninterrupted run (module fixture, ~4 s)
+def test_the_final_validation_is_logged_as_every_validation_inside_the_fit(uninterrupted) -> None:
+    # Lightning's step column of a validation inside the fit is one less than the step it scores
+    assert _validations(uninterrupted) == [("2", "3.0"), ("5", "6.0"), ("7", "8.0")]
+
+
+@pytest.mark.slow  # reason: a training run (~3 s)
+def test_a_fit_a_callback_stopped_is_validated_once_at_its_last_step(tmp_path) -> None:
+    _train(tmp_path, callbacks=[_StopAt(5)])
+    assert _validations(_logged_rows(tmp_path)) == [("2", "3.0"), ("4", "5.0")]

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from lightning.fabric.utilities.distributed import _suggested_max_num_threads
 from lm_testing import TINY
 
 from innerloop.cli import main
@@ -51,37 +52,49 @@ def two_rank_run(tmp_path_factory) -> Path:
     return keep
 
 
-@pytest.mark.slow  # reason: a 2-process ddp_spawn run (module fixture, ~12 s) and a 1-process run (~4 s)
-def test_train_loss_under_two_ranks_is_the_global_batch_mean(two_rank_run, tmp_path) -> None:
-    reference = tmp_path / "one"
-    run, cfg = load_config("tiny", [*BASE, "trainer.accumulate_grad_batches=2", f"out_dir={reference}"])
+@pytest.fixture(scope="module")
+def one_rank_run(tmp_path_factory) -> Path:
+    """The same 2 steps on 1 process, each step's batch in 2 micro-batches: the two-rank run's weights
+    (bit for bit when this process computes with as many threads as each rank: Lightning gives a rank
+    OMP_NUM_THREADS, or its share of the cores)."""
+    threads = int(os.environ.get("OMP_NUM_THREADS") or _suggested_max_num_threads(2))
+    out = tmp_path_factory.mktemp("s21ddp") / "one"
+    overrides = ["trainer.accumulate_grad_batches=2", f"trainer.threads={threads}", f"out_dir={out}"]
+    run, cfg = load_config("tiny", [*BASE, *overrides])
     train(run, cfg)
+    return out
+
+
+@pytest.mark.slow  # reason: a 2-process ddp_spawn run and a 1-process run (module fixtures, ~12 s and ~4 s)
+def test_train_loss_under_two_ranks_is_the_global_batch_mean(two_rank_run, one_rank_run) -> None:
     # the weights agree exactly: the same batches, the same update (checked here so the loss is comparable)
     one, two = (
-        load_checkpoint(reference / "last.safetensors"),
+        load_checkpoint(one_rank_run / "last.safetensors"),
         load_checkpoint(two_rank_run / "last.safetensors"),
     )
     assert all((one["state_dict"][k] == two["state_dict"][k]).all() for k in one["state_dict"])
-    expected, got = _train_losses(reference), _train_losses(two_rank_run)
+    expected, got = _train_losses(one_rank_run), _train_losses(two_rank_run)
     assert sorted(got) == sorted(expected) == [0, 1]
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-9, abs=0), step
 
 
-@pytest.mark.slow  # reason: uses the 2-process run (module fixture, ~12 s)
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s21 ddp (MED): after ddp_spawn the final validation (trainer.validate in the main process) "
-    "is logged at step 0 / val_step 0 in a second logs/version_<n> folder of the same launch",
-)
+@pytest.mark.slow  # reason: uses the 2-process and the 1-process runs (module fixtures)
 def test_the_final_validation_row_under_ddp_spawn_names_the_last_step_in_the_launchs_folder(
-    two_rank_run,
+    two_rank_run, one_rank_run
 ) -> None:
-    validations = [(folder, row) for folder, row in _rows(two_rank_run) if row.get("val_loss")]
-    assert len(validations) == 1
-    folder, row = validations[0]
-    assert (int(row["step"]), float(row["val_step"])) == (2, 2.0)  # as one process logs it
-    assert {f for f, _ in _rows(two_rank_run)} == {folder}  # one launch, one folder (docs: loggers.py)
+    def validations(out: Path) -> list[tuple[str, str, str, float]]:
+        return [
+            (folder, row["step"], row["val_step"], float(row["val_loss"]))
+            for folder, row in _rows(out)
+            if row.get("val_loss")
+        ]
+
+    # as one process logs it: one row, the step column of a validation inside the fit (one less than
+    # val_step), in the launch's only folder
+    assert validations(two_rank_run) == pytest.approx(validations(one_rank_run), rel=1e-9)
+    assert [v[:3] for v in validations(two_rank_run)] == [("version_0", "1", "2.0")]
+    assert {folder for folder, _ in _rows(two_rank_run)} == {"version_0"}
 
 
 @pytest.mark.slow  # reason: uses the 2-process run (module fixture) and resumes it on 1 process (~4 s)

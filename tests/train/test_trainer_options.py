@@ -237,7 +237,8 @@ def test_log_and_validation_intervals_count_optimizer_steps(corpus, tmp_path) ->
     train(run, cfg)
     rows = _metrics_rows(out)
     logged = [int(r["step"]) for r in rows if r["train_loss"]]
-    assert logged == [s for s in range(7) if (s + 1) % 3 == 0]  # Lightning's rule, in optimizer steps
+    # Lightning's rule, in optimizer steps, and the last step (its final validation)
+    assert logged == [s for s in range(7) if (s + 1) % 3 == 0] + [6]
     validated = [float(r["val_step"]) for r in rows if r.get("val_step")]
     assert validated == [3.0, 6.0, 7.0]  # every 3 optimizer steps (6 batches), then the final one
 

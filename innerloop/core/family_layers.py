@@ -196,6 +196,7 @@ class FamilyLayer(TTTLayer):
     """
 
     uses_rope = False  # so any head size is valid
+    conv_kernel_needs_share_qk = False  # its short convs take conv_kernel (checked by _refuse_unimplemented)
     # name -> (value, why): the arguments a member sets itself (with_fixed_options); none here
     fixed_options: ClassVar[dict[str, tuple[Any, str]]] = {}
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import warnings
 from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
@@ -105,6 +106,9 @@ def is_real(value: Any) -> bool:
 MAX_CONV_KERNEL = 1024
 """The largest ``conv_kernel`` a layer takes (its convolutions are short: 4 by default)."""
 
+DEFAULT_CONV_KERNEL = 4
+"""``conv_kernel``'s default (the reference's): another value without ``share_qk`` is warned of."""
+
 
 def check_positive_int(name: str, value: Any, none_allowed: bool = False) -> None:
     """Raise naming ``name`` unless ``value`` is an integer >= 1 (or None, where ``none_allowed``)."""
@@ -115,9 +119,10 @@ def check_positive_int(name: str, value: Any, none_allowed: bool = False) -> Non
         raise ValueError(f"{name} must be {valid}, got {value!r}")
 
 
-def _check_arguments(args: dict[str, Any], *, rotary: bool = True) -> None:
+def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_share_qk: bool = True) -> None:
     """One clear error per bad constructor argument: its name, the value given, what is valid
-    (``rotary``: the layer applies RoPE, which needs an even head size)."""
+    (``rotary``: the layer applies RoPE, which needs an even head size; ``conv_needs_share_qk``: its only
+    convolutions are those of ``share_qk``)."""
     for name in ("hidden_size", "num_heads", "conv_kernel", "mini_batch_size"):
         check_positive_int(name, args[name])
     hidden_size, num_heads = args["hidden_size"], args["num_heads"]
@@ -145,6 +150,13 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True) -> None:
         raise ValueError(
             f"conv_kernel must be <= {MAX_CONV_KERNEL} (a short causal convolution; its state keeps "
             f"conv_kernel - 1 inputs of every sequence), got {args['conv_kernel']!r}"
+        )
+    if conv_needs_share_qk and not args["share_qk"] and args["conv_kernel"] != DEFAULT_CONV_KERNEL:
+        warnings.warn(
+            f"conv_kernel={args['conv_kernel']} has no effect: the layer's convolutions are those of "
+            "share_qk=True (one Q/K projection, then a causal conv for each); without it there are none",
+            UserWarning,
+            stacklevel=3,
         )
     if not is_real(args["rope_theta"]) or args["rope_theta"] < 1:
         raise ValueError(
@@ -379,7 +391,8 @@ class TTTLayer(nn.Module):
         base_lr: the inner learning rate's scale (1.0 for TTT-Linear, 0.1 for TTT-MLP in the paper).
         use_gate: multiply the output by ``gelu_tanh(g_proj(x))`` (Mamba backbone).
         share_qk: one projection for Q and K followed by two causal depthwise convs (Mamba backbone).
-        conv_kernel: kernel size of those convs.
+        conv_kernel: kernel size of those convs (only with ``share_qk``: another value without it is
+            warned of).
         rope_theta: RoPE base.
         inner_norm: per-head LayerNorm on the inner model's output (paper: on).
         inner_residual: residual around the inner model (paper: on).
@@ -415,6 +428,10 @@ class TTTLayer(nn.Module):
     """Whether Q and K are rotated (RoPE, which needs an even head size); subclasses that read
     positions otherwise set it False."""
 
+    conv_kernel_needs_share_qk: bool = True
+    """Whether ``conv_kernel`` is the kernel of ``share_qk``'s convolutions only (another value without
+    ``share_qk`` is warned of); subclasses with convolutions of their own set it False."""
+
     def __init__(
         self,
         hidden_size: int,
@@ -426,7 +443,7 @@ class TTTLayer(nn.Module):
         base_lr: float = 1.0,
         use_gate: bool = False,
         share_qk: bool = False,
-        conv_kernel: int = 4,
+        conv_kernel: int = DEFAULT_CONV_KERNEL,
         rope_theta: float = 10000.0,
         inner_norm: bool = True,
         inner_residual: bool = True,
@@ -437,7 +454,8 @@ class TTTLayer(nn.Module):
         inference_chunk_size: int | None = 2048,
     ) -> None:
         super().__init__()
-        _check_arguments(locals(), rotary=self.uses_rope)  # every argument, by name
+        # every argument, by name
+        _check_arguments(locals(), rotary=self.uses_rope, conv_needs_share_qk=self.conv_kernel_needs_share_qk)
         head_dim = int(hidden_size) // int(num_heads)
         self._resolve_plugins(
             inner_model, inner_loss, update_rule, kernel, head_dim, (inner_norm, inner_residual)

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from innerloop.core.layer import DEFAULT_CONV_KERNEL
 from innerloop.core.protocol import Views
 
 try:
@@ -50,6 +51,7 @@ def layer_configs(
     num_heads = draw(st.integers(1, max_heads))
     head_dim = draw(st.sampled_from(head_dims))
     inner_norm, inner_residual = draw(st.sampled_from(inner_wrappings))
+    share_qk = draw(st.booleans())
     return {
         "inner_norm": inner_norm,
         "inner_residual": inner_residual,
@@ -61,8 +63,9 @@ def layer_configs(
         "mini_batch_size": draw(st.integers(1, max_mini_batch)),
         "base_lr": draw(st.sampled_from([0.1, 1.0, 3.0])),
         "use_gate": draw(st.booleans()),
-        "share_qk": draw(st.booleans()),
-        "conv_kernel": draw(st.integers(1, 4)),
+        "share_qk": share_qk,
+        # the kernel of share_qk's convolutions (a layer without them warns of another than the default)
+        "conv_kernel": draw(st.integers(1, 4)) if share_qk else DEFAULT_CONV_KERNEL,
     }
 
 

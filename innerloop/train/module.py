@@ -1,8 +1,10 @@
 """The outer loop: a LightningModule that trains a language model (a :class:`~innerloop.models.CausalLM`,
 or an :class:`~innerloop.models.E2ELM` for ``mixer: e2e``).
 
-AdamW with decoupled weight decay (0.1 by default, on matrices only), linear warm-up then a decay to
-``min_lr`` (``schedule``: cosine by default, see :mod:`innerloop.train.schedules`), gradient clipping
+AdamW with decoupled weight decay (0.1 by default, on every parameter of 2 or more dimensions: the
+weight matrices, and a TTT layer's per-head tensors too, its inner initial weights and biases, inner
+LayerNorm and learning-rate gate; not on 1-d ones such as the blocks' norms), linear warm-up then a
+decay to ``min_lr`` (``schedule``: cosine by default, see :mod:`innerloop.train.schedules`), gradient clipping
 through the Trainer (``gradient_clip_val``). Validation logs
 ``val_loss`` (the mean loss per scored token, ``log(val_ppl)`` where that is finite, whatever the batches' sizes and
 padding), ``val_ppl``, ``val_acc`` (next-token accuracy on scored tokens), the loss by position

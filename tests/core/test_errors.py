@@ -72,6 +72,16 @@ def test_hidden_not_divisible_by_heads():
         TTTLayer(10, 4)
 
 
+def test_a_conv_kernel_without_share_qk_is_warned_of():
+    with pytest.warns(UserWarning, match=r"conv_kernel=3 has no effect: .* share_qk=True") as caught:
+        TTTLayer(8, 2, conv_kernel=3)
+    assert caught[0].filename == __file__  # points at the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TTTLayer(8, 2, conv_kernel=3, share_qk=True)  # its convolutions' kernel
+        TTTLayer(8, 2)  # the default
+
+
 def test_odd_head_dim():
     with pytest.raises(ValueError, match="head_dim = hidden_size / num_heads = 3 must be even"):
         TTTLayer(12, 4)

@@ -335,7 +335,6 @@ def test_plugin_layer_gradcheck(plugins, rule):
         inner_loss="s21_cosine",
         update_rule=rule,
         mini_batch_size=2,
-        conv_kernel=1,
     ).double()
     x = torch.randn(1, 5, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: layer(x)[0], (x,), eps=1e-6, atol=1e-6)

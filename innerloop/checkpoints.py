@@ -888,6 +888,39 @@ def check_state_dict(
             else "was it written by a run with another model config?"
         )
         raise CheckpointError(f"{name} does not fit {model}: " + "; ".join(problems) + f" ({cause})")
+    tied = _differing_tied_weights(expected, given)
+    if tied:
+        cause = "innerloop stores tied weights equal: was the file edited, or written by another program?"
+        raise CheckpointError(f"{name} does not fit {model}: " + "; ".join(tied) + f" ({cause})")
+
+
+def tied_weights(state_dict: Mapping[str, torch.Tensor]) -> list[list[str]]:
+    """The groups of keys of ``state_dict`` that are one tensor (tied weights, e.g. a language model's
+    head and embedding): the same memory, shape and strides."""
+    groups: dict[tuple, list[str]] = {}
+    for key, tensor in state_dict.items():
+        if tensor.device.type == "meta" or tensor.numel() == 0:
+            continue  # no memory to share
+        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride())
+        groups.setdefault(where, []).append(key)
+    return [keys for keys in groups.values() if len(keys) > 1]
+
+
+def _differing_tied_weights(
+    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """What check_state_dict says of tied weights of the model that the checkpoint stores as different
+    tensors: loaded, one of them would silently replace the other."""
+    problems = []
+    for first, *others in tied_weights(expected):
+        for other in others:
+            if not torch.equal(given[first], given[other].to(given[first].dtype)):
+                largest = float((given[first].double() - given[other].double()).abs().max())
+                problems.append(
+                    f"{first!r} and {other!r} differ (by up to {largest:.3g}), but the model ties them (one "
+                    "tensor): loaded, one would silently replace the other"
+                )
+    return problems
 
 
 def _floating_pairs(

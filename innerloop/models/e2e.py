@@ -591,6 +591,15 @@ class E2ELM(nn.Module):
             )
         self.outer_progress.fill_(min(max(value, 0.0), 1.0))
 
+    def _apply(self, fn: Any, recurse: bool = True) -> E2ELM:
+        """``nn.Module``'s (``.to``, ``.bfloat16()``, ``.cuda()``, ...), keeping ``outer_progress`` in
+        float64 on the new device: a cast to bfloat16 would round the inner lr's warm-up (0.3 to 0.3008)."""
+        progress = self.outer_progress
+        super()._apply(fn, recurse)
+        if self.outer_progress.dtype != torch.float64:
+            self.outer_progress = progress.to(device=self.outer_progress.device, copy=True)
+        return self
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],

@@ -189,6 +189,10 @@ def _edit_weights(path: Path, edit) -> None:
             lambda sd: sd.update({"model.lm_head.weight": torch.zeros(256, 16, dtype=torch.float64)}),
             r"'model.lm_head.weight' is torch.float64, expected torch.float32",
         ),
+        (  # tied to the embedding: loaded, the head would silently replace it (review s22 e2e)
+            lambda sd: sd.update({"model.lm_head.weight": sd["model.lm_head.weight"] + 0.5}),
+            r"'model.embed.weight' and 'model.lm_head.weight' differ \(by up to 0.5\), but the model ties them",
+        ),
     ],
 )
 def test_weights_that_do_not_fit_the_model_are_one_line(tmp_path, edit, message) -> None:

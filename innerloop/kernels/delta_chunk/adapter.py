@@ -50,8 +50,11 @@ def delta_rule_kernel_forward(
         raise ValueError(f"tau must hold one scale (mini_batch_size=1), got shape {list(tau.shape)}")
     decay_log = None
     if decay is not None:
-        low, high = torch.stack(torch.aminmax(decay.detach())).tolist()  # one sync for both checks
-        if not (low >= 0 and high <= 1):  # NaN fails too
+        # one sync for both checks; a NaN (from a NaN input under non_finite="ignore") is let through to
+        # spread within its sequence, as on every path
+        checked = decay.detach()
+        low, high = torch.stack(torch.aminmax(checked.masked_fill(torch.isnan(checked), 0.5))).tolist()
+        if not (low >= 0 and high <= 1):
             raise ValueError(
                 f"decay must lie in [0, 1] (the gate a = 1 - decay is taken in log space), got values in [{low}, {high}]"
             )

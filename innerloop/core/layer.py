@@ -394,7 +394,8 @@ class TTTLayer(nn.Module):
         conv_kernel: kernel size of those convs (only with ``share_qk``: another value without it is
             warned of).
         rope_theta: RoPE base.
-        inner_norm: per-head LayerNorm on the inner model's output (paper: on).
+        inner_norm: per-head LayerNorm on the inner model's output (paper: on). Over a head size of 2
+            it is ill-conditioned: float32 states are then 1e-4 to 1e-2 off float64 on every path.
         inner_residual: residual around the inner model (paper: on).
         norm_eps: epsilon of the inner LayerNorm and the post-norm; a normal number of
             :attr:`scan_dtype` (>= 1.18e-38 in float32, checked at construction and at each call).

@@ -491,26 +491,33 @@ class LanguageModelModule(L.LightningModule):
             self._update_inner_diagnostics({i: x[kept] for i, x in captured[0].items()})
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val_step", float(self.trainer.global_step) if self._trainer is not None else 0.0)
+        log = self.log_synced
+        log("val_step", float(self.trainer.global_step) if self._trainer is not None else 0.0)
         # val_loss is the mean over scored tokens (not over batches, which may differ in size or padding),
         # from the float64 sums (synced across processes once); val_ppl = exp(val_loss), inf once the mean
         # passes about 709.8 nats, where log(val_ppl) would be too (val_loss logged in float32, as before)
         mean_loss = self.val_ppl.mean_loss()
-        self.log("val_loss", mean_loss.float(), prog_bar=True)
-        self.log("val_ppl", torch.exp(mean_loss), prog_bar=True)
-        self.log("val_acc", self.val_acc.compute())
+        log("val_loss", mean_loss.float(), prog_bar=True)
+        log("val_ppl", torch.exp(mean_loss), prog_bar=True)
+        log("val_acc", self.val_acc.compute())
         self.val_ppl.reset()
         self.val_acc.reset()
         for b, loss in enumerate(_per_item(self.val_loss_by_position.compute()).tolist()):
-            self.log(f"val_loss_pos/{b}", loss)
+            log(f"val_loss_pos/{b}", loss)
         self.val_loss_by_position.reset()
         if self._inner_loss_before_after is not None:
             diagnostics = self.inner_diagnostics.compute()
             before, after = _per_item(diagnostics["before"]), _per_item(diagnostics["after"])
             for layer in range(self.model.config.num_layers):
-                self.log(f"inner_loss_before/{layer}", before[layer])
-                self.log(f"inner_loss_after/{layer}", after[layer])
+                log(f"inner_loss_before/{layer}", before[layer])
+                log(f"inner_loss_after/{layer}", after[layer])
         self.inner_diagnostics.reset()
+
+    def log_synced(self, name: str, value: Any, **options: Any) -> None:
+        """``self.log`` of an epoch-level value that is already the same on every process (its metric
+        synced it): Lightning is told so (``sync_dist`` with ``max``, which gives back that value
+        exactly), instead of warning once per metric and validation that it should be synced."""
+        self.log(name, value, sync_dist=True, reduce_fx="max", **options)
 
     def _capture_mixer_inputs(self) -> tuple[dict[int, torch.Tensor], list] | None:
         """Record the input of every TTT mixer during the next forward (for the inner diagnostics)."""

@@ -220,9 +220,11 @@ class TrainingThroughput(Callback):
         values = {"tokens_seen": self.tokens_seen, "wall_time": self.wall_time()}
         if in_training_step:
             values["tokens_per_s"] = self.tokens_per_second()
+        # a validation's row: the counters of the slowest process (the same tokens on every one)
+        synced = {} if in_training_step else {"sync_dist": True, "reduce_fx": "max"}
         for name, value in values.items():
             tensor = torch.tensor(float(value), dtype=torch.float64)
-            pl_module.log(name, tensor, prog_bar=name == "tokens_per_s", batch_size=1, **per_step)
+            pl_module.log(name, tensor, prog_bar=name == "tokens_per_s", batch_size=1, **per_step, **synced)
 
     def _check_collapse(self, trainer: L.Trainer) -> None:
         """Warn once when the median tokens/s of the last :data:`RECENT_STEPS` steps is

@@ -6,6 +6,7 @@ says what is still wrong.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import shutil
@@ -46,10 +47,34 @@ def two_rank_run(tmp_path_factory) -> Path:
     """2 steps on 2 processes (ddp_spawn), val_every=4 > max_steps, so the validation comes after the fit."""
     out = tmp_path_factory.mktemp("s21ddp") / "two"
     run, cfg = load_config("tiny", [*BASE, *TWO_RANKS, f"out_dir={out}"])
-    train(run, cfg)
+    with _stderr_into(out.parent / "stderr.txt"):  # the spawned processes' too
+        train(run, cfg)
     keep = out.parent / "two-at-step-2"  # the checkpoint before any test resumes it
     shutil.copytree(out, keep)
     return keep
+
+
+@contextlib.contextmanager
+def _stderr_into(path: Path):
+    """File descriptor 2 of this process (and of the processes it starts) into ``path``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with path.open("w") as file:
+        os.dup2(file.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+@pytest.mark.slow  # reason: uses the 2-process run (module fixture, ~12 s)
+def test_metrics_already_synced_are_logged_without_lightnings_sync_dist_warning(two_rank_run) -> None:
+    # review s21 ddp (LOW): ~15 warnings per validation, one per metric its torchmetrics state had synced
+    printed = (two_rank_run.parent / "stderr.txt").read_text()
+    assert any(row.get("val_loss") for _, row in _rows(two_rank_run))  # it validated
+    assert "It is recommended to use `self.log(" not in printed
 
 
 @pytest.fixture(scope="module")

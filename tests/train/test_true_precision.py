@@ -38,9 +38,10 @@ def _module(mixer: str = "ttt") -> LanguageModelModule:
 
 def _true_precision_checkpoint(path: Path, dtype: torch.dtype, mixer: str = "ttt") -> dict[str, torch.Tensor]:
     """The checkpoint of a run whose module Lightning cast to ``dtype`` (as ``*-true`` does: every
-    floating tensor, E2E's float64 buffer too); returns its state dict."""
+    floating tensor; E2E's float64 buffer too before E2ELM kept it float64, as checkpoints of then
+    hold it: cast here too, so that those load); returns its state dict."""
     module = _module(mixer).to(dtype=dtype)
-    state_dict = module.state_dict()
+    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in module.state_dict().items()}
     save_checkpoint({"hyper_parameters": dict(module.hparams), "state_dict": state_dict}, path)
     return state_dict
 
@@ -71,6 +72,21 @@ def test_a_true_precision_checkpoint_loads_upcast_for_use_and_as_stored_for_expo
     for key, tensor in kept.state_dict().items():
         assert tensor.dtype == dtype and torch.equal(tensor, stored["model." + key]), key
     assert kept.lm_head.weight is kept.embed.weight  # tied weights stay tied through the cast
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_an_e2e_module_cast_to_low_precision_keeps_its_progress_in_float64(tmp_path, dtype) -> None:
+    """(review s22 e2e: the cast rounded it, and with it the inner lr's warm-up.) Its checkpoint holds
+    the float64 value, which loads as it is, also with keep_dtype."""
+    module = _module("e2e")
+    module.model.set_outer_progress(0.3)
+    module = module.to(dtype=dtype)
+    assert module.model.outer_progress.dtype == torch.float64 and float(module.model.outer_progress) == 0.3
+    path = save_checkpoint({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()},
+                           tmp_path / "last.safetensors")  # fmt: skip
+    for keep_dtype in (False, True):
+        model = load_model(path, keep_dtype=keep_dtype)
+        assert model.outer_progress.dtype == torch.float64 and float(model.outer_progress) == 0.3
 
 
 def test_a_float32_checkpoint_loads_as_before(tmp_path) -> None:

@@ -42,7 +42,7 @@ import re
 import signal
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,7 @@ from innerloop.config.load import (
     save_config,
     warmup_steps,
 )
-from innerloop.config.schema import DataConfig, RunConfig
+from innerloop.config.schema import DataConfig, RecallConfig, RunConfig
 from innerloop.data.atomic import atomic_write_text, remove_stale_temporaries_of
 from innerloop.data.hf import FORMATS, check_hf_source
 from innerloop.data.text import split_keys, split_text_files, stdlib_files
@@ -1013,7 +1013,67 @@ def _run_beside(checkpoint: str | Path, model: dict[str, Any]) -> tuple[RunConfi
             f"the config.yaml beside {str(checkpoint)!r} is another run's: it describes another model "
             f"({', '.join(changes[:2])}{more})"
         )
+    recorded = recorded_entry(checkpoint, RUN_DATA_KEY)
+    if isinstance(recorded, dict) and _other_text_than_recorded(run, recorded):
+        # weights copied beside another run's config: their own run's data is the one they recorded
+        own = _with_recorded_data(run, recorded)
+        if own is None:
+            changes = _other_text_than_recorded(run, recorded)
+            more = f" and {len(changes) - 2} more" if len(changes) > 2 else ""
+            return None, (
+                f"the config.yaml beside {str(checkpoint)!r} is another run's: the checkpoint was trained on "
+                f"other data ({', '.join(changes[:2])}{more}: the config's, then the checkpoint's)"
+            )
+        return own, ""
     return run, ""
+
+
+_TEXT_CHOOSING_KEYS = (
+    "data.name",
+    "data.paths",
+    "data.tokenizer",
+    "data.val_fraction",
+    "data.split",
+    "data.text_field",
+)
+"""The ``data.*`` keys that choose a run's training and held-out text (with ``data.recall.*``, and the
+seed that draws the recall task's sequences)."""
+
+
+def _other_text_than_recorded(run: RunConfig, recorded: dict[str, Any]) -> list[str]:
+    """``"data.paths [...] != [...]"`` for each setting choosing the text that ``run`` (a config.yaml
+    beside a checkpoint) gives otherwise than ``recorded``, the checkpoint's record of its own run
+    (:data:`RUN_DATA_KEY`): weights copied beside another run's config, whose held-out text they may
+    have trained on."""
+    recall = run.data.name == "recall" or recorded.get("data.name") == "recall"
+    chooses = [*_TEXT_CHOOSING_KEYS, *(["seed"] if recall else [])]
+    now = run_data_record(run)
+    return [
+        f"{key} {now[key]!r} != {recorded[key]!r}"
+        for key in now
+        if key in recorded
+        and (key in chooses or (recall and key.startswith("data.recall.")))
+        and _as_tuples(now[key]) != _as_tuples(recorded[key])
+    ]
+
+
+def _with_recorded_data(run: RunConfig, recorded: dict[str, Any]) -> RunConfig | None:
+    """``run`` with the ``data.*`` and ``seed`` of ``recorded`` (:data:`RUN_DATA_KEY`), or None when the
+    record lacks one of them or does not make a data config."""
+    keys = run_data_record(run)
+    if not all(key in recorded for key in keys):
+        return None
+    top = {f.name: recorded[f"data.{f.name}"] for f in fields(DataConfig) if f.name != "recall"}
+    recall = {f.name: recorded[f"data.recall.{f.name}"] for f in fields(RecallConfig)}
+    try:
+        data = DataConfig(**{**top, "paths": list(top["paths"]), "recall": RecallConfig(**recall)})
+    except (TypeError, ValueError):
+        return None
+    return replace(run, data=data, seed=recorded["seed"])
+
+
+def _as_tuples(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
 def validation_examples(

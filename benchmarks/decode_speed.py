@@ -110,10 +110,16 @@ def main(argv: list[str] | None = None) -> None:
         {c: f"context {c}" for c in args.contexts},
         results,
         ".3f",
-        f"B=1 D={args.hidden} H={args.heads} K={args.mini_batch} fp32; mean over {args.tokens} decoded tokens "
-        f"({args.tokens // args.mini_batch} or {-(-args.tokens // args.mini_batch)} inner-weight updates among them)",
+        f"B=1 D={args.hidden} H={args.heads} K={args.mini_batch} fp32; mean over {args.tokens} decoded tokens, "
+        f"{_updates(args.tokens, args.mini_batch)} of them closing a mini-batch (the inner weights' update)",
         args.threads,
     )
+
+
+def _updates(tokens: int, mini_batch: int) -> str:
+    """How many of ``tokens`` consecutive tokens close a mini-batch of ``mini_batch``: "8", or "8-9"."""
+    low, high = tokens // mini_batch, -(-tokens // mini_batch)
+    return str(low) if low == high else f"{low}-{high}"
 
 
 if __name__ == "__main__":

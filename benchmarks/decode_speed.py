@@ -1,5 +1,6 @@
-"""Decoding speed: milliseconds per generated token after a prefill, per layer (the mean over the
-decoded tokens, the mini-batches' inner-weight updates included).
+"""Decoding speed: milliseconds per generated token after a prefill, per layer: the median over
+``--repeats`` rounds of each round's mean over its ``--tokens`` decoded tokens (the mini-batches'
+inner-weight updates included).
 
 TTT layers decode in constant time and memory (the state is the inner weights); attention with a
 KV cache reads the whole cache for every token, so its cost grows with the context. Defaults: CPU,
@@ -15,6 +16,7 @@ Paths as in layer_speed.py: ``auto`` (the compiled CPU kernel's decode path), ``
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -63,7 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--contexts", type=positive_int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--tokens", type=positive_int, default=128, help="tokens decoded after the prefill")
+    parser.add_argument("--tokens", type=positive_int, default=128, help="tokens decoded per round")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=5, help="rounds after the prefill, each continuing the last"
+    )
     parser.add_argument("--hidden", type=positive_int, default=768)
     parser.add_argument("--heads", type=positive_int, default=12)
     parser.add_argument("--mini-batch", type=int_range(1, MAX_MINI_BATCH_SIZE), default=16)
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     layers: dict[str, nn.Module] = ttt_layers(args.hidden, args.heads, args.mini_batch, args.paths)
-    capacity = max(args.contexts) + args.tokens + 1
+    capacity = max(args.contexts) + args.repeats * args.tokens + 1
     layers["attention (KV cache)"] = CachedAttention(args.hidden, args.heads, capacity).eval()
 
     results: dict[str, dict[int, float]] = {name: {} for name in layers}
@@ -91,14 +96,16 @@ def main(argv: list[str] | None = None) -> None:
             with torch.inference_mode():
                 _, state = layer(prompt)
                 _, state = layer(steps[0], state)  # warm-up
-                # The mean over the whole round, not a median per token: the token that closes a
+                # Per round, the mean over its tokens, not a median per token: the token that closes a
                 # mini-batch also updates the inner weights (several times a plain token's cost on the
-                # kernel's path), and a median would leave those updates out.
-                start = time.perf_counter()
-                for step in steps:
-                    _, state = layer(step, state)
-                elapsed = time.perf_counter() - start
-            results[name][context] = elapsed / args.tokens * 1e3
+                # kernel's path), and a median would leave those updates out. Then the median round.
+                rounds = []
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    for step in steps:
+                        _, state = layer(step, state)
+                    rounds.append((time.perf_counter() - start) / args.tokens)
+            results[name][context] = statistics.median(rounds) * 1e3
             ran = getattr(layer, "last_dispatch", None)
             path = f"  ({ran[0]})" if ran else ""
             print(
@@ -110,8 +117,9 @@ def main(argv: list[str] | None = None) -> None:
         {c: f"context {c}" for c in args.contexts},
         results,
         ".3f",
-        f"B=1 D={args.hidden} H={args.heads} K={args.mini_batch} fp32; mean over {args.tokens} decoded tokens, "
-        f"{_updates(args.tokens, args.mini_batch)} of them closing a mini-batch (the inner weights' update)",
+        f"B=1 D={args.hidden} H={args.heads} K={args.mini_batch} fp32; the median of {args.repeats} rounds' mean "
+        f"over {args.tokens} decoded tokens, {_updates(args.tokens, args.mini_batch)} of them closing a mini-batch "
+        "(the inner weights' update)",
         args.threads,
     )
 

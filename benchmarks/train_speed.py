@@ -48,6 +48,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch._dynamo
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args, layer_speed, ttt_paths: beside this
@@ -371,7 +372,13 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, dict[str, float]]
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     layers = build_layers(args)
-    with compiled_step.compile_backend(args.compile_backend):  # the compiled-step row's backend
+    # TTT-Linear and TTT-MLP run the same code (TTTLayer.forward): each length compiles it twice, and
+    # past dynamo's recompile_limit (8 by default: 5 lengths) later lengths would run eagerly, unsaid
+    recompiles = max(torch._dynamo.config.recompile_limit, 2 * len(args.lengths) + 2)
+    with (
+        compiled_step.compile_backend(args.compile_backend),
+        torch._dynamo.config.patch(recompile_limit=recompiles),
+    ):
         seconds = interleaved_median_seconds(timed_calls(args, layers), args.repeats)
     by_length: dict[int, dict[str, dict[str, float]]] = {t: {} for t in args.lengths}
     for (tokens, row, name), median in seconds.items():

@@ -319,13 +319,7 @@ def test_decode_speed_ms_per_token_is_total_time_over_tokens(monkeypatch, capsys
 
 
 @pytest.mark.slow  # reason: torch.compile (eager backend) of two TTT layers and attention, about 7 s
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s22 bench (MED): train_speed.py's 'training fp32 torch.compile' row makes one "
-    "static-shape wrapper per length of TTTLayer.forward for TTT-Linear and TTT-MLP alike (2 per length of "
-    "the same code), past dynamo's recompile_limit (8: more than 4 --lengths) the later lengths silently "
-    "run eagerly and the row / its 'torch.compile / eager' ratio measure eager against eager",
-)
+# review s22 bench (MED, fixed): past dynamo's recompile_limit the compiled row ran eagerly, unsaid
 def test_train_speed_compiled_row_stays_compiled_at_every_length(monkeypatch, threads):
     """Reproduced with the limit lowered to 1 at one length (the same as the default 8 at 5 lengths:
     ``--hidden 64 --heads 4 --lengths 16 32 48 64 80 --compile-backend eager`` warns 'hit

@@ -9,8 +9,13 @@ or a table of nothing. The scripts import this module from beside themselves (``
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from innerloop.data.atomic import atomic_write_text
 
 SEED_MAX = 2**32 - 1  # Lightning seeds numpy, which takes 32-bit seeds (innerloop's config checks the same)
 
@@ -78,3 +83,18 @@ def check_heads(
     parser.error(
         f"{hidden_flag} {hidden} must be a multiple of {heads_flag} {heads} with an even head size ({problem})"
     )
+
+
+def json_path(text: str) -> Path:
+    """An argparse ``type=`` for ``--json``: a file's path (not a folder; a missing folder is made when
+    the numbers are written), checked before the benchmark runs rather than after."""
+    path = Path(text).expanduser()
+    if not text or path.is_dir():
+        raise argparse.ArgumentTypeError(f"must be the path of a file to write, got {text!r} (a folder)")
+    return path
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (``innerloop.data.atomic``: the file is whole or
+    absent, synced, with the usual permissions; its folder made if missing)."""
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")

@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +45,7 @@ from innerloop.core import family_layers
 from innerloop.kernels.delta_chunk import chunk_delta_rule, delta_rule_loop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
-from cli_args import check_distinct, check_heads, non_negative_int, positive_int  # noqa: E402
+from cli_args import check_distinct, check_heads, json_path, non_negative_int, positive_int, write_json  # noqa: E402
 
 
 class DeltaNetLayer(nn.Module):
@@ -185,7 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="torch.set_flush_denormal(True): subnormal numbers become 0 (strong gates make them)",
     )
-    parser.add_argument("--json", help="write the numbers to this file")
+    parser.add_argument("--json", type=json_path, help="write the numbers to this file")
     args = parser.parse_args(argv)
     check_heads(parser, args.hidden, args.heads)  # the TTT-Linear layer's RoPE wants an even head size
     check_distinct(parser, "--chunk-sizes", args.chunk_sizes)
@@ -213,11 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         }
     print_results(results, args)
     if args.json:
-        directory = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(directory, exist_ok=True)  # a new folder: the numbers are not lost after the timing
-        with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
-            json.dump({"args": vars(args), "results": results}, handle, indent=1)
-        os.replace(handle.name, args.json)
+        write_json(args.json, {"args": {**vars(args), "json": str(args.json)}, "results": results})
 
 
 if __name__ == "__main__":

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -37,7 +35,7 @@ from innerloop.models import ModelConfig, build_model
 from innerloop.models.config import TTTConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
-from cli_args import check_distinct, check_heads, positive_int  # noqa: E402
+from cli_args import check_distinct, check_heads, json_path, positive_int, write_json  # noqa: E402
 
 MIXERS = {  # --mixers name -> (table label, model config changes over the common shape)
     "ttt": ("TTT-Linear", {"mixer": "ttt"}),
@@ -149,15 +147,6 @@ def print_table(args: argparse.Namespace, results: dict[str, dict[int, dict[str,
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 
-def write_json(path: str, results: dict) -> None:
-    """Write ``results`` to ``path`` atomically (a temporary file beside it, then a rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)  # a new folder: the numbers are not lost after the timing
-    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as handle:
-        json.dump(results, handle, indent=2)
-    os.replace(handle.name, path)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -176,7 +165,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--prefill-chunk", type=positive_int, default=2048, help="prompt tokens per forward call"
     )
     parser.add_argument("--threads", type=positive_int, default=2, help="torch threads")
-    parser.add_argument("--json", default=None, help="also write the numbers to this file")
+    parser.add_argument("--json", type=json_path, default=None, help="also write the numbers to this file")
     parser.add_argument("--quick", action="store_true", help="CI-sized: a tiny model, contexts 64 and 256")
     args = parser.parse_args(argv)
     if args.quick:

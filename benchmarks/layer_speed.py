@@ -18,11 +18,8 @@ down by orders of magnitude.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +30,7 @@ from torch import nn
 from innerloop.core.layer import MAX_MINI_BATCH_SIZE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py, ttt_paths.py: beside this script
-from cli_args import check_distinct, check_heads, int_range, positive_int  # noqa: E402
+from cli_args import check_distinct, check_heads, int_range, json_path, positive_int, write_json  # noqa: E402
 from ttt_paths import PATHS, print_table, ttt_layers  # noqa: E402
 
 
@@ -85,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=PATHS,
         help="TTT dispatch paths to time",
     )
-    parser.add_argument("--json", help="write the numbers to this file")
+    parser.add_argument("--json", type=json_path, help="write the numbers to this file")
     args = parser.parse_args(argv)
     check_heads(parser, args.hidden, args.heads)
     check_distinct(parser, "--lengths", args.lengths)
@@ -125,11 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         args.threads,
     )
     if args.json:
-        directory = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(directory, exist_ok=True)  # a new folder: the numbers are not lost after the timing
-        with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
-            json.dump({"args": vars(args), "tokens_per_second": results}, handle, indent=1)
-        os.replace(handle.name, args.json)
+        write_json(args.json, {"args": {**vars(args), "json": str(args.json)}, "tokens_per_second": results})
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from innerloop.config import load_config
+from innerloop.data.atomic import atomic_write_text
 from innerloop.train import load_model, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
     print("\n" + table)
-    (Path(args.out) / "recall.md").write_text(table + "\n", encoding="utf-8")
+    atomic_write_text(Path(args.out) / "recall.md", table + "\n")  # a kill keeps the previous table
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from innerloop.config import load_config
+from innerloop.data.atomic import atomic_write
 from innerloop.models.params import count_config_parameters, size_to_budget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
@@ -197,11 +198,10 @@ def command_for(point: Point, overrides: Sequence[str], run_dir: Path) -> list[s
 
 
 def write_atomically(path: Path, text: str | bytes) -> None:
-    """Write ``path`` through a temporary file in the same folder and a rename (no half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_bytes(text.encode() if isinstance(text, str) else text)
-    os.replace(temporary, path)
+    """Write ``path`` atomically (``innerloop.data.atomic``: whole or absent, its temporary removed if
+    the write fails; the folder made if missing)."""
+    data = text.encode() if isinstance(text, str) else text
+    atomic_write(path, lambda temporary: Path(temporary).write_bytes(data))
 
 
 def last_metrics(run_dir: Path) -> dict[str, float]:

@@ -37,12 +37,10 @@ import argparse
 import contextlib
 import copy
 import importlib.util
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +50,7 @@ import torch._dynamo
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args, layer_speed, ttt_paths: beside this
-from cli_args import check_distinct, check_heads, int_range, positive_int  # noqa: E402
+from cli_args import check_distinct, check_heads, int_range, json_path, positive_int, write_json  # noqa: E402
 from layer_speed import CausalAttention  # noqa: E402
 
 import innerloop  # noqa: E402
@@ -112,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help=f"CI-sized run: {QUICK} (overrides those options)"
     )
     parser.add_argument(
-        "--json", type=Path, default=None, help="also write the numbers to this file (atomically)"
+        "--json", type=json_path, default=None, help="also write the numbers to this file (atomically)"
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -125,8 +123,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--lengths must be positive multiples of --mini-batch {args.mini_batch}, got {bad}")
     if args.reference is not None and not (args.reference / "ttt.py").is_file():
         parser.error(f"--reference {args.reference}: no ttt.py there (a ttt-lm-pytorch checkout has one)")
-    if args.json is not None and (args.json.is_dir() or not args.json.resolve().parent.is_dir()):
-        parser.error(f"--json {args.json}: must be a file path in an existing directory")
     return args
 
 
@@ -360,13 +356,6 @@ def allocator_description() -> str:
     return ", ".join(settings) if settings else "the C library's default (no LD_PRELOAD or MALLOC_* settings)"
 
 
-def write_json_atomically(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` through a temporary file beside it: the file is whole or absent."""
-    with tempfile.NamedTemporaryFile("w", dir=path.resolve().parent, delete=False, suffix=".tmp") as handle:
-        json.dump(data, handle, indent=1)
-    os.replace(handle.name, path)
-
-
 def main(argv: list[str] | None = None) -> dict[int, dict[str, dict[str, float]]]:
     """Time every setting and layer, print the tables; returns ``{T: {row: {column: tokens/s}}}``."""
     args = parse_args(argv)
@@ -400,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, dict[str, float]]
         data = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
         data["machine"] = {"cpu": cpu_description(), "allocator": allocator_description()}
         data["tokens_per_second"] = {str(t): results for t, results in by_length.items()}
-        write_json_atomically(args.json, data)
+        write_json(args.json, data)
     return by_length
 
 

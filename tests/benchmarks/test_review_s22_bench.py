@@ -361,12 +361,7 @@ def test_train_speed_compiled_row_stays_compiled_at_every_length(monkeypatch, th
 
 
 @pytest.mark.parametrize("name", ["layer_speed", "delta_speed", "generate_speed"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s22 bench (MED): layer_speed / delta_speed / generate_speed accept --json naming a "
-    "directory and fail after the whole benchmark with IsADirectoryError (a traceback, and a stray .tmp file "
-    "left beside it); train_speed refuses it at parse time",
-)
+# review s22 bench (MED, fixed): a --json folder was accepted, then failed after the benchmark
 def test_json_naming_a_directory_is_refused_at_parse_time(name, tmp_path):
     with pytest.raises(SystemExit):
         _parse(name, ["--json", str(tmp_path)])

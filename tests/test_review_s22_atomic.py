@@ -1,0 +1,494 @@
+"""Review s22 (atomic writes): what a kill, a full disk or a second writer leaves of innerloop's outputs.
+
+Each write site of the package, the benchmarks and the examples was listed (notes/review_s22_atomic.md);
+the ones that are not atomic, or that leave a temporary file, are pinned here by killing the writer at
+the moment of the write (SIGKILL in a subprocess or a forked child, or, in-process, an exception raised
+right after the target was opened, which is what a kill there leaves). A test of a defect not yet fixed
+is a strict xfail whose reason says what is wrong; the passing tests pin what was verified right.
+
+Full and read-only destinations are made with a small tmpfs in a private mount namespace
+(``unshare -m``, root only); those tests are skipped where that cannot be done.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from innerloop.data.atomic import atomic_write, remove_stale_temporaries_of, stale_temporaries
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+class _Killed(BaseException):
+    """Raised in-process where a kill is simulated: nothing catches it, as nothing runs after SIGKILL."""
+
+
+def _corpus(folder: Path) -> Path:
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "tok", "ttt", "inner", "loop"]
+    path = folder / "corpus.txt"
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(400)))
+    return path
+
+
+def _benchmark(name: str):
+    """A benchmark script as a module (benchmarks/ on sys.path for its cli_args import)."""
+    module_name = f"s22_{name}"
+    if module_name not in sys.modules:
+        if str(BENCHMARKS) not in sys.path:
+            sys.path.insert(0, str(BENCHMARKS))
+        spec = importlib.util.spec_from_file_location(module_name, BENCHMARKS / f"{name}.py")
+        sys.modules[module_name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[module_name])
+    return sys.modules[module_name]
+
+
+def _fork(child) -> int:
+    """Run ``child()`` in a forked process (it must end itself, e.g. by SIGKILL); its wait status."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            child()
+        finally:
+            os._exit(0)
+    return os.waitpid(pid, 0)[1]
+
+
+def _mounted(tmp_path: Path, options: str, command: list[str]) -> subprocess.CompletedProcess:
+    """Run ``command`` with a fresh tmpfs (mount ``options``) at ``tmp_path/mnt``, in a private mount
+    namespace; skip the test where that is not allowed (not root, no unshare)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare to mount a small tmpfs")
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare -m is not allowed here: {probe.stderr.decode().strip()}")
+    script = f'mount -t tmpfs -o {options} tmpfs {mnt} && exec "$@"'
+    return subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", *command],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------
+# Verified right: innerloop.data.atomic, and the checkpoint writer built on it
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_a_kill_mid_write_keeps_the_old_file_and_its_temporary_is_swept(tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text('{"old": true}')
+
+    def killed_writer():
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.write('{"new": ')  # half of the new file
+                f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        atomic_write(target, write)
+
+    status = _fork(killed_writer)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert target.read_text() == '{"old": true}'  # never half of the new one
+    stale = stale_temporaries(tmp_path, ["out.json"])
+    assert len(stale) == 1 and stale[0].read_text() == '{"new": '
+    assert remove_stale_temporaries_of([target]) == stale
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_the_temporary_of_a_live_writer_is_not_swept(tmp_path):
+    target = tmp_path / "out.bin"
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+
+    def slow_writer():
+        def write(tmp: str) -> None:
+            Path(tmp).write_bytes(b"x" * 1000)
+            os.write(ready_w, b"1")
+            os.read(go_r, 1)  # holds the temporary (and its lock) until the parent says go
+
+        atomic_write(target, write)
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            slow_writer()
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        assert stale_temporaries(tmp_path, ["out.bin"]) == []  # in use: not another run's leftover
+        assert remove_stale_temporaries_of([target]) == []
+        os.write(go_w, b"1")
+    finally:
+        os.waitpid(pid, 0)
+    assert target.read_bytes() == b"x" * 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_two_writers_of_one_file_never_mix_and_leave_no_temporaries(tmp_path):
+    target = tmp_path / "results.bin"
+    contents = [bytes([65 + i]) * 300_000 for i in range(2)]
+    target.write_bytes(contents[0])
+
+    def writer(i: int):
+        def run():
+            for _ in range(20):
+                atomic_write(target, lambda tmp: Path(tmp).write_bytes(contents[i]))
+
+        return run
+
+    pids = []
+    for i in range(2):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                writer(i)()
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    alive, seen = set(pids), 0
+    while alive and seen < 5000:
+        assert target.read_bytes() in contents  # a reader sees one whole file or the other
+        seen += 1
+        alive = {pid for pid in alive if os.waitpid(pid, os.WNOHANG) == (0, 0)}
+    for pid in alive:
+        os.waitpid(pid, 0)
+    assert target.read_bytes() in contents
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.bin"]
+
+
+def test_a_checkpoint_write_killed_half_way_leaves_the_previous_checkpoint_readable(tmp_path):
+    import torch
+
+    import innerloop.checkpoints as checkpoints
+
+    path = tmp_path / "last.safetensors"
+    checkpoints.save_checkpoint({"state_dict": {"w": torch.ones(64, 64)}, "global_step": 1}, path)
+
+    def killed_save():
+        real = checkpoints.save_file
+
+        def half_then_die(tensors, filename, metadata=None):
+            real(tensors, filename, metadata=metadata)
+            data = Path(filename).read_bytes()
+            Path(filename).write_bytes(data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        checkpoints.save_file = half_then_die
+        checkpoints.save_checkpoint({"state_dict": {"w": torch.zeros(64, 64)}, "global_step": 2}, path)
+
+    status = _fork(killed_save)
+    assert os.WIFSIGNALED(status)
+    loaded = checkpoints.load_checkpoint(path)
+    assert loaded["global_step"] == 1 and bool((loaded["state_dict"]["w"] == 1).all())
+    assert (
+        len(remove_stale_temporaries_of([path])) == 1
+    )  # the half-written temporary, swept by the next write
+
+
+def test_a_read_only_destination_is_refused_naming_the_path(tmp_path):
+    corpus = _corpus(tmp_path)
+    out = tmp_path / "mnt" / "tok"
+    done = _mounted(
+        tmp_path,
+        "ro,size=64k",
+        [
+            sys.executable,
+            "-m",
+            "innerloop",
+            "tokenizer",
+            "train",
+            "--vocab-size",
+            "300",
+            "--out",
+            str(out),
+            str(corpus),
+        ],
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and str(tmp_path / "mnt") in done.stderr, done.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Defects
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review s22 atomic (MED): `innerloop tokenizer train` writes tokenizer.json and then "
+    "tokenizer_config.json, each atomically but not together: a kill (or a full disk) between them leaves a "
+    "tokenizer.json alone, which transformers reads with no eos_token and '<|endoftext|>' text encoded as "
+    "the special token, and which the rerun refuses ('exists; pass --overwrite') without saying it is incomplete",
+)
+def test_a_tokenizer_train_killed_between_its_two_files_leaves_no_half_folder(tmp_path):
+    corpus, out = _corpus(tmp_path), tmp_path / "tok"
+    script = (
+        "import os, signal, sys\n"
+        "import innerloop.data.tokenizer as t\n"
+        "real = t.atomic_write_text\n"
+        "def patched(path, text):\n"
+        "    if str(path).endswith('tokenizer_config.json'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)  # the kill lands between the two files\n"
+        "    return real(path, text)\n"
+        "t.atomic_write_text = patched\n"
+        "from innerloop.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, "tokenizer", "train", "--vocab-size", "300", "--out", str(out), str(corpus)],
+        capture_output=True, text=True, env=ENV, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    left = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    # whole (both files) or absent: a folder holding tokenizer.json alone reads as a (different) tokenizer
+    assert left in ([], ["tokenizer.json", "tokenizer_config.json"]), left
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review s22 atomic (MED): a full disk outside `innerloop train`'s fit (tokenizer train, eval, "
+    "export, convert, compare, train's final loss_by_position.*) ends in a Python traceback "
+    "'OSError: [Errno 28] No space left on device' that names no path (OSError is not a user error in "
+    "innerloop.cli.USER_ERRORS), not a one-line error naming the destination",
+)
+def test_a_full_destination_gives_one_line_naming_the_path(tmp_path):
+    corpus = _corpus(tmp_path)
+    out = tmp_path / "mnt" / "tok"
+    done = _mounted(
+        tmp_path,
+        "size=4k",
+        [
+            sys.executable,
+            "-m",
+            "innerloop",
+            "tokenizer",
+            "train",
+            "--vocab-size",
+            "300",
+            "--out",
+            str(out),
+            str(corpus),
+        ],
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and str(out) in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.slow  # reason: builds a tiny checkpoint (imports Lightning) and runs `innerloop eval` (about 8 s)
+@pytest.mark.xfail(
+    strict=True,
+    reason="review s22 atomic (MED): `innerloop eval --out` on a full disk ends in a PIL traceback "
+    "'OSError: [Errno 28] No space left on device' naming no path, and leaves the .csv without its .png",
+)
+def test_eval_into_a_full_destination_gives_one_line_naming_the_path(tmp_path):
+    from innerloop.models import ModelConfig, build_model
+    from innerloop.models.config import TTTConfig
+    from innerloop.train.module import save_model_checkpoint
+
+    config = ModelConfig(
+        mixer="ttt", backbone="transformer", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+        ttt=TTTConfig(inner_model="linear", mini_batch_size=16),
+    )  # fmt: skip
+    checkpoint = save_model_checkpoint(build_model(config), tmp_path / "model" / "last.safetensors")
+    out = tmp_path / "mnt"
+    done = _mounted(
+        tmp_path,
+        "size=8k",
+        [sys.executable, "-m", "innerloop", "eval", str(checkpoint), "--seq-len", "32", "--batches", "1",
+         "--batch-size", "2", "--out", str(out)],
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and str(out) in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.slow  # reason: exports a tiny model and loads it back through transformers (about 6 s)
+@pytest.mark.xfail(
+    strict=True,
+    reason="review s22 atomic (MED): TTT save_pretrained (InnerloopForCausalLM.save_pretrained, transformers' "
+    "in-place writes plus write_shims' Path.write_text) is not atomic: interrupted while saving into an "
+    "earlier export it leaves a truncated model.safetensors, and the earlier export's weights are gone "
+    "(from_pretrained then refuses the folder; `export --overwrite` refuses it as a file of the user's)",
+)
+def test_save_pretrained_interrupted_over_an_export_keeps_the_earlier_weights(tmp_path, monkeypatch):
+    import torch
+    import transformers.modeling_utils as modeling_utils
+    from transformers import AutoModelForCausalLM
+
+    from innerloop.hf.export import export_model
+    from innerloop.models import ModelConfig, build_model
+    from innerloop.models.config import TTTConfig
+
+    config = ModelConfig(
+        mixer="ttt", backbone="transformer", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+        ttt=TTTConfig(inner_model="linear", mini_batch_size=16),
+    )  # fmt: skip
+    folder = tmp_path / "export"
+    export_model(build_model(config), folder, tokenizer=None)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real = modeling_utils.safe_save_file
+
+    def half_then_killed(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)  # transformers writes the shard in place:
+        data = Path(filename).read_bytes()  # a kill mid-write leaves a prefix of it
+        Path(filename).write_bytes(data[: len(data) // 2])
+        raise _Killed
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", half_then_killed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    with pytest.raises(_Killed):
+        model.save_pretrained(folder)
+    monkeypatch.undo()
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)  # the earlier export, or the new one, whole
+    after = reloaded.state_dict()
+    assert all(torch.equal(after[k], before[k]) or torch.equal(after[k], before[k] * 0.5) for k in before)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review s22 atomic (LOW): the CPU kernel build's temporary library (.build-*.so in "
+    "~/.cache/innerloop/cpu_kernels) is left forever by a build that is killed (SIGKILL, OOM): no later "
+    "build sweeps it",
+)
+def test_a_killed_cpu_kernel_build_leaves_no_temporary_library(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    script = (
+        "import os, shutil, signal\n"
+        "import innerloop.kernels.cpu.build as b\n"
+        "b.find_compiler = lambda: shutil.which('true')\n"
+        "def die(compiler, flags, out):\n"
+        "    out.write_bytes(b'\\x7fELF half a library')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "b._compile = die\n"
+        "b._build()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+        env={**ENV, "INNERLOOP_CACHE_DIR": str(cache)},
+    )  # fmt: skip
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    import innerloop.kernels.cpu.build as build
+
+    monkeypatch.setenv("INNERLOOP_CACHE_DIR", str(cache))
+    monkeypatch.setattr(build, "find_compiler", lambda: shutil.which("true"))
+    monkeypatch.setattr(
+        build, "_compile", lambda compiler, flags, out: subprocess.CompletedProcess([], 1, "", "error: stop")
+    )
+    with pytest.raises(build.CPUKernelUnavailable):
+        build._build()  # the next build in the same cache
+    assert list((cache / "cpu_kernels").glob(".build-*")) == []
+
+
+# review s22 atomic (LOW, fixed): the benchmarks' --json results were 0600 whatever the umask
+def test_benchmark_json_results_get_the_usual_permissions(tmp_path):
+    generate_speed = _benchmark("generate_speed")
+    old = os.umask(0o022)
+    try:
+        generate_speed.write_json(tmp_path / "r.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+
+
+# review s22 atomic (LOW, fixed): a failed --json write left its temporary beside the result
+def test_a_failed_benchmark_json_write_leaves_no_temporary(tmp_path):
+    generate_speed = _benchmark("generate_speed")
+    target = tmp_path / "r.json"
+    target.write_text('{"previous": 1}')
+    with pytest.raises(TypeError):
+        generate_speed.write_json(target, {"x": 1, "y": {1, 2}})  # a set is no JSON
+    assert target.read_text() == '{"previous": 1}'  # right: the previous results are kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+# review s22 atomic (LOW, fixed): science.py's failed write left its temporary
+def test_science_write_atomically_leaves_no_temporary_on_a_full_disk(tmp_path, monkeypatch):
+    science = _benchmark("science")
+    real = Path.write_bytes
+
+    def half_then_full(self, data):
+        real(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_full)
+    with pytest.raises(OSError):
+        science.write_atomically(tmp_path / "result.json", json.dumps({"val_loss": 1.0}))
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # reason: imports the recall benchmark, which imports innerloop.train and Lightning (about 5 s)
+# review s22 atomic (LOW, fixed): recall.py wrote recall.md in place (a kill emptied the previous table)
+def test_recall_benchmark_table_survives_a_kill_during_its_write(tmp_path, monkeypatch):
+    import types
+
+    recall = _benchmark("recall")
+    out = tmp_path / "bench"
+    out.mkdir()
+    previous = "| the previous table: 3 seeds, an hour of training |\n"
+    (out / "recall.md").write_text(previous)
+
+    class Model:
+        def num_parameters(self) -> int:
+            return 1
+
+    monkeypatch.setattr(
+        recall, "train",
+        lambda run, cfg, overwrite: types.SimpleNamespace(checkpoint="x", metrics={"val_acc": 0.5, "val_loss": 1.0}),
+    )  # fmt: skip
+    monkeypatch.setattr(recall, "load_model", lambda path: Model())
+    import innerloop.data.atomic as atomic
+
+    def open_then_killed(file, mode="r", *args, **kwargs):
+        handle = open(file, mode, *args, **kwargs)
+        if Path(file).name.startswith(".recall.md.") and "w" in mode:
+            handle.close()
+            raise _Killed  # the kill lands after the open that truncated the file, before the write
+        return handle
+
+    monkeypatch.setattr(atomic, "open", open_then_killed, raising=False)
+    with pytest.raises(_Killed):
+        recall.main(["--out", str(out), "--steps", "1"])
+    monkeypatch.undo()
+    assert (out / "recall.md").read_text() == previous
+    assert not list(out.glob(".recall.md.*"))  # the temporary went with the failed write
+
+
+def test_the_listed_write_sites_still_use_the_atomic_helpers():
+    """The sites the report lists as atomic go through innerloop.data.atomic (a refactor that drops it
+    would fail here, before any kill test notices)."""
+    uses = {
+        "innerloop/checkpoints.py": "atomic_write(path, lambda tmp: save_file(",
+        "innerloop/config/load.py": "atomic_write_text(path, OmegaConf.to_yaml(",
+        "innerloop/train/plots.py": "atomic_write(path, lambda tmp: fig.savefig(",
+        "innerloop/train/loggers.py": "atomic_write(self.metrics_file_path",
+        "innerloop/train/compare.py": "remove_stale_temporaries_of(",
+        "innerloop/data/tokenizer.py": "atomic_write_text(out / TOKENIZER_FILE",
+        "innerloop/hf/modeling.py": "atomic_write_text(path, json.dumps(record",
+        "benchmarks/e2e_demo.py": 'atomic_write_text(out / "results.json"',
+        "benchmarks/family.py": 'atomic_write_text(out / "family.md"',
+    }
+    for path, text in uses.items():
+        assert text in (ROOT / path).read_text(encoding="utf-8"), path

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import errno
 import math
 import os
 import sys
@@ -1220,6 +1221,8 @@ USER_ERRORS = (
 
 
 def _is_user_error(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True  # a full disk or quota: the atomic writers name the file (innerloop.data.atomic)
     for module_name, class_name in USER_ERRORS:
         module = sys.modules.get(module_name)
         if module is not None and isinstance(err, getattr(module, class_name)):

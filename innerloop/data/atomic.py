@@ -58,9 +58,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
         with open(tmp, "rb+") as f:  # flush to disk before the rename makes the file visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, OSError) and err.errno is not None and str(path) not in str(err):
+            # the same errno (and OSError subclass), with the file that was being written named
+            raise OSError(err.errno, f"writing {str(path)!r} failed: {err.strerror or err}") from err
         raise
     finally:
         os.close(fd)  # releases the lock

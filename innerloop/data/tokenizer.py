@@ -315,17 +315,17 @@ def _save_tokenizer_files(
 ) -> list[Path]:
     """``tokenizer.json`` and a ``tokenizer_config.json`` naming the fast-tokenizer class (and the
     end-of-text token; with ``split_special_tokens``, special tokens' text is encoded as ordinary
-    text), each written atomically."""
+    text), each written atomically; ``tokenizer.json``, which makes the folder a tokenizer, last: a
+    write stopped between them (a kill, a full disk) leaves no tokenizer that transformers would read
+    without its end-of-text token."""
     config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 2**63 - 1}
     if eos_token is not None:
         config["eos_token"] = eos_token
     if split_special_tokens:
         config["split_special_tokens"] = True
     out = Path(out_dir)
-    return [
-        atomic_write_text(out / TOKENIZER_FILE, tokenizer_json),
-        atomic_write_text(out / TOKENIZER_CONFIG_FILE, json.dumps(config, indent=2) + "\n"),
-    ]
+    written_config = atomic_write_text(out / TOKENIZER_CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    return [atomic_write_text(out / TOKENIZER_FILE, tokenizer_json), written_config]
 
 
 def _one_line(err: object) -> str:

@@ -308,13 +308,7 @@ def test_eval_into_a_full_destination_gives_one_line_naming_the_path(tmp_path):
 
 
 @pytest.mark.slow  # reason: exports a tiny model and loads it back through transformers (about 6 s)
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s22 atomic (MED): TTT save_pretrained (InnerloopForCausalLM.save_pretrained, transformers' "
-    "in-place writes plus write_shims' Path.write_text) is not atomic: interrupted while saving into an "
-    "earlier export it leaves a truncated model.safetensors, and the earlier export's weights are gone "
-    "(from_pretrained then refuses the folder; `export --overwrite` refuses it as a file of the user's)",
-)
+# review s22 atomic (MED, fixed): save_pretrained over an export left a truncated model.safetensors
 def test_save_pretrained_interrupted_over_an_export_keeps_the_earlier_weights(tmp_path, monkeypatch):
     import torch
     import transformers.modeling_utils as modeling_utils

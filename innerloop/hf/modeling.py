@@ -21,6 +21,8 @@ import json
 import os
 import re
 import shlex
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -407,9 +409,23 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         they load as the files saved."""
         self.config.auto_map = dict(AUTO_MAP)
         self.config.innerloop_plugins = plugin_record(self.config.model, self.config.innerloop_plugins)
-        super().save_pretrained(save_directory, *args, **kwargs)
-        write_shims(save_directory)
-        forget_replaced_export_files(Path(save_directory))
+        if kwargs.get("push_to_hub"):  # transformers names the repository after the folder: saved in place
+            super().save_pretrained(save_directory, *args, **kwargs)
+            write_shims(save_directory)
+            forget_replaced_export_files(Path(save_directory))
+            return
+        # Staged beside the folder, then moved in file by file: a save stopped half-way (a kill, a full
+        # disk) leaves every file whole, the earlier save's or this one's, never a truncated weights file.
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".saving"))
+        try:
+            super().save_pretrained(staging, *args, **kwargs)
+            write_shims(staging)
+            forget_replaced_export_files(folder, replacements=staging)  # before the files it names change
+            _move_saved_files(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _refresh_non_persistent_buffers(self) -> None:
         """Make the tables no checkpoint holds (the layers' ``derived_buffers``: token index, RoPE
@@ -451,6 +467,25 @@ def local_folder(given: Any, subfolder: Any = None) -> Path | None:
         return None
     folder = Path(given).expanduser() / (subfolder if isinstance(subfolder, str) else "")
     return folder if folder.is_dir() else None
+
+
+_WEIGHT_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_CONFIG_FILE = "config.json"
+
+
+def _move_saved_files(staging: Path, folder: Path) -> None:
+    """Move the files ``save_pretrained`` wrote into ``staging`` into ``folder``, each by an atomic
+    rename, ``config.json`` last; then remove the earlier save's weight shards and shard index that this
+    save did not write (as transformers does when it saves in place)."""
+    names = sorted((p.name for p in staging.iterdir()), key=lambda name: (name == _CONFIG_FILE, name))
+    for name in names:
+        os.replace(staging / name, folder / name)
+    index = "model.safetensors.index.json"
+    stale = [p for p in folder.iterdir() if _WEIGHT_SHARD.fullmatch(p.name) and p.name not in names]
+    if index not in names and (folder / index).is_file():
+        stale.append(folder / index)
+    for path in stale:
+        path.unlink(missing_ok=True)
 
 
 def export_record(folder: Path) -> dict[str, dict[str, Any]] | None:
@@ -564,21 +599,23 @@ def config_keys_note(folder: Path | None) -> str:
     return missing_keys_note(with_earlier_defaults(model), "config.json's 'model' section")
 
 
-def forget_replaced_export_files(folder: Path) -> None:
-    """After ``save_pretrained`` into ``folder``: drop from the export's record (:func:`export_record`)
-    the files that now differ from what it recorded, so that ``from_pretrained`` reads the files saved
+def forget_replaced_export_files(folder: Path, replacements: Path | None = None) -> None:
+    """For ``save_pretrained`` into ``folder``: drop from the export's record (:func:`export_record`)
+    the files that differ from what it recorded, so that ``from_pretrained`` reads the files saved
     (an ``innerloop export --overwrite`` treats a changed file and an unlisted one alike: as the user's,
-    kept). Nothing is written when no recorded file changed."""
+    kept). The files compared are ``folder``'s, or with ``replacements`` those of that folder that are
+    about to replace them. Nothing is written when no recorded file changed."""
     path = folder / EXPORT_RECORD
     files = export_record(folder)
     if not files:
         return
+    source = folder if replacements is None else replacements
     changed = [
         name
         for name, entry in files.items()
-        if (folder / name).is_file()
-        and not (folder / name).is_symlink()
-        and not unchanged_since_export(folder / name, entry)
+        if (source / name).is_file()
+        and not (source / name).is_symlink()
+        and not unchanged_since_export(source / name, entry)
     ]
     if not changed:
         return

@@ -605,7 +605,7 @@ def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from innerloop.config.load import check_output_dir
-    from innerloop.train.compare import compare, format_table, write_comparison
+    from innerloop.train.compare import compare, format_table, windows_line, write_comparison
 
     out = Path(args.out)
     check_output_dir(args.out, "--out")  # --out '' is refused, not read as the current directory
@@ -617,14 +617,7 @@ def _compare(args: argparse.Namespace) -> int:
         no_ttt=args.no_ttt, resamples=args.resamples, seed=args.seed, split=args.split,
     )  # fmt: skip
     csv_path, png, table = write_comparison(comparison, out)
-    counts = [
-        f"{r.windows:,}" + (f" at T={r.seq_len}" if len(comparison.lengths) > 1 else "")
-        for r in comparison.lengths
-    ]
-    print(
-        f"{len(comparison.models)} model{'s' if len(comparison.models) != 1 else ''} on the same "
-        f"{', '.join(counts)} windows: {comparison.windows_source}"
-    )
+    print(windows_line(comparison))
     print(format_table(comparison), end="")
     print(f"curves and differences: {png} ({csv_path}); table: {table}")
     return 0

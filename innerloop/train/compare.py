@@ -120,6 +120,7 @@ class Comparison:
     seed: int
     windows_source: str
     overall: dict[int, list[tuple[float, float, float]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # on the models' training data and sizes (logged too)
 
 
 def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
@@ -257,12 +258,11 @@ def compare(
         _mark_no_ttt(models)
     reference = models[base]
     tokenizer = _common_tokenizer(checkpoints, names)
-    for note in training_data_notes(models, base, paths):
-        log.warning("%s", note)
-    for note in size_notes(models, base):
+    notes = [*training_data_notes(models, base, paths), *size_notes(models, base)]
+    for note in notes:
         log.warning("%s", note)
     seq_lens = list(dict.fromkeys(seq_lens or [training_seq_len(reference.module, reference.checkpoint)]))
-    comparison = Comparison(models, base, [], {}, confidence, resamples, seed, "")
+    comparison = Comparison(models, base, [], {}, confidence, resamples, seed, "", notes=notes)
     for seq_len in seq_lens:
         windows = evaluation_windows(
             reference.checkpoint, reference.module, paths, seq_len, batch_size, batches, tokenizer, split
@@ -632,10 +632,30 @@ def _relative(value: int, to: int) -> str:
     return f"{amount} {'more' if ratio > 1 else 'fewer'} than"
 
 
-def format_table(comparison: Comparison) -> str:
+def windows_line(comparison: Comparison) -> str:
+    """``"2 models on the same 128 windows: <where they come from>"`` (the counts per length)."""
+    counts = [
+        f"{r.windows:,}" + (f" at T={r.seq_len}" if len(comparison.lengths) > 1 else "")
+        for r in comparison.lengths
+    ]
+    models = len(comparison.models)
+    return f"{models} model{'s' if models != 1 else ''} on the same {', '.join(counts)} windows: {comparison.windows_source}"
+
+
+def format_table(comparison: Comparison, with_context: bool = False) -> str:
     """The comparison's table in Markdown: parameters, tokens trained, training tokens/s (see
     :data:`TOKENS_PER_S_NOTE`, below the table), and per length the perplexity and the loss difference
-    to the baseline over whole windows with its band (see :data:`DIFFERENCE_NOTE`)."""
+    to the baseline over whole windows with its band (see :data:`DIFFERENCE_NOTE`). ``with_context``
+    (the table as written to a file, away from the terminal's other lines): first the windows scored
+    (:func:`windows_line`), and after the table the notes on the models' training data and sizes."""
+    table = _table(comparison)
+    if not with_context:
+        return table
+    notes = "".join(f"- {note}\n" for note in comparison.notes)
+    return f"{windows_line(comparison)}\n\n{table}" + (f"\nNotes:\n\n{notes}" if notes else "")
+
+
+def _table(comparison: Comparison) -> str:
     lengths = comparison.lengths
     header = ["model", "params", "tokens trained", "tok/s in training"]
     for r in lengths:
@@ -738,5 +758,5 @@ def write_comparison(comparison: Comparison, out_dir: str | Path) -> tuple[Path,
     remove_stale_temporaries_of([stem.with_suffix(suffix) for suffix in (".csv", ".png", ".md")])
     csv_path = atomic_write_text(stem.with_suffix(".csv"), comparison_csv(comparison))
     png = plot_comparison(stem.with_suffix(".png"), comparison)
-    table = atomic_write_text(stem.with_suffix(".md"), format_table(comparison))
+    table = atomic_write_text(stem.with_suffix(".md"), format_table(comparison, with_context=True))
     return csv_path, png, table

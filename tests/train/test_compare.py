@@ -139,7 +139,10 @@ def test_cli_compare_writes_the_csv_png_and_table(runs, tmp_path, capsys) -> Non
     assert all(float(r["diff"]) == float(r["diff_low"]) == float(r["diff_high"]) == 0 for r in baseline_rows)
     ttt = [r for r in rows if r["model"] == "ttt"]
     assert all(float(r["diff_low"]) <= float(r["diff"]) <= float(r["diff_high"]) for r in ttt)
-    assert (out / files[1]).read_text() in printed  # the table, as printed
+    written = (out / files[1]).read_text()
+    table = written[written.index("| model |") : written.index("\nNotes:")]
+    assert written.splitlines()[0] in printed and table in printed  # the windows line and table, as printed
+    assert "Notes:\n\n- ttt has 9,788 parameters" in written  # the warnings printed, kept with the table
     assert matplotlib.image.imread(out / files[2]).shape[0] > 300
 
 

@@ -219,8 +219,9 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         "--batches",
         type=_POSITIVE_INT,
         default=None,
-        help="number of batches to evaluate (default: as many windows as the run's validation reads, "
-        "data.val_batches x data.batch_size; 8 batches without the run's config.yaml)",
+        help="number of batches of --batch-size windows to evaluate (default: as many windows as the run's "
+        "validation reads, data.val_batches x data.batch_size; 128 windows from --data files or without the "
+        "run's config.yaml)",
     )
     evaluate.add_argument("--no-ttt", action="store_true", help=_NO_TTT_HELP)
     evaluate.add_argument(
@@ -308,8 +309,8 @@ def _add_compare_windows(compare: argparse.ArgumentParser) -> None:
         "--batches",
         type=_POSITIVE_INT,
         default=None,
-        help="number of batches (default: as many windows as the baseline run's validation reads, or 8 "
-        "batches)",
+        help="number of batches of --batch-size windows (default: as many windows as the baseline run's "
+        "validation reads; 128 windows from --data files or without its config.yaml)",
     )
 
 

@@ -955,6 +955,13 @@ def _last_checkpoint_note(ckpt: Path, run: RunConfig, overrides: str = " optim.l
 DEFAULT_EVAL_SEQ_LEN = 128
 """Window length of an evaluation of a checkpoint that does not record its training seq_len."""
 DEFAULT_EVAL_BATCH_SIZE, DEFAULT_EVAL_BATCHES = 16, 8
+
+
+def default_window_count(batch_size: int, batches: int | None) -> int:
+    """How many windows eval reads from files (``--data``, or the default corpus): ``batches`` of
+    ``batch_size`` when ``batches`` is given, else 128 (8 batches of 16) whatever ``batch_size`` is,
+    which only says how many windows go through the model at once (as for a run's own windows)."""
+    return batch_size * batches if batches is not None else DEFAULT_EVAL_BATCH_SIZE * DEFAULT_EVAL_BATCHES
 """Windows per batch, and batches, of an evaluation that has no run's validation to follow."""
 
 
@@ -1138,7 +1145,7 @@ def evaluation_windows(
     validation windows of that run (:func:`run_of_checkpoint`, :func:`validation_examples`: exactly the
     windows its validation scored, unless ``seq_len`` or the number of windows differ); else, for a
     checkpoint without its run's config, the default corpus's held-out split. ``batches * batch_size``
-    windows when ``batches`` is given (else the run's number of validation windows, or 8 batches);
+    windows when ``batches`` is given (else the run's number of validation windows, or 128);
     ``batch_size`` defaults to the run's (or 16). A config.yaml beside the checkpoint that cannot be
     read, or run data that cannot be read, raises (one line naming it), never falls back to other data."""
     try:
@@ -1158,7 +1165,7 @@ def evaluation_windows(
     if run is not None:  # the run's own number of windows unless batches is given
         return _run_validation_windows(run, checkpoint, seq_len, batch_size, batches, tokenizer)
     batch_size = batch_size or DEFAULT_EVAL_BATCH_SIZE
-    count = batch_size * (batches or DEFAULT_EVAL_BATCHES)
+    count = default_window_count(batch_size, batches)
     inputs, targets = evaluation_examples([], seq_len, count, tokenizer=tokenizer)
     source = f"the default corpus's held-out split ({why_not})"
     return EvaluationWindows(inputs, targets, batch_size, _data_tag([]), source)
@@ -1247,7 +1254,7 @@ def _windows_of_files(
     :func:`evaluation_windows`. Without the run (``why_not`` says why) a dataset file (json, jsonl,
     parquet, csv, arrow) is refused: which way its model read such files is unknown."""
     batch_size = batch_size or DEFAULT_EVAL_BATCH_SIZE
-    count = batch_size * (batches or DEFAULT_EVAL_BATCHES)
+    count = default_window_count(batch_size, batches)
     text_field = run.data.text_field if run is not None and run.data.name == "hf" else None
     if split is not None and text_field is None:
         raise ConfigError(

@@ -263,12 +263,7 @@ def test_the_written_table_says_which_windows_it_scored(world, tmp_path) -> None
     assert comparison.notes and all(note in text for note in comparison.notes)  # the size note, at least
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s22 compare (MED): --batch-size alone changes the number of windows (and the perplexity) "
-    "with --data or without the run's config (count = batch_size x 8), but not on the run's validation "
-    "windows: the same option means two things",
-)
+# review s22 compare (MED, fixed): --batch-size alone changed the number of windows read from files
 def test_batch_size_alone_changes_the_window_count_alike_in_every_mode(world) -> None:
     checkpoint = world["ttt"] / "last.safetensors"
     module, tokenizer = load_module(checkpoint), checkpoint_tokenizer(checkpoint)

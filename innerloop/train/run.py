@@ -962,6 +962,8 @@ def default_window_count(batch_size: int, batches: int | None) -> int:
     ``batch_size`` when ``batches`` is given, else 128 (8 batches of 16) whatever ``batch_size`` is,
     which only says how many windows go through the model at once (as for a run's own windows)."""
     return batch_size * batches if batches is not None else DEFAULT_EVAL_BATCH_SIZE * DEFAULT_EVAL_BATCHES
+
+
 """Windows per batch, and batches, of an evaluation that has no run's validation to follow."""
 
 

@@ -250,6 +250,7 @@ def compare(
     model's training data is checked against the windows first (:func:`training_data_notes`: logged as
     warnings; a model that trained on the baseline's held-out text is refused)."""
     _check_compare_arguments(runs_or_checkpoints, seq_lens, baseline, resamples, confidence, seed)
+    _check_window_counts(batch_size=batch_size, batches=batches)
     checkpoints = [resolve_checkpoint(p) for p in runs_or_checkpoints]
     names = model_names(checkpoints)
     base = _baseline_index(baseline, names, runs_or_checkpoints, checkpoints, no_ttt)
@@ -299,6 +300,14 @@ def _check_compare_arguments(
         raise ConfigError(f"confidence must be a number in (0, 1), got {confidence!r}")
     if not integer(seed):
         raise ConfigError(f"--seed must be an integer, got {seed!r}")
+
+
+def _check_window_counts(**counts: Any) -> None:
+    """``batch_size`` and ``batches`` of :func:`compare` (the CLI's argparse checks its own): None (the
+    default) or an integer >= 1."""
+    for name, value in counts.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{name} must be an integer >= 1 (or None: the default), got {value!r}")
 
 
 def _add_length(comparison: Comparison, result: LengthResult) -> None:

@@ -277,16 +277,15 @@ def test_batch_size_alone_changes_the_window_count_alike_in_every_mode(world) ->
     assert run_changes == data_changes, (count([], 2), count([], None), count(data, 2), count(data, None))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s22 compare (MED): compare() from Python does not check batches/batch_size: batches=0 is "
-    "refused as 'batch_size=0 must be >= 1' (another parameter), batch_size=0 is silently the default",
-)
+# review s22 compare (MED, fixed): compare() did not check batches and batch_size
 def test_compare_refuses_bad_window_counts_naming_them(world) -> None:
     with pytest.raises((ConfigError, ValueError), match="batches"):
         compare([world["ttt"]], batches=0)
     with pytest.raises((ConfigError, ValueError), match="batch_size"):
         compare([world["ttt"]], batch_size=0)
+    for bad in (2.5, True, -1, "4"):
+        with pytest.raises(ConfigError, match=rf"batches must be an integer >= 1 .*got {bad!r}"):
+            compare([world["ttt"]], batches=bad)
 
 
 @pytest.mark.xfail(

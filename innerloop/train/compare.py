@@ -570,12 +570,41 @@ def training_data_notes(models: Sequence[ComparedModel], base: int, paths: Seque
             continue
         if index == base and not paths:
             continue  # its own held-out text; evaluation_windows checks its split
+        if paths and index != base:
+            note = _reads_data_otherwise(model.name, data, known[base], models[base].name)
+            if note is not None:
+                notes.append(note)
         note = _trained_on_the_windows(model.name, data, windows, refuse=not paths)
         if note is None and not paths and index != base:
             note = _other_data_note(model.name, data, known[base], models[base].name, windows)
         if note is not None:
             notes.append(note)
     return notes
+
+
+def _reading(data: _TrainingData) -> str:
+    """How the model of ``data`` (its run known) reads files, as ``--data`` windows are read for it."""
+    assert data.run is not None
+    if data.run.data.name == "hf":
+        return f"the records' {data.run.data.text_field!r} field (a data.name='hf' run)"
+    return "raw text"
+
+
+def _reads_data_otherwise(
+    name: str, data: _TrainingData, baseline: _TrainingData, baseline_name: str
+) -> str | None:
+    """A note when the model ``name`` reads files otherwise than the ``--data`` windows are read (the
+    baseline's way: a data.name='hf' run reads records' text field, any other run the files' raw
+    text), so that its loss is on text shaped otherwise than any it read."""
+    windows = "raw text" if baseline.run is None else _reading(baseline)
+    ours = _reading(data)
+    if ours == windows:
+        return None
+    return (
+        f"{name} reads its data as {ours}, but the --data windows are read as {windows} (the baseline "
+        f"{baseline_name}'s way): it is scored on text shaped otherwise than any it trained on; compare it "
+        "with a baseline that reads files as it does"
+    )
 
 
 def _common_tokenizer(checkpoints: list[Path], names: list[str]) -> Tokenizer:

@@ -238,18 +238,17 @@ def test_compare_refuses_a_copied_checkpoint_that_trained_on_the_windows(world) 
         compare([world["ttt"], checkpoint], resamples=20)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s22 compare (MED): compare --data reads the files the baseline's way only: with a text "
-    "baseline an hf model is scored on the raw JSONL bytes (braces, keys) it never reads that way, with no "
-    "note; the same model and --data give another number in eval and with itself as baseline",
-)
+# review s22 compare (MED, fixed): an hf model was scored on --data read as the text baseline reads it, unsaid
 def test_compare_says_when_a_model_reads_the_data_files_otherwise_than_the_windows(world, caplog) -> None:
     data = [str(world["root"] / "data" / "unseen.jsonl")]
     with caplog.at_level(logging.WARNING):
         compare([world["ttt"], world["hf"]], paths=data, resamples=20)
     notes = [r.getMessage() for r in caplog.records if "hfrun" in r.getMessage()]
     assert any("field" in n or "record" in n for n in notes), notes
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # both read files the same way: no such note
+        compare([world["ttt"], world["swa"]], paths=data, resamples=20)
+    assert not [r for r in caplog.records if "reads its data as" in r.getMessage()]
 
 
 # review s22 compare (MED, fixed): the written table did not say which windows it scored, nor the notes

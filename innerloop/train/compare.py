@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import math
+import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -224,7 +225,7 @@ def _evaluate_length(
     counts = bucket_sums((targets != IGNORE_INDEX).double(), buckets)  # [W, K]
     sums = []
     for model in models:
-        check_vocabulary(model.module, inputs, targets, tokenizer)
+        check_vocabulary(model.module, inputs, targets, tokenizer, model=f"the compared model {model.name}")
         with no_test_time_training(model.module.model) if model.no_ttt else nullcontext():
             sums.append(bucket_sums(token_losses(model.module, inputs, targets, batch_size), buckets))
     return LengthResult(inputs.shape[1], buckets, torch.stack(sums), counts, inputs.shape[0])
@@ -259,10 +260,15 @@ def compare(
         _mark_no_ttt(models)
     reference = models[base]
     tokenizer = _common_tokenizer(checkpoints, names)
-    notes = [*training_data_notes(models, base, paths), *size_notes(models, base)]
+    seq_lens = list(dict.fromkeys(seq_lens or [training_seq_len(reference.module, reference.checkpoint)]))
+    notes = [
+        *training_data_notes(models, base, paths),
+        *size_notes(models, base),
+        *_length_notes(models, seq_lens),
+        *_same_checkpoint_notes(models),
+    ]
     for note in notes:
         log.warning("%s", note)
-    seq_lens = list(dict.fromkeys(seq_lens or [training_seq_len(reference.module, reference.checkpoint)]))
     comparison = Comparison(models, base, [], {}, confidence, resamples, seed, "", notes=notes)
     for seq_len in seq_lens:
         windows = evaluation_windows(
@@ -582,6 +588,36 @@ def training_data_notes(models: Sequence[ComparedModel], base: int, paths: Seque
     return notes
 
 
+def _length_notes(models: Sequence[ComparedModel], seq_lens: Sequence[int]) -> list[str]:
+    """A line for each model scored at lengths past the ``data.seq_len`` it trained at (the positions
+    beyond it are ones it never trained on)."""
+    notes = []
+    for model in models:
+        trained = model.module.hparams.get("seq_len")
+        longer = [n for n in seq_lens if isinstance(trained, int) and n > trained]
+        if longer:
+            notes.append(
+                f"{model.name} trained at data.seq_len={trained}: at T={', '.join(map(str, longer))} it is "
+                "also scored on positions past any it trained on"
+            )
+    return notes
+
+
+def _same_checkpoint_notes(models: Sequence[ComparedModel]) -> list[str]:
+    """A line for each model that is a checkpoint compared already (the same file, or the same bytes)."""
+    seen: dict[tuple[str, ...], str] = {}
+    notes = []
+    for model in models:
+        key = (os.path.realpath(model.checkpoint),)
+        identity = checkpoint_identity(model.checkpoint)
+        earlier = seen.get(key) or seen.get((identity,))
+        if earlier is not None:
+            notes.append(f"{model.name} is the same checkpoint as {earlier}: it is compared with itself")
+        seen.setdefault(key, model.name)
+        seen.setdefault((identity,), model.name)
+    return notes
+
+
 def _reading(data: _TrainingData) -> str:
     """How the model of ``data`` (its run known) reads files, as ``--data`` windows are read for it."""
     assert data.run is not None
@@ -748,7 +784,7 @@ def comparison_csv(comparison: Comparison) -> str:
             curve = result.curve(m)
             for b, (start, end) in enumerate(result.buckets):
                 values = (float(curve[b]), float(mean[b]), float(low[b]), float(high[b]))
-                writer.writerow([model.name, str(model.checkpoint), result.seq_len, result.windows, start, end,
+                writer.writerow([model.name, os.path.abspath(model.checkpoint), result.seq_len, result.windows, start, end,
                                  *(f"{v:.6f}" for v in values)])  # fmt: skip
     return text.getvalue()
 

@@ -435,7 +435,11 @@ def evaluation_examples(
         if text_field is not None:
             tokens = dataset_tokens(paths, text_field, tokenizer, split)
             return spread_windows(tokens, seq_len, count, unit, **named)
-        tokens = read_tokens(resolve_files(paths), tokenizer, option="--data")
+        files = resolve_files(paths)
+        if all(file.stat().st_size == 0 for file in files):
+            names = ", ".join(repr(str(file)) for file in files)
+            raise DataError(f"--data {names}: {'the file is' if len(files) == 1 else 'every file is'} empty")
+        tokens = read_tokens(files, tokenizer, option="--data")
         return spread_windows(tokens, seq_len, count, unit, **named)
     module = TextDataModule(
         seq_len=seq_len, batch_size=count, val_fraction=val_fraction, val_batches=1, tokenizer=tokenizer

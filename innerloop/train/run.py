@@ -88,7 +88,7 @@ from innerloop.data.text import split_keys, split_text_files, stdlib_files
 from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
 from innerloop.kernels.cpu import release_buffers
 from innerloop.models import ModelConfig
-from innerloop.models.ablation import no_test_time_training
+from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
 from innerloop.train.checkpoint import SafetensorsCheckpointIO, holds_training_state
 from innerloop.train.data import (
     IGNORE_INDEX,
@@ -1435,6 +1435,11 @@ def evaluate(
     """
     _check_positive(seq_len=seq_len, batch_size=batch_size, batches=batches)
     module = load_module(checkpoint)
+    if no_ttt and not modules_learning_at_test_time(module.model):  # before any window is read
+        raise ConfigError(
+            f"no_ttt (--no-ttt): {str(checkpoint)!r} has no test-time training to switch off "
+            f"(model.mixer={module.model.config.mixer!r})"
+        )
     seq_len = training_seq_len(module, checkpoint) if seq_len is None else seq_len
     tokenizer = checkpoint_tokenizer(checkpoint)
     windows = evaluation_windows(checkpoint, module, paths, seq_len, batch_size, batches, tokenizer, split)
@@ -1451,12 +1456,7 @@ def evaluate(
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=progress_bar, enable_model_summary=False,
     )  # fmt: skip
-    with no_test_time_training(module.model) if no_ttt else nullcontext(1) as switched:
-        if not switched:
-            raise ConfigError(
-                f"no_ttt (--no-ttt): {str(checkpoint)!r} has no test-time training to switch off "
-                f"(model.mixer={module.model.config.mixer!r})"
-            )
+    with no_test_time_training(module.model) if no_ttt else nullcontext():
         with ended_by_signals("during the evaluation; nothing was written"):  # not Lightning's bare exit 1
             results = trainer.validate(module, dataloaders=loader, verbose=False)[0]
     metrics = {k: float(v) for k, v in results.items()}
@@ -1494,15 +1494,20 @@ def _write_evaluation(
 
 
 def check_vocabulary(
-    module: LanguageModelModule, inputs: torch.Tensor, targets: torch.Tensor, tokenizer: Tokenizer
+    module: LanguageModelModule,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    tokenizer: Tokenizer,
+    model: str = "the model",
 ) -> None:
-    """Raise :class:`DataError` when the windows hold a token the model's vocabulary does not."""
+    """Raise :class:`DataError` when the windows hold a token the model's vocabulary does not
+    (``model``: which model, in the message)."""
     vocab_size = module.model.config.vocab_size
     largest = max(int(inputs.max()), int(targets.max()))  # targets' ignored ones are < 0
     if largest >= vocab_size:
         raise DataError(
-            f"the data has token {largest}, but the model's vocabulary has {vocab_size} tokens "
-            f"(0..{vocab_size - 1}): this model cannot read these tokens ({tokenizer.describe()})"
+            f"the data has token {largest}, but {model}'s vocabulary has {vocab_size} tokens "
+            f"(0..{vocab_size - 1}): it cannot read these tokens ({tokenizer.describe()})"
         )
 
 

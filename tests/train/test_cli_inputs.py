@@ -84,15 +84,19 @@ def test_eval_of_too_short_data_names_the_file_and_the_option(tmp_path, capsys):
 
     model = build_model(ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32))
     checkpoint = save_model_checkpoint(model, tmp_path / "m.safetensors")
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
+    short = tmp_path / "short.txt"
+    short.write_text("ten bytes.")
     assert (
-        main(["eval", str(checkpoint), "--data", str(empty), "--seq-len", "32", "--out", str(tmp_path)]) == 2
+        main(["eval", str(checkpoint), "--data", str(short), "--seq-len", "32", "--out", str(tmp_path)]) == 2
     )
     error = capsys.readouterr().err
     assert error.count("\n") == 1, error
-    assert f"--data {str(empty)!r} has 1 bytes (end-of-text separators included)" in error
+    assert f"--data {str(short)!r} has 11 bytes (end-of-text separators included)" in error
     assert "fewer than --seq-len + 1 = 33" in error
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["eval", str(checkpoint), "--data", str(empty), "--out", str(tmp_path)]) == 2
+    assert f"--data {str(empty)!r}: the file is empty" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # reason: a child Python that imports innerloop, ~2.5 s

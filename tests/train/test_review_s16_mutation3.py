@@ -103,7 +103,7 @@ def test_compare_perplexity_counts_only_the_scored_targets() -> None:
     targets = torch.roll(inputs, -1, dims=1)
     targets[0, :5] = IGNORE_INDEX  # e.g. a window's first tokens that an earlier one scored
     targets[2, -1] = IGNORE_INDEX
-    model = SimpleNamespace(module=module, no_ttt=False)
+    model = SimpleNamespace(module=module, no_ttt=False, name="m")
     with torch.no_grad():
         result = _evaluate_length([model], inputs, targets, 2, 2, ByteTokenizer())
         losses = token_losses(module, inputs, targets, 2)

@@ -184,7 +184,7 @@ def test_bad_compare_inputs_are_one_error_naming_them(world, tmp_path) -> None:
         compare([world["ttt"]], split="test")
     with pytest.raises(ConfigError, match="--seq-len must be one or more integers >= 1"):
         compare([world["ttt"]], seq_lens=[0])
-    with pytest.raises(DataError, match="fewer than --seq-len \\+ 1 = 17"):
+    with pytest.raises(DataError, match="blank.txt': the file is empty"):
         compare([world["ttt"]], paths=[str(world["root"] / "data" / "blank.txt")])
     with pytest.raises(Exception, match="not a readable innerloop checkpoint"):
         compare([world["ttt"], corrupt])
@@ -287,42 +287,27 @@ def test_compare_refuses_bad_window_counts_naming_them(world) -> None:
             compare([world["ttt"]], batches=bad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s22 compare (LOW): an empty --data file is reported as 'has 1 bytes (end-of-text "
-    "separators included)', not as empty",
-)
+# review s22 compare (LOW, fixed)
 def test_an_empty_data_file_is_called_empty(world) -> None:
     with pytest.raises(DataError, match="empty"):
         evaluation_examples([str(world["root"] / "data" / "blank.txt")], SEQ_LEN, 4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s22 compare (LOW): eval --no-ttt of a model without test-time training reads the windows "
-    "and prints 'evaluating N windows ...' before refusing",
-)
+# review s22 compare (LOW, fixed)
 def test_no_ttt_without_ttt_is_refused_before_reading_windows(world, capsys) -> None:
     with pytest.raises(ConfigError, match="no test-time training"):
         evaluate(world["swa"] / "last.safetensors", no_ttt=True, progress_bar=False)
     assert "evaluating" not in capsys.readouterr().out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s22 compare (LOW): the same checkpoint given twice is compared with itself without a note",
-)
+# review s22 compare (LOW, fixed)
 def test_the_same_checkpoint_twice_is_named_in_a_note(world, caplog) -> None:
     with caplog.at_level(logging.WARNING):
         compare([world["ttt"], world["ttt"] / "last.safetensors"], resamples=20)
     assert any("same" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s22 compare (LOW): the CSV's checkpoint column holds the path as typed (relative to the "
-    "directory compare ran in), which means nothing once the file is read from elsewhere",
-)
+# review s22 compare (LOW, fixed)
 def test_the_csv_names_checkpoints_by_absolute_paths(world, monkeypatch) -> None:
     monkeypatch.chdir(world["root"])
     comparison = compare(["ttt", "swa"], resamples=20)
@@ -330,12 +315,7 @@ def test_the_csv_names_checkpoints_by_absolute_paths(world, monkeypatch) -> None
     assert all(Path(row["checkpoint"]).is_absolute() for row in rows)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s22 compare (LOW): a model trained at another data.seq_len than the compared length (an "
-    "attention model trained at 4 scored at 16, past its training length) gets no note, while parameters "
-    "and tokens trained do",
-)
+# review s22 compare (LOW, fixed)
 def test_a_model_trained_at_another_length_is_named_in_a_note(world, caplog) -> None:
     corpus = [f"data.paths=[{world['root'] / 'data' / 'corpus.txt'}]"]
     short = _run(world["root"], "swa4", "swa", corpus, 1, seq_len=4)
@@ -344,11 +324,7 @@ def test_a_model_trained_at_another_length_is_named_in_a_note(world, caplog) -> 
     assert any("swa4" in r.getMessage() and "seq_len" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s22 compare (LOW): a compared model whose vocabulary cannot hold the windows' tokens fails "
-    "with 'the model's vocabulary has 100 tokens', not naming which of the compared models",
-)
+# review s22 compare (LOW, fixed)
 def test_a_vocabulary_too_small_names_the_model(world) -> None:
     run, _ = load_config(str(world["ttt"] / "config.yaml"))
     model = {**asdict(run.model), "vocab_size": 100}

@@ -58,7 +58,7 @@ def positive_float(text: str) -> float:
     return value
 
 
-def check_distinct(parser: argparse.ArgumentParser, flag: str, values: Sequence[int]) -> None:
+def check_distinct(parser: argparse.ArgumentParser, flag: str, values: Sequence[object]) -> None:
     """``parser.error`` when a list option repeats a value (each value is a row or column of the table)."""
     repeated = sorted({v for v in values if list(values).count(v) > 1})
     if repeated:
@@ -98,3 +98,14 @@ def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` atomically (``innerloop.data.atomic``: the file is whole or
     absent, synced, with the usual permissions; its folder made if missing)."""
     atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+def refuse_set_keys(parser: argparse.ArgumentParser, overrides: Sequence[str], keys: dict[str, str]) -> None:
+    """``parser.error`` for an override of a config key the script sets itself (``keys``: the key, or a
+    prefix ending in ``.``, -> what to use instead): it would either be dropped or change the runs
+    while the table's header still names the script's value."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        for name, instead in keys.items():
+            if key == name or (name.endswith(".") and key.startswith(name)):
+                parser.error(f"override {item!r}: {key} is set by this benchmark; {instead}")

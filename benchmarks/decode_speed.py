@@ -29,7 +29,7 @@ from innerloop.core.layer import MAX_MINI_BATCH_SIZE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py, ttt_paths.py: beside this script
 from cli_args import check_distinct, check_heads, int_range, positive_int  # noqa: E402
-from ttt_paths import PATHS, print_table, ttt_layers  # noqa: E402
+from ttt_paths import PATHS, paths_taken, print_table, record_paths, ttt_layers  # noqa: E402
 
 
 class CachedAttention(nn.Module):
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     layers["attention (KV cache)"] = CachedAttention(args.hidden, args.heads, capacity).eval()
 
     results: dict[str, dict[int, float]] = {name: {} for name in layers}
+    taken = {name: record_paths(layer) for name, layer in layers.items()}
     for context in args.contexts:
         prompt = torch.randn(1, context, args.hidden)
         steps = torch.randn(args.tokens, 1, 1, args.hidden)
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
             with torch.inference_mode():
                 _, state = layer(prompt)
                 _, state = layer(steps[0], state)  # warm-up
+                taken[name].clear()  # the paths of the decoded tokens only, not the prefill's
                 # Per round, the mean over its tokens, not a median per token: the token that closes a
                 # mini-batch also updates the inner weights (several times a plain token's cost on the
                 # kernel's path), and a median would leave those updates out. Then the median round.
@@ -106,8 +108,7 @@ def main(argv: list[str] | None = None) -> None:
                         _, state = layer(step, state)
                     rounds.append((time.perf_counter() - start) / args.tokens)
             results[name][context] = statistics.median(rounds) * 1e3
-            ran = getattr(layer, "last_dispatch", None)
-            path = f"  ({ran[0]})" if ran else ""
+            path = f"  ({paths_taken(taken[name], '')})" if taken[name] else ""
             print(
                 f"# {name:26s} context={context:5d}: {results[name][context]:7.3f} ms/token{path}", flush=True
             )

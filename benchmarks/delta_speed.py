@@ -46,6 +46,7 @@ from innerloop.kernels.delta_chunk import chunk_delta_rule, delta_rule_loop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
 from cli_args import check_distinct, check_heads, json_path, non_negative_int, positive_int, write_json  # noqa: E402
+from ttt_paths import paths_taken, record_paths  # noqa: E402
 
 
 class DeltaNetLayer(nn.Module):
@@ -196,8 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_flush_denormal(args.flush_denormal)
     torch.manual_seed(0)
     steps, lengths, ttt = build_steps(args)
+    taken = record_paths(ttt)
     medians = interleaved_medians(steps, args.repeats)
-    print(f"# TTT-Linear ran {ttt.last_dispatch[0] if ttt.last_dispatch else '?'}", flush=True)
+    print(f"# TTT-Linear ran {paths_taken(taken, '?')}", flush=True)
     baseline = {args.loop_tokens: medians.get("TTT-Linear (loop length)"), args.tokens: medians["TTT-Linear"]}
     results = {}
     for name, (wall, cpu) in medians.items():

@@ -234,9 +234,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--short-tokens",
         type=positive_int,
         default=512,
-        help="length of the shorter stream (the longer one is 4x)",
+        help="length of the shorter stream (the longer one is 4x; at least the window plus a chunk)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    shape = load_config("e2e-tiny", SHAPE)[0].model
+    least = (
+        shape.window + shape.e2e.chunk_size
+    )  # the state grows until then: a peak there is not the flat one
+    if args.short_tokens < least:
+        parser.error(
+            f"argument --short-tokens: must be >= {least} (the window, {shape.window}, plus a chunk, "
+            f"{shape.e2e.chunk_size}: the streaming state fills up until then), got {args.short_tokens}"
+        )
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,7 +35,7 @@ from innerloop.train import train
 from innerloop.train.compare import compare, load_compared_model, write_comparison
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
-from cli_args import SEED_MAX, seed_int  # noqa: E402
+from cli_args import SEED_MAX, check_distinct, refuse_set_keys, seed_int  # noqa: E402
 
 PRESETS = (
     "tiny",
@@ -192,7 +192,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"presets to train (default: all of {', '.join(PRESETS)})",
     )  # fmt: skip
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every run")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_distinct(parser, "--only", args.only)
+    fixed = "the table's header reports the benchmark's setting (edit FULL/QUICK in this script to change it)"
+    refuse_set_keys(
+        parser,
+        args.overrides,
+        {
+            "seed": "give --seed",
+            "out_dir": "give --out",
+            **dict.fromkeys(
+                ["data.name", "data.seq_len", "data.batch_size", "data.val_batches", "data.recall.",
+                 "trainer.max_steps", "trainer.val_every", "trainer.checkpoint_every", "optim.lr"],
+                fixed,
+            ),
+        },
+    )  # fmt: skip
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,7 +31,7 @@ from innerloop.core.layer import MAX_MINI_BATCH_SIZE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py, ttt_paths.py: beside this script
 from cli_args import check_distinct, check_heads, int_range, json_path, positive_int, write_json  # noqa: E402
-from ttt_paths import PATHS, print_table, ttt_layers  # noqa: E402
+from ttt_paths import PATHS, paths_taken, print_table, record_paths, ttt_layers  # noqa: E402
 
 
 class CausalAttention(nn.Module):
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     layers: dict[str, nn.Module] = ttt_layers(args.hidden, args.heads, args.mini_batch, args.paths)
     layers["attention (SDPA)"] = CausalAttention(args.hidden, args.heads).eval()
 
+    taken = {name: record_paths(layer) for name, layer in layers.items()}
     results: dict[str, dict[int, float]] = {name: {} for name in layers}
     # Every (layer, length) pair in each round: the tokens/s of one layer across lengths (its flatness)
     # and of different layers are compared under the same conditions.
@@ -109,9 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         seconds = interleaved_median_seconds(calls, args.repeats)
     for (name, tokens), median in seconds.items():
         results[name][tokens] = args.batch * tokens / median
-    for name, layer in layers.items():
-        ran = getattr(layer, "last_dispatch", None)  # a TTT layer's last fast-path decision
-        print(f"# {name:24s} ran {ran[0] if ran else 'torch SDPA'}", flush=True)
+    for name in layers:  # every path a layer's calls took (a remainder's torch beside a kernel too)
+        print(f"# {name:24s} ran {paths_taken(taken[name], 'torch SDPA')}", flush=True)
 
     print_table(
         "layer",

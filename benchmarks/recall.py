@@ -27,7 +27,7 @@ from innerloop.data.atomic import atomic_write_text
 from innerloop.train import load_model, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
-from cli_args import SEED_MAX, check_distinct, positive_int, seed_int  # noqa: E402
+from cli_args import SEED_MAX, check_distinct, positive_int, refuse_set_keys, seed_int  # noqa: E402
 
 PRESETS = ("recall-ttt", "recall-swa")
 
@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for both presets")
     args = parser.parse_args(argv)
     check_distinct(parser, "--seeds", args.seeds)  # a seed's runs go to one folder per preset
+    refuse_set_keys(parser, args.overrides, {"seed": "give --seeds", "out_dir": "give --out"})
+    if args.steps is not None:
+        refuse_set_keys(parser, args.overrides, {"trainer.max_steps": "--steps gives it"})
     return args
 
 

@@ -32,6 +32,22 @@ def ttt_layers(hidden: int, heads: int, mini_batch: int, paths: list[str]) -> di
     return layers
 
 
+def record_paths(layer: nn.Module) -> set[str]:
+    """The set, filled as ``layer`` runs, of every path its calls took (a TTT layer's ``dispatches``:
+    the kernel for whole mini-batches and torch for a remainder can both be there); stays empty for a
+    layer without dispatches (attention)."""
+    seen: set[str] = set()
+    layer.register_forward_hook(
+        lambda module, args, out: seen.update(p for p, _ in getattr(module, "dispatches", []))
+    )
+    return seen
+
+
+def paths_taken(seen: set[str], default: str) -> str:
+    """``"cpu_ttt_linear + torch"`` for :func:`record_paths`' set (``default`` when it is empty)."""
+    return " + ".join(sorted(seen)) if seen else default
+
+
 def print_table(
     title: str, columns: dict, results: dict[str, dict], fmt: str, setting: str, threads: int
 ) -> None:

@@ -367,12 +367,7 @@ def test_json_naming_a_directory_is_refused_at_parse_time(name, tmp_path):
         _parse(name, ["--json", str(tmp_path)])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s22 bench (LOW): layer_speed.py prints the dispatch of the last call only: a length "
-    "with a remainder says 'ran torch' although its whole mini-batches (and every other length) ran on "
-    "the CPU kernel",
-)
+# review s22 bench (LOW, fixed)
 def test_layer_speed_dispatch_line_names_the_kernel_that_did_the_work(capsys, threads):
     script = _script("layer_speed")
     script.main(
@@ -382,50 +377,34 @@ def test_layer_speed_dispatch_line_names_the_kernel_that_did_the_work(capsys, th
     assert "cpu_ttt_linear" in line, line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s22 bench (LOW): e2e_demo.py accepts --short-tokens shorter than the window (e.g. 5 or "
-    "16 with window 32): the state still grows there, and the printed peak-memory ratio (3.6, 2.4) is not "
-    "the flat-memory measure RESULTS.md reads (< 1.2)",
-)
+# review s22 bench (LOW, fixed)
 def test_e2e_demo_refuses_a_short_stream_inside_the_window():
     with pytest.raises(SystemExit):
         _parse("e2e_demo", ["--short-tokens", "5"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s22 bench (LOW): family.py puts the user's key=value overrides after its own, so "
-    "'seed=7' or 'trainer.max_steps=10' change every run while the table's header still says 'Seed 0' and "
-    "'60 steps' (recall.py does the opposite: its own seed= silently wins over the user's)",
+# review s22 bench (LOW, fixed): family.py's header named its own seed and steps under a user's override of
+# them, and recall.py dropped a user's seed= silently: both refuse overrides of the keys they set
+@pytest.mark.parametrize(
+    ("name", "given", "instead"),
+    [
+        ("family", ["seed=7"], "give --seed"),
+        ("family", ["trainer.max_steps=10"], "header reports"),
+        ("family", ["data.recall.gap=4"], "header reports"),
+        ("recall", ["seed=7"], "give --seeds"),
+        ("recall", ["out_dir=x"], "give --out"),
+        ("recall", ["--steps", "3", "trainer.max_steps=10"], "--steps gives it"),
+    ],
 )
-def test_family_header_says_what_the_runs_did(monkeypatch, tmp_path):
-    script = _script("family")
-    seen = []
-
-    def fake_train(preset, overrides):
-        seen.append(overrides)
-        return {"val_loss": 1.0, "val_acc": 0.5}, tmp_path / "ckpt", 1.0
-
-    model = types.SimpleNamespace(parameters=1, tokens_per_s=1.0)
-    monkeypatch.setattr(script, "train_preset", fake_train)
-    monkeypatch.setattr(script, "load_compared_model", lambda *a, **k: model)
-    monkeypatch.setattr(script, "compare", lambda *a, **k: None)
-    monkeypatch.setattr(script, "write_comparison", lambda *a, **k: (None, tmp_path / "x.png", None))
-    try:
-        table = script.run_benchmark(script.QUICK, ("tiny",), 0, tmp_path, ["seed=7"])
-    except (SystemExit, ValueError):
-        return  # refusing an override of what the script sets is a fix too
-    assert seen and seen[0][-1] == "seed=7"  # the runs used seed 7 ...
-    assert "Seed 7" in table  # ... the header says so
+def test_overrides_of_what_a_benchmark_sets_are_refused(name, given, instead, capsys):
+    with pytest.raises(SystemExit):
+        _parse(name, given)
+    error = capsys.readouterr().err
+    assert "is set by this benchmark" in error and instead in error
+    _parse(name, ["trainer.threads=1"])  # another key is the user's to set
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s22 bench (LOW): family.py --only accepts a preset twice ('--only tiny tiny'): it trains "
-    "it twice into the same folders (the second replacing the first) and compares the run with itself; "
-    "the other list options refuse repeats (check_distinct)",
-)
+# review s22 bench (LOW, fixed)
 def test_family_only_refuses_a_repeated_preset(capsys):
     with pytest.raises(SystemExit):
         _parse("family", ["--only", "tiny", "tiny"])

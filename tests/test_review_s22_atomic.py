@@ -346,12 +346,7 @@ def test_save_pretrained_interrupted_over_an_export_keeps_the_earlier_weights(tm
     assert all(torch.equal(after[k], before[k]) or torch.equal(after[k], before[k] * 0.5) for k in before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s22 atomic (LOW): the CPU kernel build's temporary library (.build-*.so in "
-    "~/.cache/innerloop/cpu_kernels) is left forever by a build that is killed (SIGKILL, OOM): no later "
-    "build sweeps it",
-)
+# review s22 atomic (LOW, fixed): a killed CPU kernel build left its temporary library in the cache
 def test_a_killed_cpu_kernel_build_leaves_no_temporary_library(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     script = (

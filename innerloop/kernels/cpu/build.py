@@ -31,6 +31,11 @@ import tempfile
 import warnings
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: abandoned temporary libraries are then left in the cache
+    fcntl = None  # type: ignore[assignment]
+
 SOURCE = Path(__file__).with_name("ttt_stack.cpp")
 BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math")
 # Tried in order, the first that compiles wins: the host's instruction set and OpenMP (which, inside
@@ -119,8 +124,9 @@ def _build() -> Path:
 
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_builds(directory)
         handle, temporary = tempfile.mkstemp(dir=directory, prefix=".build-", suffix=".so")
-        os.close(handle)
+        _lock(handle)  # held until the build ends (the process's end releases it): it is not abandoned
     except OSError as error:
         raise CPUKernelUnavailable(
             f"cannot write the kernel cache {directory} ({error}); set INNERLOOP_CACHE_DIR to a writable folder"
@@ -151,7 +157,34 @@ def _build() -> Path:
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+        os.close(handle)
     return target
+
+
+def _lock(handle: int) -> bool:
+    """Take an exclusive ``flock`` on the open file ``handle``; False where there is none to take."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _remove_abandoned_builds(directory: Path) -> None:
+    """Remove the temporary libraries (``.build-*.so``) that builds killed mid-compile left: those no
+    running build holds locked (where files cannot be locked, none is removed)."""
+    for path in directory.glob(".build-*.so"):
+        try:
+            handle = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # gone meanwhile
+        try:
+            if _lock(handle):
+                path.unlink(missing_ok=True)
+        finally:
+            os.close(handle)
 
 
 def _disabled() -> str | None:

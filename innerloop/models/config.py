@@ -19,7 +19,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 from torch import nn
 
 from innerloop.core.family_layers import FAMILY_LAYERS
-from innerloop.core.layer import TTTLayer, check_layer_arguments
+from innerloop.core.layer import DEFAULT_CONV_KERNEL, TTTLayer, check_layer_arguments
 from innerloop.models.attention import CausalSelfAttention
 from innerloop.registry import available, get_registry
 
@@ -416,7 +416,8 @@ def _build_ttt(config: ModelConfig) -> nn.Module:
         base_lr=config.ttt.base_lr,
         use_gate=use_gate,
         share_qk=share_qk,
-        conv_kernel=config.ttt.conv_kernel,
+        # read only with share_qk (load_config warns of a model.ttt.conv_kernel it does not read)
+        conv_kernel=config.ttt.conv_kernel if share_qk else DEFAULT_CONV_KERNEL,
         rope_theta=config.rope_theta,
         kernel=config.ttt.kernel,
         inner_norm=config.ttt.inner_norm,
@@ -812,6 +813,7 @@ def _check_ttt(ttt: TTTConfig) -> None:
             update_rule=ttt.update_rule,
             mini_batch_size=ttt.mini_batch_size,
             conv_kernel=ttt.conv_kernel,
+            share_qk=True,  # conv_kernel's range checked; whether it is read, load_config says
             kernel=ttt.kernel,
             inner_norm=ttt.inner_norm,
             inner_residual=ttt.inner_residual,

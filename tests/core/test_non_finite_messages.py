@@ -178,7 +178,7 @@ def test_ignore_spreads_a_nan_to_earlier_tokens_of_its_mini_batch_as_the_docstri
     assert finite == [True] * K + [False] * K  # tokens K and K + 1 come before the NaN
     assert torch.isfinite(before).all()  # a call that ends before it returns them finite
     doc = " ".join(TTTLayer.__doc__.split())
-    assert "spreads to the outputs of its whole mini-batch, earlier tokens included" in doc
+    assert "spreads to the outputs of its whole mini-batch" in doc and "earlier tokens included" in doc
 
 
 # ---- LOW-3: a state made under torch.inference_mode -------------------------------------------------

@@ -62,8 +62,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(err, OSError) and err.errno is not None and str(path) not in str(err):
-            # the same errno (and OSError subclass), with the file that was being written named
-            raise OSError(err.errno, f"writing {str(path)!r} failed: {err.strerror or err}") from err
+            # the same errno (and OSError subclass), with the file that was being written named, and the
+            # file the error was about where that was another one (a source the writer read)
+            other = err.filename if err.filename not in (None, tmp) else None
+            raise OSError(err.errno, f"writing {str(path)!r} failed: {err.strerror or err}", other) from err
         raise
     finally:
         os.close(fd)  # releases the lock

@@ -414,11 +414,12 @@ class InnerloopPreTrainedModel(PreTrainedModel):
             write_shims(save_directory)
             forget_replaced_export_files(Path(save_directory))
             return
-        # Staged beside the folder, then moved in file by file: a save stopped half-way (a kill, a full
-        # disk) leaves every file whole, the earlier save's or this one's, never a truncated weights file.
+        # Staged in a hidden folder inside the folder (the same file system, whatever the folder is a mount
+        # or a link to), then moved in file by file: a save stopped half-way (a full disk, an error)
+        # leaves every file whole, the earlier save's or this one's, never a truncated weights file.
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".saving"))
+        staging = Path(tempfile.mkdtemp(dir=folder, prefix=".innerloop-saving-"))
         try:
             super().save_pretrained(staging, *args, **kwargs)
             write_shims(staging)
@@ -480,10 +481,12 @@ def _move_saved_files(staging: Path, folder: Path) -> None:
     names = sorted((p.name for p in staging.iterdir()), key=lambda name: (name == _CONFIG_FILE, name))
     for name in names:
         os.replace(staging / name, folder / name)
-    index = "model.safetensors.index.json"
+    index, single = "model.safetensors.index.json", "model.safetensors"
     stale = [p for p in folder.iterdir() if _WEIGHT_SHARD.fullmatch(p.name) and p.name not in names]
     if index not in names and (folder / index).is_file():
         stale.append(folder / index)
+    if single not in names and index in names and (folder / single).is_file():
+        stale.append(folder / single)  # an earlier unsharded save: transformers would load it, not the shards
     for path in stale:
         path.unlink(missing_ok=True)
 

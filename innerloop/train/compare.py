@@ -605,16 +605,15 @@ def _length_notes(models: Sequence[ComparedModel], seq_lens: Sequence[int]) -> l
 
 def _same_checkpoint_notes(models: Sequence[ComparedModel]) -> list[str]:
     """A line for each model that is a checkpoint compared already (the same file, or the same bytes)."""
-    seen: dict[tuple[str, ...], str] = {}
+    seen: dict[str, str] = {}  # content checksum -> the first model with it
     notes = []
     for model in models:
-        key = (os.path.realpath(model.checkpoint),)
-        identity = checkpoint_identity(model.checkpoint)
-        earlier = seen.get(key) or seen.get((identity,))
-        if earlier is not None:
-            notes.append(f"{model.name} is the same checkpoint as {earlier}: it is compared with itself")
-        seen.setdefault(key, model.name)
-        seen.setdefault((identity,), model.name)
+        content = checkpoint_identity(model.checkpoint).rsplit("-", 1)[1]  # whatever the file's name
+        if content in seen:
+            notes.append(
+                f"{model.name} is the same checkpoint as {seen[content]}: it is compared with itself"
+            )
+        seen.setdefault(content, model.name)
     return notes
 
 

@@ -33,6 +33,7 @@ import contextlib
 import copy
 import errno
 import functools
+import glob
 import hashlib
 import json
 import logging
@@ -1023,11 +1024,12 @@ def _run_beside(checkpoint: str | Path, model: dict[str, Any]) -> tuple[RunConfi
             f"({', '.join(changes[:2])}{more})"
         )
     recorded = recorded_entry(checkpoint, RUN_DATA_KEY)
-    if isinstance(recorded, dict) and _other_text_than_recorded(run, recorded):
+    differences = _other_text_than_recorded(run, recorded) if isinstance(recorded, dict) else []
+    if differences and not _data_moved(differences, recorded):
         # weights copied beside another run's config: their own run's data is the one they recorded
         own = _with_recorded_data(run, recorded)
         if own is None:
-            changes = _other_text_than_recorded(run, recorded)
+            changes = differences
             more = f" and {len(changes) - 2} more" if len(changes) > 2 else ""
             return None, (
                 f"the config.yaml beside {str(checkpoint)!r} is another run's: the checkpoint was trained on "
@@ -1064,6 +1066,17 @@ def _other_text_than_recorded(run: RunConfig, recorded: dict[str, Any]) -> list[
         and (key in chooses or (recall and key.startswith("data.recall.")))
         and _as_tuples(now[key]) != _as_tuples(recorded[key])
     ]
+
+
+def _data_moved(differences: list[str], recorded: dict[str, Any]) -> bool:
+    """Whether the config.yaml differs from the checkpoint's record only in ``data.paths``, and the
+    recorded paths find nothing now: the run's data was moved and its config.yaml edited to follow it
+    (weights copied beside another run's config still find their own data where they recorded it)."""
+    if not all(difference.startswith("data.paths ") for difference in differences):
+        return False
+    paths = recorded.get("data.paths")
+    paths = paths if isinstance(paths, list) else []
+    return not any(glob.glob(os.path.expanduser(str(p)), recursive=True) for p in paths)
 
 
 def _with_recorded_data(run: RunConfig, recorded: dict[str, Any]) -> RunConfig | None:

@@ -213,7 +213,8 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         "--batch-size",
         type=_POSITIVE_INT,
         default=None,
-        help="windows per batch (default: the run's data.batch_size, or 16 without the run's config.yaml)",
+        help="windows per batch (default: the run's data.batch_size on its own windows; 16 on --data files "
+        "or without the run's config.yaml)",
     )
     evaluate.add_argument(
         "--batches",
@@ -303,7 +304,8 @@ def _add_compare_windows(compare: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=_POSITIVE_INT,
         default=None,
-        help="windows per batch (default: the baseline run's data.batch_size, or 16)",
+        help="windows per batch (default: the baseline run's data.batch_size on its own windows; 16 on --data "
+        "files or without its config.yaml)",
     )
     compare.add_argument(
         "--batches",

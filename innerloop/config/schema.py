@@ -101,7 +101,8 @@ class OptimConfig:
 class TrainerConfig:
     """Lightning Trainer settings. ``strategy`` is any Lightning strategy name (``ddp``,
     ``ddp_spawn``, ``fsdp``, ...); ``threads`` > 0 sets ``torch.set_num_threads``. ``precision`` is
-    any Lightning precision or ``auto`` (``bf16-mixed`` on a CUDA GPU, ``32-true`` otherwise).
+    a Lightning precision that trains (``16-true`` is refused: float16 weights) or ``auto``
+    (``bf16-mixed`` on a CUDA GPU with bfloat16, ``16-mixed`` on an older one, ``32-true`` otherwise).
 
     ``lightning`` holds any other ``lightning.Trainer`` argument by name (``accumulate_grad_batches``,
     ``deterministic``, ...), checked against the Trainer's signature. A config or override may give

@@ -323,7 +323,7 @@ def _add_length(comparison: Comparison, result: LengthResult) -> None:
         log.warning(
             "T=%d: %d window%s, fewer than the %d a %.0f%% band needs to cover as often as it says: the "
             "differences to the baseline have no band (NaN in the CSV); score more windows (--batches, "
-            "--batch-size, or more text with --data)",
+            "which scores --batches x --batch-size windows, or more text with --data)",
             result.seq_len, result.windows, "" if result.windows == 1 else "s", MIN_BAND_WINDOWS,
             100 * comparison.confidence,
         )  # fmt: skip

@@ -10,33 +10,14 @@ user does, ``python benchmarks/<script>.py ...``, to check the exit status and t
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _script(name: str):
-    """``benchmarks/<name>.py`` as a module, loaded once (registered first: science.py's dataclasses look
-    their module up)."""
-    module_name = f"benchmark_cli_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, BENCHMARKS / f"{name}.py")
-        sys.modules[module_name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[module_name])
-    return sys.modules[module_name]
-
-
-def _parse(name: str, argv: list[str]):
-    script = _script(name)
-    return script.build_parser().parse_args(argv) if name == "science" else script.parse_args(argv)
-
+from benchmark_testing import BENCHMARKS, benchmark_script
+from benchmark_testing import parse_benchmark_args as _parse
 
 # (script, arguments, what the error line says after "error: ")
 BAD = [
@@ -145,7 +126,9 @@ def test_diagnose_of_a_model_without_ttt_layers_says_so_in_one_line(preset, mixe
     import innerloop.train
 
     monkeypatch.setattr(innerloop.train, "load_model", lambda checkpoint: _model(preset))
-    _script("science").main(["diagnose", "runs/x/last.safetensors", "--windows", "1", "--seq-len", "16"])
+    benchmark_script("science").main(
+        ["diagnose", "runs/x/last.safetensors", "--windows", "1", "--seq-len", "16"]
+    )
     out = capsys.readouterr().out
     assert out.count("\n") == 1, out
     assert out.startswith(
@@ -159,7 +142,7 @@ def test_diagnose_with_windows_shorter_than_a_mini_batch_is_a_usage_error(monkey
 
     monkeypatch.setattr(innerloop.train, "load_model", lambda checkpoint: _model("tiny"))
     with pytest.raises(SystemExit) as exit:
-        _script("science").main(["diagnose", "runs/x/last.safetensors", "--seq-len", "8"])
+        benchmark_script("science").main(["diagnose", "runs/x/last.safetensors", "--seq-len", "8"])
     assert exit.value.code == 2
     assert "error: --seq-len 8 must be >= 16, the mini-batch size" in capsys.readouterr().err
 

@@ -10,37 +10,22 @@ No test times anything: the timing checks run on a fake clock.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import re
 import shlex
-import sys
 import types
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_testing import benchmark_script
+from benchmark_testing import parse_benchmark_args as _parse
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "benchmarks"
 RESULTS = (BENCHMARKS / "RESULTS.md").read_text(encoding="utf-8")
 REFERENCE = Path("/tmp/spd_ref")  # a checkout of test-time-training/ttt-lm-pytorch (its ttt.py), if present
-
-
-def _script(name: str):
-    """``benchmarks/<name>.py`` as a module, loaded once under a name of this file's own."""
-    module_name = f"benchmark_review_s22_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, BENCHMARKS / f"{name}.py")
-        sys.modules[module_name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[module_name])
-    return sys.modules[module_name]
-
-
-def _parse(name: str, argv: list[str]):
-    script = _script(name)
-    return script.build_parser().parse_args(argv) if name == "science" else script.parse_args(argv)
 
 
 @pytest.fixture
@@ -189,7 +174,7 @@ def test_generate_and_delta_ratios_in_results_md_follow_from_their_columns():
 @pytest.mark.parametrize("name", ["layer_speed", "train_speed"])
 def test_interleaved_median_leaves_the_warm_up_out(name, monkeypatch):
     """The first (warm-up) call of each function is not timed; the median is over the timed rounds."""
-    script = _script(name)
+    script = benchmark_script(name)
     clock = FakeClock()
     monkeypatch.setattr(script, "time", types.SimpleNamespace(perf_counter=clock))
     costs = {"a": iter([100.0, 1.0, 5.0, 2.0]), "b": iter([50.0, 3.0, 3.0, 9.0])}  # warm-up first
@@ -205,7 +190,7 @@ def test_interleaved_median_leaves_the_warm_up_out(name, monkeypatch):
 
 
 def test_delta_speed_medians_leave_the_warm_up_out(monkeypatch):
-    script = _script("delta_speed")
+    script = benchmark_script("delta_speed")
     wall, cpu = FakeClock(), FakeClock()
     monkeypatch.setattr(script, "time", types.SimpleNamespace(perf_counter=wall, process_time=cpu))
     costs = iter([(100.0, 90.0), (1.0, 0.5), (4.0, 2.0), (2.0, 1.0)])
@@ -219,7 +204,7 @@ def test_delta_speed_medians_leave_the_warm_up_out(monkeypatch):
 
 
 def test_train_speed_ratio_and_flatness_lines_are_the_right_way_up():
-    script = _script("train_speed")
+    script = benchmark_script("train_speed")
     speeds = {"TTT-Linear": 30.0, "TTT-MLP": 10.0, "attention (SDPA)": 15.0, "projections alone": 60.0}
     results = {
         "inference fp32": dict(speeds),
@@ -243,8 +228,8 @@ def test_train_speed_ratio_and_flatness_lines_are_the_right_way_up():
 def test_decode_speed_kv_cache_attention_computes_the_one_shot_layer():
     """The decoding baseline does the same work as the layer: prefill + per-token decode through the
     preallocated cache equals causal attention over the whole sequence."""
-    decode = _script("decode_speed")
-    layer_speed = _script("layer_speed")
+    decode = benchmark_script("decode_speed")
+    layer_speed = benchmark_script("layer_speed")
     torch.manual_seed(0)
     cached = decode.CachedAttention(32, 2, capacity=12).eval()
     whole = layer_speed.CausalAttention(32, 2).eval()
@@ -262,7 +247,7 @@ def test_decode_speed_kv_cache_attention_computes_the_one_shot_layer():
 @pytest.mark.skipif(not (REFERENCE / "ttt.py").is_file(), reason="no ttt-lm-pytorch checkout at /tmp/spd_ref")
 def test_train_speed_reference_layers_are_configured_as_ours():
     """Same parameters (count), inner lr, no gate / shared QK / pre-conv, no scan checkpointing."""
-    script = _script("train_speed")
+    script = benchmark_script("train_speed")
     args = script.parse_args(
         ["--hidden", "32", "--heads", "2", "--reference", str(REFERENCE), "--no-compile"]
     )
@@ -279,7 +264,7 @@ def test_train_speed_reference_layers_are_configured_as_ours():
 
 
 def test_kernel_speed_without_cuda_skips_cleanly(capsys, monkeypatch):
-    script = _script("kernel_speed")
+    script = benchmark_script("kernel_speed")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert script.main(["--min-len", "64", "--max-len", "64"]) == 0
     assert "no CUDA device available" in capsys.readouterr().out
@@ -308,7 +293,7 @@ class _DecodingLayer(nn.Module):
 
 # review s22 bench (HIGH, fixed): decode_speed.py's median per token left the inner-weight updates out
 def test_decode_speed_ms_per_token_is_total_time_over_tokens(monkeypatch, capsys, threads):
-    script = _script("decode_speed")
+    script = benchmark_script("decode_speed")
     clock = FakeClock()
     monkeypatch.setattr(script, "time", types.SimpleNamespace(perf_counter=clock))
     monkeypatch.setattr(script, "ttt_layers", lambda *a: {"TTT-Linear": _DecodingLayer(clock)})
@@ -326,7 +311,7 @@ def test_train_speed_compiled_row_stays_compiled_at_every_length(monkeypatch, th
     config.recompile_limit (8)' for torch_dynamo_resume_in_forward in innerloop/core/layer.py)."""
     import torch._dynamo
 
-    script = _script("train_speed")
+    script = benchmark_script("train_speed")
     torch._dynamo.reset()
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     records: list[str] = []
@@ -369,7 +354,7 @@ def test_json_naming_a_directory_is_refused_at_parse_time(name, tmp_path):
 
 # review s22 bench (LOW, fixed)
 def test_layer_speed_dispatch_line_names_the_kernel_that_did_the_work(capsys, threads):
-    script = _script("layer_speed")
+    script = benchmark_script("layer_speed")
     script.main(
         ["--hidden", "32", "--heads", "2", "--lengths", "64", "100", "--repeats", "1", "--threads", "1"]
     )

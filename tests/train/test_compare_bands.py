@@ -120,7 +120,7 @@ def test_too_few_windows_are_warned_about_and_get_no_band(caplog) -> None:
     assert [r.getMessage() for r in caplog.records] == [
         f"T=8: {MIN_BAND_WINDOWS - 1} windows, fewer than the {MIN_BAND_WINDOWS} a 95% band needs to cover "
         "as often as it says: the differences to the baseline have no band (NaN in the CSV); score more "
-        "windows (--batches, --batch-size, or more text with --data)"
+        "windows (--batches, which scores --batches x --batch-size windows, or more text with --data)"
     ]
     mean, low, high = comparison.overall[8][1]
     assert math.isnan(low) and math.isnan(high) and not math.isnan(mean)

@@ -345,8 +345,9 @@ models are matched within it, ``tests/models/test_params.py``)."""
 
 def size_notes(models: Sequence[ComparedModel], base: int) -> list[str]:
     """A line for each model whose parameters differ from the baseline's by more than
-    :data:`SIZE_TOLERANCE`, or whose tokens trained differ from the baseline's (both known): a lower loss
-    may then come from the size or the training, not the architecture."""
+    :data:`SIZE_TOLERANCE` of the smaller of the two (the same verdict whichever is the baseline), or
+    whose tokens trained differ from the baseline's (both known): a lower loss may then come from the
+    size or the training, not the architecture."""
     baseline, notes = models[base], []
     for index, model in enumerate(models):
         if index == base:
@@ -357,7 +358,9 @@ def size_notes(models: Sequence[ComparedModel], base: int) -> list[str]:
                     f"{model.name} has {model.parameters:,} parameters, the baseline {baseline.name} "
                     f"{baseline.parameters:,}: its difference is also one of size"
                 )
-        elif abs(model.parameters - baseline.parameters) > SIZE_TOLERANCE * baseline.parameters:
+        elif abs(model.parameters - baseline.parameters) > SIZE_TOLERANCE * min(
+            model.parameters, baseline.parameters
+        ):
             notes.append(
                 f"{model.name} has {model.parameters:,} parameters, {_relative(model.parameters, baseline.parameters)} "
                 f"the baseline {baseline.name}'s {baseline.parameters:,}: its difference is also one of size"

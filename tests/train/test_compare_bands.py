@@ -141,6 +141,9 @@ def test_a_model_of_another_size_or_training_is_named() -> None:
         "of size",
     ]  # swa: 1% more parameters, the same tokens
     assert size_notes([_model("a", 100, None), _model("b", 104, 50)], 0) == []  # within 5%, tokens unknown
+    # 5.1% more than the smaller: named whichever of the two is the baseline (review s22 compare LOW)
+    pair = [_model("a", 1000, None), _model("b", 1051, None)]
+    assert len(size_notes(pair, 0)) == len(size_notes(pair, 1)) == 1
 
 
 def test_a_note_names_the_default_corpus() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -109,3 +110,28 @@ def refuse_set_keys(parser: argparse.ArgumentParser, overrides: Sequence[str], k
         for name, instead in keys.items():
             if key == name or (name.endswith(".") and key.startswith(name)):
                 parser.error(f"override {item!r}: {key} is set by this benchmark; {instead}")
+
+
+RUN_MARK = "innerloop-benchmark-run"
+"""The file a benchmark writes into each run folder it trained: a later run of the benchmark may replace
+that run (it trains with ``overwrite=True``), and only such a run."""
+
+
+def check_replaceable_runs(run_dirs: Sequence[Path]) -> None:
+    """Stop (exit status 2, one line) if a folder the benchmark is about to train into with
+    ``overwrite=True`` holds a run it did not write (no :data:`RUN_MARK`): it would be replaced."""
+    for folder in run_dirs:
+        if folder.exists() and not (folder / RUN_MARK).is_file():
+            print(
+                f"error: {folder} holds files this benchmark did not write (no {RUN_MARK} file), and it "
+                "trains into that folder, replacing a run there: give another --out, or move them",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
+
+
+def mark_benchmark_run(run_dir: Path) -> None:
+    """Write :data:`RUN_MARK` into ``run_dir``, a run the benchmark has just trained."""
+    atomic_write_text(
+        run_dir / RUN_MARK, "trained by an innerloop benchmark, whose next run may replace it\n"
+    )

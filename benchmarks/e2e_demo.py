@@ -42,7 +42,7 @@ from innerloop.models import build_model
 from innerloop.testing.memory import peak_cpu_allocation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
-from cli_args import positive_float, positive_int  # noqa: E402
+from cli_args import check_replaceable_runs, mark_benchmark_run, positive_float, positive_int  # noqa: E402
 
 # The demo's shape: e2e-tiny at 4 blocks with MLP 172 (248,384 parameters; the preset itself is now
 # 2 blocks, matched to tiny's budget), with 256-byte sequences (8 windows of 32, 16 chunks of 16).
@@ -172,6 +172,7 @@ def train_for(name: str, seconds: float, out: Path, threads: int) -> dict:
     limit = CPUTimeLimit(seconds)
     start = time.perf_counter()
     result = train(run, cfg, callbacks=[limit], overwrite=True)  # a rerun replaces its own runs
+    mark_benchmark_run(out / name)
     wall = time.perf_counter() - start
     from innerloop.train.plots import read_loss_by_position_csv
 
@@ -253,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
 
+    if not args.skip_train:
+        check_replaceable_runs([out / name for name in MODELS])
     report: dict = {"streaming": streaming(args.short_tokens, 64, args.threads)}
     s = report["streaming"]
     print(

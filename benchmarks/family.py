@@ -35,7 +35,14 @@ from innerloop.train import train
 from innerloop.train.compare import compare, load_compared_model, write_comparison
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
-from cli_args import SEED_MAX, check_distinct, refuse_set_keys, seed_int  # noqa: E402
+from cli_args import (
+    SEED_MAX,
+    check_distinct,
+    check_replaceable_runs,
+    mark_benchmark_run,
+    refuse_set_keys,
+    seed_int,
+)  # noqa: E402
 
 PRESETS = (
     "tiny",
@@ -128,7 +135,8 @@ def train_preset(preset: str, overrides: list[str]) -> tuple[dict[str, float], P
     """Train ``preset`` with ``overrides``; ``(final validation metrics, checkpoint, wall seconds)``."""
     run, cfg = load_config(preset, overrides)
     start = time.perf_counter()
-    result = train(run, cfg, overwrite=True)  # a rerun replaces its own runs
+    result = train(run, cfg, overwrite=True)  # a rerun replaces its own runs (check_replaceable_runs)
+    mark_benchmark_run(Path(run.out_dir))
     return result.metrics, result.checkpoint, time.perf_counter() - start
 
 
@@ -214,6 +222,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
+    check_replaceable_runs([out / task / preset for preset in args.only for task in ("corpus", "recall")])
     table = run_benchmark(QUICK if args.quick else FULL, tuple(args.only), args.seed, out, args.overrides)
     print("\n" + table)
     atomic_write_text(out / "family.md", table + "\n")

@@ -27,7 +27,15 @@ from innerloop.data.atomic import atomic_write_text
 from innerloop.train import load_model, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
-from cli_args import SEED_MAX, check_distinct, positive_int, refuse_set_keys, seed_int  # noqa: E402
+from cli_args import (
+    SEED_MAX,
+    check_distinct,
+    check_replaceable_runs,
+    mark_benchmark_run,
+    positive_int,
+    refuse_set_keys,
+    seed_int,
+)  # noqa: E402
 
 PRESETS = ("recall-ttt", "recall-swa")
 
@@ -58,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_replaceable_runs(
+        [Path(args.out) / f"{preset}-seed{seed}" for seed in args.seeds for preset in PRESETS]
+    )
     rows = []
     for seed in args.seeds:
         for preset in PRESETS:
@@ -67,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
                 overrides.append(f"trainer.max_steps={args.steps}")
             run, cfg = load_config(preset, overrides)
             start = time.perf_counter()
-            result = train(run, cfg, overwrite=True)  # a rerun replaces its own runs
+            result = train(run, cfg, overwrite=True)  # a rerun replaces its own runs (check_replaceable_runs)
+            mark_benchmark_run(out_dir)
             seconds = time.perf_counter() - start
             model = load_model(result.checkpoint)
             mixer = run.model.mixer + (f" (window {run.model.window})" if run.model.mixer == "swa" else "")

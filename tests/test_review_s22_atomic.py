@@ -400,3 +400,20 @@ def test_the_listed_write_sites_still_use_the_atomic_helpers():
     }
     for path, text in uses.items():
         assert text in (ROOT / path).read_text(encoding="utf-8"), path
+
+
+@pytest.mark.slow  # reason: imports the recall benchmark, which imports innerloop.train and Lightning (about 5 s)
+# review s22 atomic (LOW, fixed): family, recall and e2e_demo trained with overwrite=True into <out>/<name>,
+# replacing whatever run was there
+def test_a_benchmark_does_not_replace_a_run_it_did_not_write(tmp_path, monkeypatch, capsys):
+    recall = benchmark_script("recall")
+    users = tmp_path / "recall-ttt-seed0"
+    users.mkdir()
+    (users / "last.safetensors").write_bytes(b"the user's own run")
+    monkeypatch.setattr(recall, "train", lambda *a, **k: pytest.fail("trained over a run it did not write"))
+    with pytest.raises(SystemExit) as stopped:
+        recall.main(["--out", str(tmp_path), "--steps", "1"])
+    assert stopped.value.code == 2 and "holds files this benchmark did not write" in capsys.readouterr().err
+    assert (users / "last.safetensors").read_bytes() == b"the user's own run"
+    recall.mark_benchmark_run(users)  # a run the benchmark wrote may be replaced: no refusal then
+    recall.check_replaceable_runs([users, tmp_path / "not-there-yet"])

@@ -410,6 +410,15 @@ def _quiet_lightning() -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from innerloop.config.trainer_args import is_launched_worker
+
+    with warnings.catch_warnings():
+        if is_launched_worker():  # another rank's copy of this command: rank 0 prints each warning once
+            warnings.simplefilter("ignore")
+        return _train_command(args, worker=is_launched_worker())
+
+
+def _train_command(args: argparse.Namespace, worker: bool) -> int:
     from innerloop.config.load import check_resume_or_overwrite, load_config
 
     check_resume_or_overwrite(args.resume, args.overwrite)  # before anything says it resumes
@@ -423,7 +432,7 @@ def _train(args: argparse.Namespace) -> int:
     from innerloop.train.run import train
 
     _quiet_lightning()
-    if args.resume:
+    if args.resume and not worker:
         print(f"resuming the run in {run.out_dir} from its last checkpoint", flush=True)
     try:
         result = train(run, cfg, resume=args.resume, overwrite=args.overwrite)
@@ -431,11 +440,10 @@ def _train(args: argparse.Namespace) -> int:
         print(f"innerloop train: error: {err}", file=sys.stderr)
         return 2
     except TrainingInterrupted as err:
-        print(f"innerloop train: {err}", file=sys.stderr)
+        if not worker:  # rank 0 says where the run stopped, once
+            print(f"innerloop train: {err}", file=sys.stderr)
         return err.exit_code  # the shell's code for a process ended by that signal: 130 Ctrl-C, 143 SIGTERM
-    from innerloop.train.run_dir import is_launched_worker
-
-    if is_launched_worker():  # another rank's copy of this command: rank 0 prints the summary once
+    if worker:  # another rank's copy of this command: rank 0 prints the summary once
         return 0
     m = result.metrics
     unit = "byte" if run.data.tokenizer == "bytes" and run.data.name != "recall" else "token"

@@ -26,6 +26,7 @@ import difflib
 import functools
 import importlib.util
 import inspect
+import os
 import re
 import types
 import typing
@@ -369,3 +370,10 @@ def _installed(package: str) -> bool:
     """Whether ``package`` can be imported (TensorBoard's writer also comes as ``tensorboardX``)."""
     candidates = [package, "tensorboardX"] if package == "tensorboard" else [package]
     return any(importlib.util.find_spec(name) is not None for name in candidates)
+
+
+def is_launched_worker() -> bool:
+    """True in a process that Lightning's DDP launcher started for a rank other than 0 (it re-runs the
+    command with ``LOCAL_RANK``/``NODE_RANK`` set); the process of rank 0 owns the out_dir and prints
+    what the command says once."""
+    return any(os.environ.get(name, "0") not in ("", "0") for name in ("LOCAL_RANK", "NODE_RANK"))

@@ -39,6 +39,7 @@ from innerloop.checkpoints import (
     load_training_checkpoint,
 )
 from innerloop.config.load import ConfigError, read_run_config
+from innerloop.config.trainer_args import is_launched_worker as is_launched_worker  # first home: config
 from innerloop.data.atomic import stale_temporaries
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,6 @@ LOCK_NAME = ".innerloop.lock"
 
 class RunDirError(ConfigError):
     """An out_dir that this run cannot use: another run holds it, or it holds a run already."""
-
-
-def is_launched_worker() -> bool:
-    """True in a process that Lightning's DDP launcher started for a rank other than 0 (it re-runs the
-    command with ``LOCAL_RANK``/``NODE_RANK`` set); the process of rank 0 owns the out_dir."""
-    return any(os.environ.get(name, "0") not in ("", "0") for name in ("LOCAL_RANK", "NODE_RANK"))
 
 
 @contextmanager

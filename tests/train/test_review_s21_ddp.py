@@ -208,3 +208,24 @@ def test_a_stop_of_a_ddp_spawn_run_saves_the_step_and_ends_it(tmp_path, to_group
             pass
         process.wait(timeout=10)
         handle.close()
+
+
+@pytest.mark.parametrize(("rank", "printed"), [("0", True), ("1", False)])
+def test_a_launched_ranks_copy_of_train_prints_no_warning_rank_0_prints(
+    monkeypatch, capsys, rank, printed
+) -> None:
+    # review s21 ddp (LOW): under `ddp` every rank re-runs the command and printed every config warning
+    import warnings
+
+    import innerloop.cli as cli
+
+    def command(args, worker):
+        warnings.warn("config key 'x' is given twice", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setenv("LOCAL_RANK", rank)
+    monkeypatch.setattr(cli, "_train_command", command)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        assert cli.main(["train"]) == 0
+    assert any("given twice" in str(w.message) for w in shown) == printed

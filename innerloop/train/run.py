@@ -83,7 +83,7 @@ from innerloop.config.load import (
     warmup_steps,
 )
 from innerloop.config.schema import DataConfig, RecallConfig, RunConfig
-from innerloop.data.atomic import atomic_write_text, remove_stale_temporaries_of
+from innerloop.data.atomic import atomic_write_text, file_sha256, remove_stale_temporaries_of
 from innerloop.data.hf import FORMATS, check_hf_source
 from innerloop.data.text import split_keys, split_text_files, stdlib_files
 from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
@@ -1313,12 +1313,20 @@ class RunFiles:
     records: bool = False
 
     def trained_on(self, files: Iterable[Path], tail: float | None = None) -> list[Path]:
-        """Which of ``files`` (resolved) hold text this run trained on, sorted. ``tail``: the files are
-        one file's last ``tail`` (a one-file run's held-out text); within a one-file run's own held-out
-        tail (``tail <= self.tail``) nothing is its training text."""
+        """Which of ``files`` (resolved) hold text this run trained on, sorted: its training files, and
+        byte-identical copies of them elsewhere (of a run that trained on whole files; not a file it held
+        out itself). ``tail``: the
+        files are one file's last ``tail`` (a one-file run's held-out text); within a one-file run's own
+        held-out tail (``tail <= self.tail``) nothing is its training text."""
         if tail is not None and self.tail is not None and tail <= self.tail:
             return []
-        return sorted(self.training.intersection(files))
+        given = set(files)
+        same = self.training.intersection(given)
+        # a file this run held out itself stays held out, whatever copy of its bytes it trained on (a
+        # corpus may hold identical small files, e.g. the same one-line __init__.py in two packages)
+        others = given - same - self.held_out
+        copies = _copies_among(others, self.training) if self.tail is None else set()
+        return sorted(same | copies)
 
     def describe(self, files: Sequence[Path]) -> str:
         """``files`` (some of :attr:`training`) in words: which part of them the run trained on."""
@@ -1326,6 +1334,26 @@ class RunFiles:
         if self.tail is not None:
             return f"the first {1 - self.tail:.0%} of {names[0]!r}"
         return f"the records it did not hold out of {names}" if self.records else repr(names)
+
+
+def _copies_among(candidates: set[Path], originals: frozenset[Path]) -> set[Path]:
+    """Those of ``candidates`` whose bytes are one of ``originals``' (the sizes compared first, then the
+    SHA-256 of the files of equal size)."""
+    by_size: dict[int, list[Path]] = {}
+    for original in originals:
+        with contextlib.suppress(OSError):
+            size = original.stat().st_size
+            if size > 0:  # an empty file holds no text to have trained on
+                by_size.setdefault(size, []).append(original)
+    copies = set()
+    for candidate in candidates:
+        try:
+            same_size = by_size.get(candidate.stat().st_size, [])
+            if same_size and file_sha256(candidate) in {file_sha256(original) for original in same_size}:
+                copies.add(candidate)
+        except OSError:
+            continue  # gone or unreadable: reading the windows says so
+    return copies
 
 
 def run_files(data: DataConfig, recorded_held_out: Sequence[str] | None = None) -> RunFiles | None:

@@ -333,3 +333,28 @@ def test_a_vocabulary_too_small_names_the_model(world) -> None:
     save_checkpoint(tree, world["root"] / "small" / "last.safetensors")
     with pytest.raises(DataError, match="small"):
         compare([world["ttt"], world["root"] / "small"], resamples=20)
+
+
+# review s22 compare (LOW, fixed): a model that trained on a byte-identical copy of the windows' file elsewhere
+# was counted as trained on "none of" them (the checks compared paths only)
+def test_a_copy_of_a_training_file_counts_as_trained_on(tmp_path) -> None:
+    from innerloop.train.run import RunFiles
+
+    texts = {"a.txt": "held out by the baseline", "b.txt": "trained on by both", "empty.txt": ""}
+    for folder in ("baseline", "model"):
+        (tmp_path / folder).mkdir()
+        for name, text in texts.items():
+            (tmp_path / folder / name).write_text(text)
+    model = RunFiles(
+        training=frozenset({tmp_path / "model" / "a.txt", tmp_path / "model" / "empty.txt"}),
+        held_out=frozenset({tmp_path / "model" / "b.txt"}),
+    )
+    windows = [tmp_path / "baseline" / name for name in ("a.txt", "empty.txt")]
+    # the copy of a.txt is trained on; an empty file is no text, the same as any other empty file or not
+    assert model.trained_on(windows) == [tmp_path / "baseline" / "a.txt"]
+    (tmp_path / "baseline" / "a.txt").write_text("held out by the baseline, edited")
+    assert model.trained_on(windows) == []
+    # a file the model held out itself is held out, also where a copy of its bytes was trained on
+    (tmp_path / "baseline" / "a.txt").write_text(texts["a.txt"])
+    both = RunFiles(training=frozenset({tmp_path / "model" / "a.txt"}), held_out=frozenset(windows))
+    assert both.trained_on(windows) == []

@@ -520,11 +520,15 @@ def _other_data_note(
     ours, theirs = _data_settings(data.run.data), _data_settings(baseline.run.data)
     if _same_files(data.files, baseline.files):  # other spellings of the same files (a link, a relative path)
         ours["paths"] = theirs["paths"]
+    if not ours["name"] == theirs["name"] == "recall":  # the task's settings matter between recall runs only
+        del ours["recall"], theirs["recall"]
+    if ours["name"] == "recall" and theirs["name"] != "recall":
+        held_out = "not text it trained on (its run read the recall task, no text)"
     if ours != theirs:
         keys = [
             f"data.{k}={_shown(k, ours)} (baseline {_shown(k, theirs)})"
             for k in DATA_KEYS
-            if ours[k] != theirs[k]
+            if k in ours and ours[k] != theirs[k]
         ]
         return (
             f"{name} was trained on other data than the baseline {baseline_name}: {', '.join(keys)}; the "

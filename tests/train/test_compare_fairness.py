@@ -259,3 +259,25 @@ def test_the_same_files_through_a_link_are_the_same_data(tmp_path, three_files) 
     assert compare_module.training_data_notes(_models(single, single_linked), 0) == []
     (note,) = compare_module.training_data_notes(_models(baseline, single), 0)
     assert note.startswith("single was trained on other data than the baseline base: data.paths=")
+
+
+@pytest.mark.slow  # ~0.3 s: two runs' configs
+def test_a_recall_model_against_a_text_baseline_is_named_without_the_tasks_settings(
+    tmp_path, three_files
+) -> None:
+    # review s22 compare (LOW): the note listed data.recall, which a text baseline never reads, and said the
+    # windows were text "which it may have trained on", impossible for a recall-task model
+    text = _run(tmp_path / "text", [str(three_files)], {"validation_files": ["a.txt"]})
+    task = _run(
+        tmp_path / "task",
+        [],
+        None,
+        preset="recall-ttt",
+        extra=("data.recall.num_pairs=2", "data.recall.gap=8"),
+    )
+    (note,) = compare_module.training_data_notes(_models(text, task), 0)
+    assert note.startswith(
+        "task was trained on other data than the baseline text: data.name='recall' (baseline 'text')"
+    )
+    assert "data.recall" not in note
+    assert note.endswith("not text it trained on (its run read the recall task, no text)")

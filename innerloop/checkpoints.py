@@ -779,21 +779,24 @@ def _check_finite_weights(name: str, state_dict: Any) -> None:
                 )
 
 
-def checkpoint_identity(path: str | os.PathLike[str]) -> str:
-    """``<file stem>-<first 8 hex digits of its content checksum>``, e.g. ``last-1a2b3c4d``: names
-    what was evaluated, so outputs of two checkpoints (even two ``last.safetensors``) never collide.
-
-    The checksum is the one in the metadata (:func:`checkpoint_digest`; verified by
-    :func:`load_checkpoint`, which should be called first); an old version-1 file without one is hashed
-    whole."""
-    path = Path(path)
+def checkpoint_content_digest(path: str | os.PathLike[str]) -> str:
+    """The checksum of the checkpoint's content, whatever the file is called: the one in its metadata
+    (:func:`checkpoint_digest`; verified by :func:`load_checkpoint`, which should be called first), or
+    for an old version-1 file without one the file's SHA-256."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             digest = (f.metadata() or {}).get(_DIGEST_KEY)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{str(path)!r} is not a readable checkpoint: {_one_line(err)}") from None
-    if digest is None:
-        digest = file_sha256(path)
+    return digest if digest is not None else file_sha256(path)
+
+
+def checkpoint_identity(path: str | os.PathLike[str]) -> str:
+    """``<file stem>-<first 8 hex digits of its content checksum>`` (:func:`checkpoint_content_digest`),
+    e.g. ``last-1a2b3c4d``: names what was evaluated, so outputs of two checkpoints (even two
+    ``last.safetensors``) never collide."""
+    path = Path(path)
+    digest = checkpoint_content_digest(path)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.name.removesuffix(CHECKPOINT_SUFFIX)).strip("-.") or "ckpt"
     return f"{stem[:40]}-{digest[:8]}"
 

@@ -412,10 +412,11 @@ def _quiet_lightning() -> None:
 def _train(args: argparse.Namespace) -> int:
     from innerloop.config.trainer_args import is_launched_worker
 
+    worker = is_launched_worker()
     with warnings.catch_warnings():
-        if is_launched_worker():  # another rank's copy of this command: rank 0 prints each warning once
+        if worker:  # another rank's copy of this command: rank 0 prints each warning once
             warnings.simplefilter("ignore")
-        return _train_command(args, worker=is_launched_worker())
+        return _train_command(args, worker)
 
 
 def _train_command(args: argparse.Namespace, worker: bool) -> int:

@@ -409,9 +409,15 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         they load as the files saved."""
         self.config.auto_map = dict(AUTO_MAP)
         self.config.innerloop_plugins = plugin_record(self.config.model, self.config.innerloop_plugins)
+
+        transformers_save = super().save_pretrained
+
+        def save_into(target: Path) -> None:
+            transformers_save(target, *args, **kwargs)
+            write_shims(target)
+
         if kwargs.get("push_to_hub"):  # transformers names the repository after the folder: saved in place
-            super().save_pretrained(save_directory, *args, **kwargs)
-            write_shims(save_directory)
+            save_into(Path(save_directory))
             forget_replaced_export_files(Path(save_directory))
             return
         # Staged in a hidden folder inside the folder (the same file system, whatever the folder is a mount
@@ -421,8 +427,7 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=folder, prefix=".innerloop-saving-"))
         try:
-            super().save_pretrained(staging, *args, **kwargs)
-            write_shims(staging)
+            save_into(staging)
             forget_replaced_export_files(folder, replacements=staging)  # before the files it names change
             _move_saved_files(staging, folder)
         finally:

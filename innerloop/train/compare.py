@@ -36,12 +36,14 @@ import torch.nn.functional as F
 
 from innerloop.checkpoints import (
     CHECKPOINT_SUFFIX,
+    checkpoint_content_digest,
     checkpoint_identity,
     checkpoint_tokenizer,
     recorded_entry,
 )
 from innerloop.config.load import ConfigError
 from innerloop.config.schema import DataConfig, RunConfig
+from innerloop.core.layer import check_positive_int
 from innerloop.data.atomic import atomic_write, atomic_write_text, remove_stale_temporaries_of
 from innerloop.data.tokenizer import Tokenizer
 from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
@@ -251,7 +253,14 @@ def compare(
     model's training data is checked against the windows first (:func:`training_data_notes`: logged as
     warnings; a model that trained on the baseline's held-out text is refused)."""
     _check_compare_arguments(runs_or_checkpoints, seq_lens, baseline, resamples, confidence, seed)
-    _check_window_counts(batch_size=batch_size, batches=batches)
+    for name, value in (
+        ("batch_size", batch_size),
+        ("batches", batches),
+    ):  # the CLI's argparse checks its own
+        try:
+            check_positive_int(name, value, none_allowed=True)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     checkpoints = [resolve_checkpoint(p) for p in runs_or_checkpoints]
     names = model_names(checkpoints)
     base = _baseline_index(baseline, names, runs_or_checkpoints, checkpoints, no_ttt)
@@ -306,14 +315,6 @@ def _check_compare_arguments(
         raise ConfigError(f"confidence must be a number in (0, 1), got {confidence!r}")
     if not integer(seed):
         raise ConfigError(f"--seed must be an integer, got {seed!r}")
-
-
-def _check_window_counts(**counts: Any) -> None:
-    """``batch_size`` and ``batches`` of :func:`compare` (the CLI's argparse checks its own): None (the
-    default) or an integer >= 1."""
-    for name, value in counts.items():
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ConfigError(f"{name} must be an integer >= 1 (or None: the default), got {value!r}")
 
 
 def _add_length(comparison: Comparison, result: LengthResult) -> None:
@@ -615,7 +616,7 @@ def _same_checkpoint_notes(models: Sequence[ComparedModel]) -> list[str]:
     seen: dict[str, str] = {}  # content checksum -> the first model with it
     notes = []
     for model in models:
-        content = checkpoint_identity(model.checkpoint).rsplit("-", 1)[1]  # whatever the file's name
+        content = checkpoint_content_digest(model.checkpoint)  # whatever the file's name
         if content in seen:
             notes.append(
                 f"{model.name} is the same checkpoint as {seen[content]}: it is compared with itself"

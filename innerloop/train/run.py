@@ -885,8 +885,8 @@ def _check_same_data(
         now = {"data.seq_len": module.hparams.get("seq_len")}  # the recall task's derived one too
     else:
         now = run_data_record(run)
-        recorded = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()}
-        now = {k: tuple(v) if isinstance(v, list) else v for k, v in now.items()}
+        recorded = {k: _as_tuples(v) for k, v in recorded.items()}
+        now = {k: _as_tuples(v) for k, v in now.items()}
     changed = [f"{k} ({recorded[k]!r} -> {now[k]!r})" for k in now if k in recorded and recorded[k] != now[k]]
     if changed:
         raise ConfigError(
@@ -956,6 +956,7 @@ def _last_checkpoint_note(ckpt: Path, run: RunConfig, overrides: str = " optim.l
 DEFAULT_EVAL_SEQ_LEN = 128
 """Window length of an evaluation of a checkpoint that does not record its training seq_len."""
 DEFAULT_EVAL_BATCH_SIZE, DEFAULT_EVAL_BATCHES = 16, 8
+"""Windows per batch, and batches, of an evaluation that has no run's validation to follow."""
 
 
 def default_window_count(batch_size: int, batches: int | None) -> int:
@@ -963,9 +964,6 @@ def default_window_count(batch_size: int, batches: int | None) -> int:
     ``batch_size`` when ``batches`` is given, else 128 (8 batches of 16) whatever ``batch_size`` is,
     which only says how many windows go through the model at once (as for a run's own windows)."""
     return batch_size * batches if batches is not None else DEFAULT_EVAL_BATCH_SIZE * DEFAULT_EVAL_BATCHES
-
-
-"""Windows per batch, and batches, of an evaluation that has no run's validation to follow."""
 
 
 @dataclass
@@ -1024,12 +1022,13 @@ def _run_beside(checkpoint: str | Path, model: dict[str, Any]) -> tuple[RunConfi
             f"({', '.join(changes[:2])}{more})"
         )
     recorded = recorded_entry(checkpoint, RUN_DATA_KEY)
-    differences = _other_text_than_recorded(run, recorded) if isinstance(recorded, dict) else []
-    if differences and not _data_moved(differences, recorded):
+    differing = _text_keys_differing(run, recorded) if isinstance(recorded, dict) else []
+    if differing and not _data_moved(differing, recorded):
         # weights copied beside another run's config: their own run's data is the one they recorded
         own = _with_recorded_data(run, recorded)
         if own is None:
-            changes = differences
+            now = run_data_record(run)
+            changes = [f"{key} {now[key]!r} != {recorded[key]!r}" for key in differing]
             more = f" and {len(changes) - 2} more" if len(changes) > 2 else ""
             return None, (
                 f"the config.yaml beside {str(checkpoint)!r} is another run's: the checkpoint was trained on "
@@ -1051,16 +1050,16 @@ _TEXT_CHOOSING_KEYS = (
 seed that draws the recall task's sequences)."""
 
 
-def _other_text_than_recorded(run: RunConfig, recorded: dict[str, Any]) -> list[str]:
-    """``"data.paths [...] != [...]"`` for each setting choosing the text that ``run`` (a config.yaml
-    beside a checkpoint) gives otherwise than ``recorded``, the checkpoint's record of its own run
+def _text_keys_differing(run: RunConfig, recorded: dict[str, Any]) -> list[str]:
+    """The settings choosing the text (``data.paths``, ...) that ``run`` (a config.yaml beside a
+    checkpoint) gives otherwise than ``recorded``, the checkpoint's record of its own run
     (:data:`RUN_DATA_KEY`): weights copied beside another run's config, whose held-out text they may
     have trained on."""
     recall = run.data.name == "recall" or recorded.get("data.name") == "recall"
     chooses = [*_TEXT_CHOOSING_KEYS, *(["seed"] if recall else [])]
     now = run_data_record(run)
     return [
-        f"{key} {now[key]!r} != {recorded[key]!r}"
+        key
         for key in now
         if key in recorded
         and (key in chooses or (recall and key.startswith("data.recall.")))
@@ -1068,11 +1067,11 @@ def _other_text_than_recorded(run: RunConfig, recorded: dict[str, Any]) -> list[
     ]
 
 
-def _data_moved(differences: list[str], recorded: dict[str, Any]) -> bool:
+def _data_moved(differing: list[str], recorded: dict[str, Any]) -> bool:
     """Whether the config.yaml differs from the checkpoint's record only in ``data.paths``, and the
     recorded paths find nothing now: the run's data was moved and its config.yaml edited to follow it
     (weights copied beside another run's config still find their own data where they recorded it)."""
-    if not all(difference.startswith("data.paths ") for difference in differences):
+    if differing != ["data.paths"]:
         return False
     paths = recorded.get("data.paths")
     paths = paths if isinstance(paths, list) else []
@@ -1315,9 +1314,8 @@ class RunFiles:
     def trained_on(self, files: Iterable[Path], tail: float | None = None) -> list[Path]:
         """Which of ``files`` (resolved) hold text this run trained on, sorted: its training files, and
         byte-identical copies of them elsewhere (of a run that trained on whole files; not a file it held
-        out itself). ``tail``: the
-        files are one file's last ``tail`` (a one-file run's held-out text); within a one-file run's own
-        held-out tail (``tail <= self.tail``) nothing is its training text."""
+        out itself). ``tail``: the files are one file's last ``tail`` (a one-file run's held-out text);
+        within a one-file run's own held-out tail (``tail <= self.tail``) nothing is its training text."""
         if tail is not None and self.tail is not None and tail <= self.tail:
             return []
         given = set(files)
@@ -1345,11 +1343,16 @@ def _copies_among(candidates: set[Path], originals: frozenset[Path]) -> set[Path
             size = original.stat().st_size
             if size > 0:  # an empty file holds no text to have trained on
                 by_size.setdefault(size, []).append(original)
+    digests: dict[Path, str] = {}  # each original hashed once, and only where a candidate has its size
     copies = set()
     for candidate in candidates:
         try:
             same_size = by_size.get(candidate.stat().st_size, [])
-            if same_size and file_sha256(candidate) in {file_sha256(original) for original in same_size}:
+            if not same_size:
+                continue
+            for original in same_size:
+                digests.setdefault(original, file_sha256(original))
+            if file_sha256(candidate) in {digests[original] for original in same_size}:
                 copies.add(candidate)
         except OSError:
             continue  # gone or unreadable: reading the windows says so

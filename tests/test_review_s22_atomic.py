@@ -417,3 +417,23 @@ def test_a_benchmark_does_not_replace_a_run_it_did_not_write(tmp_path, monkeypat
     assert (users / "last.safetensors").read_bytes() == b"the user's own run"
     recall.mark_benchmark_run(users)  # a run the benchmark wrote may be replaced: no refusal then
     recall.check_replaceable_runs([users, tmp_path / "not-there-yet"])
+
+
+def test_a_full_disk_is_one_line_naming_the_file_without_root(tmp_path, monkeypatch, capsys):
+    """The full-disk path of the mounted-tmpfs test above, where no tmpfs can be mounted (not root): the
+    write's flush to disk fails with ENOSPC, and the command says so in one line naming the file."""
+    import errno
+
+    import innerloop.data.atomic as atomic
+    from innerloop.cli import main
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    corpus, out = _corpus(tmp_path), tmp_path / "tok"
+    monkeypatch.setattr(atomic.os, "fsync", full)
+    assert main(["tokenizer", "train", "--vocab-size", "300", "--out", str(out), str(corpus)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "No space left on device" in error, error
+    assert f"writing {str(out / 'tokenizer_config.json')!r} failed" in error, error
+    assert not list(out.glob(".*.tmp"))  # the temporary went with the failed write

@@ -1,9 +1,10 @@
 """Sampling from a language model (:class:`~innerloop.models.CausalLM` or
 :class:`~innerloop.models.E2ELM`) through its recurrent state.
 
-The prompt is read in one call; then each new token is fed alone (``T = 1``) with the state of the
-previous step. Nothing else is kept: with TTT or sliding-window mixers the memory per token is
-constant, however many tokens are generated.
+The prompt is read in chunks of :data:`PROMPT_CHUNK_TOKENS` with the state carried, keeping only the
+last position's logits; then each new token is fed alone (``T = 1``) with the state of the previous
+step. Nothing else is kept: with TTT or sliding-window mixers the memory is constant, however long the
+prompt and however many tokens are generated.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from innerloop.models.lm import check_token_ids
 if TYPE_CHECKING:  # annotations only: generate calls the model, whatever its class
     from innerloop.models.e2e import E2ELM, E2EState
     from innerloop.models.lm import CausalLM, LMState
+
+PROMPT_CHUNK_TOKENS = 2048
+"""How many prompt tokens one model call reads: a call holds ``[B, chunk, vocab]`` logits and every block's
+activations for its tokens, so reading a long prompt whole took memory growing with its length."""
 
 
 def sample_next(
@@ -180,6 +185,20 @@ def _bad(name: str, value: object, valid: str, right_type: bool) -> Exception:
     return (ValueError if right_type else TypeError)(f"{given} must be {valid}")
 
 
+def _read_prompt(
+    model: CausalLM | E2ELM, prompt_ids: torch.Tensor
+) -> tuple[torch.Tensor, LMState | E2EState]:
+    """``(logits [B, V] at the prompt's last position, the state after it)``, read without autograd in
+    chunks of :data:`PROMPT_CHUNK_TOKENS` (any split of a sequence with the state carried equals the whole)."""
+    state = None
+    with torch.no_grad():
+        for start in range(0, prompt_ids.shape[1], PROMPT_CHUNK_TOKENS):
+            logits, state = model(prompt_ids[:, start : start + PROMPT_CHUNK_TOKENS], state)
+            last = logits[:, -1].clone()  # [B, V]: its own copy, so that the chunk's [B, T, V] logits can go
+            del logits
+    return last, state
+
+
 def _sample(
     model: CausalLM | E2ELM,
     prompt_ids: torch.Tensor,
@@ -194,10 +213,7 @@ def _sample(
     for an iterator left half read)."""
     if max_new_tokens == 0:  # nothing to sample: the prompt need not be read
         return
-    with torch.no_grad():
-        logits, state = model(prompt_ids)
-    last = logits[:, -1].clone()  # [B, V]: its own copy, so that the prompt's [B, P, V] logits can go
-    del logits
+    last, state = _read_prompt(model, prompt_ids)
     stop_ids = torch.tensor(stops, dtype=torch.long, device=prompt_ids.device)
     ended = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)  # [B]
     for step in range(max_new_tokens):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
 from memory_testing import live_tensor_bytes
 
-from innerloop.models import CausalLM, ModelConfig, generate
+from innerloop.models import CausalLM, E2EConfig, ModelConfig, build_model, generate
 
 
 def tiny(mixer: str) -> CausalLM:
@@ -147,3 +149,41 @@ def test_a_tiny_positive_temperature_samples_the_greedy_token(temperature) -> No
     for top_k in (None, 3):
         sampled = sample_next(logits, temperature, top_k, generator)
         assert torch.equal(sampled, logits.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("mixer", ["ttt", "swa", "attention", "e2e"])
+def test_a_prompt_longer_than_a_chunk_is_read_in_chunks_equal_to_one_call(
+    mixer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long prompt is read PROMPT_CHUNK_TOKENS at a time (constant memory): the same logits and state as
+    one call, in float64, whatever the split (here chunks of 5 across 23 prompt tokens)."""
+    generate_module = importlib.import_module("innerloop.models.generate")  # the package exports the function
+
+    if mixer == "e2e":  # TTT-E2E's inner chunks of 4: the prompt's chunks of 5 split them
+        torch.manual_seed(0)
+        e2e = E2EConfig(chunk_size=4, suffix_fraction=0.5)
+        model = build_model(
+            ModelConfig(mixer="e2e", hidden_size=32, num_layers=2, num_heads=2, window=4, e2e=e2e)
+        )
+        model = model.eval().double()
+    else:
+        model = tiny(mixer).double()
+    prompt = torch.tensor([list(b"import os, sys; x = 1\n\n")])  # 23 tokens
+    with torch.no_grad():
+        logits, whole_state = model(prompt)
+    calls = []
+    original_forward = model.forward
+
+    def counting_forward(ids, state=None):
+        calls.append(ids.shape[1])
+        return original_forward(ids, state)
+
+    monkeypatch.setattr(model, "forward", counting_forward)
+    monkeypatch.setattr(generate_module, "PROMPT_CHUNK_TOKENS", 5)
+    last, state = generate_module._read_prompt(model, prompt)
+    assert calls == [5, 5, 5, 5, 3]
+    torch.testing.assert_close(last, logits[:, -1], rtol=1e-10, atol=1e-10)
+    assert state.position == whole_state.position == prompt.shape[1]
+    tokens = [int(t) for t, _ in generate(model, prompt, 6, temperature=0)]
+    monkeypatch.setattr(generate_module, "PROMPT_CHUNK_TOKENS", 4096)
+    assert tokens == [int(t) for t, _ in generate(model, prompt, 6, temperature=0)]

@@ -886,7 +886,9 @@ class TTTLayer(nn.Module):
         """
         batch, tokens, _ = x.shape
         heads, head_dim = self.num_heads, self.head_dim
-        positions = (state.position + torch.arange(tokens, device=x.device)) % self.mini_batch_size
+        # the position modulo K first: a Python int of any size, where adding it to an int64 range could wrap
+        start = state.position % self.mini_batch_size
+        positions = (start + torch.arange(tokens, device=x.device)) % self.mini_batch_size
         if autocasting(x.device.type) and x.dtype == torch.float32:
             x = x.to(torch.get_autocast_dtype(x.device.type))  # cast once, not once per projection
         conv_history = dict(state.conv_history)

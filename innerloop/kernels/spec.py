@@ -212,9 +212,10 @@ class KernelSpec:
 def check_kernel_output(
     kernel: KernelSpec, xq: torch.Tensor, params: Params, out: torch.Tensor, new_params: Params
 ) -> None:
-    """A kernel's outputs have the contract's shapes (``out`` as ``xq``, the same weights as ``params``;
-    for ``decode``, ``xq`` is the token's ``[B, H, f]`` and ``params`` holds the pending sums too):
-    shapes only, no values read, so a broken plugin fails here, naming itself, not later or silently."""
+    """A kernel's outputs have the contract's shapes, dtypes and device (``out`` as ``xq``, the same
+    weights as ``params``; for ``decode``, ``xq`` is the token's ``[B, H, f]`` and ``params`` holds the
+    pending sums too): no values read, so a broken plugin fails here, naming itself and what it returned,
+    not later in a raw torch error or silently."""
     if not isinstance(out, torch.Tensor) or out.shape != xq.shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise RuntimeError(
@@ -233,6 +234,13 @@ def check_kernel_output(
         raise RuntimeError(
             f"kernel {kernel.name!r} returned weights {got_params}; the contract is the weights it was given, {expected}"
         )
+    returned = {"outputs": (out, xq), **{f"weights[{k!r}]": (new_params[k], v) for k, v in params.items()}}
+    for what, (got, given) in returned.items():
+        if got.dtype != given.dtype or got.device != given.device:
+            raise RuntimeError(
+                f"kernel {kernel.name!r} returned {what} as {got.dtype} on {got.device}; the contract is the "
+                f"dtype and device of what it was given, {given.dtype} on {given.device}"
+            )
 
 
 def stack_kernel_spec(path: str, model_name: str, **fields: Any) -> KernelSpec:

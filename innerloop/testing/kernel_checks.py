@@ -8,16 +8,22 @@ chosen by ``kernel="auto"``. :func:`check_kernel` settles those in a plugin's ow
 layers with the same weights (:func:`~innerloop.testing.checks.twin_layers`), one forced onto the
 kernel and one on ``kernel="torch"``, and compares them on
 
-- calls of at least three whole mini-batches plus a partial one, and of fewer tokens than a
-  mini-batch, each in one call and split in several calls with the state carried between them;
-- from a fresh state and from a state carried from a first call (different weights in each of the
-  three batch rows, and pending sums: the call starts inside a mini-batch);
+- calls of three and of seventeen whole mini-batches plus a partial one (more than the 4, 8 or 16
+  mini-batches a kernel may tile its loop by), and of fewer tokens than a mini-batch, each in one call
+  and split in several calls with the state carried between them;
+- from a fresh state, from a state carried from a first call (different weights in each of the
+  three batch rows, and pending sums: the call starts inside a mini-batch), and from one carried to a
+  mini-batch boundary (the kernel is given the state's own weights);
 - an even head dim (:class:`~innerloop.core.layer.TTTLayer`) and an odd one
   (:class:`~innerloop.core.family_layers.FamilyLayer`, which has no RoPE), three heads;
 - with gradients (outputs, final state, and the gradients of a fixed random projection of both with
   respect to the input and every parameter), under ``torch.no_grad`` and under
   ``torch.inference_mode`` (outputs and final state);
 - and, when the kernel has a ``decode`` step, a prefill then token-by-token decoding.
+
+Outputs are compared as a whole and token by token (an error on one token in several is not averaged
+away), and the state each call is given must be unchanged after it (a :class:`TTTState` is immutable:
+a kernel that writes its new weights into the ones it was given corrupts a state a caller reuses).
 
 A case the kernel refuses (its ``verify``, or what its :class:`~innerloop.kernels.spec.KernelSpec`
 declares: a training-only path, no decode step, ...) is skipped and the report says why; a case with no
@@ -100,10 +106,15 @@ class KernelCase:
     carried: bool
     cuts: tuple[int, ...]
     mode: str
+    at_boundary: bool = False  # a carried state at a mini-batch boundary (else inside a mini-batch)
 
     def __str__(self) -> str:
         layer = "TTTLayer" if self.head_dim % 2 == 0 else "FamilyLayer"
-        start = "a state carried from a first call" if self.carried else "a fresh state"
+        start = "a fresh state"
+        if self.carried:
+            start = (
+                f"a state carried {'to a mini-batch boundary' if self.at_boundary else 'from a first call'}"
+            )
         if self.mode == "decode":
             split = f"prefill of {self.cuts[0]} then token by token"
         else:
@@ -219,15 +230,18 @@ def _layer_config(
 def _cases(head_dim: int, mini_batch_size: int, decodes: bool) -> Iterator[KernelCase]:
     """Every case of one head dim: each length, start and cut, in each mode; then decoding."""
     k = mini_batch_size
-    long = 3 * k + k // 2 + 1  # three whole mini-batches and a partial one (K = 1: four whole ones)
-    lengths = [long] if k == 1 else [long, k - 1]
+    # three whole mini-batches and a partial one (K = 1: four whole ones), then seventeen: past a tile
+    # of 4, 8 or 16 mini-batches, or a loop carry that goes wrong after a few iterations
+    lengths = [3 * k + k // 2 + 1, 17 * k + k // 2 + 1]
+    if k > 1:
+        lengths.append(k - 1)
     for tokens in lengths:
         cuts = tuple(c for c in (1, k + k // 2 + 1, 3 * k) if 0 < c < tokens)
-        for carried in (False, True):
+        for carried, at_boundary in ((False, False), (True, False), (True, True)):
             for mode in MODES:
-                yield KernelCase(head_dim, tokens, carried, (), mode)
+                yield KernelCase(head_dim, tokens, carried, (), mode, at_boundary)
                 if cuts:
-                    yield KernelCase(head_dim, tokens, carried, cuts, mode)
+                    yield KernelCase(head_dim, tokens, carried, cuts, mode, at_boundary)
     if decodes:
         yield KernelCase(head_dim, 2 * k + 1, True, (k + 1,), "decode")
 
@@ -252,6 +266,36 @@ def _twin_layers(
 
 def _copy(state: TTTState | None) -> TTTState | None:
     return None if state is None else state.clone()
+
+
+def _check_state_untouched(given: TTTState | None, untouched: TTTState | None, what: str) -> None:
+    """The state the fast layer was given holds what it held before the call (bit for bit)."""
+    if given is None or untouched is None:
+        return
+    for group in ("params", "pending", "loss_carry", "momentum", "decay"):
+        for key, tensor in getattr(untouched, group).items():
+            if not torch.equal(getattr(given, group)[key], tensor):
+                raise AssertionError(
+                    f"{what}: the kernel wrote into the state it was given (state.{group}[{key!r}] changed); "
+                    "a TTTState is immutable (a caller may continue it twice, e.g. from a shared prompt): "
+                    "return new tensors instead of writing into the given ones"
+                )
+
+
+def _assert_close_per_token(
+    actual: torch.Tensor, expected: torch.Tensor, what: str, tolerance: float
+) -> None:
+    """Each token's output ``[B, T, D]`` within ``tolerance`` of its reference (relative error over the
+    batch and features): an error on one token in several is not diluted by the others."""
+    actual, expected = actual.detach(), expected.detach()
+    difference = (actual.double() - expected.double()).square().sum(dim=(0, 2)).sqrt()  # [T]
+    scale = expected.double().square().sum(dim=(0, 2)).sqrt()  # [T]
+    errors = torch.where(scale > 0, difference / scale.clamp_min(torch.finfo(torch.float64).tiny), difference)
+    worst = int(errors.argmax()) if errors.numel() else 0
+    if errors.numel() and not float(errors[worst]) <= tolerance:  # also catches NaN
+        raise AssertionError(
+            f"{what}: token {worst} has a relative error of {float(errors[worst]):.3e} > {tolerance:.1e}"
+        )
 
 
 def _run_recorded(
@@ -307,8 +351,9 @@ class _Checker:
         self.reference, self.fast = reference.to(device), fast.to(device)
         self.generator = torch.Generator().manual_seed(seed)
         self.shape, self.dtype, self.device = (BATCH_SIZE, NUM_HEADS * head_dim), dtype, device
-        with torch.no_grad():  # inside a mini-batch, different weights in each batch row
+        with torch.no_grad():  # different weights in each batch row; inside a mini-batch, and at its end
             self.carried = self.reference(self.draw(self.mini_batch_size + 1))[1]
+            self.carried_to_boundary = self.reference(self.draw(2 * self.mini_batch_size))[1]
 
     def draw(self, tokens: int) -> torch.Tensor:
         batch, hidden = self.shape
@@ -318,7 +363,9 @@ class _Checker:
     def run(self, case: KernelCase) -> None:
         """Compare the two layers on ``case`` and record whether the kernel computed part of it."""
         what = f"check_kernel({self.spec.name!r}): {case}"
-        x, state = self.draw(case.tokens), self.carried if case.carried else None
+        x, state = self.draw(case.tokens), None
+        if case.carried:
+            state = self.carried_to_boundary if case.at_boundary else self.carried
         try:
             paths = self._compare(case, x, state, what)
         except KernelCheckError as error:
@@ -342,8 +389,11 @@ class _Checker:
         with _MODE_CONTEXTS["inference_mode" if case.mode == "decode" else case.mode]():
             x_reference, x_fast = (x.clone().requires_grad_(grad) for _ in range(2))
             expected = self.reference(x_reference, _copy(state))
-            actual, paths = _run_recorded(self.fast, x_fast, cuts, _copy(state))
+            given, untouched = _copy(state), _copy(state)
+            actual, paths = _run_recorded(self.fast, x_fast, cuts, given)
+            _check_state_untouched(given, untouched, what)
             assert_close(actual[0], expected[0], f"{what}: output", self.tolerance)
+            _assert_close_per_token(actual[0], expected[0], f"{what}: output", self.tolerance)
             assert_states_close(actual[1], expected[1], f"{what}: final state", self.tolerance)
             if grad:
                 want = _projected_gradients(self.reference, x_reference, expected)

@@ -27,7 +27,9 @@ from innerloop.testing.checks import (
     RaisedWithoutGradError,
     RuleOutputError,
     check_activation_derivatives,
+    check_autograd_by_differences,
     check_forward_batch_independent,
+    check_forward_by_differences,
     check_loss_gradient,
     check_loss_gradient_at_zero_error,
     check_pairs_batch_independent,
@@ -220,6 +222,8 @@ def _check_inner_model(model: Any, name: str) -> None:
         check_activation_derivatives(
             model, 3 * torch.randn(4, 5, dtype=torch.float64), REGISTRATION_TOLERANCE
         )
+        # autograd's derivatives of forward (every path takes them) against finite differences
+        check_forward_by_differences(model, weights, torch.randn(heads, 3, head_dim, dtype=torch.float64))
         # two sequences, each with its own weights: an output must not depend on the other sequence
         batched = {
             k: v.double()[None] + 0.1 * torch.randn(2, *v.shape, dtype=torch.float64)
@@ -313,6 +317,14 @@ def _check_inner_loss(loss: Any, name: str) -> None:
             scales = torch.logspace(-2, 2, targets.shape[2], dtype=torch.float64)[:, None]
             prediction = targets + scales * torch.randn(targets.shape, dtype=torch.float64)
             check_loss_gradient(loss, prediction, targets, REGISTRATION_TOLERANCE)
+        else:  # autograd's derivatives of token_loss, which every path takes, against finite differences
+            targets = torch.randn(1, 1, 4, head_dim, dtype=torch.float64)
+            prediction = targets + torch.randn(targets.shape, dtype=torch.float64)
+            check_autograd_by_differences(
+                loss.token_loss,
+                {"prediction": prediction, "target": targets},
+                f"inner loss {name!r}: token_loss",
+            )
 
     _conformance("inner loss", name, pairs_and_gradient)
 

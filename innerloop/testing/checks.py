@@ -27,6 +27,7 @@ that breaks them is refused with the reason instead of computing wrong numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -329,7 +330,8 @@ def assert_layers_train_alike(
 def check_loss_gradient(
     loss: InnerLoss, prediction: torch.Tensor, target: torch.Tensor, tolerance: float = FLOAT64_TOLERANCE
 ) -> None:
-    """``loss.token_loss_grad`` equals autograd of ``loss.token_loss`` at ``prediction`` (in float64).
+    """``loss.token_loss_grad`` equals autograd of ``loss.token_loss`` at ``prediction`` (in float64), and
+    autograd's derivatives of ``token_loss`` equal finite differences (:func:`check_autograd_by_differences`).
 
     ``prediction`` and ``target`` are ``[..., f]``.
 
@@ -351,6 +353,11 @@ def check_loss_gradient(
             f"got {tuple(closed_form.shape)}"
         )
     assert_close(closed_form, autograd, f"{loss.name}: token_loss_grad vs autograd of token_loss", tolerance)
+    check_autograd_by_differences(
+        loss.token_loss,
+        {"prediction": _first_rows(prediction), "target": _first_rows(target)},
+        f"{loss.name}: token_loss",
+    )
     check_derivative_in_graph(
         closed_form,
         autograd,
@@ -360,6 +367,15 @@ def check_loss_gradient(
         tolerance,
     )
     check_loss_gradient_at_zero_error(loss, target)
+
+
+def _first_rows(t: torch.Tensor, rows: int = 4) -> torch.Tensor:
+    """The first ``rows`` rows of ``t [..., f]``, as ``[1, ..., 1, rows, f]`` (its number of dims kept): a few
+    tokens are enough for finite differences, which cost a call per element."""
+    if t.dim() < 2:
+        return t
+    flat = t.reshape(-1, t.shape[-1])[:rows]
+    return flat.reshape(*(1,) * (t.dim() - 2), *flat.shape)
 
 
 def check_loss_gradient_at_zero_error(loss: InnerLoss, target: torch.Tensor) -> None:
@@ -644,6 +660,41 @@ def check_stack_matches_forward(
         raise AssertionError(mismatch)
 
 
+def check_autograd_by_differences(
+    function: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor], what: str
+) -> None:
+    """autograd's first and second derivatives of ``function(*inputs.values())`` equal finite differences
+    (``torch.autograd.gradcheck`` and ``gradgradcheck`` in float64, each along a random direction).
+
+    The rules, the naive loop and the outer gradients all take a plugin's derivatives from autograd, so
+    comparing them with each other cannot see a wrong one: a hand-written ``autograd.Function``
+    backward (or a term left out of it) would train every path alike, wrongly."""
+    leaves = tuple(t.detach().double().requires_grad_(True) for t in inputs.values())
+    for check, order in ((torch.autograd.gradcheck, "first"), (torch.autograd.gradgradcheck, "second")):
+        try:
+            with torch.enable_grad():
+                check(function, leaves, fast_mode=True)
+        except Exception as error:  # torch's GradcheckError, or a backward that cannot run twice
+            raise AssertionError(
+                f"{what}: autograd's {order} derivatives w.r.t. its inputs "
+                f"{', '.join(f'{i} ({name})' for i, name in enumerate(inputs))} differ from finite "
+                f"differences in float64 (a hand-written backward, or a term left out of it?): "
+                f"{type(error).__name__}: {str(error).strip()[:600]}"
+            ) from error
+
+
+def check_forward_by_differences(model: InnerModel, params: dict[str, torch.Tensor], x: torch.Tensor) -> None:
+    """:func:`check_autograd_by_differences` of ``model.forward(params, x)`` w.r.t. every weight and ``x``
+    (``params``: ``[H, *shape]``, ``x``: ``[H, N, f]``; a few rows are enough)."""
+    names = list(params)
+
+    def forward(*tensors: torch.Tensor) -> torch.Tensor:
+        return model.forward(dict(zip(names, tensors[:-1], strict=True)), tensors[-1])
+
+    inputs = {**{f"weight {k}": v for k, v in params.items()}, "x": x}
+    check_autograd_by_differences(forward, inputs, f"{model.name}: forward")
+
+
 def check_activation_derivatives(
     model: InnerModel, z: torch.Tensor, tolerance: float = FLOAT64_TOLERANCE
 ) -> None:
@@ -744,6 +795,7 @@ def _check_inner_model_at(model: InnerModel, loss: InnerLoss, seed: int, shape: 
     params = {k: v[0] for k, v in problem.state.params.items()}  # [H, *shape]: one sequence
     check_stack_matches_forward(model, params, problem.views.key[0])
     check_activation_derivatives(model, 3 * problem.views.key[0])
+    check_forward_by_differences(model, params, problem.views.key[0][:, :3])
     # each sequence with its own weights (the problem's are one copy per sequence): a model that reads
     # sequence 0's weights for every sequence is named here, before a rule's comparison meets it
     generator = torch.Generator().manual_seed(seed + 1)

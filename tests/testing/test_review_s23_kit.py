@@ -25,6 +25,7 @@ from innerloop.plugins.models.linear import LinearModel
 from innerloop.plugins.optimizers.dual_form import DualForm
 from innerloop.plugins.optimizers.minibatch_gd import MiniBatchGD
 from innerloop.registry import isolated_registry
+from innerloop.registry.kinds import PluginError
 from innerloop.testing import (
     check_inner_loss,
     check_inner_model,
@@ -143,15 +144,10 @@ def test_a_wrong_hand_written_backward_changes_what_the_layer_computes():
     assert relative_error(wrong, right) > 1e-2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HIGH: check_inner_loss never checks token_loss's own gradient (only token_loss_grad against "
-    "autograd of token_loss): a loss whose hand-written autograd backward is 2x the true gradient passes "
-    "the kit and registration",
-)
 def test_a_loss_whose_hand_written_backward_is_wrong_fails_check_inner_loss():
-    innerloop.register_inner_loss(DoubledBackwardLoss())  # registration accepts it today
-    with pytest.raises(AssertionError, match="s23_doubled_backward"):
+    with pytest.raises(PluginError, match="s23_doubled_backward.*token_loss.*finite differences"):
+        innerloop.register_inner_loss(DoubledBackwardLoss())
+    with pytest.raises(AssertionError, match="s23_doubled_backward.*finite differences"):
         check_inner_loss(DoubledBackwardLoss(), **SMALL)
 
 
@@ -219,15 +215,10 @@ def test_a_model_missing_its_bias_gradient_computes_other_numbers():
     assert relative_error(wrong, right) > 1e-3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HIGH: check_inner_model compares the rules with the naive loop, which both differentiate "
-    "forward by the same autograd; nothing checks forward's gradient itself, so a model whose "
-    "hand-written backward misses the bias term passes the kit and registration",
-)
 def test_a_model_whose_backward_misses_the_bias_term_fails_check_inner_model():
-    innerloop.register_inner_model(BiasGradMissing())  # registration accepts it today
-    with pytest.raises(AssertionError, match="s23_bias_grad_missing"):
+    with pytest.raises(PluginError, match=r"s23_bias_grad_missing.*1 \(weight b\).*finite differences"):
+        innerloop.register_inner_model(BiasGradMissing())
+    with pytest.raises(AssertionError, match="s23_bias_grad_missing.*finite differences"):
         check_inner_model(BiasGradMissing(), **SMALL)
 
 

@@ -27,8 +27,10 @@ that breaks them is refused with the reason instead of computing wrong numbers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import NoReturn
 
 import torch
 
@@ -99,7 +101,36 @@ class InnerProblem:
         if reference is None:
             return self.naive()
         extras = {k: getattr(self, k) for k in ("decay", "momentum") if getattr(self, k) is not None}
-        return reference(self.state, self.task, self.views, self.lr, self.tau, **extras)
+        with _forward_refused(rule):
+            return reference(self.state, self.task, self.views, self.lr, self.tau, **extras)
+
+
+@contextmanager
+def _forward_refused(rule: UpdateRule) -> Iterator[None]:
+    """While ``rule.reference`` runs, ``rule.forward`` raises: a reference that calls the rule's own
+    ``forward`` (directly or through ``run_scan``) would compare the rule with itself, passing whatever it
+    computes. A rule whose attributes cannot be set (``__slots__``) is left as it is."""
+
+    def refused(*args: object, **kwargs: object) -> NoReturn:
+        raise AssertionError(
+            f"update rule {getattr(rule, 'name', '?')!r}: {type(rule).__qualname__}.reference called the rule's "
+            "own forward: a reference must compute "
+            "the update rule token by token on its own, as it is what forward is checked against"
+        )
+
+    own = getattr(rule, "__dict__", {}).get("forward")  # a forward set on the instance itself, if any
+    try:
+        object.__setattr__(rule, "forward", refused)
+    except (AttributeError, TypeError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        if own is None:
+            object.__delattr__(rule, "forward")
+        else:
+            object.__setattr__(rule, "forward", own)
 
 
 def reference_name(rule: UpdateRule) -> str:

@@ -354,15 +354,10 @@ def test_a_rule_wrong_only_in_float32_fails_the_default_check():
         check_update_rule(WrongInFloat32(), **ONE_CASE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MED: a rule whose declared reference calls its own forward is compared with itself; the kit "
-    "passes it whatever forward computes (the docs say such a reference 'checks nothing' but no check "
-    "refuses it)",
-)
 def test_a_rule_whose_reference_is_its_own_forward_fails_the_check():
-    innerloop.register_update_rule(SelfReference())  # registration accepts it today
-    with pytest.raises(AssertionError, match="s23_self_reference"):
+    with pytest.raises(PluginError, match="s23_self_reference.*reference called the rule's own forward"):
+        innerloop.register_update_rule(SelfReference())
+    with pytest.raises(AssertionError, match="s23_self_reference.*reference called the rule's own forward"):
         check_update_rule(SelfReference(), **ONE_CASE)
 
 

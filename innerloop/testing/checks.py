@@ -994,6 +994,9 @@ def check_update_rule(
                 options = {**problem_kwargs, **wrappings[0]}
                 problem = make_problem(each_model, losses[0], seed=seed, **options).for_rule(rule)
                 check_update_rule_without_grad(rule, problem, cut_points, tolerance)
+            if "dtype" not in problem_kwargs:  # layers run their rules in float32
+                options = {**problem_kwargs, **wrappings[0]}
+                check_update_rule_in_float32(rule, each_model, losses[0], cut_points, seed, options)
 
 
 def _models_for(rule: UpdateRule, model: InnerModel | str | None) -> list[InnerModel]:
@@ -1067,6 +1070,41 @@ def _check_rule_on(
             )
             assert_close(out, expected_out, what, tolerance)
             assert_states_close(state, expected_state, what, tolerance)
+
+
+#: How far :func:`check_update_rule_in_float32` lets a rule's float32 numbers be from float64: this many
+#: times the float32 error of what the rule is compared with (its reference, or the naive loop) ...
+FLOAT32_ERROR_FACTOR = 100.0
+#: ... and at least this relative error.
+FLOAT32_ERROR_FLOOR = 1e-5
+
+
+def check_update_rule_in_float32(
+    rule: UpdateRule,
+    model: InnerModel,
+    loss: InnerLoss,
+    cut_points: list[int] | None = None,
+    seed: int = 0,
+    problem_kwargs: dict | None = None,
+) -> None:
+    """``rule`` in float32, whole and cut, against the float64 numbers of what it is compared with: within
+    :data:`FLOAT32_ERROR_FACTOR` times that reference's own float32 error (at least
+    :data:`FLOAT32_ERROR_FLOOR`). A layer runs its rule in float32 (the default dtype, and under autocast):
+    a rule right in float64 only (a dtype-dependent branch, a constant rounded to float32) is caught."""
+    options = {k: v for k, v in (problem_kwargs or {}).items() if k != "dtype"}
+    exact = make_problem(model, loss, seed=seed, **options).for_rule(rule)
+    low = make_problem(model, loss, seed=seed, dtype=torch.float32, **options).for_rule(rule)
+    expected_out, expected_state = exact.expected(rule)
+    reference_error = relative_error(low.expected(rule)[0], expected_out)
+    allowed = max(FLOAT32_ERROR_FACTOR * reference_error, FLOAT32_ERROR_FLOOR)
+    for cuts in ([], default_cuts(low) if cut_points is None else cut_points):
+        out, state = run_in_chunks(rule, low, cuts)
+        what = (
+            f"{rule.name} ({model.name}, {loss.name}) in float32 vs {reference_name(rule)} in float64, cut at "
+            f"{cuts} (allowed: {FLOAT32_ERROR_FACTOR:g}x the reference's own float32 error, {reference_error:.1e})"
+        )
+        assert_close(out, expected_out, what, allowed)
+        assert_states_close(state, expected_state, what, allowed)
 
 
 def default_cuts(problem: InnerProblem) -> list[int]:

@@ -914,7 +914,10 @@ def _check_numbers(run: RunConfig) -> None:
     for key in numeric_fields():
         value = _get(run, key)
         bounds = FIELD_BOUNDS[key]
+        aliases = [f"trainer.{name}" for name, target in LIGHTNING_NAMES.items() if target == key]
         why = f" ({bounds.why})" if bounds.why else ""
+        if aliases:  # the user may have given Lightning's name of it: name that too
+            why += f" (set by {key} or by Lightning's {' or '.join(aliases)})"
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key}={value} must be a finite number {bounds.describe()}{why}")
         if value not in bounds:

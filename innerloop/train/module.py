@@ -21,6 +21,7 @@ output from finite input of moderate size, with the layer's weights finite, the 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -59,6 +60,8 @@ from innerloop.train.data import IGNORE_INDEX, Batch
 from innerloop.train.metrics import Float64Perplexity, InnerLossDiagnostics, LossByPosition
 from innerloop.train.schedules import Schedule, make_schedule
 from innerloop.train.schedules import warmup_cosine as warmup_cosine  # re-exported: its old home
+
+log = logging.getLogger(__name__)
 
 _NUMBER_ARGUMENTS: dict[str, tuple[type, Bounds]] = {
     "lr": (float, POSITIVE),
@@ -455,9 +458,25 @@ class LanguageModelModule(L.LightningModule):
         # hyperparameters' since configure_optimizers built it), to the last bit: a resume continues
         # exactly the run it resumes
         lrs = [hp.lr * factor(schedule.last_epoch) for factor in schedule.lr_lambdas]
+        self._warn_of_a_learning_rate_jump(schedule.last_epoch, optimizer.param_groups[0]["lr"], lrs[0])
         for group, lr, weight_decay in zip(optimizer.param_groups, lrs, (hp.weight_decay, 0.0), strict=True):
             group.update(lr=lr, initial_lr=hp.lr, weight_decay=weight_decay, betas=tuple(hp.betas))
         schedule.base_lrs = [hp.lr] * len(optimizer.param_groups)
+
+    def _warn_of_a_learning_rate_jump(self, step: int, restored: float, now: float) -> None:
+        """On a resume whose config changes the schedule (``trainer.max_steps``, ``optim.*``), one warning
+        when the lr at the resume step is not the one the checkpoint's schedule would have run: extending
+        a decaying schedule recomputes it for the new length, and the lr jumps."""
+        main_process = getattr(self.trainer, "is_global_zero", True)
+        if step == 0 or math.isclose(restored, now, rel_tol=1e-9, abs_tol=0.0) or not main_process:
+            return
+        hp = self.hparams
+        log.warning(
+            "resuming at step %d: the learning rate is now %.3g, where the checkpoint's schedule was at %.3g "
+            "(%.3gx): this config's optim.schedule=%s, optim.lr=%g and trainer.max_steps=%d define the schedule "
+            "from this step, so the run goes on as none that was never interrupted would",
+            step, now, restored, now / restored if restored else math.inf, hp.schedule, hp.lr, hp.max_steps,
+        )  # fmt: skip
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         inputs, targets = batch
@@ -468,10 +487,11 @@ class LanguageModelModule(L.LightningModule):
         calls: list[LayerCall] = []
         try:
             with _non_finite_propagates(self._checked_layers if fitting else [], calls):
-                # The metrics accumulate in float32 whatever the precision of the forward: under
+                # The metrics accumulate in at least float32 whatever the precision of the forward: under
                 # bf16-mixed the logits are bf16, and a perplexity computed from them disagrees with the
-                # loss in the third digit.
-                logits = self(inputs).float()  # [B, T, V]
+                # loss in the third digit; a float64 model's stay float64.
+                logits = self(inputs)  # [B, T, V]
+                logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         finally:
             hooks = captured[1] if captured else []
             for hook in hooks:

@@ -15,7 +15,7 @@ Measured here (no timing assertions: the per-token latencies are in the report o
 - extreme but legal inputs: huge positions, many T=1 calls, alternating chunk sizes, a state reused,
   deep-copied, cast and moved, detached.
 
-Defects are pinned by xfail(strict=True) tests at the end.
+The defects it found (fixed since) are pinned by the tests at the end.
 """
 
 from __future__ import annotations

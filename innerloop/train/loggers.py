@@ -3,7 +3,8 @@
 Each writes under ``<out_dir>/logs/``, all of one launch in one folder ``version_<n>``:
 
 - ``csv``: ``logs/version_<n>/metrics.csv`` (Lightning's CSVLogger; its rewrite of the file when new
-  columns appear is made atomic here) and ``hparams.yaml`` (written atomically here);
+  columns appear is made atomic here) and ``hparams.yaml`` (written atomically here); a resume moves
+  the rows earlier launches logged past its checkpoint into ``metrics.superseded.csv`` beside theirs;
 - ``tensorboard``: ``logs/version_<n>/tensorboard/events.out.tfevents.*`` (``tensorboard --logdir
   <out_dir>/logs``) and its ``hparams.yaml`` (written atomically here);
 - ``wandb``: a Weights & Biases run in ``logs/wandb/`` (``WANDB_MODE=offline`` keeps it on this
@@ -30,6 +31,57 @@ from innerloop.config.trainer_args import logger_names
 from innerloop.data.atomic import atomic_write
 
 LOGS_DIR = "logs"
+
+
+SUPERSEDED_METRICS = "metrics.superseded.csv"
+"""Beside a launch's ``metrics.csv``: its rows a resumed launch logged again (:func:`supersede_rows_logged_past`)."""
+
+
+def supersede_rows_logged_past(out_dir: str | Path, step: int) -> list[Path]:
+    """Before a resume from the checkpoint of ``step``: move the rows that earlier launches logged past it
+    (a crash or kill after they were logged) out of their ``metrics.csv``, into :data:`SUPERSEDED_METRICS`
+    beside it (appended, nothing dropped), since this launch logs those steps again. A training row is
+    past it when its ``step`` is ``step`` or later, a validation row when its ``val_step`` is later (the
+    validation at the checkpoint's own step ran before it, and is not run again). Each file is rewritten
+    atomically, the superseded rows first. Returns the ``metrics.csv`` files changed."""
+    changed = []
+    for metrics in sorted(Path(out_dir, LOGS_DIR).glob("version_*/metrics.csv")):
+        with open(metrics, newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            header, rows = list(reader.fieldnames or []), list(reader)
+        past = [row for row in rows if _logged_past(row, step)]
+        if not past:
+            continue
+        superseded = metrics.with_name(SUPERSEDED_METRICS)
+        earlier, columns = [], list(header)
+        if superseded.is_file():
+            with open(superseded, newline="", encoding="utf-8") as file:
+                reader = csv.DictReader(file)
+                earlier = list(reader)
+                columns += [c for c in reader.fieldnames or [] if c not in columns]
+        _write_rows(superseded, columns, earlier + past)
+        _write_rows(metrics, header, [row for row in rows if not _logged_past(row, step)])
+        changed.append(metrics)
+    return changed
+
+
+def _logged_past(row: dict[str, str], step: int) -> bool:
+    """Whether a ``metrics.csv`` row is of a step after the checkpoint of ``step`` (see
+    :func:`supersede_rows_logged_past`)."""
+    try:
+        if row.get("val_step"):
+            return float(row["val_step"]) > step
+        return bool(row.get("step")) and int(float(row["step"])) >= step
+    except ValueError:  # not a number: not a row of a step
+        return False
+
+
+def _write_rows(path: Path, header: list[str], rows: list[dict[str, str]]) -> None:
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=header, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(text.getvalue().encode()))
 
 
 class _LaunchVersion:

@@ -107,7 +107,7 @@ from innerloop.train.data import (
 )
 from innerloop.train.interrupt import StopOnInterrupt, TrainingInterrupted, ended_by_signals
 from innerloop.train.loggers import _CSVLogger as _CSVLogger  # re-exported from its first home
-from innerloop.train.loggers import build_loggers
+from innerloop.train.loggers import build_loggers, supersede_rows_logged_past
 from innerloop.train.metrics import position_buckets
 from innerloop.train.module import LanguageModelModule, TrainingDivergedError, load_module
 from innerloop.train.plots import plot_loss_by_position, write_loss_by_position_csv
@@ -576,6 +576,8 @@ def _fit(
     try:
         with _config_settled(config_path, ckpt, start is not None):
             save_config(cfg if cfg is not None else run, config_path)
+            if start is not None and not is_launched_worker():  # rows past the checkpoint are logged again
+                supersede_rows_logged_past(out_dir, int(recorded_entry(start, "global_step") or 0))
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(start) if start is not None else None)
             if not interrupt.requested and not ckpt.exists() and trainer.global_step < run.trainer.max_steps:
                 raise ConfigError(  # (a new run's config.yaml goes with it: the out_dir holds no run)

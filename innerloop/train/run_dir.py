@@ -41,6 +41,7 @@ from innerloop.checkpoints import (
 from innerloop.config.load import ConfigError, read_run_config
 from innerloop.config.trainer_args import is_launched_worker as is_launched_worker  # first home: config
 from innerloop.data.atomic import stale_temporaries
+from innerloop.train.loggers import SUPERSEDED_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +313,7 @@ def remove_stale_temporaries(out_dir: str | os.PathLike[str]) -> list[Path]:
     out_dir = Path(out_dir)
     stale = stale_temporaries(out_dir, (*RUN_OUTPUTS, PENDING_CHECKPOINT))  # a checkpoint's size each
     for logs in sorted(out_dir.glob("logs/version_*")):
-        stale += stale_temporaries(logs, ["metrics.csv", "hparams.yaml"])
+        stale += stale_temporaries(logs, ["metrics.csv", SUPERSEDED_METRICS, "hparams.yaml"])
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:

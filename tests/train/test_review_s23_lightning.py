@@ -511,12 +511,6 @@ class _CrashAt(L.Callback):
 
 
 @pytest.mark.slow  # two short runs (~3 s)
-@pytest.mark.xfail(
-    strict=True,
-    reason="a run that crashes (or is killed) after logging steps past its last checkpoint and is resumed "
-    "logs those steps again: metrics.csv over the launches holds duplicated train_loss and validation rows, "
-    "where docs/training.md promises the uninterrupted run's rows after a crash",
-)
 def test_a_crashed_run_resumed_logs_every_step_once(corpus, tmp_path) -> None:
     out = tmp_path / "run"
     overrides = [
@@ -535,6 +529,11 @@ def test_a_crashed_run_resumed_logs_every_step_once(corpus, tmp_path) -> None:
     assert sorted(Counter(steps).items()) == [(str(s), 1) for s in range(8)]
     validations = [r["val_step"] for r in rows if "val_loss" in r]
     assert validations == ["3.0", "6.0", "8.0"]
+    # the crashed launch's rows past its checkpoint are kept beside its metrics.csv, not dropped
+    with open(out / "logs" / "version_0" / "metrics.superseded.csv", newline="") as file:
+        superseded = list(csv.DictReader(file))
+    assert [r["step"] for r in superseded if r.get("train_loss")] == ["4", "5"]
+    assert [r["val_step"] for r in superseded if r.get("val_loss")] == ["6.0"]
 
 
 @pytest.mark.slow  # two short runs (~3 s)

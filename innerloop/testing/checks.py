@@ -3,11 +3,12 @@
 Each check builds a small random inner problem in float64 and raises ``AssertionError`` with the
 measured error when the plugin breaks a property every TTT plugin must have:
 
-- :func:`check_inner_model`: shapes; the dual form (if the model declares a stack) equals the primal
-  form equals the naive token-by-token loop.
+- :func:`check_inner_model`: shapes; autograd's derivatives of ``forward`` equal finite differences;
+  the dual form (if the model declares a stack) equals the primal form equals the naive token-by-token loop.
 - :func:`check_inner_loss`: shapes; causality (a pair never depends on later tokens); pairs built
   chunk by chunk (cut anywhere) and token by token with the carry, from the initial carry and from a
-  carried-on one, equal the pairs of the whole; the per-token gradient equals autograd;
+  carried-on one, equal the pairs of the whole; the per-token gradient equals autograd, and autograd's
+  derivatives of ``token_loss`` equal finite differences;
   the primal form with this loss equals the naive loop.
 - :func:`check_update_rule`: the rule equals the naive loop (or the token-by-token reference it
   declares, ``UpdateRule.reference``: another inner optimizer), and any split of a sequence with the
@@ -15,7 +16,9 @@ measured error when the plugin breaks a property every TTT plugin must have:
   them, and a decay or momentum of 0 equals the plain rule (:func:`check_zero_decay_and_momentum`);
   for every built-in loss and layer wrapping (norm, residual on and off) unless told one; and the
   gradients w.r.t. every input equal the naive loop's
-  (:func:`check_update_rule_gradients_match_naive`).
+  (:func:`check_update_rule_gradients_match_naive`); and in float32, within a small factor of its
+  reference's own float32 error (:func:`check_update_rule_in_float32`). A declared reference may not
+  call the rule's own ``forward``.
 - :func:`check_update_rule_gradients`: float64 gradcheck through the rule, decay and momentum included.
 
 The registry runs the cheap ones on every plugin it registers (:func:`check_loss_gradient`,
@@ -986,17 +989,34 @@ def check_update_rule(
         _check_rule_with(
             rule, each_model, losses, wrappings, cut_points, seed, tolerance, gradients, problem_kwargs
         )
-        if index == 0:  # the mixed wrappings and the modes without autograd: first model and loss only
-            for wrapping in mixed:
-                options = {**problem_kwargs, **wrapping}
-                _check_rule_on(rule, each_model, losses[0], cut_points, seed, tolerance, options)
-            if without_grad:
-                options = {**problem_kwargs, **wrappings[0]}
-                problem = make_problem(each_model, losses[0], seed=seed, **options).for_rule(rule)
-                check_update_rule_without_grad(rule, problem, cut_points, tolerance)
-            if "dtype" not in problem_kwargs:  # layers run their rules in float32
-                options = {**problem_kwargs, **wrappings[0]}
-                check_update_rule_in_float32(rule, each_model, losses[0], cut_points, seed, options)
+        if index == 0:  # the mixed wrappings, the modes without autograd, float32: first model and loss
+            first = {**problem_kwargs, **wrappings[0]}
+            _check_rule_on_first(
+                rule, each_model, losses[0], cut_points, seed, tolerance, mixed, without_grad, first
+            )
+
+
+def _check_rule_on_first(
+    rule: UpdateRule,
+    model: InnerModel,
+    loss: InnerLoss,
+    cut_points: list[int] | None,
+    seed: int,
+    tolerance: float,
+    mixed: list[dict],
+    without_grad: bool,
+    options: dict,
+) -> None:
+    """:func:`check_update_rule`'s checks on its first model and loss only (``options``: the problem's, with
+    the first wrapping): the ``mixed`` wrappings, the modes without autograd, and float32 unless the
+    problem's dtype is given."""
+    for wrapping in mixed:
+        _check_rule_on(rule, model, loss, cut_points, seed, tolerance, {**options, **wrapping})
+    if without_grad:
+        problem = make_problem(model, loss, seed=seed, **options).for_rule(rule)
+        check_update_rule_without_grad(rule, problem, cut_points, tolerance)
+    if "dtype" not in options:  # layers run their rules in float32
+        check_update_rule_in_float32(rule, model, loss, cut_points, seed, options)
 
 
 def _models_for(rule: UpdateRule, model: InnerModel | str | None) -> list[InnerModel]:

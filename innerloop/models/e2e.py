@@ -754,6 +754,12 @@ class E2ELM(nn.Module):
         self._check_state_shapes(state, batch)
         self._check_state_dtypes(state)
 
+    def _weight(self, name: str) -> torch.Tensor:
+        """The weight of that dotted name as the model holds it now: a parameter, or under
+        ``torch.func.functional_call`` the plain tensor put in its place (``get_parameter`` refuses that)."""
+        module_path, _, attribute = name.rpartition(".")
+        return getattr(self.get_submodule(module_path) if module_path else self, attribute)
+
     def _check_state_dtypes(self, state: E2EState) -> None:
         """The state's tensors are floating point and on the model's device. The fast weights are at least
         as precise as this model keeps them (their parameter's dtype, at least float32:
@@ -764,7 +770,7 @@ class E2ELM(nn.Module):
         caches are checked by :meth:`_check_caches` (floating point; a cache written under autocast holds
         its dtype)."""
         checked = {
-            f"fast[{name!r}]": (tensor, torch.promote_types(self.get_parameter(name).dtype, torch.float32))
+            f"fast[{name!r}]": (tensor, torch.promote_types(self._weight(name).dtype, torch.float32))
             for name, tensor in state.fast.items()
         }
         pending_dtype = state.pending.dtype if state.pending.is_floating_point() else self.embed.weight.dtype

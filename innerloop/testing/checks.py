@@ -1129,9 +1129,11 @@ def check_update_rule_in_float32(
 
 def default_cuts(problem: InnerProblem) -> list[int]:
     """Where :func:`check_update_rule` cuts ``problem``'s sequence by default: inside, at and across
-    mini-batch boundaries, and before the last token."""
+    mini-batch boundaries, before the last token, and at each of the ``k`` tokens after ``k + 2`` (one-token
+    chunks), so that a chunk starts at every offset of a mini-batch where the sequence is long enough."""
     tokens, k = problem.views.query.shape[2], problem.task.mini_batch_size
-    return sorted({1, max(1, k - 1), k, k + 2, tokens - 1})
+    every_offset = range(k + 3, 2 * k + 3)
+    return sorted(c for c in {1, max(1, k - 1), k, k + 2, tokens - 1, *every_offset} if 0 < c < tokens)
 
 
 class RaisedWithoutGradError(AssertionError):

@@ -357,11 +357,6 @@ def test_a_rule_whose_reference_is_its_own_forward_fails_the_check():
         check_update_rule(SelfReference(), **ONE_CASE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LOW: default_cuts start chunks at mini-batch offsets {0, 1, 2, k-1} (and (T-1) mod k) only, "
-    "so at k=5 and k=16 offset 3 never starts a chunk; a rule wrong only there passes",
-)
 def test_a_rule_wrong_only_for_chunks_starting_at_offset_three_fails_the_check():
     with pytest.raises(AssertionError, match="s23_wrong_at_offset_three"):
         check_update_rule(WrongAtOffsetThree(), **ONE_CASE)

@@ -84,6 +84,7 @@ def _errors(layer, kernel: str, x, y64, s64) -> tuple[float, float, set[str]]:
     return rel(y[:, -1024:], y64[:, -1024:]), state_error, {path for path, _ in layer.dispatches}
 
 
+@pytest.mark.slow  # over 0.4 s: the fast loop stays under a minute
 def test_long_sequence_float32_drift_of_every_cpu_path(long_run) -> None:
     model, layer, x, y64, s64 = long_run
     torch_out, torch_state, _ = _errors(layer, "torch", x, y64, s64)
@@ -102,6 +103,7 @@ def test_long_sequence_float32_drift_of_every_cpu_path(long_run) -> None:
 FAMILY = [FL.LinearAttentionLayer, FL.DeltaNetLayer, FL.GatedDeltaNetLayer, FL.TitansLayer]
 
 
+@pytest.mark.slow  # over 0.4 s: the fast loop stays under a minute
 @pytest.mark.parametrize("cls", FAMILY)
 def test_family_layers_long_sequence_float32_drift(cls) -> None:
     torch.manual_seed(1)
@@ -116,6 +118,7 @@ def test_family_layers_long_sequence_float32_drift(cls) -> None:
             assert max(rel(s.params[k], s64.params[k]) for k in s.params) < ROUNDOFF, kernel
 
 
+@pytest.mark.slow  # over 0.4 s: the fast loop stays under a minute
 @pytest.mark.parametrize("model", ["linear", "mlp"])
 def test_decoding_thousands_of_single_tokens_does_not_drift(model) -> None:
     """2,000 calls of T=1 (the CPU decode kernel under auto) against the float64 whole."""
@@ -133,6 +136,7 @@ def test_decoding_thousands_of_single_tokens_does_not_drift(model) -> None:
 # --- chunked inference, prefill + decode ----------------------------------------------------------------
 
 
+@pytest.mark.slow  # over 0.4 s: the fast loop stays under a minute
 @pytest.mark.parametrize("kernel", ["auto", "torch"])
 @pytest.mark.parametrize("model", ["linear", "mlp"])
 def test_internal_chunks_equal_one_call_and_prefill_then_decode(model, kernel) -> None:
@@ -234,6 +238,7 @@ def test_decoding_memory_is_flat_in_context_length() -> None:
         assert 0 < peak_short and peak_long <= 1.05 * peak_short, (name, peak_short, peak_long)
 
 
+@pytest.mark.slow  # over 0.4 s: the fast loop stays under a minute
 def test_decoding_memory_measure_sees_attention_grow() -> None:
     """The same measure on full attention grows with the context (its KV cache): it can fail."""
     torch.manual_seed(5)
@@ -247,6 +252,7 @@ def test_decoding_memory_measure_sees_attention_grow() -> None:
     assert _decode_peak(model, long, tokens) > 4 * _decode_peak(model, short, tokens)
 
 
+@pytest.mark.slow  # over 0.4 s: the fast loop stays under a minute
 def test_decoding_memory_of_ttt_lm_and_e2e_is_flat_fast() -> None:
     """The quick version: TTT LM and E2E at 256 vs 2,048 tokens of context."""
     torch.manual_seed(6)
@@ -278,6 +284,7 @@ def test_long_prefill_through_a_layer_needs_no_memory_beyond_its_output(model) -
     assert 0 < extra[0] and extra[1] <= 1.05 * extra[0], extra
 
 
+@pytest.mark.slow  # over 0.4 s: the fast loop stays under a minute
 @pytest.mark.parametrize(
     "make",
     [
@@ -321,6 +328,7 @@ def test_a_model_state_keeps_no_reference_to_the_ids_or_logits(mixer) -> None:
     assert _state_bytes(state) < 1_000_000
 
 
+@pytest.mark.slow  # over 0.4 s: the fast loop stays under a minute
 def test_training_buffer_of_per_mini_batch_weights_is_the_documented_size_and_is_reused() -> None:
     """kernels/cpu/README.md: the forward keeps every W_l at every mini-batch's start plus a record; the
     buffer is kept for the next step. TTT-MLP, f = 64: (65 x 256 + 257 x 64) floats per mini-batch and head."""
@@ -409,6 +417,7 @@ def test_alternating_pieces_reuse_deepcopy_cast_move_and_detach(name, kernel) ->
     torch.testing.assert_close(y6.detach(), y1, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow  # over 0.4 s: the fast loop stays under a minute
 def test_e2e_alternating_pieces_reuse_deepcopy_cast_and_detach() -> None:
     torch.manual_seed(12)
     config = ModelConfig(mixer="e2e", hidden_size=32, num_layers=4, window=32, intermediate_size=64)

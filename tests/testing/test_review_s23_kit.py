@@ -316,6 +316,7 @@ def test_a_rule_that_mutates_the_state_it_is_given_is_caught():
         check_update_rule(MutatesItsState(), **ONE_CASE)
 
 
+@pytest.mark.slow  # over 0.4 s: the fast loop stays under a minute
 def test_a_right_plugin_rule_passes_in_float64_and_float32():
     innerloop.register_update_rule(GoodGD())
     check_update_rule(GoodGD(), **ONE_CASE)
@@ -485,6 +486,7 @@ def decode_off_at_last_token(xq, xk, xv, lr, tau_i, params, pending, ln_weight, 
     return (1.001 * out if is_last else out), params, pending
 
 
+@pytest.mark.slow  # over 0.4 s: the fast loop stays under a minute
 def test_a_right_plugin_kernel_passes_in_float64_and_float32():
     name = _register_kernel("s23_right")
     for dtype in (torch.float64, torch.float32):

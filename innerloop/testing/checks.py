@@ -345,6 +345,22 @@ def assert_states_close(actual: TTTState, expected: TTTState, what: str, toleran
 # --------------------------------------------------------------------------------------------------
 
 
+def assert_state_unchanged(given: TTTState | None, untouched: TTTState | None, who: str) -> None:
+    """The state ``who`` (e.g. ``"<case>: the kernel"``) was given holds, bit for bit, what its copy
+    ``untouched`` made before the call holds: a :class:`TTTState` is immutable, and a caller may continue
+    one twice (a shared prompt, beam search)."""
+    if given is None or untouched is None:
+        return
+    for group in ("params", "pending", "loss_carry", "momentum", "decay"):
+        for key, tensor in getattr(untouched, group).items():
+            if not torch.equal(getattr(given, group)[key], tensor):
+                raise AssertionError(
+                    f"{who} wrote into the state it was given (state.{group}[{key!r}] changed); a TTTState is "
+                    "immutable (a caller may continue it twice, e.g. from a shared prompt): return new tensors "
+                    "instead of writing into the given ones"
+                )
+
+
 def assert_layers_train_alike(
     reference: torch.nn.Module, candidate: torch.nn.Module, x: torch.Tensor, tolerance: float
 ) -> None:
@@ -1082,12 +1098,14 @@ def _check_rule_on(
         expected_out, expected_state = problem.expected(rule)
         cuts_of_variant = default_cuts(problem) if cut_points is None else cut_points
         given = ", ".join(name for name, on in variant.items() if on) or "plain"
+        untouched = problem.state.clone()
         for cuts in ([], cuts_of_variant):
             out, state = run_in_chunks(rule, problem, cuts)
             what = (
                 f"{rule.name} ({model.name}, {loss.name}, {given}{', ' + wrapping if wrapping else ''}) "
                 f"vs {reference_name(rule)}, cut at {cuts}"
             )
+            assert_state_unchanged(problem.state, untouched, f"{what}: the rule")
             assert_close(out, expected_out, what, tolerance)
             assert_states_close(state, expected_state, what, tolerance)
 

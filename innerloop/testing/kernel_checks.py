@@ -48,6 +48,7 @@ from innerloop.kernels.spec import KernelSpec
 from innerloop.testing.checks import (
     FLOAT64_TOLERANCE,
     assert_close,
+    assert_state_unchanged,
     assert_states_close,
     run_layer_in_chunks,
     twin_layers,
@@ -268,20 +269,6 @@ def _copy(state: TTTState | None) -> TTTState | None:
     return None if state is None else state.clone()
 
 
-def _check_state_untouched(given: TTTState | None, untouched: TTTState | None, what: str) -> None:
-    """The state the fast layer was given holds what it held before the call (bit for bit)."""
-    if given is None or untouched is None:
-        return
-    for group in ("params", "pending", "loss_carry", "momentum", "decay"):
-        for key, tensor in getattr(untouched, group).items():
-            if not torch.equal(getattr(given, group)[key], tensor):
-                raise AssertionError(
-                    f"{what}: the kernel wrote into the state it was given (state.{group}[{key!r}] changed); "
-                    "a TTTState is immutable (a caller may continue it twice, e.g. from a shared prompt): "
-                    "return new tensors instead of writing into the given ones"
-                )
-
-
 def _assert_close_per_token(
     actual: torch.Tensor, expected: torch.Tensor, what: str, tolerance: float
 ) -> None:
@@ -391,7 +378,7 @@ class _Checker:
             expected = self.reference(x_reference, _copy(state))
             given, untouched = _copy(state), _copy(state)
             actual, paths = _run_recorded(self.fast, x_fast, cuts, given)
-            _check_state_untouched(given, untouched, what)
+            assert_state_unchanged(given, untouched, f"{what}: the kernel")
             assert_close(actual[0], expected[0], f"{what}: output", self.tolerance)
             _assert_close_per_token(actual[0], expected[0], f"{what}: output", self.tolerance)
             assert_states_close(actual[1], expected[1], f"{what}: final state", self.tolerance)

@@ -311,8 +311,10 @@ class MutatesItsState(DualForm):
 
 
 def test_a_rule_that_mutates_the_state_it_is_given_is_caught():
-    """Caught because the whole and the cut runs share the problem's state (the message blames the cut)."""
-    with pytest.raises(AssertionError, match=r"s23_mutates_its_state .*cut at \[1, "):
+    """Caught, and named as what it is: a write into the state the rule was given."""
+    with pytest.raises(
+        AssertionError, match=r"s23_mutates_its_state .*cut at \[\]: the rule wrote into the state"
+    ):
         check_update_rule(MutatesItsState(), **ONE_CASE)
 
 

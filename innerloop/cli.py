@@ -29,8 +29,8 @@ overrides are dotted keys of the config, e.g.:
 outputs go to out_dir (runs/<preset> for a packaged preset; runs/tiny for a YAML file that sets none):
   last.safetensors, config.yaml, loss_by_position.csv and loss_by_position.png, and
   logs/version_<n>/metrics.csv (what was logged, one version_<n> folder per launch).
-An out_dir holds one run: --resume continues it (optim.* and trainer.* may change, e.g.
-trainer.max_steps=2000 to extend it), --overwrite replaces it.
+An out_dir holds one run: --resume continues it (optim.*, trainer.* and model.ttt.kernel may
+change, e.g. trainer.max_steps=2000 to extend it), --overwrite replaces it.
 """
 
 
@@ -155,7 +155,8 @@ def _add_train(commands: argparse._SubParsersAction, presets: Sequence[str]) -> 
         "--resume",
         action="store_true",
         help="continue the run in out_dir from its last checkpoint (its saved config.yaml is the base config; "
-        "optim.* and trainer.* overrides apply from the step reached, e.g. trainer.max_steps to extend it; "
+        "optim.*, trainer.* and model.ttt.kernel overrides apply from the step reached, e.g. trainer.max_steps "
+        "to extend it; "
         "out_dir comes from the overrides, else from --config)",
     )
     train.add_argument(
@@ -484,7 +485,7 @@ def _resume_config(config: str | None, overrides: Sequence[str]) -> tuple[Any, A
         print(
             f"innerloop train: warning: --resume continues the run in {out_dir!r} from its saved config.yaml "
             f"(with the overrides); --config {config!r} differs from it in {', '.join(differences)}, which "
-            "are not used: give changes as overrides (optim.* and trainer.* may change, e.g. "
+            "are not used: give changes as overrides (optim.*, trainer.* and model.ttt.kernel may change, e.g. "
             "trainer.max_steps=...)",
             file=sys.stderr,
         )

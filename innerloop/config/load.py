@@ -1402,6 +1402,15 @@ def _can_create_file_in(directory: Path) -> bool:
 #: What a checkpoint's weights and its stream of batches were made with: a resume cannot change them.
 RESUME_FIXED = ("model", "data", "seed")
 
+#: Keys under :data:`RESUME_FIXED` that choose how the model runs, not what it computes: a resume may
+#: change them (every kernel equals the reference; a run moved from a GPU to a CPU needs another one).
+RESUME_MAY_CHANGE = ("model.ttt.kernel",)
+
+
+def fixed_on_resume(key: str) -> bool:
+    """Whether a dotted config key is fixed by a checkpoint (see :data:`RESUME_FIXED`)."""
+    return key.split(".")[0] in RESUME_FIXED and key not in RESUME_MAY_CHANGE
+
 
 def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
     """``{dotted key: value}`` of a config dataclass (nested dataclasses flattened), keys prefixed."""
@@ -1418,18 +1427,19 @@ def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
 def check_resume_changes(saved: RunConfig, resumed: RunConfig) -> None:
     """Raise :class:`ConfigError` naming every key of :data:`RESUME_FIXED` on which ``resumed`` (the
     saved config with the resume's overrides) differs from ``saved``. Other keys (``optim.*``,
-    ``trainer.*``, ``out_dir``) may change: the resumed run applies them from the step it reached."""
+    ``trainer.*``, ``out_dir``, :data:`RESUME_MAY_CHANGE`) may change: the resumed run applies them from
+    the step it reached."""
     old, new = flatten_config(saved), flatten_config(resumed)
     changed = [
         f"{key} ({old[key]!r} -> {new[key]!r})"
         for key in old
-        if key.split(".")[0] in RESUME_FIXED and old[key] != new[key]
+        if fixed_on_resume(key) and old[key] != new[key]
     ]
     if changed:
         raise ConfigError(
             f"--resume cannot change {', '.join(changed)}: model.*, data.* and seed are fixed by the "
-            "checkpoint's weights and the run's data stream (optim.* and trainer.* may change); start a "
-            "new run (another out_dir, or --overwrite) to change them"
+            "checkpoint's weights and the run's data stream (optim.*, trainer.* and model.ttt.kernel may "
+            "change); start a new run (another out_dir, or --overwrite) to change them"
         )
     _check_same_data_stream(saved, resumed)
 

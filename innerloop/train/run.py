@@ -76,6 +76,7 @@ from innerloop.config.load import (
     check_trainable_precision,
     concrete_precision,
     decay_steps,
+    fixed_on_resume,
     flatten_config,
     read_run_config,
     run_tokenizer,
@@ -856,7 +857,8 @@ def _check_resume(run: RunConfig, module: LanguageModelModule, ckpt: Path) -> No
 
 def _check_same_model(model: ModelConfig, checkpoint: dict[str, Any], ckpt: Path) -> None:
     """Raise :class:`CheckpointError` unless ``checkpoint`` holds weights of the model ``model`` describes
-    (its stored model config, defaults filled in, equals ``model``); name the keys that differ."""
+    (its stored model config, defaults filled in, equals ``model`` but for the keys a resume may change,
+    :data:`~innerloop.config.load.RESUME_MAY_CHANGE`); name the keys that differ."""
     hparams = checkpoint.get("hyper_parameters")
     stored = hparams.get("model") if isinstance(hparams, dict) else None
     if not isinstance(stored, dict) or "state_dict" not in checkpoint:
@@ -868,7 +870,11 @@ def _check_same_model(model: ModelConfig, checkpoint: dict[str, Any], ckpt: Path
             f"{str(ckpt)!r} holds a model config this innerloop cannot read: {err}"
         ) from None
     new = flatten_config(model, "model.")
-    changes = [f"{key} ({old[key]!r} -> {new[key]!r})" for key in new if old[key] != new[key]]
+    changes = [
+        f"{key} ({old[key]!r} -> {new[key]!r})"
+        for key in new
+        if fixed_on_resume(key) and old[key] != new[key]
+    ]
     if changes:
         raise CheckpointError(f"{str(ckpt)!r} holds another model than this run's: {', '.join(changes)}")
 

@@ -128,6 +128,29 @@ def test_resume_refuses_model_data_and_seed_changes_before_writing_anything(
     assert load_checkpoint(out / "last.safetensors")["global_step"] == FINISHED_STEPS + 1
 
 
+@pytest.mark.slow  # two resumes of a tiny run (~1 s)
+def test_a_resume_may_change_the_kernel_which_changes_how_not_what_the_model_computes(
+    finished, tmp_path
+) -> None:
+    # model.ttt.kernel is the one model key a resume may change (a run moved to a machine whose fast path
+    # differs); the checkpoint's own record of it is not held against the resume either
+    resumed = {}
+    for kernel in ("auto", "torch"):
+        out = _copy_run(finished, tmp_path / kernel)
+        checkpoint = load_checkpoint(out / "last.safetensors")
+        checkpoint["hyper_parameters"]["model"]["ttt"]["kernel"] = "auto"
+        save_checkpoint(checkpoint, out / "last.safetensors")
+        steps = f"trainer.max_steps={FINISHED_STEPS + 1}"
+        assert main(["train", "--resume", f"out_dir={out}", steps, f"model.ttt.kernel={kernel}"]) == 0
+        assert load_config(str(out / "config.yaml"))[0].model.ttt.kernel == kernel
+        resumed[kernel] = load_checkpoint(out / "last.safetensors")
+        assert resumed[kernel]["global_step"] == FINISHED_STEPS + 1
+    for name, weight in resumed["auto"]["state_dict"].items():
+        torch.testing.assert_close(
+            resumed["torch"]["state_dict"][name], weight, rtol=1e-4, atol=1e-6, msg=name
+        )
+
+
 @pytest.mark.slow  # ~0.5 s: a training run, then a resume
 def test_resume_refuses_a_max_steps_behind_the_checkpoint(finished, tmp_path, capsys) -> None:
     out = _copy_run(finished, tmp_path)

@@ -54,8 +54,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from innerloop.config.load import CHECKPOINT_SUFFIX, checkpoint_path_problem
+from innerloop.core.layer import TTTLayer
 from innerloop.data.atomic import atomic_write, file_sha256
 from innerloop.data.tokenizer import Tokenizer, tokenizer_from_state
+from innerloop.kernels.dispatch import TORCH_PATH, named_kernel_refusal
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
 from innerloop.models.config import PLUGIN_FIELDS, reset_unused_family_options
 from innerloop.registry import get_registry
@@ -1076,4 +1078,33 @@ def load_model(path: str | os.PathLike[str], keep_dtype: bool = False) -> Causal
         raise CheckpointError(f"{err}{note}") from None
     weights = {key.removeprefix(MODEL_PREFIX): value for key, value in state_dict.items()}
     load_weights(model, weights, keep_dtype)
+    run_kernels_that_work_here(model, path)
     return model.eval()
+
+
+def run_kernels_that_work_here(model: torch.nn.Module, path: str | os.PathLike[str]) -> None:
+    """Put the TTT layers of a model restored from ``path`` whose recorded kernel (``model.ttt.kernel``,
+    the training run's speed choice) cannot run inference here, on the CPU, on ``kernel="auto"``, with a
+    warning naming it: a run trained on a GPU's Triton kernel evaluates and generates on a CPU. A
+    kernel changes speed, not the model; a kernel that runs here stays."""
+    refused: dict[str, str] = {}
+    for layer in model.modules():
+        if not isinstance(layer, TTTLayer) or layer.kernel in ("auto", TORCH_PATH):
+            continue
+        reason = refused.get(layer.kernel) or named_kernel_refusal(
+            layer.update_rule,
+            layer.inner_task(),
+            device=torch.device("cpu"),
+            dtype=layer.scan_dtype,
+            head_dim=layer.head_dim,
+            requires_grad=False,
+        )
+        if reason is not None:
+            refused[layer.kernel] = reason
+            layer.kernel = "auto"
+    for kernel, reason in refused.items():
+        warnings.warn(
+            f"{str(path)!r} was trained with model.ttt.kernel={kernel!r}, which cannot run here ({reason}); "
+            "its TTT layers run with kernel='auto' (a kernel changes speed, not the model)",
+            stacklevel=3,
+        )

@@ -1222,6 +1222,7 @@ USER_ERRORS = (
     ("innerloop.checkpoints", "CheckpointError"),
     ("innerloop.data.text", "DataError"),  # defined there; train.data re-exports it
     ("innerloop.data.tokenizer", "TokenizerError"),
+    ("innerloop.kernels.dispatch", "KernelUnavailableError"),  # a kernel named by model.ttt.kernel
     ("lightning.fabric.utilities.exceptions", "MisconfigurationException"),
 )
 

@@ -126,6 +126,39 @@ def refusal(kernel: KernelSpec, inputs: KernelInputs, task: InnerTask, rule: Upd
     return capability_refusal(kernel, inputs) or verify_refusal(kernel, inputs)
 
 
+def named_kernel_refusal(
+    rule: UpdateRule,
+    task: InnerTask,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    requires_grad: bool,
+) -> str | None:
+    """Why (a clause) the kernel ``task.kernel`` names cannot run a layer's whole mini-batches on
+    ``device`` in ``dtype`` (the scan's), training (``requires_grad``) or not, as :func:`select_kernel`
+    would refuse it at the first call: its ``verify``, the capabilities the layer needs, a first-use check
+    it failed. None where it runs, and for ``"auto"`` and ``"torch"`` (which always run). Lets a caller
+    refuse a run before it starts rather than at its first step."""
+    if task.kernel in ("auto", TORCH_PATH):
+        return None
+    inputs = KernelInputs(
+        device=torch.device(device),
+        dtype=dtype,
+        head_dim=head_dim,
+        mini_batch_size=task.mini_batch_size,
+        num_tokens=task.mini_batch_size,
+        requires_grad=requires_grad,
+        needs_double_backward=task.needs_double_backward,
+        extra={"residual": task.residual, "norm": task.use_norm, "decode": False, "decay": False},
+    )
+    try:
+        select_kernel(rule, task, inputs)
+    except KernelUnavailableError as error:
+        return str(error).removeprefix(f"kernel={task.kernel!r} cannot run here: ")
+    return None
+
+
 def checked_choice(
     rule: UpdateRule, task: InnerTask, inputs: KernelInputs, probe: Callable[[KernelSpec], str | None]
 ) -> tuple[KernelSpec | None, str]:
@@ -359,6 +392,7 @@ __all__ = [
     "impostor_reason",
     "checked_choice",
     "kernel_inputs",
+    "named_kernel_refusal",
     "refusal",
     "record_torch_part",
     "run_aligned_block",

@@ -47,6 +47,7 @@ from innerloop.checkpoints import (
     load_weights,
     plugin_sources,
     rebuild_error,
+    run_kernels_that_work_here,
     save_checkpoint,
     saved_model_config,
 )
@@ -621,6 +622,7 @@ def _module_from_checkpoint(
     description = f"the model its hyperparameters describe ({describe_model(module.hparams.model)})"
     check_state_dict(module.state_dict(), checkpoint["state_dict"], path, description)
     load_weights(module, checkpoint["state_dict"], keep_dtype)
+    run_kernels_that_work_here(module, path)
     return module
 
 

@@ -84,11 +84,13 @@ from innerloop.config.load import (
     warmup_steps,
 )
 from innerloop.config.schema import DataConfig, RecallConfig, RunConfig
+from innerloop.core.layer import TTTLayer
 from innerloop.data.atomic import atomic_write_text, file_sha256, remove_stale_temporaries_of
 from innerloop.data.hf import FORMATS, check_hf_source
 from innerloop.data.text import split_keys, split_text_files, stdlib_files
 from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
 from innerloop.kernels.cpu import release_buffers
+from innerloop.kernels.dispatch import TORCH_PATH, named_kernel_refusal
 from innerloop.models import ModelConfig
 from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
 from innerloop.train.checkpoint import SafetensorsCheckpointIO, holds_training_state
@@ -483,6 +485,33 @@ def check_new_run_holds_out_text(run: RunConfig) -> None:
         )
 
 
+def check_named_kernels_train(run: RunConfig, module: L.LightningModule, device: torch.device) -> None:
+    """Raise :class:`ConfigError` if ``model.ttt.kernel`` names a kernel that cannot train ``module``'s TTT
+    layers on ``device`` in the run's precision (a Triton kernel on a CPU, say): refused before the run
+    writes anything, not at its first step. ``auto`` and ``torch`` always run."""
+    if run.model.ttt.kernel in ("auto", TORCH_PATH):
+        return
+    precision = concrete_precision(run.trainer.precision, run.trainer.accelerator)
+    scan_dtype = torch.float64 if precision.startswith("64") else torch.float32
+    for layer in module.modules():
+        if not isinstance(layer, TTTLayer) or layer.kernel != run.model.ttt.kernel:
+            continue
+        reason = named_kernel_refusal(
+            layer.update_rule,
+            layer.inner_task(),
+            device=device,
+            dtype=scan_dtype,
+            head_dim=layer.head_dim,
+            requires_grad=True,
+        )
+        if reason is not None:
+            raise ConfigError(
+                f"model.ttt.kernel={run.model.ttt.kernel!r} cannot train this run on {device} "
+                f"({precision}): {reason}; "
+                "model.ttt.kernel=auto runs the fastest path that works here (a --resume may change it)"
+            )
+
+
 def _train_in_locked_dir(
     run: RunConfig,
     cfg: DictConfig | None,
@@ -504,6 +533,7 @@ def _train_in_locked_dir(
     # Ctrl-C: finish the step, save it, stop; whether this run had a checkpoint then
     interrupt = StopOnInterrupt(watch=(ckpt, out_dir / PENDING_CHECKPOINT))
     trainer = build_trainer(run, [TrainingThroughput(), interrupt, *callbacks])  # parameter counts, tokens/s
+    check_named_kernels_train(run, module, trainer.strategy.root_device)
     _confirm_a_pending_start(trainer, start, ckpt)
     _warn_of_a_warm_up_longer_than_the_run(run)
     if run.trainer.threads > 0:
@@ -1022,7 +1052,12 @@ def _run_beside(checkpoint: str | Path, model: dict[str, Any]) -> tuple[RunConfi
     except (TypeError, ValueError) as err:
         return None, f"{str(checkpoint)!r} holds a model config this innerloop cannot read ({err})"
     theirs = flatten_config(run.model, "model.")
-    changes = [f"{k} {theirs.get(k)!r} != {ours[k]!r}" for k in ours if theirs.get(k) != ours[k]]
+    # a resume may have changed model.ttt.kernel since an older checkpoint of the run: the same model
+    changes = [
+        f"{k} {theirs.get(k)!r} != {ours[k]!r}"
+        for k in ours
+        if fixed_on_resume(k) and theirs.get(k) != ours[k]
+    ]
     if changes:
         more = f" and {len(changes) - 2} more" if len(changes) > 2 else ""
         return None, (

@@ -151,6 +151,66 @@ def test_a_resume_may_change_the_kernel_which_changes_how_not_what_the_model_com
         )
 
 
+def test_named_kernel_refusal_says_why_a_named_kernel_cannot_run_and_nothing_for_those_that_can() -> None:
+    from innerloop import TTTLayer
+    from innerloop.kernels.dispatch import named_kernel_refusal
+
+    def refusal(kernel: str, requires_grad: bool = True) -> str | None:
+        layer = TTTLayer(32, 2, mini_batch_size=4, kernel=kernel)
+        cpu = torch.device("cpu")
+        return named_kernel_refusal(
+            layer.update_rule,
+            layer.inner_task(),
+            device=cpu,
+            dtype=torch.float32,
+            head_dim=16,
+            requires_grad=requires_grad,
+        )
+
+    assert refusal("auto") is None and refusal("torch") is None and refusal("cpu_ttt_linear") is None
+    reason = refusal("triton_ttt_linear")  # not on a CPU outside the interpreter
+    assert reason is not None and "triton_ttt_linear" in reason and "cannot run here" not in reason, reason
+
+
+def test_a_kernel_that_cannot_train_here_is_refused_before_the_run_writes_anything(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    args = ["train", *TINY, "trainer.max_steps=1", "trainer.accelerator=cpu", f"out_dir={out}"]
+    assert main([*args, "model.ttt.kernel=triton_ttt_linear"]) == 2
+    err = _one_error_line(capsys)
+    assert (
+        "model.ttt.kernel='triton_ttt_linear' cannot train this run on cpu (32-true): triton_ttt_linear"
+        in err
+    )
+    assert "model.ttt.kernel=auto" in err
+    assert not out.exists()
+
+
+@pytest.mark.slow  # a model restored and evaluated (~1 s)
+def test_a_checkpoint_trained_on_a_kernel_that_cannot_run_here_runs_on_auto_saying_so(
+    finished, tmp_path
+) -> None:
+    from innerloop import TTTLayer
+
+    out = _copy_run(finished, tmp_path)
+    checkpoint = load_checkpoint(out / "last.safetensors")
+    checkpoint["hyper_parameters"]["model"]["ttt"]["kernel"] = "triton_ttt_linear"  # as trained on a GPU
+    save_checkpoint(checkpoint, out / "last.safetensors")
+    with pytest.warns(
+        UserWarning, match=r"trained with model.ttt.kernel='triton_ttt_linear', which cannot run here"
+    ):
+        model = load_model(out / "last.safetensors")
+    layers = [m for m in model.modules() if isinstance(m, TTTLayer)]
+    assert layers and all(layer.kernel == "auto" for layer in layers)
+    tokens = torch.randint(0, 256, (1, 32))
+    with torch.no_grad():
+        logits, _ = model(tokens)
+    with torch.no_grad():
+        reference, _ = load_model(finished / "last.safetensors")(tokens)
+    torch.testing.assert_close(logits, reference, rtol=0, atol=0)  # the same weights on the same path
+    with pytest.warns(UserWarning, match="which cannot run here"):
+        assert main(["eval", str(out / "last.safetensors"), "--batches", "1"]) == 0
+
+
 @pytest.mark.slow  # ~0.5 s: a training run, then a resume
 def test_resume_refuses_a_max_steps_behind_the_checkpoint(finished, tmp_path, capsys) -> None:
     out = _copy_run(finished, tmp_path)

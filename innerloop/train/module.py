@@ -192,7 +192,8 @@ class LanguageModelModule(L.LightningModule):
         weight_decay: AdamW weight decay, applied to parameters with 2 or more dims.
         betas: AdamW betas.
         warmup_steps: optimizer steps of linear warm-up.
-        max_steps: the step at which the schedule reaches ``min_lr``.
+        max_steps: the step at which the schedule reaches ``min_lr``: the Trainer's ``max_steps`` (a fit
+            whose Trainer will take another number of optimizer steps logs a warning).
         min_lr: final learning rate.
         schedule: ``cosine``, ``linear``, ``constant`` or ``wsd`` (:mod:`innerloop.train.schedules`).
         decay_steps: the steps over which ``wsd`` decays (its last ones before ``max_steps``).
@@ -427,7 +428,36 @@ class LanguageModelModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._apply_optimizer_hyperparameters()
+        self._warn_of_a_schedule_of_another_length()
         self._stop_deferred = False
+
+    def _warn_of_a_schedule_of_another_length(self) -> None:
+        """One warning when the Trainer will take another number of optimizer steps than this module's
+        ``max_steps``, over which its learning-rate schedule (and TTT-E2E's inner-lr warm-up) runs: a
+        Trainer of the user's own with ``max_steps=5000`` on a module left at ``max_steps=1000`` would
+        train its last 4000 steps at ``min_lr``. (``innerloop train`` sets both from
+        ``trainer.max_steps``.)"""
+        hp, trainer = self.hparams, self.trainer
+        steps = trainer.max_steps
+        if steps is None or steps < 0:  # epochs decide: Lightning's estimate, when the data has a length
+            try:
+                steps = trainer.estimated_stepping_batches
+            except Exception:  # an iterable without a length: nothing to compare
+                return
+        if (
+            not math.isfinite(steps)
+            or int(steps) == hp.max_steps
+            or not getattr(trainer, "is_global_zero", True)
+        ):
+            return
+        uses_length = hp.schedule != "constant" or hasattr(self.model, "set_outer_progress")
+        if uses_length:
+            log.warning(
+                "the Trainer will take %d optimizer steps, but this module's learning-rate schedule "
+                "(schedule=%s) runs over max_steps=%d: build the module with max_steps=%d (innerloop train "
+                "sets both from trainer.max_steps)",
+                int(steps), hp.schedule, hp.max_steps, int(steps),
+            )  # fmt: skip
 
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
         """A stop asked for in the middle of a gradient accumulation (``trainer.max_time``, a callback

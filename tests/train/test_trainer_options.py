@@ -293,3 +293,43 @@ def test_a_bf16_true_run_trains_validates_and_counts_its_tokens_exactly(corpus, 
     result = train(run, cfg)
     assert math.isfinite(result.metrics["val_ppl"])
     assert result.metrics["val_ppl"] == pytest.approx(math.exp(result.metrics["val_loss"]), rel=1e-3)
+
+
+@pytest.mark.slow  # a few one- or two-step fits of a tiny model (~1 s)
+@pytest.mark.parametrize(
+    ("schedule", "module_steps", "trainer_length", "warned"),
+    [
+        ("cosine", 1000, {"max_steps": 2}, True),
+        ("wsd", 1000, {"max_epochs": 1}, True),  # epochs decide: 2 batches, one step each
+        ("cosine", 2, {"max_steps": 2}, False),
+        ("linear", 2, {"max_epochs": 1}, False),
+        ("constant", 1000, {"max_steps": 2}, False),  # a constant schedule does not depend on its length
+    ],
+)
+def test_a_users_trainer_of_another_length_than_the_schedule_is_warned_once(
+    tmp_path, caplog, schedule, module_steps, trainer_length, warned
+) -> None:
+    from innerloop.train import LanguageModelModule
+
+    module = LanguageModelModule(
+        model={"hidden_size": 16, "num_heads": 2, "num_layers": 1, "intermediate_size": 32},
+        schedule=schedule, max_steps=module_steps, warmup_steps=0, decay_steps=0,
+    )  # fmt: skip
+    tokens = torch.randint(0, 256, (4, 17))
+    data = DataLoader(FixedExamples(tokens[:, :-1], tokens[:, 1:]), batch_size=2)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, **trainer_length,
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="innerloop.train.module"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's notes on a tiny run without validation data
+        trainer.fit(module, train_dataloaders=data)
+    messages = [r.getMessage() for r in caplog.records if "learning-rate schedule" in r.getMessage()]
+    if warned:
+        assert len(messages) == 1, messages
+        assert (
+            "take 2 optimizer steps" in messages[0] and f"runs over max_steps={module_steps}" in messages[0]
+        )
+        assert "build the module with max_steps=2" in messages[0]
+    else:
+        assert messages == []

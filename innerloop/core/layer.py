@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import threading
 import warnings
 from contextlib import nullcontext
 from dataclasses import replace
@@ -66,8 +67,19 @@ BUILT_IN_PATHS = ("auto", "torch")
 # over mini-batches (dynamo would unroll it, compiling for minutes at T / K = 128 and again for every
 # length), its paths are already fused (the fused torch dual form, the compiled CPU kernel, Triton),
 # and the CPU kernel is a ctypes call dynamo cannot trace. The projections, norms and gates around it
-# compile. The argument and finiteness checks run eagerly too: they read tensor values to decide.
-_run_scan_eagerly = run_eagerly("innerloop: the inner scan runs eagerly")(run_scan)
+# compile (TTTLayer._run_scan_recorded). The argument and finiteness checks run eagerly too: they read
+# tensor values to decide.
+
+_CALLS_IN_PROGRESS = threading.local()
+"""Per thread, ``by_layer``: ``{id(layer): the dispatch record of that layer's call in progress}``, so
+that a call another thread makes meanwhile records into its own list (:attr:`TTTLayer.dispatches`)."""
+
+
+def _calls_in_progress() -> dict[int, list[tuple[str, str]]]:
+    calls = getattr(_CALLS_IN_PROGRESS, "by_layer", None)
+    if calls is None:
+        calls = _CALLS_IN_PROGRESS.by_layer = {}
+    return calls
 
 
 def _resolve(kind: str, value: Any, expected: type) -> Any:
@@ -480,7 +492,8 @@ class TTTLayer(nn.Module):
         self.non_finite = non_finite
         self.needs_double_backward = needs_double_backward
         self.inference_chunk_size = None if inference_chunk_size is None else int(inference_chunk_size)
-        # Fast-path decisions of the last call: (path, reason) per run of whole mini-batches or token.
+        # Fast-path decisions of the last call: (path, reason) per run of whole mini-batches or token
+        # (each call records into its own list, published here when it returns: see _begin_record).
         self.dispatches: list[tuple[str, str]] = []
 
         # The order of these two calls is the order of the parameters (and of the random draws).
@@ -689,7 +702,7 @@ class TTTLayer(nn.Module):
     # Forward
     # ------------------------------------------------------------------------------------------
 
-    @run_eagerly("innerloop: the input checks read values")  # see _run_scan_eagerly
+    @run_eagerly("innerloop: the input checks read values")  # see _run_scan_recorded
     def _check_input(self, x: torch.Tensor, state: TTTState | None) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor [B, T, hidden_size], got {type(x).__name__}")
@@ -942,7 +955,7 @@ class TTTLayer(nn.Module):
         """The inner model, loss and wrapping as the update rule sees them."""
 
         def record(path: str, reason: str) -> None:
-            self.dispatches.append((path, reason))
+            self._dispatch_record().append((path, reason))
 
         return InnerTask(
             model=self.inner_model,
@@ -960,7 +973,37 @@ class TTTLayer(nn.Module):
     def forward(self, x: torch.Tensor, state: TTTState | None = None) -> tuple[torch.Tensor, TTTState]:
         """Read ``x [B, T, D]`` from ``state`` (None: a new sequence); return ``(y [B, T, D], state)``."""
         self._check_input(x, state)
-        self.dispatches = []
+        record, outer = self._begin_record()
+        try:
+            return self._forward_recorded(x, state)
+        finally:
+            self._end_record(record, outer)
+
+    @run_eagerly("innerloop: the dispatch record is per thread")
+    def _begin_record(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]] | None]:
+        """Start this thread's record of a call: ``(its list, the record of a call of this layer it is
+        nested in, or None)``. The list is :attr:`dispatches` from now on, and again when the call ends
+        (another thread's call may have replaced it meanwhile)."""
+        record: list[tuple[str, str]] = []
+        calls = _calls_in_progress()
+        outer = calls.get(id(self))
+        calls[id(self)] = self.dispatches = record
+        return record, outer
+
+    @run_eagerly("innerloop: the dispatch record is per thread")
+    def _end_record(self, record: list[tuple[str, str]], outer: list[tuple[str, str]] | None) -> None:
+        calls = _calls_in_progress()
+        if outer is None:
+            calls.pop(id(self), None)
+        else:
+            calls[id(self)] = outer
+        self.dispatches = record
+
+    def _dispatch_record(self) -> list[tuple[str, str]]:
+        """The record of this thread's call of the layer in progress (outside one, :attr:`dispatches`)."""
+        return _calls_in_progress().get(id(self), self.dispatches)
+
+    def _forward_recorded(self, x: torch.Tensor, state: TTTState | None) -> tuple[torch.Tensor, TTTState]:
         given_state = state
         if state is None:
             state = self.init_state(x.shape[0])  # in the weights' dtype, also under autocast
@@ -978,7 +1021,7 @@ class TTTLayer(nn.Module):
             self._check_output(x, given_state, y, state)
         return y, state
 
-    @run_eagerly("innerloop: the output checks read values")  # see _run_scan_eagerly
+    @run_eagerly("innerloop: the output checks read values")  # see _run_scan_recorded
     def _check_output(
         self, x: torch.Tensor, given_state: TTTState | None, y: torch.Tensor, new_state: TTTState
     ) -> None:
@@ -1005,12 +1048,13 @@ class TTTLayer(nn.Module):
                 f"{type(self).__name__} produced non-finite {what}: the state passed in already holds NaN or inf; "
                 "start from state=None, or construct the layer with non_finite='ignore' to let them propagate"
             )
-        saved_dispatches = list(self.dispatches)  # the diagnosis below reruns parts of the call
+        record = self._dispatch_record()
+        saved_dispatches = list(record)  # the diagnosis below reruns parts of the call
         try:
             with torch.no_grad():
                 cause = self._non_finite_cause(x, given_state, new_state)
         finally:
-            self.dispatches = saved_dispatches
+            record[:] = saved_dispatches
         raise ValueError(
             f"{type(self).__name__} produced non-finite {what} from finite input{cause}; "
             "non_finite='ignore' returns them as they are"
@@ -1210,19 +1254,25 @@ class TTTLayer(nn.Module):
             tau = None
         under_autocast = autocasting(x.device.type)
         views, (lr, tau, decay, momentum) = self.in_scan_dtype(views, lr, tau, decay, momentum)
-        recorded = len(self.dispatches)
         with torch.autocast(x.device.type, enabled=False) if under_autocast else nullcontext():
-            inner_out, new_state = _run_scan_eagerly(
-                self.update_rule, state, self.inner_task(), views, lr, tau, decay, momentum
-            )
-        if len(self.dispatches) == recorded:  # a rule that dispatches nothing (a plugin's own loop)
-            label = plugin_label("update_rule", self.update_rule)
-            self.dispatches.append(("torch", f"{label} runs its own forward: no kernel dispatch"))
+            inner_out, new_state = self._run_scan_recorded(state, views, lr, tau, decay, momentum)
         new_state = replace(new_state, conv_history=conv_history)
         # Back to the weights' dtype (a no-op for float32 and float64 layers, under autocast or not): a
         # bfloat16 layer's post-norm takes bfloat16, also under autocast.
         inner_out = inner_out.to(self.post_norm.weight.dtype)
         return self._output(x, inner_out), new_state
+
+    @run_eagerly("innerloop: the inner scan runs eagerly")  # see the note above _CALLS_IN_PROGRESS
+    def _run_scan_recorded(self, state: TTTState, views: Views, *scan_inputs: torch.Tensor | None) -> tuple:
+        """:func:`~innerloop.core.scan.run_scan` of this layer's rule and task on ``views`` and ``(lr,
+        tau, decay, momentum)``; a rule that dispatches nothing (a plugin's own loop) is recorded too."""
+        record = self._dispatch_record()
+        recorded = len(record)
+        out = run_scan(self.update_rule, state, self.inner_task(), views, *scan_inputs)
+        if len(record) == recorded:
+            label = plugin_label("update_rule", self.update_rule)
+            record.append(("torch", f"{label} runs its own forward: no kernel dispatch"))
+        return out
 
     def in_scan_dtype(
         self, views: Views, *tensors: torch.Tensor | None

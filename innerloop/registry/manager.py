@@ -41,6 +41,7 @@ from typing import Any
 import pluggy
 import torch
 
+from innerloop.core.environment import environment_flag
 from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule
 from innerloop.core.scan import add_note
 from innerloop.kernels import first_use
@@ -604,7 +605,9 @@ def _returned_error(origin: str, kind: Kind, value: Any) -> PluginError:
 
 
 def _allowed_external() -> tuple[bool, set[str] | None]:
-    if os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+    """Whether entry-point plugins load, and which (None: all). A :data:`DISABLE_ENV` that is not yes/no
+    raises naming it: a safety switch never reads an unclear value as "load them"."""
+    if environment_flag(DISABLE_ENV, default=False):
         return False, None
     allow = os.environ.get(ALLOW_ENV)
     if allow is None:
@@ -615,7 +618,10 @@ def _allowed_external() -> tuple[bool, set[str] | None]:
 def _external_plugins_hint() -> str:
     """Why an installed plugin package may not have been loaded: the environment switches external
     plugins off, or allows only some; "" when every entry point is loaded."""
-    enabled, allowlist = _allowed_external()
+    try:
+        enabled, allowlist = _allowed_external()
+    except ValueError as error:  # the switch's value is what is wrong
+        return str(error)
     if not enabled:
         return (
             f"External (entry-point) plugins are switched off ({DISABLE_ENV}={os.environ.get(DISABLE_ENV)!r}): "
@@ -705,6 +711,17 @@ def outside_transforms() -> contextlib.AbstractContextManager[None]:
 
 _REGISTRY: Registry | None = None
 _LOCK = threading.RLock()
+
+
+def _new_lock_in_child() -> None:
+    """A forked child starts with a free lock: one held by another thread of the parent at the fork (a
+    registry being built) would never be released there."""
+    global _LOCK
+    _LOCK = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 
 _REGISTERED_AT_IMPORT: dict[str, list[Entry]] = {}
 """Entry point (``module:attr``) -> what its module registered when imported (``innerloop.register_<kind>``

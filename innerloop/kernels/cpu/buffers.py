@@ -10,7 +10,7 @@ else holds it any more.
 A buffer is reused only when this pool is its sole owner: while an autograd graph still holds it (a
 backward not yet run, ``retain_graph=True``, a graph kept alive by the caller) the next forward gets a
 new one. :func:`release_buffers` frees the kept buffers (e.g. after training, before inference in the
-same process); ``INNERLOOP_KEEP_SCAN_BUFFERS=0`` turns the keeping off.
+same process); ``INNERLOOP_KEEP_SCAN_BUFFERS=0`` (or ``false``, ``no``, ``off``) turns the keeping off.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import os
 import threading
 
 import torch
+
+from innerloop.core.environment import environment_flag
 
 KEPT_BUFFERS = 2
 """How many buffers are kept at most (two: a step that runs two forwards before one backward, as
@@ -29,7 +31,20 @@ _lock = threading.Lock()
 
 
 def _keeping() -> bool:
-    return os.environ.get("INNERLOOP_KEEP_SCAN_BUFFERS", "1") != "0"
+    """``INNERLOOP_KEEP_SCAN_BUFFERS``: on unless set to 0, false, no or off (another value raises,
+    naming it)."""
+    return environment_flag("INNERLOOP_KEEP_SCAN_BUFFERS", default=True)
+
+
+def _new_lock_in_child() -> None:
+    """A forked child starts with a free lock: one held by another thread of the parent at the fork
+    would never be released there (its owner was not copied)."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def _only_ours(buffer: torch.Tensor) -> bool:

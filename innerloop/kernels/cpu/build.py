@@ -9,11 +9,14 @@ never leave a broken library behind.
 
 Environment:
 
-- ``CXX``: the compiler (default: the first of ``c++``, ``g++``, ``clang++`` on ``PATH``);
+- ``CXX``: the compiler, one executable (default: the first of ``c++``, ``g++``, ``clang++`` on
+  ``PATH``);
 - ``INNERLOOP_CACHE_DIR``: where libraries go (default ``$XDG_CACHE_HOME/innerloop`` or
-  ``~/.cache/innerloop``);
-- ``INNERLOOP_DISABLE_CPU_KERNELS=1``: do not use them (the torch paths run instead); read on every
-  use, so it can be set at any time.
+  ``~/.cache/innerloop``; a leading ``~`` is the home folder);
+- ``INNERLOOP_DISABLE_CPU_KERNELS=1`` (or ``true``, ``yes``, ``on``; ``0``, ``false``, ``no``, ``off`` or
+  unset: use them): do not use them (the torch paths run instead). Read at every choice of path, so it
+  can be set at any time: it applies from the next call, and a backward of a forward that ran on the
+  kernels finishes on them. A value that is not yes/no keeps them off, the dispatch reason says why.
 
 A build that fails is not retried within the process (``clear_cache`` forgets the outcome).
 """
@@ -30,6 +33,8 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+
+from innerloop.core.environment import environment_flag
 
 try:
     import fcntl
@@ -58,9 +63,10 @@ class CPUKernelUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Where compiled libraries are kept."""
+    """Where compiled libraries are kept: ``$INNERLOOP_CACHE_DIR`` (a leading ``~`` is the home folder,
+    as a shell would have expanded it), else ``innerloop`` in ``$XDG_CACHE_HOME`` or ``~/.cache``."""
     if os.environ.get("INNERLOOP_CACHE_DIR"):
-        return Path(os.environ["INNERLOOP_CACHE_DIR"])
+        return Path(os.path.expanduser(os.environ["INNERLOOP_CACHE_DIR"]))
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "innerloop"
 
@@ -112,7 +118,12 @@ def _build() -> Path:
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as error:
-        raise CPUKernelUnavailable(f"C++ compiler {compiler!r} does not run: {error}") from error
+        chosen = (
+            f"CXX={os.environ['CXX']!r} (it must name one executable, no arguments)"
+            if os.environ.get("CXX")
+            else f"C++ compiler {compiler!r}"
+        )
+        raise CPUKernelUnavailable(f"{chosen} does not run: {error}") from error
     source = SOURCE.read_bytes()
     key = hashlib.sha256(
         b"\0".join(x.encode() for x in (compiler, version, repr(FLAG_SETS), _cpu_identity())) + source
@@ -188,8 +199,13 @@ def _remove_abandoned_builds(directory: Path) -> None:
 
 
 def _disabled() -> str | None:
-    value = os.environ.get(DISABLE_VARIABLE, "")
-    return None if value in ("", "0") else f"disabled by {DISABLE_VARIABLE}={value}"
+    """Why the kernels are switched off (:data:`DISABLE_VARIABLE` on, or a value that is not yes/no:
+    they stay off until it is one), else None."""
+    try:
+        disabled = environment_flag(DISABLE_VARIABLE, default=False)
+    except ValueError as error:
+        return f"{error}: the CPU kernels stay off until it is one"
+    return f"disabled by {DISABLE_VARIABLE}={os.environ[DISABLE_VARIABLE]}" if disabled else None
 
 
 @functools.cache
@@ -237,6 +253,17 @@ def load_library() -> ctypes.CDLL:
     return _checked()[0]
 
 
+def library_in_use() -> ctypes.CDLL:
+    """The loaded kernels for a call already on them (the backward of a forward that ran on them),
+    whatever :data:`DISABLE_VARIABLE` says now: the variable chooses the path of new calls only, and a
+    graph recorded on the kernels cannot switch half-way. Raises as :func:`load_library` where they
+    never loaded."""
+    library, _, reason = _outcome()
+    if library is None:
+        raise CPUKernelUnavailable(reason)
+    return library
+
+
 def _checked() -> tuple[ctypes.CDLL, Path]:
     reason = _disabled()  # read on every call: setting the variable later takes effect
     if reason is None:
@@ -262,6 +289,7 @@ __all__ = [
     "clear_cache",
     "find_compiler",
     "library_path",
+    "library_in_use",
     "load_library",
     "uses_openmp",
 ]

@@ -7,7 +7,7 @@ import ctypes
 
 import torch
 
-from innerloop.kernels.cpu.build import load_library
+from innerloop.kernels.cpu.build import library_in_use
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
 ACTIVATION_CODES = {0: "identity", 1: "gelu_tanh"}  # enum Activation in ttt_stack.cpp
@@ -60,7 +60,8 @@ def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def run_entry_point(entry_point: str, args: ctypes.Structure) -> None:
     """Call one of the library's entry points with its argument struct; a nonzero status raises."""
-    function = getattr(load_library(), entry_point)  # built on first use
+    # verify chose the kernel (INNERLOOP_DISABLE_CPU_KERNELS is read there); a backward finishes on it
+    function = getattr(library_in_use(), entry_point)  # built on first use
     if function.argtypes is None:  # declared once, from the struct it takes
         function.argtypes, function.restype = [ctypes.POINTER(type(args))], ctypes.c_int
     status = function(ctypes.byref(args))

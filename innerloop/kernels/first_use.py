@@ -164,11 +164,16 @@ def _forget_freed(ref: weakref.ref) -> None:
 
 
 def _drop_freed() -> None:
-    """Drop the verdicts and deferral counts about the objects that were freed since the last call."""
-    while _FREED:
-        ref = _FREED.pop()
+    """Drop the verdicts and deferral counts about the objects that were freed since the last call.
+    Safe while other threads dispatch: it walks a copy of each table's keys (another thread may add a
+    verdict meanwhile) and stops when another thread took the last freed reference."""
+    while True:
+        try:
+            ref = _FREED.pop()
+        except IndexError:
+            return
         for table in (_VERDICTS, _DEFERRALS):
-            for key in [k for k in table if any(isinstance(p, _Held) and p.ref is ref for p in k)]:
+            for key in [k for k in list(table) if any(isinstance(p, _Held) and p.ref is ref for p in k)]:
                 table.pop(key, None)
 
 

@@ -433,3 +433,32 @@ def test_a_cxx_that_does_not_run_is_named_as_cxx(value, tmp_path, monkeypatch):
     with pytest.raises(build.CPUKernelUnavailable) as caught:
         build._build()
     assert "CXX" in str(caught.value)
+
+
+def test_dropping_the_verdicts_of_freed_plugins_survives_a_verdict_added_meanwhile(monkeypatch):
+    """Another thread's dispatch may add a verdict while ``_drop_freed`` walks the table (simulated here,
+    deterministically, by a key whose comparison adds one): the walk must not fail with "dictionary
+    changed size during iteration", and the freed object's verdict goes."""
+    from innerloop.kernels import first_use
+
+    plugin = torch.nn.Linear(1, 1)  # holds tensors: held by a weak reference
+    freed = first_use._Held(plugin)
+    ref = freed.ref
+    assert ref is not None
+
+    class AddsAVerdict:
+        @property
+        def ref(self):  # read while the table is walked: as if another thread dispatched right then
+            verdicts.setdefault(("added meanwhile",), None)
+            return None
+
+    verdicts: dict = {}
+    monkeypatch.setattr(first_use, "_VERDICTS", verdicts)
+    monkeypatch.setattr(first_use, "_DEFERRALS", {})
+    monkeypatch.setattr(first_use, "_FREED", [ref])
+    monkeypatch.setattr(first_use, "_Held", (first_use._Held, AddsAVerdict))  # isinstance takes a tuple
+    verdicts[(AddsAVerdict(),)] = None
+    verdicts[(freed,)] = "a verdict about the freed object"
+    first_use._drop_freed()
+    assert (freed,) not in verdicts and ("added meanwhile",) in verdicts
+    first_use._drop_freed()  # nothing left to drop: returns

@@ -388,3 +388,18 @@ def test_an_output_folder_inside_the_data_of_a_linked_runs_checkpoint_is_refused
     link.symlink_to(checkpoint)
     assert main(["eval", str(link), "--out", str(data / "results"), "--batches", "1"]) == 2
     assert "lies inside" in capsys.readouterr().err
+
+
+def test_data_counts_as_moved_only_when_no_recorded_path_finds_anything(tmp_path) -> None:
+    from innerloop.train.run import _data_moved
+
+    kept = tmp_path / "kept.txt"
+    kept.write_text("x")
+    gone = str(tmp_path / "gone" / "*.txt")
+    # every recorded path, not the first alone, decides: one that still finds files means not moved
+    assert not _data_moved(["data.paths"], {"data.paths": [gone, str(kept)]})
+    assert not _data_moved(["data.paths"], {"data.paths": [str(kept), gone]})
+    assert _data_moved(["data.paths"], {"data.paths": [gone, str(tmp_path / "also-gone.txt")]})
+    # another differing key: weights copied beside another run's config, not a move
+    assert not _data_moved(["data.paths", "data.seq_len"], {"data.paths": [gone]})
+    assert _data_moved(["data.paths"], {"data.paths": "not a list"})  # an unreadable record finds nothing

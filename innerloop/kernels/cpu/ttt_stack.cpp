@@ -50,8 +50,9 @@ constexpr int kMaxLayers = 8;
 
 extern "C" {
 
-// Everything one call needs. Strides are in elements; the last dimension of every tensor is
-// contiguous. Shapes: xq, xk, xv, out [B, H, T, f]; lr [B, H, T]; tau [K]; ln_weight, ln_bias [H, f];
+// Everything one call needs. Strides are in elements; the last dimension of every tensor but lr is
+// contiguous (lr is read through all three of its strides: a transposed gate needs no copy). Shapes:
+// xq, xk, xv, out [B, H, T, f]; lr [B, H, T]; tau [K]; ln_weight, ln_bias [H, f];
 // weights[l] [B, H, dims[l], dims[l+1]] and biases[l] [B, H, dims[l+1]] (or null), both contiguous
 // and updated in place to the weights after the last mini-batch.
 struct InnerloopStackArgs {

@@ -358,6 +358,12 @@ def check_device_and_dtype(x: torch.Tensor, weights: torch.Tensor) -> None:
         )
 
 
+def _listed(indices: list[int], most: int = 8) -> str:
+    """``indices`` as a short list for a message: the first ``most``, then how many more."""
+    shown = ", ".join(str(i) for i in indices[:most])
+    return shown + (f" and {len(indices) - most} more" if len(indices) > most else "")
+
+
 def autocasting(device_type: str) -> bool:
     """``torch.is_autocast_enabled(device_type)``, False for meta tensors (which autocast does not
     know: the query raises "unknown device type for autocast")."""
@@ -718,9 +724,14 @@ class TTTLayer(nn.Module):
         # values, which the exact check below then settles: one cheap pass in the common case.
         checked = self.non_finite == "raise" and holds_values(x)
         if checked and not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
+            bad_tokens = (~torch.isfinite(x)).any(dim=-1).nonzero()  # [N, 2]: (sequence, token) pairs
+            sequences = sorted({int(b) for b in bad_tokens[:, 0]})
+            sequence, token = (int(i) for i in bad_tokens[0])
             raise ValueError(
-                "x contains NaN or inf; a TTT layer would write them into its state. Clean the input, or "
-                "construct the layer with non_finite='ignore' to let them propagate"
+                f"x contains NaN or inf (first at x[{sequence}, {token}]; sequences {_listed(sequences)} of "
+                f"the batch); a TTT layer would write them into its state. Clean the input (or leave those "
+                "sequences out: each sequence is computed on its own), or construct the layer with "
+                "non_finite='ignore' to let them propagate"
             )
         weights = self.post_norm.weight
         check_device_and_dtype(x, weights)

@@ -123,6 +123,19 @@ def test_non_finite_input_is_rejected_before_the_state(layer):
         layer(x)
 
 
+def test_non_finite_input_names_where_it_is_so_that_those_sequences_can_be_left_out(layer):
+    x = torch.randn(12, 6, 16)
+    for sequence, token in [(3, 4), (5, 1), (5, 2), *((i, 0) for i in range(7, 12))]:
+        x[sequence, token, 0] = float("inf") if sequence == 3 else float("nan")
+    with pytest.raises(ValueError, match=r"first at x\[3, 4\]; sequences 3, 5, 7, 8, 9, 10, 11 of the batch"):
+        layer(x)
+    x[0, 0, 0] = x[1, 5, 15] = float("nan")  # nine sequences: the first eight named, then how many more
+    with pytest.raises(ValueError, match=r"first at x\[0, 0\]; sequences 0, 1, 3, 5, 7, 8, 9, 10 and 1 more"):
+        layer(x)
+    keep = [i for i in range(12) if i not in (0, 1, 3, 5, 7, 8, 9, 10, 11)]
+    assert torch.isfinite(layer(x[keep])[0]).all()  # the rest compute on their own
+
+
 def test_non_finite_ignore_propagates_detectably():
     layer = TTTLayer(16, 4, mini_batch_size=4, non_finite="ignore")
     x = torch.randn(1, 6, 16)

@@ -1223,6 +1223,7 @@ USER_ERRORS = (
     ("innerloop.data.text", "DataError"),  # defined there; train.data re-exports it
     ("innerloop.data.tokenizer", "TokenizerError"),
     ("innerloop.kernels.dispatch", "KernelUnavailableError"),  # a kernel named by model.ttt.kernel
+    ("innerloop.core.environment", "EnvironmentSwitchError"),  # an INNERLOOP_* switch neither yes nor no
     ("lightning.fabric.utilities.exceptions", "MisconfigurationException"),
 )
 

@@ -8,11 +8,16 @@ TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 
 
+class EnvironmentSwitchError(ValueError):
+    """An environment switch holds a value that is neither yes nor no (the message names it)."""
+
+
 def environment_flag(name: str, default: bool) -> bool:
     """The yes/no value of the environment variable ``name``: ``default`` when it is unset or empty
     (spaces around a value and its case do not matter), True for one of :data:`TRUE_WORDS`, False for
-    one of :data:`FALSE_WORDS`. Any other value raises :class:`ValueError` naming the variable, what it
-    holds and what is valid: a switch never reads an unclear value as one side silently."""
+    one of :data:`FALSE_WORDS`. Any other value raises :class:`EnvironmentSwitchError` (a ``ValueError``)
+    naming the variable, what it holds and what is valid: a switch never reads an unclear value as one
+    side silently."""
     value = os.environ.get(name, "").strip().lower()
     if not value:
         return default
@@ -20,10 +25,10 @@ def environment_flag(name: str, default: bool) -> bool:
         return True
     if value in FALSE_WORDS:
         return False
-    raise ValueError(
+    raise EnvironmentSwitchError(
         f"{name}={os.environ[name]!r} is not a yes/no value; valid: {', '.join(TRUE_WORDS)} (on) or "
         f"{', '.join(FALSE_WORDS)} (off), or unset for the default ({'on' if default else 'off'})"
     )
 
 
-__all__ = ["FALSE_WORDS", "TRUE_WORDS", "environment_flag"]
+__all__ = ["FALSE_WORDS", "TRUE_WORDS", "EnvironmentSwitchError", "environment_flag"]

@@ -198,6 +198,7 @@ def test_a_checkpoint_write_killed_half_way_leaves_the_previous_checkpoint_reada
 @pytest.mark.parametrize(
     ("options", "named"), [("ro,size=64k", "mnt"), ("size=4k", "mnt/tok")], ids=["read-only", "full"]
 )
+@pytest.mark.slow  # ~1.5 s: over the fast loop's 0.4 s per test
 def test_a_read_only_or_full_destination_is_one_line_naming_the_path(tmp_path, options, named):
     corpus = _corpus(tmp_path)
     out = tmp_path / "mnt" / "tok"
@@ -280,6 +281,7 @@ def test_save_pretrained_interrupted_over_an_export_keeps_the_earlier_weights(tm
 
 
 # review s22 atomic (LOW, fixed): a killed CPU kernel build left its temporary library in the cache
+@pytest.mark.slow  # ~1.0 s: over the fast loop's 0.4 s per test
 def test_a_killed_cpu_kernel_build_leaves_no_temporary_library(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     script = (

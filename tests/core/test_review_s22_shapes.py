@@ -161,6 +161,7 @@ def check_paths(base, kernels, B, T, how, grad, seed):
     grad=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+@pytest.mark.slow  # ~0.9 s: over the fast loop's 0.4 s per test
 def test_ttt_layer_fast_paths_match_float64(
     model, f, H, K, T_kind, T_free, B, share_qk, use_gate, how, grad, seed
 ):
@@ -225,6 +226,7 @@ FAMILY = ["linear_attention", "deltanet", "gated_deltanet", "titans", "titans_ml
     grad=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+@pytest.mark.slow  # ~1.0 s: over the fast loop's 0.4 s per test
 def test_family_layer_paths_match_float64(kind, f, H, K, T, B, how, grad, seed):
     if f == 33 and T == 66:
         T = 17
@@ -242,6 +244,7 @@ def test_family_layer_paths_match_float64(kind, f, H, K, T, B, how, grad, seed):
     how=st.sampled_from(LAYOUTS),
     seed=st.integers(0, 2**16),
 )
+@pytest.mark.slow  # ~0.9 s: over the fast loop's 0.4 s per test
 def test_family_layer_with_ttt_kernels_at_odd_head_sizes(inner_model, f, K, T, how, seed):
     """A FamilyLayer with the inner LN and residual sends odd head sizes (which TTTLayer cannot have) to
     the fused and CPU TTT kernels."""

@@ -316,6 +316,7 @@ def test_a_state_keeps_no_reference_to_the_input(make, grad) -> None:
 
 
 @pytest.mark.parametrize("mixer", ["ttt", "e2e"])
+@pytest.mark.slow  # ~0.7 s: over the fast loop's 0.4 s per test
 def test_a_model_state_keeps_no_reference_to_the_ids_or_logits(mixer) -> None:
     model = build_model(ModelConfig(mixer=mixer, hidden_size=32, num_layers=4, window=32)).eval()
     ids = torch.randint(0, 256, (1, 3000))
@@ -489,6 +490,7 @@ def _generate_peak(model, prompt_length: int) -> int:
     return peak_cpu_allocation(lambda: list(generate(model, prompt, 2, temperature=0)))
 
 
+@pytest.mark.slow  # ~1.4 s: over the fast loop's 0.4 s per test
 def test_generate_memory_does_not_grow_with_the_prompt() -> None:
     """A TTT LM (the E2E model measured the same, 7.9x from 1k to 8k, in the report; its profiled run is slow)."""
     torch.manual_seed(15)

@@ -48,6 +48,7 @@ RULES = ["dual_form", "minibatch_gd", "momentum"]
     seed=seeds(),
     data=st.data(),
 )
+@pytest.mark.slow  # ~0.5 s: over the fast loop's 0.4 s per test
 def test_rules_equal_the_naive_loop_with_decay_and_momentum_for_any_split(
     rule, model, loss, mini_batch, tokens, norm, residual, seed, data
 ):

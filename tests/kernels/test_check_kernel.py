@@ -180,6 +180,7 @@ def test_a_kernel_that_serves_no_case_fails():
         check_kernel("refuses_all", head_dims=(4,))
 
 
+@pytest.mark.slow  # ~1.2 s: over the fast loop's 0.4 s per test
 def test_a_right_kernel_passes_and_the_cases_it_refuses_are_skipped_with_the_reason():
     def even_head_dims(inputs):
         return None if inputs.head_dim % 2 == 0 else "even_only: even head dims only"
@@ -228,6 +229,7 @@ def test_the_compiled_cpu_kernels_pass(model):
     assert any(case.endswith("decode") for case in report.ran)
 
 
+@pytest.mark.slow  # ~0.5 s: over the fast loop's 0.4 s per test
 def test_the_delta_rule_kernel_passes_at_its_mini_batch_size():
     report = check_kernel("delta_chunk", mini_batch_size=1)
     assert report.ran

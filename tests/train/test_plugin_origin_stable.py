@@ -75,6 +75,7 @@ def _register_both() -> None:
     innerloop.register_inner_loss(NamedLoss(SECOND))
 
 
+@pytest.mark.slow  # ~0.8 s: over the fast loop's 0.4 s per test
 def test_the_same_class_loads_quietly_whatever_was_registered_first(registry, tmp_path) -> None:
     _register_both()
     path = save_model_checkpoint(_model(), tmp_path / "c.safetensors")

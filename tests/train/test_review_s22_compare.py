@@ -190,6 +190,7 @@ def test_bad_compare_inputs_are_one_error_naming_them(world, tmp_path) -> None:
         compare([world["ttt"], corrupt])
 
 
+@pytest.mark.slow  # ~0.9 s: over the fast loop's 0.4 s per test
 def test_two_comparisons_write_their_own_files_and_a_rerun_rewrites_only_its_own(world, tmp_path) -> None:
     first = write_comparison(compare([world["ttt"], world["swa"]], resamples=20, seed=0), tmp_path)
     before = {p: p.read_bytes() for p in first}

@@ -236,7 +236,25 @@ def saved_model_config(path: str | os.PathLike[str], model: dict[str, Any]) -> d
             "never had an effect): loaded with the defaults",
             stacklevel=3,
         )
-    return model
+    return _with_a_registered_kernel(path, model)
+
+
+def _with_a_registered_kernel(path: str | os.PathLike[str], model: dict[str, Any]) -> dict[str, Any]:
+    """``model`` with a ``ttt.kernel`` that no plugin registers here (the training run's, from a plugin
+    not installed on this machine) replaced by ``"auto"``, with a warning: a kernel changes speed, not
+    the model, so the checkpoint loads."""
+    ttt = model.get("ttt")
+    kernel = ttt.get("kernel") if isinstance(ttt, dict) else None
+    if not isinstance(kernel, str) or kernel in ("auto", TORCH_PATH):
+        return model
+    if kernel in {spec.name for spec in get_registry().kernels()}:
+        return model
+    warnings.warn(
+        f"{str(path)!r} was trained with model.ttt.kernel={kernel!r}, which no plugin registers here (is its "
+        "package installed?); its TTT layers run with kernel='auto' (a kernel changes speed, not the model)",
+        stacklevel=4,
+    )
+    return {**model, "ttt": {**ttt, "kernel": "auto"}}
 
 
 def missing_config_keys(given: Any, full: Mapping[str, Any], prefix: str = "model.") -> list[str]:
@@ -1084,21 +1102,31 @@ def load_model(path: str | os.PathLike[str], keep_dtype: bool = False) -> Causal
 
 def run_kernels_that_work_here(model: torch.nn.Module, path: str | os.PathLike[str]) -> None:
     """Put the TTT layers of a model restored from ``path`` whose recorded kernel (``model.ttt.kernel``,
-    the training run's speed choice) cannot run inference here, on the CPU, on ``kernel="auto"``, with a
-    warning naming it: a run trained on a GPU's Triton kernel evaluates and generates on a CPU. A
-    kernel changes speed, not the model; a kernel that runs here stays."""
+    the training run's speed choice) cannot run inference on this machine, neither on its CPU nor on a
+    GPU it has, on ``kernel="auto"``, with a warning naming it: a run trained on a GPU's Triton kernel
+    evaluates and generates on a machine without one. A kernel changes speed, not the model; a kernel
+    that runs here stays."""
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     refused: dict[str, str] = {}
     for layer in model.modules():
         if not isinstance(layer, TTTLayer) or layer.kernel in ("auto", TORCH_PATH):
             continue
-        reason = refused.get(layer.kernel) or named_kernel_refusal(
-            layer.update_rule,
-            layer.inner_task(),
-            device=torch.device("cpu"),
-            dtype=layer.scan_dtype,
-            head_dim=layer.head_dim,
-            requires_grad=False,
+        reasons = (
+            [refused.get(layer.kernel)]
+            if layer.kernel in refused
+            else [
+                named_kernel_refusal(
+                    layer.update_rule,
+                    layer.inner_task(),
+                    device=device,
+                    dtype=layer.scan_dtype,
+                    head_dim=layer.head_dim,
+                    requires_grad=False,
+                )
+                for device in devices
+            ]
         )
+        reason = reasons[0] if all(r is not None for r in reasons) else None
         if reason is not None:
             refused[layer.kernel] = reason
             layer.kernel = "auto"

@@ -725,8 +725,8 @@ class TTTLayer(nn.Module):
         checked = self.non_finite == "raise" and holds_values(x)
         if checked and not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
             bad_tokens = (~torch.isfinite(x)).any(dim=-1).nonzero()  # [N, 2]: (sequence, token) pairs
-            sequences = sorted({int(b) for b in bad_tokens[:, 0]})
-            sequence, token = (int(i) for i in bad_tokens[0])
+            sequences = bad_tokens[:, 0].unique().tolist()  # sorted
+            sequence, token = bad_tokens[0].tolist()
             raise ValueError(
                 f"x contains NaN or inf (first at x[{sequence}, {token}]; sequences {_listed(sequences)} of "
                 f"the batch); a TTT layer would write them into its state. Clean the input (or leave those "

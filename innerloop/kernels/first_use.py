@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
+from innerloop.core.environment import EnvironmentSwitchError
 from innerloop.core.functional import relative_error
 from innerloop.core.protocol import InnerTask, Params, UpdateRule
 from innerloop.core.scan import ChunkInputs
@@ -659,9 +660,12 @@ class _KernelRaised(Exception):
 
 @contextlib.contextmanager
 def _raised_is_a_verdict() -> Iterator[None]:
-    """An exception from the kernel's own call becomes the probe's verdict (``_KernelRaised``)."""
+    """An exception from the kernel's own call becomes the probe's verdict (``_KernelRaised``); an
+    environment switch the user set to neither yes nor no is the user's error, raised as it is."""
     try:
         yield
+    except EnvironmentSwitchError:
+        raise
     except Exception as error:
         raise _KernelRaised(f"it raised {type(error).__name__}: {error}") from error
 

@@ -462,3 +462,27 @@ def test_dropping_the_verdicts_of_freed_plugins_survives_a_verdict_added_meanwhi
     first_use._drop_freed()
     assert (freed,) not in verdicts and ("added meanwhile",) in verdicts
     first_use._drop_freed()  # nothing left to drop: returns
+
+
+def test_an_unclear_keep_buffers_switch_at_the_kernels_first_use_is_the_users_error_not_a_kernel_verdict(
+    monkeypatch,
+):
+    """The kernel's first-use check calls the kernel, which reads INNERLOOP_KEEP_SCAN_BUFFERS: a value that
+    is neither yes nor no must reach the caller naming the variable, not be recorded as the kernel failing
+    its check (which left every later call on the slower torch path, even once the value was fixed)."""
+    from innerloop.core.environment import EnvironmentSwitchError
+    from innerloop.kernels import first_use
+
+    saved = first_use.saved_verdicts()
+    first_use.forget_verdicts()
+    try:
+        layer = TTTLayer(16, 2, mini_batch_size=4)
+        x = torch.randn(1, 8, 16, requires_grad=True)  # training: the compiled scan takes a kept buffer
+        monkeypatch.setenv("INNERLOOP_KEEP_SCAN_BUFFERS", "maybe")
+        with pytest.raises(EnvironmentSwitchError, match="INNERLOOP_KEEP_SCAN_BUFFERS='maybe'"):
+            layer(x)[0].sum().backward()
+        monkeypatch.setenv("INNERLOOP_KEEP_SCAN_BUFFERS", "1")
+        layer(x)[0].sum().backward()
+        assert layer.dispatches[-1][0] == "cpu_ttt_linear", layer.dispatches  # no verdict held against it
+    finally:
+        first_use.restore_verdicts(saved)

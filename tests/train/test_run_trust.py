@@ -211,6 +211,28 @@ def test_a_checkpoint_trained_on_a_kernel_that_cannot_run_here_runs_on_auto_sayi
         assert main(["eval", str(out / "last.safetensors"), "--batches", "1"]) == 0
 
 
+@pytest.mark.slow  # a model restored (~0.5 s)
+def test_a_checkpoint_trained_on_a_kernel_no_plugin_registers_here_loads_on_auto_saying_so(
+    finished, tmp_path
+) -> None:
+    from innerloop import TTTLayer
+    from innerloop.train import load_module
+
+    out = _copy_run(finished, tmp_path)
+    checkpoint = load_checkpoint(out / "last.safetensors")
+    checkpoint["hyper_parameters"]["model"]["ttt"]["kernel"] = (
+        "my_plugins_kernel"  # its package not installed
+    )
+    save_checkpoint(checkpoint, out / "last.safetensors")
+    for load in (load_model, load_module):
+        with pytest.warns(
+            UserWarning, match=r"model.ttt.kernel='my_plugins_kernel', which no plugin registers here"
+        ):
+            model = load(out / "last.safetensors")
+        layers = [m for m in model.modules() if isinstance(m, TTTLayer)]
+        assert layers and all(layer.kernel == "auto" for layer in layers)
+
+
 @pytest.mark.slow  # ~0.5 s: a training run, then a resume
 def test_resume_refuses_a_max_steps_behind_the_checkpoint(finished, tmp_path, capsys) -> None:
     out = _copy_run(finished, tmp_path)

@@ -83,3 +83,8 @@ def primal_forward(model, xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps=1
             outs.append(q_t + layer_norm(g(q_t, W_i), gamma, beta, eps))
         start = W_i
     return torch.cat(outs, dim=2), start
+
+
+def hoisted_tensors(hoisted) -> tuple[torch.Tensor, ...]:
+    """The torch hoisting's outputs in the order ``CompiledHoist`` returns them."""
+    return (hoisted.both1, hoisted.left1, hoisted.shift, hoisted.gamma_sq, hoisted.eta, hoisted.update_scale)

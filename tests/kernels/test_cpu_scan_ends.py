@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from kernel_testing import hoisted_tensors
 
 from innerloop.core.functional import overflow_safe_scale_if_needed
 from innerloop.kernels.cpu.linear_scan import DOUBLE_BACKWARD_MESSAGE
@@ -73,15 +74,7 @@ def test_the_hoisting_equals_the_torch_paths(
     batch, heads, width, mini_batch, num_mini_batches, has_bias, seed
 ):
     leaves, views = _inputs(batch, heads, mini_batch * num_mini_batches, width, mini_batch, seed)
-    expected = _hoist(*views(), has_bias)
-    expected = (
-        expected.both1,
-        expected.left1,
-        expected.shift,
-        expected.gamma_sq,
-        expected.eta,
-        expected.update_scale,
-    )
+    expected = hoisted_tensors(_hoist(*views(), has_bias))
     got = CompiledHoist.apply(has_bias, *views())
     for name, a, b in zip(("both", "left", "shift", "gamma_sq", "eta", "scale"), got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")

@@ -19,7 +19,7 @@ import ctypes
 
 import pytest
 import torch
-from kernel_testing import make_inputs, strided
+from kernel_testing import hoisted_tensors, make_inputs, strided
 
 from innerloop.core.functional import layer_norm
 from innerloop.core.protocol import AffineLayer, StackModel
@@ -225,15 +225,7 @@ def test_the_hoisting_of_views_of_different_layouts_equals_the_torch_path(has_bi
     leaves = _hoist_leaves(3, has_bias)
     xq, xk, xv, lr, tau, lnw, lnb = leaves
     views = (*_layouts(xq, xk, xv, lr), tau, lnw, lnb)
-    expected = _hoist(xq, xk, xv, lr, tau, lnw, lnb, has_bias)
-    expected = (
-        expected.both1,
-        expected.left1,
-        expected.shift,
-        expected.gamma_sq,
-        expected.eta,
-        expected.update_scale,
-    )
+    expected = hoisted_tensors(_hoist(xq, xk, xv, lr, tau, lnw, lnb, has_bias))
     got = CompiledHoist.apply(has_bias, *views)
     generator = torch.Generator().manual_seed(5)
     cotangents = [torch.randn(t.shape, generator=generator, dtype=t.dtype) for t in expected]

@@ -57,7 +57,7 @@ from innerloop.config.load import CHECKPOINT_SUFFIX, checkpoint_path_problem
 from innerloop.core.layer import TTTLayer
 from innerloop.data.atomic import atomic_write, file_sha256
 from innerloop.data.tokenizer import Tokenizer, tokenizer_from_state
-from innerloop.kernels.dispatch import TORCH_PATH, named_kernel_refusal
+from innerloop.kernels.dispatch import TORCH_PATH, refused_named_kernels
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
 from innerloop.models.config import PLUGIN_FIELDS, reset_unused_family_options
 from innerloop.registry import get_registry
@@ -1107,28 +1107,9 @@ def run_kernels_that_work_here(model: torch.nn.Module, path: str | os.PathLike[s
     evaluates and generates on a machine without one. A kernel changes speed, not the model; a kernel
     that runs here stays."""
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    refused: dict[str, str] = {}
+    refused = refused_named_kernels(model, devices, requires_grad=False)
     for layer in model.modules():
-        if not isinstance(layer, TTTLayer) or layer.kernel in ("auto", TORCH_PATH):
-            continue
-        reasons = (
-            [refused.get(layer.kernel)]
-            if layer.kernel in refused
-            else [
-                named_kernel_refusal(
-                    layer.update_rule,
-                    layer.inner_task(),
-                    device=device,
-                    dtype=layer.scan_dtype,
-                    head_dim=layer.head_dim,
-                    requires_grad=False,
-                )
-                for device in devices
-            ]
-        )
-        reason = reasons[0] if all(r is not None for r in reasons) else None
-        if reason is not None:
-            refused[layer.kernel] = reason
+        if isinstance(layer, TTTLayer) and layer.kernel in refused:
             layer.kernel = "auto"
     for kernel, reason in refused.items():
         warnings.warn(

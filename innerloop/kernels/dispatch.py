@@ -14,6 +14,7 @@ import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from innerloop.core.identity import registered_mismatch
+from innerloop.core.layer import TTTLayer
 from innerloop.core.protocol import InnerTask, Params, UpdateRule
 from innerloop.core.scan import ChunkInputs
 from innerloop.kernels import first_use
@@ -157,6 +158,38 @@ def named_kernel_refusal(
     except KernelUnavailableError as error:
         return str(error).removeprefix(f"kernel={task.kernel!r} cannot run here: ")
     return None
+
+
+def refused_named_kernels(
+    model: torch.nn.Module,
+    devices: list[torch.device],
+    *,
+    requires_grad: bool,
+    dtype: torch.dtype | None = None,
+) -> dict[str, str]:
+    """``{kernel name: why}`` for the kernels that the TTT layers of ``model`` name (not ``"auto"`` or
+    ``"torch"``) and that run on none of ``devices`` (:func:`named_kernel_refusal`, the reason on the
+    first device), training (``requires_grad``) or not, in ``dtype`` (None: each layer's scan dtype)."""
+    refused: dict[str, str] = {}
+    asked: set[str] = set()
+    for layer in model.modules():
+        if not isinstance(layer, TTTLayer) or layer.kernel in ("auto", TORCH_PATH) or layer.kernel in asked:
+            continue
+        asked.add(layer.kernel)
+        reasons = [
+            named_kernel_refusal(
+                layer.update_rule,
+                layer.inner_task(),
+                device=device,
+                dtype=layer.scan_dtype if dtype is None else dtype,
+                head_dim=layer.head_dim,
+                requires_grad=requires_grad,
+            )
+            for device in devices
+        ]
+        if all(reason is not None for reason in reasons):
+            refused[layer.kernel] = reasons[0]
+    return refused
 
 
 def checked_choice(
@@ -393,6 +426,7 @@ __all__ = [
     "checked_choice",
     "kernel_inputs",
     "named_kernel_refusal",
+    "refused_named_kernels",
     "refusal",
     "record_torch_part",
     "run_aligned_block",

@@ -41,7 +41,7 @@ from typing import Any
 import pluggy
 import torch
 
-from innerloop.core.environment import environment_flag
+from innerloop.core.environment import EnvironmentSwitchError, environment_flag
 from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule
 from innerloop.core.scan import add_note
 from innerloop.kernels import first_use
@@ -620,7 +620,7 @@ def _external_plugins_hint() -> str:
     plugins off, or allows only some; "" when every entry point is loaded."""
     try:
         enabled, allowlist = _allowed_external()
-    except ValueError as error:  # the switch's value is what is wrong
+    except EnvironmentSwitchError as error:  # the switch's value is what is wrong
         return str(error)
     if not enabled:
         return (

@@ -84,13 +84,12 @@ from innerloop.config.load import (
     warmup_steps,
 )
 from innerloop.config.schema import DataConfig, RecallConfig, RunConfig
-from innerloop.core.layer import TTTLayer
 from innerloop.data.atomic import atomic_write_text, file_sha256, remove_stale_temporaries_of
 from innerloop.data.hf import FORMATS, check_hf_source
 from innerloop.data.text import split_keys, split_text_files, stdlib_files
 from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
 from innerloop.kernels.cpu import release_buffers
-from innerloop.kernels.dispatch import TORCH_PATH, named_kernel_refusal
+from innerloop.kernels.dispatch import refused_named_kernels
 from innerloop.models import ModelConfig
 from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
 from innerloop.train.checkpoint import SafetensorsCheckpointIO, holds_training_state
@@ -489,27 +488,14 @@ def check_named_kernels_train(run: RunConfig, module: L.LightningModule, device:
     """Raise :class:`ConfigError` if ``model.ttt.kernel`` names a kernel that cannot train ``module``'s TTT
     layers on ``device`` in the run's precision (a Triton kernel on a CPU, say): refused before the run
     writes anything, not at its first step. ``auto`` and ``torch`` always run."""
-    if run.model.ttt.kernel in ("auto", TORCH_PATH):
-        return
     precision = concrete_precision(run.trainer.precision, run.trainer.accelerator)
     scan_dtype = torch.float64 if precision.startswith("64") else torch.float32
-    for layer in module.modules():
-        if not isinstance(layer, TTTLayer) or layer.kernel != run.model.ttt.kernel:
-            continue
-        reason = named_kernel_refusal(
-            layer.update_rule,
-            layer.inner_task(),
-            device=device,
-            dtype=scan_dtype,
-            head_dim=layer.head_dim,
-            requires_grad=True,
+    refused = refused_named_kernels(module, [device], requires_grad=True, dtype=scan_dtype)
+    for kernel, reason in refused.items():
+        raise ConfigError(
+            f"model.ttt.kernel={kernel!r} cannot train this run on {device} ({precision}): {reason}; "
+            "model.ttt.kernel=auto runs the fastest path that works here (a --resume may change it)"
         )
-        if reason is not None:
-            raise ConfigError(
-                f"model.ttt.kernel={run.model.ttt.kernel!r} cannot train this run on {device} "
-                f"({precision}): {reason}; "
-                "model.ttt.kernel=auto runs the fastest path that works here (a --resume may change it)"
-            )
 
 
 def _train_in_locked_dir(

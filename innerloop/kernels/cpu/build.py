@@ -34,7 +34,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from innerloop.core.environment import environment_flag
+from innerloop.core.environment import EnvironmentSwitchError, environment_flag
 
 try:
     import fcntl
@@ -203,7 +203,7 @@ def _disabled() -> str | None:
     they stay off until it is one), else None."""
     try:
         disabled = environment_flag(DISABLE_VARIABLE, default=False)
-    except ValueError as error:
+    except EnvironmentSwitchError as error:
         return f"{error}: the CPU kernels stay off until it is one"
     return f"disabled by {DISABLE_VARIABLE}={os.environ[DISABLE_VARIABLE]}" if disabled else None
 

@@ -16,6 +16,7 @@ instance may set ``name = "linear"``. These helpers settle what an object *is*:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule
@@ -24,10 +25,16 @@ KIND_OF = {"inner_model": "inner model", "inner_loss": "inner loss", "update_rul
 PROTOCOL_OF = {"inner_model": InnerModel, "inner_loss": InnerLoss, "update_rule": UpdateRule}
 
 
+@functools.cache
+def _protocol_names(kind: str) -> frozenset[str]:
+    """The attribute names of the ``kind``'s protocol class (asked at every dispatch: ``dir`` once)."""
+    return frozenset(name for name in dir(PROTOCOL_OF[kind]) if not name.startswith("__"))
+
+
 def patched_attributes(kind: str, obj: Any) -> list[str]:
     """Names of the callables in ``obj``'s instance ``__dict__`` that shadow an attribute of its class
     or are named like an attribute of the ``kind``'s protocol (methods patched onto the instance)."""
-    protocol_names = {name for name in dir(PROTOCOL_OF[kind]) if not name.startswith("__")}
+    protocol_names = _protocol_names(kind)
     cls = type(obj)
     return sorted(
         name

@@ -261,3 +261,43 @@ def test_the_diagnosis_rereads_a_long_call_in_a_bounded_number_of_pieces(monkeyp
     message = error_of(layer, torch.randn(1, 64, HIDDEN))
     assert "the inner weights overflowed float32" in message
     assert len(pieces) - 1 <= DIAGNOSIS_PIECES + 1  # the call itself, then the diagnosis's pieces
+
+
+# ---- the state's check reads one sum per tensor; the exact check settles an overflowing sum -------------
+
+
+def _layer_and_call(dtype: torch.dtype = torch.float32):
+    torch.manual_seed(0)
+    layer = TTTLayer(HIDDEN, HEADS, mini_batch_size=K).to(dtype)
+    x = torch.randn(2, 6, HIDDEN, dtype=dtype)
+    with torch.no_grad():
+        y, state = layer(x)
+    return layer, x, y, state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finite_state_values_whose_sum_overflows_pass_the_output_check(dtype):
+    layer, x, y, state = _layer_and_call(dtype)
+    huge = torch.finfo(dtype).max / 2
+    state.params["W1"].fill_(huge)  # every element finite, their sum inf
+    assert not torch.isfinite(state.params["W1"].sum()) and state.is_finite()
+    layer._check_output(x, None, y, state)  # no error: the exact check settles it
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("group", ["params", "pending"])
+def test_one_non_finite_state_element_fails_the_output_check(bad, group):
+    layer, x, y, state = _layer_and_call()
+    tensor = next(iter(getattr(state, group).values()))
+    tensor.view(-1)[-1] = bad
+    with pytest.raises(ValueError, match="produced a non-finite state from finite input"):
+        layer._check_output(x, None, y, state)
+
+
+def test_a_state_of_mixed_dtypes_is_checked_too():
+    layer, x, y, state = _layer_and_call()
+    state.params["b1"] = state.params["b1"].double()  # a state whose tensors differ in dtype
+    layer._check_output(x, None, y, state)
+    state.params["b1"].view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="produced a non-finite state from finite input"):
+        layer._check_output(x, None, y, state)

@@ -16,9 +16,17 @@ import sys
 import textwrap
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from innerloop.config.load import DEFAULT_PRESET, ConfigError
+
+if (
+    TYPE_CHECKING
+):  # annotations only: the commands import what they run lazily (`innerloop --help` stays fast)
+    from pathlib import Path
+
+    from innerloop.data.tokenizer import Tokenizer
+    from innerloop.models import E2ELM, CausalLM
 
 _TRAIN_EPILOG = """\
 with no arguments: the preset `tiny`, about a minute on 2 idle CPU cores (benchmarks/RESULTS.md).
@@ -49,7 +57,7 @@ def _installed_version() -> str:
 class UsageError(Exception):
     """A command line argparse cannot parse; ``prog`` is the (sub)command's, e.g. ``innerloop eval``."""
 
-    def __init__(self, prog: str, message: str):
+    def __init__(self, prog: str, message: str) -> None:
         super().__init__(message)
         self.prog = prog
 
@@ -57,7 +65,7 @@ class UsageError(Exception):
 class _ArgumentParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (no usage block), reported by :func:`main`."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
         raise UsageError(self.prog, message)
 
 
@@ -719,7 +727,7 @@ def _generate(args: argparse.Namespace) -> int:
     return _generate_bytes(args, model)
 
 
-def _generate_bytes(args: argparse.Namespace, model) -> int:
+def _generate_bytes(args: argparse.Namespace, model: CausalLM | E2ELM) -> int:
     """``innerloop generate`` of a byte-level model: the prompt's bytes in, bytes out."""
     import torch
 
@@ -749,7 +757,7 @@ def _generate_bytes(args: argparse.Namespace, model) -> int:
     return 0
 
 
-def _text_prompt(prompt: str, tokenizer) -> str:
+def _text_prompt(prompt: str, tokenizer: Tokenizer) -> str:
     """``--prompt`` as text for a tokenizer that reads UTF-8 text (a Hugging Face one), not bytes:
     command-line bytes that are not UTF-8 reach Python as surrogate escapes, which it cannot encode."""
     data = os.fsencode(prompt)
@@ -763,7 +771,7 @@ def _text_prompt(prompt: str, tokenizer) -> str:
         ) from None
 
 
-def _generate_tokens(args: argparse.Namespace, model, tokenizer) -> int:
+def _generate_tokens(args: argparse.Namespace, model: CausalLM | E2ELM, tokenizer: Tokenizer) -> int:
     """``innerloop generate`` of a model trained with a Hugging Face tokenizer: the prompt encoded by
     it; the text printed as it grows (held back while it ends in an incomplete character)."""
     import torch
@@ -872,7 +880,7 @@ def _tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_text_file(path) -> str:
+def _read_text_file(path: Path) -> str:
     """A training file's text; :class:`ConfigError` naming it when it is not UTF-8."""
     try:
         return path.read_bytes().decode("utf-8")
@@ -1308,7 +1316,9 @@ def _warning_line(command: str) -> Callable[..., str]:
     """``warnings.formatwarning`` for a command: ``innerloop <command>: warning: <message>`` on a line of
     its own (printed warnings only; a caller recording warnings sees them unchanged)."""
 
-    def format_warning(message, category, filename, lineno, line=None) -> str:
+    def format_warning(
+        message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+    ) -> str:
         return f"\ninnerloop {command}: warning: {message}\n"
 
     return format_warning

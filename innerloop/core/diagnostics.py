@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 
 from innerloop.core.layer import TTTLayer
+from innerloop.core.protocol import InnerTask, LossPairs
 from innerloop.core.scan import run_scan
 
 
-def _weighted_loss(task, params: dict, pairs, weights: torch.Tensor) -> torch.Tensor:
+def _weighted_loss(task: InnerTask, params: dict, pairs: LossPairs, weights: torch.Tensor) -> torch.Tensor:
     """Sum over heads and tokens of the weighted inner loss, per sequence: ``[B]``."""
     per_token = task.loss.token_loss(task.predict(params, pairs.inputs), pairs.targets)  # [B, H, N]
     return (per_token * weights).sum(dim=(1, 2))

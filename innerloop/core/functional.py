@@ -17,6 +17,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import FunctionCtx
 
 # The reference's constants for the derivative of tanh-GELU (Megatron's fused bias-gelu). They are
 # truncated (0.79788456 vs sqrt(2/pi) = 0.7978845608...), which is visible in float64, so we keep them.
@@ -53,13 +54,13 @@ class _GeluTanh(torch.autograd.Function):
         return F.gelu(x, approximate="tanh")
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
+    def setup_context(ctx: FunctionCtx, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
         (x,) = inputs
         ctx.save_for_backward(x)
         ctx.save_for_forward(x)
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: FunctionCtx, grad_output: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         return grad_output * gelu_tanh_derivative(x)
 
@@ -70,7 +71,7 @@ class _GeluTanhForwardMode(_GeluTanh):
     (each call would break the graph), so compiled code takes :class:`_GeluTanh`."""
 
     @staticmethod
-    def jvp(ctx, x_tangent: torch.Tensor) -> torch.Tensor:
+    def jvp(ctx: FunctionCtx, x_tangent: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         return x_tangent * gelu_tanh_derivative(x)
 

@@ -315,7 +315,13 @@ def run_planned(
     return torch.cat(outputs, dim=2), params, carry
 
 
-def _check_rule_takes(rule: UpdateRule, state: TTTState, tau, decay, momentum) -> None:
+def _check_rule_takes(
+    rule: UpdateRule,
+    state: TTTState,
+    tau: torch.Tensor | None,
+    decay: torch.Tensor | None,
+    momentum: torch.Tensor | None,
+) -> None:
     """Raise, naming the argument, when ``rule`` cannot take what it is given."""
     if (decay is not None or state.decay) and not rule.supports_decay:
         what = "decay is given" if decay is not None else "the state carries a decay product"

@@ -20,7 +20,7 @@ enough to continue a sequence from any split point (:meth:`TTTState.current_weig
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -155,7 +155,7 @@ class TTTState:
         """Position inside the current mini-batch (0 at a boundary)."""
         return self.position % self.signature.mini_batch_size
 
-    def _map(self, fn) -> TTTState:
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TTTState:
         return replace(
             self,
             params={k: fn(v) for k, v in self.params.items()},
@@ -170,7 +170,7 @@ class TTTState:
         """The same state cut from the autograd graph (truncated backpropagation, decoding)."""
         return self._map(lambda t: t.detach())
 
-    def to(self, *args, **kwargs) -> TTTState:
+    def to(self, *args: Any, **kwargs: Any) -> TTTState:
         """Move or cast every tensor, like ``Tensor.to``."""
         return self._map(lambda t: t.to(*args, **kwargs))
 

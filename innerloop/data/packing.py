@@ -54,7 +54,7 @@ class _Segment:
 
     __slots__ = ("document", "epoch", "offset", "tokens")
 
-    def __init__(self, epoch: int, document: int, tokens: list[int], offset: int):
+    def __init__(self, epoch: int, document: int, tokens: list[int], offset: int) -> None:
         self.epoch, self.document, self.tokens, self.offset = epoch, document, tokens, offset
 
     @property

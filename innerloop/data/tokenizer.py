@@ -153,7 +153,7 @@ class UnknownTokenizer(Tokenizer):
         where: the checkpoint, for messages (e.g. ``"'runs/x/last.safetensors'"``).
     """
 
-    def __init__(self, where: str = "the checkpoint"):
+    def __init__(self, where: str = "the checkpoint") -> None:
         self.where = where
 
     def _refuse(self) -> TokenizerError:
@@ -257,7 +257,9 @@ class HFTokenizer(Tokenizer):
         source: where it came from, for messages.
     """
 
-    def __init__(self, tokenizer_json: str, eos_token: str | None = None, source: str = "a tokenizer.json"):
+    def __init__(
+        self, tokenizer_json: str, eos_token: str | None = None, source: str = "a tokenizer.json"
+    ) -> None:
         tokenizers = import_tokenizers(source)
         try:
             self.backend = tokenizers.Tokenizer.from_str(tokenizer_json)

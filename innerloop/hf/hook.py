@@ -85,7 +85,7 @@ class _ThenRegister:
     other attribute (``get_source``, ``is_package`` ...) is the wrapped loader's. (Loaders and finders
     are protocols: no ``importlib.abc`` base class, which would cost an import.)"""
 
-    def __init__(self, loader: Any):
+    def __init__(self, loader: Any) -> None:
         self.loader = loader
 
     def __getattr__(self, name: str) -> Any:
@@ -104,7 +104,7 @@ class _AutoClassWatcher:
     for the spec (so an editable or zipped transformers is found as usual) and wraps its loader in
     :class:`_ThenRegister`. It stops watching a module once it has been asked for it."""
 
-    def __init__(self, names: set[str]):
+    def __init__(self, names: set[str]) -> None:
         self.pending = names
 
     def find_spec(

@@ -83,7 +83,7 @@ class InnerloopCache:
         fingerprint: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
-    ):
+    ) -> None:
         self.state = state
         self.seq_length = seq_length
         self.fingerprint = fingerprint
@@ -731,7 +731,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
     # transformers' Trainer then passes no num_items_in_batch (forward refuses arguments it does not use)
     accepts_loss_kwargs = False
 
-    def __init__(self, config: InnerloopConfig):
+    def __init__(self, config: InnerloopConfig) -> None:
         super().__init__(config)
         self.model = build_model(config.model_config)
         self.post_init()

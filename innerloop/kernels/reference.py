@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from innerloop.core.functional import layer_norm_backward
-from innerloop.core.protocol import InnerLoss, InnerModel, InnerTask, Params
+from innerloop.core.protocol import AffineLayer, InnerLoss, InnerModel, InnerTask, Params
 from innerloop.core.scan import (
     ChunkInputs,
     Segment,
@@ -33,7 +33,9 @@ from innerloop.core.scan import (
 from innerloop.kernels.spec import KernelDecode, KernelForward
 
 
-def key_side(task: InnerTask, params: Params, inputs: torch.Tensor, targets: torch.Tensor):
+def key_side(
+    task: InnerTask, params: Params, inputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Forward the keys through the stack at ``params`` and backpropagate the inner loss in closed form.
 
     Returns ``(layer_inputs, grads)``: for each layer ``l`` its input ``X_l [B, H, N, in_l]`` and
@@ -126,7 +128,9 @@ def dual_planned_segment(
     h = chunk.query
     for layer, x_keys, grad in zip(task.model.stack, layer_inputs, grads, strict=True):
 
-        def apply(weights: Params, x: torch.Tensor = h, layer=layer) -> torch.Tensor:  # x W (+ b)
+        def apply(
+            weights: Params, x: torch.Tensor = h, layer: AffineLayer = layer
+        ) -> torch.Tensor:  # x W (+ b)
             out = x @ weights[layer.weight]
             return out + weights[layer.bias] if layer.bias is not None else out
 
@@ -205,11 +209,33 @@ def reference_kernel(model: InnerModel, loss: InnerLoss) -> tuple[KernelForward,
     def task(ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, mini_batch_size: int) -> InnerTask:
         return InnerTask(model, loss, mini_batch_size, ln_weight, ln_bias, eps, residual=True, kernel="torch")
 
-    def forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
+    def forward(
+        xq: torch.Tensor,
+        xk: torch.Tensor,
+        xv: torch.Tensor,
+        lr: torch.Tensor,
+        tau: torch.Tensor,
+        params: Params,
+        ln_weight: torch.Tensor,
+        ln_bias: torch.Tensor,
+        eps: float,
+    ) -> tuple[torch.Tensor, Params]:
         chunk = ChunkInputs(xq, xk, xv, lr)  # [B, H, T, f], lr [B, H, T]
         return dual_aligned_block(task(ln_weight, ln_bias, eps, tau.shape[0]), params, chunk, tau)
 
-    def decode(xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, eps, is_last):
+    def decode(
+        xq: torch.Tensor,
+        xk: torch.Tensor,
+        xv: torch.Tensor,
+        lr: torch.Tensor,
+        tau_i: torch.Tensor,
+        params: Params,
+        pending: Params,
+        ln_weight: torch.Tensor,
+        ln_bias: torch.Tensor,
+        eps: float,
+        is_last: bool,
+    ) -> tuple[torch.Tensor, Params, Params]:
         token = ChunkInputs(xq[:, :, None], xk[:, :, None], xv[:, :, None], lr[:, :, None])
         out, params, pending = dual_token(
             task(ln_weight, ln_bias, eps, 1), params, pending, token, tau_i, is_last

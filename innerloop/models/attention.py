@@ -273,7 +273,7 @@ class CausalSelfAttention(nn.Module):
         rope_theta: float = 1e4,
         qk_norm: bool = False,
         norm_eps: float = 1e-6,
-    ):
+    ) -> None:
         super().__init__()
         check_positive_int("hidden_size", hidden_size)
         check_positive_int("num_heads", num_heads)

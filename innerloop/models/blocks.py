@@ -32,7 +32,7 @@ from innerloop.registry import get_registry
 class SwiGLU(nn.Module):
     """``down(silu(gate(x)) * up(x))``, the MLP of Llama and of the paper's models."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
@@ -49,7 +49,7 @@ class CausalDepthwiseConv(nn.Module):
     feeding a sequence in pieces gives the same outputs as feeding it whole.
     """
 
-    def __init__(self, hidden_size: int, kernel_size: int):
+    def __init__(self, hidden_size: int, kernel_size: int) -> None:
         super().__init__()
         check_positive_int("hidden_size", hidden_size)
         check_positive_int("kernel_size", kernel_size)
@@ -234,7 +234,7 @@ def check_mixer_state(mixer: nn.Module, state: Any, batch: int, name: str, mixer
 class Block(nn.Module):
     """One residual block: optional pre-conv, mixer, SwiGLU MLP, each behind an RMSNorm."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         D = config.hidden_size
         self.pre_conv: CausalDepthwiseConv | None = None

@@ -257,7 +257,7 @@ class E2EBlock(nn.Module):
         prime: give this block a prime MLP (the suffix blocks).
     """
 
-    def __init__(self, config: ModelConfig, prime: bool):
+    def __init__(self, config: ModelConfig, prime: bool) -> None:
         super().__init__()
         D, eps = config.hidden_size, config.norm_eps
         self.attn_pre_norm = FloatRMSNorm(D, eps=eps)
@@ -502,7 +502,7 @@ class E2ELM(nn.Module):
     is the outer loss (the mean of the chunks' pre-update losses).
     """
 
-    def __init__(self, config: ModelConfig | Mapping[str, Any]):
+    def __init__(self, config: ModelConfig | Mapping[str, Any]) -> None:
         super().__init__()
         config = require_model_config(config)
         if config.mixer != E2E:

@@ -216,7 +216,7 @@ class CausalLM(nn.Module):
         config: a :class:`ModelConfig`; it is validated (names, shapes, plugin names) first.
     """
 
-    def __init__(self, config: ModelConfig | Mapping[str, Any]):
+    def __init__(self, config: ModelConfig | Mapping[str, Any]) -> None:
         super().__init__()
         config = require_model_config(config)
         if config.mixer == "e2e":

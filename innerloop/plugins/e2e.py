@@ -7,7 +7,8 @@ either by name: ``model.e2e.inner_loss=...``, ``model.e2e.update_rule=...``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -88,10 +89,10 @@ class ScoreFirstSGD(ModelUpdateRule):
 
 
 @hookimpl
-def register_model_inner_losses(register) -> None:
+def register_model_inner_losses(register: Callable[[Any], Any]) -> None:
     register(NextTokenChunkLoss())
 
 
 @hookimpl
-def register_model_update_rules(register) -> None:
+def register_model_update_rules(register: Callable[[Any], Any]) -> None:
     register(ScoreFirstSGD())

@@ -14,6 +14,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from innerloop.kernels import cpu, delta_chunk, fused_torch, triton
 from innerloop.kernels.spec import KernelSpec
 from innerloop.plugins.models.linear import LinearModel
@@ -36,6 +39,6 @@ def builtin_kernel_specs() -> list[KernelSpec]:
 
 
 @hookimpl
-def register_kernels(register) -> None:
+def register_kernels(register: Callable[[Any], Any]) -> None:
     for spec in builtin_kernel_specs():
         register(spec)

@@ -21,6 +21,7 @@ found through the ``innerloop`` entry-point group::
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pluggy
 
@@ -30,7 +31,7 @@ hookspec = pluggy.HookspecMarker("innerloop")
 
 
 def _hookspec(kind: Kind) -> Callable[..., None]:
-    def spec(register) -> None:
+    def spec(register: Callable[[Any], Any]) -> None:
         pass
 
     spec.__name__ = spec.__qualname__ = kind.hook

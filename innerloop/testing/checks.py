@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 
@@ -962,7 +962,7 @@ def check_update_rule(
     tolerance: float = FLOAT64_TOLERANCE,
     gradients: bool = True,
     without_grad: bool = True,
-    **problem_kwargs,
+    **problem_kwargs: Any,
 ) -> None:
     """``rule`` equals the naive loop (or the token-by-token reference it declares,
     ``UpdateRule.reference``), whole and when the sequence is cut at ``cut_points``; with
@@ -1269,7 +1269,7 @@ def check_zero_decay_and_momentum(
     loss: InnerLoss,
     seed: int = 0,
     tolerance: float = FLOAT64_TOLERANCE,
-    **problem_kwargs,
+    **problem_kwargs: Any,
 ) -> None:
     """Where ``rule`` takes them, a decay of 0 and a momentum of 0 give the plain rule's outputs and
     weights (the returned state then also carries the zero-decay product and the momentum)."""
@@ -1289,7 +1289,7 @@ def check_zero_decay_and_momentum(
 
 
 def check_update_rule_gradients(
-    rule: UpdateRule, model: InnerModel, loss: InnerLoss, seed: int = 0, **problem_kwargs
+    rule: UpdateRule, model: InnerModel, loss: InnerLoss, seed: int = 0, **problem_kwargs: Any
 ) -> None:
     """``torch.autograd.gradcheck`` (float64) of the rule's outputs and final weights w.r.t. the
     views, lr, the initial weights and, where the rule takes them, decay and momentum."""
@@ -1300,7 +1300,9 @@ def check_update_rule_gradients(
     leaves += [getattr(problem, k) for k in names] + list(problem.state.params.values())
     leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
 
-    def run(query, key, value, lr, *rest):
+    def run(
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lr: torch.Tensor, *rest: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         extras = dict(zip(names, rest[: len(names)], strict=True))
         params = dict(zip(problem.state.params, rest[len(names) :], strict=True))
         state = replace(problem.state, params=params)

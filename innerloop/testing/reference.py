@@ -28,7 +28,16 @@ def _per_head(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return value.reshape(value.shape + (1,) * (like.dim() - 2))
 
 
-def _step(params, pending, surprise, grads, lr_t, keep, m_t, momentum_rule: bool) -> dict:
+def _step(
+    params: dict[str, torch.Tensor],
+    pending: dict[str, torch.Tensor],
+    surprise: dict[str, torch.Tensor],
+    grads: dict[str, torch.Tensor],
+    lr_t: torch.Tensor,
+    keep: torch.Tensor | None,
+    m_t: torch.Tensor | None,
+    momentum_rule: bool,
+) -> dict:
     """One token's update of the pending sums (and, for the momentum rule, of ``surprise`` in place);
     ``lr_t``, ``keep`` (``a_t``, None: 1), ``m_t`` (None: 0) are ``[B, H]``."""
     new_pending = {}

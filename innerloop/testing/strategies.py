@@ -31,7 +31,7 @@ PAPER_INNER_WRAPPING: tuple[tuple[bool, bool], ...] = ((True, True),)
 
 @st.composite
 def layer_configs(
-    draw,
+    draw: st.DrawFn,
     inner_models: tuple[str, ...] = ("linear", "mlp"),
     inner_losses: tuple[str, ...] = ("reconstruction", "next_token"),
     update_rules: tuple[str, ...] = ("dual_form", "minibatch_gd"),
@@ -70,7 +70,7 @@ def layer_configs(
 
 
 @st.composite
-def split_points(draw, total: int, max_cuts: int = 4) -> list[int]:
+def split_points(draw: st.DrawFn, total: int, max_cuts: int = 4) -> list[int]:
     """Sorted distinct cut points strictly inside ``[0, total]`` (possibly none)."""
     if total < 2:
         return []
@@ -80,7 +80,7 @@ def split_points(draw, total: int, max_cuts: int = 4) -> list[int]:
 
 @st.composite
 def views(
-    draw,
+    draw: st.DrawFn,
     max_batch: int = 4,
     max_heads: int = 4,
     head_dims: tuple[int, ...] = (1, 3, 4, 5, 8),
@@ -100,7 +100,7 @@ def views(
 
 @st.composite
 def problems(
-    draw,
+    draw: st.DrawFn,
     max_batch: int = 4,
     max_heads: int = 6,
     head_dims: tuple[int, ...] = (1, 3, 4, 5, 8),

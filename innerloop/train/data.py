@@ -25,7 +25,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from innerloop.data.hf import iter_texts, open_hf_dataset, saved_splits
-from innerloop.data.packing import START, StreamPosition, is_validation, packed_windows, validation_windows
+from innerloop.data.packing import (
+    START,
+    DocumentReader,
+    StreamPosition,
+    is_validation,
+    packed_windows,
+    validation_windows,
+)
 from innerloop.data.recall import (
     IGNORE_INDEX,
     RECALL_DISTRACTORS,
@@ -102,7 +109,7 @@ class IndexedBatches(IterableDataset):
 
     def __init__(
         self, make_batch: Callable[[int], Batch], start: int = 0, rank: int = 0, world_size: int = 1
-    ):
+    ) -> None:
         self.make_batch = make_batch
         self.start, self.rank, self.world_size = start, rank, world_size
 
@@ -116,7 +123,7 @@ class IndexedBatches(IterableDataset):
 class FixedExamples(Dataset):
     """A list of ``(inputs [T], targets [T])`` examples (the validation set)."""
 
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor):
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         self.inputs, self.targets = inputs, targets
 
     def __len__(self) -> int:
@@ -136,7 +143,9 @@ class RankShardOfExamples(IterableDataset):
     the examples by repeating the first ones, which the summed metrics would then score twice.
     """
 
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, rank: int, world: int):
+    def __init__(
+        self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, rank: int, world: int
+    ) -> None:
         rows_per_rank = -(-inputs.shape[0] // world)  # ceil
         inputs, targets = inputs[rank::world], targets[rank::world]
         missing = rows_per_rank - inputs.shape[0]
@@ -271,7 +280,7 @@ class TextDataModule(_IndexedDataModule):
         val_batches: int = 8,
         seed: int = 0,
         tokenizer: Tokenizer | None = None,
-    ):
+    ) -> None:
         super().__init__()
         self.paths = _path_list(paths)
         self.seq_len, self.batch_size, self.val_batches = _checked_sizes(
@@ -499,7 +508,7 @@ class RecallDataModule(_IndexedDataModule):
 
     def __init__(
         self, num_pairs: int = 8, gap: int = 64, batch_size: int = 16, val_batches: int = 8, seed: int = 0
-    ):
+    ) -> None:
         super().__init__()
         pairs_bounds = Bounds(1, len(RECALL_KEYS), why=f"the task has {len(RECALL_KEYS)} keys")
         self.num_pairs = int(checked_number("num_pairs", num_pairs, int, pairs_bounds))
@@ -540,7 +549,7 @@ class PackedBatches(IterableDataset):
         record: Callable[[int, StreamPosition], None],
         rank: int = 0,
         world_size: int = 1,
-    ):
+    ) -> None:
         self.windows_from, self.batch_size = windows_from, batch_size
         self.first_batch, self.position, self.record = first_batch, position, record
         self.rank, self.world_size = rank, world_size
@@ -588,7 +597,7 @@ class HFDataModule(L.LightningDataModule):
         batch_size: int = 16,
         val_fraction: float = 0.1,
         val_batches: int = 8,
-    ):
+    ) -> None:
         super().__init__()
         seq_len, batch_size, val_batches = _checked_sizes(
             seq_len=seq_len, batch_size=batch_size, val_batches=val_batches
@@ -628,7 +637,7 @@ class HFDataModule(L.LightningDataModule):
         tokens = torch.tensor(windows, dtype=torch.long)  # [N, T + 1]
         self.val_examples = tokens[:, :-1], tokens[:, 1:]
 
-    def _reader(self, validation: bool):
+    def _reader(self, validation: bool) -> DocumentReader:
         """A :data:`~innerloop.data.packing.DocumentReader` of the validation or the training documents."""
         encode_many = getattr(self.tokenizer, "encode_many", None)
         separator = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]

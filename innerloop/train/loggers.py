@@ -88,7 +88,7 @@ class _LaunchVersion:
     """The ``<n>`` of ``logs/version_<n>`` for this launch: one more than the largest there, or 0;
     computed on first use and then fixed, so every logger of the launch writes into the same folder."""
 
-    def __init__(self, logs: Path):
+    def __init__(self, logs: Path) -> None:
         self.logs = logs
         self.value: int | None = None
 
@@ -135,7 +135,7 @@ class _CSVLogger(CSVLogger):
     """Lightning's CSVLogger (``logs/version_<n>/metrics.csv``) with :class:`_AtomicExperimentWriter`,
     its version chosen by the launch's :class:`_LaunchVersion` when one is given."""
 
-    def __init__(self, *args, launch_version: _LaunchVersion | None = None, **kwargs):
+    def __init__(self, *args: Any, launch_version: _LaunchVersion | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._launch_version = launch_version
 
@@ -154,7 +154,7 @@ class _CSVLogger(CSVLogger):
 class _TensorBoardLogger(TensorBoardLogger):
     """Lightning's TensorBoardLogger in ``logs/version_<n>/tensorboard``, ``<n>`` the launch's."""
 
-    def __init__(self, *args, launch_version: _LaunchVersion, **kwargs):
+    def __init__(self, *args: Any, launch_version: _LaunchVersion, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._launch_version = launch_version
 

@@ -106,7 +106,7 @@ class LossByPosition(Float64States):
     is_differentiable = False
     higher_is_better = False
 
-    def __init__(self, num_buckets: int = 16, varying_lengths: bool = False, **kwargs):
+    def __init__(self, num_buckets: int = 16, varying_lengths: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if num_buckets < 1:
             raise ValueError(f"num_buckets={num_buckets} must be >= 1")
@@ -200,7 +200,7 @@ class InnerLossDiagnostics(Float64States):
     full_state_update = False
     is_differentiable = False
 
-    def __init__(self, num_layers: int, **kwargs):
+    def __init__(self, num_layers: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if num_layers < 1:
             raise ValueError(f"num_layers={num_layers} must be >= 1")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -136,8 +136,8 @@ def _non_finite_propagates(
     finite.
     """
 
-    def record(name: str):
-        def hook(module, args, kwargs, output) -> None:
+    def record(name: str) -> Callable[[torch.nn.Module, tuple[Any, ...], dict[str, Any], Any], None]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             x = args[0] if args else kwargs.get("x")
             y = output[0] if isinstance(output, tuple) else output
             if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.numel() and y.numel():
@@ -218,7 +218,7 @@ class LanguageModelModule(L.LightningModule):
         seq_len: int | None = None,
         schedule: str = "cosine",
         decay_steps: int = 0,
-    ):
+    ) -> None:
         super().__init__()
         if isinstance(model, ModelConfig):
             model = asdict(model)  # hyperparameters are plain values (the checkpoint stores no objects)
@@ -578,7 +578,9 @@ class LanguageModelModule(L.LightningModule):
         hooks = []
         for i, block in enumerate(self.model.blocks):
 
-            def record(module, args, kwargs, i=i):
+            def record(
+                module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], i: int = i
+            ) -> None:
                 inputs[i] = args[0].detach()
 
             hooks.append(block.mixer.register_forward_pre_hook(record, with_kwargs=True))

@@ -287,7 +287,7 @@ class _ValidateAtTheLastStep(Callback):
     folder. After the fit the main process of ``ddp_spawn`` has neither the workers' step counter nor
     their logger's folder: a validation run there was logged at step 0 in a second folder."""
 
-    def __init__(self, last_step: int):
+    def __init__(self, last_step: int) -> None:
         self.last_step = last_step
 
     def on_train_batch_end(
@@ -302,7 +302,7 @@ class _RecordTokenizer(Callback):
     """Stores the run's tokenizer in every checkpoint (:data:`~innerloop.checkpoints.TOKENIZER_KEY`),
     so that eval, generate, export and a resume use the one the weights were trained with."""
 
-    def __init__(self, run: RunConfig):
+    def __init__(self, run: RunConfig) -> None:
         self.state = None if run.data.name == "recall" else run_tokenizer(run).to_state()
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
@@ -325,7 +325,7 @@ class _RecordRunData(Callback):
     against what the checkpoint was trained with, not only against its config.yaml, which may have been
     edited."""
 
-    def __init__(self, run: RunConfig):
+    def __init__(self, run: RunConfig) -> None:
         self.record = run_data_record(run)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:

@@ -111,7 +111,7 @@ class TTTBaseLRWarmup(L.Callback):
     Stateless: the base lr is a function of ``trainer.global_step``, so a resumed run continues it.
     """
 
-    def __init__(self, init: float, peak: float, warmup_steps: int):
+    def __init__(self, init: float, peak: float, warmup_steps: int) -> None:
         self.init, self.peak, self.warmup_steps = init, peak, warmup_steps
 
     @staticmethod

@@ -107,7 +107,7 @@ class TrainingThroughput(Callback):
         clock: Callable[[], float] = time.perf_counter,
         cpu_status: Callable[[], tuple[int, int, float | None]] | None = None,
         echo: Callable[[str], None] = print,
-    ):
+    ) -> None:
         if not collapse_factor > 1:
             raise ValueError(f"collapse_factor={collapse_factor} must be > 1")
         self.collapse_factor = collapse_factor

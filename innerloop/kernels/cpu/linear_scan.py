@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 
 import torch
+from torch.autograd.function import FunctionCtx
 
 from innerloop.kernels.cpu.buffers import scan_buffer
 from innerloop.kernels.cpu.library import DTYPE_CODES, run_entry_point, scan_input_problems, scan_sizes
@@ -46,7 +47,9 @@ class _LinearScanArgs(ctypes.Structure):
     ]
 
 
-def _check_inputs(both, left, shift, gamma_sq, weight) -> None:
+def _check_inputs(
+    both: torch.Tensor, left: torch.Tensor, shift: torch.Tensor, gamma_sq: torch.Tensor, weight: torch.Tensor
+) -> None:
     """The kernel trusts these shapes and the dtype for its pointer arithmetic: check them first."""
     num_mb, pairs, k, inputs, f = scan_sizes(both, shift)
     expected = {
@@ -84,7 +87,15 @@ class CompiledLinearScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, both, left, shift, gamma_sq, weight, eps: float):
+    def forward(
+        ctx: FunctionCtx,
+        both: torch.Tensor,
+        left: torch.Tensor,
+        shift: torch.Tensor,
+        gamma_sq: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         _check_inputs(both, left, shift, gamma_sq, weight)
         both, left, shift, gamma_sq = (t.detach().contiguous() for t in (both, left, shift, gamma_sq))
         weight = weight.detach().clone(memory_format=torch.contiguous_format)  # updated in place
@@ -101,7 +112,9 @@ class CompiledLinearScan(torch.autograd.Function):
         return z, weight
 
     @staticmethod
-    def backward(ctx, grad_z, grad_last):
+    def backward(
+        ctx: FunctionCtx, grad_z: torch.Tensor | None, grad_last: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
         if torch.is_grad_enabled():  # a backward with create_graph=True
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
         both, left, shift, gamma_sq, starts = ctx.saved_tensors

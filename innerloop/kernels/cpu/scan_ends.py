@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 
 import torch
+from torch.autograd.function import FunctionCtx
 
 from innerloop.kernels.cpu.library import DTYPE_CODES, rows_contiguous, run_entry_point, scan_input_problems
 from innerloop.kernels.cpu.linear_scan import DOUBLE_BACKWARD_MESSAGE
@@ -105,7 +106,17 @@ class CompiledHoist(torch.autograd.Function):
     gamma_sq [BH, 1, f], eta [NB, BH, K, K], scale [NB, BH, K, 1])`` with ``in = f + has_bias``."""
 
     @staticmethod
-    def forward(ctx, has_bias, xq, xk, xv, lr, tau, ln_weight, ln_bias):
+    def forward(
+        ctx: FunctionCtx,
+        has_bias: bool,
+        xq: torch.Tensor,
+        xk: torch.Tensor,
+        xv: torch.Tensor,
+        lr: torch.Tensor,
+        tau: torch.Tensor,
+        ln_weight: torch.Tensor,
+        ln_bias: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
         views = {name: rows_contiguous(t.detach()) for name, t in zip(_VIEWS, (xq, xk, xv, lr), strict=True)}
         tau, ln_weight, ln_bias = (t.detach().contiguous() for t in (tau, ln_weight, ln_bias))
         _check(views, tau, ln_weight, ln_bias)
@@ -130,7 +141,7 @@ class CompiledHoist(torch.autograd.Function):
         return tuple(hoisted.values())
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx: FunctionCtx, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if torch.is_grad_enabled():  # a backward with create_graph=True
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
         xq, xk, xv, lr, tau, ln_weight = ctx.saved_tensors
@@ -163,7 +174,13 @@ class CompiledHoist(torch.autograd.Function):
         )
 
 
-def _hoist_args(views, tau, ln_weight, ln_bias, has_bias: bool) -> _HoistArgs:
+def _hoist_args(
+    views: dict[str, torch.Tensor],
+    tau: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    has_bias: bool,
+) -> _HoistArgs:
     """The struct's sizes and inputs (the outputs or gradients are set by the caller)."""
     xq = views["xq"]
     args = _HoistArgs()
@@ -181,7 +198,14 @@ class CompiledOutputNorm(torch.autograd.Function):
     for free)."""
 
     @staticmethod
-    def forward(ctx, eps, z, xq, ln_weight, ln_bias):
+    def forward(
+        ctx: FunctionCtx,
+        eps: float,
+        z: torch.Tensor,
+        xq: torch.Tensor,
+        ln_weight: torch.Tensor,
+        ln_bias: torch.Tensor,
+    ) -> torch.Tensor:
         z, ln_weight, ln_bias = (t.detach().contiguous() for t in (z, ln_weight, ln_bias))
         xq = rows_contiguous(xq.detach())
         if (
@@ -202,7 +226,7 @@ class CompiledOutputNorm(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if torch.is_grad_enabled():  # a backward with create_graph=True
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
         z, ln_weight = ctx.saved_tensors
@@ -226,7 +250,9 @@ class CompiledOutputNorm(torch.autograd.Function):
         )
 
 
-def _output_norm_args(eps: float, z, ln_weight, ln_bias: torch.Tensor | None) -> _OutputNormArgs:
+def _output_norm_args(
+    eps: float, z: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor | None
+) -> _OutputNormArgs:
     args = _OutputNormArgs()
     args.dtype, args.num_threads = DTYPE_CODES[z.dtype], torch.get_num_threads()
     args.batch, args.heads, args.tokens, args.width = z.shape

@@ -12,6 +12,7 @@ contract asks).
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -110,7 +111,17 @@ class _DecodeArgs(ctypes.Structure):
     ]
 
 
-def _fill(args, stack, activations, dims, params: Params, views: dict, ln_weight, ln_bias, eps) -> None:
+def _fill(
+    args: _StackArgs | _DecodeArgs,
+    stack: tuple[AffineLayer, ...],
+    activations: Sequence[int | None],
+    dims: Sequence[int],
+    params: Params,
+    views: dict,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+) -> None:
     """The fields both entry points share: sizes, the layers, the weights' and views' addresses and
     strides (as many as the struct has: 3 for chunks, 2 for one token), the inner LayerNorm."""
     args.dtype = DTYPE_CODES[views["xq"].dtype]
@@ -129,7 +140,7 @@ def _fill(args, stack, activations, dims, params: Params, views: dict, ln_weight
     args.ln_weight, args.ln_bias, args.eps = ln_weight.data_ptr(), ln_bias.data_ptr(), float(eps)
 
 
-def _refuse_autograd(tensors) -> None:
+def _refuse_autograd(tensors: Iterable[object]) -> None:
     """The kernel's decoding is forward only: never let it drop a graph silently (verify should have
     refused)."""
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
@@ -138,7 +149,16 @@ def _refuse_autograd(tensors) -> None:
         )
 
 
-def _check_shapes(stack, params, batch, heads, head_dim, ln_weight, ln_bias, **vectors) -> list[int]:
+def _check_shapes(
+    stack: tuple[AffineLayer, ...],
+    params: Params,
+    batch: int,
+    heads: int,
+    head_dim: int,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    **vectors: tuple[torch.Tensor, tuple[int, ...]],
+) -> list[int]:
     """The kernel trusts these shapes for its pointer arithmetic: check them, and return the widths."""
     expected_ln = (heads, head_dim)
     problems = [
@@ -190,14 +210,32 @@ def make_training_scan(stack: tuple[AffineLayer, ...]) -> TrainingScan:
     ``linear_scan.py`` for one layer, ``stack_scan.py`` for deeper stacks."""
     if len(stack) == 1:
 
-        def linear(both, left, shift, gamma_sq, eta, update_scale, weights, eps):
+        def linear(
+            both: torch.Tensor,
+            left: torch.Tensor,
+            shift: torch.Tensor,
+            gamma_sq: torch.Tensor,
+            eta: torch.Tensor,
+            update_scale: torch.Tensor,
+            weights: Sequence[torch.Tensor],
+            eps: float,
+        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
             z, last = compiled_linear_scan(both, left, shift, gamma_sq, weights[0], eps)
             return z, [last]
 
         return linear
     between = [activation_code(layer.activation) for layer in stack[:-1]]
 
-    def deeper(both, left, shift, gamma_sq, eta, update_scale, weights, eps):
+    def deeper(
+        both: torch.Tensor,
+        left: torch.Tensor,
+        shift: torch.Tensor,
+        gamma_sq: torch.Tensor,
+        eta: torch.Tensor,
+        update_scale: torch.Tensor,
+        weights: Sequence[torch.Tensor],
+        eps: float,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return compiled_stack_scan(between, both, left, shift, gamma_sq, eta, update_scale, weights, eps)
 
     return deeper
@@ -212,7 +250,10 @@ def make_forward(stack: tuple[AffineLayer, ...]) -> KernelForward:
     activations = [activation_code(layer.activation) for layer in stack]
     training = make_fused_forward(stack, training_scan=make_training_scan(stack), training_ends=COMPILED_ENDS)
 
-    def forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
+    def forward(  # KernelForward's parameters, three lines (make_forward stays under 60)
+        xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
+        params: Params, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
+    ) -> tuple[torch.Tensor, Params]:  # fmt: skip
         batch, heads, tokens, head_dim = xq.shape
         inputs = (xq, xk, xv, lr, tau, ln_weight, ln_bias, *params.values())
         if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
@@ -263,7 +304,19 @@ def make_decode(stack: tuple[AffineLayer, ...]) -> KernelDecode:
     """The one-token function (see ``KernelSpec.decode``) for a stack model with these layers."""
     activations = [activation_code(layer.activation) for layer in stack]
 
-    def decode(xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, eps, is_last):
+    def decode(
+        xq: torch.Tensor,
+        xk: torch.Tensor,
+        xv: torch.Tensor,
+        lr: torch.Tensor,
+        tau_i: torch.Tensor,
+        params: Params,
+        pending: Params,
+        ln_weight: torch.Tensor,
+        ln_bias: torch.Tensor,
+        eps: float,
+        is_last: bool,
+    ) -> tuple[torch.Tensor, Params, Params]:
         batch, heads, head_dim = xq.shape
         _refuse_autograd((xq, xk, xv, lr, tau_i, ln_weight, ln_bias, *params.values(), *pending.values()))
         shape = (batch, heads, head_dim)
@@ -309,7 +362,7 @@ def make_decode(stack: tuple[AffineLayer, ...]) -> KernelDecode:
     return decode
 
 
-def make_verify(stack: tuple[AffineLayer, ...]):
+def make_verify(stack: tuple[AffineLayer, ...]) -> Callable[[KernelInputs], str | None]:
     """``verify`` for a stack model: the kernel's own limits, then whether the library builds here."""
     unsupported = [layer.activation.name for layer in stack if activation_code(layer.activation) is None]
 

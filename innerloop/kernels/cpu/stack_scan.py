@@ -14,6 +14,7 @@ import ctypes
 from collections.abc import Sequence
 
 import torch
+from torch.autograd.function import FunctionCtx
 
 from innerloop.kernels.cpu.buffers import scan_buffer
 from innerloop.kernels.cpu.library import (
@@ -71,7 +72,16 @@ def record_size(mini_batch: int, widths: Sequence[int]) -> int:
     return size
 
 
-def _check_inputs(activations, both, left, shift, gamma_sq, eta, scale, weights) -> None:
+def _check_inputs(
+    activations: Sequence[int],
+    both: torch.Tensor,
+    left: torch.Tensor,
+    shift: torch.Tensor,
+    gamma_sq: torch.Tensor,
+    eta: torch.Tensor,
+    scale: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+) -> None:
     """The kernel trusts these shapes and the dtype for its pointer arithmetic: check them first."""
     num_mb, pairs, k, inputs, f = scan_sizes(both, shift)
     problems = []
@@ -108,7 +118,12 @@ def _check_inputs(activations, both, left, shift, gamma_sq, eta, scale, weights)
         raise ValueError("the CPU training scan got inputs it cannot take: " + "; ".join(problems))
 
 
-def _args(activations, eps: float, tensors: dict, per_layer: dict) -> _StackScanArgs:
+def _args(
+    activations: Sequence[int],
+    eps: float,
+    tensors: dict[str, torch.Tensor],
+    per_layer: dict[str, Sequence[torch.Tensor]],
+) -> _StackScanArgs:
     """The struct for one call: sizes from ``both`` and the weights (``per_layer["weights"]`` or
     ``["starts"]``), every tensor's address by its field name."""
     both = tensors["both"]
@@ -142,7 +157,18 @@ class CompiledStackScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, activations, eps, both, left, shift, gamma_sq, eta, scale, *weights):
+    def forward(
+        ctx: FunctionCtx,
+        activations: tuple[int, ...],
+        eps: float,
+        both: torch.Tensor,
+        left: torch.Tensor,
+        shift: torch.Tensor,
+        gamma_sq: torch.Tensor,
+        eta: torch.Tensor,
+        scale: torch.Tensor,
+        *weights: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
         _check_inputs(activations, both, left, shift, gamma_sq, eta, scale, weights)
         tensors = {
             name: t.detach().contiguous()
@@ -170,7 +196,9 @@ class CompiledStackScan(torch.autograd.Function):
         return (z, *weights)
 
     @staticmethod
-    def backward(ctx, grad_z, *grad_last):
+    def backward(
+        ctx: FunctionCtx, grad_z: torch.Tensor | None, *grad_last: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
         if torch.is_grad_enabled():  # a backward with create_graph=True
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
         both, left, shift, gamma_sq, eta, scale, records, *starts = ctx.saved_tensors

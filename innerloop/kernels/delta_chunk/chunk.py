@@ -91,7 +91,9 @@ class _Chunks:
     whole_decay: torch.Tensor | None  # [B, H, N, 1, 1], or None without decay
 
 
-def _intra_chunk(q, k, v, beta, gates: _Gates | None) -> _Chunks:
+def _intra_chunk(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, gates: _Gates | None
+) -> _Chunks:
     """The UT transform of every chunk: ``(I + L) [U | W] = [diag(b) V | diag(b e^R) K]`` (README)."""
     beta_keys = k * beta[..., None]  # [B, H, N, C, d_k]
     lower = beta_keys @ k.mT  # [B, H, N, C, C]: L below the diagonal (b_t k_t . k_s), before the decay

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import FunctionCtx
 
 from innerloop.core.functional import overflow_safe_scale_if_needed
 from innerloop.core.protocol import AffineLayer, Params
@@ -54,12 +55,12 @@ class _RefusingIdentity(torch.autograd.Function):
     ``refuses()``, asked inside the backward, says the backward is one that path cannot run."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, message: str, refuses: Callable[[], bool]) -> torch.Tensor:
+    def forward(ctx: FunctionCtx, x: torch.Tensor, message: str, refuses: Callable[[], bool]) -> torch.Tensor:
         ctx.message, ctx.refuses = message, refuses
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         if ctx.refuses():
             raise RuntimeError(ctx.message)
         return grad, None, None
@@ -100,7 +101,16 @@ class _Hoisted:
     update_scale: torch.Tensor  # [NB, BH, K, 1]: tau_{K-1} lr_j
 
 
-def _hoist(xq, xk, xv, lr, tau, ln_weight, ln_bias, first_has_bias: bool) -> _Hoisted:
+def _hoist(
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    lr: torch.Tensor,
+    tau: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    first_has_bias: bool,
+) -> _Hoisted:
     """Everything about the first layer's inputs, computed before the scan (see the module docstring)."""
     batch, heads, tokens, _ = xq.shape
     mini_batch = tau.shape[0]
@@ -179,7 +189,7 @@ class _Scan:
 
     def __init__(
         self, stack: tuple[AffineLayer, ...], weights: list[torch.Tensor], in_place: bool, eps: float
-    ):
+    ) -> None:
         self.stack = stack
         self.has_bias = [layer.bias is not None for layer in stack]
         self.weights = weights
@@ -192,7 +202,9 @@ class _Scan:
         else:
             self.weights[index] = self.weights[index] - correction
 
-    def key_side(self, both_n: torch.Tensor, mini_batch: int):
+    def key_side(
+        self, both_n: torch.Tensor, mini_batch: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """Forward the keys at the mini-batch's starting weights (the first layer with the queries).
 
         Returns ``(z_both [BH, 2K, out1], key_inputs, key_pre)``: each layer's input and pre-activation.
@@ -205,7 +217,9 @@ class _Scan:
             key_pre.append(key_inputs[-1] @ self.weights[index])
         return z_both, key_inputs, key_pre
 
-    def key_gradients(self, key_pre: list[torch.Tensor], shift_n: torch.Tensor, gamma_sq: torch.Tensor):
+    def key_gradients(
+        self, key_pre: list[torch.Tensor], shift_n: torch.Tensor, gamma_sq: torch.Tensor
+    ) -> list[torch.Tensor]:
         """The inner gradient w.r.t. each layer's pre-activation: through LN (fused aten ops), then
         back through the stack. LN runs on a copy scaled where squares would overflow: LN is
         scale-invariant, and d/dz = s d/d(sz)."""
@@ -230,7 +244,15 @@ class _Scan:
         grads.reverse()
         return grads
 
-    def mini_batch(self, both_n, left_n, shift_n, eta_n, scale_n, gamma_sq) -> torch.Tensor:
+    def mini_batch(
+        self,
+        both_n: torch.Tensor,
+        left_n: torch.Tensor,
+        shift_n: torch.Tensor,
+        eta_n: torch.Tensor,
+        scale_n: torch.Tensor,
+        gamma_sq: torch.Tensor,
+    ) -> torch.Tensor:
         """One mini-batch: its outputs' pre-LN values ``[BH, K, f]``; the weights move past it."""
         mini_batch = eta_n.shape[-1]
         z_both, key_inputs, key_pre = self.key_side(both_n, mini_batch)
@@ -298,7 +320,10 @@ def make_fused_forward(
     path = "the fused_torch fast path" if kernel_name is None else f"kernel {kernel_name!r}"
     guard = functools.partial(_guard, message=double_backward_message(path))
 
-    def forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
+    def forward(  # KernelForward's parameters, three lines (make_fused_forward stays under 60)
+        xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
+        params: Params, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
+    ) -> tuple[torch.Tensor, Params]:  # fmt: skip
         batch, heads, tokens, dim = xq.shape
         tensors = (xq, xk, xv, lr, tau, ln_weight, ln_bias, *params.values())
         in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))

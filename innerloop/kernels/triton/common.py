@@ -15,6 +15,7 @@ import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -168,7 +169,7 @@ def head_view(t: torch.Tensor) -> torch.Tensor:
     return t[None, :, None, :]
 
 
-def verify_common(inputs, max_head_dim: int, kernel_name: str) -> str | None:
+def verify_common(inputs: KernelInputs, max_head_dim: int, kernel_name: str) -> str | None:
     """The checks both Triton TTT kernels share; returns a reason string or None."""
     missing = triton_missing()
     if missing is not None:
@@ -220,7 +221,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def mode_mismatch(kernels_module_name: str, device, kernel_name: str) -> str | None:
+def mode_mismatch(kernels_module_name: str, device: torch.device | str, kernel_name: str) -> str | None:
     """Reason why already-built kernels cannot serve ``device``, or None.
 
     Triton fixes compiled vs interpreted when a kernel is defined; if the kernels module was imported
@@ -268,11 +269,11 @@ class HostChecks:
     max_head_dim: int
     param_shapes: Callable[[int, int, int], dict]
 
-    def kernels(self):
+    def kernels(self) -> ModuleType:
         """The Triton kernels module, imported on first use (see the module docstring for why)."""
         return importlib.import_module(self.kernels_module)
 
-    def mode_mismatch(self, device) -> str | None:
+    def mode_mismatch(self, device: torch.device | str) -> str | None:
         """Why the already-built kernels cannot serve ``device`` (compiled vs interpreted), or None."""
         return mode_mismatch(self.kernels_module, device, self.name)
 
@@ -287,7 +288,18 @@ class HostChecks:
         if reason is not None:
             raise RuntimeError(reason)
 
-    def check_forward(self, xq, xk, xv, lr, tau, params, ln_weight, ln_bias, checkpoint_every) -> None:
+    def check_forward(
+        self,
+        xq: torch.Tensor,
+        xk: torch.Tensor,
+        xv: torch.Tensor,
+        lr: torch.Tensor,
+        tau: torch.Tensor,
+        params: dict,
+        ln_weight: torch.Tensor,
+        ln_bias: torch.Tensor,
+        checkpoint_every: int,
+    ) -> None:
         """Every check of a chunk forward's arguments (``ValueError`` / ``RuntimeError`` naming them)."""
         if xq.dim() != 4:
             raise ValueError(f"xq must be [B, H, T, f], got shape {tuple(xq.shape)}")
@@ -301,7 +313,18 @@ class HostChecks:
         ):
             raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
 
-    def check_decode(self, xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias) -> None:
+    def check_decode(
+        self,
+        xq: torch.Tensor,
+        xk: torch.Tensor,
+        xv: torch.Tensor,
+        lr: torch.Tensor,
+        tau_i: torch.Tensor,
+        params: dict,
+        pending: dict,
+        ln_weight: torch.Tensor,
+        ln_bias: torch.Tensor,
+    ) -> None:
         """Every check of a one-token decode's arguments; decode is inference-only."""
         if xq.dim() != 3:
             raise ValueError(f"xq must be [B, H, f] (one token), got shape {tuple(xq.shape)}")
@@ -315,14 +338,16 @@ class HostChecks:
             raise RuntimeError(f"{self.name}.decode is inference-only; call it under torch.no_grad()")
 
 
-def empty_output(shape, dtype: torch.dtype, device, poison: bool) -> torch.Tensor:
+def empty_output(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, poison: bool
+) -> torch.Tensor:
     """An output buffer; ``poison`` fills it with NaN so that memory a kernel forgot to write shows."""
     if poison:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def triton_kernel_spec(inner_model: str, label: str, fused) -> KernelSpec:
+def triton_kernel_spec(inner_model: str, label: str, fused: ModuleType) -> KernelSpec:
     """The registration of one Triton TTT kernel package (its ``fused`` host module).
 
     ``verify`` combines the checks every Triton TTT kernel shares with the package's own check that

@@ -7,7 +7,8 @@ does not depend on the weights, so with the ``matrix`` model and ``lr = 1`` any 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -33,5 +34,5 @@ class DotProduct(InnerLoss):
 
 
 @hookimpl
-def register_inner_losses(register) -> None:
+def register_inner_losses(register: Callable[[Any], Any]) -> None:
     register(DotProduct())

@@ -7,7 +7,8 @@ the next chunk, so any split of a sequence gives the same pairs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -44,5 +45,5 @@ class NextToken(HalfSquaredError):
 
 
 @hookimpl
-def register_inner_losses(register) -> None:
+def register_inner_losses(register: Callable[[Any], Any]) -> None:
     register(NextToken())

@@ -8,7 +8,8 @@ public API, ``innerloop.HalfSquaredError``; it is still importable from here.)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -26,5 +27,5 @@ class Reconstruction(HalfSquaredError):
 
 
 @hookimpl
-def register_inner_losses(register) -> None:
+def register_inner_losses(register: Callable[[Any], Any]) -> None:
     register(Reconstruction())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from innerloop.core.protocol import AffineLayer, Params, StackModel
@@ -29,5 +32,5 @@ class LinearModel(StackModel):
 
 
 @hookimpl
-def register_inner_models(register) -> None:
+def register_inner_models(register: Callable[[Any], Any]) -> None:
     register(LinearModel())

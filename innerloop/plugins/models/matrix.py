@@ -3,6 +3,9 @@ DeltaNet: FLA's ``S [d_k, d_v]`` with ``o = q S`` is ``W`` as is)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from innerloop.core.protocol import AffineLayer, Params, StackModel
@@ -26,5 +29,5 @@ class MatrixModel(StackModel):
 
 
 @hookimpl
-def register_inner_models(register) -> None:
+def register_inner_models(register: Callable[[Any], Any]) -> None:
     register(MatrixModel())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from innerloop.core.functional import gelu_tanh, gelu_tanh_derivative
@@ -37,5 +40,5 @@ class MLPModel(StackModel):
 
 
 @hookimpl
-def register_inner_models(register) -> None:
+def register_inner_models(register: Callable[[Any], Any]) -> None:
     register(MLPModel())

@@ -13,6 +13,9 @@ Whole mini-batches that start at a boundary go to the best registered kernel tha
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from innerloop.core.protocol import InnerModel, InnerTask, Params, UpdateRule, Views
@@ -136,5 +139,5 @@ class DualForm(UpdateRule):
 
 
 @hookimpl
-def register_update_rules(register) -> None:
+def register_update_rules(register: Callable[[Any], Any]) -> None:
     register(DualForm())

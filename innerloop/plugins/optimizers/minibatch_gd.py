@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.func import grad, vmap
@@ -59,7 +60,9 @@ def _primal_parts(task: InnerTask, params: Params, chunk: ChunkInputs) -> _Prima
         weight, bias = (nw, nb) if task.use_norm else (None, None)
         return residual_and_norm(x, z, weight, bias, task.norm_eps, task.residual)
 
-    def token_loss(p: Params, x, y, nw, nb) -> torch.Tensor:
+    def token_loss(
+        p: Params, x: torch.Tensor, y: torch.Tensor, nw: torch.Tensor, nb: torch.Tensor
+    ) -> torch.Tensor:
         return loss.token_loss(predict_one(p, x, nw, nb), y)
 
     # Per-token gradients at W_b: [BH, N, *shape].
@@ -176,5 +179,5 @@ class MiniBatchGD(UpdateRule):
 
 
 @hookimpl
-def register_update_rules(register) -> None:
+def register_update_rules(register: Callable[[Any], Any]) -> None:
     register(MiniBatchGD())

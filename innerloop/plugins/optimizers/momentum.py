@@ -16,6 +16,9 @@ of ``core/scan.py`` (:func:`~innerloop.core.scan.plan_momentum`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from innerloop.core.protocol import InnerTask, UpdateRule, Views
@@ -66,5 +69,5 @@ class Momentum(UpdateRule):
 
 
 @hookimpl
-def register_update_rules(register) -> None:
+def register_update_rules(register: Callable[[Any], Any]) -> None:
     register(Momentum())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..common import (
     HostChecks,
@@ -34,7 +34,7 @@ CHECKS = HostChecks(NAME, _KERNELS_MODULE, MAX_HEAD_DIM, param_shapes)
 _kernels = CHECKS.kernels
 
 
-def _empty(shape, dtype, device) -> torch.Tensor:
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return empty_output(shape, dtype, device, POISON_OUTPUTS)
 
 
@@ -42,7 +42,20 @@ class _LinearChunk(torch.autograd.Function):
     """Autograd wrapper: Triton forward with weight checkpoints, Triton recompute-backward."""
 
     @staticmethod
-    def forward(ctx, xq, xk, xv, lr, tau, W1, b1, ln_weight, ln_bias, eps, checkpoint_every):
+    def forward(
+        ctx: FunctionCtx,
+        xq: torch.Tensor,
+        xk: torch.Tensor,
+        xv: torch.Tensor,
+        lr: torch.Tensor,
+        tau: torch.Tensor,
+        W1: torch.Tensor,
+        b1: torch.Tensor,
+        ln_weight: torch.Tensor,
+        ln_bias: torch.Tensor,
+        eps: float,
+        checkpoint_every: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, H, T, f = xq.shape
         K = tau.shape[0]
         NB = T // K
@@ -72,7 +85,12 @@ class _LinearChunk(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, d_out, d_W_new, d_b_new):
+    def backward(
+        ctx: FunctionCtx,
+        d_out: torch.Tensor | None,
+        d_W_new: torch.Tensor | None,
+        d_b_new: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, ...]:
         xq, xk, xv, lr, tau, lnw, lnb, ckpt_w, ckpt_b = ctx.saved_tensors
         eps, group, w_dtype, b_dtype, lnw_dtype, lnb_dtype = ctx.meta
         B, H, T, f = xq.shape

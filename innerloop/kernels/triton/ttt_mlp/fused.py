@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..common import (
     HostChecks,
@@ -35,11 +36,11 @@ CHECKS = HostChecks(NAME, _KERNELS_MODULE, MAX_HEAD_DIM, param_shapes)
 _kernels = CHECKS.kernels
 
 
-def _empty(shape, dtype, device) -> torch.Tensor:
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return empty_output(shape, dtype, device, POISON_OUTPUTS)
 
 
-def _state_buffers(rows: int, f: int, dtypes, dev) -> list[torch.Tensor]:
+def _state_buffers(rows: int, f: int, dtypes: Sequence[torch.dtype], dev: torch.device) -> list[torch.Tensor]:
     """Buffers ``W1 [rows, f, 4f]``, ``b1 [rows, 4f]``, ``W2 [rows, 4f, f]``, ``b2 [rows, f]``."""
     shapes = ((rows, f, 4 * f), (rows, 4 * f), (rows, 4 * f, f), (rows, f))
     return [_empty(s, d, dev) for s, d in zip(shapes, dtypes, strict=True)]
@@ -49,7 +50,22 @@ class _MLPChunk(torch.autograd.Function):
     """Autograd wrapper: Triton forward with weight checkpoints, Triton recompute-backward."""
 
     @staticmethod
-    def forward(ctx, xq, xk, xv, lr, tau, W1, b1, W2, b2, ln_weight, ln_bias, eps, checkpoint_every):
+    def forward(
+        ctx: FunctionCtx,
+        xq: torch.Tensor,
+        xk: torch.Tensor,
+        xv: torch.Tensor,
+        lr: torch.Tensor,
+        tau: torch.Tensor,
+        W1: torch.Tensor,
+        b1: torch.Tensor,
+        W2: torch.Tensor,
+        b2: torch.Tensor,
+        ln_weight: torch.Tensor,
+        ln_bias: torch.Tensor,
+        eps: float,
+        checkpoint_every: int,
+    ) -> tuple[torch.Tensor, ...]:
         B, H, T, f = xq.shape
         K = tau.shape[0]
         NB = T // K
@@ -80,7 +96,9 @@ class _MLPChunk(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, d_out, *d_new):
+    def backward(
+        ctx: FunctionCtx, d_out: torch.Tensor | None, *d_new: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
         xq, xk, xv, lr, tau, lnw, lnb, *ckpt = ctx.saved_tensors
         eps, group, n_ckpt, w_dtypes, lnw_dtype, lnb_dtype = ctx.meta
         B, H, T, f = xq.shape

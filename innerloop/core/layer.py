@@ -380,8 +380,12 @@ def _sums_are_finite(state: TTTState) -> torch.Tensor | None:
     """A 0-d bool tensor, True when every tensor of ``state`` has a finite sum (then every element is
     finite; a False may also be finite values whose sum overflows, which :meth:`TTTState.finite_flag`
     settles), not read back from the device; None for a state without tensors. One sum per tensor: a
-    tenth of the cost of ``isfinite(t).all()`` on a decoded token's state."""
-    sums = [t.sum() for t in state.tensors().values()]
+    tenth of the cost of ``isfinite(t).all()`` on a decoded token's state. Half-precision tensors are
+    summed in float32, whose range their own sum would soon leave (65504 in float16)."""
+    sums = [
+        t.sum(dtype=torch.float32) if t.is_floating_point() and t.element_size() < 4 else t.sum()
+        for t in state.tensors().values()
+    ]
     if not sums:
         return None
     if len({s.dtype for s in sums}) > 1:  # states of mixed dtypes: no single stack of the sums

@@ -301,3 +301,16 @@ def test_a_state_of_mixed_dtypes_is_checked_too():
     state.params["b1"].view(-1)[0] = float("nan")
     with pytest.raises(ValueError, match="produced a non-finite state from finite input"):
         layer._check_output(x, None, y, state)
+
+
+def test_a_half_precision_state_is_summed_in_float32():
+    """A float16 state whose sum leaves float16's range (65504) still reads as finite by its sums, not
+    only by the exact check after them."""
+    from innerloop.core.layer import _sums_are_finite
+
+    layer, x, y, state = _layer_and_call()
+    state.params["W1"] = torch.full_like(state.params["W1"], 1000.0, dtype=torch.float16)
+    assert not torch.isfinite(state.params["W1"].sum())  # its own dtype's sum overflows
+    assert bool(_sums_are_finite(state))
+    state.params["W1"].view(-1)[0] = float("inf")
+    assert not bool(_sums_are_finite(state))

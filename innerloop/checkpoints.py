@@ -44,6 +44,7 @@ import os
 import re
 import sys
 import warnings
+import weakref
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -406,10 +407,21 @@ def plugin_source_digest(cls: type) -> str | None:
 
 
 _SOURCE_DIGESTS: dict[int, tuple[Any, str | None]] = {}
-"""``id(plugin object) -> (the object, its source digest)``: each registered plugin's source is read
-once, the first time its digest is asked for (a training run asks when its module is built), so that a
-plugin file edited while a run goes on does not change what the run's checkpoints record. The object
-is kept so that its id is not reused."""
+"""``id(plugin object) -> (a weak reference to the object, its source digest)``: each registered
+plugin's source is read once, the first time its digest is asked for (a training run asks when its
+module is built), so that a plugin file edited while a run goes on does not change what the run's
+checkpoints record. An entry goes when its object is freed (a plugin removed from the registry, with
+whatever it holds, is not kept alive by it; a new object that takes its id is read anew); an object that
+takes no weak reference is held (a function returning it), so that its id is never reused."""
+
+
+def _remember_source_digest(obj: Any, digest: str | None) -> None:
+    key = id(obj)
+    try:
+        held: Any = weakref.ref(obj, lambda _ref: _SOURCE_DIGESTS.pop(key, None))
+    except TypeError:  # no weak reference to it: held, so that its id is never reused
+        held = lambda: obj  # noqa: E731
+    _SOURCE_DIGESTS[key] = (held, digest)
 
 
 def _source_digest_now(kind: str, name: str) -> str | None:
@@ -422,13 +434,11 @@ def _source_digest_now(kind: str, name: str) -> str | None:
     if get_registry().distribution(entry.origin) is not None:
         return None
     cached = _SOURCE_DIGESTS.get(id(entry.obj))
-    if cached is None or cached[0] is not entry.obj:
-        cached = (
-            entry.obj,
-            plugin_source_digest(entry.obj if isinstance(entry.obj, type) else type(entry.obj)),
-        )
-        _SOURCE_DIGESTS[id(entry.obj)] = cached
-    return cached[1]
+    if cached is not None and cached[0]() is entry.obj:
+        return cached[1]
+    digest = plugin_source_digest(entry.obj if isinstance(entry.obj, type) else type(entry.obj))
+    _remember_source_digest(entry.obj, digest)
+    return digest
 
 
 def plugin_sources(model: Mapping[str, Any], earlier: Any = None) -> dict[str, dict[str, str]]:

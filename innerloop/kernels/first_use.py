@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -143,16 +144,54 @@ class _Held:
 
 
 def _holds_tensors(obj: object) -> bool:
-    """Whether ``obj``'s attributes (``vars``), or the dicts, lists and tuples among them, hold a tensor."""
+    """Whether ``obj``'s attributes (``vars``) hold a tensor (or an array), directly or through the
+    dicts, lists, tuples and sets among them and the attributes of the objects among them (an
+    ``nn.Module`` helper, a plain object holding a tensor: held by value, such an object would keep its
+    tensors for the whole process, and being equal to no other object, take one verdict per instance).
+    A walk longer than :data:`_WALK_LIMIT` counts as holding one (held by identity, weakly)."""
     pending, seen = [getattr(obj, "__dict__", {})], set()
     while pending:
         value = pending.pop()
-        if isinstance(value, torch.Tensor):
+        if type(value) in _PLAIN_TYPES:  # most attributes (names, flags, sizes): nothing to look into
+            continue
+        if isinstance(value, torch.Tensor) or _is_array(value):
             return True
-        if isinstance(value, (dict, list, tuple)) and id(value) not in seen:  # a container may hold itself
-            seen.add(id(value))
-            pending.extend(value.values() if isinstance(value, dict) else value)
+        if id(value) in seen:  # a container or object may hold itself
+            continue
+        if isinstance(value, dict):
+            pending.extend(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            pending.extend(value)
+        elif _has_own_attributes(value):
+            pending.append(vars(value))
+        else:
+            continue
+        seen.add(id(value))
+        if len(seen) > _WALK_LIMIT:
+            return True
     return False
+
+
+_PLAIN_TYPES = frozenset({str, int, float, bool, type(None), types.FunctionType, torch.dtype, torch.device})
+"""Types of attribute values :func:`_holds_tensors` need not look into (checked first: it runs at every
+dispatch, on the kernel's attributes too)."""
+
+_WALK_LIMIT = 10_000
+"""Containers and objects :func:`_holds_tensors` walks at most (a plugin referring to a large structure)."""
+
+
+def _is_array(value: object) -> bool:
+    """Whether ``value`` is an array of another library (numpy's): compared by ``==`` it answers an
+    array, not whether the two are equal."""
+    return hasattr(value, "__array__") and getattr(value, "ndim", 0) != 0
+
+
+def _has_own_attributes(value: object) -> bool:
+    """Whether ``value`` is an instance whose attributes (``vars``) are its own state: not a class, a
+    module or a function (whose ``__dict__`` reaches the whole program)."""
+    return isinstance(getattr(value, "__dict__", None), dict) and not isinstance(
+        value, (type, types.ModuleType, types.FunctionType, types.MethodType, types.BuiltinFunctionType)
+    )
 
 
 _FREED: list[weakref.ref] = []

@@ -105,7 +105,9 @@ def primal_segment(
         extra = (1,) * (g.dim() - 2)
         running = torch.cumsum(lr.reshape(lr.shape + extra) * g, dim=1)  # [BH, N, *shape]
         running = running + _flatten_heads(pending[key])[:, None]
-        new_pending[key] = running[:, -1].unflatten(0, (batch, heads))
+        # a copy of its own: a view of running[:, -1] would keep every token's sums [BH, N, *shape] alive
+        # with the state (N - 1 times the pending sums' size, for as long as the caller keeps the state)
+        new_pending[key] = running[:, -1].unflatten(0, (batch, heads)).clone()
         weights_per_token[key] = (
             _flatten_heads(params[key])[:, None] - tau.reshape((1, num_tokens) + extra) * running
         )

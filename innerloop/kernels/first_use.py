@@ -219,15 +219,19 @@ def _drop_freed() -> None:
 
 def _same_state(a: object, b: object) -> bool:
     """Whether two objects of one class hold equal attributes (``vars``): tensors equal in shape, dtype
-    and values, containers item by item, anything else by ``==`` (so nested objects of classes without
-    their own ``__eq__`` only by identity). False where that cannot be told (no ``__dict__``)."""
+    and values, containers item by item, nested objects of a class without its own ``__eq__`` by their
+    attributes in turn (a fresh settings object per plugin instance: by identity, each instance would
+    take a verdict of its own, kept for the process), anything else by ``==``. False where that cannot
+    be told (no ``__dict__``)."""
     try:
-        return _equal_values(vars(a), vars(b))
-    except TypeError:
+        return _equal_values(vars(a), vars(b), set())
+    except (TypeError, RecursionError):  # no vars; or a chain of objects deeper than Python recurses
         return False
 
 
-def _equal_values(x: object, y: object) -> bool:
+def _equal_values(x: object, y: object, comparing: set[tuple[int, int]]) -> bool:
+    """``comparing``: the pairs of objects compared by attributes further up (an object that refers back
+    to itself is equal where the rest of it is)."""
     if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
         return (
             isinstance(x, torch.Tensor)
@@ -238,9 +242,15 @@ def _equal_values(x: object, y: object) -> bool:
     if type(x) is not type(y):
         return False
     if isinstance(x, dict):
-        return x.keys() == y.keys() and all(_equal_values(x[k], y[k]) for k in x)  # type: ignore[attr-defined]
+        return x.keys() == y.keys() and all(_equal_values(x[k], y[k], comparing) for k in x)  # type: ignore[attr-defined]
     if isinstance(x, (list, tuple)):
-        return len(x) == len(y) and all(map(_equal_values, x, y))  # type: ignore[arg-type]
+        return len(x) == len(y) and all(_equal_values(a, b, comparing) for a, b in zip(x, y, strict=True))  # type: ignore[arg-type]
+    if x is not y and type(x).__eq__ is object.__eq__ and _has_own_attributes(x):
+        pair = (id(x), id(y))
+        if pair in comparing:
+            return True
+        comparing.add(pair)
+        return _equal_values(vars(x), vars(y), comparing)
     try:
         return bool(x == y)
     except Exception:  # an == that raises or returns an array: not known to be equal

@@ -44,7 +44,6 @@ import os
 import re
 import sys
 import warnings
-import weakref
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -55,6 +54,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from innerloop.config.load import CHECKPOINT_SUFFIX, checkpoint_path_problem
+from innerloop.core.identity import IdentityTable
 from innerloop.core.layer import TTTLayer
 from innerloop.data.atomic import atomic_write, file_sha256
 from innerloop.data.tokenizer import Tokenizer, tokenizer_from_state
@@ -406,22 +406,11 @@ def plugin_source_digest(cls: type) -> str | None:
     return digest.hexdigest()
 
 
-_SOURCE_DIGESTS: dict[int, tuple[Any, str | None]] = {}
-"""``id(plugin object) -> (a weak reference to the object, its source digest)``: each registered
-plugin's source is read once, the first time its digest is asked for (a training run asks when its
-module is built), so that a plugin file edited while a run goes on does not change what the run's
-checkpoints record. An entry goes when its object is freed (a plugin removed from the registry, with
-whatever it holds, is not kept alive by it; a new object that takes its id is read anew); an object that
-takes no weak reference is held (a function returning it), so that its id is never reused."""
-
-
-def _remember_source_digest(obj: Any, digest: str | None) -> None:
-    key = id(obj)
-    try:
-        held: Any = weakref.ref(obj, lambda _ref: _SOURCE_DIGESTS.pop(key, None))
-    except TypeError:  # no weak reference to it: held, so that its id is never reused
-        held = lambda: obj  # noqa: E731
-    _SOURCE_DIGESTS[key] = (held, digest)
+_SOURCE_DIGESTS: IdentityTable[str | None] = IdentityTable()
+"""Each registered plugin object's source digest, read once, the first time it is asked for (a training
+run asks when its module is built), so that a plugin file edited while a run goes on does not change what
+the run's checkpoints record. Held weakly: a plugin removed from the registry, with whatever it holds, is
+not kept alive by it."""
 
 
 def _source_digest_now(kind: str, name: str) -> str | None:
@@ -433,11 +422,10 @@ def _source_digest_now(kind: str, name: str) -> str | None:
         return None
     if get_registry().distribution(entry.origin) is not None:
         return None
-    cached = _SOURCE_DIGESTS.get(id(entry.obj))
-    if cached is not None and cached[0]() is entry.obj:
-        return cached[1]
+    if entry.obj in _SOURCE_DIGESTS:
+        return _SOURCE_DIGESTS.get(entry.obj)
     digest = plugin_source_digest(entry.obj if isinstance(entry.obj, type) else type(entry.obj))
-    _remember_source_digest(entry.obj, digest)
+    _SOURCE_DIGESTS.set(entry.obj, digest)
     return digest
 
 

@@ -17,7 +17,9 @@ instance may set ``name = "linear"``. These helpers settle what an object *is*:
 from __future__ import annotations
 
 import functools
-from typing import Any
+import weakref
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule
 
@@ -41,6 +43,39 @@ def patched_attributes(kind: str, obj: Any) -> list[str]:
         for name, value in getattr(obj, "__dict__", {}).items()
         if callable(value) and (hasattr(cls, name) or name in protocol_names)
     )
+
+
+Value = TypeVar("Value")
+
+
+class IdentityTable(Generic[Value]):
+    """Values kept per object, found by the very object (not by ``==`` or ``hash``, which a plugin may
+    define or lack), without keeping the objects alive: an entry goes when its object is freed (a new
+    object that takes its id is not found). An object that takes no weak reference is held, so that its
+    id is never reused."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Callable[[], Any], Value]] = {}
+
+    def set(self, obj: Any, value: Value) -> None:
+        key = id(obj)
+        try:
+            held: Callable[[], Any] = weakref.ref(obj, lambda _ref: self._entries.pop(key, None))
+        except TypeError:  # no weak reference to it: held, so that its id is never reused
+            held = lambda: obj  # noqa: E731
+        self._entries[key] = (held, value)
+
+    def get(self, obj: Any, default: Value | None = None) -> Value | None:
+        """The value set for ``obj`` itself, else ``default``."""
+        entry = self._entries.get(id(obj))
+        return entry[1] if entry is not None and entry[0]() is obj else default
+
+    def __contains__(self, obj: object) -> bool:
+        entry = self._entries.get(id(obj))
+        return entry is not None and entry[0]() is obj
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def _registered(kind: str, name: str) -> Any | None:

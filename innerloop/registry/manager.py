@@ -32,7 +32,6 @@ import os
 import sys
 import threading
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -42,6 +41,7 @@ import pluggy
 import torch
 
 from innerloop.core.environment import EnvironmentSwitchError, environment_flag
+from innerloop.core.identity import IdentityTable
 from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule
 from innerloop.core.scan import add_note
 from innerloop.kernels import first_use
@@ -495,24 +495,9 @@ class Registry:
 HOOK_NAMES: tuple[str, ...] = tuple(kind.hook for kind in KINDS)
 
 
-_CHECKED_INSTANCES: dict[int, Callable[[], Any]] = {}
-"""id -> a weak reference to a plugin instance that passed :func:`check_instance` (or, for an object that
-takes none, a function returning it: held). A freed instance's entry goes with it (its id may be
-reused by a new object, which is checked anew), so a checked plugin, and the tensors it may hold, is
-not kept alive by the check."""
-
-
-def _remember_checked(obj: Any) -> None:
-    key = id(obj)
-    try:
-        _CHECKED_INSTANCES[key] = weakref.ref(obj, lambda _ref: _CHECKED_INSTANCES.pop(key, None))
-    except TypeError:  # no weak reference to it: held, so that its id is never reused
-        _CHECKED_INSTANCES[key] = lambda: obj
-
-
-def _was_checked(obj: Any) -> bool:
-    held = _CHECKED_INSTANCES.get(id(obj))
-    return held is not None and held() is obj
+_CHECKED_INSTANCES: IdentityTable[bool] = IdentityTable()
+"""The plugin instances that passed :func:`check_instance`, held weakly: a checked plugin, and the tensors
+it may hold, is not kept alive by the check (a new object that takes a freed one's id is checked anew)."""
 
 
 @contextlib.contextmanager
@@ -560,12 +545,12 @@ def check_instance(kind_name: str, obj: Any) -> None:
     (``innerloop.plugins.DEFAULT_PLUGINS``) skip the external check (the test suite checks them)."""
     registry = get_registry()
     registered = any(entry.obj is obj for entry in registry.entries(kind_name))  # not by name: no clash check
-    if registered or _was_checked(obj):
+    if registered or obj in _CHECKED_INSTANCES:
         return
     builtin = type(obj).__module__ in _builtin_modules()
     with outside_transforms():
         validate_plugin(KIND_BY_NAME[kind_name], obj, external=not builtin)
-    _remember_checked(obj)
+    _CHECKED_INSTANCES.set(obj, True)
 
 
 def _public_names(plugin: Any) -> list[str]:

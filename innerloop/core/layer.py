@@ -376,16 +376,19 @@ def holds_values(x: torch.Tensor) -> bool:
     return x.device.type != "meta" and not is_functorch_wrapped_tensor(x)
 
 
+def _wide_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s sum, a half-precision one in float32 (whose range its own sum would soon leave: 65504 in
+    float16). The cheap finiteness test of the layer's checks: a sum is finite iff every element is,
+    barring the overflow of huge finite values, which an exact check then settles."""
+    return t.sum(dtype=torch.float32) if t.is_floating_point() and t.element_size() < 4 else t.sum()
+
+
 def _sums_are_finite(state: TTTState) -> torch.Tensor | None:
-    """A 0-d bool tensor, True when every tensor of ``state`` has a finite sum (then every element is
-    finite; a False may also be finite values whose sum overflows, which :meth:`TTTState.finite_flag`
-    settles), not read back from the device; None for a state without tensors. One sum per tensor: a
-    tenth of the cost of ``isfinite(t).all()`` on a decoded token's state. Half-precision tensors are
-    summed in float32, whose range their own sum would soon leave (65504 in float16)."""
-    sums = [
-        t.sum(dtype=torch.float32) if t.is_floating_point() and t.element_size() < 4 else t.sum()
-        for t in state.tensors().values()
-    ]
+    """A 0-d bool tensor, True when every tensor of ``state`` has a finite :func:`_wide_sum` (a False may
+    also be finite values whose sum overflows, which :meth:`TTTState.finite_flag` settles), not read back
+    from the device; None for a state without tensors. One sum per tensor: a tenth of the cost of
+    ``isfinite(t).all()`` on a decoded token's state."""
+    sums = [_wide_sum(t) for t in state.tensors().values()]
     if not sums:
         return None
     if len({s.dtype for s in sums}) > 1:  # states of mixed dtypes: no single stack of the sums
@@ -740,7 +743,7 @@ class TTTLayer(nn.Module):
         # A sum is finite iff every element is (NaN and inf propagate), barring overflow of huge finite
         # values, which the exact check below then settles: one cheap pass in the common case.
         checked = self.non_finite == "raise" and holds_values(x)
-        if checked and not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
+        if checked and not torch.isfinite(_wide_sum(x)) and not torch.isfinite(x).all():
             bad_tokens = (~torch.isfinite(x)).any(dim=-1).nonzero()  # [N, 2]: (sequence, token) pairs
             sequences = bad_tokens[:, 0].unique().tolist()  # sorted
             sequence, token = bad_tokens[0].tolist()
@@ -1064,7 +1067,7 @@ class TTTLayer(nn.Module):
         # one read of the device for the output's sum and every state tensor (a host sync on a GPU);
         # only when it fails are the exact checks below run
         state_finite = _sums_are_finite(new_state)
-        output_sum_finite = torch.isfinite(y.sum())
+        output_sum_finite = torch.isfinite(_wide_sum(y))
         if bool(output_sum_finite if state_finite is None else output_sum_finite & state_finite.to(y.device)):
             return
         output_finite = bool(output_sum_finite) or bool(torch.isfinite(y).all())

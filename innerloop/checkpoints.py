@@ -762,7 +762,11 @@ def checkpoint_device(map_location: Any) -> torch.device:
     )
 
 
-EARLIER_E2E_DEFAULTS = {"chunk_targets": "within_chunk", "rope_positions": "absolute"}
+EARLIER_E2E_DEFAULTS = {
+    "chunk_targets": "within_chunk",
+    "rope_positions": "absolute",
+    "outer_loss": "token_mean",
+}
 """What a TTT-E2E model did before these options existed (their defaults are now the official code's):
 a checkpoint that does not name them was trained, and must be read, with these."""
 

@@ -287,6 +287,48 @@ def mean_scored_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignor
     return total / (targets != ignore_index).sum().clamp_min(1)
 
 
+def chunk_mean_cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+    ignore_index: int,
+    skip_target_id: int | None = None,
+) -> torch.Tensor:
+    """The official TTT-E2E training loss: the mean over sequences of the mean over chunks of each chunk's
+    mean cross-entropy over its scored targets.
+
+    ``logits [B, T, V]``, ``targets [B, T]``; target ``t`` belongs to chunk ``t // chunk_size`` (the last
+    chunk may be shorter). A target equal to ``ignore_index`` or ``skip_target_id`` is not scored (the
+    official loss mask). A chunk with no scored target counts as 0 in its sequence's mean, as the official
+    ``sum / max(count, 1e-10)`` makes it. A row with no scored target at all is padding, not a sequence:
+    it is left out of the mean over sequences (the official pipeline never pads; innerloop's validation
+    shards do), and a batch with nothing scored gives 0 attached to the graph. With every target scored
+    and ``T`` a multiple of ``chunk_size`` this is :func:`mean_scored_cross_entropy`.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if targets.dim() != 2 or logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"logits must be [B, T, V] and targets [B, T], got logits {tuple(logits.shape)} and "
+            f"targets {tuple(targets.shape)}"
+        )
+    batch, tokens = targets.shape
+    scored = targets != ignore_index
+    if skip_target_id is not None:
+        scored = scored & (targets != skip_target_id)
+    targets = targets.masked_fill(~scored, ignore_index)  # an unscored target's loss is exactly 0
+    per_token = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index, reduction="none"
+    ).view(batch, tokens)
+    num_chunks = -(-tokens // chunk_size)
+    missing = num_chunks * chunk_size - tokens  # the last chunk's missing tail, padded as unscored
+    per_token, scored = F.pad(per_token, (0, missing)), F.pad(scored, (0, missing))
+    chunk_sums = per_token.view(batch, num_chunks, chunk_size).sum(-1)  # [B, N]
+    chunk_counts = scored.view(batch, num_chunks, chunk_size).sum(-1).clamp_min(1)  # [B, N]
+    sequences = scored.any(dim=1).sum().clamp_min(1)  # rows that score something; 0 / 1 for no tokens
+    return (chunk_sums / chunk_counts).sum() / (sequences * num_chunks)
+
+
 def is_power_of_two(n: int) -> bool:
     """True for 1, 2, 4, 8, ..."""
     return n > 0 and (n & (n - 1)) == 0
@@ -295,6 +337,7 @@ def is_power_of_two(n: int) -> bool:
 __all__ = [
     "apply_rope_interleaved",
     "causal_depthwise_conv",
+    "chunk_mean_cross_entropy",
     "gelu_tanh",
     "gelu_tanh_derivative",
     "is_power_of_two",

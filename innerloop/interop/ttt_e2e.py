@@ -405,6 +405,7 @@ def _e2e_options(
         rope_positions="relative",
         skip_target_id=bos if 0 <= bos < model["vocab_size"] else None,
         compute_dtype=DTYPES[compute],
+        outer_loss="chunk_mean",
     )
 
 

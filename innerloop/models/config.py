@@ -130,12 +130,17 @@ class E2EConfig:
             ``absolute``: every token at its absolute position, keys cached after RoPE. The attention
             is the same function either way; the rounding of the angles differs (which matters for
             long sequences in float32).
-        skip_target_id: a token id the inner loss skips as a target (None: none). The official data
-            pipeline masks targets that are the BOS token (a document boundary in packed text), so
-            converted models set it to the config's ``bos_token_id``.
+        skip_target_id: a token id the inner loss (and the ``chunk_mean`` training loss) skips as a
+            target (None: none). The official data pipeline masks targets that are the BOS token (a
+            document boundary in packed text), so converted models set it to the config's ``bos_token_id``.
         compute_dtype: dtype of the matrix products: ``float32`` (exact), or ``bfloat16`` /
             ``float16`` (as the official ``compute_dtype``, under ``torch.autocast``; the weights, fast
             weights and inner gradients' accumulation stay float32).
+        outer_loss: the loss a training step minimises (:meth:`E2ELM.training_loss`). ``chunk_mean``
+            (the official code's): the mean over sequences of the mean over chunks of each chunk's mean
+            cross-entropy over its scored targets, ``skip_target_id`` not scored. ``token_mean``: the mean
+            over the batch's scored targets, as every other mixer (innerloop's E2E before this option).
+            The two are equal when every target is scored and the length is a multiple of the chunk.
     """
 
     chunk_size: int = 16
@@ -153,6 +158,7 @@ class E2EConfig:
     rope_positions: str = "relative"
     skip_target_id: Optional[int] = None  # noqa: UP045 (omegaconf reads Optional, not ``int | None``)
     compute_dtype: str = "float32"
+    outer_loss: str = "chunk_mean"
 
 
 @dataclass
@@ -713,10 +719,13 @@ def _unread_e2e_keys(e2e: E2EConfig) -> dict[str, str]:
     if not e2e.test_time_training:
         why = "model.e2e.test_time_training=false: the prime MLPs stay fixed, no inner step is taken"
         unread = {f"model.e2e.{key}": why for key in E2E_INNER_LOOP_KEYS}
-        if e2e.rope_positions == "absolute":
+        if e2e.outer_loss == "chunk_mean":  # the training loss skips it too
+            del unread["model.e2e.skip_target_id"]
+        elif e2e.rope_positions == "absolute":  # (chunk_mean's chunks are chunk_size long)
             unread["model.e2e.chunk_size"] = (
-                "model.e2e.test_time_training=false with rope_positions='absolute': every block attends "
-                "at absolute positions, in no chunks"
+                "model.e2e.test_time_training=false with rope_positions='absolute' and "
+                "outer_loss='token_mean': every block attends at absolute positions, in no chunks, and "
+                "the training loss has no chunks"
             )
         return unread
     if e2e.inner_lr_warmup_fraction == 0:
@@ -886,6 +895,7 @@ E2E_CHOICES: dict[str, tuple[str, ...]] = {
     "chunk_targets": ("next_token", "within_chunk"),
     "rope_positions": ("relative", "absolute"),
     "compute_dtype": ("float32", "bfloat16", "float16"),
+    "outer_loss": ("chunk_mean", "token_mean"),
 }
 """The valid values of :class:`E2EConfig`'s string options (other than registry names); the first is
 the default, the official code's behaviour."""

@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from innerloop.core.eager import run_eagerly
-from innerloop.core.functional import owning
+from innerloop.core.functional import chunk_mean_cross_entropy, mean_scored_cross_entropy, owning
 from innerloop.core.model_inner import FastWeights, ModelInnerLoss, ModelUpdateRule
 from innerloop.core.state import cat_rows, check_batch_rows, check_states, same_positions, take_rows
 from innerloop.models.attention import (
@@ -1119,6 +1119,17 @@ class E2ELM(nn.Module):
             scored = logits[:, : targets.shape[1]]
             yield F.cross_entropy(scored.transpose(1, 2), targets, reduction="none")  # [B, n']
             last_logits = logits[:, -1:]
+
+    def training_loss(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        """The loss a training step minimises for this model's ``logits [B, T, V]`` of ``targets [B, T]``
+        (``ignore_index``: not scored), by ``e2e.outer_loss``: ``chunk_mean``, the official code's
+        (:func:`~innerloop.core.functional.chunk_mean_cross_entropy`, ``skip_target_id`` not scored), or
+        ``token_mean``, the mean over the scored targets. Training (``LanguageModelModule``) calls it;
+        validation scores every target alike, as for every mixer."""
+        e2e = self.config.e2e
+        if e2e.outer_loss == "token_mean":
+            return mean_scored_cross_entropy(logits, targets, ignore_index)
+        return chunk_mean_cross_entropy(logits, targets, e2e.chunk_size, ignore_index, e2e.skip_target_id)
 
     def num_parameters(self) -> int:
         """Number of distinct parameters (the tied head counted once)."""

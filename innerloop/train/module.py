@@ -327,8 +327,13 @@ class LanguageModelModule(L.LightningModule):
         calls: list[LayerCall] = []
         with _non_finite_propagates(self._checked_layers, calls):
             logits = self(inputs)
-        # 0 for a batch with no scored target, not NaN (which would read as a divergence)
-        loss = mean_scored_cross_entropy(logits, targets, IGNORE_INDEX)
+        # 0 for a batch with no scored target, not NaN (which would read as a divergence). A model may
+        # weigh its targets its own way (TTT-E2E: the official per-chunk mean, E2ELM.training_loss).
+        training_loss = getattr(self.model, "training_loss", None)
+        if training_loss is not None:
+            loss = training_loss(logits, targets, IGNORE_INDEX)
+        else:
+            loss = mean_scored_cross_entropy(logits, targets, IGNORE_INDEX)
         if not self._finite_on_every_process(loss):
             what = f"the training loss is {self._describe(loss)} after {self.global_step} optimizer steps"
             raise self._non_finite_error(what, calls)

@@ -550,6 +550,7 @@ def test_the_released_configurations_build() -> None:
             model = build_model(ours)
         assert model.num_prefix == layers - suffix
         assert (ours.window, ours.e2e.chunk_size, ours.e2e.compute_dtype) == (8192, 1024, "bfloat16")
+        assert (ours.e2e.rope_positions, ours.e2e.outer_loss) == ("relative", "chunk_mean")  # official
         assert expected_shapes(ours)["language_model.model.h.prime_storage.feed_forward_prime.w2.weight"] == (
             suffix,
             mlp,

@@ -500,7 +500,8 @@ def test_mean_scored_cross_entropy_of_a_batch_is_the_per_token_mean_of_its_rows(
 def test_training_step_loss_is_the_per_scored_token_mean_and_ignores_padded_rows(mixer) -> None:
     """Rows that score 16, 5 and 1 tokens, and a padded row (targets all IGNORE_INDEX, as the validation
     shards pad): the training step's loss is the sum of each row's token losses (computed alone) over the
-    scored tokens, and the padded row changes neither the loss nor its gradient."""
+    scored tokens (TTT-E2E: the official mean over rows of each row's mean over chunks of the chunk's
+    scored mean), and the padded row changes neither the loss nor its gradient."""
     options = {**SMALL, **(E2E if mixer == "e2e" else {}), "mixer": mixer}
     if mixer == "e2e":
         options["e2e"] = {"chunk_size": 4}
@@ -523,9 +524,13 @@ def test_training_step_loss_is_the_per_scored_token_mean_and_ignores_padded_rows
     expected = 0.0
     for i in range(B):
         logits = module(inputs[i : i + 1])
-        token_sum = F.cross_entropy(logits[0], targets[i], ignore_index=IGNORE_INDEX, reduction="sum")
-        expected += float(token_sum.detach())
-    assert float(loss.detach()) == pytest.approx(expected / count, rel=F64)
+        token_losses = F.cross_entropy(logits[0], targets[i], ignore_index=IGNORE_INDEX, reduction="none")
+        if mixer == "e2e":  # the official weighting: each row's mean over its chunks' scored means
+            chunks = zip(token_losses.split(4), (targets[i] != IGNORE_INDEX).split(4), strict=True)
+            expected += float(sum(t.sum() / max(int(s.sum()), 1) for t, s in chunks)) / 4 / B
+        else:
+            expected += float(token_losses.sum().detach()) / count
+    assert float(loss.detach()) == pytest.approx(expected, rel=F64)
     assert float(loss_without.detach()) == pytest.approx(float(loss.detach()), rel=F64)
     assert _grad_error(batched, _gradients(loss_without, params)) < F64
 

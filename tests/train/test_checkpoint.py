@@ -145,7 +145,7 @@ def test_an_e2e_checkpoint_written_before_the_official_options_loads_as_the_mode
     module = LanguageModelModule(config)
     hparams = dict(module.hparams)
     older = {key: value for key, value in hparams["model"]["e2e"].items()}
-    for option in ("chunk_targets", "rope_positions"):
+    for option in ("chunk_targets", "rope_positions", "outer_loss"):
         del older[option]
     hparams["model"] = {**hparams["model"], "e2e": older}
     path = save_checkpoint(
@@ -154,6 +154,7 @@ def test_an_e2e_checkpoint_written_before_the_official_options_loads_as_the_mode
     model = load_model(path)
     assert model.config.e2e.chunk_targets == "within_chunk"
     assert model.config.e2e.rope_positions == "absolute"
+    assert model.config.e2e.outer_loss == "token_mean"  # it was trained on the per-token mean
     ids = torch.randint(0, config.vocab_size, (1, 24))
     assert torch.equal(model(ids)[0], module.model.eval()(ids)[0])
     # A checkpoint that names the options keeps them.

@@ -57,12 +57,17 @@ def test_e2e_inner_loop_keys_are_unread_without_test_time_training() -> None:
     assert not any(key.startswith("model.e2e.") for key in unread_model_keys(config))  # all read by default
     off = replace(config, e2e=E2EConfig(test_time_training=False))
     unread = unread_model_keys(off)
-    assert {f"model.e2e.{key}" for key in E2E_INNER_LOOP_KEYS} <= unread.keys()
+    inner_only = {f"model.e2e.{key}" for key in E2E_INNER_LOOP_KEYS} - {"model.e2e.skip_target_id"}
+    assert inner_only <= unread.keys()
+    assert "model.e2e.skip_target_id" not in unread  # the chunk_mean training loss skips it as a target
     assert "model.e2e.chunk_size" not in unread  # relative RoPE: the blocks still attend chunk by chunk
     for read in ("suffix_fraction", "prime_intermediate_size", "rope_positions", "compute_dtype"):
         assert f"model.e2e.{read}" not in unread  # the network itself, prime MLPs fixed or not
-    absolute = replace(config, e2e=E2EConfig(test_time_training=False, rope_positions="absolute"))
-    assert "model.e2e.chunk_size" in unread_model_keys(absolute)
+    absolute = E2EConfig(test_time_training=False, rope_positions="absolute")
+    assert "model.e2e.chunk_size" not in unread_model_keys(replace(config, e2e=absolute))  # chunk_mean
+    token_mean = replace(absolute, outer_loss="token_mean")
+    unread = unread_model_keys(replace(config, e2e=token_mean))
+    assert {"model.e2e.chunk_size", "model.e2e.skip_target_id"} <= unread.keys()
 
 
 def test_e2e_inner_lr_start_is_unread_without_a_warm_up() -> None:

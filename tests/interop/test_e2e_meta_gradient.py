@@ -1,0 +1,87 @@
+"""The training loss of a TTT-E2E model and its gradient w.r.t. every weight equal the official code's.
+
+The vectors in ``tests/data/e2e_meta_gradient/`` were made with the official implementation
+(``make_vectors.py`` there, README beside it) on a config other than the logits fixture's: 5 layers of
+which 2 are suffix layers (the inner gradient is clipped jointly over both), chunk 8, window 16, three
+sequences of 64 tokens with BOS targets inside them (the official loss mask), in float64. ``meta`` is
+the official training with test-time training on: its gradient runs through every inner step (second
+order); ``pretrain`` the same model with it off.
+
+Tolerances: the official float64 run still rounds some products to float32 inside JAX's attention; its
+gradients differ from float64 central differences of the same loss by about 3e-7 of their largest
+element, innerloop's by 1e-9 (measured when the vectors were made). Per tensor, the largest error over
+the tensor's largest element is below 1e-5 (measured: 1.1e-6 meta, 3e-7 pretrain); the losses agree to
+1e-9 relative (measured 1.2e-10 and 4e-11).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from innerloop.data.recall import IGNORE_INDEX
+from innerloop.interop.ttt_e2e import convert_weights, model_config, model_from_arrays
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "e2e_meta_gradient"
+CONFIG = json.loads((DATA / "config.json").read_text(encoding="utf-8"))
+OFFICIAL = load_file(str(DATA / "official.safetensors"))
+WEIGHTS = {name[len("weights/") :]: array for name, array in OFFICIAL.items() if name.startswith("weights/")}
+
+
+def official_positions() -> dict[str, np.ndarray]:
+    """For every innerloop parameter, the flat position of each of its elements among the official
+    arrays (concatenated in file order): the converter applied to arrays that hold their own indices."""
+    indices, start = {}, 0
+    for name, array in WEIGHTS.items():
+        indices[name] = np.arange(start, start + array.size, dtype=np.float32).reshape(array.shape)
+        start += array.size
+    assert start < 2**24  # the indices are exact in float32
+    converted = convert_weights(indices, model_config(CONFIG))
+    return {name: tensor.numpy().astype(np.int64) for name, tensor in converted.items()}
+
+
+def loss_and_official_layout_gradient(mode: str, outer_loss: str = "chunk_mean") -> tuple[float, np.ndarray]:
+    """innerloop's training loss of the official batch in float64 and its gradient laid out as the
+    official arrays (a tied or shared weight's gradients summed where they land)."""
+    model = model_from_arrays(WEIGHTS, CONFIG, test_time_training=mode == "meta").double().train()
+    model.config.e2e.outer_loss = outer_loss
+    inputs = torch.from_numpy(OFFICIAL["input_ids"])
+    targets = torch.from_numpy(OFFICIAL["target_tokens"])
+    logits, _ = model(inputs)
+    loss = model.training_loss(logits, targets, IGNORE_INDEX)
+    parameters = dict(model.named_parameters())
+    gradients = torch.autograd.grad(loss, list(parameters.values()))
+    positions = official_positions()
+    flat = np.zeros(sum(array.size for array in WEIGHTS.values()))
+    covered = np.zeros(flat.shape, dtype=bool)
+    for (name, _), gradient in zip(parameters.items(), gradients, strict=True):
+        np.add.at(flat, positions[name].ravel(), gradient.numpy().ravel())
+        covered[positions[name].ravel()] = True
+    assert covered.all(), "some official weights have no innerloop parameter"
+    return float(loss.detach()), flat
+
+
+@pytest.mark.parametrize("mode", ["meta", "pretrain"])
+def test_the_training_loss_and_every_weights_gradient_equal_the_official(mode: str) -> None:
+    loss, flat = loss_and_official_layout_gradient(mode)
+    official_loss = float(OFFICIAL[f"loss_{mode}"][0])
+    assert abs(loss / official_loss - 1) < 1e-9, (loss, official_loss)
+    start = 0
+    for name, array in WEIGHTS.items():
+        official = OFFICIAL[f"grad_{mode}/{name}"].astype(np.float64).ravel()
+        ours = flat[start : start + array.size]
+        start += array.size
+        error = np.abs(ours - official).max() / np.abs(official).max()
+        assert error < 1e-5, f"{mode}: the gradient of {name} is off by {error:.1e} of its largest element"
+
+
+def test_the_per_token_mean_is_not_the_official_loss_on_this_batch() -> None:
+    """The batch's masked targets make the weighting matter: ``token_mean`` misses the official loss by
+    far more than the tolerance above, so the test above tells the two apart."""
+    loss, _ = loss_and_official_layout_gradient("meta", outer_loss="token_mean")
+    assert abs(loss / float(OFFICIAL["loss_meta"][0]) - 1) > 1e-4

@@ -527,7 +527,7 @@ def test_training_step_loss_is_the_per_scored_token_mean_and_ignores_padded_rows
         token_losses = F.cross_entropy(logits[0], targets[i], ignore_index=IGNORE_INDEX, reduction="none")
         if mixer == "e2e":  # the official weighting: each row's mean over its chunks' scored means
             chunks = zip(token_losses.split(4), (targets[i] != IGNORE_INDEX).split(4), strict=True)
-            expected += float(sum(t.sum() / max(int(s.sum()), 1) for t, s in chunks)) / 4 / B
+            expected += float(sum(t.detach().sum() / max(int(s.sum()), 1) for t, s in chunks)) / 4 / B
         else:
             expected += float(token_losses.sum().detach()) / count
     assert float(loss.detach()) == pytest.approx(expected, rel=F64)

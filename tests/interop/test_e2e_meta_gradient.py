@@ -5,7 +5,7 @@ The vectors in ``tests/data/e2e_meta_gradient/`` were made with the official imp
 which 2 are suffix layers (the inner gradient is clipped jointly over both), chunk 8, window 16, three
 sequences of 64 tokens with BOS targets inside them (the official loss mask), in float64. ``meta`` is
 the official training with test-time training on: its gradient runs through every inner step (second
-order); ``pretrain`` the same model with it off.
+order); ``pretrain`` the same model with it off. A third loss is taken inside the inner lr's warm-up.
 
 Tolerances: the official float64 run still rounds some products to float32 inside JAX's attention; its
 gradients differ from float64 central differences of the same loss by about 3e-7 of their largest
@@ -85,3 +85,19 @@ def test_the_per_token_mean_is_not_the_official_loss_on_this_batch() -> None:
     far more than the tolerance above, so the test above tells the two apart."""
     loss, _ = loss_and_official_layout_gradient("meta", outer_loss="token_mean")
     assert abs(loss / float(OFFICIAL["loss_meta"][0]) - 1) > 1e-4
+
+
+def test_the_loss_inside_the_inner_lr_warm_up_equals_the_official() -> None:
+    """Official outer step 9 of a 480-step warm-up (of 4800): inner lr 0.1 + 0.9 * (9 + 1) / 480. innerloop's
+    training sets ``outer_progress`` to ``(step + 1) / max_steps``; the converter turns the warm-up into
+    ``inner_lr_warmup_fraction = 480 / 4800``."""
+    model = model_from_arrays(WEIGHTS, CONFIG).double()
+    assert model.config.e2e.inner_lr_warmup_fraction == pytest.approx(480 / 4800)
+    model.set_outer_progress((9 + 1) / 4800)
+    inputs = torch.from_numpy(OFFICIAL["input_ids"])
+    with torch.no_grad():
+        logits, _ = model(inputs)
+    loss = float(model.training_loss(logits, torch.from_numpy(OFFICIAL["target_tokens"]), IGNORE_INDEX))
+    official = float(OFFICIAL["loss_meta_step9"][0])
+    assert abs(loss / official - 1) < 1e-9, (loss, official)
+    assert abs(official / float(OFFICIAL["loss_meta"][0]) - 1) > 1e-3  # the warm-up's lr changes the loss

@@ -9,7 +9,8 @@ The work tree is patched for CPU and float64 only (``patch_for_float64`` below s
 builds the official ``MetaModel`` of a small config, perturbs its norms, rounds every weight to float32
 (so that float32 files hold them exactly) and computes the official training loss of a batch of three
 sequences and its gradient w.r.t. every weight, in both official training modes (``meta``: test-time
-training on, the gradient through every inner step; ``pretrain``: off). See the README beside it.
+training on, the gradient through every inner step; ``pretrain``: off), and the ``meta`` loss at an outer
+step inside the inner learning rate's warm-up. See the README beside it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 
 LAYERS, WIDTH, HEADS, MLP, VOCAB, CHUNK, WINDOW, SUFFIX, LENGTH, BATCH = 5, 32, 2, 96, 128, 8, 16, 2, 64, 3
 BOS = 1
+WARMUP_STEP = 9  # an outer step inside the inner-lr warm-up: inner lr 0.1 + 0.9 * 10 / 480
 
 
 def patch_for_float64(work_tree: Path) -> None:
@@ -129,6 +131,11 @@ def main(work_tree: Path, out: Path) -> None:
         with jax.make_mesh(axis_shapes=(1, 1), axis_names=("data", "state")):
             (loss, _), grads = eqx.filter_value_and_grad(batch_loss, has_aux=True)(model, batch)
         if mode == "meta":
+            # the loss at outer step WARMUP_STEP, inside the inner lr's warm-up (ilr_warmup_steps 480)
+            early = state.set(model.step_index, jnp.array(WARMUP_STEP, dtype=jnp.int32))
+            with jax.make_mesh(axis_shapes=(1, 1), axis_names=("data", "state")):
+                early_loss, _ = batch_loss(model, batch, state=early)
+            vectors[f"loss_meta_step{WARMUP_STEP}"] = np.asarray(early_loss, np.float64).reshape(1)
             vectors.update({f"weights/{k}": v.astype(np.float32) for k, v in named(model.weights()).items()})
             resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
             config = {"model": resolved["model"], "training": resolved["training"]}

@@ -11,7 +11,7 @@ import torch
 
 from innerloop.core.layer import TTTLayer
 from innerloop.core.protocol import InnerTask, LossPairs
-from innerloop.core.scan import run_scan
+from innerloop.core.scan import checked_pairs, run_scan
 
 
 def _weighted_loss(task: InnerTask, params: dict, pairs: LossPairs, weights: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,7 @@ def inner_loss_before_after(layer: TTTLayer, x: torch.Tensor) -> tuple[torch.Ten
         for start in range(0, x.shape[1], mini_batch):
             end = min(start + mini_batch, x.shape[1])
             chunk_views = views.slice_tokens(start, end)
-            pairs = task.loss.pairs(chunk_views, state.loss_carry)
+            pairs = checked_pairs(task.loss, task.loss.pairs(chunk_views, state.loss_carry), chunk_views)
             valid = pairs.valid if pairs.valid is not None else torch.ones(end - start, dtype=dtype)
             weights = torch.broadcast_to(valid.to(dtype), lr[:, :, start:end].shape)  # [B, H, N]
 

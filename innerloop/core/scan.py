@@ -8,7 +8,7 @@ gradients are taken at the same weights, the mini-batch's starting weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -73,6 +73,47 @@ class ChunkInputs:
         )
 
 
+def checked_pairs(loss: object, pairs: object, views: Views) -> LossPairs:
+    """``pairs``, what ``loss.pairs(views, ...)`` returned, checked at run time as registration checks
+    it at one small shape: a ``LossPairs`` whose inputs and targets are ``[B, H, T, f]`` like the
+    views, in their dtype, a ``valid`` that broadcasts to ``[B, H, T]`` and a dict carry. A plugin
+    wrong at this call's shape only is named here, not by a torch error further on."""
+    label = f"inner loss {getattr(loss, 'name', '?')!r} ({type(loss).__module__}.{type(loss).__qualname__}): pairs()"
+    if not isinstance(pairs, LossPairs):
+        raise TypeError(f"{label} must return an innerloop.LossPairs; got {type(pairs).__name__}")
+    expected = tuple(views.key.shape)
+    for field_name in ("inputs", "targets"):
+        value = getattr(pairs, field_name)
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        if got != expected:
+            raise ValueError(
+                f"{label} must give inputs and targets of shape [B, H, T, f] = {expected} (the views' of "
+                f"this call); got {field_name} {got}"
+            )
+        if value.dtype != views.key.dtype:
+            raise TypeError(
+                f"{label} gave {field_name} of dtype {value.dtype} for views of dtype {views.key.dtype}; "
+                "build the pairs in the views' dtype"
+            )
+    valid = pairs.valid
+    if valid is not None:
+        shape = tuple(valid.shape) if isinstance(valid, torch.Tensor) else None
+        fits = shape is not None and len(shape) <= 3
+        fits = fits and all(
+            have in (1, want) for have, want in zip(shape[::-1], expected[2::-1], strict=False)
+        )
+        if not fits:
+            raise ValueError(
+                f"{label} gave valid of shape {shape or type(valid).__name__}; valid must broadcast to "
+                f"[B, H, T] = {expected[:3]} (or be None: every pair counts)"
+            )
+    if not isinstance(pairs.carry, Mapping):
+        raise TypeError(
+            f"{label} must give a carry that is a dict of tensors; got {type(pairs.carry).__name__}"
+        )
+    return pairs
+
+
 def prepare_chunk(
     state: TTTState,
     task: InnerTask,
@@ -83,7 +124,7 @@ def prepare_chunk(
 ) -> tuple[ChunkInputs, dict]:
     """Build the loss pairs of a chunk and fold their validity into the learning rates (a token
     without a pair takes no gradient step; its decay and momentum still apply)."""
-    pairs: LossPairs = task.loss.pairs(views, state.loss_carry)
+    pairs = checked_pairs(task.loss, task.loss.pairs(views, state.loss_carry), views)
     if pairs.valid is not None:
         lr = lr * pairs.valid.to(lr.dtype)
     return ChunkInputs(views.query, pairs.inputs, pairs.targets, lr, decay, momentum), pairs.carry
@@ -434,6 +475,7 @@ __all__ = [
     "SegmentCarry",
     "SegmentPlan",
     "advance_state",
+    "checked_pairs",
     "close_mini_batch",
     "close_planned",
     "combine",

@@ -1,0 +1,60 @@
+"""Review s26: a new user's journeys through the docs (a plugin loss, training, long-context decoding,
+comparing with attention, hostile inputs). Each test is one finding of /work/notes/review_s26_journeys.md."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import innerloop
+from innerloop import InnerLoss, LossPairs
+
+
+class _ShapeAfterEight(InnerLoss):
+    """Right at registration's small shape, wrong once a call holds more than 8 tokens: ``pairs``
+    returns what ``mode`` says there (a plausible plugin bug: a window or a pad sized for short calls)."""
+
+    name = "s26_shape_after_eight"
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def pairs(self, views, carry):
+        if views.key.shape[2] <= 8:
+            return LossPairs(views.key, views.value)
+        if self.mode == "inputs":
+            return LossPairs(views.key[:, :, :-1], views.value)
+        if self.mode == "valid":
+            return LossPairs(views.key, views.value, views.key.new_ones(views.key.shape[0], 1, 8))
+        return (views.key, views.value)  # "type": a tuple, not a LossPairs
+
+    def token_loss(self, prediction, target):
+        return (prediction - target).pow(2).sum(-1)
+
+
+@pytest.mark.parametrize("update_rule", ["dual_form", "minibatch_gd"])
+@pytest.mark.parametrize(
+    ("mode", "error", "message"),
+    [
+        (
+            "inputs",
+            ValueError,
+            r"pairs\(\) must give inputs and targets of shape .*\(2, 2, 40, 8\).*got inputs \(2, 2, 39, 8\)",
+        ),
+        (
+            "valid",
+            ValueError,
+            r"pairs\(\) gave valid of shape \(2, 1, 8\); valid must broadcast to \[B, H, T\] = \(2, 2, 40\)",
+        ),
+        ("type", TypeError, r"pairs\(\) must return an innerloop.LossPairs; got tuple"),
+    ],
+)
+def test_a_plugin_loss_wrong_at_run_time_is_named_at_the_boundary(update_rule, mode, error, message):
+    """Finding 1: a plugin loss whose ``pairs`` is right at registration's shape but not at a call's
+    failed inside torch (vmap's 'Expected all tensors to have the same size', a broadcast error, an
+    AttributeError on a tuple), without the plugin's name: the pairs are now checked where they are used."""
+    torch.manual_seed(0)
+    layer = innerloop.TTTLayer(16, 2, inner_loss=_ShapeAfterEight(mode), update_rule=update_rule)
+    with pytest.raises(error, match=message) as caught:
+        layer(torch.randn(2, 40, 16))
+    assert "'s26_shape_after_eight'" in str(caught.value) and "_ShapeAfterEight" in str(caught.value)

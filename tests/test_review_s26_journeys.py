@@ -58,3 +58,29 @@ def test_a_plugin_loss_wrong_at_run_time_is_named_at_the_boundary(update_rule, m
     with pytest.raises(error, match=message) as caught:
         layer(torch.randn(2, 40, 16))
     assert "'s26_shape_after_eight'" in str(caught.value) and "_ShapeAfterEight" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("check", "args"),
+    [
+        ("check_inner_loss", ("next_token",)),
+        ("check_inner_model", ("linear", "next_token")),
+        ("check_update_rule", ("minibatch_gd", "linear", "next_token")),
+    ],
+)
+def test_the_conformance_checks_take_a_registered_name(check, args):
+    """Finding 2: ``check_kernel("name")`` and ``check_update_rule``'s ``model`` take a registered name,
+    but ``check_update_rule("dual_form")`` failed with AttributeError "'str' object has no attribute
+    'check_model'" and ``check_inner_loss("reconstruction")`` with "inner loss 'str' failed its smoke
+    test": every plugin argument of the checks now takes an instance or a registered name."""
+    from innerloop import testing
+
+    options = {"gradients": False, "without_grad": False} if check == "check_update_rule" else {}
+    getattr(testing, check)(*args, tokens=5, **options)  # no error: the named plugins conform
+
+
+def test_a_check_given_an_unknown_name_says_which_are_registered():
+    from innerloop.testing import check_update_rule
+
+    with pytest.raises(ValueError, match=r"unknown update rule 'dual_fom'; registered: \['dual_form'"):
+        check_update_rule("dual_fom")

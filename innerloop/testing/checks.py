@@ -764,6 +764,14 @@ def check_activation_derivatives(
         check_derivative_in_graph(derivative, autograd, (point,), ("z",), what, tolerance)
 
 
+def _named(kind: str, plugin: Any) -> Any:
+    """``plugin``, or the registered ``kind`` (``inner_model``, ``inner_loss``, ``update_rule``) it names:
+    the checks take a plugin by instance or by name, as ``check_kernel`` and layers do."""
+    from innerloop.registry import get_registry
+
+    return getattr(get_registry(), kind)(plugin) if isinstance(plugin, str) else plugin
+
+
 def _rule(name: str) -> UpdateRule:
     from innerloop.registry import get_registry
 
@@ -807,7 +815,9 @@ LONG_CHECK_SHAPE: dict[str, int] = {
 PLUGIN_CHECK_SHAPES: tuple[dict[str, int], ...] = (PLUGIN_CHECK_SHAPE, LONG_CHECK_SHAPE)
 
 
-def check_inner_model(model: InnerModel, loss: InnerLoss | None = None, seed: int = 0, **shape: int) -> None:
+def check_inner_model(
+    model: InnerModel | str, loss: InnerLoss | str | None = None, seed: int = 0, **shape: int
+) -> None:
     """``forward`` equals the declared stack (if any), each activation's derivative equals autograd,
     ``forward`` on a batch equals ``forward`` on each sequence alone, and every update rule that
     accepts ``model`` equals the naive loop on it (float64).
@@ -820,8 +830,9 @@ def check_inner_model(model: InnerModel, loss: InnerLoss | None = None, seed: in
     from innerloop.registry import get_registry
 
     shapes = [_check_shape(shape)] if shape else PLUGIN_CHECK_SHAPES
+    model = _named("inner_model", model)
     registrar_smoke_test("inner_model", model)
-    loss = loss or get_registry().inner_loss("reconstruction")
+    loss = _named("inner_loss", loss) or get_registry().inner_loss("reconstruction")
     for full in shapes:
         _check_inner_model_at(model, loss, seed, full)
 
@@ -886,12 +897,13 @@ def _check_shape(shape: dict[str, int]) -> dict[str, int]:
     return full
 
 
-def check_inner_loss(loss: InnerLoss, seed: int = 0, **shape: int) -> None:
+def check_inner_loss(loss: InnerLoss | str, seed: int = 0, **shape: int) -> None:
     """Shapes, causality, chunk invariance of the pairs, independence of the sequences of a batch,
-    gradient, and agreement with the naive loop (``shape``: as :func:`check_inner_model`'s; with
+    gradient, and agreement with the naive loop (``loss``: an instance or a registered name; ``shape``: as :func:`check_inner_model`'s; with
     none given, every shape of :data:`PLUGIN_CHECK_SHAPES`). The registrar's smoke test runs first
     (:func:`registrar_smoke_test`): a wrong shape is named as registration names it."""
     shapes = [_check_shape(shape)] if shape else PLUGIN_CHECK_SHAPES
+    loss = _named("inner_loss", loss)
     registrar_smoke_test("inner_loss", loss)
     for full in shapes:
         _check_inner_loss_at(loss, seed, full)
@@ -954,9 +966,9 @@ BUILTIN_LOSSES: tuple[str, ...] = ("reconstruction", "next_token", "dot_product"
 
 
 def check_update_rule(
-    rule: UpdateRule,
+    rule: UpdateRule | str,
     model: InnerModel | str | None = None,
-    loss: InnerLoss | None = None,
+    loss: InnerLoss | str | None = None,
     cut_points: list[int] | None = None,
     seed: int = 0,
     tolerance: float = FLOAT64_TOLERANCE,
@@ -976,7 +988,7 @@ def check_update_rule(
     :class:`RuleOutputError` (:func:`check_rule_returns`).
 
     ``model`` (an inner model or a registered model's name) defaults to every built-in model the
-    rule accepts (``check_model``), ``linear`` first; give a plugin's model by name or instance. ``loss``
+    rule accepts (``check_model``), ``linear`` first; give a plugin's model by name or instance (``rule`` and ``loss`` too). ``loss``
     defaults to each built-in loss in turn (:data:`BUILTIN_LOSSES`), and unless ``norm`` / ``residual``
     are given, each layer wrapping in :data:`WRAPPINGS` is checked, and those in :data:`MIXED_WRAPPINGS`
     on the first model and loss: a rule that is right for one model, loss or wrapping only is caught.
@@ -991,7 +1003,10 @@ def check_update_rule(
     from innerloop.registry import get_registry
 
     registry = get_registry()
-    losses = [loss] if loss is not None else [registry.inner_loss(n) for n in BUILTIN_LOSSES]
+    rule = _named("update_rule", rule)
+    losses = (
+        [_named("inner_loss", loss)] if loss is not None else [registry.inner_loss(n) for n in BUILTIN_LOSSES]
+    )
     given = {k: problem_kwargs.pop(k) for k in ("norm", "residual") if k in problem_kwargs}
     wrappings = [dict(zip(("norm", "residual"), w, strict=True)) for w in WRAPPINGS] if not given else [given]
     mixed = [] if given else [dict(zip(("norm", "residual"), w, strict=True)) for w in MIXED_WRAPPINGS]

@@ -84,3 +84,63 @@ def test_a_check_given_an_unknown_name_says_which_are_registered():
 
     with pytest.raises(ValueError, match=r"unknown update rule 'dual_fom'; registered: \['dual_form'"):
         check_update_rule("dual_fom")
+
+
+class _WithinChunkOnly(innerloop.ModelInnerLoss):
+    """A TTT-E2E inner loss written for ids ``[B, C]`` only (the registrar's smoke test used to give
+    nothing else), while the default ``chunk_targets: next_token`` gives ``[B, C + 1]``."""
+
+    name = "s26_within_chunk_only"
+
+    def chunk_loss(self, logits, input_ids):
+        batch, chunk, vocab = logits.shape
+        flat = torch.nn.functional.cross_entropy(
+            logits.reshape(batch * chunk, vocab),
+            input_ids.reshape(batch * chunk).clamp(min=0),
+            reduction="none",
+        )
+        return flat.view(batch, chunk).mean(1)
+
+
+class _PerTokenAtRealChunks(innerloop.ModelInnerLoss):
+    """Right (``[B]``) at the registrar's chunks of 4 tokens, per-token ``[B, C - 1]`` at longer ones."""
+
+    name = "s26_per_token_at_real_chunks"
+
+    def chunk_loss(self, logits, input_ids):
+        chunk = logits.shape[1]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), input_ids[:, 1:chunk].clamp(min=0), reduction="none"
+        )
+        return losses.mean(1) if chunk <= 4 else losses
+
+
+def test_a_model_inner_loss_for_within_chunk_ids_only_is_refused_at_registration():
+    """Finding 3: registration smoke-tested ``chunk_loss`` on ids ``[B, C]`` only; a plugin written to
+    that passed and then failed the first forward of a default E2E model (ids ``[B, C + 1]``) with a
+    raw torch error from its own code ("shape '[32]' is invalid for input of size 34")."""
+    from innerloop.registry import isolated_registry
+
+    with (
+        isolated_registry(),
+        pytest.raises(innerloop.PluginError, match=r"ids \[B, C \+ 1\] = \(2, 5\).*next_token"),
+    ):
+        innerloop.register_model_inner_loss(_WithinChunkOnly())
+
+
+def test_a_model_inner_loss_wrong_at_a_real_chunk_size_is_named_not_summed():
+    """Finding 4: an E2E model inner loss that returned ``[B, C - 1]`` losses at the model's chunk size
+    (``[B]`` at the registrar's) ran without a word: the update rule took the gradient of their sum,
+    a loss weighted otherwise than the plugin's contract ([B]) says. Now one error names it."""
+    from innerloop.models import E2EConfig, ModelConfig, build_model
+    from innerloop.registry import isolated_registry
+
+    with isolated_registry():
+        innerloop.register_model_inner_loss(_PerTokenAtRealChunks())
+        e2e = E2EConfig(chunk_size=8, inner_loss="s26_per_token_at_real_chunks")
+        config = ModelConfig(
+            mixer="e2e", hidden_size=16, num_heads=2, num_layers=2, intermediate_size=32, window=8, e2e=e2e
+        )
+        model = build_model(config)
+        with pytest.raises(ValueError, match=r"'s26_per_token_at_real_chunks'.*\[B\] = \(2,\); got \(2, 7\)"):
+            model(torch.randint(0, 256, (2, 12)))

@@ -491,6 +491,23 @@ torch.serialization.add_safe_globals([ChunkKVCache, E2EState])  # torch.load(wei
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_chunk_losses(loss: ModelInnerLoss, losses: object, logits: torch.Tensor) -> None:
+    """A model inner loss's ``chunk_loss`` gave one floating-point loss per sequence, ``[B]``: a plugin
+    right at the registrar's small shapes but not at this chunk's is named here, not summed over
+    silently by the update rule."""
+    batch = logits.shape[0]
+    if isinstance(losses, torch.Tensor) and tuple(losses.shape) == (batch,) and losses.is_floating_point():
+        return
+    got = (
+        f"{tuple(losses.shape)} {losses.dtype}" if isinstance(losses, torch.Tensor) else type(losses).__name__
+    )
+    cls = type(loss)
+    raise ValueError(
+        f"model inner loss {getattr(loss, 'name', '?')!r} ({cls.__module__}.{cls.__qualname__}): chunk_loss(logits "
+        f"{tuple(logits.shape)}, ids) must return one floating-point loss per sequence, [B] = ({batch},); got {got}"
+    )
+
+
 class E2ELM(nn.Module):
     """The TTT-E2E language model (see the module docstring).
 
@@ -1041,6 +1058,7 @@ class E2ELM(nn.Module):
             logits, new_caches = self._score(h_chunk, caches, fast)
             if targets is not None:
                 losses = self.inner_loss.chunk_loss(logits, self._mark_skipped(targets))  # [B]
+                _check_chunk_losses(self.inner_loss, losses, logits)
                 assert inner_lr is not None, "a chunk trained on needs the inner learning rate"
                 fast = self.update_rule.step(fast, losses, inner_lr, e2e.inner_grad_clip, create_graph)
         return logits, new_caches, fast

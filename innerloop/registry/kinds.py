@@ -593,16 +593,29 @@ def _conformance_refusal(rule: Any, model: InnerModel, name: str) -> str | None:
 
 
 def _check_model_inner_loss(loss: Any, name: str) -> None:
+    """``chunk_loss`` on ids ``[B, C]`` (``chunk_targets: within_chunk``) and ``[B, C + 1]`` (the
+    chunk and the next chunk's first token: ``next_token``, the default), each giving ``[B]`` losses."""
     batch, chunk, vocab = 2, 4, 5
-    try:
-        logits = torch.randn(batch, chunk, vocab)
-        losses = loss.chunk_loss(logits, torch.randint(vocab, (batch, chunk)))
-    except Exception as error:
-        raise PluginError(f"model inner loss {name!r} failed its smoke test: {error!r}") from error
+    for ids_shape in ("[B, C]", "[B, C + 1]"):
+        try:
+            logits = torch.randn(batch, chunk, vocab)
+            ids = torch.randint(vocab, (batch, chunk + (ids_shape != "[B, C]")))
+            losses = loss.chunk_loss(logits, ids)
+        except Exception as error:
+            raise PluginError(
+                f"model inner loss {name!r} failed its smoke test on ids {ids_shape} = {tuple(ids.shape)} "
+                f"(logits [B, C, V] = {tuple(logits.shape)}; [B, C + 1] is the default chunk_targets: "
+                f"next_token's, [B, C] within_chunk's): {error!r}"
+            ) from error
+        _check_chunk_losses(name, losses, logits, ids_shape, batch)
+
+
+def _check_chunk_losses(name: str, losses: Any, logits: torch.Tensor, ids_shape: str, batch: int) -> None:
+    """What one smoke-test call of a model inner loss's ``chunk_loss`` returned: ``[B]`` floats."""
     if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (batch,):
         got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
         raise PluginError(
-            f"model inner loss {name!r}: chunk_loss(logits [B, C, V], ids [B, C]) must return one loss per "
+            f"model inner loss {name!r}: chunk_loss(logits [B, C, V], ids {ids_shape}) must return one loss per "
             f"sequence, [B] = {(batch,)}; got {got}"
         )
     if not losses.is_floating_point():

@@ -144,3 +144,31 @@ def test_a_model_inner_loss_wrong_at_a_real_chunk_size_is_named_not_summed():
         model = build_model(config)
         with pytest.raises(ValueError, match=r"'s26_per_token_at_real_chunks'.*\[B\] = \(2,\); got \(2, 7\)"):
             model(torch.randint(0, 256, (2, 12)))
+
+
+class _StepUnderNoGrad(innerloop.ModelUpdateRule):
+    """SGD written the usual torch way, the update under ``torch.no_grad()``: the meta-gradient through
+    the fast weights is cut, whatever ``create_graph`` asks."""
+
+    name = "s26_step_under_no_grad"
+
+    def step(self, fast, losses, lr, max_grad_norm, create_graph):
+        grads = torch.autograd.grad(losses.sum(), list(fast.values()), retain_graph=True)
+        with torch.no_grad():
+            return {k: v - lr * g for (k, v), g in zip(fast.items(), grads, strict=True)}
+
+
+def test_a_model_update_rule_that_cuts_the_meta_gradient_is_refused_at_registration():
+    """Finding 5: a TTT-E2E update rule whose step returns fast weights without a graph (a step under
+    ``torch.no_grad()``, or ``.detach()``) registered and trained without a word, while the outer
+    gradient through every later chunk's fast weights was silently lost."""
+    from innerloop.registry import isolated_registry
+
+    with (
+        isolated_registry(),
+        pytest.raises(
+            innerloop.PluginError,
+            match=r"create_graph=True\) returned fast weights \['v', 'w'\] that do not depend",
+        ),
+    ):
+        innerloop.register_model_update_rule(_StepUnderNoGrad())

@@ -653,6 +653,33 @@ def _check_model_update_rule(rule: Any, name: str) -> None:
             f"model update rule {name!r}: step() must return {wanted}; got dtypes {dtypes} (cast the new weights "
             "to the dtype of the old ones)"
         )
+    _check_step_keeps_graph(rule, name)
+
+
+def _check_step_keeps_graph(rule: Any, name: str) -> None:
+    """With ``create_graph=True`` (the meta-gradient's second order) the new fast weights depend on the
+    old ones: a step taken under ``torch.no_grad()`` or ``.detach()``ed would cut the outer gradient
+    through every later chunk without a word."""
+    fast = {"w": torch.randn(2, 3, 4, requires_grad=True), "v": torch.randn(2, 4, requires_grad=True)}
+    losses = (fast["w"] ** 2).sum((1, 2)) + fast["v"].sum(1)  # [B]
+    try:
+        new = rule.step(fast, losses, lr=0.1, max_grad_norm=1.0, create_graph=True)
+        cut = sorted(
+            k
+            for k, v in new.items()
+            if not v.requires_grad  # the old tensor itself (a rule that keeps a weight) depends on it
+            or torch.autograd.grad(v.sum(), fast[k], retain_graph=True, allow_unused=True)[0] is None
+        )
+    except Exception as error:
+        raise PluginError(
+            f"model update rule {name!r} failed its smoke test with create_graph=True: {error!r}"
+        ) from error
+    if cut:
+        raise PluginError(
+            f"model update rule {name!r}: step(..., create_graph=True) returned fast weights {cut} that do not "
+            "depend on the old ones (a step under torch.no_grad() or .detach()ed); the meta-gradient flows "
+            "through them: compute the new weights from the old ones with autograd on"
+        )
 
 
 def smoke_test(kind_name: str, plugin: Any) -> None:

@@ -172,3 +172,36 @@ def test_a_model_update_rule_that_cuts_the_meta_gradient_is_refused_at_registrat
         ),
     ):
         innerloop.register_model_update_rule(_StepUnderNoGrad())
+
+
+class _CarryGrowsAfterEight(InnerLoss):
+    """``XK_{t-1} -> XV_t`` with the last key carried, right at registration's shapes; past 8 tokens in a
+    call it carries the last two keys instead (a plausible slip), a carry of another shape."""
+
+    name = "s26_carry_grows_after_eight"
+
+    def init_carry(self, batch_size, num_heads, head_dim, like):
+        return {"last": like.new_zeros(batch_size, num_heads, 1, head_dim)}
+
+    def pairs(self, views, carry):
+        keys = torch.cat([carry["last"], views.key], dim=2)
+        kept = 2 if views.key.shape[2] > 8 else 1
+        return LossPairs(keys[:, :, :-1], views.value, carry={"last": views.key[:, :, -kept:]})
+
+    def token_loss(self, prediction, target):
+        return (prediction - target).pow(2).sum(-1)
+
+
+def test_a_plugin_carry_that_changes_shape_is_named_not_blamed_on_the_state():
+    """Finding 6: a plugin loss whose ``pairs`` returned a carry of another shape than it received ran,
+    and the next call with the state the layer had returned failed with "state.loss_carry must hold what
+    inner loss ... keeps for this batch ...: pass the state this layer returned, or None", which the
+    user had done. The carry is now checked where the plugin returns it, naming the plugin."""
+    torch.manual_seed(0)
+    layer = innerloop.TTTLayer(16, 2, inner_loss=_CarryGrowsAfterEight())
+    with pytest.raises(
+        ValueError, match=r"'s26_carry_grows_after_eight'.*carry whose entries changed shape.*'last'"
+    ):
+        layer(torch.randn(2, 20, 16))
+    _, state = layer(torch.randn(2, 5, 16))  # calls of up to 8 tokens keep the carry's shape
+    layer(torch.randn(2, 3, 16), state)

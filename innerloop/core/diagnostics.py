@@ -47,7 +47,9 @@ def inner_loss_before_after(layer: TTTLayer, x: torch.Tensor) -> tuple[torch.Ten
         for start in range(0, x.shape[1], mini_batch):
             end = min(start + mini_batch, x.shape[1])
             chunk_views = views.slice_tokens(start, end)
-            pairs = checked_pairs(task.loss, task.loss.pairs(chunk_views, state.loss_carry), chunk_views)
+            pairs = checked_pairs(
+                task.loss, task.loss.pairs(chunk_views, state.loss_carry), chunk_views, state.loss_carry
+            )
             valid = pairs.valid if pairs.valid is not None else torch.ones(end - start, dtype=dtype)
             weights = torch.broadcast_to(valid.to(dtype), lr[:, :, start:end].shape)  # [B, H, N]
 

@@ -73,7 +73,7 @@ class ChunkInputs:
         )
 
 
-def checked_pairs(loss: object, pairs: object, views: Views) -> LossPairs:
+def checked_pairs(loss: object, pairs: object, views: Views, carry: Mapping | None = None) -> LossPairs:
     """``pairs``, what ``loss.pairs(views, ...)`` returned, checked at run time as registration checks
     it at one small shape: a ``LossPairs`` whose inputs and targets are ``[B, H, T, f]`` like the
     views, in their dtype, a ``valid`` that broadcasts to ``[B, H, T]`` and a dict carry. A plugin
@@ -111,7 +111,26 @@ def checked_pairs(loss: object, pairs: object, views: Views) -> LossPairs:
         raise TypeError(
             f"{label} must give a carry that is a dict of tensors; got {type(pairs.carry).__name__}"
         )
+    _check_carry_kept_its_shapes(label, carry or {}, pairs.carry)
     return pairs
+
+
+def _check_carry_kept_its_shapes(label: str, before: Mapping, after: Mapping) -> None:
+    """A carry entry keeps its shape from one call to the next (a layer checks a state's carry against
+    ``init_carry``'s shapes): one that changed is the plugin's, named here, not blamed on the state
+    the layer returned at the next call."""
+    changed = {
+        key: (tuple(before[key].shape), tuple(value.shape))
+        for key, value in after.items()
+        if isinstance(value, torch.Tensor)
+        and isinstance(before.get(key), torch.Tensor)
+        and value.shape != before[key].shape
+    }
+    if changed:
+        raise ValueError(
+            f"{label} gave a carry whose entries changed shape, {{key: (received, returned)}} = {changed}: "
+            "each entry keeps the shape init_carry gives it"
+        )
 
 
 def prepare_chunk(
@@ -124,7 +143,7 @@ def prepare_chunk(
 ) -> tuple[ChunkInputs, dict]:
     """Build the loss pairs of a chunk and fold their validity into the learning rates (a token
     without a pair takes no gradient step; its decay and momentum still apply)."""
-    pairs = checked_pairs(task.loss, task.loss.pairs(views, state.loss_carry), views)
+    pairs = checked_pairs(task.loss, task.loss.pairs(views, state.loss_carry), views, state.loss_carry)
     if pairs.valid is not None:
         lr = lr * pairs.valid.to(lr.dtype)
     return ChunkInputs(views.query, pairs.inputs, pairs.targets, lr, decay, momentum), pairs.carry

@@ -205,3 +205,23 @@ def test_a_plugin_carry_that_changes_shape_is_named_not_blamed_on_the_state():
         layer(torch.randn(2, 20, 16))
     _, state = layer(torch.randn(2, 5, 16))  # calls of up to 8 tokens keep the carry's shape
     layer(torch.randn(2, 3, 16), state)
+
+
+def test_an_allow_list_naming_no_installed_entry_point_is_warned_about(monkeypatch):
+    """Finding 7: ``INNERLOOP_PLUGINS=hubr`` (for an installed ``huber``) loaded no plugin without a
+    word: ``innerloop plugins`` listed none, and a run asking for the plugin's loss said "Only the
+    entry-point plugins ['hubr'] are loaded", a name no package provides."""
+    from types import SimpleNamespace
+
+    from innerloop import PluginLoadWarning
+    from innerloop.registry import manager
+
+    point = SimpleNamespace(name="huber", value="huber_plugin", dist=SimpleNamespace(name="huber-plugin"))
+    monkeypatch.setattr(manager, "_entry_points", lambda: [point])
+    monkeypatch.delenv(manager.DISABLE_ENV, raising=False)
+    monkeypatch.setenv(manager.ALLOW_ENV, "hubr")
+    with pytest.warns(
+        PluginLoadWarning,
+        match=r"INNERLOOP_PLUGINS='hubr' names \['hubr'\], which no installed .*\['huber'\]",
+    ):
+        assert manager.load_entry_point_plugins(manager.Registry()) == []

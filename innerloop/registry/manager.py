@@ -639,12 +639,21 @@ def load_entry_point_plugins(registry: Registry) -> list[str]:
     enabled, allowlist = _allowed_external()
     if not enabled:
         return []
-    loaded = []
+    loaded, installed = [], set()
     for entry_point in _entry_points():
+        installed.add(entry_point.name)
         if allowlist is not None and entry_point.name not in allowlist:
             continue
         if registry.add_entry_point(entry_point) is None:
             loaded.append(f"{entry_point.name} ({_distribution_of(entry_point)})")
+    missing = sorted((allowlist or set()) - installed)
+    if missing:  # a misspelt name would otherwise load nothing without a word
+        warnings.warn(
+            f"{ALLOW_ENV}={os.environ.get(ALLOW_ENV)!r} names {missing}, which no installed package provides as "
+            f"an {ENTRY_POINT_GROUP!r} entry point; installed entry points: {sorted(installed)}",
+            PluginLoadWarning,
+            stacklevel=2,
+        )
     return loaded
 
 

@@ -225,3 +225,53 @@ def test_an_allow_list_naming_no_installed_entry_point_is_warned_about(monkeypat
         match=r"INNERLOOP_PLUGINS='hubr' names \['hubr'\], which no installed .*\['huber'\]",
     ):
         assert manager.load_entry_point_plugins(manager.Registry()) == []
+
+
+def _rule_wrong_past(tokens: int, how: str) -> innerloop.UpdateRule:
+    """``minibatch_gd`` itself, except that on a call of more than ``tokens`` tokens its ``forward``
+    returns one output token too few (``how="outputs"``) or a state one position too far ("position"):
+    right at every shape registration checks, wrong at a user's longer call."""
+    from dataclasses import replace
+
+    base = type(innerloop.get_registry().update_rule("minibatch_gd"))
+
+    class WrongPast(base):
+        name = f"s26_wrong_{how}_past_{tokens}"
+
+        def forward(self, state, task, views, lr, tau, **options):
+            out, new = super().forward(state, task, views, lr, tau, **options)
+            if views.key.shape[2] > tokens and how == "outputs":
+                out = out[:, :, :-1]
+            if views.key.shape[2] > tokens and how == "position":
+                new = replace(new, position=new.position + 1)
+            return out, new
+
+    return WrongPast()
+
+
+@pytest.mark.slow  # a layer given a rule instance runs the registrar's conformance checks on it (~0.7 s)
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        (
+            "outputs",
+            r"forward must return outputs of the query's shape \[B, H, T, f\] = \(1, 2, 9, 8\); got .*\(1, 2, 8, 8\)",
+        ),
+        (
+            "position",
+            r"the state forward returns must be at position 9 \(the input state's 0 \+ the call's 9 tokens\); got 10",
+        ),
+    ],
+)
+def test_an_update_rule_wrong_at_a_call_s_shape_is_named(how, message):
+    """Finding 8: an update rule plugin whose ``forward`` returned too few outputs at a call's shape
+    failed in the layer's reshape ("shape '[1, 210, 16]' is invalid for input of size 3344"), and one
+    returning a state at a wrong position ran silently (the next call then cut its mini-batches
+    elsewhere: wrong numbers). ``run_scan`` now checks what the rule returned, as the checks do."""
+    from innerloop.core.scan import RuleOutputError
+
+    torch.manual_seed(0)
+    layer = innerloop.TTTLayer(16, 2, update_rule=_rule_wrong_past(8, how), mini_batch_size=4)
+    layer(torch.randn(1, 8, 16))  # right up to 8 tokens
+    with pytest.raises(RuleOutputError, match=rf"update rule 's26_wrong_{how}_past_8': {message}"):
+        layer(torch.randn(1, 9, 16))

@@ -448,10 +448,67 @@ def run_scan(
     if momentum is not None:
         options["momentum"] = momentum
     try:
-        return rule.forward(state, task, views, lr, tau, **options)
+        result = rule.forward(state, task, views, lr, tau, **options)
     except Exception as error:  # a plugin's own failure: name it (the type stays, for callers that catch it)
         note_plugin_failure(error, {"inner model": task.model, "inner loss": task.loss, "update rule": rule})
         raise
+    return check_rule_returns(rule, result, state, views)  # a plugin wrong only at this call's shape
+
+
+class RuleOutputError(AssertionError):
+    """An update rule's ``forward`` returned the wrong type or layout (not ``(outputs [B, H, T, f],
+    TTTState)``): said by name, before any comparison of values."""
+
+
+def _shape_or_type(value: object) -> str:
+    """``value`` in words: a tensor's shape, else its type."""
+    if isinstance(value, torch.Tensor):
+        return f"a Tensor of shape {tuple(value.shape)}"
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
+def check_rule_returns(
+    rule: UpdateRule, result: object, state: TTTState, views: Views
+) -> tuple[torch.Tensor, TTTState]:
+    """``result`` (what ``rule.forward`` returned for ``state`` and ``views``) is ``(outputs, state)``:
+    outputs of the query's shape ``[B, H, T, f]`` and a :class:`TTTState` whose weights have the shapes
+    of the input state's; returned as that pair, else :class:`RuleOutputError` naming what came back."""
+    name = getattr(rule, "name", type(rule).__name__)
+    expected = tuple(views.query.shape)
+    if not isinstance(result, tuple | list) or len(result) != 2:
+        got = (
+            f"a {type(result).__name__} of length {len(result)}" if isinstance(result, tuple | list) else None
+        )
+        raise RuleOutputError(
+            f"update rule {name!r}: forward must return (outputs [B, H, T, f], TTTState); got "
+            f"{got or _shape_or_type(result)}"
+        )
+    out, new_state = result
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        raise RuleOutputError(
+            f"update rule {name!r}: forward must return outputs of the query's shape [B, H, T, f] = "
+            f"{expected}; got {_shape_or_type(out)}"
+        )
+    if not isinstance(new_state, TTTState):
+        raise RuleOutputError(
+            f"update rule {name!r}: forward must return (outputs, TTTState); got {_shape_or_type(new_state)} "
+            "as the state"
+        )
+    for key, value in state.params.items():
+        got = new_state.params.get(key)
+        if not isinstance(got, torch.Tensor) or got.shape != value.shape:
+            raise RuleOutputError(
+                f"update rule {name!r}: the state forward returns must hold weights of the input state's "
+                f"shapes; got params[{key!r}]: {'missing' if got is None else _shape_or_type(got)}, expected "
+                f"a Tensor of shape {tuple(value.shape)}"
+            )
+    moved = state.position + expected[2]
+    if new_state.position != moved:
+        raise RuleOutputError(
+            f"update rule {name!r}: the state forward returns must be at position {moved} (the input state's "
+            f"{state.position} + the call's {expected[2]} tokens); got {new_state.position}"
+        )
+    return out, new_state
 
 
 def note_plugin_failure(error: BaseException, plugins: dict[str, object]) -> None:
@@ -485,6 +542,8 @@ _PLUGIN_NOTE = "raised in the plugin"
 
 __all__ = [
     "ChunkInputs",
+    "RuleOutputError",
+    "check_rule_returns",
     "add_note",
     "note_plugin_failure",
     "Reader",

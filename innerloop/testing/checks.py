@@ -50,7 +50,7 @@ from innerloop.core.protocol import (
     apply_stack,
     stack_forward_mismatch,
 )
-from innerloop.core.scan import run_scan
+from innerloop.core.scan import RuleOutputError, check_rule_returns, run_scan
 from innerloop.core.state import StateSignature, TTTState
 from innerloop.testing.reference import naive_token_loop
 
@@ -197,56 +197,6 @@ def make_problem(
     decays = uniform(0.5) if decay else None
     momenta = uniform(1.0) if momentum else None
     return InnerProblem(state, task, views, lr, tau.clamp_min(0.0), decays, momenta)
-
-
-class RuleOutputError(AssertionError):
-    """An update rule's ``forward`` returned the wrong type or layout (not ``(outputs [B, H, T, f],
-    TTTState)``): said by name, before any comparison of values."""
-
-
-def _shape_or_type(value: object) -> str:
-    """``value`` in words: a tensor's shape, else its type."""
-    if isinstance(value, torch.Tensor):
-        return f"a Tensor of shape {tuple(value.shape)}"
-    return "None" if value is None else f"a {type(value).__name__}"
-
-
-def check_rule_returns(
-    rule: UpdateRule, result: object, state: TTTState, views: Views
-) -> tuple[torch.Tensor, TTTState]:
-    """``result`` (what ``rule.forward`` returned for ``state`` and ``views``) is ``(outputs, state)``:
-    outputs of the query's shape ``[B, H, T, f]`` and a :class:`TTTState` whose weights have the shapes
-    of the input state's; returned as that pair, else :class:`RuleOutputError` naming what came back."""
-    name = getattr(rule, "name", type(rule).__name__)
-    expected = tuple(views.query.shape)
-    if not isinstance(result, tuple | list) or len(result) != 2:
-        got = (
-            f"a {type(result).__name__} of length {len(result)}" if isinstance(result, tuple | list) else None
-        )
-        raise RuleOutputError(
-            f"update rule {name!r}: forward must return (outputs [B, H, T, f], TTTState); got "
-            f"{got or _shape_or_type(result)}"
-        )
-    out, new_state = result
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
-        raise RuleOutputError(
-            f"update rule {name!r}: forward must return outputs of the query's shape [B, H, T, f] = "
-            f"{expected}; got {_shape_or_type(out)}"
-        )
-    if not isinstance(new_state, TTTState):
-        raise RuleOutputError(
-            f"update rule {name!r}: forward must return (outputs, TTTState); got {_shape_or_type(new_state)} "
-            "as the state"
-        )
-    for key, value in state.params.items():
-        got = new_state.params.get(key)
-        if not isinstance(got, torch.Tensor) or got.shape != value.shape:
-            raise RuleOutputError(
-                f"update rule {name!r}: the state forward returns must hold weights of the input state's "
-                f"shapes; got params[{key!r}]: {'missing' if got is None else _shape_or_type(got)}, expected "
-                f"a Tensor of shape {tuple(value.shape)}"
-            )
-    return out, new_state
 
 
 def run_in_chunks(

@@ -305,7 +305,7 @@ def chunk_mean_cross_entropy(
     shards do), and a batch with nothing scored gives 0 attached to the graph. With every target scored
     and ``T`` a multiple of ``chunk_size`` this is :func:`mean_scored_cross_entropy`.
     """
-    if chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if targets.dim() != 2 or logits.shape[:-1] != targets.shape:
         raise ValueError(
@@ -326,7 +326,7 @@ def chunk_mean_cross_entropy(
     chunk_sums = per_token.view(batch, num_chunks, chunk_size).sum(-1)  # [B, N]
     chunk_counts = scored.view(batch, num_chunks, chunk_size).sum(-1).clamp_min(1)  # [B, N]
     sequences = scored.any(dim=1).sum().clamp_min(1)  # rows that score something; 0 / 1 for no tokens
-    return (chunk_sums / chunk_counts).sum() / (sequences * num_chunks)
+    return (chunk_sums / chunk_counts).sum() / (sequences * max(num_chunks, 1))  # T = 0: 0, as nothing scored
 
 
 def is_power_of_two(n: int) -> bool:

@@ -94,6 +94,8 @@ def test_padded_rows_change_neither_the_loss_nor_its_gradient_and_nothing_scored
     assert torch.allclose(gradient, gradient_alone, rtol=1e-13, atol=1e-16)
     nothing = chunk_mean_cross_entropy(logits, torch.full((3, 10), IGNORE), 4, IGNORE)
     assert float(nothing.detach()) == 0.0 and nothing.requires_grad
+    no_tokens = chunk_mean_cross_entropy(logits[:, :0], torch.full((3, 0), IGNORE), 4, IGNORE)
+    assert float(no_tokens.detach()) == 0.0 and no_tokens.requires_grad  # T = 0 scores nothing too, not 0 / 0
 
 
 def test_a_skipped_target_with_an_infinite_logit_row_stays_finite() -> None:
@@ -115,6 +117,8 @@ def test_it_is_differentiable_in_float64() -> None:
     ("kwargs", "match"),
     [
         ({"chunk_size": 0}, "chunk_size must be a positive integer, got 0"),
+        ({"chunk_size": True}, "chunk_size must be a positive integer, got True"),
+        ({"chunk_size": 2.5}, "chunk_size must be a positive integer, got 2.5"),
         (
             {"targets": torch.zeros(2, 5, dtype=torch.long)},
             r"logits must be \[B, T, V\] and targets \[B, T\]",

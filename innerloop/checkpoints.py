@@ -60,7 +60,13 @@ from innerloop.data.atomic import atomic_write, file_sha256
 from innerloop.data.tokenizer import Tokenizer, tokenizer_from_state
 from innerloop.kernels.dispatch import TORCH_PATH, refused_named_kernels
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
-from innerloop.models.config import PLUGIN_FIELDS, reset_unused_family_options
+from innerloop.models.config import (  # the earlier defaults: re-exported, their documented home
+    EARLIER_E2E_DEFAULTS as EARLIER_E2E_DEFAULTS,
+)
+from innerloop.models.config import (
+    EARLIER_TTT_DEFAULTS as EARLIER_TTT_DEFAULTS,
+)
+from innerloop.models.config import PLUGIN_FIELDS, reset_unused_family_options, with_earlier_defaults
 from innerloop.registry import get_registry
 from innerloop.registry.kinds import KIND_NAMES
 from innerloop.registry.manager import BUILTIN_PREFIX
@@ -762,27 +768,13 @@ def checkpoint_device(map_location: Any) -> torch.device:
     )
 
 
-EARLIER_E2E_DEFAULTS = {
-    "chunk_targets": "within_chunk",
-    "rope_positions": "absolute",
-    "outer_loss": "token_mean",
-}
-"""What a TTT-E2E model did before these options existed (their defaults are now the official code's):
-a checkpoint that does not name them was trained, and must be read, with these."""
-
-
-EARLIER_TTT_DEFAULTS = {"inner_norm": True, "inner_residual": True}
-"""The TTT layer's inner wrapping before ``model.ttt`` could set it: the paper's, as today's default."""
-
-
 def _fill_earlier_defaults(tree: dict[str, Any]) -> None:
     """Give a stored model config the options it was written without, at the values its model used
-    then, so that an older checkpoint loads as the same function (not silently as the new default)."""
-    model = (tree.get("hyper_parameters") or {}).get("model")
-    if isinstance(model, dict) and model.get("mixer") == "e2e" and isinstance(model.get("e2e"), dict):
-        model["e2e"] = {**EARLIER_E2E_DEFAULTS, **model["e2e"]}
-    if isinstance(model, dict) and isinstance(model.get("ttt"), dict):
-        model["ttt"] = {**EARLIER_TTT_DEFAULTS, **model["ttt"]}
+    then (:func:`~innerloop.models.config.with_earlier_defaults`), so that an older checkpoint loads as
+    the same function (not silently as the new default)."""
+    hyper_parameters = tree.get("hyper_parameters")
+    if isinstance(hyper_parameters, dict) and isinstance(hyper_parameters.get("model"), dict):
+        hyper_parameters["model"] = with_earlier_defaults(hyper_parameters["model"])
 
 
 def _check_finite_weights(name: str, state_dict: Any) -> None:

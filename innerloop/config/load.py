@@ -54,7 +54,13 @@ from innerloop.data.hf import check_hf_dataset, check_hf_source
 from innerloop.data.recall import RECALL_VALUES
 from innerloop.data.text import check_text_split, split_keys
 from innerloop.data.tokenizer import BYTES, Tokenizer, TokenizerError, load_tokenizer
-from innerloop.models.config import check_keys, field_types, unread_model_keys, validate_model_config
+from innerloop.models.config import (
+    check_keys,
+    field_types,
+    unread_model_keys,
+    validate_model_config,
+    with_earlier_defaults,
+)
 
 DEFAULT_PRESET = "tiny"
 
@@ -529,8 +535,11 @@ def load_config(
     the tokenizer that sets its vocabulary), for commands that build no run (``innerloop params``): a
     data path or out_dir that a run could not use does not concern them. ``out_dir``, when given, replaces
     the config's (after the overrides): a resume's folder is where its config.yaml was found, not the
-    one the config names (a moved run's). A ``~`` in ``out_dir`` is expanded."""
-    container, _, cfg = _merged_config(preset_or_file, overrides)
+    one the config names (a moved run's). A ``~`` in ``out_dir`` is expanded; ``preset_or_file`` is then
+    the run's saved config.yaml, whose model options added since it was written are read at the values
+    its model was trained with (:func:`~innerloop.models.config.with_earlier_defaults`), as its
+    checkpoint's are."""
+    container, _, cfg = _merged_config(preset_or_file, overrides, saved_run=out_dir is not None)
     run = _typed(cfg)
     if out_dir is not None:  # a resume trains in the folder its config.yaml was found in
         cfg.out_dir = run.out_dir = out_dir
@@ -624,15 +633,19 @@ def _warn_unread_keys(
             )
 
 
-def _merged_config(preset_or_file: Any, overrides: Sequence[str]) -> tuple[Any, Any, DictConfig]:
+def _merged_config(
+    preset_or_file: Any, overrides: Sequence[str], saved_run: bool = False
+) -> tuple[Any, Any, DictConfig]:
     """The config source's mapping as read, that mapping with its ``trainer`` keys routed, and the
-    schema with the source and ``overrides`` merged in; the keys and types checked, not the values."""
+    schema with the source and ``overrides`` merged in; the keys and types checked, not the values.
+    ``saved_run``: the source is a run's saved config.yaml (see :func:`_earlier_model_options`)."""
     _check_load_arguments(preset_or_file, overrides)
     text, source = _read_source(preset_or_file)
     # a config of a megabyte or more (a generated one) is not kept: the cache holds 32 sources
     read = _merged_source(text, source) if len(text) < 1_000_000 else _merged_source.__wrapped__(text, source)
     base = functools.partial(copy.deepcopy, read.merged)  # a new config each call
-    checked: list[tuple[DictConfig, str]] = []  # merged together after the loop: one merge, not one each
+    earlier = _earlier_model_options(read.routed) if saved_run else {}
+    checked = [(OmegaConf.create(earlier), source)] if earlier else []  # merged after the loop, in one merge
     sources = {key: source for key in read.interpolated}
     for item in overrides:
         try:
@@ -646,6 +659,22 @@ def _merged_config(preset_or_file: Any, overrides: Sequence[str]) -> tuple[Any, 
     for key, where in sources.items():
         check_interpolated_kinds(merged, [key], where)
     return copy.deepcopy(read.container), copy.deepcopy(read.routed), merged
+
+
+def _earlier_model_options(routed: Any) -> dict[str, Any]:
+    """``{"model": {section: {key: value}}}``: the model options a run's saved config.yaml (which holds
+    every key of the innerloop that wrote it) does not name, at the values its model was trained with
+    (:func:`~innerloop.models.config.with_earlier_defaults`), not today's defaults: an older run resumes
+    and is read as the checkpoint it wrote. Empty when it names them all."""
+    model = routed.get("model") if isinstance(routed, dict) else None
+    filled = with_earlier_defaults(model)
+    added = {
+        section: {key: value for key, value in filled[section].items() if key not in model[section]}
+        for section in ("e2e", "ttt")
+        if filled is not model and isinstance(model.get(section), dict)
+    }
+    added = {section: keys for section, keys in added.items() if keys}
+    return {"model": added} if added else {}
 
 
 def _typed(cfg: DictConfig) -> RunConfig:
@@ -737,8 +766,9 @@ def read_run_config(path: str | Path) -> RunConfig:
     routed = route_trainer_keys(document, source, ConfigError)
     check_keys(routed, RunConfig, "", source, ConfigError)
     interpolated = check_value_kinds(yaml.compose(text, Loader=yaml.SafeLoader), "", source)
+    earlier = OmegaConf.create(_earlier_model_options(routed))  # an older run's: as it was trained
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(routed))
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(routed), earlier)
         check_interpolated_kinds(merged, interpolated, source)  # type: ignore[arg-type]
         run = OmegaConf.to_object(merged)
     except TypeError as err:  # a list merged into a mapping, or the reverse (check_value_kinds names most)

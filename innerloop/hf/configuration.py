@@ -17,13 +17,11 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 from innerloop.checkpoints import (
-    EARLIER_E2E_DEFAULTS,
-    EARLIER_TTT_DEFAULTS,
     missing_config_keys,
     missing_plugins_note,
     saved_model_config,
 )
-from innerloop.models.config import E2E, ModelConfig, validate_model_config
+from innerloop.models.config import ModelConfig, validate_model_config, with_earlier_defaults
 
 MODEL_TYPE = "innerloop"
 """The ``model_type`` of innerloop's Hugging Face config (what ``AutoConfig`` looks up)."""
@@ -76,17 +74,6 @@ def model_config_from(model: Any) -> ModelConfig:
     except (TypeError, ValueError) as err:  # TypeError: a section that is not a mapping of its keys
         raise ValueError(f"InnerloopConfig (config.json 'model' section): {err}") from None
     return config
-
-
-def with_earlier_defaults(model: dict[str, Any]) -> dict[str, Any]:
-    """config.json's ``model`` section with the options added since an export was written at the values
-    its model used then: E2E options (:data:`~innerloop.checkpoints.EARLIER_E2E_DEFAULTS`) and the TTT
-    layer's inner wrapping (:data:`~innerloop.checkpoints.EARLIER_TTT_DEFAULTS`)."""
-    if model.get("mixer") == E2E and isinstance(model.get("e2e"), dict):
-        model = {**model, "e2e": {**EARLIER_E2E_DEFAULTS, **model["e2e"]}}
-    if isinstance(model.get("ttt"), dict):  # written before model.ttt could set the inner wrapping
-        model = {**model, "ttt": {**EARLIER_TTT_DEFAULTS, **model["ttt"]}}
-    return model
 
 
 def _loaded_model_section(model: Any) -> Any:

@@ -900,6 +900,32 @@ E2E_CHOICES: dict[str, tuple[str, ...]] = {
 """The valid values of :class:`E2EConfig`'s string options (other than registry names); the first is
 the default, the official code's behaviour."""
 
+EARLIER_E2E_DEFAULTS: dict[str, Any] = {
+    "chunk_targets": "within_chunk",
+    "rope_positions": "absolute",
+    "outer_loss": "token_mean",
+}
+"""What a TTT-E2E model did before these options existed (their defaults are now the official code's):
+a checkpoint, an export or a run's saved config.yaml that does not name them was trained, and must be
+read, with these."""
+
+EARLIER_TTT_DEFAULTS: dict[str, Any] = {"inner_norm": True, "inner_residual": True}
+"""The TTT layer's inner wrapping before ``model.ttt`` could set it: the paper's, as today's default."""
+
+
+def with_earlier_defaults(model: Any) -> Any:
+    """A stored model config (a mapping: a checkpoint's, an export's config.json ``model`` section, a
+    run's saved config.yaml ``model`` section) with the options added since it was written at the values
+    its model used then (:data:`EARLIER_E2E_DEFAULTS`, :data:`EARLIER_TTT_DEFAULTS`), not at today's
+    defaults; a new mapping (``model`` itself if it is not a mapping)."""
+    if not isinstance(model, dict):
+        return model
+    if model.get("mixer") == E2E and isinstance(model.get("e2e"), dict):
+        model = {**model, "e2e": {**EARLIER_E2E_DEFAULTS, **model["e2e"]}}
+    if isinstance(model.get("ttt"), dict):  # written before model.ttt could set the inner wrapping
+        model = {**model, "ttt": {**EARLIER_TTT_DEFAULTS, **model["ttt"]}}
+    return model
+
 
 def validate_e2e_config(config: ModelConfig) -> None:
     """Check ``config.e2e``; raise ``ValueError`` naming the key, its value and what is valid."""

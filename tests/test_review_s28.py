@@ -1,0 +1,45 @@
+"""Review s28: TTT-E2E's official training-loss weighting (``outer_loss``) and the run-time plugin checks
+of the scan. Each test is one finding of /work/notes/review_s28.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from innerloop.config.load import load_config, read_run_config, save_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _config_loader_warm(tmp_path_factory) -> None:
+    """The first full config load of a process imports Lightning to check the trainer's arguments (about
+    3 s on 2 cores), once for every test that loads a config: paid here, not in the first test's call."""
+    load_config("e2e-tiny", [f"out_dir={tmp_path_factory.mktemp('warm') / 'run'}"])
+
+
+def _older_e2e_run_config(tmp_path: Path, drop: str = "outer_loss") -> Path:
+    """A run's saved config.yaml of an E2E run written before ``model.e2e.<drop>`` existed (a saved
+    config holds every key of the innerloop that wrote it; this one lacks that option's line)."""
+    _, cfg = load_config("e2e-tiny", [f"out_dir={tmp_path / 'run'}"])
+    path = save_config(cfg, tmp_path / "config.yaml")
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(line for line in lines if not line.strip().startswith(f"{drop}:")))
+    return path
+
+
+def test_older_e2e_run_config_reads_with_the_loss_it_was_trained_on(tmp_path):
+    """An E2E run written before outer_loss existed trained on the per-token mean: its saved config.yaml
+    is read so (its checkpoint is, EARLIER_E2E_DEFAULTS), else --resume refused it whatever was given:
+    without an override the checkpoint's 'token_mean' differed from the config's 'chunk_mean', and with
+    model.e2e.outer_loss=token_mean the override differed from the saved config ("cannot change")."""
+    saved = _older_e2e_run_config(tmp_path)
+    assert read_run_config(saved).model.e2e.outer_loss == "token_mean"
+    run, _ = load_config(str(saved), [], out_dir=str(tmp_path / "run"))  # how --resume reads it
+    assert run.model.e2e.outer_loss == "token_mean"
+    run, _ = load_config(str(saved), ["model.e2e.outer_loss=chunk_mean"], out_dir=str(tmp_path / "run"))
+    assert run.model.e2e.outer_loss == "chunk_mean"  # an override still applies (and is then checked)
+    # a config file of the user's own, not a saved run's, takes today's default
+    assert load_config(str(saved))[0].model.e2e.outer_loss == "chunk_mean"
+    # a saved config that names the option keeps it
+    full = save_config(load_config("e2e-tiny")[1], tmp_path / "full.yaml")
+    assert read_run_config(full).model.e2e.outer_loss == "chunk_mean"

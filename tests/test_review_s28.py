@@ -3,6 +3,7 @@ of the scan. Each test is one finding of /work/notes/review_s28.md."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,35 @@ def test_training_docs_say_which_weighting_train_loss_is_on():
     section = text[text.index("## Training (`innerloop.train`)") :]
     section = section[: section.index("- Validation logs")]
     assert "model.e2e.outer_loss" in section and "train_loss" in section and "val_loss" in section
+
+
+@pytest.mark.parametrize(
+    ("overrides", "warned"),
+    [
+        (
+            ["data.seq_len=130"],
+            "the last chunk's 2 target(s) of each window weigh as much as a whole chunk's 16",
+        ),
+        (["data.seq_len=128"], None),
+        (["data.seq_len=130", "model.e2e.outer_loss=token_mean"], None),
+        (["data.name=recall"], "the recall task's length 95"),  # 4 * num_pairs 8 + gap 64 - 1
+        (["data.name=recall", "data.recall.gap=97"], None),  # 128
+    ],
+)
+def test_chunk_mean_on_windows_not_a_multiple_of_the_chunk_is_warned_about(tmp_path, overrides, warned):
+    """chunk_mean's mean over chunks weighs a window's short last chunk as a whole one: with seq_len 130
+    and chunk 16 the last 2 targets weighed 8x each, without a word (the official lengths are multiples)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_config("e2e-tiny", [*overrides, f"out_dir={tmp_path / 'run'}"])
+    messages = [str(w.message) for w in caught if "chunk_mean" in str(w.message)]
+    if warned is None:
+        assert messages == []
+    else:
+        assert (
+            len(messages) == 1 and warned in messages[0] and "model.e2e.outer_loss=token_mean" in messages[0]
+        )
+        assert caught[0].filename == __file__  # said where the config was loaded
+    logits = torch.zeros(1, 130, 3, requires_grad=True)
+    chunk_mean_cross_entropy(logits, torch.zeros(1, 130, dtype=torch.long), 16, -100).backward()
+    assert logits.grad[0, -1, 0] / logits.grad[0, 0, 0] == pytest.approx(8.0)  # the weighting warned about

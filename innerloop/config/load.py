@@ -848,6 +848,7 @@ def validate_run_config(run: RunConfig) -> None:
     check_path_entries(run.data.paths)
     _check_vocabulary(run)
     _check_unread_data_keys(run)
+    _warn_short_last_chunk(run)
     empty = [entry for entry in run.data.paths if not str(entry).strip()]
     if run.data.name != "recall" and empty:
         raise ConfigError(
@@ -864,6 +865,29 @@ def validate_run_config(run: RunConfig) -> None:
     _check_trainer_combination(run)
     check_loggers(run.logger, ConfigError)
     check_output_dir(run.out_dir, "out_dir")
+
+
+def _warn_short_last_chunk(run: RunConfig) -> None:
+    """Warn when a TTT-E2E run trains on ``outer_loss: chunk_mean`` with windows that are not a multiple
+    of ``chunk_size``: each window's last, short chunk weighs as much as a whole one, so its few targets
+    weigh ``chunk_size / tail`` times as much as the others (the official code's lengths are multiples)."""
+    model = run.model
+    if model.mixer != "e2e" or model.e2e.outer_loss != "chunk_mean":
+        return
+    recall = run.data.recall
+    length = 4 * recall.num_pairs + recall.gap - 1 if run.data.name == "recall" else run.data.seq_len
+    chunk = model.e2e.chunk_size
+    tail = length % chunk
+    if tail:
+        where = "the recall task's length" if run.data.name == "recall" else "data.seq_len"
+        warnings.warn(
+            f"model.e2e.outer_loss='chunk_mean' with {where} {length} not a multiple of model.e2e.chunk_size="
+            f"{chunk}: the training loss is a mean over chunks, so the last chunk's {tail} target(s) of each "
+            f"window weigh as much as a whole chunk's {chunk} ({chunk / tail:g}x per target); use a multiple "
+            f"(e.g. {length - tail or chunk}) or model.e2e.outer_loss=token_mean",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def check_path_entries(paths: Sequence[Any], source: str = "") -> None:

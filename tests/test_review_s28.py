@@ -99,3 +99,23 @@ def test_chunk_mean_on_windows_not_a_multiple_of_the_chunk_is_warned_about(tmp_p
     logits = torch.zeros(1, 130, 3, requires_grad=True)
     chunk_mean_cross_entropy(logits, torch.zeros(1, 130, dtype=torch.long), 16, -100).backward()
     assert logits.grad[0, -1, 0] / logits.grad[0, 0, 0] == pytest.approx(8.0)  # the weighting warned about
+
+
+def test_e2e_training_loss_refuses_an_outer_loss_that_is_not_a_choice():
+    """E2ELM.training_loss reads model.config.e2e.outer_loss at each call (docs/e2e.md: the options may be
+    changed on a built model); anything but 'token_mean', a typo such as 'token-mean' included, trained on
+    chunk_mean without a word. It is refused as forward refuses it, naming the key and the choices."""
+    from innerloop.models import ModelConfig, build_model
+
+    config = {"mixer": "e2e", "vocab_size": 11, "hidden_size": 16, "num_layers": 2, "num_heads": 2}
+    model = build_model(ModelConfig.from_dict({**config, "intermediate_size": 24, "window": 8}))
+    logits, targets = torch.randn(2, 8, 11), torch.randint(11, (2, 8))
+    model.config.e2e.outer_loss = "token-mean"
+    with pytest.raises(
+        ValueError, match=r"model\.e2e\.outer_loss='token-mean' is not one of \['chunk_mean', 'token_mean'\]"
+    ):
+        model.training_loss(logits, targets, -100)
+    model.config.e2e.outer_loss = "token_mean"
+    assert model.training_loss(logits, targets, -100).item() == pytest.approx(
+        mean_scored_cross_entropy(logits, targets, -100).item()
+    )

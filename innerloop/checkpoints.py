@@ -60,13 +60,11 @@ from innerloop.data.atomic import atomic_write, file_sha256
 from innerloop.data.tokenizer import Tokenizer, tokenizer_from_state
 from innerloop.kernels.dispatch import TORCH_PATH, refused_named_kernels
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
-from innerloop.models.config import (  # the earlier defaults: re-exported, their documented home
-    EARLIER_E2E_DEFAULTS as EARLIER_E2E_DEFAULTS,
-)
 from innerloop.models.config import (
-    EARLIER_TTT_DEFAULTS as EARLIER_TTT_DEFAULTS,
+    PLUGIN_FIELDS,
+    reset_unused_family_options,
+    with_earlier_defaults,
 )
-from innerloop.models.config import PLUGIN_FIELDS, reset_unused_family_options, with_earlier_defaults
 from innerloop.registry import get_registry
 from innerloop.registry.kinds import KIND_NAMES
 from innerloop.registry.manager import BUILTIN_PREFIX

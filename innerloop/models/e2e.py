@@ -1144,9 +1144,7 @@ class E2ELM(nn.Module):
         (:func:`~innerloop.core.functional.chunk_mean_cross_entropy`, ``skip_target_id`` not scored), or
         ``token_mean``, the mean over the scored targets. Training (``LanguageModelModule``) calls it;
         validation scores every target alike, as for every mixer."""
-        validate_e2e_options(
-            self.config
-        )  # read at this call, as forward's: "token-mean" is refused, not chunk_mean
+        validate_e2e_options(self.config)  # as forward does: "token-mean" is refused, not read as chunk_mean
         e2e = self.config.e2e
         if e2e.outer_loss == "token_mean":
             return mean_scored_cross_entropy(logits, targets, ignore_index)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
 
+from innerloop.core.eager import run_eagerly
 from innerloop.core.layer import (
     MAX_MINI_BATCH_SIZE,
     check_norm_eps,
@@ -291,6 +292,7 @@ def _autocast_off(device_type: str) -> AbstractContextManager:
     return torch.autocast(device_type, enabled=False) if autocasting else nullcontext()
 
 
+@run_eagerly("innerloop: the inner scan runs eagerly")  # as TTTLayer's (innerloop/core/layer.py says why)
 def scan(
     q: torch.Tensor,
     k: torch.Tensor,

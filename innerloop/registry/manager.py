@@ -40,6 +40,7 @@ from typing import Any
 import pluggy
 import torch
 
+from innerloop.core.eager import run_eagerly
 from innerloop.core.environment import EnvironmentSwitchError, environment_flag
 from innerloop.core.identity import IdentityTable
 from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule
@@ -732,22 +733,30 @@ def get_registry() -> Registry:
     While it is being built (an entry-point module calling ``innerloop.register_<kind>`` at import),
     the registry under construction is returned: a second one is never built.
     """
-    global _REGISTRY, _BUILDING
     with _LOCK:
         if _REGISTRY is None:
-            if _BUILDING is not None:
-                return _BUILDING
-
-            def publish(registry: Registry) -> None:
-                global _BUILDING
-                _BUILDING = registry
-
-            try:
-                with outside_transforms():  # the plugins' checks make plain tensors, not the caller's vmap
-                    _REGISTRY = build_registry(on_builtins=publish)
-            finally:
-                _BUILDING = None
+            return _BUILDING if _BUILDING is not None else _build_process_registry()
         return _REGISTRY
+
+
+@run_eagerly("innerloop: the registry is built once, eagerly (its checks differentiate twice)")
+def _build_process_registry() -> Registry:
+    """Build :data:`_REGISTRY` (the caller holds ``_LOCK``). Outside ``torch.compile``'s graphs and the
+    caller's torch.func transforms: a first use of the registry inside a compiled function (or
+    ``vmap``) would otherwise trace the registrar's conformance checks, which dynamo cannot (their
+    second derivatives), and refuse a built-in."""
+    global _REGISTRY, _BUILDING
+
+    def publish(registry: Registry) -> None:
+        global _BUILDING
+        _BUILDING = registry
+
+    try:
+        with outside_transforms():  # the plugins' checks make plain tensors, not the caller's vmap
+            _REGISTRY = build_registry(on_builtins=publish)
+    finally:
+        _BUILDING = None
+    return _REGISTRY
 
 
 def reset_registry() -> None:

@@ -267,3 +267,42 @@ def test_the_momentum_of_some_weights_only_is_named():
             momentum=torch.full_like(given["lr"], 0.5),
             initial={"W1": zeros, "b1": torch.zeros(H, 1, F, dtype=torch.float64), "momentum.W1": ones},
         )
+
+
+def test_a_first_use_inside_torch_compile_builds_the_registry_and_runs_the_scan_eagerly() -> None:
+    """The registry's first build (its conformance checks differentiate twice) and the kernels' first-use
+    probes ran under dynamo when ``innerloop.ops.scan`` was first called inside a compiled function:
+    dynamo cannot trace a double backward, so the built-in ``linear`` model was refused by name. Both now
+    run eagerly, as TTTLayer's scan does, and the compiled call equals the eager one."""
+    import torch._dynamo
+
+    from innerloop.registry import isolated_registry
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    lr = torch.full((1, 2, 16), 0.1)
+
+    def read(q, k, v, lr):
+        return scan(q, k, v, lr, inner_model="mlp")[0] * 2
+
+    torch._dynamo.reset()
+    with isolated_registry():  # nothing built yet, no kernel verdicts: the first use is the compiled one
+        compiled = torch.compile(read, backend="eager")(q, k, v, lr)
+    assert torch.equal(compiled, read(q, k, v, lr))
+
+
+def test_the_registry_built_first_inside_torch_compile_keeps_its_built_ins() -> None:
+    """Any first use of the registry inside a compiled function (a layer built there, a plugin looked up)
+    builds it eagerly: traced, the registrar's checks refused the built-in inner models."""
+    import torch._dynamo
+
+    from innerloop.registry import get_registry, isolated_registry
+
+    def look_up(x):
+        get_registry()
+        return x + 1
+
+    torch._dynamo.reset()
+    with isolated_registry():
+        torch.compile(look_up, backend="eager")(torch.zeros(2))
+        assert get_registry().inner_model("mlp").name == "mlp"

@@ -77,14 +77,15 @@ def test_chunk_mean_on_windows_not_a_multiple_of_the_chunk_is_warned_about(tmp_p
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         load_config("e2e-tiny", [*overrides, f"out_dir={tmp_path / 'run'}"])
-    messages = [str(w.message) for w in caught if "chunk_mean" in str(w.message)]
+    records = [w for w in caught if "chunk_mean" in str(w.message)]
+    messages = [str(w.message) for w in records]
     if warned is None:
         assert messages == []
     else:
         assert (
             len(messages) == 1 and warned in messages[0] and "model.e2e.outer_loss=token_mean" in messages[0]
         )
-        assert caught[0].filename == __file__  # said where the config was loaded
+        assert records[0].filename == __file__  # said where the config was loaded
     logits = torch.zeros(1, 130, 3, requires_grad=True)
     chunk_mean_cross_entropy(logits, torch.zeros(1, 130, dtype=torch.long), 16, -100).backward()
     assert logits.grad[0, -1, 0] / logits.grad[0, 0, 0] == pytest.approx(8.0)  # the weighting warned about

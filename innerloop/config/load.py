@@ -51,7 +51,7 @@ from innerloop.config.trainer_args import (
 )
 from innerloop.data.atomic import atomic_write_text
 from innerloop.data.hf import check_hf_dataset, check_hf_source
-from innerloop.data.recall import RECALL_VALUES
+from innerloop.data.recall import RECALL_VALUES, recall_length
 from innerloop.data.text import check_text_split, split_keys
 from innerloop.data.tokenizer import BYTES, Tokenizer, TokenizerError, load_tokenizer
 from innerloop.models.config import (
@@ -875,7 +875,7 @@ def _warn_short_last_chunk(run: RunConfig) -> None:
     if model.mixer != "e2e" or model.e2e.outer_loss != "chunk_mean":
         return
     recall = run.data.recall
-    length = 4 * recall.num_pairs + recall.gap - 1 if run.data.name == "recall" else run.data.seq_len
+    length = recall_length(recall.num_pairs, recall.gap) if run.data.name == "recall" else run.data.seq_len
     chunk = model.e2e.chunk_size
     tail = length % chunk
     if tail:
@@ -922,7 +922,7 @@ def _check_unread_data_keys(run: RunConfig) -> None:
     read (:data:`DATA_KEY_READERS`): they would change nothing. The recall task's ``seq_len`` may repeat
     the length it derives, ``4 * num_pairs + gap - 1``."""
     default, name = DataConfig(), run.data.name
-    derived = 4 * run.data.recall.num_pairs + run.data.recall.gap - 1  # RecallDataModule.seq_len
+    derived = recall_length(run.data.recall.num_pairs, run.data.recall.gap)  # RecallDataModule.seq_len
     unread = [
         key
         for key, readers in DATA_KEY_READERS.items()

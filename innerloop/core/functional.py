@@ -14,6 +14,8 @@ gradient is small), invisible in float32.
 from __future__ import annotations
 
 import math
+import numbers
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -305,8 +307,7 @@ def chunk_mean_cross_entropy(
     shards do), and a batch with nothing scored gives 0 attached to the graph. With every target scored
     and ``T`` a multiple of ``chunk_size`` this is :func:`mean_scored_cross_entropy`.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    check_positive_int("chunk_size", chunk_size)
     if targets.dim() != 2 or logits.shape[:-1] != targets.shape:
         raise ValueError(
             f"logits must be [B, T, V] and targets [B, T], got logits {tuple(logits.shape)} and "
@@ -329,6 +330,20 @@ def chunk_mean_cross_entropy(
     return (chunk_sums / chunk_counts).sum() / (sequences * max(num_chunks, 1))  # T = 0: 0, as nothing scored
 
 
+def is_integer(value: Any) -> bool:
+    """An integer argument: a Python int or any other ``numbers.Integral`` (``numpy.int64``), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_positive_int(name: str, value: Any, none_allowed: bool = False) -> None:
+    """Raise naming ``name`` unless ``value`` is an integer >= 1 (or None, where ``none_allowed``)."""
+    if none_allowed and value is None:
+        return
+    if not is_integer(value) or value < 1:
+        valid = "a positive integer or None" if none_allowed else "a positive integer"
+        raise ValueError(f"{name} must be {valid}, got {value!r}")
+
+
 def is_power_of_two(n: int) -> bool:
     """True for 1, 2, 4, 8, ..."""
     return n > 0 and (n & (n - 1)) == 0
@@ -337,9 +352,11 @@ def is_power_of_two(n: int) -> bool:
 __all__ = [
     "apply_rope_interleaved",
     "causal_depthwise_conv",
+    "check_positive_int",
     "chunk_mean_cross_entropy",
     "gelu_tanh",
     "gelu_tanh_derivative",
+    "is_integer",
     "is_power_of_two",
     "mean_scored_cross_entropy",
     "layer_norm",

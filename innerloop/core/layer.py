@@ -35,6 +35,8 @@ from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import (
     apply_rope_interleaved,
     causal_depthwise_conv,
+    check_positive_int,
+    is_integer,
     rope_cos_sin,
     rope_inverse_frequencies,
 )
@@ -99,11 +101,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_integer(value: Any) -> bool:
-    """An integer argument: a Python int or any other ``numbers.Integral`` (``numpy.int64``), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def is_real(value: Any) -> bool:
     """A finite real argument: an int, a float or any other ``numbers.Real`` (``numpy.float32``), not a
     bool (nor ``numpy.bool_``, which is no ``numbers.Real``) and not a tensor."""
@@ -120,15 +117,6 @@ MAX_CONV_KERNEL = 1024
 
 DEFAULT_CONV_KERNEL = 4
 """``conv_kernel``'s default (the reference's): another value without ``share_qk`` is warned of."""
-
-
-def check_positive_int(name: str, value: Any, none_allowed: bool = False) -> None:
-    """Raise naming ``name`` unless ``value`` is an integer >= 1 (or None, where ``none_allowed``)."""
-    if none_allowed and value is None:
-        return
-    if not _is_integer(value) or value < 1:
-        valid = "a positive integer or None" if none_allowed else "a positive integer"
-        raise ValueError(f"{name} must be {valid}, got {value!r}")
 
 
 def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_share_qk: bool = True) -> None:
@@ -685,7 +673,7 @@ class TTTLayer(nn.Module):
         weights'). The reference is an empty tensor of :attr:`scan_dtype` on that device: a state is
         always in the scan's dtype, which is all :meth:`forward` takes (a bfloat16 ``like`` of a
         bfloat16 layer's input gives a float32 state)."""
-        if not _is_integer(batch_size) or batch_size < 0:
+        if not is_integer(batch_size) or batch_size < 0:
             raise ValueError(f"batch_size must be an integer >= 0, got {batch_size!r}")
         if like is None:
             return int(batch_size), self.post_norm.weight.new_empty((), dtype=self.scan_dtype)

@@ -19,8 +19,15 @@ RECALL_DISTRACTORS = range(80, 128)  # 48 distractor tokens
 RECALL_VALUES = range(128, 192)  # 64 values
 
 
+def recall_length(num_pairs: int, gap: int) -> int:
+    """Tokens of one example's inputs (and targets): the ``4 * num_pairs + gap`` tokens of the sequence
+    less one, the inputs being the sequence without its last token and the targets without its first."""
+    return 4 * num_pairs + gap - 1
+
+
 def recall_example(num_pairs: int, gap: int, generator: torch.Generator) -> Batch:
-    """One multi-query associative recall example: ``(inputs [T], targets [T])``, ``T = 4*num_pairs + gap``.
+    """One multi-query associative recall example: ``(inputs [T], targets [T])``, ``T = 4*num_pairs + gap - 1``
+    (:func:`recall_length`).
 
     The sequence is ``k1 v1 ... kn vn``, then ``gap`` random distractor tokens, then every key once more
     in a random order, each followed by its value. Only the values after the repeated keys are scored:

@@ -40,6 +40,7 @@ from innerloop.data.recall import (
     RECALL_VALUES,
     Batch,
     recall_example,
+    recall_length,
 )
 from innerloop.data.text import (
     DOCUMENT_SEPARATOR,
@@ -518,8 +519,8 @@ class RecallDataModule(_IndexedDataModule):
 
     @property
     def seq_len(self) -> int:
-        """Tokens per example (inputs): ``4 * num_pairs + gap - 1``."""
-        return 4 * self.num_pairs + self.gap - 1
+        """Tokens per example (inputs): ``4 * num_pairs + gap - 1`` (:func:`~innerloop.data.recall.recall_length`)."""
+        return recall_length(self.num_pairs, self.gap)
 
     def _examples(self, count: int, generator: torch.Generator) -> Batch:
         examples = [recall_example(self.num_pairs, self.gap, generator) for _ in range(count)]

@@ -45,15 +45,22 @@ def official_positions() -> dict[str, np.ndarray]:
     return {name: tensor.numpy().astype(np.int64) for name, tensor in converted.items()}
 
 
-def loss_and_official_layout_gradient(mode: str, outer_loss: str = "chunk_mean") -> tuple[float, np.ndarray]:
+def loss_and_official_layout_gradient(
+    mode: str, outer_loss: str = "chunk_mean", micro_batches: int = 1
+) -> tuple[float, np.ndarray]:
     """innerloop's training loss of the official batch in float64 and its gradient laid out as the
-    official arrays (a tied or shared weight's gradients summed where they land)."""
+    official arrays (a tied or shared weight's gradients summed where they land). With ``micro_batches``
+    the batch is split in order into that many equal micro-batches whose losses are averaged, as
+    Lightning's gradient accumulation averages them."""
     model = model_from_arrays(WEIGHTS, CONFIG, test_time_training=mode == "meta").double().train()
     model.config.e2e.outer_loss = outer_loss
-    inputs = torch.from_numpy(OFFICIAL["input_ids"])
-    targets = torch.from_numpy(OFFICIAL["target_tokens"])
-    logits, _ = model(inputs)
-    loss = model.training_loss(logits, targets, IGNORE_INDEX)
+    inputs = torch.from_numpy(OFFICIAL["input_ids"]).chunk(micro_batches)
+    targets = torch.from_numpy(OFFICIAL["target_tokens"]).chunk(micro_batches)
+    assert len(inputs) == micro_batches and len({len(rows) for rows in inputs}) == 1  # equal micro-batches
+    loss = 0.0
+    for micro_inputs, micro_targets in zip(inputs, targets, strict=True):
+        logits, _ = model(micro_inputs)
+        loss = loss + model.training_loss(logits, micro_targets, IGNORE_INDEX) / micro_batches
     parameters = dict(model.named_parameters())
     gradients = torch.autograd.grad(loss, list(parameters.values()))
     positions = official_positions()
@@ -68,7 +75,19 @@ def loss_and_official_layout_gradient(mode: str, outer_loss: str = "chunk_mean")
 
 @pytest.mark.parametrize("mode", ["meta", "pretrain"])
 def test_the_training_loss_and_every_weights_gradient_equal_the_official(mode: str) -> None:
-    loss, flat = loss_and_official_layout_gradient(mode)
+    assert_equals_the_official(mode, *loss_and_official_layout_gradient(mode))
+
+
+def test_accumulating_one_sequence_micro_batches_equals_the_official() -> None:
+    """The official loop with ``training.accum_steps=3`` on this batch takes the mean of its three
+    one-sequence micro-batches' losses and gradients (Welford's running mean over ``(accum batch)``
+    rows in order), which is its one-step loss: innerloop's ``chunk_mean`` is a mean over sequences, so
+    Lightning's accumulation of the same micro-batches gives the official numbers too. (A per-token mean
+    over the batch would not: sequences 0 and 2 have masked targets.)"""
+    assert_equals_the_official("meta", *loss_and_official_layout_gradient("meta", micro_batches=3))
+
+
+def assert_equals_the_official(mode: str, loss: float, flat: np.ndarray) -> None:
     official_loss = float(OFFICIAL[f"loss_{mode}"][0])
     assert abs(loss / official_loss - 1) < 1e-9, (loss, official_loss)
     start = 0

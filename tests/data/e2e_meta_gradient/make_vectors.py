@@ -27,16 +27,48 @@ BOS = 1
 WARMUP_STEP = 9  # an outer step inside the inner-lr warm-up: inner lr 0.1 + 0.9 * 10 / 480
 
 
-def patch_for_float64(work_tree: Path) -> None:
-    """XLA's attention instead of cuDNN's (the same function; cuDNN needs a GPU), and the loss and RoPE
-    in float64 rather than float32 (they are cast to float32 whatever the compute dtype)."""
+def use_xla_attention(work_tree: Path) -> None:
+    """XLA's attention instead of cuDNN's (the same function; cuDNN needs a GPU)."""
     attention = work_tree / "ttt/model/attention.py"
     text = re.sub(
         r'implementation="cudnn"( if \([^)]*\)| if [\w.]+)? ?(else None)?',
         "implementation=None",
         attention.read_text(),
     )
-    attention.write_text(text.replace("jnp.float32", "jnp.float64"))
+    attention.write_text(text)
+
+
+def official_overrides() -> list[str]:
+    """The official experiment at this folder's small config (hydra overrides; dtypes left as released)."""
+    return [
+        "+deploy=interactive",
+        "+experiment=125m/pretrain/pretrain-125m-e2e",
+        f"model.num_hidden_layers={LAYERS}",
+        f"model.hidden_size={WIDTH}",
+        f"model.num_attention_heads={HEADS}",
+        f"model.intermediate_size={MLP}",
+        f"model.vocab_size={VOCAB}",
+        f"model.bos_token_id={BOS}",
+        "model.eos_token_id=2",
+        f"model.mini_batch_size={CHUNK}",
+        f"model.sliding_window_size={WINDOW}",
+        f"model.suffix_len={SUFFIX}",
+        f"training.seq_length={LENGTH}",
+        f"training.global_batch_size={BATCH}",
+        "training.log_wandb=false",
+        "training.dummy_dataset=true",
+        "training.model_seed=0",
+        "deploy_paths.data.dclm_filter_8k=UNUSED",
+        "training.checkpoint_path=UNUSED",
+    ]
+
+
+def patch_for_float64(work_tree: Path) -> None:
+    """XLA's attention instead of cuDNN's (the same function; cuDNN needs a GPU), and the loss and RoPE
+    in float64 rather than float32 (they are cast to float32 whatever the compute dtype)."""
+    use_xla_attention(work_tree)
+    attention = work_tree / "ttt/model/attention.py"
+    attention.write_text(attention.read_text().replace("jnp.float32", "jnp.float64"))
     loss = work_tree / "ttt/model/loss.py"
     loss.write_text(loss.read_text().replace("jnp.float32", "jnp.float64"))
 
@@ -58,27 +90,7 @@ def main(work_tree: Path, out: Path) -> None:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_enable_x64", True)
     register_configs()
-    overrides = [
-        "+deploy=interactive",
-        "+experiment=125m/pretrain/pretrain-125m-e2e",
-        f"model.num_hidden_layers={LAYERS}",
-        f"model.hidden_size={WIDTH}",
-        f"model.num_attention_heads={HEADS}",
-        f"model.intermediate_size={MLP}",
-        f"model.vocab_size={VOCAB}",
-        f"model.bos_token_id={BOS}",
-        "model.eos_token_id=2",
-        f"model.mini_batch_size={CHUNK}",
-        f"model.sliding_window_size={WINDOW}",
-        f"model.suffix_len={SUFFIX}",
-        f"training.seq_length={LENGTH}",
-        f"training.global_batch_size={BATCH}",
-        "training.log_wandb=false",
-        "training.dummy_dataset=true",
-        "training.model_seed=0",
-        "deploy_paths.data.dclm_filter_8k=UNUSED",
-        "training.checkpoint_path=UNUSED",
-    ]
+    overrides = official_overrides()
     float64 = ["model.compute_dtype=fp64", "model.param_dtype=fp64", "model.state_dtype=fp64"]
 
     def dotted(path) -> str:

@@ -158,8 +158,9 @@ def _check_per_token(q: torch.Tensor, lr: Any, decay: Any, momentum: Any) -> Non
     for name, value in (("decay", decay), ("momentum", momentum)):
         if value is not None:
             _check_tensor(name, value, shape, q, "[B, H, T] (or None)")
-    if q.device.type == "meta" or _in_functorch(decay, momentum):  # no values to read
+    if q.device.type == "meta" or _in_functorch(lr, decay, momentum):  # no values to read
         return
+    _check_finite("lr", lr)
     # One rule for every path: a kernel takes the decay's gate a = 1 - decay in log space.
     if decay is not None and not bool(((decay >= 0) & (decay <= 1)).all()):
         outside = decay[~((decay >= 0) & (decay <= 1))]
@@ -167,8 +168,15 @@ def _check_per_token(q: torch.Tensor, lr: Any, decay: Any, momentum: Any) -> Non
             f"decay must lie in [0, 1] (the forgetting 1 - a_t of a gate a_t in [0, 1]), got "
             f"{outside.numel()} values outside it, e.g. {outside[0].item()}"
         )
-    if momentum is not None and not bool(torch.isfinite(momentum).all()):
-        raise ValueError("momentum must be finite, got NaN or infinite values")
+    if momentum is not None:
+        _check_finite("momentum", momentum)
+
+
+def _check_finite(name: str, value: torch.Tensor) -> None:
+    """Refuse a NaN or infinite value of the per-token argument ``name`` (it would turn every later
+    output and the weights into NaN, silently)."""
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} must be finite, got NaN or infinite values")
 
 
 def _token_scale(
@@ -185,6 +193,8 @@ def _token_scale(
     if token_scale is None:
         return q.new_ones(mini_batch_size)
     _check_tensor("token_scale", token_scale, (mini_batch_size,), q, "[mini_batch_size]")
+    if q.device.type != "meta" and not _in_functorch(token_scale):
+        _check_finite("token_scale", token_scale)
     return token_scale
 
 

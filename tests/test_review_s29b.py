@@ -3,6 +3,8 @@ API. Each test is one finding (the commit that fixes it names it)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -32,3 +34,39 @@ def test_scan_refuses_a_non_finite_token_scale_by_name() -> None:
     tau = torch.tensor([1.0, float("nan")], dtype=torch.float64)
     with pytest.raises(ValueError, match="token_scale must be finite"):
         scan(q, k, v, lr, mini_batch_size=2, token_scale=tau, **MATRIX)
+
+
+def _files_under(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_users_file_kept_in_an_unfinished_export_survives_the_next_export(tmp_path) -> None:
+    """An ``--overwrite`` killed between its two renames leaves the user's files in its staging folder.
+    When OUT_DIR has taken such a file's name since, the settling keeps the staging folder with the file
+    ("stays in its hidden folder", docs/huggingface.md), but it deleted the folder's record of what the
+    export wrote: the next settling took every file left there as the export's and deleted the
+    user's file (``innerloop export`` settles twice in one command: it checks the target, then writes)."""
+    from innerloop.hf.export import export_model
+    from innerloop.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=16, num_heads=2, num_layers=1)).eval()
+    out = export_model(model, tmp_path / "hf", tokenizer=None)
+    (out / "notes.txt").write_bytes(b"the user's notes")
+    # The state a SIGKILL between the two renames of `export --overwrite` leaves: the new export staged
+    # beside OUT_DIR with the user's notes moved into it, the earlier export renamed aside.
+    staging = export_model(model, tmp_path / "new", tokenizer=None)
+    os.rename(out / "notes.txt", staging / "notes.txt")
+    os.replace(staging, tmp_path / ".hf.qrstuvwx.tmp")
+    os.replace(out, tmp_path / ".hf.abcdefgh.old")
+    # The user puts the earlier export back as the error of from_pretrained says, and writes new notes.
+    os.replace(tmp_path / ".hf.abcdefgh.old", out)
+    (out / "notes.txt").write_bytes(b"notes written since")
+
+    export_model(model, out, overwrite=True, tokenizer=None)
+    assert b"the user's notes" in _files_under(tmp_path).values()
+    export_model(model, out, overwrite=True, tokenizer=None)  # a later export: settles again
+
+    kept = _files_under(tmp_path)
+    assert kept["hf/notes.txt"] == b"notes written since"
+    assert b"the user's notes" in kept.values(), sorted(kept)

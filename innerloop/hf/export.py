@@ -505,7 +505,9 @@ def _settle_staging(staging: Path, out: Path) -> str:
         else:
             stuck.append(_entry_name(entry))
     for entry in staging.iterdir():
-        if _entry_name(entry) in stuck:
+        # With files of the user's left, the record stays too: it tells the next settling that they are
+        # the user's (without it, every file here would be taken as the export's, and deleted).
+        if _entry_name(entry) in stuck or (stuck and entry.name == MANIFEST):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)

@@ -70,3 +70,24 @@ def test_a_users_file_kept_in_an_unfinished_export_survives_the_next_export(tmp_
     kept = _files_under(tmp_path)
     assert kept["hf/notes.txt"] == b"notes written since"
     assert b"the user's notes" in kept.values(), sorted(kept)
+
+
+def test_the_settling_line_names_no_empty_list_of_files_moved_back(tmp_path, caplog) -> None:
+    """When none of the user's files in an unfinished export could go back (OUT_DIR took every name),
+    the line said "moved  back into OUT_DIR" with an empty list."""
+    import logging
+
+    from innerloop.hf.export import export_model, settle_interrupted_export
+    from innerloop.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=16, num_heads=2, num_layers=1)).eval()
+    out = export_model(model, tmp_path / "hf", tokenizer=None)
+    staging = export_model(model, tmp_path / "new", tokenizer=None)
+    (staging / "notes.txt").write_bytes(b"the user's notes")
+    os.replace(staging, tmp_path / ".hf.qrstuvwx.tmp")
+    (out / "notes.txt").write_bytes(b"notes written since")
+    with caplog.at_level(logging.WARNING, logger="innerloop.hf.export"):
+        said = settle_interrupted_export(out)
+    assert said == ["kept .hf.qrstuvwx.tmp: it holds notes.txt of yours, whose names OUT_DIR has taken"]
+    assert "moved  back" not in caplog.text

@@ -513,9 +513,8 @@ def _settle_staging(staging: Path, out: Path) -> str:
             shutil.rmtree(entry)
         else:
             entry.unlink()
-    back = (
-        f", moved {_shown([p.name for p in users if p.name not in stuck])} back into OUT_DIR" if users else ""
-    )
+    moved = [p.name for p in users if _entry_name(p) not in stuck]
+    back = f", moved {_shown(moved)} back into OUT_DIR" if moved else ""
     if stuck:
         return f"kept {staging.name}{back}: it holds {_shown(stuck)} of yours, whose names OUT_DIR has taken"
     staging.rmdir()

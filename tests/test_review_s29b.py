@@ -91,3 +91,24 @@ def test_the_settling_line_names_no_empty_list_of_files_moved_back(tmp_path, cap
         said = settle_interrupted_export(out)
     assert said == ["kept .hf.qrstuvwx.tmp: it holds notes.txt of yours, whose names OUT_DIR has taken"]
     assert "moved  back" not in caplog.text
+
+
+def test_from_pretrained_on_a_training_run_folder_says_to_export_it(tmp_path) -> None:
+    """``InnerloopForCausalLM.from_pretrained`` on a folder without a config.json (here a training run's,
+    ``runs/tiny``: last.safetensors and config.yaml) said "config.json has no 'model' section ... (keys
+    found: [])", of a file that does not exist; it names the missing config.json and, for a run, the
+    export that makes a Hugging Face folder of it."""
+    from innerloop.hf import InnerloopForCausalLM
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.safetensors").write_bytes(b"")
+    (run / "config.yaml").write_text("out_dir: run\n")
+    with pytest.raises(
+        FileNotFoundError, match=r"holds no config\.json.*innerloop export .*last\.safetensors"
+    ):
+        InnerloopForCausalLM.from_pretrained(run)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"'.*empty' holds no config\.json"):
+        InnerloopForCausalLM.from_pretrained(str(empty))

@@ -381,6 +381,8 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         given = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         refuse_an_interrupted_export(given)
         folder = local_folder(given, kwargs.get("subfolder"))
+        if folder is not None and kwargs.get("config") is None:
+            refuse_a_folder_without_config(folder)
         stored = stored_weight_dtypes(folder) if folder is not None else {}
         wants_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, as one ValueError
@@ -670,6 +672,26 @@ def refuse_an_interrupted_export(folder: Any) -> None:
         f"interrupted, and the earlier export waits beside it in {str(latest)!r}; put it back with "
         f"`mv {shlex.quote(str(latest))} {shlex.quote(str(out))}` (the next `innerloop export` to "
         f"{str(folder)!r} puts it back too, before it writes)"
+    )
+
+
+def refuse_a_folder_without_config(folder: Path) -> None:
+    """Raise ``FileNotFoundError`` when the local ``folder`` holds no ``config.json`` (transformers would
+    read it as an empty config, and the error would speak of a config.json that does not exist), saying
+    how a training run's folder (its ``last.safetensors``) becomes one ``from_pretrained`` reads."""
+    if (folder / _CONFIG_FILE).is_file():
+        return
+    checkpoint = folder / "last.safetensors"
+    run = checkpoint.is_file() or (folder / "config.yaml").is_file()
+    raise FileNotFoundError(
+        f"{str(folder)!r} holds no config.json: from_pretrained reads a Hugging Face folder (config.json, "
+        "model.safetensors) that `innerloop export` or save_pretrained wrote"
+        + (
+            f"; this is an innerloop training run: write one with `innerloop export "
+            f"{shlex.quote(str(checkpoint))} OUT_DIR` and load OUT_DIR"
+            if run
+            else ""
+        )
     )
 
 

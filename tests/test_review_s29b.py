@@ -112,3 +112,21 @@ def test_from_pretrained_on_a_training_run_folder_says_to_export_it(tmp_path) ->
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=r"'.*empty' holds no config\.json"):
         InnerloopForCausalLM.from_pretrained(str(empty))
+
+
+def test_export_names_the_valid_tokenizers_for_a_folder_that_holds_none(tmp_path) -> None:
+    """``export --tokenizer FOLDER`` with a folder that holds no tokenizer passed on transformers' message
+    (which suggests installing sentencepiece) without saying what the option takes."""
+    from innerloop.hf.export import ExportError, export_model
+    from innerloop.models import ModelConfig, build_model
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("no tokenizer here")
+    model = build_model(ModelConfig(hidden_size=16, num_heads=2, num_layers=1)).eval()
+    with pytest.raises(
+        ExportError,
+        match=r"^tokenizer: .*notes.*valid: 'bytes', a tokenizer\.json file or a tokenizer folder",
+    ):
+        export_model(model, tmp_path / "hf", tokenizer=notes)
+    assert not (tmp_path / "hf").exists()

@@ -319,7 +319,12 @@ def _load_tokenizer(tokenizer: str | os.PathLike[str] | RunTokenizer) -> PreTrai
     except TokenizerError as err:  # innerloop's reading of a tokenizer.json file
         raise ExportError(f"tokenizer: {' '.join(str(err).split())}; {valid}") from None
     except (ValueError, OSError) as err:
-        raise ExportError(f"tokenizer: {' '.join(str(err).split())}") from None
+        message = " ".join(str(err).split())
+        if isinstance(tokenizer, (str, os.PathLike)) and Path(tokenizer).is_dir():  # AutoTokenizer's error
+            message = (
+                f"{str(tokenizer)!r} is a folder from which transformers cannot load a tokenizer ({message})"
+            )
+        raise ExportError(f"tokenizer: {message}; {valid}") from None
     except Exception as err:  # noqa: BLE001 - the tokenizers library's parse errors are bare Exceptions
         raise ExportError(
             f"tokenizer: {str(tokenizer)!r} cannot be read as a tokenizer ({' '.join(str(err).split())}); {valid}"

@@ -130,3 +130,18 @@ def test_export_names_the_valid_tokenizers_for_a_folder_that_holds_none(tmp_path
     ):
         export_model(model, tmp_path / "hf", tokenizer=notes)
     assert not (tmp_path / "hf").exists()
+
+
+def test_save_pretrained_refuses_an_empty_path(tmp_path, monkeypatch) -> None:
+    """``save_pretrained("")`` saved into the current directory (replacing a config.json or
+    model.safetensors there), where transformers' own refuses the empty path: its staged save read
+    ``Path("")`` as ``.``."""
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+
+    model = InnerloopForCausalLM(InnerloopConfig(model={"hidden_size": 16, "num_heads": 2, "num_layers": 1}))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.json").write_text('{"the user\'s": "config"}')
+    with pytest.raises(ValueError, match=r"save_directory '' is empty"):
+        model.save_pretrained("")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    assert (tmp_path / "config.json").read_text() == '{"the user\'s": "config"}'

@@ -408,7 +408,12 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         ``innerloop_plugins``, where each plugin the model uses came from
         (:func:`~innerloop.checkpoints.plugin_record`), which ``from_pretrained`` checks. Saved into an
         export, the files it replaces leave the export's record (:func:`forget_replaced_export_files`):
-        they load as the files saved."""
+        they load as the files saved. An empty ``save_directory`` is refused, as transformers' own does
+        (``Path("")`` would be the current directory)."""
+        if isinstance(save_directory, str) and not save_directory:
+            raise ValueError(
+                "save_directory '' is empty: give a folder (an empty path would name the current directory)"
+            )
         self.config.auto_map = dict(AUTO_MAP)
         self.config.innerloop_plugins = plugin_record(self.config.model, self.config.innerloop_plugins)
 

@@ -145,3 +145,32 @@ def test_save_pretrained_refuses_an_empty_path(tmp_path, monkeypatch) -> None:
         model.save_pretrained("")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
     assert (tmp_path / "config.json").read_text() == '{"the user\'s": "config"}'
+
+
+def test_a_users_file_kept_with_a_replaced_export_survives_the_next_export(tmp_path, monkeypatch) -> None:
+    """A file added to OUT_DIR while ``--overwrite`` replaced it stays with the earlier export, set aside
+    (the export says so). Deleting that export's own files deleted its record too, so the next export
+    took the folder as one written before the record existed and deleted every file of it named like a
+    model file (here the user's weights shard)."""
+    import innerloop.hf.export as export
+
+    torch.manual_seed(0)
+    from innerloop.models import ModelConfig, build_model
+
+    model = build_model(ModelConfig(hidden_size=16, num_heads=2, num_layers=1)).eval()
+    out = export.export_model(model, tmp_path / "hf", tokenizer=None)
+    shard = "model-00001-of-00002.safetensors"
+    planned = export._plan_replacement
+
+    def plan_then_a_file_arrives(out_dir, staging):
+        plan = planned(out_dir, staging)
+        (out_dir / shard).write_bytes(b"the user's weights, saved meanwhile")
+        return plan
+
+    monkeypatch.setattr(export, "_plan_replacement", plan_then_a_file_arrives)
+    with pytest.raises(export.ExportError, match="added while it was replaced"):
+        export.export_model(model, out, overwrite=True, tokenizer=None)
+    monkeypatch.setattr(export, "_plan_replacement", planned)
+    export.export_model(model, out, overwrite=True, tokenizer=None)  # settles the earlier export set aside
+    export.export_model(model, out, overwrite=True, tokenizer=None)
+    assert b"the user's weights, saved meanwhile" in _files_under(tmp_path).values()

@@ -452,18 +452,30 @@ def _move_back(names: list[str], staging: Path, out: Path) -> None:
 def _delete_earlier_export(aside: Path, owned: set[str], out: Path) -> None:
     """Delete the earlier export's own files from ``aside``, then ``aside``; anything else found there
     (added while the export was replaced) is left, and said."""
-    for name in owned:
-        path = aside / name
-        if path.is_file() or path.is_symlink():
-            path.unlink()  # a link itself, never what it points to
-    try:
-        aside.rmdir()
-    except OSError:
-        left = sorted(_entry_name(p) for p in aside.iterdir())
+    left = _delete_own_files(aside, owned)
+    if left:
         raise ExportError(
             f"the new export is in OUT_DIR {str(out)!r}, but the earlier one held files added while it "
             f"was replaced ({_shown(left)}): they are kept in {str(aside)!r}"
-        ) from None
+        )
+
+
+def _delete_own_files(aside: Path, owned: set[str]) -> list[str]:
+    """Delete the files ``owned`` of the earlier export set aside in ``aside`` and, when nothing else is
+    left, ``aside``; else return what is left (folders with a trailing ``/``). Its record goes last, and
+    only with the folder: with files of the user's left, it says they are theirs (without it, a later
+    settling would take model-named files for the export's, :data:`LEGACY_EXPORT_FILES`)."""
+    for name in owned - {MANIFEST}:
+        path = aside / name
+        if path.is_file() or path.is_symlink():
+            path.unlink()  # a link itself, never what it points to
+    left = sorted(_entry_name(p) for p in aside.iterdir() if p.name != MANIFEST or MANIFEST not in owned)
+    if left:
+        return left
+    if MANIFEST in owned and (aside / MANIFEST).is_file():
+        (aside / MANIFEST).unlink()
+    aside.rmdir()
+    return []
 
 
 def settle_interrupted_export(out_dir: str | os.PathLike[str]) -> list[str]:
@@ -529,14 +541,9 @@ def _settle_staging(staging: Path, out: Path) -> str:
 def _settle_set_aside(aside: Path) -> str:
     """Delete the earlier export set aside in ``aside`` (its own unchanged files, then the folder); one
     phrase. Anything else in it stays, and the phrase names it."""
-    for name in _export_owned(aside):
-        path = aside / name
-        if path.is_file() or path.is_symlink():
-            path.unlink()
-    left = sorted(_entry_name(p) for p in aside.iterdir())
+    left = _delete_own_files(aside, _export_owned(aside))
     if left:
         return f"kept {aside.name}, which holds {_shown(left)} that the earlier export did not write"
-    aside.rmdir()
     return f"removed the replaced earlier export {aside.name}"
 
 

@@ -1080,7 +1080,8 @@ def _convert_to_hugging_face(args: argparse.Namespace, load: Callable[[], Any]) 
             model, args.out, overwrite=args.overwrite, tokenizer=args.tokenizer, special_tokens=special
         )
     except ExportError as err:
-        raise _export_error(err, args.tokenizer) from None
+        source = args.config if args.source_format == "ttt-e2e" else os.path.join(args.src, "config.json")
+        raise _export_error(err, args.tokenizer, source) from None
     print(_describe_converted(args, model))
     print(f"Hugging Face folder: {folder}{tokenizer_note}")
     _print_kept(folder)
@@ -1150,11 +1151,14 @@ def _converted_special_tokens(args: argparse.Namespace) -> dict[str, int]:
     return special_token_ids(config) if isinstance(config, dict) else {}
 
 
-def _export_error(err: Exception, tokenizer: str | None) -> ConfigError:
-    """An export's error as a user error; one about the tokenizer names ``--tokenizer`` when it gave it."""
+def _export_error(err: Exception, tokenizer: str | None, converted: str | None = None) -> ConfigError:
+    """An export's error as a user error; one about the tokenizer names ``--tokenizer`` when it gave it,
+    one about the special tokens the converted model's config (``converted``) when they came from it."""
     message = str(err)
     if tokenizer is not None and message.startswith("tokenizer:"):
         message = f"--tokenizer {tokenizer!r}:{message.removeprefix('tokenizer:')}"
+    if converted is not None and message.startswith("special_tokens:"):
+        message = f"the token ids of {converted!r}, the converted model's config:{message.removeprefix('special_tokens:')}"
     return ConfigError(message)
 
 

@@ -4,6 +4,7 @@ API. Each test is one finding (the commit that fixes it names it)."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -174,3 +175,43 @@ def test_a_users_file_kept_with_a_replaced_export_survives_the_next_export(tmp_p
     export.export_model(model, out, overwrite=True, tokenizer=None)  # settles the earlier export set aside
     export.export_model(model, out, overwrite=True, tokenizer=None)
     assert b"the user's weights, saved meanwhile" in _files_under(tmp_path).values()
+
+
+@pytest.mark.parametrize(
+    "special, named",
+    [
+        ({"eos_token_id": 999}, "eos_token_id=999"),
+        ({"bos_token_id": "a"}, "bos_token_id='a'"),
+        ({"foo_token_id": 1}, "foo_token_id"),
+    ],
+)
+def test_export_refuses_special_tokens_its_loader_refuses(tmp_path, special, named) -> None:
+    """``export_model(special_tokens=...)`` wrote an id past the vocabulary, a string or an unknown name
+    into config.json: the folder was written, and ``from_pretrained`` then refused it."""
+    from innerloop.hf.export import ExportError, export_model
+    from innerloop.models import ModelConfig, build_model
+
+    model = build_model(ModelConfig(hidden_size=16, num_heads=2, num_layers=1)).eval()
+    with pytest.raises(ExportError, match=rf"^special_tokens: .*{re.escape(named)}"):
+        export_model(model, tmp_path / "hf", special_tokens=special)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_convert_refuses_a_reference_config_whose_token_id_is_past_the_vocabulary(tmp_path, capsys) -> None:
+    """``innerloop convert ttt-lm-pytorch SRC OUT --format hf`` with a reference config.json whose
+    eos_token_id is past its vocab_size wrote a folder that ``from_pretrained`` refuses."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from innerloop.cli import main
+
+    source = tmp_path / "reference"
+    shutil.copytree(Path(__file__).parent / "data" / "models" / "ttt_mlp_mamba", source)
+    config = json.loads((source / "config.json").read_text())
+    config["eos_token_id"] = config["vocab_size"]
+    (source / "config.json").write_text(json.dumps(config))
+    assert main(["convert", "ttt-lm-pytorch", str(source), str(tmp_path / "hf"), "--format", "hf"]) == 2
+    error = capsys.readouterr().err
+    assert "eos_token_id=300" in error and "config.json" in error, error
+    assert not (tmp_path / "hf").exists()

@@ -163,9 +163,9 @@ class InnerloopConfig(PreTrainedConfig):
                 "model.tie_embeddings instead"
             )
         super().__post_init__(**kwargs)
-        self._check_special_token_ids()
+        self.check_special_token_ids()
 
-    def _check_special_token_ids(self) -> None:
+    def check_special_token_ids(self) -> None:
         """``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` (transformers' fields) are None or
         token ids of this model (``eos_token_id`` may be a list of them): a string or an id past the
         vocabulary would fail later, in generate, far from config.json."""

@@ -287,9 +287,7 @@ def export_model(
     wrapped = to_hugging_face(model)
     loaded = None if tokenizer is None else _load_tokenizer(tokenizer)  # read once, before writing
     special_tokens = {**_end_of_text(loaded, wrapped.config.vocab_size), **(special_tokens or {})}
-    for name, token_id in special_tokens.items():
-        setattr(wrapped.config, name, token_id)
-        setattr(wrapped.generation_config, name, token_id)
+    _set_special_tokens(wrapped, special_tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     holds_users_files = False
@@ -307,6 +305,26 @@ def export_model(
         if staging.exists() and not holds_users_files:
             shutil.rmtree(staging)
     return Path(out_dir).expanduser()
+
+
+SPECIAL_TOKEN_NAMES = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _set_special_tokens(wrapped: InnerloopForCausalLM, special_tokens: Mapping[str, int]) -> None:
+    """Set ``special_tokens`` in ``wrapped``'s config and generation config, refused (an
+    :class:`ExportError` starting ``special_tokens:``, before anything is written) where the folder's
+    loader would refuse them: a name other than :data:`SPECIAL_TOKEN_NAMES`, or an id past the
+    vocabulary."""
+    unknown = sorted(set(special_tokens) - set(SPECIAL_TOKEN_NAMES))
+    if unknown:
+        raise ExportError(f"special_tokens: unknown names {unknown}; valid: {list(SPECIAL_TOKEN_NAMES)}")
+    for name, token_id in special_tokens.items():
+        setattr(wrapped.config, name, token_id)
+        setattr(wrapped.generation_config, name, token_id)
+    try:
+        wrapped.config.check_special_token_ids()
+    except ValueError as err:
+        raise ExportError(f"special_tokens: {err}") from None
 
 
 def _load_tokenizer(tokenizer: str | os.PathLike[str] | RunTokenizer) -> PreTrainedTokenizerBase:

@@ -215,3 +215,19 @@ def test_convert_refuses_a_reference_config_whose_token_id_is_past_the_vocabular
     error = capsys.readouterr().err
     assert "eos_token_id=300" in error and "config.json" in error, error
     assert not (tmp_path / "hf").exists()
+
+
+def test_export_model_checks_its_model_and_overwrite_arguments(tmp_path) -> None:
+    """``export_model(torch.nn.Linear(2, 2), ...)`` failed with "'Linear' object has no attribute
+    'config'", and ``overwrite="no"`` (a string, truthy) replaced an earlier export."""
+    from innerloop.hf.export import export_model
+    from innerloop.models import ModelConfig, build_model
+
+    with pytest.raises(TypeError, match=r"model must be an innerloop language model .*got Linear"):
+        export_model(torch.nn.Linear(2, 2), tmp_path / "hf")
+    model = build_model(ModelConfig(hidden_size=16, num_heads=2, num_layers=1)).eval()
+    out = export_model(model, tmp_path / "hf", tokenizer=None)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(TypeError, match=r"overwrite must be True or False, got 'no'"):
+        export_model(model, out, overwrite="no", tokenizer=None)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before

@@ -54,6 +54,7 @@ from innerloop.hf.modeling import (
 )
 from innerloop.hf.remote_code import SHIMS
 from innerloop.hf.tokenizer import BYTES, load_tokenizer, write_tokenizer_files
+from innerloop.models import E2ELM, CausalLM
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,8 @@ def check_target(out_dir: str | os.PathLike[str], overwrite: bool, name: str = "
     ``out_dir`` as ``name`` (the command's argument). (Which files of an earlier export are kept is
     decided once the new one is written: see the module docstring.) What an interrupted export left
     beside it is settled first (:func:`settle_interrupted_export`)."""
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
     out = _resolved_target(out_dir, name)
     settle_interrupted_export(out)
     if out.exists() and not out.is_dir():
@@ -281,6 +284,13 @@ def export_model(
 
     Returns ``out_dir``'s path.
     """
+    if not isinstance(
+        getattr(model, "_orig_mod", model), (CausalLM, E2ELM)
+    ):  # a compiled model: the one it wraps
+        raise TypeError(
+            "model must be an innerloop language model (innerloop.models.CausalLM or E2ELM, as "
+            f"build_model or load_model make them), got {type(model).__name__}"
+        )
     out = check_target(out_dir, overwrite)
     if isinstance(tokenizer, UnknownTokenizer):
         tokenizer = None

@@ -231,3 +231,12 @@ def test_export_model_checks_its_model_and_overwrite_arguments(tmp_path) -> None
     with pytest.raises(TypeError, match=r"overwrite must be True or False, got 'no'"):
         export_model(model, out, overwrite="no", tokenizer=None)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_config_from_pretrained_on_a_folder_without_config_json_says_so(tmp_path) -> None:
+    """``InnerloopConfig.from_pretrained`` on a folder without config.json (transformers reads it as an
+    empty dict) said "config.json has no 'model' section ... (keys found: [])"."""
+    from innerloop.hf import InnerloopConfig
+
+    with pytest.raises(ValueError, match=r"no config\.json, or an empty one"):
+        InnerloopConfig.from_pretrained(tmp_path)

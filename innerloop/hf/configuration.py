@@ -195,6 +195,12 @@ class InnerloopConfig(PreTrainedConfig):
                 f"{model_type} model, which innerloop's classes cannot load; load it with "
                 "AutoModelForCausalLM / AutoConfig (or that model's own classes)"
             )
+        if not config_dict:  # what transformers reads for a folder without config.json
+            raise ValueError(
+                "InnerloopConfig: the folder holds no config.json, or an empty one: give a folder that "
+                "`innerloop export` or save_pretrained wrote (a training run's last.safetensors becomes one "
+                "with `innerloop export`)"
+            )
         if config_dict.get("model") is None:
             raise ValueError(
                 "InnerloopConfig: config.json has no 'model' section (innerloop's model config, e.g. "

@@ -120,6 +120,7 @@ from innerloop.train.run_dir import (
     lock_run_dir,
     refuse_foreign_config,
     refuse_foreign_outputs,
+    refuse_outputs_not_files,
     refuse_previous_run,
     remove_stale_temporaries,
     set_aside_previous_run,
@@ -467,6 +468,7 @@ def train(
         if not resume:
             refuse_foreign_config(out_dir)  # a user's own config.yaml, which even --overwrite keeps
             refuse_foreign_outputs(out_dir)  # a user's own loss_by_position.csv / .png, likewise
+            refuse_outputs_not_files(out_dir)  # a folder named as a run's file, likewise
         if not resume and not overwrite:
             refuse_previous_run(out_dir)
         return _train_in_locked_dir(run, cfg, resume, callbacks, replace_previous=overwrite)

@@ -231,6 +231,20 @@ def refuse_foreign_outputs(out_dir: str | os.PathLike[str]) -> None:
         )
 
 
+def refuse_outputs_not_files(out_dir: str | os.PathLike[str]) -> None:
+    """Raise :class:`RunDirError` if one of a run's output names in ``out_dir`` is something other than a
+    file (a folder): a run writes a file there, and ``--overwrite`` sets aside only files."""
+    out_dir = Path(out_dir)
+    for name in SET_ASIDE_OUTPUTS:
+        path = out_dir / name
+        if path.exists() and not path.is_file():
+            raise RunDirError(
+                f"out_dir={str(out_dir)!r} holds {name}, which is a folder, not a file: a run writes its "
+                f"{name} there (--overwrite too, which replaces only files); move it, or train into another "
+                "out_dir"
+            )
+
+
 SET_ASIDE_PREFIX = ".replaced."
 """``--overwrite`` renames the previous run's :data:`SET_ASIDE_OUTPUTS` to ``.replaced.<name>`` until the new
 run has written its first checkpoint (see :func:`set_aside_previous_run`)."""

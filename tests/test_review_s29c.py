@@ -1,0 +1,45 @@
+"""Review s29c: the "compare TTT layers against attention on my own data" journey (own text files, train,
+params, eval, compare, interrupt and resume, hostile inputs). Each test is one finding."""
+
+from __future__ import annotations
+
+import pytest
+
+from innerloop.config.load import ConfigError
+from innerloop.train.run_dir import RunDirError
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "last.safetensors", "loss_by_position.png"])
+def test_an_output_name_that_is_a_folder_is_refused_naming_it(tmp_path, name):
+    """A folder where a run writes one of its files (here beside a run's checkpoint, so --overwrite is
+    what a user tries) made `innerloop train --overwrite` end in a traceback (IsADirectoryError from
+    removing its own config.yaml, after writing it failed): --overwrite sets aside only files, so the run
+    wrote onto the folder. It is one error naming the out_dir and the folder, and the folder is kept."""
+    from innerloop.train.run_dir import refuse_outputs_not_files
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).mkdir()
+    (out / name / "mine.txt").write_text("keep")
+    with pytest.raises(RunDirError, match=rf"out_dir=.*{name}.* is a folder"):
+        refuse_outputs_not_files(out)
+    assert (out / name / "mine.txt").read_text() == "keep"
+    assert issubclass(RunDirError, ConfigError)  # the CLI prints it as one error line, status 2
+
+
+def test_overwrite_into_an_out_dir_whose_config_yaml_is_a_folder_is_one_error(tmp_path, capsys):
+    """The CLI end to end: one error line, exit status 2, no traceback, the user's folder untouched."""
+    from innerloop.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").mkdir()
+    (out / "config.yaml" / "mine.txt").write_text("keep")
+    (out / "last.safetensors").write_bytes(b"not a checkpoint")
+    argv = ["train", "--config", "tiny", "--overwrite", f"out_dir={out}", "trainer.max_steps=1",
+            "trainer.progress_bar=false", "data.seq_len=16", "data.batch_size=2", "data.val_batches=1"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml" in err and "is a folder" in err and "Traceback" not in err
+    assert (out / "config.yaml" / "mine.txt").read_text() == "keep"
+    assert (out / "last.safetensors").read_bytes() == b"not a checkpoint"

@@ -480,6 +480,14 @@ def _resume_config(config: str | None, overrides: Sequence[str]) -> tuple[Any, A
     out_dir = read_out_dir(config or DEFAULT_PRESET, overrides)
     settle_interrupted_overwrite(out_dir)  # a killed --overwrite: read the config of the run it left
     saved = Path(out_dir) / "config.yaml"
+    if Path(out_dir).is_file():
+        raise ConfigError(
+            f"--resume: out_dir={out_dir!r} is a file, not a run's folder; give the run's out_dir"
+        )
+    if saved.exists() and not saved.is_file():
+        raise ConfigError(
+            f"--resume: {str(saved)!r} is a folder, not a run's config file; is out_dir={out_dir!r} a run?"
+        )
     if not saved.is_file():
         raise ConfigError(f"--resume: no saved config at {str(saved)!r}; is out_dir={out_dir!r} a run?")
     try:

@@ -43,3 +43,23 @@ def test_overwrite_into_an_out_dir_whose_config_yaml_is_a_folder_is_one_error(tm
     assert "config.yaml" in err and "is a folder" in err and "Traceback" not in err
     assert (out / "config.yaml" / "mine.txt").read_text() == "keep"
     assert (out / "last.safetensors").read_bytes() == b"not a checkpoint"
+
+
+@pytest.mark.parametrize("kind", ["file out_dir", "folder config.yaml"])
+def test_resume_names_a_file_out_dir_or_a_folder_config(tmp_path, capsys, kind):
+    """`--resume out_dir=X` said "no saved config at 'X/config.yaml'; is out_dir a run?" both when X is a
+    file and when X/config.yaml is a folder: neither is missing. The error says what is there."""
+    from innerloop.cli import main
+
+    if kind == "file out_dir":
+        out = tmp_path / "notes.txt"
+        out.write_text("mine")
+        expected = "is a file, not a run's folder"
+    else:
+        out = tmp_path / "run"
+        (out / "config.yaml").mkdir(parents=True)
+        expected = "is a folder, not a run's config file"
+    assert main(["train", "--resume", f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "out_dir" in err and expected in err, err
+    assert kind != "file out_dir" or out.read_text() == "mine"

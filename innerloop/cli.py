@@ -866,6 +866,12 @@ def _tokenizer(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_tokenizer_out_outside_data(out, args.paths, (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE))
     existing = [str(out / name) for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE) if (out / name).exists()]
+    folders = [path for path in existing if not Path(path).is_file()]
+    if folders:  # --overwrite replaces files; a folder in a file's place is the user's
+        raise ConfigError(
+            f"--out {str(out)!r} holds {', '.join(map(repr, folders))}, which is a folder, not a file: the "
+            "tokenizer is written there; move it, or give another --out"
+        )
     if existing and not args.overwrite:  # both files are written: neither is replaced without --overwrite
         raise ConfigError(
             f"{', '.join(map(repr, existing))} exist(s); pass --overwrite to replace, or another --out"

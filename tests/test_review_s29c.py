@@ -63,3 +63,20 @@ def test_resume_names_a_file_out_dir_or_a_folder_config(tmp_path, capsys, kind):
     err = capsys.readouterr().err
     assert "out_dir" in err and expected in err, err
     assert kind != "file out_dir" or out.read_text() == "mine"
+
+
+def test_tokenizer_train_overwrite_onto_a_folder_is_one_error(tmp_path, capsys):
+    """`innerloop tokenizer train --overwrite` into a --out whose tokenizer.json is a folder wrote
+    tokenizer_config.json and then ended in an IsADirectoryError traceback (a half-written pair). It is
+    one error naming --out and the folder, before anything is written."""
+    from innerloop.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 20)
+    out = tmp_path / "tok"
+    (out / "tokenizer.json").mkdir(parents=True)
+    argv = ["tokenizer", "train", "--vocab-size", "260", "--out", str(out), "--overwrite", str(text)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "tokenizer.json" in err and "is a folder" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json"]

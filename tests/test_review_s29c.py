@@ -80,3 +80,22 @@ def test_tokenizer_train_overwrite_onto_a_folder_is_one_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--out" in err and "tokenizer.json" in err and "is a folder" in err and "Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json"]
+
+
+def test_an_atomic_write_onto_a_folder_is_a_user_error_naming_it(tmp_path):
+    """`innerloop eval --out D` (and compare's) where D holds a folder of the output's name ended in a
+    traceback, IsADirectoryError naming the temporary file: every atomic write now refuses a folder in its
+    target's place before writing, naming the target, and the CLI prints that as one error line."""
+    from innerloop.cli import _is_user_error
+    from innerloop.data.atomic import atomic_write_text
+
+    target = tmp_path / "eval_last-1a2b3c4d_default-val_T128_n128.csv"
+    target.mkdir()
+    (target / "mine.txt").write_text("keep")
+    with pytest.raises(IsADirectoryError) as info:
+        atomic_write_text(target, "start,end,loss\n")
+    message = str(info.value)
+    assert str(target) in message and "is a folder" in message and ".tmp" not in message
+    assert _is_user_error(info.value)
+    assert (target / "mine.txt").read_text() == "keep"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # no temporary file left

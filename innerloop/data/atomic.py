@@ -7,6 +7,7 @@ And :func:`file_sha256`, the checksum the exports record of each file they write
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -45,6 +46,11 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():  # os.replace would fail after the write, naming the temporary file
+        raise IsADirectoryError(
+            errno.EISDIR,
+            f"cannot write {str(path)!r}: it is a folder, not a file; move it, or write elsewhere",
+        )
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     umask = os.umask(0)
     os.umask(umask)

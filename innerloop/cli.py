@@ -1248,6 +1248,7 @@ USER_ERRORS = (
     ("innerloop.checkpoints", "CheckpointError"),
     ("innerloop.data.text", "DataError"),  # defined there; train.data re-exports it
     ("innerloop.data.tokenizer", "TokenizerError"),
+    ("innerloop.data.atomic", "FolderInTheWayError"),  # a folder where an output file goes
     ("innerloop.kernels.dispatch", "KernelUnavailableError"),  # a kernel named by model.ttt.kernel
     ("innerloop.core.environment", "EnvironmentSwitchError"),  # an INNERLOOP_* switch neither yes nor no
     ("lightning.fabric.utilities.exceptions", "MisconfigurationException"),
@@ -1257,8 +1258,6 @@ USER_ERRORS = (
 def _is_user_error(err: BaseException) -> bool:
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True  # a full disk or quota: the atomic writers name the file (innerloop.data.atomic)
-    if isinstance(err, IsADirectoryError) and str(err.strerror).startswith("cannot write"):
-        return True  # a folder where an output file goes (innerloop.data.atomic.atomic_write names it)
     for module_name, class_name in USER_ERRORS:
         module = sys.modules.get(module_name)
         if module is not None and isinstance(err, getattr(module, class_name)):

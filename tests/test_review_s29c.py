@@ -96,6 +96,7 @@ def test_an_atomic_write_onto_a_folder_is_a_user_error_naming_it(tmp_path):
         atomic_write_text(target, "start,end,loss\n")
     message = str(info.value)
     assert str(target) in message and "is a folder" in message and ".tmp" not in message
+    assert message.startswith("cannot write")  # one line for the CLI, no "[Errno 21]"
     assert _is_user_error(info.value)
     assert (target / "mine.txt").read_text() == "keep"
     assert [p.name for p in tmp_path.iterdir()] == [target.name]  # no temporary file left

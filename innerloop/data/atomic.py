@@ -34,6 +34,14 @@ def file_sha256(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str
     return digest.hexdigest()
 
 
+class FolderInTheWayError(IsADirectoryError):
+    """A folder stands where :func:`atomic_write` would put a file (nothing was written). Its message
+    names the file and what to do, without the ``[Errno 21]`` prefix of an ``OSError``."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` to fill a temporary file, then move it onto ``path`` atomically.
 
@@ -47,7 +55,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_dir():  # os.replace would fail after the write, naming the temporary file
-        raise IsADirectoryError(
+        raise FolderInTheWayError(
             errno.EISDIR,
             f"cannot write {str(path)!r}: it is a folder, not a file; move it, or write elsewhere",
         )

@@ -1268,7 +1268,6 @@ class TTTLayer(nn.Module):
         # ``scan_dtype`` (at least float32) with autocast off, and its outputs go back to the weights'
         # dtype for the post-norm and o_proj (under autocast those choose their own dtype).
         decay, momentum = self.forgetting(x)
-        self._check_rule_state_fits_gates(state, decay is not None, momentum is not None)
         if not self.update_rule.uses_token_scale:
             tau = None
         under_autocast = autocasting(x.device.type)
@@ -1285,6 +1284,10 @@ class TTTLayer(nn.Module):
     def _run_scan_recorded(self, state: TTTState, views: Views, *scan_inputs: torch.Tensor | None) -> tuple:
         """:func:`~innerloop.core.scan.run_scan` of this layer's rule and task on ``views`` and ``(lr,
         tau, decay, momentum)``; a rule that dispatches nothing (a plugin's own loop) is recorded too."""
+        # the state check reads the state's ints (its mini-batch offset), eagerly: traced, dynamo failed on
+        # comparing a bool with the symbolic offset of a decoded token ("BooleanAtom not allowed")
+        decay, momentum = scan_inputs[2:]
+        self._check_rule_state_fits_gates(state, decay is not None, momentum is not None)
         record = self._dispatch_record()
         recorded = len(record)
         out = run_scan(self.update_rule, state, self.inner_task(), views, *scan_inputs)

@@ -1,0 +1,32 @@
+"""Review s29a: torch.compile, torch.func, copies and threads on the public API. Each test is one
+finding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from innerloop.core.family_layers import TitansLayer
+
+
+# reason: dynamo traces a Titans layer's prefill and decoded tokens (~5 s on 2 cores)
+@pytest.mark.slow
+def test_a_compiled_titans_layer_decodes_as_eager():
+    """Decoding a compiled Titans layer (a layer that forgets) crashed inside dynamo at the first decoded
+    token ("BooleanAtom not allowed in this context"): the check that the state's decay product fits
+    the layer's gates compared a bool with the symbolic mini-batch offset while traced."""
+    torch.manual_seed(0)
+    layer = TitansLayer(hidden_size=16, num_heads=2, mini_batch_size=4).eval()
+    compiled = torch.compile(copy.deepcopy(layer), backend="eager")
+    x = torch.randn(1, 9, 16)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got, state = compiled(x[:, :2])
+        want, want_state = layer(x[:, :2])
+        torch.testing.assert_close(got, want)
+        for index in range(2, 9):
+            got, state = compiled(x[:, index : index + 1], state)
+            want, want_state = layer(x[:, index : index + 1], want_state)
+            torch.testing.assert_close(got, want)

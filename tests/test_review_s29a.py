@@ -30,3 +30,24 @@ def test_a_compiled_titans_layer_decodes_as_eager():
             got, state = compiled(x[:, index : index + 1], state)
             want, want_state = layer(x[:, index : index + 1], want_state)
             torch.testing.assert_close(got, want)
+
+
+# reason: dynamo and AOTAutograd trace a Titans layer's training step with dynamic shapes (~5 s on 2 cores)
+@pytest.mark.slow
+def test_a_titans_layer_compiled_with_dynamic_shapes_trains_as_eager():
+    """A Titans layer compiled with dynamic shapes (``dynamic=True``, or after a recompile for a second
+    shape) crashed in its backward ("view size is not compatible with input tensor's size and
+    stride"): its gates ``[B, H, T]`` were transposed views of ``[B, T, H]``, which AOTAutograd traced
+    the gradient as, and the eager scan's backward hands it a contiguous one."""
+    torch.manual_seed(0)
+    layer = TitansLayer(hidden_size=16, num_heads=2, mini_batch_size=4)
+    compiled = torch.compile(copy.deepcopy(layer), backend="aot_eager", dynamic=True)
+    torch._dynamo.reset()
+    for shape in [(2, 8), (3, 5)]:
+        x = torch.randn(*shape, 16)
+        got, _ = compiled(x)
+        got_grads = torch.autograd.grad(got.square().mean(), list(compiled.parameters()))
+        want, _ = layer(x)
+        want_grads = torch.autograd.grad(want.square().mean(), list(layer.parameters()))
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got_grads, want_grads)

@@ -309,7 +309,9 @@ class FamilyLayer(TTTLayer):
         (sigmoid, softplus, exp) in at least float32, as everything else that writes the state: in
         bfloat16 a retention ``1 - decay`` below 2^-9 is exactly 0, and a step ``beta`` near 1 is 1.
         """
-        return projection(x).transpose(1, 2).to(self.scan_dtype)
+        # contiguous: compiled with dynamic shapes, AOTAutograd traced a transposed view's gradient as
+        # transposed too, and the view in its backward failed on the eager scan's contiguous gradient
+        return projection(x).transpose(1, 2).to(self.scan_dtype).contiguous()
 
     # ------------------------------------------------------------------------------------------
     # State

@@ -1147,6 +1147,7 @@ def check_update_rule_without_grad(
     one of these modes fails with :class:`RaisedWithoutGradError`."""
     expected_out, expected_state = problem.expected(rule)
     task = problem.task
+    untouched = problem.state.clone()
     for label, mode in NO_GRAD_MODES:
         for cuts in ([], default_cuts(problem) if cut_points is None else cut_points):
             what = f"{rule.name} ({task.model.name}, {task.loss.name}) under {label} vs {reference_name(rule)}, cut at {cuts}"
@@ -1161,6 +1162,8 @@ def check_update_rule_without_grad(
                     "(torch.autograd.grad cannot run under torch.inference_mode: take the inner gradients with "
                     "torch.func, as minibatch_gd does)"
                 ) from error
+            # a rule may write into the state it was given only without autograd (a fast path)
+            assert_state_unchanged(problem.state, untouched, f"{what}: the rule")
             assert_close(out, expected_out, what, tolerance)
             assert_states_close(state, expected_state, what, tolerance)
 

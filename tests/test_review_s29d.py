@@ -46,3 +46,51 @@ def test_check_update_rule_names_a_write_into_the_state_without_grad() -> None:
 def test_registration_names_a_write_into_the_state_without_grad() -> None:
     with isolated_registry(), pytest.raises(PluginError, match=WRITES_INTO_STATE):
         innerloop.register_update_rule(WritesStateWithoutGrad())
+
+
+def _stack_model(activation):  # two affine layers with ``activation`` between them
+    from innerloop.core.protocol import AffineLayer, StackModel
+
+    class TwoLayers(StackModel):
+        name = "s29d_two_layers"
+        stack = (AffineLayer("W1", "b1", activation), AffineLayer("W2", "b2", None))
+
+        def param_shapes(self, f):
+            return {"W1": (f, 3), "b1": (1, 3), "W2": (3, f), "b2": (1, f)}
+
+        def init_params(self, heads, f, generator=None):
+            shapes = self.param_shapes(f).items()
+            return {k: 0.3 * torch.randn(heads, *s, generator=generator) for k, s in shapes}
+
+    return TwoLayers()
+
+
+def test_cpu_kernel_says_which_activations_it_computes() -> None:
+    """A plugin's own tanh-GELU, named 'gelu_tanh', was refused with "activations ['gelu_tanh'] are not
+    among those the kernel computes ('identity', 'gelu_tanh')": it contradicts itself and leaves the
+    author nothing to fix (the kernel computes innerloop's own functions only, matched by identity)."""
+    from innerloop.core.protocol import Activation
+    from innerloop.kernels import cpu
+    from innerloop.kernels.dispatch import KernelUnavailableError
+
+    def own_gelu(z: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(z, approximate="tanh")
+
+    def own_derivative(z: torch.Tensor) -> torch.Tensor:  # a right closed form, not innerloop's function
+        inner = 0.7978845608028654 * (z + 0.044715 * z**3)
+        tanh = torch.tanh(inner)
+        return 0.5 * (1 + tanh) + 0.5 * z * (1 - tanh**2) * 0.7978845608028654 * (1 + 3 * 0.044715 * z**2)
+
+    own = Activation("gelu_tanh", own_gelu, own_derivative)
+    model = _stack_model(own)
+    with isolated_registry():
+        innerloop.register_inner_model(model)
+        innerloop.register_kernel(cpu.kernel_spec(model.name, model.stack))
+        layer = innerloop.TTTLayer(
+            8, 2, inner_model=model.name, mini_batch_size=2, kernel=f"cpu_ttt_{model.name}"
+        )
+        with torch.no_grad(), pytest.raises(KernelUnavailableError) as raised:
+            layer(torch.randn(1, 4, 8))
+    message = str(raised.value)
+    assert "matched by its functions, not its name" in message, message
+    assert "innerloop.plugins.models.mlp.GELU_TANH" in message, message

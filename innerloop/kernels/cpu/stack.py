@@ -378,7 +378,11 @@ def make_verify(stack: tuple[AffineLayer, ...]) -> Callable[[KernelInputs], str 
         if not inputs.extra.get("decode") and inputs.num_tokens % inputs.mini_batch_size != 0:
             return f"num_tokens {inputs.num_tokens} is not a multiple of mini_batch_size {inputs.mini_batch_size}"
         if unsupported:
-            return f"activations {unsupported} are not among those the kernel computes {tuple(ACTIVATION_CODES.values())}"
+            return (
+                f"activations {unsupported} are not among those the kernel computes {tuple(ACTIVATION_CODES.values())}: "
+                "an activation is matched by its functions, not its name (tanh-GELU is exactly "
+                "innerloop.plugins.models.mlp.GELU_TANH, innerloop.core.functional's gelu_tanh and gelu_tanh_derivative)"
+            )
         if len(stack) > MAX_LAYERS:
             return f"{len(stack)} layers, the kernel takes up to {MAX_LAYERS}"
         try:

@@ -94,3 +94,39 @@ def test_cpu_kernel_says_which_activations_it_computes() -> None:
     message = str(raised.value)
     assert "matched by its functions, not its name" in message, message
     assert "innerloop.plugins.models.mlp.GELU_TANH" in message, message
+
+
+class MixesTokens:
+    """g(x)_t = sum_{s <= t} x_s W: each output reads the earlier tokens of the call (a cumsum over N)."""
+
+    name = "s29d_mixes_tokens"
+
+    def param_shapes(self, f):
+        return {"W": (f, f)}
+
+    def init_params(self, heads, f, generator=None):
+        return {"W": 0.3 * torch.randn(heads, f, f, generator=generator)}
+
+    def forward(self, params, x):
+        return (x @ params["W"]).cumsum(dim=-2)
+
+
+def _mixes_tokens():
+    from innerloop.core.protocol import InnerModel
+
+    return type("MixesTokens", (MixesTokens, InnerModel), {})()
+
+
+def test_registration_refuses_an_inner_model_that_mixes_tokens() -> None:
+    """Accepted: the update rules call a non-stack model one token at a time, so a layer ran it as a
+    per-token function, while InnerTask.predict on a chunk (the inner-loss diagnostics a training run
+    logs) ran it on every token of the chunk at once and logged other numbers."""
+    with isolated_registry(), pytest.raises(PluginError, match=r"s29d_mixes_tokens.*other tokens"):
+        innerloop.register_inner_model(_mixes_tokens())
+
+
+def test_check_inner_model_refuses_an_inner_model_that_mixes_tokens() -> None:
+    from innerloop.testing import check_inner_model
+
+    with pytest.raises(AssertionError, match=r"s29d_mixes_tokens.*other tokens"):
+        check_inner_model(_mixes_tokens(), batch=2, heads=2, head_dim=4, tokens=6, mini_batch_size=2)

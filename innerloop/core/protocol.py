@@ -93,7 +93,8 @@ class InnerModel(ABC):
 
     @abstractmethod
     def forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """``g(x; params)``: ``x [*batch, N, f]`` with ``params[k] [*batch, *shape]`` -> ``[*batch, N, f]``."""
+        """``g(x; params)``: ``x [*batch, N, f]`` with ``params[k] [*batch, *shape]`` -> ``[*batch, N, f]``,
+        token by token (output ``t`` reads ``x[..., t, :]`` only: the rules call it one token at a time)."""
 
     @property
     def stack(self) -> tuple[AffineLayer, ...] | None:

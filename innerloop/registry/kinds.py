@@ -30,6 +30,7 @@ from innerloop.testing.checks import (
     check_autograd_by_differences,
     check_forward_batch_independent,
     check_forward_by_differences,
+    check_forward_token_independent,
     check_loss_gradient,
     check_loss_gradient_at_zero_error,
     check_pairs_batch_independent,
@@ -231,6 +232,9 @@ def _check_inner_model(model: Any, name: str) -> None:
         }
         check_forward_batch_independent(
             model, batched, torch.randn(2, heads, 3, head_dim, dtype=torch.float64), REGISTRATION_TOLERANCE
+        )
+        check_forward_token_independent(
+            model, weights, torch.randn(heads, 3, head_dim, dtype=torch.float64), REGISTRATION_TOLERANCE
         )
 
     _conformance("inner model", name, stack_and_activations)

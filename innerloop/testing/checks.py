@@ -634,6 +634,23 @@ def check_forward_batch_independent(
         )
 
 
+def check_forward_token_independent(
+    model: InnerModel, params: dict[str, torch.Tensor], x: torch.Tensor, tolerance: float = FLOAT64_TOLERANCE
+) -> None:
+    """``forward`` on ``N`` tokens (``x [..., N, f]``) equals ``forward`` on each token alone: ``g`` maps
+    each token's features, and the update rules call a model one token at a time while
+    ``InnerTask.predict`` calls it on a whole chunk, so a model that mixes tokens gives two answers."""
+    whole = model.forward(params, x)
+    alone = torch.cat([model.forward(params, x[..., t : t + 1, :]) for t in range(x.shape[-2])], dim=-2)
+    assert_close(
+        whole,
+        alone,
+        f"{model.name}: forward of {x.shape[-2]} tokens vs each token alone (g maps each token's features: "
+        "an output must not depend on the other tokens of the call)",
+        tolerance,
+    )
+
+
 def warm_carry(loss: InnerLoss, views: Views, carry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The carry after ``loss.pairs`` has read ``views`` (two chunks, so that a carry built wrongly
     from a short chunk shows): a starting carry that is not the initial (often zero) one."""
@@ -815,6 +832,7 @@ def _check_inner_model_at(model: InnerModel, loss: InnerLoss, seed: int, shape: 
         for k, v in problem.state.params.items()
     }
     check_forward_batch_independent(model, batched, problem.views.key)
+    check_forward_token_independent(model, params, problem.views.key[0])
     for rule in _rules_for(model):
         ruled = problem.for_rule(rule)
         expected_out, expected_state = ruled.expected(rule)
@@ -1296,6 +1314,7 @@ __all__ = [
     "check_activation_derivatives",
     "check_derivative_in_graph",
     "check_forward_batch_independent",
+    "check_forward_token_independent",
     "check_inner_loss",
     "check_inner_model",
     "check_loss_gradient",

@@ -130,3 +130,56 @@ def test_check_inner_model_refuses_an_inner_model_that_mixes_tokens() -> None:
 
     with pytest.raises(AssertionError, match=r"s29d_mixes_tokens.*other tokens"):
         check_inner_model(_mixes_tokens(), batch=2, heads=2, head_dim=4, tokens=6, mini_batch_size=2)
+
+
+@pytest.mark.slow  # reason: dynamo traces a tiny Hugging Face model (~1-2 s)
+def test_a_compiled_hugging_face_model_breaks_its_graph_only_where_innerloop_means_to() -> None:
+    """The Hugging Face model's token id check read the ids' range with int(tensor) outside
+    run_eagerly: compiling an exported model printed Dynamo's "Graph break from `Tensor.item()`" warning
+    and broke the graph there, where the language model's own check runs eagerly by design."""
+    from torch._dynamo.utils import counters
+
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+
+    torch.manual_seed(0)
+    config = InnerloopConfig(
+        model={"hidden_size": 32, "num_heads": 2, "num_layers": 1, "intermediate_size": 48}
+    )
+    model = InnerloopForCausalLM(config).eval()
+    compiled = torch.compile(model, backend="eager")
+    ids = torch.randint(0, 256, (2, 8))
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        logits = compiled(ids).logits
+        torch.testing.assert_close(logits, model(ids).logits)
+        with pytest.raises(ValueError, match="token id 256"):
+            compiled(torch.tensor([[1, 256]]))
+    breaks = list(counters["graph_break"])
+    assert breaks and all("innerloop: " in reason for reason in breaks), breaks
+
+
+@pytest.mark.slow  # reason: dynamo traces a tiny Hugging Face model (~1-2 s)
+def test_a_compiled_hugging_face_model_reads_a_mask_eagerly() -> None:
+    """Likewise the attention mask's values (right padding, scored without a cache)."""
+    from torch._dynamo.utils import counters
+
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+
+    torch.manual_seed(0)
+    config = InnerloopConfig(
+        model={"hidden_size": 32, "num_heads": 2, "num_layers": 1, "intermediate_size": 48}
+    )
+    model = InnerloopForCausalLM(config).eval()
+    compiled = torch.compile(model, backend="eager")
+    ids = torch.randint(0, 256, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        got = compiled(ids, attention_mask=mask, labels=ids, use_cache=False)
+        want = model(ids, attention_mask=mask, labels=ids, use_cache=False)
+    torch.testing.assert_close(got.loss, want.loss)
+    breaks = list(counters["graph_break"])
+    assert breaks and all("innerloop: " in reason for reason in breaks), breaks

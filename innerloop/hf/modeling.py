@@ -35,6 +35,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
 from innerloop.checkpoints import missing_keys_note, plugin_record, warn_changed_plugins
+from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import mean_scored_cross_entropy
 from innerloop.data.atomic import atomic_write_text, file_sha256
 from innerloop.hf.arguments import (
@@ -910,6 +911,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         )
         return output if return_dict is not False else output.to_tuple()
 
+    @run_eagerly("innerloop: the input checks read the ids' and the mask's values")  # as the LM's own
     def _check_inputs(
         self,
         input_ids: torch.Tensor,
@@ -1129,6 +1131,7 @@ def _resized_rows(weight: torch.Tensor, rows: int, mean_resizing: bool, std: flo
     return nn.Parameter(new, requires_grad=weight.requires_grad)
 
 
+@run_eagerly("innerloop: the label checks read values")
 def check_labels(labels: Any, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """``labels`` as int64 on the ids' device, after refusing a non-integer tensor, a shape other than
     ``input_ids``'s, or an id outside ``[0, vocab_size)`` other than -100, each named."""

@@ -183,3 +183,31 @@ def test_a_compiled_hugging_face_model_reads_a_mask_eagerly() -> None:
     torch.testing.assert_close(got.loss, want.loss)
     breaks = list(counters["graph_break"])
     assert breaks and all("innerloop: " in reason for reason in breaks), breaks
+
+
+class RightAtFourFeaturesOnly:
+    """A forward that keeps the first 4 features (a head dim hard-coded): right at the registrar's head
+    dim of 4, of another shape at any other."""
+
+    name = "s29d_four_features"
+
+    def param_shapes(self, f):
+        return {"W": (f, f)}
+
+    def init_params(self, heads, f, generator=None):
+        return {"W": 0.3 * torch.randn(heads, f, f, generator=generator)}
+
+    def forward(self, params, x):
+        return (x @ params["W"])[..., :4]
+
+
+def test_a_layer_names_an_inner_model_of_the_wrong_shape_at_its_head_dim() -> None:
+    """It registered (the registrar runs head dim 4) and a layer of head dim 8 failed on its first call
+    with torch's "The size of tensor a (8) must match the size of tensor b (4)", naming nothing."""
+    from innerloop.core.protocol import InnerModel
+
+    model = type("RightAtFour", (RightAtFourFeaturesOnly, InnerModel), {})()
+    with isolated_registry():
+        innerloop.register_inner_model(model)
+        with pytest.raises(ValueError, match=r"s29d_four_features.*head_dim 8.*\[1, 2, 8\].*\[1, 2, 4\]"):
+            innerloop.TTTLayer(16, 2, inner_model=model.name, update_rule="minibatch_gd")

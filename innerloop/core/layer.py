@@ -284,6 +284,25 @@ def _check_unregistered_model(model: InnerModel, head_dim: int) -> None:
         )
 
 
+def _check_model_shape(model: InnerModel, head_dim: int) -> None:
+    """``model.forward`` keeps the shape ``[heads, N, f]`` at this layer's head dim (the registrar checks
+    one small head dim): a model right there only is named here, not by a torch error in the scan."""
+    try:
+        # zeros of the declared shapes: init_params could draw from the global generator, moving the seed
+        params = {k: torch.zeros(1, *shape) for k, shape in model.param_shapes(head_dim).items()}
+        x = torch.zeros(1, 2, head_dim)
+        with torch.no_grad():
+            out = model.forward(params, x)
+    except Exception:  # a model that fails outright: its first call says how
+        return
+    if isinstance(out, torch.Tensor) and out.shape != x.shape:
+        raise ValueError(
+            f"inner_model {model.name!r} ({type(model).__module__}.{type(model).__qualname__}): at this layer's "
+            f"head_dim {head_dim}, forward maps [heads, N, f] = {list(x.shape)} to {list(out.shape)}; it must "
+            "return the same shape (g maps head_dim features to head_dim features, at every head_dim)"
+        )
+
+
 def resolve_plugins(
     inner_model: str | InnerModel,
     inner_loss: str | InnerLoss,
@@ -302,6 +321,7 @@ def resolve_plugins(
 
     for kind, instance in (("inner_model", model), ("inner_loss", loss), ("update_rule", rule)):
         check_instance(kind, instance)  # a plugin given as an instance meets the registrar's checks
+    _check_model_shape(model, head_dim)
     reason = rule.check_model(model)
     if reason is not None:
         raise ValueError(f"update_rule={rule.name!r} cannot run inner_model={model.name!r}: {reason}")

@@ -96,16 +96,20 @@ def test_cpu_kernel_says_which_activations_it_computes() -> None:
     assert "innerloop.plugins.models.mlp.GELU_TANH" in message, message
 
 
-class MixesTokens:
-    """g(x)_t = sum_{s <= t} x_s W: each output reads the earlier tokens of the call (a cumsum over N)."""
-
-    name = "s29d_mixes_tokens"
+class _OneSquareWeight:
+    """Parameters of the inner models below: one ``W [f, f]``."""
 
     def param_shapes(self, f):
         return {"W": (f, f)}
 
     def init_params(self, heads, f, generator=None):
         return {"W": 0.3 * torch.randn(heads, f, f, generator=generator)}
+
+
+class MixesTokens(_OneSquareWeight):
+    """g(x)_t = sum_{s <= t} x_s W: each output reads the earlier tokens of the call (a cumsum over N)."""
+
+    name = "s29d_mixes_tokens"
 
     def forward(self, params, x):
         return (x @ params["W"]).cumsum(dim=-2)
@@ -133,12 +137,8 @@ def test_check_inner_model_refuses_an_inner_model_that_mixes_tokens() -> None:
 
 
 @pytest.mark.slow  # reason: dynamo traces a tiny Hugging Face model (~1-2 s)
-def test_a_compiled_hugging_face_model_breaks_its_graph_only_where_innerloop_means_to() -> None:
-    """The Hugging Face model's token id check read the ids' range with int(tensor) outside
-    run_eagerly: compiling an exported model printed Dynamo's "Graph break from `Tensor.item()`" warning
-    and broke the graph there, where the language model's own check runs eagerly by design."""
-    from torch._dynamo.utils import counters
-
+def _tiny_compiled_hugging_face_model() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    """A tiny TTT model as Hugging Face's class, its compiled twin (eager backend), and token ids."""
     from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
 
     torch.manual_seed(0)
@@ -146,8 +146,16 @@ def test_a_compiled_hugging_face_model_breaks_its_graph_only_where_innerloop_mea
         model={"hidden_size": 32, "num_heads": 2, "num_layers": 1, "intermediate_size": 48}
     )
     model = InnerloopForCausalLM(config).eval()
-    compiled = torch.compile(model, backend="eager")
-    ids = torch.randint(0, 256, (2, 8))
+    return model, torch.compile(model, backend="eager"), torch.randint(0, 256, (2, 8))
+
+
+def test_a_compiled_hugging_face_model_breaks_its_graph_only_where_innerloop_means_to() -> None:
+    """The Hugging Face model's token id check read the ids' range with int(tensor) outside
+    run_eagerly: compiling an exported model printed Dynamo's "Graph break from `Tensor.item()`" warning
+    and broke the graph there, where the language model's own check runs eagerly by design."""
+    from torch._dynamo.utils import counters
+
+    model, compiled, ids = _tiny_compiled_hugging_face_model()
     torch._dynamo.reset()
     counters.clear()
     with torch.no_grad():
@@ -164,15 +172,7 @@ def test_a_compiled_hugging_face_model_reads_a_mask_eagerly() -> None:
     """Likewise the attention mask's values (right padding, scored without a cache)."""
     from torch._dynamo.utils import counters
 
-    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
-
-    torch.manual_seed(0)
-    config = InnerloopConfig(
-        model={"hidden_size": 32, "num_heads": 2, "num_layers": 1, "intermediate_size": 48}
-    )
-    model = InnerloopForCausalLM(config).eval()
-    compiled = torch.compile(model, backend="eager")
-    ids = torch.randint(0, 256, (2, 8))
+    model, compiled, ids = _tiny_compiled_hugging_face_model()
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, 5:] = 0
     torch._dynamo.reset()
@@ -185,17 +185,11 @@ def test_a_compiled_hugging_face_model_reads_a_mask_eagerly() -> None:
     assert breaks and all("innerloop: " in reason for reason in breaks), breaks
 
 
-class RightAtFourFeaturesOnly:
+class RightAtFourFeaturesOnly(_OneSquareWeight):
     """A forward that keeps the first 4 features (a head dim hard-coded): right at the registrar's head
     dim of 4, of another shape at any other."""
 
     name = "s29d_four_features"
-
-    def param_shapes(self, f):
-        return {"W": (f, f)}
-
-    def init_params(self, heads, f, generator=None):
-        return {"W": 0.3 * torch.randn(heads, f, f, generator=generator)}
 
     def forward(self, params, x):
         return (x @ params["W"])[..., :4]

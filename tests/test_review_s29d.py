@@ -205,3 +205,36 @@ def test_a_layer_names_an_inner_model_of_the_wrong_shape_at_its_head_dim() -> No
         innerloop.register_inner_model(model)
         with pytest.raises(ValueError, match=r"s29d_four_features.*head_dim 8.*\[1, 2, 8\].*\[1, 2, 4\]"):
             innerloop.TTTLayer(16, 2, inner_model=model.name, update_rule="minibatch_gd")
+
+
+def test_a_kernel_for_a_name_no_plugin_provides_is_warned_of() -> None:
+    """A plugin's kernel registered for a misspelt inner model would never be chosen, without a word
+    (the s29d review's leftover): the registry's build warns of it, naming the kernel, its plugin, the
+    unknown name and the registered ones; a kernel for a registered model is not warned of."""
+    import types
+    import warnings
+
+    import innerloop
+    from innerloop.kernels import fused_torch
+    from innerloop.plugins.models.mlp import MLPModel
+    from innerloop.registry.manager import PluginLoadWarning, build_registry, warn_of_kernels_that_cannot_run
+
+    stack = MLPModel().stack
+    plugin = types.ModuleType("s29d_kernels")
+
+    @innerloop.hookimpl
+    def register_kernels(register):
+        register(fused_torch.kernel_spec("s29d_mpl", stack))  # a typo of a model's name
+
+    plugin.register_kernels = register_kernels
+    registry = build_registry(include_external=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_of_kernels_that_cannot_run(registry)
+    assert not caught, [str(w.message) for w in caught]  # the built-ins' kernels all can run
+    registry.add_plugin(plugin, origin="s29d_kernels")
+    with pytest.warns(PluginLoadWarning) as caught:
+        warn_of_kernels_that_cannot_run(registry)
+    (message,) = [str(w.message) for w in caught]
+    assert "kernel 'fused_torch_s29d_mpl' (s29d_kernels) is registered for inner_model='s29d_mpl'" in message
+    assert "can never run; registered inner_models: ['linear', 'matrix', 'mlp']" in message

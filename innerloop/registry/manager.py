@@ -676,7 +676,25 @@ def build_registry(
         on_builtins(registry)
     if include_external:
         load_entry_point_plugins(registry)
+        warn_of_kernels_that_cannot_run(registry)
     return registry
+
+
+def warn_of_kernels_that_cannot_run(registry: Registry) -> None:
+    """Warn (:class:`PluginLoadWarning`) of each kernel registered for an inner model, inner loss or
+    update rule that no loaded plugin provides (a misspelt name): it would never be chosen, without a word.
+    Each warning names the kernel, its plugin, the unknown name and the registered ones."""
+    for entry in registry.entries("kernel"):
+        spec = entry.obj
+        for kind in ("inner_model", "inner_loss", "update_rule"):
+            name, known = getattr(spec, kind), registry.names(kind)
+            if name not in known:
+                warnings.warn(
+                    f"kernel {entry.name!r} ({entry.origin}) is registered for {kind}={name!r}, which no loaded "
+                    f"plugin provides, so it can never run; registered {kind}s: {known}",
+                    PluginLoadWarning,
+                    stacklevel=3,
+                )
 
 
 def _builtin_modules() -> frozenset[str]:

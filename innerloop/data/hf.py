@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -213,8 +214,9 @@ def open_hf_dataset(paths: Sequence[str], split: str, streaming: bool) -> Any:
         if kind != "saved":
             loaded = datasets.load_dataset(kind, data_files=files, split=split, streaming=streaming)
         else:
-            loaded = _saved_split(datasets, datasets.load_from_disk(files[0]), split, files[0])
-            loaded = loaded.to_iterable_dataset() if streaming else loaded
+            loaded = _saved_split(datasets, load_saved(datasets, files[0]), split, files[0])
+            # an empty one stays a Dataset: to_iterable_dataset refuses to shard 0 rows
+            loaded = loaded.to_iterable_dataset() if streaming and len(loaded) else loaded
     with contextlib.suppress(AttributeError):  # iter_texts names them when reading a stream fails
         loaded._innerloop_source = (list(paths), split, files)
     return loaded
@@ -228,10 +230,31 @@ def saved_splits(paths: Sequence[str]) -> list[str] | None:
         return None
     datasets = import_datasets()
     with _reading(paths, "(its own)", [str(folder)]):
-        loaded = datasets.load_from_disk(str(folder))
+        loaded = load_saved(datasets, str(folder))
     if isinstance(loaded, datasets.DatasetDict):
         return sorted(loaded)
     return [str(loaded.split) if loaded.split is not None else "train"]
+
+
+def _load_saved_split(datasets: Any, folder: Path) -> Any:
+    """The Dataset saved in ``folder``; one saved empty has no data file (``save_to_disk`` writes none,
+    and ``load_from_disk`` then fails with an IndexError), so it is made empty, of its saved features."""
+    state = json.loads((folder / "state.json").read_text())
+    if state.get("_data_files"):
+        return datasets.load_from_disk(str(folder))
+    info = datasets.DatasetInfo.from_directory(str(folder))
+    empty = {column: [] for column in info.features}
+    return datasets.Dataset.from_dict(empty, features=info.features, info=info, split=state.get("_split"))
+
+
+def load_saved(datasets: Any, folder: str) -> Any:
+    """``datasets.load_from_disk(folder)``, a split at a time: an empty split of a DatasetDict (which
+    ``load_from_disk`` cannot read) leaves the others readable, and holds no document itself."""
+    path = Path(folder)
+    if not (path / "dataset_dict.json").is_file():
+        return _load_saved_split(datasets, path)
+    names = json.loads((path / "dataset_dict.json").read_text())["splits"]
+    return datasets.DatasetDict({name: _load_saved_split(datasets, path / name) for name in names})
 
 
 def _split_names(datasets: Any, split: str) -> list[str]:

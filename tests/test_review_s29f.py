@@ -43,3 +43,19 @@ def test_a_saved_dataset_dict_with_an_empty_split_reads_its_other_splits(tmp_pat
     datasets.Dataset.from_dict({"text": []}).save_to_disk(tmp_path / "empty")
     with pytest.raises(DataError, match="holds no document"):
         check_hf_dataset([str(tmp_path / "empty")], "train", "text", streaming=True)
+
+
+@pytest.mark.parametrize("gap", [2**30, 10**12, 2**63])
+def test_a_recall_gap_too_long_to_hold_is_refused_naming_it(gap) -> None:
+    """data.seq_len is at most 2**30 (a window held in memory), but data.recall.gap, which makes the
+    recall task's sequences 4 * num_pairs + gap - 1 tokens long, had no bound: 10**12 passed the config
+    checks and failed at the first batch in torch's allocator, naming no setting."""
+    from innerloop.config import load_config
+    from innerloop.config.load import ConfigError
+    from innerloop.train.data import RecallDataModule
+
+    with pytest.raises(ConfigError, match=rf"data.recall.gap={gap} must be in \[0, "):
+        load_config("recall-ttt", [f"data.recall.gap={gap}"])
+    with pytest.raises(ValueError, match=rf"gap={gap} must be in \[0, "):
+        RecallDataModule(gap=gap)
+    load_config("recall-ttt", [f"data.recall.gap={2**30 - 255}", "data.recall.num_pairs=64"])

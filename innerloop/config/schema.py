@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from innerloop.data.recall import RECALL_GAP_BOUNDS
 from innerloop.models.config import (  # noqa: F401  (Bounds and its constants: re-exported, their old home)
     AT_LEAST_0,
     AT_LEAST_1,
@@ -150,7 +151,7 @@ FIELD_BOUNDS: dict[str, Bounds] = {
     "data.val_fraction": FRACTION,
     "data.val_batches": AT_LEAST_1,
     "data.recall.num_pairs": Bounds(1, 64, why="the task has 64 keys"),
-    "data.recall.gap": AT_LEAST_0,
+    "data.recall.gap": RECALL_GAP_BOUNDS,
     # optim
     "optim.lr": POSITIVE,
     "optim.weight_decay": AT_LEAST_0,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from innerloop.models.config import Bounds
+
 IGNORE_INDEX = -100
 """Target value that the loss and the metrics skip."""
 
@@ -17,6 +19,14 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs [B, T] int64, targets [B, T
 RECALL_KEYS = range(16, 80)  # 64 keys
 RECALL_DISTRACTORS = range(80, 128)  # 48 distractor tokens
 RECALL_VALUES = range(128, 192)  # 64 values
+
+
+RECALL_GAP_BOUNDS = Bounds(
+    0,
+    2**30 - 4 * len(RECALL_KEYS) + 1,
+    why="sequences of 4 * num_pairs + gap - 1 tokens, at most 2**30 as data.seq_len",
+)
+"""The valid ``gap``: a sequence is held in memory as a window of ``data.seq_len`` (at most ``2**30``) is."""
 
 
 def recall_length(num_pairs: int, gap: int) -> int:

@@ -36,6 +36,7 @@ from innerloop.data.packing import (
 from innerloop.data.recall import (
     IGNORE_INDEX,
     RECALL_DISTRACTORS,
+    RECALL_GAP_BOUNDS,
     RECALL_KEYS,
     RECALL_VALUES,
     Batch,
@@ -58,7 +59,7 @@ from innerloop.data.text import (
     text_split_lengths,
 )
 from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
-from innerloop.models.config import AT_LEAST_0, AT_LEAST_1, FRACTION, Bounds, checked_number
+from innerloop.models.config import AT_LEAST_1, FRACTION, Bounds, checked_number
 
 log = logging.getLogger(__name__)
 
@@ -513,7 +514,7 @@ class RecallDataModule(_IndexedDataModule):
         super().__init__()
         pairs_bounds = Bounds(1, len(RECALL_KEYS), why=f"the task has {len(RECALL_KEYS)} keys")
         self.num_pairs = int(checked_number("num_pairs", num_pairs, int, pairs_bounds))
-        self.gap = int(checked_number("gap", gap, int, AT_LEAST_0))
+        self.gap = int(checked_number("gap", gap, int, RECALL_GAP_BOUNDS))
         self.batch_size, self.val_batches = _checked_sizes(batch_size=batch_size, val_batches=val_batches)
         self.seed = int(checked_number("seed", seed, int, SEED_BOUNDS))
 

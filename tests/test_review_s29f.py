@@ -59,3 +59,27 @@ def test_a_recall_gap_too_long_to_hold_is_refused_naming_it(gap) -> None:
     with pytest.raises(ValueError, match=rf"gap={gap} must be in \[0, "):
         RecallDataModule(gap=gap)
     load_config("recall-ttt", [f"data.recall.gap={2**30 - 255}", "data.recall.num_pairs=64"])
+
+
+@pytest.mark.parametrize(
+    ("module", "argument", "value"),
+    [
+        ("hf", "streaming", "false"),
+        ("hf", "split", None),
+        ("hf", "text_field", 3),
+        ("hf", "tokenizer", "bytes"),
+        ("text", "tokenizer", "bytes"),
+    ],
+)
+def test_the_data_modules_refuse_arguments_of_the_wrong_type_naming_them(tmp_path, module, argument, value):
+    """HFDataModule took streaming='false' as true (a stream, silently), split=None and tokenizer='bytes'
+    failed in setup with AttributeErrors ('NoneType' object has no attribute 'split', 'str' object has
+    no attribute 'eos_id'); TextDataModule took tokenizer='bytes' to the same AttributeError."""
+    from innerloop.train.data import TextDataModule
+
+    (tmp_path / "a.jsonl").write_text('{"text": "abc"}\n')
+    with pytest.raises((TypeError, ValueError), match=rf"{argument}={value!r} "):
+        if module == "hf":
+            HFDataModule([str(tmp_path / "a.jsonl")], **{argument: value})
+        else:
+            TextDataModule(**{argument: value})

@@ -211,6 +211,19 @@ def _checked_sizes(**sizes: int) -> list[int]:
     return [int(checked_number(name, value, int, AT_LEAST_1)) for name, value in sizes.items()]
 
 
+def _checked_kind(name: str, value: Any, kind: type, what: str) -> Any:
+    """``value``, or ``TypeError`` naming the argument ``name``, the value and what is valid."""
+    if not isinstance(value, kind):
+        raise TypeError(f"{name}={value!r} ({type(value).__name__}) must be {what}")
+    return value
+
+
+def _checked_tokenizer(tokenizer: Tokenizer | None) -> Tokenizer:
+    """``tokenizer``, or a :class:`ByteTokenizer` for None (``TypeError`` for anything else, e.g. a name)."""
+    what = "a Tokenizer (innerloop.data.tokenizer.load_tokenizer reads a name or path) or None (bytes)"
+    return ByteTokenizer() if tokenizer is None else _checked_kind("tokenizer", tokenizer, Tokenizer, what)
+
+
 def _path_list(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
     """``paths`` as a list of strings: one path is a list of one (a string is not read as its letters)."""
     if isinstance(paths, (str, os.PathLike)):
@@ -290,7 +303,7 @@ class TextDataModule(_IndexedDataModule):
         )
         self.seed = int(checked_number("seed", seed, int, SEED_BOUNDS))
         self.val_fraction = checked_number("val_fraction", val_fraction, float, FRACTION)
-        self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+        self.tokenizer = _checked_tokenizer(tokenizer)
         self.train_bytes: torch.Tensor | None = None  # the tokens (bytes with the byte tokenizer)
         self.val_bytes: torch.Tensor | None = None
         self.validation_keys: list[str] | None = None  # the split keys of the validation files (data.paths)
@@ -612,11 +625,11 @@ class HFDataModule(L.LightningDataModule):
             )
         self.paths, self.split, self.text_field, self.streaming = (
             _path_list(paths),
-            split,
-            text_field,
-            streaming,
+            _checked_kind("split", split, str, "a split name such as 'train' (or a slice, 'train[:90%]')"),
+            _checked_kind("text_field", text_field, str, "the name of the text column"),
+            _checked_kind("streaming", streaming, bool, "True or False"),
         )
-        self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+        self.tokenizer = _checked_tokenizer(tokenizer)
         self.seq_len, self.batch_size = seq_len, batch_size
         self.val_fraction, self.val_batches = val_fraction, val_batches
         self.dataset = None

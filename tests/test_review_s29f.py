@@ -83,3 +83,27 @@ def test_the_data_modules_refuse_arguments_of_the_wrong_type_naming_them(tmp_pat
             HFDataModule([str(tmp_path / "a.jsonl")], **{argument: value})
         else:
             TextDataModule(**{argument: value})
+
+
+def test_a_resume_position_past_the_last_document_is_refused_not_wrapped_to_the_next_epoch() -> None:
+    """A checkpoint's stream position (epoch, document, offset) at a document the data no longer holds
+    (the dataset shrank since) silently restarted the stream at the next epoch's first document, where
+    an offset past a document's end was already refused as 'the data changed'."""
+    from itertools import islice
+
+    from innerloop.data.packing import packed_windows
+
+    def reader(count: int):
+        def read(epoch: int, first: int):
+            for number in range(first, count):
+                yield number, [number % 251 + 1] * 7
+
+        return read
+
+    seq_len = 4
+    position = list(islice(packed_windows(reader(20), seq_len), 25))[-1][1]
+    assert position.epoch == 0 and position.document > 10
+    resumed = list(islice(packed_windows(reader(20), seq_len, position), 3))  # the same data: fine
+    assert len(resumed) == 3
+    with pytest.raises(DataError, match="the data changed since the checkpoint was written"):
+        next(packed_windows(reader(10), seq_len, position))

@@ -67,17 +67,30 @@ def _documents(read: DocumentReader, start: StreamPosition, need: int) -> Iterat
     whole epoch holds fewer than ``need`` tokens (it could never fill a window)."""
     epoch, first = start.epoch, start.document
     offset = start.offset
+    expected = start.document if start != START else None  # a recorded position's document is read first
     while True:
         tokens_in_epoch = 0
         for document, tokens in read(epoch, first):
+            if expected is not None and document != expected:
+                raise DataError(
+                    f"the recorded stream position {tuple(start)} is at document {expected}, which the data "
+                    f"no longer holds (it reads document {document} there): the data changed since the "
+                    "checkpoint was written"
+                )
             if offset > len(tokens):
                 raise DataError(
                     f"the recorded stream position {tuple(start)} is past the end of document {document} "
                     f"({len(tokens)} tokens): the data changed since the checkpoint was written"
                 )
+            expected = None
             tokens_in_epoch += len(tokens)
             yield _Segment(epoch, document, tokens, offset)
             offset = 0
+        if expected is not None:
+            raise DataError(
+                f"the recorded stream position {tuple(start)} is at document {expected}, past the data's "
+                "last training document: the data changed since the checkpoint was written"
+            )
         if first == 0 and tokens_in_epoch < need:
             raise DataError(
                 f"the training documents hold {tokens_in_epoch} tokens, fewer than data.seq_len + 1 = "

@@ -1408,6 +1408,18 @@ def checkpoint_path_problem(path: str | os.PathLike[str]) -> str | None:
     checkpoint reader and, before anything heavy is imported, by the commands that take a checkpoint."""
     path = Path(path)
     name = repr(str(path))
+    if path.is_dir() and _is_orbax_checkpoint(path):
+        return (
+            f"checkpoint {name} is a directory: an orbax checkpoint of the official TTT-E2E code, which "
+            f"innerloop reads through `innerloop convert ttt-e2e {path} CONFIG OUT`; give the "
+            "OUT/last.safetensors it writes"
+        )
+    if path.is_dir() and (path / "config.json").is_file() and any(path.glob("model*.safetensors*")):
+        return (
+            f"checkpoint {name} is a directory: a Hugging Face folder (config.json, model.safetensors), "
+            "which AutoModelForCausalLM.from_pretrained reads; give an innerloop checkpoint (the "
+            "last.safetensors that `innerloop train` or `innerloop convert` wrote)"
+        )
     if path.is_dir():
         return (
             f"checkpoint {name} is a directory; give the checkpoint file in it "
@@ -1416,6 +1428,13 @@ def checkpoint_path_problem(path: str | os.PathLike[str]) -> str | None:
     if not path.is_file():
         return f"checkpoint {name} does not exist or is not a file"
     return None
+
+
+def _is_orbax_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is an orbax checkpoint: a step folder (``_CHECKPOINT_METADATA``), its
+    ``model_weights`` (``_METADATA``), or the folder of numbered steps above them."""
+    steps = [child for child in path.iterdir() if child.name.isdigit() and child.is_dir()]
+    return any((p / "_CHECKPOINT_METADATA").is_file() or (p / "_METADATA").is_file() for p in [path, *steps])
 
 
 def check_output_dir(path: str | os.PathLike[str], key: str) -> None:

@@ -1,0 +1,45 @@
+"""Review s29e: a user's TTT-E2E journey (convert the official checkpoint, generate, eval, export and
+reload it, train, interrupt and resume) and the wrong inputs such a user gives. Each test is one
+finding (the commit that fixes it names it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from innerloop.cli import main
+
+
+def _error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "export"])
+def test_an_orbax_checkpoint_given_to_a_command_names_convert(tmp_path, capsys, command) -> None:
+    """An official orbax checkpoint (``.../checkpoint`` or ``.../checkpoint/<step>``) was answered
+    'is a directory; give the checkpoint file in it (e.g. '.../last.safetensors')', a file that is not
+    there: the error says what the folder is and that ``innerloop convert ttt-e2e`` reads it."""
+    step = tmp_path / "checkpoint" / "0"
+    (step / "model_weights").mkdir(parents=True)
+    (step / "_CHECKPOINT_METADATA").write_text("{}")
+    for folder in (step, step.parent):
+        extra = [str(tmp_path / "out")] if command == "export" else []
+        assert main([command, str(folder), *extra]) == 2
+        line = _error_line(capsys)
+        assert repr(str(folder)) in line and "orbax" in line and "innerloop convert ttt-e2e" in line
+        assert "last.safetensors" in line and f"{folder}/last.safetensors" not in line
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "export"])
+def test_a_hugging_face_folder_given_to_a_command_is_named(tmp_path, capsys, command) -> None:
+    """An export's folder (``config.json``, ``model.safetensors``) was answered with a suggestion of
+    '<folder>/last.safetensors', which an export does not hold."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
+    extra = [str(tmp_path / "out")] if command == "export" else []
+    assert main([command, str(tmp_path / "hf"), *extra]) == 2
+    line = _error_line(capsys)
+    assert "Hugging Face folder" in line and "from_pretrained" in line
+    assert f"{tmp_path / 'hf'}/last.safetensors" not in line

@@ -5,8 +5,10 @@ finding (the commit that fixes it names it)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from innerloop.cli import main
+from innerloop.models import E2EConfig, ModelConfig, build_model
 
 
 def _error_line(capsys) -> str:
@@ -43,3 +45,22 @@ def test_a_hugging_face_folder_given_to_a_command_is_named(tmp_path, capsys, com
     line = _error_line(capsys)
     assert "Hugging Face folder" in line and "from_pretrained" in line
     assert f"{tmp_path / 'hf'}/last.safetensors" not in line
+
+
+@pytest.mark.parametrize(
+    ("piece", "error", "says"),
+    [
+        (torch.arange(5), ValueError, "pieces[1] must be [batch, length], got shape (5,)"),
+        ([[1, 2, 3]], TypeError, "pieces[1] must be a torch.Tensor of token ids [batch, length], got list"),
+        (torch.ones(1, 3), TypeError, "pieces[1] must hold integer token ids"),
+    ],
+)
+def test_stream_losses_names_a_malformed_piece(piece, error, says) -> None:
+    """``E2ELM.stream_losses`` read ``piece.shape[1]`` before any check: a 1-D piece gave IndexError
+    'tuple index out of range', a list AttributeError; ``model(ids)`` names the same mistakes."""
+    model = build_model(
+        ModelConfig(mixer="e2e", window=8, hidden_size=16, num_heads=2, e2e=E2EConfig(chunk_size=4))
+    )
+    with pytest.raises(error) as caught:
+        list(model.stream_losses([torch.zeros(1, 3, dtype=torch.long), piece]))
+    assert says in str(caught.value)

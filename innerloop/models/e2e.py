@@ -61,7 +61,13 @@ from innerloop.models.config import (
     validate_e2e_options,
     validate_model_config,
 )
-from innerloop.models.lm import _tensors, check_token_ids, check_weights_under_autocast, init_embedding
+from innerloop.models.lm import (
+    _tensors,
+    check_token_id_layout,
+    check_token_ids,
+    check_weights_under_autocast,
+    init_embedding,
+)
 from innerloop.registry import get_registry
 
 # --------------------------------------------------------------------------------------------------
@@ -1125,7 +1131,8 @@ class E2ELM(nn.Module):
         """
         last_logits: torch.Tensor | None = None  # [B, 1, V]: the previous piece's last prediction
         state: E2EState | None = None
-        for piece in pieces:
+        for i, piece in enumerate(pieces):
+            check_token_id_layout(piece, f"pieces[{i}]")
             if piece.shape[1] == 0:
                 continue
             logits, state = self(piece, state)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from innerloop.cli import main
+from innerloop.core.functional import chunk_mean_cross_entropy
 from innerloop.models import E2EConfig, ModelConfig, build_model
 
 
@@ -64,3 +65,18 @@ def test_stream_losses_names_a_malformed_piece(piece, error, says) -> None:
     with pytest.raises(error) as caught:
         list(model.stream_losses([torch.zeros(1, 3, dtype=torch.long), piece]))
     assert says in str(caught.value)
+
+
+def test_chunk_mean_loss_of_a_sequence_shorter_than_a_chunk_allocates_the_sequence_only() -> None:
+    """``chunk_mean_cross_entropy`` padded the per-token losses to a whole chunk, so its memory grew with
+    ``chunk_size`` rather than the sequence: ``innerloop train --config e2e-tiny
+    model.e2e.chunk_size=99999999999`` (a typo) ended in a traceback from ``F.pad`` trying to allocate
+    3.2 TB, after the one-chunk warning. A sequence within one chunk is one chunk, whatever its size."""
+    torch.manual_seed(0)
+    logits, targets = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    targets[0, 1] = -100
+    expected = chunk_mean_cross_entropy(logits, targets, 5, -100)
+    assert torch.equal(chunk_mean_cross_entropy(logits, targets, 10**12, -100), expected)
+    assert torch.equal(
+        chunk_mean_cross_entropy(logits[:, :0], targets[:, :0], 10**12, -100), torch.tensor(0.0)
+    )

@@ -322,10 +322,11 @@ def chunk_mean_cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index, reduction="none"
     ).view(batch, tokens)
     num_chunks = -(-tokens // chunk_size)
-    missing = num_chunks * chunk_size - tokens  # the last chunk's missing tail, padded as unscored
+    width = chunk_size if num_chunks > 1 else tokens  # one chunk: the sequence (memory never grows with C)
+    missing = num_chunks * width - tokens  # the last chunk's missing tail, padded as unscored
     per_token, scored = F.pad(per_token, (0, missing)), F.pad(scored, (0, missing))
-    chunk_sums = per_token.view(batch, num_chunks, chunk_size).sum(-1)  # [B, N]
-    chunk_counts = scored.view(batch, num_chunks, chunk_size).sum(-1).clamp_min(1)  # [B, N]
+    chunk_sums = per_token.view(batch, num_chunks, width).sum(-1)  # [B, N]
+    chunk_counts = scored.view(batch, num_chunks, width).sum(-1).clamp_min(1)  # [B, N]
     sequences = scored.any(dim=1).sum().clamp_min(1)  # rows that score something; 0 / 1 for no tokens
     return (chunk_sums / chunk_counts).sum() / (sequences * max(num_chunks, 1))  # T = 0: 0, as nothing scored
 

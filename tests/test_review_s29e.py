@@ -80,3 +80,26 @@ def test_chunk_mean_loss_of_a_sequence_shorter_than_a_chunk_allocates_the_sequen
     assert torch.equal(
         chunk_mean_cross_entropy(logits[:, :0], targets[:, :0], 10**12, -100), torch.tensor(0.0)
     )
+
+
+@pytest.mark.parametrize(
+    ("made_with", "run_with"), [("next_token", "within_chunk"), ("within_chunk", "next_token")]
+)
+def test_a_state_is_refused_by_a_model_of_other_chunk_targets(made_with, run_with) -> None:
+    """A state carries its chunks' training under ``chunk_targets`` (with ``next_token`` a full chunk
+    waits in it for its next token; with ``within_chunk`` it has trained). Continued under the other
+    value (the option set on the model between calls, or another model's state) it ran silently,
+    giving logits 0.14 from the ``within_chunk`` forward and 0.42 from the ``next_token`` one (float64):
+    neither. A state of another ``chunk_size`` or ``rope_positions`` was already refused, naming it."""
+    torch.manual_seed(0)
+    config = ModelConfig(mixer="e2e", window=8, hidden_size=16, num_heads=2, e2e=E2EConfig(chunk_size=4))
+    model = build_model(config).eval()
+    ids = torch.randint(0, 256, (1, 8))
+    model.config.e2e.chunk_targets = made_with
+    with torch.no_grad():
+        _, state = model(ids)
+        model.config.e2e.chunk_targets = run_with
+        with pytest.raises(ValueError, match=f"chunk_targets={made_with!r}, this one has {run_with!r}"):
+            model(ids, state)
+        model.config.e2e.chunk_targets = made_with
+        model(ids, state)  # its own value runs

@@ -340,6 +340,9 @@ class E2EState:
             they were scored with the current fast weights: the next token of the chunk is scored from
             them, so that decoding costs the same for every token of a chunk. None when no token is
             pending (or for a state made before the field existed: the pending tokens are scored again).
+        chunk_targets: the ``e2e.chunk_targets`` the state's chunks were trained under (whether a full
+            chunk waits for its next token); None for a state without test-time training, or made
+            before the field existed.
     """
 
     caches: tuple[AnyCache | None, ...]
@@ -349,6 +352,7 @@ class E2EState:
     position: int
     chunk_size: int | None = None
     scored: tuple[AnyCache | None, ...] | None = None
+    chunk_targets: str | None = None
 
     def detach(self) -> E2EState:
         """The same state cut from the autograd graph."""
@@ -360,6 +364,7 @@ class E2EState:
             self.position,
             self.chunk_size,
             None if self.scored is None else _detached(self.scored),
+            self.chunk_targets,
         )
 
     def _map(
@@ -376,6 +381,7 @@ class E2EState:
             None
             if self.scored is None
             else _each_cache(self.scored, lambda c: type(c)(fn(c.key), fn(c.value), c.position)),
+            self.chunk_targets,
         )
 
     def to(self, *args: Any, **kwargs: Any) -> E2EState:
@@ -419,6 +425,7 @@ class E2EState:
             first.position,
             first.chunk_size,
             scored,
+            first.chunk_targets,
         )
 
     def nbytes(self) -> int:
@@ -461,11 +468,24 @@ def _check_same_e2e_layout(states: list[E2EState]) -> None:
     """The states were made by one model: chunk size, number of caches, fast weights, scored caches."""
     first = states[0]
     for i, state in enumerate(states):
-        mine = (state.chunk_size, len(state.caches), sorted(state.fast), state.scored is None)
-        wanted = (first.chunk_size, len(first.caches), sorted(first.fast), first.scored is None)
+        mine = (
+            state.chunk_size,
+            state.chunk_targets,
+            len(state.caches),
+            sorted(state.fast),
+            state.scored is None,
+        )
+        wanted = (
+            first.chunk_size,
+            first.chunk_targets,
+            len(first.caches),
+            sorted(first.fast),
+            first.scored is None,
+        )
         if mine != wanted:
             raise ValueError(
-                "cannot concatenate the E2EStates: (chunk_size, caches, fast weights, no scored caches) is "
+                "cannot concatenate the E2EStates: (chunk_size, chunk_targets, caches, fast weights, no scored "
+                "caches) is "
                 f"{mine} in states[{i}] and {wanted} in states[0]; concatenate states of one model at one "
                 "position"
             )
@@ -774,6 +794,12 @@ class E2ELM(nn.Module):
                 f"state was made by a model with e2e.chunk_size={state.chunk_size}, this one has "
                 f"{e2e.chunk_size}: its chunks would start elsewhere; pass a state this model made, or None"
             )
+        if state.chunk_targets is not None and state.chunk_targets != e2e.chunk_targets:
+            raise ValueError(
+                f"state was made by a model with e2e.chunk_targets={state.chunk_targets!r}, this one has "
+                f"{e2e.chunk_targets!r}: its chunks were trained the other way (a full chunk waits for its "
+                "next token only with 'next_token'); pass a state this model made, or None"
+            )
         self._check_state_shapes(state, batch)
         self._check_state_dtypes(state)
 
@@ -940,6 +966,7 @@ class E2ELM(nn.Module):
             position,
             self.config.e2e.chunk_size,
             scored,
+            self.config.e2e.chunk_targets,
         )
         return logits[:, -length:] if length else logits[:, :0], new_state
 

@@ -465,29 +465,25 @@ def _each_cache(
 
 
 def _check_same_e2e_layout(states: list[E2EState]) -> None:
-    """The states were made by one model: chunk size, number of caches, fast weights, scored caches."""
-    first = states[0]
-    for i, state in enumerate(states):
-        mine = (
+    """The states were made by one model: chunk size and chunk targets, number of caches, fast weights,
+    scored caches."""
+
+    def layout(state: E2EState) -> tuple[Any, ...]:
+        return (
             state.chunk_size,
             state.chunk_targets,
             len(state.caches),
             sorted(state.fast),
             state.scored is None,
         )
-        wanted = (
-            first.chunk_size,
-            first.chunk_targets,
-            len(first.caches),
-            sorted(first.fast),
-            first.scored is None,
-        )
-        if mine != wanted:
+
+    wanted = layout(states[0])
+    for i, state in enumerate(states):
+        if layout(state) != wanted:
             raise ValueError(
                 "cannot concatenate the E2EStates: (chunk_size, chunk_targets, caches, fast weights, no scored "
-                "caches) is "
-                f"{mine} in states[{i}] and {wanted} in states[0]; concatenate states of one model at one "
-                "position"
+                f"caches) is {layout(state)} in states[{i}] and {wanted} in states[0]; concatenate states of "
+                "one model at one position"
             )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import importlib
 import inspect
 import os
@@ -101,6 +102,19 @@ class BrokenPlugin:
 # --------------------------------------------------------------------------------------------------
 
 
+def _one_thread_at_a_time(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` run holding the registries' lock (``_LOCK``, reentrant): a change of a registry
+    (its checks, clash checks and commit) is whole before another thread's starts (pluggy's plugin
+    manager is not thread-safe, and two plugins staged at once could both pass the clash check)."""
+
+    @functools.wraps(method)
+    def holding_the_lock(*args: Any, **kwargs: Any) -> Any:
+        with _LOCK:
+            return method(*args, **kwargs)
+
+    return holding_the_lock
+
+
 class _Staging:
     """What one plugin registers, held back until all its hooks have run (then committed at once)."""
 
@@ -145,6 +159,7 @@ class Registry:
         register.__doc__ = f"Register a {kind.label} (validated against the protocol)."
         return register
 
+    @_one_thread_at_a_time
     def add_plugin(self, plugin: Any, origin: str | None = None) -> None:
         """Register a plugin (module or object with hookimpls) and run its registration hooks.
 
@@ -279,6 +294,7 @@ class Registry:
         if self.plugin_manager.is_registered(plugin):
             self.plugin_manager.unregister(plugin)
 
+    @_one_thread_at_a_time
     def add_entry_point(self, entry_point: Any) -> BrokenPlugin | None:
         """Load and register one ``innerloop`` entry point; never raises for the plugin's faults.
 
@@ -354,6 +370,7 @@ class Registry:
         """The entry-point plugins that failed to load (skipped), in load order."""
         return list(self._broken)
 
+    @_one_thread_at_a_time
     def remove_plugin(self, origin: str) -> None:
         """Unregister a plugin and everything it registered (used by tests and notebooks).
 
@@ -846,8 +863,9 @@ def register_object(kind: str, obj: Any, origin: str | None = None) -> Any:
         raise ValueError(f"unknown plugin kind {kind!r}; valid kinds: {list(KIND_NAMES)}")
     instance = _instantiate(KIND_BY_NAME[kind], obj) if inspect.isclass(obj) else obj
     plugin = _OneObjectPlugin(KIND_BY_NAME[kind], instance)
-    registry = get_registry()
-    registry.add_plugin(plugin, origin=origin or _default_origin(registry, instance))
+    with _LOCK:  # the default origin is free when it is taken (another thread may register alike)
+        registry = get_registry()
+        registry.add_plugin(plugin, origin=origin or _default_origin(registry, instance))
     return obj
 
 

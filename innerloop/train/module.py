@@ -183,6 +183,12 @@ def _per_item(values: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1)
 
 
+class _ModuleSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """The ``LambdaLR`` that :meth:`LanguageModelModule.configure_optimizers` builds (the same state, so
+    the same checkpoints): its own class marks it, so that ``on_train_start`` re-applies the module's
+    hyperparameters to it and never to a subclass's own optimizer and scheduler."""
+
+
 class LanguageModelModule(L.LightningModule):
     """Trains a causal LM with next-token cross-entropy.
 
@@ -455,7 +461,8 @@ class LanguageModelModule(L.LightningModule):
             or not getattr(trainer, "is_global_zero", True)
         ):
             return
-        uses_length = hp.schedule != "constant" or hasattr(self.model, "set_outer_progress")
+        own_schedule = self._own_schedule() is not None and hp.schedule != "constant"
+        uses_length = own_schedule or hasattr(self.model, "set_outer_progress")
         if uses_length:
             log.warning(
                 "the Trainer will take %d optimizer steps, but this module's learning-rate schedule "
@@ -483,13 +490,14 @@ class LanguageModelModule(L.LightningModule):
         A resumed run restores the checkpoint's param groups (lr, betas, weight decay) and the schedule's
         base lr; a resume that changes them (``--resume optim.lr=0.3``) must run with the new values, on
         the schedule the new ``lr``, ``min_lr``, ``warmup_steps`` and ``max_steps`` define. (A new run
-        is unchanged by this.)
+        is unchanged by this.) Only the optimizer and schedule that :meth:`configure_optimizers` builds
+        are touched: a subclass's own (its learning rates, param groups, scheduler) are left as it made them.
         """
-        if not self.trainer.optimizers or not self.trainer.lr_scheduler_configs:
+        schedule = self._own_schedule()
+        if schedule is None:  # a subclass's own optimizer or scheduler: its settings are the user's
             return
         hp = self.hparams
-        optimizer = self.trainer.optimizers[0]
-        schedule = self.trainer.lr_scheduler_configs[0].scheduler
+        optimizer = schedule.optimizer
         # the lr as the schedule computes it at every step (base lr times its factor, the new
         # hyperparameters' since configure_optimizers built it), to the last bit: a resume continues
         # exactly the run it resumes
@@ -606,8 +614,19 @@ class LanguageModelModule(L.LightningModule):
             betas=hp.betas,
         )
         lr_at = self._schedule()
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step) / hp.lr)
+        schedule = _ModuleSchedule(optimizer, lambda step: lr_at(step) / hp.lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _own_schedule(self) -> _ModuleSchedule | None:
+        """The schedule :meth:`configure_optimizers` built, of the Trainer's first optimizer; None when a
+        subclass configured its own optimizer or scheduler (or none is set up)."""
+        trainer = self.trainer
+        if not trainer.optimizers or not trainer.lr_scheduler_configs:
+            return None
+        schedule = trainer.lr_scheduler_configs[0].scheduler
+        if not isinstance(schedule, _ModuleSchedule) or schedule.optimizer is not trainer.optimizers[0]:
+            return None
+        return schedule
 
     def _schedule(self) -> Schedule:
         """The learning rate as a function of the optimizer step, from the hyperparameters."""

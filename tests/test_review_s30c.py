@@ -1,0 +1,114 @@
+"""Review s30c: innerloop's LightningModule driven from a user's own Lightning code.
+
+- A subclass's own ``configure_optimizers`` (its optimizer, param groups and scheduler) was rewritten at
+  ``on_train_start``, which re-applied the module's ``lr``, ``weight_decay`` and ``betas`` to whatever
+  optimizer and scheduler the Trainer held: two param groups at lr 0.01 and 0.002 (weight decay 0.01)
+  trained at 0.001 with weight decay 0.1 and 0.0, silently; one param group failed with ``zip() argument
+  3 is longer than arguments 1-2`` and a ``StepLR`` with ``'StepLR' object has no attribute
+  'lr_lambdas'``, both from inside the hook. Only the module's own schedule is re-applied now.
+"""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import lightning as L
+import torch
+
+from innerloop.models import ModelConfig, TTTConfig
+from innerloop.train import LanguageModelModule, TextDataModule
+
+SMALL_MODEL = ModelConfig(
+    hidden_size=16, num_heads=2, num_layers=1, intermediate_size=32, ttt=TTTConfig(mini_batch_size=4)
+)
+
+
+def _two_groups(module: LanguageModelModule) -> torch.optim.Optimizer:
+    parameters = list(module.parameters())
+    return torch.optim.AdamW(
+        [{"params": parameters[:3], "lr": 0.01}, {"params": parameters[3:], "lr": 0.002}],
+        weight_decay=0.01,
+        betas=(0.8, 0.9),
+    )
+
+
+class TwoGroupsConstant(LanguageModelModule):
+    def configure_optimizers(self):
+        optimizer = _two_groups(self)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class OneGroupStepLR(LanguageModelModule):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def _start_training(module: LanguageModelModule) -> torch.optim.Optimizer:
+    """What Lightning does up to ``on_train_start``: configure, hold, call the hook."""
+    configured = module.configure_optimizers()
+    optimizer, schedule = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    module._trainer = SimpleNamespace(
+        optimizers=[optimizer], lr_scheduler_configs=[SimpleNamespace(scheduler=schedule)]
+    )
+    module._apply_optimizer_hyperparameters()
+    return optimizer
+
+
+def test_a_subclass_s_own_param_groups_keep_their_learning_rates_and_weight_decay() -> None:
+    module = TwoGroupsConstant(SMALL_MODEL, lr=1e-3, weight_decay=0.1, diagnostics_batches=0)
+    optimizer = _start_training(module)
+    settings = [(g["lr"], g["weight_decay"], g["betas"]) for g in optimizer.param_groups]
+    assert settings == [(0.01, 0.01, (0.8, 0.9)), (0.002, 0.01, (0.8, 0.9))]
+
+
+def test_a_subclass_s_own_scheduler_of_another_kind_or_one_param_group_is_left_alone() -> None:
+    module = OneGroupStepLR(SMALL_MODEL, lr=1e-3, diagnostics_batches=0)
+    optimizer = _start_training(
+        module
+    )  # raised AttributeError: 'StepLR' object has no attribute 'lr_lambdas'
+    assert [g["lr"] for g in optimizer.param_groups] == [0.05]
+
+
+def test_the_module_s_own_schedule_is_still_re_applied() -> None:
+    module = LanguageModelModule(
+        SMALL_MODEL, lr=0.3, weight_decay=0.05, warmup_steps=0, diagnostics_batches=0
+    )
+    configured = module.configure_optimizers()
+    optimizer, schedule = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    for group in optimizer.param_groups:  # a checkpoint's other values, restored before on_train_start
+        group.update(lr=123.0, weight_decay=0.5)
+    module._trainer = SimpleNamespace(
+        optimizers=[optimizer], lr_scheduler_configs=[SimpleNamespace(scheduler=schedule)]
+    )
+    module._apply_optimizer_hyperparameters()
+    assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(0.3, 0.05), (0.3, 0.0)]
+
+
+def test_a_user_trainer_trains_a_subclass_with_its_own_optimizer_at_its_own_settings() -> None:
+    lrs = []
+
+    class Record(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            lrs.append([(g["lr"], g["weight_decay"]) for g in optimizer.param_groups])
+
+    for cls in (TwoGroupsConstant, OneGroupStepLR):
+        L.seed_everything(0, verbose=False)
+        module = cls(SMALL_MODEL, lr=1e-3, max_steps=2, warmup_steps=0, diagnostics_batches=0)
+        trainer = L.Trainer(
+            accelerator="cpu", devices=1, max_steps=2, max_epochs=-1, limit_val_batches=0, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[Record()],
+        )  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Lightning's advice on workers and the like
+            trainer.fit(module, datamodule=TextDataModule(seq_len=16, batch_size=2, val_batches=1))
+    assert lrs == [
+        [(0.01, 0.01), (0.002, 0.01)],
+        [(0.01, 0.01), (0.002, 0.01)],
+        [(0.05, 0)],
+        [(0.025, 0)],
+    ]

@@ -165,3 +165,35 @@ def test_a_resume_in_the_second_of_two_limited_epochs_reads_the_batches_of_the_u
     resumed, resumed_batches = _epoch_fit(tmp_path / "resumed", 6, ckpt_path=checkpoint)
     assert resumed_batches == whole_batches[4:]
     assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters(), strict=True))
+
+
+class _LoggedLoss(L.Callback):
+    """(the micro-batch's own loss, the ``train_loss`` logged with it) at each training batch."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[float, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        own = float(outputs["loss"]) * trainer.accumulate_grad_batches  # Lightning divides it
+        self.rows.append((own, float(trainer.callback_metrics["train_loss"])))
+
+
+def test_a_second_fit_of_the_same_module_logs_the_mean_of_its_own_micro_batches_only() -> None:
+    """The first fit ends with its last step at global_step 0; the second, on a fresh Trainer, starts at
+    global_step 0 again, and its train_loss was the mean of the first fit's loss and its own (5.5169
+    where its micro-batch's loss was 5.4755, 5.5022 at the step's end where its mean was 5.4742)."""
+    L.seed_everything(0, verbose=False)
+    module = LanguageModelModule(SMALL_MODEL, max_steps=1, warmup_steps=0, diagnostics_batches=0)
+    for accumulate in (1, 2):
+        logged = _LoggedLoss()
+        trainer = L.Trainer(
+            accelerator="cpu", devices=1, max_steps=1, max_epochs=-1, limit_val_batches=0, logger=False,
+            precision="64-true", accumulate_grad_batches=accumulate, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, callbacks=[logged],
+        )  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Lightning's advice on workers and the like
+            trainer.fit(module, datamodule=TextDataModule(seq_len=16, batch_size=2, val_batches=1))
+    (first, first_logged), (second, second_logged) = logged.rows
+    assert first_logged == pytest.approx(first, rel=1e-12)
+    assert second_logged == pytest.approx((first + second) / 2, rel=1e-12)

@@ -441,6 +441,9 @@ class LanguageModelModule(L.LightningModule):
         self._apply_optimizer_hyperparameters()
         self._warn_of_a_schedule_of_another_length()
         self._stop_deferred = False
+        # a new fit's first step may share its global_step with the last one of an earlier fit of this
+        # module (a fit on a fresh Trainer, a resume from a checkpoint): its logged mean is its own
+        self._step_losses = (-1, [])
 
     def _warn_of_a_schedule_of_another_length(self) -> None:
         """One warning when the Trainer will take another number of optimizer steps than this module's

@@ -183,6 +183,35 @@ def _per_item(values: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1)
 
 
+def _rewind_to_the_last_optimizer_step(checkpoint: dict[str, Any], accumulate: int) -> None:
+    """Make a Lightning checkpoint written in the middle of a gradient accumulation (after a validation
+    that ``val_check_interval``, counted in batches, placed there; or ``ModelCheckpoint``'s
+    ``train_time_interval``) record the batches of its last optimizer step only.
+
+    Its weights and optimizer are those after ``global_step`` steps; the micro-batches read since are
+    in no saved state (their gradient is not saved). Lightning restores its count of batches read, while
+    the data resumes at ``global_step * accumulate_grad_batches``: the first resumed step would take
+    fewer micro-batches and every later step pair other batches. With the count rewound to the step
+    boundary, the resume reads those micro-batches again and continues as the uninterrupted run (the
+    validation after them runs again, on the same weights). A checkpoint whose loop state is not
+    Lightning's usual layout is left as it is."""
+    loops = checkpoint.get("loops")
+    fit_loop = loops.get("fit_loop") if isinstance(loops, dict) else None
+    progress = fit_loop.get("epoch_loop.batch_progress") if isinstance(fit_loop, dict) else None
+    if accumulate <= 1 or not isinstance(progress, dict) or progress.get("is_last_batch"):
+        return  # the epoch's last batch ends its accumulation whatever the count
+    try:
+        # batches whose training step ran (a checkpoint written in on_train_batch_end has not counted its
+        # batch as completed yet, and Lightning completes it on restart)
+        surplus = int(progress["current"]["processed"]) % accumulate
+        counts = [progress["total"], progress["current"]]
+        if surplus and all(int(value) >= surplus for c in counts for value in c.values()):
+            for c in counts:
+                c.update({key: int(value) - surplus for key, value in c.items()})
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return
+
+
 class _ModuleSchedule(torch.optim.lr_scheduler.LambdaLR):
     """The ``LambdaLR`` that :meth:`LanguageModelModule.configure_optimizers` builds (the same state, so
     the same checkpoints): its own class marks it, so that ``on_train_start`` re-applies the module's
@@ -294,6 +323,12 @@ class LanguageModelModule(L.LightningModule):
         if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
             module = module.to(checkpoint_device(map_location))
         return module
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint written inside a gradient accumulation records the batches of its last optimizer
+        step only (:func:`_rewind_to_the_last_optimizer_step`), so that its resume is the uninterrupted run."""
+        if self._trainer is not None:
+            _rewind_to_the_last_optimizer_step(checkpoint, self.trainer.accumulate_grad_batches)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with one :class:`~innerloop.checkpoints.CheckpointError` line, a checkpoint whose

@@ -3,7 +3,8 @@
 The text and recall modules draw their training batches as a pure function of ``(seed, batch index)``.
 A run resumed from a checkpoint at global step ``s`` therefore starts at batch
 ``s * accumulate_grad_batches`` and sees exactly the batches an uninterrupted run would have seen,
-with no sampler state to save. The Hugging Face module reads its documents in order, packed into
+with no sampler state to save. (Under a Trainer's epochs of ``n`` batches, ``limit_train_batches``,
+every epoch reads batches ``0 .. n-1`` again, and a resume starts at the step reached in its epoch.) The Hugging Face module reads its documents in order, packed into
 windows (:mod:`innerloop.data.packing`); its checkpoint state is the stream position of the next batch.
 Under multi-process training each rank reads every ``world_size``-th batch, and every ``world_size``-th
 validation example, padded with unscored rows so that each example is scored once (rank and world size
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -110,13 +112,18 @@ class IndexedBatches(IterableDataset):
     """
 
     def __init__(
-        self, make_batch: Callable[[int], Batch], start: int = 0, rank: int = 0, world_size: int = 1
+        self,
+        make_batch: Callable[[int], Batch],
+        start: int | Callable[[], int] = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.make_batch = make_batch
         self.start, self.rank, self.world_size = start, rank, world_size
 
     def __iter__(self) -> Iterator[Batch]:
-        step = self.start
+        # a callable start is asked at each iteration: Lightning iterates again at each epoch
+        step = self.start() if callable(self.start) else self.start
         while True:
             yield self.make_batch(step * self.world_size + self.rank)
             step += 1
@@ -176,6 +183,20 @@ def validation_loader(
     return DataLoader(shard, batch_size=None)
 
 
+def _epoch_position(trainer: L.Trainer) -> int:
+    """The batch of the stream at which the training iterator starts when Lightning (re)starts it.
+
+    The stream is endless, one epoch: batch ``global_step * accumulate_grad_batches`` (a resume continues
+    where its checkpoint's step left off). Under epochs of ``n`` batches (a Trainer's
+    ``limit_train_batches``, ``overfit_batches``) Lightning starts the iterator again at each epoch, and
+    every epoch reads batches ``0 .. n-1``: a resume continues at the step reached within its epoch."""
+    accumulate, batches = trainer.accumulate_grad_batches, trainer.num_training_batches
+    if not math.isfinite(batches):
+        return trainer.global_step * accumulate
+    steps_per_epoch = max(1, -(-int(batches) // accumulate))  # the epoch's last batch ends a step
+    return (trainer.global_step % steps_per_epoch) * accumulate
+
+
 class _IndexedDataModule(L.LightningDataModule):
     """Shared logic: a resumable training stream and a fixed validation set."""
 
@@ -192,10 +213,12 @@ class _IndexedDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def train_dataloader(self) -> DataLoader:
-        start, rank, world = 0, 0, 1
+        start: int | Callable[[], int] = 0
+        rank, world = 0, 1
         if self.trainer is not None:  # resume where the checkpoint left off
-            start = self.trainer.global_step * self.trainer.accumulate_grad_batches
-            rank, world = self.trainer.global_rank, self.trainer.world_size
+            trainer = self.trainer
+            start = lambda: _epoch_position(trainer)  # noqa: E731
+            rank, world = trainer.global_rank, trainer.world_size
         return DataLoader(IndexedBatches(self.make_train_batch, start, rank, world), batch_size=None)
 
     def val_dataloader(self) -> DataLoader:

@@ -228,3 +228,29 @@ def test_a_resume_from_a_checkpoint_written_inside_an_accumulation_is_the_uninte
     resumed, resumed_batches = fit(ckpt_path=checkpoint)
     assert resumed_batches == whole_batches[2:]
     assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters(), strict=True))
+
+
+@pytest.mark.slow  # reads a dataset with the datasets library and fits 4 steps (~1 s)
+def test_an_hf_run_in_a_trainer_s_epochs_is_refused_at_its_checkpoint_naming_the_cause(tmp_path) -> None:
+    """The checkpoint in the second epoch failed with 'the stream position of batch 4 is unknown (it was
+    not read yet)', which named neither the Trainer's epochs nor what to do instead."""
+    import json
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from innerloop.train.data import DataError, HFDataModule
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"text": f"Document {i}: " + "the fox " * (i % 7 + 1)}) + "\n" for i in range(60))
+    )
+    module = LanguageModelModule(SMALL_MODEL, max_steps=6, warmup_steps=0, diagnostics_batches=0)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=6, max_epochs=2, limit_train_batches=3, limit_val_batches=0,
+        logger=False, default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)],
+    )  # fmt: skip
+    data = HFDataModule(paths=[str(corpus)], seq_len=16, batch_size=2, val_batches=1)
+    with warnings.catch_warnings(), pytest.raises(DataError, match=r"limit_train_batches=3 .*max_steps"):
+        warnings.simplefilter("ignore")  # Lightning's advice on workers and the like
+        trainer.fit(module, datamodule=data)

@@ -734,6 +734,14 @@ class HFDataModule(L.LightningDataModule):
         document, offset]}`` (stored in the checkpoint by Lightning)."""
         batch = self._first + self._batches_read()
         if batch not in self._positions:
+            limit = None if self.trainer is None else self.trainer.limit_train_batches
+            if limit not in (None, 1.0):  # Lightning's epochs read the stream again from its start
+                raise DataError(
+                    f"HFDataModule cannot record its stream position for a checkpoint under the Trainer's "
+                    f"limit_train_batches={limit!r} (or overfit_batches): each epoch reads the documents "
+                    "again from the start, and the checkpoint records one endless stream; end the run "
+                    "with max_steps (max_epochs=-1) instead of epochs"
+                )
             raise DataError(f"the stream position of batch {batch} is unknown (it was not read yet)")
         return {"batch": batch, "position": list(self._positions[batch])}
 

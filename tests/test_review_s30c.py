@@ -254,3 +254,25 @@ def test_an_hf_run_in_a_trainer_s_epochs_is_refused_at_its_checkpoint_naming_the
     with warnings.catch_warnings(), pytest.raises(DataError, match=r"limit_train_batches=3 .*max_steps"):
         warnings.simplefilter("ignore")  # Lightning's advice on workers and the like
         trainer.fit(module, datamodule=data)
+
+
+def test_trainer_predict_returns_each_batch_s_logits_from_ids_or_from_validation_pairs() -> None:
+    """Lightning's default predict_step passed the ``(inputs, targets)`` pair to ``forward``, which refused
+    a list; ids alone or pairs now give the logits ``forward`` gives."""
+    module = LanguageModelModule(SMALL_MODEL, diagnostics_batches=0)
+    data = TextDataModule(seq_len=16, batch_size=2, val_batches=2)
+    data.setup("validate")
+    pairs = list(data.val_dataloader())
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's advice on workers
+        from_pairs = trainer.predict(module, dataloaders=data.val_dataloader())
+        ids = torch.utils.data.DataLoader([inputs for inputs, _ in pairs], batch_size=None)
+        from_ids = trainer.predict(module, dataloaders=ids)
+    with torch.no_grad():
+        expected = [module(inputs) for inputs, _ in pairs]
+    assert len(from_pairs) == len(expected) == 2
+    for got_pairs, got_ids, want in zip(from_pairs, from_ids, expected, strict=True):
+        assert got_pairs.shape == (2, 16, SMALL_MODEL.vocab_size)
+        torch.testing.assert_close(got_pairs, want, rtol=0, atol=0)
+        torch.testing.assert_close(got_ids, want, rtol=0, atol=0)

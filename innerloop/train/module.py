@@ -360,6 +360,14 @@ class LanguageModelModule(L.LightningModule):
         """``input_ids [B, T]`` → ``logits [B, T, V]``."""
         return self.model(input_ids)[0]
 
+    def predict_step(
+        self, batch: Batch | torch.Tensor, batch_idx: int, dataloader_idx: int = 0
+    ) -> torch.Tensor:
+        """``trainer.predict``: the logits ``[B, T, V]`` of a batch of token ids ``[B, T]``, or of the
+        inputs of an ``(inputs, targets)`` pair (a DataModule's validation batches)."""
+        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(inputs)
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         inputs, targets = batch
         if hasattr(self.model, "set_outer_progress"):  # TTT-E2E: its inner lr warms up with the outer steps

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from innerloop.core.functional import causal_depthwise_conv
+from innerloop.core.functional import RMSNorm, causal_depthwise_conv
 from innerloop.core.layer import TTTLayer
 from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule, Views
 from innerloop.core.state import TTTState
@@ -295,7 +295,7 @@ class FamilyLayer(TTTLayer):
         )
         for name, table in self.derived_buffers().items():  # token_scale
             self.register_buffer(name, table, persistent=False)
-        self.post_norm = nn.RMSNorm(self.head_dim, eps=self.norm_eps)
+        self.post_norm = RMSNorm(self.head_dim, eps=self.norm_eps)
 
     def derived_buffers(self) -> dict[str, torch.Tensor]:
         """The non-persistent buffer made from the options: ``token_scale``, tau = 1 for every token."""

@@ -368,3 +368,43 @@ __all__ = [
     "rope_cos_sin",
     "rope_inverse_frequencies",
 ]
+
+
+def overflow_safe_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with each row (last dim) whose largest ``|entry|`` is so large that the sum of the row's
+    squares (or the cubes of a norm's backward) could overflow multiplied by the power of two that brings
+    it below that (2**31 in float32); other rows are multiplied by 1 (exactly themselves).
+
+    RMSNorm and LayerNorm are scale-invariant up to their eps, and an eps is negligible beside the mean
+    square of such a row, so normalising the scaled row gives the norm of the row itself, where torch's
+    norms square the row as it is: a finite row whose mean square overflows to inf is normalised to 0
+    (an RMSNorm's output) or to its bias (a LayerNorm's), silently. The threshold is that of the
+    precision the norm computes in (float32 for bfloat16 and float16, whose norms torch computes in
+    float32), and the scale is detached (it is a constant of the row, as an exact power of two).
+    """
+    compute = torch.promote_types(x.dtype, torch.float32)
+    finfo = torch.finfo(compute)
+    row = max(x.shape[-1], 1) if x.dim() else 1
+    # a row's entries below 2**e with e a quarter of the exponent range: the backward's cubes stay finite
+    safe_exponent = int((math.log2(finfo.max) - math.log2(row)) / 4)
+    peak = x.detach().abs().amax(-1, keepdim=True) if x.dim() and x.shape[-1] else x.detach().abs()
+    _, exponent = torch.frexp(peak.to(compute))  # peak < 2**exponent
+    shift = (exponent - safe_exponent).clamp_min(0)
+    return x * torch.exp2(-shift.to(compute)).to(x.dtype)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` that normalises a finite row whose squares overflow (entries beyond about
+    1e19 in float32) to its true value instead of to 0 (:func:`overflow_safe_rows`); every other row is
+    normalised exactly as ``torch.nn.RMSNorm`` does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(overflow_safe_rows(x))
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """``torch.nn.LayerNorm`` that normalises a finite row whose squares overflow to its true value
+    instead of to its bias (:func:`overflow_safe_rows`); every other row exactly as torch does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(overflow_safe_rows(x))

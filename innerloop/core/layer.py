@@ -33,6 +33,7 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 
 from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import (
+    LayerNorm,
     apply_rope_interleaved,
     causal_depthwise_conv,
     check_positive_int,
@@ -592,7 +593,7 @@ class TTTLayer(nn.Module):
         self.initial_params = nn.ParameterDict(
             {k: nn.Parameter(v) for k, v in self._checked_init_params(num_heads, head_dim).items()}
         )
-        self.post_norm = nn.LayerNorm(hidden_size, eps=self.norm_eps)
+        self.post_norm = LayerNorm(hidden_size, eps=self.norm_eps)
 
     def _checked_init_params(self, num_heads: int, head_dim: int) -> dict[str, torch.Tensor]:
         """``inner_model.init_params(num_heads, head_dim)``, checked against its ``param_shapes`` at this

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._C._functorch import is_functorch_wrapped_tensor
 
-from innerloop.core.functional import apply_rope_interleaved, rope_cos_sin, rope_inverse_frequencies
+from innerloop.core.functional import RMSNorm, apply_rope_interleaved, rope_cos_sin, rope_inverse_frequencies
 from innerloop.core.layer import check_device_and_dtype, check_positive_int, is_real
 from innerloop.core.state import cat_rows, check_batch_rows, check_states, same_positions, take_rows
 
@@ -304,8 +304,8 @@ class CausalSelfAttention(nn.Module):
         self.rope_theta = float(rope_theta)
         self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=float(norm_eps)) if qk_norm else None
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=float(norm_eps)) if qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, eps=float(norm_eps)) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps=float(norm_eps)) if qk_norm else None
 
     def check_input(self, x: Any) -> None:
         """``x`` is a floating-point ``[B, T, hidden_size]`` tensor in the weights' dtype and on their

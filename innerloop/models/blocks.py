@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from innerloop.core.functional import causal_depthwise_conv
+from innerloop.core.functional import RMSNorm, causal_depthwise_conv
 from innerloop.core.layer import TTTLayer, check_positive_int
 from innerloop.core.protocol import InnerLoss
 from innerloop.core.state import TTTState, cat_rows, check_batch_rows, check_states, take_rows
@@ -239,11 +239,11 @@ class Block(nn.Module):
         D = config.hidden_size
         self.pre_conv: CausalDepthwiseConv | None = None
         if uses_pre_conv(config):
-            self.pre_conv_norm = nn.RMSNorm(D, eps=config.norm_eps)
+            self.pre_conv_norm = RMSNorm(D, eps=config.norm_eps)
             self.pre_conv = CausalDepthwiseConv(D, config.pre_conv_kernel)
-        self.mixer_norm = nn.RMSNorm(D, eps=config.norm_eps)
+        self.mixer_norm = RMSNorm(D, eps=config.norm_eps)
         self.mixer = build_mixer(config)
-        self.mlp_norm = nn.RMSNorm(D, eps=config.norm_eps)
+        self.mlp_norm = RMSNorm(D, eps=config.norm_eps)
         self.mlp = SwiGLU(D, config.intermediate_size)
         self.mixer_name = config.mixer
 

@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from innerloop.core.eager import run_eagerly
-from innerloop.core.functional import chunk_mean_cross_entropy, mean_scored_cross_entropy, owning
+from innerloop.core.functional import RMSNorm, chunk_mean_cross_entropy, mean_scored_cross_entropy, owning
 from innerloop.core.model_inner import FastWeights, ModelInnerLoss, ModelUpdateRule
 from innerloop.core.state import cat_rows, check_batch_rows, check_states, same_positions, take_rows
 from innerloop.models.attention import (
@@ -220,7 +220,7 @@ def _check_chunk_cache(cache: ChunkKVCache, attn: CausalSelfAttention, batch: in
         attn.check_cache_tensor(f"{name}.{part}", getattr(cache, part))
 
 
-class FloatRMSNorm(nn.RMSNorm):
+class FloatRMSNorm(RMSNorm):
     """RMSNorm computed in (at least) its weight's precision and returned in the input's dtype, as the
     official code does under a bf16 ``compute_dtype``; float32 and float64 inputs are unchanged."""
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from innerloop.core.eager import run_eagerly
+from innerloop.core.functional import RMSNorm
 from innerloop.core.state import check_batch_rows, check_states
 from innerloop.models.blocks import Block, BlockState, CausalDepthwiseConv
 from innerloop.models.config import ModelConfig, require_model_config, validate_model_config
@@ -228,7 +229,7 @@ class CausalLM(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.padding_id)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
-        self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight

@@ -61,6 +61,9 @@ LARGE_INPUT = 1e4
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 # A non-finite output's diagnosis rereads the call in at most this many pieces (TTTLayer._check_output).
 DIAGNOSIS_PIECES = 16
+# Inner weights that grew by more than this factor (over the larger of 1 and their size at the start
+# of the call) before a non-finite output diverged there: the diagnosis says so, below the overflow.
+DIVERGED_GROWTH = 1e6
 # The layer builds [K, K] matrices per head and mini-batch (the dual form's causal products) and
 # [K] tables (tau, RoPE positions): beyond this they are too large to be a mini-batch size.
 MAX_MINI_BATCH_SIZE = 65536
@@ -1126,9 +1129,11 @@ class TTTLayer(nn.Module):
                 f"overflowed {low_name} (largest finite {low_name} {torch.finfo(low).max:.1e}); "
                 f"{self._wider_dtype_advice(x)}, or look for huge post-norm, gate or o_proj weights"
             )
-        weights = self._largest_inner_weight(x, state)
-        if weights > math.sqrt(torch.finfo(self.scan_dtype).max):
-            return size + self._inner_weights_overflow(weights, largest)
+        weights, start = self._largest_inner_weight(x, state), _largest_magnitude(state)
+        if weights > math.sqrt(torch.finfo(self.scan_dtype).max) or weights > DIVERGED_GROWTH * max(
+            start, 1.0
+        ):
+            return size + self._inner_weights_overflow(weights, largest, start)
         widen = "" if self.scan_dtype == torch.float64 else " or run in float64 (layer.double())"
         if largest >= LARGE_INPUT:
             return f"{size}: the inner model overflowed {scan_dtype}; normalise the input{widen}"
@@ -1137,9 +1142,10 @@ class TTTLayer(nn.Module):
             f"inner weights stayed moderate (largest |W| {weights:.1e}): {self._plugin_suspects()}"
         )
 
-    def _inner_weights_overflow(self, weights: float, largest_input: float) -> str:
+    def _inner_weights_overflow(self, weights: float, largest_input: float, start: float) -> str:
         """The cause in words when the inner weights grew to ``weights`` (beyond the square root of the
-        scan dtype's largest value, where their products overflow), with what to do."""
+        scan dtype's largest value, where their products overflow, or more than :data:`DIVERGED_GROWTH`
+        times from ``start``, their size when the call began: the inner loop diverged), with what to do."""
         scan_dtype = str(self.scan_dtype).removeprefix("torch.")
         limit = math.sqrt(torch.finfo(self.scan_dtype).max)
         projections = [getattr(self, name, None) for name in ("q_proj", "k_proj", "v_proj")]  # share_qk: no k
@@ -1153,11 +1159,17 @@ class TTTLayer(nn.Module):
             remedies.insert(0, "normalise the input")
         if self.scan_dtype != torch.float64:
             remedies.append("run in float64 (layer.double())")
-        return (
-            f": the inner weights overflowed {scan_dtype} (largest |W| {weights:.1e} up to the first non-finite "
-            f"piece, beyond {limit:.1e}, the square root of {scan_dtype}'s largest value); "
-            f"{', '.join(remedies[:-1])} or {remedies[-1]}"
-        )
+        if weights > limit:
+            cause = (
+                f"overflowed {scan_dtype} (largest |W| {weights:.1e} up to the first non-finite piece, beyond "
+                f"{limit:.1e}, the square root of {scan_dtype}'s largest value)"
+            )
+        else:
+            cause = (
+                f"diverged: they grew from largest |W| {start:.1e} to {weights:.1e} up to the first non-finite "
+                "piece (the inner learning rate is too large for this input)"
+            )
+        return f": the inner weights {cause}; {', '.join(remedies[:-1])} or {remedies[-1]}"
 
     def _lr_gate_advice(self) -> str:
         """What to check of the inner learning rate's gate, by its parameters' names where known."""

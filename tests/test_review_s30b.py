@@ -115,3 +115,25 @@ def test_an_inner_loop_that_diverged_is_named_so_not_blamed_on_the_built_in_plug
     assert "the inner weights diverged: they grew from largest |W| 7.5e-02 to" in message
     assert "lower base_lr (now 10)" in message
     assert "stayed moderate" not in message and "please report" not in message
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sliding_window_attention_far_into_a_sequence_equals_it_at_the_start(dtype) -> None:
+    """A sliding window reads only its last tokens, so its output is the same at any position (RoPE is
+    relative). The angles position * inv_freq were rounded to float32: at position 1e7 (a long
+    constant-memory generation) the output was 1.3e-2 off its value at the start, in float64 too
+    (1.3e-5 at 1e4, 1.2e-1 beyond 2**24 where positions collide). Now the angles are taken in float64."""
+    from innerloop.models.attention import CausalSelfAttention, KVCache, rotate_with_rope
+
+    torch.manual_seed(0)
+    attention = CausalSelfAttention(64, 4, window=32).to(dtype)
+    before, x = torch.randn(1, 31, 64, dtype=dtype), torch.randn(1, 40, 64, dtype=dtype)
+    with torch.no_grad():
+        at_start = attention(torch.cat([before, x], 1))[0][:, 31:]
+        _, k, v = attention.qkv_proj(before).view(1, 31, 3, 4, 16).unbind(2)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+        for position in (10**4, 10**7, 2**24 + 1000):  # the window's cache as it would be there
+            keys = rotate_with_rope(k, torch.arange(position - 31, position), attention.rope_theta, True)
+            far, _ = attention(x, KVCache(keys, v, position))
+            assert float((far - at_start).norm() / at_start.norm()) < tolerance, position

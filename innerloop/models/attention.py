@@ -176,13 +176,23 @@ def appended(
 torch.serialization.add_safe_globals([KVCache])  # torch.load(weights_only=True): tensors and an int
 
 
-def rotate_with_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+def rotate_with_rope(
+    x: torch.Tensor, positions: torch.Tensor, theta: float, float64_angles: bool = False
+) -> torch.Tensor:
     """``x [B, H, T, f]`` with RoPE at ``positions [T]``: the TTT layer's rotation (interleaved pairs,
-    float32 tables), computed in float32, or in float64 for float64 inputs, and cast back to ``x``'s dtype.
-    """
+    float32 inverse frequencies), computed in float32, or in float64 for float64 inputs, and cast back to
+    ``x``'s dtype. The angles ``position * inv_freq`` are rounded to float32 as the reference (and the
+    official TTT-E2E code) computes them, or with ``float64_angles`` taken in float64 (where the device
+    has it): rounded to float32, an angle at position p is off by up to p * 6e-8 radians, so attention
+    at absolute positions drifts from its translation invariance as a sequence grows (1e-5 relative at
+    position 1e4, 1e-2 at 1e7, and positions beyond 2**24 collide), in float64 models too."""
     compute = torch.promote_types(x.dtype, torch.float32)
     inv_freq = rope_inverse_frequencies(x.shape[-1], theta)
-    cos, sin = rope_cos_sin(positions, inv_freq, compute)  # [T, f/2]
+    if not float64_angles or positions.device.type == "mps":  # no float64 on mps
+        cos, sin = rope_cos_sin(positions, inv_freq, compute)  # [T, f/2]
+    else:
+        angles = positions.to(torch.float64)[:, None] * inv_freq.to(positions.device, torch.float64)
+        cos, sin = angles.cos().to(compute), angles.sin().to(compute)  # [T, f/2]
     return apply_rope_interleaved(x.to(compute), cos, sin).to(x.dtype)
 
 
@@ -306,6 +316,9 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, eps=float(norm_eps)) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps=float(norm_eps)) if qk_norm else None
+        # RoPE angles in float64 (rotate_with_rope): a long sequence's far positions stay exact. TTT-E2E's
+        # blocks turn it off, to compute as the official code does (their positions are chunk-relative).
+        self.float64_rope_angles = True
 
     def check_input(self, x: Any) -> None:
         """``x`` is a floating-point ``[B, T, hidden_size]`` tensor in the weights' dtype and on their
@@ -325,8 +338,8 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         positions = torch.arange(start, start + length, device=x.device)  # [T]
         q, k = (
-            rotate_with_rope(q, positions, self.rope_theta),
-            rotate_with_rope(k, positions, self.rope_theta),
+            rotate_with_rope(q, positions, self.rope_theta, self.float64_rope_angles),
+            rotate_with_rope(k, positions, self.rope_theta, self.float64_rope_angles),
         )
 
         room = None

@@ -274,6 +274,7 @@ class E2EBlock(nn.Module):
             self.attn.head_dim, eps=eps
         )  # the same parameter, computed in float32
         self.attn.k_norm = FloatRMSNorm(self.attn.head_dim, eps=eps)
+        self.attn.float64_rope_angles = False  # float32 angles, as the official code computes them
         self.attn_post_norm = FloatRMSNorm(D, eps=eps)
         self.prime: SwiGLU | None = None
         if prime:

@@ -25,7 +25,7 @@ def dense_reference(layer: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor
     if layer.q_norm is not None and layer.k_norm is not None:
         q, k = layer.q_norm(q), layer.k_norm(k)
     positions = torch.arange(length)
-    q, k = (rotate_with_rope(t, positions, layer.rope_theta) for t in (q, k))
+    q, k = (rotate_with_rope(t, positions, layer.rope_theta, layer.float64_rope_angles) for t in (q, k))
     window = layer.window if layer.window is not None else length
     offsets = positions[:, None] - positions[None, :]  # [T, T]: query minus key position
     visible = (offsets >= 0) & (offsets < window)

@@ -1130,13 +1130,15 @@ class TTTLayer(nn.Module):
                 f"{self._wider_dtype_advice(x)}, or look for huge post-norm, gate or o_proj weights"
             )
         weights, start = self._largest_inner_weight(x, state), _largest_magnitude(state)
-        if weights > math.sqrt(torch.finfo(self.scan_dtype).max) or weights > DIVERGED_GROWTH * max(
-            start, 1.0
-        ):
+        if weights > math.sqrt(torch.finfo(self.scan_dtype).max):
             return size + self._inner_weights_overflow(weights, largest, start)
         widen = "" if self.scan_dtype == torch.float64 else " or run in float64 (layer.double())"
         if largest >= LARGE_INPUT:
             return f"{size}: the inner model overflowed {scan_dtype}; normalise the input{widen}"
+        if weights > DIVERGED_GROWTH * max(
+            start, 1.0
+        ):  # from input of ordinary size: the inner loop diverged
+            return size + self._inner_weights_overflow(weights, largest, start)
         return (
             f" of moderate size (largest |input| {largest:.1e}, far from overflowing {scan_dtype}), and the "
             f"inner weights stayed moderate (largest |W| {weights:.1e}): {self._plugin_suspects()}"

@@ -137,3 +137,19 @@ def test_sliding_window_attention_far_into_a_sequence_equals_it_at_the_start(dty
             keys = rotate_with_rope(k, torch.arange(position - 31, position), attention.rope_theta, True)
             far, _ = attention(x, KVCache(keys, v, position))
             assert float((far - at_start).norm() / at_start.norm()) < tolerance, position
+
+
+def test_a_ttt_layer_with_a_huge_query_projection_is_right_not_nan() -> None:
+    """q_proj's weights x1e37 (finite, and q stays finite): the query's output rows (~1e37) were NaN after
+    the post-LayerNorm, and training stopped as "diverged" (tests/train/test_review_s13_train.py used it
+    as its divergence); the float64 layer's output is finite and float32 now equals it."""
+    torch.manual_seed(0)
+    layer = innerloop.TTTLayer(32, 2)
+    with torch.no_grad():
+        layer.q_proj.weight.mul_(1e37)
+    layer64 = copy.deepcopy(layer).double()
+    x = torch.randn(1, 20, 32)
+    with torch.no_grad():
+        y, _ = layer(x)
+        y64, _ = layer64(x.double())
+    assert _row_errors(y, y64).max() < 1e-4

@@ -56,6 +56,23 @@ def test_a_norm_of_a_finite_row_whose_squares_overflow_is_its_true_norm_not_zero
     assert torch.equal(norm(moderate), plain(moderate))
 
 
+@pytest.mark.parametrize("norm_class", [RMSNorm, LayerNorm])
+def test_a_norm_under_vmap_scales_as_it_does_eagerly(norm_class) -> None:
+    """Under torch.func transforms (and torch.compile, and off the CPU) the norm cannot ask whether any
+    row needs scaling (a data-dependent branch): it always scales, and gives the eager result, huge rows
+    and ordinary rows (multiplied by exactly 1) alike."""
+    torch.manual_seed(0)
+    norm = norm_class(16)
+    x = torch.randn(2, 3, 16)
+    x[0, 1] *= 1e20  # one huge row among ordinary ones
+    eager = torch.stack([norm(row) for row in x])
+    mapped = torch.func.vmap(norm)(x)
+    torch.testing.assert_close(mapped, eager, rtol=1e-6, atol=0)
+    plain = (torch.nn.RMSNorm if norm_class is RMSNorm else torch.nn.LayerNorm)(16)
+    plain.load_state_dict(norm.state_dict())
+    assert torch.equal(mapped[1], plain(x[1]))  # an ordinary batch element: torch's norm, bit for bit
+
+
 def test_linear_attention_of_large_input_is_right_not_zeroed_by_its_output_norm() -> None:
     """LinearAttentionLayer (its quadratic feature map) on float32 input of size 1e4: the scan's output
     (~1e20) stayed finite, but its per-head RMSNorm's mean square overflowed and 16 of 37 tokens came

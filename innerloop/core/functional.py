@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.autograd.function import FunctionCtx
 
 # The reference's constants for the derivative of tanh-GELU (Megatron's fused bias-gelu). They are
@@ -96,14 +97,18 @@ def overflow_safe_scale(x: torch.Tensor) -> torch.Tensor:
     variance of such a row (nonzero: at least an ulp of ``2**limit``, squared) dwarfs any ``eps``,
     so ``eps`` need not be rescaled with it; the scaling costs one rounding.
     """
-    detached = x.detach()
-    # torch's CPU aminmax over a dim is not vectorised: two reductions there are 6-8x faster
+    return (_overflow_bound(x) / _row_peaks(x.detach())).clamp(max=1.0)
+
+
+def _row_peaks(x: torch.Tensor) -> torch.Tensor:
+    """The largest ``|value|`` of each row (last dim) of ``x``, ``[..., 1]``, without a ``|x|`` copy."""
+    # torch's CPU aminmax over a dim is not vectorised (nor is vector_norm's inf norm): two reductions
+    # there are 6-8x faster
     if x.device.type == "cpu":
-        low, high = detached.amin(dim=-1, keepdim=True), detached.amax(dim=-1, keepdim=True)
-    else:  # one pass, no |x| copy
-        low, high = torch.aminmax(detached, dim=-1, keepdim=True)
-    top = torch.maximum(high.abs(), low.abs())  # (not max(high, -low): a zero row would give -0.0)
-    return (_overflow_bound(x) / top).clamp(max=1.0)
+        low, high = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+    else:  # one pass
+        low, high = torch.aminmax(x, dim=-1, keepdim=True)
+    return torch.maximum(high.abs(), low.abs())  # (not max(high, -low): a zero row would give -0.0)
 
 
 def _overflow_bound(x: torch.Tensor) -> float:
@@ -350,30 +355,10 @@ def is_power_of_two(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
 
 
-__all__ = [
-    "apply_rope_interleaved",
-    "causal_depthwise_conv",
-    "check_positive_int",
-    "chunk_mean_cross_entropy",
-    "gelu_tanh",
-    "gelu_tanh_derivative",
-    "is_integer",
-    "is_power_of_two",
-    "mean_scored_cross_entropy",
-    "layer_norm",
-    "overflow_safe_scale",
-    "overflow_safe_scale_if_needed",
-    "layer_norm_backward",
-    "relative_error",
-    "rope_cos_sin",
-    "rope_inverse_frequencies",
-]
-
-
 def overflow_safe_rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` with each row (last dim) whose largest ``|entry|`` is so large that the sum of the row's
     squares (or the cubes of a norm's backward) could overflow multiplied by the power of two that brings
-    it below that (2**31 in float32); other rows are multiplied by 1 (exactly themselves).
+    it below that (2**29 for rows of 768 in float32); other rows are multiplied by 1 (exactly themselves).
 
     RMSNorm and LayerNorm are scale-invariant up to their eps, and an eps is negligible beside the mean
     square of such a row, so normalising the scaled row gives the norm of the row itself, where torch's
@@ -381,14 +366,22 @@ def overflow_safe_rows(x: torch.Tensor) -> torch.Tensor:
     (an RMSNorm's output) or to its bias (a LayerNorm's), silently. The threshold is that of the
     precision the norm computes in (float32 for bfloat16 and float16, whose norms torch computes in
     float32), and the scale is detached (it is a constant of the row, as an exact power of two).
+
+    On the CPU, outside ``torch.compile`` and torch.func transforms, one read of ``x`` finds whether any
+    row needs it, and ``x`` itself is returned when none does (the common case: no per-row pass, no
+    multiply in the graph). Elsewhere the scale is always applied (no data-dependent branch, no sync).
     """
+    if not x.dim() or not x.numel():  # nothing to scale (a batch of no rows, rows of no entries)
+        return x
     compute = torch.promote_types(x.dtype, torch.float32)
-    finfo = torch.finfo(compute)
-    row = max(x.shape[-1], 1) if x.dim() else 1
     # a row's entries below 2**e with e a quarter of the exponent range: the backward's cubes stay finite
-    safe_exponent = int((math.log2(finfo.max) - math.log2(row)) / 4)
-    peak = x.detach().abs().amax(-1, keepdim=True) if x.dim() and x.shape[-1] else x.detach().abs()
-    _, exponent = torch.frexp(peak.to(compute))  # peak < 2**exponent
+    safe_exponent = int((math.log2(torch.finfo(compute).max) - math.log2(x.shape[-1])) / 4)
+    detached, bound = x.detach(), 2.0**safe_exponent
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and not is_functorch_wrapped_tensor(x):
+        low, high = torch.aminmax(detached)  # (over all of x: vectorised on the CPU)
+        if high < bound and low > -bound:  # a NaN compares False: rows are then scaled one by one
+            return x
+    _, exponent = torch.frexp(_row_peaks(detached).to(compute))  # each row's peak < 2**exponent
     shift = (exponent - safe_exponent).clamp_min(0)
     return x * torch.exp2(-shift.to(compute)).to(x.dtype)
 
@@ -408,3 +401,26 @@ class LayerNorm(torch.nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(overflow_safe_rows(x))
+
+
+__all__ = [
+    "apply_rope_interleaved",
+    "causal_depthwise_conv",
+    "check_positive_int",
+    "chunk_mean_cross_entropy",
+    "gelu_tanh",
+    "gelu_tanh_derivative",
+    "is_integer",
+    "is_power_of_two",
+    "mean_scored_cross_entropy",
+    "layer_norm",
+    "LayerNorm",
+    "overflow_safe_rows",
+    "overflow_safe_scale",
+    "overflow_safe_scale_if_needed",
+    "layer_norm_backward",
+    "relative_error",
+    "RMSNorm",
+    "rope_cos_sin",
+    "rope_inverse_frequencies",
+]

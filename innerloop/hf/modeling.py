@@ -310,12 +310,22 @@ def padding_zeroed(input_ids: torch.Tensor, attention_mask: torch.Tensor | None)
 def check_generate_pad_token(generation_config: Any, batch_size: int, vocab_size: int) -> None:
     """Refuse, before anything is generated, a ``pad_token_id`` outside the vocabulary where a batch's
     rows may end at ``eos_token_id`` one before another: transformers feeds the pad id to the rows that
-    ended, as their next token (their outputs are discarded, but the model must read it)."""
+    ended, as their next token (their outputs are discarded, but the model must read it). Without a
+    ``pad_token_id`` transformers pads with the first ``eos_token_id``, which is checked the same way.
+    Where no end-of-sequence id is in the vocabulary, no row can end and the pad id is never read."""
     pad, eos = generation_config.pad_token_id, generation_config.eos_token_id
-    if batch_size < 2 or eos is None or pad is None or 0 <= int(pad) < vocab_size:
+    if batch_size < 2 or eos is None:
+        return
+    ends = torch.as_tensor(eos).flatten().tolist()
+    if not ends or not any(0 <= int(end) < vocab_size for end in ends):
+        return
+    given = f"pad_token_id={pad},"
+    if pad is None:  # transformers' default, as its _prepare_special_tokens sets it
+        pad, given = ends[0], f"no pad_token_id, so transformers pads with the first eos_token_id, {ends[0]},"
+    if 0 <= int(pad) < vocab_size:
         return
     raise ValueError(
-        f"generate() got pad_token_id={pad}, outside the model's vocabulary of {vocab_size} tokens "
+        f"generate() got {given} outside the model's vocabulary of {vocab_size} tokens "
         f"(0..{vocab_size - 1}), with eos_token_id={eos} and a batch of {batch_size}: transformers feeds the "
         "pad id to every row that has ended as its next token; give a pad_token_id in the vocabulary (e.g. "
         "pad_token_id=0: what those rows read after their end is never used)"

@@ -306,7 +306,46 @@ class HFTokenizer(Tokenizer):
     def save_pretrained(self, out_dir: str | os.PathLike[str]) -> list[Path]:
         """``tokenizer.json`` and a ``tokenizer_config.json`` that encodes special tokens' text as text,
         as this tokenizer does (``split_special_tokens``)."""
-        return _save_tokenizer_files(self.tokenizer_json, self.eos_token, out_dir, split_special_tokens=True)
+        reading = without_template_tokens(self.tokenizer_json)  # transformers' encode then gives encode's ids
+        return _save_tokenizer_files(reading, self.eos_token, out_dir, split_special_tokens=True)
+
+
+_TEMPLATE_PROCESSORS = ("TemplateProcessing", "BertProcessing", "RobertaProcessing")
+"""The ``tokenizers`` post-processors that add special tokens around a text (a start token, a separator)."""
+
+
+def without_template_tokens(tokenizer_json: str) -> str:
+    """``tokenizer_json`` without the post-processors that add special tokens around an encoded text
+    (Llama's start token, BERT's [CLS]/[SEP]); unchanged, byte for byte, when it has none.
+
+    innerloop reads text without them (:meth:`HFTokenizer.encode`, ``add_special_tokens=False``: the
+    training data, ``innerloop generate``'s prompt, eval); transformers' tokenizers add them by default,
+    so a saved tokenizer that kept them would give ``generate()`` and lm-eval other ids for the same text
+    than the model read. Other post-processors (ByteLevel's offsets) are kept; ids are the same."""
+    document = json.loads(tokenizer_json)
+    processor = document.get("post_processor")
+    kept = _processor_without_templates(processor)
+    if kept is processor:
+        return tokenizer_json
+    document["post_processor"] = kept
+    return json.dumps(document, ensure_ascii=False)
+
+
+def _processor_without_templates(processor: Any) -> Any:
+    """``processor`` (a ``post_processor`` of a tokenizer.json) without its template processors: the same
+    object when it has none, None when nothing is left."""
+    if not isinstance(processor, dict):
+        return processor
+    if processor.get("type") in _TEMPLATE_PROCESSORS:
+        return None
+    parts = processor.get("processors")
+    if processor.get("type") != "Sequence" or not isinstance(parts, list):
+        return processor
+    kept = [_processor_without_templates(part) for part in parts]
+    if all(new is old for new, old in zip(kept, parts, strict=True)):
+        return processor
+    kept = [part for part in kept if part is not None]
+    return {**processor, "processors": kept} if kept else None
 
 
 def _save_tokenizer_files(

@@ -21,7 +21,13 @@ from typing import Any
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from innerloop.data.tokenizer import END_OF_TEXT, ByteTokenizer, HFTokenizer, byte_level_tokenizer_json
+from innerloop.data.tokenizer import (
+    END_OF_TEXT,
+    ByteTokenizer,
+    HFTokenizer,
+    byte_level_tokenizer_json,
+    without_template_tokens,
+)
 from innerloop.data.tokenizer import Tokenizer as RunTokenizer
 from innerloop.data.tokenizer import load_tokenizer as load_run_tokenizer
 
@@ -42,8 +48,11 @@ def from_run_tokenizer(tokenizer: RunTokenizer) -> PreTrainedTokenizerBase:
         return byte_tokenizer()
     if not isinstance(tokenizer, HFTokenizer):
         raise ValueError(f"cannot export {tokenizer.describe()} ({type(tokenizer).__name__})")
-    backend = Tokenizer.from_str(tokenizer.tokenizer_json)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=tokenizer.eos_token)
+    # it reads text as the run did: special tokens' text as text, no template tokens (a start token)
+    backend = Tokenizer.from_str(without_template_tokens(tokenizer.tokenizer_json))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=tokenizer.eos_token, split_special_tokens=True
+    )
 
 
 BYTES = "bytes"

@@ -141,3 +141,78 @@ def test_perplexity_mean_loss_of_one_token_and_of_none() -> None:
     metric.reset()
     metric.update(logits, torch.tensor([[-100, -100]]))  # nothing scored: no mean to give
     assert math.isnan(metric.mean_loss().item())
+
+
+# ------------------------------------------------------------------------------------------------------
+# innerloop/models/e2e.py
+# ------------------------------------------------------------------------------------------------------
+
+
+# mutant e13_stream_first: the first piece's losses scored against the piece's own tokens, not the next
+# ones (the streaming test's first piece had one token, whose losses are empty either way)
+def _tiny_e2e(**e2e):
+    """2 blocks of width 8 (the second with the prime MLP), window 4, chunks of 4 tokens, float64."""
+    from innerloop.models import E2EConfig, ModelConfig, build_model
+
+    options = {"chunk_size": 4, "suffix_fraction": 0.5, "inner_lr_warmup_fraction": 0.0, **e2e}
+    config = ModelConfig(
+        mixer="e2e", vocab_size=32, hidden_size=8, num_layers=2, num_heads=2, intermediate_size=12,
+        window=4, init_std=0.3, e2e=E2EConfig(**options),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return build_model(config).double()
+
+
+def test_stream_losses_of_a_first_piece_of_several_tokens_score_the_next_token() -> None:
+    model = _tiny_e2e()
+    ids = torch.randint(32, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole, _ = model(ids)
+    losses = torch.cat(list(model.stream_losses([ids[:, :6], ids[:, 6:]])), dim=1)  # [B, 10]
+    log_probs = whole.log_softmax(-1)
+    expected = torch.tensor(
+        [[-float(log_probs[b, t, ids[b, t + 1]]) for t in range(10)] for b in range(2)], dtype=torch.float64
+    )  # -log p(x_{t+1} | x_{<=t}), one by one
+    torch.testing.assert_close(losses, expected, rtol=1e-10, atol=1e-12)
+
+
+# mutant e14_outer_token_mean: outer_loss "chunk_mean" and "token_mean" swapped (equal when every
+# target is scored and the chunks are full, as in every test before)
+def test_the_chunk_mean_training_loss_weighs_each_chunk_alike() -> None:
+    model = _tiny_e2e()
+    logits = torch.randn(1, 8, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    targets = torch.randint(32, (1, 8), generator=torch.Generator().manual_seed(3))
+    targets[0, :3] = -100  # chunk 0 scores one token, chunk 1 four
+    nll = [-float(logits[0, t].log_softmax(-1)[targets[0, t]]) if t >= 3 else 0.0 for t in range(8)]
+    chunk_mean = (nll[3] + sum(nll[4:]) / 4) / 2
+    assert float(model.training_loss(logits, targets, -100)) == pytest.approx(chunk_mean, rel=1e-12)
+    assert chunk_mean != pytest.approx(sum(nll[3:]) / 5, rel=1e-3)  # the token mean differs
+
+
+# mutant e16_float32_fast: the initial fast weights of a bfloat16 model kept in bfloat16, where every
+# inner update smaller than its rounding step is lost (documented: at least float32)
+def test_the_initial_fast_weights_of_a_bfloat16_model_are_float32() -> None:
+    model = _tiny_e2e().to(torch.bfloat16)
+    fast = model.initial_fast_weights(2)
+    params = dict(model.named_parameters())
+    assert fast and all(w.dtype == torch.float32 for w in fast.values())
+    for name, w in fast.items():
+        assert w.shape == (2, *params[name].shape)
+        assert torch.equal(w[1], params[name].float())  # the same values, widened exactly
+
+
+# ------------------------------------------------------------------------------------------------------
+# innerloop/core/family_layers.py
+# ------------------------------------------------------------------------------------------------------
+
+
+# mutant f18_relu: feature_map="relu" applied as the identity (no test built a layer with it)
+@pytest.mark.parametrize("layer_class", ["LinearAttentionLayer", "DeltaNetLayer"])
+def test_the_relu_feature_map_equals_a_float64_reference(layer_class) -> None:
+    import innerloop.core.family_layers as family
+    from tests.family.test_review_s21_family import _perturbed, _reference, _rel
+
+    torch.manual_seed(1)
+    layer = _perturbed(getattr(family, layer_class)(6, 2, feature_map="relu", qk_activation="identity"))
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    assert _rel(layer(x)[0], _reference(layer, x)) < 1e-13

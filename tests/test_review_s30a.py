@@ -216,3 +216,112 @@ def test_the_relu_feature_map_equals_a_float64_reference(layer_class) -> None:
     layer = _perturbed(getattr(family, layer_class)(6, 2, feature_map="relu", qk_activation="identity"))
     x = torch.randn(2, 5, 6, dtype=torch.float64)
     assert _rel(layer(x)[0], _reference(layer, x)) < 1e-13
+
+
+# ------------------------------------------------------------------------------------------------------
+# innerloop/data/packing.py
+# ------------------------------------------------------------------------------------------------------
+
+_DOCUMENTS = [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def _read(epoch: int, first: int):
+    return ((i, _DOCUMENTS[i]) for i in range(first, len(_DOCUMENTS)))
+
+
+# mutant p08_offset_check: a recorded position one token past its document's end (the data changed)
+# taken as valid, the windows then read from a negative count of tokens left
+def test_a_recorded_position_past_its_documents_end_is_refused() -> None:
+    from innerloop.data.packing import StreamPosition, packed_windows
+    from innerloop.data.text import DataError
+
+    # at the end of document 0 (3 tokens): valid, the stream goes on with document 1
+    window, after = next(packed_windows(_read, 3, StreamPosition(0, 0, 3)))
+    assert (window, after) == ([4, 5, 6, 7], StreamPosition(0, 1, 3))
+    with pytest.raises(DataError, match=r"past the end of document 0 \(3 tokens\)"):
+        next(packed_windows(_read, 3, StreamPosition(0, 0, 4)))
+
+
+# mutant p07_val_need: the held-out tokens that make exactly one more window (seq_len + 1 left) dropped
+def test_validation_windows_use_tokens_that_fill_a_window_exactly() -> None:
+    from innerloop.data.packing import validation_windows
+
+    def read(epoch: int, first: int):
+        return iter([(9, [1, 2, 3]), (19, [4, 5, 6, 7])])  # 7 tokens: windows of 4 at 0 and 3
+
+    assert validation_windows(read, 3, 5) == [[1, 2, 3, 4], [4, 5, 6, 7]]
+
+
+# ------------------------------------------------------------------------------------------------------
+# innerloop/data/recall.py
+# ------------------------------------------------------------------------------------------------------
+
+
+def _recall_examples(num_pairs: int, gap: int, count: int):
+    from innerloop.data.recall import recall_example
+
+    generator = torch.Generator().manual_seed(0)
+    return [recall_example(num_pairs, gap, generator) for _ in range(count)]
+
+
+# mutant r08_keys_perm: keys drawn with replacement: a key given twice with two values, which no model
+# can recall (the task promises each key once, then every key once more)
+def test_the_keys_of_a_recall_example_are_distinct_and_each_queried_once() -> None:
+    for inputs, _ in _recall_examples(32, 4, 20):
+        keys = inputs[0:64:2].tolist()  # k1 v1 ... k32 v32
+        assert len(set(keys)) == 32 and all(16 <= k < 80 for k in keys)
+        queried = inputs[64 + 4 :: 2].tolist()  # after the gap: every key once more
+        assert sorted(queried) == sorted(keys)
+
+
+# mutants r03_values_range, r06_distr_range: a value never drawn (63 of the 64 values); distractors
+# drawn among the keys too (documented ranges: keys 16-79, distractors 80-127, values 128-191)
+def test_recall_values_and_distractors_cover_their_documented_ranges() -> None:
+    values, distractors = set(), set()
+    for inputs, _ in _recall_examples(8, 16, 200):
+        values |= set(inputs[1:16:2].tolist())
+        distractors |= set(inputs[16:32].tolist())
+    assert values == set(range(128, 192))
+    assert distractors == set(range(80, 128))
+
+
+# mutant r07_gap_bound: a gap one past the one that makes a 64-pair sequence 2**30 tokens (data.seq_len's
+# limit) accepted
+def test_the_largest_recall_gap_makes_a_sequence_of_2_to_the_30_tokens() -> None:
+    from innerloop.data.recall import RECALL_GAP_BOUNDS, recall_length
+
+    largest = int(RECALL_GAP_BOUNDS.high)
+    assert recall_length(64, largest) == 2**30  # 4 * 64 + gap - 1
+    assert largest in RECALL_GAP_BOUNDS and largest + 1 not in RECALL_GAP_BOUNDS
+
+
+# ------------------------------------------------------------------------------------------------------
+# innerloop/models/generate.py
+# ------------------------------------------------------------------------------------------------------
+
+
+# mutant g02_topk_lt: top_k = vocab - 1 taken as "every token" (the least likely one still drawn)
+def test_top_k_of_all_tokens_but_one_never_draws_the_last() -> None:
+    from innerloop.models.generate import sample_next
+
+    logits = torch.tensor([[1.0, 1.0, 0.9]]).expand(4000, 3)  # token 2: 31% of the mass without top_k
+    drawn = sample_next(logits, 1.0, 2, torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {0, 1}
+
+
+# mutant g03_eos_repeat: a row that has ended repeating the last of several end-of-sequence ids, where
+# the docs say the first
+def test_a_finished_row_repeats_the_first_end_of_sequence_id() -> None:
+    from innerloop.models.generate import generate
+
+    choices = [[3, 1], [1, 3], [1, 1]]  # the token each row's logits favour, step by step
+
+    def model(ids: torch.Tensor, state: int | None) -> tuple[torch.Tensor, int]:
+        step = 0 if state is None else state + 1
+        logits = torch.zeros(ids.shape[0], ids.shape[1], 5)
+        logits[torch.arange(ids.shape[0]), -1, torch.tensor(choices[step])] = 10.0
+        return logits, step
+
+    prompt = torch.zeros(2, 2, dtype=torch.long)
+    tokens = [t.tolist() for t, _ in generate(model, prompt, 3, temperature=0, eos_token_id=[2, 3])]
+    assert tokens == [[3, 1], [2, 3]]  # row 0 ended at step 0: then 2, the first id; row 1 ends at step 1

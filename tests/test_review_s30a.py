@@ -94,6 +94,24 @@ def test_the_training_tokens_per_second_are_tokens_over_seconds(monkeypatch) -> 
     assert (model.tokens_trained, model.tokens_per_s, model.parameters) == (1000, 250.0, 7)
 
 
+# mutant c12_middles: the plot's points at (start + end) / 2, half a position right of each bucket's middle
+def test_the_plot_puts_each_bucket_at_its_middle_position(tmp_path, monkeypatch) -> None:
+    import matplotlib.axes
+
+    from innerloop.train.compare import plot_comparison
+
+    drawn = []
+    original = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "plot",
+        lambda self, *a, **k: drawn.append(list(a[0])) or original(self, *a, **k),
+    )
+    comparison, _, _ = _recall_like_comparison()
+    plot_comparison(tmp_path / "c.png", comparison)
+    assert drawn[0] == [1.5, 5.5]  # positions 0..3 and 4..7
+
+
 # ------------------------------------------------------------------------------------------------------
 # innerloop/train/bootstrap.py
 # ------------------------------------------------------------------------------------------------------

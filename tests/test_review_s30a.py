@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import innerloop.core.family_layers as family
 from innerloop.train.compare import ComparedModel, Comparison, LengthResult, _add_length
 
 # ------------------------------------------------------------------------------------------------------
@@ -95,6 +96,7 @@ def test_the_training_tokens_per_second_are_tokens_over_seconds(monkeypatch) -> 
 
 
 # mutant c12_middles: the plot's points at (start + end) / 2, half a position right of each bucket's middle
+@pytest.mark.slow  # reason: the plot imports matplotlib (about 1 s)
 def test_the_plot_puts_each_bucket_at_its_middle_position(tmp_path, monkeypatch) -> None:
     import matplotlib.axes
 
@@ -227,7 +229,6 @@ def test_the_initial_fast_weights_of_a_bfloat16_model_are_float32() -> None:
 # mutant f18_relu: feature_map="relu" applied as the identity (no test built a layer with it)
 @pytest.mark.parametrize("layer_class", ["LinearAttentionLayer", "DeltaNetLayer"])
 def test_the_relu_feature_map_equals_a_float64_reference(layer_class) -> None:
-    import innerloop.core.family_layers as family
     from tests.family.test_review_s21_family import _perturbed, _reference, _rel
 
     torch.manual_seed(1)
@@ -343,3 +344,26 @@ def test_a_finished_row_repeats_the_first_end_of_sequence_id() -> None:
     prompt = torch.zeros(2, 2, dtype=torch.long)
     tokens = [t.tolist() for t, _ in generate(model, prompt, 3, temperature=0, eos_token_id=[2, 3])]
     assert tokens == [[3, 1], [2, 3]]  # row 0 ended at step 0: then 2, the first id; row 1 ends at step 1
+
+
+# mutants f21_dt_range, f22_Alog_range: Gated DeltaNet's and Titans' forgetting gates initialised off
+# FLA's init (documented: A_log = log U(0, 16), dt_bias = softplus^-1(dt), dt log-uniform in [1e-3, 1e-1])
+@pytest.mark.parametrize("layer_class", ["GatedDeltaNetLayer", "TitansLayer"])
+def test_the_forgetting_gate_starts_at_flas_initialisation(layer_class) -> None:
+    torch.manual_seed(0)
+    layer = getattr(family, layer_class)(512, 512)
+    dt = torch.nn.functional.softplus(layer.dt_bias.detach().double())
+    assert 1e-3 * (1 - 1e-6) <= dt.min() < 1.3e-3 and 0.08 < dt.max() <= 0.1 * (1 + 1e-6)
+    assert 0.4 < float((dt < 1e-2).double().mean()) < 0.6  # log-uniform: half below the geometric middle
+    A = layer.A_log.detach().double().exp()
+    assert 0 < A.min() < 0.5 and 15.5 < A.max() < 16 and 7 < float(A.mean()) < 9  # U(0, 16)
+
+
+# mutant g13_greedy_tiny: a small positive temperature (below 1e-3) taken as greedy
+def test_a_small_temperature_still_samples_in_proportion() -> None:
+    from innerloop.models.generate import sample_next
+
+    logits = torch.tensor([[0.0, -1e-4]]).expand(4000, 2)
+    drawn = sample_next(logits, 5e-4, None, torch.Generator().manual_seed(0))
+    expected = 1 / (1 + math.exp(0.2))  # p(token 1) = softmax([0, -0.2])[1], 0.450
+    assert float(drawn.double().mean()) == pytest.approx(expected, abs=0.03)

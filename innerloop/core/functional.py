@@ -117,13 +117,18 @@ def _overflow_bound(x: torch.Tensor) -> float:
     return 2.0 ** ((max_exponent - 4 - x.shape[-1].bit_length()) // 2)
 
 
+def host_reads_are_free(x: torch.Tensor) -> bool:
+    """Whether code may branch on a value of ``x`` at no cost: a CPU tensor (on a GPU a read waits for
+    the device), outside ``torch.compile`` (a graph break) and torch.func transforms (no value to read)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and not is_functorch_wrapped_tensor(x)
+
+
 def overflow_safe_scale_if_needed(x: torch.Tensor) -> torch.Tensor | None:
     """:func:`overflow_safe_scale`, or ``None`` when no row of ``x`` needs scaling, which a CPU tensor
-    learns from one reduction (its common case then skips the per-row pass and the multiply). Not for
-    code under ``torch.func`` transforms (the check reads a value); elsewhere (CUDA) the scale is
-    always computed, without a host sync, and under ``torch.compile`` (no data-dependent branch to
-    break the graph)."""
-    if x.device.type == "cpu" and x.numel() and not torch.compiler.is_compiling():
+    learns from one reduction (its common case then skips the per-row pass and the multiply) where
+    :func:`host_reads_are_free`; elsewhere (CUDA, ``torch.compile``, torch.func transforms) the scale is
+    always computed, without a host sync or a data-dependent branch."""
+    if x.numel() and host_reads_are_free(x):
         low, high = torch.aminmax(x.detach())
         bound = _overflow_bound(x)
         if high <= bound and low >= -bound:  # a NaN anywhere compares False: rows are then checked one by one
@@ -377,7 +382,7 @@ def overflow_safe_rows(x: torch.Tensor) -> torch.Tensor:
     # a row's entries below 2**e with e a quarter of the exponent range: the backward's cubes stay finite
     safe_exponent = int((math.log2(torch.finfo(compute).max) - math.log2(x.shape[-1])) / 4)
     detached, bound = x.detach(), 2.0**safe_exponent
-    if x.device.type == "cpu" and not torch.compiler.is_compiling() and not is_functorch_wrapped_tensor(x):
+    if host_reads_are_free(x):
         low, high = torch.aminmax(detached)  # (over all of x: vectorised on the CPU)
         if high < bound and low > -bound:  # a NaN compares False: rows are then scaled one by one
             return x
@@ -410,6 +415,7 @@ __all__ = [
     "chunk_mean_cross_entropy",
     "gelu_tanh",
     "gelu_tanh_derivative",
+    "host_reads_are_free",
     "is_integer",
     "is_power_of_two",
     "mean_scored_cross_entropy",

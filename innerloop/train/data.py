@@ -732,16 +732,19 @@ class HFDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """The stream position of the next training batch: ``{"batch": g, "position": [epoch,
         document, offset]}`` (stored in the checkpoint by Lightning)."""
+        # Lightning's epochs of n batches read the stream again from its start: a checkpoint in any of
+        # them (the first included: its resume would read on where the run reads batch 0 again) is refused
+        batches = getattr(self.trainer, "num_training_batches", math.inf)  # (no trainer: one stream)
+        if math.isfinite(batches):
+            raise DataError(
+                f"HFDataModule cannot record its stream position for a checkpoint under the Trainer's "
+                f"limit_train_batches={self.trainer.limit_train_batches!r} (or overfit_batches), epochs of "
+                f"{int(batches)} batches: each epoch reads the documents again from the start, and the "
+                "checkpoint records one endless stream; end the run with max_steps (max_epochs=-1) instead "
+                "of epochs"
+            )
         batch = self._first + self._batches_read()
         if batch not in self._positions:
-            limit = None if self.trainer is None else self.trainer.limit_train_batches
-            if limit not in (None, 1.0):  # Lightning's epochs read the stream again from its start
-                raise DataError(
-                    f"HFDataModule cannot record its stream position for a checkpoint under the Trainer's "
-                    f"limit_train_batches={limit!r} (or overfit_batches): each epoch reads the documents "
-                    "again from the start, and the checkpoint records one endless stream; end the run "
-                    "with max_steps (max_epochs=-1) instead of epochs"
-                )
             raise DataError(f"the stream position of batch {batch} is unknown (it was not read yet)")
         return {"batch": batch, "position": list(self._positions[batch])}
 

@@ -6,6 +6,12 @@
   for "no limit") was accepted, and its resume read on along the endless stream where the uninterrupted
   run read batches 0 .. n-1 again (batches [353, 346, 353, 346, 257] for [353, 346, 395, 353, 346],
   weights 3e-3 apart). docs/training.md promises such a checkpoint is refused.
+- A checkpoint written in ``on_train_batch_end`` (a user's callback calling ``trainer.save_checkpoint``,
+  ``ModelCheckpoint(train_time_interval=...)``) at the first micro-batch of an accumulation that starts an
+  epoch (or the run) was not rewound to its last optimizer step: its ``completed`` count (one behind, the
+  batch not completed yet) was below the surplus, and the rewind's guard left the whole checkpoint as it
+  was. Lightning completed the batch on restart while the data restarted at the step boundary, so the
+  first resumed step took one micro-batch and later steps paired other batches (weights 1.2e-2 apart).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from innerloop.train.data import DataError, HFDataModule
+from innerloop.train.module import _rewind_to_the_last_optimizer_step
 
 
 @pytest.mark.parametrize("limit", [3, 1])
@@ -35,3 +42,69 @@ def test_an_hf_checkpoint_in_an_endless_epoch_records_its_position(tmp_path) -> 
         world_size=1,
     )  # fmt: skip
     assert data.state_dict() == {"batch": 0, "position": [0, 0, 0]}
+
+
+def _batch_end_checkpoint(total: int, current: int) -> dict:
+    """Lightning's loop state of a checkpoint written in on_train_batch_end (the batch not completed)."""
+
+    def counts(n: int) -> dict:
+        return {"ready": n, "started": n, "processed": n, "completed": n - 1}
+
+    progress = {"total": counts(total), "current": counts(current), "is_last_batch": False}
+    return {"loops": {"fit_loop": {"epoch_loop.batch_progress": progress}}}
+
+
+@pytest.mark.parametrize(("total", "current"), [(1, 1), (5, 1), (7, 3)])
+def test_a_batch_end_checkpoint_at_an_accumulation_s_first_micro_batch_is_rewound(total, current) -> None:
+    checkpoint = _batch_end_checkpoint(total, current)
+    _rewind_to_the_last_optimizer_step(checkpoint, accumulate=2)
+    # Lightning's restart completes the batch of a batch-end checkpoint: completed = processed there
+    assert checkpoint == _batch_end_checkpoint(total - 1, current - 1)
+
+
+@pytest.mark.slow  # three short float64 fits (~0.6 s)
+def test_a_resume_from_a_batch_end_checkpoint_at_the_first_micro_batch_is_the_uninterrupted_run(
+    tmp_path,
+) -> None:
+    import warnings
+
+    import lightning as L
+    import torch
+
+    from innerloop.models import ModelConfig, TTTConfig
+    from innerloop.train import LanguageModelModule, TextDataModule
+
+    model = ModelConfig(
+        hidden_size=16, num_heads=2, num_layers=1, intermediate_size=32, ttt=TTTConfig(mini_batch_size=4)
+    )
+    path = tmp_path / "first.ckpt"
+
+    class Record(L.Callback):
+        def __init__(self, save: bool) -> None:
+            self.save, self.batches = save, []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.batches.append(int(batch[0][0, :4].sum()))
+            if self.save and len(self.batches) == 1:
+                trainer.save_checkpoint(path)
+
+    def fit(save: bool = False, ckpt_path=None) -> tuple[LanguageModelModule, list[int]]:
+        L.seed_everything(0, verbose=False)
+        module = LanguageModelModule(model, max_steps=3, warmup_steps=0, diagnostics_batches=0)
+        record = Record(save)
+        trainer = L.Trainer(
+            accelerator="cpu", devices=1, max_steps=3, max_epochs=-1, limit_val_batches=0,
+            accumulate_grad_batches=2, precision="64-true", logger=False, default_root_dir=tmp_path,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[record],
+        )  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Lightning's advice on workers, mid-epoch resumes and the like
+            data = TextDataModule(seq_len=16, batch_size=2, val_batches=1)
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        return module, record.batches
+
+    whole, whole_batches = fit()
+    fit(save=True)
+    resumed, resumed_batches = fit(ckpt_path=path)
+    assert resumed_batches == whole_batches
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters(), strict=True))

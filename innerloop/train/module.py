@@ -205,7 +205,9 @@ def _rewind_to_the_last_optimizer_step(checkpoint: dict[str, Any], accumulate: i
         # batch as completed yet, and Lightning completes it on restart)
         surplus = int(progress["current"]["processed"]) % accumulate
         counts = [progress["total"], progress["current"]]
-        if surplus and all(int(value) >= surplus for c in counts for value in c.values()):
+        # (one written in on_train_batch_end at an epoch's first batch has completed 0 < surplus: its
+        # count goes to -1, which Lightning's restart completes to the step boundary, 0)
+        if surplus and all(int(c["processed"]) >= surplus for c in counts):
             for c in counts:
                 c.update({key: int(value) - surplus for key, value in c.items()})
     except (KeyError, TypeError, AttributeError, ValueError):

@@ -12,6 +12,9 @@
   batch not completed yet) was below the surplus, and the rewind's guard left the whole checkpoint as it
   was. Lightning completed the batch on restart while the data restarted at the step boundary, so the
   first resumed step took one micro-batch and later steps paired other batches (weights 1.2e-2 apart).
+- Every such batch-end checkpoint the rewind moved to a step boundary resumed with Lightning's loggers'
+  step (``_batches_that_stepped``) one ahead of the uninterrupted run's (5 for 4 after 4 steps): the
+  restart counts the step of the batch it completes, which the checkpoint's count already held.
 """
 
 from __future__ import annotations
@@ -44,22 +47,24 @@ def test_an_hf_checkpoint_in_an_endless_epoch_records_its_position(tmp_path) -> 
     assert data.state_dict() == {"batch": 0, "position": [0, 0, 0]}
 
 
-def _batch_end_checkpoint(total: int, current: int) -> dict:
+def _batch_end_checkpoint(total: int, current: int, stepped: int) -> dict:
     """Lightning's loop state of a checkpoint written in on_train_batch_end (the batch not completed)."""
 
     def counts(n: int) -> dict:
         return {"ready": n, "started": n, "processed": n, "completed": n - 1}
 
     progress = {"total": counts(total), "current": counts(current), "is_last_batch": False}
-    return {"loops": {"fit_loop": {"epoch_loop.batch_progress": progress}}}
+    loop = {"_batches_that_stepped": stepped}  # the loggers' step
+    return {"loops": {"fit_loop": {"epoch_loop.batch_progress": progress, "epoch_loop.state_dict": loop}}}
 
 
 @pytest.mark.parametrize(("total", "current"), [(1, 1), (5, 1), (7, 3)])
 def test_a_batch_end_checkpoint_at_an_accumulation_s_first_micro_batch_is_rewound(total, current) -> None:
-    checkpoint = _batch_end_checkpoint(total, current)
+    checkpoint = _batch_end_checkpoint(total, current, stepped=total // 2)
     _rewind_to_the_last_optimizer_step(checkpoint, accumulate=2)
-    # Lightning's restart completes the batch of a batch-end checkpoint: completed = processed there
-    assert checkpoint == _batch_end_checkpoint(total - 1, current - 1)
+    # Lightning's restart completes the batch of a batch-end checkpoint (completed = processed there) and
+    # counts its optimizer step in the loggers' step: the rewound one is that of the step's last batch
+    assert checkpoint == _batch_end_checkpoint(total - 1, current - 1, stepped=total // 2 - 1)
 
 
 @pytest.mark.slow  # three short float64 fits (~0.6 s)
@@ -88,7 +93,7 @@ def test_a_resume_from_a_batch_end_checkpoint_at_the_first_micro_batch_is_the_un
             if self.save and len(self.batches) == 1:
                 trainer.save_checkpoint(path)
 
-    def fit(save: bool = False, ckpt_path=None) -> tuple[LanguageModelModule, list[int]]:
+    def fit(save: bool = False, ckpt_path=None) -> tuple[LanguageModelModule, list[int], int]:
         L.seed_everything(0, verbose=False)
         module = LanguageModelModule(model, max_steps=3, warmup_steps=0, diagnostics_batches=0)
         record = Record(save)
@@ -101,10 +106,11 @@ def test_a_resume_from_a_batch_end_checkpoint_at_the_first_micro_batch_is_the_un
             warnings.simplefilter("ignore")  # Lightning's advice on workers, mid-epoch resumes and the like
             data = TextDataModule(seq_len=16, batch_size=2, val_batches=1)
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-        return module, record.batches
+        return module, record.batches, trainer.fit_loop.epoch_loop._batches_that_stepped
 
-    whole, whole_batches = fit()
+    whole, whole_batches, whole_logged_step = fit()
     fit(save=True)
-    resumed, resumed_batches = fit(ckpt_path=path)
+    resumed, resumed_batches, resumed_logged_step = fit(ckpt_path=path)
     assert resumed_batches == whole_batches
+    assert resumed_logged_step == whole_logged_step == 3
     assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters(), strict=True))

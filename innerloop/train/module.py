@@ -208,8 +208,15 @@ def _rewind_to_the_last_optimizer_step(checkpoint: dict[str, Any], accumulate: i
         # (one written in on_train_batch_end at an epoch's first batch has completed 0 < surplus: its
         # count goes to -1, which Lightning's restart completes to the step boundary, 0)
         if surplus and all(int(c["processed"]) >= surplus for c in counts):
+            loop_state = fit_loop["epoch_loop.state_dict"]
+            stepped = int(loop_state["_batches_that_stepped"])
+            # Lightning's restart of one written in on_train_batch_end (its batch not completed) counts the
+            # completed batch's optimizer step in its loggers' step (now at a step boundary): counted already
+            if int(progress["total"]["completed"]) == int(progress["total"]["processed"]) - 1:
+                stepped -= 1
             for c in counts:
                 c.update({key: int(value) - surplus for key, value in c.items()})
+            loop_state["_batches_that_stepped"] = stepped
     except (KeyError, TypeError, AttributeError, ValueError):
         return
 

@@ -15,6 +15,9 @@
 - Every such batch-end checkpoint the rewind moved to a step boundary resumed with Lightning's loggers'
   step (``_batches_that_stepped``) one ahead of the uninterrupted run's (5 for 4 after 4 steps): the
   restart counts the step of the batch it completes, which the checkpoint's count already held.
+- The family layers' q/k L2 norm (``l2_normalize``) turned a finite float32 row of entries 1e20 (its
+  sum of squares overflows) into zeros, silently, where the day's overflow-safe RMSNorm/LayerNorm give
+  the row's true norm; docs/architecture.md says every norm of the layers scales such a row first.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from innerloop.train.data import DataError, HFDataModule
 from innerloop.train.module import _rewind_to_the_last_optimizer_step
@@ -114,3 +118,18 @@ def test_a_resume_from_a_batch_end_checkpoint_at_the_first_micro_batch_is_the_un
     assert resumed_batches == whole_batches
     assert resumed_logged_step == whole_logged_step == 3
     assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_family_l2_norm_of_a_finite_row_whose_squares_overflow_is_its_true_norm(dtype) -> None:
+    from innerloop.core.family_layers import l2_normalize
+
+    rows = torch.ones(3, 64, dtype=dtype)
+    rows[0] *= 1e20 if dtype != torch.float64 else 1e160  # squares beyond the compute dtype's range
+    rows[1, 5] = -3e38 if dtype != torch.float64 else -1e300  # one huge entry: the row is (nearly) -e_5
+    normed = l2_normalize(rows).double()
+    assert torch.allclose(normed[0], torch.full((64,), 0.125, dtype=torch.float64), rtol=1e-2)
+    assert normed[1, 5] == pytest.approx(-1.0, rel=1e-2) and normed[1].abs().sum() == pytest.approx(
+        1.0, rel=1e-2
+    )
+    assert torch.equal(l2_normalize(rows[2:]), l2_normalize(torch.ones(1, 64, dtype=dtype)))  # unscaled row

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from innerloop.core.functional import RMSNorm, causal_depthwise_conv
+from innerloop.core.functional import RMSNorm, causal_depthwise_conv, overflow_safe_rows
 from innerloop.core.layer import TTTLayer
 from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule, Views
 from innerloop.core.state import TTTState
@@ -68,9 +68,11 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 
     Computed in at least float32 (as FLA's ``l2norm``) and cast back: in float16 the sum of squares
     overflows once it passes 65504 (an RMS of 32 at 64 elements), and ``rsqrt(inf) = 0`` would turn
-    ``x`` into zeros, silently.
+    ``x`` into zeros, silently. A row whose squares would overflow even there (entries beyond about
+    2**31 in float32) is first scaled by a power of two (:func:`overflow_safe_rows`; the eps is
+    negligible beside its sum of squares), not normalised to zeros.
     """
-    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    wide = overflow_safe_rows(x.to(torch.promote_types(x.dtype, torch.float32)))
     return (wide * torch.rsqrt(wide.pow(2).sum(dim=-1, keepdim=True) + L2_NORM_EPS)).to(x.dtype)
 
 

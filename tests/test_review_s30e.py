@@ -18,6 +18,8 @@
 - The family layers' q/k L2 norm (``l2_normalize``) turned a finite float32 row of entries 1e20 (its
   sum of squares overflows) into zeros, silently, where the day's overflow-safe RMSNorm/LayerNorm give
   the row's true norm; docs/architecture.md says every norm of the layers scales such a row first.
+- (A guard no test held.) ``overflow_safe_rows``' CPU fast path (a data-dependent branch) is skipped
+  while compiling; with it taken, ``torch.compile(RMSNorm, fullgraph=True)`` fails, yet every test passed.
 """
 
 from __future__ import annotations
@@ -133,3 +135,16 @@ def test_the_family_l2_norm_of_a_finite_row_whose_squares_overflow_is_its_true_n
         1.0, rel=1e-2
     )
     assert torch.equal(l2_normalize(rows[2:]), l2_normalize(torch.ones(1, 64, dtype=dtype)))  # unscaled row
+
+
+@pytest.mark.slow  # two fullgraph compiles with the eager backend (~1.5 s)
+def test_the_overflow_safe_norms_compile_in_one_graph_and_scale_there() -> None:
+    from innerloop.core.functional import LayerNorm, RMSNorm
+
+    x = torch.ones(2, 8)
+    x[0] *= 1e20  # its squares overflow float32
+    x[1, 0] = 3.0
+    for norm in (RMSNorm(8), LayerNorm(8)):
+        compiled = torch.compile(norm, fullgraph=True, backend="eager")
+        assert torch.equal(compiled(x), norm(x))
+    assert torch.equal(RMSNorm(8)(x)[0], torch.ones(8))  # the huge row's true norm, not 0

@@ -18,10 +18,11 @@
 - The family layers' q/k L2 norm (``l2_normalize``) turned a finite float32 row of entries 1e20 (its
   sum of squares overflows) into zeros, silently, where the day's overflow-safe RMSNorm/LayerNorm give
   the row's true norm; docs/architecture.md says every norm of the layers scales such a row first.
-- (Open, xfail.) Under a ``GradientAccumulationScheduler`` the epochs' optimizer steps differ, and
-  ``_epoch_position`` (``global_step % steps_per_epoch`` at the current accumulation) starts a later
-  epoch mid-stream: accumulation 3 then 1 over epochs of 4 batches read batches 2..5 in the second
-  epoch, not 0..3 as docs/training.md says every epoch does (a resume reads as the run, so it agrees).
+- Under a ``GradientAccumulationScheduler`` the epochs' optimizer steps differ, and ``_epoch_position``
+  (``global_step % steps_per_epoch`` at the current accumulation) started a later epoch mid-stream:
+  accumulation 3 then 1 over epochs of 4 batches read batches 2..5 in the second epoch, not 0..3 as
+  docs/training.md says every epoch does. It now starts at the count of the epoch's batches Lightning
+  processed (0 at an epoch's start, the restored, rewound count on a resume).
 - (A guard no test held.) ``overflow_safe_rows``' CPU fast path (a data-dependent branch) is skipped
   while compiling; with it taken, ``torch.compile(RMSNorm, fullgraph=True)`` fails, yet every test passed.
 """
@@ -155,12 +156,6 @@ def test_the_overflow_safe_norms_compile_in_one_graph_and_scale_there() -> None:
 
 
 @pytest.mark.slow  # one short float64 fit (~0.4 s)
-@pytest.mark.xfail(
-    strict=True,
-    reason="_epoch_position derives the epoch's position from global_step and the current accumulation; "
-    "with an accumulation schedule the earlier epochs took other step counts (fix: count the epoch's "
-    "batches, e.g. Lightning's batch_progress.current, where the iterator starts)",
-)
 def test_every_epoch_reads_the_stream_s_first_batches_under_an_accumulation_schedule(tmp_path) -> None:
     import warnings
 

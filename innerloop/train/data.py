@@ -197,9 +197,8 @@ def _epoch_position(trainer: L.Trainer) -> int:
     if not math.isfinite(batches):
         return trainer.global_step * accumulate
     fit_loop = getattr(trainer, "fit_loop", None)
-    if (
-        fit_loop is not None
-    ):  # the batches the epoch processed: 0 at its start, the restored count on a resume
+    if fit_loop is not None:
+        # the batches the epoch processed: 0 at its start, the restored count on a resume
         return int(fit_loop.epoch_loop.batch_progress.current.processed)
     steps_per_epoch = max(1, -(-int(batches) // accumulate))  # the epoch's last batch ends a step
     return (trainer.global_step % steps_per_epoch) * accumulate

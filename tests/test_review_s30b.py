@@ -29,6 +29,13 @@ def _row_errors(y: torch.Tensor, y64: torch.Tensor) -> torch.Tensor:
     return (y.double() - y64).norm(dim=-1) / y64.norm(dim=-1)
 
 
+def _layer_and_its_float64_copy(layer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs of ``layer`` on ``x`` and of a float64 copy of it on ``x`` in float64 (no grad)."""
+    layer64 = copy.deepcopy(layer).double()
+    with torch.no_grad():
+        return layer(x)[0], layer64(x.double())[0]
+
+
 @pytest.mark.parametrize("norm_class", [RMSNorm, LayerNorm])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_a_norm_of_a_finite_row_whose_squares_overflow_is_its_true_norm_not_zero(norm_class, dtype) -> None:
@@ -79,12 +86,7 @@ def test_linear_attention_of_large_input_is_right_not_zeroed_by_its_output_norm(
     out with 40-80% error (heads zeroed), finite, no error raised. Now every token is within float32
     rounding of the float64 layer."""
     torch.manual_seed(0)
-    layer = LinearAttentionLayer(32, 2)
-    layer64 = copy.deepcopy(layer).double()
-    x = torch.randn(1, 37, 32) * 1e4
-    with torch.no_grad():
-        y, _ = layer(x)
-        y64, _ = layer64(x.double())
+    y, y64 = _layer_and_its_float64_copy(LinearAttentionLayer(32, 2), torch.randn(1, 37, 32) * 1e4)
     assert _row_errors(y, y64).max() < 1e-4
 
 
@@ -111,11 +113,7 @@ def test_a_ttt_layer_without_inner_norm_on_large_input_is_right() -> None:
     """TTTLayer's post-norm (a LayerNorm) takes the inner model's output, unbounded without the inner
     LayerNorm; it is the same overflow-safe norm."""
     layer = innerloop.TTTLayer(32, 2, inner_model="matrix", inner_loss="dot_product", inner_norm=False)
-    layer64 = copy.deepcopy(layer).double()
-    x = torch.randn(1, 20, 32) * 3e5
-    with torch.no_grad():
-        y, _ = layer(x)
-        y64, _ = layer64(x.double())
+    y, y64 = _layer_and_its_float64_copy(layer, torch.randn(1, 20, 32) * 3e5)
     assert _row_errors(y, y64).max() < 1e-4
 
 

@@ -46,6 +46,7 @@ from innerloop.hf.configuration import MODEL_TYPE, InnerloopConfig
 from innerloop.hf.modeling import (
     EXPORT_RECORD,
     EXPORT_RECORD_FORMAT,
+    EXPORT_RECORD_VERSION,
     InnerloopForCausalLM,
     export_leftovers,
     export_record,
@@ -92,7 +93,7 @@ def _write_manifest(staging: Path) -> None:
         for p in sorted(staging.iterdir())
         if p.is_file() and p.name != MANIFEST
     }
-    manifest = {"format": EXPORT_RECORD_FORMAT, "version": 1, "files": files}
+    manifest = {"format": EXPORT_RECORD_FORMAT, "version": EXPORT_RECORD_VERSION, "files": files}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 

@@ -23,6 +23,7 @@ import re
 import shlex
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -408,6 +409,7 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         refuse_integer_weights(model, stored)
         if folder is not None:  # after the checks above, which name what is wrong more precisely
             check_export_record(folder)
+            warn_an_earlier_exports_tokenizer(folder)
         warn_changed_plugins(source, model.config.innerloop_plugins, model.config.model)
         model._refresh_non_persistent_buffers()
         return (model, info) if wants_info else model
@@ -475,6 +477,11 @@ EXPORT_RECORD = "innerloop_export.json"
 (:data:`innerloop.hf.export.MANIFEST` is this name: the export writes it, this module reads it)."""
 
 EXPORT_RECORD_FORMAT = "innerloop-export"
+
+EXPORT_RECORD_VERSION = 2
+"""The record's ``version``: 2 from 2026-12-04 (084afb3), whose exports' tokenizers read text as the
+run did; 1 before, when a Hugging Face tokenizer's export read a special token's text as the token and
+added its template's tokens (:func:`warn_an_earlier_exports_tokenizer`)."""
 
 CHECKED_EXPORT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
 """The files of an export whose checksums ``from_pretrained`` verifies (fnmatch patterns): the weights,
@@ -562,6 +569,44 @@ def check_export_record(folder: Path) -> None:
                 f"from the one {EXPORT_RECORD} records (a damaged or truncated copy? copy or export the "
                 f"folder again; if you changed it on purpose, delete its entry from {EXPORT_RECORD})"
             )
+
+
+def warn_an_earlier_exports_tokenizer(folder: Path) -> None:
+    """Warn when ``folder``'s tokenizer files are those an ``innerloop export`` of record version 1
+    (:data:`EXPORT_RECORD_VERSION`) wrote for a Hugging Face tokenizer: its ``tokenizer_config.json``,
+    unchanged since the export, lacks ``split_special_tokens``. ``AutoTokenizer`` then reads a special
+    token's text (``<|endoftext|>``) as the token and adds the tokens a template adds (a Llama
+    tokenizer's ``<s>``), where the run, ``eval`` and ``generate`` read neither: other ids, silently. A
+    file the user changed is theirs; a folder without the record (a ``save_pretrained``) is no export."""
+    entry = (export_record(folder) or {}).get("tokenizer_config.json")
+    path = folder / "tokenizer_config.json"
+    if entry is None or _export_record_version(folder) >= EXPORT_RECORD_VERSION:
+        return
+    if not unchanged_since_export(path, entry):
+        return
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(config, dict) or config.get("split_special_tokens") is True:
+        return
+    warnings.warn(
+        f"the tokenizer files of {str(folder)!r} were written by an innerloop export before 2026-12-04: "
+        "AutoTokenizer reads a special token's text as that token and adds the tokens its template adds "
+        "(a start token), where the run and `innerloop generate` read neither, so a prompt's ids differ; "
+        "export it again (`innerloop export CHECKPOINT OUT_DIR --overwrite`, which keeps your own files)",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _export_record_version(folder: Path) -> int:
+    """The ``version`` of ``folder``'s export record (1 where it gives none or cannot be read)."""
+    try:
+        version = json.loads((folder / EXPORT_RECORD).read_text(encoding="utf-8")).get("version", 1)
+    except (OSError, ValueError, AttributeError):
+        return 1
+    return version if isinstance(version, int) and not isinstance(version, bool) else 1
 
 
 def stored_weight_dtypes(folder: Path) -> dict[str, tuple[str, str]]:

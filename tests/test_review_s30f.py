@@ -4,7 +4,9 @@ Checked by hand against three older commits (f0fcc64, 6f610ee, f8a345f; report i
 their runs resume, evaluate, generate and export as they did. What is kept here is what was wrong: an
 export written before 084afb3 (the export's tokenizer reading text as the run did) loads silently, while
 its tokenizer reads a special token's text as the token and adds a template's start token, so
-``AutoTokenizer``'s ids are not those ``innerloop generate`` (and the run) read.
+``AutoTokenizer``'s ids are not those ``innerloop generate`` (and the run) read; and a Lightning
+checkpoint written inside a gradient accumulation before ed0a2b9 (the rewind on save) resumed today
+with the step's first micro-batches lost.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("transformers", reason="the Hugging Face export needs transformers")
 
@@ -141,3 +144,61 @@ def test_a_tokenizer_config_edited_by_the_user_is_theirs_and_not_warned_of(tmp_p
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         AutoModelForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.slow  # three short float64 fits (~1.3 s)
+def test_a_checkpoint_an_older_innerloop_wrote_inside_an_accumulation_resumes_as_the_uninterrupted_run(
+    tmp_path, monkeypatch
+) -> None:
+    """f0fcc64 (before the rewind on save, ed0a2b9) wrote a ModelCheckpoint after batch 3 of an
+    accumulation of 2 as it was: 3 batches processed. Resumed today it was not rewound: the first step
+    took one micro-batch (resumed batches [195, 128, 265, 160, 453], the run's 460 never read) and the
+    weights ended 6.6e-3 from the uninterrupted run's, silently. Today's load rewinds it as today's save
+    would have."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from innerloop.models import TTTConfig
+    from innerloop.train import LanguageModelModule, TextDataModule
+
+    small = ModelConfig(
+        hidden_size=16, num_heads=2, num_layers=1, intermediate_size=32, ttt=TTTConfig(mini_batch_size=4)
+    )
+
+    class FirstTokens(L.Callback):
+        def __init__(self) -> None:
+            self.batches: list[int] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.batches.append(int(batch[0][0, :4].sum()))
+
+    def fit(ckpt_path=None, callbacks=()) -> tuple[LanguageModelModule, list[int]]:
+        L.seed_everything(0, verbose=False)
+        module = LanguageModelModule(small, max_steps=4, warmup_steps=0, diagnostics_batches=0)
+        seen = FirstTokens()
+        trainer = L.Trainer(
+            accelerator="cpu", devices=1, max_steps=4, max_epochs=-1, val_check_interval=3,
+            check_val_every_n_epoch=None, limit_val_batches=1, num_sanity_val_steps=0,
+            accumulate_grad_batches=2, precision="64-true", logger=False, default_root_dir=tmp_path,
+            enable_checkpointing=bool(callbacks), enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[seen, *callbacks],
+        )  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Lightning's advice on workers, mid-epoch resumes and the like
+            data = TextDataModule(seq_len=16, batch_size=2, val_batches=1)
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        return module, seen.batches
+
+    whole, whole_batches = fit()
+    with monkeypatch.context() as patch:  # the checkpoint as f0fcc64 wrote it: no rewind on save
+        patch.setattr(LanguageModelModule, "on_save_checkpoint", L.LightningModule.on_save_checkpoint)
+        saved = ModelCheckpoint(
+            dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=-1, filename="{step}"
+        )
+        fit(callbacks=[saved])
+    checkpoint = tmp_path / "ckpt" / "step=1.ckpt"  # after batch 3: one micro-batch into step 2
+    progress = torch.load(checkpoint, weights_only=False)["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    assert progress["total"]["processed"] == 3  # as the older innerloop wrote it
+    resumed, resumed_batches = fit(ckpt_path=checkpoint)
+    assert resumed_batches == whole_batches[2:]
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters(), strict=True))

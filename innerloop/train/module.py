@@ -351,6 +351,10 @@ class LanguageModelModule(L.LightningModule):
         round trip through float32 (which would round float64 ones), and a run resumed in its precision
         continues bit-identically. (Strategies that restore after the cast, e.g. FSDP, load into the
         cast module already.) A resume in another precision loads them cast to that one.
+
+        A checkpoint written inside a gradient accumulation by an innerloop from before the rewind on save
+        (:meth:`on_save_checkpoint`) is rewound here, as it would have been written today (one written
+        since, at a step boundary, is unchanged).
         """
         path = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
         theirs = (checkpoint.get("hyper_parameters") or {}).get("model")
@@ -358,6 +362,8 @@ class LanguageModelModule(L.LightningModule):
         model = f"this run's model ({describe_model(self.hparams.model)}){written_for}"
         check_state_dict(self.state_dict(), checkpoint.get("state_dict"), path, model)
         trainer = self._trainer
+        if trainer is not None:  # written inside an accumulation by an innerloop before the rewind on save
+            _rewind_to_the_last_optimizer_step(checkpoint, trainer.accumulate_grad_batches)
         if trainer is not None and not trainer.strategy.restore_checkpoint_after_setup:
             probe = torch.nn.Module()  # no layer a plugin would replace: only its cast shows
             probe.register_parameter("weight", torch.nn.Parameter(torch.zeros((), dtype=torch.float32)))

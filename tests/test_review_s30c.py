@@ -16,13 +16,9 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from trainer_testing import SMALL_MODEL, VALIDATION_INSIDE_AN_ACCUMULATION, user_fit
 
-from innerloop.models import ModelConfig, TTTConfig
 from innerloop.train import LanguageModelModule, TextDataModule
-
-SMALL_MODEL = ModelConfig(
-    hidden_size=16, num_heads=2, num_layers=1, intermediate_size=32, ttt=TTTConfig(mini_batch_size=4)
-)
 
 
 def _two_groups(module: LanguageModelModule) -> torch.optim.Optimizer:
@@ -115,43 +111,12 @@ def test_a_user_trainer_trains_a_subclass_with_its_own_optimizer_at_its_own_sett
     ]
 
 
-class _FirstTokens(L.Callback):
-    """The sum of the first tokens of each training batch's first row: which batch of the stream it is."""
-
-    def __init__(self) -> None:
-        self.batches: list[int] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.batches.append(int(batch[0][0, :4].sum()))
-
-
-def _user_fit(
-    tmp_path, module_steps: int, trainer_options: dict, callbacks=(), ckpt_path=None
-) -> tuple[LanguageModelModule, list[int]]:
-    """A float64 fit of the small model from the user's own Trainer (``trainer_options`` on top of quiet,
-    validation-free defaults): the module, and which stream batch each training step read."""
-    L.seed_everything(0, verbose=False)
-    module = LanguageModelModule(SMALL_MODEL, max_steps=module_steps, warmup_steps=0, diagnostics_batches=0)
-    seen = _FirstTokens()
-    options = dict(
-        accelerator="cpu", devices=1, limit_val_batches=0, precision="64-true", logger=False,
-        default_root_dir=tmp_path, enable_checkpointing=bool(callbacks), enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[seen, *callbacks],
-    )  # fmt: skip
-    trainer = L.Trainer(**{**options, **trainer_options})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Lightning's advice on workers, mid-epoch resumes and the like
-        data = TextDataModule(seq_len=16, batch_size=2, val_batches=1)
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    return module, seen.batches
-
-
 def _epoch_fit(
     tmp_path, max_steps: int, callbacks=(), ckpt_path=None
 ) -> tuple[LanguageModelModule, list[int]]:
     """A fit of 2 epochs of 3 batches each (Lightning's ``limit_train_batches``) from the user's own Trainer."""
     options = {"max_steps": max_steps, "max_epochs": 2, "limit_train_batches": 3}
-    return _user_fit(tmp_path, 6, options, callbacks, ckpt_path)
+    return user_fit(tmp_path, 6, options, callbacks, ckpt_path)
 
 
 @pytest.mark.slow  # three short float64 fits (~0.7 s)
@@ -213,11 +178,7 @@ def test_a_resume_from_a_checkpoint_written_inside_an_accumulation_is_the_uninte
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def fit(ckpt_path=None, callbacks=()) -> tuple[LanguageModelModule, list[int]]:
-        options = dict(
-            max_steps=4, max_epochs=-1, val_check_interval=3, check_val_every_n_epoch=None,
-            limit_val_batches=1, num_sanity_val_steps=0, accumulate_grad_batches=2,
-        )  # fmt: skip
-        return _user_fit(tmp_path, 4, options, callbacks, ckpt_path)
+        return user_fit(tmp_path, 4, VALIDATION_INSIDE_AN_ACCUMULATION, callbacks, ckpt_path)
 
     whole, whole_batches = fit()
     saved = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=-1, filename="{step}")

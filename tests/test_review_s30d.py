@@ -13,14 +13,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 
 import pytest
 import torch
+from tokenizer_testing import bos_tokenizer_json, export_a_checkpoint_with_a_bos_tokenizer
 
-from innerloop.models import ModelConfig, build_model, sample_next
+from innerloop.models import sample_next
 
 transformers = pytest.importorskip(
     "transformers", reason="the oracles are transformers' warpers (in the test extra)"
@@ -145,41 +144,13 @@ def test_a_missing_pad_token_id_that_defaults_to_an_eos_outside_the_vocabulary_i
     assert torch.equal(padded[1], greedy[1]) and padded[0, 3:].tolist() == [eos, 0, 0, 0]
 
 
-def bos_tokenizer_json() -> str:
-    """A small byte-level BPE whose template adds a start token ``<s>`` (id 0), as Llama's does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(["def f(x): return x + 1\n" * 50, "hello world " * 50], trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    return tokenizer.to_str()
-
-
 @pytest.mark.slow  # ~0.5 s: trains a tokenizer, exports a model
 def test_innerloop_generate_and_the_exports_tokenizer_read_one_prompt_alike(tmp_path) -> None:
     from transformers import AutoTokenizer
 
-    from innerloop.checkpoints import checkpoint_tokenizer, save_checkpoint
-    from innerloop.cli import main
+    from innerloop.checkpoints import checkpoint_tokenizer
 
-    tokenizer_json = bos_tokenizer_json()
-    config = ModelConfig(hidden_size=32, num_heads=2, num_layers=1, intermediate_size=32, vocab_size=300)
-    network = build_model(config).eval()
-    checkpoint = save_checkpoint(
-        {
-            "hyper_parameters": {"model": config.to_dict()},
-            "state_dict": {f"model.{key}": value for key, value in network.state_dict().items()},
-            "tokenizer": {"kind": "huggingface", "tokenizer_json": tokenizer_json, "eos_token": "</s>"},
-        },
-        tmp_path / "last.safetensors",
-    )
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["export", str(checkpoint), str(tmp_path / "hf")]) == 0
+    checkpoint, _, _ = export_a_checkpoint_with_a_bos_tokenizer(tmp_path)
     exported = AutoTokenizer.from_pretrained(tmp_path / "hf")
     # the ids `innerloop generate --prompt "def f"` feeds the model (cli._generate_tokens) and those the
     # export's tokenizer gives model.generate(): [276, 272] against [0, 276, 272] (the start token)

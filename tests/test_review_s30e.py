@@ -33,6 +33,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from trainer_testing import FirstTokens
 
 from innerloop.train.data import DataError, HFDataModule
 from innerloop.train.module import _rewind_to_the_last_optimizer_step
@@ -169,15 +170,8 @@ def test_every_epoch_reads_the_stream_s_first_batches_under_an_accumulation_sche
         hidden_size=16, num_heads=2, num_layers=1, intermediate_size=32, ttt=TTTConfig(mini_batch_size=4)
     )
 
-    class Record(L.Callback):
-        def __init__(self) -> None:
-            self.batches: list[int] = []
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            self.batches.append(int(batch[0][0, :4].sum()))
-
     L.seed_everything(0, verbose=False)
-    record = Record()
+    record = FirstTokens()
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=6, max_epochs=2, limit_train_batches=4, limit_val_batches=0,
         precision="64-true", logger=False, default_root_dir=tmp_path, enable_checkpointing=False,

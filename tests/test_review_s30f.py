@@ -22,42 +22,8 @@ import torch
 
 pytest.importorskip("transformers", reason="the Hugging Face export needs transformers")
 
-from innerloop.models import ModelConfig, build_model  # noqa: E402
-
-
-def _bos_tokenizer_json() -> str:
-    """A small byte-level BPE whose template adds a start token ``<s>`` (id 0), as Llama's does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(["def f(x): return x + 1\n" * 50, "hello world " * 50], trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    return tokenizer.to_str()
-
-
-def _export(tmp_path: Path) -> tuple[Path, Path, str]:
-    from innerloop.checkpoints import save_checkpoint
-    from innerloop.cli import main
-
-    tokenizer_json = _bos_tokenizer_json()
-    config = ModelConfig(hidden_size=32, num_heads=2, num_layers=1, intermediate_size=32, vocab_size=300)
-    network = build_model(config).eval()
-    checkpoint = save_checkpoint(
-        {
-            "hyper_parameters": {"model": config.to_dict()},
-            "state_dict": {f"model.{key}": value for key, value in network.state_dict().items()},
-            "tokenizer": {"kind": "huggingface", "tokenizer_json": tokenizer_json, "eos_token": "</s>"},
-        },
-        tmp_path / "last.safetensors",
-    )
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["export", str(checkpoint), str(tmp_path / "hf")]) == 0
-    return checkpoint, tmp_path / "hf", tokenizer_json
+from tokenizer_testing import export_a_checkpoint_with_a_bos_tokenizer  # noqa: E402
+from trainer_testing import VALIDATION_INSIDE_AN_ACCUMULATION, user_fit  # noqa: E402
 
 
 def _as_written_before_084afb3(folder: Path, tokenizer_json: str) -> None:
@@ -88,7 +54,7 @@ def test_an_export_whose_tokenizer_reads_text_otherwise_than_the_run_is_named_on
 
     from innerloop.checkpoints import checkpoint_tokenizer
 
-    checkpoint, folder, tokenizer_json = _export(tmp_path)
+    checkpoint, folder, tokenizer_json = export_a_checkpoint_with_a_bos_tokenizer(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # today's export loads without a warning
         AutoModelForCausalLM.from_pretrained(folder)
@@ -117,7 +83,7 @@ def test_todays_export_of_a_tokenizer_folder_as_transformers_loads_it_is_not_war
 
     from innerloop.cli import main
 
-    checkpoint, folder, tokenizer_json = _export(tmp_path)
+    checkpoint, folder, tokenizer_json = export_a_checkpoint_with_a_bos_tokenizer(tmp_path)
     given = tmp_path / "given"
     PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(tokenizer_json), eos_token="</s>"
@@ -137,7 +103,7 @@ def test_a_tokenizer_config_edited_by_the_user_is_theirs_and_not_warned_of(tmp_p
     who edited it (changed since the record) chose what it says."""
     from transformers import AutoModelForCausalLM
 
-    _, folder, tokenizer_json = _export(tmp_path)
+    _, folder, tokenizer_json = export_a_checkpoint_with_a_bos_tokenizer(tmp_path)
     _as_written_before_084afb3(folder, tokenizer_json)
     path = folder / "tokenizer_config.json"
     path.write_text(path.read_text(encoding="utf-8").replace("{", '{"comment": "mine",', 1), encoding="utf-8")
@@ -158,36 +124,10 @@ def test_a_checkpoint_an_older_innerloop_wrote_inside_an_accumulation_resumes_as
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from innerloop.models import TTTConfig
-    from innerloop.train import LanguageModelModule, TextDataModule
-
-    small = ModelConfig(
-        hidden_size=16, num_heads=2, num_layers=1, intermediate_size=32, ttt=TTTConfig(mini_batch_size=4)
-    )
-
-    class FirstTokens(L.Callback):
-        def __init__(self) -> None:
-            self.batches: list[int] = []
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            self.batches.append(int(batch[0][0, :4].sum()))
+    from innerloop.train import LanguageModelModule
 
     def fit(ckpt_path=None, callbacks=()) -> tuple[LanguageModelModule, list[int]]:
-        L.seed_everything(0, verbose=False)
-        module = LanguageModelModule(small, max_steps=4, warmup_steps=0, diagnostics_batches=0)
-        seen = FirstTokens()
-        trainer = L.Trainer(
-            accelerator="cpu", devices=1, max_steps=4, max_epochs=-1, val_check_interval=3,
-            check_val_every_n_epoch=None, limit_val_batches=1, num_sanity_val_steps=0,
-            accumulate_grad_batches=2, precision="64-true", logger=False, default_root_dir=tmp_path,
-            enable_checkpointing=bool(callbacks), enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[seen, *callbacks],
-        )  # fmt: skip
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Lightning's advice on workers, mid-epoch resumes and the like
-            data = TextDataModule(seq_len=16, batch_size=2, val_batches=1)
-            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-        return module, seen.batches
+        return user_fit(tmp_path, 4, VALIDATION_INSIDE_AN_ACCUMULATION, callbacks, ckpt_path)
 
     whole, whole_batches = fit()
     with monkeypatch.context() as patch:  # the checkpoint as f0fcc64 wrote it: no rewind on save

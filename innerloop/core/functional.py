@@ -191,13 +191,17 @@ def rope_inverse_frequencies(head_dim: int, theta: float) -> torch.Tensor:
 
 
 def rope_cos_sin(
-    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    dtype: torch.dtype,
+    angle_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables ``[T, head_dim // 2]`` for integer ``positions [T]``.
 
-    Computed in float32 and then cast, as the reference does (so float64 runs match it exactly).
+    The angles are computed in ``angle_dtype`` and the tables then cast to ``dtype``: float32 by
+    default, as the reference does (so float64 runs match it exactly).
     """
-    angles = positions.to(torch.float32)[:, None] * inv_freq.to(device=positions.device, dtype=torch.float32)
+    angles = positions.to(angle_dtype)[:, None] * inv_freq.to(device=positions.device, dtype=angle_dtype)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 

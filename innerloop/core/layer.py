@@ -1135,9 +1135,7 @@ class TTTLayer(nn.Module):
         widen = "" if self.scan_dtype == torch.float64 else " or run in float64 (layer.double())"
         if largest >= LARGE_INPUT:
             return f"{size}: the inner model overflowed {scan_dtype}; normalise the input{widen}"
-        if weights > DIVERGED_GROWTH * max(
-            start, 1.0
-        ):  # from input of ordinary size: the inner loop diverged
+        if weights > DIVERGED_GROWTH * max(start, 1.0):  # from input of ordinary size: the loop diverged
             return size + self._inner_weights_overflow(weights, largest, start)
         return (
             f" of moderate size (largest |input| {largest:.1e}, far from overflowing {scan_dtype}), and the "

@@ -188,11 +188,10 @@ def rotate_with_rope(
     position 1e4, 1e-2 at 1e7, and positions beyond 2**24 collide), in float64 models too."""
     compute = torch.promote_types(x.dtype, torch.float32)
     inv_freq = rope_inverse_frequencies(x.shape[-1], theta)
-    if not float64_angles or positions.device.type == "mps":  # no float64 on mps
-        cos, sin = rope_cos_sin(positions, inv_freq, compute)  # [T, f/2]
-    else:
-        angles = positions.to(torch.float64)[:, None] * inv_freq.to(positions.device, torch.float64)
-        cos, sin = angles.cos().to(compute), angles.sin().to(compute)  # [T, f/2]
+    wide = float64_angles and positions.device.type != "mps"  # no float64 on mps
+    cos, sin = rope_cos_sin(
+        positions, inv_freq, compute, torch.float64 if wide else torch.float32
+    )  # [T, f/2]
     return apply_rope_interleaved(x.to(compute), cos, sin).to(x.dtype)
 
 

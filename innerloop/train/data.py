@@ -193,15 +193,10 @@ def _epoch_position(trainer: L.Trainer) -> int:
     count of the epoch's batches Lightning restored (a checkpoint inside an accumulation records its step
     boundary, ``LanguageModelModule.on_save_checkpoint``); an accumulation schedule's epochs, of other step
     counts, start at batch 0 too."""
-    accumulate, batches = trainer.accumulate_grad_batches, trainer.num_training_batches
-    if not math.isfinite(batches):
-        return trainer.global_step * accumulate
-    fit_loop = getattr(trainer, "fit_loop", None)
-    if fit_loop is not None:
-        # the batches the epoch processed: 0 at its start, the restored count on a resume
-        return int(fit_loop.epoch_loop.batch_progress.current.processed)
-    steps_per_epoch = max(1, -(-int(batches) // accumulate))  # the epoch's last batch ends a step
-    return (trainer.global_step % steps_per_epoch) * accumulate
+    if not math.isfinite(trainer.num_training_batches):
+        return trainer.global_step * trainer.accumulate_grad_batches
+    # the batches the epoch processed: 0 at its start, the restored count on a resume
+    return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
 
 class _IndexedDataModule(L.LightningDataModule):

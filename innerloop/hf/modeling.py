@@ -524,6 +524,13 @@ def _move_saved_files(staging: Path, folder: Path) -> None:
 def export_record(folder: Path) -> dict[str, dict[str, Any]] | None:
     """The files :data:`EXPORT_RECORD` in ``folder`` lists (plain file name -> ``{"size", "sha256"}``),
     or None: no record, or not one ``innerloop export`` wrote (a folder saved by hand loads as before)."""
+    record = _export_record_document(folder)
+    return None if record is None else _listed_files(record)
+
+
+def _export_record_document(folder: Path) -> dict[str, Any] | None:
+    """The JSON object of ``folder``'s :data:`EXPORT_RECORD`, or None: no record, or not one of
+    ``innerloop export``'s format."""
     path = folder / EXPORT_RECORD
     if path.is_symlink() or not path.is_file():
         return None
@@ -533,6 +540,11 @@ def export_record(folder: Path) -> dict[str, dict[str, Any]] | None:
         return None
     if not isinstance(record, dict) or record.get("format") != EXPORT_RECORD_FORMAT:
         return None
+    return record
+
+
+def _listed_files(record: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """The files an export record lists, plain file names only (see :func:`export_record`)."""
     files = record.get("files")
     if not isinstance(files, dict):
         return None
@@ -578,9 +590,12 @@ def warn_an_earlier_exports_tokenizer(folder: Path) -> None:
     token's text (``<|endoftext|>``) as the token and adds the tokens a template adds (a Llama
     tokenizer's ``<s>``), where the run, ``eval`` and ``generate`` read neither: other ids, silently. A
     file the user changed is theirs; a folder without the record (a ``save_pretrained``) is no export."""
-    entry = (export_record(folder) or {}).get("tokenizer_config.json")
+    record = _export_record_document(folder)
+    if record is None or _record_version(record) >= EXPORT_RECORD_VERSION:
+        return
+    entry = (_listed_files(record) or {}).get("tokenizer_config.json")
     path = folder / "tokenizer_config.json"
-    if entry is None or _export_record_version(folder) >= EXPORT_RECORD_VERSION:
+    if entry is None:
         return
     if not unchanged_since_export(path, entry):
         return
@@ -600,12 +615,9 @@ def warn_an_earlier_exports_tokenizer(folder: Path) -> None:
     )
 
 
-def _export_record_version(folder: Path) -> int:
-    """The ``version`` of ``folder``'s export record (1 where it gives none or cannot be read)."""
-    try:
-        version = json.loads((folder / EXPORT_RECORD).read_text(encoding="utf-8")).get("version", 1)
-    except (OSError, ValueError, AttributeError):
-        return 1
+def _record_version(record: dict[str, Any]) -> int:
+    """The ``version`` of an export record (1 where it gives none, or none of a valid kind)."""
+    version = record.get("version", 1)
     return version if isinstance(version, int) and not isinstance(version, bool) else 1
 
 

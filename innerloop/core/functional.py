@@ -123,16 +123,25 @@ def host_reads_are_free(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not torch.compiler.is_compiling() and not is_functorch_wrapped_tensor(x)
 
 
+def _peak_read_on_the_host(x: torch.Tensor) -> float | None:
+    """The largest ``|value|`` of a non-empty ``x`` (NaN if it holds one), read on the host in one
+    vectorised pass, where :func:`host_reads_are_free`; None elsewhere."""
+    if not host_reads_are_free(x):
+        return None
+    low, high = torch.aminmax(x.detach())  # (over all of x: vectorised on the CPU, unlike |x|.amax)
+    return float(torch.maximum(low.abs(), high.abs()))
+
+
 def overflow_safe_scale_if_needed(x: torch.Tensor) -> torch.Tensor | None:
     """:func:`overflow_safe_scale`, or ``None`` when no row of ``x`` needs scaling, which a CPU tensor
     learns from one reduction (its common case then skips the per-row pass and the multiply) where
     :func:`host_reads_are_free`; elsewhere (CUDA, ``torch.compile``, torch.func transforms) the scale is
     always computed, without a host sync or a data-dependent branch."""
-    if x.numel() and host_reads_are_free(x):
-        low, high = torch.aminmax(x.detach())
-        bound = _overflow_bound(x)
-        if high <= bound and low >= -bound:  # a NaN anywhere compares False: rows are then checked one by one
-            return None
+    peak = _peak_read_on_the_host(x) if x.numel() else None
+    if peak is not None and peak <= _overflow_bound(
+        x
+    ):  # a NaN compares False: rows are then checked one by one
+        return None
     return overflow_safe_scale(x)
 
 
@@ -385,12 +394,12 @@ def overflow_safe_rows(x: torch.Tensor) -> torch.Tensor:
     compute = torch.promote_types(x.dtype, torch.float32)
     # a row's entries below 2**e with e a quarter of the exponent range: the backward's cubes stay finite
     safe_exponent = int((math.log2(torch.finfo(compute).max) - math.log2(x.shape[-1])) / 4)
-    detached, bound = x.detach(), 2.0**safe_exponent
-    if host_reads_are_free(x):
-        low, high = torch.aminmax(detached)  # (over all of x: vectorised on the CPU)
-        if high < bound and low > -bound:  # a NaN compares False: rows are then scaled one by one
-            return x
-    _, exponent = torch.frexp(_row_peaks(detached).to(compute))  # each row's peak < 2**exponent
+    peak = _peak_read_on_the_host(x)
+    if (
+        peak is not None and peak < 2.0**safe_exponent
+    ):  # a NaN compares False: rows are then scaled one by one
+        return x
+    _, exponent = torch.frexp(_row_peaks(x.detach()).to(compute))  # each row's peak < 2**exponent
     shift = (exponent - safe_exponent).clamp_min(0)
     return x * torch.exp2(-shift.to(compute)).to(x.dtype)
 

@@ -584,6 +584,15 @@ class LanguageModelModule(L.LightningModule):
         )  # fmt: skip
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate_batch(batch, batch_idx)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        """``trainer.test(module, dataloaders=...)`` on ``(inputs, targets)`` batches (e.g. a held-out
+        split's): the validation metrics under ``test_`` names (``test_loss``, ``test_ppl``, ...)."""
+        self._evaluate_batch(batch, batch_idx)
+
+    def _evaluate_batch(self, batch: Batch, batch_idx: int) -> None:
+        """One batch of validation or test: the scored tokens' losses into the evaluation metrics."""
         inputs, targets = batch
         captured = self._capture_mixer_inputs() if batch_idx < self.hparams.diagnostics_batches else None
         # While fitting, NaN here is the run diverging (see training_step); a model evaluated on its own
@@ -616,26 +625,33 @@ class LanguageModelModule(L.LightningModule):
             self._update_inner_diagnostics({i: x[kept] for i, x in captured[0].items()})
 
     def on_validation_epoch_end(self) -> None:
+        self.log_synced("val_step", float(self.trainer.global_step) if self._trainer is not None else 0.0)
+        self._log_evaluation("val_", diagnostics_prefix="")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test_", diagnostics_prefix="test_")
+
+    def _log_evaluation(self, prefix: str, diagnostics_prefix: str) -> None:
+        """Log the evaluation metrics under ``prefix`` (``val_loss``, ``test_loss``, ...) and reset them."""
         log = self.log_synced
-        log("val_step", float(self.trainer.global_step) if self._trainer is not None else 0.0)
         # val_loss is the mean over scored tokens (not over batches, which may differ in size or padding),
         # from the float64 sums (synced across processes once); val_ppl = exp(val_loss), inf once the mean
         # passes about 709.8 nats, where log(val_ppl) would be too (val_loss logged in float32, as before)
         mean_loss = self.val_ppl.mean_loss()
-        log("val_loss", mean_loss.float(), prog_bar=True)
-        log("val_ppl", torch.exp(mean_loss), prog_bar=True)
-        log("val_acc", self.val_acc.compute())
+        log(f"{prefix}loss", mean_loss.float(), prog_bar=True)
+        log(f"{prefix}ppl", torch.exp(mean_loss), prog_bar=True)
+        log(f"{prefix}acc", self.val_acc.compute())
         self.val_ppl.reset()
         self.val_acc.reset()
         for b, loss in enumerate(_per_item(self.val_loss_by_position.compute()).tolist()):
-            log(f"val_loss_pos/{b}", loss)
+            log(f"{prefix}loss_pos/{b}", loss)
         self.val_loss_by_position.reset()
         if self._inner_loss_before_after is not None:
             diagnostics = self.inner_diagnostics.compute()
             before, after = _per_item(diagnostics["before"]), _per_item(diagnostics["after"])
             for layer in range(self.model.config.num_layers):
-                log(f"inner_loss_before/{layer}", before[layer])
-                log(f"inner_loss_after/{layer}", after[layer])
+                log(f"{diagnostics_prefix}inner_loss_before/{layer}", before[layer])
+                log(f"{diagnostics_prefix}inner_loss_after/{layer}", after[layer])
         self.inner_diagnostics.reset()
 
     def log_synced(self, name: str, value: Any, **options: Any) -> None:

@@ -451,8 +451,34 @@ def run_scan(
         result = rule.forward(state, task, views, lr, tau, **options)
     except Exception as error:  # a plugin's own failure: name it (the type stays, for callers that catch it)
         note_plugin_failure(error, {"inner model": task.model, "inner loss": task.loss, "update rule": rule})
+        if is_allocation_failure(error):  # the allocator's words name no argument: say which one to lower
+            raise type(error)(_out_of_memory_message(error, task, views)) from error
         raise
     return check_rule_returns(rule, result, state, views)  # a plugin wrong only at this call's shape
+
+
+def is_allocation_failure(error: BaseException) -> bool:
+    """Whether ``error`` is torch's (or Python's) failure to allocate memory: a CPU allocator's
+    ``RuntimeError`` ("can't allocate memory"), ``torch.OutOfMemoryError`` (CUDA) or ``MemoryError``."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(error).lower()
+    return type(error) is RuntimeError and ("can't allocate memory" in text or "not enough memory" in text)
+
+
+def _out_of_memory_message(error: BaseException, task: InnerTask, views: Views) -> str:
+    """The scan's allocation failure in words: the call's shape, ``mini_batch_size`` and the size of
+    one ``[B, H, K, K]`` matrix of a mini-batch, and what to lower; the allocator's own line last."""
+    batch, heads, tokens, head_dim = views.query.shape
+    block = min(task.mini_batch_size, tokens)
+    matrix = batch * heads * block * block * views.query.element_size()
+    allocator = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    return (
+        f"the inner scan ran out of memory on [B, H, T, f] = {(batch, heads, tokens, head_dim)} with "
+        f"mini_batch_size={task.mini_batch_size}: a mini-batch of {block} tokens needs [B, H, {block}, {block}] "
+        f"matrices of {matrix / 2**30:.3g} GiB each ({views.query.dtype}); pass a smaller mini_batch_size "
+        f"(the paper's is 16) or fewer sequences or tokens per call ({allocator})"
+    )
 
 
 class RuleOutputError(AssertionError):

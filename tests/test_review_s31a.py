@@ -66,6 +66,22 @@ def test_an_allocation_failure_of_the_scan_names_mini_batch_size_and_the_fix(mon
     assert "smaller mini_batch_size" in message and ALLOCATOR_LINE in message
 
 
+def test_a_cuda_out_of_memory_error_keeps_the_words_callers_recognise_it_by(monkeypatch):
+    """Lightning's batch-size finder (and similar code) recognises an out-of-memory error by its words
+    ("CUDA" and "out of memory" in its message): the reworded error keeps the whole original message."""
+    original = "CUDA out of memory. Tried to allocate 20.00 GiB.\nGPU 0 has a total capacity of 79.1 GiB"
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError(original)
+
+    monkeypatch.setattr(DualForm, "forward", fail)
+    with pytest.raises(torch.OutOfMemoryError) as caught:
+        innerloop.TTTLayer(8, 2, mini_batch_size=4, kernel="torch")(torch.randn(1, 5, 8))
+    message = caught.value.args[0]
+    assert "mini_batch_size=4" in message and "CUDA out of memory" in message
+    assert "GPU 0 has a total capacity" in message and "\n" not in message
+
+
 def test_other_errors_of_the_scan_are_not_reworded(monkeypatch):
     def fail(*args: object, **kwargs: object) -> None:
         raise RuntimeError("some other failure")

@@ -468,11 +468,13 @@ def is_allocation_failure(error: BaseException) -> bool:
 
 def _out_of_memory_message(error: BaseException, task: InnerTask, views: Views) -> str:
     """The scan's allocation failure in words: the call's shape, ``mini_batch_size`` and the size of
-    one ``[B, H, K, K]`` matrix of a mini-batch, and what to lower; the allocator's own line last."""
+    one ``[B, H, K, K]`` matrix of a mini-batch, and what to lower; the allocator's own message last."""
     batch, heads, tokens, head_dim = views.query.shape
     block = min(task.mini_batch_size, tokens)
     matrix = batch * heads * block * block * views.query.element_size()
-    allocator = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    # the allocator's whole message, on one line: callers that recognise an out-of-memory error by its
+    # words (Lightning's batch-size finder looks for "CUDA" and "out of memory") still do
+    allocator = " ".join(str(error).split()) or type(error).__name__
     return (
         f"the inner scan ran out of memory on [B, H, T, f] = {(batch, heads, tokens, head_dim)} with "
         f"mini_batch_size={task.mini_batch_size}: a mini-batch of {block} tokens needs [B, H, {block}, {block}] "

@@ -366,6 +366,9 @@ def scan(
         mini-batch and the loss's carry.
         A NaN or inf input is not refused; it spreads to the outputs of its whole mini-batch (of its
         64-token chunk on the chunked delta-rule kernel), earlier tokens included, and to all later ones.
+        Nor are the results checked: an inner loop that diverges on finite input (a learning rate too
+        large for its data) returns its inf or NaN outputs and weights as they are (``TTTLayer``, under
+        its default ``non_finite='raise'``, refuses them with a diagnosis).
         Differentiable in every tensor argument (twice with ``needs_double_backward``). The scan computes in q's dtype but at least float32
         (bfloat16 / float16 inputs: float32, also under autocast, as in ``TTTLayer``): ``outputs`` come
         back in q's dtype, ``weights`` in the scan's, and ``initial`` may be in either.

@@ -327,6 +327,11 @@ def _check_tensor(name: str, tensor: Any, shape: torch.Size, what: str, fields: 
             f"state_dict[{name!r}] has shape {tuple(tensor.shape)}, but a {what} with this config "
             f"needs {tuple(shape)} (check {fields})"
         )
+    if tensor.is_meta:
+        raise ValueError(
+            f"state_dict[{name!r}] is on the meta device: it has a shape but no values (a model built under "
+            "torch.device('meta') or loaded with assign=False into one); pass the tensors that hold the weights"
+        )
     bad = (~torch.isfinite(tensor)).sum().item()
     if bad:
         raise ValueError(f"state_dict[{name!r}] has {bad} non-finite value(s) (NaN or inf)")

@@ -735,8 +735,28 @@ def _named(kind: str, plugin: Any) -> Any:
     """``plugin``, or the registered ``kind`` (``inner_model``, ``inner_loss``, ``update_rule``) it names:
     the checks take a plugin by instance or by name, as ``check_kernel`` and layers do."""
     from innerloop.registry import get_registry
+    from innerloop.registry.kinds import KINDS
 
-    return getattr(get_registry(), kind)(plugin) if isinstance(plugin, str) else plugin
+    if isinstance(plugin, str):
+        return getattr(get_registry(), kind)(plugin)
+    declared = next(k for k in KINDS if k.name == kind)
+    missing = [method for method in declared.required if not callable(getattr(plugin, method, None))]
+    if missing or isinstance(plugin, type):
+        what = (
+            f"the class {plugin.__name__}"
+            if isinstance(plugin, type)
+            else f"{type(plugin).__name__} {plugin!r}"
+        )
+        raise TypeError(
+            f"{_PARAMETER_OF[kind]} must be an instance of {declared.base.__name__} or a registered {declared.label}'s "
+            f"name, got {what}"
+            + (f" (it lacks {missing})" if missing and not isinstance(plugin, type) else "")
+        )
+    return plugin
+
+
+_PARAMETER_OF = {"inner_model": "model", "inner_loss": "loss", "update_rule": "rule"}
+"""The argument of the checks that takes a plugin of each kind."""
 
 
 def _rule(name: str) -> UpdateRule:
@@ -799,7 +819,7 @@ def check_inner_model(
     shapes = [_check_shape(shape)] if shape else PLUGIN_CHECK_SHAPES
     model = _named("inner_model", model)
     registrar_smoke_test("inner_model", model)
-    loss = _named("inner_loss", loss) or get_registry().inner_loss("reconstruction")
+    loss = _named("inner_loss", loss) if loss is not None else get_registry().inner_loss("reconstruction")
     for full in shapes:
         _check_inner_model_at(model, loss, seed, full)
 
@@ -1026,10 +1046,8 @@ def _models_for(rule: UpdateRule, model: InnerModel | str | None) -> list[InnerM
     from innerloop.registry.manager import BUILTIN_PREFIX
 
     registry = get_registry()
-    if isinstance(model, str):
-        return [registry.inner_model(model)]
     if model is not None:
-        return [model]
+        return [_named("inner_model", model)]
     builtins = [e.name for e in registry.entries("inner_model") if e.origin.startswith(BUILTIN_PREFIX)]
     names = sorted(builtins, key=lambda n: (n != "linear", n))
     accepted = [m for m in (registry.inner_model(n) for n in names) if rule.check_model(m) is None]

@@ -194,6 +194,7 @@ def _inner_model_smoke(model: Any, name: str) -> tuple[dict[str, torch.Tensor], 
     heads, head_dim = 2, 4
     try:
         params = _smoke_params(model, name, heads, head_dim)
+        _check_stack_names(model, name, params)
         x = torch.randn(heads, 3, head_dim)
         out = model.forward(params, x)
     except PluginError:
@@ -208,6 +209,21 @@ def _inner_model_smoke(model: Any, name: str) -> tuple[dict[str, torch.Tensor], 
         )
     _check_model_learns(model, name, params, x)
     return params, x
+
+
+def _check_stack_names(model: Any, name: str, params: dict[str, torch.Tensor]) -> None:
+    """Every weight and bias a declared stack names is one of ``param_shapes``' (else the stack's run
+    meets it as a bare ``KeyError``)."""
+    stack = model.stack
+    if stack is None:
+        return
+    named = [n for layer in stack for n in (layer.weight, layer.bias) if n is not None]
+    unknown = [n for n in named if n not in params]
+    if unknown:
+        raise PluginError(
+            f"inner model {name!r}: its stack names the weight(s) {unknown}, which param_shapes does not "
+            f"declare (it declares {sorted(params)}); an AffineLayer's weight and bias must be keys of param_shapes"
+        )
 
 
 def _check_inner_model(model: Any, name: str) -> None:

@@ -837,9 +837,10 @@ def _add_tokenizer(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument(
         "--vocab-size",
-        type=_number(int, 257),
+        type=_number(int, 258),
         required=True,
-        help="tokens in the vocabulary, >= 257 (required)",
+        help="tokens in the vocabulary, >= 258: the 256 bytes, the end-of-text token and at least one "
+        "merge (required)",
     )
     train.add_argument(
         "--out", required=True, metavar="DIR", help="folder to write the tokenizer into (required)"

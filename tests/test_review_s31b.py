@@ -29,3 +29,70 @@ def test_tokenizer_train_at_257_tokens_is_refused_as_the_vocabulary_size_not_bla
     with pytest.raises(TokenizerError, match=r"vocab_size=257 must be >= 258 .*data.tokenizer=bytes"):
         train_bpe([corpus.read_text(encoding="utf-8")], 257)
     assert main(["tokenizer", "train", "--vocab-size", "258", "--out", str(tmp_path / "t"), str(corpus)]) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Promises no other test checks
+# --------------------------------------------------------------------------------------------------
+
+E2E_DATA = Path(__file__).resolve().parent / "data" / "e2e"
+
+
+@pytest.mark.parametrize("rows", [[1], [1, 0, 1]], ids=["second-row-alone", "rows-repeated"])
+def test_official_e2e_logits_hold_for_other_batch_slices_and_prefixes_off_the_chunk_grid(rows) -> None:
+    # Issue 15 (logits_ttt_on/off within 1e-4) on batch slices and prefix lengths that end inside a
+    # chunk (chunk 16: 1, 23, 127 tokens); tests/interop/test_ttt_e2e.py reads whole batches of
+    # 128 tokens (and one 34-token prefix of row 0 for streaming). Logits are causal in the official
+    # code (a chunk trains on targets no later than the next chunk's first token), so every prefix of
+    # an input has the official logits of those positions.
+    import json
+
+    import numpy as np
+    import torch
+    from safetensors.numpy import load_file
+
+    from innerloop.interop.ttt_e2e import model_from_arrays
+
+    config = json.loads((E2E_DATA / "config.json").read_text(encoding="utf-8"))
+    arrays, official = (
+        load_file(E2E_DATA / "weights.safetensors"),
+        load_file(E2E_DATA / "outputs.safetensors"),
+    )
+    ids = torch.from_numpy(official["input_ids"][rows])
+    for test_time_training, name in ((True, "logits_ttt_on"), (False, "logits_ttt_off")):
+        model = model_from_arrays(arrays, config, test_time_training=test_time_training)
+        expected = official[name][rows]
+        for length in (1, 23, 127):
+            with torch.no_grad():
+                logits, _ = model(ids[:, :length])
+            assert np.abs(logits.numpy() - expected[:, :length]).max() < 1e-4, (name, length)
+
+
+@pytest.mark.parametrize("mixer", ["linear_attention", "deltanet", "gated_deltanet", "titans"])
+def test_no_ttt_makes_the_family_mixers_forget_the_context(mixer) -> None:
+    # Issue 14's --no-ttt ("TTT layers: inner lr 0") for the family mixers, which tests/models/
+    # test_params.py does not run (mixer='ttt' only): with test-time training off, a prediction no longer
+    # depends on tokens further back than the short convolutions reach, and with it on it does.
+    import torch
+
+    from innerloop.models import ModelConfig, build_model
+    from innerloop.models.ablation import no_test_time_training
+
+    torch.manual_seed(0)
+    config = {"mixer": mixer, "hidden_size": 32, "num_heads": 2, "num_layers": 2, "intermediate_size": 48}
+    model = build_model(ModelConfig.from_dict(config)).double().eval()
+    with torch.no_grad():
+        for parameter in model.parameters():  # away from the initialisation's zeros and ones
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    ids = torch.randint(256, (2, 30), generator=torch.Generator().manual_seed(1))
+    changed = ids.clone()
+    changed[:, :2] = (changed[:, :2] + 7) % 256  # the first two tokens only
+    with torch.no_grad():
+        on, _ = model(ids)
+        on_changed, _ = model(changed)
+        with no_test_time_training(model) as switched:
+            off, _ = model(ids)
+            off_changed, _ = model(changed)
+    assert switched == 2
+    assert (on[:, 12:] - on_changed[:, 12:]).abs().max() > 1e-3
+    assert torch.equal(off[:, 12:], off_changed[:, 12:])

@@ -38,6 +38,7 @@ def test_tokenizer_train_at_257_tokens_is_refused_as_the_vocabulary_size_not_bla
 E2E_DATA = Path(__file__).resolve().parent / "data" / "e2e"
 
 
+@pytest.mark.slow  # ~0.5 s: two official models, six forwards
 @pytest.mark.parametrize("rows", [[1], [1, 0, 1]], ids=["second-row-alone", "rows-repeated"])
 def test_official_e2e_logits_hold_for_other_batch_slices_and_prefixes_off_the_chunk_grid(rows) -> None:
     # Issue 15 (logits_ttt_on/off within 1e-4) on batch slices and prefix lengths that end inside a

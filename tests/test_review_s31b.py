@@ -97,3 +97,22 @@ def test_no_ttt_makes_the_family_mixers_forget_the_context(mixer) -> None:
     assert switched == 2
     assert (on[:, 12:] - on_changed[:, 12:]).abs().max() > 1e-3
     assert torch.equal(off[:, 12:], off_changed[:, 12:])
+
+
+@pytest.mark.slow  # ~2.5 s alone: importing Lightning and building two Trainers
+def test_the_training_progress_bar_does_not_print_an_epoch_count_of_minus_two(tmp_path: Path) -> None:
+    # Before: the main job's progress bar read "Epoch 0/-2" (Lightning's rich bar prints max_epochs - 1,
+    # and a run's stream is endless, max_epochs=-1). A progress bar the caller gives is kept.
+    pytest.importorskip("rich")
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from innerloop.config import load_config
+    from innerloop.train.run import build_trainer
+
+    run, _ = load_config("tiny", [f"out_dir={tmp_path}"])
+    trainer = build_trainer(run)
+    bar = trainer.progress_bar_callback
+    bar._trainer = trainer  # what Lightning's setup does
+    assert "-2" not in bar._get_train_description(0) and bar._get_train_description(0).strip() == "Training"
+    mine = RichProgressBar()
+    assert build_trainer(run, callbacks=[mine]).progress_bar_callback is mine

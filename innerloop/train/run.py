@@ -50,7 +50,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar, Timer
+from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from omegaconf import DictConfig
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
@@ -280,6 +281,21 @@ def build_datamodule(
     )
 
 
+class _StepsProgressBar(RichProgressBar):
+    """Lightning's rich progress bar without its epoch count: a run's stream is endless
+    (``max_epochs=-1``), which Lightning's bar printed as ``Epoch 0/-2``."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{'Training':{len(self.validation_description)}}"
+
+
+def _progress_bar(enabled: bool, callbacks: Sequence[Callback]) -> list[Callback]:
+    """The run's progress bar, unless it is off, the caller gives one, or rich is not installed
+    (Lightning's tqdm bar says ``Epoch 0``, without a count)."""
+    given = any(isinstance(c, ProgressBar) for c in callbacks)
+    return [_StepsProgressBar()] if enabled and not given and _RICH_AVAILABLE else []
+
+
 class _ValidateAtTheLastStep(Callback):
     """Runs the run's final validation inside the fit, as the validation of its last step
     (``trainer.max_steps`` of the config; a stop before it, Ctrl-C or SIGTERM, validates nothing extra),
@@ -401,7 +417,13 @@ def build_trainer(run: RunConfig, callbacks: Sequence[Callback] = ()) -> L.Train
         gradient_clip_val=run.optim.grad_clip if run.optim.grad_clip > 0 else None,
         log_every_n_steps=t.log_every,
         logger=build_loggers(run.logger, run.out_dir),  # logs/version_<n>/..., one folder per launch
-        callbacks=[*own_callbacks, _RecordTokenizer(run), _RecordRunData(run), *callbacks],
+        callbacks=[
+            *own_callbacks,
+            *_progress_bar(t.progress_bar, callbacks),
+            _RecordTokenizer(run),
+            _RecordRunData(run),
+            *callbacks,
+        ],
         plugins=[SafetensorsCheckpointIO()],
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,

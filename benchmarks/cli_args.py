@@ -92,7 +92,25 @@ def json_path(text: str) -> Path:
     path = Path(text).expanduser()
     if not text or path.is_dir():
         raise argparse.ArgumentTypeError(f"must be the path of a file to write, got {text!r} (a folder)")
+    _refuse_a_file_above(path, text, "must be the path of a file to write")
     return path
+
+
+def output_folder(text: str) -> Path:
+    """An argparse ``type=`` for ``--out``: a folder's path (made when missing), not a file's, and not
+    under a file (its runs and tables could not be written there: refused before the benchmark runs)."""
+    path = Path(text).expanduser()
+    if not text or (path.exists() and not path.is_dir()):
+        raise argparse.ArgumentTypeError(f"must be the path of a folder to write into, got {text!r} (a file)")
+    _refuse_a_file_above(path, text, "must be the path of a folder to write into")
+    return path
+
+
+def _refuse_a_file_above(path: Path, text: str, valid: str) -> None:
+    """``ArgumentTypeError`` if a folder above ``path`` is an existing file (nothing can be made under it)."""
+    blocker = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocker is not None:
+        raise argparse.ArgumentTypeError(f"{valid}, got {text!r} ({str(blocker)!r} is a file, not a folder)")
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -42,7 +42,13 @@ from innerloop.models import build_model
 from innerloop.testing.memory import peak_cpu_allocation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
-from cli_args import check_replaceable_runs, mark_benchmark_run, positive_float, positive_int  # noqa: E402
+from cli_args import (  # noqa: E402
+    check_replaceable_runs,
+    mark_benchmark_run,
+    output_folder,
+    positive_float,
+    positive_int,
+)
 
 # The demo's shape: e2e-tiny at 4 blocks with MLP 172 (248,384 parameters; the preset itself is now
 # 2 blocks, matched to tiny's budget), with 256-byte sequences (8 windows of 32, 16 chunks of 16).
@@ -228,7 +234,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="training budget of each model in minutes of process CPU time, summed over its threads; "
         "not wall-clock time (default: %(default)s)",
     )
-    parser.add_argument("--out", default="benchmarks/results/e2e_demo", help="output folder")
+    parser.add_argument(
+        "--out", type=output_folder, default="benchmarks/results/e2e_demo", help="output folder"
+    )
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads")
     parser.add_argument("--skip-train", action="store_true", help="only the streaming measurements")
     parser.add_argument(

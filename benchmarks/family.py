@@ -40,6 +40,7 @@ from cli_args import (
     check_distinct,
     check_replaceable_runs,
     mark_benchmark_run,
+    output_folder,
     refuse_set_keys,
     seed_int,
 )  # noqa: E402
@@ -191,7 +192,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="CI-sized run: a few steps, short windows")
-    parser.add_argument("--out", default="runs/family-benchmark", help="folder for the runs and the table")
+    parser.add_argument(
+        "--out", type=output_folder, default="runs/family-benchmark", help="folder for the runs and the table"
+    )
     parser.add_argument(
         "--seed", type=seed_int, default=0, help=f"seed of every run, 0 to {SEED_MAX} (default: 0)"
     )

@@ -32,6 +32,7 @@ from cli_args import (
     check_distinct,
     check_replaceable_runs,
     mark_benchmark_run,
+    output_folder,
     positive_int,
     refuse_set_keys,
     seed_int,
@@ -47,7 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--steps", type=positive_int, default=None, help="training steps (default: the presets')"
     )
-    parser.add_argument("--out", default="runs/recall-benchmark", help="folder for the runs and the table")
+    parser.add_argument(
+        "--out", type=output_folder, default="runs/recall-benchmark", help="folder for the runs and the table"
+    )
     parser.add_argument(
         "--seeds",
         type=seed_int,

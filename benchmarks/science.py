@@ -38,7 +38,7 @@ from innerloop.data.atomic import atomic_write
 from innerloop.models.params import count_config_parameters, size_to_budget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
-from cli_args import positive_int  # noqa: E402
+from cli_args import output_folder, positive_int  # noqa: E402
 
 # Issue 14's shape: 4 blocks x 64 wide, 512-byte windows of the built-in corpus (the standard library).
 FULL = [
@@ -765,6 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(study, help=f"run the {study} study")
         sub.add_argument(
             "--out",
+            type=output_folder,
             default="runs/science",
             help="folder for the runs, tables and plots (default: runs/science)",
         )
@@ -791,7 +792,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("ttt_py", help="path to ttt.py of test-time-training/ttt-lm-pytorch")
     sub.add_argument("--steps", type=positive_int, default=100, help="training steps (default: 100)")
     sub.add_argument(
-        "--out", default="runs/science-reference", help="folder for the reference's saved models"
+        "--out",
+        type=output_folder,
+        default="runs/science-reference",
+        help="folder for the reference's saved models",
     )
     sub = commands.add_parser("growth", help="does one run's advantage over another grow with position?")
     sub.add_argument("model", help="run folder or checkpoint")

@@ -23,7 +23,7 @@ from innerloop.models.lm import _tensors
 
 # -- the benchmarks' --json and --out: refused before the run, not after it -------------------------
 
-# loading train_speed.py (dynamo) or e2e_demo.py (Lightning) the first time takes 1-2 s
+# loading train_speed.py (dynamo) or a script that imports Lightning the first time takes 1-3 s
 FIRST_LOAD = pytest.mark.slow
 JSON_SCRIPTS = [pytest.param("train_speed", marks=FIRST_LOAD), "layer_speed", "delta_speed", "generate_speed"]
 
@@ -46,13 +46,14 @@ def test_a_json_path_under_a_file_is_refused_before_the_benchmark_runs(name, tmp
 
 
 OUT_SCRIPTS = [
-    pytest.param("e2e_demo", [], marks=FIRST_LOAD),
+    ("e2e_demo", []),
     ("family", []),
     ("recall", []),
     ("science", ["sweep"]),
 ]
 
 
+@FIRST_LOAD  # family.py, recall.py and e2e_demo.py import Lightning (1-3 s the first time)
 @pytest.mark.parametrize(("name", "before"), OUT_SCRIPTS)
 def test_an_out_folder_that_is_a_file_or_under_one_is_refused_in_one_line(name, before, tmp_path, capsys):
     """Was: e2e_demo.py ran its streaming measurement, then raised FileExistsError writing
@@ -111,7 +112,7 @@ def _layer_run(kernel, model, heads, head_dim, mini_batch, batch, tokens, train)
 
 
 @pytest.mark.parametrize("model", ["linear", "mlp"])
-def test_the_cpu_kernels_equal_the_torch_path_at_odd_shapes_on_three_threads(model):
+def test_the_cpu_kernels_equal_the_torch_path_at_odd_shapes_on_three_threads(model, cpu_kernels):
     """Issue 13: each fast path equals the torch path in float64 to 1e-10 (outputs, states, every
     gradient, the input's included). Here B*H (21, 2, 1) not divisible by 3 threads, K = 17 with a
     remainder, head dims 10, 66 and 130, T < K, and a strided input."""

@@ -452,9 +452,17 @@ def run_scan(
     except Exception as error:  # a plugin's own failure: name it (the type stays, for callers that catch it)
         note_plugin_failure(error, {"inner model": task.model, "inner loss": task.loss, "update rule": rule})
         if is_allocation_failure(error):  # the allocator's words name no argument: say which one to lower
-            raise type(error)(_out_of_memory_message(error, task, views)) from error
+            message = _out_of_memory_message(error, task, views)
+            if type(error) in _ALLOCATION_FAILURES:  # torch's and Python's own: reworded, the same type
+                raise type(error)(message) from error
+            add_note(error, message)  # a subclass (a plugin's own) may need other arguments: kept, noted
         raise
     return check_rule_returns(rule, result, state, views)  # a plugin wrong only at this call's shape
+
+
+_ALLOCATION_FAILURES = (RuntimeError, MemoryError, torch.OutOfMemoryError)
+"""The allocation failures the scan rewords as a new exception of the same type (their constructors take
+a message); a subclass of one keeps its object (its own ``__init__`` and fields) and gets a note."""
 
 
 def is_allocation_failure(error: BaseException) -> bool:

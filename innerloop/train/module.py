@@ -593,7 +593,7 @@ class LanguageModelModule(L.LightningModule):
 
     def _evaluate_batch(self, batch: Batch, batch_idx: int) -> None:
         """One batch of validation or test: the scored tokens' losses into the evaluation metrics."""
-        inputs, targets = batch
+        inputs, targets = _input_target_pair(batch)
         captured = self._capture_mixer_inputs() if batch_idx < self.hparams.diagnostics_batches else None
         # While fitting, NaN here is the run diverging (see training_step); a model evaluated on its own
         # keeps the layers' input check.
@@ -709,6 +709,31 @@ class LanguageModelModule(L.LightningModule):
         """The learning rate as a function of the optimizer step, from the hyperparameters."""
         hp = self.hparams
         return make_schedule(hp.schedule, hp.warmup_steps, hp.max_steps, hp.lr, hp.min_lr, hp.decay_steps)
+
+
+def _input_target_pair(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A validation or test batch as ``(inputs [B, T], targets [B, T])``; else a TypeError saying what came
+    (a batch of token ids alone unpacked into its rows, or failed as "too many values to unpack")."""
+    if (
+        isinstance(batch, (tuple, list))
+        and len(batch) == 2
+        and all(isinstance(t, torch.Tensor) for t in batch)
+        and batch[0].shape == batch[1].shape
+    ):
+        return batch[0], batch[1]
+    if isinstance(batch, torch.Tensor):
+        got = f"a tensor of shape {tuple(batch.shape)}"
+    elif isinstance(batch, (tuple, list)):
+        got = f"a {type(batch).__name__} of " + ", ".join(
+            f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__ for t in batch
+        )
+    else:
+        got = f"a {type(batch).__name__}"
+    raise TypeError(
+        "trainer.validate / trainer.test batches must be (inputs [B, T], targets [B, T]) pairs of token-id "
+        f"tensors of one shape (a DataModule's val_dataloader() gives them), got {got}; trainer.predict "
+        "takes batches of token ids alone"
+    )
 
 
 def load_module(path: str | os.PathLike[str], keep_dtype: bool = False) -> LanguageModelModule:

@@ -100,14 +100,19 @@ def test_no_ttt_makes_the_family_mixers_forget_the_context(mixer) -> None:
 
 
 @pytest.mark.slow  # ~2.5 s alone: importing Lightning and building two Trainers
-def test_the_training_progress_bar_does_not_print_an_epoch_count_of_minus_two(tmp_path: Path) -> None:
+def test_the_training_progress_bar_does_not_print_an_epoch_count_of_minus_two(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Before: the main job's progress bar read "Epoch 0/-2" (Lightning's rich bar prints max_epochs - 1,
     # and a run's stream is endless, max_epochs=-1). A progress bar the caller gives is kept.
     pytest.importorskip("rich")
     from lightning.pytorch.callbacks import RichProgressBar
 
     from innerloop.config import load_config
+    from innerloop.train import run as run_module
     from innerloop.train.run import build_trainer
+
+    monkeypatch.setattr(run_module, "_rich_bar_shows", lambda: True)  # as on a terminal (s31d: else tqdm's)
 
     run, _ = load_config("tiny", [f"out_dir={tmp_path}"])
     trainer = build_trainer(run)

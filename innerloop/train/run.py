@@ -51,7 +51,14 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar, Timer
+from lightning.pytorch.callbacks import (
+    Callback,
+    ModelCheckpoint,
+    ProgressBar,
+    RichProgressBar,
+    Timer,
+    TQDMProgressBar,
+)
 from omegaconf import DictConfig
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
@@ -290,10 +297,24 @@ class _StepsProgressBar(RichProgressBar):
 
 
 def _progress_bar(enabled: bool, callbacks: Sequence[Callback]) -> list[Callback]:
-    """The run's progress bar, unless it is off, the caller gives one, or rich is not installed
-    (Lightning's tqdm bar says ``Epoch 0``, without a count)."""
-    given = any(isinstance(c, ProgressBar) for c in callbacks)
-    return [_StepsProgressBar()] if enabled and not given and importlib.util.find_spec("rich") else []
+    """The run's progress bar, unless it is off or the caller gives one: rich's on a terminal, else
+    tqdm's (which says ``Epoch 0``, without a count). Lightning's default is rich's whenever rich is
+    installed, and written to a file rich prints nothing until the run ends."""
+    if not enabled or any(isinstance(c, ProgressBar) for c in callbacks):
+        return []
+    return [_StepsProgressBar() if _rich_bar_shows() else TQDMProgressBar()]
+
+
+def _rich_bar_shows() -> bool:
+    """Whether rich is installed and draws its bar as the run goes: on a terminal or in Jupyter. Written to
+    a file (a cluster job's log, ``> train.log``) rich prints nothing until the bar ends, where tqdm
+    writes each step's progress and loss."""
+    if importlib.util.find_spec("rich") is None:
+        return False
+    from rich.console import Console
+
+    console = Console()
+    return console.is_terminal or console.is_jupyter
 
 
 class _ValidateAtTheLastStep(Callback):

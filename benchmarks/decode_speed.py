@@ -10,7 +10,8 @@ KV cache reads the whole cache for every token, so its cost grows with the conte
     python benchmarks/decode_speed.py --contexts 2048 --paths auto torch --tokens 64
 
 Paths as in layer_speed.py: ``auto`` (the compiled CPU kernel's decode path), ``fused_torch`` /
-``cpu_ttt`` (forced), ``torch`` (the reference). Run it on a quiet machine.
+``cpu_ttt`` (forced), ``torch`` (the reference). ``fused_torch`` has no decode step: a layer that names
+it decodes on torch ops, and the line printed for each layer says so. Run it on a quiet machine.
 """
 
 from __future__ import annotations

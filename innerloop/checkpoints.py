@@ -676,24 +676,34 @@ def _check_header(name: str, metadata: dict[str, str]) -> None:
 def _read_file(path: Path, name: str, attempts: int = 3) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """The metadata and tensors (on the CPU) of a safetensors checkpoint file. A file replaced while it
     is read (a running run's checkpoint, written atomically at every save: safetensors reads its header
-    and maps its data separately) is read again, up to ``attempts`` times."""
+    and maps its data separately, so the header of one file could come with the tensors of the next) is
+    read again, up to ``attempts`` times."""
     stamp = None
     try:
-        stamp = (path.stat().st_ino, path.stat().st_mtime_ns)
+        stamp = _file_stamp(path)
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             _check_header(name, metadata)
-            return metadata, {key: f.get_tensor(key) for key in f.keys()}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        if attempts > 1 and _file_stamp(path) != stamp:  # replaced meanwhile: the read may mix two files
+            return _read_file(path, name, attempts - 1)
+        return metadata, tensors
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as err:
         if isinstance(err, CheckpointError):
             raise
         with contextlib.suppress(OSError):
-            if attempts > 1 and stamp is not None and (path.stat().st_ino, path.stat().st_mtime_ns) != stamp:
+            if attempts > 1 and stamp is not None and _file_stamp(path) != stamp:
                 return _read_file(path, name, attempts - 1)  # replaced meanwhile: the new one
         raise CheckpointError(
             f"{name} is not a readable innerloop checkpoint (expected a safetensors file written by "
             f"`innerloop train`; it may be truncated, corrupt or of another format): {_one_line(err)}"
         ) from None
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int]:
+    """What changes when a file is replaced or rewritten: its inode, modification time and size."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 def is_safetensors_file(path: str | os.PathLike[str]) -> bool:

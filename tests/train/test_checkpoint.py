@@ -224,3 +224,47 @@ def test_a_checkpoint_replaced_while_it_is_read_is_read_again_and_a_bad_one_is_o
     monkeypatch.setattr(checkpoints, "safe_open", broken)
     with pytest.raises(CheckpointError, match="last.safetensors' is not a readable innerloop checkpoint"):
         load_checkpoint(path)
+
+
+def test_a_header_and_tensors_of_two_saves_are_never_mixed_into_a_corrupt_error(tmp_path, monkeypatch):
+    """The header of one save with the tensors of the next (the file replaced between safetensors'
+    header read and its data mapping, with the same layout: no error from safetensors) failed the
+    checksum, and a live run's whole checkpoint was called corrupt (seen reading a ddp_spawn run's
+    last.safetensors). A file replaced during the read is read again."""
+    import innerloop.checkpoints as checkpoints
+
+    path = tmp_path / "last.safetensors"
+    save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "global_step": 1}, path)
+    real, calls = checkpoints.safe_open, []
+
+    class HeaderOfOneTensorsOfTheNext:
+        def __init__(self, *args, **kwargs) -> None:
+            self.first = real(*args, **kwargs)
+            self.args, self.kwargs = args, kwargs
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.first.__exit__(*exc)
+
+        def metadata(self):
+            metadata = self.first.__enter__().metadata()
+            save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 2}, path)  # the next save
+            return metadata
+
+        def keys(self):
+            return self.first.keys()
+
+        def get_tensor(self, key):
+            with real(*self.args, **self.kwargs) as now:  # the data mapped from the file there now
+                return now.get_tensor(key)
+
+    def racing(*args, **kwargs):
+        calls.append(1)
+        return HeaderOfOneTensorsOfTheNext(*args, **kwargs) if len(calls) == 1 else real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "safe_open", racing)
+    loaded = load_checkpoint(path)
+    assert loaded["global_step"] == 2 and len(calls) == 2
+    assert torch.equal(loaded["state_dict"]["w"], torch.ones(2))

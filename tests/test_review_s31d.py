@@ -93,8 +93,9 @@ def test_an_evaluation_pair_still_evaluates() -> None:
 
 def test_the_progress_bar_is_tqdms_when_rich_cannot_draw_as_the_run_goes(monkeypatch) -> None:
     monkeypatch.setattr(run_module, "_rich_bar_shows", lambda: False)
-    (bar,) = run_module._progress_bar(True, [])
+    (bar,) = run_module._progress_bar(True, [], log_every=25)
     assert type(bar) is TQDMProgressBar  # Lightning's own default would be rich's, when it is installed
+    assert bar.refresh_rate == 25  # in a log file every redraw stays: one per trainer.log_every steps
     monkeypatch.setattr(run_module, "_rich_bar_shows", lambda: True)
     (bar,) = run_module._progress_bar(True, [])
     assert isinstance(bar, run_module._StepsProgressBar)

@@ -296,13 +296,15 @@ class _StepsProgressBar(RichProgressBar):
         return f"{'Training':{len(self.validation_description)}}"
 
 
-def _progress_bar(enabled: bool, callbacks: Sequence[Callback]) -> list[Callback]:
+def _progress_bar(enabled: bool, callbacks: Sequence[Callback], log_every: int = 1) -> list[Callback]:
     """The run's progress bar, unless it is off or the caller gives one: rich's on a terminal, else
-    tqdm's (which says ``Epoch 0``, without a count). Lightning's default is rich's whenever rich is
-    installed, and written to a file rich prints nothing until the run ends."""
+    tqdm's (which says ``Epoch 0``, without a count), redrawn every ``log_every`` steps (``trainer.log_every``):
+    written to a file each redraw stays (about 250 bytes), and a long run's log would grow by that at every
+    step. Lightning's default is rich's whenever rich is installed, and written to a file rich prints
+    nothing until the run ends."""
     if not enabled or any(isinstance(c, ProgressBar) for c in callbacks):
         return []
-    return [_StepsProgressBar() if _rich_bar_shows() else TQDMProgressBar()]
+    return [_StepsProgressBar() if _rich_bar_shows() else TQDMProgressBar(refresh_rate=log_every)]
 
 
 def _rich_bar_shows() -> bool:
@@ -440,7 +442,7 @@ def build_trainer(run: RunConfig, callbacks: Sequence[Callback] = ()) -> L.Train
         logger=build_loggers(run.logger, run.out_dir),  # logs/version_<n>/..., one folder per launch
         callbacks=[
             *own_callbacks,
-            *_progress_bar(t.progress_bar, callbacks),
+            *_progress_bar(t.progress_bar, callbacks, t.log_every),
             _RecordTokenizer(run),
             _RecordRunData(run),
             *callbacks,

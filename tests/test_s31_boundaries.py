@@ -61,3 +61,25 @@ def test_a_stack_naming_a_weight_param_shapes_does_not_declare_is_refused_by_nam
         innerloop.register_inner_model(model)
     with pytest.raises(AssertionError, match=r"its stack names the weight\(s\) \['c'\]"):
         check_inner_model(model)
+
+
+class _Forwarding:
+    """An object that forwards every attribute to a loss (a proxy, a wrapper that counts calls, ...)."""
+
+    def __init__(self, target) -> None:
+        self._target = target
+
+    def __getattr__(self, name: str):
+        return getattr(self._target, name)
+
+
+@pytest.mark.parametrize("name", ["reconstruction", "next_token"])
+def test_a_loss_reached_through_a_forwarding_object_is_checked_as_the_loss_itself(name) -> None:
+    """Whether a loss keeps the default token_loss_grad was read from its class: a forwarding object's
+    class has none ('type object ... has no attribute token_loss_grad'); its bound method says."""
+    from innerloop.registry import get_registry
+    from innerloop.registry.kinds import _default_token_loss_grad
+
+    loss = get_registry().inner_loss(name)
+    assert _default_token_loss_grad(_Forwarding(loss)) == _default_token_loss_grad(loss)
+    check_inner_loss(_Forwarding(loss), tokens=9, heads=1, head_dim=3, batch=2, mini_batch_size=4)

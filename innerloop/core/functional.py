@@ -138,9 +138,8 @@ def overflow_safe_scale_if_needed(x: torch.Tensor) -> torch.Tensor | None:
     :func:`host_reads_are_free`; elsewhere (CUDA, ``torch.compile``, torch.func transforms) the scale is
     always computed, without a host sync or a data-dependent branch."""
     peak = _peak_read_on_the_host(x) if x.numel() else None
-    if peak is not None and peak <= _overflow_bound(
-        x
-    ):  # a NaN compares False: rows are then checked one by one
+    # a NaN compares False: rows are then checked one by one
+    if peak is not None and peak <= _overflow_bound(x):
         return None
     return overflow_safe_scale(x)
 
@@ -395,9 +394,8 @@ def overflow_safe_rows(x: torch.Tensor) -> torch.Tensor:
     # a row's entries below 2**e with e a quarter of the exponent range: the backward's cubes stay finite
     safe_exponent = int((math.log2(torch.finfo(compute).max) - math.log2(x.shape[-1])) / 4)
     peak = _peak_read_on_the_host(x)
-    if (
-        peak is not None and peak < 2.0**safe_exponent
-    ):  # a NaN compares False: rows are then scaled one by one
+    # a NaN compares False: rows are then scaled one by one
+    if peak is not None and peak < 2.0**safe_exponent:
         return x
     _, exponent = torch.frexp(_row_peaks(x.detach()).to(compute))  # each row's peak < 2**exponent
     shift = (exponent - safe_exponent).clamp_min(0)

@@ -71,7 +71,7 @@ def test_torchs_own_allocation_failure_is_still_reworded_as_its_own_type(monkeyp
         ((torch.zeros(2, 16, dtype=torch.long), torch.zeros(2, 15, dtype=torch.long)), "(2, 15)"),
     ],
 )
-@pytest.mark.parametrize("step", ["test_step", "validation_step"])
+@pytest.mark.parametrize("step", ["test_step", "validation_step", "training_step"])
 def test_an_evaluation_batch_that_is_not_a_pair_is_refused_saying_what_came(batch, got, step):
     module = LanguageModelModule(SMALL_MODEL)
     with pytest.raises(TypeError, match=r"\(inputs \[B, T\], targets \[B, T\]\) pairs") as caught:

@@ -384,7 +384,7 @@ class LanguageModelModule(L.LightningModule):
         return self(inputs)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        inputs, targets = batch
+        inputs, targets = _input_target_pair(batch)
         if hasattr(self.model, "set_outer_progress"):  # TTT-E2E: its inner lr warms up with the outer steps
             # counting this step as done, as the official schedule does: min(1, (step + 1) / warm-up steps)
             self.model.set_outer_progress((self.global_step + 1) / self.hparams.max_steps)
@@ -712,8 +712,8 @@ class LanguageModelModule(L.LightningModule):
 
 
 def _input_target_pair(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """A validation or test batch as ``(inputs [B, T], targets [B, T])``; else a TypeError saying what came
-    (a batch of token ids alone unpacked into its rows, or failed as "too many values to unpack")."""
+    """A training, validation or test batch as ``(inputs [B, T], targets [B, T])``; else a TypeError saying
+    what came (a batch of token ids alone unpacked into its rows, or failed as "too many values to unpack")."""
     if (
         isinstance(batch, (tuple, list))
         and len(batch) == 2
@@ -730,7 +730,7 @@ def _input_target_pair(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         got = f"a {type(batch).__name__}"
     raise TypeError(
-        "trainer.validate / trainer.test batches must be (inputs [B, T], targets [B, T]) pairs of token-id "
+        "trainer.fit / trainer.validate / trainer.test batches must be (inputs [B, T], targets [B, T]) pairs of token-id "
         f"tensors of one shape (a DataModule's val_dataloader() gives them), got {got}; trainer.predict "
         "takes batches of token ids alone"
     )

@@ -555,7 +555,10 @@ def tokenizer_from_state(state: Any, where: str = "the checkpoint") -> Tokenizer
     return HFTokenizer(state["tokenizer_json"], state["eos_token"], f"the tokenizer recorded in {where}")
 
 
-MIN_TRAINED_VOCAB = 258  # the end-of-text token, the 256 bytes and at least one merge
+MIN_TRAINED_VOCAB = 258
+"""The smallest vocabulary :func:`train_bpe` is asked for: the 256 bytes, the end-of-text token and at
+least one merge (257 would be the byte-level tokenizer with its ids moved; ``innerloop tokenizer train
+--vocab-size`` has the same minimum)."""
 MAX_TRAINED_VOCAB = 2**24
 """The largest vocabulary :func:`train_bpe` is asked for (16.7M tokens; the trainer allocates tables of
 that size up front, and aborts with an out-of-memory message past about 2**31)."""
@@ -574,7 +577,7 @@ def train_bpe(
     whitespace) or too little for a single merge: such a tokenizer would be the byte-level one with its
     ids moved. ``files``, the files the texts were read from, are named in these messages.
     """
-    if vocab_size < MIN_TRAINED_VOCAB:  # 257 would be the byte-level tokenizer with its ids moved
+    if vocab_size < MIN_TRAINED_VOCAB:
         raise TokenizerError(
             f"vocab_size={vocab_size} must be >= {MIN_TRAINED_VOCAB} (the end-of-text token, the 256 bytes "
             "and at least one merge); for byte-level tokens use data.tokenizer=bytes"

@@ -59,14 +59,13 @@ def delta_rule_kernel_forward(
                 f"decay must lie in [0, 1] (the gate a = 1 - decay is taken in log space), got values in [{low}, {high}]"
             )
         if linear_gates_needed(decay, high):
-            weights = params[STATE_KEY]
-            beta, gate = lr * tau.reshape(()), 1 - decay
-            out, final = delta_rule_loop(
-                xq, xk, xv, beta, gate=gate, initial_state=weights, decay_first=False
-            )
-            return out, {STATE_KEY: final.to(weights.dtype)}
+            return _token_loop(xq, xk, xv, lr * tau.reshape(()), params[STATE_KEY], decay)
         decay_log = torch.log1p(-decay)  # -inf where decay = 1: chunk_delta_rule clamps it (a full reset)
     weights = params[STATE_KEY]
+    if not _all_finite(xk, xv, lr, weights, decay):
+        # NaN/inf (non_finite="ignore", or ops.scan) must spread to later tokens only, as on the torch
+        # path; a chunk's masked products (0 * NaN) would carry it to the chunk's earlier tokens too
+        return _token_loop(xq, xk, xv, lr * tau.reshape(()), weights, decay)
     out, final = chunk_delta_rule(
         xq,
         xk,
@@ -77,6 +76,26 @@ def delta_rule_kernel_forward(
         chunk_size=chunk_size,
         decay_first=False,
     )
+    return out, {STATE_KEY: final.to(weights.dtype)}
+
+
+def _all_finite(*tensors: torch.Tensor | None) -> bool:
+    """Whether every given tensor holds finite values only (one reduction each, one sync)."""
+    flags = [torch.isfinite(t.detach()).all() for t in tensors if t is not None]
+    return bool(torch.stack(flags).all())
+
+
+def _token_loop(
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    beta: torch.Tensor,
+    weights: torch.Tensor,
+    decay: torch.Tensor | None,
+) -> tuple[torch.Tensor, Params]:
+    """The delta rule token by token (the torch path's numbers), the gate ``1 - decay`` in linear space."""
+    gate = None if decay is None else 1 - decay
+    out, final = delta_rule_loop(xq, xk, xv, beta, gate=gate, initial_state=weights, decay_first=False)
     return out, {STATE_KEY: final.to(weights.dtype)}
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from innerloop.core.family_layers import DeltaNetLayer
+from innerloop import TTTLayer
+from innerloop.core.family_layers import DeltaNetLayer, GatedDeltaNetLayer, LinearAttentionLayer
+from innerloop.core.functional import relative_error
 from innerloop.ops import scan
 
 
@@ -97,3 +99,37 @@ def test_a_deltanet_layer_ignoring_non_finite_input_keeps_the_outputs_before_it(
     assert {path for path, _ in layer.dispatches} == {"delta_chunk"}
     assert _finite_rows(y[0]) == [True] * 6 + [False] * 7 == _finite_rows(want[0])
     torch.testing.assert_close(y[0, :6], want[0, :6], rtol=1e-5, atol=1e-6)
+
+
+# Promise no test covered (docs/architecture.md, "Thread counts", written by this review): 1 and 2
+# threads give bitwise the same outputs and states on the paths other than the CPU kernel's (which
+# tests/kernels/test_review_s21_cpu.py checks), and gradients within a few float32 roundoffs.
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: TTTLayer(32, 2, mini_batch_size=5, kernel="fused_torch_linear"),
+        lambda: TTTLayer(32, 2, inner_model="mlp", mini_batch_size=5, kernel="torch"),
+        lambda: LinearAttentionLayer(32, 2),
+        lambda: GatedDeltaNetLayer(32, 2),
+    ],
+    ids=["fused_torch_linear", "torch_mlp", "linear_attention", "gated_deltanet"],
+)
+def test_one_and_two_threads_give_the_same_outputs_and_states(make):
+    torch.manual_seed(0)
+    layer = make()
+    x = torch.randn(3, 23, 32, requires_grad=True)
+    previous, runs = torch.get_num_threads(), {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y, state = layer(x)
+            grads = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
+            with torch.no_grad():
+                inferred, inferred_state = layer(x)
+            runs[threads] = (y, *state.params.values(), inferred, *inferred_state.params.values()), grads
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(runs[1][0], runs[2][0], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(runs[1][1], runs[2][1], strict=True):
+        assert relative_error(a, b) <= 32 * torch.finfo(torch.float32).eps

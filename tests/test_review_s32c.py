@@ -3,11 +3,20 @@ on shapes, dtypes and hostile inputs the other tests do not use)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from innerloop import TTTLayer
-from innerloop.core.family_layers import DeltaNetLayer, GatedDeltaNetLayer, LinearAttentionLayer
+from innerloop.core.family_layers import (
+    DeltaNetLayer,
+    GatedDeltaNetLayer,
+    LinearAttentionLayer,
+    TitansLayer,
+)
 from innerloop.core.functional import relative_error
 from innerloop.ops import scan
 
@@ -133,3 +142,106 @@ def test_one_and_two_threads_give_the_same_outputs_and_states(make):
         assert torch.equal(a, b)
     for a, b in zip(runs[1][1], runs[2][1], strict=True):
         assert relative_error(a, b) <= 32 * torch.finfo(torch.float32).eps
+
+
+BF16_UNIT, FP32_UNIT = 2.0**-8, 2.0**-24
+
+
+def _family_run(layer, x, autocast: bool):
+    layer.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y, state = layer(x)
+        (y.float() ** 2).sum().backward()
+    grads = torch.cat([p.grad.double().flatten() for p in layer.parameters() if p.grad is not None])
+    return y.double(), torch.cat([t.double().flatten() for t in state.params.values()]), grads, state, y.dtype
+
+
+# Promise no test covered (issue 13: "bf16 results match float32 to bf16 precision"; tests/core/test_bf16.py
+# checks the TTT layers, tests/family only float16): the family's layers under bf16 autocast keep their
+# state in float32 and match float32 to A bf16 roundoffs, A measured as their float32 error against
+# float64 in float32 roundoffs (the bound of test_bf16.py, factor 2 for spread; measured 1.1u to 3.8u).
+@pytest.mark.parametrize("cls", [LinearAttentionLayer, DeltaNetLayer, GatedDeltaNetLayer, TitansLayer])
+def test_family_layers_under_bf16_autocast_match_float32_to_bf16_precision(cls):
+    torch.manual_seed(0)
+    layer = cls(32, 2)
+    exact = _family_run(copy.deepcopy(layer).double(), torch.randn(2, 21, 32).double(), False)
+    torch.manual_seed(0)
+    x = torch.randn(2, 21, 32)
+    single = _family_run(layer, x, False)
+    mixed = _family_run(layer, x, True)
+    assert mixed[4] == torch.bfloat16 and all(t.dtype == torch.float32 for t in mixed[3].params.values())
+    for index, what in enumerate(("output", "state", "gradients")):
+        amplification = max(relative_error(single[index], exact[index]) / FP32_UNIT, 1.0)
+        error = relative_error(mixed[index], single[index])
+        assert error <= 2 * amplification * BF16_UNIT, (what, error / BF16_UNIT, amplification)
+
+
+def _kernel_case(kernel, model, shape, mini_batch, mode, strided, seed):
+    """Outputs, final weights and (mode "grad") the gradient of every input of one float64 scan."""
+    batch, tokens, width = shape
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*size, scale=1.0):
+        return torch.randn(*size, generator=g, dtype=torch.float64) * scale
+
+    q, k, v = rnd(batch, 2, tokens, width), rnd(batch, 2, tokens, width), rnd(batch, 2, tokens, width)
+    if strided:  # a [B, T, H, f] projection viewed as [B, H, T, f], and a view with gaps between rows
+        q, k = q.transpose(1, 2).contiguous().transpose(1, 2), torch.cat([k, k], -1)[..., :width]
+    lr = torch.rand(batch, 2, tokens, generator=g, dtype=torch.float64) / width
+    tau = 1.0 / torch.arange(1, mini_batch + 1, dtype=torch.float64)
+    norm_weight, norm_bias = 1 + 0.1 * rnd(2, width), 0.1 * rnd(2, width)
+    hidden = width if model == "linear" else 4 * width
+    initial = {
+        "W1": rnd(batch, 2, width, hidden, scale=width**-0.5),
+        "b1": rnd(batch, 2, 1, hidden, scale=0.1),
+    }
+    if model == "mlp":
+        initial |= {
+            "W2": rnd(batch, 2, hidden, width, scale=hidden**-0.5),
+            "b2": rnd(batch, 2, 1, width, scale=0.1),
+        }
+    inputs = [q, k, v, lr, tau, norm_weight, norm_bias, *initial.values()]
+    for t in inputs:
+        t.requires_grad_(mode == "grad")
+    context = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[
+        mode
+    ]
+    paths: list[tuple[str, str]] = []
+    with context():
+        out, final = scan(q, k, v, lr, inner_model=model, mini_batch_size=mini_batch, token_scale=tau,
+                          norm_weight=norm_weight, norm_bias=norm_bias, initial=initial, kernel=kernel,
+                          dispatches=paths)  # fmt: skip
+    results = [out, *final.values()]
+    if mode == "grad":
+        loss = (out * out.detach().cos()).sum() + sum((w * w).sum() for w in final.values())
+        results += torch.autograd.grad(loss, inputs)
+    return [r.detach() for r in results], {path for path, _ in paths}
+
+
+# Promise no test covered at these shapes (issue 13: every fast path equals the torch path in float64 to
+# 1e-10, outputs, states and every gradient): head dims 1, 3 and 24, mini-batches 1, 5 and 33, lengths
+# 1, K - 1, K + 1 and primes, batch 4, strided views, no_grad and inference_mode (measured: 1.1e-12 at
+# worst, cpu_ttt_*, fused_torch_* and compiled_torch_* alike; 96 too, outside this test for time).
+# reason: eight float64 scans with their backward against the torch path's (~0.5 s on 2 cores)
+@pytest.mark.slow
+@settings(max_examples=8, deadline=None)
+@given(
+    kernel=st.sampled_from(["cpu_ttt", "fused_torch"]),
+    model=st.sampled_from(["linear", "mlp"]),
+    width=st.sampled_from([1, 3, 24]),
+    mini_batch=st.sampled_from([1, 5, 33]),
+    tokens=st.sampled_from(["1", "K-1", "K+1", "37"]),
+    mode=st.sampled_from(["grad", "no_grad", "inference_mode"]),
+    strided=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fast_paths_equal_the_torch_path_in_float64_at_unusual_shapes(
+    kernel, model, width, mini_batch, tokens, mode, strided, seed
+):
+    count = {"1": 1, "K-1": max(mini_batch - 1, 1), "K+1": mini_batch + 1, "37": 37}[tokens]
+    shape = (4 if width < 24 else 2, count, width)
+    fast, used = _kernel_case(f"{kernel}_{model}", model, shape, mini_batch, mode, strided, seed)
+    slow, _ = _kernel_case("torch", model, shape, mini_batch, mode, strided, seed)
+    assert any(path.startswith(f"{kernel}_{model}") for path in used) or count < mini_batch, used
+    for index, (a, b) in enumerate(zip(fast, slow, strict=True)):
+        assert relative_error(a, b) <= 1e-10, (index, relative_error(a, b))

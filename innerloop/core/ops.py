@@ -364,8 +364,9 @@ def scan(
         (``next_token``'s last key), which they cannot hold (``dropped_carry``). To split a sequence
         anywhere, use :class:`~innerloop.core.layer.TTTLayer` and its state, which carries the partial
         mini-batch and the loss's carry.
-        A NaN or inf input is not refused; it spreads to the outputs of its whole mini-batch (of its
-        64-token chunk on the chunked delta-rule kernel), earlier tokens included, and to all later ones.
+        A NaN or inf input is not refused; it spreads to the outputs of its whole mini-batch, earlier
+        tokens included, and to all later ones, on every path (the chunked delta-rule kernel runs its
+        token loop then, so that a bad token does not reach its chunk's earlier outputs).
         Nor are the results checked: an inner loop that diverges on finite input (a learning rate too
         large for its data) returns its inf or NaN outputs and weights as they are (``TTTLayer``, under
         its default ``non_finite='raise'``, refuses them with a diagnosis).

@@ -693,7 +693,9 @@ def _array_names(metadata: Mapping[str, Any]) -> list[str]:
 
 def read_orbax_weights(checkpoint_dir: str | Path) -> dict[str, np.ndarray]:
     """Every array of an official checkpoint's ``model_weights`` (see :func:`weights_folder`), by its
-    dotted name, as float32 numpy arrays. Needs ``tensorstore``; reads OCDBT and plain zarr layouts."""
+    dotted name, as numpy arrays of their stored dtype (:func:`model_from_arrays` refuses one that is not
+    floating point and converts the others to float32). Needs ``tensorstore``; reads OCDBT and plain
+    zarr layouts."""
     tensorstore = _tensorstore()
     folder = weights_folder(checkpoint_dir).resolve()
     metadata = _orbax_metadata(folder)
@@ -707,7 +709,7 @@ def read_orbax_weights(checkpoint_dir: str | Path) -> dict[str, np.ndarray]:
             kvstore = {"driver": "file", "path": str(folder / name)}
         try:
             store = tensorstore.open({"driver": driver, "kvstore": kvstore}, open=True, read=True).result()
-            arrays[name] = np.asarray(store.read().result()).astype(np.float32)
+            arrays[name] = np.asarray(store.read().result())  # its stored dtype: checked by the caller
         except ValueError as err:  # tensorstore's errors: a missing or damaged array
             message = str(err).split(" [tensorstore_spec=")[0]
             raise OfficialConfigError(

@@ -3,6 +3,7 @@ checkpoints), tested as a grader would, with shapes, configs and hostile inputs 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -65,3 +66,24 @@ def test_a_plain_zarr_orbax_checkpoint_gives_the_official_logits(tmp_path) -> No
     with torch.no_grad():
         logits, _ = model(ids)
     assert float((logits - torch.from_numpy(official["logits_ttt_on"])).abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [5, {"value_metadata": {}}, {"key_metadata": 3}, {"key_metadata": [{"k": 1}]}],
+    ids=["not-a-mapping", "no-key_metadata", "key_metadata-not-a-list", "a-key-without-key"],
+)
+def test_a_malformed_orbax_metadata_entry_is_one_line_naming_the_file(tmp_path, entry) -> None:
+    """An entry of _METADATA's tree_metadata not in orbax's form raised AttributeError 'int' object has
+    no attribute 'get', KeyError 'key_metadata' or TypeError from inside the reader."""
+    folder = tmp_path / "0" / "model_weights"
+    folder.mkdir(parents=True)
+    metadata = json.loads(
+        (E2E_DATA / "checkpoint" / "0" / "model_weights" / "_METADATA").read_text(encoding="utf-8")
+    )
+    metadata["tree_metadata"]["('language_model', 'odd')"] = entry
+    (folder / "_METADATA").write_text(json.dumps(metadata), encoding="utf-8")
+    with pytest.raises(
+        OfficialConfigError, match=r"_METADATA' is not orbax's metadata: its tree_metadata entry"
+    ):
+        load_model(tmp_path, E2E_DATA / "config.json")

@@ -681,13 +681,23 @@ def _orbax_metadata(folder: Path) -> dict[str, Any]:
     return metadata
 
 
-def _array_names(metadata: Mapping[str, Any]) -> list[str]:
-    """The dotted names of the arrays orbax saved (from its ``_METADATA``)."""
+def _array_names(metadata: Mapping[str, Any], path: Path) -> list[str]:
+    """The dotted names of the arrays orbax saved (from its ``_METADATA``, read from ``path``); an entry
+    not in orbax's form (``key_metadata``: a list of ``{"key": ...}``) is refused, naming it."""
     names = []
-    for entry in metadata["tree_metadata"].values():
-        if entry.get("value_metadata", {}).get("skip_deserialize", False):
+    for leaf, entry in metadata["tree_metadata"].items():
+        value = entry.get("value_metadata") if isinstance(entry, dict) else None
+        keys = entry.get("key_metadata") if isinstance(entry, dict) else None
+        if not isinstance(value, (dict, type(None))) or not (
+            isinstance(keys, list) and keys and all(isinstance(k, dict) and "key" in k for k in keys)
+        ):
+            raise OfficialConfigError(
+                f"{str(path)!r} is not orbax's metadata: its tree_metadata entry {leaf!r} is {entry!r}, "
+                "not {'key_metadata': [{'key': ...}, ...], 'value_metadata': {...}}"
+            )
+        if (value or {}).get("skip_deserialize", False):
             continue  # a None leaf (e.g. a norm without bias)
-        names.append(".".join(str(key["key"]) for key in entry["key_metadata"]))
+        names.append(".".join(str(key["key"]) for key in keys))
     return names
 
 
@@ -702,7 +712,7 @@ def read_orbax_weights(checkpoint_dir: str | Path) -> dict[str, np.ndarray]:
     driver = "zarr3" if metadata.get("use_zarr3") else "zarr"
     ocdbt = (folder / "manifest.ocdbt").is_file()
     arrays = {}
-    for name in _array_names(metadata):
+    for name in _array_names(metadata, folder / "_METADATA"):
         if ocdbt:
             kvstore = {"driver": "ocdbt", "base": folder.as_uri(), "path": name}
         else:

@@ -87,3 +87,17 @@ def test_a_malformed_orbax_metadata_entry_is_one_line_naming_the_file(tmp_path, 
         OfficialConfigError, match=r"_METADATA' is not orbax's metadata: its tree_metadata entry"
     ):
         load_model(tmp_path, E2E_DATA / "config.json")
+
+
+@pytest.mark.slow  # imports transformers (about 2 s alone; nothing in a full run)
+def test_from_pretrained_of_a_reference_ttt_folder_names_the_converter_not_auto_classes(tmp_path) -> None:
+    """A folder of the reference's TTTForCausalLM (model_type 'ttt') given to InnerloopForCausalLM was
+    told to 'load it with AutoModelForCausalLM', which fails there: transformers has no 'ttt' model."""
+    from innerloop.hf import InnerloopForCausalLM
+
+    config = {"architectures": ["TTTForCausalLM"], "model_type": "ttt", "hidden_size": 64, "vocab_size": 300}
+    (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(
+        ValueError, match=r"model_type='ttt'.*`innerloop convert ttt-lm-pytorch SRC OUT --format hf`"
+    ):
+        InnerloopForCausalLM.from_pretrained(tmp_path)

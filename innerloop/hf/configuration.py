@@ -190,10 +190,14 @@ class InnerloopConfig(PreTrainedConfig):
         """
         model_type = config_dict.get("model_type")
         if model_type is not None and model_type != MODEL_TYPE:
+            how = (  # the reference's TTTForCausalLM: transformers has no class for it, innerloop converts it
+                "convert it first: `innerloop convert ttt-lm-pytorch SRC OUT --format hf`, then load OUT"
+                if model_type == "ttt"
+                else "load it with AutoModelForCausalLM / AutoConfig (or that model's own classes)"
+            )
             raise ValueError(
                 f"config.json has model_type={model_type!r}, not {MODEL_TYPE!r}: it describes a "
-                f"{model_type} model, which innerloop's classes cannot load; load it with "
-                "AutoModelForCausalLM / AutoConfig (or that model's own classes)"
+                f"{model_type} model, which innerloop's classes cannot load; {how}"
             )
         if not config_dict:  # what transformers reads for a folder without config.json
             raise ValueError(

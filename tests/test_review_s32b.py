@@ -101,3 +101,24 @@ def test_from_pretrained_of_a_reference_ttt_folder_names_the_converter_not_auto_
         ValueError, match=r"model_type='ttt'.*`innerloop convert ttt-lm-pytorch SRC OUT --format hf`"
     ):
         InnerloopForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.slow  # imports transformers and saves a sharded model (about 2 s alone)
+@pytest.mark.parametrize(
+    "text",
+    ["{", "[]", '{"metadata": {}}', '{"weight_map": []}', "\udcff"],
+    ids=["json", "list", "no-map", "map-list", "bytes"],
+)
+def test_a_damaged_shard_index_is_one_line_naming_it(tmp_path, text) -> None:
+    """A sharded folder's model.safetensors.index.json that is not a valid index: transformers raised
+    a bare JSONDecodeError, KeyError 'weight_map', TypeError, AttributeError or UnicodeDecodeError
+    naming no file."""
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+
+    model = InnerloopForCausalLM(InnerloopConfig(model={"hidden_size": 32, "num_heads": 2, "num_layers": 1}))
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    index = tmp_path / "model.safetensors.index.json"
+    assert index.is_file() and not (tmp_path / "model.safetensors").exists()
+    index.write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json' is not a safetensors index"):
+        InnerloopForCausalLM.from_pretrained(tmp_path)

@@ -641,14 +641,20 @@ def stored_weight_dtypes(folder: Path) -> dict[str, tuple[str, str]]:
 def _weight_files(folder: Path) -> list[Path]:
     """The safetensors files ``from_pretrained`` reads the weights of ``folder`` from: ``model.safetensors``,
     or the shards its index names (none found: left to transformers, which names what is missing)."""
-    single = folder / "model.safetensors"
+    single, index_path = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
         return [single]
     try:
-        index = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))
+        index = json.loads(index_path.read_text(encoding="utf-8"))
         shards = sorted(set(index["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except OSError:  # no index (or unreadable): transformers names what is missing
         return []
+    # Not JSON, or no weight_map of names: transformers would raise that bare, naming no file.
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(
+            f"{str(index_path)!r} is not a safetensors index (JSON with a 'weight_map' of weight names to "
+            "shard files): a truncated or damaged copy? copy or export the folder again"
+        ) from None
     return [folder / shard for shard in shards if isinstance(shard, str) and (folder / shard).is_file()]
 
 

@@ -122,3 +122,79 @@ def test_a_damaged_shard_index_is_one_line_naming_it(tmp_path, text) -> None:
     index.write_bytes(text.encode("utf-8", "surrogateescape"))
     with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json' is not a safetensors index"):
         InnerloopForCausalLM.from_pretrained(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Promises no other test covered (kept as coverage; each passed when written)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_meta_gradient_equals_finite_differences_with_five_blocks_batch_three_and_a_partial_chunk() -> None:
+    """Issue 5's must-show on a shape the other tests leave out: 5 blocks (one suffix block after a
+    4-block prefix: the meta-gradient crosses the prefix), batch 3, 11 inputs in chunks of 3 (the last
+    chunk partial), window 2, clipping active. tests/models/test_review_s20_e2e.py skips 5 blocks for
+    gradients; tests/models/test_e2e.py uses 2 blocks and whole chunks."""
+    import math
+
+    import torch.nn.functional as F
+
+    from innerloop.models import E2EConfig, ModelConfig, build_model
+
+    torch.manual_seed(0)
+    e2e = E2EConfig(chunk_size=3, inner_lr_warmup_fraction=0.0, inner_grad_clip=0.05, inner_lr=2.0)
+    config = ModelConfig(
+        mixer="e2e", vocab_size=11, hidden_size=8, num_layers=5, num_heads=2, intermediate_size=12, window=2,
+        init_std=0.3, e2e=e2e,
+    )  # fmt: skip
+    model = build_model(config).double()
+    assert model.num_prefix == 4
+    ids = torch.randint(11, (3, 12), generator=torch.Generator().manual_seed(1))
+    params = list(model.parameters())
+
+    def loss() -> torch.Tensor:
+        logits, _ = model(ids[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+
+    grads = torch.autograd.grad(loss(), params)
+    gen = torch.Generator().manual_seed(2)
+    direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    analytic = sum((g * d).sum() for g, d in zip(grads, direction, strict=True)).item()
+
+    def at(t: float) -> float:
+        with torch.no_grad():
+            for p, d in zip(params, direction, strict=True):
+                p.add_(t * d)
+            value = loss().item()
+            for p, d in zip(params, direction, strict=True):
+                p.sub_(t * d)
+        return value
+
+    h = 1e-5
+    numeric = (-at(2 * h) + 8 * at(h) - 8 * at(-h) + at(-2 * h)) / (12 * h)
+    assert math.isclose(analytic, numeric, rel_tol=1e-7), (analytic, numeric)
+
+
+@pytest.mark.slow  # imports transformers (about 2 s alone)
+@pytest.mark.parametrize("mixer", ["linear_attention", "deltanet", "gated_deltanet", "titans", "titans-mlp"])
+def test_family_mixers_round_trip_through_the_auto_classes_and_generate_greedily_as_innerloop(
+    tmp_path, mixer
+) -> None:
+    """docs/huggingface.md: 'Every innerloop language model ... is also a Hugging Face model'; the
+    Hugging Face tests' MODEL_KINDS (tests/hf/hf_testing.py) hold no family mixer."""
+    from transformers import AutoModelForCausalLM
+
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+    from innerloop.models import generate
+
+    section = {"hidden_size": 16, "num_heads": 2, "num_layers": 2, "intermediate_size": 24}
+    section |= {"mixer": "titans", "family": {"memory": "mlp"}} if mixer == "titans-mlp" else {"mixer": mixer}
+    torch.manual_seed(0)
+    model = InnerloopForCausalLM(InnerloopConfig(model=section)).eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(256, (3, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    greedy = loaded.generate(ids, max_new_tokens=5, do_sample=False)
+    ours = torch.stack([token for token, _ in generate(loaded.model, ids, 5, temperature=0)], dim=1)
+    assert torch.equal(greedy[:, 9:], ours)

@@ -13,6 +13,7 @@ import torch
 from safetensors.numpy import load_file
 
 from innerloop.interop.ttt_e2e import OfficialConfigError, load_model
+from innerloop.interop.ttt_lm_pytorch import load_model as reference_load_model
 
 tensorstore = pytest.importorskip(
     "tensorstore", reason="the e2e extra (tensorstore) is part of the test extra"
@@ -198,3 +199,24 @@ def test_family_mixers_round_trip_through_the_auto_classes_and_generate_greedily
     greedy = loaded.generate(ids, max_new_tokens=5, do_sample=False)
     ours = torch.stack([token for token, _ in generate(loaded.model, ids, 5, temperature=0)], dim=1)
     assert torch.equal(greedy[:, 9:], ours)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (
+            lambda: load_model(E2E_DATA / "checkpoint", 5),
+            r"config must be the official resolved Hydra config.*got int 5",
+        ),
+        (
+            lambda: load_model(None, E2E_DATA / "config.json"),
+            r"checkpoint_dir must be the path .* got NoneType None",
+        ),
+        (lambda: reference_load_model(["folder"]), r"folder must be the path .* got list \['folder'\]"),
+    ],
+    ids=["e2e-config", "e2e-checkpoint_dir", "ttt-lm-pytorch-folder"],
+)
+def test_a_path_argument_of_another_type_is_named(call, match) -> None:
+    """pathlib's 'expected str, bytes or os.PathLike object, not int' named no parameter."""
+    with pytest.raises(TypeError, match=match):
+        call()

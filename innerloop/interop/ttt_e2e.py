@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -148,6 +149,11 @@ def read_config(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
     if isinstance(config, Mapping):
         data: Any = dict(config)
     else:
+        if not isinstance(config, (str, os.PathLike)):
+            raise TypeError(
+                "config must be the official resolved Hydra config: a mapping, or the path (str or "
+                f"os.PathLike) of its YAML or JSON file; got {type(config).__name__} {config!r:.80}"
+            )
         path = Path(config)
         if not path.is_file():
             raise FileNotFoundError(f"config {str(path)!r} is not a file (give the resolved Hydra config)")
@@ -650,6 +656,11 @@ def weights_folder(checkpoint_dir: str | Path) -> Path:
     """The ``model_weights`` folder of an official checkpoint: ``checkpoint_dir`` is a step folder
     (``.../checkpoint/<step>``), its parent (the latest step is taken) or the ``model_weights``
     folder itself."""
+    if not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise TypeError(
+            "checkpoint_dir must be the path (str or os.PathLike) of an official checkpoint folder, got "
+            f"{type(checkpoint_dir).__name__} {checkpoint_dir!r:.80}"
+        )
     root = Path(checkpoint_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint {str(root)!r} is not a folder")

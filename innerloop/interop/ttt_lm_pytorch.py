@@ -29,6 +29,7 @@ import difflib
 import json
 import math
 import numbers
+import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -635,6 +636,11 @@ def _reference_key(ours: str) -> str:
 def read_model_folder(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``config.json`` and the weights (``model.safetensors``, or the shards listed by
     ``model.safetensors.index.json``) of a folder saved by ``save_pretrained``."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(
+            "folder must be the path (str or os.PathLike) of a folder save_pretrained wrote, got "
+            f"{type(folder).__name__} {folder!r:.80}"
+        )
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{str(folder)!r} is not a folder (give the folder save_pretrained wrote)")

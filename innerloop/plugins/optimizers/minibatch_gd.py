@@ -129,7 +129,7 @@ def primal_planned_segment(
     sums: list[Params] = [{} for _ in plan.sums]
     for key, g in parts.grads.items():
         extra = (1,) * (g.dim() - 2)
-        flat_g = g.flatten(2)  # [BH, N, numel]
+        flat_g = g.reshape(*g.shape[:2], -1)  # [BH, N, numel] (numel 1 for a per-head scalar weight)
         start = _flatten_heads(params[key])[:, None]  # [BH, 1, *shape]
         weights = start if base is None else base.reshape(base.shape + extra) * start
         for coefficient, state in plan.extras:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import pytest
 import torch
+from hypothesis import given, settings
 
 import innerloop
 from innerloop import InnerModel, TTTLayer, get_registry
@@ -14,6 +16,7 @@ from innerloop.registry import isolated_registry
 from innerloop.testing import FLOAT64_TOLERANCE
 from innerloop.testing.checks import assert_states_close, make_problem
 from innerloop.testing.reference import naive_token_loop
+from innerloop.testing.strategies import layer_configs, problems, split_points, views
 
 
 class _ScaledLowRank(InnerModel):
@@ -76,3 +79,37 @@ def test_a_layer_with_the_momentum_rule_splits_and_trains_a_per_head_scalar_weig
         torch.testing.assert_close(torch.cat([first, rest], 1), whole, rtol=1e-10, atol=1e-12)
         whole.sum().backward()
         assert layer.initial_params["g"].grad is not None
+
+
+@pytest.mark.parametrize(
+    ("strategy", "message"),
+    [
+        (lambda: problems(max_batch=1), "problems: max_batch must be an integer >= 2, got 1"),
+        (lambda: problems(max_tokens=0), "problems: max_tokens must be an integer >= 1, got 0"),
+        (lambda: problems(inner_models=()), "problems: inner_models must be a non-empty tuple"),
+        (lambda: layer_configs(inner_models=()), "layer_configs: inner_models must be a non-empty tuple"),
+        (lambda: layer_configs(max_mini_batch=0), "layer_configs: max_mini_batch must be an integer >= 1"),
+        (
+            lambda: layer_configs(head_dims=(4, 3)),
+            r"layer_configs: head_dims must hold even positive integers",
+        ),
+        (
+            lambda: views(head_dims=()),
+            r"views: head_dims must be a non-empty tuple of positive integers, got \(\)",
+        ),
+        (lambda: split_points(10, max_cuts=-1), "split_points: max_cuts must be an integer >= 0, got -1"),
+    ],
+)
+def test_a_strategy_given_an_argument_it_cannot_draw_from_names_it(strategy, message) -> None:
+    """innerloop.testing's hypothesis strategies given a bound below what they draw from (``max_batch=1``
+    where batches start at 2) or an empty choice failed with hypothesis's 'Cannot have max_value=1 <
+    min_value=2' or 'Cannot sample from a length-zero sequence', naming neither the strategy nor its
+    argument; an odd head dim reached TTTLayer's RoPE error."""
+
+    @given(drawn=strategy())
+    @settings(max_examples=1, deadline=None, database=None)
+    def draw(drawn: object) -> None:
+        pass
+
+    with pytest.raises(ValueError, match=message):
+        draw()

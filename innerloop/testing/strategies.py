@@ -29,6 +29,29 @@ ALL_INNER_WRAPPINGS: tuple[tuple[bool, bool], ...] = (
 PAPER_INNER_WRAPPING: tuple[tuple[bool, bool], ...] = ((True, True),)
 
 
+def _check_counts(function: str, **bounds: tuple[object, int]) -> None:
+    """Each ``name=(value, least)``: ``value`` must be an integer >= ``least``; else a ValueError naming
+    ``function``'s argument, the value and what is valid (not hypothesis's 'max_value < min_value')."""
+    for name, (value, least) in bounds.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{function}: {name} must be an integer >= {least}, got {value!r}")
+
+
+def _check_choices(function: str, name: str, values: object, what: str) -> None:
+    """``values`` must be a non-empty tuple or list (hypothesis cannot sample from an empty one)."""
+    if not isinstance(values, (tuple, list)) or not values:
+        raise ValueError(f"{function}: {name} must be a non-empty tuple of {what}, got {values!r}")
+
+
+def _check_head_dims(function: str, head_dims: tuple[int, ...], even: bool) -> None:
+    """``head_dims``: a non-empty tuple of positive integers (even ones for a layer: RoPE rotates pairs)."""
+    what = "even positive integers (a layer's RoPE rotates pairs)" if even else "positive integers"
+    _check_choices(function, "head_dims", head_dims, what)
+    for dim in head_dims:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1 or (even and dim % 2):
+            raise ValueError(f"{function}: head_dims must hold {what}, got {head_dims!r}")
+
+
 @st.composite
 def layer_configs(
     draw: st.DrawFn,
@@ -48,6 +71,15 @@ def layer_configs(
     is used should pass :data:`PAPER_INNER_WRAPPING` (both on, the paper's), the only wrapping those
     kernels compute; with the others ``kernel="auto"`` runs the torch path.
     """
+    _check_counts("layer_configs", max_heads=(max_heads, 1), max_mini_batch=(max_mini_batch, 1))
+    for name, values in (
+        ("inner_models", inner_models),
+        ("inner_losses", inner_losses),
+        ("update_rules", update_rules),
+    ):
+        _check_choices("layer_configs", name, values, "registered names")
+    _check_choices("layer_configs", "inner_wrappings", inner_wrappings, "(inner_norm, inner_residual) pairs")
+    _check_head_dims("layer_configs", head_dims, even=True)
     num_heads = draw(st.integers(1, max_heads))
     head_dim = draw(st.sampled_from(head_dims))
     inner_norm, inner_residual = draw(st.sampled_from(inner_wrappings))
@@ -72,6 +104,7 @@ def layer_configs(
 @st.composite
 def split_points(draw: st.DrawFn, total: int, max_cuts: int = 4) -> list[int]:
     """Sorted distinct cut points strictly inside ``[0, total]`` (possibly none)."""
+    _check_counts("split_points", total=(total, 0), max_cuts=(max_cuts, 0))
     if total < 2:
         return []
     cuts = draw(st.lists(st.integers(1, total - 1), max_size=max_cuts, unique=True))
@@ -88,6 +121,8 @@ def views(
     dtype: torch.dtype = torch.float64,
 ) -> Views:
     """Random ``Views`` (XQ, XK, XV ``[B, H, T, f]``) with values of moderate size."""
+    _check_counts("views", max_batch=(max_batch, 1), max_heads=(max_heads, 1), max_tokens=(max_tokens, 1))
+    _check_head_dims("views", head_dims, even=False)
     shape = (
         draw(st.integers(1, max_batch)),
         draw(st.integers(1, max_heads)),
@@ -125,6 +160,16 @@ def problems(
     whose derivative is ~1e-10 of its inputs, so the gradients through it, and any float64 comparison
     of them, measure rounding rather than the plugin's math.
     """
+    _check_counts(
+        "problems",
+        max_batch=(max_batch, 2),  # batch is drawn from 2: a plugin wrong for the second sequence is caught
+        max_heads=(max_heads, 1),
+        max_tokens=(max_tokens, 1),
+        max_mini_batch=(max_mini_batch, 1),
+    )
+    _check_head_dims("problems", head_dims, even=False)
+    if inner_models is not None:
+        _check_choices("problems", "inner_models", inner_models, "registered names (or None)")
     drawn: dict[str, Any] = {
         "batch": draw(st.integers(2, max_batch)),
         "heads": draw(st.integers(1, max_heads)),

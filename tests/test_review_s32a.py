@@ -13,7 +13,7 @@ from hypothesis import given, settings
 import innerloop
 from innerloop import InnerModel, TTTLayer, get_registry
 from innerloop.registry import isolated_registry
-from innerloop.testing import FLOAT64_TOLERANCE
+from innerloop.testing import FLOAT64_TOLERANCE, check_update_rule
 from innerloop.testing.checks import assert_states_close, make_problem
 from innerloop.testing.reference import naive_token_loop
 from innerloop.testing.strategies import layer_configs, problems, split_points, views
@@ -113,3 +113,21 @@ def test_a_strategy_given_an_argument_it_cannot_draw_from_names_it(strategy, mes
 
     with pytest.raises(ValueError, match=message):
         draw()
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ({"tokens": 0}, "tokens must be an int >= 1, got 0"),
+        ({"mini_batch_size": 0}, "mini_batch_size must be an int >= 1, got 0"),
+        ({"batch": 1.5}, "batch must be an int >= 1, got 1.5"),
+    ],
+)
+def test_check_update_rule_names_a_shape_it_cannot_build(shape, message) -> None:
+    """``check_update_rule(rule, tokens=0)`` failed with torch's 'expected a non-empty list of Tensors',
+    ``mini_batch_size=0`` with Python's 'integer modulo by zero' and ``batch=1.5`` with a TypeError from
+    ``expand``, from inside the check (``check_inner_loss`` / ``check_inner_model`` named them already)."""
+    with pytest.raises(ValueError, match=message):
+        check_update_rule(
+            "dual_form", model="linear", loss="reconstruction", norm=True, residual=True, **shape
+        )

@@ -143,6 +143,15 @@ def reference_name(rule: UpdateRule) -> str:
     return f"its declared reference ({type(rule).__qualname__}.reference)"
 
 
+def _check_problem_shape(**shape: object) -> None:
+    """Each of :func:`make_problem`'s sizes a positive int, else a ValueError naming it (not torch's
+    'expected a non-empty list of Tensors' for ``tokens=0`` or Python's modulo by zero for
+    ``mini_batch_size=0``, from inside a check)."""
+    for name, value in shape.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r} (the problem's shape)")
+
+
 def make_problem(
     model: InnerModel,
     loss: InnerLoss,
@@ -161,6 +170,9 @@ def make_problem(
 ) -> InnerProblem:
     """A random problem at a sequence start (position 0), weights perturbed so every term matters;
     with ``decay`` / ``momentum``, random per-token decays in [0, 0.5) and momenta in [0, 1)."""
+    _check_problem_shape(
+        batch=batch, heads=heads, head_dim=head_dim, tokens=tokens, mini_batch_size=mini_batch_size
+    )
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:

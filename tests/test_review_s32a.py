@@ -131,3 +131,46 @@ def test_check_update_rule_names_a_shape_it_cannot_build(shape, message) -> None
         check_update_rule(
             "dual_form", model="linear", loss="reconstruction", norm=True, residual=True, **shape
         )
+
+
+class _TanhTwoLayer(InnerModel):
+    """A correct two-layer inner model ``tanh(x W0) W1`` at an initial scale of 0.1 (the built-in MLP's
+    is 0.02): at the checks' 150-token shape its inner loop amplifies rounding about 5e6 times (the
+    naive token loop itself differs by 1e-2 to 3e-1 between float32 and float64)."""
+
+    name = "s32a_tanh_two_layer"
+
+    def param_shapes(self, head_dim: int) -> dict[str, tuple[int, ...]]:
+        return {"W0": (head_dim, head_dim), "W1": (head_dim, head_dim)}
+
+    def init_params(
+        self, num_heads: int, head_dim: int, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        return {
+            k: torch.randn(num_heads, head_dim, head_dim, generator=generator) * 0.1 for k in ("W0", "W1")
+        }
+
+    def forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ params["W0"]) @ params["W1"]
+
+
+@pytest.mark.slow  # the checks at their 37- and 150-token shapes, ~1.5 s
+@pytest.mark.xfail(
+    strict=True,
+    reason="check_update_rule's float64 tolerance is a fixed 1e-10 at every shape: the momentum rule on a "
+    "correct but ill-conditioned model differs from the naive loop by 1e-10 to 9e-10 at the 150-token shape "
+    "(rounding amplified by the problem, not a wrong rule); the float32 check already scales its tolerance "
+    "by the reference's own error, the float64 one does not (review s32a, not fixed)",
+)
+def test_the_checks_pass_a_correct_two_layer_tanh_model_under_the_momentum_rule() -> None:
+    """Seeds 0-5 all fail here (errors 1.1e-10 to 6.9e-10); seed 1 fails by the widest margin."""
+    check_update_rule(
+        "momentum",
+        model=_TanhTwoLayer(),
+        loss="reconstruction",
+        norm=True,
+        residual=True,
+        gradients=False,
+        without_grad=False,
+        seed=1,
+    )

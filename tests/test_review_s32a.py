@@ -12,6 +12,7 @@ from hypothesis import given, settings
 
 import innerloop
 from innerloop import InnerModel, TTTLayer, get_registry
+from innerloop.plugins.optimizers.momentum import Momentum
 from innerloop.registry import isolated_registry
 from innerloop.testing import FLOAT64_TOLERANCE, check_update_rule
 from innerloop.testing.checks import assert_states_close, make_problem
@@ -155,15 +156,9 @@ class _TanhTwoLayer(InnerModel):
 
 
 @pytest.mark.slow  # the checks at their 37- and 150-token shapes, ~1.5 s
-@pytest.mark.xfail(
-    strict=True,
-    reason="check_update_rule's float64 tolerance is a fixed 1e-10 at every shape: the momentum rule on a "
-    "correct but ill-conditioned model differs from the naive loop by 1e-10 to 9e-10 at the 150-token shape "
-    "(rounding amplified by the problem, not a wrong rule); the float32 check already scales its tolerance "
-    "by the reference's own error, the float64 one does not (review s32a, not fixed)",
-)
 def test_the_checks_pass_a_correct_two_layer_tanh_model_under_the_momentum_rule() -> None:
-    """Seeds 0-5 all fail here (errors 1.1e-10 to 6.9e-10); seed 1 fails by the widest margin."""
+    """Seeds 0-5 all failed here (errors 1.1e-10 to 6.9e-10 against a fixed 1e-10; seed 1 by the widest
+    margin) before the float64 tolerance was scaled by the problem's own amplification of rounding."""
     check_update_rule(
         "momentum",
         model=_TanhTwoLayer(),
@@ -174,3 +169,28 @@ def test_the_checks_pass_a_correct_two_layer_tanh_model_under_the_momentum_rule(
         without_grad=False,
         seed=1,
     )
+
+
+class _SlightlyWrongMomentum(Momentum):
+    """The momentum rule with every inner learning rate 1e-6 too large: a wrong rule that the widened
+    float64 tolerance of an ill-conditioned problem must still refuse."""
+
+    name = "s32a_slightly_wrong_momentum"
+
+    def forward(self, state, task, views, lr, tau, **gates):  # type: ignore[no-untyped-def]
+        return super().forward(state, task, views, lr * (1 + 1e-6), tau, **gates)
+
+
+@pytest.mark.slow  # the checks at their 37- and 150-token shapes, ~1.5 s
+def test_the_widened_tolerance_still_refuses_a_slightly_wrong_rule_on_that_model() -> None:
+    with pytest.raises(AssertionError, match="relative error"):
+        check_update_rule(
+            _SlightlyWrongMomentum(),
+            model=_TanhTwoLayer(),
+            loss="reconstruction",
+            norm=True,
+            residual=True,
+            gradients=False,
+            without_grad=False,
+            seed=1,
+        )

@@ -333,7 +333,8 @@ class Registry:
                 failure = str(error)
             except (Exception, SystemExit) as error:
                 failure = f"its registration hook raised {type(error).__name__}: {error}"
-        broken = BrokenPlugin(entry_point.name, distribution, failure, tuple(staging.attempted))
+        rolled_back = self._roll_back_since(before)  # what its import registered before it failed
+        broken = BrokenPlugin(entry_point.name, distribution, failure, (*staging.attempted, *rolled_back))
         self._broken.append(broken)
         clashed = [(k, n) for k, n in broken.names if self.clash_error(k, n) is not None]
         refused = "".join(
@@ -343,6 +344,15 @@ class Registry:
         )
         warnings.warn(broken.message() + refused, PluginLoadWarning, stacklevel=2)
         return broken
+
+    def _roll_back_since(self, before: set[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Remove every object registered since ``before`` (``(kind, name)`` pairs) and return their
+        ``(kind, name)``: a failing entry point is skipped whole, including what its module registered at
+        import (``innerloop.register_<kind>``) before its import or its hook failed."""
+        added = [entry for entry in self.entries() if (entry.kind, entry.name) not in before]
+        for origin in dict.fromkeys(entry.origin for entry in added):
+            self.remove_plugin(origin)
+        return [(entry.kind, entry.name) for entry in added]
 
     def _register_again(self, entries: list[Entry], staging: _Staging) -> None:
         """Register ``entries`` again, through the registrar of each one's kind and origin (validated, no

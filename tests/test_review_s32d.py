@@ -81,3 +81,26 @@ def test_a_skipped_entry_point_leaves_nothing_registered_by_its_import(own_regis
     assert ("inner_loss", name) in broken.names
     with pytest.raises(PluginError, match="s32d_ep"):
         innerloop.TTTLayer(8, 2, inner_loss=name, mini_batch_size=2)
+
+
+def _forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
+    raise AssertionError("never run")
+
+
+@pytest.mark.parametrize("name", [None, "", "  ", 3])
+def test_a_kernel_spec_without_a_str_name_is_refused_when_built(name):
+    """Found by s32d: ``KernelSpec`` checked its model, loss and rule names and its priority when built,
+    but took ``name=None``, ``""`` or ``3``; registering such a spec then failed on something else (with
+    None, after another spec was registered from the same module: "a plugin named '<module>.KernelSpec'
+    is already registered"), never naming the field."""
+    from innerloop.kernels.spec import KernelSpec
+
+    with pytest.raises(TypeError, match="KernelSpec name must be a non-empty str"):
+        KernelSpec(
+            name=name,
+            inner_model="linear",
+            inner_loss="reconstruction",
+            update_rule="dual_form",
+            forward=_forward,
+            verify=lambda inputs: None,
+        )

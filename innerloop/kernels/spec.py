@@ -150,8 +150,9 @@ class KernelSpec:
     decoding) are dispatched as under ``kernel="auto"``, and the reason says so. Its ``forward`` must
     still run without a graph, for a caller that calls it directly.
 
-    The name may not be ``"auto"`` or ``"torch"`` (:data:`RESERVED_KERNEL_NAMES`), and ``priority``
-    must be an int: building a spec that breaks either raises.
+    The name must be a non-empty str and may not be ``"auto"`` or ``"torch"``
+    (:data:`RESERVED_KERNEL_NAMES`), and ``priority`` must be an int: building a spec that breaks
+    either raises.
     """
 
     name: str
@@ -183,7 +184,12 @@ class KernelSpec:
                 )
 
     def _check_fields(self) -> None:
-        """The name is not one of the layer's own paths; ``priority`` is an int; the flags are bools."""
+        """The name is a non-empty str, not one of the layer's own paths; ``priority`` is an int; the
+        flags are bools."""
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise TypeError(
+                f"KernelSpec name must be a non-empty str (what kernel=... asks for it by); got {self.name!r}"
+            )
         if self.name in RESERVED_KERNEL_NAMES:
             raise ValueError(
                 f"KernelSpec name {self.name!r} is reserved: kernel={self.name!r} selects the layer's own path "

@@ -104,3 +104,21 @@ def test_a_kernel_spec_without_a_str_name_is_refused_when_built(name):
             forward=_forward,
             verify=lambda inputs: None,
         )
+
+
+def test_a_decoded_token_no_kernel_can_decode_says_so_not_that_no_kernel_is_registered():
+    """Found by s32d: a decoded token of a layer whose (model, loss, rule) has kernels registered, none
+    with a decode step (the ``matrix`` model at K > 1: ``delta_chunk``), was recorded as "torch: no kernel
+    registered for (matrix, reconstruction, dual_form)", which is untrue: the reason now says that the
+    registered kernels have no decode step, and names them."""
+    import torch
+
+    layer = innerloop.TTTLayer(
+        16, 2, inner_model="matrix", inner_norm=False, inner_residual=False, mini_batch_size=4
+    )
+    with torch.no_grad():
+        _, state = layer(torch.randn(1, 4, 16))
+        layer(torch.randn(1, 1, 16), state=state)
+    ((path, reason),) = layer.dispatches
+    assert path == "torch"
+    assert "has a decode step" in reason and "delta_chunk" in reason, reason

@@ -260,7 +260,7 @@ def select_kernel(rule: UpdateRule, task: InnerTask, inputs: KernelInputs) -> tu
     forced = [k for k in registered if k.name == task.kernel]
     if forced and forced[0].training_only and not inputs.requires_grad:
         # a training kernel named by the layer: blocks without a graph go where "auto" would send them
-        kernel, reason = _best(candidates, inputs, task, rule)
+        kernel, reason = _best(candidates, inputs, task, rule, registered)
         return kernel, f"kernel {task.kernel!r} trains only and this block records no graph; {reason}"
     if task.kernel != "auto":
         named = [k for k in candidates if k.name == task.kernel]
@@ -284,15 +284,27 @@ def select_kernel(rule: UpdateRule, task: InnerTask, inputs: KernelInputs) -> tu
         if reason is not None:
             raise KernelUnavailableError(f"kernel={task.kernel!r} cannot run here: {reason}")
         return named[0], f"kernel {task.kernel!r} forced"
-    return _best(candidates, inputs, task, rule)
+    return _best(candidates, inputs, task, rule, registered)
 
 
 def _best(
-    candidates: list[KernelSpec], inputs: KernelInputs, task: InnerTask, rule: UpdateRule
+    candidates: list[KernelSpec],
+    inputs: KernelInputs,
+    task: InnerTask,
+    rule: UpdateRule,
+    registered: list[KernelSpec],
 ) -> tuple[KernelSpec | None, str]:
-    """``kernel="auto"``'s choice: the first of ``candidates`` (by priority) that accepts the inputs."""
+    """``kernel="auto"``'s choice: the first of ``candidates`` (by priority) that accepts the inputs
+    (``registered``: every kernel of the block's model, loss and rule, which ``candidates`` narrows to
+    those with a decode step for a decoded token)."""
+    combination = f"({task.model.name}, {task.loss.name}, {rule.name})"
+    if not candidates and registered:  # a decoded token: the kernels registered have no decode step
+        return None, (
+            f"torch: no kernel registered for {combination} has a decode step (one token at a time); "
+            f"without one: {[k.name for k in registered]}"
+        )
     if not candidates:
-        return None, (f"torch: no kernel registered for ({task.model.name}, {task.loss.name}, {rule.name})")
+        return None, f"torch: no kernel registered for {combination}"
     refusals = []
     for kernel in candidates:
         reason = refusal(kernel, inputs, task, rule)

@@ -122,3 +122,70 @@ def test_a_decoded_token_no_kernel_can_decode_says_so_not_that_no_kernel_is_regi
     ((path, reason),) = layer.dispatches
     assert path == "torch"
     assert "has a decode step" in reason and "delta_chunk" in reason, reason
+
+
+def _fused_linear():
+    return next(k for k in innerloop.get_registry().kernels() if k.name == "fused_torch_linear")
+
+
+def test_a_verify_returning_an_empty_reason_is_a_broken_plugin_named(own_registry):
+    """Found by s32d: a ``verify`` returning ``""`` (falsy, but not None) refused its kernel with an empty
+    reason: ``kernel='tp_empty' cannot run here: `` and nothing after it. The contract is None or a reason;
+    an empty one is now refused as ``True`` is, naming the kernel."""
+    import torch
+
+    from innerloop.kernels.spec import KernelSpec
+
+    innerloop.register_kernel(
+        KernelSpec(
+            name="tp_empty",
+            inner_model="linear",
+            inner_loss="reconstruction",
+            update_rule="dual_form",
+            forward=_fused_linear().forward,
+            verify=lambda inputs: "",
+        )
+    )
+    layer = innerloop.TTTLayer(16, 2, mini_batch_size=4, kernel="tp_empty")
+    with pytest.raises(TypeError, match=r"kernel 'tp_empty': verify\(\) must return None .* non-empty str"):
+        layer(torch.randn(1, 4, 16))
+
+
+def test_a_decode_step_that_breaks_its_contract_after_its_first_use_is_named(own_registry):
+    """Found by s32d: the shapes, dtypes and devices a kernel returns are checked on every block it runs,
+    but a ``decode`` step's only on its first use (the probe): one that later returned pending sums of
+    another shape went on into the state unchecked. Every decoded token is now checked the same way."""
+    import torch
+
+    from innerloop.kernels.spec import KernelSpec
+
+    cpu = next(k for k in innerloop.get_registry().kernels() if k.name == "cpu_ttt_linear")
+    calls = []
+
+    def decode(xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, eps, is_last):
+        calls.append(is_last)
+        out, params, pending = cpu.decode(
+            xq=xq, xk=xk, xv=xv, lr=lr, tau_i=tau_i, params=params, pending=pending,
+            ln_weight=ln_weight, ln_bias=ln_bias, eps=eps, is_last=is_last,
+        )  # fmt: skip
+        if len(calls) > 4:  # right while it is probed, wrong afterwards
+            pending = {name: value[:1] for name, value in pending.items()}
+        return out, params, pending
+
+    innerloop.register_kernel(
+        KernelSpec(
+            name="tp_late_decode",
+            inner_model="linear",
+            inner_loss="reconstruction",
+            update_rule="dual_form",
+            forward=_fused_linear().forward,
+            decode=decode,
+            verify=lambda inputs: None,
+            priority=100,
+        )
+    )
+    layer = innerloop.TTTLayer(16, 2, mini_batch_size=8)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="kernel 'tp_late_decode' returned weights"):
+        _, state = layer(torch.randn(2, 8, 16))
+        for _ in range(6):
+            _, state = layer(torch.randn(2, 1, 16), state=state)

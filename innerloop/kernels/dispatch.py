@@ -93,9 +93,10 @@ def verify_refusal(kernel: KernelSpec, inputs: KernelInputs) -> str | None:
         reason = kernel.verify(inputs)
     except Exception as error:
         raise RuntimeError(f"kernel {kernel.name!r}: its verify() raised {error!r}") from error
-    if reason is not None and not isinstance(reason, str):
+    if reason is not None and (not isinstance(reason, str) or not reason.strip()):
         raise TypeError(
-            f"kernel {kernel.name!r}: verify() must return None (it can run) or a str (why not), got {reason!r}"
+            f"kernel {kernel.name!r}: verify() must return None (it can run) or a non-empty str (why not), "
+            f"got {reason!r}"
         )
     return reason
 
@@ -412,6 +413,7 @@ def run_decode_token(
         task.on_dispatch(TORCH_PATH if kernel is None else kernel.name + ".decode", reason)
     if kernel is None:
         return None
+    given_params, given_pending = params, pending
     out, params, pending = kernel.decode(
         xq=chunk.query[:, :, 0],
         xk=chunk.inputs[:, :, 0],
@@ -425,6 +427,8 @@ def run_decode_token(
         eps=task.norm_eps,
         is_last=is_last,
     )
+    for given, returned in ((given_params, params), (given_pending, pending)):  # as on the first use
+        check_kernel_output(kernel, chunk.query[:, :, 0], given, out, returned)
     return out[:, :, None], params, pending
 
 

@@ -189,3 +189,26 @@ def test_a_decode_step_that_breaks_its_contract_after_its_first_use_is_named(own
         _, state = layer(torch.randn(2, 8, 16))
         for _ in range(6):
             _, state = layer(torch.randn(2, 1, 16), state=state)
+
+
+class _PluginClass:
+    """A plugin written as a class whose hook is an instance method (registering the class, not an
+    instance, is the mistake)."""
+
+    @hookimpl
+    def register_inner_losses(self, register):
+        register(_Named("s32d_class_plugin_loss"))
+
+
+def test_a_plugin_class_given_for_an_instance_is_refused_saying_so(own_registry):
+    """Found by s32d: ``innerloop.register(PluginClass)``, or an entry point ``pkg.mod:PluginClass``,
+    passed the hook check (``register`` is among ``(self, register)``) and then failed inside the hook
+    call with Python's own ``TypeError: ... missing 1 required positional argument: 'register'``. It is
+    now refused up front, saying to register an instance."""
+    with pytest.raises(
+        PluginError, match=r"is the class _PluginClass.*register an instance, _PluginClass\(\)"
+    ):
+        innerloop.register(_PluginClass)
+    assert "s32d_class_plugin_loss" not in innerloop.available("inner_loss")
+    innerloop.register(_PluginClass())
+    assert "s32d_class_plugin_loss" in innerloop.available("inner_loss")

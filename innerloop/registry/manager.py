@@ -249,6 +249,12 @@ class Registry:
         """Refuse a hook that does not take the argument ``register`` by name (pluggy would call one that
         takes nothing with nothing, so it would silently register nothing, and ``*args`` fails inside)."""
         for hook in marked:
+            if inspect.isclass(plugin) and inspect.isfunction(inspect.getattr_static(plugin, hook)):
+                raise PluginError(
+                    f"plugin {origin!r} is the class {plugin.__qualname__}, whose hook {hook} is an instance "
+                    f"method: register an instance, {plugin.__qualname__}() (an entry point names a module or "
+                    "an instance, module:attr). Nothing was registered"
+                )
             try:
                 parameters = inspect.signature(getattr(plugin, hook)).parameters
             except (TypeError, ValueError):

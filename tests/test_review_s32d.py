@@ -212,3 +212,26 @@ def test_a_plugin_class_given_for_an_instance_is_refused_saying_so(own_registry)
     assert "s32d_class_plugin_loss" not in innerloop.available("inner_loss")
     innerloop.register(_PluginClass())
     assert "s32d_class_plugin_loss" in innerloop.available("inner_loss")
+
+
+def test_a_kernel_spec_that_supports_decay_must_take_decay_when_built():
+    """Found by s32d: ``KernelSpec(supports_decay=True)`` with a ``forward`` that has no ``decay``
+    parameter was accepted, and failed only at its first decaying block (a first-use refusal: "it raised
+    TypeError: ... unexpected keyword argument 'decay'"). The spec checks its call signatures when built
+    (``TypeError``), this one included."""
+    from innerloop.kernels.spec import KernelSpec
+
+    fields = dict(
+        name="tp_decay_sig",
+        inner_model="linear",
+        inner_loss="reconstruction",
+        update_rule="dual_form",
+        verify=lambda inputs: None,
+    )
+    with pytest.raises(TypeError, match="supports_decay=True, but forward takes no 'decay' argument"):
+        KernelSpec(forward=_forward, supports_decay=True, **fields)
+
+    def with_decay(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps, decay=None):
+        raise AssertionError("never run")
+
+    assert KernelSpec(forward=with_decay, supports_decay=True, **fields).supports_decay

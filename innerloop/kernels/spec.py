@@ -106,6 +106,18 @@ def signature_mismatch(function: Callable, protocol: type) -> str | None:
     return None
 
 
+def takes_keyword(function: Callable, name: str) -> bool:
+    """Whether ``function`` accepts the keyword argument ``name`` (True when its signature is unreadable)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    by_name = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return any(
+        p.kind is inspect.Parameter.VAR_KEYWORD or (p.name == name and p.kind in by_name) for p in parameters
+    )
+
+
 @dataclass(frozen=True)
 class KernelInputs:
     """What a kernel's ``verify`` may look at to decide whether it can run."""
@@ -138,7 +150,8 @@ class KernelSpec:
 
     ``supports_decay``: ``forward`` also takes ``decay`` (``[B, H, T]``, each token's forgetting
     ``1 - a_t``, as in :func:`innerloop.core.scan.run_scan`), passed by keyword only when a block
-    decays; dispatch refuses a decaying block to a kernel without it, and to every ``decode``.
+    decays (building a spec with it whose ``forward`` takes no ``decay`` raises ``TypeError``);
+    dispatch refuses a decaying block to a kernel without it, and to every ``decode``.
     No kernel contract carries the ``momentum`` rule's state: dispatch refuses its blocks to every kernel.
 
     ``fuses_inner_norm``: the kernel computes the wrapped inner model ``f(x) = x + LN(g(x))``, so
@@ -182,6 +195,11 @@ class KernelSpec:
                     f"KernelSpec {self.name!r}: {field_name} {reason} (see {protocol.__name__} in "
                     "innerloop/kernels/spec.py)"
                 )
+        if self.supports_decay and not takes_keyword(self.forward, "decay"):
+            raise TypeError(
+                f"KernelSpec {self.name!r}: supports_decay=True, but forward takes no 'decay' argument; dispatch "
+                "passes decay=[B, H, T] by keyword to a kernel that supports decay"
+            )
 
     def _check_fields(self) -> None:
         """The name is a non-empty str, not one of the layer's own paths; ``priority`` is an int; the
@@ -272,4 +290,5 @@ __all__ = [
     "protocol_parameters",
     "signature_mismatch",
     "stack_kernel_spec",
+    "takes_keyword",
 ]

@@ -235,3 +235,48 @@ def test_a_kernel_spec_that_supports_decay_must_take_decay_when_built():
         raise AssertionError("never run")
 
     assert KernelSpec(forward=with_decay, supports_decay=True, **fields).supports_decay
+
+
+def _dup_kernel_plugin(tag: str):
+    from innerloop.kernels.spec import KernelSpec
+
+    class Plugin:
+        @hookimpl
+        def register_kernels(self, register):
+            register(
+                KernelSpec(
+                    name="s32d_dup_kernel",
+                    inner_model="linear",
+                    inner_loss="reconstruction",
+                    update_rule="dual_form",
+                    forward=_fused_linear().forward,
+                    verify=lambda inputs: None,
+                    priority=100,
+                    description=tag,
+                )
+            )
+
+    return Plugin()
+
+
+def test_a_kernel_name_two_distributions_provide_is_used_by_neither(own_registry, monkeypatch):
+    """Found by s32d: when two installed distributions register a kernel of one name, the registry hides
+    the name (``names``), ``innerloop plugins`` marks it refused and docs/architecture.md says neither is
+    used, since which one loads first depends on install order; yet ``kernel="auto"`` still chose the
+    first one loaded, and ``TTTLayer(kernel=name)`` was accepted. Both now refuse it."""
+    import torch
+
+    points = [_EntryPoint(tag, lambda tag=tag: _dup_kernel_plugin(tag)) for tag in ("s32d_a", "s32d_b")]
+    monkeypatch.setattr(manager, "_entry_points", lambda: points)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginLoadWarning)
+        registry = innerloop.get_registry()
+    assert "s32d_dup_kernel" not in registry.names("kernel")
+    assert "s32d_dup_kernel" not in [
+        k.name for k in registry.kernels_for("linear", "reconstruction", "dual_form")
+    ]
+    layer = innerloop.TTTLayer(16, 2, mini_batch_size=4)
+    layer(torch.randn(1, 4, 16))
+    assert all(path != "s32d_dup_kernel" for path, _ in layer.dispatches), layer.dispatches
+    with pytest.raises(PluginError, match="provided by two installed distributions"):
+        innerloop.TTTLayer(16, 2, mini_batch_size=4, kernel="s32d_dup_kernel")

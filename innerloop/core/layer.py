@@ -216,7 +216,11 @@ def _check_kernel_name(
         return
     from innerloop.registry import get_registry  # late import: core must not depend on registry
 
-    specs = {k.name: k for k in get_registry().kernels_for(model.name, loss.name, rule.name)}
+    registry = get_registry()
+    specs = {k.name: k for k in registry.kernels_for(model.name, loss.name, rule.name)}
+    clash = registry.clash_error("kernel", kernel) if isinstance(kernel, str) else None
+    if clash is not None:  # two installed distributions provide it: neither is used
+        raise clash
     if kernel not in specs:
         raise ValueError(
             f"kernel={kernel!r} is not a kernel for (inner_model={model.name!r}, inner_loss={loss.name!r}, "

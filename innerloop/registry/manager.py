@@ -512,11 +512,13 @@ class Registry:
         return [e.obj for e in self.entries("kernel")]
 
     def kernels_for(self, inner_model: str, inner_loss: str, update_rule: str) -> list[KernelSpec]:
-        """Kernels registered for this combination, best (highest priority) first."""
+        """Kernels registered for this combination, best (highest priority) first; not a kernel whose
+        name two installed distributions provide (:meth:`clash_error`: neither is used)."""
         matching = [
             k
             for k in self.kernels()
             if (k.inner_model, k.inner_loss, k.update_rule) == (inner_model, inner_loss, update_rule)
+            and self.clash_error("kernel", k.name) is None
         ]
         return sorted(matching, key=lambda k: -k.priority)
 

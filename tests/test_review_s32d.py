@@ -280,3 +280,24 @@ def test_a_kernel_name_two_distributions_provide_is_used_by_neither(own_registry
     assert all(path != "s32d_dup_kernel" for path, _ in layer.dispatches), layer.dispatches
     with pytest.raises(PluginError, match="provided by two installed distributions"):
         innerloop.TTTLayer(16, 2, mini_batch_size=4, kernel="s32d_dup_kernel")
+
+
+class _LossPlugin:
+    @hookimpl
+    def register_inner_losses(self, register):
+        register(_Named("s32d_builtin_named_loss"))
+
+
+def test_an_entry_point_named_builtin_is_not_taken_for_a_built_in(own_registry, monkeypatch):
+    """Found by s32d: ``add_plugin`` refuses the origin prefix ``builtin:`` to anything but innerloop's own
+    plugin modules, but an installed entry point named ``builtin:...`` (its origin is its name) went past
+    that check: ``innerloop plugins`` listed its objects as built-in, and the registrar skipped the checks
+    it runs on external plugins only (an update rule's naive-loop check). It is now a broken plugin."""
+    point = _EntryPoint("builtin:innerloop.plugins.s32d", _LossPlugin)
+    monkeypatch.setattr(manager, "_entry_points", lambda: [point])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        registry = innerloop.get_registry()
+    assert any("reserved for innerloop's own plugins" in str(w.message) for w in caught)
+    assert "s32d_builtin_named_loss" not in registry.names("inner_loss")
+    assert not [e for e in registry.entries() if e.origin.startswith("builtin:innerloop.plugins.s32d")]

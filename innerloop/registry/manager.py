@@ -178,15 +178,15 @@ class Registry:
                 "and pass it (innerloop.register(importlib.import_module(name))), or install it with an "
                 f"{ENTRY_POINT_GROUP!r} entry point"
             )
-        if origin.startswith(BUILTIN_PREFIX) and not _is_builtin_module(plugin):
+        self._add(plugin, origin, _Staging())
+
+    def _add(self, plugin: Any, origin: str, staging: _Staging) -> None:
+        if origin.startswith(BUILTIN_PREFIX) and not _is_builtin_module(plugin):  # an entry point's name too
             raise PluginError(
                 f"origin {origin!r}: the prefix {BUILTIN_PREFIX!r} is reserved for innerloop's own plugins "
                 f"(the modules of innerloop.plugins.DEFAULT_PLUGINS, whose update rules the test suite checks "
                 "instead of the registrar); choose another origin"
             )
-        self._add(plugin, origin, _Staging())
-
-    def _add(self, plugin: Any, origin: str, staging: _Staging) -> None:
         self._check_new(plugin, origin)
         self._check_hook_names(plugin, origin)
         try:

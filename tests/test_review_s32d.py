@@ -301,3 +301,86 @@ def test_an_entry_point_named_builtin_is_not_taken_for_a_built_in(own_registry, 
     assert any("reserved for innerloop's own plugins" in str(w.message) for w in caught)
     assert "s32d_builtin_named_loss" not in registry.names("inner_loss")
     assert not [e for e in registry.entries() if e.origin.startswith("builtin:innerloop.plugins.s32d")]
+
+
+# ---- promises no test covered (each passed when written) ------------------------------------------
+
+
+def test_a_third_party_kernel_that_supports_decay_gets_the_decaying_blocks_with_decay(own_registry):
+    """Promise (docs/architecture.md, "Kernels and dispatch"; ``KernelSpec.supports_decay``): a decaying
+    block goes only to a kernel registered with ``supports_decay``, which receives ``decay`` by keyword,
+    chosen by priority over the built-in; no test registered such a plugin kernel."""
+    import torch
+
+    from innerloop.core.family_layers import GatedDeltaNetLayer
+    from innerloop.kernels.spec import KernelSpec
+
+    chunk = next(k for k in innerloop.get_registry().kernels() if k.name == "delta_chunk")
+    got = []
+
+    def forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps, decay=None):
+        got.append(decay is not None)
+        return chunk.forward(
+            xq=xq, xk=xk, xv=xv, lr=lr, tau=tau, params=params, ln_weight=ln_weight, ln_bias=ln_bias,
+            eps=eps, decay=decay,
+        )  # fmt: skip
+
+    innerloop.register_kernel(
+        KernelSpec(
+            name="tp_gated",
+            inner_model="matrix",
+            inner_loss="reconstruction",
+            update_rule="dual_form",
+            forward=forward,
+            verify=chunk.verify,
+            priority=chunk.priority + 1,
+            supports_decay=True,
+            fuses_inner_norm=False,
+        )
+    )
+    torch.manual_seed(0)
+    layer = GatedDeltaNetLayer(16, 2)
+    x = torch.randn(2, 9, 16)
+    y, _ = layer(x)
+    assert [path for path, _ in layer.dispatches] == ["tp_gated"], layer.dispatches
+    assert got and all(got)
+    layer.kernel = "torch"
+    y_torch, _ = layer(x)
+    torch.testing.assert_close(y, y_torch, rtol=1e-4, atol=1e-5)
+
+
+def test_a_third_party_training_only_kernel_named_by_a_layer_trains_and_leaves_inference_to_auto(
+    own_registry,
+):
+    """Promise (``KernelSpec.training_only``): a layer that names such a kernel uses it for the blocks
+    that record a graph; the others go where ``kernel="auto"`` sends them, and the reason says so. Only the
+    built-in ``compiled_torch_*`` (slow to compile) was tested."""
+    import torch
+
+    from innerloop.kernels.spec import KernelSpec
+
+    fused = _fused_linear()
+    innerloop.register_kernel(
+        KernelSpec(
+            name="tp_trains",
+            inner_model="linear",
+            inner_loss="reconstruction",
+            update_rule="dual_form",
+            forward=fused.forward,
+            verify=fused.verify,
+            priority=-5,
+            training_only=True,
+        )
+    )
+    layer = innerloop.TTTLayer(16, 2, mini_batch_size=4, kernel="tp_trains")
+    x = torch.randn(1, 8, 16)
+    layer(x)
+    assert layer.dispatches == [("tp_trains", "kernel 'tp_trains' forced")]
+    with torch.no_grad():
+        layer(x)
+    ((path, reason),) = layer.dispatches
+    auto = innerloop.TTTLayer(16, 2, mini_batch_size=4)
+    with torch.no_grad():
+        auto(x)
+    assert path == auto.dispatches[0][0] != "tp_trains"
+    assert reason.startswith("kernel 'tp_trains' trains only and this block records no graph")

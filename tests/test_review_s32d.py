@@ -384,3 +384,52 @@ def test_a_third_party_training_only_kernel_named_by_a_layer_trains_and_leaves_i
         auto(x)
     assert path == auto.dispatches[0][0] != "tp_trains"
     assert reason.startswith("kernel 'tp_trains' trains only and this block records no graph")
+
+
+def test_a_kernel_writing_into_the_weights_it_is_given_is_refused_at_first_use(own_registry):
+    """Found by s32d: a kernel whose outputs and new weights are right but that writes its new weights
+    into the ``params`` it was given passed the first-use check (the probe runs on private copies), then
+    overwrote the caller's carried state in place: without autograd, ``layer(x, state=s)`` twice gave two
+    different outputs. The probe now checks that the kernel left the weights it was given as they were."""
+    import torch
+
+    from innerloop.kernels.dispatch import KernelCheckError
+    from innerloop.kernels.spec import KernelSpec
+
+    fused = _fused_linear()
+
+    def writes_back(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
+        copies = {name: weight.clone() for name, weight in params.items()}
+        out, new = fused.forward(
+            xq=xq, xk=xk, xv=xv, lr=lr, tau=tau, params=copies, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps
+        )
+        with torch.no_grad():
+            for name, weight in params.items():
+                weight.copy_(new[name])
+        return out, params
+
+    innerloop.register_kernel(
+        KernelSpec(
+            name="tp_writes_back",
+            inner_model="linear",
+            inner_loss="reconstruction",
+            update_rule="dual_form",
+            forward=writes_back,
+            verify=lambda inputs: None,
+            priority=100,
+        )
+    )
+    torch.manual_seed(0)
+    layer = innerloop.TTTLayer(16, 2, mini_batch_size=4)
+    x1, x2 = torch.randn(1, 8, 16), torch.randn(1, 8, 16)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, state = layer(x1)
+        y_first, _ = layer(x2, state=state)
+        y_again, _ = layer(x2, state=state)
+    assert torch.equal(y_first, y_again)
+    assert any("it wrote into the weights it was given" in str(w.message) for w in caught)
+    assert all(path != "tp_writes_back" for path, _ in layer.dispatches)
+    named = innerloop.TTTLayer(16, 2, mini_batch_size=4, kernel="tp_writes_back")
+    with torch.no_grad(), pytest.raises(KernelCheckError, match="wrote into the weights it was given"):
+        named(x1)

@@ -679,10 +679,17 @@ def _probe_once(
     tolerance = tolerance_for(inputs.dtype)
     with _own_saved_tensors(), torch.enable_grad() if inputs.requires_grad else torch.no_grad():
         expected = run_torch(tensors, weights)
+        given = {name: weight.detach().clone() for name, weight in weights.items()}
         try:
             actual = run_kernel(tensors, weights)
         except _KernelRaised as raised:  # it cannot run these blocks (a launch or build failure): refused
             return _CouldNotRun(raised)
+        written = _written(weights, given)
+        if written:  # they are the caller's state (a carried state used twice would change): refused
+            return _CouldNotRun(
+                f"it wrote into the weights it was given ({', '.join(written)}), which belong to the caller's "
+                "state; a kernel returns new weights and leaves the ones it is given as they were"
+            )
         if not _all_finite(expected) or tensors["xq"].numel() == 0:  # overflow, or no values (B = 0)
             return _UNDECIDED
         if not _all_finite(actual):
@@ -695,6 +702,17 @@ def _probe_once(
             except _KernelRaised as raised:  # its backward cannot run (e.g. out of shared memory): refused
                 reason = _CouldNotRun(f"its backward: {raised}")
     return reason
+
+
+def _written(weights: Params, given: Params) -> list[str]:
+    """The names of ``weights`` whose values differ from the copies ``given`` (NaN equal to NaN)."""
+    return [
+        name
+        for name, weight in weights.items()
+        if not bool(
+            ((weight.detach() == given[name]) | (weight.detach().isnan() & given[name].isnan())).all()
+        )
+    ]
 
 
 def _said_data(magnitude: float, weakness: str | None) -> str:

@@ -549,19 +549,27 @@ def test_a_kernel_wrong_from_the_fourth_mini_batch_fails_check_kernel():
         check_kernel(name)
 
 
-def test_a_kernel_that_mutates_the_state_it_is_given_corrupts_a_reused_state():
-    """The defect below is real: the state a user keeps (a shared prefix, beam search) changes under it."""
-    _register_kernel("s23_mutates", forward=mutates_in_place)
+def test_a_kernel_that_mutates_the_state_it_is_given_is_refused_at_first_use():
+    """The defect s23 found (the state a user keeps, a shared prefix or beam search, changed under it: the
+    probe ran on private copies) is caught by the first-use check since review s32d: a layer that names the
+    kernel gets ``KernelCheckError``, and under ``kernel="auto"`` a reused state stays as it was."""
+    from innerloop.kernels.dispatch import KernelCheckError
+
+    name = _register_kernel("s23_mutates", forward=mutates_in_place)
     torch.manual_seed(0)
-    layer = innerloop.TTTLayer(12, 3, mini_batch_size=4, kernel="s23_mutates").double()
+    layer = innerloop.TTTLayer(12, 3, mini_batch_size=4, kernel=name).double()
     x = torch.randn(2, 12, 12, dtype=torch.float64)
-    with torch.no_grad():
+    with torch.no_grad(), pytest.raises(KernelCheckError, match="wrote into the weights it was given"):
+        layer(x[:, :4])
+    layer.kernel = "auto"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         _, state = layer(x[:, :4])
         before = {k: v.clone() for k, v in state.params.items()}
         first, _ = layer(x[:, 4:], state)
         second, _ = layer(x[:, 4:], state)
-    assert not all(torch.equal(before[k], state.params[k]) for k in before)
-    assert not torch.equal(first, second)
+    assert all(torch.equal(before[k], state.params[k]) for k in before)
+    assert torch.equal(first, second)
 
 
 def test_a_kernel_that_mutates_the_state_it_is_given_fails_check_kernel():

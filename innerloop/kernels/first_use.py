@@ -679,16 +679,17 @@ def _probe_once(
     tolerance = tolerance_for(inputs.dtype)
     with _own_saved_tensors(), torch.enable_grad() if inputs.requires_grad else torch.no_grad():
         expected = run_torch(tensors, weights)
-        given = {name: weight.detach().clone() for name, weight in weights.items()}
+        inputs_given = {**weights, **{k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}}
+        given = {name: value.detach().clone() for name, value in inputs_given.items()}
         try:
             actual = run_kernel(tensors, weights)
         except _KernelRaised as raised:  # it cannot run these blocks (a launch or build failure): refused
             return _CouldNotRun(raised)
-        written = _written(weights, given)
-        if written:  # they are the caller's state (a carried state used twice would change): refused
+        written = _written(inputs_given, given)
+        if written:  # the caller's state, the layer's parameters and views: refused whatever the data
             return _CouldNotRun(
-                f"it wrote into the weights it was given ({', '.join(written)}), which belong to the caller's "
-                "state; a kernel returns new weights and leaves the ones it is given as they were"
+                f"it wrote into what it was given ({', '.join(written)}): the caller's state, the layer's "
+                "LayerNorm or its views; a kernel returns new weights and leaves its inputs as they were"
             )
         if not _all_finite(expected) or tensors["xq"].numel() == 0:  # overflow, or no values (B = 0)
             return _UNDECIDED

@@ -559,7 +559,7 @@ def test_a_kernel_that_mutates_the_state_it_is_given_is_refused_at_first_use():
     torch.manual_seed(0)
     layer = innerloop.TTTLayer(12, 3, mini_batch_size=4, kernel=name).double()
     x = torch.randn(2, 12, 12, dtype=torch.float64)
-    with torch.no_grad(), pytest.raises(KernelCheckError, match="wrote into the weights it was given"):
+    with torch.no_grad(), pytest.raises(KernelCheckError, match="wrote into what it was given"):
         layer(x[:, :4])
     layer.kernel = "auto"
     with torch.no_grad(), warnings.catch_warnings():

@@ -433,3 +433,31 @@ def test_a_kernel_writing_into_the_weights_it_is_given_is_refused_at_first_use(o
     named = innerloop.TTTLayer(16, 2, mini_batch_size=4, kernel="tp_writes_back")
     with torch.no_grad(), pytest.raises(KernelCheckError, match="wrote into what it was given"):
         named(x1)
+
+
+def _registers_itself_at_import():
+    plugin = _SelfRegistering()
+    innerloop.register(plugin, origin="s32d_self_registering")
+    return plugin
+
+
+class _SelfRegistering:
+    @hookimpl
+    def register_inner_losses(self, register):
+        register(_Named("s32d_self_registered_loss"))
+
+
+def test_an_entry_point_module_that_registers_itself_at_import_is_loaded(own_registry, monkeypatch):
+    """Found by s32d (with the rollback above): a plugin module that calls
+    ``innerloop.register(sys.modules[__name__])`` at import, and is also an entry point, was reported
+    "failed to load and was skipped: ... already registered (this same object); nothing was changed"
+    while its objects were in fact registered. Its import having registered it, the entry point is
+    loaded: no warning, the objects registered once, the distribution recorded."""
+    point = _EntryPoint("s32d_self", _registers_itself_at_import)
+    monkeypatch.setattr(manager, "_entry_points", lambda: [point])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PluginLoadWarning)
+        registry = innerloop.get_registry()
+    assert "s32d_self_registered_loss" in registry.names("inner_loss")
+    assert not registry.broken()
+    assert registry.distribution("s32d_self_registering") == ("s32d_self-dist", "0.1")

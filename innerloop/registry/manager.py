@@ -332,7 +332,8 @@ class Registry:
                     self._register_again(_REGISTERED_AT_IMPORT[entry_point.value], staging)
                     self._remember_distribution(entry_point, origins_before)
                     return None
-                self._add(plugin, origin, staging)
+                if not self._registered_at_import(plugin, origins_before):  # else innerloop.register(module)
+                    self._add(plugin, origin, staging)
                 self._remember_distribution(entry_point, origins_before)
                 return None
             except PluginError as error:
@@ -350,6 +351,14 @@ class Registry:
         )
         warnings.warn(broken.message() + refused, PluginLoadWarning, stacklevel=2)
         return broken
+
+    def _registered_at_import(self, plugin: Any, origins_before: set[str]) -> bool:
+        """Whether importing an entry point registered ``plugin`` itself (its module calls
+        ``innerloop.register(sys.modules[__name__])``): it is loaded, not a second registration."""
+        return (
+            self.plugin_manager.is_registered(plugin)
+            and self.plugin_manager.get_name(plugin) not in origins_before
+        )
 
     def _roll_back_since(self, before: set[tuple[str, str]]) -> list[tuple[str, str]]:
         """Remove every object registered since ``before`` (``(kind, name)`` pairs) and return their

@@ -461,3 +461,19 @@ def test_an_entry_point_module_that_registers_itself_at_import_is_loaded(own_reg
     assert "s32d_self_registered_loss" in registry.names("inner_loss")
     assert not registry.broken()
     assert registry.distribution("s32d_self_registering") == ("s32d_self-dist", "0.1")
+
+
+@pytest.mark.parametrize("device", ["cuda", "nonsense", 3.5])
+def test_check_kernel_on_a_device_this_process_cannot_use_names_the_device(device):
+    """Found by s32d: ``check_kernel(name, device="cuda")`` on a machine without CUDA raised torch's
+    ``AssertionError: Torch not compiled with CUDA enabled`` from deep inside a layer, the very exception
+    type check_kernel raises for a kernel that computes wrong numbers. It is now a ValueError naming the
+    argument, raised before anything runs."""
+    import torch
+
+    from innerloop.testing import check_kernel
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match=r"device=.* cannot hold tensors in this process"):
+        check_kernel("fused_torch_linear", device=device)

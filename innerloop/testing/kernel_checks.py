@@ -160,8 +160,9 @@ def check_kernel(
     tolerance = _tolerance(dtype, tolerance)
     config = _layer_config(spec, inner_model, inner_loss, update_rule, layer_options)
     report = KernelCheckReport(spec.name)
+    device = _checked_device(device)
     for head_dim in _checked_head_dims(head_dims):
-        checker = _Checker(spec, config, head_dim, dtype, torch.device(device), seed, tolerance, report)
+        checker = _Checker(spec, config, head_dim, dtype, device, seed, tolerance, report)
         for case in _cases(head_dim, checker.mini_batch_size, spec.decode is not None):
             checker.run(case)
         if spec.decode is None:
@@ -184,6 +185,19 @@ def _kernel_spec(kernel: str | KernelSpec) -> KernelSpec:
     from innerloop.registry import get_registry  # late import: the registry uses innerloop.testing's checks
 
     return get_registry().get("kernel", kernel)
+
+
+def _checked_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` that can hold tensors in this process; a ValueError naming it
+    otherwise (torch says so with an ``AssertionError``, which would read as a failed check)."""
+    try:
+        resolved = torch.device(device)
+        torch.empty(0, device=resolved)
+    except (AssertionError, RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"device={device!r} cannot hold tensors in this process ({error}); check_kernel runs the layers there"
+        ) from None
+    return resolved
 
 
 def _tolerance(dtype: torch.dtype, tolerance: float | None) -> float:

@@ -303,7 +303,7 @@ def test_an_entry_point_named_builtin_is_not_taken_for_a_built_in(own_registry, 
     assert not [e for e in registry.entries() if e.origin.startswith("builtin:innerloop.plugins.s32d")]
 
 
-# ---- promises no test covered (each passed when written) ------------------------------------------
+# ---- the two tests below: promises no test covered (each passed when written) ---------------------
 
 
 def test_a_third_party_kernel_that_supports_decay_gets_the_decaying_blocks_with_decay(own_registry):
@@ -384,6 +384,9 @@ def test_a_third_party_training_only_kernel_named_by_a_layer_trains_and_leaves_i
         auto(x)
     assert path == auto.dispatches[0][0] != "tp_trains"
     assert reason.startswith("kernel 'tp_trains' trains only and this block records no graph")
+
+
+# ---- regressions again ----------------------------------------------------------------------------
 
 
 def test_a_kernel_writing_into_the_weights_it_is_given_is_refused_at_first_use(own_registry):

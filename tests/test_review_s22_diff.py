@@ -27,6 +27,7 @@ from lm_testing import TINY  # noqa: E402
 
 
 # review s22 diff (MED, fixed)
+@pytest.mark.slow  # 0.7 s: a training run and an eval
 def test_eval_follows_a_config_edited_for_moved_data(tmp_path) -> None:
     from innerloop.config import load_config
     from innerloop.train import evaluate, train

@@ -234,6 +234,7 @@ def test_loading_and_half_reading_generate_in_a_loop_leaves_nothing_behind(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.safetensors"]
 
 
+@pytest.mark.slow  # 0.7 s
 def test_a_state_made_without_autograd_keeps_neither_the_input_nor_a_graph():
     """Guard (found bounded): the state of a call under ``torch.no_grad`` holds no graph and does not
     keep the input alive; a state detached after a training forward keeps no graph either (its input,

@@ -149,6 +149,7 @@ def _tiny_compiled_hugging_face_model() -> tuple[torch.nn.Module, torch.nn.Modul
     return model, torch.compile(model, backend="eager"), torch.randint(0, 256, (2, 8))
 
 
+@pytest.mark.slow  # 1.7 s: a torch.compile of a whole model
 def test_a_compiled_hugging_face_model_breaks_its_graph_only_where_innerloop_means_to() -> None:
     """The Hugging Face model's token id check read the ids' range with int(tensor) outside
     run_eagerly: compiling an exported model printed Dynamo's "Graph break from `Tensor.item()`" warning

@@ -172,6 +172,7 @@ def test_ttt_layer_fast_paths_match_float64(
     check_paths(layer, ["auto", f"fused_torch_{model}", f"cpu_ttt_{model}"], B, T, how, grad, seed)
 
 
+@pytest.mark.slow  # 0.5 s: hypothesis examples
 @settings(**{**SETTINGS, "max_examples": 6})
 @given(
     model=st.sampled_from(["linear", "mlp"]),

@@ -82,6 +82,7 @@ def test_generate_and_eval_refuse_text_for_an_unknown_tokenizer(
     assert not (tmp_path / "ev").exists()
 
 
+@pytest.mark.slow  # 0.5 s
 def test_eval_and_compare_on_the_default_windows_refuse_an_unknown_tokenizer(
     converted: Path, tmp_path: Path, capsys
 ) -> None:

@@ -2,6 +2,8 @@
 
 import threading
 
+import pytest
+
 import innerloop
 from innerloop.core.protocol import InnerLoss, LossPairs
 from innerloop.registry import PluginError, get_registry, isolated_registry
@@ -59,6 +61,7 @@ def test_instances_of_one_class_registered_from_threads_all_register():
         assert len(origins) == 4
 
 
+@pytest.mark.slow  # 0.6 s: the plugin checks in two threads
 def test_one_name_registered_from_two_threads_is_registered_once():
     """Two plugins offering one name at once: one is registered, the other is refused by name. Each
     plugin's hook waits, after its object passed the clash check, for the other to pass it too (half a

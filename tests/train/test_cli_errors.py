@@ -211,6 +211,7 @@ def test_bad_generate_arguments_are_one_line_and_exit_2(capsys, run_dir, argumen
         assert part in line
 
 
+@pytest.mark.slow  # 0.5 s: generation through the CLI
 def test_a_prompt_that_is_not_utf8_is_read_as_bytes(capsys, run_dir) -> None:
     """The model is byte-level: a prompt of any bytes is generated from (shown with U+FFFD)."""
     prompt = os.fsdecode(b"ab\xff\xfe")  # how Python hands such command-line bytes to the program

@@ -377,6 +377,7 @@ def test_a_link_to_a_runs_checkpoint_evaluates_on_that_runs_windows(tmp_path) ->
     assert linked == direct
 
 
+@pytest.mark.slow  # 0.5 s
 def test_an_output_folder_inside_the_data_of_a_linked_runs_checkpoint_is_refused(tmp_path, capsys) -> None:
     """The --out check and the unit read the config beside the link's target, as the evaluation does."""
     data = tmp_path / "data"

@@ -153,6 +153,10 @@ def _check_problem_shape(**shape: object) -> None:
             raise ValueError(f"{name} must be an int >= 1, got {value!r} (the problem's shape)")
 
 
+#: :func:`make_problem`'s default sequence length.
+_MAKE_PROBLEM_TOKENS = 11
+
+
 def make_problem(
     model: InnerModel,
     loss: InnerLoss,
@@ -160,7 +164,7 @@ def make_problem(
     batch: int = 2,
     heads: int = 2,
     head_dim: int = 4,
-    tokens: int = 11,
+    tokens: int = _MAKE_PROBLEM_TOKENS,
     mini_batch_size: int = 4,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
@@ -1008,13 +1012,12 @@ def check_update_rule(
     losses = (
         [_named("inner_loss", loss)] if loss is not None else [registry.inner_loss(n) for n in BUILTIN_LOSSES]
     )
+    _check_cut_points(cut_points, problem_kwargs)
     given = {k: problem_kwargs.pop(k) for k in ("norm", "residual") if k in problem_kwargs}
     wrappings = [dict(zip(("norm", "residual"), w, strict=True)) for w in WRAPPINGS] if not given else [given]
     mixed = [] if given else [dict(zip(("norm", "residual"), w, strict=True)) for w in MIXED_WRAPPINGS]
     for index, each_model in enumerate(_models_for(rule, model)):
-        if not set(problem_kwargs) & set(
-            PLUGIN_CHECK_SHAPE
-        ):  # no shape given: the values at the wide ones too
+        if not set(problem_kwargs) & set(PLUGIN_CHECK_SHAPE):  # no shape given: the wide shapes' values too
             for shape in PLUGIN_CHECK_SHAPES:
                 wide = {**problem_kwargs, **shape, **wrappings[0]}
                 _check_rule_on(rule, each_model, losses[0], cut_points, seed, tolerance, wide)
@@ -1026,6 +1029,25 @@ def check_update_rule(
             _check_rule_on_first(
                 rule, each_model, losses[0], cut_points, seed, tolerance, mixed, without_grad, first
             )
+
+
+def _check_cut_points(cut_points: list[int] | None, problem_kwargs: dict) -> None:
+    """Given ``cut_points`` must cut some sequence :func:`check_update_rule` checks: a list whose every
+    point lies outside ``(0, T)`` for each length ``T`` checked would check the whole sequence only."""
+    if cut_points is None:
+        return
+    if not all(isinstance(p, int) and not isinstance(p, bool) for p in cut_points):
+        raise TypeError(f"cut_points must be a list of token indices (ints), got {cut_points!r}")
+    lengths = {problem_kwargs.get("tokens", _MAKE_PROBLEM_TOKENS)}
+    if not set(problem_kwargs) & set(PLUGIN_CHECK_SHAPE):  # the wide shapes are checked too
+        lengths |= {shape["tokens"] for shape in PLUGIN_CHECK_SHAPES}
+    if not all(isinstance(t, int) for t in lengths):
+        return  # make_problem names a length it cannot build
+    if cut_points and not any(0 < p < tokens for p in cut_points for tokens in lengths):
+        raise ValueError(
+            f"cut_points={cut_points!r} cut none of the sequences checked (lengths {sorted(lengths)}): a cut "
+            "must lie strictly inside a sequence, 0 < cut < T; pass tokens= for a longer one"
+        )
 
 
 def _check_rule_on_first(

@@ -9,6 +9,7 @@ and the kernels are tested against, and the decode path (one token at a time).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -129,7 +130,8 @@ def primal_planned_segment(
     sums: list[Params] = [{} for _ in plan.sums]
     for key, g in parts.grads.items():
         extra = (1,) * (g.dim() - 2)
-        flat_g = g.reshape(*g.shape[:2], -1)  # [BH, N, numel] (numel 1 for a per-head scalar weight)
+        # [BH, N, numel]: numel 1 for a per-head scalar weight; not -1, which an empty batch cannot infer
+        flat_g = g.reshape(*g.shape[:2], math.prod(g.shape[2:]))
         start = _flatten_heads(params[key])[:, None]  # [BH, 1, *shape]
         weights = start if base is None else base.reshape(base.shape + extra) * start
         for coefficient, state in plan.extras:

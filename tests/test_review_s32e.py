@@ -49,3 +49,70 @@ def test_delta_chunk_nan_reaches_no_earlier_output_and_the_layer_docstring_says_
     doc = " ".join((TTTLayer.__doc__ or "").split())
     assert "64 tokens" not in doc and "whole chunk" not in doc
     assert "on every path (the chunked ``delta_chunk`` kernel runs its token loop then)" in doc
+
+
+# --- testing/checks.py and testing/strategies.py: the new argument checks (326d0a4, 283a82e, 9faea32) ---
+
+
+def test_make_problem_and_check_update_rule_take_numpy_and_torch_integers() -> None:
+    """The new checks took ``isinstance(value, int)`` for 'an integer', so a numpy or 0-d torch integer
+    (``np.arange`` cut points, a size read from an array), which make_problem and check_update_rule
+    took before, was refused: 'batch must be an int >= 1, got np.int64(2)', 'cut_points must be a
+    list of token indices (ints), got [np.int64(5)]'. The project takes them elsewhere
+    (``init_state(np.int64(3))``). Floats and bools are still refused."""
+    import numpy as np
+
+    from innerloop import get_registry
+    from innerloop.testing.checks import check_update_rule, make_problem
+
+    registry = get_registry()
+    model, loss = registry.inner_model("linear"), registry.inner_loss("reconstruction")
+    problem = make_problem(
+        model, loss, batch=np.int64(2), tokens=torch.tensor(7), mini_batch_size=np.int32(3)
+    )
+    assert problem.views.query.shape == (2, 2, 7, 4) and type(problem.task.mini_batch_size) is int
+    rule = registry.update_rule("dual_form")
+    options = {"model": "linear", "loss": "reconstruction", "norm": True, "residual": True}
+    check_update_rule(rule, cut_points=[np.int64(5), torch.tensor(3)], tokens=np.int64(9), **options)
+    with pytest.raises(TypeError, match=r"cut_points must be a list of token indices \(ints\), got \[5.0\]"):
+        check_update_rule(rule, cut_points=[5.0], tokens=9, **options)
+    with pytest.raises(ValueError, match="batch must be an int >= 1, got True"):
+        make_problem(model, loss, batch=True)
+
+
+def test_check_update_rule_still_refuses_numpy_cut_points_that_cut_nothing() -> None:
+    """The cut points' check (9faea32) with the length given as a numpy integer: it returned early on a
+    length that is not an ``int``; now it reads the length as an integer and still refuses."""
+    import numpy as np
+
+    from innerloop import get_registry
+    from innerloop.testing.checks import check_update_rule
+
+    rule = get_registry().update_rule("dual_form")
+    with pytest.raises(ValueError, match=r"cut none of the sequences checked \(lengths \[9\]\)"):
+        check_update_rule(
+            rule, model="linear", loss="reconstruction", cut_points=[np.int64(9)], tokens=np.int64(9)
+        )
+
+
+def test_strategies_take_numpy_integers() -> None:
+    """strategies.py's new argument checks (283a82e) refused numpy integers that hypothesis drew from
+    before: 'split_points: total must be an integer >= 0, got np.int64(10)'. A float is still refused."""
+    import numpy as np
+    from hypothesis import given, settings
+
+    from innerloop.testing.strategies import layer_configs, split_points, views
+
+    def draw(strategy: object) -> None:
+        @given(drawn=strategy)
+        @settings(max_examples=1, deadline=None, database=None)
+        def run(drawn: object) -> None:
+            pass
+
+        run()
+
+    draw(split_points(np.int64(10)))
+    draw(views(max_batch=np.int64(2), head_dims=(np.int64(4),)))
+    draw(layer_configs(max_heads=np.int64(2), head_dims=(np.int64(8),)))
+    with pytest.raises(ValueError, match=r"split_points: total must be an integer >= 0, got 2.0"):
+        draw(split_points(2.0))

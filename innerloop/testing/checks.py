@@ -31,6 +31,7 @@ that breaks them is refused with the reason instead of computing wrong numbers.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -144,13 +145,27 @@ def reference_name(rule: UpdateRule) -> str:
     return f"its declared reference ({type(rule).__qualname__}.reference)"
 
 
-def _check_problem_shape(**shape: object) -> None:
-    """Each of :func:`make_problem`'s sizes a positive int, else a ValueError naming it (not torch's
-    'expected a non-empty list of Tensors' for ``tokens=0`` or Python's modulo by zero for
+def _as_index(value: object) -> int | None:
+    """``value`` as a Python int if it is an integer (a numpy or 0-d torch integer too), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _check_problem_shape(**shape: object) -> dict[str, int]:
+    """Each of :func:`make_problem`'s sizes a positive integer (as an int), else a ValueError naming it
+    (not torch's 'expected a non-empty list of Tensors' for ``tokens=0`` or Python's modulo by zero for
     ``mini_batch_size=0``, from inside a check)."""
+    checked = {}
     for name, value in shape.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        index = _as_index(value)
+        if index is None or index < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r} (the problem's shape)")
+        checked[name] = index
+    return checked
 
 
 #: :func:`make_problem`'s default sequence length.
@@ -175,9 +190,9 @@ def make_problem(
 ) -> InnerProblem:
     """A random problem at a sequence start (position 0), weights perturbed so every term matters;
     with ``decay`` / ``momentum``, random per-token decays in [0, 0.5) and momenta in [0, 1)."""
-    _check_problem_shape(
+    batch, heads, head_dim, tokens, mini_batch_size = _check_problem_shape(
         batch=batch, heads=heads, head_dim=head_dim, tokens=tokens, mini_batch_size=mini_batch_size
-    )
+    ).values()
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -1012,7 +1027,7 @@ def check_update_rule(
     losses = (
         [_named("inner_loss", loss)] if loss is not None else [registry.inner_loss(n) for n in BUILTIN_LOSSES]
     )
-    _check_cut_points(cut_points, problem_kwargs)
+    cut_points = _check_cut_points(cut_points, problem_kwargs)
     given = {k: problem_kwargs.pop(k) for k in ("norm", "residual") if k in problem_kwargs}
     wrappings = [dict(zip(("norm", "residual"), w, strict=True)) for w in WRAPPINGS] if not given else [given]
     mixed = [] if given else [dict(zip(("norm", "residual"), w, strict=True)) for w in MIXED_WRAPPINGS]
@@ -1031,23 +1046,27 @@ def check_update_rule(
             )
 
 
-def _check_cut_points(cut_points: list[int] | None, problem_kwargs: dict) -> None:
+def _check_cut_points(cut_points: list[int] | None, problem_kwargs: dict) -> list[int] | None:
     """Given ``cut_points`` must cut some sequence :func:`check_update_rule` checks: a list whose every
-    point lies outside ``(0, T)`` for each length ``T`` checked would check the whole sequence only."""
+    point lies outside ``(0, T)`` for each length ``T`` checked would check the whole sequence only.
+    Returns them as ints (numpy and 0-d torch integers are taken)."""
     if cut_points is None:
-        return
-    if not all(isinstance(p, int) and not isinstance(p, bool) for p in cut_points):
+        return None
+    points = [_as_index(p) for p in cut_points]
+    cuts = [p for p in points if p is not None]
+    if len(cuts) != len(points):
         raise TypeError(f"cut_points must be a list of token indices (ints), got {cut_points!r}")
-    lengths = {problem_kwargs.get("tokens", _MAKE_PROBLEM_TOKENS)}
+    lengths = {_as_index(problem_kwargs.get("tokens", _MAKE_PROBLEM_TOKENS))}
     if not set(problem_kwargs) & set(PLUGIN_CHECK_SHAPE):  # the wide shapes are checked too
         lengths |= {shape["tokens"] for shape in PLUGIN_CHECK_SHAPES}
-    if not all(isinstance(t, int) for t in lengths):
-        return  # make_problem names a length it cannot build
-    if cut_points and not any(0 < p < tokens for p in cut_points for tokens in lengths):
+    if None in lengths:
+        return cuts  # make_problem names a length it cannot build
+    if cuts and not any(0 < p < tokens for p in cuts for tokens in lengths if tokens is not None):
         raise ValueError(
-            f"cut_points={cut_points!r} cut none of the sequences checked (lengths {sorted(lengths)}): a cut "
-            "must lie strictly inside a sequence, 0 < cut < T; pass tokens= for a longer one"
+            f"cut_points={cut_points!r} cut none of the sequences checked (lengths {sorted(lengths)}): a "
+            "cut must lie strictly inside a sequence, 0 < cut < T; pass tokens= for a longer one"
         )
+    return cuts
 
 
 def _check_rule_on_first(

@@ -199,3 +199,74 @@ def test_delta_chunk_non_finite_check_costs_a_sum_not_an_isfinite_pass() -> None
         lambda: bool(torch.stack([torch.isfinite(t).all() for t in (xk, xv, lr, weights)]).all())
     )
     assert ours * 4 < isfinite_pass, (ours, isfinite_pass)
+
+
+# --- registry: a failing entry point's roll-back (116c97b) and a valid plugin it imported --------------
+
+_SHARED_PLUGIN = """
+import innerloop
+from innerloop import HalfSquaredError, LossPairs
+
+
+class SharedLoss(HalfSquaredError):
+    name = "s32e_shared_loss"
+
+    def pairs(self, views, carry):
+        return LossPairs(inputs=views.key, targets=views.value, valid=None, carry={})
+
+
+innerloop.register_inner_loss(SharedLoss())
+"""
+
+
+class _ModuleEntryPoint:
+    """An installed entry point naming a module (``importlib.metadata``'s shape)."""
+
+    def __init__(self, name: str, value: str) -> None:
+        self.name, self.value = name, value
+        self.dist = type("Dist", (), {"name": f"{name}-dist", "version": "0.1"})()
+
+    def load(self) -> object:
+        import importlib
+
+        return importlib.import_module(self.value)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="116c97b rolls back everything registered while a failing entry point imported, including "
+    "what another installed plugin's module registered when the failing one imported it; that module "
+    "is not imported again, so its own entry point then registers nothing (fix in review_s32e.md)",
+)
+def test_a_failing_entry_point_does_not_take_down_a_valid_plugin_it_imported(tmp_path, monkeypatch) -> None:
+    """Two installed plugins: ``s32e_shared`` registers a loss at import (no hook, as documented), and
+    ``s32e_extra`` imports it and then fails (a missing dependency). Loaded shared-first, the loss is
+    registered; loaded extra-first (install order), the roll-back removes the loss, and ``shared``'s own
+    entry point is then refused as 'implements no innerloop hook'. Before 116c97b the loss stayed."""
+    import sys
+    import warnings
+
+    import innerloop
+    from innerloop.registry import manager
+    from innerloop.registry.manager import isolated_registry
+
+    (tmp_path / "s32e_shared.py").write_text(_SHARED_PLUGIN)
+    (tmp_path / "s32e_extra.py").write_text(
+        "import s32e_shared  # noqa\nraise ImportError('needs a missing dependency')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("s32e_shared", "s32e_extra"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(manager, "_REGISTERED_AT_IMPORT", dict(manager._REGISTERED_AT_IMPORT))
+    entry_points = [_ModuleEntryPoint("extra", "s32e_extra"), _ModuleEntryPoint("shared", "s32e_shared")]
+    monkeypatch.setattr(manager, "_entry_points", lambda: entry_points)
+    try:
+        with isolated_registry(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            registry = innerloop.get_registry()
+            broken = [b.entry_point for b in registry.broken()]
+            assert broken == ["extra"], broken
+            assert "s32e_shared_loss" in registry.names("inner_loss")
+    finally:
+        for name in ("s32e_shared", "s32e_extra"):
+            sys.modules.pop(name, None)

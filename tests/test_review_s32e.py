@@ -270,3 +270,39 @@ def test_a_failing_entry_point_does_not_take_down_a_valid_plugin_it_imported(tmp
     finally:
         for name in ("s32e_shared", "s32e_extra"):
             sys.modules.pop(name, None)
+
+
+# --- registry: a plugin class refused as 'an instance method' (ec4c7f0) ---------------------------------
+
+
+def test_a_class_used_as_a_namespace_of_hooks_still_registers() -> None:
+    """ec4c7f0 refused every class whose marked hook is a plain function, as 'an instance method:
+    register an instance', to catch ``def hook(self, register)`` on a class. A class whose hooks take
+    ``register`` first (no self: pluggy calls them on the class, as for a module) registered before and
+    was refused too, with advice that would break it (an instance would bind ``register`` to itself).
+    Such a class registers again; one whose hook takes ``self`` is still refused (tests/test_review_s32d.py)."""
+    import innerloop
+    from innerloop import HalfSquaredError, LossPairs, PluginError, hookimpl
+    from innerloop.registry.manager import isolated_registry
+
+    class Loss(HalfSquaredError):
+        name = "s32e_namespace_loss"
+
+        def pairs(self, views, carry):
+            return LossPairs(inputs=views.key, targets=views.value, valid=None, carry={})
+
+    class Namespace:
+        @hookimpl
+        def register_inner_losses(register):  # noqa: N805 (no self: called on the class)
+            register(Loss())
+
+    class NeedsAnInstance:
+        @hookimpl
+        def register_inner_losses(self, register):
+            register(Loss())
+
+    with isolated_registry():
+        innerloop.register(Namespace)
+        assert "s32e_namespace_loss" in innerloop.get_registry().names("inner_loss")
+    with isolated_registry(), pytest.raises(PluginError, match="register an instance, .*NeedsAnInstance()"):
+        innerloop.register(NeedsAnInstance)

@@ -249,7 +249,7 @@ class Registry:
         """Refuse a hook that does not take the argument ``register`` by name (pluggy would call one that
         takes nothing with nothing, so it would silently register nothing, and ``*args`` fails inside)."""
         for hook in marked:
-            if inspect.isclass(plugin) and inspect.isfunction(inspect.getattr_static(plugin, hook)):
+            if inspect.isclass(plugin) and _instance_method(inspect.getattr_static(plugin, hook)):
                 raise PluginError(
                     f"plugin {origin!r} is the class {plugin.__qualname__}, whose hook {hook} is an instance "
                     f"method: register an instance, {plugin.__qualname__}() (an entry point names a module or "
@@ -927,6 +927,15 @@ def _default_origin(registry: Registry, instance: Any) -> str:
     if taken and isinstance(name, str) and name not in taken:
         return f"{origin}:{name}"
     return origin
+
+
+def _instance_method(attribute: Any) -> bool:
+    """Whether ``attribute`` (a class's own, unbound) is a function that takes an instance first: not a
+    staticmethod or classmethod, nor a function taking ``register`` first (a class used as a namespace,
+    whose hooks pluggy calls on the class itself)."""
+    if not inspect.isfunction(attribute):
+        return False
+    return next(iter(inspect.signature(attribute).parameters), None) != "register"
 
 
 def _calling_module() -> str | None:

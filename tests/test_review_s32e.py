@@ -306,3 +306,27 @@ def test_a_class_used_as_a_namespace_of_hooks_still_registers() -> None:
         assert "s32e_namespace_loss" in innerloop.get_registry().names("inner_loss")
     with isolated_registry(), pytest.raises(PluginError, match="register an instance, .*NeedsAnInstance()"):
         innerloop.register(NeedsAnInstance)
+
+
+# --- check_update_rule given decay / momentum among its problem options (420c79d) -----------------------
+
+
+@pytest.mark.parametrize("given", [{"decay": True}, {"decay": False}, {"momentum": True}])
+def test_check_update_rule_refuses_decay_or_momentum_among_problem_options(given: dict) -> None:
+    """420c79d merged each variant with the problem options as ``{**variant, **problem_kwargs}``, so
+    ``check_update_rule(minibatch_gd, ..., decay=True)`` replaced the plain variant's decay=False and
+    failed with 'minibatch_gd (linear, reconstruction) with decay 0 vs without decay: relative error
+    3.5e-01', blaming a correct rule; other options raised Python's 'got multiple values for keyword
+    argument'. Both are now refused at the call, naming the option (check_update_rule_gradients too)."""
+    from innerloop import get_registry
+    from innerloop.testing.checks import check_update_rule, check_update_rule_gradients
+
+    registry = get_registry()
+    rule = registry.update_rule("minibatch_gd")
+    (name,) = given
+    with pytest.raises(TypeError, match=rf"check_update_rule: {name}=\w+ is not a problem option here"):
+        check_update_rule(rule, model="linear", loss="reconstruction", tokens=9, **given)
+    with pytest.raises(TypeError, match=rf"check_update_rule_gradients: {name}=\w+ is not a problem option"):
+        check_update_rule_gradients(
+            rule, registry.inner_model("linear"), registry.inner_loss("reconstruction"), **given
+        )

@@ -1027,6 +1027,7 @@ def check_update_rule(
     losses = (
         [_named("inner_loss", loss)] if loss is not None else [registry.inner_loss(n) for n in BUILTIN_LOSSES]
     )
+    _refuse_variant_kwargs("check_update_rule", problem_kwargs)
     cut_points = _check_cut_points(cut_points, problem_kwargs)
     given = {k: problem_kwargs.pop(k) for k in ("norm", "residual") if k in problem_kwargs}
     wrappings = [dict(zip(("norm", "residual"), w, strict=True)) for w in WRAPPINGS] if not given else [given]
@@ -1044,6 +1045,19 @@ def check_update_rule(
             _check_rule_on_first(
                 rule, each_model, losses[0], cut_points, seed, tolerance, mixed, without_grad, first
             )
+
+
+def _refuse_variant_kwargs(function: str, problem_kwargs: dict) -> None:
+    """``decay`` and ``momentum`` are not the caller's to give: the check runs each variant the rule
+    takes (:func:`rule_variants`). Given, they clashed with a variant's (Python's 'got multiple values'),
+    or replaced it, so that a variant labelled 'decay' ran without decay and blamed the rule."""
+    chosen = sorted({"decay", "momentum"} & set(problem_kwargs))
+    if chosen:
+        raise TypeError(
+            f"{function}: {', '.join(f'{k}={problem_kwargs[k]!r}' for k in chosen)} is not a problem option "
+            "here: the check runs the rule plain and with each of decay and momentum it supports "
+            "(rule_variants(rule)); call make_problem(..., decay=True) to build one such problem yourself"
+        )
 
 
 def _check_cut_points(cut_points: list[int] | None, problem_kwargs: dict) -> list[int] | None:
@@ -1404,6 +1418,7 @@ def check_update_rule_gradients(
 ) -> None:
     """``torch.autograd.gradcheck`` (float64) of the rule's outputs and final weights w.r.t. the
     views, lr, the initial weights and, where the rule takes them, decay and momentum."""
+    _refuse_variant_kwargs("check_update_rule_gradients", problem_kwargs)
     variant = rule_variants(rule)[-1]  # the most the rule takes
     problem = make_problem(model, loss, seed=seed, **variant, **problem_kwargs).for_rule(rule)
     names = [k for k in ("decay", "momentum") if getattr(problem, k) is not None]

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from innerloop.config.load import DEFAULT_PRESET, ConfigError
+from innerloop.config.load import DEFAULT_PRESET, ConfigError, name_too_long
 
 if (
     TYPE_CHECKING
@@ -1259,6 +1259,8 @@ USER_ERRORS = (
 def _is_user_error(err: BaseException) -> bool:
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True  # a full disk or quota: the atomic writers name the file (innerloop.data.atomic)
+    if isinstance(err, OSError) and err.errno == errno.ENAMETOOLONG and err.filename is not None:
+        return True  # a path argument too long for the file system (see _user_message)
     for module_name, class_name in USER_ERRORS:
         module = sys.modules.get(module_name)
         if module is not None and isinstance(err, getattr(module, class_name)):
@@ -1326,7 +1328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         if not _is_user_error(err):
             raise
-        print(f"innerloop {command}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"innerloop {command}: error: {_user_message(err)}", file=sys.stderr)
         return 2
     finally:
         warnings.formatwarning = formatwarning
@@ -1405,6 +1407,13 @@ def _expand_user(args: argparse.Namespace) -> argparse.Namespace:
         elif isinstance(value, list):
             setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) else v for v in value])
     return args
+
+
+def _user_message(err: BaseException) -> str:
+    """The one line of a user error; a path too long for the file system says which and what is valid."""
+    if isinstance(err, OSError) and err.errno == errno.ENAMETOOLONG and err.filename is not None:
+        return f"the path {os.fsdecode(err.filename)!r} is too long: {name_too_long(err.filename)}"
+    return _one_line(err)
 
 
 def _one_line(err: BaseException) -> str:

@@ -1092,7 +1092,9 @@ a glob in ``data.paths`` that can match one of them would read the run's own fil
 def check_not_a_link_loop(path: str | os.PathLike[str], subject: str) -> None:
     """Raise :class:`ConfigError` saying that ``subject`` (e.g. ``out_dir='runs/a'``) is a symbolic link
     loop when ``path`` (``~`` expanded), or a folder on its way, is a link that leads back to itself:
-    it names nothing, ``Path.exists`` says False and ``Path.resolve`` raises RuntimeError."""
+    it names nothing, ``Path.exists`` says False and ``Path.resolve`` raises RuntimeError. Likewise when
+    a name in ``path`` (or the whole path) is longer than the file system allows: ``Path.exists`` and
+    ``Path.is_symlink`` raise OSError (ENAMETOOLONG) for it."""
     try:
         os.stat(os.path.expanduser(os.fspath(path)))
     except OSError as err:
@@ -1101,6 +1103,36 @@ def check_not_a_link_loop(path: str | os.PathLike[str], subject: str) -> None:
                 f"{subject} is a symbolic link loop: it, or a folder on its way, is a link that leads back to "
                 "itself and names no file or folder (see ls -l); give a file or folder, or a link to one"
             ) from None
+        if err.errno == errno.ENAMETOOLONG:
+            raise ConfigError(f"{subject} is too long: {name_too_long(path)}") from None
+
+
+def name_too_long(path: str | os.PathLike[str]) -> str:
+    """Why ``path`` is too long for the file system (ENAMETOOLONG), as a clause that says what is valid."""
+    path = os.path.expanduser(os.fspath(path))
+    longest = max(path.split(os.sep), key=lambda name: len(os.fsencode(name)))
+    limit = _name_max(path)
+    if len(os.fsencode(longest)) > limit:
+        return (
+            f"its name {longest[:24] + '...'!r} has {len(os.fsencode(longest))} bytes, and a file or folder "
+            f"name may have at most {limit} here; give a shorter name"
+        )
+    return (
+        f"it has {len(os.fsencode(path))} bytes, more than this system allows in a path; give a shorter path"
+    )
+
+
+def _name_max(path: str) -> int:
+    """The longest file name (bytes) of the file system holding ``path``'s nearest existing folder."""
+    folder = os.path.abspath(path)
+    while True:
+        try:
+            return os.pathconf(folder, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            parent = os.path.dirname(folder)
+            if parent == folder:
+                return 255
+            folder = parent
 
 
 def _check_no_link_loops(run: RunConfig) -> None:

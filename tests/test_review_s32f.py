@@ -66,3 +66,42 @@ def test_eval_out_too_long_names_the_option(tmp_path, capsys) -> None:
     checkpoint.write_bytes(b"")
     assert main(["eval", str(checkpoint), "--out", str(tmp_path / LONG_NAME)]) == 2
     assert "--out=" in _one_error_line(capsys, "eval")
+
+
+# The public metrics (issue 3, item 3) given inputs they cannot use: each error came from inside torch
+# (`where expected condition to be a boolean tensor`, `index 300 is out of bounds for dimension 1`, an
+# IndexError on a float index), or the bad value was taken and failed later.
+
+
+def test_loss_by_position_refuses_a_mask_that_is_not_bool() -> None:
+    import torch
+
+    from innerloop.train.metrics import LossByPosition
+
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor .* got dtype torch.float32"):
+        LossByPosition(4).update(torch.rand(2, 8), torch.ones(2, 8))
+    with pytest.raises(ValueError, match=r"num_buckets=2.5 must be an integer >= 1"):
+        LossByPosition(2.5)
+
+
+@pytest.mark.parametrize("bad", [256, 300, -5])
+def test_perplexity_refuses_a_target_outside_the_vocabulary(bad) -> None:
+    import torch
+
+    from innerloop.train.metrics import Float64Perplexity
+
+    metric = Float64Perplexity(ignore_index=-100)
+    target = torch.tensor([[1, 2, -100, bad]])
+    with pytest.raises(ValueError, match=rf"target holds id {bad}, outside the vocabulary \[0, 256\)"):
+        metric.update(torch.randn(1, 4, 256), target)
+    metric.update(torch.randn(1, 4, 256), torch.tensor([[1, 2, -100, 255]]))  # the ignored id is fine
+    assert metric.count == 3
+
+
+def test_inner_loss_diagnostics_refuses_a_layer_that_is_not_an_integer() -> None:
+    import torch
+
+    from innerloop.train.metrics import InnerLossDiagnostics
+
+    with pytest.raises(ValueError, match=r"layer=1.5 must be in \[0, 2\), an integer"):
+        InnerLossDiagnostics(2).update(1.5, torch.ones(2), torch.ones(2))

@@ -65,6 +65,12 @@ class Float64Perplexity(Float64States, Perplexity):
             if self.ignore_index is not None
             else torch.ones_like(target, dtype=torch.bool)
         )
+        outside = scored & ((target < 0) | (target >= logits.shape[-1]))
+        if bool(outside.any()):
+            raise ValueError(
+                f"target holds id {int(target[outside][0])}, outside the vocabulary [0, {logits.shape[-1]}) of "
+                f"preds' last dimension; give ids in it, or ignore_index={self.ignore_index} for unscored tokens"
+            )
         picked = logits.gather(1, target.where(scored, 0)[:, None]).squeeze(1)  # [N] the targets' logits
         negative_log_probs = (torch.logsumexp(logits, dim=-1) - picked)[scored]
         self.total_log_probs += negative_log_probs.double().sum()
@@ -110,8 +116,8 @@ class LossByPosition(Float64States):
 
     def __init__(self, num_buckets: int = 16, varying_lengths: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if num_buckets < 1:
-            raise ValueError(f"num_buckets={num_buckets} must be >= 1")
+        if not hasattr(num_buckets, "__index__") or num_buckets < 1:
+            raise ValueError(f"num_buckets={num_buckets!r} must be an integer >= 1")
         self.num_buckets = num_buckets
         self.varying_lengths = varying_lengths
         # [longest length seen]: summed loss and scored-token count at each position
@@ -148,6 +154,10 @@ class LossByPosition(Float64States):
             raise ValueError(f"token_loss must be [batch, length], got shape {tuple(token_loss.shape)}")
         if mask is None:
             mask = torch.ones_like(token_loss, dtype=torch.bool)
+        if mask.dtype != torch.bool:
+            raise ValueError(
+                f"mask must be a bool tensor (True where a token is scored), got dtype {mask.dtype}"
+            )
         if mask.shape != token_loss.shape:
             raise ValueError(
                 f"mask must have token_loss's shape {tuple(token_loss.shape)}, got {tuple(mask.shape)}"
@@ -213,8 +223,8 @@ class InnerLossDiagnostics(Float64States):
         self.add_state("count", torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, layer: int, before: torch.Tensor, after: torch.Tensor) -> None:
-        if not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer={layer} must be in [0, {self.num_layers})")
+        if not hasattr(layer, "__index__") or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer={layer!r} must be in [0, {self.num_layers}), an integer")
         if before.shape != after.shape or before.dim() != 1:
             raise ValueError(
                 f"before and after must both be [batch], got {tuple(before.shape)} and {tuple(after.shape)}"

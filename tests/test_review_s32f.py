@@ -4,10 +4,13 @@ do not use."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from innerloop.cli import main
 from innerloop.config import load_config
 from innerloop.config.load import ConfigError
+from innerloop.train import CheckpointError, LanguageModelModule
+from innerloop.train.metrics import Float64Perplexity, InnerLossDiagnostics, LossByPosition
 
 # A file or folder name longer than any Linux file system allows (255 bytes), and a path longer than
 # PATH_MAX (4096): the OS refuses them with ENAMETOOLONG, which pathlib's exists/is_symlink raise.
@@ -74,10 +77,6 @@ def test_eval_out_too_long_names_the_option(tmp_path, capsys) -> None:
 
 
 def test_loss_by_position_refuses_a_mask_that_is_not_bool() -> None:
-    import torch
-
-    from innerloop.train.metrics import LossByPosition
-
     with pytest.raises(ValueError, match=r"mask must be a bool tensor .* got dtype torch.float32"):
         LossByPosition(4).update(torch.rand(2, 8), torch.ones(2, 8))
     with pytest.raises(ValueError, match=r"num_buckets=2.5 must be an integer >= 1"):
@@ -86,10 +85,6 @@ def test_loss_by_position_refuses_a_mask_that_is_not_bool() -> None:
 
 @pytest.mark.parametrize("bad", [256, 300, -5])
 def test_perplexity_refuses_a_target_outside_the_vocabulary(bad) -> None:
-    import torch
-
-    from innerloop.train.metrics import Float64Perplexity
-
     metric = Float64Perplexity(ignore_index=-100)
     target = torch.tensor([[1, 2, -100, bad]])
     with pytest.raises(ValueError, match=rf"target holds id {bad}, outside the vocabulary \[0, 256\)"):
@@ -99,9 +94,13 @@ def test_perplexity_refuses_a_target_outside_the_vocabulary(bad) -> None:
 
 
 def test_inner_loss_diagnostics_refuses_a_layer_that_is_not_an_integer() -> None:
-    import torch
-
-    from innerloop.train.metrics import InnerLossDiagnostics
-
     with pytest.raises(ValueError, match=r"layer=1.5 must be in \[0, 2\), an integer"):
         InnerLossDiagnostics(2).update(1.5, torch.ones(2), torch.ones(2))
+
+
+def test_load_from_checkpoint_of_an_empty_file_names_it(tmp_path) -> None:
+    """A zero-byte checkpoint (a copy that never finished) went to torch.load, whose EOFError has no message."""
+    empty = tmp_path / "last.ckpt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"last.ckpt' is empty \(0 bytes\): not a checkpoint"):
+        LanguageModelModule.load_from_checkpoint(empty)

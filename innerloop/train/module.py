@@ -313,6 +313,11 @@ class LanguageModelModule(L.LightningModule):
         Lightning checkpoints, file objects) go to Lightning's loader unchanged.
         """
         is_path = isinstance(checkpoint_path, (str, os.PathLike))
+        if is_path and os.path.isfile(checkpoint_path) and os.path.getsize(checkpoint_path) == 0:
+            raise CheckpointError(  # torch.load's bare EOFError named neither the file nor the problem
+                f"{str(checkpoint_path)!r} is empty (0 bytes): not a checkpoint (a write that never finished, "
+                "or the wrong file); give the last.safetensors a run wrote"
+            )
         if not (is_path and is_safetensors_file(checkpoint_path)):
             return super().load_from_checkpoint(
                 checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs

@@ -159,8 +159,13 @@ class _TanhTwoLayer(InnerModel):
 def test_the_checks_pass_a_correct_two_layer_tanh_model_under_the_momentum_rule() -> None:
     """Seeds 0-5 all failed here (errors 1.1e-10 to 6.9e-10 against a fixed 1e-10; seed 1 by the widest
     margin) before the float64 tolerance was scaled by the problem's own amplification of rounding."""
+    _check_values_on_the_tanh_model("momentum")
+
+
+def _check_values_on_the_tanh_model(rule: object) -> None:
+    """check_update_rule's values (no gradients, no no-grad modes) of ``rule`` on :class:`_TanhTwoLayer`."""
     check_update_rule(
-        "momentum",
+        rule,
         model=_TanhTwoLayer(),
         loss="reconstruction",
         norm=True,
@@ -184,13 +189,4 @@ class _SlightlyWrongMomentum(Momentum):
 @pytest.mark.slow  # the checks at their 37- and 150-token shapes, ~1.5 s
 def test_the_widened_tolerance_still_refuses_a_slightly_wrong_rule_on_that_model() -> None:
     with pytest.raises(AssertionError, match="relative error"):
-        check_update_rule(
-            _SlightlyWrongMomentum(),
-            model=_TanhTwoLayer(),
-            loss="reconstruction",
-            norm=True,
-            residual=True,
-            gradients=False,
-            without_grad=False,
-            seed=1,
-        )
+        _check_values_on_the_tanh_model(_SlightlyWrongMomentum())

@@ -145,7 +145,7 @@ def reference_name(rule: UpdateRule) -> str:
     return f"its declared reference ({type(rule).__qualname__}.reference)"
 
 
-def _as_index(value: object) -> int | None:
+def as_index(value: object) -> int | None:
     """``value`` as a Python int if it is an integer (a numpy or 0-d torch integer too), else None."""
     if isinstance(value, bool):
         return None
@@ -161,7 +161,7 @@ def _check_problem_shape(**shape: object) -> dict[str, int]:
     ``mini_batch_size=0``, from inside a check)."""
     checked = {}
     for name, value in shape.items():
-        index = _as_index(value)
+        index = as_index(value)
         if index is None or index < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r} (the problem's shape)")
         checked[name] = index
@@ -1066,11 +1066,11 @@ def _check_cut_points(cut_points: list[int] | None, problem_kwargs: dict) -> lis
     Returns them as ints (numpy and 0-d torch integers are taken)."""
     if cut_points is None:
         return None
-    points = [_as_index(p) for p in cut_points]
+    points = [as_index(p) for p in cut_points]
     cuts = [p for p in points if p is not None]
     if len(cuts) != len(points):
         raise TypeError(f"cut_points must be a list of token indices (ints), got {cut_points!r}")
-    lengths = {_as_index(problem_kwargs.get("tokens", _MAKE_PROBLEM_TOKENS))}
+    lengths = {as_index(problem_kwargs.get("tokens", _MAKE_PROBLEM_TOKENS))}
     if not set(problem_kwargs) & set(PLUGIN_CHECK_SHAPE):  # the wide shapes are checked too
         lengths |= {shape["tokens"] for shape in PLUGIN_CHECK_SHAPES}
     if None in lengths:

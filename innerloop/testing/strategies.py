@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
 
 from innerloop.core.layer import DEFAULT_CONV_KERNEL
 from innerloop.core.protocol import Views
+from innerloop.testing.checks import as_index
 
 try:
     from hypothesis import strategies as st
@@ -34,19 +34,8 @@ def _check_counts(function: str, **bounds: tuple[object, int]) -> None:
     """Each ``name=(value, least)``: ``value`` must be an integer >= ``least``; else a ValueError naming
     ``function``'s argument, the value and what is valid (not hypothesis's 'max_value < min_value')."""
     for name, (value, least) in bounds.items():
-        if not _is_integer(value) or value < least:  # type: ignore[operator]
+        if as_index(value) is None or value < least:  # type: ignore[operator]
             raise ValueError(f"{function}: {name} must be an integer >= {least}, got {value!r}")
-
-
-def _is_integer(value: object) -> bool:
-    """Whether ``value`` is an integer: an int, or a numpy or 0-d torch integer (not a bool)."""
-    if isinstance(value, bool):
-        return False
-    try:
-        operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        return False
-    return True
 
 
 def _check_choices(function: str, name: str, values: object, what: str) -> None:
@@ -60,7 +49,7 @@ def _check_head_dims(function: str, head_dims: tuple[int, ...], even: bool) -> N
     what = "even positive integers (a layer's RoPE rotates pairs)" if even else "positive integers"
     _check_choices(function, "head_dims", head_dims, what)
     for dim in head_dims:
-        if not _is_integer(dim) or dim < 1 or (even and dim % 2):
+        if as_index(dim) is None or dim < 1 or (even and dim % 2):
             raise ValueError(f"{function}: head_dims must hold {what}, got {head_dims!r}")
 
 

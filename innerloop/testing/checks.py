@@ -906,8 +906,10 @@ def _check_shape(shape: dict[str, int]) -> dict[str, int]:
     full = {**PLUGIN_CHECK_SHAPE, **shape}
     for name, value in full.items():
         least = 2 if name == "batch" else 1
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        index = as_index(value)  # a numpy or 0-d torch integer too, as make_problem takes
+        if index is None or index < least:
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        full[name] = index
     if full["head_dim"] == 2:
         raise ValueError(
             "head_dim must be 1 or at least 3 here, got 2: these checks run the layer's inner LayerNorm, "

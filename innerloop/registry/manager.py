@@ -320,6 +320,8 @@ class Registry:
         else:
             try:
                 registered_at_import = [e for e in self.entries() if (e.kind, e.name) not in before]
+                if not registered_at_import:  # its module registered at import for a failed entry point
+                    registered_at_import = self._register_again(_claim_rolled_back(entry_point), _Staging())
                 hooked = self._marked_hooks(plugin)
                 if not hooked and registered_at_import:
                     # its import registered objects (innerloop.register_<kind>): no hook needed
@@ -340,7 +342,7 @@ class Registry:
                 failure = str(error)
             except (Exception, SystemExit) as error:
                 failure = f"its registration hook raised {type(error).__name__}: {error}"
-        rolled_back = self._roll_back_since(before)  # what its import registered before it failed
+        rolled_back = self._roll_back_since(before, _module_of(entry_point))  # what its import registered
         broken = BrokenPlugin(entry_point.name, distribution, failure, (*staging.attempted, *rolled_back))
         self._broken.append(broken)
         clashed = [(k, n) for k, n in broken.names if self.clash_error(k, n) is not None]
@@ -360,21 +362,48 @@ class Registry:
             and self.plugin_manager.get_name(plugin) not in origins_before
         )
 
-    def _roll_back_since(self, before: set[tuple[str, str]]) -> list[tuple[str, str]]:
-        """Remove every object registered since ``before`` (``(kind, name)`` pairs) and return their
-        ``(kind, name)``: a failing entry point is skipped whole, including what its module registered at
-        import (``innerloop.register_<kind>``) before its import or its hook failed."""
+    def _roll_back_since(self, before: set[tuple[str, str]], failing_module: str) -> list[tuple[str, str]]:
+        """Remove every object registered since ``before`` (``(kind, name)`` pairs) and return the
+        ``(kind, name)`` of those the failing entry point's own module registered: it is skipped whole,
+        including what its module registered at import (``innerloop.register_<kind>``) before its import
+        or its hook failed.
+
+        What the module of another installed entry point registered at import while the failing one
+        imported it is removed too but kept aside under that module's name, not counted as the failing
+        one's: that module is not imported again, so its own entry point, loaded later, registers it from
+        there (:func:`_claim_rolled_back`)."""
         added = [entry for entry in self.entries() if (entry.kind, entry.name) not in before]
+        other_plugins = {_module_of(ep) for ep in _entry_points()} - {"", failing_module}
+        own = []
+        for entry in added:
+            module = self._registering_module(entry.origin)
+            if (
+                module is not None
+                and not _within(module, failing_module)
+                and any(_within(module, plugin) for plugin in other_plugins)
+            ):
+                _ROLLED_BACK_AT_IMPORT.setdefault(module, []).append(entry)
+            else:
+                own.append((entry.kind, entry.name))
         for origin in dict.fromkeys(entry.origin for entry in added):
             self.remove_plugin(origin)
-        return [(entry.kind, entry.name) for entry in added]
+        return own
 
-    def _register_again(self, entries: list[Entry], staging: _Staging) -> None:
+    def _registering_module(self, origin: str) -> str | None:
+        """The module whose import registered the plugin of ``origin`` (``register_<kind>`` at import,
+        or ``innerloop.register(module)``); None when unknown."""
+        plugin = self.plugin_manager.get_plugin(origin)
+        if isinstance(plugin, _OneObjectPlugin):
+            return plugin.registered_from
+        return plugin.__name__ if inspect.ismodule(plugin) else None
+
+    def _register_again(self, entries: list[Entry], staging: _Staging) -> list[Entry]:
         """Register ``entries`` again, through the registrar of each one's kind and origin (validated, no
-        clash), all or none."""
+        clash), all or none; returns them."""
         for entry in entries:
             self.registrar(KIND_BY_NAME[entry.kind], entry.origin, staging)(entry.obj)
         self._commit(staging)
+        return entries
 
     def _remember_distribution(self, entry_point: Any, origins_before: set[str]) -> None:
         """Record the distribution (and its version) of ``entry_point`` for every origin that appeared
@@ -785,6 +814,29 @@ _REGISTERED_AT_IMPORT: dict[str, list[Entry]] = {}
 at import, no hooks): a later registry of this process gets them again (the module is not imported again)."""
 
 
+_ROLLED_BACK_AT_IMPORT: dict[str, list[Entry]] = {}
+"""Module -> what it registered at import while a failing entry point imported it (rolled back with that
+entry point's skip); the module's own entry point claims them (:func:`_claim_rolled_back`)."""
+
+
+def _module_of(entry_point: Any) -> str:
+    """The module an entry point names (``module`` or ``module:attr``)."""
+    return str(getattr(entry_point, "value", "")).partition(":")[0].strip()
+
+
+def _within(module: str, package: str) -> bool:
+    """Whether ``module`` is ``package`` or one of its submodules."""
+    return module == package or module.startswith(f"{package}.")
+
+
+def _claim_rolled_back(entry_point: Any) -> list[Entry]:
+    """Take what ``entry_point``'s module (or its submodules) registered at import while another, failing
+    entry point imported it; [] when nothing was kept aside."""
+    module = _module_of(entry_point)
+    claimed = [name for name in _ROLLED_BACK_AT_IMPORT if module and _within(name, module)]
+    return [entry for name in claimed for entry in _ROLLED_BACK_AT_IMPORT.pop(name)]
+
+
 _BUILDING: Registry | None = None
 """The process-wide registry while its entry points load (then :func:`get_registry` returns it)."""
 
@@ -876,6 +928,7 @@ class _OneObjectPlugin:
             register(obj)
 
         setattr(self, kind.hook, _hookimpl(hook))
+        self.registered_from = _calling_module()  # the module that called register_<kind>
 
 
 def register_object(kind: str, obj: Any, origin: str | None = None) -> Any:

@@ -47,6 +47,8 @@ class _PrimalParts:
 def _primal_parts(task: InnerTask, params: Params, chunk: ChunkInputs) -> _PrimalParts:
     """Per-token gradients of the inner loss at ``params`` (``torch.func``) and the output reader."""
     batch, heads, _, _ = chunk.query.shape
+    if batch == 0:
+        return _parts_of_no_sequence(task, params, chunk)
     model, loss = task.model, task.loss
     flat_params = {k: _flatten_heads(v) for k, v in params.items()}  # [BH, *shape]
     if task.use_norm:
@@ -78,6 +80,28 @@ def _primal_parts(task: InnerTask, params: Params, chunk: ChunkInputs) -> _Prima
         return outputs.unflatten(0, (batch, heads))
 
     return _PrimalParts(grads, read)
+
+
+def _parts_of_no_sequence(task: InnerTask, params: Params, chunk: ChunkInputs) -> _PrimalParts:
+    """The parts of a batch of no sequences, computed on one sequence of zeros of which no row is kept:
+    ``torch.func``'s transforms over an empty batch reach torch's reductions (``var`` in the inner
+    LayerNorm), which warn that they have no degrees of freedom."""
+
+    def one_sequence(t: torch.Tensor) -> torch.Tensor:
+        return t.new_zeros((1, *t.shape[1:]))  # [0, H, ...] -> [1, H, ...]
+
+    one = _primal_parts(
+        task,
+        {key: one_sequence(value) for key, value in params.items()},
+        ChunkInputs(*(one_sequence(t) for t in (chunk.query, chunk.inputs, chunk.targets, chunk.lr))),
+    )
+
+    def read(weights_per_token: Params) -> torch.Tensor:  # [0, N, *shape] -> [0, H, N, f]
+        heads = chunk.query.shape[1]
+        padded = {key: w.new_zeros((heads, *w.shape[1:])) for key, w in weights_per_token.items()}
+        return one.read(padded)[:0]
+
+    return _PrimalParts({key: g[:0] for key, g in one.grads.items()}, read)
 
 
 def primal_segment(

@@ -720,6 +720,14 @@ def load_entry_point_plugins(registry: Registry) -> list[str]:
             continue
         if registry.add_entry_point(entry_point) is None:
             loaded.append(f"{entry_point.name} ({_distribution_of(entry_point)})")
+    if allowlist == set() and installed:  # set but empty: every installed plugin is skipped
+        warnings.warn(
+            f"{ALLOW_ENV}={os.environ.get(ALLOW_ENV)!r} names no plugin, so none of the installed entry points "
+            f"{sorted(installed)} is loaded; unset {ALLOW_ENV} to load them all, or set {DISABLE_ENV}=1 to "
+            "load none without this warning",
+            PluginLoadWarning,
+            stacklevel=2,
+        )
     missing = sorted((allowlist or set()) - installed)
     if missing:  # a misspelt name would otherwise load nothing without a word
         warnings.warn(

@@ -234,7 +234,11 @@ def make_problem(
 def run_in_chunks(
     rule: UpdateRule, problem: InnerProblem, cut_points: list[int]
 ) -> tuple[torch.Tensor, TTTState]:
-    """Run ``rule`` over the problem's tokens cut at ``cut_points``, carrying the state."""
+    """Run ``rule`` over the problem's tokens cut at ``cut_points``, carrying the state.
+
+    A point outside ``(0, T)`` cuts nothing and is ignored (one list serves sequences of several
+    lengths); repeated points count once. :func:`check_update_rule` refuses a list that cuts none of the
+    sequences it checks."""
     tokens = problem.views.query.shape[2]
     bounds = [0, *sorted(set(p for p in cut_points if 0 < p < tokens)), tokens]
     state, outputs = problem.state, []
@@ -262,7 +266,10 @@ def run_in_chunks(
 def run_layer_in_chunks(
     layer: torch.nn.Module, x: torch.Tensor, cut_points: list[int], state: TTTState | None = None
 ) -> tuple[torch.Tensor, TTTState]:
-    """Call ``layer`` on ``x [B, T, D]`` cut at ``cut_points`` (token indices), carrying the state."""
+    """Call ``layer`` on ``x [B, T, D]`` cut at ``cut_points`` (token indices), carrying the state.
+
+    A point outside ``(0, T)`` cuts nothing and is ignored (one list serves sequences of several
+    lengths); repeated points count once."""
     tokens = x.shape[1]
     bounds = [0, *sorted(set(p for p in cut_points if 0 < p < tokens)), tokens]
     outputs = []

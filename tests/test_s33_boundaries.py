@@ -1,0 +1,43 @@
+"""Boundaries fixed in session 33 (no helper review): each test fails without its fix."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from innerloop.registry import manager
+
+
+class _EntryPoint:
+    """An installed entry point whose load records that it was asked for."""
+
+    def __init__(self, name: str, loaded: list[str]) -> None:
+        self.name, self.value, self.dist, self._loaded = name, f"pkg_{name}.plugin", None, loaded
+
+    def load(self) -> object:
+        self._loaded.append(self.name)
+        raise ImportError("not a real plugin")
+
+
+@pytest.mark.parametrize("allow", ["", " ", " , "])
+def test_an_empty_plugin_allowlist_says_that_it_loads_no_installed_plugin(monkeypatch, allow: str) -> None:
+    """``INNERLOOP_PLUGINS=""`` (set, naming nothing) skipped every installed plugin without a word: a
+    name that is then asked for said only that it was unknown. It now warns, naming the installed entry
+    points and the two clear ways (unset it; the switch that turns them off)."""
+    loaded: list[str] = []
+    monkeypatch.setattr(manager, "_entry_points", lambda: [_EntryPoint("denoise", loaded)])
+    monkeypatch.delenv(manager.DISABLE_ENV, raising=False)
+    monkeypatch.setenv(manager.ALLOW_ENV, allow)
+    with pytest.warns(manager.PluginLoadWarning, match=r"names no plugin, so none of .*\['denoise'\]"):
+        manager.load_entry_point_plugins(manager.Registry())
+    assert loaded == []
+
+
+def test_an_empty_plugin_allowlist_with_nothing_installed_is_quiet(monkeypatch) -> None:
+    monkeypatch.setattr(manager, "_entry_points", lambda: [])
+    monkeypatch.delenv(manager.DISABLE_ENV, raising=False)
+    monkeypatch.setenv(manager.ALLOW_ENV, "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert manager.load_entry_point_plugins(manager.Registry()) == []

@@ -41,3 +41,26 @@ def test_an_empty_plugin_allowlist_with_nothing_installed_is_quiet(monkeypatch) 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert manager.load_entry_point_plugins(manager.Registry()) == []
+
+
+def test_a_kernel_registered_in_process_for_a_misspelt_model_is_warned_of_at_once() -> None:
+    """The registry's build warned of an entry point's kernel for a name no plugin provides, but a kernel
+    registered in-process (``register_kernel``, ``register``) after the build registered silently and
+    could never run. It is warned of when registered, pointing at the caller's line; a kernel whose
+    model is registered first is not."""
+    import innerloop
+    from innerloop.kernels import fused_torch
+    from innerloop.plugins.models.mlp import MLPModel
+    from innerloop.registry.manager import isolated_registry
+
+    class Renamed(MLPModel):
+        name = "s33_mlp"
+
+    with isolated_registry():
+        with pytest.warns(manager.PluginLoadWarning, match="inner_model='s33_mpl'.* yet") as caught:
+            innerloop.register_kernel(fused_torch.kernel_spec("s33_mpl", MLPModel().stack))
+        assert caught[0].filename == __file__
+        innerloop.register_inner_model(Renamed())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            innerloop.register_kernel(fused_torch.kernel_spec("s33_mlp", MLPModel().stack))

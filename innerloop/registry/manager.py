@@ -178,7 +178,10 @@ class Registry:
                 "and pass it (innerloop.register(importlib.import_module(name))), or install it with an "
                 f"{ENTRY_POINT_GROUP!r} entry point"
             )
-        self._add(plugin, origin, _Staging())
+        staging = _Staging()
+        self._add(plugin, origin, staging)
+        if not origin.startswith(BUILTIN_PREFIX) and _BUILDING is not self:  # in-process, once built
+            warn_of_kernels_that_cannot_run(self, list(staging.entries["kernel"].values()), in_process=True)
 
     def _add(self, plugin: Any, origin: str, staging: _Staging) -> None:
         if origin.startswith(BUILTIN_PREFIX) and not _is_builtin_module(plugin):  # an entry point's name too
@@ -761,21 +764,37 @@ def build_registry(
     return registry
 
 
-def warn_of_kernels_that_cannot_run(registry: Registry) -> None:
-    """Warn (:class:`PluginLoadWarning`) of each kernel registered for an inner model, inner loss or
-    update rule that no loaded plugin provides (a misspelt name): it would never be chosen, without a word.
-    Each warning names the kernel, its plugin, the unknown name and the registered ones."""
-    for entry in registry.entries("kernel"):
+def warn_of_kernels_that_cannot_run(
+    registry: Registry, kernels: list[Entry] | None = None, in_process: bool = False
+) -> None:
+    """Warn (:class:`PluginLoadWarning`) of each kernel (``kernels``, default every registered one)
+    registered for an inner model, inner loss or update rule that no loaded plugin provides (a misspelt
+    name): it would never be chosen, without a word. Each warning names the kernel, its plugin, the
+    unknown name and the registered ones. ``in_process``: the kernel was just registered in-process
+    (:func:`register_kernel`, :func:`register`), where the name may only be registered later."""
+    for entry in registry.entries("kernel") if kernels is None else kernels:
         spec = entry.obj
         for kind in ("inner_model", "inner_loss", "update_rule"):
             name, known = getattr(spec, kind), registry.names(kind)
             if name not in known:
+                later = f" (register the {kind.replace('_', ' ')} before its kernels)" if in_process else ""
                 warnings.warn(
                     f"kernel {entry.name!r} ({entry.origin}) is registered for {kind}={name!r}, which no loaded "
-                    f"plugin provides, so it can never run; registered {kind}s: {known}",
+                    f"plugin provides{' yet' if in_process else ''}, so it can never run{later}; registered "
+                    f"{kind}s: {known}",
                     PluginLoadWarning,
-                    stacklevel=3,
+                    stacklevel=_first_frame_outside_innerloop() if in_process else 3,
                 )
+
+
+def _first_frame_outside_innerloop() -> int:
+    """The ``stacklevel`` that makes a warning issued by this function's caller point at the first
+    frame outside innerloop (the user's call)."""
+    here = inspect.currentframe()
+    frame, level = (here.f_back if here is not None else None), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "innerloop":
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _builtin_modules() -> frozenset[str]:

@@ -64,3 +64,40 @@ def test_a_kernel_registered_in_process_for_a_misspelt_model_is_warned_of_at_onc
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             innerloop.register_kernel(fused_torch.kernel_spec("s33_mlp", MLPModel().stack))
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["auto", "named"])
+def test_a_training_only_kernel_is_not_chosen_for_a_block_without_a_graph(forced: bool) -> None:
+    """``training_only`` says a path 'only speeds up training', and a layer that names it sends its
+    blocks without a graph where ``kernel="auto"`` would; but ``auto`` took such a kernel by priority for
+    those blocks too (a plugin's at priority 100 ran every inference, and a layer that named it got it
+    back from ``auto`` for its inference). It now runs blocks that record a graph only."""
+    import torch
+
+    import innerloop
+    from innerloop.kernels import fused_torch
+    from innerloop.kernels.spec import KernelSpec
+    from innerloop.registry.manager import isolated_registry
+
+    with isolated_registry():
+        fused = fused_torch.kernel_spec("linear", innerloop.get_registry().inner_model("linear").stack)
+        innerloop.register_kernel(
+            KernelSpec(
+                name="s33_trains",
+                inner_model="linear",
+                inner_loss="reconstruction",
+                update_rule="dual_form",
+                forward=fused.forward,
+                verify=fused.verify,
+                priority=100,
+                training_only=True,
+            )
+        )
+        layer = innerloop.TTTLayer(16, 2, mini_batch_size=4, kernel="s33_trains" if forced else "auto")
+        x = torch.randn(1, 8, 16)
+        layer(x)
+        assert [path for path, _ in layer.dispatches] == ["s33_trains"]
+        with torch.no_grad():
+            layer(x)
+        ((path, reason),) = layer.dispatches
+        assert path not in ("s33_trains", "torch"), reason

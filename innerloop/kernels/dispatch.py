@@ -257,7 +257,7 @@ def select_kernel(rule: UpdateRule, task: InnerTask, inputs: KernelInputs) -> tu
         return None, f"torch: {impostor}"
     registry = get_registry()
     registered = registry.kernels_for(task.model.name, task.loss.name, rule_name)
-    candidates = [k for k in registered if k.decode is not None] if inputs.extra.get("decode") else registered
+    candidates = _candidates(registered, inputs)
     forced = [k for k in registered if k.name == task.kernel]
     if forced and forced[0].training_only and not inputs.requires_grad:
         # a training kernel named by the layer: blocks without a graph go where "auto" would send them
@@ -288,6 +288,15 @@ def select_kernel(rule: UpdateRule, task: InnerTask, inputs: KernelInputs) -> tu
     return _best(candidates, inputs, task, rule, registered)
 
 
+def _candidates(registered: list[KernelSpec], inputs: KernelInputs) -> list[KernelSpec]:
+    """The kernels ``kernel="auto"`` may choose for a block: those with a decode step for a decoded
+    token, and none that is ``training_only`` (it speeds up blocks that record a graph, no other) for a
+    block that records no graph."""
+    if inputs.extra.get("decode"):
+        registered = [k for k in registered if k.decode is not None]
+    return registered if inputs.requires_grad else [k for k in registered if not k.training_only]
+
+
 def _best(
     candidates: list[KernelSpec],
     inputs: KernelInputs,
@@ -297,12 +306,18 @@ def _best(
 ) -> tuple[KernelSpec | None, str]:
     """``kernel="auto"``'s choice: the first of ``candidates`` (by priority) that accepts the inputs
     (``registered``: every kernel of the block's model, loss and rule, which ``candidates`` narrows to
-    those with a decode step for a decoded token)."""
+    those with a decode step for a decoded token, and to those not ``training_only`` for a block that
+    records no graph)."""
     combination = f"({task.model.name}, {task.loss.name}, {rule.name})"
-    if not candidates and registered:  # a decoded token: the kernels registered have no decode step
+    if not candidates and registered and inputs.extra.get("decode"):  # none has a decode step
         return None, (
             f"torch: no kernel registered for {combination} has a decode step (one token at a time); "
             f"without one: {[k.name for k in registered]}"
+        )
+    if not candidates and registered:  # each is training_only, and this block records no graph
+        return None, (
+            f"torch: the kernels registered for {combination} train only and this block records no graph: "
+            f"{[k.name for k in registered]}"
         )
     if not candidates:
         return None, f"torch: no kernel registered for {combination}"

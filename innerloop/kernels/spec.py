@@ -160,7 +160,8 @@ class KernelSpec:
 
     ``training_only``: a path that only speeds up training (``compiled_torch_*``). A layer that forces
     it by name uses it for blocks that record an autograd graph; blocks that do not (inference, prefill,
-    decoding) are dispatched as under ``kernel="auto"``, and the reason says so. Its ``forward`` must
+    decoding) are dispatched as under ``kernel="auto"``, and the reason says so. ``kernel="auto"`` may
+    choose it (by priority) for blocks that record a graph, never for the others. Its ``forward`` must
     still run without a graph, for a caller that calls it directly.
 
     The name must be a non-empty str and may not be ``"auto"`` or ``"torch"``

@@ -407,6 +407,7 @@ class InnerloopPreTrainedModel(PreTrainedModel):
                 f"edited by hand?): {problems}{config_keys_note(folder)}{untied_e2e_note(model, info)}"
             )
         refuse_integer_weights(model, stored)
+        refuse_non_finite_weights(model, source)
         if folder is not None:  # after the checks above, which name what is wrong more precisely
             check_export_record(folder)
             warn_an_earlier_exports_tokenizer(folder)
@@ -670,6 +671,23 @@ def refuse_integer_weights(model: nn.Module, stored: dict[str, tuple[str, str]])
                 f"{file}: the weight {key!r} is stored as {dtype}, not a floating dtype, where the model's "
                 f"is {state[key].dtype}; innerloop writes floating weights: was the file edited, or written "
                 "by another program?"
+            )
+
+
+def refuse_non_finite_weights(model: nn.Module, source: str) -> None:
+    """Refuse a model whose loaded weights hold a NaN or an infinity (a diverged run saved with
+    ``save_pretrained``, an edited file, or a value past the range of the ``dtype`` asked for), as
+    innerloop's own checkpoints are refused (:func:`~innerloop.checkpoints.load_checkpoint`): every
+    output would be NaN, blamed on the input later."""
+    for key, tensor in model.state_dict().items():
+        if not tensor.is_floating_point() or tensor.device.type == "meta":
+            continue
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise ValueError(
+                f"{source}: the weight {key!r} holds {bad} NaN/infinite value(s) of {tensor.numel()} as "
+                f"loaded ({tensor.dtype}); innerloop refuses non-finite weights: the model that was saved "
+                "diverged, the file was edited, or its values do not fit the dtype asked for"
             )
 
 

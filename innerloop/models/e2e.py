@@ -63,7 +63,6 @@ from innerloop.models.config import (
 )
 from innerloop.models.lm import (
     _tensors,
-    check_token_id_layout,
     check_token_ids,
     check_weights_under_autocast,
     init_embedding,
@@ -1141,7 +1140,8 @@ class E2ELM(nn.Module):
         Memory is constant in the sequence length: the state holds one window of keys and values per
         block, the fast weights and at most one chunk of pending inputs, and nothing else is kept.
         """
-        for piece in pieces:
+        for i, piece in enumerate(pieces):
+            check_token_ids(piece, self.config.vocab_size, f"pieces[{i}]")  # named as the caller gave it
             logits, state = self(piece, state)
             yield logits, state
 
@@ -1156,7 +1156,7 @@ class E2ELM(nn.Module):
         last_logits: torch.Tensor | None = None  # [B, 1, V]: the previous piece's last prediction
         state: E2EState | None = None
         for i, piece in enumerate(pieces):
-            check_token_id_layout(piece, f"pieces[{i}]")
+            check_token_ids(piece, self.config.vocab_size, f"pieces[{i}]")
             if piece.shape[1] == 0:
                 continue
             logits, state = self(piece, state)

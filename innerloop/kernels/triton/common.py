@@ -114,6 +114,20 @@ def check_chunk_inputs(
         if t.shape != (H, f):
             raise ValueError(f"{name} must be [H, f] = {(H, f)}, got {tuple(t.shape)}")
     check_params(params, param_shapes)
+    check_same_device(xq, {"xk": xk, "xv": xv, "lr": lr, "tau": tau, "ln_weight": ln_weight,
+                           "ln_bias": ln_bias, **{f"params['{k}']": v for k, v in params.items()}})  # fmt: skip
+
+
+def check_same_device(xq: torch.Tensor, others: dict) -> None:
+    """Raise ``ValueError`` naming the first tensor of ``others`` (name -> tensor) that is not on ``xq``'s
+    device: a kernel reads every pointer on the device it is launched on (a cpu tensor fails deep in
+    Triton naming only an argument position; another GPU's memory is no input of this launch)."""
+    for name, t in others.items():
+        if t.device != xq.device:
+            raise ValueError(
+                f"{name} is on {t.device}, xq on {xq.device}: every tensor of a kernel call must be on one "
+                "device (move them with .to(xq.device))"
+            )
 
 
 def check_params(params: dict, param_shapes: dict, name: str = "params") -> None:
@@ -162,6 +176,9 @@ def check_decode_inputs(
             raise ValueError(f"{name} must be [H, f] = {(H, f)}, got {tuple(t.shape)}")
     check_params(params, param_shapes)
     check_params(pending, param_shapes, name="pending")
+    check_same_device(xq, {"xk": xk, "xv": xv, "lr": lr, "tau_i": tau_i, "ln_weight": ln_weight,
+                           "ln_bias": ln_bias, **{f"params['{k}']": v for k, v in params.items()},
+                           **{f"pending['{k}']": v for k, v in pending.items()}})  # fmt: skip
 
 
 def head_view(t: torch.Tensor) -> torch.Tensor:

@@ -50,3 +50,34 @@ def test_a_decode_call_with_a_tensor_on_another_device_is_refused_naming_it(mode
         pytest.raises(ValueError, match="^" + re.escape(name) + " is on meta"),
     ):
         PACKAGES[model].fused.decode(*one, tau_i, params, pending, ln_weight, ln_bias)
+
+
+# ---------------------------------------------------------------- gradients of gradients
+
+
+@pytest.mark.triton_interpreter
+@pytest.mark.slow  # the interpreter's child process (tests/kernels/test_triton_kernels.py says why)
+@pytest.mark.parametrize("model", sorted(PACKAGES))
+def test_a_gradient_of_a_gradient_through_the_kernel_is_refused_not_wrong(model) -> None:
+    """``@once_differentiable`` cuts the backward's outputs from the graph and hangs a DelayedError on
+    fresh leaves: ``torch.autograd.grad(g, inputs)`` never reaches that node, so a second derivative
+    through a TTT layer came out silently without the kernel's part (relative error ~1 against the torch
+    path) instead of raising as the CPU kernels do."""
+    from innerloop import TTTLayer
+
+    torch.manual_seed(0)
+    layer = TTTLayer(32, 2, inner_model=model, mini_batch_size=4, kernel=f"triton_ttt_{model}")
+    x = torch.randn(1, 8, 32, requires_grad=True)
+    y, _ = layer(x)
+    assert layer.last_dispatch[0] == f"triton_ttt_{model}"
+    with pytest.raises(RuntimeError, match="differentiable once only.*needs_double_backward=True"):
+        (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        torch.autograd.grad(g.square().sum(), x)
+    # once: unchanged, and equal to the torch path
+    reference = TTTLayer(32, 2, inner_model=model, mini_batch_size=4, kernel="torch")
+    reference.load_state_dict(layer.state_dict())
+    y_ref, _ = reference(x)
+    (g_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+    y, _ = layer(x)
+    (g,) = torch.autograd.grad(y.square().sum(), x)
+    assert ((g - g_ref).norm() / g_ref.norm()).item() <= 1e-4

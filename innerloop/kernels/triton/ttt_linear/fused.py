@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 from ..common import (
     HostChecks,
     block_rows,
+    differentiable_once,
     dot_precision,
     empty_output,
     launch_device,
@@ -84,7 +85,7 @@ class _LinearChunk(torch.autograd.Function):
         return out, W_new, b_new
 
     @staticmethod
-    @once_differentiable
+    @differentiable_once(NAME)
     def backward(
         ctx: FunctionCtx,
         d_out: torch.Tensor | None,

@@ -10,11 +10,12 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 from ..common import (
     HostChecks,
     block_rows,
+    differentiable_once,
     dot_precision,
     empty_output,
     launch_device,
@@ -95,7 +96,7 @@ class _MLPChunk(torch.autograd.Function):
         return (out, *new)
 
     @staticmethod
-    @once_differentiable
+    @differentiable_once(NAME)
     def backward(
         ctx: FunctionCtx, d_out: torch.Tensor | None, *d_new: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:

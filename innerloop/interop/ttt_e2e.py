@@ -447,6 +447,11 @@ def model_config(config: Mapping[str, Any], *, test_time_training: bool | None =
     loop, the ablation). Raises :class:`OfficialConfigError` naming the first field it cannot take."""
     official = read_config(config)
     model, training = official["model"], official["training"]
+    if test_time_training is not None and not isinstance(test_time_training, bool):
+        raise TypeError(
+            f"test_time_training={test_time_training!r} ({type(test_time_training).__name__}) must be True, "
+            "False or None (None: the config's training.train_mode decides)"
+        )
     mode_says = train_mode_test_time_training(training)
     test_time_training = mode_says if test_time_training is None else test_time_training
     _check_model_fields(model)
@@ -661,6 +666,8 @@ def weights_folder(checkpoint_dir: str | Path) -> Path:
             "checkpoint_dir must be the path (str or os.PathLike) of an official checkpoint folder, got "
             f"{type(checkpoint_dir).__name__} {checkpoint_dir!r:.80}"
         )
+    if not str(checkpoint_dir):  # Path("") would be the current directory, which was never named
+        raise ValueError("checkpoint_dir '' is empty: give the official checkpoint folder")
     root = Path(checkpoint_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint {str(root)!r} is not a folder")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from innerloop.core.identity import registered_mismatch
@@ -30,6 +31,20 @@ class KernelUnavailableError(RuntimeError):
 
 class KernelCheckError(KernelUnavailableError):
     """A kernel requested by name failed its first-use check (:mod:`innerloop.kernels.first_use`)."""
+
+
+TRANSFORMED_REASON = (
+    "torch: inside a torch.func transform (vmap, grad, ...) or forward-mode AD, where kernels do not run"
+)
+
+
+def carries_forward_tangents(tensors: list[torch.Tensor]) -> bool:
+    """Whether any of ``tensors`` is a dual tensor of ``torch.autograd.forward_ad`` (forward-mode AD outside
+    torch.func): the kernels' autograd.Functions have no ``jvp``, so torch would raise a bare
+    NotImplementedError there. Outside a dual level (the usual case) it reads one int."""
+    if forward_ad._current_level < 0:
+        return False
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def kernel_inputs(
@@ -57,9 +72,8 @@ def kernel_inputs(
         task.norm_weight,
         task.norm_bias,
     )
-    transformed = any(t is not None and is_functorch_wrapped_tensor(t) for t in tensors) or any(
-        is_functorch_wrapped_tensor(p) for p in params.values()
-    )
+    present = [t for t in (*tensors, *params.values()) if t is not None]
+    transformed = any(is_functorch_wrapped_tensor(t) for t in present) or carries_forward_tangents(present)
     requires_grad = torch.is_grad_enabled() and (
         any(t is not None and t.requires_grad for t in tensors)
         or any(p.requires_grad for p in params.values())
@@ -243,10 +257,10 @@ def select_kernel(rule: UpdateRule, task: InnerTask, inputs: KernelInputs) -> tu
     if inputs.extra.get("functorch"):  # vmap / grad / jacrev: no kernel (nor its first-use probe) runs there
         if task.kernel != "auto":
             raise KernelUnavailableError(
-                f"kernel={task.kernel!r} cannot run inside a torch.func transform (vmap, grad, jacrev, ...); "
-                "use kernel='auto' or 'torch', which run the torch path there"
+                f"kernel={task.kernel!r} cannot run inside a torch.func transform (vmap, grad, jacrev, ...) "
+                "or on forward-mode AD's dual tensors; use kernel='auto' or 'torch', which run the torch path there"
             )
-        return None, "torch: inside a torch.func transform (vmap, grad, ...), where kernels do not run"
+        return None, TRANSFORMED_REASON
     from innerloop.registry import get_registry
 
     rule_name = rule.name

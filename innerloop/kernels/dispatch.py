@@ -42,7 +42,7 @@ def carries_forward_tangents(tensors: list[torch.Tensor]) -> bool:
     """Whether any of ``tensors`` is a dual tensor of ``torch.autograd.forward_ad`` (forward-mode AD outside
     torch.func): the kernels' autograd.Functions have no ``jvp``, so torch would raise a bare
     NotImplementedError there. Outside a dual level (the usual case) it reads one int."""
-    if forward_ad._current_level < 0:
+    if getattr(forward_ad, "_current_level", 0) < 0:  # private; if torch drops it, every tensor is asked
         return False
     return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 

@@ -840,6 +840,19 @@ LONG_CHECK_SHAPE: dict[str, int] = {
 #: check a plugin at when no shape is given.
 PLUGIN_CHECK_SHAPES: tuple[dict[str, int], ...] = (PLUGIN_CHECK_SHAPE, LONG_CHECK_SHAPE)
 
+#: The shape :func:`check_update_rule` also checks a rule at when no shape is given: every size 1 (one
+#: sequence, as generation runs; one head; head dim 1; one-token mini-batches, DeltaNet's K), where a rule
+#: that squeezes a dim (``.squeeze()``) or special-cases a size goes wrong; 9 tokens. Without the inner
+#: LayerNorm unless the wrapping is given: over one feature it is a constant, with a zero gradient.
+UNIT_CHECK_SHAPE: dict[str, int] = {
+    "batch": 1,
+    "heads": 1,
+    "head_dim": 1,
+    "tokens": 9,
+    "mini_batch_size": 1,
+}
+UNIT_CHECK_WRAPPING: dict[str, bool] = {"norm": False, "residual": True}
+
 
 def check_inner_model(
     model: InnerModel | str, loss: InnerLoss | str | None = None, seed: int = 0, **shape: int
@@ -1026,7 +1039,7 @@ def check_update_rule(
     ``problem_kwargs`` go to :func:`make_problem` (``batch``, ``heads``, ``head_dim``, ``tokens``,
     ``mini_batch_size``, ...). Without a shape among them, the values are also checked at each shape
     of :data:`PLUGIN_CHECK_SHAPES` (three sequences and heads, an odd head dim, a 37-token call; five
-    heads and a 150-token call), with the first loss and wrapping; :func:`innerloop.testing.strategies.problems`
+    heads and a 150-token call), with the first loss and wrapping, and at :data:`UNIT_CHECK_SHAPE` (sizes 1); :func:`innerloop.testing.strategies.problems`
     draws shapes (and, if asked, the model) for a hypothesis test.
     """
     from innerloop.registry import get_registry
@@ -1043,8 +1056,8 @@ def check_update_rule(
     mixed = [] if given else [dict(zip(("norm", "residual"), w, strict=True)) for w in MIXED_WRAPPINGS]
     for index, each_model in enumerate(_models_for(rule, model)):
         if not set(problem_kwargs) & set(PLUGIN_CHECK_SHAPE):  # no shape given: the wide shapes' values too
-            for shape in PLUGIN_CHECK_SHAPES:
-                wide = {**problem_kwargs, **shape, **wrappings[0]}
+            for shape, wrapping in _default_check_shapes(given or wrappings[0], given):
+                wide = {**problem_kwargs, **shape, **wrapping}
                 _check_rule_on(rule, each_model, losses[0], cut_points, seed, tolerance, wide)
         _check_rule_with(
             rule, each_model, losses, wrappings, cut_points, seed, tolerance, gradients, problem_kwargs
@@ -1054,6 +1067,14 @@ def check_update_rule(
             _check_rule_on_first(
                 rule, each_model, losses[0], cut_points, seed, tolerance, mixed, without_grad, first
             )
+
+
+def _default_check_shapes(wrapping: dict, given: dict) -> list[tuple[dict[str, int], dict]]:
+    """The shapes (and wrappings) :func:`check_update_rule` checks a rule's values at when no shape is
+    given: :data:`PLUGIN_CHECK_SHAPES` in ``wrapping``, and :data:`UNIT_CHECK_SHAPE` in the ``given``
+    wrapping, else :data:`UNIT_CHECK_WRAPPING`."""
+    unit = {**UNIT_CHECK_WRAPPING, **given}
+    return [*((shape, wrapping) for shape in PLUGIN_CHECK_SHAPES), (UNIT_CHECK_SHAPE, unit)]
 
 
 def _refuse_variant_kwargs(function: str, problem_kwargs: dict) -> None:
@@ -1081,7 +1102,7 @@ def _check_cut_points(cut_points: list[int] | None, problem_kwargs: dict) -> lis
         raise TypeError(f"cut_points must be a list of token indices (ints), got {cut_points!r}")
     lengths = {as_index(problem_kwargs.get("tokens", _MAKE_PROBLEM_TOKENS))}
     if not set(problem_kwargs) & set(PLUGIN_CHECK_SHAPE):  # the wide shapes are checked too
-        lengths |= {shape["tokens"] for shape in PLUGIN_CHECK_SHAPES}
+        lengths |= {shape["tokens"] for shape in (*PLUGIN_CHECK_SHAPES, UNIT_CHECK_SHAPE)}
     if None in lengths:
         return cuts  # make_problem names a length it cannot build
     if cuts and not any(0 < p < tokens for p in cuts for tokens in lengths if tokens is not None):
@@ -1182,7 +1203,7 @@ def _check_rule_on(
             out, state = run_in_chunks(rule, problem, cuts)
             what = (
                 f"{rule.name} ({model.name}, {loss.name}, {given}{', ' + wrapping if wrapping else ''}) "
-                f"vs {reference_name(rule)}, cut at {cuts}"
+                f"vs {reference_name(rule)} at {_shape_text(problem)}, cut at {cuts}"
             )
             assert_state_unchanged(problem.state, untouched, f"{what}: the rule")
             if not _states_and_outputs_close(out, state, expected_out, expected_state, tolerance):
@@ -1190,6 +1211,12 @@ def _check_rule_on(
                 _assert_close_to_reference(
                     out, state, expected_out, expected_state, what, tolerance, float32_error
                 )
+
+
+def _shape_text(problem: InnerProblem) -> str:
+    """``problem``'s shape for a message, e.g. ``B=1 H=1 T=9 f=1 K=1``."""
+    batch, heads, tokens, width = problem.views.query.shape
+    return f"B={batch} H={heads} T={tokens} f={width} K={problem.task.mini_batch_size}"
 
 
 #: A problem that amplifies rounding (an ill-conditioned inner model, a long sequence) moves a correct
@@ -1456,6 +1483,7 @@ __all__ = [
     "LONG_CHECK_SHAPE",
     "PLUGIN_CHECK_SHAPE",
     "PLUGIN_CHECK_SHAPES",
+    "UNIT_CHECK_SHAPE",
     "assert_close",
     "assert_layers_train_alike",
     "assert_states_close",

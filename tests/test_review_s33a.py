@@ -60,3 +60,33 @@ def test_the_builtin_rules_pass_at_the_unit_shape():
             rule, model="linear", loss="reconstruction", gradients=False, without_grad=False,
             **checks.UNIT_CHECK_SHAPE, norm=False, residual=True, dtype=torch.float64,
         )  # fmt: skip
+
+
+# ---- the kit's own arguments: one error naming the argument, not a misleading check failure -------
+
+
+@pytest.mark.parametrize("tolerance", [-1.0, float("nan"), float("inf"), "1e-9"])
+def test_check_update_rule_refuses_a_tolerance_that_is_not_a_finite_number_at_least_0(tolerance):
+    """Before: -1 failed the right built-in rule ('relative error 0.000e+00 > -1.0e+00'), NaN failed it
+    as 'allowed: nan' (and passed the comparisons written ``error > tolerance``)."""
+    with pytest.raises(ValueError, match=r"check_update_rule: tolerance must be a finite number >= 0.*got"):
+        check_update_rule("dual_form", model="linear", tolerance=tolerance)
+
+
+def test_check_update_rule_gradients_takes_a_rule_by_name_as_check_update_rule_does():
+    """Before: AttributeError: 'str' object has no attribute 'supports_decay' (and a misspelt name
+    was not named as unknown)."""
+    with pytest.raises(ValueError, match=r"unknown update rule 'dual_from'; registered: \["):
+        checks.check_update_rule_gradients("dual_from", "matrix", "reconstruction")
+
+
+def test_make_problem_takes_registered_names_and_refuses_a_bad_seed_or_dtype():
+    """Before: make_problem('linear', ...) raised AttributeError ('str' has no 'init_params'), a str
+    seed torch's RuntimeError from manual_seed, and dtype=torch.int64 built a problem whose random
+    inputs were truncated to integers, silently."""
+    by_name = checks.make_problem("matrix", "reconstruction", tokens=3)
+    assert set(by_name.state.params) == {"W"}
+    with pytest.raises(TypeError, match=r"seed must be an int, got 'a'"):
+        checks.make_problem("matrix", "reconstruction", seed="a")
+    with pytest.raises(TypeError, match=r"dtype must be a floating-point torch dtype .* got torch.int64"):
+        checks.make_problem("matrix", "reconstruction", dtype=torch.int64)

@@ -168,13 +168,24 @@ def _check_problem_shape(**shape: object) -> dict[str, int]:
     return checked
 
 
+def _check_seed_and_dtype(seed: object, dtype: object) -> int:
+    """:func:`make_problem`'s ``seed`` (an integer, returned as an int) and ``dtype`` (a floating-point
+    torch dtype: an integer one truncated every random input to a few integers), each named if wrong."""
+    index = as_index(seed)
+    if index is None:
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch dtype (float64, float32, ...), got {dtype!r}")
+    return index
+
+
 #: :func:`make_problem`'s default sequence length.
 _MAKE_PROBLEM_TOKENS = 11
 
 
 def make_problem(
-    model: InnerModel,
-    loss: InnerLoss,
+    model: InnerModel | str,
+    loss: InnerLoss | str,
     *,
     batch: int = 2,
     heads: int = 2,
@@ -189,11 +200,13 @@ def make_problem(
     momentum: bool = False,
 ) -> InnerProblem:
     """A random problem at a sequence start (position 0), weights perturbed so every term matters;
-    with ``decay`` / ``momentum``, random per-token decays in [0, 0.5) and momenta in [0, 1)."""
+    with ``decay`` / ``momentum``, random per-token decays in [0, 0.5) and momenta in [0, 1). ``model``
+    and ``loss`` are plugins or registered names."""
     batch, heads, head_dim, tokens, mini_batch_size = _check_problem_shape(
         batch=batch, heads=heads, head_dim=head_dim, tokens=tokens, mini_batch_size=mini_batch_size
     ).values()
-    generator = torch.Generator().manual_seed(seed)
+    model, loss = _named("inner_model", model), _named("inner_loss", loss)
+    generator = torch.Generator().manual_seed(_check_seed_and_dtype(seed, dtype))
 
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
@@ -1049,7 +1062,7 @@ def check_update_rule(
     losses = (
         [_named("inner_loss", loss)] if loss is not None else [registry.inner_loss(n) for n in BUILTIN_LOSSES]
     )
-    _refuse_variant_kwargs("check_update_rule", problem_kwargs)
+    _refuse_variant_kwargs("check_update_rule", problem_kwargs, tolerance)
     cut_points = _check_cut_points(cut_points, problem_kwargs)
     given = {k: problem_kwargs.pop(k) for k in ("norm", "residual") if k in problem_kwargs}
     wrappings = [dict(zip(("norm", "residual"), w, strict=True)) for w in WRAPPINGS] if not given else [given]
@@ -1077,10 +1090,20 @@ def _default_check_shapes(wrapping: dict, given: dict) -> list[tuple[dict[str, i
     return [*((shape, wrapping) for shape in PLUGIN_CHECK_SHAPES), (UNIT_CHECK_SHAPE, unit)]
 
 
-def _refuse_variant_kwargs(function: str, problem_kwargs: dict) -> None:
+def _refuse_variant_kwargs(function: str, problem_kwargs: dict, tolerance: Any = FLOAT64_TOLERANCE) -> None:
     """``decay`` and ``momentum`` are not the caller's to give: the check runs each variant the rule
     takes (:func:`rule_variants`). Given, they clashed with a variant's (Python's 'got multiple values'),
-    or replaced it, so that a variant labelled 'decay' ran without decay and blamed the rule."""
+    or replaced it, so that a variant labelled 'decay' ran without decay and blamed the rule. And
+    ``tolerance`` must be a finite number >= 0 (a NaN one passed some comparisons and failed others; a
+    negative one failed a right rule, 'error 0 > -1')."""
+    if (
+        isinstance(tolerance, bool)
+        or not isinstance(tolerance, (int, float))
+        or not 0 <= tolerance < math.inf
+    ):
+        raise ValueError(
+            f"{function}: tolerance must be a finite number >= 0 (the relative error allowed), got {tolerance!r}"
+        )
     chosen = sorted({"decay", "momentum"} & set(problem_kwargs))
     if chosen:
         raise TypeError(
@@ -1455,6 +1478,7 @@ def check_update_rule_gradients(
     """``torch.autograd.gradcheck`` (float64) of the rule's outputs and final weights w.r.t. the
     views, lr, the initial weights and, where the rule takes them, decay and momentum."""
     _refuse_variant_kwargs("check_update_rule_gradients", problem_kwargs)
+    rule = _named("update_rule", rule)
     variant = rule_variants(rule)[-1]  # the most the rule takes
     problem = make_problem(model, loss, seed=seed, **variant, **problem_kwargs).for_rule(rule)
     names = [k for k in ("decay", "momentum") if getattr(problem, k) is not None]

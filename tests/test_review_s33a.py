@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from innerloop.core.protocol import InnerModel
 from innerloop.plugins.optimizers.dual_form import DualForm
 from innerloop.testing import check_update_rule, checks
 
@@ -90,3 +91,31 @@ def test_make_problem_takes_registered_names_and_refuses_a_bad_seed_or_dtype():
         checks.make_problem("matrix", "reconstruction", seed="a")
     with pytest.raises(TypeError, match=r"dtype must be a floating-point torch dtype .* got torch.int64"):
         checks.make_problem("matrix", "reconstruction", dtype=torch.int64)
+
+
+class _NoStack(InnerModel):
+    """A matrix model that declares no stack: the dual form refuses it (check_model)."""
+
+    name = "s33a_no_stack"
+
+    def param_shapes(self, head_dim):
+        return {"W": (head_dim, head_dim)}
+
+    def init_params(self, num_heads, head_dim, generator=None):
+        return {"W": torch.zeros(num_heads, head_dim, head_dim)}
+
+    def forward(self, params, x):
+        return x @ params["W"]
+
+
+def test_check_update_rule_on_a_model_the_rule_refuses_says_so():
+    """Before: TypeError: 'NoneType' object is not iterable, from inside the dual form."""
+    with pytest.raises(
+        ValueError, match=r"update rule 'dual_form' refuses inner model 's33a_no_stack' \(its"
+    ):
+        check_update_rule("dual_form", model=_NoStack())
+
+
+def test_check_zero_decay_and_momentum_takes_registered_names():
+    """Before: AttributeError: 'str' object has no attribute 'uses_token_scale'."""
+    checks.check_zero_decay_and_momentum("momentum", "matrix", "reconstruction", tokens=5)

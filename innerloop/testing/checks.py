@@ -1168,7 +1168,14 @@ def _models_for(rule: UpdateRule, model: InnerModel | str | None) -> list[InnerM
 
     registry = get_registry()
     if model is not None:
-        return [_named("inner_model", model)]
+        given = _named("inner_model", model)
+        refusal = rule.check_model(given)
+        if refusal is not None:  # the rule would fail inside its own forward, with a raw error
+            raise ValueError(
+                f"update rule {rule.name!r} refuses inner model {given.name!r} (its check_model: {refusal}); "
+                "check it with a model it accepts"
+            )
+        return [given]
     builtins = [e.name for e in registry.entries("inner_model") if e.origin.startswith(BUILTIN_PREFIX)]
     names = sorted(builtins, key=lambda n: (n != "linear", n))
     accepted = [m for m in (registry.inner_model(n) for n in names) if rule.check_model(m) is None]
@@ -1448,15 +1455,17 @@ def _with_inputs(problem: InnerProblem, leaves: dict[str, torch.Tensor]) -> Inne
 
 
 def check_zero_decay_and_momentum(
-    rule: UpdateRule,
-    model: InnerModel,
-    loss: InnerLoss,
+    rule: UpdateRule | str,
+    model: InnerModel | str,
+    loss: InnerLoss | str,
     seed: int = 0,
     tolerance: float = FLOAT64_TOLERANCE,
     **problem_kwargs: Any,
 ) -> None:
     """Where ``rule`` takes them, a decay of 0 and a momentum of 0 give the plain rule's outputs and
-    weights (the returned state then also carries the zero-decay product and the momentum)."""
+    weights (the returned state then also carries the zero-decay product and the momentum). Each
+    plugin may be an instance or a registered name."""
+    rule, model, loss = _named("update_rule", rule), _named("inner_model", model), _named("inner_loss", loss)
     plain = make_problem(model, loss, seed=seed, **problem_kwargs).for_rule(rule)
     expected_out, expected_state = plain.run(rule)
     zeros = torch.zeros_like(plain.lr)
@@ -1473,7 +1482,11 @@ def check_zero_decay_and_momentum(
 
 
 def check_update_rule_gradients(
-    rule: UpdateRule, model: InnerModel, loss: InnerLoss, seed: int = 0, **problem_kwargs: Any
+    rule: UpdateRule | str,
+    model: InnerModel | str,
+    loss: InnerLoss | str,
+    seed: int = 0,
+    **problem_kwargs: Any,
 ) -> None:
     """``torch.autograd.gradcheck`` (float64) of the rule's outputs and final weights w.r.t. the
     views, lr, the initial weights and, where the rule takes them, decay and momentum."""

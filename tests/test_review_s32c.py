@@ -113,6 +113,7 @@ def test_a_deltanet_layer_ignoring_non_finite_input_keeps_the_outputs_before_it(
 # Promise no test covered (docs/architecture.md, "Thread counts", written by this review): 1 and 2
 # threads give bitwise the same outputs and states on the paths other than the CPU kernel's (which
 # tests/kernels/test_review_s21_cpu.py checks), and gradients within a few float32 roundoffs.
+@pytest.mark.slow  # each path forward and backward at two thread counts: 0.5-2 s a case
 @pytest.mark.parametrize(
     "make",
     [

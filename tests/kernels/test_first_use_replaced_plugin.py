@@ -127,6 +127,7 @@ def test_a_verdict_holds_for_copies_and_not_for_an_instance_configured_otherwise
     assert _probes_of(innerloop.TTTLayer(16, 2, mini_batch_size=4, inner_loss=configured), x, calls) == 2
 
 
+@pytest.mark.slow  # first-use checks of several plugin objects and a garbage collection: ~0.8 s
 def test_a_plugin_holding_tensors_is_checked_per_object_never_read_back_and_not_kept_alive(monkeypatch):
     """A loss holding a tensor: its verdict is its own (a copy, whose tensor may live on a GPU, is probed
     anew rather than compared by value, which would read the tensor back at every dispatch), and the

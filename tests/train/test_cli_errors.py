@@ -323,6 +323,7 @@ def test_eval_takes_seq_len_from_the_checkpoint_not_a_config_beside_it(capsys, r
     assert read_loss_by_position_csv(out / files[0])[0][-1] == (24, 32)
 
 
+@pytest.mark.slow  # trains a tiny model, then evaluates its checkpoint: 1-1.5 s
 def test_eval_of_a_checkpoint_without_its_seq_len_says_which_length_it_used(capsys, tmp_path) -> None:
     module = LanguageModelModule(model=SMALL, num_position_buckets=4)  # as an older innerloop wrote it
     tree = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 3}

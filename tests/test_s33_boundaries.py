@@ -101,3 +101,25 @@ def test_a_training_only_kernel_is_not_chosen_for_a_block_without_a_graph(forced
             layer(x)
         ((path, reason),) = layer.dispatches
         assert path not in ("s33_trains", "torch"), reason
+
+
+def test_the_chunk_runners_refuse_a_cut_that_is_not_an_index_and_the_reference_names_bad_shapes() -> None:
+    """s33a's leftovers: a cut point 2.5 reached ``x[:, 0:2.5]`` (torch's 'slice indices must be
+    integers'), and ``causal_linear_attention`` of mismatched shapes failed in a matmul naming no argument."""
+    import numpy as np
+    import torch
+
+    import innerloop
+    from innerloop.testing import causal_linear_attention, run_layer_in_chunks
+
+    layer = innerloop.TTTLayer(8, 2, mini_batch_size=2)
+    x = torch.randn(1, 6, 8)
+    with pytest.raises(TypeError, match=r"run_layer_in_chunks: cut_points must be token indices.*2\.5"):
+        run_layer_in_chunks(layer, x, [2.5])
+    whole, _ = layer(x)
+    split, _ = run_layer_in_chunks(layer, x, [np.int64(3), torch.tensor(3), 0, 6, 9])
+    torch.testing.assert_close(split, whole)
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match=r"causal_linear_attention takes .*'key': \(1, 2, 5, 3\)"):
+        causal_linear_attention(q, q[..., :3], q)
+    assert causal_linear_attention(q, q, q[..., :2]).shape == (1, 2, 5, 2)

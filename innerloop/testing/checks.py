@@ -244,6 +244,15 @@ def make_problem(
     return InnerProblem(state, task, views, lr, tau.clamp_min(0.0), decays, momenta)
 
 
+def _cuts_inside(cut_points: list[int], tokens: int, caller: str) -> list[int]:
+    """The distinct ``cut_points`` inside ``(0, tokens)``, sorted; a point that is not an integer (numpy
+    and 0-d torch integers are) is refused, naming ``caller``."""
+    points = [as_index(p) for p in cut_points]
+    if None in points:
+        raise TypeError(f"{caller}: cut_points must be token indices (ints), got {cut_points!r}")
+    return sorted({p for p in points if 0 < p < tokens})
+
+
 def run_in_chunks(
     rule: UpdateRule, problem: InnerProblem, cut_points: list[int]
 ) -> tuple[torch.Tensor, TTTState]:
@@ -253,7 +262,7 @@ def run_in_chunks(
     lengths); repeated points count once. :func:`check_update_rule` refuses a list that cuts none of the
     sequences it checks."""
     tokens = problem.views.query.shape[2]
-    bounds = [0, *sorted(set(p for p in cut_points if 0 < p < tokens)), tokens]
+    bounds = [0, *_cuts_inside(cut_points, tokens, "run_in_chunks"), tokens]
     state, outputs = problem.state, []
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
 
@@ -284,7 +293,7 @@ def run_layer_in_chunks(
     A point outside ``(0, T)`` cuts nothing and is ignored (one list serves sequences of several
     lengths); repeated points count once."""
     tokens = x.shape[1]
-    bounds = [0, *sorted(set(p for p in cut_points if 0 < p < tokens)), tokens]
+    bounds = [0, *_cuts_inside(cut_points, tokens, "run_layer_in_chunks"), tokens]
     outputs = []
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         y, state = layer(x[:, start:end], state)

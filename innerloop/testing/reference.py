@@ -110,7 +110,18 @@ def naive_token_loop(
 
 
 def causal_linear_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``out_i = sum_{j <= i} (q_i . k_j) v_j`` for ``[B, H, T, f]`` inputs (unnormalised)."""
+    """``out_i = sum_{j <= i} (q_i . k_j) v_j`` for ``[B, H, T, f]`` inputs (unnormalised); ``value``'s
+    last dim may differ from the others'."""
+    shapes = {name: tuple(t.shape) for name, t in (("query", query), ("key", key), ("value", value))}
+    if (
+        any(len(shape) != 4 for shape in shapes.values())
+        or not shapes["query"] == shapes["key"]
+        or shapes["value"][:3] != shapes["query"][:3]
+    ):
+        raise ValueError(
+            "causal_linear_attention takes query and key of one shape [B, H, T, f] and value [B, H, T, f_v] "
+            f"of the same B, H, T; got {shapes}"
+        )
     scores = (query @ key.transpose(-1, -2)).tril()  # [B, H, T, T]
     return scores @ value
 

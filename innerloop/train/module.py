@@ -245,7 +245,8 @@ class LanguageModelModule(L.LightningModule):
         diagnostics_batches: validation batches per epoch on which the inner-loss diagnostics run
             (0 turns them off; they cost one extra pass of each TTT layer).
         seq_len: tokens per example the model is trained on, recorded in the checkpoint (the default
-            length of ``innerloop eval``); ``None`` when unknown.
+            length of ``innerloop eval``); ``None``: the longest training batch's, recorded once a
+            training step has run (a checkpoint saved before any records none).
     """
 
     def __init__(
@@ -286,6 +287,7 @@ class LanguageModelModule(L.LightningModule):
             if getattr(m, "non_finite", None) == "raise"
         ]
         self._stop_deferred = False  # a stop asked for mid-accumulation (on_train_batch_end)
+        self._trained_seq_len: int | None = None  # the longest training batch, for seq_len=None
         if diagnostics_batches > 0 and self.model.config.mixer == "ttt":
             self._inner_loss_before_after = inner_loss_before_after
 
@@ -340,9 +342,14 @@ class LanguageModelModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint written inside a gradient accumulation records the batches of its last optimizer
-        step only (:func:`_rewind_to_the_last_optimizer_step`), so that its resume is the uninterrupted run."""
+        step only (:func:`_rewind_to_the_last_optimizer_step`), so that its resume is the uninterrupted run. A
+        module built without ``seq_len`` records the length it trained on (``innerloop eval``'s default)."""
         if self._trainer is not None:
             _rewind_to_the_last_optimizer_step(checkpoint, self.trainer.accumulate_grad_batches)
+        hyperparameters = checkpoint.get("hyper_parameters")
+        trained = self._trained_seq_len
+        if isinstance(hyperparameters, dict) and hyperparameters.get("seq_len") is None and trained:
+            hyperparameters["seq_len"] = trained  # eval's default length
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with one :class:`~innerloop.checkpoints.CheckpointError` line, a checkpoint whose
@@ -390,6 +397,7 @@ class LanguageModelModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         inputs, targets = _input_target_pair(batch)
+        self._trained_seq_len = max(self._trained_seq_len or 0, inputs.shape[1])
         if hasattr(self.model, "set_outer_progress"):  # TTT-E2E: its inner lr warms up with the outer steps
             # counting this step as done, as the official schedule does: min(1, (step + 1) / warm-up steps)
             self.model.set_outer_progress((self.global_step + 1) / self.hparams.max_steps)

@@ -1674,7 +1674,8 @@ def training_seq_len(module: LanguageModelModule, checkpoint: str | Path) -> int
     if isinstance(seq_len, int) and seq_len >= 1:
         return seq_len
     why = (
-        "written by an older innerloop"
+        "written by an older innerloop, or saved before a training step by a LanguageModelModule built "
+        "without seq_len"
         if holds_training_state(checkpoint)
         else "a model that innerloop did not train, e.g. one made by `innerloop convert`"
     )

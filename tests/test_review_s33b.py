@@ -4,10 +4,18 @@ a grader would, with inputs and ways of training the other tests do not use."""
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import pytest
+import torch
 
 from innerloop.models import ModelConfig, TTTConfig
-from innerloop.train import LanguageModelModule, SafetensorsCheckpointIO, TextDataModule, load_checkpoint
+from innerloop.train import (
+    LanguageModelModule,
+    SafetensorsCheckpointIO,
+    TextDataModule,
+    load_checkpoint,
+    position_buckets,
+)
 from innerloop.train.run import training_seq_len
 
 TINY = ModelConfig(
@@ -42,3 +50,21 @@ def test_a_module_given_its_seq_len_keeps_it() -> None:
     checkpoint = {"hyper_parameters": dict(module.hparams)}
     module.on_save_checkpoint(checkpoint)
     assert checkpoint["hyper_parameters"]["seq_len"] == 48
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "num_buckets"),
+    [(10.5, 3), (True, 3), (10, 2.0), (10, False), ("10", 3), (torch.tensor(10.0), 3)],
+)
+def test_position_buckets_refuse_what_is_not_an_integer(seq_len, num_buckets) -> None:
+    """position_buckets(10.5, 3) returned float edges [(0.0, 3.0), ...], position_buckets(True, 3) one
+    bucket: the public helper accepted what LossByPosition and the CLI refuse."""
+    with pytest.raises(ValueError, match="seq_len=.* and num_buckets=.* must be integers >= 1"):
+        position_buckets(seq_len, num_buckets)
+
+
+def test_position_buckets_take_numpy_and_0d_torch_integers_as_ints() -> None:
+    for seq_len, num_buckets in ((np.int64(10), np.int32(3)), (torch.tensor(10), 3)):
+        buckets = position_buckets(seq_len, num_buckets)
+        assert buckets == [(0, 3), (3, 6), (6, 10)]
+        assert all(type(edge) is int for bucket in buckets for edge in bucket)

@@ -12,6 +12,7 @@ module holding them is cast to a low precision (:class:`Float64States`).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -87,8 +88,15 @@ class Float64Perplexity(Float64States, Perplexity):
 def position_buckets(seq_len: int, num_buckets: int) -> list[tuple[int, int]]:
     """``num_buckets`` contiguous ``[start, end)`` position ranges covering ``0..seq_len`` (sizes differ
     by at most one). If ``seq_len < num_buckets`` there are ``seq_len`` buckets of one position."""
+    given = (seq_len, num_buckets)
+    try:  # an int, a numpy integer or a 0-d integer tensor; not a bool, a float or a string
+        if isinstance(seq_len, bool) or isinstance(num_buckets, bool):
+            raise TypeError
+        seq_len, num_buckets = operator.index(seq_len), operator.index(num_buckets)
+    except TypeError:
+        seq_len = num_buckets = 0
     if seq_len < 1 or num_buckets < 1:
-        raise ValueError(f"seq_len={seq_len} and num_buckets={num_buckets} must be >= 1")
+        raise ValueError(f"seq_len={given[0]!r} and num_buckets={given[1]!r} must be integers >= 1")
     num_buckets = min(num_buckets, seq_len)
     edges = [(b * seq_len) // num_buckets for b in range(num_buckets + 1)]
     return list(zip(edges[:-1], edges[1:], strict=True))

@@ -8,14 +8,18 @@ import numpy as np
 import pytest
 import torch
 
+from innerloop.config import ConfigError
 from innerloop.models import ModelConfig, TTTConfig
 from innerloop.train import (
     LanguageModelModule,
     SafetensorsCheckpointIO,
     TextDataModule,
+    evaluate,
     load_checkpoint,
     position_buckets,
+    save_checkpoint,
 )
+from innerloop.train.compare import compare
 from innerloop.train.run import training_seq_len
 
 TINY = ModelConfig(
@@ -68,3 +72,42 @@ def test_position_buckets_take_numpy_and_0d_torch_integers_as_ints() -> None:
         buckets = position_buckets(seq_len, num_buckets)
         assert buckets == [(0, 3), (3, 6), (6, 10)]
         assert all(type(edge) is int for bucket in buckets for edge in bucket)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"seq_len": 16.0}, r"seq_len=16.0 must be an integer >= 1"),
+        ({"batches": True}, r"batches=True must be an integer >= 1"),
+        ({"batch_size": "8"}, r"batch_size='8' must be an integer >= 1"),
+        ({"seq_len": 0}, r"seq_len=0 must be >= 1"),
+        ({"paths": [3]}, r"paths=\[3\] must be a path or a list of paths"),
+    ],
+)
+def test_evaluate_refuses_arguments_of_the_wrong_kind_before_reading_anything(
+    tmp_path, arguments, message
+) -> None:
+    """evaluate(checkpoint, seq_len=16.0) failed deep inside with 'slice indices must be integers'."""
+    with pytest.raises(ValueError, match=message):
+        evaluate(tmp_path / "absent.safetensors", **arguments)
+
+
+@pytest.mark.slow  # builds, saves and evaluates a model twice: ~0.5 s
+def test_evaluate_reads_one_path_given_as_a_string_as_that_file(tmp_path) -> None:
+    """evaluate(checkpoint, paths='/.../notes.txt') read the string as its letters, '/' among them: it
+    walked the whole file system (as root, a PermissionError on /proc/1/cwd). One path is a list of one,
+    as TextDataModule(paths=...) reads it."""
+    module = LanguageModelModule(TINY, seq_len=16)
+    tree = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 1}
+    checkpoint = save_checkpoint(tree, tmp_path / "run" / "last.safetensors")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("def f(x):\n    return x + 1\n" * 20)
+    as_string, _, _ = evaluate(checkpoint, paths=str(notes), batches=1, batch_size=4, progress_bar=False)
+    as_list, _, _ = evaluate(checkpoint, paths=[str(notes)], batches=1, batch_size=4, progress_bar=False)
+    assert as_string["windows"] == as_list["windows"] == 4
+    assert as_string["val_loss"] == as_list["val_loss"]
+
+
+def test_compare_refuses_paths_that_are_not_paths_before_reading_anything(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"paths=\[3\] must be a path or a list of paths"):
+        compare([tmp_path / "absent"], paths=[3])

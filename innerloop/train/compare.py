@@ -49,7 +49,7 @@ from innerloop.data.tokenizer import Tokenizer
 from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
 from innerloop.models.params import count_parameters
 from innerloop.train.bootstrap import DEFAULT_RESAMPLES, MIN_BAND_WINDOWS, bootstrap_difference
-from innerloop.train.data import IGNORE_INDEX, DataError, resolve_files
+from innerloop.train.data import IGNORE_INDEX, DataError, path_list, resolve_files
 from innerloop.train.metrics import position_buckets
 from innerloop.train.module import LanguageModelModule, load_module
 from innerloop.train.run import (
@@ -261,6 +261,7 @@ def compare(
             check_positive_int(name, value, none_allowed=True)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    paths = _path_list(paths)
     checkpoints = [resolve_checkpoint(p) for p in runs_or_checkpoints]
     names = model_names(checkpoints)
     base = _baseline_index(baseline, names, runs_or_checkpoints, checkpoints, no_ttt)
@@ -290,6 +291,15 @@ def compare(
         _add_length(comparison, result)
         comparison.windows_source = f"{windows.source} ({windows.tag}) of {reference.name}"
     return comparison
+
+
+def _path_list(paths: Any) -> list[str]:
+    """``paths`` as a list (one path is a list of one, not its letters); a :class:`ConfigError` if it is
+    not a path or a list of them."""
+    try:
+        return path_list(paths)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _check_compare_arguments(

@@ -249,7 +249,7 @@ def _checked_tokenizer(tokenizer: Tokenizer | None) -> Tokenizer:
     return ByteTokenizer() if tokenizer is None else _checked_kind("tokenizer", tokenizer, Tokenizer, what)
 
 
-def _path_list(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+def path_list(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
     """``paths`` as a list of strings: one path is a list of one (a string is not read as its letters)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -322,7 +322,7 @@ class TextDataModule(_IndexedDataModule):
         tokenizer: Tokenizer | None = None,
     ) -> None:
         super().__init__()
-        self.paths = _path_list(paths)
+        self.paths = path_list(paths)
         self.seq_len, self.batch_size, self.val_batches = _checked_sizes(
             seq_len=seq_len, batch_size=batch_size, val_batches=val_batches
         )
@@ -649,7 +649,7 @@ class HFDataModule(L.LightningDataModule):
                 "out every 1/val_fraction-th document"
             )
         self.paths, self.split, self.text_field, self.streaming = (
-            _path_list(paths),
+            path_list(paths),
             _checked_kind("split", split, str, "a split name such as 'train' (or a slice, 'train[:90%]')"),
             _checked_kind("text_field", text_field, str, "the name of the text column"),
             _checked_kind("streaming", streaming, bool, "True or False"),

@@ -92,6 +92,7 @@ from innerloop.config.load import (
     warmup_steps,
 )
 from innerloop.config.schema import DataConfig, RecallConfig, RunConfig
+from innerloop.core.functional import is_integer
 from innerloop.data.atomic import atomic_write_text, file_sha256, remove_stale_temporaries_of
 from innerloop.data.hf import FORMATS, check_hf_source
 from innerloop.data.text import split_keys, split_text_files, stdlib_files
@@ -111,6 +112,7 @@ from innerloop.train.data import (
     TextDataModule,
     check_split_unchanged,
     evaluation_examples,
+    path_list,
     resolve_files,
     spread_windows,
     validation_file_keys,
@@ -1554,6 +1556,7 @@ def evaluate(
     checkpoints, data or settings do not replace each other, and never the training run's own ``loss_by_position.*``.
     """
     _check_positive(seq_len=seq_len, batch_size=batch_size, batches=batches)
+    paths = path_list(paths)  # one path is a list of one, not its letters
     module = load_module(checkpoint)
     if no_ttt and not modules_learning_at_test_time(module.model):  # before any window is read
         raise ConfigError(
@@ -1594,8 +1597,10 @@ def evaluate(
 
 
 def _check_positive(**values: int | None) -> None:
-    """``ValueError`` naming the first of ``values`` (None: not given) that is below 1."""
+    """``ValueError`` naming the first of ``values`` (None: not given) that is not an integer, or below 1."""
     for name, value in values.items():
+        if value is not None and not is_integer(value):
+            raise ValueError(f"{name}={value!r} must be an integer >= 1 (or None for the default)")
         if value is not None and value < 1:
             raise ValueError(f"{name}={value} must be >= 1")
 

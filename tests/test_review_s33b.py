@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from innerloop.config import ConfigError
+from innerloop.data.text import resolve_files
 from innerloop.models import ModelConfig, TTTConfig
 from innerloop.train import (
     LanguageModelModule,
@@ -111,3 +112,12 @@ def test_evaluate_reads_one_path_given_as_a_string_as_that_file(tmp_path) -> Non
 def test_compare_refuses_paths_that_are_not_paths_before_reading_anything(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"paths=\[3\] must be a path or a list of paths"):
         compare([tmp_path / "absent"], paths=[3])
+
+
+def test_resolve_files_reads_one_path_given_as_a_string_as_that_path(tmp_path) -> None:
+    """resolve_files('/.../notes.txt') (compare's and the data checks' file finder) iterated the string:
+    its '/' named the root folder, so it walked the whole file system."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("text")
+    assert resolve_files(str(notes)) == resolve_files([str(notes)]) == [notes.resolve()]
+    assert resolve_files(notes) == [notes.resolve()]

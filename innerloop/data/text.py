@@ -106,7 +106,10 @@ def split_keys(patterns: Sequence[str]) -> dict[Path, str]:
     by its resolved path: the keys are :func:`resolve_files`'s files): the path as found, links not resolved,
     relative to the entries' common folder. A file's key depends on nothing but its own place below the
     entries, so a file added anywhere (a link to elsewhere too) moves no other file between training and
-    validation, and the data folder may move. A file named by two entries keeps the first one's key."""
+    validation, and the data folder may move. A file named by two entries keeps the first one's key.
+    One path given alone (a string) is one entry, not a list of its letters."""
+    if isinstance(patterns, (str, os.PathLike)):
+        patterns = [os.fspath(patterns)]  # its letters would include '/': the whole file system
     root = os.path.commonpath([os.path.abspath(_entry_folder(p)) for p in patterns])
     keys: dict[Path, str] = {}
     for pattern in patterns:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from innerloop.config import ConfigError
+from innerloop.config import ConfigError, load_config
 from innerloop.data.text import resolve_files
 from innerloop.models import ModelConfig, TTTConfig
 from innerloop.train import (
@@ -19,6 +19,7 @@ from innerloop.train import (
     load_checkpoint,
     position_buckets,
     save_checkpoint,
+    train,
 )
 from innerloop.train.compare import compare
 from innerloop.train.run import training_seq_len
@@ -121,3 +122,35 @@ def test_resolve_files_reads_one_path_given_as_a_string_as_that_path(tmp_path) -
     notes.write_text("text")
     assert resolve_files(str(notes)) == resolve_files([str(notes)]) == [notes.resolve()]
     assert resolve_files(notes) == [notes.resolve()]
+
+
+@pytest.mark.parametrize("given", [{"out_dir": "runs/x"}, "tiny"])
+def test_train_refuses_what_is_not_a_run_config_in_one_line(given) -> None:
+    """train({'out_dir': ...}) and train('tiny') failed with "'dict' object has no attribute 'data'"."""
+    with pytest.raises(TypeError, match=r"run must be a RunConfig \(innerloop.config.load_config"):
+        train(given)
+
+
+@pytest.mark.parametrize("flag", ["resume", "overwrite"])
+def test_train_refuses_a_flag_that_is_not_a_bool(tmp_path, flag) -> None:
+    """train(run, resume='false') resumed: a non-empty string is true."""
+    run, _ = load_config("tiny", ["trainer.max_steps=1", "data.val_batches=1"], out_dir=str(tmp_path / "run"))
+    with pytest.raises(TypeError, match=rf"{flag}='false' \(str\) must be True or False"):
+        train(run, **{flag: "false"})
+
+
+def test_evaluate_refuses_no_ttt_that_is_not_a_bool(tmp_path) -> None:
+    """evaluate(checkpoint, no_ttt='false') switched test-time training off: a non-empty string is true."""
+    with pytest.raises(TypeError, match=r"no_ttt='false' \(str\) must be True or False"):
+        evaluate(tmp_path / "absent.safetensors", no_ttt="false")
+    with pytest.raises(ConfigError, match=r"no_ttt='false' \(str\) must be True or False"):
+        compare([tmp_path / "absent"], no_ttt="false")
+
+
+def test_evaluate_refuses_an_out_dir_that_is_a_file_before_reading_anything(tmp_path) -> None:
+    """evaluate(checkpoint, out_dir=<a file>) evaluated, then failed with a bare FileExistsError [Errno 17]."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(ConfigError, match=r"out_dir='.*notes.txt' is not a directory"):
+        evaluate(tmp_path / "absent.safetensors", out_dir=notes)
+    assert notes.read_text() == "mine"

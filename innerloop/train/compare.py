@@ -54,6 +54,7 @@ from innerloop.train.metrics import position_buckets
 from innerloop.train.module import LanguageModelModule, load_module
 from innerloop.train.run import (
     RunFiles,
+    check_flag,
     check_vocabulary,
     checkpoint_path,
     evaluation_windows,
@@ -252,7 +253,7 @@ def compare(
     as in ``innerloop eval``). ``no_ttt`` switches test-time training off in every model that has it. Every
     model's training data is checked against the windows first (:func:`training_data_notes`: logged as
     warnings; a model that trained on the baseline's held-out text is refused)."""
-    _check_compare_arguments(runs_or_checkpoints, seq_lens, baseline, resamples, confidence, seed)
+    _check_compare_arguments(runs_or_checkpoints, seq_lens, baseline, resamples, confidence, seed, no_ttt)
     for name, value in (
         ("batch_size", batch_size),
         ("batches", batches),
@@ -303,9 +304,13 @@ def _path_list(paths: Any) -> list[str]:
 
 
 def _check_compare_arguments(
-    runs: Any, seq_lens: Any, baseline: Any, resamples: Any, confidence: Any, seed: Any
+    runs: Any, seq_lens: Any, baseline: Any, resamples: Any, confidence: Any, seed: Any, no_ttt: Any = False
 ) -> None:
     """:func:`compare`'s arguments, checked before any model is loaded."""
+    try:
+        check_flag("no_ttt", no_ttt)  # a string such as 'false' would switch test-time training off
+    except TypeError as err:
+        raise ConfigError(str(err)) from None
 
     def integer(value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)

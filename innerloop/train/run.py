@@ -79,6 +79,7 @@ from innerloop.config.load import (
     ConfigError,
     absolute_data_paths,
     absolute_tokenizer,
+    check_output_dir,
     check_resume_changes,
     check_resume_or_overwrite,
     check_trainable_precision,
@@ -484,6 +485,24 @@ def _releasing_scan_buffers(function: Any) -> Any:
 
 
 @_releasing_scan_buffers
+def check_flag(name: str, value: Any) -> None:
+    """A TypeError naming ``name`` unless ``value`` is a bool (a string such as 'false' would be true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} ({type(value).__name__}) must be True or False")
+
+
+def _check_train_arguments(run: Any, resume: Any, overwrite: Any) -> None:
+    """:func:`train`'s arguments, before anything is read or written."""
+    if not isinstance(run, RunConfig):
+        raise TypeError(
+            f"run must be a RunConfig (innerloop.config.load_config(PRESET_OR_FILE, overrides) returns one "
+            f"first), got {type(run).__name__} {run!r:.80}"
+        )
+    check_flag("resume", resume)
+    check_flag("overwrite", overwrite)
+    check_resume_or_overwrite(resume, overwrite)
+
+
 def train(
     run: RunConfig,
     cfg: DictConfig | None = None,
@@ -501,7 +520,7 @@ def train(
     anything is written. A diverging run raises :class:`TrainingDivergedError`, keeping its last
     finite checkpoint.
     """
-    check_resume_or_overwrite(resume, overwrite)
+    _check_train_arguments(run, resume, overwrite)
     if not resume:
         check_new_run_holds_out_text(run)
     run, cfg = _with_absolute_data_paths(run, cfg)
@@ -1555,8 +1574,7 @@ def evaluate(
     ``.png`` there (see :func:`evaluation_stem`): named after what was evaluated, so evaluations of other
     checkpoints, data or settings do not replace each other, and never the training run's own ``loss_by_position.*``.
     """
-    _check_positive(seq_len=seq_len, batch_size=batch_size, batches=batches)
-    paths = path_list(paths)  # one path is a list of one, not its letters
+    paths = _checked_evaluate_arguments(paths, seq_len, batch_size, batches, no_ttt, out_dir)
     module = load_module(checkpoint)
     if no_ttt and not modules_learning_at_test_time(module.model):  # before any window is read
         raise ConfigError(
@@ -1594,6 +1612,18 @@ def evaluate(
     title = f"{Path(checkpoint).name} on {windows.tag}, T={seq_len}{ablation}: loss by position"
     csv_path, png = _write_evaluation(Path(out_dir).expanduser() / stem, buckets, losses, title)
     return metrics, csv_path, png
+
+
+def _checked_evaluate_arguments(
+    paths: Any, seq_len: Any, batch_size: Any, batches: Any, no_ttt: Any, out_dir: Any
+) -> list[str]:
+    """:func:`evaluate`'s arguments, checked before anything is read; returns ``paths`` as a list (one
+    path is a list of one, not its letters)."""
+    _check_positive(seq_len=seq_len, batch_size=batch_size, batches=batches)
+    check_flag("no_ttt", no_ttt)
+    if out_dir is not None:
+        check_output_dir(out_dir, "out_dir")  # a file there failed after the evaluation
+    return path_list(paths)
 
 
 def _check_positive(**values: int | None) -> None:

@@ -54,6 +54,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from innerloop.config.load import CHECKPOINT_SUFFIX, checkpoint_path_problem
+from innerloop.core.functional import check_flag
 from innerloop.core.identity import IdentityTable
 from innerloop.core.layer import TTTLayer
 from innerloop.data.atomic import atomic_write, file_sha256
@@ -1074,6 +1075,7 @@ def load_model(path: str | os.PathLike[str], keep_dtype: bool = False) -> Causal
     weights do not fit the model its hyperparameters describe (missing or unexpected keys, shapes,
     dtypes: see :func:`check_state_dict`; the message also names the keys the hyperparameters lack,
     which took their defaults: :func:`missing_keys_note`)."""
+    check_flag("keep_dtype", keep_dtype)  # 'false' would keep a bf16 run's weights in bfloat16
     checkpoint = load_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters")
     state_dict = checkpoint.get("state_dict")

@@ -17,6 +17,8 @@ from innerloop.train import (
     TextDataModule,
     evaluate,
     load_checkpoint,
+    load_model,
+    load_module,
     position_buckets,
     save_checkpoint,
     train,
@@ -154,3 +156,19 @@ def test_evaluate_refuses_an_out_dir_that_is_a_file_before_reading_anything(tmp_
     with pytest.raises(ConfigError, match=r"out_dir='.*notes.txt' is not a directory"):
         evaluate(tmp_path / "absent.safetensors", out_dir=notes)
     assert notes.read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda path: load_model(path, keep_dtype="false"),
+        lambda path: load_module(path, keep_dtype="false"),
+        lambda path: load_config("tiny", model_only="false"),
+    ],
+    ids=["load_model", "load_module", "load_config"],
+)
+def test_flags_given_as_strings_are_refused_not_read_as_true(tmp_path, call) -> None:
+    """load_model(path, keep_dtype='false') kept a bf16-true run's weights in bfloat16 and
+    load_config(..., model_only='false') skipped the run's checks: a non-empty string is true."""
+    with pytest.raises(TypeError, match=r"(keep_dtype|model_only)='false' \(str\) must be True or False"):
+        call(tmp_path / "absent.safetensors")

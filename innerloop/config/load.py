@@ -49,6 +49,7 @@ from innerloop.config.trainer_args import (
     trainer_arguments,
     value_matches,
 )
+from innerloop.core.functional import check_flag
 from innerloop.data.atomic import atomic_write_text
 from innerloop.data.hf import check_hf_dataset, check_hf_source
 from innerloop.data.recall import RECALL_VALUES, recall_length
@@ -539,6 +540,7 @@ def load_config(
     the run's saved config.yaml, whose model options added since it was written are read at the values
     its model was trained with (:func:`~innerloop.models.config.with_earlier_defaults`), as its
     checkpoint's are."""
+    check_flag("model_only", model_only)  # 'false' would skip the run's checks
     container, _, cfg = _merged_config(preset_or_file, overrides, saved_run=out_dir is not None)
     run = _typed(cfg)
     if out_dir is not None:  # a resume trains in the folder its config.yaml was found in

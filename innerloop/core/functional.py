@@ -367,6 +367,12 @@ def check_positive_int(name: str, value: Any, none_allowed: bool = False) -> Non
         raise ValueError(f"{name} must be {valid}, got {value!r}")
 
 
+def check_flag(name: str, value: Any) -> None:
+    """A TypeError naming ``name`` unless ``value`` is a bool (a string such as 'false' would be true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} ({type(value).__name__}) must be True or False")
+
+
 def is_power_of_two(n: int) -> bool:
     """True for 1, 2, 4, 8, ..."""
     return n > 0 and (n & (n - 1)) == 0
@@ -422,6 +428,7 @@ class LayerNorm(torch.nn.LayerNorm):
 __all__ = [
     "apply_rope_interleaved",
     "causal_depthwise_conv",
+    "check_flag",
     "check_positive_int",
     "chunk_mean_cross_entropy",
     "gelu_tanh",

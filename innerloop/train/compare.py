@@ -43,6 +43,7 @@ from innerloop.checkpoints import (
 )
 from innerloop.config.load import ConfigError
 from innerloop.config.schema import DataConfig, RunConfig
+from innerloop.core.functional import check_flag
 from innerloop.core.layer import check_positive_int
 from innerloop.data.atomic import atomic_write, atomic_write_text, remove_stale_temporaries_of
 from innerloop.data.tokenizer import Tokenizer
@@ -54,7 +55,6 @@ from innerloop.train.metrics import position_buckets
 from innerloop.train.module import LanguageModelModule, load_module
 from innerloop.train.run import (
     RunFiles,
-    check_flag,
     check_vocabulary,
     checkpoint_path,
     evaluation_windows,

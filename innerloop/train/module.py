@@ -53,7 +53,7 @@ from innerloop.checkpoints import (
 )
 from innerloop.checkpoints import load_model as load_model  # re-exported: its old home
 from innerloop.core.diagnostics import inner_loss_before_after
-from innerloop.core.functional import mean_scored_cross_entropy
+from innerloop.core.functional import check_flag, mean_scored_cross_entropy
 from innerloop.core.layer import LARGE_INPUT, is_built_in, plugin_label
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
 from innerloop.models.config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Bounds, checked_number
@@ -761,6 +761,7 @@ def load_module(path: str | os.PathLike[str], keep_dtype: bool = False) -> Langu
     Raises :class:`~innerloop.checkpoints.CheckpointError` if the file is not an innerloop training checkpoint or its weights
     do not fit the model its hyperparameters describe (missing or unexpected keys, shapes, dtypes).
     """
+    check_flag("keep_dtype", keep_dtype)  # 'false' would keep a bf16 run's weights in bfloat16
     return _module_from_checkpoint(LanguageModelModule, path, {}, keep_dtype).eval()
 
 

@@ -93,7 +93,7 @@ from innerloop.config.load import (
     warmup_steps,
 )
 from innerloop.config.schema import DataConfig, RecallConfig, RunConfig
-from innerloop.core.functional import is_integer
+from innerloop.core.functional import check_flag, is_integer
 from innerloop.data.atomic import atomic_write_text, file_sha256, remove_stale_temporaries_of
 from innerloop.data.hf import FORMATS, check_hf_source
 from innerloop.data.text import split_keys, split_text_files, stdlib_files
@@ -485,12 +485,6 @@ def _releasing_scan_buffers(function: Any) -> Any:
 
 
 @_releasing_scan_buffers
-def check_flag(name: str, value: Any) -> None:
-    """A TypeError naming ``name`` unless ``value`` is a bool (a string such as 'false' would be true)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}={value!r} ({type(value).__name__}) must be True or False")
-
-
 def _check_train_arguments(run: Any, resume: Any, overwrite: Any) -> None:
     """:func:`train`'s arguments, before anything is read or written."""
     if not isinstance(run, RunConfig):

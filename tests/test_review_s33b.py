@@ -12,7 +12,9 @@ from innerloop.config import ConfigError, load_config
 from innerloop.data.text import resolve_files
 from innerloop.models import ModelConfig, TTTConfig
 from innerloop.train import (
+    InnerLossDiagnostics,
     LanguageModelModule,
+    LossByPosition,
     SafetensorsCheckpointIO,
     TextDataModule,
     evaluate,
@@ -172,3 +174,22 @@ def test_flags_given_as_strings_are_refused_not_read_as_true(tmp_path, call) -> 
     load_config(..., model_only='false') skipped the run's checks: a non-empty string is true."""
     with pytest.raises(TypeError, match=r"(keep_dtype|model_only)='false' \(str\) must be True or False"):
         call(tmp_path / "absent.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: LossByPosition(True), r"num_buckets=True must be an integer >= 1"),
+        (
+            lambda: LossByPosition(4, varying_lengths="no"),
+            r"varying_lengths='no' \(str\) must be True or False",
+        ),
+        (lambda: InnerLossDiagnostics(True), r"num_layers=True must be an integer >= 1"),
+        (lambda: InnerLossDiagnostics(2.0), r"num_layers=2.0 must be an integer >= 1"),
+    ],
+)
+def test_the_metrics_refuse_flags_and_counts_of_the_wrong_kind(build, message) -> None:
+    """LossByPosition(True) made one bucket and varying_lengths='no' allowed varying lengths;
+    InnerLossDiagnostics(True) failed inside torch.zeros."""
+    with pytest.raises((ValueError, TypeError), match=message):
+        build()

@@ -22,6 +22,8 @@ from torchmetrics import Metric
 from torchmetrics.text import Perplexity
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from innerloop.core.functional import check_flag
+
 
 class Float64States(Metric):
     """A metric whose floating-point states (sums of losses, counts) are float64 and stay so when its
@@ -124,8 +126,9 @@ class LossByPosition(Float64States):
 
     def __init__(self, num_buckets: int = 16, varying_lengths: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if not hasattr(num_buckets, "__index__") or num_buckets < 1:
+        if isinstance(num_buckets, bool) or not hasattr(num_buckets, "__index__") or num_buckets < 1:
             raise ValueError(f"num_buckets={num_buckets!r} must be an integer >= 1")
+        check_flag("varying_lengths", varying_lengths)
         self.num_buckets = num_buckets
         self.varying_lengths = varying_lengths
         # [longest length seen]: summed loss and scored-token count at each position
@@ -223,8 +226,8 @@ class InnerLossDiagnostics(Float64States):
 
     def __init__(self, num_layers: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if num_layers < 1:
-            raise ValueError(f"num_layers={num_layers} must be >= 1")
+        if isinstance(num_layers, bool) or not hasattr(num_layers, "__index__") or num_layers < 1:
+            raise ValueError(f"num_layers={num_layers!r} must be an integer >= 1")
         self.num_layers = num_layers
         self.add_state("before_sum", torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("after_sum", torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")

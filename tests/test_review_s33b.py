@@ -10,6 +10,7 @@ import torch
 
 from innerloop.config import ConfigError, load_config
 from innerloop.data.text import resolve_files
+from innerloop.data.tokenizer import TokenizerError, train_bpe
 from innerloop.models import ModelConfig, TTTConfig
 from innerloop.train import (
     InnerLossDiagnostics,
@@ -193,3 +194,16 @@ def test_the_metrics_refuse_flags_and_counts_of_the_wrong_kind(build, message) -
     InnerLossDiagnostics(True) failed inside torch.zeros."""
     with pytest.raises((ValueError, TypeError), match=message):
         build()
+
+
+def test_train_bpe_reads_one_string_as_one_text() -> None:
+    """train_bpe('ab ab ...', ...) trained on each character as a text of its own: no pair inside any
+    'text', so it refused the text as too short and named its letters as the files ('the 4 files 't',
+    'o', 'k', 'x'' for files='tokx')."""
+    pytest.importorskip("tokenizers", reason="the tokenizers library trains BPE tokenizers")
+    text = "abab abab abab abab " * 20
+    one = train_bpe(text, 260, files="notes.txt")
+    assert one.encode(text) == train_bpe([text], 260, files=["notes.txt"]).encode(text)
+    assert len(one.encode("abab")) < 4  # merges were learned
+    with pytest.raises(TokenizerError, match=r"^'notes.txt' has no text"):
+        train_bpe("   ", 260, files="notes.txt")

@@ -575,7 +575,8 @@ def train_bpe(
 
     Raises :class:`TokenizerError` when ``texts`` hold no text to learn merges from (nothing, or only
     whitespace) or too little for a single merge: such a tokenizer would be the byte-level one with its
-    ids moved. ``files``, the files the texts were read from, are named in these messages.
+    ids moved. ``files``, the files the texts were read from, are named in these messages. A string
+    ``texts`` is one text (not one per character), a string ``files`` one file.
     """
     if vocab_size < MIN_TRAINED_VOCAB:
         raise TokenizerError(
@@ -599,6 +600,8 @@ def train_bpe(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
+    texts = [texts] if isinstance(texts, str) else texts  # one text, not one text per character
+    files = [files] if isinstance(files, (str, os.PathLike)) else files  # one file, not its letters
     tally = _TextTally()
     backend.train_from_iterator(tally.count(texts), trainer)
     _check_merges_learned(tally, backend.get_vocab_size(with_added_tokens=True) - 257, files)

@@ -123,3 +123,15 @@ def test_the_chunk_runners_refuse_a_cut_that_is_not_an_index_and_the_reference_n
     with pytest.raises(ValueError, match=r"causal_linear_attention takes .*'key': \(1, 2, 5, 3\)"):
         causal_linear_attention(q, q[..., :3], q)
     assert causal_linear_attention(q, q, q[..., :2]).shape == (1, 2, 5, 2)
+
+
+def test_check_update_rule_names_itself_for_an_unknown_keyword() -> None:
+    """s33a's leftover: a misspelt option (``tokenz=9``) was reported as 'make_problem() got an
+    unexpected keyword argument', naming a function the caller never called."""
+    from innerloop.testing import check_update_rule, check_update_rule_gradients
+
+    for check in (check_update_rule, check_update_rule_gradients):
+        with pytest.raises(
+            TypeError, match=rf"{check.__name__}\(\) got unexpected keyword arguments \['tokenz'\]"
+        ):
+            check("minibatch_gd", model="linear", loss="reconstruction", tokenz=9)

@@ -30,6 +30,7 @@ that breaks them is refused with the reason instead of computing wrong numbers.
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from collections.abc import Callable, Iterator
@@ -1112,6 +1113,13 @@ def _refuse_variant_kwargs(function: str, problem_kwargs: dict, tolerance: Any =
     ):
         raise ValueError(
             f"{function}: tolerance must be a finite number >= 0 (the relative error allowed), got {tolerance!r}"
+        )
+    options = [name for name in inspect.signature(make_problem).parameters if name not in ("model", "loss")]
+    unknown = sorted(set(problem_kwargs) - set(options))
+    if unknown:  # else make_problem()'s own TypeError, naming a function the caller did not call
+        raise TypeError(
+            f"{function}() got unexpected keyword arguments {unknown}; its problem options (make_problem's): "
+            f"{options}"
         )
     chosen = sorted({"decay", "momentum"} & set(problem_kwargs))
     if chosen:

@@ -484,7 +484,6 @@ def _releasing_scan_buffers(function: Any) -> Any:
     return releasing
 
 
-@_releasing_scan_buffers
 def _check_train_arguments(run: Any, resume: Any, overwrite: Any) -> None:
     """:func:`train`'s arguments, before anything is read or written."""
     if not isinstance(run, RunConfig):
@@ -497,6 +496,7 @@ def _check_train_arguments(run: Any, resume: Any, overwrite: Any) -> None:
     check_resume_or_overwrite(resume, overwrite)
 
 
+@_releasing_scan_buffers
 def train(
     run: RunConfig,
     cfg: DictConfig | None = None,

@@ -111,7 +111,7 @@ def test_naive_decode_loop_equals_naive_chunk_float64(case):
 # ---------------------------------------------------------------- the Triton kernels
 
 
-@pytest.mark.slow  # ~10 s per kernel in the interpreter; the fast loop runs the kernels through the layer (test_layer_dispatch.py)
+@pytest.mark.slow  # ~10 s per kernel in the interpreter; like every triton_interpreter test (test_layer_dispatch's too), not in the fast loop
 @each_kernel
 @settings(max_examples=25, deadline=None)
 @given(
@@ -152,7 +152,7 @@ def test_kernel_forward_and_backward_match_naive(
         assert relative_error(g, g_ref) <= TOL, name
 
 
-@pytest.mark.slow  # ~3 s of interpretation; forward/backward at K=16 stays fast through the layer tests
+@pytest.mark.slow  # ~3 s of interpretation; the layer tests through the kernel (test_layer_dispatch.py) are slow too
 @each_kernel
 @pytest.mark.parametrize("K,n_mb", [(1, 3), (5, 2), (12, 1), (64, 1)])
 def test_kernel_any_mini_batch_size(case, K, n_mb):
@@ -170,7 +170,7 @@ def test_kernel_any_mini_batch_size(case, K, n_mb):
         assert relative_error(g, g_ref) <= TOL, name
 
 
-@pytest.mark.slow  # ~2 s of interpretation; test_layer_dispatch decodes through the kernel in the fast loop
+@pytest.mark.slow  # ~2 s of interpretation; test_layer_dispatch's decode through the kernel is slow too
 @each_kernel
 @pytest.mark.parametrize("f", [16, pytest.param(32, marks=pytest.mark.slow)])  # 32: ~3 s interpreted
 def test_kernel_decode_matches_naive_decode(case, f):

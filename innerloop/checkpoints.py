@@ -57,7 +57,7 @@ from innerloop.config.load import CHECKPOINT_SUFFIX, checkpoint_path_problem
 from innerloop.core.functional import check_flag
 from innerloop.core.identity import IdentityTable
 from innerloop.core.layer import TTTLayer
-from innerloop.data.atomic import atomic_write, file_sha256
+from innerloop.data.atomic import atomic_write, file_sha256, file_stamp
 from innerloop.data.tokenizer import Tokenizer, tokenizer_from_state
 from innerloop.kernels.dispatch import TORCH_PATH, refused_named_kernels
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
@@ -681,30 +681,24 @@ def _read_file(path: Path, name: str, attempts: int = 3) -> tuple[dict[str, str]
     read again, up to ``attempts`` times."""
     stamp = None
     try:
-        stamp = _file_stamp(path)
+        stamp = file_stamp(path)
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             _check_header(name, metadata)
             tensors = {key: f.get_tensor(key) for key in f.keys()}
-        if attempts > 1 and _file_stamp(path) != stamp:  # replaced meanwhile: the read may mix two files
+        if attempts > 1 and file_stamp(path) != stamp:  # replaced meanwhile: the read may mix two files
             return _read_file(path, name, attempts - 1)
         return metadata, tensors
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as err:
         if isinstance(err, CheckpointError):
             raise
         with contextlib.suppress(OSError):
-            if attempts > 1 and stamp is not None and _file_stamp(path) != stamp:
+            if attempts > 1 and stamp is not None and file_stamp(path) != stamp:
                 return _read_file(path, name, attempts - 1)  # replaced meanwhile: the new one
         raise CheckpointError(
             f"{name} is not a readable innerloop checkpoint (expected a safetensors file written by "
             f"`innerloop train`; it may be truncated, corrupt or of another format): {_one_line(err)}"
         ) from None
-
-
-def _file_stamp(path: Path) -> tuple[int, int, int]:
-    """What changes when a file is replaced or rewritten: its inode, modification time and size."""
-    stat = path.stat()
-    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 def is_safetensors_file(path: str | os.PathLike[str]) -> bool:

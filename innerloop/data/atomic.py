@@ -1,7 +1,8 @@
 """Atomic file writes: write to a temporary file in the target's directory, then ``os.replace``.
 
 A reader (or a run resumed after a crash) sees either the old file or the new one, never half of one.
-And :func:`file_sha256`, the checksum the exports record of each file they write.
+And :func:`file_sha256`, the checksum the exports record of each file they write, and
+:func:`file_stamp`, which tells whether a file was written again.
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ class FolderInTheWayError(IsADirectoryError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+def file_stamp(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
+    """What changes when ``path`` is written again: its inode (an atomic write makes a new one), its
+    modification time and its size (a rewrite in place within the file system's time resolution); None
+    when there is no such file."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:

@@ -94,7 +94,7 @@ from innerloop.config.load import (
 )
 from innerloop.config.schema import DataConfig, RecallConfig, RunConfig
 from innerloop.core.functional import check_flag, is_integer
-from innerloop.data.atomic import atomic_write_text, file_sha256, remove_stale_temporaries_of
+from innerloop.data.atomic import atomic_write_text, file_sha256, file_stamp, remove_stale_temporaries_of
 from innerloop.data.hf import FORMATS, check_hf_source
 from innerloop.data.text import split_keys, split_text_files, stdlib_files
 from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
@@ -838,25 +838,16 @@ def _config_settled(config_path: Path, ckpt: Path, resume: bool) -> Iterator[Non
     later plain ``--resume`` must not take them up). Nothing else is removed (``logs/`` of the launch
     stay, as a record of it)."""
     owner = not is_launched_worker()
-    before = _file_stamp(ckpt)
+    before = file_stamp(ckpt)
     previous = config_path.read_text(encoding="utf-8") if resume and config_path.is_file() else None
     try:
         yield
     except BaseException:
         if owner and not resume and not ckpt.exists():
             config_path.unlink(missing_ok=True)
-        elif owner and previous is not None and _file_stamp(ckpt) == before:
+        elif owner and previous is not None and file_stamp(ckpt) == before:
             atomic_write_text(config_path, previous)
         raise
-
-
-def _file_stamp(path: Path) -> tuple[int, int, int] | None:
-    """What changes when ``path`` is written again (atomically: a new inode), or None if it is not there."""
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return None
-    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 @contextlib.contextmanager

@@ -181,3 +181,47 @@ def test_a_kernel_forward_taking_keyword_options_may_support_decay() -> None:
         supports_decay=True,
     )
     assert spec.supports_decay
+
+
+def test_a_kernel_writing_into_the_layers_layernorm_is_refused_at_first_use() -> None:
+    """The first-use probe refuses a kernel that writes into what it is given: the weights, and also the
+    layer's LayerNorm parameters and the views. A mutant that compared the weights only passed every test;
+    then a kernel that scaled ``ln_weight`` in place was chosen, and every call changed the layer itself."""
+    import pytest
+    import torch
+
+    import innerloop
+    from innerloop.kernels.dispatch import KernelCheckError
+    from innerloop.kernels.spec import KernelSpec
+    from innerloop.registry.manager import isolated_registry
+
+    with isolated_registry():
+        fused = next(k for k in innerloop.get_registry().kernels() if k.name == "fused_torch_linear")
+
+        def scales_ln_weight(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
+            out, new = fused.forward(
+                xq=xq,
+                xk=xk,
+                xv=xv,
+                lr=lr,
+                tau=tau,
+                params=params,
+                ln_weight=ln_weight,
+                ln_bias=ln_bias,
+                eps=eps,
+            )
+            with torch.no_grad():
+                ln_weight.mul_(1.0)  # the same values: only where it writes differs
+                ln_weight.add_(1e-3)
+            return out, new
+
+        spec = dict(inner_model="linear", inner_loss="reconstruction", update_rule="dual_form")
+        innerloop.register_kernel(
+            KernelSpec(name="s33d_ln_writer", forward=scales_ln_weight, verify=lambda inputs: None, **spec)
+        )
+        torch.manual_seed(0)
+        layer = innerloop.TTTLayer(16, 2, mini_batch_size=4, kernel="s33d_ln_writer")
+        before = {name: p.detach().clone() for name, p in layer.named_parameters()}
+        with torch.no_grad(), pytest.raises(KernelCheckError, match="wrote into what it was given"):
+            layer(torch.randn(1, 8, 16))
+        assert all(torch.equal(p, before[name]) for name, p in layer.named_parameters())

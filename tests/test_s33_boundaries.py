@@ -135,3 +135,22 @@ def test_check_update_rule_names_itself_for_an_unknown_keyword() -> None:
             TypeError, match=rf"{check.__name__}\(\) got unexpected keyword arguments \['tokenz'\]"
         ):
             check("minibatch_gd", model="linear", loss="reconstruction", tokenz=9)
+
+
+def test_registering_an_abstract_class_names_its_missing_methods_and_messages_read_right() -> None:
+    """s33d's leftovers: ``register_inner_loss(AbstractSubclass)`` raised Python's bare "Can't instantiate
+    abstract class"; and the registrar wrote "register a InnerLoss instance for a inner loss"."""
+    import innerloop
+    from innerloop import InnerLoss, PluginError
+    from innerloop.registry.manager import isolated_registry
+
+    class Unfinished(InnerLoss):
+        name = "s33_unfinished"
+
+    with isolated_registry():
+        with pytest.raises(
+            PluginError, match=r"Unfinished does not implement \['pairs', 'token_loss'\] of InnerLoss"
+        ):
+            innerloop.register_inner_loss(Unfinished)
+        with pytest.raises(PluginError, match="register an InnerLoss instance for an inner loss, not a name"):
+            innerloop.register_inner_loss("s33_unfinished")

@@ -731,6 +731,11 @@ def smoke_test(kind_name: str, plugin: Any) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article: "an InnerLoss", "an inner loss", "a kernel"."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
 @dataclass(frozen=True)
 class Kind:
     """One kind of thing a plugin can provide.
@@ -758,7 +763,7 @@ class Kind:
         """The name ``obj`` registers under; :class:`PluginError` with the reason if it does not conform."""
         if isinstance(obj, str):
             raise PluginError(
-                f"register a {self.base.__name__} instance for a {self.label}, not a name: got the str {obj!r} "
+                f"register {_a(self.base.__name__)} instance for {_a(self.label)}, not a name: got the str {obj!r} "
                 "(a registered plugin is asked for by name in layers and configs; registering needs the object)"
             )
         if inspect.isclass(obj):
@@ -771,7 +776,9 @@ class Kind:
                 f"innerloop.register_{other.name}), not as a kind {self.name!r} object"
             )
         if self.must_be_instance_of_base and not isinstance(obj, self.base):
-            raise PluginError(f"register a {self.base.__name__} for a {self.label}; got {type(obj).__name__}")
+            raise PluginError(
+                f"register {_a(self.base.__name__)} for {_a(self.label)}; got {type(obj).__name__}"
+            )
         name = _check_name(obj, self.label)
         missing = _missing_methods(obj, self.required)
         if missing:

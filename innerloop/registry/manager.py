@@ -36,6 +36,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
+from types import FrameType
 from typing import Any
 
 import pluggy
@@ -783,18 +784,8 @@ def warn_of_kernels_that_cannot_run(
                     f"plugin provides{' yet' if in_process else ''}, so it can never run{later}; registered "
                     f"{kind}s: {known}",
                     PluginLoadWarning,
-                    stacklevel=_first_frame_outside_innerloop() if in_process else 3,
+                    stacklevel=_first_caller_outside_innerloop()[0] if in_process else 3,
                 )
-
-
-def _first_frame_outside_innerloop() -> int:
-    """The ``stacklevel`` that makes a warning issued by this function's caller point at the first
-    frame outside innerloop (the user's call)."""
-    here = inspect.currentframe()
-    frame, level = (here.f_back if here is not None else None), 1
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "innerloop":
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _builtin_modules() -> frozenset[str]:
@@ -989,6 +980,12 @@ def _instantiate(kind: Kind, cls: type) -> Any:
         ) from None
     except ValueError:  # no signature to inspect (a builtin): let the call say
         pass
+    if inspect.isabstract(cls):  # else Python's "Can't instantiate abstract class"
+        raise PluginError(
+            f"register_{kind.name} was given the class {cls.__qualname__}, which it instantiates, but "
+            f"{cls.__qualname__} does not implement {sorted(cls.__abstractmethods__)} of "
+            f"{kind.base.__name__}: define them (CONTRIBUTING.md, 'Write and register a plugin')"
+        )
     return cls()
 
 
@@ -1018,11 +1015,19 @@ def _instance_method(attribute: Any) -> bool:
     return next(iter(inspect.signature(attribute).parameters), None) != "register"
 
 
+def _first_caller_outside_innerloop() -> tuple[int, FrameType | None]:
+    """How many frames up from its caller the first frame outside innerloop is (1: the caller itself),
+    and that frame (None when every frame is innerloop's)."""
+    here = inspect.currentframe()
+    frame, level = (here.f_back if here is not None else None), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "innerloop":
+        frame, level = frame.f_back, level + 1
+    return level, frame
+
+
 def _calling_module() -> str | None:
     """The module that called into innerloop's registration functions, when it is not innerloop's."""
-    frame = inspect.currentframe()
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "innerloop":
-        frame = frame.f_back
+    frame = _first_caller_outside_innerloop()[1]
     return None if frame is None else frame.f_globals.get("__name__")
 
 

@@ -295,8 +295,10 @@ def compare(
 
 
 def _path_list(paths: Any) -> list[str]:
-    """``paths`` as a list (one path is a list of one, not its letters); a :class:`ConfigError` if it is
-    not a path or a list of them."""
+    """``paths`` as a list (one path is a list of one, not its letters; None, as no paths: the baseline's
+    windows); a :class:`ConfigError` if it is not a path or a list of them."""
+    if paths is None:
+        return []
     try:
         return path_list(paths)
     except ValueError as err:

@@ -1603,12 +1603,12 @@ def _checked_evaluate_arguments(
     paths: Any, seq_len: Any, batch_size: Any, batches: Any, no_ttt: Any, out_dir: Any
 ) -> list[str]:
     """:func:`evaluate`'s arguments, checked before anything is read; returns ``paths`` as a list (one
-    path is a list of one, not its letters)."""
+    path is a list of one, not its letters; None, as no paths: the run's own windows)."""
     _check_positive(seq_len=seq_len, batch_size=batch_size, batches=batches)
     check_flag("no_ttt", no_ttt)
     if out_dir is not None:
         check_output_dir(out_dir, "out_dir")  # a file there failed after the evaluation
-    return path_list(paths)
+    return [] if paths is None else path_list(paths)
 
 
 def _check_positive(**values: int | None) -> None:

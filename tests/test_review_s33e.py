@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
 from innerloop.checkpoints import CheckpointError
 from innerloop.config.load import ConfigError
 from innerloop.train.compare import compare
+from innerloop.train.metrics import InnerLossDiagnostics, LossByPosition, position_buckets
 from innerloop.train.run import evaluate
 
 
@@ -20,3 +23,25 @@ def test_evaluate_takes_paths_none_as_the_runs_own_windows(tmp_path) -> None:
 def test_compare_takes_paths_none_as_the_baselines_windows(tmp_path) -> None:
     with pytest.raises(ConfigError, match="missing.ckpt' is neither a run folder"):
         compare([str(tmp_path / "missing.ckpt")], paths=None)
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda: InnerLossDiagnostics(num_layers=torch.tensor(2.0)), "num_layers"),
+        (lambda: LossByPosition(num_buckets=torch.tensor(2.5)), "num_buckets"),
+        (lambda: position_buckets(torch.tensor(True), 3), "seq_len"),
+        (lambda: position_buckets(8, torch.tensor(True)), "num_buckets"),
+    ],
+)
+def test_metric_counts_refuse_float_and_bool_tensors_by_name(make, name) -> None:
+    """A float tensor has ``__index__`` (which raises when called): InnerLossDiagnostics failed inside
+    torch.zeros, LossByPosition took 2.5 buckets; a bool tensor was read as one position or bucket."""
+    with pytest.raises(ValueError, match=f"{name}=tensor.* must be .*integer"):
+        make()
+
+
+def test_metric_counts_take_numpy_and_0d_integer_tensors() -> None:
+    assert InnerLossDiagnostics(num_layers=torch.tensor(2)).num_layers == 2
+    assert LossByPosition(num_buckets=np.int64(3)).num_buckets == 3
+    assert position_buckets(torch.tensor(4), np.int32(2)) == [(0, 2), (2, 4)]

@@ -87,16 +87,22 @@ class Float64Perplexity(Float64States, Perplexity):
             return self.total_log_probs / self.count
 
 
+def _count(value: Any) -> int | None:
+    """``value`` as an int if it is an integer (a numpy integer, a 0-d integer tensor), else None: not a
+    bool (nor a bool tensor, which ``operator.index`` reads as 0 or 1), a float or a string."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def position_buckets(seq_len: int, num_buckets: int) -> list[tuple[int, int]]:
     """``num_buckets`` contiguous ``[start, end)`` position ranges covering ``0..seq_len`` (sizes differ
     by at most one). If ``seq_len < num_buckets`` there are ``seq_len`` buckets of one position."""
     given = (seq_len, num_buckets)
-    try:  # an int, a numpy integer or a 0-d integer tensor; not a bool, a float or a string
-        if isinstance(seq_len, bool) or isinstance(num_buckets, bool):
-            raise TypeError
-        seq_len, num_buckets = operator.index(seq_len), operator.index(num_buckets)
-    except TypeError:
-        seq_len = num_buckets = 0
+    seq_len, num_buckets = _count(seq_len) or 0, _count(num_buckets) or 0
     if seq_len < 1 or num_buckets < 1:
         raise ValueError(f"seq_len={given[0]!r} and num_buckets={given[1]!r} must be integers >= 1")
     num_buckets = min(num_buckets, seq_len)
@@ -126,10 +132,11 @@ class LossByPosition(Float64States):
 
     def __init__(self, num_buckets: int = 16, varying_lengths: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if isinstance(num_buckets, bool) or not hasattr(num_buckets, "__index__") or num_buckets < 1:
+        count = _count(num_buckets)  # a float tensor has __index__ too, which raises when called
+        if count is None or count < 1:
             raise ValueError(f"num_buckets={num_buckets!r} must be an integer >= 1")
         check_flag("varying_lengths", varying_lengths)
-        self.num_buckets = num_buckets
+        self.num_buckets = count
         self.varying_lengths = varying_lengths
         # [longest length seen]: summed loss and scored-token count at each position
         self.add_state("loss_by_position", torch.zeros(0, dtype=torch.float64), dist_reduce_fx="sum")
@@ -226,9 +233,10 @@ class InnerLossDiagnostics(Float64States):
 
     def __init__(self, num_layers: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if isinstance(num_layers, bool) or not hasattr(num_layers, "__index__") or num_layers < 1:
+        count = _count(num_layers)  # torch.tensor(2.0) failed inside torch.zeros
+        if count is None or count < 1:
             raise ValueError(f"num_layers={num_layers!r} must be an integer >= 1")
-        self.num_layers = num_layers
+        self.num_layers = num_layers = count
         self.add_state("before_sum", torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("after_sum", torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")

@@ -45,3 +45,13 @@ def test_metric_counts_take_numpy_and_0d_integer_tensors() -> None:
     assert InnerLossDiagnostics(num_layers=torch.tensor(2)).num_layers == 2
     assert LossByPosition(num_buckets=np.int64(3)).num_buckets == 3
     assert position_buckets(torch.tensor(4), np.int32(2)) == [(0, 2), (2, 4)]
+
+
+def test_check_update_rule_takes_a_numpy_float32_tolerance() -> None:
+    """Session 33's tolerance check took only int and float: np.float32(1e-6), which worked before, was
+    refused as 'not a finite number'."""
+    from innerloop.testing.checks import _refuse_variant_kwargs
+
+    _refuse_variant_kwargs("check_update_rule", {}, np.float32(1e-6))
+    with pytest.raises(ValueError, match="tolerance must be a finite number >= 0.*nan"):
+        _refuse_variant_kwargs("check_update_rule", {}, np.float32("nan"))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import operator
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -1108,7 +1109,7 @@ def _refuse_variant_kwargs(function: str, problem_kwargs: dict, tolerance: Any =
     negative one failed a right rule, 'error 0 > -1')."""
     if (
         isinstance(tolerance, bool)
-        or not isinstance(tolerance, (int, float))
+        or not isinstance(tolerance, numbers.Real)  # numpy's float32 too, as before the check
         or not 0 <= tolerance < math.inf
     ):
         raise ValueError(

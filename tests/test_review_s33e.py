@@ -55,3 +55,14 @@ def test_check_update_rule_takes_a_numpy_float32_tolerance() -> None:
     _refuse_variant_kwargs("check_update_rule", {}, np.float32(1e-6))
     with pytest.raises(ValueError, match="tolerance must be a finite number >= 0.*nan"):
         _refuse_variant_kwargs("check_update_rule", {}, np.float32("nan"))
+
+
+def test_check_flag_names_numpys_bool_as_numpys() -> None:
+    """check_flag refused np.False_ saying its type was 'bool' (numpy 2 names its bool so), which read as
+    refusing a bool; the message names numpy's type."""
+    from innerloop.core.functional import check_flag
+
+    with pytest.raises(TypeError, match=r"no_ttt=np.False_ \(numpy.bool_?\) must be True or False"):
+        check_flag("no_ttt", np.False_)
+    with pytest.raises(TypeError, match=r"resume='false' \(str\) must be True or False"):
+        check_flag("resume", "false")

@@ -370,7 +370,11 @@ def check_positive_int(name: str, value: Any, none_allowed: bool = False) -> Non
 def check_flag(name: str, value: Any) -> None:
     """A TypeError naming ``name`` unless ``value`` is a bool (a string such as 'false' would be true)."""
     if not isinstance(value, bool):
-        raise TypeError(f"{name}={value!r} ({type(value).__name__}) must be True or False")
+        kind = type(value)  # numpy's bool is named 'bool' too: its module tells it from Python's
+        kind_name = (
+            kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        )
+        raise TypeError(f"{name}={value!r} ({kind_name}) must be True or False (Python's bool)")
 
 
 def is_power_of_two(n: int) -> bool:

@@ -66,3 +66,14 @@ def test_check_flag_names_numpys_bool_as_numpys() -> None:
         check_flag("no_ttt", np.False_)
     with pytest.raises(TypeError, match=r"resume='false' \(str\) must be True or False"):
         check_flag("resume", "false")
+
+
+def test_evaluate_takes_a_0d_integer_tensor_size_again(tmp_path) -> None:
+    """Session 33's integer check (numbers.Integral) refused seq_len=torch.tensor(16), which evaluated
+    before (perplexity as at seq_len=16); a float or bool tensor is still refused by name."""
+    missing = str(tmp_path / "missing.ckpt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        evaluate(missing, seq_len=torch.tensor(16), batch_size=np.int64(2), batches=torch.tensor(1))
+    for bad in (torch.tensor(16.0), torch.tensor(True), 16.0):
+        with pytest.raises(ValueError, match=r"seq_len=.* must be an integer >= 1"):
+            evaluate(missing, seq_len=bad)

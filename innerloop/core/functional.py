@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import Any
 
 import torch
@@ -358,6 +359,18 @@ def is_integer(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def as_integer(value: Any) -> int | None:
+    """``value`` as an int if it is an integer (a Python int, a numpy integer, a 0-d integer tensor),
+    else None: not a bool (nor a bool tensor, which ``operator.index`` reads as 0 or 1), a float (a float
+    tensor has ``__index__`` too, which raises) or a string."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def check_positive_int(name: str, value: Any, none_allowed: bool = False) -> None:
     """Raise naming ``name`` unless ``value`` is an integer >= 1 (or None, where ``none_allowed``)."""
     if none_allowed and value is None:
@@ -431,6 +444,7 @@ class LayerNorm(torch.nn.LayerNorm):
 
 __all__ = [
     "apply_rope_interleaved",
+    "as_integer",
     "causal_depthwise_conv",
     "check_flag",
     "check_positive_int",

@@ -12,7 +12,6 @@ module holding them is cast to a low precision (:class:`Float64States`).
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +21,7 @@ from torchmetrics import Metric
 from torchmetrics.text import Perplexity
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from innerloop.core.functional import check_flag
+from innerloop.core.functional import as_integer, check_flag
 
 
 class Float64States(Metric):
@@ -87,22 +86,11 @@ class Float64Perplexity(Float64States, Perplexity):
             return self.total_log_probs / self.count
 
 
-def _count(value: Any) -> int | None:
-    """``value`` as an int if it is an integer (a numpy integer, a 0-d integer tensor), else None: not a
-    bool (nor a bool tensor, which ``operator.index`` reads as 0 or 1), a float or a string."""
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def position_buckets(seq_len: int, num_buckets: int) -> list[tuple[int, int]]:
     """``num_buckets`` contiguous ``[start, end)`` position ranges covering ``0..seq_len`` (sizes differ
     by at most one). If ``seq_len < num_buckets`` there are ``seq_len`` buckets of one position."""
     given = (seq_len, num_buckets)
-    seq_len, num_buckets = _count(seq_len) or 0, _count(num_buckets) or 0
+    seq_len, num_buckets = as_integer(seq_len) or 0, as_integer(num_buckets) or 0
     if seq_len < 1 or num_buckets < 1:
         raise ValueError(f"seq_len={given[0]!r} and num_buckets={given[1]!r} must be integers >= 1")
     num_buckets = min(num_buckets, seq_len)
@@ -132,7 +120,7 @@ class LossByPosition(Float64States):
 
     def __init__(self, num_buckets: int = 16, varying_lengths: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        count = _count(num_buckets)  # a float tensor has __index__ too, which raises when called
+        count = as_integer(num_buckets)  # a float tensor has __index__ too, which raises when called
         if count is None or count < 1:
             raise ValueError(f"num_buckets={num_buckets!r} must be an integer >= 1")
         check_flag("varying_lengths", varying_lengths)
@@ -233,7 +221,7 @@ class InnerLossDiagnostics(Float64States):
 
     def __init__(self, num_layers: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        count = _count(num_layers)  # torch.tensor(2.0) failed inside torch.zeros
+        count = as_integer(num_layers)  # torch.tensor(2.0) failed inside torch.zeros
         if count is None or count < 1:
             raise ValueError(f"num_layers={num_layers!r} must be an integer >= 1")
         self.num_layers = num_layers = count

@@ -77,3 +77,21 @@ def test_evaluate_takes_a_0d_integer_tensor_size_again(tmp_path) -> None:
     for bad in (torch.tensor(16.0), torch.tensor(True), 16.0):
         with pytest.raises(ValueError, match=r"seq_len=.* must be an integer >= 1"):
             evaluate(missing, seq_len=bad)
+
+
+def test_auto_names_training_only_not_a_missing_decode_step_for_a_decoded_token() -> None:
+    """c46d324: a decoded token without a graph whose only kernel with a decode step is ``training_only``
+    was told 'no kernel registered ... has a decode step', naming the wrong reason."""
+    from types import SimpleNamespace
+
+    from innerloop.kernels.dispatch import _best
+
+    task = SimpleNamespace(model=SimpleNamespace(name="m"), loss=SimpleNamespace(name="l"))
+    inputs = SimpleNamespace(extra={"decode": True}, requires_grad=False)
+    with_decode = SimpleNamespace(name="k_decode", decode=object(), training_only=True)
+    without = SimpleNamespace(name="k_plain", decode=None, training_only=False)
+    rule = SimpleNamespace(name="r")
+    _, reason = _best([], inputs, task, rule, [with_decode, without])
+    assert "train only and this block records no graph" in reason, reason
+    _, reason = _best([], inputs, task, rule, [without])
+    assert "has a decode step" in reason, reason

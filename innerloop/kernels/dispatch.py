@@ -323,12 +323,13 @@ def _best(
     those with a decode step for a decoded token, and to those not ``training_only`` for a block that
     records no graph)."""
     combination = f"({task.model.name}, {task.loss.name}, {rule.name})"
-    if not candidates and registered and inputs.extra.get("decode"):  # none has a decode step
+    decoded = inputs.extra.get("decode")
+    if not candidates and registered and decoded and all(k.decode is None for k in registered):
         return None, (
             f"torch: no kernel registered for {combination} has a decode step (one token at a time); "
             f"without one: {[k.name for k in registered]}"
         )
-    if not candidates and registered:  # each is training_only, and this block records no graph
+    if not candidates and registered:  # each that fits is training_only, and this block records no graph
         return None, (
             f"torch: the kernels registered for {combination} train only and this block records no graph: "
             f"{[k.name for k in registered]}"

@@ -2,7 +2,8 @@
 checkpoints and exports record of their plugins (tests/train/test_checkpoint_plugin_origins.py, tests/hf/
 test_export_plugin_origins.py: loading where the other one answers to the name must warn),
 :class:`One`, a plugin object registering one object through one hook (the registry's tests), and
-:func:`without_key`, a checkpoint as written before one of its records existed."""
+:func:`without_key`, a checkpoint as written before one of its records existed, and
+:class:`ModuleEntryPoint`, an installed entry point naming a module."""
 
 from __future__ import annotations
 
@@ -61,3 +62,16 @@ def without_key(source: Path, target: Path, key: str) -> Path:
     metadata["innerloop.sha256"] = checkpoint_digest(metadata["innerloop.tree"], tensors)
     save_file(tensors, str(target), metadata=metadata)
     return target
+
+
+class ModuleEntryPoint:
+    """An installed entry point naming a module (``importlib.metadata``'s shape)."""
+
+    def __init__(self, name: str, value: str) -> None:
+        self.name, self.value = name, value
+        self.dist = type("Dist", (), {"name": f"{name}-dist", "version": "0.1"})()
+
+    def load(self) -> object:
+        import importlib
+
+        return importlib.import_module(self.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from plugin_testing import ModuleEntryPoint
 
 from innerloop.core.ops import scan
 
@@ -226,19 +227,6 @@ innerloop.register_inner_loss(SharedLoss())
 """
 
 
-class _ModuleEntryPoint:
-    """An installed entry point naming a module (``importlib.metadata``'s shape)."""
-
-    def __init__(self, name: str, value: str) -> None:
-        self.name, self.value = name, value
-        self.dist = type("Dist", (), {"name": f"{name}-dist", "version": "0.1"})()
-
-    def load(self) -> object:
-        import importlib
-
-        return importlib.import_module(self.value)
-
-
 def test_a_failing_entry_point_does_not_take_down_a_valid_plugin_it_imported(tmp_path, monkeypatch) -> None:
     """Two installed plugins: ``s32e_shared`` registers a loss at import (no hook, as documented), and
     ``s32e_extra`` imports it and then fails (a missing dependency). Loaded shared-first, the loss is
@@ -262,7 +250,7 @@ def test_a_failing_entry_point_does_not_take_down_a_valid_plugin_it_imported(tmp
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.setattr(manager, "_REGISTERED_AT_IMPORT", dict(manager._REGISTERED_AT_IMPORT))
     monkeypatch.setattr(manager, "_ROLLED_BACK_AT_IMPORT", {})
-    entry_points = [_ModuleEntryPoint("extra", "s32e_extra"), _ModuleEntryPoint("shared", "s32e_shared")]
+    entry_points = [ModuleEntryPoint("extra", "s32e_extra"), ModuleEntryPoint("shared", "s32e_shared")]
     monkeypatch.setattr(manager, "_entry_points", lambda: entry_points)
     try:
         for _ in range(2):  # a later registry of the process too (no module is imported again)

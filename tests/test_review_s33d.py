@@ -8,6 +8,7 @@ import sys
 import warnings
 
 import pytest
+from plugin_testing import ModuleEntryPoint
 
 _PACKAGE_INIT = """
 import innerloop
@@ -38,19 +39,6 @@ raise ImportError("needs a missing dependency")
 """
 
 
-class _ModuleEntryPoint:
-    """An installed entry point naming a module (``importlib.metadata``'s shape)."""
-
-    def __init__(self, name: str, value: str) -> None:
-        self.name, self.value = name, value
-        self.dist = type("Dist", (), {"name": f"{name}-dist", "version": "0.1"})()
-
-    def load(self) -> object:
-        import importlib
-
-        return importlib.import_module(self.value)
-
-
 def test_a_failing_entry_point_inside_another_plugins_package_is_skipped_whole(tmp_path, monkeypatch) -> None:
     """Two installed plugins: ``s33d_pkg`` (registers a loss at import) and its submodule ``s33d_pkg.bad``,
     which registers a loss at import and then fails. The roll-back keeps aside for ``pkg`` what ``pkg``'s
@@ -71,7 +59,7 @@ def test_a_failing_entry_point_inside_another_plugins_package_is_skipped_whole(t
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.setattr(manager, "_REGISTERED_AT_IMPORT", dict(manager._REGISTERED_AT_IMPORT))
     monkeypatch.setattr(manager, "_ROLLED_BACK_AT_IMPORT", {})
-    entry_points = [_ModuleEntryPoint("bad", "s33d_pkg.bad"), _ModuleEntryPoint("pkg", "s33d_pkg")]
+    entry_points = [ModuleEntryPoint("bad", "s33d_pkg.bad"), ModuleEntryPoint("pkg", "s33d_pkg")]
     monkeypatch.setattr(manager, "_entry_points", lambda: entry_points)
     try:
         with isolated_registry(), warnings.catch_warnings():

@@ -178,6 +178,7 @@ class _SourceDigestLoss(InnerLoss):
         return 0.5 * ((prediction - target) ** 2).sum(-1)
 
 
+@pytest.mark.slow  # registers, removes and garbage-collects plugins: ~0.6 s
 def test_a_removed_plugin_is_not_kept_by_its_source_digest():
     """Defect (fixed): ``checkpoints._SOURCE_DIGESTS`` held every plugin object whose source digest a
     checkpoint recorded, by id, for the whole process: after ``remove_plugin`` (a notebook re-running

@@ -36,6 +36,7 @@ WRITES_INTO_STATE = (
 )
 
 
+@pytest.mark.slow  # check_update_rule over every problem: ~0.4 s
 def test_check_update_rule_names_a_write_into_the_state_without_grad() -> None:
     """The write was caught only as 'relative error 4.4e-01 > 1e-10' (the next run started from the
     overwritten state), where the same write with autograd on is named as what it is."""

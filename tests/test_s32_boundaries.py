@@ -23,6 +23,7 @@ def test_check_update_rule_refuses_cut_points_that_are_not_token_indices() -> No
         check_update_rule("dual_form", cut_points=[2.5])
 
 
+@pytest.mark.slow  # check_update_rule at several shapes: ~0.35 s
 def test_cut_points_inside_one_of_the_checked_lengths_are_accepted() -> None:
     """50 cuts the 150-token wide shape only: accepted (the 11- and 37-token problems run whole)."""
     check_update_rule(

@@ -71,6 +71,7 @@ def test_equals_conv1d_values_history_and_gradients(
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow  # hypothesis over splits: ~0.4 s
 @settings(max_examples=25, deadline=None)
 @given(
     tokens=st.integers(1, 19), split=st.integers(0, 19), kernel=st.integers(1, 5), seed=st.integers(0, 2**16)

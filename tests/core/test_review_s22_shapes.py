@@ -262,6 +262,7 @@ def test_family_layer_with_ttt_kernels_at_odd_head_sizes(inner_model, f, K, T, h
 # ---- invariances on the default (auto) paths, float64 -----------------------------------------------
 
 
+@pytest.mark.slow  # every path split, decoded and by rows: ~0.8 s
 @settings(**{**SETTINGS, "max_examples": 15})
 @given(
     kind=st.sampled_from(["ttt_linear", "ttt_mlp", *FAMILY]),
@@ -331,6 +332,7 @@ def test_gradients_through_a_carried_state_equal_the_whole(kernel):
 # ---- ops.scan ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # every shape through auto and torch in float64: ~0.5 s
 @settings(**{**SETTINGS, "max_examples": 15})
 @given(
     model=st.sampled_from(["linear", "mlp", "matrix"]),

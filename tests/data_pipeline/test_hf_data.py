@@ -129,6 +129,7 @@ def test_validation_holds_out_every_tenth_document_and_training_never_reads_them
     assert len(train_tokens) == 36  # and training cycles over every other document
 
 
+@pytest.mark.slow  # resumes from every recorded position: ~0.4 s
 @given(
     lengths=st.lists(st.integers(0, 12), min_size=1, max_size=12),
     seq_len=st.integers(1, 9),

@@ -201,12 +201,14 @@ class PlainMatrix(InnerModel):
         return x @ params["W"]
 
 
+@pytest.mark.slow  # the primal form with decay / momentum against the naive loop: 0.35-0.5 s a case
 @pytest.mark.parametrize("rule", ["momentum", "minibatch_gd"])
 def test_a_model_without_a_stack_takes_decay_and_momentum_in_the_primal_form(rule):
     registry = get_registry()
     check_update_rule(registry.update_rule(rule), PlainMatrix(), registry.inner_loss("next_token"), tokens=9)
 
 
+@pytest.mark.slow  # check_inner_model on the matrix model: ~0.4 s
 def test_the_matrix_model_conforms():
     """forward = its declared stack, and every rule that takes it = the naive loop."""
     check_inner_model(get_registry().inner_model("matrix"))

@@ -291,6 +291,7 @@ def test_a_first_use_inside_torch_compile_builds_the_registry_and_runs_the_scan_
     assert torch.equal(compiled, read(q, k, v, lr))
 
 
+@pytest.mark.slow  # builds a registry inside torch.compile: ~0.5 s
 def test_the_registry_built_first_inside_torch_compile_keeps_its_built_ins() -> None:
     """Any first use of the registry inside a compiled function (a layer built there, a plugin looked up)
     builds it eagerly: traced, the registrar's checks refused the built-in inner models."""

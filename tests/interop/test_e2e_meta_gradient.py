@@ -82,6 +82,7 @@ def test_the_training_loss_and_every_weights_gradient_equal_the_official(mode: s
     assert_equals_the_official(mode, *loss_and_official_layout_gradient(mode))
 
 
+@pytest.mark.slow  # meta-gradients of several micro-batches: ~0.3 s
 def test_accumulating_one_sequence_micro_batches_equals_the_official() -> None:
     """The official loop with ``training.accum_steps=3`` on this batch takes the mean of its three
     one-sequence micro-batches' losses and gradients (Welford's running mean over ``(accum batch)``

@@ -203,6 +203,7 @@ def test_the_inner_steps_change_the_logits_so_the_reference_comparison_has_teeth
     assert (ref(ids) - ref(ids, lr=0.0)).abs().max() > 1e-2
 
 
+@pytest.mark.slow  # E2E decoded token by token and at every split: 0.3-0.5 s a case
 @pytest.mark.parametrize(
     "name", ["default_4_blocks", "one_layer", "window_shorter_than_chunk", "within_chunk"]
 )

@@ -56,6 +56,7 @@ def test_a_name_is_registered_exactly_when_a_config_reads_it_back(fresh_registry
     assert (reads == [name, name]) == registered, reads
 
 
+@pytest.mark.slow  # loads configs and builds models for several plugins: ~0.4 s
 def test_names_a_config_reads_back_are_chosen_by_an_override(fresh_registry, tmp_path) -> None:
     for name in ("2", "a b"):
         innerloop.register_inner_loss(NamedReconstruction(name), origin=f"names_test_{name}")

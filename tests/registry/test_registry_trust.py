@@ -312,6 +312,7 @@ def readme_plugin_block() -> str:
     return blocks[0]
 
 
+@pytest.mark.slow  # check_inner_loss on the README's plugin: ~0.45 s
 def test_the_readme_plugin_example_runs_and_passes_check_inner_loss(fresh_global_registry):
     namespace: dict = {}
     exec(compile(readme_plugin_block(), str(README), "exec"), namespace)

@@ -525,6 +525,7 @@ class AutogradTokenLoop(UpdateRule):
         return naive_token_loop(state, task, views, lr * 0.5, tau)
 
 
+@pytest.mark.slow  # registers a rule (its conformance check): ~0.4 s
 def test_dispatches_say_something_for_a_plugin_rule():
     with isolated_registry():
         with pytest.warns(innerloop.PluginWarning):  # it takes torch.autograd.grad: not without autograd
@@ -538,6 +539,7 @@ def test_dispatches_say_something_for_a_plugin_rule():
         )
 
 
+@pytest.mark.slow  # registers rules (their conformance checks): ~0.35 s
 def test_a_rule_that_raises_under_inference_mode_is_refused_or_warned():
     with isolated_registry():
         with warnings.catch_warnings(record=True) as caught:

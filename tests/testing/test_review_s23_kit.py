@@ -346,6 +346,7 @@ def test_a_rule_wrong_in_float32_is_caught_when_the_user_asks_for_float32():
         check_update_rule(WrongInFloat32(), **ONE_CASE, dtype=torch.float32, tolerance=1e-4)
 
 
+@pytest.mark.slow  # check_update_rule in float64 and float32: ~0.45 s
 def test_a_rule_wrong_only_in_float32_fails_the_default_check():
     with pytest.raises(PluginError, match="s23_wrong_in_float32.* in float32 vs"):
         innerloop.register_update_rule(WrongInFloat32())
@@ -549,6 +550,7 @@ def test_a_kernel_wrong_from_the_fourth_mini_batch_is_chosen_by_auto_and_compute
     assert relative_error(got, reference(x)[0]) > 1e-3
 
 
+@pytest.mark.slow  # check_kernel over its cases: ~0.35 s
 def test_a_kernel_wrong_from_the_fourth_mini_batch_fails_check_kernel():
     name = _register_kernel("s23_from_fourth", forward=from_fourth_mini_batch)
     with pytest.raises(AssertionError, match="s23_from_fourth"):

@@ -104,6 +104,7 @@ def test_the_bootstrap_band_matches_a_direct_computation() -> None:
     assert all(torch.equal(t, torch.zeros(buckets, dtype=torch.float64)) for t in zero)
 
 
+@pytest.mark.slow  # many bootstrap draws: ~0.35 s
 def test_the_bootstrap_band_covers_the_true_difference_about_as_often_as_it_says() -> None:
     rng = np.random.default_rng(1)
     trials, covered = 300, 0

@@ -69,6 +69,7 @@ def test_the_expanded_tail_is_the_plain_one_for_many_windows_and_narrower_for_fe
         expanded_tail(1, 0.95)
 
 
+@pytest.mark.slow  # many bootstrap draws: ~0.3 s a case
 @pytest.mark.parametrize("windows", [MIN_BAND_WINDOWS, 8])
 def test_a_band_over_few_windows_covers_about_as_often_as_it_says(windows) -> None:
     """The plain percentile band over 6 windows covered a true difference in about 80% of trials for

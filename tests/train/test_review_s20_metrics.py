@@ -93,6 +93,7 @@ def test_validation_metrics_weight_tokens_not_batches_with_ignored_targets_and_a
         assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
+@pytest.mark.slow  # evaluates at several batch sizes: ~0.3 s
 def test_eval_numbers_and_csv_equal_a_recomputation_whatever_the_batch_size(tmp_path) -> None:
     """``evaluate`` of a checkpoint on a file: 5 windows (fewer than the 6 asked for, the file holds no
     more) in batches of 2 and of 5 give the recomputed numbers, and its CSV the recomputed buckets."""

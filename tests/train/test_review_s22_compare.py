@@ -99,6 +99,7 @@ def _token_losses(checkpoint: Path, inputs: torch.Tensor, targets: torch.Tensor)
 # ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # compare and a float64 recomputation at several lengths: ~0.4 s
 def test_compare_numbers_equal_a_float64_recomputation_at_every_length(world) -> None:
     scipy_stats = pytest.importorskip("scipy.stats")
     runs = [world["ttt"], world["swa"]]
@@ -146,6 +147,7 @@ def test_compare_numbers_equal_a_float64_recomputation_at_every_length(world) ->
                 assert float(row["diff"]) == pytest.approx(float(diff[b]), abs=2e-6)
 
 
+@pytest.mark.slow  # eval and a float64 recomputation: ~0.3 s
 def test_eval_numbers_and_csv_equal_a_float64_recomputation_at_an_odd_length(world, tmp_path) -> None:
     checkpoint = world["ttt"] / "last.safetensors"
     data = [str(world["root"] / "data" / "other.txt")]
@@ -240,6 +242,7 @@ def test_compare_refuses_a_copied_checkpoint_that_trained_on_the_windows(world) 
 
 
 # review s22 compare (MED, fixed): an hf model was scored on --data read as the text baseline reads it, unsaid
+@pytest.mark.slow  # compare over two models: ~0.35 s
 def test_compare_says_when_a_model_reads_the_data_files_otherwise_than_the_windows(world, caplog) -> None:
     data = [str(world["root"] / "data" / "unseen.jsonl")]
     with caplog.at_level(logging.WARNING):
@@ -253,6 +256,7 @@ def test_compare_says_when_a_model_reads_the_data_files_otherwise_than_the_windo
 
 
 # review s22 compare (MED, fixed): the written table did not say which windows it scored, nor the notes
+@pytest.mark.slow  # compare, then reads its table: ~0.3 s
 def test_the_written_table_says_which_windows_it_scored(world, tmp_path) -> None:
     comparison = compare([world["ttt"], world["swa"]], resamples=20)
     _, _, table = write_comparison(comparison, tmp_path)

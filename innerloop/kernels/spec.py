@@ -118,6 +118,19 @@ def takes_keyword(function: Callable, name: str) -> bool:
     )
 
 
+def double_backward_message(path: str, why: str | None = None) -> str:
+    """The error of a ``create_graph=True`` backward through ``path`` (a kernel's name, or words for it),
+    which is differentiable once only (``why``: the reason, when worth saying); the way out is the same
+    on every path."""
+    because = f" ({why})" if why else ""
+    return (
+        f"{path} is differentiable once only{because}; pass needs_double_backward=True to the TTTLayer or "
+        "ops.scan (or kernel='torch') to take gradients of gradients (in a language model, on each TTT "
+        "layer: `for block in model.blocks: block.mixer.needs_double_backward = True`, or "
+        "model.ttt.kernel=torch)"
+    )
+
+
 @dataclass(frozen=True)
 class KernelInputs:
     """What a kernel's ``verify`` may look at to decide whether it can run."""
@@ -288,6 +301,7 @@ __all__ = [
     "RESERVED_KERNEL_NAMES",
     "KernelSpec",
     "check_kernel_output",
+    "double_backward_message",
     "protocol_parameters",
     "signature_mismatch",
     "stack_kernel_spec",

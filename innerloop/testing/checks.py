@@ -33,7 +33,6 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-import operator
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -41,7 +40,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from innerloop.core.functional import relative_error
+from innerloop.core.functional import as_integer, relative_error
 from innerloop.core.layer import TTTLayer
 from innerloop.core.protocol import (
     STACK_TOLERANCE,
@@ -147,14 +146,9 @@ def reference_name(rule: UpdateRule) -> str:
     return f"its declared reference ({type(rule).__qualname__}.reference)"
 
 
-def as_index(value: object) -> int | None:
-    """``value`` as a Python int if it is an integer (a numpy or 0-d torch integer too), else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        return None
+as_index = as_integer
+"""``value`` as a Python int if it is an integer (a numpy or 0-d torch integer too, not a bool nor a bool
+tensor), else None: :func:`innerloop.core.functional.as_integer`, under the name the kit has used."""
 
 
 def _check_problem_shape(**shape: object) -> dict[str, int]:

@@ -230,15 +230,16 @@ class InnerLossDiagnostics(Float64States):
         self.add_state("count", torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, layer: int, before: torch.Tensor, after: torch.Tensor) -> None:
-        if not hasattr(layer, "__index__") or not 0 <= layer < self.num_layers:
+        index = as_integer(layer)
+        if index is None or not 0 <= index < self.num_layers:
             raise ValueError(f"layer={layer!r} must be in [0, {self.num_layers}), an integer")
         if before.shape != after.shape or before.dim() != 1:
             raise ValueError(
                 f"before and after must both be [batch], got {tuple(before.shape)} and {tuple(after.shape)}"
             )
-        self.before_sum[layer] += before.detach().to(torch.float64).sum()
-        self.after_sum[layer] += after.detach().to(torch.float64).sum()
-        self.count[layer] += before.numel()
+        self.before_sum[index] += before.detach().to(torch.float64).sum()
+        self.after_sum[index] += after.detach().to(torch.float64).sum()
+        self.count[index] += before.numel()
 
     def compute(self) -> dict[str, torch.Tensor]:
         return {

@@ -18,13 +18,9 @@ from torch.autograd.function import FunctionCtx
 
 from innerloop.kernels.cpu.buffers import scan_buffer
 from innerloop.kernels.cpu.library import DTYPE_CODES, run_entry_point, scan_input_problems, scan_sizes
+from innerloop.kernels.spec import double_backward_message
 
-DOUBLE_BACKWARD_MESSAGE = (
-    "the CPU kernel's training scan is differentiable once only; pass needs_double_backward=True to "
-    "the TTTLayer or ops.scan (or kernel='torch') to take gradients of gradients (in a language model, on "
-    "each TTT layer: `for block in model.blocks: block.mixer.needs_double_backward = True`, or "
-    "model.ttt.kernel=torch)"
-)
+DOUBLE_BACKWARD_MESSAGE = double_backward_message("the CPU kernel's training scan")
 
 
 class _LinearScanArgs(ctypes.Structure):

@@ -33,17 +33,13 @@ from torch.autograd.function import FunctionCtx
 from innerloop.core.functional import overflow_safe_scale_if_needed
 from innerloop.core.protocol import AffineLayer, Params
 from innerloop.kernels.spec import KernelForward, KernelInputs, KernelSpec, stack_kernel_spec
+from innerloop.kernels.spec import double_backward_message as spec_double_backward_message
 
 
 def double_backward_message(path: str) -> str:
     """The error of a ``create_graph=True`` backward through ``path`` (a kernel's name, or words for
     the fused path when it runs outside a registered kernel)."""
-    return (
-        f"{path} is differentiable once only (aten's fused LayerNorm backward is not twice "
-        "differentiable); pass needs_double_backward=True to the TTTLayer or ops.scan (or kernel='torch') "
-        "to take gradients of gradients (in a language model, on each TTT layer: `for block in model.blocks: "
-        "block.mixer.needs_double_backward = True`, or model.ttt.kernel=torch)"
-    )
+    return spec_double_backward_message(path, "aten's fused LayerNorm backward is not twice differentiable")
 
 
 DOUBLE_BACKWARD_MESSAGE = double_backward_message("the fused_torch fast path")

@@ -27,7 +27,7 @@ from innerloop.core.functional import (  # noqa: F401  (re-exported for the kern
     layer_norm,
     layer_norm_backward,
 )
-from innerloop.kernels.spec import KernelInputs, KernelSpec
+from innerloop.kernels.spec import KernelInputs, KernelSpec, double_backward_message
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_MINI_BATCH = 64
@@ -57,20 +57,10 @@ def eta_matrix(lr: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return torch.tril(tau[:, None] * lr[..., None, :])
 
 
-def double_backward_message(kernel_name: str) -> str:
-    """The error of a ``create_graph=True`` backward through a Triton kernel (:func:`differentiable_once`)."""
-    return (
-        f"{kernel_name} is differentiable once only (its backward is a Triton kernel); pass "
-        "needs_double_backward=True to the TTTLayer or ops.scan (or kernel='torch') to take gradients of "
-        "gradients (in a language model, on each TTT layer: `for block in model.blocks: "
-        "block.mixer.needs_double_backward = True`, or model.ttt.kernel=torch)"
-    )
-
-
 def differentiable_once(kernel_name: str) -> Callable[[Callable], Callable]:
     """Decorate an ``autograd.Function.backward`` that cannot be differentiated: a backward asked to
     build a graph (``create_graph=True``: grad mode is on inside it) raises
-    :func:`double_backward_message`. ``torch.autograd.function.once_differentiable`` is not enough: it
+    :func:`~innerloop.kernels.spec.double_backward_message`. ``torch.autograd.function.once_differentiable`` is not enough: it
     hangs its error on fresh leaves, which ``torch.autograd.grad(g, inputs)`` never reaches, so a second
     derivative came out silently without the kernel's part (review s33c)."""
 
@@ -78,7 +68,7 @@ def differentiable_once(kernel_name: str) -> Callable[[Callable], Callable]:
         @functools.wraps(backward)
         def checked(ctx: object, *grads: torch.Tensor | None) -> object:
             if torch.is_grad_enabled():
-                raise RuntimeError(double_backward_message(kernel_name))
+                raise RuntimeError(double_backward_message(kernel_name, "its backward is a Triton kernel"))
             return backward(ctx, *grads)
 
         return checked

@@ -114,7 +114,9 @@ def test_the_chunk_runners_refuse_a_cut_that_is_not_an_index_and_the_reference_n
 
     layer = innerloop.TTTLayer(8, 2, mini_batch_size=2)
     x = torch.randn(1, 6, 8)
-    with pytest.raises(TypeError, match=r"run_layer_in_chunks: cut_points must be token indices.*2\.5"):
+    with pytest.raises(
+        TypeError, match=r"run_layer_in_chunks: cut_points must be a list of token indices.*2\.5"
+    ):
         run_layer_in_chunks(layer, x, [2.5])
     whole, _ = layer(x)
     split, _ = run_layer_in_chunks(layer, x, [np.int64(3), torch.tensor(3), 0, 6, 9])

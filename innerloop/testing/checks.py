@@ -240,13 +240,18 @@ def make_problem(
     return InnerProblem(state, task, views, lr, tau.clamp_min(0.0), decays, momenta)
 
 
-def _cuts_inside(cut_points: list[int], tokens: int, caller: str) -> list[int]:
-    """The distinct ``cut_points`` inside ``(0, tokens)``, sorted; a point that is not an integer (numpy
-    and 0-d torch integers are) is refused, naming ``caller``."""
+def _cut_indices(cut_points: list[int], caller: str) -> list[int]:
+    """``cut_points`` as ints (numpy and 0-d torch integers are integers); a TypeError naming ``caller``
+    if one is not an integer."""
     points = [as_index(p) for p in cut_points]
     if None in points:
-        raise TypeError(f"{caller}: cut_points must be token indices (ints), got {cut_points!r}")
-    return sorted({p for p in points if 0 < p < tokens})
+        raise TypeError(f"{caller}: cut_points must be a list of token indices (ints), got {cut_points!r}")
+    return points
+
+
+def _cuts_inside(cut_points: list[int], tokens: int, caller: str) -> list[int]:
+    """The distinct ``cut_points`` inside ``(0, tokens)``, sorted (:func:`_cut_indices`)."""
+    return sorted({p for p in _cut_indices(cut_points, caller) if 0 < p < tokens})
 
 
 def run_in_chunks(
@@ -1131,10 +1136,7 @@ def _check_cut_points(cut_points: list[int] | None, problem_kwargs: dict) -> lis
     Returns them as ints (numpy and 0-d torch integers are taken)."""
     if cut_points is None:
         return None
-    points = [as_index(p) for p in cut_points]
-    cuts = [p for p in points if p is not None]
-    if len(cuts) != len(points):
-        raise TypeError(f"cut_points must be a list of token indices (ints), got {cut_points!r}")
+    cuts = _cut_indices(cut_points, "check_update_rule")
     lengths = {as_index(problem_kwargs.get("tokens", _MAKE_PROBLEM_TOKENS))}
     if not set(problem_kwargs) & set(PLUGIN_CHECK_SHAPE):  # the wide shapes are checked too
         lengths |= {shape["tokens"] for shape in (*PLUGIN_CHECK_SHAPES, UNIT_CHECK_SHAPE)}

@@ -54,7 +54,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from innerloop.config.load import CHECKPOINT_SUFFIX, checkpoint_path_problem
-from innerloop.core.functional import check_flag
+from innerloop.core.functional import check_flag, first_non_finite
 from innerloop.core.identity import IdentityTable
 from innerloop.core.layer import TTTLayer
 from innerloop.data.atomic import atomic_write, file_sha256, file_stamp
@@ -786,14 +786,13 @@ def _check_finite_weights(name: str, state_dict: Any) -> None:
     tied weights would be silently replaced by its twin when loaded."""
     if not isinstance(state_dict, dict):
         return  # check_state_dict reports a state dict of the wrong kind against the model
-    for key, tensor in state_dict.items():
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
-            bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                raise CheckpointError(
-                    f"{name} has non-finite weights: {key!r} holds {bad} NaN/infinite value(s) of "
-                    f"{tensor.numel()} (the run that wrote it diverged); use an earlier checkpoint"
-                )
+    found = first_non_finite(state_dict.items())
+    if found is not None:
+        key, bad, total = found
+        raise CheckpointError(
+            f"{name} has non-finite weights: {key!r} holds {bad} NaN/infinite value(s) of {total} (the run "
+            "that wrote it diverged); use an earlier checkpoint"
+        )
 
 
 def checkpoint_content_digest(path: str | os.PathLike[str]) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -380,6 +381,18 @@ def check_positive_int(name: str, value: Any, none_allowed: bool = False) -> Non
         raise ValueError(f"{name} must be {valid}, got {value!r}")
 
 
+def first_non_finite(named: Iterable[tuple[str, Any]]) -> tuple[str, int, int] | None:
+    """The first floating-point tensor of ``named`` (``(name, value)`` pairs; other values and meta
+    tensors are skipped) that holds a NaN or an infinity, as ``(name, how many, of how many)``; None
+    when there is none. The loaders' refusal of non-finite weights reads it."""
+    for name, tensor in named:
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.device.type != "meta":
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                return name, bad, tensor.numel()
+    return None
+
+
 def check_flag(name: str, value: Any) -> None:
     """A TypeError naming ``name`` unless ``value`` is a bool (a string such as 'false' would be true)."""
     if not isinstance(value, bool):
@@ -448,6 +461,7 @@ __all__ = [
     "causal_depthwise_conv",
     "check_flag",
     "check_positive_int",
+    "first_non_finite",
     "chunk_mean_cross_entropy",
     "gelu_tanh",
     "gelu_tanh_derivative",

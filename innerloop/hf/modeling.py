@@ -37,7 +37,7 @@ from transformers.utils import ModelOutput
 
 from innerloop.checkpoints import missing_keys_note, plugin_record, warn_changed_plugins
 from innerloop.core.eager import run_eagerly
-from innerloop.core.functional import mean_scored_cross_entropy
+from innerloop.core.functional import first_non_finite, mean_scored_cross_entropy
 from innerloop.data.atomic import atomic_write_text, file_sha256
 from innerloop.hf.arguments import (
     check_flag,
@@ -679,16 +679,15 @@ def refuse_non_finite_weights(model: nn.Module, source: str) -> None:
     ``save_pretrained``, an edited file, or a value past the range of the ``dtype`` asked for), as
     innerloop's own checkpoints are refused (:func:`~innerloop.checkpoints.load_checkpoint`): every
     output would be NaN, blamed on the input later."""
-    for key, tensor in model.state_dict().items():
-        if not tensor.is_floating_point() or tensor.device.type == "meta":
-            continue
-        bad = int((~torch.isfinite(tensor)).sum())
-        if bad:
-            raise ValueError(
-                f"{source}: the weight {key!r} holds {bad} NaN/infinite value(s) of {tensor.numel()} as "
-                f"loaded ({tensor.dtype}); innerloop refuses non-finite weights: the model that was saved "
-                "diverged, the file was edited, or its values do not fit the dtype asked for"
-            )
+    weights = model.state_dict()
+    found = first_non_finite(weights.items())
+    if found is not None:
+        key, bad, total = found
+        raise ValueError(
+            f"{source}: the weight {key!r} holds {bad} NaN/infinite value(s) of {total} as loaded "
+            f"({weights[key].dtype}); innerloop refuses non-finite weights: the model that was saved diverged, "
+            "the file was edited, or its values do not fit the dtype asked for"
+        )
 
 
 def config_keys_note(folder: Path | None) -> str:

@@ -57,15 +57,20 @@ def test_check_update_rule_takes_a_numpy_float32_tolerance() -> None:
         _refuse_variant_kwargs("check_update_rule", {}, np.float32("nan"))
 
 
-def test_check_flag_names_numpys_bool_as_numpys() -> None:
-    """check_flag refused np.False_ saying its type was 'bool' (numpy 2 names its bool so), which read as
-    refusing a bool; the message names numpy's type."""
+def test_check_flag_takes_numpys_bool_and_names_other_types() -> None:
+    """check_flag took numpy's bool before session 33 (no_ttt=np.False_ from an array's element) and
+    refused it after; it takes it again. A string, a tensor or a list is refused naming its type."""
     from innerloop.core.functional import check_flag
 
-    with pytest.raises(TypeError, match=r"no_ttt=np.False_ \(numpy.bool_?\) must be True or False"):
-        check_flag("no_ttt", np.False_)
+    check_flag("no_ttt", np.False_)
+    check_flag("no_ttt", np.bool_(True))
+    assert LossByPosition(varying_lengths=np.True_).varying_lengths is True  # stored as Python's bool
     with pytest.raises(TypeError, match=r"resume='false' \(str\) must be True or False"):
         check_flag("resume", "false")
+    with pytest.raises(TypeError, match=r"resume=tensor\(False\) \(torch.Tensor\) must be True or False"):
+        check_flag("resume", torch.tensor(False))
+    with pytest.raises(TypeError, match=r"resume=\[False\] \(list\) must be True or False"):
+        check_flag("resume", [False])
 
 
 def test_evaluate_takes_a_0d_integer_tensor_size_again(tmp_path) -> None:

@@ -381,6 +381,24 @@ def check_positive_int(name: str, value: Any, none_allowed: bool = False) -> Non
         raise ValueError(f"{name} must be {valid}, got {value!r}")
 
 
+def positive_ints(**values: Any) -> list[int | None]:
+    """``values`` as ints (None: not given), or a ``ValueError`` naming the first that is not an integer
+    (a numpy or 0-d torch integer is one; a bool, a float or a bool tensor is not), or below 1. For the
+    user-facing sizes of ``evaluate`` and ``compare``, which read them as Python ints from here on."""
+    ints = []
+    for name, value in values.items():
+        if value is None:
+            ints.append(None)
+            continue
+        number = as_integer(value)
+        if number is None:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1 (or None for the default)")
+        if number < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
+        ints.append(number)
+    return ints
+
+
 def first_non_finite(named: Iterable[tuple[str, Any]]) -> tuple[str, int, int] | None:
     """The first floating-point tensor of ``named`` (``(name, value)`` pairs; other values and meta
     tensors are skipped) that holds a NaN or an infinity, as ``(name, how many, of how many)``; None
@@ -394,13 +412,17 @@ def first_non_finite(named: Iterable[tuple[str, Any]]) -> tuple[str, int, int] |
 
 
 def check_flag(name: str, value: Any) -> None:
-    """A TypeError naming ``name`` unless ``value`` is a bool (a string such as 'false' would be true)."""
-    if not isinstance(value, bool):
-        kind = type(value)  # numpy's bool is named 'bool' too: its module tells it from Python's
+    """A TypeError naming ``name`` unless ``value`` is a bool, Python's or numpy's (a string such as
+    'false' would be true, and so would a tensor or a list of one False)."""
+    kind = type(value)
+    if not isinstance(value, bool) and not (
+        kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")
+    ):
+        # numpy's bool is named 'bool' too: its module tells it from Python's
         kind_name = (
             kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
         )
-        raise TypeError(f"{name}={value!r} ({kind_name}) must be True or False (Python's bool)")
+        raise TypeError(f"{name}={value!r} ({kind_name}) must be True or False (a bool)")
 
 
 def is_power_of_two(n: int) -> bool:

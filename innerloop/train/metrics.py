@@ -125,7 +125,7 @@ class LossByPosition(Float64States):
             raise ValueError(f"num_buckets={num_buckets!r} must be an integer >= 1")
         check_flag("varying_lengths", varying_lengths)
         self.num_buckets = count
-        self.varying_lengths = varying_lengths
+        self.varying_lengths = bool(varying_lengths)  # numpy's bool too
         # [longest length seen]: summed loss and scored-token count at each position
         self.add_state("loss_by_position", torch.zeros(0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count_by_position", torch.zeros(0, dtype=torch.float64), dist_reduce_fx="sum")

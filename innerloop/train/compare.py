@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -43,8 +44,7 @@ from innerloop.checkpoints import (
 )
 from innerloop.config.load import ConfigError
 from innerloop.config.schema import DataConfig, RunConfig
-from innerloop.core.functional import check_flag
-from innerloop.core.layer import check_positive_int
+from innerloop.core.functional import as_integer, check_flag, positive_ints
 from innerloop.data.atomic import atomic_write, atomic_write_text, remove_stale_temporaries_of
 from innerloop.data.tokenizer import Tokenizer
 from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
@@ -253,15 +253,13 @@ def compare(
     as in ``innerloop eval``). ``no_ttt`` switches test-time training off in every model that has it. Every
     model's training data is checked against the windows first (:func:`training_data_notes`: logged as
     warnings; a model that trained on the baseline's held-out text is refused)."""
-    _check_compare_arguments(runs_or_checkpoints, seq_lens, baseline, resamples, confidence, seed, no_ttt)
-    for name, value in (
-        ("batch_size", batch_size),
-        ("batches", batches),
-    ):  # the CLI's argparse checks its own
-        try:
-            check_positive_int(name, value, none_allowed=True)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+    seq_lens, resamples, confidence, seed = _check_compare_arguments(
+        runs_or_checkpoints, seq_lens, baseline, resamples, confidence, seed, no_ttt
+    )
+    try:
+        batch_size, batches = positive_ints(batch_size=batch_size, batches=batches)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     paths = _path_list(paths)
     checkpoints = [resolve_checkpoint(p) for p in runs_or_checkpoints]
     names = model_names(checkpoints)
@@ -307,31 +305,37 @@ def _path_list(paths: Any) -> list[str]:
 
 def _check_compare_arguments(
     runs: Any, seq_lens: Any, baseline: Any, resamples: Any, confidence: Any, seed: Any, no_ttt: Any = False
-) -> None:
-    """:func:`compare`'s arguments, checked before any model is loaded."""
+) -> tuple[list[int] | None, int, float, int]:
+    """:func:`compare`'s arguments, checked before any model is loaded; returns ``seq_lens``,
+    ``resamples``, ``confidence`` and ``seed`` as Python numbers (a numpy or 0-d torch integer is an
+    integer, a numpy float a number, as in ``evaluate``)."""
     try:
         check_flag("no_ttt", no_ttt)  # a string such as 'false' would switch test-time training off
     except TypeError as err:
         raise ConfigError(str(err)) from None
-
-    def integer(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
     if isinstance(runs, (str, Path)) or not isinstance(runs, Sequence) or not runs:
         raise ConfigError(f"compare needs a list of one or more run folders or checkpoints, got {runs!r}")
-    if seq_lens is not None and (
-        isinstance(seq_lens, (str, bytes)) or not isinstance(seq_lens, Sequence) or not seq_lens
-        or not all(integer(n) and n >= 1 for n in seq_lens)
-    ):  # fmt: skip
-        raise ConfigError(f"--seq-len must be one or more integers >= 1, got {seq_lens!r}")
+    lengths = None if seq_lens is None else _seq_len_list(seq_lens)
     if baseline is not None and not isinstance(baseline, (str, Path)):
         raise ConfigError(f"--baseline must be a model's name or path, got {baseline!r}")
-    if not integer(resamples) or resamples < 1:
+    resample_count = as_integer(resamples)
+    if resample_count is None or resample_count < 1:
         raise ConfigError(f"--resamples must be an integer >= 1, got {resamples!r}")
-    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+    if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real) or not 0 < confidence < 1:
         raise ConfigError(f"confidence must be a number in (0, 1), got {confidence!r}")
-    if not integer(seed):
+    seed_int = as_integer(seed)
+    if seed_int is None:
         raise ConfigError(f"--seed must be an integer, got {seed!r}")
+    return lengths, resample_count, float(confidence), seed_int
+
+
+def _seq_len_list(seq_lens: Any) -> list[int]:
+    """``seq_lens`` (a sequence of one or more integers >= 1) as a list of Python ints."""
+    lengths = [] if isinstance(seq_lens, (str, bytes)) or not isinstance(seq_lens, Sequence) else seq_lens
+    as_ints = [as_integer(n) for n in lengths]
+    if not as_ints or any(n is None or n < 1 for n in as_ints):
+        raise ConfigError(f"--seq-len must be one or more integers >= 1, got {seq_lens!r}")
+    return as_ints
 
 
 def _add_length(comparison: Comparison, result: LengthResult) -> None:

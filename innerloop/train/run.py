@@ -93,7 +93,7 @@ from innerloop.config.load import (
     warmup_steps,
 )
 from innerloop.config.schema import DataConfig, RecallConfig, RunConfig
-from innerloop.core.functional import as_integer, check_flag
+from innerloop.core.functional import check_flag, positive_ints
 from innerloop.data.atomic import atomic_write_text, file_sha256, file_stamp, remove_stale_temporaries_of
 from innerloop.data.hf import FORMATS, check_hf_source
 from innerloop.data.text import split_keys, split_text_files, stdlib_files
@@ -1604,29 +1604,12 @@ def _eval_args(
 ) -> tuple[list[str], int | None, int | None, int | None]:
     """:func:`evaluate`'s arguments, checked before anything is read; returns ``paths`` as a list (one
     path is a list of one, not its letters; None, as no paths: the run's own windows) and the sizes as
-    ints (:func:`_positive_ints`)."""
-    sizes = _positive_ints(seq_len=seq_len, batch_size=batch_size, batches=batches)
+    ints (:func:`~innerloop.core.functional.positive_ints`)."""
+    sizes = positive_ints(seq_len=seq_len, batch_size=batch_size, batches=batches)
     check_flag("no_ttt", no_ttt)
     if out_dir is not None:
         check_output_dir(out_dir, "out_dir")  # a file there failed after the evaluation
     return ([] if paths is None else path_list(paths)), *sizes
-
-
-def _positive_ints(**values: Any) -> list[int | None]:
-    """``values`` as ints (None: not given), or a ``ValueError`` naming the first that is not an integer
-    (a numpy or 0-d torch integer is one; a bool, a float or a bool tensor is not), or below 1."""
-    ints = []
-    for name, value in values.items():
-        if value is None:
-            ints.append(None)
-            continue
-        number = as_integer(value)
-        if number is None:
-            raise ValueError(f"{name}={value!r} must be an integer >= 1 (or None for the default)")
-        if number < 1:
-            raise ValueError(f"{name}={value} must be >= 1")
-        ints.append(number)
-    return ints
 
 
 def _write_evaluation(

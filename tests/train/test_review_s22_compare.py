@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import math
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -288,7 +289,7 @@ def test_compare_refuses_bad_window_counts_naming_them(world) -> None:
     with pytest.raises((ConfigError, ValueError), match="batch_size"):
         compare([world["ttt"]], batch_size=0)
     for bad in (2.5, True, -1, "4"):
-        with pytest.raises(ConfigError, match=rf"batches must be a positive integer or None, got {bad!r}"):
+        with pytest.raises(ConfigError, match=rf"batches={re.escape(repr(bad))} must be (an integer )?>= 1"):
             compare([world["ttt"]], batches=bad)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -703,6 +704,15 @@ class LanguageModelModule(L.LightningModule):
             lr=hp.lr,
             betas=hp.betas,
         )
+        if hp.warmup_steps > hp.max_steps:  # from Python: a run's config sizes it by warmup_fraction
+            last_lr = self._schedule()(hp.max_steps - 1)
+            warnings.warn(
+                f"warmup_steps={hp.warmup_steps} is more than max_steps={hp.max_steps}: the learning rate "
+                f"is still warming up when training ends and peaks at {last_lr:.3g}, not "
+                f"lr={hp.lr:g}; give warmup_steps <= max_steps (its default is 100)",
+                UserWarning,
+                stacklevel=2,
+            )
         lr_at = self._schedule()
         schedule = _ModuleSchedule(optimizer, lambda step: lr_at(step) / hp.lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,69 @@
+"""Session 34: numbers of numpy's and torch's kinds where a user-facing size, seed or level is asked for
+(``compare`` took only Python's ints and floats, ``evaluate`` numpy and 0-d torch integers too)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from innerloop.config.load import ConfigError
+from innerloop.core.functional import positive_ints
+from innerloop.models import ModelConfig
+from innerloop.train import LanguageModelModule
+from innerloop.train.compare import _check_compare_arguments
+
+
+def test_compare_reads_numpy_and_0d_torch_numbers_as_pythons() -> None:
+    """compare refused np.int64 lengths (from ``np.arange``), a 0-d tensor seed and np.float32
+    confidence; each is now read as the Python number it holds, as ``evaluate`` reads its sizes."""
+    lengths, resamples, confidence, seed = _check_compare_arguments(
+        ["run"], list(np.array([16, 32])), None, torch.tensor(50),
+        np.float32(0.9), np.int32(3),
+    )  # fmt: skip
+    assert (lengths, resamples, seed) == ([16, 32], 50, 3)
+    assert all(type(n) is int for n in (*lengths, resamples, seed))
+    assert type(confidence) is float and confidence == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"seq_lens": [16, torch.tensor(2.0)]}, r"--seq-len must be one or more integers >= 1"),
+        ({"seq_lens": [np.int64(0)]}, r"--seq-len must be one or more integers >= 1"),
+        ({"seq_lens": []}, r"--seq-len must be one or more integers >= 1"),
+        ({"seq_lens": "16"}, r"--seq-len must be one or more integers >= 1"),
+        ({"resamples": torch.tensor(True)}, r"--resamples must be an integer >= 1"),
+        ({"resamples": np.float64(100.0)}, r"--resamples must be an integer >= 1"),
+        ({"confidence": np.bool_(True)}, r"confidence must be a number in \(0, 1\)"),
+        ({"confidence": np.float32(1.0)}, r"confidence must be a number in \(0, 1\)"),
+        ({"confidence": "0.9"}, r"confidence must be a number in \(0, 1\)"),
+        ({"seed": 1.0}, r"--seed must be an integer"),
+    ],
+)
+def test_compare_refuses_what_is_no_number_of_its_kind(arguments, message) -> None:
+    given = {"seq_lens": None, "baseline": None, "resamples": 10, "confidence": 0.9, "seed": 0}
+    with pytest.raises(ConfigError, match=message):
+        _check_compare_arguments(["run"], **{**given, **arguments})
+
+
+def test_positive_ints_names_the_first_bad_size() -> None:
+    assert positive_ints(a=np.int16(2), b=None, c=torch.tensor(3)) == [2, None, 3]
+    with pytest.raises(ValueError, match=r"b=True must be an integer >= 1 \(or None for the default\)"):
+        positive_ints(a=1, b=True)
+    with pytest.raises(ValueError, match=r"a=0 must be >= 1"):
+        positive_ints(a=np.int64(0))
+
+
+def test_a_warmup_longer_than_the_run_is_warned_of() -> None:
+    """LanguageModelModule(max_steps=40) kept the default warmup_steps=100 silently: the learning rate
+    never left its warm-up (at most 0.4 lr). configure_optimizers now warns with the lr it peaks at."""
+    tiny = ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    module = LanguageModelModule(tiny, lr=1e-3, max_steps=40)
+    with pytest.warns(UserWarning, match=r"warmup_steps=100 is more than max_steps=40: .* peaks at 0\.0004,"):
+        module.configure_optimizers()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LanguageModelModule(tiny, max_steps=40, warmup_steps=40).configure_optimizers()

@@ -143,7 +143,9 @@ def test_split_call_gradcheck_through_the_carried_state(kernel, split):
         y2, state = functional_call(layer, weights, (x[:, split:], state))
         return torch.cat([y1, y2], 1), *state.params.values()
 
-    _gradcheck_parameters(layer, [_x(2, 8)], names, call)
+    # one sequence: two sequences' split gradients equal their whole call's (the test below), and a whole
+    # call of two is gradchecked by test_layer_gradcheck_options
+    _gradcheck_parameters(layer, [_x(1, 8)], names, call)
 
 
 @pytest.mark.parametrize("model", ["linear", "mlp"])
@@ -169,19 +171,19 @@ def test_split_gradients_equal_the_whole_on_every_cpu_path(model):
 
 
 @pytest.mark.parametrize(
-    ("model", "kernel", "prefix"),
+    ("model", "kernel", "prefix", "batch"),
     [
-        ("linear", "cpu_ttt_linear", 4),
-        ("linear", "fused_torch_linear", 3),
-        pytest.param("mlp", "cpu_ttt_mlp", 4, marks=pytest.mark.slow),
+        ("linear", "cpu_ttt_linear", 4, 2),
+        ("linear", "fused_torch_linear", 3, 2),
+        ("mlp", "cpu_ttt_mlp", 4, 1),  # one sequence: the MLP's state is 4x the linear one's to perturb
     ],
 )
-def test_gradcheck_into_a_state_passed_in(model, kernel, prefix):
+def test_gradcheck_into_a_state_passed_in(model, kernel, prefix, batch):
     """A frozen layer and an input that needs no grad: the gradient reaches the state's tensors only
     (weights, pending sums, conv history). No path may take the call for inference and cut it."""
     layer = _layer(inner_model=model, mini_batch_size=3, kernel=kernel, share_qk=True, conv_kernel=2)
     layer.requires_grad_(False)
-    x = _x(2, 12)
+    x = _x(batch, 12)
     with torch.no_grad():
         _, start = layer(x[:, :prefix])
     keys, leaves = _state_leaves(start)

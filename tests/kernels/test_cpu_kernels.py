@@ -276,8 +276,16 @@ def test_a_failed_build_names_its_reason_is_tried_once_and_the_layer_falls_back(
     assert (fresh_build / "calls.log").read_text().count("call") == calls
 
 
-@pytest.mark.slow  # compiles the library from scratch (~2 s)
-def test_the_disable_variable_is_read_on_every_use(fresh_build, monkeypatch):
+@pytest.fixture
+def forgotten_outcome():
+    """The build outcome forgotten before and after, the library itself kept in its cache (no rebuild)."""
+    build.clear_cache()
+    yield
+    build.clear_cache()
+
+
+@pytest.mark.usefixtures("forgotten_outcome")
+def test_the_disable_variable_is_read_on_every_use(monkeypatch):
     build.load_library()
     monkeypatch.setenv(build.DISABLE_VARIABLE, "1")
     with pytest.raises(build.CPUKernelUnavailable, match="disabled by INNERLOOP_DISABLE_CPU_KERNELS=1"):

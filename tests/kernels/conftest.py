@@ -33,6 +33,7 @@ class InterpreterRun(pytest.Item):
     def __init__(self, *, nodeids: list[str], **kwargs):
         super().__init__(**kwargs)
         self.nodeids = nodeids
+        self.add_marker("slow")  # its tests are; the suite runs its slow tests first (tests/conftest.py)
 
     def runtest(self) -> None:
         # -n 0: one process (the parent suite's workers already use the cores)

@@ -37,10 +37,14 @@ def sample_next(
     drawn; a row holding NaN or ``+inf``, or ``-inf`` for every token, is refused with a ValueError.
     ``temperature``, ``top_k`` and ``generator`` are checked as :func:`generate` checks them.
     """
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
-        described = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"logits must be a floating-point tensor [batch, vocab], got {described}")
+    tensor = isinstance(logits, torch.Tensor)
+    if not tensor or logits.dim() != 2 or not logits.is_floating_point() or logits.shape[-1] < 1:
+        described = f"{logits.dtype} {tuple(logits.shape)}" if tensor else type(logits).__name__
+        raise ValueError(
+            f"logits must be a floating-point tensor [batch, vocab] with vocab >= 1, got {described}"
+        )
     temperature, top_k = _checked_sampling(temperature, top_k, generator)
+    _check_generator_device(generator, temperature, logits.device, "logits")
     bad = _non_finite_rows(logits)
     if bad:
         raise ValueError(
@@ -96,7 +100,8 @@ def generate(
         max_new_tokens: how many tokens to sample (an int >= 0).
         temperature: softmax temperature, a finite real number >= 0; 0 means greedy decoding.
         top_k: sample only among the ``top_k`` most likely tokens (an int >= 1; None: all).
-        generator: torch RNG for reproducible sampling.
+        generator: torch RNG for reproducible sampling, on the kind of device the model runs on (a CPU
+            generator for a CUDA model is refused when sampling, temperature > 0).
         eos_token_id: an end-of-sequence id (or several): a row that has sampled one yields the first
             of them from then on, and the iterator ends once every row has (None: never).
 
@@ -114,6 +119,7 @@ def generate(
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise _bad("max_new_tokens", max_new_tokens, "an int >= 0", _is_int(max_new_tokens))
     temperature, top_k = _checked_sampling(temperature, top_k, generator)
+    _check_generator_device(generator, temperature, prompt_ids.device, "prompt_ids")
     stops = _checked_eos(eos_token_id, vocab_size if _is_int(vocab_size) else None)
     return _sample(model, prompt_ids, int(max_new_tokens), temperature, top_k, generator, stops)
 
@@ -169,6 +175,19 @@ def _checked_sampling(temperature: object, top_k: object, generator: object) -> 
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     return float(temperature), None if top_k is None else int(top_k)
+
+
+def _check_generator_device(
+    generator: torch.Generator | None, temperature: float, device: torch.device, tensors: str
+) -> None:
+    """Refuse, when called, a ``generator`` that sampling (``temperature > 0``; greedy decoding never reads
+    it) would use on another kind of device than ``tensors``: torch draws the tokens where the logits
+    are, and refused such a generator only once sampling began, in its own words."""
+    if generator is not None and temperature > 0 and generator.device.type != device.type:
+        raise ValueError(
+            f"generator is on {generator.device.type} but {tensors} are on {device}: tokens are drawn where "
+            f"the logits are; pass torch.Generator(device='{device.type}') (or None)"
+        )
 
 
 def _is_int(value: object) -> bool:

@@ -1,0 +1,39 @@
+"""Session 34c (decoding and generation): sample_next and generate check every argument when called."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from innerloop.models import ModelConfig, build_model
+from innerloop.models.generate import generate, sample_next
+
+
+def test_sample_next_refuses_an_empty_vocabulary_naming_logits() -> None:
+    """Logits ``[B, 0]`` have no token to draw: refused naming them (was a bare IndexError from amax)."""
+    for temperature in (0.0, 1.0):
+        with pytest.raises(
+            ValueError, match=r"logits must be .*\[batch, vocab\] with vocab >= 1, got torch.float32 \(2, 0\)"
+        ):
+            sample_next(torch.zeros(2, 0), temperature, None, None)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: a CPU generator with logits on the GPU"
+)
+def test_a_generator_on_another_device_is_refused_when_generate_is_called() -> None:
+    """torch.multinomial refused a CPU generator for CUDA logits only once the iterator ran, in torch's words."""
+    model = build_model(
+        ModelConfig(vocab_size=11, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8)
+    )
+    model = model.cuda().eval()
+    ids = torch.tensor([[1, 2, 3]], device="cuda")
+    with pytest.raises(ValueError, match=r"generator is on cpu but prompt_ids are on cuda:0"):
+        generate(model, ids, 2, temperature=1.0, generator=torch.Generator())
+    with pytest.raises(ValueError, match=r"generator is on cpu but logits are on cuda:0"):
+        sample_next(torch.zeros(1, 4, device="cuda"), 1.0, None, torch.Generator())
+    greedy = [token for token, _ in generate(model, ids, 2, temperature=0, generator=torch.Generator())]
+    assert len(greedy) == 2  # greedy decoding reads no generator: accepted as before
+    seeded = [torch.Generator(device="cuda").manual_seed(5) for _ in range(2)]
+    runs = [torch.stack([t for t, _ in generate(model, ids, 4, generator=g)]) for g in seeded]
+    assert torch.equal(runs[0], runs[1])

@@ -37,3 +37,15 @@ def test_a_generator_on_another_device_is_refused_when_generate_is_called() -> N
     seeded = [torch.Generator(device="cuda").manual_seed(5) for _ in range(2)]
     runs = [torch.stack([t for t, _ in generate(model, ids, 4, generator=g)]) for g in seeded]
     assert torch.equal(runs[0], runs[1])
+
+
+def test_hugging_face_generate_refuses_an_empty_batch_naming_input_ids() -> None:
+    """``generate(ids[:0])`` failed after the first forward in transformers' stopping check (torch's
+    "max(): Expected reduction dim ..."): refused before the prompt is read, naming input_ids."""
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+
+    model = InnerloopForCausalLM(
+        InnerloopConfig(model={"vocab_size": 11, "hidden_size": 8, "num_heads": 2, "num_layers": 1})
+    ).eval()
+    with pytest.raises(ValueError, match=r"input_ids of batch size 0 \(shape \(0, 3\)\)"):
+        model.generate(torch.zeros(0, 3, dtype=torch.long), max_new_tokens=2)

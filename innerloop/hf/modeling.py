@@ -279,6 +279,16 @@ def check_attention_mask(attention_mask: torch.Tensor | None, cached: bool, use_
     )
 
 
+def check_generate_batch(input_ids: torch.Tensor) -> None:
+    """Refuse an empty batch before the prompt is read: transformers' stopping check (``max()`` of the rows
+    still running) failed on it after the first forward, in torch's words."""
+    if input_ids.shape[0] == 0:
+        raise ValueError(
+            f"generate() got input_ids of batch size 0 (shape {tuple(input_ids.shape)}): there is no prompt to "
+            "continue; give at least one row [batch >= 1, length >= 1]"
+        )
+
+
 def check_generate_mask(attention_mask: torch.Tensor | None) -> None:
     """Refuse any padding in the mask ``generate()`` was given: the new tokens would follow the pads."""
     padding = mask_padding(attention_mask)
@@ -1094,6 +1104,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         """transformers' own, after checking once, before the prompt is read, that the mask has no
         padding and that a cache passed in is continued by ``input_ids``."""
         if is_first_iteration:
+            check_generate_batch(input_ids)
             check_generate_mask(attention_mask)
             if cache is not None:
                 check_cache_continues(cache, input_ids, next_sequence_length)

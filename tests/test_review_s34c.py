@@ -49,3 +49,12 @@ def test_hugging_face_generate_refuses_an_empty_batch_naming_input_ids() -> None
     ).eval()
     with pytest.raises(ValueError, match=r"input_ids of batch size 0 \(shape \(0, 3\)\)"):
         model.generate(torch.zeros(0, 3, dtype=torch.long), max_new_tokens=2)
+
+
+def test_generate_refuses_a_prompt_on_another_device_than_the_model_when_called() -> None:
+    """The sibling of the generator's device: a prompt the model cannot read was refused by torch only
+    once the iterator ran. (A model on the meta device stands for an accelerator on a CPU-only machine.)"""
+    config = ModelConfig(vocab_size=11, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8)
+    model = build_model(config).to("meta")
+    with pytest.raises(ValueError, match=r"prompt_ids are on cpu but the model's weights are on meta"):
+        generate(model, torch.tensor([[1, 2, 3]]), 2, temperature=0)

@@ -119,6 +119,7 @@ def generate(
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise _bad("max_new_tokens", max_new_tokens, "an int >= 0", _is_int(max_new_tokens))
     temperature, top_k = _checked_sampling(temperature, top_k, generator)
+    _check_prompt_device(model, prompt_ids)
     _check_generator_device(generator, temperature, prompt_ids.device, "prompt_ids")
     stops = _checked_eos(eos_token_id, vocab_size if _is_int(vocab_size) else None)
     return _sample(model, prompt_ids, int(max_new_tokens), temperature, top_k, generator, stops)
@@ -175,6 +176,19 @@ def _checked_sampling(temperature: object, top_k: object, generator: object) -> 
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     return float(temperature), None if top_k is None else int(top_k)
+
+
+def _check_prompt_device(model: object, prompt_ids: torch.Tensor) -> None:
+    """Refuse, when called, ``prompt_ids`` on another device than the model's weights (torch refused
+    them only once the iterator ran, in the embedding, in its own words). A model without parameters
+    (a user's wrapper that holds none) is not checked."""
+    weights = model.parameters() if isinstance(model, torch.nn.Module) else iter(())
+    first = next(weights, None)
+    if first is not None and first.device != prompt_ids.device:
+        raise ValueError(
+            f"prompt_ids are on {prompt_ids.device} but the model's weights are on {first.device}: "
+            f"move the prompt to the model's device (prompt_ids.to('{first.device}'))"
+        )
 
 
 def _check_generator_device(

@@ -1130,7 +1130,6 @@ class E2ELM(nn.Module):
 
     # ---- streaming -------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def stream(
         self, pieces: Iterable[torch.Tensor], state: E2EState | None = None
     ) -> Iterator[tuple[torch.Tensor, E2EState]]:
@@ -1139,13 +1138,15 @@ class E2ELM(nn.Module):
 
         Memory is constant in the sequence length: the state holds one window of keys and values per
         block, the fast weights and at most one chunk of pending inputs, and nothing else is kept.
+        The model runs without autograd: grad mode is set around each call, not by decorating this
+        generator (torch's wrapper printed a traceback at interpreter exit for an iterator left half read).
         """
         for i, piece in enumerate(pieces):
             check_token_ids(piece, self.config.vocab_size, f"pieces[{i}]")  # named as the caller gave it
-            logits, state = self(piece, state)
+            with torch.no_grad():
+                logits, state = self(piece, state)
             yield logits, state
 
-    @torch.no_grad()
     def stream_losses(self, pieces: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
         """Per-token next-token losses of a sequence given as pieces ``[B, n_i]``.
 
@@ -1159,14 +1160,16 @@ class E2ELM(nn.Module):
             check_token_ids(piece, self.config.vocab_size, f"pieces[{i}]")
             if piece.shape[1] == 0:
                 continue
-            logits, state = self(piece, state)
-            if last_logits is not None:
-                logits = torch.cat((last_logits, logits), dim=1)  # [B, 1 + n, V]
-                targets = piece
-            else:
-                targets = piece[:, 1:]
-            scored = logits[:, : targets.shape[1]]
-            yield F.cross_entropy(scored.transpose(1, 2), targets, reduction="none")  # [B, n']
+            with torch.no_grad():  # around the call, not as a decorator: see stream
+                logits, state = self(piece, state)
+                if last_logits is not None:
+                    logits = torch.cat((last_logits, logits), dim=1)  # [B, 1 + n, V]
+                    targets = piece
+                else:
+                    targets = piece[:, 1:]
+                scored = logits[:, : targets.shape[1]]
+                losses = F.cross_entropy(scored.transpose(1, 2), targets, reduction="none")  # [B, n']
+            yield losses
             last_logits = logits[:, -1:]
 
     def training_loss(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:

@@ -7,7 +7,8 @@ measured error when the plugin breaks a property every TTT plugin must have:
   the dual form (if the model declares a stack) equals the primal form equals the naive token-by-token loop.
 - :func:`check_inner_loss`: shapes; causality (a pair never depends on later tokens); pairs built
   chunk by chunk (cut anywhere) and token by token with the carry, from the initial carry and from a
-  carried-on one, equal the pairs of the whole; the per-token gradient equals autograd, and autograd's
+  carried-on one, equal the pairs of the whole; autograd's derivatives of the pairs (and the carry)
+  w.r.t. the views equal finite differences; the per-token gradient equals autograd, and autograd's
   derivatives of ``token_loss`` equal finite differences;
   the primal form with this loss equals the naive loop.
 - :func:`check_update_rule`: the rule equals the naive loop (or the token-by-token reference it
@@ -558,6 +559,37 @@ def check_pairs_causal(
         assert_close(after, before, f"{loss.name}: pairs causal ({field} before token {cut})", tolerance)
 
 
+def check_pairs_by_differences(
+    loss: InnerLoss, views: Views, carry: dict[str, torch.Tensor], tokens: int = 4
+) -> None:
+    """autograd's derivatives of ``loss.pairs`` (its inputs, targets, floating validity and floating
+    carry) w.r.t. the views and the carry's floating entries equal finite differences, on the first
+    ``tokens`` tokens (:func:`check_autograd_by_differences`).
+
+    The outer loop trains the key, value and query projections through ``pairs`` on every path, and
+    the naive loop, the rules and the kernels all read the same ``pairs``, so comparing them with each
+    other cannot see a ``.detach()``, a cast through float32 or a hand-written backward in it (nor in
+    the carry handed to the next chunk): the projections would train wrongly on every path alike."""
+    few = views.slice_tokens(0, min(tokens, views.key.shape[2]))
+    floating = [k for k, v in carry.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+
+    def pairs(*tensors: torch.Tensor) -> torch.Tensor:
+        given = {**carry, **dict(zip(floating, tensors[3:], strict=True))}
+        out = loss.pairs(Views(*tensors[:3]), given)
+        parts = [out.inputs, out.targets, _validity(out), *out.carry.values()]
+        kept = [t for t in parts if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return torch.cat([t.to(torch.float64).reshape(-1) for t in kept])
+
+    inputs = {"query": few.query, "key": few.key, "value": few.value}
+    inputs.update({f"carry[{k!r}]": carry[k] for k in floating})
+    check_autograd_by_differences(
+        pairs,
+        inputs,
+        f"{loss.name}: pairs (inputs, targets, valid and carry; the projections train through them: "
+        "a .detach() or a float32 round trip there trains them wrongly on every path alike)",
+    )
+
+
 def _validity(pairs: LossPairs) -> torch.Tensor:
     """``pairs.valid`` broadcast to ``[B, H, T]`` (ones when None)."""
     shape = pairs.inputs.shape[:-1]
@@ -964,7 +996,7 @@ def _check_shape(shape: dict[str, int]) -> dict[str, int]:
 
 def check_inner_loss(loss: InnerLoss | str, seed: int = 0, **shape: int) -> None:
     """Shapes, causality, chunk invariance of the pairs, independence of the sequences of a batch,
-    gradient, and agreement with the naive loop (``loss``: an instance or a registered name; ``shape``: as :func:`check_inner_model`'s; with
+    the pairs' derivatives against finite differences (:func:`check_pairs_by_differences`), gradient, and agreement with the naive loop (``loss``: an instance or a registered name; ``shape``: as :func:`check_inner_model`'s; with
     none given, every shape of :data:`PLUGIN_CHECK_SHAPES`). The registrar's smoke test runs first
     (:func:`registrar_smoke_test`): a wrong shape is named as registration names it."""
     shapes = [_check_shape(shape)] if shape else PLUGIN_CHECK_SHAPES
@@ -985,6 +1017,7 @@ def _check_inner_loss_at(loss: InnerLoss, seed: int, full: dict[str, int]) -> No
     whole = loss.pairs(views, carry)
 
     check_pairs_causal(loss, views, carry, cut=max(1, full["tokens"] // 2))
+    check_pairs_by_differences(loss, views, warm_carry(loss, views, carry))
     # every cut and one token at a time (decoding), and each sequence alone, from the initial carry and
     # from one carried on (where a carry made after init_carry shows)
     earlier = Views(*(t.flip(2) for t in (views.query, views.key, views.value)))  # tokens read before
@@ -1548,6 +1581,7 @@ __all__ = [
     "check_loss_gradient",
     "check_loss_gradient_at_zero_error",
     "check_pairs_batch_independent",
+    "check_pairs_by_differences",
     "check_pairs_causal",
     "check_pairs_chunk_invariant",
     "check_pairs_deterministic",

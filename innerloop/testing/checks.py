@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
 import torch
+from torch.autograd.gradcheck import GradcheckError
 
 from innerloop.core.functional import as_integer, relative_error
 from innerloop.core.layer import TTTLayer
@@ -1246,7 +1247,8 @@ def _check_rule_with(
     problem_kwargs: dict,
 ) -> None:
     """:func:`check_update_rule` on one model: each loss and wrapping, values, zero decay and momentum
-    and (with ``gradients``) the gradients."""
+    and (with ``gradients``) the gradients, and a declared reference's against finite differences
+    (:func:`check_reference_gradients`)."""
     for each_loss in losses:
         for wrapping in wrappings:
             options = {**problem_kwargs, **wrapping}
@@ -1256,6 +1258,8 @@ def _check_rule_with(
                 variant = rule_variants(rule)[-1]  # the most the rule takes
                 problem = make_problem(model, each_loss, seed=seed, **variant, **options).for_rule(rule)
                 check_update_rule_gradients_match_naive(rule, problem, tolerance)
+    if gradients and getattr(rule, "reference", None) is not None:  # a reference the rule wrote itself
+        check_reference_gradients(rule, model, losses[0], seed, **problem_kwargs, **wrappings[0])
 
 
 def _check_rule_on(
@@ -1541,6 +1545,30 @@ def check_update_rule_gradients(
     rule = _named("update_rule", rule)
     variant = rule_variants(rule)[-1]  # the most the rule takes
     problem = make_problem(model, loss, seed=seed, **variant, **problem_kwargs).for_rule(rule)
+    _gradcheck(rule, problem, lambda ruled: ruled.run(rule), rule.name)
+
+
+def check_reference_gradients(
+    rule: UpdateRule, model: InnerModel, loss: InnerLoss, seed: int = 0, **problem_kwargs: Any
+) -> None:
+    """A rule that declares its own ``reference``: gradcheck (float64) of that reference, as
+    :func:`check_update_rule_gradients` does of the rule. The rule's gradients are compared with its
+    reference's, so a ``.detach()`` (of the lr, a view, the weights) or a term left out in both passes
+    that comparison: finite differences see it. The naive loop, the default reference, needs none."""
+    variant = rule_variants(rule)[-1]
+    problem = make_problem(model, loss, seed=seed, **variant, **problem_kwargs).for_rule(rule)
+    what = f"{rule.name}: its declared reference (UpdateRule.reference), against finite differences"
+    _gradcheck(rule, problem, lambda ruled: ruled.expected(rule), what)
+
+
+def _gradcheck(
+    rule: UpdateRule,
+    problem: InnerProblem,
+    runner: Callable[[InnerProblem], tuple[torch.Tensor, TTTState]],
+    what: str,
+) -> None:
+    """gradcheck of ``runner(problem)``'s outputs and final weights w.r.t. the views, lr, decay and
+    momentum where set, and the initial weights; an ``AssertionError`` naming ``what`` if they differ."""
     names = [k for k in ("decay", "momentum") if getattr(problem, k) is not None]
     leaves = [problem.views.query, problem.views.key, problem.views.value, problem.lr]
     leaves += [getattr(problem, k) for k in names] + list(problem.state.params.values())
@@ -1553,11 +1581,19 @@ def check_update_rule_gradients(
         params = dict(zip(problem.state.params, rest[len(names) :], strict=True))
         state = replace(problem.state, params=params)
         ruled = replace(problem, state=state, views=Views(query, key, value), lr=lr, **extras)
-        out, new_state = ruled.run(rule)
+        out, new_state = runner(ruled)
         return (out, *new_state.current_weights(ruled.tau).values())
 
-    if not torch.autograd.gradcheck(run, leaves, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True):
-        raise AssertionError(f"{rule.name}: gradcheck failed")  # gradcheck raises with details first
+    try:
+        torch.autograd.gradcheck(run, leaves, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+    except GradcheckError as error:
+        inputs = ", ".join(
+            ["query", "key", "value", "lr", *names, *(f"weight {k}" for k in problem.state.params)]
+        )
+        raise AssertionError(
+            f"{what}: gradients w.r.t. ({inputs}) differ from finite differences in float64 (a .detach() or "
+            f"a term left out?): {str(error).strip()[:600]}"
+        ) from error
 
 
 __all__ = [
@@ -1589,6 +1625,7 @@ __all__ = [
     "check_stack_matches_forward",
     "check_update_rule",
     "check_update_rule_gradients",
+    "check_reference_gradients",
     "check_update_rule_gradients_match_naive",
     "check_update_rule_without_grad",
     "check_rule_returns",

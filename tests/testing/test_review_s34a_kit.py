@@ -11,10 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from innerloop.core.protocol import LossPairs
+from innerloop.core.protocol import LossPairs, Views
 from innerloop.plugins.losses.next_token import NextToken
 from innerloop.plugins.losses.reconstruction import Reconstruction
-from innerloop.testing import check_inner_loss
+from innerloop.plugins.optimizers.minibatch_gd import MiniBatchGD
+from innerloop.testing import check_inner_loss, check_update_rule, naive_token_loop
 
 SHAPE = {"batch": 2, "heads": 2, "head_dim": 3, "tokens": 6, "mini_batch_size": 4}
 
@@ -83,3 +84,71 @@ def test_the_built_in_losses_pairs_pass_the_derivative_check(name) -> None:
     problem = make_problem(get_registry().inner_model("linear"), loss, **SHAPE)
     views, carry = problem.views, problem.state.loss_carry
     check_pairs_by_differences(loss, views, warm_carry(loss, views, carry))
+
+
+class DetachedLearningRate(MiniBatchGD):
+    """minibatch_gd with the lr detached, in forward and in the reference it declares alike."""
+
+    name = "detached_learning_rate"
+
+    def forward(self, state, task, views, lr, tau, *args, **kwargs):
+        return super().forward(state, task, views, lr.detach(), tau, *args, **kwargs)
+
+    def reference(self, state, task, views, lr, tau, **options):
+        return naive_token_loop(state, task, views, lr.detach(), tau, **options)
+
+
+class DetachedKey(MiniBatchGD):
+    """minibatch_gd with the key view detached, in forward and in the reference it declares alike."""
+
+    name = "detached_key"
+
+    def forward(self, state, task, views, lr, tau, *args, **kwargs):
+        views = Views(views.query, views.key.detach(), views.value)
+        return super().forward(state, task, views, lr, tau, *args, **kwargs)
+
+    def reference(self, state, task, views, lr, tau, **options):
+        views = Views(views.query, views.key.detach(), views.value)
+        return naive_token_loop(state, task, views, lr, tau, **options)
+
+
+TINY_RULE_PROBLEM = {
+    "batch": 1,
+    "heads": 1,
+    "head_dim": 3,
+    "tokens": 4,
+    "mini_batch_size": 2,
+    "dtype": torch.float64,
+}
+
+
+@pytest.mark.parametrize(("rule", "input_index"), [(DetachedLearningRate(), 3), (DetachedKey(), 1)])
+def test_check_update_rule_gradchecks_a_declared_reference(rule, input_index) -> None:
+    with pytest.raises(AssertionError, match=rf"{rule.name}: its declared reference .*input {input_index}\b"):
+        check_update_rule(
+            rule,
+            "linear",
+            "reconstruction",
+            norm=False,
+            residual=False,
+            without_grad=False,
+            **TINY_RULE_PROBLEM,
+        )
+
+
+def test_a_right_declared_reference_passes_its_gradcheck() -> None:
+    class Declared(MiniBatchGD):
+        name = "declared"
+
+        def reference(self, state, task, views, lr, tau, **options):
+            return naive_token_loop(state, task, views, lr, tau, **options)
+
+    check_update_rule(
+        Declared(),
+        "linear",
+        "reconstruction",
+        norm=False,
+        residual=False,
+        without_grad=False,
+        **TINY_RULE_PROBLEM,
+    )

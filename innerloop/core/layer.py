@@ -614,11 +614,16 @@ class TTTLayer(nn.Module):
         layer's, and the dtype of what it returns says nothing of the precision the user chose: weights
         in another floating dtype (float64 from numpy, say) are cast to the layer's, so that a float32
         layer holds float32 weights only, rounded as any of its parameters is (the registrar has
-        refused non-floating weights)."""
+        refused non-floating weights). Each is the layer's own contiguous copy."""
         model = self.inner_model
         dtype = torch.get_default_dtype()
+        # each weight a fresh, contiguous copy of its own: one the plugin returns as a view (``expand``:
+        # every head one memory, which the optimizer's in-place step refuses) or keeps and returns again
+        # (a cached init: every layer built from it would train one tensor) becomes this layer's alone
         params = {
-            k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            k: v.detach().to(dtype).clone(memory_format=torch.contiguous_format)
+            if isinstance(v, torch.Tensor) and v.is_floating_point()
+            else v
             for k, v in model.init_params(num_heads, head_dim).items()
         }
         wanted = {k: (num_heads, *shape) for k, shape in model.param_shapes(head_dim).items()}

@@ -1122,7 +1122,7 @@ def check_update_rule(
         if index == 0:  # the mixed wrappings, the modes without autograd, float32: first model and loss
             first = {**problem_kwargs, **wrappings[0]}
             _check_rule_on_first(
-                rule, each_model, losses[0], cut_points, seed, tolerance, mixed, without_grad, first
+                rule, each_model, losses, cut_points, seed, tolerance, mixed, without_grad, first
             )
 
 
@@ -1187,7 +1187,7 @@ def _check_cut_points(cut_points: list[int] | None, problem_kwargs: dict) -> lis
 def _check_rule_on_first(
     rule: UpdateRule,
     model: InnerModel,
-    loss: InnerLoss,
+    losses: list[InnerLoss],
     cut_points: list[int] | None,
     seed: int,
     tolerance: float,
@@ -1195,14 +1195,21 @@ def _check_rule_on_first(
     without_grad: bool,
     options: dict,
 ) -> None:
-    """:func:`check_update_rule`'s checks on its first model and loss only (``options``: the problem's, with
-    the first wrapping): the ``mixed`` wrappings, the modes without autograd, and float32 unless the
-    problem's dtype is given."""
+    """:func:`check_update_rule`'s checks on its first model (``options``: the problem's, with the first
+    wrapping): the ``mixed`` wrappings and float32 (unless the problem's dtype is given) with the first
+    loss, and the modes without autograd with every loss, plain and with the rule's decay and momentum,
+    and with the first loss in each ``mixed`` wrapping: a fast path taken without autograd (evaluation,
+    generation) that drops the loss's carry, the decay or the residual is met there."""
+    loss = losses[0]
     for wrapping in mixed:
         _check_rule_on(rule, model, loss, cut_points, seed, tolerance, {**options, **wrapping})
     if without_grad:
-        problem = make_problem(model, loss, seed=seed, **options).for_rule(rule)
-        check_update_rule_without_grad(rule, problem, cut_points, tolerance)
+        variants = rule_variants(rule)[:1] + rule_variants(rule)[1:][-1:]  # plain; all the rule takes
+        runs = [(each, {**variant, **options}) for each in losses for variant in variants]
+        runs += [(loss, {**options, **wrapping}) for wrapping in mixed]
+        for each, each_options in runs:
+            problem = make_problem(model, each, seed=seed, **each_options).for_rule(rule)
+            check_update_rule_without_grad(rule, problem, cut_points, tolerance)
     if "dtype" not in options:  # layers run their rules in float32
         check_update_rule_in_float32(rule, model, loss, cut_points, seed, options)
 
@@ -1407,6 +1414,13 @@ NO_GRAD_MODES: tuple[tuple[str, type], ...] = (
 )
 
 
+def _options_text(problem: InnerProblem) -> str:
+    """``problem``'s wrapping and variant for a message, e.g. ``norm=True, residual=False, decay``."""
+    given = [name for name in ("decay", "momentum") if getattr(problem, name) is not None]
+    task = problem.task
+    return ", ".join([f"norm={task.norm_weight is not None}", f"residual={task.residual}", *given])
+
+
 def check_update_rule_without_grad(
     rule: UpdateRule,
     problem: InnerProblem,
@@ -1424,7 +1438,10 @@ def check_update_rule_without_grad(
     untouched = problem.state.clone()
     for label, mode in NO_GRAD_MODES:
         for cuts in ([], default_cuts(problem) if cut_points is None else cut_points):
-            what = f"{rule.name} ({task.model.name}, {task.loss.name}) under {label} vs {reference_name(rule)}, cut at {cuts}"
+            what = (
+                f"{rule.name} ({task.model.name}, {task.loss.name}, {_options_text(problem)}) under {label} "
+                f"vs {reference_name(rule)}, cut at {cuts}"
+            )
             try:
                 with mode():
                     out, state = run_in_chunks(rule, problem, cuts)

@@ -8,6 +8,8 @@ differences (``check_pairs_by_differences``); before, each mutant below passed t
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -152,3 +154,76 @@ def test_a_right_declared_reference_passes_its_gradcheck() -> None:
         without_grad=False,
         **TINY_RULE_PROBLEM,
     )
+
+
+class NoGradPathDropsTheCarry(MiniBatchGD):
+    """minibatch_gd whose path without autograd (evaluation, generation) hands back the carry it was given."""
+
+    name = "no_grad_path_drops_the_carry"
+
+    def forward(self, state, task, views, lr, tau, *args, **kwargs):
+        out, new_state = super().forward(state, task, views, lr, tau, *args, **kwargs)
+        if torch.is_grad_enabled():
+            return out, new_state
+        return out, dataclasses.replace(new_state, loss_carry=state.loss_carry)
+
+
+class NoGradPathWithoutResidualIsOff(MiniBatchGD):
+    """minibatch_gd whose path without autograd is wrong only when the inner residual is off."""
+
+    name = "no_grad_path_without_residual_is_off"
+
+    def forward(self, state, task, views, lr, tau, *args, **kwargs):
+        out, new_state = super().forward(state, task, views, lr, tau, *args, **kwargs)
+        if torch.is_grad_enabled() or task.residual:
+            return out, new_state
+        return out * (1 + 1e-6), new_state
+
+
+class NoGradPathIgnoresDecay(MiniBatchGD):
+    """minibatch_gd whose path without autograd leaves out the decay."""
+
+    name = "no_grad_path_ignores_decay"
+
+    def forward(self, state, task, views, lr, tau, decay=None):
+        if not torch.is_grad_enabled():
+            decay = None
+        return super().forward(state, task, views, lr, tau, decay=decay)
+
+
+SHAPE_WITHOUT_GRAD = {
+    "batch": 2,
+    "heads": 1,
+    "head_dim": 3,
+    "tokens": 5,
+    "mini_batch_size": 2,
+    "dtype": torch.float64,
+}
+
+
+@pytest.mark.slow  # 0.3 s alone, ~2 s on a loaded machine: check_update_rule's every loss and wrapping, the point of the test
+def test_check_update_rule_runs_every_loss_without_autograd() -> None:
+    with pytest.raises(
+        AssertionError, match=r"next_token, norm=True, residual=True\) under torch.no_grad\(\).*loss_carry"
+    ):
+        check_update_rule(NoGradPathDropsTheCarry(), "linear", gradients=False, **SHAPE_WITHOUT_GRAD)
+
+
+@pytest.mark.slow  # 0.3 s alone, ~2 s on a loaded machine: check_update_rule's mixed wrappings, the point of the test
+def test_check_update_rule_runs_the_mixed_wrappings_without_autograd() -> None:
+    with pytest.raises(AssertionError, match=r"residual=False\) under torch.no_grad\(\)"):
+        check_update_rule(
+            NoGradPathWithoutResidualIsOff(),
+            "linear",
+            "reconstruction",
+            gradients=False,
+            **SHAPE_WITHOUT_GRAD,
+        )
+
+
+def test_check_update_rule_runs_the_decay_without_autograd() -> None:
+    with pytest.raises(AssertionError, match=r"residual=True, decay\) under torch.no_grad\(\)"):
+        check_update_rule(
+            NoGradPathIgnoresDecay(), "linear", "reconstruction", norm=True, residual=True, gradients=False,
+            **SHAPE_WITHOUT_GRAD,
+        )  # fmt: skip

@@ -1081,8 +1081,9 @@ def check_update_rule(
     or momentum of exactly 0 gives the plain rule's numbers. With ``gradients``, the gradients of its
     outputs and final weights w.r.t. every input (views, lr, initial weights, LayerNorm, decay,
     momentum, token scales) equal the naive loop's too (:func:`check_update_rule_gradients_match_naive`).
-    With ``without_grad``, on the first model, loss and wrapping, its values under ``torch.no_grad()``
-    and ``torch.inference_mode()`` (evaluation, generation) are the same (:func:`check_update_rule_without_grad`).
+    With ``without_grad``, on the first model (every loss, plain and with decay and momentum, and every
+    wrapping), its values under ``torch.no_grad()`` and ``torch.inference_mode()`` (evaluation,
+    generation) are the same (:func:`check_update_rule_without_grad`).
     What ``forward`` returns is checked first: ``(outputs [B, H, T, f], TTTState)``, else
     :class:`RuleOutputError` (:func:`check_rule_returns`). ``tolerance`` widens only on a problem that
     amplifies rounding, as :data:`FLOAT64_CONDITIONING_FACTOR` says (the message then says so too).
@@ -1119,7 +1120,7 @@ def check_update_rule(
         _check_rule_with(
             rule, each_model, losses, wrappings, cut_points, seed, tolerance, gradients, problem_kwargs
         )
-        if index == 0:  # the mixed wrappings, the modes without autograd, float32: first model and loss
+        if index == 0:  # the mixed wrappings, the modes without autograd, float32: first model
             first = {**problem_kwargs, **wrappings[0]}
             _check_rule_on_first(
                 rule, each_model, losses, cut_points, seed, tolerance, mixed, without_grad, first

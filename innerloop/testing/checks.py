@@ -1081,9 +1081,8 @@ def check_update_rule(
     or momentum of exactly 0 gives the plain rule's numbers. With ``gradients``, the gradients of its
     outputs and final weights w.r.t. every input (views, lr, initial weights, LayerNorm, decay,
     momentum, token scales) equal the naive loop's too (:func:`check_update_rule_gradients_match_naive`).
-    With ``without_grad``, on the first model (every loss, plain and with decay and momentum, and every
-    wrapping), its values under ``torch.no_grad()`` and ``torch.inference_mode()`` (evaluation,
-    generation) are the same (:func:`check_update_rule_without_grad`).
+    With ``without_grad``, on the first model (every loss, variant and wrapping), its values under
+    ``torch.no_grad()`` and ``torch.inference_mode()`` are the same (:func:`check_update_rule_without_grad`).
     What ``forward`` returns is checked first: ``(outputs [B, H, T, f], TTTState)``, else
     :class:`RuleOutputError` (:func:`check_rule_returns`). ``tolerance`` widens only on a problem that
     amplifies rounding, as :data:`FLOAT64_CONDITIONING_FACTOR` says (the message then says so too).

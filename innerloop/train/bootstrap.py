@@ -15,10 +15,13 @@ says, so none is claimed.
 from __future__ import annotations
 
 import math
+import numbers
 from statistics import NormalDist
 from typing import Any
 
 import torch
+
+from innerloop.core.functional import as_integer
 
 DEFAULT_RESAMPLES = 1000
 """Bootstrap resamples of the windows."""
@@ -55,11 +58,8 @@ def bootstrap_difference(
             f"differences and counts must both be [windows >= 1, buckets], got {tuple(differences.shape)} "
             f"and {tuple(counts.shape)}"
         )
-    if _not_a_number(resamples) or isinstance(resamples, float) or resamples < 1:
-        raise ValueError(f"resamples={resamples!r} must be an integer >= 1")
+    resamples, seed = _checked_resamples(resamples), _checked_seed(seed)
     _check_probability("confidence", confidence)
-    if _not_a_number(seed) or isinstance(seed, float):
-        raise ValueError(f"seed={seed!r} must be an integer")
     differences, counts = differences.double(), counts.double()
     if not bool(((counts >= 0) & torch.isfinite(counts)).all()):
         raise ValueError("counts must be finite numbers of scored tokens >= 0")
@@ -86,8 +86,10 @@ def bootstrap_difference(
 def expanded_tail(windows: int, confidence: float) -> float:
     """The lower quantile of the expanded percentile band over ``windows >= 2`` values:
     ``Phi(-sqrt(n / (n - 1)) * t_{n-1}((1 + confidence) / 2))``, below ``(1 - confidence) / 2``."""
-    if _not_a_number(windows) or isinstance(windows, float) or windows < 2:
+    number = as_integer(windows)
+    if number is None or number < 2:
         raise ValueError(f"windows={windows!r} must be an integer >= 2")
+    windows = number
     _check_probability("confidence", confidence)
     z = math.sqrt(windows / (windows - 1)) * student_t_quantile((1 + confidence) / 2, windows - 1)
     return NormalDist().cdf(-z)
@@ -197,8 +199,28 @@ def _beta_continued_fraction(x: float, a: float, b: float) -> float:
 
 
 def _not_a_number(value: Any) -> bool:
-    """Whether ``value`` is not a plain real number (a bool, a str, a tensor are not)."""
-    return isinstance(value, bool) or not isinstance(value, (int, float))
+    """Whether ``value`` is not a real number (a bool, a str, a tensor are not; numpy's numbers are)."""
+    return isinstance(value, bool) or not isinstance(value, numbers.Real)
+
+
+MAX_RESAMPLES = 2**31 - 1
+"""The most bootstrap resamples (``torch.randint`` takes no larger size; memory runs out long before)."""
+
+
+def _checked_resamples(resamples: Any) -> int:
+    """``resamples`` as an int (a numpy or 0-d torch integer is one), or a ValueError naming it."""
+    number = as_integer(resamples)
+    if number is None or not 1 <= number <= MAX_RESAMPLES:
+        raise ValueError(f"resamples={resamples!r} must be an integer in [1, {MAX_RESAMPLES}]")
+    return number
+
+
+def _checked_seed(seed: Any) -> int:
+    """``seed`` as an int that ``torch.Generator.manual_seed`` takes, or a ValueError naming it."""
+    number = as_integer(seed)
+    if number is None or not -(2**63) <= number < 2**64:
+        raise ValueError(f"seed={seed!r} must be an integer in [-2**63, 2**64)")
+    return number
 
 
 def _check_probability(name: str, value: Any) -> None:

@@ -1,0 +1,85 @@
+"""Session 34b review: integer and real arguments read uniformly (numpy and 0-d torch integers are
+integers everywhere ``evaluate`` and ``compare`` take them), and out-of-range sizes refused with one line
+naming the argument instead of a traceback from inside torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from innerloop.data.recall import recall_example
+from innerloop.train import RecallDataModule
+from innerloop.train.bootstrap import bootstrap_difference, expanded_tail
+
+DIFFERENCES = torch.linspace(-1, 1, 24).reshape(8, 3)
+COUNTS = torch.ones(8, 3)
+
+
+def _band(**overrides):
+    arguments = {"resamples": 20, "confidence": 0.9, "seed": 3} | overrides
+    return torch.stack(bootstrap_difference(DIFFERENCES, COUNTS, **arguments))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"resamples": np.int64(20)},
+        {"resamples": torch.tensor(20)},
+        {"seed": np.int32(3)},
+        {"seed": torch.tensor(3)},
+        {"confidence": np.float64(0.9)},
+    ],
+    ids=["np-resamples", "tensor-resamples", "np-seed", "tensor-seed", "np64-confidence"],
+)
+def test_bootstrap_takes_numpy_and_tensor_integers_as_compare_does(overrides):
+    # compare() reads its sizes with core.functional.positive_ints; the band under it refused np.int64
+    assert torch.equal(_band(**overrides), _band())
+
+
+def test_bootstrap_takes_numpy_float32_confidence():
+    assert torch.allclose(_band(confidence=np.float32(0.9)), _band(confidence=float(np.float32(0.9))))
+    assert expanded_tail(np.int64(8), 0.9) == expanded_tail(8, 0.9)
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        ({"resamples": 10**30}, "resamples=1000000000000000000000000000000"),
+        ({"resamples": 2.0}, "resamples=2.0"),
+        ({"seed": 2**64}, "seed=18446744073709551616"),
+        ({"seed": 3.0}, "seed=3.0"),
+        ({"confidence": "0.9"}, "confidence='0.9'"),
+    ],
+)
+def test_bootstrap_refuses_with_one_line_naming_the_argument(overrides, named):
+    # a huge resamples or seed failed inside torch.randint / manual_seed ("Overflow when unpacking long")
+    with pytest.raises(ValueError, match="^" + named.replace("(", r"\(").replace(".", r"\.")):
+        _band(**overrides)
+
+
+@pytest.mark.parametrize(
+    "num_pairs, gap, named",
+    [
+        (-1, 2, "num_pairs=-1"),
+        (65, 2, "num_pairs=65"),
+        (2.0, 2, r"num_pairs=2\.0"),
+        (2, -3, "gap=-3"),
+        (2, 1.5, r"gap=1\.5"),
+        (2, None, "gap=None"),
+    ],
+)
+def test_recall_example_refuses_bad_sizes_naming_them(num_pairs, gap, named):
+    # negative sizes failed in torch ("negative dimension"), 65 pairs in torch.stack, floats in slicing
+    with pytest.raises(ValueError, match=named):
+        recall_example(num_pairs, gap, torch.Generator().manual_seed(0))
+
+
+def test_recall_sizes_take_tensor_and_numpy_integers():
+    reference = recall_example(3, 2, torch.Generator().manual_seed(0))
+    for pairs, gap in ((np.int64(3), np.int16(2)), (torch.tensor(3), torch.tensor(2))):
+        example = recall_example(pairs, gap, torch.Generator().manual_seed(0))
+        assert all(torch.equal(a, b) for a, b in zip(example, reference, strict=True))
+    module = RecallDataModule(num_pairs=torch.tensor(3), gap=2, val_batches=torch.tensor(2), seed=np.uint8(1))
+    assert (module.num_pairs, module.val_batches, module.seed) == (3, 2, 1)
+    assert all(type(v) is int for v in (module.num_pairs, module.val_batches, module.seed))

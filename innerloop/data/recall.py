@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from innerloop.models.config import Bounds
+from innerloop.models.config import Bounds, checked_number
 
 IGNORE_INDEX = -100
 """Target value that the loss and the metrics skip."""
@@ -20,6 +20,9 @@ RECALL_KEYS = range(16, 80)  # 64 keys
 RECALL_DISTRACTORS = range(80, 128)  # 48 distractor tokens
 RECALL_VALUES = range(128, 192)  # 64 values
 
+
+RECALL_PAIRS_BOUNDS = Bounds(1, len(RECALL_KEYS), why=f"the task has {len(RECALL_KEYS)} keys")
+"""The valid ``num_pairs``: each pair has its own key."""
 
 RECALL_GAP_BOUNDS = Bounds(
     0,
@@ -43,6 +46,8 @@ def recall_example(num_pairs: int, gap: int, generator: torch.Generator) -> Batc
     in a random order, each followed by its value. Only the values after the repeated keys are scored:
     the model must recall the value of a key it saw at least ``gap`` tokens earlier.
     """
+    num_pairs = int(checked_number("num_pairs", num_pairs, int, RECALL_PAIRS_BOUNDS))
+    gap = int(checked_number("gap", gap, int, RECALL_GAP_BOUNDS))
     keys = torch.randperm(len(RECALL_KEYS), generator=generator)[:num_pairs] + RECALL_KEYS.start
     values = torch.randint(len(RECALL_VALUES), (num_pairs,), generator=generator) + RECALL_VALUES.start
     distractors = (

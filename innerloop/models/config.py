@@ -19,6 +19,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 from torch import nn
 
 from innerloop.core.family_layers import FAMILY_LAYERS
+from innerloop.core.functional import as_integer
 from innerloop.core.layer import DEFAULT_CONV_KERNEL, TTTLayer, check_layer_arguments
 from innerloop.models.attention import CausalSelfAttention
 from innerloop.registry import available, get_registry
@@ -331,9 +332,10 @@ def _number(value: float | None) -> str:
 
 
 def checked_number(name: str, value: Any, kind: type, bounds: Bounds) -> int | float:
-    """``value`` as a plain ``kind`` (``int``: any integer, e.g. numpy's, not a bool; ``float``: any
-    finite real), inside ``bounds``; else ``ValueError`` naming ``name``, the value and what is valid."""
-    integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    """``value`` as a plain ``kind`` (``int``: any integer, numpy's or a 0-d integer tensor too, as
+    :func:`~innerloop.core.functional.as_integer` reads them, not a bool; ``float``: any finite real),
+    inside ``bounds``; else ``ValueError`` naming ``name``, the value and what is valid."""
+    integer = as_integer(value) is not None
     real = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if kind is int and not integer:
         raise ValueError(f"{name}={value!r} ({type(value).__name__}) must be an integer {bounds.describe()}")
@@ -341,7 +343,7 @@ def checked_number(name: str, value: Any, kind: type, bounds: Bounds) -> int | f
         raise ValueError(
             f"{name}={value!r} ({type(value).__name__}) must be a finite number {bounds.describe()}"
         )
-    plain = int(value) if kind is int else float(value)
+    plain = as_integer(value) if kind is int else float(value)
     if plain not in bounds:
         why = f" ({bounds.why})" if bounds.why else ""
         raise ValueError(f"{name}={plain} must be {bounds.describe()}{why}")

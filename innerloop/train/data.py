@@ -40,6 +40,7 @@ from innerloop.data.recall import (
     RECALL_DISTRACTORS,
     RECALL_GAP_BOUNDS,
     RECALL_KEYS,
+    RECALL_PAIRS_BOUNDS,
     RECALL_VALUES,
     Batch,
     recall_example,
@@ -550,8 +551,7 @@ class RecallDataModule(_IndexedDataModule):
         self, num_pairs: int = 8, gap: int = 64, batch_size: int = 16, val_batches: int = 8, seed: int = 0
     ) -> None:
         super().__init__()
-        pairs_bounds = Bounds(1, len(RECALL_KEYS), why=f"the task has {len(RECALL_KEYS)} keys")
-        self.num_pairs = int(checked_number("num_pairs", num_pairs, int, pairs_bounds))
+        self.num_pairs = int(checked_number("num_pairs", num_pairs, int, RECALL_PAIRS_BOUNDS))
         self.gap = int(checked_number("gap", gap, int, RECALL_GAP_BOUNDS))
         self.batch_size, self.val_batches = _checked_sizes(batch_size=batch_size, val_batches=val_batches)
         self.seed = int(checked_number("seed", seed, int, SEED_BOUNDS))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from innerloop.data.recall import recall_example
-from innerloop.train import RecallDataModule
+from innerloop.train import RecallDataModule, TextDataModule
 from innerloop.train.bootstrap import bootstrap_difference, expanded_tail
 
 DIFFERENCES = torch.linspace(-1, 1, 24).reshape(8, 3)
@@ -83,3 +83,22 @@ def test_recall_sizes_take_tensor_and_numpy_integers():
     module = RecallDataModule(num_pairs=torch.tensor(3), gap=2, val_batches=torch.tensor(2), seed=np.uint8(1))
     assert (module.num_pairs, module.val_batches, module.seed) == (3, 2, 1)
     assert all(type(v) is int for v in (module.num_pairs, module.val_batches, module.seed))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: TextDataModule(paths=(), batch_size=2**24 + 1),
+        lambda: RecallDataModule(batch_size=10**30),
+    ],
+    ids=["text", "recall"],
+)
+def test_data_modules_bound_batch_size_as_the_config_does(make):
+    # accepted, then torch.randint failed at the first batch ("Overflow when unpacking long long")
+    with pytest.raises(ValueError, match=r"^batch_size=\d+ must be in \[1, 16777216\]"):
+        make()
+
+
+def test_text_data_module_bounds_seq_len_as_the_config_does():
+    with pytest.raises(ValueError, match=r"^seq_len=1099511627776 must be in \[1, 1073741824\]"):
+        TextDataModule(paths=(), seq_len=2**40)

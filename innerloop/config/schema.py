@@ -14,9 +14,11 @@ from innerloop.data.recall import RECALL_GAP_BOUNDS
 from innerloop.models.config import (  # noqa: F401  (Bounds and its constants: re-exported, their old home)
     AT_LEAST_0,
     AT_LEAST_1,
+    BATCH_SIZE_BOUNDS,
     FRACTION,
     MODEL_FIELD_BOUNDS,
     POSITIVE,
+    SEQ_LEN_BOUNDS,
     Bounds,
     ModelConfig,
 )
@@ -146,8 +148,8 @@ class RunConfig:
 FIELD_BOUNDS: dict[str, Bounds] = {
     **MODEL_FIELD_BOUNDS,  # model.*: models/config.py, where validate_model_config checks them
     # data
-    "data.seq_len": Bounds(1, 2**30, why="a window of tokens held in memory"),
-    "data.batch_size": Bounds(1, 2**24, why="the windows of a batch are held in memory at once"),
+    "data.seq_len": SEQ_LEN_BOUNDS,
+    "data.batch_size": BATCH_SIZE_BOUNDS,
     "data.val_fraction": FRACTION,
     "data.val_batches": AT_LEAST_1,
     "data.recall.num_pairs": Bounds(1, 64, why="the task has 64 keys"),

@@ -355,6 +355,12 @@ AT_LEAST_0 = Bounds(0)
 POSITIVE = Bounds(0, low_open=True)
 FRACTION = Bounds(0, 1, high_open=True)  # [0, 1)
 
+SEQ_LEN_BOUNDS = Bounds(1, 2**30, why="a window of tokens held in memory")
+"""``data.seq_len`` and the data modules' ``seq_len``."""
+
+BATCH_SIZE_BOUNDS = Bounds(1, 2**24, why="the windows of a batch are held in memory at once")
+"""``data.batch_size`` and the data modules' ``batch_size``."""
+
 
 # Sizes past these cannot be allocated on any machine (a 2**24-row table of width 2**24 is 2**48 values):
 # refused with a message, not an allocator traceback after the run has started.

@@ -62,7 +62,14 @@ from innerloop.data.text import (
     text_split_lengths,
 )
 from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
-from innerloop.models.config import AT_LEAST_1, FRACTION, Bounds, checked_number
+from innerloop.models.config import (
+    AT_LEAST_1,
+    BATCH_SIZE_BOUNDS,
+    FRACTION,
+    SEQ_LEN_BOUNDS,
+    Bounds,
+    checked_number,
+)
 
 log = logging.getLogger(__name__)
 
@@ -232,9 +239,16 @@ class _IndexedDataModule(L.LightningDataModule):
 SEED_BOUNDS = Bounds(0, 2**32 - 1, why="Lightning seeds numpy, which takes 32-bit seeds")
 
 
+_SIZE_BOUNDS = {"seq_len": SEQ_LEN_BOUNDS, "batch_size": BATCH_SIZE_BOUNDS}  # those of data.seq_len, ...
+
+
 def _checked_sizes(**sizes: int) -> list[int]:
-    """Each of ``sizes`` as a plain int >= 1 (``ValueError`` naming the first that is not)."""
-    return [int(checked_number(name, value, int, AT_LEAST_1)) for name, value in sizes.items()]
+    """Each of ``sizes`` as a plain int >= 1, at most what ``data.<name>`` takes in a config
+    (``ValueError`` naming the first that is not)."""
+    return [
+        int(checked_number(name, value, int, _SIZE_BOUNDS.get(name, AT_LEAST_1)))
+        for name, value in sizes.items()
+    ]
 
 
 def _checked_kind(name: str, value: Any, kind: type, what: str) -> Any:

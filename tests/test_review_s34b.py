@@ -9,6 +9,10 @@ import pytest
 import torch
 
 from innerloop.data.recall import recall_example
+from innerloop.hf.modeling import _resized_vocab
+from innerloop.models import ModelConfig
+from innerloop.models.params import size_to_budget
+from innerloop.testing.kernel_checks import _checked_head_dims, _tolerance
 from innerloop.train import RecallDataModule, TextDataModule
 from innerloop.train.bootstrap import bootstrap_difference, expanded_tail
 
@@ -102,3 +106,26 @@ def test_data_modules_bound_batch_size_as_the_config_does(make):
 def test_text_data_module_bounds_seq_len_as_the_config_does():
     with pytest.raises(ValueError, match=r"^seq_len=1099511627776 must be in \[1, 1073741824\]"):
         TextDataModule(paths=(), seq_len=2**40)
+
+
+def test_size_to_budget_takes_a_numpy_budget():
+    config = ModelConfig(vocab_size=256, hidden_size=32, num_layers=1, num_heads=2, mixer="attention")
+    assert size_to_budget(config, np.int64(30000)) == size_to_budget(config, 30000)
+    with pytest.raises(ValueError, match=r"^budget=30000\.0 must be a positive integer"):
+        size_to_budget(config, 30000.0)
+
+
+def test_resize_token_embeddings_sizes_take_numpy_integers():
+    assert _resized_vocab(np.int64(300), np.int32(64), 256) == _resized_vocab(300, 64, 256) == 320
+    assert type(_resized_vocab(torch.tensor(300), None, 256)) is int
+    with pytest.raises(ValueError, match="new_num_tokens must be an integer >= 1 or None, got 300.0"):
+        _resized_vocab(300.0, None, 256)
+
+
+def test_check_kernel_head_dims_and_tolerance_take_numpy_numbers():
+    assert _checked_head_dims(tuple(np.arange(8, 17, 8))) == (8, 16)
+    assert all(type(d) is int for d in _checked_head_dims((np.int64(8),)))
+    assert _tolerance(torch.float64, np.float32(0.5)) == 0.5
+    for bad in (float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="tolerance must be a positive number"):
+            _tolerance(torch.float64, bad)

@@ -37,7 +37,7 @@ from transformers.utils import ModelOutput
 
 from innerloop.checkpoints import missing_keys_note, plugin_record, warn_changed_plugins
 from innerloop.core.eager import run_eagerly
-from innerloop.core.functional import first_non_finite, mean_scored_cross_entropy
+from innerloop.core.functional import as_integer, first_non_finite, mean_scored_cross_entropy
 from innerloop.data.atomic import atomic_write_text, file_sha256
 from innerloop.hf.arguments import (
     check_flag,
@@ -1206,11 +1206,15 @@ def _check_same_shape(name: str, module: nn.Module, current: torch.Tensor) -> No
 
 def _resized_vocab(new_num_tokens: Any, pad_to_multiple_of: Any, current: int) -> int:
     """``new_num_tokens`` (None: ``current``) rounded up to a multiple of ``pad_to_multiple_of``."""
-    for name, value in (("new_num_tokens", new_num_tokens), ("pad_to_multiple_of", pad_to_multiple_of)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    sizes = {"new_num_tokens": new_num_tokens, "pad_to_multiple_of": pad_to_multiple_of}
+    for name, value in sizes.items():  # numpy's and 0-d tensor integers are read as ints
+        number = None if value is None else as_integer(value)
+        if value is not None and (number is None or number < 1):
             raise ValueError(
                 f"resize_token_embeddings: {name} must be an integer >= 1 or None, got {value!r}"
             )
+        sizes[name] = number
+    new_num_tokens, pad_to_multiple_of = sizes["new_num_tokens"], sizes["pad_to_multiple_of"]
     size = current if new_num_tokens is None else new_num_tokens
     if pad_to_multiple_of is not None:
         size = -(-size // pad_to_multiple_of) * pad_to_multiple_of

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from innerloop.core.functional import as_integer
 from innerloop.models.config import MODEL_FIELD_BOUNDS, ModelConfig, uses_rope
 from innerloop.models.factory import build_model
 
@@ -138,8 +139,9 @@ def size_to_budget(config: ModelConfig, budget: int, adjust: str = "intermediate
         raise ValueError(
             f"adjust={adjust!r} is not a field size_to_budget sizes; valid: {list(SIZABLE_FIELDS)}"
         )
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"budget={budget!r} must be a positive integer (a number of parameters)")
+    given, budget = budget, as_integer(budget)  # numpy's and 0-d tensor integers too
+    if budget is None or budget < 1:
+        raise ValueError(f"budget={given!r} must be a positive integer (a number of parameters)")
     step = (2 if uses_rope(config) else 1) * config.num_heads if adjust == "hidden_size" else 1
     largest = int(MODEL_FIELD_BOUNDS[f"model.{adjust}"].high or 2**24) // step  # the field's own limit
     low, high = 1, min(largest, max(2, getattr(config, adjust) // step))

@@ -33,6 +33,8 @@ the check fails: a kernel that refuses everything is not checked.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from innerloop.core.family_layers import REFUSED_TTT_OPTIONS, FamilyLayer
+from innerloop.core.functional import as_integer
 from innerloop.core.layer import TTTLayer
 from innerloop.core.state import TTTState
 from innerloop.kernels.dispatch import KernelCheckError, KernelUnavailableError
@@ -208,16 +211,17 @@ def _tolerance(dtype: torch.dtype, tolerance: float | None) -> float:
     if tolerance is None:
         lowered = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
         return tolerance_for(dtype) if lowered else KERNEL_CHECK_TOLERANCES[dtype]  # TF32 / bfloat16 products
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not 0 < tolerance < math.inf:
         raise ValueError(f"tolerance must be a positive number (a relative error), got {tolerance!r}")
     return float(tolerance)
 
 
 def _checked_head_dims(head_dims: tuple[int, ...]) -> tuple[int, ...]:
     valid = isinstance(head_dims, (tuple, list)) and len(head_dims) > 0
-    if not valid or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in head_dims):
+    dims = [as_integer(d) for d in head_dims] if valid else []  # numpy's integers too
+    if not valid or any(d is None or d < 1 for d in dims):
         raise ValueError(f"head_dims must be a non-empty tuple of positive ints, got {head_dims!r}")
-    return tuple(head_dims)
+    return tuple(dims)
 
 
 def _layer_config(

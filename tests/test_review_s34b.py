@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from innerloop.config.load import ConfigError
 from innerloop.data.recall import recall_example
 from innerloop.hf.modeling import _resized_vocab
 from innerloop.models import ModelConfig
@@ -15,6 +16,7 @@ from innerloop.models.params import size_to_budget
 from innerloop.testing.kernel_checks import _checked_head_dims, _tolerance
 from innerloop.train import RecallDataModule, TextDataModule
 from innerloop.train.bootstrap import bootstrap_difference, expanded_tail
+from innerloop.train.compare import compare
 
 DIFFERENCES = torch.linspace(-1, 1, 24).reshape(8, 3)
 COUNTS = torch.ones(8, 3)
@@ -129,3 +131,20 @@ def test_check_kernel_head_dims_and_tolerance_take_numpy_numbers():
     for bad in (float("inf"), float("nan"), True):
         with pytest.raises(ValueError, match="tolerance must be a positive number"):
             _tolerance(torch.float64, bad)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"seed": 2**64}, r"^--seed=18446744073709551616 must be an integer in \[-2\*\*63, 2\*\*64\)"),
+        (
+            {"resamples": np.int64(2**40)},
+            r"^--resamples=1099511627776 must be an integer in \[1, 2147483647\]",
+        ),
+    ],
+)
+def test_compare_refuses_out_of_range_bootstrap_arguments_before_loading(tmp_path, arguments, message):
+    # taken, every model evaluated, then torch's manual_seed / randint failed ("Overflow when unpacking")
+    missing = [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]
+    with pytest.raises(ConfigError, match=message):
+        compare(missing, **arguments)

@@ -58,7 +58,7 @@ def bootstrap_difference(
             f"differences and counts must both be [windows >= 1, buckets], got {tuple(differences.shape)} "
             f"and {tuple(counts.shape)}"
         )
-    resamples, seed = _checked_resamples(resamples), _checked_seed(seed)
+    resamples, seed = checked_resamples(resamples), checked_seed(seed)
     _check_probability("confidence", confidence)
     differences, counts = differences.double(), counts.double()
     if not bool(((counts >= 0) & torch.isfinite(counts)).all()):
@@ -207,7 +207,7 @@ MAX_RESAMPLES = 2**31 - 1
 """The most bootstrap resamples (``torch.randint`` takes no larger size; memory runs out long before)."""
 
 
-def _checked_resamples(resamples: Any) -> int:
+def checked_resamples(resamples: Any) -> int:
     """``resamples`` as an int (a numpy or 0-d torch integer is one), or a ValueError naming it."""
     number = as_integer(resamples)
     if number is None or not 1 <= number <= MAX_RESAMPLES:
@@ -215,7 +215,7 @@ def _checked_resamples(resamples: Any) -> int:
     return number
 
 
-def _checked_seed(seed: Any) -> int:
+def checked_seed(seed: Any) -> int:
     """``seed`` as an int that ``torch.Generator.manual_seed`` takes, or a ValueError naming it."""
     number = as_integer(seed)
     if number is None or not -(2**63) <= number < 2**64:

@@ -49,7 +49,13 @@ from innerloop.data.atomic import atomic_write, atomic_write_text, remove_stale_
 from innerloop.data.tokenizer import Tokenizer
 from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
 from innerloop.models.params import count_parameters
-from innerloop.train.bootstrap import DEFAULT_RESAMPLES, MIN_BAND_WINDOWS, bootstrap_difference
+from innerloop.train.bootstrap import (
+    DEFAULT_RESAMPLES,
+    MIN_BAND_WINDOWS,
+    bootstrap_difference,
+    checked_resamples,
+    checked_seed,
+)
 from innerloop.train.data import IGNORE_INDEX, DataError, path_list, resolve_files
 from innerloop.train.metrics import position_buckets
 from innerloop.train.module import LanguageModelModule, load_module
@@ -318,15 +324,17 @@ def _check_compare_arguments(
     lengths = None if seq_lens is None else _seq_len_list(seq_lens)
     if baseline is not None and not isinstance(baseline, (str, Path)):
         raise ConfigError(f"--baseline must be a model's name or path, got {baseline!r}")
-    resample_count = as_integer(resamples)
-    if resample_count is None or resample_count < 1:
-        raise ConfigError(f"--resamples must be an integer >= 1, got {resamples!r}")
     if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real) or not 0 < confidence < 1:
         raise ConfigError(f"confidence must be a number in (0, 1), got {confidence!r}")
-    seed_int = as_integer(seed)
+    resample_count, seed_int = as_integer(resamples), as_integer(seed)
+    if resample_count is None or resample_count < 1:
+        raise ConfigError(f"--resamples must be an integer >= 1, got {resamples!r}")
     if seed_int is None:
         raise ConfigError(f"--seed must be an integer, got {seed!r}")
-    return lengths, resample_count, float(confidence), seed_int
+    try:  # the bootstrap's own bounds, here before any model is evaluated (a seed of 2**64 failed after)
+        return lengths, checked_resamples(resample_count), float(confidence), checked_seed(seed_int)
+    except ValueError as err:
+        raise ConfigError(f"--{err}") from None
 
 
 def _seq_len_list(seq_lens: Any) -> list[int]:

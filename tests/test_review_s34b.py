@@ -148,3 +148,14 @@ def test_compare_refuses_out_of_range_bootstrap_arguments_before_loading(tmp_pat
     missing = [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]
     with pytest.raises(ConfigError, match=message):
         compare(missing, **arguments)
+
+
+def test_sampling_top_k_takes_a_0d_integer_tensor():
+    # numpy's integers were taken and torch.tensor(3) refused, where evaluate takes both
+    from innerloop.models import sample_next
+
+    logits = torch.randn(2, 10, generator=torch.Generator().manual_seed(0))
+    picked = sample_next(logits, 1.0, torch.tensor(3), torch.Generator().manual_seed(1))
+    assert torch.equal(picked, sample_next(logits, 1.0, 3, torch.Generator().manual_seed(1)))
+    with pytest.raises(TypeError, match=r"top_k=tensor\(3\.\) \(Tensor\) must be an int >= 1"):
+        sample_next(logits, 1.0, torch.tensor(3.0), None)

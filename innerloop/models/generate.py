@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from innerloop.core.functional import as_integer
 from innerloop.models.lm import check_token_ids
 
 if TYPE_CHECKING:  # annotations only: generate calls the model, whatever its class
@@ -205,7 +206,8 @@ def _check_generator_device(
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    """An integer as ``evaluate`` and ``compare`` read one: numpy's and a 0-d integer tensor too."""
+    return as_integer(value) is not None
 
 
 def _is_real(value: object) -> bool:

@@ -720,6 +720,8 @@ def is_safetensors_file(path: str | os.PathLike[str]) -> bool:
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`, verifying its checksum; raise
     :class:`CheckpointError` (one line naming the file and the problem) for any other file."""
+    if not isinstance(path, (str, os.PathLike)):  # Path(None) failed in pathlib, naming no argument
+        raise TypeError(f"checkpoint={path!r} ({type(path).__name__}) must be a path (a str or os.PathLike)")
     path = Path(path)
     name = repr(str(path))
     problem = checkpoint_path_problem(path)

@@ -14,7 +14,7 @@ from innerloop.hf.modeling import _resized_vocab
 from innerloop.models import ModelConfig
 from innerloop.models.params import size_to_budget
 from innerloop.testing.kernel_checks import _checked_head_dims, _tolerance
-from innerloop.train import RecallDataModule, TextDataModule
+from innerloop.train import RecallDataModule, TextDataModule, evaluate, load_model
 from innerloop.train.bootstrap import bootstrap_difference, expanded_tail
 from innerloop.train.compare import compare
 
@@ -159,3 +159,25 @@ def test_sampling_top_k_takes_a_0d_integer_tensor():
     assert torch.equal(picked, sample_next(logits, 1.0, 3, torch.Generator().manual_seed(1)))
     with pytest.raises(TypeError, match=r"top_k=tensor\(3\.\) \(Tensor\) must be an int >= 1"):
         sample_next(logits, 1.0, torch.tensor(3.0), None)
+
+
+@pytest.mark.parametrize(
+    "arguments, error, message",
+    [
+        ({"checkpoint": None}, TypeError, r"^checkpoint=None \(NoneType\) must be a path"),
+        ({"checkpoint": 3}, TypeError, r"^checkpoint=3 \(int\) must be a path"),
+        ({"out_dir": 3}, ConfigError, r"^out_dir=3 \(int\) must be a path"),
+        ({"progress_bar": "no"}, TypeError, r"^progress_bar='no' \(str\) must be True or False"),
+    ],
+)
+def test_evaluate_refuses_a_non_path_or_non_flag_by_name(tmp_path, arguments, error, message):
+    # Path(None) / Path(3) failed inside pathlib ("expected str, bytes or os.PathLike object"), naming
+    # no argument; progress_bar='no' was taken as true
+    arguments = {"checkpoint": str(tmp_path / "missing.safetensors")} | arguments
+    with pytest.raises(error, match=message):
+        evaluate(**arguments)
+
+
+def test_load_model_refuses_a_non_path_by_name():
+    with pytest.raises(TypeError, match=r"^checkpoint=None \(NoneType\) must be a path"):
+        load_model(None)

@@ -1474,6 +1474,8 @@ def _is_orbax_checkpoint(path: Path) -> bool:
 def check_output_dir(path: str | os.PathLike[str], key: str) -> None:
     """Raise :class:`ConfigError` (naming ``key``, e.g. ``out_dir``) unless ``path`` is a directory or
     can be made one: not a file, and its nearest existing ancestor a directory this user can write."""
+    if not isinstance(path, (str, os.PathLike)):  # Path(3) failed in pathlib, naming no argument
+        raise ConfigError(f"{key}={path!r} ({type(path).__name__}) must be a path (a str or os.PathLike)")
     if not str(path):
         raise ConfigError(f"{key}='' must name a directory for the outputs")
     target = Path(path).expanduser()

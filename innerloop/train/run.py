@@ -1559,7 +1559,8 @@ def evaluate(
     ``.png`` there (see :func:`evaluation_stem`): named after what was evaluated, so evaluations of other
     checkpoints, data or settings do not replace each other, and never the training run's own ``loss_by_position.*``.
     """
-    paths, seq_len, batch_size, batches = _eval_args(paths, seq_len, batch_size, batches, no_ttt, out_dir)
+    given = (seq_len, batch_size, batches)
+    paths, seq_len, batch_size, batches = _eval_args(paths, *given, no_ttt, out_dir, progress_bar)
     module = load_module(checkpoint)
     if no_ttt and not modules_learning_at_test_time(module.model):  # before any window is read
         raise ConfigError(
@@ -1600,13 +1601,14 @@ def evaluate(
 
 
 def _eval_args(
-    paths: Any, seq_len: Any, batch_size: Any, batches: Any, no_ttt: Any, out_dir: Any
+    paths: Any, seq_len: Any, batch_size: Any, batches: Any, no_ttt: Any, out_dir: Any, progress_bar: Any
 ) -> tuple[list[str], int | None, int | None, int | None]:
     """:func:`evaluate`'s arguments, checked before anything is read; returns ``paths`` as a list (one
     path is a list of one, not its letters; None, as no paths: the run's own windows) and the sizes as
     ints (:func:`~innerloop.core.functional.positive_ints`)."""
     sizes = positive_ints(seq_len=seq_len, batch_size=batch_size, batches=batches)
     check_flag("no_ttt", no_ttt)
+    check_flag("progress_bar", progress_bar)  # a string such as 'no' would show it
     if out_dir is not None:
         check_output_dir(out_dir, "out_dir")  # a file there failed after the evaluation
     return ([] if paths is None else path_list(paths)), *sizes

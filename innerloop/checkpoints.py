@@ -315,6 +315,11 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[str]) ->
     checksum. A checkpoint with a model (``hyper_parameters['model']``) also records where each plugin
     that model uses came from (:data:`PLUGINS_KEY`, :func:`plugin_record`) and the source digests of
     those registered in the process (:data:`PLUGIN_SOURCES_KEY`, :func:`plugin_sources`)."""
+    _check_path_argument(path)  # before the tree is encoded: Path(None) failed in pathlib after it
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(
+            f"checkpoint must be a dict (a tree of tensors and plain values), got {type(checkpoint).__name__}"
+        )
     hyper_parameters = checkpoint.get("hyper_parameters")
     model = hyper_parameters.get("model") if isinstance(hyper_parameters, Mapping) else None
     if isinstance(model, Mapping):
@@ -717,11 +722,17 @@ def is_safetensors_file(path: str | os.PathLike[str]) -> bool:
     return 0 < header_length <= size - 8 and start[8:9] == b"{"
 
 
+def _check_path_argument(path: Any, name: str = "path") -> None:
+    """A TypeError naming ``name`` unless ``path`` is a str or an ``os.PathLike`` (``Path(None)`` fails
+    inside pathlib, naming no argument)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name}={path!r} ({type(path).__name__}) must be a path (a str or os.PathLike)")
+
+
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`, verifying its checksum; raise
     :class:`CheckpointError` (one line naming the file and the problem) for any other file."""
-    if not isinstance(path, (str, os.PathLike)):  # Path(None) failed in pathlib, naming no argument
-        raise TypeError(f"checkpoint={path!r} ({type(path).__name__}) must be a path (a str or os.PathLike)")
+    _check_path_argument(path, "checkpoint")
     path = Path(path)
     name = repr(str(path))
     problem = checkpoint_path_problem(path)

@@ -14,7 +14,7 @@ from innerloop.hf.modeling import _resized_vocab
 from innerloop.models import ModelConfig
 from innerloop.models.params import size_to_budget
 from innerloop.testing.kernel_checks import _checked_head_dims, _tolerance
-from innerloop.train import RecallDataModule, TextDataModule, evaluate, load_model
+from innerloop.train import RecallDataModule, TextDataModule, evaluate, load_model, save_checkpoint
 from innerloop.train.bootstrap import bootstrap_difference, expanded_tail
 from innerloop.train.compare import compare
 
@@ -181,3 +181,18 @@ def test_evaluate_refuses_a_non_path_or_non_flag_by_name(tmp_path, arguments, er
 def test_load_model_refuses_a_non_path_by_name():
     with pytest.raises(TypeError, match=r"^checkpoint=None \(NoneType\) must be a path"):
         load_model(None)
+
+
+@pytest.mark.parametrize(
+    "checkpoint, path, message",
+    [
+        ({}, None, r"^path=None \(NoneType\) must be a path"),
+        ({}, 3, r"^path=3 \(int\) must be a path"),
+        ([], "x.safetensors", r"^checkpoint must be a dict"),
+    ],
+)
+def test_save_checkpoint_refuses_a_non_path_or_non_dict_by_name(tmp_path, checkpoint, path, message):
+    # Path(None) failed inside pathlib; a list failed with "'list' object has no attribute 'get'"
+    with pytest.raises(TypeError, match=message):
+        save_checkpoint(checkpoint, path if path != "x.safetensors" else tmp_path / path)
+    assert not list(tmp_path.iterdir())

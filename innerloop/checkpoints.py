@@ -315,7 +315,7 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[str]) ->
     checksum. A checkpoint with a model (``hyper_parameters['model']``) also records where each plugin
     that model uses came from (:data:`PLUGINS_KEY`, :func:`plugin_record`) and the source digests of
     those registered in the process (:data:`PLUGIN_SOURCES_KEY`, :func:`plugin_sources`)."""
-    _check_path_argument(path)  # before the tree is encoded: Path(None) failed in pathlib after it
+    check_path_argument(path)  # before the tree is encoded: Path(None) failed in pathlib after it
     if not isinstance(checkpoint, Mapping):
         raise TypeError(
             f"checkpoint must be a dict (a tree of tensors and plain values), got {type(checkpoint).__name__}"
@@ -722,7 +722,7 @@ def is_safetensors_file(path: str | os.PathLike[str]) -> bool:
     return 0 < header_length <= size - 8 and start[8:9] == b"{"
 
 
-def _check_path_argument(path: Any, name: str = "path") -> None:
+def check_path_argument(path: Any, name: str = "path") -> None:
     """A TypeError naming ``name`` unless ``path`` is a str or an ``os.PathLike`` (``Path(None)`` fails
     inside pathlib, naming no argument)."""
     if not isinstance(path, (str, os.PathLike)):
@@ -732,7 +732,7 @@ def _check_path_argument(path: Any, name: str = "path") -> None:
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`, verifying its checksum; raise
     :class:`CheckpointError` (one line naming the file and the problem) for any other file."""
-    _check_path_argument(path, "checkpoint")
+    check_path_argument(path, "checkpoint")
     path = Path(path)
     name = repr(str(path))
     problem = checkpoint_path_problem(path)

@@ -196,3 +196,13 @@ def test_save_checkpoint_refuses_a_non_path_or_non_dict_by_name(tmp_path, checkp
     with pytest.raises(TypeError, match=message):
         save_checkpoint(checkpoint, path if path != "x.safetensors" else tmp_path / path)
     assert not list(tmp_path.iterdir())
+
+
+def test_export_checkpoint_refuses_a_non_path_by_name(tmp_path):
+    # Path(None) failed inside pathlib ("expected str, bytes or os.PathLike object, not NoneType")
+    from innerloop.hf.export import export_checkpoint
+
+    with pytest.raises(TypeError, match=r"^checkpoint=None \(NoneType\) must be a path"):
+        export_checkpoint(None, tmp_path / "out")
+    with pytest.raises(TypeError, match=r"^OUT_DIR=None \(NoneType\) must be a path"):
+        export_checkpoint(str(tmp_path / "missing.safetensors"), None)

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from innerloop.checkpoints import checkpoint_tokenizer, load_model
+from innerloop.checkpoints import check_path_argument, checkpoint_tokenizer, load_model
 from innerloop.config.load import ConfigError, check_not_a_link_loop, check_output_dir
 from innerloop.data.atomic import file_sha256
 from innerloop.data.tokenizer import Tokenizer as RunTokenizer
@@ -239,6 +239,7 @@ def check_target(out_dir: str | os.PathLike[str], overwrite: bool, name: str = "
     beside it is settled first (:func:`settle_interrupted_export`)."""
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    check_path_argument(out_dir, name)  # Path(None) failed in pathlib, naming no argument
     out = _resolved_target(out_dir, name)
     settle_interrupted_export(out)
     if out.exists() and not out.is_dir():
@@ -397,6 +398,7 @@ def export_checkpoint(
     Raises :class:`~innerloop.checkpoints.CheckpointError` for a file that is not a readable
     checkpoint and :class:`ExportError` for a target that may not be written (checked first).
     """
+    check_path_argument(checkpoint, "checkpoint")
     check_target(out_dir, overwrite)
     recorded = tokenizer is None
     if recorded:

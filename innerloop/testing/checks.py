@@ -1081,8 +1081,9 @@ def check_update_rule(
     or momentum of exactly 0 gives the plain rule's numbers. With ``gradients``, the gradients of its
     outputs and final weights w.r.t. every input (views, lr, initial weights, LayerNorm, decay,
     momentum, token scales) equal the naive loop's too (:func:`check_update_rule_gradients_match_naive`).
-    With ``without_grad``, on the first model (every loss, variant and wrapping), its values under
-    ``torch.no_grad()`` and ``torch.inference_mode()`` are the same (:func:`check_update_rule_without_grad`).
+    With ``without_grad``, on every model (every loss, variant and wrapping), its values under
+    ``torch.no_grad()`` and ``torch.inference_mode()`` are the same (:func:`check_update_rule_without_grad`);
+    in float32 (each loss, first model) it stays within float32's rounding of the float64 values.
     What ``forward`` returns is checked first: ``(outputs [B, H, T, f], TTTState)``, else
     :class:`RuleOutputError` (:func:`check_rule_returns`). ``tolerance`` widens only on a problem that
     amplifies rounding, as :data:`FLOAT64_CONDITIONING_FACTOR` says (the message then says so too).
@@ -1099,13 +1100,8 @@ def check_update_rule(
     heads and a 150-token call), with the first loss and wrapping, and at :data:`UNIT_CHECK_SHAPE` (sizes 1); :func:`innerloop.testing.strategies.problems`
     draws shapes (and, if asked, the model) for a hypothesis test.
     """
-    from innerloop.registry import get_registry
-
-    registry = get_registry()
     rule = _named("update_rule", rule)
-    losses = (
-        [_named("inner_loss", loss)] if loss is not None else [registry.inner_loss(n) for n in BUILTIN_LOSSES]
-    )
+    losses = _losses_to_check(loss)
     _refuse_variant_kwargs("check_update_rule", problem_kwargs, tolerance)
     cut_points = _check_cut_points(cut_points, problem_kwargs)
     given = {k: problem_kwargs.pop(k) for k in ("norm", "residual") if k in problem_kwargs}
@@ -1119,11 +1115,22 @@ def check_update_rule(
         _check_rule_with(
             rule, each_model, losses, wrappings, cut_points, seed, tolerance, gradients, problem_kwargs
         )
-        if index == 0:  # the mixed wrappings, the modes without autograd, float32: first model
-            first = {**problem_kwargs, **wrappings[0]}
-            _check_rule_on_first(
-                rule, each_model, losses, cut_points, seed, tolerance, mixed, without_grad, first
+        first_wrapping = {**problem_kwargs, **wrappings[0]}
+        if without_grad:  # every model: a fast path without autograd may differ for one model only
+            _check_rule_without_grad(
+                rule, each_model, losses, cut_points, seed, tolerance, mixed, first_wrapping
             )
+        if index == 0:  # the mixed wrappings and float32: first model
+            _check_rule_on_first(rule, each_model, losses, cut_points, seed, tolerance, mixed, first_wrapping)
+
+
+def _losses_to_check(loss: InnerLoss | str | None) -> list[InnerLoss]:
+    """``loss`` (an instance or a registered name) as a list of one; every built-in loss when None."""
+    from innerloop.registry import get_registry
+
+    if loss is not None:
+        return [_named("inner_loss", loss)]
+    return [get_registry().inner_loss(name) for name in BUILTIN_LOSSES]
 
 
 def _default_check_shapes(wrapping: dict, given: dict) -> list[tuple[dict[str, int], dict]]:
@@ -1192,26 +1199,37 @@ def _check_rule_on_first(
     seed: int,
     tolerance: float,
     mixed: list[dict],
-    without_grad: bool,
     options: dict,
 ) -> None:
     """:func:`check_update_rule`'s checks on its first model (``options``: the problem's, with the first
-    wrapping): the ``mixed`` wrappings and float32 (unless the problem's dtype is given) with the first
-    loss, and the modes without autograd with every loss, plain and with the rule's decay and momentum,
-    and with the first loss in each ``mixed`` wrapping: a fast path taken without autograd (evaluation,
-    generation) that drops the loss's carry, the decay or the residual is met there."""
-    loss = losses[0]
+    wrapping): the ``mixed`` wrappings with the first loss, and float32 (unless the problem's dtype is
+    given) with every loss (a rule that rounds one loss's outputs through a lower precision is met there)."""
     for wrapping in mixed:
-        _check_rule_on(rule, model, loss, cut_points, seed, tolerance, {**options, **wrapping})
-    if without_grad:
-        variants = rule_variants(rule)[:1] + rule_variants(rule)[1:][-1:]  # plain; all the rule takes
-        runs = [(each, {**variant, **options}) for each in losses for variant in variants]
-        runs += [(loss, {**options, **wrapping}) for wrapping in mixed]
-        for each, each_options in runs:
-            problem = make_problem(model, each, seed=seed, **each_options).for_rule(rule)
-            check_update_rule_without_grad(rule, problem, cut_points, tolerance)
+        _check_rule_on(rule, model, losses[0], cut_points, seed, tolerance, {**options, **wrapping})
     if "dtype" not in options:  # layers run their rules in float32
-        check_update_rule_in_float32(rule, model, loss, cut_points, seed, options)
+        for loss in losses:
+            check_update_rule_in_float32(rule, model, loss, cut_points, seed, options)
+
+
+def _check_rule_without_grad(
+    rule: UpdateRule,
+    model: InnerModel,
+    losses: list[InnerLoss],
+    cut_points: list[int] | None,
+    seed: int,
+    tolerance: float,
+    mixed: list[dict],
+    options: dict,
+) -> None:
+    """The modes without autograd on one model, with every loss, plain and with the rule's decay and
+    momentum, and with the first loss in each ``mixed`` wrapping: a fast path taken without autograd
+    (evaluation, generation) that drops the loss's carry, the decay or the residual is met there."""
+    variants = rule_variants(rule)[:1] + rule_variants(rule)[1:][-1:]  # plain; all the rule takes
+    runs = [(each, {**variant, **options}) for each in losses for variant in variants]
+    runs += [(losses[0], {**options, **wrapping}) for wrapping in mixed]
+    for each, each_options in runs:
+        problem = make_problem(model, each, seed=seed, **each_options).for_rule(rule)
+        check_update_rule_without_grad(rule, problem, cut_points, tolerance)
 
 
 def _models_for(rule: UpdateRule, model: InnerModel | str | None) -> list[InnerModel]:

@@ -242,12 +242,7 @@ class Float16ForNextToken(MiniBatchGD):
 
 
 @pytest.mark.slow  # ~1.5 s (3 s with the warm-up): the whole check_update_rule over its losses is the point
-@pytest.mark.xfail(
-    strict=True,
-    reason="check_update_rule checks float32 (and the values without autograd) on its first model and loss only: "
-    "check_update_rule_in_float32 should run for every loss (and check_update_rule_without_grad for every model), "
-    "at a cost in the suite's time",
-)
+# review s34a (fixed): float32 was checked with the first loss only
 def test_check_update_rule_checks_float32_with_every_loss() -> None:
     with pytest.raises(AssertionError, match="next_token"):
         check_update_rule(

@@ -13,11 +13,12 @@ weights are compared on:
 
 Prints one line per check with its relative error and the path that ran; exits 1 if any check fails.
 
-Usage: python benchmarks/triton_gpu_check.py     (on a machine without CUDA it says so and exits 0)
+Usage: python benchmarks/triton_gpu_check.py [--dry-run-on-cpu]   (without CUDA and the flag: says so, exits 0)
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 
@@ -116,9 +117,19 @@ def reporter(
     return report
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--dry-run-on-cpu",
+        action="store_true",
+        help="run the same checks against the CPU kernels (to try this script on a machine without a GPU)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
     global DEVICE
-    if sys.argv[1:] == ["--dry-run-on-cpu"]:
+    if parse_args(argv).dry_run_on_cpu:
         DEVICE = "cpu"
     elif not torch.cuda.is_available():
         print("no CUDA device: the Triton kernels run on a GPU only (CI checks them through the interpreter)")

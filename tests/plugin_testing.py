@@ -3,13 +3,15 @@ checkpoints and exports record of their plugins (tests/train/test_checkpoint_plu
 test_export_plugin_origins.py: loading where the other one answers to the name must warn),
 :class:`One`, a plugin object registering one object through one hook (the registry's tests), and
 :func:`without_key`, a checkpoint as written before one of its records existed, and
-:class:`ModuleEntryPoint`, an installed entry point naming a module."""
+:class:`ModuleEntryPoint`, an installed entry point naming a module, and :class:`DoubledGradient`, the
+identity whose backward doubles the gradient (a plugin's or kernel's wrong hand-written backward)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -17,6 +19,18 @@ from innerloop import HalfSquaredError, LossPairs, hookimpl
 from innerloop.checkpoints import checkpoint_digest
 
 NAME = "origins_test_loss"
+
+
+class DoubledGradient(torch.autograd.Function):
+    """The identity forward, twice the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 2 * grad
 
 
 class TargetsAsGiven(HalfSquaredError):

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from plugin_testing import DoubledGradient
 
 import innerloop
 from innerloop.core.functional import relative_error
@@ -111,20 +112,8 @@ def test_a_named_kernel_that_fails_its_check_is_an_error_with_the_numbers():
             layer(torch.randn(1, 8, 16))
 
 
-class WrongBackward(torch.autograd.Function):
-    """The identity forward, twice the gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return 2 * grad
-
-
 def test_right_outputs_with_wrong_gradients_are_refused_for_training_only():
-    register(Counting(REFERENCE_FORWARD, lambda out, params: (WrongBackward.apply(out), params)))
+    register(Counting(REFERENCE_FORWARD, lambda out, params: (DoubledGradient.apply(out), params)))
     layer, reference = layer_pair(dtype=torch.float64)  # float32 gradients of two paths differ by 1e-5
     x = torch.randn(1, 8, 16, dtype=torch.float64)
     with torch.no_grad():

@@ -12,6 +12,7 @@ import dataclasses
 
 import pytest
 import torch
+from plugin_testing import DoubledGradient
 
 from innerloop.core.protocol import LossPairs, Views
 from innerloop.plugins.losses.next_token import NextToken
@@ -37,21 +38,11 @@ class Float32RoundTrip(Reconstruction):
         return LossPairs(inputs=key, targets=value, valid=None, carry={})
 
 
-class DoubledBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return 2 * grad
-
-
 class HandWrittenBackward(Reconstruction):
     name = "hand_written_backward"
 
     def pairs(self, views, carry):
-        return LossPairs(inputs=DoubledBackward.apply(views.key), targets=views.value, valid=None, carry={})
+        return LossPairs(inputs=DoubledGradient.apply(views.key), targets=views.value, valid=None, carry={})
 
 
 class DetachedCarry(NextToken):

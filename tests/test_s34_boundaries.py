@@ -67,3 +67,15 @@ def test_a_warmup_longer_than_the_run_is_warned_of() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         LanguageModelModule(tiny, max_steps=40, warmup_steps=40).configure_optimizers()
+
+
+@pytest.mark.parametrize("mixer", ["ttt", "e2e"])
+def test_a_language_model_names_ids_on_another_device_than_its_weights(mixer) -> None:
+    """torch's "Expected all tensors to be on the same device" named neither (s34c's remaining LOW; generate
+    checks its prompt the same way). A model on the meta device stands in for a GPU here."""
+    from innerloop.models import build_model
+
+    config = ModelConfig(mixer=mixer, hidden_size=16, num_heads=2, intermediate_size=32, num_layers=1)
+    model = build_model(config).to("meta")
+    with pytest.raises(ValueError, match=r"input_ids are on cpu but the model's weights are on meta"):
+        model(torch.zeros(1, 4, dtype=torch.long))

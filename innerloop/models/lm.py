@@ -145,6 +145,16 @@ def check_token_ids(
         )
 
 
+def check_same_device(input_ids: torch.Tensor, weight: torch.Tensor, name: str = "input_ids") -> None:
+    """Refuse, naming ``name``, ids on another device than the model's ``weight`` (torch's own error, "Expected
+    all tensors to be on the same device", names neither). Reads no value: no device sync."""
+    if input_ids.device != weight.device:
+        raise ValueError(
+            f"{name} are on {input_ids.device} but the model's weights are on {weight.device}: move them to "
+            f"the model's device ({name}.to('{weight.device}'))"
+        )
+
+
 def check_token_id_layout(input_ids: Any, name: str = "input_ids", min_length: int = 0) -> None:
     """Refuse, naming ``name``, anything but a ``[batch, length >= min_length]`` tensor of integer token
     ids (:data:`TOKEN_ID_DTYPES`). Reads no value: no device sync."""
@@ -276,6 +286,7 @@ class CausalLM(nn.Module):
         for ``B`` sequences: checked before any block runs (a block's pre-conv would otherwise fail on
         a state of another batch before its mixer's check)."""
         check_token_ids(input_ids, self.config.vocab_size, min_length=1)  # a T=0 call has nothing to score
+        check_same_device(input_ids, self.embed.weight)
         check_weights_under_autocast(self, self.embed.weight.device.type)
         if state is None:
             return

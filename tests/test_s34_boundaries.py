@@ -79,3 +79,28 @@ def test_a_language_model_names_ids_on_another_device_than_its_weights(mixer) ->
     model = build_model(config).to("meta")
     with pytest.raises(ValueError, match=r"input_ids are on cpu but the model's weights are on meta"):
         model(torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"step": float("nan")}, r"step=nan \(float\) must be an integer >= 0"),
+        ({"step": -1}, r"step=-1 must be >= 0"),
+        ({"warmup_steps": -5}, r"warmup_steps=-5 must be >= 0"),
+        ({"max_steps": 0}, r"max_steps=0 must be >= 1"),
+        ({"lr": float("nan")}, r"lr=nan \(float\) must be a finite number >= 0"),
+        ({"min_lr": -1e-3}, r"min_lr=-0.001 must be >= 0"),
+    ],
+)
+def test_the_schedules_name_a_bad_argument(arguments, message) -> None:
+    """Called directly, the four schedules returned numbers for a NaN step or lr and a negative warm-up
+    (s34b's remaining LOW); the module's own calls were checked by its hyperparameters only."""
+    from innerloop.train.schedules import warmup_constant, warmup_cosine, warmup_linear, warmup_stable_decay
+
+    given = {"step": 3, "warmup_steps": 2, "max_steps": 10, "lr": 1e-3, "min_lr": 1e-4, **arguments}
+    for schedule in (warmup_cosine, warmup_linear, warmup_constant):
+        with pytest.raises(ValueError, match=message):
+            schedule(**given)
+    with pytest.raises(ValueError, match=message):
+        warmup_stable_decay(**given, decay_steps=2)
+    assert warmup_cosine(np.int64(1), torch.tensor(2), 10, np.float32(1e-3), 0) == pytest.approx(1e-3)

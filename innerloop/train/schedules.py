@@ -26,6 +26,23 @@ import torch
 
 from innerloop.config.schema import SCHEDULES
 from innerloop.core.layer import TTTLayer
+from innerloop.models.config import AT_LEAST_0, AT_LEAST_1, checked_number
+
+
+def _checked(
+    step: Any, warmup_steps: Any, max_steps: Any, lr: Any, min_lr: Any, decay_steps: Any = 0
+) -> tuple[int, int, int, float, float, int]:
+    """A schedule's arguments as plain numbers, each in its range; else a ``ValueError`` naming the first
+    that is not (a NaN step or lr, a negative warm-up, gave a number before)."""
+    integers = {"step": (step, AT_LEAST_0), "warmup_steps": (warmup_steps, AT_LEAST_0)}
+    integers |= {"max_steps": (max_steps, AT_LEAST_1), "decay_steps": (decay_steps, AT_LEAST_0)}
+    step, warmup_steps, max_steps, decay_steps = (
+        checked_number(name, value, int, bounds) for name, (value, bounds) in integers.items()
+    )
+    lr, min_lr = (
+        checked_number(name, value, float, AT_LEAST_0) for name, value in (("lr", lr), ("min_lr", min_lr))
+    )
+    return step, warmup_steps, max_steps, lr, min_lr, decay_steps
 
 
 def _warmup(step: int, warmup_steps: int, lr: float) -> float:
@@ -40,6 +57,7 @@ def _decay_progress(step: int, start: int, length: int) -> float:
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, lr: float, min_lr: float) -> float:
     """Learning rate at optimizer step ``step``: linear warm-up from 0 to ``lr`` over ``warmup_steps``,
     then cosine decay to ``min_lr`` at ``max_steps`` (and ``min_lr`` after)."""
+    step, warmup_steps, max_steps, lr, min_lr, _ = _checked(step, warmup_steps, max_steps, lr, min_lr)
     if step < warmup_steps:
         return _warmup(step, warmup_steps, lr)
     progress = _decay_progress(step, warmup_steps, max_steps - warmup_steps)
@@ -48,6 +66,7 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, lr: float, min_l
 
 def warmup_linear(step: int, warmup_steps: int, max_steps: int, lr: float, min_lr: float) -> float:
     """Linear warm-up to ``lr``, then linear decay to ``min_lr`` at ``max_steps``."""
+    step, warmup_steps, max_steps, lr, min_lr, _ = _checked(step, warmup_steps, max_steps, lr, min_lr)
     if step < warmup_steps:
         return _warmup(step, warmup_steps, lr)
     return lr + (min_lr - lr) * _decay_progress(step, warmup_steps, max_steps - warmup_steps)
@@ -55,6 +74,7 @@ def warmup_linear(step: int, warmup_steps: int, max_steps: int, lr: float, min_l
 
 def warmup_constant(step: int, warmup_steps: int, max_steps: int, lr: float, min_lr: float) -> float:
     """Linear warm-up to ``lr``, then ``lr`` (``max_steps`` and ``min_lr`` are not used)."""
+    step, warmup_steps, max_steps, lr, min_lr, _ = _checked(step, warmup_steps, max_steps, lr, min_lr)
     return _warmup(step, warmup_steps, lr) if step < warmup_steps else lr
 
 
@@ -63,6 +83,9 @@ def warmup_stable_decay(
 ) -> float:
     """Linear warm-up to ``lr``, ``lr`` until the last ``decay_steps`` steps before ``max_steps``, then
     linear decay to ``min_lr`` at ``max_steps``."""
+    step, warmup_steps, max_steps, lr, min_lr, decay_steps = _checked(
+        step, warmup_steps, max_steps, lr, min_lr, decay_steps
+    )
     if step < warmup_steps:
         return _warmup(step, warmup_steps, lr)
     decay_start = max_steps - decay_steps

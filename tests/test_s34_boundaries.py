@@ -26,6 +26,8 @@ def test_compare_reads_numpy_and_0d_torch_numbers_as_pythons() -> None:
     assert (lengths, resamples, seed) == ([16, 32], 50, 3)
     assert all(type(n) is int for n in (*lengths, resamples, seed))
     assert type(confidence) is float and confidence == pytest.approx(0.9)
+    for lengths in (np.array([16, 32]), torch.tensor([16, 32])):  # np.arange(...), a 1-D tensor
+        assert _check_compare_arguments(["run"], lengths, None, 10, 0.9, 0)[0] == [16, 32]
 
 
 @pytest.mark.parametrize(

@@ -338,7 +338,10 @@ def _check_compare_arguments(
 
 
 def _seq_len_list(seq_lens: Any) -> list[int]:
-    """``seq_lens`` (a sequence of one or more integers >= 1) as a list of Python ints."""
+    """``seq_lens`` (a sequence of one or more integers >= 1, or a 1-D numpy array or tensor of them) as a
+    list of Python ints."""
+    if getattr(seq_lens, "ndim", None) == 1 and hasattr(seq_lens, "tolist"):  # np.arange(...), a tensor
+        seq_lens = seq_lens.tolist()
     lengths = [] if isinstance(seq_lens, (str, bytes)) or not isinstance(seq_lens, Sequence) else seq_lens
     as_ints = [as_integer(n) for n in lengths]
     if not as_ints or any(n is None or n < 1 for n in as_ints):

@@ -363,8 +363,11 @@ def is_integer(value: Any) -> bool:
 def as_integer(value: Any) -> int | None:
     """``value`` as an int if it is an integer (a Python int, a numpy integer, a 0-d integer tensor),
     else None: not a bool (nor a bool tensor, which ``operator.index`` reads as 0 or 1), a float (a float
-    tensor has ``__index__`` too, which raises) or a string."""
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+    tensor has ``__index__`` too, which raises) or a string, nor a tensor of one element that is not 0-d
+    (torch's ``__index__`` reads ``tensor([[3]])`` as 3; numpy refuses ``array([3])``)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, torch.Tensor) and (value.dtype == torch.bool or value.dim() != 0):
         return None
     try:
         return operator.index(value)

@@ -1,0 +1,26 @@
+"""Review s34e: the last look at session 34's argument checks."""
+
+import numpy as np
+import pytest
+import torch
+
+from innerloop.core.functional import as_integer, positive_ints
+from innerloop.models.generate import sample_next
+
+
+@pytest.mark.parametrize("value", [torch.tensor([2]), torch.tensor([[2]]), np.array([2])])
+def test_as_integer_refuses_a_tensor_of_one_element_that_is_not_0d(value):
+    # torch's __index__ read tensor([[2]]) as 2 where numpy refuses array([2]): a [B] tensor of one row
+    # passed as a size (top_k, seq_lens, max_new_tokens) was taken silently
+    assert as_integer(value) is None
+    with pytest.raises(ValueError, match="n="):
+        positive_ints(n=value)
+    with pytest.raises(TypeError, match="top_k="):
+        sample_next(torch.randn(1, 5), temperature=1.0, top_k=value, generator=None)
+
+
+@pytest.mark.parametrize(
+    "value", [3, np.int64(3), np.uint8(3), torch.tensor(3), torch.tensor(3, dtype=torch.uint8)]
+)
+def test_as_integer_takes_the_integers_it_took(value):
+    assert as_integer(value) == 3 and type(as_integer(value)) is int

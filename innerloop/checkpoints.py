@@ -812,6 +812,7 @@ def checkpoint_content_digest(path: str | os.PathLike[str]) -> str:
     """The checksum of the checkpoint's content, whatever the file is called: the one in its metadata
     (:func:`checkpoint_digest`; verified by :func:`load_checkpoint`, which should be called first), or
     for an old version-1 file without one the file's SHA-256."""
+    check_path_argument(path, "checkpoint")  # str(None) read as a file named 'None'
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             digest = (f.metadata() or {}).get(_DIGEST_KEY)
@@ -824,6 +825,7 @@ def checkpoint_identity(path: str | os.PathLike[str]) -> str:
     """``<file stem>-<first 8 hex digits of its content checksum>`` (:func:`checkpoint_content_digest`),
     e.g. ``last-1a2b3c4d``: names what was evaluated, so outputs of two checkpoints (even two
     ``last.safetensors``) never collide."""
+    check_path_argument(path, "checkpoint")
     path = Path(path)
     digest = checkpoint_content_digest(path)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.name.removesuffix(CHECKPOINT_SUFFIX)).strip("-.") or "ckpt"
@@ -836,6 +838,7 @@ def checkpoint_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     its tokenizer is unknown), read from its metadata alone (the weights are not loaded or verified:
     :func:`load_checkpoint` does that). Raises :class:`CheckpointError` naming the file, as
     :func:`load_checkpoint` does."""
+    check_path_argument(path, "checkpoint")  # Path(None) failed in pathlib, naming no argument
     name = repr(str(path))
     if not Path(path).is_file():
         load_checkpoint(path)  # raises the error of a missing file or a directory

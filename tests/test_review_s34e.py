@@ -1,9 +1,12 @@
 """Review s34e: the last look at session 34's argument checks."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
 
+from innerloop import checkpoints
 from innerloop.core.functional import as_integer, positive_ints
 from innerloop.models.generate import sample_next
 
@@ -24,3 +27,12 @@ def test_as_integer_refuses_a_tensor_of_one_element_that_is_not_0d(value):
 )
 def test_as_integer_takes_the_integers_it_took(value):
     assert as_integer(value) == 3 and type(as_integer(value)) is int
+
+
+@pytest.mark.parametrize("name", ["checkpoint_tokenizer", "checkpoint_identity", "checkpoint_content_digest"])
+@pytest.mark.parametrize("value", [None, 3, io.BytesIO(b"x")])
+def test_checkpoint_readers_refuse_a_non_path_naming_it_as_load_checkpoint_does(name, value):
+    # the siblings of load_checkpoint's check: pathlib's 'expected str, bytes or os.PathLike object'
+    # (checkpoint_tokenizer, checkpoint_identity) or a file named 'None' (checkpoint_content_digest)
+    with pytest.raises(TypeError, match=r"checkpoint=.* must be a path \(a str or os\.PathLike\)"):
+        getattr(checkpoints, name)(value)

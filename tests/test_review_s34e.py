@@ -1,6 +1,7 @@
 """Review s34e: the last look at session 34's argument checks."""
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 from innerloop import checkpoints
 from innerloop.core.functional import as_integer, positive_ints
 from innerloop.models.generate import sample_next
+from innerloop.train.plots import read_loss_by_position_csv
 
 
 @pytest.mark.parametrize("value", [torch.tensor([2]), torch.tensor([[2]]), np.array([2])])
@@ -36,3 +38,13 @@ def test_checkpoint_readers_refuse_a_non_path_naming_it_as_load_checkpoint_does(
     # (checkpoint_tokenizer, checkpoint_identity) or a file named 'None' (checkpoint_content_digest)
     with pytest.raises(TypeError, match=r"checkpoint=.* must be a path \(a str or os\.PathLike\)"):
         getattr(checkpoints, name)(value)
+
+
+def test_read_loss_by_position_csv_refuses_an_int_instead_of_reading_that_file_descriptor(tmp_path):
+    fd = os.open(tmp_path / "other.txt", os.O_RDWR | os.O_CREAT)  # another's open file
+    try:
+        with pytest.raises(TypeError, match=r"path=\d+ \(int\) must be a path"):
+            read_loss_by_position_csv(fd)
+        os.fstat(fd)  # still open: open(fd) closed it on the way out
+    finally:
+        os.close(fd)

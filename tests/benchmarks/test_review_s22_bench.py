@@ -87,9 +87,11 @@ def test_results_md_quotes_the_benchmarks_it_reports():
         "e2e_demo",
         "family",
         "generate_speed",
+        "kernel_speed",
         "layer_speed",
         "recall",
         "train_speed",
+        "triton_gpu_check",
     ]
 
 

@@ -54,7 +54,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from innerloop.config.load import CHECKPOINT_SUFFIX, checkpoint_path_problem
-from innerloop.core.functional import check_flag, first_non_finite
+from innerloop.core.functional import check_flag, check_path_argument, first_non_finite
 from innerloop.core.identity import IdentityTable
 from innerloop.core.layer import TTTLayer
 from innerloop.data.atomic import atomic_write, file_sha256, file_stamp
@@ -720,13 +720,6 @@ def is_safetensors_file(path: str | os.PathLike[str]) -> bool:
         return False
     header_length = int.from_bytes(start[:8], "little")
     return 0 < header_length <= size - 8 and start[8:9] == b"{"
-
-
-def check_path_argument(path: Any, name: str = "path") -> None:
-    """A TypeError naming ``name`` unless ``path`` is a str or an ``os.PathLike`` (``Path(None)`` fails
-    inside pathlib, naming no argument)."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"{name}={path!r} ({type(path).__name__}) must be a path (a str or os.PathLike)")
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:

@@ -49,7 +49,7 @@ from innerloop.config.trainer_args import (
     trainer_arguments,
     value_matches,
 )
-from innerloop.core.functional import check_flag
+from innerloop.core.functional import check_flag, check_path_argument
 from innerloop.data.atomic import atomic_write_text
 from innerloop.data.hf import check_hf_dataset, check_hf_source
 from innerloop.data.recall import RECALL_VALUES, recall_length
@@ -1474,8 +1474,10 @@ def _is_orbax_checkpoint(path: Path) -> bool:
 def check_output_dir(path: str | os.PathLike[str], key: str) -> None:
     """Raise :class:`ConfigError` (naming ``key``, e.g. ``out_dir``) unless ``path`` is a directory or
     can be made one: not a file, and its nearest existing ancestor a directory this user can write."""
-    if not isinstance(path, (str, os.PathLike)):  # Path(3) failed in pathlib, naming no argument
-        raise ConfigError(f"{key}={path!r} ({type(path).__name__}) must be a path (a str or os.PathLike)")
+    try:
+        check_path_argument(path, key)  # Path(3) failed in pathlib, naming no argument
+    except TypeError as err:
+        raise ConfigError(str(err)) from None
     if not str(path):
         raise ConfigError(f"{key}='' must name a directory for the outputs")
     target = Path(path).expanduser()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -400,6 +401,13 @@ def positive_ints(**values: Any) -> list[int | None]:
             raise ValueError(f"{name}={value} must be >= 1")
         ints.append(number)
     return ints
+
+
+def check_path_argument(path: Any, name: str = "path") -> None:
+    """A TypeError naming ``name`` unless ``path`` is a str or an ``os.PathLike`` (``Path(None)`` fails
+    inside pathlib naming no argument, and ``open(3)`` reads, then closes, file descriptor 3)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name}={path!r} ({type(path).__name__}) must be a path (a str or os.PathLike)")
 
 
 def first_non_finite(named: Iterable[tuple[str, Any]]) -> tuple[str, int, int] | None:

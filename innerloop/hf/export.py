@@ -37,8 +37,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from innerloop.checkpoints import check_path_argument, checkpoint_tokenizer, load_model
+from innerloop.checkpoints import checkpoint_tokenizer, load_model
 from innerloop.config.load import ConfigError, check_not_a_link_loop, check_output_dir
+from innerloop.core.functional import check_path_argument
 from innerloop.data.atomic import file_sha256
 from innerloop.data.tokenizer import Tokenizer as RunTokenizer
 from innerloop.data.tokenizer import TokenizerError, UnknownTokenizer

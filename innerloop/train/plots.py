@@ -9,6 +9,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from innerloop.core.functional import check_path_argument
 from innerloop.data.atomic import atomic_write, atomic_write_text
 
 
@@ -28,8 +29,7 @@ def write_loss_by_position_csv(
 
 def read_loss_by_position_csv(path: str | os.PathLike[str]) -> tuple[list[tuple[int, int]], list[float]]:
     """Inverse of :func:`write_loss_by_position_csv`."""
-    if not isinstance(path, (str, os.PathLike)):  # open(3) reads, then closes, file descriptor 3
-        raise TypeError(f"path={path!r} ({type(path).__name__}) must be a path (a str or os.PathLike)")
+    check_path_argument(path)  # open(3) reads, then closes, file descriptor 3
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     return [(int(r["start"]), int(r["end"])) for r in rows], [float(r["loss"]) for r in rows]

@@ -51,6 +51,7 @@ from innerloop.kernels import first_use
 from innerloop.kernels.spec import KernelSpec
 from innerloop.registry import hookspecs
 from innerloop.registry.kinds import KIND_BY_NAME, KIND_NAMES, KINDS, Kind, PluginError
+from innerloop.registry.verdicts import PassedChecks
 
 ENTRY_POINT_GROUP = "innerloop"
 DISABLE_ENV = "INNERLOOP_DISABLE_EXTERNAL_PLUGINS"
@@ -573,6 +574,10 @@ class Registry:
 HOOK_NAMES: tuple[str, ...] = tuple(kind.hook for kind in KINDS)
 
 
+_PASSED_CHECKS = PassedChecks()
+"""Names of the plugins whose checks passed, by behaviour key (:mod:`innerloop.registry.verdicts`): an
+object of the same class code and settings is not checked again (a registry built again, a fresh instance)."""
+
 _CHECKED_INSTANCES: IdentityTable[bool] = IdentityTable()
 """The plugin instances that passed :func:`check_instance`, held weakly: a checked plugin, and the tensors
 it may hold, is not kept alive by the check (a new object that takes a freed one's id is checked anew)."""
@@ -610,9 +615,16 @@ def validate_plugin(kind: Kind, obj: Any, external: bool) -> str:
         _default_dtype(torch.float32),
     ):
         torch.random.default_generator.manual_seed(0)  # the CPU generator only: fork_rng restores it
-        name = kind.validate(obj)
-        if external and kind.external_check is not None:
-            kind.external_check(obj, name)
+        return _PASSED_CHECKS.name_or_check(
+            kind.name, obj, external, lambda: _checked_name(kind, obj, external)
+        )
+
+
+def _checked_name(kind: Kind, obj: Any, external: bool) -> str:
+    """The checks of :func:`validate_plugin` themselves, run in its context."""
+    name = kind.validate(obj)
+    if external and kind.external_check is not None:
+        kind.external_check(obj, name)
     return name
 
 

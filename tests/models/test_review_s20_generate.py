@@ -80,7 +80,11 @@ def reference(model, ids: torch.Tensor, steps: int, temperature: float = 0.0, to
     return torch.stack(out, dim=1)
 
 
-@pytest.mark.parametrize("length", [15, 16, 33])
+# 15 and 16 (inside and at the end of a mini-batch) run in CI only: 33 crosses both boundaries in the
+# fast loop, which stays under a minute.
+@pytest.mark.parametrize(
+    "length", [pytest.param(15, marks=pytest.mark.slow), pytest.param(16, marks=pytest.mark.slow), 33]
+)
 @pytest.mark.parametrize("preset", PRESETS)
 def test_greedy_equals_stateless_reference_row_by_row(preset: str, length: int) -> None:
     # 33 > one window (32) and > two mini-batches / chunks (16); each row decoded alone in the reference.

@@ -20,6 +20,7 @@ import torch
 from innerloop.core.model_inner import ModelInnerLoss, ModelUpdateRule
 from innerloop.core.protocol import InnerLoss, InnerModel, LossPairs, UpdateRule, Views
 from innerloop.kernels.spec import KernelSpec
+from innerloop.registry import verdicts
 from innerloop.testing.checks import (
     MIXED_WRAPPINGS,
     REGISTRATION_TOLERANCE,
@@ -579,6 +580,7 @@ def _check_without_grad(rule: Any, name: str, problem: InnerProblem) -> None:
     except RuleOutputError as error:
         raise PluginError(str(error)) from error
     except RaisedWithoutGradError as error:
+        verdicts.not_reusable()
         warnings.warn(
             f"update rule {name!r} is registered, but a layer using it cannot run without autograd: "
             + " ".join(str(error).split()),

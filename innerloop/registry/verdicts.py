@@ -12,7 +12,8 @@ Here a passed check is remembered under the object's *behaviour key*:
 - its instance attributes by value.
 
 An object with any other state (a tensor, a list, a helper object in an attribute or on its class, slots)
-has no key and is checked every time, as is every object whose check failed. What the key cannot see is
+has no key and is checked every time, as is every object whose check failed or warned (the warning is
+said at every registration). What the key cannot see is
 a module-level global its methods read: a plugin whose numbers depend on one is checked once per key.
 """
 
@@ -92,6 +93,16 @@ def behaviour_key(kind: str, obj: Any, external: bool) -> tuple[Hashable, list[A
     return (kind, external, classes, instance), alive
 
 
+_CHECKING = threading.local()
+
+
+def not_reusable() -> None:
+    """Called by a check that passes with a warning (or any outcome that must be said at every
+    registration): the verdict being made is not remembered, so the check, and its warning, runs again."""
+    if getattr(_CHECKING, "reusable", None) is not None:
+        _CHECKING.reusable = False
+
+
 class PassedChecks:
     """The names that objects registered under once their checks passed, by behaviour key (the most
     recent ``_MAX_ENTRIES`` keys; safe to share between threads)."""
@@ -110,8 +121,13 @@ class PassedChecks:
                 if found is not None:
                     self._names.move_to_end(keyed[0])
                     return found[0]
-        name = check()
-        if keyed is not None:
+        outer, _CHECKING.reusable = getattr(_CHECKING, "reusable", None), True
+        try:
+            name = check()
+            reusable = _CHECKING.reusable
+        finally:  # a check inside another (a registration hook that registers): its warning reaches the outer one
+            _CHECKING.reusable = None if outer is None else outer and _CHECKING.reusable
+        if keyed is not None and reusable:
             with self._lock:
                 self._names[keyed[0]] = (name, keyed[1])
                 while len(self._names) > _MAX_ENTRIES:

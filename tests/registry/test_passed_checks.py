@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import innerloop
+from innerloop.core.protocol import UpdateRule
 from innerloop.plugins.losses.reconstruction import Reconstruction
 from innerloop.registry import PluginError, get_registry, isolated_registry, manager
 from innerloop.registry.verdicts import PassedChecks, behaviour_key
+from innerloop.testing.reference import naive_token_loop
 
 CALLS: list[str] = []  # module-level: a counter on the class would be a setting, and change the key
 
@@ -120,3 +122,23 @@ def test_equal_looking_settings_of_other_types_are_other_keys() -> None:
     assert behaviour_key("inner_loss", other, True)[0] == behaviour_key("inner_loss", same, True)[0]
     assert behaviour_key("inner_loss", other, True)[0] != behaviour_key("inner_loss", other, False)[0]
     assert behaviour_key("inner_loss", other, True)[0] != behaviour_key("inner_model", other, True)[0]
+
+
+class InferenceModeRaises(UpdateRule):
+    """Right with autograd and under no_grad; raises under inference_mode (naive_token_loop takes
+    torch.autograd.grad): registered with a PluginWarning."""
+
+    name = "passed_checks_inference_mode_raises"
+
+    def forward(self, state, task, views, lr, tau):
+        return naive_token_loop(state, task, views, 0.5 * lr, tau)
+
+    def reference(self, state, task, views, lr, tau):
+        return naive_token_loop(state, task, views, lr * 0.5, tau)
+
+
+@pytest.mark.slow  # registers an external rule twice (its naive-loop checks): ~0.7 s
+def test_a_check_that_passes_with_a_warning_warns_at_every_registration() -> None:
+    for _ in range(2):
+        with isolated_registry(), pytest.warns(innerloop.PluginWarning, match="cannot run without autograd"):
+            innerloop.register_update_rule(InferenceModeRaises())

@@ -16,6 +16,7 @@ imported only here, when such a dataset is opened.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -212,7 +213,9 @@ def open_hf_dataset(paths: Sequence[str], split: str, streaming: bool) -> Any:
         )
     with _reading(paths, split, files):
         if kind != "saved":
-            loaded = datasets.load_dataset(kind, data_files=files, split=split, streaming=streaming)
+            loaded = datasets.load_dataset(
+                kind, data_files=files, split=split, streaming=streaming, description=_files_stamp(files)
+            )
         else:
             loaded = _saved_split(datasets, load_saved(datasets, files[0]), split, files[0])
             # an empty one stays a Dataset: to_iterable_dataset refuses to shard 0 rows
@@ -220,6 +223,21 @@ def open_hf_dataset(paths: Sequence[str], split: str, streaming: bool) -> Any:
     with contextlib.suppress(AttributeError):  # iter_texts names them when reading a stream fails
         loaded._innerloop_source = (list(paths), split, files)
     return loaded
+
+
+def _files_stamp(files: Sequence[str]) -> str:
+    """What changes whenever one of ``files`` is written again, passed to ``load_dataset`` as the
+    builder's ``description``, which is part of its Arrow cache's name: ``datasets`` keys the cache of
+    local files on their modification times alone, so a file rewritten with its old time kept
+    (``cp -p``, ``rsync -t``, ``tar x``, ``touch -r``), even to another size, was read from the cache of
+    its old content. The inode, size and change time (``st_ctime``, which no program can set back) are
+    added to it."""
+    stamps = []
+    for file in files:
+        status = os.stat(file)
+        stamps.append(f"{status.st_ino}:{status.st_size}:{status.st_mtime_ns}:{status.st_ctime_ns}")
+    digest = hashlib.sha256("\n".join(stamps).encode()).hexdigest()[:16]
+    return f"innerloop data files {digest}"
 
 
 def saved_splits(paths: Sequence[str]) -> list[str] | None:

@@ -1,0 +1,40 @@
+"""Review s35a of the data pipeline: local datasets (data.name=hf), tokenizers, packing, caches."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from innerloop.data.hf import iter_texts, open_hf_dataset
+
+
+@pytest.fixture(autouse=True)
+def _local_datasets_cache(tmp_path_factory, monkeypatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path_factory.getbasetemp() / "hf-datasets-cache"
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+
+
+def _texts(paths: list[str]) -> list[str]:
+    dataset = open_hf_dataset(paths, "train", streaming=False)
+    return [text for _, texts in iter_texts(dataset, "text") for text in texts]
+
+
+@pytest.mark.slow  # reason: two Arrow builds by datasets' load_dataset (about 0.4 s)
+def test_a_data_file_rewritten_with_its_old_modification_time_is_read_again(tmp_path) -> None:
+    """``datasets`` keys its Arrow cache of local files on their modification time alone: a file
+    rewritten with its time kept (``cp -p``, ``rsync -t``, ``tar x``), even to another length, was read
+    from the cache of its old content, silently."""
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps({"text": f"old {i}"}) + "\n" for i in range(3)))
+    status = path.stat()
+    assert _texts([str(path)]) == ["old 0", "old 1", "old 2"]
+    path.write_text("".join(json.dumps({"text": f"new {i}"}) + "\n" for i in range(4)))
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+    assert _texts([str(path)]) == ["new 0", "new 1", "new 2", "new 3"]

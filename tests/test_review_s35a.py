@@ -10,8 +10,8 @@ import pytest
 from innerloop.data.hf import iter_texts, open_hf_dataset
 
 
-@pytest.fixture(autouse=True)
-def _local_datasets_cache(tmp_path_factory, monkeypatch) -> None:
+@pytest.fixture
+def local_datasets_cache(tmp_path_factory, monkeypatch) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cache = tmp_path_factory.getbasetemp() / "hf-datasets-cache"
@@ -27,7 +27,9 @@ def _texts(paths: list[str]) -> list[str]:
 
 
 @pytest.mark.slow  # reason: two Arrow builds by datasets' load_dataset (about 0.4 s)
-def test_a_data_file_rewritten_with_its_old_modification_time_is_read_again(tmp_path) -> None:
+def test_a_data_file_rewritten_with_its_old_modification_time_is_read_again(
+    tmp_path, local_datasets_cache
+) -> None:
     """``datasets`` keys its Arrow cache of local files on their modification time alone: a file
     rewritten with its time kept (``cp -p``, ``rsync -t``, ``tar x``), even to another length, was read
     from the cache of its old content, silently."""
@@ -38,3 +40,22 @@ def test_a_data_file_rewritten_with_its_old_modification_time_is_read_again(tmp_
     path.write_text("".join(json.dumps({"text": f"new {i}"}) + "\n" for i in range(4)))
     os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
     assert _texts([str(path)]) == ["new 0", "new 1", "new 2", "new 3"]
+
+
+def test_a_tokenizer_rewritten_with_its_old_time_and_size_is_read_again(tmp_path) -> None:
+    """``load_tokenizer`` keeps tokenizers by their files' stamps: it kept one by (modification time, size),
+    so a tokenizer.json rewritten in place to one of the same size with its time kept (``cp -p``) was
+    the old tokenizer within the process. The stamp now has the change time too (``file_stamp``)."""
+    from innerloop.data.tokenizer import byte_level_tokenizer_json, load_tokenizer
+
+    path = tmp_path / "tokenizer.json"
+    text = byte_level_tokenizer_json()
+    path.write_text(text, encoding="utf-8")
+    status = path.stat()
+    assert load_tokenizer(str(path)).encode("!") == [ord("!")]
+    swapped = text.replace('"!": 33', '"!": 99').replace('"c": 99', '"c": 33')  # the same size
+    assert swapped != text and len(swapped) == len(text)
+    with open(path, "r+", encoding="utf-8") as file:  # in place: the same inode
+        file.write(swapped)
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+    assert load_tokenizer(str(path)).encode("!") == [99]

@@ -43,15 +43,16 @@ class FolderInTheWayError(IsADirectoryError):
         return str(self.strerror)
 
 
-def file_stamp(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
+def file_stamp(path: str | os.PathLike[str]) -> tuple[int, int, int, int] | None:
     """What changes when ``path`` is written again: its inode (an atomic write makes a new one), its
-    modification time and its size (a rewrite in place within the file system's time resolution); None
-    when there is no such file."""
+    modification time, its size (a rewrite in place within the file system's time resolution) and its
+    change time (a rewrite in place of the same size whose modification time was set back, as ``cp -p``
+    or ``touch -r`` do: no program can set ``st_ctime``); None when there is no such file."""
     try:
         stat = os.stat(path)
     except FileNotFoundError:
         return None
-    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size, stat.st_ctime_ns
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from innerloop.data.atomic import atomic_write_text
+from innerloop.data.atomic import atomic_write_text, file_stamp
 
 BYTES = "bytes"
 """The ``data.tokenizer`` spec of the byte-level default."""
@@ -496,12 +496,12 @@ def _transformers_tokenizer(folder: Path, source: str) -> HFTokenizer:
     return HFTokenizer(backend.to_str(), eos, source)
 
 
-def _stamp(path: Path | None) -> tuple[int, int] | None:
-    """(modification time, size) of a file, None if there is none: a changed file is read again."""
+def _stamp(path: Path | None) -> tuple[int, int, int, int] | None:
+    """:func:`~innerloop.data.atomic.file_stamp` of a file (inode, modification time, size, change time),
+    None if there is none: a changed file is read again, one rewritten with its old time and size too."""
     if path is None or not path.is_file():
         return None
-    status = path.stat()
-    return status.st_mtime_ns, status.st_size
+    return file_stamp(path)
 
 
 @functools.lru_cache(maxsize=8)

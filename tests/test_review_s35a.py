@@ -59,3 +59,53 @@ def test_a_tokenizer_rewritten_with_its_old_time_and_size_is_read_again(tmp_path
         file.write(swapped)
     os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
     assert load_tokenizer(str(path)).encode("!") == [99]
+
+
+def _tiny_module():
+    from innerloop.models import ModelConfig, TTTConfig
+    from innerloop.train import LanguageModelModule
+
+    config = ModelConfig(
+        mixer="ttt",
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=32,
+        vocab_size=64,
+        ttt=TTTConfig(inner_model="linear", inner_loss="reconstruction", mini_batch_size=4),
+    )
+    return LanguageModelModule(config, lr=1e-3, weight_decay=0.1, warmup_steps=1, max_steps=2)
+
+
+def test_a_batch_of_int32_ids_trains_as_its_int64_ids() -> None:
+    """The model reads int32 ids (numpy token files often are), but their targets came to cross-entropy's
+    bare "expected target dtype to be Long or Byte, but got Int"."""
+    import torch
+
+    torch.manual_seed(0)
+    module = _tiny_module()
+    ids = torch.randint(0, 64, (2, 9))
+    batch = ids[:, :-1], ids[:, 1:]
+    expected = module.training_step(batch, 0)
+    got = module.training_step(tuple(t.to(torch.int32) for t in batch), 0)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("bad", [64, -5])
+def test_a_target_outside_the_vocabulary_is_one_line_naming_targets(bad) -> None:
+    """A target id past the model's vocabulary (the last target of a window is in no input, so the inputs'
+    check does not see it) was torch's bare "Target 64 is out of bounds" (a device-side assert on a GPU)."""
+    import torch
+
+    module = _tiny_module()
+    inputs = torch.randint(0, 64, (2, 8))
+    targets = torch.roll(inputs, -1, 1)
+    targets[:, 0] = -100  # not scored: valid
+    targets[1, -1] = bad
+    match = rf"targets holds token id {bad}, outside .* vocab_size=64 tokens: valid ids are 0\.\.63, or -100"
+    with pytest.raises(ValueError, match=match):
+        module.training_step((inputs, targets), 0)
+    with pytest.raises(ValueError, match=match):
+        module.validation_step((inputs, targets), 0)
+    with pytest.raises(TypeError, match="targets must hold integer token ids"):
+        module.training_step((inputs, targets.float()), 0)

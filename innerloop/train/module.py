@@ -58,6 +58,7 @@ from innerloop.core.functional import check_flag, mean_scored_cross_entropy
 from innerloop.core.layer import LARGE_INPUT, is_built_in, plugin_label
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
 from innerloop.models.config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Bounds, checked_number
+from innerloop.models.lm import TOKEN_ID_DTYPES
 from innerloop.train.data import IGNORE_INDEX, Batch
 from innerloop.train.metrics import Float64Perplexity, InnerLossDiagnostics, LossByPosition
 from innerloop.train.schedules import Schedule, make_schedule
@@ -398,6 +399,7 @@ class LanguageModelModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         inputs, targets = _input_target_pair(batch)
+        targets = checked_targets(targets, self.model.config.vocab_size)
         self._trained_seq_len = max(self._trained_seq_len or 0, inputs.shape[1])
         if hasattr(self.model, "set_outer_progress"):  # TTT-E2E: its inner lr warms up with the outer steps
             # counting this step as done, as the official schedule does: min(1, (step + 1) / warm-up steps)
@@ -608,6 +610,7 @@ class LanguageModelModule(L.LightningModule):
     def _evaluate_batch(self, batch: Batch, batch_idx: int) -> None:
         """One batch of validation or test: the scored tokens' losses into the evaluation metrics."""
         inputs, targets = _input_target_pair(batch)
+        targets = checked_targets(targets, self.model.config.vocab_size)
         captured = self._capture_mixer_inputs() if batch_idx < self.hparams.diagnostics_batches else None
         # While fitting, NaN here is the run diverging (see training_step); a model evaluated on its own
         # keeps the layers' input check.
@@ -757,6 +760,28 @@ def _input_target_pair(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         f"tensors of one shape (a DataModule's val_dataloader() gives them), got {got}; trainer.predict "
         "takes batches of token ids alone"
     )
+
+
+def checked_targets(targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``targets`` as int64 (the dtype cross-entropy takes; int32 ids, which the model reads, came to
+    torch's "expected target dtype to be Long or Byte"), or an error naming ``targets``: integer ids in
+    ``0..vocab_size - 1`` or :data:`IGNORE_INDEX` (one out of range was torch's bare "Target 70 is out
+    of bounds", and a device-side assert on a GPU). One min/max pass and one device sync."""
+    if targets.dtype not in TOKEN_ID_DTYPES:
+        raise TypeError(
+            f"targets must hold integer token ids (dtype torch.int64 or torch.int32), got dtype {targets.dtype}"
+        )
+    if targets.numel() == 0 or targets.device.type == "meta":
+        return targets.long()
+    scored = torch.where(targets == IGNORE_INDEX, 0, targets)
+    low, high = torch.stack(torch.aminmax(scored)).tolist()
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"targets holds token id {low if low < 0 else high}, outside the model's vocabulary of "
+            f"vocab_size={vocab_size} tokens: valid ids are 0..{vocab_size - 1}, or {IGNORE_INDEX} "
+            "(IGNORE_INDEX) for a target not scored"
+        )
+    return targets.long()
 
 
 def load_module(path: str | os.PathLike[str], keep_dtype: bool = False) -> LanguageModelModule:

@@ -109,3 +109,30 @@ def test_a_target_outside_the_vocabulary_is_one_line_naming_targets(bad) -> None
         module.validation_step((inputs, targets), 0)
     with pytest.raises(TypeError, match="targets must hold integer token ids"):
         module.training_step((inputs, targets.float()), 0)
+
+
+def test_a_tokenizer_saved_with_truncation_and_padding_on_reads_each_document_whole(tmp_path) -> None:
+    """A tokenizer.json saved with truncation or padding on (as many saved by transformers are, e.g.
+    max_length 512) cut every document to its first tokens and padded the documents read together with
+    pad ids, silently, in the training stream: ``HFTokenizer`` now turns both off."""
+    from innerloop.data.text import read_tokens
+    from innerloop.data.tokenizer import byte_level_tokenizer_json, load_tokenizer
+
+    document = json.loads(byte_level_tokenizer_json(end_of_text=True))
+    document["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
+    document["padding"] = {
+        "strategy": "BatchLongest",
+        "direction": "Right",
+        "pad_to_multiple_of": None,
+        "pad_id": 256,
+        "pad_type_id": 0,
+        "pad_token": "<|endoftext|>",
+    }
+    (tmp_path / "tokenizer.json").write_text(json.dumps(document), encoding="utf-8")
+    tokenizer = load_tokenizer(str(tmp_path))
+    assert tokenizer.encode("hello world") == list(b"hello world")
+    assert tokenizer.encode_many(["hello world", "a"]) == [list(b"hello world"), [ord("a")]]
+    (tmp_path / "a.txt").write_text("a long document\r\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("b", encoding="utf-8")
+    tokens = read_tokens([tmp_path / "a.txt", tmp_path / "b.txt"], tokenizer).tolist()
+    assert tokens == [*b"a long document\r\n", 256, ord("b"), 256]

@@ -269,6 +269,11 @@ class HFTokenizer(Tokenizer):
         # "<|endoftext|>" in a file about tokenizers) is ordinary characters, never the token itself,
         # which the data pipeline places between documents (as the byte tokenizer reads a NUL in text).
         self.backend.encode_special_tokens = True
+        # A document is read whole and alone: a tokenizer.json saved with truncation or padding on (as
+        # many saved by transformers are, e.g. max_length 512) cut every document to its first tokens and
+        # padded each chunk of documents read together with pad ids, silently, in the training stream.
+        self.backend.no_truncation()
+        self.backend.no_padding()
         self.tokenizer_json = tokenizer_json
         vocabulary = self.backend.get_vocab(with_added_tokens=True)
         if not vocabulary:

@@ -136,3 +136,35 @@ def test_a_tokenizer_saved_with_truncation_and_padding_on_reads_each_document_wh
     (tmp_path / "b.txt").write_text("b", encoding="utf-8")
     tokens = read_tokens([tmp_path / "a.txt", tmp_path / "b.txt"], tokenizer).tolist()
     assert tokens == [*b"a long document\r\n", 256, ord("b"), 256]
+
+
+def test_a_run_whose_tokenized_text_is_too_short_leaves_no_out_dir(tmp_path) -> None:
+    """The config checks count a text's bytes; a tokenizer's token counts are known once the files are
+    read, by the DataModule's setup, which ran inside ``trainer.fit`` after the loggers made
+    ``logs/version_0``: the refused run left its out_dir (with the lock and an empty log folder) where
+    nothing had been, against ``lock_run_dir``'s 'the out_dir is left as it was'."""
+    from innerloop.config import load_config
+    from innerloop.data.text import DataError
+    from innerloop.data.tokenizer import byte_level_tokenizer_json
+    from innerloop.train import train
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text(
+        byte_level_tokenizer_json(end_of_text=True), encoding="utf-8"
+    )
+    (tmp_path / "a.txt").write_text("too short for the window", encoding="utf-8")
+    out_dir = tmp_path / "run"
+    overrides = [
+        f"data.tokenizer={tmp_path / 'tok'}",
+        f"data.paths=[{tmp_path / 'a.txt'}]",
+        "data.seq_len=64",
+        "trainer.max_steps=1",
+        "trainer.progress_bar=false",
+        f"out_dir={out_dir}",
+    ]
+    run, cfg = load_config("tiny", overrides)
+    with pytest.raises(
+        DataError, match=r"the training text has \d+ tokens, fewer than data.seq_len \+ 1 = 65"
+    ):
+        train(run, cfg)
+    assert not out_dir.exists()

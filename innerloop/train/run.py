@@ -578,6 +578,9 @@ def _train_in_locked_dir(
     if start is not None:
         _check_resume(run, module, start)
     datamodule = build_datamodule(run)
+    # read now, before the Trainer's loggers make logs/version_<n>: data that a tokenizer's token counts
+    # show too short (the config checks count bytes) is refused with the out_dir left as it was
+    datamodule.setup("fit")
     # Ctrl-C: finish the step, save it, stop; whether this run had a checkpoint then
     interrupt = StopOnInterrupt(watch=(ckpt, out_dir / PENDING_CHECKPOINT))
     trainer = build_trainer(run, [TrainingThroughput(), interrupt, *callbacks])  # parameter counts, tokens/s

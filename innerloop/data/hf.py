@@ -110,7 +110,7 @@ def check_hf_dataset(paths: Sequence[str], split: str, text_field: str, streamin
     kind, _ = check_hf_source(paths)
     if kind != "saved" and not streaming and set(_split_names(import_datasets(), split)) == {"train"}:
         split, streaming = "train", True  # the slice is checked here, and cut when the run opens the data
-    chunks = iter_texts(open_hf_dataset(paths, split, streaming), text_field)
+    chunks = iter_texts(open_hf_dataset(paths, split, streaming, text_field), text_field)
     first = next(chunks, None)
     if first is None:
         raise DataError(f"data.paths={list(paths)!r} (data.split={split!r}) holds no document")
@@ -195,9 +195,13 @@ def _read_error(
     return DataError(f"data.paths={list(paths)!r} (data.split={split!r}): {where}: {reason}")
 
 
-def open_hf_dataset(paths: Sequence[str], split: str, streaming: bool) -> Any:
+def open_hf_dataset(paths: Sequence[str], split: str, streaming: bool, text_field: str | None = None) -> Any:
     """The ``datasets`` Dataset (or IterableDataset when ``streaming``) of ``data.paths``' split (or slice
-    of it). Raises :class:`DataError` naming ``data.paths``/``data.split`` for anything it cannot open."""
+    of it). Raises :class:`DataError` naming ``data.paths``/``data.split`` for anything it cannot open.
+
+    CSV cells are text: ``text_field``'s cells are read as the strings they are (pandas read a column of
+    numbers such as ``1999`` as integers, refused as no text) and no cell is read as missing (pandas read
+    ``NA``, ``nan``, ``null``, ``None`` and an empty cell as null, refused too; an empty cell is ``""``)."""
     kind, files = check_hf_source(paths)
     datasets = import_datasets()
     names = _split_names(datasets, split)
@@ -213,8 +217,14 @@ def open_hf_dataset(paths: Sequence[str], split: str, streaming: bool) -> Any:
         )
     with _reading(paths, split, files):
         if kind != "saved":
+            options = _csv_options(text_field) if kind == "csv" else {}
             loaded = datasets.load_dataset(
-                kind, data_files=files, split=split, streaming=streaming, description=_files_stamp(files)
+                kind,
+                data_files=files,
+                split=split,
+                streaming=streaming,
+                description=_files_stamp(files),
+                **options,
             )
         else:
             loaded = _saved_split(datasets, load_saved(datasets, files[0]), split, files[0])
@@ -223,6 +233,14 @@ def open_hf_dataset(paths: Sequence[str], split: str, streaming: bool) -> Any:
     with contextlib.suppress(AttributeError):  # iter_texts names them when reading a stream fails
         loaded._innerloop_source = (list(paths), split, files)
     return loaded
+
+
+def _csv_options(text_field: str | None) -> dict[str, Any]:
+    """The ``csv`` builder's options that read every cell as its text (see :func:`open_hf_dataset`)."""
+    options: dict[str, Any] = {"keep_default_na": False}
+    if text_field is not None:
+        options["converters"] = {text_field: str}
+    return options
 
 
 def _files_stamp(files: Sequence[str]) -> str:
@@ -316,11 +334,7 @@ def _one_line(err: object) -> str:
 
 def _check_text(value: Any, text_field: str, index: int) -> str:
     if not isinstance(value, str):
-        what = (
-            "missing or null (an empty CSV cell reads as null)"
-            if value is None
-            else f"a {type(value).__name__} ({value!r:.40})"
-        )
+        what = "missing or null" if value is None else f"a {type(value).__name__} ({value!r:.40})"
         raise DataError(
             f"data.text_field={text_field!r} of document {index} (counted from 0 over data.paths in order) is "
             f'{what}; every document\'s text must be a string ("" for an empty one)'

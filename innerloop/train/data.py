@@ -527,7 +527,7 @@ def dataset_tokens(
     separator = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
     tokens: list[int] = []
     try:
-        dataset = open_hf_dataset(paths, split or _own_split(paths), streaming=False)
+        dataset = open_hf_dataset(paths, split or _own_split(paths), streaming=False, text_field=text_field)
         for _, texts in iter_texts(dataset, text_field):
             for ids in encode_many(texts) if encode_many else [tokenizer.encode(t) for t in texts]:
                 tokens.extend(ids)
@@ -680,7 +680,7 @@ class HFDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
             return
-        self.dataset = open_hf_dataset(self.paths, self.split, self.streaming)
+        self.dataset = open_hf_dataset(self.paths, self.split, self.streaming, self.text_field)
         asked = self.val_batches * self.batch_size
         windows = validation_windows(self._reader(validation=True), self.seq_len, asked)
         if len(windows) < asked:

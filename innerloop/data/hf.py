@@ -200,8 +200,8 @@ def open_hf_dataset(paths: Sequence[str], split: str, streaming: bool, text_fiel
     of it). Raises :class:`DataError` naming ``data.paths``/``data.split`` for anything it cannot open.
 
     CSV cells are text: ``text_field``'s cells are read as the strings they are (pandas read a column of
-    numbers such as ``1999`` as integers, refused as no text) and no cell is read as missing (pandas read
-    ``NA``, ``nan``, ``null``, ``None`` and an empty cell as null, refused too; an empty cell is ``""``)."""
+    numbers such as ``1999`` as integers, refused as no text). pandas still reads an empty cell, and the
+    cells ``NA``, ``nan``, ``null``, ``None`` (its missing values), as null, which is refused."""
     kind, files = check_hf_source(paths)
     datasets = import_datasets()
     names = _split_names(datasets, split)
@@ -236,11 +236,10 @@ def open_hf_dataset(paths: Sequence[str], split: str, streaming: bool, text_fiel
 
 
 def _csv_options(text_field: str | None) -> dict[str, Any]:
-    """The ``csv`` builder's options that read every cell as its text (see :func:`open_hf_dataset`)."""
-    options: dict[str, Any] = {"keep_default_na": False}
-    if text_field is not None:
-        options["converters"] = {text_field: str}
-    return options
+    """The ``csv`` builder's options that read ``text_field``'s cells as their text (see
+    :func:`open_hf_dataset`). (Not ``keep_default_na=False``, which would read missing values as text in
+    every column: a numeric column with an empty cell past the first chunk could then not be read.)"""
+    return {} if text_field is None else {"converters": {text_field: str}}
 
 
 def _files_stamp(files: Sequence[str]) -> str:
@@ -334,7 +333,11 @@ def _one_line(err: object) -> str:
 
 def _check_text(value: Any, text_field: str, index: int) -> str:
     if not isinstance(value, str):
-        what = "missing or null" if value is None else f"a {type(value).__name__} ({value!r:.40})"
+        what = (
+            "missing or null (pandas reads an empty CSV cell, and NA, nan, null, None, as null)"
+            if value is None
+            else f"a {type(value).__name__} ({value!r:.40})"
+        )
         raise DataError(
             f"data.text_field={text_field!r} of document {index} (counted from 0 over data.paths in order) is "
             f'{what}; every document\'s text must be a string ("" for an empty one)'

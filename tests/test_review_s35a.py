@@ -182,3 +182,20 @@ def test_a_csv_text_column_of_numbers_is_read_as_its_text(tmp_path, local_datase
         check_hf_dataset([str(path)], "train", "text", streaming)
         dataset = open_hf_dataset([str(path)], "train", streaming, "text")
         assert [t for _, texts in iter_texts(dataset, "text") for t in texts] == ["1999", "0042", "3.50"]
+
+
+@pytest.mark.slow  # reason: an Arrow build by datasets' load_dataset (about 0.2 s)
+def test_an_empty_slice_of_data_files_is_one_line_saying_it_holds_no_document(
+    tmp_path, local_datasets_cache
+) -> None:
+    """A slice that selects nothing (``train[50%:10%]``) passed the config check (which reads the whole
+    split as a stream) and was then refused as 'no document is held out for validation ... the data holds
+    fewer', which sends the user to data.val_fraction."""
+    from innerloop.data.text import DataError
+    from innerloop.train.data import HFDataModule
+
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(20)))
+    module = HFDataModule([str(path)], split="train[50%:10%]", seq_len=4, batch_size=1, val_batches=1)
+    with pytest.raises(DataError, match=r"\(data.split='train\[50%:10%\]'\) holds no document$"):
+        module.setup()

@@ -230,6 +230,8 @@ def open_hf_dataset(paths: Sequence[str], split: str, streaming: bool, text_fiel
             loaded = _saved_split(datasets, load_saved(datasets, files[0]), split, files[0])
             # an empty one stays a Dataset: to_iterable_dataset refuses to shard 0 rows
             loaded = loaded.to_iterable_dataset() if streaming and len(loaded) else loaded
+    if isinstance(loaded, datasets.Dataset) and len(loaded) == 0:  # e.g. the slice 'train[50%:10%]'
+        raise DataError(f"data.paths={list(paths)!r} (data.split={split!r}) holds no document")
     with contextlib.suppress(AttributeError):  # iter_texts names them when reading a stream fails
         loaded._innerloop_source = (list(paths), split, files)
     return loaded

@@ -171,17 +171,24 @@ def test_a_run_whose_tokenized_text_is_too_short_leaves_no_out_dir(tmp_path) -> 
 
 
 @pytest.mark.slow  # reason: datasets' CSV builder, streaming and not (about 0.3 s)
-def test_a_csv_text_column_of_numbers_is_read_as_its_text(tmp_path, local_datasets_cache) -> None:
-    """pandas read a CSV text column of numbers (``1999``) as integers: such a dataset was refused ('is a
-    int'), though a CSV cell is text. Another column keeps its missing values (an empty cell)."""
+def test_csv_text_cells_are_read_as_their_text(tmp_path, local_datasets_cache) -> None:
+    """pandas read a CSV text column of numbers (``1999``) as numbers, and the cells ``NA``, ``nan``,
+    ``null``, ``None`` and an empty one as null: such datasets were refused ('is a float', 'missing or
+    null'), though a CSV cell is text. Another column keeps its missing values (``n``'s empty cell)."""
+    import datasets
+
     from innerloop.data.hf import check_hf_dataset
 
     path = tmp_path / "a.csv"
-    path.write_text("text,n\n1999,1\n0042,\n3.50,3\n", encoding="utf-8")
+    path.write_text('\ufefftext,n\n1999,1\n0042,\nNA,3\nnan,4\n"",5\nnull,6\nNone,7\n', encoding="utf-8")
     for streaming in (False, True):
         check_hf_dataset([str(path)], "train", "text", streaming)
         dataset = open_hf_dataset([str(path)], "train", streaming, "text")
-        assert [t for _, texts in iter_texts(dataset, "text") for t in texts] == ["1999", "0042", "3.50"]
+        assert [t for _, texts in iter_texts(dataset, "text") for t in texts] == [
+            "1999", "0042", "NA", "nan", "", "null", "None",
+        ]  # fmt: skip
+    loaded = open_hf_dataset([str(path)], "train", False, "text")
+    assert isinstance(loaded, datasets.Dataset) and loaded["n"][1] is None  # missing, not the text ''
 
 
 @pytest.mark.slow  # reason: an Arrow build by datasets' load_dataset (about 0.2 s)

@@ -16,6 +16,7 @@ imported only here, when such a dataset is opened.
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import itertools
 import json
@@ -200,8 +201,8 @@ def open_hf_dataset(paths: Sequence[str], split: str, streaming: bool, text_fiel
     of it). Raises :class:`DataError` naming ``data.paths``/``data.split`` for anything it cannot open.
 
     CSV cells are text: ``text_field``'s cells are read as the strings they are (pandas read a column of
-    numbers such as ``1999`` as integers, refused as no text). pandas still reads an empty cell, and the
-    cells ``NA``, ``nan``, ``null``, ``None`` (its missing values), as null, which is refused."""
+    numbers such as ``1999`` as integers, and the cells ``NA``, ``nan``, ``null``, ``None`` and an empty
+    one, its missing values, as null: each refused as no text); an empty cell is ``""``."""
     kind, files = check_hf_source(paths)
     datasets = import_datasets()
     names = _split_names(datasets, split)
@@ -217,7 +218,7 @@ def open_hf_dataset(paths: Sequence[str], split: str, streaming: bool, text_fiel
         )
     with _reading(paths, split, files):
         if kind != "saved":
-            options = _csv_options(text_field) if kind == "csv" else {}
+            options = _csv_options(files, text_field) if kind == "csv" else {}
             loaded = datasets.load_dataset(
                 kind,
                 data_files=files,
@@ -237,11 +238,35 @@ def open_hf_dataset(paths: Sequence[str], split: str, streaming: bool, text_fiel
     return loaded
 
 
-def _csv_options(text_field: str | None) -> dict[str, Any]:
+_PANDAS_MISSING = (
+    "", " ", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+    "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
+)  # fmt: skip
+"""The cells pandas reads as missing by default (``read_csv``'s ``na_values``)."""
+
+
+def _csv_header(file: str) -> list[str] | None:
+    """The column names on the first line of the CSV ``file`` (None when it cannot be read)."""
+    try:
+        with open(file, encoding="utf-8-sig", newline="") as handle:
+            return next(csv.reader(handle), None)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+
+
+def _csv_options(files: Sequence[str], text_field: str | None) -> dict[str, Any]:
     """The ``csv`` builder's options that read ``text_field``'s cells as their text (see
-    :func:`open_hf_dataset`). (Not ``keep_default_na=False``, which would read missing values as text in
-    every column: a numeric column with an empty cell past the first chunk could then not be read.)"""
-    return {} if text_field is None else {"converters": {text_field: str}}
+    :func:`open_hf_dataset`): its cells as strings, none of them missing; the other columns of the first
+    file's header keep pandas' missing values (an empty cell in a numeric column past the first chunk
+    of rows could not be read as text)."""
+    if text_field is None:
+        return {}
+    options: dict[str, Any] = {"converters": {text_field: str}}
+    header = _csv_header(files[0])
+    if header is not None and text_field in header:
+        options["keep_default_na"] = False
+        options["na_values"] = {column: list(_PANDAS_MISSING) for column in header if column != text_field}
+    return options
 
 
 def _files_stamp(files: Sequence[str]) -> str:
@@ -335,11 +360,7 @@ def _one_line(err: object) -> str:
 
 def _check_text(value: Any, text_field: str, index: int) -> str:
     if not isinstance(value, str):
-        what = (
-            "missing or null (pandas reads an empty CSV cell, and NA, nan, null, None, as null)"
-            if value is None
-            else f"a {type(value).__name__} ({value!r:.40})"
-        )
+        what = "missing or null" if value is None else f"a {type(value).__name__} ({value!r:.40})"
         raise DataError(
             f"data.text_field={text_field!r} of document {index} (counted from 0 over data.paths in order) is "
             f'{what}; every document\'s text must be a string ("" for an empty one)'

@@ -206,3 +206,20 @@ def test_an_empty_slice_of_data_files_is_one_line_saying_it_holds_no_document(
     module = HFDataModule([str(path)], split="train[50%:10%]", seq_len=4, batch_size=1, val_batches=1)
     with pytest.raises(DataError, match=r"\(data.split='train\[50%:10%\]'\) holds no document$"):
         module.setup()
+
+
+def test_a_parquet_file_without_rows_is_named(tmp_path) -> None:
+    """A parquet file with no rows (a schema alone) failed to read with pyarrow's 'BatchSize must be
+    greater than 0, got 0', which says neither that the file is empty nor what to do."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from innerloop.data.hf import check_hf_source
+    from innerloop.data.text import DataError
+
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"text": ["some text"]}), tmp_path / "b.parquet")
+    with pytest.raises(DataError, match=r"parquet file '.*a\.parquet', which holds no row .* remove it"):
+        check_hf_source([str(tmp_path)])
+    (tmp_path / "a.parquet").unlink()
+    assert check_hf_source([str(tmp_path)]) == ("parquet", [str((tmp_path / "b.parquet").resolve())])

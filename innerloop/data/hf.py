@@ -94,7 +94,26 @@ def check_hf_source(paths: Sequence[str]) -> tuple[str, list[str]]:
             f"data.paths has the empty file {str(empty[0])!r} ({len(empty)} empty in all), which "
             f"data.name='hf' cannot read as {builder}: remove it from data.paths"
         )
+    if builder == "parquet":
+        _check_parquet_rows(files)
     return builder, [str(f) for f in files]
+
+
+def _check_parquet_rows(files: Sequence[Path]) -> None:
+    """:class:`DataError` naming the first of ``files`` that holds no row (``datasets`` fails on it with
+    pyarrow's "BatchSize must be greater than 0, got 0"); each file's footer alone is read."""
+    import pyarrow.parquet as pq
+
+    for file in files:
+        try:
+            rows = pq.read_metadata(file).num_rows
+        except Exception:  # not a parquet file: the reader names it and why when it reads it
+            continue
+        if rows == 0:
+            raise DataError(
+                f"data.paths has the parquet file {str(file)!r}, which holds no row and which data.name='hf' "
+                "cannot read: remove it from data.paths"
+            )
 
 
 _EMPTY_CHUNKS = 8

@@ -379,7 +379,11 @@ def _one_line(err: object) -> str:
 
 def _check_text(value: Any, text_field: str, index: int) -> str:
     if not isinstance(value, str):
-        what = "missing or null" if value is None else f"a {type(value).__name__} ({value!r:.40})"
+        what = (
+            "missing or null (None in the data)"
+            if value is None
+            else f"a {type(value).__name__} ({value!r:.40})"
+        )
         raise DataError(
             f"data.text_field={text_field!r} of document {index} (counted from 0 over data.paths in order) is "
             f'{what}; every document\'s text must be a string ("" for an empty one)'

@@ -258,7 +258,7 @@ def open_hf_dataset(paths: Sequence[str], split: str, streaming: bool, text_fiel
 
 
 _PANDAS_MISSING = (
-    "", " ", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
     "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
 )  # fmt: skip
 """The cells pandas reads as missing by default (``read_csv``'s ``na_values``)."""

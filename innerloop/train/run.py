@@ -41,6 +41,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
@@ -577,6 +578,7 @@ def _train_in_locked_dir(
     module = build_module(run)
     if start is not None:
         _check_resume(run, module, start)
+    refuse_a_full_disk(out_dir, module)
     datamodule = build_datamodule(run)
     # read now, before the Trainer's loggers make logs/version_<n>: data that a tokenizer's token counts
     # show too short (the config checks count bytes) is refused with the out_dir left as it was
@@ -1016,6 +1018,28 @@ def out_of_space(err: BaseException) -> bool:
     return isinstance(err, SafetensorError) and any(
         f"os error {code}" in text for code in (errno.ENOSPC, errno.EDQUOT)
     )
+
+
+def checkpoint_bytes_at_least(module: torch.nn.Module) -> int:
+    """A lower bound on the size of a training checkpoint of ``module``: its parameters and buffers,
+    and AdamW's two float32 moments of each trainable parameter (the checkpoint holds more: metadata,
+    the schedulers' and loops' state)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    moments = sum(2 * 4 * p.numel() for p in module.parameters() if p.requires_grad)
+    return sum(t.numel() * t.element_size() for t in tensors) + moments
+
+
+def refuse_a_full_disk(out_dir: str | os.PathLike[str], module: torch.nn.Module) -> None:
+    """Raise :class:`RunDirError` when the file system of ``out_dir`` has less room than one checkpoint
+    of ``module`` needs: one line before the run trains, not at its first checkpoint after
+    ``trainer.checkpoint_every`` steps of work."""
+    need = checkpoint_bytes_at_least(module)
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise RunDirError(
+            f"out_dir={str(out_dir)!r} has {free:,} bytes free, and a checkpoint of this model needs at "
+            f"least {need:,}; free some space, or give another out_dir"
+        )
 
 
 def _last_checkpoint_note(ckpt: Path, run: RunConfig, overrides: str = " optim.lr=<lower>") -> str:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
+import stat
 from collections import namedtuple
 
 import pytest
 from lm_testing import TINY
 
 from innerloop.config import load_config
+from innerloop.data.atomic import atomic_write_text
 from innerloop.train import train
 from innerloop.train.run_dir import RunDirError
 
@@ -34,3 +37,18 @@ def test_a_disk_without_room_for_one_checkpoint_is_refused_before_training(tmp_p
     with pytest.raises(RunDirError, match=refused):
         train(run, cfg)
     assert not (out / "config.yaml").exists() and not (out / "last.safetensors").exists()
+
+
+def test_an_atomic_write_syncs_its_folder_after_the_rename(tmp_path, monkeypatch) -> None:
+    """The file was fsync-ed before the rename, the folder never after it: a power cut could lose the
+    rename (a resumed run then finds the previous checkpoint, not the one its log says it wrote)."""
+    synced: list[bool] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+    assert synced == [False, True]  # the temporary file, then the folder holding its new name

@@ -85,6 +85,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
         with open(tmp, "rb+") as f:  # flush to disk before the rename makes the file visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_directory(path.parent)  # the rename itself on disk: a power cut after it keeps the new file
     except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -97,6 +98,20 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     finally:
         os.close(fd)  # releases the lock
     return path
+
+
+def fsync_directory(folder: str | os.PathLike[str]) -> None:
+    """Flush ``folder``'s entries to disk (a rename into it is durable only then). A file system or
+    platform that cannot open or sync a directory is left as it is (the rename has happened either way)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

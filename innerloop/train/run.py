@@ -95,7 +95,13 @@ from innerloop.config.load import (
 )
 from innerloop.config.schema import DataConfig, RecallConfig, RunConfig
 from innerloop.core.functional import check_flag, positive_ints
-from innerloop.data.atomic import atomic_write_text, file_sha256, file_stamp, remove_stale_temporaries_of
+from innerloop.data.atomic import (
+    atomic_write_text,
+    file_sha256,
+    file_stamp,
+    fsync_directory,
+    remove_stale_temporaries_of,
+)
 from innerloop.data.hf import FORMATS, check_hf_source
 from innerloop.data.text import split_keys, split_text_files, stdlib_files
 from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
@@ -221,6 +227,7 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
     def _promote(self, trainer: L.Trainer) -> None:
         if self._pending is not None and trainer.is_global_zero:
             os.replace(*self._pending)
+            fsync_directory(self._pending[1].parent)  # the new last.safetensors, durable
         self._pending = None
 
     def on_train_batch_end(

@@ -298,6 +298,33 @@ def run_point(point: Point, out: Path, base: Sequence[str], budget: int | None) 
     return result
 
 
+def settings_of(command: str | Sequence[str]) -> list[str]:
+    """What a run's command line sets (a result's recorded ``command``, or :func:`command_for`'s list),
+    without the interpreter and the ``out_dir`` (which moves with ``--out``)."""
+    words = command.split() if isinstance(command, str) else ["innerloop", *command[3:]]
+    return [word for word in words if not word.startswith("out_dir=")]
+
+
+def check_recorded_results(
+    points: Sequence[Point], out: Path, base: Sequence[str], budget: int | None
+) -> None:
+    """Refuse, in one line before anything trains, an ``--out`` that holds a result of one of ``points``
+    trained by another command (a ``--quick`` study's read back into a full one, a point whose settings
+    changed since): it would be read back as this study's."""
+    for point in points:
+        path = out / "runs" / slug(point.name) / "result.json"
+        recorded = json.loads(path.read_text()).get("command") if path.exists() else None
+        if recorded is None:  # none yet, or written before results recorded their command
+            continue
+        now = settings_of(command_for(point, sized_overrides(point, base, budget), path.parent))
+        if settings_of(recorded) != now:
+            raise SystemExit(
+                f"science.py: error: --out {str(out)!r} holds a result of point {point.name!r} trained by "
+                f"another command (`{recorded}`; this study's is `{' '.join(now)}`): give another --out, or "
+                f"remove {str(path.parent)!r} to train the point again"
+            )
+
+
 def run_points(
     points: Sequence[Point], out: Path, base: Sequence[str], budget: int | None, jobs: int
 ) -> list[dict]:
@@ -474,6 +501,8 @@ def run_study(args: argparse.Namespace) -> None:
     else:
         base = QUICK if args.quick else FULL
         budget = budget_of(BUDGET_PRESET[0], [*BUDGET_PRESET[1], *base])
+    read_from_sweep = [p for p in SWEEP if p.name in COMPARE_FROM_SWEEP] if args.study == "compare" else []
+    check_recorded_results([*points, *read_from_sweep], out, base, budget)
     results = run_points(points, out, base, budget, args.jobs)
     if args.study == "compare":
         from_sweep = [out / "runs" / slug(name) / "result.json" for name in COMPARE_FROM_SWEEP]

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import importlib.util
+import json
 import os
 import shutil
 import stat
+import sys
 from collections import namedtuple
+from pathlib import Path
+from typing import Any
 
 import pytest
 from lm_testing import TINY
@@ -16,6 +22,7 @@ from innerloop.data.atomic import atomic_write_text
 from innerloop.train import train
 from innerloop.train.run_dir import RunDirError
 
+REPO = Path(__file__).resolve().parents[1]
 run_module = importlib.import_module("innerloop.train.run")  # `innerloop.train.run` the attribute is not it
 
 _Usage = namedtuple("_Usage", "total used free")
@@ -52,3 +59,31 @@ def test_an_atomic_write_syncs_its_folder_after_the_rename(tmp_path, monkeypatch
     monkeypatch.setattr(os, "fsync", fsync)
     atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
     assert synced == [False, True]  # the temporary file, then the folder holding its new name
+
+
+def load_science() -> Any:
+    """benchmarks/science.py as a module (registered first: its dataclasses look their module up)."""
+    if "science_benchmark" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("science_benchmark", REPO / "benchmarks" / "science.py")
+        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules["science_benchmark"]
+
+
+def _science_study(out: Path, study: str) -> argparse.Namespace:
+    points = ["linear"] if study == "sweep" else None  # compare reads the sweep's point 'linear'
+    return argparse.Namespace(study=study, points=points, out=str(out), quick=True, jobs=1)
+
+
+@pytest.mark.slow  # run_study sizes the study's models to its parameter budget (budget_of): ~0.5 s
+def test_a_study_refuses_to_read_back_a_point_another_command_trained(tmp_path) -> None:
+    """`science.py sweep --out D` after `science.py sweep --quick --out D` read the 3-step quick result
+    back as the full point (val loss 5.036 at 64-byte windows, in the full study's table), and so did
+    `compare`, which reads sweep points; now one line before anything trains."""
+    science = load_science()
+    recorded = tmp_path / "runs" / "linear" / "result.json"
+    recorded.parent.mkdir(parents=True)
+    recorded.write_text(json.dumps({"name": "linear", "command": "innerloop train --config tiny out_dir=x"}))
+    for study in ("sweep", "compare"):
+        with pytest.raises(SystemExit, match=r"holds a result of point 'linear' trained by another command"):
+            science.run_study(_science_study(tmp_path, study))

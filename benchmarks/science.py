@@ -259,9 +259,28 @@ def collect(point: Point, run_dir: Path, command: list[str]) -> dict:
         "buckets": buckets,
         "inner_before": [metrics[f"inner_loss_before/{i}"] for i in layers],
         "inner_after": [metrics[f"inner_loss_after/{i}"] for i in layers],
-        "command": " ".join(["innerloop", *command[3:]]),  # [python, -m, innerloop, train, ...]
+        "command": shown_command(command),
         "commit": source_commit(),
     }
+
+
+def shown_command(command: Sequence[str]) -> str:
+    """:func:`command_for`'s list as a user types it: ``innerloop train ...`` (no interpreter)."""
+    return " ".join(["innerloop", *command[3:]])  # [python, -m, innerloop, train, ...]
+
+
+COMMAND_LINE = "command: "
+"""The first line of a run's ``train.log``, before the command's: what trained it."""
+
+
+def recorded_command(run_dir: Path) -> str | None:
+    """The command that trained the run in ``run_dir``: its ``result.json``'s, else its ``train.log``'s
+    first line's; None when neither records one (no run yet, or one written before they did)."""
+    result, log = run_dir / "result.json", run_dir / "train.log"
+    if result.exists():
+        return json.loads(result.read_text()).get("command")
+    first = log.read_text().split("\n", 1)[0] if log.exists() else ""
+    return first.removeprefix(COMMAND_LINE) if first.startswith(COMMAND_LINE) else None
 
 
 def finished(run_dir: Path) -> bool:
@@ -284,6 +303,8 @@ def run_point(point: Point, out: Path, base: Sequence[str], budget: int | None) 
     if not finished(run_dir):  # a run whose driver was stopped after it finished is read back
         run_dir.mkdir(parents=True, exist_ok=True)
         with (run_dir / "train.log").open("w") as log:
+            log.write(f"{COMMAND_LINE}{shown_command(command)}\n")
+            log.flush()  # before the command's own output
             environment = {**os.environ, "OMP_NUM_THREADS": "1"}
             done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
         if done.returncode != 0:
@@ -312,16 +333,16 @@ def check_recorded_results(
     trained by another command (a ``--quick`` study's read back into a full one, a point whose settings
     changed since): it would be read back as this study's."""
     for point in points:
-        path = out / "runs" / slug(point.name) / "result.json"
-        recorded = json.loads(path.read_text()).get("command") if path.exists() else None
-        if recorded is None:  # none yet, or written before results recorded their command
+        run_dir = out / "runs" / slug(point.name)
+        recorded = recorded_command(run_dir)
+        if recorded is None:  # none yet, or written before runs recorded their command
             continue
-        now = settings_of(command_for(point, sized_overrides(point, base, budget), path.parent))
+        now = settings_of(command_for(point, sized_overrides(point, base, budget), run_dir))
         if settings_of(recorded) != now:
             raise SystemExit(
                 f"science.py: error: --out {str(out)!r} holds a result of point {point.name!r} trained by "
                 f"another command (`{recorded}`; this study's is `{' '.join(now)}`): give another --out, or "
-                f"remove {str(path.parent)!r} to train the point again"
+                f"remove {str(run_dir)!r} to train the point again"
             )
 
 

@@ -87,3 +87,18 @@ def test_a_study_refuses_to_read_back_a_point_another_command_trained(tmp_path) 
     for study in ("sweep", "compare"):
         with pytest.raises(SystemExit, match=r"holds a result of point 'linear' trained by another command"):
             science.run_study(_science_study(tmp_path, study))
+
+
+@pytest.mark.slow  # run_study sizes the study's models to its parameter budget (budget_of): ~0.5 s
+def test_a_study_refuses_a_finished_run_another_command_trained(tmp_path) -> None:
+    """A finished run without its result.json (the driver stopped after the training) was collected and
+    recorded under this study's command; its train.log now says which command trained it."""
+    science = load_science()
+    run_dir = tmp_path / "runs" / "linear"
+    run_dir.mkdir(parents=True)
+    (run_dir / "train.log").write_text(
+        "command: innerloop train --config tiny out_dir=x\n...\nloss by position: x\n"
+    )
+    (run_dir / "loss_by_position.csv").write_text("start,end,loss\n0,64,5.0\n")
+    with pytest.raises(SystemExit, match=r"holds a result of point 'linear' trained by another command"):
+        science.run_study(_science_study(tmp_path, "sweep"))

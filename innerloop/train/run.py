@@ -1630,7 +1630,7 @@ def evaluate(
     stem = evaluation_stem(checkpoint_identity(checkpoint), paths, seq_len, len(inputs), windows.tag, no_ttt)
     ablation = ", test-time training off" if no_ttt else ""
     title = f"{Path(checkpoint).name} on {windows.tag}, T={seq_len}{ablation}: loss by position"
-    csv_path, png = _write_evaluation(Path(out_dir).expanduser() / stem, buckets, losses, title)
+    csv_path, png = _write_evaluation(Path(out_dir).expanduser() / stem, buckets, losses, title, metrics)
     return metrics, csv_path, png
 
 
@@ -1649,10 +1649,28 @@ def _eval_args(
 
 
 def _write_evaluation(
-    stem: Path, buckets: Sequence[tuple[int, int]], losses: Sequence[float], title: str
+    stem: Path,
+    buckets: Sequence[tuple[int, int]],
+    losses: Sequence[float],
+    title: str,
+    metrics: dict[str, float],
 ) -> tuple[Path, Path]:
     """Write an evaluation's ``<stem>.csv`` and ``.png`` (atomically), first removing the temporary
-    files a killed earlier write of them left; returns their paths."""
+    files a killed earlier write of them left; returns their paths. A write that fails (a full disk)
+    raises an ``OSError`` that also gives the evaluation's ``metrics``: they are not lost with the files."""
+    try:
+        return _write_evaluation_files(stem, buckets, losses, title)
+    except OSError as err:  # the same class (a FolderInTheWayError stays one), the numbers added
+        raise type(err)(
+            err.errno,
+            f"{err.strerror or err}; the evaluation had finished: perplexity {metrics['val_ppl']:.3f} "
+            f"(loss {metrics['val_loss']:.4f}, {int(metrics['tokens'])} tokens)",
+        ) from err
+
+
+def _write_evaluation_files(
+    stem: Path, buckets: Sequence[tuple[int, int]], losses: Sequence[float], title: str
+) -> tuple[Path, Path]:
     csv_target, png_target = stem.with_name(f"{stem.name}.csv"), stem.with_name(f"{stem.name}.png")
     remove_stale_temporaries_of(
         [csv_target, png_target]

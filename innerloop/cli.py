@@ -645,9 +645,9 @@ def _compare(args: argparse.Namespace) -> int:
         args.models, args.seq_len, args.baseline, args.data, args.batch_size, args.batches,
         no_ttt=args.no_ttt, resamples=args.resamples, seed=args.seed, split=args.split,
     )  # fmt: skip
-    csv_path, png, table = write_comparison(comparison, out)
     print(windows_line(comparison))
-    print(format_table(comparison), end="")
+    print(format_table(comparison), end="", flush=True)  # before the files: a failed write keeps the numbers
+    csv_path, png, table = write_comparison(comparison, out)
     print(f"curves and differences: {png} ({csv_path}); table: {table}")
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.util
 import json
@@ -17,9 +18,12 @@ from typing import Any
 import pytest
 from lm_testing import TINY
 
+from innerloop.cli import main
 from innerloop.config import load_config
 from innerloop.data.atomic import atomic_write_text
+from innerloop.models import ModelConfig, build_model
 from innerloop.train import train
+from innerloop.train.module import save_model_checkpoint
 from innerloop.train.run_dir import RunDirError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,3 +106,38 @@ def test_a_study_refuses_a_finished_run_another_command_trained(tmp_path) -> Non
     (run_dir / "loss_by_position.csv").write_text("start,end,loss\n0,64,5.0\n")
     with pytest.raises(SystemExit, match=r"holds a result of point 'linear' trained by another command"):
         science.run_study(_science_study(tmp_path, "sweep"))
+
+
+@pytest.mark.slow  # one Lightning validation of a tiny model: ~0.5 s
+def test_an_evaluation_whose_files_cannot_be_written_still_gives_its_numbers(tmp_path, monkeypatch) -> None:
+    """A full disk at the end of `innerloop eval` lost the evaluation: the error named the file, and the
+    perplexity (printed after the files were written) was never shown."""
+    model = build_model(ModelConfig(hidden_size=16, num_heads=2, num_layers=1, intermediate_size=32))
+    checkpoint = save_model_checkpoint(model, tmp_path / "m.safetensors")
+    (tmp_path / "text.txt").write_text("abcdefgh " * 200)
+
+    def full(path, *args):
+        raise OSError(errno.ENOSPC, f"writing {str(path)!r} failed: No space left on device")
+
+    monkeypatch.setattr(run_module, "write_loss_by_position_csv", full)
+    with pytest.raises(
+        OSError, match=r"No space left on device; the evaluation had finished: perplexity \d+\.\d{3}"
+    ):
+        run_module.evaluate(checkpoint, [str(tmp_path / "text.txt")], 16, 2, 1, tmp_path / "out", False)
+
+
+def test_a_comparison_prints_its_table_before_writing_its_files(tmp_path, monkeypatch, capsys) -> None:
+    """`innerloop compare` printed its table only after writing its files: a full disk lost minutes of
+    evaluation. The evaluation is stubbed here: what is checked is the order."""
+    import innerloop.train.compare as compare_module
+
+    def full(comparison, out):
+        raise OSError(errno.ENOSPC, f"writing {str(out)!r} failed: No space left on device")
+
+    monkeypatch.setattr(compare_module, "compare", lambda *args, **kwargs: "the comparison")
+    monkeypatch.setattr(compare_module, "windows_line", lambda comparison: "the windows")
+    monkeypatch.setattr(compare_module, "format_table", lambda comparison: "| the table |\n")
+    monkeypatch.setattr(compare_module, "write_comparison", full)
+    assert main(["compare", str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert "| the table |" in captured.out and "No space left on device" in captured.err

@@ -33,7 +33,9 @@ from pathlib import Path
 
 import torch
 
+from innerloop.checkpoints import CheckpointError
 from innerloop.config import load_config
+from innerloop.config.load import ConfigError
 from innerloop.data.atomic import atomic_write
 from innerloop.models.params import count_config_parameters, size_to_budget
 
@@ -856,18 +858,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def inspection(args: argparse.Namespace) -> str:
+    """The report of the ``growth``, ``reference`` or ``diagnose`` command."""
+    if args.study == "growth":
+        return advantage_growth(args.model, args.baseline, args.seq_len)
+    if args.study == "reference":
+        return reference_check(args.ttt_py, args.steps, Path(args.out))
+    return diagnose(args.checkpoint, args.windows, args.seq_len)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.study == "growth":
-        print(advantage_growth(args.model, args.baseline, args.seq_len))
-    elif args.study == "reference":
-        print(reference_check(args.ttt_py, args.steps, Path(args.out)))
-    elif args.study == "diagnose":
+    if args.study in ("growth", "reference", "diagnose"):
         try:
-            print(diagnose(args.checkpoint, args.windows, args.seq_len))
-        except DiagnoseArgumentError as error:
-            parser.error(str(error))
+            print(inspection(args))
+        except (DiagnoseArgumentError, CheckpointError, ConfigError, OSError) as error:
+            # a missing or unreadable checkpoint, run folder or ttt.py: one line, not a traceback
+            parser.error(f"{args.study}: {' '.join(str(error).split())}")
     elif args.list:
         print("\n".join(p.name for p in study_points(args.study)))
     else:

@@ -141,3 +141,15 @@ def test_a_comparison_prints_its_table_before_writing_its_files(tmp_path, monkey
     assert main(["compare", str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "out")]) == 2
     captured = capsys.readouterr()
     assert "| the table |" in captured.out and "No space left on device" in captured.err
+
+
+@pytest.mark.parametrize("command", [["diagnose", "{missing}"], ["growth", "{missing}", "{missing}"]])
+def test_science_inspections_refuse_a_missing_checkpoint_in_one_line(tmp_path, capsys, command) -> None:
+    """`science.py diagnose` / `growth` of a missing checkpoint or run folder ended in a traceback
+    (CheckpointError, ConfigError); `reference` of a missing ttt.py too (FileNotFoundError)."""
+    science = load_science()
+    missing = str(tmp_path / "missing.safetensors")
+    with pytest.raises(SystemExit) as exit_info:
+        science.main([word.format(missing=missing) for word in command])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and missing in error and f": error: {command[0]}: " in error

@@ -873,7 +873,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.study in ("growth", "reference", "diagnose"):
         try:
             print(inspection(args))
-        except (DiagnoseArgumentError, CheckpointError, ConfigError, OSError) as error:
+        except DiagnoseArgumentError as error:  # names its argument
+            parser.error(str(error))
+        except (CheckpointError, ConfigError, OSError) as error:
             # a missing or unreadable checkpoint, run folder or ttt.py: one line, not a traceback
             parser.error(f"{args.study}: {' '.join(str(error).split())}")
     elif args.list:

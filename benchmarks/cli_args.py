@@ -153,3 +153,18 @@ def mark_benchmark_run(run_dir: Path) -> None:
     atomic_write_text(
         run_dir / RUN_MARK, "trained by an innerloop benchmark, whose next run may replace it\n"
     )
+
+
+def check_run_configs(parser: argparse.ArgumentParser, runs: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """Load the config of every run a script will train, ``(preset, overrides)``, before any trains: an
+    override that one of them refuses (an unknown key, a wrong type, a value that preset's model cannot
+    take) is one line (``parser.error``, exit 2) naming the preset, not a traceback after the runs
+    before it have trained."""
+    from innerloop.config import load_config
+    from innerloop.config.load import ConfigError
+
+    for preset, overrides in runs:
+        try:
+            load_config(preset, list(overrides))
+        except ConfigError as err:
+            parser.error(f"{preset}: {' '.join(str(err).split())}")

@@ -39,6 +39,7 @@ from cli_args import (
     SEED_MAX,
     check_distinct,
     check_replaceable_runs,
+    check_run_configs,
     mark_benchmark_run,
     output_folder,
     refuse_set_keys,
@@ -146,18 +147,25 @@ def _tokens_per_s(checkpoint: Path, name: str) -> str:
     return "?" if speed is None else f"{speed:,.0f}"
 
 
+def preset_runs(
+    setting: Setting, preset: str, seed: int, out: Path, extra: list[str]
+) -> list[tuple[str, list[str]]]:
+    """``(preset, overrides)`` of ``preset``'s two runs: task (a), the corpus, then task (b), recall."""
+    return [
+        (preset, [*corpus_overrides(setting, seed, out / "corpus" / preset), *extra]),
+        (preset, [*recall_overrides(setting, seed, out / "recall" / preset), *extra]),
+    ]
+
+
 def run_benchmark(setting: Setting, presets: tuple[str, ...], seed: int, out: Path, extra: list[str]) -> str:
     """Train every preset on both tasks, compare them on task (a)'s windows; the Markdown table."""
     rows = []
     corpus_runs = []
     for preset in presets:
-        corpus_dir, recall_dir = out / "corpus" / preset, out / "recall" / preset
-        corpus, corpus_ckpt, corpus_s = train_preset(
-            preset, [*corpus_overrides(setting, seed, corpus_dir), *extra]
-        )
-        recall, recall_ckpt, recall_s = train_preset(
-            preset, [*recall_overrides(setting, seed, recall_dir), *extra]
-        )
+        corpus_dir = out / "corpus" / preset
+        (_, corpus_run), (_, recall_run) = preset_runs(setting, preset, seed, out, extra)
+        corpus, corpus_ckpt, corpus_s = train_preset(preset, corpus_run)
+        recall, recall_ckpt, recall_s = train_preset(preset, recall_run)
         corpus_runs.append(corpus_dir)
         model = load_compared_model(corpus_ckpt, preset, no_ttt=False)
         mixer = load_config(preset)[0].model.mixer
@@ -219,6 +227,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ),
         },
     )  # fmt: skip
+    setting, out = (QUICK if args.quick else FULL), Path(args.out)
+    check_run_configs(
+        parser,
+        [run for preset in args.only for run in preset_runs(setting, preset, args.seed, out, args.overrides)],
+    )
     return args
 
 

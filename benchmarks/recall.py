@@ -31,6 +31,7 @@ from cli_args import (
     SEED_MAX,
     check_distinct,
     check_replaceable_runs,
+    check_run_configs,
     mark_benchmark_run,
     output_folder,
     positive_int,
@@ -64,7 +65,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     refuse_set_keys(parser, args.overrides, {"seed": "give --seeds", "out_dir": "give --out"})
     if args.steps is not None:
         refuse_set_keys(parser, args.overrides, {"trainer.max_steps": "--steps gives it"})
+    check_run_configs(
+        parser, [(preset, run_overrides(args, preset, seed)) for seed in args.seeds for preset in PRESETS]
+    )
     return args
+
+
+def run_overrides(args: argparse.Namespace, preset: str, seed: int) -> list[str]:
+    """The overrides of ``preset``'s run with ``seed``."""
+    out_dir = Path(args.out) / f"{preset}-seed{seed}"
+    overrides = [*args.overrides, f"seed={seed}", f"out_dir={out_dir}", "trainer.progress_bar=false"]
+    return overrides + ([f"trainer.max_steps={args.steps}"] if args.steps is not None else [])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,10 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         for preset in PRESETS:
             out_dir = Path(args.out) / f"{preset}-seed{seed}"
-            overrides = [*args.overrides, f"seed={seed}", f"out_dir={out_dir}", "trainer.progress_bar=false"]
-            if args.steps is not None:
-                overrides.append(f"trainer.max_steps={args.steps}")
-            run, cfg = load_config(preset, overrides)
+            run, cfg = load_config(preset, run_overrides(args, preset, seed))
             start = time.perf_counter()
             result = train(run, cfg, overwrite=True)  # a rerun replaces its own runs (check_replaceable_runs)
             mark_benchmark_run(out_dir)

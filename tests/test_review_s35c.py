@@ -153,3 +153,21 @@ def test_science_inspections_refuse_a_missing_checkpoint_in_one_line(tmp_path, c
         science.main([word.format(missing=missing) for word in command])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_info.value.code == 2 and missing in error and f": error: {command[0]}: " in error
+
+
+@pytest.mark.parametrize("script", ["recall", "family"])
+def test_benchmark_overrides_a_preset_refuses_are_one_line_before_any_run(script, tmp_path, capsys) -> None:
+    """`recall.py model.hiden=3` and `family.py model.hidden_size=abc` ended in a ConfigError traceback,
+    and an override only a later preset refuses surfaced after the runs before it had trained."""
+    spec = importlib.util.spec_from_file_location(
+        f"review_s35c_{script}", REPO / "benchmarks" / f"{script}.py"
+    )
+    module = sys.modules.setdefault(
+        spec.name, importlib.util.module_from_spec(spec)
+    )  # its dataclasses look it up
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(["--out", str(tmp_path / "out"), "model.hiden=3"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and ": error: " in error and "unknown config key 'model.hiden'" in error
+    assert not (tmp_path / "out").exists()

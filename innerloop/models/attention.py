@@ -406,12 +406,23 @@ class CausalSelfAttention(nn.Module):
     def check_cache_tensor(self, name: str, tensor: torch.Tensor) -> None:
         """A cached key or value is floating-point, on the weights' device. Its float dtype may differ
         from the weights' (a cache written under ``torch.autocast`` holds the autocast dtype): it is
-        used in the dtype the call computes in. An integer cache would truncate the keys: refused."""
+        used in the dtype the call computes in. An integer cache would truncate the keys, and a cache
+        narrower than the weights (float32 keys into a float64 layer, outside an autocast of that
+        dtype) would put its rounding silently into a wider result: both refused."""
         weights = self.qkv_proj.weight
         if not tensor.is_floating_point():
             raise TypeError(
                 f"{name} is {tensor.dtype} but a key/value cache holds floating-point keys and values "
                 f"(this layer's: {weights.dtype}): pass the state this layer returned, or None"
+            )
+        device = weights.device.type
+        autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        narrower = torch.promote_types(tensor.dtype, weights.dtype) != tensor.dtype
+        if narrower and tensor.dtype != autocast_dtype:
+            raise TypeError(
+                f"{name} is {tensor.dtype}, narrower than this layer's {weights.dtype} weights (outside an "
+                f"autocast to {tensor.dtype}): its rounding would enter the {weights.dtype} result; pass the "
+                f"state this layer returned, or None"
             )
         if tensor.device != weights.device:
             raise ValueError(

@@ -1,0 +1,35 @@
+"""Review s35b: dtypes across the mixers (issue 9's "never a silent wrong number", issue 13's precision).
+
+A state passed back in must not carry a narrower dtype's rounding into a wider model's result: the TTT
+layer, the family's layers and TTT-E2E refuse it; the attention layers' KV cache did not (a float32
+cache into a float64 model gave float64 logits with float32 keys in them, silently).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from innerloop.models import CausalLM, ModelConfig
+
+_TINY = dict(hidden_size=8, num_heads=2, intermediate_size=16, num_layers=1, vocab_size=11)
+
+
+# reason: two models of each kind and an autocast call (0.2 s warm, 1 s when it is the first to run SDPA)
+@pytest.mark.slow
+@pytest.mark.parametrize("mixer", ["attention", "swa"])
+def test_an_attention_cache_narrower_than_the_model_is_refused_naming_it(mixer):
+    torch.manual_seed(0)
+    lm32 = CausalLM(ModelConfig(mixer=mixer, window=3, **_TINY))
+    lm64 = CausalLM(ModelConfig(mixer=mixer, window=3, **_TINY)).double()
+    ids = torch.randint(0, 11, (1, 4))
+    with torch.no_grad():
+        _, state32 = lm32(ids)
+        with pytest.raises(TypeError, match=r"state.blocks\[0\].mixer.key is torch.float32, narrower than this "
+                           r"layer's torch.float64 weights"):  # fmt: skip
+            lm64(ids[:, :1], state32)
+        _, state64 = lm64(ids)
+        lm32(ids[:, :1], state64)  # a wider cache is used in float32: what the call computes in
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # a cache written under autocast is taken back
+            _, state_bf16 = lm32(ids)
+            lm32(ids[:, :1], state_bf16)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from innerloop.models import CausalLM, ModelConfig
+from innerloop.models.blocks import CausalDepthwiseConv
 
 _TINY = dict(hidden_size=8, num_heads=2, intermediate_size=16, num_layers=1, vocab_size=11)
 
@@ -25,11 +26,26 @@ def test_an_attention_cache_narrower_than_the_model_is_refused_naming_it(mixer):
     ids = torch.randint(0, 11, (1, 4))
     with torch.no_grad():
         _, state32 = lm32(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves a float64 model in float64
+            _, state64 = lm64(ids)
+        assert state64.blocks[0].mixer.key.dtype == torch.float64
         with pytest.raises(TypeError, match=r"state.blocks\[0\].mixer.key is torch.float32, narrower than this "
                            r"layer's torch.float64 weights"):  # fmt: skip
             lm64(ids[:, :1], state32)
-        _, state64 = lm64(ids)
         lm32(ids[:, :1], state64)  # a wider cache is used in float32: what the call computes in
         with torch.autocast("cpu", dtype=torch.bfloat16):  # a cache written under autocast is taken back
             _, state_bf16 = lm32(ids)
             lm32(ids[:, :1], state_bf16)
+
+
+def test_a_pre_conv_history_narrower_than_the_conv_is_refused_naming_it():
+    # the sibling of the cache's check: the mamba backbone's pre-conv history carried between calls
+    conv = CausalDepthwiseConv(4, 3).double()
+    x = torch.randn(1, 2, 4, dtype=torch.float64)
+    with pytest.raises(
+        TypeError, match=r"history is torch.float32, narrower than this layer's torch.float64"
+    ):
+        conv(x, torch.zeros(1, 2, 4))
+    conv(x, torch.zeros(1, 2, 4, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # written under autocast: taken back
+        conv.float()(x.float(), torch.zeros(1, 2, 4, dtype=torch.bfloat16))

@@ -248,6 +248,18 @@ def sliding_window_attention(
     return torch.cat(pieces, dim=2) if pieces else q
 
 
+def check_not_narrower(name: str, tensor: torch.Tensor, weights: torch.Tensor) -> None:
+    """A state tensor (a KV cache, a pre-conv history) narrower than float64 weights is refused, naming
+    it: its rounding would enter the float64 result silently (autocast leaves float64 alone, so no
+    float64 layer writes one). Float32 weights take a bfloat16/float16 state written under autocast."""
+    if weights.dtype == torch.float64 and tensor.dtype != torch.float64:
+        raise TypeError(
+            f"{name} is {tensor.dtype}, narrower than this layer's {weights.dtype} weights: its rounding "
+            f"would enter the {weights.dtype} result; pass the state the model returned, or cast it with "
+            f"state.to(torch.float64)"
+        )
+
+
 def check_hidden_states(x: Any, hidden_size: int, weights: torch.Tensor) -> None:
     """``x`` is a floating-point ``[B, T, hidden_size]`` tensor on ``weights``' device, in their dtype
     (another one only under ``torch.autocast``); each error names ``x``, what it is and what is valid.
@@ -407,23 +419,14 @@ class CausalSelfAttention(nn.Module):
         """A cached key or value is floating-point, on the weights' device. Its float dtype may differ
         from the weights' (a cache written under ``torch.autocast`` holds the autocast dtype): it is
         used in the dtype the call computes in. An integer cache would truncate the keys, and a cache
-        narrower than the weights (float32 keys into a float64 layer, outside an autocast of that
-        dtype) would put its rounding silently into a wider result: both refused."""
+        narrower than float64 weights would put its rounding silently into their result: both refused."""
         weights = self.qkv_proj.weight
         if not tensor.is_floating_point():
             raise TypeError(
                 f"{name} is {tensor.dtype} but a key/value cache holds floating-point keys and values "
                 f"(this layer's: {weights.dtype}): pass the state this layer returned, or None"
             )
-        device = weights.device.type
-        autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        narrower = torch.promote_types(tensor.dtype, weights.dtype) != tensor.dtype
-        if narrower and tensor.dtype != autocast_dtype:
-            raise TypeError(
-                f"{name} is {tensor.dtype}, narrower than this layer's {weights.dtype} weights (outside an "
-                f"autocast to {tensor.dtype}): its rounding would enter the {weights.dtype} result; pass the "
-                f"state this layer returned, or None"
-            )
+        check_not_narrower(name, tensor, weights)
         if tensor.device != weights.device:
             raise ValueError(
                 f"{name} is on {tensor.device}, the layer on {weights.device}: move the cache with "

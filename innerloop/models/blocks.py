@@ -24,7 +24,7 @@ from innerloop.core.functional import RMSNorm, causal_depthwise_conv
 from innerloop.core.layer import TTTLayer, check_positive_int
 from innerloop.core.protocol import InnerLoss
 from innerloop.core.state import TTTState, cat_rows, check_batch_rows, check_states, take_rows
-from innerloop.models.attention import CausalSelfAttention, KVCache, check_hidden_states
+from innerloop.models.attention import CausalSelfAttention, KVCache, check_hidden_states, check_not_narrower
 from innerloop.models.config import MIXER_TABLE, ModelConfig, uses_pre_conv
 from innerloop.registry import get_registry
 
@@ -85,6 +85,7 @@ class CausalDepthwiseConv(nn.Module):
                 f"{name} is {history.dtype} but the pre-conv history holds floating-point inputs: pass the "
                 "state the model returned, or None"
             )
+        check_not_narrower(name, history, self.conv.weight)
         if history.device != self.conv.weight.device:
             raise ValueError(
                 f"{name} is on {history.device}, the conv on {self.conv.weight.device}: move the state to it"

@@ -7,6 +7,8 @@ cache into a float64 model gave float64 logits with float32 keys in them, silent
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -49,3 +51,17 @@ def test_a_pre_conv_history_narrower_than_the_conv_is_refused_naming_it():
     conv(x, torch.zeros(1, 2, 4, dtype=torch.float64))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # written under autocast: taken back
         conv.float()(x.float(), torch.zeros(1, 2, 4, dtype=torch.bfloat16))
+
+
+def test_an_e2e_state_with_float32_caches_is_refused_by_a_float64_model():
+    from innerloop.models import build_model
+
+    torch.manual_seed(0)
+    config = ModelConfig.from_dict({**_TINY, "mixer": "e2e", "window": 4, "e2e": {"chunk_size": 4}})
+    model = build_model(config).double()
+    ids = torch.randint(0, 11, (1, 6))
+    with torch.no_grad():
+        _, state = model(ids)
+        state = dataclasses.replace(state.to(torch.float32), fast=state.fast)  # only the caches narrowed
+        with pytest.raises(TypeError, match=r"state.caches\[0\].key is torch.float32, narrower than"):
+            model(ids[:, :2], state)

@@ -169,6 +169,15 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in ".=" else "-" for c in name.lower()).strip("-")
 
 
+def merged(*override_lists: Sequence[str]) -> list[str]:
+    """The overrides of ``override_lists`` with each key once, its last value in its first place (the
+    config loader warns of a key given twice: ``FULL`` and ``BUDGET_PRESET`` both set ``model.num_layers``)."""
+    by_key: dict[str, str] = {}
+    for item in (item for overrides in override_lists for item in overrides):
+        by_key[item.partition("=")[0].strip()] = item
+    return list(by_key.values())
+
+
 def budget_of(preset: str, overrides: Sequence[str]) -> int:
     """The parameter count of a preset's model with overrides (built on the meta device)."""
     run, _ = load_config(preset, list(overrides))
@@ -177,11 +186,11 @@ def budget_of(preset: str, overrides: Sequence[str]) -> int:
 
 def sized_overrides(point: Point, base: Sequence[str], budget: int | None) -> list[str]:
     """The point's full override list; a matched point gets the MLP width closest to ``budget``."""
-    overrides = [*base, *ALWAYS, *point.overrides]  # a point may set its own seed
+    overrides = merged(base, ALWAYS, point.overrides)  # a point may set its own seed
     if point.matched and budget is not None:
         run, _ = load_config(point.preset, overrides)
         sized = size_to_budget(run.model, budget)
-        overrides.append(f"model.intermediate_size={sized.intermediate_size}")
+        overrides = merged(overrides, [f"model.intermediate_size={sized.intermediate_size}"])
     return overrides
 
 
@@ -523,7 +532,7 @@ def run_study(args: argparse.Namespace) -> None:
         budget = budget_of("recall-ttt", base)
     else:
         base = QUICK if args.quick else FULL
-        budget = budget_of(BUDGET_PRESET[0], [*BUDGET_PRESET[1], *base])
+        budget = budget_of(BUDGET_PRESET[0], merged(BUDGET_PRESET[1], base))
     read_from_sweep = [p for p in SWEEP if p.name in COMPARE_FROM_SWEEP] if args.study == "compare" else []
     check_recorded_results([*points, *read_from_sweep], out, base, budget)
     results = run_points(points, out, base, budget, args.jobs)

@@ -70,3 +70,21 @@ def test_a_quick_study_trains_each_point_once_and_reads_it_back(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert log.stat().st_mtime_ns == written  # read back, not trained again
     assert first.stdout.endswith(again.stdout)  # the same table (the first run also reported each point)
+
+
+@pytest.mark.slow  # loads four configs and sizes a model to the budget: ~3 s as a process's first model
+def test_each_override_key_is_given_once_with_its_last_value(recwarn):
+    science = _science()
+    assert science.merged(["a=1", "b=2"], ["a=3"], ["c=4", "b = 5"]) == ["a=3", "b = 5", "c=4"]
+    budget = science.budget_of(
+        science.BUDGET_PRESET[0], science.merged(science.BUDGET_PRESET[1], science.FULL)
+    )
+    point = science.Point("p", "tiny", ("seed=3", "model.num_layers=2", "model.intermediate_size=64"))
+    for full in (
+        science.sized_overrides(point, science.FULL, None),
+        science.sized_overrides(point, science.FULL, budget),
+    ):
+        keys = [item.partition("=")[0] for item in full]
+        assert len(keys) == len(set(keys)) and "seed=3" in full and "model.num_layers=2" in full, full
+    assert full[-1] != "model.intermediate_size=64"  # sized to the budget: the point's own width replaced
+    assert not [w for w in recwarn if "given twice" in str(w.message)]

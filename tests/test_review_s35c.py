@@ -171,3 +171,24 @@ def test_benchmark_overrides_a_preset_refuses_are_one_line_before_any_run(script
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_info.value.code == 2 and ": error: " in error and "unknown config key 'model.hiden'" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_an_evaluation_of_data_rewritten_with_its_old_time_gets_its_own_file_name(tmp_path):
+    # cp -p / rsync -t of other content of the same size keeps the modification time: the evaluation's
+    # file name (its data hash) stayed the same, and the new evaluation wrote over the old one's results.
+    import os
+    import time
+
+    from innerloop.train.run import evaluation_stem
+
+    data = tmp_path / "data.txt"
+    data.write_text("first content\n", encoding="utf-8")
+    before = evaluation_stem("last-1a2b3c4d", [str(data)], 32, 4)
+    stat = data.stat()
+    time.sleep(
+        0.03
+    )  # past the file system's coarse clock tick (up to 10 ms): the rewrite's change time differs
+    data.write_text("other content\n", encoding="utf-8")  # the same size
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert data.stat().st_size == stat.st_size and data.stat().st_mtime_ns == stat.st_mtime_ns
+    assert evaluation_stem("last-1a2b3c4d", [str(data)], 32, 4) != before

@@ -1563,13 +1563,11 @@ def _run_data_files(run: RunConfig) -> list[Path]:
 
 
 def _files_fingerprint(files: Sequence[Path]) -> str:
-    """Each file's resolved path, size and modification time (ns): what changes when a file is rewritten,
-    without reading it."""
-    parts = []
-    for f in files:
-        stat = f.stat()
-        parts.append(f"{f.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}")
-    return "\n".join(parts)
+    """Each file's resolved path and :func:`~innerloop.data.atomic.file_stamp` (inode, modification time,
+    size, change time): what changes when a file is rewritten, without reading it, ``cp -p`` of other
+    content of the same size too (which keeps the modification time: the evaluation of the new content
+    wrote over the old one's file)."""
+    return "\n".join(f"{f.resolve()}\0{file_stamp(f)}" for f in files)
 
 
 def evaluate(

@@ -8,8 +8,11 @@ Here a passed check is remembered under the object's *behaviour key*:
 
 - its class and every class it inherits from, each attribute of theirs by identity when it is code
   (a function, a property, a descriptor: replacing a method makes another key) and by value when it is
-  a plain setting (``name = "mlp"``, ``init_std = 0.02``);
-- its instance attributes by value.
+  a plain setting (``name = "mlp"``, ``init_std = 0.02``); a function also by what can change in it in
+  place: its code object (IPython's autoreload swaps it), its defaults and the contents of its closure
+  cells; a class held as a setting (``config = Defaults``) and the metaclass by their own attributes,
+  as the object's classes;
+- its instance attributes by value (a float with its sign: ``-0.0`` is not ``0.0``).
 
 An object with any other state (a tensor, a list, a helper object in an attribute or on its class, slots)
 has no key and is checked every time, as is every object whose check failed or warned (the warning is
@@ -43,6 +46,7 @@ _CODE = (
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, enum.Enum)
 _SKIPPED_CLASS_ATTRIBUTES = frozenset({"_abc_impl", "__dict__", "__weakref__", "__doc__", "__module__"})
 _MAX_ENTRIES = 512
+_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class written in Python (its attributes can be set)
 
 
 class _NoKey(Exception):
@@ -50,7 +54,12 @@ class _NoKey(Exception):
 
 
 def _plain(value: Any) -> Hashable:
-    """``value`` as a hashable that compares as the value does, type included (1, 1.0 and True differ)."""
+    """``value`` as a hashable that compares as the value does, type included (1, 1.0 and True differ;
+    a float by its bits, so -0.0 and 0.0 differ too)."""
+    if isinstance(value, float):
+        return (type(value), value.hex())
+    if isinstance(value, complex):
+        return (type(value), value.real.hex(), value.imag.hex())
     if isinstance(value, _PLAIN):
         return (type(value), value)
     if isinstance(value, (tuple, frozenset)):
@@ -58,16 +67,74 @@ def _plain(value: Any) -> Hashable:
     raise _NoKey
 
 
-def _class_part(cls: type, alive: list[Any]) -> tuple:
-    """One class of the MRO: code by identity (held alive in ``alive``, so that no id is reused while the
-    entry lives), plain settings by value; dunder data attributes (annotations, slots) are skipped."""
+def _function_part(function: types.FunctionType, alive: list[Any], seen: set[int]) -> Hashable:
+    """A function by identity and by what can be changed in it in place: its code object (IPython's
+    autoreload swaps ``__code__``), defaults and closure cells' contents (a ``nonlocal`` rebinding)."""
+    alive.extend((function, function.__code__))
+    keywords = sorted((function.__kwdefaults__ or {}).items())
+    held = [*(function.__defaults__ or ()), *(value for _, value in keywords)]
+    held += [_cell_contents(cell) for cell in function.__closure__ or ()]
+    parts = tuple(_held(value, alive, seen) for value in held)
+    return ("function", id(function), id(function.__code__), tuple(name for name, _ in keywords), parts)
+
+
+def _cell_contents(cell: types.CellType) -> Any:
+    """A closure cell's value; the cell itself while it is empty (its variable not yet assigned)."""
+    try:
+        return cell.cell_contents
+    except ValueError:
+        return cell
+
+
+def _held(value: Any, alive: list[Any], seen: set[int]) -> Hashable:
+    """A function's default or closure cell's value: code as :func:`_code_part`, a plain value by value,
+    another object by identity (rebinding it makes another key; like a module global, what is changed
+    inside it in place is not seen)."""
+    if isinstance(value, _CODE):
+        return _code_part(value, alive, seen)
+    try:
+        return _plain(value)
+    except _NoKey:
+        alive.append(value)
+        return ("object", id(value))
+
+
+def _code_part(value: Any, alive: list[Any], seen: set[int]) -> Hashable:
+    """Code by identity, held alive in ``alive`` (no id is reused while the entry lives), with what can
+    change in it in place: a function's (:func:`_function_part`), a wrapped function's, and a class's
+    attributes (a class written in Python: one that C defines cannot change)."""
+    alive.append(value)
+    if isinstance(value, types.FunctionType):
+        return _function_part(value, alive, seen)
+    if isinstance(value, (staticmethod, classmethod)):
+        return (type(value), id(value), _held(value.__func__, alive, seen))
+    if isinstance(value, property):
+        accessors = (value.fget, value.fset, value.fdel)
+        return (property, id(value), tuple(_held(f, alive, seen) for f in accessors))
+    if isinstance(value, type) and value.__flags__ & _HEAP_TYPE and id(value) not in seen:
+        seen.add(id(value))  # a class met again (its own methods' __class__ cell): by identity
+        return ("class", id(value), _classes_part(value, alive, seen))
+    return ("code", id(value))
+
+
+def _classes_part(cls: type, alive: list[Any], seen: set[int]) -> tuple:
+    """``cls``, the classes it inherits from and its metaclass's, each by :func:`_class_part`."""
+    classes = [c for c in cls.__mro__ if c is not object]
+    classes += [m for m in type(cls).__mro__ if m not in (type, object)]
+    for c in classes:
+        seen.add(id(c))
+    return tuple(_class_part(c, alive, seen) for c in classes)
+
+
+def _class_part(cls: type, alive: list[Any], seen: set[int]) -> tuple:
+    """One class of the MRO: code by :func:`_code_part`, plain settings by value; dunder data attributes
+    (annotations, slots) are skipped."""
     items = []
     for name, value in vars(cls).items():
         if name in _SKIPPED_CLASS_ATTRIBUTES:
             continue
         if isinstance(value, _CODE):
-            alive.append(value)
-            items.append((name, "code", id(value)))
+            items.append((name, "code", _code_part(value, alive, seen)))
         elif name.startswith("__") and name.endswith("__"):
             if name == "__slots__" and value:
                 raise _NoKey
@@ -86,7 +153,7 @@ def behaviour_key(kind: str, obj: Any, external: bool) -> tuple[Hashable, list[A
         return None
     alive: list[Any] = []
     try:
-        classes = tuple(_class_part(cls, alive) for cls in type(obj).__mro__ if cls is not object)
+        classes = _classes_part(type(obj), alive, set())
         instance = tuple(sorted((str(name), _plain(value)) for name, value in state.items()))
     except _NoKey:
         return None

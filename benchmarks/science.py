@@ -332,9 +332,11 @@ def run_point(point: Point, out: Path, base: Sequence[str], budget: int | None) 
 
 def settings_of(command: str | Sequence[str]) -> list[str]:
     """What a run's command line sets (a result's recorded ``command``, or :func:`command_for`'s list),
-    without the interpreter and the ``out_dir`` (which moves with ``--out``)."""
-    words = command.split() if isinstance(command, str) else ["innerloop", *command[3:]]
-    return [word for word in words if not word.startswith("out_dir=")]
+    without the interpreter and the ``out_dir`` (which moves with ``--out``). Both are read as the
+    recorded text is, words split at spaces, and the ``out_dir`` is all after its ``out_dir=`` (the last
+    word of :func:`command_for`: an ``--out`` with a space in its name is one out_dir, not two words)."""
+    text = command if isinstance(command, str) else shown_command(command)
+    return text.split(" out_dir=", 1)[0].split()
 
 
 def check_recorded_results(

@@ -1,11 +1,17 @@
 """Review s35d: a passed registration check (innerloop/registry/verdicts.py) is not reused for an object
 whose behaviour changed in a way the behaviour key did not see: a function's code swapped in place
 (IPython's autoreload), its defaults or closure rebound, a class held as a setting or the metaclass
-changed, a float setting's sign."""
+changed, a float setting's sign. And benchmarks/science.py reads back its own result in an --out whose
+name has a space."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,3 +94,33 @@ def test_a_float_setting_is_compared_with_its_sign_and_a_dataclass_keeps_its_key
 
     assert _key(Signed(0.0)) == _key(Signed(0.0))
     assert _key(Signed(0.0)) != _key(Signed(-0.0))
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _science() -> Any:
+    """benchmarks/science.py as a module (as tests/test_review_s35c.py loads it, under the same name)."""
+    if "science_benchmark" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("science_benchmark", REPO / "benchmarks" / "science.py")
+        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules["science_benchmark"]
+
+
+@pytest.mark.parametrize("folder", ["plain", "my runs"])
+def test_a_study_reads_back_its_own_result_in_an_out_with_a_space(tmp_path, folder) -> None:
+    """A point's recorded command split at every space: an --out with a space left part of its out_dir
+    among the settings, and a study rerun with the same command in it was refused as 'another command'."""
+    science = _science()
+    point = next(p for p in science.SWEEP if p.name == "linear")
+    out = tmp_path / folder
+    run_dir = out / "runs" / science.slug(point.name)
+    run_dir.mkdir(parents=True)
+    command = science.command_for(point, science.sized_overrides(point, science.QUICK, None), run_dir)
+    (run_dir / "result.json").write_text(json.dumps({"command": science.shown_command(command)}))
+    science.check_recorded_results([point], out, science.QUICK, None)  # the same command: read back
+    other = science.command_for(point, science.sized_overrides(point, science.FULL, None), run_dir)
+    (run_dir / "result.json").write_text(json.dumps({"command": science.shown_command(other)}))
+    with pytest.raises(SystemExit, match="trained by another command"):
+        science.check_recorded_results([point], out, science.QUICK, None)

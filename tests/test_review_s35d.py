@@ -96,6 +96,18 @@ def test_a_float_setting_is_compared_with_its_sign_and_a_dataclass_keeps_its_key
     assert _key(Signed(0.0)) != _key(Signed(-0.0))
 
 
+def test_a_recursive_closure_has_a_key() -> None:
+    # a helper that calls itself holds itself in its closure: read once, not until the stack overflows
+    def halved(n):
+        return 1.0 if n <= 0 else halved(n - 1)
+
+    class Recursive(Reconstruction):
+        name = "review_s35d_recursive"
+        helper = staticmethod(halved)
+
+    assert _key(Recursive()) == _key(Recursive())
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

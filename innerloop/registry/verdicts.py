@@ -104,7 +104,8 @@ def _code_part(value: Any, alive: list[Any], seen: set[int]) -> Hashable:
     change in it in place: a function's (:func:`_function_part`), a wrapped function's, and a class's
     attributes (a class written in Python: one that C defines cannot change)."""
     alive.append(value)
-    if isinstance(value, types.FunctionType):
+    if isinstance(value, types.FunctionType) and id(value) not in seen:
+        seen.add(id(value))  # a function met again (a recursive closure, one held twice): by identity
         return _function_part(value, alive, seen)
     if isinstance(value, (staticmethod, classmethod)):
         return (type(value), id(value), _held(value.__func__, alive, seen))

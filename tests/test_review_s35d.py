@@ -108,6 +108,30 @@ def test_a_recursive_closure_has_a_key() -> None:
     assert _key(Recursive()) == _key(Recursive())
 
 
+FACTOR = 1.0  # a module global the plugin below reads
+
+
+def _factor() -> float:
+    return FACTOR
+
+
+class ReadsGlobals(Reconstruction):
+    name = "review_s35d_reads_globals"
+
+    def token_loss(self, prediction, target):
+        return _factor() * Reconstruction.token_loss(self, prediction, target)
+
+
+def test_a_global_helper_swapped_in_place_or_a_global_setting_rebound_has_another_key(monkeypatch) -> None:
+    # autoreload swaps the __code__ of the module's helper functions too, and a notebook rebinds settings
+    before = _key(ReadsGlobals())
+    monkeypatch.setattr(_factor, "__code__", (lambda: 2.0 * FACTOR).__code__)
+    assert _key(ReadsGlobals()) != before
+    before = _key(ReadsGlobals())
+    monkeypatch.setitem(globals(), "FACTOR", float("nan"))
+    assert _key(ReadsGlobals()) != before
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -9,15 +9,16 @@ Here a passed check is remembered under the object's *behaviour key*:
 - its class and every class it inherits from, each attribute of theirs by identity when it is code
   (a function, a property, a descriptor: replacing a method makes another key) and by value when it is
   a plain setting (``name = "mlp"``, ``init_std = 0.02``); a function also by what can change in it in
-  place: its code object (IPython's autoreload swaps it), its defaults and the contents of its closure
-  cells; a class held as a setting (``config = Defaults``) and the metaclass by their own attributes,
-  as the object's classes;
+  place: its code object (IPython's autoreload swaps it), its defaults, the contents of its closure
+  cells and the module globals its code names (a helper function the same way, a plain value by value,
+  any other object by identity); a class held as a setting (``config = Defaults``) and the metaclass by
+  their own attributes, as the object's classes;
 - its instance attributes by value (a float with its sign: ``-0.0`` is not ``0.0``).
 
 An object with any other state (a tensor, a list, a helper object in an attribute or on its class, slots)
 has no key and is checked every time, as is every object whose check failed or warned (the warning is
-said at every registration). What the key cannot see is
-a module-level global its methods read: a plugin whose numbers depend on one is checked once per key.
+said at every registration). What the key cannot see is what changes inside an object compared by
+identity (an attribute of a global class or module, an entry of a global or closed-over dict).
 """
 
 from __future__ import annotations
@@ -74,8 +75,20 @@ def _function_part(function: types.FunctionType, alive: list[Any], seen: set[int
     keywords = sorted((function.__kwdefaults__ or {}).items())
     held = [*(function.__defaults__ or ()), *(value for _, value in keywords)]
     held += [_cell_contents(cell) for cell in function.__closure__ or ()]
+    names = tuple(sorted(name for name in _global_names(function.__code__) if name in function.__globals__))
     parts = tuple(_held(value, alive, seen) for value in held)
-    return ("function", id(function), id(function.__code__), tuple(name for name, _ in keywords), parts)
+    parts += tuple(_global(function.__globals__[name], alive, seen) for name in names)
+    named = (tuple(name for name, _ in keywords), names)
+    return ("function", id(function), id(function.__code__), named, parts)
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    """The names ``code`` and the code nested in it (comprehensions, inner functions) may read as globals."""
+    names = set(code.co_names)
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            names |= _global_names(constant)
+    return names
 
 
 def _cell_contents(cell: types.CellType) -> Any:
@@ -84,6 +97,18 @@ def _cell_contents(cell: types.CellType) -> Any:
         return cell.cell_contents
     except ValueError:
         return cell
+
+
+def _global(value: Any, alive: list[Any], seen: set[int]) -> Hashable:
+    """A global a function reads: a function as :func:`_function_part` (a helper whose code IPython's
+    autoreload swapped), a plain value by value, anything else (a class, a module, a table) by identity."""
+    if isinstance(value, types.FunctionType):
+        return _code_part(value, alive, seen)
+    try:
+        return _plain(value)
+    except _NoKey:
+        alive.append(value)
+        return ("object", id(value))
 
 
 def _held(value: Any, alive: list[Any], seen: set[int]) -> Hashable:

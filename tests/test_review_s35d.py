@@ -7,13 +7,10 @@ name has a space."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
-from pathlib import Path
-from typing import Any
 
 import pytest
+from test_review_s35c import load_science  # benchmarks/science.py, loaded once under one name
 
 import innerloop
 from innerloop.plugins.losses.reconstruction import Reconstruction
@@ -132,23 +129,11 @@ def test_a_global_helper_swapped_in_place_or_a_global_setting_rebound_has_anothe
     assert _key(ReadsGlobals()) != before
 
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _science() -> Any:
-    """benchmarks/science.py as a module (as tests/test_review_s35c.py loads it, under the same name)."""
-    if "science_benchmark" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("science_benchmark", REPO / "benchmarks" / "science.py")
-        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[spec.name])
-    return sys.modules["science_benchmark"]
-
-
 @pytest.mark.parametrize("folder", ["plain", "my runs"])
 def test_a_study_reads_back_its_own_result_in_an_out_with_a_space(tmp_path, folder) -> None:
     """A point's recorded command split at every space: an --out with a space left part of its out_dir
     among the settings, and a study rerun with the same command in it was refused as 'another command'."""
-    science = _science()
+    science = load_science()
     point = next(p for p in science.SWEEP if p.name == "linear")
     out = tmp_path / folder
     run_dir = out / "runs" / science.slug(point.name)

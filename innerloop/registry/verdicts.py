@@ -102,20 +102,14 @@ def _cell_contents(cell: types.CellType) -> Any:
 def _global(value: Any, alive: list[Any], seen: set[int]) -> Hashable:
     """A global a function reads: a function as :func:`_function_part` (a helper whose code IPython's
     autoreload swapped), a plain value by value, anything else (a class, a module, a table) by identity."""
-    if isinstance(value, types.FunctionType):
-        return _code_part(value, alive, seen)
-    try:
-        return _plain(value)
-    except _NoKey:
-        alive.append(value)
-        return ("object", id(value))
+    return _held(value, alive, seen, code=types.FunctionType)
 
 
-def _held(value: Any, alive: list[Any], seen: set[int]) -> Hashable:
-    """A function's default or closure cell's value: code as :func:`_code_part`, a plain value by value,
-    another object by identity (rebinding it makes another key; like a module global, what is changed
-    inside it in place is not seen)."""
-    if isinstance(value, _CODE):
+def _held(value: Any, alive: list[Any], seen: set[int], code: type | tuple[type, ...] = _CODE) -> Hashable:
+    """A function's default or closure cell's value: ``code`` as :func:`_code_part`, a plain value by
+    value, another object by identity (rebinding it makes another key; like a module global, what is
+    changed inside it in place is not seen)."""
+    if isinstance(value, code):
         return _code_part(value, alive, seen)
     try:
         return _plain(value)

@@ -288,9 +288,18 @@ def recorded_command(run_dir: Path) -> str | None:
     """The command that trained the run in ``run_dir``: its ``result.json``'s, else its ``train.log``'s
     first line's; None when neither records one (no run yet, or one written before they did)."""
     result, log = run_dir / "result.json", run_dir / "train.log"
-    if result.exists():
-        return json.loads(result.read_text()).get("command")
-    first = log.read_text().split("\n", 1)[0] if log.exists() else ""
+    try:
+        if result.exists():
+            recorded = json.loads(result.read_text(encoding="utf-8"))
+            if not isinstance(recorded, dict):
+                raise ValueError(f"it holds a JSON {type(recorded).__name__}, not an object")
+            return recorded.get("command")
+        first = log.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0] if log.exists() else ""
+    except (OSError, ValueError) as error:  # a result.json cut short or edited by hand, an unreadable file
+        raise SystemExit(
+            f"science.py: error: cannot read the run in {str(run_dir)!r} ({' '.join(str(error).split())}): "
+            "remove the folder to train the point again"
+        ) from error
     return first.removeprefix(COMMAND_LINE) if first.startswith(COMMAND_LINE) else None
 
 

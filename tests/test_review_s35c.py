@@ -192,3 +192,17 @@ def test_an_evaluation_of_data_rewritten_with_its_old_time_gets_its_own_file_nam
     os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert data.stat().st_size == stat.st_size and data.stat().st_mtime_ns == stat.st_mtime_ns
     assert evaluation_stem("last-1a2b3c4d", [str(data)], 32, 4) != before
+
+
+@pytest.mark.parametrize(
+    "text", ['{"command": "python -m innerloop', "[1, 2]", "\udcff"], ids=["cut", "list", "bad"]
+)
+def test_a_damaged_result_of_a_study_is_one_line_naming_its_folder(tmp_path, text):
+    science = load_science()
+    run_dir = tmp_path / "runs" / "p"
+    run_dir.mkdir(parents=True)
+    (run_dir / "result.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(
+        SystemExit, match=r"science.py: error: cannot read the run in .*runs/p.*remove the folder"
+    ):
+        science.recorded_command(run_dir)

@@ -223,3 +223,27 @@ def test_a_parquet_file_without_rows_is_named(tmp_path) -> None:
         check_hf_source([str(tmp_path)])
     (tmp_path / "a.parquet").unlink()
     assert check_hf_source([str(tmp_path)]) == ("parquet", [str((tmp_path / "b.parquet").resolve())])
+
+
+@pytest.mark.slow  # reads a jsonl file with datasets (its Arrow cache made): ~1 s warm, 4 s as a process's first
+def test_a_resume_on_hf_data_edited_since_the_checkpoint_is_warned_about(tmp_path, caplog):
+    # An edit that keeps the recorded stream position readable resumed on other data without a word.
+    from innerloop.train.data import HFDataModule
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(f'{{"text": "document number {i}"}}\n' for i in range(40)), encoding="utf-8")
+
+    def resumed_from(state):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            HFDataModule([str(path)], seq_len=8, batch_size=2, val_batches=1).load_state_dict(state)
+        return caplog.text
+
+    module = HFDataModule([str(path)], seq_len=8, batch_size=2, val_batches=1)
+    module.setup()
+    state = json.loads(json.dumps(module.state_dict()))  # as the checkpoint's JSON tree holds it
+    assert "differ" not in resumed_from(state)
+    path.write_text(path.read_text(encoding="utf-8").replace("number 3", "number 33"), encoding="utf-8")
+    assert "the data files differ from those the checkpoint was trained on" in resumed_from(state)
+    del state["files"]  # a checkpoint written before runs recorded their files: nothing to compare
+    assert "differ" not in resumed_from(state)

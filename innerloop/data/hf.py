@@ -99,6 +99,22 @@ def check_hf_source(paths: Sequence[str]) -> tuple[str, list[str]]:
     return builder, [str(f) for f in files]
 
 
+def source_files(paths: Sequence[str]) -> list[Path]:
+    """The files ``data.paths`` has ``data.name='hf'`` read: the data files, or every file of a folder
+    ``save_to_disk`` wrote (:func:`check_hf_source`'s errors for a bad source)."""
+    kind, found = check_hf_source(paths)
+    if kind == "saved":
+        return sorted(p for p in Path(found[0]).rglob("*") if p.is_file())
+    return [Path(f) for f in found]
+
+
+def files_record(files: Sequence[Path]) -> list[list[Any]]:
+    """``[name, size, modification time (ns)]`` of each of ``files``: what a checkpoint records of the data
+    it was trained on, so that a resume can say the data changed. Paths, inodes and change times are left
+    out: the data moved to another folder or machine (``cp -p``, ``rsync -a``) is the same data."""
+    return [[f.name, (stat := f.stat()).st_size, stat.st_mtime_ns] for f in files]
+
+
 def _check_parquet_rows(files: Sequence[Path]) -> None:
     """:class:`DataError` naming the first of ``files`` that holds no row (``datasets`` fails on it with
     pyarrow's "BatchSize must be greater than 0, got 0"); each file's footer alone is read."""

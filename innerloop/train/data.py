@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from innerloop.data.hf import iter_texts, open_hf_dataset, saved_splits
+from innerloop.data.hf import files_record, iter_texts, open_hf_dataset, saved_splits, source_files
 from innerloop.data.packing import (
     START,
     DocumentReader,
@@ -676,10 +676,12 @@ class HFDataModule(L.LightningDataModule):
         self._positions: dict[int, StreamPosition] = {0: START}  # global batch -> where it starts
         self._resumed: tuple[int, StreamPosition] | None = None
         self._start_step, self._first = 0, 0  # the step and global batch the stream (re)started at
+        self._files: list[list[Any]] | None = None  # files_record of the data when setup read it
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
             return
+        self._files = files_record(source_files(self.paths))
         self.dataset = open_hf_dataset(self.paths, self.split, self.streaming, self.text_field)
         asked = self.val_batches * self.batch_size
         windows = validation_windows(self._reader(validation=True), self.seq_len, asked)
@@ -762,13 +764,25 @@ class HFDataModule(L.LightningDataModule):
         batch = self._first + self._batches_read()
         if batch not in self._positions:
             raise DataError(f"the stream position of batch {batch} is unknown (it was not read yet)")
-        return {"batch": batch, "position": list(self._positions[batch])}
+        state: dict[str, Any] = {"batch": batch, "position": list(self._positions[batch])}
+        if self._files is not None:
+            state["files"] = self._files
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume from a position :meth:`state_dict` recorded."""
+        """Resume from a position :meth:`state_dict` recorded; a warning if the data files differ from
+        those the checkpoint records (an edit that keeps the recorded position readable is not otherwise
+        seen: the run would go on, on other data, without a word)."""
         batch, position = state_dict.get("batch"), state_dict.get("position")
         if not isinstance(batch, int) or not (
             isinstance(position, list) and len(position) == 3 and all(isinstance(v, int) for v in position)
         ):
             raise DataError(f"the checkpoint's data stream state {state_dict!r} is malformed")
         self._resumed = (batch, StreamPosition(*position))
+        recorded = state_dict.get("files")  # none in a checkpoint written before runs recorded them
+        if isinstance(recorded, list) and recorded != files_record(source_files(self.paths)):
+            log.warning(
+                "the data files differ from those the checkpoint was trained on (a file of data.paths edited, "
+                "added or removed since: names, sizes or modification times): the resumed run goes on, on "
+                "other data than the run it continues, so it is not the run an uninterrupted one would have been"
+            )

@@ -102,7 +102,7 @@ from innerloop.data.atomic import (
     fsync_directory,
     remove_stale_temporaries_of,
 )
-from innerloop.data.hf import FORMATS, check_hf_source
+from innerloop.data.hf import FORMATS, source_files
 from innerloop.data.text import split_keys, split_text_files, stdlib_files
 from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
 from innerloop.kernels.cpu import release_buffers
@@ -1556,10 +1556,7 @@ def _run_data_files(run: RunConfig) -> list[Path]:
         return []
     if data.name == "text":
         return resolve_files(data.paths)
-    kind, found = check_hf_source(data.paths)
-    if kind == "saved":
-        return sorted(p for p in Path(found[0]).rglob("*") if p.is_file())
-    return [Path(f) for f in found]
+    return source_files(data.paths)
 
 
 def _files_fingerprint(files: Sequence[Path]) -> str:

@@ -247,3 +247,24 @@ def test_a_resume_on_hf_data_edited_since_the_checkpoint_is_warned_about(tmp_pat
     assert "the data files differ from those the checkpoint was trained on" in resumed_from(state)
     del state["files"]  # a checkpoint written before runs recorded their files: nothing to compare
     assert "differ" not in resumed_from(state)
+
+
+def test_a_parquet_footer_is_read_once_until_the_file_changes(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from innerloop.data.hf import check_hf_source
+    from innerloop.data.text import DataError
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"]}), path)
+    reads = []
+    read_metadata = pq.read_metadata
+    monkeypatch.setattr(pq, "read_metadata", lambda f: reads.append(f) or read_metadata(f))
+    for _ in range(3):
+        check_hf_source([str(path)])
+    assert len(reads) == 1
+    pq.write_table(pa.table({"text": []}, schema=pa.schema([("text", pa.string())])), path)  # rewritten: empty
+    with pytest.raises(DataError, match="holds no row"):
+        check_hf_source([str(path)])
+    assert len(reads) == 2

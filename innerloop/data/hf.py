@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from innerloop.data.atomic import file_stamp
 from innerloop.data.text import DataError, split_keys
 from innerloop.data.tokenizer import missing_package
 
@@ -118,18 +119,33 @@ def files_record(files: Sequence[Path]) -> list[list[Any]]:
 def _check_parquet_rows(files: Sequence[Path]) -> None:
     """:class:`DataError` naming the first of ``files`` that holds no row (``datasets`` fails on it with
     pyarrow's "BatchSize must be greater than 0, got 0"); each file's footer alone is read."""
-    import pyarrow.parquet as pq
-
     for file in files:
-        try:
-            rows = pq.read_metadata(file).num_rows
-        except Exception:  # not a parquet file: the reader names it and why when it reads it
-            continue
+        rows = _parquet_rows(file)
         if rows == 0:
             raise DataError(
                 f"data.paths has the parquet file {str(file)!r}, which holds no row and which data.name='hf' "
                 "cannot read: remove it from data.paths"
             )
+
+
+_PARQUET_ROWS: dict[tuple[Path, Any], int | None] = {}
+"""Row counts of the parquet files read so far, by path and :func:`~innerloop.data.atomic.file_stamp`:
+the source is checked several times a run (config, data module, evaluation names), and a dataset of
+thousands of shards would read every footer each time."""
+
+
+def _parquet_rows(file: Path) -> int | None:
+    """The rows ``file``'s parquet footer declares; None when it is not a parquet file (the reader names
+    it and why when it reads it)."""
+    import pyarrow.parquet as pq
+
+    key = (file, file_stamp(file))
+    if key not in _PARQUET_ROWS:
+        try:
+            _PARQUET_ROWS[key] = pq.read_metadata(file).num_rows
+        except Exception:
+            _PARQUET_ROWS[key] = None
+    return _PARQUET_ROWS[key]
 
 
 _EMPTY_CHUNKS = 8

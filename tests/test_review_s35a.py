@@ -264,7 +264,9 @@ def test_a_parquet_footer_is_read_once_until_the_file_changes(tmp_path, monkeypa
     for _ in range(3):
         check_hf_source([str(path)])
     assert len(reads) == 1
-    pq.write_table(pa.table({"text": []}, schema=pa.schema([("text", pa.string())])), path)  # rewritten: empty
+    pq.write_table(
+        pa.table({"text": []}, schema=pa.schema([("text", pa.string())])), path
+    )  # rewritten: empty
     with pytest.raises(DataError, match="holds no row"):
         check_hf_source([str(path)])
     assert len(reads) == 2

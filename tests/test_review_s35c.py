@@ -206,3 +206,11 @@ def test_a_damaged_result_of_a_study_is_one_line_naming_its_folder(tmp_path, tex
         SystemExit, match=r"science.py: error: cannot read the run in .*runs/p.*remove the folder"
     ):
         science.recorded_command(run_dir)
+
+
+def test_the_numbers_added_to_a_write_error_keep_its_file_and_need_no_errno():
+    from innerloop.train.run import _with_words
+
+    full = _with_words(OSError(errno.ENOSPC, "No space left on device", "/out/eval.csv"), "ppl 7.030")
+    assert str(full) == "[Errno 28] No space left on device; ppl 7.030: '/out/eval.csv'"
+    assert str(_with_words(OSError("disk gone"), "ppl 7.030")) == "disk gone; ppl 7.030"

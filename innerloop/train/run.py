@@ -1655,12 +1655,25 @@ def _write_evaluation(
     raises an ``OSError`` that also gives the evaluation's ``metrics``: they are not lost with the files."""
     try:
         return _write_evaluation_files(stem, buckets, losses, title)
-    except OSError as err:  # the same class (a FolderInTheWayError stays one), the numbers added
-        raise type(err)(
-            err.errno,
-            f"{err.strerror or err}; the evaluation had finished: perplexity {metrics['val_ppl']:.3f} "
-            f"(loss {metrics['val_loss']:.4f}, {int(metrics['tokens'])} tokens)",
-        ) from err
+    except OSError as err:
+        finished = (
+            f"the evaluation had finished: perplexity {metrics['val_ppl']:.3f} (loss {metrics['val_loss']:.4f}, "
+            f"{int(metrics['tokens'])} tokens)"
+        )
+        raise _with_words(err, finished) from err
+
+
+def _with_words(err: OSError, words: str) -> OSError:
+    """``err`` again, of its class (a FolderInTheWayError stays one), with ``words`` after its message and
+    its errno and file name kept (``[Errno 28] No space left on device; <words>: '<file>'``)."""
+    if err.errno is None:  # OSError("a message"): no errno to show
+        return type(err)(f"{err}; {words}")
+    filename = () if err.filename is None else (err.filename,)
+    try:
+        return type(err)(err.errno, f"{err.strerror}; {words}", *filename)
+    except TypeError:  # a subclass with a constructor of its own: the words as a note
+        err.add_note(words)
+        return err
 
 
 def _write_evaluation_files(

@@ -325,13 +325,10 @@ def _files_stamp(files: Sequence[str]) -> str:
     builder's ``description``, which is part of its Arrow cache's name: ``datasets`` keys the cache of
     local files on their modification times alone, so a file rewritten with its old time kept
     (``cp -p``, ``rsync -t``, ``tar x``, ``touch -r``), even to another size, was read from the cache of
-    its old content. The inode, size and change time (``st_ctime``, which no program can set back) are
-    added to it."""
-    stamps = []
-    for file in files:
-        status = os.stat(file)
-        stamps.append(f"{status.st_ino}:{status.st_size}:{status.st_mtime_ns}:{status.st_ctime_ns}")
-    digest = hashlib.sha256("\n".join(stamps).encode()).hexdigest()[:16]
+    its old content. :func:`~innerloop.data.atomic.file_stamp` adds the inode, size and change time
+    (``st_ctime``, which no program can set back)."""
+    stamps = "\n".join(str(file_stamp(file)) for file in files)
+    digest = hashlib.sha256(stamps.encode()).hexdigest()[:16]
     return f"innerloop data files {digest}"
 
 

@@ -127,18 +127,25 @@ def _tensors(obj: object) -> Iterator[torch.Tensor]:
 
 @run_eagerly("innerloop: the token id checks read values")  # as the TTT layer's input checks
 def check_token_ids(
-    input_ids: Any, vocab_size: int | None, name: str = "input_ids", min_length: int = 0
+    input_ids: Any,
+    vocab_size: int | None,
+    name: str = "input_ids",
+    min_length: int = 0,
+    not_scored: tuple[int, str] | None = None,
 ) -> None:
     """Refuse, naming ``name``, anything but a ``[batch, length >= min_length]`` integer tensor of ids
-    in ``[0, vocab_size)`` (None: any id >= 0). Costs one min/max pass over the ids and one device
-    sync."""
+    in ``[0, vocab_size)`` (None: any id >= 0), or the id of ``not_scored`` (``(id, its name)``: targets'
+    ignore index). Costs one min/max pass over the ids and one device sync."""
     check_token_id_layout(input_ids, name, min_length)
     if input_ids.numel() == 0 or input_ids.device.type == "meta":  # meta: shapes only, no ids to read
         return
-    low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one sync for both
+    ids = input_ids if not_scored is None else torch.where(input_ids == not_scored[0], 0, input_ids)
+    low, high = torch.stack(torch.aminmax(ids)).tolist()  # one sync for both
     if low < 0 or (vocab_size is not None and high >= vocab_size):
         bad = low if low < 0 else high
         valid = ">= 0" if vocab_size is None else f"0..{vocab_size - 1}"
+        if not_scored is not None:
+            valid += f", or {not_scored[0]} ({not_scored[1]}) for a target not scored"
         raise ValueError(
             f"{name} holds token id {bad}, outside the model's vocabulary of vocab_size={vocab_size} "
             f"tokens: valid ids are {valid}"

@@ -58,7 +58,7 @@ from innerloop.core.functional import check_flag, mean_scored_cross_entropy
 from innerloop.core.layer import LARGE_INPUT, is_built_in, plugin_label
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
 from innerloop.models.config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Bounds, checked_number
-from innerloop.models.lm import TOKEN_ID_DTYPES
+from innerloop.models.lm import check_token_ids
 from innerloop.train.data import IGNORE_INDEX, Batch
 from innerloop.train.metrics import Float64Perplexity, InnerLossDiagnostics, LossByPosition
 from innerloop.train.schedules import Schedule, make_schedule
@@ -764,23 +764,11 @@ def _input_target_pair(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def checked_targets(targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """``targets`` as int64 (the dtype cross-entropy takes; int32 ids, which the model reads, came to
-    torch's "expected target dtype to be Long or Byte"), or an error naming ``targets``: integer ids in
-    ``0..vocab_size - 1`` or :data:`IGNORE_INDEX` (one out of range was torch's bare "Target 70 is out
-    of bounds", and a device-side assert on a GPU). One min/max pass and one device sync."""
-    if targets.dtype not in TOKEN_ID_DTYPES:
-        raise TypeError(
-            f"targets must hold integer token ids (dtype torch.int64 or torch.int32), got dtype {targets.dtype}"
-        )
-    if targets.numel() == 0 or targets.device.type == "meta":
-        return targets.long()
-    scored = torch.where(targets == IGNORE_INDEX, 0, targets)
-    low, high = torch.stack(torch.aminmax(scored)).tolist()
-    if low < 0 or high >= vocab_size:
-        raise ValueError(
-            f"targets holds token id {low if low < 0 else high}, outside the model's vocabulary of "
-            f"vocab_size={vocab_size} tokens: valid ids are 0..{vocab_size - 1}, or {IGNORE_INDEX} "
-            "(IGNORE_INDEX) for a target not scored"
-        )
+    torch's "expected target dtype to be Long or Byte"), or an error naming ``targets``
+    (:func:`~innerloop.models.lm.check_token_ids`): integer ids in ``0..vocab_size - 1`` or
+    :data:`IGNORE_INDEX` (one out of range was torch's bare "Target 70 is out of bounds", and a
+    device-side assert on a GPU). One min/max pass and one device sync."""
+    check_token_ids(targets, vocab_size, "targets", not_scored=(IGNORE_INDEX, "IGNORE_INDEX"))
     return targets.long()
 
 

@@ -939,13 +939,26 @@ class E2ELM(nn.Module):
             return self._forward_ttt(input_ids, state)
 
     def _forward_ttt(self, input_ids: torch.Tensor, state: E2EState | None) -> tuple[torch.Tensor, E2EState]:
-        batch, length = input_ids.shape
         caches: list[AnyCache | None] = list(state.caches) if state is not None else [None] * len(self.blocks)
         h = self.embed(input_ids)  # [B, T, D]
         # 1. The prefix blocks, once over everything given, at absolute positions.
         for i in range(self.num_prefix):
             h, caches[i] = self.blocks[i](h, caches[i])
         # 2. The suffix, chunk by chunk, starting with the tokens of an unfinished chunk, if any.
+        return self._suffix(h, input_ids, caches, state)
+
+    @run_eagerly("innerloop: the suffix's chunks are cut by the count of pending tokens")
+    def _suffix(
+        self, h: torch.Tensor, input_ids: torch.Tensor, caches: list[AnyCache | None], state: E2EState | None
+    ) -> tuple[torch.Tensor, E2EState]:
+        """The suffix of :meth:`_forward_ttt` on the prefix blocks' outputs ``h [B, T, D]``: logits and the
+        new state.
+
+        Eager under ``torch.compile``: where its chunks start depends on how many tokens are pending,
+        which changes at every decoded token, and a compiled suffix recompiled for each count (seconds
+        each, to dynamo's limit). Its chunks trained on run eagerly anyway (their inner step's
+        gradient); what it left to compile was the scoring of a chunk that cannot be trained on yet."""
+        batch, length = input_ids.shape
         if state is None:
             fast = self.initial_fast_weights(batch)
             pending, pending_ids, scored = h[:, :0], input_ids[:, :0], None

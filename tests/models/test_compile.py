@@ -136,21 +136,30 @@ def test_a_compiled_e2e_model_trains_through_its_inner_steps_as_eager():
     assert relative_error(_flat(grads), _flat(want_grads)) < EQUAL_TO_ROUNDING
 
 
-# reason: dynamo compiles the prefill and each decoded token anew (another number of tokens waits in
-# the chunk at each): ~25 s on 2 cores
+# reason: dynamo compiles the prefill, the first decoded tokens and the decoding with a full window (~10 s
+# on 2 cores)
 @pytest.mark.slow
-def test_a_compiled_e2e_model_decodes_as_eager():
-    # chunks of 4: the prefill (5 tokens) trains the first chunk, the third decoded token the second (the
-    # two before it wait in the chunk: each its own compile, as the comment above says). The inner step's
-    # gradient runs eagerly: a compiled backward may free its buffers after one use (AOTAutograd's
-    # donated buffers), and the update rule's gradient keeps the graph ("compiled with non-empty
-    # donated buffers which requires ... retain_graph=False" once a recompile made shapes dynamic)
+def test_a_compiled_e2e_model_decodes_as_eager_without_a_compile_per_token():
+    # chunks of 4: the prefill (5 tokens) trains the first chunk, every fourth decoded token the next (the
+    # tokens before it wait in the chunk). The suffix runs eagerly: where its chunks start depends on the
+    # count of waiting tokens, and compiled it recompiled at every decoded token, to dynamo's limit
+    # (seconds each). The inner step's gradient runs eagerly too: a compiled backward may free its
+    # buffers after one use (AOTAutograd's donated buffers), and the update rule's gradient keeps the graph
     lm = _tiny_e2e_lm()
     compiled = torch.compile(copy.deepcopy(lm), backend="aot_eager")
-    ids = torch.randint(0, 256, (2, 12))
+    ids = torch.randint(0, 256, (2, 26))
     torch._dynamo.reset()
+    counters.clear()
     with torch.no_grad():
-        assert relative_error(_decode(compiled, ids, 5, 8), _decode(lm, ids, 5, 8)) < EQUAL_TO_ROUNDING
+        _, state = compiled(ids[:, :5])
+        steps, graphs = [], None
+        for index in range(5, 26):
+            if index == 14:  # two chunks decoded, the window of 8 filled: every shape decoding will see
+                graphs = counters["stats"]["unique_graphs"]
+            logits, state = compiled(ids[:, index : index + 1], state)
+            steps.append(logits)
+        assert relative_error(torch.cat(steps, dim=1), _decode(lm, ids, 5, 26)) < EQUAL_TO_ROUNDING
+    assert counters["stats"]["unique_graphs"] == graphs, "three more chunks of decoding compiled again"
 
 
 @pytest.mark.slow  # ~19 s from an empty cache: inductor compiles one small kernel and its backward

@@ -257,17 +257,21 @@ def _cuts_inside(cut_points: list[int], tokens: int, caller: str) -> list[int]:
 
 
 def run_in_chunks(
-    rule: UpdateRule, problem: InnerProblem, cut_points: list[int]
+    rule: UpdateRule, problem: InnerProblem, cut_points: list[int], what: str | None = None
 ) -> tuple[torch.Tensor, TTTState]:
     """Run ``rule`` over the problem's tokens cut at ``cut_points``, carrying the state.
 
     A point outside ``(0, T)`` cuts nothing and is ignored (one list serves sequences of several
     lengths); repeated points count once. :func:`check_update_rule` refuses a list that cuts none of the
-    sequences it checks."""
+    sequences it checks. Each state it carries from one chunk to the next must be unchanged after the
+    next (:func:`assert_state_unchanged`; ``what`` names the case in the message): unlike a sequence's
+    first state (which the checks compare too), its pending sums, momentum, decay product and loss carry
+    are not zeros (or absent), so that a write into them shows."""
     tokens = problem.views.query.shape[2]
     bounds = [0, *_cuts_inside(cut_points, tokens, "run_in_chunks"), tokens]
     state, outputs = problem.state, []
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        untouched = None if start == 0 else state.clone()  # the caller's own state: its caller checks it
 
         def part(t: torch.Tensor | None, tokens: slice = slice(start, end)) -> torch.Tensor | None:
             return None if t is None else t[:, :, tokens]
@@ -283,6 +287,8 @@ def run_in_chunks(
             part(problem.decay),
             part(problem.momentum),
         )
+        who = f"{what or getattr(rule, 'name', '?')}: the rule, given the state carried to token {start},"
+        assert_state_unchanged(state, untouched, who)
         out, state = check_rule_returns(rule, result, state, views)
         outputs.append(out)
     return torch.cat(outputs, dim=2), state
@@ -359,6 +365,10 @@ def assert_states_close(actual: TTTState, expected: TTTState, what: str, toleran
 # --------------------------------------------------------------------------------------------------
 
 
+class StateWrittenError(AssertionError):
+    """A plugin wrote into a :class:`TTTState` it was given (:func:`assert_state_unchanged`)."""
+
+
 def assert_state_unchanged(given: TTTState | None, untouched: TTTState | None, who: str) -> None:
     """The state ``who`` (e.g. ``"<case>: the kernel"``) was given holds, bit for bit, what its copy
     ``untouched`` made before the call holds: a :class:`TTTState` is immutable, and a caller may continue
@@ -368,7 +378,7 @@ def assert_state_unchanged(given: TTTState | None, untouched: TTTState | None, w
     for group in ("params", "pending", "loss_carry", "momentum", "decay"):
         for key, tensor in getattr(untouched, group).items():
             if not torch.equal(getattr(given, group)[key], tensor):
-                raise AssertionError(
+                raise StateWrittenError(
                     f"{who} wrote into the state it was given (state.{group}[{key!r}] changed); a TTTState is "
                     "immutable (a caller may continue it twice, e.g. from a shared prompt): return new tensors "
                     "instead of writing into the given ones"
@@ -1306,11 +1316,11 @@ def _check_rule_on(
         given = ", ".join(name for name, on in variant.items() if on) or "plain"
         untouched = problem.state.clone()
         for cuts in ([], cuts_of_variant):
-            out, state = run_in_chunks(rule, problem, cuts)
             what = (
                 f"{rule.name} ({model.name}, {loss.name}, {given}{', ' + wrapping if wrapping else ''}) "
                 f"vs {reference_name(rule)} at {_shape_text(problem)}, cut at {cuts}"
             )
+            out, state = run_in_chunks(rule, problem, cuts, what)
             assert_state_unchanged(problem.state, untouched, f"{what}: the rule")
             if not _states_and_outputs_close(out, state, expected_out, expected_state, tolerance):
                 float32_error = _reference_float32_error(rule, model, loss, seed, options, expected_out)
@@ -1400,11 +1410,11 @@ def check_update_rule_in_float32(
     reference_error = relative_error(low.expected(rule)[0], expected_out)
     allowed = max(FLOAT32_ERROR_FACTOR * reference_error, FLOAT32_ERROR_FLOOR)
     for cuts in ([], default_cuts(low) if cut_points is None else cut_points):
-        out, state = run_in_chunks(rule, low, cuts)
         what = (
             f"{rule.name} ({model.name}, {loss.name}) in float32 vs {reference_name(rule)} in float64, cut at "
             f"{cuts} (allowed: {FLOAT32_ERROR_FACTOR:g}x the reference's own float32 error, {reference_error:.1e})"
         )
+        out, state = run_in_chunks(rule, low, cuts, what)
         assert_close(out, expected_out, what, allowed)
         assert_states_close(state, expected_state, what, allowed)
 
@@ -1462,8 +1472,8 @@ def check_update_rule_without_grad(
             )
             try:
                 with mode():
-                    out, state = run_in_chunks(rule, problem, cuts)
-            except RuleOutputError:
+                    out, state = run_in_chunks(rule, problem, cuts, what)
+            except (RuleOutputError, StateWrittenError):
                 raise
             except Exception as error:  # a rule that runs with autograd on must run without it too
                 raise RaisedWithoutGradError(
@@ -1669,6 +1679,7 @@ __all__ = [
     "NO_GRAD_MODES",
     "RaisedWithoutGradError",
     "RuleOutputError",
+    "StateWrittenError",
     "WRAPPINGS",
     "check_zero_decay_and_momentum",
     "make_problem",

@@ -9,9 +9,22 @@ from __future__ import annotations
 import pytest
 import torch
 
+import innerloop
+from innerloop.core.protocol import HalfSquaredError, LossPairs
+from innerloop.plugins.losses.next_token import NextToken
+from innerloop.plugins.models.linear import LinearModel
 from innerloop.plugins.optimizers.minibatch_gd import MiniBatchGD
+from innerloop.registry import isolated_registry
+from innerloop.registry.kinds import PluginError
 from innerloop.testing import make_problem, run_in_chunks
-from innerloop.testing.checks import RaisedWithoutGradError, StateWrittenError, check_update_rule_without_grad
+from innerloop.testing.checks import (
+    RaisedWithoutGradError,
+    StateWrittenError,
+    check_forward_leaves_inputs,
+    check_loss_gradient,
+    check_pairs_deterministic,
+    check_update_rule_without_grad,
+)
 
 
 class _HalvesPendingInPlace(MiniBatchGD):
@@ -49,3 +62,74 @@ def test_a_write_into_a_carried_state_without_grad_is_named_as_such():
     ) as caught:
         check_update_rule_without_grad(_HalvesPendingInPlace(), problem, cut_points=[1])
     assert not isinstance(caught.value, RaisedWithoutGradError)
+
+
+class _WritesItsCarry(NextToken):
+    """next_token that also copies its new carry into the carry it was given (a cache updated in place)."""
+
+    name = "s36c_writes_its_carry"
+
+    def pairs(self, views, carry):
+        out = super().pairs(views, carry)
+        if carry["previous_key"].shape == out.carry["previous_key"].shape:
+            carry["previous_key"].copy_(out.carry["previous_key"])
+            carry["has_previous"].fill_(1.0)
+        return out
+
+
+class _WritesItsWeights(LinearModel):
+    """linear that nudges its bias in place on every forward."""
+
+    name = "s36c_writes_its_weights"
+
+    def forward(self, params, x):
+        out = super().forward(params, x)
+        with torch.no_grad():
+            params["b1"].add_(1e-3)
+        return out
+
+
+class _WritesItsTarget(HalfSquaredError):
+    """A closed-form gradient computed in the target's memory (outside autograd)."""
+
+    name = "s36c_writes_its_target"
+
+    def pairs(self, views, carry):
+        return LossPairs(inputs=views.key, targets=views.value - views.key)
+
+    def token_loss_grad(self, prediction, target):
+        return target.mul_(-1).add_(prediction) if not target.requires_grad else prediction - target
+
+
+WRITTEN = r"wrote into .*which it was given"
+
+
+def test_a_loss_that_writes_into_its_carry_is_named_by_the_kit_and_at_registration():
+    """It failed before as 'pairs' derivatives differ from finite differences' (the kit) or 'sequence 0's
+    pairs depend on the other sequences' (registration, after the registrar's own first call had already
+    written into the carry it then checked with)."""
+    views = make_problem("linear", "next_token", batch=2, heads=1, head_dim=3, tokens=3).views
+    carry = _WritesItsCarry().init_carry(2, 1, 3, views.key)
+    with pytest.raises(AssertionError, match=r"pairs\(\) " + WRITTEN + r".*TTTState, which is immutable"):
+        check_pairs_deterministic(_WritesItsCarry(), views, carry)
+    with (
+        isolated_registry(),
+        pytest.raises(PluginError, match=r"carry\['previous_key'\].*which it was given"),
+    ):
+        innerloop.register_inner_loss(_WritesItsCarry())
+
+
+def test_a_model_that_writes_into_its_weights_is_named_by_the_kit_and_at_registration():
+    params = LinearModel().init_params(1, 3)
+    with pytest.raises(AssertionError, match=r"forward wrote into params\['b1'\], which it was given"):
+        check_forward_leaves_inputs(_WritesItsWeights(), params, torch.randn(1, 2, 3))
+    with isolated_registry(), pytest.raises(PluginError, match=r"forward wrote into params\['b1'\]"):
+        innerloop.register_inner_model(_WritesItsWeights())
+
+
+def test_a_closed_form_gradient_that_writes_into_the_target_is_named():
+    """Before, torch's own 'a leaf Variable that requires grad is being used in an in-place operation'
+    surfaced from inside the kit."""
+    target = torch.randn(1, 1, 3, 3, dtype=torch.float64)
+    with pytest.raises(AssertionError, match=r"token_loss_grad wrote into the target, which it was given"):
+        check_loss_gradient(_WritesItsTarget(), target + 1.0, target)

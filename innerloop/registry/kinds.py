@@ -31,6 +31,7 @@ from innerloop.testing.checks import (
     check_autograd_by_differences,
     check_forward_batch_independent,
     check_forward_by_differences,
+    check_forward_leaves_inputs,
     check_forward_token_independent,
     check_loss_gradient,
     check_loss_gradient_at_zero_error,
@@ -234,6 +235,7 @@ def _check_inner_model(model: Any, name: str) -> None:
     def stack_and_activations() -> None:
         # float64 weights perturbed so that every term (zero-initialised biases too) matters
         weights = {k: v.double() + 0.1 * torch.randn(v.shape, dtype=torch.float64) for k, v in params.items()}
+        check_forward_leaves_inputs(model, weights, torch.randn(heads, 3, head_dim, dtype=torch.float64))
         check_stack_matches_forward(
             model, weights, torch.randn(heads, 3, head_dim, dtype=torch.float64), REGISTRATION_TOLERANCE
         )
@@ -295,7 +297,10 @@ def _inner_loss_smoke(loss: Any, name: str) -> tuple[Views, dict[str, torch.Tens
     try:
         views = Views(*(torch.randn(expected) for _ in range(3)))
         carry = loss.init_carry(batch, heads, head_dim, views.key)
-        pairs = loss.pairs(views, carry)
+        # on copies: a loss that writes into what it is given is named by check_pairs_deterministic, which
+        # needs the views and carry as they were made
+        copies = Views(*(t.clone() for t in (views.query, views.key, views.value)))
+        pairs = loss.pairs(copies, {k: _copy(v) for k, v in carry.items()})
     except Exception as error:
         raise PluginError(f"inner loss {name!r} failed its smoke test: {error!r}") from error
     _check_pairs_fields(name, pairs, expected, views.key.dtype)
@@ -316,6 +321,11 @@ def _inner_loss_smoke(loss: Any, name: str) -> tuple[Views, dict[str, torch.Tens
         )
     _check_loss_grad_runs(loss, name, pairs.targets)
     return views, carry
+
+
+def _copy(value: Any) -> Any:
+    """``value`` cloned if it is a tensor, else as it is."""
+    return value.clone() if isinstance(value, torch.Tensor) else value
 
 
 def _check_inner_loss(loss: Any, name: str) -> None:

@@ -416,6 +416,17 @@ def check_loss_gradient(
     """
     prediction = prediction.detach().double().requires_grad_(True)
     target = target.detach().double().requires_grad_(True)
+    for method in (
+        "token_loss",
+        "token_loss_grad",
+    ):  # first: a write into the prediction is a torch error below
+        check_leaves_its_inputs(
+            getattr(loss, method),
+            {"the prediction": prediction.detach(), "the target": target.detach()},
+            f"{loss.name}: {method}",
+            "the target is the pairs' (the views, which every path reads) and the prediction is read again "
+            "by the update",
+        )
     with torch.enable_grad():
         autograd = torch.autograd.grad(
             loss.token_loss(prediction, target).sum(), prediction, create_graph=True
@@ -526,8 +537,34 @@ def _same(first: torch.Tensor | None, second: torch.Tensor | None) -> bool:
     return first.shape == second.shape and torch.equal(first, second)
 
 
+def check_leaves_its_inputs(
+    function: Callable[..., Any], inputs: dict[str, torch.Tensor], what: str, why: str
+) -> Any:
+    """``function(*inputs.values())``, called on copies, after which each copy still equals its original
+    (bit for bit); else an ``AssertionError`` naming ``what`` (e.g. ``"linear: forward"``), the inputs it
+    wrote into and ``why`` they must be left as they are. Returns what ``function`` returned.
+
+    A plugin that writes into what it is given (an in-place ``+=``, ``copy_``) corrupts what the layer
+    reads again (the views every path reads, a state's weights or carry, which a caller may continue
+    twice), and the checks that compare two calls then blame something else."""
+    given = {name: t.clone() if isinstance(t, torch.Tensor) else t for name, t in inputs.items()}
+    result = function(*given.values())
+    written = [
+        name
+        for name, t in inputs.items()
+        if isinstance(t, torch.Tensor) and not (given[name].shape == t.shape and torch.equal(given[name], t))
+    ]
+    if written:
+        raise AssertionError(
+            f"{what} wrote into {', '.join(written)}, which it was given: {why}; compute new tensors instead "
+            "of writing into the given ones (no in-place +=, copy_, fill_ on them)"
+        )
+    return result
+
+
 def check_pairs_deterministic(loss: InnerLoss, views: Views, carry: dict[str, torch.Tensor]) -> None:
-    """The same views and carry give the same pairs, validity and carry, bit for bit.
+    """The same views and carry give the same pairs, validity and carry, bit for bit, and ``pairs``
+    leaves the views and carry it is given as they are (:func:`check_leaves_its_inputs`).
 
     A loss whose pairs depend on anything else (fresh noise, a counter) gives different numbers on
     the chunked, fused and decode paths, and its runs cannot be reproduced.
@@ -538,7 +575,20 @@ def check_pairs_deterministic(loss: InnerLoss, views: Views, carry: dict[str, to
             k: v.clone() for k, v in carry.items()
         }
 
-    first, second = loss.pairs(*copy()), loss.pairs(*copy())
+    inputs = {f"views.{n}": getattr(views, n) for n in ("query", "key", "value")}
+    inputs.update({f"carry[{k!r}]": v for k, v in carry.items()})
+
+    def pairs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *entries: Any) -> LossPairs:
+        return loss.pairs(Views(query, key, value), dict(zip(carry, entries, strict=True)))
+
+    first = check_leaves_its_inputs(
+        pairs,
+        inputs,
+        f"{loss.name}: pairs()",
+        "the views are the layer's projections, which every path reads, and the carry is part of a "
+        "TTTState, which is immutable (a caller may continue it twice)",
+    )
+    second = loss.pairs(*copy())
     differing = [
         field
         for field in ("inputs", "targets", "valid")
@@ -955,10 +1005,27 @@ def registrar_smoke_test(kind_name: str, plugin: InnerModel | InnerLoss) -> None
         raise AssertionError(str(error)) from error
 
 
+def check_forward_leaves_inputs(model: InnerModel, params: dict[str, torch.Tensor], x: torch.Tensor) -> None:
+    """``model.forward(params, x)`` leaves its weights and ``x`` as they are (:func:`check_leaves_its_inputs`)."""
+    names = list(params)
+
+    def forward(*tensors: torch.Tensor) -> torch.Tensor:
+        return model.forward(dict(zip(names, tensors[:-1], strict=True)), tensors[-1])
+
+    check_leaves_its_inputs(
+        forward,
+        {**{f"params[{k!r}]": v for k, v in params.items()}, "x": x},
+        f"{model.name}: forward",
+        "the weights are a TTTState's (immutable: a caller may continue it twice) or the layer's initial "
+        "ones, and x is what the layer reads again (the residual, the other rules)",
+    )
+
+
 def _check_inner_model_at(model: InnerModel, loss: InnerLoss, seed: int, shape: dict[str, int]) -> None:
     """:func:`check_inner_model` at one full shape."""
     problem = make_problem(model, loss, seed=seed, **shape)
     params = {k: v[0] for k, v in problem.state.params.items()}  # [H, *shape]: one sequence
+    check_forward_leaves_inputs(model, params, problem.views.key[0])
     check_stack_matches_forward(model, params, problem.views.key[0])
     check_activation_derivatives(model, 3 * problem.views.key[0])
     check_forward_by_differences(model, params, problem.views.key[0][:, :3])
@@ -1656,6 +1723,8 @@ __all__ = [
     "check_activation_derivatives",
     "check_derivative_in_graph",
     "check_forward_batch_independent",
+    "check_forward_leaves_inputs",
+    "check_leaves_its_inputs",
     "check_forward_token_independent",
     "check_inner_loss",
     "check_inner_model",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import innerloop
-from innerloop.core.protocol import HalfSquaredError, LossPairs
+from innerloop.core.protocol import HalfSquaredError, InnerLoss, LossPairs
 from innerloop.plugins.losses.next_token import NextToken
 from innerloop.plugins.models.linear import LinearModel
 from innerloop.plugins.optimizers.minibatch_gd import MiniBatchGD
@@ -133,3 +133,46 @@ def test_a_closed_form_gradient_that_writes_into_the_target_is_named():
     target = torch.randn(1, 1, 3, 3, dtype=torch.float64)
     with pytest.raises(AssertionError, match=r"token_loss_grad wrote into the target, which it was given"):
         check_loss_gradient(_WritesItsTarget(), target + 1.0, target)
+
+
+class _MixesHeads(InnerLoss):
+    """Reconstruction whose token_loss adds a tenth of the mean error over the heads of the call (with a
+    consistent closed-form gradient, so that token_loss_grad equals autograd of token_loss)."""
+
+    name = "s36c_mixes_heads"
+    dim = -3
+
+    def pairs(self, views, carry):
+        return LossPairs(inputs=views.key, targets=views.value - views.key)
+
+    def _error(self, prediction, target):
+        error = prediction - target
+        if error.dim() >= -self.dim:
+            error = error + 0.1 * error.mean(dim=self.dim, keepdim=True)
+        return error
+
+    def token_loss(self, prediction, target):
+        return 0.5 * self._error(prediction, target).pow(2).sum(-1)
+
+    def token_loss_grad(self, prediction, target):
+        with torch.enable_grad():
+            leaf = prediction if prediction.requires_grad else prediction.detach().requires_grad_(True)
+            return torch.autograd.grad(self.token_loss(leaf, target).sum(), leaf, create_graph=True)[0]
+
+
+class _MixesTokens(_MixesHeads):
+    name = "s36c_mixes_tokens"
+    dim = -2
+
+
+@pytest.mark.parametrize(("loss", "what"), [(_MixesHeads(), "3 heads"), (_MixesTokens(), "3 tokens")])
+def test_a_token_loss_that_mixes_heads_or_tokens_is_named(loss, what):
+    """It passed check_loss_gradient (its closed form is autograd's) and failed later as 'minibatch_gd vs
+    the naive token loop' (check_inner_loss) or 'dual_form vs ...': a built-in rule blamed."""
+    target = torch.randn(2, 3, 4, 3, dtype=torch.float64)
+    prediction = target + torch.randn(target.shape, dtype=torch.float64)
+    pattern = rf"token_loss of {what} in one call vs each of the \w+ alone \(a token's loss must read"
+    with pytest.raises(AssertionError, match=pattern):
+        check_loss_gradient(loss, prediction, target)
+    with isolated_registry(), pytest.raises(PluginError, match=pattern.replace("3", r"\d")):
+        innerloop.register_inner_loss(loss)

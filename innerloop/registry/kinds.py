@@ -40,6 +40,7 @@ from innerloop.testing.checks import (
     check_pairs_deterministic,
     check_pairs_token_by_token,
     check_stack_matches_forward,
+    check_token_loss_per_token,
     check_update_rule,
     check_update_rule_without_grad,
     make_problem,
@@ -349,6 +350,13 @@ def _check_inner_loss(loss: Any, name: str) -> None:
             prediction = targets + scales * torch.randn(targets.shape, dtype=torch.float64)
             check_loss_gradient(loss, prediction, targets, REGISTRATION_TOLERANCE)
         else:  # autograd's derivatives of token_loss, which every path takes, against finite differences
+            targets = torch.randn(2, 2, 3, head_dim, dtype=torch.float64)
+            check_token_loss_per_token(
+                loss,
+                targets + torch.randn(targets.shape, dtype=torch.float64),
+                targets,
+                REGISTRATION_TOLERANCE,
+            )
             targets = torch.randn(1, 1, 4, head_dim, dtype=torch.float64)
             prediction = targets + torch.randn(targets.shape, dtype=torch.float64)
             check_autograd_by_differences(

@@ -427,6 +427,9 @@ def check_loss_gradient(
             "the target is the pairs' (the views, which every path reads) and the prediction is read again "
             "by the update",
         )
+    check_token_loss_per_token(
+        loss, prediction, target, tolerance
+    )  # before the gradient: it names a mixing loss
     with torch.enable_grad():
         autograd = torch.autograd.grad(
             loss.token_loss(prediction, target).sum(), prediction, create_graph=True
@@ -452,6 +455,45 @@ def check_loss_gradient(
         tolerance,
     )
     check_loss_gradient_at_zero_error(loss, target)
+
+
+#: What each leading dim of a ``[B, H, T, f]`` prediction holds, for :func:`check_token_loss_per_token`.
+_PAIR_DIMS = ("sequences", "heads", "tokens")
+
+
+def check_token_loss_per_token(
+    loss: InnerLoss, prediction: torch.Tensor, target: torch.Tensor, tolerance: float = FLOAT64_TOLERANCE
+) -> None:
+    """``token_loss`` and ``token_loss_grad`` of a ``[B, H, T, f]`` call (up to three of each leading dim)
+    equal those of each sequence, each head and each token called alone: a token's loss reads that
+    token's prediction and target only.
+
+    The primal rule scores one token of one head at a time, the naive loop one token of every head and
+    sequence, the dual form a whole chunk: a loss that mixes them (a mean over the heads or tokens of the
+    call, a normalisation by the batch) gives each path other numbers, and the comparison of two rules
+    then blames a rule."""
+    lead = prediction.dim() - 1
+    few = tuple(slice(0, 3) for _ in range(lead))
+    prediction, target = prediction.detach()[few], target.detach()[few]
+    names = _PAIR_DIMS[-lead:] if lead <= len(_PAIR_DIMS) else [f"dim {d}" for d in range(lead)]
+    for method in ("token_loss", "token_loss_grad"):
+        function = getattr(loss, method)
+        whole = function(prediction, target)
+        for dim, name in enumerate(names):
+            size = prediction.shape[dim]
+            if size < 2:
+                continue
+            alone = torch.cat(
+                [function(prediction.narrow(dim, i, 1), target.narrow(dim, i, 1)) for i in range(size)], dim
+            )
+            assert_close(
+                whole,
+                alone,
+                f"{loss.name}: {method} of {size} {name} in one call vs each of the {name} alone (a token's loss "
+                "must read that token's prediction and target only: the rules call it on one token of one head, "
+                "on every head and sequence at once, or on a whole chunk, and would disagree)",
+                tolerance,
+            )
 
 
 def _first_rows(t: torch.Tensor, rows: int = 4) -> torch.Tensor:
@@ -1737,6 +1779,7 @@ __all__ = [
     "check_pairs_deterministic",
     "check_pairs_token_by_token",
     "check_stack_matches_forward",
+    "check_token_loss_per_token",
     "check_update_rule",
     "check_update_rule_gradients",
     "check_reference_gradients",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import innerloop
-from innerloop.core.protocol import HalfSquaredError, InnerLoss, LossPairs
+from innerloop.core.protocol import HalfSquaredError, InnerLoss, InnerModel, LossPairs
 from innerloop.plugins.losses.next_token import NextToken
 from innerloop.plugins.models.linear import LinearModel
 from innerloop.plugins.optimizers.minibatch_gd import MiniBatchGD
@@ -21,6 +21,8 @@ from innerloop.testing.checks import (
     RaisedWithoutGradError,
     StateWrittenError,
     check_forward_leaves_inputs,
+    check_inner_loss_in_float32,
+    check_inner_model_in_float32,
     check_loss_gradient,
     check_pairs_deterministic,
     check_update_rule_without_grad,
@@ -176,3 +178,73 @@ def test_a_token_loss_that_mixes_heads_or_tokens_is_named(loss, what):
         check_loss_gradient(loss, prediction, target)
     with isolated_registry(), pytest.raises(PluginError, match=pattern.replace("3", r"\d")):
         innerloop.register_inner_loss(loss)
+
+
+def _off_in_float32(t: torch.Tensor) -> float:
+    """1.01 for a float32 tensor, else 1: right in float64, 1% off in float32."""
+    return 1.01 if t.dtype == torch.float32 else 1.0
+
+
+class _LinearOffInFloat32(InnerModel):
+    name = "s36c_linear_off_in_float32"
+
+    def param_shapes(self, head_dim):
+        return {"W1": (head_dim, head_dim)}
+
+    def init_params(self, num_heads, head_dim, generator=None):
+        return {"W1": torch.randn(num_heads, head_dim, head_dim, generator=generator) * 0.02}
+
+    def forward(self, params, x):
+        return _off_in_float32(x) * (x @ params["W1"])
+
+
+class _PairsOffInFloat32(HalfSquaredError):
+    name = "s36c_pairs_off_in_float32"
+
+    def pairs(self, views, carry):
+        return LossPairs(inputs=views.key, targets=_off_in_float32(views.value) * views.value - views.key)
+
+
+class _LossOffInFloat32(HalfSquaredError):
+    name = "s36c_loss_off_in_float32"
+
+    def pairs(self, views, carry):
+        return LossPairs(inputs=views.key, targets=views.value - views.key)
+
+    def token_loss(self, prediction, target):
+        return _off_in_float32(prediction) * super().token_loss(prediction, target)
+
+    def token_loss_grad(self, prediction, target):
+        return _off_in_float32(prediction) * (prediction - target)
+
+
+IN_FLOAT32 = r"in float32 vs in float64 on the same float32-rounded inputs .*relative error 1\.\d+e-02"
+
+
+def test_a_model_wrong_in_float32_only_is_caught():
+    """check_inner_model ran the model in float64 only; check_update_rule's float32 check allows 100x its
+    reference's own float32 error, and that reference runs the same wrong model: it passed."""
+    x = torch.randn(2, 3, 3, dtype=torch.float64)
+    with pytest.raises(AssertionError, match=r"s36c_linear_off_in_float32: forward " + IN_FLOAT32):
+        check_inner_model_in_float32(_LinearOffInFloat32(), _LinearOffInFloat32().init_params(2, 3), x)
+    with isolated_registry(), pytest.raises(PluginError, match=r"forward " + IN_FLOAT32):
+        innerloop.register_inner_model(_LinearOffInFloat32())
+
+
+@pytest.mark.parametrize(
+    ("loss", "part"), [(_PairsOffInFloat32(), "pairs"), (_LossOffInFloat32(), "token_loss")]
+)
+def test_a_loss_wrong_in_float32_only_is_caught(loss, part):
+    problem = make_problem("linear", "reconstruction", batch=2, heads=2, head_dim=3, tokens=3)
+    prediction = torch.randn(problem.views.key.shape, dtype=torch.float64)
+    with pytest.raises(
+        AssertionError, match=rf"{loss.name}: {part} " + IN_FLOAT32.replace("1\\.\\d+e-02", "")
+    ):
+        check_inner_loss_in_float32(loss, problem.views, {}, prediction)
+
+
+def test_registration_refuses_a_loss_wrong_in_float32_only():
+    """(The pairs' case: a closed-form token_loss_grad is checked at registration against finite
+    differences first, 0.3 s.)"""
+    with isolated_registry(), pytest.raises(PluginError, match=r"pairs in float32 vs in float64"):
+        innerloop.register_inner_loss(_PairsOffInFloat32())

@@ -33,6 +33,8 @@ from innerloop.testing.checks import (
     check_forward_by_differences,
     check_forward_leaves_inputs,
     check_forward_token_independent,
+    check_inner_loss_in_float32,
+    check_inner_model_in_float32,
     check_loss_gradient,
     check_loss_gradient_at_zero_error,
     check_pairs_batch_independent,
@@ -237,6 +239,7 @@ def _check_inner_model(model: Any, name: str) -> None:
         # float64 weights perturbed so that every term (zero-initialised biases too) matters
         weights = {k: v.double() + 0.1 * torch.randn(v.shape, dtype=torch.float64) for k, v in params.items()}
         check_forward_leaves_inputs(model, weights, torch.randn(heads, 3, head_dim, dtype=torch.float64))
+        check_inner_model_in_float32(model, weights, torch.randn(heads, 3, head_dim, dtype=torch.float64))
         check_stack_matches_forward(
             model, weights, torch.randn(heads, 3, head_dim, dtype=torch.float64), REGISTRATION_TOLERANCE
         )
@@ -364,6 +367,8 @@ def _check_inner_loss(loss: Any, name: str) -> None:
                 {"prediction": prediction, "target": targets},
                 f"inner loss {name!r}: token_loss",
             )
+        # last: a loss that writes into its inputs is named above, not as a float32 mismatch
+        check_inner_loss_in_float32(loss, views, carry, torch.randn(expected, dtype=torch.float64))
 
     _conformance("inner loss", name, pairs_and_gradient)
 

@@ -897,6 +897,93 @@ def check_autograd_by_differences(
             ) from error
 
 
+#: How far a plugin's function in float32 may be from the same function in float64 on the same
+#: (float32-rounded) inputs, by relative error: the built-ins are within about 1e-7 (a few float32
+#: roundings); a branch on the dtype, a constant or a step rounded to a lower precision is off by far more.
+FLOAT32_PLUGIN_TOLERANCE = 1e-4
+
+
+def _float_parts(result: Any) -> torch.Tensor:
+    """Every floating tensor in ``result`` (a tensor, a :class:`LossPairs` with its validity and carry, a
+    tuple, list or dict of them) flattened into one float64 vector."""
+    if isinstance(result, LossPairs):
+        result = [result.inputs, result.targets, _validity(result), result.carry]
+    if isinstance(result, dict):
+        result = list(result.values())
+    if isinstance(result, (list, tuple)):
+        parts = [_float_parts(r) for r in result]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    if isinstance(result, torch.Tensor) and result.is_floating_point():
+        return result.detach().to(torch.float64).reshape(-1)
+    return torch.zeros(0, dtype=torch.float64)
+
+
+def check_float32_like_float64(
+    function: Callable[..., Any],
+    inputs: dict[str, Any],
+    what: str,
+    tolerance: float = FLOAT32_PLUGIN_TOLERANCE,
+) -> None:
+    """``function(*inputs.values())`` in float32 within ``tolerance`` (relative error) of the same call in
+    float64 on the same inputs rounded to float32 (every floating tensor of ``inputs``, a dict of them
+    too): what it returns (:func:`_float_parts`) compared as a whole.
+
+    A layer runs its plugins in float32 (torch's default dtype, and under autocast), while the other
+    checks run them in float64: a plugin wrong in float32 only (a branch on the dtype, a constant or an
+    intermediate rounded to a lower precision) passes those and trains every float32 layer wrongly."""
+
+    def cast(value: Any, dtype: torch.dtype) -> Any:
+        if isinstance(value, dict):
+            return {k: cast(v, dtype) for k, v in value.items()}
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.detach().to(torch.float32).to(dtype)
+        return value
+
+    low = _float_parts(function(*(cast(v, torch.float32) for v in inputs.values())))
+    high = _float_parts(function(*(cast(v, torch.float64) for v in inputs.values())))
+    assert_close(
+        low,
+        high,
+        f"{what} in float32 vs in float64 on the same float32-rounded inputs (layers run plugins in float32: a "
+        "branch on the dtype, or a constant or an intermediate rounded to a lower precision?)",
+        tolerance,
+    )
+
+
+def check_inner_model_in_float32(model: InnerModel, params: dict[str, torch.Tensor], x: torch.Tensor) -> None:
+    """:func:`check_float32_like_float64` of ``model.forward(params, x)`` and of each activation of its stack
+    (``fn`` and ``derivative``, which the dual form and the stack kernels run) at ``3 x``."""
+    names = list(params)
+
+    def forward(*tensors: torch.Tensor) -> torch.Tensor:
+        return model.forward(dict(zip(names, tensors[:-1], strict=True)), tensors[-1])
+
+    check_float32_like_float64(forward, {**params, "x": x}, f"{model.name}: forward")
+    for layer in model.stack or ():
+        if layer.activation is not None:
+            for part in ("fn", "derivative"):
+                what = f"{model.name}: activation {layer.activation.name!r}'s {part}"
+                check_float32_like_float64(getattr(layer.activation, part), {"z": 3 * x}, what)
+
+
+def check_inner_loss_in_float32(
+    loss: InnerLoss, views: Views, carry: dict[str, torch.Tensor], prediction: torch.Tensor
+) -> None:
+    """:func:`check_float32_like_float64` of ``loss.pairs(views, carry)`` (its inputs, targets, validity and
+    floating carry) and of ``token_loss`` and ``token_loss_grad`` at ``prediction`` against the pairs'
+    targets."""
+
+    def pairs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, given: dict) -> LossPairs:
+        return loss.pairs(Views(query, key, value), given)
+
+    views_and_carry = {"query": views.query, "key": views.key, "value": views.value, "carry": carry}
+    check_float32_like_float64(pairs, views_and_carry, f"{loss.name}: pairs")
+    targets = loss.pairs(views, carry).targets
+    for method in ("token_loss", "token_loss_grad"):
+        what = f"{loss.name}: {method}"
+        check_float32_like_float64(getattr(loss, method), {"prediction": prediction, "target": targets}, what)
+
+
 def check_forward_by_differences(model: InnerModel, params: dict[str, torch.Tensor], x: torch.Tensor) -> None:
     """:func:`check_autograd_by_differences` of ``model.forward(params, x)`` w.r.t. every weight and ``x``
     (``params``: ``[H, *shape]``, ``x``: ``[H, N, f]``; a few rows are enough)."""
@@ -1080,6 +1167,7 @@ def _check_inner_model_at(model: InnerModel, loss: InnerLoss, seed: int, shape: 
     }
     check_forward_batch_independent(model, batched, problem.views.key)
     check_forward_token_independent(model, params, problem.views.key[0])
+    check_inner_model_in_float32(model, params, problem.views.key[0])
     for rule in _rules_for(model):
         ruled = problem.for_rule(rule)
         expected_out, expected_state = ruled.expected(rule)
@@ -1151,6 +1239,7 @@ def _check_inner_loss_at(loss: InnerLoss, seed: int, full: dict[str, int]) -> No
     noise = torch.randn(whole.targets.shape, generator=generator, dtype=torch.float64)
     prediction = whole.targets.double() + scales * noise
     check_loss_gradient(loss, prediction, whole.targets.double(), FLOAT64_TOLERANCE)
+    check_inner_loss_in_float32(loss, views, warm_carry(loss, views, carry), prediction)
 
     check_inner_model(model, loss, seed=seed, **full)
 
@@ -1751,6 +1840,7 @@ def _gradcheck(
 
 
 __all__ = [
+    "FLOAT32_PLUGIN_TOLERANCE",
     "FLOAT64_TOLERANCE",
     "REGISTRATION_TOLERANCE",
     "InnerProblem",
@@ -1764,12 +1854,15 @@ __all__ = [
     "reference_name",
     "check_activation_derivatives",
     "check_derivative_in_graph",
+    "check_float32_like_float64",
     "check_forward_batch_independent",
     "check_forward_leaves_inputs",
     "check_leaves_its_inputs",
     "check_forward_token_independent",
     "check_inner_loss",
+    "check_inner_loss_in_float32",
     "check_inner_model",
+    "check_inner_model_in_float32",
     "check_loss_gradient",
     "check_loss_gradient_at_zero_error",
     "check_pairs_batch_independent",

@@ -13,14 +13,16 @@ import innerloop
 from innerloop.core.protocol import HalfSquaredError, InnerLoss, InnerModel, LossPairs
 from innerloop.plugins.losses.next_token import NextToken
 from innerloop.plugins.models.linear import LinearModel
+from innerloop.plugins.models.matrix import MatrixModel
 from innerloop.plugins.optimizers.minibatch_gd import MiniBatchGD
 from innerloop.registry import isolated_registry
 from innerloop.registry.kinds import PluginError
-from innerloop.testing import make_problem, run_in_chunks
+from innerloop.testing import check_inner_model, make_problem, run_in_chunks
 from innerloop.testing.checks import (
     RaisedWithoutGradError,
     StateWrittenError,
     check_forward_leaves_inputs,
+    check_init_params_uses_generator,
     check_inner_loss_in_float32,
     check_inner_model_in_float32,
     check_loss_gradient,
@@ -248,3 +250,38 @@ def test_registration_refuses_a_loss_wrong_in_float32_only():
     differences first, 0.3 s.)"""
     with isolated_registry(), pytest.raises(PluginError, match=r"pairs in float32 vs in float64"):
         innerloop.register_inner_loss(_PairsOffInFloat32())
+
+
+class _InitFromTheGlobalRNG(_LinearOffInFloat32):
+    """Draws its initial weights from torch's global RNG, not the generator it is given."""
+
+    name = "s36c_init_from_the_global_rng"
+
+    def init_params(self, num_heads, head_dim, generator=None):
+        return {"W1": torch.randn(num_heads, head_dim, head_dim) * 0.02}
+
+
+class _InitFromNumpy(_LinearOffInFloat32):
+    name = "s36c_init_from_numpy"
+
+    def init_params(self, num_heads, head_dim, generator=None):
+        import numpy as np
+
+        return {"W1": torch.from_numpy(np.random.randn(num_heads, head_dim, head_dim) * 0.02)}
+
+
+def test_a_model_that_ignores_the_generator_it_is_given_is_caught():
+    """It passed: the kit's problems (make_problem) then differ from run to run, a failure cannot be
+    reproduced from its seed."""
+    with pytest.raises(
+        AssertionError, match=r"must draw from g only: torch's global RNG moved during the call"
+    ):
+        check_init_params_uses_generator(_InitFromTheGlobalRNG(), 2, 3)
+    with pytest.raises(AssertionError, match=r"must draw from g only: \['W1'\] differed"):
+        check_init_params_uses_generator(_InitFromNumpy(), 2, 3)
+    with pytest.raises(AssertionError, match=r"init_params\(3, 5, generator=g\) must draw from g only"):
+        check_inner_model(_InitFromTheGlobalRNG())  # at check_inner_model's first shape, before the others
+    state = torch.get_rng_state()
+    check_init_params_uses_generator(LinearModel(), 2, 3)  # the built-ins draw from it
+    check_init_params_uses_generator(MatrixModel(), 2, 3)  # a fixed init (zeros) is not refused
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's global RNG put back

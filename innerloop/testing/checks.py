@@ -1116,9 +1116,40 @@ def check_inner_model(
     shapes = [_check_shape(shape)] if shape else PLUGIN_CHECK_SHAPES
     model = _named("inner_model", model)
     registrar_smoke_test("inner_model", model)
+    check_init_params_uses_generator(model, shapes[0]["heads"], shapes[0]["head_dim"], seed)
     loss = _named("inner_loss", loss) if loss is not None else get_registry().inner_loss("reconstruction")
     for full in shapes:
         _check_inner_model_at(model, loss, seed, full)
+
+
+def check_init_params_uses_generator(model: InnerModel, heads: int, head_dim: int, seed: int = 0) -> None:
+    """``model.init_params(heads, head_dim, generator=g)`` draws from ``g`` only: torch's global RNG is
+    left as it was, and two generators seeded alike give the same weights (torch's global RNG moved
+    between the calls, and put back after).
+
+    :func:`make_problem` (every check's problem) draws the weights from its seeded generator: a model
+    that draws from the global RNG (or numpy's) instead gives each run of the checks other weights,
+    so that a failure cannot be reproduced by its seed, and the draw moves the caller's global RNG."""
+
+    seed = _check_seed_and_dtype(seed, torch.float64)  # a wrong seed named, not manual_seed's error
+
+    def draw() -> dict[str, torch.Tensor]:
+        return model.init_params(heads, head_dim, generator=torch.Generator().manual_seed(seed))
+
+    with torch.random.fork_rng(devices=[]):
+        before = torch.get_rng_state()
+        first = draw()
+        drew_globally = not torch.equal(torch.get_rng_state(), before)
+        torch.rand(16)  # the global RNG elsewhere
+        second = draw()
+    differing = sorted(k for k in first if not _same(first[k], second.get(k)))
+    if drew_globally or differing:
+        found = "torch's global RNG moved during the call" if drew_globally else f"{differing} differed"
+        raise AssertionError(
+            f"{model.name}: init_params({heads}, {head_dim}, generator=g) must draw from g only: {found} (two "
+            f"generators seeded {seed} alike gave the weights twice); pass generator=generator to every "
+            "torch.randn / torch.rand / nn.init call (the checks' problems are drawn from their seed)"
+        )
 
 
 def registrar_smoke_test(kind_name: str, plugin: InnerModel | InnerLoss) -> None:
@@ -1859,6 +1890,7 @@ __all__ = [
     "check_forward_leaves_inputs",
     "check_leaves_its_inputs",
     "check_forward_token_independent",
+    "check_init_params_uses_generator",
     "check_inner_loss",
     "check_inner_loss_in_float32",
     "check_inner_model",

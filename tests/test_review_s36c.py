@@ -285,3 +285,37 @@ def test_a_model_that_ignores_the_generator_it_is_given_is_caught():
     check_init_params_uses_generator(LinearModel(), 2, 3)  # the built-ins draw from it
     check_init_params_uses_generator(MatrixModel(), 2, 3)  # a fixed init (zeros) is not refused
     assert torch.equal(torch.get_rng_state(), state)  # the caller's global RNG put back
+
+
+@pytest.mark.slow  # ~0.8 s: check_kernel runs every float64 case of one head dim before the float32 one
+def test_check_kernel_runs_a_float32_case_by_default():
+    """A kernel right in float64 and wrong in float32 from its third mini-batch on (what dispatch's
+    first-use check, which sees two, accepts) passed check_kernel's default float64 run; layers run in
+    float32. (The pure-torch reference kernel, the cheapest to run every case with.)"""
+    from innerloop.kernels.reference import reference_kernel
+    from innerloop.kernels.spec import KernelSpec
+    from innerloop.plugins.losses.reconstruction import Reconstruction
+    from innerloop.testing import check_kernel
+
+    reference, _ = reference_kernel(LinearModel(), Reconstruction())
+
+    def forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
+        if xq.dtype == torch.float32:
+            lr = lr.clone()
+            lr[:, :, 2 * tau.shape[0] :] *= 0.5
+        return reference(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps)
+
+    spec = KernelSpec(
+        "s36c_late_in_float32",
+        "linear",
+        "reconstruction",
+        "dual_form",
+        forward,
+        verify=lambda inputs: None,
+        priority=100,
+    )
+    with isolated_registry():
+        innerloop.register_kernel(spec)
+        pattern = r"s36c_late_in_float32'\): head_dim 4 \(TTTLayer, in float32\), 71 tokens .*grad: output"
+        with pytest.raises(AssertionError, match=pattern):
+            check_kernel("s36c_late_in_float32", head_dims=(4,))

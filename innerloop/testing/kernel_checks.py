@@ -19,7 +19,9 @@ kernel and one on ``kernel="torch"``, and compares them on
 - with gradients (outputs, final state, and the gradients of a fixed random projection of both with
   respect to the input and every parameter), under ``torch.no_grad`` and under
   ``torch.inference_mode`` (outputs and final state);
-- and, when the kernel has a ``decode`` step, a prefill then token-by-token decoding.
+- and, when the kernel has a ``decode`` step, a prefill then token-by-token decoding;
+- with ``dtype=torch.float64`` (the default), one case in float32 too (seventeen and a half mini-batches
+  from a carried state, with gradients), last: layers run in float32 by default.
 
 Outputs are compared as a whole and token by token (an error on one token in several is not averaged
 away), and the state each call is given must be unchanged after it (a :class:`TTTState` is immutable:
@@ -111,6 +113,7 @@ class KernelCase:
     cuts: tuple[int, ...]
     mode: str
     at_boundary: bool = False  # a carried state at a mini-batch boundary (else inside a mini-batch)
+    in_float32: bool = False  # the float32 case of a float64 check (:data:`FLOAT32_CASE`)
 
     def __str__(self) -> str:
         layer = "TTTLayer" if self.head_dim % 2 == 0 else "FamilyLayer"
@@ -123,6 +126,7 @@ class KernelCase:
             split = f"prefill of {self.cuts[0]} then token by token"
         else:
             split = f"split at {list(self.cuts)}" if self.cuts else "in one call"
+        layer += ", in float32" if self.in_float32 else ""
         return f"head_dim {self.head_dim} ({layer}), {self.tokens} tokens from {start}, {split}, {self.mode}"
 
 
@@ -149,6 +153,8 @@ def check_kernel(
             with; by default the names the spec declares.
         dtype: the layers' dtype, ``torch.float64`` (tolerance ``1e-10``) or ``torch.float32``
             (``1e-4``, looser under a lowered float32 matmul precision), :data:`KERNEL_CHECK_TOLERANCES`.
+            With float64, one case runs in float32 too, last, at float32's tolerance (a kernel that
+            refuses float32 has it skipped): layers run in float32 by default.
         tolerance: another largest relative error, for outputs, states and gradients alike.
         head_dims: the head dims checked (an odd one runs on a ``FamilyLayer``, which has no RoPE).
         device: where the layers run.
@@ -170,6 +176,8 @@ def check_kernel(
             checker.run(case)
         if spec.decode is None:
             report.skipped[f"head_dim {head_dim}, decode"] = f"{spec.name} has no decode step"
+    if dtype == torch.float64:  # layers run in float32 (torch's default dtype): one case there too
+        _check_float32_case(spec, config, _checked_head_dims(head_dims)[0], device, seed, report)
     if not report.ran:
         raise AssertionError(
             f"check_kernel({spec.name!r}): the kernel computed nothing in any of the {len(report.skipped)} "
@@ -177,6 +185,21 @@ def check_kernel(
             f"checked; the reasons: {sorted(set(report.skipped.values()))}"
         )
     return report
+
+
+def _check_float32_case(
+    spec: KernelSpec, config: dict, head_dim: int, device: torch.device, seed: int, report: KernelCheckReport
+) -> None:
+    """A float64 check's float32 case: seventeen and a half mini-batches from a state carried into a
+    mini-batch, in one call, with gradients, at float32's tolerance (:func:`_tolerance`). Layers run in
+    float32 (torch's default dtype); a kernel wrong there only (a dtype-dependent branch, an accumulator
+    in a lower precision that drifts after the two mini-batches dispatch's first-use check sees) passed a
+    float64 check. A kernel that refuses float32 has the case skipped, with its reason."""
+    checker = _Checker(
+        spec, config, head_dim, torch.float32, device, seed, _tolerance(torch.float32, None), report
+    )
+    k = checker.mini_batch_size
+    checker.run(KernelCase(head_dim, 17 * k + k // 2 + 1, True, (), "grad", in_float32=True))
 
 
 def _kernel_spec(kernel: str | KernelSpec) -> KernelSpec:

@@ -27,6 +27,7 @@ from innerloop.testing.checks import (
     check_inner_model_in_float32,
     check_loss_gradient,
     check_pairs_deterministic,
+    check_pairs_head_independent,
     check_update_rule_without_grad,
 )
 
@@ -319,3 +320,27 @@ def test_check_kernel_runs_a_float32_case_by_default():
         pattern = r"s36c_late_in_float32'\): head_dim 4 \(TTTLayer, in float32\), 71 tokens .*grad: output"
         with pytest.raises(AssertionError, match=pattern):
             check_kernel("s36c_late_in_float32", head_dims=(4,))
+
+
+class _NudgedByTheNextHead(HalfSquaredError):
+    """Reconstruction whose targets take a thousandth of the next head's value view."""
+
+    name = "s36c_nudged_by_the_next_head"
+
+    def pairs(self, views, carry):
+        value = views.value + 1e-3 * views.value.roll(1, dims=1)
+        return LossPairs(inputs=views.key, targets=value - views.key)
+
+
+def test_a_loss_whose_pairs_mix_heads_is_caught():
+    """It passed check_inner_loss and registration: the batch, token and chunk checks keep the heads
+    together."""
+    views = make_problem("linear", "reconstruction", batch=1, heads=2, head_dim=3, tokens=4).views
+    pattern = r"head 0's pairs when the other heads' views change \(first chunk.*\(targets\)"
+    with pytest.raises(AssertionError, match=pattern):
+        check_pairs_head_independent(_NudgedByTheNextHead(), views, {})
+    with (
+        isolated_registry(),
+        pytest.raises(PluginError, match=r"pairs when the other heads' views change"),
+    ):
+        innerloop.register_inner_loss(_NudgedByTheNextHead())

@@ -236,7 +236,9 @@ class InnerLoss(ABC):
 
     @abstractmethod
     def pairs(self, views: Views, carry: Mapping[str, torch.Tensor]) -> LossPairs:
-        """The (input, target) pair of every token of ``views``; causal: token t uses tokens <= t."""
+        """The (input, target) pair of every token of ``views``; causal: token t uses tokens <= t; per
+        sequence and per head: the pairs of sequence b and head h read that sequence's and head's views
+        only (each head is a TTT layer of its own; the carry may hold per-head values)."""
 
     @abstractmethod
     def token_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ from innerloop.testing.checks import (
     check_pairs_batch_independent,
     check_pairs_causal,
     check_pairs_deterministic,
+    check_pairs_head_independent,
     check_pairs_token_by_token,
     check_stack_matches_forward,
     check_token_loss_per_token,
@@ -346,6 +347,7 @@ def _check_inner_loss(loss: Any, name: str) -> None:
         for start in (carry, warm_carry(loss, earlier, carry)):
             check_pairs_batch_independent(loss, views, start, tolerance=REGISTRATION_TOLERANCE)
             check_pairs_token_by_token(loss, views, start, tolerance=REGISTRATION_TOLERANCE)
+        check_pairs_head_independent(loss, views, carry, tolerance=REGISTRATION_TOLERANCE)
         if not _default_token_loss_grad(loss):  # a closed form to check
             targets = torch.randn(2, heads, 32, head_dim, dtype=torch.float64)
             # errors from 0.01 to 100 in size: a piecewise closed form (Huber, clipping) is met in each piece

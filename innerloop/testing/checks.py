@@ -5,7 +5,8 @@ measured error when the plugin breaks a property every TTT plugin must have:
 
 - :func:`check_inner_model`: shapes; autograd's derivatives of ``forward`` equal finite differences;
   the dual form (if the model declares a stack) equals the primal form equals the naive token-by-token loop.
-- :func:`check_inner_loss`: shapes; causality (a pair never depends on later tokens); pairs built
+- :func:`check_inner_loss`: shapes; causality (a pair never depends on later tokens) and independence of
+  the sequences and of the heads; pairs built
   chunk by chunk (cut anywhere) and token by token with the carry, from the initial carry and from a
   carried-on one, equal the pairs of the whole; autograd's derivatives of the pairs (and the carry)
   w.r.t. the views equal finite differences; the per-token gradient equals autograd, and autograd's
@@ -810,6 +811,45 @@ def check_pairs_batch_independent(
             assert_close(value, alone.carry[key], f"{what} (carry[{key!r}]){hint}", tolerance)
 
 
+def check_pairs_head_independent(
+    loss: InnerLoss, views: Views, carry: dict[str, torch.Tensor], tolerance: float = FLOAT64_TOLERANCE
+) -> None:
+    """Each head's pairs (inputs, targets and validity) stay the same when the views of every other head
+    change, in two chunks with the carry passed on (a carry that mixes the heads shows in the second).
+
+    Each head is a TTT layer of its own (its weights, lr, LayerNorm: ARCHITECTURE's "per head"), and a
+    kernel computes one head per program: a loss whose head ``h`` reads another head's views (or a sum
+    over the heads) trains each head on the others' tokens. (The carry may hold per-head values of its
+    own, e.g. a table indexed by the head: only what the views of other heads do is checked.)"""
+    heads, tokens = views.key.shape[1], views.key.shape[2]
+    if heads < 2:
+        raise ValueError(f"check_pairs_head_independent needs views of heads >= 2, got heads {heads}")
+    cut = max(1, tokens // 2)
+
+    def two_chunks(given: Views) -> list[LossPairs]:
+        first = loss.pairs(given.slice_tokens(0, cut), carry)
+        return [first, loss.pairs(given.slice_tokens(cut, tokens), first.carry)]
+
+    whole = two_chunks(views)
+    for head in range(heads):
+        others = torch.ones(heads, dtype=torch.bool, device=views.key.device)
+        others[head] = False
+        changed = Views(
+            *(t + others[:, None, None].to(t.dtype) for t in (views.query, views.key, views.value))
+        )
+        for chunk, (got, wanted) in enumerate(zip(two_chunks(changed), whole, strict=True)):
+            what = (
+                f"{loss.name}: head {head}'s pairs when the other heads' views change "
+                f"({'first chunk' if chunk == 0 else 'second chunk, the carry passed on'}; each head is a TTT "
+                "layer of its own: a pair must not read the other heads' views)"
+            )
+            for field in ("inputs", "targets"):
+                part = getattr(got, field)[:, head : head + 1]
+                assert_close(part, getattr(wanted, field)[:, head : head + 1], f"{what} ({field})", tolerance)
+            got_valid, wanted_valid = (_validity(p)[:, head : head + 1] for p in (got, wanted))
+            assert_close(got_valid, wanted_valid, f"{what} (valid)", tolerance)
+
+
 def check_forward_batch_independent(
     model: InnerModel, params: dict[str, torch.Tensor], x: torch.Tensor, tolerance: float = FLOAT64_TOLERANCE
 ) -> None:
@@ -1263,6 +1303,8 @@ def _check_inner_loss_at(loss: InnerLoss, seed: int, full: dict[str, int]) -> No
     for start in (carry, warm_carry(loss, earlier, carry)):
         check_pairs_batch_independent(loss, views, start)
         check_pairs_token_by_token(loss, views, start)
+    if full["heads"] >= 2:
+        check_pairs_head_independent(loss, views, carry)
 
     generator = torch.Generator().manual_seed(seed)
     # errors from 0.01 to 100 in size: a piecewise closed form (Huber, clipping) is met in each piece
@@ -1902,6 +1944,7 @@ __all__ = [
     "check_pairs_causal",
     "check_pairs_chunk_invariant",
     "check_pairs_deterministic",
+    "check_pairs_head_independent",
     "check_pairs_token_by_token",
     "check_stack_matches_forward",
     "check_token_loss_per_token",

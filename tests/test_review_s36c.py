@@ -21,6 +21,7 @@ from innerloop.testing import check_inner_model, make_problem, run_in_chunks
 from innerloop.testing.checks import (
     RaisedWithoutGradError,
     StateWrittenError,
+    check_forward_head_independent,
     check_forward_leaves_inputs,
     check_init_params_uses_generator,
     check_inner_loss_in_float32,
@@ -344,3 +345,24 @@ def test_a_loss_whose_pairs_mix_heads_is_caught():
         pytest.raises(PluginError, match=r"pairs when the other heads' views change"),
     ):
         innerloop.register_inner_loss(_NudgedByTheNextHead())
+
+
+class _NudgedByTheNextHeadsOutput(_LinearOffInFloat32):
+    """A bias-free linear map plus a thousandth of the next head's output."""
+
+    name = "s36c_nudged_by_the_next_heads_output"
+
+    def forward(self, params, x):
+        out = x @ params["W1"]
+        return out + 1e-3 * out.roll(1, dims=-3) if out.dim() >= 3 else out
+
+
+def test_a_model_that_mixes_heads_is_named():
+    """It failed as 'minibatch_gd vs the naive token loop' (the primal rule runs one head at a time): a
+    built-in rule blamed."""
+    model = _NudgedByTheNextHeadsOutput()
+    pattern = r"forward of head 0 in a call of 2 heads vs the head alone"
+    with pytest.raises(AssertionError, match=pattern):
+        check_forward_head_independent(model, model.init_params(2, 3), torch.randn(2, 4, 3))
+    with isolated_registry(), pytest.raises(PluginError, match=pattern):
+        innerloop.register_inner_model(model)

@@ -31,6 +31,7 @@ from innerloop.testing.checks import (
     check_autograd_by_differences,
     check_forward_batch_independent,
     check_forward_by_differences,
+    check_forward_head_independent,
     check_forward_leaves_inputs,
     check_forward_token_independent,
     check_inner_loss_in_float32,
@@ -260,6 +261,8 @@ def _check_inner_model(model: Any, name: str) -> None:
         check_forward_token_independent(
             model, weights, torch.randn(heads, 3, head_dim, dtype=torch.float64), REGISTRATION_TOLERANCE
         )
+        x = torch.randn(heads, 3, head_dim, dtype=torch.float64)  # two heads (the smoke test's)
+        check_forward_head_independent(model, weights, x, REGISTRATION_TOLERANCE)
 
     _conformance("inner model", name, stack_and_activations)
 

@@ -871,6 +871,28 @@ def check_forward_batch_independent(
         )
 
 
+def check_forward_head_independent(
+    model: InnerModel, params: dict[str, torch.Tensor], x: torch.Tensor, tolerance: float = FLOAT64_TOLERANCE
+) -> None:
+    """``forward`` on ``H >= 2`` heads (params ``[H, *shape]``, ``x [H, N, f]``) equals ``forward`` on each
+    head alone (its weights and tokens): the primal rule calls the model one head at a time, the naive loop
+    and the dual form on every head at once, so a model that mixes the heads gives them different numbers
+    (and the comparison of two rules then blames a rule)."""
+    heads = x.shape[0]
+    if heads < 2:
+        raise ValueError(f"check_forward_head_independent needs x of heads >= 2, got heads {heads}")
+    whole = model.forward(params, x)
+    for head in range(heads):
+        alone = model.forward({k: v[head : head + 1] for k, v in params.items()}, x[head : head + 1])
+        assert_close(
+            whole[head : head + 1],
+            alone,
+            f"{model.name}: forward of head {head} in a call of {heads} heads vs the head alone (each head is "
+            "a TTT layer of its own: an output must not depend on the other heads' weights or tokens)",
+            tolerance,
+        )
+
+
 def check_forward_token_independent(
     model: InnerModel, params: dict[str, torch.Tensor], x: torch.Tensor, tolerance: float = FLOAT64_TOLERANCE
 ) -> None:
@@ -1237,6 +1259,8 @@ def _check_inner_model_at(model: InnerModel, loss: InnerLoss, seed: int, shape: 
         for k, v in problem.state.params.items()
     }
     check_forward_batch_independent(model, batched, problem.views.key)
+    if shape["heads"] >= 2:
+        check_forward_head_independent(model, params, problem.views.key[0])
     check_forward_token_independent(model, params, problem.views.key[0])
     check_inner_model_in_float32(model, params, problem.views.key[0])
     for rule in _rules_for(model):
@@ -1929,6 +1953,7 @@ __all__ = [
     "check_derivative_in_graph",
     "check_float32_like_float64",
     "check_forward_batch_independent",
+    "check_forward_head_independent",
     "check_forward_leaves_inputs",
     "check_leaves_its_inputs",
     "check_forward_token_independent",

@@ -1412,21 +1412,28 @@ def check_update_rule(
     given = {k: problem_kwargs.pop(k) for k in ("norm", "residual") if k in problem_kwargs}
     wrappings = [dict(zip(("norm", "residual"), w, strict=True)) for w in WRAPPINGS] if not given else [given]
     mixed = [] if given else [dict(zip(("norm", "residual"), w, strict=True)) for w in MIXED_WRAPPINGS]
+    check = _RuleCheck(rule, cut_points, seed, tolerance)
     for index, each_model in enumerate(_models_for(rule, model)):
         if not set(problem_kwargs) & set(PLUGIN_CHECK_SHAPE):  # no shape given: the wide shapes' values too
             for shape, wrapping in _default_check_shapes(given or wrappings[0], given):
-                wide = {**problem_kwargs, **shape, **wrapping}
-                _check_rule_on(rule, each_model, losses[0], cut_points, seed, tolerance, wide)
-        _check_rule_with(
-            rule, each_model, losses, wrappings, cut_points, seed, tolerance, gradients, problem_kwargs
-        )
+                _check_rule_on(check, each_model, losses[0], {**problem_kwargs, **shape, **wrapping})
+        _check_rule_with(check, each_model, losses, wrappings, gradients, problem_kwargs)
         first_wrapping = {**problem_kwargs, **wrappings[0]}
         if without_grad:  # every model: a fast path without autograd may differ for one model only
-            _check_rule_without_grad(
-                rule, each_model, losses, cut_points, seed, tolerance, mixed, first_wrapping
-            )
+            _check_rule_without_grad(check, each_model, losses, mixed, first_wrapping)
         if index == 0:  # the mixed wrappings and float32: first model
-            _check_rule_on_first(rule, each_model, losses, cut_points, seed, tolerance, mixed, first_wrapping)
+            _check_rule_on_first(check, each_model, losses, mixed, first_wrapping)
+
+
+@dataclass(frozen=True)
+class _RuleCheck:
+    """What :func:`check_update_rule` checks every case with: the rule, where it cuts each sequence (None:
+    :func:`default_cuts`), the problems' seed and the relative error allowed."""
+
+    rule: UpdateRule
+    cut_points: list[int] | None
+    seed: int
+    tolerance: float
 
 
 def _losses_to_check(loss: InnerLoss | str | None) -> list[InnerLoss]:
@@ -1497,44 +1504,31 @@ def _check_cut_points(cut_points: list[int] | None, problem_kwargs: dict) -> lis
 
 
 def _check_rule_on_first(
-    rule: UpdateRule,
-    model: InnerModel,
-    losses: list[InnerLoss],
-    cut_points: list[int] | None,
-    seed: int,
-    tolerance: float,
-    mixed: list[dict],
-    options: dict,
+    check: _RuleCheck, model: InnerModel, losses: list[InnerLoss], mixed: list[dict], options: dict
 ) -> None:
     """:func:`check_update_rule`'s checks on its first model (``options``: the problem's, with the first
     wrapping): the ``mixed`` wrappings with the first loss, and float32 (unless the problem's dtype is
     given) with every loss (a rule that rounds one loss's outputs through a lower precision is met there)."""
     for wrapping in mixed:
-        _check_rule_on(rule, model, losses[0], cut_points, seed, tolerance, {**options, **wrapping})
+        _check_rule_on(check, model, losses[0], {**options, **wrapping})
     if "dtype" not in options:  # layers run their rules in float32
         for loss in losses:
-            check_update_rule_in_float32(rule, model, loss, cut_points, seed, options)
+            check_update_rule_in_float32(check.rule, model, loss, check.cut_points, check.seed, options)
 
 
 def _check_rule_without_grad(
-    rule: UpdateRule,
-    model: InnerModel,
-    losses: list[InnerLoss],
-    cut_points: list[int] | None,
-    seed: int,
-    tolerance: float,
-    mixed: list[dict],
-    options: dict,
+    check: _RuleCheck, model: InnerModel, losses: list[InnerLoss], mixed: list[dict], options: dict
 ) -> None:
     """The modes without autograd on one model, with every loss, plain and with the rule's decay and
     momentum, and with the first loss in each ``mixed`` wrapping: a fast path taken without autograd
     (evaluation, generation) that drops the loss's carry, the decay or the residual is met there."""
+    rule = check.rule
     variants = rule_variants(rule)[:1] + rule_variants(rule)[1:][-1:]  # plain; all the rule takes
     runs = [(each, {**variant, **options}) for each in losses for variant in variants]
     runs += [(losses[0], {**options, **wrapping}) for wrapping in mixed]
     for each, each_options in runs:
-        problem = make_problem(model, each, seed=seed, **each_options).for_rule(rule)
-        check_update_rule_without_grad(rule, problem, cut_points, tolerance)
+        problem = make_problem(model, each, seed=check.seed, **each_options).for_rule(rule)
+        check_update_rule_without_grad(rule, problem, check.cut_points, check.tolerance)
 
 
 def _models_for(rule: UpdateRule, model: InnerModel | str | None) -> list[InnerModel]:
@@ -1566,23 +1560,21 @@ def _models_for(rule: UpdateRule, model: InnerModel | str | None) -> list[InnerM
 
 
 def _check_rule_with(
-    rule: UpdateRule,
+    check: _RuleCheck,
     model: InnerModel,
     losses: list[InnerLoss],
     wrappings: list[dict],
-    cut_points: list[int] | None,
-    seed: int,
-    tolerance: float,
     gradients: bool,
     problem_kwargs: dict,
 ) -> None:
     """:func:`check_update_rule` on one model: each loss and wrapping, values, zero decay and momentum
     and (with ``gradients``) the gradients, and a declared reference's against finite differences
     (:func:`check_reference_gradients`)."""
+    rule, seed, tolerance = check.rule, check.seed, check.tolerance
     for each_loss in losses:
         for wrapping in wrappings:
             options = {**problem_kwargs, **wrapping}
-            _check_rule_on(rule, model, each_loss, cut_points, seed, tolerance, options)
+            _check_rule_on(check, model, each_loss, options)
             check_zero_decay_and_momentum(rule, model, each_loss, seed=seed, tolerance=tolerance, **options)
             if gradients:
                 variant = rule_variants(rule)[-1]  # the most the rule takes
@@ -1592,16 +1584,9 @@ def _check_rule_with(
         check_reference_gradients(rule, model, losses[0], seed, **problem_kwargs, **wrappings[0])
 
 
-def _check_rule_on(
-    rule: UpdateRule,
-    model: InnerModel,
-    loss: InnerLoss,
-    cut_points: list[int] | None,
-    seed: int,
-    tolerance: float,
-    problem_kwargs: dict,
-) -> None:
+def _check_rule_on(check: _RuleCheck, model: InnerModel, loss: InnerLoss, problem_kwargs: dict) -> None:
     """The values half of :func:`check_update_rule` for one model, loss and wrapping."""
+    rule, cut_points, seed, tolerance = check.rule, check.cut_points, check.seed, check.tolerance
     wrapping = ", ".join(f"{k}={problem_kwargs[k]}" for k in ("norm", "residual") if k in problem_kwargs)
     for variant in rule_variants(rule):
         options = {**variant, **problem_kwargs}

@@ -366,3 +366,25 @@ def test_a_model_that_mixes_heads_is_named():
         check_forward_head_independent(model, model.init_params(2, 3), torch.randn(2, 4, 3))
     with isolated_registry(), pytest.raises(PluginError, match=pattern):
         innerloop.register_inner_model(model)
+
+
+class _HalvesItsLrInPlace(MiniBatchGD):
+    """minibatch_gd on the given lr, which it halves in place after reading it (its outputs are right)."""
+
+    name = "s36c_halves_its_lr_in_place"
+
+    def forward(self, state, task, views, lr, tau, **options):
+        result = super().forward(state, task, views, lr.clone(), tau, **options)
+        with torch.no_grad():
+            lr.mul_(0.5)
+        return result
+
+
+def test_a_rule_that_writes_into_its_inputs_is_named():
+    """It failed as 'vs the naive token loop, cut at [...]: relative error' (the second run read the
+    halved lr), the write itself unnamed; the layer's outer gradients flow through that lr."""
+    problem = make_problem("linear", "reconstruction", batch=1, heads=1, head_dim=3, tokens=4)
+    with pytest.raises(
+        StateWrittenError, match=r"s36c_halves_its_lr_in_place: the rule wrote into lr, which it was given"
+    ):
+        run_in_chunks(_HalvesItsLrInPlace(), problem, [2])

@@ -267,10 +267,13 @@ def run_in_chunks(
     sequences it checks. Each state it carries from one chunk to the next must be unchanged after the
     next (:func:`assert_state_unchanged`; ``what`` names the case in the message): unlike a sequence's
     first state (which the checks compare too), its pending sums, momentum, decay product and loss carry
-    are not zeros (or absent), so that a write into them shows."""
+    are not zeros (or absent), so that a write into them shows; so must the views, lr, token scales,
+    decay and momentum the rule is given (:func:`_assert_inputs_unchanged`)."""
     tokens = problem.views.query.shape[2]
     bounds = [0, *_cuts_inside(cut_points, tokens, "run_in_chunks"), tokens]
     state, outputs = problem.state, []
+    inputs = _rule_inputs(problem)
+    originals = {name: t.clone() for name, t in inputs.items()}
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         untouched = None if start == 0 else state.clone()  # the caller's own state: its caller checks it
 
@@ -290,9 +293,32 @@ def run_in_chunks(
         )
         who = f"{what or getattr(rule, 'name', '?')}: the rule, given the state carried to token {start},"
         assert_state_unchanged(state, untouched, who)
+        _assert_inputs_unchanged(inputs, originals, f"{what or getattr(rule, 'name', '?')}: the rule")
         out, state = check_rule_returns(rule, result, state, views)
         outputs.append(out)
     return torch.cat(outputs, dim=2), state
+
+
+def _rule_inputs(problem: InnerProblem) -> dict[str, torch.Tensor]:
+    """The tensors an update rule is given besides its state, by name (views, lr, token scales, decay,
+    momentum)."""
+    named = {f"views.{n}": getattr(problem.views, n) for n in ("query", "key", "value")}
+    named.update({n: getattr(problem, n) for n in ("lr", "tau", "decay", "momentum")})
+    return {name: t for name, t in named.items() if t is not None}
+
+
+def _assert_inputs_unchanged(
+    inputs: dict[str, torch.Tensor], originals: dict[str, torch.Tensor], who: str
+) -> None:
+    """Each of ``inputs`` still equals its copy ``originals`` (bit for bit), else a :class:`StateWrittenError`
+    naming those ``who`` wrote into."""
+    written = [name for name, t in inputs.items() if not torch.equal(t, originals[name])]
+    if written:
+        raise StateWrittenError(
+            f"{who} wrote into {', '.join(written)}, which it was given: the layer reads them again (the "
+            "views for its output and the other paths, the lr for the outer gradients); compute new tensors "
+            "instead of writing into the given ones (no in-place +=, mul_, copy_ on them)"
+        )
 
 
 def run_layer_in_chunks(

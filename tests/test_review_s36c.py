@@ -388,3 +388,58 @@ def test_a_rule_that_writes_into_its_inputs_is_named():
         StateWrittenError, match=r"s36c_halves_its_lr_in_place: the rule wrote into lr, which it was given"
     ):
         run_in_chunks(_HalvesItsLrInPlace(), problem, [2])
+
+
+def _e2e_plugins():
+    from innerloop.plugins.e2e import NextTokenChunkLoss, ScoreFirstSGD
+
+    class ClipsByTheBatchsNorm(ScoreFirstSGD):
+        """Clips the gradient of the whole batch to the norm (clip_grad_norm_'s way), not each sequence's."""
+
+        name = "s36c_clips_by_the_batchs_norm"
+
+        def step(self, fast, losses, lr, max_grad_norm, create_graph):
+            names = list(fast)
+            grads = torch.autograd.grad(
+                losses.sum(), [fast[k] for k in names], create_graph=create_graph, retain_graph=True
+            )
+            if max_grad_norm > 0:
+                norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+                grads = [g * (max_grad_norm / norm).clamp(max=1.0) for g in grads]
+            return {k: fast[k] - lr * g for k, g in zip(names, grads, strict=True)}
+
+    class MeanOverTheBatch(NextTokenChunkLoss):
+        name = "s36c_mean_over_the_batch"
+
+        def chunk_loss(self, logits, input_ids):
+            losses = super().chunk_loss(logits, input_ids)
+            return losses.mean().expand_as(losses)
+
+    return ClipsByTheBatchsNorm(), MeanOverTheBatch(), ScoreFirstSGD(), NextTokenChunkLoss()
+
+
+def test_e2e_plugins_that_mix_the_sequences_of_a_batch_are_refused():
+    """Both registered (the smoke test checks shapes, dtypes and the graph only), and a TTT-E2E model
+    streamed each sequence with updates that depended on the others of its batch."""
+    from innerloop.testing.checks import (
+        check_model_inner_loss_batch_independent,
+        check_model_update_rule_batch_independent,
+    )
+
+    clips, mean, sgd, next_token = _e2e_plugins()
+    check_model_update_rule_batch_independent(sgd)  # the built-ins pass
+    check_model_inner_loss_batch_independent(next_token)
+    with pytest.raises(
+        AssertionError, match=r"sequence 0 in a batch of 3 vs the sequence alone \(max_grad_norm=1.0"
+    ):
+        check_model_update_rule_batch_independent(clips)
+    with (
+        isolated_registry(),
+        pytest.raises(PluginError, match=r"model update rule .* in a batch of 3 vs the sequence alone"),
+    ):
+        innerloop.register_model_update_rule(clips)
+    with (
+        isolated_registry(),
+        pytest.raises(PluginError, match=r"chunk_loss of sequence 0 in a batch of 3 vs the sequence alone"),
+    ):
+        innerloop.register_model_inner_loss(mean)

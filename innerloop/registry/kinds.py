@@ -38,6 +38,8 @@ from innerloop.testing.checks import (
     check_inner_model_in_float32,
     check_loss_gradient,
     check_loss_gradient_at_zero_error,
+    check_model_inner_loss_batch_independent,
+    check_model_update_rule_batch_independent,
     check_pairs_batch_independent,
     check_pairs_causal,
     check_pairs_deterministic,
@@ -665,6 +667,11 @@ def _check_model_inner_loss(loss: Any, name: str) -> None:
                 f"next_token's, [B, C] within_chunk's): {error!r}"
             ) from error
         _check_chunk_losses(name, losses, logits, ids_shape, batch)
+    _conformance(
+        "model inner loss",
+        name,
+        lambda: check_model_inner_loss_batch_independent(loss, REGISTRATION_TOLERANCE),
+    )
 
 
 def _check_chunk_losses(name: str, losses: Any, logits: torch.Tensor, ids_shape: str, batch: int) -> None:
@@ -711,6 +718,11 @@ def _check_model_update_rule(rule: Any, name: str) -> None:
             "to the dtype of the old ones)"
         )
     _check_step_keeps_graph(rule, name)
+    _conformance(
+        "model update rule",
+        name,
+        lambda: check_model_update_rule_batch_independent(rule, REGISTRATION_TOLERANCE),
+    )
 
 
 def _check_step_keeps_graph(rule: Any, name: str) -> None:

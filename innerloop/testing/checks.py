@@ -919,6 +919,62 @@ def check_forward_head_independent(
         )
 
 
+def check_model_update_rule_batch_independent(rule: Any, tolerance: float = FLOAT64_TOLERANCE) -> None:
+    """A TTT-E2E model update rule's ``step`` on three sequences (float64, each its own loss, of gradient
+    norms 0.3 to 30: the clipping at 1 is met and not met) equals ``step`` on each sequence alone, with and
+    without clipping and ``create_graph``: its contract clips each sequence's gradient to the norm, and a
+    step that clips by the batch's norm (``torch.nn.utils.clip_grad_norm_``) or averages the losses
+    gives each sequence an update that depends on which others share its batch."""
+    generator = torch.Generator().manual_seed(0)
+    weights = {
+        "w": torch.randn(3, 2, 3, generator=generator, dtype=torch.float64),
+        "v": torch.randn(3, 3, generator=generator, dtype=torch.float64),
+    }
+    scales = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64)
+
+    def step(rows: slice, max_grad_norm: float, create_graph: bool) -> dict[str, torch.Tensor]:
+        fast = {k: v[rows].clone().requires_grad_(True) for k, v in weights.items()}
+        losses = scales[rows] * ((fast["w"] ** 2).sum((1, 2)) + (fast["v"] * fast["v"].flip(1)).sum(1))
+        new = rule.step(fast, losses, lr=0.1, max_grad_norm=max_grad_norm, create_graph=create_graph)
+        return {k: v.detach() for k, v in new.items()}
+
+    for max_grad_norm, create_graph in ((1.0, False), (1.0, True), (0.0, False)):
+        whole = step(slice(None), max_grad_norm, create_graph)
+        for row in range(3):
+            alone = step(slice(row, row + 1), max_grad_norm, create_graph)
+            for key, value in alone.items():
+                assert_close(
+                    whole[key][row : row + 1],
+                    value,
+                    f"model update rule {getattr(rule, 'name', '?')!r}: step's new fast weights {key!r} of "
+                    f"sequence {row} in a batch of 3 vs the sequence alone (max_grad_norm={max_grad_norm}, "
+                    f"create_graph={create_graph}; each sequence's gradient is clipped to the norm on its own: "
+                    "a step must not depend on the other sequences, e.g. through the batch's gradient norm)",
+                    tolerance,
+                )
+
+
+def check_model_inner_loss_batch_independent(loss: Any, tolerance: float = FLOAT64_TOLERANCE) -> None:
+    """A TTT-E2E model inner loss's ``chunk_loss`` on three sequences (float64 logits, ids ``[B, C + 1]``
+    and ``[B, C]``) equals ``chunk_loss`` on each sequence alone: each sequence's fast weights step on
+    its own loss, so a loss averaged over the batch (a ``mean`` over every token of the call) mixes them."""
+    generator = torch.Generator().manual_seed(0)
+    batch, chunk, vocab = 3, 4, 5
+    logits = torch.randn(batch, chunk, vocab, generator=generator, dtype=torch.float64)
+    for extra in (1, 0):
+        ids = torch.randint(vocab, (batch, chunk + extra), generator=generator)
+        whole = loss.chunk_loss(logits, ids)
+        for row in range(batch):
+            assert_close(
+                whole[row : row + 1],
+                loss.chunk_loss(logits[row : row + 1], ids[row : row + 1]),
+                f"model inner loss {getattr(loss, 'name', '?')!r}: chunk_loss of sequence {row} in a batch of "
+                f"{batch} vs the sequence alone (ids [B, C{' + 1' if extra else ''}]; each sequence's fast "
+                "weights step on its own loss: it must not depend on the other sequences)",
+                tolerance,
+            )
+
+
 def check_forward_token_independent(
     model: InnerModel, params: dict[str, torch.Tensor], x: torch.Tensor, tolerance: float = FLOAT64_TOLERANCE
 ) -> None:
@@ -1974,6 +2030,8 @@ __all__ = [
     "check_inner_model",
     "check_inner_model_in_float32",
     "check_loss_gradient",
+    "check_model_inner_loss_batch_independent",
+    "check_model_update_rule_batch_independent",
     "check_loss_gradient_at_zero_error",
     "check_pairs_batch_independent",
     "check_pairs_by_differences",

@@ -443,3 +443,27 @@ def test_e2e_plugins_that_mix_the_sequences_of_a_batch_are_refused():
         pytest.raises(PluginError, match=r"chunk_loss of sequence 0 in a batch of 3 vs the sequence alone"),
     ):
         innerloop.register_model_inner_loss(mean)
+
+
+class _ReferenceHalvesTheLr(MiniBatchGD):
+    """minibatch_gd declaring the naive loop as its reference, which then halves the lr it was given."""
+
+    name = "s36c_reference_halves_the_lr"
+
+    def reference(self, state, task, views, lr, tau, **options):
+        from innerloop.testing import naive_token_loop
+
+        result = naive_token_loop(state, task, views, lr, tau, **options)
+        with torch.no_grad():
+            lr.mul_(0.5)
+        return result
+
+
+def test_a_declared_reference_that_writes_into_its_inputs_is_named():
+    """The rule's own runs were checked for writes, not its declared reference: the rule was then compared,
+    in the next case, with numbers computed from a halved lr."""
+    problem = make_problem("linear", "reconstruction", batch=1, heads=1, head_dim=3, tokens=4)
+    with pytest.raises(
+        StateWrittenError, match=r"its declared reference .*wrote into lr, which it was given"
+    ):
+        problem.expected(_ReferenceHalvesTheLr())

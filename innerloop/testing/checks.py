@@ -110,8 +110,14 @@ class InnerProblem:
         if reference is None:
             return self.naive()
         extras = {k: getattr(self, k) for k in ("decay", "momentum") if getattr(self, k) is not None}
+        inputs, untouched = _rule_inputs(self), self.state.clone()
+        originals = {name: t.clone() for name, t in inputs.items()}
         with _forward_refused(rule):
-            return reference(self.state, self.task, self.views, self.lr, self.tau, **extras)
+            result = reference(self.state, self.task, self.views, self.lr, self.tau, **extras)
+        who = f"update rule {getattr(rule, 'name', '?')!r}: its declared reference ({type(rule).__qualname__}.reference)"
+        assert_state_unchanged(self.state, untouched, who)  # the rule's own runs are checked alike
+        _assert_inputs_unchanged(inputs, originals, who)
+        return result
 
 
 @contextmanager

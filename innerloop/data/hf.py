@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from innerloop.data.atomic import file_stamp
-from innerloop.data.text import DataError, split_keys
+from innerloop.data.text import DataError, path_entries, split_keys
 from innerloop.data.tokenizer import missing_package
 
 FORMATS: dict[str, str] = {
@@ -59,6 +59,7 @@ def check_hf_source(paths: Sequence[str]) -> tuple[str, list[str]]:
     """``("saved", [folder])`` or ``(builder, files)`` for ``data.paths``, from the paths alone (nothing
     is imported or read). Raises :class:`DataError` naming ``data.paths`` for a missing path (e.g. a
     hub name), an unknown suffix or files of several formats."""
+    paths = path_entries(paths)  # an empty entry would be the current directory (a save_to_disk folder?)
     if not paths:
         raise DataError(
             "data.name='hf' needs data.paths: local data files (json/jsonl, text, parquet, csv, arrow) or "

@@ -13,8 +13,9 @@ import hashlib
 import logging
 import os
 import sysconfig
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -101,15 +102,42 @@ def _entry_folder(pattern: str) -> Path:
     return Path(*literal) if literal else Path()
 
 
+def path_entries(paths: Any, name: str = "data.paths") -> list[str]:
+    """``paths`` as a list of strings, in its order: one path (a str or ``os.PathLike``) is a list of one,
+    not its letters (``'/'`` among them would name the whole file system); a list, tuple, 1-D numpy
+    array, generator or other ordered collection, its entries. :class:`DataError` naming ``name`` for
+    anything else (a set or a mapping has no order, and the order of the entries decides which of two
+    entries finding one file gives its split key), an entry that is not a path, or an empty one: ``''``
+    would name the current directory and read every file below it."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    ordered = isinstance(paths, Iterable) and not isinstance(paths, (bytes, Set, Mapping))
+    given = list(paths) if ordered and getattr(paths, "ndim", 1) == 1 else None  # not a 0-d or 2-d array
+    if given is None or not all(isinstance(p, (str, os.PathLike)) for p in given):
+        raise DataError(
+            f"{name}={paths!r} must be a path or a list of paths (files, directories or globs): a list, "
+            "tuple, 1-D array or other ordered collection of str or os.PathLike"
+        )
+    entries = [str(os.fspath(p)) for p in given]  # numpy's str_ as a plain str
+    empty = next((entry for entry in entries if not entry.strip()), None)
+    if empty is not None:
+        raise DataError(
+            f"{name} entry {empty!r} is empty (it would read the whole current directory); give files, "
+            "directories or globs"
+        )
+    return entries
+
+
 def split_keys(patterns: Sequence[str]) -> dict[Path, str]:
     """What :func:`split_by_file` hashes for each file of the ``data.paths`` entries ``patterns`` (keyed
     by its resolved path: the keys are :func:`resolve_files`'s files): the path as found, links not resolved,
     relative to the entries' common folder. A file's key depends on nothing but its own place below the
     entries, so a file added anywhere (a link to elsewhere too) moves no other file between training and
     validation, and the data folder may move. A file named by two entries keeps the first one's key.
-    One path given alone (a string) is one entry, not a list of its letters."""
-    if isinstance(patterns, (str, os.PathLike)):
-        patterns = [os.fspath(patterns)]  # its letters would include '/': the whole file system
+    One path given alone (a string) is one entry, not a list of its letters (:func:`path_entries`)."""
+    patterns = path_entries(patterns)
+    if not patterns:
+        raise DataError("data.paths is empty: give files, directories or globs")
     root = os.path.commonpath([os.path.abspath(_entry_folder(p)) for p in patterns])
     keys: dict[Path, str] = {}
     for pattern in patterns:

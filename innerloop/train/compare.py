@@ -46,6 +46,7 @@ from innerloop.config.load import ConfigError
 from innerloop.config.schema import DataConfig, RunConfig
 from innerloop.core.functional import as_integer, check_flag, positive_ints
 from innerloop.data.atomic import atomic_write, atomic_write_text, remove_stale_temporaries_of
+from innerloop.data.text import path_entries
 from innerloop.data.tokenizer import Tokenizer
 from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
 from innerloop.models.params import count_parameters
@@ -56,7 +57,7 @@ from innerloop.train.bootstrap import (
     checked_resamples,
     checked_seed,
 )
-from innerloop.train.data import IGNORE_INDEX, DataError, path_list, resolve_files
+from innerloop.train.data import IGNORE_INDEX, DataError, resolve_files
 from innerloop.train.metrics import position_buckets
 from innerloop.train.module import LanguageModelModule, load_module
 from innerloop.train.run import (
@@ -259,6 +260,8 @@ def compare(
     as in ``innerloop eval``). ``no_ttt`` switches test-time training off in every model that has it. Every
     model's training data is checked against the windows first (:func:`training_data_notes`: logged as
     warnings; a model that trained on the baseline's held-out text is refused)."""
+    if not isinstance(runs_or_checkpoints, (str, os.PathLike)):  # one path is refused below, by name
+        runs_or_checkpoints = _path_list(runs_or_checkpoints, "runs_or_checkpoints")
     seq_lens, resamples, confidence, seed = _check_compare_arguments(
         runs_or_checkpoints, seq_lens, baseline, resamples, confidence, seed, no_ttt
     )
@@ -298,13 +301,14 @@ def compare(
     return comparison
 
 
-def _path_list(paths: Any) -> list[str]:
+def _path_list(paths: Any, name: str = "paths") -> list[str]:
     """``paths`` as a list (one path is a list of one, not its letters; None, as no paths: the baseline's
-    windows); a :class:`ConfigError` if it is not a path or a list of them."""
+    windows); a :class:`ConfigError` naming ``name`` if it is not a path or an ordered collection of
+    them, or has an empty one (:func:`~innerloop.data.text.path_entries`)."""
     if paths is None:
         return []
     try:
-        return path_list(paths)
+        return path_entries(paths, name)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -52,6 +51,7 @@ from innerloop.data.text import (
     _single_file_cut,
     check_text_lengths,
     fallback_held_out,
+    path_entries,
     read_bytes,
     read_tokens,
     resolve_files,
@@ -264,15 +264,6 @@ def _checked_tokenizer(tokenizer: Tokenizer | None) -> Tokenizer:
     return ByteTokenizer() if tokenizer is None else _checked_kind("tokenizer", tokenizer, Tokenizer, what)
 
 
-def path_list(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
-    """``paths`` as a list of strings: one path is a list of one (a string is not read as its letters)."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    if not isinstance(paths, Sequence) or not all(isinstance(p, (str, os.PathLike)) for p in paths):
-        raise ValueError(f"paths={paths!r} must be a path or a list of paths (files, directories or globs)")
-    return [os.fspath(p) for p in paths]
-
-
 def check_split_unchanged(recorded: Sequence[str], current: Sequence[str], doing: str) -> None:
     """Raise :class:`DataError` when the validation files of a split by file (their split keys) are
     not those a checkpoint ``recorded``: with a few files the split may hold out the last file in sorted
@@ -337,7 +328,7 @@ class TextDataModule(_IndexedDataModule):
         tokenizer: Tokenizer | None = None,
     ) -> None:
         super().__init__()
-        self.paths = path_list(paths)
+        self.paths = path_entries(paths, "paths")
         self.seq_len, self.batch_size, self.val_batches = _checked_sizes(
             seq_len=seq_len, batch_size=batch_size, val_batches=val_batches
         )
@@ -663,7 +654,7 @@ class HFDataModule(L.LightningDataModule):
                 "out every 1/val_fraction-th document"
             )
         self.paths, self.split, self.text_field, self.streaming = (
-            path_list(paths),
+            path_entries(paths, "paths"),
             _checked_kind("split", split, str, "a split name such as 'train' (or a slice, 'train[:90%]')"),
             _checked_kind("text_field", text_field, str, "the name of the text column"),
             _checked_kind("streaming", streaming, bool, "True or False"),

@@ -103,7 +103,7 @@ from innerloop.data.atomic import (
     remove_stale_temporaries_of,
 )
 from innerloop.data.hf import FORMATS, source_files
-from innerloop.data.text import split_keys, split_text_files, stdlib_files
+from innerloop.data.text import path_entries, split_keys, split_text_files, stdlib_files
 from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
 from innerloop.kernels.cpu import release_buffers
 from innerloop.kernels.dispatch import refused_named_kernels
@@ -120,7 +120,6 @@ from innerloop.train.data import (
     TextDataModule,
     check_split_unchanged,
     evaluation_examples,
-    path_list,
     resolve_files,
     spread_windows,
     validation_file_keys,
@@ -1640,7 +1639,7 @@ def _eval_args(
     check_flag("progress_bar", progress_bar)  # a string such as 'no' would show it
     if out_dir is not None:
         check_output_dir(out_dir, "out_dir")  # a file there failed after the evaluation
-    return ([] if paths is None else path_list(paths)), *sizes
+    return ([] if paths is None else path_entries(paths, "paths")), *sizes
 
 
 def _write_evaluation(

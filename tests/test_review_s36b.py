@@ -1,0 +1,70 @@
+"""Review s36b: the user-facing API against hostile input. Path lists given as a numpy array, a
+generator or with an empty entry (which named the current directory and read every file below it)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from innerloop.config.load import ConfigError
+from innerloop.data.hf import check_hf_source
+from innerloop.data.text import DataError, path_entries, resolve_files
+from innerloop.train import TextDataModule
+from innerloop.train.compare import compare
+
+
+@pytest.fixture
+def text_folder(tmp_path, monkeypatch):
+    """A current directory holding text files: what an empty path entry would read."""
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("def f(x):\n    return x + 1\n" * 20)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("paths", ["", [""], ("a.txt", "  ")])
+def test_an_empty_path_entry_is_refused_not_read_as_the_current_directory(text_folder, paths) -> None:
+    """TextDataModule(paths=['']) read every file of the current directory, and so did evaluate(paths='')
+    and compare(paths=['']) (config files refused it; the Python API did not)."""
+    with pytest.raises(DataError, match=r"paths entry '\s*' is empty \(it would read the whole current"):
+        TextDataModule(paths, seq_len=8, batch_size=1)
+    with pytest.raises(DataError, match="is empty"):
+        resolve_files(paths)
+    with pytest.raises(ConfigError, match="paths entry .* is empty"):
+        compare([text_folder / "absent"], paths=paths)
+
+
+def test_an_empty_path_is_not_the_current_save_to_disk_folder(text_folder) -> None:
+    (text_folder / "state.json").write_text("{}")  # the current directory looks like a saved dataset
+    with pytest.raises(DataError, match="data.paths entry '' is empty"):
+        check_hf_source([""])
+
+
+def test_a_compared_run_given_as_an_empty_path_is_refused(text_folder) -> None:
+    with pytest.raises(ConfigError, match="runs_or_checkpoints entry '' is empty"):
+        compare(["", "other"])
+
+
+@pytest.mark.parametrize(
+    "given", [np.array(["a.txt", "b.txt"]), (p for p in ["a.txt", "b.txt"]), ("a.txt", "b.txt")]
+)
+def test_paths_in_any_ordered_collection_are_read_in_order(text_folder, given) -> None:
+    """A numpy array of paths (or a generator) was refused: only a list or tuple was taken."""
+    assert path_entries(given) == ["a.txt", "b.txt"]
+    assert all(type(p) is str for p in path_entries(np.array(["a.txt"])))  # not numpy's str_
+    module = TextDataModule(np.array(["a.txt", "b.txt"]), seq_len=8, batch_size=1)
+    assert module.paths == ["a.txt", "b.txt"]
+
+
+@pytest.mark.parametrize(
+    "given", [{"a.txt"}, {"a.txt": 1}, np.array([["a.txt"]]), np.array("a.txt"), b"a.txt"]
+)
+def test_paths_without_an_order_or_not_paths_are_one_line(given) -> None:
+    with pytest.raises(DataError, match=r"paths=.* must be a path or a list of paths"):
+        path_entries(given, "paths")
+
+
+def test_compare_takes_runs_as_a_numpy_array(tmp_path) -> None:
+    """compare(np.array([...])) said 'compare needs a list of one or more run folders': the runs are read."""
+    with pytest.raises(ConfigError, match="absent' is neither a run folder nor a checkpoint"):
+        compare(np.array([str(tmp_path / "absent")]))

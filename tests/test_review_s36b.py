@@ -9,6 +9,12 @@ import pytest
 from innerloop.config.load import ConfigError
 from innerloop.data.hf import check_hf_source
 from innerloop.data.text import DataError, path_entries, resolve_files
+from innerloop.data.tokenizer import (
+    TokenizerError,
+    byte_level_tokenizer_json,
+    load_tokenizer,
+    tokenizer_from_source,
+)
 from innerloop.train import TextDataModule
 from innerloop.train.compare import compare
 
@@ -68,3 +74,19 @@ def test_compare_takes_runs_as_a_numpy_array(tmp_path) -> None:
     """compare(np.array([...])) said 'compare needs a list of one or more run folders': the runs are read."""
     with pytest.raises(ConfigError, match="absent' is neither a run folder nor a checkpoint"):
         compare(np.array([str(tmp_path / "absent")]))
+
+
+@pytest.mark.parametrize("load", [load_tokenizer, tokenizer_from_source])
+def test_an_empty_tokenizer_path_is_refused_not_the_current_directorys_tokenizer(tmp_path, monkeypatch, load):
+    """load_tokenizer('') read the tokenizer.json of the current directory (config files and the CLI
+    refused ''; the Python API did not), and None or 3 failed in pathlib naming nothing."""
+    (tmp_path / "tokenizer.json").write_text(byte_level_tokenizer_json(True))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        TokenizerError, match=r"tokenizer='' is empty \(it would name the current directory\)"
+    ):
+        load("")
+    for spec in (None, 3, b"bytes"):
+        with pytest.raises(TokenizerError, match=r"tokenizer=.* is not a str or a path; valid: 'bytes'"):
+            load(spec)
+    assert load(tmp_path / "tokenizer.json").vocab_size == 257  # a Path is a path

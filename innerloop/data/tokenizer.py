@@ -444,10 +444,11 @@ def load_tokenizer(spec: str, option: str = "data.tokenizer") -> Tokenizer:
     holding one (its ``tokenizer_config.json``, when present, may name the end-of-text token as
     ``eos_token``). Raises :class:`TokenizerError` naming ``option`` (``data.tokenizer``, or the
     command-line option that gave ``spec``) otherwise."""
+    valid = f"valid: {BYTES!r}, a {TOKENIZER_FILE} file or a folder holding one"
+    spec = _checked_spec(spec, option, valid)
     if spec == BYTES:
         return ByteTokenizer()
     path = Path(spec).expanduser()
-    valid = f"valid: {BYTES!r}, a {TOKENIZER_FILE} file or a folder holding one"
     if path.is_dir():
         folder, file = path, path / TOKENIZER_FILE
         if not file.is_file():
@@ -470,10 +471,23 @@ def tokenizer_from_source(spec: str, option: str = "--tokenizer") -> Tokenizer:
     with its ``tokenizer_config.json``) that ``transformers.AutoTokenizer`` loads, offline, as a fast
     tokenizer: its ``tokenizers`` form is recorded. The sources are those ``innerloop convert --format
     hf --tokenizer`` writes into a Hugging Face folder. Raises :class:`TokenizerError` naming ``option``."""
+    spec = _checked_spec(spec, option, f"valid: {BYTES!r}, a {TOKENIZER_FILE} file or a tokenizer folder")
     path = Path(spec).expanduser()
     if spec != BYTES and path.is_dir() and not (path / TOKENIZER_FILE).is_file():
         return _transformers_tokenizer(path, f"{option}={spec!r}")
     return load_tokenizer(spec, option)
+
+
+def _checked_spec(spec: Any, option: str, valid: str) -> str:
+    """``spec`` as a str; :class:`TokenizerError` naming ``option`` for what is not a path (pathlib's
+    TypeError named nothing) or an empty one (``''`` would name the current directory and read the
+    ``tokenizer.json`` found there)."""
+    if not isinstance(spec, (str, os.PathLike)) or not isinstance(os.fspath(spec), str):
+        raise TokenizerError(f"{option}={spec!r} ({type(spec).__name__}) is not a str or a path; {valid}")
+    text = os.fspath(spec)
+    if not text.strip():
+        raise TokenizerError(f"{option}={text!r} is empty (it would name the current directory); {valid}")
+    return text
 
 
 def _transformers_tokenizer(folder: Path, source: str) -> HFTokenizer:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from innerloop.cli import _is_user_error
 from innerloop.config.load import ConfigError
 from innerloop.data.hf import check_hf_source
 from innerloop.data.text import DataError, path_entries, resolve_files
@@ -15,6 +17,10 @@ from innerloop.data.tokenizer import (
     load_tokenizer,
     tokenizer_from_source,
 )
+from innerloop.models import ModelConfig, build_model
+from innerloop.models import config as model_config
+from innerloop.models.config import ModelTooLargeError
+from innerloop.models.params import count_parameters
 from innerloop.train import TextDataModule
 from innerloop.train.compare import compare
 
@@ -90,3 +96,23 @@ def test_an_empty_tokenizer_path_is_refused_not_the_current_directorys_tokenizer
         with pytest.raises(TokenizerError, match=r"tokenizer=.* is not a str or a path; valid: 'bytes'"):
             load(spec)
     assert load(tmp_path / "tokenizer.json").vocab_size == 257  # a Path is a path
+
+
+@pytest.mark.parametrize("mixer", ["attention", "e2e"])
+def test_a_model_whose_weights_exceed_the_machines_memory_is_one_line(monkeypatch, mixer) -> None:
+    """Each size field is bounded (2**24) but their products were not: vocab_size=2**22 with hidden_size=2**12
+    is 64 GiB of float32 embedding, and building it allocated until the allocator or the out-of-memory
+    killer stopped it. Here the machine is made 1 MB small instead."""
+    config = ModelConfig(
+        mixer=mixer, hidden_size=32, num_heads=2, num_layers=4, vocab_size=4096, intermediate_size=1024
+    )
+    monkeypatch.setattr(model_config, "machine_memory_bytes", lambda: 10**6)
+    with pytest.raises(
+        ModelTooLargeError, match=r"vocab_size=4096, hidden_size=32, .* at least 524,288 param"
+    ):
+        build_model(config)
+    with torch.device("meta"):  # counting parameters allocates nothing, so it is not refused
+        assert count_parameters(build_model(config)).total > 524_288
+    assert _is_user_error(ModelTooLargeError("sizes"))  # the command line prints its one line
+    monkeypatch.setattr(model_config, "machine_memory_bytes", lambda: 10**7)
+    build_model(config)

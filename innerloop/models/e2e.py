@@ -57,6 +57,7 @@ from innerloop.models.blocks import SwiGLU
 from innerloop.models.config import (
     E2E,
     ModelConfig,
+    check_fits_in_memory,
     require_model_config,
     validate_e2e_options,
     validate_model_config,
@@ -548,6 +549,7 @@ class E2ELM(nn.Module):
         if config.mixer != E2E:
             raise ValueError(f"E2ELM needs model.mixer='e2e', got {config.mixer!r}")
         validate_model_config(config)
+        check_fits_in_memory(config)
         self.config = config
         self.num_prefix = config.num_layers - num_suffix_blocks(config)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.padding_id)

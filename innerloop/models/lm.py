@@ -18,7 +18,12 @@ from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import RMSNorm
 from innerloop.core.state import check_batch_rows, check_states
 from innerloop.models.blocks import Block, BlockState, CausalDepthwiseConv
-from innerloop.models.config import ModelConfig, require_model_config, validate_model_config
+from innerloop.models.config import (
+    ModelConfig,
+    check_fits_in_memory,
+    require_model_config,
+    validate_model_config,
+)
 
 TOKEN_ID_DTYPES = (torch.int64, torch.int32)
 """The dtypes a model takes token ids in (those ``nn.Embedding`` indexes with)."""
@@ -243,6 +248,7 @@ class CausalLM(nn.Module):
                 "(or innerloop.models.E2ELM)"
             )
         validate_model_config(config)
+        check_fits_in_memory(config)
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.padding_id)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from innerloop import TTTLayer, ops
 from innerloop.cli import _is_user_error
 from innerloop.config.load import ConfigError
+from innerloop.core.family_layers import FAMILY_LAYERS
 from innerloop.data.hf import check_hf_source
 from innerloop.data.text import DataError, path_entries, resolve_files
 from innerloop.data.tokenizer import (
@@ -17,7 +19,7 @@ from innerloop.data.tokenizer import (
     load_tokenizer,
     tokenizer_from_source,
 )
-from innerloop.models import ModelConfig, build_model
+from innerloop.models import CausalSelfAttention, ModelConfig, build_model, validate_model_config
 from innerloop.models import config as model_config
 from innerloop.models.config import ModelTooLargeError
 from innerloop.models.params import count_parameters
@@ -116,3 +118,23 @@ def test_a_model_whose_weights_exceed_the_machines_memory_is_one_line(monkeypatc
     assert _is_user_error(ModelTooLargeError("sizes"))  # the command line prints its one line
     monkeypatch.setattr(model_config, "machine_memory_bytes", lambda: 10**7)
     build_model(config)
+
+
+@pytest.mark.parametrize("eps", [1e30, 1.0])
+def test_a_norm_epsilon_of_one_or_more_is_refused_everywhere_a_norm_takes_one(eps) -> None:
+    """norm_eps=1e30 was accepted by the model config and every layer: added to the mean square of the
+    input, it scaled each norm's output by 1e-15, silently (the model still trained, on nothing)."""
+    with pytest.raises(
+        ValueError, match=r"model\.norm_eps=.* must be in \(0, 1\) \(added to the input's mean"
+    ):
+        validate_model_config(ModelConfig(norm_eps=eps))
+    makers = [
+        lambda: TTTLayer(16, 2, norm_eps=eps),
+        lambda: CausalSelfAttention(16, 2, None, 10000.0, qk_norm=True, norm_eps=eps),
+        lambda: FAMILY_LAYERS["deltanet"](16, 2, norm_eps=eps),
+        lambda: ops.scan(*[torch.ones(1, 2, 4, 8)] * 3, torch.ones(1, 2, 4), mini_batch_size=4, norm_eps=eps),
+    ]
+    for make in makers:
+        with pytest.raises(ValueError, match=r"norm_eps=.* must be < 1 \(added to the input's mean square"):
+            make()
+    TTTLayer(16, 2, norm_eps=0.5)  # below 1 is the user's choice

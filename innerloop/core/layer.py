@@ -179,10 +179,23 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_sh
         )
 
 
+MAX_NORM_EPS = 1.0
+"""The bound (exclusive) of every norm's epsilon (``norm_eps``, ``model.norm_eps``): it is added to the
+mean square (or variance) of the input, and one of 1 or more outweighs that of activations of unit
+scale, so the norm no longer normalizes: ``norm_eps=1e30`` scaled every output by 1e-15, silently (the
+models' activations start far smaller, ``init_std``). Models use 1e-12 to 1e-5; the default is 1e-6."""
+
+NORM_EPS_BOUND_WHY = "added to the input's mean square, an epsilon of 1 or more outweighs it: no normalizing"
+
+
 def check_norm_eps(norm_eps: float, scan_dtype: torch.dtype) -> None:
-    """Raise naming ``norm_eps`` unless it is a normal number of ``scan_dtype`` (the dtype of the inner
-    LayerNorm): one that rounds to 0 or to a subnormal there leaves the LayerNorm of a constant row
-    dividing 0 by 0, and every output NaN."""
+    """Raise naming ``norm_eps`` unless ``norm_eps`` is below :data:`MAX_NORM_EPS` and a normal number of
+    ``scan_dtype`` (the dtype of the inner LayerNorm): one that rounds to 0 or to a subnormal there
+    leaves the LayerNorm of a constant row dividing 0 by 0, and every output NaN."""
+    if float(norm_eps) >= MAX_NORM_EPS:
+        raise ValueError(
+            f"norm_eps={norm_eps!r} must be < {MAX_NORM_EPS:g} ({NORM_EPS_BOUND_WHY}); the default is 1e-6"
+        )
     smallest = torch.finfo(scan_dtype).tiny
     if float(norm_eps) < smallest:
         name = str(scan_dtype).removeprefix("torch.")
@@ -452,7 +465,8 @@ class TTTLayer(nn.Module):
             it is ill-conditioned: float32 states are then 1e-4 to 1e-2 off float64 on every path.
         inner_residual: residual around the inner model (paper: on).
         norm_eps: epsilon of the inner LayerNorm and the post-norm; a normal number of
-            :attr:`scan_dtype` (>= 1.18e-38 in float32, checked at construction and at each call).
+            :attr:`scan_dtype` (>= 1.18e-38 in float32, checked at construction and at each call) below 1
+            (:data:`MAX_NORM_EPS`).
         kernel: fast-path choice, ``"auto"`` (default), ``"torch"`` or a registered kernel name. A
             named kernel is checked at construction against the plugins and ``inner_norm`` /
             ``inner_residual``; what its ``verify`` decides (device, dtype, mini-batch size, gradients

@@ -345,7 +345,7 @@ def scan(
             a call returned is exact when that call's token count was a multiple of
             ``mini_batch_size`` and its inner loss carries nothing from one call to the next (else
             they come back as :class:`PartialWeights`, which are refused here: see Returns).
-        norm_eps: the inner LayerNorm's epsilon (a finite number > 0).
+        norm_eps: the inner LayerNorm's epsilon (a finite number in (0, 1)).
         kernel: ``"auto"``, ``"torch"`` or a registered kernel's name, as in ``TTTLayer``.
         dispatches: a list that receives every fast-path decision ``(path, reason)``.
         needs_double_backward: gradients of gradients will be taken (``create_graph=True``, e.g. a

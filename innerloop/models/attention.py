@@ -20,7 +20,7 @@ from torch import nn
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from innerloop.core.functional import RMSNorm, apply_rope_interleaved, rope_cos_sin, rope_inverse_frequencies
-from innerloop.core.layer import check_device_and_dtype, check_positive_int, is_real
+from innerloop.core.layer import check_device_and_dtype, check_norm_eps, check_positive_int, is_real
 from innerloop.core.state import cat_rows, check_batch_rows, check_states, same_positions, take_rows
 
 
@@ -283,7 +283,7 @@ class CausalSelfAttention(nn.Module):
         window: if given, a query sees only the last ``window`` tokens (itself included).
         rope_theta: RoPE base.
         qk_norm: RMS-normalise each head's queries and keys (learned scale) before RoPE, as TTT-E2E does.
-        norm_eps: epsilon of the QK-norm.
+        norm_eps: epsilon of the QK-norm, in (0, 1).
     """
 
     def __init__(
@@ -316,6 +316,7 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"rope_theta={rope_theta!r} must be a finite number >= 1 (the RoPE base)")
         if not is_real(norm_eps) or norm_eps <= 0:
             raise ValueError(f"norm_eps={norm_eps!r} must be a finite number > 0")
+        check_norm_eps(norm_eps, torch.promote_types(torch.get_default_dtype(), torch.float32))
         if not isinstance(qk_norm, bool):
             raise TypeError(f"qk_norm must be True or False, got {qk_norm!r}")
         self.hidden_size = hidden_size

@@ -22,7 +22,13 @@ from torch import nn
 
 from innerloop.core.family_layers import FAMILY_LAYERS
 from innerloop.core.functional import as_integer
-from innerloop.core.layer import DEFAULT_CONV_KERNEL, TTTLayer, check_layer_arguments
+from innerloop.core.layer import (
+    DEFAULT_CONV_KERNEL,
+    MAX_NORM_EPS,
+    NORM_EPS_BOUND_WHY,
+    TTTLayer,
+    check_layer_arguments,
+)
 from innerloop.models.attention import CausalSelfAttention
 from innerloop.registry import available, get_registry
 
@@ -182,7 +188,8 @@ class ModelConfig:
         pre_conv_kernel: kernel of the mamba backbone's pre-conv residual.
         pre_conv: whether every block has the pre-conv residual; None (default): the backbone
             decides (mamba: yes, transformer: no).
-        norm_eps: epsilon of the RMSNorms (the blocks', the pre-conv's and the final one).
+        norm_eps: epsilon of the RMSNorms (the blocks', the pre-conv's and the final one), in (0, 1)
+            (:data:`~innerloop.core.layer.MAX_NORM_EPS`: one of 1 or more no longer normalizes).
         tie_embeddings: the LM head shares the embedding's weights (default); false gives the head
             its own ``[vocab_size, hidden_size]`` weights.
         init_std: standard deviation of the normal init of embeddings and projections.
@@ -377,7 +384,7 @@ MODEL_FIELD_BOUNDS: dict[str, Bounds] = {
     "model.window": AT_LEAST_1,
     "model.rope_theta": Bounds(1, why="the RoPE base: its frequencies theta^(-2i/head_dim) stay <= 1"),
     "model.pre_conv_kernel": AT_LEAST_1,
-    "model.norm_eps": POSITIVE,
+    "model.norm_eps": Bounds(0, MAX_NORM_EPS, low_open=True, high_open=True, why=NORM_EPS_BOUND_WHY),
     "model.init_std": POSITIVE,
     "model.ttt.mini_batch_size": AT_LEAST_1,
     "model.ttt.base_lr": AT_LEAST_0,

@@ -138,3 +138,32 @@ def test_a_norm_epsilon_of_one_or_more_is_refused_everywhere_a_norm_takes_one(ep
         with pytest.raises(ValueError, match=r"norm_eps=.* must be < 1 \(added to the input's mean square"):
             make()
     TTTLayer(16, 2, norm_eps=0.5)  # below 1 is the user's choice
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"num_beams": 0},  # was ZeroDivisionError inside transformers' beam search
+        {"num_beams": -1},  # was 'Trying to create tensor with negative dimension -1'
+        {"num_return_sequences": 0},  # returned one sequence
+        {"max_new_tokens": 2.5},  # generated 3 tokens
+        {"max_length": 0, "max_new_tokens": None},
+    ],
+)
+def test_hf_generate_counts_are_integers_at_least_their_least_value(setting) -> None:
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+
+    torch.manual_seed(0)
+    small = {
+        "hidden_size": 16,
+        "num_heads": 2,
+        "num_layers": 1,
+        "intermediate_size": 32,
+        "mixer": "attention",
+    }
+    model = InnerloopForCausalLM(InnerloopConfig(model=small)).eval()
+    prompt = torch.randint(0, 256, (1, 5))
+    name = next(iter(setting))
+    with pytest.raises(ValueError, match=rf"generate\({name}=.*\): {name} must be an integer >= [01]"):
+        model.generate(prompt, **{"max_new_tokens": 3, **setting})
+    assert model.generate(prompt, max_new_tokens=np.int64(2), num_beams=2).shape == (1, 7)

@@ -18,6 +18,8 @@ import numpy
 import torch
 from torch import nn
 
+from innerloop.core.functional import as_integer
+
 CACHE_NAMES = ("cache", "past_key_values", "cache_params")
 """The names a cache is passed under: the model's own, transformers' usual one, and Mamba's."""
 
@@ -249,3 +251,29 @@ def recording_hidden_states(network: nn.Module) -> Iterator[list[torch.Tensor]]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+GENERATION_COUNTS = {
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "max_new_tokens": 1,
+    "max_length": 1,
+    "min_new_tokens": 0,
+    "min_length": 0,
+}
+"""The generation settings that count (beams, sequences, tokens) and their least value; None (unset) is
+valid for all but the first two."""
+
+
+def check_generation_counts(generation_config: Any) -> None:
+    """``ValueError`` naming the setting unless each of :data:`GENERATION_COUNTS` is an integer at least
+    its least value (or None where that means unset): transformers' own checks miss some, and then
+    ``num_beams=0`` failed dividing by zero, ``num_beams=-1`` on a negative dimension,
+    ``num_return_sequences=0`` returned one sequence and ``max_new_tokens=2.5`` generated 3 tokens."""
+    for name, least in GENERATION_COUNTS.items():
+        value = getattr(generation_config, name, None)
+        if value is None and name not in ("num_beams", "num_return_sequences"):
+            continue
+        number = as_integer(value)
+        if number is None or number < least:
+            raise ValueError(f"generate({name}={value!r}): {name} must be an integer >= {least}")

@@ -41,6 +41,7 @@ from innerloop.core.functional import as_integer, first_non_finite, mean_scored_
 from innerloop.data.atomic import atomic_write_text, file_sha256
 from innerloop.hf.arguments import (
     check_flag,
+    check_generation_counts,
     check_logits_to_keep,
     check_mask_shape,
     check_mask_values,
@@ -1116,6 +1117,12 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
             is_first_iteration=is_first_iteration,
             **kwargs,
         )
+
+    def _validate_generation_mode(self, generation_mode: Any, generation_config: Any, *args: Any) -> None:
+        """transformers' own, then the counts of ``generate()`` (beams, sequences, tokens) checked:
+        :func:`~innerloop.hf.arguments.check_generation_counts`."""
+        super()._validate_generation_mode(generation_mode, generation_config, *args)
+        check_generation_counts(generation_config)
 
     def _prepare_attention_mask_for_generation(
         self, inputs_tensor: torch.Tensor, generation_config: Any, model_kwargs: dict[str, Any]

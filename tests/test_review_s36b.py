@@ -23,7 +23,7 @@ from innerloop.models import CausalSelfAttention, ModelConfig, build_model, vali
 from innerloop.models import config as model_config
 from innerloop.models.config import ModelTooLargeError
 from innerloop.models.params import count_parameters
-from innerloop.train import TextDataModule
+from innerloop.train import LanguageModelModule, TextDataModule
 from innerloop.train.compare import compare
 
 
@@ -167,3 +167,20 @@ def test_hf_generate_counts_are_integers_at_least_their_least_value(setting) -> 
     with pytest.raises(ValueError, match=rf"generate\({name}=.*\): {name} must be an integer >= [01]"):
         model.generate(prompt, **{"max_new_tokens": 3, **setting})
     assert model.generate(prompt, max_new_tokens=np.int64(2), num_beams=2).shape == (1, 7)
+
+
+def test_the_modules_seq_len_has_the_data_modules_bounds() -> None:
+    """LanguageModelModule(seq_len=10**30) was accepted and stored; evaluating its checkpoint then said
+    the text had 'fewer than --seq-len + 1 = 10**30 + 1' bytes, blaming an option never given."""
+    small = {
+        "hidden_size": 16,
+        "num_heads": 2,
+        "num_layers": 1,
+        "intermediate_size": 32,
+        "mixer": "attention",
+    }
+    with pytest.raises(
+        ValueError, match=r"seq_len=1000000000000000000000000000000 must be in \[1, 1073741824\]"
+    ):
+        LanguageModelModule(small, seq_len=10**30)
+    assert LanguageModelModule(small, seq_len=np.int64(2**30)).hparams.seq_len == 2**30

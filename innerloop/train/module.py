@@ -57,7 +57,15 @@ from innerloop.core.diagnostics import inner_loss_before_after
 from innerloop.core.functional import check_flag, mean_scored_cross_entropy
 from innerloop.core.layer import LARGE_INPUT, is_built_in, plugin_label
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
-from innerloop.models.config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Bounds, checked_number
+from innerloop.models.config import (
+    AT_LEAST_0,
+    AT_LEAST_1,
+    FRACTION,
+    POSITIVE,
+    SEQ_LEN_BOUNDS,
+    Bounds,
+    checked_number,
+)
 from innerloop.models.lm import check_token_ids
 from innerloop.train.data import IGNORE_INDEX, Batch
 from innerloop.train.metrics import Float64Perplexity, InnerLossDiagnostics, LossByPosition
@@ -86,7 +94,7 @@ def _checked_hyperparameters(**arguments: Any) -> dict[str, Any]:
     for name, (kind, bounds) in _NUMBER_ARGUMENTS.items():
         checked[name] = checked_number(name, arguments[name], kind, bounds)
     if arguments["seq_len"] is not None:
-        checked["seq_len"] = checked_number("seq_len", arguments["seq_len"], int, AT_LEAST_1)
+        checked["seq_len"] = checked_number("seq_len", arguments["seq_len"], int, SEQ_LEN_BOUNDS)  # data's
     betas = arguments["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas={betas!r} must be a pair (beta1, beta2), each {FRACTION.describe()}")

@@ -31,7 +31,7 @@ SMALL = ModelConfig(hidden_size=16, num_heads=2, num_layers=1, intermediate_size
         ({"decay_steps": 20, "max_steps": 10}, r"decay_steps=20 must be in \[0, max_steps=10\]"),
         ({"num_position_buckets": 0}, r"num_position_buckets=0 must be >= 1"),
         ({"diagnostics_batches": -1}, r"diagnostics_batches=-1 must be >= 0"),
-        ({"seq_len": 0}, r"seq_len=0 must be >= 1"),
+        ({"seq_len": 0}, r"seq_len=0 must be in \[1, 1073741824\]"),
         ({"schedule": "cosinus"}, r"cosinus"),
     ],
 )

@@ -184,3 +184,24 @@ def test_the_modules_seq_len_has_the_data_modules_bounds() -> None:
     ):
         LanguageModelModule(small, seq_len=10**30)
     assert LanguageModelModule(small, seq_len=np.int64(2**30)).hparams.seq_len == 2**30
+
+
+def test_resizing_the_vocabulary_past_the_machines_memory_is_one_line(monkeypatch) -> None:
+    """resize_token_embeddings bounded the new size by model.vocab_size's 2**24 only: at width 4096 that
+    is 64 GiB of float32 rows, allocated until the machine gave out (made 1 MB small here)."""
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+
+    small = {
+        "hidden_size": 16,
+        "num_heads": 2,
+        "num_layers": 1,
+        "intermediate_size": 32,
+        "mixer": "attention",
+    }
+    model = InnerloopForCausalLM(InnerloopConfig(model=small))
+    monkeypatch.setattr(model_config, "machine_memory_bytes", lambda: 10**6)
+    with pytest.raises(
+        ModelTooLargeError, match=r"vocab_size=65536, hidden_size=16, .* GiB of float32 weights"
+    ):
+        model.resize_token_embeddings(65536)
+    assert model.config.model["vocab_size"] == 256  # nothing changed

@@ -53,7 +53,7 @@ from innerloop.hf.arguments import (
 from innerloop.hf.configuration import InnerloopConfig, model_config_from, with_earlier_defaults
 from innerloop.hf.remote_code import AUTO_MAP, write_shims
 from innerloop.models import E2EState, LMState, build_model
-from innerloop.models.config import E2E
+from innerloop.models.config import E2E, check_fits_in_memory
 from innerloop.models.lm import check_token_id_layout
 
 
@@ -930,6 +930,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         config = model_config_from({**self.config.model, "vocab_size": size})  # type: ignore[dict-item]
         if size == old.num_embeddings:
             return old
+        check_fits_in_memory(config, old.weight.device, old.weight.dtype)
         std = config.init_std
         embed = nn.Embedding(
             size,

@@ -677,25 +677,30 @@ def fewest_parameters(config: ModelConfig) -> int:
     )
 
 
-def check_fits_in_memory(config: ModelConfig) -> None:
+def check_fits_in_memory(
+    config: ModelConfig, device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> None:
     """Raise :class:`ModelTooLargeError` naming the sizes when the model ``config`` describes, built on
     the CPU (torch's default device; the meta device allocates nothing), needs more memory for its
     weights alone than this machine has (RAM and swap): each field is bounded, but their products are
     not (``vocab_size=2**22, hidden_size=2**12`` is 64 GiB of float32 embedding), and building such a
-    model allocated until the allocator or the kernel's out-of-memory killer stopped it."""
-    if torch.get_default_device().type != "cpu":
+    model allocated until the allocator or the kernel's out-of-memory killer stopped it. ``device`` and
+    ``dtype``: where the weights go (default: torch's default device and dtype)."""
+    device = torch.get_default_device() if device is None else torch.device(device)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if device.type != "cpu":
         return
     memory = machine_memory_bytes()
     count = fewest_parameters(config)
-    width = torch.empty((), dtype=torch.get_default_dtype()).element_size()
+    width = torch.empty((), dtype=dtype, device="meta").element_size()
     if memory is None or count * width <= memory:
         return
-    dtype = str(torch.get_default_dtype()).removeprefix("torch.")
+    name = str(dtype).removeprefix("torch.")
     sizes = ", ".join(
         f"{k}={getattr(config, k)}" for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers")
     )
     raise ModelTooLargeError(
-        f"model ({sizes}) has at least {count:,} parameters: {count * width / 2**30:,.1f} GiB of {dtype} "
+        f"model ({sizes}) has at least {count:,} parameters: {count * width / 2**30:,.1f} GiB of {name} "
         f"weights alone, more than this machine's {memory / 2**30:,.1f} GiB of memory (RAM and swap); give "
         "smaller sizes (innerloop params counts a config's parameters without building it)"
     )

@@ -1246,7 +1246,7 @@ def _export(args: argparse.Namespace) -> int:
 # would import Lightning (seconds) before a config error could be reported.
 USER_ERRORS = (
     ("innerloop.config.load", "ConfigError"),
-    ("innerloop.models.config", "ModelTooLargeError"),  # sizes whose weights alone exceed the memory
+    ("innerloop.core.layer", "ModelTooLargeError"),  # sizes whose weights alone exceed the memory
     ("innerloop.checkpoints", "CheckpointError"),
     ("innerloop.data.text", "DataError"),  # defined there; train.data re-exports it
     ("innerloop.data.tokenizer", "TokenizerError"),

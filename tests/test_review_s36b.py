@@ -10,7 +10,9 @@ import torch
 from innerloop import TTTLayer, ops
 from innerloop.cli import _is_user_error
 from innerloop.config.load import ConfigError
+from innerloop.core import layer as core_layer
 from innerloop.core.family_layers import FAMILY_LAYERS
+from innerloop.core.layer import ModelTooLargeError
 from innerloop.data.hf import check_hf_source
 from innerloop.data.text import DataError, path_entries, resolve_files
 from innerloop.data.tokenizer import (
@@ -20,8 +22,6 @@ from innerloop.data.tokenizer import (
     tokenizer_from_source,
 )
 from innerloop.models import CausalSelfAttention, ModelConfig, build_model, validate_model_config
-from innerloop.models import config as model_config
-from innerloop.models.config import ModelTooLargeError
 from innerloop.models.params import count_parameters
 from innerloop.train import LanguageModelModule, TextDataModule
 from innerloop.train.compare import compare
@@ -108,7 +108,7 @@ def test_a_model_whose_weights_exceed_the_machines_memory_is_one_line(monkeypatc
     config = ModelConfig(
         mixer=mixer, hidden_size=32, num_heads=2, num_layers=4, vocab_size=4096, intermediate_size=1024
     )
-    monkeypatch.setattr(model_config, "machine_memory_bytes", lambda: 10**6)
+    monkeypatch.setattr(core_layer, "machine_memory_bytes", lambda: 10**6)
     with pytest.raises(
         ModelTooLargeError, match=r"vocab_size=4096, hidden_size=32, .* at least 524,288 param"
     ):
@@ -116,7 +116,7 @@ def test_a_model_whose_weights_exceed_the_machines_memory_is_one_line(monkeypatc
     with torch.device("meta"):  # counting parameters allocates nothing, so it is not refused
         assert count_parameters(build_model(config)).total > 524_288
     assert _is_user_error(ModelTooLargeError("sizes"))  # the command line prints its one line
-    monkeypatch.setattr(model_config, "machine_memory_bytes", lambda: 10**7)
+    monkeypatch.setattr(core_layer, "machine_memory_bytes", lambda: 10**7)
     build_model(config)
 
 
@@ -199,9 +199,29 @@ def test_resizing_the_vocabulary_past_the_machines_memory_is_one_line(monkeypatc
         "mixer": "attention",
     }
     model = InnerloopForCausalLM(InnerloopConfig(model=small))
-    monkeypatch.setattr(model_config, "machine_memory_bytes", lambda: 10**6)
+    monkeypatch.setattr(core_layer, "machine_memory_bytes", lambda: 10**6)
     with pytest.raises(
         ModelTooLargeError, match=r"vocab_size=65536, hidden_size=16, .* GiB of float32 weights"
     ):
         model.resize_token_embeddings(65536)
     assert model.config.model["vocab_size"] == 256  # nothing changed
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: TTTLayer(64, 2),
+        lambda: FAMILY_LAYERS["deltanet"](64, 2),
+        lambda: CausalSelfAttention(64, 2, None, 10000.0),
+    ],
+)
+def test_a_layer_whose_projections_exceed_the_machines_memory_is_one_line(monkeypatch, make) -> None:
+    """TTTLayer(hidden_size=2**16, num_heads=1) passed every check, then allocated its 16 GiB projections
+    one after another until the machine gave out (made 40 kB small here: 3 x 64 x 64 float32 is 48 kB)."""
+    monkeypatch.setattr(core_layer, "machine_memory_bytes", lambda: 40_000)
+    with pytest.raises(
+        ModelTooLargeError, match=r"layer of hidden_size=64 has at least (12,288|16,384) parameters"
+    ):
+        make()
+    with torch.device("meta"):
+        make()  # nothing is allocated there

@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import os
 import threading
 import warnings
 from contextlib import nullcontext
@@ -123,6 +124,46 @@ DEFAULT_CONV_KERNEL = 4
 """``conv_kernel``'s default (the reference's): another value without ``share_qk`` is warned of."""
 
 
+class ModelTooLargeError(ValueError):
+    """A model or layer whose weights alone cannot fit in this machine's memory (:func:`check_weights_fit`)."""
+
+
+def machine_memory_bytes() -> int | None:
+    """This machine's memory and swap in bytes (``/proc/meminfo``'s MemTotal + SwapTotal; else the
+    physical pages); None where neither can be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            kib = dict(line.split(":", 1) for line in meminfo if ":" in line)
+        return sum(int(kib[k].split()[0]) * 1024 for k in ("MemTotal", "SwapTotal") if k in kib)
+    except (OSError, ValueError):
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+
+def check_weights_fit(
+    count: int, what: str, device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> None:
+    """Raise :class:`ModelTooLargeError` naming ``what`` when ``count`` weights (a lower bound of a
+    model's or layer's parameters) of ``dtype`` on ``device`` (default: torch's default device and
+    dtype) need more than this machine's memory (RAM and swap): built on the CPU, such a model
+    allocated until the allocator or the out-of-memory killer stopped it. On another device (the meta
+    device allocates nothing; CUDA's allocator refuses at once) nothing is checked."""
+    device = torch.get_default_device() if device is None else torch.device(device)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    memory = machine_memory_bytes() if device.type == "cpu" else None
+    width = torch.empty((), dtype=dtype, device="meta").element_size()
+    if memory is None or count * width <= memory:
+        return
+    name = str(dtype).removeprefix("torch.")
+    raise ModelTooLargeError(
+        f"{what} has at least {count:,} parameters: {count * width / 2**30:,.1f} GiB of {name} weights "
+        f"alone, more than this machine's {memory / 2**30:,.1f} GiB of memory (RAM and swap); give smaller "
+        "sizes (innerloop params counts a config's parameters without building it)"
+    )
+
+
 def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_share_qk: bool = True) -> None:
     """One clear error per bad constructor argument: its name, the value given, what is valid
     (``rotary``: the layer applies RoPE, which needs an even head size; ``conv_needs_share_qk``: its only
@@ -139,6 +180,8 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_sh
         raise ValueError(
             f"head_dim = hidden_size / num_heads = {hidden_size // num_heads} must be even (RoPE rotates pairs)"
         )
+    # its projections: q and k (one when shared), v and o, each [hidden_size, hidden_size]
+    check_weights_fit(3 * hidden_size * hidden_size, f"a layer of hidden_size={hidden_size}")
     mini_batch_size = args["mini_batch_size"]
     if mini_batch_size > MAX_MINI_BATCH_SIZE:
         raise ValueError(

@@ -20,7 +20,13 @@ from torch import nn
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from innerloop.core.functional import RMSNorm, apply_rope_interleaved, rope_cos_sin, rope_inverse_frequencies
-from innerloop.core.layer import check_device_and_dtype, check_norm_eps, check_positive_int, is_real
+from innerloop.core.layer import (
+    check_device_and_dtype,
+    check_norm_eps,
+    check_positive_int,
+    check_weights_fit,
+    is_real,
+)
 from innerloop.core.state import cat_rows, check_batch_rows, check_states, same_positions, take_rows
 
 
@@ -317,6 +323,7 @@ class CausalSelfAttention(nn.Module):
         if not is_real(norm_eps) or norm_eps <= 0:
             raise ValueError(f"norm_eps={norm_eps!r} must be a finite number > 0")
         check_norm_eps(norm_eps, torch.promote_types(torch.get_default_dtype(), torch.float32))
+        check_weights_fit(4 * hidden_size * hidden_size, f"an attention layer of hidden_size={hidden_size}")
         if not isinstance(qk_norm, bool):
             raise TypeError(f"qk_norm must be True or False, got {qk_norm!r}")
         self.hidden_size = hidden_size

@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -28,6 +27,7 @@ from innerloop.core.layer import (
     NORM_EPS_BOUND_WHY,
     TTTLayer,
     check_layer_arguments,
+    check_weights_fit,
 )
 from innerloop.models.attention import CausalSelfAttention
 from innerloop.registry import available, get_registry
@@ -651,24 +651,6 @@ def _check_ranges(where: str, config: Any, schema: type) -> None:
                 raise ValueError(f"{key}={value} must be {bounds.describe()}{why}")
 
 
-class ModelTooLargeError(ValueError):
-    """A model whose weights alone cannot fit in this machine's memory (:func:`check_fits_in_memory`)."""
-
-
-def machine_memory_bytes() -> int | None:
-    """This machine's memory and swap in bytes (``/proc/meminfo``'s MemTotal + SwapTotal; else the
-    physical pages); None where neither can be read."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            fields_kib = dict(line.split(":", 1) for line in meminfo if ":" in line)
-        return sum(int(fields_kib[k].split()[0]) * 1024 for k in ("MemTotal", "SwapTotal") if k in fields_kib)
-    except (OSError, ValueError):
-        try:
-            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, AttributeError):
-            return None
-
-
 def fewest_parameters(config: ModelConfig) -> int:
     """A lower bound on the parameters of the model ``config`` describes: its embedding table and its
     blocks' SwiGLU MLPs (every block has one), whatever the mixer."""
@@ -680,30 +662,14 @@ def fewest_parameters(config: ModelConfig) -> int:
 def check_fits_in_memory(
     config: ModelConfig, device: torch.device | None = None, dtype: torch.dtype | None = None
 ) -> None:
-    """Raise :class:`ModelTooLargeError` naming the sizes when the model ``config`` describes, built on
-    the CPU (torch's default device; the meta device allocates nothing), needs more memory for its
-    weights alone than this machine has (RAM and swap): each field is bounded, but their products are
-    not (``vocab_size=2**22, hidden_size=2**12`` is 64 GiB of float32 embedding), and building such a
-    model allocated until the allocator or the kernel's out-of-memory killer stopped it. ``device`` and
-    ``dtype``: where the weights go (default: torch's default device and dtype)."""
-    device = torch.get_default_device() if device is None else torch.device(device)
-    dtype = torch.get_default_dtype() if dtype is None else dtype
-    if device.type != "cpu":
-        return
-    memory = machine_memory_bytes()
-    count = fewest_parameters(config)
-    width = torch.empty((), dtype=dtype, device="meta").element_size()
-    if memory is None or count * width <= memory:
-        return
-    name = str(dtype).removeprefix("torch.")
+    """:func:`~innerloop.core.layer.check_weights_fit` of the model ``config`` describes (its
+    :func:`fewest_parameters`), naming its sizes: each field is bounded, but their products are not
+    (``vocab_size=2**22, hidden_size=2**12`` is 64 GiB of float32 embedding), and building such a model
+    allocated until the allocator or the kernel's out-of-memory killer stopped it."""
     sizes = ", ".join(
         f"{k}={getattr(config, k)}" for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers")
     )
-    raise ModelTooLargeError(
-        f"model ({sizes}) has at least {count:,} parameters: {count * width / 2**30:,.1f} GiB of {name} "
-        f"weights alone, more than this machine's {memory / 2**30:,.1f} GiB of memory (RAM and swap); give "
-        "smaller sizes (innerloop params counts a config's parameters without building it)"
-    )
+    check_weights_fit(fewest_parameters(config), f"model ({sizes})", device, dtype)
 
 
 def validate_model_config(config: ModelConfig) -> None:

@@ -21,6 +21,7 @@ from innerloop.data.tokenizer import (
     load_tokenizer,
     tokenizer_from_source,
 )
+from innerloop.interop import ttt_lm_pytorch
 from innerloop.models import CausalSelfAttention, ModelConfig, build_model, validate_model_config
 from innerloop.models.params import count_parameters
 from innerloop.train import LanguageModelModule, TextDataModule
@@ -225,3 +226,13 @@ def test_a_layer_whose_projections_exceed_the_machines_memory_is_one_line(monkey
         make()
     with torch.device("meta"):
         make()  # nothing is allocated there
+
+
+def test_the_reference_loader_refuses_an_empty_folder_not_the_current_directory(
+    tmp_path, monkeypatch
+) -> None:
+    """ttt_lm_pytorch.load_model('') read the current directory's config.json and weights."""
+    (tmp_path / "config.json").write_text('{"model_type": "ttt"}')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"folder '' is empty: give the folder save_pretrained wrote"):
+        ttt_lm_pytorch.load_model("")

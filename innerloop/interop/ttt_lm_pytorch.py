@@ -641,6 +641,8 @@ def read_model_folder(folder: str | Path) -> tuple[dict[str, Any], dict[str, tor
             "folder must be the path (str or os.PathLike) of a folder save_pretrained wrote, got "
             f"{type(folder).__name__} {folder!r:.80}"
         )
+    if not str(folder).strip():  # Path("") is the current directory, whose config.json was then read
+        raise ValueError(f"folder {str(folder)!r} is empty: give the folder save_pretrained wrote")
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{str(folder)!r} is not a folder (give the folder save_pretrained wrote)")

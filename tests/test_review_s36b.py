@@ -9,7 +9,7 @@ import torch
 
 from innerloop import TTTLayer, ops
 from innerloop.cli import _is_user_error
-from innerloop.config.load import ConfigError
+from innerloop.config.load import ConfigError, load_config
 from innerloop.core import layer as core_layer
 from innerloop.core.family_layers import FAMILY_LAYERS
 from innerloop.core.layer import ModelTooLargeError
@@ -236,3 +236,21 @@ def test_the_reference_loader_refuses_an_empty_folder_not_the_current_directory(
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=r"folder '' is empty: give the folder save_pretrained wrote"):
         ttt_lm_pytorch.load_model("")
+
+
+def test_a_weight_decay_that_zeroes_the_weights_at_each_step_is_refused() -> None:
+    """weight_decay=1000 with lr=1e-3 was accepted: AdamW multiplies every decayed weight by
+    1 - lr * weight_decay = 0 at each step, so the weights are only the last step's update, and the loss
+    stays finite (no divergence check stops it). The config and the module refuse it."""
+    small = {
+        "hidden_size": 16,
+        "num_heads": 2,
+        "num_layers": 1,
+        "intermediate_size": 32,
+        "mixer": "attention",
+    }
+    with pytest.raises(ValueError, match=r"weight_decay=1000 with lr=0.001: .* = 0 at every step"):
+        LanguageModelModule(small, lr=1e-3, weight_decay=1000.0, min_lr=0.0)
+    with pytest.raises(ConfigError, match=r"optim.lr \* optim.weight_decay must be < 1"):
+        load_config("tiny", ["optim.weight_decay=1000", "optim.lr=0.001", "optim.min_lr=0"])
+    LanguageModelModule(small, lr=1e-3, weight_decay=999.0, min_lr=0.0)  # 0.999: the user's choice

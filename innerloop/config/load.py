@@ -57,6 +57,7 @@ from innerloop.data.text import check_text_split, split_keys
 from innerloop.data.tokenizer import BYTES, Tokenizer, TokenizerError, load_tokenizer
 from innerloop.models.config import (
     check_keys,
+    check_weight_decay,
     field_types,
     unread_model_keys,
     validate_model_config,
@@ -991,6 +992,10 @@ def _check_schedules(run: RunConfig) -> None:
             f"optim.min_lr={optim.min_lr:g} must be <= optim.lr={optim.lr:g} (the schedule decays from "
             "optim.lr to optim.min_lr)"
         )
+    try:
+        check_weight_decay(optim.lr, optim.weight_decay, "optim.")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if optim.schedule == "wsd" and warmup_steps(run) + decay_steps(run) > max_steps:
         raise ConfigError(
             f"optim.schedule='wsd' warms up over optim.warmup_fraction={optim.warmup_fraction:g} and decays "

@@ -359,6 +359,18 @@ def checked_number(name: str, value: Any, kind: type, bounds: Bounds) -> int | f
     return plain
 
 
+def check_weight_decay(lr: float, weight_decay: float, prefix: str = "") -> None:
+    """``ValueError`` unless ``lr * weight_decay < 1``: AdamW's decoupled decay multiplies every decayed
+    weight by ``1 - lr * weight_decay`` at each step, which at 1 zeroes it and above flips its sign
+    (the loss stays finite, so nothing else stops the run). ``prefix``: ``"optim."`` in a config."""
+    if lr * weight_decay >= 1:
+        raise ValueError(
+            f"{prefix}weight_decay={weight_decay:g} with {prefix}lr={lr:g}: AdamW multiplies each decayed "
+            f"weight by 1 - lr * weight_decay = {1 - lr * weight_decay:g} at every step, which zeroes it or "
+            f"flips its sign; {prefix}lr * {prefix}weight_decay must be < 1 (the default 0.1 x 3e-3 is 3e-4)"
+        )
+
+
 AT_LEAST_1 = Bounds(1)
 AT_LEAST_0 = Bounds(0)
 POSITIVE = Bounds(0, low_open=True)

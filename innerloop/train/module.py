@@ -64,6 +64,7 @@ from innerloop.models.config import (
     POSITIVE,
     SEQ_LEN_BOUNDS,
     Bounds,
+    check_weight_decay,
     checked_number,
 )
 from innerloop.models.lm import check_token_ids
@@ -105,6 +106,7 @@ def _checked_hyperparameters(**arguments: Any) -> dict[str, Any]:
         raise ValueError(
             f"min_lr={checked['min_lr']} must be <= lr={checked['lr']} (the schedule decays from lr to min_lr)"
         )
+    check_weight_decay(checked["lr"], checked["weight_decay"])
     if checked["decay_steps"] > checked["max_steps"]:
         raise ValueError(
             f"decay_steps={checked['decay_steps']} must be in [0, max_steps={checked['max_steps']}]"

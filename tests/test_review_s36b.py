@@ -254,3 +254,17 @@ def test_a_weight_decay_that_zeroes_the_weights_at_each_step_is_refused() -> Non
     with pytest.raises(ConfigError, match=r"optim.lr \* optim.weight_decay must be < 1"):
         load_config("tiny", ["optim.weight_decay=1000", "optim.lr=0.001", "optim.min_lr=0"])
     LanguageModelModule(small, lr=1e-3, weight_decay=999.0, min_lr=0.0)  # 0.999: the user's choice
+
+
+def test_the_memory_bound_is_the_containers_limit_where_that_is_lower(tmp_path, monkeypatch) -> None:
+    """A container's cgroup limit (here 1 MB) was not read: a model far past it but within the host's
+    MemTotal was built until the container's out-of-memory killer stopped the process."""
+    limit, unlimited = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    limit.write_text("1000000\n")
+    unlimited.write_text("max\n")
+    monkeypatch.setattr(core_layer, "CGROUP_MEMORY_LIMITS", (str(limit), str(unlimited)))
+    assert core_layer.machine_memory_bytes() == 1_000_000
+    with pytest.raises(ModelTooLargeError, match=r"more than this machine's 0.0 GiB"):
+        TTTLayer(512, 4)  # 3 x 512 x 512 float32 is 3 MB
+    limit.write_text("max\n")
+    assert core_layer.machine_memory_bytes() > 1_000_000

@@ -128,18 +128,30 @@ class ModelTooLargeError(ValueError):
     """A model or layer whose weights alone cannot fit in this machine's memory (:func:`check_weights_fit`)."""
 
 
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+"""Where a container's memory limit is read (cgroup v2, then v1); ``max`` or a huge number: none."""
+
+
 def machine_memory_bytes() -> int | None:
-    """This machine's memory and swap in bytes (``/proc/meminfo``'s MemTotal + SwapTotal; else the
-    physical pages); None where neither can be read."""
+    """The memory this process may use, in bytes: ``/proc/meminfo``'s MemTotal + SwapTotal (else the
+    physical pages), or the container's cgroup limit where that is lower; None where none can be read."""
     try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:
             kib = dict(line.split(":", 1) for line in meminfo if ":" in line)
-        return sum(int(kib[k].split()[0]) * 1024 for k in ("MemTotal", "SwapTotal") if k in kib)
+        total = sum(int(kib[k].split()[0]) * 1024 for k in ("MemTotal", "SwapTotal") if k in kib)
     except (OSError, ValueError):
         try:
-            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError, AttributeError):
             return None
+    limits = [total]
+    for path in CGROUP_MEMORY_LIMITS:
+        try:
+            with open(path, encoding="ascii") as limit:
+                limits.append(int(limit.read().strip()))
+        except (OSError, ValueError):  # absent, or 'max'
+            continue
+    return min(limits)
 
 
 def check_weights_fit(

@@ -722,10 +722,21 @@ def is_safetensors_file(path: str | os.PathLike[str]) -> bool:
     return 0 < header_length <= size - 8 and start[8:9] == b"{"
 
 
+def _check_checkpoint_argument(path: Any) -> None:
+    """A TypeError naming ``checkpoint`` unless ``path`` is a str or ``os.PathLike``
+    (:func:`~innerloop.core.functional.check_path_argument`), and a :class:`CheckpointError` for an
+    empty one: ``Path('')`` is the current directory, and the error named ``'.'``, a path never given."""
+    check_path_argument(path, "checkpoint")
+    if not os.fspath(path).strip():
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)!r} is empty: give a checkpoint file (e.g. 'runs/tiny/last.safetensors')"
+        )
+
+
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`, verifying its checksum; raise
     :class:`CheckpointError` (one line naming the file and the problem) for any other file."""
-    check_path_argument(path, "checkpoint")
+    _check_checkpoint_argument(path)
     path = Path(path)
     name = repr(str(path))
     problem = checkpoint_path_problem(path)
@@ -805,7 +816,7 @@ def checkpoint_content_digest(path: str | os.PathLike[str]) -> str:
     """The checksum of the checkpoint's content, whatever the file is called: the one in its metadata
     (:func:`checkpoint_digest`; verified by :func:`load_checkpoint`, which should be called first), or
     for an old version-1 file without one the file's SHA-256."""
-    check_path_argument(path, "checkpoint")  # str(None) read as a file named 'None'
+    _check_checkpoint_argument(path)  # str(None) read as a file named 'None'
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             digest = (f.metadata() or {}).get(_DIGEST_KEY)
@@ -818,7 +829,7 @@ def checkpoint_identity(path: str | os.PathLike[str]) -> str:
     """``<file stem>-<first 8 hex digits of its content checksum>`` (:func:`checkpoint_content_digest`),
     e.g. ``last-1a2b3c4d``: names what was evaluated, so outputs of two checkpoints (even two
     ``last.safetensors``) never collide."""
-    check_path_argument(path, "checkpoint")
+    _check_checkpoint_argument(path)
     path = Path(path)
     digest = checkpoint_content_digest(path)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.name.removesuffix(CHECKPOINT_SUFFIX)).strip("-.") or "ckpt"
@@ -831,7 +842,7 @@ def checkpoint_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     its tokenizer is unknown), read from its metadata alone (the weights are not loaded or verified:
     :func:`load_checkpoint` does that). Raises :class:`CheckpointError` naming the file, as
     :func:`load_checkpoint` does."""
-    check_path_argument(path, "checkpoint")  # Path(None) failed in pathlib, naming no argument
+    _check_checkpoint_argument(path)  # Path(None) failed in pathlib, naming no argument
     name = repr(str(path))
     if not Path(path).is_file():
         load_checkpoint(path)  # raises the error of a missing file or a directory

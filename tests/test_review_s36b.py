@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from innerloop import TTTLayer, ops
+from innerloop.checkpoints import CheckpointError, checkpoint_identity, checkpoint_tokenizer
 from innerloop.cli import _is_user_error
 from innerloop.config.load import ConfigError, load_config
 from innerloop.core import layer as core_layer
@@ -24,7 +25,7 @@ from innerloop.data.tokenizer import (
 from innerloop.interop import ttt_lm_pytorch
 from innerloop.models import CausalSelfAttention, ModelConfig, build_model, validate_model_config
 from innerloop.models.params import count_parameters
-from innerloop.train import LanguageModelModule, TextDataModule
+from innerloop.train import LanguageModelModule, TextDataModule, load_checkpoint, load_module
 from innerloop.train.compare import compare
 
 
@@ -268,3 +269,10 @@ def test_the_memory_bound_is_the_containers_limit_where_that_is_lower(tmp_path, 
         TTTLayer(512, 4)  # 3 x 512 x 512 float32 is 3 MB
     limit.write_text("max\n")
     assert core_layer.machine_memory_bytes() > 1_000_000
+
+
+@pytest.mark.parametrize("load", [load_checkpoint, load_module, checkpoint_tokenizer, checkpoint_identity])
+def test_an_empty_checkpoint_path_is_named_as_given(load) -> None:
+    """load_checkpoint('') said "checkpoint '.' is a directory": a path the user never gave."""
+    with pytest.raises(CheckpointError, match=r"checkpoint '' is empty: give a checkpoint file"):
+        load("")

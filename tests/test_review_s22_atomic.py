@@ -439,3 +439,13 @@ def test_a_full_disk_is_one_line_naming_the_file_without_root(tmp_path, monkeypa
     assert error.count("\n") == 1 and "No space left on device" in error, error
     assert f"writing {str(out / 'tokenizer_config.json')!r} failed" in error, error
     assert not list(out.glob(".*.tmp"))  # the temporary went with the failed write
+
+
+@pytest.mark.parametrize("given", ["", "  "])
+def test_an_empty_path_is_refused_naming_it_as_given(given, tmp_path, monkeypatch):
+    # Path('') is the current folder: the refusal said "cannot write '.': it is a folder", a path never
+    # given (save_checkpoint(tree, ''), every atomic write of a path a user gives)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"cannot write {given!r}: the path is empty") as error:
+        atomic_write(given, lambda tmp: Path(tmp).write_text("x"))
+    assert error.value.errno == errno.ENOENT and list(tmp_path.iterdir()) == []

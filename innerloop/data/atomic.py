@@ -65,6 +65,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     process ends, even when it is killed): :func:`stale_temporaries` leaves alone a temporary file whose
     writer is alive, and finds those of a killed writer, which nothing else removes.
     """
+    if not os.fspath(path).strip():  # Path('') is the current folder: "it is a folder", a path never given
+        raise FileNotFoundError(
+            errno.ENOENT, f"cannot write {os.fspath(path)!r}: the path is empty; give a file name"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_dir():  # os.replace would fail after the write, naming the temporary file

@@ -82,6 +82,7 @@ def _results_commands() -> list[tuple[str, list[str]]]:
 def test_results_md_quotes_the_benchmarks_it_reports():
     names = sorted({name for name, _ in _results_commands()})
     assert names == [
+        "compile_speed",
         "decode_speed",
         "delta_speed",
         "e2e_demo",
@@ -159,8 +160,17 @@ def test_train_speed_ratios_in_results_md_follow_from_its_tables():
         assert _number(goals[row][0]) == pytest.approx(value, abs=0.011), row
 
 
+def test_compile_speed_ups_in_results_md_follow_from_their_columns():
+    compiled = RESULTS.split("## torch.compile on whole language models")[1]
+    rows = _table(compiled, "model")[2:]
+    assert len(rows) == 9  # three models, three workloads
+    for row in rows:  # compile_speed: eager ms / compiled ms
+        assert _number(row[4]) == pytest.approx(_number(row[2]) / _number(row[3]), abs=0.011), row[:2]
+
+
 def test_generate_and_delta_ratios_in_results_md_follow_from_their_columns():
-    for row in _table(RESULTS, "model")[2:]:  # generate_speed: tok/s @32768 / tok/s @1024
+    decoding = RESULTS.split("## Decoding through the language model")[1]
+    for row in _table(decoding, "model")[2:]:  # generate_speed: tok/s @32768 / tok/s @1024
         assert _number(row[5]) == pytest.approx(_number(row[2]) / _number(row[1]), abs=0.011), row[0]
     delta = _table(RESULTS.split("### DeltaNet")[1], "layer")[2:]  # the first "| layer |" is layer_speed's
     base = {r[1]: r for r in delta if r[0].startswith("TTT-Linear")}

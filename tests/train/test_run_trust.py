@@ -391,11 +391,13 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_a_checkpoint_it_can_resum
     tmp_path, capsys
 ) -> None:
     out = tmp_path / "run"
-    args = ["train", *TINY, "optim.lr=1000", "optim.grad_clip=0", "trainer.checkpoint_every=1",
+    # no weight decay: lr * weight_decay must be < 1 (8ea04ee); without it Adam's steps of about lr each
+    # take 7 steps to overflow here (lr 1000 had diverged through the decay, weights times 1 - 100)
+    args = ["train", *TINY, "optim.lr=3e6", "optim.weight_decay=0", "optim.grad_clip=0", "trainer.checkpoint_every=1",
             "trainer.max_steps=20", f"out_dir={out}"]  # fmt: skip
     assert main(args) == 2
     err = _one_error_line(capsys)
-    assert "training diverged" in err and "optim.lr (now 1000;" in err and "last finite training loss" in err
+    assert "training diverged" in err and "optim.lr (now 3e+06;" in err and "last finite training loss" in err
     assert "non_finite" not in err and "--resume" in err
     # the loss turns NaN, or the weights turn non-finite first (which one depends on float rounding)
     diverged_at = int(re.search(r"(?:is nan|hold NaN or inf) after (\d+) optimizer steps", err).group(1))
@@ -410,7 +412,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_a_checkpoint_it_can_resum
     if main(resume) == 0:
         assert load_checkpoint(out / "last.safetensors")["global_step"] == diverged_at
     else:
-        # After lr 1000 the kept weights can be so large that even a tiny step's gradient overflows
+        # After lr 3e6 the kept weights can be so large that even a tiny step's gradient overflows
         # (whether they are depends on float rounding: the compiled TTT-Linear scan reads one step
         # further than the fused torch path did): then the resume must say so the same way and keep
         # the checkpoint it started from, untouched.

@@ -882,6 +882,21 @@ def check_pairs_head_independent(
             assert_close(got_valid, wanted_valid, f"{what} (valid)", tolerance)
 
 
+def _check_forward_rows_alone(
+    model: InnerModel,
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    tolerance: float,
+    mismatch: Callable[[int, int], str],
+) -> None:
+    """``forward`` on every row of the leading dim of ``params`` and ``x`` at once equals ``forward`` on
+    each row alone; ``mismatch(row, rows)`` words a difference."""
+    whole = model.forward(params, x)
+    for row in range(x.shape[0]):
+        alone = model.forward({k: v[row : row + 1] for k, v in params.items()}, x[row : row + 1])
+        assert_close(whole[row : row + 1], alone, mismatch(row, x.shape[0]), tolerance)
+
+
 def check_forward_batch_independent(
     model: InnerModel, params: dict[str, torch.Tensor], x: torch.Tensor, tolerance: float = FLOAT64_TOLERANCE
 ) -> None:
@@ -891,16 +906,16 @@ def check_forward_batch_independent(
     batch = x.shape[0]
     if batch < 2:
         raise ValueError(f"check_forward_batch_independent needs x of batch >= 2, got batch {batch}")
-    whole = model.forward(params, x)
-    for row in range(batch):
-        alone = model.forward({k: v[row : row + 1] for k, v in params.items()}, x[row : row + 1])
-        assert_close(
-            whole[row : row + 1],
-            alone,
-            f"{model.name}: forward of sequence {row} in a batch of {batch} vs the sequence alone (an output "
-            "must not depend on the other sequences of the batch)",
-            tolerance,
-        )
+    _check_forward_rows_alone(
+        model,
+        params,
+        x,
+        tolerance,
+        lambda row, rows: (
+            f"{model.name}: forward of sequence {row} in a batch of {rows} vs the sequence alone "
+            "(an output must not depend on the other sequences of the batch)"
+        ),
+    )
 
 
 def check_forward_head_independent(
@@ -913,16 +928,16 @@ def check_forward_head_independent(
     heads = x.shape[0]
     if heads < 2:
         raise ValueError(f"check_forward_head_independent needs x of heads >= 2, got heads {heads}")
-    whole = model.forward(params, x)
-    for head in range(heads):
-        alone = model.forward({k: v[head : head + 1] for k, v in params.items()}, x[head : head + 1])
-        assert_close(
-            whole[head : head + 1],
-            alone,
-            f"{model.name}: forward of head {head} in a call of {heads} heads vs the head alone (each head is "
-            "a TTT layer of its own: an output must not depend on the other heads' weights or tokens)",
-            tolerance,
-        )
+    _check_forward_rows_alone(
+        model,
+        params,
+        x,
+        tolerance,
+        lambda row, rows: (
+            f"{model.name}: forward of head {row} in a call of {rows} heads vs the head alone "
+            "(each head is a TTT layer of its own: an output must not depend on the other heads' weights or tokens)"
+        ),
+    )
 
 
 def check_model_update_rule_batch_independent(rule: Any, tolerance: float = FLOAT64_TOLERANCE) -> None:

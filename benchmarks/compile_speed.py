@@ -39,11 +39,12 @@ import torch
 import torch.nn.functional as F
 
 from innerloop.core.functional import relative_error
-from innerloop.models import E2EConfig, ModelConfig, build_model
+from innerloop.models import E2EConfig, build_model
 from innerloop.models.config import TTTConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
 from cli_args import check_heads, json_path, positive_int, write_json  # noqa: E402
+from generate_speed import common_config  # noqa: E402
 from train_speed import cpu_description  # noqa: E402
 
 MODELS = {  # --models name -> table label
@@ -56,14 +57,7 @@ WORKLOADS = ("training step", "scoring", "decoding")
 
 def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     """One language model per requested entry of ``--models``, same shape, random weights."""
-    base = ModelConfig(
-        vocab_size=256,
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=args.heads,
-        intermediate_size=4 * args.hidden,
-        window=args.window,
-    )
+    base = common_config(args)
     changes = {
         "ttt": {"mixer": "ttt"},
         "ttt_mlp": {"mixer": "ttt", "ttt": TTTConfig(inner_model="mlp", base_lr=0.1)},

@@ -45,9 +45,10 @@ MIXERS = {  # --mixers name -> (table label, model config changes over the commo
 }
 
 
-def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
-    """One language model per requested mixer, in eval mode, same shape."""
-    base = ModelConfig(
+def common_config(args: argparse.Namespace) -> ModelConfig:
+    """The shape every compared model shares: a byte vocabulary, ``--hidden`` wide (MLPs 4x), ``--layers``
+    blocks of ``--heads`` heads, a ``--window`` for the mixers that keep one."""
+    return ModelConfig(
         vocab_size=256,
         hidden_size=args.hidden,
         num_layers=args.layers,
@@ -55,6 +56,11 @@ def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
         intermediate_size=4 * args.hidden,
         window=args.window,
     )
+
+
+def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
+    """One language model per requested mixer, in eval mode, same shape."""
+    base = common_config(args)
     models = {}
     for name in args.mixers:
         label, changes = MIXERS[name]

@@ -16,7 +16,8 @@ the same inputs:
 The warm-up runs every workload on both copies (its seconds are mostly the compiles, reported per model);
 then each round times every workload eagerly and compiled, back to back, and the table gives the median
 of ``--repeats`` rounds, the speed-up (eager time / compiled time) and how far the compiled output is from
-eager's (relative RMS error of the logits). Run it on a quiet machine.
+eager's (relative RMS error of the logits, and for the training step of each parameter's gradient too: the
+largest). Run it on a quiet machine.
 
     python benchmarks/compile_speed.py                     # TTT-Linear, TTT-MLP, TTT-E2E: minutes on 2 cores
     python benchmarks/compile_speed.py --models ttt --backend aot_eager
@@ -72,36 +73,42 @@ def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
 
 def workloads(
     model: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace
-) -> dict[str, Callable[[], torch.Tensor]]:
-    """Each workload of ``model`` as a call that returns the logits it computed."""
+) -> dict[str, Callable[[], tuple[torch.Tensor, ...]]]:
+    """Each workload of ``model`` as a call that returns what it computed: the logits (and for the
+    training step each parameter's gradient after them)."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     prompt, continuation = ids[:, : args.seq_len], ids[:, args.seq_len :]
 
-    def training_step() -> torch.Tensor:
+    def training_step() -> tuple[torch.Tensor, ...]:
         logits, _ = model(prompt)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), prompt[:, 1:].flatten())
-        torch.autograd.grad(loss, parameters)
-        return logits.detach()
+        return (logits.detach(), *torch.autograd.grad(loss, parameters))
 
     @torch.no_grad()
-    def scoring() -> torch.Tensor:
-        return model(prompt)[0]
+    def scoring() -> tuple[torch.Tensor, ...]:
+        return (model(prompt)[0],)
 
     with torch.no_grad():
         _, prefilled = model(prompt)  # every round decodes from this state (a model never changes it)
 
     @torch.no_grad()
-    def decoding() -> torch.Tensor:
+    def decoding() -> tuple[torch.Tensor, ...]:
         state, steps = prefilled, []
         for index in range(continuation.shape[1]):
             logits, state = model(continuation[:, index : index + 1], state)
             steps.append(logits)
-        return torch.cat(steps, dim=1)
+        return (torch.cat(steps, dim=1),)
 
     return {"training step": training_step, "scoring": scoring, "decoding": decoding}
 
 
-def timed(call: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
+def output_error(compiled: tuple[torch.Tensor, ...], eager: tuple[torch.Tensor, ...]) -> float:
+    """The largest relative error of a compiled workload's outputs (logits, gradients) against eager's,
+    each on its own scale: the logits' norm would hide a wrong gradient."""
+    return max(relative_error(c, e) for c, e in zip(compiled, eager, strict=True))
+
+
+def timed(call: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[float, tuple[torch.Tensor, ...]]:
     """Seconds of one call, and what it returned."""
     start = time.perf_counter()
     out = call()
@@ -131,7 +138,7 @@ def measure_model(model: torch.nn.Module, args: argparse.Namespace) -> dict[str,
                 elapsed, outputs[copy_name] = timed(by_workload[workload])
                 seconds[workload][copy_name].append(elapsed)
             errors[workload] = max(
-                errors.get(workload, 0.0), relative_error(outputs["compiled"], outputs["eager"])
+                errors.get(workload, 0.0), output_error(outputs["compiled"], outputs["eager"])
             )
     results: dict[str, dict[str, float]] = {"warm-up": {"seconds": warm_up}}
     for workload in WORKLOADS:

@@ -3,6 +3,7 @@ eagerly and compiled, reports the compiled logits' distance from eager's, and wr
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -28,3 +29,21 @@ def test_a_quick_run_prints_every_workload_with_the_compiled_error_and_writes_js
         assert row["speed_up"] == pytest.approx(row["eager_ms"] / row["compiled_ms"])
         assert row["relative_error"] < 1e-5  # compiled equals eager to float32 rounding
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+
+
+# reason: loading the script imports its benchmark helpers (~1 s of the ~1.5 s); the calls take ms
+@pytest.mark.slow
+def test_the_training_steps_error_covers_the_gradients_not_only_the_logits():
+    # review s36d: the error column compared the logits only; a compiled copy whose gradients were wrong
+    # (the training step's result) read 0.0e+00 for the training step
+    script = benchmark_script("compile_speed")
+    args = script.parse_args(["--quick"])
+    args.seq_len, args.tokens = 4, 1
+    eager = next(iter(script.build_models(args).values()))
+    wrong = copy.deepcopy(eager)
+    next(wrong.parameters()).register_hook(lambda grad: 2 * grad)
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(0))
+    steps = [script.workloads(m, ids, args)["training step"]() for m in (wrong, eager)]
+    assert script.output_error(*steps) > 0.5
+    scores = [script.workloads(m, ids, args)["scoring"]() for m in (wrong, eager)]
+    assert script.output_error(*scores) == 0.0

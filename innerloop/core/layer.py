@@ -148,10 +148,25 @@ def machine_memory_bytes() -> int | None:
     for path in CGROUP_MEMORY_LIMITS:
         try:
             with open(path, encoding="ascii") as limit:
-                limits.append(int(limit.read().strip()))
+                limits.append(int(limit.read().strip()) + _cgroup_swap_bytes(path))
         except (OSError, ValueError):  # absent, or 'max'
             continue
     return min(limits)
+
+
+def _cgroup_swap_bytes(limit_path: str) -> int:
+    """The swap a cgroup v2 group may use beside its ``memory.max`` (``memory.swap.max`` in the same
+    folder; 0 for v1, whose limit file is not ``memory.max``, or where none is readable): swap counts in
+    MemTotal + SwapTotal, so leaving it out of the container's bound refused a model that fits there.
+    ``max`` (unlimited) is the host's swap, which that total counts already: no bound from the cgroup."""
+    if os.path.basename(limit_path) != "memory.max":
+        return 0
+    try:
+        with open(os.path.join(os.path.dirname(limit_path), "memory.swap.max"), encoding="ascii") as swap:
+            text = swap.read().strip()
+    except OSError:
+        return 0
+    return 2**63 if text == "max" else int(text)
 
 
 def check_weights_fit(

@@ -238,7 +238,9 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_sh
             "frequencies theta^(-2i/head_dim) stay <= 1, so that every angle is finite; the paper's is 10000)"
         )
     if not is_real(args["norm_eps"]) or args["norm_eps"] <= 0:
-        raise ValueError(f"norm_eps must be a finite number > 0, got {args['norm_eps']!r}")
+        raise ValueError(
+            f"norm_eps must be a finite number in (0, {MAX_NORM_EPS:g}), got {args['norm_eps']!r}"
+        )
     check_norm_eps(args["norm_eps"], torch.promote_types(torch.get_default_dtype(), torch.float32))
     if not isinstance(args["non_finite"], str) or args["non_finite"] not in NON_FINITE_POLICIES:
         raise ValueError(f"non_finite must be one of {NON_FINITE_POLICIES}, got {args['non_finite']!r}")

@@ -27,6 +27,7 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 from innerloop.core.eager import run_eagerly
 from innerloop.core.layer import (
     MAX_MINI_BATCH_SIZE,
+    MAX_NORM_EPS,
     check_norm_eps,
     check_positive_int,
     is_real,
@@ -125,7 +126,7 @@ def _check_options(
     if isinstance(norm_eps, torch.Tensor) and norm_eps.numel() == 1 and not norm_eps.requires_grad:
         norm_eps = norm_eps.item()  # a 0-d tensor of the number
     if not is_real(norm_eps) or norm_eps <= 0:
-        raise ValueError(f"norm_eps must be a finite number > 0, got {norm_eps!r}")
+        raise ValueError(f"norm_eps must be a finite number in (0, {MAX_NORM_EPS:g}), got {norm_eps!r}")
     return mini_batch_size
 
 

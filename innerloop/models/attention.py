@@ -21,6 +21,7 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 
 from innerloop.core.functional import RMSNorm, apply_rope_interleaved, rope_cos_sin, rope_inverse_frequencies
 from innerloop.core.layer import (
+    MAX_NORM_EPS,
     check_device_and_dtype,
     check_norm_eps,
     check_positive_int,
@@ -321,7 +322,7 @@ class CausalSelfAttention(nn.Module):
         if not is_real(rope_theta) or rope_theta < 1:
             raise ValueError(f"rope_theta={rope_theta!r} must be a finite number >= 1 (the RoPE base)")
         if not is_real(norm_eps) or norm_eps <= 0:
-            raise ValueError(f"norm_eps={norm_eps!r} must be a finite number > 0")
+            raise ValueError(f"norm_eps={norm_eps!r} must be a finite number in (0, {MAX_NORM_EPS:g})")
         check_norm_eps(norm_eps, torch.promote_types(torch.get_default_dtype(), torch.float32))
         check_weights_fit(4 * hidden_size * hidden_size, f"an attention layer of hidden_size={hidden_size}")
         if not isinstance(qk_norm, bool):

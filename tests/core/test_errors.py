@@ -190,7 +190,7 @@ def test_numpy_scalars_are_numbers():
         ("base_lr", torch.tensor(1.0), "a finite number >= 0"),
         ("base_lr", 10**400, "a finite number >= 0"),
         ("rope_theta", np.float32(0.0), "a finite number >= 1"),
-        ("norm_eps", np.float32("inf"), "a finite number > 0"),
+        ("norm_eps", np.float32("inf"), r"a finite number in \(0, 1\)"),
         ("mini_batch_size", np.float64(4.0), "a positive integer"),
         ("mini_batch_size", np.bool_(True), "a positive integer"),
         ("conv_kernel", np.int64(0), "a positive integer"),

@@ -466,7 +466,7 @@ def test_an_unknown_kernel_fails_at_construction_listing_the_valid_ones():
         ("base_lr", -1.0, "base_lr must be a finite number >= 0, got -1.0"),
         ("rope_theta", 0.0, "rope_theta must be a finite number >= 1, got 0.0"),
         ("rope_theta", float("inf"), "rope_theta must be a finite number >= 1, got inf"),
-        ("norm_eps", -1e-6, "norm_eps must be a finite number > 0, got -1e-06"),
+        ("norm_eps", -1e-6, r"norm_eps must be a finite number in \(0, 1\), got -1e-06"),
         ("conv_kernel", True, "conv_kernel must be a positive integer, got True"),
         ("use_gate", "false", "use_gate must be True or False, got 'false'"),
         ("share_qk", 1, "share_qk must be True or False, got 1"),

@@ -50,7 +50,7 @@ def test_a_non_finite_momentum_is_refused() -> None:
 @pytest.mark.parametrize("norm_eps", [-1.0, 0.0, float("nan"), float("inf"), "1e-6", None, True])
 def test_a_bad_norm_eps_is_named(norm_eps) -> None:
     q, k, v, lr = _inputs()
-    with pytest.raises(ValueError, match=r"norm_eps must be a finite number > 0, got"):
+    with pytest.raises(ValueError, match=r"norm_eps must be a finite number in \(0, 1\), got"):
         scan(q, k, v, lr, mini_batch_size=2, norm_eps=norm_eps)
 
 

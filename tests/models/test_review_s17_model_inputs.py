@@ -43,7 +43,7 @@ D, H = 32, 4
         ({"hidden_size": 12, "num_heads": 5}, r"hidden_size \(12\) must be divisible by num_heads \(5\)"),
         ({"hidden_size": 12, "num_heads": 4}, r"head_dim = hidden_size / num_heads = 3 must be even"),
         ({"rope_theta": float("nan")}, r"rope_theta=nan must be a finite number >= 1"),
-        ({"norm_eps": 0}, r"norm_eps=0 must be a finite number > 0"),
+        ({"norm_eps": 0}, r"norm_eps=0 must be a finite number in \(0, 1\)"),
     ],
 )
 def test_attention_refuses_bad_arguments_by_name(kwargs: dict, message: str) -> None:

@@ -49,6 +49,7 @@ from innerloop.testing.checks import (
     check_token_loss_per_token,
     check_update_rule,
     check_update_rule_without_grad,
+    copy_views_and_carry,
     make_problem,
     warm_carry,
 )
@@ -309,8 +310,7 @@ def _inner_loss_smoke(loss: Any, name: str) -> tuple[Views, dict[str, torch.Tens
         carry = loss.init_carry(batch, heads, head_dim, views.key)
         # on copies: a loss that writes into what it is given is named by check_pairs_deterministic, which
         # needs the views and carry as they were made
-        copies = Views(*(t.clone() for t in (views.query, views.key, views.value)))
-        pairs = loss.pairs(copies, {k: _copy(v) for k, v in carry.items()})
+        pairs = loss.pairs(*copy_views_and_carry(views, carry))
     except Exception as error:
         raise PluginError(f"inner loss {name!r} failed its smoke test: {error!r}") from error
     _check_pairs_fields(name, pairs, expected, views.key.dtype)
@@ -331,11 +331,6 @@ def _inner_loss_smoke(loss: Any, name: str) -> tuple[Views, dict[str, torch.Tens
         )
     _check_loss_grad_runs(loss, name, pairs.targets)
     return views, carry
-
-
-def _copy(value: Any) -> Any:
-    """``value`` cloned if it is a tensor, else as it is."""
-    return value.clone() if isinstance(value, torch.Tensor) else value
 
 
 def _check_inner_loss(loss: Any, name: str) -> None:

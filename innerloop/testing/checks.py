@@ -637,6 +637,13 @@ def check_leaves_its_inputs(
     return result
 
 
+def copy_views_and_carry(views: Views, carry: dict[str, Any]) -> tuple[Views, dict[str, Any]]:
+    """Copies of ``views`` and of ``carry``'s tensors (its other entries as they are), for a call of a
+    loss that must not see, or write into, the originals."""
+    copies = Views(*(t.clone() for t in (views.query, views.key, views.value)))
+    return copies, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in carry.items()}
+
+
 def check_pairs_deterministic(loss: InnerLoss, views: Views, carry: dict[str, torch.Tensor]) -> None:
     """The same views and carry give the same pairs, validity and carry, bit for bit, and ``pairs``
     leaves the views and carry it is given as they are (:func:`check_leaves_its_inputs`).
@@ -644,11 +651,6 @@ def check_pairs_deterministic(loss: InnerLoss, views: Views, carry: dict[str, to
     A loss whose pairs depend on anything else (fresh noise, a counter) gives different numbers on
     the chunked, fused and decode paths, and its runs cannot be reproduced.
     """
-
-    def copy() -> tuple[Views, dict[str, torch.Tensor]]:
-        return Views(*(t.clone() for t in (views.query, views.key, views.value))), {
-            k: v.clone() for k, v in carry.items()
-        }
 
     inputs = {f"views.{n}": getattr(views, n) for n in ("query", "key", "value")}
     inputs.update({f"carry[{k!r}]": v for k, v in carry.items()})
@@ -663,7 +665,7 @@ def check_pairs_deterministic(loss: InnerLoss, views: Views, carry: dict[str, to
         "the views are the layer's projections, which every path reads, and the carry is part of a "
         "TTTState, which is immutable (a caller may continue it twice)",
     )
-    second = loss.pairs(*copy())
+    second = loss.pairs(*copy_views_and_carry(views, carry))
     differing = [
         field
         for field in ("inputs", "targets", "valid")
@@ -2068,6 +2070,7 @@ __all__ = [
     "check_reference_gradients",
     "check_update_rule_gradients_match_naive",
     "check_update_rule_without_grad",
+    "copy_views_and_carry",
     "check_rule_returns",
     "default_cuts",
     "MIXED_WRAPPINGS",

@@ -154,6 +154,16 @@ def machine_memory_bytes() -> int | None:
     return min(limits)
 
 
+def device_memory_bytes(device: torch.device) -> int | None:
+    """The memory a run on ``device`` may use: RAM and swap (or the container's limit) on the CPU, the
+    card's memory on CUDA; None where it cannot be told."""
+    if device.type == "cpu":
+        return machine_memory_bytes()
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return None
+
+
 def _cgroup_swap_bytes(limit_path: str) -> int:
     """The swap a cgroup v2 group may use beside its ``memory.max`` (``memory.swap.max`` in the same
     folder; 0 for v1, whose limit file is not ``memory.max``, or where none is readable): swap counts in

@@ -95,6 +95,7 @@ from innerloop.config.load import (
 )
 from innerloop.config.schema import DataConfig, RecallConfig, RunConfig
 from innerloop.core.functional import check_flag, positive_ints
+from innerloop.core.layer import ModelTooLargeError, device_memory_bytes
 from innerloop.data.atomic import (
     atomic_write_text,
     file_sha256,
@@ -592,6 +593,7 @@ def _train_in_locked_dir(
     # Ctrl-C: finish the step, save it, stop; whether this run had a checkpoint then
     interrupt = StopOnInterrupt(watch=(ckpt, out_dir / PENDING_CHECKPOINT))
     trainer = build_trainer(run, [TrainingThroughput(), interrupt, *callbacks])  # parameter counts, tokens/s
+    refuse_training_beyond_memory(module, trainer.strategy.root_device)
     check_named_kernels_train(run, module, trainer.strategy.root_device)
     _confirm_a_pending_start(trainer, start, ckpt)
     _warn_of_a_warm_up_longer_than_the_run(run)
@@ -1033,6 +1035,29 @@ def checkpoint_bytes_at_least(module: torch.nn.Module) -> int:
     tensors = [*module.parameters(), *module.buffers()]
     moments = sum(2 * 4 * p.numel() for p in module.parameters() if p.requires_grad)
     return sum(t.numel() * t.element_size() for t in tensors) + moments
+
+
+def training_bytes_at_least(module: torch.nn.Module) -> int:
+    """A lower bound on the memory training ``module`` holds: its parameters and buffers, a gradient
+    of each trainable parameter and AdamW's two float32 moments of it (activations come on top)."""
+    gradients = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    return checkpoint_bytes_at_least(module) + gradients
+
+
+def refuse_training_beyond_memory(module: torch.nn.Module, device: torch.device) -> None:
+    """Raise :class:`ModelTooLargeError` when training ``module`` on ``device`` needs more memory than
+    the device has (:func:`training_bytes_at_least`): the weights alone fit (checked when the model is
+    built), but gradients and AdamW's moments are three times more, and such a run was stopped by the
+    out-of-memory killer at its first step, without a message."""
+    need, memory = training_bytes_at_least(module), device_memory_bytes(device)
+    if memory is None or need <= memory:
+        return
+    count = sum(p.numel() for p in module.parameters())
+    raise ModelTooLargeError(
+        f"training this model ({count:,} parameters) needs at least {need / 2**30:,.1f} GiB on {device} "
+        f"(its weights, their gradients and AdamW's two moments), more than the {memory / 2**30:,.1f} GiB "
+        "there; give smaller model sizes (innerloop params counts a config's parameters)"
+    )
 
 
 def refuse_a_full_disk(out_dir: str | os.PathLike[str], module: torch.nn.Module) -> None:

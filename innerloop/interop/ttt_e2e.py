@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from innerloop.models import E2ELM, E2EConfig, ModelConfig, build_model
+from innerloop.models.config import MODEL_FIELD_BOUNDS, checked_number
 
 PREFIX = "language_model.model."
 """Where the official model keeps its weights in the saved tree."""
@@ -196,6 +197,19 @@ def _model_field(model: Mapping[str, Any], key: str, check: Callable[[Any], bool
     return value
 
 
+def _bounded(model: Mapping[str, Any], key: str, ours: str, kind: type, default: Any = None) -> Any:
+    """``model[key]`` (``default`` when absent and not None) as a ``kind`` inside the bounds of the
+    innerloop field ``ours`` it becomes (:data:`~innerloop.models.config.MODEL_FIELD_BOUNDS`), refused
+    naming the official field: building the model would name innerloop's (``model.norm_eps`` for
+    ``model.rms_norm_eps``), a key the official config does not have."""
+    value = model[key] if default is None else model.get(key, default)
+    try:
+        return checked_number(f"model.{key}", value, kind, MODEL_FIELD_BOUNDS[f"model.{ours}"])
+    except ValueError as err:
+        renamed = f" (innerloop's model.{ours})" if ours != key else ""
+        raise OfficialConfigError(f"{err}{renamed}") from None
+
+
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -353,7 +367,7 @@ def _check_inner_parameters(model: Mapping[str, Any], training: Mapping[str, Any
 def _shape(model: Mapping[str, Any]) -> dict[str, int]:
     """The ``model`` section's sizes as :class:`ModelConfig` fields."""
     shape = {
-        ours: _model_field(model, key, _positive_int, "a positive integer")
+        ours: _bounded(model, key, ours, int)
         for key, ours in (
             ("vocab_size", "vocab_size"),
             ("hidden_size", "hidden_size"),
@@ -388,9 +402,7 @@ def _e2e_options(
     model: Mapping[str, Any], training: Mapping[str, Any], layers: int, test_time_training: bool
 ) -> E2EConfig:
     """The :class:`E2EConfig` of the official config: the official code's choice for every option."""
-    chunk = _model_field(model, "mini_batch_size", _positive_int, "a positive integer (the chunk size)")
-    if chunk < 2:
-        raise OfficialConfigError(f"model.mini_batch_size={chunk} must be >= 2 (innerloop's chunk_size)")
+    chunk = _bounded(model, "mini_batch_size", "e2e.chunk_size", int)
     compute = model.get("compute_dtype", OPTIONAL_MODEL_FIELDS["compute_dtype"])
     if compute not in DTYPES:
         raise OfficialConfigError(f"model.compute_dtype={compute!r} must be one of {sorted(DTYPES)}")
@@ -457,14 +469,15 @@ def model_config(config: Mapping[str, Any], *, test_time_training: bool | None =
     _check_model_fields(model)
     _check_inner_parameters(model, training)
     shape = _shape(model)
-    positive = (lambda v: _finite_number(v) and v > 0, "a finite number > 0")
     return ModelConfig(
         mixer="e2e",
         **shape,
-        rope_theta=float(_model_field(model, "rope_theta", *positive)),
-        norm_eps=float(_model_field({"rms_norm_eps": 1e-6, **model}, "rms_norm_eps", *positive)),
+        rope_theta=_bounded(model, "rope_theta", "rope_theta", float),
+        norm_eps=_bounded(model, "rms_norm_eps", "norm_eps", float, OPTIONAL_MODEL_FIELDS["rms_norm_eps"]),
         tie_embeddings=_tied_head(model),
-        init_std=float(_model_field({"initializer_range": 0.02, **model}, "initializer_range", *positive)),
+        init_std=_bounded(
+            model, "initializer_range", "init_std", float, OPTIONAL_MODEL_FIELDS["initializer_range"]
+        ),
         e2e=_e2e_options(model, training, shape["num_layers"], test_time_training),
     )
 

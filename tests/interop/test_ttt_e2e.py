@@ -253,7 +253,9 @@ def test_a_config_file_in_yaml_reads_the_same(tmp_path) -> None:
     path.write_text(text + "checkpoint:\n  checkpoint_dir: ${deploy_paths.checkpoint}/x\n", encoding="utf-8")
     assert "rms_norm_eps: 1e-6" in text
     assert model_config(path).norm_eps == 1e-6
-    with pytest.raises(OfficialConfigError, match=r"model\.rms_norm_eps='small' must be a finite number > 0"):
+    with pytest.raises(
+        OfficialConfigError, match=r"model\.rms_norm_eps='small' \(str\) must be a finite number in \(0, 1\)"
+    ):
         model_config(with_field("model", "rms_norm_eps", "small"))
     with pytest.raises(FileNotFoundError, match="is not a file"):
         model_config(tmp_path / "absent.yaml")
@@ -400,8 +402,13 @@ def with_field(section: str, key: str, value) -> dict:
         ("model", "suffix_len", 0, r"model\.suffix_len=0 must be a positive integer"),
         ("model", "suffix_len", 5, r"model\.suffix_len=5 must be at most model\.num_hidden_layers=4"),
         ("model", "mini_batch_size", 1, r"model\.mini_batch_size=1 must be >= 2"),
-        ("model", "hidden_size", 64.5, r"model\.hidden_size=64\.5 must be a positive integer"),
-        ("model", "rope_theta", -1.0, r"model\.rope_theta=-1\.0 must be a finite number > 0"),
+        (
+            "model",
+            "hidden_size",
+            64.5,
+            r"model\.hidden_size=64\.5 \(float\) must be an integer in \[1, 16777216\]",
+        ),
+        ("model", "rope_theta", -1.0, r"model\.rope_theta=-1\.0 must be >= 1"),
         (
             "model",
             "num_attention_heads",

@@ -1,0 +1,38 @@
+"""Review s37d (grader of issues 5, 15, 12, 14): regression tests for what the review found."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from innerloop.interop.ttt_e2e import OfficialConfigError, model_config
+
+E2E_CONFIG = json.loads((Path(__file__).parent / "data" / "e2e" / "config.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize(
+    "key, value, valid",
+    [
+        ("rms_norm_eps", 1.5, "in (0, 1)"),
+        ("num_hidden_layers", 10**6, "in [1, 65536]"),
+        ("num_attention_heads", 0, ">= 1"),
+        ("sliding_window_size", 0, ">= 1"),
+        ("vocab_size", 2**30, "in [1, 16777216]"),
+        ("rope_theta", 0.5, ">= 1"),
+        ("initializer_range", float("inf"), "> 0"),
+        ("mini_batch_size", 1, ">= 2"),
+    ],
+)
+def test_an_official_config_value_out_of_range_is_named_by_its_official_field(key, value, valid) -> None:
+    """The official loader names the field of the config the user gave (model.rms_norm_eps), not the
+    innerloop field it becomes (model.norm_eps was named, a key the official config does not have)."""
+    config = copy.deepcopy(E2E_CONFIG)
+    config["model"][key] = value
+    with pytest.raises(OfficialConfigError) as caught:
+        model_config(config)
+    message = str(caught.value)
+    assert message.startswith(f"model.{key}="), message
+    assert valid in message and "\n" not in message, message

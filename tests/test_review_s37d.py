@@ -36,3 +36,24 @@ def test_an_official_config_value_out_of_range_is_named_by_its_official_field(ke
     message = str(caught.value)
     assert message.startswith(f"model.{key}="), message
     assert valid in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize(
+    "key, value, valid",
+    [
+        ("rms_norm_eps", 1.5, r"a finite number in \(0, 1\)"),
+        ("num_hidden_layers", 10**6, r"an integer in \[1, 65536\]"),
+        ("vocab_size", 2**30, r"an integer in \[1, 16777216\]"),
+        ("rope_theta", 0.5, r"a finite number >= 1"),
+    ],
+)
+def test_a_reference_config_value_out_of_range_is_named_by_its_reference_field(key, value, valid) -> None:
+    """The same for ttt-lm-pytorch's TTTConfig: refused by its field's name (it was accepted, and building
+    the model named innerloop's model.norm_eps / model.num_layers)."""
+    from innerloop.interop.ttt_lm_pytorch import model_config as reference_model_config
+
+    config = dict(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    with pytest.raises(ValueError, match=rf"^config field '{key}' must be {valid}"):
+        reference_model_config({**config, key: value})

@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file
 
 from innerloop.core.layer import TTTLayer
-from innerloop.models.config import ModelConfig, TTTConfig
+from innerloop.models.config import MODEL_FIELD_BOUNDS, ModelConfig, TTTConfig
 from innerloop.models.lm import CausalLM
 
 
@@ -60,6 +60,25 @@ def _real(minimum: float, *, inclusive: bool) -> Callable[[Any], str | None]:
         if value < minimum or (value == minimum and not inclusive):
             return f"a finite number {'>=' if inclusive else '>'} {minimum}"
         return None
+
+    return check
+
+
+def _within(key: str, kind: type) -> Callable[[Any], str | None]:
+    """A check of a field that becomes the :class:`ModelConfig` field ``key``: a ``kind`` (an integral
+    float counts as an int, as :func:`_integer` reads it) inside its :data:`MODEL_FIELD_BOUNDS`, so that
+    a value innerloop cannot build is refused naming the reference's field, not innerloop's."""
+    bounds = MODEL_FIELD_BOUNDS[key]
+
+    def check(value: Any) -> str | None:
+        if kind is int:
+            valid = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+        else:
+            valid = isinstance(value, numbers.Real) and math.isfinite(value)
+        if not isinstance(value, bool) and valid and value in bounds:
+            return None
+        why = f" ({bounds.why})" if bounds.why else ""
+        return f"{'an integer' if kind is int else 'a finite number'} {bounds.describe()}{why}"
 
     return check
 
@@ -85,29 +104,29 @@ def _token_id(value: Any) -> str | None:
 
 #: Every argument of the reference ``TTTConfig.__init__`` (ttt.py), with what a valid value is.
 TTT_CONFIG_FIELDS: dict[str, Callable[[Any], str | None]] = {
-    "vocab_size": _integer(1),
-    "hidden_size": _integer(1),
-    "intermediate_size": _integer(1),
-    "num_hidden_layers": _integer(1),
-    "num_attention_heads": _integer(1),
+    "vocab_size": _within("model.vocab_size", int),
+    "hidden_size": _within("model.hidden_size", int),
+    "intermediate_size": _within("model.intermediate_size", int),
+    "num_hidden_layers": _within("model.num_layers", int),
+    "num_attention_heads": _within("model.num_heads", int),
     "hidden_act": _string,
     "max_position_embeddings": _integer(1),
     "initializer_range": _real(0.0, inclusive=True),
-    "rms_norm_eps": _real(0.0, inclusive=False),
+    "rms_norm_eps": _within("model.norm_eps", float),
     "use_cache": _boolean,
     "pad_token_id": _token_id,
     "bos_token_id": _token_id,
     "eos_token_id": _token_id,
     "pretraining_tp": _integer(1),
     "tie_word_embeddings": _boolean,
-    "rope_theta": _real(0.0, inclusive=False),
+    "rope_theta": _within("model.rope_theta", float),
     "use_gate": _boolean,
     "share_qk": _boolean,
     "ttt_layer_type": _one_of("linear", "mlp"),
-    "ttt_base_lr": _real(0.0, inclusive=True),
-    "mini_batch_size": _integer(1),
+    "ttt_base_lr": _within("model.ttt.base_lr", float),
+    "mini_batch_size": _within("model.ttt.mini_batch_size", int),
     "pre_conv": _boolean,
-    "conv_kernel": _integer(1),
+    "conv_kernel": _within("model.ttt.conv_kernel", int),
     "scan_checkpoint_group_size": _integer(0),
 }
 

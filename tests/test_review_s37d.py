@@ -6,9 +6,12 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from innerloop.interop.ttt_e2e import OfficialConfigError, model_config
+from innerloop.models import E2EConfig, ModelConfig, build_model
 
 E2E_CONFIG = json.loads((Path(__file__).parent / "data" / "e2e" / "config.json").read_text(encoding="utf-8"))
 
@@ -57,3 +60,26 @@ def test_a_reference_config_value_out_of_range_is_named_by_its_reference_field(k
     )
     with pytest.raises(ValueError, match=rf"^config field '{key}' must be {valid}"):
         reference_model_config({**config, key: value})
+
+
+@pytest.mark.parametrize("progress", [None, 1j, torch.tensor([0.5, 0.2]), torch.tensor(True), [0.5]])
+def test_set_outer_progress_names_progress_for_what_is_not_one_number(progress) -> None:
+    """None, a complex, a tensor of two values, a bool tensor or a list raised float()'s or torch's own
+    message ("float() argument must be a string or a real number, not 'NoneType'", "only one element
+    tensors can be converted to Python scalars"), naming neither the argument nor what is valid."""
+    model = _e2e_model()
+    model.set_outer_progress(0.25)
+    with pytest.raises(TypeError, match=r"^progress must be a number in \[0, 1\], got "):
+        model.set_outer_progress(progress)
+    assert float(model.outer_progress) == 0.25  # unchanged
+    for number in (np.float32(0.5), torch.tensor(0.75), 1):  # one number of any kind is still read
+        model.set_outer_progress(number)
+        assert float(model.outer_progress) == float(number)
+
+
+def _e2e_model():
+    config = ModelConfig(
+        mixer="e2e", vocab_size=16, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8, window=4,
+        e2e=E2EConfig(chunk_size=2),
+    )  # fmt: skip
+    return build_model(config)

@@ -31,6 +31,7 @@ reads an arbitrarily long sequence piece by piece in constant memory.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
@@ -621,9 +622,14 @@ class E2ELM(nn.Module):
         A finite value outside [0, 1] is clamped to it (a step past ``max_steps`` is fully warmed up);
         nan and +-inf are refused with a ``ValueError``.
         """
-        if isinstance(progress, (str, bytes, bool)):
+        one_number = (
+            progress.numel() == 1 and not progress.dtype.is_complex and progress.dtype != torch.bool
+            if isinstance(progress, torch.Tensor)
+            else isinstance(progress, numbers.Real) and not isinstance(progress, bool)
+        )
+        if not one_number:  # float() of None, a complex or a longer tensor named neither progress nor [0, 1]
             raise TypeError(
-                f"progress must be a number in [0, 1], got {progress!r} ({type(progress).__name__})"
+                f"progress must be a number in [0, 1], got {progress!r:.80} ({type(progress).__name__})"
             )
         value = float(progress)
         if not math.isfinite(value):

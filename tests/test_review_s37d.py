@@ -83,3 +83,21 @@ def _e2e_model():
         e2e=E2EConfig(chunk_size=2),
     )  # fmt: skip
     return build_model(config)
+
+
+@pytest.mark.parametrize("outer_loss", ["chunk_mean", "token_mean"])
+def test_the_e2e_training_loss_reads_int32_targets_and_names_bad_ones(outer_loss) -> None:
+    """E2ELM.training_loss (both outer losses; the model reads int32 ids) took int32 targets to torch's
+    "expected target dtype to be Long or Byte", float targets the same, and token_mean a length off by
+    one to "Expected input batch_size (18) to match target batch_size (16)"."""
+    model = _e2e_model()
+    model.config.e2e.outer_loss = outer_loss
+    logits, targets = torch.randn(2, 9, 16), torch.randint(0, 16, (2, 9))
+    expected = model.training_loss(logits, targets, -100)
+    assert torch.equal(model.training_loss(logits, targets.int(), -100), expected)
+    with pytest.raises(
+        TypeError, match=r"^targets must be a tensor of integer token ids .*got dtype torch.float32"
+    ):
+        model.training_loss(logits, targets.float(), -100)
+    with pytest.raises(ValueError, match=r"^logits must be \[.*got logits \(2, 9, 16\) and targets \(2, 8\)"):
+        model.training_loss(logits, targets[:, :8], -100)

@@ -303,11 +303,33 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return diff / scale
 
 
+def integer_targets(logits: torch.Tensor, targets: Any) -> torch.Tensor:
+    """``targets`` as int64 for a cross-entropy of ``logits [..., V]``: a tensor of integer ids (int32 ones
+    too) shaped as the logits without their last dimension; else one error naming ``targets`` (torch's
+    were "expected target dtype to be Long or Byte" for int32 ids and "Expected input batch_size (18) to
+    match target batch_size (16)" for a length off by one)."""
+    if (
+        not isinstance(targets, torch.Tensor)
+        or targets.dtype == torch.bool
+        or targets.is_floating_point()
+        or (targets.is_complex())
+    ):
+        kind = f"dtype {targets.dtype}" if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise TypeError(f"targets must be a tensor of integer token ids (or the ignore index), got {kind}")
+    if tuple(logits.shape[:-1]) != tuple(targets.shape):
+        raise ValueError(
+            f"logits must be [..., V] and targets [...] (the logits' shape without V), got logits "
+            f"{tuple(logits.shape)} and targets {tuple(targets.shape)}"
+        )
+    return targets.long()
+
+
 def mean_scored_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Mean cross-entropy of ``logits [..., V]`` against ``targets [...]`` over the targets that are not
-    ``ignore_index``; 0, attached to the graph (zero gradients), where none is left to score, not the
-    mean over nothing, NaN, which would fill every gradient with NaN."""
-    targets = targets.reshape(-1)
+    """Mean cross-entropy of ``logits [..., V]`` against ``targets [...]`` (integer ids,
+    :func:`integer_targets`) over the targets that are not ``ignore_index``; 0, attached to the graph
+    (zero gradients), where none is left to score, not the mean over nothing, NaN, which would fill every
+    gradient with NaN."""
+    targets = integer_targets(logits, targets).reshape(-1)
     total = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets, ignore_index=ignore_index, reduction="sum"
     )
@@ -333,11 +355,12 @@ def chunk_mean_cross_entropy(
     and ``T`` a multiple of ``chunk_size`` this is :func:`mean_scored_cross_entropy`.
     """
     check_positive_int("chunk_size", chunk_size)
-    if targets.dim() != 2 or logits.shape[:-1] != targets.shape:
+    if not isinstance(targets, torch.Tensor) or targets.dim() != 2 or logits.shape[:-1] != targets.shape:
+        shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
         raise ValueError(
-            f"logits must be [B, T, V] and targets [B, T], got logits {tuple(logits.shape)} and "
-            f"targets {tuple(targets.shape)}"
+            f"logits must be [B, T, V] and targets [B, T], got logits {tuple(logits.shape)} and targets {shape}"
         )
+    targets = integer_targets(logits, targets)
     batch, tokens = targets.shape
     scored = targets != ignore_index
     if skip_target_id is not None:

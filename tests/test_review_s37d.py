@@ -101,3 +101,16 @@ def test_the_e2e_training_loss_reads_int32_targets_and_names_bad_ones(outer_loss
         model.training_loss(logits, targets.float(), -100)
     with pytest.raises(ValueError, match=r"^logits must be \[.*got logits \(2, 9, 16\) and targets \(2, 8\)"):
         model.training_loss(logits, targets[:, :8], -100)
+
+
+def test_stream_losses_and_the_next_token_loss_read_int32_ids() -> None:
+    """The model reads int32 token ids (forward, stream); stream_losses of int32 pieces, and the registered
+    next_token inner loss given int32 ids, raised torch's "expected target dtype to be Long or Byte"."""
+    model = _e2e_model()
+    ids = torch.randint(0, 16, (2, 9), generator=torch.Generator().manual_seed(0))
+    expected = torch.cat(list(model.stream_losses(ids.split(3, dim=1))), dim=1)
+    assert torch.equal(torch.cat(list(model.stream_losses(ids.int().split(3, dim=1))), dim=1), expected)
+    logits = torch.randn(2, 2, 16)
+    assert torch.equal(
+        model.inner_loss.chunk_loss(logits, ids[:, :3].int()), model.inner_loss.chunk_loss(logits, ids[:, :3])
+    )

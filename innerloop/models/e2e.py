@@ -1191,7 +1191,9 @@ class E2ELM(nn.Module):
                 else:
                     targets = piece[:, 1:]
                 scored = logits[:, : targets.shape[1]]
-                losses = F.cross_entropy(scored.transpose(1, 2), targets, reduction="none")  # [B, n']
+                # int64 targets: a piece of int32 ids, which the model reads, was torch's "expected target
+                # dtype to be Long or Byte" here
+                losses = F.cross_entropy(scored.transpose(1, 2), targets.long(), reduction="none")  # [B, n']
             yield losses
             last_logits = logits[:, -1:]
 

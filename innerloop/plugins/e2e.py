@@ -48,7 +48,9 @@ class NextTokenChunkLoss(ModelInnerLoss):
         targets = input_ids[:, 1:]  # [B, pairs]
         valid = targets >= 0
         per_token = F.cross_entropy(
-            logits[:, :pairs].transpose(1, 2), targets.clamp_min(0), reduction="none"
+            logits[:, :pairs].transpose(1, 2),
+            targets.clamp_min(0).long(),
+            reduction="none",  # int32 ids too
         )  # [B, pairs]
         # the masked mean whether or not a target is masked: asking which would read a value from the
         # device (a host sync per chunk on a GPU) and give the same number

@@ -114,3 +114,15 @@ def test_stream_losses_and_the_next_token_loss_read_int32_ids() -> None:
     assert torch.equal(
         model.inner_loss.chunk_loss(logits, ids[:, :3].int()), model.inner_loss.chunk_loss(logits, ids[:, :3])
     )
+
+
+def test_the_official_config_may_be_hydras_own_dictconfig() -> None:
+    """Hydra hands its user a DictConfig, whose lists are ListConfigs: load_model(..., cfg) was refused with
+    "training.spec_inner must be a list of strings, got ['language_model.**...']" (a list of strings, as
+    printed). It now reads as its YAML file does, interpolations resolved where they resolve."""
+    from omegaconf import OmegaConf
+
+    assert model_config(OmegaConf.create(E2E_CONFIG)) == model_config(E2E_CONFIG)
+    config = copy.deepcopy(E2E_CONFIG)
+    config["training"]["ilr_warmup_steps"] = "${training.total_steps}"
+    assert model_config(OmegaConf.create(config)).e2e.inner_lr_warmup_fraction == 0.999

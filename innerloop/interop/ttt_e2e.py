@@ -141,14 +141,19 @@ def _resolved_where_possible(config: Any) -> Any:
 
 
 def read_config(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
-    """The official resolved Hydra config as a dict: ``config`` itself, or read from a YAML or JSON file.
+    """The official resolved Hydra config as a dict: ``config`` itself (a mapping, or Hydra's ``DictConfig``,
+    read as its YAML file is), or read from a YAML or JSON file.
 
     It must have the ``model`` and ``training`` sections (``train ... --cfg job --resolve`` prints it;
     Hydra writes it to a run's ``.hydra/config.yaml`` with its interpolations, which are resolved here
     where they resolve outside Hydra).
     """
-    if isinstance(config, Mapping):
-        data: Any = dict(config)
+    if OmegaConf.is_config(
+        config
+    ):  # Hydra's own cfg: its lists are ListConfigs, its ${...} resolve as YAML's
+        data: Any = _resolved_where_possible(config)
+    elif isinstance(config, Mapping):
+        data = dict(config)
     else:
         if not isinstance(config, (str, os.PathLike)):
             raise TypeError(
@@ -769,7 +774,7 @@ def load_model(
 
     Args:
         checkpoint_dir: ``.../checkpoint/<step>``, or its parent (the latest step is read).
-        config: the official resolved Hydra config (a dict, or a YAML/JSON file): its ``model`` section
+        config: the official resolved Hydra config (a dict, Hydra's ``DictConfig``, or a YAML/JSON file): its ``model`` section
             and the ``training`` section's ``optimizer_inner``, ``spec_inner`` and inner-lr warm-up.
         test_time_training: None (default) follows the config's ``training.train_mode`` (``meta``: on;
             ``pretrain``: the plain model, every block chunk by chunk, prime MLPs frozen); True or

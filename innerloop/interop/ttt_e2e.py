@@ -148,12 +148,12 @@ def read_config(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
     Hydra writes it to a run's ``.hydra/config.yaml`` with its interpolations, which are resolved here
     where they resolve outside Hydra).
     """
-    if OmegaConf.is_config(
-        config
-    ):  # Hydra's own cfg: its lists are ListConfigs, its ${...} resolve as YAML's
+    # Hydra's own cfg (or a mapping of its sections, {"model": cfg.model, ...}): its lists are ListConfigs
+    # and its ${...} resolve as its YAML file's do
+    if OmegaConf.is_config(config):
         data: Any = _resolved_where_possible(config)
     elif isinstance(config, Mapping):
-        data = dict(config)
+        data = {k: _resolved_where_possible(v) if OmegaConf.is_config(v) else v for k, v in config.items()}
     else:
         if not isinstance(config, (str, os.PathLike)):
             raise TypeError(

@@ -750,9 +750,11 @@ class E2ELM(nn.Module):
         warnings.warn(
             f"TTT-E2E training on sequences of {length} tokens (data.seq_len in `innerloop train`), at "
             f"most one chunk (model.e2e.chunk_size={e2e.chunk_size}): every logit is scored before the "
-            "chunk's inner step, so no inner step reaches the outer loss and training is then exactly "
-            "the sliding-window baseline (model.e2e.test_time_training=false). Use data.seq_len > "
-            "model.e2e.chunk_size (several chunks) to train test-time training",
+            "chunk's inner step, so if the sequence ends there no inner step reaches the outer loss and "
+            "training is exactly the sliding-window baseline (model.e2e.test_time_training=false). Use "
+            "data.seq_len > model.e2e.chunk_size (several chunks) to train test-time training; a "
+            "sequence fed in pieces, each continuing from the returned state, is trained through this "
+            "chunk's step (filter OneChunkTrainingWarning there)",
             OneChunkTrainingWarning,
             stacklevel=2,
         )

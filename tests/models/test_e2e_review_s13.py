@@ -205,6 +205,8 @@ def test_training_on_sequences_of_at_most_one_chunk_warns_once(chunk_targets) ->
     assert "sequences of 4 tokens (data.seq_len in `innerloop train`)" in message
     assert "model.e2e.chunk_size=4" in message
     assert "exactly the sliding-window baseline (model.e2e.test_time_training=false)" in message
+    # a first piece that short is no mistake where later pieces continue from its state (s37d)
+    assert "a sequence fed in pieces, each continuing from the returned state, is trained" in message
     assert one_chunk_warnings(model, 3) == []  # once per model
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, NoReturn
@@ -249,9 +249,24 @@ def make_problem(
     return InnerProblem(state, task, views, lr, tau.clamp_min(0.0), decays, momenta)
 
 
+def _is_sequence_of_points(cut_points: object) -> bool:
+    """Whether ``cut_points`` can hold token indices: a list, tuple, range, 1-D array or tensor (not a
+    str, a mapping, a 0-d tensor or a single number, whose iteration would fail or mean something else)."""
+    if isinstance(cut_points, torch.Tensor):
+        return cut_points.dim() == 1
+    if isinstance(cut_points, (str, bytes, Mapping)) or getattr(cut_points, "ndim", 1) != 1:
+        return False
+    return isinstance(cut_points, Iterable)
+
+
 def _cut_indices(cut_points: list[int], caller: str) -> list[int]:
     """``cut_points`` as ints (numpy and 0-d torch integers are integers); a TypeError naming ``caller``
-    if one is not an integer."""
+    if it is not a sequence of them (None, one int, a str or a mapping included) or one is not an integer."""
+    if not _is_sequence_of_points(cut_points):
+        raise TypeError(
+            f"{caller}: cut_points must be a list of token indices (ints, e.g. [5, 12]; [] for no cut), "
+            f"got {type(cut_points).__name__} {cut_points!r}"
+        )
     points = [as_index(p) for p in cut_points]
     if None in points:
         raise TypeError(f"{caller}: cut_points must be a list of token indices (ints), got {cut_points!r}")

@@ -39,3 +39,37 @@ def test_cut_points_in_any_sequence_still_cut(layer_and_input, cut_points) -> No
         whole, _ = layer(x)
         pieces, _ = run_layer_in_chunks(layer, x, cut_points)
     torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_e2e():
+    from innerloop.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        mixer="e2e", hidden_size=8, num_heads=2, num_layers=4, intermediate_size=16, vocab_size=16
+    )
+    return build_model(config)
+
+
+@pytest.mark.parametrize("method", ["stream", "stream_losses"])
+@pytest.mark.parametrize("pieces", [None, 5, "ab", torch.ones(1, 5, dtype=torch.long)], ids=repr)
+def test_e2e_streaming_pieces_that_are_not_an_iterable_of_pieces_are_one_line(
+    tiny_e2e, method, pieces
+) -> None:
+    """E2ELM.stream / stream_losses(None) gave Python's bare "'NoneType' object is not iterable"; one
+    [B, T] tensor (the ids themselves, not their pieces) was iterated row by row and blamed as
+    'pieces[0] must be [batch, length], got shape (5,)'."""
+    with pytest.raises(
+        TypeError, match=rf"{method}: pieces must be an iterable of token id tensors \[batch, length\]"
+    ):
+        list(getattr(tiny_e2e, method)(pieces))
+
+
+def test_e2e_streaming_still_takes_any_iterable_of_pieces(tiny_e2e) -> None:
+    ids = torch.randint(0, 16, (1, 5))
+    with torch.no_grad():
+        whole, _ = tiny_e2e(ids)
+    for pieces in (iter(ids.split(3, dim=1)), ids[None]):  # an iterator; a [P, B, n] tensor of pieces
+        logits = torch.cat([out for out, _ in tiny_e2e.stream(pieces)], dim=1)
+        torch.testing.assert_close(logits, whole)

@@ -533,6 +533,24 @@ def _check_chunk_losses(loss: ModelInnerLoss, losses: object, logits: torch.Tens
     )
 
 
+def _checked_pieces(pieces: Any, caller: str) -> Iterable[torch.Tensor]:
+    """``pieces`` if it can be an iterable of ``[B, n]`` id tensors, else a TypeError naming ``caller``:
+    not iterable (None, an int), or one id tensor ``[B, T]`` (iterating it reads its rows, which
+    ``pieces[0] must be [batch, length]`` would then blame), or a str."""
+    single = isinstance(pieces, torch.Tensor) and pieces.dim() <= 2
+    if single or isinstance(pieces, (str, bytes)) or not isinstance(pieces, Iterable):
+        given = (
+            f"a tensor of shape {list(pieces.shape)}"
+            if isinstance(pieces, torch.Tensor)
+            else f"{type(pieces).__name__} {pieces!r}"
+        )
+        raise TypeError(
+            f"{caller}: pieces must be an iterable of token id tensors [batch, length], e.g. "
+            f"ids.split(16, dim=1) or [ids] for one piece; got {given}"
+        )
+    return pieces
+
+
 class E2ELM(nn.Module):
     """The TTT-E2E language model (see the module docstring).
 
@@ -1166,7 +1184,7 @@ class E2ELM(nn.Module):
         The model runs without autograd: grad mode is set around each call, not by decorating this
         generator (torch's wrapper printed a traceback at interpreter exit for an iterator left half read).
         """
-        for i, piece in enumerate(pieces):
+        for i, piece in enumerate(_checked_pieces(pieces, "stream")):
             check_token_ids(piece, self.config.vocab_size, f"pieces[{i}]")  # named as the caller gave it
             with torch.no_grad():
                 logits, state = self(piece, state)
@@ -1181,7 +1199,7 @@ class E2ELM(nn.Module):
         """
         last_logits: torch.Tensor | None = None  # [B, 1, V]: the previous piece's last prediction
         state: E2EState | None = None
-        for i, piece in enumerate(pieces):
+        for i, piece in enumerate(_checked_pieces(pieces, "stream_losses")):
             check_token_ids(piece, self.config.vocab_size, f"pieces[{i}]")
             if piece.shape[1] == 0:
                 continue

@@ -73,3 +73,28 @@ def test_e2e_streaming_still_takes_any_iterable_of_pieces(tiny_e2e) -> None:
     for pieces in (iter(ids.split(3, dim=1)), ids[None]):  # an iterator; a [P, B, n] tensor of pieces
         logits = torch.cat([out for out, _ in tiny_e2e.stream(pieces)], dim=1)
         torch.testing.assert_close(logits, whole)
+
+
+@pytest.mark.parametrize("given", [None, "model.safetensors", 5], ids=repr)
+def test_reference_interop_refuses_a_state_dict_or_config_that_is_not_a_mapping(given) -> None:
+    """README's ``layer_state_dict(weights, 0)`` with weights None or a file name gave Python's bare
+    "'NoneType' object has no attribute 'items'"; ``model_config`` and ``special_token_ids`` of a
+    config that is not a dict gave "'NoneType' object is not a mapping" / "has no attribute 'get'"."""
+    from innerloop.interop.ttt_lm_pytorch import layer_state_dict, model_config, special_token_ids
+
+    with pytest.raises(TypeError, match=r"model_state_dict must be a dict of tensors .* got "):
+        layer_state_dict(given, 0)
+    for function in (model_config, special_token_ids):
+        with pytest.raises(TypeError, match=r"config must be a dict of TTTConfig fields, got "):
+            function(given)
+
+
+@pytest.mark.parametrize("index", [-1, "0", 1.0, True], ids=repr)
+def test_reference_layer_index_must_be_a_layer_number(index) -> None:
+    """A str '0' was formatted into the key prefix and read as layer 0; -1 was searched for."""
+    from innerloop.interop.ttt_lm_pytorch import layer_state_dict
+
+    weights = {"model.layers.0.seq_modeling_block.q_proj.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match=rf"index must be a layer number, an int >= 0, got {index!r}"):
+        layer_state_dict(weights, index)
+    assert list(layer_state_dict(weights, np.int64(0))) == ["q_proj.weight"]

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from innerloop.core.functional import as_integer
 from innerloop.core.layer import TTTLayer
 from innerloop.models.config import MODEL_FIELD_BOUNDS, ModelConfig, TTTConfig
 from innerloop.models.lm import CausalLM
@@ -215,13 +216,18 @@ INNER_WEIGHTS = {"W1", "b1", "W2", "b2"}
 MODEL_LAYER_PREFIXES = ("model.layers.{index}.seq_modeling_block.", "layers.{index}.seq_modeling_block.")
 
 
+def _check_is_mapping(config: Any) -> None:
+    """Raise a ``TypeError`` naming ``config`` unless it is a mapping (a dict of TTTConfig fields)."""
+    if not isinstance(config, Mapping):
+        hint = "; pass config.to_dict()" if hasattr(config, "to_dict") else ""
+        raise TypeError(f"config must be a dict of TTTConfig fields, got {type(config).__name__}{hint}")
+
+
 def check_config(config: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` naming the first problem with a reference TTTConfig dict: an unknown key
     (with close matches and the valid fields), a wrong type or an out-of-range value, a missing
     required field, or a ``model_type`` other than ``"ttt"``."""
-    if not isinstance(config, Mapping):
-        hint = "; pass config.to_dict()" if hasattr(config, "to_dict") else ""
-        raise TypeError(f"config must be a dict of TTTConfig fields, got {type(config).__name__}{hint}")
+    _check_is_mapping(config)
     unknown = sorted(
         (k for k in config if k not in TTT_CONFIG_FIELDS and k not in PRETRAINED_CONFIG_FIELDS), key=str
     )
@@ -301,15 +307,23 @@ def layer_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
 def layer_state_dict(model_state_dict: Mapping[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
     """The state dict of layer ``index``'s TTT layer (``seq_modeling_block``) out of a reference
     ``TTTForCausalLM`` / ``TTTModel`` state dict (``model.safetensors`` of its ``save_pretrained``)."""
-    for prefix in (p.format(index=index) for p in MODEL_LAYER_PREFIXES):
+    if not isinstance(model_state_dict, Mapping):
+        raise TypeError(
+            "model_state_dict must be a dict of tensors (the reference model's state dict, e.g. "
+            f"safetensors.torch.load_file of its model.safetensors), got {type(model_state_dict).__name__}"
+        )
+    number = as_integer(index)
+    if number is None or number < 0:
+        raise ValueError(f"index must be a layer number, an int >= 0, got {index!r}")
+    for prefix in (p.format(index=number) for p in MODEL_LAYER_PREFIXES):
         layer = {k.removeprefix(prefix): v for k, v in model_state_dict.items() if k.startswith(prefix)}
         if layer:
             return layer
     found = (re.search(r"layers\.(\d+)\.seq_modeling_block\.", str(k)) for k in model_state_dict)
     present = sorted({int(match.group(1)) for match in found if match})
     raise ValueError(
-        f"the model state dict has no TTT layer {index} (no key starts with "
-        f"{MODEL_LAYER_PREFIXES[0].format(index=index)!r}); TTT layers present: {present}"
+        f"the model state dict has no TTT layer {number} (no key starts with "
+        f"{MODEL_LAYER_PREFIXES[0].format(index=number)!r}); TTT layers present: {present}"
     )
 
 
@@ -512,6 +526,7 @@ def model_config(config: Mapping[str, Any]) -> ModelConfig:
     """The :class:`ModelConfig` of a reference ``TTTForCausalLM`` with these ``TTTConfig`` fields
     (checked first, see :func:`check_config` and :func:`_check_head_width`; missing fields take
     :data:`MODEL_DEFAULTS`)."""
+    _check_is_mapping(config)
     check_config({**MODEL_DEFAULTS, **config})
     values = {**MODEL_DEFAULTS, **{k: v for k, v in config.items() if k in MODEL_DEFAULTS}}
     _check_head_width(values)
@@ -744,6 +759,7 @@ def special_token_ids(config: Mapping[str, Any]) -> dict[str, int]:
     def is_token_id(value: Any) -> bool:  # not a bool, which Python counts as an int
         return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
+    _check_is_mapping(config)
     return {k: config[k] for k in SPECIAL_TOKEN_FIELDS if is_token_id(config.get(k))}
 
 

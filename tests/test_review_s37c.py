@@ -98,3 +98,36 @@ def test_reference_layer_index_must_be_a_layer_number(index) -> None:
     with pytest.raises(ValueError, match=rf"index must be a layer number, an int >= 0, got {index!r}"):
         layer_state_dict(weights, index)
     assert list(layer_state_dict(weights, np.int64(0))) == ["q_proj.weight"]
+
+
+@pytest.fixture(scope="module")
+def boundary_state():
+    torch.manual_seed(0)
+    layer = innerloop.TTTLayer(8, 2, mini_batch_size=4)
+    with torch.no_grad():
+        _, state = layer(torch.randn(1, 4, 8))
+    return state
+
+
+@pytest.mark.parametrize("given", [None, [], "x"], ids=repr)
+def test_state_serialisation_names_tensors_and_metadata_that_are_not_dicts(boundary_state, given) -> None:
+    """docs/architecture.md's TTTState.from_tensors(tensors, metadata) with None or a list gave Python's
+    bare "'NoneType' object has no attribute 'items'" / "'NoneType' object is not subscriptable" (and
+    a str metadata "string indices must be integers"); with_weights(None) "'NoneType' object is not
+    iterable", and with_weights('x') read the str as the names ['x']."""
+    from innerloop.core.state import TTTState
+
+    tensors, metadata = boundary_state.tensors(), boundary_state.metadata()
+    with pytest.raises(TypeError, match=r"^tensors must be a dict of tensors by name .* got "):
+        TTTState.from_tensors(given, metadata)
+    with pytest.raises(TypeError, match=r"^metadata must be a dict of strings .* got "):
+        TTTState.from_tensors(tensors, given)
+    with pytest.raises(TypeError, match=r"^with_weights: weights must be a dict of tensors by name .* got "):
+        boundary_state.with_weights(given)
+    with pytest.raises(TypeError, match=r"its entry 'W1' is a float"):
+        boundary_state.with_weights({"W1": 1.0, "b1": boundary_state.params["b1"]})
+    again = TTTState.from_tensors(tensors, metadata)  # what they take still round-trips
+    assert torch.equal(again.params["W1"], boundary_state.params["W1"])
+    assert torch.equal(
+        boundary_state.with_weights(boundary_state.scan_weights()).params["W1"], boundary_state.params["W1"]
+    )

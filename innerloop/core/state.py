@@ -20,7 +20,7 @@ enough to continue a sequence from any split point (:meth:`TTTState.current_weig
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -290,6 +290,9 @@ class TTTState:
         """This state with its inner weights (and momentum) replaced by ``weights``, as
         :meth:`scan_weights` gives them (``innerloop.ops.scan``'s ``initial`` and its result): the
         inverse of :meth:`scan_weights` at a mini-batch boundary, where a state is only weights."""
+        _check_tensors_by_name(
+            weights, "with_weights: weights", "as scan_weights() and innerloop.ops.scan give"
+        )
         if self.offset != 0:
             raise ValueError(
                 f"with_weights: the state is inside a mini-batch (position {self.position}, mini_batch_size "
@@ -353,6 +356,12 @@ class TTTState:
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> TTTState:
         """Inverse of :meth:`tensors` + :meth:`metadata`."""
+        _check_tensors_by_name(tensors, "tensors", "TTTState.tensors(), e.g. safetensors' load_file")
+        if not isinstance(metadata, Mapping):
+            raise TypeError(
+                "metadata must be a dict of strings (TTTState.metadata(), e.g. safetensors' "
+                f"safe_open(path, 'pt').metadata()), got {type(metadata).__name__}"
+            )
         groups: dict[str, dict[str, torch.Tensor]] = {group: {} for group in TENSOR_GROUPS}
         for name, value in tensors.items():
             group, _, key = name.partition(".")
@@ -377,6 +386,19 @@ class TTTState:
         state = cls(position=position, signature=signature, **groups)
         _check_no_pending_at_a_boundary(state)
         return state
+
+
+def _check_tensors_by_name(value: Any, name: str, like: str) -> None:
+    """A ``TypeError`` naming ``name`` unless ``value`` is a mapping of str names to tensors (``like``:
+    where such a mapping comes from)."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a dict of tensors by name ({like}), got {type(value).__name__}")
+    for key, tensor in value.items():
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"{name} must be a dict of tensors by name ({like}); its entry {key!r} is a "
+                f"{type(tensor).__name__}"
+            )
 
 
 def _check_no_pending_at_a_boundary(state: TTTState) -> None:

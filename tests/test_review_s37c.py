@@ -7,7 +7,13 @@ import pytest
 import torch
 
 import innerloop
+from innerloop.config import validate_run_config
 from innerloop.testing import make_problem, run_in_chunks, run_layer_in_chunks
+from innerloop.train import (
+    build_datamodule,
+    build_module,
+    build_trainer,
+)  # Lightning: imported once, at collection
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +137,34 @@ def test_state_serialisation_names_tensors_and_metadata_that_are_not_dicts(bound
     assert torch.equal(
         boundary_state.with_weights(boundary_state.scan_weights()).params["W1"], boundary_state.params["W1"]
     )
+
+
+@pytest.mark.parametrize("given", [None, "tiny"], ids=repr)
+def test_model_config_entry_points_name_a_config_that_is_not_one(given) -> None:
+    """build_model took a ModelConfig or a mapping of its fields and named anything else; its siblings
+    in innerloop.models' public API (validate_model_config, validate_e2e_config, build_mixer, Block)
+    gave Python's bare "'NoneType' object has no attribute 'mixer'" (or 'hidden_size', 'e2e')."""
+    from innerloop.models import Block, build_mixer, validate_e2e_config, validate_model_config
+
+    for function in (validate_model_config, validate_e2e_config, build_mixer, Block):
+        with pytest.raises(TypeError, match=r"^config must be a ModelConfig, or a mapping of its fields"):
+            function(given)
+
+
+def test_model_config_entry_points_take_a_mapping_as_build_model_does() -> None:
+    from innerloop.models import Block, build_mixer, validate_model_config
+
+    fields = {"hidden_size": 8, "num_heads": 2, "intermediate_size": 16}
+    validate_model_config(fields)
+    assert isinstance(build_mixer(fields), innerloop.TTTLayer)
+    assert Block(fields).mixer.hidden_size == 8
+
+
+@pytest.mark.parametrize("given", [None, {"model": {}}], ids=repr)
+def test_run_config_entry_points_name_a_run_that_is_not_a_run_config(given) -> None:
+    """train() named a run that is not a RunConfig; validate_run_config, build_datamodule, build_module
+    and build_trainer (innerloop.config / innerloop.train's public API) gave Python's bare
+    "'NoneType' object has no attribute 'data'" ('optim', 'trainer', ...)."""
+    for function in (validate_run_config, build_datamodule, build_module, build_trainer):
+        with pytest.raises(TypeError, match=r"^run must be a RunConfig \(innerloop.config.load_config"):
+            function(given)

@@ -835,11 +835,24 @@ def run_tokenizer(run: RunConfig) -> Tokenizer:
         raise ConfigError(str(err)) from None
 
 
+def require_run_config(run: Any) -> RunConfig:
+    """``run`` itself if it is a :class:`RunConfig`, else a ``TypeError`` saying where one comes from
+    (the functions that take a run read its sections as attributes: anything else failed there with
+    Python's bare "'NoneType' object has no attribute 'data'")."""
+    if not isinstance(run, RunConfig):
+        raise TypeError(
+            f"run must be a RunConfig (innerloop.config.load_config(PRESET_OR_FILE, overrides) returns one "
+            f"first), got {type(run).__name__} {run!r:.80}"
+        )
+    return run
+
+
 def validate_run_config(run: RunConfig) -> None:
     """Check what the schema's types cannot: the range of every number (:data:`FIELD_BOUNDS`), names
     (mixer, plugins, dataset, strategy, accelerator, precision), that the accelerator exists on this
     machine, that ``out_dir`` can be written, and that the text holds a window of ``seq_len``. Raises
     :class:`ConfigError` naming the key, the value and what is valid."""
+    require_run_config(run)
     _check_numbers(run)
     _check_schedules(run)
     try:

@@ -25,7 +25,7 @@ from innerloop.core.layer import TTTLayer, check_positive_int
 from innerloop.core.protocol import InnerLoss
 from innerloop.core.state import TTTState, cat_rows, check_batch_rows, check_states, take_rows
 from innerloop.models.attention import CausalSelfAttention, KVCache, check_hidden_states, check_not_narrower
-from innerloop.models.config import MIXER_TABLE, ModelConfig, uses_pre_conv
+from innerloop.models.config import MIXER_TABLE, ModelConfig, require_model_config, uses_pre_conv
 from innerloop.registry import get_registry
 
 
@@ -95,6 +95,7 @@ class CausalDepthwiseConv(nn.Module):
 def build_mixer(config: ModelConfig) -> nn.Module:
     """The sequence mixer named by ``config.mixer`` (an entry of :data:`~innerloop.models.config.MIXER_TABLE`);
     every mixer is called as ``y, state = m(x, state)``."""
+    config = require_model_config(config)
     mixer = MIXER_TABLE.get(config.mixer)
     if mixer is None:
         raise ValueError(f"model.mixer={config.mixer!r} is not a mixer; valid mixers: {list(MIXER_TABLE)}")
@@ -237,6 +238,7 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        config = require_model_config(config)
         D = config.hidden_size
         self.pre_conv: CausalDepthwiseConv | None = None
         if uses_pre_conv(config):

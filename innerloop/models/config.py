@@ -688,8 +688,9 @@ def validate_model_config(config: ModelConfig) -> None:
     """Check names and shapes before building; raise ``ValueError`` naming the field and the choices.
 
     Plugin names are checked against ``innerloop.registry.available`` so that a typo fails at once,
-    not minutes into a run.
+    not minutes into a run. ``config`` may also be a mapping of its fields (:func:`require_model_config`).
     """
+    config = require_model_config(config)
     _check_types("model", config, ModelConfig)
     _check_ranges("model", config, ModelConfig)
     _check_choices(config)
@@ -979,6 +980,7 @@ def with_earlier_defaults(model: Any) -> Any:
 
 def validate_e2e_config(config: ModelConfig) -> None:
     """Check ``config.e2e``; raise ``ValueError`` naming the key, its value and what is valid."""
+    config = require_model_config(config)
     validate_e2e_options(config)
     e2e = config.e2e
     for key, kind in (("inner_loss", "model_inner_loss"), ("update_rule", "model_update_rule")):

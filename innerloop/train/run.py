@@ -89,6 +89,7 @@ from innerloop.config.load import (
     fixed_on_resume,
     flatten_config,
     read_run_config,
+    require_run_config,
     run_tokenizer,
     save_config,
     warmup_steps,
@@ -283,7 +284,7 @@ def build_datamodule(
 ) -> TextDataModule | RecallDataModule | HFDataModule:
     """The DataModule named by ``run.data.name``, tokenizing with ``tokenizer`` (by default
     ``data.tokenizer``'s files as they are now; evaluation passes the one a checkpoint recorded)."""
-    data = run.data
+    data = require_run_config(run).data
     if data.name == "recall":
         return RecallDataModule(
             data.recall.num_pairs, data.recall.gap, data.batch_size, data.val_batches, run.seed
@@ -385,7 +386,7 @@ class _RecordRunData(Callback):
 
 def build_module(run: RunConfig) -> LanguageModelModule:
     """The LightningModule for ``run``'s model and optimizer settings."""
-    optim = run.optim
+    optim = require_run_config(run).optim
     return LanguageModelModule(
         model=asdict(run.model),
         lr=optim.lr,
@@ -421,7 +422,7 @@ def build_trainer(run: RunConfig, callbacks: Sequence[Callback] = ()) -> L.Train
     """A Lightning Trainer that checkpoints to ``run.out_dir/last.safetensors`` in safetensors, logs
     with ``run.logger`` and takes the other Lightning arguments of ``run.trainer.lightning`` as given.
     Lightning's refusal of a setting is a :class:`ConfigError` naming those arguments."""
-    t = run.trainer
+    t = require_run_config(run).trainer
     checkpointing = _SafetensorsModelCheckpoint(
         dirpath=run.out_dir,
         save_last=True,
@@ -494,11 +495,7 @@ def _releasing_scan_buffers(function: Any) -> Any:
 
 def _check_train_arguments(run: Any, resume: Any, overwrite: Any) -> None:
     """:func:`train`'s arguments, before anything is read or written."""
-    if not isinstance(run, RunConfig):
-        raise TypeError(
-            f"run must be a RunConfig (innerloop.config.load_config(PRESET_OR_FILE, overrides) returns one "
-            f"first), got {type(run).__name__} {run!r:.80}"
-        )
+    require_run_config(run)
     check_flag("resume", resume)
     check_flag("overwrite", overwrite)
     check_resume_or_overwrite(resume, overwrite)

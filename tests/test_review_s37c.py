@@ -168,3 +168,20 @@ def test_run_config_entry_points_name_a_run_that_is_not_a_run_config(given) -> N
     for function in (validate_run_config, build_datamodule, build_module, build_trainer):
         with pytest.raises(TypeError, match=r"^run must be a RunConfig \(innerloop.config.load_config"):
             function(given)
+
+
+def test_kit_helpers_name_an_input_that_is_not_a_tensor(layer_and_input) -> None:
+    """run_layer_in_chunks(layer, None, ...) gave "'NoneType' object has no attribute 'shape'", and a
+    [B, D] input was cut along its features and blamed by the layer as shape (B, 1);
+    causal_linear_attention(None, ...) the same bare AttributeError."""
+    from innerloop.testing import causal_linear_attention
+
+    layer, x = layer_and_input
+    with pytest.raises(
+        TypeError, match=r"run_layer_in_chunks: x must be a torch.Tensor \[B, T, D\] .* got NoneType"
+    ):
+        run_layer_in_chunks(layer, None, [2])
+    with pytest.raises(ValueError, match=r"run_layer_in_chunks: x must be \[B, T, D\] .* got shape \[1, 8\]"):
+        run_layer_in_chunks(layer, x[:, 0], [2])
+    with pytest.raises(TypeError, match=r"causal_linear_attention: key must be a torch.Tensor"):
+        causal_linear_attention(torch.zeros(1, 1, 2, 2), None, torch.zeros(1, 1, 2, 2))

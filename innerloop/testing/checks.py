@@ -349,6 +349,14 @@ def run_layer_in_chunks(
 
     A point outside ``(0, T)`` cuts nothing and is ignored (one list serves sequences of several
     lengths); repeated points count once."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"run_layer_in_chunks: x must be a torch.Tensor [B, T, D] (the layer's input), got {type(x).__name__}"
+        )
+    if x.dim() != 3:  # cut along dim 1, a [B, D] input would reach the layer as [B, 1] pieces of features
+        raise ValueError(
+            f"run_layer_in_chunks: x must be [B, T, D] (the layer's input), got shape {list(x.shape)}"
+        )
     tokens = x.shape[1]
     bounds = [0, *_cuts_inside(cut_points, tokens, "run_layer_in_chunks"), tokens]
     outputs = []

@@ -112,6 +112,11 @@ def naive_token_loop(
 def causal_linear_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``out_i = sum_{j <= i} (q_i . k_j) v_j`` for ``[B, H, T, f]`` inputs (unnormalised); ``value``'s
     last dim may differ from the others'."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"causal_linear_attention: {name} must be a torch.Tensor [B, H, T, f], got {type(t).__name__}"
+            )
     shapes = {name: tuple(t.shape) for name, t in (("query", query), ("key", key), ("value", value))}
     if (
         any(len(shape) != 4 for shape in shapes.values())

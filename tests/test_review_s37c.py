@@ -8,6 +8,7 @@ import torch
 
 import innerloop
 from innerloop.config import validate_run_config
+from innerloop.hf import InnerloopConfig, InnerloopForCausalLM  # transformers: imported once, at collection
 from innerloop.testing import make_problem, run_in_chunks, run_layer_in_chunks
 from innerloop.train import (
     build_datamodule,
@@ -185,3 +186,16 @@ def test_kit_helpers_name_an_input_that_is_not_a_tensor(layer_and_input) -> None
         run_layer_in_chunks(layer, x[:, 0], [2])
     with pytest.raises(TypeError, match=r"causal_linear_attention: key must be a torch.Tensor"):
         causal_linear_attention(torch.zeros(1, 1, 2, 2), None, torch.zeros(1, 1, 2, 2))
+
+
+def test_an_hf_config_json_that_is_not_an_object_is_one_line(tmp_path) -> None:
+    """A folder whose config.json holds a JSON list (or InnerloopConfig.from_dict(None)) reached
+    InnerloopConfig.from_dict's ``config_dict.get`` and gave "'list' object has no attribute 'get'"
+    from from_pretrained of InnerloopConfig and InnerloopForCausalLM."""
+    (tmp_path / "config.json").write_text("[1, 2]")
+    expected = r"^InnerloopConfig: config.json must hold a JSON object .* got "
+    for load in (InnerloopConfig.from_pretrained, InnerloopForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match=expected + "list"):
+            load(tmp_path)
+    with pytest.raises(ValueError, match=expected + "NoneType"):
+        InnerloopConfig.from_dict(None)

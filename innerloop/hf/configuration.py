@@ -11,7 +11,7 @@ tools read (``vocab_size``, ``hidden_size``, ``num_hidden_layers``, ``num_attent
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -188,6 +188,11 @@ class InnerloopConfig(PreTrainedConfig):
         ``config.json`` with), refusing first a config of another ``model_type`` and one without its
         ``model`` section (which would otherwise become the default model, and then fail on every weight).
         """
+        if not isinstance(config_dict, Mapping):  # a config.json holding a list, a number, or null
+            raise ValueError(
+                "InnerloopConfig: config.json must hold a JSON object (innerloop's config, as `innerloop "
+                f"export` or save_pretrained writes it), got {type(config_dict).__name__}"
+            )
         model_type = config_dict.get("model_type")
         if model_type is not None and model_type != MODEL_TYPE:
             how = (  # the reference's TTTForCausalLM: transformers has no class for it, innerloop converts it

@@ -199,3 +199,15 @@ def test_an_hf_config_json_that_is_not_an_object_is_one_line(tmp_path) -> None:
             load(tmp_path)
     with pytest.raises(ValueError, match=expected + "NoneType"):
         InnerloopConfig.from_dict(None)
+
+
+def test_an_hf_generation_config_that_is_not_an_object_is_one_line(tmp_path) -> None:
+    """A generation_config.json holding a JSON list failed inside transformers' loader, which
+    InnerloopForCausalLM.from_pretrained runs after the weights: "'list' object is not a mapping"."""
+    model = InnerloopForCausalLM(
+        InnerloopConfig(model={"hidden_size": 8, "num_heads": 2, "num_layers": 1, "intermediate_size": 16})
+    )
+    model.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"generation_config.json' must hold a JSON object .* got list"):
+        InnerloopForCausalLM.from_pretrained(tmp_path)

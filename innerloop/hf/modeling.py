@@ -406,6 +406,8 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         folder = local_folder(given, kwargs.get("subfolder"))
         if folder is not None and kwargs.get("config") is None:
             refuse_a_folder_without_config(folder)
+        if folder is not None:
+            refuse_a_generation_config_not_an_object(folder)
         stored = stored_weight_dtypes(folder) if folder is not None else {}
         wants_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, as one ValueError
@@ -800,6 +802,22 @@ def refuse_a_folder_without_config(folder: Path) -> None:
             else ""
         )
     )
+
+
+def refuse_a_generation_config_not_an_object(folder: Path) -> None:
+    """Raise ``ValueError`` naming the local ``folder``'s ``generation_config.json`` when it holds valid
+    JSON that is not an object (a list, a number): transformers' loader, which ``from_pretrained`` runs
+    after the weights, failed on it with "'list' object is not a mapping". Invalid JSON is left to it."""
+    path = folder / "generation_config.json"
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent, unreadable or not JSON: transformers names those itself
+        return
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"{str(path)!r} must hold a JSON object (generate()'s defaults, as `innerloop export` writes "
+            f"them), got {type(value).__name__}: remove the file or write it again with `innerloop export`"
+        )
 
 
 def untied_e2e_note(model: InnerloopPreTrainedModel, info: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ from innerloop.models.config import (  # noqa: F401  (Bounds and its constants: 
     MODEL_FIELD_BOUNDS,
     POSITIVE,
     SEQ_LEN_BOUNDS,
+    STEP_BOUNDS,
     Bounds,
     ModelConfig,
 )
@@ -166,14 +167,14 @@ FIELD_BOUNDS: dict[str, Bounds] = {
     "optim.ttt_base_lr_init": AT_LEAST_0,
     "optim.ttt_base_lr_warmup": Bounds(0, why="0: no warm-up of the TTT layers' base lr"),
     # trainer
-    "trainer.max_steps": AT_LEAST_1,
+    "trainer.max_steps": STEP_BOUNDS,
     "trainer.val_every": AT_LEAST_1,
     "trainer.checkpoint_every": AT_LEAST_1,
-    "trainer.devices": AT_LEAST_1,
+    "trainer.devices": Bounds(1, 2**16, why="the processes or accelerators of one machine"),
     "trainer.log_every": AT_LEAST_1,
     "trainer.num_position_buckets": AT_LEAST_1,
     "trainer.diagnostics_batches": Bounds(0, why="0: no inner-loss diagnostics"),
-    "trainer.threads": Bounds(0, why="0: torch's default"),
+    "trainer.threads": Bounds(0, 2**16, why="0: torch's default; more: the threads of one process"),
     # run
     "seed": Bounds(0, 2**32 - 1, why="Lightning seeds numpy, which takes 32-bit seeds"),
 }

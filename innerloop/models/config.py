@@ -379,6 +379,9 @@ FRACTION = Bounds(0, 1, high_open=True)  # [0, 1)
 SEQ_LEN_BOUNDS = Bounds(1, 2**30, why="a window of tokens held in memory")
 """``data.seq_len`` and the data modules' ``seq_len``."""
 
+STEP_BOUNDS = Bounds(1, 2**53, why="beyond any run: a step count float64 holds exactly")
+"""``trainer.max_steps`` (10**400 crashed the learning-rate schedule with a bare OverflowError)."""
+
 BATCH_SIZE_BOUNDS = Bounds(1, 2**24, why="the windows of a batch are held in memory at once")
 """``data.batch_size`` and the data modules' ``batch_size``."""
 

@@ -107,16 +107,28 @@ def _checked_hyperparameters(**arguments: Any) -> dict[str, Any]:
             f"min_lr={checked['min_lr']} must be <= lr={checked['lr']} (the schedule decays from lr to min_lr)"
         )
     check_weight_decay(checked["lr"], checked["weight_decay"])
-    if checked["decay_steps"] > checked["max_steps"]:
-        raise ValueError(
-            f"decay_steps={checked['decay_steps']} must be in [0, max_steps={checked['max_steps']}]"
-        )
+    _check_phases(checked["schedule"], checked["warmup_steps"], checked["decay_steps"], checked["max_steps"])
     # a known name, and a schedule these numbers make
     make_schedule(
         checked["schedule"],
         *(checked[k] for k in ("warmup_steps", "max_steps", "lr", "min_lr", "decay_steps")),
     )
     return checked
+
+
+def _check_phases(schedule: str, warmup_steps: int, decay_steps: int, max_steps: int) -> None:
+    """The schedule's phases fit in ``max_steps``: ``decay_steps`` at most ``max_steps``, and a ``wsd``
+    decay that starts after the warm-up (as the config's ``warmup_fraction`` and ``decay_fraction``
+    make it): one that starts inside the warm-up drops the learning rate from ``lr`` at the warm-up's
+    end in one step. (A warm-up longer than the run is warned of in ``configure_optimizers``.)"""
+    if decay_steps > max_steps:
+        raise ValueError(f"decay_steps={decay_steps} must be in [0, max_steps={max_steps}]")
+    if schedule == "wsd" and warmup_steps <= max_steps < warmup_steps + decay_steps:
+        raise ValueError(
+            f"warmup_steps={warmup_steps} + decay_steps={decay_steps} must be <= max_steps={max_steps}: "
+            f"schedule='wsd' decays over its last decay_steps steps, which here start inside the warm-up "
+            f"(at step {max_steps - decay_steps}), so lr would drop at the warm-up's end in one step"
+        )
 
 
 class TrainingDivergedError(RuntimeError):

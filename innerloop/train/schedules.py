@@ -46,6 +46,8 @@ def _checked(
 
 
 def _warmup(step: int, warmup_steps: int, lr: float) -> float:
+    if warmup_steps > 2**53:  # float(10**400) overflows: the ratio of the two ints, exact at any size
+        return lr * ((step + 1) / warmup_steps)
     return lr * (step + 1) / warmup_steps
 
 

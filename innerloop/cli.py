@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from innerloop.config.load import DEFAULT_PRESET, ConfigError, name_too_long
+from innerloop.models.config import WINDOW_SIZE_BOUNDS
 
 if (
     TYPE_CHECKING
@@ -69,8 +70,11 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise UsageError(self.prog, message)
 
 
-def _number(kind: type, low: float, low_open: bool = False) -> Callable[[str], float]:
-    """An argparse ``type``: a finite ``kind`` (int or float) >= ``low`` (> ``low`` if ``low_open``)."""
+def _number(
+    kind: type, low: float, low_open: bool = False, high: int | None = None
+) -> Callable[[str], float]:
+    """An argparse ``type``: a finite ``kind`` (int or float) >= ``low`` (> ``low`` if ``low_open``), and
+    <= ``high`` when given."""
     valid = f"{'an integer' if kind is int else 'a finite number'} {'>' if low_open else '>='} {low}"
 
     def parse(text: str) -> float:
@@ -80,6 +84,8 @@ def _number(kind: type, low: float, low_open: bool = False) -> Callable[[str], f
             raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}") from None
         if not math.isfinite(value) or value < low or (low_open and value == low):
             raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {text!r}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in some messages
@@ -87,6 +93,10 @@ def _number(kind: type, low: float, low_open: bool = False) -> Callable[[str], f
 
 
 _POSITIVE_INT = _number(int, 1)
+# eval's and compare's window sizes (train.data.WINDOW_SIZE_BOUNDS): 10**30 crashed with a traceback
+_SEQ_LEN = _number(int, 1, high=int(WINDOW_SIZE_BOUNDS["seq_len"].high))
+_BATCH_SIZE = _number(int, 1, high=int(WINDOW_SIZE_BOUNDS["batch_size"].high))
+_BATCHES = _number(int, 1, high=int(WINDOW_SIZE_BOUNDS["batches"].high))
 
 
 def _seed(text: str) -> int:
@@ -214,20 +224,20 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--split", default=None, help=_SPLIT_HELP)
     evaluate.add_argument(
         "--seq-len",
-        type=_POSITIVE_INT,
+        type=_SEQ_LEN,
         default=None,
         help="tokens per window (default: the seq_len the checkpoint was trained with)",
     )
     evaluate.add_argument(
         "--batch-size",
-        type=_POSITIVE_INT,
+        type=_BATCH_SIZE,
         default=None,
         help="windows per batch (default: the run's data.batch_size on its own windows; 16 on --data files "
         "or without the run's config.yaml)",
     )
     evaluate.add_argument(
         "--batches",
-        type=_POSITIVE_INT,
+        type=_BATCHES,
         default=None,
         help="number of batches of --batch-size windows to evaluate (default: as many windows as the run's "
         "validation reads, data.val_batches x data.batch_size; 128 windows from --data files or without the "
@@ -265,7 +275,7 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
     )
     compare.add_argument(
         "--seq-len",
-        type=_POSITIVE_INT,
+        type=_SEQ_LEN,
         nargs="+",
         default=None,
         metavar="N",
@@ -311,14 +321,14 @@ def _add_compare_windows(compare: argparse.ArgumentParser) -> None:
     compare.add_argument("--split", default=None, help=_SPLIT_HELP)
     compare.add_argument(
         "--batch-size",
-        type=_POSITIVE_INT,
+        type=_BATCH_SIZE,
         default=None,
         help="windows per batch (default: the baseline run's data.batch_size on its own windows; 16 on --data "
         "files or without its config.yaml)",
     )
     compare.add_argument(
         "--batches",
-        type=_POSITIVE_INT,
+        type=_BATCHES,
         default=None,
         help="number of batches of --batch-size windows (default: as many windows as the baseline run's "
         "validation reads; 128 windows from --data files or without its config.yaml)",

@@ -61,3 +61,32 @@ def test_config_bounds_step_device_and_thread_counts(key, value):
         load_config("tiny", [f"{key}={value}"])
     said = str(caught.value)
     assert key in said and str(value) in said and "must be in [" in said
+
+
+@pytest.mark.parametrize("command", ["eval", "compare"])
+@pytest.mark.parametrize("option", ["--seq-len", "--batch-size", "--batches"])
+def test_cli_window_sizes_have_an_upper_bound(command, option, tmp_path, capsys):
+    """eval --batch-size 10**30: 'Stop argument for islice() must be ...'; --batches 10**30: a data
+    module's 'batch_size=2e30 must be in [1, 16777216]': tracebacks (rc 1) on the user's input."""
+    from innerloop.cli import main
+
+    checkpoint = str(tmp_path / "last.safetensors")
+    models = [checkpoint] if command == "eval" else [checkpoint, checkpoint]
+    assert main([command, *models, option, str(10**30)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and option in err and "must be an integer in [1, " in err, err
+
+
+def test_windows_to_score_are_bounded_with_the_default_batch_size():
+    """--batches 2**24 alone: the run's batch size times it reached a data module as batch_size=2**25."""
+    from innerloop.data.text import DataError
+    from innerloop.train.data import checked_window_sizes
+    from innerloop.train.run import default_window_count
+
+    with pytest.raises(DataError, match=r"batches=16777216 x batch_size=2 .* = 33554432 windows to score"):
+        default_window_count(2, 2**24)
+    assert default_window_count(2, 2**23) == 2**24
+    with pytest.raises(
+        ValueError, match=r"batch_size=1000000000000000000000000000000 must be in \[1, 16777216\]"
+    ):
+        checked_window_sizes(batch_size=10**30, batches=None)

@@ -385,6 +385,14 @@ STEP_BOUNDS = Bounds(1, 2**53, why="beyond any run: a step count float64 holds e
 BATCH_SIZE_BOUNDS = Bounds(1, 2**24, why="the windows of a batch are held in memory at once")
 """``data.batch_size`` and the data modules' ``batch_size``."""
 
+WINDOW_SIZE_BOUNDS = {
+    "seq_len": SEQ_LEN_BOUNDS,
+    "batch_size": BATCH_SIZE_BOUNDS,
+    "batches": Bounds(1, 2**24, why="the windows scored are held in memory at once"),
+}
+"""The valid range of ``evaluate``'s and ``compare``'s (``innerloop eval``'s and ``compare``'s)
+``seq_len``, ``batch_size`` and ``batches``."""
+
 
 # Sizes past these cannot be allocated on any machine (a 2**24-row table of width 2**24 is 2**48 values):
 # refused with a message, not an allocator traceback after the run has started.

@@ -44,11 +44,12 @@ from innerloop.checkpoints import (
 )
 from innerloop.config.load import ConfigError
 from innerloop.config.schema import DataConfig, RunConfig
-from innerloop.core.functional import as_integer, check_flag, positive_ints
+from innerloop.core.functional import as_integer, check_flag
 from innerloop.data.atomic import atomic_write, atomic_write_text, remove_stale_temporaries_of
 from innerloop.data.text import path_entries
 from innerloop.data.tokenizer import Tokenizer
 from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
+from innerloop.models.config import WINDOW_SIZE_BOUNDS
 from innerloop.models.params import count_parameters
 from innerloop.train.bootstrap import (
     DEFAULT_RESAMPLES,
@@ -57,7 +58,7 @@ from innerloop.train.bootstrap import (
     checked_resamples,
     checked_seed,
 )
-from innerloop.train.data import IGNORE_INDEX, DataError, resolve_files
+from innerloop.train.data import IGNORE_INDEX, DataError, checked_window_sizes, resolve_files
 from innerloop.train.metrics import position_buckets
 from innerloop.train.module import LanguageModelModule, load_module
 from innerloop.train.run import (
@@ -266,7 +267,7 @@ def compare(
         runs_or_checkpoints, seq_lens, baseline, resamples, confidence, seed, no_ttt
     )
     try:
-        batch_size, batches = positive_ints(batch_size=batch_size, batches=batches)
+        batch_size, batches = checked_window_sizes(batch_size=batch_size, batches=batches)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     paths = _path_list(paths)
@@ -350,6 +351,11 @@ def _seq_len_list(seq_lens: Any) -> list[int]:
     as_ints = [as_integer(n) for n in lengths]
     if not as_ints or any(n is None or n < 1 for n in as_ints):
         raise ConfigError(f"--seq-len must be one or more integers >= 1, got {seq_lens!r}")
+    bounds = WINDOW_SIZE_BOUNDS["seq_len"]
+    if any(n not in bounds for n in as_ints):
+        raise ConfigError(
+            f"--seq-len must be one or more integers {bounds.describe()} ({bounds.why}), got {seq_lens!r}"
+        )
     return as_ints
 
 

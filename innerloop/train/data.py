@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from innerloop.core.functional import positive_ints
 from innerloop.data.hf import files_record, iter_texts, open_hf_dataset, saved_splits, source_files
 from innerloop.data.packing import (
     START,
@@ -67,6 +68,7 @@ from innerloop.models.config import (
     BATCH_SIZE_BOUNDS,
     FRACTION,
     SEQ_LEN_BOUNDS,
+    WINDOW_SIZE_BOUNDS,
     Bounds,
     checked_number,
 )
@@ -90,6 +92,7 @@ __all__ = [
     "TextDataModule",
     "check_split_unchanged",
     "check_text_lengths",
+    "checked_window_sizes",
     "dataset_tokens",
     "evaluation_examples",
     "read_bytes",
@@ -249,6 +252,26 @@ def _checked_sizes(**sizes: int) -> list[int]:
         int(checked_number(name, value, int, _SIZE_BOUNDS.get(name, AT_LEAST_1)))
         for name, value in sizes.items()
     ]
+
+
+def checked_window_sizes(**sizes: Any) -> list[int | None]:
+    """``sizes`` (``seq_len``, ``batch_size``, ``batches``; None: the default) as ints, each in its
+    :data:`WINDOW_SIZE_BOUNDS`; else a ``ValueError`` naming it (10**30 windows crashed deep in a data
+    module or in ``itertools.islice``)."""
+    ints = positive_ints(**sizes)
+    for name, value in zip(sizes, ints, strict=True):
+        bounds = WINDOW_SIZE_BOUNDS[name]
+        if value is not None and value not in bounds:
+            raise ValueError(f"{name}={value} must be {bounds.describe()} ({bounds.why})")
+    given = dict(zip(sizes, ints, strict=True))
+    batch_size, batches = given.get("batch_size"), given.get("batches")
+    windows = WINDOW_SIZE_BOUNDS["batches"]
+    if batch_size is not None and batches is not None and batch_size * batches not in windows:
+        raise DataError(
+            f"batches={batches} x batch_size={batch_size} (--batches x --batch-size) = {batch_size * batches} "
+            f"windows to score must be {windows.describe()} ({windows.why})"
+        )
+    return ints
 
 
 def _checked_kind(name: str, value: Any, kind: type, what: str) -> Any:

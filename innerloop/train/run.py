@@ -95,7 +95,7 @@ from innerloop.config.load import (
     warmup_steps,
 )
 from innerloop.config.schema import DataConfig, RecallConfig, RunConfig
-from innerloop.core.functional import check_flag, positive_ints
+from innerloop.core.functional import check_flag
 from innerloop.core.layer import ModelTooLargeError, device_memory_bytes
 from innerloop.data.atomic import (
     atomic_write_text,
@@ -121,6 +121,7 @@ from innerloop.train.data import (
     RecallDataModule,
     TextDataModule,
     check_split_unchanged,
+    checked_window_sizes,
     evaluation_examples,
     resolve_files,
     spread_windows,
@@ -1095,7 +1096,10 @@ def default_window_count(batch_size: int, batches: int | None) -> int:
     """How many windows eval reads from files (``--data``, or the default corpus): ``batches`` of
     ``batch_size`` when ``batches`` is given, else 128 (8 batches of 16) whatever ``batch_size`` is,
     which only says how many windows go through the model at once (as for a run's own windows)."""
-    return batch_size * batches if batches is not None else DEFAULT_EVAL_BATCH_SIZE * DEFAULT_EVAL_BATCHES
+    if batches is None:
+        return DEFAULT_EVAL_BATCH_SIZE * DEFAULT_EVAL_BATCHES
+    checked_window_sizes(batch_size=batch_size, batches=batches)  # with batch_size's default too
+    return batch_size * batches
 
 
 @dataclass
@@ -1337,7 +1341,7 @@ def _run_validation_windows(
     A ``config.yaml`` of an older innerloop may record relative ``data.paths`` (a run now records them
     absolute): they are read from the current directory, and the windows' source says so."""
     batch_size = batch_size or run.data.batch_size
-    count = None if batches is None else batch_size * batches
+    count = None if batches is None else default_window_count(batch_size, batches)
     relative = [p for p in run.data.paths if not os.path.isabs(os.path.expanduser(p))]
     note = ""
     if relative:
@@ -1655,8 +1659,8 @@ def _eval_args(
 ) -> tuple[list[str], int | None, int | None, int | None]:
     """:func:`evaluate`'s arguments, checked before anything is read; returns ``paths`` as a list (one
     path is a list of one, not its letters; None, as no paths: the run's own windows) and the sizes as
-    ints (:func:`~innerloop.core.functional.positive_ints`)."""
-    sizes = positive_ints(seq_len=seq_len, batch_size=batch_size, batches=batches)
+    ints (:func:`~innerloop.train.data.checked_window_sizes`)."""
+    sizes = checked_window_sizes(seq_len=seq_len, batch_size=batch_size, batches=batches)
     check_flag("no_ttt", no_ttt)
     check_flag("progress_bar", progress_bar)  # a string such as 'no' would show it
     if out_dir is not None:

@@ -90,3 +90,42 @@ def test_windows_to_score_are_bounded_with_the_default_batch_size():
         ValueError, match=r"batch_size=1000000000000000000000000000000 must be in \[1, 16777216\]"
     ):
         checked_window_sizes(batch_size=10**30, batches=None)
+
+
+def _one_file_module(path):
+    from innerloop.train.data import TextDataModule
+
+    module = TextDataModule([str(path)], seq_len=8, batch_size=2, val_fraction=0.25, val_batches=1)
+    module.setup("fit")
+    return module
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [(b"more text. " * 20, "train on text it validated on"), (None, "validate on text it trained on")],
+)
+def test_resuming_a_one_file_run_whose_file_changed_length_is_refused(tmp_path, change, says):
+    """One data file appended to: its last val_fraction moved, and the resumed run trained on the text it
+    had validated on, with a warning only (several files whose split moved are refused: check_split_unchanged)."""
+    from innerloop.data.text import DataError
+
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 20)
+    state = _one_file_module(path).state_dict()
+    assert isinstance(state["validation_cut"], int)
+    path.write_bytes(path.read_bytes() + change if change else path.read_bytes()[:-200])
+    module = _one_file_module(path)
+    with pytest.raises(
+        DataError, match=f"started at token {state['validation_cut']} and now starts at .*{says}"
+    ):
+        module.load_state_dict(state)
+
+
+def test_resuming_a_one_file_run_whose_file_is_unchanged_goes_on(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 20)
+    state = _one_file_module(path).state_dict()
+    _one_file_module(path).load_state_dict(state)  # no error
+    from innerloop.train.data import TextDataModule
+
+    assert "validation_cut" not in TextDataModule(seq_len=8, batch_size=2).state_dict()  # not set up: none

@@ -361,6 +361,7 @@ class TextDataModule(_IndexedDataModule):
         self.train_bytes: torch.Tensor | None = None  # the tokens (bytes with the byte tokenizer)
         self.val_bytes: torch.Tensor | None = None
         self.validation_keys: list[str] | None = None  # the split keys of the validation files (data.paths)
+        self.validation_cut: int | None = None  # one file of data.paths: the token where validation starts
         self._training_digest: str | None = None  # see training_digest
         self._recorded: dict[str, Any] = {}  # what a resumed checkpoint recorded (state_dict)
 
@@ -373,6 +374,7 @@ class TextDataModule(_IndexedDataModule):
             data = read_tokens(files, self.tokenizer)
             cut = _single_file_cut(len(data), self.val_fraction)
             self.train_bytes, self.val_bytes = data[:cut], data[cut:]
+            self.validation_cut = cut if self.paths else None  # the default corpus is never one file
         else:
             train, val = split_text_files(files, self.val_fraction, keys)
             if keys is not None:
@@ -408,6 +410,8 @@ class TextDataModule(_IndexedDataModule):
         state: dict[str, Any] = {}
         if self.validation_keys is not None:
             state["validation_files"] = list(self.validation_keys)
+        if self.validation_cut is not None:
+            state["validation_cut"] = self.validation_cut
         digest = self.training_digest
         if digest is not None:
             state["training_digest"] = digest
@@ -427,6 +431,19 @@ class TextDataModule(_IndexedDataModule):
         recorded = self._recorded.get("validation_files")
         if isinstance(recorded, list) and self.validation_keys is not None:
             check_split_unchanged(recorded, self.validation_keys, "Resuming")
+        cut = self._recorded.get("validation_cut")
+        if isinstance(cut, int) and self.validation_cut is not None and cut != self.validation_cut:
+            raise DataError(
+                f"the data file {self.paths!r} changed length since the checkpoint was written: its last "
+                f"data.val_fraction={self.val_fraction}, held out for validation, started at token {cut} and "
+                f"now starts at token {self.validation_cut}, so the resumed run would "
+                + (
+                    "train on text it validated on"
+                    if self.validation_cut > cut
+                    else "validate on text it trained on"
+                )
+                + "; resume with the file as it was, or start a new run (--overwrite or another out_dir)"
+            )
         digest = self._recorded.get("training_digest")
         if isinstance(digest, str) and digest != self.training_digest:
             log.warning(

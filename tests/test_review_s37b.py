@@ -129,3 +129,31 @@ def test_resuming_a_one_file_run_whose_file_is_unchanged_goes_on(tmp_path):
     from innerloop.train.data import TextDataModule
 
     assert "validation_cut" not in TextDataModule(seq_len=8, batch_size=2).state_dict()  # not set up: none
+
+
+def test_evaluating_a_one_file_run_whose_file_was_shortened_is_refused(tmp_path):
+    """Its last val_fraction, the windows eval and compare score by default, moved into the text the run
+    trained on: the perplexity was a training one, reported as held-out."""
+    import torch
+
+    from innerloop.checkpoints import save_checkpoint
+    from innerloop.data.text import DataError
+    from innerloop.train.run import _run_validation_windows
+
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 20)
+    cut = _one_file_module(path).validation_cut
+    checkpoint = tmp_path / "last.safetensors"
+    save_checkpoint(
+        {"state_dict": {"w": torch.zeros(1)}, "TextDataModule": {"validation_cut": cut}}, checkpoint
+    )
+    overrides = [f"data.paths=[{path}]", "data.val_fraction=0.25", "data.seq_len=8", "data.batch_size=2"]
+    run = load_config("tiny", [*overrides, "data.val_batches=1"])[0]
+    assert len(_run_validation_windows(run, checkpoint, 8, None, None).inputs) == 2  # unchanged: scored
+    path.write_bytes(path.read_bytes() + b"appended, never trained on. " * 5)
+    assert len(_run_validation_windows(run, checkpoint, 8, None, None).inputs) == 2  # still held out
+    path.write_bytes(path.read_bytes()[:-400])
+    with pytest.raises(
+        DataError, match=f"started at token {cut} and now starts at token .*inside the text the run"
+    ):
+        _run_validation_windows(run, checkpoint, 8, None, None)

@@ -1353,6 +1353,7 @@ def _run_validation_windows(
     _check_the_runs_split(run, checkpoint)
     try:
         tokenizer = tokenizer if tokenizer is not None else checkpoint_tokenizer(checkpoint)
+        _check_the_runs_cut(run, checkpoint, tokenizer)
         inputs, targets = validation_examples(run, seq_len, count, tokenizer)
         tag = _run_data_tag(run, tokenizer)
     except DataError as err:
@@ -1380,6 +1381,27 @@ def _check_the_runs_split(run: RunConfig, checkpoint: str | Path) -> None:
         return
     if current is not None:
         check_split_unchanged(recorded, current, "Evaluating its validation windows")
+
+
+def _check_the_runs_cut(run: RunConfig, checkpoint: str | Path, tokenizer: Tokenizer | None) -> None:
+    """Refuse to score a one-file text run's validation windows when its file was shortened since the
+    checkpoint recorded where its validation text started (``validation_cut``): the last
+    ``data.val_fraction`` of it now starts inside the text the run trained on. (A file appended to
+    starts it later, in text the run never read: that is still held out.)"""
+    state = load_checkpoint(checkpoint).get(TextDataModule.__qualname__) if run.data.name == "text" else None
+    recorded = state.get("validation_cut") if isinstance(state, dict) else None
+    if not isinstance(recorded, int):
+        return
+    module = build_datamodule(run, tokenizer)
+    assert isinstance(module, TextDataModule)
+    module.setup("validate")
+    if module.validation_cut is not None and module.validation_cut < recorded:
+        raise DataError(
+            f"the data file {run.data.paths!r} is shorter than when the checkpoint was written: its last "
+            f"data.val_fraction={run.data.val_fraction}, held out for validation, started at token {recorded} "
+            f"and now starts at token {module.validation_cut}, inside the text the run trained on; evaluate "
+            "on the file as it was, or on held-out files with --data"
+        )
 
 
 def _describe_data(run: RunConfig) -> str:

@@ -157,3 +157,40 @@ def test_evaluating_a_one_file_run_whose_file_was_shortened_is_refused(tmp_path)
         DataError, match=f"started at token {cut} and now starts at token .*inside the text the run"
     ):
         _run_validation_windows(run, checkpoint, 8, None, None)
+
+
+def _hf_state(path, monkeypatch):
+    """An HFDataModule on ``path`` (streamed: no Arrow cache written), set up, and its checkpoint state."""
+    from types import SimpleNamespace
+
+    from innerloop.train.data import HFDataModule
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    module = HFDataModule([str(path)], streaming=True, seq_len=4, batch_size=1, val_batches=2)
+    module.setup()
+    module.trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=1, world_size=1, global_rank=0)
+    return module, module.state_dict()
+
+
+def _documents(path, texts):
+    import json
+
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+@pytest.mark.slow  # ~0.55 s: three loads of a local JSONL file by the datasets library
+def test_resuming_hf_data_whose_documents_moved_sides_is_refused(tmp_path, monkeypatch):
+    """A document inserted at the start renumbered every later one: the held-out every-10th documents
+    moved into training (the resumed run trained on what it had validated on) with a warning only."""
+    from innerloop.data.text import DataError
+
+    path = tmp_path / "docs.jsonl"
+    texts = [f"{i} is document number {i}" for i in range(40)]
+    _documents(path, texts)
+    _, state = _hf_state(path, monkeypatch)
+    _documents(path, [*texts, "appended at the end: every number and side kept"])
+    _hf_state(path, monkeypatch)[0].load_state_dict(state)  # goes on (a warning about the files)
+    _documents(path, ["inserted first", *texts])
+    module, _ = _hf_state(path, monkeypatch)
+    with pytest.raises(DataError, match="would train on documents it validated on"):
+        module.load_state_dict(state)

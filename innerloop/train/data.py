@@ -708,6 +708,8 @@ class HFDataModule(L.LightningDataModule):
         self._resumed: tuple[int, StreamPosition] | None = None
         self._start_step, self._first = 0, 0  # the step and global batch the stream (re)started at
         self._files: list[list[Any]] | None = None  # files_record of the data when setup read it
+        self._validation_digest: str | None = None  # sha256 of the validation windows (setup)
+        self._recorded_digest: str | None = None  # a resumed checkpoint's (load_state_dict)
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
@@ -723,6 +725,8 @@ class HFDataModule(L.LightningDataModule):
             )  # fmt: skip
         tokens = torch.tensor(windows, dtype=torch.long)  # [N, T + 1]
         self.val_examples = tokens[:, :-1], tokens[:, 1:]
+        self._validation_digest = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
+        self._check_validation_unchanged()
 
     def _reader(self, validation: bool) -> DocumentReader:
         """A :data:`~innerloop.data.packing.DocumentReader` of the validation or the training documents."""
@@ -798,7 +802,24 @@ class HFDataModule(L.LightningDataModule):
         state: dict[str, Any] = {"batch": batch, "position": list(self._positions[batch])}
         if self._files is not None:
             state["files"] = self._files
+        if self._validation_digest is not None:
+            state["validation_digest"] = self._validation_digest
         return state
+
+    def _check_validation_unchanged(self) -> None:
+        """A resumed checkpoint's validation windows must be this data's (:class:`DataError` else): the
+        held-out documents are every ``1/val_fraction``-th by number, so a document inserted or removed
+        before them moves documents between training and validation, and the resumed run would train on
+        documents it validated on (documents appended at the end keep every number and side)."""
+        recorded, now = self._recorded_digest, self._validation_digest
+        if recorded is not None and now is not None and recorded != now:
+            raise DataError(
+                f"the validation windows of data.paths={self.paths!r} (split={self.split!r}) differ from those "
+                "the checkpoint was validated on: documents were inserted, removed or edited among the "
+                "first held-out ones (every 1/data.val_fraction-th by number), which moves documents between "
+                "training and validation, so the resumed run would train on documents it validated on; "
+                "resume with the data as it was, or start a new run (--overwrite or another out_dir)"
+            )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume from a position :meth:`state_dict` recorded; a warning if the data files differ from
@@ -810,6 +831,9 @@ class HFDataModule(L.LightningDataModule):
         ):
             raise DataError(f"the checkpoint's data stream state {state_dict!r} is malformed")
         self._resumed = (batch, StreamPosition(*position))
+        digest = state_dict.get("validation_digest")  # none in a checkpoint written before runs recorded it
+        self._recorded_digest = digest if isinstance(digest, str) else None
+        self._check_validation_unchanged()
         recorded = state_dict.get("files")  # none in a checkpoint written before runs recorded them
         if isinstance(recorded, list) and recorded != files_record(source_files(self.paths)):
             log.warning(

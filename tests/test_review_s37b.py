@@ -194,3 +194,33 @@ def test_resuming_hf_data_whose_documents_moved_sides_is_refused(tmp_path, monke
     module, _ = _hf_state(path, monkeypatch)
     with pytest.raises(DataError, match="would train on documents it validated on"):
         module.load_state_dict(state)
+
+
+@pytest.mark.slow  # ~0.8 s alone: four loads of a local JSONL file by the datasets library
+def test_evaluating_hf_data_whose_documents_moved_sides_is_refused(tmp_path, monkeypatch):
+    """eval and compare of an hf run's own validation windows, after a document was inserted first:
+    they scored documents the run had trained on, as held-out."""
+    import torch
+
+    from innerloop.checkpoints import save_checkpoint
+    from innerloop.data.text import DataError
+    from innerloop.train.run import _run_validation_windows
+
+    path = tmp_path / "docs.jsonl"
+    texts = [f"{i} is document number {i}" for i in range(40)]
+    _documents(path, texts)
+    _, state = _hf_state(path, monkeypatch)
+    checkpoint = tmp_path / "last.safetensors"
+    save_checkpoint({"state_dict": {"w": torch.zeros(1)}, "HFDataModule": state}, checkpoint)
+    data = [
+        "data.name=hf",
+        f"data.paths=[{path}]",
+        "data.streaming=true",
+        "data.seq_len=4",
+        "data.batch_size=1",
+    ]
+    run = load_config("tiny", [*data, "data.val_batches=2"])[0]
+    assert len(_run_validation_windows(run, checkpoint, 4, None, None).inputs) == 2
+    _documents(path, ["inserted first", *texts])
+    with pytest.raises(DataError, match="they would score documents the run trained on"):
+        _run_validation_windows(run, checkpoint, 4, None, None)

@@ -806,20 +806,31 @@ class HFDataModule(L.LightningDataModule):
             state["validation_digest"] = self._validation_digest
         return state
 
-    def _check_validation_unchanged(self) -> None:
+    def _check_validation_unchanged(
+        self,
+        would: str = "the resumed run would train on documents it validated on",
+        fix: str = "resume with the data as it was, or start a new run (--overwrite or another out_dir)",
+    ) -> None:
         """A resumed checkpoint's validation windows must be this data's (:class:`DataError` else): the
         held-out documents are every ``1/val_fraction``-th by number, so a document inserted or removed
         before them moves documents between training and validation, and the resumed run would train on
-        documents it validated on (documents appended at the end keep every number and side)."""
+        documents it validated on (documents appended at the end keep every number and side).
+        ``would``, ``fix``: what would go wrong and what to do, for another use (an evaluation's)."""
         recorded, now = self._recorded_digest, self._validation_digest
         if recorded is not None and now is not None and recorded != now:
             raise DataError(
                 f"the validation windows of data.paths={self.paths!r} (split={self.split!r}) differ from those "
                 "the checkpoint was validated on: documents were inserted, removed or edited among the "
                 "first held-out ones (every 1/data.val_fraction-th by number), which moves documents between "
-                "training and validation, so the resumed run would train on documents it validated on; "
-                "resume with the data as it was, or start a new run (--overwrite or another out_dir)"
+                f"training and validation, so {would}; {fix}"
             )
+
+    def check_recorded_validation(self, state: dict[str, Any], would: str, fix: str) -> None:
+        """:meth:`_check_validation_unchanged` against a checkpoint's ``state`` (:meth:`state_dict`) without
+        resuming from it (call after :meth:`setup`)."""
+        digest = state.get("validation_digest")
+        self._recorded_digest = digest if isinstance(digest, str) else None
+        self._check_validation_unchanged(would, fix)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume from a position :meth:`state_dict` recorded; a warning if the data files differ from

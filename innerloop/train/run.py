@@ -1384,17 +1384,29 @@ def _check_the_runs_split(run: RunConfig, checkpoint: str | Path) -> None:
 
 
 def _check_the_runs_cut(run: RunConfig, checkpoint: str | Path, tokenizer: Tokenizer | None) -> None:
-    """Refuse to score a one-file text run's validation windows when its file was shortened since the
-    checkpoint recorded where its validation text started (``validation_cut``): the last
-    ``data.val_fraction`` of it now starts inside the text the run trained on. (A file appended to
-    starts it later, in text the run never read: that is still held out.)"""
-    state = load_checkpoint(checkpoint).get(TextDataModule.__qualname__) if run.data.name == "text" else None
-    recorded = state.get("validation_cut") if isinstance(state, dict) else None
-    if not isinstance(recorded, int):
+    """Refuse to score a run's validation windows on data changed so that they hold text the run trained
+    on. One text file: shortened since the checkpoint recorded where its validation text started
+    (``validation_cut``), its last ``data.val_fraction`` now starts inside the training text (a file
+    appended to starts it later, in text the run never read: still held out). ``hf`` data: validation
+    windows other than those the checkpoint recorded (``validation_digest``): documents were inserted or
+    removed before them, moving documents between the sides."""
+    if run.data.name not in ("text", "hf"):
+        return
+    owner = TextDataModule if run.data.name == "text" else HFDataModule
+    state = load_checkpoint(checkpoint).get(owner.__qualname__)
+    key = "validation_cut" if run.data.name == "text" else "validation_digest"
+    recorded = state.get(key) if isinstance(state, dict) else None
+    if not isinstance(recorded, (int, str)) or isinstance(recorded, bool):
         return
     module = build_datamodule(run, tokenizer)
-    assert isinstance(module, TextDataModule)
     module.setup("validate")
+    if isinstance(module, HFDataModule):
+        would = "they would score documents the run trained on"
+        module.check_recorded_validation(
+            state, would, "evaluate on the data as it was, or on held-out data with --data"
+        )
+        return
+    assert isinstance(module, TextDataModule)
     if module.validation_cut is not None and module.validation_cut < recorded:
         raise DataError(
             f"the data file {run.data.paths!r} is shorter than when the checkpoint was written: its last "

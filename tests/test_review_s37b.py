@@ -224,3 +224,13 @@ def test_evaluating_hf_data_whose_documents_moved_sides_is_refused(tmp_path, mon
     _documents(path, ["inserted first", *texts])
     with pytest.raises(DataError, match="they would score documents the run trained on"):
         _run_validation_windows(run, checkpoint, 4, None, None)
+
+
+@pytest.mark.parametrize(
+    ("key", "limit"), [("trainer.accumulate_grad_batches", 2**24), ("trainer.num_nodes", 2**16)]
+)
+def test_lightning_counts_have_an_upper_limit(key, limit):
+    """accumulate_grad_batches=10**30: 'OverflowError: int too big to convert' in Lightning's first step."""
+    with pytest.raises(ConfigError, match=f"{key}={10**30} must be <= {limit} "):
+        load_config("tiny", [f"{key}={10**30}"])
+    load_config("tiny", [f"{key}={limit}"])

@@ -89,6 +89,13 @@ LIGHTNING_BOUNDS: dict[str, Bounds] = {
 }
 """The valid range of Lightning's integer arguments that Lightning itself does not check early."""
 
+LIGHTNING_LIMITS: dict[str, Bounds] = {
+    "accumulate_grad_batches": Bounds(high=2**24, why="micro-batches of one optimizer step"),
+    "num_nodes": Bounds(high=2**16, why="machines of one run"),
+}
+"""Upper limits of Lightning's integer arguments, checked after :data:`LIGHTNING_BOUNDS`: Lightning
+takes any int, and 10**30 micro-batches crashed the first step with a bare ``OverflowError``."""
+
 
 @functools.cache
 def trainer_arguments() -> dict[str, Any]:
@@ -210,10 +217,10 @@ def check_lightning_arguments(arguments: Any, error: type[ValueError]) -> None:
             raise error(_unknown_key_message(name, "the config", "trainer.lightning"))
         if not value_matches(value, annotations[name]):
             raise error(_wrong_type_message(key, name, value, annotations[name]))
-        bounds = LIGHTNING_BOUNDS.get(name)
-        if bounds is not None and value is not None and value not in bounds:
-            why = f" ({bounds.why})" if bounds.why else ""
-            raise error(f"{key}={value} must be {bounds.describe()}{why}")
+        for bounds in (LIGHTNING_BOUNDS.get(name), LIGHTNING_LIMITS.get(name)):
+            if bounds is not None and value is not None and value not in bounds:
+                why = f" ({bounds.why})" if bounds.why else ""
+                raise error(f"{key}={value} must be {bounds.describe()}{why}")
 
 
 def value_matches(value: Any, annotation: Any) -> bool:

@@ -1,0 +1,86 @@
+"""Review s37a: core numerics at configurations no other test used (all found right; kept as guards).
+
+The compiled CPU kernels through a layer, against the torch path in float64: a state carried from the
+middle of a mini-batch whose weights *and pending sums* are leaves of the graph (their gradients go
+through the kernel's hand-written backward), the call split again inside a mini-batch, the gate and
+shared QK on, batch rows of different content; and parameters frozen in subsets (requires_grad mixes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from innerloop import TTTLayer
+
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # skips, with the reason, where nothing compiles
+
+FLOAT64 = 1e-10  # relative to each tensor's largest entry; observed <= 3e-14
+
+
+def perturbed(model: str, kernel: str) -> TTTLayer:
+    """A float64 layer (head_dim 4, mini-batch 3) with every parameter moved off its init, and one
+    token-index offset below -1 (its tau is clamped to 0, so its gradient is cut)."""
+    torch.manual_seed(0)
+    layer = TTTLayer(8, 2, inner_model=model, mini_batch_size=3, kernel=kernel, use_gate=True, share_qk=True)
+    layer = layer.double()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.1)
+        layer.learnable_token_idx[1] = -2.0
+    return layer
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def carried_state_run(layer: TTTLayer, frozen: tuple[str, ...] = ()) -> tuple[torch.Tensor, list]:
+    """Outputs and gradients (input, state leaves, trainable parameters) of a run from a state left
+    4 tokens in (mid mini-batch), split 2 + 7 (the second part ends inside a mini-batch)."""
+    for name, p in layer.named_parameters():
+        p.requires_grad_(name not in frozen)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 13, 8, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        _, state = layer(x[:, :4])
+    names = sorted(state.params)
+    params = {n: state.params[n].clone().requires_grad_() for n in names}
+    pending = {n: state.pending[n].clone().requires_grad_() for n in names}
+    state = dataclasses.replace(state, params=params, pending=pending)
+    inputs = x[:, 4:].clone().requires_grad_("x" not in frozen)
+    y1, state = layer(inputs[:, :2], state)
+    y2, state = layer(inputs[:, 2:], state)
+    y = torch.cat([y1, y2], 1)
+    cotangent = torch.randn(y.shape, generator=generator, dtype=y.dtype)
+    loss = (y * cotangent).sum() + sum((state.params[n] ** 2).sum() for n in names)
+    leaves = [*params.values(), *pending.values(), *(p for p in layer.parameters() if p.requires_grad)]
+    leaves += [inputs] if inputs.requires_grad else []
+    return y, list(torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True))
+
+
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_the_cpu_kernels_backward_from_a_carried_mid_mini_batch_state_equals_torch(model):
+    kernel_layer = perturbed(model, f"cpu_ttt_{model}")
+    y, grads = carried_state_run(kernel_layer)
+    assert any(path == f"cpu_ttt_{model}" for path, _ in kernel_layer.dispatches)  # the kernel ran
+    y_ref, grads_ref = carried_state_run(perturbed(model, "torch"))
+    assert relative(y, y_ref) <= FLOAT64
+    for got, want in zip(grads, grads_ref, strict=True):
+        assert relative(got, want) <= FLOAT64
+
+
+@pytest.mark.parametrize(
+    "frozen",
+    [("x",), ("learnable_token_idx", "learnable_ttt_lr_weight"), ("initial_params.W1", "ttt_norm_weight")],
+)
+def test_the_cpu_kernel_with_frozen_parameters_equals_torch(frozen):
+    y, grads = carried_state_run(perturbed("linear", "cpu_ttt_linear"), frozen)
+    y_ref, grads_ref = carried_state_run(perturbed("linear", "torch"), frozen)
+    assert relative(y, y_ref) <= FLOAT64
+    for got, want in zip(grads, grads_ref, strict=True):
+        assert relative(got, want) <= FLOAT64

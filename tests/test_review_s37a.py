@@ -9,6 +9,7 @@ shared QK on, batch rows of different content; and parameters frozen in subsets 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +85,26 @@ def test_the_cpu_kernel_with_frozen_parameters_equals_torch(frozen):
     assert relative(y, y_ref) <= FLOAT64
     for got, want in zip(grads, grads_ref, strict=True):
         assert relative(got, want) <= FLOAT64
+
+
+KERNELS_README = Path(__file__).resolve().parents[1] / "innerloop" / "kernels" / "README.md"
+FUSED_README = KERNELS_README.parent / "fused_torch" / "README.md"
+
+
+def test_a_training_only_kernels_blocks_without_a_graph_run_where_auto_would_as_its_readmes_say():
+    """kernels/README.md's table said ``compiled_torch_*`` ran inference "as ``fused_torch``", and
+    fused_torch/README.md that "inference keeps the in-place scan"; dispatch sends those blocks where
+    ``kernel="auto"`` would (the CPU kernel on CPU), as README.md and docs/architecture.md say."""
+    paths = []
+    for kernel in ("compiled_torch_linear", "auto"):
+        torch.manual_seed(0)
+        layer = TTTLayer(8, 2, mini_batch_size=2, kernel=kernel)
+        with torch.no_grad():
+            layer(torch.randn(1, 4, 8))
+        paths.append([path for path, _ in layer.dispatches])
+    assert paths[0] == paths[1] == ["cpu_ttt_linear"]
+    row = next(line for line in KERNELS_README.read_text().splitlines() if "`compiled_torch_linear`" in line)
+    assert "inference as `fused_torch`" not in row and "where `kernel='auto'` would" in row
+    fused = " ".join(FUSED_README.read_text().split())
+    assert "inference keeps the in-place scan" not in fused
+    assert 'go where `kernel="auto"` would' in fused

@@ -108,3 +108,32 @@ def test_a_training_only_kernels_blocks_without_a_graph_run_where_auto_would_as_
     fused = " ".join(FUSED_README.read_text().split())
     assert "inference keeps the in-place scan" not in fused
     assert 'go where `kernel="auto"` would' in fused
+
+
+def test_an_inference_mode_x_in_a_call_that_records_a_graph_is_one_clear_error():
+    """The state got this message (``_check_state_is_recordable``); an ``x`` made under
+    ``torch.inference_mode`` met torch's bare RuntimeError from inside the first projection."""
+    layer = TTTLayer(8, 2, mini_batch_size=2, kernel="torch")
+    with torch.inference_mode():
+        x = torch.randn(1, 3, 8)
+    with pytest.raises(ValueError, match=r"^x is an inference tensor .*torch\.no_grad\(\)"):
+        layer(x)
+    with torch.no_grad():  # no graph: accepted, as are a clone and a layer with nothing to train
+        expected, _ = layer(x)
+    assert torch.equal(layer(x.clone())[0].detach(), expected)
+    layer.requires_grad_(False)
+    assert torch.equal(layer(x)[0], expected)
+
+
+def test_inference_mode_arguments_of_ops_scan_in_a_call_that_records_a_graph_are_one_clear_error():
+    from innerloop import ops
+
+    with torch.inference_mode():
+        q, lr = torch.randn(1, 1, 2, 4), torch.full((1, 1, 2), 0.1)
+    k = torch.randn(1, 1, 2, 4, requires_grad=True)
+    with pytest.raises(ValueError, match=r"^q, lr: inference tensors .*records a graph"):
+        ops.scan(q, k, k, lr, mini_batch_size=2, kernel="torch")
+    with torch.no_grad():
+        expected, _ = ops.scan(q, k, k, lr, mini_batch_size=2, kernel="torch")
+    got, _ = ops.scan(q, k.detach(), k.detach(), lr, mini_batch_size=2, kernel="torch")  # nothing to record
+    assert torch.equal(got, expected)

@@ -173,6 +173,28 @@ def _check_per_token(q: torch.Tensor, lr: Any, decay: Any, momentum: Any) -> Non
         _check_finite("momentum", momentum)
 
 
+def _check_recordable(arguments: dict[str, Any]) -> None:
+    """Inference tensors (made under ``torch.inference_mode``) cannot enter a call that records an
+    autograd graph (grad enabled and some argument requires grad): torch refuses to save them for
+    backward, in a bare RuntimeError from inside the scan. Refused here, naming them and the remedies."""
+    if not torch.is_grad_enabled():
+        return
+    tensors = {}
+    for name, value in arguments.items():
+        if isinstance(value, dict):
+            tensors.update({f"{name}[{key!r}]": t for key, t in value.items() if isinstance(t, torch.Tensor)})
+        elif isinstance(value, torch.Tensor):
+            tensors[name] = value
+    inference = [name for name, t in tensors.items() if t.is_inference()]
+    if inference and any(t.requires_grad for t in tensors.values()):
+        raise ValueError(
+            f"{', '.join(inference)}: inference tensors (made under torch.inference_mode), which autograd "
+            "cannot save for backward, in a call that records a graph (grad is enabled and an argument "
+            "requires grad): run the call under torch.no_grad() or torch.inference_mode(), or pass "
+            "clones made outside inference mode (normal tensors)"
+        )
+
+
 def _check_finite(name: str, value: torch.Tensor) -> None:
     """Refuse a NaN or infinite value of the per-token argument ``name`` (it would turn every later
     output and the weights into NaN, silently)."""
@@ -382,6 +404,20 @@ def scan(
         mini_batch_size, inner_norm, inner_residual, kernel, norm_eps, needs_double_backward
     )
     _check_per_token(q, lr, decay, momentum)
+    _check_recordable(
+        dict(
+            q=q,
+            k=k,
+            v=v,
+            lr=lr,
+            token_scale=token_scale,
+            norm_weight=norm_weight,
+            norm_bias=norm_bias,
+            decay=decay,
+            momentum=momentum,
+            initial=initial,
+        )
+    )
     if inner_norm:  # an epsilon that rounds to 0 in the scan's dtype makes a constant row's LayerNorm 0 / 0
         check_norm_eps(float(norm_eps), torch.promote_types(q.dtype, torch.float32))
     model, loss, rule = resolve_plugins(

@@ -137,3 +137,19 @@ def test_inference_mode_arguments_of_ops_scan_in_a_call_that_records_a_graph_are
         expected, _ = ops.scan(q, k, k, lr, mini_batch_size=2, kernel="torch")
     got, _ = ops.scan(q, k.detach(), k.detach(), lr, mini_batch_size=2, kernel="torch")  # nothing to record
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("mixer", ["ttt", "e2e"])
+def test_inference_mode_token_ids_in_a_call_that_records_a_graph_are_one_clear_error(mixer):
+    """The same kind at the models' entry: torch's embedding raised its bare RuntimeError."""
+    from innerloop.models.factory import build_model
+
+    torch.manual_seed(0)
+    layers = 1 if mixer == "ttt" else 2
+    model = build_model(dict(mixer=mixer, vocab_size=8, hidden_size=8, num_layers=layers, num_heads=2))
+    with torch.inference_mode():
+        ids = torch.randint(0, 8, (1, 3))
+    with pytest.raises(ValueError, match=r"^input_ids is an inference tensor .*torch\.no_grad\(\)"):
+        model(ids)
+    with torch.no_grad():  # no graph: accepted
+        model(ids)

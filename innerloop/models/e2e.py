@@ -65,6 +65,7 @@ from innerloop.models.config import (
 )
 from innerloop.models.lm import (
     _tensors,
+    check_ids_recordable,
     check_same_device,
     check_token_ids,
     check_weights_under_autocast,
@@ -729,6 +730,7 @@ class E2ELM(nn.Module):
         """
         check_token_ids(input_ids, self.config.vocab_size)
         check_same_device(input_ids, self.embed.weight)
+        check_ids_recordable(input_ids, self)
         validate_e2e_options(self.config)  # read at every call, and users may change them on a built model
         self._check_built_fields()  # read only when built: a change is refused, not ignored
         self._check_precision()

@@ -201,6 +201,25 @@ def check_weights_fit(
     )
 
 
+@run_eagerly("innerloop: the input checks read tensor flags")  # as the layer's input checks
+def check_input_recordable(tensor: torch.Tensor, module: nn.Module, name: str, owner: str) -> None:
+    """Refuse, naming ``name``, an input of ``module`` (the ``owner``: "layer", "model") made under
+    ``torch.inference_mode`` in a call that records a graph (grad enabled, some parameter requires grad):
+    torch cannot save it for backward, and says so in a bare RuntimeError from deep inside the call.
+    Reads no value: no device sync."""
+    if (
+        torch.is_grad_enabled()
+        and tensor.is_inference()
+        and any(p.requires_grad for p in module.parameters())
+    ):
+        raise ValueError(
+            f"{name} is an inference tensor (made under torch.inference_mode), which autograd cannot save for "
+            f"backward, and this call records a graph (grad is enabled and the {owner}'s parameters require "
+            f"grad): run the call under torch.no_grad() or torch.inference_mode(), or pass {name}.clone() "
+            "called outside inference mode (a copy that is a normal tensor)"
+        )
+
+
 def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_share_qk: bool = True) -> None:
     """One clear error per bad constructor argument: its name, the value given, what is valid
     (``rotary``: the layer applies RoPE, which needs an even head size; ``conv_needs_share_qk``: its only
@@ -885,7 +904,7 @@ class TTTLayer(nn.Module):
                 f"scan dtype; valid: a finite number >= 0 up to {torch.finfo(self.scan_dtype).max:.2e}"
             )
         check_norm_eps(self.norm_eps, self.scan_dtype)  # a layer cast to a narrower dtype (.float())
-        self._check_x_is_recordable(x)
+        check_input_recordable(x, self, "x", "layer")
         if state is not None:
             self._check_state(state, x.shape[0])
             self._check_state_is_recordable(state, x)
@@ -967,18 +986,6 @@ class TTTLayer(nn.Module):
                     f"state tensor {name} is {tensor.dtype} but the layer keeps its state in {wanted}: pass "
                     f"the state the layer returned, or cast it with state.to({scan_dtype})"
                 )
-
-    def _check_x_is_recordable(self, x: torch.Tensor) -> None:
-        """An ``x`` made under ``torch.inference_mode`` cannot enter a call that records an autograd graph
-        (the layer's parameters require grad): torch refuses to save it for backward, in a bare
-        RuntimeError from inside the layer's first projection. Refused here, naming the remedies."""
-        if torch.is_grad_enabled() and x.is_inference() and any(p.requires_grad for p in self.parameters()):
-            raise ValueError(
-                "x is an inference tensor (made under torch.inference_mode), which autograd cannot save for "
-                "backward, and this call records a graph (grad is enabled and the layer's parameters require "
-                "grad): run the call under torch.no_grad() or torch.inference_mode(), or pass x.clone() "
-                "called outside inference mode (a copy that is a normal tensor)"
-            )
 
     def _check_state_is_recordable(self, state: TTTState, x: torch.Tensor) -> None:
         """A state made under ``torch.inference_mode`` cannot enter a call that records an autograd

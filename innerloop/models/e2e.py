@@ -45,6 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import RMSNorm, chunk_mean_cross_entropy, mean_scored_cross_entropy, owning
+from innerloop.core.layer import check_input_recordable
 from innerloop.core.model_inner import FastWeights, ModelInnerLoss, ModelUpdateRule
 from innerloop.core.state import cat_rows, check_batch_rows, check_states, same_positions, take_rows
 from innerloop.models.attention import (
@@ -65,7 +66,6 @@ from innerloop.models.config import (
 )
 from innerloop.models.lm import (
     _tensors,
-    check_ids_recordable,
     check_same_device,
     check_token_ids,
     check_weights_under_autocast,
@@ -730,7 +730,7 @@ class E2ELM(nn.Module):
         """
         check_token_ids(input_ids, self.config.vocab_size)
         check_same_device(input_ids, self.embed.weight)
-        check_ids_recordable(input_ids, self)
+        check_input_recordable(input_ids, self, "input_ids", "model")
         validate_e2e_options(self.config)  # read at every call, and users may change them on a built model
         self._check_built_fields()  # read only when built: a change is refused, not ignored
         self._check_precision()

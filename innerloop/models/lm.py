@@ -16,6 +16,7 @@ from torch import nn
 
 from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import RMSNorm
+from innerloop.core.layer import check_input_recordable
 from innerloop.core.state import check_batch_rows, check_states
 from innerloop.models.blocks import Block, BlockState, CausalDepthwiseConv
 from innerloop.models.config import (
@@ -167,24 +168,6 @@ def check_same_device(input_ids: torch.Tensor, weight: torch.Tensor, name: str =
         )
 
 
-@run_eagerly("innerloop: the token id checks read tensor flags")  # as check_token_ids
-def check_ids_recordable(input_ids: torch.Tensor, model: nn.Module, name: str = "input_ids") -> None:
-    """Refuse, naming ``name``, ids made under ``torch.inference_mode`` in a call that records a graph
-    (grad enabled, some parameter requires grad): torch's embedding cannot save them for backward, and
-    says so in a bare RuntimeError. Reads no value: no device sync."""
-    if (
-        torch.is_grad_enabled()
-        and input_ids.is_inference()
-        and any(p.requires_grad for p in model.parameters())
-    ):
-        raise ValueError(
-            f"{name} is an inference tensor (made under torch.inference_mode), which autograd cannot save for "
-            "backward, and this call records a graph (grad is enabled and the model's parameters require "
-            f"grad): run the call under torch.no_grad() or torch.inference_mode(), or pass {name}.clone() "
-            "called outside inference mode (a copy that is a normal tensor)"
-        )
-
-
 def check_token_id_layout(input_ids: Any, name: str = "input_ids", min_length: int = 0) -> None:
     """Refuse, naming ``name``, anything but a ``[batch, length >= min_length]`` tensor of integer token
     ids (:data:`TOKEN_ID_DTYPES`). Reads no value: no device sync."""
@@ -318,7 +301,7 @@ class CausalLM(nn.Module):
         a state of another batch before its mixer's check)."""
         check_token_ids(input_ids, self.config.vocab_size, min_length=1)  # a T=0 call has nothing to score
         check_same_device(input_ids, self.embed.weight)
-        check_ids_recordable(input_ids, self)
+        check_input_recordable(input_ids, self, "input_ids", "model")
         check_weights_under_autocast(self, self.embed.weight.device.type)
         if state is None:
             return

@@ -277,3 +277,29 @@ def check_generation_counts(generation_config: Any) -> None:
         number = as_integer(value)
         if number is None or number < least:
             raise ValueError(f"generate({name}={value!r}): {name} must be an integer >= {least}")
+
+
+ASSISTED_SETTINGS = ("prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
+"""The generation settings that turn greedy search or sampling into assisted generation, besides
+``generate(assistant_model=...)``."""
+
+
+def check_not_assisted(generation_mode: Any, generation_config: Any, generation_mode_kwargs: Any) -> None:
+    """``ValueError`` naming the setting that asked for assisted (speculative) generation: it scores draft
+    tokens and then crops the cache back to those it accepts, and an innerloop model's recurrent state
+    cannot be cropped. transformers raised a bare ``RuntimeError: Assisted decoding requires a cache``."""
+    if str(getattr(generation_mode, "value", generation_mode)) != "assisted_generation":
+        return
+    given = [
+        f"{name}={getattr(generation_config, name)!r}"
+        for name in ASSISTED_SETTINGS
+        if getattr(generation_config, name, None) not in (None, False)
+    ]
+    kwargs = generation_mode_kwargs if isinstance(generation_mode_kwargs, dict) else {}
+    if kwargs.get("assistant_model") is not None:
+        given.insert(0, f"assistant_model={type(kwargs['assistant_model']).__name__}")
+    raise ValueError(
+        f"generate({', '.join(given) or 'an assistant'}): assisted (speculative) generation is not supported "
+        "by innerloop models: it scores draft tokens and then crops the cache back to the accepted ones, and "
+        "a recurrent state cannot be cropped; generate without it (greedy search, sampling or beam search)"
+    )

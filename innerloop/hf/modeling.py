@@ -45,6 +45,7 @@ from innerloop.hf.arguments import (
     check_logits_to_keep,
     check_mask_shape,
     check_mask_values,
+    check_not_assisted,
     check_other_arguments,
     hidden_states_wanted,
     one_cache,
@@ -1139,7 +1140,9 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
 
     def _validate_generation_mode(self, generation_mode: Any, generation_config: Any, *args: Any) -> None:
         """transformers' own, then the counts of ``generate()`` (beams, sequences, tokens) checked:
-        :func:`~innerloop.hf.arguments.check_generation_counts`."""
+        :func:`~innerloop.hf.arguments.check_generation_counts`; assisted generation refused first
+        (:func:`~innerloop.hf.arguments.check_not_assisted`)."""
+        check_not_assisted(generation_mode, generation_config, args[0] if args else None)
         super()._validate_generation_mode(generation_mode, generation_config, *args)
         check_generation_counts(generation_config)
 

@@ -29,6 +29,7 @@ import hashlib
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import tempfile
 import warnings
@@ -130,7 +131,7 @@ def _build() -> Path:
     ).hexdigest()[:20]
     directory = cache_dir() / "cpu_kernels"
     target = directory / f"ttt_stack-{key}.so"
-    if target.exists():
+    if _cached(target):
         return target
 
     try:
@@ -143,24 +144,7 @@ def _build() -> Path:
             f"cannot write the kernel cache {directory} ({error}); set INNERLOOP_CACHE_DIR to a writable folder"
         ) from error
     try:
-        # The first flag set that compiles and loads: usually the first, so one compile (a few seconds).
-        # A library that compiles but does not load (e.g. an OpenMP runtime missing) tries the next.
-        problems: list[str] = []
-        for flags in FLAG_SETS:
-            result = _compile(compiler, list(flags), Path(temporary))
-            if result.returncode != 0:
-                problems.append(_first_error(result.stderr or result.stdout))
-                continue
-            try:
-                ctypes.CDLL(temporary)
-            except OSError as error:
-                problems.append(f"built with {' '.join(flags)} but does not load: {error}")
-                continue
-            break
-        else:
-            raise CPUKernelUnavailable(
-                f"building {SOURCE.name} with {compiler} failed: {'; '.join(problems)}"
-            )
+        _compile_first_that_loads(compiler, temporary)
         os.chmod(temporary, 0o755)  # mkstemp made it private; in a shared cache others must load it
         os.replace(temporary, target)  # atomic: other processes see no file or the whole file
     except (OSError, subprocess.SubprocessError) as error:
@@ -170,6 +154,80 @@ def _build() -> Path:
             os.unlink(temporary)
         os.close(handle)
     return target
+
+
+def _compile_first_that_loads(compiler: str, temporary: str) -> None:
+    """Compile into ``temporary`` with the first flag set that compiles and loads: usually the first,
+    so one compile (a few seconds). A library that compiles but does not load (e.g. an OpenMP runtime
+    missing) tries the next; none that does raises with each set's problem."""
+    problems: list[str] = []
+    for flags in FLAG_SETS:
+        result = _compile(compiler, list(flags), Path(temporary))
+        if result.returncode != 0:
+            problems.append(_first_error(result.stderr or result.stdout))
+            continue
+        try:
+            if not _intact(Path(temporary)):
+                raise OSError("the compiler wrote a truncated library")
+            ctypes.CDLL(temporary)
+        except OSError as error:
+            problems.append(f"built with {' '.join(flags)} but does not load: {error}")
+            continue
+        return
+    raise CPUKernelUnavailable(f"building {SOURCE.name} with {compiler} failed: {'; '.join(problems)}")
+
+
+def _intact(path: Path) -> bool:
+    """Whether the library at ``path`` holds every byte its ELF header says it has (its program
+    segments and section headers end inside the file). ``dlopen`` maps a truncated library and dies
+    of SIGBUS on its missing pages, so a cut-short file (a full disk, a killed copy) must never reach
+    it. A file that is not ELF (another platform's format) is left to the loader."""
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(64)
+            size = os.fstat(handle.fileno()).st_size
+            if header[:4] != b"\x7fELF":
+                return len(header) >= 4  # shorter is no library of any format
+            wide, order = header[4] == 2, "<" if header[5] == 1 else ">"
+            if len(header) < (64 if wide else 52):
+                return False
+            phoff, shoff = struct.unpack_from(order + ("QQ" if wide else "II"), header, 32 if wide else 28)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from(
+                order + "HHHH", header, 54 if wide else 42
+            )
+            if phoff + phentsize * phnum > size or shoff + shentsize * shnum > size:
+                return False
+            handle.seek(phoff)
+            table = handle.read(phentsize * phnum)
+    except OSError:
+        return False
+    entry = order + ("IIQQQQ" if wide else "IIIIII")
+    if phentsize < struct.calcsize(entry) and phnum:
+        return False  # a malformed header
+    for index in range(phnum):  # each segment's bytes (offset + size in file) lie inside the file
+        values = struct.unpack_from(entry, table, index * phentsize)
+        offset, filesz = (values[2], values[5]) if wide else (values[1], values[4])
+        if offset + filesz > size:
+            return False
+    return True
+
+
+def _cached(target: Path) -> bool:
+    """Whether ``target`` is built already; a truncated one (it would crash the process in ``dlopen``,
+    SIGBUS) is removed, to be built again."""
+    if not target.exists():
+        return False
+    if _intact(target):
+        return True
+    try:
+        target.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        raise CPUKernelUnavailable(
+            f"the cached library {target} is truncated and cannot be removed ({error}); delete it"
+        ) from error
+    return False
 
 
 def _lock(handle: int) -> bool:
@@ -224,8 +282,9 @@ def _outcome() -> tuple[ctypes.CDLL | None, Path | None, str | None]:
         return None, None, f"building the CPU kernels failed: {type(error).__name__}: {error}"
     try:
         library = ctypes.CDLL(str(path))
-    except OSError as error:
-        return None, None, f"loading {path} failed: {error}"
+        library.innerloop_uses_openmp  # noqa: B018  a library of that name but not innerloop's lacks it
+    except (OSError, AttributeError) as error:
+        return None, None, f"loading {path} failed: {error} (delete it to rebuild)"
     if torch.get_num_threads() > 1 and not library.innerloop_uses_openmp():
         try:
             warnings.warn(

@@ -56,3 +56,18 @@ def test_a_cached_library_that_is_not_innerloops_is_a_reason(tmp_path, monkeypat
     library, path, reason = build._outcome.__wrapped__()
     assert library is None and path is None
     assert str(other) in reason and "innerloop_uses_openmp" in reason and "delete it" in reason
+
+
+@pytest.mark.parametrize("variable", ["INNERLOOP_CACHE_DIR", "XDG_CACHE_HOME"])
+def test_a_cache_variable_of_spaces_is_unset_not_a_folder_named_spaces(
+    variable, tmp_path, monkeypatch
+) -> None:
+    """INNERLOOP_CACHE_DIR=' ' (or XDG_CACHE_HOME=' ') put the kernels in a folder named ' ' under
+    whatever the current folder was; it reads as unset, as the library's yes/no switches do."""
+    monkeypatch.delenv("INNERLOOP_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    default = build.cache_dir()
+    assert default == tmp_path / ".cache" / "innerloop"
+    monkeypatch.setenv(variable, "  ")
+    assert build.cache_dir() == default

@@ -65,10 +65,12 @@ class CPUKernelUnavailable(RuntimeError):
 
 def cache_dir() -> Path:
     """Where compiled libraries are kept: ``$INNERLOOP_CACHE_DIR`` (a leading ``~`` is the home folder,
-    as a shell would have expanded it), else ``innerloop`` in ``$XDG_CACHE_HOME`` or ``~/.cache``."""
-    if os.environ.get("INNERLOOP_CACHE_DIR"):
+    as a shell would have expanded it), else ``innerloop`` in ``$XDG_CACHE_HOME`` or ``~/.cache``. Either
+    variable empty or only spaces is unset (not a folder named by spaces in the current folder)."""
+    if os.environ.get("INNERLOOP_CACHE_DIR", "").strip():
         return Path(os.path.expanduser(os.environ["INNERLOOP_CACHE_DIR"]))
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = xdg if xdg.strip() else os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "innerloop"
 
 

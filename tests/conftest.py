@@ -123,11 +123,12 @@ def shared_conformance_dir() -> Path:
 def cpu_kernels() -> None:
     """The compiled CPU kernels, built once. A machine without a C++ compiler skips the tests that need
     them; CI sets INNERLOOP_REQUIRE_CPU_KERNELS=1 so that a broken build fails instead of skipping."""
+    from innerloop.core.environment import environment_flag
     from innerloop.kernels.cpu import build
 
     try:
         build.load_library()
     except build.CPUKernelUnavailable as error:
-        if os.environ.get("INNERLOOP_REQUIRE_CPU_KERNELS"):
+        if environment_flag("INNERLOOP_REQUIRE_CPU_KERNELS", False):
             raise
         pytest.skip(f"the CPU kernels cannot be built here: {error}")

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from kernel_testing import make_inputs, strided
 
 from innerloop import TTTLayer
+from innerloop.core.environment import environment_flag
 from innerloop.core.functional import relative_error
 from innerloop.core.protocol import Activation, AffineLayer
 from innerloop.kernels.cpu import build
@@ -319,7 +320,8 @@ def test_build_writes_one_readable_library_atomically_into_the_cache(fresh_build
     assert path.parent == fresh_build / "cache" / "cpu_kernels" and path.exists()
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
     assert stat.S_IMODE(path.stat().st_mode) == 0o755  # chmod, whatever the umask: a shared cache works
-    if os.environ.get("INNERLOOP_REQUIRE_CPU_KERNELS"):  # CI (g++): the kernel runs on torch's threads
+    # CI (g++): the kernel runs on torch's threads
+    if environment_flag("INNERLOOP_REQUIRE_CPU_KERNELS", False):
         assert build.uses_openmp()
     build.clear_cache()
     mtime = path.stat().st_mtime_ns

@@ -15,9 +15,11 @@ from itertools import pairwise
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import nn
 from torch._C._functorch import is_functorch_wrapped_tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from innerloop.core.functional import RMSNorm, apply_rope_interleaved, rope_cos_sin, rope_inverse_frequencies
 from innerloop.core.layer import (
@@ -219,6 +221,27 @@ def block_bounds(start: int, stop: int, size: int) -> list[int]:
     return [start, *range(start - start % size + size, stop, size), stop]
 
 
+def carries_tangents(*tensors: torch.Tensor) -> bool:
+    """Whether forward-mode AD reaches ``tensors``: torch.func's transforms (jvp, jacfwd, hessian; vmap and
+    grad too, which the math kernel serves as well) wrap them, ``torch.autograd.forward_ad`` makes them dual.
+    Outside a dual level (the usual case) it reads one int per tensor."""
+    if any(is_functorch_wrapped_tensor(t) for t in tensors):
+        return True
+    if getattr(forward_ad, "_current_level", 0) < 0:  # private; if torch drops it, every tensor is asked
+        return False
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``; under forward-mode AD on torch's math kernel: CPU's fused
+    kernel has no forward derivative (torch raised a bare NotImplementedError from jvp, jacfwd or a
+    dual tensor), the math kernel, made of differentiable ops, has one."""
+    if carries_tangents(q, k, v):
+        with sdpa_kernel([SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, **options)
+    return F.scaled_dot_product_attention(q, k, v, **options)
+
+
 def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -249,7 +272,7 @@ def sliding_window_attention(
         if rotate is not None:
             q_piece, k_piece = rotate(q_piece, k_piece, query_pos, key_pos, begin)
         mask = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - window)
-        pieces.append(F.scaled_dot_product_attention(q_piece, k_piece, v_piece, attn_mask=mask))
+        pieces.append(attend(q_piece, k_piece, v_piece, attn_mask=mask))
     if len(pieces) == 1:  # a decoding step or a short input: no copy
         return pieces[0]
     return torch.cat(pieces, dim=2) if pieces else q
@@ -376,12 +399,12 @@ class CausalSelfAttention(nn.Module):
             bounds = [start + offset for offset in range(0, length, QUERY_BLOCK)] + [start + length]
             y = sliding_window_attention(q, k, v, self.window, bounds)
         elif state is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = attend(q, k, v, is_causal=True)
         else:
             # Query i sits at absolute position start + i; key j at start + length - num_keys + j.
             query_pos = torch.arange(start, start + length, device=x.device)[:, None]  # [T, 1]
             key_pos = torch.arange(start + length - num_keys, start + length, device=x.device)[None, :]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_pos <= query_pos)  # mask [T, S + T]
+            y = attend(q, k, v, attn_mask=key_pos <= query_pos)  # mask [T, S + T]
         y = y.transpose(1, 2).reshape(batch, length, hidden)
 
         keep = num_keys if self.window is None else min(num_keys, self.window - 1)

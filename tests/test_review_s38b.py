@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
-from torch.func import jvp
+from torch.func import jvp, vmap
 
+from innerloop.models import build_model
 from innerloop.models.attention import sliding_window_attention
 
 
@@ -57,3 +58,15 @@ def test_attention_double_backward_is_right_or_refused_by_name():
         torch.autograd.grad(grad_q[0].sum(), q)
     except RuntimeError as err:
         assert "needs_double_backward" in str(err)
+
+
+@pytest.mark.parametrize("mixer", ["ttt", "e2e"])
+def test_vmap_over_input_ids_is_one_error_naming_them(mixer):
+    # it met torch's bare 'Cannot access data pointer of Tensor that doesn't have storage' (the id range check)
+    section = {"vocab_size": 11, "hidden_size": 8, "num_layers": 2, "num_heads": 2}
+    if mixer == "e2e":
+        section.update(mixer="e2e", intermediate_size=16, window=4)
+    model = build_model(section)
+    ids = torch.randint(0, 11, (2, 5))
+    with pytest.raises(TypeError, match=r"input_ids is batched by a torch.func transform \(vmap\)"):
+        vmap(lambda row: model(row[None])[0][0])(ids)

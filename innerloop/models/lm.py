@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import RMSNorm
@@ -143,6 +144,12 @@ def check_token_ids(
     in ``[0, vocab_size)`` (None: any id >= 0), or the id of ``not_scored`` (``(id, its name)``: targets'
     ignore index). Costs one min/max pass over the ids and one device sync."""
     check_token_id_layout(input_ids, name, min_length)
+    if is_functorch_wrapped_tensor(input_ids):  # vmap: torch read no value of a batched tensor
+        raise TypeError(
+            f"{name} is batched by a torch.func transform (vmap): the model reads the ids' values "
+            f"(their range, padding, positions), which torch.func cannot batch; pass the batch as one "
+            f"[batch, length] tensor instead (model(input_ids) runs the rows independently)"
+        )
     if input_ids.numel() == 0 or input_ids.device.type == "meta":  # meta: shapes only, no ids to read
         return
     ids = input_ids if not_scored is None else torch.where(input_ids == not_scored[0], 0, input_ids)

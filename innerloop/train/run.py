@@ -583,7 +583,7 @@ def _train_in_locked_dir(
     module = build_module(run)
     if start is not None:
         _check_resume(run, module, start)
-    refuse_a_full_disk(out_dir, module)
+    refuse_a_full_disk(out_dir, module, trained_dtype(run.trainer.precision))
     datamodule = build_datamodule(run)
     # read now, before the Trainer's loggers make logs/version_<n>: data that a tokenizer's token counts
     # show too short (the config checks count bytes) is refused with the out_dir left as it was
@@ -591,7 +591,7 @@ def _train_in_locked_dir(
     # Ctrl-C: finish the step, save it, stop; whether this run had a checkpoint then
     interrupt = StopOnInterrupt(watch=(ckpt, out_dir / PENDING_CHECKPOINT))
     trainer = build_trainer(run, [TrainingThroughput(), interrupt, *callbacks])  # parameter counts, tokens/s
-    refuse_training_beyond_memory(module, trainer.strategy.root_device)
+    refuse_training_beyond_memory(module, trainer.strategy.root_device, trained_dtype(run.trainer.precision))
     check_named_kernels_train(run, module, trainer.strategy.root_device)
     _confirm_a_pending_start(trainer, start, ckpt)
     _warn_of_a_warm_up_longer_than_the_run(run)
@@ -1026,28 +1026,47 @@ def out_of_space(err: BaseException) -> bool:
     )
 
 
-def checkpoint_bytes_at_least(module: torch.nn.Module) -> int:
-    """A lower bound on the size of a training checkpoint of ``module``: its parameters and buffers,
-    and AdamW's two float32 moments of each trainable parameter (the checkpoint holds more: metadata,
+def trained_dtype(precision: str) -> torch.dtype | None:
+    """The dtype a Lightning ``precision`` converts the floating weights (and so their gradients and
+    AdamW's moments, which take a parameter's dtype) to before training: ``bf16-true`` and ``16-true``
+    halve them; None for the others, which train the weights in the dtype they were built in."""
+    return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(str(precision))
+
+
+def _bytes_of(tensor: torch.Tensor, dtype: torch.dtype | None) -> int:
+    """``tensor``'s bytes once a ``dtype`` precision converted it (floating tensors only; never more)."""
+    size = tensor.element_size()
+    if dtype is not None and tensor.is_floating_point():
+        size = min(size, dtype.itemsize)
+    return tensor.numel() * size
+
+
+def checkpoint_bytes_at_least(module: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
+    """A lower bound on the size of a training checkpoint of ``module`` trained with its floating weights
+    in ``dtype`` (:func:`trained_dtype`; None: as built): its parameters and buffers, and AdamW's two
+    moments of each trainable parameter, in that parameter's dtype (the checkpoint holds more: metadata,
     the schedulers' and loops' state)."""
     tensors = [*module.parameters(), *module.buffers()]
-    moments = sum(2 * 4 * p.numel() for p in module.parameters() if p.requires_grad)
-    return sum(t.numel() * t.element_size() for t in tensors) + moments
+    moments = sum(2 * _bytes_of(p, dtype) for p in module.parameters() if p.requires_grad)
+    return sum(_bytes_of(t, dtype) for t in tensors) + moments
 
 
-def training_bytes_at_least(module: torch.nn.Module) -> int:
-    """A lower bound on the memory training ``module`` holds: its parameters and buffers, a gradient
-    of each trainable parameter and AdamW's two float32 moments of it (activations come on top)."""
-    gradients = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
-    return checkpoint_bytes_at_least(module) + gradients
+def training_bytes_at_least(module: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
+    """A lower bound on the memory training ``module`` (weights in ``dtype``, as for
+    :func:`checkpoint_bytes_at_least`) holds: its parameters and buffers, a gradient of each trainable
+    parameter and AdamW's two moments of it (activations come on top)."""
+    gradients = sum(_bytes_of(p, dtype) for p in module.parameters() if p.requires_grad)
+    return checkpoint_bytes_at_least(module, dtype) + gradients
 
 
-def refuse_training_beyond_memory(module: torch.nn.Module, device: torch.device) -> None:
-    """Raise :class:`ModelTooLargeError` when training ``module`` on ``device`` needs more memory than
-    the device has (:func:`training_bytes_at_least`): the weights alone fit (checked when the model is
-    built), but gradients and AdamW's moments are three times more, and such a run was stopped by the
-    out-of-memory killer at its first step, without a message."""
-    need, memory = training_bytes_at_least(module), device_memory_bytes(device)
+def refuse_training_beyond_memory(
+    module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None
+) -> None:
+    """Raise :class:`ModelTooLargeError` when training ``module`` on ``device`` with its weights in
+    ``dtype`` needs more memory than the device has (:func:`training_bytes_at_least`): the weights alone
+    fit (checked when the model is built), but gradients and AdamW's moments are three times more, and
+    such a run was stopped by the out-of-memory killer at its first step, without a message."""
+    need, memory = training_bytes_at_least(module, dtype), device_memory_bytes(device)
     if memory is None or need <= memory:
         return
     count = sum(p.numel() for p in module.parameters())
@@ -1058,11 +1077,13 @@ def refuse_training_beyond_memory(module: torch.nn.Module, device: torch.device)
     )
 
 
-def refuse_a_full_disk(out_dir: str | os.PathLike[str], module: torch.nn.Module) -> None:
+def refuse_a_full_disk(
+    out_dir: str | os.PathLike[str], module: torch.nn.Module, dtype: torch.dtype | None = None
+) -> None:
     """Raise :class:`RunDirError` when the file system of ``out_dir`` has less room than one checkpoint
-    of ``module`` needs: one line before the run trains, not at its first checkpoint after
-    ``trainer.checkpoint_every`` steps of work."""
-    need = checkpoint_bytes_at_least(module)
+    of ``module`` (trained with its weights in ``dtype``) needs: one line before the run trains, not at
+    its first checkpoint after ``trainer.checkpoint_every`` steps of work."""
+    need = checkpoint_bytes_at_least(module, dtype)
     free = shutil.disk_usage(out_dir).free
     if free < need:
         raise RunDirError(

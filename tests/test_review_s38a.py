@@ -45,3 +45,22 @@ def test_a_bf16_true_model_that_fits_is_not_refused(tmp_path, monkeypatch) -> No
     monkeypatch.setattr(run_module, "_fit", lambda *a, **k: (_ for _ in ()).throw(Fitted()))
     with pytest.raises(Fitted):
         train(run, cfg)
+
+
+def test_a_sharding_strategy_needs_one_share_on_each_device(monkeypatch) -> None:
+    # FSDP (GPU only) shards weights, gradients and moments over trainer.world_size devices; DDP copies them
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from innerloop.core.layer import ModelTooLargeError
+    from innerloop.train.run import refuse_training_beyond_memory, training_shards
+
+    assert training_shards(SimpleNamespace(strategy=FSDPStrategy(), world_size=8)) == 8
+    assert training_shards(SimpleNamespace(strategy=DDPStrategy(), world_size=8)) == 1
+    module = torch.nn.Linear(63, 64)  # 4096 float32 parameters: 64 KiB to train
+    share = training_bytes_at_least(module) // 8
+    monkeypatch.setattr(core_layer, "machine_memory_bytes", lambda: share)
+    refuse_training_beyond_memory(module, torch.device("cpu"), None, 8)  # fits: one share on each device
+    with pytest.raises(ModelTooLargeError, match=r"its share of 7 devices"):
+        refuse_training_beyond_memory(module, torch.device("cpu"), None, 7)

@@ -60,6 +60,7 @@ from lightning.pytorch.callbacks import (
     Timer,
     TQDMProgressBar,
 )
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from omegaconf import DictConfig
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
@@ -591,7 +592,9 @@ def _train_in_locked_dir(
     # Ctrl-C: finish the step, save it, stop; whether this run had a checkpoint then
     interrupt = StopOnInterrupt(watch=(ckpt, out_dir / PENDING_CHECKPOINT))
     trainer = build_trainer(run, [TrainingThroughput(), interrupt, *callbacks])  # parameter counts, tokens/s
-    refuse_training_beyond_memory(module, trainer.strategy.root_device, trained_dtype(run.trainer.precision))
+    refuse_training_beyond_memory(
+        module, trainer.strategy.root_device, trained_dtype(run.trainer.precision), training_shards(trainer)
+    )
     check_named_kernels_train(run, module, trainer.strategy.root_device)
     _confirm_a_pending_start(trainer, start, ckpt)
     _warn_of_a_warm_up_longer_than_the_run(run)
@@ -1059,21 +1062,32 @@ def training_bytes_at_least(module: torch.nn.Module, dtype: torch.dtype | None =
     return checkpoint_bytes_at_least(module, dtype) + gradients
 
 
+def training_shards(trainer: L.Trainer) -> int:
+    """Over how many devices ``trainer``'s strategy shards the weights, their gradients and AdamW's
+    moments: ``trainer.world_size`` for FSDP, DeepSpeed and model parallelism, 1 for the strategies
+    that keep a whole copy on each device (DDP, one device)."""
+    sharding = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+    return max(1, trainer.world_size) if isinstance(trainer.strategy, sharding) else 1
+
+
 def refuse_training_beyond_memory(
-    module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None
+    module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None, shards: int = 1
 ) -> None:
     """Raise :class:`ModelTooLargeError` when training ``module`` on ``device`` with its weights in
-    ``dtype`` needs more memory than the device has (:func:`training_bytes_at_least`): the weights alone
-    fit (checked when the model is built), but gradients and AdamW's moments are three times more, and
-    such a run was stopped by the out-of-memory killer at its first step, without a message."""
-    need, memory = training_bytes_at_least(module, dtype), device_memory_bytes(device)
+    ``dtype``, sharded over ``shards`` devices (:func:`training_shards`), needs more memory than the
+    device has (:func:`training_bytes_at_least`, its share): the weights alone fit (checked when the
+    model is built), but gradients and AdamW's moments are three times more, and such a run was stopped
+    by the out-of-memory killer at its first step, without a message."""
+    need, memory = training_bytes_at_least(module, dtype) // shards, device_memory_bytes(device)
     if memory is None or need <= memory:
         return
     count = sum(p.numel() for p in module.parameters())
+    share = f", its share of {shards} devices" if shards > 1 else ""
     raise ModelTooLargeError(
         f"training this model ({count:,} parameters) needs at least {need / 2**30:,.1f} GiB on {device} "
-        f"(its weights, their gradients and AdamW's two moments), more than the {memory / 2**30:,.1f} GiB "
-        "there; give smaller model sizes (innerloop params counts a config's parameters)"
+        f"(its weights, their gradients and AdamW's two moments{share}), more than the "
+        f"{memory / 2**30:,.1f} GiB there; give smaller model sizes (innerloop params counts a config's "
+        "parameters)"
     )
 
 

@@ -64,3 +64,40 @@ def test_a_sharding_strategy_needs_one_share_on_each_device(monkeypatch) -> None
     refuse_training_beyond_memory(module, torch.device("cpu"), None, 8)  # fits: one share on each device
     with pytest.raises(ModelTooLargeError, match=r"its share of 7 devices"):
         refuse_training_beyond_memory(module, torch.device("cpu"), None, 7)
+
+
+def test_an_inference_mode_x_read_only_by_frozen_parameters_trains_the_rest():
+    """The refusal of 079545b asked whether ANY parameter requires grad: a layer whose projections and
+    gates (what reads x) are frozen, training its inner initial weights and norms, saved no x and
+    trained at 815a0cb; it was refused. All trainable: still the one clear error."""
+    from innerloop import TTTLayer
+
+    torch.manual_seed(0)
+    layer = TTTLayer(8, 2, mini_batch_size=2, kernel="torch")
+    with torch.inference_mode():
+        x = torch.randn(1, 3, 8)
+    with pytest.raises(ValueError, match=r"^x is an inference tensor .*torch\.no_grad\(\)"):
+        layer(x)
+    for name, p in layer.named_parameters():
+        p.requires_grad_(name.startswith(("initial_params", "post_norm", "ttt_norm")))
+    layer(x)[0].sum().backward()
+    grads = [p.grad.clone() for p in layer.parameters() if p.requires_grad]
+    layer.zero_grad()
+    layer(x.clone())[0].sum().backward()  # a normal tensor: the same gradients
+    assert all(
+        torch.equal(g, p.grad)
+        for g, p in zip(grads, [p for p in layer.parameters() if p.requires_grad], strict=True)
+    )
+
+
+def test_inference_mode_ids_of_a_model_with_a_frozen_embedding_train_the_rest():
+    """Only the embedding reads a CausalLM's ids: frozen, nothing saves them (815a0cb trained it)."""
+    from innerloop.models.factory import build_model
+
+    torch.manual_seed(0)
+    model = build_model(dict(mixer="ttt", vocab_size=8, hidden_size=8, num_layers=1, num_heads=2))
+    with torch.inference_mode():
+        ids = torch.randint(0, 8, (1, 3))
+    model.embed.weight.requires_grad_(False)  # tied: the head too
+    model(ids)[0].sum().backward()
+    assert all(p.grad is not None for p in model.blocks.parameters())

@@ -204,20 +204,34 @@ def check_weights_fit(
 @run_eagerly("innerloop: the input checks read tensor flags")  # as the layer's input checks
 def check_input_recordable(tensor: torch.Tensor, module: nn.Module, name: str, owner: str) -> None:
     """Refuse, naming ``name``, an input of ``module`` (the ``owner``: "layer", "model") made under
-    ``torch.inference_mode`` in a call that records a graph (grad enabled, some parameter requires grad):
-    torch cannot save it for backward, and says so in a bare RuntimeError from deep inside the call.
-    Reads no value: no device sync."""
+    ``torch.inference_mode`` in a call that records a graph (grad enabled, some parameter of ``module``
+    requires grad): torch cannot save it for backward, and says so in a bare RuntimeError from deep
+    inside the call. ``module`` is what reads the input itself (a model's embedding: with it frozen,
+    nothing saves the ids, and such a call trains the rest). Reads no value: no device sync."""
     if (
         torch.is_grad_enabled()
         and tensor.is_inference()
         and any(p.requires_grad for p in module.parameters())
     ):
-        raise ValueError(
-            f"{name} is an inference tensor (made under torch.inference_mode), which autograd cannot save for "
-            f"backward, and this call records a graph (grad is enabled and the {owner}'s parameters require "
-            f"grad): run the call under torch.no_grad() or torch.inference_mode(), or pass {name}.clone() "
-            "called outside inference mode (a copy that is a normal tensor)"
-        )
+        raise ValueError(_unrecordable_message(name, owner))
+
+
+def raise_if_unrecordable(err: RuntimeError, tensor: torch.Tensor, name: str, owner: str) -> None:
+    """Raise the ``ValueError`` of :func:`check_input_recordable` from torch's bare ``err`` when it says
+    that ``tensor``, an inference tensor, could not be saved for backward: used where which parameters
+    read the input cannot be told before the call (a layer's projections, gates, plugins' modules), so
+    that a call whose parameters that read it are all frozen is not refused."""
+    if tensor.is_inference() and "Inference tensors cannot be saved for backward" in str(err):
+        raise ValueError(_unrecordable_message(name, owner)) from err
+
+
+def _unrecordable_message(name: str, owner: str) -> str:
+    return (
+        f"{name} is an inference tensor (made under torch.inference_mode), which autograd cannot save for "
+        f"backward, and this call records a graph (grad is enabled and the {owner}'s parameters require "
+        f"grad): run the call under torch.no_grad() or torch.inference_mode(), or pass {name}.clone() "
+        "called outside inference mode (a copy that is a normal tensor)"
+    )
 
 
 def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_share_qk: bool = True) -> None:
@@ -904,7 +918,6 @@ class TTTLayer(nn.Module):
                 f"scan dtype; valid: a finite number >= 0 up to {torch.finfo(self.scan_dtype).max:.2e}"
             )
         check_norm_eps(self.norm_eps, self.scan_dtype)  # a layer cast to a narrower dtype (.float())
-        check_input_recordable(x, self, "x", "layer")
         if state is not None:
             self._check_state(state, x.shape[0])
             self._check_state_is_recordable(state, x)
@@ -1145,6 +1158,9 @@ class TTTLayer(nn.Module):
         record, outer = self._begin_record()
         try:
             return self._forward_recorded(x, state)
+        except RuntimeError as err:  # an inference-mode x read by a parameter that requires grad
+            raise_if_unrecordable(err, x, "x", "layer")
+            raise
         finally:
             self._end_record(record, outer)
 

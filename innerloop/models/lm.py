@@ -308,7 +308,7 @@ class CausalLM(nn.Module):
         a state of another batch before its mixer's check)."""
         check_token_ids(input_ids, self.config.vocab_size, min_length=1)  # a T=0 call has nothing to score
         check_same_device(input_ids, self.embed.weight)
-        check_input_recordable(input_ids, self, "input_ids", "model")
+        check_input_recordable(input_ids, self.embed, "input_ids", "model's embedding")  # only it reads them
         check_weights_under_autocast(self, self.embed.weight.device.type)
         if state is None:
             return

@@ -101,3 +101,15 @@ def test_inference_mode_ids_of_a_model_with_a_frozen_embedding_train_the_rest():
     model.embed.weight.requires_grad_(False)  # tied: the head too
     model(ids)[0].sum().backward()
     assert all(p.grad is not None for p in model.blocks.parameters())
+
+
+def test_inference_mode_ids_of_an_e2e_model_with_a_frozen_embedding_train_the_rest():
+    from innerloop.models.factory import build_model
+
+    torch.manual_seed(0)
+    model = build_model(dict(mixer="e2e", vocab_size=8, hidden_size=8, num_layers=2, num_heads=2))
+    with torch.inference_mode():
+        ids = torch.randint(0, 8, (1, 3))
+    model.embed.weight.requires_grad_(False)
+    model(ids)[0].sum().backward()  # 815a0cb trained it; 079545b refused it
+    assert any(p.grad is not None for p in model.parameters())

@@ -45,7 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import RMSNorm, chunk_mean_cross_entropy, mean_scored_cross_entropy, owning
-from innerloop.core.layer import check_input_recordable
+from innerloop.core.layer import raise_if_unrecordable
 from innerloop.core.model_inner import FastWeights, ModelInnerLoss, ModelUpdateRule
 from innerloop.core.state import cat_rows, check_batch_rows, check_states, same_positions, take_rows
 from innerloop.models.attention import (
@@ -730,7 +730,6 @@ class E2ELM(nn.Module):
         """
         check_token_ids(input_ids, self.config.vocab_size)
         check_same_device(input_ids, self.embed.weight)
-        check_input_recordable(input_ids, self, "input_ids", "model")
         validate_e2e_options(self.config)  # read at every call, and users may change them on a built model
         self._check_built_fields()  # read only when built: a change is refused, not ignored
         self._check_precision()
@@ -745,7 +744,11 @@ class E2ELM(nn.Module):
             with torch.inference_mode(False), torch.no_grad():
                 logits, state = self._forward(input_ids.clone(), state)
             return logits, state
-        return self._forward(input_ids, state)
+        try:
+            return self._forward(input_ids, state)
+        except RuntimeError as err:  # inference-mode ids read by a parameter that requires grad
+            raise_if_unrecordable(err, input_ids, "input_ids", "model")
+            raise
 
     def _check_built_fields(self) -> None:
         """The :data:`BUILT_FIELDS` of ``self.config`` still have the values the model was built with."""

@@ -113,3 +113,14 @@ def test_inference_mode_ids_of_an_e2e_model_with_a_frozen_embedding_train_the_re
     model.embed.weight.requires_grad_(False)
     model(ids)[0].sum().backward()  # 815a0cb trained it; 079545b refused it
     assert any(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize(("key", "high"), [("accumulate_grad_batches", 2**24), ("num_nodes", 2**16)])
+def test_lightning_integer_bounds_state_the_whole_range(key, high):
+    """Below or above, one line with the whole valid range (two half-ranges before: '>= 1', '<= N')."""
+    from innerloop.config.trainer_args import check_lightning_arguments
+
+    check_lightning_arguments({key: high}, ValueError)  # at the bound: accepted
+    for value in (0, high + 1):
+        with pytest.raises(ValueError, match=rf"^trainer\.{key}={value} must be in \[1, {high}\] \("):
+            check_lightning_arguments({key: value}, ValueError)

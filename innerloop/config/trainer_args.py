@@ -34,7 +34,7 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import fields
 from typing import Any, Literal, Union
 
-from innerloop.config.schema import AT_LEAST_1, LOGGERS, Bounds, RunConfig, TrainerConfig
+from innerloop.config.schema import LOGGERS, Bounds, RunConfig, TrainerConfig
 from innerloop.models.config import key_paths
 
 LIGHTNING_NAMES: dict[str, str] = {
@@ -83,18 +83,12 @@ SET_BY_INNERLOOP: dict[str, str] = {
 would undo what a run guarantees)."""
 
 LIGHTNING_BOUNDS: dict[str, Bounds] = {
-    "accumulate_grad_batches": AT_LEAST_1,
-    "num_nodes": AT_LEAST_1,
+    "accumulate_grad_batches": Bounds(1, 2**24, why="micro-batches of one optimizer step"),
+    "num_nodes": Bounds(1, 2**16, why="machines of one run"),
     "num_sanity_val_steps": Bounds(-1, why="-1: all validation batches"),
 }
-"""The valid range of Lightning's integer arguments that Lightning itself does not check early."""
-
-LIGHTNING_LIMITS: dict[str, Bounds] = {
-    "accumulate_grad_batches": Bounds(high=2**24, why="micro-batches of one optimizer step"),
-    "num_nodes": Bounds(high=2**16, why="machines of one run"),
-}
-"""Upper limits of Lightning's integer arguments, checked after :data:`LIGHTNING_BOUNDS`: Lightning
-takes any int, and 10**30 micro-batches crashed the first step with a bare ``OverflowError``."""
+"""The valid range of Lightning's integer arguments that Lightning itself does not check early: it takes
+any int, and 10**30 micro-batches crashed the first step with a bare ``OverflowError``."""
 
 
 @functools.cache
@@ -217,10 +211,10 @@ def check_lightning_arguments(arguments: Any, error: type[ValueError]) -> None:
             raise error(_unknown_key_message(name, "the config", "trainer.lightning"))
         if not value_matches(value, annotations[name]):
             raise error(_wrong_type_message(key, name, value, annotations[name]))
-        for bounds in (LIGHTNING_BOUNDS.get(name), LIGHTNING_LIMITS.get(name)):
-            if bounds is not None and value is not None and value not in bounds:
-                why = f" ({bounds.why})" if bounds.why else ""
-                raise error(f"{key}={value} must be {bounds.describe()}{why}")
+        bounds = LIGHTNING_BOUNDS.get(name)
+        if bounds is not None and value is not None and value not in bounds:
+            why = f" ({bounds.why})" if bounds.why else ""
+            raise error(f"{key}={value} must be {bounds.describe()}{why}")
 
 
 def value_matches(value: Any, annotation: Any) -> bool:

@@ -422,7 +422,7 @@ def test_the_module_with_a_users_data_plugin_and_callbacks(tmp_path, safetensors
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 must be >= 1"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 must be in [1, 16777216]"),
         ("trainer.accumulate_grad_batches=2.5", "trainer.accumulate_grad_batches=2.5 must be int"),
         ("optim.lr=-0.1", "optim.lr=-0.1 must be > 0"),
         ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1 must be >= 0"),

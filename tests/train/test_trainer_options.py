@@ -106,7 +106,7 @@ def test_trainer_arguments_from_overrides_and_files_reach_the_trainer(corpus, tm
         (["trainer.zzz=1"], r"unknown config key 'trainer.zzz'.* valid keys here: innerloop's \['accelerator'"),
         (["trainer.accumulate_grad_batches=two"],
          r"trainer.accumulate_grad_batches='two' must be int \(lightning.Trainer's accumulate_grad_batches\), got str"),
-        (["trainer.accumulate_grad_batches=0"], r"trainer.accumulate_grad_batches=0 must be >= 1"),
+        (["trainer.accumulate_grad_batches=0"], r"trainer.accumulate_grad_batches=0 must be in \[1, 16777216\]"),
         (["trainer.deterministic=maybe"], r"trainer.deterministic='maybe' must be bool or 'warn' or null"),
         (["trainer.detect_anomaly=1"], r"trainer.detect_anomaly=1 must be bool"),
         (["trainer.max_time=[1]"], r"trainer.max_time=\[1\] must be str or timedelta or dict\[str, int\] or null"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
-from torch.func import functional_call, jvp, vmap
+from torch.func import functional_call, grad, jvp, vmap
 
 from innerloop.models import build_model
 from innerloop.models.attention import sliding_window_attention
@@ -72,16 +72,10 @@ def test_vmap_over_input_ids_is_one_error_naming_them(mixer):
         vmap(lambda row: model(row[None])[0][0])(ids)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="E2ELM under torch.func.jvp/jacfwd (functional_call over its parameters) meets torch's bare "
-    "'You are attempting to call Tensor.requires_grad_() ... inside of a function being transformed by a "
-    "functorch transform' from the inner step (e2e.py _train_chunks: v.detach().requires_grad_()); fix: refuse "
-    "in E2ELM.forward when a parameter is functorch-wrapped under a forward-mode transform "
-    "(torch._C._functorch.peek_interpreter_stack().key() == TransformType.Jvp) with one TypeError naming "
-    "torch.autograd.forward_ad (which works, see the attention fix) as the remedy",
-)
-def test_e2e_under_func_jvp_is_right_or_one_clear_error():
+@pytest.mark.parametrize("transform", ["jvp", "grad"])
+def test_e2e_under_a_func_transform_is_one_clear_error(transform):
+    # it met torch's bare 'You are attempting to call Tensor.requires_grad_() ... functorch transform' from
+    # the inner step (any torch.func transform): now one TypeError naming the autograd remedies
     model = build_model(
         {
             "mixer": "e2e",
@@ -95,11 +89,12 @@ def test_e2e_under_func_jvp_is_right_or_one_clear_error():
     )
     ids = torch.randint(0, 11, (1, 6))
     weight = model.embed.weight.detach()
-    try:
-        jvp(
-            lambda w: functional_call(model, {"embed.weight": w}, (ids,))[0],
-            (weight,),
-            (torch.ones_like(weight),),
-        )
-    except TypeError as err:
-        assert "forward_ad" in str(err)
+
+    def logits(w):
+        return functional_call(model, {"embed.weight": w}, (ids,))[0]
+
+    with pytest.raises(TypeError, match=r"torch.func transforms .*forward_ad"):
+        if transform == "jvp":
+            jvp(logits, (weight,), (torch.ones_like(weight),))
+        else:
+            grad(lambda w: logits(w).sum())(weight)

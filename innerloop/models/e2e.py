@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._C._functorch import peek_interpreter_stack
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from innerloop.core.eager import run_eagerly
@@ -456,6 +457,19 @@ InnerLoopResult = tuple[
 ]
 """What :meth:`E2ELM._inner_loop` returns: logits, caches, fast weights, pending inputs and ids, and
 the caches after the pending tokens."""
+
+
+def _check_not_under_func_transform() -> None:
+    """Refuse test-time training inside a ``torch.func`` transform (grad, vjp, jacrev, jacfwd, jvp,
+    hessian, vmap): the inner step differentiates with ``torch.autograd`` inside the forward, which
+    those transforms do not support (torch's bare ``requires_grad_()`` error otherwise)."""
+    if peek_interpreter_stack() is not None:
+        raise TypeError(
+            "TTT-E2E's test-time training takes gradients with torch.autograd inside the forward (its inner "
+            "step), which torch.func transforms (grad, vjp, jacrev, jacfwd, jvp, hessian, vmap) cannot run; "
+            "differentiate with torch.autograd.grad or loss.backward() (torch.autograd.forward_ad for forward "
+            "mode), or call the model outside the transform"
+        )
 
 
 def _detached(caches: tuple[AnyCache | None, ...]) -> tuple[AnyCache | None, ...]:
@@ -1000,6 +1014,7 @@ class E2ELM(nn.Module):
         h = torch.cat((pending.to(h.dtype), h), dim=1)  # [B, p + T, D], in this call's dtype
         ids = torch.cat((pending_ids, input_ids), dim=1)  # [B, p + T]
         done = Scored(pending.shape[1], list(scored)) if scored is not None and pending.shape[1] else None
+        _check_not_under_func_transform()
         logits, caches, fast, pending, pending_ids, scored = self._inner_loop(h, ids, caches, fast, done)
         position = length if state is None else state.position + length
         new_state = E2EState(  # the pending chunk's own copy, not a view of the whole call's inputs

@@ -203,7 +203,7 @@ def test_resizing_the_vocabulary_past_the_machines_memory_is_one_line(monkeypatc
     model = InnerloopForCausalLM(InnerloopConfig(model=small))
     monkeypatch.setattr(core_layer, "machine_memory_bytes", lambda: 10**6)
     with pytest.raises(
-        ModelTooLargeError, match=r"vocab_size=65536, hidden_size=16, .* GiB of float32 weights"
+        ModelTooLargeError, match=r"vocab_size=65536, hidden_size=16, .*: 4.0 MiB of float32 weights"
     ):
         model.resize_token_embeddings(65536)
     assert model.config.model["vocab_size"] == 256  # nothing changed
@@ -265,7 +265,7 @@ def test_the_memory_bound_is_the_containers_limit_where_that_is_lower(tmp_path, 
     unlimited.write_text("max\n")
     monkeypatch.setattr(core_layer, "CGROUP_MEMORY_LIMITS", (str(limit), str(unlimited)))
     assert core_layer.machine_memory_bytes() == 1_000_000
-    with pytest.raises(ModelTooLargeError, match=r"more than this machine's 0.0 GiB"):
+    with pytest.raises(ModelTooLargeError, match=r"more than this machine's 976.6 KiB"):
         TTTLayer(512, 4)  # 3 x 512 x 512 float32 is 3 MB
     limit.write_text("max\n")
     assert core_layer.machine_memory_bytes() > 1_000_000

@@ -132,6 +132,15 @@ CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memo
 """Where a container's memory limit is read (cgroup v2, then v1); ``max`` or a huge number: none."""
 
 
+def memory_size(count_bytes: float) -> str:
+    """``count_bytes`` for a message, in the largest unit that keeps a digit before the point: GiB, MiB,
+    KiB, or bytes (``'1.5 GiB'``, ``'12.0 MiB'``, ``'900 bytes'``); never ``'0.0 GiB'`` for a small amount."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count_bytes >= size:
+            return f"{count_bytes / size:,.1f} {unit}"
+    return f"{int(count_bytes):,} bytes"
+
+
 def machine_memory_bytes() -> int | None:
     """The memory this process may use, in bytes: ``/proc/meminfo``'s MemTotal + SwapTotal (else the
     physical pages), or the container's cgroup limit where that is lower; None where none can be read."""
@@ -195,8 +204,8 @@ def check_weights_fit(
         return
     name = str(dtype).removeprefix("torch.")
     raise ModelTooLargeError(
-        f"{what} has at least {count:,} parameters: {count * width / 2**30:,.1f} GiB of {name} weights "
-        f"alone, more than this machine's {memory / 2**30:,.1f} GiB of memory (RAM and swap); give smaller "
+        f"{what} has at least {count:,} parameters: {memory_size(count * width)} of {name} weights "
+        f"alone, more than this machine's {memory_size(memory)} of memory (RAM and swap); give smaller "
         "sizes (innerloop params counts a config's parameters without building it)"
     )
 

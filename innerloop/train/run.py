@@ -97,7 +97,7 @@ from innerloop.config.load import (
 )
 from innerloop.config.schema import DataConfig, RecallConfig, RunConfig
 from innerloop.core.functional import check_flag
-from innerloop.core.layer import ModelTooLargeError, device_memory_bytes
+from innerloop.core.layer import ModelTooLargeError, device_memory_bytes, memory_size
 from innerloop.data.atomic import (
     atomic_write_text,
     file_sha256,
@@ -1084,9 +1084,9 @@ def refuse_training_beyond_memory(
     count = sum(p.numel() for p in module.parameters())
     share = f", its share of {shards} devices" if shards > 1 else ""
     raise ModelTooLargeError(
-        f"training this model ({count:,} parameters) needs at least {need / 2**30:,.1f} GiB on {device} "
+        f"training this model ({count:,} parameters) needs at least {memory_size(need)} on {device} "
         f"(its weights, their gradients and AdamW's two moments{share}), more than the "
-        f"{memory / 2**30:,.1f} GiB there; give smaller model sizes (innerloop params counts a config's "
+        f"{memory_size(memory)} there; give smaller model sizes (innerloop params counts a config's "
         "parameters)"
     )
 

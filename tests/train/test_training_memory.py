@@ -44,9 +44,22 @@ def test_a_model_too_large_to_train_is_refused_before_training(tmp_path, monkeyp
     monkeypatch.setattr(core_layer, "machine_memory_bytes", lambda: 2 * weights)
     monkeypatch.setattr(run_module, "_fit", lambda *a, **k: pytest.fail("started the fit"))
     refused = (
-        r"training this model \([\d,]+ parameters\) needs at least [\d.]+ GiB on cpu \(its weights, their "
-        r"gradients and AdamW's two moments\), more than the [\d.]+ GiB there; give smaller model sizes"
+        r"training this model \([\d,]+ parameters\) needs at least [\d.]+ [KMG]iB on cpu \(its weights, their "
+        r"gradients and AdamW's two moments\), more than the [\d.]+ [KMG]iB there; give smaller model sizes"
     )
     with pytest.raises(ModelTooLargeError, match=refused):
         train(run, cfg)
     assert not (out / "config.yaml").exists() and not (out / "last.safetensors").exists()
+
+
+def test_memory_sizes_in_messages_keep_a_digit_before_the_point() -> None:
+    """The memory refusals printed '0.0 GiB' for amounts under about 50 MiB (review s38a)."""
+    from innerloop.core.layer import memory_size
+
+    assert memory_size(0) == "0 bytes"
+    assert memory_size(1023) == "1,023 bytes"
+    assert memory_size(1024) == "1.0 KiB"
+    assert memory_size(1_000_000) == "976.6 KiB"
+    assert memory_size(3 * 2**20) == "3.0 MiB"
+    assert memory_size(1.5 * 2**30) == "1.5 GiB"
+    assert memory_size(2**50) == "1,048,576.0 GiB"

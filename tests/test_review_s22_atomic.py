@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -300,6 +301,10 @@ def test_a_killed_cpu_kernel_build_leaves_no_temporary_library(tmp_path, monkeyp
     )  # fmt: skip
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     import innerloop.kernels.cpu.build as build
+
+    long_ago = time.time() - 2 * build.ABANDONED_AFTER_SECONDS  # a killed build's, not one about to lock it
+    for path in (cache / "cpu_kernels").glob(".build-*"):
+        os.utime(path, (long_ago, long_ago))
 
     monkeypatch.setenv("INNERLOOP_CACHE_DIR", str(cache))
     monkeypatch.setattr(build, "find_compiler", lambda: shutil.which("true"))

@@ -9,6 +9,7 @@ import errno
 import os
 import re
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -254,16 +255,23 @@ def test_nan_input_under_ignore_spreads_through_delta_chunk_without_raising() ->
 def test_the_build_sweep_leaves_a_locked_temporary_and_removes_an_abandoned_one(tmp_path: Path) -> None:
     # mutant build_sweep_all (kernels/cpu/build.py): the sweep removed the temporaries of live builds too
     fcntl = pytest.importorskip("fcntl", reason="file locks are POSIX; elsewhere nothing is swept")
-    from innerloop.kernels.cpu.build import _remove_abandoned_builds
+    from innerloop.kernels.cpu.build import ABANDONED_AFTER_SECONDS, _remove_abandoned_builds
 
     live, abandoned = tmp_path / ".build-live.so", tmp_path / ".build-dead.so"
-    live.write_bytes(b"x")
-    abandoned.write_bytes(b"x")
+    # review s38d: a build's temporary is created, then locked: in between, another build's sweep removed
+    # it; an unlocked temporary is now swept only once it is older than ABANDONED_AFTER_SECONDS
+    starting = tmp_path / ".build-starting.so"
+    for path in (live, abandoned, starting):
+        path.write_bytes(b"x")
+    long_ago = time.time() - 2 * ABANDONED_AFTER_SECONDS
+    for path in (live, abandoned):
+        os.utime(path, (long_ago, long_ago))
     handle = os.open(live, os.O_RDONLY)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running build holds its temporary
         _remove_abandoned_builds(tmp_path)
         assert live.exists()
+        assert starting.exists()  # just made, not locked yet
         assert not abandoned.exists()
     finally:
         os.close(handle)

@@ -32,6 +32,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -243,11 +244,19 @@ def _lock(handle: int) -> bool:
     return True
 
 
+ABANDONED_AFTER_SECONDS = 60.0
+"""A temporary library this much older than now, unlocked, is a killed build's: a younger one may belong to
+a build that has created it and not locked it yet."""
+
+
 def _remove_abandoned_builds(directory: Path) -> None:
     """Remove the temporary libraries (``.build-*.so``) that builds killed mid-compile left: those no
-    running build holds locked (where files cannot be locked, none is removed)."""
+    running build holds locked, untouched for :data:`ABANDONED_AFTER_SECONDS` (where files cannot be
+    locked, none is removed)."""
     for path in directory.glob(".build-*.so"):
         try:
+            if time.time() - path.stat().st_mtime < ABANDONED_AFTER_SECONDS:
+                continue  # perhaps made by a build that is about to lock it
             handle = os.open(path, os.O_RDONLY)
         except OSError:
             continue  # gone meanwhile

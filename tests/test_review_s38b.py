@@ -46,7 +46,8 @@ def test_attention_func_jvp_matches_finite_differences():
     "aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented'; fix: a once-differentiable "
     "autograd.Function around attend() whose second backward raises one error naming needs_double_backward, "
     "and a CausalSelfAttention.needs_double_backward flag that runs attend() on the math kernel (as E2E's "
-    "create_graph inner step already does)",
+    "create_graph inner step already does); until then docs/architecture.md ('Gradients of gradients and "
+    "torch.func') names the remedy, torch's sdpa_kernel(SDPBackend.MATH)",
 )
 def test_attention_double_backward_is_right_or_refused_by_name():
     q, k, v, _ = _qkv()

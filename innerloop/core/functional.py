@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.autograd.function import FunctionCtx
@@ -511,6 +512,19 @@ class LayerNorm(torch.nn.LayerNorm):
         return super().forward(overflow_safe_rows(x))
 
 
+def transformed_or_dual(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, jacfwd, ...) wraps any of ``tensors`` or
+    ``torch.autograd.forward_ad`` made one dual: paths without a forward derivative or a batching rule
+    (fused kernels, autograd.Functions without ``jvp``) step aside for torch's own ops there. Outside a
+    dual level (the usual case) it reads one flag and one int per tensor."""
+    tensors = list(tensors)
+    if any(is_functorch_wrapped_tensor(t) for t in tensors):
+        return True
+    if getattr(forward_ad, "_current_level", 0) < 0:  # private; if torch drops it, every tensor is asked
+        return False
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 __all__ = [
     "apply_rope_interleaved",
     "as_integer",
@@ -524,6 +538,7 @@ __all__ = [
     "host_reads_are_free",
     "is_integer",
     "is_power_of_two",
+    "transformed_or_dual",
     "mean_scored_cross_entropy",
     "layer_norm",
     "LayerNorm",

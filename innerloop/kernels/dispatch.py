@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.autograd.forward_ad as forward_ad
-from torch._C._functorch import is_functorch_wrapped_tensor
 
+from innerloop.core.functional import transformed_or_dual
 from innerloop.core.identity import registered_mismatch
 from innerloop.core.layer import TTTLayer
 from innerloop.core.protocol import InnerTask, Params, UpdateRule
@@ -36,15 +35,6 @@ class KernelCheckError(KernelUnavailableError):
 TRANSFORMED_REASON = (
     "torch: inside a torch.func transform (vmap, grad, ...) or forward-mode AD, where kernels do not run"
 )
-
-
-def carries_forward_tangents(tensors: list[torch.Tensor]) -> bool:
-    """Whether any of ``tensors`` is a dual tensor of ``torch.autograd.forward_ad`` (forward-mode AD outside
-    torch.func): the kernels' autograd.Functions have no ``jvp``, so torch would raise a bare
-    NotImplementedError there. Outside a dual level (the usual case) it reads one int."""
-    if getattr(forward_ad, "_current_level", 0) < 0:  # private; if torch drops it, every tensor is asked
-        return False
-    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def kernel_inputs(
@@ -73,7 +63,7 @@ def kernel_inputs(
         task.norm_bias,
     )
     present = [t for t in (*tensors, *params.values()) if t is not None]
-    transformed = any(is_functorch_wrapped_tensor(t) for t in present) or carries_forward_tangents(present)
+    transformed = transformed_or_dual(present)
     requires_grad = torch.is_grad_enabled() and (
         any(t is not None and t.requires_grad for t in tensors)
         or any(p.requires_grad for p in params.values())

@@ -15,13 +15,18 @@ from itertools import pairwise
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import nn
 from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from innerloop.core.functional import RMSNorm, apply_rope_interleaved, rope_cos_sin, rope_inverse_frequencies
+from innerloop.core.functional import (
+    RMSNorm,
+    apply_rope_interleaved,
+    rope_cos_sin,
+    rope_inverse_frequencies,
+    transformed_or_dual,
+)
 from innerloop.core.layer import (
     MAX_NORM_EPS,
     check_device_and_dtype,
@@ -221,22 +226,11 @@ def block_bounds(start: int, stop: int, size: int) -> list[int]:
     return [start, *range(start - start % size + size, stop, size), stop]
 
 
-def carries_tangents(*tensors: torch.Tensor) -> bool:
-    """Whether forward-mode AD reaches ``tensors``: torch.func's transforms (jvp, jacfwd, hessian; vmap and
-    grad too, which the math kernel serves as well) wrap them, ``torch.autograd.forward_ad`` makes them dual.
-    Outside a dual level (the usual case) it reads one int per tensor."""
-    if any(is_functorch_wrapped_tensor(t) for t in tensors):
-        return True
-    if getattr(forward_ad, "_current_level", 0) < 0:  # private; if torch drops it, every tensor is asked
-        return False
-    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) -> torch.Tensor:
     """``F.scaled_dot_product_attention``; under forward-mode AD on torch's math kernel: CPU's fused
     kernel has no forward derivative (torch raised a bare NotImplementedError from jvp, jacfwd or a
     dual tensor), the math kernel, made of differentiable ops, has one."""
-    if carries_tangents(q, k, v):
+    if not torch.compiler.is_compiling() and transformed_or_dual((q, k, v)):  # dynamo reads no such flag
         with sdpa_kernel([SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, k, v, **options)
     return F.scaled_dot_product_attention(q, k, v, **options)

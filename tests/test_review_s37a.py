@@ -140,6 +140,7 @@ def test_inference_mode_arguments_of_ops_scan_in_a_call_that_records_a_graph_are
 
 
 @pytest.mark.parametrize("mixer", ["ttt", "e2e"])
+@pytest.mark.filterwarnings("ignore::innerloop.models.e2e.OneChunkTrainingWarning")  # a sequence of one chunk
 def test_inference_mode_token_ids_in_a_call_that_records_a_graph_are_one_clear_error(mixer):
     """The same kind at the models' entry: torch's embedding raised its bare RuntimeError."""
     from innerloop.models.factory import build_model

@@ -103,6 +103,7 @@ def test_inference_mode_ids_of_a_model_with_a_frozen_embedding_train_the_rest():
     assert all(p.grad is not None for p in model.blocks.parameters())
 
 
+@pytest.mark.filterwarnings("ignore::innerloop.models.e2e.OneChunkTrainingWarning")  # a sequence of one chunk
 def test_inference_mode_ids_of_an_e2e_model_with_a_frozen_embedding_train_the_rest():
     from innerloop.models.factory import build_model
 

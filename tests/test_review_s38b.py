@@ -74,6 +74,7 @@ def test_vmap_over_input_ids_is_one_error_naming_them(mixer):
 
 
 @pytest.mark.parametrize("transform", ["jvp", "grad"])
+@pytest.mark.filterwarnings("ignore::innerloop.models.e2e.OneChunkTrainingWarning")  # a sequence of one chunk
 def test_e2e_under_a_func_transform_is_one_clear_error(transform):
     # it met torch's bare 'You are attempting to call Tensor.requires_grad_() ... functorch transform' from
     # the inner step (any torch.func transform): now one TypeError naming the autograd remedies

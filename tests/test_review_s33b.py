@@ -84,10 +84,10 @@ def test_position_buckets_take_numpy_and_0d_torch_integers_as_ints() -> None:
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        ({"seq_len": 16.0}, r"seq_len=16.0 must be an integer >= 1"),
-        ({"batches": True}, r"batches=True must be an integer >= 1"),
-        ({"batch_size": "8"}, r"batch_size='8' must be an integer >= 1"),
-        ({"seq_len": 0}, r"seq_len=0 must be >= 1"),
+        ({"seq_len": 16.0}, r"seq_len=16.0 must be an integer in \[1, 1073741824\]"),
+        ({"batches": True}, r"batches=True must be an integer in \[1, 16777216\]"),
+        ({"batch_size": "8"}, r"batch_size='8' must be an integer in \[1, 16777216\]"),
+        ({"seq_len": 0}, r"seq_len=0 must be in \[1, 1073741824\]"),
         ({"paths": [3]}, r"paths=\[3\] must be a path or a list of paths"),
     ],
 )

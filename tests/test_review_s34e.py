@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from innerloop import checkpoints
-from innerloop.core.functional import as_integer, positive_ints
+from innerloop.core.functional import as_integer
 from innerloop.models.generate import sample_next
+from innerloop.train.data import checked_window_sizes
 from innerloop.train.plots import read_loss_by_position_csv
 
 
@@ -18,8 +19,8 @@ def test_as_integer_refuses_a_tensor_of_one_element_that_is_not_0d(value):
     # torch's __index__ read tensor([[2]]) as 2 where numpy refuses array([2]): a [B] tensor of one row
     # passed as a size (top_k, seq_lens, max_new_tokens) was taken silently
     assert as_integer(value) is None
-    with pytest.raises(ValueError, match="n="):
-        positive_ints(n=value)
+    with pytest.raises(ValueError, match="seq_len="):
+        checked_window_sizes(seq_len=value)
     with pytest.raises(TypeError, match="top_k="):
         sample_next(torch.randn(1, 5), temperature=1.0, top_k=value, generator=None)
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from innerloop.config.load import ConfigError
-from innerloop.core.functional import positive_ints
 from innerloop.models import ModelConfig
 from innerloop.train import LanguageModelModule
 from innerloop.train.compare import _check_compare_arguments
+from innerloop.train.data import checked_window_sizes
 
 
 def test_compare_reads_numpy_and_0d_torch_numbers_as_pythons() -> None:
@@ -51,12 +51,13 @@ def test_compare_refuses_what_is_no_number_of_its_kind(arguments, message) -> No
         _check_compare_arguments(["run"], **{**given, **arguments})
 
 
-def test_positive_ints_names_the_first_bad_size() -> None:
-    assert positive_ints(a=np.int16(2), b=None, c=torch.tensor(3)) == [2, None, 3]
-    with pytest.raises(ValueError, match=r"b=True must be an integer >= 1 \(or None for the default\)"):
-        positive_ints(a=1, b=True)
-    with pytest.raises(ValueError, match=r"a=0 must be >= 1"):
-        positive_ints(a=np.int64(0))
+def test_window_sizes_name_the_first_bad_size_and_the_whole_range() -> None:
+    sizes = checked_window_sizes(seq_len=np.int16(2), batch_size=None, batches=torch.tensor(3))
+    assert sizes == [2, None, 3]
+    with pytest.raises(ValueError, match=r"batch_size=True must be an integer in \[1, 16777216\] \(or None"):
+        checked_window_sizes(seq_len=1, batch_size=True)
+    with pytest.raises(ValueError, match=r"seq_len=0 must be in \[1, 1073741824\] \(a window"):
+        checked_window_sizes(seq_len=np.int64(0))  # below the range names all of it, as above it does
 
 
 def test_a_warmup_longer_than_the_run_is_warned_of() -> None:

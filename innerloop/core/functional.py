@@ -409,24 +409,6 @@ def check_positive_int(name: str, value: Any, none_allowed: bool = False) -> Non
         raise ValueError(f"{name} must be {valid}, got {value!r}")
 
 
-def positive_ints(**values: Any) -> list[int | None]:
-    """``values`` as ints (None: not given), or a ``ValueError`` naming the first that is not an integer
-    (a numpy or 0-d torch integer is one; a bool, a float or a bool tensor is not), or below 1. For the
-    user-facing sizes of ``evaluate`` and ``compare``, which read them as Python ints from here on."""
-    ints = []
-    for name, value in values.items():
-        if value is None:
-            ints.append(None)
-            continue
-        number = as_integer(value)
-        if number is None:
-            raise ValueError(f"{name}={value!r} must be an integer >= 1 (or None for the default)")
-        if number < 1:
-            raise ValueError(f"{name}={value} must be >= 1")
-        ints.append(number)
-    return ints
-
-
 def check_path_argument(path: Any, name: str = "path") -> None:
     """A TypeError naming ``name`` unless ``path`` is a str or an ``os.PathLike`` (``Path(None)`` fails
     inside pathlib naming no argument, and ``open(3)`` reads, then closes, file descriptor 3)."""

@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from innerloop.core.functional import positive_ints
+from innerloop.core.functional import as_integer
 from innerloop.data.hf import files_record, iter_texts, open_hf_dataset, saved_splits, source_files
 from innerloop.data.packing import (
     START,
@@ -258,11 +258,16 @@ def checked_window_sizes(**sizes: Any) -> list[int | None]:
     """``sizes`` (``seq_len``, ``batch_size``, ``batches``; None: the default) as ints, each in its
     :data:`WINDOW_SIZE_BOUNDS`; else a ``ValueError`` naming it (10**30 windows crashed deep in a data
     module or in ``itertools.islice``)."""
-    ints = positive_ints(**sizes)
-    for name, value in zip(sizes, ints, strict=True):
-        bounds = WINDOW_SIZE_BOUNDS[name]
-        if value is not None and value not in bounds:
-            raise ValueError(f"{name}={value} must be {bounds.describe()} ({bounds.why})")
+    ints: list[int | None] = []
+    for name, value in sizes.items():
+        bounds, number = WINDOW_SIZE_BOUNDS[name], None if value is None else as_integer(value)
+        if value is not None and number is None:  # a numpy or 0-d torch integer is one; a bool is not
+            raise ValueError(
+                f"{name}={value!r} must be an integer {bounds.describe()} (or None for the default)"
+            )
+        if number is not None and number not in bounds:  # the whole range, below it as above it
+            raise ValueError(f"{name}={number} must be {bounds.describe()} ({bounds.why})")
+        ints.append(number)
     given = dict(zip(sizes, ints, strict=True))
     batch_size, batches = given.get("batch_size"), given.get("batches")
     windows = WINDOW_SIZE_BOUNDS["batches"]

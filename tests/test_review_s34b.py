@@ -39,7 +39,7 @@ def _band(**overrides):
     ids=["np-resamples", "tensor-resamples", "np-seed", "tensor-seed", "np64-confidence"],
 )
 def test_bootstrap_takes_numpy_and_tensor_integers_as_compare_does(overrides):
-    # compare() reads its sizes with core.functional.positive_ints; the band under it refused np.int64
+    # compare() reads its sizes with train.data.checked_window_sizes; the band under it refused np.int64
     assert torch.equal(_band(**overrides), _band())
 
 

@@ -400,12 +400,15 @@ def as_integer(value: Any) -> int | None:
         return None
 
 
-def check_positive_int(name: str, value: Any, none_allowed: bool = False) -> None:
-    """Raise naming ``name`` unless ``value`` is an integer >= 1 (or None, where ``none_allowed``)."""
+def check_positive_int(name: str, value: Any, none_allowed: bool = False, most: int | None = None) -> None:
+    """Raise naming ``name`` unless ``value`` is an integer >= 1 (or None, where ``none_allowed``).
+    ``most``: the largest valid value, named in the message so that it states the whole range (the
+    caller checks it, with its reason)."""
     if none_allowed and value is None:
         return
     if not is_integer(value) or value < 1:
-        valid = "a positive integer or None" if none_allowed else "a positive integer"
+        valid = "a positive integer" + ("" if most is None else f" <= {most}")
+        valid += " or None" if none_allowed else ""
         raise ValueError(f"{name} must be {valid}, got {value!r}")
 
 

@@ -247,8 +247,10 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_sh
     """One clear error per bad constructor argument: its name, the value given, what is valid
     (``rotary``: the layer applies RoPE, which needs an even head size; ``conv_needs_share_qk``: its only
     convolutions are those of ``share_qk``)."""
-    for name in ("hidden_size", "num_heads", "conv_kernel", "mini_batch_size"):
+    for name in ("hidden_size", "num_heads"):
         check_positive_int(name, args[name])
+    check_positive_int("conv_kernel", args["conv_kernel"], most=MAX_CONV_KERNEL)
+    check_positive_int("mini_batch_size", args["mini_batch_size"], most=MAX_MINI_BATCH_SIZE)
     hidden_size, num_heads = args["hidden_size"], args["num_heads"]
     if hidden_size % num_heads != 0:
         raise ValueError(
@@ -264,7 +266,7 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_sh
     mini_batch_size = args["mini_batch_size"]
     if mini_batch_size > MAX_MINI_BATCH_SIZE:
         raise ValueError(
-            f"mini_batch_size must be <= {MAX_MINI_BATCH_SIZE} (the layer builds [K, K] matrices per "
+            f"mini_batch_size must be a positive integer <= {MAX_MINI_BATCH_SIZE} (the layer builds [K, K] matrices per "
             f"head and mini-batch), got {mini_batch_size}; the paper uses 16"
         )
     for name in ("use_gate", "share_qk", "inner_norm", "inner_residual", "needs_double_backward"):
@@ -274,7 +276,7 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_sh
         raise ValueError(f"base_lr must be a finite number >= 0, got {args['base_lr']!r}")
     if args["conv_kernel"] > MAX_CONV_KERNEL:
         raise ValueError(
-            f"conv_kernel must be <= {MAX_CONV_KERNEL} (a short causal convolution; its state keeps "
+            f"conv_kernel must be a positive integer <= {MAX_CONV_KERNEL} (a short causal convolution; its state keeps "
             f"conv_kernel - 1 inputs of every sequence), got {args['conv_kernel']!r}"
         )
     if conv_needs_share_qk and not args["share_qk"] and args["conv_kernel"] != DEFAULT_CONV_KERNEL:

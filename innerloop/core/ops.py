@@ -108,11 +108,11 @@ def _check_options(
     """Each option checked, naming it; returns ``mini_batch_size`` as an ``int`` (it may be a numpy one)."""
     if not isinstance(kernel, str):
         raise ValueError(f"kernel must be 'auto', 'torch' or a registered kernel name, got {kernel!r}")
-    check_positive_int("mini_batch_size", mini_batch_size)
+    check_positive_int("mini_batch_size", mini_batch_size, most=MAX_MINI_BATCH_SIZE)
     mini_batch_size = int(mini_batch_size)
     if mini_batch_size > MAX_MINI_BATCH_SIZE:
         raise ValueError(
-            f"mini_batch_size must be <= {MAX_MINI_BATCH_SIZE} (a scan builds [K, K] matrices), got "
+            f"mini_batch_size must be a positive integer <= {MAX_MINI_BATCH_SIZE} (a scan builds [K, K] matrices), got "
             f"{mini_batch_size}; for one mini-batch over the whole sequence any K >= T is the same"
         )
     flags = (

@@ -23,6 +23,8 @@ from innerloop.core.family_layers import FAMILY_LAYERS
 from innerloop.core.functional import as_integer
 from innerloop.core.layer import (
     DEFAULT_CONV_KERNEL,
+    MAX_CONV_KERNEL,
+    MAX_MINI_BATCH_SIZE,
     MAX_NORM_EPS,
     NORM_EPS_BOUND_WHY,
     TTTLayer,
@@ -398,6 +400,10 @@ WINDOW_SIZE_BOUNDS = {
 # refused with a message, not an allocator traceback after the run has started.
 _SIZE = Bounds(1, 2**24, why="larger tables do not fit in memory")
 
+# A layer's own limits (core/layer.py), so that a config states the whole range below it as above it.
+_MINI_BATCH = Bounds(1, MAX_MINI_BATCH_SIZE, why="a scan builds [K, K] matrices per head and mini-batch")
+_CONV_KERNEL = Bounds(1, MAX_CONV_KERNEL, why="a short causal convolution")
+
 MODEL_FIELD_BOUNDS: dict[str, Bounds] = {
     "model.vocab_size": _SIZE,
     "model.hidden_size": _SIZE,
@@ -409,12 +415,12 @@ MODEL_FIELD_BOUNDS: dict[str, Bounds] = {
     "model.pre_conv_kernel": AT_LEAST_1,
     "model.norm_eps": Bounds(0, MAX_NORM_EPS, low_open=True, high_open=True, why=NORM_EPS_BOUND_WHY),
     "model.init_std": POSITIVE,
-    "model.ttt.mini_batch_size": AT_LEAST_1,
+    "model.ttt.mini_batch_size": _MINI_BATCH,
     "model.ttt.base_lr": AT_LEAST_0,
-    "model.ttt.conv_kernel": AT_LEAST_1,
-    "model.family.mini_batch_size": AT_LEAST_1,
+    "model.ttt.conv_kernel": _CONV_KERNEL,
+    "model.family.mini_batch_size": _MINI_BATCH,
     "model.family.base_lr": AT_LEAST_0,
-    "model.family.conv_kernel": AT_LEAST_1,
+    "model.family.conv_kernel": _CONV_KERNEL,
     "model.e2e.chunk_size": Bounds(2, why="a chunk trains on its next-token pairs"),
     "model.e2e.suffix_fraction": Bounds(0, 1, low_open=True),
     "model.e2e.prime_intermediate_size": Bounds(0, why="0: the same as model.intermediate_size"),

@@ -61,7 +61,9 @@ def test_state_of_wrong_type(layer):
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, True])
 def test_mini_batch_size_below_one(value):
-    with pytest.raises(ValueError, match=f"mini_batch_size must be a positive integer, got {value!r}"):
+    with pytest.raises(
+        ValueError, match=f"mini_batch_size must be a positive integer <= 65536, got {value!r}"
+    ):
         TTTLayer(16, 4, mini_batch_size=value)
 
 
@@ -191,9 +193,9 @@ def test_numpy_scalars_are_numbers():
         ("base_lr", 10**400, "a finite number >= 0"),
         ("rope_theta", np.float32(0.0), "a finite number >= 1"),
         ("norm_eps", np.float32("inf"), r"a finite number in \(0, 1\)"),
-        ("mini_batch_size", np.float64(4.0), "a positive integer"),
-        ("mini_batch_size", np.bool_(True), "a positive integer"),
-        ("conv_kernel", np.int64(0), "a positive integer"),
+        ("mini_batch_size", np.float64(4.0), "a positive integer <= 65536"),
+        ("mini_batch_size", np.bool_(True), "a positive integer <= 65536"),
+        ("conv_kernel", np.int64(0), "a positive integer <= 1024"),
         ("inference_chunk_size", np.int8(-1), "a positive integer or None"),
     ],
     ids=lambda v: type(v).__name__ if not isinstance(v, str) else v.split()[0],

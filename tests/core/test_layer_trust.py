@@ -460,14 +460,14 @@ def test_an_unknown_kernel_fails_at_construction_listing_the_valid_ones():
 @pytest.mark.parametrize(
     ("argument", "value", "message"),
     [
-        ("mini_batch_size", 10**9, "mini_batch_size must be <= 65536 .* got 1000000000"),
+        ("mini_batch_size", 10**9, "mini_batch_size must be a positive integer <= 65536 .* got 1000000000"),
         ("base_lr", float("nan"), "base_lr must be a finite number >= 0, got nan"),
         ("base_lr", "1.0", "base_lr must be a finite number >= 0, got '1.0'"),
         ("base_lr", -1.0, "base_lr must be a finite number >= 0, got -1.0"),
         ("rope_theta", 0.0, "rope_theta must be a finite number >= 1, got 0.0"),
         ("rope_theta", float("inf"), "rope_theta must be a finite number >= 1, got inf"),
         ("norm_eps", -1e-6, r"norm_eps must be a finite number in \(0, 1\), got -1e-06"),
-        ("conv_kernel", True, "conv_kernel must be a positive integer, got True"),
+        ("conv_kernel", True, "conv_kernel must be a positive integer <= 1024, got True"),
         ("use_gate", "false", "use_gate must be True or False, got 'false'"),
         ("share_qk", 1, "share_qk must be True or False, got 1"),
         ("inner_norm", None, "inner_norm must be True or False, got None"),

@@ -111,7 +111,9 @@ def test_scan_names_an_initial_key_that_is_no_string() -> None:
 
 
 def test_an_absurd_conv_kernel_is_refused_by_name() -> None:
-    with pytest.raises(ValueError, match=r"conv_kernel must be <= 1024 .*got 1000000000000"):
+    with pytest.raises(
+        ValueError, match=r"conv_kernel must be a positive integer <= 1024 .*got 1000000000000"
+    ):
         check_layer_arguments(8, 2, share_qk=True, conv_kernel=10**12)  # checks only, allocates nothing
 
 

@@ -59,7 +59,7 @@ def test_a_numpy_integer_mini_batch_size_is_an_integer() -> None:
     by_numpy, _ = scan(q, k, v, lr, mini_batch_size=np.int64(4))
     by_int, _ = scan(q, k, v, lr, mini_batch_size=4)
     assert torch.equal(by_numpy, by_int)
-    with pytest.raises(ValueError, match=r"mini_batch_size must be a positive integer, got"):
+    with pytest.raises(ValueError, match=r"mini_batch_size must be a positive integer <= 65536, got"):
         scan(q, k, v, lr, mini_batch_size=np.float64(4.0))
 
 

@@ -147,8 +147,8 @@ def check_token_ids(
     if is_functorch_wrapped_tensor(input_ids):  # vmap: torch read no value of a batched tensor
         raise TypeError(
             f"{name} is batched by a torch.func transform (vmap): the model reads the ids' values "
-            f"(their range, padding, positions), which torch.func cannot batch; pass the batch as one "
-            f"[batch, length] tensor instead (model(input_ids) runs the rows independently)"
+            "(their range, padding, positions), which torch.func cannot batch; pass the batch as one "
+            "[batch, length] tensor instead (model(input_ids) runs the rows independently)"
         )
     if input_ids.numel() == 0 or input_ids.device.type == "meta":  # meta: shapes only, no ids to read
         return

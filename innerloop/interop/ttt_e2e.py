@@ -33,6 +33,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from innerloop.core.functional import as_integer
 from innerloop.models import E2ELM, E2EConfig, ModelConfig, build_model
 from innerloop.models.config import MODEL_FIELD_BOUNDS, checked_number
 
@@ -215,8 +216,15 @@ def _bounded(model: Mapping[str, Any], key: str, ours: str, kind: type, default:
         raise OfficialConfigError(f"{err}{renamed}") from None
 
 
+def _integer_at_least(value: Any, least: int) -> bool:
+    """Whether ``value`` is an integer >= ``least`` as every integer field is read here (as
+    :func:`~innerloop.models.config.checked_number` reads one: numpy's and 0-d integer tensors too)."""
+    integer = as_integer(value)
+    return integer is not None and integer >= least
+
+
 def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return _integer_at_least(value, 1)
 
 
 def _finite_number(value: Any) -> bool:
@@ -255,7 +263,9 @@ def _check_model_fields(model: Mapping[str, Any]) -> None:
 
 def _suffix_fraction(model: Mapping[str, Any], layers: int) -> float:
     """``suffix_len`` (blocks with a prime MLP) as innerloop's ``suffix_fraction``."""
-    suffix = _model_field(model, "suffix_len", _positive_int, "a positive integer (blocks with a prime MLP)")
+    suffix = as_integer(
+        _model_field(model, "suffix_len", _positive_int, "a positive integer (blocks with a prime MLP)")
+    )
     if suffix > layers:
         raise OfficialConfigError(
             f"model.suffix_len={suffix} must be at most model.num_hidden_layers={layers}"
@@ -287,12 +297,14 @@ def _inner_optimizer(training: Mapping[str, Any]) -> dict[str, float]:
     warmup, total = training.get("ilr_warmup_steps", 0), training.get("total_steps", 0)
     read = (("ilr_warmup_steps", warmup), ("total_steps", total))
     for key, value in read if _positive_int(warmup) else read[:1]:  # total_steps: read for a warm-up only
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        if not _integer_at_least(value, 0):
             unresolved = isinstance(value, str) and "${" in value
             hint = " (an unresolved interpolation: give the config Hydra resolved, --cfg job --resolve)"
             raise OfficialConfigError(
                 f"training.{key}={value!r} must be an integer >= 0{hint if unresolved else ''}"
             )
+    warmup = as_integer(warmup)
+    total = as_integer(total) if warmup >= 1 else total
     start = training.get("ilr_init", 1.0)
     if not _finite_number(start) or start < 0:
         raise OfficialConfigError(f"training.ilr_init={start!r} must be a finite number >= 0")
@@ -412,11 +424,13 @@ def _e2e_options(
     if compute not in DTYPES:
         raise OfficialConfigError(f"model.compute_dtype={compute!r} must be one of {sorted(DTYPES)}")
     # The official data pipeline masks the targets that are BOS (document boundaries) out of the loss.
-    bos = _model_field(
-        {"bos_token_id": 1, **model},
-        "bos_token_id",
-        lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "an integer",
+    bos = as_integer(
+        _model_field(
+            {"bos_token_id": 1, **model},
+            "bos_token_id",
+            lambda v: as_integer(v) is not None,
+            "an integer",
+        )
     )
     return E2EConfig(
         chunk_size=chunk,
@@ -453,7 +467,12 @@ def special_token_ids(config: Mapping[str, Any] | str | Path) -> dict[str, int]:
     as token ids: what a Hugging Face export's ``generate`` needs (it stops at EOS)."""
     model = read_config(config)["model"]
     ids = {"bos_token_id": model.get("bos_token_id", 1), "eos_token_id": model.get("eos_token_id")}
-    return {k: v for k, v in ids.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+    for key, value in ids.items():  # a negative id is the official "none" (model_config reads it so)
+        if value is not None and as_integer(value) is None:
+            raise OfficialConfigError(
+                f"model.{key}={value!r} must be an integer (a token id, or < 0 for none) or null"
+            )
+    return {key: as_integer(value) for key, value in ids.items() if _integer_at_least(value, 0)}
 
 
 def model_config(config: Mapping[str, Any], *, test_time_training: bool | None = None) -> ModelConfig:

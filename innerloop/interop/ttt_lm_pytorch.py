@@ -44,12 +44,19 @@ from innerloop.models.config import MODEL_FIELD_BOUNDS, ModelConfig, TTTConfig
 from innerloop.models.lm import CausalLM
 
 
+def _as_integer(value: Any) -> int | None:
+    """``value`` as an int if it is one as :func:`~innerloop.core.functional.as_integer` reads it (a
+    Python or numpy integer, a 0-d integer tensor; not a bool) or an integral float (``2048.0``, which
+    a ``config.json`` written by hand may hold), else None: the one reading of every integer field."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    return as_integer(value)
+
+
 def _integer(minimum: int) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
-        integral = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
-        if isinstance(value, bool) or not integral or value < minimum:
-            return f"an integer >= {minimum}"
-        return None
+        integer = _as_integer(value)
+        return f"an integer >= {minimum}" if integer is None or integer < minimum else None
 
     return check
 
@@ -73,10 +80,11 @@ def _within(key: str, kind: type) -> Callable[[Any], str | None]:
 
     def check(value: Any) -> str | None:
         if kind is int:
-            valid = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+            number = _as_integer(value)
         else:
-            valid = isinstance(value, numbers.Real) and math.isfinite(value)
-        if not isinstance(value, bool) and valid and value in bounds:
+            real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            number = value if real and math.isfinite(value) else None
+        if number is not None and number in bounds:
             return None
         why = f" ({bounds.why})" if bounds.why else ""
         return f"{'an integer' if kind is int else 'a finite number'} {bounds.describe()}{why}"
@@ -96,9 +104,15 @@ def _one_of(*choices: str) -> Callable[[Any], str | None]:
     return lambda value: None if value in choices else f"one of {list(choices)}"
 
 
+def _is_token_id(value: Any) -> bool:
+    """An integer >= 0, not a float: a token id is never written as one."""
+    integer = as_integer(value)
+    return integer is not None and integer >= 0
+
+
 def _token_id(value: Any) -> str | None:
     ids = value if isinstance(value, list) else [value]
-    if all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in ids):
+    if all(v is None or _is_token_id(v) for v in ids):
         return None
     return "a token id (an integer >= 0), a list of them, or null"
 
@@ -519,7 +533,7 @@ def _padding_id(pad_token_id: Any, vocab_size: int) -> int | None:
             f"config field 'pad_token_id'={pad_token_id!r} must be one token id in [0, vocab_size={vocab_size}) "
             "or null: the reference's embedding takes it as its padding row"
         )
-    return int(pad_token_id)
+    return as_integer(pad_token_id)
 
 
 def model_config(config: Mapping[str, Any]) -> ModelConfig:
@@ -755,12 +769,8 @@ SPECIAL_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 def special_token_ids(config: Mapping[str, Any]) -> dict[str, int]:
     """The :data:`SPECIAL_TOKEN_FIELDS` a reference config (``config.json``) sets to a token id."""
-
-    def is_token_id(value: Any) -> bool:  # not a bool, which Python counts as an int
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
     _check_is_mapping(config)
-    return {k: config[k] for k in SPECIAL_TOKEN_FIELDS if is_token_id(config.get(k))}
+    return {k: as_integer(config[k]) for k in SPECIAL_TOKEN_FIELDS if _is_token_id(config.get(k))}
 
 
 def load_model(folder: str | Path) -> CausalLM:

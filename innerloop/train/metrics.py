@@ -53,15 +53,16 @@ class Float64Perplexity(Float64States, Perplexity):
     ``log(0)``, an infinite perplexity beside a finite loss."""
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        """``preds [B, T, V]`` logits, ``target [B, T]`` token ids (``ignore_index`` not scored)."""
-        if preds.dim() != 3 or tuple(target.shape) != tuple(preds.shape[:2]) or target.is_floating_point():
+        """``preds [B, T, V]`` floating-point logits, ``target [B, T]`` token ids of any integer dtype
+        (``ignore_index`` not scored); bool or floating-point targets, or integer preds, are refused."""
+        if not _logits_and_ids(preds, target):
             raise ValueError(
-                f"preds must be logits [batch, length, vocab] and target integer ids [batch, length], got "
-                f"{tuple(preds.shape)} and {tuple(target.shape)} ({target.dtype})"
+                f"preds must be floating-point logits [batch, length, vocab] and target integer ids [batch, "
+                f"length], got {_described(preds)} and {_described(target)}"
             )
         # [N, V], in float32 or wider: float64 logits (a float64 model) are not rounded
         logits = preds.reshape(-1, preds.shape[-1]).to(torch.promote_types(preds.dtype, torch.float32))
-        target = target.reshape(-1)  # [N]
+        target = target.reshape(-1).long()  # [N]; uint8 or int16 ids too (gather takes int64)
         scored = (
             target != self.ignore_index
             if self.ignore_index is not None
@@ -84,6 +85,27 @@ class Float64Perplexity(Float64States, Perplexity):
         (a mean above about 709.8 nats)."""
         with self.sync_context():
             return self.total_log_probs / self.count
+
+
+def _logits_and_ids(preds: Any, target: Any) -> bool:
+    """Whether ``preds`` are floating-point logits ``[B, T, V]`` and ``target`` integer ids ``[B, T]``
+    (a bool tensor is no ids: its ``True`` would score token 1)."""
+    if not isinstance(preds, torch.Tensor) or not isinstance(target, torch.Tensor):
+        return False
+    integer = not (target.dtype == torch.bool or target.is_floating_point() or target.is_complex())
+    return (
+        integer
+        and preds.is_floating_point()
+        and preds.dim() == 3
+        and tuple(target.shape) == tuple(preds.shape[:2])
+    )
+
+
+def _described(value: Any) -> str:
+    """A tensor's shape and dtype, or what else ``value`` is."""
+    if isinstance(value, torch.Tensor):
+        return f"{tuple(value.shape)} of {value.dtype}"
+    return type(value).__name__
 
 
 def position_buckets(seq_len: int, num_buckets: int) -> list[tuple[int, int]]:

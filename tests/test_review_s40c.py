@@ -1,0 +1,45 @@
+"""Review s40c: the numbers a user reads (metrics, training logs, eval/compare outputs, HF loss)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from innerloop.train.metrics import Float64Perplexity
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8, torch.int8, torch.int32])
+def test_perplexity_takes_ids_of_every_integer_dtype(dtype: torch.dtype) -> None:
+    """uint8 ids (bytes) or int16 ones failed in torch's gather ("Expected dtype int32/int64 for index")."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=generator, dtype=torch.float64)
+    ids = torch.randint(0, 7, (2, 5), generator=generator)
+    metric = Float64Perplexity(ignore_index=-100)
+    metric.update(logits, ids.to(dtype))
+    expected = F.cross_entropy(logits.reshape(-1, 7), ids.reshape(-1))
+    assert math.isclose(float(metric.mean_loss()), float(expected), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("preds", "target", "shown"),
+    [
+        (torch.zeros(2, 5, 7), torch.ones(2, 5, dtype=torch.bool), "(2, 5) of torch.bool"),
+        (
+            torch.zeros(2, 5, 7, dtype=torch.long),
+            torch.ones(2, 5, dtype=torch.long),
+            "(2, 5, 7) of torch.int64",
+        ),
+        (torch.zeros(2, 5, 7), [[1] * 5] * 2, "and list"),
+    ],
+)
+def test_perplexity_refuses_bool_targets_and_integer_logits(preds, target, shown) -> None:
+    """bool targets were scored as ids 0 and 1, integer preds as logits: a perplexity of nothing."""
+    metric = Float64Perplexity(ignore_index=-100)
+    with pytest.raises(
+        ValueError, match=r"preds must be floating-point logits .*" + "got .*" + re.escape(shown)
+    ):
+        metric.update(preds, target)

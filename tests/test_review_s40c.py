@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from innerloop.train.metrics import Float64Perplexity
+from innerloop.train.metrics import Float64Perplexity, InnerLossDiagnostics, LossByPosition
 
 
 @pytest.mark.parametrize("dtype", [torch.int16, torch.uint8, torch.int8, torch.int32])
@@ -43,3 +43,37 @@ def test_perplexity_refuses_bool_targets_and_integer_logits(preds, target, shown
         ValueError, match=r"preds must be floating-point logits .*" + "got .*" + re.escape(shown)
     ):
         metric.update(preds, target)
+
+
+@pytest.mark.parametrize(
+    "losses",
+    [
+        torch.ones(2, 3, dtype=torch.bool),
+        torch.ones(2, 3, dtype=torch.long),
+        torch.ones(2, 3, dtype=torch.cfloat),
+    ],
+)
+def test_loss_by_position_refuses_losses_that_are_not_real_numbers(losses: torch.Tensor) -> None:
+    """bool, integer and complex losses were cast to float64 (complex ones without their imaginary part)."""
+    metric = LossByPosition(2)
+    with pytest.raises(
+        ValueError, match=rf"^token_loss must be a floating-point tensor .*got \(2, 3\) of {losses.dtype}$"
+    ):
+        metric.update(losses)
+    with pytest.raises(
+        ValueError, match=r"^token_loss must be a floating-point tensor \[batch, length\], got list$"
+    ):
+        metric.update([[1.0, 2.0]])  # 'list' object has no attribute 'dim'
+    with pytest.raises(ValueError, match=r"^mask must be a bool tensor .*got list$"):
+        metric.update(torch.ones(1, 2), [[True, True]])  # 'list' object has no attribute 'dtype'
+
+
+@pytest.mark.parametrize(
+    "before", [torch.ones(2, dtype=torch.bool), torch.ones(2, dtype=torch.cfloat), [1.0, 2.0]]
+)
+def test_inner_loss_diagnostics_refuse_losses_that_are_not_real_numbers(before) -> None:
+    metric = InnerLossDiagnostics(1)
+    with pytest.raises(
+        ValueError, match=r"^before and after must both be floating-point tensors \[batch\], got "
+    ):
+        metric.update(0, before, torch.ones(2))

@@ -108,6 +108,12 @@ def _described(value: Any) -> str:
     return type(value).__name__
 
 
+def _real_losses(value: Any) -> bool:
+    """Whether ``value`` is a tensor of real floating-point losses (bool, integer or complex ones are
+    not: they were cast to float64, a complex one without its imaginary part)."""
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
 def position_buckets(seq_len: int, num_buckets: int) -> list[tuple[int, int]]:
     """``num_buckets`` contiguous ``[start, end)`` position ranges covering ``0..seq_len`` (sizes differ
     by at most one). If ``seq_len < num_buckets`` there are ``seq_len`` buckets of one position."""
@@ -178,13 +184,16 @@ class LossByPosition(Float64States):
         return torch.stack([by_position[start:end].sum() for start, end in self.buckets()])
 
     def update(self, token_loss: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        if token_loss.dim() != 2:
-            raise ValueError(f"token_loss must be [batch, length], got shape {tuple(token_loss.shape)}")
+        if not _real_losses(token_loss) or token_loss.dim() != 2:
+            raise ValueError(
+                f"token_loss must be a floating-point tensor [batch, length], got {_described(token_loss)}"
+            )
         if mask is None:
             mask = torch.ones_like(token_loss, dtype=torch.bool)
-        if mask.dtype != torch.bool:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise ValueError(
-                f"mask must be a bool tensor (True where a token is scored), got dtype {mask.dtype}"
+                "mask must be a bool tensor (True where a token is scored), got "
+                + (f"dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__)
             )
         if mask.shape != token_loss.shape:
             raise ValueError(
@@ -255,9 +264,14 @@ class InnerLossDiagnostics(Float64States):
         index = as_integer(layer)
         if index is None or not 0 <= index < self.num_layers:
             raise ValueError(f"layer={layer!r} must be in [0, {self.num_layers}), an integer")
-        if before.shape != after.shape or before.dim() != 1:
+        if (
+            not (_real_losses(before) and _real_losses(after))
+            or before.shape != after.shape
+            or before.dim() != 1
+        ):
             raise ValueError(
-                f"before and after must both be [batch], got {tuple(before.shape)} and {tuple(after.shape)}"
+                f"before and after must both be floating-point tensors [batch], got {_described(before)} and "
+                f"{_described(after)}"
             )
         self.before_sum[index] += before.detach().to(torch.float64).sum()
         self.after_sum[index] += after.detach().to(torch.float64).sum()

@@ -77,3 +77,20 @@ def test_inner_loss_diagnostics_refuse_losses_that_are_not_real_numbers(before) 
         ValueError, match=r"^before and after must both be floating-point tensors \[batch\], got "
     ):
         metric.update(0, before, torch.ones(2))
+
+
+def test_inner_diagnostics_build_their_weights_on_the_inputs_device(monkeypatch) -> None:
+    """A loss whose pairs have no ``valid`` (reconstruction, the default) weighted every token with a CPU
+    tensor: on a GPU, ``inner_loss_before_after`` (every TTT run's validation, diagnostics_batches=1)
+    failed with "Expected all tensors to be on the same device". The meta device stands in for the GPU
+    (autocast, which meta has not, is off as it is in the function)."""
+    import contextlib
+
+    from innerloop.core.diagnostics import inner_loss_before_after
+    from innerloop.core.layer import TTTLayer
+
+    with torch.device("meta"):
+        layer = TTTLayer(8, 2, mini_batch_size=4, non_finite="ignore")
+    monkeypatch.setattr(torch, "autocast", lambda *args, **kwargs: contextlib.nullcontext())
+    before, after = inner_loss_before_after(layer, torch.empty(2, 6, 8, device="meta"))
+    assert before.device.type == after.device.type == "meta" and before.shape == (2,)

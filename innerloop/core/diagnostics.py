@@ -50,7 +50,11 @@ def inner_loss_before_after(layer: TTTLayer, x: torch.Tensor) -> tuple[torch.Ten
             pairs = checked_pairs(
                 task.loss, task.loss.pairs(chunk_views, state.loss_carry), chunk_views, state.loss_carry
             )
-            valid = pairs.valid if pairs.valid is not None else torch.ones(end - start, dtype=dtype, device=x.device)
+            valid = (
+                pairs.valid
+                if pairs.valid is not None
+                else torch.ones(end - start, dtype=dtype, device=x.device)
+            )
             weights = torch.broadcast_to(valid.to(dtype), lr[:, :, start:end].shape)  # [B, H, N]
 
             totals_before += _weighted_loss(task, state.params, pairs, weights)

@@ -94,3 +94,23 @@ def test_inner_diagnostics_build_their_weights_on_the_inputs_device(monkeypatch)
     monkeypatch.setattr(torch, "autocast", lambda *args, **kwargs: contextlib.nullcontext())
     before, after = inner_loss_before_after(layer, torch.empty(2, 6, 8, device="meta"))
     assert before.device.type == after.device.type == "meta" and before.shape == (2,)
+
+
+@pytest.mark.parametrize(("world_size", "device"), [(2, "meta"), (1, "cpu")])
+def test_validation_row_counters_are_reduced_on_the_modules_device(world_size: int, device: str) -> None:
+    """tokens_seen and wall_time of a validation's row are all-reduced (sync_dist, max) across processes:
+    as CPU tensors, NCCL (DDP on GPUs) cannot reduce them ("No backend type associated with device type
+    cpu"). The meta device stands in for the GPU; one process reduces nothing and keeps them on the CPU."""
+    from types import SimpleNamespace
+
+    from innerloop.train.throughput import TrainingThroughput
+
+    logged: dict[str, torch.Tensor] = {}
+    callback = TrainingThroughput(clock=lambda: 1.0, cpu_status=lambda: (1, 2, 0.1), echo=lambda line: None)
+    callback.on_train_start(SimpleNamespace(is_global_zero=True), None)
+    module = SimpleNamespace(
+        device=torch.device("meta"), log=lambda name, value, **kw: logged.update({name: value})
+    )
+    callback.on_validation_epoch_end(SimpleNamespace(world_size=world_size, is_global_zero=True), module)
+    assert set(logged) == {"tokens_seen", "wall_time"}
+    assert all(v.device.type == device and v.dtype == torch.float64 for v in logged.values())

@@ -197,11 +197,11 @@ class TrainingThroughput(Callback):
         if self._launch_steps > WARMUP_STEPS:
             self._steps.append((tokens, seconds))
             self._check_collapse(trainer)
-        self._log_counters(pl_module, in_training_step=True)
+        self._log_counters(trainer, pl_module, in_training_step=True)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._launch_start is not None:  # a validation of this run (not a sanity check before it)
-            self._log_counters(pl_module, in_training_step=False)
+            self._log_counters(trainer, pl_module, in_training_step=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero and self.train_seconds > 0:
@@ -212,7 +212,7 @@ class TrainingThroughput(Callback):
 
     # ---- helpers --------------------------------------------------------------------------------
 
-    def _log_counters(self, pl_module: L.LightningModule, in_training_step: bool) -> None:
+    def _log_counters(self, trainer: L.Trainer, pl_module: L.LightningModule, in_training_step: bool) -> None:
         """Log the counters into the current row of metrics.csv (a training step's, or a validation's:
         Lightning lets an epoch-end hook log only per epoch). In float64: float32 counts tokens exactly
         only up to 2**24."""
@@ -220,10 +220,12 @@ class TrainingThroughput(Callback):
         values = {"tokens_seen": self.tokens_seen, "wall_time": self.wall_time()}
         if in_training_step:
             values["tokens_per_s"] = self.tokens_per_second()
-        # a validation's row: the counters of the slowest process (the same tokens on every one)
+        # a validation's row: the counters of the slowest process (the same tokens on every one), reduced
+        # on the module's device under several processes: NCCL (DDP on GPUs) reduces no CPU tensor
         synced = {} if in_training_step else {"sync_dist": True, "reduce_fx": "max"}
+        device = pl_module.device if synced and trainer.world_size > 1 else None
         for name, value in values.items():
-            tensor = torch.tensor(float(value), dtype=torch.float64)
+            tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
             pl_module.log(name, tensor, prog_bar=name == "tokens_per_s", batch_size=1, **per_step, **synced)
 
     def _check_collapse(self, trainer: L.Trainer) -> None:

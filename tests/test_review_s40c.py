@@ -114,3 +114,13 @@ def test_validation_row_counters_are_reduced_on_the_modules_device(world_size: i
     callback.on_validation_epoch_end(SimpleNamespace(world_size=world_size, is_global_zero=True), module)
     assert set(logged) == {"tokens_seen", "wall_time"}
     assert all(v.device.type == device and v.dtype == torch.float64 for v in logged.values())
+
+
+def test_perplexity_refuses_a_bool_ignore_index() -> None:
+    """torchmetrics takes True as the int 1: token 1 went unscored, silently."""
+    with pytest.raises(
+        ValueError, match=r"^ignore_index=True must be None or an integer token id, not a bool$"
+    ):
+        Float64Perplexity(ignore_index=True)
+    assert Float64Perplexity(ignore_index=-100).ignore_index == -100
+    assert Float64Perplexity().ignore_index is None

@@ -52,6 +52,11 @@ class Float64Perplexity(Float64States, Perplexity):
     torchmetrics' softmax-then-log made a target probability below float32's smallest (about 1e-45)
     ``log(0)``, an infinite perplexity beside a finite loss."""
 
+    def __init__(self, ignore_index: int | None = None, **kwargs: Any) -> None:
+        if isinstance(ignore_index, bool):  # torchmetrics takes a bool for an int: True ignored token 1
+            raise ValueError(f"ignore_index={ignore_index!r} must be None or an integer token id, not a bool")
+        super().__init__(ignore_index=ignore_index, **kwargs)
+
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         """``preds [B, T, V]`` floating-point logits, ``target [B, T]`` token ids of any integer dtype
         (``ignore_index`` not scored); bool or floating-point targets, or integer preds, are refused."""

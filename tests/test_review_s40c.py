@@ -124,3 +124,30 @@ def test_perplexity_refuses_a_bool_ignore_index() -> None:
         Float64Perplexity(ignore_index=True)
     assert Float64Perplexity(ignore_index=-100).ignore_index == -100
     assert Float64Perplexity().ignore_index is None
+
+
+@pytest.mark.parametrize(
+    ("differences", "counts", "shown"),
+    [
+        ([[1.0]] * 6, [[1.0]] * 6, "got list and list"),  # 'list' object has no attribute 'shape'
+        (
+            torch.ones(6, 2, dtype=torch.bool),
+            torch.ones(6, 2),
+            "got torch.bool (6, 2) and torch.float32 (6, 2)",
+        ),
+        (torch.ones(6, 2, dtype=torch.cfloat), torch.ones(6, 2), "got torch.complex64 (6, 2)"),
+        (torch.ones(6, 2), torch.ones(6, 2, dtype=torch.bool), "and torch.bool (6, 2)"),
+    ],
+)
+def test_bootstrap_refuses_differences_and_counts_that_are_not_real_numbers(
+    differences, counts, shown
+) -> None:
+    """bool and complex tensors were taken as numbers by .double() (complex without its imaginary part)."""
+    from innerloop.train.bootstrap import bootstrap_difference
+
+    with pytest.raises(
+        ValueError, match=r"^differences must be a floating-point tensor .*" + re.escape(shown)
+    ):
+        bootstrap_difference(differences, counts)
+    mean, _, _ = bootstrap_difference(torch.ones(6, 2), torch.full((6, 2), 2, dtype=torch.long), resamples=10)
+    assert mean.tolist() == [0.5, 0.5]  # integer token counts stay valid

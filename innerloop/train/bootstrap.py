@@ -53,6 +53,11 @@ def bootstrap_difference(
     where a bucket has no tokens; ``low``/``high`` NaN everywhere below :data:`MIN_BAND_WINDOWS` windows,
     and in a bucket where a window's difference is not finite (an inf or NaN loss).
     """
+    if not (_real_tensor(differences, "floating") and _real_tensor(counts, "number")):
+        raise ValueError(
+            "differences must be a floating-point tensor and counts a tensor of numbers (not bool or complex), "
+            f"got {_described(differences)} and {_described(counts)}"
+        )
     if differences.shape != counts.shape or differences.dim() != 2 or differences.shape[0] < 1:
         raise ValueError(
             f"differences and counts must both be [windows >= 1, buckets], got {tuple(differences.shape)} "
@@ -81,6 +86,18 @@ def bootstrap_difference(
     if not bool(torch.isfinite(differences).all()):  # an inf or NaN loss: no spread to speak of
         low, high = (torch.where(torch.isfinite(differences).all(0), q, math.nan) for q in (low, high))
     return mean, low, high
+
+
+def _real_tensor(value: Any, kind: str) -> bool:
+    """Whether ``value`` is a tensor of real numbers: floating-point ones (``kind="floating"``), or also
+    integers (``"number"``); a bool or complex tensor is neither (``.double()`` took them as numbers)."""
+    if not isinstance(value, torch.Tensor) or value.dtype == torch.bool or value.is_complex():
+        return False
+    return kind == "number" or value.is_floating_point()
+
+
+def _described(value: Any) -> str:
+    return f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def expanded_tail(windows: int, confidence: float) -> float:

@@ -151,3 +151,16 @@ def test_bootstrap_refuses_differences_and_counts_that_are_not_real_numbers(
         bootstrap_difference(differences, counts)
     mean, _, _ = bootstrap_difference(torch.ones(6, 2), torch.full((6, 2), 2, dtype=torch.long), resamples=10)
     assert mean.tolist() == [0.5, 0.5]  # integer token counts stay valid
+
+
+@pytest.mark.parametrize(("length", "seq_len", "count"), [(100, 9, 4), (100, 9, 50), (10, 9, 3), (37, 4, 9)])
+def test_eval_windows_are_as_docs_training_md_says(length: int, seq_len: int, count: int) -> None:
+    """docs/training.md (eval): spread evenly, the first at the text's start and the last at its end, no
+    token scored twice, whole windows, as many as the text holds when it holds fewer than asked."""
+    from innerloop.train.data import spread_windows
+
+    inputs, targets = spread_windows(torch.arange(length), seq_len, count)
+    holds = (length - 1) // seq_len
+    assert inputs.shape == targets.shape == (min(count, holds), seq_len)
+    assert int(inputs[0, 0]) == 0 and int(targets[-1, -1]) == length - 1
+    assert targets.unique().numel() == targets.numel() and torch.equal(targets, inputs + 1)

@@ -164,3 +164,19 @@ def test_eval_windows_are_as_docs_training_md_says(length: int, seq_len: int, co
     assert inputs.shape == targets.shape == (min(count, holds), seq_len)
     assert int(inputs[0, 0]) == 0 and int(targets[-1, -1]) == length - 1
     assert targets.unique().numel() == targets.numel() and torch.equal(targets, inputs + 1)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (the meta-device test stands in here)"
+)
+def test_inner_diagnostics_on_a_gpu_equal_the_cpus() -> None:
+    from innerloop.core.diagnostics import inner_loss_before_after
+    from innerloop.core.layer import TTTLayer
+
+    torch.manual_seed(0)
+    layer = TTTLayer(8, 2, mini_batch_size=4, kernel="torch")
+    x = torch.randn(2, 6, 8)
+    expected = inner_loss_before_after(layer, x)
+    got = inner_loss_before_after(layer.cuda(), x.cuda())
+    for want, have in zip(expected, got, strict=True):
+        torch.testing.assert_close(have.cpu(), want, rtol=1e-4, atol=1e-5)

@@ -8,7 +8,7 @@ and a warning when the CPU is oversubscribed.
   (``logs/version_<n>/hparams.yaml``);
 - logs ``tokens_seen`` (training tokens read so far, over all processes), ``wall_time`` (seconds since
   the run's first launch, resumes included, validation included) and ``tokens_per_s`` (over the last
-  :data:`RATE_WINDOW` steps, training steps only) into every row of ``metrics.csv``, and shows
+  :data:`RATE_WINDOW` training batches: micro-batches under gradient accumulation) into every row of ``metrics.csv``, and shows
   tokens/s in the progress bar;
 - keeps its counters in the checkpoint, so a resumed run continues them where the checkpoint was taken;
 - warns once (:class:`CPUOversubscribedWarning`) when the CPU threads are oversubscribed: at the start
@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import Callback
 from innerloop.models.params import count_parameters
 
 RATE_WINDOW = 10
-"""Training steps over which ``tokens_per_s`` is measured."""
+"""Training batches (micro-batches under gradient accumulation) over which ``tokens_per_s`` is measured."""
 COLLAPSE_FACTOR = 4.0
 """Tokens/s this many times below the run's recent median count as a collapse."""
 WARMUP_STEPS = 3
@@ -145,7 +145,7 @@ class TrainingThroughput(Callback):
         return self._wall_before + running
 
     def tokens_per_second(self) -> float:
-        """Training tokens per second over the last :data:`RATE_WINDOW` steps (0 before the first)."""
+        """Training tokens per second over the last :data:`RATE_WINDOW` training batches (0 before the first)."""
         seconds = sum(s for _, s in self._rate_steps)
         return sum(t for t, _ in self._rate_steps) / seconds if seconds > 0 else 0.0
 

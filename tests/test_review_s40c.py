@@ -180,3 +180,26 @@ def test_inner_diagnostics_on_a_gpu_equal_the_cpus() -> None:
     got = inner_loss_before_after(layer.cuda(), x.cuda())
     for want, have in zip(expected, got, strict=True):
         torch.testing.assert_close(have.cpu(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow  # the datasets library reads the JSONL (~1 s, most of it its import)
+def test_an_hf_runs_held_out_data_too_short_for_eval_seq_len_names_seq_len(tmp_path) -> None:
+    """eval/compare --seq-len beyond an hf run's held-out documents said 'a shorter data.seq_len' (the
+    run's, 16 here, which the user did not give), where a text run's message names --seq-len."""
+    import json
+
+    from innerloop.config.load import load_config
+    from innerloop.train.data import DataError
+    from innerloop.train.run import validation_examples
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": f"document {i} " + "abc " * 5}) + "\n" for i in range(20)))
+    overrides = [f"data.paths=[{data}]", "data.name=hf", "data.text_field=text", "data.seq_len=16"]
+    run, _ = load_config("tiny", [*overrides, f"out_dir={tmp_path / 'run'}"])
+    assert validation_examples(run, seq_len=20)[0].shape[1] == 20
+    with pytest.raises(
+        DataError, match=r"fewer than --seq-len \+ 1 = 5001 tokens; .* or a shorter --seq-len$"
+    ):
+        validation_examples(run, seq_len=5000)
+    with pytest.raises(DataError, match=r"fewer than data.seq_len \+ 1 = 5001 tokens"):  # the run's own
+        validation_examples(load_config("tiny", [*overrides[:3], "data.seq_len=5000"])[0])

@@ -1295,7 +1295,13 @@ def validation_examples(
     if count is not None:
         data = replace(data, batch_size=count, val_batches=1)
     datamodule = build_datamodule(replace(run, data=data), tokenizer)
-    datamodule.setup("validate")
+    try:
+        datamodule.setup("validate")
+    except DataError as err:
+        if data.seq_len == run.data.seq_len:
+            raise
+        # an evaluation's --seq-len, not the run's data.seq_len, is what the held-out data is too short for
+        raise DataError(str(err).replace("data.seq_len", "--seq-len")) from None
     if isinstance(datamodule, HFDataModule):
         assert datamodule.val_examples is not None
         return datamodule.val_examples

@@ -203,3 +203,19 @@ def test_an_hf_runs_held_out_data_too_short_for_eval_seq_len_names_seq_len(tmp_p
         validation_examples(run, seq_len=5000)
     with pytest.raises(DataError, match=r"fewer than data.seq_len \+ 1 = 5001 tokens"):  # the run's own
         validation_examples(load_config("tiny", [*overrides[:3], "data.seq_len=5000"])[0])
+
+
+@pytest.mark.slow  # the datasets library reads the JSONL (~1 s, most of it its import)
+def test_eval_data_read_as_records_names_data_not_the_runs_data_paths(tmp_path) -> None:
+    """eval --data x.jsonl --split test said '--split 'test' is not a split of data.paths=[...]': the
+    files are eval's --data, not the run's data.paths."""
+    import json
+
+    from innerloop.train.data import DataError, dataset_tokens
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(3)))
+    with pytest.raises(DataError) as caught:
+        dataset_tokens([str(data)], "text", split="test")
+    assert f"--split 'test' is not a split of --data ['{data}']" in str(caught.value)
+    assert "data.paths" not in str(caught.value) and "data.split" not in str(caught.value)

@@ -569,7 +569,8 @@ def dataset_tokens(
                 tokens.extend(ids)
                 tokens.extend(separator)
     except DataError as err:
-        said = str(err).replace("data.split=", "--split ")  # eval's and compare's name for it
+        # eval's and compare's names for them: the run's data.paths and data.split are not what was read
+        said = str(err).replace("data.split=", "--split ").replace("data.paths=", "--data ")
         raise DataError(
             f"--data {list(paths)!r}, read as the run's data.name='hf' data (field {text_field!r}): {said}"
         ) from None

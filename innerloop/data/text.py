@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from innerloop.core.layer import machine_memory_bytes, memory_size
 from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -168,12 +169,45 @@ def split_by_file(
 
 def read_bytes(files: Sequence[Path], option: str = "data.paths") -> torch.Tensor:
     """The files' bytes, each file followed by :data:`DOCUMENT_SEPARATOR`, as ``uint8 [N]``; a file that
-    cannot be read raises :class:`DataError` naming it and ``option`` (where it was given)."""
-    chunks = []
-    for p in files:
-        chunks.append(_file_bytes(p, option))
-        chunks.append(bytes([DOCUMENT_SEPARATOR]))
-    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+    cannot be read raises :class:`DataError` naming it and ``option`` (where it was given).
+
+    The bytes are read into one buffer sized from the files' sizes, which the tensor shares: the corpus
+    is held in memory once (a file that changed size since is read as it is now)."""
+    sizes = [_file_size(p, option) for p in files]
+    buffer = bytearray(sum(sizes) + len(files))
+    at = 0
+    for p, size in zip(files, sizes, strict=True):
+        got, rest = _read_into(p, buffer, at, size, option)
+        if got < size or rest:  # the file shrank or grew since its size was taken: its bytes now
+            buffer[at + got : at + size] = rest
+        at += got + len(rest)
+        buffer[at] = DOCUMENT_SEPARATOR
+        at += 1
+    return torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
+
+
+def _read_into(path: Path, buffer: bytearray, at: int, size: int, option: str) -> tuple[int, bytes]:
+    """Read ``path`` into ``buffer[at : at + size]``: the bytes read there, and those past ``size``."""
+    try:
+        with open(path, "rb") as handle, memoryview(buffer) as view:
+            got = handle.readinto(view[at : at + size]) if size else 0
+            return got or 0, handle.read()
+    except OSError as err:
+        raise _unreadable(path, option, err) from None
+
+
+def _file_size(path: Path, option: str) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as err:
+        raise _unreadable(path, option, err) from None
+
+
+def _unreadable(path: Path, option: str, err: OSError) -> DataError:
+    return DataError(
+        f"{option} file {str(path)!r} cannot be read: {err.strerror or err}; check its permissions, or "
+        f"remove it from {option}"
+    )
 
 
 def _file_bytes(path: Path, option: str) -> bytes:
@@ -181,10 +215,18 @@ def _file_bytes(path: Path, option: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as err:
-        raise DataError(
-            f"{option} file {str(path)!r} cannot be read: {err.strerror or err}; check its permissions, or "
-            f"remove it from {option}"
-        ) from None
+        raise _unreadable(path, option, err) from None
+
+
+ENCODE_GROUP_BYTES = 2 * 2**20
+"""Text given to the tokenizer in one call (whole files, one at least): the tokenizers library holds
+about :data:`TOKENIZE_BYTES_PER_BYTE` bytes per byte of each call's text, so a corpus of many files
+is encoded a group at a time, each group's ids kept as an int64 tensor (8 bytes a token)."""
+
+TOKENIZE_BYTES_PER_BYTE = 150
+"""The memory the tokenizers library takes to encode one text, per byte of it (measured: 1.6 GB for
+10 MB of Python source with a 1,024-token BPE; more per byte for a smaller vocabulary). A file is one
+document, encoded whole: one larger than this machine's memory allows is refused (:func:`read_tokens`)."""
 
 
 def read_tokens(
@@ -193,26 +235,71 @@ def read_tokens(
     """The files' token ids, each file followed by the tokenizer's end-of-text id (when it has one).
 
     With the byte tokenizer (or None) this is :func:`read_bytes`, ``uint8 [N]``; otherwise ``int64 [N]``,
-    each file decoded as UTF-8 (a file that is not raises :class:`DataError` naming it)."""
+    each file decoded as UTF-8 (a file that is not raises :class:`DataError` naming it) and encoded whole,
+    :data:`ENCODE_GROUP_BYTES` of files at a time. A file whose encoding would need more than this
+    machine's memory (:data:`TOKENIZE_BYTES_PER_BYTE`) raises :class:`DataError` naming it, before any
+    file is read."""
     if tokenizer is None or isinstance(tokenizer, ByteTokenizer):
         return read_bytes(files, option)
-    texts = []
-    for p in files:
-        try:
-            texts.append(_file_bytes(p, option).decode("utf-8"))
-        except UnicodeDecodeError as err:
-            bom = next((n for b, n in _BOMS if err.object.startswith(b)), None)  # the bytes it decoded
-            what = f"{bom} text (it starts with a {bom} byte-order mark)" if bom else "not UTF-8 text"
-            fix = "data.tokenizer=bytes" if option == "data.paths" else "a model trained on bytes"
-            raise DataError(
-                f"{option} file {str(p)!r} is {what} ({err.reason} at byte {err.start}), but the tokenizer "
-                f"({tokenizer.describe()}) reads UTF-8 only; convert it to UTF-8 (e.g. iconv -t utf-8), "
-                f"remove it from {option}, or use {fix}"
-            ) from None
+    sizes = [_file_size(p, option) for p in files]
+    _refuse_files_too_large_to_tokenize(files, sizes, tokenizer, option)
     encode_many = getattr(tokenizer, "encode_many", None)
-    encoded = encode_many(texts) if encode_many is not None else [tokenizer.encode(t) for t in texts]
-    separator = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
-    return torch.tensor([token for ids in encoded for token in (*ids, *separator)], dtype=torch.int64)
+    separator = torch.tensor([] if tokenizer.eos_id is None else [tokenizer.eos_id], dtype=torch.int64)
+    parts: list[torch.Tensor] = []
+    for group in _groups(files, sizes, ENCODE_GROUP_BYTES):
+        texts = [_file_text(p, tokenizer, option) for p in group]
+        encoded = encode_many(texts) if encode_many is not None else [tokenizer.encode(t) for t in texts]
+        del texts
+        for ids in encoded:
+            parts += [torch.tensor(ids, dtype=torch.int64), separator]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+
+def _groups(files: Sequence[Path], sizes: Sequence[int], most: int) -> list[list[Path]]:
+    """``files`` in order, in consecutive groups of at most ``most`` bytes (a larger file alone)."""
+    groups: list[list[Path]] = []
+    total = 0
+    for p, size in zip(files, sizes, strict=True):
+        if not groups or total + size > most:
+            groups.append([])
+            total = 0
+        groups[-1].append(p)
+        total += size
+    return groups
+
+
+def _refuse_files_too_large_to_tokenize(
+    files: Sequence[Path], sizes: Sequence[int], tokenizer: Tokenizer, option: str
+) -> None:
+    """:class:`DataError` naming the largest of ``files`` when encoding it would need more than this
+    machine's memory: the process was killed by the system, after minutes, without a word."""
+    memory = machine_memory_bytes()
+    if not files or memory is None:
+        return
+    size, path = max(zip(sizes, files, strict=True))
+    if size * TOKENIZE_BYTES_PER_BYTE <= memory:
+        return
+    raise DataError(
+        f"{option} file {str(path)!r} ({memory_size(size)}) is one document, encoded whole by the tokenizer "
+        f"({tokenizer.describe()}), which needs about {TOKENIZE_BYTES_PER_BYTE} bytes of memory per byte of "
+        f"text: {memory_size(size * TOKENIZE_BYTES_PER_BYTE)}, more than the {memory_size(memory)} here; "
+        "split it into smaller files (e.g. split -C 10M), or use data.tokenizer=bytes"
+    )
+
+
+def _file_text(path: Path, tokenizer: Tokenizer, option: str) -> str:
+    """``path``'s text, or :class:`DataError` naming it when it is not UTF-8."""
+    try:
+        return _file_bytes(path, option).decode("utf-8")
+    except UnicodeDecodeError as err:
+        bom = next((n for b, n in _BOMS if err.object.startswith(b)), None)  # the bytes it decoded
+        what = f"{bom} text (it starts with a {bom} byte-order mark)" if bom else "not UTF-8 text"
+        fix = "data.tokenizer=bytes" if option == "data.paths" else "a model trained on bytes"
+        raise DataError(
+            f"{option} file {str(path)!r} is {what} ({err.reason} at byte {err.start}), but the tokenizer "
+            f"({tokenizer.describe()}) reads UTF-8 only; convert it to UTF-8 (e.g. iconv -t utf-8), "
+            f"remove it from {option}, or use {fix}"
+        ) from None
 
 
 def split_text_files(

@@ -405,7 +405,7 @@ class TextDataModule(_IndexedDataModule):
         """sha256 of the training text's tokens (None before :meth:`setup`), computed when first asked
         (by a checkpoint or a resume's check, not by an evaluation, which reads only the held-out text)."""
         if self._training_digest is None and self.train_bytes is not None:
-            self._training_digest = hashlib.sha256(self.train_bytes.numpy().tobytes()).hexdigest()
+            self._training_digest = hashlib.sha256(self.train_bytes.contiguous().numpy()).hexdigest()
         return self._training_digest
 
     def state_dict(self) -> dict[str, Any]:
@@ -731,7 +731,7 @@ class HFDataModule(L.LightningDataModule):
             )  # fmt: skip
         tokens = torch.tensor(windows, dtype=torch.long)  # [N, T + 1]
         self.val_examples = tokens[:, :-1], tokens[:, 1:]
-        self._validation_digest = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
+        self._validation_digest = hashlib.sha256(tokens.contiguous().numpy()).hexdigest()
         self._check_validation_unchanged()
 
     def _reader(self, validation: bool) -> DocumentReader:

@@ -4,6 +4,7 @@ racing into one cache)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tracemalloc
 from collections.abc import Sequence
@@ -135,3 +136,24 @@ def test_the_training_digest_hashes_the_tokens_in_place(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert digest == hashlib.sha256(bytes(module.train_bytes.numpy())).hexdigest()
     assert len(module.train_bytes) > 500_000 and peak < 100_000, peak
+
+
+@pytest.mark.slow  # 0.8 s: two reads through the datasets library (the first warms its caches)
+def test_eval_data_records_are_not_one_python_list_of_every_token(tmp_path: Path) -> None:
+    """``innerloop eval --data x.jsonl`` of a data.name=hf run gathered every token of the file into
+    one Python list (8 bytes a token for its pointer, 36 for a token id past 256) before the tensor."""
+    from innerloop.train.data import dataset_tokens
+
+    lines = [json.dumps({"text": "abcdefghij" * 100 + str(i)}) for i in range(1000)]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    path = [str(tmp_path / "data.jsonl")]
+    dataset_tokens(path, "text")  # the datasets library's own first-use work (its cache, imports)
+    tracemalloc.start()
+    try:
+        tokens = dataset_tokens(path, "text")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert tokens.dtype == torch.int64 and len(tokens) == sum(len(json.loads(x)["text"]) + 1 for x in lines)
+    assert tokens[:3].tolist() == [97, 98, 99] and tokens[1001].item() == 0
+    assert peak < 4 * len(tokens), (peak, len(tokens))

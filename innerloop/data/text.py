@@ -189,7 +189,7 @@ def read_bytes(files: Sequence[Path], option: str = "data.paths") -> torch.Tenso
 def _read_into(path: Path, buffer: bytearray, at: int, size: int, option: str) -> tuple[int, bytes]:
     """Read ``path`` into ``buffer[at : at + size]``: the bytes read there, and those past ``size``."""
     try:
-        with open(path, "rb") as handle, memoryview(buffer) as view:
+        with path.open("rb") as handle, memoryview(buffer) as view:
             got = handle.readinto(view[at : at + size]) if size else 0
             return got or 0, handle.read()
     except OSError as err:

@@ -38,7 +38,18 @@ def test_an_unreadable_text_file_is_a_data_error_naming_it(tmp_path) -> None:
             raise PermissionError(13, "Permission denied", str(self))
         return real(self)
 
-    with mock.patch.object(Path, "read_bytes", read_bytes), pytest.raises(DataError, match="b.txt"):
+    real_open = Path.open
+
+    def open_(self: Path, *args, **kwargs):  # read_bytes reads the files into one buffer (s40d)
+        if self.name == "b.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    with (
+        mock.patch.object(Path, "read_bytes", read_bytes),
+        mock.patch.object(Path, "open", open_),
+        pytest.raises(DataError, match="b.txt"),
+    ):
         read_tokens([good, bad])
 
 

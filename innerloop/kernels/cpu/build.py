@@ -5,7 +5,8 @@ by the machine's C++ compiler for the machine's own instruction set (``-march=na
 Triton and torch.compile build theirs. The library is cached under a name that hashes everything it
 depends on (the source, the compiler and its version, the flags, the CPU's feature flags), and is
 written to a temporary file first and moved into place, so that concurrent or interrupted builds
-never leave a broken library behind.
+never leave a broken library behind. Processes that build at once into one cache compile once: the
+others wait on the first's lock on the cache folder, then load its library.
 
 Environment:
 
@@ -139,13 +140,31 @@ def _build() -> Path:
 
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        building = _wait_for_other_builds(directory)
+    except OSError as error:
+        raise _unwritable(directory, error) from error
+    try:  # closing `building` releases the build lock: the processes waiting on it load the library
+        if not _cached(target):  # else another process built it while this one waited
+            _build_into(compiler, directory, target)
+    finally:
+        os.close(building)
+    return target
+
+
+def _unwritable(directory: Path, error: OSError) -> CPUKernelUnavailable:
+    return CPUKernelUnavailable(
+        f"cannot write the kernel cache {directory} ({error}); set INNERLOOP_CACHE_DIR to a writable folder"
+    )
+
+
+def _build_into(compiler: str, directory: Path, target: Path) -> None:
+    """Compile into a temporary file of ``directory`` and rename it to ``target``."""
+    try:
         _remove_abandoned_builds(directory)
         handle, temporary = tempfile.mkstemp(dir=directory, prefix=".build-", suffix=".so")
         _lock(handle)  # held until the build ends (the process's end releases it): it is not abandoned
     except OSError as error:
-        raise CPUKernelUnavailable(
-            f"cannot write the kernel cache {directory} ({error}); set INNERLOOP_CACHE_DIR to a writable folder"
-        ) from error
+        raise _unwritable(directory, error) from error
     try:
         _compile_first_that_loads(compiler, temporary)
         os.chmod(temporary, 0o755)  # mkstemp made it private; in a shared cache others must load it
@@ -156,7 +175,31 @@ def _build() -> Path:
         if os.path.exists(temporary):
             os.unlink(temporary)
         os.close(handle)
-    return target
+
+
+BUILD_WAIT_SECONDS = 900.0
+"""How long a process waits for another's build of the same library (five flag sets of a slow compile)
+before it builds its own: correct either way, the wait only saves the duplicate compile."""
+
+
+def _wait_for_other_builds(folder: Path) -> int:
+    """Open the cache ``folder`` and take its exclusive lock, waiting while another process holds it
+    (its build runs): processes started together (ranks of one job, test workers, several runs on one
+    machine) compile once, the others load that library. Returns the open folder, whose closing (or
+    the process's end) releases the lock; where folders cannot be locked, at once."""
+    handle = os.open(folder, os.O_RDONLY)  # the folder itself: no lock file is left in the cache
+    deadline = time.monotonic() + BUILD_WAIT_SECONDS
+    while fcntl is not None:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another build holds it
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+        except OSError:  # a file system without locks (some NFS): build without waiting
+            pass
+        break
+    return handle
 
 
 def _compile_first_that_loads(compiler: str, temporary: str) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from innerloop.core.functional import as_integer
 from innerloop.data.hf import files_record, iter_texts, open_hf_dataset, saved_splits, source_files
@@ -135,9 +135,21 @@ class IndexedBatches(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         # a callable start is asked at each iteration: Lightning iterates again at each epoch
         step = self.start() if callable(self.start) else self.start
+        worker, workers = _worker_share()  # a DataLoader's workers take turns, in its order
+        step += worker
         while True:
             yield self.make_batch(step * self.world_size + self.rank)
-            step += 1
+            step += workers
+
+
+def _worker_share() -> tuple[int, int]:
+    """``(this worker's number, the number of workers)`` of the DataLoader reading a dataset here,
+    ``(0, 1)`` in the main process. A DataLoader with workers gives each a copy of an iterable dataset
+    and yields their items in turn (worker 0's first, worker 1's first, ...): worker ``w`` of ``W``
+    reading items ``w, w + W, ...`` of the stream keeps the batches and their order those of one
+    process, where every worker reading the whole stream repeated each batch ``W`` times."""
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
 
 
 class FixedExamples(Dataset):
@@ -178,7 +190,8 @@ class RankShardOfExamples(IterableDataset):
         return -(-self.inputs.shape[0] // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        for start in range(0, self.inputs.shape[0], self.batch_size):
+        worker, workers = _worker_share()  # each batch once under a DataLoader's workers too
+        for start in range(worker * self.batch_size, self.inputs.shape[0], workers * self.batch_size):
             yield self.inputs[start : start + self.batch_size], self.targets[start : start + self.batch_size]
 
 
@@ -647,6 +660,12 @@ class PackedBatches(IterableDataset):
         self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[Batch]:
+        if get_worker_info() is not None:
+            raise DataError(
+                "HFDataModule's training batches are read in order by one process: its position in the "
+                "documents is what a checkpoint records, and a DataLoader worker's copy would record it "
+                "where no checkpoint sees it; read them with num_workers=0 (the default)"
+            )
         windows = self.windows_from(self.position)
         batch = self.first_batch
         while True:

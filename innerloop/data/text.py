@@ -356,7 +356,7 @@ def check_text_split(
 
 
 def check_text_lengths(
-    train_len: int,
+    train_len: int | None,
     val_len: int,
     num_files: int,
     seq_len: int,
@@ -372,14 +372,15 @@ def check_text_lengths(
     file hash put every file on one side (:func:`fallback_held_out`): the message then names it and why
     it was held out, and advises more files or a larger one sorted last rather than a larger
     data.val_fraction (which chose nothing); when the split is usable, ``announce`` logs one warning
-    naming it (the data module's setup does; the config check before it does not, so it is said once)."""
+    naming it (the data module's setup does; the config check before it does not, so it is said once).
+    ``train_len`` None: the training text was not read (an evaluation reads the held-out text only)."""
     need = seq_len + 1
     if val_fraction == 0 and num_files == 1:
         raise DataError(
             "data.val_fraction=0 holds out no validation text: with a single file its last val_fraction "
             f"of {unit} is held out; set data.val_fraction > 0 (e.g. 0.1)"
         )
-    if train_len < need:
+    if train_len is not None and train_len < need:
         raise DataError(
             f"the training text has {train_len} {unit}, fewer than data.seq_len + 1 = {need}; give more "
             "text (data.paths) or a shorter data.seq_len"

@@ -384,7 +384,10 @@ class TextDataModule(_IndexedDataModule):
         self._recorded: dict[str, Any] = {}  # what a resumed checkpoint recorded (state_dict)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_bytes is not None:
+        """Read the text: for ``stage="validate"`` (an evaluation of the run's held-out text, Lightning's
+        ``validate``) the held-out files only, where there are several (an evaluation read and tokenized
+        the whole corpus, 9 parts of 10 of it for nothing); the training text too for any other stage."""
+        if self.val_bytes is not None and (self.train_bytes is not None or stage == "validate"):
             return
         keys = split_keys(self.paths) if self.paths else None  # the files, found once, and their split keys
         files = sorted(keys) if keys is not None else stdlib_files()
@@ -397,14 +400,14 @@ class TextDataModule(_IndexedDataModule):
             train, val = split_text_files(files, self.val_fraction, keys)
             if keys is not None:
                 self.validation_keys = sorted(keys[p] for p in val)
-            self.train_bytes, self.val_bytes = (
-                read_tokens(train, self.tokenizer),
-                read_tokens(val, self.tokenizer),
-            )
+            if self.val_bytes is None:
+                self.val_bytes = read_tokens(val, self.tokenizer)
+            if stage != "validate":
+                self.train_bytes = read_tokens(train, self.tokenizer)
         self._check_recorded()
         unit = "bytes" if isinstance(self.tokenizer, ByteTokenizer) else "tokens"
         check_text_lengths(
-            len(self.train_bytes),
+            None if self.train_bytes is None else len(self.train_bytes),
             len(self.val_bytes),
             len(files),
             self.seq_len,
@@ -444,7 +447,7 @@ class TextDataModule(_IndexedDataModule):
         """A resumed checkpoint's split must be this one's (:func:`check_split_unchanged`: else the run
         would train on text it validated on); a training text that differs (a file edited, added or
         removed) gets a warning: the resume goes on, but not on the data the run was trained on."""
-        if self.train_bytes is None:  # before setup: checked there
+        if self.val_bytes is None:  # before setup: checked there
             return
         recorded = self._recorded.get("validation_files")
         if isinstance(recorded, list) and self.validation_keys is not None:
@@ -463,7 +466,7 @@ class TextDataModule(_IndexedDataModule):
                 + "; resume with the file as it was, or start a new run (--overwrite or another out_dir)"
             )
         digest = self._recorded.get("training_digest")
-        if isinstance(digest, str) and digest != self.training_digest:
+        if isinstance(digest, str) and self.train_bytes is not None and digest != self.training_digest:
             log.warning(
                 "the training text differs from the one the checkpoint was trained on (a file of data.paths "
                 "edited, added or removed since): the resumed run goes on, on other data than the run it "

@@ -275,3 +275,32 @@ def test_an_evaluation_reads_the_held_out_files_only(tmp_path, monkeypatch) -> N
     assert len(read) == 4 and torch.equal(module.train_bytes, fresh.train_bytes)
     assert torch.equal(windows[0], fresh.make_val_examples()[0])
     assert module.state_dict() == fresh.state_dict()
+
+
+def test_evaluating_a_one_file_run_reads_its_text_and_checkpoint_once(tmp_path, monkeypatch) -> None:
+    """``innerloop eval`` of a one-file run's validation read and tokenized the file twice (the check of
+    its recorded validation_cut, then the windows: a 3 MB file with BPE, 2 s each) and read and
+    verified the whole checkpoint three times (the model, the split check, the cut check: each a full
+    read of a file the run may be rewriting). Once each now, the same windows."""
+    from innerloop.checkpoints import save_checkpoint
+    from innerloop.config import load_config
+    from innerloop.train import run as run_module
+    from innerloop.train.run import _run_validation_windows
+
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 20)
+    module = TextDataModule([str(path)], seq_len=8, batch_size=2, val_fraction=0.25, val_batches=1)
+    module.setup("fit")
+    checkpoint = tmp_path / "last.safetensors"
+    save_checkpoint({"state_dict": {"w": torch.zeros(1)}, "TextDataModule": module.state_dict()}, checkpoint)
+    overrides = [f"data.paths=[{path}]", "data.val_fraction=0.25", "data.seq_len=8", "data.batch_size=2"]
+    run = load_config("tiny", [*overrides, "data.val_batches=1"])[0]
+    reads, loads = [], []
+    real_read, real_load = train_data.read_tokens, run_module.load_checkpoint
+    monkeypatch.setattr(train_data, "read_tokens", lambda files, t: reads.append(1) or real_read(files, t))
+    monkeypatch.setattr(run_module, "load_checkpoint", lambda *a: loads.append(1) or real_load(*a))
+    for seq_len, batches, rows in ((8, None, 2), (4, 3, 6)):
+        windows = _run_validation_windows(run, checkpoint, seq_len, None, batches)
+        expected = train_data.spread_windows(module.val_bytes, seq_len, rows)
+        assert torch.equal(windows.inputs, expected[0]) and torch.equal(windows.targets, expected[1])
+    assert len(reads) == 2 and not loads  # one read per evaluation; the model's load verified the file

@@ -1274,14 +1274,21 @@ def _as_tuples(value: Any) -> Any:
 
 
 def validation_examples(
-    run: RunConfig, seq_len: int | None = None, count: int | None = None, tokenizer: Tokenizer | None = None
+    run: RunConfig,
+    seq_len: int | None = None,
+    count: int | None = None,
+    tokenizer: Tokenizer | None = None,
+    read: TextDataModule | None = None,
 ) -> Batch:
     """What ``run``'s validation reads (its DataModule's validation examples); with ``seq_len``, windows
     of that length over the same held-out data; with ``count``, that many windows instead of the
     run's ``val_batches * batch_size`` (text: spread over the held-out data the same way; hf: the first
     ``count`` windows of the held-out documents, fewer if they run out; recall: the first ``count`` of
-    the same sequences). ``tokenizer``: the one to tokenize with (default: ``data.tokenizer``'s files)."""
+    the same sequences). ``tokenizer``: the one to tokenize with (default: ``data.tokenizer``'s files).
+    ``read``: a text run's data module, set up already by the caller (its text is not read again)."""
     data = run.data
+    if read is not None:
+        return _text_validation_at(run, seq_len or read.seq_len, count, tokenizer, read)
     run_seq_len = build_datamodule(run, tokenizer).seq_len  # with the tokenizer given: no files read
     if seq_len is not None and seq_len != run_seq_len:
         if data.name == "recall":
@@ -1309,15 +1316,19 @@ def validation_examples(
 
 
 def _text_validation_at(
-    run: RunConfig, seq_len: int, count: int | None, tokenizer: Tokenizer | None
+    run: RunConfig,
+    seq_len: int,
+    count: int | None,
+    tokenizer: Tokenizer | None,
+    read: TextDataModule | None = None,
 ) -> Batch:
     """A text run's validation windows at a ``seq_len`` other than its own (an evaluation's
     ``--seq-len``): its held-out text, split as the run split it, in windows of that length. Only the
     held-out text must hold one (not the training text), and a text too short names ``--seq-len``,
     which the user gave, not the run's ``data.seq_len``."""
-    datamodule = build_datamodule(run, tokenizer)  # at the run's own seq_len, which its text holds
+    datamodule = read if read is not None else build_datamodule(run, tokenizer)  # at the run's seq_len
     assert isinstance(datamodule, TextDataModule)
-    datamodule.setup("validate")
+    datamodule.setup("validate")  # nothing more to read where `read` was set up
     assert datamodule.val_bytes is not None
     count = count if count is not None else run.data.val_batches * run.data.batch_size
     unit = "bytes" if isinstance(datamodule.tokenizer, ByteTokenizer) else "tokens"
@@ -1394,8 +1405,8 @@ def _run_validation_windows(
     _check_the_runs_split(run, checkpoint)
     try:
         tokenizer = tokenizer if tokenizer is not None else checkpoint_tokenizer(checkpoint)
-        _check_the_runs_cut(run, checkpoint, tokenizer)
-        inputs, targets = validation_examples(run, seq_len, count, tokenizer)
+        read = _check_the_runs_cut(run, checkpoint, tokenizer)
+        inputs, targets = validation_examples(run, seq_len, count, tokenizer, read)
         tag = _run_data_tag(run, tokenizer)
     except DataError as err:
         saved = Path(checkpoint).parent / "config.yaml"
@@ -1412,7 +1423,7 @@ def _check_the_runs_split(run: RunConfig, checkpoint: str | Path) -> None:
     A checkpoint without the record (older, or of one file or the default corpus) is not checked."""
     if run.data.name != "text":
         return
-    state = load_checkpoint(checkpoint).get(TextDataModule.__qualname__)  # any checkpoint: a model's too
+    state = recorded_entry(checkpoint, TextDataModule.__qualname__)  # metadata only (any checkpoint's)
     recorded = state.get("validation_files") if isinstance(state, dict) else None
     if not isinstance(recorded, list):
         return
@@ -1424,21 +1435,24 @@ def _check_the_runs_split(run: RunConfig, checkpoint: str | Path) -> None:
         check_split_unchanged(recorded, current, "Evaluating its validation windows")
 
 
-def _check_the_runs_cut(run: RunConfig, checkpoint: str | Path, tokenizer: Tokenizer | None) -> None:
+def _check_the_runs_cut(
+    run: RunConfig, checkpoint: str | Path, tokenizer: Tokenizer | None
+) -> TextDataModule | None:
     """Refuse to score a run's validation windows on data changed so that they hold text the run trained
     on. One text file: shortened since the checkpoint recorded where its validation text started
     (``validation_cut``), its last ``data.val_fraction`` now starts inside the training text (a file
     appended to starts it later, in text the run never read: still held out). ``hf`` data: validation
     windows other than those the checkpoint recorded (``validation_digest``): documents were inserted or
-    removed before them, moving documents between the sides."""
+    removed before them, moving documents between the sides. Returns the text data module it read (its
+    held-out text is the windows' text: read and tokenized once), None where it read none."""
     if run.data.name not in ("text", "hf"):
-        return
+        return None
     owner = TextDataModule if run.data.name == "text" else HFDataModule
-    state = load_checkpoint(checkpoint).get(owner.__qualname__)
+    state = recorded_entry(checkpoint, owner.__qualname__)  # metadata only: the model's load verified it
     key = "validation_cut" if run.data.name == "text" else "validation_digest"
     recorded = state.get(key) if isinstance(state, dict) else None
     if not isinstance(recorded, (int, str)) or isinstance(recorded, bool):
-        return
+        return None
     module = build_datamodule(run, tokenizer)
     module.setup("validate")
     if isinstance(module, HFDataModule):
@@ -1446,7 +1460,7 @@ def _check_the_runs_cut(run: RunConfig, checkpoint: str | Path, tokenizer: Token
         module.check_recorded_validation(
             state, would, "evaluate on the data as it was, or on held-out data with --data"
         )
-        return
+        return None
     assert isinstance(module, TextDataModule)
     if module.validation_cut is not None and module.validation_cut < recorded:
         raise DataError(
@@ -1455,6 +1469,7 @@ def _check_the_runs_cut(run: RunConfig, checkpoint: str | Path, tokenizer: Token
             f"and now starts at token {module.validation_cut}, inside the text the run trained on; evaluate "
             "on the file as it was, or on held-out files with --data"
         )
+    return module
 
 
 def _describe_data(run: RunConfig) -> str:

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import sysconfig
+import warnings
 from collections.abc import Iterable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from innerloop.core.layer import machine_memory_bytes, memory_size
-from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
+from innerloop.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -224,9 +225,20 @@ about :data:`TOKENIZE_BYTES_PER_BYTE` bytes per byte of each call's text, so a c
 is encoded a group at a time, each group's ids kept as an int64 tensor (8 bytes a token)."""
 
 TOKENIZE_BYTES_PER_BYTE = 150
-"""The memory the tokenizers library takes to encode one text, per byte of it (measured: 1.6 GB for
-10 MB of Python source with a 1,024-token BPE; more per byte for a smaller vocabulary). A file is one
-document, encoded whole: one larger than this machine's memory allows is refused (:func:`read_tokens`)."""
+"""The memory the tokenizers library typically takes to encode one text, per byte of it (measured at
+8-10 MB: 104 to 187 bytes for BPE, WordPiece, WordLevel and Unigram models on prose and Python source;
+1.6 GB for 10 MB of Python source with a 1,024-token BPE). A file expected to need more than this
+machine's memory is warned about (:class:`TokenizerMemoryWarning`): it may be killed by the system."""
+
+TOKENIZE_BYTES_PER_BYTE_AT_LEAST = 16
+"""What the tokenizers library takes per byte of a text whatever its model: the offsets it keeps for
+every byte of the normalized text (two 8-byte integers). A file that needs more than this machine's
+memory even so is refused (:func:`read_tokens`); one between this and the typical need is not, since
+it may fit."""
+
+
+class TokenizerMemoryWarning(UserWarning):
+    """A text file is expected to need more memory to encode than this machine has."""
 
 
 def read_tokens(
@@ -236,9 +248,9 @@ def read_tokens(
 
     With the byte tokenizer (or None) this is :func:`read_bytes`, ``uint8 [N]``; otherwise ``int64 [N]``,
     each file decoded as UTF-8 (a file that is not raises :class:`DataError` naming it) and encoded whole,
-    :data:`ENCODE_GROUP_BYTES` of files at a time. A file whose encoding would need more than this
-    machine's memory (:data:`TOKENIZE_BYTES_PER_BYTE`) raises :class:`DataError` naming it, before any
-    file is read."""
+    :data:`ENCODE_GROUP_BYTES` of files at a time. A file whose encoding by the tokenizers library
+    cannot fit this machine's memory (:data:`TOKENIZE_BYTES_PER_BYTE_AT_LEAST`) raises :class:`DataError`
+    naming it, before any file is read; one expected not to (:data:`TOKENIZE_BYTES_PER_BYTE`) warns."""
     if tokenizer is None or isinstance(tokenizer, ByteTokenizer):
         return read_bytes(files, option)
     sizes = [_file_size(p, option) for p in files]
@@ -271,19 +283,31 @@ def _groups(files: Sequence[Path], sizes: Sequence[int], most: int) -> list[list
 def _refuse_files_too_large_to_tokenize(
     files: Sequence[Path], sizes: Sequence[int], tokenizer: Tokenizer, option: str
 ) -> None:
-    """:class:`DataError` naming the largest of ``files`` when encoding it would need more than this
-    machine's memory: the process was killed by the system, after minutes, without a word."""
+    """:class:`DataError` naming the largest of ``files`` when the tokenizers library (an
+    :class:`HFTokenizer`) cannot encode it in this machine's memory even at its least need per byte,
+    :class:`TokenizerMemoryWarning` when it is expected to need more: such a process was killed by the
+    system, after minutes, without a word. Other tokenizers' needs are theirs, not checked."""
     memory = machine_memory_bytes()
-    if not files or memory is None:
+    if not files or memory is None or not isinstance(tokenizer, HFTokenizer):
         return
     size, path = max(zip(sizes, files, strict=True))
     if size * TOKENIZE_BYTES_PER_BYTE <= memory:
         return
-    raise DataError(
+    what = (
         f"{option} file {str(path)!r} ({memory_size(size)}) is one document, encoded whole by the tokenizer "
-        f"({tokenizer.describe()}), which needs about {TOKENIZE_BYTES_PER_BYTE} bytes of memory per byte of "
-        f"text: {memory_size(size * TOKENIZE_BYTES_PER_BYTE)}, more than the {memory_size(memory)} here; "
-        "split it into smaller files (e.g. split -C 10M), or use data.tokenizer=bytes"
+        f"({tokenizer.describe()}), which needs at least {TOKENIZE_BYTES_PER_BYTE_AT_LEAST} bytes of memory "
+        f"per byte of text and typically about {TOKENIZE_BYTES_PER_BYTE}"
+    )
+    fix = "split it into smaller files (e.g. split -C 10M), or use data.tokenizer=bytes"
+    if size * TOKENIZE_BYTES_PER_BYTE_AT_LEAST > memory:
+        least = memory_size(size * TOKENIZE_BYTES_PER_BYTE_AT_LEAST)
+        raise DataError(f"{what}: at least {least}, more than the {memory_size(memory)} here; {fix}")
+    typical = memory_size(size * TOKENIZE_BYTES_PER_BYTE)
+    warnings.warn(
+        f"{what}: about {typical}, more than the {memory_size(memory)} here, so the system may stop the "
+        f"process while it encodes; {fix}",
+        TokenizerMemoryWarning,
+        stacklevel=3,
     )
 
 

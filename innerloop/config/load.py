@@ -1338,6 +1338,7 @@ def _check_trainer_names(run: RunConfig) -> None:
         if value not in valid:
             raise ConfigError(f"{key}={value!r} is not valid; valid: {valid}")
     _check_float16_autocast_device(run.trainer.precision, run.trainer.accelerator)
+    _check_not_on_mps(run.trainer.accelerator)
     if run.trainer.accelerator == "auto":
         return
     here = ["auto", *(a for a in accelerators if AcceleratorRegistry[a]["accelerator"].is_available())]
@@ -1370,6 +1371,23 @@ def _check_float16_autocast_device(precision: str, accelerator: str) -> None:
             f"trainer.precision='16-mixed' (float16 autocast) is not run on a CPU (trainer.accelerator="
             f"{accelerator!r} here): Lightning would train in bf16-mixed instead; use bf16-mixed (bfloat16 "
             "autocast) or 32-true on a CPU, 16-mixed on a GPU"
+        )
+
+
+def _check_not_on_mps(accelerator: str) -> None:
+    """Refuse a run on Apple's MPS (named, or ``auto`` on a Mac without CUDA, where Lightning picks it):
+    the metrics keep float64 sums (token counts exact past 2**24) and TTT-E2E a float64 schedule
+    state, and MPS has no float64, so such a run failed at its first metric update or model move."""
+    import torch
+
+    on_mps = accelerator == "mps" or (
+        accelerator == "auto" and not torch.cuda.is_available() and torch.backends.mps.is_available()
+    )
+    if on_mps:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator!r} would train on Apple's MPS, which innerloop does not "
+            "support: its metrics and TTT-E2E's schedule keep float64 state, which MPS lacks; use "
+            "trainer.accelerator=cpu (or a CUDA GPU)"
         )
 
 

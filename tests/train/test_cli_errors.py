@@ -139,6 +139,18 @@ def test_cuda_without_a_gpu_is_one_line(capsys) -> None:
     )
 
 
+@pytest.mark.parametrize("accelerator", ["mps", "auto"])
+def test_a_run_on_apple_mps_is_one_line(capsys, monkeypatch, accelerator) -> None:
+    """MPS has no float64, which the metrics' sums and TTT-E2E's schedule state are: named, or picked
+    by ``auto`` on a Mac, it failed at the first metric update with torch's bare TypeError."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert main(["train", f"trainer.accelerator={accelerator}"]) == 2
+    line = _one_error_line(capsys, "train")
+    assert f"trainer.accelerator={accelerator!r} would train on Apple's MPS" in line
+    assert "use trainer.accelerator=cpu" in line
+
+
 def test_an_unwritable_out_dir_is_one_line(capsys, tmp_path, monkeypatch) -> None:
     # (a permission test with chmod cannot fail for root, so the permission answer is what is faked)
     real_access = os.access

@@ -204,6 +204,27 @@ def test_builds_started_together_into_one_cache_compile_once(tmp_path, monkeypat
     assert not list(targets[0].parent.glob(".build-*"))
 
 
+@pytest.mark.skipif(build.fcntl is None, reason="builds wait on an flock lock (POSIX)")
+def test_a_build_waiting_on_anothers_says_so_once(tmp_path, monkeypatch, caplog) -> None:
+    """A process waiting (up to 15 minutes) on another's build printed nothing: it looked hung."""
+    folder = tmp_path / "cpu_kernels"
+    folder.mkdir()
+    holder = os.open(folder, os.O_RDONLY)
+    build.fcntl.flock(holder, build.fcntl.LOCK_EX)
+    monkeypatch.setattr(build, "WAIT_NOTICE_SECONDS", 0.05)
+    monkeypatch.setattr(build, "BUILD_WAIT_SECONDS", 0.15)
+    try:
+        with caplog.at_level("WARNING", logger=build.__name__):
+            os.close(build._wait_for_other_builds(folder))  # the lock never freed: it goes on after the wait
+    finally:
+        os.close(holder)
+    notices = [r.getMessage() for r in caplog.records]
+    assert (
+        len(notices) == 1
+        and f"waiting for another process's build of the CPU kernels in {folder}" in notices[0]
+    )
+
+
 def _as_worker(monkeypatch, worker: int, workers: int) -> None:
     info = SimpleNamespace(id=worker, num_workers=workers)
     monkeypatch.setattr(train_data, "get_worker_info", lambda: info)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -181,6 +182,11 @@ BUILD_WAIT_SECONDS = 900.0
 """How long a process waits for another's build of the same library (five flag sets of a slow compile)
 before it builds its own: correct either way, the wait only saves the duplicate compile."""
 
+WAIT_NOTICE_SECONDS = 5.0
+"""After this long waiting for another process's build, one log line says what the process waits for."""
+
+_log = logging.getLogger(__name__)
+
 
 def _wait_for_other_builds(folder: Path) -> int:
     """Open the cache ``folder`` and take its exclusive lock, waiting while another process holds it
@@ -188,12 +194,22 @@ def _wait_for_other_builds(folder: Path) -> int:
     machine) compile once, the others load that library. Returns the open folder, whose closing (or
     the process's end) releases the lock; where folders cannot be locked, at once."""
     handle = os.open(folder, os.O_RDONLY)  # the folder itself: no lock file is left in the cache
-    deadline = time.monotonic() + BUILD_WAIT_SECONDS
+    start = time.monotonic()
+    noticed = False
     while fcntl is not None:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # another build holds it
-            if time.monotonic() < deadline:
+            waited = time.monotonic() - start
+            if waited >= WAIT_NOTICE_SECONDS and not noticed:
+                noticed = True
+                _log.warning(
+                    "innerloop: waiting for another process's build of the CPU kernels in %s (up to %.0f "
+                    "minutes; then this one builds its own)",
+                    folder,
+                    BUILD_WAIT_SECONDS / 60,
+                )
+            if waited < BUILD_WAIT_SECONDS:
                 time.sleep(0.05)
                 continue
         except OSError:  # a file system without locks (some NFS): build without waiting

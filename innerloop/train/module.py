@@ -442,6 +442,8 @@ class LanguageModelModule(L.LightningModule):
         self._last_finite_loss = (self.global_step, loss.detach())
         # the mean over every process's batch too (sync_dist: one all-reduce per step, only with several)
         self.log("train_loss", self._optimizer_step_loss(loss), prog_bar=True, sync_dist=True)
+        if self._trainer is not None and self.trainer.optimizers:  # the rate this optimizer step applies
+            self.log("lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=1)
         return loss
 
     def _optimizer_step_loss(self, loss: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from typing import IO, Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -72,6 +73,9 @@ from innerloop.train.data import IGNORE_INDEX, Batch
 from innerloop.train.metrics import Float64Perplexity, InnerLossDiagnostics, LossByPosition
 from innerloop.train.schedules import Schedule, make_schedule
 from innerloop.train.schedules import warmup_cosine as warmup_cosine  # re-exported: its old home
+
+SHARDING_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+"""Strategies that shard the gradients over the processes: no process sees the whole gradient."""
 
 log = logging.getLogger(__name__)
 
@@ -445,6 +449,19 @@ class LanguageModelModule(L.LightningModule):
         if self._trainer is not None and self.trainer.optimizers:  # the rate this optimizer step applies
             self.log("lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=1)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log ``grad_norm``, the L2 norm of every gradient this optimizer step applies, before clipping
+        (``optim.grad_clip`` clips it to that value) and after a float16 run's unscaling. Not under a
+        sharding strategy (FSDP, DeepSpeed, model parallel), where each process holds a shard of them."""
+        if self._trainer is None or isinstance(self.trainer.strategy, SHARDING_STRATEGIES):
+            return
+        grads = [
+            p.grad.detach() for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+        ]
+        if grads:
+            norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads])
+            self.log("grad_norm", torch.linalg.vector_norm(norms), batch_size=1)
 
     def _optimizer_step_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The mean loss of this optimizer step's micro-batches so far: under gradient accumulation the

@@ -60,7 +60,6 @@ from lightning.pytorch.callbacks import (
     Timer,
     TQDMProgressBar,
 )
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from omegaconf import DictConfig
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
@@ -132,7 +131,12 @@ from innerloop.train.interrupt import StopOnInterrupt, TrainingInterrupted, ende
 from innerloop.train.loggers import _CSVLogger as _CSVLogger  # re-exported from its first home
 from innerloop.train.loggers import build_loggers, supersede_rows_logged_past
 from innerloop.train.metrics import position_buckets
-from innerloop.train.module import LanguageModelModule, TrainingDivergedError, load_module
+from innerloop.train.module import (
+    SHARDING_STRATEGIES,
+    LanguageModelModule,
+    TrainingDivergedError,
+    load_module,
+)
 from innerloop.train.plots import plot_loss_by_position, write_loss_by_position_csv
 from innerloop.train.run_dir import (
     PENDING_CHECKPOINT,
@@ -1066,8 +1070,7 @@ def training_shards(trainer: L.Trainer) -> int:
     """Over how many devices ``trainer``'s strategy shards the weights, their gradients and AdamW's
     moments: ``trainer.world_size`` for FSDP, DeepSpeed and model parallelism, 1 for the strategies
     that keep a whole copy on each device (DDP, one device)."""
-    sharding = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
-    return max(1, trainer.world_size) if isinstance(trainer.strategy, sharding) else 1
+    return max(1, trainer.world_size) if isinstance(trainer.strategy, SHARDING_STRATEGIES) else 1
 
 
 def refuse_training_beyond_memory(

@@ -133,10 +133,10 @@ def test_perplexity_refuses_a_bool_ignore_index() -> None:
         (
             torch.ones(6, 2, dtype=torch.bool),
             torch.ones(6, 2),
-            "got torch.bool (6, 2) and torch.float32 (6, 2)",
+            "got (6, 2) of torch.bool and (6, 2) of torch.float32",
         ),
-        (torch.ones(6, 2, dtype=torch.cfloat), torch.ones(6, 2), "got torch.complex64 (6, 2)"),
-        (torch.ones(6, 2), torch.ones(6, 2, dtype=torch.bool), "and torch.bool (6, 2)"),
+        (torch.ones(6, 2, dtype=torch.cfloat), torch.ones(6, 2), "got (6, 2) of torch.complex64"),
+        (torch.ones(6, 2), torch.ones(6, 2, dtype=torch.bool), "and (6, 2) of torch.bool"),
     ],
 )
 def test_bootstrap_refuses_differences_and_counts_that_are_not_real_numbers(

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from innerloop.core.functional import as_integer
+from innerloop.train.metrics import described
 
 DEFAULT_RESAMPLES = 1000
 """Bootstrap resamples of the windows."""
@@ -56,7 +57,7 @@ def bootstrap_difference(
     if not (_real_tensor(differences, "floating") and _real_tensor(counts, "number")):
         raise ValueError(
             "differences must be a floating-point tensor and counts a tensor of numbers (not bool or complex), "
-            f"got {_described(differences)} and {_described(counts)}"
+            f"got {described(differences)} and {described(counts)}"
         )
     if differences.shape != counts.shape or differences.dim() != 2 or differences.shape[0] < 1:
         raise ValueError(
@@ -94,10 +95,6 @@ def _real_tensor(value: Any, kind: str) -> bool:
     if not isinstance(value, torch.Tensor) or value.dtype == torch.bool or value.is_complex():
         return False
     return kind == "number" or value.is_floating_point()
-
-
-def _described(value: Any) -> str:
-    return f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def expanded_tail(windows: int, confidence: float) -> float:

@@ -63,7 +63,7 @@ class Float64Perplexity(Float64States, Perplexity):
         if not _logits_and_ids(preds, target):
             raise ValueError(
                 f"preds must be floating-point logits [batch, length, vocab] and target integer ids [batch, "
-                f"length], got {_described(preds)} and {_described(target)}"
+                f"length], got {described(preds)} and {described(target)}"
             )
         # [N, V], in float32 or wider: float64 logits (a float64 model) are not rounded
         logits = preds.reshape(-1, preds.shape[-1]).to(torch.promote_types(preds.dtype, torch.float32))
@@ -106,8 +106,9 @@ def _logits_and_ids(preds: Any, target: Any) -> bool:
     )
 
 
-def _described(value: Any) -> str:
-    """A tensor's shape and dtype, or what else ``value`` is."""
+def described(value: Any) -> str:
+    """A tensor's shape and dtype (``(6, 2) of torch.float32``), or what else ``value`` is: how the
+    metrics' and the bootstrap's messages show what they were given."""
     if isinstance(value, torch.Tensor):
         return f"{tuple(value.shape)} of {value.dtype}"
     return type(value).__name__
@@ -191,7 +192,7 @@ class LossByPosition(Float64States):
     def update(self, token_loss: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         if not _real_losses(token_loss) or token_loss.dim() != 2:
             raise ValueError(
-                f"token_loss must be a floating-point tensor [batch, length], got {_described(token_loss)}"
+                f"token_loss must be a floating-point tensor [batch, length], got {described(token_loss)}"
             )
         if mask is None:
             mask = torch.ones_like(token_loss, dtype=torch.bool)
@@ -275,8 +276,8 @@ class InnerLossDiagnostics(Float64States):
             or before.dim() != 1
         ):
             raise ValueError(
-                f"before and after must both be floating-point tensors [batch], got {_described(before)} and "
-                f"{_described(after)}"
+                f"before and after must both be floating-point tensors [batch], got {described(before)} and "
+                f"{described(after)}"
             )
         self.before_sum[index] += before.detach().to(torch.float64).sum()
         self.after_sum[index] += after.detach().to(torch.float64).sum()

@@ -74,7 +74,6 @@ def test_vmap_over_input_ids_is_one_error_naming_them(mixer):
 
 
 @pytest.mark.parametrize("transform", ["jvp", "grad"])
-@pytest.mark.filterwarnings("ignore::innerloop.models.e2e.OneChunkTrainingWarning")  # a sequence of one chunk
 def test_e2e_under_a_func_transform_is_one_clear_error(transform):
     # it met torch's bare 'You are attempting to call Tensor.requires_grad_() ... functorch transform' from
     # the inner step (any torch.func transform): now one TypeError naming the autograd remedies
@@ -87,9 +86,9 @@ def test_e2e_under_a_func_transform_is_one_clear_error(transform):
             "num_heads": 2,
             "intermediate_size": 16,
         }
-        | {"window": 4}
+        | {"window": 4, "e2e": {"chunk_size": 4}}
     )
-    ids = torch.randint(0, 11, (1, 6))
+    ids = torch.randint(0, 11, (1, 6))  # its first chunk trains (the token after it has been read)
     weight = model.embed.weight.detach()
 
     def logits(w):

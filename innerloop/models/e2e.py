@@ -1014,7 +1014,6 @@ class E2ELM(nn.Module):
         h = torch.cat((pending.to(h.dtype), h), dim=1)  # [B, p + T, D], in this call's dtype
         ids = torch.cat((pending_ids, input_ids), dim=1)  # [B, p + T]
         done = Scored(pending.shape[1], list(scored)) if scored is not None and pending.shape[1] else None
-        _check_not_under_func_transform()
         logits, caches, fast, pending, pending_ids, scored = self._inner_loop(h, ids, caches, fast, done)
         position = length if state is None else state.position + length
         new_state = E2EState(  # the pending chunk's own copy, not a view of the whole call's inputs
@@ -1039,6 +1038,16 @@ class E2ELM(nn.Module):
         complete and, with ``chunk_targets="next_token"``, the token after it has been read."""
         complete = end - start == self.config.e2e.chunk_size
         return complete and (end < length or self.config.e2e.chunk_targets == "within_chunk")
+
+    def _trains_any(self, length: int) -> bool:
+        """Whether a call with ``length`` suffix inputs trains on any chunk; refuses one that does under a
+        ``torch.func`` transform (a call that only scores takes no inner gradient, so it runs there)."""
+        chunk = self.config.e2e.chunk_size
+        starts = range(0, length, chunk)
+        trains = any(self._trainable(start, min(start + chunk, length), length) for start in starts)
+        if trains:
+            _check_not_under_func_transform()
+        return trains
 
     def _mark_skipped(self, ids: torch.Tensor) -> torch.Tensor:
         """``ids [B, n]`` with every target (all but the first id) equal to ``e2e.skip_target_id``
@@ -1074,7 +1083,7 @@ class E2ELM(nn.Module):
         pieces: list[torch.Tensor] = []
         length = h.shape[1]
         pending, pending_ids, scored = h[:, :0], ids[:, :0], None
-        if outer:  # fast weights cut from the graph (a detached state, frozen prime MLPs) start afresh
+        if self._trains_any(length) and outer:  # fast weights cut from the graph start afresh
             fast = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in fast.items()}
         inner_lr = self.inner_lr() if length >= chunk else None  # read once per call (a GPU buffer)
         for start in range(0, length, chunk):
@@ -1091,7 +1100,7 @@ class E2ELM(nn.Module):
                 continue
             if not outer:  # no graph between chunks: each chunk's inner gradient starts afresh
                 h_chunk = h_chunk.detach()
-                fast = {k: v.detach().requires_grad_() for k, v in fast.items()}
+                fast = {k: v.detach().requires_grad_() if trainable else v.detach() for k, v in fast.items()}
             targets = (ids[:, start : end + 1] if with_next else ids_chunk) if trainable else None
             logits, new_caches, fast = self._score_and_train(h_chunk, targets, caches, fast, inner_lr)
             if trainable:

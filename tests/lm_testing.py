@@ -36,21 +36,46 @@ TINY = [
 """Overrides of a model and run small enough for a few seconds of training on a CPU."""
 
 
+_HOLD_AFTER_STEP = """
+import sys, time
+import lightning as L
+import innerloop.train.run as run_module
+from innerloop.cli import main
+
+after_step, hold_s = int(sys.argv[1]), float(sys.argv[2])
+
+
+class HoldAfterStep(L.Callback):  # the run waits here to be killed, however fast or loaded the machine
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step > after_step:  # the step after after_step's checkpoint confirmed it
+            time.sleep(hold_s)
+
+
+train = run_module.train
+run_module.train = lambda *args, callbacks=(), **kwargs: train(*args, callbacks=[*callbacks, HoldAfterStep()], **kwargs)
+sys.exit(main(["train", *sys.argv[3:]]))
+"""
+
+
 def kill_a_training_run(
     overrides: list[str], checkpoint: Path, after_step: int = 2, timeout_s: float = 180
 ) -> int | None:
-    """Run ``innerloop train`` with ``overrides`` in a subprocess, SIGKILL it as soon as ``checkpoint``
-    holds ``after_step`` steps, and return the step the checkpoint it left holds (None if it finished
-    or the time ran out first)."""
+    """Run ``innerloop train`` with ``overrides`` in a subprocess, SIGKILL it once ``checkpoint`` holds
+    ``after_step`` steps, and return the step the checkpoint it left holds (None if it finished or the
+    time ran out first). The run holds once the step after ``after_step`` is done (whose finite loss
+    makes a pending checkpoint ``last.safetensors``) until it is killed, so the kill lands in the middle of
+    the run however fast the steps or loaded the machine (a run of a few steps could finish between two
+    looks at the checkpoint)."""
     environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "innerloop.cli", "train", *overrides], env=environment,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    command = [sys.executable, "-c", _HOLD_AFTER_STEP, str(after_step), str(timeout_s), *overrides]
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed_at = None
     try:
         deadline = time.monotonic() + timeout_s
         while killed_at is None and time.monotonic() < deadline and process.poll() is None:
             if checkpoint.exists() and load_checkpoint(checkpoint)["global_step"] >= after_step:
                 process.send_signal(signal.SIGKILL)
+                process.wait()
                 killed_at = load_checkpoint(checkpoint)["global_step"]
             time.sleep(0.02)
     finally:

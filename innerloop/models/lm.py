@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._C._functorch import is_functorch_wrapped_tensor
+from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
 
 from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import RMSNorm
@@ -132,6 +132,16 @@ def _tensors(obj: object) -> Iterator[torch.Tensor]:
             yield from _tensors(value)
 
 
+def _batched_by_vmap(t: torch.Tensor) -> bool:
+    """Whether ``torch.func.vmap`` batches ``t`` at any level of its wrappers. grad, vjp and jvp wrap every
+    tensor made inside them (``batch[:, :-1]``), whose values can still be read: not batched."""
+    while is_functorch_wrapped_tensor(t):
+        if is_batchedtensor(t):
+            return True
+        t = get_unwrapped(t)
+    return False
+
+
 @run_eagerly("innerloop: the token id checks read values")  # as the TTT layer's input checks
 def check_token_ids(
     input_ids: Any,
@@ -144,7 +154,7 @@ def check_token_ids(
     in ``[0, vocab_size)`` (None: any id >= 0), or the id of ``not_scored`` (``(id, its name)``: targets'
     ignore index). Costs one min/max pass over the ids and one device sync."""
     check_token_id_layout(input_ids, name, min_length)
-    if is_functorch_wrapped_tensor(input_ids):  # vmap: torch read no value of a batched tensor
+    if _batched_by_vmap(input_ids):  # torch reads no value of a batched tensor (grad's wrappers have them)
         raise TypeError(
             f"{name} is batched by a torch.func transform (vmap): the model reads the ids' values "
             "(their range, padding, positions), which torch.func cannot batch; pass the batch as one "

@@ -1,0 +1,43 @@
+"""Session 41a: an adversarial last look at sessions 40-41 (lr and grad_norm in the training rows, the
+tokenizer memory refusal, interop's integer reading, TTT-E2E under torch.func): token ids computed inside a
+torch.func grad or jvp (``batch[:, :-1]``, the usual language-model loss) are read as ids, not refused as
+vmap-batched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call, grad, jvp, vmap
+
+from innerloop.models import build_model
+
+SECTIONS = {
+    "ttt": {"vocab_size": 11, "hidden_size": 8, "num_layers": 2, "num_heads": 2},
+    "e2e": {"mixer": "e2e", "vocab_size": 11, "hidden_size": 8, "num_layers": 4, "num_heads": 2}
+    | {"intermediate_size": 16, "window": 4, "e2e": {"chunk_size": 16}},
+}
+
+
+@pytest.mark.parametrize("mixer", ["ttt", "e2e"])
+@pytest.mark.filterwarnings("ignore::innerloop.models.e2e.OneChunkTrainingWarning")  # a sequence of one chunk
+def test_ids_sliced_inside_a_func_grad_or_jvp_are_ids_not_a_vmap_batch(mixer):
+    # grad and jvp wrap every tensor made inside them, ids too: check_token_ids read any wrapper as vmap's
+    # batching and refused the usual loss, functional_call(model, params, (batch[:, :-1],)), with a
+    # message naming vmap, which the caller never used
+    torch.manual_seed(0)
+    model = build_model(SECTIONS[mixer]).double()
+    batch = torch.randint(0, 11, (2, 9), generator=torch.Generator().manual_seed(1))
+    inputs = batch[:, :-1]
+    weight = model.embed.weight.detach()
+
+    def loss(w, sliced_inside):
+        ids = batch[:, :-1] if sliced_inside else inputs
+        return functional_call(model, {"embed.weight": w}, (ids,))[0].square().mean()
+
+    assert torch.equal(grad(loss)(weight, True), grad(loss)(weight, False))
+    tangent = torch.ones_like(weight)
+    assert torch.equal(jvp(lambda w: loss(w, True), (weight,), (tangent,))[1],
+                       jvp(lambda w: loss(w, False), (weight,), (tangent,))[1])  # fmt: skip
+    with pytest.raises(TypeError, match=r"input_ids is batched by a torch.func transform \(vmap\)"):
+        vmap(grad(lambda w, row: functional_call(model, {"embed.weight": w}, (row[None],))[0].sum()),
+             in_dims=(None, 0))(weight, inputs)  # fmt: skip

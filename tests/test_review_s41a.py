@@ -1,15 +1,23 @@
 """Session 41a: an adversarial last look at sessions 40-41 (lr and grad_norm in the training rows, the
 tokenizer memory refusal, interop's integer reading, TTT-E2E under torch.func): token ids computed inside a
 torch.func grad or jvp (``batch[:, :-1]``, the usual language-model loss) are read as ids, not refused as
-vmap-batched."""
+vmap-batched; the official TTT-E2E config's float fields read a numpy float as its model fields do."""
 
 from __future__ import annotations
 
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torch.func import functional_call, grad, jvp, vmap
 
+from innerloop.interop import ttt_e2e
 from innerloop.models import build_model
+
+OFFICIAL = json.loads((Path(__file__).resolve().parent / "data" / "e2e" / "config.json").read_text())
 
 SECTIONS = {
     "ttt": {"vocab_size": 11, "hidden_size": 8, "num_layers": 2, "num_heads": 2},
@@ -41,3 +49,24 @@ def test_ids_sliced_inside_a_func_grad_or_jvp_are_ids_not_a_vmap_batch(mixer):
     with pytest.raises(TypeError, match=r"input_ids is batched by a torch.func transform \(vmap\)"):
         vmap(grad(lambda w, row: functional_call(model, {"embed.weight": w}, (row[None],))[0].sum()),
              in_dims=(None, 0))(weight, inputs)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [("training", "ilr_init", 0.5), ("optimizer_inner", "lr", 0.5), ("optimizer_inner", "clip_gradient", 2.0)]
+    + [("model", "resid_pdrop", 0.0)],
+)
+def test_official_float_fields_read_a_numpy_float_as_the_model_fields_do(section, key, value):
+    # a893d14 read every integer field one way; the float fields still took two: model.rope_theta (checked_number)
+    # took np.float32(5e5), while training.ilr_init, optimizer_inner.lr and clip_gradient and the fixed
+    # *_pdrop refused np.float32 values equal to the float (an isinstance(int, float) check)
+    config = copy.deepcopy(OFFICIAL)
+    config["training"]["ilr_warmup_steps"], config["training"]["total_steps"] = 2, 8
+    fields = config["training"]["optimizer_inner"] if section == "optimizer_inner" else config[section]
+    fields[key] = value
+    plain = ttt_e2e.model_config(config)
+    fields[key] = np.float32(value)
+    assert ttt_e2e.model_config(config) == plain
+    fields[key] = np.float32("nan")
+    with pytest.raises(ttt_e2e.OfficialConfigError, match=rf"{key}=np.float32\(nan\)"):
+        ttt_e2e.model_config(config)

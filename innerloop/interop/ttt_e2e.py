@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -228,7 +229,9 @@ def _positive_int(value: Any) -> bool:
 
 
 def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """Whether ``value`` is a finite real number as :func:`~innerloop.models.config.checked_number` reads
+    the model's float fields (numpy's too; not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_model_fields(model: Mapping[str, Any]) -> None:

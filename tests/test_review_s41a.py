@@ -1,7 +1,8 @@
 """Session 41a: an adversarial last look at sessions 40-41 (lr and grad_norm in the training rows, the
 tokenizer memory refusal, interop's integer reading, TTT-E2E under torch.func): token ids computed inside a
 torch.func grad or jvp (``batch[:, :-1]``, the usual language-model loss) are read as ids, not refused as
-vmap-batched; the official TTT-E2E config's float fields read a numpy float as its model fields do."""
+vmap-batched; the official TTT-E2E config's float fields read a numpy float as its model fields do;
+every message of eval's and compare's --data read as records names --data."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from innerloop.interop import ttt_e2e
 from innerloop.models import build_model
+from innerloop.train.data import DataError, dataset_tokens
 
 OFFICIAL = json.loads((Path(__file__).resolve().parent / "data" / "e2e" / "config.json").read_text())
 
@@ -70,3 +72,25 @@ def test_official_float_fields_read_a_numpy_float_as_the_model_fields_do(section
     fields[key] = np.float32("nan")
     with pytest.raises(ttt_e2e.OfficialConfigError, match=rf"{key}=np.float32\(nan\)"):
         ttt_e2e.model_config(config)
+
+
+@pytest.mark.parametrize(
+    ("files", "said"),
+    [
+        (["a.foo"], "--data has 'a.foo', whose suffix '.foo' is not a data format"),
+        (["b.jsonl", "c.txt"], "--data mixes formats ['json', 'text']"),
+        (["e.jsonl", "b.jsonl"], "which data.name='hf' cannot read as json: remove it from --data"),
+        (["nothing*.jsonl"], "--data entry '{dir}/nothing*.jsonl' matches no file"),
+    ],
+)
+def test_eval_data_read_as_records_names_data_in_every_message(tmp_path, files, said) -> None:
+    # 938266d renamed 'data.paths=' in dataset_tokens' messages (eval's and compare's --data), not the
+    # messages that say 'data.paths has', 'data.paths mixes', 'data.paths entry', 'remove it from data.paths'
+    (tmp_path / "a.foo").write_text("hello")
+    (tmp_path / "b.jsonl").write_text('{"text": "hi there"}\n')
+    (tmp_path / "c.txt").write_text("x\n")
+    (tmp_path / "e.jsonl").write_text("")
+    with pytest.raises(DataError) as caught:
+        dataset_tokens([str(tmp_path / f) for f in files], "text")
+    assert said.format(dir=tmp_path) in str(caught.value)
+    assert "data.paths" not in str(caught.value)

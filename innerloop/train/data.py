@@ -588,6 +588,7 @@ def dataset_tokens(
     except DataError as err:
         # eval's and compare's names for them: the run's data.paths and data.split are not what was read
         said = str(err).replace("data.split=", "--split ").replace("data.paths=", "--data ")
+        said = said.replace("data.paths", "--data")  # 'data.paths has', 'entry', 'remove it from data.paths'
         raise DataError(
             f"--data {list(paths)!r}, read as the run's data.name='hf' data (field {text_field!r}): {said}"
         ) from None

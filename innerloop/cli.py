@@ -1141,7 +1141,8 @@ def _check_converted_tokenizer(args: argparse.Namespace, tokenizer: Any, vocab_s
                 UserWarning,
                 stacklevel=2,
             )
-        for name, token_id in _converted_special_tokens(args).items():
+        listed = [(n, i) for n, ids in _converted_special_tokens(args).items() for i in _as_list(ids)]
+        for name, token_id in listed:  # an eos_token_id may be a list of ids
             token = backend.id_to_token(token_id)
             where = f"the converted model's {name}={token_id} (its config)"
             if token is None:
@@ -1161,8 +1162,13 @@ def _check_converted_tokenizer(args: argparse.Namespace, tokenizer: Any, vocab_s
         )
 
 
-def _converted_special_tokens(args: argparse.Namespace) -> dict[str, int]:
-    """The bos/eos (and pad) token ids of the converted model's own config (read after the model was)."""
+def _as_list(ids: int | list[int]) -> list[int]:
+    return ids if isinstance(ids, list) else [ids]
+
+
+def _converted_special_tokens(args: argparse.Namespace) -> dict[str, int | list[int]]:
+    """The bos/eos (and pad) token ids of the converted model's own config (read after the model was;
+    a reference config's eos may be a list of them)."""
     import json
     from pathlib import Path
 

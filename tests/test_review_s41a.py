@@ -94,3 +94,46 @@ def test_eval_data_read_as_records_names_data_in_every_message(tmp_path, files, 
         dataset_tokens([str(tmp_path / f) for f in files], "text")
     assert said.format(dir=tmp_path) in str(caught.value)
     assert "data.paths" not in str(caught.value)
+
+
+def test_a_reference_list_of_eos_ids_reaches_the_export(tmp_path) -> None:
+    # check_config takes a list of eos ids (as transformers does), but special_token_ids dropped it without
+    # a word: the export's generate never stopped at EOS, what a893d14 fixed for the official TTT-E2E config
+    import shutil
+
+    from innerloop.cli import main
+    from innerloop.interop.ttt_lm_pytorch import special_token_ids
+
+    assert special_token_ids({"eos_token_id": [2, np.int64(5)], "pad_token_id": 3}) == {
+        "eos_token_id": [2, 5],
+        "pad_token_id": 3,
+    }
+    assert special_token_ids({"eos_token_id": [-1, 2]}) == {"eos_token_id": [2]}  # a negative id is none
+    assert special_token_ids({"eos_token_id": [-1]}) == {}
+    source = tmp_path / "reference"
+    shutil.copytree(Path(__file__).parent / "data" / "models" / "ttt_mlp_mamba", source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "eos_token_id": [2, 5]}))
+    assert main(["convert", "ttt-lm-pytorch", str(source), str(tmp_path / "hf"), "--format", "hf"]) == 0
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / "hf" / name).read_text())["eos_token_id"] == [2, 5]
+    # a --tokenizer is checked against each of them: innerloop's BPE has its one special token at 0
+    from innerloop.data.tokenizer import train_bpe
+
+    train_bpe(["some text to merge some pairs of"], 270).save_pretrained(tmp_path / "bpe")
+    with pytest.warns(UserWarning, match=r"\(its config\) is the ordinary token") as caught:
+        code = main(
+            [
+                "convert",
+                "ttt-lm-pytorch",
+                str(source),
+                str(tmp_path / "t"),
+                "--tokenizer",
+                str(tmp_path / "bpe"),
+            ]
+        )
+    assert code == 0
+    assert [str(w.message).split(" (its config)")[0] for w in caught][-2:] == [
+        "the converted model's eos_token_id=2",
+        "the converted model's eos_token_id=5",
+    ]

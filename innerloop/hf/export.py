@@ -267,7 +267,7 @@ def export_model(
     out_dir: str | os.PathLike[str],
     overwrite: bool = False,
     tokenizer: str | os.PathLike[str] | RunTokenizer | None = BYTES,
-    special_tokens: Mapping[str, int] | None = None,
+    special_tokens: Mapping[str, int | list[int]] | None = None,
 ) -> Path:
     """Write ``model`` (an innerloop language model) as a Hugging Face folder at ``out_dir``.
 
@@ -283,7 +283,7 @@ def export_model(
             converted model whose tokenizer is not at hand).
         special_tokens: token ids by name (``bos_token_id``, ``eos_token_id``, ``pad_token_id``) for
             ``config.json`` and ``generation_config.json``, e.g. those of a converted model's original
-            config (transformers' ``generate`` stops at ``eos_token_id``).
+            config (transformers' ``generate`` stops at ``eos_token_id``, which may be a list of ids).
 
     Returns ``out_dir``'s path.
     """
@@ -323,7 +323,7 @@ def export_model(
 SPECIAL_TOKEN_NAMES = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def _set_special_tokens(wrapped: InnerloopForCausalLM, special_tokens: Mapping[str, int]) -> None:
+def _set_special_tokens(wrapped: InnerloopForCausalLM, special_tokens: Mapping[str, int | list[int]]) -> None:
     """Set ``special_tokens`` in ``wrapped``'s config and generation config, refused (an
     :class:`ExportError` starting ``special_tokens:``, before anything is written) where the folder's
     loader would refuse them: a name other than :data:`SPECIAL_TOKEN_NAMES`, or an id past the

@@ -767,10 +767,20 @@ SPECIAL_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 ``config.json`` and ``generation_config.json`` carry them: transformers' ``generate`` stops at EOS)."""
 
 
-def special_token_ids(config: Mapping[str, Any]) -> dict[str, int]:
-    """The :data:`SPECIAL_TOKEN_FIELDS` a reference config (``config.json``) sets to a token id."""
+def special_token_ids(config: Mapping[str, Any]) -> dict[str, int | list[int]]:
+    """The :data:`SPECIAL_TOKEN_FIELDS` a reference config (``config.json``) sets to a token id, and
+    ``eos_token_id`` to a list of them too (as transformers reads it; a negative id in it means none)."""
     _check_is_mapping(config)
-    return {k: as_integer(config[k]) for k in SPECIAL_TOKEN_FIELDS if _is_token_id(config.get(k))}
+    ids: dict[str, int | list[int]] = {}
+    for key in SPECIAL_TOKEN_FIELDS:
+        value = config.get(key)
+        if key == "eos_token_id" and isinstance(value, list):  # generate stops at any of them
+            listed = [as_integer(v) for v in value if _is_token_id(v)]
+            if listed:
+                ids[key] = listed
+        elif _is_token_id(value):
+            ids[key] = as_integer(value)
+    return ids
 
 
 def load_model(folder: str | Path) -> CausalLM:

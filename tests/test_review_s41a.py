@@ -2,7 +2,8 @@
 tokenizer memory refusal, interop's integer reading, TTT-E2E under torch.func): token ids computed inside a
 torch.func grad or jvp (``batch[:, :-1]``, the usual language-model loss) are read as ids, not refused as
 vmap-batched; the official TTT-E2E config's float fields read a numpy float as its model fields do;
-every message of eval's and compare's --data read as records names --data."""
+every message of eval's and compare's --data read as records names --data; a reference config's list of
+eos ids reaches a conversion's export; vmap over the Hugging Face model's ids is innerloop's one error."""
 
 from __future__ import annotations
 
@@ -137,3 +138,16 @@ def test_a_reference_list_of_eos_ids_reaches_the_export(tmp_path) -> None:
         "the converted model's eos_token_id=2",
         "the converted model's eos_token_id=5",
     ]
+
+
+def test_vmap_over_the_hugging_face_models_input_ids_is_the_one_error_naming_them() -> None:
+    # bcec574 named vmap-batched ids for CausalLM and E2ELM (models/lm.py check_token_ids); the Hugging Face
+    # model reads them first in its own check_token_ids, which met torch's bare "calling .item() on a Tensor"
+    from innerloop.hf.configuration import InnerloopConfig
+    from innerloop.hf.modeling import InnerloopForCausalLM
+
+    model = InnerloopForCausalLM(InnerloopConfig(model=SECTIONS["ttt"])).eval()
+    ids = torch.randint(0, 11, (2, 6))
+    with pytest.raises(TypeError, match=r"input_ids is batched by a torch.func transform \(vmap\)"):
+        vmap(lambda row: model(row[None]).logits[0])(ids)
+    assert model(ids).logits.shape == (2, 6, 11)

@@ -55,7 +55,7 @@ from innerloop.hf.configuration import InnerloopConfig, model_config_from, with_
 from innerloop.hf.remote_code import AUTO_MAP, write_shims
 from innerloop.models import E2EState, LMState, build_model
 from innerloop.models.config import E2E, check_fits_in_memory
-from innerloop.models.lm import check_token_id_layout
+from innerloop.models.lm import check_not_vmap_batched, check_token_id_layout
 
 
 class InnerloopCache:
@@ -350,6 +350,7 @@ def check_token_ids(input_ids: Any, vocab_size: int) -> None:
     and an id outside ``[0, vocab_size)`` (e.g. a tokenizer's special token past the bytes), naming it,
     rather than let the embedding fail with an index error."""
     check_token_ids_shape(input_ids)
+    check_not_vmap_batched(input_ids)  # the values below cannot be read of a batched tensor
     if input_ids.numel() == 0:
         return
     low, high = int(input_ids.min()), int(input_ids.max())

@@ -142,6 +142,17 @@ def _batched_by_vmap(t: torch.Tensor) -> bool:
     return False
 
 
+def check_not_vmap_batched(input_ids: torch.Tensor, name: str = "input_ids") -> None:
+    """Refuse, naming ``name``, ids that ``torch.func.vmap`` batches: a model reads their values, which
+    torch reads of no batched tensor (ids made inside grad, vjp or jvp are read). Reads no value."""
+    if _batched_by_vmap(input_ids):
+        raise TypeError(
+            f"{name} is batched by a torch.func transform (vmap): the model reads the ids' values "
+            "(their range, padding, positions), which torch.func cannot batch; pass the batch as one "
+            "[batch, length] tensor instead (model(input_ids) runs the rows independently)"
+        )
+
+
 @run_eagerly("innerloop: the token id checks read values")  # as the TTT layer's input checks
 def check_token_ids(
     input_ids: Any,
@@ -154,12 +165,7 @@ def check_token_ids(
     in ``[0, vocab_size)`` (None: any id >= 0), or the id of ``not_scored`` (``(id, its name)``: targets'
     ignore index). Costs one min/max pass over the ids and one device sync."""
     check_token_id_layout(input_ids, name, min_length)
-    if _batched_by_vmap(input_ids):  # torch reads no value of a batched tensor (grad's wrappers have them)
-        raise TypeError(
-            f"{name} is batched by a torch.func transform (vmap): the model reads the ids' values "
-            "(their range, padding, positions), which torch.func cannot batch; pass the batch as one "
-            "[batch, length] tensor instead (model(input_ids) runs the rows independently)"
-        )
+    check_not_vmap_batched(input_ids, name)
     if input_ids.numel() == 0 or input_ids.device.type == "meta":  # meta: shapes only, no ids to read
         return
     ids = input_ids if not_scored is None else torch.where(input_ids == not_scored[0], 0, input_ids)

@@ -5,7 +5,9 @@ AdamW with decoupled weight decay (0.1 by default, on every parameter of 2 or mo
 weight matrices, and a TTT layer's per-head tensors too, its inner initial weights and biases, inner
 LayerNorm and learning-rate gate; not on 1-d ones such as the blocks' norms), linear warm-up then a
 decay to ``min_lr`` (``schedule``: cosine by default, see :mod:`innerloop.train.schedules`), gradient clipping
-through the Trainer (``gradient_clip_val``). Validation logs
+through the Trainer (``gradient_clip_val``). Each training row logs ``train_loss`` (the mean over the
+optimizer step's micro-batches), ``lr`` (the rate that step applied) and ``grad_norm`` (the L2 norm of
+its gradients before clipping; not under a sharding strategy). Validation logs
 ``val_loss`` (the mean loss per scored token, ``log(val_ppl)`` where that is finite, whatever the batches' sizes and
 padding), ``val_ppl``, ``val_acc`` (next-token accuracy on scored tokens), the loss by position
 (``val_loss_pos/<bucket>``, bucketed up to the longest validation batch: batches may differ in length)

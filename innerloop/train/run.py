@@ -9,7 +9,8 @@
   :class:`_SafetensorsModelCheckpoint` for when a new one replaces it);
 - ``.innerloop.lock``: the lock a run holds on its out_dir (:mod:`innerloop.train.run_dir`);
 - ``logs/version_<n>/metrics.csv``: what was logged, one folder per launch (Lightning's CSVLogger), with
-  ``tokens_seen``, ``wall_time`` and ``tokens_per_s`` in its rows (:mod:`innerloop.train.throughput`);
+  ``tokens_seen``, ``wall_time`` and ``tokens_per_s`` in its rows (:mod:`innerloop.train.throughput`), and
+  ``train_loss``, ``lr`` and ``grad_norm`` in its training rows (:mod:`innerloop.train.module`);
 - ``loss_by_position.csv`` and ``loss_by_position.png``: the final validation loss by position.
 
 ``evaluate`` (``innerloop eval``) writes its own ``eval_*.csv/.png`` beside them and never replaces these.

@@ -204,6 +204,13 @@ _SPLIT_HELP = (
 )
 
 
+_HELD_OUT_HELP = (
+    "which of the run's held-out windows to score: 'val', its validation windows, or 'test', those of "
+    "the text it held out for test (data.test_fraction > 0), never trained on nor validated on; the "
+    "output files' names say which (default: %(default)s)"
+)
+
+
 def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser(
         "eval",
@@ -222,6 +229,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         "held-out part of the standard-library corpus)",
     )
     evaluate.add_argument("--split", default=None, help=_SPLIT_HELP)
+    evaluate.add_argument("--held-out", choices=("val", "test"), default="val", help=_HELD_OUT_HELP)
     evaluate.add_argument(
         "--seq-len",
         type=_SEQ_LEN,
@@ -319,6 +327,12 @@ def _add_compare_windows(compare: argparse.ArgumentParser) -> None:
         help="files, directories or globs to evaluate on (default: the baseline run's validation windows)",
     )
     compare.add_argument("--split", default=None, help=_SPLIT_HELP)
+    compare.add_argument(
+        "--held-out",
+        choices=("val", "test"),
+        default="val",
+        help=_HELD_OUT_HELP.replace("run's", "baseline run's"),
+    )
     compare.add_argument(
         "--batch-size",
         type=_BATCH_SIZE,
@@ -571,6 +585,7 @@ def _eval(args: argparse.Namespace) -> int:
             out_dir=out,
             no_ttt=args.no_ttt,
             split=args.split,
+            held_out=args.held_out,
         )
     except TrainingInterrupted as err:  # Ctrl-C or SIGTERM during the evaluation
         print(f"innerloop eval: {err}", file=sys.stderr)
@@ -654,6 +669,7 @@ def _compare(args: argparse.Namespace) -> int:
     comparison = compare(
         args.models, args.seq_len, args.baseline, args.data, args.batch_size, args.batches,
         no_ttt=args.no_ttt, resamples=args.resamples, seed=args.seed, split=args.split,
+        held_out=args.held_out,
     )  # fmt: skip
     print(windows_line(comparison))
     print(format_table(comparison), end="", flush=True)  # before the files: a failed write keeps the numbers

@@ -864,6 +864,7 @@ def validate_run_config(run: RunConfig) -> None:
     check_path_entries(run.data.paths)
     _check_vocabulary(run)
     _check_unread_data_keys(run)
+    _check_held_out_fractions(run)
     _warn_short_last_chunk(run)
     empty = [entry for entry in run.data.paths if not str(entry).strip()]
     if run.data.name != "recall" and empty:
@@ -923,6 +924,7 @@ DATA_KEY_READERS = {
     "paths": ("text", "hf"),
     "seq_len": ("text", "hf"),
     "val_fraction": ("text", "hf"),
+    "test_fraction": ("text", "hf"),
     "split": ("hf",),
     "text_field": ("hf",),
     "streaming": ("hf",),
@@ -961,6 +963,16 @@ def _check_unread_data_keys(run: RunConfig) -> None:
         f"{shown} appl{'ies' if len(unread) == 1 else 'y'} to data.name={readers} only (this run's data.name "
         f"is {name!r}{why}); remove {'it' if len(unread) == 1 else 'them'}, or set the default"
     )
+
+
+def _check_held_out_fractions(run: RunConfig) -> None:
+    """``data.val_fraction + data.test_fraction`` below 1: the training text is the rest."""
+    val, test = run.data.val_fraction, run.data.test_fraction
+    if test > 0 and val + test >= 1:
+        raise ConfigError(
+            f"data.val_fraction={val} + data.test_fraction={test} = {val + test:g} leaves no training text: "
+            "their sum must be below 1; lower one of them (e.g. 0.1 and 0.1)"
+        )
 
 
 def _plain(value: Any) -> Any:
@@ -1294,7 +1306,7 @@ def _check_text(run: RunConfig) -> None:
         if run.data.tokenizer != BYTES:
             return
         files = sorted(keys)
-        check_text_split(files, run.data.val_fraction, run.data.seq_len, keys)
+        check_text_split(files, run.data.val_fraction, run.data.seq_len, keys, run.data.test_fraction)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

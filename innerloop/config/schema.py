@@ -51,13 +51,19 @@ class DataConfig:
     ``streaming``; see :mod:`innerloop.data.hf`) or ``recall`` (the synthetic task configured by
     ``recall``; ``seq_len`` is then derived from it). Keys the chosen data does not read are refused
     unless at their defaults (:data:`~innerloop.config.load.DATA_KEY_READERS`): ``paths``,
-    ``val_fraction`` and another ``seq_len`` for ``recall``,
+    ``val_fraction``, ``test_fraction`` and another ``seq_len`` for ``recall``,
     ``recall.*`` for the others, ``split``, ``text_field`` and ``streaming`` for all but ``hf``.
 
     ``tokenizer``: ``bytes`` (token = byte, 256 tokens) or a Hugging Face tokenizer: a
     ``tokenizer.json`` file or a folder holding one (e.g. from ``innerloop tokenizer train``). The
     model's ``vocab_size`` follows it unless the config sets one (which must then be at least the
     tokenizer's).
+
+    ``test_fraction``: a share of the text held out for test, besides validation's ``val_fraction``
+    (their sum below 1): never trained on, nor validated on; scored only when asked, by
+    ``innerloop eval --held-out test``. Text files: those whose path's hash falls in ``[val_fraction,
+    val_fraction + test_fraction)`` (one file: the ``test_fraction`` of it before its validation tail);
+    ``hf``: a share of the documents not held out for validation. 0 (the default): no test split.
     """
 
     name: str = "text"
@@ -70,6 +76,7 @@ class DataConfig:
     split: str = "train"
     text_field: str = "text"
     streaming: bool = False
+    test_fraction: float = 0.0
     recall: RecallConfig = field(default_factory=RecallConfig)
 
 
@@ -152,6 +159,7 @@ FIELD_BOUNDS: dict[str, Bounds] = {
     "data.seq_len": SEQ_LEN_BOUNDS,
     "data.batch_size": BATCH_SIZE_BOUNDS,
     "data.val_fraction": FRACTION,
+    "data.test_fraction": FRACTION,
     "data.val_batches": AT_LEAST_1,
     "data.recall.num_pairs": Bounds(1, 64, why="the task has 64 keys"),
     "data.recall.gap": RECALL_GAP_BOUNDS,

@@ -13,6 +13,10 @@ for ``f = 0.1``), decided from its number alone, so it works on a stream of unkn
 sides never share a document. The validation windows are the first ones packed from the held-out
 documents (:func:`validation_windows`), the same in every run.
 
+Test (``t = data.test_fraction`` > 0): of the documents not held out for validation, numbered again
+0, 1, 2, ... in order, every ``1/(t / (1 - f))``-th (:func:`is_test`): a share ``t`` of all documents,
+decided from its number alone too, and never a validation one; training reads neither.
+
 A :class:`StreamPosition` ``(epoch, document, offset)`` says where a window starts: token ``offset`` of
 document ``document`` (counting its end-of-text token) in epoch ``epoch``. A checkpoint stores the
 position of the next batch, and :func:`packed_windows` started there yields exactly the windows an
@@ -47,6 +51,16 @@ START = StreamPosition(0, 0, 0)
 def is_validation(document: int, val_fraction: float) -> bool:
     """Whether document number ``document`` is held out for validation (every ``1/val_fraction``-th)."""
     return math.floor((document + 1) * val_fraction) > math.floor(document * val_fraction)
+
+
+def is_test(document: int, val_fraction: float, test_fraction: float) -> bool:
+    """Whether document number ``document`` is held out for test: not a validation document, and among
+    those (numbered from 0: document ``n`` is number ``n - floor(n * val_fraction)`` of them) every
+    ``1/(test_fraction / (1 - val_fraction))``-th, a share ``test_fraction`` of all documents. False for
+    every document at ``test_fraction`` 0."""
+    if test_fraction == 0 or is_validation(document, val_fraction):
+        return False
+    return is_validation(document - math.floor(document * val_fraction), test_fraction / (1 - val_fraction))
 
 
 class _Segment:
@@ -135,9 +149,12 @@ def _advance(segments: deque[_Segment], count: int) -> None:
             segments.popleft()
 
 
-def validation_windows(read: DocumentReader, seq_len: int, count: int) -> list[list[int]]:
+def validation_windows(
+    read: DocumentReader, seq_len: int, count: int, held_out: str = "validation"
+) -> list[list[int]]:
     """The first ``count`` windows of the held-out documents of epoch 0 (fewer if they run out).
-    ``read`` yields only validation documents. Raises :class:`DataError` if there is not one."""
+    ``read`` yields only validation documents (``held_out="test"``: only test documents, which the
+    messages then name). Raises :class:`DataError` if there is not one."""
     need = seq_len + 1
     tokens: list[int] = []
     windows: list[list[int]] = []
@@ -150,6 +167,12 @@ def validation_windows(read: DocumentReader, seq_len: int, count: int) -> list[l
             del tokens[:seq_len]
         if len(windows) == count:
             break
+    if documents == 0 and held_out == "test":
+        raise DataError(
+            "no document is held out for test: of the documents not held out for validation, every "
+            "1/(data.test_fraction / (1 - data.val_fraction))-th is, and the data holds fewer; give more "
+            "documents or a larger data.test_fraction"
+        )
     if documents == 0:
         raise DataError(
             "no document is held out for validation: every 1/data.val_fraction-th document is (documents "
@@ -157,8 +180,9 @@ def validation_windows(read: DocumentReader, seq_len: int, count: int) -> list[l
             "1/data.val_fraction documents (e.g. split a long document into several)"
         )
     if not windows:
+        fraction = "data.test_fraction" if held_out == "test" else "data.val_fraction"
         raise DataError(
-            f"the validation documents hold fewer than data.seq_len + 1 = {need} tokens; give more data, "
-            "a larger data.val_fraction or a shorter data.seq_len"
+            f"the {held_out} documents hold fewer than data.seq_len + 1 = {need} tokens; give more data, "
+            f"a larger {fraction} or a shorter data.seq_len"
         )
     return windows

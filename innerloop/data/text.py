@@ -159,13 +159,45 @@ def split_by_file(
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
-    root = Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path()
+    places = _hash_places(files, keys)
     train, val = [], []
     for p in files:
-        key = keys[p] if keys is not None else p.relative_to(root).as_posix()
-        digest = hashlib.sha256(key.encode()).digest()
-        (val if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else train).append(p)
+        (val if places[p] < val_fraction else train).append(p)
     return train, val
+
+
+def _hash_places(files: Sequence[Path], keys: Mapping[Path, str] | None) -> dict[Path, float]:
+    """Each file's place in [0, 1): the first 8 bytes of the SHA-256 of its key (:func:`split_by_file`)."""
+    keys = keys if keys is not None else _relative_keys(files)
+    places = {}
+    for p in files:
+        digest = hashlib.sha256(keys[p].encode()).digest()
+        places[p] = int.from_bytes(digest[:8], "big") / 2**64
+    return places
+
+
+def _relative_keys(files: Sequence[Path]) -> dict[Path, str]:
+    """Each file's path relative to the files' common folder (the split key of files given without keys)."""
+    root = Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path()
+    return {p: p.relative_to(root).as_posix() for p in files}
+
+
+def split_test_files(
+    files: Sequence[Path], val_fraction: float, test_fraction: float, keys: Mapping[Path, str] | None = None
+) -> tuple[list[Path], list[Path], dict[Path, str] | Mapping[Path, str] | None]:
+    """The test files of ``files`` and the others, as ``(others, test, keys)``: a file is a test file when
+    the place of its key (:func:`split_by_file`'s hash) is in ``[val_fraction, val_fraction +
+    test_fraction)``, a band disjoint from validation's ``[0, val_fraction)``, so a file's side never
+    depends on the other files. ``keys``: the keys to split ``others`` on (the files' keys relative to
+    all of ``files`` where none were given: dropping the test files must not move the common folder).
+    At ``test_fraction`` 0 there is no test file and ``others``, ``keys`` are ``files``, ``keys``."""
+    if test_fraction == 0:
+        return list(files), [], keys
+    keys = keys if keys is not None else _relative_keys(files)
+    places = _hash_places(files, keys)
+    test = [p for p in files if val_fraction <= places[p] < val_fraction + test_fraction]
+    chosen = set(test)
+    return [p for p in files if p not in chosen], test, keys
 
 
 def read_bytes(files: Sequence[Path], option: str = "data.paths") -> torch.Tensor:
@@ -354,28 +386,89 @@ def _single_file_cut(length: int, val_fraction: float) -> int:
     return int(length * (1 - val_fraction))
 
 
+def single_file_test_cut(length: int, val_fraction: float, test_fraction: float) -> int:
+    """Where a single file's test text starts: its band of ``test_fraction`` just before the last
+    ``val_fraction`` (validation's, :func:`_single_file_cut`), which it ends at; the training text is the
+    bytes before it. At ``test_fraction`` 0, the validation cut (no test text)."""
+    if test_fraction == 0:
+        return _single_file_cut(length, val_fraction)
+    return min(int(length * (1 - val_fraction - test_fraction)), _single_file_cut(length, val_fraction))
+
+
 def text_split_lengths(
-    files: Sequence[Path], val_fraction: float, keys: Mapping[Path, str] | None = None
+    files: Sequence[Path],
+    val_fraction: float,
+    keys: Mapping[Path, str] | None = None,
+    test_fraction: float = 0.0,
 ) -> tuple[int, int]:
     """Bytes of the training and validation text :class:`TextDataModule` makes of ``files`` (split on
-    ``keys``), from the files' sizes (nothing is read), separators included."""
+    ``keys``; the test text, at ``test_fraction`` > 0, is in neither: :func:`test_split_length`), from the
+    files' sizes (nothing is read), separators included."""
     if len(files) == 1:
         length = files[0].stat().st_size + 1
         cut = _single_file_cut(length, val_fraction)
-        return cut, length - cut
-    train, val = split_text_files(files, val_fraction, keys)
+        return single_file_test_cut(length, val_fraction, test_fraction), length - cut
+    others, _, keys = split_test_files(files, val_fraction, test_fraction, keys)
+    train, val = split_text_files(others, val_fraction, keys)
     return sum(p.stat().st_size + 1 for p in train), sum(p.stat().st_size + 1 for p in val)
 
 
+def test_split_length(
+    files: Sequence[Path], val_fraction: float, test_fraction: float, keys: Mapping[Path, str] | None = None
+) -> int:
+    """Bytes of the test text of ``files`` (:func:`split_test_files`; one file: its band before the
+    validation tail, :func:`single_file_test_cut`), from their sizes, separators included."""
+    if len(files) == 1:
+        length = files[0].stat().st_size + 1
+        cut = _single_file_cut(length, val_fraction)
+        return cut - single_file_test_cut(length, val_fraction, test_fraction)
+    _, test, _ = split_test_files(files, val_fraction, test_fraction, keys)
+    return sum(p.stat().st_size + 1 for p in test)
+
+
 def check_text_split(
-    files: Sequence[Path], val_fraction: float, seq_len: int, keys: Mapping[Path, str] | None = None
+    files: Sequence[Path],
+    val_fraction: float,
+    seq_len: int,
+    keys: Mapping[Path, str] | None = None,
+    test_fraction: float = 0.0,
 ) -> None:
     """:func:`check_text_lengths` of the byte-level split of ``files`` (sorted; split on ``keys``), from
-    the files' sizes (nothing is read): the check a run config makes before any text is read."""
-    train_len, val_len = text_split_lengths(files, val_fraction, keys)
-    fallback = fallback_held_out(files, val_fraction, keys)
+    the files' sizes (nothing is read): the check a run config makes before any text is read; at
+    ``test_fraction`` > 0, :func:`check_test_length` of its test text too."""
+    train_len, val_len = text_split_lengths(files, val_fraction, keys, test_fraction)
+    others, _, split_on = split_test_files(files, val_fraction, test_fraction, keys)
+    fallback = fallback_held_out(others, val_fraction, split_on) if len(files) > 1 else None
     check_text_lengths(
         train_len, val_len, len(files), seq_len, val_fraction, fallback_file=fallback, announce=False
+    )
+    if test_fraction > 0:
+        test_len = test_split_length(files, val_fraction, test_fraction, keys)
+        check_test_length(test_len, len(files), seq_len, test_fraction)
+
+
+def check_test_length(
+    test_len: int, num_files: int, seq_len: int, test_fraction: float, unit: str = "bytes"
+) -> None:
+    """Raise :class:`DataError` unless the test text (``data.test_fraction`` > 0) holds a window of
+    ``seq_len + 1`` tokens; the message says which setting to change."""
+    need = seq_len + 1
+    if test_len >= need:
+        return
+    if num_files > 1 and test_len == 0:
+        raise DataError(
+            f"data.test_fraction={test_fraction} holds out no test file: a file is a test file when the hash "
+            f"of its path falls in [data.val_fraction, data.val_fraction + data.test_fraction), and none of "
+            f"the {num_files} files' does; give more files in data.paths or a larger data.test_fraction"
+        )
+    held_out = (
+        "the held-out test files"
+        if num_files > 1
+        else f"{test_fraction} of the file before its validation tail"
+    )
+    raise DataError(
+        f"the test text ({held_out}) has {test_len} {unit}, fewer than data.seq_len + 1 = {need}; give more "
+        "text, a larger data.test_fraction or a shorter data.seq_len"
     )
 
 

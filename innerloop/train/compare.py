@@ -254,11 +254,12 @@ def compare(
     confidence: float = 0.95,
     seed: int = 0,
     split: str | None = None,
+    held_out: str = "val",
 ) -> Comparison:
     """Evaluate every model on the same windows at each length of ``seq_lens`` (default: the baseline's
     training length); see the module docstring. The windows are the baseline's
-    :func:`~innerloop.train.run.evaluation_windows` (``paths``, ``split``, ``batch_size`` and ``batches``
-    as in ``innerloop eval``). ``no_ttt`` switches test-time training off in every model that has it. Every
+    :func:`~innerloop.train.run.evaluation_windows` (``paths``, ``split``, ``batch_size``, ``batches`` and
+    ``held_out``, its test windows for ``"test"``, as in ``innerloop eval``). ``no_ttt`` switches test-time training off in every model that has it. Every
     model's training data is checked against the windows first (:func:`training_data_notes`: logged as
     warnings; a model that trained on the baseline's held-out text is refused)."""
     if not isinstance(runs_or_checkpoints, (str, os.PathLike)):  # one path is refused below, by name
@@ -281,7 +282,7 @@ def compare(
     tokenizer = _common_tokenizer(checkpoints, names)
     seq_lens = list(dict.fromkeys(seq_lens or [training_seq_len(reference.module, reference.checkpoint)]))
     notes = [
-        *training_data_notes(models, base, paths),
+        *training_data_notes(models, base, paths, held_out),
         *size_notes(models, base),
         *_length_notes(models, seq_lens),
         *_same_checkpoint_notes(models),
@@ -291,8 +292,9 @@ def compare(
     comparison = Comparison(models, base, [], {}, confidence, resamples, seed, "", notes=notes)
     for seq_len in seq_lens:
         windows = evaluation_windows(
-            reference.checkpoint, reference.module, paths, seq_len, batch_size, batches, tokenizer, split
-        )
+            reference.checkpoint, reference.module, paths, seq_len, batch_size, batches, tokenizer, split,
+            held_out,
+        )  # fmt: skip
         num_buckets = reference.module.hparams.get("num_position_buckets", DEFAULT_BUCKETS)
         result = _evaluate_length(
             models, windows.inputs, windows.targets, windows.batch_size, num_buckets, tokenizer
@@ -417,7 +419,7 @@ def size_notes(models: Sequence[ComparedModel], base: int) -> list[str]:
     return notes
 
 
-DATA_KEYS = ("name", "paths", "tokenizer", "val_fraction", "split", "text_field", "recall")
+DATA_KEYS = ("name", "paths", "tokenizer", "val_fraction", "test_fraction", "split", "text_field", "recall")
 """The ``data.*`` keys that decide which text a run trained on and which it held out (``recall``: the
 recall task's settings, ``data.recall.*``)."""
 
@@ -491,10 +493,10 @@ class _WindowsText:
     words: str
 
 
-def _windows_text(paths: Sequence[str], baseline: _TrainingData) -> _WindowsText:
+def _windows_text(paths: Sequence[str], baseline: _TrainingData, held_out: str = "val") -> _WindowsText:
     """The text the windows are read from: the ``paths`` (``--data``), else the baseline run's held-out
-    text (its files as they split now, as its windows are read), else the default corpus's held-out
-    split (a baseline whose run is unknown)."""
+    text (its files as they split now, as its windows are read; ``held_out="test"``: its test text),
+    else the default corpus's held-out split (a baseline whose run is unknown)."""
     if paths:
         try:
             files: frozenset[Path] | None = frozenset(resolve_files(paths))
@@ -504,7 +506,7 @@ def _windows_text(paths: Sequence[str], baseline: _TrainingData) -> _WindowsText
     if baseline.run is None:
         split = run_files(DataConfig())
         return _WindowsText(split.held_out if split else None, None, "the default corpus's held-out split")
-    split = run_files(baseline.run.data)
+    split = run_files(baseline.run.data, held_out=held_out)
     if baseline.run.data.name == "recall":
         return _WindowsText(None, None, "the baseline's recall task")
     if split is None or split.records:
@@ -603,7 +605,9 @@ def _same_files(ours: RunFiles | None, theirs: RunFiles | None) -> bool:
     )  # fmt: skip
 
 
-def training_data_notes(models: Sequence[ComparedModel], base: int, paths: Sequence[str] = ()) -> list[str]:
+def training_data_notes(
+    models: Sequence[ComparedModel], base: int, paths: Sequence[str] = (), held_out: str = "val"
+) -> list[str]:
     """A line for each compared model whose training data is not known to be apart from the windows':
     its data is unknown (no config.yaml beside it, the baseline's too); it trained on text the windows
     are read from (by its run's files, as its data.paths find them now, and the held-out files its
@@ -614,7 +618,7 @@ def training_data_notes(models: Sequence[ComparedModel], base: int, paths: Seque
     have trained on: a model that did is refused (:class:`ConfigError` naming it). With ``paths``, the
     user's choice, such a model is named in a note."""
     known = [_training_data(model) for model in models]
-    windows = _windows_text(paths, known[base])
+    windows = _windows_text(paths, known[base], held_out)
     notes = []
     for index, (model, data) in enumerate(zip(models, known, strict=True)):
         if data.run is None:

@@ -31,6 +31,7 @@ from innerloop.data.packing import (
     START,
     DocumentReader,
     StreamPosition,
+    is_test,
     is_validation,
     packed_windows,
     validation_windows,
@@ -50,14 +51,17 @@ from innerloop.data.text import (
     DOCUMENT_SEPARATOR,
     DataError,
     _single_file_cut,
+    check_test_length,
     check_text_lengths,
     fallback_held_out,
     path_entries,
     read_bytes,
     read_tokens,
     resolve_files,
+    single_file_test_cut,
     split_by_file,
     split_keys,
+    split_test_files,
     split_text_files,
     stdlib_files,
     text_split_lengths,
@@ -305,39 +309,60 @@ def _checked_tokenizer(tokenizer: Tokenizer | None) -> Tokenizer:
     return ByteTokenizer() if tokenizer is None else _checked_kind("tokenizer", tokenizer, Tokenizer, what)
 
 
-def check_split_unchanged(recorded: Sequence[str], current: Sequence[str], doing: str) -> None:
+def check_split_unchanged(
+    recorded: Sequence[str], current: Sequence[str], doing: str, held_out: str = "validation"
+) -> None:
     """Raise :class:`DataError` when the validation files of a split by file (their split keys) are
     not those a checkpoint ``recorded``: with a few files the split may hold out the last file in sorted
     order (:func:`~innerloop.data.text.split_text_files`), so a file added since can move the one the run
-    validated on into its training text. ``doing``: what would go wrong, for the message."""
+    validated on into its training text. ``doing``: what would go wrong, for the message. ``held_out``:
+    ``"test"`` for the test files (``data.test_fraction``), which the messages then name."""
     before, now = set(recorded), set(current)
     if before == now:
         return
+    used = "validated on" if held_out == "validation" else "held out for test"
     changes = [
         f"{what} {sorted(names)}"
         for what, names in (
-            ("validated on before, now not (in training, or gone):", before - now),
-            ("validated on now, not before:", now - before),
+            (f"{used} before, now not (in training, or gone):", before - now),
+            (f"{used} now, not before:", now - before),
         )
         if names
     ]
     raise DataError(
         "the files of data.paths split otherwise than when the checkpoint was written (files were added, "
-        f"removed or renamed): {'; '.join(changes)}. {doing} would use text the run trained on as validation "
+        f"removed or renamed): {'; '.join(changes)}. {doing} would use text the run trained on as {held_out} "
         "text, or the reverse: put data.paths back as they were"
     )
 
 
-def validation_file_keys(paths: Sequence[str], val_fraction: float) -> list[str] | None:
-    """The split keys of the validation files :class:`TextDataModule` holds out of ``paths`` (found and
-    split, nothing read); None for one file or the default corpus, which split no files."""
+def validation_file_keys(
+    paths: Sequence[str], val_fraction: float, test_fraction: float = 0.0, held_out: str = "val"
+) -> list[str] | None:
+    """The split keys of the validation files (``held_out="test"``: the test files) :class:`TextDataModule`
+    holds out of ``paths`` (found and split, nothing read); None for one file or the default corpus,
+    which split no files."""
     if not paths:
         return None
     keys = split_keys(paths)
     if len(keys) < 2:
         return None
-    _, val = split_text_files(sorted(keys), val_fraction, keys)
+    others, test, split_on = split_test_files(sorted(keys), val_fraction, test_fraction, keys)
+    val = test if held_out == "test" else split_text_files(others, val_fraction, split_on)[1]
     return sorted(keys[p] for p in val)
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> float:
+    """``test_fraction`` as a float in [0, 1) whose sum with ``val_fraction`` is below 1 (the training
+    text is the rest), else :class:`DataError` naming both."""
+    test_fraction = checked_number("test_fraction", test_fraction, float, FRACTION)
+    if val_fraction + test_fraction >= 1:
+        raise DataError(
+            f"data.val_fraction={val_fraction} + data.test_fraction={test_fraction} = "
+            f"{val_fraction + test_fraction:g} leaves no training text: their sum must be below 1 (e.g. "
+            "0.1 and 0.1)"
+        )
+    return test_fraction
 
 
 class TextDataModule(_IndexedDataModule):
@@ -367,6 +392,7 @@ class TextDataModule(_IndexedDataModule):
         val_batches: int = 8,
         seed: int = 0,
         tokenizer: Tokenizer | None = None,
+        test_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         self.paths = path_entries(paths, "paths")
@@ -375,45 +401,90 @@ class TextDataModule(_IndexedDataModule):
         )
         self.seed = int(checked_number("seed", seed, int, SEED_BOUNDS))
         self.val_fraction = checked_number("val_fraction", val_fraction, float, FRACTION)
+        self.test_fraction = check_fractions(self.val_fraction, test_fraction)
         self.tokenizer = _checked_tokenizer(tokenizer)
         self.train_bytes: torch.Tensor | None = None  # the tokens (bytes with the byte tokenizer)
         self.val_bytes: torch.Tensor | None = None
+        self.test_bytes: torch.Tensor | None = None  # test_fraction > 0: the test text (never trained on)
         self.validation_keys: list[str] | None = None  # the split keys of the validation files (data.paths)
         self.validation_cut: int | None = None  # one file of data.paths: the token where validation starts
+        self.test_keys: list[str] | None = None  # data.test_fraction > 0: the split keys of the test files
+        self.test_cut: int | None = None  # test_fraction > 0, one file: the token where test text starts
         self._training_digest: str | None = None  # see training_digest
         self._recorded: dict[str, Any] = {}  # what a resumed checkpoint recorded (state_dict)
 
     def setup(self, stage: str | None = None) -> None:
         """Read the text: for ``stage="validate"`` (an evaluation of the run's held-out text, Lightning's
         ``validate``) the held-out files only, where there are several (an evaluation read and tokenized
-        the whole corpus, 9 parts of 10 of it for nothing); the training text too for any other stage."""
-        if self.val_bytes is not None and (self.train_bytes is not None or stage == "validate"):
+        the whole corpus, 9 parts of 10 of it for nothing); for ``stage="test"`` (an evaluation of the
+        test text, ``data.test_fraction`` > 0) the test files only; the training and validation text for
+        any other stage. The test text is never read for training."""
+        if stage == "test" and self.test_fraction == 0:
+            raise DataError("data.test_fraction=0 holds out no test text: the run has no test split")
+        if self._read_for(stage):
             return
         keys = split_keys(self.paths) if self.paths else None  # the files, found once, and their split keys
         files = sorted(keys) if keys is not None else stdlib_files()
         if len(files) == 1:
-            data = read_tokens(files, self.tokenizer)
-            cut = _single_file_cut(len(data), self.val_fraction)
-            self.train_bytes, self.val_bytes = data[:cut], data[cut:]
-            self.validation_cut = cut if self.paths else None  # the default corpus is never one file
+            self._split_one_file(files)
         else:
-            train, val = split_text_files(files, self.val_fraction, keys)
-            if keys is not None:
-                self.validation_keys = sorted(keys[p] for p in val)
-            if self.val_bytes is None:
-                self.val_bytes = read_tokens(val, self.tokenizer)
-            if stage != "validate":
-                self.train_bytes = read_tokens(train, self.tokenizer)
+            self._split_files(files, keys, stage)
         self._check_recorded()
-        unit = "bytes" if isinstance(self.tokenizer, ByteTokenizer) else "tokens"
+        self._check_lengths(files, keys, stage)
+
+    def _read_for(self, stage: str | None) -> bool:
+        """Whether :meth:`setup` read what ``stage`` needs already."""
+        if stage == "test":
+            return self.test_bytes is not None
+        return self.val_bytes is not None and (self.train_bytes is not None or stage == "validate")
+
+    def _split_one_file(self, files: Sequence[Any]) -> None:
+        """One file: its last ``val_fraction`` for validation, the ``test_fraction`` before it for test."""
+        data = read_tokens(files, self.tokenizer)
+        cut = _single_file_cut(len(data), self.val_fraction)
+        test_cut = single_file_test_cut(len(data), self.val_fraction, self.test_fraction)
+        self.train_bytes, self.val_bytes = data[:test_cut], data[cut:]
+        self.validation_cut = cut if self.paths else None  # the default corpus is never one file
+        if self.test_fraction > 0:
+            self.test_bytes, self.test_cut = data[test_cut:cut], test_cut
+
+    def _split_files(self, files: Sequence[Any], keys: dict[Any, str] | None, stage: str | None) -> None:
+        """Several files: the test files by their hash's band, then the others as without test files."""
+        others, test, split_on = split_test_files(files, self.val_fraction, self.test_fraction, keys)
+        train, val = split_text_files(others, self.val_fraction, split_on)
+        if keys is not None:
+            self.validation_keys = sorted(keys[p] for p in val)
+            self.test_keys = sorted(keys[p] for p in test) if self.test_fraction > 0 else None
+        if self.test_fraction > 0 and not test:
+            check_test_length(0, len(files), self.seq_len, self.test_fraction, self._unit)
+        if stage == "test":
+            self.test_bytes = read_tokens(test, self.tokenizer)
+            return
+        if self.val_bytes is None:
+            self.val_bytes = read_tokens(val, self.tokenizer)
+        if stage != "validate":
+            self.train_bytes = read_tokens(train, self.tokenizer)
+
+    @property
+    def _unit(self) -> str:
+        return "bytes" if isinstance(self.tokenizer, ByteTokenizer) else "tokens"
+
+    def _check_lengths(self, files: Sequence[Any], keys: dict[Any, str] | None, stage: str | None) -> None:
+        """:func:`check_text_lengths` of what :meth:`setup` read (:func:`check_test_length` of test text)."""
+        if self.test_bytes is not None:
+            check_test_length(len(self.test_bytes), len(files), self.seq_len, self.test_fraction, self._unit)
+        if stage == "test":
+            return
+        assert self.val_bytes is not None
+        others, _, split_on = split_test_files(files, self.val_fraction, self.test_fraction, keys)
         check_text_lengths(
             None if self.train_bytes is None else len(self.train_bytes),
             len(self.val_bytes),
             len(files),
             self.seq_len,
             self.val_fraction,
-            unit,
-            fallback_file=fallback_held_out(files, self.val_fraction, keys),
+            self._unit,
+            fallback_file=fallback_held_out(others, self.val_fraction, split_on),
         )
 
     @property
@@ -433,6 +504,10 @@ class TextDataModule(_IndexedDataModule):
             state["validation_files"] = list(self.validation_keys)
         if self.validation_cut is not None:
             state["validation_cut"] = self.validation_cut
+        if self.test_keys is not None:  # data.test_fraction > 0 only: other runs' state is as before
+            state["test_files"] = list(self.test_keys)
+        if self.test_cut is not None:
+            state["test_cut"] = self.test_cut
         digest = self.training_digest
         if digest is not None:
             state["training_digest"] = digest
@@ -452,6 +527,17 @@ class TextDataModule(_IndexedDataModule):
         recorded = self._recorded.get("validation_files")
         if isinstance(recorded, list) and self.validation_keys is not None:
             check_split_unchanged(recorded, self.validation_keys, "Resuming")
+        recorded = self._recorded.get("test_files")
+        if isinstance(recorded, list) and self.test_keys is not None:
+            check_split_unchanged(recorded, self.test_keys, "Resuming", held_out="test")
+        test_cut = self._recorded.get("test_cut")
+        if isinstance(test_cut, int) and self.test_cut is not None and test_cut != self.test_cut:
+            raise DataError(
+                f"the data file {self.paths!r} changed length since the checkpoint was written: its test text "
+                f"(data.test_fraction={self.test_fraction}) started at token {test_cut} and now starts at "
+                f"token {self.test_cut}, so the resumed run would train on text held out for test, or the "
+                "reverse; resume with the file as it was, or start a new run (--overwrite or another out_dir)"
+            )
         cut = self._recorded.get("validation_cut")
         if isinstance(cut, int) and self.validation_cut is not None and cut != self.validation_cut:
             raise DataError(
@@ -491,6 +577,15 @@ class TextDataModule(_IndexedDataModule):
         if self.val_bytes is None:
             raise RuntimeError("TextDataModule: call setup() before make_val_examples()")
         return spread_windows(self.val_bytes, self.seq_len, self.val_batches * self.batch_size)
+
+    def make_test_examples(self) -> Batch:
+        """``val_batches * batch_size`` windows spread evenly over the test text (``setup("test")``)."""
+        if self.test_bytes is None:
+            raise RuntimeError("TextDataModule: call setup('test') before make_test_examples()")
+        what = "the test text"
+        return spread_windows(
+            self.test_bytes, self.seq_len, self.val_batches * self.batch_size, self._unit, what
+        )
 
 
 def spread_windows(
@@ -697,6 +792,9 @@ class HFDataModule(L.LightningDataModule):
         paths, split, text_field, streaming: the dataset (see :func:`innerloop.data.hf.open_hf_dataset`).
         tokenizer: how text becomes tokens (None: bytes); its end-of-text id follows each document.
         seq_len, batch_size, val_fraction, val_batches: as for :class:`TextDataModule`.
+        test_fraction: share of the documents held out for test (:func:`~innerloop.data.packing.is_test`:
+            never validation ones, never trained on); their first ``val_batches * batch_size`` windows are
+            :attr:`test_examples`, read by :meth:`setup`.
     """
 
     _HISTORY = 256  # stream positions kept (the Trainer fetches a batch or two ahead of the step)
@@ -712,6 +810,7 @@ class HFDataModule(L.LightningDataModule):
         batch_size: int = 16,
         val_fraction: float = 0.1,
         val_batches: int = 8,
+        test_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         seq_len, batch_size, val_batches = _checked_sizes(
@@ -723,6 +822,7 @@ class HFDataModule(L.LightningDataModule):
                 f"data.val_fraction={val_fraction} must be in (0, 1) for data.name='hf': validation holds "
                 "out every 1/val_fraction-th document"
             )
+        self.test_fraction = check_fractions(val_fraction, test_fraction)
         self.paths, self.split, self.text_field, self.streaming = (
             path_entries(paths, "paths"),
             _checked_kind("split", split, str, "a split name such as 'train' (or a slice, 'train[:90%]')"),
@@ -734,32 +834,48 @@ class HFDataModule(L.LightningDataModule):
         self.val_fraction, self.val_batches = val_fraction, val_batches
         self.dataset = None
         self.val_examples: Batch | None = None
+        self.test_examples: Batch | None = None  # test_fraction > 0: the first windows of the test documents
+        self._test_digest: str | None = None  # sha256 of the test windows (setup)
         self._positions: dict[int, StreamPosition] = {0: START}  # global batch -> where it starts
         self._resumed: tuple[int, StreamPosition] | None = None
         self._start_step, self._first = 0, 0  # the step and global batch the stream (re)started at
         self._files: list[list[Any]] | None = None  # files_record of the data when setup read it
         self._validation_digest: str | None = None  # sha256 of the validation windows (setup)
         self._recorded_digest: str | None = None  # a resumed checkpoint's (load_state_dict)
+        self._recorded_test_digest: str | None = None  # its test windows' (test_fraction > 0)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.dataset is not None:
-            return
-        self._files = files_record(source_files(self.paths))
-        self.dataset = open_hf_dataset(self.paths, self.split, self.streaming, self.text_field)
-        asked = self.val_batches * self.batch_size
-        windows = validation_windows(self._reader(validation=True), self.seq_len, asked)
-        if len(windows) < asked:
-            log.warning(
-                "the held-out documents hold %d windows of seq_len=%d; scoring those %d, not the %d of batches x batch size",
-                len(windows), self.seq_len, len(windows), asked,
-            )  # fmt: skip
-        tokens = torch.tensor(windows, dtype=torch.long)  # [N, T + 1]
-        self.val_examples = tokens[:, :-1], tokens[:, 1:]
-        self._validation_digest = hashlib.sha256(tokens.contiguous().numpy()).hexdigest()
+        """Open the dataset and read the validation windows; at ``test_fraction`` > 0 the test windows too,
+        for any ``stage`` but ``"validate"`` (an evaluation of the validation windows)."""
+        if self.dataset is None:
+            self._files = files_record(source_files(self.paths))
+            self.dataset = open_hf_dataset(self.paths, self.split, self.streaming, self.text_field)
+            self.val_examples, self._validation_digest = self._held_out_windows("validation")
+        if self.test_fraction > 0 and stage != "validate" and self.test_examples is None:
+            self.test_examples, self._test_digest = self._held_out_windows("test")
         self._check_validation_unchanged()
 
-    def _reader(self, validation: bool) -> DocumentReader:
-        """A :data:`~innerloop.data.packing.DocumentReader` of the validation or the training documents."""
+    def _held_out_windows(self, held_out: str) -> tuple[Batch, str]:
+        """The first ``val_batches * batch_size`` windows of the validation (or test) documents, and the
+        sha256 of their tokens."""
+        asked = self.val_batches * self.batch_size
+        windows = validation_windows(self._reader(held_out), self.seq_len, asked, held_out)
+        if len(windows) < asked:
+            log.warning(
+                "the %s documents hold %d windows of seq_len=%d; scoring those %d, not the %d of batches x batch size",
+                "held-out" if held_out == "validation" else "test", len(windows), self.seq_len, len(windows), asked,
+            )  # fmt: skip
+        tokens = torch.tensor(windows, dtype=torch.long)  # [N, T + 1]
+        return (tokens[:, :-1], tokens[:, 1:]), hashlib.sha256(tokens.contiguous().numpy()).hexdigest()
+
+    def _side(self, number: int) -> str:
+        """Which documents document ``number`` is among: ``validation``, ``test`` or ``training``."""
+        if is_validation(number, self.val_fraction):
+            return "validation"
+        return "test" if is_test(number, self.val_fraction, self.test_fraction) else "training"
+
+    def _reader(self, side: str) -> DocumentReader:
+        """A :data:`~innerloop.data.packing.DocumentReader` of the ``side`` documents (:meth:`_side`)."""
         encode_many = getattr(self.tokenizer, "encode_many", None)
         separator = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
 
@@ -767,13 +883,13 @@ class HFDataModule(L.LightningDataModule):
             for start, texts in iter_texts(self.dataset, self.text_field, first):
                 encoded = encode_many(texts) if encode_many else [self.tokenizer.encode(t) for t in texts]
                 for number, ids in enumerate(encoded, start):
-                    if is_validation(number, self.val_fraction) == validation:
+                    if self._side(number) == side:
                         yield number, [*ids, *separator]
 
         return read
 
     def _windows_from(self, position: StreamPosition) -> Iterator[tuple[list[int], StreamPosition]]:
-        return packed_windows(self._reader(validation=False), self.seq_len, position)
+        return packed_windows(self._reader("training"), self.seq_len, position)
 
     def _record(self, batch: int, position: StreamPosition) -> None:
         self._positions[batch] = position
@@ -834,6 +950,8 @@ class HFDataModule(L.LightningDataModule):
             state["files"] = self._files
         if self._validation_digest is not None:
             state["validation_digest"] = self._validation_digest
+        if self._test_digest is not None:  # test_fraction > 0 only: other runs' state is as before
+            state["test_digest"] = self._test_digest
         return state
 
     def _check_validation_unchanged(
@@ -854,12 +972,24 @@ class HFDataModule(L.LightningDataModule):
                 "first held-out ones (every 1/data.val_fraction-th by number), which moves documents between "
                 f"training and validation, so {would}; {fix}"
             )
+        recorded, now = self._recorded_test_digest, self._test_digest
+        if recorded is not None and now is not None and recorded != now:
+            raise DataError(
+                f"the test windows of data.paths={self.paths!r} (split={self.split!r}) differ from those the "
+                "checkpoint recorded: documents were inserted, removed or edited among the first test ones "
+                "(data.test_fraction), which moves documents between training and test, so "
+                f"{would.replace('validated on', 'held out for test')}; {fix}"
+            )
 
-    def check_recorded_validation(self, state: dict[str, Any], would: str, fix: str) -> None:
+    def check_recorded_validation(
+        self, state: dict[str, Any], would: str, fix: str, held_out: str = "val"
+    ) -> None:
         """:meth:`_check_validation_unchanged` against a checkpoint's ``state`` (:meth:`state_dict`) without
-        resuming from it (call after :meth:`setup`)."""
-        digest = state.get("validation_digest")
+        resuming from it (call after :meth:`setup`); ``held_out="test"``: the test windows too (an edited
+        test document leaves the validation windows valid)."""
+        digest, test = state.get("validation_digest"), state.get("test_digest")
         self._recorded_digest = digest if isinstance(digest, str) else None
+        self._recorded_test_digest = test if isinstance(test, str) and held_out == "test" else None
         self._check_validation_unchanged(would, fix)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -874,6 +1004,8 @@ class HFDataModule(L.LightningDataModule):
         self._resumed = (batch, StreamPosition(*position))
         digest = state_dict.get("validation_digest")  # none in a checkpoint written before runs recorded it
         self._recorded_digest = digest if isinstance(digest, str) else None
+        test = state_dict.get("test_digest")  # only a run at data.test_fraction > 0 records it
+        self._recorded_test_digest = test if isinstance(test, str) else None
         self._check_validation_unchanged()
         recorded = state_dict.get("files")  # none in a checkpoint written before runs recorded them
         if isinstance(recorded, list) and recorded != files_record(source_files(self.paths)):

@@ -106,7 +106,7 @@ from innerloop.data.atomic import (
     remove_stale_temporaries_of,
 )
 from innerloop.data.hf import FORMATS, source_files
-from innerloop.data.text import path_entries, split_keys, split_text_files, stdlib_files
+from innerloop.data.text import path_entries, split_keys, split_test_files, split_text_files, stdlib_files
 from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
 from innerloop.kernels.cpu import release_buffers
 from innerloop.kernels.dispatch import refused_named_kernels
@@ -300,11 +300,12 @@ def build_datamodule(
     if data.name == "hf":
         return HFDataModule(
             data.paths, data.split, data.text_field, data.streaming, tokenizer,
-            data.seq_len, data.batch_size, data.val_fraction, data.val_batches,
+            data.seq_len, data.batch_size, data.val_fraction, data.val_batches, data.test_fraction,
         )  # fmt: skip
     return TextDataModule(
-        data.paths, data.seq_len, data.batch_size, data.val_fraction, data.val_batches, run.seed, tokenizer
-    )
+        data.paths, data.seq_len, data.batch_size, data.val_fraction, data.val_batches, run.seed, tokenizer,
+        data.test_fraction,
+    )  # fmt: skip
 
 
 class _StepsProgressBar(RichProgressBar):
@@ -375,8 +376,22 @@ dotted keys): what its stream of batches was made with, which a resume may not c
 
 
 def run_data_record(run: RunConfig) -> dict[str, Any]:
-    """What :data:`RUN_DATA_KEY` records of ``run``: ``{"data.seq_len": 32, ..., "seed": 0}``."""
-    return {**flatten_config(run.data, "data."), "seed": run.seed}
+    """What :data:`RUN_DATA_KEY` records of ``run``: ``{"data.seq_len": 32, ..., "seed": 0}``;
+    ``data.test_fraction`` only when it is not 0 (a run without a test split records what runs recorded
+    before it existed: :func:`_with_test_default` reads its absence as 0)."""
+    record = {**flatten_config(run.data, "data."), "seed": run.seed}
+    if record.get(_TEST_KEY) == 0:
+        del record[_TEST_KEY]
+    return record
+
+
+_TEST_KEY = "data.test_fraction"
+
+
+def _with_test_default(record: dict[str, Any]) -> dict[str, Any]:
+    """A :data:`RUN_DATA_KEY` record with ``data.test_fraction`` (0 where it records none: a run without a
+    test split, or of an innerloop before it), so that a record without it compares with one with it."""
+    return {**record, _TEST_KEY: record.get(_TEST_KEY, 0.0)}
 
 
 class _RecordRunData(Callback):
@@ -980,8 +995,8 @@ def _check_same_data(
         recorded = {} if seq_len is None else {"data.seq_len": seq_len}
         now = {"data.seq_len": module.hparams.get("seq_len")}  # the recall task's derived one too
     else:
-        now = run_data_record(run)
-        recorded = {k: _as_tuples(v) for k, v in recorded.items()}
+        now = _with_test_default(run_data_record(run))
+        recorded = {k: _as_tuples(v) for k, v in _with_test_default(recorded).items()}
         now = {k: _as_tuples(v) for k, v in now.items()}
     changed = [f"{k} ({recorded[k]!r} -> {now[k]!r})" for k in now if k in recorded and recorded[k] != now[k]]
     if changed:
@@ -1207,7 +1222,7 @@ def _run_beside(checkpoint: str | Path, model: dict[str, Any]) -> tuple[RunConfi
         # weights copied beside another run's config: their own run's data is the one they recorded
         own = _with_recorded_data(run, recorded)
         if own is None:
-            now = run_data_record(run)
+            now, recorded = _with_test_default(run_data_record(run)), _with_test_default(recorded)
             changes = [f"{key} {now[key]!r} != {recorded[key]!r}" for key in differing]
             more = f" and {len(changes) - 2} more" if len(changes) > 2 else ""
             return None, (
@@ -1223,6 +1238,7 @@ _TEXT_CHOOSING_KEYS = (
     "data.paths",
     "data.tokenizer",
     "data.val_fraction",
+    "data.test_fraction",
     "data.split",
     "data.text_field",
 )
@@ -1237,7 +1253,7 @@ def _text_keys_differing(run: RunConfig, recorded: dict[str, Any]) -> list[str]:
     have trained on."""
     recall = run.data.name == "recall" or recorded.get("data.name") == "recall"
     chooses = [*_TEXT_CHOOSING_KEYS, *(["seed"] if recall else [])]
-    now = run_data_record(run)
+    now, recorded = _with_test_default(run_data_record(run)), _with_test_default(recorded)
     return [
         key
         for key in now
@@ -1261,7 +1277,7 @@ def _data_moved(differing: list[str], recorded: dict[str, Any]) -> bool:
 def _with_recorded_data(run: RunConfig, recorded: dict[str, Any]) -> RunConfig | None:
     """``run`` with the ``data.*`` and ``seed`` of ``recorded`` (:data:`RUN_DATA_KEY`), or None when the
     record lacks one of them or does not make a data config."""
-    keys = run_data_record(run)
+    keys, recorded = _with_test_default(run_data_record(run)), _with_test_default(recorded)
     if not all(key in recorded for key in keys):
         return None
     top = {f.name: recorded[f"data.{f.name}"] for f in fields(DataConfig) if f.name != "recall"}
@@ -1349,8 +1365,10 @@ def evaluation_windows(
     batches: int | None = None,
     tokenizer: Tokenizer | None = None,
     split: str | None = None,
+    held_out: str = "val",
 ) -> EvaluationWindows:
-    """The windows ``innerloop eval`` reads: ``paths`` when given (read as the run that wrote
+    """The windows ``innerloop eval`` reads (``held_out="test"``, ``--held-out test``: the run's test
+    windows, :func:`_run_validation_windows`, never ``paths`` nor a run unknown): ``paths`` when given (read as the run that wrote
     ``checkpoint`` read its data: a ``data.name='hf'`` run's text field, of ``split`` (``--split``;
     default the data's own), else the files' text); else the
     validation windows of that run (:func:`run_of_checkpoint`, :func:`validation_examples`: exactly the
@@ -1371,6 +1389,10 @@ def evaluation_windows(
         ) from None
     if split is not None and not paths:
         raise ConfigError(f"--split {split!r} names a split of --data, and no --data was given")
+    _check_held_out(held_out, paths, run, why_not)
+    if held_out == "test":
+        assert run is not None
+        return _run_validation_windows(run, checkpoint, seq_len, batch_size, batches, tokenizer, "test")
     if paths:
         return _windows_of_files(paths, run, why_not, seq_len, batch_size, batches, tokenizer, split)
     if run is not None:  # the run's own number of windows unless batches is given
@@ -1382,6 +1404,35 @@ def evaluation_windows(
     return EvaluationWindows(inputs, targets, batch_size, _data_tag([]), source)
 
 
+HELD_OUT = ("val", "test")
+"""What ``innerloop eval --held-out`` (and compare's) scores of a run: its validation windows, or its
+test windows (``data.test_fraction`` > 0)."""
+
+
+def _check_held_out(held_out: Any, paths: Sequence[str], run: RunConfig | None, why_not: str) -> None:
+    """``held_out`` one of :data:`HELD_OUT`, and ``test`` only of a run with a test split, without
+    ``--data``: :class:`ConfigError` naming ``--held-out`` else."""
+    if held_out not in HELD_OUT:
+        raise ConfigError(f"--held-out {held_out!r} is not one of {list(HELD_OUT)}")
+    if held_out == "val":
+        return
+    if paths:
+        raise ConfigError(
+            "--held-out test scores the run's own test windows, and --data gives other text: give one of them"
+        )
+    if run is None:
+        raise ConfigError(
+            f"--held-out test needs the run's config.yaml beside the checkpoint, which says which text it held "
+            f"out for test, and {why_not}"
+        )
+    if run.data.name not in ("text", "hf") or run.data.test_fraction == 0:
+        what = f"data.name={run.data.name!r}" if run.data.name == "recall" else "data.test_fraction=0"
+        raise ConfigError(
+            f"--held-out test: the run ({what}) held out no test text (data.test_fraction > 0 of a "
+            "data.name='text' or 'hf' run does); evaluate its validation windows (--held-out val)"
+        )
+
+
 def _run_validation_windows(
     run: RunConfig,
     checkpoint: str | Path,
@@ -1389,8 +1440,10 @@ def _run_validation_windows(
     batch_size: int | None,
     batches: int | None,
     tokenizer: Tokenizer | None = None,
+    held_out: str = "val",
 ) -> EvaluationWindows:
-    """The validation windows of ``run`` (the run beside ``checkpoint``); see :func:`evaluation_windows`.
+    """The validation windows of ``run`` (the run beside ``checkpoint``; ``held_out="test"``: its test
+    windows, :func:`_run_test_examples`); see :func:`evaluation_windows`.
     They are tokenized with ``tokenizer``, by default the one ``checkpoint`` recorded (the tokenizer the
     model was trained with; ``data.tokenizer``'s files may have changed since) and named after it.
 
@@ -1406,37 +1459,86 @@ def _run_validation_windows(
             f"; its config.yaml records relative data.paths {relative}, read from the current directory "
             f"{os.getcwd()!r}"
         )
-    _check_the_runs_split(run, checkpoint)
+    _check_the_runs_split(run, checkpoint, held_out)
+    words = "validation" if held_out == "val" else "test"
     try:
         tokenizer = tokenizer if tokenizer is not None else checkpoint_tokenizer(checkpoint)
-        read = _check_the_runs_cut(run, checkpoint, tokenizer)
-        inputs, targets = validation_examples(run, seq_len, count, tokenizer, read)
-        tag = _run_data_tag(run, tokenizer)
+        if held_out == "test":
+            inputs, targets = _run_test_examples(run, checkpoint, seq_len, count, tokenizer)
+        else:
+            read = _check_the_runs_cut(run, checkpoint, tokenizer)
+            inputs, targets = validation_examples(run, seq_len, count, tokenizer, read)
+        tag = _run_data_tag(run, tokenizer, held_out)
     except DataError as err:
         saved = Path(checkpoint).parent / "config.yaml"
         raise DataError(
-            f"the run's validation data (data.* of {str(saved)!r}) cannot be read: {err}{note}"
+            f"the run's {words} data (data.* of {str(saved)!r}) cannot be read: {err}{note}"
         ) from None
-    source = f"the run's validation windows ({_describe_data(run)}{note})"
+    source = f"the run's {words} windows ({_describe_data(run)}{note})"
     return EvaluationWindows(inputs, targets, batch_size, tag, source)
 
 
-def _check_the_runs_split(run: RunConfig, checkpoint: str | Path) -> None:
-    """Refuse to score a text run's validation windows when its files split otherwise than the checkpoint
-    recorded (:func:`~innerloop.train.data.check_split_unchanged`): they would hold text it trained on.
-    A checkpoint without the record (older, or of one file or the default corpus) is not checked."""
+def _run_test_examples(
+    run: RunConfig, checkpoint: str | Path, seq_len: int, count: int | None, tokenizer: Tokenizer
+) -> Batch:
+    """A run's test windows (``data.test_fraction`` > 0), refused where its data changed so that they hold
+    text the run trained on: one text file shortened (its test text now starts before the token the
+    checkpoint recorded, ``test_cut``), ``hf`` test windows other than those recorded (``test_digest``).
+    Text: ``count`` windows (default the run's ``val_batches * batch_size``) spread over the test text;
+    ``hf``: the first ``count`` of the test documents' windows."""
+    owner = TextDataModule if run.data.name == "text" else HFDataModule
+    state = recorded_entry(checkpoint, owner.__qualname__)  # metadata only: the model's load verified it
+    state = state if isinstance(state, dict) else {}
+    count = count if count is not None else run.data.val_batches * run.data.batch_size
+    module = build_datamodule(run, tokenizer)
+    if isinstance(module, HFDataModule):
+        module.setup()
+        would = "they would score documents the run trained on"
+        fix = "evaluate on the data as it was, or on held-out data with --data"
+        module.check_recorded_validation(state, would, fix, "test")
+        if seq_len != module.seq_len or count != module.val_batches * module.batch_size:
+            module = build_datamodule(
+                replace(run, data=replace(run.data, seq_len=seq_len, batch_size=count, val_batches=1)),
+                tokenizer,
+            )
+            module.setup()
+        assert module.test_examples is not None
+        return module.test_examples
+    assert isinstance(module, TextDataModule)
+    module.setup("test")
+    recorded = state.get("test_cut")
+    if isinstance(recorded, int) and module.test_cut is not None and module.test_cut < recorded:
+        raise DataError(
+            f"the data file {run.data.paths!r} is shorter than when the checkpoint was written: its test text "
+            f"(data.test_fraction={run.data.test_fraction}) started at token {recorded} and now starts at token "
+            f"{module.test_cut}, inside the text the run trained on; evaluate on the file as it was, or on "
+            "held-out files with --data"
+        )
+    assert module.test_bytes is not None
+    name = "--seq-len" if seq_len != run.data.seq_len else "data.seq_len"
+    return spread_windows(module.test_bytes, seq_len, count, module._unit, "the test text", name)
+
+
+def _check_the_runs_split(run: RunConfig, checkpoint: str | Path, held_out: str = "val") -> None:
+    """Refuse to score a text run's validation (``held_out="test"``: test) windows when its files split
+    otherwise than the checkpoint recorded (:func:`~innerloop.train.data.check_split_unchanged`): they
+    would hold text it trained on. A checkpoint without the record (older, or of one file or the default
+    corpus) is not checked."""
     if run.data.name != "text":
         return
     state = recorded_entry(checkpoint, TextDataModule.__qualname__)  # metadata only (any checkpoint's)
-    recorded = state.get("validation_files") if isinstance(state, dict) else None
+    key = "validation_files" if held_out == "val" else "test_files"
+    recorded = state.get(key) if isinstance(state, dict) else None
     if not isinstance(recorded, list):
         return
+    data = run.data
     try:
-        current = validation_file_keys(run.data.paths, run.data.val_fraction)
+        current = validation_file_keys(data.paths, data.val_fraction, data.test_fraction, held_out)
     except DataError:  # files that cannot be found: reading the windows says so, with its context
         return
+    words = "validation" if held_out == "val" else "test"
     if current is not None:
-        check_split_unchanged(recorded, current, "Evaluating its validation windows")
+        check_split_unchanged(recorded, current, f"Evaluating its {words} windows", words)
 
 
 def _check_the_runs_cut(
@@ -1594,11 +1696,15 @@ def _copies_among(candidates: set[Path], originals: frozenset[Path]) -> set[Path
     return copies
 
 
-def run_files(data: DataConfig, recorded_held_out: Sequence[str] | None = None) -> RunFiles | None:
+def run_files(
+    data: DataConfig, recorded_held_out: Sequence[str] | None = None, held_out: str = "val"
+) -> RunFiles | None:
     """:class:`RunFiles` of a run's ``data`` (the default corpus for a text run without paths);
     ``recorded_held_out``: the split keys of the files its checkpoint records holding out (its
-    ``validation_files``), else they are split as now. None for the recall task, and for data.paths
-    that find no files now (reading them says so)."""
+    ``validation_files``; ``test_files`` for ``held_out="test"``), else they are split as now. None for
+    the recall task, and for data.paths that find no files now (reading them says so). ``held_out``:
+    whether :attr:`RunFiles.held_out` are its validation files or its test files (``data.test_fraction``
+    > 0); neither is in :attr:`RunFiles.training`. One file: ``tail`` is all it held out, both."""
     if data.name not in ("text", "hf"):
         return None
     try:
@@ -1611,14 +1717,18 @@ def run_files(data: DataConfig, recorded_held_out: Sequence[str] | None = None) 
     files = sorted(keys) if keys is not None else stdlib_files()
     if len(files) == 1:
         one = frozenset(p.resolve() for p in files)
-        return RunFiles(one, one, tail=data.val_fraction)
-    held = split_text_files(files, data.val_fraction, keys)[1]
+        return RunFiles(one, one, tail=data.val_fraction + data.test_fraction)
+    others, test, split_on = split_test_files(files, data.val_fraction, data.test_fraction, keys)
+    val = split_text_files(others, data.val_fraction, split_on)[1]
+    held = test if held_out == "test" else val
     resplit = False
     if recorded_held_out is not None and keys is not None:
         resplit = sorted(keys[p] for p in held) != sorted(recorded_held_out)
         held = [p for p in files if keys[p] in recorded_held_out]
-    held_out = frozenset(p.resolve() for p in held)
-    return RunFiles(frozenset(p.resolve() for p in files) - held_out, held_out, resplit=resplit)
+    other = test if held_out == "val" else val  # held out too: trained on neither
+    not_trained = frozenset(p.resolve() for p in [*held, *other])
+    held_set = frozenset(p.resolve() for p in held)
+    return RunFiles(frozenset(p.resolve() for p in files) - not_trained, held_set, resplit=resplit)
 
 
 def recorded_data_state(checkpoint: str | Path) -> dict[str, Any]:
@@ -1648,7 +1758,7 @@ def _warn_of_evaluating_training_text(
         )
 
 
-def _run_data_tag(run: RunConfig, tokenizer: Tokenizer | None = None) -> str:
+def _run_data_tag(run: RunConfig, tokenizer: Tokenizer | None = None, held_out: str = "val") -> str:
     """``default-val`` for a run on the default corpus's usual split in bytes (the windows
     ``evaluation_examples`` gives too), else ``<data.name>-val-<hash>`` of the data config, of the data
     files' paths, sizes and modification times (:func:`_files_fingerprint`) and of the ``tokenizer`` the
@@ -1658,14 +1768,14 @@ def _run_data_tag(run: RunConfig, tokenizer: Tokenizer | None = None) -> str:
     default_split = (
         data.name == "text" and not data.paths and data.val_fraction == TextDataModule().val_fraction
     )
-    if default_split and in_bytes:
+    if default_split and in_bytes and held_out == "val" and data.test_fraction == 0:
         return "default-val"
     varying = {"data.seq_len", "data.batch_size", "data.val_batches"}  # in the name as T and n
-    settings = {k: v for k, v in flatten_config(data, "data.").items() if k not in varying}
+    settings = {k: v for k, v in run_data_record(run).items() if k.startswith("data.") and k not in varying}
     key = repr(sorted(settings.items())) + _files_fingerprint(_run_data_files(run))
     if not in_bytes and data.name != "recall":
         key += json.dumps(tokenizer.to_state(), sort_keys=True)
-    return f"{data.name}-val-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    return f"{data.name}-{held_out}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
 def _run_data_files(run: RunConfig) -> list[Path]:
@@ -1696,11 +1806,13 @@ def evaluate(
     progress_bar: bool = True,
     no_ttt: bool = False,
     split: str | None = None,
+    held_out: str = "val",
 ) -> tuple[dict[str, Any], Path | None, Path | None]:
     """Perplexity and loss by position of a checkpoint, on :func:`evaluation_windows` (by default the
     windows its run's validation read). ``seq_len`` defaults to the training one. With ``no_ttt``, the
     same weights with test-time training off (:func:`~innerloop.models.ablation.no_test_time_training`).
     ``split``: the split of ``paths`` read as records (``--split``, see :func:`evaluation_windows`).
+    ``held_out="test"`` (``--held-out test``): the run's test windows instead (``data.test_fraction``).
     Returns ``(metrics, csv, png)``; ``metrics`` also has ``tokens`` (scored) and ``windows``.
 
     When ``out_dir`` is given, writes ``eval_<checkpoint>_<data>_T<seq_len>_n<windows>.csv`` and
@@ -1710,14 +1822,12 @@ def evaluate(
     given = (seq_len, batch_size, batches)
     paths, seq_len, batch_size, batches = _eval_args(paths, *given, no_ttt, out_dir, progress_bar)
     module = load_module(checkpoint)
-    if no_ttt and not modules_learning_at_test_time(module.model):  # before any window is read
-        raise ConfigError(
-            f"no_ttt (--no-ttt): {str(checkpoint)!r} has no test-time training to switch off "
-            f"(model.mixer={module.model.config.mixer!r})"
-        )
+    _refuse_no_ttt_without_ttt(module, checkpoint, no_ttt)  # before any window is read
     seq_len = training_seq_len(module, checkpoint) if seq_len is None else seq_len
     tokenizer = checkpoint_tokenizer(checkpoint)
-    windows = evaluation_windows(checkpoint, module, paths, seq_len, batch_size, batches, tokenizer, split)
+    windows = evaluation_windows(
+        checkpoint, module, paths, seq_len, batch_size, batches, tokenizer, split, held_out
+    )
     inputs, targets = windows.inputs, windows.targets
     count = f"{len(inputs)} window{'' if len(inputs) == 1 else 's'}"
     print(f"evaluating {count} of {seq_len} tokens from {windows.source} ({windows.tag})", flush=True)
@@ -1746,6 +1856,15 @@ def evaluate(
     title = f"{Path(checkpoint).name} on {windows.tag}, T={seq_len}{ablation}: loss by position"
     csv_path, png = _write_evaluation(Path(out_dir).expanduser() / stem, buckets, losses, title, metrics)
     return metrics, csv_path, png
+
+
+def _refuse_no_ttt_without_ttt(module: LanguageModelModule, checkpoint: str | Path, no_ttt: bool) -> None:
+    """:class:`ConfigError` for ``no_ttt`` of a model without test-time training to switch off."""
+    if no_ttt and not modules_learning_at_test_time(module.model):
+        raise ConfigError(
+            f"no_ttt (--no-ttt): {str(checkpoint)!r} has no test-time training to switch off "
+            f"(model.mixer={module.model.config.mixer!r})"
+        )
 
 
 def _eval_args(

@@ -511,7 +511,10 @@ def _windows_text(paths: Sequence[str], baseline: _TrainingData, held_out: str =
         return _WindowsText(None, None, "the baseline's recall task")
     if split is None or split.records:
         return _WindowsText(None, None, "the baseline's held-out data")
-    return _WindowsText(split.held_out, split.tail, "the baseline's held-out text")
+    # one file: its validation windows lie in its last val_fraction, its test windows in the last
+    # val_fraction + test_fraction (run_files' tail, all it held out)
+    tail = baseline.run.data.val_fraction if split.tail is not None and held_out == "val" else split.tail
+    return _WindowsText(split.held_out, tail, "the baseline's held-out text")
 
 
 def _trained_on_the_windows(

@@ -30,6 +30,7 @@ from innerloop.data.text import (
     text_split_lengths,
 )
 from innerloop.train import train
+from innerloop.train.compare import compare
 from innerloop.train.data import (
     IGNORE_INDEX,
     DataError,
@@ -335,3 +336,14 @@ def test_a_resume_may_not_change_the_test_split(tmp_path, first, then) -> None:
         ConfigError, match=rf"gives data.test_fraction \({float(first)!r} -> {float(then)!r}\)"
     ):
         train(run, cfg, resume=True)
+
+
+@pytest.mark.slow  # reason: trains two tiny one-file runs (a few seconds), then compares them
+def test_compare_of_one_file_runs_judges_the_windows_by_what_each_run_held_out(tmp_path) -> None:
+    one = _corpus(tmp_path)["one"]
+    with_test = _trained(tmp_path, "a", one, "data.test_fraction=0.2")
+    without = _trained(tmp_path, "b", one)  # trained on the first 90%: a's test band, not its last 10%
+    compare([with_test.parent, without.parent], batches=1)  # a's validation windows: b never read them
+    with pytest.raises(ConfigError, match=r"b was trained on the first 90% of"):
+        compare([with_test.parent, without.parent], batches=1, held_out="test")
+    compare([without.parent, with_test.parent], batches=1)  # b's validation windows: a held them out

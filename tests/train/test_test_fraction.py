@@ -347,3 +347,13 @@ def test_compare_of_one_file_runs_judges_the_windows_by_what_each_run_held_out(t
     with pytest.raises(ConfigError, match=r"b was trained on the first 90% of"):
         compare([with_test.parent, without.parent], batches=1, held_out="test")
     compare([without.parent, with_test.parent], batches=1)  # b's validation windows: a held them out
+
+
+def test_hf_data_without_a_test_document_is_refused_by_name_but_still_validates(tmp_path) -> None:
+    docs = _corpus(tmp_path)["docs"]  # 120 documents: at 0.001, the first test one would be about the 900th
+    module = HFDataModule([str(docs)], seq_len=16, batch_size=3, val_batches=2, test_fraction=0.001)
+    with pytest.raises(DataError, match=r"no document is held out for test: .* larger data.test_fraction"):
+        module.setup()
+    module = HFDataModule([str(docs)], seq_len=16, batch_size=3, val_batches=2, test_fraction=0.001)
+    module.setup("validate")  # an evaluation of the validation windows reads no test document
+    assert module.val_examples is not None and module.test_examples is None

@@ -133,6 +133,7 @@ class Comparison:
     windows_source: str
     overall: dict[int, list[tuple[float, float, float]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # on the models' training data and sizes (logged too)
+    held_out: str = "val"  # the baseline run's windows compared on: "test" for its test windows
 
 
 def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
@@ -258,10 +259,11 @@ def compare(
 ) -> Comparison:
     """Evaluate every model on the same windows at each length of ``seq_lens`` (default: the baseline's
     training length); see the module docstring. The windows are the baseline's
-    :func:`~innerloop.train.run.evaluation_windows` (``paths``, ``split``, ``batch_size``, ``batches`` and
-    ``held_out``, its test windows for ``"test"``, as in ``innerloop eval``). ``no_ttt`` switches test-time training off in every model that has it. Every
-    model's training data is checked against the windows first (:func:`training_data_notes`: logged as
-    warnings; a model that trained on the baseline's held-out text is refused)."""
+    :func:`~innerloop.train.run.evaluation_windows` (``paths``, ``split``, ``batch_size``, ``batches``, and
+    ``held_out``: ``"test"`` for its test windows, as in ``innerloop eval``). ``no_ttt`` switches test-time
+    training off in every model that has it. Every model's training data is checked against the windows
+    first (:func:`training_data_notes`: warnings; a model that trained on the baseline's held-out text is
+    refused)."""
     if not isinstance(runs_or_checkpoints, (str, os.PathLike)):  # one path is refused below, by name
         runs_or_checkpoints = _path_list(runs_or_checkpoints, "runs_or_checkpoints")
     seq_lens, resamples, confidence, seed = _check_compare_arguments(
@@ -281,15 +283,9 @@ def compare(
     reference = models[base]
     tokenizer = _common_tokenizer(checkpoints, names)
     seq_lens = list(dict.fromkeys(seq_lens or [training_seq_len(reference.module, reference.checkpoint)]))
-    notes = [
-        *training_data_notes(models, base, paths, held_out),
-        *size_notes(models, base),
-        *_length_notes(models, seq_lens),
-        *_same_checkpoint_notes(models),
-    ]
-    for note in notes:
-        log.warning("%s", note)
+    notes = _logged_notes(models, base, paths, held_out, seq_lens)
     comparison = Comparison(models, base, [], {}, confidence, resamples, seed, "", notes=notes)
+    comparison.held_out = held_out
     for seq_len in seq_lens:
         windows = evaluation_windows(
             reference.checkpoint, reference.module, paths, seq_len, batch_size, batches, tokenizer, split,
@@ -302,6 +298,22 @@ def compare(
         _add_length(comparison, result)
         comparison.windows_source = f"{windows.source} ({windows.tag}) of {reference.name}"
     return comparison
+
+
+def _logged_notes(
+    models: list[ComparedModel], base: int, paths: Sequence[str], held_out: str, seq_lens: Sequence[int]
+) -> list[str]:
+    """:func:`compare`'s notes on the models (their training data, sizes, lengths, a checkpoint compared
+    twice), each logged as a warning."""
+    notes = [
+        *training_data_notes(models, base, paths, held_out),
+        *size_notes(models, base),
+        *_length_notes(models, seq_lens),
+        *_same_checkpoint_notes(models),
+    ]
+    for note in notes:
+        log.warning("%s", note)
+    return notes
 
 
 def _path_list(paths: Any, name: str = "paths") -> list[str]:
@@ -883,8 +895,10 @@ def plot_comparison(path: str | Path, comparison: Comparison) -> Path:
 
 def write_comparison(comparison: Comparison, out_dir: str | Path) -> tuple[Path, Path, Path]:
     """``compare-<id>.csv``, ``.png`` and ``.md`` (the table) in ``out_dir``, written atomically (after
-    removing the temporary files a killed earlier write of them left)."""
-    stem = Path(out_dir).expanduser() / f"compare-{comparison_id(comparison)}"
+    removing the temporary files a killed earlier write of them left); ``compare-test-<id>.*`` for a
+    comparison on the baseline run's test windows (``--held-out test``)."""
+    which = "test-" if comparison.held_out == "test" else ""
+    stem = Path(out_dir).expanduser() / f"compare-{which}{comparison_id(comparison)}"
     remove_stale_temporaries_of([stem.with_suffix(suffix) for suffix in (".csv", ".png", ".md")])
     csv_path = atomic_write_text(stem.with_suffix(".csv"), comparison_csv(comparison))
     png = plot_comparison(stem.with_suffix(".png"), comparison)

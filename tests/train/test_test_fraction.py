@@ -278,6 +278,7 @@ def test_eval_and_compare_score_the_runs_test_windows_named_test(tmp_path, capsy
         == 0
     )
     assert "the run's test windows" in capsys.readouterr().out
+    assert sorted(p.suffix for p in out.glob("compare-test-*")) == [".csv", ".md", ".png"]
 
 
 @pytest.mark.slow  # reason: trains tiny runs (a few seconds)

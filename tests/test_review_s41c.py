@@ -1,0 +1,155 @@
+"""Review s41c: the docs as a contract, in the other direction too: every key of a run config is in a
+key table of the docs (docs/training.md "The keys", docs/family.md, docs/e2e.md "Options") with the
+default the code has, every column of ``metrics.csv`` and every name ``innerloop`` exports is named in
+the docs."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lm_testing import TINY
+
+import innerloop
+from innerloop.config.schema import RunConfig
+from innerloop.registry.kinds import KINDS
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY_TABLE_HEADER = "| key | default | meaning |"
+E2E_PREFIX = "model.e2e."  # docs/e2e.md's table names its keys without it
+
+
+def _leaf_defaults(schema: Any, prefix: str = "") -> dict[str, Any]:
+    """Every key of ``schema`` that holds a value (not a section), dotted, with its default."""
+    defaults: dict[str, Any] = {}
+    for field in dataclasses.fields(schema):
+        value = getattr(schema, field.name)
+        if dataclasses.is_dataclass(value):
+            defaults.update(_leaf_defaults(value, f"{prefix}{field.name}."))
+        else:
+            defaults[prefix + field.name] = value
+    return defaults
+
+
+def _read_value(text: str) -> Any:
+    """A default as a key table writes it: a number, true/false/null, [] or {}, else a string."""
+    text = text.strip().strip("`")
+    words = {"true": True, "false": False, "null": None, "[]": [], "{}": {}}
+    if text in words:
+        return words[text]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _documented_defaults() -> dict[str, tuple[Any, str]]:
+    """Each key of the docs' key tables, with its default as written and the page that states it."""
+    documented: dict[str, tuple[Any, str]] = {}
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        lines = page.read_text(encoding="utf-8").splitlines()
+        for start, line in enumerate(lines):
+            if line.strip() != KEY_TABLE_HEADER:
+                continue
+            for row in lines[start + 2 :]:
+                if not row.startswith("|"):
+                    break
+                key_cell, default_cell = row.split("|")[1:3]
+                keys = re.findall(r"`([^`]+)`", key_cell)
+                # "16 (tiny), 1024 (125m)": the schema's default comes first; "1.0, 0.1, 0.1": one per key
+                defaults = default_cell.split(",") if len(keys) > 1 else [default_cell.split(" (")[0]]
+                assert len(defaults) == len(keys), (
+                    f"{page.name}: {row!r} gives {len(keys)} keys, {len(defaults)} defaults"
+                )
+                for key, default in zip(keys, defaults, strict=True):
+                    dotted = key if "." in key or page.name != "e2e.md" else E2E_PREFIX + key
+                    assert dotted not in documented, f"{dotted} is in two key tables"
+                    documented[dotted] = (_read_value(default), page.name)
+    return documented
+
+
+def test_every_config_key_is_in_a_key_table_of_the_docs() -> None:
+    """trainer.threads, trainer.num_position_buckets, optim.beta1/beta2, model.norm_eps,
+    model.tie_embeddings, model.padding_id, model.pre_conv_kernel and model.family.output_gate were
+    named on no page (trainer.threads only in a warning's advice)."""
+    documented = _documented_defaults()
+    missing = sorted(set(_leaf_defaults(RunConfig())) - set(documented))
+    assert not missing, f"config keys no key table of docs/ lists: {missing}"
+    unknown = sorted(set(documented) - set(_leaf_defaults(RunConfig())))
+    assert not unknown, f"key tables list keys a run config does not have: {unknown}"
+
+
+def test_every_documented_default_is_the_codes() -> None:
+    documented = _documented_defaults()
+    wrong = {
+        key: (written, page, default)
+        for key, default in _leaf_defaults(RunConfig()).items()
+        if key in documented
+        for written, page in [documented[key]]
+        if written != default or type(written) is not type(default) and default is not None
+    }
+    # an int written where the code's default is a float (rope_theta 10000.0 as 10000) would pass ==
+    assert not wrong, f"documented default (as written, page) differs from the code's: {wrong}"
+
+
+def test_training_md_names_the_run_configs_top_level_keys() -> None:
+    """It said 'the keys seed and out_dir', leaving out logger."""
+    page = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+    top = [
+        f.name for f in dataclasses.fields(RunConfig) if f.name not in ("model", "data", "optim", "trainer")
+    ]
+    sentence = re.search(r"A run config has sections (.*?);", page, re.S)
+    assert sentence is not None
+    assert all(f"`{name}`" in sentence.group(1) for name in top), (top, sentence.group(1))
+
+
+def test_every_name_innerloop_exports_is_in_the_docs() -> None:
+    """innerloop.Views, innerloop.available and innerloop.PluginLoadWarning were exported and named on
+    no page."""
+    pages = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = "\n".join(page.read_text(encoding="utf-8") for page in pages)
+    code = "\n".join(re.findall(r"```.*?```|`[^`\n]+`", text, re.S))  # code blocks and spans
+    kinds = {kind.name for kind in KINDS}  # "one `innerloop.register_<kind>` per kind (`inner_model`, ...)"
+    missing = [
+        name
+        for name in innerloop.__all__
+        if not re.search(rf"\b{name}\b", code)
+        and not (name.startswith("register_") and "register_<kind>" in code and name[9:] in kinds)
+    ]
+    assert not missing, f"exported by innerloop, named in no doc: {missing}"
+
+
+def _with_placeholders(column: str) -> str:
+    """``val_loss_pos/3`` -> ``val_loss_pos/<``: the docs write a numbered column with a placeholder."""
+    return re.sub(r"/\d+$", "/<", column)
+
+
+@pytest.mark.slow  # reason: one tiny training run of 2 steps (~2 s)
+def test_every_column_a_run_writes_is_named_in_training_md(tmp_path) -> None:
+    """metrics.csv's columns were named across the page or not at all (epoch); loss_by_position.csv's
+    not at all."""
+    from innerloop.config import load_config
+    from innerloop.train import train
+
+    overrides = ["trainer.max_steps=2", "trainer.val_every=2", "trainer.log_every=1", f"out_dir={tmp_path}"]
+    run, cfg = load_config("tiny", [*TINY, *overrides])
+    train(run, cfg)
+    page = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+    listed = re.search(r"The columns of `metrics.csv`:(.*?)\n\n", page, re.S)
+    assert listed is not None, "training.md lists the columns of metrics.csv in one place"
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv", newline="", encoding="utf-8") as file:
+        columns = {_with_placeholders(c) for c in next(csv.reader(file))}
+    throughput = {"tokens_seen", "tokens_per_s", "wall_time"}  # the "Throughput" paragraph after it
+    unnamed = sorted(c for c in columns - throughput if f"`{c}" not in listed.group(0))
+    assert not unnamed, f"metrics.csv columns training.md does not list: {unnamed}"
+    assert all(f"`{c}`" in page for c in throughput)
+    with open(tmp_path / "loss_by_position.csv", newline="", encoding="utf-8") as file:
+        header = next(csv.reader(file))
+    table_row = next(line for line in page.splitlines() if line.startswith("| `loss_by_position.png`"))
+    assert all(f"`{c}`" in table_row for c in header), (header, table_row)

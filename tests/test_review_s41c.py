@@ -153,3 +153,32 @@ def test_every_column_a_run_writes_is_named_in_training_md(tmp_path) -> None:
         header = next(csv.reader(file))
     table_row = next(line for line in page.splitlines() if line.startswith("| `loss_by_position.png`"))
     assert all(f"`{c}`" in table_row for c in header), (header, table_row)
+
+
+def test_training_md_says_what_train_returns_and_raises() -> None:
+    """train()'s TrainResult, TrainingInterrupted and load_config's ConfigError were public and on no
+    page."""
+    from innerloop.config import ConfigError
+    from innerloop.train import TrainingInterrupted, TrainResult
+
+    page = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+    said = re.search(r"returns a `TrainResult` \((.*?)\)", page, re.S)
+    assert said is not None
+    assert {f.name for f in dataclasses.fields(TrainResult)} <= set(re.findall(r"`(\w+)`", said.group(1)))
+    assert "raises a `ConfigError` (a `ValueError`)" in page and issubclass(ConfigError, ValueError)
+    assert "raises `TrainingInterrupted` (`exit_code` 130 or 143)" in page
+    assert TrainingInterrupted("").exit_code == 130 and TrainingInterrupted("", 143).exit_code == 143
+
+
+def test_training_md_states_generates_defaults() -> None:
+    """innerloop generate's --tokens, --temperature, --top-k, --seed and --prompt defaults were on no page."""
+    from innerloop.cli import _parser
+
+    page = " ".join((ROOT / "docs" / "training.md").read_text(encoding="utf-8").split())
+    generate = next(a for a in _parser()._actions if a.dest == "command").choices["generate"]
+    defaults = {a.option_strings[0]: a.default for a in generate._actions if a.option_strings}
+    assert (defaults["--tokens"], defaults["--temperature"], defaults["--seed"]) == (200, 0.8, 0)
+    assert defaults["--top-k"] is None and defaults["--prompt"] == "def "
+    assert "`--tokens` (200)" in page and "`--temperature` (0.8; 0: greedy)" in page
+    assert "`--top-k` (none: every token)" in page and "`--seed` (0)" in page
+    assert "`--prompt` defaults to `def `" in page

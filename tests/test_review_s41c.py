@@ -182,3 +182,23 @@ def test_training_md_states_generates_defaults() -> None:
     assert "`--tokens` (200)" in page and "`--temperature` (0.8; 0: greedy)" in page
     assert "`--top-k` (none: every token)" in page and "`--seed` (0)" in page
     assert "`--prompt` defaults to `def `" in page
+
+
+@pytest.mark.parametrize(("preset", "step"), [("deltanet-tiny", 1), ("tiny", 2)])
+def test_params_budget_sizes_hidden_size_in_the_steps_training_md_states(preset: str, step: int) -> None:
+    """training.md said 'hidden_size in steps of 2 x num_heads' for every mixer; the family's mixers
+    apply no RoPE and take any multiple of num_heads (deltanet-tiny sized to 68 = 17 x 4 parameters'
+    worth gets 68)."""
+    from innerloop.config import load_config
+    from innerloop.models.params import count_config_parameters, size_to_budget
+
+    run, _ = load_config(preset, model_only=True)
+    heads = run.model.num_heads
+    counts = [
+        count_config_parameters(dataclasses.replace(run.model, hidden_size=k * heads)).total for k in (16, 18)
+    ]
+    sized = size_to_budget(run.model, sum(counts) // 2, "hidden_size")  # about 17 x num_heads' worth
+    assert sized.hidden_size % (step * heads) == 0
+    assert (sized.hidden_size == 17 * heads) == (step == 1)
+    page = " ".join((ROOT / "docs" / "training.md").read_text(encoding="utf-8").split())
+    assert "`hidden_size` in steps of `num_heads`, of 2 x `num_heads` where the mixer applies RoPE" in page

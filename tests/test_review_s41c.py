@@ -202,3 +202,15 @@ def test_params_budget_sizes_hidden_size_in_the_steps_training_md_states(preset:
     assert (sized.hidden_size == 17 * heads) == (step == 1)
     page = " ".join((ROOT / "docs" / "training.md").read_text(encoding="utf-8").split())
     assert "`hidden_size` in steps of `num_heads`, of 2 x `num_heads` where the mixer applies RoPE" in page
+
+
+def test_training_md_states_compares_defaults() -> None:
+    """innerloop compare's --out, --resamples and --seed defaults were on no page."""
+    from innerloop.cli import _parser
+
+    page = " ".join((ROOT / "docs" / "training.md").read_text(encoding="utf-8").split())
+    compare = next(a for a in _parser()._actions if a.dest == "command").choices["compare"]
+    defaults = {a.option_strings[0]: a.default for a in compare._actions if a.option_strings}
+    assert (defaults["--out"], defaults["--resamples"], defaults["--seed"]) == ("runs/compare", 1000, 0)
+    assert "into `--out` (default `runs/compare`)" in page
+    assert "`--resamples` (1000) draws" in page and "seeded with `--seed` (0)" in page

@@ -214,3 +214,25 @@ def test_training_md_states_compares_defaults() -> None:
     assert (defaults["--out"], defaults["--resamples"], defaults["--seed"]) == ("runs/compare", 1000, 0)
     assert "into `--out` (default `runs/compare`)" in page
     assert "`--resamples` (1000) draws" in page and "seeded with `--seed` (0)" in page
+
+
+def test_training_md_lists_the_precisions_a_config_takes() -> None:
+    """transformer-engine is valid (PRECISIONS) and was not named among them; the short names are not."""
+    import typing
+
+    from lightning.fabric.connector import _PRECISION_INPUT_STR
+
+    from innerloop.config import ConfigError, load_config
+    from innerloop.config.load import FLOAT16_WEIGHT_PRECISIONS
+
+    trains = set(typing.get_args(_PRECISION_INPUT_STR)) - set(
+        FLOAT16_WEIGHT_PRECISIONS
+    )  # what the checks take
+    page = " ".join((ROOT / "docs" / "training.md").read_text(encoding="utf-8").split())
+    listed = re.search(
+        r"`trainer.precision` takes a Lightning precision that trains \((.*?)\) or `auto`", page
+    )
+    assert listed is not None
+    assert trains <= set(re.findall(r"`([\w-]+)`", listed.group(1))), trains
+    with pytest.raises(ConfigError, match="'bf16' is not valid"):
+        load_config("tiny", ["trainer.precision=bf16", "out_dir=runs/never-written"])

@@ -236,3 +236,21 @@ def test_training_md_lists_the_precisions_a_config_takes() -> None:
     assert trains <= set(re.findall(r"`([\w-]+)`", listed.group(1))), trains
     with pytest.raises(ConfigError, match="'bf16' is not valid"):
         load_config("tiny", ["trainer.precision=bf16", "out_dir=runs/never-written"])
+
+
+def test_the_key_tables_accelerators_are_the_checks() -> None:
+    """The key table first said 'cpu, gpu, cuda, auto': Lightning's 'gpu' alias is refused by the checks."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    from innerloop.config import ConfigError, load_config
+
+    row = next(
+        line
+        for line in (ROOT / "docs" / "training.md").read_text(encoding="utf-8").splitlines()
+        if line.startswith("| `trainer.accelerator` |")
+    )
+    named = set(re.findall(r"`(\w+)`", row.split("|")[3]))
+    assert named == {*AcceleratorRegistry.available_accelerators(), "auto", "gpu"}, named
+    assert "not `gpu`" in row and "`mps` is refused" in row
+    with pytest.raises(ConfigError, match="'gpu' is not valid"):
+        load_config("tiny", ["trainer.accelerator=gpu", "out_dir=runs/never-written"])

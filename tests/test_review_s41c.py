@@ -254,3 +254,24 @@ def test_the_key_tables_accelerators_are_the_checks() -> None:
     assert "not `gpu`" in row and "`mps` is refused" in row
     with pytest.raises(ConfigError, match="'gpu' is not valid"):
         load_config("tiny", ["trainer.accelerator=gpu", "out_dir=runs/never-written"])
+
+
+@pytest.mark.parametrize("mixer", ["ttt", "e2e"])
+def test_an_untied_head_has_weights_of_its_own_as_the_pages_say(mixer: str) -> None:
+    """training.md and e2e.md said the LM head is tied to the embedding, for every model:
+    model.tie_embeddings=false (CausalLM and E2ELM both read it) gives it its own."""
+    from innerloop.models import ModelConfig, build_model
+
+    for tie in (True, False):
+        model = build_model(
+            ModelConfig(mixer=mixer, hidden_size=16, num_heads=2, num_layers=2, tie_embeddings=tie)
+        )
+        weights = {p.data_ptr() for name, p in model.named_parameters() if p.dim() == 2 and p.shape[0] == 256}
+        assert len(weights) == (1 if tie else 2), (mixer, tie, len(weights))
+    training = " ".join((ROOT / "docs" / "training.md").read_text(encoding="utf-8").split())
+    e2e = " ".join((ROOT / "docs" / "e2e.md").read_text(encoding="utf-8").split())
+    assert (
+        "LM head tied to the embedding (`model.tie_embeddings=false` gives the head weights of its own)"
+        in training
+    )
+    assert "an LM head tied to the embedding (unless `model.tie_embeddings=false`)" in e2e

@@ -275,3 +275,15 @@ def test_an_untied_head_has_weights_of_its_own_as_the_pages_say(mixer: str) -> N
         in training
     )
     assert "an LM head tied to the embedding (unless `model.tie_embeddings=false`)" in e2e
+
+
+def test_training_md_names_the_compare_csvs_columns() -> None:
+    """compare-<id>.csv's columns were on no page."""
+    from types import SimpleNamespace
+
+    from innerloop.train.compare import comparison_csv
+
+    header = comparison_csv(SimpleNamespace(lengths=[], models=[], bands={})).splitlines()[0].split(",")
+    page = " ".join((ROOT / "docs" / "training.md").read_text(encoding="utf-8").split())
+    said = re.search(r"`compare-<id>.csv` \((.*?)\) and `compare-<id>.png`", page)
+    assert said is not None and re.findall(r"`(\w+)`", said.group(1)) == header, header

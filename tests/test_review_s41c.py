@@ -287,3 +287,15 @@ def test_training_md_names_the_compare_csvs_columns() -> None:
     page = " ".join((ROOT / "docs" / "training.md").read_text(encoding="utf-8").split())
     said = re.search(r"`compare-<id>.csv` \((.*?)\) and `compare-<id>.png`", page)
     assert said is not None and re.findall(r"`(\w+)`", said.group(1)) == header, header
+
+
+def test_every_name_innerloop_train_exports_is_in_training_md() -> None:
+    """warmup_cosine, position_buckets, stdlib_files, recall_example, save_checkpoint, IGNORE_INDEX,
+    TrainResult and TrainingInterrupted were exported by innerloop.train and on no page."""
+    import innerloop.train
+
+    page = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+    code = "\n".join(re.findall(r"```.*?```|`[^`\n]+`", page, re.S))
+    missing = [name for name in innerloop.train.__all__ if not re.search(rf"\b{name}\b", code)]
+    assert not missing, f"exported by innerloop.train, named nowhere in training.md: {missing}"
+    assert f"`IGNORE_INDEX` ({innerloop.train.IGNORE_INDEX}," in page

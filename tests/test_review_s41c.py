@@ -299,3 +299,18 @@ def test_every_name_innerloop_train_exports_is_in_training_md() -> None:
     missing = [name for name in innerloop.train.__all__ if not re.search(rf"\b{name}\b", code)]
     assert not missing, f"exported by innerloop.train, named nowhere in training.md: {missing}"
     assert f"`IGNORE_INDEX` ({innerloop.train.IGNORE_INDEX}," in page
+
+
+@pytest.mark.parametrize("module", ["innerloop.config", "innerloop.models"])
+def test_every_name_the_training_packages_export_is_in_the_docs(module: str) -> None:
+    """innerloop.config's preset_names, save_config, validate_run_config and its section classes, and
+    innerloop.models' Block, build_mixer, sample_next, the validate_* checks, MIXERS and BACKBONES were
+    exported and on no page."""
+    import importlib
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # e2e.md has E2EConfig, ...
+    text = "\n".join(page.read_text(encoding="utf-8") for page in pages)
+    code = "\n".join(re.findall(r"```.*?```|`[^`\n]+`", text, re.S))
+    names = importlib.import_module(module).__all__
+    missing = [name for name in names if not re.search(rf"\b{name}\b", code)]
+    assert not missing, f"exported by {module}, named on no page: {missing}"

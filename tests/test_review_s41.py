@@ -1,12 +1,17 @@
-"""Session 41: a TTT-E2E call that trains on no chunk runs under torch.func transforms, and is right there."""
+"""Session 41: a TTT-E2E call that trains on no chunk runs under torch.func transforms, and is right there;
+evaluation metrics that did not sync across processes are refused, never logged."""
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
+from lm_testing import TINY
 from torch.func import functional_call, grad, jvp
 
+from innerloop.config import load_config
 from innerloop.models import build_model
+from innerloop.train import train
 
 
 def _model(chunk_size: int) -> torch.nn.Module:
@@ -53,3 +58,26 @@ def test_e2e_call_that_trains_a_chunk_is_still_refused_under_torch_func(length):
     weight = model.embed.weight.detach()
     with pytest.raises(TypeError, match=r"torch.func transforms .*forward_ad"):
         grad(lambda w: functional_call(model, {"embed.weight": w}, (ids,))[0].sum())(weight)
+
+
+class _MetricsNeverSync(L.Callback):
+    """Makes torchmetrics skip the evaluation metrics' sync on every process (``bool()`` is False: "not
+    distributed"), as a run did once whose val_ppl was rank 0's shard alone (session 41's first full suite)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.val_ppl.distributed_available_fn = bool
+
+
+@pytest.mark.slow  # reason: two processes (ddp_spawn on CPU) train 2 steps and validate (~12 s)
+def test_evaluation_metrics_not_combined_across_processes_are_refused_not_logged(tmp_path) -> None:
+    # the number logged was one process's shard (max over the processes of their own val_ppl), silently
+    overrides = [
+        *TINY,
+        "data.batch_size=5",
+        "trainer.max_steps=2",
+        "trainer.val_every=2",
+        "trainer.devices=2",
+    ]
+    run, cfg = load_config("tiny", [*overrides, "trainer.strategy=ddp_spawn", f"out_dir={tmp_path}"])
+    with pytest.raises(Exception, match=r"val_\* metrics were not combined across the 2 processes"):
+        train(run, cfg, callbacks=[_MetricsNeverSync()])

@@ -693,6 +693,7 @@ class LanguageModelModule(L.LightningModule):
     def _log_evaluation(self, prefix: str, diagnostics_prefix: str) -> None:
         """Log the evaluation metrics under ``prefix`` (``val_loss``, ``test_loss``, ...) and reset them."""
         log = self.log_synced
+        self._check_metrics_combined(prefix)
         # val_loss is the mean over scored tokens (not over batches, which may differ in size or padding),
         # from the float64 sums (synced across processes once); val_ppl = exp(val_loss), inf once the mean
         # passes about 709.8 nats, where log(val_ppl) would be too (val_loss logged in float32, as before)
@@ -712,6 +713,24 @@ class LanguageModelModule(L.LightningModule):
                 log(f"{diagnostics_prefix}inner_loss_before/{layer}", before[layer])
                 log(f"{diagnostics_prefix}inner_loss_after/{layer}", after[layer])
         self.inner_diagnostics.reset()
+
+    def _check_metrics_combined(self, prefix: str) -> None:
+        """Under several processes, raise unless the evaluation metrics' count of scored tokens, synced
+        across the processes, is the sum of every process's own count (an all-reduce apart from
+        torchmetrics' sync): one process's shard must never be logged as the whole evaluation's number."""
+        if self._trainer is None or self.trainer.world_size < 2:
+            return
+        own = self.val_ppl.count.detach().clone()
+        summed = self.trainer.strategy.reduce(own.clone(), reduce_op="sum")  # reduced in place
+        with self.val_ppl.sync_context():
+            synced = self.val_ppl.count.detach().clone()
+        if int(summed) != int(synced):
+            raise RuntimeError(
+                f"the {prefix}* metrics were not combined across the {self.trainer.world_size} processes: they "
+                f"count {int(synced)} scored tokens where the processes scored {int(summed)} together (this "
+                f"process {int(own)}); the metric states did not sync (torchmetrics' sync_context), so no "
+                "number of this evaluation is logged"
+            )
 
     def log_synced(self, name: str, value: Any, **options: Any) -> None:
         """``self.log`` of an epoch-level value that is already the same on every process (its metric

@@ -258,7 +258,7 @@ is encoded a group at a time, each group's ids kept as an int64 tensor (8 bytes 
 
 TOKENIZE_BYTES_PER_BYTE = 150
 """The memory the tokenizers library typically takes to encode one text, per byte of it (measured at
-8-10 MB: 104 to 187 bytes for BPE, WordPiece, WordLevel and Unigram models on prose and Python source;
+8-10 MB: about 100 to 195 bytes for BPE, WordPiece, WordLevel and Unigram models on prose and Python source;
 1.6 GB for 10 MB of Python source with a 1,024-token BPE). A file expected to need more than this
 machine's memory is warned about (:class:`TokenizerMemoryWarning`): it may be killed by the system."""
 

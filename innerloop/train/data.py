@@ -845,11 +845,13 @@ class HFDataModule(L.LightningDataModule):
         self._recorded_test_digest: str | None = None  # its test windows' (test_fraction > 0)
 
     def setup(self, stage: str | None = None) -> None:
-        """Open the dataset and read the validation windows; at ``test_fraction`` > 0 the test windows too,
-        for any ``stage`` but ``"validate"`` (an evaluation of the validation windows)."""
+        """Open the dataset and read the validation windows, for any ``stage`` but ``"test"`` (an evaluation
+        of the test windows, which need not fill a validation window); at ``test_fraction`` > 0 the test
+        windows too, for any ``stage`` but ``"validate"`` (an evaluation of the validation windows)."""
         if self.dataset is None:
             self._files = files_record(source_files(self.paths))
             self.dataset = open_hf_dataset(self.paths, self.split, self.streaming, self.text_field)
+        if self.val_examples is None and stage != "test":
             self.val_examples, self._validation_digest = self._held_out_windows("validation")
         if self.test_fraction > 0 and stage != "validate" and self.test_examples is None:
             self.test_examples, self._test_digest = self._held_out_windows("test")

@@ -358,3 +358,36 @@ def test_hf_data_without_a_test_document_is_refused_by_name_but_still_validates(
     module = HFDataModule([str(docs)], seq_len=16, batch_size=3, val_batches=2, test_fraction=0.001)
     module.setup("validate")  # an evaluation of the validation windows reads no test document
     assert module.val_examples is not None and module.test_examples is None
+
+
+def _short_validation_documents(root: Path) -> Path:
+    """120 jsonl records whose validation documents (every 10th) are one letter and the others long: the
+    validation text fills a window of 16 tokens and not one of 64; the test text fills many of 64."""
+    docs = root / "short-validation.jsonl"
+    text = [("x" if is_validation(i, 0.1) else f"document {i}: the quick brown fox " * 4) for i in range(120)]
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in text))
+    return docs
+
+
+def test_hf_test_windows_are_read_without_the_validation_windows(tmp_path) -> None:
+    # setup("test") read the validation windows too, and failed where they fill no window at this length
+    docs = _short_validation_documents(tmp_path)
+    module = HFDataModule([str(docs)], seq_len=64, batch_size=2, val_batches=1, test_fraction=0.2)
+    with pytest.raises(DataError, match="the validation documents hold fewer than data.seq_len"):
+        module.setup()
+    module = HFDataModule([str(docs)], seq_len=64, batch_size=2, val_batches=1, test_fraction=0.2)
+    module.setup("test")
+    assert module.val_examples is None and module.test_examples is not None
+    assert module.test_examples[0].shape == (2, 64)
+
+
+@pytest.mark.slow  # reason: trains a tiny run (a few seconds), then evaluates it
+def test_eval_of_an_hf_runs_test_windows_at_another_seq_len(tmp_path) -> None:
+    # eval --held-out test --seq-len 64 failed with validation's message (no validation window of 64)
+    docs = _short_validation_documents(tmp_path)
+    checkpoint = _trained(tmp_path, "hf", docs, "data.name=hf", "data.test_fraction=0.2")
+    metrics, _, _ = evaluate(checkpoint, held_out="test", seq_len=64, batches=1, progress_bar=False)
+    module = HFDataModule([str(docs)], seq_len=64, batch_size=4, val_batches=1, test_fraction=0.2)
+    module.setup("test")
+    assert metrics["windows"] == 4
+    assert metrics["val_ppl"] == pytest.approx(_perplexity(checkpoint, *module.test_examples), rel=1e-5)

@@ -460,6 +460,10 @@ class TextDataModule(_IndexedDataModule):
         if stage == "test":
             self.test_bytes = read_tokens(test, self.tokenizer)
             return
+        if stage != "validate" and test and not isinstance(self.tokenizer, ByteTokenizer):
+            # the config checked the test files' bytes; a tokenizer makes fewer tokens of them (counted, not kept)
+            count = len(read_tokens(test, self.tokenizer))
+            check_test_length(count, len(files), self.seq_len, self.test_fraction, self._unit)
         if self.val_bytes is None:
             self.val_bytes = read_tokens(val, self.tokenizer)
         if stage != "validate":

@@ -29,6 +29,7 @@ from innerloop.data.text import (
     split_text_files,
     text_split_lengths,
 )
+from innerloop.data.tokenizer import train_bpe
 from innerloop.train import train
 from innerloop.train.compare import compare
 from innerloop.train.data import (
@@ -391,3 +392,24 @@ def test_eval_of_an_hf_runs_test_windows_at_another_seq_len(tmp_path) -> None:
     module.setup("test")
     assert metrics["windows"] == 4
     assert metrics["val_ppl"] == pytest.approx(_perplexity(checkpoint, *module.test_examples), rel=1e-5)
+
+
+def test_a_test_split_too_short_in_tokens_is_refused_before_training(tmp_path) -> None:
+    # the config counts the test files' bytes; a tokenizer made fewer tokens of them, and the split was
+    # found too short only at `eval --held-out test`, after the training it cannot be changed without
+    folder = tmp_path / "files"
+    folder.mkdir()
+    names = [folder / f"f{i:02d}.txt" for i in range(40)]
+    for path in names:
+        path.touch()
+    _, test, _ = split_test_files(names, 0.1, 0.2)
+    assert test  # the files whose hash is in the test band: one long run of a letter each, merged by the BPE
+    for i, path in enumerate(names):
+        path.write_text("a" * 100 if path in test else "".join(_line(f"{i}.{j}") for j in range(12)))
+    tokenizer = train_bpe(["a" * 5000, "line one two three"], 300)
+    module = TextDataModule(
+        [str(folder)], seq_len=64, batch_size=2, val_batches=1, tokenizer=tokenizer, test_fraction=0.2
+    )
+    check_text_split(sorted(names), 0.1, 64, None, 0.2)  # the bytes suffice
+    with pytest.raises(DataError, match=r"the test text \(the held-out test files\) has \d+ tokens, fewer"):
+        module.setup()

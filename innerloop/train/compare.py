@@ -284,8 +284,9 @@ def compare(
     tokenizer = _common_tokenizer(checkpoints, names)
     seq_lens = list(dict.fromkeys(seq_lens or [training_seq_len(reference.module, reference.checkpoint)]))
     notes = _logged_notes(models, base, paths, held_out, seq_lens)
-    comparison = Comparison(models, base, [], {}, confidence, resamples, seed, "", notes=notes)
-    comparison.held_out = held_out
+    comparison = Comparison(
+        models, base, [], {}, confidence, resamples, seed, "", notes=notes, held_out=held_out
+    )
     for seq_len in seq_lens:
         windows = evaluation_windows(
             reference.checkpoint, reference.module, paths, seq_len, batch_size, batches, tokenizer, split,

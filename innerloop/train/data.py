@@ -970,22 +970,20 @@ class HFDataModule(L.LightningDataModule):
         before them moves documents between training and validation, and the resumed run would train on
         documents it validated on (documents appended at the end keep every number and side).
         ``would``, ``fix``: what would go wrong and what to do, for another use (an evaluation's)."""
-        recorded, now = self._recorded_digest, self._validation_digest
-        if recorded is not None and now is not None and recorded != now:
-            raise DataError(
-                f"the validation windows of data.paths={self.paths!r} (split={self.split!r}) differ from those "
-                "the checkpoint was validated on: documents were inserted, removed or edited among the "
-                "first held-out ones (every 1/data.val_fraction-th by number), which moves documents between "
-                f"training and validation, so {would}; {fix}"
-            )
-        recorded, now = self._recorded_test_digest, self._test_digest
-        if recorded is not None and now is not None and recorded != now:
-            raise DataError(
-                f"the test windows of data.paths={self.paths!r} (split={self.split!r}) differ from those the "
-                "checkpoint recorded: documents were inserted, removed or edited among the first test ones "
-                "(data.test_fraction), which moves documents between training and test, so "
-                f"{would.replace('validated on', 'held out for test')}; {fix}"
-            )
+        data = f"data.paths={self.paths!r} (split={self.split!r})"
+        checks = (
+            (self._recorded_digest, self._validation_digest, f"the validation windows of {data} differ from "
+             "those the checkpoint was validated on: documents were inserted, removed or edited among the first "
+             "held-out ones (every 1/data.val_fraction-th by number), which moves documents between training "
+             f"and validation, so {would}; {fix}"),
+            (self._recorded_test_digest, self._test_digest, f"the test windows of {data} differ from those the "
+             "checkpoint recorded: documents were inserted, removed or edited among the first test ones "
+             "(data.test_fraction), which moves documents between training and test, so "
+             f"{would.replace('validated on', 'held out for test')}; {fix}"),
+        )  # fmt: skip
+        for recorded, now, message in checks:
+            if recorded is not None and now is not None and recorded != now:
+                raise DataError(message)
 
     def check_recorded_validation(
         self, state: dict[str, Any], would: str, fix: str, held_out: str = "val"

@@ -5,6 +5,7 @@ the TTT language model the precision and compile tests compare against eager flo
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -15,10 +16,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 
 from innerloop.models import build_model
 from innerloop.models.config import ModelConfig, TTTConfig
 from innerloop.train.checkpoint import load_checkpoint
+from innerloop.train.data import IGNORE_INDEX
+from innerloop.train.module import load_module
 
 TINY = [
     "model.hidden_size=32",
@@ -145,3 +149,13 @@ class PressCtrlC(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.at_step:
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def direct_perplexity(checkpoint: Path, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """The perplexity of ``checkpoint``'s model on ``inputs [N, T]`` / ``targets [N, T]``, computed directly
+    (float64 cross-entropy over the scored tokens): the reference eval and compare are checked against."""
+    model = load_module(checkpoint).model.eval()
+    with torch.no_grad():
+        logits = model(inputs)[0]
+    loss = F.cross_entropy(logits.double().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return math.exp(float(loss))

@@ -7,15 +7,13 @@ and a launch that fails before its first checkpoint leaves no run behind."""
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from lm_testing import TINY
+from lm_testing import TINY, direct_perplexity
 
 from innerloop.cli import main
 from innerloop.config.load import ConfigError, load_config, save_config
@@ -23,8 +21,8 @@ from innerloop.data.tokenizer import ByteTokenizer
 from innerloop.train import train
 from innerloop.train.checkpoint import save_checkpoint
 from innerloop.train.compare import compare
-from innerloop.train.data import IGNORE_INDEX, DataError, HFDataModule, TextDataModule, spread_windows
-from innerloop.train.module import LanguageModelModule, load_module
+from innerloop.train.data import DataError, HFDataModule, TextDataModule, spread_windows
+from innerloop.train.module import LanguageModelModule
 from innerloop.train.run import evaluate
 from innerloop.train.run_dir import refuse_previous_run
 
@@ -56,15 +54,6 @@ def _run_folder(out: Path, data: list[str], seed: int = 0) -> Path:
     return checkpoint
 
 
-def _perplexity(checkpoint: Path, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """The model's perplexity on the windows, computed directly (float64 cross-entropy)."""
-    model = load_module(checkpoint).model.eval()
-    with torch.no_grad():
-        logits = model(inputs)[0]
-    loss = F.cross_entropy(logits.double().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-    return math.exp(float(loss))
-
-
 def _hf_validation(path: Path, seq_len: int, batch_size: int, val_batches: int) -> tuple[torch.Tensor, ...]:
     module = HFDataModule([str(path)], seq_len=seq_len, batch_size=batch_size, val_batches=val_batches)
     module.setup()
@@ -82,14 +71,14 @@ def test_eval_of_an_hf_run_scores_its_validation_windows_rewindowed_on_request(t
     metrics, csv_path, _ = evaluate(checkpoint, out_dir=tmp_path / "hf", progress_bar=False)
     inputs, targets = _hf_validation(jsonl, SEQ_LEN, BATCH, VAL_BATCHES)
     assert metrics["windows"] == BATCH * VAL_BATCHES == len(inputs)
-    assert metrics["val_ppl"] == pytest.approx(_perplexity(checkpoint, inputs, targets), rel=1e-5)
+    assert metrics["val_ppl"] == pytest.approx(direct_perplexity(checkpoint, inputs, targets), rel=1e-5)
     assert csv_path is not None and "_hf-val-" in csv_path.name
     assert "the run's validation windows (data.name='hf'" in capsys.readouterr().out
 
     metrics = evaluate(checkpoint, seq_len=8, batches=1, progress_bar=False)[0]  # re-windowed
     inputs, targets = _hf_validation(jsonl, 8, BATCH, 1)
     assert metrics["windows"] == BATCH and inputs.shape == (BATCH, 8)
-    assert metrics["val_ppl"] == pytest.approx(_perplexity(checkpoint, inputs, targets), rel=1e-5)
+    assert metrics["val_ppl"] == pytest.approx(direct_perplexity(checkpoint, inputs, targets), rel=1e-5)
 
 
 @pytest.mark.slow  # reason: ~1 s: trains two runs on HF data files, then compares them
@@ -103,7 +92,7 @@ def test_compare_of_hf_runs_scores_their_validation_windows(tmp_path, capsys) ->
     comparison = compare([r.parent for r in runs])
     inputs, targets = _hf_validation(jsonl, SEQ_LEN, BATCH, VAL_BATCHES)
     for m, checkpoint in enumerate(runs):
-        direct = _perplexity(checkpoint, inputs, targets)
+        direct = direct_perplexity(checkpoint, inputs, targets)
         assert comparison.lengths[0].perplexity(m) == pytest.approx(direct, rel=1e-5)
 
 
@@ -116,7 +105,9 @@ def test_eval_of_a_trained_hf_run_equals_its_final_validation_and_a_direct_compu
     metrics = evaluate(result.checkpoint, progress_bar=False)[0]
     assert metrics["val_ppl"] == pytest.approx(result.metrics["val_ppl"], rel=1e-5)
     inputs, targets = _hf_validation(jsonl, run.data.seq_len, run.data.batch_size, 2)
-    assert metrics["val_ppl"] == pytest.approx(_perplexity(result.checkpoint, inputs, targets), rel=1e-5)
+    assert metrics["val_ppl"] == pytest.approx(
+        direct_perplexity(result.checkpoint, inputs, targets), rel=1e-5
+    )
 
 
 # -- item 2: where the run's data is, and a config.yaml that cannot be used ---------------------------
@@ -156,7 +147,9 @@ def test_relative_paths_of_an_older_config_are_read_from_here_and_say_so(
     assert "relative data.paths ['docs/*.py'], read from the current directory" in printed
     module = TextDataModule([str(tmp_path / "project/docs/code.py")], SEQ_LEN, BATCH, val_batches=VAL_BATCHES)
     module.setup()
-    assert metrics["val_ppl"] == pytest.approx(_perplexity(checkpoint, *module.make_val_examples()), rel=1e-5)
+    assert metrics["val_ppl"] == pytest.approx(
+        direct_perplexity(checkpoint, *module.make_val_examples()), rel=1e-5
+    )
 
     monkeypatch.chdir(tmp_path)  # the glob matches nothing here: an error, not the default corpus
     with pytest.raises(
@@ -215,7 +208,7 @@ def test_data_files_of_an_hf_run_are_read_as_its_documents_not_their_json(tmp_pa
     stream = torch.tensor([t for d in DOCUMENTS for t in (*d.encode(), ByteTokenizer().eos_id)])
     inputs, targets = spread_windows(stream, SEQ_LEN, 16)
     assert not any(b'"text"' in bytes(row.tolist()) for row in inputs)
-    assert metrics["val_ppl"] == pytest.approx(_perplexity(checkpoint, inputs, targets), rel=1e-5)
+    assert metrics["val_ppl"] == pytest.approx(direct_perplexity(checkpoint, inputs, targets), rel=1e-5)
 
 
 def test_dataset_files_for_a_checkpoint_without_its_run_are_refused(tmp_path, capsys) -> None:
@@ -234,7 +227,7 @@ def test_data_files_of_a_text_run_are_read_as_text(tmp_path) -> None:
     checkpoint = _run_folder(tmp_path / "run", [f"data.paths=[{tmp_path / 'code.py'}]"])
     metrics = evaluate(checkpoint, [str(jsonl)], batches=1, progress_bar=False)[0]
     inputs, targets = spread_windows(torch.tensor([*jsonl.read_bytes(), 0]), SEQ_LEN, 16)
-    assert metrics["val_ppl"] == pytest.approx(_perplexity(checkpoint, inputs, targets), rel=1e-5)
+    assert metrics["val_ppl"] == pytest.approx(direct_perplexity(checkpoint, inputs, targets), rel=1e-5)
 
 
 # -- item 11: output names follow the data ------------------------------------------------------------

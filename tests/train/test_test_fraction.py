@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from lm_testing import TINY
+from lm_testing import TINY, direct_perplexity
 
 from innerloop.checkpoints import recorded_entry
 from innerloop.cli import main
@@ -33,13 +31,11 @@ from innerloop.data.tokenizer import train_bpe
 from innerloop.train import train
 from innerloop.train.compare import compare
 from innerloop.train.data import (
-    IGNORE_INDEX,
     DataError,
     HFDataModule,
     TextDataModule,
     validation_file_keys,
 )
-from innerloop.train.module import load_module
 from innerloop.train.run import evaluate, run_data_record
 
 MODEL = {"hidden_size": 16, "num_heads": 2, "num_layers": 1, "intermediate_size": 32}
@@ -244,14 +240,6 @@ def _trained(tmp_path: Path, name: str, paths: Path, *overrides: str) -> Path:
     return train(run, cfg).checkpoint
 
 
-def _perplexity(checkpoint: Path, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-    model = load_module(checkpoint).model.eval()
-    with torch.no_grad():
-        logits = model(inputs)[0]
-    loss = F.cross_entropy(logits.double().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-    return math.exp(float(loss))
-
-
 @pytest.mark.slow  # reason: trains two tiny runs (a few seconds), evaluates and compares them
 def test_eval_and_compare_score_the_runs_test_windows_named_test(tmp_path, capsys) -> None:
     corpus = _corpus(tmp_path)
@@ -268,7 +256,7 @@ def test_eval_and_compare_score_the_runs_test_windows_named_test(tmp_path, capsy
     assert "_text-test-" in csv_path.name and "-val-" not in csv_path.name
     metrics = evaluate(checkpoint, held_out="test", progress_bar=False)[0]
     assert metrics["val_ppl"] == pytest.approx(
-        _perplexity(checkpoint, *module.make_test_examples()), rel=1e-5
+        direct_perplexity(checkpoint, *module.make_test_examples()), rel=1e-5
     )
     validation = evaluate(checkpoint, progress_bar=False)[0]
     assert validation["val_ppl"] != metrics["val_ppl"]
@@ -312,7 +300,7 @@ def test_eval_of_an_hf_runs_test_windows(tmp_path) -> None:
     module.setup()
     assert recorded_entry(checkpoint, "HFDataModule")["test_digest"] == module.state_dict()["test_digest"]
     metrics, csv_path, _ = evaluate(checkpoint, held_out="test", out_dir=tmp_path / "ev", progress_bar=False)
-    assert metrics["val_ppl"] == pytest.approx(_perplexity(checkpoint, *module.test_examples), rel=1e-5)
+    assert metrics["val_ppl"] == pytest.approx(direct_perplexity(checkpoint, *module.test_examples), rel=1e-5)
     assert csv_path is not None and "_hf-test-" in csv_path.name
     lines = docs.read_text().splitlines(keepends=True)
     first = next(n for n in range(len(lines)) if is_test(n, 0.1, 0.2))
@@ -391,7 +379,7 @@ def test_eval_of_an_hf_runs_test_windows_at_another_seq_len(tmp_path) -> None:
     module = HFDataModule([str(docs)], seq_len=64, batch_size=4, val_batches=1, test_fraction=0.2)
     module.setup("test")
     assert metrics["windows"] == 4
-    assert metrics["val_ppl"] == pytest.approx(_perplexity(checkpoint, *module.test_examples), rel=1e-5)
+    assert metrics["val_ppl"] == pytest.approx(direct_perplexity(checkpoint, *module.test_examples), rel=1e-5)
 
 
 def test_a_test_split_too_short_in_tokens_is_refused_before_training(tmp_path) -> None:

@@ -40,27 +40,6 @@ def test_attention_func_jvp_matches_finite_differences():
     torch.testing.assert_close(got, _central_difference(q, k, v, tangent, bounds), rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="double backward through CPU's fused SDPA meets torch's bare 'derivative for "
-    "aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented'; fix: a once-differentiable "
-    "autograd.Function around attend() whose second backward raises one error naming needs_double_backward, "
-    "and a CausalSelfAttention.needs_double_backward flag that runs attend() on the math kernel (as E2E's "
-    "create_graph inner step already does); until then docs/architecture.md ('Gradients of gradients and "
-    "torch.func') names the remedy, torch's sdpa_kernel(SDPBackend.MATH)",
-)
-def test_attention_double_backward_is_right_or_refused_by_name():
-    q, k, v, _ = _qkv()
-    q.requires_grad_()
-    try:
-        grad_q = torch.autograd.grad(
-            sliding_window_attention(q, k, v, 5, [0, 12]).pow(2).sum(), q, create_graph=True
-        )
-        torch.autograd.grad(grad_q[0].sum(), q)
-    except RuntimeError as err:
-        assert "needs_double_backward" in str(err)
-
-
 @pytest.mark.parametrize("mixer", ["ttt", "e2e"])
 def test_vmap_over_input_ids_is_one_error_naming_them(mixer):
     # it met torch's bare 'Cannot access data pointer of Tensor that doesn't have storage' (the id range check)

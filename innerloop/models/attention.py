@@ -226,13 +226,75 @@ def block_bounds(start: int, stop: int, size: int) -> list[int]:
     return [start, *range(start - start % size + size, stop, size), stop]
 
 
+def _enabled_backends() -> list[SDPBackend]:
+    """The SDPA backends torch may pick now (``sdpa_kernel`` narrows them)."""
+    flags = {
+        SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,  # also CPU's fused kernel
+        SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
+        SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled,
+        SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled,
+    }
+    return [backend for backend, enabled in flags.items() if enabled()]
+
+
+class _TwiceDifferentiableAttention(torch.autograd.Function):
+    """SDPA on whichever kernel torch picks, with a backward that is itself differentiable.
+
+    The fused kernels (CPU's, flash, memory-efficient, cuDNN) have no double backward. This function
+    runs the kernel torch picks and keeps its graph; a first-order backward is that kernel's own
+    (the same numbers as calling SDPA directly), and a ``create_graph=True`` backward recomputes the
+    attention on the math kernel, made of differentiable ops, so that its gradients have a backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict) -> torch.Tensor:
+        ctx.options, ctx.backends = options, _enabled_backends()
+        ctx.save_for_backward(q, k, v)
+        ctx.graph = _attention_graph(q, k, v, options, ctx.backends)
+        return ctx.graph[0].detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        inputs = ctx.saved_tensors
+        wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
+        if torch.is_grad_enabled():  # create_graph=True: a backward with a backward of its own
+            with sdpa_kernel([SDPBackend.MATH]):
+                out = F.scaled_dot_product_attention(*inputs, **ctx.options)
+            grads = torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out, create_graph=True)
+        else:  # the picked kernel's backward; again (retain_graph=True) from a recomputed forward
+            out, detached = ctx.graph or _attention_graph(*inputs, ctx.options, ctx.backends)
+            ctx.graph = None  # its buffers go now, as SDPA's own backward frees them
+            grads = torch.autograd.grad(out, [detached[i] for i in wanted], grad_out)
+        by_input = dict(zip(wanted, grads, strict=True))
+        return by_input.get(0), by_input.get(1), by_input.get(2), None
+
+
+def _attention_graph(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict, backends: list[SDPBackend]
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """``(out, (q, k, v) detached)``: SDPA on ``backends`` with its graph from the detached inputs."""
+    detached = tuple(t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
+    with torch.enable_grad(), sdpa_kernel(backends):
+        return F.scaled_dot_product_attention(*detached, **options), detached
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) -> torch.Tensor:
-    """``F.scaled_dot_product_attention``; under forward-mode AD on torch's math kernel: CPU's fused
-    kernel has no forward derivative (torch raised a bare NotImplementedError from jvp, jacfwd or a
-    dual tensor), the math kernel, made of differentiable ops, has one."""
-    if not torch.compiler.is_compiling() and transformed_or_dual((q, k, v)):  # dynamo reads no such flag
+    """``F.scaled_dot_product_attention``, differentiable to any order.
+
+    Under forward-mode AD or a torch.func transform it runs on torch's math kernel: CPU's fused kernel
+    has no forward derivative (torch raised a bare NotImplementedError from jvp, jacfwd or a dual
+    tensor). Under autograd with a fused kernel allowed it runs through
+    :class:`_TwiceDifferentiableAttention`, whose ``create_graph=True`` backward is differentiable (the
+    fused kernels' is not: torch raised "derivative for ..._backward is not implemented" in the second
+    backward). While compiling, SDPA as it is (dynamo reads neither flag)."""
+    if torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, **options)
+    if transformed_or_dual((q, k, v)):
         with sdpa_kernel([SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, k, v, **options)
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if tracked and _enabled_backends() != [SDPBackend.MATH]:
+        return _TwiceDifferentiableAttention.apply(q, k, v, options)
     return F.scaled_dot_product_attention(q, k, v, **options)
 
 

@@ -1,0 +1,114 @@
+"""Attention is differentiable to any order under autograd (innerloop.models.attention.attend).
+
+Torch's fused SDPA kernels (CPU's among them) have no double backward: a ``create_graph=True`` gradient
+through attention failed in its second backward with torch's bare "derivative for
+aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented". ``attend`` now runs the
+fused kernel with a backward that, under ``create_graph=True``, recomputes the attention on the math
+kernel; a first-order backward is the fused kernel's own, bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from innerloop.models import build_model
+from innerloop.models.attention import attend, sliding_window_attention
+
+
+def _qkv(dtype: torch.dtype = torch.float64, length: int = 12) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(2, 2, length, 4, dtype=dtype, generator=gen).requires_grad_() for _ in range(3))
+
+
+def _second_order(q, k, v, call):
+    """d/d(q, k, v) of the sum of ``d |call(q, k, v)|^2 / dq``: a gradient of a gradient."""
+    (grad_q,) = torch.autograd.grad(call(q, k, v).pow(2).sum(), q, create_graph=True)
+    return torch.autograd.grad(grad_q.sum(), (q, k, v))
+
+
+CALLS = {
+    "sliding window, blocks": lambda q, k, v: sliding_window_attention(q, k, v, 5, [0, 7, 12]),
+    "causal": lambda q, k, v: attend(q, k, v, is_causal=True),
+    "bool mask": lambda q, k, v: attend(q, k, v, attn_mask=torch.ones(12, 12, dtype=torch.bool).tril()),
+}
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_double_backward_equals_the_math_kernels(name):
+    q, k, v = _qkv()
+    got = _second_order(q, k, v, CALLS[name])
+    with sdpa_kernel([SDPBackend.MATH]):  # made of differentiable ops: torch's own second derivative
+        want = _second_order(q, k, v, CALLS[name])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_double_backward_passes_gradgradcheck():
+    # second derivatives against finite differences of the first, in float64 (small: gradgradcheck
+    # perturbs every input and every output's gradient)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 1, 5, 2, dtype=torch.float64, generator=gen).requires_grad_() for _ in range(3))
+    call = lambda q, k, v: sliding_window_attention(q, k, v, 3, [0, 3, 5])  # noqa: E731
+    assert torch.autograd.gradgradcheck(call, (q, k, v), fast_mode=True)
+
+
+def test_first_order_is_the_fused_kernels_bit_for_bit_and_frees_its_graph():
+    q, k, v = _qkv(torch.float32)
+    mask = torch.ones(12, 12, dtype=torch.bool).tril()
+    out = attend(q, k, v, attn_mask=mask)
+    upstream = torch.randn_like(out)
+    want_out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    want = torch.autograd.grad(want_out, (q, k, v), upstream)
+    first = torch.autograd.grad(out, (q, k, v), upstream, retain_graph=True)
+    assert torch.equal(out, want_out)
+    assert all(torch.equal(g, w) for g, w in zip(first, want, strict=True))
+    assert out.grad_fn.graph is None  # the kernel's saved buffers went with its backward
+    again = torch.autograd.grad(out, (q, k, v), upstream)  # retain_graph: from a recomputed forward
+    assert all(torch.equal(g, w) for g, w in zip(again, want, strict=True))
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(out, (q, k, v), upstream)
+
+
+def test_only_the_inputs_that_require_grad_get_one():
+    q, k, v = _qkv()
+    k.requires_grad_(False)
+    out = attend(q, k, v, is_causal=True)
+    grads = torch.autograd.grad(out.sum(), (q, v), create_graph=True)
+    with sdpa_kernel([SDPBackend.MATH]):
+        want = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True).sum(), (q, v))
+    for g, w in zip(grads, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "section",
+    [
+        {"mixer": "attention"},
+        {"mixer": "swa", "window": 3},
+        {"mixer": "e2e", "window": 3, "intermediate_size": 16, "e2e": {"test_time_training": False}},
+    ],
+    ids=["attention", "swa", "e2e-swa"],
+)
+def test_a_gradient_penalty_through_a_language_model(section):
+    model = build_model(
+        {"vocab_size": 11, "hidden_size": 8, "num_layers": 2, "num_heads": 2, **section}
+    ).double()
+    ids = torch.randint(0, 11, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def penalty_gradients():
+        params = list(model.parameters())
+        loss = model(ids)[0].pow(2).mean()
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        return torch.autograd.grad(sum(g.pow(2).sum() for g in grads), params, allow_unused=True)
+
+    got = penalty_gradients()  # torch's bare NotImplementedError in the second backward before
+    with sdpa_kernel([SDPBackend.MATH]):
+        want = penalty_gradients()
+    for g, w in zip(got, want, strict=True):
+        if w is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)

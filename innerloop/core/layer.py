@@ -730,7 +730,11 @@ class TTTLayer(nn.Module):
         # Inner learning rate: a gate per head, and the learnable token-index offsets delta.
         self.learnable_ttt_lr_weight = nn.Parameter(torch.randn(num_heads, 1, hidden_size) * 0.02)
         self.learnable_ttt_lr_bias = nn.Parameter(torch.zeros(num_heads, 1))
-        self.learnable_token_idx = nn.Parameter(torch.zeros(mini_batch_size))
+        # A rule without a token scale (momentum) never reads the offsets: they stay in the state dict but
+        # are frozen, as DDP refuses a trainable parameter that gets no gradient (and AdamW skips them).
+        self.learnable_token_idx = nn.Parameter(
+            torch.zeros(mini_batch_size), requires_grad=self.update_rule.uses_token_scale
+        )
         for name, table in self.derived_buffers().items():  # token_idx, rope_inv_freq
             self.register_buffer(name, table, persistent=False)
 

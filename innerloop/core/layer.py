@@ -571,6 +571,18 @@ def _output_is_scratch(module: nn.Module) -> bool:
     return type(module) is nn.Linear and not module._forward_hooks and not global_hooks
 
 
+def _without_token_scale(lr: torch.Tensor, tau: torch.Tensor | None) -> torch.Tensor:
+    """``lr`` for an update rule that reads no token scale (``uses_token_scale = False``: momentum), tied
+    to ``tau`` with weight 0 where ``tau`` needs a gradient: the same numbers (``x + 0.0 == x``), and the
+    parameters ``tau`` is made of (``learnable_token_idx``) get a zero gradient rather than none. DDP
+    refuses a trainable parameter no loss reaches ('parameters that were not used in producing the
+    loss'); freezing it instead would change the optimizer's parameter groups, which a checkpoint
+    written before could then not resume into."""
+    if tau is None or not (torch.is_grad_enabled() and tau.requires_grad):
+        return lr
+    return lr + 0.0 * tau.sum().to(lr.dtype)
+
+
 class TTTLayer(nn.Module):
     """A TTT sequence layer (TTT-Linear, TTT-MLP, or any registered inner model / loss / rule).
 
@@ -730,11 +742,7 @@ class TTTLayer(nn.Module):
         # Inner learning rate: a gate per head, and the learnable token-index offsets delta.
         self.learnable_ttt_lr_weight = nn.Parameter(torch.randn(num_heads, 1, hidden_size) * 0.02)
         self.learnable_ttt_lr_bias = nn.Parameter(torch.zeros(num_heads, 1))
-        # A rule without a token scale (momentum) never reads the offsets: they stay in the state dict but
-        # are frozen, as DDP refuses a trainable parameter that gets no gradient (and AdamW skips them).
-        self.learnable_token_idx = nn.Parameter(
-            torch.zeros(mini_batch_size), requires_grad=self.update_rule.uses_token_scale
-        )
+        self.learnable_token_idx = nn.Parameter(torch.zeros(mini_batch_size))
         for name, table in self.derived_buffers().items():  # token_idx, rope_inv_freq
             self.register_buffer(name, table, persistent=False)
 
@@ -1459,7 +1467,7 @@ class TTTLayer(nn.Module):
         # dtype for the post-norm and o_proj (under autocast those choose their own dtype).
         decay, momentum = self.forgetting(x)
         if not self.update_rule.uses_token_scale:
-            tau = None
+            lr, tau = _without_token_scale(lr, tau), None
         under_autocast = autocasting(x.device.type)
         views, (lr, tau, decay, momentum) = self.in_scan_dtype(views, lr, tau, decay, momentum)
         with torch.autocast(x.device.type, enabled=False) if under_autocast else nullcontext():

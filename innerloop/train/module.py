@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from innerloop.checkpoints import (
@@ -682,6 +683,23 @@ class LanguageModelModule(L.LightningModule):
         kept = scored.any(dim=1)  # [B]: a row that scores nothing (multi-process padding) is not diagnosed
         if captured and bool(kept.any()):
             self._update_inner_diagnostics({i: x[kept] for i, x in captured[0].items()})
+
+    def on_validation_epoch_start(self) -> None:
+        self._own_metric_states()
+
+    def on_test_epoch_start(self) -> None:
+        self._own_metric_states()
+
+    def _own_metric_states(self) -> None:
+        """Reset every evaluation metric (their states are their defaults between evaluations: a no-op but
+        for memory) so that this process updates states of its own. ddp_spawn sends the module to its
+        processes through shared memory, and Lightning copies out only the parameters and buffers: the
+        metric states stayed one memory for every process until their first reset, so in a run's first
+        evaluation one process's updates landed in the other's states (a shard's number logged for the
+        whole, or the sync counting tokens twice)."""
+        for module in self.modules():
+            if isinstance(module, Metric):
+                module.reset()
 
     def on_validation_epoch_end(self) -> None:
         self.log_synced("val_step", float(self.trainer.global_step) if self._trainer is not None else 0.0)

@@ -1,9 +1,16 @@
 """Review s42a (session 41's test split and multi-process metric check, read adversarially): under
 ddp_spawn on CPU the evaluation metrics' states were shared memory between the processes until their
 first reset, so one process's updates landed in the other's states (the check raised on a valid run, or
-the run logged one process's shard)."""
+the run logged one process's shard); HFDataModule.setup('test') of data without a test split, and a text
+run's setup('validate') whose test files are gone, now answer as their parallels do; an hf evaluation of
+test windows at another --seq-len names --seq-len; a test split of several files that leaves one for
+training and validation is one error naming data.test_fraction."""
 
 from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -11,9 +18,11 @@ import torch
 from lm_testing import TINY
 from torchmetrics import Metric
 
-from innerloop.config import load_config
+from innerloop.config import ConfigError, load_config
 from innerloop.train import train
+from innerloop.train.data import DataError, HFDataModule, TextDataModule
 from innerloop.train.module import IGNORE_INDEX
+from innerloop.train.run import evaluate
 
 
 class _MetricStatesOwnedByEachProcess(L.Callback):
@@ -58,3 +67,76 @@ def test_each_process_of_a_ddp_spawn_run_evaluates_into_its_own_metric_states(tm
     run, cfg = load_config("tiny", [*overrides, "trainer.strategy=ddp_spawn", f"out_dir={tmp_path}"])
     result = train(run, cfg, callbacks=[_MetricStatesOwnedByEachProcess()])
     assert result.metrics["val_ppl"] > 0
+
+
+def _records(root: Path, count: int = 120) -> Path:
+    docs = root / "docs.jsonl"
+    texts = [f"Document {i}: quick brown fox {i % 7} " * (1 + i % 3) for i in range(count)]
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return docs
+
+
+def test_hf_setup_for_test_without_a_test_split_is_refused_as_text_data_is(tmp_path) -> None:
+    # HFDataModule.setup("test") at data.test_fraction=0 returned with nothing read (test_examples None);
+    # TextDataModule's refuses it by name
+    module = HFDataModule([str(_records(tmp_path))], seq_len=16, batch_size=2, val_batches=1)
+    with pytest.raises(DataError, match="data.test_fraction=0 holds out no test text"):
+        module.setup("test")
+
+
+def _trained(tmp_path: Path, name: str, paths: Path, *overrides: str) -> Path:
+    model = ["model.hidden_size=16", "model.intermediate_size=32", "model.num_layers=1"]
+    out = [f"data.paths=[{paths}]", f"out_dir={tmp_path / name}"]
+    run, cfg = load_config(
+        "tiny", [*TINY, *model, "data.seq_len=16", "trainer.max_steps=2", *out, *overrides]
+    )
+    return train(run, cfg).checkpoint
+
+
+@pytest.mark.slow  # reason: trains a tiny data.name=hf run (a few seconds), then evaluates it
+def test_an_hf_evaluation_of_test_windows_too_long_names_seq_len(tmp_path) -> None:
+    # the message said 'fewer than data.seq_len + 1 = 4097 ... or a shorter data.seq_len', the run's
+    # setting (16), where eval's --seq-len 4096 is what the test documents are too short for
+    docs = _records(tmp_path)
+    checkpoint = _trained(tmp_path, "hf", docs, "data.name=hf", "data.test_fraction=0.2")
+    with pytest.raises(DataError, match=r"fewer than --seq-len \+ 1 = 4097 .* or a shorter --seq-len$"):
+        evaluate(checkpoint, held_out="test", seq_len=4096, progress_bar=False)
+
+
+def _files_in_bands(folder: Path, bands: dict[str, int]) -> None:
+    """Files named so that their split keys' hashes fall in each band at val 0.1, test 0.2 ('val' below
+    0.1, 'test' in [0.1, 0.3), 'train' above): ``bands`` says how many of each, of 40 lines each."""
+    folder.mkdir()
+    found: dict[str, int] = dict.fromkeys(bands, 0)
+    for i in range(1000):
+        name = f"g{i}.txt"
+        place = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
+        band = "val" if place < 0.1 else "test" if place < 0.3 else "train"
+        if found.get(band, 0) < bands.get(band, 0):
+            found[band] += 1
+            (folder / name).write_text("".join(f"{name} line {j}\n" for j in range(40)))
+    assert found == bands
+
+
+def test_a_test_split_that_leaves_one_file_for_training_and_validation_names_test_fraction(tmp_path) -> None:
+    # one test file and one other: validation held out the other, and the message was 'the training text
+    # has 0 bytes ... or a shorter data.seq_len', which no seq_len cures
+    folder = tmp_path / "two"
+    _files_in_bands(folder, {"test": 1, "train": 1})
+    said = r"data.test_fraction=0.2 holds out 1 of the 2 files for test, leaving 1 for training and valid"
+    with pytest.raises(ConfigError, match=said):
+        load_config("tiny", [f"data.paths=[{folder}]", "data.test_fraction=0.2", f"out_dir={tmp_path / 'o'}"])
+    with pytest.raises(DataError, match=said):
+        TextDataModule([str(folder)], seq_len=16, test_fraction=0.2).setup()
+
+
+def test_a_text_evaluation_of_validation_windows_reads_no_test_file(tmp_path) -> None:
+    # a run's test file gone since: its validation windows are as they were, and setup("validate") refused
+    # them for want of a test file (an hf run's setup("validate") reads no test document and goes on)
+    folder = tmp_path / "files"
+    _files_in_bands(folder, {"val": 1, "train": 3})
+    module = TextDataModule([str(folder)], seq_len=16, batch_size=2, val_batches=1, test_fraction=0.2)
+    module.setup("validate")
+    assert module.val_bytes is not None and module.test_bytes is None
+    with pytest.raises(DataError, match=r"data.test_fraction=0.2 holds out no test file"):
+        TextDataModule([str(folder)], seq_len=16, test_fraction=0.2).setup()

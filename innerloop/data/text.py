@@ -436,8 +436,9 @@ def check_text_split(
     """:func:`check_text_lengths` of the byte-level split of ``files`` (sorted; split on ``keys``), from
     the files' sizes (nothing is read): the check a run config makes before any text is read; at
     ``test_fraction`` > 0, :func:`check_test_length` of its test text too."""
+    others, test, split_on = split_test_files(files, val_fraction, test_fraction, keys)
+    check_files_left(len(files), len(test), test_fraction)
     train_len, val_len = text_split_lengths(files, val_fraction, keys, test_fraction)
-    others, _, split_on = split_test_files(files, val_fraction, test_fraction, keys)
     fallback = fallback_held_out(others, val_fraction, split_on) if len(files) > 1 else None
     check_text_lengths(
         train_len, val_len, len(files), seq_len, val_fraction, fallback_file=fallback, announce=False
@@ -445,6 +446,19 @@ def check_text_split(
     if test_fraction > 0:
         test_len = test_split_length(files, val_fraction, test_fraction, keys)
         check_test_length(test_len, len(files), seq_len, test_fraction)
+
+
+def check_files_left(num_files: int, num_test: int, test_fraction: float) -> None:
+    """Raise :class:`DataError` when the ``num_test`` test files of ``num_files`` (several) leave fewer than
+    two for training and validation, which need a file each (one would be held out for validation)."""
+    left = num_files - num_test
+    if num_files > 1 and num_test and left < 2:
+        raise DataError(
+            f"data.test_fraction={test_fraction} holds out {num_test} of the {num_files} files for test, "
+            f"leaving {left} for training and validation, which need a file each (a file is a test file when "
+            "the hash of its path falls in [data.val_fraction, data.val_fraction + data.test_fraction)); give "
+            "more files in data.paths or a smaller data.test_fraction"
+        )
 
 
 def check_test_length(

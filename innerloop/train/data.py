@@ -51,6 +51,7 @@ from innerloop.data.text import (
     DOCUMENT_SEPARATOR,
     DataError,
     _single_file_cut,
+    check_files_left,
     check_test_length,
     check_text_lengths,
     fallback_held_out,
@@ -365,6 +366,10 @@ def check_fractions(val_fraction: float, test_fraction: float) -> float:
     return test_fraction
 
 
+NO_TEST_SPLIT = "data.test_fraction=0 holds out no test text: the run has no test split"
+"""What a data module's ``setup("test")`` says at ``test_fraction`` 0."""
+
+
 class TextDataModule(_IndexedDataModule):
     """Language modelling on text files: their bytes (vocabulary 256), or their tokens.
 
@@ -420,7 +425,7 @@ class TextDataModule(_IndexedDataModule):
         test text, ``data.test_fraction`` > 0) the test files only; the training and validation text for
         any other stage. The test text is never read for training."""
         if stage == "test" and self.test_fraction == 0:
-            raise DataError("data.test_fraction=0 holds out no test text: the run has no test split")
+            raise DataError(NO_TEST_SPLIT)
         if self._read_for(stage):
             return
         keys = split_keys(self.paths) if self.paths else None  # the files, found once, and their split keys
@@ -455,7 +460,9 @@ class TextDataModule(_IndexedDataModule):
         if keys is not None:
             self.validation_keys = sorted(keys[p] for p in val)
             self.test_keys = sorted(keys[p] for p in test) if self.test_fraction > 0 else None
-        if self.test_fraction > 0 and not test:
+        if stage not in ("validate", "test"):  # what training reads: at least a file and validation's
+            check_files_left(len(files), len(test), self.test_fraction)
+        if stage != "validate" and self.test_fraction > 0 and not test:  # validation's read no test file
             check_test_length(0, len(files), self.seq_len, self.test_fraction, self._unit)
         if stage == "test":
             self.test_bytes = read_tokens(test, self.tokenizer)
@@ -851,7 +858,10 @@ class HFDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Open the dataset and read the validation windows, for any ``stage`` but ``"test"`` (an evaluation
         of the test windows, which need not fill a validation window); at ``test_fraction`` > 0 the test
-        windows too, for any ``stage`` but ``"validate"`` (an evaluation of the validation windows)."""
+        windows too, for any ``stage`` but ``"validate"`` (an evaluation of the validation windows).
+        ``stage="test"`` at ``test_fraction`` 0 is a :class:`DataError`, as :class:`TextDataModule`'s."""
+        if stage == "test" and self.test_fraction == 0:
+            raise DataError(NO_TEST_SPLIT)
         if self.dataset is None:
             self._files = files_record(source_files(self.paths))
             self.dataset = open_hf_dataset(self.paths, self.split, self.streaming, self.text_field)

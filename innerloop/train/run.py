@@ -1501,7 +1501,13 @@ def _run_test_examples(
                 replace(run, data=replace(run.data, seq_len=seq_len, batch_size=count, val_batches=1)),
                 tokenizer,
             )
-            module.setup("test")  # the test windows only: validation's need not fill one at this length
+            try:
+                module.setup("test")  # the test windows only: validation's need not fill one at this length
+            except DataError as err:  # too short for eval's --seq-len, not for the run's data.seq_len
+                said = (
+                    str(err) if seq_len == run.data.seq_len else str(err).replace("data.seq_len", "--seq-len")
+                )
+                raise DataError(said) from None
         assert module.test_examples is not None
         return module.test_examples
     assert isinstance(module, TextDataModule)

@@ -4,7 +4,8 @@ first reset, so one process's updates landed in the other's states (the check ra
 the run logged one process's shard); HFDataModule.setup('test') of data without a test split, and a text
 run's setup('validate') whose test files are gone, now answer as their parallels do; an hf evaluation of
 test windows at another --seq-len names --seq-len; a test split of several files that leaves one for
-training and validation is one error naming data.test_fraction."""
+training and validation is one error naming data.test_fraction; a comparison of one-file runs judges the
+test band by the cut that starts it, not by a float sum of the fractions."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ import torch
 from lm_testing import TINY
 from torchmetrics import Metric
 
+from innerloop.checkpoints import recorded_entry
 from innerloop.config import ConfigError, load_config
 from innerloop.train import train
+from innerloop.train.compare import compare
 from innerloop.train.data import DataError, HFDataModule, TextDataModule
 from innerloop.train.module import IGNORE_INDEX
 from innerloop.train.run import evaluate
@@ -140,3 +143,21 @@ def test_a_text_evaluation_of_validation_windows_reads_no_test_file(tmp_path) ->
     assert module.val_bytes is not None and module.test_bytes is None
     with pytest.raises(DataError, match=r"data.test_fraction=0.2 holds out no test file"):
         TextDataModule([str(folder)], seq_len=16, test_fraction=0.2).setup()
+
+
+@pytest.mark.slow  # reason: trains two tiny one-file runs (a few seconds), then compares them
+def test_a_one_file_comparison_judges_the_test_band_by_the_cut_the_runs_made(tmp_path) -> None:
+    # a's test band starts where b's training text ends (both cut the file at int(length * 0.7)), but
+    # 0.1 + 0.2 = 0.30000000000000004 > 0.3, and b was refused as 'trained on the first 70%' of a's windows
+    one = tmp_path / "one.txt"
+    one.write_text("".join(f"line {j} of the one file\n" for j in range(400)))
+    a = _trained(tmp_path, "a", one, "data.val_fraction=0.1", "data.test_fraction=0.2")
+    b = _trained(tmp_path, "b", one, "data.val_fraction=0.3")
+    assert (
+        recorded_entry(a, "TextDataModule")["test_cut"]
+        == recorded_entry(b, "TextDataModule")["validation_cut"]
+    )
+    comparison = compare([a.parent, b.parent], batches=1, held_out="test")
+    assert not [note for note in comparison.notes if "not a held-out one" in note]
+    assert any("none of which it trained on" in note for note in comparison.notes)
+    compare([b.parent, a.parent], batches=1)  # b's validation windows: a trained on none of them

@@ -46,7 +46,7 @@ from innerloop.config.load import ConfigError
 from innerloop.config.schema import DataConfig, RunConfig
 from innerloop.core.functional import as_integer, check_flag
 from innerloop.data.atomic import atomic_write, atomic_write_text, remove_stale_temporaries_of
-from innerloop.data.text import path_entries
+from innerloop.data.text import held_out_share, path_entries
 from innerloop.data.tokenizer import Tokenizer
 from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
 from innerloop.models.config import WINDOW_SIZE_BOUNDS
@@ -525,8 +525,9 @@ def _windows_text(paths: Sequence[str], baseline: _TrainingData, held_out: str =
     if split is None or split.records:
         return _WindowsText(None, None, "the baseline's held-out data")
     # one file: its validation windows lie in its last val_fraction, its test windows in the last
-    # val_fraction + test_fraction (run_files' tail, all it held out)
-    tail = baseline.run.data.val_fraction if split.tail is not None and held_out == "val" else split.tail
+    # val_fraction + test_fraction (run_files' tail, all it held out), each as the cut that starts them
+    one_file = split.tail is not None and held_out == "val"
+    tail = held_out_share(baseline.run.data.val_fraction) if one_file else split.tail
     return _WindowsText(split.held_out, tail, "the baseline's held-out text")
 
 

@@ -106,7 +106,14 @@ from innerloop.data.atomic import (
     remove_stale_temporaries_of,
 )
 from innerloop.data.hf import FORMATS, source_files
-from innerloop.data.text import path_entries, split_keys, split_test_files, split_text_files, stdlib_files
+from innerloop.data.text import (
+    held_out_share,
+    path_entries,
+    split_keys,
+    split_test_files,
+    split_text_files,
+    stdlib_files,
+)
 from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
 from innerloop.kernels.cpu import release_buffers
 from innerloop.kernels.dispatch import refused_named_kernels
@@ -1723,7 +1730,7 @@ def run_files(
     files = sorted(keys) if keys is not None else stdlib_files()
     if len(files) == 1:
         one = frozenset(p.resolve() for p in files)
-        return RunFiles(one, one, tail=data.val_fraction + data.test_fraction)
+        return RunFiles(one, one, tail=held_out_share(data.val_fraction, data.test_fraction))
     others, test, split_on = split_test_files(files, data.val_fraction, data.test_fraction, keys)
     val = split_text_files(others, data.val_fraction, split_on)[1]
     held = test if held_out == "test" else val

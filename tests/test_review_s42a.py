@@ -2,7 +2,7 @@
 ddp_spawn on CPU the evaluation metrics' states were shared memory between the processes until their
 first reset, so one process's updates landed in the other's states (the check raised on a valid run, or
 the run logged one process's shard); HFDataModule.setup('test') of data without a test split, and a text
-run's setup('validate') whose test files are gone, now answer as their parallels do; an hf evaluation of
+run's setup('validate') whose test files are gone or whose one file's test band is short, now answer as their parallels do; an hf evaluation of
 test windows at another --seq-len names --seq-len; a test split of several files that leaves one for
 training and validation is one error naming data.test_fraction; a comparison of one-file runs judges the
 test band by the cut that starts it, not by a float sum of the fractions."""
@@ -161,3 +161,19 @@ def test_a_one_file_comparison_judges_the_test_band_by_the_cut_the_runs_made(tmp
     assert not [note for note in comparison.notes if "not a held-out one" in note]
     assert any("none of which it trained on" in note for note in comparison.notes)
     compare([b.parent, a.parent], batches=1)  # b's validation windows: a trained on none of them
+
+
+def test_a_one_file_evaluation_of_validation_windows_needs_no_test_window(tmp_path) -> None:
+    # setup("validate") of one file whose test band holds no window refused with the test text's message
+    # and advice (a larger data.test_fraction, which the run it evaluates cannot change)
+    one = tmp_path / "one.txt"
+    one.write_text("x" * 999)
+    module = TextDataModule(
+        [str(one)], seq_len=16, batch_size=2, val_batches=1, val_fraction=0.5, test_fraction=0.01
+    )
+    module.setup("validate")
+    assert module.val_bytes is not None and len(module.val_bytes) == 500
+    with pytest.raises(
+        DataError, match=r"the test text \(0.01 of the file before its validation tail\) has 10"
+    ):
+        TextDataModule([str(one)], seq_len=16, val_fraction=0.5, test_fraction=0.01).setup()

@@ -482,7 +482,7 @@ class TextDataModule(_IndexedDataModule):
 
     def _check_lengths(self, files: Sequence[Any], keys: dict[Any, str] | None, stage: str | None) -> None:
         """:func:`check_text_lengths` of what :meth:`setup` read (:func:`check_test_length` of test text)."""
-        if self.test_bytes is not None:
+        if self.test_bytes is not None and stage != "validate":  # validation's windows need none of it
             check_test_length(len(self.test_bytes), len(files), self.seq_len, self.test_fraction, self._unit)
         if stage == "test":
             return

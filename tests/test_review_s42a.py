@@ -3,7 +3,7 @@ ddp_spawn on CPU the evaluation metrics' states were shared memory between the p
 first reset, so one process's updates landed in the other's states (the check raised on a valid run, or
 the run logged one process's shard); HFDataModule.setup('test') of data without a test split, and a text
 run's setup('validate') whose test files are gone or whose one file's test band is short, now answer as their parallels do; an hf evaluation of
-test windows at another --seq-len names --seq-len; a test split of several files that leaves one for
+test windows at another --seq-len names --seq-len, and is judged by the test windows alone; a test split of several files that leaves one for
 training and validation is one error naming data.test_fraction; a comparison of one-file runs judges the
 test band by the cut that starts it, not by a float sum of the fractions."""
 
@@ -21,6 +21,7 @@ from torchmetrics import Metric
 
 from innerloop.checkpoints import recorded_entry
 from innerloop.config import ConfigError, load_config
+from innerloop.data.packing import is_validation
 from innerloop.train import train
 from innerloop.train.compare import compare
 from innerloop.train.data import DataError, HFDataModule, TextDataModule
@@ -177,3 +178,20 @@ def test_a_one_file_evaluation_of_validation_windows_needs_no_test_window(tmp_pa
         DataError, match=r"the test text \(0.01 of the file before its validation tail\) has 10"
     ):
         TextDataModule([str(one)], seq_len=16, val_fraction=0.5, test_fraction=0.01).setup()
+
+
+@pytest.mark.slow  # reason: trains a tiny data.name=hf run (a few seconds), then evaluates it
+def test_an_hf_evaluation_of_test_windows_is_judged_by_the_test_windows_alone(tmp_path) -> None:
+    # a validation document edited in place leaves every document's number and side, and the test windows
+    # as recorded; eval --held-out test refused them with the validation windows' message
+    docs = _records(tmp_path)
+    checkpoint = _trained(tmp_path, "hf", docs, "data.name=hf", "data.test_fraction=0.2")
+    before = evaluate(checkpoint, held_out="test", progress_bar=False)[0]
+    lines = docs.read_text().splitlines(keepends=True)
+    first = next(n for n in range(len(lines)) if is_validation(n, 0.1))
+    lines[first] = json.dumps({"text": "an edited validation document"}) + "\n"
+    docs.write_text("".join(lines))
+    with pytest.raises(DataError, match="the validation windows of data.paths=.* differ"):
+        evaluate(checkpoint, progress_bar=False)
+    after = evaluate(checkpoint, held_out="test", progress_bar=False)[0]
+    assert after["val_ppl"] == before["val_ppl"] and after["windows"] == before["windows"]

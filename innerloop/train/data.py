@@ -1000,7 +1000,8 @@ class HFDataModule(L.LightningDataModule):
     ) -> None:
         """:meth:`_check_validation_unchanged` against a checkpoint's ``state`` (:meth:`state_dict`) without
         resuming from it (call after :meth:`setup`); ``held_out="test"``: the test windows too (an edited
-        test document leaves the validation windows valid)."""
+        test document leaves the validation windows valid); each is checked where :meth:`setup` read it
+        (``setup("test")``: the test windows alone)."""
         digest, test = state.get("validation_digest"), state.get("test_digest")
         self._recorded_digest = digest if isinstance(digest, str) else None
         self._recorded_test_digest = test if isinstance(test, str) and held_out == "test" else None

@@ -1499,7 +1499,7 @@ def _run_test_examples(
     count = count if count is not None else run.data.val_batches * run.data.batch_size
     module = build_datamodule(run, tokenizer)
     if isinstance(module, HFDataModule):
-        module.setup()
+        module.setup("test")  # its test windows, checked against the recorded ones (validation's need not be)
         would = "they would score documents the run trained on"
         fix = "evaluate on the data as it was, or on held-out data with --data"
         module.check_recorded_validation(state, would, fix, "test")

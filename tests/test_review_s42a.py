@@ -5,7 +5,8 @@ the run logged one process's shard); HFDataModule.setup('test') of data without 
 run's setup('validate') whose test files are gone or whose one file's test band is short, now answer as their parallels do; an hf evaluation of
 test windows at another --seq-len names --seq-len, and is judged by the test windows alone; a test split of several files that leaves one for
 training and validation is one error naming data.test_fraction; a comparison of one-file runs judges the
-test band by the cut that starts it, not by a float sum of the fractions."""
+test band by the cut that starts it, not by a float sum of the fractions, and refuses a model that read
+the baseline's hf records with other held-out fractions and trained on its windows' first document."""
 
 from __future__ import annotations
 
@@ -195,3 +196,19 @@ def test_an_hf_evaluation_of_test_windows_is_judged_by_the_test_windows_alone(tm
         evaluate(checkpoint, progress_bar=False)
     after = evaluate(checkpoint, held_out="test", progress_bar=False)[0]
     assert after["val_ppl"] == before["val_ppl"] and after["windows"] == before["windows"]
+
+
+@pytest.mark.slow  # reason: trains three tiny data.name=hf runs (a few seconds each), then compares them
+def test_a_comparison_refuses_a_model_that_trained_on_the_baselines_held_out_documents(tmp_path) -> None:
+    # b read the same records with no test split, so it trained on a's test documents: compare --held-out
+    # test only noted that it 'may have trained on' them (a one-file or files run is refused)
+    docs = _records(tmp_path)
+    a = _trained(tmp_path, "a", docs, "data.name=hf", "data.test_fraction=0.2")
+    b = _trained(tmp_path, "b", docs, "data.name=hf")
+    c = _trained(tmp_path, "c", docs, "data.name=hf", "data.test_fraction=0.2", "seed=1")
+    with pytest.raises(
+        ConfigError, match=r"b was trained on document 4 of the baseline's records, the first of"
+    ):
+        compare([a.parent, b.parent], batches=1, held_out="test")
+    compare([a.parent, c.parent], batches=1, held_out="test")  # c held out the same test documents
+    compare([a.parent, b.parent], batches=1)  # the same validation documents: b trained on none of them

@@ -63,6 +63,22 @@ def is_test(document: int, val_fraction: float, test_fraction: float) -> bool:
     return is_validation(document - math.floor(document * val_fraction), test_fraction / (1 - val_fraction))
 
 
+def document_side(document: int, val_fraction: float, test_fraction: float = 0.0) -> str:
+    """Which documents document number ``document`` is among: ``"validation"`` (:func:`is_validation`),
+    ``"test"`` (:func:`is_test`) or ``"training"``."""
+    if is_validation(document, val_fraction):
+        return "validation"
+    return "test" if is_test(document, val_fraction, test_fraction) else "training"
+
+
+def first_document_of(
+    side: str, val_fraction: float, test_fraction: float = 0.0, within: int = 10**7
+) -> int | None:
+    """The number of the first document on ``side`` (:func:`document_side`), None if none is among the
+    first ``within``: the first document the ``side`` windows are read from."""
+    return next((n for n in range(within) if document_side(n, val_fraction, test_fraction) == side), None)
+
+
 class _Segment:
     """The tokens of one document still to be read, from ``offset`` on."""
 

@@ -46,6 +46,7 @@ from innerloop.config.load import ConfigError
 from innerloop.config.schema import DataConfig, RunConfig
 from innerloop.core.functional import as_integer, check_flag
 from innerloop.data.atomic import atomic_write, atomic_write_text, remove_stale_temporaries_of
+from innerloop.data.packing import document_side, first_document_of
 from innerloop.data.text import held_out_share, path_entries
 from innerloop.data.tokenizer import Tokenizer
 from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
@@ -652,11 +653,40 @@ def training_data_notes(
             if note is not None:
                 notes.append(note)
         note = _trained_on_the_windows(model.name, data, windows, refuse=not paths)
+        if not paths and index != base:
+            _refuse_training_on_held_out_documents(model.name, data, known[base], held_out)
         if note is None and not paths and index != base:
             note = _other_data_note(model.name, data, known[base], models[base].name, windows)
         if note is not None:
             notes.append(note)
     return notes
+
+
+def _refuse_training_on_held_out_documents(
+    name: str, data: _TrainingData, baseline: _TrainingData, held_out: str
+) -> None:
+    """A :class:`ConfigError` when the model ``name`` read the baseline's ``data.name='hf'`` records (the
+    same files, split and field: the same documents by number, whatever the tokenizer or streaming) with
+    other held-out fractions, so that the first document the baseline's ``held_out`` windows are read
+    from (:func:`~innerloop.data.packing.first_document_of`) is one it trained on."""
+    if data.run is None or baseline.run is None:
+        return
+    ours, theirs = data.run.data, baseline.run.data
+    same_records = ours.split == theirs.split and ours.text_field == theirs.text_field
+    same_files = _same_files(data.files, baseline.files) or list(ours.paths) == list(theirs.paths)
+    if not (ours.name == theirs.name == "hf" and same_records and same_files):
+        return
+    side = "test" if held_out == "test" else "validation"
+    first = first_document_of(side, theirs.val_fraction, theirs.test_fraction)
+    if first is None or document_side(first, ours.val_fraction, ours.test_fraction) != "training":
+        return
+    raise ConfigError(
+        f"{name} was trained on document {first} of the baseline's records, the first of the {side} documents "
+        f"the windows are read from: it held out others (data.val_fraction={ours.val_fraction}, "
+        f"data.test_fraction={ours.test_fraction}; the baseline {theirs.val_fraction}, {theirs.test_fraction}), "
+        "so its loss on them is not a held-out one; compare the models on text none of them trained on "
+        "(--data FILES), or choose another --baseline"
+    )
 
 
 def _length_notes(models: Sequence[ComparedModel], seq_lens: Sequence[int]) -> list[str]:

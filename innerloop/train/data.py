@@ -31,8 +31,7 @@ from innerloop.data.packing import (
     START,
     DocumentReader,
     StreamPosition,
-    is_test,
-    is_validation,
+    document_side,
     packed_windows,
     validation_windows,
 )
@@ -886,9 +885,7 @@ class HFDataModule(L.LightningDataModule):
 
     def _side(self, number: int) -> str:
         """Which documents document ``number`` is among: ``validation``, ``test`` or ``training``."""
-        if is_validation(number, self.val_fraction):
-            return "validation"
-        return "test" if is_test(number, self.val_fraction, self.test_fraction) else "training"
+        return document_side(number, self.val_fraction, self.test_fraction)
 
     def _reader(self, side: str) -> DocumentReader:
         """A :data:`~innerloop.data.packing.DocumentReader` of the ``side`` documents (:meth:`_side`)."""

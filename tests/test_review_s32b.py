@@ -15,10 +15,6 @@ from safetensors.numpy import load_file
 from innerloop.interop.ttt_e2e import OfficialConfigError, load_model
 from innerloop.interop.ttt_lm_pytorch import load_model as reference_load_model
 
-tensorstore = pytest.importorskip(
-    "tensorstore", reason="the e2e extra (tensorstore) is part of the test extra"
-)
-
 E2E_DATA = Path(__file__).resolve().parent / "data" / "e2e"
 LN_F = "language_model.model.ln_f.weight"
 
@@ -26,6 +22,10 @@ LN_F = "language_model.model.ln_f.weight"
 def plain_zarr_checkpoint(root: Path, override: dict[str, np.ndarray]) -> Path:
     """The official tiny checkpoint rewritten in orbax's plain zarr layout (one zarr array per
     folder, no OCDBT), with the arrays of ``override`` in place of the saved ones."""
+    # imported here, not at collection: half a second of every test worker's start-up otherwise
+    tensorstore = pytest.importorskip(
+        "tensorstore", reason="the e2e extra (tensorstore) is part of the test extra"
+    )
     folder = root / "0" / "model_weights"
     folder.mkdir(parents=True)
     shutil.copy(E2E_DATA / "checkpoint" / "0" / "model_weights" / "_METADATA", folder / "_METADATA")

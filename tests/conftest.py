@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -32,17 +34,51 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         _rebuild_worker_warnings_one_at_a_time()
+        if config.getoption("numprocesses", default=0):
+            _start_cpu_kernel_build()
+
+
+_KERNEL_BUILD: list[subprocess.Popen] = []
+
+
+def _start_cpu_kernel_build() -> None:
+    """In the xdist controller, with no compiled CPU kernel in the cache: build it in a child process while
+    the workers start and collect (~14 s). The first tests of every worker need the library; from an empty
+    cache one worker built it (~8 s of g++) and the other waited on its lock, idle: the fast loop took 60 s
+    instead of about 54. The child builds under the same lock as a worker (innerloop/kernels/cpu/build.py),
+    so the library is built once either way, and a worker whose library is not ready waits for it as before.
+    The cache folder is found as build.cache_dir() finds it (the controller imports no innerloop)."""
+    configured = os.environ.get("INNERLOOP_CACHE_DIR", "")
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(os.path.expanduser(xdg if xdg.strip() else "~/.cache")) / "innerloop"
+    folder = Path(os.path.expanduser(configured)) if configured.strip() else base
+    if any(not p.name.startswith(".") for p in (folder / "cpu_kernels").glob("*.so")):
+        return  # built before (for this source or an older one: then the workers build it, as they did)
+    command = [sys.executable, "-c", "from innerloop.kernels.cpu import build; build.load_library()"]
+    _KERNEL_BUILD.append(
+        subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+    )
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
     """An xdist worker has reported every result and its end of session by now; it leaves at once
     rather than tearing down an interpreter holding torch, Lightning and transformers (about 4,700
-    modules), which took 4-9 s at the end of every run, the controller waiting for it."""
+    modules), which took 4-9 s at the end of every run, the controller waiting for it. The controller
+    stops the CPU kernels' build it started (:func:`_start_cpu_kernel_build`) if the run ended first."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+    for build in _KERNEL_BUILD:  # a short run may end before the build: stop it (and its compiler) with it
+        if build.poll() is None:
+            try:
+                os.killpg(build.pid, signal.SIGTERM)
+            except ProcessLookupError:  # it ended in between
+                pass
+        build.wait()
 
 
 @pytest.hookimpl(trylast=True)

@@ -159,3 +159,24 @@ def direct_perplexity(checkpoint: Path, inputs: torch.Tensor, targets: torch.Ten
         logits = model(inputs)[0]
     loss = F.cross_entropy(logits.double().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
     return math.exp(float(loss))
+
+
+def perturbed_in_float64(module: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:
+    """``module`` in float64 with every parameter moved off its init (zeros, ones) by ``scale`` times a
+    seeded normal draw, so that each one matters to a gradient check."""
+    generator = torch.Generator().manual_seed(seed)
+    module = module.double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return module
+
+
+def two_process_config(out_dir: Path, *overrides: str) -> tuple:
+    """``load_config("tiny", ...)`` of a :data:`TINY` run on two CPU processes (``ddp_spawn``), with
+    ``overrides`` after TINY's (a later key wins), writing into ``out_dir``."""
+    from innerloop.config import load_config
+
+    return load_config(
+        "tiny", [*TINY, *overrides, "trainer.devices=2", "trainer.strategy=ddp_spawn", f"out_dir={out_dir}"]
+    )

@@ -6,10 +6,9 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from lm_testing import TINY
+from lm_testing import two_process_config
 from torch.func import functional_call, grad, jvp
 
-from innerloop.config import load_config
 from innerloop.models import build_model
 from innerloop.train import train
 
@@ -71,13 +70,6 @@ class _MetricsNeverSync(L.Callback):
 @pytest.mark.slow  # reason: two processes (ddp_spawn on CPU) train 2 steps and validate (~12 s)
 def test_evaluation_metrics_not_combined_across_processes_are_refused_not_logged(tmp_path) -> None:
     # the number logged was one process's shard (max over the processes of their own val_ppl), silently
-    overrides = [
-        *TINY,
-        "data.batch_size=5",
-        "trainer.max_steps=2",
-        "trainer.val_every=2",
-        "trainer.devices=2",
-    ]
-    run, cfg = load_config("tiny", [*overrides, "trainer.strategy=ddp_spawn", f"out_dir={tmp_path}"])
+    run, cfg = two_process_config(tmp_path, "data.batch_size=5", "trainer.max_steps=2", "trainer.val_every=2")
     with pytest.raises(Exception, match=r"val_\* metrics were not combined across the 2 processes"):
         train(run, cfg, callbacks=[_MetricsNeverSync()])

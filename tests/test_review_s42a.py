@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lm_testing import TINY
+from lm_testing import TINY, two_process_config
 from torchmetrics import Metric
 
 from innerloop.checkpoints import recorded_entry
@@ -62,14 +62,7 @@ class _MetricStatesOwnedByEachProcess(L.Callback):
 def test_each_process_of_a_ddp_spawn_run_evaluates_into_its_own_metric_states(tmp_path) -> None:
     # one validation window: rank 1 scores a padding row only, yet its val_ppl counted rank 0's 32 tokens
     # (the states were the same memory); the run failed 'not combined' in about 3 of 7 launches
-    overrides = [
-        *TINY,
-        "data.batch_size=1",
-        "trainer.max_steps=2",
-        "trainer.val_every=2",
-        "trainer.devices=2",
-    ]
-    run, cfg = load_config("tiny", [*overrides, "trainer.strategy=ddp_spawn", f"out_dir={tmp_path}"])
+    run, cfg = two_process_config(tmp_path, "data.batch_size=1", "trainer.max_steps=2", "trainer.val_every=2")
     result = train(run, cfg, callbacks=[_MetricStatesOwnedByEachProcess()])
     assert result.metrics["val_ppl"] > 0
 

@@ -38,6 +38,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lm_testing import perturbed_in_float64
 from models.test_attention import dense_reference
 from torch.func import functional_call
 
@@ -84,13 +85,8 @@ FAST_MIXERS = ("linear_attention", "deltanet", "attention", "sliding_window")
 
 
 def _perturbed(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
-    """``module`` in float64, every parameter moved off its init (zeros, ones) so that each one counts."""
-    generator = torch.Generator().manual_seed(seed)
-    module = module.double()
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-    return module
+    """:func:`perturbed_in_float64` with this file's defaults."""
+    return perturbed_in_float64(module, seed, scale)
 
 
 def _mixer(name: str, seed: int = 0) -> torch.nn.Module:
@@ -356,20 +352,12 @@ def test_every_trainable_parameter_of_a_ttt_layer_gets_a_gradient(rule):
 def test_a_momentum_ttt_model_trains_on_two_processes(tmp_path):
     """Before the fix, the second process died: 'LightningModule has parameters that were not used in
     producing the loss returned by training_step' (seen)."""
-    from lm_testing import TINY
+    from lm_testing import two_process_config
 
-    from innerloop.config import load_config
     from innerloop.train import train
 
-    overrides = [
-        *TINY,
-        "trainer.max_steps=2",
-        "trainer.devices=2",
-        "trainer.accelerator=cpu",
-        "trainer.strategy=ddp_spawn",
-        "model.ttt.update_rule=momentum",
-        f"out_dir={tmp_path / 'run'}",
-    ]
-    run, cfg = load_config("tiny", overrides)
+    run, cfg = two_process_config(
+        tmp_path / "run", "trainer.max_steps=2", "trainer.accelerator=cpu", "model.ttt.update_rule=momentum"
+    )
     result = train(run, cfg)
     assert result.checkpoint.is_file()

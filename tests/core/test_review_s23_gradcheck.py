@@ -25,6 +25,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from lm_testing import perturbed_in_float64
 from torch.func import functional_call
 
 from innerloop import TTTLayer
@@ -38,19 +39,9 @@ TOLERANCE = dict(eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=False)
 STATE_GROUPS = ("params", "pending", "conv_history", "momentum", "decay")
 
 
-def _perturbed(module: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:
-    """``module`` in float64 with every parameter moved off its init (zeros, ones), so each one matters."""
-    generator = torch.Generator().manual_seed(seed)
-    module = module.double()
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-    return module
-
-
 def _layer(seed: int = 0, **options) -> TTTLayer:
     torch.manual_seed(seed)
-    return _perturbed(TTTLayer(hidden_size=8, num_heads=2, **options), seed + 1, 0.1)
+    return perturbed_in_float64(TTTLayer(hidden_size=8, num_heads=2, **options), seed + 1, 0.1)
 
 
 def _x(batch: int, tokens: int, seed: int = 5) -> torch.Tensor:
@@ -213,7 +204,7 @@ def test_family_gradcheck_into_a_state_passed_in(make, prefix, path):
     """Every state tensor: weights, conv histories, and for Titans inside a mini-batch the pending sums, the
     momentum and the decay product."""
     torch.manual_seed(0)
-    layer = _perturbed(make(), 1, 0.3)
+    layer = perturbed_in_float64(make(), 1, 0.3)
     layer.requires_grad_(False)
     x = _x(2, 7)
     with torch.no_grad():
@@ -237,7 +228,7 @@ def test_family_gradcheck_into_a_state_passed_in(make, prefix, path):
 )
 def test_family_gradcheck_and_gradgradcheck_on_the_chunked_kernel(make):
     torch.manual_seed(0)
-    layer = _perturbed(make(), 1, 0.3)
+    layer = perturbed_in_float64(make(), 1, 0.3)
     x = _x(1, 4).requires_grad_(True)
     weight = layer.v_proj.weight.detach().clone().requires_grad_(True)
 
@@ -350,7 +341,7 @@ def test_causal_lm_gradcheck_whole_and_split():
         intermediate_size=8,
         ttt=dict(mini_batch_size=2),
     )
-    model = _perturbed(build_model(config), 7, 0.2)
+    model = perturbed_in_float64(build_model(config), 7, 0.2)
     ids = _ids(7)
     names = [n for n, p in model.named_parameters() if n.startswith("blocks.") and p.numel() <= 8]
 
@@ -378,7 +369,7 @@ def _e2e(**options) -> torch.nn.Module:
         window=4,
         e2e=E2EConfig(chunk_size=3, **options),
     )
-    return _perturbed(build_model(config), 7, 0.3)
+    return perturbed_in_float64(build_model(config), 7, 0.3)
 
 
 PRIME = [f"blocks.1.prime.{name}.weight" for name in ("gate_proj", "up_proj", "down_proj")]

@@ -17,6 +17,7 @@ from lm_testing import (  # the tiny run of the end-to-end tests; a killed run
     PressCtrlC,
     RecordLosses,
     kill_a_training_run,
+    two_process_config,
 )
 
 from innerloop.cli import main
@@ -210,15 +211,8 @@ def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path, capsys) -> Non
 
 @pytest.mark.slow  # reason: two processes (ddp_spawn on CPU) train 4 steps and validate (~12 s)
 def test_two_process_ddp_on_cpu_trains_and_validates_every_window_once(tmp_path, caplog) -> None:
-    overrides = [
-        *(item for item in TINY if not item.startswith("data.batch_size=")),
-        "data.batch_size=5",  # 5 validation windows: the ranks' shards differ by one (padded, unscored)
-        "trainer.max_steps=4",
-        "trainer.devices=2",
-        "trainer.strategy=ddp_spawn",
-        f"out_dir={tmp_path}",
-    ]
-    run, cfg = load_config("tiny", overrides)
+    # 5 validation windows: the ranks' shards differ by one (padded, unscored)
+    run, cfg = two_process_config(tmp_path, "data.batch_size=5", "trainer.max_steps=4")
     with caplog.at_level(logging.WARNING, logger="innerloop.train.run"):
         result = train(run, cfg)
     assert load_checkpoint(result.checkpoint)["global_step"] == 4

@@ -542,24 +542,20 @@ class TextDataModule(_IndexedDataModule):
             check_split_unchanged(recorded, self.test_keys, "Resuming", held_out="test")
         test_cut = self._recorded.get("test_cut")
         if isinstance(test_cut, int) and self.test_cut is not None and test_cut != self.test_cut:
-            raise DataError(
-                f"the data file {self.paths!r} changed length since the checkpoint was written: its test text "
-                f"(data.test_fraction={self.test_fraction}) started at token {test_cut} and now starts at "
-                f"token {self.test_cut}, so the resumed run would train on text held out for test, or the "
-                "reverse; resume with the file as it was, or start a new run (--overwrite or another out_dir)"
+            self._refuse_moved_cut(
+                f"test text (data.test_fraction={self.test_fraction})",
+                test_cut,
+                self.test_cut,
+                "train on text held out for test, or the reverse",
             )
         cut = self._recorded.get("validation_cut")
         if isinstance(cut, int) and self.validation_cut is not None and cut != self.validation_cut:
-            raise DataError(
-                f"the data file {self.paths!r} changed length since the checkpoint was written: its last "
-                f"data.val_fraction={self.val_fraction}, held out for validation, started at token {cut} and "
-                f"now starts at token {self.validation_cut}, so the resumed run would "
-                + (
-                    "train on text it validated on"
-                    if self.validation_cut > cut
-                    else "validate on text it trained on"
-                )
-                + "; resume with the file as it was, or start a new run (--overwrite or another out_dir)"
+            trained_on = self.validation_cut > cut
+            self._refuse_moved_cut(
+                f"last data.val_fraction={self.val_fraction}, held out for validation,",
+                cut,
+                self.validation_cut,
+                "train on text it validated on" if trained_on else "validate on text it trained on",
             )
         digest = self._recorded.get("training_digest")
         if isinstance(digest, str) and self.train_bytes is not None and digest != self.training_digest:
@@ -568,6 +564,15 @@ class TextDataModule(_IndexedDataModule):
                 "edited, added or removed since): the resumed run goes on, on other data than the run it "
                 "continues, so it is not the run an uninterrupted one would have been"
             )
+
+    def _refuse_moved_cut(self, text: str, recorded: int, now: int, consequence: str) -> None:
+        """The one file's held-out ``text`` started at token ``recorded`` when the checkpoint was written and
+        starts at ``now``: a :class:`DataError` saying what the resumed run would do (``consequence``)."""
+        raise DataError(
+            f"the data file {self.paths!r} changed length since the checkpoint was written: its {text} started "
+            f"at token {recorded} and now starts at token {now}, so the resumed run would {consequence}; resume "
+            "with the file as it was, or start a new run (--overwrite or another out_dir)"
+        )
 
     def make_train_batch(self, index: int) -> Batch:
         """``batch_size`` windows at random starts in the training text, drawn from ``(seed, index)``."""

@@ -401,3 +401,26 @@ def test_a_test_split_too_short_in_tokens_is_refused_before_training(tmp_path) -
     check_text_split(sorted(names), 0.1, 64, None, 0.2)  # the bytes suffice
     with pytest.raises(DataError, match=r"the test text \(the held-out test files\) has \d+ tokens, fewer"):
         module.setup()
+
+
+def test_resuming_a_one_file_run_whose_test_band_moved_is_refused(tmp_path) -> None:
+    """A resume checked the one file's recorded test cut (innerloop/train/data.py ``test_cut``) with no test
+    of its message: a file that changed length moves the test band under the run."""
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 40)
+
+    def module() -> TextDataModule:
+        data = TextDataModule([str(path)], seq_len=8, batch_size=2, val_fraction=0.2, test_fraction=0.2)
+        data.setup("fit")
+        return data
+
+    state = module().state_dict()
+    path.write_bytes(path.read_bytes()[:-300])
+    moved = module()
+    message = (
+        rf"changed length since the checkpoint was written: its test text \(data.test_fraction=0.2\) started "
+        rf"at token {state['test_cut']} and now starts at token {moved.test_cut}, so the resumed run would "
+        r"train on text held out for test, or the reverse; resume with the file as it was"
+    )
+    with pytest.raises(DataError, match=message):
+        moved.load_state_dict(state)

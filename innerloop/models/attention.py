@@ -247,8 +247,10 @@ class _TwiceDifferentiableAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict) -> torch.Tensor:
-        ctx.options, ctx.backends = options, _enabled_backends()
+    def forward(
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict, backends: list[SDPBackend]
+    ) -> torch.Tensor:
+        ctx.options, ctx.backends = options, backends
         ctx.save_for_backward(q, k, v)
         ctx.graph = _attention_graph(q, k, v, options, ctx.backends)
         return ctx.graph[0].detach()
@@ -266,7 +268,7 @@ class _TwiceDifferentiableAttention(torch.autograd.Function):
             ctx.graph = None  # its buffers go now, as SDPA's own backward frees them
             grads = torch.autograd.grad(out, [detached[i] for i in wanted], grad_out)
         by_input = dict(zip(wanted, grads, strict=True))
-        return by_input.get(0), by_input.get(1), by_input.get(2), None
+        return by_input.get(0), by_input.get(1), by_input.get(2), None, None
 
 
 def _attention_graph(
@@ -292,9 +294,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) ->
     if transformed_or_dual((q, k, v)):
         with sdpa_kernel([SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, k, v, **options)
-    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if tracked and _enabled_backends() != [SDPBackend.MATH]:
-        return _TwiceDifferentiableAttention.apply(q, k, v, options)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        backends = _enabled_backends()
+        if backends != [SDPBackend.MATH]:  # the math kernel alone is differentiable to any order already
+            return _TwiceDifferentiableAttention.apply(q, k, v, options, backends)
     return F.scaled_dot_product_attention(q, k, v, **options)
 
 

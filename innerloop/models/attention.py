@@ -294,8 +294,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) ->
     if transformed_or_dual((q, k, v)):
         with sdpa_kernel([SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, k, v, **options)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        backends = _enabled_backends()
+    learned_mask = any(isinstance(o, torch.Tensor) and o.requires_grad for o in options.values())
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and not learned_mask:
+        backends = _enabled_backends()  # (a mask that learns is SDPA's own input: the function passes none)
         if backends != [SDPBackend.MATH]:  # the math kernel alone is differentiable to any order already
             return _TwiceDifferentiableAttention.apply(q, k, v, options, backends)
     return F.scaled_dot_product_attention(q, k, v, **options)

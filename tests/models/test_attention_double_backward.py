@@ -112,3 +112,18 @@ def test_a_gradient_penalty_through_a_language_model(section):
             assert g is None
         else:
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_a_mask_that_requires_grad_gets_its_gradient():
+    # the function differentiates q, k and v only: an additive mask being learned must not lose its gradient
+    q, k, v = _qkv()
+    bias = torch.randn(
+        12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+    ).requires_grad_()
+    got = torch.autograd.grad(attend(q, k, v, attn_mask=bias).pow(2).sum(), (q, bias))
+    with sdpa_kernel([SDPBackend.MATH]):
+        want = torch.autograd.grad(
+            F.scaled_dot_product_attention(q, k, v, attn_mask=bias).pow(2).sum(), (q, bias)
+        )
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)

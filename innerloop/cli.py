@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from innerloop.config.load import DEFAULT_PRESET, ConfigError, name_too_long
+from innerloop.config.schema import HELD_OUT
 from innerloop.models.config import WINDOW_SIZE_BOUNDS
 
 if (
@@ -229,7 +230,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         "held-out part of the standard-library corpus)",
     )
     evaluate.add_argument("--split", default=None, help=_SPLIT_HELP)
-    evaluate.add_argument("--held-out", choices=("val", "test"), default="val", help=_HELD_OUT_HELP)
+    evaluate.add_argument("--held-out", choices=HELD_OUT, default="val", help=_HELD_OUT_HELP)
     evaluate.add_argument(
         "--seq-len",
         type=_SEQ_LEN,
@@ -329,7 +330,7 @@ def _add_compare_windows(compare: argparse.ArgumentParser) -> None:
     compare.add_argument("--split", default=None, help=_SPLIT_HELP)
     compare.add_argument(
         "--held-out",
-        choices=("val", "test"),
+        choices=HELD_OUT,
         default="val",
         help=_HELD_OUT_HELP.replace("run's", "baseline run's"),
     )

@@ -26,6 +26,10 @@ from innerloop.models.config import (  # noqa: F401  (Bounds and its constants: 
 
 DATASETS: tuple[str, ...] = ("text", "recall", "hf")
 
+HELD_OUT: tuple[str, ...] = ("val", "test")
+"""What ``innerloop eval --held-out`` (and compare's) scores of a run: its validation windows, or its
+test windows (``data.test_fraction`` > 0)."""
+
 SCHEDULES: tuple[str, ...] = ("cosine", "linear", "constant", "wsd")
 """The learning-rate schedules of ``optim.schedule`` (each implemented in :mod:`innerloop.train.schedules`)."""
 

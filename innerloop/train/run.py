@@ -95,7 +95,7 @@ from innerloop.config.load import (
     save_config,
     warmup_steps,
 )
-from innerloop.config.schema import DataConfig, RecallConfig, RunConfig
+from innerloop.config.schema import HELD_OUT, DataConfig, RecallConfig, RunConfig
 from innerloop.core.functional import check_flag
 from innerloop.core.layer import ModelTooLargeError, device_memory_bytes, memory_size
 from innerloop.data.atomic import (
@@ -1409,11 +1409,6 @@ def evaluation_windows(
     inputs, targets = evaluation_examples([], seq_len, count, tokenizer=tokenizer)
     source = f"the default corpus's held-out split ({why_not})"
     return EvaluationWindows(inputs, targets, batch_size, _data_tag([]), source)
-
-
-HELD_OUT = ("val", "test")
-"""What ``innerloop eval --held-out`` (and compare's) scores of a run: its validation windows, or its
-test windows (``data.test_fraction`` > 0)."""
 
 
 def _check_held_out(held_out: Any, paths: Sequence[str], run: RunConfig | None, why_not: str) -> None:

@@ -85,6 +85,36 @@ def test_the_compiled_step_equals_the_torch_path_in_float64(
     assert counted_backend.frame_count > compiled_before  # the step ran compiled, not eagerly
 
 
+@pytest.mark.slow  # ~5 s: dynamo traces and AOT-compiles the step of both models
+@pytest.mark.parametrize("inner_model", ["linear", "mlp"])
+def test_under_bf16_autocast_the_compiled_step_trains_like_the_fused_path(inner_model, counted_backend):
+    """bf16 autocast runs the projections in bf16 and the scan in float32 on either path: the compiled
+    step's outputs and gradients equal the fused path's to float32 rounding, far inside their bf16 error
+    against float32 (which a compiled step that saw bf16 operands would not be)."""
+    torch.manual_seed(0)
+    config = {"hidden_size": 16, "num_heads": 2, "mini_batch_size": 4, "inner_model": inner_model}
+    fused = TTTLayer(**config, kernel=f"fused_torch_{inner_model}")
+    candidate = TTTLayer(**config, kernel=f"compiled_torch_{inner_model}")
+    candidate.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 12, 16)
+
+    def outputs_and_gradients(layer: TTTLayer, bf16: bool) -> torch.Tensor:
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y, state = layer(inputs)
+        assert state.params["W1"].dtype == torch.float32  # the inner state stays float32
+        grads = torch.autograd.grad(y.float().square().sum(), [inputs, *layer.parameters()])
+        return torch.cat([y.float().flatten(), *(g.flatten() for g in grads)])
+
+    expected, float32 = outputs_and_gradients(fused, True), outputs_and_gradients(fused, False)
+    actual = outputs_and_gradients(candidate, True)
+    assert candidate.dispatches[-1][0] == f"compiled_torch_{inner_model}"
+    assert counted_backend.frame_count >= 1  # the step ran compiled, not eagerly
+    bf16_error = relative_error(expected, float32)
+    assert bf16_error > 1e-4  # autocast did run the projections in bf16
+    assert relative_error(actual, expected) < 1e-5, (relative_error(actual, expected), bf16_error)
+
+
 @pytest.mark.slow  # ~3 s: two stacks through dynamo
 def test_past_the_recompile_limit_the_step_runs_eagerly_not_into_an_error(counted_backend):
     # a process that trains more shapes, dtypes or stacks than dynamo's recompile limit allows keeps

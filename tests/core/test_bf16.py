@@ -9,10 +9,15 @@ against float64 is ``A`` times float32's unit roundoff (measured in each test: a
 and states, about 10 for the gradients): ``A`` is how much this network amplifies one rounding of
 every operation. The bfloat16 run rounds a subset of those operations (the projections' operands
 and outputs; the scan is float32) to bfloat16, so its error against float32, in units of
-bfloat16's unit roundoff ``u = 2**-8``, is at most about ``A`` (measured: 1.2u to 2.5u). The bound is
-``2 A u``: a factor 2 for the spread of a few dozen random roundings. A state kept in bfloat16 stays
-within that bound at these sizes (its updates are large here), so the dtype of every state tensor
-is asserted separately.
+bfloat16's unit roundoff ``u = 2**-8``, is at most about ``A`` (measured: 0.6u to 2.6u for most). The bound is
+``2 A u``: a factor 2 for the spread of a few dozen random roundings. ``A`` is measured for the
+outputs, the states and each parameter's gradient alone: most gradients' ``A`` is 3 to 11 here, but a
+gradient that is a sum over the sequence whose terms cancel amplifies roundings more (the learning-rate
+gate's bias: 27 for TTT-Linear and 81 for TTT-MLP here, whose bf16 error is 2.1u and 11.9u; the
+token-index scale's at other sizes: 48 at width 64 and 4 heads, a bf16 error of tens of percent, as the
+float64 gradient of bf16-rounded inputs has), and a bound on all gradients together would not see any
+one of them go wrong. A state kept in bfloat16 stays within that bound at these sizes (its updates
+are large here), so the dtype of every state tensor is asserted separately.
 """
 
 from __future__ import annotations
@@ -77,7 +82,11 @@ def _bounds(layer: TTTLayer, x: torch.Tensor, train: bool, decode: bool, y32, st
 
     forward = bound(relative_error(y32, y64))
     state = bound(max(relative_error(state32.params[k], state64.params[k]) for k in state64.params))
-    gradient = bound(relative_error(_flat(grads32), _flat(grads64))) if train else None
+    gradient = (
+        [bound(relative_error(g32, g64)) for g32, g64 in zip(grads32, grads64, strict=True)]
+        if train
+        else None
+    )
     return forward, state, gradient
 
 
@@ -89,8 +98,9 @@ def _assert_close_in_float32(name, y, state, grads, y32, state32, grads32, bound
     assert relative_error(y.double(), y32.double()) <= forward, name
     for key in state32.params:
         assert relative_error(state.params[key], state32.params[key]) <= state_bound, (name, key)
-    if grads is not None:
-        assert relative_error(_flat(grads), _flat(grads32)) <= gradient, name
+    if grads is not None:  # each parameter's gradient within its own bound
+        for index, (g, g32, bound) in enumerate(zip(grads, grads32, gradient, strict=True)):
+            assert relative_error(g, g32) <= bound, (name, index, relative_error(g, g32), bound)
 
 
 @pytest.mark.parametrize("path", list(PATHS))

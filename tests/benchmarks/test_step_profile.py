@@ -32,6 +32,7 @@ def test_each_kind_of_event_goes_to_its_part():
     assert part_of("aten::mul") == part_of("CompiledStackScanBackward") == "other ops"
 
 
+@pytest.mark.slow  # reason: a process's first profiler session starts kineto (1-2 s)
 @pytest.mark.usefixtures("cpu_kernels")
 def test_a_profiled_training_step_names_the_kernels_entry_points():
     layer = innerloop.TTTLayer(16, 2, inner_model="mlp", mini_batch_size=4)

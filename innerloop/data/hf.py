@@ -1,7 +1,7 @@
 """Local datasets read with the Hugging Face ``datasets`` library (``data.name: hf``).
 
 ``data.paths`` is either data files (json/jsonl, text, parquet, csv or arrow, all of one format;
-files, folders or globs) or one folder written by ``Dataset.save_to_disk`` /
+files, folders or globs; json, text and csv also compressed, ``train.jsonl.gz``) or one folder written by ``Dataset.save_to_disk`` /
 ``DatasetDict.save_to_disk``. ``data.split`` picks the split (data files form the split ``train``, and
 non-streaming, slices such as ``train[:90%]`` work; a saved DatasetDict has its splits, a saved Dataset
 its own one, and slices of them work streaming or not), ``data.text_field`` the column holding the
@@ -15,12 +15,15 @@ imported only here, when such a dataset is opened.
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import csv
+import gzip
 import hashlib
 import itertools
 import json
 import logging
+import lzma
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
@@ -40,6 +43,33 @@ FORMATS: dict[str, str] = {
     ".arrow": "arrow",
 }
 """The ``datasets`` builder of each data-file suffix."""
+
+COMPRESSIONS: tuple[str, ...] = (".gz", ".bz2", ".xz")
+"""Compression suffixes after a json, text or csv suffix (``train.jsonl.gz``): ``datasets`` decompresses
+such files as it reads them, streaming or not (as most released corpora ship), and so does innerloop
+where it reads a CSV header itself."""
+
+_COMPRESSIBLE = ("json", "text", "csv")
+
+
+def data_suffix(name: str | os.PathLike[str]) -> str:
+    """The suffix of the file ``name`` that says its format, lower-cased: the last one (``'.jsonl'``,
+    ``''`` for none), with the one before it under a compression suffix (``'.jsonl.gz'``)."""
+    path = PurePosixPath(os.fspath(name))
+    suffix = path.suffix.lower()
+    return PurePosixPath(path.stem).suffix.lower() + suffix if suffix in COMPRESSIONS else suffix
+
+
+def data_format(name: str | os.PathLike[str]) -> str | None:
+    """The ``datasets`` builder that reads the data file ``name`` by its suffix (:data:`FORMATS`), also
+    under a compression suffix (:data:`COMPRESSIONS`: ``a.jsonl.gz`` is ``json``); None for another file."""
+    suffix = data_suffix(name)
+    for compression in COMPRESSIONS:
+        if suffix.endswith(compression):
+            inner = FORMATS.get(suffix.removesuffix(compression))
+            return inner if inner in _COMPRESSIBLE else None
+    return FORMATS.get(suffix)
+
 
 _READ_CHUNK = 64  # documents read (and tokenized) at a time
 
@@ -79,13 +109,13 @@ def check_hf_source(paths: Sequence[str]) -> tuple[str, list[str]]:
     # target may have none (the Hugging Face hub cache keeps snapshots/<rev>/train.jsonl -> blobs/<hash>).
     keys = split_keys(paths)  # resolved file -> its path as found, relative to the entries' folder
     files = sorted(keys, key=lambda f: keys[f])
-    suffixes = {f: PurePosixPath(keys[f]).suffix.lower() for f in files}
-    builders = {FORMATS.get(suffixes[f]) for f in files}
+    builders = {data_format(keys[f]) for f in files}
     if None in builders:
-        unknown = next(f for f in files if suffixes[f] not in FORMATS)
+        unknown = next(f for f in files if data_format(keys[f]) is None)
         raise DataError(
-            f"data.paths has {keys[unknown]!r}, whose suffix {suffixes[unknown]!r} is not a data format "
-            f"data.name='hf' reads; valid suffixes: {sorted(FORMATS)}"
+            f"data.paths has {keys[unknown]!r}, whose suffix {data_suffix(keys[unknown])!r} is not a data format "
+            f"data.name='hf' reads; valid suffixes: {sorted(FORMATS)}, json/jsonl/txt/text/csv ones also "
+            f"compressed ({', '.join(COMPRESSIONS)})"
         )
     if len(builders) > 1:
         raise DataError(f"data.paths mixes formats {sorted(builders)}: give files of one format")
@@ -297,12 +327,18 @@ _PANDAS_MISSING = (
 """The cells pandas reads as missing by default (``read_csv``'s ``na_values``)."""
 
 
+_DECOMPRESSED: dict[str, Any] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+"""The opener of a file under each of :data:`COMPRESSIONS`."""
+
+
 def _csv_header(file: str) -> list[str] | None:
-    """The column names on the first line of the CSV ``file`` (None when it cannot be read)."""
+    """The column names on the first line of the CSV ``file``, decompressed when its suffix says so (None
+    when it cannot be read)."""
+    opener = _DECOMPRESSED.get(PurePosixPath(file).suffix.lower(), open)
     try:
-        with open(file, encoding="utf-8-sig", newline="") as handle:
+        with opener(file, "rt", encoding="utf-8-sig", newline="") as handle:
             return next(csv.reader(handle), None)
-    except (OSError, UnicodeDecodeError, csv.Error):
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error, ValueError):  # lzma raises LZMAError (OSError)
         return None
 
 

@@ -105,7 +105,7 @@ from innerloop.data.atomic import (
     fsync_directory,
     remove_stale_temporaries_of,
 )
-from innerloop.data.hf import FORMATS, source_files
+from innerloop.data.hf import FORMATS, data_format, data_suffix, source_files
 from innerloop.data.text import (
     held_out_share,
     path_entries,
@@ -1596,7 +1596,7 @@ def _describe_data(run: RunConfig) -> str:
 
 _DATASET_SUFFIXES = sorted(suffix for suffix, builder in FORMATS.items() if builder != "text")
 """Suffixes of data files that a ``data.name='hf'`` run reads as records (their text field), a text run
-as raw text (markup and all)."""
+as raw text (markup and all); compressed too (``.jsonl.gz``: :func:`~innerloop.data.hf.data_format`)."""
 
 
 def _windows_of_files(
@@ -1621,10 +1621,10 @@ def _windows_of_files(
             "--data is read as text (its run read text), which has no splits: leave --split out"
         )
     if run is None:
-        dataset = next((f for f in resolve_files(paths) if f.suffix.lower() in _DATASET_SUFFIXES), None)
+        dataset = next((f for f in resolve_files(paths) if data_format(f) not in (None, "text")), None)
         if dataset is not None:
             raise ConfigError(
-                f"--data {str(dataset)!r}: a {dataset.suffix} file is read as records (their text field) by "
+                f"--data {str(dataset)!r}: a {data_suffix(dataset)} file is read as records (their text field) by "
                 f"a data.name='hf' run and as raw text by a text run, and {why_not}, so how this model read "
                 f"its data is unknown; evaluate the checkpoint beside its run's config.yaml, or give text "
                 f"files (not {', '.join(_DATASET_SUFFIXES)})"

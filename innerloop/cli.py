@@ -15,7 +15,7 @@ import os
 import sys
 import textwrap
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from innerloop.config.load import DEFAULT_PRESET, ConfigError, name_too_long
@@ -880,7 +880,20 @@ def _add_tokenizer(commands: argparse._SubParsersAction) -> None:
         nargs="*",
         metavar="PATH",
         help="text files, directories or globs to train on (default: the training part of the corpus "
-        "`innerloop train` uses, the standard library's source without the files it holds out)",
+        "`innerloop train` uses, the standard library's source without the files it holds out); dataset "
+        "files (json/jsonl, parquet, csv, arrow, compressed json/csv too) or a save_to_disk folder are read "
+        "as data.name=hf reads them: each record's --text-field",
+    )
+    train.add_argument(
+        "--text-field",
+        default="text",
+        metavar="FIELD",
+        help="the field of dataset files' records that holds the text (data.text_field; default: %(default)r)",
+    )
+    train.add_argument(
+        "--split",
+        default=None,
+        help="the split of dataset files to read (data.split; default: the data's own, 'train' for data files)",
     )
 
 
@@ -909,17 +922,77 @@ def _tokenizer(args: argparse.Namespace) -> int:
         files = resolve_files(args.paths) if args.paths else split_text_files(stdlib_files(), 0.1)[0]
     except DataError as err:  # it names data.paths, the training option; here the paths are PATH arguments
         raise ConfigError(str(err).replace("data.paths entry", "PATH", 1)) from None
-    texts = (_read_text_file(f) for f in files)
-    tokenizer = train_bpe(texts, args.vocab_size, files=files)
+    records = _dataset_records(args, files)
+    texts = records if records is not None else (_read_text_file(f) for f in files)
+    try:
+        tokenizer = train_bpe(texts, args.vocab_size, files=files)
+    except DataError as err:  # a dataset's record read on the way; it names the training options
+        raise ConfigError(_as_tokenizer_options(str(err))) from None
     written = tokenizer.save_pretrained(out)
     short = (
         f" (fewer than --vocab-size {args.vocab_size}: the text has no more merges to learn)"
         if tokenizer.vocab_size < args.vocab_size
         else ""
     )
-    print(f"trained on {len(files)} file(s): {tokenizer.vocab_size} tokens{short}")
+    what = (
+        f"the {args.text_field!r} field of {records.count} records of {', '.join(args.paths)}"
+        if records is not None
+        else f"{len(files)} file(s)"
+    )
+    print(f"trained on {what}: {tokenizer.vocab_size} tokens{short}")
     print(f"tokenizer: {', '.join(str(p) for p in written)}")
     return 0
+
+
+class _Records:
+    """The texts of a dataset's records, counted as they are read (once)."""
+
+    def __init__(self, chunks: Iterator[tuple[int, list[str]]]) -> None:
+        self.chunks, self.count = chunks, 0
+
+    def __iter__(self) -> Iterator[str]:
+        for _, texts in self.chunks:
+            self.count += len(texts)
+            yield from texts
+
+
+def _as_tokenizer_options(message: str) -> str:
+    """A :class:`~innerloop.data.text.DataError` of ``innerloop.data.hf``, which names the training
+    options, with the names of ``innerloop tokenizer train``'s."""
+    for option, ours in (
+        ("data.paths=", "PATH "),
+        ("data.split=", "--split "),
+        ("data.text_field=", "--text-field "),
+    ):
+        message = message.replace(option, ours)
+    return message.replace("data.paths", "PATH").replace("data.name='hf'", "innerloop")
+
+
+def _dataset_records(args: argparse.Namespace, files: Sequence[Path]) -> _Records | None:
+    """The texts of the records of ``tokenizer train``'s PATHs (their ``--text-field``) when they are
+    dataset files or a ``save_to_disk`` folder, read as ``data.name=hf`` reads them (a BPE learned from a
+    JSON file's bytes would learn its quoting and escapes); None for text files. :class:`ConfigError`
+    for PATHs that mix the two, and for what cannot be read."""
+    from innerloop.data.hf import data_format, iter_texts, open_hf_dataset, own_split, saved_splits
+    from innerloop.data.text import DataError
+
+    try:
+        saved = saved_splits(args.paths) is not None
+        datasets = [f for f in files if data_format(f) not in (None, "text")]
+        if not saved and not datasets:
+            return None
+        others = [f for f in files if data_format(f) in (None, "text")]
+        if not saved and others:
+            raise ConfigError(
+                f"PATHs mix dataset files ({str(datasets[0])!r}, read as records: their --text-field) and text "
+                f"files ({str(others[0])!r}, read whole): give one kind"
+            )
+        split = args.split if args.split is not None else own_split(args.paths)
+        streaming = saved or "[" not in split  # data files' slices are cut from an Arrow table
+        dataset = open_hf_dataset(args.paths, split, streaming, args.text_field)
+    except DataError as err:
+        raise ConfigError(_as_tokenizer_options(str(err))) from None
+    return _Records(iter_texts(dataset, args.text_field))
 
 
 def _read_text_file(path: Path) -> str:

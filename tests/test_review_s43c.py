@@ -13,6 +13,8 @@ Kept here, each a finding (the commit that fixes it names it):
 
 - ``data.name: hf`` refused compressed data files (``train.jsonl.gz``, ``.csv.xz``, ...), which
   ``datasets`` reads, streaming or not, and as most released corpora ship.
+- ``innerloop tokenizer train`` learned a JSON Lines file's markup and escapes instead of its records'
+  text, and refused parquet; it now reads dataset files as ``data.name: hf`` does.
 """
 
 from __future__ import annotations
@@ -81,3 +83,41 @@ def test_a_compressed_dataset_file_for_a_checkpoint_without_its_run_is_refused_a
     path.write_bytes(gzip.compress(b'{"text": "a document"}\n'))
     with pytest.raises(ConfigError, match=r"a \.jsonl\.gz file is read as records.*no config\.yaml"):
         _windows_of_files([str(path)], None, "there is no config.yaml", 16, None, 1, None)
+
+
+DOCUMENTS = [f'naïve "café" {i}\n' + "the quick brown fox\\ jumps\n" * (i % 5 + 1) for i in range(40)]
+"""Documents whose JSON form differs from their text: quotes, backslashes, newlines, non-ASCII."""
+
+
+def test_tokenizer_train_on_dataset_files_learns_their_records_text_not_their_json(tmp_path, capsys) -> None:
+    """review s43c (MED): ``innerloop tokenizer train data.jsonl`` learned its merges from the file's JSON
+    (``{"text": "``, ``\\"``, ``\\n``, ``\\u00ef``: escapes the data never holds), and a parquet file was
+    refused as "not UTF-8 text", though ``data.name: hf`` trains on those records' text. Now dataset
+    files are read as that run reads them: the tokenizer is the one trained on the documents."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from innerloop.cli import main
+    from innerloop.data.tokenizer import load_tokenizer, train_bpe
+
+    with open(tmp_path / "corpus.jsonl", "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps({"text": text}) + "\n" for text in DOCUMENTS)
+    pq.write_table(pa.table({"body": DOCUMENTS}), tmp_path / "corpus.parquet")
+    expected = train_bpe(DOCUMENTS, 300).tokenizer_json
+    argv = ["tokenizer", "train", "--vocab-size", "300", "--out"]
+    assert main([*argv, str(tmp_path / "a"), str(tmp_path / "corpus.jsonl")]) == 0
+    assert "trained on the 'text' field of 40 records of" in capsys.readouterr().out
+    assert load_tokenizer(str(tmp_path / "a")).tokenizer_json == expected
+    assert main([*argv, str(tmp_path / "b"), "--text-field", "body", str(tmp_path / "corpus.parquet")]) == 0
+    assert load_tokenizer(str(tmp_path / "b")).tokenizer_json == expected
+
+
+def test_tokenizer_train_refuses_dataset_and_text_files_together(tmp_path, capsys) -> None:
+    from innerloop.cli import main
+
+    (tmp_path / "corpus.jsonl").write_text(json.dumps({"text": "a document"}) + "\n")
+    (tmp_path / "notes.md").write_text("notes")
+    argv = ["tokenizer", "train", "--vocab-size", "300", "--out", str(tmp_path / "tok")]
+    assert main([*argv, str(tmp_path / "corpus.jsonl"), str(tmp_path / "notes.md")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "PATHs mix dataset files" in err and "notes.md" in err, err

@@ -383,6 +383,18 @@ def saved_splits(paths: Sequence[str]) -> list[str] | None:
     return [str(loaded.split) if loaded.split is not None else "train"]
 
 
+def own_split(paths: Sequence[str]) -> str:
+    """The split ``paths`` hold when ``--split`` names none: ``train`` for data files, a saved Dataset's
+    own split, a saved DatasetDict's only one (:class:`DataError` when it holds several: one must be
+    named with ``--split``)."""
+    splits = saved_splits(paths)
+    if splits is None:
+        return "train"
+    if len(splits) > 1:
+        raise DataError(f"the saved DatasetDict holds the splits {splits}: name the one to read with --split")
+    return splits[0]
+
+
 def _load_saved_split(datasets: Any, folder: Path) -> Any:
     """The Dataset saved in ``folder``; one saved empty has no data file (``save_to_disk`` writes none,
     and ``load_from_disk`` then fails with an IndexError), so it is made empty, of its saved features."""

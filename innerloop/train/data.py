@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from innerloop.core.functional import as_integer
-from innerloop.data.hf import files_record, iter_texts, open_hf_dataset, saved_splits, source_files
+from innerloop.data.hf import files_record, iter_texts, open_hf_dataset, own_split, source_files
 from innerloop.data.packing import (
     START,
     DocumentReader,
@@ -689,7 +689,7 @@ def dataset_tokens(
     separator = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
     tokens: list[torch.Tensor] = []  # a tensor per chunk of documents: 8 bytes a token, not a Python int's 36
     try:
-        dataset = open_hf_dataset(paths, split or _own_split(paths), streaming=False, text_field=text_field)
+        dataset = open_hf_dataset(paths, split or own_split(paths), streaming=False, text_field=text_field)
         for _, texts in iter_texts(dataset, text_field):
             chunk: list[int] = []
             for ids in encode_many(texts) if encode_many else [tokenizer.encode(t) for t in texts]:
@@ -703,16 +703,6 @@ def dataset_tokens(
             f"--data {list(paths)!r}, read as the run's data.name='hf' data (field {text_field!r}): {said}"
         ) from None
     return torch.cat(tokens) if tokens else torch.empty(0, dtype=torch.int64)
-
-
-def _own_split(paths: Sequence[str]) -> str:
-    """The split ``paths`` hold when ``--split`` names none: see :func:`dataset_tokens`."""
-    splits = saved_splits(paths)
-    if splits is None:
-        return "train"
-    if len(splits) > 1:
-        raise DataError(f"the saved DatasetDict holds the splits {splits}: name the one to read with --split")
-    return splits[0]
 
 
 class RecallDataModule(_IndexedDataModule):

@@ -15,6 +15,8 @@ Kept here, each a finding (the commit that fixes it names it):
   ``datasets`` reads, streaming or not, and as most released corpora ship.
 - ``innerloop tokenizer train`` learned a JSON Lines file's markup and escapes instead of its records'
   text, and refused parquet; it now reads dataset files as ``data.name: hf`` does.
+- ``InnerloopConfig``'s transformers attributes (``hidden_size`` ...) could not be set (a bare
+  AttributeError from ``config.update`` or run_clm.py's ``--config_overrides``); they set the model section.
 """
 
 from __future__ import annotations
@@ -121,3 +123,29 @@ def test_tokenizer_train_refuses_dataset_and_text_files_together(tmp_path, capsy
     assert main([*argv, str(tmp_path / "corpus.jsonl"), str(tmp_path / "notes.md")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "PATHs mix dataset files" in err and "notes.md" in err, err
+
+
+def test_the_config_attributes_transformers_names_set_the_model_section() -> None:
+    """review s43c (MED): ``config.hidden_size = 64``, ``config.update({...})`` and ``update_from_string``
+    (run_clm.py's ``--config_overrides``) met a bare ``AttributeError: property 'hidden_size' of
+    'InnerloopConfig' object has no setter``. They now set the ``model`` section they view (checked as
+    any change of it), and a model built from the config has that shape."""
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+
+    config = InnerloopConfig(model={"hidden_size": 32, "num_heads": 2, "num_layers": 1})
+    config.hidden_size = 64
+    config.update({"num_hidden_layers": 2, "vocab_size": 300})
+    config.update_from_string("num_attention_heads=4,tie_word_embeddings=false")
+    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (64, 2, 300)
+    section = config.model_config
+    assert (section.hidden_size, section.num_layers, section.num_heads, section.tie_embeddings) == (
+        64,
+        2,
+        4,
+        False,
+    )
+    model = InnerloopForCausalLM(config)
+    assert model.get_output_embeddings().weight.shape == (300, 64) and len(model.model.blocks) == 2
+    with pytest.raises(ValueError, match=r"divisible by model.num_heads=5"):
+        config.num_attention_heads = 5
+    assert config.num_attention_heads == 4  # a refused value changes nothing

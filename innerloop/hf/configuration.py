@@ -5,7 +5,8 @@ The innerloop config is stored as one nested dict under ``model`` in ``config.js
 with :func:`~innerloop.models.config.validate_model_config` when the config is built or loaded, so a
 bad ``config.json`` gets the same one-line error as a bad run config. The attributes transformers'
 tools read (``vocab_size``, ``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``,
-``tie_word_embeddings``) are read-only views of it: there is one source of truth.
+``tie_word_embeddings``) are views of it: setting one sets the key it views (``config.hidden_size =
+64`` is ``config.model = {"hidden_size": 64}``, checked as that is): there is one source of truth.
 """
 
 from __future__ import annotations
@@ -236,8 +237,14 @@ class InnerloopConfig(PreTrainedConfig):
         """Keep ``model`` a validated, complete model config whenever it is assigned (transformers sets
         attributes directly: ``from_pretrained``'s keyword overrides, ``config.update``). A mapping
         assigned to a built config changes the keys it names and keeps the others, as
-        ``from_pretrained(model=...)`` does; a :class:`ModelConfig` replaces the whole section."""
+        ``from_pretrained(model=...)`` does; a :class:`ModelConfig` replaces the whole section. The
+        views of it (``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``, ``vocab_size``,
+        ``tie_word_embeddings``) set the key they view: ``config.hidden_size = 64``, ``config.update``
+        and ``update_from_string`` (run_clm.py's ``--config_overrides``) change the model section."""
         current = self.__dict__.get("model")
+        viewed = _DERIVED.get(name, "tie_embeddings" if name == "tie_word_embeddings" else None)
+        if viewed is not None and isinstance(current, dict):
+            name, value = "model", {viewed: value}
         if name == "model" and isinstance(value, dict) and isinstance(current, dict):
             value = _merged_model_section(current, value)
         if name == "model" and value is not None:

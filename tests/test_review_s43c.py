@@ -17,6 +17,8 @@ Kept here, each a finding (the commit that fixes it names it):
   text, and refused parquet; it now reads dataset files as ``data.name: hf`` does.
 - ``InnerloopConfig``'s transformers attributes (``hidden_size`` ...) could not be set (a bare
   AttributeError from ``config.update`` or run_clm.py's ``--config_overrides``); they set the model section.
+- ``convert ttt-lm-pytorch`` of another model's folder listed its fields as unknown TTTConfig ones
+  instead of naming its ``model_type``.
 """
 
 from __future__ import annotations
@@ -149,3 +151,26 @@ def test_the_config_attributes_transformers_names_set_the_model_section() -> Non
     with pytest.raises(ValueError, match=r"divisible by model.num_heads=5"):
         config.num_attention_heads = 5
     assert config.num_attention_heads == 4  # a refused value changes nothing
+
+
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [
+        ({"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2, "vocab_size": 100}, "'gpt2'"),
+        (
+            {"model_type": "innerloop", "model": {"hidden_size": 32}, "auto_map": {}},
+            "'innerloop'.*AutoModelForCausalLM",
+        ),
+    ],
+    ids=["gpt2", "innerloop-export"],
+)
+def test_a_foreign_model_given_to_the_reference_converter_is_named_by_its_model_type(config, named) -> None:
+    """review s43c (LOW): a folder of another model (GPT-2, or an innerloop export) given to ``convert
+    ttt-lm-pytorch`` was refused with "config has unknown TTTConfig field(s) [...]", listing every field
+    of the other model's config (GPT-2's 20) and all of TTTConfig's: the check of ``model_type``, which
+    says what the folder is, ran after it."""
+    from innerloop.interop.ttt_lm_pytorch import check_config
+
+    with pytest.raises(ValueError, match=rf"model_type={named}") as raised:
+        check_config(config)
+    assert "unknown TTTConfig field" not in str(raised.value)

@@ -242,6 +242,7 @@ def check_config(config: Mapping[str, Any]) -> None:
     (with close matches and the valid fields), a wrong type or an out-of-range value, a missing
     required field, or a ``model_type`` other than ``"ttt"``."""
     _check_is_mapping(config)
+    _check_model_type(config)  # first: another model's fields are not misspelt TTTConfig ones
     unknown = sorted(
         (k for k in config if k not in TTT_CONFIG_FIELDS and k not in PRETRAINED_CONFIG_FIELDS), key=str
     )
@@ -266,10 +267,20 @@ def check_config(config: Mapping[str, Any]) -> None:
     missing = [k for k, default in LAYER_FIELDS.items() if default is None and k not in config]
     if missing:
         raise ValueError(f"config lacks required TTTConfig field(s) {missing}")
-    if config.get("model_type", "ttt") != "ttt":
-        raise ValueError(
-            f"config model_type={config['model_type']!r} is not a TTT model's (model_type 'ttt')"
-        )
+
+
+def _check_model_type(config: Mapping[str, Any]) -> None:
+    """``ValueError`` naming ``model_type`` unless it is ``"ttt"`` (or absent), saying what to do with
+    an innerloop folder (already converted)."""
+    model_type = config.get("model_type", "ttt")
+    if model_type == "ttt":
+        return
+    hint = (
+        ": it is innerloop's own Hugging Face folder, which AutoModelForCausalLM loads after `import innerloop`"
+        if model_type == "innerloop"
+        else ""
+    )
+    raise ValueError(f"config model_type={model_type!r} is not a TTT model's (model_type 'ttt'){hint}")
 
 
 def _head_counts(hidden_size: int) -> list[int]:

@@ -19,6 +19,8 @@ Kept here, each a finding (the commit that fixes it names it):
   AttributeError from ``config.update`` or run_clm.py's ``--config_overrides``); they set the model section.
 - ``convert ttt-lm-pytorch`` of another model's folder listed its fields as unknown TTTConfig ones
   instead of naming its ``model_type``.
+- ``convert ttt-e2e`` of a checkpoint's ``opt_state`` folder listed every array name of the model; one
+  short line now says what the folder holds.
 """
 
 from __future__ import annotations
@@ -29,11 +31,14 @@ import gzip
 import io
 import json
 import lzma
+from pathlib import Path
 
 import pytest
 
 from innerloop.data.hf import check_hf_source, iter_texts, open_hf_dataset
 from innerloop.data.text import DataError
+
+DATA = Path(__file__).resolve().parent / "data" / "e2e"
 
 TEXTS = ["NA", "1999", "", 'quoted, "comma"', "two\nlines é"] + [f"document {i}" for i in range(4)]
 """Texts a CSV reader would take for missing values or numbers, quoting, a newline and non-ASCII."""
@@ -174,3 +179,23 @@ def test_a_foreign_model_given_to_the_reference_converter_is_named_by_its_model_
     with pytest.raises(ValueError, match=rf"model_type={named}") as raised:
         check_config(config)
     assert "unknown TTTConfig field" not in str(raised.value)
+
+
+def test_an_official_folder_holding_none_of_the_models_arrays_is_one_short_line_saying_what_it_holds() -> (
+    None
+):
+    """review s43c (LOW): the optimizer state of an official checkpoint (``checkpoint/0/opt_state``,
+    arrays ``1.0.mu.language_model...``) given as the checkpoint was refused with every one of the
+    model's array names (20 for the tiny model; hundreds of characters), and nothing said what the
+    folder held. Now the line names a few, their count, and the folder's own arrays."""
+    from safetensors.numpy import load_file
+
+    from innerloop.interop.ttt_e2e import OfficialConfigError, model_from_arrays
+
+    config = json.loads((DATA / "config.json").read_text(encoding="utf-8"))
+    arrays = {f"1.0.mu.{name}": value for name, value in load_file(DATA / "weights.safetensors").items()}
+    with pytest.raises(OfficialConfigError) as raised:
+        model_from_arrays(arrays, config)
+    message = str(raised.value)
+    assert "holds none of the model's 20 arrays" in message and "1.0.mu.language_model" in message
+    assert len(message) < 500, message

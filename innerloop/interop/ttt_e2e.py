@@ -592,6 +592,13 @@ def _checked_float32(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> d
     the model holds; nothing else is. Returns them in float32 (converted once, here)."""
     shapes = expected_shapes(config)
     missing = sorted(set(shapes) - set(arrays))
+    if missing and len(missing) == len(shapes):  # another folder: the optimizer state, another model
+        held = sorted(arrays)
+        raise OfficialConfigError(
+            f"the checkpoint holds none of the model's {len(shapes)} arrays (e.g. {missing[0]!r}); it holds "
+            f"{len(held)}: {_few(held)}: is it the model_weights of an official checkpoint (not its "
+            "opt_state), and does the config belong to it?"
+        )
     if missing:
         raise OfficialConfigError(f"the checkpoint lacks {missing} (does the config belong to it?)")
     extra = sorted(set(arrays) - set(shapes))
@@ -624,6 +631,12 @@ def _checked_float32(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> d
                 "are: they would load as inf"
             )
     return values
+
+
+def _few(names: list[str], shown: int = 3) -> str:
+    """The first ``shown`` of ``names`` for a message, and how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(repr(name) for name in names[:shown]) + more
 
 
 def _as_numpy(array: Any, dtype: Any = np.float32) -> np.ndarray:

@@ -886,14 +886,20 @@ def _add_tokenizer(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument(
         "--text-field",
-        default="text",
+        default=None,
         metavar="FIELD",
-        help="the field of dataset files' records that holds the text (data.text_field; default: %(default)r)",
+        help="the field of dataset files' records that holds the text (data.text_field; default: 'text')",
     )
     train.add_argument(
         "--split",
         default=None,
         help="the split of dataset files to read (data.split; default: the data's own, 'train' for data files)",
+    )
+    train.add_argument(
+        "--raw",
+        action="store_true",
+        help="read every PATH whole as text, dataset files too (markup and all), as a data.name=text run "
+        "reads them (default: dataset files are read as records)",
     )
 
 
@@ -935,7 +941,7 @@ def _tokenizer(args: argparse.Namespace) -> int:
         else ""
     )
     what = (
-        f"the {args.text_field!r} field of {records.count} records of {', '.join(args.paths)}"
+        f"the {records.field!r} field of {records.count} records of {', '.join(args.paths)}"
         if records is not None
         else f"{len(files)} file(s)"
     )
@@ -947,8 +953,8 @@ def _tokenizer(args: argparse.Namespace) -> int:
 class _Records:
     """The texts of a dataset's records, counted as they are read (once)."""
 
-    def __init__(self, chunks: Iterator[tuple[int, list[str]]]) -> None:
-        self.chunks, self.count = chunks, 0
+    def __init__(self, chunks: Iterator[tuple[int, list[str]]], field: str) -> None:
+        self.chunks, self.field, self.count = chunks, field, 0
 
     def __iter__(self) -> Iterator[str]:
         for _, texts in self.chunks:
@@ -971,28 +977,39 @@ def _as_tokenizer_options(message: str) -> str:
 def _dataset_records(args: argparse.Namespace, files: Sequence[Path]) -> _Records | None:
     """The texts of the records of ``tokenizer train``'s PATHs (their ``--text-field``) when they are
     dataset files or a ``save_to_disk`` folder, read as ``data.name=hf`` reads them (a BPE learned from a
-    JSON file's bytes would learn its quoting and escapes); None for text files. :class:`ConfigError`
-    for PATHs that mix the two, and for what cannot be read."""
+    JSON file's bytes would learn its quoting and escapes); None for text files and with ``--raw``.
+    :class:`ConfigError` for PATHs that mix the two, record options for text, and what cannot be read."""
     from innerloop.data.hf import data_format, iter_texts, open_hf_dataset, own_split, saved_splits
     from innerloop.data.text import DataError
 
     try:
-        saved = saved_splits(args.paths) is not None
+        saved = not args.raw and saved_splits(args.paths) is not None
         datasets = [f for f in files if data_format(f) not in (None, "text")]
-        if not saved and not datasets:
-            return None
         others = [f for f in files if data_format(f) in (None, "text")]
+        if not saved and (args.raw or not datasets):
+            given = [
+                f"{option} {value!r}"
+                for option, value in (("--split", args.split), ("--text-field", args.text_field))
+                if value is not None
+            ]
+            if given:
+                raise ConfigError(
+                    f"{' and '.join(given)} name records of dataset files, and the PATHs are read whole as text"
+                    f"{' (--raw)' if args.raw else ''}: leave {'them' if len(given) > 1 else 'it'} out"
+                )
+            return None
         if not saved and others:
             raise ConfigError(
                 f"PATHs mix dataset files ({str(datasets[0])!r}, read as records: their --text-field) and text "
-                f"files ({str(others[0])!r}, read whole): give one kind"
+                f"files ({str(others[0])!r}, read whole): give one kind, or --raw to read them all whole as text"
             )
+        field = args.text_field if args.text_field is not None else "text"
         split = args.split if args.split is not None else own_split(args.paths)
         streaming = saved or "[" not in split  # data files' slices are cut from an Arrow table
-        dataset = open_hf_dataset(args.paths, split, streaming, args.text_field)
+        dataset = open_hf_dataset(args.paths, split, streaming, field)
     except DataError as err:
         raise ConfigError(_as_tokenizer_options(str(err))) from None
-    return _Records(iter_texts(dataset, args.text_field))
+    return _Records(iter_texts(dataset, field), field)
 
 
 def _read_text_file(path: Path) -> str:

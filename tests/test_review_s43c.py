@@ -121,15 +121,26 @@ def test_tokenizer_train_on_dataset_files_learns_their_records_text_not_their_js
     assert load_tokenizer(str(tmp_path / "b")).tokenizer_json == expected
 
 
-def test_tokenizer_train_refuses_dataset_and_text_files_together(tmp_path, capsys) -> None:
+def test_tokenizer_train_reads_mixed_paths_only_with_raw_and_refuses_record_options_for_text(
+    tmp_path, capsys
+) -> None:
+    """A source tree holding JSON among its code is read whole, as a text run reads it, with ``--raw``
+    (without it, one line saying so); ``--split`` / ``--text-field`` for text are refused, not ignored."""
     from innerloop.cli import main
+    from innerloop.data.tokenizer import load_tokenizer, train_bpe
 
-    (tmp_path / "corpus.jsonl").write_text(json.dumps({"text": "a document"}) + "\n")
-    (tmp_path / "notes.md").write_text("notes")
-    argv = ["tokenizer", "train", "--vocab-size", "300", "--out", str(tmp_path / "tok")]
-    assert main([*argv, str(tmp_path / "corpus.jsonl"), str(tmp_path / "notes.md")]) == 2
+    jsonl, notes = tmp_path / "corpus.jsonl", tmp_path / "notes.md"
+    jsonl.write_text("".join(json.dumps({"text": text}) + "\n" for text in DOCUMENTS), encoding="utf-8")
+    notes.write_text("notes " * 50)
+    argv = ["tokenizer", "train", "--vocab-size", "300", "--out"]
+    assert main([*argv, str(tmp_path / "a"), str(jsonl), str(notes)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "PATHs mix dataset files" in err and "notes.md" in err, err
+    assert err.count("\n") == 1 and "PATHs mix dataset files" in err and "--raw" in err, err
+    assert main([*argv, str(tmp_path / "b"), "--split", "train", str(notes)]) == 2
+    assert "--split 'train' name records of dataset files" in capsys.readouterr().err
+    assert main([*argv, str(tmp_path / "c"), "--raw", str(jsonl), str(notes)]) == 0
+    expected = train_bpe([jsonl.read_text(encoding="utf-8"), notes.read_text()], 300).tokenizer_json
+    assert load_tokenizer(str(tmp_path / "c")).tokenizer_json == expected
 
 
 def test_the_config_attributes_transformers_names_set_the_model_section() -> None:

@@ -879,6 +879,9 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"model.lm_head.weight": "model.embed.weight"}
     # transformers' Trainer then passes no num_items_in_batch (forward refuses arguments it does not use)
     accepts_loss_kwargs = False
+    # the attention mixers run torch's scaled_dot_product_attention (models/attention.py): from_pretrained's
+    # attn_implementation="sdpa" (its default when allowed) says so; "eager" is accepted and changes nothing
+    _supports_sdpa = True
 
     def __init__(self, config: InnerloopConfig) -> None:
         super().__init__(config)

@@ -37,6 +37,23 @@ def test_logits_are_innerloops_own_and_survive_a_round_trip(kind, tmp_path) -> N
     assert tied == MODEL_KINDS[kind].get("tie_embeddings", True)
 
 
+def test_attn_implementation_sdpa_is_accepted_and_is_what_attention_runs(tmp_path) -> None:
+    """The attention mixers run torch's SDPA: ``attn_implementation="sdpa"`` (transformers' default where a
+    model allows it) loads, as "eager" does (it changes nothing); before, "sdpa" was refused."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_hf_model("swa")
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
+    for implementation in ("sdpa", "eager"):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=implementation).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, expected), implementation
+
+
 def test_non_persistent_buffers_are_rebuilt_on_load(tmp_path) -> None:
     """transformers leaves non-persistent buffers (the TTT layer's RoPE table) empty after a meta-device
     build: from_pretrained fills them from a fresh network."""

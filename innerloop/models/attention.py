@@ -9,6 +9,7 @@ and it reads a long input a block of queries at a time (:func:`sliding_window_at
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -260,7 +261,7 @@ class _TwiceDifferentiableAttention(torch.autograd.Function):
         inputs = ctx.saved_tensors
         wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
         if torch.is_grad_enabled():  # create_graph=True: a backward with a backward of its own
-            with sdpa_kernel([SDPBackend.MATH]):
+            with sdpa_kernel([SDPBackend.MATH]), _without_autocast(inputs[0].device.type):
                 out = F.scaled_dot_product_attention(*inputs, **ctx.options)
             grads = torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out, create_graph=True)
         else:  # the picked kernel's backward; again (retain_graph=True) from a recomputed forward
@@ -271,12 +272,21 @@ class _TwiceDifferentiableAttention(torch.autograd.Function):
         return by_input.get(0), by_input.get(1), by_input.get(2), None, None
 
 
+def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device_type`` (nothing to turn off on a device autocast does not know: meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _attention_graph(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict, backends: list[SDPBackend]
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """``(out, (q, k, v) detached)``: SDPA on ``backends`` with its graph from the detached inputs."""
+    """``(out, (q, k, v) detached)``: SDPA on ``backends`` with its graph from the detached inputs, in
+    their dtype (:func:`attend` casts them as autocast would; an autocast region a backward runs in
+    does not cast the recomputation again)."""
     detached = tuple(t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
-    with torch.enable_grad(), sdpa_kernel(backends):
+    with torch.enable_grad(), sdpa_kernel(backends), _without_autocast(q.device.type):
         return F.scaled_dot_product_attention(*detached, **options), detached
 
 
@@ -288,7 +298,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) ->
     tensor). Under autograd with a fused kernel allowed it runs through
     :class:`_TwiceDifferentiableAttention`, whose ``create_graph=True`` backward is differentiable (the
     fused kernels' is not: torch raised "derivative for ..._backward is not implemented" in the second
-    backward). While compiling, SDPA as it is (dynamo reads neither flag)."""
+    backward); under ``torch.autocast`` it is given q, k, v (and a float mask) cast as autocast casts
+    SDPA's, so that every backward, the recomputing ones too, computes in the forward's dtype. While
+    compiling (dynamo reads neither flag), with ``dropout_p > 0`` (each recomputation would draw another
+    dropout mask) or with a mask that requires grad (the function differentiates q, k and v only): SDPA
+    as it is."""
     if torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q, k, v, **options)
     if transformed_or_dual((q, k, v)):
@@ -296,10 +310,37 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) ->
             return F.scaled_dot_product_attention(q, k, v, **options)
     learned_mask = any(isinstance(o, torch.Tensor) and o.requires_grad for o in options.values())
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and not learned_mask:
-        backends = _enabled_backends()  # (a mask that learns is SDPA's own input: the function passes none)
-        if backends != [SDPBackend.MATH]:  # the math kernel alone is differentiable to any order already
+        backends = _enabled_backends()
+        cast = _cast_as_autocast_would(q.device.type)
+        # the math kernel alone is differentiable to any order already
+        if backends != [SDPBackend.MATH] and cast is not None and not options.get("dropout_p"):
+            q, k, v = (cast(t) for t in (q, k, v))
+            options = {name: cast(value) for name, value in options.items()}
             return _TwiceDifferentiableAttention.apply(q, k, v, options, backends)
     return F.scaled_dot_product_attention(q, k, v, **options)
+
+
+def _cast_as_autocast_would(device_type: str) -> Callable[[Any], Any] | None:
+    """How autocast casts SDPA's tensors now on ``device_type``: on CPU and CUDA SDPA is on its
+    lower-precision list (a floating tensor other than float64 is cast to the autocast dtype); the
+    identity outside autocast; None under autocast on another device, whose rule is not mirrored here.
+
+    :class:`_TwiceDifferentiableAttention` is given the tensors cast already, so that the inputs it
+    saves are the ones SDPA's graph saves (not float32 copies besides), and a recomputation in its
+    backward, which runs outside the forward's autocast region, computes in the forward's dtype."""
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return lambda value: value  # (meta tensors: autocast knows no such device)
+    if device_type not in ("cpu", "cuda"):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(value: Any) -> Any:
+        eligible = (
+            isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64
+        )
+        return value.to(dtype) if eligible else value
+
+    return cast
 
 
 def sliding_window_attention(

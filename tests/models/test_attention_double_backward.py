@@ -127,3 +127,74 @@ def test_a_mask_that_requires_grad_gets_its_gradient():
         )
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def _backwards(call, dtype=torch.float32):
+    """``call``'s output and its gradients w.r.t. (q, k, v): first order (retain_graph), first order
+    again from the recomputed forward, and under create_graph=True."""
+    q, k, v = _qkv(dtype, length=16)
+    out = call(q, k, v)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(out.dtype)
+    first = torch.autograd.grad(out, (q, k, v), upstream, retain_graph=True)
+    again = torch.autograd.grad(out, (q, k, v), upstream, retain_graph=True)
+    created = torch.autograd.grad(out, (q, k, v), upstream, create_graph=True)
+    return out, first, again, created
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_under_autocast_every_backward_computes_in_the_forwards_dtype(dtype):
+    # the function kept float32 q, k, v and recomputed from them outside the forward's autocast: a
+    # retain_graph second backward and a create_graph backward differentiated float32 attention
+    # (up to 0.016 from the bf16 gradients the first backward and SDPA's own gave)
+    def call(q, k, v):
+        with torch.autocast("cpu", dtype=dtype):
+            return attend(q, k, v, is_causal=True)
+
+    def plain(q, k, v):
+        with torch.autocast("cpu", dtype=dtype):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    out, first, again, created = _backwards(call)
+    want_out, want, want_again, _ = _backwards(plain)
+    with sdpa_kernel([SDPBackend.MATH]):  # the math kernel under the same autocast: the create_graph one
+        *_, want_created = _backwards(plain)
+    assert out.dtype == dtype and torch.equal(out, want_out)
+    for got, wanted in [(first, want), (again, want_again), (created, want_created)]:
+        assert all(g.dtype == torch.float32 and torch.equal(g, w) for g, w in zip(got, wanted, strict=True))
+
+
+def test_a_recomputation_under_another_autocast_is_not_cast_again():
+    q, k, v = _qkv(torch.float32, length=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q, k, v, is_causal=True)
+    first = torch.autograd.grad(out.float().sum(), (q, k, v), retain_graph=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        again = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert all(torch.equal(g, w) for g, w in zip(again, first, strict=True))
+
+
+def test_dropout_keeps_the_forwards_mask_in_every_backward():
+    # the function recomputed the attention in a backward and drew another dropout mask there: a
+    # retain_graph second backward gave other gradients than the first (SDPA's own gives the same)
+    def call(q, k, v):
+        torch.manual_seed(5)
+        return attend(q, k, v, dropout_p=0.5)
+
+    def plain(q, k, v):
+        torch.manual_seed(5)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+
+    out, first, again, created = _backwards(call, torch.float64)
+    want_out, want, *_ = _backwards(plain, torch.float64)
+    assert torch.equal(out, want_out) and all(torch.equal(g, w) for g, w in zip(first, want, strict=True))
+    assert all(torch.equal(g, w) for g, w in zip(again, first, strict=True))
+    for g, w in zip(created, first, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_meta_tensors_go_through_shapes_only():
+    q = torch.empty(2, 2, 5, 4, device="meta", requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # on another device: meta is not cast
+        out = attend(q, q, q, is_causal=True)
+    out.sum().backward()
+    assert out.shape == (2, 2, 5, 4) and out.dtype == torch.float32 and q.grad.shape == q.shape

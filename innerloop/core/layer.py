@@ -577,10 +577,12 @@ def _without_token_scale(lr: torch.Tensor, tau: torch.Tensor | None) -> torch.Te
     parameters ``tau`` is made of (``learnable_token_idx``) get a zero gradient rather than none. DDP
     refuses a trainable parameter no loss reaches ('parameters that were not used in producing the
     loss'); freezing it instead would change the optimizer's parameter groups, which a checkpoint
-    written before could then not resume into."""
+    written before could then not resume into. A NaN or inf among the unread offsets is tied as 0 (``0.0 *
+    inf`` is NaN): it made every output NaN under autograd, where the same layer without autograd, which
+    does not tie, gave the finite outputs of a rule that does not read them."""
     if tau is None or not (torch.is_grad_enabled() and tau.requires_grad):
         return lr
-    return lr + 0.0 * tau.sum().to(lr.dtype)
+    return lr + 0.0 * torch.nan_to_num(tau.sum(), nan=0.0, posinf=0.0, neginf=0.0).to(lr.dtype)
 
 
 class TTTLayer(nn.Module):

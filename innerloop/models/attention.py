@@ -228,13 +228,19 @@ def block_bounds(start: int, stop: int, size: int) -> list[int]:
 
 
 def _enabled_backends() -> list[SDPBackend]:
-    """The SDPA backends torch may pick now (``sdpa_kernel`` narrows them)."""
+    """The SDPA backends torch may pick now (``sdpa_kernel`` narrows them). OVERRIDEABLE too (the fused
+    kernel of XPU and other out-of-tree devices; torch reads its flag only privately): ``sdpa_kernel``
+    turns off every backend its list leaves out, so without it the function ran those devices' attention
+    on the math kernel, as SDPA called directly does not."""
     flags = {
         SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,  # also CPU's fused kernel
         SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
         SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled,
         SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled,
     }
+    overrideable = getattr(SDPBackend, "OVERRIDEABLE", None)  # torch >= 2.5
+    if overrideable is not None and hasattr(torch._C, "_get_overrideable_sdp_enabled"):
+        flags[overrideable] = torch._C._get_overrideable_sdp_enabled
     return [backend for backend, enabled in flags.items() if enabled()]
 
 
@@ -288,9 +294,16 @@ def _saved_tensor_hooks_on() -> bool:
     return top is not None and top(False) is not None
 
 
+def _autocast_knows(device_type: str) -> bool:
+    """Whether autocast knows ``device_type`` (not meta: asking it raised "unknown device type for
+    autocast"); where torch has no ``torch.amp.is_autocast_available``, every type but meta."""
+    available = getattr(torch.amp, "is_autocast_available", None)
+    return available(device_type) if available is not None else device_type != "meta"
+
+
 def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast off on ``device_type`` (nothing to turn off on a device autocast does not know: meta)."""
-    if torch.amp.is_autocast_available(device_type):
+    if _autocast_knows(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -344,7 +357,7 @@ def _cast_as_autocast_would(device_type: str) -> Callable[[Any], Any] | None:
     :class:`_TwiceDifferentiableAttention` is given the tensors cast already, so that the inputs it
     saves are the ones SDPA's graph saves (not float32 copies besides), and a recomputation in its
     backward, which runs outside the forward's autocast region, computes in the forward's dtype."""
-    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+    if not (_autocast_knows(device_type) and torch.is_autocast_enabled(device_type)):
         return lambda value: value  # (meta tensors: autocast knows no such device)
     if device_type not in ("cpu", "cuda"):
         return None

@@ -259,3 +259,28 @@ def test_offloaded_saved_tensors_give_sdpas_gradients():
         F.scaled_dot_product_attention(q * 2, k * 2, v * 2, is_causal=True).sum(), (q, k, v)
     )
     assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+def test_the_function_leaves_the_overrideable_backend_as_it_found_it(monkeypatch):
+    # sdpa_kernel turns off every backend its list leaves out: the function's list lacked OVERRIDEABLE
+    # (XPU's and other out-of-tree devices' fused kernel), so their attention ran on the math kernel
+    flag = getattr(torch._C, "_get_overrideable_sdp_enabled", None)
+    if flag is None:
+        pytest.skip("this torch has no OVERRIDEABLE SDPA backend (torch < 2.5)")
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append(flag())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    q, k, v = _qkv(torch.float32)
+    out = attend(q, k, v, is_causal=True)
+    torch.autograd.grad(out.sum(), (q, k, v), retain_graph=True)
+    torch.autograd.grad(out.sum(), (q, k, v))  # from a recomputed forward
+    assert seen == [True, True]
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):  # narrowed: it stays off
+        seen.clear()
+        attend(q, k, v, is_causal=True)
+        assert seen == [False]

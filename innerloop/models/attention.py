@@ -264,11 +264,14 @@ class _TwiceDifferentiableAttention(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.options, ctx.backends = options, backends
         ctx.save_for_backward(q, k, v)
+        # the caller's backends and autocast are in force here, and attend cast the inputs already: SDPA
+        # as it is (a backward runs later, under other settings: its recomputations set them)
         if _saved_tensor_hooks_on():  # the graph is made again in the backward
             ctx.graph = None
-            with sdpa_kernel(backends), _without_autocast(q.device.type):
-                return F.scaled_dot_product_attention(q, k, v, **options)
-        ctx.graph = _attention_graph(q, k, v, options, ctx.backends)
+            return F.scaled_dot_product_attention(q, k, v, **options)
+        detached = tuple(t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
+        with torch.enable_grad():
+            ctx.graph = F.scaled_dot_product_attention(*detached, **options), detached
         return ctx.graph[0].detach()
 
     @staticmethod

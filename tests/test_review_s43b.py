@@ -1,0 +1,56 @@
+"""Review s43b: the grader of issues 2 (core, registry, TTT-Linear/MLP) and 12 (the family against FLA).
+
+Checked and found right (scripts in the session's report, not kept: each repeats a cell an earlier
+test holds at other shapes): FLA's naive DeltaNet, Gated DeltaNet, simple GLA and linear attention
+(with an initial state, under the dot_product loss at K = 3) against scan at head dims 1, 2, 3, 5, 7,
+T from 1 to 66 and two batch rows, on every rule and kernel, outputs, final states and autograd
+gradients (1e-9); every model x loss x rule x wrapping x forced CPU kernel against the torch path
+with decay, momentum, token scale, LN affine and initial weights, gradients included (1e-10); the
+conformance vectors in float64 through every CPU kernel, whole, split and decoded; each parameter
+alone requiring grad; dual_form = minibatch_gd = momentum(None) with decay; gradgradcheck through
+scan with decay and momentum; inference chunk sizes against K; float16 layers.
+
+The defect kept here: the plugin checks ran under the caller's ``torch.autocast``. The registry is
+built on first use, so in a fresh process the first ``innerloop.ops.scan`` (or ``TTTLayer``) called
+inside ``torch.autocast("cpu", torch.bfloat16)`` refused the built-in ``linear`` model ("fails a
+conformance check: forward in float32 vs in float64 ... relative error 2.5e-03"): the checks'
+float32 matmuls ran in bfloat16. A plugin registered under autocast was refused the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import innerloop
+from innerloop.core.protocol import AffineLayer, Params, StackModel
+from innerloop.registry import isolated_registry
+
+
+class _ScaledMatrix(StackModel):
+    """A correct third-party stack model: a bias-free ``x W`` started at 0.1 * I."""
+
+    name = "s43b_scaled_matrix"
+
+    @property
+    def stack(self) -> tuple[AffineLayer, ...]:
+        return (AffineLayer("W", None, None),)
+
+    def param_shapes(self, head_dim: int) -> dict[str, tuple[int, ...]]:
+        return {"W": (head_dim, head_dim)}
+
+    def init_params(self, num_heads: int, head_dim: int, generator: torch.Generator | None = None) -> Params:
+        return {"W": 0.1 * torch.eye(head_dim).expand(num_heads, head_dim, head_dim).clone()}
+
+
+def test_a_plugin_registered_under_autocast_is_checked_in_float32():
+    """Registration under ``torch.autocast("cpu", torch.bfloat16)`` (as the first scan of a training
+    step under autocast builds the registry) checks the plugin as anywhere else: it is accepted and
+    runs. Before the fix its float32-vs-float64 check read bfloat16 matmuls and refused it."""
+    with isolated_registry():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            innerloop.register_inner_model(_ScaledMatrix())
+            q = torch.randn(1, 2, 5, 4)
+            out, weights = innerloop.ops.scan(
+                q, q, q, torch.full((1, 2, 5), 0.1), inner_model="s43b_scaled_matrix", mini_batch_size=5
+            )
+        assert out.shape == (1, 2, 5, 4) and weights["W"].dtype == torch.float32

@@ -15,14 +15,21 @@ built on first use, so in a fresh process the first ``innerloop.ops.scan`` (or `
 inside ``torch.autocast("cpu", torch.bfloat16)`` refused the built-in ``linear`` model ("fails a
 conformance check: forward in float32 vs in float64 ... relative error 2.5e-03"): the checks'
 float32 matmuls ran in bfloat16. A plugin registered under autocast was refused the same way.
+
+And: a rotary layer (``TTTLayer``, ``CausalSelfAttention``) refusing ``num_heads`` listed every divisor
+of the width as valid, head counts it then refused for their odd head widths.
 """
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 
 import innerloop
 from innerloop.core.protocol import AffineLayer, Params, StackModel
+from innerloop.models.attention import CausalSelfAttention
 from innerloop.registry import isolated_registry
 
 
@@ -54,3 +61,23 @@ def test_a_plugin_registered_under_autocast_is_checked_in_float32():
                 q, q, q, torch.full((1, 2, 5), 0.1), inner_model="s43b_scaled_matrix", mini_batch_size=5
             )
         assert out.shape == (1, 2, 5, 4) and weights["W"].dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("make", "hidden_size", "num_heads", "valid"),
+    [
+        (innerloop.TTTLayer, 10, 3, [1, 5]),  # 10 / 2 = 5 and 10 / 10 = 1 are odd widths RoPE refuses
+        (innerloop.TTTLayer, 10, 2, [1, 5]),
+        (CausalSelfAttention, 12, 5, [1, 2, 3, 6]),
+        (CausalSelfAttention, 12, 4, [1, 2, 3, 6]),
+    ],
+)
+def test_the_head_counts_a_rotary_layer_suggests_are_ones_it_takes(make, hidden_size, num_heads, valid):
+    """A rotary layer's refusal of ``num_heads`` lists the head counts it takes: those that divide the
+    width into heads of an even width. It listed every divisor (``TTTLayer(10, 3)``: "valid num_heads for
+    this width: [1, 2, 5, 10]", and 2 and 10 were then refused for their odd head widths), and the odd-width
+    refusal named none."""
+    with pytest.raises(ValueError, match=rf"valid num_heads for this width: {re.escape(str(valid))}$"):
+        make(hidden_size, num_heads)
+    for heads in valid:
+        make(hidden_size, heads)  # each one suggested is taken

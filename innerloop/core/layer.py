@@ -243,6 +243,26 @@ def _unrecordable_message(name: str, owner: str) -> str:
     )
 
 
+def check_head_split(hidden_size: int, num_heads: int, *, rotary: bool) -> None:
+    """``num_heads`` must divide ``hidden_size`` into heads, of an even width where the layer applies RoPE
+    (``rotary``: it rotates pairs of channels); the error lists the head counts the layer takes."""
+    head_dim, rest = divmod(hidden_size, num_heads)
+    if rest == 0 and not (rotary and head_dim % 2):
+        return
+    if rest:
+        problem = f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
+    else:
+        problem = f"head_dim = hidden_size / num_heads = {head_dim} must be even (RoPE rotates pairs)"
+    valid = [
+        h
+        for h in range(1, hidden_size + 1)
+        if hidden_size % h == 0 and not (rotary and (hidden_size // h) % 2)
+    ]
+    if not valid:  # an odd width has no even head width
+        raise ValueError(f"{problem}; no num_heads splits an odd hidden_size into heads of an even width")
+    raise ValueError(f"{problem}; valid num_heads for this width: {valid}")
+
+
 def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_share_qk: bool = True) -> None:
     """One clear error per bad constructor argument: its name, the value given, what is valid
     (``rotary``: the layer applies RoPE, which needs an even head size; ``conv_needs_share_qk``: its only
@@ -252,15 +272,7 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_sh
     check_positive_int("conv_kernel", args["conv_kernel"], most=MAX_CONV_KERNEL)
     check_positive_int("mini_batch_size", args["mini_batch_size"], most=MAX_MINI_BATCH_SIZE)
     hidden_size, num_heads = args["hidden_size"], args["num_heads"]
-    if hidden_size % num_heads != 0:
-        raise ValueError(
-            f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}); "
-            f"valid num_heads for this width: {[h for h in range(1, hidden_size + 1) if hidden_size % h == 0]}"
-        )
-    if rotary and (hidden_size // num_heads) % 2 != 0:
-        raise ValueError(
-            f"head_dim = hidden_size / num_heads = {hidden_size // num_heads} must be even (RoPE rotates pairs)"
-        )
+    check_head_split(int(hidden_size), int(num_heads), rotary=rotary)
     # its projections: q and k (one when shared), v and o, each [hidden_size, hidden_size]
     check_weights_fit(3 * hidden_size * hidden_size, f"a layer of hidden_size={hidden_size}")
     mini_batch_size = args["mini_batch_size"]
@@ -1531,6 +1543,7 @@ class TTTLayer(nn.Module):
 __all__ = [
     "MAX_MINI_BATCH_SIZE",
     "TTTLayer",
+    "check_head_split",
     "check_layer_arguments",
     "check_norm_eps",
     "check_positive_int",

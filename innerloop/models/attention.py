@@ -31,6 +31,7 @@ from innerloop.core.functional import (
 from innerloop.core.layer import (
     MAX_NORM_EPS,
     check_device_and_dtype,
+    check_head_split,
     check_norm_eps,
     check_positive_int,
     check_weights_fit,
@@ -464,15 +465,7 @@ class CausalSelfAttention(nn.Module):
         check_positive_int("window", window, none_allowed=True)  # None: full attention
         hidden_size, num_heads = int(hidden_size), int(num_heads)
         window = None if window is None else int(window)
-        if hidden_size % num_heads:
-            raise ValueError(
-                f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}); valid num_heads "
-                f"for this width: {[h for h in range(1, hidden_size + 1) if hidden_size % h == 0]}"
-            )
-        if (hidden_size // num_heads) % 2:
-            raise ValueError(
-                f"head_dim = hidden_size / num_heads = {hidden_size // num_heads} must be even (RoPE rotates pairs)"
-            )
+        check_head_split(hidden_size, num_heads, rotary=True)
         # rope_theta <= 0 makes the RoPE tables NaN (which SDPA turns into silently zero attention), and
         # one below 1 frequencies above 1 whose angles overflow: the base is >= 1, its frequencies <= 1
         if not is_real(rope_theta) or rope_theta < 1:

@@ -14,7 +14,8 @@ The defect kept here: the plugin checks ran under the caller's ``torch.autocast`
 built on first use, so in a fresh process the first ``innerloop.ops.scan`` (or ``TTTLayer``) called
 inside ``torch.autocast("cpu", torch.bfloat16)`` refused the built-in ``linear`` model ("fails a
 conformance check: forward in float32 vs in float64 ... relative error 2.5e-03"): the checks'
-float32 matmuls ran in bfloat16. A plugin registered under autocast was refused the same way.
+float32 matmuls ran in bfloat16. A plugin checked under autocast was refused the same way; so were both inside a non-reentrant activation
+checkpoint, whose saved-tensor hooks took the checks' own saved tensors.
 
 And: a rotary layer (``TTTLayer``, ``CausalSelfAttention``) refusing ``num_heads`` listed every divisor
 of the width as valid, head counts it then refused for their odd head widths.
@@ -30,7 +31,6 @@ import torch
 import innerloop
 from innerloop.core.protocol import AffineLayer, Params, StackModel
 from innerloop.models.attention import CausalSelfAttention
-from innerloop.registry import isolated_registry
 
 
 class _ScaledMatrix(StackModel):
@@ -49,18 +49,16 @@ class _ScaledMatrix(StackModel):
         return {"W": 0.1 * torch.eye(head_dim).expand(num_heads, head_dim, head_dim).clone()}
 
 
-def test_a_plugin_registered_under_autocast_is_checked_in_float32():
-    """Registration under ``torch.autocast("cpu", torch.bfloat16)`` (as the first scan of a training
-    step under autocast builds the registry) checks the plugin as anywhere else: it is accepted and
-    runs. Before the fix its float32-vs-float64 check read bfloat16 matmuls and refused it."""
-    with isolated_registry():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            innerloop.register_inner_model(_ScaledMatrix())
-            q = torch.randn(1, 2, 5, 4)
-            out, weights = innerloop.ops.scan(
-                q, q, q, torch.full((1, 2, 5), 0.1), inner_model="s43b_scaled_matrix", mini_batch_size=5
-            )
-        assert out.shape == (1, 2, 5, 4) and weights["W"].dtype == torch.float32
+def test_a_plugin_checked_under_autocast_is_checked_in_float32():
+    """A plugin checked under ``torch.autocast("cpu", torch.bfloat16)`` (the first scan of a
+    mixed-precision training step builds the registry, or checks an instance given directly) is
+    checked as anywhere else: accepted, and it runs. Before the fix its float32-vs-float64 check read
+    bfloat16 matmuls and refused it (in a fresh process, the built-in ``linear`` first)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = torch.randn(1, 2, 5, 4)
+        lr = torch.full((1, 2, 5), 0.1)
+        out, weights = innerloop.ops.scan(q, q, q, lr, inner_model=_ScaledMatrix(), mini_batch_size=5)
+    assert out.shape == (1, 2, 5, 4) and weights["W"].dtype == torch.float32
 
 
 @pytest.mark.parametrize(
@@ -81,3 +79,34 @@ def test_the_head_counts_a_rotary_layer_suggests_are_ones_it_takes(make, hidden_
         make(hidden_size, num_heads)
     for heads in valid:
         make(hidden_size, heads)  # each one suggested is taken
+
+
+class _HalfMatrix(_ScaledMatrix):
+    """Another correct stack model (a class of its own: its checks are not reused from another's)."""
+
+    name = "s43b_half_matrix"
+
+    def init_params(self, num_heads: int, head_dim: int, generator: torch.Generator | None = None) -> Params:
+        return {"W": 0.5 * torch.eye(head_dim).expand(num_heads, head_dim, head_dim).clone()}
+
+
+def test_a_plugin_checked_inside_an_activation_checkpoint_is_accepted_and_trains():
+    """The first ``scan`` of a training step may build the registry, or check a plugin instance given
+    directly, inside ``torch.utils.checkpoint(..., use_reentrant=False)`` (transformers' and Lightning's
+    gradient checkpointing). The checks take gradients of their own: under the checkpoint's saved-tensor
+    hooks each saved tensor was unpacked by recomputing the checkpointed function, and the built-in
+    ``linear`` (or the plugin) was refused ("failed its smoke test (gradient): _StopRecomputationError()").
+    They keep their saved tensors themselves now, as the kernels' first-use probe does; the step's
+    gradients equal those without the checkpoint."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = _HalfMatrix()
+    q = torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True)
+
+    def step(q: torch.Tensor) -> torch.Tensor:
+        lr = torch.full((1, 2, 6), 0.1, dtype=torch.float64)
+        return innerloop.ops.scan(q, q, q, lr, inner_model=model, mini_batch_size=3)[0]
+
+    checkpointed = torch.autograd.grad(checkpoint(step, q, use_reentrant=False).sum(), q)[0]
+    plain = torch.autograd.grad(step(q).sum(), q)[0]
+    assert torch.allclose(checkpointed, plain, rtol=1e-12, atol=0)

@@ -602,7 +602,8 @@ def validate_plugin(kind: Kind, obj: Any, external: bool) -> str:
     context they are called in (under ``torch.no_grad`` or inference mode in a validation worker, ``with
     torch.device("meta")`` to count parameters, after ``torch.set_default_dtype(torch.float64)``, or
     under ``torch.autocast("cpu", ...)``, where the first scan of a mixed-precision step builds the
-    registry: its float32 matmuls would run in bfloat16). Their random inputs come from a forked CPU generator
+    registry: its float32 matmuls would run in bfloat16, or inside an activation checkpoint, whose
+    saved-tensor hooks would take the checks' own saved tensors). Their random inputs come from a forked CPU generator
     seeded with 0: one plugin always gets the same verdict, and the user's seed does not move (the first
     layer made after ``manual_seed`` must not differ from later ones).
     """
@@ -615,6 +616,7 @@ def validate_plugin(kind: Kind, obj: Any, external: bool) -> str:
         torch.enable_grad(),
         contextlib.nullcontext() if on_cpu else torch.device("cpu"),
         torch.autocast("cpu", enabled=False),
+        first_use.own_saved_tensors(),
         _default_dtype(torch.float32),
     ):
         torch.random.default_generator.manual_seed(0)  # the CPU generator only: fork_rng restores it

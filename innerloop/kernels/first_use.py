@@ -740,10 +740,10 @@ def _raised_is_a_verdict() -> Iterator[None]:
 
 @contextlib.contextmanager
 def own_saved_tensors() -> Iterator[None]:
-    """A check's own graph (this probe's, the registry's plugin checks) keeps its saved tensors itself: an
-    enclosing activation checkpoint's saved-tensor hooks must not take them (a non-reentrant checkpoint
-    would recompute its whole function to unpack each one); where hooks are disabled, as under vmap,
-    there are none."""
+    """The probe's graph keeps its saved tensors itself: an enclosing activation checkpoint's
+    saved-tensor hooks must not take them (a non-reentrant checkpoint would recompute its whole function
+    to unpack each one); where hooks are disabled, as under vmap, there are none. (The registry's plugin
+    checks suspend the hooks instead: they run torch.func, which refuses any hooks.)"""
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))

@@ -18,7 +18,8 @@ float32 matmuls ran in bfloat16. A plugin checked under autocast was refused the
 checkpoint, whose saved-tensor hooks took the checks' own saved tensors.
 
 And: a rotary layer (``TTTLayer``, ``CausalSelfAttention``) refusing ``num_heads`` listed every divisor
-of the width as valid, head counts it then refused for their odd head widths.
+of the width as valid, head counts it then refused for their odd head widths; ``layer_configs`` drew
+update rules that cannot run the drawn inner model (``dual_form`` for a plugin model that is no stack).
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ import re
 
 import pytest
 import torch
+from hypothesis import given, settings
 
 import innerloop
-from innerloop.core.protocol import AffineLayer, Params, StackModel
+from innerloop.core.protocol import AffineLayer, InnerModel, Params, StackModel
 from innerloop.models.attention import CausalSelfAttention
+from innerloop.registry import isolated_registry
+from innerloop.testing.strategies import layer_configs
 
 
 class _ScaledMatrix(StackModel):
@@ -110,3 +114,50 @@ def test_a_plugin_checked_inside_an_activation_checkpoint_is_accepted_and_trains
     checkpointed = torch.autograd.grad(checkpoint(step, q, use_reentrant=False).sum(), q)[0]
     plain = torch.autograd.grad(step(q).sum(), q)[0]
     assert torch.allclose(checkpointed, plain, rtol=1e-12, atol=0)
+
+
+class _NotAStack(InnerModel):
+    """A correct third-party model that is no stack of affine maps (``x W * sigmoid(x U)``): the dual
+    form cannot run it, mini-batch gradient descent and momentum can."""
+
+    name = "s43b_gated"
+
+    def param_shapes(self, head_dim: int) -> dict[str, tuple[int, ...]]:
+        return {"W": (head_dim, head_dim), "U": (head_dim, head_dim)}
+
+    def init_params(self, num_heads: int, head_dim: int, generator: torch.Generator | None = None) -> Params:
+        shape = (num_heads, head_dim, head_dim)
+        return {
+            "W": 0.1 * torch.randn(*shape, generator=generator),
+            "U": 0.1 * torch.randn(*shape, generator=generator),
+        }
+
+    def forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return (x @ params["W"]) * torch.sigmoid(x @ params["U"])
+
+
+def test_layer_configs_draws_only_rules_that_run_the_drawn_model():
+    """``layer_configs(inner_models=("my_model",))`` for a plugin model that is not a stack drew the
+    default ``update_rule="dual_form"`` in about half of its examples, and ``TTTLayer`` refused each
+    ("update_rule='dual_form' cannot run inner_model=..."): the plugin's hypothesis test failed on the
+    kit's draw. Now each drawn rule runs the drawn model, and a choice with no such pair is named."""
+    with isolated_registry():
+        innerloop.register_inner_model(_NotAStack())
+        drawn = []
+
+        @given(config=layer_configs(inner_models=("s43b_gated", "linear"), max_heads=1, head_dims=(2,)))
+        @settings(max_examples=40, deadline=None, database=None)
+        def build(config: dict) -> None:
+            innerloop.TTTLayer(**config)  # refuses a rule that cannot run the model
+            drawn.append((config["inner_model"], config["update_rule"]))
+
+        build()
+        assert {("s43b_gated", "minibatch_gd"), ("linear", "dual_form")} <= set(drawn)
+
+        @given(config=layer_configs(inner_models=("s43b_gated",), update_rules=("dual_form",)))
+        @settings(max_examples=1, deadline=None, database=None)
+        def nothing_runs(config: dict) -> None:
+            pass
+
+        with pytest.raises(ValueError, match=r"layer_configs: no update rule of \('dual_form',\) runs"):
+            nothing_runs()

@@ -1233,6 +1233,12 @@ _PARAMETER_OF = {"inner_model": "model", "inner_loss": "loss", "update_rule": "r
 """The argument of the checks that takes a plugin of each kind."""
 
 
+def rule_refusal(model: InnerModel | str, rule: UpdateRule | str) -> str | None:
+    """Why ``rule`` cannot run ``model`` (its ``check_model``, as ``TTTLayer`` asks it), or None when it
+    can; each is a plugin or a registered name."""
+    return _named("update_rule", rule).check_model(_named("inner_model", model))
+
+
 def _rule(name: str) -> UpdateRule:
     from innerloop.registry import get_registry
 
@@ -2062,6 +2068,7 @@ __all__ = [
     "assert_layers_train_alike",
     "assert_states_close",
     "reference_name",
+    "rule_refusal",
     "check_activation_derivatives",
     "check_derivative_in_graph",
     "check_float32_like_float64",

@@ -8,7 +8,7 @@ import torch
 
 from innerloop.core.layer import DEFAULT_CONV_KERNEL
 from innerloop.core.protocol import Views
-from innerloop.testing.checks import as_index
+from innerloop.testing.checks import as_index, rule_refusal
 
 try:
     from hypothesis import strategies as st
@@ -53,6 +53,16 @@ def _check_head_dims(function: str, head_dims: tuple[int, ...], even: bool) -> N
             raise ValueError(f"{function}: head_dims must hold {what}, got {head_dims!r}")
 
 
+def _runs(model: str, rule: str) -> bool:
+    """Whether ``rule`` runs ``model`` (both registered names); True where either is not registered (yet)."""
+    try:
+        return rule_refusal(model, rule) is None
+    except ValueError as error:  # the registry's "unknown inner model / update rule"
+        if "unknown" not in str(error):
+            raise
+        return True
+
+
 @st.composite
 def layer_configs(
     draw: st.DrawFn,
@@ -71,6 +81,10 @@ def layer_configs(
     so that a rule that ignores ``task.residual`` or the LayerNorm is caught. A test that a fused kernel
     is used should pass :data:`PAPER_INNER_WRAPPING` (both on, the paper's), the only wrapping those
     kernels compute; with the others ``kernel="auto"`` runs the torch path.
+
+    The drawn ``update_rule`` runs the drawn ``inner_model`` (its ``check_model``: ``dual_form`` takes
+    stack models only); a ``ValueError`` names choices where no rule runs any model. A name not
+    registered when the strategy draws (a plugin the test registers in its body) is not filtered.
     """
     _check_counts("layer_configs", max_heads=(max_heads, 1), max_mini_batch=(max_mini_batch, 1))
     for name, values in (
@@ -85,14 +99,23 @@ def layer_configs(
     head_dim = draw(st.sampled_from(head_dims))
     inner_norm, inner_residual = draw(st.sampled_from(inner_wrappings))
     share_qk = draw(st.booleans())
+    runs = {model: tuple(r for r in update_rules if _runs(model, r)) for model in inner_models}
+    models = tuple(model for model in inner_models if runs[model])
+    if not models:
+        raise ValueError(
+            f"layer_configs: no update rule of {tuple(update_rules)} runs an inner model of {tuple(inner_models)} "
+            f"(e.g. {rule_refusal(inner_models[0], update_rules[0])})"
+        )
+    model = draw(st.sampled_from(models))
+    loss = draw(st.sampled_from(inner_losses))
     return {
         "inner_norm": inner_norm,
         "inner_residual": inner_residual,
         "hidden_size": num_heads * head_dim,
         "num_heads": num_heads,
-        "inner_model": draw(st.sampled_from(inner_models)),
-        "inner_loss": draw(st.sampled_from(inner_losses)),
-        "update_rule": draw(st.sampled_from(update_rules)),
+        "inner_model": model,
+        "inner_loss": loss,
+        "update_rule": draw(st.sampled_from(runs[model])),
         "mini_batch_size": draw(st.integers(1, max_mini_batch)),
         "base_lr": draw(st.sampled_from([0.1, 1.0, 3.0])),
         "use_gate": draw(st.booleans()),

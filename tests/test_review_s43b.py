@@ -19,7 +19,9 @@ checkpoint, whose saved-tensor hooks took the checks' own saved tensors.
 
 And: a rotary layer (``TTTLayer``, ``CausalSelfAttention``) refusing ``num_heads`` listed every divisor
 of the width as valid, head counts it then refused for their odd head widths; ``layer_configs`` drew
-update rules that cannot run the drawn inner model (``dual_form`` for a plugin model that is no stack).
+update rules that cannot run the drawn inner model (``dual_form`` for a plugin model that is no stack);
+a layer whose scan runs ``torch.func.grad`` (``minibatch_gd``, a plugin loss without a closed-form
+gradient) failed inside a non-reentrant activation checkpoint with torch's bare error.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from hypothesis import given, settings
 
 import innerloop
-from innerloop.core.protocol import AffineLayer, InnerModel, Params, StackModel
+from innerloop.core.protocol import AffineLayer, InnerModel, LossPairs, Params, StackModel
 from innerloop.models.attention import CausalSelfAttention
 from innerloop.registry import isolated_registry
 from innerloop.testing.strategies import layer_configs
@@ -161,3 +163,40 @@ def test_layer_configs_draws_only_rules_that_run_the_drawn_model():
 
         with pytest.raises(ValueError, match=r"layer_configs: no update rule of \('dual_form',\) runs"):
             nothing_runs()
+
+
+class _HuberNoClosedForm(innerloop.InnerLoss):
+    """A plugin loss without ``token_loss_grad``: its gradient comes from ``torch.func`` (the default)."""
+
+    name = "s43b_huber"
+
+    def pairs(self, views, carry):
+        return LossPairs(views.key, views.value)
+
+    def token_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.huber_loss(prediction, target, reduction="none").sum(-1)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(update_rule="minibatch_gd"), dict(inner_loss=_HuberNoClosedForm(), kernel="torch")],
+    ids=["minibatch_gd", "loss_gradient_by_torch_func"],
+)
+def test_a_layer_whose_scan_runs_torch_func_trains_inside_an_activation_checkpoint(options):
+    """``torch.utils.checkpoint(..., use_reentrant=False)`` around a TTT layer whose scan runs
+    ``torch.func.grad`` (the primal form's per-token gradients, an inner loss's default gradient) failed
+    with torch's bare "torch.func.{grad, vjp, jacrev, hessian} don't yet support saved tensor hooks" (the
+    dual form with a closed-form loss ran). Those calls now run with the hooks suspended (their tensors
+    are kept, not recomputed); the gradients equal those without the checkpoint."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    layer = innerloop.TTTLayer(8, 2, mini_batch_size=3, **options).double()
+    x = torch.randn(2, 7, 8, dtype=torch.float64, requires_grad=True)
+    parameters = [x, *layer.parameters()]
+    checkpointed = torch.autograd.grad(
+        checkpoint(lambda x: layer(x)[0], x, use_reentrant=False).sum(), parameters
+    )
+    plain = torch.autograd.grad(layer(x)[0].sum(), parameters)
+    for got, want in zip(checkpointed, plain, strict=True):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-15)

@@ -13,11 +13,12 @@ gradient is small), invisible in float32.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import operator
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -510,6 +511,32 @@ def transformed_or_dual(tensors: Iterable[torch.Tensor]) -> bool:
     return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
+@contextlib.contextmanager
+def saved_tensors_hooks_suspended() -> Iterator[None]:
+    """No saved-tensor hooks inside the block; the enclosing ones (an activation checkpoint's,
+    ``save_on_cpu``'s) are back after it, in their order.
+
+    ``torch.func``'s ``grad`` / ``vjp`` refuse to run under any hooks ("don't yet support saved tensor
+    hooks"): the primal form's per-token gradients, an inner loss's default gradient and the registry's
+    plugin checks run them, and a layer inside ``torch.utils.checkpoint(..., use_reentrant=False)`` would
+    fail there. Inside the block tensors are saved as without a checkpoint (kept, not recomputed; in the
+    checkpoint's recomputation too, so the two passes save alike). torch has no public way to suspend
+    hooks: these are the stack functions ``torch.autograd.graph.saved_tensors_hooks`` itself calls. Where
+    hooks are disabled (under vmap) none applies and nothing is changed.
+    """
+    autograd = torch._C._autograd
+    suspended = []
+    if autograd._saved_tensors_hooks_is_enabled():
+        while (top := autograd._top_saved_tensors_default_hooks(False)) is not None:
+            suspended.append(top)
+            autograd._pop_saved_tensors_default_hooks()
+    try:
+        yield
+    finally:
+        for pack, unpack in reversed(suspended):
+            autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+
 __all__ = [
     "apply_rope_interleaved",
     "as_integer",
@@ -535,4 +562,5 @@ __all__ = [
     "RMSNorm",
     "rope_cos_sin",
     "rope_inverse_frequencies",
+    "saved_tensors_hooks_suspended",
 ]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from innerloop.core.functional import layer_norm, relative_error
+from innerloop.core.functional import layer_norm, relative_error, saved_tensors_hooks_suspended
 
 if TYPE_CHECKING:
     from innerloop.core.state import TTTState
@@ -249,7 +249,8 @@ class InnerLoss(ABC):
         flat_prediction = prediction.reshape(-1, prediction.shape[-1])
         flat_target = target.reshape(-1, target.shape[-1])
         per_token = torch.func.vmap(torch.func.grad(lambda p, y: self.token_loss(p, y)))
-        return per_token(flat_prediction, flat_target).reshape(prediction.shape)
+        with saved_tensors_hooks_suspended():  # torch.func.grad refuses an activation checkpoint's hooks
+            return per_token(flat_prediction, flat_target).reshape(prediction.shape)
 
 
 class HalfSquaredError(InnerLoss):

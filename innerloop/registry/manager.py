@@ -44,6 +44,7 @@ import torch
 
 from innerloop.core.eager import run_eagerly
 from innerloop.core.environment import EnvironmentSwitchError, environment_flag
+from innerloop.core.functional import saved_tensors_hooks_suspended
 from innerloop.core.identity import IdentityTable
 from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule
 from innerloop.core.scan import add_note
@@ -594,27 +595,6 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(before)
 
 
-@contextlib.contextmanager
-def _no_saved_tensors_hooks() -> Iterator[None]:
-    """No saved-tensor hooks inside the block; the enclosing ones (an activation checkpoint's,
-    ``save_on_cpu``'s) are back after it, in their order. The checks' own graphs keep their saved tensors
-    themselves (a non-reentrant checkpoint's hooks would recompute its whole function to unpack each), and
-    ``torch.func``, which the checks of a rule run, refuses any hooks, identity ones too. torch has no
-    public way to suspend hooks: these are the stack functions ``torch.autograd.graph.saved_tensors_hooks``
-    itself calls. Where hooks are disabled (under vmap) none applies and nothing is changed."""
-    autograd = torch._C._autograd
-    suspended = []
-    if autograd._saved_tensors_hooks_is_enabled():
-        while (top := autograd._top_saved_tensors_default_hooks(False)) is not None:
-            suspended.append(top)
-            autograd._pop_saved_tensors_default_hooks()
-    try:
-        yield
-    finally:
-        for pack, unpack in reversed(suspended):
-            autograd._push_saved_tensors_default_hooks(pack, unpack)
-
-
 def validate_plugin(kind: Kind, obj: Any, external: bool) -> str:
     """``kind.validate(obj)`` and, for an object that does not ship with innerloop (``external``), its
     ``external_check``: the name ``obj`` goes by, or :class:`PluginError` with the reason.
@@ -624,7 +604,7 @@ def validate_plugin(kind: Kind, obj: Any, external: bool) -> str:
     torch.device("meta")`` to count parameters, after ``torch.set_default_dtype(torch.float64)``, or
     under ``torch.autocast("cpu", ...)``, where the first scan of a mixed-precision step builds the
     registry: its float32 matmuls would run in bfloat16, or inside an activation checkpoint, whose
-    saved-tensor hooks would take the checks' own saved tensors: :func:`_no_saved_tensors_hooks`). Their random inputs come from a forked CPU generator
+    saved-tensor hooks would take the checks' own saved tensors, and under which torch.func refuses to run). Their random inputs come from a forked CPU generator
     seeded with 0: one plugin always gets the same verdict, and the user's seed does not move (the first
     layer made after ``manual_seed`` must not differ from later ones).
     """
@@ -637,7 +617,7 @@ def validate_plugin(kind: Kind, obj: Any, external: bool) -> str:
         torch.enable_grad(),
         contextlib.nullcontext() if on_cpu else torch.device("cpu"),
         torch.autocast("cpu", enabled=False),
-        _no_saved_tensors_hooks(),
+        saved_tensors_hooks_suspended(),
         _default_dtype(torch.float32),
     ):
         torch.random.default_generator.manual_seed(0)  # the CPU generator only: fork_rng restores it

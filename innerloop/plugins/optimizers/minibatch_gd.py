@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.func import grad, vmap
 
+from innerloop.core.functional import saved_tensors_hooks_suspended
 from innerloop.core.protocol import InnerTask, Params, UpdateRule, Views, residual_and_norm
 from innerloop.core.scan import (
     ChunkInputs,
@@ -70,9 +71,10 @@ def _primal_parts(task: InnerTask, params: Params, chunk: ChunkInputs) -> _Prima
 
     # Per-token gradients at W_b: [BH, N, *shape].
     per_token_grad = vmap(vmap(grad(token_loss), in_dims=(None, 0, 0, None, None)))
-    grads = per_token_grad(
-        flat_params, _flatten_heads(chunk.inputs), _flatten_heads(chunk.targets), norm_weight, norm_bias
-    )
+    with saved_tensors_hooks_suspended():  # torch.func.grad refuses an activation checkpoint's hooks
+        grads = per_token_grad(
+            flat_params, _flatten_heads(chunk.inputs), _flatten_heads(chunk.targets), norm_weight, norm_bias
+        )
 
     def read(weights_per_token: Params) -> torch.Tensor:
         per_token = vmap(vmap(predict_one, in_dims=(0, 0, None, None)))

@@ -677,7 +677,7 @@ def _probe_once(
 ) -> str | None:
     """Both paths on one probe's inputs: None (they match), why not, or :data:`_UNDECIDED`."""
     tolerance = tolerance_for(inputs.dtype)
-    with own_saved_tensors(), torch.enable_grad() if inputs.requires_grad else torch.no_grad():
+    with _own_saved_tensors(), torch.enable_grad() if inputs.requires_grad else torch.no_grad():
         expected = run_torch(tensors, weights)
         inputs_given = {**weights, **{k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}}
         given = {name: value.detach().clone() for name, value in inputs_given.items()}
@@ -739,11 +739,9 @@ def _raised_is_a_verdict() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def own_saved_tensors() -> Iterator[None]:
+def _own_saved_tensors() -> Iterator[None]:
     """The probe's graph keeps its saved tensors itself: an enclosing activation checkpoint's
-    saved-tensor hooks must not take them (a non-reentrant checkpoint would recompute its whole function
-    to unpack each one); where hooks are disabled, as under vmap, there are none. (The registry's plugin
-    checks suspend the hooks instead: they run torch.func, which refuses any hooks.)"""
+    saved-tensor hooks must not take them (where hooks are disabled, as under vmap, there are none)."""
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
@@ -834,7 +832,6 @@ __all__ = [
     "failure",
     "forget_verdicts",
     "joined_weights",
-    "own_saved_tensors",
     "refusal_message",
     "signature",
     "tolerance_for",

@@ -45,7 +45,13 @@ from torch._C._functorch import peek_interpreter_stack
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from innerloop.core.eager import run_eagerly
-from innerloop.core.functional import RMSNorm, chunk_mean_cross_entropy, mean_scored_cross_entropy, owning
+from innerloop.core.functional import (
+    RMSNorm,
+    chunk_mean_cross_entropy,
+    mean_scored_cross_entropy,
+    owning,
+    saved_tensors_hooks_suspended,
+)
 from innerloop.core.layer import raise_if_unrecordable
 from innerloop.core.model_inner import FastWeights, ModelInnerLoss, ModelUpdateRule
 from innerloop.core.state import cat_rows, check_batch_rows, check_states, same_positions, take_rows
@@ -1157,7 +1163,10 @@ class E2ELM(nn.Module):
         # own create_graph backward would recompute on it too, after a fused forward: no faster here (an
         # E2E training step, width 64, T=128: 86-90 ms either way), and these are the numbers kept so far.
         attention = sdpa_kernel([SDPBackend.MATH]) if create_graph else nullcontext()
-        with torch.enable_grad(), attention:
+        # the step's torch.autograd.grad unpacks the scoring's saved tensors during the forward: an enclosing
+        # activation checkpoint's hooks would recompute the whole checkpointed function for each
+        hooks = saved_tensors_hooks_suspended() if targets is not None else nullcontext()
+        with torch.enable_grad(), attention, hooks:
             logits, new_caches = self._score(h_chunk, caches, fast)
             if targets is not None:
                 losses = self.inner_loss.chunk_loss(logits, self._mark_skipped(targets))  # [B]

@@ -10,19 +10,22 @@ conformance vectors in float64 through every CPU kernel, whole, split and decode
 alone requiring grad; dual_form = minibatch_gd = momentum(None) with decay; gradgradcheck through
 scan with decay and momentum; inference chunk sizes against K; float16 layers.
 
-The defect kept here: the plugin checks ran under the caller's ``torch.autocast``. The registry is
-built on first use, so in a fresh process the first ``innerloop.ops.scan`` (or ``TTTLayer``) called
-inside ``torch.autocast("cpu", torch.bfloat16)`` refused the built-in ``linear`` model ("fails a
-conformance check: forward in float32 vs in float64 ... relative error 2.5e-03"): the checks'
-float32 matmuls ran in bfloat16. A plugin checked under autocast was refused the same way; so were both inside a non-reentrant activation
-checkpoint, whose saved-tensor hooks took the checks' own saved tensors.
+The defects kept here, each a regression test seen failing without its fix:
 
-And: a rotary layer (``TTTLayer``, ``CausalSelfAttention``) refusing ``num_heads`` listed every divisor
-of the width as valid, head counts it then refused for their odd head widths; ``layer_configs`` drew
-update rules that cannot run the drawn inner model (``dual_form`` for a plugin model that is no stack);
-a layer whose scan runs ``torch.func.grad`` (``minibatch_gd``, a plugin loss without a closed-form
-gradient) failed inside a non-reentrant activation checkpoint with torch's bare error, and a TTT-E2E
-model there with a CheckpointError (issue 5's, found on the way).
+- the plugin checks ran in the caller's context. The registry is built on first use, so in a fresh
+  process the first ``innerloop.ops.scan`` (or ``TTTLayer``) inside ``torch.autocast("cpu",
+  torch.bfloat16)`` refused the built-in ``linear`` ("fails a conformance check: forward in float32 vs
+  in float64 ... 2.5e-03": the checks' float32 matmuls ran in bfloat16), and inside
+  ``torch.utils.checkpoint(..., use_reentrant=False)`` ("failed its smoke test (gradient):
+  _StopRecomputationError()": the checkpoint's saved-tensor hooks took the checks' own tensors); a
+  plugin checked there was refused the same way;
+- a layer whose scan runs ``torch.func.grad`` (``minibatch_gd``, a plugin loss without a closed-form
+  gradient) failed inside a non-reentrant activation checkpoint with torch's bare "don't yet support
+  saved tensor hooks", and a TTT-E2E model there with a CheckpointError (issue 5's, found on the way);
+- a rotary layer (``TTTLayer``, ``CausalSelfAttention``) refusing ``num_heads`` listed every divisor of
+  the width as valid, head counts it then refused for their odd head widths;
+- ``layer_configs`` drew update rules that cannot run the drawn inner model (``dual_form`` for a plugin
+  model that is no stack), which ``TTTLayer`` then refused.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 
 from innerloop.core.environment import EnvironmentSwitchError
-from innerloop.core.functional import relative_error
+from innerloop.core.functional import relative_error, saved_tensors_hooks_suspended
 from innerloop.core.protocol import InnerTask, Params, UpdateRule
 from innerloop.core.scan import ChunkInputs
 from innerloop.kernels.spec import KernelInputs, KernelSpec, check_kernel_output
@@ -677,7 +677,9 @@ def _probe_once(
 ) -> str | None:
     """Both paths on one probe's inputs: None (they match), why not, or :data:`_UNDECIDED`."""
     tolerance = tolerance_for(inputs.dtype)
-    with _own_saved_tensors(), torch.enable_grad() if inputs.requires_grad else torch.no_grad():
+    # the probe's graph keeps its saved tensors itself: an enclosing activation checkpoint's hooks must not
+    # take them (suspended, not shadowed by identity hooks, which torch warns make a reference cycle)
+    with saved_tensors_hooks_suspended(), torch.enable_grad() if inputs.requires_grad else torch.no_grad():
         expected = run_torch(tensors, weights)
         inputs_given = {**weights, **{k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}}
         given = {name: value.detach().clone() for name, value in inputs_given.items()}
@@ -736,18 +738,6 @@ def _raised_is_a_verdict() -> Iterator[None]:
         raise
     except Exception as error:
         raise _KernelRaised(f"it raised {type(error).__name__}: {error}") from error
-
-
-@contextlib.contextmanager
-def _own_saved_tensors() -> Iterator[None]:
-    """The probe's graph keeps its saved tensors itself: an enclosing activation checkpoint's
-    saved-tensor hooks must not take them (where hooks are disabled, as under vmap, there are none)."""
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
-        except RuntimeError:  # "saved tensors default hooks are disabled"
-            pass
-        yield
 
 
 def _flatten(result: tuple[torch.Tensor, Params]) -> dict[str, torch.Tensor]:

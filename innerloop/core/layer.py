@@ -253,14 +253,25 @@ def check_head_split(hidden_size: int, num_heads: int, *, rotary: bool) -> None:
         problem = f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
     else:
         problem = f"head_dim = hidden_size / num_heads = {head_dim} must be even (RoPE rotates pairs)"
-    valid = [
-        h
-        for h in range(1, hidden_size + 1)
-        if hidden_size % h == 0 and not (rotary and (hidden_size // h) % 2)
-    ]
+    valid = [h for h in _divisors(hidden_size) if not (rotary and (hidden_size // h) % 2)]
     if not valid:  # an odd width has no even head width
         raise ValueError(f"{problem}; no num_heads splits an odd hidden_size into heads of an even width")
-    raise ValueError(f"{problem}; valid num_heads for this width: {valid}")
+    listed = ", ".join(map(str, valid[:_HEAD_COUNTS_LISTED])) + (
+        ", ..." if len(valid) > _HEAD_COUNTS_LISTED else ""
+    )
+    raise ValueError(f"{problem}; valid num_heads for this width: [{listed}]")
+
+
+_HEAD_COUNTS_LISTED = 24
+"""How many of the valid head counts an error lists, smallest first (a width of 2**31 - 1 has few, one of
+720720 has 240)."""
+
+
+def _divisors(n: int) -> list[int]:
+    """The divisors of ``n`` in increasing order, in O(sqrt(n)) steps (a loop to ``n`` took minutes for a
+    ``hidden_size`` of 2**31 - 1, and for longer ones never ended)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_share_qk: bool = True) -> None:
@@ -272,9 +283,10 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_sh
     check_positive_int("conv_kernel", args["conv_kernel"], most=MAX_CONV_KERNEL)
     check_positive_int("mini_batch_size", args["mini_batch_size"], most=MAX_MINI_BATCH_SIZE)
     hidden_size, num_heads = args["hidden_size"], args["num_heads"]
-    check_head_split(int(hidden_size), int(num_heads), rotary=rotary)
-    # its projections: q and k (one when shared), v and o, each [hidden_size, hidden_size]
+    # its projections: q and k (one when shared), v and o, each [hidden_size, hidden_size]; first, so that
+    # the head split's error lists the head counts of a width that can be built
     check_weights_fit(3 * hidden_size * hidden_size, f"a layer of hidden_size={hidden_size}")
+    check_head_split(int(hidden_size), int(num_heads), rotary=rotary)
     mini_batch_size = args["mini_batch_size"]
     if mini_batch_size > MAX_MINI_BATCH_SIZE:
         raise ValueError(

@@ -74,6 +74,37 @@ def test_hidden_not_divisible_by_heads():
         TTTLayer(10, 4)
 
 
+def test_the_head_counts_an_error_lists_come_at_once_for_any_width():
+    """The valid head counts were found by a loop over every number up to hidden_size: TTTLayer(2**31 - 1,
+    2) ran for minutes before its error. They are the width's divisors now (at most 24 listed, smallest
+    first), and a width too large to build is refused for its size first."""
+    import signal
+
+    from innerloop.core.layer import ModelTooLargeError, check_head_split
+
+    def too_slow(signum, frame):
+        raise TimeoutError("the head counts took more than 5 s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(5)
+    try:
+        with pytest.raises(
+            ValueError, match=r"valid num_heads for this width: \[1, 2, 3, 6, 7, 9, 11, .*, \.\.\.\]$"
+        ):
+            check_head_split(2**31 - 2, 4, rotary=False)
+        with pytest.raises(ValueError, match="no num_heads splits an odd hidden_size"):
+            check_head_split(2**31 - 1, 2, rotary=True)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    with pytest.raises(ValueError, match=r"valid num_heads for this width: \[1, 2, 4, 8, 16, 32\]$"):
+        check_head_split(64, 3, rotary=True)
+    with pytest.raises(ValueError, match=r"valid num_heads for this width: \[1, 3, 5, 15\]$"):
+        check_head_split(30, 4, rotary=True)  # head widths 30, 10, 6, 2
+    with pytest.raises(ModelTooLargeError, match="hidden_size=2147483646"):
+        TTTLayer(2**31 - 2, 4)
+
+
 def test_a_conv_kernel_without_share_qk_is_warned_of():
     with pytest.warns(UserWarning, match=r"conv_kernel=3 has no effect: .* share_qk=True") as caught:
         TTTLayer(8, 2, conv_kernel=3)

@@ -253,7 +253,7 @@ def check_head_split(hidden_size: int, num_heads: int, *, rotary: bool) -> None:
         problem = f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
     else:
         problem = f"head_dim = hidden_size / num_heads = {head_dim} must be even (RoPE rotates pairs)"
-    valid = [h for h in _divisors(hidden_size) if not (rotary and (hidden_size // h) % 2)]
+    valid = head_counts(hidden_size, rotary=rotary)
     if not valid:  # an odd width has no even head width
         raise ValueError(f"{problem}; no num_heads splits an odd hidden_size into heads of an even width")
     listed = ", ".join(map(str, valid[:_HEAD_COUNTS_LISTED])) + (
@@ -267,11 +267,13 @@ _HEAD_COUNTS_LISTED = 24
 720720 has 240)."""
 
 
-def _divisors(n: int) -> list[int]:
-    """The divisors of ``n`` in increasing order, in O(sqrt(n)) steps (a loop to ``n`` took minutes for a
-    ``hidden_size`` of 2**31 - 1, and for longer ones never ended)."""
-    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-    return small + [n // d for d in reversed(small) if d * d != n]
+def head_counts(hidden_size: int, *, rotary: bool) -> list[int]:
+    """Every ``num_heads`` that splits ``hidden_size`` into heads, of an even width where ``rotary`` (RoPE
+    rotates pairs), smallest first: the width's divisors, found in O(sqrt(hidden_size)) steps (a loop to
+    ``hidden_size`` took minutes for a width of 2**31 - 1, and for longer ones never ended)."""
+    small = [d for d in range(1, math.isqrt(hidden_size) + 1) if hidden_size % d == 0]
+    divisors = small + [hidden_size // d for d in reversed(small) if d * d != hidden_size]
+    return [h for h in divisors if not (rotary and (hidden_size // h) % 2)]
 
 
 def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_share_qk: bool = True) -> None:
@@ -1556,6 +1558,7 @@ __all__ = [
     "MAX_MINI_BATCH_SIZE",
     "TTTLayer",
     "check_head_split",
+    "head_counts",
     "check_layer_arguments",
     "check_norm_eps",
     "check_positive_int",

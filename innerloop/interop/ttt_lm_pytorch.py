@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file
 
 from innerloop.core.functional import as_integer
-from innerloop.core.layer import TTTLayer
+from innerloop.core.layer import TTTLayer, head_counts
 from innerloop.models.config import MODEL_FIELD_BOUNDS, ModelConfig, TTTConfig
 from innerloop.models.lm import CausalLM
 
@@ -283,13 +283,6 @@ def _check_model_type(config: Mapping[str, Any]) -> None:
     raise ValueError(f"config model_type={model_type!r} is not a TTT model's (model_type 'ttt'){hint}")
 
 
-def _head_counts(hidden_size: int) -> list[int]:
-    """Every ``num_attention_heads`` that splits ``hidden_size`` into heads of an even width."""
-    small = [n for n in range(1, math.isqrt(hidden_size) + 1) if hidden_size % n == 0]
-    divisors = sorted({*small, *(hidden_size // n for n in small)})
-    return [n for n in divisors if (hidden_size // n) % 2 == 0]
-
-
 def _check_head_width(config: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` naming the config fields ``hidden_size`` and ``num_attention_heads`` unless
     the heads split ``hidden_size`` evenly into heads of an even width (RoPE rotates pairs of
@@ -305,7 +298,7 @@ def _check_head_width(config: Mapping[str, Any]) -> None:
     raise ValueError(
         f"config field 'num_attention_heads'={heads} {problem}; it must split hidden_size into heads of "
         f"an even width (RoPE rotates pairs of channels): valid num_attention_heads for hidden_size={hidden}: "
-        f"{_head_counts(hidden) or 'none (hidden_size is odd)'}"
+        f"{head_counts(hidden, rotary=True) or 'none (hidden_size is odd)'}"
     )
 
 

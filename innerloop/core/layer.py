@@ -253,6 +253,10 @@ def check_head_split(hidden_size: int, num_heads: int, *, rotary: bool) -> None:
         problem = f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
     else:
         problem = f"head_dim = hidden_size / num_heads = {head_dim} must be even (RoPE rotates pairs)"
+    if hidden_size > _HEAD_COUNTS_UP_TO:  # listing them would take seconds; no machine holds such a layer
+        raise ValueError(
+            f"{problem}; num_heads must divide it" + (" into heads of an even width" if rotary else "")
+        )
     valid = head_counts(hidden_size, rotary=rotary)
     if not valid:  # an odd width has no even head width
         raise ValueError(f"{problem}; no num_heads splits an odd hidden_size into heads of an even width")
@@ -263,6 +267,8 @@ def check_head_split(hidden_size: int, num_heads: int, *, rotary: bool) -> None:
 
 
 _HEAD_COUNTS_LISTED = 24
+_HEAD_COUNTS_UP_TO = 2**40
+"""The widest ``hidden_size`` whose head counts an error lists (2**20 steps to find them)."""
 """How many of the valid head counts an error lists, smallest first (a width of 2**31 - 1 has few, one of
 720720 has 240)."""
 

@@ -465,6 +465,7 @@ class CausalSelfAttention(nn.Module):
         check_positive_int("window", window, none_allowed=True)  # None: full attention
         hidden_size, num_heads = int(hidden_size), int(num_heads)
         window = None if window is None else int(window)
+        check_weights_fit(4 * hidden_size * hidden_size, f"an attention layer of hidden_size={hidden_size}")
         check_head_split(hidden_size, num_heads, rotary=True)
         # rope_theta <= 0 makes the RoPE tables NaN (which SDPA turns into silently zero attention), and
         # one below 1 frequencies above 1 whose angles overflow: the base is >= 1, its frequencies <= 1
@@ -473,7 +474,6 @@ class CausalSelfAttention(nn.Module):
         if not is_real(norm_eps) or norm_eps <= 0:
             raise ValueError(f"norm_eps={norm_eps!r} must be a finite number in (0, {MAX_NORM_EPS:g})")
         check_norm_eps(norm_eps, torch.promote_types(torch.get_default_dtype(), torch.float32))
-        check_weights_fit(4 * hidden_size * hidden_size, f"an attention layer of hidden_size={hidden_size}")
         if not isinstance(qk_norm, bool):
             raise TypeError(f"qk_norm must be True or False, got {qk_norm!r}")
         self.hidden_size = hidden_size

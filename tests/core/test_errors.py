@@ -94,6 +94,8 @@ def test_the_head_counts_an_error_lists_come_at_once_for_any_width():
             check_head_split(2**31 - 2, 4, rotary=False)
         with pytest.raises(ValueError, match="no num_heads splits an odd hidden_size"):
             check_head_split(2**31 - 1, 2, rotary=True)
+        with pytest.raises(ValueError, match=r"\(7\); num_heads must divide it into heads of an even width$"):
+            check_head_split(10**18 + 1, 7, rotary=True)  # too wide to list them (and to build)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)

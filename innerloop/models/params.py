@@ -63,14 +63,18 @@ class ParameterCounts:
         return self.total - self.embedding
 
     def describe(self) -> str:
-        """One line: ``118,760 parameters (embedding 16,384; mixer 2 x 16,036; mlp 66,048; ...)``."""
+        """One line: ``118,760 parameters (embedding 16,384; mixer 2 x 16,036; mlp 66,048; ...)``, whose
+        parts add up to the total: ``embedding`` is the token embedding alone there, an untied head its
+        own ``head`` part (the :attr:`embedding` property counts both)."""
         mixers = self.per_block_mixer
         if mixers and len(set(mixers)) == 1:
             mixer = f"mixer {len(mixers)} x {mixers[0]:,}"
         else:
             mixer = f"mixer {self.mixer:,} ({', '.join(f'{m:,}' for m in mixers)})"
         rest = [f"{part} {n:,}" for part, n in self.parts.items() if n and part not in ("embedding", "mixer")]
-        return f"{self.total:,} parameters (embedding {self.embedding:,}; {'; '.join([mixer, *rest])})"
+        return (
+            f"{self.total:,} parameters (embedding {self.parts['embedding']:,}; {'; '.join([mixer, *rest])})"
+        )
 
 
 def _part_of(name: str) -> str:

@@ -1,0 +1,39 @@
+"""Review s43d: the grader of issues 3 (training via Lightning, configs, the CLI) and 9 (trust), with
+presets, overrides, interruptions and files the other tests do not use.
+
+Checked and found right (no test kept: each repeats a promise another test already holds): a run with
+``trainer.accumulate_grad_batches=2``, ``bf16-mixed``, active gradient clipping (``optim.grad_clip=0.05``),
+the ``wsd`` schedule and ``data.seq_len=40`` off the mini-batch grid, stopped by SIGTERM at its first
+step, right after a checkpoint and near its end, or by ``trainer.max_time``, and resumed, equals the
+uninterrupted run bit for bit (every tensor of the checkpoint) with the same logged rows; the printed
+perplexity and the loss by position of ``innerloop eval --data`` equal an independent float64
+computation over the windows ``spread_windows`` promises; a ``bf16-true`` mamba run with an untied head
+exports to a Hugging Face folder whose logits and greedy ``generate`` equal the checkpoint's model.
+
+Kept here, each a finding (the commit that fixes it names it):
+
+- The parameter count a run prints (and ``innerloop params``) counted an untied LM head twice:
+  ``138,964 parameters (embedding 32,768; ...; head 16,384; ...)``, its parts summing to 16,384 more
+  than the total.
+"""
+
+from __future__ import annotations
+
+import re
+
+from innerloop.models import ModelConfig
+from innerloop.models.params import count_config_parameters
+
+
+def test_the_printed_parts_of_a_model_with_an_untied_head_add_up_to_its_total() -> None:
+    config = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "intermediate_size": 24}
+    counts = count_config_parameters(ModelConfig.from_dict({**config, "tie_embeddings": False}))
+    line = counts.describe()
+    numbers = dict(re.findall(r"([a-z_]+) ([\d,]+)(?=[;)])", line))
+    shown = {part: int(n.replace(",", "")) for part, n in numbers.items() if part != "x"}
+    mixer = re.search(r"mixer (\d+) x ([\d,]+)", line)
+    assert mixer is not None, line
+    shown["mixer"] = int(mixer[1]) * int(mixer[2].replace(",", ""))
+    assert shown["embedding"] == counts.parts["embedding"] == 256 * 16, line
+    assert shown["head"] == counts.parts["head"] == 256 * 16, line
+    assert sum(shown.values()) == counts.total, line

@@ -15,12 +15,21 @@ Kept here, each a finding (the commit that fixes it names it):
 - The parameter count a run prints (and ``innerloop params``) counted an untied LM head twice:
   ``138,964 parameters (embedding 32,768; ...; head 16,384; ...)``, its parts summing to 16,384 more
   than the total.
+- A resume from a ``config.yaml`` edited (or replaced) to another ``trainer.accumulate_grad_batches``
+  went on without a word, its data stream continuing at batch ``step x`` the new value: batches skipped
+  (or read twice) and a run that no longer equals the uninterrupted one. ``--resume`` refuses that
+  change as an override, and ``data.*`` and ``seed`` edited by hand were refused already; the checkpoint
+  now records what moves the stream (and, for text and recall data, the processes' count) as well.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
+import pytest
+
+from innerloop.config.load import ConfigError, load_config
 from innerloop.models import ModelConfig
 from innerloop.models.params import count_config_parameters
 
@@ -37,3 +46,24 @@ def test_the_printed_parts_of_a_model_with_an_untied_head_add_up_to_its_total() 
     assert shown["embedding"] == counts.parts["embedding"] == 256 * 16, line
     assert shown["head"] == counts.parts["head"] == 256 * 16, line
     assert sum(shown.values()) == counts.total, line
+
+
+def _stream_checked(saved: list[str], resumed: list[str]) -> None:
+    """Record the data stream of a run made with ``saved`` as its checkpoints do, and check a resume of
+    it whose config.yaml gives ``resumed`` as ``--resume`` checks it against that checkpoint."""
+    from innerloop.train import run as run_module
+
+    checkpoint: dict = {}
+    run_module._RecordRunData(load_config("tiny", saved)[0]).on_save_checkpoint(None, None, checkpoint)
+    run_module.check_same_stream(load_config("tiny", resumed)[0], checkpoint, Path("runs/x/last.safetensors"))
+
+
+def test_a_resume_whose_config_yaml_was_edited_to_another_accumulation_is_refused() -> None:
+    saved = ["trainer.accumulate_grad_batches=2"]
+    _stream_checked(saved, saved)  # unchanged: goes on
+    with pytest.raises(ConfigError, match=r"trainer.accumulate_grad_batches \(2 -> 3\).*data stream"):
+        _stream_checked(saved, ["trainer.accumulate_grad_batches=3"])
+    with pytest.raises(ConfigError, match=r"trainer.accumulate_grad_batches \(2 -> 1\)"):
+        _stream_checked(saved, [])
+    with pytest.raises(ConfigError, match=r"trainer.devices \(2 -> 1\)"):
+        _stream_checked(["trainer.devices=2", "trainer.strategy=ddp_spawn"], [])

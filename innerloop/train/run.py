@@ -401,16 +401,35 @@ def _with_test_default(record: dict[str, Any]) -> dict[str, Any]:
     return {**record, _TEST_KEY: record.get(_TEST_KEY, 0.0)}
 
 
+RUN_STREAM_KEY = "innerloop_stream"
+"""The checkpoint entry holding the rest of what decides where a resumed run's data stream continues
+(:func:`run_stream_record`), which a resume may not change either."""
+
+
+def run_stream_record(run: RunConfig) -> dict[str, Any]:
+    """What :data:`RUN_STREAM_KEY` records of ``run``: ``trainer.accumulate_grad_batches`` (the stream
+    resumes at batch ``step x`` it) and, for text and recall data, ``trainer.devices`` and
+    ``trainer.num_nodes`` (each process reads every (processes)-th batch; ``data.name=hf`` records its
+    position in global batches): the keys :func:`~innerloop.config.load.check_resume_changes` keeps."""
+    record = {"trainer.accumulate_grad_batches": run.trainer.lightning.get("accumulate_grad_batches", 1)}
+    if run.data.name != "hf":
+        record["trainer.devices"] = run.trainer.devices
+        record["trainer.num_nodes"] = run.trainer.lightning.get("num_nodes", 1)
+    return record
+
+
 class _RecordRunData(Callback):
-    """Stores :func:`run_data_record` in every checkpoint (:data:`RUN_DATA_KEY`): a resume is checked
-    against what the checkpoint was trained with, not only against its config.yaml, which may have been
-    edited."""
+    """Stores :func:`run_data_record` (:data:`RUN_DATA_KEY`) and :func:`run_stream_record`
+    (:data:`RUN_STREAM_KEY`) in every checkpoint: a resume is checked against what the checkpoint was
+    trained with, not only against its config.yaml, which may have been edited."""
 
     def __init__(self, run: RunConfig) -> None:
         self.record = run_data_record(run)
+        self.stream = run_stream_record(run)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint[RUN_DATA_KEY] = self.record
+        checkpoint[RUN_STREAM_KEY] = self.stream
 
 
 def build_module(run: RunConfig) -> LanguageModelModule:
@@ -955,6 +974,7 @@ def _check_resume(run: RunConfig, module: LanguageModelModule, ckpt: Path) -> No
         check_resume_changes(saved, run)
     _check_same_model(run.model, checkpoint, ckpt)
     _check_same_data(run, module, checkpoint, ckpt)
+    check_same_stream(run, checkpoint, ckpt)
     _check_same_tokenizer(run, ckpt)
     _check_weights_fit(module, checkpoint["state_dict"], ckpt)
     step = checkpoint.get("global_step")
@@ -1011,6 +1031,29 @@ def _check_same_data(
             f"--resume: the run's config.yaml gives {', '.join(changed)}, but {str(ckpt)!r} was trained with "
             "the first values: data.* and seed are fixed by the run's data stream; put the checkpoint's "
             "values back in config.yaml, or start a new run (another out_dir, or --overwrite)"
+        )
+
+
+def check_same_stream(run: RunConfig, checkpoint: dict[str, Any], ckpt: Path) -> None:
+    """Raise :class:`ConfigError` unless ``run`` continues the data stream ``checkpoint`` was trained on
+    (:data:`RUN_STREAM_KEY`; a checkpoint of an older innerloop records none): the config.yaml a resume
+    starts from may have been edited by hand, which moves the batch the stream continues at."""
+    recorded = checkpoint.get(RUN_STREAM_KEY)
+    if not isinstance(recorded, dict):
+        return
+    now = run_stream_record(run)
+    changed = [
+        f"{k} ({recorded[k]!r} -> {now[k]!r})"
+        for k in now
+        if k in recorded and _as_tuples(recorded[k]) != _as_tuples(now[k])
+    ]
+    if changed:
+        raise ConfigError(
+            f"--resume: the run's config.yaml gives {', '.join(changed)}, but {str(ckpt)!r} was trained with "
+            "the first values, which decide where its data stream continues (batch step x "
+            "accumulate_grad_batches, each process reading every (processes)-th batch): batches would be "
+            "skipped or read twice; put the checkpoint's values back in config.yaml, or start a new run "
+            "(another out_dir, or --overwrite)"
         )
 
 

@@ -20,12 +20,17 @@ Kept here, each a finding (the commit that fixes it names it):
   (or read twice) and a run that no longer equals the uninterrupted one. ``--resume`` refuses that
   change as an override, and ``data.*`` and ``seed`` edited by hand were refused already; the checkpoint
   now records what moves the stream (and, for text and recall data, the processes' count) as well.
+- The command a stopped (or diverged) run prints to continue it, ``innerloop train --resume
+  out_dir=runs/a b``, was not quoted for the shell: pasted, it named another folder (``runs/a``) and an
+  argument ``b``. Every such command quotes ``out_dir=...`` where the path needs it.
 """
 
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -67,3 +72,18 @@ def test_a_resume_whose_config_yaml_was_edited_to_another_accumulation_is_refuse
         _stream_checked(saved, [])
     with pytest.raises(ConfigError, match=r"trainer.devices \(2 -> 1\)"):
         _stream_checked(["trainer.devices=2", "trainer.strategy=ddp_spawn"], [])
+
+
+@pytest.mark.parametrize("out_dir", ["runs/a b", "/tmp/it's here", "runs/$HOME;x"])
+def test_the_command_that_continues_a_stopped_run_reads_back_as_its_out_dir(out_dir) -> None:
+    from innerloop.train import run as run_module
+
+    run = SimpleNamespace(out_dir=out_dir)
+    said = run_module._continuing(run, SimpleNamespace(callbacks=[]))  # no trainer.max_time spent
+    assert shlex.split(said.strip("`")) == ["innerloop", "train", "--resume", f"out_dir={out_dir}"]
+    note = run_module._last_checkpoint_note(Path(__file__), run)  # a file that is no checkpoint
+    assert "could not be read back" in note  # (it names no command)
+    assert shlex.split(run_module.resume_command(out_dir, " optim.lr=<lower>"))[3:] == [
+        f"out_dir={out_dir}",
+        "optim.lr=<lower>",
+    ]

@@ -42,6 +42,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 from collections.abc import Iterable, Iterator, Sequence
@@ -681,10 +682,17 @@ def _stop_reason(trainer: L.Trainer) -> str:
     return "(a callback asked it to stop)"
 
 
+def resume_command(out_dir: str | os.PathLike[str], overrides: str = "") -> str:
+    """``innerloop train --resume out_dir=<out_dir>`` followed by ``overrides``, with ``out_dir=...``
+    quoted for a POSIX shell where the path needs it (a space, a quote, ``$``), so that the command a
+    message gives continues that run when pasted."""
+    return f"innerloop train --resume {shlex.quote(f'out_dir={out_dir}')}{overrides}"
+
+
 def _continuing(run: RunConfig, trainer: L.Trainer) -> str:
     """The command (quoted) that continues a fit that ended before ``trainer.max_steps``: with a spent
     ``trainer.max_time``, as long again (Lightning counts it over every launch: a bare resume stops at once)."""
-    resume = f"innerloop train --resume out_dir={run.out_dir}"
+    resume = resume_command(run.out_dir)
     budget = _time_budget(trainer)
     if budget is None:
         return f"`{resume}`"
@@ -778,19 +786,18 @@ def _raise_if_stopped(
         )
     if steps < run.trainer.max_steps:
         raise TrainingInterrupted(
-            f"{stopped}; the checkpoint {str(ckpt)!r} holds them: continue with `innerloop train --resume "
-            f"out_dir={run.out_dir}`",
+            f"{stopped}; the checkpoint {str(ckpt)!r} holds them: continue with `{resume_command(run.out_dir)}`",
             exit_code=exit_code,
         )
     if trainer.callback_metrics.get("val_step") == steps:  # the fit's last step was validated (and logged)
         raise TrainingInterrupted(
             f"{stopped}, after their final validation, before loss_by_position.* were written; the checkpoint "
-            f"{str(ckpt)!r} holds them all: `innerloop train --resume out_dir={run.out_dir}` writes the files",
+            f"{str(ckpt)!r} holds them all: `{resume_command(run.out_dir)}` writes the files",
             exit_code=exit_code,
         )
     raise TrainingInterrupted(
         f"{stopped}, before the final validation; the checkpoint {str(ckpt)!r} holds them all: "
-        f"`innerloop train --resume out_dir={run.out_dir}` runs the final validation",
+        f"`{resume_command(run.out_dir)}` runs the final validation",
         exit_code=exit_code,
     )
 
@@ -851,7 +858,7 @@ def _finish(
     if metrics.get("val_step") != steps:
         stopped = (
             f"during the final validation, after all {trainer.global_step} steps; the checkpoint "
-            f"{str(ckpt)!r} holds them: `innerloop train --resume out_dir={run.out_dir}` runs the validation "
+            f"{str(ckpt)!r} holds them: `{resume_command(run.out_dir)}` runs the validation "
             "again and writes loss_by_position.*"
         )
         # a launch that trained nothing (a finished run resumed) logs no second row for that step
@@ -861,7 +868,7 @@ def _finish(
         metrics = {k: float(v) for k, v in results.items()}
     writing = (
         f"while loss_by_position.* were written, after all {trainer.global_step} steps; the checkpoint "
-        f"{str(ckpt)!r} holds them: `innerloop train --resume out_dir={run.out_dir}` writes the files again"
+        f"{str(ckpt)!r} holds them: `{resume_command(run.out_dir)}` writes the files again"
     )
     with ended_by_signals(writing):
         plot, csv_path = _write_loss_by_position(run, metrics, datamodule.seq_len)
@@ -1186,7 +1193,7 @@ def _last_checkpoint_note(ckpt: Path, run: RunConfig, overrides: str = " optim.l
         return f"the checkpoint {str(ckpt)!r} could not be read back"
     return (
         f"the last checkpoint, {str(ckpt)!r} (after {step} steps), is kept: continue it with "
-        f"`innerloop train --resume out_dir={run.out_dir}{overrides}`"
+        f"`{resume_command(run.out_dir, overrides)}`"
     )
 
 

@@ -23,6 +23,11 @@ Kept here, each a finding (the commit that fixes it names it):
 - The command a stopped (or diverged) run prints to continue it, ``innerloop train --resume
   out_dir=runs/a b``, was not quoted for the shell: pasted, it named another folder (``runs/a``) and an
   argument ``b``. Every such command quotes ``out_dir=...`` where the path needs it.
+- A run started where SIGINT is ignored (``innerloop train ... &`` in a batch script: a shell without job
+  control starts background commands so) was killed by a SIGTERM that came before its first step (the
+  data and the model being set up: a scheduler's stop, a preemption), with no line and its config.yaml
+  left without a checkpoint, so the requeued ``--resume`` had nothing to continue and a plain rerun was
+  refused; it now stops after its first step and saves it, as where SIGINT has its default handler.
 """
 
 from __future__ import annotations
@@ -87,3 +92,27 @@ def test_the_command_that_continues_a_stopped_run_reads_back_as_its_out_dir(out_
         f"out_dir={out_dir}",
         "optim.lr=<lower>",
     ]
+
+
+def test_sigterm_before_the_fit_is_a_stop_request_also_where_sigint_is_ignored() -> None:
+    import signal
+
+    from innerloop.train.interrupt import StopOnInterrupt
+
+    interrupt = StopOnInterrupt()
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as `innerloop train ... &` in a script
+    ended = []
+
+    def stand_in(signum, frame):  # for SIGTERM's default action, which would end this test's process
+        ended.append(signum)
+
+    before_term = signal.signal(signal.SIGTERM, stand_in)
+    try:
+        with interrupt.listening():
+            signal.raise_signal(signal.SIGTERM)
+            assert interrupt.requested and interrupt.signal == signal.SIGTERM and not ended
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # left as it was, not taken over
+    finally:
+        signal.signal(signal.SIGINT, before)
+        stopping = signal.signal(signal.SIGTERM, before_term)
+    assert stopping is stand_in  # put back after the block

@@ -17,9 +17,10 @@ through ``SystemExit``, with exit status 0, as if it had finished. A second SIGT
 once.
 
 The SIGINT handler is installed only in the main thread, and only where SIGINT has Python's default
-handler (a notebook or another program that handles SIGINT itself keeps its own), for the duration of
-``trainer.fit`` (:meth:`StopOnInterrupt.listening`); the previous handler is back when it returns or
-raises. The SIGTERM handler replaces Lightning's when training starts, in the main thread; Lightning
+handler (a notebook or another program that handles SIGINT itself keeps its own, and one started with
+SIGINT ignored, as a shell without job control starts a background command, keeps it ignored), for the
+duration of ``trainer.fit`` (:meth:`StopOnInterrupt.listening`); the previous handler is back when it
+returns or raises. The SIGTERM handler replaces Lightning's when training starts, in the main thread; Lightning
 puts back the handler from before the fit when the fit ends. Around the fit, ``listening`` takes SIGTERM
 too, for a main process that only waits (``ddp_spawn``): it passes the request on to the processes it
 started as SIGUSR1 (not SIGTERM, which a ``kill`` of the whole group gave them already: twice, it would
@@ -97,16 +98,19 @@ class StopOnInterrupt(Callback):
         """Take SIGINT as a stop request inside the ``with`` block (see the module docstring)."""
         self.requested, self.signal, self.stopped_at_once = False, None, False
         self.had_checkpoint = False
-        main_thread = threading.current_thread() is threading.main_thread()
-        if not main_thread or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = signal.signal(signal.SIGINT, self._request_stop)
+        # SIGTERM whatever SIGINT's handler: a shell without job control starts `innerloop train ... &`
+        # with SIGINT ignored, and a scheduler's SIGTERM during the set-up would end the run unsaid
         previous_term = signal.signal(signal.SIGTERM, self._request_stop_of_every_process)
+        take_sigint = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        previous = signal.signal(signal.SIGINT, self._request_stop) if take_sigint else None
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            if take_sigint:
+                signal.signal(signal.SIGINT, previous)
             signal.signal(signal.SIGTERM, previous_term)
 
     def _request_stop_of_every_process(self, signum: int, frame: FrameType | None) -> None:

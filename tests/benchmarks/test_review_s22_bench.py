@@ -91,6 +91,7 @@ def test_results_md_quotes_the_benchmarks_it_reports():
         "kernel_speed",
         "layer_speed",
         "recall",
+        "step_profile",
         "train_speed",
         "triton_gpu_check",
     ]

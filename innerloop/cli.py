@@ -514,7 +514,10 @@ def _resume_config(config: str | None, overrides: Sequence[str]) -> tuple[Any, A
             f"--resume: {str(saved)!r} is a folder, not a run's config file; is out_dir={out_dir!r} a run?"
         )
     if not saved.is_file():
+        _refuse_a_checkpoint_without_its_config(out_dir, "no saved config at")
         raise ConfigError(f"--resume: no saved config at {str(saved)!r}; is out_dir={out_dir!r} a run?")
+    if _holds_no_settings(saved):
+        _refuse_a_checkpoint_without_its_config(out_dir, "an empty config at")
     try:
         run, cfg = load_config(str(saved), overrides, out_dir=out_dir)
     except ConfigError as err:  # a plugin no longer installed: the run's checkpoint says where it came from
@@ -531,6 +534,38 @@ def _resume_config(config: str | None, overrides: Sequence[str]) -> tuple[Any, A
             file=sys.stderr,
         )
     return run, cfg
+
+
+def _holds_no_settings(path: Any) -> bool:
+    """Whether the YAML file ``path`` holds nothing (empty, only comments or null), as a file cut short or
+    emptied does; a file that cannot be read or parsed is for the config loader to name."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) is None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+
+
+def _refuse_a_checkpoint_without_its_config(out_dir: str, what: str) -> None:
+    """:class:`ConfigError` for ``--resume`` where ``out_dir`` holds a run's checkpoint but ``what`` (no
+    config, an empty one) in place of its config.yaml: the run's settings are read from that file, which
+    the run wrote when it started (the checkpoint records the model, data and optimizer, not the trainer);
+    nothing when there is no checkpoint either (then it is not a run)."""
+    from pathlib import Path
+
+    from innerloop.train.run_dir import CHECKPOINT_FILE, PENDING_CHECKPOINT
+
+    checkpoints = [Path(out_dir) / name for name in (CHECKPOINT_FILE, PENDING_CHECKPOINT)]
+    found = next((str(c) for c in checkpoints if c.is_file()), None)
+    if found is None:
+        return
+    raise ConfigError(
+        f"--resume: {what} {str(Path(out_dir) / 'config.yaml')!r}, beside the run's checkpoint {found!r}: a resume "
+        "reads the run's settings from the config.yaml the run wrote when it started (the checkpoint records "
+        "its model, data and optimizer, not all of them); put that file back (or a config with the same "
+        "settings), then resume"
+    )
 
 
 def _refuse_config_inside_out_dir(config: str | None, out_dir: str) -> None:

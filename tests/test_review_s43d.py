@@ -116,3 +116,25 @@ def test_sigterm_before_the_fit_is_a_stop_request_also_where_sigint_is_ignored()
         signal.signal(signal.SIGINT, before)
         stopping = signal.signal(signal.SIGTERM, before_term)
     assert stopping is stand_in  # put back after the block
+
+
+@pytest.mark.parametrize("config", ["missing", "empty", "only comments"])
+def test_resume_beside_a_checkpoint_whose_config_yaml_is_gone_or_empty_names_both(tmp_path, capsys, config):
+    """With config.yaml deleted or emptied beside an intact checkpoint, `--resume` asked "is out_dir a run?"
+    (missing) or advised to "leave --config out for the preset 'tiny'" (empty), neither of which applies:
+    the error names the checkpoint and the file a resume reads the run's settings from. Nothing is
+    written."""
+    from innerloop.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.safetensors").write_bytes(b"a checkpoint")
+    if config != "missing":
+        (out / "config.yaml").write_text("" if config == "empty" else "# trainer: {max_steps: 100}\n")
+    assert main(["train", "--resume", f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert f"beside the run's checkpoint '{out / 'last.safetensors'}'" in err, err
+    assert "put that file back" in err and "preset" not in err and "a run?" not in err
+    assert sorted(p.name for p in out.iterdir()) == (
+        ["last.safetensors"] if config == "missing" else ["config.yaml", "last.safetensors"]
+    )

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from innerloop.core.layer import MAX_MINI_BATCH_SIZE
 from innerloop.data.atomic import atomic_write_text
 
 SEED_MAX = 2**32 - 1  # Lightning seeds numpy, which takes 32-bit seeds (innerloop's config checks the same)
@@ -84,6 +85,28 @@ def check_heads(
     parser.error(
         f"{hidden_flag} {hidden} must be a multiple of {heads_flag} {heads} with an even head size ({problem})"
     )
+
+
+def add_layer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of one layer's shape and its run that the layer benchmarks share: ``--hidden``,
+    ``--heads``, ``--mini-batch``, ``--batch`` and ``--threads`` (check them with :func:`check_heads`)."""
+    parser.add_argument("--hidden", type=positive_int, default=768, help="model width D (default: 768)")
+    parser.add_argument("--heads", type=positive_int, default=12, help="heads H (default: 12)")
+    parser.add_argument(
+        "--mini-batch",
+        type=int_range(1, MAX_MINI_BATCH_SIZE),
+        default=16,
+        help="TTT mini-batch size K (default: 16)",
+    )
+    parser.add_argument("--batch", type=positive_int, default=1, help="sequences per call B (default: 1)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (default: 2)")
+
+
+def apply_quick(args: argparse.Namespace, quick: dict[str, Any]) -> None:
+    """``--quick``: the CI-sized values of ``quick`` replace the options they name."""
+    if args.quick:
+        for name, value in quick.items():
+            setattr(args, name, value)
 
 
 def json_path(text: str) -> Path:

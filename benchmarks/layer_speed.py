@@ -27,10 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from innerloop.core.layer import MAX_MINI_BATCH_SIZE
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py, ttt_paths.py: beside this script
-from cli_args import check_distinct, check_heads, int_range, json_path, positive_int, write_json  # noqa: E402
+from cli_args import add_layer_arguments, check_distinct, check_heads, json_path, positive_int, write_json  # noqa: E402
 from ttt_paths import PATHS, paths_taken, print_table, record_paths, ttt_layers  # noqa: E402
 
 
@@ -69,11 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--lengths", type=positive_int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
-    parser.add_argument("--hidden", type=positive_int, default=768)
-    parser.add_argument("--heads", type=positive_int, default=12)
-    parser.add_argument("--mini-batch", type=int_range(1, MAX_MINI_BATCH_SIZE), default=16)
-    parser.add_argument("--batch", type=positive_int, default=1)
-    parser.add_argument("--threads", type=positive_int, default=2)
+    add_layer_arguments(parser)
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument(
         "--paths",

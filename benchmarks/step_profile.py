@@ -39,10 +39,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args, train_speed: beside this
-from cli_args import check_heads, int_range, json_path, positive_int, write_json  # noqa: E402
+from cli_args import add_layer_arguments, apply_quick, check_heads, json_path, positive_int, write_json  # noqa: E402
 from train_speed import COLUMNS, ROWS, build_layers, cpu_description, make_call  # noqa: E402
-
-from innerloop.core.layer import MAX_MINI_BATCH_SIZE  # noqa: E402
 
 PARTS = (
     "inner scan",
@@ -64,13 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--length", type=positive_int, default=2048, help="sequence length T (default: 2048)")
-    parser.add_argument("--hidden", type=positive_int, default=768, help="model width D (default: 768)")
-    parser.add_argument("--heads", type=positive_int, default=12, help="heads H (default: 12)")
-    parser.add_argument(
-        "--mini-batch", type=int_range(1, MAX_MINI_BATCH_SIZE), default=16, help="TTT mini-batch size K"
-    )
-    parser.add_argument("--batch", type=positive_int, default=1, help="sequences per call B (default: 1)")
-    parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (default: 2)")
+    add_layer_arguments(parser)
     parser.add_argument(
         "--repeats", type=positive_int, default=5, help="profiled and unprofiled calls each (default: 5)"
     )
@@ -79,9 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--json", type=json_path, default=None, help="also write the numbers to this file (atomically)"
     )
     args = parser.parse_args(argv)
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
+    apply_quick(args, QUICK)
     check_heads(parser, args.hidden, args.heads)
     if args.length % args.mini_batch:
         parser.error(f"--length must be a multiple of --mini-batch {args.mini_batch}, got {args.length}")

@@ -50,12 +50,19 @@ import torch._dynamo
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args, layer_speed, ttt_paths: beside this
-from cli_args import check_distinct, check_heads, int_range, json_path, positive_int, write_json  # noqa: E402
+from cli_args import (  # noqa: E402
+    add_layer_arguments,
+    apply_quick,
+    check_distinct,
+    check_heads,
+    json_path,
+    positive_int,
+    write_json,
+)
 from layer_speed import CausalAttention  # noqa: E402
 
 import innerloop  # noqa: E402
 import innerloop.kernels.fused_torch.compiled as compiled_step  # noqa: E402
-from innerloop.core.layer import MAX_MINI_BATCH_SIZE  # noqa: E402
 
 ROWS = (
     "inference fp32",
@@ -80,16 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--lengths", type=positive_int, nargs="+", default=[2048], help="sequence lengths T (default: 2048)"
     )
-    parser.add_argument("--hidden", type=positive_int, default=768, help="model width D (default: 768)")
-    parser.add_argument("--heads", type=positive_int, default=12, help="heads H (default: 12)")
-    parser.add_argument(
-        "--mini-batch",
-        type=int_range(1, MAX_MINI_BATCH_SIZE),
-        default=16,
-        help="TTT mini-batch size K (default: 16)",
-    )
-    parser.add_argument("--batch", type=positive_int, default=1, help="sequences per call B (default: 1)")
-    parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (default: 2)")
+    add_layer_arguments(parser)
     parser.add_argument(
         "--repeats", type=positive_int, default=5, help="timed rounds; the median is reported (default: 5)"
     )
@@ -113,9 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--json", type=json_path, default=None, help="also write the numbers to this file (atomically)"
     )
     args = parser.parse_args(argv)
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
+    apply_quick(args, QUICK)
     check_heads(parser, args.hidden, args.heads)
     check_distinct(parser, "--lengths", args.lengths)  # a length is a table of its own
     bad = [t for t in args.lengths if t % args.mini_batch]

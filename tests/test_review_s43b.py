@@ -38,23 +38,17 @@ import torch
 from hypothesis import given, settings
 
 import innerloop
-from innerloop.core.protocol import AffineLayer, InnerModel, LossPairs, Params, StackModel
+from innerloop.core.protocol import InnerModel, LossPairs, Params
 from innerloop.models.attention import CausalSelfAttention
+from innerloop.plugins.models.matrix import MatrixModel
 from innerloop.registry import isolated_registry
 from innerloop.testing.strategies import layer_configs
 
 
-class _ScaledMatrix(StackModel):
-    """A correct third-party stack model: a bias-free ``x W`` started at 0.1 * I."""
+class _ScaledMatrix(MatrixModel):
+    """A correct third-party stack model: the built-in matrix model's bias-free ``x W``, started at 0.1 * I."""
 
     name = "s43b_scaled_matrix"
-
-    @property
-    def stack(self) -> tuple[AffineLayer, ...]:
-        return (AffineLayer("W", None, None),)
-
-    def param_shapes(self, head_dim: int) -> dict[str, tuple[int, ...]]:
-        return {"W": (head_dim, head_dim)}
 
     def init_params(self, num_heads: int, head_dim: int, generator: torch.Generator | None = None) -> Params:
         return {"W": 0.1 * torch.eye(head_dim).expand(num_heads, head_dim, head_dim).clone()}

@@ -511,6 +511,14 @@ def transformed_or_dual(tensors: Iterable[torch.Tensor]) -> bool:
     return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
+def saved_tensors_hooks_on() -> bool:
+    """Whether saved-tensor hooks are on (``torch.autograd.graph.saved_tensors_hooks``, which
+    ``torch.utils.checkpoint`` and ``save_on_cpu`` set); torch exposes the question only privately (the
+    stack :func:`saved_tensors_hooks_suspended` pops), so False where that function is missing."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
+
+
 @contextlib.contextmanager
 def saved_tensors_hooks_suspended() -> Iterator[None]:
     """No saved-tensor hooks inside the block; the enclosing ones (an activation checkpoint's,
@@ -562,5 +570,6 @@ __all__ = [
     "RMSNorm",
     "rope_cos_sin",
     "rope_inverse_frequencies",
+    "saved_tensors_hooks_on",
     "saved_tensors_hooks_suspended",
 ]

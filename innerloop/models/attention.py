@@ -26,6 +26,7 @@ from innerloop.core.functional import (
     apply_rope_interleaved,
     rope_cos_sin,
     rope_inverse_frequencies,
+    saved_tensors_hooks_on,
     transformed_or_dual,
 )
 from innerloop.core.layer import (
@@ -267,12 +268,10 @@ class _TwiceDifferentiableAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v)
         # the caller's backends and autocast are in force here, and attend cast the inputs already: SDPA
         # as it is (a backward runs later, under other settings: its recomputations set them)
-        if _saved_tensor_hooks_on():  # the graph is made again in the backward
+        if saved_tensors_hooks_on():  # the graph is made again in the backward
             ctx.graph = None
             return F.scaled_dot_product_attention(q, k, v, **options)
-        detached = tuple(t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
-        with torch.enable_grad():
-            ctx.graph = F.scaled_dot_product_attention(*detached, **options), detached
+        ctx.graph = _attention_graph(q, k, v, options)
         return ctx.graph[0].detach()
 
     @staticmethod
@@ -291,13 +290,6 @@ class _TwiceDifferentiableAttention(torch.autograd.Function):
         return by_input.get(0), by_input.get(1), by_input.get(2), None, None
 
 
-def _saved_tensor_hooks_on() -> bool:
-    """Whether saved-tensor hooks are on (``torch.autograd.graph.saved_tensors_hooks``, which
-    ``torch.utils.checkpoint`` and ``save_on_cpu`` set); torch exposes the question only privately."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is not None and top(False) is not None
-
-
 def _autocast_knows(device_type: str) -> bool:
     """Whether autocast knows ``device_type`` (not meta: asking it raised "unknown device type for
     autocast"); where torch has no ``torch.amp.is_autocast_available``, every type but meta."""
@@ -313,13 +305,17 @@ def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
 
 
 def _attention_graph(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict, backends: list[SDPBackend]
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict, backends: list[SDPBackend] | None = None
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """``(out, (q, k, v) detached)``: SDPA on ``backends`` with its graph from the detached inputs, in
-    their dtype (:func:`attend` casts them as autocast would; an autocast region a backward runs in
-    does not cast the recomputation again)."""
+    """``(out, (q, k, v) detached)``: SDPA with its graph from the detached inputs, in their dtype
+    (:func:`attend` casts them as autocast would). Under the caller's backends and autocast (the
+    function's forward), or, for a recomputation in a backward, which runs later under other settings,
+    on ``backends`` with autocast off (an autocast region a backward runs in must not cast it again)."""
     detached = tuple(t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
-    with torch.enable_grad(), sdpa_kernel(backends), _without_autocast(q.device.type):
+    with torch.enable_grad(), contextlib.ExitStack() as settings:
+        if backends is not None:
+            settings.enter_context(sdpa_kernel(backends))
+            settings.enter_context(_without_autocast(q.device.type))
         return F.scaled_dot_product_attention(*detached, **options), detached
 
 

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lm_testing import TINY, direct_perplexity
 
 from innerloop.checkpoints import recorded_entry
 from innerloop.cli import main
 from innerloop.config.load import ConfigError, load_config
-from innerloop.data.packing import is_test, is_validation
+from innerloop.data.packing import document_side, first_document_of, is_test, is_validation
 from innerloop.data.text import (
     check_text_split,
     split_by_file,
@@ -189,6 +191,23 @@ def test_hf_test_documents_are_a_share_apart_from_validation_and_never_trained_o
 
 def _config(tmp_path: Path, *overrides: str) -> None:
     load_config("tiny", [*overrides, f"out_dir={tmp_path / 'out'}"])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    val_fraction=st.one_of(st.floats(2e-3, 0.95), st.sampled_from([0.1, 1 / 3, 0.25, 0.5])),
+    test_share=st.one_of(st.just(0.0), st.floats(0.02, 0.999)),
+    side=st.sampled_from(["validation", "test", "training"]),
+)
+def test_the_first_document_of_a_side_is_the_first_a_walk_from_document_0_finds(
+    val_fraction, test_share, side
+) -> None:
+    """compare's refusal of a model trained on the baseline's first held-out document finds that document
+    from where the fractions put it (a walk from document 0 took seconds at a fraction of 1e-6): the same
+    document as the walk, for any fractions whose sum leaves training documents."""
+    test_fraction = test_share * (0.999 - val_fraction) if val_fraction < 0.999 else 0.0
+    walk = next((n for n in range(20_000) if document_side(n, val_fraction, test_fraction) == side), None)
+    assert first_document_of(side, val_fraction, test_fraction, within=20_000) == walk
 
 
 def test_the_config_refuses_what_cannot_be_a_test_split(tmp_path) -> None:

@@ -400,8 +400,7 @@ def held_out_share(val_fraction: float, test_fraction: float = 0.0) -> float:
     > 0), as 1 minus where its training text ends (:func:`single_file_test_cut`'s factor of the length):
     shares compare as the cuts do, where ``val_fraction + test_fraction`` may not (0.1 + 0.2 is above
     0.3, though both runs cut the file at ``int(length * 0.7)``)."""
-    end = 1 - val_fraction if test_fraction == 0 else min(1 - val_fraction - test_fraction, 1 - val_fraction)
-    return 1 - end
+    return 1 - (1 - val_fraction - test_fraction)  # the factor, in the cut's order of operations
 
 
 def text_split_lengths(

@@ -12,6 +12,14 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+# Bytecode caches are written even where the environment asks for none (PYTHONDONTWRITEBYTECODE=1, as on
+# the project's machines): without them every run re-parsed and assertion-rewrote the ~300 test modules,
+# ~4.5 s of each worker's collection (the fast tests' collection in one process: 14.2 s of CPU without the
+# caches, 9.9 s with). The caches go to the __pycache__ folders beside the sources (ignored by git), and
+# pytest writes them atomically (a concurrent worker reads a whole file or none). Set here, before any test
+# module is imported.
+sys.dont_write_bytecode = False
+
 settings.register_profile(
     "ci", max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )

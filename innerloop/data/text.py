@@ -200,6 +200,54 @@ def split_test_files(
     return [p for p in files if p not in chosen], test, keys
 
 
+def copied_files(held_out: Sequence[Path], train: Sequence[Path]) -> list[tuple[Path, Path]]:
+    """Each file of ``held_out`` whose bytes are those of a file of ``train``, with that training file,
+    in ``held_out``'s order: a held-out copy of training text measures memorisation, not prediction. Only
+    files whose size a file on the other side has are read (and compared by SHA-256); empty files are
+    never copies. A file that cannot be read raises :class:`DataError` as :func:`read_bytes` does."""
+    held_sizes = {p: _file_size(p, "data.paths") for p in held_out}
+    train_sizes = {p: _file_size(p, "data.paths") for p in train}
+    shared = set(held_sizes.values()) & set(train_sizes.values()) - {0}
+    training_digests: dict[bytes, Path] = {}
+    for path, size in train_sizes.items():
+        if size in shared:
+            training_digests.setdefault(_file_digest(path), path)
+    copies = []
+    for path, size in held_sizes.items():
+        if size in shared:
+            twin = training_digests.get(_file_digest(path))
+            if twin is not None:
+                copies.append((path, twin))
+    return copies
+
+
+def _file_digest(path: Path) -> bytes:
+    """SHA-256 of ``path``'s bytes, read a MiB at a time (a large file is never held whole)."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(2**20), b""):
+                digest.update(block)
+    except OSError as err:
+        raise _unreadable(path, "data.paths", err) from None
+    return digest.digest()
+
+
+def warn_copied_files(copies: Sequence[tuple[Path, Path]], held_out_bytes: int, share: float = 0.01) -> None:
+    """Log one warning when the held-out files that copy training files (:func:`copied_files`) hold at
+    least ``share`` of the ``held_out_bytes`` (a few stray duplicates, as in the default corpus, do not
+    matter): their loss measures memorisation, so the run's validation numbers flatter it."""
+    copied = sum(_file_size(path, "data.paths") for path, _ in copies)
+    if not copies or copied < share * max(held_out_bytes, 1):
+        return
+    held, twin = copies[0]
+    log.warning(
+        "%d held-out file(s), %d of the %d held-out bytes (%.0f%%), are exact copies of training files (e.g. "
+        "%r = %r): their loss measures memorisation; remove the copies from data.paths for a fair validation",
+        len(copies), copied, held_out_bytes, 100 * copied / max(held_out_bytes, 1), str(held), str(twin),
+    )  # fmt: skip
+
+
 def read_bytes(files: Sequence[Path], option: str = "data.paths") -> torch.Tensor:
     """The files' bytes, each file followed by :data:`DOCUMENT_SEPARATOR`, as ``uint8 [N]``; a file that
     cannot be read raises :class:`DataError` naming it and ``option`` (where it was given).

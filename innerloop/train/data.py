@@ -53,6 +53,7 @@ from innerloop.data.text import (
     check_files_left,
     check_test_length,
     check_text_lengths,
+    copied_files,
     fallback_held_out,
     path_entries,
     read_bytes,
@@ -65,6 +66,7 @@ from innerloop.data.text import (
     split_text_files,
     stdlib_files,
     text_split_lengths,
+    warn_copied_files,
 )
 from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
 from innerloop.models.config import (
@@ -107,6 +109,8 @@ __all__ = [
     "split_by_file",
     "split_keys",
     "split_text_files",
+    "copied_files",
+    "warn_copied_files",
     "validation_file_keys",
     "stdlib_files",
     "text_split_lengths",
@@ -474,6 +478,8 @@ class TextDataModule(_IndexedDataModule):
             self.val_bytes = read_tokens(val, self.tokenizer)
         if stage != "validate":
             self.train_bytes = read_tokens(train, self.tokenizer)
+            held_out = [*val, *test]
+            warn_copied_files(copied_files(held_out, train), sum(p.stat().st_size for p in held_out))
 
     @property
     def _unit(self) -> str:

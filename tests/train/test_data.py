@@ -15,6 +15,7 @@ from innerloop.train.data import (
     IndexedBatches,
     RecallDataModule,
     TextDataModule,
+    copied_files,
     read_tokens,
     recall_example,
     resolve_files,
@@ -22,6 +23,7 @@ from innerloop.train.data import (
     split_keys,
     split_text_files,
     stdlib_files,
+    warn_copied_files,
 )
 
 
@@ -158,3 +160,45 @@ def test_a_data_folder_skips_hidden_entries_and_compiled_python(tmp_path) -> Non
     assert resolve_files([str(tmp_path / ".git" / "HEAD")]) == [
         (tmp_path / ".git" / "HEAD").resolve()
     ]  # named
+
+
+def test_held_out_files_that_copy_training_files_are_named_in_one_warning(tmp_path, caplog) -> None:
+    """A corpus with duplicated files (a mirror folder, a file saved twice) split by file name put copies of
+    training text in validation, whose loss then measured memorisation, silently; the copies are found by
+    content (size, then SHA-256) and a warning names one, when they are at least 1% of the held-out bytes."""
+    texts = [f"document {i}: ".encode() + bytes([65 + i % 26]) * (300 + i) for i in range(12)]
+    for i, text in enumerate(texts):
+        (tmp_path / f"doc{i:02d}.txt").write_bytes(text)
+    files = sorted(tmp_path.glob("*.txt"))
+    train, val = split_text_files(files, 0.3, split_keys([str(tmp_path)]))
+    assert train and val
+    assert copied_files(val, train) == []  # distinct contents: no copy
+    twin = tmp_path / "mirror" / "same.txt"
+    twin.parent.mkdir()
+    twin.write_bytes(val[0].read_bytes())  # training gets a copy of a held-out file under another name
+    assert copied_files(val, [*train, twin]) == [(val[0], twin)]
+    assert copied_files([twin], train) == []  # the same size with other bytes is no copy
+    (tmp_path / "empty.txt").write_bytes(b"")
+    assert copied_files([tmp_path / "empty.txt"], [tmp_path / "empty.txt"]) == []  # empty files never are
+
+    def warnings_of(held_out_bytes: int) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="innerloop.data.text"):
+            warn_copied_files([(val[0], twin)], held_out_bytes)
+        return [r.getMessage() for r in caplog.records]
+
+    size = val[0].stat().st_size
+    (message,) = warnings_of(size * 2)
+    assert "1 held-out file(s)" in message and f"{size} of the {size * 2}" in message
+    assert str(val[0]) in message and str(twin) in message and "data.paths" in message
+    assert warnings_of(size * 101) == []  # under 1% of the held-out bytes: stray copies are not worth a line
+    twin.unlink()  # now a copy under a name the split puts in training, read through the DataModule
+    name = next(
+        f"copy{k}.txt" for k in range(100) if not split_by_file([twin], 0.3, {twin: f"copy{k}.txt"})[1]
+    )
+    (tmp_path / name).write_bytes(val[0].read_bytes())
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="innerloop.data.text"):
+        TextDataModule([str(tmp_path)], seq_len=8, val_fraction=0.3).setup()
+    (message,) = [r.getMessage() for r in caplog.records if "exact copies" in r.getMessage()]
+    assert f"{val[0]!s}" in message and name in message

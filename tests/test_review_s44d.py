@@ -1,0 +1,96 @@
+"""Review s44d: issue 13's correctness claims (bf16, torch.compile, the fast paths), read as a grader would.
+
+- bf16 autocast keeps the inner scan in float32, seen from inside: every matrix product and LayerNorm a
+  TTT layer runs is recorded (a ``TorchDispatchMode``) and only the projections' products and the
+  post-norm may be bfloat16. tests/core/test_bf16.py bounds the results, but a scan whose products ran
+  in bfloat16 (autocast left on around it; the state still float32) stayed inside that bound on the
+  TTT-MLP torch path and on mini-batch GD (both models): the bound alone does not check the policy.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from innerloop import TTTLayer
+
+# -- bf16 autocast: the inner scan's products and LayerNorm statistics in float32 ------------------------
+
+WIDTH, HEADS = 24, 2  # head dim 12 (TTT-MLP's hidden 48); no product inside the scan has a side of 24
+_PRODUCTS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.baddbmm.default,
+    torch.ops.aten.matmul.default,
+    torch.ops.aten.addbmm.default,
+}
+_NORMS = {torch.ops.aten.native_layer_norm.default, torch.ops.aten.native_layer_norm_backward.default}
+
+
+class _LowPrecisionOps(TorchDispatchMode):
+    """Records each product or LayerNorm that reads or writes a bfloat16 tensor and is not one of the
+    layer's projections (a 2-D product with a side of ``WIDTH``) or its post-norm (over ``WIDTH``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _PRODUCTS or func in _NORMS:
+            tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+            inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            if any(t.dtype == torch.bfloat16 for t in tensors) and not self._outer(func, inputs, args):
+                self.found.append(f"{func}{[(tuple(t.shape), t.dtype) for t in inputs]}")
+        return out
+
+    @staticmethod
+    def _outer(func, inputs: list[torch.Tensor], args) -> bool:
+        if func in _NORMS:  # normalized_shape is the second argument of the forward, third of the backward
+            shape = args[1] if func == torch.ops.aten.native_layer_norm.default else args[2]
+            return list(shape) == [WIDTH]
+        return all(t.dim() <= 2 for t in inputs) and any(WIDTH in t.shape for t in inputs)
+
+
+# reason: each case runs a layer's forward, a decoded token and the backward with every op recorded in
+# Python (0.1-0.3 s each on 2 cores, 1 s for the first of a process); the TTT-MLP torch path, one that the
+# numerical bound of tests/core/test_bf16.py misses, stays in the fast loop
+_SLOW = pytest.mark.slow
+_PATHS = {
+    "torch": {"kernel": "torch"},
+    "fused_torch": {"kernel": "fused_torch_{model}"},
+    "minibatch_gd": {"kernel": "torch", "update_rule": "minibatch_gd"},
+}
+
+
+@pytest.mark.parametrize(
+    ("model", "path"),
+    [
+        ("mlp", "torch"),
+        *(
+            pytest.param(model, path, marks=_SLOW)
+            for model in ("linear", "mlp")
+            for path in _PATHS
+            if (model, path) != ("mlp", "torch")
+        ),
+    ],
+)
+def test_under_bf16_autocast_the_inner_scan_computes_in_float32(model, path):
+    options = _PATHS[path]
+    options = {key: value.format(model=model) for key, value in options.items()}
+    torch.manual_seed(0)
+    layer = TTTLayer(WIDTH, HEADS, inner_model=model, mini_batch_size=4, **options)
+    x = torch.randn(1, 10, WIDTH)  # two whole mini-batches and a part of one
+    record = _LowPrecisionOps()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with record:
+            y, state = layer(x)
+            assert y.dtype == torch.bfloat16  # the projections did run under autocast
+            _, state = layer(x[:, :1], state)  # a decoded token
+    with record:  # the backward outside autocast, as torch recommends
+        y.float().square().sum().backward()
+    assert not record.found, record.found[:4]
+    assert all(t.dtype == torch.float32 for t in state.tensors().values())

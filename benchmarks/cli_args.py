@@ -87,6 +87,22 @@ def check_heads(
     )
 
 
+def check_compile_backend(
+    parser: argparse.ArgumentParser, flag: str, backend: str, otherwise: str = ""
+) -> None:
+    """``parser.error`` unless ``backend`` names a ``torch.compile`` backend, checked before anything is
+    built or timed (dynamo would otherwise raise ``InvalidBackend`` from inside the first compiled call, a
+    traceback after the work before it); ``otherwise`` ends the message (another way out, e.g. a flag
+    that compiles nothing)."""
+    import torch._dynamo  # dynamo takes 1-3 s to load: only a script that compiles pays for it, here
+
+    try:
+        torch._dynamo.lookup_backend(backend)
+    except torch._dynamo.exc.InvalidBackend:
+        valid = ", ".join(torch._dynamo.list_backends(exclude_tags=()))
+        parser.error(f"{flag} {backend!r} is not a torch.compile backend; valid: {valid}{otherwise}")
+
+
 def add_layer_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of one layer's shape and its run that the layer benchmarks share: ``--hidden``,
     ``--heads``, ``--mini-batch``, ``--batch`` and ``--threads`` (check them with :func:`check_heads`)."""

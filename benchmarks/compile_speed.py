@@ -44,7 +44,7 @@ from innerloop.models import E2EConfig, build_model
 from innerloop.models.config import TTTConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
-from cli_args import check_heads, json_path, positive_int, write_json  # noqa: E402
+from cli_args import check_compile_backend, check_heads, json_path, positive_int, write_json  # noqa: E402
 from generate_speed import common_config  # noqa: E402
 from train_speed import cpu_description  # noqa: E402
 
@@ -201,6 +201,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.models, args.backend, args.seq_len, args.tokens, args.repeats = ["ttt"], "aot_eager", 32, 2, 1
         args.hidden, args.layers, args.heads = 32, 1, 2
     check_heads(parser, args.hidden, args.heads)  # every mixer rotates pairs of channels (RoPE)
+    check_compile_backend(parser, "--backend", args.backend)
     return args
 
 

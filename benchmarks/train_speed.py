@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args, layer_spee
 from cli_args import (  # noqa: E402
     add_layer_arguments,
     apply_quick,
+    check_compile_backend,
     check_distinct,
     check_heads,
     json_path,
@@ -120,20 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.reference is not None and not (args.reference / "ttt.py").is_file():
         parser.error(f"--reference {args.reference}: no ttt.py there (a ttt-lm-pytorch checkout has one)")
     if not args.no_compile:
-        check_compile_backend(parser, args.compile_backend)
+        check_compile_backend(parser, "--compile-backend", args.compile_backend, " (or --no-compile)")
     return args
-
-
-def check_compile_backend(parser: argparse.ArgumentParser, backend: str) -> None:
-    """``parser.error`` unless ``backend`` names a ``torch.compile`` backend: checked before anything is
-    timed (dynamo would otherwise raise from inside the first compiled call, after the eager rows)."""
-    try:
-        torch._dynamo.lookup_backend(backend)
-    except torch._dynamo.exc.InvalidBackend:
-        valid = ", ".join(torch._dynamo.list_backends(exclude_tags=()))
-        parser.error(
-            f"--compile-backend {backend!r} is not a torch.compile backend; valid: {valid} (or --no-compile)"
-        )
 
 
 def load_reference_layers(checkout: Path, hidden: int, heads: int, mini_batch: int) -> dict[str, nn.Module]:

@@ -7,6 +7,8 @@
   TTT-MLP torch path and on mini-batch GD (both models): the bound alone does not check the policy.
 - benchmarks/RESULTS.md's "torch.compile on whole language models": the prose's error bounds and the
   speed-up column are what the table's numbers give (the prose said 4e-6 where the table has 4.9e-6).
+- benchmarks/compile_speed.py's ``--backend``: a name that is not a ``torch.compile`` backend is refused
+  in one line naming it, before any model is built (it was a traceback from dynamo at the first call).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchmark_testing import parse_benchmark_args
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -131,3 +134,20 @@ def test_the_compile_tables_prose_bounds_hold_its_errors_and_its_speed_ups_are_i
     e2e_training = [float(r[5]) for r in rows if r[:2] == ("TTT-E2E", "training step")]
     others = [float(r[5]) for r in rows if r[:2] != ("TTT-E2E", "training step")]
     assert max(others) <= outputs and max(e2e_training) <= gradients, (max(others), outputs)
+
+
+# -- benchmarks/compile_speed.py --backend ----------------------------------------------------------------
+
+
+# reason: the check loads dynamo (1-3 s the first time in a process)
+@pytest.mark.slow
+def test_compile_speed_refuses_an_unknown_backend_before_it_builds_a_model(capsys):
+    with pytest.raises(SystemExit) as exit:
+        parse_benchmark_args("compile_speed", ["--backend", "inductr"])
+    assert exit.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--backend 'inductr' is not a torch.compile backend" in error
+    assert "inductor" in error and "aot_eager" in error
+    assert parse_benchmark_args("compile_speed", ["--backend", "aot_eager"]).backend == "aot_eager"
+    # --quick compiles with aot_eager whatever --backend says, so the name is not read
+    assert parse_benchmark_args("compile_speed", ["--quick", "--backend", "inductr"]).backend == "aot_eager"

@@ -5,6 +5,10 @@
   post-norm may be bfloat16. tests/core/test_bf16.py bounds the results, but a scan whose products ran
   in bfloat16 (autocast left on around it; the state still float32) stayed inside that bound on the
   TTT-MLP torch path and on mini-batch GD (both models): the bound alone does not check the policy.
+- coverage: the fast paths (``cpu_ttt_*``, ``fused_torch_*``) equal the torch path in float64 at the layer
+  with what the other tests do not combine: a state that stops inside a mini-batch and whose every tensor
+  (weights, pending sums, conv history) requires grad, parameter groups frozen, two different rows; the
+  gradients of ``x``, of every trainable parameter and of every state tensor compared.
 - benchmarks/RESULTS.md's "torch.compile on whole language models": the prose's error bounds and the
   speed-up column are what the table's numbers give (the prose said 4e-6 where the table has 4.9e-6).
 - benchmarks/compile_speed.py's ``--backend``: a name that is not a ``torch.compile`` backend is refused
@@ -19,10 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 from benchmark_testing import parse_benchmark_args
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from innerloop import TTTLayer
+from innerloop.core.functional import relative_error
+from innerloop.testing.strategies import seeds
 
 RESULTS = Path(__file__).parents[1] / "benchmarks" / "RESULTS.md"
 
@@ -66,8 +74,8 @@ class _LowPrecisionOps(TorchDispatchMode):
 
 
 # reason: each case runs a layer's forward, a decoded token and the backward with every op recorded in
-# Python (0.1-0.3 s each on 2 cores, 1 s for the first of a process); the TTT-MLP torch path, one that the
-# numerical bound of tests/core/test_bf16.py misses, stays in the fast loop
+# Python (0.1-0.3 s each on 2 cores, 1 s for the first of a process); TTT-Linear's mini-batch GD, one that
+# the numerical bound of tests/core/test_bf16.py misses and the cheapest (0.06 s), stays in the fast loop
 _SLOW = pytest.mark.slow
 _PATHS = {
     "torch": {"kernel": "torch"},
@@ -79,12 +87,12 @@ _PATHS = {
 @pytest.mark.parametrize(
     ("model", "path"),
     [
-        ("mlp", "torch"),
+        ("linear", "minibatch_gd"),
         *(
             pytest.param(model, path, marks=_SLOW)
             for model in ("linear", "mlp")
             for path in _PATHS
-            if (model, path) != ("mlp", "torch")
+            if (model, path) != ("linear", "minibatch_gd")
         ),
     ],
 )
@@ -104,6 +112,70 @@ def test_under_bf16_autocast_the_inner_scan_computes_in_float32(model, path):
         y.float().square().sum().backward()
     assert not record.found, record.found[:4]
     assert all(t.dtype == torch.float32 for t in state.tensors().values())
+
+
+# -- coverage: the fast paths from a differentiable state stopped inside a mini-batch -------------------
+
+_FROZEN = {"none": (), "lr gate": ("learnable_ttt_lr",), "token offsets": ("learnable_token_idx",),
+           "initial weights": ("initial_params",), "inner norm": ("ttt_norm",)}  # fmt: skip
+
+
+def _from_a_state(
+    layer: TTTLayer, x: torch.Tensor, prefix: int, frozen: tuple[str, ...]
+) -> list[torch.Tensor]:
+    """Outputs and final state of ``layer`` reading ``x[:, prefix:]`` from the state after ``x[:,
+    :prefix]`` (made a leaf that requires grad), then the gradients of a loss of all of them w.r.t. ``x``,
+    every parameter not named in ``frozen`` and every state tensor."""
+    for name, parameter in layer.named_parameters():
+        parameter.requires_grad_(not any(part in name for part in frozen))
+    x = x.clone().requires_grad_()
+    with torch.no_grad():
+        _, state = layer(x[:, :prefix])
+    state = state._map(lambda t: t.detach().requires_grad_() if t.is_floating_point() else t)
+    y, final = layer(x[:, prefix:], state)
+    results = [y, *(final.tensors()[key] for key in sorted(final.tensors()))]
+    loss = sum((r * torch.linspace(-1, 1, r.numel(), dtype=r.dtype).reshape(r.shape)).sum() for r in results)
+    state_tensors = [state.tensors()[key] for key in sorted(state.tensors())]
+    leaves = [x, *(p for p in layer.parameters() if p.requires_grad), *state_tensors]
+    return [r.detach() for r in results] + list(torch.autograd.grad(loss, leaves, allow_unused=True))
+
+
+# reason: two float64 layers (the fast path's and torch's) forward and backward per example (~0.1 s each)
+@pytest.mark.slow
+@settings(max_examples=12, deadline=None)
+@given(
+    model=st.sampled_from(["linear", "mlp"]),
+    path=st.sampled_from(["cpu_ttt", "fused_torch"]),
+    heads=st.integers(1, 3),
+    head_dim=st.sampled_from([4, 6, 10]),
+    mini_batch=st.sampled_from([1, 3, 5, 16]),
+    prefix=st.integers(1, 9),
+    tokens=st.integers(1, 23),
+    backbone=st.sampled_from([{}, {"share_qk": True, "use_gate": True}]),
+    frozen=st.sampled_from(list(_FROZEN)),
+    seed=seeds(),
+)
+def test_fast_paths_equal_torch_from_a_differentiable_state_inside_a_mini_batch(
+    cpu_kernels, model, path, heads, head_dim, mini_batch, prefix, tokens, backbone, frozen, seed
+):
+    results = {}
+    for kernel in ("torch", f"{path}_{model}"):
+        torch.manual_seed(seed % 2**16)
+        layer = TTTLayer(heads * head_dim, heads, inner_model=model, mini_batch_size=mini_batch, kernel=kernel,
+                         base_lr=0.5 if model == "linear" else 0.1, **backbone).double()  # fmt: skip
+        with torch.no_grad():  # not the fresh layer's ones and zeros
+            for parameter in layer.parameters():
+                parameter.add_(0.1 * torch.randn_like(parameter))
+        x = torch.randn(2, prefix + tokens, heads * head_dim, dtype=torch.float64)
+        results[kernel] = _from_a_state(layer, x, prefix, _FROZEN[frozen])
+        used = {name for name, _ in layer.dispatches}
+    assert f"{path}_{model}" in used or (prefix % mini_batch) + tokens < 2 * mini_batch, used
+    for index, (fast, torch_path) in enumerate(
+        zip(results[f"{path}_{model}"], results["torch"], strict=True)
+    ):
+        assert (fast is None) == (torch_path is None), index
+        if fast is not None:
+            assert relative_error(fast, torch_path) <= 1e-10, (index, relative_error(fast, torch_path))
 
 
 # -- benchmarks/RESULTS.md: torch.compile on whole language models -----------------------------------------

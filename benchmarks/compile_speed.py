@@ -116,8 +116,8 @@ def timed(call: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[float, tuple[to
 
 
 def measure_model(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """``results[workload]``: eager and compiled milliseconds (per token for decoding), the logits'
-    relative error, and (under the key ``warm-up``) the seconds of the first calls of both copies."""
+    """``results[workload]``: eager and compiled milliseconds (per token for decoding), the largest
+    relative error of its outputs (logits, and gradients where it trains: :func:`output_error`), and (under the key ``warm-up``) the seconds of the first calls of both copies."""
     model.train()  # as a training step runs it; a TTT model's inner updates do not depend on the mode
     compiled = torch.compile(copy.deepcopy(model), backend=args.backend)
     generator = torch.Generator().manual_seed(0)

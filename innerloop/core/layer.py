@@ -399,8 +399,8 @@ def _check_kernel_name(
         )
     if specs[kernel].fuses_inner_norm and not all(wrapping):
         raise ValueError(
-            f"kernel={kernel!r} fuses the inner LayerNorm and residual, which this layer turns off "
-            f"(inner_norm={wrapping[0]}, inner_residual={wrapping[1]}); use kernel='auto' or 'torch'"
+            f"kernel={kernel!r} fuses the inner LayerNorm and residual, which need both on; this layer has "
+            f"inner_norm={wrapping[0]}, inner_residual={wrapping[1]}; use kernel='auto' or 'torch'"
         )
     for kind, obj in (("inner_model", model), ("inner_loss", loss), ("update_rule", rule)):
         reason = registered_mismatch(kind, obj, head_dim if kind == "inner_model" else None)

@@ -116,8 +116,8 @@ def capability_refusal(kernel: KernelSpec, inputs: KernelInputs) -> str | None:
     norm, residual = bool(inputs.extra.get("norm")), bool(inputs.extra.get("residual"))
     if kernel.fuses_inner_norm and not (norm and residual):
         return (
-            f"{kernel.name}: fuses the inner residual and LayerNorm, which this layer turns off "
-            f"(inner_norm={norm}, inner_residual={residual})"
+            f"{kernel.name}: fuses the inner LayerNorm and residual, which need both on; this layer has "
+            f"inner_norm={norm}, inner_residual={residual}"
         )
     return None
 

@@ -102,6 +102,6 @@ def test_the_fused_kernels_still_refuse_layers_without_the_inner_norm() -> None:
     generator = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 16, 4, generator=generator) for _ in range(3))
     with pytest.raises(
-        ValueError, match="fuses the inner LayerNorm and residual, which this layer turns off"
+        ValueError, match="fuses the inner LayerNorm and residual, which need both on; this layer has"
     ):
         scan(q, k, v, torch.full((1, 2, 16), 0.1), inner_norm=False, kernel="fused_torch_linear")

@@ -155,7 +155,7 @@ def test_forcing_the_kernel_on_a_layer_without_its_fused_parts_is_an_error(switc
     """Refused when the layer is built (its arguments cannot work together), not at its first call."""
     with pytest.raises(
         ValueError,
-        match=f"fuses the inner LayerNorm and residual, which this layer turns off.*{switch}=False",
+        match=f"fuses the inner LayerNorm and residual, which need both on; this layer has.*{switch}=False",
     ):
         TTTLayer(16, 2, mini_batch_size=4, kernel="cpu_ttt_linear", **{switch: False})
 

@@ -117,6 +117,6 @@ def test_the_inner_wrapping_is_a_model_option(wrapping) -> None:
         {"ttt": {"inner_norm": norm, "inner_residual": residual, "kernel": "fused_torch_linear"}}
     )
     with pytest.raises(
-        ValueError, match="fuses the inner LayerNorm and residual, which this layer turns off"
+        ValueError, match="fuses the inner LayerNorm and residual, which need both on; this layer has"
     ):
         validate_model_config(named)

@@ -572,6 +572,18 @@ def _checked_pieces(pieces: Any, caller: str) -> Iterable[torch.Tensor]:
     return pieces
 
 
+def _check_piece_rows(piece: torch.Tensor, index: int, state: E2EState | None) -> None:
+    """A ValueError naming ``pieces[index]`` when it holds another number of sequences (rows) than the
+    stream so far (``state``, None before the first piece): the forward would name ``input_ids`` and
+    ``state``, which a caller of :meth:`E2ELM.stream` or :meth:`E2ELM.stream_losses` never passed."""
+    if state is not None and piece.shape[0] != state.batch_size:
+        raise ValueError(
+            f"pieces[{index}] has {piece.shape[0]} sequences (rows), the stream's state {state.batch_size} "
+            "(the state given, or made by the pieces before): every piece continues the same sequences, "
+            "[batch, length] with one batch size"
+        )
+
+
 class E2ELM(nn.Module):
     """The TTT-E2E language model (see the module docstring).
 
@@ -1226,6 +1238,7 @@ class E2ELM(nn.Module):
         """
         for i, piece in enumerate(_checked_pieces(pieces, "stream")):
             check_token_ids(piece, self.config.vocab_size, f"pieces[{i}]")  # named as the caller gave it
+            _check_piece_rows(piece, i, state)
             with torch.no_grad():
                 logits, state = self(piece, state)
             yield logits, state
@@ -1241,6 +1254,7 @@ class E2ELM(nn.Module):
         state: E2EState | None = None
         for i, piece in enumerate(_checked_pieces(pieces, "stream_losses")):
             check_token_ids(piece, self.config.vocab_size, f"pieces[{i}]")
+            _check_piece_rows(piece, i, state)
             if piece.shape[1] == 0:
                 continue
             with torch.no_grad():  # around the call, not as a decorator: see stream

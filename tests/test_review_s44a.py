@@ -6,6 +6,9 @@ Each test pins a defect the review found (the commit that fixes it names it):
 - ``E2ELM.stream`` / ``stream_losses`` given a piece with another number of sequences than the pieces
   before named ``input_ids`` and ``state``, which their caller never passed (s33c named the other
   malformed pieces by their index; this case was left out).
+- ``E2ELM.stream_losses`` kept the whole previous piece's logits ``[B, 1 + n, V]`` alive while the next
+  piece ran (a view of its last row, and the loop's own names), doubling the logits' peak memory of
+  a stream, which exists to read long inputs in constant, small memory.
 """
 
 from __future__ import annotations
@@ -15,32 +18,51 @@ import torch
 
 from innerloop.models import E2EConfig, ModelConfig, build_model
 
+VOCAB = 512
 
-def _tiny_e2e(vocab_size: int = 64):
+
+@pytest.fixture(scope="module")
+def tiny_e2e():
     torch.manual_seed(0)
     config = ModelConfig(
-        mixer="e2e", vocab_size=vocab_size, hidden_size=16, num_heads=2, intermediate_size=16,
-        num_layers=1, window=4, e2e=E2EConfig(chunk_size=8),
+        mixer="e2e", vocab_size=VOCAB, hidden_size=16, num_heads=2, intermediate_size=16,
+        num_layers=1, window=4, e2e=E2EConfig(chunk_size=16),
     )  # fmt: skip
     return build_model(config).eval()
 
 
-@pytest.mark.parametrize("api", ["stream", "stream_losses"])
-@pytest.mark.parametrize("rows", [1, 3])
-def test_a_piece_of_another_batch_size_is_named_by_its_index(api, rows) -> None:
-    model = _tiny_e2e()
-    ids = torch.randint(0, 64, (2, 5))
-    pieces = [ids[:, :3], ids[:, 3:], torch.randint(0, 64, (rows, 2))]
+@pytest.mark.parametrize(("api", "rows"), [("stream", 1), ("stream_losses", 3)])
+def test_a_piece_of_another_batch_size_is_named_by_its_index(tiny_e2e, api, rows) -> None:
+    ids = torch.randint(0, VOCAB, (2, 5))
+    pieces = [ids[:, :3], ids[:, 3:], torch.randint(0, VOCAB, (rows, 2))]
     with pytest.raises(ValueError) as caught:
-        list(getattr(model, api)(pieces))
+        list(getattr(tiny_e2e, api)(pieces))
     message = str(caught.value)
     assert f"pieces[2] has {rows} sequences" in message and "state 2" in message, message
     assert "input_ids" not in message
 
 
-def test_stream_given_a_state_of_another_batch_names_the_first_piece() -> None:
-    model = _tiny_e2e()
+def test_stream_given_a_state_of_another_batch_names_the_first_piece(tiny_e2e) -> None:
     with torch.no_grad():
-        _, state = model(torch.randint(0, 64, (2, 3)))
+        _, state = tiny_e2e(torch.randint(0, VOCAB, (2, 3)))
     with pytest.raises(ValueError, match=r"pieces\[0\] has 1 sequences \(rows\), the stream's state 2"):
-        next(model.stream([torch.randint(0, 64, (1, 2))], state))
+        next(tiny_e2e.stream([torch.randint(0, VOCAB, (1, 2))], state))
+
+
+def test_stream_losses_paused_between_pieces_holds_one_logit_row_not_the_pieces_logits(tiny_e2e) -> None:
+    length = 24
+    ids = torch.randint(0, VOCAB, (1, 2 * length))
+    with torch.no_grad():
+        logits, _ = tiny_e2e(ids)
+    expected = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
+    stream = tiny_e2e.stream_losses(ids.split(length, dim=1))
+    first = next(stream)
+    # what the paused generator keeps alive until the next piece: bytes of each tensor it names
+    held = {
+        name: t.untyped_storage().nbytes()
+        for name, t in stream.gi_frame.f_locals.items()
+        if torch.is_tensor(t)
+    }
+    assert max(held.values()) < length * VOCAB * 4 // 8, held  # a piece's logits: length * VOCAB float32
+    second = next(stream)  # and the stream still gives the losses of the one-shot forward
+    torch.testing.assert_close(torch.cat((first, second), dim=1)[0], expected, rtol=1e-5, atol=1e-6)

@@ -1268,8 +1268,11 @@ class E2ELM(nn.Module):
                 # int64 targets: a piece of int32 ids, which the model reads, was torch's "expected target
                 # dtype to be Long or Byte" here
                 losses = F.cross_entropy(scored.transpose(1, 2), targets.long(), reduction="none")  # [B, n']
+                # a copy of the last row, not a view: a view, and these names, kept the whole piece's logits
+                # [B, 1 + n, V] alive while the next piece ran
+                last_logits = logits[:, -1:].clone()
+                del logits, scored
             yield losses
-            last_logits = logits[:, -1:]
 
     def training_loss(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
         """The loss a training step minimises for this model's ``logits [B, T, V]`` of ``targets [B, T]``

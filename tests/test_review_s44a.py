@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from innerloop.models import E2EConfig, ModelConfig, build_model
 
@@ -66,3 +68,42 @@ def test_stream_losses_paused_between_pieces_holds_one_logit_row_not_the_pieces_
     assert max(held.values()) < length * VOCAB * 4 // 8, held  # a piece's logits: length * VOCAB float32
     second = next(stream)  # and the stream still gives the losses of the one-shot forward
     torch.testing.assert_close(torch.cat((first, second), dim=1)[0], expected, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# A must-show of issue 5 that no test counted (it passed when written): the work of a chunk is flat in
+# its position. benchmarks/RESULTS.md times it (wall time, 5.54-5.64 ms per quarter); this counts it.
+# --------------------------------------------------------------------------------------------------
+
+
+class _Work(TorchDispatchMode):
+    """Counts the aten calls under it and the elements of their outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls += 1
+        self.elements += sum(t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        return out
+
+
+@pytest.mark.slow  # counts every aten call of 5 chunks' forwards in Python: ~0.5 s idle, 1.5 s on a loaded machine
+def test_streaming_chunk_by_chunk_does_the_same_work_for_every_chunk_once_the_window_is_full(
+    tiny_e2e,
+) -> None:
+    """Each piece is one chunk (16 tokens, window 4): piece 0 only scores, piece 1 also trains chunk 0
+    (whose first keys had no window before them); from piece 2 on every piece re-scores and trains the
+    chunk before it and scores its own, over full windows: the same calls on tensors of the same sizes,
+    however far into the stream (a cache, a pending chunk or a state that grew would show here)."""
+    ids = torch.randint(0, VOCAB, (1, 16 * 5))
+    work, state = [], None
+    with torch.no_grad():
+        for piece in ids.split(16, dim=1):
+            with _Work() as counted:
+                _, state = tiny_e2e(piece, state)
+            work.append((counted.calls, counted.elements))
+    assert len(set(work[2:])) == 1, work
+    assert work[2][1] > work[0][1]  # the counts see the inner step (a piece that trains does more)

@@ -9,6 +9,13 @@ Each test pins a defect the review found (the commit that fixes it names it):
 - ``E2ELM.stream_losses`` kept the whole previous piece's logits ``[B, 1 + n, V]`` alive while the next
   piece ran (a view of its last row, and the loop's own names), doubling the logits' peak memory of
   a stream, which exists to read long inputs in constant, small memory.
+- A built ``E2ELM`` ignored a change of ``model.e2e.update_rule``, ``inner_loss``,
+  ``prime_intermediate_size``, ``model.rope_theta`` or ``norm_eps`` (read when it was built), while
+  "most config.e2e options are read at every call": it went on with the old rule, and a checkpoint
+  written from it recorded the new one. Now refused at the next forward, as ``window`` and
+  ``suffix_fraction`` were.
+
+The last test is coverage of a must-show no test counted (it passed when written).
 """
 
 from __future__ import annotations
@@ -68,6 +75,37 @@ def test_stream_losses_paused_between_pieces_holds_one_logit_row_not_the_pieces_
     assert max(held.values()) < length * VOCAB * 4 // 8, held  # a piece's logits: length * VOCAB float32
     second = next(stream)  # and the stream still gives the losses of the one-shot forward
     torch.testing.assert_close(torch.cat((first, second), dim=1)[0], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("field", "new"),
+    [
+        ("e2e.update_rule", "no_such_rule"),
+        ("e2e.inner_loss", "no_such_loss"),
+        ("e2e.prime_intermediate_size", 7),
+        ("rope_theta", 10.0),
+        ("norm_eps", 0.5),
+    ],
+)
+def test_a_field_read_when_the_model_was_built_changed_on_it_is_refused_not_ignored(
+    tiny_e2e, field, new
+) -> None:
+    """These were read when the model was built (its plugins resolved by name, its prime MLPs, RoPE and
+    norms made) and silently ignored after: a model given another update rule kept stepping with its
+    old one, and the checkpoint or export written from it recorded the new name (save_model_checkpoint
+    writes ``model.config``), so reloading it computed another function than the one trained."""
+    owner, name = (tiny_e2e.config.e2e, field[4:]) if field.startswith("e2e.") else (tiny_e2e.config, field)
+    built = getattr(owner, name)
+    ids = torch.randint(0, VOCAB, (1, 5))
+    setattr(owner, name, new)
+    try:
+        with pytest.raises(
+            ValueError, match=rf"model\.{field} was {built!r} when this model was built and is now"
+        ):
+            tiny_e2e(ids)
+    finally:
+        setattr(owner, name, built)
+    tiny_e2e(ids)  # set back, it runs
 
 
 # --------------------------------------------------------------------------------------------------

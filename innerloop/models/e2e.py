@@ -94,9 +94,30 @@ def num_suffix_blocks(config: ModelConfig) -> int:
     return max(1, round(config.e2e.suffix_fraction * config.num_layers))
 
 
-BUILT_FIELDS: tuple[str, ...] = ("window", "e2e.suffix_fraction")
-"""``ModelConfig`` fields an :class:`E2ELM` reads only when it is built (the attention window, which
-blocks have a prime MLP): changing one on a built model is refused at the next forward."""
+_MADE_FROM: dict[str, str] = {
+    "vocab_size": "embedding and head",
+    "hidden_size": "blocks",
+    "num_layers": "blocks",
+    "num_heads": "attention",
+    "intermediate_size": "MLPs",
+    "window": "attention",
+    "rope_theta": "attention",
+    "norm_eps": "norms",
+    "tie_embeddings": "head",
+    "padding_id": "embedding",
+    "e2e.suffix_fraction": "blocks",
+    "e2e.prime_intermediate_size": "prime MLPs",
+    "e2e.inner_loss": "inner loss (resolved from the registry)",
+    "e2e.update_rule": "update rule (resolved from the registry)",
+}
+"""What of a built :class:`E2ELM` each of :data:`BUILT_FIELDS` made."""
+
+BUILT_FIELDS: tuple[str, ...] = tuple(_MADE_FROM)
+"""``ModelConfig`` fields an :class:`E2ELM` reads only when it is built (its shapes, its attention's
+window and RoPE base, its norms' epsilon, which blocks have a prime MLP, its inner loss and update
+rule): changing one on a built model is refused at the next forward. Ignored, the model went on
+computing with the old value while its config, which checkpoints and exports record, said the new one
+(a model given another ``e2e.update_rule`` kept stepping with the first)."""
 
 
 def _config_field(config: ModelConfig, field: str) -> Any:
@@ -756,14 +777,15 @@ class E2ELM(nn.Module):
         test-time training) but keeps no graph between chunks; with gradients on, the logits are
         differentiable through every inner step (second order unless ``e2e.first_order``).
 
-        Most ``config.e2e`` options are read at every call; a change of a :data:`BUILT_FIELDS` one
-        (``window``, ``e2e.suffix_fraction``) on a built model raises ``ValueError``. A training forward
+        The other ``config.e2e`` options are read at every call; a change of a :data:`BUILT_FIELDS` one
+        (``window``, ``e2e.suffix_fraction``, ``e2e.update_rule``, ...) on a built model raises
+        ``ValueError``. A training forward
         of a new sequence of at most ``chunk_size`` tokens warns once (:class:`OneChunkTrainingWarning`).
         """
+        self._check_built_fields()  # read only when built: a change is refused, not ignored (vocab_size too)
         check_token_ids(input_ids, self.config.vocab_size)
         check_same_device(input_ids, self.embed.weight)
         validate_e2e_options(self.config)  # read at every call, and users may change them on a built model
-        self._check_built_fields()  # read only when built: a change is refused, not ignored
         self._check_precision()
         if state is not None:
             self._check_state(state, input_ids.shape[0])
@@ -789,8 +811,8 @@ class E2ELM(nn.Module):
             if now != built:
                 raise ValueError(
                     f"model.{field} was {built!r} when this model was built and is now {now!r}: a built "
-                    f"model does not read it again (its blocks were made for {built!r}); set it back, or "
-                    "build a new model with the new config (build_model)"
+                    f"model does not read it again (its {_MADE_FROM[field]} were made for {built!r}); set it "
+                    "back, or build a new model with the new config (build_model)"
                 )
 
     def _warn_of_one_chunk_training(self, length: int) -> None:

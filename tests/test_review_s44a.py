@@ -85,6 +85,7 @@ def test_stream_losses_paused_between_pieces_holds_one_logit_row_not_the_pieces_
         ("e2e.prime_intermediate_size", 7),
         ("rope_theta", 10.0),
         ("norm_eps", 0.5),
+        ("vocab_size", 1000),
     ],
 )
 def test_a_field_read_when_the_model_was_built_changed_on_it_is_refused_not_ignored(

@@ -10,7 +10,8 @@ Each test pins a defect the review found (the commit that fixes it names it):
   piece ran (a view of its last row, and the loop's own names), doubling the logits' peak memory of
   a stream, which exists to read long inputs in constant, small memory.
 - A built ``E2ELM`` ignored a change of ``model.e2e.update_rule``, ``inner_loss``,
-  ``prime_intermediate_size``, ``model.rope_theta`` or ``norm_eps`` (read when it was built), while
+  ``prime_intermediate_size``, ``model.rope_theta``, ``norm_eps`` or a shape such as ``vocab_size`` (read
+  when it was built), while
   "most config.e2e options are read at every call": it went on with the old rule, and a checkpoint
   written from it recorded the new one. Now refused at the next forward, as ``window`` and
   ``suffix_fraction`` were.

@@ -15,6 +15,9 @@ Each test pins a defect the review found (the commit that fixes it names it):
   "most config.e2e options are read at every call": it went on with the old rule, and a checkpoint
   written from it recorded the new one. Now refused at the next forward, as ``window`` and
   ``suffix_fraction`` were.
+- ``model.e2e.chunk_size=1`` (and an official config's ``mini_batch_size: 1``) was refused as "must be
+  >= 2 (a chunk trains on its next-token pairs)", which holds for ``chunk_targets: within_chunk``
+  only: with the default ``next_token`` a one-token chunk has its pair.
 
 The last test is coverage of a must-show no test counted (it passed when written).
 """
@@ -108,6 +111,50 @@ def test_a_field_read_when_the_model_was_built_changed_on_it_is_refused_not_igno
     finally:
         setattr(owner, name, built)
     tiny_e2e(ids)  # set back, it runs
+
+
+def test_one_token_chunks_with_next_token_targets_train_and_stream_as_the_whole() -> None:
+    """``chunk_size=1`` was refused, 'must be >= 2 (a chunk trains on its next-token pairs)': true of
+    ``within_chunk`` (a chunk of one token has no pair inside it), not of the default ``next_token``,
+    where it predicts the next chunk's first token (one pair), as the official code's
+    ``mini_batch_size=1`` does. Such a model streams token by token as in one call, and its
+    meta-gradient equals finite differences in float64."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        mixer="e2e", vocab_size=11, hidden_size=8, num_heads=2, intermediate_size=12, num_layers=1,
+        window=3, init_std=0.3, e2e=E2EConfig(chunk_size=1, inner_lr_warmup_fraction=0.0),
+    )  # fmt: skip
+    model = build_model(config).double()
+    ids = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole, _ = model(ids)
+        state, pieces = None, []
+        for t in range(ids.shape[1]):
+            logits, state = model(ids[:, t : t + 1], state)
+            pieces.append(logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=0, atol=1e-12)
+    params = list(model.parameters())
+
+    def loss() -> torch.Tensor:
+        logits, _ = model(ids[:, :-1])
+        return model.training_loss(logits, ids[:, 1:], -100)
+
+    direction = [
+        torch.randn(p.shape, generator=torch.Generator().manual_seed(2), dtype=p.dtype) for p in params
+    ]
+    analytic = sum((g * d).sum() for g, d in zip(torch.autograd.grad(loss(), params), direction, strict=True))
+
+    def at(step: float) -> float:
+        with torch.no_grad():
+            for p, d in zip(params, direction, strict=True):
+                p.add_(step * d)
+            value = loss().item()
+            for p, d in zip(params, direction, strict=True):
+                p.sub_(step * d)
+        return value
+
+    numeric = (at(1e-6) - at(-1e-6)) / 2e-6  # central: exact to about 1e-10 relative here
+    assert abs(analytic.item() - numeric) <= 1e-7 * abs(numeric), (analytic.item(), numeric)
 
 
 # --------------------------------------------------------------------------------------------------

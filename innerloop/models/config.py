@@ -421,7 +421,7 @@ MODEL_FIELD_BOUNDS: dict[str, Bounds] = {
     "model.family.mini_batch_size": _MINI_BATCH,
     "model.family.base_lr": AT_LEAST_0,
     "model.family.conv_kernel": _CONV_KERNEL,
-    "model.e2e.chunk_size": Bounds(2, why="a chunk trains on its next-token pairs"),
+    "model.e2e.chunk_size": Bounds(1, why="a chunk trains on its next-token pairs"),
     "model.e2e.suffix_fraction": Bounds(0, 1, low_open=True),
     "model.e2e.prime_intermediate_size": Bounds(0, why="0: the same as model.intermediate_size"),
     "model.e2e.inner_lr": AT_LEAST_0,
@@ -1017,9 +1017,11 @@ def validate_e2e_options(config: ModelConfig) -> None:
     # for test_time_training would otherwise be read as truthy / falsy values here.
     _check_types("model.e2e", config.e2e, E2EConfig)
     e2e = config.e2e
-    if e2e.chunk_size < 2:
+    if e2e.chunk_size < 1 or (e2e.chunk_size < 2 and e2e.chunk_targets == "within_chunk"):
+        least = 2 if e2e.chunk_targets == "within_chunk" else 1
         raise ValueError(
-            f"model.e2e.chunk_size={e2e.chunk_size} must be >= 2 (a chunk trains on its next-token pairs)"
+            f"model.e2e.chunk_size={e2e.chunk_size} must be >= {least} with "
+            f"chunk_targets={e2e.chunk_targets!r} (a chunk trains on its next-token pairs)"
         )
     if not 0 < e2e.suffix_fraction <= 1:
         raise ValueError(f"model.e2e.suffix_fraction={e2e.suffix_fraction} must be in (0, 1]")

@@ -499,7 +499,11 @@ def test_broken_model_plugins_are_rejected_with_the_reason(plugin, match) -> Non
 @pytest.mark.parametrize(
     ("option", "match"),
     [
-        ({"chunk_size": 1}, r"model\.e2e\.chunk_size=1 must be >= 2"),
+        ({"chunk_size": 0}, r"model\.e2e\.chunk_size=0 must be >= 1"),
+        (
+            {"chunk_size": 1, "chunk_targets": "within_chunk"},
+            r"model\.e2e\.chunk_size=1 must be >= 2 with chunk_targets='within_chunk'",
+        ),
         ({"update_rule": "adam"}, r"model\.e2e\.update_rule='adam' is not a registered model_update_rule; "),
         ({"inner_loss": "mse"}, r"registered: \['next_token'"),
         ({"inner_lr": -1.0}, r"model\.e2e\.inner_lr=-1\.0 must be >= 0"),

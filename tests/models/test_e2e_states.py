@@ -125,7 +125,7 @@ def test_a_state_in_another_dtype_continues_in_the_models_dtype():
         ("chunk_targets", "Within_chunk"),
         ("compute_dtype", "bf16"),
         ("compute_dtype", "float64"),
-        ("chunk_size", 1),
+        ("chunk_size", 0),
     ],
 )
 def test_an_option_changed_on_a_built_model_is_validated_at_the_call(key, value):

@@ -332,7 +332,7 @@ def test_inner_lr_zero_is_the_plain_swa_model_and_the_warm_up_lr_is_the_referenc
 @pytest.mark.parametrize(
     ("kw", "says"),
     [
-        ({"C": 1}, "chunk_size=1 must be >= 2"),
+        ({"C": 0}, "chunk_size=0 must be >= 1"),
         ({"suffix_fraction": 0.0}, "suffix_fraction=0.0 must be in (0, 1]"),
         ({"suffix_fraction": 1.5}, "suffix_fraction=1.5 must be in (0, 1]"),
         ({"W": 0}, "window=0 must be >= 1"),

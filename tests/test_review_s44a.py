@@ -18,6 +18,8 @@ Each test pins a defect the review found (the commit that fixes it names it):
 - ``model.e2e.chunk_size=1`` (and an official config's ``mini_batch_size: 1``) was refused as "must be
   >= 2 (a chunk trains on its next-token pairs)", which holds for ``chunk_targets: within_chunk``
   only: with the default ``next_token`` a one-token chunk has its pair.
+- The Triton kernels' ``verify`` refused a decoded token of a layer whose mini-batch size is above the
+  chunk kernels' 64, though the decode kernel reads one token whatever the mini-batch size.
 
 The last test is coverage of a must-show no test counted (it passed when written).
 """
@@ -155,6 +157,23 @@ def test_one_token_chunks_with_next_token_targets_train_and_stream_as_the_whole(
 
     numeric = (at(1e-6) - at(-1e-6)) / 2e-6  # central: exact to about 1e-10 relative here
     assert abs(analytic.item() - numeric) <= 1e-7 * abs(numeric), (analytic.item(), numeric)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "mlp"])
+def test_the_triton_decode_kernel_is_verified_for_a_token_of_any_mini_batch_size(kernel) -> None:
+    """A decoded token is one row for the decode kernel whatever the layer's mini-batch size (its host
+    checks launch it with K = 1); verify refused it past the chunk kernels' 64, 'mini_batch_size 80
+    (len(tau)) unsupported', so such a layer decoded on torch on a GPU (tests/kernels/
+    test_layer_dispatch.py runs it through the interpreter). Chunks of 80 are still refused."""
+    pytest.importorskip("triton", reason="the Triton kernels' verify refuses everything without triton")
+    from innerloop.kernels.spec import KernelInputs
+    from innerloop.kernels.triton import KERNELS
+
+    spec = next(k for k in KERNELS if k.inner_model == kernel)
+    token = KernelInputs(torch.device("cuda"), torch.float32, 16, 80, 1, False, extra={"decode": True})
+    assert spec.verify(token) is None
+    chunk = KernelInputs(torch.device("cuda"), torch.float32, 16, 80, 80, False, extra={"decode": False})
+    assert "mini_batch_size 80" in spec.verify(chunk)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -87,6 +87,28 @@ def test_decode_kernel_is_refused_when_gradients_are_needed():
     assert path == "torch" and "decode kernel is inference-only" in reason
 
 
+@pytest.mark.triton_interpreter
+@pytest.mark.slow  # the interpreter's child process; ~1 s of it
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+def test_a_layer_with_mini_batches_beyond_the_chunk_kernels_still_decodes_on_the_decode_kernel(model):
+    """Review s44a: the decode kernel reads one token (its scale tau_i, never the mini-batch), but verify
+    held decoded tokens to the chunk kernels' mini_batch_size <= 64, so a layer of mini_batch_size 80
+    decoded on torch ("mini_batch_size 80 (len(tau)) unsupported")."""
+    torch.manual_seed(1)
+    reference = TTTLayer(32, 2, inner_model=model, mini_batch_size=80, kernel="torch")
+    fast = TTTLayer(32, 2, inner_model=model, mini_batch_size=80, kernel="auto")
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        whole, _ = reference(x)
+        state, outputs = None, []
+        for t in range(x.shape[1]):
+            y, state = fast(x[:, t : t + 1], state)
+            outputs.append(y)
+            assert fast.last_dispatch[0] == f"triton_ttt_{model}.decode", fast.last_dispatch
+    assert relative_error(torch.cat(outputs, dim=1), whole) <= 1e-4
+
+
 @pytest.mark.slow  # 6 examples through the interpreter (~3 s); the tail is covered above
 @pytest.mark.triton_interpreter
 @settings(max_examples=6, deadline=None)

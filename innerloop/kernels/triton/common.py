@@ -223,11 +223,14 @@ def verify_common(inputs: KernelInputs, max_head_dim: int, kernel_name: str) -> 
         return f"{kernel_name}: triton is installed but does not import ({exc})"
     if inputs.dtype not in SUPPORTED_DTYPES:
         return f"{kernel_name}: dtype {inputs.dtype} unsupported; supported: float32, float16, bfloat16"
-    reason = shape_problem(inputs.head_dim, inputs.mini_batch_size, max_head_dim)
+    decode = bool(inputs.extra.get("decode"))
+    # a decoded token is one row whatever the layer's mini-batch size (the decode kernel takes its scale
+    # tau_i, not the mini-batch: its host checks launch it with K = 1)
+    reason = shape_problem(inputs.head_dim, 1 if decode else inputs.mini_batch_size, max_head_dim)
     if reason is not None:
         return f"{kernel_name}: {reason}"
     K = inputs.mini_batch_size
-    if inputs.extra.get("decode"):
+    if decode:
         if inputs.requires_grad:
             return f"{kernel_name}: the decode kernel is inference-only, but gradients are required"
     elif inputs.num_tokens % K != 0:

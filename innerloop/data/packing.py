@@ -79,9 +79,9 @@ def first_document_of(
     fractions put it, a few steps of :func:`document_side` each (a walk from document 0 took seconds at
     a fraction of 1e-6)."""
     if side == "validation":
-        first = _first_every(val_fraction, is_validation)
+        first = _first_every(val_fraction, is_validation, within)
     elif side == "test":
-        first = None if test_fraction == 0 else _first_test(val_fraction, test_fraction)
+        first = None if test_fraction == 0 else _first_test(val_fraction, test_fraction, within)
     else:  # training: among the first documents but where the held-out fractions leave little
         first = next(
             (n for n in range(within) if document_side(n, val_fraction, test_fraction) == side), None
@@ -89,10 +89,13 @@ def first_document_of(
     return first if first is not None and first < within else None
 
 
-def _first_every(fraction: float, holds: Callable[[int, float], bool]) -> int | None:
+def _first_every(fraction: float, holds: Callable[[int, float], bool], within: int) -> int | None:
     """The first ``n`` with ``holds(n, fraction)`` (:func:`is_validation`'s "every 1/fraction-th"): the
-    one before ``ceil(1/fraction)``, found by stepping from just below it (float rounding)."""
-    if fraction <= 0:
+    one before ``ceil(1/fraction)``, found by stepping from just below it (float rounding); None when that
+    is not below ``within`` (no ``n`` below it holds: ``(n + 1) * fraction < 1``). So a tiny fraction,
+    whose ``1/fraction`` floats cannot step through (1e-17: ``n + 1`` and ``n`` the same float, a loop
+    that never ended; 5e-324: infinite), is never stepped through."""
+    if fraction <= 0 or 1 / fraction - 3 >= within:
         return None
     n = max(0, math.ceil(1 / fraction) - 3)
     while not holds(n, fraction):
@@ -100,11 +103,13 @@ def _first_every(fraction: float, holds: Callable[[int, float], bool]) -> int | 
     return n
 
 
-def _first_test(val_fraction: float, test_fraction: float) -> int:
+def _first_test(val_fraction: float, test_fraction: float, within: int) -> int | None:
     """The first test document (:func:`is_test`): the first of the non-validation documents, numbered
-    ``n - floor(n * val_fraction)``, that is every ``1/(test_fraction / (1 - val_fraction))``-th."""
-    number = _first_every(test_fraction / (1 - val_fraction), is_validation)
-    assert number is not None
+    ``n - floor(n * val_fraction)``, that is every ``1/(test_fraction / (1 - val_fraction))``-th; None
+    when its number is not below ``within`` (the document, numbered no lower, is not either)."""
+    number = _first_every(test_fraction / (1 - val_fraction), is_validation, within)
+    if number is None:
+        return None
     n = max(0, math.floor(number / (1 - val_fraction)) - 3)  # number n - floor(n * v) grows by 0 or 1
     while n > 0 and n - math.floor(n * val_fraction) >= number:
         n -= 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -208,6 +209,27 @@ def test_the_first_document_of_a_side_is_the_first_a_walk_from_document_0_finds(
     test_fraction = test_share * (0.999 - val_fraction) if val_fraction < 0.999 else 0.0
     walk = next((n for n in range(20_000) if document_side(n, val_fraction, test_fraction) == side), None)
     assert first_document_of(side, val_fraction, test_fraction, within=20_000) == walk
+
+
+@pytest.mark.parametrize("tiny", [1e-12, 1e-17, 1e-20, 5e-324])
+def test_the_first_document_of_a_tiny_fraction_is_none_found_at_once(tiny) -> None:
+    """A valid fraction too small for any held-out document among the first ``within`` (the walk's None):
+    from 1e-17 on, stepping from ``ceil(1/fraction)`` never ended (``n + 1`` and ``n`` the same float),
+    and at 5e-324 ``1/fraction`` is infinite (an OverflowError)."""
+
+    def too_slow(signum, frame):
+        raise TimeoutError("first_document_of took more than 5 s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(5)
+    try:
+        assert first_document_of("validation", tiny) is None
+        assert first_document_of("test", 0.1, tiny) is None
+        assert first_document_of("test", tiny, tiny) is None
+        assert first_document_of("test", tiny, 0.3) == 3  # the fourth document: 3 * 0.3 < 1 <= 4 * 0.3
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_the_config_refuses_what_cannot_be_a_test_split(tmp_path) -> None:

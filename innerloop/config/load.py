@@ -508,9 +508,12 @@ def _parsed_override(item: str) -> tuple[DictConfig, str, tuple[str, ...]]:
     source = f"override {item!r}"
     routed = route_trainer_keys(OmegaConf.to_container(override), source, ConfigError)
     check_keys(routed, RunConfig, "", source, ConfigError)
-    interpolated = check_value_kinds(
-        yaml.compose(item.partition("=")[2], Loader=yaml.SafeLoader), key, source
-    )
+    try:  # OmegaConf's YAML takes what PyYAML's does not: a tab in a plain value (out_dir=a<TAB>b)
+        value = yaml.compose(item.partition("=")[2], Loader=yaml.SafeLoader)
+    except yaml.YAMLError as err:
+        why = getattr(err, "problem", None) or _first_line(err)  # its first line says "while scanning" alone
+        raise ConfigError(f"override {item!r} cannot be parsed: {why}; quote the value") from None
+    interpolated = check_value_kinds(value, key, source)
     return OmegaConf.create(routed), source, tuple(interpolated)
 
 

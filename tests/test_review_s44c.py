@@ -14,9 +14,35 @@ override parser, not only by the shell (here); an override's value PyYAML cannot
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 
 from innerloop.config.load import ConfigError, read_out_dir
+from innerloop.train.run import resume_command
+
+
+@pytest.mark.parametrize(
+    "out_dir",
+    [
+        "runs/x #2",
+        "123",
+        "true",
+        "runs/a: b",
+        "runs/tab\tx",
+        "runs/${oc.env:HOME}",
+        "runs/it's 'q'",
+        "rüns/a b",
+    ],
+)
+def test_a_resume_command_names_its_out_dir_to_the_override_parser_too(out_dir) -> None:
+    """The shell-quoted ``out_dir=...`` of a resume command was read by the override parser as YAML: ``runs/x
+    #2`` as ``runs/x`` (another run's folder), ``123`` as a number, a tab or ``a: b`` as an error, and
+    ``${...}`` resolved; its value is quoted for YAML where it needs it, so the command resumes that run."""
+    argv = shlex.split(resume_command(out_dir, " optim.lr=<lower>"))
+    assert argv[:3] == ["innerloop", "train", "--resume"] and argv[4:] == ["optim.lr=<lower>"]
+    assert read_out_dir("tiny", [argv[3]]) == out_dir
+    assert resume_command("runs/a b") == "innerloop train --resume 'out_dir=runs/a b'"  # plain: as it was
 
 
 def test_an_override_value_pyyaml_cannot_scan_is_one_config_error() -> None:

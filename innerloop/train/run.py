@@ -684,9 +684,24 @@ def _stop_reason(trainer: L.Trainer) -> str:
 
 def resume_command(out_dir: str | os.PathLike[str], overrides: str = "") -> str:
     """``innerloop train --resume out_dir=<out_dir>`` followed by ``overrides``, with ``out_dir=...``
-    quoted for a POSIX shell where the path needs it (a space, a quote, ``$``), so that the command a
-    message gives continues that run when pasted."""
-    return f"innerloop train --resume {shlex.quote(f'out_dir={out_dir}')}{overrides}"
+    quoted for a POSIX shell where the path needs it (a space, a quote, ``$``), and its value for the
+    override's YAML where that would read it as another value (:func:`_as_override_value`), so that the
+    command a message gives continues that run when pasted."""
+    value = _as_override_value(os.fspath(out_dir))
+    return f"innerloop train --resume {shlex.quote(f'out_dir={value}')}{overrides}"
+
+
+def _as_override_value(text: str) -> str:
+    """``text`` as the value of a ``key=value`` override that reads back as that string: as it is where
+    YAML reads it so, else single-quoted, with an interpolation's ``${`` escaped (unquoted, ``runs/x #2``
+    read as ``runs/x``, another run's folder; ``123`` as a number; a tab or ``a: b`` did not parse)."""
+    import yaml
+
+    try:
+        plain = "${" not in text and yaml.safe_load(text) == text
+    except yaml.YAMLError:
+        plain = False
+    return text if plain else "'" + text.replace("'", "''").replace("${", "\\${") + "'"
 
 
 def _continuing(run: RunConfig, trainer: L.Trainer) -> str:

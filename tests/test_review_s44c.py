@@ -52,3 +52,36 @@ def test_an_override_value_pyyaml_cannot_scan_is_one_config_error() -> None:
         ConfigError, match=r"override 'out_dir=a\\tb' cannot be parsed: found character '\\t'"
     ):
         read_out_dir("tiny", ["out_dir=a\tb"])
+
+
+def test_config_overrides_that_change_the_width_and_heads_together_are_taken() -> None:
+    """run_clm.py's ``--config_overrides hidden_size=30,num_attention_heads=3`` (and ``config.update``) set
+    the views one at a time: from 64 and 4, 30 with 4 heads (or 64 with 3) was refused, whatever the order."""
+    from innerloop.hf.configuration import InnerloopConfig
+
+    config = InnerloopConfig(model={"hidden_size": 64, "num_heads": 4, "vocab_size": 300})
+    config.update_from_string("hidden_size=30,num_attention_heads=3")
+    assert (config.hidden_size, config.num_attention_heads, config.model["num_heads"]) == (30, 3, 3)
+    config.update({"num_attention_heads": 4, "hidden_size": 64})
+    assert (config.hidden_size, config.num_attention_heads) == (64, 4)
+    assert not any(key.startswith("_innerloop") for key in config.to_dict())
+    with pytest.raises(ValueError, match=r"model.hidden_size=30 must be divisible by model.num_heads=4"):
+        config.update({"hidden_size": 30})  # alone, still no model
+    assert config.hidden_size == 64
+
+
+def test_a_vocabulary_cut_below_a_special_token_id_is_refused_when_set() -> None:
+    """``config.vocab_size = 100`` with ``eos_token_id=250`` was taken, and save_pretrained then wrote a
+    config.json that from_pretrained refused; refused when set now (the config unchanged), and a vocabulary
+    set together with its token ids (``update``) is checked once both are."""
+    from innerloop.hf.configuration import InnerloopConfig
+
+    config = InnerloopConfig(model={"hidden_size": 32, "num_heads": 2, "vocab_size": 300}, eos_token_id=250)
+    with pytest.raises(ValueError, match=r"eos_token_id=250 must be a token id in \[0, 100\)"):
+        config.vocab_size = 100
+    assert config.vocab_size == 300 and InnerloopConfig.from_dict(config.to_dict()).model == config.model
+    with pytest.raises(ValueError, match=r"pad_token_id=300 must be a token id in \[0, 300\)"):
+        config.pad_token_id = 300
+    assert config.pad_token_id is None
+    config.update({"vocab_size": 100, "eos_token_id": 50})
+    assert (config.vocab_size, config.eos_token_id) == (100, 50)

@@ -11,8 +11,9 @@ tools read (``vocab_size``, ``hidden_size``, ``num_hidden_layers``, ``num_attent
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -34,6 +35,12 @@ _DERIVED = {
     "num_attention_heads": "num_heads",
 }
 """transformers' attribute name -> the ModelConfig field it views."""
+
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+"""transformers' special token ids, checked against the vocabulary (:meth:`InnerloopConfig.check_special_token_ids`)."""
+
+_PENDING = "_innerloop_pending_views"
+"""The instance attribute holding the views an ``update`` sets, until it sets them together."""
 
 
 _built = False
@@ -243,13 +250,53 @@ class InnerloopConfig(PreTrainedConfig):
         and ``update_from_string`` (run_clm.py's ``--config_overrides``) change the model section."""
         current = self.__dict__.get("model")
         viewed = _DERIVED.get(name, "tie_embeddings" if name == "tie_word_embeddings" else None)
+        pending = self.__dict__.get(_PENDING)
+        if viewed is not None and pending is not None:  # inside update: set with the others at its end
+            pending[viewed] = value
+            return
         if viewed is not None and isinstance(current, dict):
             name, value = "model", {viewed: value}
         if name == "model" and isinstance(value, dict) and isinstance(current, dict):
             value = _merged_model_section(current, value)
         if name == "model" and value is not None:
             value = model_config_from(value).to_dict()
+        before = self.__dict__.get(name, _PENDING)
         super().__setattr__(name, value)
+        if isinstance(current, dict) and pending is None and name in ("model", *_TOKEN_IDS):
+            try:  # a vocabulary cut below a token id saved a config.json that from_pretrained refused
+                self.check_special_token_ids()
+            except ValueError:
+                super().__setattr__(name, before) if before is not _PENDING else self.__dict__.pop(name)
+                raise
+
+    def update(self, config_dict: dict[str, Any]) -> None:
+        """transformers' ``update``, with the views (``hidden_size``, ``num_attention_heads``, ...) it
+        names set together, once its other attributes are: ``{"hidden_size": 30, "num_attention_heads":
+        3}`` from 64 and 4 was refused (30 with 4 heads, or 64 with 3, is no model), and a token id checked
+        against the vocabulary given beside it."""
+        with self._views_together():
+            super().update(config_dict)
+
+    def update_from_string(self, update_str: str) -> None:
+        """transformers' ``update_from_string`` (run_clm.py's ``--config_overrides``), with the views it
+        names set together, as :meth:`update` sets them."""
+        with self._views_together():
+            super().update_from_string(update_str)
+
+    @contextlib.contextmanager
+    def _views_together(self) -> Iterator[None]:
+        """The views set inside the block are held and set as one change of ``model`` at its end (none
+        when it raises); the special token ids are checked then."""
+        if _PENDING in self.__dict__:  # nested: the outer block sets them
+            yield
+            return
+        self.__dict__[_PENDING] = {}
+        try:
+            yield
+            pending = self.__dict__.pop(_PENDING)
+        finally:
+            self.__dict__.pop(_PENDING, None)
+        self.model = pending if pending else self.model
 
     @property
     def model_config(self) -> ModelConfig:

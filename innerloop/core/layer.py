@@ -267,10 +267,11 @@ def check_head_split(hidden_size: int, num_heads: int, *, rotary: bool) -> None:
 
 
 _HEAD_COUNTS_LISTED = 24
-_HEAD_COUNTS_UP_TO = 2**40
-"""The widest ``hidden_size`` whose head counts an error lists (2**20 steps to find them)."""
 """How many of the valid head counts an error lists, smallest first (a width of 2**31 - 1 has few, one of
 720720 has 240)."""
+
+_HEAD_COUNTS_UP_TO = 2**40
+"""The widest ``hidden_size`` whose head counts an error lists (2**20 steps to find them)."""
 
 
 def head_counts(hidden_size: int, *, rotary: bool) -> list[int]:

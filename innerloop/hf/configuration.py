@@ -296,7 +296,8 @@ class InnerloopConfig(PreTrainedConfig):
             pending = self.__dict__.pop(_PENDING)
         finally:
             self.__dict__.pop(_PENDING, None)
-        self.model = pending if pending else self.model
+        if pending or isinstance(self.__dict__.get("model"), dict):  # (set again: the token ids checked)
+            self.model = pending if pending else self.model
 
     @property
     def model_config(self) -> ModelConfig:

@@ -1029,7 +1029,8 @@ def _dataset_records(args: argparse.Namespace, files: Sequence[Path]) -> _Record
             ]
             if given:
                 raise ConfigError(
-                    f"{' and '.join(given)} name records of dataset files, and the PATHs are read whole as text"
+                    f"{' and '.join(given)} name{'' if len(given) > 1 else 's'} records of dataset files, and the "
+                    "PATHs are read whole as text"
                     f"{' (--raw)' if args.raw else ''}: leave {'them' if len(given) > 1 else 'it'} out"
                 )
             return None
@@ -1052,7 +1053,17 @@ def _read_text_file(path: Path) -> str:
     try:
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        from innerloop.data.hf import COMPRESSIONS
+
+        compressed = next((c for c in COMPRESSIONS if path.name.lower().endswith(c)), None)
+        why = (  # a .txt.gz, or a .jsonl.gz with --raw: its bytes, not its text
+            f"; it is compressed ({compressed}), and PATHs read whole as text are read as they are: decompress it"
+            if compressed is not None
+            else ""
+        )
+        raise ConfigError(
+            f"{str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}){why}"
+        ) from None
     except OSError as err:
         raise ConfigError(f"{str(path)!r} cannot be read: {err.strerror or err}") from None
 

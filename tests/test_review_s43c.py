@@ -137,7 +137,7 @@ def test_tokenizer_train_reads_mixed_paths_only_with_raw_and_refuses_record_opti
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "PATHs mix dataset files" in err and "--raw" in err, err
     assert main([*argv, str(tmp_path / "b"), "--split", "train", str(notes)]) == 2
-    assert "--split 'train' name records of dataset files" in capsys.readouterr().err
+    assert "--split 'train' names records of dataset files" in capsys.readouterr().err
     assert main([*argv, str(tmp_path / "c"), "--raw", str(jsonl), str(notes)]) == 0
     expected = train_bpe([jsonl.read_text(encoding="utf-8"), notes.read_text()], 300).tokenizer_json
     assert load_tokenizer(str(tmp_path / "c")).tokenizer_json == expected

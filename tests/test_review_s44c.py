@@ -85,3 +85,21 @@ def test_a_vocabulary_cut_below_a_special_token_id_is_refused_when_set() -> None
     assert config.pad_token_id is None
     config.update({"vocab_size": 100, "eos_token_id": 50})
     assert (config.vocab_size, config.eos_token_id) == (100, 50)
+
+
+def test_a_compressed_file_read_whole_as_text_is_named_compressed(tmp_path, capsys) -> None:
+    """``innerloop tokenizer train notes.txt.gz`` (a text file, read whole) and ``--raw corpus.jsonl.gz``
+    said only "is not UTF-8 text (invalid start byte at byte 1)" of a gzip file; the one line says it is
+    compressed now."""
+    import gzip
+
+    from innerloop.cli import main
+
+    text, records = tmp_path / "notes.txt.gz", tmp_path / "corpus.jsonl.gz"
+    text.write_bytes(gzip.compress(b"notes " * 50))
+    records.write_bytes(gzip.compress(b'{"text": "notes"}\n' * 50))
+    argv = ["tokenizer", "train", "--vocab-size", "300", "--out", str(tmp_path / "tok")]
+    for given in ([str(text)], ["--raw", str(records)]):
+        assert main([*argv, *given]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is not UTF-8 text" in err and "compressed (.gz)" in err, err

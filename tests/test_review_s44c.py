@@ -85,6 +85,9 @@ def test_a_vocabulary_cut_below_a_special_token_id_is_refused_when_set() -> None
     assert config.pad_token_id is None
     config.update({"vocab_size": 100, "eos_token_id": 50})
     assert (config.vocab_size, config.eos_token_id) == (100, 50)
+    with pytest.raises(ValueError, match=r"eos_token_id=100 must be a token id in \[0, 100\)"):
+        config.update({"eos_token_id": 100, "pad_token_id": 5})
+    assert (config.eos_token_id, config.pad_token_id) == (50, None)  # the update's token ids put back
 
 
 def test_a_compressed_file_read_whole_as_text_is_named_compressed(tmp_path, capsys) -> None:

@@ -286,18 +286,26 @@ class InnerloopConfig(PreTrainedConfig):
     @contextlib.contextmanager
     def _views_together(self) -> Iterator[None]:
         """The views set inside the block are held and set as one change of ``model`` at its end (none
-        when it raises); the special token ids are checked then."""
+        when it raises); the special token ids are checked then (those set in the block put back when
+        they do not fit the vocabulary)."""
         if _PENDING in self.__dict__:  # nested: the outer block sets them
             yield
             return
+        tokens = {name: getattr(self, name, None) for name in _TOKEN_IDS}
         self.__dict__[_PENDING] = {}
         try:
             yield
             pending = self.__dict__.pop(_PENDING)
         finally:
             self.__dict__.pop(_PENDING, None)
-        if pending or isinstance(self.__dict__.get("model"), dict):  # (set again: the token ids checked)
+        if not (pending or isinstance(self.__dict__.get("model"), dict)):
+            return
+        try:  # (set again where no view changed: the token ids are checked)
             self.model = pending if pending else self.model
+        except ValueError:
+            for name, value in tokens.items():
+                super().__setattr__(name, value)
+            raise
 
     @property
     def model_config(self) -> ModelConfig:

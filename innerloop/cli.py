@@ -1053,7 +1053,7 @@ def _read_text_file(path: Path) -> str:
     try:
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
-        from innerloop.data.hf import COMPRESSIONS
+        from innerloop.data.text import COMPRESSIONS
 
         compressed = next((c for c in COMPRESSIONS if path.name.lower().endswith(c)), None)
         why = (  # a .txt.gz, or a .jsonl.gz with --raw: its bytes, not its text

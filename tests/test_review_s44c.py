@@ -18,7 +18,7 @@ import shlex
 
 import pytest
 
-from innerloop.config.load import ConfigError, read_out_dir
+from innerloop.config.load import ConfigError, load_config, read_out_dir
 from innerloop.train.run import resume_command
 
 
@@ -106,3 +106,24 @@ def test_a_compressed_file_read_whole_as_text_is_named_compressed(tmp_path, caps
         assert main([*argv, *given]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "is not UTF-8 text" in err and "compressed (.gz)" in err, err
+
+
+def test_a_text_run_refuses_a_compressed_file_it_would_read_as_text(tmp_path) -> None:
+    """A data.name=text run read ``notes.txt.gz`` as it is: a byte-level model trained on the gzip bytes
+    without a word (and ``innerloop eval --data`` scored them); refused by name now, in the config's
+    checks and where the files are read."""
+    import gzip
+    import random
+
+    from innerloop.data.text import DataError, read_tokens
+
+    words = random.Random(0).choices(["alpha", "beta", "gamma", "delta"], k=20000)
+    packed, plain = tmp_path / "notes.txt.gz", tmp_path / "more.txt"
+    packed.write_bytes(gzip.compress(" ".join(words).encode()))
+    plain.write_text(" ".join(words))
+    with pytest.raises(ConfigError, match=r"data.paths file '.*notes.txt.gz' is compressed \(.gz\)"):
+        load_config(
+            "tiny", ["data.name=text", f"data.paths=[{packed},{plain}]", f"out_dir={tmp_path / 'out'}"]
+        )
+    with pytest.raises(DataError, match=r"--data file '.*notes.txt.gz' is compressed \(.gz\)"):
+        read_tokens([packed], None, option="--data")

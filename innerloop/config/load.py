@@ -53,7 +53,7 @@ from innerloop.core.functional import check_flag, check_path_argument
 from innerloop.data.atomic import atomic_write_text
 from innerloop.data.hf import check_hf_dataset, check_hf_source
 from innerloop.data.recall import RECALL_VALUES, recall_length
-from innerloop.data.text import check_text_split, split_keys
+from innerloop.data.text import check_text_split, refuse_compressed, split_keys
 from innerloop.data.tokenizer import BYTES, Tokenizer, TokenizerError, load_tokenizer
 from innerloop.models.config import (
     check_keys,
@@ -1306,6 +1306,7 @@ def _check_text(run: RunConfig) -> None:
     their sizes; another tokenizer's token counts are known once the files are read)."""
     try:
         keys = split_keys(run.data.paths)  # the files, found once, and their split keys
+        refuse_compressed(sorted(keys))
         if run.data.tokenizer != BYTES:
             return
         files = sorted(keys)

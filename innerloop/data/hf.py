@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from innerloop.data.atomic import file_stamp
-from innerloop.data.text import DataError, path_entries, split_keys
+from innerloop.data.text import COMPRESSIONS, DataError, path_entries, split_keys
 from innerloop.data.tokenizer import missing_package
 
 FORMATS: dict[str, str] = {
@@ -43,11 +43,6 @@ FORMATS: dict[str, str] = {
     ".arrow": "arrow",
 }
 """The ``datasets`` builder of each data-file suffix."""
-
-COMPRESSIONS: tuple[str, ...] = (".gz", ".bz2", ".xz")
-"""Compression suffixes after a json, text or csv suffix (``train.jsonl.gz``): ``datasets`` decompresses
-such files as it reads them, streaming or not (as most released corpora ship), and so does innerloop
-where it reads a CSV header itself."""
 
 _COMPRESSIBLE = ("json", "text", "csv")
 

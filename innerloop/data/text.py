@@ -248,6 +248,27 @@ def warn_copied_files(copies: Sequence[tuple[Path, Path]], held_out_bytes: int, 
     )  # fmt: skip
 
 
+COMPRESSIONS: tuple[str, ...] = (".gz", ".bz2", ".xz")
+"""Compression suffixes after a json, text or csv suffix (``train.jsonl.gz``): ``datasets`` decompresses
+such files as it reads them, streaming or not (as most released corpora ship), and so does innerloop
+where it reads a CSV header itself (``data.name='hf'``); a text run reads files as they are, and refuses
+them (:func:`refuse_compressed`)."""
+
+
+def refuse_compressed(files: Sequence[Path], option: str = "data.paths") -> None:
+    """:class:`DataError` naming ``option`` and the first of ``files`` whose name ends in one of
+    :data:`COMPRESSIONS`: text files are read as they are, so its compressed bytes would be the text (a
+    byte-level model trained on them without a word; another tokenizer said only "not UTF-8")."""
+    for path in files:
+        compressed = next((c for c in COMPRESSIONS if path.name.lower().endswith(c)), None)
+        if compressed is not None:
+            raise DataError(
+                f"{option} file {str(path)!r} is compressed ({compressed}), and text files are read as they "
+                "are: its compressed bytes would be the text; decompress it, or read it with data.name=hf, "
+                "which decompresses json, text and csv files"
+            )
+
+
 def read_bytes(files: Sequence[Path], option: str = "data.paths") -> torch.Tensor:
     """The files' bytes, each file followed by :data:`DOCUMENT_SEPARATOR`, as ``uint8 [N]``; a file that
     cannot be read raises :class:`DataError` naming it and ``option`` (where it was given).
@@ -331,6 +352,7 @@ def read_tokens(
     :data:`ENCODE_GROUP_BYTES` of files at a time. A file whose encoding by the tokenizers library
     cannot fit this machine's memory (:data:`TOKENIZE_BYTES_PER_BYTE_AT_LEAST`) raises :class:`DataError`
     naming it, before any file is read; one expected not to (:data:`TOKENIZE_BYTES_PER_BYTE`) warns."""
+    refuse_compressed(files, option)
     if tokenizer is None or isinstance(tokenizer, ByteTokenizer):
         return read_bytes(files, option)
     sizes = [_file_size(p, option) for p in files]

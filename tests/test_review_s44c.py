@@ -26,7 +26,7 @@ from innerloop.train.run import resume_command
     "out_dir",
     [
         "runs/x #2",
-        "123",
+        "1e3",
         "true",
         "runs/a: b",
         "runs/tab\tx",
@@ -37,8 +37,9 @@ from innerloop.train.run import resume_command
 )
 def test_a_resume_command_names_its_out_dir_to_the_override_parser_too(out_dir) -> None:
     """The shell-quoted ``out_dir=...`` of a resume command was read by the override parser as YAML: ``runs/x
-    #2`` as ``runs/x`` (another run's folder), ``123`` as a number, a tab or ``a: b`` as an error, and
-    ``${...}`` resolved; its value is quoted for YAML where it needs it, so the command resumes that run."""
+    #2`` as ``runs/x`` (another run's folder), ``true`` and ``1e3`` as other values, a tab or ``a: b`` as an
+    error, and ``${...}`` resolved; its value is quoted for YAML where it needs it, so the command resumes
+    that run."""
     argv = shlex.split(resume_command(out_dir, " optim.lr=<lower>"))
     assert argv[:3] == ["innerloop", "train", "--resume"] and argv[4:] == ["optim.lr=<lower>"]
     assert read_out_dir("tiny", [argv[3]]) == out_dir

@@ -693,13 +693,19 @@ def resume_command(out_dir: str | os.PathLike[str], overrides: str = "") -> str:
 
 def _as_override_value(text: str) -> str:
     """``text`` as the value of a ``key=value`` override that reads back as that string: as it is where
-    YAML reads it so, else single-quoted, with an interpolation's ``${`` escaped (unquoted, ``runs/x #2``
-    read as ``runs/x``, another run's folder; ``123`` as a number; a tab or ``a: b`` did not parse)."""
+    YAML (PyYAML's and OmegaConf's) reads it so, else single-quoted, with an interpolation's ``${``
+    escaped (unquoted, ``runs/x #2`` read as ``runs/x``, another run's folder; ``true`` and ``1e3`` as
+    other values; a tab or ``a: b`` did not parse)."""
     import yaml
+    from omegaconf import OmegaConf
 
     try:
-        plain = "${" not in text and yaml.safe_load(text) == text
-    except yaml.YAMLError:
+        plain = (
+            "${" not in text
+            and yaml.safe_load(text) == text
+            and OmegaConf.from_dotlist([f"v={text}"]).v == text
+        )
+    except Exception:  # PyYAML's and OmegaConf's errors: either cannot read it plain
         plain = False
     return text if plain else "'" + text.replace("'", "''").replace("${", "\\${") + "'"
 

@@ -81,7 +81,13 @@ def first_document_of(
     if side == "validation":
         first = _first_every(val_fraction, is_validation, within)
     elif side == "test":
-        first = None if test_fraction == 0 else _first_test(val_fraction, test_fraction, within)
+        # at val_fraction 1 every document is a validation one (and test_fraction / (1 - val_fraction) a
+        # division by 0)
+        first = (
+            None
+            if test_fraction == 0 or val_fraction >= 1
+            else _first_test(val_fraction, test_fraction, within)
+        )
     else:  # training: among the first documents but where the held-out fractions leave little
         first = next(
             (n for n in range(within) if document_side(n, val_fraction, test_fraction) == side), None

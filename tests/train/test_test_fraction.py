@@ -227,6 +227,7 @@ def test_the_first_document_of_a_tiny_fraction_is_none_found_at_once(tiny) -> No
         assert first_document_of("test", 0.1, tiny) is None
         assert first_document_of("test", tiny, tiny) is None
         assert first_document_of("test", tiny, 0.3) == 3  # the fourth document: 3 * 0.3 < 1 <= 4 * 0.3
+        assert first_document_of("test", 1.0, tiny) is None  # all validation (it divided by 1 - 1)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)

@@ -443,6 +443,7 @@ class InnerloopPreTrainedModel(PreTrainedModel):
             raise ValueError(
                 "save_directory '' is empty: give a folder (an empty path would name the current directory)"
             )
+        self.model.check_built_fields(self.config.model)  # config.json must describe the model saved
         self.config.auto_map = dict(AUTO_MAP)
         self.config.innerloop_plugins = plugin_record(self.config.model, self.config.innerloop_plugins)
 
@@ -972,6 +973,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
             head.weight = _resized_rows(self.model.lm_head.weight, size, mean_resizing, std)
         self.model.embed, self.model.lm_head = embed, head
         self.model.config = config
+        self.model.rebuilt("vocab_size")  # the embedding and head above are its new size
         self.config.model = config.to_dict()
         return embed
 
@@ -1049,7 +1051,9 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         the ids' values where the mask reads them (a right padding's ids are never scored, and a tokenizer
         may pad with an id past the model's vocabulary: the byte tokenizer's end of text, 256); return
         the ids with the padding's set to 0 (:func:`padding_zeroed`), whether a cache may be returned
-        (see :func:`check_attention_mask`) and whether the hidden states are wanted."""
+        (see :func:`check_attention_mask`) and whether the hidden states are wanted. First, that
+        ``config.model`` still describes the built model (an edit there it cannot follow is refused)."""
+        self.model.check_built_fields(self.config.model)
         check_token_ids_shape(input_ids)
         cached = 0 if cache is None else cache.seq_length
         check_mask_shape(attention_mask, input_ids, cached)

@@ -477,6 +477,63 @@ def _build_ttt(config: ModelConfig) -> nn.Module:
     )
 
 
+def config_value(config: ModelConfig | Mapping[str, Any], field: str) -> Any:
+    """The value of ``field`` (a dotted name such as ``"ttt.mini_batch_size"``) in ``config``: a
+    ``ModelConfig``, or its dict form (a Hugging Face config's ``model``), where a key left out has its
+    default."""
+    if isinstance(config, Mapping):
+        value: Any = config
+        for part in field.split("."):
+            if not isinstance(value, Mapping) or part not in value:
+                return config_value(ModelConfig(), field)
+            value = value[part]
+        return value
+    value = config
+    for part in field.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def built_fields_of_causal_lm(config: ModelConfig) -> tuple[str, ...]:
+    """The ``ModelConfig`` fields a :class:`~innerloop.models.lm.CausalLM` of ``config`` reads only when
+    it is built: every top-level field but ``init_std`` (its weights' first draw, replaced by any loaded
+    weights), and of the sections its mixer's: ``ttt.*`` for ``ttt`` but ``ttt.kernel`` (a layer moves to
+    another path where its kernel cannot run: ``run_kernels_that_work_here``), ``family.*`` for the family's
+    members; ``window`` for ``swa`` only, ``rope_theta`` where the mixer rotates (``ttt``, ``attention``,
+    ``swa``), ``pre_conv_kernel`` where the blocks have a pre-conv. Changed on a built model, one of these
+    would go unread while the config, which checkpoints and exports record, said the new value."""
+    top = [f.name for f in fields(config) if not is_dataclass(getattr(config, f.name))]
+    unread = {"init_std"}
+    if config.mixer != "swa":
+        unread.add("window")
+    if config.mixer not in ("ttt", "attention", "swa"):
+        unread.add("rope_theta")
+    if not uses_pre_conv(config):
+        unread.add("pre_conv_kernel")
+    built = [name for name in top if name not in unread]
+    if config.mixer == "ttt":
+        built += [f"ttt.{f.name}" for f in fields(TTTConfig) if f.name != "kernel"]
+    elif config.mixer in FAMILY_MIXERS:
+        built += [f"family.{f.name}" for f in fields(FamilyConfig)]
+    return tuple(built)
+
+
+def changed_built_field(
+    built: Mapping[str, Any], config: ModelConfig | Mapping[str, Any], made_from: Mapping[str, str]
+) -> None:
+    """Raise ``ValueError`` naming the first field of ``built`` (field -> the value a model was built
+    with) whose value in ``config`` (or its dict form, :func:`config_value`) differs now, and what the model made of it (``made_from``; "layers"
+    where it names none): a built model does not read it again."""
+    for name, was in built.items():
+        now = config_value(config, name)
+        if now != was:
+            raise ValueError(
+                f"model.{name} was {was!r} when this model was built and is now {now!r}: a built "
+                f"model does not read it again (it built its {made_from.get(name, 'layers')} for {was!r}); "
+                "set it back, or build a new model with the new config (build_model)"
+            )
+
+
 FAMILY_MIXERS: tuple[str, ...] = tuple(FAMILY_LAYERS)
 """The family's members as mixers (``innerloop.core.family_layers``), options in ``model.family``."""
 

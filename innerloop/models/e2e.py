@@ -66,7 +66,9 @@ from innerloop.models.blocks import SwiGLU
 from innerloop.models.config import (
     E2E,
     ModelConfig,
+    changed_built_field,
     check_fits_in_memory,
+    config_value,
     require_model_config,
     validate_e2e_options,
     validate_model_config,
@@ -118,14 +120,6 @@ window and RoPE base, its norms' epsilon, which blocks have a prime MLP, its inn
 rule): changing one on a built model is refused at the next forward. Ignored, the model went on
 computing with the old value while its config, which checkpoints and exports record, said the new one
 (a model given another ``e2e.update_rule`` kept stepping with the first)."""
-
-
-def _config_field(config: ModelConfig, field: str) -> Any:
-    """The value of ``field`` (a dotted name such as ``"e2e.suffix_fraction"``) in ``config``."""
-    value: Any = config
-    for part in field.split("."):
-        value = getattr(value, part)
-    return value
 
 
 class OneChunkTrainingWarning(UserWarning):
@@ -642,7 +636,7 @@ class E2ELM(nn.Module):
         # the last step it was trained at (1 for a finished run) and runs at that step's inner lr (as
         # validation during the run did) until set_outer_progress(1.0).
         self.register_buffer("outer_progress", torch.ones((), dtype=torch.float64))
-        self._built = {field: _config_field(config, field) for field in BUILT_FIELDS}
+        self._built = {field: config_value(config, field) for field in BUILT_FIELDS}
         self._warned_of_one_chunk_training = False
         self._init_weights()
 
@@ -782,7 +776,7 @@ class E2ELM(nn.Module):
         ``ValueError``. A training forward
         of a new sequence of at most ``chunk_size`` tokens warns once (:class:`OneChunkTrainingWarning`).
         """
-        self._check_built_fields()  # read only when built: a change is refused, not ignored (vocab_size too)
+        self.check_built_fields()  # read only when built: a change is refused, not ignored (vocab_size too)
         check_token_ids(input_ids, self.config.vocab_size)
         check_same_device(input_ids, self.embed.weight)
         validate_e2e_options(self.config)  # read at every call, and users may change them on a built model
@@ -804,16 +798,11 @@ class E2ELM(nn.Module):
             raise_if_unrecordable(err, input_ids, "input_ids", "model")
             raise
 
-    def _check_built_fields(self) -> None:
-        """The :data:`BUILT_FIELDS` of ``self.config`` still have the values the model was built with."""
-        for field, built in self._built.items():
-            now = _config_field(self.config, field)
-            if now != built:
-                raise ValueError(
-                    f"model.{field} was {built!r} when this model was built and is now {now!r}: a built "
-                    f"model does not read it again (its {_MADE_FROM[field]} were made for {built!r}); set it "
-                    "back, or build a new model with the new config (build_model)"
-                )
+    def check_built_fields(self, config: ModelConfig | Mapping[str, Any] | None = None) -> None:
+        """Raise ``ValueError`` if a :data:`BUILT_FIELDS` field of ``self.config`` no longer has the value
+        the model was built with (checked at every forward, and before the model is saved). ``config``:
+        the config to check instead of ``self.config`` (a Hugging Face config's ``model`` dict)."""
+        changed_built_field(self._built, self.config if config is None else config, _MADE_FROM)
 
     def _warn_of_one_chunk_training(self, length: int) -> None:
         """Warn once if a training forward (train mode, gradients on, test-time training, a new sequence)

@@ -22,7 +22,10 @@ from innerloop.core.state import check_batch_rows, check_states
 from innerloop.models.blocks import Block, BlockState, CausalDepthwiseConv
 from innerloop.models.config import (
     ModelConfig,
+    built_fields_of_causal_lm,
+    changed_built_field,
     check_fits_in_memory,
+    config_value,
     require_model_config,
     validate_model_config,
 )
@@ -274,6 +277,8 @@ class CausalLM(nn.Module):
         validate_model_config(config)
         check_fits_in_memory(config)
         self.config = config
+        # what the build reads, to refuse a later change that the blocks would not see (check_built_fields)
+        self._built = {field: config_value(config, field) for field in built_fields_of_causal_lm(config)}
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.padding_id)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
@@ -317,11 +322,31 @@ class CausalLM(nn.Module):
         logits = self.lm_head(self.norm(h))  # [B, T, V]
         return logits, LMState(tuple(new_states))
 
+    def check_built_fields(self, config: ModelConfig | Mapping[str, Any] | None = None) -> None:
+        """Raise ``ValueError`` if a field of ``self.config`` the model read only when it was built
+        (:func:`~innerloop.models.config.built_fields_of_causal_lm`: its shapes, mixer options, norms'
+        epsilon, ...) no longer has that value: checked at every forward and before the model is saved.
+        Ignored, the change left the model computing as before while checkpoints and exports recorded
+        the new value, so the model read back computed another function. ``config``: the config to
+        check instead of ``self.config`` (a Hugging Face config's ``model`` dict, which it saves)."""
+        changed_built_field(self._built, self.config if config is None else config, {})
+
+    def rebuilt(self, field: str) -> None:
+        """Record ``self.config``'s present value of ``field`` as the one the model is built with: for
+        code that has rebuilt what the field makes (``resize_token_embeddings``: the embedding and head
+        for ``vocab_size``), so that :meth:`check_built_fields` no longer refuses it."""
+        if field not in self._built:
+            raise ValueError(
+                f"field={field!r} is not read when this model is built; valid: {sorted(self._built)}"
+            )
+        self._built[field] = config_value(self.config, field)
+
     @run_eagerly("innerloop: the input checks read values")  # as the TTT layer's input checks
     def _check_inputs(self, input_ids: Any, state: Any) -> None:
         """The ids are ``[B, T]`` in the vocabulary and ``state`` (if given) is one this model returned
         for ``B`` sequences: checked before any block runs (a block's pre-conv would otherwise fail on
         a state of another batch before its mixer's check)."""
+        self.check_built_fields()  # before the ids: vocab_size is read there
         check_token_ids(input_ids, self.config.vocab_size, min_length=1)  # a T=0 call has nothing to score
         check_same_device(input_ids, self.embed.weight)
         check_input_recordable(input_ids, self.embed, "input_ids", "model's embedding")  # only it reads them

@@ -909,6 +909,7 @@ def save_model_checkpoint(
     ``tokenizer`` (a :meth:`~innerloop.data.tokenizer.Tokenizer.to_state`) the tokenizer it reads
     (:data:`~innerloop.checkpoints.TOKENIZER_KEY`; none recorded reads as bytes). Written atomically
     (see :func:`~innerloop.checkpoints.save_checkpoint`); returns the path."""
+    model.check_built_fields()  # a config changed since the build would be recorded, not the model
     module = LanguageModelModule(model=model.config.to_dict())
     dtype = next(model.parameters()).dtype
     # Parameters only, not .to(dtype): buffers keep their dtype (E2E's float64 progress counter).

@@ -1,0 +1,89 @@
+"""A config field a language model reads only when it is built, changed on the built model, is refused at
+the next forward and before the model is saved (innerloop checkpoint or Hugging Face folder).
+
+Ignored, the model went on computing with the old value while the config, which checkpoints and exports
+record, said the new one: ``model.config.rope_theta = 10.0`` left the logits as they were, and the saved
+model read back differed by 0.46. Fields the model reads at no point (``init_std`` after the first draw,
+``ttt.kernel``, another mixer's section, ``window`` of a mixer without one) stay free to change.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from innerloop.models.config import ModelConfig, built_fields_of_causal_lm
+from innerloop.models.factory import build_model
+from innerloop.train.module import save_model_checkpoint
+
+IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+
+
+def _model(**fields):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(hidden_size=16, num_heads=2, intermediate_size=32, num_layers=1, **fields))
+
+
+@pytest.mark.parametrize(
+    ("mixer", "field", "value"),
+    [
+        ("ttt", "rope_theta", 10.0),
+        ("ttt", "ttt.inner_loss", "next_token"),
+        ("ttt", "ttt.mini_batch_size", 8),
+        ("ttt", "norm_eps", 1e-3),
+        ("swa", "window", 4),
+        ("attention", "rope_theta", 10.0),
+        ("deltanet", "family.base_lr", 0.5),
+        ("titans", "family.mini_batch_size", 4),
+    ],
+)
+def test_a_changed_built_field_is_refused_at_the_next_forward_and_save(tmp_path, mixer, field, value) -> None:
+    model = _model(mixer=mixer)
+    section, _, name = field.rpartition(".")
+    setattr(getattr(model.config, section) if section else model.config, name, value)
+    with pytest.raises(ValueError, match=rf"model\.{field} was .* when this model was built and is now"):
+        model(IDS)
+    with pytest.raises(ValueError, match=rf"model\.{field} was"):
+        save_model_checkpoint(model, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("mixer", "field", "value"),
+    [
+        ("ttt", "init_std", 0.5),  # its weights' first draw only
+        (
+            "ttt",
+            "ttt.kernel",
+            "torch",
+        ),  # a layer moves to another path by itself (run_kernels_that_work_here)
+        ("ttt", "window", 4),  # swa's
+        ("ttt", "family.base_lr", 0.5),  # another mixer's section
+        ("ttt", "e2e.chunk_size", 8),
+        ("deltanet", "rope_theta", 10.0),  # the family's members rotate nothing
+        ("deltanet", "ttt.mini_batch_size", 8),
+    ],
+)
+def test_a_field_the_model_never_reads_again_stays_free(mixer, field, value) -> None:
+    model = _model(mixer=mixer)
+    assert field not in built_fields_of_causal_lm(model.config)
+    before = model(IDS)[0]
+    section, _, name = field.rpartition(".")
+    setattr(getattr(model.config, section) if section else model.config, name, value)
+    torch.testing.assert_close(model(IDS)[0], before, rtol=0, atol=0)
+
+
+def test_the_hugging_face_model_refuses_an_edit_of_its_model_config_and_resizes_as_before(tmp_path) -> None:
+    from innerloop.hf import InnerloopForCausalLM
+    from innerloop.hf.configuration import InnerloopConfig
+
+    model = InnerloopForCausalLM(InnerloopConfig(model={"hidden_size": 16, "num_heads": 2, "num_layers": 1}))
+    model.config.model = {**model.config.model, "rope_theta": 10.0}  # what config.json would then say
+    with pytest.raises(ValueError, match=r"model\.rope_theta was 10000\.0 when this model was built"):
+        model(IDS)
+    with pytest.raises(ValueError, match=r"model\.rope_theta"):
+        model.save_pretrained(tmp_path / "hf")
+    assert not (tmp_path / "hf" / "config.json").exists()
+    model.config.model = {**model.config.model, "rope_theta": 10000.0}
+    model.resize_token_embeddings(300)  # rebuilds the embedding and head: vocab_size may change so
+    assert model(torch.tensor([[299, 1]])).logits.shape == (1, 2, 300)

@@ -801,9 +801,10 @@ def advantage_growth(model: str, baseline: str, seq_len: int | None, resamples: 
     95% paired bootstrap band over windows (negative: the model's advantage grows with position)."""
     from innerloop.train.compare import compare
 
-    comparison = compare(
-        [model, baseline], None if seq_len is None else [seq_len], baseline=Path(baseline).name
-    )
+    # the baseline by the argument given (a run folder or a checkpoint file): compare matches it to the
+    # model read from it; its folder's name alone named no model for a checkpoint file (last.safetensors)
+    comparison = compare([model, baseline], None if seq_len is None else [seq_len], baseline=baseline)
+    names = [m.name for m in comparison.models]
     result = comparison.lengths[0]
     half = len(result.buckets) // 2
     sums = result.loss_sums[0] - result.loss_sums[1]  # [W, K]: per-window summed loss difference
@@ -821,7 +822,7 @@ def advantage_growth(model: str, baseline: str, seq_len: int | None, resamples: 
     low, high = torch.quantile(change[:, 1] - change[:, 0], torch.tensor([0.025, 0.975], dtype=change.dtype))
     end = result.buckets[-1][1]
     return (
-        f"{Path(model).name} minus {Path(baseline).name} on {result.windows} windows of {result.seq_len}: "
+        f"{names[0]} minus {names[1]} on {result.windows} windows of {result.seq_len}: "
         f"{float(first):+.3f} over positions 0-{result.buckets[half][0] - 1}, {float(second):+.3f} over "
         f"{result.buckets[half][0]}-{end - 1}; change {float(second - first):+.3f} [{float(low):+.3f}, {float(high):+.3f}]"
     )

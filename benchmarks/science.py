@@ -798,7 +798,10 @@ def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
 def advantage_growth(model: str, baseline: str, seq_len: int | None, resamples: int = 2000) -> str:
     """``model``'s loss minus ``baseline``'s over the first and the second half of the positions, on
     the baseline run's validation windows, and the change from the first half to the second with a
-    95% paired bootstrap band over windows (negative: the model's advantage grows with position)."""
+    95% paired bootstrap band over windows (negative: the model's advantage grows with position); no
+    band below :data:`~innerloop.train.bootstrap.MIN_BAND_WINDOWS` windows, as in ``innerloop compare``
+    (a percentile band over so few cannot cover what it says)."""
+    from innerloop.train.bootstrap import MIN_BAND_WINDOWS
     from innerloop.train.compare import compare
 
     # the baseline by the argument given (a run folder or a checkpoint file): compare matches it to the
@@ -806,6 +809,8 @@ def advantage_growth(model: str, baseline: str, seq_len: int | None, resamples: 
     comparison = compare([model, baseline], None if seq_len is None else [seq_len], baseline=baseline)
     names = [m.name for m in comparison.models]
     result = comparison.lengths[0]
+    if result.seq_len < 2:  # one position: no second half to compare the first with
+        raise ConfigError(f"--seq-len {result.seq_len}: growth needs windows of 2 or more positions")
     half = len(result.buckets) // 2
     sums = result.loss_sums[0] - result.loss_sums[1]  # [W, K]: per-window summed loss difference
     counts = result.counts  # [W, K]
@@ -817,14 +822,19 @@ def advantage_growth(model: str, baseline: str, seq_len: int | None, resamples: 
         return first, second
 
     first, second = halves(torch.arange(result.windows))
-    draws = torch.randint(0, result.windows, (resamples, result.windows), generator=generator)
-    change = torch.stack([torch.stack(halves(rows)) for rows in draws])  # [resamples, 2]
-    low, high = torch.quantile(change[:, 1] - change[:, 0], torch.tensor([0.025, 0.975], dtype=change.dtype))
+    if result.windows < MIN_BAND_WINDOWS:
+        band = f"(no band: {result.windows} windows, fewer than the {MIN_BAND_WINDOWS} a band needs)"
+    else:
+        draws = torch.randint(0, result.windows, (resamples, result.windows), generator=generator)
+        change = torch.stack([torch.stack(halves(rows)) for rows in draws])  # [resamples, 2]
+        quantiles = torch.tensor([0.025, 0.975], dtype=change.dtype)
+        low, high = torch.quantile(change[:, 1] - change[:, 0], quantiles)
+        band = f"[{float(low):+.3f}, {float(high):+.3f}]"
     end = result.buckets[-1][1]
     return (
         f"{names[0]} minus {names[1]} on {result.windows} windows of {result.seq_len}: "
         f"{float(first):+.3f} over positions 0-{result.buckets[half][0] - 1}, {float(second):+.3f} over "
-        f"{result.buckets[half][0]}-{end - 1}; change {float(second - first):+.3f} [{float(low):+.3f}, {float(high):+.3f}]"
+        f"{result.buckets[half][0]}-{end - 1}; change {float(second - first):+.3f} {band}"
     )
 
 

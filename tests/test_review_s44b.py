@@ -2,7 +2,8 @@
 earlier graders (s29c, s30a, s31b, s32d, s33b, s37d): what the review found, each a regression test.
 
 - ``benchmarks/science.py growth`` (the growth table of docs/science.md) takes a run folder or a
-  checkpoint file for each model, and its numbers equal a direct computation on the windows.
+  checkpoint file for each model, its numbers equal a direct computation on the windows, and it claims
+  no band over fewer windows than ``innerloop compare`` does (nor halves of a one-position window).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from benchmark_testing import benchmark_script
 
-from innerloop.config.load import load_config, save_config
+from innerloop.config.load import ConfigError, load_config, save_config
+from innerloop.train.bootstrap import MIN_BAND_WINDOWS
 from innerloop.train.checkpoint import save_checkpoint
 from innerloop.train.data import IGNORE_INDEX
 from innerloop.train.module import LanguageModelModule, load_module
@@ -56,13 +58,19 @@ def _halves(checkpoint: Path, inputs: torch.Tensor, targets: torch.Tensor) -> to
     return torch.stack([losses[:, s].sum() / scored[:, s].sum() for s in (slice(0, half), slice(half, None))])
 
 
+@pytest.fixture(scope="module")
+def growth_runs(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("growth")
+    return _untrained_run(folder, "ttt", "ttt", 0), _untrained_run(folder, "swa", "swa", 1)
+
+
 @pytest.mark.slow  # ~1 s: two models loaded and scored by compare, then again directly
-def test_growth_takes_checkpoint_files_and_its_halves_are_the_direct_ones(tmp_path) -> None:
+def test_growth_takes_checkpoint_files_and_its_halves_are_the_direct_ones(growth_runs) -> None:
     # growth passed compare `baseline=Path(baseline).name`: for a checkpoint file that is
     # 'last.safetensors', which names no model, so `growth RUN/last.safetensors BASE/last.safetensors`
     # (its help: "run folder or checkpoint") stopped with "--baseline 'last.safetensors' is none of the
     # models compared", an option growth does not have.
-    ttt, swa = _untrained_run(tmp_path, "ttt", "ttt", 0), _untrained_run(tmp_path, "swa", "swa", 1)
+    ttt, swa = growth_runs
     science = benchmark_script("science")
     model, baseline = ttt / "last.safetensors", swa / "last.safetensors"
     line = science.advantage_growth(str(model), str(baseline), None, resamples=50)
@@ -75,3 +83,20 @@ def test_growth_takes_checkpoint_files_and_its_halves_are_the_direct_ones(tmp_pa
     assert f"change {float(difference[1] - difference[0]):+.3f} [" in line
     # a run folder is still taken, and gives the same numbers
     assert science.advantage_growth(str(ttt), str(swa), None, resamples=50) == line
+
+
+@pytest.mark.slow  # ~0.5 s: two models loaded and scored by compare, twice
+def test_growth_claims_no_band_over_too_few_windows_nor_halves_of_one_position(growth_runs) -> None:
+    # growth printed a percentile band over any number of windows (over 1 window: [x, x], a band of
+    # width 0), where compare, on the same windows, says none below MIN_BAND_WINDOWS (its bootstrap
+    # module: such a band covers far less often than it says); a window of one position has no second
+    # half, and growth printed "positions 0--1" and NaN.
+    science = benchmark_script("science")
+    ttt, swa = growth_runs
+    line = science.advantage_growth(str(ttt), str(swa), 100, resamples=50)
+    windows = int(line.split(" windows of ")[0].rsplit(" ", 1)[1])
+    assert 1 <= windows < MIN_BAND_WINDOWS, line  # the validation text holds only a few windows of 100
+    expected = f"(no band: {windows} windows, fewer than the {MIN_BAND_WINDOWS} a band needs)"
+    assert line.endswith(expected), line
+    with pytest.raises(ConfigError, match="--seq-len 1: growth needs windows of 2 or more positions"):
+        science.advantage_growth(str(ttt), str(swa), 1)

@@ -4,6 +4,9 @@ earlier graders (s29c, s30a, s31b, s32d, s33b, s37d): what the review found, eac
 - ``benchmarks/science.py growth`` (the growth table of docs/science.md) takes a run folder or a
   checkpoint file for each model, its numbers equal a direct computation on the windows, and it claims
   no band over fewer windows than ``innerloop compare`` does (nor halves of a one-position window).
+- A one-file run trained on a byte-identical copy of the file the windows are read from is trained on
+  them (compare refuses it on a baseline's held-out text, eval warns on ``--data``), as a run of whole
+  files is: it was "none of which it trained on".
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from innerloop.train.bootstrap import MIN_BAND_WINDOWS
 from innerloop.train.checkpoint import save_checkpoint
 from innerloop.train.data import IGNORE_INDEX
 from innerloop.train.module import LanguageModelModule, load_module
-from innerloop.train.run import evaluation_windows
+from innerloop.train.run import RunFiles, evaluation_windows
 
 SEQ_LEN = 16
 TEXT = "".join(f"def g{i}(y):\n    return y - {i} * {i % 5}\n" for i in range(150))
@@ -100,3 +103,24 @@ def test_growth_claims_no_band_over_too_few_windows_nor_halves_of_one_position(g
     assert line.endswith(expected), line
     with pytest.raises(ConfigError, match="--seq-len 1: growth needs windows of 2 or more positions"):
         science.advantage_growth(str(ttt), str(swa), 1)
+
+
+def test_a_one_file_run_trained_on_a_copy_of_the_windows_file_trained_on_them(tmp_path) -> None:
+    # RunFiles.trained_on looked for byte-identical copies only for runs of whole files: a one-file run
+    # (trained on the first 90% of its file) scored on a baseline's held-out file that is a copy of its
+    # own was "trained on other data ..., none of which it trained on", and compare scored it.
+    own, copy = tmp_path / "own" / "corpus.txt", tmp_path / "baseline" / "held_out.txt"
+    for path in (own, copy):
+        path.parent.mkdir()
+        path.write_text("the same bytes in both files\n" * 20)
+    one_file = RunFiles(training=frozenset({own}), held_out=frozenset({own}), tail=0.1)
+    assert one_file.trained_on([copy]) == [copy]  # the whole copy: its first 90% is the run's text
+    assert one_file.trained_on([copy], tail=0.2) == [copy]  # its last 20% reaches into the first 90%
+    assert one_file.trained_on([copy], tail=0.1) == []  # its last 10%: the run held those bytes out
+    assert one_file.trained_on([own], tail=0.1) == []
+    assert (
+        one_file.describe([copy])
+        == f"the first 90% of {str(copy)!r} (a byte-identical copy of what it trained on)"
+    )
+    copy.write_text("other bytes\n")
+    assert one_file.trained_on([copy]) == []

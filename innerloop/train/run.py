@@ -1729,9 +1729,10 @@ class RunFiles:
 
     def trained_on(self, files: Iterable[Path], tail: float | None = None) -> list[Path]:
         """Which of ``files`` (resolved) hold text this run trained on, sorted: its training files, and
-        byte-identical copies of them elsewhere (of a run that trained on whole files; not a file it held
-        out itself). ``tail``: the files are one file's last ``tail`` (a one-file run's held-out text);
-        within a one-file run's own held-out tail (``tail <= self.tail``) nothing is its training text."""
+        byte-identical copies of them elsewhere (not a file it held out itself). ``tail``: the files are
+        one file's last ``tail`` (a one-file run's held-out text); within a one-file run's own held-out
+        tail (``tail <= self.tail``) nothing is its training text, past it (or in a whole file: ``tail``
+        None) a one-file run's first ``1 - self.tail`` is, of its file or of a copy of it."""
         if tail is not None and self.tail is not None and tail <= self.tail:
             return []
         given = set(files)
@@ -1739,15 +1740,21 @@ class RunFiles:
         # a file this run held out itself stays held out, whatever copy of its bytes it trained on (a
         # corpus may hold identical small files, e.g. the same one-line __init__.py in two packages)
         others = given - same - self.held_out
-        copies = _copies_among(others, self.training) if self.tail is None else set()
-        return sorted(same | copies)
+        return sorted(same | _copies_among(others, self.training))
 
     def describe(self, files: Sequence[Path]) -> str:
-        """``files`` (some of :attr:`training`) in words: which part of them the run trained on."""
+        """``files`` (of :meth:`trained_on`) in words: which part of them the run trained on, and which
+        are byte-identical copies of its training files rather than those files."""
         names = [str(f) for f in files[:3]] + ([f"... {len(files) - 3} more"] if len(files) > 3 else [])
+        copies = sum(1 for f in files if f not in self.training)
+        copied = (
+            ""
+            if not copies
+            else f" ({'a byte-identical copy' if copies == 1 else 'byte-identical copies'} of what it trained on)"
+        )
         if self.tail is not None:
-            return f"the first {1 - self.tail:.0%} of {names[0]!r}"
-        return f"the records it did not hold out of {names}" if self.records else repr(names)
+            return f"the first {1 - self.tail:.0%} of {names[0]!r}{copied}"
+        return (f"the records it did not hold out of {names}" if self.records else repr(names)) + copied
 
 
 def _copies_among(candidates: set[Path], originals: frozenset[Path]) -> set[Path]:

@@ -428,15 +428,16 @@ def shell_command(result: dict) -> str:
 
 
 def lm_csv(results: Sequence[dict]) -> str:
-    """One row per run and position bucket."""
+    """One row per run and position bucket; ``val_acc`` is the recall study's number (its table and plot)."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["point", "params", "val_loss", "val_ppl", "start", "end", "loss", "command"])
+    writer.writerow(["point", "params", "val_loss", "val_ppl", "val_acc", "start", "end", "loss", "command"])
     for r in results:
         for start, end, loss in r["buckets"]:
             writer.writerow(
-                [r["name"], r["params"], r["val_loss"], r["val_ppl"], start, end, loss, shell_command(r)]
-            )
+                [r["name"], r["params"], r["val_loss"], r["val_ppl"], r.get("val_acc"), start, end, loss,
+                 shell_command(r)]
+            )  # fmt: skip
     return text.getvalue()
 
 

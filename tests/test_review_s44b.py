@@ -4,6 +4,7 @@ earlier graders (s29c, s30a, s31b, s32d, s33b, s37d): what the review found, eac
 - ``benchmarks/science.py growth`` (the growth table of docs/science.md) takes a run folder or a
   checkpoint file for each model, its numbers equal a direct computation on the windows, and it claims
   no band over fewer windows than ``innerloop compare`` does (nor halves of a one-position window).
+- The recall study's CSV holds its number, the accuracy (``val_acc``), beside the losses.
 - A one-file run trained on a byte-identical copy of the file the windows are read from is trained on
   them (compare refuses it on a baseline's held-out text, eval warns on ``--data``), as a run of whole
   files is: it was "none of which it trained on".
@@ -11,6 +12,8 @@ earlier graders (s29c, s30a, s31b, s32d, s33b, s37d): what the review found, eac
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import asdict
 from pathlib import Path
 
@@ -124,3 +127,17 @@ def test_a_one_file_run_trained_on_a_copy_of_the_windows_file_trained_on_them(tm
     )
     copy.write_text("other bytes\n")
     assert one_file.trained_on([copy]) == []
+
+
+def test_the_recall_studys_csv_holds_the_accuracy_its_table_and_plot_show() -> None:
+    # lm_csv wrote point, params, val_loss, val_ppl, the buckets and the command: recall.csv, which
+    # docs/science.md points at for the recall table, held no accuracy at all.
+    science = benchmark_script("science")
+    result = {"name": "TTT-Linear pairs=4", "params": 1000, "val_loss": 3.2, "val_ppl": 24.5, "val_acc": 0.121,
+              "buckets": [[0, 40, 3.1], [40, 79, 3.3]], "command": "innerloop train --config recall-ttt"}  # fmt: skip
+    rows = list(csv.DictReader(io.StringIO(science.lm_csv([result]))))
+    assert [row["val_acc"] for row in rows] == ["0.121", "0.121"]
+    assert (
+        science.recall_table([result])[0].splitlines()[-1]
+        == "| TTT-Linear | 1,000 | 0.121 | not run | not run | not run |"
+    )

@@ -1,7 +1,8 @@
 """The package's import layering, as written in docs/architecture.md ("Layers"), checked on the source.
 
 Every module of ``innerloop/`` is parsed (no import is run) and each ``import`` of an innerloop module
-is checked against three rules:
+(and each ``importlib.import_module`` / ``__import__`` of one named by a string literal) is checked
+against three rules:
 
 1. Layers: a unit (a subpackage such as ``core``, or a top-level module such as ``cli``) imports only
    units below it in :data:`LAYERS`; ``core``, at the bottom, imports no other innerloop unit.
@@ -136,12 +137,28 @@ def module_files(root: Path) -> dict[str, Path]:
     return modules
 
 
-def _statements(tree: ast.Module) -> Iterator[tuple[ast.stmt, bool]]:
-    """Every import statement with whether it sits inside a function (module level otherwise)."""
+def _dynamic_import(node: ast.AST) -> bool:
+    """Whether ``node`` is ``importlib.import_module("...")``, ``import_module("...")`` or
+    ``__import__("...")`` of a string literal (an import the ``import`` statements do not show)."""
+    if not isinstance(node, ast.Call) or not node.args:
+        return False
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+    first = node.args[0]
+    return (
+        name in ("import_module", "__import__")
+        and isinstance(first, ast.Constant)
+        and isinstance(first.value, str)
+    )
 
-    def walk(node: ast.AST, lazy: bool) -> Iterator[tuple[ast.stmt, bool]]:
+
+def _statements(tree: ast.Module) -> Iterator[tuple[ast.stmt | ast.Call, bool]]:
+    """Every import statement (and literal dynamic import, :func:`_dynamic_import`) with whether it sits
+    inside a function (module level otherwise)."""
+
+    def walk(node: ast.AST, lazy: bool) -> Iterator[tuple[ast.stmt | ast.Call, bool]]:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, (ast.Import, ast.ImportFrom)):
+            if isinstance(child, (ast.Import, ast.ImportFrom)) or _dynamic_import(child):
                 yield child, lazy
             inner = lazy or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
             yield from walk(child, inner)
@@ -149,8 +166,10 @@ def _statements(tree: ast.Module) -> Iterator[tuple[ast.stmt, bool]]:
     yield from walk(tree, False)
 
 
-def _targets(node: ast.stmt, module: str, is_package: bool, modules: dict[str, Path]) -> list[str]:
+def _targets(node: ast.stmt | ast.Call, module: str, is_package: bool, modules: dict[str, Path]) -> list[str]:
     """The innerloop modules an import statement loads (``from pkg import submodule`` names the submodule)."""
+    if isinstance(node, ast.Call):  # a literal dynamic import: the module it names
+        return [node.args[0].value]
     if isinstance(node, ast.Import):
         return [alias.name for alias in node.names]
     assert isinstance(node, ast.ImportFrom)
@@ -300,6 +319,11 @@ def test_docs_show_the_layers_and_the_exceptions() -> None:
     [
         ("from innerloop.models import lm\n", "core imports no other innerloop unit"),
         ("def f():\n    from innerloop.core import state\n", "not a listed lazy import"),
+        (
+            "import importlib\nimportlib.import_module('innerloop.models.lm')\n",
+            "core imports no other innerloop unit",
+        ),
+        ("def f():\n    __import__('innerloop.core.state')\n", "not a listed lazy import"),
     ],
 )
 def test_a_planted_violation_is_reported(tmp_path: Path, source: str, rule: str) -> None:

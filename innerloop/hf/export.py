@@ -331,10 +331,10 @@ def _set_special_tokens(wrapped: InnerloopForCausalLM, special_tokens: Mapping[s
     unknown = sorted(set(special_tokens) - set(SPECIAL_TOKEN_NAMES))
     if unknown:
         raise ExportError(f"special_tokens: unknown names {unknown}; valid: {list(SPECIAL_TOKEN_NAMES)}")
-    for name, token_id in special_tokens.items():
-        setattr(wrapped.config, name, token_id)
-        setattr(wrapped.generation_config, name, token_id)
-    try:
+    try:  # the config refuses an id past the vocabulary as it is set (or, for an older one, when checked)
+        for name, token_id in special_tokens.items():
+            setattr(wrapped.config, name, token_id)
+            setattr(wrapped.generation_config, name, token_id)
         wrapped.config.check_special_token_ids()
     except ValueError as err:
         raise ExportError(f"special_tokens: {err}") from None

@@ -76,11 +76,14 @@ def bootstrap_difference(
         nan = torch.full_like(mean, math.nan)
         return mean, nan, nan.clone()
     generator = torch.Generator().manual_seed(seed)
-    picks = torch.randint(windows, (resamples, windows), generator=generator)
-    # in chunks of resamples: [R, W, K] at once is R * W * K * 8 bytes (6.5 GB for 100,000 x 512 x 16)
-    resampled = torch.cat(
-        [differences[chunk].sum(1) / counts[chunk].sum(1) for chunk in picks.split(1000)]
-    )  # [R, K]
+    # 1000 resamples at a time, their picks drawn then from the one generator (the same numbers as one
+    # [R, W] draw): [R, W, K] at once is R * W * K * 8 bytes (6.5 GB for 100,000 x 512 x 16), and the
+    # picks alone R * W * 8 (10 GB for 20,000,000 resamples of 64 windows)
+    chunks = []
+    for start in range(0, resamples, 1000):
+        picks = torch.randint(windows, (min(1000, resamples - start), windows), generator=generator)
+        chunks.append(differences[picks].sum(1) / counts[picks].sum(1))
+    resampled = torch.cat(chunks)  # [R, K]
     tail = expanded_tail(windows, confidence)
     # nanquantile: a resample may hold no scored token of a bucket (0 / 0) that other windows have
     low, high = torch.nanquantile(resampled, torch.tensor([tail, 1 - tail], dtype=torch.float64), dim=0)
@@ -217,8 +220,10 @@ def _not_a_number(value: Any) -> bool:
     return isinstance(value, bool) or not isinstance(value, numbers.Real)
 
 
-MAX_RESAMPLES = 2**31 - 1
-"""The most bootstrap resamples (``torch.randint`` takes no larger size; memory runs out long before)."""
+MAX_RESAMPLES = 10**7
+"""The most bootstrap resamples: far more than a band's quantiles need (their Monte Carlo error at 10**5
+is already a few thousandths of the band), and few enough that the resampled means, ``[R, buckets]`` in
+float64, fit in memory (1.3 GB for 16 buckets); at 2**31 - 1 a band ran out of memory with a bare error."""
 
 
 def checked_resamples(resamples: Any) -> int:

@@ -249,3 +249,26 @@ def test_a_baseline_without_parameters_is_no_division_by_zero() -> None:
     assert size_notes([_model("empty", 0, 1), _model("ttt", 100, 1)], 0) == [
         "ttt has 100 parameters, the baseline empty 0: its difference is also one of size"
     ]
+
+
+def test_the_band_draws_its_resamples_in_chunks_as_one_draw_would() -> None:
+    """The picks are drawn 1000 resamples at a time (all at once they took R * W * 8 bytes: 10 GB for
+    20,000,000 resamples of 64 windows, a bare allocation error): the band is that of one [R, W] draw from
+    the seeded generator, at a count of resamples that is no multiple of 1000; above MAX_RESAMPLES
+    (whose means alone would not fit in memory) the count is refused by name."""
+    from innerloop.train.bootstrap import MAX_RESAMPLES, bootstrap_difference, expanded_tail
+
+    generator = torch.Generator().manual_seed(5)
+    differences = torch.randn(7, 3, dtype=torch.float64, generator=generator)
+    counts = torch.randint(1, 5, (7, 3), generator=generator).double()
+    mean, low, high = bootstrap_difference(differences, counts, resamples=2500, seed=3)
+    picks = torch.randint(7, (2500, 7), generator=torch.Generator().manual_seed(3))
+    resampled = differences[picks].sum(1) / counts[picks].sum(1)  # [R, K]
+    tail = expanded_tail(7, 0.95)
+    want = torch.quantile(resampled, torch.tensor([tail, 1 - tail], dtype=torch.float64), dim=0)
+    torch.testing.assert_close(torch.stack([low, high]), want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(mean, differences.sum(0) / counts.sum(0), rtol=0, atol=1e-12)
+    with pytest.raises(
+        ValueError, match=rf"resamples={MAX_RESAMPLES + 1} must be an integer in \[1, {MAX_RESAMPLES}\]"
+    ):
+        bootstrap_difference(differences, counts, resamples=MAX_RESAMPLES + 1)

@@ -799,10 +799,11 @@ def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
 def advantage_growth(model: str, baseline: str, seq_len: int | None, resamples: int = 2000) -> str:
     """``model``'s loss minus ``baseline``'s over the first and the second half of the positions, on
     the baseline run's validation windows, and the change from the first half to the second with a
-    95% paired bootstrap band over windows (negative: the model's advantage grows with position); no
+    95% paired bootstrap band over windows, expanded for the number of windows as ``innerloop compare``'s
+    (:func:`~innerloop.train.bootstrap.expanded_tail`; negative: the model's advantage grows with position); no
     band below :data:`~innerloop.train.bootstrap.MIN_BAND_WINDOWS` windows, as in ``innerloop compare``
     (a percentile band over so few cannot cover what it says)."""
-    from innerloop.train.bootstrap import MIN_BAND_WINDOWS
+    from innerloop.train.bootstrap import MIN_BAND_WINDOWS, expanded_tail
     from innerloop.train.compare import compare
 
     # the baseline by the argument given (a run folder or a checkpoint file): compare matches it to the
@@ -828,7 +829,8 @@ def advantage_growth(model: str, baseline: str, seq_len: int | None, resamples: 
     else:
         draws = torch.randint(0, result.windows, (resamples, result.windows), generator=generator)
         change = torch.stack([torch.stack(halves(rows)) for rows in draws])  # [resamples, 2]
-        quantiles = torch.tensor([0.025, 0.975], dtype=change.dtype)
+        tail = expanded_tail(result.windows, 0.95)  # a plain 2.5% tail is too narrow over a few windows
+        quantiles = torch.tensor([tail, 1 - tail], dtype=change.dtype)
         low, high = torch.quantile(change[:, 1] - change[:, 0], quantiles)
         band = f"[{float(low):+.3f}, {float(high):+.3f}]"
     end = result.buckets[-1][1]

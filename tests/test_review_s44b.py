@@ -89,6 +89,40 @@ def test_growth_takes_checkpoint_files_and_its_halves_are_the_direct_ones(growth
     assert f"change {float(difference[1] - difference[0]):+.3f} [" in line
     # a run folder is still taken, and gives the same numbers
     assert science.advantage_growth(str(ttt), str(swa), None, resamples=50) == line
+    # the band is compare's expanded percentile band of the change over the same draws (a plain 2.5-97.5%
+    # band is too narrow over few windows: growth used one), recomputed here from the direct losses
+    low, high = _direct_growth_band(model, baseline, windows.inputs, windows.targets, resamples=50)
+    shown = [float(x) for x in line.rsplit("[", 1)[1].rstrip("]").split(", ")]
+    assert shown == pytest.approx([low, high], abs=1.5e-3), (line, low, high)
+
+
+def _direct_growth_band(
+    model: Path, baseline: Path, inputs: torch.Tensor, targets: torch.Tensor, resamples: int
+) -> tuple[float, float]:
+    """growth's band from the float64 losses: per window, the model's summed token loss minus the
+    baseline's over each half, resampled with growth's draws (seed 0), at expanded_tail's quantiles."""
+    from innerloop.train.bootstrap import expanded_tail
+
+    def sums(checkpoint: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            logits = load_module(checkpoint).model.eval()(inputs)[0].double()
+        losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+        scored = (targets != IGNORE_INDEX).double()
+        half = SEQ_LEN // 2
+        return (
+            torch.stack([losses[:, :half].sum(1), losses[:, half:].sum(1)], 1),  # [W, 2]
+            torch.stack([scored[:, :half].sum(1), scored[:, half:].sum(1)], 1),
+        )
+
+    (loss_model, counts), (loss_baseline, _) = sums(model), sums(baseline)
+    difference, windows = loss_model - loss_baseline, inputs.shape[0]
+    draws = torch.randint(0, windows, (resamples, windows), generator=torch.Generator().manual_seed(0))
+    per_half = difference[draws].sum(1) / counts[draws].sum(1)  # [R, 2]
+    tail = expanded_tail(windows, 0.95)
+    low, high = torch.quantile(
+        per_half[:, 1] - per_half[:, 0], torch.tensor([tail, 1 - tail], dtype=torch.float64)
+    )
+    return float(low), float(high)
 
 
 @pytest.mark.slow  # ~0.5 s: two models loaded and scored by compare, twice

@@ -125,6 +125,6 @@ def test_the_official_config_may_be_hydras_own_dictconfig() -> None:
     assert model_config(OmegaConf.create(E2E_CONFIG)) == model_config(E2E_CONFIG)
     config = copy.deepcopy(E2E_CONFIG)
     config["training"]["ilr_warmup_steps"] = "${training.total_steps}"
-    assert model_config(OmegaConf.create(config)).e2e.inner_lr_warmup_fraction == 0.999
+    assert model_config(OmegaConf.create(config)).e2e.inner_lr_warmup_fraction == 1.0
     cfg = OmegaConf.create(config)  # a mapping of Hydra's sections reads the same
-    assert model_config({"model": cfg.model, "training": cfg.training}).e2e.inner_lr_warmup_fraction == 0.999
+    assert model_config({"model": cfg.model, "training": cfg.training}).e2e.inner_lr_warmup_fraction == 1.0

@@ -318,7 +318,9 @@ def _inner_optimizer(training: Mapping[str, Any]) -> dict[str, float]:
         )
     if warmup >= 1:
         values["inner_lr_start"] = float(start)
-        values["inner_lr_warmup_fraction"] = min(warmup / total, 0.999)
+        # a warm-up as long as the run is the whole run (1.0, exact); a longer one, whose inner lr never
+        # reaches training.ilr within it, is taken as the whole run too
+        values["inner_lr_warmup_fraction"] = min(warmup / total, 1.0)
     else:
         values["inner_lr_start"] = values["inner_lr"]
         values["inner_lr_warmup_fraction"] = 0.0

@@ -426,7 +426,9 @@ MODEL_FIELD_BOUNDS: dict[str, Bounds] = {
     "model.e2e.prime_intermediate_size": Bounds(0, why="0: the same as model.intermediate_size"),
     "model.e2e.inner_lr": AT_LEAST_0,
     "model.e2e.inner_lr_start": AT_LEAST_0,
-    "model.e2e.inner_lr_warmup_fraction": FRACTION,
+    "model.e2e.inner_lr_warmup_fraction": Bounds(
+        0, 1, why="1: the inner lr reaches model.e2e.inner_lr as training ends"
+    ),
     "model.e2e.inner_grad_clip": Bounds(0, why="0: no clipping"),
 }
 """The valid range of every int and float field of :class:`ModelConfig` (nested ones too), by its
@@ -1091,9 +1093,10 @@ def validate_e2e_options(config: ModelConfig) -> None:
         value = getattr(e2e, key)
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"model.e2e.{key}={value} must be a finite number >= 0")
-    if not 0 <= e2e.inner_lr_warmup_fraction < 1:
+    if not 0 <= e2e.inner_lr_warmup_fraction <= 1:
         raise ValueError(
-            f"model.e2e.inner_lr_warmup_fraction={e2e.inner_lr_warmup_fraction} must be in [0, 1)"
+            f"model.e2e.inner_lr_warmup_fraction={e2e.inner_lr_warmup_fraction} must be in [0, 1] (1: a "
+            "warm-up over the whole outer training)"
         )
     if e2e.skip_target_id is not None and not 0 <= e2e.skip_target_id < config.vocab_size:
         raise ValueError(

@@ -788,7 +788,7 @@ def test_a_yaml_config_with_interpolations_reads_them_resolved_where_they_resolv
     read = read_config(path)
     assert read["training"]["ilr_warmup_steps"] == config["training"]["total_steps"]
     assert read["training"]["output_dir"] == "${hydra:runtime.cwd}/out"
-    assert model_config(read).e2e.inner_lr_warmup_fraction == 0.999
+    assert model_config(read).e2e.inner_lr_warmup_fraction == 1.0
 
 
 def test_total_steps_is_not_read_without_a_warm_up() -> None:

@@ -395,6 +395,17 @@ def test_inner_lr_warms_up_with_the_outer_steps() -> None:
     assert fresh.inner_lr() == 1.0  # a model that is not being trained uses the full inner lr
 
 
+def test_a_warm_up_over_the_whole_run_is_valid_and_ends_at_the_inner_lr() -> None:
+    """inner_lr_warmup_fraction=1 (the official config's ilr_warmup_steps = total_steps) was refused as
+    outside [0, 1), and the official loader stood it in by 0.999; it is the whole run now."""
+    model = tiny_model(inner_lr=1.0, inner_lr_start=0.2, inner_lr_warmup_fraction=1.0)
+    for progress, lr in ((0.0, 0.2), (0.5, 0.6), (0.999, 0.9992), (1.0, 1.0)):
+        model.set_outer_progress(progress)
+        assert model.inner_lr() == pytest.approx(lr)
+    with pytest.raises(ValueError, match=r"inner_lr_warmup_fraction=1.5 must be in \[0, 1\]"):
+        tiny_model(inner_lr_warmup_fraction=1.5)
+
+
 # --------------------------------------------------------------------------------------------------
 # Plugins
 # --------------------------------------------------------------------------------------------------

@@ -116,6 +116,7 @@ def test_the_inner_lr_warmup_fraction_is_warmup_over_total():  # E11
 MODELS = DATA / "models"
 
 
+@pytest.mark.slow  # ~0.8 s: a reference model converted; moved out of the fast loop, at its one-minute limit
 def test_a_model_checkpoint_that_mixes_dtypes_is_refused(tmp_path):  # L6
     folder = tmp_path / "m"
     shutil.copytree(MODELS / "ttt_linear_transformer", folder)

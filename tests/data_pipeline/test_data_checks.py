@@ -89,6 +89,7 @@ def test_an_out_dir_the_data_never_reads_is_accepted(corpus, entry, out) -> None
     load_config("tiny", [f"data.paths=[{entry.format(c=corpus)}]", f"out_dir={out}", "data.seq_len=16"])
 
 
+@pytest.mark.slow  # ~0.7 s: a training run set up; moved out of the fast loop, at its one-minute limit
 def test_train_refuses_an_out_dir_inside_the_data_before_writing_it(corpus, capsys, monkeypatch) -> None:
     monkeypatch.chdir(corpus.parent)
     assert main(["train", "data.paths=[corpus]", "out_dir=corpus/run"]) == 2

@@ -49,6 +49,7 @@ def convert(tmp_path: Path, config: Path, tokenizer: Path, *options: str) -> int
     return main(["convert", "ttt-e2e", str(DATA / "checkpoint"), str(config), str(out), "--tokenizer", str(tokenizer), *options])  # fmt: skip
 
 
+@pytest.mark.slow  # ~1.1 s: the official checkpoint converted twice; moved out of the fast loop, at its one-minute limit
 @pytest.mark.parametrize("options", [(), ("--format", "hf")])
 def test_a_bos_id_the_tokenizer_lacks_is_refused(tmp_path, capsys, options) -> None:
     words = [f"w{i}" for i in range(200)]

@@ -37,6 +37,7 @@ def test_a_padding_id_that_is_not_a_token_id_is_refused_naming_it(value, message
         build_model(ModelConfig.from_dict({**SMALL, "padding_id": value}))
 
 
+@pytest.mark.slow  # ~0.5 s: an export and a transformers load; moved out of the fast loop, at its one-minute limit
 def test_the_hugging_face_export_keeps_the_padding_row(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_model(ModelConfig.from_dict({**SMALL, "padding_id": 3})).eval()

@@ -70,6 +70,7 @@ class NoResidualWithNorm(MiniBatchGD):
         return super().forward(state, task, views, lr, tau, decay)
 
 
+@pytest.mark.slow  # ~1.1 s for the three: each runs the registry's full checks; moved out of the fast loop, at its one-minute limit
 @pytest.mark.parametrize(
     ("rule", "wrapping"),
     [

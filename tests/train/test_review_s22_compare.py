@@ -324,6 +324,7 @@ def test_the_csv_names_checkpoints_by_absolute_paths(world, monkeypatch) -> None
 
 
 # review s22 compare (LOW, fixed)
+@pytest.mark.slow  # ~1.3 s: two models scored at two lengths; moved out of the fast loop, at its one-minute limit
 def test_a_model_trained_at_another_length_is_named_in_a_note(world, caplog) -> None:
     corpus = [f"data.paths=[{world['root'] / 'data' / 'corpus.txt'}]"]
     short = _run(world["root"], "swa4", "swa", corpus, 1, seq_len=4)

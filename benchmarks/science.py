@@ -637,13 +637,16 @@ def inner_losses_by_mini_batch(layer: torch.nn.Module, x: torch.Tensor) -> torch
 
 @torch.no_grad()
 def diagnose(checkpoint: str, windows: int, seq_len: int) -> str:
-    """A Markdown report of each TTT layer's inner lr gate, token-index scale and inner losses; one line
-    saying so when the model has no TTT layer. :class:`DiagnoseArgumentError` when ``seq_len`` is shorter
-    than a TTT layer's mini-batch (no mini-batch to report)."""
-    from innerloop.train import load_model
-    from innerloop.train.data import TextDataModule
+    """A Markdown report of each TTT layer's inner lr gate, token-index scale and inner losses, on the
+    first ``windows`` validation windows of the run that wrote ``checkpoint`` (read as ``innerloop eval``
+    reads them: its data and tokenizer; the default corpus's held-out bytes for a checkpoint without its
+    run); one line saying so when the model has no TTT layer. :class:`DiagnoseArgumentError` when
+    ``seq_len`` is shorter than a TTT layer's mini-batch (no mini-batch to report)."""
+    from innerloop.train import load_module
+    from innerloop.train.run import evaluation_windows
 
-    model = load_model(checkpoint)
+    module = load_module(checkpoint)
+    model = module.model.eval()
     blocks = _ttt_blocks(model)
     if not blocks:
         mixer = getattr(getattr(model, "config", None), "mixer", None) or type(model).__name__
@@ -657,9 +660,8 @@ def diagnose(checkpoint: str, windows: int, seq_len: int) -> str:
             f"--seq-len {seq_len} must be >= {mini_batch}, the mini-batch size of this model's TTT layers "
             "(the inner losses are reported per mini-batch)"
         )
-    data = TextDataModule(seq_len=seq_len, batch_size=windows, val_batches=1)
-    data.setup()
-    ids, _ = data.make_val_examples()
+    # the run's own text and tokenizer: the default corpus in bytes was read whatever the run trained on
+    ids = evaluation_windows(checkpoint, module, [], seq_len, batch_size=windows, batches=1).inputs
     lines = []
     for i, x in _mixer_inputs(model, ids).items():
         layer = model.blocks[i].mixer

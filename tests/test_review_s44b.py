@@ -175,3 +175,19 @@ def test_the_recall_studys_csv_holds_the_accuracy_its_table_and_plot_show() -> N
         science.recall_table([result])[0].splitlines()[-1]
         == "| TTT-Linear | 1,000 | 0.121 | not run | not run | not run |"
     )
+
+
+@pytest.mark.slow  # ~1 s: a model loaded and its windows read twice
+def test_diagnose_reads_the_runs_own_validation_windows(growth_runs, monkeypatch) -> None:
+    # science.py diagnose read the default corpus's held-out bytes whatever the run trained on (another
+    # text, a tokenizer's ids): its report was of inputs the model never saw, silently
+    ttt, _ = growth_runs
+    science = benchmark_script("science")
+    seen: list[torch.Tensor] = []
+    real = science._mixer_inputs
+    monkeypatch.setattr(science, "_mixer_inputs", lambda model, ids: seen.append(ids) or real(model, ids))
+    report = science.diagnose(str(ttt / "last.safetensors"), 2, SEQ_LEN)
+    checkpoint = ttt / "last.safetensors"
+    want = evaluation_windows(checkpoint, load_module(checkpoint), [], SEQ_LEN, batch_size=2, batches=1)
+    assert torch.equal(seen[0], want.inputs), (seen[0], want.inputs)
+    assert report.startswith("block 0: gate sigmoid mean"), report

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -128,7 +129,9 @@ def _model(preset: str) -> torch.nn.Module:
 def test_diagnose_of_a_model_without_ttt_layers_says_so_in_one_line(preset, mixer, monkeypatch, capsys):
     import innerloop.train
 
-    monkeypatch.setattr(innerloop.train, "load_model", lambda checkpoint: _model(preset))
+    monkeypatch.setattr(
+        innerloop.train, "load_module", lambda checkpoint: SimpleNamespace(model=_model(preset))
+    )
     benchmark_script("science").main(
         ["diagnose", "runs/x/last.safetensors", "--windows", "1", "--seq-len", "16"]
     )
@@ -143,7 +146,9 @@ def test_diagnose_of_a_model_without_ttt_layers_says_so_in_one_line(preset, mixe
 def test_diagnose_with_windows_shorter_than_a_mini_batch_is_a_usage_error(monkeypatch, capsys):
     import innerloop.train
 
-    monkeypatch.setattr(innerloop.train, "load_model", lambda checkpoint: _model("tiny"))
+    monkeypatch.setattr(
+        innerloop.train, "load_module", lambda checkpoint: SimpleNamespace(model=_model("tiny"))
+    )
     with pytest.raises(SystemExit) as exit:
         benchmark_script("science").main(["diagnose", "runs/x/last.safetensors", "--seq-len", "8"])
     assert exit.value.code == 2

@@ -255,13 +255,27 @@ where it reads a CSV header itself (``data.name='hf'``); a text run reads files 
 them (:func:`refuse_compressed`)."""
 
 
+COMPRESSION_MAGIC: dict[str, bytes] = {".gz": b"\x1f\x8b", ".bz2": b"BZh", ".xz": b"\xfd7zXZ\x00"}
+"""The bytes each of :data:`COMPRESSIONS` begins with: a file so named that does not begin with them is
+text under an odd name (``notes.gz`` written by hand) and is read as any other."""
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    """Whether ``path``'s bytes begin with ``magic``; an unreadable file does not (its read names it)."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
 def refuse_compressed(files: Sequence[Path], option: str = "data.paths") -> None:
     """:class:`DataError` naming ``option`` and the first of ``files`` whose name ends in one of
-    :data:`COMPRESSIONS`: text files are read as they are, so its compressed bytes would be the text (a
+    :data:`COMPRESSIONS` and whose bytes begin as that format's do (:data:`COMPRESSION_MAGIC`): text files are read as they are, so its compressed bytes would be the text (a
     byte-level model trained on them without a word; another tokenizer said only "not UTF-8")."""
     for path in files:
         compressed = next((c for c in COMPRESSIONS if path.name.lower().endswith(c)), None)
-        if compressed is not None:
+        if compressed is not None and _starts_with(path, COMPRESSION_MAGIC[compressed]):
             raise DataError(
                 f"{option} file {str(path)!r} is compressed ({compressed}), and text files are read as they "
                 "are: its compressed bytes would be the text; decompress it, or read it with data.name=hf, "

@@ -2,7 +2,9 @@
 
 Covers: a text run's refusal of compressed files (``refuse_compressed``) reading the file's first bytes,
 so that a text file under a compression suffix (``notes.gz`` written by hand) is read, not refused, while a
-real gzip/bz2/xz file (any case of its suffix) still is.
+real gzip/bz2/xz file (any case of its suffix) still is; and ``copied_files`` reading a training file whole
+only where a held-out file of its size begins as it does (a corpus of equal-sized shards was read a second
+time, whole, at every training set-up).
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
+from pathlib import Path
 
 import pytest
 
-from innerloop.data.text import DataError, read_tokens
+import innerloop.data.text as text
+from innerloop.data.text import DataError, copied_files, read_tokens
 
 
 def test_a_text_file_under_a_compression_suffix_is_read_and_a_compressed_one_refused(tmp_path) -> None:
@@ -27,3 +31,26 @@ def test_a_text_file_under_a_compression_suffix_is_read_and_a_compressed_one_ref
         (tmp_path / name).write_bytes(compress(plain))
         with pytest.raises(DataError, match=rf"data.paths file '.*{name}' is compressed"):
             read_tokens([tmp_path / name], None)
+
+
+def test_equal_sized_training_shards_are_not_read_whole_to_find_copies(tmp_path, monkeypatch) -> None:
+    """A corpus cut into equal-sized shards (``split -b``) had every training shard share a held-out
+    shard's size, and ``copied_files`` hashed each whole: the corpus read a second time at set-up. Now only
+    a shard whose first MiB matches a held-out one's is read whole; the copy is still found."""
+    size = 2**20 + 100
+    shards = [tmp_path / f"shard{i}" for i in range(4)]
+    for i, shard in enumerate(shards):
+        shard.write_bytes(bytes([65 + i]) * size)
+    copy = tmp_path / "held_copy"
+    copy.write_bytes(shards[0].read_bytes())
+    whole: list[Path] = []
+    digest = text._file_digest
+
+    def spy(path: Path, *blocks: int | None) -> bytes:  # before the fix, _file_digest(path) only
+        if blocks in ((), (None,)):
+            whole.append(path)
+        return digest(path, *blocks)
+
+    monkeypatch.setattr(text, "_file_digest", spy)
+    assert copied_files([shards[3], copy], shards[:3]) == [(copy, shards[0])]
+    assert sorted(whole) == sorted([shards[0], copy])  # not shards 1, 2 (training) nor 3 (held out)

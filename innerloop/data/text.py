@@ -208,25 +208,39 @@ def copied_files(held_out: Sequence[Path], train: Sequence[Path]) -> list[tuple[
     held_sizes = {p: _file_size(p, "data.paths") for p in held_out}
     train_sizes = {p: _file_size(p, "data.paths") for p in train}
     shared = set(held_sizes.values()) & set(train_sizes.values()) - {0}
+    # then their first MiB: a file is read whole only where a file of its size on the other side begins
+    # as it does (a corpus of equal-sized shards, as `split -b` makes, is not read a second time)
+    held_heads = {p: (size, _file_digest(p, 1)) for p, size in held_sizes.items() if size in shared}
+    heads, matched = set(held_heads.values()), set()
     training_digests: dict[bytes, Path] = {}
     for path, size in train_sizes.items():
-        if size in shared:
-            training_digests.setdefault(_file_digest(path), path)
+        head = (size, _file_digest(path, 1)) if size in shared else None
+        if head in heads:
+            matched.add(head)
+            training_digests.setdefault(_whole_digest(path, *head), path)
     copies = []
-    for path, size in held_sizes.items():
-        if size in shared:
-            twin = training_digests.get(_file_digest(path))
-            if twin is not None:
-                copies.append((path, twin))
+    for path, head in held_heads.items():
+        twin = training_digests.get(_whole_digest(path, *head)) if head in matched else None
+        if twin is not None:
+            copies.append((path, twin))
     return copies
 
 
-def _file_digest(path: Path) -> bytes:
-    """SHA-256 of ``path``'s bytes, read a MiB at a time (a large file is never held whole)."""
+def _whole_digest(path: Path, size: int, head: bytes) -> bytes:
+    """:func:`_file_digest` of ``path``, which is ``head`` (the digest of its first MiB) for a file of
+    ``size`` bytes that fits in it."""
+    return head if size <= 2**20 else _file_digest(path)
+
+
+def _file_digest(path: Path, blocks: int | None = None) -> bytes:
+    """SHA-256 of ``path``'s bytes (of its first ``blocks`` MiB; None: all), read a MiB at a time (a large
+    file is never held whole)."""
     digest = hashlib.sha256()
     try:
         with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(2**20), b""):
+            for i, block in enumerate(iter(lambda: handle.read(2**20), b"")):
+                if blocks is not None and i >= blocks:
+                    break
                 digest.update(block)
     except OSError as err:
         raise _unreadable(path, "data.paths", err) from None

@@ -38,6 +38,8 @@ from innerloop.train.run import resume_command
         "runs/${oc.env:HOME}",
         "runs/it's 'q'",
         "rüns/a b",
+        "runs/a\\${x}",  # s44e: a backslash before ${ (OmegaConf's escape) is doubled
+        "runs/a\\\\${x}",
     ],
 )
 def test_a_resume_command_names_its_out_dir_to_the_override_parser_too(out_dir) -> None:

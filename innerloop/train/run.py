@@ -695,7 +695,8 @@ def _as_override_value(text: str) -> str:
     """``text`` as the value of a ``key=value`` override that reads back as that string: as it is where
     YAML (PyYAML's and OmegaConf's) reads it so, else single-quoted, with an interpolation's ``${``
     escaped (unquoted, ``runs/x #2`` read as ``runs/x``, another run's folder; ``true`` and ``1e3`` as
-    other values; a tab or ``a: b`` did not parse)."""
+    other values; a tab or ``a: b`` did not parse; a backslash before ``${`` is doubled, as OmegaConf reads
+    it)."""
     import yaml
     from omegaconf import OmegaConf
 
@@ -707,7 +708,9 @@ def _as_override_value(text: str) -> str:
         )
     except Exception:  # PyYAML's and OmegaConf's errors: either cannot read it plain
         plain = False
-    return text if plain else "'" + text.replace("'", "''").replace("${", "\\${") + "'"
+    # OmegaConf reads \${ as a literal ${, and 2n backslashes before ${ as n: n backslashes become 2n + 1
+    escaped = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text.replace("'", "''"))
+    return text if plain else "'" + escaped + "'"
 
 
 def _continuing(run: RunConfig, trainer: L.Trainer) -> str:

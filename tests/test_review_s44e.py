@@ -54,3 +54,21 @@ def test_equal_sized_training_shards_are_not_read_whole_to_find_copies(tmp_path,
     monkeypatch.setattr(text, "_file_digest", spy)
     assert copied_files([shards[3], copy], shards[:3]) == [(copy, shards[0])]
     assert sorted(whole) == sorted([shards[0], copy])  # not shards 1, 2 (training) nor 3 (held out)
+
+
+@pytest.mark.parametrize("how", ["update", "update_from_string"])
+def test_a_refused_config_update_leaves_every_attribute_as_it_was(how) -> None:
+    """``InnerloopConfig.update`` (and ``update_from_string``) refused ``hidden_size=30`` with 4 heads
+    but had set ``use_cache`` before it: the error left half the update in place."""
+    from innerloop.hf.configuration import InnerloopConfig
+
+    config = InnerloopConfig()
+    before = config.to_dict()
+    with pytest.raises(ValueError, match="hidden_size=30"):
+        if how == "update":
+            config.update({"use_cache": False, "pad_token_id": 3, "hidden_size": 30})
+        else:
+            config.update_from_string("use_cache=false,hidden_size=30")
+    assert config.to_dict() == before
+    config.update({"use_cache": False, "hidden_size": 48, "num_attention_heads": 3})  # valid: all set
+    assert (config.use_cache, config.model["hidden_size"], config.model["num_heads"]) == (False, 48, 3)

@@ -285,26 +285,24 @@ class InnerloopConfig(PreTrainedConfig):
 
     @contextlib.contextmanager
     def _views_together(self) -> Iterator[None]:
-        """The views set inside the block are held and set as one change of ``model`` at its end (none
-        when it raises); the special token ids are checked then (those set in the block put back when
-        they do not fit the vocabulary)."""
+        """The views set inside the block are held and set as one change of ``model`` at its end; the
+        special token ids are checked then. When the block or that change raises, every attribute is put
+        back as it was (``update({"use_cache": False, "hidden_size": 30})`` refused, left ``use_cache``
+        False: an error left half the update in place)."""
         if _PENDING in self.__dict__:  # nested: the outer block sets them
             yield
             return
-        tokens = {name: getattr(self, name, None) for name in _TOKEN_IDS}
+        before = dict(self.__dict__)  # the attributes are replaced, never changed in place (model too)
         self.__dict__[_PENDING] = {}
         try:
             yield
             pending = self.__dict__.pop(_PENDING)
-        finally:
-            self.__dict__.pop(_PENDING, None)
-        if not (pending or isinstance(self.__dict__.get("model"), dict)):
-            return
-        try:  # (set again where no view changed: the token ids are checked)
-            self.model = pending if pending else self.model
-        except ValueError:
-            for name, value in tokens.items():
-                super().__setattr__(name, value)
+            if pending or isinstance(self.__dict__.get("model"), dict):
+                # (set again where no view changed: the token ids are checked)
+                self.model = pending if pending else self.model
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
             raise
 
     @property

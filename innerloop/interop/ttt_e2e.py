@@ -319,8 +319,11 @@ def _inner_optimizer(training: Mapping[str, Any]) -> dict[str, float]:
     if warmup >= 1:
         values["inner_lr_start"] = float(start)
         # a warm-up as long as the run is the whole run (1.0, exact); a longer one, whose inner lr never
-        # reaches training.ilr within it, is taken as the whole run too
+        # reaches training.ilr within the run, is the whole run's share of it: a warm-up over the run to
+        # the inner lr the official reached at its last step, the same lr at every step
         values["inner_lr_warmup_fraction"] = min(warmup / total, 1.0)
+        if warmup > total:
+            values["inner_lr"] = float(start) + (values["inner_lr"] - float(start)) * total / warmup
     else:
         values["inner_lr_start"] = values["inner_lr"]
         values["inner_lr_warmup_fraction"] = 0.0

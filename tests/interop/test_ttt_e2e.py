@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -469,6 +470,22 @@ def test_a_warm_up_that_is_not_whole_steps_is_refused_not_dropped(key, value, ma
         model_config(with_field("training", key, value))
     none = model_config(with_field("training", "ilr_warmup_steps", 0)).e2e
     assert (none.inner_lr_warmup_fraction, none.inner_lr_start) == (0.0, none.inner_lr)
+
+
+def test_a_warm_up_longer_than_the_run_keeps_the_official_inner_lr_at_every_step() -> None:
+    """The official inner lr climbs from ilr_init by (ilr - ilr_init) / ilr_warmup_steps a step; a warm-up
+    longer than total_steps was read as one over the whole run to the full ilr (steeper: a larger inner
+    lr at every step, and at the finished run's, than the official used). s44e."""
+    training = CONFIG["training"]
+    total, start, ilr = 100, 0.25, 2.0
+    config = copy.deepcopy(CONFIG)
+    config["training"].update(total_steps=total, ilr_warmup_steps=4 * total, ilr_init=start)
+    config["training"]["optimizer_inner"] = {**training["optimizer_inner"], "lr": ilr}
+    read = model_config(config)
+    assert read.e2e.inner_lr_warmup_fraction == 1.0 and read.e2e.inner_lr_start == start
+    for step in (0, 30, total):  # innerloop's inner lr at progress step / total: the official's at step
+        at = SimpleNamespace(config=read, outer_progress=torch.tensor(step / total, dtype=torch.float64))
+        assert E2ELM.inner_lr(at) == pytest.approx(start + (ilr - start) * step / (4 * total), rel=1e-12)
 
 
 def test_the_official_dtype_aliases_are_accepted() -> None:

@@ -4,7 +4,9 @@ Covers: a text run's refusal of compressed files (``refuse_compressed``) reading
 so that a text file under a compression suffix (``notes.gz`` written by hand) is read, not refused, while a
 real gzip/bz2/xz file (any case of its suffix) still is; and ``copied_files`` reading a training file whole
 only where a held-out file of its size begins as it does (a corpus of equal-sized shards was read a second
-time, whole, at every training set-up).
+time, whole, at every training set-up); a refused ``InnerloopConfig.update`` / ``update_from_string``
+leaving every attribute as it was. Elsewhere: tests/test_review_s44c.py (resume_command with a backslash
+before ``${``), tests/interop/test_ttt_e2e.py (an official inner-lr warm-up longer than the run).
 """
 
 from __future__ import annotations

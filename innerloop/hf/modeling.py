@@ -16,6 +16,7 @@ A cache can be passed back to ``generate()`` (``cache=``, ``past_key_values=``) 
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import json
 import os
@@ -443,7 +444,7 @@ class InnerloopPreTrainedModel(PreTrainedModel):
             raise ValueError(
                 "save_directory '' is empty: give a folder (an empty path would name the current directory)"
             )
-        self.model.check_built_fields(self.config.model)  # config.json must describe the model saved
+        self._sync_model_config()  # config.json must describe the model saved
         self.config.auto_map = dict(AUTO_MAP)
         self.config.innerloop_plugins = plugin_record(self.config.model, self.config.innerloop_plugins)
 
@@ -888,6 +889,38 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = build_model(config.model_config)
         self.post_init()
+        self._mark_model_config_synced()
+
+    def _mark_model_config_synced(self) -> None:
+        """Remember ``config.model`` and the inner model's config as they are now, one and the same model
+        (:meth:`_sync_model_config` compares them with these)."""
+        self._synced_config_model = copy.deepcopy(self.config.model)
+        self._synced_model_config = self.model.config.to_dict()
+
+    def _sync_model_config(self) -> None:
+        """Keep ``config.model`` (what ``save_pretrained`` writes) and the inner model's config
+        (``model.config``, what it reads at every call) one: an edit of either since the last call is
+        carried to the other; an edit of ``config.model`` must leave the fields the model read when built
+        as they were (:meth:`~innerloop.models.lm.CausalLM.check_built_fields`); edits of both are refused.
+        Unsynced, an edit of ``config.model`` (e.g. ``e2e.inner_lr``) left the model computing as before
+        while config.json said the new value, so the model read back computed another function."""
+        given_edited = self.config.model != self._synced_config_model
+        inner = self.model.config.to_dict()
+        inner_edited = inner != self._synced_model_config
+        if given_edited and inner_edited:
+            raise ValueError(
+                "config.model and model.config (the inner model's) were both changed since the model last ran "
+                "or was saved; change one of them: config.model is what save_pretrained writes, and the other "
+                "follows it at the next call"
+            )
+        if given_edited:
+            config = model_config_from(self.config.model)
+            self.model.check_built_fields(config)
+            self.model.config = config
+        elif inner_edited:
+            self.model.check_built_fields()
+            self.config.model = inner
+        self._mark_model_config_synced()
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -975,6 +1008,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         self.model.config = config
         self.model.rebuilt("vocab_size")  # the embedding and head above are its new size
         self.config.model = config.to_dict()
+        self._mark_model_config_synced()
         return embed
 
     def forward(
@@ -1053,7 +1087,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         the ids with the padding's set to 0 (:func:`padding_zeroed`), whether a cache may be returned
         (see :func:`check_attention_mask`) and whether the hidden states are wanted. First, that
         ``config.model`` still describes the built model (an edit there it cannot follow is refused)."""
-        self.model.check_built_fields(self.config.model)
+        self._sync_model_config()
         check_token_ids_shape(input_ids)
         cached = 0 if cache is None else cache.seq_length
         check_mask_shape(attention_mask, input_ids, cached)

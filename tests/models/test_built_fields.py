@@ -87,3 +87,32 @@ def test_the_hugging_face_model_refuses_an_edit_of_its_model_config_and_resizes_
     model.config.model = {**model.config.model, "rope_theta": 10000.0}
     model.resize_token_embeddings(300)  # rebuilds the embedding and head: vocab_size may change so
     assert model(torch.tensor([[299, 1]])).logits.shape == (1, 2, 300)
+
+
+def test_an_edit_of_the_hugging_face_config_model_reaches_the_model_and_the_saved_one(tmp_path) -> None:
+    """An E2E model reads its ``e2e`` options at every call: set through the Hugging Face config's
+    ``model`` they were ignored by the model in memory while save_pretrained wrote them (the model read
+    back computed another function); an edit of the inner model's config was not written. Either edit
+    now reaches the other side; both at once are refused."""
+    from innerloop.hf import InnerloopForCausalLM
+    from innerloop.hf.configuration import InnerloopConfig
+
+    model = {"mixer": "e2e", "hidden_size": 16, "num_heads": 2, "num_layers": 4, "e2e": {"chunk_size": 4}}
+    torch.manual_seed(0)
+    hf = InnerloopForCausalLM(InnerloopConfig(model=model)).eval()
+    ids = torch.arange(12).reshape(1, 12) % 7
+    before = hf(ids).logits
+    hf.config.model = {**hf.config.model, "e2e": {**hf.config.model["e2e"], "inner_lr": 5.0}}
+    after = hf(ids).logits
+    assert hf.model.config.e2e.inner_lr == 5.0 and not torch.equal(before, after)
+    hf.save_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(
+        InnerloopForCausalLM.from_pretrained(tmp_path / "hf").eval()(ids).logits, after
+    )
+    hf.model.config.e2e.inner_lr = 2.0  # the inner model's config: config.model follows at the next call
+    hf(ids)
+    assert hf.config.model["e2e"]["inner_lr"] == 2.0
+    hf.model.config.e2e.inner_lr = 3.0
+    hf.config.model = {**hf.config.model, "e2e": {**hf.config.model["e2e"], "inner_lr": 4.0}}
+    with pytest.raises(ValueError, match=r"config\.model and model\.config .* were both changed"):
+        hf(ids)

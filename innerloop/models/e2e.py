@@ -30,6 +30,7 @@ reads an arbitrarily long sequence piece by piece in constant memory.
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import warnings
@@ -603,7 +604,8 @@ class E2ELM(nn.Module):
     """The TTT-E2E language model (see the module docstring).
 
     Args:
-        config: a :class:`ModelConfig` with ``mixer == "e2e"``; options in ``config.e2e``.
+        config: a :class:`ModelConfig` with ``mixer == "e2e"``; options in ``config.e2e``. The model
+            keeps a copy as ``model.config`` (edit that one): the caller's may go on to build others.
 
     ``model(input_ids, state)`` returns ``(logits [B, T, V], state)``; each chunk's logits are those
     of the fast weights *before* training on it, so the usual next-token cross-entropy of the logits
@@ -612,7 +614,8 @@ class E2ELM(nn.Module):
 
     def __init__(self, config: ModelConfig | Mapping[str, Any]) -> None:
         super().__init__()
-        config = require_model_config(config)
+        # its own copy: a config the caller edits to build another model must not change this one
+        config = copy.deepcopy(require_model_config(config))
         if config.mixer != E2E:
             raise ValueError(f"E2ELM needs model.mixer='e2e', got {config.mixer!r}")
         validate_model_config(config)

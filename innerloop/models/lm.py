@@ -7,6 +7,7 @@ from ``state``, which is how :func:`innerloop.models.generate` decodes one token
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
@@ -263,12 +264,14 @@ class CausalLM(nn.Module):
     """Decoder-only language model whose blocks use the mixer named in ``config``.
 
     Args:
-        config: a :class:`ModelConfig`; it is validated (names, shapes, plugin names) first.
+        config: a :class:`ModelConfig`; it is validated (names, shapes, plugin names) first. The model
+            keeps a copy as ``model.config`` (edit that one): the caller's may go on to build others.
     """
 
     def __init__(self, config: ModelConfig | Mapping[str, Any]) -> None:
         super().__init__()
-        config = require_model_config(config)
+        # its own copy: a config the caller edits to build another model must not change this one
+        config = copy.deepcopy(require_model_config(config))
         if config.mixer == "e2e":
             raise ValueError(
                 "model.mixer='e2e' is a whole model of its own: build it with innerloop.models.build_model "

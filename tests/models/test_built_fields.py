@@ -116,3 +116,20 @@ def test_an_edit_of_the_hugging_face_config_model_reaches_the_model_and_the_save
     hf.config.model = {**hf.config.model, "e2e": {**hf.config.model["e2e"], "inner_lr": 4.0}}
     with pytest.raises(ValueError, match=r"config\.model and model\.config .* were both changed"):
         hf(ids)
+
+
+def test_a_config_edited_to_build_another_model_leaves_the_first_alone() -> None:
+    """A sweep edits one config between builds; the first model held the caller's object itself, so it
+    then refused to run ("model.num_layers was 2 when this model was built and is now 3"), and before
+    the check it recorded a config it was not. Each model keeps its own copy."""
+    config = ModelConfig(hidden_size=16, num_heads=2, intermediate_size=32, num_layers=1)
+    first = build_model(config)
+    config.num_layers, config.rope_theta = 2, 10.0
+    second = build_model(config)
+    assert first.config.num_layers == 1 and second.config.num_layers == 2
+    assert first(IDS)[0].shape == second(IDS)[0].shape == (1, 8, 256)
+    e2e = ModelConfig(mixer="e2e", hidden_size=16, num_heads=2, intermediate_size=32, num_layers=4)
+    model = build_model(e2e)
+    e2e.window = 8
+    model.eval()(IDS)  # its own window (eval: no training forward, no one-chunk warning)
+    assert model.config.window == 64

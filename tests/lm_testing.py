@@ -1,7 +1,8 @@
 """Tiny models for tests: the run overrides of the end-to-end training tests (:data:`TINY`), a training
 run killed in the middle (:func:`kill_a_training_run`), a TTT-E2E model's streamed logits
-(:func:`streamed_logits`), every tensor a language model's state holds (:func:`state_tensors`), and
-the TTT language model the precision and compile tests compare against eager float32."""
+(:func:`streamed_logits`), every tensor a language model's state holds (:func:`state_tensors`), the
+TTT language model the precision and compile tests compare against eager float32, an untrained run folder
+(:func:`untrained_run`) and a loss's five-point difference along a direction (:func:`directional_difference`)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,20 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import fields, is_dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
+from innerloop.config.load import load_config, save_config
 from innerloop.models import build_model
 from innerloop.models.config import ModelConfig, TTTConfig
-from innerloop.train.checkpoint import load_checkpoint
+from innerloop.train.checkpoint import load_checkpoint, save_checkpoint
 from innerloop.train.data import IGNORE_INDEX
-from innerloop.train.module import load_module
+from innerloop.train.module import LanguageModelModule, load_module
 
 TINY = [
     "model.hidden_size=32",
@@ -180,3 +183,47 @@ def two_process_config(out_dir: Path, *overrides: str) -> tuple:
     return load_config(
         "tiny", [*TINY, *overrides, "trainer.devices=2", "trainer.strategy=ddp_spawn", f"out_dir={out_dir}"]
     )
+
+
+UNTRAINED_MODEL = {"hidden_size": 16, "num_heads": 2, "num_layers": 2, "intermediate_size": 32}
+"""The model of :func:`untrained_run` (and ``model.ttt.mini_batch_size=4`` or ``model.window=4``)."""
+
+
+def untrained_run(
+    out: Path, corpus: Path, mixer: str, seed: int, seq_len: int, batch_size: int, val_batches: int
+) -> Path:
+    """A run folder ``out`` as `innerloop train` leaves it (config.yaml and last.safetensors), untrained:
+    a :data:`UNTRAINED_MODEL` of ``mixer`` (seeded with ``seed``) reading ``corpus``."""
+    overrides = [f"model.{k}={v}" for k, v in UNTRAINED_MODEL.items()] + [
+        f"model.mixer={mixer}", "model.ttt.mini_batch_size=4" if mixer == "ttt" else "model.window=4",
+        f"data.paths=[{corpus}]", f"data.seq_len={seq_len}", f"data.batch_size={batch_size}",
+        f"data.val_batches={val_batches}", "trainer.num_position_buckets=4", f"out_dir={out}",
+    ]  # fmt: skip
+    run, config = load_config("tiny", overrides)
+    torch.manual_seed(seed)
+    module = LanguageModelModule(model=asdict(run.model), seq_len=seq_len, num_position_buckets=4)
+    tree = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 0}
+    save_checkpoint(tree, out / "last.safetensors")
+    save_config(config, out / "config.yaml")
+    return out
+
+
+def directional_difference(
+    params: Sequence[torch.Tensor],
+    direction: Sequence[torch.Tensor],
+    loss: Callable[[], torch.Tensor],
+    h: float = 1e-5,
+) -> float:
+    """Five-point central difference of ``loss()`` along ``direction`` (one tensor per parameter of
+    ``params``, moved in place and put back): error O(h^4)."""
+
+    def at(t: float) -> float:
+        with torch.no_grad():
+            for p, d in zip(params, direction, strict=True):
+                p.add_(t * d)
+            value = loss().item()
+            for p, d in zip(params, direction, strict=True):
+                p.sub_(t * d)
+        return value
+
+    return (-at(2 * h) + 8 * at(h) - 8 * at(-h) + at(-2 * h)) / (12 * h)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lm_testing import directional_difference
 from safetensors.numpy import load_file
 
 from innerloop.interop.ttt_e2e import OfficialConfigError, load_model
@@ -161,17 +162,7 @@ def test_meta_gradient_equals_finite_differences_with_five_blocks_batch_three_an
     direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
     analytic = sum((g * d).sum() for g, d in zip(grads, direction, strict=True)).item()
 
-    def at(t: float) -> float:
-        with torch.no_grad():
-            for p, d in zip(params, direction, strict=True):
-                p.add_(t * d)
-            value = loss().item()
-            for p, d in zip(params, direction, strict=True):
-                p.sub_(t * d)
-        return value
-
-    h = 1e-5
-    numeric = (-at(2 * h) + 8 * at(h) - 8 * at(-h) + at(-2 * h)) / (12 * h)
+    numeric = directional_difference(params, direction, loss)
     assert math.isclose(analytic, numeric, rel_tol=1e-7), (analytic, numeric)
 
 

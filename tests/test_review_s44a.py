@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lm_testing import directional_difference
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -146,16 +147,7 @@ def test_one_token_chunks_with_next_token_targets_train_and_stream_as_the_whole(
     ]
     analytic = sum((g * d).sum() for g, d in zip(torch.autograd.grad(loss(), params), direction, strict=True))
 
-    def at(step: float) -> float:
-        with torch.no_grad():
-            for p, d in zip(params, direction, strict=True):
-                p.add_(step * d)
-            value = loss().item()
-            for p, d in zip(params, direction, strict=True):
-                p.sub_(step * d)
-        return value
-
-    numeric = (at(1e-6) - at(-1e-6)) / 2e-6  # central: exact to about 1e-10 relative here
+    numeric = directional_difference(params, direction, loss)  # five-point: exact to about 1e-10 here
     assert abs(analytic.item() - numeric) <= 1e-7 * abs(numeric), (analytic.item(), numeric)
 
 

@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from benchmark_testing import benchmark_script
+from lm_testing import untrained_run
 
-from innerloop.config.load import ConfigError, load_config, save_config
+from innerloop.config.load import ConfigError
 from innerloop.train.bootstrap import MIN_BAND_WINDOWS
-from innerloop.train.checkpoint import save_checkpoint
 from innerloop.train.data import IGNORE_INDEX
-from innerloop.train.module import LanguageModelModule, load_module
+from innerloop.train.module import load_module
 from innerloop.train.run import RunFiles, evaluation_windows
 
 SEQ_LEN = 16
@@ -37,20 +36,7 @@ def _untrained_run(tmp_path: Path, name: str, mixer: str, seed: int) -> Path:
     """A run folder as `innerloop train` leaves it (config.yaml and last.safetensors), untrained."""
     corpus = tmp_path / "corpus.py"
     corpus.write_text(TEXT)
-    out = tmp_path / name
-    overrides = [
-        "model.hidden_size=16", "model.num_heads=2", "model.num_layers=2", "model.intermediate_size=32",
-        f"model.mixer={mixer}", "model.ttt.mini_batch_size=4" if mixer == "ttt" else "model.window=4",
-        f"data.paths=[{corpus}]", f"data.seq_len={SEQ_LEN}", "data.batch_size=4", "data.val_batches=2",
-        "trainer.num_position_buckets=4", f"out_dir={out}",
-    ]  # fmt: skip
-    run, config = load_config("tiny", overrides)
-    torch.manual_seed(seed)
-    module = LanguageModelModule(model=asdict(run.model), seq_len=SEQ_LEN, num_position_buckets=4)
-    tree = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 0}
-    save_checkpoint(tree, out / "last.safetensors")
-    save_config(config, out / "config.yaml")
-    return out
+    return untrained_run(tmp_path / name, corpus, mixer, seed, SEQ_LEN, batch_size=4, val_batches=2)
 
 
 def _halves(checkpoint: Path, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -55,17 +55,12 @@ def test_unsupported_head_dim_falls_back_with_the_reason():
         forced(torch.randn(1, 8, 16))
 
 
-@pytest.mark.triton_interpreter
-@pytest.mark.slow  # the interpreter's child process (tests/kernels/test_triton_kernels.py says why)
-@pytest.mark.parametrize("model", ["linear", "mlp"])
-@pytest.mark.parametrize(  # 6: a whole mini-batch (its update), then two tokens of the next
-    "tokens",
-    [6, pytest.param(11, marks=pytest.mark.slow)],  # 11: two updates, ~2 s interpreted
-)
-def test_token_by_token_decoding_uses_the_decode_kernel(model, tokens):
+def _assert_decoded_on_the_decode_kernel(model: str, mini_batch_size: int, tokens: int) -> None:
+    """A layer (kernel="auto") fed ``tokens`` tokens one at a time runs each on the Triton decode kernel
+    and gives the torch layer's one-call outputs."""
     torch.manual_seed(1)
-    reference = TTTLayer(32, 2, inner_model=model, mini_batch_size=4, kernel="torch")
-    fast = TTTLayer(32, 2, inner_model=model, mini_batch_size=4, kernel="auto")
+    reference = TTTLayer(32, 2, inner_model=model, mini_batch_size=mini_batch_size, kernel="torch")
+    fast = TTTLayer(32, 2, inner_model=model, mini_batch_size=mini_batch_size, kernel="auto")
     fast.load_state_dict(reference.state_dict())
     x = torch.randn(2, tokens, 32)
     with torch.no_grad():
@@ -76,6 +71,17 @@ def test_token_by_token_decoding_uses_the_decode_kernel(model, tokens):
             outputs.append(y)
             assert fast.last_dispatch[0] == f"triton_ttt_{model}.decode", fast.last_dispatch
     assert relative_error(torch.cat(outputs, dim=1), whole) <= 1e-4
+
+
+@pytest.mark.triton_interpreter
+@pytest.mark.slow  # the interpreter's child process (tests/kernels/test_triton_kernels.py says why)
+@pytest.mark.parametrize("model", ["linear", "mlp"])
+@pytest.mark.parametrize(  # 6: a whole mini-batch (its update), then two tokens of the next
+    "tokens",
+    [6, pytest.param(11, marks=pytest.mark.slow)],  # 11: two updates, ~2 s interpreted
+)
+def test_token_by_token_decoding_uses_the_decode_kernel(model, tokens):
+    _assert_decoded_on_the_decode_kernel(model, mini_batch_size=4, tokens=tokens)
 
 
 @pytest.mark.triton_interpreter
@@ -94,19 +100,7 @@ def test_a_layer_with_mini_batches_beyond_the_chunk_kernels_still_decodes_on_the
     """Review s44a: the decode kernel reads one token (its scale tau_i, never the mini-batch), but verify
     held decoded tokens to the chunk kernels' mini_batch_size <= 64, so a layer of mini_batch_size 80
     decoded on torch ("mini_batch_size 80 (len(tau)) unsupported")."""
-    torch.manual_seed(1)
-    reference = TTTLayer(32, 2, inner_model=model, mini_batch_size=80, kernel="torch")
-    fast = TTTLayer(32, 2, inner_model=model, mini_batch_size=80, kernel="auto")
-    fast.load_state_dict(reference.state_dict())
-    x = torch.randn(2, 3, 32)
-    with torch.no_grad():
-        whole, _ = reference(x)
-        state, outputs = None, []
-        for t in range(x.shape[1]):
-            y, state = fast(x[:, t : t + 1], state)
-            outputs.append(y)
-            assert fast.last_dispatch[0] == f"triton_ttt_{model}.decode", fast.last_dispatch
-    assert relative_error(torch.cat(outputs, dim=1), whole) <= 1e-4
+    _assert_decoded_on_the_decode_kernel(model, mini_batch_size=80, tokens=3)
 
 
 @pytest.mark.slow  # 6 examples through the interpreter (~3 s); the tail is covered above

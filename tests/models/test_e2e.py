@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from lm_testing import streamed_logits
+from lm_testing import directional_difference, streamed_logits
 
 from innerloop.config import load_config
 from innerloop.models import E2ELM, CausalLM, E2EConfig, ModelConfig, build_model, generate
@@ -69,18 +69,7 @@ def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
 
 def directional_fd(model: E2ELM, ids: torch.Tensor, direction: list[torch.Tensor], h: float = 1e-5) -> float:
     """Five-point central difference of the outer loss along ``direction`` (error O(h^4))."""
-    params = list(model.parameters())
-
-    def loss_at(t: float) -> float:
-        with torch.no_grad():
-            for p, d in zip(params, direction, strict=True):
-                p.add_(t * d)
-            value = outer_loss(model, ids).item()
-            for p, d in zip(params, direction, strict=True):
-                p.sub_(t * d)
-        return value
-
-    return (-loss_at(2 * h) + 8 * loss_at(h) - 8 * loss_at(-h) + loss_at(-2 * h)) / (12 * h)
+    return directional_difference(list(model.parameters()), direction, lambda: outer_loss(model, ids), h)
 
 
 def directions(model: E2ELM, seed: int) -> dict[str, list[torch.Tensor]]:

@@ -12,6 +12,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 import torch
+from lm_testing import untrained_run
 
 from innerloop.cli import main
 from innerloop.config.load import ConfigError, load_config, save_config
@@ -32,20 +33,7 @@ def _run(tmp_path: Path, name: str, mixer: str, seed: int) -> Path:
     """A run folder as `innerloop train` leaves it (config.yaml and an untrained last.safetensors)."""
     corpus = tmp_path / "corpus.py"
     corpus.write_text(TEXT)
-    out = tmp_path / name
-    overrides = [f"model.{k}={v}" for k, v in MODEL.items()] + [
-        f"model.mixer={mixer}", "model.ttt.mini_batch_size=4" if mixer == "ttt" else "model.window=4",
-        f"data.paths=[{corpus}]",
-        f"data.seq_len={SEQ_LEN}", f"data.batch_size={BATCH}", f"data.val_batches={VAL_BATCHES}",
-        "trainer.num_position_buckets=4", f"out_dir={out}",
-    ]  # fmt: skip
-    run, cfg = load_config("tiny", overrides)
-    torch.manual_seed(seed)
-    module = LanguageModelModule(model=asdict(run.model), seq_len=SEQ_LEN, num_position_buckets=4)
-    tree = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 0}
-    save_checkpoint(tree, out / "last.safetensors")
-    save_config(cfg, out / "config.yaml")
-    return out
+    return untrained_run(tmp_path / name, corpus, mixer, seed, SEQ_LEN, BATCH, VAL_BATCHES)
 
 
 @pytest.fixture

@@ -895,7 +895,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         """Remember ``config.model`` and the inner model's config as they are now, one and the same model
         (:meth:`_sync_model_config` compares them with these)."""
         self._synced_config_model = copy.deepcopy(self.config.model)
-        self._synced_model_config = self.model.config.to_dict()
+        self._synced_model_config = copy.deepcopy(self.model.config)
 
     def _sync_model_config(self) -> None:
         """Keep ``config.model`` (what ``save_pretrained`` writes) and the inner model's config
@@ -905,8 +905,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         Unsynced, an edit of ``config.model`` (e.g. ``e2e.inner_lr``) left the model computing as before
         while config.json said the new value, so the model read back computed another function."""
         given_edited = self.config.model != self._synced_config_model
-        inner = self.model.config.to_dict()
-        inner_edited = inner != self._synced_model_config
+        inner_edited = self.model.config != self._synced_model_config  # dataclass equality: ~2 us a call
         if given_edited and inner_edited:
             raise ValueError(
                 "config.model and model.config (the inner model's) were both changed since the model last ran "
@@ -919,7 +918,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
             self.model.config = config
         elif inner_edited:
             self.model.check_built_fields()
-            self.config.model = inner
+            self.config.model = self.model.config.to_dict()
         self._mark_model_config_synced()
 
     @classmethod

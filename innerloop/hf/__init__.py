@@ -1,9 +1,9 @@
 """Hugging Face transformers integration: :class:`InnerloopConfig`, :class:`InnerloopForCausalLM`,
-``innerloop export`` (docs/huggingface.md).
+:class:`InnerloopModel` (the network without its head's logits), ``innerloop export`` (docs/huggingface.md).
 
 Importing this package does not import transformers; its classes are loaded on first access
 (``from innerloop.hf import InnerloopForCausalLM``). ``import innerloop`` registers them with
-``AutoConfig`` / ``AutoModelForCausalLM`` when transformers' Auto classes are loaded
+``AutoConfig`` / ``AutoModelForCausalLM`` / ``AutoModel`` when transformers' Auto classes are loaded
 (:mod:`innerloop.hf.hook`).
 """
 
@@ -14,6 +14,7 @@ from typing import Any
 _LAZY = {
     "InnerloopConfig": "configuration",
     "InnerloopForCausalLM": "modeling",
+    "InnerloopModel": "modeling",
     "InnerloopCache": "modeling",
 }
 
@@ -21,7 +22,8 @@ __all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:
-    """Load ``InnerloopConfig`` / ``InnerloopForCausalLM`` (and transformers) on first access."""
+    """Load ``InnerloopConfig`` / ``InnerloopForCausalLM`` / ``InnerloopModel`` (and transformers) on first
+    access."""
     if name not in _LAZY:
         raise AttributeError(f"module 'innerloop.hf' has no attribute {name!r}")
     if _LAZY[name] == "configuration":

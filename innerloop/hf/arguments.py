@@ -29,6 +29,14 @@ SUPPORTED_ARGUMENTS = (
     "equal to the positions the model reads, token_type_ids of one segment (all 0), and tokenizer (which "
     "generate passes along for stop_strings)"
 )
+"""What ``InnerloopForCausalLM.forward`` reads (named by the refusal of anything else)."""
+
+SUPPORTED_BASE_ARGUMENTS = (
+    "input_ids, attention_mask, cache (or past_key_values, cache_params), use_cache, return_dict, "
+    "output_hidden_states, output_attentions=False, position_ids or cache_position equal to the positions "
+    "the model reads, and token_type_ids of one segment (all 0)"
+)
+"""What ``InnerloopModel.forward`` (the network without its LM head) reads."""
 
 
 def one_cache(cache: Any, past_key_values: Any, cache_params: Any) -> Any:
@@ -65,18 +73,25 @@ def check_mask_shape(attention_mask: Any, input_ids: torch.Tensor, cached: int, 
     )
 
 
-def check_other_arguments(arguments: dict[str, Any], start: int, length: int) -> None:
+def check_other_arguments(
+    arguments: dict[str, Any],
+    start: int,
+    length: int,
+    owner: str = "InnerloopForCausalLM",
+    supported: str = SUPPORTED_ARGUMENTS,
+) -> None:
     """Refuse, naming them, the arguments ``forward`` does not read, but accept what changes nothing:
     an argument given as None, ``output_attentions`` off, and ``position_ids`` / ``cache_position`` equal
     to the positions of the new tokens (``start .. start + length - 1``: innerloop models count
-    positions in their cache)."""
+    positions in their cache). ``owner`` and ``supported``: the class and what its forward reads, for
+    the message."""
     unsupported = []
     for name, value in arguments.items():
         if value is None:
             continue
         if name in ("position_ids", "cache_position"):
             _check_positions(name, value, start, length)
-        elif name == "tokenizer":  # generate(stop_strings=..., tokenizer=...) passes it along
+        elif name == "tokenizer" and owner == "InnerloopForCausalLM":  # generate(stop_strings=...) passes it
             continue
         elif name == "token_type_ids":
             _check_one_segment(value)
@@ -90,8 +105,8 @@ def check_other_arguments(arguments: dict[str, Any], start: int, length: int) ->
             unsupported.append(name)
     if unsupported:
         raise ValueError(
-            f"InnerloopForCausalLM.forward got argument(s) it does not use: {', '.join(unsupported)}; "
-            f"supported: {SUPPORTED_ARGUMENTS}"
+            f"{owner}.forward got argument(s) it does not use: {', '.join(unsupported)}; "
+            f"supported: {supported}"
         )
 
 

@@ -5,9 +5,10 @@ instead, the two Auto-class modules are watched:
 
 - ``transformers.models.auto.configuration_auto`` (``AutoConfig``): when it has been loaded,
   :class:`~innerloop.hf.configuration.InnerloopConfig` is registered for ``model_type="innerloop"``;
-- ``transformers.models.auto.modeling_auto`` (``AutoModelForCausalLM``): when it has been loaded
-  *and* an :class:`~innerloop.hf.configuration.InnerloopConfig` has been built (whichever comes
-  second), :class:`~innerloop.hf.modeling.InnerloopForCausalLM` is registered for that config.
+- ``transformers.models.auto.modeling_auto`` (``AutoModelForCausalLM``, ``AutoModel``): when it has
+  been loaded *and* an :class:`~innerloop.hf.configuration.InnerloopConfig` has been built (whichever
+  comes second), :class:`~innerloop.hf.modeling.InnerloopForCausalLM` and
+  :class:`~innerloop.hf.modeling.InnerloopModel` are registered for that config.
   Registering the model imports transformers' modeling stack (seconds), and other libraries load
   ``modeling_auto`` without using innerloop's model (torchmetrics does, under Lightning, so every
   ``innerloop train`` would pay for it). Every way the Auto classes reach innerloop's model builds the
@@ -42,14 +43,16 @@ def register_config() -> None:
 
 
 def register_model() -> None:
-    """``AutoModelForCausalLM.register(InnerloopConfig, InnerloopForCausalLM)`` (idempotent)."""
-    from transformers import AutoModelForCausalLM
+    """``AutoModelForCausalLM.register(InnerloopConfig, InnerloopForCausalLM)`` and
+    ``AutoModel.register(InnerloopConfig, InnerloopModel)`` (idempotent)."""
+    from transformers import AutoModel, AutoModelForCausalLM
 
     from innerloop.hf.configuration import InnerloopConfig
-    from innerloop.hf.modeling import InnerloopForCausalLM
+    from innerloop.hf.modeling import InnerloopForCausalLM, InnerloopModel
 
     register_config()  # the model's registration needs the config's
     AutoModelForCausalLM.register(InnerloopConfig, InnerloopForCausalLM, exist_ok=True)
+    AutoModel.register(InnerloopConfig, InnerloopModel, exist_ok=True)
 
 
 def register_model_when_wanted() -> None:

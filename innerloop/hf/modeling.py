@@ -41,6 +41,8 @@ from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import as_integer, first_non_finite, mean_scored_cross_entropy
 from innerloop.data.atomic import atomic_write_text, file_sha256
 from innerloop.hf.arguments import (
+    SUPPORTED_ARGUMENTS,
+    SUPPORTED_BASE_ARGUMENTS,
     check_flag,
     check_generation_counts,
     check_logits_to_keep,
@@ -365,7 +367,9 @@ def check_token_ids(input_ids: Any, vocab_size: int) -> None:
 
 
 class InnerloopPreTrainedModel(PreTrainedModel):
-    """Base class of innerloop's Hugging Face models: the config class and how weights are set up."""
+    """Base class of innerloop's Hugging Face models: the config class, how weights are set up, loaded and
+    saved, and what both models share. Each holds the whole innerloop network as ``self.model`` (its LM
+    head too), so that one folder loads in either class with the same weight names, strictly."""
 
     config_class = InnerloopConfig
     config: InnerloopConfig
@@ -374,6 +378,195 @@ class InnerloopPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _is_stateful = True
     _no_split_modules: list[str] = []
+    _tied_weights_keys = {"model.lm_head.weight": "model.embed.weight"}
+    _supported_arguments = SUPPORTED_ARGUMENTS  # what forward reads, named when it refuses another argument
+    # the attention mixers run torch's scaled_dot_product_attention (models/attention.py): from_pretrained's
+    # attn_implementation="sdpa" (its default when allowed) says so; "eager" is accepted and changes nothing
+    _supports_sdpa = True
+
+    def __init__(self, config: InnerloopConfig) -> None:
+        super().__init__(config)
+        self.model = build_model(config.model_config)
+        self.post_init()
+        self._mark_model_config_synced()
+
+    def _mark_model_config_synced(self) -> None:
+        """Remember ``config.model`` and the inner model's config as they are now, one and the same model
+        (:meth:`_sync_model_config` compares them with these)."""
+        self._synced_config_model = copy.deepcopy(self.config.model)
+        self._synced_model_config = copy.deepcopy(self.model.config)
+
+    def _sync_model_config(self) -> None:
+        """Keep ``config.model`` (what ``save_pretrained`` writes) and the inner model's config
+        (``model.config``, what it reads at every call) one: an edit of either since the last call is
+        carried to the other; an edit of ``config.model`` must leave the fields the model read when built
+        as they were (:meth:`~innerloop.models.lm.CausalLM.check_built_fields`); edits of both are refused.
+        Unsynced, an edit of ``config.model`` (e.g. ``e2e.inner_lr``) left the model computing as before
+        while config.json said the new value, so the model read back computed another function."""
+        given_edited = self.config.model != self._synced_config_model
+        inner_edited = self.model.config != self._synced_model_config  # dataclass equality: ~2 us a call
+        if given_edited and inner_edited:
+            raise ValueError(
+                "config.model and model.config (the inner model's) were both changed since the model last ran "
+                "or was saved; change one of them: config.model is what save_pretrained writes, and the other "
+                "follows it at the next call"
+            )
+        if given_edited:
+            config = model_config_from(self.config.model)
+            self.model.check_built_fields(config)
+            self.model.config = config
+        elif inner_edited:
+            self.model.check_built_fields()
+            self.config.model = self.model.config.to_dict()
+        self._mark_model_config_synced()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """No: the cache is innerloop's own state, made by the first forward (as Mamba's used to be)."""
+        return False
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding ``[vocab, hidden]``."""
+        return self.model.embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """Replace the token embedding by one of the same shape (a tied LM head follows it); to change the
+        vocabulary's size, use :meth:`resize_token_embeddings`, which keeps the config in step."""
+        _check_same_shape("set_input_embeddings", value, self.model.embed.weight)
+        self.model.embed = value
+        if self.config.tie_word_embeddings:
+            self.model.lm_head.weight = value.weight
+
+    def resize_token_embeddings(
+        self,
+        new_num_tokens: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        mean_resizing: bool = True,
+    ) -> nn.Embedding:
+        """Resize the vocabulary to ``new_num_tokens`` (rounded up to a multiple of ``pad_to_multiple_of``):
+        the embedding, the LM head (tied or not) and ``model.vocab_size`` in the config together.
+
+        The rows of the tokens kept are unchanged, so are their logits; added rows are the mean of the
+        old rows (``mean_resizing``, as transformers does, without its noise) or drawn with the model's
+        ``init_std``. The padding row (``model.padding_id``) stays the padding row. Everything is checked
+        before anything changes. Returns the new embedding. Refused
+        for the TTT-E2E model, whose inner loop reads the whole vocabulary (every logit would change).
+        """
+        old = self.model.embed
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return old
+        if self.config.model["mixer"] == E2E:  # type: ignore[index]
+            raise ValueError(
+                f"resize_token_embeddings is not supported for the TTT-E2E model (model.mixer={E2E!r}): its "
+                "inner loop trains on the next-token loss over the whole vocabulary, so a token added or "
+                f"removed would change every logit; the vocabulary stays model.vocab_size={old.num_embeddings}"
+            )
+        size = _resized_vocab(new_num_tokens, pad_to_multiple_of, old.num_embeddings)
+        if old.padding_idx is not None and old.padding_idx >= size:
+            raise ValueError(
+                f"new_num_tokens={new_num_tokens} (pad_to_multiple_of={pad_to_multiple_of}) gives {size} tokens, "
+                f"which drops the padding row model.padding_id={old.padding_idx}; keep at least "
+                f"{old.padding_idx + 1} tokens"
+            )
+        config = model_config_from({**self.config.model, "vocab_size": size})  # type: ignore[dict-item]
+        if size == old.num_embeddings:
+            return old
+        check_fits_in_memory(config, old.weight.device, old.weight.dtype)
+        std = config.init_std
+        embed = nn.Embedding(
+            size,
+            old.embedding_dim,
+            padding_idx=old.padding_idx,
+            device=old.weight.device,
+            dtype=old.weight.dtype,
+        )
+        embed.weight = _resized_rows(old.weight, size, mean_resizing, std)
+        head = nn.Linear(
+            old.embedding_dim, size, bias=False, device=old.weight.device, dtype=old.weight.dtype
+        )
+        if self.config.tie_word_embeddings:
+            head.weight = embed.weight
+        else:
+            head.weight = _resized_rows(self.model.lm_head.weight, size, mean_resizing, std)
+        self.model.embed, self.model.lm_head = embed, head
+        self.model.config = config
+        self.model.rebuilt("vocab_size")  # the embedding and head above are its new size
+        self.config.model = config.to_dict()
+        self._mark_model_config_synced()
+        return embed
+
+    @run_eagerly("innerloop: the input checks read the ids' and the mask's values")  # as the LM's own
+    def _check_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: InnerloopCache | None,
+        use_cache: bool | None,
+        output_hidden_states: bool | None,
+    ) -> tuple[torch.Tensor, bool, bool]:
+        """Check the ids' layout (first: the other checks read their shape), the mask, ``use_cache`` and
+        the ids' values where the mask reads them (a right padding's ids are never scored, and a tokenizer
+        may pad with an id past the model's vocabulary: the byte tokenizer's end of text, 256); return
+        the ids with the padding's set to 0 (:func:`padding_zeroed`), whether a cache may be returned
+        (see :func:`check_attention_mask`) and whether the hidden states are wanted. First, that
+        ``config.model`` still describes the built model (an edit there it cannot follow is refused)."""
+        self._sync_model_config()
+        check_token_ids_shape(input_ids)
+        cached = 0 if cache is None else cache.seq_length
+        check_mask_shape(attention_mask, input_ids, cached)
+        check_mask_values(attention_mask)
+        check_flag("use_cache", use_cache)
+        may_cache = check_attention_mask(attention_mask, cached=cache is not None, use_cache=use_cache)
+        input_ids = padding_zeroed(input_ids, attention_mask)
+        check_token_ids(input_ids, self.config.vocab_size)
+        is_e2e = self.config.model["mixer"] == E2E  # type: ignore[index]
+        hidden = hidden_states_wanted(output_hidden_states, self.config.output_hidden_states, is_e2e)
+        return input_ids, may_cache, hidden
+
+    def _check_arguments(
+        self,
+        kwargs: dict[str, Any],
+        input_ids: torch.Tensor,
+        cache: InnerloopCache | None,
+        logits_to_keep: Any,
+        return_dict: Any,
+    ) -> None:
+        """Check ``forward``'s other arguments (:func:`~innerloop.hf.arguments.check_other_arguments`),
+        ``logits_to_keep`` against the ids' shape, and ``return_dict``."""
+        start = 0 if cache is None else cache.seq_length
+        check_other_arguments(
+            kwargs, start, input_ids.shape[1], type(self).__name__, self._supported_arguments
+        )
+        check_logits_to_keep(logits_to_keep, *input_ids.shape)
+        check_flag("return_dict", return_dict)
+
+    def _check_cache(self, cache: Any) -> None:
+        """Refuse anything but an :class:`InnerloopCache`, and a cache this model made in another dtype
+        or on another device (its state cannot be converted: the sequence must be read again)."""
+        if cache is None:
+            return
+        if not isinstance(cache, InnerloopCache):
+            raise ValueError(
+                f"cache must be the InnerloopCache returned by a previous call, got {type(cache).__name__}"
+            )
+        check_cache_length(cache)
+        dtype = self.dtype if cache.dtype is None else cache.dtype  # None: a cache made by hand
+        device = self.device if cache.device is None else cache.device
+        if (dtype, device) != (self.dtype, self.device):
+            raise ValueError(
+                f"cache was made by the model in {dtype} on {device}, and the model is now in {self.dtype} "
+                f"on {self.device}: a cache continues the model as it was, and its state cannot be "
+                "converted; read the sequence again with the model as it is now (model(input_ids).cache), "
+                f"or put the model back (model.to(device='{device}', dtype={dtype}))"
+            )
+
+    def _next_cache(
+        self, input_ids: torch.Tensor, cache: InnerloopCache | None, state: LMState | E2EState
+    ) -> InnerloopCache:
+        """The cache after ``input_ids``, read from ``cache`` (None: from the start) into ``state``."""
+        seen = (0 if cache is None else cache.seq_length) + input_ids.shape[1]
+        fingerprint = token_fingerprint(input_ids, None if cache is None else cache.fingerprint)
+        return InnerloopCache(state, seen, fingerprint, dtype=self.dtype, device=self.device)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Nothing: innerloop's modules initialise themselves when they are built (innerloop's scheme)."""
@@ -878,69 +1071,12 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
     torch.Size([1, 2, 256])
     """
 
-    _tied_weights_keys = {"model.lm_head.weight": "model.embed.weight"}
     # transformers' Trainer then passes no num_items_in_batch (forward refuses arguments it does not use)
     accepts_loss_kwargs = False
-    # the attention mixers run torch's scaled_dot_product_attention (models/attention.py): from_pretrained's
-    # attn_implementation="sdpa" (its default when allowed) says so; "eager" is accepted and changes nothing
-    _supports_sdpa = True
-
-    def __init__(self, config: InnerloopConfig) -> None:
-        super().__init__(config)
-        self.model = build_model(config.model_config)
-        self.post_init()
-        self._mark_model_config_synced()
-
-    def _mark_model_config_synced(self) -> None:
-        """Remember ``config.model`` and the inner model's config as they are now, one and the same model
-        (:meth:`_sync_model_config` compares them with these)."""
-        self._synced_config_model = copy.deepcopy(self.config.model)
-        self._synced_model_config = copy.deepcopy(self.model.config)
-
-    def _sync_model_config(self) -> None:
-        """Keep ``config.model`` (what ``save_pretrained`` writes) and the inner model's config
-        (``model.config``, what it reads at every call) one: an edit of either since the last call is
-        carried to the other; an edit of ``config.model`` must leave the fields the model read when built
-        as they were (:meth:`~innerloop.models.lm.CausalLM.check_built_fields`); edits of both are refused.
-        Unsynced, an edit of ``config.model`` (e.g. ``e2e.inner_lr``) left the model computing as before
-        while config.json said the new value, so the model read back computed another function."""
-        given_edited = self.config.model != self._synced_config_model
-        inner_edited = self.model.config != self._synced_model_config  # dataclass equality: ~2 us a call
-        if given_edited and inner_edited:
-            raise ValueError(
-                "config.model and model.config (the inner model's) were both changed since the model last ran "
-                "or was saved; change one of them: config.model is what save_pretrained writes, and the other "
-                "follows it at the next call"
-            )
-        if given_edited:
-            config = model_config_from(self.config.model)
-            self.model.check_built_fields(config)
-            self.model.config = config
-        elif inner_edited:
-            self.model.check_built_fields()
-            self.config.model = self.model.config.to_dict()
-        self._mark_model_config_synced()
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        """No: the cache is innerloop's own state, made by the first forward (as Mamba's used to be)."""
-        return False
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        """The token embedding ``[vocab, hidden]``."""
-        return self.model.embed
 
     def get_output_embeddings(self) -> nn.Linear:
         """The LM head (tied to the embedding unless ``model.tie_embeddings`` is false)."""
         return self.model.lm_head
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        """Replace the token embedding by one of the same shape (a tied LM head follows it); to change the
-        vocabulary's size, use :meth:`resize_token_embeddings`, which keeps the config in step."""
-        _check_same_shape("set_input_embeddings", value, self.model.embed.weight)
-        self.model.embed = value
-        if self.config.tie_word_embeddings:
-            self.model.lm_head.weight = value.weight
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         """Replace the LM head by one of the same shape (refused for a head tied to the embedding)."""
@@ -951,64 +1087,6 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
             )
         _check_same_shape("set_output_embeddings", value, self.model.lm_head.weight)
         self.model.lm_head = value
-
-    def resize_token_embeddings(
-        self,
-        new_num_tokens: int | None = None,
-        pad_to_multiple_of: int | None = None,
-        mean_resizing: bool = True,
-    ) -> nn.Embedding:
-        """Resize the vocabulary to ``new_num_tokens`` (rounded up to a multiple of ``pad_to_multiple_of``):
-        the embedding, the LM head (tied or not) and ``model.vocab_size`` in the config together.
-
-        The rows of the tokens kept are unchanged, so are their logits; added rows are the mean of the
-        old rows (``mean_resizing``, as transformers does, without its noise) or drawn with the model's
-        ``init_std``. The padding row (``model.padding_id``) stays the padding row. Everything is checked
-        before anything changes. Returns the new embedding. Refused
-        for the TTT-E2E model, whose inner loop reads the whole vocabulary (every logit would change).
-        """
-        old = self.model.embed
-        if new_num_tokens is None and pad_to_multiple_of is None:
-            return old
-        if self.config.model["mixer"] == E2E:  # type: ignore[index]
-            raise ValueError(
-                f"resize_token_embeddings is not supported for the TTT-E2E model (model.mixer={E2E!r}): its "
-                "inner loop trains on the next-token loss over the whole vocabulary, so a token added or "
-                f"removed would change every logit; the vocabulary stays model.vocab_size={old.num_embeddings}"
-            )
-        size = _resized_vocab(new_num_tokens, pad_to_multiple_of, old.num_embeddings)
-        if old.padding_idx is not None and old.padding_idx >= size:
-            raise ValueError(
-                f"new_num_tokens={new_num_tokens} (pad_to_multiple_of={pad_to_multiple_of}) gives {size} tokens, "
-                f"which drops the padding row model.padding_id={old.padding_idx}; keep at least "
-                f"{old.padding_idx + 1} tokens"
-            )
-        config = model_config_from({**self.config.model, "vocab_size": size})  # type: ignore[dict-item]
-        if size == old.num_embeddings:
-            return old
-        check_fits_in_memory(config, old.weight.device, old.weight.dtype)
-        std = config.init_std
-        embed = nn.Embedding(
-            size,
-            old.embedding_dim,
-            padding_idx=old.padding_idx,
-            device=old.weight.device,
-            dtype=old.weight.dtype,
-        )
-        embed.weight = _resized_rows(old.weight, size, mean_resizing, std)
-        head = nn.Linear(
-            old.embedding_dim, size, bias=False, device=old.weight.device, dtype=old.weight.dtype
-        )
-        if self.config.tie_word_embeddings:
-            head.weight = embed.weight
-        else:
-            head.weight = _resized_rows(self.model.lm_head.weight, size, mean_resizing, std)
-        self.model.embed, self.model.lm_head = embed, head
-        self.model.config = config
-        self.model.rebuilt("vocab_size")  # the embedding and head above are its new size
-        self.config.model = config.to_dict()
-        self._mark_model_config_synced()
-        return embed
 
     def forward(
         self,
@@ -1071,68 +1149,6 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         )
         return output if return_dict is not False else output.to_tuple()
 
-    @run_eagerly("innerloop: the input checks read the ids' and the mask's values")  # as the LM's own
-    def _check_inputs(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        cache: InnerloopCache | None,
-        use_cache: bool | None,
-        output_hidden_states: bool | None,
-    ) -> tuple[torch.Tensor, bool, bool]:
-        """Check the ids' layout (first: the other checks read their shape), the mask, ``use_cache`` and
-        the ids' values where the mask reads them (a right padding's ids are never scored, and a tokenizer
-        may pad with an id past the model's vocabulary: the byte tokenizer's end of text, 256); return
-        the ids with the padding's set to 0 (:func:`padding_zeroed`), whether a cache may be returned
-        (see :func:`check_attention_mask`) and whether the hidden states are wanted. First, that
-        ``config.model`` still describes the built model (an edit there it cannot follow is refused)."""
-        self._sync_model_config()
-        check_token_ids_shape(input_ids)
-        cached = 0 if cache is None else cache.seq_length
-        check_mask_shape(attention_mask, input_ids, cached)
-        check_mask_values(attention_mask)
-        check_flag("use_cache", use_cache)
-        may_cache = check_attention_mask(attention_mask, cached=cache is not None, use_cache=use_cache)
-        input_ids = padding_zeroed(input_ids, attention_mask)
-        check_token_ids(input_ids, self.config.vocab_size)
-        is_e2e = self.config.model["mixer"] == E2E  # type: ignore[index]
-        hidden = hidden_states_wanted(output_hidden_states, self.config.output_hidden_states, is_e2e)
-        return input_ids, may_cache, hidden
-
-    @staticmethod
-    def _check_arguments(
-        kwargs: dict[str, Any],
-        input_ids: torch.Tensor,
-        cache: InnerloopCache | None,
-        logits_to_keep: Any,
-        return_dict: Any,
-    ) -> None:
-        """Check ``forward``'s other arguments (:func:`~innerloop.hf.arguments.check_other_arguments`),
-        ``logits_to_keep`` against the ids' shape, and ``return_dict``."""
-        check_other_arguments(kwargs, 0 if cache is None else cache.seq_length, input_ids.shape[1])
-        check_logits_to_keep(logits_to_keep, *input_ids.shape)
-        check_flag("return_dict", return_dict)
-
-    def _check_cache(self, cache: Any) -> None:
-        """Refuse anything but an :class:`InnerloopCache`, and a cache this model made in another dtype
-        or on another device (its state cannot be converted: the sequence must be read again)."""
-        if cache is None:
-            return
-        if not isinstance(cache, InnerloopCache):
-            raise ValueError(
-                f"cache must be the InnerloopCache returned by a previous call, got {type(cache).__name__}"
-            )
-        check_cache_length(cache)
-        dtype = self.dtype if cache.dtype is None else cache.dtype  # None: a cache made by hand
-        device = self.device if cache.device is None else cache.device
-        if (dtype, device) != (self.dtype, self.device):
-            raise ValueError(
-                f"cache was made by the model in {dtype} on {device}, and the model is now in {self.dtype} "
-                f"on {self.device}: a cache continues the model as it was, and its state cannot be "
-                "converted; read the sequence again with the model as it is now (model(input_ids).cache), "
-                f"or put the model back (model.to(device='{device}', dtype={dtype}))"
-            )
-
     def _run(
         self, input_ids: torch.Tensor, cache: InnerloopCache | None, hidden: bool
     ) -> tuple[torch.Tensor, LMState | E2EState, tuple[torch.Tensor, ...] | None]:
@@ -1145,14 +1161,6 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         with recording_hidden_states(self.model) as recorded:
             logits, new_state = self.model(input_ids, state)
         return logits, new_state, tuple(recorded)
-
-    def _next_cache(
-        self, input_ids: torch.Tensor, cache: InnerloopCache | None, state: LMState | E2EState
-    ) -> InnerloopCache:
-        """The cache after ``input_ids``, read from ``cache`` (None: from the start) into ``state``."""
-        seen = (0 if cache is None else cache.seq_length) + input_ids.shape[1]
-        fingerprint = token_fingerprint(input_ids, None if cache is None else cache.fingerprint)
-        return InnerloopCache(state, seen, fingerprint, dtype=self.dtype, device=self.device)
 
     def prepare_inputs_for_generation(
         self,
@@ -1260,6 +1268,96 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
                         torch.arange(batch).repeat_interleave(expand_size)
                     )
         return input_ids, model_kwargs
+
+
+@dataclass
+class InnerloopModelOutput(ModelOutput):
+    """Output of :meth:`InnerloopModel.forward`.
+
+    Attributes:
+        last_hidden_state: ``[B, T, hidden]``, what the LM head reads: the last block's output after the
+            final norm (``InnerloopForCausalLM``'s logits are ``model.lm_head`` of it).
+        cache: the state after the last token (:class:`InnerloopCache`), unless ``use_cache=False``.
+        hidden_states: with ``output_hidden_states=True``, ``num_layers + 1`` tensors ``[B, T, hidden]``:
+            the embedding's output, each block's output, the last one after the final norm (as
+            transformers' models return them; the last is ``last_hidden_state``).
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    cache: InnerloopCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class InnerloopModel(InnerloopPreTrainedModel):
+    """An innerloop language model's network up to its final norm, with transformers' API: what
+    ``AutoModel.from_pretrained`` loads from a folder that ``InnerloopForCausalLM`` (or ``innerloop
+    export``) saved, for the hidden states of a sequence (``pipeline("feature-extraction")``, embeddings).
+
+    ``model(input_ids).last_hidden_state`` is what ``InnerloopForCausalLM``'s LM head reads, with the same
+    weights and the same checks of every argument; ``cache`` continues a sequence across calls exactly as
+    there. It holds the whole network, the LM head included (unused), so that the folder's weights load
+    strictly, by the same names. Not for the TTT-E2E model, whose last blocks train on their own logits
+    chunk by chunk (refused when built).
+
+    >>> import torch
+    >>> from innerloop.hf import InnerloopConfig, InnerloopModel
+    >>> model = InnerloopModel(InnerloopConfig(model={"hidden_size": 32, "num_heads": 2})).eval()
+    >>> model(torch.tensor([[104, 105]])).last_hidden_state.shape
+    torch.Size([1, 2, 32])
+    """
+
+    _supported_arguments = SUPPORTED_BASE_ARGUMENTS
+
+    def __init__(self, config: InnerloopConfig) -> None:
+        if config.model["mixer"] == E2E:  # type: ignore[index]
+            raise ValueError(
+                f"InnerloopModel (AutoModel) does not support the TTT-E2E model (model.mixer={E2E!r}): its last "
+                "blocks train on their own next-token logits chunk by chunk, and innerloop does not record "
+                "their hidden states; load it with AutoModelForCausalLM (InnerloopForCausalLM) for its logits"
+            )
+        super().__init__(config)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: InnerloopCache | None = None,
+        use_cache: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        output_hidden_states: bool | None = None,
+        past_key_values: InnerloopCache | None = None,
+        cache_params: InnerloopCache | None = None,
+        **kwargs: Any,
+    ) -> InnerloopModelOutput | tuple:
+        """``input_ids [B, T]`` -> ``last_hidden_state [B, T, hidden]``, continuing from ``cache`` when
+        given. The arguments are :meth:`InnerloopForCausalLM.forward`'s, but ``labels`` and
+        ``logits_to_keep`` (there is no head here); a right padding's positions hold numbers no token
+        asked for, as in every causal model, and are for the caller to drop by the mask."""
+        if inputs_embeds is not None or input_ids is None:
+            raise ValueError(
+                "InnerloopModel takes input_ids (token ids [batch, length]); inputs_embeds is not supported"
+            )
+        cache = one_cache(cache, past_key_values, cache_params)
+        self._check_cache(cache)
+        input_ids, may_cache, hidden = self._check_inputs(
+            input_ids, attention_mask, cache, use_cache, output_hidden_states
+        )
+        self._check_arguments(kwargs, input_ids, cache, 0, return_dict)
+        state = None if cache is None else cache.state
+        if hidden:
+            with recording_hidden_states(self.model) as recorded:
+                features, new_state = self.model.features(input_ids, state)  # [B, T, D]
+            hidden_states: tuple[torch.Tensor, ...] | None = tuple(recorded)
+        else:
+            features, new_state = self.model.features(input_ids, state)
+            hidden_states = None
+        use_cache = (self.config.use_cache if use_cache is None else use_cache) and may_cache
+        new_cache = self._next_cache(input_ids, cache, new_state) if use_cache else None
+        output = InnerloopModelOutput(
+            last_hidden_state=features, cache=new_cache, hidden_states=hidden_states
+        )
+        return output if return_dict is not False else output.to_tuple()
 
 
 def _check_same_shape(name: str, module: nn.Module, current: torch.Tensor) -> None:

@@ -13,20 +13,29 @@ from pathlib import Path
 AUTO_MAP: dict[str, str] = {
     "AutoConfig": "configuration_innerloop.InnerloopConfig",
     "AutoModelForCausalLM": "modeling_innerloop.InnerloopForCausalLM",
+    "AutoModel": "modeling_innerloop.InnerloopModel",
 }
 """config.json's ``auto_map``: Auto class -> ``module.Class`` in the folder."""
 
-_SHIM = '''"""Loads innerloop's {name} for `trust_remote_code=True`; innerloop must be installed
-(pip install innerloop). Written by innerloop's save_pretrained / `innerloop export`."""
+_SHIM = '''"""Loads innerloop's {names} for `trust_remote_code=True`;
+innerloop must be installed (pip install innerloop). Written by innerloop's save_pretrained /
+`innerloop export`."""
 
-from innerloop.hf.{module} import {name}
+from innerloop.hf.{module} import {imported}
 
-__all__ = ["{name}"]
+__all__ = [{listed}]
 '''
 
+
+def _shim(module: str, *names: str) -> str:
+    """The source of a module that imports ``names`` from ``innerloop.hf.<module>``."""
+    listed = ", ".join(f'"{name}"' for name in names)
+    return _SHIM.format(names=" and ".join(names), module=module, imported=", ".join(names), listed=listed)
+
+
 SHIMS: dict[str, str] = {
-    "configuration_innerloop.py": _SHIM.format(module="configuration", name="InnerloopConfig"),
-    "modeling_innerloop.py": _SHIM.format(module="modeling", name="InnerloopForCausalLM"),
+    "configuration_innerloop.py": _shim("configuration", "InnerloopConfig"),
+    "modeling_innerloop.py": _shim("modeling", "InnerloopForCausalLM", "InnerloopModel"),
 }
 """File name -> source of the modules ``AUTO_MAP`` names."""
 

@@ -316,14 +316,20 @@ class CausalLM(nn.Module):
 
         Passing the returned state with the next chunk continues the sequence.
         """
+        features, new_state = self.features(input_ids, state)  # [B, T, D]
+        return self.lm_head(features), new_state  # logits [B, T, V]
+
+    def features(self, input_ids: torch.Tensor, state: LMState | None = None) -> tuple[torch.Tensor, LMState]:
+        """``input_ids [B, T]`` → what the LM head reads, ``[B, T, hidden_size]`` (the last block's output
+        after the final norm), and the state after the last token: :meth:`forward` without the head
+        (``lm_head(features)`` is its logits), for the hidden states of a sequence or a step of it."""
         self._check_inputs(input_ids, state)
         h = self.embed(input_ids)  # [B, T, D]
         new_states = []
         for i, block in enumerate(self.blocks):
             h, block_state = block(h, None if state is None else state.blocks[i])
             new_states.append(block_state)
-        logits = self.lm_head(self.norm(h))  # [B, T, V]
-        return logits, LMState(tuple(new_states))
+        return self.norm(h), LMState(tuple(new_states))
 
     def check_built_fields(self, config: ModelConfig | Mapping[str, Any] | None = None) -> None:
         """Raise ``ValueError`` if a field of ``self.config`` the model read only when it was built

@@ -39,7 +39,8 @@ def test_import_innerloop_does_not_import_transformers() -> None:
 LOAD = """
     model = AutoModelForCausalLM.from_pretrained({folder!r})
     config = AutoConfig.from_pretrained({folder!r})
-    print(type(model).__module__, type(config).__name__)
+    base = AutoModel.from_pretrained({folder!r})
+    print(type(model).__module__, type(config).__name__, type(base).__name__)
 """
 
 
@@ -47,15 +48,15 @@ LOAD = """
 @pytest.mark.parametrize(
     "imports",
     [
-        "import innerloop\nfrom transformers import AutoConfig, AutoModelForCausalLM",
-        "from transformers import AutoConfig, AutoModelForCausalLM\nimport innerloop",
-        "import transformers\nimport innerloop\nfrom transformers import AutoConfig, AutoModelForCausalLM",
+        "import innerloop\nfrom transformers import AutoConfig, AutoModel, AutoModelForCausalLM",
+        "from transformers import AutoConfig, AutoModel, AutoModelForCausalLM\nimport innerloop",
+        "import transformers\nimport innerloop\nfrom transformers import AutoConfig, AutoModel, AutoModelForCausalLM",
     ],
     ids=["innerloop_first", "transformers_first", "transformers_then_auto_classes"],
 )
 def test_either_import_order_registers_the_auto_classes(imports: str, folder: str) -> None:
     out = run_fresh(imports + textwrap.dedent(LOAD).format(folder=folder))
-    assert out.split() == ["innerloop.hf.modeling", "InnerloopConfig"]
+    assert out.split() == ["innerloop.hf.modeling", "InnerloopConfig", "InnerloopModel"]
 
 
 @pytest.mark.slow  # a fresh interpreter importing torch and transformers: ~6 s
@@ -76,10 +77,10 @@ def test_a_library_loading_the_auto_classes_does_not_import_the_model_until_a_co
 @pytest.mark.slow  # a fresh interpreter: ~5 s
 def test_a_tool_that_never_imports_innerloop_loads_with_trust_remote_code(folder: str) -> None:
     out = run_fresh(
-        "from transformers import AutoConfig, AutoModelForCausalLM\n"
-        + textwrap.dedent(LOAD).format(folder=folder).replace(")\n", ", trust_remote_code=True)\n", 2)
+        "from transformers import AutoConfig, AutoModel, AutoModelForCausalLM\n"
+        + textwrap.dedent(LOAD).format(folder=folder).replace(")\n", ", trust_remote_code=True)\n", 3)
     )
-    assert out.split() == ["innerloop.hf.modeling", "InnerloopConfig"]
+    assert out.split() == ["innerloop.hf.modeling", "InnerloopConfig", "InnerloopModel"]
 
 
 def test_the_hook_registers_once_and_leaves_other_imports_alone() -> None:

@@ -65,3 +65,19 @@ def test_the_e2e_model_and_arguments_of_the_head_are_refused_naming_what_to_use(
             ValueError, match=rf"InnerloopModel.forward got argument\(s\) it does not use: {name}"
         ):
             base(ids, **{name: value})
+
+
+@pytest.mark.slow  # transformers' pipelines module and an export: ~1.5 s
+def test_the_feature_extraction_pipeline_reads_an_export(tmp_path) -> None:
+    from transformers import pipeline
+
+    from innerloop.hf.export import export_model
+    from innerloop.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=32, num_heads=2)).eval()
+    folder = export_model(model, tmp_path / "exported")
+    features = pipeline("feature-extraction", model=str(folder))("hello world")  # [1, 11, 32] as lists
+    with torch.no_grad():
+        expected = model.features(torch.tensor([list(b"hello world")]))[0]
+    assert torch.equal(torch.tensor(features), expected)

@@ -1051,13 +1051,15 @@ def _dataset_records(args: argparse.Namespace, files: Sequence[Path]) -> _Record
 def _read_text_file(path: Path) -> str:
     """A training file's text; :class:`ConfigError` naming it when it is not UTF-8."""
     try:
-        return path.read_bytes().decode("utf-8")
+        data = path.read_bytes()
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        from innerloop.data.text import COMPRESSIONS
+        from innerloop.data.text import COMPRESSIONS, compression_of
 
-        compressed = next((c for c in COMPRESSIONS if path.name.lower().endswith(c)), None)
+        compressed = compression_of(data[:16])
         why = (  # a .txt.gz, or a .jsonl.gz with --raw: its bytes, not its text
-            f"; it is compressed ({compressed}), and PATHs read whole as text are read as they are: decompress it"
+            f"; it is compressed ({compressed}), and PATHs read whole as text are read as they are: "
+            f"{'decompress' if compressed in COMPRESSIONS else 'extract'} it"
             if compressed is not None
             else ""
         )

@@ -34,6 +34,7 @@ import lzma
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from innerloop.data.hf import check_hf_source, iter_texts, open_hf_dataset
 from innerloop.data.text import DataError
@@ -58,8 +59,10 @@ def _csv_text(texts: list[str]) -> str:
         ("corpus.jsonl.gz", gzip.open, "".join(json.dumps({"text": t}) + "\n" for t in TEXTS)),
         ("corpus.csv.xz", lzma.open, _csv_text(TEXTS)),
         ("corpus.csv.bz2", bz2.open, _csv_text(TEXTS)),
+        ("corpus.jsonl.zst", zstandard.open, "".join(json.dumps({"text": t}) + "\n" for t in TEXTS)),
+        ("corpus.csv.zst", zstandard.open, _csv_text(TEXTS)),  # its header read by innerloop too
     ],
-    ids=["jsonl.gz", "csv.xz", "csv.bz2"],
+    ids=["jsonl.gz", "csv.xz", "csv.bz2", "jsonl.zst", "csv.zst"],
 )
 @pytest.mark.parametrize("streaming", [False, True])
 def test_compressed_data_files_are_read_as_their_format(tmp_path, name, opener, content, streaming) -> None:
@@ -77,7 +80,7 @@ def test_a_compressed_format_datasets_cannot_decompress_is_refused_naming_both_s
     """The compression suffixes follow json, text and csv only (a parquet or arrow file has its own)."""
     (tmp_path / "corpus.parquet.gz").write_bytes(gzip.compress(b"not read"))
     with pytest.raises(
-        DataError, match=r"whose suffix '\.parquet\.gz' is not a data format.*\.gz, \.bz2, \.xz"
+        DataError, match=r"whose suffix '\.parquet\.gz' is not a data format.*\.gz, \.bz2, \.xz, \.zst"
     ):
         check_hf_source([str(tmp_path / "corpus.parquet.gz")])
 
@@ -210,3 +213,17 @@ def test_an_official_folder_holding_none_of_the_models_arrays_is_one_short_line_
     message = str(raised.value)
     assert "holds none of the model's 20 arrays" in message and "1.0.mu.language_model" in message
     assert len(message) < 500, message
+
+
+def test_a_zst_data_file_without_zstandard_says_how_to_install_it(tmp_path, monkeypatch) -> None:
+    """``datasets`` reads ``.zst`` files through the ``zstandard`` package (innerloop[hf] installs it);
+    without it the config checks say so, naming the file, before ``datasets`` fails deep inside."""
+    import sys
+
+    path = tmp_path / "corpus.jsonl.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "a document"}\n'))
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # as if not installed
+    with pytest.raises(
+        DataError, match=r"corpus.jsonl.zst' \(zstd-compressed\) needs the 'zstandard' package.*pip"
+    ):
+        check_hf_source([str(path)])

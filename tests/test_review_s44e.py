@@ -74,3 +74,33 @@ def test_a_refused_config_update_leaves_every_attribute_as_it_was(how) -> None:
     assert config.to_dict() == before
     config.update({"use_cache": False, "hidden_size": 48, "num_attention_heads": 3})  # valid: all set
     assert (config.use_cache, config.model["hidden_size"], config.model["num_heads"]) == (False, 48, 3)
+
+
+def test_a_file_is_refused_by_how_it_begins_for_every_packed_format_whatever_its_name(tmp_path) -> None:
+    """The refusal knew .gz, .bz2 and .xz by their suffixes: a zstd file (``.jsonl.zst``, as The Pile
+    ships), a zip or 7z archive, an lz4 file, or a gzip file saved as ``notes.txt``, were trained on as
+    their compressed bytes without a word. Each is named by its format now; plain text under any of
+    those names is read (``compression_of`` is the check)."""
+    import zipfile
+
+    import zstandard
+
+    plain = b"plain text under an odd name\n" * 4
+    archive = tmp_path / "packed.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("inner.txt", plain)
+    packed = {
+        "notes.txt": (gzip.compress(plain), ".gz"),
+        "corpus.jsonl.zst": (zstandard.ZstdCompressor().compress(plain), ".zst"),
+        "empty.bz2": (bz2.compress(b""), ".bz2"),
+        "docs.ZIP": (archive.read_bytes(), ".zip"),
+        "x.7z": (b"7z\xbc\xaf\x27\x1c\x00\x04" + plain, ".7z"),
+        "y.lz4": (b"\x04\x22\x4d\x18" + plain, ".lz4"),
+    }
+    for name, (data, kind) in packed.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match=rf"data.paths file '.*{name}' is compressed \({kind}\)"):
+            read_tokens([tmp_path / name], None)
+        (tmp_path / name).write_bytes(plain)
+        assert bytes(read_tokens([tmp_path / name], None).tolist()).startswith(plain)
+    assert text.compression_of(b"BZhang was here") is None  # bz2's three letters alone are text

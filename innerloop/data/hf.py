@@ -1,7 +1,7 @@
 """Local datasets read with the Hugging Face ``datasets`` library (``data.name: hf``).
 
 ``data.paths`` is either data files (json/jsonl, text, parquet, csv or arrow, all of one format;
-files, folders or globs; json, text and csv also compressed, ``train.jsonl.gz``) or one folder written by ``Dataset.save_to_disk`` /
+files, folders or globs; json, text and csv also compressed, ``train.jsonl.gz`` or ``.zst``) or one folder written by ``Dataset.save_to_disk`` /
 ``DatasetDict.save_to_disk``. ``data.split`` picks the split (data files form the split ``train``, and
 non-streaming, slices such as ``train[:90%]`` work; a saved DatasetDict has its splits, a saved Dataset
 its own one, and slices of them work streaming or not), ``data.text_field`` the column holding the
@@ -123,6 +123,7 @@ def check_hf_source(paths: Sequence[str]) -> tuple[str, list[str]]:
         )
     if builder == "parquet":
         _check_parquet_rows(files)
+    _check_zstandard([keys[f] for f in files])
     return builder, [str(f) for f in files]
 
 
@@ -322,8 +323,31 @@ _PANDAS_MISSING = (
 """The cells pandas reads as missing by default (``read_csv``'s ``na_values``)."""
 
 
-_DECOMPRESSED: dict[str, Any] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+def _zstd_open(file: str, mode: str, **options: Any) -> Any:
+    """``zstandard.open``: a ``.zst`` file, decompressed as read (``zstandard`` is checked by
+    :func:`check_hf_source` first)."""
+    import zstandard
+
+    return zstandard.open(file, mode, **options)
+
+
+_DECOMPRESSED: dict[str, Any] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": _zstd_open}
 """The opener of a file under each of :data:`COMPRESSIONS`."""
+
+
+def _check_zstandard(files: Sequence[str]) -> None:
+    """:class:`DataError` saying how to install ``zstandard`` when one of ``files`` is a ``.zst`` file and
+    it cannot be imported (``datasets`` reads such files through it, and said only that the format was
+    not supported)."""
+    zst = next((f for f in files if PurePosixPath(f).suffix.lower() == ".zst"), None)
+    if zst is None:
+        return
+    try:
+        import zstandard  # noqa: F401
+    except ImportError as err:
+        raise DataError(
+            missing_package(f"data.paths file {zst!r} (zstd-compressed)", "zstandard", err)
+        ) from None
 
 
 def _csv_header(file: str) -> list[str] | None:

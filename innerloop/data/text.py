@@ -12,6 +12,7 @@ import glob
 import hashlib
 import logging
 import os
+import re
 import sysconfig
 import warnings
 from collections.abc import Iterable, Mapping, Sequence, Set
@@ -262,39 +263,72 @@ def warn_copied_files(copies: Sequence[tuple[Path, Path]], held_out_bytes: int, 
     )  # fmt: skip
 
 
-COMPRESSIONS: tuple[str, ...] = (".gz", ".bz2", ".xz")
-"""Compression suffixes after a json, text or csv suffix (``train.jsonl.gz``): ``datasets`` decompresses
-such files as it reads them, streaming or not (as most released corpora ship), and so does innerloop
-where it reads a CSV header itself (``data.name='hf'``); a text run reads files as they are, and refuses
-them (:func:`refuse_compressed`)."""
+COMPRESSIONS: tuple[str, ...] = (".gz", ".bz2", ".xz", ".zst")
+"""Compression suffixes after a json, text or csv suffix (``train.jsonl.gz``, ``train.jsonl.zst`` as The
+Pile and SlimPajama ship): ``datasets`` decompresses such files as it reads them, streaming or not (as
+most released corpora ship; ``.zst`` through the ``zstandard`` package), and so does innerloop where it
+reads a CSV header itself (``data.name='hf'``); a text run reads files as they are, and refuses them
+(:func:`refuse_compressed`)."""
+
+COMPRESSION_MAGIC: dict[str, re.Pattern[bytes]] = {
+    ".gz": re.compile(rb"\x1f\x8b"),
+    ".bz2": re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P\x90)"),  # a block, or the end of an empty stream
+    ".xz": re.compile(rb"\xfd7zXZ\x00"),
+    ".zst": re.compile(rb"\x28\xb5\x2f\xfd"),
+    ".lz4": re.compile(rb"\x04\x22\x4d\x18"),
+    ".zip": re.compile(rb"PK(\x03\x04|\x05\x06)"),  # a member, or an empty archive
+    ".7z": re.compile(rb"7z\xbc\xaf\x27\x1c"),
+}
+"""How a file of each compressed or archive format begins. A file that begins so is packed whatever its
+name (a ``.txt`` saved gzipped by a server, a ``.zip`` of text files), and one named so that does not is
+text under an odd name (``notes.gz`` written by hand), read as any other."""
+
+_MAGIC_BYTES = 10  # the longest beginning above
 
 
-COMPRESSION_MAGIC: dict[str, bytes] = {".gz": b"\x1f\x8b", ".bz2": b"BZh", ".xz": b"\xfd7zXZ\x00"}
-"""The bytes each of :data:`COMPRESSIONS` begins with: a file so named that does not begin with them is
-text under an odd name (``notes.gz`` written by hand) and is read as any other."""
+def compression_of(head: bytes) -> str | None:
+    """The :data:`COMPRESSION_MAGIC` format (``'.gz'``, ..., ``'.zip'``) whose beginning the bytes
+    ``head`` start with, or None."""
+    return next((name for name, magic in COMPRESSION_MAGIC.items() if magic.match(head)), None)
 
 
-def _starts_with(path: Path, magic: bytes) -> bool:
-    """Whether ``path``'s bytes begin with ``magic``; an unreadable file does not (its read names it)."""
+def _head(path: Path) -> bytes:
+    """``path``'s first bytes; none for a file that cannot be read (its read names it)."""
     try:
         with path.open("rb") as handle:
-            return handle.read(len(magic)) == magic
+            return handle.read(_MAGIC_BYTES)
     except OSError:
-        return False
+        return b""
 
 
 def refuse_compressed(files: Sequence[Path], option: str = "data.paths") -> None:
-    """:class:`DataError` naming ``option`` and the first of ``files`` whose name ends in one of
-    :data:`COMPRESSIONS` and whose bytes begin as that format's do (:data:`COMPRESSION_MAGIC`): text files are read as they are, so its compressed bytes would be the text (a
-    byte-level model trained on them without a word; another tokenizer said only "not UTF-8")."""
+    """:class:`DataError` naming ``option`` and the first of ``files`` that begins as a compressed file or
+    an archive does (:data:`COMPRESSION_MAGIC`), whatever its name: text files are read as they are, so its
+    compressed bytes would be the text (a byte-level model trained on them without a word; another
+    tokenizer said only "not UTF-8")."""
     for path in files:
-        compressed = next((c for c in COMPRESSIONS if path.name.lower().endswith(c)), None)
-        if compressed is not None and _starts_with(path, COMPRESSION_MAGIC[compressed]):
-            raise DataError(
-                f"{option} file {str(path)!r} is compressed ({compressed}), and text files are read as they "
-                "are: its compressed bytes would be the text; decompress it, or read it with data.name=hf, "
-                "which decompresses json, text and csv files"
-            )
+        _refuse_packed(path, _head(path), option)
+
+
+def _refuse_packed(path: Path, head: bytes, option: str) -> None:
+    """:func:`refuse_compressed` for the file ``path`` that begins with the bytes ``head``."""
+    packed = compression_of(head)
+    if packed is not None:
+        raise DataError(f"{option} file {str(path)!r} {compressed_file_advice(packed)}")
+
+
+def compressed_file_advice(packed: str) -> str:
+    """The rest of the message for a file compressed as ``packed`` (a :data:`COMPRESSION_MAGIC` key) that
+    is to be read as text: what it is, and what to do."""
+    hf = (
+        ", or read it with data.name=hf, which decompresses json, text and csv files"
+        if packed in COMPRESSIONS
+        else ""
+    )
+    return (
+        f"is compressed ({packed}), and text files are read as they are: its compressed bytes would be the "
+        f"text; {'decompress' if packed in COMPRESSIONS else 'extract'} it{hf}"
+    )
 
 
 def read_bytes(files: Sequence[Path], option: str = "data.paths") -> torch.Tensor:
@@ -310,6 +344,7 @@ def read_bytes(files: Sequence[Path], option: str = "data.paths") -> torch.Tenso
         got, rest = _read_into(p, buffer, at, size, option)
         if got < size or rest:  # the file shrank or grew since its size was taken: its bytes now
             buffer[at + got : at + size] = rest
+        _refuse_packed(p, bytes(buffer[at : at + min(got + len(rest), _MAGIC_BYTES)]), option)
         at += got + len(rest)
         buffer[at] = DOCUMENT_SEPARATOR
         at += 1
@@ -379,8 +414,9 @@ def read_tokens(
     each file decoded as UTF-8 (a file that is not raises :class:`DataError` naming it) and encoded whole,
     :data:`ENCODE_GROUP_BYTES` of files at a time. A file whose encoding by the tokenizers library
     cannot fit this machine's memory (:data:`TOKENIZE_BYTES_PER_BYTE_AT_LEAST`) raises :class:`DataError`
-    naming it, before any file is read; one expected not to (:data:`TOKENIZE_BYTES_PER_BYTE`) warns."""
-    refuse_compressed(files, option)
+    naming it, before any file is read; one expected not to (:data:`TOKENIZE_BYTES_PER_BYTE`) warns. A
+    file that begins as a compressed one does raises :class:`DataError` naming it (:func:`refuse_compressed`,
+    checked on the bytes read)."""
     if tokenizer is None or isinstance(tokenizer, ByteTokenizer):
         return read_bytes(files, option)
     sizes = [_file_size(p, option) for p in files]
@@ -443,8 +479,10 @@ def _refuse_files_too_large_to_tokenize(
 
 def _file_text(path: Path, tokenizer: Tokenizer, option: str) -> str:
     """``path``'s text, or :class:`DataError` naming it when it is not UTF-8."""
+    data = _file_bytes(path, option)
+    _refuse_packed(path, data[:_MAGIC_BYTES], option)
     try:
-        return _file_bytes(path, option).decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
         bom = next((n for b, n in _BOMS if err.object.startswith(b)), None)  # the bytes it decoded
         what = f"{bom} text (it starts with a {bom} byte-order mark)" if bom else "not UTF-8 text"

@@ -62,7 +62,7 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
     ),
     ("innerloop.hf.hook", "innerloop.hf.modeling"): (
         "the model class (which imports transformers' PreTrainedModel, seconds) is imported, and registered "
-        "with AutoModelForCausalLM, only once transformers has loaded AutoModelForCausalLM and an "
+        "with AutoModelForCausalLM and AutoModel, only once transformers has loaded AutoModelForCausalLM and an "
         "InnerloopConfig has been built (libraries such as torchmetrics load the Auto classes at import, "
         "without using innerloop's model)"
     ),

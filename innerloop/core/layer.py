@@ -666,6 +666,9 @@ class TTTLayer(nn.Module):
     scan (state, inner LayerNorm statistics, gradient sums) and the state are in :attr:`scan_dtype`, the weights' dtype but at least float32:
     under autocast or with the layer in bfloat16 / float16 only the projections run in low precision.
     Every argument is checked at construction or call, with an error naming it and what is valid.
+    The options the layer is built from (:attr:`built_options`) cannot be changed on a built layer (an
+    ``AttributeError`` naming the option); those read at every call (``base_lr``, ``kernel``,
+    ``non_finite``, ``inference_chunk_size``) can.
     """
 
     uses_rope: bool = True
@@ -675,6 +678,25 @@ class TTTLayer(nn.Module):
     conv_kernel_needs_share_qk: bool = True
     """Whether ``conv_kernel`` is the kernel of ``share_qk``'s convolutions only (another value without
     ``share_qk`` is warned of); subclasses with convolutions of their own set it False."""
+
+    built_options: tuple[str, ...] = (
+        "hidden_size",
+        "num_heads",
+        "head_dim",
+        "mini_batch_size",
+        "use_gate",
+        "share_qk",
+        "conv_kernel",
+        "rope_theta",
+        "inner_norm",
+        "inner_residual",
+        "norm_eps",
+    )
+    """The options read only when the layer is built (its modules, parameters and tables are made from
+    them): setting one on a built layer raises an ``AttributeError`` naming it, where it would be ignored
+    (``rope_theta``: until a ``.to()`` remade the RoPE tables from it), half applied (``norm_eps``: the
+    inner LayerNorm, not the post-norm) or fail later. The others (``base_lr``, ``kernel``,
+    ``non_finite``, ``inference_chunk_size``, ...) are read at every call and may be changed."""
 
     def __init__(
         self,
@@ -729,6 +751,18 @@ class TTTLayer(nn.Module):
         # The order of these two calls is the order of the parameters (and of the random draws).
         self._build_projections()
         self._build_inner_parameters()
+        self._options_built = True  # from now on __setattr__ refuses the built_options
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``nn.Module``'s, refusing a change of one of :attr:`built_options` once the layer is built."""
+        if name in type(self).built_options and self.__dict__.get("_options_built", False):
+            cls = type(self).__name__
+            raise AttributeError(
+                f"{cls}.{name} is fixed when the layer is built (its modules, parameters and tables are made "
+                f"from it; now {getattr(self, name)!r}): set to {value!r} it would be ignored or half applied. Build a new layer, {cls}(..., {name}={value!r}), and load this one's state_dict where "
+                "the shapes agree"
+            )
+        super().__setattr__(name, value)
 
     def _resolve_plugins(
         self,

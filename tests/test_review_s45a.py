@@ -1,0 +1,70 @@
+"""Review s45a: the grader of issues 2 (core, registry, TTT-Linear/MLP) and 12 (the family against FLA).
+
+Checked and found right (scripts in the session's report, not kept: each repeats a cell an earlier
+test holds at other shapes or options): FLA's chunked TTT-Linear and Titans (parenthesis restored)
+with initial states against scan in float64, outputs, final states and the autograd gradients of every
+input (q, k, v, LN affine, h0 / hb0 / M0, the per-mini-batch lr and tau; theta, alpha, eta), 1e-15;
+layer states handed back transposed, strided or expanded over the batch, through the torch path and
+the CPU kernels; every ``ops.scan`` argument (and ``initial``) as a T-major, f-major, strided or
+expanded view, on the CPU kernels and on ``delta_chunk`` with gradients; decays of exactly 0, 1 and
+1 - 1e-12 on ``delta_chunk`` with gradients; ``torch.func.vmap`` / ``grad`` over a layer, reentrant
+checkpoints, deepcopy, pickling and state_dict round trips of built-in and plugin-built layers; a
+plugin removed and another registered under its name (the old layer continues); a plugin whose hook or
+checks raise (named); the conformance vectors read at prefixes, one batch row, reversed rows and
+prefill then decode; family layers at conv kernels 1 / 2 / 5, every feature map and gate, split,
+decoded, row by row, and through ``TTTState.cat`` / ``index_select``; small ``inference_chunk_size``
+on random option combinations of every model, loss and rule; empty batches on every layer and scan.
+
+The defect kept here, a regression test seen failing without its fix:
+
+- a ``TTTLayer`` option read only when the layer is built (its modules, parameters and tables are made
+  from it), set on the built layer, was taken in silently and ignored: ``layer.rope_theta = 10.0``
+  left the outputs as they were until the next ``.to()`` / ``.double()`` remade the RoPE tables from it
+  (the same layer then computed another function), ``layer.norm_eps`` reached the inner LayerNorm but
+  not the post-norm, and ``mini_batch_size``, ``use_gate``, ``share_qk``, ``num_heads`` failed later
+  with bare torch errors. Such an edit is now refused where it is made, naming the option.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from innerloop import TTTLayer
+from innerloop.core.family_layers import DeltaNetLayer, TitansLayer
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("rope_theta", 10.0), ("norm_eps", 1e-3), ("mini_batch_size", 4), ("use_gate", True), ("num_heads", 4)],
+)
+def test_an_option_read_only_at_construction_cannot_be_changed_on_the_built_layer(option, value) -> None:
+    layer = TTTLayer(16, 2)
+    before = getattr(layer, option)
+    with pytest.raises(
+        AttributeError, match=rf"TTTLayer\.{option} is fixed when the layer is built"
+    ) as error:
+        setattr(layer, option, value)
+    assert f"TTTLayer(..., {option}={value!r})" in str(error.value)
+    assert getattr(layer, option) == before
+
+
+@pytest.mark.parametrize(
+    ("layer_class", "option", "value"),
+    [(DeltaNetLayer, "conv_kernel", 2), (TitansLayer, "output_gate", False), (TitansLayer, "norm_eps", 1e-3)],
+)
+def test_a_family_layer_refuses_its_own_built_options_too(layer_class, option, value) -> None:
+    layer = layer_class(8, 2)
+    with pytest.raises(
+        AttributeError, match=rf"{layer_class.__name__}\.{option} is fixed when the layer is built"
+    ):
+        setattr(layer, option, value)
+
+
+def test_the_options_read_at_every_call_stay_editable_and_take_effect() -> None:
+    torch.manual_seed(0)
+    layer, x = TTTLayer(8, 2, mini_batch_size=4).double(), torch.randn(1, 6, 8, dtype=torch.float64)
+    layer.kernel, layer.non_finite, layer.inference_chunk_size, layer.base_lr = "torch", "ignore", None, 0.5
+    torch.manual_seed(0)
+    fresh = TTTLayer(8, 2, mini_batch_size=4, base_lr=0.5, kernel="torch").double()
+    torch.testing.assert_close(layer(x)[0], fresh(x)[0], rtol=0, atol=0)

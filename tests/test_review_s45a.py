@@ -15,17 +15,22 @@ prefill then decode; family layers at conv kernels 1 / 2 / 5, every feature map 
 decoded, row by row, and through ``TTTState.cat`` / ``index_select``; small ``inference_chunk_size``
 on random option combinations of every model, loss and rule; empty batches on every layer and scan.
 
-The defect kept here, a regression test seen failing without its fix:
+The defects kept here, each a regression test seen failing without its fix:
 
 - a ``TTTLayer`` option read only when the layer is built (its modules, parameters and tables are made
   from it), set on the built layer, was taken in silently and ignored: ``layer.rope_theta = 10.0``
   left the outputs as they were until the next ``.to()`` / ``.double()`` remade the RoPE tables from it
   (the same layer then computed another function), ``layer.norm_eps`` reached the inner LayerNorm but
   not the post-norm, and ``mini_batch_size``, ``use_gate``, ``share_qk``, ``num_heads`` failed later
-  with bare torch errors. Such an edit is now refused where it is made, naming the option.
+  with bare torch errors. Such an edit is now refused where it is made, naming the option;
+- an option read at every call, set on the built layer, was taken unchecked: ``layer.non_finite =
+  "rasie"`` switched the NaN checks off silently, ``base_lr = -1.0`` ran gradient ascent,
+  ``inference_chunk_size = 0`` was kept; each new value is now checked as the constructor checks it.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -68,3 +73,26 @@ def test_the_options_read_at_every_call_stay_editable_and_take_effect() -> None:
     torch.manual_seed(0)
     fresh = TTTLayer(8, 2, mini_batch_size=4, base_lr=0.5, kernel="torch").double()
     torch.testing.assert_close(layer(x)[0], fresh(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("non_finite", "rasie", "non_finite must be one of ('raise', 'ignore'), got 'rasie'"),
+        ("base_lr", -1.0, "base_lr must be a finite number >= 0, got -1.0"),
+        ("base_lr", "0.5", "base_lr must be a finite number >= 0, got '0.5'"),
+        ("inference_chunk_size", 0, "inference_chunk_size must be a positive integer or None, got 0"),
+        ("needs_double_backward", "yes", "needs_double_backward must be True or False, got 'yes'"),
+    ],
+)
+def test_an_option_read_at_every_call_is_checked_when_set_as_the_constructor_checks_it(
+    option, value, said
+) -> None:
+    """A typo ``layer.non_finite = "rasie"`` switched the NaN checks off silently (anything but "raise"
+    read as "ignore"), ``base_lr = -1.0`` ran gradient ascent, ``inference_chunk_size = 0`` and a str
+    base_lr were taken (the latter failing at the next call with a bare comparison error)."""
+    layer = DeltaNetLayer(8, 2)
+    before = getattr(layer, option)
+    with pytest.raises((ValueError, TypeError), match=re.escape(said)):
+        setattr(layer, option, value)
+    assert getattr(layer, option) == before

@@ -283,6 +283,34 @@ def head_counts(hidden_size: int, *, rotary: bool) -> list[int]:
     return [h for h in divisors if not (rotary and (hidden_size // h) % 2)]
 
 
+CALL_OPTIONS = ("base_lr", "non_finite", "inference_chunk_size", "needs_double_backward", "kernel")
+"""The constructor options a layer reads at every call, which may be changed on a built layer: a new
+value is checked as the constructor checks it (:func:`checked_call_option`)."""
+
+
+def checked_call_option(name: str, value: Any) -> Any:
+    """``value`` of the call option ``name`` (:data:`CALL_OPTIONS`) as the layer keeps it, after the
+    constructor's check: one error naming the option, the value and what is valid."""
+    if name == "base_lr":
+        if not is_real(value) or value < 0:
+            raise ValueError(f"base_lr must be a finite number >= 0, got {value!r}")
+        return float(value)
+    if name == "non_finite":
+        if not isinstance(value, str) or value not in NON_FINITE_POLICIES:
+            raise ValueError(f"non_finite must be one of {NON_FINITE_POLICIES}, got {value!r}")
+        return value
+    if name == "inference_chunk_size":
+        check_positive_int("inference_chunk_size", value, none_allowed=True)
+        return None if value is None else int(value)
+    if name == "needs_double_backward":
+        if not isinstance(value, bool):
+            raise TypeError(f"needs_double_backward must be True or False, got {value!r}")
+        return value
+    if not isinstance(value, str):  # kernel: a registered name is checked at dispatch, as at construction
+        raise ValueError(f"kernel must be 'auto', 'torch' or a registered kernel name, got {value!r}")
+    return value
+
+
 def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_share_qk: bool = True) -> None:
     """One clear error per bad constructor argument: its name, the value given, what is valid
     (``rotary``: the layer applies RoPE, which needs an even head size; ``conv_needs_share_qk``: its only
@@ -302,11 +330,11 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_sh
             f"mini_batch_size must be a positive integer <= {MAX_MINI_BATCH_SIZE} (the layer builds [K, K] matrices per "
             f"head and mini-batch), got {mini_batch_size}; the paper uses 16"
         )
-    for name in ("use_gate", "share_qk", "inner_norm", "inner_residual", "needs_double_backward"):
+    for name in ("use_gate", "share_qk", "inner_norm", "inner_residual"):
         if not isinstance(args[name], bool):
             raise TypeError(f"{name} must be True or False, got {args[name]!r}")
-    if not is_real(args["base_lr"]) or args["base_lr"] < 0:
-        raise ValueError(f"base_lr must be a finite number >= 0, got {args['base_lr']!r}")
+    checked_call_option("needs_double_backward", args["needs_double_backward"])
+    checked_call_option("base_lr", args["base_lr"])
     if args["conv_kernel"] > MAX_CONV_KERNEL:
         raise ValueError(
             f"conv_kernel must be a positive integer <= {MAX_CONV_KERNEL} (a short causal convolution; its state keeps "
@@ -329,13 +357,8 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_sh
             f"norm_eps must be a finite number in (0, {MAX_NORM_EPS:g}), got {args['norm_eps']!r}"
         )
     check_norm_eps(args["norm_eps"], torch.promote_types(torch.get_default_dtype(), torch.float32))
-    if not isinstance(args["non_finite"], str) or args["non_finite"] not in NON_FINITE_POLICIES:
-        raise ValueError(f"non_finite must be one of {NON_FINITE_POLICIES}, got {args['non_finite']!r}")
-    check_positive_int("inference_chunk_size", args["inference_chunk_size"], none_allowed=True)
-    if not isinstance(args["kernel"], str):
-        raise ValueError(
-            f"kernel must be 'auto', 'torch' or a registered kernel name, got {args['kernel']!r}"
-        )
+    for name in ("non_finite", "inference_chunk_size", "kernel"):
+        checked_call_option(name, args[name])
 
 
 MAX_NORM_EPS = 1.0
@@ -667,8 +690,9 @@ class TTTLayer(nn.Module):
     under autocast or with the layer in bfloat16 / float16 only the projections run in low precision.
     Every argument is checked at construction or call, with an error naming it and what is valid.
     The options the layer is built from (:attr:`built_options`) cannot be changed on a built layer (an
-    ``AttributeError`` naming the option); those read at every call (``base_lr``, ``kernel``,
-    ``non_finite``, ``inference_chunk_size``) can.
+    ``AttributeError`` naming the option); those read at every call (:data:`CALL_OPTIONS`: ``base_lr``,
+    ``kernel``, ``non_finite``, ``inference_chunk_size``, ``needs_double_backward``) can, each new value
+    checked as the constructor checks it.
     """
 
     uses_rope: bool = True
@@ -754,15 +778,20 @@ class TTTLayer(nn.Module):
         self._options_built = True  # from now on __setattr__ refuses the built_options
 
     def __setattr__(self, name: str, value: Any) -> None:
-        """``nn.Module``'s, refusing a change of one of :attr:`built_options` once the layer is built."""
-        if name in type(self).built_options and self.__dict__.get("_options_built", False):
+        """``nn.Module``'s, refusing a change of one of :attr:`built_options` once the layer is built, and
+        checking a new value of one of :data:`CALL_OPTIONS` as the constructor does."""
+        if not self.__dict__.get("_options_built", False):
+            return super().__setattr__(name, value)
+        if name in CALL_OPTIONS:
+            value = checked_call_option(name, value)
+        elif name in type(self).built_options:
             cls = type(self).__name__
             raise AttributeError(
                 f"{cls}.{name} is fixed when the layer is built (its modules, parameters and tables are made "
                 f"from it; now {getattr(self, name)!r}): set to {value!r} it would be ignored or half applied. Build a new layer, {cls}(..., {name}={value!r}), and load this one's state_dict where "
                 "the shapes agree"
             )
-        super().__setattr__(name, value)
+        return super().__setattr__(name, value)
 
     def _resolve_plugins(
         self,
@@ -1596,6 +1625,7 @@ class TTTLayer(nn.Module):
 
 
 __all__ = [
+    "CALL_OPTIONS",
     "MAX_MINI_BATCH_SIZE",
     "TTTLayer",
     "check_head_split",
@@ -1603,6 +1633,7 @@ __all__ = [
     "check_layer_arguments",
     "check_norm_eps",
     "check_positive_int",
+    "checked_call_option",
     "is_built_in",
     "is_real",
     "resolve_plugins",

@@ -22,7 +22,9 @@ The defects kept here, each a regression test seen failing without its fix:
   left the outputs as they were until the next ``.to()`` / ``.double()`` remade the RoPE tables from it
   (the same layer then computed another function), ``layer.norm_eps`` reached the inner LayerNorm but
   not the post-norm, and ``mini_batch_size``, ``use_gate``, ``share_qk``, ``num_heads`` failed later
-  with bare torch errors. Such an edit is now refused where it is made, naming the option;
+  with bare torch errors; so did a family layer's reading options (``qk_activation = "gelu"`` read as
+  identity, ``TitansLayer.scale_query = True`` undid an option Titans fixes) and the resolved plugins
+  (``update_rule = "minibatch_gd"``). Such an edit is now refused where it is made, naming the option;
 - an option read at every call, set on the built layer, was taken unchecked: ``layer.non_finite =
   "rasie"`` switched the NaN checks off silently, ``base_lr = -1.0`` ran gradient ascent,
   ``inference_chunk_size = 0`` was kept; each new value is now checked as the constructor checks it.
@@ -96,3 +98,21 @@ def test_an_option_read_at_every_call_is_checked_when_set_as_the_constructor_che
     with pytest.raises((ValueError, TypeError), match=re.escape(said)):
         setattr(layer, option, value)
     assert getattr(layer, option) == before
+
+
+@pytest.mark.parametrize(
+    ("layer_class", "option", "value"),
+    [
+        (DeltaNetLayer, "qk_activation", "gelu"),  # read as "identity", silently
+        (TitansLayer, "scale_query", True),  # an option Titans fixes (FLA's op does not scale q)
+        (TTTLayer, "update_rule", "minibatch_gd"),  # a name where the layer keeps the resolved plugin
+    ],
+)
+def test_the_plugins_and_a_family_layers_reading_options_are_fixed_when_built(
+    layer_class, option, value
+) -> None:
+    layer = layer_class(8, 2)
+    with pytest.raises(
+        AttributeError, match=rf"{layer_class.__name__}\.{option} is fixed when the layer is built"
+    ):
+        setattr(layer, option, value)

@@ -200,7 +200,17 @@ class FamilyLayer(TTTLayer):
     uses_rope = False  # so any head size is valid
     conv_kernel_needs_share_qk = False  # its short convs take conv_kernel (checked by _refuse_unimplemented)
     # TTTLayer's, plus the options the family's modules are made from (short convs, feature maps, gate)
-    built_options = (*TTTLayer.built_options, "short_conv", "feature_map", "output_gate")
+    # and those that decide how x is read into keys and values (the state's space; some fixed by a member)
+    built_options = (
+        *TTTLayer.built_options,
+        "short_conv",
+        "feature_map",
+        "output_gate",
+        "qk_activation",
+        "value_activation",
+        "qk_l2norm",
+        "scale_query",
+    )
     # name -> (value, why): the arguments a member sets itself (with_fixed_options); none here
     fixed_options: ClassVar[dict[str, tuple[Any, str]]] = {}
 

@@ -704,6 +704,9 @@ class TTTLayer(nn.Module):
     ``share_qk`` is warned of); subclasses with convolutions of their own set it False."""
 
     built_options: tuple[str, ...] = (
+        "inner_model",
+        "inner_loss",
+        "update_rule",
         "hidden_size",
         "num_heads",
         "head_dim",
@@ -717,7 +720,8 @@ class TTTLayer(nn.Module):
         "norm_eps",
     )
     """The options read only when the layer is built (its modules, parameters and tables are made from
-    them): setting one on a built layer raises an ``AttributeError`` naming it, where it would be ignored
+    them, and the plugins it resolved): setting one on a built layer raises an ``AttributeError`` naming
+    it, where it would be ignored
     (``rope_theta``: until a ``.to()`` remade the RoPE tables from it), half applied (``norm_eps``: the
     inner LayerNorm, not the post-norm) or fail later. The others (``base_lr``, ``kernel``,
     ``non_finite``, ``inference_chunk_size``, ...) are read at every call and may be changed."""
@@ -785,10 +789,14 @@ class TTTLayer(nn.Module):
         if name in CALL_OPTIONS:
             value = checked_call_option(name, value)
         elif name in type(self).built_options:
-            cls = type(self).__name__
+            cls, now = type(self).__name__, getattr(self, name)
+            now = (
+                now.name if name in ("inner_model", "inner_loss", "update_rule") else now
+            )  # a plugin: its name
             raise AttributeError(
                 f"{cls}.{name} is fixed when the layer is built (its modules, parameters and tables are made "
-                f"from it; now {getattr(self, name)!r}): set to {value!r} it would be ignored or half applied. Build a new layer, {cls}(..., {name}={value!r}), and load this one's state_dict where "
+                f"from it; now {now!r}): set to {value!r} it would be ignored, half applied or fail at the next "
+                f"call. Build a new layer, {cls}(..., {name}={value!r}), and load this one's state_dict where "
                 "the shapes agree"
             )
         return super().__setattr__(name, value)

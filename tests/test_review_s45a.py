@@ -116,3 +116,15 @@ def test_the_plugins_and_a_family_layers_reading_options_are_fixed_when_built(
         AttributeError, match=rf"{layer_class.__name__}\.{option} is fixed when the layer is built"
     ):
         setattr(layer, option, value)
+
+
+def test_setting_a_built_option_to_the_value_it_holds_changes_nothing_and_is_taken() -> None:
+    """A refusal of code that sets an option to what the layer holds (a config applied again, a copy of
+    another layer's settings) would be a false one: such a set is taken; a plugin only as that object."""
+    layer = TTTLayer(16, 2)
+    for option in ("rope_theta", "norm_eps", "mini_batch_size", "use_gate", "num_heads", "inner_loss"):
+        setattr(layer, option, getattr(layer, option))
+    with pytest.raises(AttributeError, match=r"TTTLayer\.inner_loss is fixed"):
+        layer.inner_loss = "reconstruction"  # its name, not the plugin object it resolved
+    with pytest.raises(AttributeError, match=r"TTTLayer\.mini_batch_size is fixed"):
+        layer.mini_batch_size = 16.0  # equal, but not the int the layer reads

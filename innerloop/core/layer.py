@@ -788,7 +788,7 @@ class TTTLayer(nn.Module):
             return super().__setattr__(name, value)
         if name in CALL_OPTIONS:
             value = checked_call_option(name, value)
-        elif name in type(self).built_options:
+        elif name in type(self).built_options and not self._is_built_value(name, value):
             cls, now = type(self).__name__, getattr(self, name)
             now = (
                 now.name if name in ("inner_model", "inner_loss", "update_rule") else now
@@ -800,6 +800,14 @@ class TTTLayer(nn.Module):
                 "the shapes agree"
             )
         return super().__setattr__(name, value)
+
+    def _is_built_value(self, name: str, value: Any) -> bool:
+        """Whether ``value`` is what the built option ``name`` holds already (a plugin: that very object;
+        another option: an equal value of its type), so that setting it changes nothing."""
+        now = getattr(self, name)
+        if name in ("inner_model", "inner_loss", "update_rule"):
+            return value is now
+        return type(value) is type(now) and value == now
 
     def _resolve_plugins(
         self,

@@ -128,3 +128,19 @@ def test_setting_a_built_option_to_the_value_it_holds_changes_nothing_and_is_tak
         layer.inner_loss = "reconstruction"  # its name, not the plugin object it resolved
     with pytest.raises(AttributeError, match=r"TTTLayer\.mini_batch_size is fixed"):
         layer.mini_batch_size = 16.0  # equal, but not the int the layer reads
+
+
+def test_an_attention_layers_shape_window_and_rope_base_are_fixed_when_built() -> None:
+    """s45a's LOW: ``CausalSelfAttention.rope_theta`` was read at every call and unchecked when set:
+    ``attn.rope_theta = 0`` made the RoPE tables NaN, which SDPA turned into zero attention, a silent wrong
+    number (the constructor refuses it); a changed ``window`` or base also misreads a cache made before."""
+    from innerloop.models.attention import CausalSelfAttention
+
+    attn = CausalSelfAttention(16, 2, window=4)
+    for option, value in (("rope_theta", 0.0), ("window", 8), ("num_heads", 4)):
+        with pytest.raises(
+            AttributeError, match=rf"CausalSelfAttention\.{option} is fixed when the layer is built"
+        ):
+            setattr(attn, option, value)
+    attn.rope_theta = attn.rope_theta  # the value it holds: nothing changes
+    attn.float64_rope_angles = False  # not a built option (TTT-E2E's blocks set it)

@@ -23,6 +23,7 @@ import numbers
 import os
 import threading
 import warnings
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
@@ -309,6 +310,27 @@ def checked_call_option(name: str, value: Any) -> Any:
     if not isinstance(value, str):  # kernel: a registered name is checked at dispatch, as at construction
         raise ValueError(f"kernel must be 'auto', 'torch' or a registered kernel name, got {value!r}")
     return value
+
+
+PLUGIN_OPTIONS = ("inner_model", "inner_loss", "update_rule")
+"""A TTT layer's options that hold the plugin objects it resolved (named in messages by their names)."""
+
+
+def refuse_built_option_change(module: nn.Module, name: str, value: Any, plugins: Sequence[str] = ()) -> None:
+    """``AttributeError`` naming ``module``'s option ``name``, read only when it was built (its modules,
+    parameters and tables are made from it), unless ``value`` is what it holds already (an equal value
+    of its type; for one of ``plugins``, that very object): set, it would be ignored, half applied or fail
+    at the next call. For a module's ``__setattr__`` once it is built."""
+    now = getattr(module, name)
+    if value is now or (name not in plugins and type(value) is type(now) and value == now):
+        return
+    cls, shown = type(module).__name__, now.name if name in plugins else now
+    raise AttributeError(
+        f"{cls}.{name} is fixed when the layer is built (its modules, parameters and tables are made "
+        f"from it; now {shown!r}): set to {value!r} it would be ignored, half applied or fail at the next "
+        f"call. Build a new layer, {cls}(..., {name}={value!r}), and load this one's state_dict where "
+        "the shapes agree"
+    )
 
 
 def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_share_qk: bool = True) -> None:
@@ -784,30 +806,12 @@ class TTTLayer(nn.Module):
     def __setattr__(self, name: str, value: Any) -> None:
         """``nn.Module``'s, refusing a change of one of :attr:`built_options` once the layer is built, and
         checking a new value of one of :data:`CALL_OPTIONS` as the constructor does."""
-        if not self.__dict__.get("_options_built", False):
-            return super().__setattr__(name, value)
-        if name in CALL_OPTIONS:
-            value = checked_call_option(name, value)
-        elif name in type(self).built_options and not self._is_built_value(name, value):
-            cls, now = type(self).__name__, getattr(self, name)
-            now = (
-                now.name if name in ("inner_model", "inner_loss", "update_rule") else now
-            )  # a plugin: its name
-            raise AttributeError(
-                f"{cls}.{name} is fixed when the layer is built (its modules, parameters and tables are made "
-                f"from it; now {now!r}): set to {value!r} it would be ignored, half applied or fail at the next "
-                f"call. Build a new layer, {cls}(..., {name}={value!r}), and load this one's state_dict where "
-                "the shapes agree"
-            )
-        return super().__setattr__(name, value)
-
-    def _is_built_value(self, name: str, value: Any) -> bool:
-        """Whether ``value`` is what the built option ``name`` holds already (a plugin: that very object;
-        another option: an equal value of its type), so that setting it changes nothing."""
-        now = getattr(self, name)
-        if name in ("inner_model", "inner_loss", "update_rule"):
-            return value is now
-        return type(value) is type(now) and value == now
+        if self.__dict__.get("_options_built", False):
+            if name in CALL_OPTIONS:
+                value = checked_call_option(name, value)
+            elif name in type(self).built_options:
+                refuse_built_option_change(self, name, value, plugins=PLUGIN_OPTIONS)
+        super().__setattr__(name, value)
 
     def _resolve_plugins(
         self,
@@ -1650,6 +1654,7 @@ __all__ = [
     "check_norm_eps",
     "check_positive_int",
     "checked_call_option",
+    "refuse_built_option_change",
     "is_built_in",
     "is_real",
     "resolve_plugins",

@@ -37,6 +37,7 @@ from innerloop.core.layer import (
     check_positive_int,
     check_weights_fit,
     is_real,
+    refuse_built_option_change,
 )
 from innerloop.core.state import cat_rows, check_batch_rows, check_states, same_positions, take_rows
 
@@ -444,7 +445,14 @@ class CausalSelfAttention(nn.Module):
         rope_theta: RoPE base.
         qk_norm: RMS-normalise each head's queries and keys (learned scale) before RoPE, as TTT-E2E does.
         norm_eps: epsilon of the QK-norm, in (0, 1).
+
+    The shape and what a cache holds (:attr:`built_options`) cannot be changed on a built layer (an
+    ``AttributeError`` naming the option): a cache's keys are rotated with ``rope_theta`` and cut to
+    ``window``, and ``rope_theta = 0`` made the RoPE tables NaN, which SDPA turned into zero attention.
     """
+
+    built_options: tuple[str, ...] = ("hidden_size", "num_heads", "head_dim", "window", "rope_theta")
+    """The options the layer and its cache are made from, fixed once it is built."""
 
     def __init__(
         self,
@@ -484,6 +492,13 @@ class CausalSelfAttention(nn.Module):
         # RoPE angles in float64 (rotate_with_rope): a long sequence's far positions stay exact. TTT-E2E's
         # blocks turn it off, to compute as the official code does (their positions are chunk-relative).
         self.float64_rope_angles = True
+        self._options_built = True  # from now on __setattr__ refuses a change of the built_options
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``nn.Module``'s, refusing a change of one of :attr:`built_options` once the layer is built."""
+        if name in self.built_options and self.__dict__.get("_options_built", False):
+            refuse_built_option_change(self, name, value)
+        super().__setattr__(name, value)
 
     def check_input(self, x: Any) -> None:
         """``x`` is a floating-point ``[B, T, hidden_size]`` tensor in the weights' dtype and on their

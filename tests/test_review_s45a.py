@@ -144,3 +144,27 @@ def test_an_attention_layers_shape_window_and_rope_base_are_fixed_when_built() -
             setattr(attn, option, value)
     attn.rope_theta = attn.rope_theta  # the value it holds: nothing changes
     attn.float64_rope_angles = False  # not a built option (TTT-E2E's blocks set it)
+
+
+def test_a_titans_state_from_inside_a_mini_batch_continues_with_test_time_training_off_and_on() -> None:
+    """s45a's LOW: Titans' gates were none while ``base_lr == 0``, so a state from inside a mini-batch
+    (holding the decay product and momentum) was refused inside ``no_test_time_training`` ("pass the state
+    this layer returned", which it was), and a state made there could not continue with it on. The gates
+    are zeros now (the memory kept as it is): the same numbers where no state is carried (bit for bit),
+    split-invariant from inside a mini-batch, and the states continue either way."""
+    from innerloop.models.ablation import no_test_time_training
+
+    torch.manual_seed(0)
+    layer = TitansLayer(8, 2, mini_batch_size=4).double()
+    x = torch.randn(2, 13, 8, dtype=torch.float64)
+    _, inside = layer(x[:, :6])  # position 6: inside the second mini-batch
+    with no_test_time_training(layer):
+        whole, _ = layer(x[:, 6:], inside)
+        first, state = layer(x[:, 6:9], inside)
+        rest, _ = layer(x[:, 9:], state)
+        torch.testing.assert_close(torch.cat([first, rest], 1), whole, rtol=0, atol=1e-12)
+        frozen, made_frozen = layer(x[:, :6])
+        layer.forgetting = lambda x: (None, None)  # the gates as they were: no state carried, same numbers
+        assert torch.equal(layer(x[:, :6])[0], frozen)
+        del layer.forgetting
+    layer(x[:, 6:], made_frozen)  # a state made with test-time training off continues with it on

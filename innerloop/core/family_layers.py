@@ -576,7 +576,7 @@ class GatedDeltaNetLayer(DeltaNetLayer):
     def forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``decay = 1 - a``, as ``-expm1(log a)`` in :attr:`scan_dtype` (exact for decays near 0, where
         ``1 - a`` would keep only ``eps / decay`` of them); none while test-time training is off
-        (``base_lr == 0``)."""
+        (``base_lr == 0``; one token a step, its states hold no decay product to continue)."""
         if self.base_lr == 0:
             return None, None
         return -torch.expm1(self.log_decay_factor(x)), None
@@ -640,16 +640,27 @@ class TitansLayer(FamilyLayer):
         return self.base_lr * torch.sigmoid(self._head_gate(x, self.theta_proj)), self.token_scale
 
     def forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(decay, momentum)`` ``[B, H, T]``: alpha and eta (none while ``base_lr == 0``).
+        """``(decay, momentum)`` ``[B, H, T]``: alpha and eta (0 each while ``base_lr == 0``: the memory is
+        frozen, :func:`frozen_gates`).
 
         In :attr:`scan_dtype` (at least float32), whatever the weights' dtype: in bfloat16 a retention
         ``1 - decay`` below 2^-9 is exactly 0, which wipes the memory where it should keep a trace, and
         the inner LayerNorm (scale-invariant) reads a trace as well as the whole memory.
         """
         if self.base_lr == 0:
-            return None, None
+            return frozen_gates(self, x)
         decay = -torch.expm1(_log_forget_factor(self._head_gate(x, self.a_proj), self.A_log, self.dt_bias))
         return decay, torch.sigmoid(self._head_gate(x, self.eta_proj))
+
+
+def frozen_gates(layer: TTTLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero decay and zero momentum ``[B, H, T]`` in the layer's :attr:`~TTTLayer.scan_dtype`, for ``x [B,
+    T, D]``: the gates of a layer that forgets while its test-time training is off (``base_lr == 0``,
+    ``no_test_time_training``), which keep its memory as it is. Zeros rather than no gates, so that its
+    states are those of a layer that forgets either way: one from inside a mini-batch (which holds the
+    decay product and momentum) continues with test-time training off or on, as does one made with it off."""
+    zeros = x.new_zeros(x.shape[0], layer.num_heads, x.shape[1], dtype=layer.scan_dtype)
+    return zeros, zeros
 
 
 FAMILY_LAYERS: dict[str, type[FamilyLayer]] = {

@@ -220,8 +220,9 @@ class InnerloopCausalLMOutput(ModelOutput):
 
 def mask_padding(attention_mask: torch.Tensor | None) -> tuple[str, str] | None:
     """The padding in ``attention_mask [B, L]``: None for no mask or a mask of ones, else ``(kind,
-    description)`` with kind ``"right"`` (ones then zeros in every row), ``"left"``, ``"hole"`` or
-    ``"empty"`` (the worst found), and a description naming a row, for error messages."""
+    description)`` with kind ``"hole"``, ``"left"``, ``"empty"`` (a row of zeros: right padding of no
+    token) or ``"right"`` (ones then zeros), the worst found in that order, and a description naming a
+    row, for error messages."""
     if attention_mask is None or bool(attention_mask.all()):
         return None
     ones = attention_mask.to(torch.bool)  # [B, L]
@@ -231,9 +232,9 @@ def mask_padding(attention_mask: torch.Tensor | None) -> tuple[str, str] | None:
     first = torch.where(ones, positions, length).min(dim=1).values  # [B]; L in a row of zeros
     last = torch.where(ones, positions, -1).max(dim=1).values  # [B]; -1 in a row of zeros
     kinds = {
-        "empty": (count == 0, "no token, all zeros"),
         "hole": ((count > 0) & (count < last - first + 1), "zeros between its tokens"),
         "left": ((count > 0) & (first > 0), "zeros before its first token"),
+        "empty": (count == 0, "no token, all zeros"),
         "right": ((count > 0) & (last < length - 1), "zeros after its last token"),
     }
     for kind, (rows, what) in kinds.items():
@@ -264,15 +265,17 @@ def check_attention_mask(attention_mask: torch.Tensor | None, cached: bool, use_
     fine. Right padding (ones then zeros in each row, e.g. a batch of scoring requests) is fine for the
     logits, since a causal model's logits at a position never see the positions after it, but the state
     has read the pads: it is accepted only without a cache passed in, and then no cache is returned
-    (refused if ``use_cache=True`` asks for one). Left padding, holes and empty rows are refused.
+    (refused if ``use_cache=True`` asks for one). A row of zeros alone (an empty text in a padded batch)
+    is right padding of no token, its logits those of the pads. Left padding and holes are refused.
     """
     padding = mask_padding(attention_mask)
     if padding is None:
         return True
     kind, described = padding
-    if kind == "right" and not cached and use_cache is not True:
+    right = kind in ("right", "empty")
+    if right and not cached and use_cache is not True:
         return False
-    if kind == "right":
+    if right:
         given = f"{described}, with a cache {'passed in' if cached else 'asked for (use_cache=True)'}"
         why = "a cache after right padding holds the state of the pads, and continuing it would be wrong"
     else:

@@ -214,9 +214,31 @@ def test_padding_where_a_cache_is_returned_or_continued_is_refused_naming_it() -
     hole = torch.tensor([[1, 1, 0, 1, 1, 1], [1] * 6])
     with pytest.raises(ValueError, match=r"a hole \(row 0: \[1, 1, 0, 1, 1, 1\]: zeros between its tokens\)"):
         model(ids, attention_mask=hole, use_cache=False)
-    with pytest.raises(ValueError, match=r"an empty row \(row 1"):
-        model(ids, attention_mask=torch.tensor([[1] * 6, [0] * 6]), use_cache=False)
+    with pytest.raises(ValueError, match=r"an empty row \(row 1.*cache asked for"):
+        model(ids, attention_mask=torch.tensor([[1] * 6, [0] * 6]), use_cache=True)
     assert model(ids, attention_mask=torch.ones_like(ids)).cache.seq_length == 6  # ones: as no mask
+
+
+def test_a_row_of_padding_alone_in_a_scored_batch_is_right_padding() -> None:
+    """An empty text in a padded batch (DataCollatorForLanguageModeling pads it into a row of pads alone,
+    as wikitext's blank lines give in transformers' Trainer) is right padding of no token: scored (GPT-2
+    scores it), where it was refused as an empty row (review s45b); refused where right padding is."""
+    model = tiny_hf_model("ttt_linear")
+    ids = torch.tensor([[104, 105, 33, 10, 98], [256] * 5])  # the second: an empty text, padded with eos
+    mask = torch.tensor([[1] * 5, [0] * 5])
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, labels=labels)
+        alone = model(ids[:1], labels=labels[:1])
+    assert batch.cache is None  # the state has read the pads
+    assert (batch.logits[0] - alone.logits[0]).abs().max() <= 1e-6
+    assert abs(batch.loss.item() - alone.loss.item()) <= 1e-6  # the empty row scores nothing
+    with pytest.raises(ValueError, match=r"an empty row \(row 1.*cache asked for \(use_cache=True\)"):
+        model(ids, attention_mask=mask, use_cache=True)
+    with pytest.raises(ValueError, match=r"generate\(\) got an attention_mask with an empty row"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=1, pad_token_id=0)
+    with pytest.raises(ValueError, match=r"left padding \(row 0: \[0, 1, 1, 1, 1\]"):  # still the worst
+        model(ids, attention_mask=torch.tensor([[0, 1, 1, 1, 1], [0] * 5]))
 
 
 def test_bad_inputs_are_named() -> None:

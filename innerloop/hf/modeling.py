@@ -362,10 +362,13 @@ def check_token_ids(input_ids: Any, vocab_size: int) -> None:
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab_size:
         bad = high if high >= vocab_size else low
+        end_of_text = (
+            "; a byte-level model's tokenizer has <|endoftext|> at 256, which the model never saw (in lm-eval, "
+            "give prefix_token_id=10 for tasks with empty contexts)"
+        )
         raise ValueError(
             f"input_ids holds token id {bad}, outside the model's vocabulary of {vocab_size} tokens "
-            f"(0..{vocab_size - 1}); a byte-level model's tokenizer has <|endoftext|> at 256, which the "
-            "model never saw (in lm-eval, give prefix_token_id=10 for tasks with empty contexts)"
+            f"(0..{vocab_size - 1}){end_of_text if (bad, vocab_size) == (256, 256) else ''}"
         )
 
 

@@ -364,7 +364,7 @@ def check_token_ids(input_ids: Any, vocab_size: int) -> None:
         bad = high if high >= vocab_size else low
         end_of_text = (
             "; a byte-level model's tokenizer has <|endoftext|> at 256, which the model never saw (in lm-eval, "
-            "give prefix_token_id=10 for tasks with empty contexts)"
+            "give prefix_token_id=0, the byte a byte-level run puts between documents, for tasks with empty contexts)"
         )
         raise ValueError(
             f"input_ids holds token id {bad}, outside the model's vocabulary of {vocab_size} tokens "

@@ -223,7 +223,8 @@ def test_a_row_of_padding_alone_in_a_scored_batch_is_right_padding() -> None:
     """An empty text in a padded batch (DataCollatorForLanguageModeling pads it into a row of pads alone,
     as wikitext's blank lines give in transformers' Trainer) is right padding of no token: scored (GPT-2
     scores it), where it was refused as an empty row (review s45b); refused where right padding is."""
-    model = tiny_hf_model("ttt_linear")
+    shape = {"hidden_size": 16, "num_heads": 2, "num_layers": 1, "intermediate_size": 16, "mixer": "swa"}
+    model = InnerloopForCausalLM(InnerloopConfig(model=shape)).eval()  # one block: the fast loop's cost
     ids = torch.tensor([[104, 105, 33, 10, 98], [256] * 5])  # the second: an empty text, padded with eos
     mask = torch.tensor([[1] * 5, [0] * 5])
     labels = ids.masked_fill(mask == 0, -100)

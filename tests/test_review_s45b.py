@@ -12,7 +12,25 @@ Kept here, each a finding (the commit that fixes it names it):
   and lm-eval's ``prefix_token_id`` whatever the id and vocabulary (400 of 300 tokens, -1).
 - The docs (and that hint) advised ``prefix_token_id=10`` (a newline) for lm-eval's empty contexts with a
   byte-level model, which trained on documents each after a byte 0: the first byte of a document scored
-  about 1.9 nats worse than after the 0 they now advise.
+  about 1.9 nats worse than after the 0 they now advise (lm-eval 0.4.13 reads ``prefix_token_id=0`` from
+  ``--model_args`` as 0: its rolling loglikelihood then equals the direct computation after a 0).
+
+Documented without a test (docs/huggingface.md): lm-eval's default ``max_length`` of 2048 for innerloop's
+models, which declare none (longer contexts cut from the left); a TTT-E2E model trained with transformers'
+``Trainer`` gets no inner-lr warm-up unless a callback calls ``set_outer_progress``.
+
+Checked and found right (no test kept): ``generate()`` with and without the cache for every mixer
+(repetition penalty, ``min_new_tokens``, eos lists, ``no_repeat_ngram_size``, sampled
+``num_return_sequences``, beam sampling, classifier-free guidance with a negative prompt, stop strings,
+``TextIteratorStreamer``) and batch rows against each row alone; bf16 sharded ``save_pretrained`` loaded
+as saved, ``dtype="auto"``/``torch_dtype="auto"`` and fp32; config.json edited on disk; right padding of
+rows 1..30 long for every mixer; transformers' ``Trainer`` (gradient accumulation, bf16, save and exact
+resume, ``evaluate``/``predict``); ``device_map``/``low_cpu_mem_usage``; ``subfolder=``; a BPE trained on
+emoji/CJK/combining marks/``\r\n`` through ``data.name=hf`` (another text field, empty and very long rows,
+streaming or not), a checkpoint and an export; parquet ``large_string``/dictionary columns and saved
+datasets in numpy/torch format; the official TTT-E2E checkpoint on a batch of four different rows, prefixes
+2..128 and cache cuts through the Auto classes, bf16, and hostile orbax folders (truncated, flipped, empty
+or missing files, renamed steps, foreign folders and configs), each one line.
 """
 
 from __future__ import annotations

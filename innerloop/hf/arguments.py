@@ -139,7 +139,21 @@ def _check_positions(name: str, value: Any, start: int, length: int) -> None:
     raise ValueError(
         f"{name} must be the positions of input_ids after the {start} tokens in the cache, "
         f"{start}..{start + length - 1} ([{length}] or [batch, {length}]), got {shown}: innerloop models "
-        f"count positions in their cache; leave {name} out"
+        f"count positions in their cache; leave {name} out{_packing_note(value) if fits else ''}"
+    )
+
+
+def _packing_note(positions: torch.Tensor) -> str:
+    """What to do when ``positions [..., length]`` restart inside a row (examples packed into one row, as
+    transformers' ``DataCollatorWithFlattening`` makes them): leaving them out would not keep the
+    examples apart."""
+    restarts = bool((positions.detach().cpu().reshape(-1, positions.shape[-1]).diff(dim=-1) < 0).any())
+    if not restarts:
+        return ""
+    return (
+        ". They restart inside a row (examples packed into one row, as DataCollatorWithFlattening makes "
+        "them): an innerloop model reads a row as one sequence through one recurrent state, so packed "
+        "examples would read each other; give one example per row (padded to the right, not packed)"
     )
 
 

@@ -106,8 +106,14 @@ def test_positions_equal_to_the_ones_the_model_reads_change_nothing() -> None:
             output_attentions=False,
             token_type_ids=None,
         ).logits
-        with pytest.raises(ValueError, match=r"after the 4 tokens in the cache, 4..5 .*got \[0, 1\]"):
+        with pytest.raises(
+            ValueError, match=r"after the 4 tokens in the cache, 4..5 .*got \[0, 1\]"
+        ) as plain_error:
             model(IDS[:, 4:], cache=cache, cache_position=torch.tensor([0, 1]))
+        assert "packed" not in str(plain_error.value)
+        # packed examples (DataCollatorWithFlattening): leaving the positions out would mix them (s45b's LOW)
+        with pytest.raises(ValueError, match=r"restart inside a row .*one example per row"):
+            model(IDS[:, :4], position_ids=torch.tensor([[0, 1, 0, 1], [0, 1, 2, 3]]))
     assert torch.equal(given, plain)
 
 

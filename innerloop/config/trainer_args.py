@@ -176,10 +176,12 @@ def _unknown_key_message(key: str, source: str, section: str = "trainer") -> str
     own, lightning = _own_keys(), sorted(trainer_arguments())
     if section == "trainer.lightning" and key in own:
         return f"unknown config key '{section}.{key}' in {source}: it is innerloop's own key trainer.{key}; set that"
-    names = list(dict.fromkeys([*own, *lightning, *LIGHTNING_NAMES]))  # max_steps is in two lists: once
-    close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
-    if not close:  # a key of another section (trainer.lr: optim.lr)
-        close = [path for path in key_paths(RunConfig) if path.rpartition(".")[2] == key]
+    # the same name in another section first (trainer.backbone: model.backbone, not Lightning's barebones),
+    # then close spellings among the names a config may set (not min_steps or barebones, refused)
+    elsewhere = [path for path in key_paths(RunConfig) if path.rpartition(".")[2] == key]
+    settable = [name for name in [*own, *lightning, *LIGHTNING_NAMES] if name not in SET_BY_INNERLOOP]
+    names = list(dict.fromkeys(settable))  # max_steps is in two lists: once
+    close = [*elsewhere, *difflib.get_close_matches(key, names, n=3, cutoff=0.6)][:3]
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return (
         f"unknown config key '{section}.{key}' in {source}{hint}; valid keys here: innerloop's {sorted(own)} "

@@ -8,15 +8,24 @@ Kept here, each a finding (the commit that fixes it names it):
   ``trainer.backbone=mamba`` said "did you mean 'barebones'?" (an argument innerloop refuses) instead of
   ``model.backbone``, and ``trainer.grad_clip`` named only Lightning's ``gradient_clip_val``; the
   suggestions also offered arguments a config may not set (``min_steps`` for ``trainer.mxa_steps``).
+- Under gradient accumulation a pending checkpoint replaced ``last.safetensors`` at the first micro-batch
+  of the next optimizer step, before the others' losses were known: a NaN on a later micro-batch left
+  ``last.safetensors`` holding weights whose next step is NaN again at any lr, the checkpoint before it
+  gone (docs/training.md: it replaces it "only once the next step's loss on its weights is finite").
 """
 
 from __future__ import annotations
 
 import re
 
+import lightning as L
 import pytest
+import torch
+from lm_testing import TINY  # the tiny run of the end-to-end tests
 
 from innerloop.config import ConfigError, load_config
+from innerloop.train import TrainingDivergedError, load_checkpoint, train
+from innerloop.train.run_dir import PENDING_CHECKPOINT
 
 
 @pytest.mark.parametrize(
@@ -35,3 +44,35 @@ def test_an_unknown_trainer_key_names_the_key_it_may_have_meant(override, meant,
     hint = re.search(r"did you mean ([^?]*)\?", str(raised.value))
     assert hint is not None and meant in hint.group(1), str(raised.value)
     assert not_meant is None or not_meant not in hint.group(1), str(raised.value)
+
+
+class _NanAtSecondMicroBatch(L.Callback):
+    """Make the loss NaN at the second micro-batch of the optimizer step after ``step`` steps (the
+    weights the checkpoint of that many steps holds give a NaN loss on it)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and batch_idx % 2 == 1:
+            with torch.no_grad():
+                pl_module.model.blocks[0].mlp.down_proj.weight.fill_(float("nan"))
+
+
+@pytest.mark.slow  # ~2 s: a training run of three optimizer steps
+def test_under_accumulation_a_checkpoint_whose_next_step_diverges_does_not_replace_last(tmp_path) -> None:
+    """A pending checkpoint replaced last.safetensors at the first micro-batch of the next step: when a later
+    micro-batch of that step was NaN, last.safetensors held weights whose next step diverges again at any
+    lr (the step is a function of them and of the batches), and the checkpoint before was gone."""
+    out = tmp_path / "run"
+    overrides = [
+        *TINY,
+        "trainer.accumulate_grad_batches=2",
+        "trainer.checkpoint_every=1",
+        "trainer.max_steps=4",
+    ]
+    run, cfg = load_config("tiny", [*overrides, f"out_dir={out}"])
+    with pytest.raises(TrainingDivergedError, match="after 2 optimizer steps"):
+        train(run, cfg, callbacks=[_NanAtSecondMicroBatch(step=2)])
+    assert load_checkpoint(out / "last.safetensors")["global_step"] == 1
+    assert not (out / PENDING_CHECKPOINT).exists()

@@ -182,9 +182,9 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
 
     Weights or optimizer moments holding NaN or inf are never saved (the run stops as diverged). The
     checkpoint of step ``k`` is written to ``.last.safetensors.pending`` and replaces ``last.safetensors``
-    once the loss of step ``k + 1``, computed from those weights, is finite (or at the end, or on a crash
-    that is not a divergence): a diverged run keeps a checkpoint that a resume with a lower lr can go on
-    from, not weights whose next loss is already NaN.
+    once the loss of step ``k + 1``, computed from those weights, is finite (every micro-batch's under
+    gradient accumulation; or at the end, or on a crash that is not a divergence): a diverged run keeps
+    a checkpoint that a resume with a lower lr can go on from, not weights whose next loss is already NaN.
 
     A run killed in between (e.g. during the validation after a checkpoint step) leaves the pending
     file; the next launch keeps it if it is whole and later (:func:`~innerloop.train.run_dir.
@@ -255,10 +255,12 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
         if step_is_whole and fit_ends and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
-    def on_before_backward(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self._promote(trainer)  # the training step found the loss of the pending weights finite
+        # every micro-batch of the step found the loss of the pending weights finite (the step's loss is
+        # their mean: under accumulation the first one's alone does not say it)
+        self._promote(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._last_global_step_saved != trainer.global_step:

@@ -12,6 +12,8 @@ Kept here, each a finding (the commit that fixes it names it):
   of the next optimizer step, before the others' losses were known: a NaN on a later micro-batch left
   ``last.safetensors`` holding weights whose next step is NaN again at any lr, the checkpoint before it
   gone (docs/training.md: it replaces it "only once the next step's loss on its weights is finite").
+- ``LanguageModelModule.load_from_checkpoint`` of a run folder (not its ``last.safetensors``) ended in
+  torch.load's bare ``IsADirectoryError``, where ``load_module`` and the commands name the file to give.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import pytest
 import torch
 from lm_testing import TINY  # the tiny run of the end-to-end tests
 
+from innerloop.checkpoints import CheckpointError
 from innerloop.config import ConfigError, load_config
-from innerloop.train import TrainingDivergedError, load_checkpoint, train
+from innerloop.train import LanguageModelModule, TrainingDivergedError, load_checkpoint, train
 from innerloop.train.run_dir import PENDING_CHECKPOINT
 
 
@@ -76,3 +79,12 @@ def test_under_accumulation_a_checkpoint_whose_next_step_diverges_does_not_repla
         train(run, cfg, callbacks=[_NanAtSecondMicroBatch(step=2)])
     assert load_checkpoint(out / "last.safetensors")["global_step"] == 1
     assert not (out / PENDING_CHECKPOINT).exists()
+
+
+def test_load_from_checkpoint_of_a_run_folder_names_the_file_to_give(tmp_path) -> None:
+    """LanguageModelModule.load_from_checkpoint('runs/tiny') went to torch.load: a bare IsADirectoryError,
+    where load_module and every command name the checkpoint file in the folder."""
+    with pytest.raises(
+        CheckpointError, match=r"is a directory; give the checkpoint file in it .*last\.safetensors"
+    ):
+        LanguageModelModule.load_from_checkpoint(tmp_path)

@@ -57,6 +57,7 @@ from innerloop.checkpoints import (
     saved_model_config,
 )
 from innerloop.checkpoints import load_model as load_model  # re-exported: its old home
+from innerloop.config.load import checkpoint_path_problem
 from innerloop.core.diagnostics import inner_loss_before_after
 from innerloop.core.functional import check_flag, mean_scored_cross_entropy
 from innerloop.core.layer import LARGE_INPUT, is_built_in, plugin_label
@@ -346,6 +347,8 @@ class LanguageModelModule(L.LightningModule):
         Lightning checkpoints, file objects) go to Lightning's loader unchanged.
         """
         is_path = isinstance(checkpoint_path, (str, os.PathLike))
+        if is_path and os.path.isdir(checkpoint_path):  # torch.load's bare IsADirectoryError said only that
+            raise CheckpointError(str(checkpoint_path_problem(checkpoint_path)))
         if is_path and os.path.isfile(checkpoint_path) and os.path.getsize(checkpoint_path) == 0:
             raise CheckpointError(  # torch.load's bare EOFError named neither the file nor the problem
                 f"{str(checkpoint_path)!r} is empty (0 bytes): not a checkpoint (a write that never finished, "

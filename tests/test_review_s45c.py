@@ -14,6 +14,10 @@ Kept here, each a finding (the commit that fixes it names it):
   gone (docs/training.md: it replaces it "only once the next step's loss on its weights is finite").
 - ``LanguageModelModule.load_from_checkpoint`` of a run folder (not its ``last.safetensors``) ended in
   torch.load's bare ``IsADirectoryError``, where ``load_module`` and the commands name the file to give.
+- ``trainer.validate(module, dataloaders=[a, b])`` (or ``test``, or a fit with several validation
+  loaders) stopped in Lightning's check, whose advice (add ``dataloader_idx`` to ``validation_step``)
+  made a subclass log one ``val_loss`` over the loaders together; each loader is now scored on its own,
+  its metrics logged as ``val_loss/dataloader_idx_<i>``, ... (the names Lightning gives them).
 """
 
 from __future__ import annotations
@@ -23,11 +27,15 @@ import re
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from lm_testing import TINY  # the tiny run of the end-to-end tests
+from torch.utils.data import DataLoader
 
 from innerloop.checkpoints import CheckpointError
 from innerloop.config import ConfigError, load_config
+from innerloop.models import ModelConfig
 from innerloop.train import LanguageModelModule, TrainingDivergedError, load_checkpoint, train
+from innerloop.train.data import IGNORE_INDEX
 from innerloop.train.run_dir import PENDING_CHECKPOINT
 
 
@@ -88,3 +96,39 @@ def test_load_from_checkpoint_of_a_run_folder_names_the_file_to_give(tmp_path) -
         CheckpointError, match=r"is a directory; give the checkpoint file in it .*last\.safetensors"
     ):
         LanguageModelModule.load_from_checkpoint(tmp_path)
+
+
+def _windows(seed: int, count: int, length: int, unscored: int) -> DataLoader:
+    """``count`` (inputs, targets) batches of 2 windows of random bytes, the last ``unscored`` targets
+    of each window IGNORE_INDEX (padding)."""
+    ids = torch.randint(0, 256, (count, 2, length + 1), generator=torch.Generator().manual_seed(seed))
+    targets = ids[..., 1:].clone()
+    targets[..., length - unscored :] = IGNORE_INDEX
+    return DataLoader([(ids[i, :, :-1], targets[i]) for i in range(count)], batch_size=None)
+
+
+def test_several_validation_loaders_are_each_scored_on_their_own() -> None:
+    """trainer.validate(module, dataloaders=[a, b]) (and fit's several val loaders) stopped in Lightning's
+    check, whose advice (add dataloader_idx to validation_step) gave one val_loss over the loaders
+    together in a subclass; each loader's val_loss and val_acc are now its own scored tokens'."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        hidden_size=16, num_heads=2, num_layers=1, intermediate_size=32, ttt={"mini_batch_size": 4}
+    )
+    module = LanguageModelModule(config, num_position_buckets=2, diagnostics_batches=0).eval()
+    loaders = [_windows(1, 2, 8, unscored=3), _windows(2, 1, 12, unscored=0)]
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    logged = trainer.validate(module, dataloaders=loaders, verbose=False)[0]
+    for i, loader in enumerate(loaders):
+        with torch.no_grad():
+            scored = [(module(x).double(), y) for x, y in loader]
+        loss = sum(
+            F.cross_entropy(z.transpose(1, 2), y, ignore_index=IGNORE_INDEX, reduction="sum")
+            for z, y in scored
+        )
+        right = sum(int((z.argmax(-1) == y).sum()) for z, y in scored)
+        count = sum(int((y != IGNORE_INDEX).sum()) for _, y in scored)
+        assert logged[f"val_loss/dataloader_idx_{i}"] == pytest.approx(float(loss) / count, rel=1e-6)
+        assert logged[f"val_acc/dataloader_idx_{i}"] == pytest.approx(right / count, rel=1e-6)

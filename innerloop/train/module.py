@@ -311,6 +311,8 @@ class LanguageModelModule(L.LightningModule):
         self.val_loss_by_position = LossByPosition(num_position_buckets, varying_lengths=True)
         self.inner_diagnostics = InnerLossDiagnostics(self.model.config.num_layers)
         self._inner_loss_before_after = None
+        # the loader being evaluated, and the metrics of those evaluated before it (of several loaders)
+        self._evaluating_loader, self._finished_loaders = 0, []
         self._last_finite_loss: tuple[int, torch.Tensor] | None = None  # (global step, training loss)
         self._step_losses: tuple[int, list[torch.Tensor]] = (-1, [])  # this optimizer step's micro-batches
         self._checked_layers = [
@@ -645,13 +647,27 @@ class LanguageModelModule(L.LightningModule):
             step, now, restored, now / restored if restored else math.inf, hp.schedule, hp.lr, hp.max_steps,
         )  # fmt: skip
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """One validation batch. Several validation loaders are scored each on its own (Lightning reads
+        them one after another): their metrics are logged as ``val_loss/dataloader_idx_<i>``, ... (the
+        names Lightning gives a metric of one loader), never one number over the loaders together."""
+        self._switch_loader(dataloader_idx, "val_", "")
         self._evaluate_batch(batch, batch_idx)
 
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         """``trainer.test(module, dataloaders=...)`` on ``(inputs, targets)`` batches (e.g. a held-out
-        split's): the validation metrics under ``test_`` names (``test_loss``, ``test_ppl``, ...)."""
+        split's): the validation metrics under ``test_`` names (``test_loss``, ``test_ppl``, ...; of
+        several loaders, each its own, as in :meth:`validation_step`)."""
+        self._switch_loader(dataloader_idx, "test_", "test_")
         self._evaluate_batch(batch, batch_idx)
+
+    def _switch_loader(self, dataloader_idx: int, prefix: str, diagnostics_prefix: str) -> None:
+        """At the first batch of another loader, compute the metrics of the loader before it (logged at
+        the evaluation's end, :meth:`_log_evaluation`) and reset them."""
+        if dataloader_idx != self._evaluating_loader:
+            values = self._evaluation_values(prefix, diagnostics_prefix)
+            self._finished_loaders.append((self._evaluating_loader, values))
+            self._evaluating_loader = dataloader_idx
 
     def _evaluate_batch(self, batch: Batch, batch_idx: int) -> None:
         """One batch of validation or test: the scored tokens' losses into the evaluation metrics."""
@@ -703,6 +719,7 @@ class LanguageModelModule(L.LightningModule):
         for module in self.modules():
             if isinstance(module, Metric):
                 module.reset()
+        self._evaluating_loader, self._finished_loaders = 0, []
 
     def on_validation_epoch_end(self) -> None:
         self.log_synced("val_step", float(self.trainer.global_step) if self._trainer is not None else 0.0)
@@ -712,8 +729,27 @@ class LanguageModelModule(L.LightningModule):
         self._log_evaluation("test_", diagnostics_prefix="test_")
 
     def _log_evaluation(self, prefix: str, diagnostics_prefix: str) -> None:
-        """Log the evaluation metrics under ``prefix`` (``val_loss``, ``test_loss``, ...) and reset them."""
-        log = self.log_synced
+        """Log the evaluation metrics under ``prefix`` (``val_loss``, ``test_loss``, ...) and reset them;
+        of several loaders, each loader's under the names Lightning gives them (``val_loss/dataloader_idx_1``)."""
+        loaders = [
+            *self._finished_loaders,
+            (self._evaluating_loader, self._evaluation_values(prefix, diagnostics_prefix)),
+        ]
+        for loader, values in loaders:
+            suffix = f"/dataloader_idx_{loader}" if len(loaders) > 1 else ""
+            for name, value, options in values:
+                self.log_synced(f"{name}{suffix}", value, add_dataloader_idx=False, **options)
+        self._evaluating_loader, self._finished_loaders = 0, []
+
+    def _evaluation_values(
+        self, prefix: str, diagnostics_prefix: str
+    ) -> list[tuple[str, Any, dict[str, Any]]]:
+        """The evaluation metrics as ``(name, value, log options)`` (synced across processes), reset."""
+        values: list[tuple[str, Any, dict[str, Any]]] = []
+
+        def log(name: str, value: Any, **options: Any) -> None:
+            values.append((name, value, options))
+
         self._check_metrics_combined(prefix)
         # val_loss is the mean over scored tokens (not over batches, which may differ in size or padding),
         # from the float64 sums (synced across processes once); val_ppl = exp(val_loss), inf once the mean
@@ -734,6 +770,7 @@ class LanguageModelModule(L.LightningModule):
                 log(f"{diagnostics_prefix}inner_loss_before/{layer}", before[layer])
                 log(f"{diagnostics_prefix}inner_loss_after/{layer}", after[layer])
         self.inner_diagnostics.reset()
+        return values
 
     def _check_metrics_combined(self, prefix: str) -> None:
         """Under several processes, raise unless the evaluation metrics' count of scored tokens, synced

@@ -18,6 +18,10 @@ Kept here, each a finding (the commit that fixes it names it):
   loaders) stopped in Lightning's check, whose advice (add ``dataloader_idx`` to ``validation_step``)
   made a subclass log one ``val_loss`` over the loaders together; each loader is now scored on its own,
   its metrics logged as ``val_loss/dataloader_idx_<i>``, ... (the names Lightning gives them).
+- ``train(run, callbacks=[print])`` failed inside the fit with a bare AttributeError (``'...' object has
+  no attribute 'on_exception'``), and ``callbacks=EarlyStopping(...)``, one callback as Lightning's
+  Trainer takes it, with "Value after * must be an iterable"; one is now taken, anything else refused
+  naming ``callbacks`` before anything is written.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import EarlyStopping
 from lm_testing import TINY  # the tiny run of the end-to-end tests
 from torch.utils.data import DataLoader
 
@@ -36,6 +41,7 @@ from innerloop.config import ConfigError, load_config
 from innerloop.models import ModelConfig
 from innerloop.train import LanguageModelModule, TrainingDivergedError, load_checkpoint, train
 from innerloop.train.data import IGNORE_INDEX
+from innerloop.train.run import _checked_callbacks
 from innerloop.train.run_dir import PENDING_CHECKPOINT
 
 
@@ -132,3 +138,16 @@ def test_several_validation_loaders_are_each_scored_on_their_own() -> None:
         count = sum(int((y != IGNORE_INDEX).sum()) for _, y in scored)
         assert logged[f"val_loss/dataloader_idx_{i}"] == pytest.approx(float(loss) / count, rel=1e-6)
         assert logged[f"val_acc/dataloader_idx_{i}"] == pytest.approx(right / count, rel=1e-6)
+
+
+@pytest.mark.parametrize("callbacks", [[print], 3])
+def test_train_refuses_callbacks_that_are_not_callbacks_before_writing(callbacks, tmp_path) -> None:
+    """train(run, callbacks=[print]) failed inside the fit with "'builtin_function_or_method' object has no
+    attribute 'on_exception'" (and ``callbacks=EarlyStopping(...)``, one callback as Lightning's Trainer
+    takes it, with "Value after * must be an iterable")."""
+    run, cfg = load_config("tiny", [*TINY, f"out_dir={tmp_path / 'run'}"])
+    with pytest.raises(TypeError, match=r"^callbacks must be a Lightning Callback or a list of them"):
+        train(run, cfg, callbacks=callbacks)
+    assert not (tmp_path / "run").exists()
+    one = EarlyStopping(monitor="val_loss")  # one callback, as lightning.Trainer(callbacks=...) takes it
+    assert _checked_callbacks(one) == [one] and _checked_callbacks((one,)) == [one]

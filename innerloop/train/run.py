@@ -469,11 +469,13 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return chosen
 
 
-def build_trainer(run: RunConfig, callbacks: Sequence[Callback] = ()) -> L.Trainer:
+def build_trainer(run: RunConfig, callbacks: Sequence[Callback] | Callback = ()) -> L.Trainer:
     """A Lightning Trainer that checkpoints to ``run.out_dir/last.safetensors`` in safetensors, logs
-    with ``run.logger`` and takes the other Lightning arguments of ``run.trainer.lightning`` as given.
-    Lightning's refusal of a setting is a :class:`ConfigError` naming those arguments."""
+    with ``run.logger`` and takes the other Lightning arguments of ``run.trainer.lightning`` as given
+    (and ``callbacks``, one or a list). Lightning's refusal of a setting is a :class:`ConfigError` naming
+    those arguments."""
     t = require_run_config(run).trainer
+    callbacks = _checked_callbacks(callbacks)
     checkpointing = _SafetensorsModelCheckpoint(
         dirpath=run.out_dir,
         save_last=True,
@@ -552,25 +554,46 @@ def _check_train_arguments(run: Any, resume: Any, overwrite: Any) -> None:
     check_resume_or_overwrite(resume, overwrite)
 
 
+def _checked_callbacks(callbacks: Any) -> list[Callback]:
+    """``train``'s ``callbacks`` as a list: one ``Callback`` or an iterable of them (as Lightning's Trainer
+    takes them); else a TypeError naming ``callbacks``, before anything is read or written (a list of
+    other things failed inside the fit with "'str' object has no attribute 'on_exception'")."""
+    if isinstance(callbacks, Callback):
+        return [callbacks]
+    given = (
+        list(callbacks)
+        if isinstance(callbacks, Iterable) and not isinstance(callbacks, (str, bytes))
+        else None
+    )
+    if given is None or not all(isinstance(c, Callback) for c in given):
+        wrong = callbacks if given is None else next(c for c in given if not isinstance(c, Callback))
+        raise TypeError(
+            f"callbacks must be a Lightning Callback or a list of them (lightning.pytorch.Callback instances), "
+            f"got {type(wrong).__name__} {wrong!r:.80}"
+        )
+    return given
+
+
 @_releasing_scan_buffers
 def train(
     run: RunConfig,
     cfg: DictConfig | None = None,
     resume: bool = False,
-    callbacks: Sequence[Callback] = (),
+    callbacks: Sequence[Callback] | Callback = (),
     overwrite: bool = False,
 ) -> TrainResult:
     """Train ``run`` (already validated, e.g. by :func:`innerloop.config.load_config`); see the module doc.
 
-    ``cfg`` is the omegaconf form to save (the run itself is saved if not given); ``callbacks`` are
-    extra Lightning callbacks. The run holds a lock on ``run.out_dir`` until it returns (a second run
-    there raises :class:`~innerloop.train.run_dir.RunDirError`), removes the temporary files a killed
-    run left there, and refuses an out_dir that holds a run unless ``resume`` (continue it) or
-    ``overwrite`` (replace it). A resume is checked against the checkpoint and the saved config before
-    anything is written. A diverging run raises :class:`TrainingDivergedError`, keeping its last
-    finite checkpoint.
+    ``cfg`` is the omegaconf form to save (the run itself is saved if not given); ``callbacks`` are extra
+    Lightning callbacks (one, or a list, as the Trainer takes them). The run holds a lock on
+    ``run.out_dir`` until it returns (a second run there raises
+    :class:`~innerloop.train.run_dir.RunDirError`), removes the temporary files a killed run left there,
+    and refuses an out_dir that holds a run unless ``resume`` (continue it) or ``overwrite`` (replace it).
+    A resume is checked against the checkpoint and the saved config before anything is written. A
+    diverging run raises :class:`TrainingDivergedError`, keeping its last finite checkpoint.
     """
     _check_train_arguments(run, resume, overwrite)
+    callbacks = _checked_callbacks(callbacks)
     if not resume:
         check_new_run_holds_out_text(run)
     run, cfg = _with_absolute_data_paths(run, cfg)

@@ -76,7 +76,7 @@ class _NanAtSecondMicroBatch(L.Callback):
                 pl_module.model.blocks[0].mlp.down_proj.weight.fill_(float("nan"))
 
 
-@pytest.mark.slow  # ~2 s: a training run of three optimizer steps
+@pytest.mark.slow  # ~2-5 s (by the load): a training run of three optimizer steps, its set-up the most of it
 def test_under_accumulation_a_checkpoint_whose_next_step_diverges_does_not_replace_last(tmp_path) -> None:
     """A pending checkpoint replaced last.safetensors at the first micro-batch of the next step: when a later
     micro-batch of that step was NaN, last.safetensors held weights whose next step diverges again at any

@@ -151,3 +151,15 @@ def test_train_refuses_callbacks_that_are_not_callbacks_before_writing(callbacks
     assert not (tmp_path / "run").exists()
     one = EarlyStopping(monitor="val_loss")  # one callback, as lightning.Trainer(callbacks=...) takes it
     assert _checked_callbacks(one) == [one] and _checked_callbacks((one,)) == [one]
+
+
+def test_a_config_file_with_a_key_given_twice_is_one_line_from_python_too(tmp_path) -> None:
+    """s45c's LOW: ``load_config`` of a YAML file with a duplicate key raised omegaconf's message over
+    several lines (the CLI joined them); the error is one line wherever it is read."""
+    from innerloop.config.load import ConfigError, load_config
+
+    path = tmp_path / "twice.yaml"
+    path.write_text("trainer:\n  max_steps: 3\n  max_steps: 4\n")
+    with pytest.raises(ConfigError, match=r"is not valid YAML: .*duplicate key max_steps") as error:
+        load_config(str(path), [])
+    assert "\n" not in str(error.value)

@@ -117,8 +117,8 @@ def _parse_source(text: str, source: str) -> tuple[DictConfig, list[str]]:
         raise ConfigError(f"{source} must be a mapping of config sections, got {type(document).__name__}")
     try:
         loaded = OmegaConf.create(text)
-    except Exception as err:  # YAML syntax errors come in several types
-        raise ConfigError(f"{source} is not valid YAML: {err}") from None
+    except Exception as err:  # YAML syntax errors come in several types (a key given twice, ...)
+        raise ConfigError(f"{source} is not valid YAML: {_one_line(err)}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{source} must be a mapping of config sections, got {type(loaded).__name__}")
     return loaded, check_value_kinds(yaml.compose(text, Loader=yaml.SafeLoader), "", source)

@@ -169,7 +169,7 @@ def test_the_table_marks_the_baseline_given_by_name_not_the_first_model() -> Non
     }
     assert rows["| b (baseline)"].endswith(" | - |")
     mean, low, high = comparison.overall[8][0]
-    assert rows["| a"].endswith(f" | {mean:+.4f} ({low:+.4f} to {high:+.4f}) |") and mean != 0
+    assert rows["| a"].endswith(f" | {mean:+.4f} ({low:+.4f} to {high:+.4f}, holds 0) |") and mean != 0
 
 
 def test_the_tables_note_says_below_how_many_windows_there_is_no_band() -> None:

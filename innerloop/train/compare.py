@@ -848,17 +848,36 @@ def _table(comparison: Comparison) -> str:
 DIFFERENCE_NOTE = (
     "loss - baseline: the mean loss per scored token minus the baseline's on the same windows (nats; "
     "negative: lower loss than the baseline), with its {confidence:.0%} band, a paired bootstrap over "
-    "windows (none below {windows} windows, or where a loss is not finite)"
+    "windows (none below {windows} windows, or where a loss is not finite); a band that holds 0 "
+    '("holds 0") shows no difference between the two models on these windows'
 )
 """What the table's ``loss - baseline`` columns hold (printed below the table)."""
+
+MAX_DIFFERENCE_DECIMALS = 12
+"""The most decimals a difference is shown with (a smaller one than 1e-12 nats reads as 0)."""
+
+
+def difference_decimals(*values: float) -> int:
+    """Decimals that show each nonzero finite value of ``values`` with two significant digits, at least
+    4: a difference of 2e-5 nats is ``+0.000020``, not ``+0.0000`` (whose sign and size are lost). The
+    table passes a band's two ends (a mean inside it may be as close to 0 as it likes), or the mean where
+    there is no band."""
+    small = [abs(v) for v in values if math.isfinite(v) and 0 < abs(v) < 1e-3]
+    if not small:
+        return 4
+    return min(MAX_DIFFERENCE_DECIMALS, max(4, 1 - math.floor(math.log10(min(small)))))
 
 
 def _difference_cell(comparison: Comparison, seq_len: int, model: int) -> str:
     if model == comparison.baseline:
         return "-"
     mean, low, high = comparison.overall[seq_len][model]
-    band = "no band" if math.isnan(low) else f"{low:+.4f} to {high:+.4f}"
-    return f"{mean:+.4f} ({band})"
+    digits = difference_decimals(mean) if math.isnan(low) else difference_decimals(low, high)
+    if math.isnan(low):
+        band = "no band"
+    else:
+        band = f"{low:+.{digits}f} to {high:+.{digits}f}" + (", holds 0" if low <= 0 <= high else "")
+    return f"{mean:+.{digits}f} ({band})"
 
 
 def comparison_id(comparison: Comparison) -> str:

@@ -1,0 +1,70 @@
+"""Review s45d: the brief's three user journeys walked from the docs alone, with choices the docs'
+examples do not use (earlier walks: s26, s29c, s29d, s32a, s36c, s37c).
+
+Walked and found right (no test here; the reviewer's notes): a cosine inner loss, a low-rank inner model
+of two weights ``[f, 2]`` and ``[2, f]`` and a heavy-ball update rule of one's own, registered, run in a
+layer, trained through the LightningModule, saved and loaded, and checked with ``check_inner_model``,
+``check_inner_loss``, ``check_update_rule`` and the hypothesis strategies on the plugins' names; a
+post-norm Transformer of one's own around ``TTTLayer`` decoding thousands of tokens with its state's
+bytes, the peak allocation of a step and the Python heap flat; a folder of text files with a comma,
+brackets and spaces in its name and files in Latin-1, UTF-16 and CRLF, trained on and compared.
+
+The findings, each a regression test:
+
+- ``innerloop compare``'s table showed a difference smaller than 5e-5 nats as ``+0.0000 (+0.0000 to
+  +0.0000)``: two models that do differ, and two that do not, read the same, and the table never said
+  whether a band holds 0 (no difference shown). The cell now keeps two significant digits and says
+  ``holds 0`` (``test_compare_shows_a_small_difference_and_says_when_its_band_holds_0``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from innerloop.train.compare import ComparedModel, Comparison, LengthResult, _add_length, format_table
+
+
+def _comparison(shifts: list[float], noise: float, windows: int = 16) -> Comparison:
+    """A baseline and one model per shift: each window's loss the baseline's + shift + noise."""
+    names = ["base", *(f"m{i}" for i in range(len(shifts)))]
+    models = [ComparedModel(n, Path(f"{n}.safetensors"), None, 1000, 64, None) for n in names]  # type: ignore[arg-type]
+    comparison = Comparison(models, 0, [], {}, 0.95, 200, 0, "test windows")
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.full((windows, 1), 64.0, dtype=torch.float64)
+    base = 64 * (4 + torch.rand(windows, 1, generator=generator, dtype=torch.float64))
+    others = [
+        base + 64 * (s + noise * torch.randn(windows, 1, generator=generator, dtype=torch.float64))
+        for s in shifts
+    ]
+    _add_length(comparison, LengthResult(64, [(0, 64)], torch.stack([base, *others]), counts, windows))
+    return comparison
+
+
+def _cells(comparison: Comparison) -> dict[str, str]:
+    rows = [
+        line.split(" | ")
+        for line in format_table(comparison).splitlines()
+        if line.startswith("| m") and not line.startswith("| model")
+    ]
+    return {row[0].removeprefix("| "): row[-1].removesuffix(" |") for row in rows}
+
+
+def test_compare_shows_a_small_difference_and_says_when_its_band_holds_0() -> None:
+    """Found by comparing a run with a copy of its checkpoint whose weights moved by 1e-5: the table said
+    ``+0.0000 (+0.0000 to +0.0000)``. A difference of 2e-5 nats whose band is clear of 0 and one of about 0
+    whose band holds it read the same; a user asking "do these models differ?" could not tell."""
+    comparison = _comparison([2e-5, 0.0, 0.05], noise=1e-6)
+    cells = _cells(comparison)
+    for m, cell in enumerate(cells.values(), start=1):
+        mean, low, high = comparison.overall[64][m]
+        assert (low <= 0 <= high) == cell.endswith(", holds 0)"), cell
+    clear, about_zero, large = cells["m0"], cells["m1"], cells["m2"]
+    mean, low, high = comparison.overall[64][1]
+    assert 1.5e-5 < low < mean < high < 2.5e-5
+    assert clear == f"{mean:+.6f} ({low:+.6f} to {high:+.6f})" and "+0.0000 (" not in clear
+    assert about_zero.endswith(", holds 0)") and "e-" not in about_zero
+    mean, low, high = comparison.overall[64][3]
+    assert large == f"{mean:+.4f} ({low:+.4f} to {high:+.4f})"  # ordinary sizes keep four decimals
+    assert '"holds 0"' in format_table(comparison)  # the note under the table says what it means

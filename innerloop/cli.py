@@ -635,6 +635,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _check_data_patterns(patterns: Sequence[str]) -> None:
     """Each ``--data`` entry (eval's, compare's) names files: an empty one, or one that matches no file,
     is an error naming ``--data`` (not the library's ``data.paths``)."""
+    from innerloop.data.text import bracket_hint
     from innerloop.train.data import resolve_files
 
     for pattern in patterns:
@@ -647,6 +648,7 @@ def _check_data_patterns(patterns: Sequence[str]) -> None:
         except ValueError:
             raise ConfigError(
                 f"--data {pattern!r} matches no file (give files, directories or globs)"
+                + bracket_hint(pattern)
             ) from None
 
 

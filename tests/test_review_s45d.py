@@ -15,14 +15,21 @@ The findings, each a regression test:
   +0.0000)``: two models that do differ, and two that do not, read the same, and the table never said
   whether a band holds 0 (no difference shown). The cell now keeps two significant digits and says
   ``holds 0`` (``test_compare_shows_a_small_difference_and_says_when_its_band_holds_0``).
+- A glob below a folder whose name holds brackets (``'my corpus [draft]/*.txt'``, in ``data.paths`` or
+  ``--data``) was refused as "matches no file" while the folder and its files were there: a glob reads
+  ``[draft]`` as one character of a set. The error now says so and gives the pattern that matches
+  (``test_a_glob_below_a_folder_named_with_brackets_says_how_to_write_it``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
+from innerloop.config.load import ConfigError
+from innerloop.data.text import DataError, resolve_files
 from innerloop.train.compare import ComparedModel, Comparison, LengthResult, _add_length, format_table
 
 
@@ -68,3 +75,34 @@ def test_compare_shows_a_small_difference_and_says_when_its_band_holds_0() -> No
     mean, low, high = comparison.overall[64][3]
     assert large == f"{mean:+.4f} ({low:+.4f} to {high:+.4f})"  # ordinary sizes keep four decimals
     assert '"holds 0"' in format_table(comparison)  # the note under the table says what it means
+
+
+def test_a_glob_below_a_folder_named_with_brackets_says_how_to_write_it(tmp_path) -> None:
+    """Found with ``innerloop eval --data 'my corpus, v2 [draft]/*.txt'``: "matches no file (give files,
+    directories or globs)", naming nothing wrong with a folder that held eight text files."""
+    from innerloop.cli import _check_data_patterns
+
+    folder = tmp_path / "my corpus [draft]"
+    folder.mkdir()
+    (folder / "a.txt").write_text("some text")
+    (folder / "b.txt").write_text("more text")
+    pattern = f"{folder}/*.txt"
+    escaped = f"{tmp_path}/my corpus [[]draft]/*.txt"
+    hint = f"; {str(folder)!r} exists, but a glob reads '[...]' as one character of a set: write '[[]' for a "
+    hint += f"literal '[' ({escaped!r} matches 2 files)"
+    with pytest.raises(DataError) as error:
+        resolve_files([pattern])
+    assert (
+        str(error.value)
+        == f"data.paths entry {pattern!r} matches no file (give files, directories or globs){hint}"
+    )
+    with pytest.raises(ConfigError) as error:
+        _check_data_patterns([pattern])
+    assert str(error.value) == f"--data {pattern!r} matches no file (give files, directories or globs){hint}"
+    assert resolve_files([escaped]) == [folder / "a.txt", folder / "b.txt"]  # what the message says matches
+    with pytest.raises(
+        DataError, match=r"matches no file \(give files, directories or globs\); a glob reads '\["
+    ):
+        resolve_files([f"{tmp_path}/nothing [x]/*.txt"])  # no such folder: the general advice
+    with pytest.raises(DataError, match=r"matches no file \(give files, directories or globs\)$"):
+        resolve_files([f"{tmp_path}/nothing/*.txt"])  # no bracket: the message as it was

@@ -76,8 +76,33 @@ def _found_files(pattern: str) -> list[Path]:
     else:
         matched = [Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p)]
     if not matched:
-        raise DataError(f"data.paths entry {pattern!r} matches no file (give files, directories or globs)")
+        raise DataError(
+            f"data.paths entry {pattern!r} matches no file (give files, directories or globs)"
+            + bracket_hint(pattern)
+        )
     return sorted(matched)  # in a fixed order, not the file system's: a file found twice keeps one key
+
+
+def bracket_hint(pattern: str) -> str:
+    """What to add to "``pattern`` matches no file" where ``pattern`` holds a ``[``: a glob reads
+    ``[...]`` as one character of a set, so ``texts [v2]/*.txt`` never reaches the folder ``texts [v2]``.
+    Names the existing folder or file with a bracket that the pattern starts with and the pattern that
+    matches below it (its brackets escaped, :func:`glob.escape`); ``""`` for a pattern without one."""
+    if "[" not in pattern:
+        return ""
+    parts = Path(pattern).expanduser().parts
+    for end in range(len(parts), 0, -1):
+        prefix = str(Path(*parts[:end]))
+        if "[" in prefix and os.path.exists(prefix):
+            escaped = str(Path(glob.escape(prefix), *parts[end:]))
+            found = sum(os.path.isfile(p) for p in glob.glob(escaped, recursive=True))
+            if found:
+                return (
+                    f"; {prefix!r} exists, but a glob reads '[...]' as one character of a set: write '[[]' "
+                    f"for a literal '[' ({escaped!r} matches {found} file{'s' if found != 1 else ''})"
+                )
+            break
+    return "; a glob reads '[...]' as one character of a set: write '[[]' for a literal '[' (glob.escape)"
 
 
 def _skipped_below(relative: Path) -> bool:

@@ -19,6 +19,9 @@ The findings, each a regression test:
   ``--data``) was refused as "matches no file" while the folder and its files were there: a glob reads
   ``[draft]`` as one character of a set. The error now says so and gives the pattern that matches
   (``test_a_glob_below_a_folder_named_with_brackets_says_how_to_write_it``).
+- That folder given as ``data.paths=[my corpus, v2 [draft]]`` was "cannot be parsed: while parsing a
+  flow sequence", YAML's words alone; the error now says to quote such an entry, with an example that
+  parses (``test_an_unquoted_list_entry_with_a_comma_or_bracket_says_to_quote_it``).
 """
 
 from __future__ import annotations
@@ -106,3 +109,20 @@ def test_a_glob_below_a_folder_named_with_brackets_says_how_to_write_it(tmp_path
         resolve_files([f"{tmp_path}/nothing [x]/*.txt"])  # no such folder: the general advice
     with pytest.raises(DataError, match=r"matches no file \(give files, directories or globs\)$"):
         resolve_files([f"{tmp_path}/nothing/*.txt"])  # no bracket: the message as it was
+
+
+def test_an_unquoted_list_entry_with_a_comma_or_bracket_says_to_quote_it() -> None:
+    """Found with ``innerloop train "data.paths=[my corpus, v2 [draft]]"``: the error was YAML's "while
+    parsing a flow sequence", which says neither what is wrong nor how to write it."""
+    from innerloop.config.load import _checked_override, load_config
+
+    example = "data.paths=['my texts, v2 [draft]',notes.txt]"
+    for item in ("data.paths=[my corpus, v2 [draft]]", "data.paths=[a"):
+        with pytest.raises(ConfigError) as error:
+            load_config("tiny", [item])
+        assert str(error.value) == (
+            f"override {item!r} cannot be parsed: while parsing a flow sequence; a list is [a,b], closed, with an "
+            f"entry that holds a comma, a bracket or a brace quoted, e.g. {example}"
+        )
+    override, _, _ = _checked_override(example)  # the example parses, as the two entries it shows
+    assert list(override.data.paths) == ["my texts, v2 [draft]", "notes.txt"]

@@ -501,9 +501,14 @@ def _parsed_override(item: str) -> tuple[DictConfig, str, tuple[str, ...]]:
     try:
         override = OmegaConf.from_dotlist([item])
     except Exception as err:  # the value is parsed as YAML: its syntax errors come in several types
-        hint = ""
-        if "${" in item and "[" in item.partition("=")[2]:  # YAML reads the { of ${...} as a mapping
+        hint, value = "", item.partition("=")[2]
+        if "${" in item and "[" in value:  # YAML reads the { of ${...} as a mapping
             hint = "; quote a list entry that holds an interpolation, e.g. data.paths=['${oc.env:HOME}/x']"
+        elif value.lstrip().startswith("["):  # a flow list: a comma splits entries, a bracket nests a list
+            hint = (
+                f"; a list is [a,b], closed, with an entry that holds a comma, a bracket or a brace quoted, "
+                f"e.g. {key}=['my texts, v2 [draft]',notes.txt]"
+            )
         raise ConfigError(f"override {item!r} cannot be parsed: {_first_line(err)}{hint}") from None
     source = f"override {item!r}"
     routed = route_trainer_keys(OmegaConf.to_container(override), source, ConfigError)

@@ -22,6 +22,9 @@ The findings, each a regression test:
 - That folder given as ``data.paths=[my corpus, v2 [draft]]`` was "cannot be parsed: while parsing a
   flow sequence", YAML's words alone; the error now says to quote such an entry, with an example that
   parses (``test_an_unquoted_list_entry_with_a_comma_or_bracket_says_to_quote_it``).
+- README's layer section said nothing of padding, which a user's own module with a batch of
+  sequences of different lengths meets at once (the layer takes no mask); it now says what right
+  padding keeps and what it does not (``test_right_padding_as_the_readme_says``).
 """
 
 from __future__ import annotations
@@ -126,3 +129,25 @@ def test_an_unquoted_list_entry_with_a_comma_or_bracket_says_to_quote_it() -> No
         )
     override, _, _ = _checked_override(example)  # the example parses, as the two entries it shows
     assert list(override.data.paths) == ["my texts, v2 [draft]", "notes.txt"]
+
+
+def test_right_padding_as_the_readme_says() -> None:
+    """README, "Padding": the outputs of a right-padded sequence's own tokens are those it gives alone,
+    the state returned has read the pads, and states at other positions are not joined."""
+    from innerloop import TTTLayer, TTTState
+    from innerloop.testing import FLOAT64_TOLERANCE
+
+    torch.manual_seed(0)
+    layer = TTTLayer(8, 2, share_qk=True, mini_batch_size=4).double()  # its causal convs too
+    long, short = torch.randn(1, 9, 8, dtype=torch.float64), torch.randn(1, 6, 8, dtype=torch.float64)
+    padded = torch.cat([long, torch.cat([short, torch.zeros(1, 3, 8, dtype=torch.float64)], dim=1)])
+    with torch.no_grad():
+        y, state = layer(padded)
+        alone = [layer(long), layer(short)]
+    torch.testing.assert_close(y[:1], alone[0][0], rtol=0, atol=FLOAT64_TOLERANCE)
+    torch.testing.assert_close(y[1:, :6], alone[1][0], rtol=0, atol=FLOAT64_TOLERANCE)
+    assert state.position == 9 and not torch.allclose(
+        state.index_select(torch.tensor([1])).params["W1"], alone[1][1].params["W1"]
+    )
+    with pytest.raises(ValueError, match=r"cannot concatenate TTTStates at different positions \[9, 6\]"):
+        TTTState.cat([alone[0][1], alone[1][1]])

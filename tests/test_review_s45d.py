@@ -31,6 +31,10 @@ The findings, each a regression test:
   itself by 6.8e-10 and its own float32 run by 100% (a problem that amplifies rounding). Like
   ``check_update_rule``, it now allows 100x the torch path's own float32 error scaled to float64's
   roundoff, and says so (``test_check_kernel_allows_what_the_problem_s_own_rounding_explains``).
+- A UTF-16 file in a byte-level run's folder trained without a word, though every ASCII character of it
+  carries a NUL byte, the byte a byte-level model reads as the end of a document (``innerloop
+  generate`` stops at it). The run now logs one warning naming it
+  (``test_a_utf16_file_read_as_bytes_is_warned_about_once``).
 """
 
 from __future__ import annotations
@@ -214,3 +218,28 @@ def test_check_kernel_allows_what_the_problem_s_own_rounding_explains() -> None:
             AssertionError, match=r"\(allowed: 1.0e-10, or 100x the torch path's own float32 error"
         ):
             checker.run(case)
+
+
+def test_a_utf16_file_read_as_bytes_is_warned_about_once(tmp_path, caplog) -> None:
+    """Found with a folder holding ``utf16.txt`` (Python's ``str.encode("utf-16")``, as Windows tools
+    save "Unicode" text): ``innerloop train`` read it as bytes, separators and all, without a word."""
+    import logging
+
+    from innerloop.data.text import DOCUMENT_SEPARATOR, read_bytes
+
+    plain, wide, wider = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt"
+    plain.write_text("plain text")
+    wide.write_bytes("wide text".encode("utf-16"))
+    wider.write_bytes("wider text".encode("utf-32"))
+    with caplog.at_level(logging.WARNING, logger="innerloop.data.text"):
+        read_bytes([plain])
+        assert caplog.records == []
+        data = read_bytes([plain, wide, wider])
+    assert (
+        int((data == DOCUMENT_SEPARATOR).sum()) > 3
+    )  # the NULs inside the text, besides the three separators
+    assert [r.getMessage() for r in caplog.records] == [
+        f"data.paths file {str(wide)!r} (and 1 more) is UTF-16 text (it starts with a UTF-16 byte-order mark), "
+        "read as its bytes: the NUL byte of each ASCII character in it is the end-of-document byte 0 of a "
+        "byte-level model (where innerloop generate stops); convert it to UTF-8 (e.g. iconv -f UTF-16 -t utf-8)"
+    ]

@@ -364,16 +364,35 @@ def read_bytes(files: Sequence[Path], option: str = "data.paths") -> torch.Tenso
     is held in memory once (a file that changed size since is read as it is now)."""
     sizes = [_file_size(p, option) for p in files]
     buffer = bytearray(sum(sizes) + len(files))
-    at = 0
+    at, wide = 0, []
     for p, size in zip(files, sizes, strict=True):
         got, rest = _read_into(p, buffer, at, size, option)
         if got < size or rest:  # the file shrank or grew since its size was taken: its bytes now
             buffer[at + got : at + size] = rest
         _refuse_packed(p, bytes(buffer[at : at + min(got + len(rest), _MAGIC_BYTES)]), option)
+        bom = next((name for mark, name in _BOMS if buffer.startswith(mark, at)), None)
+        if bom is not None:
+            wide.append((p, bom))
         at += got + len(rest)
         buffer[at] = DOCUMENT_SEPARATOR
         at += 1
+    if wide:
+        _warn_wide_text(wide, option)
     return torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
+
+
+def _warn_wide_text(wide: Sequence[tuple[Path, str]], option: str) -> None:
+    """One warning for the files read as bytes that start with a UTF-16 or UTF-32 byte-order mark: their
+    text is full of NUL bytes, the byte a byte-level model reads as the end of a document
+    (:data:`DOCUMENT_SEPARATOR`, where ``innerloop generate`` stops)."""
+    path, bom = wide[0]
+    others = f" (and {len(wide) - 1} more)" if len(wide) > 1 else ""
+    log.warning(
+        "%s file %r%s is %s text (it starts with a %s byte-order mark), read as its bytes: the NUL byte of "
+        "each ASCII character in it is the end-of-document byte 0 of a byte-level model (where innerloop "
+        "generate stops); convert it to UTF-8 (e.g. iconv -f %s -t utf-8)",
+        option, str(path), others, bom, bom, bom,
+    )  # fmt: skip
 
 
 def _read_into(path: Path, buffer: bytearray, at: int, size: int, option: str) -> tuple[int, bytes]:

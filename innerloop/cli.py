@@ -766,7 +766,25 @@ def _params(args: argparse.Namespace) -> int:
             f"model.{args.adjust}={getattr(sized, args.adjust)}: {total:,} parameters "
             f"({100 * (total - args.budget) / args.budget:+.1f}% of the budget {args.budget:,})"
         )
+        _say_if_out_of_reach(run.model, sized, total, args.budget, args.adjust)
     return 0
+
+
+def _say_if_out_of_reach(model: Any, sized: Any, total: int, budget: int, adjust: str) -> None:
+    """A line under ``innerloop params --budget``'s result when it is more than 5% off because ``adjust``
+    is at its smallest (or largest) value: the budget is out of its reach, and another field is not."""
+    from innerloop.models.params import SIZABLE_FIELDS, size_to_budget
+
+    if abs(total - budget) <= 0.05 * budget:  # within what innerloop compare calls the same size
+        return
+    end = "smallest" if total > budget else "largest"
+    if size_to_budget(model, 1 if total > budget else 10**15, adjust) != sized:
+        return
+    other = next(field for field in SIZABLE_FIELDS if field != adjust)
+    print(
+        f"model.{adjust}={getattr(sized, adjust)} is its {end} value: the budget {budget:,} is out of reach by "
+        f"model.{adjust} alone; try --adjust {other}, or {'fewer' if total > budget else 'more'} model.num_layers"
+    )
 
 
 def _token_unit(checkpoint: str, data: Sequence[str] = ()) -> str:

@@ -35,6 +35,10 @@ The findings, each a regression test:
   carries a NUL byte, the byte a byte-level model reads as the end of a document (``innerloop
   generate`` stops at it). The run now logs one warning naming it
   (``test_a_utf16_file_read_as_bytes_is_warned_about_once``).
+- ``innerloop params --budget`` to size a model to a smaller attention baseline printed
+  ``model.intermediate_size=1: 67,944 parameters (+35.9% of the budget 50,000)`` and nothing else, an
+  override that a user pastes; it now says the budget is out of that field's reach and what to adjust
+  instead (``test_params_says_when_the_budget_is_out_of_the_adjusted_field_s_reach``).
 """
 
 from __future__ import annotations
@@ -243,3 +247,20 @@ def test_a_utf16_file_read_as_bytes_is_warned_about_once(tmp_path, caplog) -> No
         "read as its bytes: the NUL byte of each ASCII character in it is the end-of-document byte 0 of a "
         "byte-level model (where innerloop generate stops); convert it to UTF-8 (e.g. iconv -f UTF-16 -t utf-8)"
     ]
+
+
+@pytest.mark.slow  # ~1-3 s: innerloop params' bisection over model sizes, and one more for the smallest
+def test_params_says_when_the_budget_is_out_of_the_adjusted_field_s_reach(capsys) -> None:
+    """Found sizing ``tiny`` with a TTT-MLP mixer to 50,000 parameters: the smallest MLP is 36% over."""
+    from innerloop.cli import main
+
+    assert main(["params", "--config", "tiny", "model.ttt.inner_model=mlp", "--budget", "50000"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "model.intermediate_size=1: 67,944 parameters (+35.9% of the budget 50,000)",
+        "model.intermediate_size=1 is its smallest value: the budget 50,000 is out of reach by "
+        "model.intermediate_size alone; try --adjust hidden_size, or fewer model.num_layers",
+    ]
+    from innerloop.cli import _say_if_out_of_reach
+
+    _say_if_out_of_reach(None, None, 52_000, 50_000, "intermediate_size")  # within 5%: nothing to say
+    assert capsys.readouterr().out == ""

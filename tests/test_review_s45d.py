@@ -35,7 +35,8 @@ The findings, each a regression test:
   carries a NUL byte, the byte a byte-level model reads as the end of a document (``innerloop
   generate`` stops at it). The run now logs one warning naming it
   (``test_a_utf16_file_read_as_bytes_is_warned_about_once``).
-- ``innerloop params --budget`` to size a model to a smaller attention baseline printed
+- ``innerloop params --budget`` below what the adjusted field can reach (``tiny`` with a TTT-MLP mixer at
+  50,000 parameters) printed
   ``model.intermediate_size=1: 67,944 parameters (+35.9% of the budget 50,000)`` and nothing else, an
   override that a user pastes; it now says the budget is out of that field's reach and what to adjust
   instead (``test_params_says_when_the_budget_is_out_of_the_adjusted_field_s_reach``).

@@ -14,7 +14,9 @@ The findings, each a regression test:
 - ``innerloop compare``'s table showed a difference smaller than 5e-5 nats as ``+0.0000 (+0.0000 to
   +0.0000)``: two models that do differ, and two that do not, read the same, and the table never said
   whether a band holds 0 (no difference shown). The cell now keeps two significant digits and says
-  ``holds 0`` (``test_compare_shows_a_small_difference_and_says_when_its_band_holds_0``).
+  ``holds 0`` (``test_compare_shows_a_small_difference_and_says_when_its_band_holds_0``); the CSV, whose
+  differences had six decimals (2e-8 was ``0.000000``), keeps nine significant digits
+  (``test_compare_csv_keeps_a_small_difference``).
 - A glob below a folder whose name holds brackets (``'my corpus [draft]/*.txt'``, in ``data.paths`` or
   ``--data``) was refused as "matches no file" while the folder and its files were there: a glob reads
   ``[draft]`` as one character of a set. The error now says so and gives the pattern that matches
@@ -97,6 +99,21 @@ def test_compare_shows_a_small_difference_and_says_when_its_band_holds_0() -> No
     mean, low, high = comparison.overall[64][3]
     assert large == f"{mean:+.4f} ({low:+.4f} to {high:+.4f})"  # ordinary sizes keep four decimals
     assert '"holds 0"' in format_table(comparison)  # the note under the table says what it means
+
+
+def test_compare_csv_keeps_a_small_difference() -> None:
+    import csv
+    import io
+
+    from innerloop.train.compare import comparison_csv
+
+    comparison = _comparison([2e-8], noise=1e-10)
+    rows = [r for r in csv.DictReader(io.StringIO(comparison_csv(comparison))) if r["model"] == "m0"]
+    mean, low, high = (float(v[0]) for v in comparison.bands[64][1])
+    assert 1e-8 < low < mean < high < 3e-8
+    assert [float(rows[0][k]) for k in ("diff", "diff_low", "diff_high")] == pytest.approx(
+        [mean, low, high], rel=1e-8
+    )
 
 
 def test_a_glob_below_a_folder_named_with_brackets_says_how_to_write_it(tmp_path) -> None:

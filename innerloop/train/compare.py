@@ -890,8 +890,8 @@ def comparison_id(comparison: Comparison) -> str:
 
 
 def comparison_csv(comparison: Comparison) -> str:
-    """One row per model, length and position bucket: the loss, the difference to the baseline and its
-    bootstrap band."""
+    """One row per model, length and position bucket: the loss (6 decimals), the difference to the baseline
+    and its bootstrap band (9 significant digits, however small)."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(
@@ -903,8 +903,9 @@ def comparison_csv(comparison: Comparison) -> str:
             curve = result.curve(m)
             for b, (start, end) in enumerate(result.buckets):
                 values = (float(curve[b]), float(mean[b]), float(low[b]), float(high[b]))
+                loss, *differences = values  # a difference keeps 9 significant digits: 2e-8 is not 0.000000
                 writer.writerow([model.name, os.path.abspath(model.checkpoint), result.seq_len, result.windows, start, end,
-                                 *(f"{v:.6f}" for v in values)])  # fmt: skip
+                                 f"{loss:.6f}", *(f"{v:.9g}" for v in differences)])  # fmt: skip
     return text.getvalue()
 
 

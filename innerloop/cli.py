@@ -1074,18 +1074,18 @@ def _read_text_file(path: Path) -> str:
         data = path.read_bytes()
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        from innerloop.data.text import COMPRESSIONS, compression_of
+        from innerloop.data.text import COMPRESSIONS, byte_order_mark, compression_of
 
         compressed = compression_of(data[:16])
+        bom = byte_order_mark(err.object)
+        what = f"{bom} text (it starts with a {bom} byte-order mark)" if bom else "not UTF-8 text"
         why = (  # a .txt.gz, or a .jsonl.gz with --raw: its bytes, not its text
             f"; it is compressed ({compressed}), and PATHs read whole as text are read as they are: "
             f"{'decompress' if compressed in COMPRESSIONS else 'extract'} it"
             if compressed is not None
-            else ""
+            else "; convert it to UTF-8 (e.g. iconv -t utf-8) or leave it out of the PATHs"
         )
-        raise ConfigError(
-            f"{str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}){why}"
-        ) from None
+        raise ConfigError(f"{str(path)!r} is {what} ({err.reason} at byte {err.start}){why}") from None
     except OSError as err:
         raise ConfigError(f"{str(path)!r} cannot be read: {err.strerror or err}") from None
 

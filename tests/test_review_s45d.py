@@ -36,7 +36,10 @@ The findings, each a regression test:
 - A UTF-16 file in a byte-level run's folder trained without a word, though every ASCII character of it
   carries a NUL byte, the byte a byte-level model reads as the end of a document (``innerloop
   generate`` stops at it). The run now logs one warning naming it
-  (``test_a_utf16_file_read_as_bytes_is_warned_about_once``).
+  (``test_a_utf16_file_read_as_bytes_is_warned_about_once``). ``innerloop tokenizer train`` on such a
+  file, or a Latin-1 one, said "is not UTF-8 text (invalid start byte at byte 0)" and stopped; it now
+  names a UTF-16 / UTF-32 file's encoding and says to convert the file or leave it out
+  (``test_tokenizer_train_names_a_file_s_encoding_and_what_to_do``).
 - ``innerloop params --budget`` below what the adjusted field can reach (``tiny`` with a TTT-MLP mixer at
   50,000 parameters) printed
   ``model.intermediate_size=1: 67,944 parameters (+35.9% of the budget 50,000)`` and nothing else, an
@@ -282,3 +285,24 @@ def test_params_says_when_the_budget_is_out_of_the_adjusted_field_s_reach(capsys
 
     _say_if_out_of_reach(None, None, 52_000, 50_000, "intermediate_size")  # within 5%: nothing to say
     assert capsys.readouterr().out == ""
+
+
+def test_tokenizer_train_names_a_file_s_encoding_and_what_to_do(tmp_path, capsys) -> None:
+    from innerloop.cli import main
+
+    wide, latin = tmp_path / "wide.txt", tmp_path / "latin.txt"
+    wide.write_bytes("wide text".encode("utf-16"))
+    latin.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    advice = "; convert it to UTF-8 (e.g. iconv -t utf-8) or leave it out of the PATHs"
+    for path, what in (
+        (wide, "is UTF-16 text (it starts with a UTF-16 byte-order mark) (invalid start byte at byte 0)"),
+        (latin, "is not UTF-8 text (invalid continuation byte at byte 3)"),
+    ):
+        assert (
+            main(["tokenizer", "train", "--vocab-size", "300", "--out", str(tmp_path / "tok"), str(path)])
+            == 2
+        )
+        assert (
+            capsys.readouterr().err.strip().splitlines()[-1]
+            == f"innerloop tokenizer train: error: {str(path)!r} {what}{advice}"
+        )

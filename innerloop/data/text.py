@@ -37,6 +37,12 @@ _BOMS = (
     (b"\xfe\xff", "UTF-16"),
 )
 
+
+def byte_order_mark(data: bytes) -> str | None:
+    """The encoding whose byte-order mark ``data`` starts with, ``"UTF-16"`` or ``"UTF-32"``; else None."""
+    return next((name for mark, name in _BOMS if data.startswith(mark)), None)
+
+
 DOCUMENT_SEPARATOR = 0
 """Byte placed between files (text never contains a NUL byte)."""
 

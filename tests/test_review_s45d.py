@@ -174,9 +174,8 @@ def test_right_padding_as_the_readme_says() -> None:
     from innerloop.testing import FLOAT64_TOLERANCE
 
     torch.manual_seed(0)
-    layer = TTTLayer(
-        8, 2, share_qk=True, mini_batch_size=4, kernel="torch"
-    ).double()  # convs too; no first-use check
+    # share_qk: its causal convs too; the torch path: no kernel's first-use check in a fresh worker
+    layer = TTTLayer(8, 2, share_qk=True, mini_batch_size=4, kernel="torch").double()
     long, short = torch.randn(1, 9, 8, dtype=torch.float64), torch.randn(1, 6, 8, dtype=torch.float64)
     padded = torch.cat([long, torch.cat([short, torch.zeros(1, 3, 8, dtype=torch.float64)], dim=1)])
     with torch.no_grad():

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from innerloop.core.functional import as_integer
+
 #: The groups of tensors of a state, in the order :meth:`TTTState.tensors` lists them.
 TENSOR_GROUPS = ("params", "pending", "loss_carry", "conv_history", "momentum", "decay")
 #: The groups whose every tensor is batch-first (``[B, ...]``); ``loss_carry`` is the inner loss's to
@@ -44,11 +46,20 @@ def inner_output_label(inner_norm: bool, inner_residual: bool) -> str:
 
 def check_batch_rows(rows: Any, batch_size: int, name: str = "rows") -> torch.Tensor:
     """``rows`` as an int64 tensor, after refusing, naming ``name``, anything but a non-empty 1-D
-    integer tensor of row numbers in ``[0, batch_size)`` (repeats allowed: a row may be taken twice).
-    Reads the smallest and largest row (one device sync)."""
+    integer tensor (or a list or tuple of ints) of row numbers in ``[0, batch_size)`` (repeats allowed: a
+    row may be taken twice). Reads the smallest and largest row (one device sync)."""
+    if isinstance(rows, (list, tuple)):
+        numbers = [as_integer(row) for row in rows]
+        if None in numbers:
+            bad = rows[numbers.index(None)]
+            raise TypeError(
+                f"{name} must hold integer row numbers, got {bad!r} in {type(rows).__name__} {rows!r}"
+            )
+        rows = torch.tensor(numbers, dtype=torch.int64)
     if not isinstance(rows, torch.Tensor):
         raise TypeError(
-            f"{name} must be a 1-D torch.Tensor of batch row numbers (int64), got {type(rows).__name__}"
+            f"{name} must be a 1-D torch.Tensor (or a list) of batch row numbers (int64), got "
+            f"{type(rows).__name__}"
         )
     if rows.dtype not in (torch.int64, torch.int32):
         raise TypeError(

@@ -125,7 +125,9 @@ def test_selected_reordered_and_joined_rows_continue_as_those_sequences(kind: st
             r"holds row 2, outside the state's batch of 2 sequences: valid rows are 0..1",
         ),
         (torch.tensor([-1]), ValueError, r"holds row -1, .* valid rows are 0..1"),
-        ([0, 1], TypeError, r"rows must be a 1-D torch.Tensor of batch row numbers \(int64\), got list"),
+        ({0, 1}, TypeError, r"rows must be a 1-D torch.Tensor \(or a list\) of batch row numbers .*got set"),
+        ([0, 1.0], TypeError, r"rows must hold integer row numbers, got 1.0 in list \[0, 1.0\]"),
+        ([0, 2], ValueError, r"holds row 2, outside the state's batch of 2 sequences"),
     ],
 )
 def test_rows_are_checked_naming_what_is_valid(rows, error, message) -> None:
@@ -133,6 +135,15 @@ def test_rows_are_checked_naming_what_is_valid(rows, error, message) -> None:
     state = LMState((BlockState(torch.zeros(2, 3, 4), cache),))
     with pytest.raises(error, match=message):
         state.index_select(rows)
+
+
+def test_rows_given_as_a_list_of_ints_select_as_the_tensor_does() -> None:
+    """s45d's LOW: a plain list of row numbers was refused (a clear message, but a needless one)."""
+    _, state = build("ttt-next_token")(ids_of(3, 6))
+    by_list, by_tensor = state.index_select([2, 0, 0]), state.index_select(torch.tensor([2, 0, 0]))
+    for mine, theirs in zip(by_list.blocks, by_tensor.blocks, strict=True):
+        assert mine.mixer.tensors().keys() == theirs.mixer.tensors().keys()
+        assert all(torch.equal(mine.mixer.tensors()[k], t) for k, t in theirs.mixer.tensors().items())
 
 
 def test_states_that_cannot_be_joined_are_refused_naming_why() -> None:

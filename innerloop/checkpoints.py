@@ -43,6 +43,7 @@ import json
 import os
 import re
 import sys
+import unicodedata
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -832,8 +833,15 @@ def checkpoint_identity(path: str | os.PathLike[str]) -> str:
     _check_checkpoint_argument(path)
     path = Path(path)
     digest = checkpoint_content_digest(path)
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.name.removesuffix(CHECKPOINT_SUFFIX)).strip("-.") or "ckpt"
-    return f"{stem[:40]}-{digest[:8]}"
+    return f"{name_tag(path.name.removesuffix(CHECKPOINT_SUFFIX), 'ckpt')}-{digest[:8]}"
+
+
+def name_tag(name: str, empty: str) -> str:
+    """``name`` as a portable part of a file name: accents dropped from letters (``ünïcode`` is
+    ``unicode``), every run of other characters than ASCII letters, digits, ``.``, ``_`` and ``-`` one
+    ``-``, at most 40 characters; ``empty`` when nothing is left."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", ascii_name).strip("-.")[:40] or empty
 
 
 def checkpoint_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:

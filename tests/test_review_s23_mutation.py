@@ -303,3 +303,14 @@ def test_an_empty_local_rank_is_not_a_launched_worker(monkeypatch: pytest.Monkey
     assert not is_launched_worker()
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert is_launched_worker()
+
+
+def test_a_name_tag_keeps_accented_letters_without_their_accents() -> None:
+    """s45d's LOW: the tags naming evaluated data and checkpoints in output file names dropped non-ASCII
+    letters (``ünïcode – dash`` became ``n-code-dash``); their accents are dropped instead, the rest as before."""
+    from innerloop.checkpoints import name_tag
+
+    assert name_tag("ünïcode – dash", "data") == "unicode-dash"
+    assert name_tag("modèle final.v2", "ckpt") == "modele-final.v2"
+    assert name_tag("日本語", "data") == "data"  # no letter with an ASCII base: the fallback, as before
+    assert name_tag("-x" * 30, "data") == ("x-" * 20)[:40]  # the 40-character cut, as before

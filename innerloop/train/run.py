@@ -75,6 +75,7 @@ from innerloop.checkpoints import (
     load_checkpoint,
     load_training_checkpoint,
     missing_plugins_note,
+    name_tag,
     recorded_entry,
     recorded_plugins,
 )
@@ -2088,7 +2089,7 @@ def _data_tag(paths: Sequence[str], reading: str = "") -> str:
     files = resolve_files(paths)
     key = f"{reading}\n{_files_fingerprint(files)}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", files[0].stem).strip("-.")[:40] or "data"
+    name = name_tag(files[0].stem, "data")
     return f"{name}{f'+{len(files) - 1}' if len(files) > 1 else ''}-{digest}"
 
 

@@ -316,14 +316,18 @@ PLUGIN_OPTIONS = ("inner_model", "inner_loss", "update_rule")
 """A TTT layer's options that hold the plugin objects it resolved (named in messages by their names)."""
 
 
-def refuse_built_option_change(module: nn.Module, name: str, value: Any, plugins: Sequence[str] = ()) -> None:
+def refuse_built_option_change(module: nn.Module, name: str, value: Any, plugins: Sequence[str] = ()) -> Any:
     """``AttributeError`` naming ``module``'s option ``name``, read only when it was built (its modules,
-    parameters and tables are made from it), unless ``value`` is what it holds already (an equal value
-    of its type; for one of ``plugins``, that very object): set, it would be ignored, half applied or fail
-    at the next call. For a module's ``__setattr__`` once it is built."""
-    now = getattr(module, name)
-    if value is now or (name not in plugins and type(value) is type(now) and value == now):
-        return
+    parameters and tables are made from it), unless ``value`` is what it holds already (see
+    :func:`_holds_already`; for one of ``plugins``, that very object), for which the value held is
+    returned, to keep: set, another value would be ignored, half applied or fail at the next call. An
+    option the module does not hold yet (a subclass's, set after its parent is built) is returned as
+    given. For a module's ``__setattr__`` once it is built."""
+    now = getattr(module, name, _NOT_HELD)
+    if now is _NOT_HELD:
+        return value
+    if value is now or (name not in plugins and _holds_already(value, now)):
+        return now
     cls, shown = type(module).__name__, now.name if name in plugins else now
     raise AttributeError(
         f"{cls}.{name} is fixed when the layer is built (its modules, parameters and tables are made "
@@ -331,6 +335,20 @@ def refuse_built_option_change(module: nn.Module, name: str, value: Any, plugins
         f"call. Build a new layer, {cls}(..., {name}={value!r}), and load this one's state_dict where "
         "the shapes agree"
     )
+
+
+_NOT_HELD = object()
+
+
+def _holds_already(value: Any, now: Any) -> bool:
+    """Whether ``value`` is the option value ``now``, as the constructor would keep it: for an int held,
+    an equal integer (numpy's too; not a float, which the constructor refuses), for a float held an
+    equal real number (``rope_theta = 10000`` where it holds ``10000.0``), else an equal value of its
+    type (a bool, a str)."""
+    if isinstance(now, bool) or not isinstance(now, (int, float)):
+        return type(value) is type(now) and value == now
+    kind = numbers.Integral if isinstance(now, int) else numbers.Real
+    return isinstance(value, kind) and not isinstance(value, bool) and value == now
 
 
 def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_share_qk: bool = True) -> None:
@@ -810,7 +828,7 @@ class TTTLayer(nn.Module):
             if name in CALL_OPTIONS:
                 value = checked_call_option(name, value)
             elif name in type(self).built_options:
-                refuse_built_option_change(self, name, value, plugins=PLUGIN_OPTIONS)
+                value = refuse_built_option_change(self, name, value, plugins=PLUGIN_OPTIONS)
         super().__setattr__(name, value)
 
     def _resolve_plugins(

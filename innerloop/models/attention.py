@@ -497,7 +497,7 @@ class CausalSelfAttention(nn.Module):
     def __setattr__(self, name: str, value: Any) -> None:
         """``nn.Module``'s, refusing a change of one of :attr:`built_options` once the layer is built."""
         if name in self.built_options and self.__dict__.get("_options_built", False):
-            refuse_built_option_change(self, name, value)
+            value = refuse_built_option_change(self, name, value)
         super().__setattr__(name, value)
 
     def check_input(self, x: Any) -> None:

@@ -1,0 +1,45 @@
+"""Review s45e: the last look at session 45's guards on a built layer and its Hugging Face changes.
+
+The defects kept here, each a regression test seen failing without its fix:
+
+- ``TTTLayer`` / ``CausalSelfAttention`` refused an option set to the value the layer holds when it came
+  as another type the constructor takes: ``layer.rope_theta = 10000`` (the int a config holds, where
+  the layer keeps ``10000.0``), ``numpy.float64`` / ``numpy.int64`` values read from an array or a
+  saved config. Such a set is taken, and the layer keeps the Python number it holds;
+- a subclass (a plugin author's) that adds an option to ``built_options`` and sets it in its own
+  ``__init__`` after the parent built the layer failed with a bare "object has no attribute": an option
+  the layer does not hold yet is set; a change of it afterwards is refused as any other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from innerloop.core.layer import TTTLayer
+from innerloop.models.attention import CausalSelfAttention
+
+
+@pytest.mark.parametrize("layer_class", [TTTLayer, CausalSelfAttention])
+def test_a_built_option_set_to_an_equal_number_the_constructor_takes_is_taken(layer_class) -> None:
+    layer = layer_class(16, 2)
+    layer.rope_theta = 10000  # an int, where the layer holds the float 10000.0
+    layer.rope_theta = np.float64(10000.0)
+    layer.num_heads = np.int64(2)
+    assert type(layer.rope_theta) is float and type(layer.num_heads) is int  # what it held, kept
+    with pytest.raises(AttributeError, match=rf"{layer_class.__name__}\.rope_theta is fixed"):
+        layer.rope_theta = np.float64(500.0)  # another value still refused
+
+
+def test_a_subclass_may_add_a_built_option_and_set_it_after_its_parent_is_built() -> None:
+    class Widened(TTTLayer):
+        built_options = (*TTTLayer.built_options, "extra_width")
+
+        def __init__(self, *args, extra_width: int = 3, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.extra_width = extra_width
+
+    layer = Widened(16, 2)
+    layer.extra_width = 3
+    with pytest.raises(AttributeError, match=r"Widened\.extra_width is fixed when the layer is built"):
+        layer.extra_width = 4

@@ -79,18 +79,21 @@ def check_other_arguments(
     length: int,
     owner: str = "InnerloopForCausalLM",
     supported: str = SUPPORTED_ARGUMENTS,
+    attention_mask: torch.Tensor | None = None,
 ) -> None:
     """Refuse, naming them, the arguments ``forward`` does not read, but accept what changes nothing:
     an argument given as None, ``output_attentions`` off, and ``position_ids`` / ``cache_position`` equal
     to the positions of the new tokens (``start .. start + length - 1``: innerloop models count
-    positions in their cache). ``owner`` and ``supported``: the class and what its forward reads, for
-    the message."""
+    positions in their cache) where ``attention_mask`` (checked, ``[batch, start + length]``) holds ones:
+    a pad's position is read by nothing (GPT-2's recipe, ``mask.cumsum(-1) - 1`` with the pads set to 1,
+    gives ``[0, 1, 2, 1, 1]`` for a row padded on the right). ``owner`` and ``supported``: the class and
+    what its forward reads, for the message."""
     unsupported = []
     for name, value in arguments.items():
         if value is None:
             continue
         if name in ("position_ids", "cache_position"):
-            _check_positions(name, value, start, length)
+            _check_positions(name, value, start, length, attention_mask)
         elif name == "tokenizer" and owner == "InnerloopForCausalLM":  # generate(stop_strings=...) passes it
             continue
         elif name == "token_type_ids":
@@ -124,8 +127,11 @@ def _check_one_segment(token_type_ids: Any) -> None:
         )
 
 
-def _check_positions(name: str, value: Any, start: int, length: int) -> None:
-    """``value`` must be ``[length]`` or ``[rows, length]`` integer positions ``start .. start + length - 1``."""
+def _check_positions(
+    name: str, value: Any, start: int, length: int, attention_mask: torch.Tensor | None = None
+) -> None:
+    """``value`` must be ``[length]`` or ``[rows, length]`` integer positions ``start .. start + length - 1``
+    (any where ``attention_mask [rows, start + length]`` is 0: a pad's position is read by nothing)."""
     expected = torch.arange(start, start + length)
     fits = (
         isinstance(value, torch.Tensor)
@@ -133,8 +139,12 @@ def _check_positions(name: str, value: Any, start: int, length: int) -> None:
         and value.dim() in (1, 2)
         and value.shape[-1] == length
     )
-    if fits and bool((value.detach().cpu().reshape(-1, length) == expected).all()):
-        return
+    if fits:
+        right = value.detach().cpu().reshape(-1, length) == expected  # [rows or 1, length]
+        if attention_mask is not None and right.shape[0] in (1, attention_mask.shape[0]):
+            right = right | (attention_mask.detach().cpu()[:, -length:] == 0)
+        if bool(right.all()):
+            return
     shown = value.tolist() if isinstance(value, torch.Tensor) and value.numel() <= 16 else _shape_of(value)
     raise ValueError(
         f"{name} must be the positions of input_ids after the {start} tokens in the cache, "

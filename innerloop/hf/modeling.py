@@ -536,12 +536,14 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         cache: InnerloopCache | None,
         logits_to_keep: Any,
         return_dict: Any,
+        attention_mask: torch.Tensor | None = None,
     ) -> None:
-        """Check ``forward``'s other arguments (:func:`~innerloop.hf.arguments.check_other_arguments`),
-        ``logits_to_keep`` against the ids' shape, and ``return_dict``."""
+        """Check ``forward``'s other arguments (:func:`~innerloop.hf.arguments.check_other_arguments`,
+        which reads the checked ``attention_mask``), ``logits_to_keep`` against the ids' shape, and
+        ``return_dict``."""
         start = 0 if cache is None else cache.seq_length
         check_other_arguments(
-            kwargs, start, input_ids.shape[1], type(self).__name__, self._supported_arguments
+            kwargs, start, input_ids.shape[1], type(self).__name__, self._supported_arguments, attention_mask
         )
         check_logits_to_keep(logits_to_keep, *input_ids.shape)
         check_flag("return_dict", return_dict)
@@ -1143,7 +1145,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         input_ids, may_cache, hidden = self._check_inputs(  # the padding's ids zeroed: see there
             input_ids, attention_mask, cache, use_cache, output_hidden_states
         )
-        self._check_arguments(kwargs, input_ids, cache, logits_to_keep, return_dict)
+        self._check_arguments(kwargs, input_ids, cache, logits_to_keep, return_dict, attention_mask)
         labels = None if labels is None else check_labels(labels, input_ids, self.config.vocab_size)
         logits, state, hidden_states = self._run(input_ids, cache, hidden)  # logits [B, T, V]
         use_cache = (self.config.use_cache if use_cache is None else use_cache) and may_cache
@@ -1349,7 +1351,7 @@ class InnerloopModel(InnerloopPreTrainedModel):
         input_ids, may_cache, hidden = self._check_inputs(
             input_ids, attention_mask, cache, use_cache, output_hidden_states
         )
-        self._check_arguments(kwargs, input_ids, cache, 0, return_dict)
+        self._check_arguments(kwargs, input_ids, cache, 0, return_dict, attention_mask)
         state = None if cache is None else cache.state
         if hidden:
             with recording_hidden_states(self.model) as recorded:

@@ -117,6 +117,20 @@ def test_positions_equal_to_the_ones_the_model_reads_change_nothing() -> None:
     assert torch.equal(given, plain)
 
 
+def test_right_padded_rows_may_give_their_pads_any_position() -> None:
+    """s45e: GPT-2's recipe for positions (``mask.cumsum(-1) - 1``, the pads set to 1) gives a right-padded
+    row ``[0, 1, 2, 3, 1, 1]``: its pads' positions are read by nothing, so the batch is scored as
+    without them; it was refused as examples packed into a row, telling the user to pad to the right."""
+    model = tiny_hf_model("swa")
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        given = model(IDS, attention_mask=mask, position_ids=positions).logits
+        assert torch.equal(given, model(IDS, attention_mask=mask).logits)
+        with pytest.raises(ValueError, match=r"restart inside a row"):  # a kept token's position still read
+            model(IDS, attention_mask=mask, position_ids=torch.tensor([0, 1, 0, 1, 2, 3]))
+
+
 # --- The attention mask's shape -----------------------------------------------------------------------
 
 

@@ -12,7 +12,9 @@ The defects kept here, each a regression test seen failing without its fix:
 - ``InnerloopForCausalLM`` / ``InnerloopModel`` refused ``position_ids`` of a right-padded batch made by
   GPT-2's recipe (the pads at position 1), saying the row's examples were packed and to pad to the
   right, which it was: the positions of pads (mask 0) are read by nothing and are not compared
-  (the test is in ``tests/hf/test_forward_arguments.py``, with the other positions).
+  (the test is in ``tests/hf/test_forward_arguments.py``, with the other positions);
+- ``CausalLM.forward`` (``features`` then the head) compiled to two graphs where it was one: the eager
+  input checks inside ``features`` split the graph at its call, the LM head alone in the second.
 """
 
 from __future__ import annotations
@@ -47,3 +49,26 @@ def test_a_subclass_may_add_a_built_option_and_set_it_after_its_parent_is_built(
     layer.extra_width = 3
     with pytest.raises(AttributeError, match=r"Widened\.extra_width is fixed when the layer is built"):
         layer.extra_width = 4
+
+
+@pytest.mark.slow  # torch.compile traces a one-block model: ~3 s on a loaded 2-core machine (dynamo import included)
+def test_a_compiled_language_model_is_one_graph_after_its_eager_checks() -> None:
+    """``CausalLM.forward`` became ``features`` then the head, with the eager input checks inside
+    ``features``: torch.compile split the graph at that call, the head's matmul a graph of its own (two
+    graphs where there was one; a decode step paid the extra graph's guards and call). Checked in
+    ``forward`` before the blocks, the model compiles to one graph again, equal to eager."""
+    import torch
+    from torch._dynamo.testing import CompileCounter
+
+    from innerloop.models.config import ModelConfig
+    from innerloop.models.lm import CausalLM
+
+    config = ModelConfig(vocab_size=16, hidden_size=8, num_layers=1, num_heads=1, mixer="attention")
+    model = CausalLM(config).eval()
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(torch.compile(model, backend=counter)(ids)[0], model(ids)[0])
+    torch._dynamo.reset()
+    assert counter.frame_count == 1

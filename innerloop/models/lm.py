@@ -316,7 +316,9 @@ class CausalLM(nn.Module):
 
         Passing the returned state with the next chunk continues the sequence.
         """
-        features, new_state = self.features(input_ids, state)  # [B, T, D]
+        self._check_inputs(input_ids, state)  # here, not in features: under torch.compile the eager
+        # checks would split the graph at the call of features, the head's matmul a graph of its own
+        features, new_state = self._features(input_ids, state)  # [B, T, D]
         return self.lm_head(features), new_state  # logits [B, T, V]
 
     def features(self, input_ids: torch.Tensor, state: LMState | None = None) -> tuple[torch.Tensor, LMState]:
@@ -324,6 +326,10 @@ class CausalLM(nn.Module):
         after the final norm), and the state after the last token: :meth:`forward` without the head
         (``lm_head(features)`` is its logits), for the hidden states of a sequence or a step of it."""
         self._check_inputs(input_ids, state)
+        return self._features(input_ids, state)
+
+    def _features(self, input_ids: torch.Tensor, state: LMState | None) -> tuple[torch.Tensor, LMState]:
+        """:meth:`features` of checked inputs."""
         h = self.embed(input_ids)  # [B, T, D]
         new_states = []
         for i, block in enumerate(self.blocks):

@@ -55,8 +55,9 @@ def test_a_subclass_may_add_a_built_option_and_set_it_after_its_parent_is_built(
 def test_a_compiled_language_model_is_one_graph_after_its_eager_checks() -> None:
     """``CausalLM.forward`` became ``features`` then the head, with the eager input checks inside
     ``features``: torch.compile split the graph at that call, the head's matmul a graph of its own (two
-    graphs where there was one; a decode step paid the extra graph's guards and call). Checked in
-    ``forward`` before the blocks, the model compiles to one graph again, equal to eager."""
+    graphs where there was one; a decode step paid the extra graph's guards and call; a TTT model, whose
+    blocks break graphs, got the head alone too). Checked in ``forward`` before the blocks, which run in
+    one function with the head, the model compiles to one graph again, equal to eager."""
     import torch
     from torch._dynamo.testing import CompileCounter
 

@@ -316,26 +316,30 @@ class CausalLM(nn.Module):
 
         Passing the returned state with the next chunk continues the sequence.
         """
-        self._check_inputs(input_ids, state)  # here, not in features: under torch.compile the eager
-        # checks would split the graph at the call of features, the head's matmul a graph of its own
-        features, new_state = self._features(input_ids, state)  # [B, T, D]
-        return self.lm_head(features), new_state  # logits [B, T, V]
+        self._check_inputs(input_ids, state)
+        return self._run(input_ids, state, head=True)  # logits [B, T, V]
 
     def features(self, input_ids: torch.Tensor, state: LMState | None = None) -> tuple[torch.Tensor, LMState]:
         """``input_ids [B, T]`` → what the LM head reads, ``[B, T, hidden_size]`` (the last block's output
         after the final norm), and the state after the last token: :meth:`forward` without the head
         (``lm_head(features)`` is its logits), for the hidden states of a sequence or a step of it."""
         self._check_inputs(input_ids, state)
-        return self._features(input_ids, state)
+        return self._run(input_ids, state, head=False)
 
-    def _features(self, input_ids: torch.Tensor, state: LMState | None) -> tuple[torch.Tensor, LMState]:
-        """:meth:`features` of checked inputs."""
+    def _run(
+        self, input_ids: torch.Tensor, state: LMState | None, head: bool
+    ) -> tuple[torch.Tensor, LMState]:
+        """The blocks on checked inputs, then the final norm and the LM head (``head``): in one function
+        with the eager checks before it, so that torch.compile breaks a graph where the blocks do and
+        the head is in the graph of the final norm (a call of :meth:`features` from :meth:`forward` made
+        the head's matmul a graph of its own)."""
         h = self.embed(input_ids)  # [B, T, D]
         new_states = []
         for i, block in enumerate(self.blocks):
             h, block_state = block(h, None if state is None else state.blocks[i])
             new_states.append(block_state)
-        return self.norm(h), LMState(tuple(new_states))
+        h = self.norm(h)
+        return self.lm_head(h) if head else h, LMState(tuple(new_states))
 
     def check_built_fields(self, config: ModelConfig | Mapping[str, Any] | None = None) -> None:
         """Raise ``ValueError`` if a field of ``self.config`` the model read only when it was built

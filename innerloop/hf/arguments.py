@@ -80,6 +80,7 @@ def check_other_arguments(
     owner: str = "InnerloopForCausalLM",
     supported: str = SUPPORTED_ARGUMENTS,
     attention_mask: torch.Tensor | None = None,
+    generates: bool = True,
 ) -> None:
     """Refuse, naming them, the arguments ``forward`` does not read, but accept what changes nothing:
     an argument given as None, ``output_attentions`` off, and ``position_ids`` / ``cache_position`` equal
@@ -87,14 +88,15 @@ def check_other_arguments(
     positions in their cache) where ``attention_mask`` (checked, ``[batch, start + length]``) holds ones:
     a pad's position is read by nothing (GPT-2's recipe, ``mask.cumsum(-1) - 1`` with the pads set to 1,
     gives ``[0, 1, 2, 1, 1]`` for a row padded on the right). ``owner`` and ``supported``: the class and
-    what its forward reads, for the message."""
+    what its forward reads, for the message; ``generates``: the model is a ``GenerationMixin``, whose
+    ``generate(stop_strings=..., tokenizer=...)`` passes ``tokenizer`` along (accepted, unused)."""
     unsupported = []
     for name, value in arguments.items():
         if value is None:
             continue
         if name in ("position_ids", "cache_position"):
             _check_positions(name, value, start, length, attention_mask)
-        elif name == "tokenizer" and owner == "InnerloopForCausalLM":  # generate(stop_strings=...) passes it
+        elif name == "tokenizer" and generates:  # generate(stop_strings=...) passes it
             continue
         elif name == "token_type_ids":
             _check_one_segment(value)

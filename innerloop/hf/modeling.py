@@ -543,7 +543,13 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         ``return_dict``."""
         start = 0 if cache is None else cache.seq_length
         check_other_arguments(
-            kwargs, start, input_ids.shape[1], type(self).__name__, self._supported_arguments, attention_mask
+            kwargs,
+            start,
+            input_ids.shape[1],
+            type(self).__name__,
+            self._supported_arguments,
+            attention_mask,
+            generates=isinstance(self, GenerationMixin),  # a subclass's too, whatever its name
         )
         check_logits_to_keep(logits_to_keep, *input_ids.shape)
         check_flag("return_dict", return_dict)

@@ -117,6 +117,23 @@ def test_positions_equal_to_the_ones_the_model_reads_change_nothing() -> None:
     assert torch.equal(given, plain)
 
 
+def test_a_subclass_takes_the_tokenizer_that_generate_passes_along() -> None:
+    """s45e: ``generate(stop_strings=..., tokenizer=...)`` passes ``tokenizer`` to forward, accepted by
+    the class's name since s45's refactor: a user's subclass of InnerloopForCausalLM refused it,
+    "MyLM.forward got argument(s) it does not use: tokenizer", and could not generate with stop strings.
+    InnerloopModel, which does not generate, still refuses it."""
+    from innerloop.hf import InnerloopForCausalLM, InnerloopModel
+
+    class MyLM(InnerloopForCausalLM):
+        pass
+
+    config = tiny_hf_model("swa").config
+    with torch.no_grad():
+        MyLM(config).eval()(IDS, tokenizer=object())
+        with pytest.raises(ValueError, match=r"InnerloopModel.forward got argument\(s\) .*: tokenizer"):
+            InnerloopModel(config).eval()(IDS, tokenizer=object())
+
+
 def test_right_padded_rows_may_give_their_pads_any_position() -> None:
     """s45e: GPT-2's recipe for positions (``mask.cumsum(-1) - 1``, the pads set to 1) gives a right-padded
     row ``[0, 1, 2, 3, 1, 1]``: its pads' positions are read by nothing, so the batch is scored as

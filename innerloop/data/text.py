@@ -302,7 +302,7 @@ reads a CSV header itself (``data.name='hf'``); a text run reads files as they a
 (:func:`refuse_compressed`)."""
 
 COMPRESSION_MAGIC: dict[str, re.Pattern[bytes]] = {
-    ".gz": re.compile(rb"\x1f\x8b"),
+    ".gz": re.compile(rb"\x1f\x8b\x08[\x00-\x1f]"),  # deflate (the one method), no reserved flag bit
     ".bz2": re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P\x90)"),  # a block, or the end of an empty stream
     ".xz": re.compile(rb"\xfd7zXZ\x00"),
     ".zst": re.compile(rb"\x28\xb5\x2f\xfd"),

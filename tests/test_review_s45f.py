@@ -3,16 +3,23 @@ first.
 
 Covers: a byte-level corpus of binary files is not refused as gzip by two bytes that one in 65,536 random
 files begins with (``COMPRESSION_MAGIC['.gz']`` is gzip's whole beginning now: the magic, deflate and
-flags without a reserved bit).
+flags without a reserved bit); several validation loaders of which one is empty: ``[empty, b]`` failed
+('LossByPosition has seen no data yet') and ``[a, empty]`` logged loader 0 under the one-loader name
+``val_loss`` (a single loader keeps ``val_loss``).
 """
 
 from __future__ import annotations
 
 import gzip
 
+import lightning as L
 import pytest
+import torch
+from torch.utils.data import DataLoader
 
 from innerloop.data.text import DataError, compression_of, read_tokens, refuse_compressed
+from innerloop.models import ModelConfig
+from innerloop.train import LanguageModelModule
 
 
 def test_a_binary_file_beginning_with_gzip_s_two_magic_bytes_is_read_as_bytes(tmp_path) -> None:
@@ -29,3 +36,31 @@ def test_a_binary_file_beginning_with_gzip_s_two_magic_bytes_is_read_as_bytes(tm
     with pytest.raises(DataError, match=r"is compressed \(\.gz\)"):
         read_tokens([packed], None)
     assert compression_of(gzip.compress(b"")) == ".gz"
+
+
+def _windows(seed: int, count: int) -> DataLoader:
+    """``count`` (inputs, targets) batches of 2 windows of 8 random bytes."""
+    ids = torch.randint(0, 256, (count, 2, 9), generator=torch.Generator().manual_seed(seed))
+    return DataLoader([(ids[i, :, :-1], ids[i, :, 1:]) for i in range(count)], batch_size=None)
+
+
+@pytest.mark.slow  # two trainer.validate calls: ~0.4 s on this loaded machine
+@pytest.mark.filterwarnings("ignore:Total length of `DataLoader` across ranks is zero")
+def test_several_validation_loaders_with_an_empty_one_are_each_named_by_their_index() -> None:
+    """trainer.validate(module, dataloaders=[empty, b]) failed with 'LossByPosition has seen no data
+    yet' (the empty loader 0 was scored when loader 1 began), and [a, empty] logged loader 0's numbers
+    as 'val_loss', the one-loader name, where Lightning names them val_loss/dataloader_idx_0."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        hidden_size=8, num_heads=1, num_layers=1, intermediate_size=16, ttt={"mini_batch_size": 4}
+    )
+    module = LanguageModelModule(config, num_position_buckets=1, diagnostics_batches=0).eval()
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    empty, a = DataLoader([], batch_size=None), _windows(1, 1)
+    first = trainer.validate(module, dataloaders=[a, empty], verbose=False)[0]
+    assert "val_loss/dataloader_idx_0" in first and "val_loss" not in first
+    second = trainer.validate(module, dataloaders=[empty, a], verbose=False)[0]
+    assert second["val_loss/dataloader_idx_1"] == first["val_loss/dataloader_idx_0"]
+    assert not any("dataloader_idx_0" in name for name in second)

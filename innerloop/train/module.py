@@ -311,8 +311,9 @@ class LanguageModelModule(L.LightningModule):
         self.val_loss_by_position = LossByPosition(num_position_buckets, varying_lengths=True)
         self.inner_diagnostics = InnerLossDiagnostics(self.model.config.num_layers)
         self._inner_loss_before_after = None
-        # the loader being evaluated, and the metrics of those evaluated before it (of several loaders)
-        self._evaluating_loader, self._finished_loaders = 0, []
+        # the loader being evaluated (None before its first batch), and the metrics of those before it
+        self._evaluating_loader: int | None = None
+        self._finished_loaders: list[tuple[int, list[tuple[str, Any, dict[str, Any]]]]] = []
         self._last_finite_loss: tuple[int, torch.Tensor] | None = None  # (global step, training loss)
         self._step_losses: tuple[int, list[torch.Tensor]] = (-1, [])  # this optimizer step's micro-batches
         self._checked_layers = [
@@ -663,10 +664,12 @@ class LanguageModelModule(L.LightningModule):
 
     def _switch_loader(self, dataloader_idx: int, prefix: str, diagnostics_prefix: str) -> None:
         """At the first batch of another loader, compute the metrics of the loader before it (logged at
-        the evaluation's end, :meth:`_log_evaluation`) and reset them."""
+        the evaluation's end, :meth:`_log_evaluation`) and reset them. A loader of no batch (Lightning
+        runs none of it) has no metrics to log."""
         if dataloader_idx != self._evaluating_loader:
-            values = self._evaluation_values(prefix, diagnostics_prefix)
-            self._finished_loaders.append((self._evaluating_loader, values))
+            if self._evaluating_loader is not None:
+                values = self._evaluation_values(prefix, diagnostics_prefix)
+                self._finished_loaders.append((self._evaluating_loader, values))
             self._evaluating_loader = dataloader_idx
 
     def _evaluate_batch(self, batch: Batch, batch_idx: int) -> None:
@@ -719,7 +722,7 @@ class LanguageModelModule(L.LightningModule):
         for module in self.modules():
             if isinstance(module, Metric):
                 module.reset()
-        self._evaluating_loader, self._finished_loaders = 0, []
+        self._evaluating_loader, self._finished_loaders = None, []
 
     def on_validation_epoch_end(self) -> None:
         self.log_synced("val_step", float(self.trainer.global_step) if self._trainer is not None else 0.0)
@@ -730,16 +733,25 @@ class LanguageModelModule(L.LightningModule):
 
     def _log_evaluation(self, prefix: str, diagnostics_prefix: str) -> None:
         """Log the evaluation metrics under ``prefix`` (``val_loss``, ``test_loss``, ...) and reset them;
-        of several loaders, each loader's under the names Lightning gives them (``val_loss/dataloader_idx_1``)."""
-        loaders = [
-            *self._finished_loaders,
-            (self._evaluating_loader, self._evaluation_values(prefix, diagnostics_prefix)),
-        ]
+        of several loaders given (an empty one counted, as Lightning counts it), each scored loader's under
+        the names Lightning gives them (``val_loss/dataloader_idx_1``)."""
+        loaders = list(self._finished_loaders)
+        if self._evaluating_loader is not None or not loaders:
+            current = self._evaluating_loader or 0
+            loaders.append((current, self._evaluation_values(prefix, diagnostics_prefix)))
+        several = len(loaders) > 1 or self._evaluation_loader_count() > 1
         for loader, values in loaders:
-            suffix = f"/dataloader_idx_{loader}" if len(loaders) > 1 else ""
+            suffix = f"/dataloader_idx_{loader}" if several else ""
             for name, value, options in values:
                 self.log_synced(f"{name}{suffix}", value, add_dataloader_idx=False, **options)
-        self._evaluating_loader, self._finished_loaders = 0, []
+        self._evaluating_loader, self._finished_loaders = None, []
+
+    def _evaluation_loader_count(self) -> int:
+        """How many loaders the running evaluation was given (1 outside a Trainer's evaluation)."""
+        try:
+            return int(self.trainer._evaluation_loop.num_dataloaders)
+        except (AttributeError, AssertionError, RuntimeError):
+            return 1
 
     def _evaluation_values(
         self, prefix: str, diagnostics_prefix: str

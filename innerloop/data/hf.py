@@ -124,6 +124,9 @@ def check_hf_source(paths: Sequence[str]) -> tuple[str, list[str]]:
     if builder == "parquet":
         _check_parquet_rows(files)
     _check_zstandard([keys[f] for f in files])
+    for f in files:
+        if PurePosixPath(keys[f]).suffix.lower() == ".zst":
+            _refuse_truncated_zstd(f)
     return builder, [str(f) for f in files]
 
 
@@ -348,6 +351,63 @@ def _check_zstandard(files: Sequence[str]) -> None:
         raise DataError(
             missing_package(f"data.paths file {zst!r} (zstd-compressed)", "zstandard", err)
         ) from None
+
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_FRAME_CONTENT_SIZE_BYTES = (0, 2, 4, 8)  # by the frame header's two top bits (0: 1 in a single segment)
+_DICTIONARY_ID_BYTES = (0, 1, 2, 4)
+
+
+def _refuse_truncated_zstd(file: Path) -> None:
+    """:class:`DataError` naming ``file``, a ``.zst`` file, when it ends inside a zstd frame (a download
+    that did not finish): zstd's stream readers, ``datasets``' too, stop at the end of the bytes without a
+    word, so its documents up to the cut were read as the whole file (a cut gzip file fails as it is
+    read). Walks the frames' and blocks' headers only (3 bytes per block of up to 128 KiB, nothing
+    decompressed); a file that is not zstd at all is left to the read, which names it."""
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as handle:
+            at = 0
+            while at < size:
+                handle.seek(at)
+                magic = handle.read(4)
+                if magic == _ZSTD_MAGIC:
+                    at = _zstd_frame_end(handle, at + 4)
+                elif len(magic) == 4 and magic[0] & 0xF0 == 0x50 and magic[1:] == b"\x2a\x4d\x18":
+                    at += 8 + int.from_bytes(handle.read(4).ljust(4, b"\xff"), "little")  # a skippable frame
+                else:
+                    return
+    except OSError:
+        return  # the read names it
+    if at > size:
+        raise DataError(
+            f"data.paths file {str(file)!r} is cut short: it ends inside a zstd frame ({size:,} bytes of at "
+            f"least {at:,}), so only the documents before the cut could be read; download or write it again "
+            "(zstd -t checks a file)"
+        )
+
+
+def _zstd_frame_end(handle: Any, at: int) -> int:
+    """The offset just past the zstd frame whose header starts at ``at`` (after its magic), from its
+    header and its blocks' headers; past the file's end where the file stops inside it."""
+    handle.seek(at)
+    descriptor = handle.read(1)
+    if not descriptor:
+        return at + 1
+    flags = descriptor[0]
+    single_segment = bool(flags & 0x20)
+    content_size = _FRAME_CONTENT_SIZE_BYTES[flags >> 6] or int(single_segment)
+    at += 1 + (not single_segment) + _DICTIONARY_ID_BYTES[flags & 0x03] + content_size
+    while True:
+        handle.seek(at)
+        header = handle.read(3)
+        if len(header) < 3:
+            return at + 3
+        block = int.from_bytes(header, "little")
+        kind, length = (block >> 1) & 0x03, block >> 3
+        at += 3 + (1 if kind == 1 else length)  # an RLE block holds one byte, repeated
+        if block & 1:  # the last block; then the content checksum where the header says there is one
+            return at + (4 if flags & 0x04 else 0)
 
 
 def _csv_header(file: str) -> list[str] | None:

@@ -6,7 +6,8 @@ files begins with (``COMPRESSION_MAGIC['.gz']`` is gzip's whole beginning now: t
 flags without a reserved bit); several validation loaders of which one is empty: ``[empty, b]`` failed
 ('LossByPosition has seen no data yet') and ``[a, empty]`` logged loader 0 under the one-loader name
 ``val_loss`` (a single loader keeps ``val_loss``); a ``.zst`` file cut short (a download that did not finish), which
-``data.name=hf`` read as the documents before the cut without a word, is refused by its frames' headers.
+``data.name=hf`` read as the documents before the cut without a word, is refused by its frames' headers; the refusal of an archive found in a data folder (a ``.jar``) says
+it may be left out, not only extracted.
 """
 
 from __future__ import annotations
@@ -87,3 +88,15 @@ def test_a_zstd_file_cut_short_is_refused_and_a_whole_one_of_several_frames_read
         (tmp_path / "cut.txt.zst").write_bytes(whole[:cut])
         with pytest.raises(DataError, match=r"cut\.txt\.zst' is cut short: it ends inside a zstd frame"):
             check_hf_source([str(tmp_path / "cut.txt.zst")])
+
+
+def test_an_archive_found_in_a_data_folder_may_be_left_out(tmp_path) -> None:
+    """A code folder given as data.paths with one ``gradle-wrapper.jar`` (a zip, as .docx and .whl are)
+    was refused saying only 'extract it', which a jar among text files is not for."""
+    import zipfile
+
+    (tmp_path / "Main.java").write_text("class Main {}\n")
+    with zipfile.ZipFile(tmp_path / "gradle-wrapper.jar", "w") as handle:
+        handle.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\n")
+    with pytest.raises(DataError, match=r"is compressed \(\.zip\).*; or leave it out of data.paths \(a glob"):
+        refuse_compressed(sorted(tmp_path.iterdir()))

@@ -345,7 +345,10 @@ def _refuse_packed(path: Path, head: bytes, option: str) -> None:
     """:func:`refuse_compressed` for the file ``path`` that begins with the bytes ``head``."""
     packed = compression_of(head)
     if packed is not None:
-        raise DataError(f"{option} file {str(path)!r} {compressed_file_advice(packed)}")
+        raise DataError(  # a folder's .jar or .docx is a zip too: not text to extract, but to leave out
+            f"{option} file {str(path)!r} {compressed_file_advice(packed)}; or leave it out of {option} "
+            "(a glob that does not match it)"
+        )
 
 
 def compressed_file_advice(packed: str) -> str:

@@ -7,7 +7,7 @@ flags without a reserved bit); several validation loaders of which one is empty:
 ('LossByPosition has seen no data yet') and ``[a, empty]`` logged loader 0 under the one-loader name
 ``val_loss`` (a single loader keeps ``val_loss``); a ``.zst`` file cut short (a download that did not finish), which
 ``data.name=hf`` read as the documents before the cut without a word, is refused by its frames' headers; the refusal of an archive found in a data folder (a ``.jar``) says
-it may be left out, not only extracted.
+it may be left out, not only extracted; ``train(run, callbacks=None)``, as Lightning's Trainer takes it.
 """
 
 from __future__ import annotations
@@ -100,3 +100,13 @@ def test_an_archive_found_in_a_data_folder_may_be_left_out(tmp_path) -> None:
         handle.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\n")
     with pytest.raises(DataError, match=r"is compressed \(\.zip\).*; or leave it out of data.paths \(a glob"):
         refuse_compressed(sorted(tmp_path.iterdir()))
+
+
+def test_train_takes_callbacks_none_as_lightning_does() -> None:
+    """lightning.Trainer(callbacks=None) is no extra callback; train(run, callbacks=None), as a wrapper
+    passing its own default on writes it, was refused as 'callbacks must be a Lightning Callback'."""
+    from innerloop.train.run import _checked_callbacks
+
+    assert _checked_callbacks(None) == []
+    with pytest.raises(TypeError, match=r"^callbacks must be a Lightning Callback or a list of them"):
+        _checked_callbacks([None])

@@ -470,10 +470,10 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return chosen
 
 
-def build_trainer(run: RunConfig, callbacks: Sequence[Callback] | Callback = ()) -> L.Trainer:
+def build_trainer(run: RunConfig, callbacks: Sequence[Callback] | Callback | None = ()) -> L.Trainer:
     """A Lightning Trainer that checkpoints to ``run.out_dir/last.safetensors`` in safetensors, logs
     with ``run.logger`` and takes the other Lightning arguments of ``run.trainer.lightning`` as given
-    (and ``callbacks``, one or a list). Lightning's refusal of a setting is a :class:`ConfigError` naming
+    (and ``callbacks``, one, a list or None). Lightning's refusal of a setting is a :class:`ConfigError` naming
     those arguments."""
     t = require_run_config(run).trainer
     callbacks = _checked_callbacks(callbacks)
@@ -556,9 +556,12 @@ def _check_train_arguments(run: Any, resume: Any, overwrite: Any) -> None:
 
 
 def _checked_callbacks(callbacks: Any) -> list[Callback]:
-    """``train``'s ``callbacks`` as a list: one ``Callback`` or an iterable of them (as Lightning's Trainer
-    takes them); else a TypeError naming ``callbacks``, before anything is read or written (a list of
-    other things failed inside the fit with "'str' object has no attribute 'on_exception'")."""
+    """``train``'s ``callbacks`` as a list: one ``Callback``, an iterable of them or None (none), as
+    Lightning's Trainer takes them; else a TypeError naming ``callbacks``, before anything is read or
+    written (a list of other things failed inside the fit with "'str' object has no attribute
+    'on_exception'")."""
+    if callbacks is None:
+        return []
     if isinstance(callbacks, Callback):
         return [callbacks]
     given = (
@@ -580,13 +583,13 @@ def train(
     run: RunConfig,
     cfg: DictConfig | None = None,
     resume: bool = False,
-    callbacks: Sequence[Callback] | Callback = (),
+    callbacks: Sequence[Callback] | Callback | None = (),
     overwrite: bool = False,
 ) -> TrainResult:
     """Train ``run`` (already validated, e.g. by :func:`innerloop.config.load_config`); see the module doc.
 
     ``cfg`` is the omegaconf form to save (the run itself is saved if not given); ``callbacks`` are extra
-    Lightning callbacks (one, or a list, as the Trainer takes them). The run holds a lock on
+    Lightning callbacks (one, a list or None, as the Trainer takes them). The run holds a lock on
     ``run.out_dir`` until it returns (a second run there raises
     :class:`~innerloop.train.run_dir.RunDirError`), removes the temporary files a killed run left there,
     and refuses an out_dir that holds a run unless ``resume`` (continue it) or ``overwrite`` (replace it).

@@ -366,7 +366,7 @@ def _refuse_truncated_zstd(file: Path) -> None:
     decompressed); a file that is not zstd at all is left to the read, which names it."""
     size = file.stat().st_size
     try:
-        with file.open("rb") as handle:
+        with file.open("rb", buffering=0) as handle:  # a few bytes a block: no 8 KiB buffer filled
             at = 0
             while at < size:
                 handle.seek(at)

@@ -1,13 +1,22 @@
 """Review s45f: the last look at session 45's changes to data, training and the tools, false refusals
 first.
 
-Covers: a byte-level corpus of binary files is not refused as gzip by two bytes that one in 65,536 random
-files begins with (``COMPRESSION_MAGIC['.gz']`` is gzip's whole beginning now: the magic, deflate and
-flags without a reserved bit); several validation loaders of which one is empty: ``[empty, b]`` failed
-('LossByPosition has seen no data yet') and ``[a, empty]`` logged loader 0 under the one-loader name
-``val_loss`` (a single loader keeps ``val_loss``); a ``.zst`` file cut short (a download that did not finish), which
-``data.name=hf`` read as the documents before the cut without a word, is refused by its frames' headers; the refusal of an archive found in a data folder (a ``.jar``) says
-it may be left out, not only extracted; ``train(run, callbacks=None)``, as Lightning's Trainer takes it.
+Covers: a byte-level corpus of binary files is not refused as gzip by two bytes that one in 65,536
+random files begins with (``COMPRESSION_MAGIC['.gz']`` is gzip's whole beginning now: the magic,
+deflate and flags without a reserved bit); several validation loaders of which one is empty:
+``[empty, b]`` failed ('LossByPosition has seen no data yet') and ``[a, empty]`` logged loader 0 under
+the one-loader name ``val_loss`` (a single loader keeps ``val_loss``); a ``.zst`` file cut short (a
+download that did not finish), which ``data.name=hf`` read as the documents before the cut without a
+word, is refused by its frames' headers; the refusal of an archive found in a data folder (a ``.jar``)
+says it may be left out, not only extracted; ``train(run, callbacks=None)``, as Lightning's Trainer
+takes it.
+
+Checked and found right (no test here): empty, 3-byte, ``PK``/``BZh``-text and growing files read as
+bytes; the packed check's cost on 20,000 small files (0.3 s at the config check, ~0 at the read);
+``.jsonl.zst``/``.csv.zst`` read streaming and not, and a streaming resume's skip equal to the rest of an
+uninterrupted read; a plain file named ``.zst`` named by the read; accumulation's promotion hook (a NaN
+is raised in ``training_step``, before it); compare's cells and CSV read by their parsers; check_kernel's
+allowance (at most 1.9e-7; a kernel computing in float32 still fails on the component that sets it).
 """
 
 from __future__ import annotations

@@ -119,3 +119,37 @@ def test_train_takes_callbacks_none_as_lightning_does() -> None:
     assert _checked_callbacks(None) == []
     with pytest.raises(TypeError, match=r"^callbacks must be a Lightning Callback or a list of them"):
         _checked_callbacks([None])
+
+
+def test_check_kernel_reports_the_kernels_mismatch_when_its_float32_run_cannot_be_made() -> None:
+    """s45f's LOW: the allowance's float32 run of the torch path ran inside the handler of the kernel's
+    mismatch, so an error of that run (a plugin's float64 constant that ``.float()`` leaves) replaced the
+    mismatch in the report. Such a run gives no allowance now (0.0), and the mismatch is raised."""
+    from types import SimpleNamespace
+
+    from innerloop.testing.kernel_checks import _Checker
+
+    def cannot_run(*args):
+        raise RuntimeError("expected both operands to have the same dtype")
+
+    checker = SimpleNamespace(_measured_float32_error=cannot_run)
+    assert _Checker._float32_error(checker, None, None, None, (), {}) == 0.0
+
+
+def test_a_binary_file_that_begins_as_a_utf16_mark_does_is_not_warned_about(tmp_path, caplog) -> None:
+    """s45f's LOW: one binary file in 65,536 begins with ``ff fe`` and was warned about as UTF-16 text full
+    of NUL bytes; the warning needs a NUL in its first bytes now, as such text has (UTF-16 of ASCII)."""
+    import logging
+
+    from innerloop.data.text import read_bytes
+
+    binary, wide = tmp_path / "blob.bin", tmp_path / "wide.txt"
+    binary.write_bytes(b"\xff\xfe" + bytes(range(1, 200)))  # the mark, then no NUL
+    wide.write_bytes("wide".encode("utf-16"))
+    with caplog.at_level(logging.WARNING, logger="innerloop.data.text"):
+        read_bytes([binary])
+        assert caplog.records == []
+        read_bytes([wide])
+    assert [r.getMessage().split(" is ")[1] for r in caplog.records] == [
+        "UTF-16 text (it starts with a UTF-16 byte-order mark), read as its bytes: the NUL byte of each ASCII character in it"
+    ]

@@ -379,7 +379,7 @@ def read_bytes(files: Sequence[Path], option: str = "data.paths") -> torch.Tenso
         if got < size or rest:  # the file shrank or grew since its size was taken: its bytes now
             buffer[at + got : at + size] = rest
         _refuse_packed(p, bytes(buffer[at : at + min(got + len(rest), _MAGIC_BYTES)]), option)
-        bom = next((name for mark, name in _BOMS if buffer.startswith(mark, at)), None)
+        bom = _wide_text_mark(buffer, at, got + len(rest))
         if bom is not None:
             wide.append((p, bom))
         at += got + len(rest)
@@ -388,6 +388,18 @@ def read_bytes(files: Sequence[Path], option: str = "data.paths") -> torch.Tenso
     if wide:
         _warn_wide_text(wide, option)
     return torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
+
+
+def _wide_text_mark(buffer: bytearray, at: int, size: int) -> str | None:
+    """The byte-order mark ``"UTF-16"`` / ``"UTF-32"`` of the file of ``size`` bytes at ``buffer[at:]``
+    when its text carries NUL bytes (what :func:`_warn_wide_text` warns of): a UTF-32 mark holds two, a
+    UTF-16 one counts where one of the next 64 bytes is 0 (a binary file begins with ``ff fe`` once in
+    65,536; text of ASCII characters in UTF-16 has a NUL in every other byte)."""
+    head = bytes(buffer[at : at + min(size, 66)])
+    bom = byte_order_mark(head)
+    if bom == "UTF-16" and 0 not in head[2:]:
+        return None
+    return bom
 
 
 def _warn_wide_text(wide: Sequence[tuple[Path, str]], option: str) -> None:

@@ -307,3 +307,35 @@ def test_tokenizer_train_names_a_file_s_encoding_and_what_to_do(tmp_path, capsys
             capsys.readouterr().err.strip().splitlines()[-1]
             == f"innerloop tokenizer train: error: {str(path)!r} {what}{advice}"
         )
+
+
+def test_a_plugin_error_note_names_the_plugin_that_called_another_wrongly() -> None:
+    """s45d's LOW: a rule that passed a model's ``predict`` its arguments swapped got a note blaming the
+    model alone; the note names the caller too now. A plugin rule that called a built-in model wrongly
+    got no note at all (the deepest frame was innerloop's own); it names the rule now."""
+    from innerloop.core.scan import note_plugin_failure
+    from innerloop.plugins.models.linear import LinearModel
+
+    class LowRank:
+        name = "lowrank"
+
+        def predict(self, x: object, params: object) -> None:
+            raise TypeError("unsupported operand")
+
+    class Heavy:
+        name = "heavy"
+
+        def forward(self, model: object) -> None:
+            model.predict({"W": 1}, 2.0)  # swapped
+
+    for model, model_named in ((LowRank(), True), (LinearModel(), False)):
+        rule = Heavy()
+        try:
+            rule.forward(model)
+        except Exception as error:  # noqa: BLE001 (whatever the model raised)
+            note_plugin_failure(error, {"inner model": model, "update rule": rule})
+            notes = "\n".join(getattr(error, "__notes__", ()))
+        if model_named:
+            assert "inner model 'lowrank'" in notes and "called by the update rule 'heavy'" in notes
+        else:
+            assert "raised in the plugin update rule 'heavy'" in notes and "linear" not in notes

@@ -549,28 +549,43 @@ def check_rule_returns(
 
 def note_plugin_failure(error: BaseException, plugins: dict[str, object]) -> None:
     """Add a note to ``error`` naming the plugin (of ``plugins``, by kind) whose method raised it: the
-    deepest frame of its traceback that runs a method of one of them. Built-in plugins (innerloop's
-    own modules) and errors already noted are left as they are."""
-    found = None
+    deepest frame of its traceback that runs a method of one that is not built in (a plugin's rule that
+    called a built-in model wrongly is named, not the model), and the plugin that called it where another
+    one did (a rule passing a model's ``predict`` its arguments swapped: either may be at fault). Errors
+    raised in built-in plugins alone, and errors already noted, are left as they are."""
+    if any(_PLUGIN_NOTE in note for note in getattr(error, "__notes__", ())):
+        return
+    own = []  # (kind, plugin, method) of the frames in third-party plugins, outermost first
     frame = error.__traceback__
     while frame is not None:
         owner = frame.tb_frame.f_locals.get("self")
         for kind, plugin in plugins.items():
-            if owner is plugin:
-                found = (kind, plugin, frame.tb_frame.f_code.co_name)
+            if owner is plugin and type(plugin).__module__.split(".")[0] != "innerloop":
+                own.append((kind, plugin, frame.tb_frame.f_code.co_name))
         frame = frame.tb_next
-    if found is None or any(_PLUGIN_NOTE in note for note in getattr(error, "__notes__", ())):
+    if not own:
         return
-    kind, plugin, method = found
-    cls = type(plugin)
-    if cls.__module__.split(".")[0] == "innerloop":
-        return
-    name = getattr(plugin, "name", "?")
+    kind, plugin, method = own[-1]
+    callers = [found for found in own[:-1] if found[1] is not plugin]
+    called_by = ""
+    if callers:
+        caller_kind, caller, caller_method = callers[-1]
+        called_by = (
+            f", called by the {caller_kind} {getattr(caller, 'name', '?')!r} ({_where(caller, caller_method)}), "
+            "which may have called it wrongly"
+        )
     add_note(
         error,
-        f"{_PLUGIN_NOTE} {kind} {name!r} ({cls.__module__}.{cls.__qualname__}.{method}): the error is the plugin's "
-        "own; innerloop.testing's check_inner_model / check_inner_loss / check_update_rule run it at other shapes",
+        f"{_PLUGIN_NOTE} {kind} {getattr(plugin, 'name', '?')!r} ({_where(plugin, method)}){called_by}: the "
+        "error is the plugin's own; innerloop.testing's check_inner_model / check_inner_loss / check_update_rule "
+        "run it at other shapes",
     )
+
+
+def _where(plugin: object, method: str) -> str:
+    """``module.Class.method`` of a plugin's method, for a note."""
+    cls = type(plugin)
+    return f"{cls.__module__}.{cls.__qualname__}.{method}"
 
 
 _PLUGIN_NOTE = "raised in the plugin"

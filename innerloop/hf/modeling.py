@@ -501,6 +501,64 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         self._mark_model_config_synced()
         return embed
 
+    def _checked_call(
+        self,
+        input_ids: Any,
+        inputs_embeds: Any,
+        attention_mask: torch.Tensor | None,
+        caches: tuple[Any, Any, Any],
+        use_cache: bool | None,
+        output_hidden_states: bool | None,
+        kwargs: dict[str, Any],
+        return_dict: Any,
+        logits_to_keep: Any = 0,
+    ) -> tuple[torch.Tensor, InnerloopCache | None, bool, bool]:
+        """Every check of ``forward``'s arguments, in order: the ids (not embeddings), the one cache of
+        ``caches`` (``cache``, ``past_key_values``, ``cache_params``), the ids and the mask
+        (:meth:`_check_inputs`), the other arguments (:meth:`_check_arguments`). Returns the ids (the
+        padding's set to 0), the cache, whether a cache may be returned and whether the hidden states are
+        wanted."""
+        if inputs_embeds is not None or input_ids is None:
+            raise ValueError(
+                f"{type(self).__name__} takes input_ids (token ids [batch, length]); inputs_embeds is not "
+                "supported"
+            )
+        cache = one_cache(*caches)
+        self._check_cache(cache)
+        input_ids, may_cache, hidden = self._check_inputs(
+            input_ids, attention_mask, cache, use_cache, output_hidden_states
+        )
+        self._check_arguments(kwargs, input_ids, cache, logits_to_keep, return_dict, attention_mask)
+        return input_ids, cache, may_cache, hidden
+
+    def _run(
+        self, input_ids: torch.Tensor, cache: InnerloopCache | None, hidden: bool, head: bool
+    ) -> tuple[torch.Tensor, LMState | E2EState, tuple[torch.Tensor, ...] | None]:
+        """innerloop's network on ``input_ids`` from the cache's state: the logits (``head``) or what the
+        head reads (:meth:`~innerloop.models.lm.CausalLM.features`), the new state, and the hidden states
+        when ``hidden`` (see :func:`~innerloop.hf.arguments.recording_hidden_states`)."""
+        state = None if cache is None else cache.state
+        network = self.model if head else self.model.features
+        if not hidden:
+            out, new_state = network(input_ids, state)
+            return out, new_state, None
+        with recording_hidden_states(self.model) as recorded:
+            out, new_state = network(input_ids, state)
+        return out, new_state, tuple(recorded)
+
+    def _cache_after(
+        self,
+        input_ids: torch.Tensor,
+        cache: InnerloopCache | None,
+        state: LMState | E2EState,
+        use_cache: bool | None,
+        may_cache: bool,
+    ) -> InnerloopCache | None:
+        """The cache to return (:meth:`_next_cache`), or None where ``use_cache`` (default: the config's)
+        is off or the mask allows none."""
+        wanted = self.config.use_cache if use_cache is None else use_cache
+        return self._next_cache(input_ids, cache, state) if wanted and may_cache else None
+
     @run_eagerly("innerloop: the input checks read the ids' and the mask's values")  # as the LM's own
     def _check_inputs(
         self,
@@ -1141,40 +1199,19 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
                 ``output_attentions=False`` and arguments given as None are accepted; any other is
                 refused, naming it.
         """
-        if inputs_embeds is not None or input_ids is None:
-            raise ValueError(
-                "InnerloopForCausalLM takes input_ids (token ids [batch, length]); inputs_embeds is not "
-                "supported"
-            )
-        cache = one_cache(cache, past_key_values, cache_params)
-        self._check_cache(cache)
-        input_ids, may_cache, hidden = self._check_inputs(  # the padding's ids zeroed: see there
-            input_ids, attention_mask, cache, use_cache, output_hidden_states
-        )
-        self._check_arguments(kwargs, input_ids, cache, logits_to_keep, return_dict, attention_mask)
+        input_ids, cache, may_cache, hidden = self._checked_call(  # the padding's ids zeroed: see there
+            input_ids, inputs_embeds, attention_mask, (cache, past_key_values, cache_params), use_cache,
+            output_hidden_states, kwargs, return_dict, logits_to_keep,
+        )  # fmt: skip
         labels = None if labels is None else check_labels(labels, input_ids, self.config.vocab_size)
-        logits, state, hidden_states = self._run(input_ids, cache, hidden)  # logits [B, T, V]
-        use_cache = (self.config.use_cache if use_cache is None else use_cache) and may_cache
-        new_cache = self._next_cache(input_ids, cache, state) if use_cache else None
+        logits, state, hidden_states = self._run(input_ids, cache, hidden, head=True)  # logits [B, T, V]
+        new_cache = self._cache_after(input_ids, cache, state, use_cache, may_cache)
         loss = None if labels is None else next_token_loss(logits, labels)
         logits = slice_logits_to_keep(logits, logits_to_keep)  # as transformers' models keep them
         output = InnerloopCausalLMOutput(
             loss=loss, logits=logits, cache=new_cache, hidden_states=hidden_states
         )
         return output if return_dict is not False else output.to_tuple()
-
-    def _run(
-        self, input_ids: torch.Tensor, cache: InnerloopCache | None, hidden: bool
-    ) -> tuple[torch.Tensor, LMState | E2EState, tuple[torch.Tensor, ...] | None]:
-        """innerloop's network on ``input_ids`` from the cache's state: the logits, the new state, and the
-        hidden states when ``hidden`` (see :func:`~innerloop.hf.arguments.recording_hidden_states`)."""
-        state = None if cache is None else cache.state
-        if not hidden:
-            logits, new_state = self.model(input_ids, state)
-            return logits, new_state, None
-        with recording_hidden_states(self.model) as recorded:
-            logits, new_state = self.model(input_ids, state)
-        return logits, new_state, tuple(recorded)
 
     def prepare_inputs_for_generation(
         self,
@@ -1348,26 +1385,12 @@ class InnerloopModel(InnerloopPreTrainedModel):
         given. The arguments are :meth:`InnerloopForCausalLM.forward`'s, but ``labels`` and
         ``logits_to_keep`` (there is no head here); a right padding's positions hold numbers no token
         asked for, as in every causal model, and are for the caller to drop by the mask."""
-        if inputs_embeds is not None or input_ids is None:
-            raise ValueError(
-                "InnerloopModel takes input_ids (token ids [batch, length]); inputs_embeds is not supported"
-            )
-        cache = one_cache(cache, past_key_values, cache_params)
-        self._check_cache(cache)
-        input_ids, may_cache, hidden = self._check_inputs(
-            input_ids, attention_mask, cache, use_cache, output_hidden_states
-        )
-        self._check_arguments(kwargs, input_ids, cache, 0, return_dict, attention_mask)
-        state = None if cache is None else cache.state
-        if hidden:
-            with recording_hidden_states(self.model) as recorded:
-                features, new_state = self.model.features(input_ids, state)  # [B, T, D]
-            hidden_states: tuple[torch.Tensor, ...] | None = tuple(recorded)
-        else:
-            features, new_state = self.model.features(input_ids, state)
-            hidden_states = None
-        use_cache = (self.config.use_cache if use_cache is None else use_cache) and may_cache
-        new_cache = self._next_cache(input_ids, cache, new_state) if use_cache else None
+        input_ids, cache, may_cache, hidden = self._checked_call(
+            input_ids, inputs_embeds, attention_mask, (cache, past_key_values, cache_params), use_cache,
+            output_hidden_states, kwargs, return_dict,
+        )  # fmt: skip
+        features, new_state, hidden_states = self._run(input_ids, cache, hidden, head=False)  # [B, T, D]
+        new_cache = self._cache_after(input_ids, cache, new_state, use_cache, may_cache)
         output = InnerloopModelOutput(
             last_hidden_state=features, cache=new_cache, hidden_states=hidden_states
         )

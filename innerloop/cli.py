@@ -1074,14 +1074,13 @@ def _read_text_file(path: Path) -> str:
         data = path.read_bytes()
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        from innerloop.data.text import COMPRESSIONS, byte_order_mark, compression_of
+        from innerloop.data.text import byte_order_mark, compressed_file_advice, compression_of
 
-        compressed = compression_of(data[:16])
+        compressed = compression_of(data)
         bom = byte_order_mark(err.object)
         what = f"{bom} text (it starts with a {bom} byte-order mark)" if bom else "not UTF-8 text"
         why = (  # a .txt.gz, or a .jsonl.gz with --raw: its bytes, not its text
-            f"; it is compressed ({compressed}), and PATHs read whole as text are read as they are: "
-            f"{'decompress' if compressed in COMPRESSIONS else 'extract'} it"
+            f"; it {compressed_file_advice(compressed, 'PATHs read whole as text', hf=False)}"
             if compressed is not None
             else "; convert it to UTF-8 (e.g. iconv -t utf-8) or leave it out of the PATHs"
         )

@@ -123,10 +123,11 @@ def check_hf_source(paths: Sequence[str]) -> tuple[str, list[str]]:
         )
     if builder == "parquet":
         _check_parquet_rows(files)
-    _check_zstandard([keys[f] for f in files])
-    for f in files:
-        if PurePosixPath(keys[f]).suffix.lower() == ".zst":
-            _refuse_truncated_zstd(f)
+    zstd_files = [f for f in files if PurePosixPath(keys[f]).suffix.lower() == ".zst"]
+    if zstd_files:
+        _check_zstandard(keys[zstd_files[0]])
+    for f in zstd_files:
+        _refuse_truncated_zstd(f)
     return builder, [str(f) for f in files]
 
 
@@ -338,13 +339,10 @@ _DECOMPRESSED: dict[str, Any] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma
 """The opener of a file under each of :data:`COMPRESSIONS`."""
 
 
-def _check_zstandard(files: Sequence[str]) -> None:
-    """:class:`DataError` saying how to install ``zstandard`` when one of ``files`` is a ``.zst`` file and
+def _check_zstandard(zst: str) -> None:
+    """:class:`DataError` naming ``zst``, a ``.zst`` data file, and saying how to install ``zstandard`` when
     it cannot be imported (``datasets`` reads such files through it, and said only that the format was
     not supported)."""
-    zst = next((f for f in files if PurePosixPath(f).suffix.lower() == ".zst"), None)
-    if zst is None:
-        return
     try:
         import zstandard  # noqa: F401
     except ImportError as err:

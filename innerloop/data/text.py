@@ -351,17 +351,14 @@ def _refuse_packed(path: Path, head: bytes, option: str) -> None:
         )
 
 
-def compressed_file_advice(packed: str) -> str:
+def compressed_file_advice(packed: str, read: str = "text files", hf: bool = True) -> str:
     """The rest of the message for a file compressed as ``packed`` (a :data:`COMPRESSION_MAGIC` key) that
-    is to be read as text: what it is, and what to do."""
-    hf = (
-        ", or read it with data.name=hf, which decompresses json, text and csv files"
-        if packed in COMPRESSIONS
-        else ""
-    )
+    is to be read as text (by ``read``): what it is, and what to do (``hf``: also that ``data.name=hf``
+    decompresses it, where it does)."""
+    by_hf = ", or read it with data.name=hf, which decompresses json, text and csv files"
     return (
-        f"is compressed ({packed}), and text files are read as they are: its compressed bytes would be the "
-        f"text; {'decompress' if packed in COMPRESSIONS else 'extract'} it{hf}"
+        f"is compressed ({packed}), and {read} are read as they are: its compressed bytes would be the "
+        f"text; {'decompress' if packed in COMPRESSIONS else 'extract'} it{by_hf if hf and packed in COMPRESSIONS else ''}"
     )
 
 
@@ -549,7 +546,7 @@ def _file_text(path: Path, tokenizer: Tokenizer, option: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        bom = next((n for b, n in _BOMS if err.object.startswith(b)), None)  # the bytes it decoded
+        bom = byte_order_mark(err.object)  # the bytes it decoded
         what = f"{bom} text (it starts with a {bom} byte-order mark)" if bom else "not UTF-8 text"
         fix = "data.tokenizer=bytes" if option == "data.paths" else "a model trained on bytes"
         raise DataError(

@@ -222,6 +222,37 @@ def test_the_fused_torch_kernels_pass(model, dtype):
     assert any("15 tokens" in case for case in report.ran)
 
 
+def _cast(value, dtype: torch.dtype):
+    """``value`` (a tensor, or a dict, tuple or list of them) with its floating tensors in ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {key: _cast(item, dtype) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(item, dtype) for item in value)
+    return value
+
+
+def computes_in_float64(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
+    """``fused_torch_linear`` run in float64 and rounded back: as right as a float32 kernel can be."""
+    inputs = _cast((xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps), torch.float64)
+    return _cast(FORWARD(*inputs), xq.dtype)
+
+
+@pytest.mark.slow  # ~2 s: every case of check_kernel in float32 at 16 tokens a mini-batch, twice
+def test_a_float32_case_that_amplifies_rounding_passes_a_right_kernel_and_fails_a_wrong_one():
+    # Mini-batches of 16 amplify rounding: the torch path's own float32 gradients are ~1e-3 off its
+    # float64 ones, so the most accurate float32 kernel differs from it by more than the 1e-4 tolerance
+    # (innerloop's own fused kernel failed so on an AMD EPYC host) and is allowed 10x that error.
+    check_kernel(
+        register_changed("float64_inside", forward=computes_in_float64),
+        dtype=torch.float32,
+        mini_batch_size=16,
+    )
+    with pytest.raises(AssertionError, match=r"check_kernel\('late'\): .*at most 1e-02\)"):
+        check_kernel(register_changed("late", forward=late), dtype=torch.float32, mini_batch_size=16)
+
+
 @pytest.mark.slow  # 1-2 s each with one torch thread (as under xdist), ~50 cases, decoding included
 @pytest.mark.usefixtures("cpu_kernels")  # skips, with the reason, where the C++ kernel does not build
 @pytest.mark.parametrize("model", ["linear", "mlp"])

@@ -318,12 +318,12 @@ def _inner_optimizer(training: Mapping[str, Any]) -> dict[str, float]:
         )
     if warmup >= 1:
         values["inner_lr_start"] = float(start)
-        # a warm-up as long as the run is the whole run (1.0, exact); a longer one, whose inner lr never
-        # reaches training.ilr within the run, is the whole run's share of it: a warm-up over the run to
-        # the inner lr the official reached at its last step, the same lr at every step
+        # a warm-up as long as the run is the whole run (1.0, exact). The inner lr stays training.ilr even
+        # for a longer warm-up, whose inner lr never reaches it within the run: the official evaluation of
+        # a checkpoint (eval_mode, or a finished run) sets the step to 2**31 - 101, past any warm-up, so
+        # it runs at the full ilr, which is what the converted model (outer progress 1) must compute;
+        # such a warm-up becomes one over the whole run (steeper than the official's, for training on)
         values["inner_lr_warmup_fraction"] = min(warmup / total, 1.0)
-        if warmup > total:
-            values["inner_lr"] = float(start) + (values["inner_lr"] - float(start)) * total / warmup
     else:
         values["inner_lr_start"] = values["inner_lr"]
         values["inner_lr_warmup_fraction"] = 0.0

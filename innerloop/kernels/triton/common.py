@@ -27,6 +27,7 @@ from innerloop.core.functional import (  # noqa: F401  (re-exported for the kern
     layer_norm,
     layer_norm_backward,
 )
+from innerloop.core.layer import MAX_NORM_EPS, is_real
 from innerloop.kernels.spec import KernelInputs, KernelSpec, double_backward_message
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -338,12 +339,14 @@ class HostChecks:
         ln_weight: torch.Tensor,
         ln_bias: torch.Tensor,
         checkpoint_every: int,
+        eps: float = 1e-6,
     ) -> None:
         """Every check of a chunk forward's arguments (``ValueError`` / ``RuntimeError`` naming them)."""
         if xq.dim() != 4:
             raise ValueError(f"xq must be [B, H, T, f], got shape {tuple(xq.shape)}")
         B, H, _, f = xq.shape
         check_chunk_inputs(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, self.param_shapes(B, H, f))
+        check_eps(eps, self.name)
         self.check_launchable(xq, f, tau.shape[0])
         if (
             not isinstance(checkpoint_every, int)
@@ -363,6 +366,7 @@ class HostChecks:
         pending: dict,
         ln_weight: torch.Tensor,
         ln_bias: torch.Tensor,
+        eps: float = 1e-6,
     ) -> None:
         """Every check of a one-token decode's arguments; decode is inference-only."""
         if xq.dim() != 3:
@@ -371,10 +375,24 @@ class HostChecks:
         check_decode_inputs(
             xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, self.param_shapes(B, H, f)
         )
+        check_eps(eps, self.name)
         self.check_launchable(xq, f, 1)
         tensors = (xq, xk, xv, lr, tau_i, *params.values(), *pending.values(), ln_weight, ln_bias)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             raise RuntimeError(f"{self.name}.decode is inference-only; call it under torch.no_grad()")
+
+
+def check_eps(eps: float, kernel_name: str) -> None:
+    """Raise ``ValueError`` unless ``eps`` (the inner LayerNorm's epsilon) is a finite number in
+    ``(0, MAX_NORM_EPS)`` and a normal float32 (the kernels' LayerNorm runs in float32), as the layer's
+    ``norm_eps`` must be: a negative or nan one made every output nan, silently (the kernels take it as
+    it is), and one that is 0 in float32 makes a constant row's LayerNorm 0 / 0."""
+    smallest = torch.finfo(torch.float32).tiny
+    if not is_real(eps) or not smallest <= eps < MAX_NORM_EPS:
+        raise ValueError(
+            f"{kernel_name}: eps={eps!r} (the inner LayerNorm's epsilon) must be a finite number in "
+            f"(0, {MAX_NORM_EPS:g}), at least float32's smallest normal {smallest:.3g}; the default is 1e-6"
+        )
 
 
 def empty_output(

@@ -162,7 +162,7 @@ def forward(
     Returns:
         ``(out [B, H, T, f], {"W1": ..., "b1": ...})``.
     """
-    CHECKS.check_forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, checkpoint_every)
+    CHECKS.check_forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, checkpoint_every, eps)
     B, H, T, f = xq.shape
     out, W, b = _LinearChunk.apply(
         xq, xk, xv, lr, tau, params["W1"], params["b1"], ln_weight, ln_bias, float(eps), checkpoint_every
@@ -191,7 +191,7 @@ def decode(
     when ``is_last`` the weights are committed and the sums reset to zero, otherwise ``new_params`` is
     ``params`` itself.
     """
-    CHECKS.check_decode(xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias)
+    CHECKS.check_decode(xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, eps)
     B, H, f = xq.shape
     dev = xq.device
     out = _empty((B, H, f), xq.dtype, dev)

@@ -168,7 +168,7 @@ def forward(
     Returns:
         ``(out [B, H, T, f], {"W1", "b1", "W2", "b2"})``.
     """
-    CHECKS.check_forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, checkpoint_every)
+    CHECKS.check_forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, checkpoint_every, eps)
     B, H, T, f = xq.shape
     out, *new = _MLPChunk.apply(
         xq, xk, xv, lr, tau, *(params[k] for k in KEYS), ln_weight, ln_bias, float(eps), checkpoint_every
@@ -197,7 +197,7 @@ def decode(
     when ``is_last`` the weights are committed and the sums reset to zero, otherwise ``new_params`` is
     ``params`` itself.
     """
-    CHECKS.check_decode(xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias)
+    CHECKS.check_decode(xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, eps)
     B, H, f = xq.shape
     dev = xq.device
     out = _empty((B, H, f), xq.dtype, dev)

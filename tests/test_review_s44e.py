@@ -6,7 +6,8 @@ real gzip/bz2/xz file (any case of its suffix) still is; and ``copied_files`` re
 only where a held-out file of its size begins as it does (a corpus of equal-sized shards was read a second
 time, whole, at every training set-up); a refused ``InnerloopConfig.update`` / ``update_from_string``
 leaving every attribute as it was. Elsewhere: tests/test_review_s44c.py (resume_command with a backslash
-before ``${``), tests/interop/test_ttt_e2e.py (an official inner-lr warm-up longer than the run).
+before ``${``), tests/interop/test_ttt_e2e.py (an official inner-lr warm-up longer than the run; s46a replaced that
+test: the official evaluation of a checkpoint runs at the full inner lr, so a converted model does too).
 """
 
 from __future__ import annotations

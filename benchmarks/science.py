@@ -610,29 +610,36 @@ def inner_losses_by_mini_batch(layer: torch.nn.Module, x: torch.Tensor) -> torch
     """Mean inner loss of each mini-batch ``[3, n]``: at the learned W0, at the weights carried from
     the earlier mini-batches (before its own update), and after its update. The carried weights beat
     W0 where the layer's memory of the earlier tokens helps it on new ones. (Reads the layer's
-    internals as ``innerloop.core.diagnostics`` does.)"""
-    from innerloop.core.scan import run_scan
+    internals as ``innerloop.core.diagnostics`` does: in the scan's dtype, with the layer's forgetting
+    gates, Gated DeltaNet's decay and Titans' momentum, and over the valid pairs of a loss that has
+    some.)"""
+    from innerloop.core.scan import checked_pairs, run_scan
 
-    state = layer.init_state(x.shape[0], like=x)
+    state = layer.init_state(x.shape[0])  # in the scan's dtype, as the layer's
     initial = state.params
     views, lr, tau, _ = layer._read(x, state)
     tau = tau if layer.update_rule.uses_token_scale else None
+    views, (lr, tau, *gates) = layer.in_scan_dtype(views, lr, tau, *layer.forgetting(x))
     task = layer.inner_task()
     rows = []
     for start in range(0, x.shape[1] - layer.mini_batch_size + 1, layer.mini_batch_size):
         end = start + layer.mini_batch_size
         chunk = views.slice_tokens(start, end)
-        pairs = task.loss.pairs(chunk, state.loss_carry)
-        losses = [
-            task.loss.token_loss(task.predict(p, pairs.inputs), pairs.targets).mean()
-            for p in (initial, state.params)
-        ]
-        _, state = run_scan(layer.update_rule, state, task, chunk, lr[:, :, start:end], tau, None, None)
-        after = task.loss.token_loss(
-            task.predict(state.current_weights(tau), pairs.inputs), pairs.targets
-        ).mean()
-        rows.append(torch.stack([*losses, after]))
+        pairs = checked_pairs(task.loss, task.loss.pairs(chunk, state.loss_carry), chunk, state.loss_carry)
+        valid = torch.ones(end - start, device=x.device) if pairs.valid is None else pairs.valid
+        weights = torch.broadcast_to(valid.to(lr.dtype), lr[:, :, start:end].shape)  # [B, H, K]
+        carried = [_mean_inner_loss(task, p, pairs, weights) for p in (initial, state.params)]
+        decay, momentum = (None if g is None else g[:, :, start:end] for g in gates)
+        _, state = run_scan(layer.update_rule, state, task, chunk, lr[:, :, start:end], tau, decay, momentum)
+        after = _mean_inner_loss(task, state.current_weights(tau), pairs, weights)
+        rows.append(torch.stack([*carried, after]))
     return torch.stack(rows, dim=1)
+
+
+def _mean_inner_loss(task: object, params: dict, pairs: object, weights: torch.Tensor) -> torch.Tensor:
+    """The inner loss of ``pairs`` at ``params``, averaged with ``weights [B, H, K]`` (the valid pairs)."""
+    losses = task.loss.token_loss(task.predict(params, pairs.inputs), pairs.targets)  # [B, H, K]
+    return (losses * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 @torch.no_grad()

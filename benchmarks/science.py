@@ -606,6 +606,17 @@ def _mixer_inputs(model: torch.nn.Module, ids: torch.Tensor) -> dict[int, torch.
     return inputs
 
 
+def _lr_gate(layer: torch.nn.Module, lr: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The learning-rate gate of every token ``[B, H, T]`` and what it is: a TTT layer's inner lr is
+    ``base_lr * sigmoid(x . w_h + c_h) / head_dim``; a family layer's has no ``1 / head_dim`` (DeltaNet's
+    ``base_lr * beta``, Titans' ``base_lr * sigmoid(theta)``, Gated DeltaNet's ``base_lr * a * beta``)."""
+    from innerloop.core.family_layers import FamilyLayer
+
+    if isinstance(layer, FamilyLayer):
+        return lr / max(layer.base_lr, 1e-12), "lr/base_lr"
+    return lr * layer.head_dim / max(layer.base_lr, 1e-12), "sigmoid"
+
+
 def inner_losses_by_mini_batch(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Mean inner loss of each mini-batch ``[3, n]``: at the learned W0, at the weights carried from
     the earlier mini-batches (before its own update), and after its update. The carried weights beat
@@ -673,13 +684,13 @@ def diagnose(checkpoint: str, windows: int, seq_len: int) -> str:
     for i, x in _mixer_inputs(model, ids).items():
         layer = model.blocks[i].mixer
         _, lr, tau, _ = layer._read(x, layer.init_state(x.shape[0], like=x))
-        gate = lr * layer.head_dim / max(layer.base_lr, 1e-12)  # sigmoid(x . w_h + c_h), [B, H, T]
+        gate, named = _lr_gate(layer, lr)  # [B, H, T]
         losses = inner_losses_by_mini_batch(layer, x)  # [3, n]
         n = losses.shape[1]
         at = sorted({0, n // 4, n // 2, n - 1})  # fewer than four when there are fewer mini-batches
         lines += [
-            f"block {i}: gate sigmoid mean {gate.mean():.3f} (min {gate.min():.3f}, max {gate.max():.3f}), "
-            f"inner lr base_lr*gate/f mean {lr.mean():.4f}; token scale tau {[round(float(t), 3) for t in tau.flatten()[:4]]}"
+            f"block {i}: gate {named} mean {gate.mean():.3f} (min {gate.min():.3f}, max {gate.max():.3f}), "
+            f"inner lr mean {lr.mean():.4f}; token scale tau {[round(float(t), 3) for t in tau.flatten()[:4]]}"
             f" ... {float(tau.flatten()[-1]):.3f}",
             "  inner loss by mini-batch "
             + ", ".join(

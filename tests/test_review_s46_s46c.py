@@ -1,0 +1,78 @@
+"""Review s46c: issue 10 ("the house") graded from a third-party plugin author's seat.
+
+Walked as a user who writes plugins outside the repository (a package installed with an entry point
+in the ``innerloop`` group, and objects registered at run time): an inner loss (a scaled reconstruction
+loss with its closed-form gradient), two inner models (a ``StackModel`` tanh MLP of hidden 2f, whose
+fused and CPU kernels the plugin registers as CONTRIBUTING.md says, and a non-stack elementwise model),
+and an update rule built on ``innerloop.core.scan``'s helpers. The findings, each a regression test:
+
+- ``check_kernel`` failed innerloop's own fused kernel registered, as CONTRIBUTING.md says, for the
+  plugin's tanh MLP: every float64 case passed at 1e-10, and the float32 case (which ``check_kernel``
+  runs by default) failed on a gradient at 1.37e-4 against the fixed 1e-4, where the torch path's own
+  float32 error against its float64 copy is 1.2e-4 (the problem amplifies rounding ~10x more than the
+  built-in TTT-MLP's: 1.1e-5). The float64 cases had been given an allowance for such problems (s45d);
+  the float32 case now allows 10x the torch path's own float32 error, and says so
+  (``test_check_kernel_s_float32_case_allows_what_the_problem_s_own_rounding_explains``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import innerloop
+from innerloop.core.protocol import Activation, AffineLayer
+
+TANH = Activation("tanh", torch.tanh, lambda z: 1 - torch.tanh(z) ** 2)
+
+
+class _TanhMLP(innerloop.StackModel):
+    """A plugin's inner model: ``tanh(x W1 + b1) W2 + b2``, hidden width 2f."""
+
+    name = "s46c_tanh_mlp"
+
+    @property
+    def stack(self) -> tuple:
+        return (AffineLayer("W1", "b1", TANH), AffineLayer("W2", "b2", None))
+
+    def param_shapes(self, f: int) -> dict:
+        return {"W1": (f, 2 * f), "b1": (1, 2 * f), "W2": (2 * f, f), "b2": (1, f)}
+
+    def init_params(self, num_heads: int, f: int, generator=None) -> dict:
+        return {
+            "W1": torch.randn(num_heads, f, 2 * f, generator=generator) * 0.02,
+            "b1": torch.zeros(num_heads, 1, 2 * f),
+            "W2": torch.randn(num_heads, 2 * f, f, generator=generator) * 0.02,
+            "b2": torch.zeros(num_heads, 1, f),
+        }
+
+
+@pytest.mark.slow  # a registry of its own, then a layer pair over 71 tokens in float32 with gradients: ~1-2 s
+def test_check_kernel_s_float32_case_allows_what_the_problem_s_own_rounding_explains() -> None:
+    """``check_kernel("fused_torch_s46c_tanh_mlp")``'s float32 case (seed 0, head dim 4: 71 tokens from a
+    carried state, in one call, with gradients) failed at 1.37e-4 > 1e-4 on the gradient of
+    ``learnable_ttt_lr_weight``, the torch path's own float32 error being 1.2e-4; a kernel 1% off is
+    still refused, the allowance named."""
+    from innerloop.kernels import fused_torch
+    from innerloop.registry import isolated_registry
+    from innerloop.testing import kernel_checks
+
+    with isolated_registry():
+        model = _TanhMLP()
+        innerloop.register_inner_model(model)
+        innerloop.register_kernel(fused_torch.kernel_spec(model.name, model.stack))
+        spec = kernel_checks._kernel_spec(f"fused_torch_{model.name}")
+        config = kernel_checks._layer_config(spec, None, None, None, {})
+        report = kernel_checks.KernelCheckReport(spec.name)
+        checker = kernel_checks._Checker(spec, config, 4, torch.float32, torch.device("cpu"), 0, 1e-4, report)
+        k = checker.mini_batch_size
+        case = kernel_checks.KernelCase(4, 17 * k + k // 2 + 1, True, (), "grad", in_float32=True)
+        drawn = checker.generator.get_state()
+        checker.run(case)
+        assert report.ran == [str(case)]
+        checker.generator.set_state(drawn)  # the same input again, a reference 1% off
+        checker.reference.o_proj.weight.data.mul_(1.01)
+        with pytest.raises(
+            AssertionError, match=r"\(allowed: 1.0e-04, or 10x the torch path's own float32 error"
+        ):
+            checker.run(case)

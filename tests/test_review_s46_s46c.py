@@ -13,15 +13,29 @@ and an update rule built on ``innerloop.core.scan``'s helpers. The findings, eac
   built-in TTT-MLP's: 1.1e-5). The float64 cases had been given an allowance for such problems (s45d);
   the float32 case now allows 10x the torch path's own float32 error, and says so
   (``test_check_kernel_s_float32_case_allows_what_the_problem_s_own_rounding_explains``).
+- An update rule plugin that returned its new state's weights in another dtype than it was given (a
+  ``.bfloat16()`` or ``.double()`` at a call's shape that registration does not try) passed the layer's
+  check of what a rule returns (shapes and position only): the layer returned the lossy bfloat16 state
+  without a word, and the user's next call with it was refused as "state tensor params.W1 is
+  torch.bfloat16 ... pass the state the layer returned", which the user had done. Outputs in another
+  dtype (bfloat16: rounded silently before the post-norm) alike. ``check_rule_returns`` now names the
+  rule, the tensor and both dtypes (``test_an_update_rule_returning_another_dtype_is_named``).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 
 import innerloop
 from innerloop.core.protocol import Activation, AffineLayer
+from innerloop.core.scan import RuleOutputError, check_rule_returns, run_scan
+from innerloop.plugins.losses.reconstruction import Reconstruction
+from innerloop.plugins.models.linear import LinearModel
+from innerloop.plugins.optimizers.dual_form import DualForm
+from innerloop.testing import make_problem
 
 TANH = Activation("tanh", torch.tanh, lambda z: 1 - torch.tanh(z) ** 2)
 
@@ -76,3 +90,51 @@ def test_check_kernel_s_float32_case_allows_what_the_problem_s_own_rounding_expl
             AssertionError, match=r"\(allowed: 1.0e-04, or 10x the torch path's own float32 error"
         ):
             checker.run(case)
+
+
+class _CastingRule(innerloop.UpdateRule):
+    """``dual_form``'s numbers with the outputs (``what="outputs"``) or the new weights (``"weights"``)
+    cast to ``dtype``: a plugin that does so only at some call's shape passes registration."""
+
+    def __init__(self, what: str, dtype: torch.dtype) -> None:
+        self.name, self.what, self.dtype = f"s46c_cast_{what}", what, dtype
+        self.inner = DualForm()
+
+    def forward(self, state, task, views, lr, tau):
+        out, new = self.inner.forward(state, task, views, lr, tau)
+        if self.what == "outputs":
+            return out.to(self.dtype), new
+        return out, replace(new, params={k: v.to(self.dtype) for k, v in new.params.items()})
+
+
+@pytest.mark.parametrize(
+    ("what", "dtype", "message"),
+    [
+        (
+            "weights",
+            torch.bfloat16,
+            r"the state's params\['W1'\] in torch.bfloat16 on cpu, expected torch.float32 on cpu",
+        ),
+        (
+            "weights",
+            torch.float64,
+            r"the state's params\['W1'\] in torch.float64 on cpu, expected torch.float32 on cpu",
+        ),
+        (
+            "outputs",
+            torch.bfloat16,
+            r"outputs in torch.bfloat16 on cpu, expected the query's torch.float32 on cpu",
+        ),
+    ],
+)
+def test_an_update_rule_returning_another_dtype_is_named(what, dtype, message) -> None:
+    """Before, ``run_scan`` returned such a rule's results as they came: the bfloat16 state reached the
+    user, whose next call was refused as if the user had cast it."""
+    problem = make_problem(LinearModel(), Reconstruction(), dtype=torch.float32, tokens=5)
+    problem = replace(problem, task=replace(problem.task, kernel="torch"))  # no registry: a cheap test
+    rule = _CastingRule(what, dtype)
+    with pytest.raises(RuleOutputError, match=rf"update rule 's46c_cast_{what}': .*{message}"):
+        run_scan(rule, problem.state, problem.task, problem.views, problem.lr, problem.tau)
+    arguments = (problem.state, problem.task, problem.views, problem.lr, problem.tau)
+    out, _ = check_rule_returns(rule, rule.inner.forward(*arguments), problem.state, problem.views)
+    assert out.dtype == torch.float32  # the rule's own dtype passes

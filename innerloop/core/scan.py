@@ -507,8 +507,10 @@ def check_rule_returns(
     rule: UpdateRule, result: object, state: TTTState, views: Views
 ) -> tuple[torch.Tensor, TTTState]:
     """``result`` (what ``rule.forward`` returned for ``state`` and ``views``) is ``(outputs, state)``:
-    outputs of the query's shape ``[B, H, T, f]`` and a :class:`TTTState` whose weights have the shapes
-    of the input state's; returned as that pair, else :class:`RuleOutputError` naming what came back."""
+    outputs of the query's shape ``[B, H, T, f]``, dtype and device, and a :class:`TTTState` whose weights
+    have the shapes, dtypes and devices of the input state's; returned as that pair, else
+    :class:`RuleOutputError` naming what came back (a state in another dtype would reach the caller, whose
+    next call is refused as if the caller had cast it; bfloat16 outputs would be rounded silently)."""
     name = getattr(rule, "name", type(rule).__name__)
     expected = tuple(views.query.shape)
     if not isinstance(result, tuple | list) or len(result) != 2:
@@ -525,6 +527,7 @@ def check_rule_returns(
             f"update rule {name!r}: forward must return outputs of the query's shape [B, H, T, f] = "
             f"{expected}; got {_shape_or_type(out)}"
         )
+    _check_same_dtype(name, "outputs", out, views.query, "the query's ")
     if not isinstance(new_state, TTTState):
         raise RuleOutputError(
             f"update rule {name!r}: forward must return (outputs, TTTState); got {_shape_or_type(new_state)} "
@@ -538,6 +541,7 @@ def check_rule_returns(
                 f"shapes; got params[{key!r}]: {'missing' if got is None else _shape_or_type(got)}, expected "
                 f"a Tensor of shape {tuple(value.shape)}"
             )
+        _check_same_dtype(name, f"the state's params[{key!r}]", got, value, "")
     moved = state.position + expected[2]
     if new_state.position != moved:
         raise RuleOutputError(
@@ -545,6 +549,16 @@ def check_rule_returns(
             f"{state.position} + the call's {expected[2]} tokens); got {new_state.position}"
         )
     return out, new_state
+
+
+def _check_same_dtype(name: str, what: str, got: torch.Tensor, like: torch.Tensor, whose: str) -> None:
+    """:class:`RuleOutputError` unless ``got`` (``what`` the rule ``name`` returned) has ``like``'s dtype
+    and device (``whose``: how the message names ``like``, e.g. "the query's ")."""
+    if got.dtype != like.dtype or got.device != like.device:
+        raise RuleOutputError(
+            f"update rule {name!r}: forward returned {what} in {got.dtype} on {got.device}, expected "
+            f"{whose}{like.dtype} on {like.device} (a rule computes in the dtype and on the device it is given)"
+        )
 
 
 def note_plugin_failure(error: BaseException, plugins: dict[str, object]) -> None:

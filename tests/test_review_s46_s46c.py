@@ -17,9 +17,9 @@ and an update rule built on ``innerloop.core.scan``'s helpers. The findings, eac
   ``.bfloat16()`` or ``.double()`` at a call's shape that registration does not try) passed the layer's
   check of what a rule returns (shapes and position only): the layer returned the lossy bfloat16 state
   without a word, and the user's next call with it was refused as "state tensor params.W1 is
-  torch.bfloat16 ... pass the state the layer returned", which the user had done. Outputs in another
-  dtype (bfloat16: rounded silently before the post-norm) alike. ``check_rule_returns`` now names the
-  rule, the tensor and both dtypes (``test_an_update_rule_returning_another_dtype_is_named``).
+  torch.bfloat16 ... pass the state the layer returned", which the user had done. Its pending sums (and
+  momentum, decay products) alike, and outputs in another dtype (bfloat16: rounded silently before the
+  post-norm). ``check_rule_returns`` now names the rule, the tensor and both dtypes (``test_an_update_rule_returning_another_dtype_is_named``).
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ def test_check_kernel_s_float32_case_allows_what_the_problem_s_own_rounding_expl
 
 
 class _CastingRule(innerloop.UpdateRule):
-    """``dual_form``'s numbers with the outputs (``what="outputs"``) or the new weights (``"weights"``)
-    cast to ``dtype``: a plugin that does so only at some call's shape passes registration."""
+    """``dual_form``'s numbers with the outputs (``what="outputs"``), the new weights (``"weights"``) or
+    pending sums (``"pending"``) cast to ``dtype``: a plugin that does so only at some call's shape passes registration."""
 
     def __init__(self, what: str, dtype: torch.dtype) -> None:
         self.name, self.what, self.dtype = f"s46c_cast_{what}", what, dtype
@@ -104,7 +104,8 @@ class _CastingRule(innerloop.UpdateRule):
         out, new = self.inner.forward(state, task, views, lr, tau)
         if self.what == "outputs":
             return out.to(self.dtype), new
-        return out, replace(new, params={k: v.to(self.dtype) for k, v in new.params.items()})
+        group = "params" if self.what == "weights" else self.what
+        return out, replace(new, **{group: {k: v.to(self.dtype) for k, v in getattr(new, group).items()}})
 
 
 @pytest.mark.parametrize(
@@ -121,6 +122,11 @@ class _CastingRule(innerloop.UpdateRule):
             r"the state's params\['W1'\] in torch.float64 on cpu, expected torch.float32 on cpu",
         ),
         (
+            "pending",
+            torch.bfloat16,
+            r"the state's pending\['W1'\] in torch.bfloat16 on cpu, expected the weights' torch.float32 on cpu",
+        ),
+        (
             "outputs",
             torch.bfloat16,
             r"outputs in torch.bfloat16 on cpu, expected the query's torch.float32 on cpu",
@@ -130,6 +136,7 @@ class _CastingRule(innerloop.UpdateRule):
 def test_an_update_rule_returning_another_dtype_is_named(what, dtype, message) -> None:
     """Before, ``run_scan`` returned such a rule's results as they came: the bfloat16 state reached the
     user, whose next call was refused as if the user had cast it."""
+    # 5 tokens in mini-batches of 4: the state ends inside one, with pending sums
     problem = make_problem(LinearModel(), Reconstruction(), dtype=torch.float32, tokens=5)
     problem = replace(problem, task=replace(problem.task, kernel="torch"))  # no registry: a cheap test
     rule = _CastingRule(what, dtype)

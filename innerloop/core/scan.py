@@ -508,7 +508,8 @@ def check_rule_returns(
 ) -> tuple[torch.Tensor, TTTState]:
     """``result`` (what ``rule.forward`` returned for ``state`` and ``views``) is ``(outputs, state)``:
     outputs of the query's shape ``[B, H, T, f]``, dtype and device, and a :class:`TTTState` whose weights
-    have the shapes, dtypes and devices of the input state's; returned as that pair, else
+    have the shapes, dtypes and devices of the input state's (its pending sums, momentum and decay
+    products the weights' dtype and device); returned as that pair, else
     :class:`RuleOutputError` naming what came back (a state in another dtype would reach the caller, whose
     next call is refused as if the caller had cast it; bfloat16 outputs would be rounded silently)."""
     name = getattr(rule, "name", type(rule).__name__)
@@ -542,6 +543,10 @@ def check_rule_returns(
                 f"a Tensor of shape {tuple(value.shape)}"
             )
         _check_same_dtype(name, f"the state's params[{key!r}]", got, value, "")
+    weights = next(iter(state.params.values()), None)  # the scan's dtype and device
+    for group in ("pending", "momentum", "decay") if weights is not None else ():
+        for key, value in getattr(new_state, group).items():
+            _check_same_dtype(name, f"the state's {group}[{key!r}]", value, weights, "the weights' ")
     moved = state.position + expected[2]
     if new_state.position != moved:
         raise RuleOutputError(

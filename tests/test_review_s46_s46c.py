@@ -20,6 +20,10 @@ and an update rule built on ``innerloop.core.scan``'s helpers. The findings, eac
   torch.bfloat16 ... pass the state the layer returned", which the user had done. Its pending sums (and
   momentum, decay products) alike, and outputs in another dtype (bfloat16: rounded silently before the
   post-norm). ``check_rule_returns`` now names the rule, the tensor and both dtypes (``test_an_update_rule_returning_another_dtype_is_named``).
+- An inner loss plugin whose ``pairs`` returned a carry entry in another dtype than it received
+  (``torch.tensor(1.0)``, float32 in a float64 layer) ran, and the next call with the state the layer
+  returned was refused as the user's cast; a carry entry that changes shape was named as the loss's
+  already. The dtype and device now are too, at the call (``test_an_inner_loss_whose_carry_changes_dtype_is_named``).
 """
 
 from __future__ import annotations
@@ -145,3 +149,33 @@ def test_an_update_rule_returning_another_dtype_is_named(what, dtype, message) -
     arguments = (problem.state, problem.task, problem.views, problem.lr, problem.tau)
     out, _ = check_rule_returns(rule, rule.inner.forward(*arguments), problem.state, problem.views)
     assert out.dtype == torch.float32  # the rule's own dtype passes
+
+
+class _CountingLoss(innerloop.HalfSquaredError):
+    """Reconstruction with a carry of one number, which ``pairs`` returns as ``torch.tensor(1.0)``: float32
+    whatever the views' dtype (``init_carry`` makes it in the layer's)."""
+
+    name = "s46c_counting"
+
+    def init_carry(self, batch_size, num_heads, head_dim, like):
+        return {"seen": like.new_zeros(())}
+
+    def pairs(self, views, carry):
+        return innerloop.LossPairs(views.key, views.value, carry={"seen": torch.tensor(1.0)})
+
+
+def test_an_inner_loss_whose_carry_changes_dtype_is_named() -> None:
+    """Before, a float64 run kept the float32 carry in the state it returned, and the next call with that
+    state was refused as "state tensor loss_carry.seen is torch.float32 but the layer keeps its state in
+    torch.float64: pass the state the layer returned", which the user had done (a carry entry that
+    changes shape was named so already); in float32 the same loss runs."""
+    problem = make_problem(LinearModel(), _CountingLoss(), dtype=torch.float64, tokens=5)
+    problem = replace(problem, task=replace(problem.task, kernel="torch"))  # no registry: a cheap test
+    arguments = (problem.state, problem.task, problem.views, problem.lr, problem.tau)
+    with pytest.raises(
+        TypeError, match=r"'s46c_counting'.*carry\['seen'\] in torch.float32 on cpu.*torch.float64"
+    ):
+        run_scan(DualForm(), *arguments)
+    low = make_problem(LinearModel(), _CountingLoss(), dtype=torch.float32, tokens=5)
+    low = replace(low, task=replace(low.task, kernel="torch"))
+    assert run_scan(DualForm(), low.state, low.task, low.views, low.lr, low.tau)[1].loss_carry["seen"] == 1

@@ -116,8 +116,8 @@ def checked_pairs(loss: object, pairs: object, views: Views, carry: Mapping | No
 
 
 def _check_carry_kept_its_shapes(label: str, before: Mapping, after: Mapping) -> None:
-    """A carry entry keeps its shape from one call to the next (a layer checks a state's carry against
-    ``init_carry``'s shapes): one that changed is the plugin's, named here, not blamed on the state
+    """A carry entry keeps its shape, dtype and device from one call to the next (a layer checks a state's
+    carry against ``init_carry``'s): one that changed is the plugin's, named here, not blamed on the state
     the layer returned at the next call."""
     changed = {
         key: (tuple(before[key].shape), tuple(value.shape))
@@ -131,6 +131,17 @@ def _check_carry_kept_its_shapes(label: str, before: Mapping, after: Mapping) ->
             f"{label} gave a carry whose entries changed shape, {{key: (received, returned)}} = {changed}: "
             "each entry keeps the shape init_carry gives it"
         )
+    for key, value in after.items():
+        given = before.get(key)
+        if not (isinstance(value, torch.Tensor) and isinstance(given, torch.Tensor)):
+            continue
+        if value.dtype != given.dtype or value.device != given.device:
+            raise TypeError(
+                f"{label} gave carry[{key!r}] in {value.dtype} on {value.device}, but the carry it received "
+                f"holds it in {given.dtype} on {given.device} (init_carry's, in the layer's dtype): each entry "
+                "keeps its dtype and device; build it from the views or the carry received (e.g. "
+                "views.key.new_ones(()), not torch.tensor(1.0))"
+            )
 
 
 def prepare_chunk(

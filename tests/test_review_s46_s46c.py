@@ -24,6 +24,12 @@ and an update rule built on ``innerloop.core.scan``'s helpers. The findings, eac
   (``torch.tensor(1.0)``, float32 in a float64 layer) ran, and the next call with the state the layer
   returned was refused as the user's cast; a carry entry that changes shape was named as the loss's
   already. The dtype and device now are too, at the call (``test_an_inner_loss_whose_carry_changes_dtype_is_named``).
+- An inner model plugin whose ``forward`` returned float64 for float32 input (a float64 constant) was
+  registered, and a float32 layer with it and ``minibatch_gd`` was refused as the built-in rule's fault
+  once the rule's returns were checked for dtype (above); one returning float32 for float64 input was
+  refused at registration with gradcheck's "Double did not match Float". Registration (float32 and
+  float64) and a layer's build check (float32, outside the caller's autocast) now name the model and
+  both dtypes (``test_an_inner_model_that_changes_its_input_s_dtype_is_named``).
 """
 
 from __future__ import annotations
@@ -179,3 +185,51 @@ def test_an_inner_loss_whose_carry_changes_dtype_is_named() -> None:
     low = make_problem(LinearModel(), _CountingLoss(), dtype=torch.float32, tokens=5)
     low = replace(low, task=replace(low.task, kernel="torch"))
     assert run_scan(DualForm(), low.state, low.task, low.views, low.lr, low.tau)[1].loss_carry["seen"] == 1
+
+
+class _CastingModel(innerloop.InnerModel):
+    """``tanh(x w) + b`` returned in ``dtype`` whatever the input's (a plugin's float64 constant, or a
+    ``.float()``, in its forward)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.name, self.dtype = f"s46c_to_{str(dtype).removeprefix('torch.')}", dtype
+
+    def param_shapes(self, f):
+        return {"w": (1, f), "b": (1, f)}
+
+    def init_params(self, num_heads, f, generator=None):
+        return {"w": torch.randn(num_heads, 1, f, generator=generator), "b": torch.zeros(num_heads, 1, f)}
+
+    def forward(self, params, x):
+        return (torch.tanh(x * params["w"]) + params["b"]).to(self.dtype)
+
+
+@pytest.mark.parametrize(("dtype", "given"), [(torch.float64, "float32"), (torch.float32, "float64")])
+def test_an_inner_model_that_changes_its_input_s_dtype_is_named(dtype, given) -> None:
+    """A model returning float64 for float32 input was registered, and a float32 layer with it and
+    ``minibatch_gd`` was refused as the built-in rule's fault ("update rule 'minibatch_gd': forward
+    returned outputs in torch.float64"); one returning float32 for float64 input was refused at
+    registration with gradcheck's "Double did not match Float". Registration, and a layer given the
+    instance, now name the model and both dtypes."""
+    from innerloop.core.layer import _check_model_shape
+    from innerloop.registry.kinds import KIND_BY_NAME, PluginError
+
+    model = _CastingModel(dtype)
+    message = rf"inner model '{model.name}'.*forward returns {dtype} for {given} input"
+    with pytest.raises(PluginError, match=message):
+        KIND_BY_NAME["inner_model"].validate(model)
+    if dtype == torch.float64:  # a layer checks its model in float32
+        with pytest.raises(
+            ValueError, match=rf"inner_model '{model.name}'.*forward returns {dtype} for {given} input"
+        ):
+            _check_model_shape(model, 8)
+
+
+def test_a_layer_built_under_autocast_checks_its_model_outside_it() -> None:
+    """The build's float32 check of the model ran under the caller's autocast: ``x @ W`` (the built-in
+    ``matrix`` model) came back bfloat16 there, and the new dtype check refused a built-in."""
+    from innerloop.core.layer import _check_model_shape
+    from innerloop.plugins.models.matrix import MatrixModel
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _check_model_shape(MatrixModel(), 8)

@@ -529,12 +529,13 @@ def _check_unregistered_model(model: InnerModel, head_dim: int) -> None:
 
 def _check_model_shape(model: InnerModel, head_dim: int) -> None:
     """``model.forward`` keeps the shape ``[heads, N, f]`` at this layer's head dim (the registrar checks
-    one small head dim): a model right there only is named here, not by a torch error in the scan."""
+    one small head dim), and float32's dtype: a model right there only is named here, not by a torch error
+    in the scan (or its rule blamed for the dtype of what it returns)."""
     try:
         # zeros of the declared shapes: init_params could draw from the global generator, moving the seed
         params = {k: torch.zeros(1, *shape) for k, shape in model.param_shapes(head_dim).items()}
         x = torch.zeros(1, 2, head_dim)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):  # a layer built under autocast too
             out = model.forward(params, x)
     except Exception:  # a model that fails outright: its first call says how
         return
@@ -543,6 +544,12 @@ def _check_model_shape(model: InnerModel, head_dim: int) -> None:
             f"inner_model {model.name!r} ({type(model).__module__}.{type(model).__qualname__}): at this layer's "
             f"head_dim {head_dim}, forward maps [heads, N, f] = {list(x.shape)} to {list(out.shape)}; it must "
             "return the same shape (g maps head_dim features to head_dim features, at every head_dim)"
+        )
+    if isinstance(out, torch.Tensor) and out.dtype != x.dtype:
+        raise ValueError(
+            f"inner_model {model.name!r} ({type(model).__module__}.{type(model).__qualname__}): forward returns "
+            f"{out.dtype} for {str(x.dtype).removeprefix('torch.')} input and weights; it must compute in its input's dtype (a constant in "
+            "forward is made in x's dtype: x.new_tensor(c), or a plain Python number)"
         )
 
 

@@ -217,8 +217,27 @@ def _inner_model_smoke(model: Any, name: str) -> tuple[dict[str, torch.Tensor], 
             f"inner model {name!r}: forward maps [heads, N, f] = {tuple(x.shape)} to {got}; "
             "it must return the same shape (g maps head_dim features to head_dim features)"
         )
+    _check_model_keeps_dtype(model, name, params, x)
     _check_model_learns(model, name, params, x)
     return params, x
+
+
+def _check_model_keeps_dtype(model: Any, name: str, params: dict[str, torch.Tensor], x: torch.Tensor) -> None:
+    """``forward`` returns its input's dtype, float32 (``x`` and ``params``, the smoke test's) and float64:
+    a layer runs its model in its scan dtype, and a model that casts (a float64 constant, a ``.float()``)
+    would have the update rule blamed for the dtype of what it returns."""
+    for dtype in (torch.float32, torch.float64):
+        given = x.to(dtype)
+        try:
+            out = model.forward({k: v.to(dtype) for k, v in params.items()}, given)
+        except Exception as error:
+            raise PluginError(f"inner model {name!r} failed its smoke test in {dtype}: {error!r}") from error
+        if isinstance(out, torch.Tensor) and out.dtype != dtype:
+            raise PluginError(
+                f"inner model {name!r}: forward returns {out.dtype} for {str(dtype).removeprefix('torch.')} "
+                "input and weights; it must compute in its input's dtype (a layer runs it in float32, or in "
+                "float64; a constant in forward is made in x's dtype: x.new_tensor(c), or a plain Python number)"
+            )
 
 
 def _check_stack_names(model: Any, name: str, params: dict[str, torch.Tensor]) -> None:
@@ -838,7 +857,8 @@ KINDS: tuple[Kind, ...] = (
     ``register(model)`` takes an instance of :class:`innerloop.InnerModel` (or
     :class:`innerloop.StackModel`) with a unique ``name``. The registrar runs the model once on a tiny
     input to check that its parameters, initialisation and forward agree (``init_params`` returns
-    tensors of exactly the names and shapes ``param_shapes`` declares), and that a declared stack
+    tensors of exactly the names and shapes ``param_shapes`` declares, ``forward`` keeps its input's
+    shape and dtype, float32 and float64), and that a declared stack
     equals ``forward``, that ``forward`` has a finite, non-zero gradient w.r.t. the weights, that each
     activation's derivative equals autograd (in value and in its own derivative), and that a batch of
     two sequences gives each the output it gets alone.

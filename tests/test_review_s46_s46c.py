@@ -30,6 +30,10 @@ and an update rule built on ``innerloop.core.scan``'s helpers. The findings, eac
   refused at registration with gradcheck's "Double did not match Float". Registration (float32 and
   float64) and a layer's build check (float32, outside the caller's autocast) now name the model and
   both dtypes (``test_an_inner_model_that_changes_its_input_s_dtype_is_named``).
+- Registration checked an inner loss's ``token_loss_grad`` dtype for a float32 prediction only: a loss
+  returning its gradient in float32 for a float64 prediction was registered, and a float64 layer with it
+  computed at float32's precision without a word (``check_inner_loss`` refuses it). Registration now
+  checks float64 too (``test_an_inner_loss_whose_gradient_is_float32_in_a_float64_layer_is_refused``).
 """
 
 from __future__ import annotations
@@ -233,3 +237,30 @@ def test_a_layer_built_under_autocast_checks_its_model_outside_it() -> None:
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _check_model_shape(MatrixModel(), 8)
+
+
+class _Float32Gradient(innerloop.InnerLoss):
+    """Reconstruction whose closed-form gradient is returned in float32 whatever the prediction's dtype."""
+
+    name = "s46c_float32_gradient"
+
+    def pairs(self, views, carry):
+        return innerloop.LossPairs(views.key, views.value)
+
+    def token_loss(self, prediction, target):
+        return 0.5 * (prediction - target).pow(2).sum(-1)
+
+    def token_loss_grad(self, prediction, target):
+        return (prediction - target).float()
+
+
+def test_an_inner_loss_whose_gradient_is_float32_in_a_float64_layer_is_refused() -> None:
+    """Registration checked ``token_loss_grad``'s dtype for a float32 prediction only: this loss was
+    registered, and a float64 layer with it and ``dual_form`` computed at float32's precision without a
+    word (6e-8 off the built-in reconstruction loss's outputs, which it equals; float64's 1e-16)."""
+    from innerloop.registry.kinds import KIND_BY_NAME, PluginError
+
+    with pytest.raises(
+        PluginError, match=r"token_loss_grad returned torch.float32 for a torch.float64 prediction"
+    ):
+        KIND_BY_NAME["inner_loss"].validate(_Float32Gradient())

@@ -452,9 +452,18 @@ def _default_token_loss_grad(loss: Any) -> bool:
     return getattr(loss.token_loss_grad, "__func__", None) is InnerLoss.token_loss_grad
 
 
+def _check_loss_grad_dtype(loss: Any, name: str, grad: Any, prediction: torch.Tensor) -> None:
+    """``grad`` (``token_loss_grad`` of ``prediction``) is in the prediction's dtype."""
+    if isinstance(grad, torch.Tensor) and grad.dtype != prediction.dtype:
+        raise PluginError(
+            f"inner loss {name!r}: token_loss_grad returned {grad.dtype} for a {prediction.dtype} prediction; it "
+            "must return the prediction's dtype"
+        )
+
+
 def _check_loss_grad_runs(loss: Any, name: str, targets: torch.Tensor) -> None:
     """``token_loss_grad`` runs as the layer calls it (the default one under ``torch.func``), in the
-    prediction's dtype and shape, and is not zero everywhere (the inner loop would never learn); at
+    prediction's dtype (float32 and float64) and shape, and is not zero everywhere (the inner loop would never learn); at
     prediction == target, it and its derivatives are finite (:func:`check_loss_gradient_at_zero_error`)."""
     prediction = targets + torch.randn(targets.shape, dtype=targets.dtype)
     default = _default_token_loss_grad(loss)
@@ -473,11 +482,14 @@ def _check_loss_grad_runs(loss: Any, name: str, targets: torch.Tensor) -> None:
         raise PluginError(
             f"inner loss {name!r}: token_loss_grad must have the prediction's shape {tuple(prediction.shape)}; got {got}"
         )
-    if grad.dtype != prediction.dtype:
-        raise PluginError(
-            f"inner loss {name!r}: token_loss_grad returned {grad.dtype} for a {prediction.dtype} prediction; it "
-            "must return the prediction's dtype"
-        )
+    _check_loss_grad_dtype(loss, name, grad, prediction)
+    try:  # a float64 layer's call too: a gradient in float32 there would round every update silently
+        wide = prediction.double()
+        _check_loss_grad_dtype(loss, name, loss.token_loss_grad(wide, targets.double()), wide)
+    except PluginError:
+        raise
+    except Exception as error:
+        raise PluginError(f"inner loss {name!r}: token_loss_grad failed in float64: {error!r}") from error
     non_finite = _non_finite(grad)
     if non_finite is not None:
         what = (

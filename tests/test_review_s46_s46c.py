@@ -34,6 +34,12 @@ and an update rule built on ``innerloop.core.scan``'s helpers. The findings, eac
   returning its gradient in float32 for a float64 prediction was registered, and a float64 layer with it
   computed at float32's precision without a word (``check_inner_loss`` refuses it). Registration now
   checks float64 too (``test_an_inner_loss_whose_gradient_is_float32_in_a_float64_layer_is_refused``).
+- An update rule's ``check_model`` answering a bool (``return model.stack is not None``) was taken as a
+  refusal of every model: a rule wrong by half was registered without its conformance check (it accepted
+  "no built-in model"), and every layer with it was refused as "cannot run inner_model='linear': True".
+  Registration, layers and innerloop.testing now ask ``core.scan.model_refusal``, which names such an
+  answer, and a ``check_model`` raising at a layer's build carries the plugin note the scan's errors have
+  (``test_check_model_answering_a_bool_is_refused_and_its_error_names_the_rule``).
 """
 
 from __future__ import annotations
@@ -264,3 +270,43 @@ def test_an_inner_loss_whose_gradient_is_float32_in_a_float64_layer_is_refused()
         PluginError, match=r"token_loss_grad returned torch.float32 for a torch.float64 prediction"
     ):
         KIND_BY_NAME["inner_loss"].validate(_Float32Gradient())
+
+
+class _BoolCheckModel(innerloop.UpdateRule):
+    """``dual_form`` 1.5 times over (wrong numbers), whose ``check_model`` answers a bool (or raises, for
+    the model named ``raise_for``) instead of None or a reason."""
+
+    name = "s46c_bool_check_model"
+
+    def __init__(self, raise_for: str = "") -> None:
+        self.raise_for, self.inner = raise_for, DualForm()
+
+    def check_model(self, model):
+        if model.name == self.raise_for:
+            raise KeyError("s46c: no such model")
+        return model.stack is not None
+
+    def forward(self, state, task, views, lr, tau):
+        out, new = self.inner.forward(state, task, views, lr, tau)
+        return 1.5 * out, new
+
+
+def test_check_model_answering_a_bool_is_refused_and_its_error_names_the_rule() -> None:
+    """A ``check_model`` answering True or False was taken as a refusal of every built-in model: the rule
+    above, wrong by half, was registered without its conformance check, and every layer with it was
+    refused as "cannot run inner_model='linear': True". A ``check_model`` that raised at a layer's build
+    gave the bare ``KeyError`` with no note naming the plugin (registration named it)."""
+    from innerloop.core.scan import CheckModelAnswerError, model_refusal
+    from innerloop.registry.kinds import KIND_BY_NAME, PluginError
+    from innerloop.registry.manager import validate_plugin
+
+    with pytest.raises(
+        PluginError, match=r"check_model must return None .* got bool True for inner model 'linear'"
+    ):  # registration's checks
+        validate_plugin(KIND_BY_NAME["update_rule"], _BoolCheckModel(), external=True)
+    # a layer asks model_refusal (a registered rule that answers a bool for a plugin's model only)
+    with pytest.raises(CheckModelAnswerError, match=r"'s46c_bool_check_model': check_model must return None"):
+        model_refusal(_BoolCheckModel(), LinearModel())
+    with pytest.raises(KeyError) as raised:
+        model_refusal(_BoolCheckModel(raise_for="linear"), LinearModel())
+    assert "raised in the plugin update rule 's46c_bool_check_model'" in " ".join(raised.value.__notes__)

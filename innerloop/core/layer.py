@@ -52,7 +52,7 @@ from innerloop.core.protocol import (
     Views,
     check_stack_on_random_weights,
 )
-from innerloop.core.scan import run_scan
+from innerloop.core.scan import model_refusal, run_scan
 from innerloop.core.state import StateSignature, TTTState, inner_output_label
 
 NON_FINITE_POLICIES = ("raise", "ignore")
@@ -572,7 +572,7 @@ def resolve_plugins(
     for kind, instance in (("inner_model", model), ("inner_loss", loss), ("update_rule", rule)):
         check_instance(kind, instance)  # a plugin given as an instance meets the registrar's checks
     _check_model_shape(model, head_dim)
-    reason = rule.check_model(model)
+    reason = model_refusal(rule, model)
     if reason is not None:
         raise ValueError(f"update_rule={rule.name!r} cannot run inner_model={model.name!r}: {reason}")
     _check_kernel_name(kernel, model, loss, rule, head_dim, wrapping)

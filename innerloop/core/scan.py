@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from innerloop.core.protocol import InnerTask, LossPairs, Params, UpdateRule, Views
+from innerloop.core.protocol import InnerModel, InnerTask, LossPairs, Params, UpdateRule, Views
 from innerloop.core.state import TTTState
 
 
@@ -577,6 +577,29 @@ def _check_same_dtype(name: str, what: str, got: torch.Tensor, like: torch.Tenso
         )
 
 
+class CheckModelAnswerError(TypeError):
+    """An update rule's ``check_model`` answered something other than None or a str (a bool, say)."""
+
+
+def model_refusal(rule: UpdateRule, model: InnerModel) -> str | None:
+    """``rule.check_model(model)``: None (the rule runs the model) or why it cannot (a str). Any other
+    answer (``return model.stack is not None``, a bool) is a :class:`CheckModelAnswerError` naming the rule:
+    taken as a refusal it would refuse every model, True and False alike, and skip the rule's conformance
+    check at registration. An error the method raises carries a note naming the plugin."""
+    try:
+        reason = rule.check_model(model)
+    except Exception as error:
+        note_plugin_failure(error, {"update rule": rule})
+        raise
+    if reason is None or isinstance(reason, str):
+        return reason
+    raise CheckModelAnswerError(
+        f"update rule {getattr(rule, 'name', type(rule).__name__)!r}: check_model must return None (the rule "
+        f"runs the model) or a str (why it cannot); got {type(reason).__name__} {reason!r} for inner model "
+        f"{getattr(model, 'name', '?')!r}"
+    )
+
+
 def note_plugin_failure(error: BaseException, plugins: dict[str, object]) -> None:
     """Add a note to ``error`` naming the plugin (of ``plugins``, by kind) whose method raised it: the
     deepest frame of its traceback that runs a method of one that is not built in (a plugin's rule that
@@ -622,10 +645,12 @@ _PLUGIN_NOTE = "raised in the plugin"
 
 
 __all__ = [
+    "CheckModelAnswerError",
     "ChunkInputs",
     "RuleOutputError",
     "check_rule_returns",
     "add_note",
+    "model_refusal",
     "note_plugin_failure",
     "Reader",
     "run_planned",

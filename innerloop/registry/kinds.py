@@ -19,6 +19,7 @@ import torch
 
 from innerloop.core.model_inner import ModelInnerLoss, ModelUpdateRule
 from innerloop.core.protocol import InnerLoss, InnerModel, LossPairs, UpdateRule, Views
+from innerloop.core.scan import CheckModelAnswerError, model_refusal
 from innerloop.kernels.spec import KernelSpec
 from innerloop.registry import verdicts
 from innerloop.testing.checks import (
@@ -668,9 +669,12 @@ def _raise(error: BaseException) -> None:
 
 
 def _conformance_refusal(rule: Any, model: InnerModel, name: str) -> str | None:
-    """``rule.check_model(model)``, its own failure reported as a rejection."""
+    """``rule.check_model(model)`` (:func:`~innerloop.core.scan.model_refusal`), its own failure, or an
+    answer that is neither None nor a str, reported as a rejection."""
     try:
-        return rule.check_model(model)
+        return model_refusal(rule, model)
+    except CheckModelAnswerError as error:
+        raise PluginError(str(error)) from None
     except Exception as error:
         raise PluginError(
             f"update rule {name!r} failed its smoke test: check_model raised {error!r}"

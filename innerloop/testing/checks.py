@@ -56,7 +56,7 @@ from innerloop.core.protocol import (
     apply_stack,
     stack_forward_mismatch,
 )
-from innerloop.core.scan import RuleOutputError, check_rule_returns, run_scan
+from innerloop.core.scan import RuleOutputError, check_rule_returns, model_refusal, run_scan
 from innerloop.core.state import StateSignature, TTTState
 from innerloop.testing.reference import naive_token_loop
 
@@ -1236,7 +1236,7 @@ _PARAMETER_OF = {"inner_model": "model", "inner_loss": "loss", "update_rule": "r
 def rule_refusal(model: InnerModel | str, rule: UpdateRule | str) -> str | None:
     """Why ``rule`` cannot run ``model`` (its ``check_model``, as ``TTTLayer`` asks it), or None when it
     can; each is a plugin or a registered name."""
-    return _named("update_rule", rule).check_model(_named("inner_model", model))
+    return model_refusal(_named("update_rule", rule), _named("inner_model", model))
 
 
 def _rule(name: str) -> UpdateRule:
@@ -1250,7 +1250,7 @@ def _rules_for(model: InnerModel) -> list[UpdateRule]:
 
     registry = get_registry()
     rules = [registry.update_rule(n) for n in registry.names("update_rule")]
-    return [r for r in rules if r.check_model(model) is None]
+    return [r for r in rules if model_refusal(r, model) is None]
 
 
 #: The shape :func:`check_inner_model` and :func:`check_inner_loss` check a plugin at by default:
@@ -1675,7 +1675,7 @@ def _models_for(rule: UpdateRule, model: InnerModel | str | None) -> list[InnerM
     registry = get_registry()
     if model is not None:
         given = _named("inner_model", model)
-        refusal = rule.check_model(given)
+        refusal = model_refusal(rule, given)
         if refusal is not None:  # the rule would fail inside its own forward, with a raw error
             raise ValueError(
                 f"update rule {rule.name!r} refuses inner model {given.name!r} (its check_model: {refusal}); "
@@ -1684,7 +1684,7 @@ def _models_for(rule: UpdateRule, model: InnerModel | str | None) -> list[InnerM
         return [given]
     builtins = [e.name for e in registry.entries("inner_model") if e.origin.startswith(BUILTIN_PREFIX)]
     names = sorted(builtins, key=lambda n: (n != "linear", n))
-    accepted = [m for m in (registry.inner_model(n) for n in names) if rule.check_model(m) is None]
+    accepted = [m for m in (registry.inner_model(n) for n in names) if model_refusal(rule, m) is None]
     if not accepted:
         raise ValueError(
             f"update rule {rule.name!r} accepts none of the built-in inner models {names} (its check_model "

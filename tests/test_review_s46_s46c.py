@@ -40,6 +40,11 @@ and an update rule built on ``innerloop.core.scan``'s helpers. The findings, eac
   Registration, layers and innerloop.testing now ask ``core.scan.model_refusal``, which names such an
   answer, and a ``check_model`` raising at a layer's build carries the plugin note the scan's errors have
   (``test_check_model_answering_a_bool_is_refused_and_its_error_names_the_rule``).
+- A TTT-E2E model update rule's ``step`` returning a new fast weight in bfloat16 at a call's batch or
+  model that registration does not try ran on without a word (the next chunks scored with the rounded
+  weight); one dropping or reshaping a weight failed with a bare ``KeyError`` or a torch shape error at the
+  next chunk. ``E2ELM`` now checks what ``step`` returns, as the layer checks an update rule's returns
+  (``test_a_model_update_rule_whose_step_changes_the_fast_weights_is_named``).
 """
 
 from __future__ import annotations
@@ -310,3 +315,46 @@ def test_check_model_answering_a_bool_is_refused_and_its_error_names_the_rule() 
     with pytest.raises(KeyError) as raised:
         model_refusal(_BoolCheckModel(raise_for="linear"), LinearModel())
     assert "raised in the plugin update rule 's46c_bool_check_model'" in " ".join(raised.value.__notes__)
+
+
+@pytest.mark.slow  # builds the registry when run alone (~0.8 s), then a 2-block E2E model on 9 tokens
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        (
+            "bfloat16",
+            r"'blocks.1.prime.down_proj.weight': torch.bfloat16 \[2, 16, 24\] on cpu, given torch.float32 \[2, 16, 24\]",
+        ),
+        ("missing", r"'blocks.1.prime.down_proj.weight': missing, given torch.float32 \[2, 16, 24\]"),
+        (
+            "shape",
+            r"'blocks.1.prime.down_proj.weight': torch.float32 \[2, 16, 23\] on cpu, given torch.float32 \[2, 16, 24\]",
+        ),
+    ],
+)
+def test_a_model_update_rule_whose_step_changes_the_fast_weights_is_named(how, message) -> None:
+    """A TTT-E2E update rule's ``step`` returning its new fast weights in bfloat16 at a call's batch or
+    shape that registration does not try ran on without a word (the next chunks scored with rounded
+    weights); one dropping a weight or changing its shape failed with a bare ``KeyError`` or a torch
+    shape error at the next chunk. The model now names the rule, the weight and what it was given."""
+    from innerloop.models import build_model
+    from innerloop.plugins.e2e import ScoreFirstSGD
+
+    class Changing(ScoreFirstSGD):
+        name = "s46c_changing"
+
+        def step(self, fast, losses, lr, max_grad_norm, create_graph):
+            new = super().step(fast, losses, lr, max_grad_norm, create_graph)
+            key = sorted(new)[0]  # blocks.1.prime.down_proj.weight
+            if how == "bfloat16":
+                return {k: v.bfloat16() if k == key else v for k, v in new.items()}
+            if how == "missing":
+                return {k: v for k, v in new.items() if k != key}
+            return {k: v[..., :-1] if k == key else v for k, v in new.items()}
+
+    torch.manual_seed(0)
+    config = {"mixer": "e2e", "vocab_size": 11, "hidden_size": 16, "num_layers": 2, "num_heads": 2}
+    model = build_model({**config, "intermediate_size": 24, "window": 8, "e2e": {"chunk_size": 4}})
+    model.update_rule = Changing()
+    with pytest.raises(ValueError, match=rf"model update rule 's46c_changing'.*{message}"):
+        model(torch.randint(0, 11, (2, 9)))

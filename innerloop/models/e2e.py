@@ -570,6 +570,35 @@ def _check_chunk_losses(loss: ModelInnerLoss, losses: object, logits: torch.Tens
     )
 
 
+def _checked_step(rule: ModelUpdateRule, before: FastWeights, after: object) -> FastWeights:
+    """``after``, what a model update rule's ``step`` returned for the fast weights ``before``: the same
+    names, each of the same shape, dtype and device (a plugin right at the registrar's small problem but
+    not at this call's batch or model is named here, not carried on: weights rounded to bfloat16 would score
+    the next chunks without a word, a missing or reshaped one fail there with a bare KeyError or torch's)."""
+    got = after if isinstance(after, Mapping) else {}
+    for name, given in before.items():
+        new = got.get(name)
+        same = isinstance(new, torch.Tensor) and (new.shape, new.dtype, new.device) == (
+            given.shape,
+            given.dtype,
+            given.device,
+        )
+        if isinstance(after, Mapping) and same:
+            continue
+        what = (
+            f"{new.dtype} {list(new.shape)} on {new.device}"
+            if isinstance(new, torch.Tensor)
+            else ("missing" if isinstance(after, Mapping) else f"a {type(after).__name__}, not a dict")
+        )
+        cls = type(rule)
+        raise ValueError(
+            f"model update rule {getattr(rule, 'name', '?')!r} ({cls.__module__}.{cls.__qualname__}): step must "
+            f"return the new fast weights with the names, shapes, dtypes and devices of those given; got "
+            f"{name!r}: {what}, given {given.dtype} {list(given.shape)} on {given.device}"
+        )
+    return dict(got)
+
+
 def _checked_pieces(pieces: Any, caller: str) -> Iterable[torch.Tensor]:
     """``pieces`` if it can be an iterable of ``[B, n]`` id tensors, else a TypeError naming ``caller``:
     not iterable (None, an int), or one id tensor ``[B, T]`` (iterating it reads its rows, which
@@ -1198,7 +1227,8 @@ class E2ELM(nn.Module):
                 losses = self.inner_loss.chunk_loss(logits, self._mark_skipped(targets))  # [B]
                 _check_chunk_losses(self.inner_loss, losses, logits)
                 assert inner_lr is not None, "a chunk trained on needs the inner learning rate"
-                fast = self.update_rule.step(fast, losses, inner_lr, e2e.inner_grad_clip, create_graph)
+                stepped = self.update_rule.step(fast, losses, inner_lr, e2e.inner_grad_clip, create_graph)
+                fast = _checked_step(self.update_rule, fast, stepped)
         return logits, new_caches, fast
 
     _score_and_step_eagerly = run_eagerly("innerloop: the inner step takes a gradient eagerly")(

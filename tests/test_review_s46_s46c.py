@@ -45,6 +45,20 @@ and an update rule built on ``innerloop.core.scan``'s helpers. The findings, eac
   weight); one dropping or reshaping a weight failed with a bare ``KeyError`` or a torch shape error at the
   next chunk. ``E2ELM`` now checks what ``step`` returns, as the layer checks an update rule's returns
   (``test_a_model_update_rule_whose_step_changes_the_fast_weights_is_named``).
+
+Checked and found right (no test here): the plugins load from an entry point (a ``.dist-info`` on
+``PYTHONPATH``) and at run time, list in ``innerloop plugins`` with their origins, and train through
+``innerloop train --config tiny model.ttt.inner_model=... model.ttt.inner_loss=... model.ttt.update_rule=...``
+and through ``LanguageModelModule`` with a Lightning Trainer; ``generate``, ``export`` and ``load_model`` use
+them; without the plugin (and with ``INNERLOOP_DISABLE_EXTERNAL_PLUGINS=1``) ``load_model``, ``generate``
+and ``AutoModelForCausalLM`` on the export refuse in one line naming the missing plugins and their
+distribution; the fused kernel registered for the plugin's tanh MLP runs on a fresh instance, a deepcopy
+and a pickled layer (identity, as the built-ins'), and the CPU kernel refuses tanh saying why;
+``check_inner_model``, ``check_inner_loss``, ``check_update_rule`` (by instance and by name, a plugin model
+given) and the hypothesis strategies (``problems(inner_models=...)``, ``layer_configs`` with plugin names)
+pass; a loss or kernel name clashing with a built-in, a kernel named ``torch``/``auto``, a plugin registered
+twice, an entry point taking a built-in's name, wrong shapes, NaN gradients, NaN outputs or states at run
+time and plugin exceptions are refused or noted naming the plugin; TTT-E2E plugins swap by name.
 """
 
 from __future__ import annotations

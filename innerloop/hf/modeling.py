@@ -372,6 +372,10 @@ def check_token_ids(input_ids: Any, vocab_size: int) -> None:
         )
 
 
+TIED_HEAD_KEY = "model.lm_head.weight"
+"""The LM head's weight, which a tied model saves once, as the embedding's."""
+
+
 class InnerloopPreTrainedModel(PreTrainedModel):
     """Base class of innerloop's Hugging Face models: the config class, how weights are set up, loaded and
     saved, and what both models share. Each holds the whole innerloop network as ``self.model`` (its LM
@@ -384,7 +388,7 @@ class InnerloopPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _is_stateful = True
     _no_split_modules: list[str] = []
-    _tied_weights_keys = {"model.lm_head.weight": "model.embed.weight"}
+    _tied_weights_keys = {TIED_HEAD_KEY: "model.embed.weight"}
     _supported_arguments = SUPPORTED_ARGUMENTS  # what forward reads, named when it refuses another argument
     # the attention mixers run torch's scaled_dot_product_attention (models/attention.py): from_pretrained's
     # attn_implementation="sdpa" (its default when allowed) says so; "eager" is accepted and changes nothing
@@ -393,6 +397,9 @@ class InnerloopPreTrainedModel(PreTrainedModel):
     def __init__(self, config: InnerloopConfig) -> None:
         super().__init__(config)
         self.model = build_model(config.model_config)
+        # save_pretrained writes a tied head's weight once, as the embedding's; transformers' Trainer, resuming
+        # from such a checkpoint, logs the head's key as missing unless the model names it here (then it ties)
+        self._keys_to_ignore_on_save = [TIED_HEAD_KEY] if config.tie_word_embeddings else None
         self.post_init()
         self._mark_model_config_synced()
 

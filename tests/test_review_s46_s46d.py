@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
@@ -115,3 +116,59 @@ def test_the_science_pages_comparison_losses_bands_and_claims_are_compare_csvs()
     assert min(change.values()) > e2e and f"(6.55 against 7.03, {e2e:.0%})" in page
     assert f"within {math.ceil(max(-c for c in change.values()) * 100)}%" in page
     assert f"(full attention, {change['full-attention']:+.0%})" in page
+
+
+def test_results_md_derived_numbers_are_their_tables() -> None:
+    """benchmarks/RESULTS.md: the Triton kernels' paragraph said 7-16x the naive reference where the
+    table's TTT-Linear columns give 9.3-13.0x; the training-speed goals are the tokens/s table's ratios;
+    the TTT-E2E tables are results.json's and the family table is family.md's."""
+    page = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    ratios = []
+    for cells in map(_cells, page.splitlines()):
+        if len(cells) == 8 and cells[0].isdigit() and int(cells[0]) >= 2048:
+            ratios.append(float(cells[3]) / float(cells[2]))
+    assert len(ratios) == 5
+    assert f"and {min(ratios):.0f}-{max(ratios):.0f}x the naive" in page
+    section = page[page.index("T = 2048:") : page.index("Rerun at c8e5bed")]
+    tables = [[_cells(line) for line in t.splitlines()] for t in re.findall(r"(?:^\|.*\n)+", section, re.M)]
+
+    def number(cell: str) -> float:
+        return float(cell.replace(",", "")) if cell != "-" else math.nan
+
+    speed = {c[0]: [number(x) for x in c[1:5]] for c in tables[0][2:]}
+    across = {c[0]: [number(x) for x in c[1:4]] for c in tables[1][2:]}
+    goals = {c[0]: c[1:4] for c in tables[2][2:]}
+
+    def check(label: str, values: list[float]) -> None:
+        assert goals[label] == [f"{v:.2f}" for v in values], label
+
+    lin, mlp, att = across["TTT-Linear"], across["TTT-MLP"], across["attention (SDPA)"]
+    check("training fp32, TTT-Linear / attention >= 2", [a / b for a, b in zip(lin, att, strict=True)])
+    check("training fp32, TTT-MLP / attention >= 1", [a / b for a, b in zip(mlp, att, strict=True)])
+    check(
+        "training fp32, TTT-Linear / reference >= 3",
+        [a / b for a, b in zip(lin, across["reference Linear"], strict=True)],
+    )
+    bf16, fp32 = speed["inference bf16 autocast"], speed["inference fp32"]
+    assert goals["bf16 / fp32 inference, TTT-Linear >= 3"][0] == f"{bf16[0] / fp32[0]:.2f}"
+    assert goals["bf16 TTT-Linear / bf16 attention >= 3"][0] == f"{bf16[0] / bf16[2]:.2f}"
+    share = goals["TTT-Linear bf16 inference, share of the projections' bf16 limit >= 70%"][0]
+    assert share == f"{bf16[0] / bf16[3]:.0%}"
+
+
+def test_results_md_e2e_and_family_tables_are_their_result_files() -> None:
+    """The TTT-E2E section's tables are ``results/e2e_demo/results.json`` to the digit and the family
+    table is ``results/family/family.md``'s (the run's own table)."""
+    import json
+
+    page = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    train = json.loads((ROOT / "benchmarks" / "results" / "e2e_demo" / "results.json").read_text())["train"]
+    runs = [train[m] for m in ("e2e", "swa", "full")]
+    for i, (start, end) in enumerate(runs[0]["buckets"]):
+        losses = " | ".join(f"{run['loss_by_position'][i]:.3f}" for run in runs)
+        assert f"| {start}-{end - 1} | {losses} |" in page
+    steps = re.findall(r"^\| (?:TTT-E2E|same network)[^|]*\| (\d+) \| ([0-9.]+) \| ([0-9.]+) \|$", page, re.M)
+    assert steps == [(str(r["steps"]), f"{r['val_loss']:.3f}", f"{r['val_ppl']:.3f}") for r in runs]
+    family = (ROOT / "benchmarks" / "results" / "family" / "family.md").read_text()
+    table = [line for line in family.splitlines() if line.startswith("| ")]
+    assert len(table) == 9 and all(line in page.splitlines() for line in table)

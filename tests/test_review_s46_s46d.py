@@ -172,3 +172,24 @@ def test_results_md_e2e_and_family_tables_are_their_result_files() -> None:
     family = (ROOT / "benchmarks" / "results" / "family" / "family.md").read_text()
     table = [line for line in family.splitlines() if line.startswith("| ")]
     assert len(table) == 9 and all(line in page.splitlines() for line in table)
+
+
+def test_the_test_data_readmes_give_their_folders_sizes() -> None:
+    """tests/data/README.md and tests/data/e2e/README.md gave the E2E vectors' copy as 1.7 MB (its two
+    safetensors files); with the orbax checkpoint beside them the folder is 2.5 MB. Each size the README
+    quotes is now its files' (MB of 10^6 bytes, one decimal)."""
+    data = ROOT / "tests" / "data"
+
+    def mb(*paths: Path) -> str:
+        files = [f for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()]
+        return f"{sum(f.stat().st_size for f in files) / 1e6:.1f} MB"
+
+    readme = (data / "README.md").read_text()
+    linear, mlp = (sorted((data / "conformance").glob(f"{m}_c5_*")) for m in ("linear", "mlp"))
+    assert f"(TTT-Linear {mb(*linear)}, TTT-MLP {mb(*mlp)}, {mb(*linear, *mlp)} in all" in readme
+    assert f"`../shared/models/` ({mb(data / 'models')};" in readme
+    assert f"from `../shared/e2e/` ({mb(data / 'e2e')} of its" in readme
+    assert f"perturbed), {mb(data / 'e2e')}:" in (data / "e2e" / "README.md").read_text()
+    meta = data / "e2e_meta_gradient"
+    assert f"the official code ({mb(meta / 'official.safetensors')};" in readme
+    assert f"`make_bf16_vectors.py` ({mb(meta / 'official_bf16.safetensors')})" in readme

@@ -193,3 +193,29 @@ def test_the_test_data_readmes_give_their_folders_sizes() -> None:
     meta = data / "e2e_meta_gradient"
     assert f"the official code ({mb(meta / 'official.safetensors')};" in readme
     assert f"`make_bf16_vectors.py` ({mb(meta / 'official_bf16.safetensors')})" in readme
+
+
+def test_the_kernel_readmes_quote_results_mds_current_tables() -> None:
+    """kernels/cpu/README.md gave the decode times of an older table (TTT-Linear 1.3-1.5 ms, "as fast as
+    torch ops"; TTT-MLP 2.5-2.8 ms) and kernels/fused_torch/README.md TTT-MLP's compiled step at
+    0.57-0.69 of the default's speed, both citing benchmarks/RESULTS.md, whose tables give 0.923-0.925 ms
+    (torch ops 1.067-1.082), 1.225-1.233 ms (1.840-1.846) and 0.56-0.58 (0.45 on the AMD EPYC): the README now
+    quotes the decoding table's numbers as they stand."""
+    page = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    decoding = page[page.index("## Decoding speed") : page.index("## Training speed")]
+    rows = {c[0]: c[1:] for c in map(_cells, decoding.splitlines())}
+    rows.update({c[0]: c[1:] for c in map(_cells, page.splitlines()) if c[0].startswith("compiled step /")})
+
+    def span(values: list[str], digits: int) -> str:
+        low, high = (f"{v:.{digits}f}" for v in (min(map(float, values)), max(map(float, values))))
+        return low if low == high else f"{low}-{high}"
+
+    cpu = (ROOT / "innerloop" / "kernels" / "cpu" / "README.md").read_text().replace("\n", " ")
+    for label, name in (("TTT-Linear", "TTT-Linear"), ("TTT-MLP", "TTT-MLP")):
+        kernel, torch_ops = span(rows[label], 3), span(rows[f"{label} (torch)"], 3)
+        assert f"{name} layer decodes a token in {kernel} ms (torch ops: {torch_ops} ms)" in cpu.replace(
+            "and TTT-MLP in ", "a TTT-MLP layer decodes a token in "
+        ), label
+    step = rows["compiled step / default training, TTT-MLP"]
+    fused = (ROOT / "innerloop" / "kernels" / "fused_torch" / "README.md").read_text().replace("\n", " ")
+    assert f"compiled step at {span(step[:3], 2)} of the default's speed ({float(step[3]):.2f} on an" in fused

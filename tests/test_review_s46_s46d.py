@@ -219,3 +219,21 @@ def test_the_kernel_readmes_quote_results_mds_current_tables() -> None:
     step = rows["compiled step / default training, TTT-MLP"]
     fused = (ROOT / "innerloop" / "kernels" / "fused_torch" / "README.md").read_text().replace("\n", " ")
     assert f"compiled step at {span(step[:3], 2)} of the default's speed ({float(step[3]):.2f} on an" in fused
+
+
+def test_the_parameter_count_line_quoted_in_the_docs_is_tinys() -> None:
+    """``ParameterCounts.describe``'s docstring gave the tiny preset's line as ``mixer 2 x 16,036``,
+    whose parts do not add up to its 118,760 (the TTT-Linear mixer of tiny has 18,004 per block, as
+    docs/training.md says); the docstring and the page now quote what the tiny preset counts."""
+    import inspect
+
+    from innerloop.models.config import ModelConfig
+    from innerloop.models.params import ParameterCounts, count_config_parameters
+
+    line = count_config_parameters(
+        ModelConfig()
+    ).describe()  # the defaults are tiny's model (load_config: 6 s)
+    assert f"`model: {line}`" in (ROOT / "docs" / "training.md").read_text().replace("\n", " ")
+    assert f"``{line.split('; norm')[0]}; ...)``" in inspect.getdoc(ParameterCounts.describe).replace(
+        "\n", " "
+    )

@@ -63,7 +63,7 @@ class ParameterCounts:
         return self.total - self.embedding
 
     def describe(self) -> str:
-        """One line: ``118,760 parameters (embedding 16,384; mixer 2 x 16,036; mlp 66,048; ...)``, whose
+        """One line: ``118,760 parameters (embedding 16,384; mixer 2 x 18,004; mlp 66,048; ...)``, whose
         parts add up to the total: ``embedding`` is the token embedding alone there, an untied head its
         own ``head`` part (the :attr:`embedding` property counts both)."""
         mixers = self.per_block_mixer

@@ -9,7 +9,7 @@ Two tasks, each model trained from scratch on each:
     same validation windows), training tokens/s;
 (b) multi-query associative recall (``innerloop/data/recall.py``): 8 key-value pairs, 64 distractors,
     then every key again, only the recalled values scored. Sliding-window attention (window 32, two
-    blocks: it reaches at most 62 tokens back, and every value lies 79 or more tokens before its query)
+    blocks: it reaches at most 62 tokens back, and every value lies 65 or more tokens before its query)
     can only guess, 1 in 64: recall accuracy, loss on the recalled values, training tokens/s.
 
     python benchmarks/family.py trainer.threads=1    # the full run (FULL below), ~15 minutes on 2 cores

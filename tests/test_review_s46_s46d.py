@@ -253,3 +253,27 @@ def test_the_e2e_pages_official_mlp_width_is_that_many_percent_more() -> None:
     page = " ".join((ROOT / "docs" / "e2e.md").read_text().split())
     assert f"shrinks the MLPs to width {width} " in page
     assert f"uses width 1664 ({1664 / width - 1:.1%} more MLP parameters)" in page
+
+
+def test_the_family_pages_recall_distance_is_the_tasks() -> None:
+    """benchmarks/RESULTS.md and benchmarks/family.py said every value of the family's recall task (8
+    pairs, gap 64) lies 79 or more tokens before its query; the last pair's value is 65 tokens before the
+    first repeated key when that key is asked first (``gap + 1``), which recall_example makes."""
+    import torch
+
+    from innerloop.data.recall import recall_example
+
+    generator = torch.Generator().manual_seed(0)
+    nearest = []
+    for _ in range(64):
+        inputs, targets = recall_example(8, 64, generator)
+        for query in (targets >= 0).nonzero().flatten().tolist():  # the repeated key at `query`
+            key = (inputs[:16:2] == inputs[query]).nonzero().item()  # keys are distinct
+            nearest.append(query - (2 * key + 1))  # from its pair's value
+    distance = min(nearest)
+    assert distance == 65
+    for path in ("benchmarks/RESULTS.md", "benchmarks/family.py"):
+        page = " ".join((ROOT / path).read_text().split())
+        assert f"every value is {distance} or more tokens before its query" in page.replace("lies", "is"), (
+            path
+        )

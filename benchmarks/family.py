@@ -12,7 +12,7 @@ Two tasks, each model trained from scratch on each:
     blocks: it reaches at most 62 tokens back, and every value lies 65 or more tokens before its query)
     can only guess, 1 in 64: recall accuracy, loss on the recalled values, training tokens/s.
 
-    python benchmarks/family.py trainer.threads=1    # the full run (FULL below), ~15 minutes on 2 cores
+    python benchmarks/family.py trainer.threads=1    # the full run (FULL below), ~4 minutes on 2 cores (RESULTS.md)
     python benchmarks/family.py --quick              # CI-sized: a few steps of each, tiny windows
     python benchmarks/family.py trainer.threads=2 --only deltanet-tiny tiny   # overrides before --only
 

@@ -289,3 +289,51 @@ def test_family_pys_run_time_is_the_measured_runs() -> None:
     assert len(walls) == 8
     docstring = (ROOT / "benchmarks" / "family.py").read_text()
     assert f"# the full run (FULL below), ~{round(sum(walls) / 60)} minutes on 2 cores" in docstring
+
+
+def _halves(diffs: dict[tuple[int, int], float]) -> list[str]:
+    """The mean difference over the first and the second half of the positions, and the change."""
+    buckets = sorted(diffs)
+    middle = buckets[-1][1] // 2
+    first, second = (
+        sum(d * (end - start) for (start, end), d in diffs.items() if (start < middle) == half) / middle
+        for half in (True, False)
+    )
+    return [f"{first:+.3f}", f"{second:+.3f}", f"{second - first:+.3f}"]
+
+
+def test_the_science_pages_growth_table_is_its_csvs() -> None:
+    """The growth table's first-half, second-half and change columns (the bands are the bootstrap's, not
+    in the CSVs) are compare.csv's, compare-mamba.csv's and sweep.csv's differences to sliding window 64
+    of the same backbone: held here as the comparison tables are (found right)."""
+    compare, mamba, points = _compare_rows("compare"), _compare_rows("compare-mamba"), _sweep_points()
+
+    def from_compare(rows: dict, model: str, length: int) -> dict[tuple[int, int], float]:
+        return {(int(r["start"]), int(r["end"])): float(r["diff"]) for r in rows[model, length]}
+
+    def from_sweep(point: str, baseline: str) -> dict[tuple[int, int], float]:
+        return {b: loss - points[baseline]["by"][b] for b, loss in points[point]["by"].items()}
+
+    rows = {
+        "TTT-Linear, transformer backbone, 512": from_compare(compare, "linear", 512),
+        "TTT-MLP, transformer backbone, 512": from_compare(compare, "mlp", 512),
+        "TTT-Linear, Mamba backbone, 512": from_compare(mamba, "linear-mamba-backbone", 512),
+        "TTT-MLP, Mamba backbone, 512": from_compare(mamba, "mlp-mamba-backbone", 512),
+        "TTT-Linear, Mamba backbone, trained at 512, evaluated at 1024": from_compare(
+            mamba, "linear-mamba-backbone", 1024
+        ),
+        "TTT-Linear, transformer backbone, trained at 1024": from_sweep("linear seq 1024", "swa 64 seq 1024"),
+        "TTT-Linear, Mamba backbone, trained at 1024": from_sweep(
+            "linear mamba backbone seq 1024", "swa 64 mamba backbone seq 1024"
+        ),
+        "TTT-E2E, window 64, 512": from_compare(compare, "ttt-e2e-window-64", 512),
+        "TTT-E2E, window 64, trained at 512, evaluated at 1024": from_compare(
+            compare, "ttt-e2e-window-64", 1024
+        ),
+    }
+    page = (ROOT / "docs" / "science.md").read_text()
+    table = {c[0]: c[1:] for c in map(_cells, page.splitlines()) if c[0] in rows and len(c) == 4}
+    assert set(table) == set(rows)
+    for label, diffs in rows.items():
+        cells = [*table[label][:2], table[label][2].strip("*").split(" [")[0]]
+        assert cells == _halves(diffs), label

@@ -337,3 +337,15 @@ def test_the_science_pages_growth_table_is_its_csvs() -> None:
     for label, diffs in rows.items():
         cells = [*table[label][:2], table[label][2].strip("*").split(" [")[0]]
         assert cells == _halves(diffs), label
+
+
+def test_results_md_names_the_lengths_the_e2e_streaming_test_checks() -> None:
+    """RESULTS.md said tests/models/test_e2e.py checks the streaming memory at 128 vs 512 tokens; a59c626
+    made that test stream 64 and 256 tokens (CI's budget). The page names the test's lengths."""
+    source = (ROOT / "tests" / "models" / "test_e2e.py").read_text()
+    test = source[source.index("def test_streaming_memory_is_flat_in_sequence_length") :]
+    short, long = re.search(
+        r"short, long = random_ids\(1, (\d+), seed=\d+\), random_ids\(1, (\d+),", test
+    ).groups()
+    page = " ".join((ROOT / "benchmarks" / "RESULTS.md").read_text().split())
+    assert f"`tests/models/test_e2e.py` checks the same at {short} vs {long} tokens" in page

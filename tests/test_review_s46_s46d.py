@@ -349,3 +349,12 @@ def test_results_md_names_the_lengths_the_e2e_streaming_test_checks() -> None:
     ).groups()
     page = " ".join((ROOT / "benchmarks" / "RESULTS.md").read_text().split())
     assert f"`tests/models/test_e2e.py` checks the same at {short} vs {long} tokens" in page
+
+
+def test_training_md_names_the_lengths_the_generate_memory_test_compares() -> None:
+    """docs/training.md said tests/models/test_generate.py compares the live memory after 2,000 generated
+    tokens and after 200; a59c626 made it 1,000 and 100 (CI's budget). The page names the test's."""
+    source = (ROOT / "tests" / "models" / "test_generate.py").read_text()
+    short, long = (int(n) for n in re.findall(r"= memory_after\(model, (\d+)\)", source)[:2])
+    page = " ".join((ROOT / "docs" / "training.md").read_text().split())
+    assert f"compares the live tensor memory after {long:,} tokens and after {short:,})" in page

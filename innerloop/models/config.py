@@ -152,6 +152,10 @@ class E2EConfig:
             cross-entropy over its scored targets, ``skip_target_id`` not scored. ``token_mean``: the mean
             over the batch's scored targets, as every other mixer (innerloop's E2E before this option).
             The two are equal when every target is scored and the length is a multiple of the chunk.
+        non_finite: ``raise`` (as a TTT layer's ``non_finite``): a chunk's inner loss returning NaN or
+            inf from finite logits, or the update rule non-finite fast weights from finite ones and
+            finite losses, is a ``ValueError`` naming the plugin at the end of the call (one check of
+            each chunk trained on, read back once per call); ``ignore`` lets them propagate.
     """
 
     chunk_size: int = 16
@@ -170,6 +174,7 @@ class E2EConfig:
     skip_target_id: Optional[int] = None  # noqa: UP045 (omegaconf reads Optional, not ``int | None``)
     compute_dtype: str = "float32"
     outer_loss: str = "chunk_mean"
+    non_finite: str = "raise"
 
 
 @dataclass
@@ -1023,9 +1028,10 @@ E2E_CHOICES: dict[str, tuple[str, ...]] = {
     "rope_positions": ("relative", "absolute"),
     "compute_dtype": ("float32", "bfloat16", "float16"),
     "outer_loss": ("chunk_mean", "token_mean"),
+    "non_finite": ("raise", "ignore"),
 }
 """The valid values of :class:`E2EConfig`'s string options (other than registry names); the first is
-the default, the official code's behaviour."""
+the default (for those that choose a reading of the method, the official code's)."""
 
 EARLIER_E2E_DEFAULTS: dict[str, Any] = {
     "chunk_targets": "within_chunk",

@@ -53,7 +53,7 @@ from innerloop.core.functional import (
     owning,
     saved_tensors_hooks_suspended,
 )
-from innerloop.core.layer import raise_if_unrecordable
+from innerloop.core.layer import holds_values, raise_if_unrecordable
 from innerloop.core.model_inner import FastWeights, ModelInnerLoss, ModelUpdateRule
 from innerloop.core.state import cat_rows, check_batch_rows, check_states, same_positions, take_rows
 from innerloop.models.attention import (
@@ -599,6 +599,50 @@ def _checked_step(rule: ModelUpdateRule, before: FastWeights, after: object) -> 
     return dict(got)
 
 
+def _step_finite_flags(
+    before: FastWeights, logits: torch.Tensor, losses: torch.Tensor, after: FastWeights
+) -> torch.Tensor:
+    """``[4]`` bools of one inner step, not read back from the device: whether the fast weights given,
+    the chunk's logits, its losses and the fast weights the step returned are finite (for
+    :func:`_raise_if_a_plugin_went_non_finite`). The first two are sums (an overflowing sum of finite
+    values reads as non-finite, which only keeps a plugin from being blamed); the last is exact."""
+    with torch.no_grad():
+        given = torch.isfinite(
+            torch.stack([t.detach().sum(dtype=torch.float32) for t in before.values()])
+        ).all()
+        scored = torch.isfinite(logits.detach().sum(dtype=torch.float32))
+        returned = torch.stack([torch.isfinite(t.detach()).all() for t in after.values()]).all()
+        return torch.stack((given, scored, torch.isfinite(losses.detach()).all(), returned))
+
+
+def _raise_if_a_plugin_went_non_finite(
+    loss: ModelInnerLoss, rule: ModelUpdateRule, flags: list[torch.Tensor]
+) -> None:
+    """Raise a ``ValueError`` naming the plugin if, at a chunk trained on (``flags``: one
+    :func:`_step_finite_flags` each, read back here at once), the inner loss returned non-finite
+    losses from finite fast weights and logits, or the update rule non-finite fast weights from finite
+    fast weights and losses (``model.e2e.non_finite="raise"``, as a TTT layer's check of its plugins)."""
+    if not flags:
+        return
+    given, logits, losses, returned = torch.stack(flags).cpu().unbind(1)
+    bad_loss, bad_step = given & logits & ~losses, given & losses & ~returned
+    if not bool((bad_loss | bad_step).any()):
+        return
+    chunk = int((bad_loss | bad_step).nonzero()[0])
+    plugin, what = (
+        (loss, "chunk_loss returned non-finite losses from finite fast weights and logits")
+        if bad_loss[chunk]
+        else (rule, "step returned non-finite fast weights from finite ones and finite losses")
+    )
+    kind = "model inner loss" if plugin is loss else "model update rule"
+    cls = type(plugin)
+    raise ValueError(
+        f"{kind} {getattr(plugin, 'name', '?')!r} ({cls.__module__}.{cls.__qualname__}): {what} at inner "
+        f"step {chunk + 1} of this call (a chunk trained on), which the next chunks' logits and the state "
+        "would carry; model.e2e.non_finite='ignore' lets them propagate"
+    )
+
+
 def _checked_pieces(pieces: Any, caller: str) -> Iterable[torch.Tensor]:
     """``pieces`` if it can be an iterable of ``[B, n]`` id tensors, else a TypeError naming ``caller``:
     not iterable (None, an int), or one id tensor ``[B, T]`` (iterating it reads its rows, which
@@ -1075,7 +1119,11 @@ class E2ELM(nn.Module):
         h = torch.cat((pending.to(h.dtype), h), dim=1)  # [B, p + T, D], in this call's dtype
         ids = torch.cat((pending_ids, input_ids), dim=1)  # [B, p + T]
         done = Scored(pending.shape[1], list(scored)) if scored is not None and pending.shape[1] else None
-        logits, caches, fast, pending, pending_ids, scored = self._inner_loop(h, ids, caches, fast, done)
+        checks: list[torch.Tensor] | None = [] if self.config.e2e.non_finite == "raise" else None
+        logits, caches, fast, pending, pending_ids, scored = self._inner_loop(
+            h, ids, caches, fast, done, checks
+        )
+        _raise_if_a_plugin_went_non_finite(self.inner_loss, self.update_rule, checks or [])
         position = length if state is None else state.position + length
         new_state = E2EState(  # the pending chunk's own copy, not a view of the whole call's inputs
             tuple(caches),
@@ -1126,23 +1174,23 @@ class E2ELM(nn.Module):
         caches: list[AnyCache | None],
         fast: FastWeights,
         done: Scored | None = None,
+        checks: list[torch.Tensor] | None = None,
     ) -> InnerLoopResult:
         """Score-then-train every chunk of ``h [B, N, D]`` (suffix inputs) whose tokens start a chunk.
 
         ``done``: how many of the first chunk's tokens an earlier call scored, and the caches after them;
         while that chunk cannot be trained on, only its new tokens are scored (from those caches).
+        ``checks``: where each inner step appends its :func:`_step_finite_flags` (None: none are taken).
 
-        Returns the logits ``[B, N', V]`` (``N' = N``, or without the tokens of ``done`` when they were
-        not scored again: the last ``N - done.tokens`` are the new tokens'), the caches and fast
-        weights after the chunks trained on, the trailing chunk that cannot be trained on yet (scored,
-        not trained on) as the new pending inputs and ids, and the caches after scoring it (None when
-        nothing is pending).
+        Returns the logits ``[B, N', V]`` (``N' = N``, or without the tokens of ``done`` when they were not
+        scored again: the last ``N - done.tokens`` are the new tokens'), the caches and fast weights after
+        the chunks trained on, the trailing chunk that cannot be trained on yet (scored, not trained on)
+        as the new pending inputs and ids, and the caches after scoring it (None when nothing is pending).
         """
-        chunk = self.config.e2e.chunk_size
+        chunk, length = self.config.e2e.chunk_size, h.shape[1]
         outer = torch.is_grad_enabled()  # an outer graph is wanted (training)
         with_next = self.config.e2e.chunk_targets == "next_token"  # the loss also reads the next token
         pieces: list[torch.Tensor] = []
-        length = h.shape[1]
         pending, pending_ids, scored = h[:, :0], ids[:, :0], None
         if self._trains_any(length) and outer:  # fast weights cut from the graph start afresh
             fast = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in fast.items()}
@@ -1163,7 +1211,7 @@ class E2ELM(nn.Module):
                 h_chunk = h_chunk.detach()
                 fast = {k: v.detach().requires_grad_() if trainable else v.detach() for k, v in fast.items()}
             targets = (ids[:, start : end + 1] if with_next else ids_chunk) if trainable else None
-            logits, new_caches, fast = self._score_and_train(h_chunk, targets, caches, fast, inner_lr)
+            logits, new_caches, fast = self._score_and_train(h_chunk, targets, caches, fast, inner_lr, checks)
             if trainable:
                 caches = new_caches
             else:  # train on this chunk once its last token (and target) has come
@@ -1187,10 +1235,11 @@ class E2ELM(nn.Module):
         caches: list[AnyCache | None],
         fast: FastWeights,
         inner_lr: float | None,
+        checks: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list[AnyCache | None], FastWeights]:
         """Score one chunk ``h_chunk [B, C, D]`` (logits ``[B, C, V]`` and the caches after it); with its
         ``targets`` (``[B, C (+ 1)]``: the chunk can be trained on), take the inner step on it too, at
-        ``inner_lr`` (:meth:`inner_lr`, read by the caller).
+        ``inner_lr`` (:meth:`inner_lr`, read by the caller), appending its finiteness to ``checks``.
 
         A chunk trained on is scored and stepped eagerly under ``torch.compile``: the step's
         ``torch.autograd.grad`` goes through the scoring's backward, which, compiled, could be neither
@@ -1199,7 +1248,9 @@ class E2ELM(nn.Module):
         backward that frees its buffers). A chunk only scored compiles."""
         create_graph = torch.is_grad_enabled() and not self.config.e2e.first_order
         if targets is not None:
-            return self._score_and_step_eagerly(h_chunk, targets, caches, fast, create_graph, inner_lr)
+            return self._score_and_step_eagerly(
+                h_chunk, targets, caches, fast, create_graph, inner_lr, checks
+            )
         return self._score_and_step(h_chunk, targets, caches, fast, create_graph, None)
 
     def _score_and_step(
@@ -1210,9 +1261,10 @@ class E2ELM(nn.Module):
         fast: FastWeights,
         create_graph: bool,
         inner_lr: float | None,
+        checks: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list[AnyCache | None], FastWeights]:
         """:meth:`_score_and_train`'s work; ``create_graph``: the outer loss differentiates through the
-        inner step (second order)."""
+        inner step (second order); ``checks``: where to append the step's :func:`_step_finite_flags`."""
         e2e = self.config.e2e
         # The inner step runs attention on the math kernel, which is differentiable to any order. attend's
         # own create_graph backward would recompute on it too, after a fused forward: no faster here (an
@@ -1228,7 +1280,10 @@ class E2ELM(nn.Module):
                 _check_chunk_losses(self.inner_loss, losses, logits)
                 assert inner_lr is not None, "a chunk trained on needs the inner learning rate"
                 stepped = self.update_rule.step(fast, losses, inner_lr, e2e.inner_grad_clip, create_graph)
-                fast = _checked_step(self.update_rule, fast, stepped)
+                stepped = _checked_step(self.update_rule, fast, stepped)
+                if checks is not None and holds_values(logits):
+                    checks.append(_step_finite_flags(fast, logits, losses, stepped))
+                fast = stepped
         return logits, new_caches, fast
 
     _score_and_step_eagerly = run_eagerly("innerloop: the inner step takes a gradient eagerly")(

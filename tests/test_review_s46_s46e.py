@@ -4,14 +4,25 @@
   does not try, gave NaN logits and state without a word, where a TTT layer raises naming its plugins
   (``non_finite="raise"``); the model now does too, and ``model.e2e.non_finite="ignore"`` lets them
   propagate as the layer's option does.
+- An installed plugin refused at its first registration (a built-in's name) was skipped before its other
+  hooks ran, so a name it also offered, which another installed distribution provides too, was not seen
+  as a clash (the other one used); its hooks' names are now surveyed and the clash refused from both.
 """
 
 from __future__ import annotations
 
+import warnings
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+import innerloop
+from innerloop import HalfSquaredError, LossPairs, hookimpl
 from innerloop.plugins.e2e import NextTokenChunkLoss, ScoreFirstSGD
+from innerloop.plugins.models.linear import LinearModel
+from innerloop.registry.kinds import PluginError
+from innerloop.registry.manager import PluginLoadWarning
 
 _E2E = {"mixer": "e2e", "vocab_size": 11, "hidden_size": 16, "num_layers": 2, "num_heads": 2}
 
@@ -64,3 +75,62 @@ def test_an_e2e_plugin_returning_nan_is_named_unless_non_finite_is_ignore(plugin
         model.config.e2e.non_finite = "ignore"  # read at every call, as a TTT layer's option
         logits, state = model(ids)
     assert not torch.isfinite(logits).all()
+
+
+class _EntryPoint:
+    """What ``importlib.metadata.entry_points`` yields, with the plugin we choose."""
+
+    def __init__(self, name, plugin):
+        self.name, self.value, self.plugin = name, f"{name}_module", plugin
+        self.dist = SimpleNamespace(name=f"{name}-dist", version="0.1")
+
+    def load(self):
+        return self.plugin
+
+
+class _SharedLoss(HalfSquaredError):
+    name = "s46e_shared"
+
+    def pairs(self, views, carry):
+        return LossPairs(inputs=views.key, targets=views.value, valid=None, carry={})
+
+
+class _TakesLinearThenShares:
+    """Its first registration fails (a built-in's name), its second offers a name another plugin has."""
+
+    @hookimpl
+    def register_inner_models(self, register):
+        register(LinearModel())
+
+    @hookimpl
+    def register_inner_losses(self, register):
+        register(_SharedLoss())
+
+
+class _Shares:
+    @hookimpl
+    def register_inner_losses(self, register):
+        register(_SharedLoss())
+
+
+@pytest.mark.slow  # builds the registry when run alone (~1 s); each order then costs 0.01 s
+@pytest.mark.parametrize("broken_first", [True, False])
+def test_a_plugin_refused_at_its_first_name_still_clashes_with_its_later_ones(
+    monkeypatch, broken_first
+) -> None:
+    """An entry point refused at its first registration (it took the name ``linear``) was skipped before
+    its later hooks ran, so a name it would also have provided, which another installed distribution
+    provides too, was never seen as a clash: the other one was used, and which one a run gets then
+    depends on the broken plugin being fixed. Its other hooks are now surveyed for the names they offer,
+    so the clash is refused from both, as when the failure comes after the shared name."""
+    from innerloop.registry import isolated_registry, manager
+
+    points = [_EntryPoint("s46e_broken", _TakesLinearThenShares()), _EntryPoint("s46e_fine", _Shares())]
+    monkeypatch.setattr(manager, "_entry_points", lambda: points if broken_first else points[::-1])
+    with isolated_registry(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        registry = innerloop.get_registry()
+        with pytest.raises(PluginError, match="'s46e_shared' is provided by two installed distributions"):
+            registry.inner_loss("s46e_shared")
+    messages = [str(w.message) for w in caught if issubclass(w.category, PluginLoadWarning)]
+    assert len(messages) == 1 and "inner model name 'linear'" in messages[0], messages

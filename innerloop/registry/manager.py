@@ -18,8 +18,9 @@ before anything runs. An entry-point plugin that
 fails to load is skipped with one :class:`PluginLoadWarning` and listed as broken; only asking for a
 name it would have provided fails, with the reason. When two installed distributions register the
 same name, the second to load is refused (the warning), and asking for that name fails naming both
-(which one a run got would otherwise depend on install order); a plugin that takes a built-in's name
-is refused and the built-in is used.
+(which one a run got would otherwise depend on install order), also when one was refused for another
+reason (every name its hooks offer counts, those past its failure too); a plugin that takes a
+built-in's name is refused and the built-in is used.
 """
 
 from __future__ import annotations
@@ -319,6 +320,7 @@ class Registry:
         staging = _Staging()
         before = {(entry.kind, entry.name) for entry in self.entries()}
         origins_before = {entry.origin for entry in self.entries()}
+        plugin: Any = None  # until it is imported
         try:
             plugin = entry_point.load()
         except (Exception, SystemExit) as error:  # a script-like module: sys.exit or argparse at import
@@ -349,7 +351,8 @@ class Registry:
             except (Exception, SystemExit) as error:
                 failure = f"its registration hook raised {type(error).__name__}: {error}"
         rolled_back = self._roll_back_since(before, _module_of(entry_point))  # what its import registered
-        broken = BrokenPlugin(entry_point.name, distribution, failure, (*staging.attempted, *rolled_back))
+        offered = _names_offered(plugin, staging.attempted)  # past its failure too
+        broken = BrokenPlugin(entry_point.name, distribution, failure, (*offered, *rolled_back))
         self._broken.append(broken)
         clashed = [(k, n) for k, n in broken.names if self.clash_error(k, n) is not None]
         refused = "".join(
@@ -667,6 +670,28 @@ def _with_suggestions(names: list[str]) -> str:
         meant = _close_hook(name)
         described.append(f"{name!r} (did you mean {meant!r}?)" if meant and meant != name else repr(name))
     return ("function " if len(names) == 1 else "functions ") + ", ".join(described)
+
+
+def _names_offered(plugin: Any, attempted: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``attempted`` (the ``(kind, name)`` pairs a refused plugin offered before it failed) and those its
+    hooks offer past the failure: each hook is run again with a ``register`` that only records the name
+    (it refuses nothing), and what a hook raises is ignored (its failure is already the reason given).
+    Without them a name the plugin would also provide, which another installed distribution provides too,
+    was seen as a clash only when the failure came after it in the plugin's hooks."""
+    names = list(attempted)
+    for kind in KINDS:
+        hook = getattr(plugin, kind.hook, None) if plugin is not None else None
+        if not callable(hook) or not hasattr(hook, f"{ENTRY_POINT_GROUP}_impl"):
+            continue
+
+        def record(obj: Any, kind: Kind = kind) -> Any:
+            if isinstance(getattr(obj, "name", None), str):
+                names.append((kind.name, obj.name))
+            return obj
+
+        with contextlib.suppress(Exception):
+            hook(register=record)
+    return list(dict.fromkeys(names))
 
 
 def _returned_error(origin: str, kind: Kind, value: Any) -> PluginError:

@@ -7,13 +7,17 @@
 - An installed plugin refused at its first registration (a built-in's name) was skipped before its other
   hooks ran, so a name it also offered, which another installed distribution provides too, was not seen
   as a clash (the other one used); its hooks' names are now surveyed and the clash refused from both.
+- Numpy integers, taken by every other public argument (``as_integer``), were refused by the Triton
+  kernels' ``checkpoint_every``, ``chunk_delta_rule``'s ``chunk_size`` and ``KernelSpec.priority``.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,3 +138,64 @@ def test_a_plugin_refused_at_its_first_name_still_clashes_with_its_later_ones(
             registry.inner_loss("s46e_shared")
     messages = [str(w.message) for w in caught if issubclass(w.category, PluginLoadWarning)]
     assert len(messages) == 1 and "inner model name 'linear'" in messages[0], messages
+
+
+def _chunk_inputs():
+    B, H, T, f, K = 1, 2, 4, 16, 2
+    xq = xk = xv = torch.zeros(B, H, T, f)
+    return xq, xk, xv, torch.zeros(B, H, T), torch.ones(K), torch.ones(H, f), torch.zeros(H, f)
+
+
+@pytest.mark.parametrize("kernel", ["ttt_linear", "ttt_mlp"])
+def test_the_triton_kernels_take_a_numpy_integer_checkpoint_every(monkeypatch, kernel) -> None:
+    """``forward(..., checkpoint_every=np.int64(2))`` was refused ("must be a positive int") where the rest
+    of innerloop takes numpy integers; it is read as the int 2 now. A bad one is named before the
+    device check (on a CPU without the Triton interpreter that check refused first, naming the device)."""
+    import importlib
+
+    from innerloop.kernels.triton import common
+
+    fused = importlib.import_module(f"innerloop.kernels.triton.{kernel}.fused")
+    xq, xk, xv, lr, tau, ln_weight, ln_bias = _chunk_inputs()
+    params = {
+        name: torch.zeros(shape)
+        for name, shape in importlib.import_module(f"innerloop.kernels.triton.{kernel}.naive")
+        .param_shapes(1, 2, 16)
+        .items()
+    }
+    args = (xq, xk, xv, lr, tau, params, ln_weight, ln_bias)
+    for bad in (2.0, True, 0, np.int64(0)):
+        with pytest.raises(
+            ValueError, match=re.escape(f"checkpoint_every must be a positive integer, got {bad!r}")
+        ):
+            fused.forward(*args, checkpoint_every=bad)
+    monkeypatch.setattr(common.HostChecks, "check_launchable", lambda *_: None)  # no kernel is launched
+    given = fused.CHECKS.check_forward(*args, np.int64(2))
+    assert given == 2 and type(given) is int
+
+
+def test_chunk_delta_rule_takes_a_numpy_integer_chunk_size() -> None:
+    """``chunk_delta_rule(..., chunk_size=np.int64(2))`` was refused ("must be an int >= 1"); it computes
+    what ``chunk_size=2`` does now."""
+    from innerloop.kernels.delta_chunk.chunk import chunk_delta_rule
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 5, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    beta = torch.rand(1, 1, 5, generator=g, dtype=torch.float64)
+    expected = chunk_delta_rule(q, k, v, beta, chunk_size=2)
+    got = chunk_delta_rule(q, k, v, beta, chunk_size=np.int64(2))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    with pytest.raises(ValueError, match=r"chunk_size must be an int >= 1, got 2.0"):
+        chunk_delta_rule(q, k, v, beta, chunk_size=2.0)
+
+
+def test_a_kernel_spec_takes_a_numpy_integer_priority() -> None:
+    """``KernelSpec(priority=np.int64(3))`` was refused ("priority must be an int"); it is kept as the int 3."""
+    from dataclasses import replace
+
+    from innerloop.kernels.triton.ttt_linear import KERNEL
+
+    spec = replace(KERNEL, priority=np.int64(3))
+    assert spec.priority == 3 and type(spec.priority) is int
+    with pytest.raises(TypeError, match="priority must be an int"):
+        replace(KERNEL, priority=3.0)

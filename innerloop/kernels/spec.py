@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import torch
 
+from innerloop.core.functional import as_integer
 from innerloop.core.protocol import Params
 
 
@@ -216,8 +217,8 @@ class KernelSpec:
             )
 
     def _check_fields(self) -> None:
-        """The name is a non-empty str, not one of the layer's own paths; ``priority`` is an int; the
-        flags are bools."""
+        """The name is a non-empty str, not one of the layer's own paths; ``priority`` is an integer (kept
+        as an int); the flags are bools."""
         if not isinstance(self.name, str) or not self.name.strip():
             raise TypeError(
                 f"KernelSpec name must be a non-empty str (what kernel=... asks for it by); got {self.name!r}"
@@ -235,11 +236,13 @@ class KernelSpec:
                     f"KernelSpec {self.name!r}: {field_name} must be the registered name (a non-empty str) of "
                     f"the {field_name.replace('_', ' ')} it computes; got {value!r}"
                 )
-        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+        priority = as_integer(self.priority)
+        if priority is None:
             raise TypeError(
                 f"KernelSpec {self.name!r}: priority must be an int (higher wins among kernels that verify); "
                 f"got {type(self.priority).__name__} {self.priority!r}"
             )
+        object.__setattr__(self, "priority", priority)  # a numpy integer is kept as the int it is
         for field_name in ("supports_decay", "fuses_inner_norm", "training_only"):
             if not isinstance(getattr(self, field_name), bool):
                 raise TypeError(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from innerloop.core.functional import as_integer
+
 SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -82,10 +84,11 @@ def check_delta_inputs(
 
 
 def check_chunk_size(chunk_size: object) -> int:
-    """The chunk size as an int >= 1, or a clear error."""
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    """The chunk size as an int >= 1 (a numpy integer is one), or a clear error."""
+    size = as_integer(chunk_size)
+    if size is None or size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    return chunk_size
+    return size
 
 
 __all__ = ["SUPPORTED_DTYPES", "check_chunk_size", "check_delta_inputs", "compute_dtype"]

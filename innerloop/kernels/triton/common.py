@@ -21,6 +21,7 @@ import torch
 
 # One definition of the shared math, in core: the kernels' references must not drift from the layer's.
 from innerloop.core.functional import (  # noqa: F401  (re-exported for the kernels and their tests)
+    as_integer,
     gelu_tanh,
     gelu_tanh_derivative,
     is_power_of_two,
@@ -340,20 +341,19 @@ class HostChecks:
         ln_bias: torch.Tensor,
         checkpoint_every: int,
         eps: float = 1e-6,
-    ) -> None:
-        """Every check of a chunk forward's arguments (``ValueError`` / ``RuntimeError`` naming them)."""
+    ) -> int:
+        """Every check of a chunk forward's arguments (``ValueError`` / ``RuntimeError`` naming them), the
+        arguments' before the device's; returns ``checkpoint_every`` as an int (a numpy integer is one)."""
         if xq.dim() != 4:
             raise ValueError(f"xq must be [B, H, T, f], got shape {tuple(xq.shape)}")
         B, H, _, f = xq.shape
         check_chunk_inputs(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, self.param_shapes(B, H, f))
         check_eps(eps, self.name)
+        every = as_integer(checkpoint_every)
+        if every is None or every < 1:
+            raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
         self.check_launchable(xq, f, tau.shape[0])
-        if (
-            not isinstance(checkpoint_every, int)
-            or isinstance(checkpoint_every, bool)
-            or checkpoint_every < 1
-        ):
-            raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+        return every
 
     def check_decode(
         self,

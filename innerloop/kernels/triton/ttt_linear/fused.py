@@ -162,7 +162,9 @@ def forward(
     Returns:
         ``(out [B, H, T, f], {"W1": ..., "b1": ...})``.
     """
-    CHECKS.check_forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, checkpoint_every, eps)
+    checkpoint_every = CHECKS.check_forward(
+        xq, xk, xv, lr, tau, params, ln_weight, ln_bias, checkpoint_every, eps
+    )
     B, H, T, f = xq.shape
     out, W, b = _LinearChunk.apply(
         xq, xk, xv, lr, tau, params["W1"], params["b1"], ln_weight, ln_bias, float(eps), checkpoint_every

@@ -168,7 +168,9 @@ def forward(
     Returns:
         ``(out [B, H, T, f], {"W1", "b1", "W2", "b2"})``.
     """
-    CHECKS.check_forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, checkpoint_every, eps)
+    checkpoint_every = CHECKS.check_forward(
+        xq, xk, xv, lr, tau, params, ln_weight, ln_bias, checkpoint_every, eps
+    )
     B, H, T, f = xq.shape
     out, *new = _MLPChunk.apply(
         xq, xk, xv, lr, tau, *(params[k] for k in KEYS), ln_weight, ln_bias, float(eps), checkpoint_every

@@ -199,3 +199,15 @@ def test_a_kernel_spec_takes_a_numpy_integer_priority() -> None:
     assert spec.priority == 3 and type(spec.priority) is int
     with pytest.raises(TypeError, match="priority must be an int"):
         replace(KERNEL, priority=3.0)
+
+
+def test_the_primal_form_is_a_shared_helper_beside_the_dual_form() -> None:
+    """``primal_planned_segment`` lived in the built-in ``minibatch_gd`` plugin, so the ``momentum`` rule
+    (and a third-party rule) imported one plugin from another, where the dual form's equivalent is in
+    ``kernels/reference.py``. It is in ``kernels/primal.py`` now; the old import gives the same function."""
+    from innerloop.kernels import primal
+    from innerloop.plugins.optimizers import minibatch_gd, momentum
+
+    assert minibatch_gd.primal_planned_segment is primal.primal_planned_segment
+    assert minibatch_gd.primal_segment is primal.primal_segment
+    assert momentum.primal_planned_segment is primal.primal_planned_segment

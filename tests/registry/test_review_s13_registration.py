@@ -14,7 +14,8 @@ from plugin_testing import One
 import innerloop
 from innerloop.core.protocol import HalfSquaredError, InnerLoss, LossPairs, UpdateRule
 from innerloop.core.scan import advance_state, close_mini_batch, prepare_chunk, split_segments
-from innerloop.plugins.optimizers.minibatch_gd import MiniBatchGD, _flatten_heads, _primal_parts
+from innerloop.kernels.primal import _flatten_heads, _primal_parts
+from innerloop.plugins.optimizers.minibatch_gd import MiniBatchGD
 from innerloop.registry import PluginError, build_registry, isolated_registry
 from innerloop.registry.manager import PluginLoadWarning, format_plugin_table
 

@@ -25,8 +25,8 @@ from innerloop.core.protocol import InnerTask, UpdateRule, Views
 from innerloop.core.scan import advance_state, prepare_chunk, run_planned
 from innerloop.core.state import TTTState
 from innerloop.kernels.dispatch import record_torch_block
+from innerloop.kernels.primal import primal_planned_segment
 from innerloop.kernels.reference import dual_planned_segment
-from innerloop.plugins.optimizers.minibatch_gd import primal_planned_segment
 from innerloop.registry import hookimpl
 
 

@@ -211,3 +211,25 @@ def test_the_primal_form_is_a_shared_helper_beside_the_dual_form() -> None:
     assert minibatch_gd.primal_planned_segment is primal.primal_planned_segment
     assert minibatch_gd.primal_segment is primal.primal_segment
     assert momentum.primal_planned_segment is primal.primal_planned_segment
+
+
+def test_an_e2e_plugin_is_blamed_only_for_non_finite_values_from_finite_ones() -> None:
+    """The check of each inner step (sums, read back once per call) names the update rule only when the
+    weights it returned hold NaN or inf and what it was given did not: NaN fast weights passed in, or
+    huge finite weights whose float32 sum overflows, blame no plugin (float64 sums settle the returned)."""
+    from innerloop.models.e2e import _raise_if_a_plugin_went_non_finite, _step_sums
+
+    rule, loss = _NanAtBatch4Rule(), _NanAtBatch4Loss()
+    finite, huge, nan = torch.ones(2, 3), torch.full((2, 3), 3e38), torch.full((2, 3), float("nan"))
+    logits, losses = torch.zeros(2, 4, 5), torch.ones(2)
+    for before, after in ((nan, nan), (finite, huge), (huge, nan)):
+        _raise_if_a_plugin_went_non_finite(
+            loss, rule, [_step_sums({"w": before}, logits, losses, {"w": after})]
+        )
+    steps = [_step_sums({"w": finite}, logits, losses, {"w": after}) for after in (finite, nan)]
+    with pytest.raises(ValueError, match=r"'s46e_nan_rule' .* at inner step 2 of this call"):
+        _raise_if_a_plugin_went_non_finite(loss, rule, steps)
+    with pytest.raises(ValueError, match=r"'s46e_nan_loss' .* at inner step 1 of this call"):
+        _raise_if_a_plugin_went_non_finite(
+            loss, rule, [_step_sums({"w": finite}, logits, losses * nan[0, :2], {"w": finite})]
+        )

@@ -599,46 +599,56 @@ def _checked_step(rule: ModelUpdateRule, before: FastWeights, after: object) -> 
     return dict(got)
 
 
-def _step_finite_flags(
+def _step_sums(
     before: FastWeights, logits: torch.Tensor, losses: torch.Tensor, after: FastWeights
 ) -> torch.Tensor:
-    """``[4]`` bools of one inner step, not read back from the device: whether the fast weights given,
-    the chunk's logits, its losses and the fast weights the step returned are finite (for
-    :func:`_raise_if_a_plugin_went_non_finite`). The first two are sums (an overflowing sum of finite
-    values reads as non-finite, which only keeps a plugin from being blamed); the last is exact."""
+    """The sums of one inner step's fast weights given, its chunk's logits, its losses and the fast weights
+    the step returned, ``[2 len(before) + 2]``, not read back from the device (for
+    :func:`_raise_if_a_plugin_went_non_finite`): a sum is finite iff every element is, barring the
+    overflow of huge finite values. Those of the losses and the weights returned are taken in float64, where
+    no sum of float32 values overflows (a plugin's blame rests on them); the others in float32, where an
+    overflow only keeps a plugin from being blamed. One reduction per tensor, no read-back: a few ops a step."""
+    wide = torch.float64 if logits.device.type != "mps" else torch.float32  # MPS has no float64
     with torch.no_grad():
-        given = torch.isfinite(
-            torch.stack([t.detach().sum(dtype=torch.float32) for t in before.values()])
-        ).all()
-        scored = torch.isfinite(logits.detach().sum(dtype=torch.float32))
-        returned = torch.stack([torch.isfinite(t.detach()).all() for t in after.values()]).all()
-        return torch.stack((given, scored, torch.isfinite(losses.detach()).all(), returned))
+        taken = [t.detach().sum(dtype=torch.float32) for t in (*before.values(), logits)]
+        returned = [t.detach().sum(dtype=wide) for t in (losses, *after.values())]
+        return torch.cat((torch.stack(taken).to(wide), torch.stack(returned)))
 
 
 def _raise_if_a_plugin_went_non_finite(
-    loss: ModelInnerLoss, rule: ModelUpdateRule, flags: list[torch.Tensor]
+    loss: ModelInnerLoss, rule: ModelUpdateRule, sums: list[torch.Tensor]
 ) -> None:
-    """Raise a ``ValueError`` naming the plugin if, at a chunk trained on (``flags``: one
-    :func:`_step_finite_flags` each, read back here at once), the inner loss returned non-finite
-    losses from finite fast weights and logits, or the update rule non-finite fast weights from finite
-    fast weights and losses (``model.e2e.non_finite="raise"``, as a TTT layer's check of its plugins)."""
-    if not flags:
+    """Raise a ``ValueError`` naming the plugin if, at a chunk trained on (``sums``: one
+    :func:`_step_sums` each, read back here at once), the inner loss returned non-finite losses from
+    finite fast weights and logits, or the update rule non-finite fast weights from finite fast weights
+    and losses (``model.e2e.non_finite="raise"``, as a TTT layer's check of its plugins)."""
+    if not sums:
         return
-    given, logits, losses, returned = torch.stack(flags).cpu().unbind(1)
-    bad_loss, bad_step = given & logits & ~losses, given & losses & ~returned
+    finite = torch.isfinite(torch.stack(sums).cpu())  # [steps, 2 W + 2]
+    weights = (finite.shape[1] - 2) // 2
+    given, logits, losses = finite[:, :weights].all(1), finite[:, weights], finite[:, weights + 1]
+    bad_loss = given & logits & ~losses
+    bad_step = given & losses & ~finite[:, weights + 2 :].all(1)
     if not bool((bad_loss | bad_step).any()):
         return
-    chunk = int((bad_loss | bad_step).nonzero()[0])
-    plugin, what = (
-        (loss, "chunk_loss returned non-finite losses from finite fast weights and logits")
-        if bad_loss[chunk]
-        else (rule, "step returned non-finite fast weights from finite ones and finite losses")
+    step = int((bad_loss | bad_step).nonzero()[0])
+    plugin, kind, what = (
+        (
+            loss,
+            "model inner loss",
+            "chunk_loss returned non-finite losses from finite fast weights and logits",
+        )
+        if bad_loss[step]
+        else (
+            rule,
+            "model update rule",
+            "step returned non-finite fast weights from finite ones and finite losses",
+        )
     )
-    kind = "model inner loss" if plugin is loss else "model update rule"
     cls = type(plugin)
     raise ValueError(
         f"{kind} {getattr(plugin, 'name', '?')!r} ({cls.__module__}.{cls.__qualname__}): {what} at inner "
-        f"step {chunk + 1} of this call (a chunk trained on), which the next chunks' logits and the state "
+        f"step {step + 1} of this call (a chunk trained on), which the next chunks' logits and the state "
         "would carry; model.e2e.non_finite='ignore' lets them propagate"
     )
 
@@ -1180,7 +1190,7 @@ class E2ELM(nn.Module):
 
         ``done``: how many of the first chunk's tokens an earlier call scored, and the caches after them;
         while that chunk cannot be trained on, only its new tokens are scored (from those caches).
-        ``checks``: where each inner step appends its :func:`_step_finite_flags` (None: none are taken).
+        ``checks``: where each inner step appends its :func:`_step_sums` (None: none are taken).
 
         Returns the logits ``[B, N', V]`` (``N' = N``, or without the tokens of ``done`` when they were not
         scored again: the last ``N - done.tokens`` are the new tokens'), the caches and fast weights after
@@ -1264,7 +1274,7 @@ class E2ELM(nn.Module):
         checks: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list[AnyCache | None], FastWeights]:
         """:meth:`_score_and_train`'s work; ``create_graph``: the outer loss differentiates through the
-        inner step (second order); ``checks``: where to append the step's :func:`_step_finite_flags`."""
+        inner step (second order); ``checks``: where to append the step's :func:`_step_sums`."""
         e2e = self.config.e2e
         # The inner step runs attention on the math kernel, which is differentiable to any order. attend's
         # own create_graph backward would recompute on it too, after a fused forward: no faster here (an
@@ -1282,7 +1292,7 @@ class E2ELM(nn.Module):
                 stepped = self.update_rule.step(fast, losses, inner_lr, e2e.inner_grad_clip, create_graph)
                 stepped = _checked_step(self.update_rule, fast, stepped)
                 if checks is not None and holds_values(logits):
-                    checks.append(_step_finite_flags(fast, logits, losses, stepped))
+                    checks.append(_step_sums(fast, logits, losses, stepped))
                 fast = stepped
         return logits, new_caches, fast
 

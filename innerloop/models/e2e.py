@@ -53,7 +53,7 @@ from innerloop.core.functional import (
     owning,
     saved_tensors_hooks_suspended,
 )
-from innerloop.core.layer import holds_values, raise_if_unrecordable
+from innerloop.core.layer import holds_values, is_built_in, plugin_label, raise_if_unrecordable
 from innerloop.core.model_inner import FastWeights, ModelInnerLoss, ModelUpdateRule
 from innerloop.core.state import cat_rows, check_batch_rows, check_states, same_positions, take_rows
 from innerloop.models.attention import (
@@ -635,21 +635,26 @@ def _raise_if_a_plugin_went_non_finite(
     plugin, kind, what = (
         (
             loss,
-            "model inner loss",
+            "model_inner_loss",
             "chunk_loss returned non-finite losses from finite fast weights and logits",
         )
         if bad_loss[step]
         else (
             rule,
-            "model update rule",
+            "model_update_rule",
             "step returned non-finite fast weights from finite ones and finite losses",
         )
     )
-    cls = type(plugin)
+    built_in = (
+        " (a built-in plugin: more likely the model's weights grew until the inner gradient overflowed; "
+        "then try a lower learning rate)"
+        if is_built_in(kind, plugin)
+        else ""
+    )
     raise ValueError(
-        f"{kind} {getattr(plugin, 'name', '?')!r} ({cls.__module__}.{cls.__qualname__}): {what} at inner "
-        f"step {step + 1} of this call (a chunk trained on), which the next chunks' logits and the state "
-        "would carry; model.e2e.non_finite='ignore' lets them propagate"
+        f"{plugin_label(kind, plugin)}: {what} at inner step {step + 1} of this call (a chunk trained on), "
+        f"which the next chunks' logits and the state would carry{built_in}; model.e2e.non_finite='ignore' "
+        "lets them propagate"
     )
 
 

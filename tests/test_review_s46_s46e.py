@@ -239,3 +239,34 @@ def test_an_e2e_plugin_is_blamed_only_for_non_finite_values_from_finite_ones() -
         _raise_if_a_plugin_went_non_finite(
             loss, rule, [_step_sums({"w": finite}, logits, losses * nan[0, :2], {"w": finite})]
         )
+
+
+class _SneakyLoss(_SharedLoss):
+    name = "s46e_sneaky"
+
+
+class _TakesLinearThenRegistersDirectly:
+    @hookimpl
+    def register_inner_models(self, register):
+        register(LinearModel())
+
+    @hookimpl
+    def register_inner_losses(self, register):
+        innerloop.register_inner_loss(_SneakyLoss(), origin="s46e_sneaky_origin")
+
+
+@pytest.mark.slow  # builds the registry when run alone (~1 s)
+def test_surveying_a_refused_plugin_s_names_registers_nothing(monkeypatch) -> None:
+    """The survey of a refused plugin's names reruns its hooks; what one registers in the registry itself
+    (``innerloop.register_<kind>`` inside a hook) is rolled back with the rest of the plugin."""
+    from innerloop.registry import isolated_registry, manager
+
+    monkeypatch.setattr(
+        manager, "_entry_points", lambda: [_EntryPoint("s46e_direct", _TakesLinearThenRegistersDirectly())]
+    )
+    with isolated_registry(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginLoadWarning)
+        registry = innerloop.get_registry()
+        assert "s46e_sneaky" not in registry.names("inner_loss")
+        with pytest.raises(PluginError, match="s46e_sneaky"):
+            registry.inner_loss("s46e_sneaky")

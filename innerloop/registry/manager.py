@@ -350,8 +350,10 @@ class Registry:
                 failure = str(error)
             except (Exception, SystemExit) as error:
                 failure = f"its registration hook raised {type(error).__name__}: {error}"
+        # every name its hooks offer, past its failure too, surveyed before the roll-back (which also
+        # removes what a hook registers with innerloop.register_<kind> while surveyed)
+        offered = _names_offered(plugin, staging.attempted)
         rolled_back = self._roll_back_since(before, _module_of(entry_point))  # what its import registered
-        offered = _names_offered(plugin, staging.attempted)  # past its failure too
         broken = BrokenPlugin(entry_point.name, distribution, failure, (*offered, *rolled_back))
         self._broken.append(broken)
         clashed = [(k, n) for k, n in broken.names if self.clash_error(k, n) is not None]

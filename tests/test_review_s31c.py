@@ -173,8 +173,11 @@ def test_every_family_mixer_decodes_in_memory_that_does_not_grow_with_the_contex
 # -- coverage: torch.compile of the family's language models --------------------------------------------
 
 
-@pytest.mark.slow  # ~7 s each: dynamo traces a training step, a prefill and decoding
-@pytest.mark.parametrize("mixer", FAMILY)
+# DeltaNet is left out: its code is the union of the other members' (GatedDeltaNetLayer subclasses it and
+# runs its short convs, l2-normalised q and k and beta gate; linear attention its ungated output norm and
+# its state without forgetting), and each member costs 12-18 s on 2 cores
+@pytest.mark.slow  # ~12 s each: dynamo traces a training step, a prefill and decoding
+@pytest.mark.parametrize("mixer", [mixer for mixer in FAMILY if mixer != "deltanet"])
 def test_a_compiled_family_language_model_trains_and_decodes_as_eager(mixer):
     """Issue 13: ``torch.compile(model)`` works (training and inference, outputs equal to eager);
     tests/models/test_compile.py covers TTT, sliding-window attention and E2E. In float64 through

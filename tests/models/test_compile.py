@@ -59,9 +59,12 @@ def _flat(tensors) -> torch.Tensor:
 # aot_eager (dynamo and AOTAutograd: the parts that graph-break or fail on Python control flow);
 # inductor's first compile of a whole model's C++ kernels takes a minute more here (CI starts with an
 # empty cache: `python benchmarks/train_speed.py` times the default backend, and the test below
-# compiles with it the one part written for inductor)
+# compiles with it the one part written for inductor). TTT-MLP only: the inner model runs inside the eager
+# scan, so the compiled code (projections, norms, gates, the state's dataclass across the graph breaks) is
+# the same for every inner model; TTT-MLP's state holds TTT-Linear's weights and two more (TTT-Linear's
+# case, ~15 s on 2 cores, compiled nothing this one does not)
 @pytest.mark.slow
-@pytest.mark.parametrize(("inner_model", "backend"), [("linear", "aot_eager"), ("mlp", "aot_eager")])
+@pytest.mark.parametrize(("inner_model", "backend"), [("mlp", "aot_eager")])
 def test_a_compiled_ttt_language_model_trains_and_infers_as_eager(inner_model, backend):
     lm = _seeded_tiny_lm(inner_model)
     eager = copy.deepcopy(lm)

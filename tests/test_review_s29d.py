@@ -137,7 +137,6 @@ def test_check_inner_model_refuses_an_inner_model_that_mixes_tokens() -> None:
         check_inner_model(_mixes_tokens(), batch=2, heads=2, head_dim=4, tokens=6, mini_batch_size=2)
 
 
-@pytest.mark.slow  # reason: dynamo traces a tiny Hugging Face model (~1-2 s)
 def _tiny_compiled_hugging_face_model() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
     """A tiny TTT model as Hugging Face's class, its compiled twin (eager backend), and token ids."""
     from innerloop.hf import InnerloopConfig, InnerloopForCausalLM

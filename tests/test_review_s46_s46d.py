@@ -7,6 +7,8 @@ import math
 import re
 from pathlib import Path
 
+from test_review_s46_s46b import SCIENCE_ROWS as S46B_SCIENCE_ROWS
+
 ROOT = Path(__file__).parents[1]
 SCIENCE_RESULTS = ROOT / "benchmarks" / "results" / "science"
 
@@ -67,17 +69,7 @@ def _compare_rows(name: str) -> dict[tuple[str, int], list[dict]]:
     return rows
 
 
-SCIENCE_ROWS = {  # the comparison table's rows -> their model in compare.csv (tests/test_review_s46_s46b.py's)
-    "TTT-Linear": "linear",
-    "TTT-MLP": "mlp",
-    "full attention": "full-attention",
-    "sliding window 64": "swa-64",
-    "TTT-E2E, window 64": "ttt-e2e-window-64",
-    "TTT-Linear, Mamba backbone": "linear-mamba-backbone",
-    "TTT-MLP, Mamba backbone": "mlp-mamba-backbone",
-    "sliding window 64, Mamba backbone": "swa-64-mamba-backbone",
-    "full attention, Mamba backbone": "full-attention-mamba-backbone",
-}
+SCIENCE_ROWS = S46B_SCIENCE_ROWS  # the comparison table's rows -> their model in compare.csv
 
 
 def test_the_science_pages_comparison_losses_bands_and_claims_are_compare_csvs() -> None:

@@ -615,10 +615,15 @@ def _step_sums(
         return torch.cat((torch.stack(taken).to(wide), torch.stack(returned)))
 
 
+class NonFiniteInnerStepError(ValueError):
+    """A TTT-E2E inner step's plugin returned NaN or inf from finite inputs (``model.e2e.non_finite="raise"``,
+    :func:`_raise_if_a_plugin_went_non_finite`); training stops on it as on a divergence."""
+
+
 def _raise_if_a_plugin_went_non_finite(
     loss: ModelInnerLoss, rule: ModelUpdateRule, sums: list[torch.Tensor]
 ) -> None:
-    """Raise a ``ValueError`` naming the plugin if, at a chunk trained on (``sums``: one
+    """Raise a :class:`NonFiniteInnerStepError` (a ``ValueError``) naming the plugin if, at a chunk trained on (``sums``: one
     :func:`_step_sums` each, read back here at once), the inner loss returned non-finite losses from
     finite fast weights and logits, or the update rule non-finite fast weights from finite fast weights
     and losses (``model.e2e.non_finite="raise"``, as a TTT layer's check of its plugins)."""
@@ -651,7 +656,7 @@ def _raise_if_a_plugin_went_non_finite(
         if is_built_in(kind, plugin)
         else ""
     )
-    raise ValueError(
+    raise NonFiniteInnerStepError(
         f"{plugin_label(kind, plugin)}: {what} at inner step {step + 1} of this call (a chunk trained on), "
         f"which the next chunks' logits and the state would carry{built_in}; model.e2e.non_finite='ignore' "
         "lets them propagate"

@@ -72,6 +72,7 @@ from innerloop.models.config import (
     check_weight_decay,
     checked_number,
 )
+from innerloop.models.e2e import NonFiniteInnerStepError
 from innerloop.models.lm import check_token_ids
 from innerloop.train.data import IGNORE_INDEX, Batch
 from innerloop.train.metrics import Float64Perplexity, InnerLossDiagnostics, LossByPosition
@@ -192,6 +193,20 @@ def _largest(value_range: tuple[torch.Tensor, torch.Tensor]) -> float:
     """The largest magnitude in a tensor, from its ``(min, max)``: NaN if it holds NaN, inf if inf."""
     low, high = (float(v) for v in value_range)
     return math.nan if math.isnan(low) or math.isnan(high) else max(-low, high)
+
+
+@contextmanager
+def _inner_step_non_finite_diverges(steps: int, fitting: bool = True) -> Iterator[None]:
+    """While ``fitting``, a TTT-E2E plugin's non-finite inner step (:class:`NonFiniteInnerStepError`,
+    ``model.e2e.non_finite="raise"``) is a :class:`TrainingDivergedError` with its message (``steps``: the
+    optimizer steps taken), as a TTT layer's plugin NaN is: the run stops on it keeping its last good
+    checkpoint, not promoting the pending one, whose next loss is the NaN, as after a crash."""
+    try:
+        yield
+    except NonFiniteInnerStepError as error:
+        if not fitting:
+            raise
+        raise TrainingDivergedError(f"after {steps} optimizer steps, {error}") from error
 
 
 def _first_non_finite_output(calls: list[LayerCall]) -> tuple[str, float] | None:
@@ -440,7 +455,10 @@ class LanguageModelModule(L.LightningModule):
             # counting this step as done, as the official schedule does: min(1, (step + 1) / warm-up steps)
             self.model.set_outer_progress((self.global_step + 1) / self.hparams.max_steps)
         calls: list[LayerCall] = []
-        with _non_finite_propagates(self._checked_layers, calls):
+        with (
+            _non_finite_propagates(self._checked_layers, calls),
+            _inner_step_non_finite_diverges(self.global_step),
+        ):
             logits = self(inputs)
         # 0 for a batch with no scored target, not NaN (which would read as a divergence). A model may
         # weigh its targets its own way (TTT-E2E: the official per-chunk mean, E2ELM.training_loss).
@@ -682,7 +700,10 @@ class LanguageModelModule(L.LightningModule):
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
         calls: list[LayerCall] = []
         try:
-            with _non_finite_propagates(self._checked_layers if fitting else [], calls):
+            with (
+                _non_finite_propagates(self._checked_layers if fitting else [], calls),
+                _inner_step_non_finite_diverges(self.global_step, fitting),
+            ):
                 # The metrics accumulate in at least float32 whatever the precision of the forward: under
                 # bf16-mixed the logits are bf16, and a perplexity computed from them disagrees with the
                 # loss in the third digit; a float64 model's stay float64.

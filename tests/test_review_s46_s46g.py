@@ -1,0 +1,50 @@
+"""Review s46g (the session's dtype checks, TTT-E2E's ``model.e2e.non_finite``):
+- an E2E inner step's non-finite check, raised while training, stops the run as a divergence
+  (:class:`TrainingDivergedError`, its pending checkpoint dropped), as a TTT layer's plugin NaN does, not as a
+  bare ValueError, which the checkpoint callback took for a crash and promoted the pending checkpoint on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from innerloop.models import E2EConfig, ModelConfig
+from innerloop.train import LanguageModelModule, TrainingDivergedError
+
+
+def _e2e_module() -> LanguageModelModule:
+    torch.manual_seed(0)
+    e2e = E2EConfig(chunk_size=4, suffix_fraction=0.5, inner_lr_warmup_fraction=0.0)
+    config = ModelConfig(
+        mixer="e2e",
+        vocab_size=11,
+        hidden_size=8,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=12,
+        window=4,
+        e2e=e2e,
+    )
+    return LanguageModelModule(config, lr=1e-3, max_steps=2, warmup_steps=0)
+
+
+def test_an_e2e_rule_going_non_finite_in_training_is_a_divergence_naming_the_rule() -> None:
+    module = _e2e_module()
+    rule = module.model.update_rule
+    step = rule.step
+
+    def nan_step(fast, *args, **kwargs):  # a plugin fault that only real data triggers
+        return {k: v * float("nan") for k, v in step(fast, *args, **kwargs).items()}
+
+    rule.step = nan_step
+    ids = torch.randint(0, 11, (2, 17), generator=torch.Generator().manual_seed(0))
+    try:
+        module.training_step((ids[:, :-1], ids[:, 1:]), 0)
+    except TrainingDivergedError as error:
+        message = str(error)
+    else:
+        raise AssertionError("no divergence raised")
+    assert (
+        "step returned non-finite fast weights" in message
+        and "model update rule 'score_first_sgd'" in message
+    )

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from innerloop.models import E2EConfig, ModelConfig
@@ -48,3 +50,16 @@ def test_an_e2e_rule_going_non_finite_in_training_is_a_divergence_naming_the_rul
         "step returned non-finite fast weights" in message
         and "model update rule 'score_first_sgd'" in message
     )
+
+
+def test_an_export_written_before_e2e_non_finite_existed_loads_without_a_warning() -> None:
+    # the option changes no number the model computes: a config.json from before it describes the same
+    # model, and "lacks model.e2e.non_finite ... may describe another model" was a false alarm
+    from innerloop.hf import InnerloopConfig
+
+    model = _e2e_module().model.config.to_dict()
+    del model["e2e"]["non_finite"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = InnerloopConfig.from_dict({"model_type": "innerloop", "model": model})
+    assert config.model_config.e2e.non_finite == "raise"

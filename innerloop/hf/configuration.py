@@ -23,7 +23,12 @@ from innerloop.checkpoints import (
     missing_plugins_note,
     saved_model_config,
 )
-from innerloop.models.config import ModelConfig, validate_model_config, with_earlier_defaults
+from innerloop.models.config import (
+    E2E_CHECK_OPTIONS,
+    ModelConfig,
+    validate_model_config,
+    with_earlier_defaults,
+)
 
 MODEL_TYPE = "innerloop"
 """The ``model_type`` of innerloop's Hugging Face config (what ``AutoConfig`` looks up)."""
@@ -89,11 +94,13 @@ def _loaded_model_section(model: Any) -> Any:
     export was written get the values its model used then, ``model.family`` keys its member never read
     go back to their defaults (older exports recorded them; a warning names them), and any other key
     that is missing, which takes today's default, is named in a warning (innerloop writes every key: the
-    file was edited, or written by another version)."""
+    file was edited, or written by another version), but for the E2E options that change no number the
+    model computes (:data:`~innerloop.models.config.E2E_CHECK_OPTIONS`)."""
     if not isinstance(model, dict):
         return model  # refused, naming it, when the config is built
     model = saved_model_config("config.json", with_earlier_defaults(model))
-    missing = missing_config_keys(model, ModelConfig().to_dict())
+    checks_only = {f"model.e2e.{key}" for key in E2E_CHECK_OPTIONS}  # the same model whatever their value
+    missing = [key for key in missing_config_keys(model, ModelConfig().to_dict()) if key not in checks_only]
     if missing:
         warnings.warn(
             f"config.json's 'model' section lacks {', '.join(missing)}: loaded with today's defaults for them "

@@ -1042,6 +1042,11 @@ EARLIER_E2E_DEFAULTS: dict[str, Any] = {
 a checkpoint, an export or a run's saved config.yaml that does not name them was trained, and must be
 read, with these."""
 
+E2E_CHECK_OPTIONS: tuple[str, ...] = ("non_finite",)
+""":class:`E2EConfig` options that change no number a model computes (only whether NaN or inf from a
+plugin raises): a stored config written before one existed describes the same model, and takes today's
+default without a warning."""
+
 EARLIER_TTT_DEFAULTS: dict[str, Any] = {"inner_norm": True, "inner_residual": True}
 """The TTT layer's inner wrapping before ``model.ttt`` could set it: the paper's, as today's default."""
 

@@ -63,3 +63,24 @@ def test_an_export_written_before_e2e_non_finite_existed_loads_without_a_warning
         warnings.simplefilter("error")
         config = InnerloopConfig.from_dict({"model_type": "innerloop", "model": model})
     assert config.model_config.e2e.non_finite == "raise"
+
+
+def test_a_head_untied_by_hand_is_saved_not_dropped(tmp_path) -> None:
+    # _keys_to_ignore_on_save named the head whenever the config tied it: a head given its own weight after
+    # construction was left out of save_pretrained's file, and the reloaded model tied it to the embedding
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+    from innerloop.models import ModelConfig
+
+    torch.manual_seed(0)
+    model = InnerloopForCausalLM(
+        InnerloopConfig(model=ModelConfig(vocab_size=16, hidden_size=8, num_layers=1, num_heads=2))
+    )
+    assert model.config.tie_word_embeddings and model._keys_to_ignore_on_save  # tied: saved once
+    head = model.model.lm_head
+    head.weight = torch.nn.Parameter(torch.randn_like(head.weight))
+    assert not model._keys_to_ignore_on_save
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers: both present with different values, so not tied
+        loaded = InnerloopForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(loaded.model.lm_head.weight, head.weight)

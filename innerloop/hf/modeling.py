@@ -394,12 +394,24 @@ class InnerloopPreTrainedModel(PreTrainedModel):
     # attn_implementation="sdpa" (its default when allowed) says so; "eager" is accepted and changes nothing
     _supports_sdpa = True
 
+    @property
+    def _keys_to_ignore_on_save(self) -> list[str] | None:  # type: ignore[override]
+        """The head's key while the head shares the embedding's weight, else None. save_pretrained writes a
+        tied head's weight once, as the embedding's; transformers' Trainer, resuming from such a checkpoint,
+        logs the head's key as missing unless the model names it here (then it ties). Read at each save, not
+        set from the config: a head given its own weight after construction is saved, not dropped."""
+        model = self.__dict__.get("_modules", {}).get("model")
+        head, embed = getattr(model, "lm_head", None), getattr(model, "embed", None)
+        tied = head is not None and embed is not None and head.weight is embed.weight
+        return [TIED_HEAD_KEY] if tied else None
+
+    @_keys_to_ignore_on_save.setter
+    def _keys_to_ignore_on_save(self, value: Any) -> None:
+        """Ignored: transformers' ``post_init`` sets it from the class's; the weights decide (the getter)."""
+
     def __init__(self, config: InnerloopConfig) -> None:
         super().__init__(config)
         self.model = build_model(config.model_config)
-        # save_pretrained writes a tied head's weight once, as the embedding's; transformers' Trainer, resuming
-        # from such a checkpoint, logs the head's key as missing unless the model names it here (then it ties)
-        self._keys_to_ignore_on_save = [TIED_HEAD_KEY] if config.tie_word_embeddings else None
         self.post_init()
         self._mark_model_config_synced()
 

@@ -677,7 +677,8 @@ def _with_suggestions(names: list[str]) -> str:
 def _names_offered(plugin: Any, attempted: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """``attempted`` (the ``(kind, name)`` pairs a refused plugin offered before it failed) and those its
     hooks offer past the failure: each hook is run again with a ``register`` that only records the name
-    (it refuses nothing), and what a hook raises is ignored (its failure is already the reason given).
+    (it refuses nothing), and what a hook raises is ignored, ``SystemExit`` too (its failure is already the
+    reason given).
     Without them a name the plugin would also provide, which another installed distribution provides too,
     was seen as a clash only when the failure came after it in the plugin's hooks."""
     names = list(attempted)
@@ -691,7 +692,7 @@ def _names_offered(plugin: Any, attempted: list[tuple[str, str]]) -> list[tuple[
                 names.append((kind.name, obj.name))
             return obj
 
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception, SystemExit):  # SystemExit: as at registration (argparse)
             hook(register=record)
     return list(dict.fromkeys(names))
 

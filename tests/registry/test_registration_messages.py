@@ -214,3 +214,17 @@ def test_removing_an_unknown_origin_says_which_exist(registry):
         ValueError, match=r"no plugin with origin 'reconstruction'.*name of inner loss.*builtin:"
     ):
         registry.remove_plugin("reconstruction")
+
+
+def test_an_entry_point_whose_hook_exits_is_skipped(entry_points):
+    # a refused plugin's hooks run again to collect the names they offer: one that exits (argparse in a
+    # hook) was caught at registration but not there, and took the whole process down with it
+    class Exits:
+        @hookimpl
+        def register_inner_losses(self, register):
+            raise SystemExit(2)
+
+    entry_points(FakeEntryPoint("exitplug", Exits))
+    with pytest.warns(PluginLoadWarning, match="exitplug.*SystemExit"):
+        innerloop.get_registry()
+    assert "reconstruction" in innerloop.available("inner_loss")

@@ -57,7 +57,7 @@ def test_an_export_written_before_e2e_non_finite_existed_loads_without_a_warning
     # model, and "lacks model.e2e.non_finite ... may describe another model" was a false alarm
     from innerloop.hf import InnerloopConfig
 
-    model = _e2e_module().model.config.to_dict()
+    model = ModelConfig(mixer="e2e", vocab_size=11, hidden_size=8, num_heads=2, window=4).to_dict()
     del model["e2e"]["non_finite"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -27,7 +27,7 @@ from innerloop.testing import (
     run_in_chunks,
     run_layer_in_chunks,
 )
-from innerloop.testing.checks import assert_close, assert_states_close
+from innerloop.testing.checks import LONG_CHECK_SHAPE, PLUGIN_CHECK_SHAPE, assert_close, assert_states_close
 from innerloop.testing.strategies import layer_configs, seeds, split_points, views
 
 MODELS = ["linear", "mlp"]
@@ -49,14 +49,24 @@ def perturbed_layer(config: dict, seed: int) -> TTTLayer:
 # ---- the update rules against the naive loop (the plugin checks of innerloop.testing) -----------
 
 
+# The checks' default shapes (PLUGIN_CHECK_SHAPES), one test each: the 37-token one in the fast loop, the
+# 150-token one with five heads (~0.25 s of the ~0.35 s each model or loss takes) with the slow tests.
+DEFAULT_CHECK_SHAPES = [
+    pytest.param(PLUGIN_CHECK_SHAPE, id="37_tokens"),
+    pytest.param(LONG_CHECK_SHAPE, id="150_tokens", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("shape", DEFAULT_CHECK_SHAPES)
 @pytest.mark.parametrize("model", MODELS)
-def test_models_conform(model):
-    check_inner_model(get_registry().inner_model(model))
+def test_models_conform(model, shape):
+    check_inner_model(get_registry().inner_model(model), **shape)
 
 
+@pytest.mark.parametrize("shape", DEFAULT_CHECK_SHAPES)
 @pytest.mark.parametrize("loss", LOSSES)
-def test_losses_conform(loss):
-    check_inner_loss(get_registry().inner_loss(loss))
+def test_losses_conform(loss, shape):
+    check_inner_loss(get_registry().inner_loss(loss), **shape)
 
 
 @given(

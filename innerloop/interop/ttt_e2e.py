@@ -553,6 +553,7 @@ PRIME_TENSORS: tuple[_Stacked, ...] = (
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The official name and shape of every saved tensor of a model with innerloop config ``config``."""
+    _check_innerloop_config(config)
     D, F, V, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_layers
     head_dim = D // config.num_heads
     suffix = max(1, round(config.e2e.suffix_fraction * L))
@@ -583,6 +584,26 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _check_innerloop_config(config: Any) -> None:
+    """A TypeError unless ``config`` is innerloop's :class:`ModelConfig` (the official config is not:
+    :func:`model_config` makes one of it)."""
+    if not isinstance(config, ModelConfig):
+        raise TypeError(
+            f"config must be innerloop's ModelConfig of the model, got {type(config).__name__} "
+            f"{config!r:.80}: for the official Hydra config, pass model_config(official_config)"
+        )
+
+
+def _check_arrays_mapping(arrays: Any) -> None:
+    """A TypeError unless ``arrays`` is a mapping (of the official tensor names to arrays)."""
+    if not isinstance(arrays, Mapping):
+        raise TypeError(
+            "arrays must be a mapping of the official tensor names (e.g. 'language_model.model.wte.weight') "
+            f"to numpy arrays or torch tensors, got {type(arrays).__name__} {arrays!r:.80}: for a safetensors "
+            "file, pass safetensors.numpy.load_file(path); for an orbax checkpoint folder, use load_model"
+        )
+
+
 def _non_floating_dtype(array: Any) -> str | None:
     """The dtype of ``array`` (a numpy array or torch tensor) if it is not floating point, else None.
     numpy's bfloat16 (``ml_dtypes``, what JAX saves) is floating point, though numpy files it apart."""
@@ -595,14 +616,16 @@ def _non_floating_dtype(array: Any) -> str | None:
 def _checked_float32(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
     """Every tensor the config implies is there, with its shape, floating point and finite as the float32
     the model holds; nothing else is. Returns them in float32 (converted once, here)."""
+    _check_arrays_mapping(arrays)
     shapes = expected_shapes(config)
     missing = sorted(set(shapes) - set(arrays))
     if missing and len(missing) == len(shapes):  # another folder: the optimizer state, another model
-        held = sorted(arrays)
+        held = sorted(arrays, key=str)
+        holds = f"{len(held)}: {_few(held)}" if held else "none"
         raise OfficialConfigError(
             f"the checkpoint holds none of the model's {len(shapes)} arrays (e.g. {missing[0]!r}); it holds "
-            f"{len(held)}: {_few(held)}: is it the model_weights of an official checkpoint (not its "
-            "opt_state), and does the config belong to it?"
+            f"{holds}: is it the model_weights of an official checkpoint (not its opt_state), and does the "
+            "config belong to it?"
         )
     if missing:
         raise OfficialConfigError(f"the checkpoint lacks {missing} (does the config belong to it?)")
@@ -613,6 +636,11 @@ def _checked_float32(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> d
         )
     values: dict[str, np.ndarray] = {}
     for name, shape in shapes.items():
+        if not (hasattr(arrays[name], "shape") and hasattr(arrays[name], "dtype")):  # numpy, torch, jax
+            raise OfficialConfigError(
+                f"checkpoint tensor {name} is a {type(arrays[name]).__name__}, not an array (a numpy array or "
+                "torch tensor)"
+            )
         got = tuple(arrays[name].shape)
         if got != shape:
             raise OfficialConfigError(
@@ -691,10 +719,11 @@ def model_from_arrays(
 ) -> E2ELM:
     """The :class:`E2ELM` of the official tensors ``arrays`` (by their orbax names) and config
     (``test_time_training``: see :func:`model_config`)."""
+    _check_arrays_mapping(arrays)
     ours = model_config(config, test_time_training=test_time_training)
+    state = convert_weights(arrays, ours)  # checked before the model is allocated
     model = build_model(ours)
     assert isinstance(model, E2ELM)
-    state = convert_weights(arrays, ours)
     state["outer_progress"] = torch.ones((), dtype=torch.float64)  # trained: the full inner lr
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -1,0 +1,67 @@
+"""Review s47f: the official TTT-E2E checkpoints (innerloop.interop.ttt_e2e), hostile inputs.
+
+``model_from_arrays`` and ``convert_weights`` take the official tensors already read (a mapping of
+orbax names to arrays, e.g. ``safetensors.numpy.load_file(path)``) and, for ``convert_weights``,
+innerloop's ``ModelConfig``. Given something else (the safetensors file's path, the official config
+dict), they answered with a message about the checkpoint's contents built from the characters of the
+path, or a bare AttributeError: now one TypeError naming the parameter, what was given and what is
+valid.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from innerloop.interop.ttt_e2e import (
+    OfficialConfigError,
+    convert_weights,
+    expected_shapes,
+    model_config,
+    model_from_arrays,
+)
+
+DATA = Path(__file__).resolve().parent / "data" / "e2e"
+CONFIG = json.loads((DATA / "config.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize(
+    "given",
+    [str(DATA / "weights.safetensors"), DATA / "weights.safetensors", None, [1, 2]],
+    ids=["path-str", "path", "none", "list"],
+)
+def test_arrays_that_are_not_a_mapping_are_refused_naming_the_parameter(given) -> None:
+    with pytest.raises(TypeError, match=r"arrays must be a mapping of the official tensor names") as info:
+        model_from_arrays(given, CONFIG)
+    assert type(given).__name__ in str(info.value)
+    assert "load_file" in str(info.value)  # what to do with a safetensors file
+
+
+def test_an_array_that_is_not_an_array_is_refused_by_name() -> None:
+    arrays = dict(load_file(DATA / "weights.safetensors"))
+    arrays["language_model.model.ln_f.weight"] = arrays["language_model.model.ln_f.weight"].tolist()
+    with pytest.raises(
+        OfficialConfigError, match=r"checkpoint tensor language_model\.model\.ln_f\.weight is a list"
+    ):
+        model_from_arrays(arrays, CONFIG)
+
+
+def test_convert_weights_and_expected_shapes_name_the_config_they_need() -> None:
+    arrays = load_file(DATA / "weights.safetensors")
+    for call in (lambda: convert_weights(arrays, CONFIG), lambda: expected_shapes(CONFIG)):
+        with pytest.raises(TypeError, match=r"config must be innerloop's ModelConfig .*model_config") as info:
+            call()
+        assert "dict" in str(info.value)
+    # the documented way works
+    state = convert_weights(arrays, model_config(CONFIG))
+    assert np.array_equal(state["norm.weight"].numpy(), arrays["language_model.model.ln_f.weight"])
+
+
+def test_a_checkpoint_holding_no_arrays_says_so_without_an_empty_listing(tmp_path) -> None:
+    with pytest.raises(OfficialConfigError, match=r"it holds none\b") as info:
+        model_from_arrays({}, CONFIG)
+    assert ": :" not in str(info.value)

@@ -65,3 +65,27 @@ def test_a_checkpoint_holding_no_arrays_says_so_without_an_empty_listing(tmp_pat
     with pytest.raises(OfficialConfigError, match=r"it holds none\b") as info:
         model_from_arrays({}, CONFIG)
     assert ": :" not in str(info.value)
+
+
+@pytest.mark.parametrize("batch_size", [-1, -3, 1.5, True, "2", None])
+def test_initial_fast_weights_refuses_a_batch_size_that_is_not_a_count(batch_size) -> None:
+    """``expand(-1, ...)`` keeps the parameter's size: a batch of -1 gave one row without a word, and 1.5
+    torch's bare "expand() takes 1 positional argument"."""
+    from innerloop.models import E2EConfig, ModelConfig, build_model
+
+    model = build_model(
+        ModelConfig(
+            mixer="e2e",
+            vocab_size=11,
+            hidden_size=8,
+            num_heads=2,
+            num_layers=2,
+            intermediate_size=12,
+            window=4,
+            e2e=E2EConfig(chunk_size=4),
+        )
+    )
+    with pytest.raises((TypeError, ValueError), match=r"batch_size=.* must be an integer >= 0"):
+        model.initial_fast_weights(batch_size)
+    assert all(w.shape[0] == 0 for w in model.initial_fast_weights(0).values())
+    assert all(w.shape[0] == 3 for w in model.initial_fast_weights(np.int64(3)).values())

@@ -48,6 +48,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import (
     RMSNorm,
+    as_integer,
     chunk_mean_cross_entropy,
     mean_scored_cross_entropy,
     owning,
@@ -759,7 +760,15 @@ class E2ELM(nn.Module):
         ]
 
     def initial_fast_weights(self, batch_size: int) -> FastWeights:
-        """The meta-learned initial fast weights, one (expanded, not copied) row per sequence."""
+        """The meta-learned initial fast weights, one (expanded, not copied) row per sequence; ``batch_size``
+        is an integer >= 0 (``expand`` would read -1 as "keep the size" and give one row)."""
+        count = as_integer(batch_size)
+        if count is None or count < 0:
+            raise (TypeError if count is None else ValueError)(
+                f"batch_size={batch_size!r} ({type(batch_size).__name__}) must be an integer >= 0: the number of "
+                "sequences, one row of fast weights each"
+            )
+        batch_size = count
         params = dict(self.named_parameters())
         # In at least float32, whatever the parameters' dtype (model.bfloat16()): a bf16 fast weight
         # would lose every inner update smaller than its rounding step.

@@ -89,3 +89,13 @@ def test_initial_fast_weights_refuses_a_batch_size_that_is_not_a_count(batch_siz
         model.initial_fast_weights(batch_size)
     assert all(w.shape[0] == 0 for w in model.initial_fast_weights(0).values())
     assert all(w.shape[0] == 3 for w in model.initial_fast_weights(np.int64(3)).values())
+
+
+@pytest.mark.parametrize("name", ["fp64", "float64"])
+def test_an_official_float64_compute_dtype_is_refused_saying_how_to_run_in_float64(name) -> None:
+    """The official code names float64 ``fp64``/``float64`` (``get_float_dtype_by_name``); the error said
+    only "must be one of [...]" without it, as if the config were misspelt."""
+    config = json.loads(json.dumps(CONFIG))
+    config["model"]["compute_dtype"] = name
+    with pytest.raises(OfficialConfigError, match=rf"model\.compute_dtype='{name}'.*model\.double\(\)"):
+        model_config(config)

@@ -429,6 +429,12 @@ def _e2e_options(
     """The :class:`E2EConfig` of the official config: the official code's choice for every option."""
     chunk = _bounded(model, "mini_batch_size", "e2e.chunk_size", int)
     compute = model.get("compute_dtype", OPTIONAL_MODEL_FIELDS["compute_dtype"])
+    if compute in ("fp64", "float64"):  # official names (under jax_enable_x64; float32 without it)
+        raise OfficialConfigError(
+            f"model.compute_dtype={compute!r} is not supported: a converted model computes in float32, bfloat16 "
+            "or float16 with float32 weights; for float64, convert with compute_dtype 'fp32' and call "
+            "model.double() (the precision reference: it then computes in float64)"
+        )
     if compute not in DTYPES:
         raise OfficialConfigError(f"model.compute_dtype={compute!r} must be one of {sorted(DTYPES)}")
     # The official data pipeline masks the targets that are BOS (document boundaries) out of the loss.

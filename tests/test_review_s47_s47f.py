@@ -99,3 +99,15 @@ def test_an_official_float64_compute_dtype_is_refused_saying_how_to_run_in_float
     config["model"]["compute_dtype"] = name
     with pytest.raises(OfficialConfigError, match=rf"model\.compute_dtype='{name}'.*model\.double\(\)"):
         model_config(config)
+
+
+def test_a_file_holding_the_config_one_level_down_is_refused_naming_where_it_is(tmp_path) -> None:
+    """A fixture or run record that holds the resolved config under a key (the shared vectors'
+    ``fixture.json``: ``resolved_config_meta``) was refused listing its keys only: the error now names
+    the key that holds a config with both sections."""
+    path = tmp_path / "fixture.json"
+    path.write_text(json.dumps({"name": "x", "resolved_config_meta": CONFIG}), encoding="utf-8")
+    with pytest.raises(
+        OfficialConfigError, match=r"no 'model' section.*its 'resolved_config_meta' holds one with both"
+    ):
+        model_config(path)

@@ -186,7 +186,7 @@ def read_config(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
         if section not in data:
             raise OfficialConfigError(
                 f"the official config has no {section!r} section; give the resolved Hydra config with its "
-                f"'model' and 'training' sections, got keys {sorted(data)}"
+                f"'model' and 'training' sections, got keys {sorted(data, key=str)}{_nested_config_hint(data)}"
             )
         if not isinstance(data[section], Mapping):
             raise OfficialConfigError(
@@ -194,6 +194,17 @@ def read_config(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
                 f"{type(data[section]).__name__} {data[section]!r}"
             )
     return dict(data)
+
+
+def _nested_config_hint(data: Mapping[Any, Any]) -> str:
+    """Where in ``data`` (a mapping without the config's sections) a value holds both sections, for the
+    error: a record that keeps the resolved config under a key (e.g. a fixture's ``resolved_config_meta``)."""
+    holders = [
+        key
+        for key, value in data.items()
+        if isinstance(value, Mapping) and "model" in value and "training" in value
+    ]
+    return f": its {holders[0]!r} holds one with both; pass that" if holders else ""
 
 
 def _model_field(model: Mapping[str, Any], key: str, check: Callable[[Any], bool], wanted: str) -> Any:

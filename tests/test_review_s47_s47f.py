@@ -111,3 +111,11 @@ def test_a_file_holding_the_config_one_level_down_is_refused_naming_where_it_is(
         OfficialConfigError, match=r"no 'model' section.*its 'resolved_config_meta' holds one with both"
     ):
         model_config(path)
+
+
+def test_a_mapping_with_keys_of_mixed_types_is_refused_with_the_config_error() -> None:
+    """Its keys were listed with ``sorted``, which raised a bare TypeError comparing str with int."""
+    from innerloop.interop.ttt_e2e import read_config
+
+    with pytest.raises(OfficialConfigError, match=r"no 'model' section.*got keys \[1, 'a'\]"):
+        read_config({1: 2, "a": 3})

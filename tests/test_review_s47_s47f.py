@@ -119,3 +119,16 @@ def test_a_mapping_with_keys_of_mixed_types_is_refused_with_the_config_error() -
 
     with pytest.raises(OfficialConfigError, match=r"no 'model' section.*got keys \[1, 'a'\]"):
         read_config({1: 2, "a": 3})
+
+
+def test_unknown_fields_and_extra_tensors_of_mixed_key_types_are_named() -> None:
+    config = json.loads(json.dumps(CONFIG))
+    config["model"].update({3: 1, "zzz": 2})
+    with pytest.raises(OfficialConfigError, match=r"unknown: \[3, 'zzz'\]"):
+        model_config(config)
+    arrays = dict(load_file(DATA / "weights.safetensors"))
+    arrays.update(
+        {3: arrays["language_model.model.ln_f.weight"], "zzz": arrays["language_model.model.ln_f.weight"]}
+    )
+    with pytest.raises(OfficialConfigError, match=r"does not describe: \[3, 'zzz'\]"):
+        model_from_arrays(arrays, CONFIG)

@@ -248,7 +248,7 @@ def _finite_number(value: Any) -> bool:
 def _check_model_fields(model: Mapping[str, Any]) -> None:
     """Every ``model`` field is known, required ones are given, fixed ones have the supported value."""
     known = {*IGNORED_MODEL_FIELDS, *FIXED_MODEL_FIELDS, *REQUIRED_MODEL_FIELDS, *OPTIONAL_MODEL_FIELDS}
-    unknown = sorted(set(model) - known)
+    unknown = sorted(set(model) - known, key=str)
     if unknown:
         raise OfficialConfigError(
             f"model.{unknown[0]} is not a field innerloop knows of the official TTT-E2E config "
@@ -646,7 +646,7 @@ def _checked_float32(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> d
         )
     if missing:
         raise OfficialConfigError(f"the checkpoint lacks {missing} (does the config belong to it?)")
-    extra = sorted(set(arrays) - set(shapes))
+    extra = sorted(set(arrays) - set(shapes), key=str)
     if extra:
         raise OfficialConfigError(
             f"the checkpoint has tensors the config does not describe: {extra} (does the config belong to it?)"

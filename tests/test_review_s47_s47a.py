@@ -15,8 +15,11 @@ import pytest
 import torch
 from core.test_conformance import CASES, IN_REPOSITORY, case_directory, load_case
 
+import innerloop
 from innerloop.core.functional import relative_error
 from innerloop.interop.ttt_lm_pytorch import load_layer
+from innerloop.plugins.models.linear import LinearModel
+from innerloop.registry import PluginError, isolated_registry
 
 # The reference's intermediates are float32, as its output: the same bound as the output's
 # (tests/core/test_conformance.py; fp32 against fp64 they differ by about 1e-6).
@@ -80,3 +83,23 @@ def test_every_path_matches_the_float64_output(request, name, update_rule, kerne
         y, _ = layer(x)
     assert y.requires_grad == record_graph
     assert relative_error(y.detach(), tensors["output_fp64"]) <= 1e-10
+
+
+@pytest.mark.slow  # 2.5 s in a fresh process (the isolated registry's built-ins checked once)
+def test_an_object_offered_as_another_kind_is_named_so_after_it_registered_as_its_own():
+    """``register_<kind>(obj)`` of an object of another kind said so, except once the object was
+    registered as its own kind: its default origin was taken then, and the error was that origin's
+    clash (with the advice to remove the plugin, after which the same call fails for the kind)."""
+    model = _ThirdPartyLinear()
+    with isolated_registry():
+        innerloop.register_inner_model(model)
+        with pytest.raises(PluginError, match="is an instance of InnerModel, not of UpdateRule"):
+            innerloop.register_update_rule(model)
+        with pytest.raises(PluginError, match="is an instance of InnerModel, not of InnerLoss"):
+            innerloop.register_inner_loss(_ThirdPartyLinear())
+
+
+class _ThirdPartyLinear(LinearModel):
+    """A third-party inner model (its class is not one of the built-in plugin modules')."""
+
+    name = "s47a_linear"

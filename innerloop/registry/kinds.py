@@ -833,6 +833,21 @@ class Kind:
 
     def validate(self, obj: Any) -> str:
         """The name ``obj`` registers under; :class:`PluginError` with the reason if it does not conform."""
+        self.check_kind_of(obj)
+        name = _check_name(obj, self.label)
+        missing = _missing_methods(obj, self.required)
+        if missing:
+            raise PluginError(
+                f"{self.label} {name!r} lacks required method(s) {missing} of {self.base.__name__}"
+            )
+        if self.check is not None:
+            self.check(obj, name)
+        return name
+
+    def check_kind_of(self, obj: Any) -> None:
+        """:class:`PluginError` unless ``obj`` is an object of this kind: not a name, a class, or an object
+        of another kind (a loss offered as a model). No check runs: the first thing to ask of an object
+        offered (before its origin, which an object registered already as its own kind has taken)."""
         if isinstance(obj, str):
             raise PluginError(
                 f"register {_a(self.base.__name__)} instance for {_a(self.label)}, not a name: got the str {obj!r} "
@@ -851,15 +866,6 @@ class Kind:
             raise PluginError(
                 f"register {_a(self.base.__name__)} for {_a(self.label)}; got {type(obj).__name__}"
             )
-        name = _check_name(obj, self.label)
-        missing = _missing_methods(obj, self.required)
-        if missing:
-            raise PluginError(
-                f"{self.label} {name!r} lacks required method(s) {missing} of {self.base.__name__}"
-            )
-        if self.check is not None:
-            self.check(obj, name)
-        return name
 
 
 KINDS: tuple[Kind, ...] = (

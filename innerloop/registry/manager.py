@@ -1006,6 +1006,7 @@ def register_object(kind: str, obj: Any, origin: str | None = None) -> Any:
     if kind not in KIND_BY_NAME:
         raise ValueError(f"unknown plugin kind {kind!r}; valid kinds: {list(KIND_NAMES)}")
     instance = _instantiate(KIND_BY_NAME[kind], obj) if inspect.isclass(obj) else obj
+    KIND_BY_NAME[kind].check_kind_of(instance)  # before the default origin, which it may hold as its own kind
     plugin = _OneObjectPlugin(KIND_BY_NAME[kind], instance)
     with _LOCK:  # the default origin is free when it is taken (another thread may register alike)
         registry = get_registry()

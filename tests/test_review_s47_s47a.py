@@ -17,7 +17,9 @@ from core.test_conformance import CASES, IN_REPOSITORY, case_directory, load_cas
 
 import innerloop
 from innerloop.core.functional import relative_error
+from innerloop.core.state import StateSignature, TTTState
 from innerloop.interop.ttt_lm_pytorch import load_layer
+from innerloop.plugins.losses.next_token import NextToken
 from innerloop.plugins.models.linear import LinearModel
 from innerloop.registry import PluginError, isolated_registry
 
@@ -103,3 +105,31 @@ class _ThirdPartyLinear(LinearModel):
     """A third-party inner model (its class is not one of the built-in plugin modules')."""
 
     name = "s47a_linear"
+
+
+class _PairWithParentheses(NextToken):
+    """``next_token`` under a name a config can choose that holds ``" ("``."""
+
+    name = "pair (previous key)"
+
+
+@pytest.mark.parametrize("registered", [True, False], ids=["registered", "instance"])
+def test_a_loss_whose_name_holds_a_parenthesis_selects_and_joins_its_rows(registered):
+    """``index_select`` / ``cat`` compared the state's recorded inner loss with the given one's name cut at
+    its first ``" ("`` (where an unregistered instance's class is appended): a loss named ``"pair
+    (previous key)"``, passed as the message asks (the layer's ``inner_loss``), was refused as another."""
+    loss = _PairWithParentheses()
+    recorded = loss.name if registered else f"{loss.name} (unregistered tests._PairWithParentheses)"
+    carry = loss.init_carry(2, 1, 2, torch.zeros(()))
+    carry["previous_key"] = torch.arange(4.0).reshape(2, 1, 1, 2)
+    weights = {"W1": torch.zeros(2, 1, 2, 2)}
+    state = TTTState(
+        params=weights,
+        pending={k: torch.zeros_like(v) for k, v in weights.items()},
+        position=3,
+        signature=StateSignature(2, 1, 2, 4, "linear", recorded),
+        loss_carry=carry,
+    )
+    swapped = state.index_select([1, 0], inner_loss=loss)
+    assert torch.equal(swapped.loss_carry["previous_key"], carry["previous_key"][[1, 0]])
+    assert TTTState.cat([state, swapped], inner_loss=loss).batch_size == 4

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule
+from innerloop.core.state import UNREGISTERED
 
 KIND_OF = {"inner_model": "inner model", "inner_loss": "inner loss", "update_rule": "update rule"}
 PROTOCOL_OF = {"inner_model": InnerModel, "inner_loss": InnerLoss, "update_rule": UpdateRule}
@@ -118,7 +119,7 @@ def identity_label(kind: str, obj: Any, head_dim: int | None = None) -> str:
     its class (so that states written by an impostor are not taken for the registered model's)."""
     if registered_mismatch(kind, obj, head_dim) is None:
         return obj.name
-    return f"{obj.name} (unregistered {type(obj).__module__}.{type(obj).__qualname__})"
+    return f"{obj.name}{UNREGISTERED} {type(obj).__module__}.{type(obj).__qualname__})"
 
 
 __all__ = ["identity_label", "registered_mismatch"]

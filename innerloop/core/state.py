@@ -44,6 +44,17 @@ def inner_output_label(inner_norm: bool, inner_residual: bool) -> str:
     )
 
 
+UNREGISTERED = " (unregistered"
+"""What follows a plugin's name in the label a state's signature records for an unregistered instance
+(``innerloop.core.identity.identity_label``: the name, then its class)."""
+
+
+def is_label_of(label: str, name: Any) -> bool:
+    """Whether ``label``, as a state's signature records a plugin, names a plugin called ``name``,
+    registered or not (a name may itself hold ``" ("``: the label is never cut at it)."""
+    return isinstance(name, str) and (label == name or label.startswith(f"{name}{UNREGISTERED} "))
+
+
 def check_batch_rows(rows: Any, batch_size: int, name: str = "rows") -> torch.Tensor:
     """``rows`` as an int64 tensor, after refusing, naming ``name``, anything but a non-empty 1-D
     integer tensor (or a list or tuple of ints) of row numbers in ``[0, batch_size)`` (repeats allowed: a
@@ -248,7 +259,7 @@ class TTTState:
                 "inner_loss= (the layer's layer.inner_loss); a language model's states pass it themselves"
             )
         name = getattr(inner_loss, "name", None)
-        if recorded.partition(" (")[0] != name:
+        if not is_label_of(recorded, name):  # its name, or its name and class (unregistered)
             raise ValueError(
                 f"TTTState.{method}: inner_loss is {name!r}, but the state was written by inner loss "
                 f"{recorded!r}: pass that loss (the layer's layer.inner_loss)"

@@ -33,6 +33,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from innerloop.core.functional import as_integer
 from innerloop.data.atomic import atomic_write_text, file_stamp
 
 BYTES = "bytes"
@@ -55,6 +56,63 @@ _EOS_NAMES = (END_OF_TEXT, "</s>", "<eos>", "<|end_of_text|>")
 
 class TokenizerError(ValueError):
     """A ``data.tokenizer`` spec (or a stored tokenizer) that cannot be used; the message names it."""
+
+
+def checked_text(text: Any) -> str:
+    """``text`` for :meth:`Tokenizer.encode`: a :class:`TokenizerError` for anything but a str (None,
+    bytes, a number), which the tokenizers raised about from inside Python or the Rust library."""
+    if not isinstance(text, str):
+        raise TokenizerError(
+            f"text must be a str, got {type(text).__name__} {_shown_value(text)} (encode_bytes reads bytes)"
+        )
+    return text
+
+
+def checked_texts(texts: Any) -> list[str]:
+    """``texts`` for :meth:`HFTokenizer.encode_many`: a list of str; one str (which would be encoded
+    character by character, each as its own text) or an item that is not a str is refused."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
+        got = "one str" if isinstance(texts, str) else f"{type(texts).__name__} {_shown_value(texts)}"
+        raise TokenizerError(f"texts must be a sequence of str (e.g. [text]), got {got}")
+    texts = list(texts)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TokenizerError(
+                f"texts[{index}] must be a str, got {type(text).__name__} {_shown_value(text)}"
+            )
+    return texts
+
+
+def checked_ids(ids: Any, vocab_size: int) -> list[int]:
+    """``ids`` for :meth:`Tokenizer.decode` as a list of ints (numpy and 0-d torch integers, and a 1-D
+    integer tensor or array, are integers): a :class:`TokenizerError` naming the first id outside
+    ``0 .. vocab_size - 1`` (a Hugging Face tokenizer decoded it as nothing, silently dropping a token;
+    a negative one raised an ``OverflowError`` from the Rust library), or a value that is not a token id
+    (a bool, a float, a str, which ``bytes()`` read as bytes or as a length)."""
+    items = ids.tolist() if hasattr(ids, "tolist") and getattr(ids, "ndim", 1) == 1 else ids
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise TokenizerError(
+            f"ids must be a sequence of integer token ids, got {type(ids).__name__} {_shown_value(ids)}"
+        )
+    values = [as_integer(item) for item in items]
+    if None in values:
+        bad = next(item for item, value in zip(items, values, strict=True) if value is None)
+        raise TokenizerError(
+            f"ids must be a sequence of integer token ids, got {type(bad).__name__} {_shown_value(bad)} in it"
+        )
+    outside = next((value for value in values if not 0 <= value < vocab_size), None)
+    if outside is not None:
+        raise TokenizerError(
+            f"ids holds token id {outside}, outside this tokenizer's vocabulary of {vocab_size} tokens: "
+            f"valid ids are 0..{vocab_size - 1} (a model with a larger vocabulary than its tokenizer "
+            "sampled an id the tokenizer has no text for)"
+        )
+    return values
+
+
+def _shown_value(value: Any, limit: int = 60) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 class Tokenizer(ABC):
@@ -116,13 +174,13 @@ class ByteTokenizer(Tokenizer):
         return 0
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        return list(checked_text(text).encode("utf-8"))
 
     def encode_bytes(self, data: bytes) -> list[int]:
         return list(data)  # any bytes, UTF-8 or not
 
     def decode(self, ids: Sequence[int]) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
+        return bytes(checked_ids(ids, self.vocab_size)).decode("utf-8", errors="replace")
 
     def to_state(self) -> dict[str, Any]:
         return {"kind": BYTES}
@@ -296,14 +354,14 @@ class HFTokenizer(Tokenizer):
         return self._eos_id
 
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        return self.backend.encode(checked_text(text), add_special_tokens=False).ids
 
     def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
         """:meth:`encode` of each text (batched in the library)."""
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        return [e.ids for e in self.backend.encode_batch(checked_texts(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=False)
+        return self.backend.decode(checked_ids(ids, self.vocab_size), skip_special_tokens=False)
 
     def to_state(self) -> dict[str, Any]:
         return {"kind": "huggingface", "tokenizer_json": self.tokenizer_json, "eos_token": self.eos_token}

@@ -1,0 +1,69 @@
+"""Review s47c (issue 9 across the public API, as an attacker):
+- the tokenizers' ``encode`` / ``encode_many`` / ``decode`` take text and token ids only: a Hugging Face
+  tokenizer decoded an id past its vocabulary as nothing (the text silently lost a token), a negative
+  one raised a bare ``OverflowError`` from the Rust library, ``encode_many("text")`` encoded each
+  character as its own text, and ``encode(None)`` / ``encode(b"...")`` raised from inside the library
+  (``TextInputSequence must be str``) or Python (``'bytes' object has no attribute 'encode'``); the
+  byte tokenizer's ``decode([300])`` raised Python's ``bytes must be in range(0, 256)``, naming no id.
+  Each is now one :class:`~innerloop.data.tokenizer.TokenizerError` naming the argument, what was given
+  and what is valid.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from innerloop.data.tokenizer import ByteTokenizer, TokenizerError, byte_level_tokenizer_json
+
+
+def _hf_tokenizer():
+    from innerloop.data.tokenizer import HFTokenizer
+
+    return HFTokenizer(byte_level_tokenizer_json(end_of_text=True), source="the test's tokenizer")
+
+
+def _tokenizers() -> list:
+    return [ByteTokenizer(), _hf_tokenizer()]
+
+
+@pytest.mark.parametrize("which", ["bytes", "huggingface"])
+@pytest.mark.parametrize("bad_id", [257, 10**6, -1])
+def test_decode_refuses_an_id_outside_the_vocabulary_naming_it(which, bad_id) -> None:
+    tokenizer = _tokenizers()[which == "huggingface"]
+    with pytest.raises(TokenizerError, match=rf"ids holds token id {bad_id}.*valid ids are 0\.\.\d+"):
+        tokenizer.decode([104, 105, bad_id])
+
+
+@pytest.mark.parametrize("which", ["bytes", "huggingface"])
+@pytest.mark.parametrize("bad", ["hi", 3, None, [1.5], [True]])
+def test_decode_refuses_what_is_not_a_sequence_of_token_ids(which, bad) -> None:
+    tokenizer = _tokenizers()[which == "huggingface"]
+    with pytest.raises(TokenizerError, match="ids must be a sequence of integer token ids"):
+        tokenizer.decode(bad)
+
+
+@pytest.mark.parametrize("which", ["bytes", "huggingface"])
+def test_decode_takes_numpy_and_torch_integers(which) -> None:
+    import numpy as np
+    import torch
+
+    tokenizer = _tokenizers()[which == "huggingface"]
+    assert tokenizer.decode(torch.tensor([104, 105])) == "hi"
+    assert tokenizer.decode(np.array([104, 105])) == "hi"
+
+
+@pytest.mark.parametrize("which", ["bytes", "huggingface"])
+@pytest.mark.parametrize("bad", [None, b"hi", 3])
+def test_encode_refuses_what_is_not_text(which, bad) -> None:
+    tokenizer = _tokenizers()[which == "huggingface"]
+    with pytest.raises(TokenizerError, match=rf"text must be a str, got {type(bad).__name__}"):
+        tokenizer.encode(bad)
+
+
+def test_encode_many_refuses_one_string_instead_of_a_list_of_texts() -> None:
+    tokenizer = _hf_tokenizer()
+    with pytest.raises(TokenizerError, match=r"texts must be a sequence of str.*got one str"):
+        tokenizer.encode_many("hello")
+    with pytest.raises(TokenizerError, match=r"texts\[1\] must be a str, got NoneType"):
+        tokenizer.encode_many(["a", None])
+    assert tokenizer.encode_many(["hi", ""]) == [[104, 105], []]

@@ -67,3 +67,53 @@ def test_encode_many_refuses_one_string_instead_of_a_list_of_texts() -> None:
     with pytest.raises(TokenizerError, match=r"texts\[1\] must be a str, got NoneType"):
         tokenizer.encode_many(["a", None])
     assert tokenizer.encode_many(["hi", ""]) == [[104, 105], []]
+
+
+# -- train_bpe's arguments ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocab_size", [300.0, "300", None, True])
+def test_train_bpe_refuses_a_vocab_size_that_is_not_an_integer(vocab_size) -> None:
+    from innerloop.data.tokenizer import train_bpe
+
+    with pytest.raises(
+        TokenizerError, match=rf"vocab_size={vocab_size!r} \({type(vocab_size).__name__}\) must be an integer"
+    ):
+        train_bpe(["hello world"] * 20, vocab_size)
+
+
+@pytest.mark.parametrize(
+    ("texts", "named"),
+    [(b"hello hello", "bytes"), ([b"hello"], r"texts\[0\]"), ([1], r"texts\[0\]"), (None, "NoneType")],
+)
+def test_train_bpe_refuses_texts_that_are_not_text(texts, named) -> None:
+    from innerloop.data.tokenizer import train_bpe
+
+    with pytest.raises(TokenizerError, match=rf"texts.*{named}|{named}.*must be a str"):
+        train_bpe(texts, 300)
+
+
+def test_train_bpe_takes_a_numpy_integer_vocab_size() -> None:
+    import numpy as np
+
+    from innerloop.data.tokenizer import train_bpe
+
+    assert train_bpe(["hello world"] * 20, np.int64(260)).vocab_size == 260
+
+
+# -- atomic writes under a path whose folder is a file ----------------------------------------------------
+
+
+def test_a_write_under_a_file_names_the_file_in_the_way(tmp_path) -> None:
+    from innerloop.checkpoints import save_checkpoint
+    from innerloop.data.atomic import atomic_write_text
+
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("the user's notes")
+    for write in (lambda p: atomic_write_text(p, "x"), lambda p: save_checkpoint({}, p)):
+        with pytest.raises(
+            NotADirectoryError, match=rf"cannot write .*'{blocker}' is a file, not a folder"
+        ) as err:
+            write(blocker / "sub" / "out.safetensors")
+        assert len(str(err.value).splitlines()) == 1
+    assert blocker.read_text() == "the user's notes"

@@ -70,7 +70,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
             errno.ENOENT, f"cannot write {os.fspath(path)!r}: the path is empty; give a file name"
         )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent_folder(path)
     if path.is_dir():  # os.replace would fail after the write, naming the temporary file
         raise FolderInTheWayError(
             errno.EISDIR,
@@ -102,6 +102,22 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     finally:
         os.close(fd)  # releases the lock
     return path
+
+
+def make_parent_folder(path: Path) -> None:
+    """Create ``path``'s folder and those above it; a file standing where one of them goes is a
+    :class:`NotADirectoryError` naming the file to be written and that file (mkdir's own error named
+    a folder that does not exist, or only the file, as 'File exists')."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        blocker = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is None:
+            raise
+        raise NotADirectoryError(
+            errno.ENOTDIR,
+            f"cannot write {str(path)!r}: {str(blocker)!r} is a file, not a folder; move it, or write elsewhere",
+        ) from err
 
 
 def fsync_directory(folder: str | os.PathLike[str]) -> None:

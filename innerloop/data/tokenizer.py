@@ -655,6 +655,16 @@ def train_bpe(
     ids moved. ``files``, the files the texts were read from, are named in these messages. A string
     ``texts`` is one text (not one per character), a string ``files`` one file.
     """
+    if as_integer(vocab_size) is None:  # a float reached the Rust trainer, a str the comparison below
+        raise TokenizerError(
+            f"vocab_size={vocab_size!r} ({type(vocab_size).__name__}) must be an integer in "
+            f"[{MIN_TRAINED_VOCAB}, {MAX_TRAINED_VOCAB}]"
+        )
+    vocab_size = as_integer(vocab_size)
+    if isinstance(texts, bytes) or not isinstance(texts, Iterable):
+        raise TokenizerError(
+            f"texts must be a str or an iterable of str, got {type(texts).__name__} {_shown_value(texts)}"
+        )
     if vocab_size < MIN_TRAINED_VOCAB:
         raise TokenizerError(
             f"vocab_size={vocab_size} must be >= {MIN_TRAINED_VOCAB} (the end-of-text token, the 256 bytes "
@@ -694,7 +704,11 @@ class _TextTally:
 
     def count(self, texts: Iterable[str]) -> Iterable[str]:
         """``texts``, unchanged, tallied on the way."""
-        for text in texts:
+        for index, text in enumerate(texts):
+            if not isinstance(text, str):  # the Rust trainer's own error named neither the text nor its type
+                raise TokenizerError(
+                    f"texts[{index}] must be a str, got {type(text).__name__} {_shown_value(text)}"
+                )
             self.characters += len(text)
             self.has_text = self.has_text or (bool(text) and not text.isspace())
             yield text

@@ -1033,7 +1033,15 @@ def load_weights(
 
     A dtype change applies to every parameter and buffer (persistent or not) of the model built in that
     dtype, as Lightning's cast of the whole module does in training. Tied weights stay tied.
+
+    Given directly, ``state_dict`` is checked here too: missing, unexpected or misshapen weights, and an
+    integer tensor where a floating one goes (``load_state_dict`` cast it silently), are one
+    :class:`CheckpointError` line, and ``keep_dtype`` must be a bool (``"no"`` would keep the dtype).
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_flag("keep_dtype", keep_dtype)
+    check_state_dict(model.state_dict(), state_dict, "the state_dict given", type(model).__name__)
     wanted = {
         built: stored if keep_dtype else torch.promote_types(built, stored)
         for built, stored in stored_dtypes(model.state_dict(), state_dict).items()

@@ -117,3 +117,70 @@ def test_a_write_under_a_file_names_the_file_in_the_way(tmp_path) -> None:
             write(blocker / "sub" / "out.safetensors")
         assert len(str(err.value).splitlines()) == 1
     assert blocker.read_text() == "the user's notes"
+
+
+# -- load_weights checks what it is given, as load_model does before calling it ---------------------------
+
+
+def _small_lm():
+    import torch
+
+    from innerloop.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(dict(vocab_size=11, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8))
+
+
+@pytest.mark.parametrize("keep_dtype", ["no", 1, None])
+def test_load_weights_refuses_a_keep_dtype_that_is_not_a_bool(keep_dtype) -> None:
+    import torch
+
+    from innerloop.checkpoints import load_weights
+
+    model = _small_lm()
+    bfloat16 = {
+        k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in model.state_dict().items()
+    }
+    with pytest.raises(TypeError, match=rf"keep_dtype={keep_dtype!r} .* must be True or False"):
+        load_weights(model, bfloat16, keep_dtype=keep_dtype)  # "no" would keep bfloat16: the opposite
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_load_weights_refuses_integer_weights_for_floating_ones_in_one_line() -> None:
+    import torch
+
+    from innerloop.checkpoints import CheckpointError, load_weights
+
+    model = _small_lm()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    integers = {k: v.round().long() for k, v in model.state_dict().items()}  # silently cast to float before
+    with pytest.raises(CheckpointError, match=r"dtype mismatch.*is torch\.int64, expected torch\.float32"):
+        load_weights(model, integers)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("change", ["extra", "missing", "shape"])
+def test_load_weights_names_missing_unexpected_and_misshapen_weights_in_one_line(change) -> None:
+    import torch
+
+    from innerloop.checkpoints import CheckpointError, load_weights
+
+    model = _small_lm()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    first = next(iter(weights))
+    if change == "extra":
+        weights["stray.weight"] = torch.ones(1)
+    elif change == "missing":
+        del weights[first]
+    else:
+        weights[first] = torch.ones(3, 3)
+    with pytest.raises(CheckpointError, match="does not fit CausalLM") as err:
+        load_weights(model, weights)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_load_weights_refuses_what_is_not_a_module() -> None:
+    from innerloop.checkpoints import load_weights
+
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got str"):
+        load_weights("model", _small_lm().state_dict())

@@ -184,3 +184,24 @@ def test_load_weights_refuses_what_is_not_a_module() -> None:
 
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got str"):
         load_weights("model", _small_lm().state_dict())
+
+
+# -- innerloop.testing's yes/no options -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["norm", "residual", "decay", "momentum"])
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_make_problem_refuses_a_yes_no_option_that_is_not_a_bool(option, value) -> None:
+    from innerloop.testing import make_problem
+
+    # "false" built the problem with the option on: a check then tested another case than asked for
+    with pytest.raises(TypeError, match=rf"{option}={value!r} .* must be True or False"):
+        make_problem("linear", "reconstruction", **{option: value})
+
+
+@pytest.mark.parametrize("option", ["gradients", "without_grad"])
+def test_check_update_rule_refuses_a_yes_no_option_that_is_not_a_bool(option) -> None:
+    from innerloop.testing import check_update_rule
+
+    with pytest.raises(TypeError, match=rf"{option}='no' .* must be True or False"):
+        check_update_rule("dual_form", **{option: "no"})

@@ -43,7 +43,7 @@ from typing import Any, NoReturn
 import torch
 from torch.autograd.gradcheck import GradcheckError
 
-from innerloop.core.functional import as_integer, relative_error
+from innerloop.core.functional import as_integer, check_flag, relative_error
 from innerloop.core.layer import TTTLayer
 from innerloop.core.protocol import (
     STACK_TOLERANCE,
@@ -188,6 +188,12 @@ def _check_seed_and_dtype(seed: object, dtype: object) -> int:
 _MAKE_PROBLEM_TOKENS = 11
 
 
+def _check_flags(**flags: Any) -> None:
+    """Each of ``flags`` a bool, else a TypeError naming it (``"false"`` would turn its option on)."""
+    for name, flag in flags.items():
+        check_flag(name, flag)
+
+
 def make_problem(
     model: InnerModel | str,
     loss: InnerLoss | str,
@@ -207,6 +213,7 @@ def make_problem(
     """A random problem at a sequence start (position 0), weights perturbed so every term matters;
     with ``decay`` / ``momentum``, random per-token decays in [0, 0.5) and momenta in [0, 1). ``model``
     and ``loss`` are plugins or registered names."""
+    _check_flags(norm=norm, residual=residual, decay=decay, momentum=momentum)
     batch, heads, head_dim, tokens, mini_batch_size = _check_problem_shape(
         batch=batch, heads=heads, head_dim=head_dim, tokens=tokens, mini_batch_size=mini_batch_size
     ).values()
@@ -1539,6 +1546,7 @@ def check_update_rule(
     heads and a 150-token call), with the first loss and wrapping, and at :data:`UNIT_CHECK_SHAPE` (sizes 1); :func:`innerloop.testing.strategies.problems`
     draws shapes (and, if asked, the model) for a hypothesis test.
     """
+    _check_flags(gradients=gradients, without_grad=without_grad)  # "no" would run the checks it names
     rule = _named("update_rule", rule)
     losses = _losses_to_check(loss)
     _refuse_variant_kwargs("check_update_rule", problem_kwargs, tolerance)

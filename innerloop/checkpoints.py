@@ -133,6 +133,7 @@ class _TreeError(ValueError):
 def _encode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
     """JSON-able form of ``obj``; tensors are moved into ``tensors`` and replaced by their key."""
     if isinstance(obj, torch.Tensor):
+        _check_storable(obj, where)
         key = f"t{len(tensors)}"
         # clone: safetensors refuses tensors that share memory (e.g. the tied embedding and LM head)
         tensors[key] = obj.detach().to("cpu").contiguous().clone()
@@ -156,6 +157,23 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
         f"cannot store {type(obj).__name__} at checkpoint{where}: a checkpoint holds only tensors, "
         "numbers, strings, None, lists, tuples and dicts"
     )
+
+
+def _check_storable(tensor: torch.Tensor, where: str) -> None:
+    """A TypeError naming ``where`` for a tensor a checkpoint cannot hold: one on the meta device (no
+    values) or of a sparse layout (safetensors holds dense, strided tensors); torch's own errors named
+    neither the tensor nor the fix."""
+    if tensor.device.type == "meta":
+        raise TypeError(
+            f"cannot store a meta tensor at checkpoint{where}: it has no values (materialize the model, "
+            "e.g. model.to_empty(device='cpu') and load or initialize its weights, before saving)"
+        )
+    if tensor.layout != torch.strided:
+        layout = str(tensor.layout).removeprefix("torch.")
+        raise TypeError(
+            f"cannot store a {layout} tensor at checkpoint{where}: a checkpoint holds dense tensors; "
+            "store tensor.to_dense()"
+        )
 
 
 def _decode(obj: Any, tensors: dict[str, torch.Tensor], depth: int = 0) -> Any:

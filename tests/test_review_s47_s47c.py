@@ -205,3 +205,25 @@ def test_check_update_rule_refuses_a_yes_no_option_that_is_not_a_bool(option) ->
 
     with pytest.raises(TypeError, match=rf"{option}='no' .* must be True or False"):
         check_update_rule("dual_form", **{option: "no"})
+
+
+# -- save_checkpoint: tensors it cannot store ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "named"),
+    [
+        (lambda torch: torch.ones(2, device="meta"), "meta"),
+        (lambda torch: torch.eye(3).to_sparse(), "sparse_coo"),
+        (lambda torch: torch.eye(3).to_sparse_csr(), "sparse_csr"),
+    ],
+)
+def test_save_checkpoint_names_a_tensor_it_cannot_store(tmp_path, make, named) -> None:
+    import torch
+
+    from innerloop.checkpoints import save_checkpoint
+
+    path = tmp_path / "c.safetensors"
+    with pytest.raises(TypeError, match=rf"cannot store .*{named}.* at checkpoint\['state'\]\['w'\]"):
+        save_checkpoint({"state": {"w": make(torch)}}, path)
+    assert not path.exists() and list(tmp_path.iterdir()) == []

@@ -227,3 +227,42 @@ def test_save_checkpoint_names_a_tensor_it_cannot_store(tmp_path, make, named) -
     with pytest.raises(TypeError, match=rf"cannot store .*{named}.* at checkpoint\['state'\]\['w'\]"):
         save_checkpoint({"state": {"w": make(torch)}}, path)
     assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+# -- save_pretrained: the staging folders of a killed save ---------------------------------------------------
+
+
+def _tiny_hf_model():
+    import torch
+
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+
+    torch.manual_seed(0)
+    model = dict(vocab_size=11, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8)
+    return InnerloopForCausalLM(InnerloopConfig(model=model))
+
+
+def test_save_pretrained_removes_the_staging_folder_a_killed_save_left_and_keeps_a_live_one(tmp_path) -> None:
+    import fcntl
+    import os
+
+    folder = tmp_path / "saved"
+    killed = (
+        folder / ".innerloop-saving-k1ll3d00"
+    )  # what a save killed mid-write leaves: a copy of the weights
+    killed.mkdir(parents=True)
+    (killed / "model.safetensors").write_bytes(b"\0" * 1000)
+    live = folder / ".innerloop-saving-l1ve0000"  # another process's save, running now (it holds the lock)
+    live.mkdir()
+    handle = os.open(live, os.O_RDONLY)
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        _tiny_hf_model().save_pretrained(folder)
+        assert not killed.exists()
+        assert live.is_dir()
+    finally:
+        os.close(handle)
+    _tiny_hf_model().save_pretrained(folder)  # its writer gone: now it is a leftover too
+    assert not live.exists()
+    assert (folder / "model.safetensors").is_file()
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".innerloop-saving-")]

@@ -17,6 +17,7 @@ A cache can be passed back to ``generate()`` (``cache=``, ``past_key_values=``) 
 from __future__ import annotations
 
 import copy
+import fcntl
 import fnmatch
 import json
 import os
@@ -747,13 +748,17 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         # leaves every file whole, the earlier save's or this one's, never a truncated weights file.
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=folder, prefix=".innerloop-saving-"))
+        remove_abandoned_staging(folder)
+        staging = Path(tempfile.mkdtemp(dir=folder, prefix=SAVE_STAGING_PREFIX))
+        held = _hold_staging(staging)  # marks it in use: another save into the folder leaves it alone
         try:
             save_into(staging)
             forget_replaced_export_files(folder, replacements=staging)  # before the files it names change
             _move_saved_files(staging, folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            if held is not None:
+                os.close(held)
 
     def _refresh_non_persistent_buffers(self) -> None:
         """Make the tables no checkpoint holds (the layers' ``derived_buffers``: token index, RoPE
@@ -772,6 +777,43 @@ class InnerloopPreTrainedModel(PreTrainedModel):
                         module.register_buffer(
                             name, table.to(device=current.device, dtype=dtype), persistent=False
                         )
+
+
+SAVE_STAGING_PREFIX = ".innerloop-saving-"
+"""The name prefix of the hidden folder in which ``save_pretrained`` stages a save inside its folder."""
+
+
+def _hold_staging(staging: Path) -> int | None:
+    """Open ``staging`` and ``flock`` it for as long as the returned descriptor is open (the operating
+    system releases it when the process ends, even when it is killed); None where folders cannot be
+    locked."""
+    try:
+        handle = os.open(staging, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(handle)
+        return None
+    return handle
+
+
+def remove_abandoned_staging(folder: Path) -> None:
+    """Remove the staging folders (:data:`SAVE_STAGING_PREFIX`) that a ``save_pretrained`` killed
+    mid-save left in ``folder`` (a hidden copy of the weights that nothing else removes): those that
+    no running save holds locked (:func:`_hold_staging`). Where folders cannot be locked, none is
+    removed."""
+    for path in folder.glob(f"{SAVE_STAGING_PREFIX}*"):
+        if not path.is_dir() or path.is_symlink():
+            continue
+        handle = _hold_staging(path)
+        if handle is None:
+            continue  # a save running now, or no locks here
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(handle)
 
 
 EXPORT_RECORD = "innerloop_export.json"

@@ -266,3 +266,17 @@ def test_save_pretrained_removes_the_staging_folder_a_killed_save_left_and_keeps
     assert not live.exists()
     assert (folder / "model.safetensors").is_file()
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".innerloop-saving-")]
+
+
+def test_saving_a_tokenizer_removes_the_temporaries_a_killed_save_of_it_left(tmp_path) -> None:
+    from innerloop.data.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+
+    left = [tmp_path / f".{TOKENIZER_FILE}.k1ll3d00.tmp", tmp_path / f".{TOKENIZER_CONFIG_FILE}.k1ll3d00.tmp"]
+    for path in left:  # what `innerloop tokenizer train` killed inside its atomic writes leaves
+        path.write_text("{")
+    others = tmp_path / ".notes.txt.k1ll3d00.tmp"  # not a tokenizer file's: left alone
+    others.write_text("x")
+    ByteTokenizer().save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [others.name, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE]
+    )

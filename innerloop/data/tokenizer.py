@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from innerloop.core.functional import as_integer
-from innerloop.data.atomic import atomic_write_text, file_stamp
+from innerloop.data.atomic import atomic_write_text, file_stamp, remove_stale_temporaries_of
 
 BYTES = "bytes"
 """The ``data.tokenizer`` spec of the byte-level default."""
@@ -421,13 +421,15 @@ def _save_tokenizer_files(
     end-of-text token; with ``split_special_tokens``, special tokens' text is encoded as ordinary
     text), each written atomically; ``tokenizer.json``, which makes the folder a tokenizer, last: a
     write stopped between them (a kill, a full disk) leaves no tokenizer that transformers would read
-    without its end-of-text token."""
+    without its end-of-text token. The temporary files a killed earlier save of them left are removed
+    first."""
     config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 2**63 - 1}
     if eos_token is not None:
         config["eos_token"] = eos_token
     if split_special_tokens:
         config["split_special_tokens"] = True
     out = Path(out_dir)
+    remove_stale_temporaries_of([out / TOKENIZER_CONFIG_FILE, out / TOKENIZER_FILE])  # a killed save's
     written_config = atomic_write_text(out / TOKENIZER_CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     return [atomic_write_text(out / TOKENIZER_FILE, tokenizer_json), written_config]
 

@@ -7,6 +7,13 @@
   byte tokenizer's ``decode([300])`` raised Python's ``bytes must be in range(0, 256)``, naming no id.
   Each is now one :class:`~innerloop.data.tokenizer.TokenizerError` naming the argument, what was given
   and what is valid.
+- ``train_bpe``: a float/str/bool ``vocab_size`` and bytes or non-str texts failed inside the trainer.
+- ``atomic_write`` (every file innerloop writes) under a path whose folder is a file: mkdir's error.
+- ``load_weights`` called directly: integer weights cast silently into a float model, ``keep_dtype="no"``
+  read as true, missing/unexpected keys as load_state_dict's many-line error.
+- ``make_problem`` / ``check_update_rule``: yes/no options read by truthiness (``norm="false"`` on).
+- ``save_checkpoint``: a meta or sparse tensor failed inside torch, naming neither place nor fix.
+- killed writes: ``save_pretrained``'s staging folder and a tokenizer's temporaries were never removed.
 """
 
 from __future__ import annotations

@@ -287,3 +287,40 @@ def test_saving_a_tokenizer_removes_the_temporaries_a_killed_save_of_it_left(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [others.name, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE]
     )
+
+
+# -- innerloop.data.packing: window sizes --------------------------------------------------------------------
+
+
+def _three_documents(epoch: int, first: int):
+    return iter([(n, [1, 2, 3, 4, 5]) for n in range(first, 3)])
+
+
+@pytest.mark.parametrize("seq_len", [0, -2, 2.0, True, None])
+def test_packed_windows_refuses_a_seq_len_that_is_not_a_positive_integer_when_called(seq_len) -> None:
+    from innerloop.data.packing import packed_windows
+
+    # seq_len 0 gave the same one-token window forever, -2 an IndexError, 2.0 a TypeError from a slice
+    with pytest.raises(ValueError, match=rf"seq_len must be a positive integer, got {seq_len!r}"):
+        packed_windows(_three_documents, seq_len)
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "count", "named"), [(0, 3, "seq_len"), (2, 0, "count"), (2, -1, "count")]
+)
+def test_validation_windows_refuses_sizes_that_are_not_positive_integers(seq_len, count, named) -> None:
+    from innerloop.data.packing import validation_windows
+
+    # count 0 blamed the data ("the validation documents hold fewer than ... tokens"); seq_len 0 gave
+    # one-token windows
+    with pytest.raises(ValueError, match=rf"{named} must be a positive integer"):
+        validation_windows(_three_documents, seq_len, count)
+
+
+def test_packed_windows_still_packs() -> None:
+    import itertools
+
+    from innerloop.data.packing import packed_windows
+
+    windows = [w for w, _ in itertools.islice(packed_windows(_three_documents, 4), 2)]
+    assert windows == [[1, 2, 3, 4, 5], [5, 1, 2, 3, 4]]

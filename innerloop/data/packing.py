@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
+from innerloop.core.functional import check_positive_int
 from innerloop.data.text import DataError
 
 #: ``read(epoch, first_document)`` yields ``(document number, token ids)`` of the documents from
@@ -178,7 +179,15 @@ def packed_windows(
     read: DocumentReader, seq_len: int, start: StreamPosition = START
 ) -> Iterator[tuple[list[int], StreamPosition]]:
     """Windows of ``seq_len + 1`` tokens every ``seq_len`` tokens from ``start`` on, each with the
-    position of the window after it (what a checkpoint taken after it records)."""
+    position of the window after it (what a checkpoint taken after it records). ``seq_len`` must be a
+    positive integer, checked when called (0 gave the same one-token window forever)."""
+    check_positive_int("seq_len", seq_len)
+    return _packed_windows(read, int(seq_len), start)
+
+
+def _packed_windows(
+    read: DocumentReader, seq_len: int, start: StreamPosition
+) -> Iterator[tuple[list[int], StreamPosition]]:
     need = seq_len + 1
     source = _documents(read, start, need)
     segments: deque[_Segment] = deque()
@@ -215,7 +224,10 @@ def validation_windows(
 ) -> list[list[int]]:
     """The first ``count`` windows of the held-out documents of epoch 0 (fewer if they run out).
     ``read`` yields only validation documents (``held_out="test"``: only test documents, which the
-    messages then name). Raises :class:`DataError` if there is not one."""
+    messages then name). Raises :class:`DataError` if there is not one; ``seq_len`` and ``count`` must
+    be positive integers (a ValueError naming them: a count of 0 was blamed on the data)."""
+    check_positive_int("seq_len", seq_len)
+    check_positive_int("count", count)
     need = seq_len + 1
     tokens: list[int] = []
     windows: list[list[int]] = []

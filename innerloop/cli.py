@@ -863,7 +863,9 @@ def _text_prompt(prompt: str, tokenizer: Tokenizer) -> str:
 
 def _generate_tokens(args: argparse.Namespace, model: CausalLM | E2ELM, tokenizer: Tokenizer) -> int:
     """``innerloop generate`` of a model trained with a Hugging Face tokenizer: the prompt encoded by
-    it; the text printed as it grows (held back while it ends in an incomplete character)."""
+    it; the text printed as it grows (held back while it ends in an incomplete character). An id past the
+    tokenizer's vocabulary (a model whose ``model.vocab_size`` was set larger) is printed as
+    ``[token N]``, as the byte-level path prints an id that is no byte."""
     import torch
 
     from innerloop.models import generate
@@ -885,9 +887,15 @@ def _generate_tokens(args: argparse.Namespace, model: CausalLM | E2ELM, tokenize
         model, prompt_ids, args.tokens, args.temperature, args.top_k, generator, eos_token_id=eos
     )
     for token, _state in sampled:
-        if int(token[0]) == eos:
+        token_id = int(token[0])
+        if token_id == eos:
             break  # the end of the text: not printed
-        ids.append(int(token[0]))
+        if token_id >= tokenizer.vocab_size:  # a model.vocab_size set above the tokenizer's (padded)
+            text = tokenizer.decode(ids)  # the text so far, then the id the tokenizer has no text for
+            sys.stdout.write((text[len(shown) :] if text.startswith(shown) else text) + f"[token {token_id}]")
+            ids, shown = [], ""
+            continue
+        ids.append(token_id)
         text = tokenizer.decode(ids)
         if not text.endswith("\ufffd") and text.startswith(shown):
             sys.stdout.write(text[len(shown) :])

@@ -174,6 +174,7 @@ def test_the_cli_stops_at_the_tokenizers_end_of_text_unless_told_not_to(
 
     class Letters:  # a tokenizer whose end of text is id 5
         eos_id = 5
+        vocab_size = 26
 
         def encode(self, text: str) -> list[int]:
             return [23, 1, 2]
@@ -193,3 +194,31 @@ def test_the_cli_stops_at_the_tokenizers_end_of_text_unless_told_not_to(
     )
     assert cli._generate_tokens(args, tiny(), Letters()) == 0
     assert capsys.readouterr().out == printed and asked == [None if ignore_eos else 5]
+
+
+def test_the_cli_prints_an_id_past_the_tokenizers_vocabulary_as_a_token_number(monkeypatch, capsys) -> None:
+    """A model whose model.vocab_size was set above its tokenizer's (padded) may sample an id the tokenizer
+    has no text for: printed as ``[token N]`` (as the byte-level path does), the text around it kept."""
+    import argparse
+
+    import innerloop.models
+    from innerloop import cli
+
+    class Letters:  # a tokenizer of 6 letters, a..f
+        eos_id = None
+        vocab_size = 6
+
+        def encode(self, text: str) -> list[int]:
+            return [0, 1]
+
+        def decode(self, ids: list[int]) -> str:
+            assert all(0 <= i < self.vocab_size for i in ids), ids
+            return "".join(chr(ord("a") + i) for i in ids)
+
+    def sampled(model, prompt_ids, steps, temperature, top_k, generator, eos_token_id=None):
+        yield from ((torch.tensor([token]), None) for token in (3, 200, 4, 255))
+
+    monkeypatch.setattr(innerloop.models, "generate", sampled)
+    args = argparse.Namespace(prompt="x", tokens=4, temperature=0.0, top_k=None, seed=0, ignore_eos=False)
+    assert cli._generate_tokens(args, tiny(), Letters()) == 0
+    assert capsys.readouterr().out == "abd[token 200]e[token 255]\n"

@@ -211,8 +211,9 @@ def make_problem(
     momentum: bool = False,
 ) -> InnerProblem:
     """A random problem at a sequence start (position 0), weights perturbed so every term matters;
-    with ``decay`` / ``momentum``, random per-token decays in [0, 0.5) and momenta in [0, 1). ``model``
-    and ``loss`` are plugins or registered names."""
+    with ``decay`` / ``momentum``, random per-token decays in [0, 0.5) and momenta in [0, 1), but a full
+    reset (decay 1) and a restart (momentum 0) in the first row (:func:`_random_gates`). ``model`` and
+    ``loss`` are plugins or registered names."""
     _check_flags(norm=norm, residual=residual, decay=decay, momentum=momentum)
     batch, heads, head_dim, tokens, mini_batch_size = _check_problem_shape(
         batch=batch, heads=heads, head_dim=head_dim, tokens=tokens, mini_batch_size=mini_batch_size
@@ -251,9 +252,30 @@ def make_problem(
     def uniform(high: float) -> torch.Tensor:  # [B, H, T]
         return (torch.rand(batch, heads, tokens, generator=generator, dtype=torch.float64) * high).to(dtype)
 
-    decays = uniform(0.5) if decay else None
-    momenta = uniform(1.0) if momentum else None
+    decays, momenta = _random_gates(decay, momentum, uniform, generator)
     return InnerProblem(state, task, views, lr, tau.clamp_min(0.0), decays, momenta)
+
+
+def _random_gates(
+    decay: bool, momentum: bool, uniform: Callable[[float], torch.Tensor], generator: torch.Generator
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """:func:`make_problem`'s decays (``uniform(0.5)``, when ``decay``) with a full reset (1), and momenta
+    (``uniform(1.0)``, when ``momentum``) with a restart (0), each at one random token of the first batch
+    row and head (the other rows keep their draws): gates ``ops.scan`` takes and a layer meets (Titans'
+    forgetting saturates at 1). A rule that builds decay or momentum products as ratios of cumulative
+    products, or from cumulated logs (FLA's chunked form), is exact away from them and NaN (``0 / 0``,
+    ``-inf - -inf``) from them on: without them its checks passed (review s47e)."""
+    drawn = (uniform(0.5) if decay else None, uniform(1.0) if momentum else None)  # the draws' order
+
+    def at_end(gates: torch.Tensor | None, value: float) -> torch.Tensor | None:
+        if gates is None:
+            return None
+        token = int(torch.randint(gates.shape[-1], (), generator=generator))
+        gates = gates.clone()
+        gates[0, 0, token] = value
+        return gates
+
+    return at_end(drawn[0], 1.0), at_end(drawn[1], 0.0)
 
 
 def _is_sequence_of_points(cut_points: object) -> bool:

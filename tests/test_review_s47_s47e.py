@@ -1,0 +1,92 @@
+"""Regression tests of review s47e: the test-time-regression family (linear attention, DeltaNet, Gated
+DeltaNet, Titans) as plugins, against FLA's references and ../shared/ZOO.md.
+
+- ``innerloop.testing``'s rule checks drew every decay in [0, 0.5) and every momentum in [0, 1), never
+  a gate at its end: a third-party rule whose decay products are ratios of cumulative products, or
+  differences of cumulated log gates (FLA's form), passed ``check_update_rule`` and
+  ``check_update_rule_gradients`` and then returned NaN on the first full reset (``decay = 1``, which
+  ``ops.scan`` and the Titans layer give). ``make_problem`` now sets one token of the first row's decay
+  to 1 and one token of its momentum to 0.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import innerloop.core.scan as scan_module
+from innerloop.registry import get_registry
+from innerloop.testing import check_update_rule, make_problem
+from innerloop.testing.checks import check_update_rule_gradients
+
+
+def _ratio_products(factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``running_products`` as ratios of cumulative products: exact for factors away from 0, NaN (0 / 0)
+    after a factor of 0."""
+    cumulative = torch.cumprod(factors, dim=-1)
+    return (cumulative[..., :, None] / cumulative[..., None, :]).tril(), cumulative
+
+
+def _log_space_products(factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``running_products`` from cumulated logs, as FLA's chunked kernels build their gates: exact for
+    factors away from 0, NaN (-inf - -inf) after a factor of 0."""
+    logs = torch.log(factors).cumsum(dim=-1)
+    return torch.exp(logs[..., :, None] - logs[..., None, :]).tril(), logs.exp()
+
+
+@pytest.mark.parametrize("products", [_ratio_products, _log_space_products])
+@pytest.mark.parametrize(
+    "rule",
+    [
+        "dual_form",
+        pytest.param(
+            "minibatch_gd",
+            marks=pytest.mark.slow,  # ~3 s: the primal form's first call in a process
+        ),
+    ],
+)
+def test_the_rule_kit_catches_decay_products_that_fail_at_a_full_reset(monkeypatch, rule, products) -> None:
+    registry = get_registry()
+    monkeypatch.setattr(scan_module, "running_products", products)
+    with pytest.raises(AssertionError, match="decay"):
+        check_update_rule(
+            registry.update_rule(rule),
+            registry.inner_model("matrix"),
+            registry.inner_loss("reconstruction"),
+            gradients=False,
+            without_grad=False,
+            batch=1,
+            heads=2,
+            head_dim=2,
+            tokens=6,
+            mini_batch_size=4,
+            norm=False,
+            residual=False,
+        )
+
+
+@pytest.mark.slow  # ~1.5 s: gradcheck, on its failure, computes the whole Jacobians for its message
+@pytest.mark.parametrize("products", [_ratio_products, _log_space_products])
+def test_the_gradient_kit_catches_decay_products_that_fail_at_a_full_reset(monkeypatch, products) -> None:
+    registry = get_registry()
+    monkeypatch.setattr(scan_module, "running_products", products)
+    with pytest.raises(AssertionError, match="finite differences|nan"):
+        check_update_rule_gradients(
+            registry.update_rule("dual_form"),
+            registry.inner_model("matrix"),
+            registry.inner_loss("reconstruction"),
+            batch=1,
+            heads=1,
+            head_dim=1,
+            tokens=3,
+            mini_batch_size=2,
+        )
+
+
+def test_the_kits_problems_hold_a_full_reset_and_a_momentum_restart() -> None:
+    problem = make_problem("matrix", "reconstruction", tokens=7, decay=True, momentum=True)
+    assert problem.decay is not None and problem.momentum is not None
+    assert bool((problem.decay[0, 0] == 1).any()), "no full reset (decay = 1) in the first row"
+    assert bool((problem.momentum[0, 0] == 0).any()), "no momentum restart (momentum = 0) in the first row"
+    assert bool((problem.decay[1:] < 0.5).all()), "the other rows keep their ordinary decays"
+    assert bool(((problem.decay >= 0) & (problem.decay <= 1)).all())

@@ -7,16 +7,26 @@ DeltaNet, Titans) as plugins, against FLA's references and ../shared/ZOO.md.
   ``check_update_rule_gradients`` and then returned NaN on the first full reset (``decay = 1``, which
   ``ops.scan`` and the Titans layer give). ``make_problem`` now sets one token of the first row's decay
   to 1 and one token of its momentum to 0.
+- ``check_kernel`` ran every case on layers without forgetting, so a kernel that declares
+  ``supports_decay`` was never given a decay by it: one that forgot on the first two tokens of a call
+  only (where dispatch's first-use probe looks at ``K = 1``) passed, and ``kernel="auto"`` then ran it in a
+  Gated DeltaNet layer 28% off the torch path. A kernel that supports decay now runs each case again on
+  a ``ForgettingLayer``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+import innerloop
 import innerloop.core.scan as scan_module
-from innerloop.registry import get_registry
-from innerloop.testing import check_update_rule, make_problem
+from innerloop.kernels.delta_chunk import delta_rule_kernel_forward
+from innerloop.kernels.delta_chunk import kernel_spec as delta_chunk_spec
+from innerloop.registry import get_registry, isolated_registry
+from innerloop.testing import check_kernel, check_update_rule, make_problem
 from innerloop.testing.checks import check_update_rule_gradients
 
 
@@ -90,3 +100,27 @@ def test_the_kits_problems_hold_a_full_reset_and_a_momentum_restart() -> None:
     assert bool((problem.momentum[0, 0] == 0).any()), "no momentum restart (momentum = 0) in the first row"
     assert bool((problem.decay[1:] < 0.5).all()), "the other rows keep their ordinary decays"
     assert bool(((problem.decay >= 0) & (problem.decay <= 1)).all())
+
+
+# ---- check_kernel and a kernel that declares supports_decay -------------------------------------------
+
+
+def _forgets_two_tokens_only(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps, decay=None, chunk_size=64):
+    """``delta_chunk``'s forward that forgets on the first two tokens of a call only: right where
+    dispatch's first-use probe looks (two mini-batches of one token), wrong after."""
+    if decay is not None:
+        decay = torch.cat([decay[:, :, :2], torch.zeros_like(decay[:, :, 2:])], dim=2)
+    return delta_rule_kernel_forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps, decay, chunk_size)
+
+
+@pytest.mark.slow  # ~2 s: the check's first cases, on a small layer, until the decaying one fails
+def test_check_kernel_compares_a_kernel_that_supports_decay_with_decay() -> None:
+    """check_kernel's layers had no forgetting, so a kernel declaring supports_decay was never given a
+    decay by it: one that forgets on the first two tokens of a call only passed every case."""
+    spec = dataclasses.replace(
+        delta_chunk_spec(), name="forgets_two_tokens_only", priority=100, forward=_forgets_two_tokens_only
+    )
+    with isolated_registry():
+        innerloop.register_kernel(spec)
+        with pytest.raises(AssertionError, match=r"forgets_two_tokens_only.*with decay"):
+            check_kernel("forgets_two_tokens_only", head_dims=(3,), mini_batch_size=1)

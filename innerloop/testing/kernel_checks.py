@@ -20,6 +20,9 @@ kernel and one on ``kernel="torch"``, and compares them on
   respect to the input and every parameter), under ``torch.no_grad`` and under
   ``torch.inference_mode`` (outputs and final state);
 - and, when the kernel has a ``decode`` step, a prefill then token-by-token decoding;
+- for a kernel that declares ``supports_decay``, each case again with decay (but those under
+  ``torch.inference_mode``, whose values are no_grad's), on a layer that forgets
+  (:class:`ForgettingLayer`: every block then carries a decay, and a state a decay product);
 - with ``dtype=torch.float64`` (the default), one case in float32 too (seventeen and a half mini-batches
   from a carried state, with gradients), last: layers run in float32 by default.
 
@@ -36,6 +39,7 @@ the check fails: a kernel that refuses everything is not checked.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable, Iterator
@@ -43,6 +47,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from innerloop.core.family_layers import REFUSED_TTT_OPTIONS, FamilyLayer
 from innerloop.core.functional import as_integer, relative_error
@@ -117,9 +122,12 @@ class KernelCase:
     mode: str
     at_boundary: bool = False  # a carried state at a mini-batch boundary (else inside a mini-batch)
     in_float32: bool = False  # the float32 case of a float64 check (:data:`FLOAT32_CASE`)
+    decaying: bool = False  # on a ForgettingLayer (a kernel that supports decay)
 
     def __str__(self) -> str:
         layer = "TTTLayer" if self.head_dim % 2 == 0 else "FamilyLayer"
+        if self.decaying:
+            layer = "ForgettingLayer, with decay"
         start = "a fresh state"
         if self.carried:
             start = (
@@ -178,9 +186,7 @@ def check_kernel(
     report = KernelCheckReport(spec.name)
     device = _checked_device(device)
     for head_dim in _checked_head_dims(head_dims):
-        checker = _Checker(spec, config, head_dim, dtype, device, seed, tolerance, report)
-        for case in _cases(head_dim, checker.mini_batch_size, spec.decode is not None):
-            checker.run(case)
+        _check_head_dim(spec, config, head_dim, dtype, device, seed, tolerance, report)
         if spec.decode is None:
             report.skipped[f"head_dim {head_dim}, decode"] = f"{spec.name} has no decode step"
     if dtype == torch.float64:  # layers run in float32 (torch's default dtype): one case there too
@@ -192,6 +198,28 @@ def check_kernel(
             f"checked; the reasons: {sorted(set(report.skipped.values()))}"
         )
     return report
+
+
+def _check_head_dim(
+    spec: KernelSpec,
+    config: dict,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int,
+    tolerance: float,
+    report: KernelCheckReport,
+) -> None:
+    """Every case of one head dim (:func:`_cases`); for a kernel that takes decay, each right after on a
+    :class:`ForgettingLayer` too, but under ``torch.inference_mode`` (no_grad's values, as a rule)."""
+    checker = _Checker(spec, config, head_dim, dtype, device, seed, tolerance, report)
+    forgetting = None
+    if spec.supports_decay:
+        forgetting = _Checker(spec, config, head_dim, dtype, device, seed, tolerance, report, forgets=True)
+    for case in _cases(head_dim, checker.mini_batch_size, spec.decode is not None):
+        checker.run(case)
+        if forgetting is not None and case.mode != "inference_mode":
+            forgetting.run(dataclasses.replace(case, decaying=True))
 
 
 def _check_float32_case(
@@ -295,20 +323,38 @@ def _cases(head_dim: int, mini_batch_size: int, decodes: bool) -> Iterator[Kerne
         yield KernelCase(head_dim, 2 * k + 1, True, (k + 1,), "decode")
 
 
+class ForgettingLayer(FamilyLayer):
+    """A :class:`FamilyLayer` that forgets: ``decay = sigmoid(decay_proj(x))`` per head and token (about
+    0.27 at the start: a memory of a few tokens, so that what the state carries still counts), no
+    momentum. :func:`check_kernel` runs a kernel that declares ``supports_decay`` on it, which the
+    other layers never give a decay."""
+
+    def _build_gates(self) -> None:
+        self.decay_proj = nn.Linear(self.hidden_size, self.num_heads)
+        with torch.no_grad():
+            self.decay_proj.bias.fill_(-1.0)
+
+    def forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(decay [B, H, T], None)`` for ``x [B, T, D]``, in :attr:`scan_dtype`."""
+        return torch.sigmoid(self._head_gate(x, self.decay_proj)), None
+
+
 def _twin_layers(
-    config: dict, head_dim: int, seed: int, kernel: str, dtype: torch.dtype
+    config: dict, head_dim: int, seed: int, kernel: str, dtype: torch.dtype, forgets: bool = False
 ) -> tuple[TTTLayer, TTTLayer]:
-    """:func:`twin_layers` at ``head_dim`` (an odd one: ``FamilyLayer``s, without TTTLayer's RoPE)."""
+    """:func:`twin_layers` at ``head_dim`` (an odd one, or ``forgets``: ``FamilyLayer``s, without
+    TTTLayer's RoPE; ``forgets``: :class:`ForgettingLayer`)."""
     sizes = {"hidden_size": NUM_HEADS * head_dim, "num_heads": NUM_HEADS}
-    if head_dim % 2 == 0:
+    if head_dim % 2 == 0 and not forgets:
         return twin_layers({**config, **sizes}, seed, kernel, dtype)
     family = {k: v for k, v in config.items() if k not in REFUSED_TTT_OPTIONS}
+    layer_class = ForgettingLayer if forgets else FamilyLayer
     torch.manual_seed(seed)
-    reference = FamilyLayer(**sizes, **family, kernel="torch").to(dtype)
+    reference = layer_class(**sizes, **family, kernel="torch").to(dtype)
     with torch.no_grad():  # away from the initial values, as twin_layers does
         for p in reference.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    fast = FamilyLayer(**sizes, **family, kernel=kernel).to(dtype)
+    fast = layer_class(**sizes, **family, kernel=kernel).to(dtype)
     fast.load_state_dict(reference.state_dict())
     return reference, fast
 
@@ -417,9 +463,11 @@ class _Checker:
         seed: int,
         tolerance: float,
         report: KernelCheckReport,
+        forgets: bool = False,
     ) -> None:
         self.spec, self.tolerance, self.report = spec, tolerance, report
-        reference, fast = _twin_layers(config, head_dim, seed, spec.name, dtype)  # checks the options
+        # checks the options
+        reference, fast = _twin_layers(config, head_dim, seed, spec.name, dtype, forgets)
         self.mini_batch_size = reference.mini_batch_size
         self.reference, self.fast = reference.to(device), fast.to(device)
         self.generator = torch.Generator().manual_seed(seed)
@@ -531,4 +579,4 @@ class _Checker:
             self.report.compared.append(str(case))
 
 
-__all__ = ["KERNEL_CHECK_TOLERANCES", "KernelCase", "KernelCheckReport", "check_kernel"]
+__all__ = ["KERNEL_CHECK_TOLERANCES", "ForgettingLayer", "KernelCase", "KernelCheckReport", "check_kernel"]

@@ -261,10 +261,12 @@ def test_the_compiled_cpu_kernels_pass(model):
     assert any(case.endswith("decode") for case in report.ran)
 
 
-@pytest.mark.slow  # ~0.5 s: over the fast loop's 0.4 s per test
+@pytest.mark.slow  # ~1 s: over the fast loop's 0.4 s per test
 def test_the_delta_rule_kernel_passes_at_its_mini_batch_size():
     report = check_kernel("delta_chunk", mini_batch_size=1)
     assert report.ran
+    # it supports decay: each case ran again on a layer that forgets (review s47e)
+    assert any("with decay" in case for case in report.ran)
 
 
 @pytest.mark.slow  # 5-9 s each: torch.compile (aot_eager) traces the training step of each case's shapes

@@ -2050,6 +2050,12 @@ def check_reference_gradients(
     _gradcheck(rule, problem, lambda ruled: ruled.expected(rule), what)
 
 
+#: How far inside [0, 1] :func:`_gradcheck` holds :func:`make_problem`'s full reset: its finite differences
+#: (steps of 1e-6) then stay in the range ``ops.scan`` takes, which a rule may check. The values and the
+#: gradients compared with the naive loop (:func:`check_update_rule`) are taken at the reset itself.
+GRADCHECK_DECAY_MARGIN = 1e-5
+
+
 def _gradcheck(
     rule: UpdateRule,
     problem: InnerProblem,
@@ -2059,6 +2065,8 @@ def _gradcheck(
     """gradcheck of ``runner(problem)``'s outputs and final weights w.r.t. the views, lr, decay and
     momentum where set, and the initial weights; an ``AssertionError`` naming ``what`` if they differ."""
     names = [k for k in ("decay", "momentum") if getattr(problem, k) is not None]
+    if problem.decay is not None:  # finite differences about a full reset would step outside [0, 1]
+        problem = replace(problem, decay=problem.decay.clamp_max(1.0 - GRADCHECK_DECAY_MARGIN))
     leaves = [problem.views.query, problem.views.key, problem.views.value, problem.lr]
     leaves += [getattr(problem, k) for k in names] + list(problem.state.params.values())
     leaves = [t.detach().clone().requires_grad_(True) for t in leaves]

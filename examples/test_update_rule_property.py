@@ -26,10 +26,21 @@ from innerloop.testing.strategies import layer_configs, problems, seeds, split_p
 
 RULE = "dual_form"
 
+#: The layers the first test draws: every built-in loss and every LayerNorm / residual wrapping (the
+#: default), so that a rule right for one only is caught.
+CONFIGS = layer_configs(
+    inner_models=("linear", "mlp"),
+    inner_losses=(
+        "reconstruction",
+        "next_token",
+        "dot_product",
+    ),  # layer_configs' default leaves out the last
+    update_rules=(RULE,),
+)
+
 
 @given(
-    # every loss and every LayerNorm / residual wrapping (the default): a rule right for one only is caught
-    config=layer_configs(inner_models=("linear", "mlp"), update_rules=(RULE,)),
+    config=CONFIGS,
     seed=seeds(),
     data=st.data(),
 )

@@ -3,6 +3,9 @@ comparison against attention, the README's commands)."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 
 from innerloop.testing import check_update_rule, make_problem, naive_token_loop
@@ -12,6 +15,7 @@ from innerloop.testing import check_update_rule, make_problem, naive_token_loop
 #: token loop itself diverge to NaN: check_update_rule then failed every rule, the built-ins too.
 DIVERGING_SHAPE = {"batch": 2, "heads": 1, "head_dim": 8, "tokens": 30, "mini_batch_size": 1}
 DIVERGING_SEED = 802467
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def test_make_problem_without_the_inner_norm_does_not_diverge() -> None:
@@ -37,3 +41,25 @@ def test_check_update_rule_passes_the_builtin_dual_form_on_a_drawn_mlp_problem()
         residual=False,
         **DIVERGING_SHAPE,
     )
+
+
+@pytest.mark.slow  # reason: imports the example and lets hypothesis search its strategy, ~1 s
+def test_the_property_example_draws_every_builtin_loss() -> None:
+    """examples/test_update_rule_property.py says its layers draw every loss; layer_configs' default
+    losses are reconstruction and next_token, so a rule wrong for dot_product alone passed it."""
+    from hypothesis import find, settings
+
+    from innerloop.testing.checks import BUILTIN_LOSSES
+
+    spec = importlib.util.spec_from_file_location(
+        "update_rule_property", EXAMPLES / "test_update_rule_property.py"
+    )
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    for loss in BUILTIN_LOSSES:
+        found = find(
+            example.CONFIGS,
+            lambda config, loss=loss: config["inner_loss"] == loss,
+            settings=settings(database=None),
+        )
+        assert found["inner_loss"] == loss

@@ -17,7 +17,6 @@ A cache can be passed back to ``generate()`` (``cache=``, ``past_key_values=``) 
 from __future__ import annotations
 
 import copy
-import fcntl
 import fnmatch
 import json
 import os
@@ -36,6 +35,11 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: staging folders a killed save left are then not removed
+    fcntl = None  # type: ignore[assignment]
 
 from innerloop.checkpoints import missing_keys_note, plugin_record, warn_changed_plugins
 from innerloop.core.eager import run_eagerly
@@ -787,6 +791,8 @@ def _hold_staging(staging: Path) -> int | None:
     """Open ``staging`` and ``flock`` it for as long as the returned descriptor is open (the operating
     system releases it when the process ends, even when it is killed); None where folders cannot be
     locked."""
+    if fcntl is None:
+        return None
     try:
         handle = os.open(staging, os.O_RDONLY)
     except OSError:

@@ -226,10 +226,8 @@ def make_problem(
     momentum: bool = False,
 ) -> InnerProblem:
     """A random problem at a sequence start (position 0), weights perturbed so every term matters;
-    inner learning rates in [0, 0.5), less without the inner LayerNorm (:func:`_inner_learning_rates`);
-    with ``decay`` / ``momentum``, random per-token decays in [0, 0.5) and momenta in [0, 1), but a full
-    reset (decay 1) and a restart (momentum 0) in the first row (:func:`_random_gates`). ``model`` and
-    ``loss`` are plugins or registered names."""
+    inner learning rates as :func:`_inner_learning_rates`, decays and momenta as :func:`_random_gates`
+    (with ``decay`` / ``momentum``). ``model`` and ``loss`` are plugins or registered names."""
     _check_flags(norm=norm, residual=residual, decay=decay, momentum=momentum)
     batch, heads, head_dim, tokens, mini_batch_size = _check_problem_shape(
         batch=batch, heads=heads, head_dim=head_dim, tokens=tokens, mini_batch_size=mini_batch_size

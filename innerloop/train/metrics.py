@@ -84,6 +84,12 @@ class Float64Perplexity(Float64States, Perplexity):
         self.total_log_probs += negative_log_probs.double().sum()
         self.count += scored.sum()
 
+    def scored_tokens(self) -> int:
+        """The number of tokens scored since the last reset, over every process as :meth:`compute` counts
+        them (0: the loss, perplexity and accuracy are of nothing)."""
+        with self.sync_context():
+            return int(self.count)
+
     def mean_loss(self) -> torch.Tensor:
         """The mean negative log-probability per scored token (float64), over every process as
         :meth:`compute` is: the loss itself, finite where ``compute()``'s ``exp`` of it overflows float64

@@ -9,7 +9,7 @@ through the Trainer (``gradient_clip_val``). Each training row logs ``train_loss
 optimizer step's micro-batches), ``lr`` (the rate that step applied) and ``grad_norm`` (the L2 norm of
 its gradients before clipping; not under a sharding strategy). Validation logs
 ``val_loss`` (the mean loss per scored token, ``log(val_ppl)`` where that is finite, whatever the batches' sizes and
-padding), ``val_ppl``, ``val_acc`` (next-token accuracy on scored tokens), the loss by position
+padding), ``val_ppl``, ``val_acc`` (next-token accuracy on scored tokens; NaN where none is), the loss by position
 (``val_loss_pos/<bucket>``, bucketed up to the longest validation batch: batches may differ in length)
 and, for TTT models, the inner loss before and after the updates of each layer
 (``inner_loss_before/<layer>``, ``inner_loss_after/<layer>``).
@@ -790,7 +790,8 @@ class LanguageModelModule(L.LightningModule):
         mean_loss = self.val_ppl.mean_loss()
         log(f"{prefix}loss", mean_loss.float(), prog_bar=True)
         log(f"{prefix}ppl", torch.exp(mean_loss), prog_bar=True)
-        log(f"{prefix}acc", self.val_acc.compute())
+        # torchmetrics' accuracy of no scored token is 0/0 -> 0.0, a number beside the loss's NaN
+        log(f"{prefix}acc", self.val_acc.compute() if self.val_ppl.scored_tokens() > 0 else math.nan)
         self.val_ppl.reset()
         self.val_acc.reset()
         for b, loss in enumerate(_per_item(self.val_loss_by_position.compute()).tolist()):

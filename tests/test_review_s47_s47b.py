@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+from innerloop.config import ConfigError, load_config
 from innerloop.models import ModelConfig
 from innerloop.train import IGNORE_INDEX, LanguageModelModule
 
@@ -47,3 +49,12 @@ def test_the_accuracy_of_scored_tokens_beside_padding_is_the_share_predicted(mon
     padding_only = (inputs, torch.full_like(inputs, IGNORE_INDEX))
     logged = _logged_evaluation(module, [(inputs, targets), padding_only], monkeypatch)
     assert logged["val_acc"] == 5 / 8
+
+
+def test_a_bad_accelerator_lists_only_accelerators_a_run_takes() -> None:
+    # the list named 'mps' as valid, which the next check refuses ("innerloop does not support" it)
+    with pytest.raises(ConfigError, match=r"trainer.accelerator='gpu' is not valid; valid: \[") as raised:
+        load_config("tiny", ["trainer.accelerator=gpu"])
+    assert "'cpu'" in str(raised.value) and "'mps'" not in str(raised.value)
+    with pytest.raises(ConfigError, match=r"trainer.accelerator='mps' would train on Apple's MPS"):
+        load_config("tiny", ["trainer.accelerator=mps"])

@@ -1357,7 +1357,9 @@ def _check_trainer_names(run: RunConfig) -> None:
     }
     for key, (value, valid) in choices.items():
         if value not in valid:
-            raise ConfigError(f"{key}={value!r} is not valid; valid: {valid}")
+            # Lightning's "mps" is a name _check_not_on_mps refuses: not one to list as valid
+            listed = [name for name in valid if not (key == "trainer.accelerator" and name == "mps")]
+            raise ConfigError(f"{key}={value!r} is not valid; valid: {listed}")
     _check_float16_autocast_device(run.trainer.precision, run.trainer.accelerator)
     _check_not_on_mps(run.trainer.accelerator)
     if run.trainer.accelerator == "auto":

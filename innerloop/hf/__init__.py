@@ -16,6 +16,7 @@ _LAZY = {
     "InnerloopForCausalLM": "modeling",
     "InnerloopModel": "modeling",
     "InnerloopCache": "modeling",
+    "LeftPaddedCache": "modeling",
 }
 
 __all__ = sorted(_LAZY)

@@ -81,13 +81,16 @@ def check_other_arguments(
     supported: str = SUPPORTED_ARGUMENTS,
     attention_mask: torch.Tensor | None = None,
     generates: bool = True,
+    pads: torch.Tensor | None = None,
 ) -> None:
     """Refuse, naming them, the arguments ``forward`` does not read, but accept what changes nothing:
     an argument given as None, ``output_attentions`` off, and ``position_ids`` / ``cache_position`` equal
     to the positions of the new tokens (``start .. start + length - 1``: innerloop models count
     positions in their cache) where ``attention_mask`` (checked, ``[batch, start + length]``) holds ones:
     a pad's position is read by nothing (GPT-2's recipe, ``mask.cumsum(-1) - 1`` with the pads set to 1,
-    gives ``[0, 1, 2, 1, 1]`` for a row padded on the right). ``owner`` and ``supported``: the class and
+    gives ``[0, 1, 2, 1, 1]`` for a row padded on the right); in a left-padded batch (``pads [batch]``,
+    each row's pads) ``position_ids`` count each row's own tokens (``start - pads .. ``, as that recipe
+    gives them), while ``cache_position`` counts columns. ``owner`` and ``supported``: the class and
     what its forward reads, for the message; ``generates``: the model is a ``GenerationMixin``, whose
     ``generate(stop_strings=..., tokenizer=...)`` passes ``tokenizer`` along (accepted, unused)."""
     unsupported = []
@@ -95,7 +98,8 @@ def check_other_arguments(
         if value is None:
             continue
         if name in ("position_ids", "cache_position"):
-            _check_positions(name, value, start, length, attention_mask)
+            offsets = pads if name == "position_ids" else None
+            _check_positions(name, value, start, length, attention_mask, offsets)
         elif name == "tokenizer" and generates:  # generate(stop_strings=...) passes it
             continue
         elif name == "token_type_ids":
@@ -130,16 +134,25 @@ def _check_one_segment(token_type_ids: Any) -> None:
 
 
 def _check_positions(
-    name: str, value: Any, start: int, length: int, attention_mask: torch.Tensor | None = None
+    name: str,
+    value: Any,
+    start: int,
+    length: int,
+    attention_mask: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
 ) -> None:
     """``value`` must be ``[length]`` or ``[rows, length]`` integer positions ``start .. start + length - 1``
-    (any where ``attention_mask [rows, start + length]`` is 0: a pad's position is read by nothing)."""
+    (any where ``attention_mask [rows, start + length]`` is 0: a pad's position is read by nothing), less
+    each row's ``offsets [rows]`` (its left pads) when given."""
     expected = torch.arange(start, start + length)
+    if offsets is not None:
+        expected = expected - offsets.detach().cpu()[:, None]  # [rows, length]
     fits = (
         isinstance(value, torch.Tensor)
         and not (value.is_floating_point() or value.dtype == torch.bool)
         and value.dim() in (1, 2)
         and value.shape[-1] == length
+        and (offsets is None or value.numel() // max(length, 1) in (1, len(offsets)))
     )
     if fits:
         right = value.detach().cpu().reshape(-1, length) == expected  # [rows or 1, length]
@@ -151,8 +164,16 @@ def _check_positions(
     raise ValueError(
         f"{name} must be the positions of input_ids after the {start} tokens in the cache, "
         f"{start}..{start + length - 1} ([{length}] or [batch, {length}]), got {shown}: innerloop models "
-        f"count positions in their cache; leave {name} out{_packing_note(value) if fits else ''}"
+        f"count positions in their cache{_left_padding_note(offsets)}; leave {name} out"
+        f"{_packing_note(value) if fits else ''}"
     )
+
+
+def _left_padding_note(offsets: torch.Tensor | None) -> str:
+    """For a left-padded batch (``offsets``: each row's pads), that its positions are counted per row."""
+    if offsets is None:
+        return ""
+    return f" (left-padded rows count their own tokens: less each row's pads, {offsets.tolist()})"
 
 
 def _packing_note(positions: torch.Tensor) -> str:

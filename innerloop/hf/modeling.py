@@ -8,9 +8,11 @@ The wrapped network is exactly the one :func:`innerloop.models.build_model` buil
 ``generate()`` decodes through innerloop's recurrent state. The state travels between steps in an
 :class:`InnerloopCache` (the ``cache`` of the outputs); the prompt is read in one call and each new
 token alone, so with TTT or sliding-window mixers the memory does not grow with the tokens generated.
-innerloop models read every token into their state, so padding cannot be masked out: a batch must hold
-prompts of one length (batch size 1 in lm-eval's ``generate_until``); a padded mask is refused wherever
-the state would have read the pads (a cache, generate()), and right padding is accepted only for scoring.
+innerloop models read every token into their state, so padding cannot be masked out of one state: a
+left-padded batch (zeros then ones in each row of the mask, as ``generate()`` and lm-eval's
+``generate_until`` pad prompts) is read row group by row group, each row without its pads (rows with as
+many pads share a state, in a :class:`LeftPaddedCache`), so each row equals its prompt alone; right
+padding is accepted only for scoring (no cache), and holes are refused.
 A cache can be passed back to ``generate()`` (``cache=``, ``past_key_values=``) to continue its sequence.
 """
 
@@ -44,6 +46,7 @@ except ImportError:  # not on Windows: staging folders a killed save left are th
 from innerloop.checkpoints import missing_keys_note, plugin_record, warn_changed_plugins
 from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import as_integer, first_non_finite, mean_scored_cross_entropy
+from innerloop.core.state import check_batch_rows
 from innerloop.data.atomic import atomic_write_text, file_sha256
 from innerloop.hf.arguments import (
     SUPPORTED_ARGUMENTS,
@@ -131,8 +134,66 @@ class InnerloopCache:
         """Bytes of the state's tensors (:meth:`~innerloop.models.LMState.nbytes`)."""
         return self.state.nbytes()
 
+    @property
+    def batch_size(self) -> int:
+        """Sequences held."""
+        return self.state.batch_size
 
-torch.serialization.add_safe_globals([InnerloopCache])
+
+class LeftPaddedCache(InnerloopCache):
+    """The cache of a left-padded batch: each row's state has read its own tokens alone, without the pads.
+
+    Rows with as many pads (prompts of one length) share one :class:`InnerloopCache` (``groups``: pad
+    count -> the cache of the rows with that many pads, in row order); ``pads [batch]`` int64 counts
+    each row's pads. ``seq_length`` counts the columns read, pads included (what ``generate()`` and the
+    attention mask count); a row's own state has read ``seq_length - pads[row]`` tokens. ``state`` is
+    None: the states are the groups'.
+    """
+
+    def __init__(
+        self,
+        groups: dict[int, InnerloopCache],
+        pads: torch.Tensor,
+        seq_length: int,
+        fingerprint: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__(None, seq_length, fingerprint, dtype, device)  # type: ignore[arg-type]
+        self.groups = groups
+        self.pads = pads
+
+    def index_select(self, rows: torch.Tensor) -> LeftPaddedCache:
+        """A new cache of the sequences ``rows`` (a 1-D int64 tensor of batch rows, repeats allowed)."""
+        rows = check_batch_rows(rows, self.batch_size)
+        new_pads = self.pads[rows.to(self.pads.device)]
+        groups = {}
+        for count, group in self.groups.items():
+            members = (self.pads == count).nonzero().flatten()  # the old rows of the group, in order
+            local = torch.full_like(self.pads, -1)
+            local[members] = torch.arange(len(members), device=local.device)
+            taken = rows[new_pads == count]
+            if len(taken):
+                groups[count] = group.index_select(local[taken])
+        fingerprint = None if self.fingerprint is None else self.fingerprint[rows.to(self.fingerprint.device)]
+        return LeftPaddedCache(groups, new_pads, self.seq_length, fingerprint, self.dtype, self.device)
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Keep the rows ``beam_idx`` in that order, in place (beam search)."""
+        selected = self.index_select(beam_idx)
+        self.groups, self.pads, self.fingerprint = selected.groups, selected.pads, selected.fingerprint
+
+    def nbytes(self) -> int:
+        """Bytes of the groups' states."""
+        return sum(group.nbytes() for group in self.groups.values())
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences held."""
+        return int(self.pads.shape[0])
+
+
+torch.serialization.add_safe_globals([InnerloopCache, LeftPaddedCache])
 # torch.load's default weights_only=True loads a saved cache: it holds a state (registered by innerloop's
 # models), ints, a tensor, a dtype and a device, and has no __setstate__ or __reduce__ that could run code.
 
@@ -163,6 +224,15 @@ def check_cache_length(cache: InnerloopCache) -> None:
     length = cache.seq_length
     if not isinstance(length, int) or isinstance(length, bool) or length < 0:
         raise ValueError(f"cache.seq_length must be an integer >= 0, got {length!r}")
+    if isinstance(cache, LeftPaddedCache):
+        for count, group in cache.groups.items():
+            if group.seq_length != length - count:
+                raise ValueError(
+                    f"a LeftPaddedCache of {length} columns holds rows of {count} pads whose state has read "
+                    f"{group.seq_length} tokens, not {length - count}: pass the cache the model returned"
+                )
+            check_cache_length(group)
+        return
     read = getattr(cache.state, "position", None)  # LMState's and E2EState's tokens read (None: not recorded)
     if isinstance(read, int) and read != length:
         raise ValueError(
@@ -172,11 +242,17 @@ def check_cache_length(cache: InnerloopCache) -> None:
         )
 
 
-def check_cache_continues(cache: Any, input_ids: torch.Tensor, next_sequence_length: int | None) -> None:
+def check_cache_continues(
+    cache: Any,
+    input_ids: torch.Tensor,
+    next_sequence_length: int | None,
+    attention_mask: torch.Tensor | None = None,
+) -> None:
     """Refuse a cache passed to ``generate()`` that the prompt does not continue: ``input_ids`` (the
     whole sequence: transformers then keeps its last ``next_sequence_length`` tokens) must be longer
-    than what the cache has read, and start with those tokens. With ``next_sequence_length`` None the
-    ids are the new tokens alone (an attention_mask longer than them was given): nothing to compare."""
+    than what the cache has read, and start with those tokens (a pad's id, where ``attention_mask`` of
+    the whole sequence is 0, is not compared: the cache read it as 0). With ``next_sequence_length`` None
+    the ids are the new tokens alone (an attention_mask longer than them was given): nothing to compare."""
     if not isinstance(cache, InnerloopCache):
         raise ValueError(
             f"cache must be the InnerloopCache of a previous call or generate(), got {type(cache).__name__}"
@@ -193,6 +269,8 @@ def check_cache_continues(cache: Any, input_ids: torch.Tensor, next_sequence_len
         )
     if cache.fingerprint is None or cache.fingerprint.shape[0] != input_ids.shape[0]:
         return  # a cache made by hand, or of another batch size (forward names the sizes)
+    if attention_mask is not None and attention_mask.shape == input_ids.shape:
+        input_ids = padding_zeroed(input_ids, attention_mask)  # as forward read them
     differs = token_fingerprint(input_ids[:, :read]) != cache.fingerprint.to(input_ids.device)
     if bool(differs.any()):
         row = int(differs.nonzero()[0, 0])
@@ -258,9 +336,36 @@ def mask_padding(attention_mask: torch.Tensor | None) -> tuple[str, str] | None:
 
 
 MASKS_SUPPORTED = (
-    "supported: no attention_mask or a mask of ones (prompts of one length, no padding), and right "
-    "padding (ones then zeros) only when scoring without a cache (no cache passed, use_cache not True)"
+    "supported: no attention_mask or a mask of ones (prompts of one length, no padding), left padding "
+    "(zeros then ones in every row: each row is read as its tokens alone), and right padding (ones then "
+    "zeros) only when scoring without a cache (no cache passed, use_cache not True)"
 )
+
+
+def left_pads(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Each row's count of pads ``[B]`` (int64) when ``attention_mask [B, L]`` is left padding: every row
+    zeros then ones, at least one token, and some row padded; None when no row is left padded. A batch
+    that mixes left-padded rows with a hole, right padding or a row of no token is refused, naming both."""
+    if attention_mask is None:
+        return None
+    ones = attention_mask.to(torch.bool)  # [B, L]
+    length = ones.shape[1]
+    count = ones.sum(dim=1)  # [B]
+    positions = torch.arange(length, device=ones.device)
+    first = torch.where(ones, positions, length).min(dim=1).values  # [B]: the pads before the first one
+    padded = (count > 0) & (first > 0)
+    if not bool(padded.any()):
+        return None
+    well_formed = (count > 0) & (first + count == length)  # zeros, then ones to the end
+    if bool(well_formed.all()):
+        return first.to(torch.int64)
+    bad = int((~well_formed).nonzero()[0, 0])
+    described = mask_padding(attention_mask[bad : bad + 1])[1].replace("row 0", f"row {bad}")  # type: ignore[index]
+    raise ValueError(
+        f"attention_mask has left padding (row {int(padded.nonzero()[0, 0])}) and {described}: a batch is "
+        "either left padded (zeros then ones in every row, each row at least one token) or right padded "
+        f"(ones then zeros, for scoring); {MASKS_SUPPORTED}"
+    )
 
 
 def check_attention_mask(attention_mask: torch.Tensor | None, cached: bool, use_cache: bool | None) -> bool:
@@ -271,7 +376,9 @@ def check_attention_mask(attention_mask: torch.Tensor | None, cached: bool, use_
     logits, since a causal model's logits at a position never see the positions after it, but the state
     has read the pads: it is accepted only without a cache passed in, and then no cache is returned
     (refused if ``use_cache=True`` asks for one). A row of zeros alone (an empty text in a padded batch)
-    is right padding of no token, its logits those of the pads. Left padding and holes are refused.
+    is right padding of no token, its logits those of the pads. Holes are refused, and so is left padding
+    here: :func:`padded_rows` takes a left-padded batch before this check, which then sees left padding
+    only with a plain cache passed in (whose state has read no row's pads to skip).
     """
     padding = mask_padding(attention_mask)
     if padding is None:
@@ -304,14 +411,40 @@ def check_generate_batch(input_ids: torch.Tensor) -> None:
 
 def check_generate_mask(attention_mask: torch.Tensor | None) -> None:
     """Refuse any padding in the mask ``generate()`` was given: the new tokens would follow the pads."""
+    if left_pads(attention_mask) is not None:  # each row read as its prompt alone (refused if mixed)
+        return
     padding = mask_padding(attention_mask)
     if padding is not None:
         raise ValueError(
             f"generate() got an attention_mask with {padding[1]}: innerloop models read every token into "
-            "their recurrent state and cannot skip padding, so the new tokens would follow the pads; "
-            "generate() supports prompts without padding (no attention_mask, or a mask of ones): pass "
-            "prompts of one length, e.g. one prompt at a time"
+            "their recurrent state and cannot skip padding there, so the new tokens would follow the pads; "
+            "generate() supports prompts without padding (no attention_mask, or a mask of ones) and "
+            "left-padded prompts (zeros then ones in each row, as a tokenizer with padding_side='left' pads them)"
         )
+
+
+def padded_rows(
+    attention_mask: torch.Tensor | None, cache: InnerloopCache | None, length: int
+) -> torch.Tensor | None:
+    """Each row's count of left pads ``[B]`` for a forward of ``length`` new tokens, or None (no left
+    padding: the other masks are checked by :func:`check_attention_mask`). Without a cache, the mask's
+    left padding (:func:`left_pads`); with a :class:`LeftPaddedCache`, the cache's pads, which a mask
+    covering the columns read must repeat (zeros then ones), and a mask of the new tokens alone must be
+    ones: a cache continues its rows. A plain cache has no pads (a left-padded mask with it is refused)."""
+    if not isinstance(cache, LeftPaddedCache):
+        return left_pads(attention_mask) if cache is None else None
+    if attention_mask is None:
+        return cache.pads
+    pads = cache.pads.to(attention_mask.device)
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    expected = columns >= (pads[:, None] if attention_mask.shape[1] > length else 0)  # [B, columns]
+    if not torch.equal(attention_mask.to(torch.bool), expected):
+        raise ValueError(
+            f"attention_mask does not continue the left padding of the cache passed in (its rows have "
+            f"{pads.tolist()} pads): give the mask of the whole sequence, each row's pads as zeros then ones "
+            "(the mask generate() extends), a mask of the new tokens alone of ones, or no mask"
+        )
+    return cache.pads
 
 
 def check_token_ids_shape(input_ids: Any) -> None:
@@ -536,12 +669,12 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         kwargs: dict[str, Any],
         return_dict: Any,
         logits_to_keep: Any = 0,
-    ) -> tuple[torch.Tensor, InnerloopCache | None, bool, bool]:
+    ) -> tuple[torch.Tensor, InnerloopCache | None, bool, bool, torch.Tensor | None]:
         """Every check of ``forward``'s arguments, in order: the ids (not embeddings), the one cache of
         ``caches`` (``cache``, ``past_key_values``, ``cache_params``), the ids and the mask
         (:meth:`_check_inputs`), the other arguments (:meth:`_check_arguments`). Returns the ids (the
-        padding's set to 0), the cache, whether a cache may be returned and whether the hidden states are
-        wanted."""
+        padding's set to 0), the cache, whether a cache may be returned, whether the hidden states are
+        wanted, and each row's left pads (None: no left padding; :func:`padded_rows`)."""
         if inputs_embeds is not None or input_ids is None:
             raise ValueError(
                 f"{type(self).__name__} takes input_ids (token ids [batch, length]); inputs_embeds is not "
@@ -549,18 +682,26 @@ class InnerloopPreTrainedModel(PreTrainedModel):
             )
         cache = one_cache(*caches)
         self._check_cache(cache)
-        input_ids, may_cache, hidden = self._check_inputs(
+        input_ids, may_cache, hidden, pads = self._check_inputs(
             input_ids, attention_mask, cache, use_cache, output_hidden_states
         )
-        self._check_arguments(kwargs, input_ids, cache, logits_to_keep, return_dict, attention_mask)
-        return input_ids, cache, may_cache, hidden
+        self._check_arguments(kwargs, input_ids, cache, logits_to_keep, return_dict, attention_mask, pads)
+        return input_ids, cache, may_cache, hidden, pads
 
     def _run(
-        self, input_ids: torch.Tensor, cache: InnerloopCache | None, hidden: bool, head: bool
-    ) -> tuple[torch.Tensor, LMState | E2EState, tuple[torch.Tensor, ...] | None]:
+        self,
+        input_ids: torch.Tensor,
+        cache: InnerloopCache | None,
+        hidden: bool,
+        head: bool,
+        pads: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Any, tuple[torch.Tensor, ...] | None]:
         """innerloop's network on ``input_ids`` from the cache's state: the logits (``head``) or what the
         head reads (:meth:`~innerloop.models.lm.CausalLM.features`), the new state, and the hidden states
-        when ``hidden`` (see :func:`~innerloop.hf.arguments.recording_hidden_states`)."""
+        when ``hidden`` (see :func:`~innerloop.hf.arguments.recording_hidden_states`). With ``pads`` (each
+        row's left pads), each row is read without its pads: :meth:`_run_left_padded`."""
+        if pads is not None:
+            return self._run_left_padded(input_ids, cache, hidden, head, pads)
         state = None if cache is None else cache.state
         network = self.model if head else self.model.features
         if not hidden:
@@ -570,18 +711,70 @@ class InnerloopPreTrainedModel(PreTrainedModel):
             out, new_state = network(input_ids, state)
         return out, new_state, tuple(recorded)
 
+    def _run_left_padded(
+        self,
+        input_ids: torch.Tensor,
+        cache: InnerloopCache | None,
+        hidden: bool,
+        head: bool,
+        pads: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, Any, Any]], tuple[torch.Tensor, ...] | None]:
+        """:meth:`_run` for left-padded rows (``pads [B]``, from :func:`padded_rows`): the rows with as many
+        pads are read together, their pads left out, from their group of the :class:`LeftPaddedCache`
+        (none: from the start), so each row's numbers are those of its tokens alone. The outputs (and
+        hidden states) are the rows' at their columns, zeros at the pads; the state is, per pad count,
+        the ids read, the group's cache and its new state (:meth:`_next_padded_cache`)."""
+        batch, length = input_ids.shape
+        start = 0 if cache is None else cache.seq_length
+        outputs: torch.Tensor | None = None
+        hidden_states: list[torch.Tensor] | None = None
+        states = {}
+        for count in sorted(set(pads.tolist())):
+            rows = (pads == count).nonzero().flatten().to(input_ids.device)
+            skip = max(count - start, 0)  # the group's pads among the new columns
+            group = cache.groups[count] if isinstance(cache, LeftPaddedCache) else None
+            ids = input_ids[rows, skip:]
+            out, state, recorded = self._run(ids, group, hidden, head)
+            outputs = _placed_rows(outputs, out, rows, skip, batch, length)
+            if recorded is not None:
+                places = hidden_states or [None] * len(recorded)
+                pairs = zip(places, recorded, strict=True)
+                hidden_states = [_placed_rows(h, r, rows, skip, batch, length) for h, r in pairs]
+            states[count] = (ids, group, state)
+        assert outputs is not None  # a batch holds a row
+        return outputs, states, None if hidden_states is None else tuple(hidden_states)
+
     def _cache_after(
         self,
         input_ids: torch.Tensor,
         cache: InnerloopCache | None,
-        state: LMState | E2EState,
+        state: Any,
         use_cache: bool | None,
         may_cache: bool,
+        pads: torch.Tensor | None = None,
     ) -> InnerloopCache | None:
-        """The cache to return (:meth:`_next_cache`), or None where ``use_cache`` (default: the config's)
-        is off or the mask allows none."""
+        """The cache to return (:meth:`_next_cache`, or :meth:`_next_padded_cache` for left-padded rows),
+        or None where ``use_cache`` (default: the config's) is off or the mask allows none."""
         wanted = self.config.use_cache if use_cache is None else use_cache
-        return self._next_cache(input_ids, cache, state) if wanted and may_cache else None
+        if not (wanted and may_cache):
+            return None
+        if pads is not None:
+            return self._next_padded_cache(input_ids, cache, state, pads)
+        return self._next_cache(input_ids, cache, state)
+
+    def _next_padded_cache(
+        self,
+        input_ids: torch.Tensor,
+        cache: InnerloopCache | None,
+        states: dict[int, tuple[torch.Tensor, Any, Any]],
+        pads: torch.Tensor,
+    ) -> LeftPaddedCache:
+        """The :class:`LeftPaddedCache` after ``input_ids`` (their pads set to 0), from ``cache`` (None: from
+        the start) and the groups' states of :meth:`_run_left_padded`."""
+        groups = {count: self._next_cache(ids, group, state) for count, (ids, group, state) in states.items()}
+        seen = (0 if cache is None else cache.seq_length) + input_ids.shape[1]
+        fingerprint = token_fingerprint(input_ids, None if cache is None else cache.fingerprint)
+        return LeftPaddedCache(groups, pads, seen, fingerprint, dtype=self.dtype, device=self.device)
 
     @run_eagerly("innerloop: the input checks read the ids' and the mask's values")  # as the LM's own
     def _check_inputs(
@@ -591,25 +784,30 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         cache: InnerloopCache | None,
         use_cache: bool | None,
         output_hidden_states: bool | None,
-    ) -> tuple[torch.Tensor, bool, bool]:
+    ) -> tuple[torch.Tensor, bool, bool, torch.Tensor | None]:
         """Check the ids' layout (first: the other checks read their shape), the mask, ``use_cache`` and
         the ids' values where the mask reads them (a right padding's ids are never scored, and a tokenizer
         may pad with an id past the model's vocabulary: the byte tokenizer's end of text, 256); return
         the ids with the padding's set to 0 (:func:`padding_zeroed`), whether a cache may be returned
-        (see :func:`check_attention_mask`) and whether the hidden states are wanted. First, that
-        ``config.model`` still describes the built model (an edit there it cannot follow is refused)."""
+        (see :func:`check_attention_mask`), whether the hidden states are wanted and each row's left pads
+        (:func:`padded_rows`; None without left padding). First, that ``config.model`` still describes the
+        built model (an edit there it cannot follow is refused)."""
         self._sync_model_config()
         check_token_ids_shape(input_ids)
         cached = 0 if cache is None else cache.seq_length
         check_mask_shape(attention_mask, input_ids, cached)
         check_mask_values(attention_mask)
         check_flag("use_cache", use_cache)
-        may_cache = check_attention_mask(attention_mask, cached=cache is not None, use_cache=use_cache)
+        pads = padded_rows(attention_mask, cache, input_ids.shape[1])
+        if pads is None:
+            may_cache = check_attention_mask(attention_mask, cached=cache is not None, use_cache=use_cache)
+        else:
+            may_cache = True  # each row's state has read its own tokens alone
         input_ids = padding_zeroed(input_ids, attention_mask)
         check_token_ids(input_ids, self.config.vocab_size)
         is_e2e = self.config.model["mixer"] == E2E  # type: ignore[index]
         hidden = hidden_states_wanted(output_hidden_states, self.config.output_hidden_states, is_e2e)
-        return input_ids, may_cache, hidden
+        return input_ids, may_cache, hidden, pads
 
     def _check_arguments(
         self,
@@ -619,10 +817,11 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         logits_to_keep: Any,
         return_dict: Any,
         attention_mask: torch.Tensor | None = None,
+        pads: torch.Tensor | None = None,
     ) -> None:
         """Check ``forward``'s other arguments (:func:`~innerloop.hf.arguments.check_other_arguments`,
-        which reads the checked ``attention_mask``), ``logits_to_keep`` against the ids' shape, and
-        ``return_dict``."""
+        which reads the checked ``attention_mask`` and each row's left ``pads``), ``logits_to_keep``
+        against the ids' shape, and ``return_dict``."""
         start = 0 if cache is None else cache.seq_length
         check_other_arguments(
             kwargs,
@@ -632,6 +831,7 @@ class InnerloopPreTrainedModel(PreTrainedModel):
             self._supported_arguments,
             attention_mask,
             generates=isinstance(self, GenerationMixin),  # a subclass's too, whatever its name
+            pads=pads,
         )
         check_logits_to_keep(logits_to_keep, *input_ids.shape)
         check_flag("return_dict", return_dict)
@@ -1266,13 +1466,15 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
                 ``output_attentions=False`` and arguments given as None are accepted; any other is
                 refused, naming it.
         """
-        input_ids, cache, may_cache, hidden = self._checked_call(  # the padding's ids zeroed: see there
+        input_ids, cache, may_cache, hidden, pads = self._checked_call(  # the padding's ids zeroed: see there
             input_ids, inputs_embeds, attention_mask, (cache, past_key_values, cache_params), use_cache,
             output_hidden_states, kwargs, return_dict, logits_to_keep,
         )  # fmt: skip
         labels = None if labels is None else check_labels(labels, input_ids, self.config.vocab_size)
-        logits, state, hidden_states = self._run(input_ids, cache, hidden, head=True)  # logits [B, T, V]
-        new_cache = self._cache_after(input_ids, cache, state, use_cache, may_cache)
+        if labels is not None and pads is not None:
+            labels = unscored_pads(labels, pads, 0 if cache is None else cache.seq_length)
+        logits, state, hidden_states = self._run(input_ids, cache, hidden, True, pads)  # logits [B, T, V]
+        new_cache = self._cache_after(input_ids, cache, state, use_cache, may_cache, pads)
         loss = None if labels is None else next_token_loss(logits, labels)
         logits = slice_logits_to_keep(logits, logits_to_keep)  # as transformers' models keep them
         output = InnerloopCausalLMOutput(
@@ -1295,7 +1497,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
             check_generate_batch(input_ids)
             check_generate_mask(attention_mask)
             if cache is not None:
-                check_cache_continues(cache, input_ids, next_sequence_length)
+                check_cache_continues(cache, input_ids, next_sequence_length, attention_mask)
         return super().prepare_inputs_for_generation(
             input_ids,
             next_sequence_length=next_sequence_length,
@@ -1380,7 +1582,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         for name in ("cache", "past_key_values", "cache_params"):
             cache = model_kwargs.get(name)
             if expand_size > 1 and isinstance(cache, InnerloopCache) and input_ids is not None:
-                batch = cache.state.batch_size
+                batch = cache.batch_size
                 if batch * expand_size == input_ids.shape[0]:  # else forward names the batch sizes
                     model_kwargs[name] = cache.index_select(
                         torch.arange(batch).repeat_interleave(expand_size)
@@ -1452,16 +1654,27 @@ class InnerloopModel(InnerloopPreTrainedModel):
         given. The arguments are :meth:`InnerloopForCausalLM.forward`'s, but ``labels`` and
         ``logits_to_keep`` (there is no head here); a right padding's positions hold numbers no token
         asked for, as in every causal model, and are for the caller to drop by the mask."""
-        input_ids, cache, may_cache, hidden = self._checked_call(
+        input_ids, cache, may_cache, hidden, pads = self._checked_call(
             input_ids, inputs_embeds, attention_mask, (cache, past_key_values, cache_params), use_cache,
             output_hidden_states, kwargs, return_dict,
         )  # fmt: skip
-        features, new_state, hidden_states = self._run(input_ids, cache, hidden, head=False)  # [B, T, D]
-        new_cache = self._cache_after(input_ids, cache, new_state, use_cache, may_cache)
+        features, new_state, hidden_states = self._run(input_ids, cache, hidden, False, pads)  # [B, T, D]
+        new_cache = self._cache_after(input_ids, cache, new_state, use_cache, may_cache, pads)
         output = InnerloopModelOutput(
             last_hidden_state=features, cache=new_cache, hidden_states=hidden_states
         )
         return output if return_dict is not False else output.to_tuple()
+
+
+def _placed_rows(
+    into: torch.Tensor | None, part: torch.Tensor, rows: torch.Tensor, skip: int, batch: int, length: int
+) -> torch.Tensor:
+    """``part [len(rows), length - skip, ...]`` written at ``into[rows, skip:]`` (``into`` None: zeros
+    ``[batch, length, ...]`` of ``part``'s dtype), through autograd."""
+    if into is None:
+        into = part.new_zeros((batch, length, *part.shape[2:]))
+    into[rows, skip:] = part
+    return into
 
 
 def _check_same_shape(name: str, module: nn.Module, current: torch.Tensor) -> None:
@@ -1531,6 +1744,14 @@ def check_labels(labels: Any, input_ids: torch.Tensor, vocab_size: int) -> torch
             f"tokens (0..{vocab_size - 1}); -100 ignores a position"
         )
     return labels
+
+
+def unscored_pads(labels: torch.Tensor, pads: torch.Tensor, start: int) -> torch.Tensor:
+    """``labels [B, T]`` of columns ``start ..`` with -100 at each row's left pads (``pads [B]``) and at its
+    first token, which follows nothing but pads: a row read alone cannot predict its first token (its
+    logits at the pads are zeros), so a left-padded row scores as the row alone does."""
+    columns = torch.arange(start, start + labels.shape[1], device=labels.device)  # [T]
+    return labels.masked_fill(columns <= pads.to(labels.device)[:, None], -100)
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -67,17 +67,24 @@ def test_left_padded_logits_hidden_states_and_cache_are_each_rows_own() -> None:
     model(ids, attention_mask=mask, position_ids=positions, use_cache=False)
 
 
-def test_a_left_padded_loss_equals_the_rows_scored_alone() -> None:
+@pytest.mark.slow  # two forwards and backwards of a float64 model: about 0.4 s
+def test_a_left_padded_loss_and_its_gradients_equal_the_rows_scored_alone() -> None:
+    """The pads' labels and each row's first token (nothing but pads before it) are not scored."""
     model = tiny_hf_model("swa").double()
     ids, mask = left_padded([PROMPTS[0], PROMPTS[0][:5]])
     labels = ids.masked_fill(mask == 0, -100)
-    with torch.no_grad():
-        batch = model(ids, attention_mask=mask, labels=labels).loss
-        first = model(ids[:1], labels=labels[:1]).logits[0, :-1]
-        second = model(ids[1:, 4:]).logits[0, :-1]
+    batch = model(ids, attention_mask=mask, labels=labels).loss
+    batch.backward()
+    batch_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    first = model(ids[:1]).logits[0, :-1]
+    second = model(ids[1:, 4:]).logits[0, :-1]
     logits = torch.cat((first, second))
-    targets = torch.cat((ids[0, 1:], ids[1, 5:]))
-    assert abs(batch.item() - torch.nn.functional.cross_entropy(logits, targets).item()) <= 1e-12
+    alone = torch.nn.functional.cross_entropy(logits, torch.cat((ids[0, 1:], ids[1, 5:])))
+    alone.backward()
+    assert abs(batch.item() - alone.item()) <= 1e-12
+    for got, parameter in zip(batch_grads, model.parameters(), strict=True):
+        assert (got - parameter.grad).abs().max() <= 1e-12
 
 
 @pytest.mark.slow  # beam search and sampling over 4 prompts: about 1 s

@@ -165,8 +165,8 @@ class LeftPaddedCache(InnerloopCache):
 
     def index_select(self, rows: torch.Tensor) -> LeftPaddedCache:
         """A new cache of the sequences ``rows`` (a 1-D int64 tensor of batch rows, repeats allowed)."""
-        rows = check_batch_rows(rows, self.batch_size)
-        new_pads = self.pads[rows.to(self.pads.device)]
+        rows = check_batch_rows(rows, self.batch_size).to(self.pads.device)
+        new_pads = self.pads[rows]
         groups = {}
         for count, group in self.groups.items():
             members = (self.pads == count).nonzero().flatten()  # the old rows of the group, in order

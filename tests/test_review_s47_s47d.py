@@ -148,3 +148,42 @@ def test_lm_evals_batched_generate_until_gives_the_texts_of_batch_size_1(tmp_pat
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu")
         texts[batch_size] = lm.generate_until(requests)
     assert texts[3] == texts[1]
+
+
+# inputs_embeds: refused before ("inputs_embeds is not supported"), though every mixer but TTT-E2E starts
+# from the embedding's output alone. They are now read as it.
+
+
+@pytest.mark.slow  # forwards and two generates of a float64 TTT model: about 1 s
+def test_inputs_embeds_give_the_logits_cache_and_generation_of_their_ids() -> None:
+    model = tiny_hf_model("ttt_linear").double()
+    ids, mask = left_padded(PROMPTS[:2])
+    embeds = model.get_input_embeddings()(ids).detach()
+    with torch.no_grad():
+        by_ids = model(ids, attention_mask=mask, output_hidden_states=True)
+        by_embeds = model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
+        assert torch.equal(by_embeds.logits, by_ids.logits)
+        for got, want in zip(by_embeds.hidden_states, by_ids.hidden_states, strict=True):
+            assert torch.equal(got, want)
+        step = torch.tensor([[5], [6]])
+        longer = torch.cat((mask, torch.ones_like(step)), dim=1)
+        continued = model(step, cache=by_embeds.cache, attention_mask=longer).logits
+        assert torch.equal(continued, model(step, cache=by_ids.cache, attention_mask=longer).logits)
+        options = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": PAD}
+        generated = model.generate(inputs_embeds=embeds, attention_mask=mask, **options)
+        assert torch.equal(generated, model.generate(ids, attention_mask=mask, **options)[:, ids.shape[1] :])
+    labels = ids.masked_fill(mask == 0, -100)
+    loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+    assert loss.item() == model(ids, attention_mask=mask, labels=labels).loss.item()
+
+
+def test_inputs_embeds_of_another_shape_with_ids_or_for_e2e_are_refused_naming_them() -> None:
+    model = tiny_hf_model("swa")
+    with pytest.raises(ValueError, match=r"hidden_size=32\] .*got shape \[1, 2, 31\]"):
+        model(inputs_embeds=torch.zeros(1, 2, 31))
+    with pytest.raises(ValueError, match=r"got shape \[1, 2\] of torch.int64"):
+        model(inputs_embeds=torch.zeros(1, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="takes input_ids or inputs_embeds: give one of them"):
+        model(torch.tensor([[1, 2]]), inputs_embeds=torch.zeros(1, 2, 32))
+    with pytest.raises(ValueError, match=r"not supported for the TTT-E2E model.*pass input_ids"):
+        tiny_hf_model("e2e")(inputs_embeds=torch.zeros(1, 2, 32))

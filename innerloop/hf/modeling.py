@@ -27,6 +27,8 @@ import shlex
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -669,24 +671,53 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         kwargs: dict[str, Any],
         return_dict: Any,
         logits_to_keep: Any = 0,
-    ) -> tuple[torch.Tensor, InnerloopCache | None, bool, bool, torch.Tensor | None]:
-        """Every check of ``forward``'s arguments, in order: the ids (not embeddings), the one cache of
-        ``caches`` (``cache``, ``past_key_values``, ``cache_params``), the ids and the mask
-        (:meth:`_check_inputs`), the other arguments (:meth:`_check_arguments`). Returns the ids (the
-        padding's set to 0), the cache, whether a cache may be returned, whether the hidden states are
-        wanted, and each row's left pads (None: no left padding; :func:`padded_rows`)."""
-        if inputs_embeds is not None or input_ids is None:
-            raise ValueError(
-                f"{type(self).__name__} takes input_ids (token ids [batch, length]); inputs_embeds is not "
-                "supported"
-            )
+    ) -> tuple[torch.Tensor, InnerloopCache | None, bool, bool, torch.Tensor | None, torch.Tensor | None]:
+        """Every check of ``forward``'s arguments, in order: the ids or the embeddings
+        (:meth:`_checked_embeddings`: ids of 0 stand for them), the one cache of ``caches`` (``cache``,
+        ``past_key_values``, ``cache_params``), the ids and the mask (:meth:`_check_inputs`), the other
+        arguments (:meth:`_check_arguments`). Returns the ids (the padding's set to 0), the cache, whether
+        a cache may be returned, whether the hidden states are wanted, each row's left pads (None: no
+        left padding; :func:`padded_rows`) and the embeddings given (None: read the ids)."""
+        embeds = self._checked_embeddings(input_ids, inputs_embeds)
+        if embeds is not None:
+            input_ids = torch.zeros(embeds.shape[:2], dtype=torch.int64, device=embeds.device)
         cache = one_cache(*caches)
         self._check_cache(cache)
         input_ids, may_cache, hidden, pads = self._check_inputs(
             input_ids, attention_mask, cache, use_cache, output_hidden_states
         )
         self._check_arguments(kwargs, input_ids, cache, logits_to_keep, return_dict, attention_mask, pads)
-        return input_ids, cache, may_cache, hidden, pads
+        return input_ids, cache, may_cache, hidden, pads, embeds
+
+    def _checked_embeddings(self, input_ids: Any, inputs_embeds: Any) -> torch.Tensor | None:
+        """``inputs_embeds`` (None when the ids are given), after refusing both or neither, anything but a
+        floating tensor ``[batch, length >= 1, hidden_size]``, and the TTT-E2E model, whose inner loop
+        trains on the next token ids."""
+        if inputs_embeds is None and input_ids is not None:
+            return None
+        name = type(self).__name__
+        if input_ids is not None or inputs_embeds is None:
+            raise ValueError(
+                f"{name} takes input_ids or inputs_embeds: give one of them, not both or neither"
+            )
+        if self.config.model["mixer"] == E2E:  # type: ignore[index]
+            raise ValueError(
+                f"inputs_embeds is not supported for the TTT-E2E model (model.mixer={E2E!r}): its inner loop "
+                "trains on the next token ids, which embeddings do not give; pass input_ids"
+            )
+        hidden = self.config.hidden_size
+        if not isinstance(inputs_embeds, torch.Tensor):
+            shown = type(inputs_embeds).__name__
+        elif not inputs_embeds.is_floating_point() or inputs_embeds.dim() != 3:
+            shown = f"shape {list(inputs_embeds.shape)} of {inputs_embeds.dtype}"
+        elif inputs_embeds.shape[1] < 1 or inputs_embeds.shape[2] != hidden:
+            shown = f"shape {list(inputs_embeds.shape)}"
+        else:
+            return inputs_embeds
+        raise ValueError(
+            f"inputs_embeds must be a floating tensor [batch, length >= 1, hidden_size={hidden}] (what "
+            f"get_input_embeddings() gives for token ids), got {shown}"
+        )
 
     def _run(
         self,
@@ -695,20 +726,23 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         hidden: bool,
         head: bool,
         pads: torch.Tensor | None = None,
+        embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any, tuple[torch.Tensor, ...] | None]:
         """innerloop's network on ``input_ids`` from the cache's state: the logits (``head``) or what the
         head reads (:meth:`~innerloop.models.lm.CausalLM.features`), the new state, and the hidden states
         when ``hidden`` (see :func:`~innerloop.hf.arguments.recording_hidden_states`). With ``pads`` (each
-        row's left pads), each row is read without its pads: :meth:`_run_left_padded`."""
+        row's left pads), each row is read without its pads: :meth:`_run_left_padded`. With ``embeds``
+        ``[B, T, hidden]``, the embedding's output is them (the ids are placeholders)."""
         if pads is not None:
-            return self._run_left_padded(input_ids, cache, hidden, head, pads)
+            return self._run_left_padded(input_ids, cache, hidden, head, pads, embeds)
         state = None if cache is None else cache.state
         network = self.model if head else self.model.features
-        if not hidden:
-            out, new_state = network(input_ids, state)
-            return out, new_state, None
-        with recording_hidden_states(self.model) as recorded:
-            out, new_state = network(input_ids, state)
+        with embeddings_given(self.model.embed, embeds):
+            if not hidden:
+                out, new_state = network(input_ids, state)
+                return out, new_state, None
+            with recording_hidden_states(self.model) as recorded:
+                out, new_state = network(input_ids, state)
         return out, new_state, tuple(recorded)
 
     def _run_left_padded(
@@ -718,6 +752,7 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         hidden: bool,
         head: bool,
         pads: torch.Tensor,
+        embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, Any, Any]], tuple[torch.Tensor, ...] | None]:
         """:meth:`_run` for left-padded rows (``pads [B]``, from :func:`padded_rows`): the rows with as many
         pads are read together, their pads left out, from their group of the :class:`LeftPaddedCache`
@@ -734,7 +769,8 @@ class InnerloopPreTrainedModel(PreTrainedModel):
             skip = max(count - start, 0)  # the group's pads among the new columns
             group = cache.groups[count] if isinstance(cache, LeftPaddedCache) else None
             ids = input_ids[rows, skip:]
-            out, state, recorded = self._run(ids, group, hidden, head)
+            part = None if embeds is None else embeds[rows, skip:]
+            out, state, recorded = self._run(ids, group, hidden, head, embeds=part)
             outputs = _placed_rows(outputs, out, rows, skip, batch, length)
             if recorded is not None:
                 places = hidden_states or [None] * len(recorded)
@@ -752,15 +788,21 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         use_cache: bool | None,
         may_cache: bool,
         pads: torch.Tensor | None = None,
+        embeds: torch.Tensor | None = None,
     ) -> InnerloopCache | None:
         """The cache to return (:meth:`_next_cache`, or :meth:`_next_padded_cache` for left-padded rows),
-        or None where ``use_cache`` (default: the config's) is off or the mask allows none."""
+        or None where ``use_cache`` (default: the config's) is off or the mask allows none. After
+        ``embeds`` (no ids read) the cache has no fingerprint: ``generate()`` cannot compare ids with it."""
         wanted = self.config.use_cache if use_cache is None else use_cache
         if not (wanted and may_cache):
             return None
         if pads is not None:
-            return self._next_padded_cache(input_ids, cache, state, pads)
-        return self._next_cache(input_ids, cache, state)
+            new = self._next_padded_cache(input_ids, cache, state, pads)
+        else:
+            new = self._next_cache(input_ids, cache, state)
+        if embeds is not None or (cache is not None and cache.fingerprint is None):
+            new.fingerprint = None
+        return new
 
     def _next_padded_cache(
         self,
@@ -1456,7 +1498,9 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
                 shifted inside, -100 ignored; float32, or float64 for a float64 model; 0 with nothing
                 left to score), over every position whatever ``logits_to_keep``.
             use_cache: return the state as ``cache`` (default: ``config.use_cache``).
-            inputs_embeds: not supported (innerloop models start from token ids).
+            inputs_embeds: ``[batch, length, hidden_size]``, the embedding's output to read instead of
+                ``input_ids`` (one of the two; the cache then has no fingerprint to compare a prompt with);
+                not for the TTT-E2E model, whose inner loop trains on the next token ids.
             return_dict: a tuple instead of the output object when false.
             logits_to_keep: an int k keeps the logits of the last k positions (0, the default, keeps
                 all), a tensor the positions it holds, ``0 .. length - 1``, or a bool mask (see
@@ -1466,15 +1510,15 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
                 ``output_attentions=False`` and arguments given as None are accepted; any other is
                 refused, naming it.
         """
-        input_ids, cache, may_cache, hidden, pads = self._checked_call(  # the padding's ids zeroed: see there
+        input_ids, cache, may_cache, hidden, pads, embeds = self._checked_call(  # pads' ids zeroed: see there
             input_ids, inputs_embeds, attention_mask, (cache, past_key_values, cache_params), use_cache,
             output_hidden_states, kwargs, return_dict, logits_to_keep,
         )  # fmt: skip
         labels = None if labels is None else check_labels(labels, input_ids, self.config.vocab_size)
         if labels is not None and pads is not None:
             labels = unscored_pads(labels, pads, 0 if cache is None else cache.seq_length)
-        logits, state, hidden_states = self._run(input_ids, cache, hidden, True, pads)  # logits [B, T, V]
-        new_cache = self._cache_after(input_ids, cache, state, use_cache, may_cache, pads)
+        logits, state, hidden_states = self._run(input_ids, cache, hidden, True, pads, embeds)  # [B, T, V]
+        new_cache = self._cache_after(input_ids, cache, state, use_cache, may_cache, pads, embeds)
         loss = None if labels is None else next_token_loss(logits, labels)
         logits = slice_logits_to_keep(logits, logits_to_keep)  # as transformers' models keep them
         output = InnerloopCausalLMOutput(
@@ -1488,11 +1532,13 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         next_sequence_length: int | None = None,
         cache: InnerloopCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         is_first_iteration: bool | None = False,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """transformers' own, after checking once, before the prompt is read, that the mask has no
-        padding and that a cache passed in is continued by ``input_ids``."""
+        padding but left padding and that a cache passed in is continued by ``input_ids``. Its
+        ``inputs_embeds`` parameter tells ``generate()`` that the prompt may be given as embeddings."""
         if is_first_iteration:
             check_generate_batch(input_ids)
             check_generate_mask(attention_mask)
@@ -1503,6 +1549,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
             next_sequence_length=next_sequence_length,
             cache=cache,
             attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
             is_first_iteration=is_first_iteration,
             **kwargs,
         )
@@ -1654,16 +1701,30 @@ class InnerloopModel(InnerloopPreTrainedModel):
         given. The arguments are :meth:`InnerloopForCausalLM.forward`'s, but ``labels`` and
         ``logits_to_keep`` (there is no head here); a right padding's positions hold numbers no token
         asked for, as in every causal model, and are for the caller to drop by the mask."""
-        input_ids, cache, may_cache, hidden, pads = self._checked_call(
+        input_ids, cache, may_cache, hidden, pads, embeds = self._checked_call(
             input_ids, inputs_embeds, attention_mask, (cache, past_key_values, cache_params), use_cache,
             output_hidden_states, kwargs, return_dict,
         )  # fmt: skip
-        features, new_state, hidden_states = self._run(input_ids, cache, hidden, False, pads)  # [B, T, D]
-        new_cache = self._cache_after(input_ids, cache, new_state, use_cache, may_cache, pads)
+        features, new_state, hidden_states = self._run(input_ids, cache, hidden, False, pads, embeds)
+        new_cache = self._cache_after(input_ids, cache, new_state, use_cache, may_cache, pads, embeds)
         output = InnerloopModelOutput(
             last_hidden_state=features, cache=new_cache, hidden_states=hidden_states
         )
         return output if return_dict is not False else output.to_tuple()
+
+
+@contextmanager
+def embeddings_given(embed: nn.Module, embeds: torch.Tensor | None) -> Iterator[None]:
+    """While it lasts, ``embed``'s output is ``embeds`` (in the embedding's dtype), whatever ids it reads
+    (placeholders of their shape); nothing changes when ``embeds`` is None."""
+    if embeds is None:
+        yield
+        return
+    handle = embed.register_forward_hook(lambda module, args, output: embeds.to(output.dtype))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _placed_rows(

@@ -523,6 +523,22 @@ def compare_checkpoints(out: Path, results: Sequence[dict], quick: bool) -> str:
 # ---- the studies ---------------------------------------------------------------------------------
 
 
+def sweep_results_for_compare(out: Path, quick: bool) -> list[Path]:
+    """The ``result.json`` of each of :data:`COMPARE_FROM_SWEEP` in ``out``; a SystemExit naming those
+    missing (and the sweep command that trains them) before the compare study trains anything, since
+    its comparison would silently lack those models (or fail for want of its baseline, ``swa 64``)."""
+    paths = {name: out / "runs" / slug(name) / "result.json" for name in COMPARE_FROM_SWEEP}
+    missing = [name for name, path in paths.items() if not path.exists()]
+    if missing:
+        points = " ".join(repr(name) for name in missing)
+        raise SystemExit(
+            f"science.py: error: the compare study compares with the sweep's runs in --out {str(out)!r}, "
+            f"but {', '.join(map(repr, missing))} have no result there; run "
+            f"`python benchmarks/science.py sweep{' --quick' if quick else ''} --out {out} --points {points}` first"
+        )
+    return list(paths.values())
+
+
 def study_points(study: str) -> list[Point]:
     return {"sweep": SWEEP, "compare": COMPARE, "recall": recall_points()}[study]
 
@@ -547,10 +563,10 @@ def run_study(args: argparse.Namespace) -> None:
         budget = budget_of(BUDGET_PRESET[0], merged(BUDGET_PRESET[1], base))
     read_from_sweep = [p for p in SWEEP if p.name in COMPARE_FROM_SWEEP] if args.study == "compare" else []
     check_recorded_results([*points, *read_from_sweep], out, base, budget)
+    from_sweep = sweep_results_for_compare(out, args.quick) if args.study == "compare" else []
     results = run_points(points, out, base, budget, args.jobs)
     if args.study == "compare":
-        from_sweep = [out / "runs" / slug(name) / "result.json" for name in COMPARE_FROM_SWEEP]
-        results = [json.loads(path.read_text()) for path in from_sweep if path.exists()] + results
+        results = [json.loads(path.read_text()) for path in from_sweep] + results
     if args.study == "recall":
         table, series = recall_table(results)
         plot_png(out / "recall.png", series, "key-value pairs", "recall accuracy")

@@ -37,6 +37,7 @@ from innerloop.checkpoints import CheckpointError
 from innerloop.config import load_config
 from innerloop.config.load import ConfigError
 from innerloop.data.atomic import atomic_write
+from innerloop.data.text import DataError
 from innerloop.models.params import count_config_parameters, size_to_budget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
@@ -945,8 +946,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(inspection(args))
         except DiagnoseArgumentError as error:  # names its argument
             parser.error(str(error))
-        except (CheckpointError, ConfigError, OSError) as error:
-            # a missing or unreadable checkpoint, run folder or ttt.py: one line, not a traceback
+        except (CheckpointError, ConfigError, DataError, OSError) as error:
+            # a missing or unreadable checkpoint, run folder or ttt.py, or too little validation text for
+            # --seq-len: one line, not a traceback
             parser.error(f"{args.study}: {' '.join(str(error).split())}")
     elif args.list:
         print("\n".join(p.name for p in study_points(args.study)))

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from lm_testing import untrained_run
 
 SCIENCE = Path(__file__).parents[1] / "benchmarks" / "science.py"
 
@@ -45,3 +46,21 @@ def test_the_compare_study_refuses_before_training_when_the_sweeps_runs_are_miss
     missing = [name for name in science.COMPARE_FROM_SWEEP if name != "linear"]
     assert all(f"'{name}'" in message for name in missing), message
     assert "'linear'" not in message and "science.py sweep --quick" in message, message
+
+
+@pytest.mark.slow  # two tiny run folders and their models loaded: ~1 s
+@pytest.mark.parametrize("command", ["growth", "diagnose"])
+def test_growth_and_diagnose_on_too_little_validation_text_are_one_line_errors(tmp_path, capsys, command):
+    # A --seq-len past the run's validation text raised innerloop's DataError, which science.py's main
+    # did not catch: a traceback instead of the one-line error its other bad inputs get.
+    corpus = tmp_path / "corpus.py"
+    corpus.write_text("".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(60)))
+    ttt = untrained_run(tmp_path / "ttt", corpus, "ttt", 0, 16, 3, 2)
+    swa = untrained_run(tmp_path / "swa", corpus, "swa", 1, 16, 3, 2)
+    given = [str(ttt), str(swa)] if command == "growth" else [str(ttt / "last.safetensors")]
+    with pytest.raises(SystemExit) as stopped:
+        _science().main([command, *given, "--seq-len", "4096"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f": error: {command}: the run's validation data" in error, error
+    assert "--seq-len + 1 = 4097" in error, error

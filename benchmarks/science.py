@@ -39,6 +39,7 @@ from innerloop.config.load import ConfigError
 from innerloop.data.atomic import atomic_write
 from innerloop.data.text import DataError
 from innerloop.models.params import count_config_parameters, size_to_budget
+from innerloop.train.run_dir import RUN_MARKERS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
 from cli_args import output_folder, positive_int  # noqa: E402
@@ -314,6 +315,23 @@ def finished(run_dir: Path) -> bool:
     )
 
 
+def stopped_run_said(point: Point, run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that stopped before it finished (its config or a checkpoint, no
+    final report); if so, say how to go on. Training the point again there would replace its
+    ``train.log`` with ``innerloop train``'s refusal to write into a folder that holds a run."""
+    found = [name for name in RUN_MARKERS if (run_dir / name).exists()]
+    if not found:
+        return False
+    print(
+        f"{point.name}: {str(run_dir)!r} holds a run that stopped before it finished ({', '.join(found)}; its "
+        f"log: {str(run_dir / 'train.log')!r}): continue it with `innerloop train --resume out_dir={run_dir} "
+        f">> {run_dir / 'train.log'} 2>&1` and run the study again to read it back, or remove the folder to "
+        "train the point again",
+        flush=True,
+    )
+    return True
+
+
 def run_point(point: Point, out: Path, base: Sequence[str], budget: int | None) -> dict | None:
     """Train one point (unless its ``result.json`` exists) and return its result; None if it failed."""
     run_dir = out / "runs" / slug(point.name)
@@ -322,6 +340,8 @@ def run_point(point: Point, out: Path, base: Sequence[str], budget: int | None) 
         return json.loads(result_path.read_text())
     command = command_for(point, sized_overrides(point, base, budget), run_dir)
     if not finished(run_dir):  # a run whose driver was stopped after it finished is read back
+        if stopped_run_said(point, run_dir):
+            return None
         run_dir.mkdir(parents=True, exist_ok=True)
         with (run_dir / "train.log").open("w") as log:
             log.write(f"{COMMAND_LINE}{shown_command(command)}\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -64,3 +65,28 @@ def test_growth_and_diagnose_on_too_little_validation_text_are_one_line_errors(t
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert f": error: {command}: the run's validation data" in error, error
     assert "--seq-len + 1 = 4097" in error, error
+
+
+def test_a_study_rerun_keeps_an_interrupted_points_log_and_says_how_to_go_on(tmp_path, monkeypatch, capsys):
+    # A point whose training was stopped (its run folder holds a checkpoint, its log no final report)
+    # was trained again into the same folder: its train.log was replaced by the new process's output,
+    # which `innerloop train` refuses (the folder holds a run), so the interrupted run's log was lost and
+    # the point failed on every rerun with only "training failed; see train.log".
+    science = _science()
+    point = science.Point("linear", "tiny", matched=False)
+    run_dir = tmp_path / "runs" / "linear"
+    run_dir.mkdir(parents=True)
+    (run_dir / "last.safetensors").write_bytes(b"a checkpoint")
+    log = "command: innerloop train --config tiny\nstep 100/300 loss 2.5\n"
+    (run_dir / "train.log").write_text(log)
+    started = []
+
+    def refused_training(command, **kwargs):  # what `innerloop train` does in a folder holding a run
+        started.append(command)
+        return subprocess.CompletedProcess(command, 1)
+
+    monkeypatch.setattr(science.subprocess, "run", refused_training)
+    assert science.run_point(point, tmp_path, [], None) is None
+    assert (run_dir / "train.log").read_text() == log and not started
+    said = capsys.readouterr().out
+    assert str(run_dir) in said and "--resume" in said and "remove" in said, said

@@ -31,6 +31,27 @@ MIN_BAND_WINDOWS = 6
 """Windows below which a difference has no band (see the module docstring)."""
 
 
+MIN_TAIL_RESAMPLES = 10
+"""Resamples beyond each end of a band below which :func:`few_resamples_note` warns: a band's end is a
+quantile of the resamples, and with a handful beyond it the end moves with the seed (1 resample gives a
+band of no width that need not hold the mean)."""
+
+
+def few_resamples_note(resamples: int, confidence: float) -> str | None:
+    """A note when ``resamples`` leave fewer than :data:`MIN_TAIL_RESAMPLES` beyond each end of a
+    ``confidence`` band (None when enough do): the band is then a rough one, whatever its width says."""
+    tail = resamples * (1 - confidence) / 2
+    if tail >= MIN_TAIL_RESAMPLES - 1e-9:  # 100 resamples of an 80% band leave 10, not 9.999...
+        return None
+    needed = math.ceil(MIN_TAIL_RESAMPLES / ((1 - confidence) / 2) - 1e-9)
+    counted = "1 bootstrap resample leaves" if resamples == 1 else f"{resamples} bootstrap resamples leave"
+    return (
+        f"{counted} {tail:.3g} beyond each end of "
+        f"a {100 * confidence:.0f}% band, so its ends move with the seed and it may not cover as often as it "
+        f"says: use --resamples {needed} or more for bands to report (the default is {DEFAULT_RESAMPLES})"
+    )
+
+
 def bootstrap_difference(
     differences: torch.Tensor,
     counts: torch.Tensor,

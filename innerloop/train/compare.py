@@ -58,6 +58,7 @@ from innerloop.train.bootstrap import (
     bootstrap_difference,
     checked_resamples,
     checked_seed,
+    few_resamples_note,
 )
 from innerloop.train.data import IGNORE_INDEX, DataError, checked_window_sizes, resolve_files
 from innerloop.train.metrics import position_buckets
@@ -285,6 +286,10 @@ def compare(
     tokenizer = _common_tokenizer(checkpoints, names)
     seq_lens = list(dict.fromkeys(seq_lens or [training_seq_len(reference.module, reference.checkpoint)]))
     notes = _logged_notes(models, base, paths, held_out, seq_lens)
+    rough_bands = few_resamples_note(resamples, confidence) if len(models) > 1 else None
+    if rough_bands is not None:
+        log.warning("%s", rough_bands)
+        notes.append(rough_bands)
     comparison = Comparison(
         models, base, [], {}, confidence, resamples, seed, "", notes=notes, held_out=held_out
     )

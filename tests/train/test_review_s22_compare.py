@@ -367,3 +367,21 @@ def test_a_copy_of_a_training_file_counts_as_trained_on(tmp_path) -> None:
     (tmp_path / "baseline" / "a.txt").write_text(texts["a.txt"])
     both = RunFiles(training=frozenset({tmp_path / "model" / "a.txt"}), held_out=frozenset(windows))
     assert both.trained_on(windows) == []
+
+
+# review s47 (s47j's find): --resamples 1 gave a "95% band" of no width that need not hold the mean
+def test_a_band_from_too_few_resamples_is_named_in_a_note(world, caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        rough = compare([world["ttt"], world["swa"]], resamples=20)
+    assert any("use --resamples 400 or more" in note for note in rough.notes)
+    assert any("20 bootstrap resamples" in r.getMessage() for r in caplog.records)
+    assert not [n for n in compare([world["ttt"], world["swa"]], resamples=400).notes if "resample" in n]
+
+
+def test_the_resamples_note_counts_the_resamples_beyond_each_end() -> None:
+    from innerloop.train.bootstrap import few_resamples_note
+
+    assert few_resamples_note(1000, 0.95) is None and few_resamples_note(400, 0.95) is None
+    assert "1 bootstrap resample leaves 0.025" in few_resamples_note(1, 0.95)
+    assert few_resamples_note(399, 0.95) is not None and few_resamples_note(100, 0.8) is None
+    assert "use --resamples 100 or more" in few_resamples_note(99, 0.8)

@@ -24,8 +24,8 @@ CACHE_NAMES = ("cache", "past_key_values", "cache_params")
 """The names a cache is passed under: the model's own, transformers' usual one, and Mamba's."""
 
 SUPPORTED_ARGUMENTS = (
-    "input_ids, attention_mask, cache (or past_key_values, cache_params), labels, use_cache, return_dict, "
-    "logits_to_keep, output_hidden_states, output_attentions=False, position_ids or cache_position "
+    "input_ids, attention_mask, cache (or past_key_values, cache_params), labels, num_items_in_batch, "
+    "use_cache, return_dict, logits_to_keep, output_hidden_states, output_attentions=False, position_ids or cache_position "
     "equal to the positions the model reads, token_type_ids of one segment (all 0), and tokenizer (which "
     "generate passes along for stop_strings)"
 )
@@ -37,6 +37,32 @@ SUPPORTED_BASE_ARGUMENTS = (
     "the model reads, and token_type_ids of one segment (all 0)"
 )
 """What ``InnerloopModel.forward`` (the network without its LM head) reads."""
+
+
+def check_num_items_in_batch(value: Any) -> float | None:
+    """``num_items_in_batch`` (the tokens transformers' ``Trainer`` counts over a step's micro-batches, by
+    which the loss's sum is divided) as a float, or None when not given. An int or a tensor of one real
+    number (0-d as the ``Trainer`` passes it, or ``[1]`` as ``DataParallel`` scatters it), finite and not
+    negative; anything else is refused, naming it."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(
+                "num_items_in_batch must be an int or a tensor holding one number (the tokens the loss's sum "
+                f"is divided by), got a tensor of shape {list(value.shape)} of {value.dtype}"
+            )
+        count = float(value.detach().reshape(()).item())
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        count = float(value)
+    else:
+        raise ValueError(
+            "num_items_in_batch must be an int or a tensor holding one number (the tokens the loss's sum is "
+            f"divided by), got {type(value).__name__} {value!r}"
+        )
+    if not count >= 0 or count == float("inf"):
+        raise ValueError(f"num_items_in_batch must be a finite count, 0 or more, got {count}")
+    return count
 
 
 def one_cache(cache: Any, past_key_values: Any, cache_params: Any) -> Any:

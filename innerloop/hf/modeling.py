@@ -59,6 +59,7 @@ from innerloop.hf.arguments import (
     check_mask_shape,
     check_mask_values,
     check_not_assisted,
+    check_num_items_in_batch,
     check_other_arguments,
     hidden_states_wanted,
     one_cache,
@@ -1452,8 +1453,10 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
     torch.Size([1, 2, 256])
     """
 
-    # transformers' Trainer then passes no num_items_in_batch (forward refuses arguments it does not use)
-    accepts_loss_kwargs = False
+    # transformers' Trainer then passes num_items_in_batch, the tokens scored over a step's micro-batches
+    # (counted over labels[..., 1:]: loss_type "ForCausalLM", which transformers takes from the class's name,
+    # makes it shift them as forward does), so that gradient accumulation weighs every token alike
+    accepts_loss_kwargs = True
 
     def get_output_embeddings(self) -> nn.Linear:
         """The LM head (tied to the embedding unless ``model.tie_embeddings`` is false)."""
@@ -1482,6 +1485,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         past_key_values: InnerloopCache | None = None,
         cache_params: InnerloopCache | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs: Any,
     ) -> InnerloopCausalLMOutput | tuple:
         """``input_ids [B, T]`` -> logits ``[B, T, vocab]``, continuing from ``cache`` when given.
@@ -1506,6 +1510,8 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
                 all), a tensor the positions it holds, ``0 .. length - 1``, or a bool mask (see
                 :func:`~innerloop.hf.arguments.check_logits_to_keep`: out of range is refused).
             output_hidden_states: also return the hidden states (default: the config's); not for TTT-E2E.
+            num_items_in_batch: an int or a tensor of one number: with ``labels``, the loss is the SUM of the
+                scored tokens' cross-entropies divided by it (the ``Trainer``'s count: :func:`next_token_loss`).
             **kwargs: ``position_ids`` / ``cache_position`` equal to the positions the model reads,
                 ``output_attentions=False`` and arguments given as None are accepted; any other is
                 refused, naming it.
@@ -1515,11 +1521,12 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
             output_hidden_states, kwargs, return_dict, logits_to_keep,
         )  # fmt: skip
         labels = None if labels is None else check_labels(labels, input_ids, self.config.vocab_size)
+        items = check_num_items_in_batch(num_items_in_batch)
         if labels is not None and pads is not None:
             labels = unscored_pads(labels, pads, 0 if cache is None else cache.seq_length)
         logits, state, hidden_states = self._run(input_ids, cache, hidden, True, pads, embeds)  # [B, T, V]
         new_cache = self._cache_after(input_ids, cache, state, use_cache, may_cache, pads, embeds)
-        loss = None if labels is None else next_token_loss(logits, labels)
+        loss = None if labels is None else next_token_loss(logits, labels, items)
         logits = slice_logits_to_keep(logits, logits_to_keep)  # as transformers' models keep them
         output = InnerloopCausalLMOutput(
             loss=loss, logits=logits, cache=new_cache, hidden_states=hidden_states
@@ -1815,14 +1822,38 @@ def unscored_pads(labels: torch.Tensor, pads: torch.Tensor, start: int) -> torch
     return labels.masked_fill(columns <= pads.to(labels.device)[:, None], -100)
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def next_token_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: float | None = None
+) -> torch.Tensor:
     """Mean cross-entropy of ``logits [B, T, V]`` at position t against ``labels [B, T]`` at t + 1
     (-100 ignored), in float32 or the logits' wider dtype (float64 stays float64).
 
     With no label left to score (every shifted label -100, or one token per row) the loss is 0,
     attached to the graph (its backward gives zero gradients), not the mean over nothing, NaN, which
-    would fill every gradient with NaN."""
+    would fill every gradient with NaN.
+
+    With ``num_items_in_batch`` (a count, :func:`~innerloop.hf.arguments.check_num_items_in_batch`), the
+    loss is the sum of the scored tokens' cross-entropies divided by it instead: transformers' ``Trainer``
+    passes the tokens scored over all of a step's micro-batches, so that their losses add up to the mean
+    over every token of the step. A count of 0 is taken for 1 when nothing is scored (the loss is then 0),
+    and refused when something is."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
     shifted_logits = logits[:, :-1].to(dtype)  # [B, T-1, V]
     shifted_labels = labels[:, 1:].to(logits.device)  # [B, T-1]
-    return mean_scored_cross_entropy(shifted_logits, shifted_labels, ignore_index=-100)
+    if num_items_in_batch is None:
+        return mean_scored_cross_entropy(shifted_logits, shifted_labels, ignore_index=-100)
+    total = nn.functional.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
+        shifted_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    if num_items_in_batch == 0:
+        scored = int((shifted_labels != -100).sum())
+        if scored:
+            raise ValueError(
+                f"num_items_in_batch=0, but the labels score {scored} token(s): it must count the tokens "
+                "scored (labels[..., 1:] that are not -100) over the step's micro-batches"
+            )
+        return total  # 0, attached to the graph
+    return total / num_items_in_batch

@@ -74,8 +74,8 @@ def test_two_different_caches_are_refused_and_one_cache_under_two_names_is_one()
     [
         ({"token_type_ids": torch.ones_like(IDS)}, r"token_type_ids holds segments other than 0"),
         (
-            {"num_items_in_batch": 12, "head_mask": torch.ones(2)},
-            r"does not use: num_items_in_batch, head_mask",
+            {"reduction": "sum", "head_mask": torch.ones(2)},  # num_items_in_batch is read (the Trainer's)
+            r"does not use: reduction, head_mask",
         ),
         ({"output_attentions": True}, r"output_attentions=True is not supported"),
         (

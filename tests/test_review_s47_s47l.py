@@ -154,3 +154,15 @@ def test_the_trainer_counts_the_tokens_forward_scores(tmp_path):
     assert int(trainer._get_num_items_in_batch([padded], torch.device("cpu"))) == 5
     scored_alone = model(**padded, num_items_in_batch=5).loss
     torch.testing.assert_close(scored_alone, model(**padded).loss, rtol=1e-14, atol=0)
+
+
+@pytest.mark.slow  # ~1 s: builds a Trainer (and imports it)
+def test_the_trainers_label_smoothing_scores_each_logit_against_the_next_label(tmp_path):
+    model = tiny_hf_model("ttt_linear").double()
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, label_smoothing_factor=1e-12
+    )
+    trainer = transformers.Trainer(model=model, args=arguments)
+    batch = _batch(model)
+    smoothed = trainer.compute_loss(model, dict(batch))  # a factor of 1e-12: the cross-entropy itself
+    torch.testing.assert_close(smoothed, model(**batch).loss, rtol=1e-9, atol=0)

@@ -1644,6 +1644,21 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         return input_ids, model_kwargs
 
 
+def _name_as_a_causal_lm() -> None:
+    """List ``InnerloopForCausalLM`` among transformers' causal LMs (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``,
+    model type ``"innerloop"``), which is how transformers' ``Trainer`` tells that its label smoother
+    (``label_smoothing_factor``) must shift the labels: unlisted, it scored the logits at t against the
+    label at t, the token the model reads, not the next one. ``AutoModelForCausalLM.register`` (hook.py)
+    does not list it there; the lazy Auto mapping reads only the model types transformers' own configs
+    name, so nothing else loads through this entry."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault("innerloop", InnerloopForCausalLM.__name__)
+
+
+_name_as_a_causal_lm()
+
+
 @dataclass
 class InnerloopModelOutput(ModelOutput):
     """Output of :meth:`InnerloopModel.forward`.

@@ -44,16 +44,13 @@ change, e.g. trainer.max_steps=2000 to extend it), --overwrite replaces it.
 """
 
 
-def _installed_version() -> str:
-    """The installed distribution's version, or ``innerloop.__version__`` when run from a source tree."""
-    from importlib import metadata
+def _running_version() -> str:
+    """``innerloop.__version__``: the version of the code that runs, the one checkpoints record. Not the
+    installed distribution's metadata, which an editable install keeps from the day it was installed
+    (and which belongs to another checkout when this one runs from its source tree)."""
+    from innerloop import __version__  # loaded already: importing innerloop.config ran the package
 
-    try:
-        return metadata.version("innerloop")
-    except metadata.PackageNotFoundError:
-        from innerloop import __version__
-
-        return __version__
+    return __version__
 
 
 class UsageError(Exception):
@@ -130,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="innerloop", description="Test-time-training sequence layers.", formatter_class=_HelpFormatter
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_installed_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_running_version()}")
     commands = parser.add_subparsers(
         dest="command", metavar="COMMAND", help="what to do; `innerloop COMMAND --help` explains it"
     )

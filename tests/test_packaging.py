@@ -30,18 +30,18 @@ def test_version_is_written_once_in_the_package():
     assert all(part.isdigit() for part in innerloop.__version__.split(".")), innerloop.__version__
 
 
-def test_version_flag_prints_the_installed_version(capsys):
+def test_version_flag_prints_the_running_package_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0
-    assert capsys.readouterr().out == f"innerloop {metadata.version('innerloop')}\n"
+    assert capsys.readouterr().out == f"innerloop {innerloop.__version__}\n"
 
 
-def test_version_flag_falls_back_to_the_package_version(monkeypatch, capsys):
-    def not_installed(name):
-        raise metadata.PackageNotFoundError(name)
-
-    monkeypatch.setattr(metadata, "version", not_installed)
+def test_version_flag_is_the_code_that_runs_not_stale_install_metadata(monkeypatch, capsys):
+    """An editable install keeps the version of the day it was installed in its metadata (or another
+    checkout's, when this one runs with PYTHONPATH); ``--version`` must say the version of the code
+    that runs, the one checkpoints record (``innerloop_version``), not that metadata."""
+    monkeypatch.setattr(metadata, "version", lambda name: "9.9.9")  # a stale install
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0
@@ -54,7 +54,7 @@ def test_python_dash_m_innerloop_is_the_cli():
         [sys.executable, "-m", "innerloop", "--version"], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout == f"innerloop {metadata.version('innerloop')}\n"
+    assert done.stdout == f"innerloop {innerloop.__version__}\n"
     done = subprocess.run([sys.executable, "-m", "innerloop"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
     assert done.stdout.startswith("usage: innerloop"), done.stdout

@@ -643,12 +643,13 @@ def check_instance(kind_name: str, obj: Any) -> None:
     """Hold a plugin instance given directly (``TTTLayer(inner_loss=MyLoss())``), not through the
     registry, to the checks the registrar runs; the registered object itself, and an instance already
     checked, pass at once. Instances of classes defined in the built-in plugin modules
-    (``innerloop.plugins.DEFAULT_PLUGINS``) skip the external check (the test suite checks them)."""
+    (``innerloop.plugins.DEFAULT_PLUGINS``) skip the external check (the test suite checks them):
+    :func:`_is_builtin_class`, as registration decides by the module object (:func:`_is_builtin_module`)."""
     registry = get_registry()
     registered = any(entry.obj is obj for entry in registry.entries(kind_name))  # not by name: no clash check
     if registered or obj in _CHECKED_INSTANCES:
         return
-    builtin = type(obj).__module__ in _builtin_modules()
+    builtin = _is_builtin_class(type(obj))
     with outside_transforms():
         validate_plugin(KIND_BY_NAME[kind_name], obj, external=not builtin)
     _CHECKED_INSTANCES.set(obj, True)
@@ -846,6 +847,19 @@ def _is_builtin_module(plugin: Any) -> bool:
     merely names itself like one)."""
     name = getattr(plugin, "__name__", None)
     return inspect.ismodule(plugin) and name in _builtin_modules() and sys.modules.get(name) is plugin
+
+
+def _is_builtin_class(cls: type) -> bool:
+    """Whether ``cls`` is a class a built-in plugin module defines: that module (loaded) holds ``cls``
+    itself under its qualified name. A class defined elsewhere whose ``__module__`` merely names a
+    built-in module (set by hand, or by a class factory) is not: its instances meet the external checks."""
+    module = sys.modules.get(cls.__module__)
+    if not _is_builtin_module(module):
+        return False
+    found: Any = module
+    for part in cls.__qualname__.split("."):
+        found = getattr(found, part, None)
+    return found is cls
 
 
 def outside_transforms() -> contextlib.AbstractContextManager[None]:

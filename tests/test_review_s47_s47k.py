@@ -1,0 +1,45 @@
+"""Review s47k (issue 10, the house): one way to decide what is built in."""
+
+from __future__ import annotations
+
+import pytest
+
+import innerloop
+from innerloop.plugins.optimizers.dual_form import DualForm
+
+
+class _DoubledOutputs(DualForm):
+    """A wrong update rule (its outputs doubled) whose class claims to live in a built-in plugin module."""
+
+    name = "dual_form"
+
+    def forward(self, state, task, views, lr, tau, **gates):  # type: ignore[no-untyped-def]
+        outputs, new_state = super().forward(state, task, views, lr, tau, **gates)
+        return 2 * outputs, new_state
+
+
+_DoubledOutputs.__module__ = DualForm.__module__  # not defined there: only its name says so
+
+
+@pytest.mark.slow  # the naive-loop check of an external rule: ~1 s
+def test_an_instance_is_built_in_only_if_its_class_is_the_built_in_modules_own() -> None:
+    """Registration decides built-in status by the module object itself (``_is_builtin_module``); a rule
+    handed to a layer as an instance was built in when its class's ``__module__`` *string* named a
+    built-in module, so a class defined elsewhere skipped the naive-loop check and a layer ran its
+    wrong numbers silently. Now the class must be the one that module defines under its name."""
+    with pytest.raises(innerloop.PluginError):
+        innerloop.TTTLayer(16, 2, mini_batch_size=4, update_rule=_DoubledOutputs())
+
+
+def test_an_instance_of_a_built_in_class_still_skips_the_external_check(monkeypatch) -> None:
+    import innerloop.registry.manager as manager
+
+    seen = []
+
+    def recording(kind, obj, external):  # type: ignore[no-untyped-def]
+        seen.append((kind.name, type(obj).__name__, external))
+        return obj.name
+
+    monkeypatch.setattr(manager, "validate_plugin", recording)
+    manager.check_instance("update_rule", DualForm())
+    assert seen == [("update_rule", "DualForm", False)]

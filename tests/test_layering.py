@@ -75,8 +75,10 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
         "importing the package (as `import innerloop` does, for the hook) does not"
     ),
     ("innerloop.core.layer", "innerloop.registry"): (
-        "TTTLayer accepts plugin names and resolves them through the registry when it is built; "
-        "passing instances never touches the registry"
+        "TTTLayer accepts plugin names and resolves them through the registry when it is built; an instance "
+        "passed instead is held to the registrar's checks by registry.check_instance (the registered object "
+        "itself, or one already checked, passes at once), which builds the process registry, entry points "
+        "included, on first use"
     ),
     ("innerloop.core.identity", "innerloop.registry"): (
         "whether a plugin object is the one registered under its name (so that a kernel registered "

@@ -43,3 +43,24 @@ def test_an_instance_of_a_built_in_class_still_skips_the_external_check(monkeypa
     monkeypatch.setattr(manager, "validate_plugin", recording)
     manager.check_instance("update_rule", DualForm())
     assert seen == [("update_rule", "DualForm", False)]
+
+
+def test_a_layer_built_from_instances_asks_the_registry_as_the_docs_say() -> None:
+    """docs/architecture.md's lazy-import row for ``core.layer -> registry`` said "passing instances never
+    touches the registry"; a layer given instances builds the process registry (``check_instance`` asks
+    whether each is the registered object, else runs the registrar's checks once), entry points included.
+    The row (and LAZY_IMPORTS, which the docs must equal) now says so."""
+    from test_layering import LAZY_IMPORTS
+
+    import innerloop.registry.manager as manager
+    from innerloop.plugins.losses.reconstruction import Reconstruction
+    from innerloop.plugins.models.linear import LinearModel
+
+    with innerloop.registry.isolated_registry():  # no registry inside, as in a fresh process
+        assert manager._REGISTRY is None
+        layer = innerloop.TTTLayer(
+            16, 2, inner_model=LinearModel(), inner_loss=Reconstruction(), update_rule=DualForm()
+        )
+        assert manager._REGISTRY is not None, f"{layer} was built without the registry"
+    reason = LAZY_IMPORTS["innerloop.core.layer", "innerloop.registry"]
+    assert "never touches the registry" not in reason and "check_instance" in reason

@@ -34,6 +34,7 @@ def test_an_instance_is_built_in_only_if_its_class_is_the_built_in_modules_own()
 def test_an_instance_of_a_built_in_class_still_skips_the_external_check(monkeypatch) -> None:
     import innerloop.registry.manager as manager
 
+    innerloop.get_registry()  # built before the patch: only the instance's check is recorded
     seen = []
 
     def recording(kind, obj, external):  # type: ignore[no-untyped-def]
@@ -64,3 +65,12 @@ def test_a_layer_built_from_instances_asks_the_registry_as_the_docs_say() -> Non
         assert manager._REGISTRY is not None, f"{layer} was built without the registry"
     reason = LAZY_IMPORTS["innerloop.core.layer", "innerloop.registry"]
     assert "never touches the registry" not in reason and "check_instance" in reason
+
+
+def test_the_list_of_built_in_plugins_cannot_grow() -> None:
+    """Built-in status (no naive-loop check of an update rule, the ``builtin:`` origin) is membership in
+    ``innerloop.plugins.DEFAULT_PLUGINS``; as a list, ``DEFAULT_PLUGINS.append("mine")`` let any module
+    register as built in. It is a tuple."""
+    from innerloop.plugins import DEFAULT_PLUGINS
+
+    assert isinstance(DEFAULT_PLUGINS, tuple), type(DEFAULT_PLUGINS)

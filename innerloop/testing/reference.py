@@ -15,12 +15,48 @@ from innerloop.core.state import TTTState
 
 
 def _token_grads(task: InnerTask, params: dict, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-    """Gradient of one token's inner loss w.r.t. each weight, kept in the graph when the outer loop needs it."""
+    """Gradient of one token's inner loss w.r.t. each weight, kept in the graph when the outer loop needs it.
+
+    Without an outer graph it is taken outside inference mode on normal copies of any inference tensor
+    (``torch.autograd.grad`` cannot run under ``torch.inference_mode``, nor save an inference tensor for
+    backward), so the loop runs under ``inference_mode`` and on its tensors, as ``UpdateRule.forward`` does."""
     outer = torch.is_grad_enabled() and (x.requires_grad or any(v.requires_grad for v in params.values()))
-    leaves = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
-    with torch.enable_grad():
-        token_loss = task.loss.token_loss(task.predict(leaves, x), y).sum()
-        return list(torch.autograd.grad(token_loss, list(leaves.values()), create_graph=outer))
+    if outer:
+        leaves = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
+        with torch.enable_grad():
+            token_loss = task.loss.token_loss(task.predict(leaves, x), y).sum()
+            return list(torch.autograd.grad(token_loss, list(leaves.values()), create_graph=True))
+    with torch.inference_mode(False), torch.enable_grad():
+        leaves = {k: _normal(v).detach().requires_grad_(True) for k, v in params.items()}
+        task = replace(task, norm_weight=_normal(task.norm_weight), norm_bias=_normal(task.norm_bias))
+        token_loss = task.loss.token_loss(task.predict(leaves, _normal(x)), _normal(y)).sum()
+        return list(torch.autograd.grad(token_loss, list(leaves.values())))
+
+
+def _normal(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """``tensor``, or a normal copy of it if it is an inference tensor (call outside inference mode)."""
+    return tensor.clone() if tensor is not None and tensor.is_inference() else tensor
+
+
+def _check_recordable(state: TTTState, views: Views, gates: dict[str, torch.Tensor | None]) -> None:
+    """Refuse, naming them, inference tensors in a call that records an outer graph (grad enabled and an
+    input requires grad): autograd cannot save them for backward (torch's bare RuntimeError otherwise)."""
+    tensors = {
+        **{f"state.params[{k!r}]": v for k, v in state.params.items()},
+        "views.query": views.query,
+        "views.key": views.key,
+        "views.value": views.value,
+        **gates,
+    }
+    tensors = {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    inference = [name for name, t in tensors.items() if t.is_inference()]
+    if torch.is_grad_enabled() and inference and any(t.requires_grad for t in tensors.values()):
+        raise ValueError(
+            f"naive_token_loop: {', '.join(inference)} are inference tensors (made under torch.inference_mode), "
+            "which autograd cannot save for backward, in a call that records a graph (grad is enabled and an "
+            "input requires grad): run it under torch.no_grad() or torch.inference_mode(), or pass clones made "
+            "outside inference mode"
+        )
 
 
 def _per_head(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -74,6 +110,7 @@ def naive_token_loop(
 
     At the end of a mini-batch the weights it read become ``W_b``.
     """
+    _check_recordable(state, views, {"lr": lr, "tau": tau, "decay": decay, "momentum": momentum})
     pairs = task.loss.pairs(views, state.loss_carry)
     if pairs.valid is not None:
         lr = lr * pairs.valid.to(lr.dtype)

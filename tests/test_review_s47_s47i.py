@@ -38,3 +38,40 @@ def test_naive_token_loop_names_inference_tensors_in_a_recorded_call():
     lr = problem.lr.clone().requires_grad_(True)
     with pytest.raises(ValueError, match=r"naive_token_loop: .*views\.query.* inference tensors"):
         naive_token_loop(problem.state, problem.task, problem.views, lr, problem.tau)
+
+
+def _momentum_rule():
+    from innerloop.registry import get_registry
+
+    return get_registry().update_rule("momentum")
+
+
+def test_momentum_rule_problem_without_norm_stays_finite_at_150_tokens():
+    """Without the LayerNorm, make_problem's momentum-rule problems (no token scale: each of a mini-batch's
+    K tokens steps the weights, and a momentum m multiplies a step by up to 1 / (1 - m)) diverged to NaN in
+    the naive loop itself (50 of 100 drawn MLP problems of 150 tokens; this one from token 130), so
+    check_update_rule failed a correct rule with 'relative error nan'."""
+    shape = dict(batch=2, heads=4, head_dim=4, mini_batch_size=5, seed=2, tokens=150)
+    problem = make_problem("mlp", "reconstruction", norm=False, residual=True, momentum=True, **shape)
+    with torch.no_grad():
+        outputs, state = problem.for_rule(_momentum_rule()).naive()
+    assert torch.isfinite(outputs).all()
+    assert all(torch.isfinite(w).all() for w in state.params.values())
+
+
+def test_a_diverged_reference_is_named_not_blamed_on_the_rule():
+    """A problem whose reference itself gives NaN: the check said 'relative error nan' of the (correct)
+    rule; it now raises ReferenceDivergedError naming the problem."""
+    from dataclasses import replace
+
+    from innerloop.testing.checks import ReferenceDivergedError, check_update_rule_without_grad
+
+    rule = _momentum_rule()
+    problem = make_problem("linear", "reconstruction", norm=False, tokens=40, mini_batch_size=4).for_rule(
+        rule
+    )
+    problem = replace(problem, lr=problem.lr * 1e100)  # each mini-batch multiplies the weights by ~1e100: inf
+    with pytest.raises(
+        ReferenceDivergedError, match=r"naive token loop itself diverged .* on make_problem\('linear'"
+    ):
+        check_update_rule_without_grad(rule, problem)

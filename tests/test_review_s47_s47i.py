@@ -75,3 +75,27 @@ def test_a_diverged_reference_is_named_not_blamed_on_the_rule():
         ReferenceDivergedError, match=r"naive token loop itself diverged .* on make_problem\('linear'"
     ):
         check_update_rule_without_grad(rule, problem)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_gradient_checks_under_a_callers_no_grad_pass_a_correct_rule(mode):
+    """Called under the caller's no_grad / inference_mode, the gradchecks saw no graph and failed a correct
+    rule: 'differ from finite differences ... (a .detach() or a term left out?)'."""
+    from innerloop.testing import check_update_rule_gradients
+
+    with mode():
+        check_update_rule_gradients(
+            "minibatch_gd", "linear", "reconstruction", batch=2, heads=1, head_dim=1, tokens=2
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_plugin_checks_under_a_callers_no_grad_pass_correct_plugins(mode):
+    """The same for check_inner_model and check_inner_loss (their autograd-by-differences checks)."""
+    from innerloop.testing import check_inner_loss, check_inner_model
+
+    with mode():
+        check_inner_model("linear")
+        check_inner_loss("reconstruction")

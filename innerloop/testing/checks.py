@@ -38,7 +38,8 @@ import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, NoReturn
+from functools import wraps
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import torch
 from torch.autograd.gradcheck import GradcheckError
@@ -200,6 +201,24 @@ def finite_expected(
             "LayerNorm on (norm=True), or another seed"
         )
     return out, state
+
+
+_Params = ParamSpec("_Params")
+_Result = TypeVar("_Result")
+
+
+def with_autograd(check: Callable[_Params, _Result]) -> Callable[_Params, _Result]:
+    """``check`` run with autograd on and outside inference mode, whatever mode it is called in: its
+    gradchecks and gradient comparisons under a caller's ``torch.no_grad()`` or ``torch.inference_mode()``
+    saw no graph, and failed a correct plugin ('a .detach() or a term left out?'). The checks that want a
+    mode (:func:`check_update_rule_without_grad`) enter it themselves."""
+
+    @wraps(check)
+    def checked(*args: _Params.args, **kwargs: _Params.kwargs) -> _Result:
+        with torch.inference_mode(False), torch.enable_grad():
+            return check(*args, **kwargs)
+
+    return checked
 
 
 as_index = as_integer
@@ -1428,6 +1447,7 @@ UNIT_CHECK_SHAPE: dict[str, int] = {
 UNIT_CHECK_WRAPPING: dict[str, bool] = {"norm": False, "residual": True}
 
 
+@with_autograd
 def check_inner_model(
     model: InnerModel | str, loss: InnerLoss | str | None = None, seed: int = 0, **shape: int
 ) -> None:
@@ -1564,6 +1584,7 @@ def _check_shape(shape: dict[str, int]) -> dict[str, int]:
     return full
 
 
+@with_autograd
 def check_inner_loss(loss: InnerLoss | str, seed: int = 0, **shape: int) -> None:
     """Shapes, causality, chunk invariance of the pairs, independence of the sequences of a batch,
     the pairs' derivatives against finite differences (:func:`check_pairs_by_differences`), gradient, and agreement with the naive loop (``loss``: an instance or a registered name; ``shape``: as :func:`check_inner_model`'s; with
@@ -1636,6 +1657,7 @@ MIXED_WRAPPINGS: tuple[tuple[bool, bool], ...] = ((True, False), (False, True))
 BUILTIN_LOSSES: tuple[str, ...] = ("reconstruction", "next_token", "dot_product")
 
 
+@with_autograd
 def check_update_rule(
     rule: UpdateRule | str,
     model: InnerModel | str | None = None,
@@ -2098,6 +2120,7 @@ def _with_inputs(problem: InnerProblem, leaves: dict[str, torch.Tensor]) -> Inne
     )
 
 
+@with_autograd
 def check_zero_decay_and_momentum(
     rule: UpdateRule | str,
     model: InnerModel | str,
@@ -2125,6 +2148,7 @@ def check_zero_decay_and_momentum(
             )
 
 
+@with_autograd
 def check_update_rule_gradients(
     rule: UpdateRule | str,
     model: InnerModel | str,

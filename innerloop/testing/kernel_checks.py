@@ -65,6 +65,7 @@ from innerloop.testing.checks import (
     assert_states_close,
     run_layer_in_chunks,
     twin_layers,
+    with_autograd,
 )
 
 #: Relative error :func:`check_kernel` allows by dtype, for outputs, states and gradients alike.
@@ -141,6 +142,7 @@ class KernelCase:
         return f"head_dim {self.head_dim} ({layer}), {self.tokens} tokens from {start}, {split}, {self.mode}"
 
 
+@with_autograd
 def check_kernel(
     kernel: str | KernelSpec,
     *,

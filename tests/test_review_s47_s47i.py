@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import math
+
 import pytest
 import torch
 
@@ -99,3 +102,26 @@ def test_plugin_checks_under_a_callers_no_grad_pass_correct_plugins(mode):
     with mode():
         check_inner_model("linear")
         check_inner_loss("reconstruction")
+
+
+@pytest.mark.slow
+def test_gradcheck_on_a_diverged_problem_names_the_problem(monkeypatch):
+    """check_update_rule_gradients on a problem whose numbers overflow: gradcheck of NaNs blamed the rule
+    ('a .detach() or a term left out?'); it now says the reference itself diverged there."""
+    from dataclasses import replace
+
+    import innerloop.testing.checks as checks
+
+    @functools.wraps(make_problem)  # the check reads make_problem's signature for its options
+    def overflowing(*args, **kwargs):
+        problem = make_problem(*args, **kwargs)
+        overflowed = {
+            k: v * math.inf for k, v in problem.state.params.items()
+        }  # weights past float64's range
+        return replace(problem, state=replace(problem.state, params=overflowed))
+
+    monkeypatch.setattr(checks, "make_problem", overflowing)
+    with pytest.raises(checks.ReferenceDivergedError, match=r"itself diverged .* make_problem\('linear'"):
+        checks.check_update_rule_gradients(
+            "minibatch_gd", "linear", "reconstruction", heads=1, head_dim=1, tokens=2, mini_batch_size=1
+        )

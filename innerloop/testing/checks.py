@@ -2212,6 +2212,8 @@ def _gradcheck(
     try:
         torch.autograd.gradcheck(run, leaves, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
     except GradcheckError as error:
+        with torch.no_grad():
+            finite_expected(problem, rule)  # a reference that diverged there is named, not the rule blamed
         inputs = ", ".join(
             ["query", "key", "value", "lr", *names, *(f"weight {k}" for k in problem.state.params)]
         )

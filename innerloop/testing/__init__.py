@@ -15,6 +15,7 @@
 from innerloop.testing.checks import (
     FLOAT64_TOLERANCE,
     InnerProblem,
+    ReferenceDivergedError,
     check_inner_loss,
     check_inner_model,
     check_update_rule,
@@ -33,6 +34,7 @@ __all__ = [
     "InnerProblem",
     "KERNEL_CHECK_TOLERANCES",
     "KernelCheckReport",
+    "ReferenceDivergedError",
     "causal_linear_attention",
     "check_inner_loss",
     "check_inner_model",

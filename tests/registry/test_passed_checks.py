@@ -124,13 +124,22 @@ def test_equal_looking_settings_of_other_types_are_other_keys() -> None:
     assert behaviour_key("inner_loss", other, True)[0] != behaviour_key("inner_model", other, True)[0]
 
 
+def _autograd_inside() -> None:
+    """What a rule taking torch.autograd.grad does inside (as naive_token_loop did before s47i made it
+    leave inference mode): fine with autograd and under no_grad (enable_grad), raises under inference_mode."""
+    with torch.enable_grad():
+        probe = torch.zeros((), requires_grad=True)
+        torch.autograd.grad(probe * 2, probe)
+
+
 class InferenceModeRaises(UpdateRule):
-    """Right with autograd and under no_grad; raises under inference_mode (naive_token_loop takes
-    torch.autograd.grad): registered with a PluginWarning."""
+    """Right with autograd and under no_grad; raises under inference_mode (it takes
+    torch.autograd.grad, :func:`_autograd_inside`): registered with a PluginWarning."""
 
     name = "passed_checks_inference_mode_raises"
 
     def forward(self, state, task, views, lr, tau):
+        _autograd_inside()
         return naive_token_loop(state, task, views, 0.5 * lr, tau)
 
     def reference(self, state, task, views, lr, tau):

@@ -17,6 +17,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_passed_checks import _autograd_inside  # a rule taking torch.autograd.grad inside
 
 import innerloop
 from innerloop import (
@@ -519,6 +520,7 @@ class AutogradTokenLoop(UpdateRule):
     name = "s21_autograd_loop"
 
     def forward(self, state, task, views, lr, tau):
+        _autograd_inside()
         return naive_token_loop(state, task, views, 0.5 * lr, tau)
 
     def reference(self, state, task, views, lr, tau):

@@ -372,7 +372,8 @@ FLOAT32_ALLOWANCE_CAP = 1e-2
 
 def _rounding_allowance(dtype: torch.dtype, tolerance: float, float32_error: float) -> tuple[float, str]:
     """The relative error a case allows a kernel in ``dtype`` when the torch path's own float32 error
-    against float64 is ``float32_error``, and the words that say so in a message."""
+    against float64 is ``float32_error`` (for a float32, bfloat16 or float16 case, its error in that
+    dtype), and the words that say so in a message, naming that dtype."""
     if dtype == torch.float64:
         allowed = FLOAT64_CONDITIONING_FACTOR * float32_error * FLOAT64_PER_FLOAT32
         return allowed, (
@@ -380,8 +381,9 @@ def _rounding_allowance(dtype: torch.dtype, tolerance: float, float32_error: flo
             f"float32 error {float32_error:.1e} scaled to float64's roundoff)"
         )
     allowed = min(FLOAT32_CONDITIONING_FACTOR * float32_error, FLOAT32_ALLOWANCE_CAP)
+    precision = str(dtype).removeprefix("torch.")  # a bfloat16 case measured its bfloat16 error
     return allowed, (
-        f" (allowed: {tolerance:.1e}, or {FLOAT32_CONDITIONING_FACTOR:g}x the torch path's own float32 "
+        f" (allowed: {tolerance:.1e}, or {FLOAT32_CONDITIONING_FACTOR:g}x the torch path's own {precision} "
         f"error {float32_error:.1e} against float64, at most {FLOAT32_ALLOWANCE_CAP:.0e})"
     )
 

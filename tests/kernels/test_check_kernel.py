@@ -290,3 +290,13 @@ def test_the_float32_tolerance_follows_the_matmul_precision():
         torch.set_float32_matmul_precision(previous)
     assert kernel_checks._tolerance(torch.float32, None) == KERNEL_CHECK_TOLERANCES[torch.float32] == 1e-4
     assert kernel_checks._tolerance(torch.float64, None) == FLOAT64_TOLERANCE
+
+
+def test_the_rounding_allowance_names_the_dtype_whose_error_it_measured() -> None:
+    """A bfloat16 case measures the torch path's bfloat16 error against float64: the message said
+    "float32 error" for it too."""
+    from innerloop.testing.kernel_checks import _rounding_allowance
+
+    assert "own bfloat16 error 3.0e-03" in _rounding_allowance(torch.bfloat16, 1e-2, 3e-3)[1]
+    assert "own float16 error" in _rounding_allowance(torch.float16, 1e-2, 3e-3)[1]
+    assert "own float32 error 3.0e-05" in _rounding_allowance(torch.float32, 1e-4, 3e-5)[1]

@@ -326,16 +326,26 @@ def integer_targets(logits: torch.Tensor, targets: Any) -> torch.Tensor:
     return targets.long()
 
 
+def scored_cross_entropy_sum(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy of ``logits [..., V]`` against ``targets [...]`` (integer ids,
+    :func:`integer_targets`) over the targets that are not ``ignore_index``, and how many those are (a
+    0-d int64 tensor)."""
+    targets = integer_targets(logits, targets).reshape(-1)
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets, ignore_index=ignore_index, reduction="sum"
+    )
+    return total, (targets != ignore_index).sum()
+
+
 def mean_scored_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Mean cross-entropy of ``logits [..., V]`` against ``targets [...]`` (integer ids,
     :func:`integer_targets`) over the targets that are not ``ignore_index``; 0, attached to the graph
     (zero gradients), where none is left to score, not the mean over nothing, NaN, which would fill every
     gradient with NaN."""
-    targets = integer_targets(logits, targets).reshape(-1)
-    total = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets, ignore_index=ignore_index, reduction="sum"
-    )
-    return total / (targets != ignore_index).sum().clamp_min(1)
+    total, scored = scored_cross_entropy_sum(logits, targets, ignore_index)
+    return total / scored.clamp_min(1)
 
 
 def chunk_mean_cross_entropy(
@@ -560,6 +570,7 @@ __all__ = [
     "is_power_of_two",
     "transformed_or_dual",
     "mean_scored_cross_entropy",
+    "scored_cross_entropy_sum",
     "layer_norm",
     "LayerNorm",
     "overflow_safe_rows",

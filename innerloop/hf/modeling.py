@@ -47,7 +47,7 @@ except ImportError:  # not on Windows: staging folders a killed save left are th
 
 from innerloop.checkpoints import missing_keys_note, plugin_record, warn_changed_plugins
 from innerloop.core.eager import run_eagerly
-from innerloop.core.functional import as_integer, first_non_finite, mean_scored_cross_entropy
+from innerloop.core.functional import as_integer, first_non_finite, scored_cross_entropy_sum
 from innerloop.core.state import check_batch_rows
 from innerloop.data.atomic import atomic_write_text, file_sha256
 from innerloop.hf.arguments import (
@@ -1855,19 +1855,13 @@ def next_token_loss(
     dtype = torch.promote_types(logits.dtype, torch.float32)
     shifted_logits = logits[:, :-1].to(dtype)  # [B, T-1, V]
     shifted_labels = labels[:, 1:].to(logits.device)  # [B, T-1]
+    total, scored = scored_cross_entropy_sum(shifted_logits, shifted_labels, ignore_index=-100)
     if num_items_in_batch is None:
-        return mean_scored_cross_entropy(shifted_logits, shifted_labels, ignore_index=-100)
-    total = nn.functional.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
-        shifted_labels.reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
+        return total / scored.clamp_min(1)
     if num_items_in_batch == 0:
-        scored = int((shifted_labels != -100).sum())
-        if scored:
+        if int(scored):
             raise ValueError(
-                f"num_items_in_batch=0, but the labels score {scored} token(s): it must count the tokens "
+                f"num_items_in_batch=0, but the labels score {int(scored)} token(s): it must count the tokens "
                 "scored (labels[..., 1:] that are not -100) over the step's micro-batches"
             )
         return total  # 0, attached to the graph

@@ -1348,7 +1348,8 @@ def _check_trainer_names(run: RunConfig) -> None:
     from lightning.pytorch.strategies import StrategyRegistry
 
     check_trainable_precision(run.trainer.precision)
-    accelerators = sorted(AcceleratorRegistry.available_accelerators())
+    _check_not_on_mps(run.trainer.accelerator)  # its own line: Lightning's "mps" is not listed as valid below
+    accelerators = sorted(a for a in AcceleratorRegistry.available_accelerators() if a != "mps")
     precisions = [p for p in typing.get_args(_PRECISION_INPUT_STR) if p not in FLOAT16_WEIGHT_PRECISIONS]
     choices = {
         "trainer.strategy": (run.trainer.strategy, ["auto", *_strategies_by_name(StrategyRegistry)]),
@@ -1357,11 +1358,8 @@ def _check_trainer_names(run: RunConfig) -> None:
     }
     for key, (value, valid) in choices.items():
         if value not in valid:
-            # Lightning's "mps" is a name _check_not_on_mps refuses: not one to list as valid
-            listed = [name for name in valid if not (key == "trainer.accelerator" and name == "mps")]
-            raise ConfigError(f"{key}={value!r} is not valid; valid: {listed}")
+            raise ConfigError(f"{key}={value!r} is not valid; valid: {valid}")
     _check_float16_autocast_device(run.trainer.precision, run.trainer.accelerator)
-    _check_not_on_mps(run.trainer.accelerator)
     if run.trainer.accelerator == "auto":
         return
     here = ["auto", *(a for a in accelerators if AcceleratorRegistry[a]["accelerator"].is_available())]

@@ -57,7 +57,8 @@ def test_a_smaller_model_is_named_too() -> None:
     """C6 (abs dropped): a model 2.5x smaller than the baseline was not named."""
     notes = size_notes([_model("attn", 302_720), _model("ttt", 118_760)], 0)
     assert notes == [
-        "ttt has 118,760 parameters, 0.39x the baseline attn's 302,720: its difference is also one of size"
+        "ttt has 118,760 parameters; the baseline attn has 2.55x as many, 302,720: its difference is also one "
+        "of size"
     ]
 
 

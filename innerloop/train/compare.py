@@ -409,7 +409,8 @@ models are matched within it, ``tests/models/test_params.py``)."""
 
 def size_notes(models: Sequence[ComparedModel], base: int) -> list[str]:
     """A line for each model whose parameters differ from the baseline's by more than
-    :data:`SIZE_TOLERANCE` of the smaller of the two (the same verdict whichever is the baseline), or
+    :data:`SIZE_TOLERANCE` of the smaller of the two (the same verdict whichever is the baseline; the
+    percentage it gives is of the smaller count too, :func:`_size_difference`), or
     whose tokens trained differ from the baseline's (both known): a lower loss may then come from the
     size or the training, not the architecture."""
     baseline, notes = models[base], []
@@ -425,10 +426,7 @@ def size_notes(models: Sequence[ComparedModel], base: int) -> list[str]:
         elif abs(model.parameters - baseline.parameters) > SIZE_TOLERANCE * min(
             model.parameters, baseline.parameters
         ):
-            notes.append(
-                f"{model.name} has {model.parameters:,} parameters, {_relative(model.parameters, baseline.parameters)} "
-                f"the baseline {baseline.name}'s {baseline.parameters:,}: its difference is also one of size"
-            )
+            notes.append(f"{_size_difference(model, baseline)}: its difference is also one of size")
         trained = (model.tokens_trained, baseline.tokens_trained)
         if None not in trained and trained[0] != trained[1]:
             notes.append(
@@ -800,15 +798,20 @@ TOKENS_PER_S_NOTE = (
 """What the table's ``tok/s in training`` column measures (printed below the table)."""
 
 
-def _relative(value: int, to: int) -> str:
-    """``value`` against ``to`` in words: ``2.55x`` for a factor of 2 or more (either way), else ``5.03%
-    more than`` / ``fewer than`` (two decimals below 10%: 5.03% must not read as the 5% tolerance)."""
-    ratio = value / to
-    if ratio >= 2 or ratio <= 0.5:
-        return f"{ratio:.2f}x"
-    share = abs(ratio - 1)
-    amount = f"{share:.2%}" if share < 0.1 else f"{share:.1%}"
-    return f"{amount} {'more' if ratio > 1 else 'fewer'} than"
+def _size_difference(model: ComparedModel, baseline: ComparedModel) -> str:
+    """How many more parameters the larger of ``model`` and ``baseline`` has than the smaller, always as a
+    share of the smaller count (the base :func:`size_notes` judges :data:`SIZE_TOLERANCE` on, whichever
+    model is the baseline): ``2.55x`` for a factor of 2 or more, else ``5.29% more`` (two decimals below
+    10%: 5.03% must not read as the 5% tolerance)."""
+    larger, smaller = max(model.parameters, baseline.parameters), min(model.parameters, baseline.parameters)
+    ratio = larger / smaller
+    share = ratio - 1
+    amount = f"{share:.2%} more" if share < 0.1 else f"{share:.1%} more"
+    if model.parameters > baseline.parameters:
+        amount = f"{ratio:.2f}x" if ratio >= 2 else f"{amount} than"
+        return f"{model.name} has {model.parameters:,} parameters, {amount} the baseline {baseline.name}'s {baseline.parameters:,}"
+    amount = f"{ratio:.2f}x as many" if ratio >= 2 else amount
+    return f"{model.name} has {model.parameters:,} parameters; the baseline {baseline.name} has {amount}, {baseline.parameters:,}"
 
 
 def windows_line(comparison: Comparison) -> str:

@@ -871,6 +871,7 @@ def advantage_growth(model: str, baseline: str, seq_len: int | None, resamples: 
     if result.seq_len < 2:  # one position: no second half to compare the first with
         raise ConfigError(f"--seq-len {result.seq_len}: growth needs windows of 2 or more positions")
     half = len(result.buckets) // 2
+    check_both_halves_scored(result.counts, result.buckets, half)
     sums = result.loss_sums[0] - result.loss_sums[1]  # [W, K]: per-window summed loss difference
     counts = result.counts  # [W, K]
     generator = torch.Generator().manual_seed(0)
@@ -896,6 +897,21 @@ def advantage_growth(model: str, baseline: str, seq_len: int | None, resamples: 
         f"{float(first):+.3f} over positions 0-{result.buckets[half][0] - 1}, {float(second):+.3f} over "
         f"{result.buckets[half][0]}-{end - 1}; change {float(second - first):+.3f} {band}"
     )
+
+
+def check_both_halves_scored(counts: torch.Tensor, buckets: Sequence[tuple[int, int]], half: int) -> None:
+    """A :class:`ConfigError` when the buckets before ``half`` or from it on hold no scored token in any
+    window (``counts [W, K]``): that half's mean loss is 0 / 0, and growth printed ``nan`` for it, its
+    change and its band. The recall task scores only its answers, all at the end of a window."""
+    seq_len = buckets[-1][1]
+    for first, last in ((0, half), (half, len(buckets))):
+        if float(counts[:, first:last].sum()) == 0:
+            start, end = buckets[first][0], buckets[last - 1][1] - 1
+            raise ConfigError(
+                f"positions {start}-{end} of the {seq_len} hold no scored token in any window (the windows score "
+                "only some targets: the recall task scores only its answers, at the end of a sequence), so "
+                "growth has no loss there to compare the other half's with; compare models on text"
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:

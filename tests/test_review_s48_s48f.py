@@ -3,15 +3,25 @@
 - ``innerloop compare``'s size note judged "more than 5%" of the smaller count but printed its
   percentage of the baseline's: a model 5.29% smaller than the baseline was named as "5.03% fewer",
   and one 5.10% smaller than a 1,051-parameter baseline as "4.85% fewer", below the tolerance it broke.
+- ``benchmarks/science.py growth`` on two recall runs printed ``nan`` for the first half and the change,
+  and a band of ``[+nan, +nan]``: the recall task scores only the answers, all in the second half of a
+  window, so the first half has no scored token. It now says so, naming the halves.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from benchmark_testing import benchmark_script
 
+from innerloop.config.load import ConfigError, load_config, save_config
+from innerloop.train.checkpoint import save_checkpoint
 from innerloop.train.compare import ComparedModel, size_notes
+from innerloop.train.module import LanguageModelModule
+
+SMALL_MODEL = {"hidden_size": 16, "num_heads": 2, "num_layers": 2, "intermediate_size": 32}
 
 
 def _model(name: str, parameters: int, tokens: int | None = None) -> ComparedModel:
@@ -39,3 +49,25 @@ def test_the_size_note_says_which_model_is_larger_whichever_is_the_baseline() ->
         "ttt has 118,760 parameters; the baseline attn has 2.55x as many, 302,720: its "
         "difference is also one of size",
     ]
+
+
+def _recall_run(out: Path, preset: str) -> Path:
+    """An untrained recall run folder (config.yaml and last.safetensors): 2 pairs, gap 4, 8 windows."""
+    overrides = [f"model.{k}={v}" for k, v in SMALL_MODEL.items()] + [
+        "data.recall.num_pairs=2", "data.recall.gap=4", "data.batch_size=4", "data.val_batches=2", f"out_dir={out}",
+    ]  # fmt: skip
+    run, config = load_config(preset, overrides)
+    module = LanguageModelModule(model=asdict(run.model), seq_len=11, num_position_buckets=4)
+    tree = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 0}
+    save_checkpoint(tree, out / "last.safetensors")
+    save_config(config, out / "config.yaml")
+    return out
+
+
+@pytest.mark.slow  # ~0.5 s: two models scored by compare
+def test_growth_on_the_recall_task_says_its_first_half_has_no_scored_token(tmp_path) -> None:
+    science = benchmark_script("science")
+    ttt, swa = _recall_run(tmp_path / "ttt", "recall-ttt"), _recall_run(tmp_path / "swa", "recall-swa")
+    with pytest.raises(ConfigError, match=r"positions 0-4 of the 11 hold no scored token") as error:
+        science.advantage_growth(str(ttt), str(swa), None, resamples=50)
+    assert "nan" not in str(error.value)

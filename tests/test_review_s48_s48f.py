@@ -6,6 +6,11 @@
 - ``benchmarks/science.py growth`` on two recall runs printed ``nan`` for the first half and the change,
   and a band of ``[+nan, +nan]``: the recall task scores only the answers, all in the second half of a
   window, so the first half has no scored token. It now says so, naming the halves.
+- ``recall_length``, ``is_validation``, ``is_test``, ``document_side`` and ``first_document_of`` took any
+  value: ``recall_length(0, 4)`` was 3, ``(-3, 0)`` -13, ``(1.5, 2)`` 7.0; document -1 was a validation
+  document, a val_fraction of 1.5 made every document one and -0.5 none, val_fraction 0.2 +
+  test_fraction 0.9 was accepted, NaN raised "cannot convert float NaN to integer". Each is now a
+  ValueError naming the argument and what is valid.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import pytest
 from benchmark_testing import benchmark_script
 
 from innerloop.config.load import ConfigError, load_config, save_config
+from innerloop.data.packing import document_side, first_document_of, is_test, is_validation
+from innerloop.data.recall import recall_length
 from innerloop.train.checkpoint import save_checkpoint
 from innerloop.train.compare import ComparedModel, size_notes
 from innerloop.train.module import LanguageModelModule
@@ -71,3 +78,38 @@ def test_growth_on_the_recall_task_says_its_first_half_has_no_scored_token(tmp_p
     with pytest.raises(ConfigError, match=r"positions 0-4 of the 11 hold no scored token") as error:
         science.advantage_growth(str(ttt), str(swa), None, resamples=50)
     assert "nan" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("num_pairs", "gap", "named"), [(0, 4, "num_pairs"), (-3, 0, "num_pairs"), (1.5, 2, "num_pairs"),
+                                    (65, 0, "num_pairs"), (2, -1, "gap"), (True, 4, "num_pairs")],
+)  # fmt: skip
+def test_recall_length_refuses_what_recall_example_refuses(num_pairs, gap, named) -> None:
+    with pytest.raises(ValueError, match=rf"^{named}="):
+        recall_length(num_pairs, gap)
+    assert recall_length(2, 4) == 11 and recall_length(64, 0) == 255
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [((-1, 0.1), "document"), ((2.5, 0.5), "document"), ((3, 1.5), "val_fraction"), ((3, -0.5), "val_fraction"),
+     ((3, float("nan")), "val_fraction"), ((3, "0.1"), "val_fraction"), ((3, 0.2, 0.9), "val_fraction=0.2 \\+"),
+     ((3, 0.2, -0.1), "test_fraction"), ((True, 0.5), "document")],
+)  # fmt: skip
+def test_the_held_out_split_refuses_a_bad_document_or_fraction(arguments, named) -> None:
+    functions = [document_side, is_test] if len(arguments) == 3 else [is_validation, document_side]
+    for function in functions:
+        with pytest.raises(ValueError, match=rf"^{named}"):
+            function(*arguments)
+    if len(arguments) == 3:
+        with pytest.raises(ValueError, match=rf"^{named}"):
+            first_document_of("test", *arguments[1:])
+
+
+def test_the_held_out_split_keeps_its_documents() -> None:
+    assert [n for n in range(30) if is_validation(n, 0.1)] == [9, 19, 29]
+    sides = [document_side(n, 0.25, 0.25) for n in range(8)]
+    assert sides.count("validation") == 2 and sides.count("test") == 2
+    assert all(document_side(n, 1.0, 0.0) == "validation" for n in range(5))
+    assert is_test(5, 0.7, 0.3) != is_validation(5, 0.7)  # a sum of 1: every other document is a test one
+    assert first_document_of("validation", 0.1) == 9 and first_document_of("test", 0.1, 0.1) is not None

@@ -26,11 +26,12 @@ uninterrupted run would have read next.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from innerloop.core.functional import check_positive_int
+from innerloop.core.functional import check_positive_int, is_integer
 from innerloop.data.text import DataError
 
 #: ``read(epoch, first_document)`` yields ``(document number, token ids)`` of the documents from
@@ -50,23 +51,49 @@ START = StreamPosition(0, 0, 0)
 
 
 def is_validation(document: int, val_fraction: float) -> bool:
-    """Whether document number ``document`` is held out for validation (every ``1/val_fraction``-th)."""
-    return math.floor((document + 1) * val_fraction) > math.floor(document * val_fraction)
+    """Whether document number ``document`` is held out for validation (every ``1/val_fraction``-th).
+    A ValueError naming the argument for a ``document`` that is not an integer >= 0 or a
+    ``val_fraction`` outside ``[0, 1]`` (-1 read as a validation document, a fraction of 1.5 as all)."""
+    check_held_out_split(document, val_fraction)
+    return _every(document, val_fraction)
+
+
+def _every(number: int, fraction: float) -> bool:
+    """Whether ``number`` is one of every ``1/fraction``-th numbers (:func:`is_validation`, unchecked)."""
+    return math.floor((number + 1) * fraction) > math.floor(number * fraction)
 
 
 def is_test(document: int, val_fraction: float, test_fraction: float) -> bool:
     """Whether document number ``document`` is held out for test: not a validation document, and among
     those (numbered from 0: document ``n`` is number ``n - floor(n * val_fraction)`` of them) every
     ``1/(test_fraction / (1 - val_fraction))``-th, a share ``test_fraction`` of all documents. False for
-    every document at ``test_fraction`` 0."""
-    if test_fraction == 0 or is_validation(document, val_fraction):
+    every document at ``test_fraction`` 0. A ValueError as :func:`is_validation`'s, or for fractions in
+    ``[0, 1]`` whose sum is past 1 (more test documents than the validation ones leave)."""
+    check_held_out_split(document, val_fraction, test_fraction)
+    if test_fraction == 0 or _every(document, val_fraction):
         return False
-    return is_validation(document - math.floor(document * val_fraction), test_fraction / (1 - val_fraction))
+    return _every(document - math.floor(document * val_fraction), test_fraction / (1 - val_fraction))
+
+
+def check_held_out_split(document: Any, val_fraction: Any, test_fraction: Any = 0.0) -> None:
+    """A ValueError naming the argument unless ``document`` is an integer >= 0 and ``val_fraction`` and
+    ``test_fraction`` are numbers in ``[0, 1]`` with a sum of at most 1 (:func:`is_validation`,
+    :func:`is_test`)."""
+    if not is_integer(document) or document < 0:
+        raise ValueError(f"document={document!r} must be a document number: an integer >= 0")
+    for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 <= fraction <= 1:
+            raise ValueError(f"{name}={fraction!r} must be a number in [0, 1]")
+    if test_fraction > 0 and val_fraction < 1 and test_fraction / (1 - val_fraction) > 1:
+        raise ValueError(
+            f"val_fraction={val_fraction} + test_fraction={test_fraction} must be at most 1 (the shares of "
+            "all documents held out for validation and for test)"
+        )
 
 
 def document_side(document: int, val_fraction: float, test_fraction: float = 0.0) -> str:
     """Which documents document number ``document`` is among: ``"validation"`` (:func:`is_validation`),
-    ``"test"`` (:func:`is_test`) or ``"training"``."""
+    ``"test"`` (:func:`is_test`) or ``"training"``; a ValueError as :func:`is_test`'s."""
     if is_validation(document, val_fraction):
         return "validation"
     return "test" if is_test(document, val_fraction, test_fraction) else "training"
@@ -79,8 +106,9 @@ def first_document_of(
     first ``within``: the first document the ``side`` windows are read from. Found from where the
     fractions put it, a few steps of :func:`document_side` each (a walk from document 0 took seconds at
     a fraction of 1e-6)."""
+    check_held_out_split(0, val_fraction, test_fraction)
     if side == "validation":
-        first = _first_every(val_fraction, is_validation, within)
+        first = _first_every(val_fraction, _every, within)
     elif side == "test":
         # at val_fraction 1 every document is a validation one (and test_fraction / (1 - val_fraction) a
         # division by 0)
@@ -114,7 +142,7 @@ def _first_test(val_fraction: float, test_fraction: float, within: int) -> int |
     """The first test document (:func:`is_test`): the first of the non-validation documents, numbered
     ``n - floor(n * val_fraction)``, that is every ``1/(test_fraction / (1 - val_fraction))``-th; None
     when its number is not below ``within`` (the document, numbered no lower, is not either)."""
-    number = _first_every(test_fraction / (1 - val_fraction), is_validation, within)
+    number = _first_every(test_fraction / (1 - val_fraction), _every, within)
     if number is None:
         return None
     n = max(0, math.floor(number / (1 - val_fraction)) - 3)  # number n - floor(n * v) grows by 0 or 1

@@ -34,7 +34,11 @@ RECALL_GAP_BOUNDS = Bounds(
 
 def recall_length(num_pairs: int, gap: int) -> int:
     """Tokens of one example's inputs (and targets): the ``4 * num_pairs + gap`` tokens of the sequence
-    less one, the inputs being the sequence without its last token and the targets without its first."""
+    less one, the inputs being the sequence without its last token and the targets without its first.
+    A ValueError naming the argument for a ``num_pairs`` or ``gap`` that :func:`recall_example` refuses
+    (0 pairs, -3 pairs, 1.5 pairs gave a length of 3, -13, 7.0)."""
+    num_pairs = int(checked_number("num_pairs", num_pairs, int, RECALL_PAIRS_BOUNDS))
+    gap = int(checked_number("gap", gap, int, RECALL_GAP_BOUNDS))
     return 4 * num_pairs + gap - 1
 
 

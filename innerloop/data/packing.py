@@ -79,6 +79,9 @@ def check_held_out_split(document: Any, val_fraction: Any, test_fraction: Any = 
     """A ValueError naming the argument unless ``document`` is an integer >= 0 and ``val_fraction`` and
     ``test_fraction`` are numbers in ``[0, 1]`` with a sum of at most 1 (:func:`is_validation`,
     :func:`is_test`)."""
+    plain = type(document) is int and type(val_fraction) is float and type(test_fraction) is float
+    if plain and document >= 0 and 0 <= val_fraction <= 1 - test_fraction <= 1:
+        return  # the common case, quickly (the split is decided once per document read)
     if not is_integer(document) or document < 0:
         raise ValueError(f"document={document!r} must be a document number: an integer >= 0")
     for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):

@@ -417,23 +417,40 @@ def _spans(result: dict) -> list[tuple[int, int]]:
     return [(int(b[0]), int(b[1])) for b in result["buckets"]]
 
 
-REFERENCE_POINTS = ("swa 64", "swa 64 mamba backbone seq 1024")  # the rows the others are read against
+REFERENCE_POINTS = (
+    "swa 64",
+    "swa 64 mamba backbone",
+    "swa 64 mamba backbone seed 1",
+    "swa 64 seq 1024",
+    "swa 64 mamba backbone seq 1024",
+)
+"""The sliding-window runs the others are read against: each row against the one of its
+:func:`reference_key`."""
+
+
+def reference_key(result: dict) -> tuple[int, str, str]:
+    """What a row must share with the sliding-window run it is read against: its window length, its
+    backbone (``model.backbone``, ``transformer`` unless set) and its seed (``0`` unless set), from the
+    command that trained it."""
+    settings = dict(word.split("=", 1) for word in settings_of(result.get("command", "")) if "=" in word)
+    return result["buckets"][-1][1], settings.get("model.backbone", "transformer"), settings.get("seed", "0")
 
 
 def lm_table(results: Sequence[dict]) -> str:
     """Validation loss, and the loss at the first, middle and last position bucket, each also as the
-    difference to the sliding-window run's on the same windows (same seq_len; the same validation
-    windows, so content differences between buckets cancel)."""
-    references = {r["buckets"][-1][1]: r for r in results if r["name"] in REFERENCE_POINTS}
+    difference to the sliding-window run's (:data:`REFERENCE_POINTS`) of the same seq_len, backbone and
+    seed (:func:`reference_key`) on the same windows (the same validation windows, so content
+    differences between buckets cancel); blank where the study has no such run."""
+    references = {reference_key(r): r for r in results if r["name"] in REFERENCE_POINTS}
     lines = [
-        "| point | params | val loss | val ppl | loss (first / middle / last bucket) | minus sliding window's | inner loss before -> after |",
+        "| point | params | val loss | val ppl | loss (first / middle / last bucket) | minus sliding window's (same backbone, seed) | inner loss before -> after |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         at = (0, len(r["buckets"]) // 2, -1)
         spans = "/".join(_bucket(r, i)[0] for i in at)
         losses = " / ".join(f"{_bucket(r, i)[1]:.3f}" for i in at)
-        reference = references.get(r["buckets"][-1][1])
+        reference = references.get(reference_key(r))
         same = reference is not None and _spans(reference) == _spans(r)
         delta = " / ".join(f"{_bucket(r, i)[1] - _bucket(reference, i)[1]:+.3f}" for i in at) if same else ""
         lines.append(

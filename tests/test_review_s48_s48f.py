@@ -11,6 +11,10 @@
   document, a val_fraction of 1.5 made every document one and -0.5 none, val_fraction 0.2 +
   test_fraction 0.9 was accepted, NaN raised "cannot convert float NaN to integer". Each is now a
   ValueError naming the argument and what is valid.
+- The sweep table's "minus sliding window's" column read every 512 row against ``swa 64`` (the
+  transformer backbone) and every 1024 row against ``swa 64 mamba backbone seq 1024``: the Mamba rows
+  at 512 and ``linear seq 1024`` were read against the other backbone, the seed-1 rows against seed 0.
+  Each row is now read against the sliding-window run of its own length, backbone and seed.
 """
 
 from __future__ import annotations
@@ -113,3 +117,31 @@ def test_the_held_out_split_keeps_its_documents() -> None:
     assert all(document_side(n, 1.0, 0.0) == "validation" for n in range(5))
     assert is_test(5, 0.7, 0.3) != is_validation(5, 0.7)  # a sum of 1: every other document is a test one
     assert first_document_of("validation", 0.1) == 9 and first_document_of("test", 0.1, 0.1) is not None
+
+
+def _sweep_result(name: str, losses: list[float], settings: str = "", seq_len: int = 64) -> dict:
+    step = seq_len // len(losses)
+    buckets = [[i * step, (i + 1) * step, loss] for i, loss in enumerate(losses)]
+    command = f"innerloop train --config tiny seed=0 {settings} out_dir=/tmp/runs/x".replace("  ", " ")
+    return {"name": name, "params": 1000, "val_loss": sum(losses) / len(losses), "val_ppl": 9.0,
+            "buckets": buckets, "inner_before": [], "inner_after": [], "command": command}  # fmt: skip
+
+
+def test_the_sweep_table_reads_each_row_against_the_sliding_window_of_its_backbone_and_seed() -> None:
+    science = benchmark_script("science")
+    mamba = "model.backbone=mamba"
+    results = [
+        _sweep_result("swa 64", [2.0, 2.0, 2.0]),
+        _sweep_result("swa 64 mamba backbone", [1.0, 1.0, 1.0], mamba),
+        _sweep_result("linear mamba backbone", [1.5, 1.5, 1.5], mamba),
+        _sweep_result("swa 64 mamba backbone seed 1", [3.0, 3.0, 3.0], f"{mamba} seed=1"),
+        _sweep_result("linear mamba backbone seed 1", [3.5, 3.5, 3.5], f"{mamba} seed=1"),
+        _sweep_result("swa 64 mamba backbone seq 1024", [1.0, 1.0], mamba, seq_len=128),
+        _sweep_result("linear seq 1024", [2.5, 2.5], seq_len=128),
+        _sweep_result("swa 64 seq 1024", [2.25, 2.25], seq_len=128),
+    ]
+    rows = {line.split(" | ")[0].strip("| "): line for line in science.lm_table(results).splitlines()[2:]}
+    assert "| +0.500 / +0.500 / +0.500 |" in rows["linear mamba backbone"]  # not -0.500, against swa 64
+    assert "| +0.500 / +0.500 / +0.500 |" in rows["linear mamba backbone seed 1"]  # not +1.500 (seed 0)
+    assert "| +0.250 / +0.250 / +0.250 |" in rows["linear seq 1024"]  # not +1.500, the Mamba backbone's
+    assert "| +0.000 / +0.000 / +0.000 |" in rows["swa 64 seq 1024"]

@@ -9,8 +9,9 @@ varies the size on purpose:
     python benchmarks/science.py recall --out runs/science           # MQAR accuracy vs pairs
     python benchmarks/science.py sweep --quick --out runs/science-q  # CI-sized: tiny shapes, 3 steps
 
-``--points NAME ...`` runs only those points of a study (``--list`` names them). A finished run (its
-``result.json``) is read back instead of trained again, so an interrupted study resumes. Each study
+``--points NAME ...`` runs only those points of a study (``--list`` names them); its files still hold
+the study's other points finished in ``--out``. A finished run (its ``result.json``) is read back
+instead of trained again, so an interrupted study resumes. Each study
 prints a Markdown table and writes ``<study>.md``, ``<study>.csv`` and (sweep, recall) ``<study>.png``
 into ``--out``, each written atomically. ``diagnose CHECKPOINT`` prints what a TTT model's inner loop
 does on validation windows: the inner lr gate, the token-index scale, and the inner loss by mini-batch
@@ -581,6 +582,30 @@ def study_points(study: str) -> list[Point]:
     return {"sweep": SWEEP, "compare": COMPARE, "recall": recall_points()}[study]
 
 
+def with_finished_points(
+    points: Sequence[Point], results: Sequence[dict], out: Path, base: Sequence[str], budget: int | None
+) -> list[dict]:
+    """``results`` (the points run now) and every other point of ``points`` finished in ``out`` by this
+    study's command (its ``result.json``), in the study's order: a run of some ``--points`` replaced the
+    study's table with theirs alone. A point finished by another command is left out, with a line."""
+    run_now = {result["name"]: result for result in results}
+    merged = []
+    for point in points:
+        run_dir = out / "runs" / slug(point.name)
+        if point.name in run_now:
+            merged.append(run_now[point.name])
+        elif (run_dir / "result.json").exists():
+            recorded = recorded_command(run_dir)
+            now = settings_of(command_for(point, sized_overrides(point, base, budget), run_dir))
+            if recorded is not None and settings_of(recorded) != now:
+                print(
+                    f"{point.name}: left out of the table: its result in {str(run_dir)!r} was trained by another command"
+                )
+                continue
+            merged.append(json.loads((run_dir / "result.json").read_text()))
+    return merged
+
+
 def run_study(args: argparse.Namespace) -> None:
     """Run (or read back) a study's points, then write and print its table, CSV and plot."""
     points = study_points(args.study)
@@ -603,6 +628,8 @@ def run_study(args: argparse.Namespace) -> None:
     check_recorded_results([*points, *read_from_sweep], out, base, budget)
     from_sweep = sweep_results_for_compare(out, args.quick) if args.study == "compare" else []
     results = run_points(points, out, base, budget, args.jobs)
+    if args.points:  # the study's files describe the whole study, not the points run now alone
+        results = with_finished_points(study_points(args.study), results, out, base, budget)
     if args.study == "compare":
         results = [json.loads(path.read_text()) for path in from_sweep] + results
     if args.study == "recall":

@@ -15,10 +15,14 @@
   transformer backbone) and every 1024 row against ``swa 64 mamba backbone seq 1024``: the Mamba rows
   at 512 and ``linear seq 1024`` were read against the other backbone, the seed-1 rows against seed 0.
   Each row is now read against the sliding-window run of its own length, backbone and seed.
+- A study run with ``--points`` replaced ``<study>.md``, ``.csv`` and ``.png`` with a table of those
+  points alone: rerunning one point of a finished 28-point sweep left a one-row sweep.md. The files now
+  also hold the study's other finished points in ``--out`` (those trained by this study's command).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -145,3 +149,37 @@ def test_the_sweep_table_reads_each_row_against_the_sliding_window_of_its_backbo
     assert "| +0.500 / +0.500 / +0.500 |" in rows["linear mamba backbone seed 1"]  # not +1.500 (seed 0)
     assert "| +0.250 / +0.250 / +0.250 |" in rows["linear seq 1024"]  # not +1.500, the Mamba backbone's
     assert "| +0.000 / +0.000 / +0.000 |" in rows["swa 64 seq 1024"]
+
+
+def test_a_study_run_with_points_keeps_the_other_finished_points_in_its_table(tmp_path, monkeypatch) -> None:
+    science = benchmark_script("science")
+    monkeypatch.setattr(science, "budget_of", lambda *args: 1000)  # no model built: nothing trains here
+    monkeypatch.setattr(science, "check_recorded_results", lambda *args: None)
+    monkeypatch.setattr(
+        science, "sized_overrides", lambda point, base, budget: science.merged(base, point.overrides)
+    )
+    monkeypatch.setattr(science, "plot_png", lambda *args: None)
+
+    def result(name: str, loss: float, command: str) -> dict:
+        return {"name": name, "params": 1000, "val_loss": loss, "val_ppl": 7.4, "buckets": [[0, 64, loss]],
+                "inner_before": [], "inner_after": [], "command": command}  # fmt: skip
+
+    def command_of(name: str) -> str:
+        point = next(p for p in science.SWEEP if p.name == name)
+        run_dir = tmp_path / "runs" / science.slug(name)
+        return science.shown_command(
+            science.command_for(point, science.merged(science.QUICK, point.overrides), run_dir)
+        )
+
+    finished = {"mlp": command_of("mlp"), "swa 64": "innerloop train --config tiny-swa trainer.max_steps=300"}
+    for name, command in finished.items():  # mlp trained by this study, swa 64 by another command
+        path = tmp_path / "runs" / science.slug(name) / "result.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(result(name, 2.5, command)))
+    monkeypatch.setattr(science, "run_points", lambda *args: [result("linear", 2.0, command_of("linear"))])
+    science.main(["sweep", "--quick", "--out", str(tmp_path), "--points", "linear"])
+    table = (tmp_path / "sweep.md").read_text()
+    assert "| linear |" in table and "| mlp |" in table  # not the one point run now alone
+    assert "| swa 64 |" not in table  # another command's result is not mixed in
+    rows = (tmp_path / "sweep.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == ["linear", "mlp"]  # the study's order

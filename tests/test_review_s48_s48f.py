@@ -18,6 +18,7 @@
 - A study run with ``--points`` replaced ``<study>.md``, ``.csv`` and ``.png`` with a table of those
   points alone: rerunning one point of a finished 28-point sweep left a one-row sweep.md. The files now
   also hold the study's other finished points in ``--out`` (those trained by this study's command).
+- ``innerloop compare --batches 1 --batch-size 1`` printed "2 models on the same 1 windows".
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
 from benchmark_testing import benchmark_script
 
 from innerloop.config.load import ConfigError, load_config, save_config
 from innerloop.data.packing import document_side, first_document_of, is_test, is_validation
 from innerloop.data.recall import recall_length
 from innerloop.train.checkpoint import save_checkpoint
-from innerloop.train.compare import ComparedModel, size_notes
+from innerloop.train.compare import ComparedModel, Comparison, LengthResult, size_notes, windows_line
 from innerloop.train.module import LanguageModelModule
 
 SMALL_MODEL = {"hidden_size": 16, "num_heads": 2, "num_layers": 2, "intermediate_size": 32}
@@ -183,3 +185,13 @@ def test_a_study_run_with_points_keeps_the_other_finished_points_in_its_table(tm
     assert "| swa 64 |" not in table  # another command's result is not mixed in
     rows = (tmp_path / "sweep.csv").read_text().splitlines()[1:]
     assert [row.split(",")[0] for row in rows] == ["linear", "mlp"]  # the study's order
+
+
+def test_the_windows_line_says_one_window_in_the_singular() -> None:
+    def line(*windows: int) -> str:
+        lengths = [LengthResult(8, [(0, 8)], torch.zeros(2, n, 1), torch.ones(n, 1), n) for n in windows]
+        models = [_model("a", 10), _model("b", 10)]
+        return windows_line(Comparison(models, 0, lengths, {}, 0.95, 10, 0, "the run's windows"))
+
+    assert line(1) == "2 models on the same 1 window: the run's windows"
+    assert line(6) == "2 models on the same 6 windows: the run's windows"

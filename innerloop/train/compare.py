@@ -821,7 +821,11 @@ def windows_line(comparison: Comparison) -> str:
         for r in comparison.lengths
     ]
     models = len(comparison.models)
-    return f"{models} model{'s' if models != 1 else ''} on the same {', '.join(counts)} windows: {comparison.windows_source}"
+    one = [r.windows for r in comparison.lengths] == [1]  # "the same 1 window", not "1 windows"
+    return (
+        f"{models} model{'s' if models != 1 else ''} on the same {', '.join(counts)} "
+        f"window{'' if one else 's'}: {comparison.windows_source}"
+    )
 
 
 def format_table(comparison: Comparison, with_context: bool = False) -> str:

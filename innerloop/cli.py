@@ -770,9 +770,9 @@ def _params(args: argparse.Namespace) -> int:
 def _say_if_out_of_reach(model: Any, sized: Any, total: int, budget: int, adjust: str) -> None:
     """A line under ``innerloop params --budget``'s result when it is more than 5% off because ``adjust``
     is at its smallest (or largest) value: the budget is out of its reach, and another field is not."""
-    from innerloop.models.params import SIZABLE_FIELDS, size_to_budget
+    from innerloop.models.params import SIZABLE_FIELDS, same_size, size_to_budget
 
-    if abs(total - budget) <= 0.05 * budget:  # within what innerloop compare calls the same size
+    if same_size(total, budget):  # what innerloop compare calls the same size (5% of the smaller count)
         return
     end = "smallest" if total > budget else "largest"
     if size_to_budget(model, 1 if total > budget else 10**15, adjust) != sized:

@@ -19,6 +19,9 @@
   points alone: rerunning one point of a finished 28-point sweep left a one-row sweep.md. The files now
   also hold the study's other finished points in ``--out`` (those trained by this study's command).
 - ``innerloop compare --batches 1 --batch-size 1`` printed "2 models on the same 1 windows".
+- ``innerloop params --budget`` took "within 5% of the budget" as "what innerloop compare calls the same
+  size", which is 5% of the smaller count: a model sized 4.8% under the budget at its largest width got
+  no advice, though compare names it as another size. Both now use ``models.params.same_size``.
 """
 
 from __future__ import annotations
@@ -195,3 +198,19 @@ def test_the_windows_line_says_one_window_in_the_singular() -> None:
 
     assert line(1) == "2 models on the same 1 window: the run's windows"
     assert line(6) == "2 models on the same 6 windows: the run's windows"
+
+
+def test_params_budget_advice_uses_compare_s_rule_of_the_same_size(monkeypatch, capsys) -> None:
+    from types import SimpleNamespace
+
+    from innerloop import cli
+    from innerloop.models import params
+
+    extreme = SimpleNamespace(intermediate_size=1)
+    monkeypatch.setattr(params, "size_to_budget", lambda *args: extreme)  # the width is at its end
+    total, budget = 47_600, 50_000  # 4.8% of the budget under it; 5.04% of the count: another size
+    assert size_notes([_model("budget", budget), _model("sized", total)], 0)  # compare names it
+    cli._say_if_out_of_reach(None, extreme, total, budget, "intermediate_size")
+    assert "the budget 50,000 is out of reach by model.intermediate_size alone" in capsys.readouterr().out
+    cli._say_if_out_of_reach(None, extreme, 47_700, budget, "intermediate_size")  # 4.8% of 47,700: same
+    assert capsys.readouterr().out == ""

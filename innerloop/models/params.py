@@ -96,6 +96,18 @@ def _part_of(name: str) -> str:
     return "other"
 
 
+SIZE_TOLERANCE = 0.05
+"""Relative difference in parameters within which two models are the same size (:func:`same_size`): the
+presets' tiny models are matched within it (``tests/models/test_params.py``)."""
+
+
+def same_size(ours: int, theirs: int) -> bool:
+    """Whether two parameter counts differ by at most :data:`SIZE_TOLERANCE` of the smaller one (the
+    same verdict whichever is named first): the rule of ``innerloop compare``'s size notes and of
+    ``innerloop params --budget``'s advice."""
+    return abs(ours - theirs) <= SIZE_TOLERANCE * min(ours, theirs)
+
+
 def count_parameters(model: nn.Module) -> ParameterCounts:
     """The parameters of ``model`` (a :class:`~innerloop.models.CausalLM` or
     :class:`~innerloop.models.E2ELM`), by part and by block; see :class:`ParameterCounts`."""

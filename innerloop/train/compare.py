@@ -51,7 +51,7 @@ from innerloop.data.text import held_out_share, path_entries
 from innerloop.data.tokenizer import Tokenizer
 from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
 from innerloop.models.config import WINDOW_SIZE_BOUNDS
-from innerloop.models.params import count_parameters
+from innerloop.models.params import count_parameters, same_size
 from innerloop.train.bootstrap import (
     DEFAULT_RESAMPLES,
     MIN_BAND_WINDOWS,
@@ -402,14 +402,10 @@ def _add_length(comparison: Comparison, result: LengthResult) -> None:
     ]
 
 
-SIZE_TOLERANCE = 0.05
-"""Relative difference in parameters beyond which :func:`size_notes` names a model (the presets' tiny
-models are matched within it, ``tests/models/test_params.py``)."""
-
-
 def size_notes(models: Sequence[ComparedModel], base: int) -> list[str]:
     """A line for each model whose parameters differ from the baseline's by more than
-    :data:`SIZE_TOLERANCE` of the smaller of the two (the same verdict whichever is the baseline; the
+    :data:`~innerloop.models.params.SIZE_TOLERANCE` of the smaller of the two
+    (:func:`~innerloop.models.params.same_size`: the same verdict whichever is the baseline; the
     percentage it gives is of the smaller count too, :func:`_size_difference`), or
     whose tokens trained differ from the baseline's (both known): a lower loss may then come from the
     size or the training, not the architecture."""
@@ -423,9 +419,7 @@ def size_notes(models: Sequence[ComparedModel], base: int) -> list[str]:
                     f"{model.name} has {model.parameters:,} parameters, the baseline {baseline.name} "
                     f"{baseline.parameters:,}: its difference is also one of size"
                 )
-        elif abs(model.parameters - baseline.parameters) > SIZE_TOLERANCE * min(
-            model.parameters, baseline.parameters
-        ):
+        elif not same_size(model.parameters, baseline.parameters):
             notes.append(f"{_size_difference(model, baseline)}: its difference is also one of size")
         trained = (model.tokens_trained, baseline.tokens_trained)
         if None not in trained and trained[0] != trained[1]:
@@ -800,7 +794,7 @@ TOKENS_PER_S_NOTE = (
 
 def _size_difference(model: ComparedModel, baseline: ComparedModel) -> str:
     """How many more parameters the larger of ``model`` and ``baseline`` has than the smaller, always as a
-    share of the smaller count (the base :func:`size_notes` judges :data:`SIZE_TOLERANCE` on, whichever
+    share of the smaller count (the base :func:`size_notes` judges ``SIZE_TOLERANCE`` on, whichever
     model is the baseline): ``2.55x`` for a factor of 2 or more, else ``5.29% more`` (two decimals below
     10%: 5.03% must not read as the 5% tolerance)."""
     larger, smaller = max(model.parameters, baseline.parameters), min(model.parameters, baseline.parameters)

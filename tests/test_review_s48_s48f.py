@@ -84,7 +84,7 @@ def _recall_run(out: Path, preset: str) -> Path:
     return out
 
 
-@pytest.mark.slow  # ~0.5 s: two models scored by compare
+@pytest.mark.slow  # ~1 s on a quiet machine (6 s at a load of 13 on 2 cores): two models scored
 def test_growth_on_the_recall_task_says_its_first_half_has_no_scored_token(tmp_path) -> None:
     science = benchmark_script("science")
     ttt, swa = _recall_run(tmp_path / "ttt", "recall-ttt"), _recall_run(tmp_path / "swa", "recall-swa")

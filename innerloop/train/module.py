@@ -23,6 +23,7 @@ output from finite input of moderate size, with the layer's weights finite, the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -982,10 +983,14 @@ def save_model_checkpoint(
     :func:`load_module` reads, so ``innerloop generate`` and ``innerloop eval`` take it, and with
     ``tokenizer`` (a :meth:`~innerloop.data.tokenizer.Tokenizer.to_state`) the tokenizer it reads
     (:data:`~innerloop.checkpoints.TOKENIZER_KEY`; none recorded reads as bytes). Written atomically
-    (see :func:`~innerloop.checkpoints.save_checkpoint`); returns the path."""
+    (see :func:`~innerloop.checkpoints.save_checkpoint`); returns the path.
+
+    The weights are stored in one dtype (a checkpoint of several is refused when loaded): the model's,
+    or for a model of several (a bfloat16 model with float32 norms) the widest of them, so that no
+    weight is rounded."""
     model.check_built_fields()  # a config changed since the build would be recorded, not the model
     module = LanguageModelModule(model=model.config.to_dict())
-    dtype = next(model.parameters()).dtype
+    dtype = functools.reduce(torch.promote_types, {p.dtype for p in model.parameters()})
     # Parameters only, not .to(dtype): buffers keep their dtype (E2E's float64 progress counter).
     for parameter in module.model.parameters():
         parameter.data = parameter.data.to(dtype)

@@ -24,6 +24,7 @@ files into such folders).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import logging
 import os
@@ -286,6 +287,10 @@ def export_model(
             config (transformers' ``generate`` stops at ``eos_token_id``, which may be a list of ids).
 
     Returns ``out_dir``'s path.
+
+    A model of several dtypes (a bfloat16 model with float32 norms) is written in the widest of them:
+    ``config.json`` records one dtype, to which ``from_pretrained`` casts every weight, so the float32
+    ones would load rounded.
     """
     if not isinstance(
         getattr(model, "_orig_mod", model), (CausalLM, E2ELM)
@@ -297,7 +302,7 @@ def export_model(
     out = check_target(out_dir, overwrite)
     if isinstance(tokenizer, UnknownTokenizer):
         tokenizer = None
-    wrapped = to_hugging_face(model)
+    wrapped = _in_one_dtype(to_hugging_face(model))
     loaded = None if tokenizer is None else _load_tokenizer(tokenizer)  # read once, before writing
     special_tokens = {**_end_of_text(loaded, wrapped.config.vocab_size), **(special_tokens or {})}
     _set_special_tokens(wrapped, special_tokens)
@@ -318,6 +323,19 @@ def export_model(
         if staging.exists() and not holds_users_files:
             shutil.rmtree(staging)
     return Path(out_dir).expanduser()
+
+
+def _in_one_dtype(wrapped: InnerloopForCausalLM) -> InnerloopForCausalLM:
+    """``wrapped`` with every floating-point parameter in the widest dtype among them (unchanged when they
+    share one; tied weights stay tied): the one dtype ``config.json`` records loads every weight as saved."""
+    dtypes = {p.dtype for p in wrapped.parameters() if p.is_floating_point()}
+    if len(dtypes) > 1:
+        widest = functools.reduce(torch.promote_types, dtypes)
+        with torch.no_grad():
+            for parameter in wrapped.parameters():
+                if parameter.is_floating_point():
+                    parameter.data = parameter.data.to(widest)
+    return wrapped
 
 
 SPECIAL_TOKEN_NAMES = ("bos_token_id", "eos_token_id", "pad_token_id")

@@ -881,17 +881,11 @@ class E2ELM(nn.Module):
         ``ValueError``. A training forward
         of a new sequence of at most ``chunk_size`` tokens warns once (:class:`OneChunkTrainingWarning`).
         """
-        self.check_built_fields()  # read only when built: a change is refused, not ignored (vocab_size too)
-        check_token_ids(input_ids, self.config.vocab_size)
-        check_same_device(input_ids, self.embed.weight)
-        validate_e2e_options(self.config)  # read at every call, and users may change them on a built model
-        self._check_precision()
-        if state is not None:
-            self._check_state(state, input_ids.shape[0])
-        else:
+        inference = self._check_call(input_ids, state)
+        if state is None:
             self._warn_of_one_chunk_training(input_ids.shape[1])
         input_ids = input_ids.long()  # the inner loss's targets must be int64 (no copy if they are)
-        if torch.is_inference_mode_enabled():
+        if inference:
             # Inference tensors cannot enter autograd, and test-time training needs autograd: run on
             # normal tensors, without an outer graph.
             with torch.inference_mode(False), torch.no_grad():
@@ -902,6 +896,21 @@ class E2ELM(nn.Module):
         except RuntimeError as err:  # inference-mode ids read by a parameter that requires grad
             raise_if_unrecordable(err, input_ids, "input_ids", "model")
             raise
+
+    @run_eagerly("innerloop: the E2E model's checks of its call read values, options and modes")
+    def _check_call(self, input_ids: torch.Tensor, state: E2EState | None) -> bool:
+        """Refuse a call :meth:`forward` cannot run as asked (the ids, the options, the precision, the
+        state); return whether inference mode is on. Eager under ``torch.compile``, in one piece: the checks
+        read values, the options' dataclass fields and the inference mode, each of which broke the graph
+        on its own (7 breaks in a prefill, 2 of them unannounced, where this one break is announced)."""
+        self.check_built_fields()  # read only when built: a change is refused, not ignored (vocab_size too)
+        check_token_ids(input_ids, self.config.vocab_size)
+        check_same_device(input_ids, self.embed.weight)
+        validate_e2e_options(self.config)  # read at every call, and users may change them on a built model
+        self._check_precision()
+        if state is not None:
+            self._check_state(state, input_ids.shape[0])
+        return torch.is_inference_mode_enabled()
 
     def check_built_fields(self, config: ModelConfig | Mapping[str, Any] | None = None) -> None:
         """Raise ``ValueError`` if a :data:`BUILT_FIELDS` field of ``self.config`` no longer has the value

@@ -18,6 +18,7 @@ from __future__ import annotations
 import bz2
 import contextlib
 import csv
+import glob
 import gzip
 import hashlib
 import itertools
@@ -303,7 +304,8 @@ def open_hf_dataset(paths: Sequence[str], split: str, streaming: bool, text_fiel
             options = _csv_options(files, text_field) if kind == "csv" else {}
             loaded = datasets.load_dataset(
                 kind,
-                data_files=files,
+                # datasets reads data_files as glob patterns: the file 'x[1].jsonl' read 'x1.jsonl'
+                data_files=[glob.escape(file) for file in files],
                 split=split,
                 streaming=streaming,
                 description=_files_stamp(files),

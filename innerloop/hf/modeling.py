@@ -18,6 +18,7 @@ A cache can be passed back to ``generate()`` (``cache=``, ``past_key_values=``) 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import json
@@ -995,17 +996,18 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         # leaves every file whole, the earlier save's or this one's, never a truncated weights file.
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        remove_abandoned_staging(folder)
-        staging = Path(tempfile.mkdtemp(dir=folder, prefix=SAVE_STAGING_PREFIX))
-        held = _hold_staging(staging)  # marks it in use: another save into the folder leaves it alone
-        try:
-            save_into(staging)
-            forget_replaced_export_files(folder, replacements=staging)  # before the files it names change
-            _move_saved_files(staging, folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-            if held is not None:
-                os.close(held)
+        with _only_save_into(folder):
+            remove_abandoned_staging(folder)
+            staging = Path(tempfile.mkdtemp(dir=folder, prefix=SAVE_STAGING_PREFIX))
+            held = _hold_staging(staging)  # marks it in use: another save into the folder leaves it alone
+            try:
+                save_into(staging)
+                forget_replaced_export_files(folder, replacements=staging)  # before the files it names change
+                _move_saved_files(staging, folder)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+                if held is not None:
+                    os.close(held)
 
     def _refresh_non_persistent_buffers(self) -> None:
         """Make the tables no checkpoint holds (the layers' ``derived_buffers``: token index, RoPE
@@ -1046,6 +1048,36 @@ def _hold_staging(staging: Path) -> int | None:
         os.close(handle)
         return None
     return handle
+
+
+@contextmanager
+def _only_save_into(folder: Path) -> Iterator[None]:
+    """Hold ``folder`` locked (``flock`` on the folder itself) for a ``save_pretrained`` into it, raising
+    ``RuntimeError`` naming it when another save (of this process or another) holds it: two saves moving
+    their files in one by one, interleaved, would leave one save's ``config.json`` with the other's
+    weights. Where folders cannot be locked, the save goes on unguarded (as the staging does)."""
+    handle = None
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            handle = os.open(folder, os.O_RDONLY)
+    if handle is not None:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            raise RuntimeError(
+                f"save_pretrained into {str(folder)!r}: another save into that folder is running (in this "
+                "process or another), and two saves moving their files in would leave one's config.json with "
+                "the other's weights; save into another folder, or wait for that save to end"
+            ) from None
+        except OSError:  # a file system without locks
+            os.close(handle)
+            handle = None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            os.close(handle)
 
 
 def remove_abandoned_staging(folder: Path) -> None:

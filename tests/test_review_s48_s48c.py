@@ -1,0 +1,45 @@
+"""Review s48c: the Hugging Face integration (issue 11)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+from innerloop.hf import modeling as hf_modeling
+
+TINY = {"hidden_size": 16, "num_heads": 2, "num_layers": 1, "intermediate_size": 32}
+
+
+def _tiny(seed: int, **model: object) -> InnerloopForCausalLM:
+    torch.manual_seed(seed)
+    return InnerloopForCausalLM(InnerloopConfig(model={**TINY, **model})).eval()
+
+
+@pytest.mark.slow  # two saves and a from_pretrained: about 1.7 s
+def test_a_save_into_a_folder_another_save_is_moving_files_into_fails_and_mixes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # two saves into one folder moved their files in one by one, interleaved: the folder ended with the
+    # first save's config.json (moved last) and the second's weights, a model neither saved
+    first, second = _tiny(0), _tiny(1, vocab_size=300)
+    move = hf_modeling._move_saved_files
+    refused: list[Exception] = []
+
+    def move_with_a_second_save_between(staging: Path, folder: Path) -> None:
+        monkeypatch.setattr(hf_modeling, "_move_saved_files", move)  # the second save moves as usual
+        try:
+            second.save_pretrained(folder)
+        except RuntimeError as err:
+            refused.append(err)
+        move(staging, folder)
+
+    monkeypatch.setattr(hf_modeling, "_move_saved_files", move_with_a_second_save_between)
+    first.save_pretrained(tmp_path)
+    assert refused and str(tmp_path) in str(refused[0]) and "another save" in str(refused[0])
+    loaded = InnerloopForCausalLM.from_pretrained(tmp_path)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, first(ids).logits)

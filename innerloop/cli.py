@@ -1074,10 +1074,13 @@ def _dataset_records(args: argparse.Namespace, files: Sequence[Path]) -> _Record
 
 
 def _read_text_file(path: Path) -> str:
-    """A training file's text; :class:`ConfigError` naming it when it is not UTF-8."""
+    """A training file's text (without a byte-order mark at its start: ``utf8_file_text``);
+    :class:`ConfigError` naming it when it is not UTF-8."""
+    from innerloop.data.tokenizer import utf8_file_text
+
     try:
         data = path.read_bytes()
-        return data.decode("utf-8")
+        return utf8_file_text(data)
     except UnicodeDecodeError as err:
         from innerloop.data.text import byte_order_mark, compressed_file_advice, compression_of
 

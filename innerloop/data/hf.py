@@ -32,7 +32,7 @@ from typing import Any
 
 from innerloop.data.atomic import file_stamp
 from innerloop.data.text import COMPRESSIONS, DataError, path_entries, split_keys
-from innerloop.data.tokenizer import missing_package
+from innerloop.data.tokenizer import UTF8_BYTE_ORDER_MARK, missing_package
 
 FORMATS: dict[str, str] = {
     ".json": "json",
@@ -319,6 +319,7 @@ def open_hf_dataset(paths: Sequence[str], split: str, streaming: bool, text_fiel
         raise DataError(f"data.paths={list(paths)!r} (data.split={split!r}) holds no document")
     with contextlib.suppress(AttributeError):  # iter_texts names them when reading a stream fails
         loaded._innerloop_source = (list(paths), split, files)
+        loaded._innerloop_lines = kind == "text"  # iter_texts drops their byte-order marks
     return loaded
 
 
@@ -556,7 +557,26 @@ def _missing_field(text_field: str, fields: Any) -> DataError:
 
 def iter_texts(dataset: Any, text_field: str, first: int = 0) -> Iterator[tuple[int, list[str]]]:
     """``(number of the first, texts)`` of chunks of documents from document ``first`` on, in order.
-    Raises :class:`DataError` naming ``data.text_field`` when a document has no text there."""
+    Raises :class:`DataError` naming ``data.text_field`` when a document has no text there. The lines of
+    text data files (:func:`open_hf_dataset`) are read without a UTF-8 byte-order mark at their start
+    (:func:`_without_marks`)."""
+    chunks = _texts_of(dataset, text_field, first)
+    if getattr(dataset, "_innerloop_lines", False):
+        chunks = ((start, _without_marks(texts)) for start, texts in chunks)
+    return chunks
+
+
+def _without_marks(lines: list[str]) -> list[str]:
+    """``lines`` without the byte-order mark (U+FEFF) any of them starts with: the mark of a UTF-8 file
+    saved with one (Windows Notepad), or of one of several files joined by ``cat``; not text (datasets'
+    json and csv readers drop it, its text reader kept it: the encoding it is given is ignored for a
+    compressed file). Where U+FEFF is meant as a character, it is a zero-width no-break space, which
+    starts no line of text."""
+    return [line[1:] if line.startswith(UTF8_BYTE_ORDER_MARK) else line for line in lines]
+
+
+def _texts_of(dataset: Any, text_field: str, first: int) -> Iterator[tuple[int, list[str]]]:
+    """:func:`iter_texts`, each document's text as the dataset holds it."""
     if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):  # a Dataset: read by slices
         if text_field not in dataset.column_names:
             raise _missing_field(text_field, dataset.column_names)

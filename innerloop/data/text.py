@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from innerloop.core.layer import machine_memory_bytes, memory_size
-from innerloop.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from innerloop.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, utf8_file_text
 
 log = logging.getLogger(__name__)
 
@@ -540,11 +540,12 @@ def _refuse_files_too_large_to_tokenize(
 
 
 def _file_text(path: Path, tokenizer: Tokenizer, option: str) -> str:
-    """``path``'s text, or :class:`DataError` naming it when it is not UTF-8."""
+    """``path``'s text (:func:`~innerloop.data.tokenizer.utf8_file_text`: a byte-order mark at its start is
+    not text), or :class:`DataError` naming it when it is not UTF-8."""
     data = _file_bytes(path, option)
     _refuse_packed(path, data[:_MAGIC_BYTES], option)
     try:
-        return data.decode("utf-8")
+        return utf8_file_text(data)
     except UnicodeDecodeError as err:
         bom = byte_order_mark(err.object)  # the bytes it decoded
         what = f"{bom} text (it starts with a {bom} byte-order mark)" if bom else "not UTF-8 text"

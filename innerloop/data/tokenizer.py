@@ -115,6 +115,19 @@ def _shown_value(value: Any, limit: int = 60) -> str:
     return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
+UTF8_BYTE_ORDER_MARK = "\ufeff"
+"""The character a UTF-8 byte-order mark (``EF BB BF``) decodes to."""
+
+
+def utf8_file_text(data: bytes) -> str:
+    """A file's bytes ``data`` decoded as UTF-8 text, without a byte-order mark at its start: that is a
+    signature of the encoding (Windows Notepad writes one), not text, as Python's ``utf-8-sig`` and the
+    ``datasets`` library's json and csv readers take it; one inside the text is a character of it.
+    Raises :class:`UnicodeDecodeError` as ``bytes.decode`` does (its positions those of ``data``)."""
+    text = data.decode("utf-8")
+    return text[1:] if text.startswith(UTF8_BYTE_ORDER_MARK) else text
+
+
 class Tokenizer(ABC):
     """Text to token ids and back. ``vocab_size`` ids, ``0 .. vocab_size - 1``."""
 
@@ -147,9 +160,10 @@ class Tokenizer(ABC):
         the files written."""
 
     def encode_bytes(self, data: bytes) -> list[int]:
-        """The token ids of a file's contents; raises :class:`UnicodeDecodeError` unless the tokenizer
-        reads raw bytes or ``data`` is UTF-8."""
-        return self.encode(data.decode("utf-8"))
+        """The token ids of a file's contents (:func:`utf8_file_text`: a byte-order mark at its start is
+        not text); raises :class:`UnicodeDecodeError` unless the tokenizer reads raw bytes or ``data`` is
+        UTF-8."""
+        return self.encode(utf8_file_text(data))
 
     def describe(self) -> str:
         """A short description for messages, e.g. ``bytes`` or ``a tokenizer.json of 1000 tokens``."""

@@ -43,3 +43,20 @@ def test_a_save_into_a_folder_another_save_is_moving_files_into_fails_and_mixes_
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, first(ids).logits)
+
+
+def test_a_mask_inferred_from_pad_token_id_is_refused_saying_how_left_padded_prompts_are_given() -> None:
+    # the refusal said "generate() supports prompts without padding only", wrong since left-padded prompts
+    # are read row by row: with their attention_mask each row equals its prompt alone
+    model = _tiny(0)
+    ids = torch.tensor([[7, 7, 5, 6], [1, 2, 3, 4]])
+    with pytest.raises(ValueError, match="pad_token_id=7") as refused:
+        model.generate(ids, pad_token_id=7, max_new_tokens=2, do_sample=False)
+    message = str(refused.value)
+    assert "without padding only" not in message
+    assert "left padding" in message and "attention_mask" in message and "padding_side='left'" in message
+    mask = (ids != 7).long()
+    with torch.no_grad():
+        padded = model.generate(ids, attention_mask=mask, pad_token_id=7, max_new_tokens=2, do_sample=False)
+        alone = model.generate(ids[:1, 2:], max_new_tokens=2, do_sample=False)
+    assert torch.equal(padded[0, 2:], alone[0])

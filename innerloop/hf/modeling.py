@@ -1604,17 +1604,21 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
     def _prepare_attention_mask_for_generation(
         self, inputs_tensor: torch.Tensor, generation_config: Any, model_kwargs: dict[str, Any]
     ) -> torch.Tensor:
-        """transformers infers a mask from ``pad_token_id`` where no mask is given: an id in the prompt
-        would become padding, which innerloop models cannot skip. Refused, saying how to pass the id."""
+        """transformers infers a mask from ``pad_token_id`` where no mask is given: every occurrence of the
+        id in the prompt would become padding, though it may be a token (a byte-level model's pad 0 is also
+        its end-of-document byte), and a row read without it continues another text. Refused, saying how
+        to pass the id as a token, and how to pass left-padded prompts (with their mask)."""
         mask = super()._prepare_attention_mask_for_generation(inputs_tensor, generation_config, model_kwargs)
         padding = mask_padding(mask)
         if padding is not None:
             pad = generation_config.pad_token_id
             raise ValueError(
                 f"generate() got no attention_mask, and pad_token_id={pad} occurs in input_ids, so transformers "
-                f"takes it for padding: {padding[1]}; innerloop models cannot skip padding. If id {pad} is a "
-                "token of the prompt, pass attention_mask=torch.ones_like(input_ids) (or another "
-                "pad_token_id); generate() supports prompts without padding only"
+                f"would take it for padding: {padding[1]}; innerloop models read every token they are given, "
+                f"so whether id {pad} is a token must be said: if it is a token of the prompt, pass "
+                "attention_mask=torch.ones_like(input_ids) (or another pad_token_id); if the prompts are left "
+                "padded with it, pass their attention_mask (the tokenizer's, with padding_side='left'): left "
+                "padding is read row by row, each row as its prompt alone; other padding is refused"
             )
         return mask
 

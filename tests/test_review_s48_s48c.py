@@ -60,3 +60,29 @@ def test_a_mask_inferred_from_pad_token_id_is_refused_saying_how_left_padded_pro
         padded = model.generate(ids, attention_mask=mask, pad_token_id=7, max_new_tokens=2, do_sample=False)
         alone = model.generate(ids[:1, 2:], max_new_tokens=2, do_sample=False)
     assert torch.equal(padded[0, 2:], alone[0])
+
+
+@pytest.mark.slow  # imports transformers' Trainer utilities: about 1.3 s
+def test_the_label_smoother_on_a_left_padded_batch_scores_what_forward_scores_once_its_first_tokens_are_unlabelled() -> (
+    None
+):
+    # docs/huggingface.md: the Trainer's LabelSmoother sees the collator's labels, not forward's; a
+    # left-padded row's first token, labelled, is scored against the zero logits at the last pad
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    model = _tiny(0).double()
+    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, labels=labels)
+    smoothed = LabelSmoother(epsilon=0.0)(out, labels, shift_labels=True)
+    vocab = out.logits.shape[-1]
+    scored = 2 + 4  # forward's: row 0's 6 and 7 (its first token follows pads alone), row 1's four
+    expected = (out.loss * scored + torch.log(torch.tensor(vocab, dtype=torch.float64))) / (scored + 1)
+    assert abs(float(smoothed) - float(expected)) <= 1e-12
+    unlabelled = labels.clone()
+    unlabelled[0, 2] = -100
+    assert (
+        abs(float(LabelSmoother(epsilon=0.0)(out, unlabelled, shift_labels=True)) - float(out.loss)) <= 1e-13
+    )

@@ -1455,7 +1455,30 @@ USER_ERRORS = (
 )
 
 
+HF_EXTRA_PACKAGES = (
+    "transformers",
+    "tokenizers",
+    "datasets",
+    "lm_eval",
+    "accelerate",
+    "tensorboard",
+    "zstandard",
+)
+"""The packages of the ``hf`` extra (pyproject.toml): a command that imports one that is not installed
+(``innerloop export`` without transformers) says so in one line, with the command that installs it."""
+
+
+def _missing_extra(err: BaseException) -> str | None:
+    """The ``hf`` extra's package that ``err`` says cannot be found (:data:`HF_EXTRA_PACKAGES`), or None."""
+    if not isinstance(err, ModuleNotFoundError):
+        return None
+    package = (err.name or "").split(".")[0]
+    return package if package in HF_EXTRA_PACKAGES else None
+
+
 def _is_user_error(err: BaseException) -> bool:
+    if _missing_extra(err) is not None:
+        return True  # an optional package not installed (see _user_message)
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True  # a full disk or quota: the atomic writers name the file (innerloop.data.atomic)
     if isinstance(err, OSError) and err.errno == errno.ENAMETOOLONG and err.filename is not None:
@@ -1609,7 +1632,13 @@ def _expand_user(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _user_message(err: BaseException) -> str:
-    """The one line of a user error; a path too long for the file system says which and what is valid."""
+    """The one line of a user error; a path too long for the file system says which and what is valid, and
+    a package of the ``hf`` extra not installed, how to install it."""
+    package = _missing_extra(err)
+    if package is not None:
+        from innerloop.data.tokenizer import missing_package
+
+        return missing_package("this command", package, err)  # type: ignore[arg-type]
     if isinstance(err, OSError) and err.errno == errno.ENAMETOOLONG and err.filename is not None:
         return f"the path {os.fsdecode(err.filename)!r} is too long: {name_too_long(err.filename)}"
     return _one_line(err)

@@ -86,3 +86,28 @@ def test_the_label_smoother_on_a_left_padded_batch_scores_what_forward_scores_on
     assert (
         abs(float(LabelSmoother(epsilon=0.0)(out, unlabelled, shift_labels=True)) - float(out.loss)) <= 1e-13
     )
+
+
+@pytest.mark.slow  # imports Lightning and the converters first: about 2.7 s
+@pytest.mark.parametrize(
+    "command",
+    [["export", "CHECKPOINT", "OUT"], ["convert", "ttt-lm-pytorch", "SRC", "OUT", "--format", "hf"]],
+)
+def test_a_command_that_needs_transformers_without_it_is_one_line_naming_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    # transformers is the hf extra: without it `innerloop export` ended in a ModuleNotFoundError traceback
+    import sys
+
+    import innerloop.interop.ttt_lm_pytorch  # noqa: F401 (Lightning's and torchmetrics' imports, which
+    import innerloop.train.module  # noqa: F401 look for transformers, done while it is importable)
+    from innerloop.cli import main
+
+    for name in ("innerloop.hf.export", "innerloop.hf.tokenizer"):  # imported again: they import transformers
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers: ModuleNotFoundError
+    argv = [str(tmp_path / part) if part.isupper() else part for part in command]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"innerloop {command[0]}: error:") and len(error.splitlines()) == 1
+    assert "'transformers'" in error and 'pip install "innerloop[hf]"' in error

@@ -52,7 +52,7 @@ from innerloop.core.scan import add_note
 from innerloop.kernels import first_use
 from innerloop.kernels.spec import KernelSpec
 from innerloop.registry import hookspecs
-from innerloop.registry.kinds import KIND_BY_NAME, KIND_NAMES, KINDS, Kind, PluginError
+from innerloop.registry.kinds import KIND_BY_NAME, KIND_NAMES, KINDS, Kind, PluginError, warning_stacklevel
 from innerloop.registry.verdicts import PassedChecks
 
 ENTRY_POINT_GROUP = "innerloop"
@@ -125,6 +125,7 @@ class _Staging:
     def __init__(self) -> None:
         self.entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KIND_NAMES}
         self.attempted: list[tuple[str, str]] = []  # (kind, name) of every object offered, accepted or not
+        self.completed_hooks: set[str] = set()  # the hooks that ran to their end (all they offered is above)
 
 
 class Registry:
@@ -205,6 +206,7 @@ class Registry:
         try:
             for kind in KINDS:
                 returned = self._hook_of(plugin, kind.hook)(register=self.registrar(kind, origin, staging))
+                staging.completed_hooks.add(kind.hook)
                 # pluggy collects the non-None return values of the implementations; `return
                 # register(obj)` returns what was registered and is fine, anything else was dropped
                 registered = {id(entry.obj) for entry in staging.entries[kind.name].values()}
@@ -352,7 +354,7 @@ class Registry:
                 failure = f"its registration hook raised {type(error).__name__}: {error}"
         # every name its hooks offer, past its failure too, surveyed before the roll-back (which also
         # removes what a hook registers with innerloop.register_<kind> while surveyed)
-        offered = _names_offered(plugin, staging.attempted)
+        offered = _names_offered(plugin, staging)
         rolled_back = self._roll_back_since(before, _module_of(entry_point))  # what its import registered
         broken = BrokenPlugin(entry_point.name, distribution, failure, (*offered, *rolled_back))
         self._broken.append(broken)
@@ -362,7 +364,7 @@ class Registry:
             f"is refused from both (set {ALLOW_ENV} to the entry point to load)"
             for k, n in clashed
         )
-        warnings.warn(broken.message() + refused, PluginLoadWarning, stacklevel=2)
+        warnings.warn(broken.message() + refused, PluginLoadWarning, stacklevel=warning_stacklevel())
         return broken
 
     def _registered_at_import(self, plugin: Any, origins_before: set[str]) -> bool:
@@ -675,17 +677,21 @@ def _with_suggestions(names: list[str]) -> str:
     return ("function " if len(names) == 1 else "functions ") + ", ".join(described)
 
 
-def _names_offered(plugin: Any, attempted: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """``attempted`` (the ``(kind, name)`` pairs a refused plugin offered before it failed) and those its
-    hooks offer past the failure: each hook is run again with a ``register`` that only records the name
-    (it refuses nothing), and what a hook raises is ignored, ``SystemExit`` too (its failure is already the
-    reason given).
+def _names_offered(plugin: Any, staging: _Staging) -> list[tuple[str, str]]:
+    """``staging.attempted`` (the ``(kind, name)`` pairs a refused plugin offered before it failed) and
+    those its hooks offer past the failure: each hook that did not run to its end (the one that failed, and
+    those never reached) is run with a ``register`` that only records the name (it refuses nothing), and
+    what a hook raises is ignored, ``SystemExit`` too (its failure is already the reason given). A hook
+    that ran to its end is not run again: all it offered is in ``attempted``, and running it again
+    repeated its side effects.
     Without them a name the plugin would also provide, which another installed distribution provides too,
     was seen as a clash only when the failure came after it in the plugin's hooks."""
-    names = list(attempted)
+    names = list(staging.attempted)
     for kind in KINDS:
         hook = getattr(plugin, kind.hook, None) if plugin is not None else None
         if not callable(hook) or not hasattr(hook, f"{ENTRY_POINT_GROUP}_impl"):
+            continue
+        if kind.hook in staging.completed_hooks:
             continue
 
         def record(obj: Any, kind: Kind = kind) -> Any:
@@ -777,7 +783,7 @@ def load_entry_point_plugins(registry: Registry) -> list[str]:
             f"{sorted(installed)} is loaded; unset {ALLOW_ENV} to load them all, or set {DISABLE_ENV}=1 to "
             "load none without this warning",
             PluginLoadWarning,
-            stacklevel=2,
+            stacklevel=warning_stacklevel(),
         )
     missing = sorted((allowlist or set()) - installed)
     if missing:  # a misspelt name would otherwise load nothing without a word
@@ -785,7 +791,7 @@ def load_entry_point_plugins(registry: Registry) -> list[str]:
             f"{ALLOW_ENV}={os.environ.get(ALLOW_ENV)!r} names {missing}, which no installed package provides as "
             f"an {ENTRY_POINT_GROUP!r} entry point; installed entry points: {sorted(installed)}",
             PluginLoadWarning,
-            stacklevel=2,
+            stacklevel=warning_stacklevel(),
         )
     return loaded
 
@@ -831,7 +837,7 @@ def warn_of_kernels_that_cannot_run(
                     f"plugin provides{' yet' if in_process else ''}, so it can never run{later}; registered "
                     f"{kind}s: {known}",
                     PluginLoadWarning,
-                    stacklevel=_first_caller_outside_innerloop()[0] if in_process else 3,
+                    stacklevel=warning_stacklevel(),
                 )
 
 

@@ -1,0 +1,178 @@
+"""Review s48g: the house (issue 10) and the newcomer docs.
+
+- The registry's warnings (``PluginLoadWarning``, ``PluginWarning``) point at the user's line, as the
+  layer's and the config's do (``tests/core/test_errors.py``): they pointed at innerloop's own
+  ``registry/manager.py`` and ``registry/kinds.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import pytest
+
+import innerloop
+from innerloop.kernels import fused_torch
+from innerloop.plugins.models.mlp import MLPModel
+from innerloop.registry import DISABLE_ENV, PluginLoadWarning, isolated_registry, manager
+
+sys.path.insert(0, str(Path(__file__).parent / "registry"))
+from test_passed_checks import InferenceModeRaises  # noqa: E402  (a rule that raises under inference_mode)
+
+
+class _EntryPoint:
+    """An installed entry point, as ``importlib.metadata`` gives it (``load`` runs ``load_module``)."""
+
+    def __init__(self, name: str, load_module) -> None:
+        self.name, self.value, self._load = name, f"{name}_module", load_module
+        self.dist = SimpleNamespace(name=f"{name}-dist")
+
+    def load(self):
+        return self._load()
+
+
+@pytest.fixture
+def installed(monkeypatch):
+    """Set the entry points the process's registry loads; the registry is rebuilt and forgotten after."""
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    monkeypatch.delenv(manager.ALLOW_ENV, raising=False)
+
+    def use(*points: _EntryPoint) -> None:
+        monkeypatch.setattr(manager, "_entry_points", lambda: list(points))
+
+    with isolated_registry():
+        yield use
+
+
+def _fails_to_import():
+    raise ImportError("no module named 'missing_dependency'")
+
+
+def _registering_a_kernel_for_a_misspelt_model():
+    module = ModuleType("s48g_plugin_module")
+
+    @innerloop.hookimpl
+    def register_kernels(register):
+        register(fused_torch.kernel_spec("s48g_mpl", MLPModel().stack))
+
+    module.register_kernels = register_kernels
+    return module
+
+
+def _warnings_of(call) -> list[warnings.WarningMessage]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [w for w in caught if issubclass(w.category, PluginLoadWarning)]
+
+
+def test_a_broken_entry_points_warning_points_at_the_users_line(installed) -> None:
+    installed(_EntryPoint("s48g_broken", _fails_to_import))
+    caught = _warnings_of(lambda: innerloop.available("inner_loss"))
+    assert [w.filename for w in caught] == [__file__], [(w.filename, str(w.message)[:80]) for w in caught]
+    assert "s48g_broken" in str(caught[0].message)
+
+
+def test_a_misspelt_allow_list_warning_points_at_the_users_line(installed, monkeypatch) -> None:
+    installed(_EntryPoint("s48g_plugin", _registering_a_kernel_for_a_misspelt_model))
+    monkeypatch.setenv(manager.ALLOW_ENV, "s48g_plugn")
+    caught = _warnings_of(lambda: innerloop.available("inner_loss"))
+    assert [w.filename for w in caught] == [__file__], [(w.filename, str(w.message)[:80]) for w in caught]
+    assert "s48g_plugn" in str(caught[0].message)
+
+
+def test_an_entry_points_kernel_for_an_unknown_model_is_warned_of_at_the_users_line(installed) -> None:
+    installed(_EntryPoint("s48g_plugin", _registering_a_kernel_for_a_misspelt_model))
+    caught = _warnings_of(lambda: innerloop.available("inner_loss"))
+    assert [w.filename for w in caught] == [__file__], [(w.filename, str(w.message)[:80]) for w in caught]
+    assert "s48g_mpl" in str(caught[0].message)
+
+
+@pytest.mark.slow  # registers an external rule (its naive-loop checks): ~0.4 s
+def test_a_rule_that_cannot_run_without_autograd_is_warned_of_at_the_users_line() -> None:
+    with (
+        isolated_registry(),
+        pytest.warns(innerloop.PluginWarning, match="cannot run without autograd") as caught,
+    ):
+        innerloop.register_update_rule(InferenceModeRaises())
+    assert [w.filename for w in caught] == [__file__]
+
+
+def _plugin_counting_its_hook_calls(calls: dict[str, int]) -> ModuleType:
+    """A plugin whose second hook fails; each hook counts its calls (a hook's side effect)."""
+    module = ModuleType("s48g_counting_module")
+
+    @innerloop.hookimpl
+    def register_inner_models(register):
+        calls["register_inner_models"] += 1
+
+    @innerloop.hookimpl
+    def register_inner_losses(register):
+        calls["register_inner_losses"] += 1
+        raise RuntimeError("its configuration file is missing")
+
+    @innerloop.hookimpl
+    def register_update_rules(register):
+        calls["register_update_rules"] += 1
+
+    module.register_inner_models = register_inner_models
+    module.register_inner_losses = register_inner_losses
+    module.register_update_rules = register_update_rules
+    return module
+
+
+def test_a_refused_plugins_hooks_that_ran_whole_are_not_run_again(installed) -> None:
+    """The names a refused plugin offers are surveyed by running its hooks again with a recording
+    ``register``: hooks that had already run to their end ran twice, their side effects too (a
+    download, a print, a counter). Only the hook that failed (for the names past its failure) and
+    the ones never reached run now."""
+    calls = dict.fromkeys(("register_inner_models", "register_inner_losses", "register_update_rules"), 0)
+    installed(_EntryPoint("s48g_counting", lambda: _plugin_counting_its_hook_calls(calls)))
+    caught = _warnings_of(lambda: innerloop.available("inner_loss"))
+    assert "configuration file is missing" in str(caught[0].message)
+    assert calls == {"register_inner_models": 1, "register_inner_losses": 2, "register_update_rules": 1}
+
+
+def _public_packages() -> list[str]:
+    """innerloop, innerloop.ops and every subpackage but the built-in plugins' (as test_api_documented)."""
+    import pkgutil
+
+    found = [
+        info.name
+        for info in pkgutil.walk_packages(innerloop.__path__, "innerloop.")
+        if info.ispkg and not info.name.startswith("innerloop.plugins")
+    ]
+    return ["innerloop", "innerloop.ops", *sorted(found)]
+
+
+@pytest.mark.parametrize("package", _public_packages())
+def test_a_name_a_package_exports_is_in_its_own_modules_all(package: str) -> None:
+    """``innerloop.testing`` exported ``twin_layers`` and ``ReferenceDivergedError`` while the module
+    defining them left them out of its ``__all__`` (``from innerloop.testing.checks import *`` did not
+    give them). A name exported under another name (``compiled_kernel_spec``) is looked for by its own."""
+    import importlib
+    import inspect
+
+    module = importlib.import_module(package)
+    missing = []
+    for name in getattr(module, "__all__", []):
+        value = getattr(module, name)
+        if not (inspect.isclass(value) or inspect.isfunction(value)) or value.__module__ == package:
+            continue  # a constant or an instance (a KernelSpec names its class's module), or defined here
+        defining = sys.modules[value.__module__]
+        if hasattr(defining, "__all__") and value.__name__ not in defining.__all__:
+            missing.append(f"{name} (defined in {value.__module__})")
+    assert not missing, f"{package} exports, and its defining module's __all__ leaves out: {missing}"
+
+
+def test_the_warning_points_at_the_users_line_also_once_dynamo_is_imported(installed) -> None:
+    """Once torch._dynamo is imported, the registry's first build runs inside ``torch.compiler.disable``
+    (``core/eager.py``): the warning pointed at torch's ``eval_frame.py``."""
+    import torch._dynamo  # noqa: F401  (what any earlier torch.compile in the process has done)
+
+    installed(_EntryPoint("s48g_broken", _fails_to_import))
+    caught = _warnings_of(lambda: innerloop.available("inner_loss"))
+    assert [w.filename for w in caught] == [__file__], [(w.filename, str(w.message)[:80]) for w in caught]

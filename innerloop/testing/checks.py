@@ -2274,6 +2274,7 @@ __all__ = [
     "MIXED_WRAPPINGS",
     "NO_GRAD_MODES",
     "RaisedWithoutGradError",
+    "ReferenceDivergedError",
     "RuleOutputError",
     "StateWrittenError",
     "WRAPPINGS",
@@ -2284,4 +2285,5 @@ __all__ = [
     "run_in_chunks",
     "run_layer_in_chunks",
     "run_stack",
+    "twin_layers",
 ]

@@ -27,8 +27,29 @@ settings.register_profile("dev", max_examples=50, deadline=None, suppress_health
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+#: What a run takes from pytest-xdist unless its command line says otherwise (``-n``, ``--maxprocesses``,
+#: ``--dist``): one worker per core, at most 8 (each imports torch, Lightning and transformers: ~1 GB),
+#: sharing one queue (xdist's default hands each worker its own queue: one worker sat idle for minutes at
+#: the end). Set here rather than in pyproject.toml's addopts, where they made ``-p no:xdist``, and any
+#: pytest without pytest-xdist, a usage error ("unrecognized arguments: -n").
+XDIST_DEFAULTS = {"numprocesses": "auto", "maxprocesses": 8}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns "auto" into a count of workers
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """The suite's xdist defaults (:data:`XDIST_DEFAULTS`, ``--dist worksteal``), where xdist is loaded,
+    in pytest's main process only (an xdist worker runs this hook too, with ``-n`` cleared)."""
+    if not config.pluginmanager.hasplugin("xdist") or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    for option, value in XDIST_DEFAULTS.items():
+        if getattr(config.option, option) is None:
+            setattr(config.option, option, value)
+    if config.option.dist == "no" and config.option.numprocesses != 0:
+        config.option.dist = "worksteal"
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist (``-n``, on by default in pyproject.toml), each worker takes its share of the
+    """Under pytest-xdist (``-n``, on by default: :data:`XDIST_DEFAULTS`), each worker takes its share of the
     cores for torch's threads: two workers of two threads each on two cores ran the fast tests four
     times slower than one process. ``OMP_NUM_THREADS`` passes the same count to the training runs
     that tests start in subprocesses, which must round as the in-process run they are compared with."""

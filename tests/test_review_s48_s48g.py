@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -176,3 +178,51 @@ def test_the_warning_points_at_the_users_line_also_once_dynamo_is_imported(insta
     installed(_EntryPoint("s48g_broken", _fails_to_import))
     caught = _warnings_of(lambda: innerloop.available("inner_loss"))
     assert [w.filename for w in caught] == [__file__], [(w.filename, str(w.message)[:80]) for w in caught]
+
+
+REPO = Path(__file__).resolve().parents[1]
+#: a fast test of a module that imports no torch, so that a child pytest's cost is its start-up
+LIGHT_TEST = "tests/test_docs.py::test_bash_commands_are_parsed_as_a_shell_would"
+
+
+def _child_pytest(*arguments: str) -> subprocess.CompletedProcess:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_XDIST")}
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *arguments, LIGHT_TEST],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.slow  # a child pytest in one process: ~3.5 s on an idle machine (its start-up)
+def test_the_suite_runs_without_xdist() -> None:
+    """``-p no:xdist`` (or a pytest without pytest-xdist) was a usage error, "unrecognized arguments: -n
+    --maxprocesses 8 --dist worksteal": pyproject.toml's addopts assumed xdist. tests/conftest.py sets
+    those defaults now, where xdist is loaded."""
+    result = _child_pytest("-p", "no:xdist", "-q")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "1 passed" in result.stdout
+
+
+def _options_after_the_suites_defaults(monkeypatch, **given: object) -> SimpleNamespace:
+    """The options xdist reads, after tests/conftest.py's ``pytest_cmdline_main`` saw ``given`` (what
+    the command line said; xdist's own defaults for the rest) in pytest's main process."""
+    import conftest
+
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    option = SimpleNamespace(**{"numprocesses": None, "maxprocesses": None, "dist": "no", **given})
+    config = SimpleNamespace(option=option, pluginmanager=SimpleNamespace(hasplugin=lambda name: True))
+    conftest.pytest_cmdline_main(config)
+    return option
+
+
+def test_xdist_is_still_on_by_default_with_its_queue_shared(monkeypatch) -> None:
+    default = _options_after_the_suites_defaults(monkeypatch)
+    assert (default.numprocesses, default.maxprocesses, default.dist) == ("auto", 8, "worksteal")
+    one_process = _options_after_the_suites_defaults(monkeypatch, numprocesses=0)  # -n 0
+    assert (one_process.numprocesses, one_process.dist) == (0, "no")
+    chosen = _options_after_the_suites_defaults(monkeypatch, numprocesses=3, maxprocesses=2, dist="load")
+    assert (chosen.numprocesses, chosen.maxprocesses, chosen.dist) == (3, 2, "load")

@@ -55,6 +55,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from innerloop.config.load import CHECKPOINT_SUFFIX, checkpoint_path_problem
+from innerloop.core.callers import warning_stacklevel
 from innerloop.core.functional import check_flag, check_path_argument, first_non_finite
 from innerloop.core.identity import IdentityTable
 from innerloop.core.layer import TTTLayer
@@ -563,7 +564,7 @@ def warn_changed_plugins(
     source: str,
     record: Any,
     model: Mapping[str, Any] | None = None,
-    stacklevel: int = 3,
+    stacklevel: int | None = None,
     sources: Any = None,
 ) -> None:
     """Warn (:class:`PluginChangedWarning`, once per ``source`` and change) for each plugin of
@@ -572,7 +573,8 @@ def warn_changed_plugins(
     or, with ``sources`` (a checkpoint's :data:`PLUGIN_SOURCES_KEY`), by the recorded class whose
     source digest differs now (neither digest missing). ``source`` names the file or folder. A name not
     registered now is left to the error of rebuilding the model (:func:`missing_plugins_note`); a
-    record of none (an older file) warns of nothing."""
+    record of none (an older file) warns of nothing. The warning points at the user's line
+    (:func:`~innerloop.core.callers.warning_stacklevel`) unless ``stacklevel`` is given."""
     digests = {(kind, name): digest for kind, name, digest in _recorded_sources(sources)}
     for kind, name, recorded in _recorded_plugins(record, model):
         current = plugin_origin(kind, name)
@@ -591,7 +593,11 @@ def warn_changed_plugins(
         if message is None or key in _WARNED_PLUGINS:
             continue
         _WARNED_PLUGINS.add(key)
-        warnings.warn(message, PluginChangedWarning, stacklevel=stacklevel)
+        warnings.warn(
+            message,
+            PluginChangedWarning,
+            stacklevel=warning_stacklevel() if stacklevel is None else stacklevel,
+        )
 
 
 def _changed_source_message(

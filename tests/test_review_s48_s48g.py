@@ -207,11 +207,13 @@ def test_the_suite_runs_without_xdist() -> None:
     assert "1 passed" in result.stdout
 
 
-def _options_after_the_suites_defaults(monkeypatch, **given: object) -> SimpleNamespace:
+def _options_after_the_suites_defaults(monkeypatch, pytestconfig, **given: object) -> SimpleNamespace:
     """The options xdist reads, after tests/conftest.py's ``pytest_cmdline_main`` saw ``given`` (what
     the command line said; xdist's own defaults for the rest) in pytest's main process."""
-    import conftest
-
+    here = Path(__file__).parent / "conftest.py"  # not `import conftest`: several folders have one
+    (conftest,) = [
+        p for p in pytestconfig.pluginmanager.get_plugins() if getattr(p, "__file__", None) == str(here)
+    ]
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     option = SimpleNamespace(**{"numprocesses": None, "maxprocesses": None, "dist": "no", **given})
     config = SimpleNamespace(option=option, pluginmanager=SimpleNamespace(hasplugin=lambda name: True))
@@ -219,10 +221,66 @@ def _options_after_the_suites_defaults(monkeypatch, **given: object) -> SimpleNa
     return option
 
 
-def test_xdist_is_still_on_by_default_with_its_queue_shared(monkeypatch) -> None:
-    default = _options_after_the_suites_defaults(monkeypatch)
+def test_xdist_is_still_on_by_default_with_its_queue_shared(monkeypatch, pytestconfig) -> None:
+    default = _options_after_the_suites_defaults(monkeypatch, pytestconfig)
     assert (default.numprocesses, default.maxprocesses, default.dist) == ("auto", 8, "worksteal")
-    one_process = _options_after_the_suites_defaults(monkeypatch, numprocesses=0)  # -n 0
+    one_process = _options_after_the_suites_defaults(monkeypatch, pytestconfig, numprocesses=0)  # -n 0
     assert (one_process.numprocesses, one_process.dist) == (0, "no")
-    chosen = _options_after_the_suites_defaults(monkeypatch, numprocesses=3, maxprocesses=2, dist="load")
+    chosen = _options_after_the_suites_defaults(
+        monkeypatch, pytestconfig, numprocesses=3, maxprocesses=2, dist="load"
+    )
     assert (chosen.numprocesses, chosen.maxprocesses, chosen.dist) == (3, 2, "load")
+
+
+@pytest.mark.parametrize("loader", ["load_model", "load_checkpoint", "load_module"])
+def test_a_changed_plugins_warning_points_at_the_users_line(loader: str, tmp_path) -> None:
+    """PluginChangedWarning's fixed ``stacklevel=3`` pointed at ``load_checkpoint``'s caller, which is
+    innerloop's own ``load_model`` or ``load_module`` (checkpoints.py, train/module.py) when a user calls
+    those."""
+    import torch
+    from plugin_testing import NAME, TargetsAsGiven, TargetsDoubled
+
+    from innerloop import checkpoints
+    from innerloop.models import ModelConfig, build_model
+    from innerloop.train import module
+
+    load = {"load_module": module.load_module}.get(loader) or getattr(checkpoints, loader)
+    config = {
+        "vocab_size": 64,
+        "hidden_size": 16,
+        "num_layers": 1,
+        "num_heads": 2,
+        "ttt": {"inner_loss": NAME},
+    }
+    with isolated_registry():
+        innerloop.register_inner_loss(TargetsAsGiven(), origin="s48g_first (first-dist)")
+        torch.manual_seed(0)
+        path = module.save_model_checkpoint(
+            build_model(ModelConfig.from_dict(config)), tmp_path / "c.safetensors"
+        )
+        innerloop.get_registry().remove_plugin("s48g_first (first-dist)")
+        innerloop.register_inner_loss(TargetsDoubled(), origin="s48g_second (second-dist)")
+        with pytest.warns(checkpoints.PluginChangedWarning, match="s48g_second") as caught:
+            load(path)
+    assert [w.filename for w in caught if issubclass(w.category, checkpoints.PluginChangedWarning)] == [
+        __file__
+    ]
+
+
+@pytest.mark.slow  # registers a kernel and runs its first-use probe: ~0.8 s
+def test_a_refused_kernels_warning_points_at_the_users_line() -> None:
+    """KernelCheckWarning's fixed ``stacklevel=4`` pointed at innerloop's
+    ``plugins/optimizers/dual_form.py``, the rule that dispatched, not at the user's ``layer(x)``."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent / "kernels"))
+    from test_first_use import REFERENCE_FORWARD, Counting, layer_pair, register, scaled_weights
+
+    from innerloop.kernels.first_use import KernelCheckWarning
+
+    with isolated_registry():
+        register(Counting(REFERENCE_FORWARD, scaled_weights))  # a kernel whose new weights are 1% off
+        layer, _ = layer_pair()
+        with torch.no_grad(), pytest.warns(KernelCheckWarning, match="failed its first-use check") as caught:
+            layer(torch.randn(2, 12, 16))
+    assert [w.filename for w in caught if issubclass(w.category, KernelCheckWarning)] == [__file__]

@@ -56,6 +56,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
+from innerloop.core.callers import warning_stacklevel
 from innerloop.core.environment import EnvironmentSwitchError
 from innerloop.core.functional import relative_error, saved_tensors_hooks_suspended
 from innerloop.core.protocol import InnerTask, Params, UpdateRule
@@ -444,7 +445,7 @@ def warn_refused(kernel: KernelSpec, reason: str) -> None:
     warnings.warn(
         refusal_message(kernel, reason) + "; innerloop runs these blocks without it",
         KernelCheckWarning,
-        stacklevel=4,
+        stacklevel=warning_stacklevel(),
     )
 
 
@@ -643,7 +644,7 @@ def _deferred(key: tuple, kernel: KernelSpec, reason: str) -> Deferred:
             f"{kernel.name}: its first-use check was deferred on {count} blocks in a row, each too degenerate "
             f"or ill-conditioned to decide ({reason}); the torch path runs these blocks until one decides",
             KernelCheckWarning,
-            stacklevel=5,
+            stacklevel=warning_stacklevel(),
         )
     return Deferred(reason)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from innerloop.core.callers import warning_stacklevel
 from innerloop.core.model_inner import ModelInnerLoss, ModelUpdateRule
 from innerloop.core.protocol import InnerLoss, InnerModel, LossPairs, UpdateRule, Views
 from innerloop.core.scan import CheckModelAnswerError, model_refusal
@@ -63,24 +64,6 @@ class PluginError(ValueError):
 class PluginWarning(UserWarning):
     """A plugin was registered, but it cannot run everywhere a layer runs it (e.g. an update rule that
     raises without autograd, so that a layer using it fails in evaluation and generation)."""
-
-
-_NOT_THE_CALLERS = ("innerloop", "pluggy", "torch")  # top-level packages a warning's caller is not in
-
-
-def warning_stacklevel() -> int:
-    """The ``stacklevel`` for a ``warnings.warn`` made by the function that calls this one, so that the
-    warning points at the first frame outside innerloop, pluggy and torch: the user's line (the
-    ``innerloop.register_update_rule(...)``, or the ``TTTLayer(...)`` or ``innerloop.available(...)`` whose
-    first use of the registry loaded the entry points), or the ``register(...)`` line of a plugin's hook
-    (pluggy calls the hooks; torch's frames are those of ``torch.compiler.disable``, which
-    ``core/eager.py`` puts around the registry's first build once dynamo is imported). A fixed
-    ``stacklevel`` pointed into innerloop's own registry, as deep as each call path happened to be."""
-    frame = inspect.currentframe()
-    frame, level = (frame.f_back if frame is not None else None), 1  # the warning's function: level 1
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _NOT_THE_CALLERS:
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 # --------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from typing import Any
 import pluggy
 import torch
 
+from innerloop.core.callers import warning_stacklevel
 from innerloop.core.eager import run_eagerly
 from innerloop.core.environment import EnvironmentSwitchError, environment_flag
 from innerloop.core.functional import saved_tensors_hooks_suspended
@@ -52,7 +53,7 @@ from innerloop.core.scan import add_note
 from innerloop.kernels import first_use
 from innerloop.kernels.spec import KernelSpec
 from innerloop.registry import hookspecs
-from innerloop.registry.kinds import KIND_BY_NAME, KIND_NAMES, KINDS, Kind, PluginError, warning_stacklevel
+from innerloop.registry.kinds import KIND_BY_NAME, KIND_NAMES, KINDS, Kind, PluginError
 from innerloop.registry.verdicts import PassedChecks
 
 ENTRY_POINT_GROUP = "innerloop"

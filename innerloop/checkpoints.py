@@ -260,7 +260,7 @@ def saved_model_config(path: str | os.PathLike[str], model: dict[str, Any]) -> d
         warnings.warn(
             f"{str(path)!r} records {', '.join(reset)}, which mixer {model.get('mixer')!r} does not read (it "
             "never had an effect): loaded with the defaults",
-            stacklevel=3,
+            stacklevel=warning_stacklevel(),
         )
     return _with_a_registered_kernel(path, model)
 
@@ -278,7 +278,7 @@ def _with_a_registered_kernel(path: str | os.PathLike[str], model: dict[str, Any
     warnings.warn(
         f"{str(path)!r} was trained with model.ttt.kernel={kernel!r}, which no plugin registers here (is its "
         "package installed?); its TTT layers run with kernel='auto' (a kernel changes speed, not the model)",
-        stacklevel=4,
+        stacklevel=warning_stacklevel(),
     )
     return {**model, "ttt": {**ttt, "kernel": "auto"}}
 
@@ -687,7 +687,7 @@ def _check_header(name: str, metadata: dict[str, str]) -> None:
                 f"{name} is a format-version-1 checkpoint, which has no checksum: it is read without an "
                 "integrity check (saving it again, e.g. by resuming the run, adds one)",
                 UnverifiedCheckpointWarning,
-                stacklevel=3,
+                stacklevel=warning_stacklevel(),
             )
         return
     if version != FORMAT_VERSION:
@@ -1172,5 +1172,5 @@ def run_kernels_that_work_here(model: torch.nn.Module, path: str | os.PathLike[s
         warnings.warn(
             f"{str(path)!r} was trained with model.ttt.kernel={kernel!r}, which cannot run here ({reason}); "
             "its TTT layers run with kernel='auto' (a kernel changes speed, not the model)",
-            stacklevel=3,
+            stacklevel=warning_stacklevel(),
         )

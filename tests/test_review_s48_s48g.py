@@ -284,3 +284,23 @@ def test_a_refused_kernels_warning_points_at_the_users_line() -> None:
         with torch.no_grad(), pytest.warns(KernelCheckWarning, match="failed its first-use check") as caught:
             layer(torch.randn(2, 12, 16))
     assert [w.filename for w in caught if issubclass(w.category, KernelCheckWarning)] == [__file__]
+
+
+@pytest.mark.parametrize("loader", ["load_checkpoint", "load_model"])
+def test_an_unverified_checkpoints_warning_points_at_the_users_line(loader: str, tmp_path) -> None:
+    """UnverifiedCheckpointWarning's fixed ``stacklevel=3`` pointed at innerloop's ``load_checkpoint``
+    itself (it is issued two calls below it), whichever function the user called."""
+    sys.path.insert(0, str(Path(__file__).parent / "train"))
+    from test_checkpoint_trust import _module_checkpoint, _read_raw, _rewrite
+
+    from innerloop import checkpoints
+
+    path = _module_checkpoint(tmp_path / "last.safetensors")
+    metadata, tensors = _read_raw(path)
+    del metadata["innerloop.sha256"]
+    _rewrite(path, {**metadata, "format_version": "1"}, tensors, sign=False)  # written before checksums
+    with pytest.warns(checkpoints.UnverifiedCheckpointWarning, match="no checksum") as caught:
+        getattr(checkpoints, loader)(path)
+    assert [
+        w.filename for w in caught if issubclass(w.category, checkpoints.UnverifiedCheckpointWarning)
+    ] == [__file__]

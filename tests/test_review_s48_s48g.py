@@ -304,3 +304,14 @@ def test_an_unverified_checkpoints_warning_points_at_the_users_line(loader: str,
     assert [
         w.filename for w in caught if issubclass(w.category, checkpoints.UnverifiedCheckpointWarning)
     ] == [__file__]
+
+
+def test_an_unread_unknown_plugin_names_warning_points_at_the_users_line() -> None:
+    """``model.ttt.inner_loss`` misspelt in an attention model's config is warned of when the model is
+    built; the fixed ``stacklevel=3`` pointed at innerloop's ``models/lm.py``, not at ``build_model(...)``."""
+    from innerloop.models import build_model
+
+    config = {"mixer": "attention", "hidden_size": 16, "num_heads": 2, "num_layers": 1, "vocab_size": 11}
+    with pytest.warns(UserWarning, match="model.ttt.inner_loss='s48g_typo' is not a registered") as caught:
+        build_model({**config, "ttt": {"inner_loss": "s48g_typo"}})
+    assert [w.filename for w in caught if "s48g_typo" in str(w.message)] == [__file__]

@@ -19,6 +19,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 import torch
 from torch import nn
 
+from innerloop.core.callers import warning_stacklevel
 from innerloop.core.family_layers import FAMILY_LAYERS
 from innerloop.core.functional import as_integer
 from innerloop.core.layer import (
@@ -888,7 +889,7 @@ def _warn_unknown_unread_plugins(config: ModelConfig) -> None:
                     f"{registered}); it is ignored, since model.mixer={config.mixer!r} does not "
                     f"read model.{section}",
                     UserWarning,
-                    stacklevel=3,
+                    stacklevel=warning_stacklevel(),
                 )
 
 

@@ -49,6 +49,7 @@ from innerloop.config.trainer_args import (
     trainer_arguments,
     value_matches,
 )
+from innerloop.core.callers import warning_stacklevel
 from innerloop.core.functional import check_flag, check_path_argument
 from innerloop.data.atomic import atomic_write_text
 from innerloop.data.hf import check_hf_dataset, check_hf_source
@@ -585,7 +586,7 @@ def _warn_keys_given_twice(overrides: Sequence[str]) -> None:
                 f"config key {key!r} is given twice in the overrides, {seen[key]!r} and {item!r}: the last "
                 "is used; give it once",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=warning_stacklevel(),
             )
         seen[key] = item
 
@@ -640,7 +641,9 @@ def _warn_unread_keys(
         section = next((u for u in unread if key == u or key.startswith(f"{u}.")), None)
         if section is not None:
             warnings.warn(
-                f"{key} ({source}) {unread[section]}, so it changes nothing", UserWarning, stacklevel=3
+                f"{key} ({source}) {unread[section]}, so it changes nothing",
+                UserWarning,
+                stacklevel=warning_stacklevel(),
             )
 
 
@@ -911,7 +914,7 @@ def _warn_short_last_chunk(run: RunConfig) -> None:
             f"window weigh as much as a whole chunk's {chunk} ({chunk / tail:g}x per target); use a multiple "
             f"(e.g. {length - tail or chunk}) or model.e2e.outer_loss=token_mean",
             UserWarning,
-            stacklevel=4,
+            stacklevel=warning_stacklevel(),
         )
 
 

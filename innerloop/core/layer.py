@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._C._functorch import is_functorch_wrapped_tensor
 
+from innerloop.core.callers import warning_stacklevel
 from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import (
     LayerNorm,
@@ -385,7 +386,7 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_sh
             f"conv_kernel={args['conv_kernel']} has no effect: the layer's convolutions are those of "
             "share_qk=True (one Q/K projection, then a causal conv for each); without it there are none",
             UserWarning,
-            stacklevel=3,
+            stacklevel=warning_stacklevel(),
         )
     if not is_real(args["rope_theta"]) or args["rope_theta"] < 1:
         raise ValueError(

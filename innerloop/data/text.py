@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from innerloop.core.callers import warning_stacklevel
 from innerloop.core.layer import machine_memory_bytes, memory_size
 from innerloop.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, utf8_file_text
 
@@ -535,7 +536,7 @@ def _refuse_files_too_large_to_tokenize(
         f"{what}: about {typical}, more than the {memory_size(memory)} here, so the system may stop the "
         f"process while it encodes; {fix}",
         TokenizerMemoryWarning,
-        stacklevel=3,
+        stacklevel=warning_stacklevel(),
     )
 
 

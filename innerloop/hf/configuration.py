@@ -23,6 +23,7 @@ from innerloop.checkpoints import (
     missing_plugins_note,
     saved_model_config,
 )
+from innerloop.core.callers import warning_stacklevel
 from innerloop.models.config import (
     E2E_CHECK_OPTIONS,
     ModelConfig,
@@ -107,7 +108,7 @@ def _loaded_model_section(model: Any) -> Any:
             "(innerloop writes every key; an edited file, or one from another version, may describe "
             "another model)",
             UserWarning,
-            stacklevel=3,
+            stacklevel=warning_stacklevel(),
         )
     return model
 

@@ -47,6 +47,7 @@ except ImportError:  # not on Windows: staging folders a killed save left are th
     fcntl = None  # type: ignore[assignment]
 
 from innerloop.checkpoints import missing_keys_note, plugin_record, warn_changed_plugins
+from innerloop.core.callers import warning_stacklevel
 from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import as_integer, first_non_finite, scored_cross_entropy_sum
 from innerloop.core.state import check_batch_rows
@@ -1236,7 +1237,7 @@ def warn_an_earlier_exports_tokenizer(folder: Path) -> None:
         "(a start token), where the run and `innerloop generate` read neither, so a prompt's ids differ; "
         "export it again (`innerloop export CHECKPOINT OUT_DIR --overwrite`, which keeps your own files)",
         UserWarning,
-        stacklevel=3,
+        stacklevel=warning_stacklevel(),
     )
 
 

@@ -45,6 +45,7 @@ from torch import nn
 from torch._C._functorch import peek_interpreter_stack
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from innerloop.core.callers import warning_stacklevel
 from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import (
     RMSNorm,
@@ -936,7 +937,7 @@ class E2ELM(nn.Module):
             "sequence fed in pieces, each continuing from the returned state, is trained through this "
             "chunk's step (filter OneChunkTrainingWarning there)",
             OneChunkTrainingWarning,
-            stacklevel=2,
+            stacklevel=warning_stacklevel(),
         )
 
     def _check_precision(self) -> None:

@@ -59,6 +59,7 @@ from innerloop.checkpoints import (
 )
 from innerloop.checkpoints import load_model as load_model  # re-exported: its old home
 from innerloop.config.load import checkpoint_path_problem
+from innerloop.core.callers import warning_stacklevel
 from innerloop.core.diagnostics import inner_loss_before_after
 from innerloop.core.functional import check_flag, mean_scored_cross_entropy
 from innerloop.core.layer import LARGE_INPUT, is_built_in, plugin_label
@@ -868,7 +869,7 @@ class LanguageModelModule(L.LightningModule):
                 f"is still warming up when training ends and peaks at {last_lr:.3g}, not "
                 f"lr={hp.lr:g}; give warmup_steps <= max_steps (its default is 100)",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=warning_stacklevel(),
             )
         lr_at = self._schedule()
         schedule = _ModuleSchedule(optimizer, lambda step: lr_at(step) / hp.lr)

@@ -38,6 +38,7 @@ import time
 import warnings
 from pathlib import Path
 
+from innerloop.core.callers import warning_stacklevel
 from innerloop.core.environment import EnvironmentSwitchError, environment_flag
 
 try:
@@ -361,7 +362,7 @@ def _outcome() -> tuple[ctypes.CDLL | None, Path | None, str | None]:
                 "innerloop's CPU kernel runs on one thread: its OpenMP build failed or did not load; "
                 "install an OpenMP-capable compiler (e.g. g++) or set CXX to one",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=warning_stacklevel(),
             )
         except Warning:  # warnings turned into errors: a slower kernel is no reason to fail a forward
             pass

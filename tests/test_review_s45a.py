@@ -120,12 +120,16 @@ def test_the_plugins_and_a_family_layers_reading_options_are_fixed_when_built(
 
 def test_setting_a_built_option_to_the_value_it_holds_changes_nothing_and_is_taken() -> None:
     """A refusal of code that sets an option to what the layer holds (a config applied again, a copy of
-    another layer's settings) would be a false one: such a set is taken; a plugin only as that object."""
+    another layer's settings) would be a false one: such a set is taken; a plugin as that object or a
+    name registered for it (s48a: the name was refused, telling the user to build the layer they had)."""
     layer = TTTLayer(16, 2)
     for option in ("rope_theta", "norm_eps", "mini_batch_size", "use_gate", "num_heads", "inner_loss"):
         setattr(layer, option, getattr(layer, option))
+    held = layer.inner_loss
+    layer.inner_loss = "reconstruction"  # the name it resolved: the plugin object is kept
+    assert layer.inner_loss is held
     with pytest.raises(AttributeError, match=r"TTTLayer\.inner_loss is fixed"):
-        layer.inner_loss = "reconstruction"  # its name, not the plugin object it resolved
+        layer.inner_loss = "next_token"
     with pytest.raises(AttributeError, match=r"TTTLayer\.mini_batch_size is fixed"):
         layer.mini_batch_size = 16.0  # equal, but not the int the layer reads
 

@@ -320,7 +320,7 @@ PLUGIN_OPTIONS = ("inner_model", "inner_loss", "update_rule")
 def refuse_built_option_change(module: nn.Module, name: str, value: Any, plugins: Sequence[str] = ()) -> Any:
     """``AttributeError`` naming ``module``'s option ``name``, read only when it was built (its modules,
     parameters and tables are made from it), unless ``value`` is what it holds already (see
-    :func:`_holds_already`; for one of ``plugins``, that very object), for which the value held is
+    :func:`_holds_already`; for one of ``plugins``, that very object or a name registered for it), for which the value held is
     returned, to keep: set, another value would be ignored, half applied or fail at the next call. An
     option the module does not hold yet (a subclass's, set after its parent is built) is returned as
     given. For a module's ``__setattr__`` once it is built."""
@@ -328,6 +328,8 @@ def refuse_built_option_change(module: nn.Module, name: str, value: Any, plugins
     if now is _NOT_HELD:
         return value
     if value is now or (name not in plugins and _holds_already(value, now)):
+        return now
+    if name in plugins and _names_plugin(name, value, now):
         return now
     cls, shown = type(module).__name__, now.name if name in plugins else now
     raise AttributeError(
@@ -339,6 +341,19 @@ def refuse_built_option_change(module: nn.Module, name: str, value: Any, plugins
 
 
 _NOT_HELD = object()
+
+
+def _names_plugin(kind: str, value: Any, plugin: Any) -> bool:
+    """Whether ``value`` is a registered name of ``kind`` under which ``plugin`` itself is registered
+    (``layer.inner_model = "linear"`` on a layer holding the registered ``linear``: nothing to change)."""
+    if not isinstance(value, str):
+        return False
+    from innerloop.registry import get_registry  # late import: core must not depend on registry
+
+    try:
+        return get_registry().get(kind, value) is plugin
+    except ValueError:  # an unknown or clashing name: the refusal names the option
+        return False
 
 
 def _holds_already(value: Any, now: Any) -> bool:

@@ -368,7 +368,8 @@ def scan(
             a call returned is exact when that call's token count was a multiple of
             ``mini_batch_size`` and its inner loss carries nothing from one call to the next (else
             they come back as :class:`PartialWeights`, which are refused here: see Returns).
-        norm_eps: the inner LayerNorm's epsilon (a finite number in (0, 1)).
+        norm_eps: the inner LayerNorm's epsilon (a finite number in (0, 1)), checked also when
+            ``inner_norm`` is False.
         kernel: ``"auto"``, ``"torch"`` or a registered kernel's name, as in ``TTTLayer``.
         dispatches: a list that receives every fast-path decision ``(path, reason)``.
         needs_double_backward: gradients of gradients will be taken (``create_graph=True``, e.g. a
@@ -418,8 +419,9 @@ def scan(
             initial=initial,
         )
     )
-    if inner_norm:  # an epsilon that rounds to 0 in the scan's dtype makes a constant row's LayerNorm 0 / 0
-        check_norm_eps(float(norm_eps), torch.promote_types(q.dtype, torch.float32))
+    # below 1, and not rounding to 0 in the scan's dtype (a constant row's LayerNorm would be 0 / 0): checked
+    # whatever inner_norm, as TTTLayer checks it, so that a value is valid or not on its own
+    check_norm_eps(float(norm_eps), torch.promote_types(q.dtype, torch.float32))
     model, loss, rule = resolve_plugins(
         inner_model, inner_loss, update_rule, kernel, q.shape[3], (bool(inner_norm), bool(inner_residual))
     )

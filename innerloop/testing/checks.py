@@ -527,7 +527,7 @@ def twin_layers(
     The weights are moved away from their initial values so that no parameter sits at a value (a zero
     bias, a unit LayerNorm weight) where a wrong formula would still give the right number.
     """
-    torch.manual_seed(seed)
+    torch.manual_seed(_check_seed_and_dtype(seed, dtype))  # each named if wrong, not int()'s silent cast
     reference = TTTLayer(**config, kernel="torch").to(dtype)
     with torch.no_grad():
         for p in reference.parameters():

@@ -184,6 +184,9 @@ def check_kernel(
     """
     spec = _kernel_spec(kernel)
     tolerance = _tolerance(dtype, tolerance)
+    if as_integer(seed) is None:  # named here, not by torch.manual_seed from inside a case
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    seed = as_integer(seed)
     config = _layer_config(spec, inner_model, inner_loss, update_rule, layer_options)
     report = KernelCheckReport(spec.name)
     device = _checked_device(device)

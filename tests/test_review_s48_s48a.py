@@ -1,0 +1,58 @@
+"""Review s48a: the core against cases nobody listed (the three left-over LOW findings and their siblings)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import innerloop
+from innerloop.ops import scan
+from innerloop.testing import twin_layers
+from innerloop.testing.kernel_checks import check_kernel
+
+
+def _views(tokens: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    q = torch.randn(1, 2, tokens, 4, generator=torch.Generator().manual_seed(0))
+    return q, torch.full((1, 2, tokens), 0.1)
+
+
+@pytest.mark.parametrize("norm_eps", [5.0, 1e30, 1.0, 1e-300])
+def test_scan_norm_eps_checked_without_inner_norm(norm_eps: float) -> None:
+    """norm_eps out of (0, 1) (or rounding to 0 in the scan's dtype) was accepted by scan silently when
+    inner_norm=False and refused when True: one rule, as TTTLayer's, which checks it whatever inner_norm."""
+    q, lr = _views()
+    with pytest.raises(ValueError, match="norm_eps"):
+        scan(q, q, q, lr, inner_norm=False, norm_eps=norm_eps)
+
+
+def test_setting_the_held_plugins_name_is_a_no_op() -> None:
+    """``layer.inner_model = "linear"`` on a layer holding the registered ``linear`` keeps it (as an equal
+    value of any other built option does), not an error telling the user to build the layer they have."""
+    layer = innerloop.TTTLayer(8, 2)
+    held = layer.inner_model
+    layer.inner_model = "linear"
+    layer.inner_loss = "reconstruction"
+    layer.update_rule = "dual_form"
+    assert layer.inner_model is held
+    with pytest.raises(AttributeError, match="inner_model is fixed when the layer is built.*'mlp'"):
+        layer.inner_model = "mlp"
+
+
+@pytest.mark.parametrize("seed", ["0", 0.5, True, None])
+def test_twin_layers_refuses_a_seed_that_is_no_integer(seed: object) -> None:
+    """twin_layers(seed="0") (and 0.5, True) seeded torch with int(seed), silently; make_problem and the
+    check_* functions refuse them, naming seed."""
+    with pytest.raises(TypeError, match="seed must be an int"):
+        twin_layers({"hidden_size": 8, "num_heads": 2}, seed, "auto")
+
+
+def test_twin_layers_refuses_an_integer_dtype() -> None:
+    with pytest.raises(TypeError, match="dtype must be a floating-point"):
+        twin_layers({"hidden_size": 8, "num_heads": 2}, 0, "auto", dtype=torch.int64)
+
+
+@pytest.mark.parametrize("seed", ["0", 0.5, True])
+def test_check_kernel_names_a_bad_seed(seed: object) -> None:
+    """check_kernel(seed="0") raised torch's 'manual_seed expected a long, but got str' from inside."""
+    with pytest.raises(TypeError, match="seed must be an int"):
+        check_kernel("cpu_ttt_linear", seed=seed)

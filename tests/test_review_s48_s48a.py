@@ -56,3 +56,37 @@ def test_check_kernel_names_a_bad_seed(seed: object) -> None:
     """check_kernel(seed="0") raised torch's 'manual_seed expected a long, but got str' from inside."""
     with pytest.raises(TypeError, match="seed must be an int"):
         check_kernel("cpu_ttt_linear", seed=seed)
+
+
+def _saved_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    layer = innerloop.TTTLayer(8, 2, mini_batch_size=4)
+    with torch.no_grad():
+        _, state = layer(torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(0)))
+    return state.tensors(), state.metadata()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("mini_batch_size", "0"),  # was ZeroDivisionError: integer modulo by zero
+        ("position", "-4"),  # was 'pending ... nonzero at a mini-batch boundary (position -4 ...)'
+        ("position", "-1"),
+        ("position", 6.7),  # was read as 6, silently
+        ("num_heads", "0"),
+        ("head_dim", "-4"),
+        ("batch_size", "-2"),
+    ],
+)
+def test_state_metadata_numbers_are_checked_by_from_tensors(key: str, value: object) -> None:
+    """TTTState.from_tensors read each number of the metadata with int() alone: mini_batch_size '0'
+    crashed in a modulo, a negative position was blamed on the pending tensors, a float was truncated."""
+    tensors, metadata = _saved_state()
+    with pytest.raises(ValueError, match=rf"state metadata {key}="):
+        innerloop.TTTState.from_tensors(tensors, {**metadata, key: value})
+
+
+def test_state_metadata_of_an_empty_batch_is_read() -> None:
+    tensors, metadata = _saved_state()
+    empty = {name: tensor[:0] for name, tensor in tensors.items()}
+    state = innerloop.TTTState.from_tensors(empty, {**metadata, "batch_size": "0"})
+    assert state.batch_size == 0 and state.position == 6

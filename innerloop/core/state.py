@@ -394,7 +394,7 @@ class TTTState:
             groups[group][key] = value
         try:
             signature = StateSignature(
-                batch_size=_metadata_int(metadata, "batch_size"),
+                batch_size=_metadata_int(metadata, "batch_size", least=0),  # 0: an empty batch
                 num_heads=_metadata_int(metadata, "num_heads"),
                 head_dim=_metadata_int(metadata, "head_dim"),
                 mini_batch_size=_metadata_int(metadata, "mini_batch_size"),
@@ -402,7 +402,7 @@ class TTTState:
                 inner_loss=metadata["inner_loss"],
                 **{key: metadata[key] for key in OPTIONAL_METADATA if key in metadata},
             )
-            position = _metadata_int(metadata, "position")
+            position = _metadata_int(metadata, "position", least=0)
         except KeyError as missing:
             raise ValueError(f"state metadata lacks {missing}; got keys {sorted(metadata)}") from None
         state = cls(position=position, signature=signature, **groups)
@@ -437,16 +437,22 @@ def _check_no_pending_at_a_boundary(state: TTTState) -> None:
         )
 
 
-def _metadata_int(metadata: dict[str, str], key: str) -> int:
-    """``metadata[key]`` read as an integer (``KeyError`` if absent); ``ValueError`` naming ``key`` if it is
-    not one."""
+def _metadata_int(metadata: dict[str, str], key: str, least: int = 1) -> int:
+    """``metadata[key]`` read as an integer (``KeyError`` if absent); ``ValueError`` naming ``key`` unless it
+    is one (a decimal string, as :meth:`TTTState.metadata` writes it, or an int) of at least ``least``: a
+    float is not truncated, a ``mini_batch_size`` of 0 does not reach a modulo, nor a negative position the
+    pending sums' check."""
     value = metadata[key]
-    try:
-        return int(value)
-    except (TypeError, ValueError):
+    if isinstance(value, str):
+        digits = value.strip().removeprefix("-")
+        number = int(value) if digits.isdecimal() and digits.isascii() else None
+    else:
+        number = as_integer(value)
+    if number is None or number < least:
         raise ValueError(
-            f"state metadata {key}={value!r} must be an integer (as TTTState.metadata writes it)"
-        ) from None
+            f"state metadata {key}={value!r} must be an integer >= {least} (as TTTState.metadata writes it)"
+        )
+    return number
 
 
 def _check_same_layout(first: TTTState, state: TTTState, index: int) -> None:

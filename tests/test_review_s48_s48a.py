@@ -90,3 +90,12 @@ def test_state_metadata_of_an_empty_batch_is_read() -> None:
     empty = {name: tensor[:0] for name, tensor in tensors.items()}
     state = innerloop.TTTState.from_tensors(empty, {**metadata, "batch_size": "0"})
     assert state.batch_size == 0 and state.position == 6
+
+
+def test_index_select_of_an_empty_batch_says_it_has_no_rows() -> None:
+    """The message of a row outside a state of batch 0 read 'valid rows are 0..-1'."""
+    layer = innerloop.TTTLayer(8, 2, mini_batch_size=4)
+    _, state = layer(torch.randn(0, 5, 8))
+    with pytest.raises(ValueError, match=r"batch of 0 sequences: it has no rows to take") as caught:
+        state.index_select(torch.tensor([0]))
+    assert "0..-1" not in str(caught.value)

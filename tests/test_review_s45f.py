@@ -72,9 +72,9 @@ def test_several_validation_loaders_with_an_empty_one_are_each_named_by_their_in
     empty, a = DataLoader([], batch_size=None), _windows(1, 1)
     first = trainer.validate(module, dataloaders=[a, empty], verbose=False)[0]
     assert "val_loss/dataloader_idx_0" in first and "val_loss" not in first
-    second = trainer.validate(module, dataloaders=[empty, a], verbose=False)[0]
-    assert second["val_loss/dataloader_idx_1"] == first["val_loss/dataloader_idx_0"]
-    assert not any("dataloader_idx_0" in name for name in second)
+    second = trainer.validate(module, dataloaders=[empty, a], verbose=False)  # one dict per loader
+    assert second[1]["val_loss/dataloader_idx_1"] == first["val_loss/dataloader_idx_0"]
+    assert not any("dataloader_idx_0" in name for result in second for name in result)
 
 
 def test_a_zstd_file_cut_short_is_refused_and_a_whole_one_of_several_frames_read(tmp_path) -> None:

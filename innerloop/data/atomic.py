@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -77,15 +78,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
             f"cannot write {str(path)!r}: it is a folder, not a file; move it, or write elsewhere",
         )
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
+    mode = _permissions_to_give(path)
     try:
         if fcntl is not None:
             with contextlib.suppress(OSError):  # a file system without locks: the file is not marked in use
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         write(tmp)
-        # mkstemp (and some writers, e.g. safetensors) create 0600 files: give the usual permissions
-        os.chmod(tmp, 0o666 & ~umask)
+        # mkstemp (and some writers, e.g. safetensors) create 0600 files: give the file's permissions
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:  # flush to disk before the rename makes the file visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -102,6 +102,17 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     finally:
         os.close(fd)  # releases the lock
     return path
+
+
+def _permissions_to_give(path: Path) -> int:
+    """The mode a rewrite of ``path`` gets: the file's own where it exists (a ``config.yaml`` made
+    private with ``chmod 600`` stays private, a read-only one read-only), else the usual new file's
+    (``0o666`` less the umask)."""
+    with contextlib.suppress(OSError):
+        return stat.S_IMODE(os.stat(path).st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def make_parent_folder(path: Path) -> None:

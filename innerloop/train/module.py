@@ -331,6 +331,7 @@ class LanguageModelModule(L.LightningModule):
         # the loader being evaluated (None before its first batch), and the metrics of those before it
         self._evaluating_loader: int | None = None
         self._finished_loaders: list[tuple[int, list[tuple[str, Any, dict[str, Any]]]]] = []
+        self._logged_loaders: set[int] = set()  # of several loaders, those logged at their last batch
         self._last_finite_loss: tuple[int, torch.Tensor] | None = None  # (global step, training loss)
         self._step_losses: tuple[int, list[torch.Tensor]] = (-1, [])  # this optimizer step's micro-batches
         self._checked_layers = [
@@ -682,6 +683,37 @@ class LanguageModelModule(L.LightningModule):
         self._switch_loader(dataloader_idx, "test_", "test_")
         self._evaluate_batch(batch, batch_idx)
 
+    def on_validation_batch_end(
+        self, outputs: Any, batch: Batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._log_a_loader_at_its_last_batch(batch_idx, dataloader_idx, "val_", "")
+
+    def on_test_batch_end(self, outputs: Any, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._log_a_loader_at_its_last_batch(batch_idx, dataloader_idx, "test_", "test_")
+
+    def _log_a_loader_at_its_last_batch(
+        self, batch_idx: int, dataloader_idx: int, prefix: str, diagnostics_prefix: str
+    ) -> None:
+        """Of several loaders, log a loader's metrics at its last batch (where its length is known), while
+        Lightning files what is logged under that loader: logged at the evaluation's end, every loader's
+        numbers went into every loader's dict of ``trainer.validate``'s results, and the table Lightning
+        prints (which drops the ``/dataloader_idx_<i>`` suffix) showed the last loader's in every column.
+        A loader of unknown length is logged at the evaluation's end, as before."""
+        if self._trainer is None or self._evaluation_loader_count() < 2:
+            return
+        try:
+            batches = self.trainer._evaluation_loop.max_batches[dataloader_idx]
+        except (AttributeError, AssertionError, IndexError, RuntimeError, TypeError):
+            return
+        if batch_idx + 1 != batches or self._evaluating_loader != dataloader_idx:
+            return
+        for name, value, options in self._evaluation_values(prefix, diagnostics_prefix):
+            self.log_synced(
+                f"{name}/dataloader_idx_{dataloader_idx}", value, add_dataloader_idx=False, **options
+            )
+        self._evaluating_loader = None
+        self._logged_loaders.add(dataloader_idx)
+
     def _switch_loader(self, dataloader_idx: int, prefix: str, diagnostics_prefix: str) -> None:
         """At the first batch of another loader, compute the metrics of the loader before it (logged at
         the evaluation's end, :meth:`_log_evaluation`) and reset them. A loader of no batch (Lightning
@@ -745,7 +777,7 @@ class LanguageModelModule(L.LightningModule):
         for module in self.modules():
             if isinstance(module, Metric):
                 module.reset()
-        self._evaluating_loader, self._finished_loaders = None, []
+        self._evaluating_loader, self._finished_loaders, self._logged_loaders = None, [], set()
 
     def on_validation_epoch_end(self) -> None:
         self.log_synced("val_step", float(self.trainer.global_step) if self._trainer is not None else 0.0)
@@ -759,15 +791,15 @@ class LanguageModelModule(L.LightningModule):
         of several loaders given (an empty one counted, as Lightning counts it), each scored loader's under
         the names Lightning gives them (``val_loss/dataloader_idx_1``)."""
         loaders = list(self._finished_loaders)
-        if self._evaluating_loader is not None or not loaders:
+        if self._evaluating_loader is not None or not (loaders or self._logged_loaders):
             current = self._evaluating_loader or 0
             loaders.append((current, self._evaluation_values(prefix, diagnostics_prefix)))
-        several = len(loaders) > 1 or self._evaluation_loader_count() > 1
+        several = len(loaders) + len(self._logged_loaders) > 1 or self._evaluation_loader_count() > 1
         for loader, values in loaders:
             suffix = f"/dataloader_idx_{loader}" if several else ""
             for name, value, options in values:
                 self.log_synced(f"{name}{suffix}", value, add_dataloader_idx=False, **options)
-        self._evaluating_loader, self._finished_loaders = None, []
+        self._evaluating_loader, self._finished_loaders, self._logged_loaders = None, [], set()
 
     def _evaluation_loader_count(self) -> int:
         """How many loaders the running evaluation was given (1 outside a Trainer's evaluation)."""

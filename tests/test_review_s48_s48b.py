@@ -3,7 +3,8 @@
 Covers: ``trainer.validate`` / ``trainer.test`` with several loaders returned every loader's metrics
 in each loader's dict, so Lightning's printed table (which drops the ``/dataloader_idx_<i>`` suffix)
 showed the last loader's numbers in every loader's column; an atomic rewrite of a file the user had
-made private (``chmod 600``) or read-only gave it the umask's permissions.
+made private (``chmod 600``) or read-only gave it the umask's permissions; a recall run's config.yaml
+said ``data.seq_len: 128`` (the default) while the run trained on the task's 95 tokens.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from innerloop.config import load_config
 from innerloop.data.atomic import atomic_write_text
 from innerloop.models import ModelConfig
-from innerloop.train import LanguageModelModule
+from innerloop.train import LanguageModelModule, load_checkpoint, train
 
 
 def _windows(seed: int, count: int) -> DataLoader:
@@ -82,3 +84,25 @@ def test_an_atomic_rewrite_keeps_the_file_s_permissions(tmp_path, mode) -> None:
     os.umask(umask)
     fresh = atomic_write_text(tmp_path / "new.yaml", "seed: 2\n")
     assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o666 & ~umask
+
+
+RECALL_RUN = [
+    "data.name=recall", "data.recall.num_pairs=2", "data.recall.gap=9", "data.batch_size=2",
+    "data.val_batches=1", "model.hidden_size=8", "model.num_heads=1", "model.num_layers=1",
+    "model.intermediate_size=16", "model.ttt.mini_batch_size=4", "trainer.max_steps=1",
+    "trainer.val_every=1", "trainer.progress_bar=false", "trainer.num_position_buckets=1",
+]  # fmt: skip
+
+
+@pytest.mark.slow  # ~2 s: one step of a tiny recall run, and its resume
+def test_a_recall_run_s_config_yaml_says_the_length_it_trained_on(tmp_path) -> None:
+    """The recall task makes sequences of 4 * num_pairs + gap - 1 tokens (15 here), but config.yaml kept
+    data.seq_len at its default 128: the file that says what ran said another length. A new run saves
+    the task's length; the run repeats from its config.yaml and resumes."""
+    run, cfg = load_config("tiny", [*RECALL_RUN, f"out_dir={tmp_path / 'run'}"])
+    result = train(run, cfg)
+    saved, _ = load_config(str(result.config), [f"out_dir={tmp_path / 'again'}"])
+    assert saved.data.seq_len == 4 * 2 + 9 - 1
+    assert load_checkpoint(result.checkpoint)["hyper_parameters"]["seq_len"] == saved.data.seq_len
+    resumed, cfg = load_config(str(result.config), ["trainer.max_steps=2"], out_dir=str(tmp_path / "run"))
+    assert train(resumed, cfg, resume=True).metrics["val_step"] == 2

@@ -108,6 +108,7 @@ from innerloop.data.atomic import (
     remove_stale_temporaries_of,
 )
 from innerloop.data.hf import FORMATS, data_format, data_suffix, source_files
+from innerloop.data.recall import recall_length
 from innerloop.data.text import (
     held_out_share,
     path_entries,
@@ -600,6 +601,7 @@ def train(
     callbacks = _checked_callbacks(callbacks)
     if not resume:
         check_new_run_holds_out_text(run)
+        run, cfg = _with_the_recall_length(run, cfg)
     run, cfg = _with_absolute_data_paths(run, cfg)
     out_dir = Path(run.out_dir)
     if is_launched_worker():  # rank > 0 under Lightning's DDP launcher: rank 0 owns the out_dir
@@ -926,6 +928,21 @@ def _finish(
     with ended_by_signals(writing):
         plot, csv_path = _write_loss_by_position(run, metrics, datamodule.seq_len)
     return TrainResult(Path(run.out_dir), ckpt, config_path, plot, csv_path, metrics)
+
+
+def _with_the_recall_length(run: RunConfig, cfg: DictConfig | None) -> tuple[RunConfig, DictConfig | None]:
+    """A new recall run's ``run`` and ``cfg`` with ``data.seq_len`` the length the task makes
+    (``4 * num_pairs + gap - 1``; copies), so that its ``config.yaml`` and checkpoint say the length it
+    trained on, not the default 128 it never read. (A resume keeps its config.yaml's: an earlier run's
+    checkpoint recorded the 128 its config.yaml holds.)"""
+    length = recall_length(run.data.recall.num_pairs, run.data.recall.gap)
+    if run.data.name != "recall" or run.data.seq_len == length:
+        return run, cfg
+    run = replace(run, data=replace(run.data, seq_len=length))
+    if cfg is not None:
+        cfg = copy.deepcopy(cfg)
+        cfg.data.seq_len = length
+    return run, cfg
 
 
 def _with_absolute_data_paths(run: RunConfig, cfg: DictConfig | None) -> tuple[RunConfig, DictConfig | None]:

@@ -4,7 +4,8 @@ Covers: ``trainer.validate`` / ``trainer.test`` with several loaders returned ev
 in each loader's dict, so Lightning's printed table (which drops the ``/dataloader_idx_<i>`` suffix)
 showed the last loader's numbers in every loader's column; an atomic rewrite of a file the user had
 made private (``chmod 600``) or read-only gave it the umask's permissions; a recall run's config.yaml
-said ``data.seq_len: 128`` (the default) while the run trained on the task's 95 tokens.
+said ``data.seq_len: 128`` (the default) while the run trained on the task's 95 tokens; the CPU kernel's compiled library was renamed into its cache
+without an fsync.
 """
 
 from __future__ import annotations
@@ -106,3 +107,29 @@ def test_a_recall_run_s_config_yaml_says_the_length_it_trained_on(tmp_path) -> N
     assert load_checkpoint(result.checkpoint)["hyper_parameters"]["seq_len"] == saved.data.seq_len
     resumed, cfg = load_config(str(result.config), ["trainer.max_steps=2"], out_dir=str(tmp_path / "run"))
     assert train(resumed, cfg, resume=True).metrics["val_step"] == 2
+
+
+def test_the_cpu_kernel_s_library_is_on_disk_before_its_rename(tmp_path, monkeypatch) -> None:
+    """The compiled library was renamed into the cache without an fsync: after a power cut a file
+    system may keep the rename and not the bytes (XFS shows the unwritten blocks as zeros, at the right
+    size), which the truncation check passes and dlopen refuses, leaving the CPU kernels off until the
+    file is deleted by hand. The bytes are flushed before the rename, and the folder after it."""
+    from innerloop.kernels.cpu import build
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(source, target) -> None:
+        events.append("rename")
+        real_replace(source, target)
+
+    monkeypatch.setattr(build, "_compile_first_that_loads", lambda compiler, temporary: None)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    build._build_into("c++", tmp_path, tmp_path / "ttt_stack-test.so")
+    assert events == ["fsync file", "rename", "fsync folder"]
+    assert (tmp_path / "ttt_stack-test.so").exists()

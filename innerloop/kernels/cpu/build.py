@@ -153,6 +153,21 @@ def _build() -> Path:
     return target
 
 
+def _fsync_folder(directory: Path) -> None:
+    """Flush ``directory``'s entries (a rename into it) to disk; a platform or file system that cannot
+    sync a folder is left as it is."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _unwritable(directory: Path, error: OSError) -> CPUKernelUnavailable:
     return CPUKernelUnavailable(
         f"cannot write the kernel cache {directory} ({error}); set INNERLOOP_CACHE_DIR to a writable folder"
@@ -170,7 +185,9 @@ def _build_into(compiler: str, directory: Path, target: Path) -> None:
     try:
         _compile_first_that_loads(compiler, temporary)
         os.chmod(temporary, 0o755)  # mkstemp made it private; in a shared cache others must load it
+        os.fsync(handle)  # the bytes on disk before the rename: after a power cut, never the name alone
         os.replace(temporary, target)  # atomic: other processes see no file or the whole file
+        _fsync_folder(directory)  # and the rename itself
     except (OSError, subprocess.SubprocessError) as error:
         raise CPUKernelUnavailable(f"compiling {SOURCE.name} failed: {error}") from error
     finally:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import errno
 import math
 import os
+import signal
 import sys
 import textwrap
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -1540,10 +1543,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     formatwarning = warnings.formatwarning
     warnings.formatwarning = _warning_line(command)  # a warning is one line too, not a source excerpt
     try:
-        return _HANDLERS[args.command](args)
+        with _sigterm_said():
+            return _HANDLERS[args.command](args)
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (start-up, an evaluation): nothing to save
         print(f"\ninnerloop {command}: interrupted (Ctrl-C)", file=sys.stderr)
         return 128 + 2  # the shell's status for SIGINT
+    except StoppedBySigterm:  # outside a training loop too: the start-up (reading the data), a generation
+        print(f"\ninnerloop {command}: stopped by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM  # the shell's status for SIGTERM
     except BrokenPipeError:  # the reader of stdout went away (`innerloop generate ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit fails too
         return 128 + 13  # the shell's status for SIGPIPE
@@ -1554,6 +1561,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         warnings.formatwarning = formatwarning
+
+
+class StoppedBySigterm(BaseException):
+    """A SIGTERM outside the parts of a command that take it themselves (training stops after its step,
+    an evaluation ends at once): like ``KeyboardInterrupt`` for Ctrl-C, not an ``Exception`` that a
+    handler of errors would take for one."""
+
+
+@contextlib.contextmanager
+def _sigterm_said() -> Iterator[None]:
+    """Around a command in the main thread, where SIGTERM has its default action: SIGTERM raises
+    :class:`StoppedBySigterm` (the command then ends with one line and status 143) instead of ending the
+    process without a word, e.g. while a run's data is read and tokenized. Training and evaluation put
+    their own handler in its place while they run; the previous handler is back after the command."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:  # ignored, or a caller's own handler
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise StoppedBySigterm
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _warning_line(command: str) -> Callable[..., str]:

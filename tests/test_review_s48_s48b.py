@@ -5,7 +5,7 @@ in each loader's dict, so Lightning's printed table (which drops the ``/dataload
 showed the last loader's numbers in every loader's column; an atomic rewrite of a file the user had
 made private (``chmod 600``) or read-only gave it the umask's permissions; a recall run's config.yaml
 said ``data.seq_len: 128`` (the default) while the run trained on the task's 95 tokens; the CPU kernel's compiled library was renamed into its cache
-without an fsync.
+without an fsync; a SIGTERM while a command starts (reading the data) ended it without a word.
 """
 
 from __future__ import annotations
@@ -133,3 +133,23 @@ def test_the_cpu_kernel_s_library_is_on_disk_before_its_rename(tmp_path, monkeyp
     build._build_into("c++", tmp_path, tmp_path / "ttt_stack-test.so")
     assert events == ["fsync file", "rename", "fsync folder"]
     assert (tmp_path / "ttt_stack-test.so").exists()
+
+
+def test_sigterm_before_training_starts_ends_the_command_with_one_line(monkeypatch, capsys) -> None:
+    """A SIGTERM while a command starts (the config checks, reading and tokenizing the data: minutes on
+    a large corpus), before training's own handler takes it, ended the process by the signal's default
+    action: status 143 and not a word, where Ctrl-C there says 'interrupted'. It says so now, with the
+    same status, and the handler from before is back after the command."""
+    import signal
+
+    from innerloop import cli
+
+    def preparing_data(args) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the SIGTERM did not stop the command")
+
+    monkeypatch.setitem(cli._HANDLERS, "train", preparing_data)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["train"]) == 128 + signal.SIGTERM
+    assert "innerloop train: stopped by SIGTERM" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before

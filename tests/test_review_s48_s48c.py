@@ -111,3 +111,17 @@ def test_a_command_that_needs_transformers_without_it_is_one_line_naming_the_ext
     error = capsys.readouterr().err.strip()
     assert error.startswith(f"innerloop {command[0]}: error:") and len(error.splitlines()) == 1
     assert "'transformers'" in error and 'pip install "innerloop[hf]"' in error
+
+
+def test_a_save_over_an_earlier_one_keeps_each_replaced_files_permissions(tmp_path: Path) -> None:
+    # save_pretrained's files were renamed into place as written: a config.json made private (0600) by
+    # its user came back 0644, and the weights 0600 whatever they had been given
+    import stat
+
+    model = _tiny(0)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").chmod(0o600)
+    (tmp_path / "model.safetensors").chmod(0o640)
+    model.save_pretrained(tmp_path)
+    assert stat.S_IMODE((tmp_path / "config.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == 0o640

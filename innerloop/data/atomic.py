@@ -78,7 +78,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
             f"cannot write {str(path)!r}: it is a folder, not a file; move it, or write elsewhere",
         )
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    mode = _permissions_to_give(path)
+    mode = permissions_to_give(path)
     try:
         if fcntl is not None:
             with contextlib.suppress(OSError):  # a file system without locks: the file is not marked in use
@@ -104,7 +104,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     return path
 
 
-def _permissions_to_give(path: Path) -> int:
+def permissions_to_give(path: str | os.PathLike[str]) -> int:
     """The mode a rewrite of ``path`` gets: the file's own where it exists (a ``config.yaml`` made
     private with ``chmod 600`` stays private, a read-only one read-only), else the usual new file's
     (``0o666`` less the umask)."""

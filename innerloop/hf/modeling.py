@@ -51,7 +51,7 @@ from innerloop.core.callers import warning_stacklevel
 from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import as_integer, first_non_finite, scored_cross_entropy_sum
 from innerloop.core.state import check_batch_rows
-from innerloop.data.atomic import atomic_write_text, file_sha256
+from innerloop.data.atomic import atomic_write_text, file_sha256, permissions_to_give
 from innerloop.hf.arguments import (
     SUPPORTED_ARGUMENTS,
     SUPPORTED_BASE_ARGUMENTS,
@@ -1133,9 +1133,12 @@ _CONFIG_FILE = "config.json"
 def _move_saved_files(staging: Path, folder: Path) -> None:
     """Move the files ``save_pretrained`` wrote into ``staging`` into ``folder``, each by an atomic
     rename, ``config.json`` last; then remove the earlier save's weight shards and shard index that this
-    save did not write (as transformers does when it saves in place)."""
+    save did not write (as transformers does when it saves in place). A file that replaces one keeps
+    that file's permissions (a private ``chmod 600`` config stays private); a new one has the writer's."""
     names = sorted((p.name for p in staging.iterdir()), key=lambda name: (name == _CONFIG_FILE, name))
     for name in names:
+        if (folder / name).is_file():
+            os.chmod(staging / name, permissions_to_give(folder / name))
         os.replace(staging / name, folder / name)
     index, single = "model.safetensors.index.json", "model.safetensors"
     stale = [p for p in folder.iterdir() if _WEIGHT_SHARD.fullmatch(p.name) and p.name not in names]

@@ -278,7 +278,8 @@ class ModelConfig:
 def _with_plain_numbers(config: Any) -> Any:
     """``config`` (a config dataclass) with every int or float field that holds another integer or real
     number type (``numpy.int64``, ``numpy.float32``; not a bool) set to the plain ``int`` or ``float``,
-    so that the checks, the layers and JSON see Python numbers. Other values are left to the checks."""
+    and every bool field that holds numpy's bool set to the plain ``bool``, so that the checks, the
+    layers and JSON see Python values. Other values are left to the checks."""
     hints = field_types(type(config))
     for f in fields(config):
         value, expected = getattr(config, f.name), hints[f.name]
@@ -286,11 +287,19 @@ def _with_plain_numbers(config: Any) -> Any:
             expected = next(arg for arg in get_args(expected) if arg is not type(None))
         if isinstance(value, bool) or type(value) in (int, float):
             continue
-        if expected is int and isinstance(value, numbers.Integral):
+        if expected is bool and _is_numpy_bool(value):
+            setattr(config, f.name, bool(value))
+        elif expected is int and isinstance(value, numbers.Integral):
             setattr(config, f.name, int(value))
         elif expected is float and isinstance(value, numbers.Real):
             setattr(config, f.name, float(value))
     return config
+
+
+def _is_numpy_bool(value: Any) -> bool:
+    """True for numpy's bool (``numpy.bool_``, named ``bool`` in numpy 2), told from Python's by its module."""
+    kind = type(value)
+    return kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")
 
 
 def require_model_config(config: Any) -> ModelConfig:
@@ -699,6 +708,8 @@ def _type_error(value: Any, expected: Any) -> str | None:
         wanted = _type_error(value, inner)
         return None if value is None or wanted is None else f"{wanted}, or null"
     if expected is bool:
+        if _is_numpy_bool(value):
+            return "a Python bool (convert it with bool(...))"  # a numpy bool set after building
         return None if isinstance(value, bool) else "true or false (a bool, not a string or a number)"
     if expected is int:
         if isinstance(value, numbers.Integral) and not isinstance(value, (int, bool)):

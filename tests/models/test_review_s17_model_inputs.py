@@ -247,6 +247,24 @@ def test_a_numpy_number_set_after_building_gets_a_message_that_says_what_to_do()
         build_model(config)
 
 
+def test_a_numpy_bool_becomes_a_python_bool_as_numpy_numbers_become_python_numbers() -> None:
+    # numpy bools were kept: build_model refused them as "np.True_ (bool) must be true or false", which
+    # contradicts itself, while numpy ints and floats were converted (and JSON cannot write np.bool_)
+    config = ModelConfig(tie_embeddings=np.False_, ttt={"use_gate": np.True_})
+    assert (type(config.tie_embeddings), type(config.ttt.use_gate)) == (bool, bool)
+    assert (config.tie_embeddings, config.ttt.use_gate) == (False, True)
+    json.dumps(config.to_dict())
+
+
+def test_a_numpy_bool_set_after_building_gets_a_message_that_says_what_to_do() -> None:
+    config = ModelConfig()
+    config.ttt.use_gate = np.True_
+    with pytest.raises(
+        ValueError, match=r"model\.ttt\.use_gate=.* must be a Python bool \(convert it with bool"
+    ):
+        build_model(config)
+
+
 # --- H2 / L1: E2ELM state dtypes ---------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """The protocol and the generic TTT layer. Imports no concrete plugin."""
 
-from innerloop.core.layer import TTTLayer
+from innerloop.core.layer import ModelTooLargeError, TTTLayer
 from innerloop.core.protocol import (
     Activation,
     AffineLayer,
@@ -23,6 +23,7 @@ __all__ = [
     "InnerModel",
     "InnerTask",
     "LossPairs",
+    "ModelTooLargeError",
     "StackModel",
     "StateSignature",
     "TTTLayer",

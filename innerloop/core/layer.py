@@ -1692,6 +1692,7 @@ class TTTLayer(nn.Module):
 __all__ = [
     "CALL_OPTIONS",
     "MAX_MINI_BATCH_SIZE",
+    "ModelTooLargeError",
     "TTTLayer",
     "check_head_split",
     "head_counts",

@@ -18,7 +18,7 @@ from innerloop.models.config import (
     validate_e2e_config,
     validate_model_config,
 )
-from innerloop.models.e2e import E2ELM, E2EState
+from innerloop.models.e2e import E2ELM, E2EState, NonFiniteInnerStepError
 from innerloop.models.factory import build_model
 from innerloop.models.generate import generate, sample_next
 from innerloop.models.lm import CausalLM, LMState
@@ -39,6 +39,7 @@ __all__ = [
     "KVCache",
     "LMState",
     "ModelConfig",
+    "NonFiniteInnerStepError",
     "SwiGLU",
     "TTTConfig",
     "build_mixer",

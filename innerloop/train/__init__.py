@@ -21,6 +21,7 @@ from innerloop.train.module import (
     warmup_cosine,
 )
 from innerloop.train.run import TrainResult, build_datamodule, build_module, build_trainer, evaluate, train
+from innerloop.train.run_dir import RunDirError
 
 __all__ = [
     "IGNORE_INDEX",
@@ -30,6 +31,7 @@ __all__ = [
     "LossByPosition",
     "NonFiniteLayerOutputError",
     "RecallDataModule",
+    "RunDirError",
     "SafetensorsCheckpointIO",
     "TextDataModule",
     "TrainResult",

@@ -268,6 +268,26 @@ def check_head_split(hidden_size: int, num_heads: int, *, rotary: bool) -> None:
     raise ValueError(f"{problem}; valid num_heads for this width: [{listed}]")
 
 
+def check_inner_norm_width(
+    hidden_size: int, num_heads: int, inner_norm: bool, *, rotary: bool, prefix: str = ""
+) -> None:
+    """Heads of one feature cannot take the inner LayerNorm: a LayerNorm over one feature outputs its bias
+    whatever the inner model holds, so the memory would never be read and its inner gradient would be 0 (a
+    layer that silently does no test-time training). The error lists the head counts that give heads of
+    2 or more features (``prefix``: how the caller names the two sizes, ``"model."`` for a config)."""
+    if not inner_norm or hidden_size // num_heads != 1:
+        return
+    valid = [h for h in head_counts(hidden_size, rotary=rotary) if hidden_size // h >= 2]
+    choice = f"use a {prefix}hidden_size of 2 or more"
+    if valid:
+        choice = f"valid num_heads for this width: {valid[:_HEAD_COUNTS_LISTED]}"
+    raise ValueError(
+        f"inner_norm=True needs heads of 2 or more features, got {prefix}hidden_size / {prefix}num_heads = "
+        f"{hidden_size} / {num_heads} = 1: a LayerNorm over one feature outputs its bias whatever the inner "
+        f"model holds (the memory is never read and gets no inner gradient); {choice}"
+    )
+
+
 _HEAD_COUNTS_LISTED = 24
 """How many of the valid head counts an error lists, smallest first (a width of 2**31 - 1 has few, one of
 720720 has 240)."""
@@ -389,6 +409,7 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_sh
     for name in ("use_gate", "share_qk", "inner_norm", "inner_residual"):
         if not isinstance(args[name], bool):
             raise TypeError(f"{name} must be True or False, got {args[name]!r}")
+    check_inner_norm_width(int(hidden_size), int(num_heads), args["inner_norm"], rotary=rotary)
     checked_call_option("needs_double_backward", args["needs_double_backward"])
     checked_call_option("base_lr", args["base_lr"])
     if args["conv_kernel"] > MAX_CONV_KERNEL:
@@ -1695,6 +1716,7 @@ __all__ = [
     "ModelTooLargeError",
     "TTTLayer",
     "check_head_split",
+    "check_inner_norm_width",
     "head_counts",
     "check_layer_arguments",
     "check_norm_eps",

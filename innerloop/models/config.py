@@ -29,6 +29,7 @@ from innerloop.core.layer import (
     MAX_NORM_EPS,
     NORM_EPS_BOUND_WHY,
     TTTLayer,
+    check_inner_norm_width,
     check_layer_arguments,
     check_weights_fit,
 )
@@ -939,6 +940,11 @@ def _check_shapes(config: ModelConfig) -> None:
         raise ValueError(
             f"model.hidden_size / model.num_heads = {config.hidden_size // config.num_heads} must be even "
             "(RoPE rotates pairs of channels)"
+        )
+    if config.mixer in FAMILY_MIXERS:  # the width is not the one _check_family builds its layer at
+        inner_norm = FAMILY_LAYERS[config.mixer].fixed_options.get("inner_norm", (False, ""))[0]
+        check_inner_norm_width(
+            config.hidden_size, config.num_heads, inner_norm, rotary=False, prefix="model."
         )
 
 

@@ -218,8 +218,17 @@ MEMBERS = {
 }
 
 
-@pytest.mark.parametrize("member", sorted(MEMBERS))
-@pytest.mark.parametrize("hidden,heads", SHAPES)
+# Titans has the inner LayerNorm, which heads of one feature cannot take (it would ignore the memory): the
+# layer refuses that width (tests/test_review_s48_s48d.py), so Titans is read at head widths 5 and 3
+REFERENCE_CASES = [
+    (member, hidden, heads)
+    for hidden, heads in SHAPES
+    for member in sorted(MEMBERS)
+    if not (member.startswith("titans") and hidden == heads)
+]
+
+
+@pytest.mark.parametrize("member,hidden,heads", REFERENCE_CASES)
 def test_each_member_equals_an_independent_float64_reference(member, hidden, heads) -> None:
     """T = 1, T < K and T not a multiple of K, whole and split with the state carried."""
     torch.manual_seed(1)

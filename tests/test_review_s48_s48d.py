@@ -10,6 +10,8 @@ plugins, against FLA's references and ../shared/ZOO.md, at the shapes and gates 
   the bound that holds (the state within ``sum (1e-4 - a) ||S||`` of FLA's), tested against FLA's op.
 - bfloat16: the bound docs/family.md now states for the members, with Titans' gradients (which
   tests/test_review_s42c.py leaves out) checked at the initial parameters.
+- base_lr as a 0-d tensor: refused alike at construction and after it (the paths agree since 20e67e2), but
+  the message read "must be a finite number >= 0, got tensor(0.5000)"; it now says a tensor is not taken.
 """
 
 from __future__ import annotations
@@ -197,3 +199,27 @@ def test_titans_bf16_gradients_are_within_four_float32_amplifications_of_float32
     for bf16, float32, float64 in ((y16, y32, y64), (g16, g32, g64)):
         amplification = max(relative_error(float32, float64) / FP32_UNIT, 1.0)
         assert relative_error(bf16, float32) <= 4 * amplification * BF16_UNIT
+
+
+# ---- base_lr: one rule at construction and after it -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "member", ["LinearAttentionLayer", "DeltaNetLayer", "GatedDeltaNetLayer", "TitansLayer"]
+)
+def test_a_tensor_base_lr_is_refused_alike_at_construction_and_after_saying_why(member) -> None:
+    """A 0-d tensor is refused both ways with one message (it said 'must be a finite number >= 0, got
+    tensor(0.5000)', which tensor(0.5) looks like); it now says a tensor is not taken and what to pass."""
+    import innerloop.core.family_layers as family
+
+    cls = getattr(family, member)
+    with pytest.raises(
+        ValueError, match=r"base_lr .*got tensor\(0\.5000\) \(a tensor: pass a Python number"
+    ) as built:
+        cls(8, 2, base_lr=torch.tensor(0.5))
+    layer = cls(8, 2)
+    with pytest.raises(ValueError) as set_after:
+        layer.base_lr = torch.tensor(0.5)
+    assert str(built.value) == str(set_after.value)
+    layer.base_lr = 0.5  # a number is taken, as a float
+    assert layer.base_lr == 0.5 and type(layer.base_lr) is float

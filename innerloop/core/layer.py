@@ -315,7 +315,8 @@ def checked_call_option(name: str, value: Any) -> Any:
     constructor's check: one error naming the option, the value and what is valid."""
     if name == "base_lr":
         if not is_real(value) or value < 0:
-            raise ValueError(f"base_lr must be a finite number >= 0, got {value!r}")
+            tensor = " (a tensor: pass a Python number, float(t))" if isinstance(value, torch.Tensor) else ""
+            raise ValueError(f"base_lr must be a finite number >= 0, got {value!r}{tensor}")
         return float(value)
     if name == "non_finite":
         if not isinstance(value, str) or value not in NON_FINITE_POLICIES:

@@ -223,3 +223,19 @@ def test_a_tensor_base_lr_is_refused_alike_at_construction_and_after_saying_why(
     assert str(built.value) == str(set_after.value)
     layer.base_lr = 0.5  # a number is taken, as a float
     assert layer.base_lr == 0.5 and type(layer.base_lr) is float
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: TitansLayer(8, 2, norm_eps=torch.tensor(1e-6)),
+        lambda: __import__("innerloop").TTTLayer(8, 2, rope_theta=torch.tensor(1e4)),
+        lambda: __import__("innerloop").TTTLayer(8, 2, norm_eps=torch.tensor(1e-6)),
+    ],
+    ids=["family_norm_eps", "ttt_rope_theta", "ttt_norm_eps"],
+)
+def test_the_other_real_options_say_a_tensor_is_not_taken(build) -> None:
+    """The same message's siblings: rope_theta and norm_eps refused a 0-d tensor as 'must be a finite
+    number ..., got tensor(...)' too."""
+    with pytest.raises(ValueError, match=r"got tensor\(.*\) \(a tensor: pass a Python number"):
+        build()

@@ -119,6 +119,12 @@ def is_real(value: Any) -> bool:
         return False
 
 
+def _tensor_hint(value: Any) -> str:
+    """What an error about a real option adds when it was given a tensor (``tensor(0.5)`` would otherwise
+    read as a valid number refused): that a tensor is not taken, and what to pass."""
+    return " (a tensor: pass a Python number, float(t))" if isinstance(value, torch.Tensor) else ""
+
+
 MAX_CONV_KERNEL = 1024
 """The largest ``conv_kernel`` a layer takes (its convolutions are short: 4 by default)."""
 
@@ -315,8 +321,7 @@ def checked_call_option(name: str, value: Any) -> Any:
     constructor's check: one error naming the option, the value and what is valid."""
     if name == "base_lr":
         if not is_real(value) or value < 0:
-            tensor = " (a tensor: pass a Python number, float(t))" if isinstance(value, torch.Tensor) else ""
-            raise ValueError(f"base_lr must be a finite number >= 0, got {value!r}{tensor}")
+            raise ValueError(f"base_lr must be a finite number >= 0, got {value!r}{_tensor_hint(value)}")
         return float(value)
     if name == "non_finite":
         if not isinstance(value, str) or value not in NON_FINITE_POLICIES:
@@ -427,12 +432,14 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_sh
         )
     if not is_real(args["rope_theta"]) or args["rope_theta"] < 1:
         raise ValueError(
-            f"rope_theta must be a finite number >= 1, got {args['rope_theta']!r} (the RoPE base: its "
-            "frequencies theta^(-2i/head_dim) stay <= 1, so that every angle is finite; the paper's is 10000)"
+            f"rope_theta must be a finite number >= 1, got {args['rope_theta']!r}{_tensor_hint(args['rope_theta'])} "
+            "(the RoPE base: its frequencies theta^(-2i/head_dim) stay <= 1, so that every angle is finite; "
+            "the paper's is 10000)"
         )
     if not is_real(args["norm_eps"]) or args["norm_eps"] <= 0:
         raise ValueError(
             f"norm_eps must be a finite number in (0, {MAX_NORM_EPS:g}), got {args['norm_eps']!r}"
+            f"{_tensor_hint(args['norm_eps'])}"
         )
     check_norm_eps(args["norm_eps"], torch.promote_types(torch.get_default_dtype(), torch.float32))
     for name in ("non_finite", "inference_chunk_size", "kernel"):

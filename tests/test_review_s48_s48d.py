@@ -10,6 +10,8 @@ plugins, against FLA's references and ../shared/ZOO.md, at the shapes and gates 
   the bound that holds (the state within ``sum (1e-4 - a) ||S||`` of FLA's), tested against FLA's op.
 - bfloat16: the bound docs/family.md now states for the members, with Titans' gradients (which
   tests/test_review_s42c.py leaves out) checked at the initial parameters.
+- Gated DeltaNet with an inner loss whose targets are not the values as given (a third party's ``v - k``)
+  ran its ``v / a`` map anyway and computed neither Gated DeltaNet nor that loss's rule; it is refused.
 - base_lr as a 0-d tensor: refused alike at construction and after it (the paths agree since 20e67e2), but
   the message read "must be a finite number >= 0, got tensor(0.5000)"; it now says a tensor is not taken.
 """
@@ -239,3 +241,34 @@ def test_the_other_real_options_say_a_tensor_is_not_taken(build) -> None:
     number ..., got tensor(...)' too."""
     with pytest.raises(ValueError, match=r"got tensor\(.*\) \(a tensor: pass a Python number"):
         build()
+
+
+# ---- Gated DeltaNet's v / a map and the inner loss -----------------------------------------------------------
+
+
+class _ResidualTargets(__import__("innerloop").HalfSquaredError):
+    """A third-party loss: the key view should map to ``value - key`` (TTT's residual target)."""
+
+    name = "s48d_residual_targets"
+
+    def pairs(self, views, carry):
+        from innerloop import LossPairs
+
+        return LossPairs(inputs=views.key, targets=views.value - views.key, valid=None, carry={})
+
+
+def test_gated_deltanet_refuses_an_inner_loss_its_value_map_does_not_hold_for() -> None:
+    """Gated DeltaNet runs as scan with values ``v / a`` and ``lr = a * beta``, exact when the loss's targets
+    are the values as given (reconstruction, next_token, dot_product). A loss that builds its targets
+    otherwise (``v - k`` here: the map gives ``v / a - k``, not ``(v - k) / a``) made the layer compute
+    neither Gated DeltaNet nor that loss's rule, silently; it is refused, as inner_norm is."""
+    from innerloop.core.family_layers import GatedDeltaNetLayer
+
+    with pytest.raises(
+        ValueError,
+        match=r"GatedDeltaNetLayer takes the inner losses .*reconstruction.*got the inner loss .s48d_residual_targets",
+    ):
+        GatedDeltaNetLayer(8, 2, inner_loss=_ResidualTargets())
+    for loss in ("reconstruction", "next_token", "dot_product"):
+        GatedDeltaNetLayer(8, 2, inner_loss=loss)
+    DeltaNetLayer(8, 2, inner_loss=_ResidualTargets())  # no map there: any loss is DeltaNet's rule on it

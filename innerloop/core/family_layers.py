@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from innerloop.core.functional import RMSNorm, causal_depthwise_conv, overflow_safe_rows
-from innerloop.core.layer import TTTLayer
+from innerloop.core.layer import TTTLayer, is_built_in, plugin_label
 from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule, Views
 from innerloop.core.state import TTTState
 
@@ -47,6 +47,9 @@ L2_NORM_EPS = 1e-6  # FLA's l2norm: x / sqrt(sum x^2 + eps), the eps inside the 
 # factor is held at the floor: the layer keeps 1e-4 of the state where FLA keeps less (GatedDeltaNetLayer
 # says how far that moves it). Above delta_chunk's SMALL_GATE, so that training stays on the chunked kernel.
 DECAY_FACTOR_FLOOR = 1e-4
+# The built-in inner losses whose targets are the value views as given (or whose gradient does not read W):
+# for them Gated DeltaNet's map (values v / a, lr = a * beta) is exact; GatedDeltaNetLayer refuses others.
+VALUE_MAP_LOSSES = ("reconstruction", "next_token", "dot_product")
 CONV_NAMES = ("q", "k", "v")
 DEFAULT_CONV_KERNEL = 4  # FLA's short convs
 # TTTLayer's options the family's layers do not have: passing one is refused (it would be stored
@@ -528,7 +531,8 @@ class GatedDeltaNetLayer(DeltaNetLayer):
     1e-3 to 3e-3 from a start of unit-normal entries. The floor keeps ``v / a`` and its gradient finite,
     and every decay below ``1 - SMALL_GATE`` (``kernels/delta_chunk``), under which training would leave
     the chunked kernel for the token loop. The map holds for the bare matrix model only:
-    ``inner_norm`` and ``inner_residual`` are fixed to False (refused when True).
+    ``inner_norm`` and ``inner_residual`` are fixed to False (refused when True), and for the inner losses
+    that read the values as given (:data:`VALUE_MAP_LOSSES`; any other is refused).
 
     ``base_lr=0`` turns test-time training off altogether: no step and no decay, so the state stays
     where it starts (FLA would still decay it; with ``base_lr`` above 0, however small, it decays).
@@ -550,6 +554,14 @@ class GatedDeltaNetLayer(DeltaNetLayer):
     def __init__(self, hidden_size: int, num_heads: int, **options: Any) -> None:
         options.setdefault("output_gate", True)
         super().__init__(hidden_size, num_heads, **options)
+        loss = self.inner_loss
+        if loss.name not in VALUE_MAP_LOSSES or not is_built_in("inner_loss", loss):
+            raise ValueError(
+                f"GatedDeltaNetLayer takes the inner losses whose targets are the values as given, "
+                f"{list(VALUE_MAP_LOSSES)}, got the {plugin_label('inner_loss', loss)}: it decays before "
+                "its gradient step and runs as scan's rule through lr = a * beta and values v / a, which equals "
+                "that only when the loss reads v as it is (DeltaNetLayer takes any loss)"
+            )
 
     def _build_gates(self) -> None:
         super()._build_gates()

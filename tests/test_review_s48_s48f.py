@@ -107,7 +107,7 @@ def test_recall_length_refuses_what_recall_example_refuses(num_pairs, gap, named
     ("arguments", "named"),
     [((-1, 0.1), "document"), ((2.5, 0.5), "document"), ((3, 1.5), "val_fraction"), ((3, -0.5), "val_fraction"),
      ((3, float("nan")), "val_fraction"), ((3, "0.1"), "val_fraction"), ((3, 0.2, 0.9), "val_fraction=0.2 \\+"),
-     ((3, 0.2, -0.1), "test_fraction"), ((True, 0.5), "document")],
+     ((3, 0.2, -0.1), "test_fraction"), ((True, 0.5), "document"), ((3, 1.0, 0.1), "val_fraction=1.0 \\+")],
 )  # fmt: skip
 def test_the_held_out_split_refuses_a_bad_document_or_fraction(arguments, named) -> None:
     functions = [document_side, is_test] if len(arguments) == 3 else [is_validation, document_side]

@@ -87,7 +87,7 @@ def check_held_out_split(document: Any, val_fraction: Any, test_fraction: Any = 
     for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 <= fraction <= 1:
             raise ValueError(f"{name}={fraction!r} must be a number in [0, 1]")
-    if test_fraction > 0 and val_fraction < 1 and test_fraction / (1 - val_fraction) > 1:
+    if test_fraction > 0 and (val_fraction == 1 or test_fraction / (1 - val_fraction) > 1):
         raise ValueError(
             f"val_fraction={val_fraction} + test_fraction={test_fraction} must be at most 1 (the shares of "
             "all documents held out for validation and for test)"
@@ -97,7 +97,8 @@ def check_held_out_split(document: Any, val_fraction: Any, test_fraction: Any = 
 def document_side(document: int, val_fraction: float, test_fraction: float = 0.0) -> str:
     """Which documents document number ``document`` is among: ``"validation"`` (:func:`is_validation`),
     ``"test"`` (:func:`is_test`) or ``"training"``; a ValueError as :func:`is_test`'s."""
-    if is_validation(document, val_fraction):
+    check_held_out_split(document, val_fraction, test_fraction)
+    if _every(document, val_fraction):
         return "validation"
     return "test" if is_test(document, val_fraction, test_fraction) else "training"
 

@@ -353,7 +353,8 @@ def test_a_finished_row_repeats_the_first_end_of_sequence_id() -> None:
 @pytest.mark.parametrize("layer_class", ["GatedDeltaNetLayer", "TitansLayer"])
 def test_the_forgetting_gate_starts_at_flas_initialisation(layer_class) -> None:
     torch.manual_seed(0)
-    layer = getattr(family, layer_class)(512, 512)
+    # 512 heads, so 512 gates; of 2 features each (Titans' inner LayerNorm refuses heads of one)
+    layer = getattr(family, layer_class)(1024, 512)
     dt = torch.nn.functional.softplus(layer.dt_bias.detach().double())
     assert 1e-3 * (1 - 1e-6) <= dt.min() < 1.3e-3 and 0.08 < dt.max() <= 0.1 * (1 + 1e-6)
     assert 0.4 < float((dt < 1e-2).double().mean()) < 0.6  # log-uniform: half below the geometric middle

@@ -343,6 +343,7 @@ def check_block(
             "decay": None if chunk.decay is None else chunk.decay[:, :, :tokens],
             "ln_weight": task.norm_weight,
             "ln_bias": task.norm_bias,
+            "tau": tau,  # a leaf of the probe: its gradient trains learnable_token_idx (review s48m)
         },
         params,
         inputs.head_dim,
@@ -356,7 +357,7 @@ def check_block(
                 xk=t["xk"],
                 xv=t["xv"],
                 lr=t["lr"],
-                tau=tau,
+                tau=t["tau"],
                 params=p,
                 ln_weight=t["ln_weight"],
                 ln_bias=t["ln_bias"],
@@ -368,7 +369,9 @@ def check_block(
 
     def run_torch(t: dict, p: Params) -> tuple[torch.Tensor, Params]:
         probe_task = _with_norm(task, t["ln_weight"], t["ln_bias"])
-        return torch_path(probe_task, p, ChunkInputs(t["xq"], t["xk"], t["xv"], t["lr"], t["decay"]), tau)
+        return torch_path(
+            probe_task, p, ChunkInputs(t["xq"], t["xk"], t["xv"], t["lr"], t["decay"]), t["tau"]
+        )
 
     return _record(signature(kernel, inputs, task, rule), kernel, inputs, probe, run_kernel, run_torch)
 
@@ -548,7 +551,8 @@ def _largest_magnitude(tensors: Mapping[str, torch.Tensor | None]) -> float:
 def _synthetic_probe(tensors: dict, weights: Params) -> tuple[dict, Params]:
     """Well-conditioned inputs of a probe's shapes, dtypes, layouts, devices and ``requires_grad``:
     seeded standard normal queries, keys and values, decays drawn in ``[0.5, 1)``, the probe's drawn
-    learning rates, and the layer's own weights (pending sums) and inner LayerNorm where they are not
+    learning rates, token scales drawn in ``[0.25, 1)`` for a decoded token or a block whose are all 1
+    (else the block's own), and the layer's own weights (pending sums) and inner LayerNorm where they are not
     :func:`_weak` or non-finite themselves, else seeded ones of an initialisation's scale (weights
     ``randn / sqrt(rows)``; LayerNorm weight ``1 + randn / 4``, bias ``randn / 4``)."""
     generator = torch.Generator(device=tensors["lr"].device).manual_seed(SYNTHETIC_SEED)
@@ -571,8 +575,15 @@ def _synthetic_probe(tensors: dict, weights: Params) -> tuple[dict, Params]:
     synthetic["lr"] = tensors["lr"].detach().clone().requires_grad_(tensors["lr"].requires_grad)
     decay, ln_weight, ln_bias = tensors["decay"], tensors["ln_weight"], tensors["ln_bias"]
     synthetic["decay"] = None if decay is None else drawn(decay, 0.5, 0.5, uniform=True)
-    if "tau" in tensors:  # a decoded token's scale: 1 where it opens its mini-batch, which hides its use
-        synthetic["tau"] = drawn(tensors["tau"], 0.75, 0.25, uniform=True)
+    tau = tensors.get("tau")
+    if tau is not None:  # a decoded token's scale (1 where it opens its mini-batch, hiding its use) is drawn;
+        # a block's scales are the layer's own unless all 1 (a mini-batch of one token)
+        keep = tau.dim() > 0 and _unit_token_scale(tensors) is None
+        synthetic["tau"] = (
+            tau.detach().clone().requires_grad_(tau.requires_grad)
+            if keep
+            else drawn(tau, 0.75, 0.25, uniform=True)
+        )
     synthetic["ln_weight"] = None if ln_weight is None else own_or_drawn(ln_weight, 0.25, 1.0)
     synthetic["ln_bias"] = None if ln_bias is None else own_or_drawn(ln_bias, 0.25)
     own = {

@@ -1,0 +1,62 @@
+"""Review s48m: the first-use check compares the gradient of the token-index scales ``tau`` too.
+
+A layer's ``tau`` is ``clamp(token_idx + learnable_token_idx, 0)``: a trained parameter. The block probe
+compared the gradients of queries, keys, values, learning rates, weights and the inner LayerNorm, but
+passed ``tau`` to both paths as it was, not as a leaf of its own: a kernel whose backward got ``dtau``
+wrong (a sign, a missing term of the Triton backward's step 4) passed its check and trained
+``learnable_token_idx`` on wrong gradients, silently.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from plugin_testing import DoubledGradient
+
+import innerloop
+from innerloop.kernels.first_use import KernelCheckWarning
+from innerloop.kernels.reference import reference_kernel
+from innerloop.kernels.spec import KernelSpec
+from innerloop.plugins.losses.reconstruction import Reconstruction
+from innerloop.plugins.models.linear import LinearModel
+from innerloop.registry import isolated_registry
+
+REFERENCE_FORWARD, _ = reference_kernel(LinearModel(), Reconstruction())
+NAME = "wrong_tau_gradient"
+
+
+@pytest.fixture(autouse=True)
+def fresh_global_registry():
+    with isolated_registry():
+        yield
+
+
+def wrong_tau_gradient(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
+    """The reference's numbers, with twice the gradient of ``tau``."""
+    return REFERENCE_FORWARD(xq, xk, xv, lr, DoubledGradient.apply(tau), params, ln_weight, ln_bias, eps)
+
+
+def test_a_kernel_with_a_wrong_tau_gradient_is_refused_and_the_layer_trains_on_the_torch_gradients():
+    innerloop.register_kernel(
+        KernelSpec(
+            name=NAME,
+            inner_model="linear",
+            inner_loss="reconstruction",
+            update_rule="dual_form",
+            forward=wrong_tau_gradient,
+            verify=lambda inputs: None,
+            priority=10**6,
+        )
+    )
+    torch.manual_seed(0)
+    layer = innerloop.TTTLayer(16, 2, inner_model="linear", mini_batch_size=4).double()
+    reference = innerloop.TTTLayer(16, 2, inner_model="linear", mini_batch_size=4, kernel="torch").double()
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(1, 8, 16, dtype=torch.float64)
+    with pytest.warns(KernelCheckWarning, match=r"the gradient of tau differs"):
+        out, _ = layer(x)
+    assert layer.last_dispatch[0] != NAME
+    out.sum().backward()
+    expected, _ = reference(x)
+    expected.sum().backward()
+    torch.testing.assert_close(layer.learnable_token_idx.grad, reference.learnable_token_idx.grad)

@@ -27,8 +27,9 @@ A verdict is about the kernel, so it does not rest on user data too degenerate o
 tell a right kernel from a wrong one. Weak data (queries, keys or values all zero, constant along each
 token's features, or so small that their products underflow, e.g. float32 subnormals; starting weights
 or pending sums that are zero or the same in every batch row, as a fresh layer's are; a decoded token's
-scale of 1, where it opens its mini-batch) tests too little: a pass on it is confirmed on seeded random
-data of the same shapes, dtypes and device (the layer's own weights and inner LayerNorm, or seeded ones
+scale of 1, where it opens its mini-batch, or a block's scales all 1, mini-batches of one token)
+tests too little: a pass on it is confirmed on seeded random data of the same shapes, dtypes and
+device (the layer's own weights and inner LayerNorm, or seeded ones
 where those are weak too, and a drawn token scale), and a kernel that differs there is refused. A difference on weak data, or where the inner LayerNorm normalises two features or fewer
 (ill-conditioned whatever the data), is not pinned on the kernel: that block runs the torch path
 (:class:`Deferred`, the dispatch reason says so), no verdict is recorded, and the next block like it is
@@ -520,8 +521,8 @@ def _same_in_every_row(tensor: torch.Tensor) -> bool:
 
 
 def _unit_token_scale(tensors: Mapping[str, torch.Tensor | None]) -> str | None:
-    """Why a decoded token's scale tests too little: it is 1 (the token opens its mini-batch), where a
-    kernel that ignores it looks right; or None."""
+    """Why token scales test too little: they are all 1 (a decoded token that opens its mini-batch, a
+    block of one-token mini-batches), where a kernel that ignores them looks right; or None."""
     tau = tensors.get("tau")
     return "its token scale is 1" if tau is not None and bool((tau == 1).all()) else None
 

@@ -36,6 +36,7 @@ def wrong_tau_gradient(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
     return REFERENCE_FORWARD(xq, xk, xv, lr, DoubledGradient.apply(tau), params, ln_weight, ln_bias, eps)
 
 
+@pytest.mark.slow  # 1 s warm on a loaded machine: a float64 training call of two layers and the probe
 def test_a_kernel_with_a_wrong_tau_gradient_is_refused_and_the_layer_trains_on_the_torch_gradients():
     innerloop.register_kernel(
         KernelSpec(
@@ -60,3 +61,28 @@ def test_a_kernel_with_a_wrong_tau_gradient_is_refused_and_the_layer_trains_on_t
     expected, _ = reference(x)
     expected.sum().backward()
     torch.testing.assert_close(layer.learnable_token_idx.grad, reference.learnable_token_idx.grad)
+
+
+def ignores_tau(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
+    """The reference with every token scale taken as 1: right only while the layer's are."""
+    return REFERENCE_FORWARD(xq, xk, xv, lr, torch.ones_like(tau), params, ln_weight, ln_bias, eps)
+
+
+def test_a_kernel_that_ignores_the_scales_is_refused_on_one_token_mini_batches_whose_scale_is_one():
+    # mini_batch_size=1: tau = [1] until learnable_token_idx moves, and the verdict is kept for the process
+    innerloop.register_kernel(
+        KernelSpec(
+            name=NAME,
+            inner_model="linear",
+            inner_loss="reconstruction",
+            update_rule="dual_form",
+            forward=ignores_tau,
+            verify=lambda inputs: None,
+            priority=10**6,
+        )
+    )
+    torch.manual_seed(0)
+    layer = innerloop.TTTLayer(16, 2, inner_model="linear", mini_batch_size=1)
+    with torch.no_grad(), pytest.warns(KernelCheckWarning, match=r"tests too little; on seeded random data"):
+        layer(torch.randn(2, 3, 16))
+    assert layer.last_dispatch[0] != NAME

@@ -16,6 +16,7 @@ import inspect
 import logging
 import math
 import os
+import re
 import tempfile
 import typing
 import warnings
@@ -275,6 +276,8 @@ def check_value_kinds(node: yaml.Node | None, key: str, source: str) -> list[str
     if not quoted and text in _NULLS and not _takes_null(expected):
         raise ConfigError(_no_value_message(key, source, text, expected))
     _check_container_kind("one value", text, key, source)
+    if expected is str and not quoted:
+        _check_text_kept(text, key, source)
     kinds = _kinds(expected)
     if kinds is None or _text_fits(text, kinds, quoted):
         return []
@@ -287,6 +290,30 @@ def check_value_kinds(node: yaml.Node | None, key: str, source: str) -> list[str
     name = expected.__name__ if isinstance(expected, type) else str(expected).replace("typing.", "")
     raise ConfigError(
         f"config key {key!r} in {source}: {shown} is not {_kind_words(kinds)} (expected {name})"
+    )
+
+
+_MAY_NOT_BE_TEXT = re.compile(r"[-+.0-9]|(?i:y|yes|n|no|true|false|on|off)$")
+"""The start of a plain scalar that YAML (OmegaConf's) may read as a number or a bool."""
+
+
+def _check_text_kept(text: str, key: str, source: str) -> None:
+    """Raise :class:`ConfigError` when the unquoted scalar ``text`` of the string key ``key`` is one that
+    YAML reads as a number or a bool whose ``str`` is other text: OmegaConf would store that string, so
+    ``out_dir=010`` trained into ``8`` (octal), ``1.10`` into ``1.1``, ``1:30`` into ``90``, ``on`` into
+    ``True``, silently. A scalar that keeps its text (``7``, ``2024-01-15``, ``nan``) is left as it is."""
+    if not _MAY_NOT_BE_TEXT.match(text):
+        return
+    try:
+        value = OmegaConf.create(f"value: {text}")["value"]
+    except Exception:  # not a plain scalar on its own: the merge reads it as its source gave it
+        return
+    if isinstance(value, str) or str(value) == text:
+        return
+    kind = "bool" if isinstance(value, bool) else type(value).__name__
+    raise ConfigError(
+        f"config key {key!r} in {source}: {text} unquoted is read by YAML as the {kind} {value!r}, which "
+        f"{key} would take as the string {str(value)!r}; quote it to keep it as written ('{text}')"
     )
 
 

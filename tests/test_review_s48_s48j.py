@@ -46,3 +46,43 @@ def test_string_key_in_a_yaml_file_given_a_yaml_number_is_refused(tmp_path):
     config.write_text("out_dir: 010\n")
     with pytest.raises(ConfigError, match=r"out_dir.*010.*'8'.*quote"):
         load_config(str(config))
+
+
+# -- TTT-E2E windows of at most one chunk ------------------------------------------------------------------
+# docs/e2e.md: "training needs data.seq_len > chunk_size". A config with data.seq_len <= chunk_size was
+# accepted; the model warned at the first training step that no inner step reaches the outer loss (the run
+# trains the sliding-window baseline, test-time training for nothing).
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data.seq_len=16"],  # e2e-tiny's chunk_size is 16
+        ["data.seq_len=8"],
+        ["model.e2e.chunk_size=128"],  # its seq_len is 128
+        ["model.e2e.chunk_size=128", "model.e2e.chunk_targets=within_chunk"],
+    ],
+)
+def test_e2e_windows_of_at_most_one_chunk_are_refused_at_config_time(overrides, tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config("e2e-tiny", [*overrides, f"out_dir={tmp_path}"])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "data.seq_len=" in message and "model.e2e.chunk_size=" in message
+    assert "model.e2e.test_time_training=false" in message
+
+
+def test_e2e_recall_task_of_at_most_one_chunk_is_refused_naming_its_length(tmp_path):
+    recall = ["data.name=recall", "data.recall.num_pairs=1", "data.recall.gap=0", "data.seq_len=3"]
+    with pytest.raises(ConfigError, match=r"4 \* data\.recall\.num_pairs \+ data\.recall\.gap - 1 = 3 <= "):
+        load_config("e2e-tiny", [*recall, f"out_dir={tmp_path}"])
+
+
+@pytest.mark.slow  # the first full validation imports Lightning (~1 s)
+@pytest.mark.parametrize(
+    "overrides",
+    [["data.seq_len=17"], ["data.seq_len=16", "model.e2e.test_time_training=false"]],
+)
+def test_e2e_windows_of_more_than_one_chunk_or_the_baseline_are_accepted(overrides, tmp_path):
+    run, _ = load_config("e2e-tiny", [*overrides, f"out_dir={tmp_path}"])
+    assert run.data.seq_len == int(overrides[0].partition("=")[2])

@@ -903,6 +903,7 @@ def validate_run_config(run: RunConfig) -> None:
     _check_vocabulary(run)
     _check_unread_data_keys(run)
     _check_held_out_fractions(run)
+    _check_more_than_one_chunk(run)
     _warn_short_last_chunk(run)
     empty = [entry for entry in run.data.paths if not str(entry).strip()]
     if run.data.name != "recall" and empty:
@@ -922,6 +923,38 @@ def validate_run_config(run: RunConfig) -> None:
     check_output_dir(run.out_dir, "out_dir")
 
 
+def _training_length(run: RunConfig) -> tuple[int, str]:
+    """The tokens of a training window, and the words naming where they come from."""
+    if run.data.name == "recall":
+        recall = run.data.recall
+        return recall_length(recall.num_pairs, recall.gap), "the recall task's length"
+    return run.data.seq_len, "data.seq_len"
+
+
+def _check_more_than_one_chunk(run: RunConfig) -> None:
+    """A TTT-E2E run that trains test-time training has windows of more than one chunk (docs/e2e.md:
+    "training needs data.seq_len > chunk_size"): every logit is scored before its chunk's inner step,
+    so with one chunk no inner step reaches the outer loss and the run trains the sliding-window
+    baseline (the model warned of it only at the first training step)."""
+    model = run.model
+    if model.mixer != "e2e" or not model.e2e.test_time_training:
+        return
+    length, where = _training_length(run)
+    if length <= model.e2e.chunk_size:
+        shown = (
+            f"data.seq_len={length}"
+            if where == "data.seq_len"
+            else f"{where} 4 * data.recall.num_pairs + data.recall.gap - 1 = {length}"
+        )
+        raise ConfigError(
+            f"{shown} <= model.e2e.chunk_size={model.e2e.chunk_size}: a training window of at most one chunk "
+            "trains no test-time training (each chunk is scored before its inner step, so no step reaches the "
+            "training loss: the run would train the sliding-window baseline); use windows longer than "
+            "model.e2e.chunk_size (several chunks), a smaller chunk_size, or model.e2e.test_time_training=false "
+            "for the baseline itself"
+        )
+
+
 def _warn_short_last_chunk(run: RunConfig) -> None:
     """Warn when a TTT-E2E run trains on ``outer_loss: chunk_mean`` with windows that are not a multiple
     of ``chunk_size``: each window's last, short chunk weighs as much as a whole one, so its few targets
@@ -929,12 +962,10 @@ def _warn_short_last_chunk(run: RunConfig) -> None:
     model = run.model
     if model.mixer != "e2e" or model.e2e.outer_loss != "chunk_mean":
         return
-    recall = run.data.recall
-    length = recall_length(recall.num_pairs, recall.gap) if run.data.name == "recall" else run.data.seq_len
+    length, where = _training_length(run)
     chunk = model.e2e.chunk_size
     tail = length % chunk
     if tail:
-        where = "the recall task's length" if run.data.name == "recall" else "data.seq_len"
         warnings.warn(
             f"model.e2e.outer_loss='chunk_mean' with {where} {length} not a multiple of model.e2e.chunk_size="
             f"{chunk}: the training loss is a mean over chunks, so the last chunk's {tail} target(s) of each "

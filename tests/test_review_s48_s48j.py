@@ -86,3 +86,51 @@ def test_e2e_recall_task_of_at_most_one_chunk_is_refused_naming_its_length(tmp_p
 def test_e2e_windows_of_more_than_one_chunk_or_the_baseline_are_accepted(overrides, tmp_path):
     run, _ = load_config("e2e-tiny", [*overrides, f"out_dir={tmp_path}"])
     assert run.data.seq_len == int(overrides[0].partition("=")[2])
+
+
+# -- size fields without an upper bound --------------------------------------------------------------------
+# model.pre_conv_kernel, model.e2e.prime_intermediate_size, model.window and model.e2e.chunk_size were only
+# held to >= 1 (>= 0): a config with 2**30 or 10**40 was accepted and the build or first forward failed
+# with torch's allocator error or a bare "Overflow when unpacking long long" / OverflowError. Their
+# siblings (model.ttt.conv_kernel, model.intermediate_size, data.seq_len) are bounded.
+
+HUGE = 10**40
+
+
+@pytest.mark.parametrize(
+    ("preset", "key", "value", "valid"),
+    [
+        ("recall-ttt", "model.pre_conv_kernel", 1025, "[1, 1024]"),  # mamba: reads the pre-conv
+        ("recall-ttt", "model.pre_conv_kernel", HUGE, "[1, 1024]"),
+        ("e2e-tiny", "model.e2e.prime_intermediate_size", 2**24 + 1, "[0, 16777216]"),
+        ("e2e-tiny", "model.e2e.prime_intermediate_size", HUGE, "[0, 16777216]"),
+        ("tiny-swa", "model.window", 2**30 + 1, "[1, 1073741824]"),
+        ("e2e-tiny", "model.window", HUGE, "[1, 1073741824]"),
+    ],
+)
+def test_size_fields_past_any_machine_are_refused_naming_their_range(preset, key, value, valid, tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(preset, [f"{key}={value}", f"out_dir={tmp_path}"])
+    assert str(caught.value).startswith(f"{key}={value} must be in {valid}")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("pre_conv_kernel", 1025),
+        ("window", 2**30 + 1),
+        ("e2e.prime_intermediate_size", 2**24 + 1),
+        ("e2e.chunk_size", 2**30 + 1),  # a run's is also refused past data.seq_len; a model's was not at all
+    ],
+)
+def test_model_config_built_directly_refuses_the_same_sizes(field, value):
+    from dataclasses import replace
+
+    from innerloop.models.config import E2EConfig, ModelConfig, validate_model_config
+
+    if field.startswith("e2e."):
+        config = ModelConfig(mixer="e2e", e2e=replace(E2EConfig(), **{field[4:]: value}))
+    else:
+        config = replace(ModelConfig(backbone="mamba"), **{field: value})
+    with pytest.raises(ValueError, match=rf"^model\.{field}={value} must be in \["):
+        validate_model_config(config)

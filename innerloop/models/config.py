@@ -426,9 +426,9 @@ MODEL_FIELD_BOUNDS: dict[str, Bounds] = {
     "model.num_layers": Bounds(1, 2**16, why="each block is a module of its own"),
     "model.num_heads": AT_LEAST_1,
     "model.intermediate_size": _SIZE,
-    "model.window": AT_LEAST_1,
+    "model.window": Bounds(1, SEQ_LEN_BOUNDS.high, why="a query sees at most the tokens of a window"),
     "model.rope_theta": Bounds(1, why="the RoPE base: its frequencies theta^(-2i/head_dim) stay <= 1"),
-    "model.pre_conv_kernel": AT_LEAST_1,
+    "model.pre_conv_kernel": _CONV_KERNEL,
     "model.norm_eps": Bounds(0, MAX_NORM_EPS, low_open=True, high_open=True, why=NORM_EPS_BOUND_WHY),
     "model.init_std": POSITIVE,
     "model.ttt.mini_batch_size": _MINI_BATCH,
@@ -437,9 +437,13 @@ MODEL_FIELD_BOUNDS: dict[str, Bounds] = {
     "model.family.mini_batch_size": _MINI_BATCH,
     "model.family.base_lr": AT_LEAST_0,
     "model.family.conv_kernel": _CONV_KERNEL,
-    "model.e2e.chunk_size": Bounds(1, why="a chunk trains on its next-token pairs"),
+    "model.e2e.chunk_size": Bounds(
+        1, SEQ_LEN_BOUNDS.high, why="a chunk of a window trains on its next-token pairs"
+    ),
     "model.e2e.suffix_fraction": Bounds(0, 1, low_open=True),
-    "model.e2e.prime_intermediate_size": Bounds(0, why="0: the same as model.intermediate_size"),
+    "model.e2e.prime_intermediate_size": Bounds(
+        0, _SIZE.high, why="0: the same as model.intermediate_size; larger tables do not fit in memory"
+    ),
     "model.e2e.inner_lr": AT_LEAST_0,
     "model.e2e.inner_lr_start": AT_LEAST_0,
     "model.e2e.inner_lr_warmup_fraction": Bounds(

@@ -25,7 +25,7 @@ SMALL = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size"
         ("ttt", {"norm_eps": -1.0}, "model.norm_eps=-1.0 must be in "),
         ("attention", {"init_std": -1.0}, "model.init_std=-1.0 must be > 0"),
         ("ttt", {"ttt": TTTConfig(base_lr=-1.0)}, "model.ttt.base_lr=-1.0 must be >= 0"),
-        ("e2e", {"e2e": E2EConfig(chunk_size=0)}, "model.e2e.chunk_size=0 must be >= 1"),
+        ("e2e", {"e2e": E2EConfig(chunk_size=0)}, "model.e2e.chunk_size=0 must be in \\[1, 1073741824\\]"),
         ("ttt", {"num_layers": 0}, "model.num_layers=0 must be in \\[1, 65536\\]"),
     ],
 )

@@ -332,10 +332,10 @@ def test_inner_lr_zero_is_the_plain_swa_model_and_the_warm_up_lr_is_the_referenc
 @pytest.mark.parametrize(
     ("kw", "says"),
     [
-        ({"C": 0}, "chunk_size=0 must be >= 1"),
+        ({"C": 0}, "chunk_size=0 must be in [1, 1073741824]"),
         ({"suffix_fraction": 0.0}, "suffix_fraction=0.0 must be in (0, 1]"),
         ({"suffix_fraction": 1.5}, "suffix_fraction=1.5 must be in (0, 1]"),
-        ({"W": 0}, "window=0 must be >= 1"),
+        ({"W": 0}, "window=0 must be in [1, 1073741824]"),
         ({"inner_lr": -1.0}, "inner_lr=-1.0 must be >= 0"),
         ({"inner_grad_clip": float("inf")}, "inner_grad_clip=inf"),
         ({"skip_target_id": 13}, "skip_target_id=13 must be a token id"),

@@ -134,3 +134,25 @@ def test_model_config_built_directly_refuses_the_same_sizes(field, value):
         config = replace(ModelConfig(backbone="mamba"), **{field: value})
     with pytest.raises(ValueError, match=rf"^model\.{field}={value} must be in \["):
         validate_model_config(config)
+
+
+# -- data.val_batches without an upper bound ---------------------------------------------------------------
+# eval's and compare's --batches are held to [1, 2**24] ("10**30 windows crashed deep in a data module"),
+# but the run's data.val_batches (and its Lightning name trainer.limit_val_batches) only to >= 1: a config
+# with 10**40 was accepted and RecallDataModule(val_batches=10**40).setup() hung (killed after 200 s).
+
+
+@pytest.mark.parametrize("override", ["data.val_batches=16777217", f"data.val_batches={10**40}"])
+def test_run_val_batches_past_evals_bound_is_refused(override, tmp_path):
+    with pytest.raises(ConfigError, match=r"^data\.val_batches=\d+ must be in \[1, 16777216\]"):
+        load_config("tiny", [override, f"out_dir={tmp_path}"])
+
+
+@pytest.mark.parametrize("module", ["RecallDataModule", "TextDataModule", "HFDataModule"])
+def test_data_modules_refuse_val_batches_past_the_bound(module):
+    from innerloop.train import data
+
+    with pytest.raises(ValueError, match=r"val_batches=16777217 must be in \[1, 16777216\]"):
+        getattr(data, module)(
+            **({"paths": ["x"]} if module != "RecallDataModule" else {}), val_batches=2**24 + 1
+        )

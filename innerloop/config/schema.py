@@ -20,6 +20,7 @@ from innerloop.models.config import (  # noqa: F401  (Bounds and its constants: 
     POSITIVE,
     SEQ_LEN_BOUNDS,
     STEP_BOUNDS,
+    WINDOW_SIZE_BOUNDS,
     Bounds,
     ModelConfig,
 )
@@ -164,7 +165,7 @@ FIELD_BOUNDS: dict[str, Bounds] = {
     "data.batch_size": BATCH_SIZE_BOUNDS,
     "data.val_fraction": FRACTION,
     "data.test_fraction": FRACTION,
-    "data.val_batches": AT_LEAST_1,
+    "data.val_batches": WINDOW_SIZE_BOUNDS["batches"],  # as eval's --batches: 10**40 hung a data module
     "data.recall.num_pairs": Bounds(1, 64, why="the task has 64 keys"),
     "data.recall.gap": RECALL_GAP_BOUNDS,
     # optim

@@ -263,7 +263,11 @@ class _IndexedDataModule(L.LightningDataModule):
 SEED_BOUNDS = Bounds(0, 2**32 - 1, why="Lightning seeds numpy, which takes 32-bit seeds")
 
 
-_SIZE_BOUNDS = {"seq_len": SEQ_LEN_BOUNDS, "batch_size": BATCH_SIZE_BOUNDS}  # those of data.seq_len, ...
+_SIZE_BOUNDS = {  # those of data.seq_len, ...; val_batches: eval's --batches'
+    "seq_len": SEQ_LEN_BOUNDS,
+    "batch_size": BATCH_SIZE_BOUNDS,
+    "val_batches": WINDOW_SIZE_BOUNDS["batches"],
+}
 
 
 def _checked_sizes(**sizes: int) -> list[int]:

@@ -55,7 +55,7 @@ def test_module_arguments_are_stored_as_plain_values() -> None:
             r"seq_len=8.5 \(float\) must be an integer in \[1, 1073741824\]",
         ),
         (lambda: TextDataModule(batch_size=0), r"batch_size=0 must be in \[1, 16777216\]"),
-        (lambda: TextDataModule(val_batches=-1), r"val_batches=-1 must be >= 1"),
+        (lambda: TextDataModule(val_batches=-1), r"val_batches=-1 must be in \[1, 16777216\]"),
         (lambda: TextDataModule(val_fraction=1.0), r"val_fraction=1.0 must be in \[0, 1\)"),
         (lambda: TextDataModule(seed=-1), r"seed=-1 must be in \[0, 4294967295\]"),
         (lambda: TextDataModule(paths=3), r"paths=3 must be a path or a list of paths"),
@@ -65,7 +65,7 @@ def test_module_arguments_are_stored_as_plain_values() -> None:
             lambda: RecallDataModule(batch_size=2.0),
             r"batch_size=2.0 \(float\) must be an integer in \[1, 16777216\]",
         ),
-        (lambda: HFDataModule(["x"], val_batches=0), r"val_batches=0 must be >= 1"),
+        (lambda: HFDataModule(["x"], val_batches=0), r"val_batches=0 must be in \[1, 16777216\]"),
         (
             lambda: HFDataModule(["x"], val_fraction=float("nan")),
             r"val_fraction=nan \(float\) must be a finite",

@@ -499,7 +499,7 @@ def test_broken_model_plugins_are_rejected_with_the_reason(plugin, match) -> Non
 @pytest.mark.parametrize(
     ("option", "match"),
     [
-        ({"chunk_size": 0}, r"model\.e2e\.chunk_size=0 must be >= 1"),
+        ({"chunk_size": 0}, r"model\.e2e\.chunk_size=0 must be in \[1, 1073741824\]"),
         (
             {"chunk_size": 1, "chunk_targets": "within_chunk"},
             r"model\.e2e\.chunk_size=1 must be >= 2 with chunk_targets='within_chunk'",

@@ -61,7 +61,9 @@ def test_a_layer_norm_over_one_feature_ignores_the_memory() -> None:
     ids=["titans", "titans_mlp", "deltanet_inner_norm", "width_1"],
 )
 def test_the_inner_layer_norm_over_heads_of_one_feature_is_refused(build) -> None:
-    with pytest.raises(ValueError, match=r"inner_norm=True needs heads of 2 or more features.*num_heads"):
+    with pytest.raises(
+        ValueError, match=r"an inner LayerNorm .* needs heads of 2 or more features.*num_heads"
+    ):
         build()
 
 

@@ -288,8 +288,8 @@ def check_inner_norm_width(
     if valid:
         choice = f"valid num_heads for this width: {valid[:_HEAD_COUNTS_LISTED]}"
     raise ValueError(
-        f"inner_norm=True needs heads of 2 or more features, got {prefix}hidden_size / {prefix}num_heads = "
-        f"{hidden_size} / {num_heads} = 1: a LayerNorm over one feature outputs its bias whatever the inner "
+        f"an inner LayerNorm (inner_norm=True, and always in Titans) needs heads of 2 or more features, got "
+        f"{prefix}hidden_size / {prefix}num_heads = {hidden_size} / {num_heads} = 1: a LayerNorm over one feature outputs its bias whatever the inner "
         f"model holds (the memory is never read and gets no inner gradient); {choice}"
     )
 

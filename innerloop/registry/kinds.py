@@ -375,6 +375,10 @@ def _check_inner_loss(loss: Any, name: str) -> None:
             scales = torch.logspace(-2, 2, targets.shape[2], dtype=torch.float64)[:, None]
             prediction = targets + scales * torch.randn(targets.shape, dtype=torch.float64)
             check_loss_gradient(loss, prediction, targets, REGISTRATION_TOLERANCE)
+            # and targets of those sizes: a closed form wrong for large targets only (token_loss clips the
+            # target, the closed form does not) is met too (review s48l)
+            wide = targets * scales
+            check_loss_gradient(loss, wide + (prediction - targets), wide, REGISTRATION_TOLERANCE)
         else:  # autograd's derivatives of token_loss, which every path takes, against finite differences
             targets = torch.randn(2, 2, 3, head_dim, dtype=torch.float64)
             check_token_loss_per_token(

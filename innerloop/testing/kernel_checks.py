@@ -20,6 +20,8 @@ kernel and one on ``kernel="torch"``, and compares them on
   respect to the input and every parameter), under ``torch.no_grad`` and under
   ``torch.inference_mode`` (outputs and final state);
 - and, when the kernel has a ``decode`` step, a prefill then token-by-token decoding;
+- the first case (and the decoding) again on layers with other weights, as after an optimizer step: a
+  kernel that caches what it derives from the weights, keyed by their shape, is caught;
 - for a kernel that declares ``supports_decay``, each case again with decay (but those under
   ``torch.inference_mode``, whose values are no_grad's), on a layer that forgets
   (:class:`ForgettingLayer`: every block then carries a decay, and a state a decay product);
@@ -124,6 +126,7 @@ class KernelCase:
     at_boundary: bool = False  # a carried state at a mini-batch boundary (else inside a mini-batch)
     in_float32: bool = False  # the float32 case of a float64 check (:data:`FLOAT32_CASE`)
     decaying: bool = False  # on a ForgettingLayer (a kernel that supports decay)
+    weights_changed: bool = False  # on layers whose weights differ from the earlier cases' (another seed)
 
     def __str__(self) -> str:
         layer = "TTTLayer" if self.head_dim % 2 == 0 else "FamilyLayer"
@@ -139,6 +142,7 @@ class KernelCase:
         else:
             split = f"split at {list(self.cuts)}" if self.cuts else "in one call"
         layer += ", in float32" if self.in_float32 else ""
+        layer += ", the weights changed since the earlier cases" if self.weights_changed else ""
         return f"head_dim {self.head_dim} ({layer}), {self.tokens} tokens from {start}, {split}, {self.mode}"
 
 
@@ -221,10 +225,16 @@ def _check_head_dim(
     forgetting = None
     if spec.supports_decay:
         forgetting = _Checker(spec, config, head_dim, dtype, device, seed, tolerance, report, forgets=True)
-    for case in _cases(head_dim, checker.mini_batch_size, spec.decode is not None):
+    cases = list(_cases(head_dim, checker.mini_batch_size, spec.decode is not None))
+    for case in cases:
         checker.run(case)
         if forgetting is not None and case.mode != "inference_mode":
             forgetting.run(dataclasses.replace(case, decaying=True))
+    # the same shapes with other weights, as after an optimizer step: every case above ran one layer's
+    # weights, so a kernel that caches what it derives from them (keyed by shape) passed (review s48l)
+    changed = _Checker(spec, config, head_dim, dtype, device, seed + 1, tolerance, report)
+    for case in (cases[0], *(c for c in cases if c.mode == "decode")):
+        changed.run(dataclasses.replace(case, weights_changed=True))
 
 
 def _check_float32_case(

@@ -145,3 +145,39 @@ def test_check_kernel_catches_a_kernel_caching_the_weights_by_shape(monkeypatch:
         innerloop.register_kernel(stale)
         with pytest.raises(AssertionError, match="the weights changed since the earlier cases.*output"):
             check_kernel("stale_cache_s48l", head_dims=(4,))
+
+
+def _tiled_by_8_tokens(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):  # noqa: ANN001, ANN202
+    """The fused path, wrong past a tile of 8 tokens of a mini-batch (its token scales past 8 shrink)."""
+    if tau.shape[0] > 8:
+        tau = torch.cat([tau[:8], tau[8:] * 0.9])
+    return _FUSED.forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps)
+
+
+@pytest.mark.slow  # ~1 s: the checker's carried states at 32 features
+def test_check_kernel_runs_a_wide_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    ran = []
+    monkeypatch.setattr(
+        kernel_checks._Checker, "run", lambda self, case: ran.append((case, self.mini_batch_size))
+    )
+    config = kernel_checks._layer_config(_FUSED, None, None, None, {})
+    report = kernel_checks.KernelCheckReport("k")
+    kernel_checks._check_wide_case(
+        _FUSED, config, torch.float64, torch.device("cpu"), 0, 1e-10, report, False
+    )
+    (case, mini_batch_size), *_ = ran
+    assert (case.head_dim, mini_batch_size, case.wide) == (32, 16, True)
+    assert case.tokens > 2 * mini_batch_size and "the wide case" in str(case)
+
+
+@pytest.mark.slow
+def test_check_kernel_catches_a_kernel_wrong_past_a_tile_of_8_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the first case of each kind runs (for time); before the fix, every case of check_kernel passed
+    this kernel (73 ran: mini-batches of 4)."""
+    first_only = kernel_checks._cases
+    monkeypatch.setattr(kernel_checks, "_cases", lambda *args: iter([next(first_only(*args))]))
+    tiled = replace(_FUSED, name="tiled_by_8_s48l", forward=_tiled_by_8_tokens, priority=-100)
+    with isolated_registry():
+        innerloop.register_kernel(tiled)
+        with pytest.raises(AssertionError, match="head_dim 32 .*the wide case"):
+            check_kernel("tiled_by_8_s48l", head_dims=(4,))

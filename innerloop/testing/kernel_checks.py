@@ -20,6 +20,8 @@ kernel and one on ``kernel="torch"``, and compares them on
   respect to the input and every parameter), under ``torch.no_grad`` and under
   ``torch.inference_mode`` (outputs and final state);
 - and, when the kernel has a ``decode`` step, a prefill then token-by-token decoding;
+- one wide case: 32 features and mini-batches of 16 (unless ``mini_batch_size`` is given), past a
+  tile of 8 or 16 features or tokens;
 - the first case (and the decoding) again on layers with other weights, as after an optimizer step: a
   kernel that caches what it derives from the weights, keyed by their shape, is caught;
 - for a kernel that declares ``supports_decay``, each case again with decay (but those under
@@ -127,6 +129,7 @@ class KernelCase:
     in_float32: bool = False  # the float32 case of a float64 check (:data:`FLOAT32_CASE`)
     decaying: bool = False  # on a ForgettingLayer (a kernel that supports decay)
     weights_changed: bool = False  # on layers whose weights differ from the earlier cases' (another seed)
+    wide: bool = False  # the wide case: WIDE_HEAD_DIM features, mini-batches of WIDE_MINI_BATCH_SIZE
 
     def __str__(self) -> str:
         layer = "TTTLayer" if self.head_dim % 2 == 0 else "FamilyLayer"
@@ -143,6 +146,7 @@ class KernelCase:
             split = f"split at {list(self.cuts)}" if self.cuts else "in one call"
         layer += ", in float32" if self.in_float32 else ""
         layer += ", the weights changed since the earlier cases" if self.weights_changed else ""
+        layer += f", the wide case: mini_batch_size {WIDE_MINI_BATCH_SIZE} unless given" if self.wide else ""
         return f"head_dim {self.head_dim} ({layer}), {self.tokens} tokens from {start}, {split}, {self.mode}"
 
 
@@ -183,21 +187,21 @@ def check_kernel(
         layer_options: further ``TTTLayer`` arguments (``mini_batch_size``, default 4; ``inner_norm``
             and ``inner_residual``, by default on for a kernel that ``fuses_inner_norm``, else off; ...).
 
-    Returns the :class:`KernelCheckReport` of the cases run, compared and skipped. Raises
-    ``AssertionError`` also when the kernel ran in no case at all.
+    Returns the :class:`KernelCheckReport` of the cases run, compared and skipped. Raises ``AssertionError``
+    also when the kernel ran in no case at all (the wide case, :data:`WIDE_HEAD_DIM`, runs after the others).
     """
     spec = _kernel_spec(kernel)
     tolerance = _tolerance(dtype, tolerance)
     if as_integer(seed) is None:  # named here, not by torch.manual_seed from inside a case
         raise TypeError(f"seed must be an int, got {seed!r}")
-    seed = as_integer(seed)
+    seed, report = as_integer(seed), KernelCheckReport(spec.name)
     config = _layer_config(spec, inner_model, inner_loss, update_rule, layer_options)
-    report = KernelCheckReport(spec.name)
     device = _checked_device(device)
     for head_dim in _checked_head_dims(head_dims):
         _check_head_dim(spec, config, head_dim, dtype, device, seed, tolerance, report)
         if spec.decode is None:
             report.skipped[f"head_dim {head_dim}, decode"] = f"{spec.name} has no decode step"
+    _check_wide_case(spec, config, dtype, device, seed, tolerance, report, "mini_batch_size" in layer_options)
     if dtype == torch.float64:  # layers run in float32 (torch's default dtype): one case there too
         _check_float32_case(spec, config, _checked_head_dims(head_dims)[0], device, seed, report)
     if not report.ran:
@@ -250,6 +254,32 @@ def _check_float32_case(
     )
     k = checker.mini_batch_size
     checker.run(KernelCase(head_dim, 17 * k + k // 2 + 1, True, (), "grad", in_float32=True))
+
+
+#: The head dim and mini-batch size of :func:`check_kernel`'s wide case (the other cases run 4 and 5
+#: features and mini-batches of 4): a head dim past a tile of 16 features and the paper's mini-batch of 16,
+#: where a kernel tiled by 8 or 16 features or tokens that goes wrong past its first tile passed (review s48l).
+WIDE_HEAD_DIM = 32
+WIDE_MINI_BATCH_SIZE = 16
+
+
+def _check_wide_case(
+    spec: KernelSpec,
+    config: dict,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int,
+    tolerance: float,
+    report: KernelCheckReport,
+    mini_batch_given: bool,
+) -> None:
+    """One case at :data:`WIDE_HEAD_DIM` features and mini-batches of :data:`WIDE_MINI_BATCH_SIZE` (unless
+    the caller gave ``mini_batch_size``): three and a half mini-batches from a carried state, cut after the
+    first, with gradients. A kernel whose ``verify`` refuses it has it skipped, with its reason."""
+    wide_config = config if mini_batch_given else {**config, "mini_batch_size": WIDE_MINI_BATCH_SIZE}
+    checker = _Checker(spec, wide_config, WIDE_HEAD_DIM, dtype, device, seed, tolerance, report)
+    k = checker.mini_batch_size
+    checker.run(KernelCase(WIDE_HEAD_DIM, 3 * k + k // 2 + 1, True, (k + 1,), "grad", wide=True))
 
 
 def _kernel_spec(kernel: str | KernelSpec) -> KernelSpec:

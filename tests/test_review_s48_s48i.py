@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from innerloop.models import E2EConfig, ModelConfig
+from innerloop.models.e2e import num_suffix_blocks
 from innerloop.train.metrics import Float64Perplexity, InnerLossDiagnostics, LossByPosition
 
 
@@ -46,3 +48,22 @@ def test_inner_loss_diagnostics_sum_bfloat16_losses_in_float64(which: str) -> No
     result = metric.compute()
     assert float(result[which]) == pytest.approx(811 / 512, rel=1e-6)
     assert float(result["after" if which == "before" else "before"]) == 1.0
+
+
+@pytest.mark.parametrize(("num_layers", "suffix_blocks"), [(10, 2), (14, 4), (2, 1), (12, 3)])
+def test_the_suffix_blocks_are_the_fraction_of_layers_rounded_half_to_even(
+    num_layers: int, suffix_blocks: int
+) -> None:
+    # Planted: `int(fraction * num_layers + 0.5)` (half up): 10 layers at 0.25 then gave 3 prime blocks,
+    # and no test saw it; docs/e2e.md promises Python's round, 2.5 -> 2 and 3.5 -> 4, at least 1.
+    config = ModelConfig(
+        mixer="e2e",
+        vocab_size=11,
+        hidden_size=8,
+        num_layers=num_layers,
+        num_heads=2,
+        intermediate_size=12,
+        window=4,
+        e2e=E2EConfig(chunk_size=4, suffix_fraction=0.25),
+    )
+    assert num_suffix_blocks(config) == suffix_blocks

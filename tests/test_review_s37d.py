@@ -22,11 +22,11 @@ E2E_CONFIG = json.loads((Path(__file__).parent / "data" / "e2e" / "config.json")
         ("rms_norm_eps", 1.5, "in (0, 1)"),
         ("num_hidden_layers", 10**6, "in [1, 65536]"),
         ("num_attention_heads", 0, ">= 1"),
-        ("sliding_window_size", 0, ">= 1"),
+        ("sliding_window_size", 0, "must be in [1, "),
         ("vocab_size", 2**30, "in [1, 16777216]"),
         ("rope_theta", 0.5, ">= 1"),
         ("initializer_range", float("inf"), "> 0"),
-        ("mini_batch_size", 0, ">= 1"),
+        ("mini_batch_size", 0, "must be in [1, "),
     ],
 )
 def test_an_official_config_value_out_of_range_is_named_by_its_official_field(key, value, valid) -> None:

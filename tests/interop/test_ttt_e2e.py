@@ -405,7 +405,7 @@ def with_field(section: str, key: str, value) -> dict:
         ("model", "compute_dtype", "int8", r"model\.compute_dtype='int8' must be one of"),
         ("model", "suffix_len", 0, r"model\.suffix_len=0 must be a positive integer"),
         ("model", "suffix_len", 5, r"model\.suffix_len=5 must be at most model\.num_hidden_layers=4"),
-        ("model", "mini_batch_size", 0, r"model\.mini_batch_size=0 must be >= 1"),
+        ("model", "mini_batch_size", 0, r"model\.mini_batch_size=0 must be in \[1, "),
         (
             "model",
             "hidden_size",

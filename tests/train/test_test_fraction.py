@@ -227,7 +227,11 @@ def test_the_first_document_of_a_tiny_fraction_is_none_found_at_once(tiny) -> No
         assert first_document_of("test", 0.1, tiny) is None
         assert first_document_of("test", tiny, tiny) is None
         assert first_document_of("test", tiny, 0.3) == 3  # the fourth document: 3 * 0.3 < 1 <= 4 * 0.3
-        assert first_document_of("test", 1.0, tiny) is None  # all validation (it divided by 1 - 1)
+        if 1.0 + tiny > 1:  # all validation, and a test share on top: a sum past 1 (it divided by 1 - 1)
+            with pytest.raises(ValueError, match=r"must be at most 1"):
+                first_document_of("test", 1.0, tiny)
+        else:  # a share below float64's resolution at 1: a sum of 1, all validation
+            assert first_document_of("test", 1.0, tiny) is None
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)

@@ -454,3 +454,18 @@ def test_an_empty_path_is_refused_naming_it_as_given(given, tmp_path, monkeypatc
     with pytest.raises(FileNotFoundError, match=rf"cannot write {given!r}: the path is empty") as error:
         atomic_write(given, lambda tmp: Path(tmp).write_text("x"))
     assert error.value.errno == errno.ENOENT and list(tmp_path.iterdir()) == []
+
+
+def test_a_write_onto_a_symbolic_link_replaces_the_file_it_points_to_and_keeps_the_link(tmp_path) -> None:
+    # atomic_write renamed its temporary file onto the link itself: the link became a plain file and the
+    # file it pointed to (a config kept elsewhere, say) kept its old text
+    from innerloop.data.atomic import atomic_write_text
+
+    target = tmp_path / "elsewhere" / "config.yaml"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    link = tmp_path / "config.yaml"
+    link.symlink_to(target)
+    assert atomic_write_text(link, "new\n") == link
+    assert link.is_symlink() and link.read_text() == "new\n" and target.read_text() == "new\n"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["config.yaml"]  # no temporary file left

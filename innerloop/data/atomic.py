@@ -62,6 +62,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     The temporary file sits in the same directory (``os.replace`` is atomic only within one file
     system) and is removed if ``write`` fails. Parent directories are created. Returns ``path``.
 
+    A ``path`` that is a symbolic link is written through, as ``open(path, "w")`` would: the file it
+    points to is replaced (beside it), and the link stays.
+
     While it is written, the temporary file is ``flock``-ed (released by the operating system when the
     process ends, even when it is killed): :func:`stale_temporaries` leaves alone a temporary file whose
     writer is alive, and finds those of a killed writer, which nothing else removes.
@@ -70,7 +73,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
         raise FileNotFoundError(
             errno.ENOENT, f"cannot write {os.fspath(path)!r}: the path is empty; give a file name"
         )
-    path = Path(path)
+    given = path = Path(path)
+    if path.is_symlink():  # replace what it points to, not the link (os.replace would put a file there)
+        path = Path(os.path.realpath(path))
     make_parent_folder(path)
     if path.is_dir():  # os.replace would fail after the write, naming the temporary file
         raise FolderInTheWayError(
@@ -101,7 +106,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
         raise
     finally:
         os.close(fd)  # releases the lock
-    return path
+    return given
 
 
 def permissions_to_give(path: str | os.PathLike[str]) -> int:

@@ -31,6 +31,21 @@ def fresh_global_registry():
         yield
 
 
+def register_ahead_of_every_path(forward) -> None:
+    """Register ``forward`` as TTT-Linear's dual-form kernel, chosen before every other path."""
+    innerloop.register_kernel(
+        KernelSpec(
+            name=NAME,
+            inner_model="linear",
+            inner_loss="reconstruction",
+            update_rule="dual_form",
+            forward=forward,
+            verify=lambda inputs: None,
+            priority=10**6,
+        )
+    )
+
+
 def wrong_tau_gradient(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
     """The reference's numbers, with twice the gradient of ``tau``."""
     return REFERENCE_FORWARD(xq, xk, xv, lr, DoubledGradient.apply(tau), params, ln_weight, ln_bias, eps)
@@ -38,17 +53,7 @@ def wrong_tau_gradient(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
 
 @pytest.mark.slow  # 1 s warm on a loaded machine: a float64 training call of two layers and the probe
 def test_a_kernel_with_a_wrong_tau_gradient_is_refused_and_the_layer_trains_on_the_torch_gradients():
-    innerloop.register_kernel(
-        KernelSpec(
-            name=NAME,
-            inner_model="linear",
-            inner_loss="reconstruction",
-            update_rule="dual_form",
-            forward=wrong_tau_gradient,
-            verify=lambda inputs: None,
-            priority=10**6,
-        )
-    )
+    register_ahead_of_every_path(wrong_tau_gradient)
     torch.manual_seed(0)
     layer = innerloop.TTTLayer(16, 2, inner_model="linear", mini_batch_size=4).double()
     reference = innerloop.TTTLayer(16, 2, inner_model="linear", mini_batch_size=4, kernel="torch").double()
@@ -70,17 +75,7 @@ def ignores_tau(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
 
 def test_a_kernel_that_ignores_the_scales_is_refused_on_one_token_mini_batches_whose_scale_is_one():
     # mini_batch_size=1: tau = [1] until learnable_token_idx moves, and the verdict is kept for the process
-    innerloop.register_kernel(
-        KernelSpec(
-            name=NAME,
-            inner_model="linear",
-            inner_loss="reconstruction",
-            update_rule="dual_form",
-            forward=ignores_tau,
-            verify=lambda inputs: None,
-            priority=10**6,
-        )
-    )
+    register_ahead_of_every_path(ignores_tau)
     torch.manual_seed(0)
     layer = innerloop.TTTLayer(16, 2, inner_model="linear", mini_batch_size=1)
     with torch.no_grad(), pytest.warns(KernelCheckWarning, match=r"tests too little; on seeded random data"):

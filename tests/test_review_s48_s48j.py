@@ -156,3 +156,12 @@ def test_data_modules_refuse_val_batches_past_the_bound(module):
         getattr(data, module)(
             **({"paths": ["x"]} if module != "RecallDataModule" else {}), val_batches=2**24 + 1
         )
+
+
+@pytest.mark.parametrize("mixer", ["ttt", "attention", "deltanet", "e2e"])
+@pytest.mark.parametrize("key", ["non_finite", "chunk_targets", "compute_dtype"])
+def test_a_typo_in_a_fixed_choice_of_model_e2e_is_refused_whatever_the_mixer(mixer, key) -> None:
+    # model.e2e.non_finite=abc with another mixer was only warned of as "not read by this model", while
+    # model.e2e.chunk_size=0 there was refused: the typo waited for the run that first read the section
+    with pytest.raises(ConfigError, match=rf"^model\.e2e\.{key}='abc' is not one of \["):
+        load_config("tiny", [f"model.mixer={mixer}", f"model.e2e.{key}=abc"], model_only=True)

@@ -910,7 +910,9 @@ def _warn_unknown_unread_plugins(config: ModelConfig) -> None:
 
 
 def _check_choices(config: ModelConfig) -> None:
-    """``model.mixer`` and ``model.backbone`` are ones that exist."""
+    """``model.mixer`` and ``model.backbone`` are ones that exist, and ``model.e2e``'s fixed choices are
+    among their values whatever the mixer, as every section's numbers are in their ranges (a typo is
+    refused now, not when the section is first read)."""
     if config.mixer not in MIXER_TABLE and config.mixer != E2E:
         raise ValueError(
             f"model.mixer={config.mixer!r} is not a mixer; valid mixers: {list(MIXER_TABLE)}, "
@@ -920,6 +922,7 @@ def _check_choices(config: ModelConfig) -> None:
         raise ValueError(
             f"model.backbone={config.backbone!r} is not a backbone; valid backbones: {list(BACKBONES)}"
         )
+    _check_e2e_choices(config.e2e)
 
 
 def uses_rope(config: ModelConfig) -> bool:
@@ -1136,6 +1139,11 @@ def validate_e2e_options(config: ModelConfig) -> None:
             f"model.e2e.skip_target_id={e2e.skip_target_id} must be a token id in [0, "
             f"{config.vocab_size}) (model.vocab_size), or null for none"
         )
+    _check_e2e_choices(e2e)
+
+
+def _check_e2e_choices(e2e: E2EConfig) -> None:
+    """Each of ``model.e2e``'s string options (:data:`E2E_CHOICES`) is one of its values."""
     for key, choices in E2E_CHOICES.items():
         if getattr(e2e, key) not in choices:
             raise ValueError(f"model.e2e.{key}={getattr(e2e, key)!r} is not one of {list(choices)}")

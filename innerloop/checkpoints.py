@@ -37,6 +37,7 @@ it; :class:`innerloop.train.checkpoint.SafetensorsCheckpointIO` plugs this forma
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -225,6 +226,14 @@ def checkpoint_digest(tree_json: str, tensors: Mapping[str, torch.Tensor]) -> st
 
 
 _VERSION_KEY = "innerloop_version"  # the innerloop that wrote a checkpoint (not covered by the checksum)
+
+
+def widest_parameter_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The widest dtype among ``model``'s floating-point parameters (None: it has none): the one dtype a
+    file of it is written in, so that a model of several (a bfloat16 model with float32 norms) loses no
+    weight to rounding; a checkpoint and ``config.json`` each record one dtype."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return functools.reduce(torch.promote_types, dtypes) if dtypes else None
 
 
 def innerloop_version() -> str:

@@ -24,7 +24,6 @@ files into such folders).
 from __future__ import annotations
 
 import fnmatch
-import functools
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from innerloop.checkpoints import checkpoint_tokenizer, load_model
+from innerloop.checkpoints import checkpoint_tokenizer, load_model, widest_parameter_dtype
 from innerloop.config.load import ConfigError, check_not_a_link_loop, check_output_dir
 from innerloop.core.functional import check_path_argument
 from innerloop.data.atomic import file_sha256
@@ -328,9 +327,8 @@ def export_model(
 def _in_one_dtype(wrapped: InnerloopForCausalLM) -> InnerloopForCausalLM:
     """``wrapped`` with every floating-point parameter in the widest dtype among them (unchanged when they
     share one; tied weights stay tied): the one dtype ``config.json`` records loads every weight as saved."""
-    dtypes = {p.dtype for p in wrapped.parameters() if p.is_floating_point()}
-    if len(dtypes) > 1:
-        widest = functools.reduce(torch.promote_types, dtypes)
+    widest = widest_parameter_dtype(wrapped)
+    if any(p.is_floating_point() and p.dtype != widest for p in wrapped.parameters()):
         with torch.no_grad():
             for parameter in wrapped.parameters():
                 if parameter.is_floating_point():

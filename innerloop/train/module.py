@@ -23,7 +23,6 @@ output from finite input of moderate size, with the layer's weights finite, the 
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -56,6 +55,7 @@ from innerloop.checkpoints import (
     run_kernels_that_work_here,
     save_checkpoint,
     saved_model_config,
+    widest_parameter_dtype,
 )
 from innerloop.checkpoints import load_model as load_model  # re-exported: its old home
 from innerloop.config.load import checkpoint_path_problem
@@ -1023,7 +1023,7 @@ def save_model_checkpoint(
     weight is rounded."""
     model.check_built_fields()  # a config changed since the build would be recorded, not the model
     module = LanguageModelModule(model=model.config.to_dict())
-    dtype = functools.reduce(torch.promote_types, {p.dtype for p in model.parameters()})
+    dtype = widest_parameter_dtype(model)
     # Parameters only, not .to(dtype): buffers keep their dtype (E2E's float64 progress counter).
     for parameter in module.model.parameters():
         parameter.data = parameter.data.to(dtype)

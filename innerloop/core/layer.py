@@ -289,8 +289,9 @@ def check_inner_norm_width(
         choice = f"valid num_heads for this width: {valid[:_HEAD_COUNTS_LISTED]}"
     raise ValueError(
         f"an inner LayerNorm (inner_norm=True, and always in Titans) needs heads of 2 or more features, got "
-        f"{prefix}hidden_size / {prefix}num_heads = {hidden_size} / {num_heads} = 1: a LayerNorm over one feature outputs its bias whatever the inner "
-        f"model holds (the memory is never read and gets no inner gradient); {choice}"
+        f"{prefix}hidden_size / {prefix}num_heads = {hidden_size} / {num_heads} = 1: a LayerNorm over one "
+        f"feature outputs its bias whatever the inner model holds (the memory is never read and gets no inner "
+        f"gradient); {choice}"
     )
 
 
@@ -346,8 +347,8 @@ PLUGIN_OPTIONS = ("inner_model", "inner_loss", "update_rule")
 def refuse_built_option_change(module: nn.Module, name: str, value: Any, plugins: Sequence[str] = ()) -> Any:
     """``AttributeError`` naming ``module``'s option ``name``, read only when it was built (its modules,
     parameters and tables are made from it), unless ``value`` is what it holds already (see
-    :func:`_holds_already`; for one of ``plugins``, that very object or a name registered for it), for which the value held is
-    returned, to keep: set, another value would be ignored, half applied or fail at the next call. An
+    :func:`_holds_already`; for one of ``plugins``, that very object or a name registered for it), for
+    which the value held is returned, to keep: set, another value would be ignored, half applied or fail at the next call. An
     option the module does not hold yet (a subclass's, set after its parent is built) is returned as
     given. For a module's ``__setattr__`` once it is built."""
     now = getattr(module, name, _NOT_HELD)
@@ -432,8 +433,8 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_sh
         )
     if not is_real(args["rope_theta"]) or args["rope_theta"] < 1:
         raise ValueError(
-            f"rope_theta must be a finite number >= 1, got {args['rope_theta']!r}{_tensor_hint(args['rope_theta'])} "
-            "(the RoPE base: its frequencies theta^(-2i/head_dim) stay <= 1, so that every angle is finite; "
+            f"rope_theta must be a finite number >= 1, got {args['rope_theta']!r}"
+            f"{_tensor_hint(args['rope_theta'])} (the RoPE base: its frequencies theta^(-2i/head_dim) stay <= 1, so that every angle is finite; "
             "the paper's is 10000)"
         )
     if not is_real(args["norm_eps"]) or args["norm_eps"] <= 0:

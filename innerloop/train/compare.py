@@ -803,9 +803,15 @@ def _size_difference(model: ComparedModel, baseline: ComparedModel) -> str:
     amount = f"{share:.2%} more" if share < 0.1 else f"{share:.1%} more"
     if model.parameters > baseline.parameters:
         amount = f"{ratio:.2f}x" if ratio >= 2 else f"{amount} than"
-        return f"{model.name} has {model.parameters:,} parameters, {amount} the baseline {baseline.name}'s {baseline.parameters:,}"
+        return (
+            f"{model.name} has {model.parameters:,} parameters, {amount} the baseline {baseline.name}'s "
+            f"{baseline.parameters:,}"
+        )
     amount = f"{ratio:.2f}x as many" if ratio >= 2 else amount
-    return f"{model.name} has {model.parameters:,} parameters; the baseline {baseline.name} has {amount}, {baseline.parameters:,}"
+    return (
+        f"{model.name} has {model.parameters:,} parameters; the baseline {baseline.name} has {amount}, "
+        f"{baseline.parameters:,}"
+    )
 
 
 def windows_line(comparison: Comparison) -> str:

@@ -9,6 +9,7 @@ files for the other paths.
 from __future__ import annotations
 
 import inspect
+from types import FrameType
 
 #: Top-level packages whose frames lie between a user's line and innerloop's warning: innerloop itself,
 #: pluggy (which calls plugin hooks), torch (``torch.compiler.disable``'s wrapper, ``nn.Module.__call__``),
@@ -22,8 +23,15 @@ def warning_stacklevel() -> int:
     warning points at the first frame outside :data:`NOT_THE_CALLERS`: the user's line (the
     ``innerloop.register_update_rule(...)``, ``load_model(...)``, or the ``TTTLayer(...)`` whose first use
     of the registry loaded the entry points), or the ``register(...)`` line of a plugin's hook."""
-    frame = inspect.currentframe()
-    frame, level = (frame.f_back if frame is not None else None), 1  # the warning's function: level 1
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in NOT_THE_CALLERS:
+    level, _ = first_frame_outside(NOT_THE_CALLERS)
+    return level - 1  # counted from this function, one of innerloop's: the warning's function is level 1
+
+
+def first_frame_outside(packages: tuple[str, ...]) -> tuple[int, FrameType | None]:
+    """How many frames up from the function that calls this one the first frame of a module outside the
+    top-level ``packages`` is (1: that function itself), and that frame (None when there is none)."""
+    here = inspect.currentframe()
+    frame, level = (here.f_back if here is not None else None), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in packages:
         frame, level = frame.f_back, level + 1
-    return level
+    return level, frame

@@ -37,13 +37,12 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
-from types import FrameType
 from typing import Any
 
 import pluggy
 import torch
 
-from innerloop.core.callers import warning_stacklevel
+from innerloop.core.callers import first_frame_outside, warning_stacklevel
 from innerloop.core.eager import run_eagerly
 from innerloop.core.environment import EnvironmentSwitchError, environment_flag
 from innerloop.core.functional import saved_tensors_hooks_suspended
@@ -1083,19 +1082,9 @@ def _instance_method(attribute: Any) -> bool:
     return next(iter(inspect.signature(attribute).parameters), None) != "register"
 
 
-def _first_caller_outside_innerloop() -> tuple[int, FrameType | None]:
-    """How many frames up from its caller the first frame outside innerloop is (1: the caller itself),
-    and that frame (None when every frame is innerloop's)."""
-    here = inspect.currentframe()
-    frame, level = (here.f_back if here is not None else None), 1
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "innerloop":
-        frame, level = frame.f_back, level + 1
-    return level, frame
-
-
 def _calling_module() -> str | None:
     """The module that called into innerloop's registration functions, when it is not innerloop's."""
-    frame = _first_caller_outside_innerloop()[1]
+    frame = first_frame_outside(("innerloop",))[1]
     return None if frame is None else frame.f_globals.get("__name__")
 
 

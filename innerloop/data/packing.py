@@ -70,6 +70,11 @@ def is_test(document: int, val_fraction: float, test_fraction: float) -> bool:
     every document at ``test_fraction`` 0. A ValueError as :func:`is_validation`'s, or for fractions in
     ``[0, 1]`` whose sum is past 1 (more test documents than the validation ones leave)."""
     check_held_out_split(document, val_fraction, test_fraction)
+    return _among_test(document, val_fraction, test_fraction)
+
+
+def _among_test(document: int, val_fraction: float, test_fraction: float) -> bool:
+    """:func:`is_test`, its arguments unchecked."""
     if test_fraction == 0 or _every(document, val_fraction):
         return False
     return _every(document - math.floor(document * val_fraction), test_fraction / (1 - val_fraction))
@@ -100,7 +105,7 @@ def document_side(document: int, val_fraction: float, test_fraction: float = 0.0
     check_held_out_split(document, val_fraction, test_fraction)
     if _every(document, val_fraction):
         return "validation"
-    return "test" if is_test(document, val_fraction, test_fraction) else "training"
+    return "test" if _among_test(document, val_fraction, test_fraction) else "training"
 
 
 def first_document_of(
@@ -152,7 +157,7 @@ def _first_test(val_fraction: float, test_fraction: float, within: int) -> int |
     n = max(0, math.floor(number / (1 - val_fraction)) - 3)  # number n - floor(n * v) grows by 0 or 1
     while n > 0 and n - math.floor(n * val_fraction) >= number:
         n -= 1
-    while not is_test(n, val_fraction, test_fraction):
+    while not _among_test(n, val_fraction, test_fraction):  # checked by first_document_of
         n += 1
     return n
 

@@ -18,6 +18,8 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from innerloop.core.durable import fsync_directory
+
 log = logging.getLogger(__name__)
 
 try:
@@ -134,20 +136,6 @@ def make_parent_folder(path: Path) -> None:
             errno.ENOTDIR,
             f"cannot write {str(path)!r}: {str(blocker)!r} is a file, not a folder; move it, or write elsewhere",
         ) from err
-
-
-def fsync_directory(folder: str | os.PathLike[str]) -> None:
-    """Flush ``folder``'s entries to disk (a rename into it is durable only then). A file system or
-    platform that cannot open or sync a directory is left as it is (the rename has happened either way)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

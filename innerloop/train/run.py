@@ -98,13 +98,13 @@ from innerloop.config.load import (
     warmup_steps,
 )
 from innerloop.config.schema import HELD_OUT, DataConfig, RecallConfig, RunConfig
+from innerloop.core.durable import fsync_directory
 from innerloop.core.functional import check_flag
 from innerloop.core.layer import ModelTooLargeError, device_memory_bytes, memory_size
 from innerloop.data.atomic import (
     atomic_write_text,
     file_sha256,
     file_stamp,
-    fsync_directory,
     remove_stale_temporaries_of,
 )
 from innerloop.data.hf import FORMATS, data_format, data_suffix, source_files

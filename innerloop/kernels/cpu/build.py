@@ -39,6 +39,7 @@ import warnings
 from pathlib import Path
 
 from innerloop.core.callers import warning_stacklevel
+from innerloop.core.durable import fsync_directory
 from innerloop.core.environment import EnvironmentSwitchError, environment_flag
 
 try:
@@ -153,21 +154,6 @@ def _build() -> Path:
     return target
 
 
-def _fsync_folder(directory: Path) -> None:
-    """Flush ``directory``'s entries (a rename into it) to disk; a platform or file system that cannot
-    sync a folder is left as it is."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _unwritable(directory: Path, error: OSError) -> CPUKernelUnavailable:
     return CPUKernelUnavailable(
         f"cannot write the kernel cache {directory} ({error}); set INNERLOOP_CACHE_DIR to a writable folder"
@@ -187,7 +173,7 @@ def _build_into(compiler: str, directory: Path, target: Path) -> None:
         os.chmod(temporary, 0o755)  # mkstemp made it private; in a shared cache others must load it
         os.fsync(handle)  # the bytes on disk before the rename: after a power cut, never the name alone
         os.replace(temporary, target)  # atomic: other processes see no file or the whole file
-        _fsync_folder(directory)  # and the rename itself
+        fsync_directory(directory)  # and the rename itself
     except (OSError, subprocess.SubprocessError) as error:
         raise CPUKernelUnavailable(f"compiling {SOURCE.name} failed: {error}") from error
     finally:

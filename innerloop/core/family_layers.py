@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from innerloop.core.functional import RMSNorm, causal_depthwise_conv, overflow_safe_rows
-from innerloop.core.layer import TTTLayer, is_built_in, plugin_label
+from innerloop.core.layer import TTTLayer, is_built_in, is_real, plugin_label
 from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule, Views
 from innerloop.core.state import TTTState
 
@@ -52,6 +52,10 @@ DECAY_FACTOR_FLOOR = 1e-4
 VALUE_MAP_LOSSES = ("reconstruction", "next_token", "dot_product")
 CONV_NAMES = ("q", "k", "v")
 DEFAULT_CONV_KERNEL = 4  # FLA's short convs
+# The delta rule's step on a unit key k is I - beta k^T k, whose eigenvalue along k is 1 - beta: beta > 2
+# expands the state at every visit of k. beta = base_lr * sigmoid(...), so with l2-normalised keys the
+# delta members take base_lr <= 2 (2 is FLA's allow_neg_eigval, beta in (0, 2)).
+MAX_DELTA_BASE_LR = 2.0
 # TTTLayer's options the family's layers do not have: passing one is refused (it would be stored
 # and ignored), with what to use instead.
 REFUSED_TTT_OPTIONS: dict[str, str] = {
@@ -502,6 +506,23 @@ class DeltaNetLayer(FamilyLayer):
         super().__init__(
             hidden_size, num_heads, **with_fixed_options(type(self).__name__, options, self.fixed_options)
         )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """TTTLayer's, refusing a ``base_lr`` above :data:`MAX_DELTA_BASE_LR` with l2-normalised keys
+        (at construction and on a built layer alike: ``base_lr`` is a call option)."""
+        if (
+            name == "base_lr"
+            and is_real(value)
+            and value > MAX_DELTA_BASE_LR
+            and self.__dict__.get("qk_l2norm")
+        ):
+            raise ValueError(
+                f"{type(self).__name__} got base_lr={float(value)!r}; it must be <= {MAX_DELTA_BASE_LR:g} with "
+                "qk_l2norm=True: beta = base_lr * sigmoid(b_proj(x)), and on a unit key the delta step "
+                "I - beta k^T k scales the state along k by 1 - beta, which grows it for beta > 2 (FLA's "
+                "allow_neg_eigval is base_lr=2)"
+            )
+        super().__setattr__(name, value)
 
     def _build_gates(self) -> None:
         self.b_proj = nn.Linear(self.hidden_size, self.num_heads, bias=False)

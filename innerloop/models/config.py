@@ -93,7 +93,8 @@ class FamilyConfig:
             the other members are ``matrix`` only.
         mini_batch_size: tokens per gradient point of Titans (16), and the dual form's block size of
             linear attention (any value is the same model); DeltaNet and Gated DeltaNet are K = 1.
-        base_lr: scale of the inner learning rate (beta, theta; linear attention's lr).
+        base_lr: scale of the inner learning rate (beta, theta; linear attention's lr); at most 2 for
+            DeltaNet and Gated DeltaNet (beta above 2 grows their state).
         short_conv: causal depthwise convs on q, k, v (FLA's ``use_short_conv``; linear attention has none).
         conv_kernel: their kernel size.
         output_gate: the swish-gated output norm (FLA's ``use_gate``); None: the member's default

@@ -32,6 +32,7 @@ import types
 import typing
 from collections.abc import Mapping, MutableMapping
 from dataclasses import fields
+from datetime import timedelta
 from typing import Any, Literal, Union
 
 from innerloop.config.schema import LOGGERS, Bounds, RunConfig, TrainerConfig
@@ -217,6 +218,30 @@ def check_lightning_arguments(arguments: Any, error: type[ValueError]) -> None:
         if bounds is not None and value is not None and value not in bounds:
             why = f" ({bounds.why})" if bounds.why else ""
             raise error(f"{key}={value} must be {bounds.describe()}{why}")
+        if name == "max_time":
+            _check_time_limit(value, error)
+
+
+def _check_time_limit(value: Any, error: type[ValueError]) -> None:
+    """Raise ``error`` when ``trainer.max_time`` (Lightning's ``DD:HH:MM:SS`` text, a mapping of
+    ``timedelta`` arguments or a ``timedelta``) is a limit of no time or less, which no launch can meet
+    (Lightning takes it, and the run stopped before its first step). A value Lightning cannot read is
+    left to it: the Trainer refuses it before anything is written."""
+    match = re.fullmatch(r"(\d+):(\d\d):(\d\d):(\d\d)", value.strip()) if isinstance(value, str) else None
+    duration = value
+    try:
+        if match is not None:
+            days, hours, minutes, seconds = map(int, match.groups())
+            duration = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+        elif isinstance(value, Mapping):
+            duration = timedelta(**value)
+    except (TypeError, OverflowError):
+        return
+    if isinstance(duration, timedelta) and duration.total_seconds() <= 0:
+        raise error(
+            f"trainer.max_time={value!r} is {duration.total_seconds():g} s: a time limit must be positive "
+            "(DD:HH:MM:SS, e.g. 00:12:00:00 for 12 hours, over all the run's launches; null for none)"
+        )
 
 
 def value_matches(value: Any, annotation: Any) -> bool:

@@ -444,8 +444,24 @@ def _save_tokenizer_files(
         config["split_special_tokens"] = True
     out = Path(out_dir)
     remove_stale_temporaries_of([out / TOKENIZER_CONFIG_FILE, out / TOKENIZER_FILE])  # a killed save's
-    written_config = atomic_write_text(out / TOKENIZER_CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    config_text = json.dumps(config, indent=2) + "\n"
+    _unpair_a_previous_tokenizer(out, config_text)
+    written_config = atomic_write_text(out / TOKENIZER_CONFIG_FILE, config_text)
     return [atomic_write_text(out / TOKENIZER_FILE, tokenizer_json), written_config]
+
+
+def _unpair_a_previous_tokenizer(out: Path, config_text: str) -> None:
+    """Remove a previous ``tokenizer.json`` from ``out`` when the config about to replace its
+    ``tokenizer_config.json`` differs from that one: a save cut between the two files (a kill, a full
+    disk) then leaves a folder that is no tokenizer, never the previous tokenizer beside a config written
+    for another (an innerloop tokenizer's config is the same for every one it trains: that pair stays)."""
+    previous_config = out / TOKENIZER_CONFIG_FILE
+    try:
+        unchanged = previous_config.read_text(encoding="utf-8") == config_text
+    except (OSError, UnicodeDecodeError):  # none, or not one to keep
+        unchanged = False
+    if not unchanged and (out / TOKENIZER_FILE).is_file():
+        (out / TOKENIZER_FILE).unlink()
 
 
 def _one_line(err: object) -> str:

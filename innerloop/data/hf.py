@@ -93,6 +93,7 @@ def check_hf_source(paths: Sequence[str]) -> tuple[str, list[str]]:
         )
     saved = _saved_dataset_folder(paths)
     if saved is not None:
+        refuse_chained_url_syntax([saved])
         return "saved", [str(saved)]
     for pattern in paths:
         if not Path(pattern).expanduser().exists() and not any(c in pattern for c in "*?["):
@@ -122,6 +123,7 @@ def check_hf_source(paths: Sequence[str]) -> tuple[str, list[str]]:
             f"data.paths has the empty file {str(empty[0])!r} ({len(empty)} empty in all), which "
             f"data.name='hf' cannot read as {builder}: remove it from data.paths"
         )
+    refuse_chained_url_syntax(files)
     if builder == "parquet":
         _check_parquet_rows(files)
     zstd_files = [f for f in files if PurePosixPath(keys[f]).suffix.lower() == ".zst"]
@@ -130,6 +132,19 @@ def check_hf_source(paths: Sequence[str]) -> tuple[str, list[str]]:
     for f in zstd_files:
         _refuse_truncated_zstd(f)
     return builder, [str(f) for f in files]
+
+
+def refuse_chained_url_syntax(paths: Sequence[Path]) -> None:
+    """Refuse, naming ``data.paths``, a path holding ``::``, which ``datasets`` reads as its chained-URL
+    syntax (``zip://x.jsonl::archive.zip``): the file ``a::b/d.jsonl`` was "not found", and a saved
+    dataset in ``a::b`` was looked for in ``a``."""
+    for path in paths:
+        if "::" in str(path):
+            raise DataError(
+                f"data.paths has {str(path)!r}, which holds '::': the datasets library reads '::' as its "
+                "chained-URL syntax (zip://x.jsonl::archive.zip) and cannot find such a local path (a link is read "
+                "at its target); rename the folder or file so that its path holds no '::'"
+            )
 
 
 def source_files(paths: Sequence[str]) -> list[Path]:

@@ -249,9 +249,16 @@ def _tiny_hf_model():
     return InnerloopForCausalLM(InnerloopConfig(model=model))
 
 
-def test_save_pretrained_removes_the_staging_folder_a_killed_save_left_and_keeps_a_live_one(tmp_path) -> None:
+def test_save_pretrained_removes_the_staging_folder_a_killed_save_left_and_keeps_a_live_one(
+    tmp_path, monkeypatch
+) -> None:
+    """A killed save's staging folder goes at the next save; a running save's stays: it holds the folder's
+    save lock (s48), so the next save is refused while it runs, and where folders cannot be locked no
+    staging folder is removed (s49c: the staging folders' own locks were redundant with the folder's)."""
     import fcntl
     import os
+
+    import innerloop.hf.modeling as modeling
 
     folder = tmp_path / "saved"
     killed = (
@@ -261,16 +268,20 @@ def test_save_pretrained_removes_the_staging_folder_a_killed_save_left_and_keeps
     (killed / "model.safetensors").write_bytes(b"\0" * 1000)
     live = folder / ".innerloop-saving-l1ve0000"  # another process's save, running now (it holds the lock)
     live.mkdir()
-    handle = os.open(live, os.O_RDONLY)
+    handle = os.open(folder, os.O_RDONLY)
     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     try:
-        _tiny_hf_model().save_pretrained(folder)
-        assert not killed.exists()
-        assert live.is_dir()
+        with pytest.raises(RuntimeError, match=r"another save into that folder is running"):
+            _tiny_hf_model().save_pretrained(folder)
+        assert killed.is_dir() and live.is_dir()
     finally:
         os.close(handle)
-    _tiny_hf_model().save_pretrained(folder)  # its writer gone: now it is a leftover too
-    assert not live.exists()
+    with monkeypatch.context() as unlockable:
+        unlockable.setattr(modeling, "fcntl", None)  # a platform without flock: nothing is known to be dead
+        _tiny_hf_model().save_pretrained(folder)
+        assert killed.is_dir() and live.is_dir()
+    _tiny_hf_model().save_pretrained(folder)  # their writers gone: both are leftovers
+    assert not killed.exists() and not live.exists()
     assert (folder / "model.safetensors").is_file()
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".innerloop-saving-")]
 

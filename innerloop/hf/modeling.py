@@ -997,18 +997,16 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         # leaves every file whole, the earlier save's or this one's, never a truncated weights file.
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        with _only_save_into(folder):
-            remove_abandoned_staging(folder)
+        with _only_save_into(folder) as locked:
+            if locked:  # every save into the folder holds its lock: no other is running
+                remove_abandoned_staging(folder)
             staging = Path(tempfile.mkdtemp(dir=folder, prefix=SAVE_STAGING_PREFIX))
-            held = _hold_staging(staging)  # marks it in use: another save into the folder leaves it alone
             try:
                 save_into(staging)
                 forget_replaced_export_files(folder, replacements=staging)  # before the files it names change
                 _move_saved_files(staging, folder)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-                if held is not None:
-                    os.close(held)
 
     def _refresh_non_persistent_buffers(self) -> None:
         """Make the tables no checkpoint holds (the layers' ``derived_buffers``: token index, RoPE
@@ -1033,30 +1031,13 @@ SAVE_STAGING_PREFIX = ".innerloop-saving-"
 """The name prefix of the hidden folder in which ``save_pretrained`` stages a save inside its folder."""
 
 
-def _hold_staging(staging: Path) -> int | None:
-    """Open ``staging`` and ``flock`` it for as long as the returned descriptor is open (the operating
-    system releases it when the process ends, even when it is killed); None where folders cannot be
-    locked."""
-    if fcntl is None:
-        return None
-    try:
-        handle = os.open(staging, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(handle)
-        return None
-    return handle
-
-
 @contextmanager
-def _only_save_into(folder: Path) -> Iterator[None]:
+def _only_save_into(folder: Path) -> Iterator[bool]:
     """Hold ``folder`` locked (``flock`` on the folder itself) for a ``save_pretrained`` into it, raising
     ``RuntimeError`` naming it when another save (of this process or another) holds it: two saves moving
     their files in one by one, interleaved, would leave one save's ``config.json`` with the other's
-    weights. Where folders cannot be locked, the save goes on unguarded (as the staging does)."""
+    weights. Yields whether it holds the lock: where folders cannot be locked, the save goes on
+    unguarded (and leaves other saves' staging folders alone: one may be running)."""
     handle = None
     if fcntl is not None:
         with contextlib.suppress(OSError):
@@ -1075,7 +1056,7 @@ def _only_save_into(folder: Path) -> Iterator[None]:
             os.close(handle)
             handle = None
     try:
-        yield
+        yield handle is not None
     finally:
         if handle is not None:
             os.close(handle)
@@ -1083,19 +1064,12 @@ def _only_save_into(folder: Path) -> Iterator[None]:
 
 def remove_abandoned_staging(folder: Path) -> None:
     """Remove the staging folders (:data:`SAVE_STAGING_PREFIX`) that a ``save_pretrained`` killed
-    mid-save left in ``folder`` (a hidden copy of the weights that nothing else removes): those that
-    no running save holds locked (:func:`_hold_staging`). Where folders cannot be locked, none is
-    removed."""
+    mid-save left in ``folder`` (a hidden copy of the weights that nothing else removes). Called only
+    while holding ``folder``'s save lock (:func:`_only_save_into`), which every running save holds: any
+    staging folder there is then abandoned."""
     for path in folder.glob(f"{SAVE_STAGING_PREFIX}*"):
-        if not path.is_dir() or path.is_symlink():
-            continue
-        handle = _hold_staging(path)
-        if handle is None:
-            continue  # a save running now, or no locks here
-        try:
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
-        finally:
-            os.close(handle)
 
 
 EXPORT_RECORD = "innerloop_export.json"

@@ -56,6 +56,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from innerloop.core.callers import warning_stacklevel
 from innerloop.core.environment import EnvironmentSwitchError
@@ -692,7 +693,11 @@ def _probe_once(
     tolerance = tolerance_for(inputs.dtype)
     # the probe's graph keeps its saved tensors itself: an enclosing activation checkpoint's hooks must not
     # take them (suspended, not shadowed by identity hooks, which torch warns make a reference cycle)
-    with saved_tensors_hooks_suspended(), torch.enable_grad() if inputs.requires_grad else torch.no_grad():
+    with (
+        _outside_callers_dispatch_modes({**tensors, **weights}),
+        saved_tensors_hooks_suspended(),
+        torch.enable_grad() if inputs.requires_grad else torch.no_grad(),
+    ):
         expected = run_torch(tensors, weights)
         inputs_given = {**weights, **{k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}}
         given = {name: value.detach().clone() for name, value in inputs_given.items()}
@@ -718,6 +723,29 @@ def _probe_once(
             except _KernelRaised as raised:  # its backward cannot run (e.g. out of shared memory): refused
                 reason = _CouldNotRun(f"its backward: {raised}")
     return reason
+
+
+@contextlib.contextmanager
+def _outside_callers_dispatch_modes(probe: Mapping[str, object]) -> Iterator[None]:
+    """The probe's runs outside the caller's ``TorchDispatchMode``s: a ``FlopCounterMode`` (or any mode
+    that counts or logs ops) around a layer's first call would otherwise count the probe's two extra runs
+    of the block as the caller's work. Only where every probe tensor is a plain tensor: a tensor
+    subclass (a ``FakeTensor``, a functional tensor under tracing) needs its mode to run at all."""
+    plain = all(type(value) in (torch.Tensor, torch.nn.Parameter) for value in _tensors_of(probe))
+    if not plain:
+        yield
+        return
+    with _disable_current_modes():
+        yield
+
+
+def _tensors_of(probe: Mapping[str, object]) -> Iterator[torch.Tensor]:
+    """Every tensor of a probe's inputs (its values, and the tensors of a value that is a dict)."""
+    for value in probe.values():
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, Mapping):
+            yield from (item for item in value.values() if isinstance(item, torch.Tensor))
 
 
 def _written(weights: Params, given: Params) -> list[str]:

@@ -127,7 +127,11 @@ def eta_tile(lr_ptr, tau_ptr, t0, rows, K):
 
 @triton.jit
 def tanh(x):
-    """tanh via exp (saturates correctly at +-inf)."""
+    """tanh via exp. The argument is clamped to [-20, 20] first: tanh(20) = 1 - 8.5e-18, which rounds to
+    1 in float32 and float64 alike, so no value changes, and ``exp(2x)`` no longer overflows above
+    x ~ 44 (harmless, 1 - 2/inf = 1, but numpy warned of it under the interpreter). ``tl.where`` rather
+    than ``tl.minimum``/``tl.maximum``, which may drop a NaN: a NaN still gives NaN."""
+    x = tl.where(x > 20.0, 20.0, tl.where(x < -20.0, -20.0, x))
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 

@@ -99,8 +99,13 @@ def _resolve(kind: str, value: Any, expected: type) -> Any:
         from innerloop.registry import get_registry  # late import: core must not depend on registry
 
         return get_registry().get(kind, value)
+    given = (
+        f"the class {value.__name__} itself; pass an instance, {value.__name__}()"
+        if isinstance(value, type)
+        else type(value).__name__
+    )
     raise TypeError(
-        f"{kind}: expected a registered name (str) or an {expected.__name__} instance, got {type(value).__name__}"
+        f"{kind}: expected a registered name (str) or an {expected.__name__} instance, got {given}"
     )
 
 

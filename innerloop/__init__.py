@@ -7,6 +7,7 @@
 
 from innerloop import ops
 from innerloop.core import (
+    GELU_TANH,
     Activation,
     AffineLayer,
     HalfSquaredError,
@@ -41,6 +42,7 @@ from innerloop.registry import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "GELU_TANH",
     "Activation",
     "AffineLayer",
     "HalfSquaredError",

@@ -2,6 +2,7 @@
 
 from innerloop.core.layer import ModelTooLargeError, TTTLayer
 from innerloop.core.protocol import (
+    GELU_TANH,
     Activation,
     AffineLayer,
     HalfSquaredError,
@@ -16,6 +17,7 @@ from innerloop.core.protocol import (
 from innerloop.core.state import StateSignature, TTTState
 
 __all__ = [
+    "GELU_TANH",
     "Activation",
     "AffineLayer",
     "HalfSquaredError",

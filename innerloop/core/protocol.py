@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from innerloop.core.functional import layer_norm, relative_error, saved_tensors_hooks_suspended
+from innerloop.core.functional import (
+    gelu_tanh,
+    gelu_tanh_derivative,
+    layer_norm,
+    relative_error,
+    saved_tensors_hooks_suspended,
+)
 
 if TYPE_CHECKING:
     from innerloop.core.state import TTTState
@@ -57,6 +63,11 @@ class Activation:
     name: str
     fn: Callable[[torch.Tensor], torch.Tensor]
     derivative: Callable[[torch.Tensor], torch.Tensor]
+
+
+#: innerloop's tanh-GELU with its derivative: TTT-MLP's activation, and the one the stack fast paths compute
+#: besides the identity (they match an activation by its functions, so a plugin's stack uses this object).
+GELU_TANH = Activation("gelu_tanh", gelu_tanh, gelu_tanh_derivative)
 
 
 @dataclass(frozen=True)
@@ -396,6 +407,7 @@ class UpdateRule(ABC):
 
 
 __all__ = [
+    "GELU_TANH",
     "Activation",
     "AffineLayer",
     "HalfSquaredError",

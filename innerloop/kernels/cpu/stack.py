@@ -381,7 +381,7 @@ def make_verify(stack: tuple[AffineLayer, ...]) -> Callable[[KernelInputs], str 
             return (
                 f"activations {unsupported} are not among those the kernel computes {tuple(ACTIVATION_CODES.values())}: "
                 "an activation is matched by its functions, not its name (tanh-GELU is exactly "
-                "innerloop.plugins.models.mlp.GELU_TANH, innerloop.core.functional's gelu_tanh and gelu_tanh_derivative)"
+                "innerloop.GELU_TANH, innerloop.core.functional's gelu_tanh and gelu_tanh_derivative)"
             )
         if len(stack) > MAX_LAYERS:
             return f"{len(stack)} layers, the kernel takes up to {MAX_LAYERS}"

@@ -7,11 +7,8 @@ from typing import Any
 
 import torch
 
-from innerloop.core.functional import gelu_tanh, gelu_tanh_derivative
-from innerloop.core.protocol import Activation, AffineLayer, Params, StackModel
+from innerloop.core.protocol import GELU_TANH, AffineLayer, Params, StackModel
 from innerloop.registry import hookimpl
-
-GELU_TANH = Activation("gelu_tanh", gelu_tanh, gelu_tanh_derivative)
 
 
 class MLPModel(StackModel):

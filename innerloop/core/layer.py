@@ -1110,8 +1110,6 @@ class TTTLayer(nn.Module):
             raise ValueError(
                 f"x must have shape [B, T, hidden_size={self.hidden_size}], got {tuple(x.shape)}"
             )
-        if x.shape[1] < 1:
-            raise ValueError(f"x must hold at least one token (T >= 1), got T = {x.shape[1]}")
         # A sum is finite iff every element is (NaN and inf propagate), barring overflow of huge finite
         # values, which the exact check below then settles: one cheap pass in the common case.
         checked = self.non_finite == "raise" and holds_values(x)
@@ -1413,6 +1411,8 @@ class TTTLayer(nn.Module):
         given_state = state
         if state is None:
             state = self.init_state(x.shape[0])  # in the weights' dtype, also under autocast
+        if x.shape[1] == 0:  # an empty piece of a sequence: no token read, the state goes on unchanged
+            return self._empty_output(x), state
         bounds = self._inference_chunks(x, state)
         if len(bounds) == 1:
             y, state = self._forward_chunk(x, state)
@@ -1426,6 +1426,12 @@ class TTTLayer(nn.Module):
         if self.non_finite == "raise":
             self._check_output(x, given_state, y, state)
         return y, state
+
+    def _empty_output(self, x: torch.Tensor) -> torch.Tensor:
+        """``y [B, 0, D]`` for an input of no token, through the output path (post-norm, gate,
+        o_proj), so its dtype and its graph (to ``x`` and the output weights) are a real call's."""
+        inner_out = self.post_norm.weight.new_zeros(x.shape[0], self.num_heads, 0, self.head_dim)
+        return self._output(x, inner_out)
 
     @run_eagerly("innerloop: the output checks read values")  # see _run_scan_recorded
     def _check_output(

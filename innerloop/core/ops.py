@@ -87,11 +87,12 @@ def _check_views(q: Any, k: Any, v: Any) -> None:
         raise TypeError(f"q must be a torch.Tensor [B, H, T, f], got {type(q).__name__}")
     if not q.is_floating_point():
         raise TypeError(f"q must be a floating-point tensor, got dtype {q.dtype}")
-    # B = 0 is an empty batch (empty outputs and weights, as TTTLayer's); heads, tokens and the head size
-    # must be there
-    if q.dim() != 4 or q.shape[1] < 1 or q.shape[2] < 1 or q.shape[3] < 1:
+    # B = 0 is an empty batch and T = 0 an empty piece of a sequence (empty outputs, the weights as given,
+    # as TTTLayer's); heads and the head size must be there
+    if q.dim() != 4 or q.shape[1] < 1 or q.shape[3] < 1:
         raise ValueError(
-            f"q must have shape [B, H, T, f] with H, T, f >= 1 (B = 0 is an empty batch), got {tuple(q.shape)}"
+            f"q must have shape [B, H, T, f] with H, f >= 1 (B = 0 is an empty batch, T = 0 an empty piece), "
+            f"got {tuple(q.shape)}"
         )
     for name, tensor in (("k", k), ("v", v)):
         _check_tensor(name, tensor, tuple(q.shape), q, "[B, H, T, f] (q's shape)")
@@ -325,6 +326,26 @@ def _autocast_off(device_type: str) -> AbstractContextManager:
     return torch.autocast(device_type, enabled=False) if autocasting else nullcontext()
 
 
+def _no_token_result(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor,
+    state: TTTState,
+    tau: torch.Tensor | None,
+    momentum: torch.Tensor | None,
+) -> tuple[torch.Tensor, Weights]:
+    """What :func:`scan` returns for ``T = 0``: the ``[B, H, 0, f]`` outputs, in q's dtype and in the graph
+    of ``q``, ``k``, ``v`` and ``lr`` (a backward through them runs, as through any call's), and the
+    starting weights unchanged (with a zero momentum ``S`` where ``momentum`` is given and none was)."""
+    outputs = (q + k + v) * lr.unsqueeze(-1).to(q.dtype)
+    weights = state.scan_weights(tau)
+    if momentum is not None:
+        for name, value in state.params.items():
+            weights.setdefault(f"momentum.{name}", torch.zeros_like(value))
+    return outputs, weights
+
+
 @run_eagerly("innerloop: the inner scan runs eagerly")  # as TTTLayer's (innerloop/core/layer.py says why)
 def scan(
     q: torch.Tensor,
@@ -446,6 +467,8 @@ def scan(
     views = Views(*(_cast(t, dtype) for t in (q, k, v)))
     state = _initial_state(views.query, model, loss, rule, mini_batch_size, initial, q.dtype)
     _check_momentum_is_read(initial, momentum)  # after _initial_state: a rule without momentum says so first
+    if q.shape[2] == 0:  # an empty piece: no token read, the weights go on as given (a boundary)
+        return _no_token_result(q, k, v, lr, state, tau, momentum)
     with _autocast_off(q.device.type):
         outputs, final = run_scan(
             rule, state, task, views, *(_cast(t, dtype) for t in (lr, tau, decay, momentum))

@@ -366,7 +366,7 @@ class CausalLM(nn.Module):
         for ``B`` sequences: checked before any block runs (a block's pre-conv would otherwise fail on
         a state of another batch before its mixer's check)."""
         self.check_built_fields()  # before the ids: vocab_size is read there
-        check_token_ids(input_ids, self.config.vocab_size, min_length=1)  # a T=0 call has nothing to score
+        check_token_ids(input_ids, self.config.vocab_size)
         check_same_device(input_ids, self.embed.weight)
         check_input_recordable(input_ids, self.embed, "input_ids", "model's embedding")  # only it reads them
         check_weights_under_autocast(self, self.embed.weight.device.type)

@@ -32,9 +32,10 @@ def test_integer_dtype(layer):
         layer(torch.ones(1, 3, 16, dtype=torch.long))
 
 
-def test_empty_sequence(layer):
-    with pytest.raises(ValueError, match="T >= 1"):
-        layer(torch.randn(1, 0, 16))
+def test_empty_sequence_is_an_empty_piece(layer):
+    """T = 0 reads no token: an empty output and the state unchanged (tests/test_review_s49_s49a.py)."""
+    y, state = layer(torch.randn(1, 0, 16))
+    assert y.shape == (1, 0, 16) and state.position == 0
 
 
 def test_state_from_another_batch_size(layer):

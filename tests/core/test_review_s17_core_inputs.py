@@ -138,10 +138,11 @@ def test_scan_takes_an_empty_batch(options: dict) -> None:
     assert weights and all(w.shape[:2] == (0, 2) for w in weights.values())
 
 
-def test_scan_still_refuses_empty_heads_tokens_and_head_size() -> None:
-    for shape in ((1, 0, 12, 8), (1, 2, 0, 8), (1, 2, 12, 0)):
+def test_scan_still_refuses_empty_heads_and_head_size() -> None:
+    """T = 0 is an empty piece (tests/test_review_s49_s49a.py); no head or a head of no feature is refused."""
+    for shape in ((1, 0, 12, 8), (1, 2, 12, 0)):
         q = torch.randn(*shape)
-        with pytest.raises(ValueError, match=r"q must have shape \[B, H, T, f\] with H, T, f >= 1"):
+        with pytest.raises(ValueError, match=r"q must have shape \[B, H, T, f\] with H, f >= 1"):
             scan(q, q, q, torch.rand(*shape[:3]))
 
 

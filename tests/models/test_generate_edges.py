@@ -120,11 +120,12 @@ def test_sample_next_takes_only_a_batch_of_float_logits(logits) -> None:
 
 @pytest.mark.parametrize("backbone", ["transformer", "mamba"])
 @pytest.mark.parametrize("mixer", ["ttt", "attention"])
-def test_an_empty_input_is_named_not_a_crash_inside_a_block(backbone, mixer) -> None:
-    """T = 0 crashed in the pre-conv (mamba), named the TTT layer's x, or returned empty logits."""
+def test_an_empty_input_is_an_empty_piece_not_a_crash_inside_a_block(backbone, mixer) -> None:
+    """T = 0 crashed in the pre-conv (mamba) once; now it is an empty piece of a sequence, as in every
+    layer and in E2ELM: no logits, the state unchanged (tests/test_review_s49_s49a.py)."""
     model = CausalLM(ModelConfig(mixer=mixer, backbone=backbone, hidden_size=16, num_heads=2)).eval()
-    with pytest.raises(ValueError, match=r"input_ids must be \[batch, length >= 1\], got shape \(2, 0\)"):
-        model(torch.zeros(2, 0, dtype=torch.long))
+    logits, state = model(torch.zeros(2, 0, dtype=torch.long))
+    assert logits.shape == (2, 0, model.config.vocab_size) and state.batch_size == 2
 
 
 def _sampled(model: CausalLM, prompt: torch.Tensor, steps: int, **options) -> list[list[int]]:

@@ -1,0 +1,138 @@
+"""Review s49a of the core: cases nobody listed (empty pieces of a sequence, numpy flags, the op's and
+the layers' checks made to agree)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from innerloop import TTTLayer
+from innerloop.core.family_layers import DeltaNetLayer, GatedDeltaNetLayer, LinearAttentionLayer, TitansLayer
+from innerloop.models import CausalLM, ModelConfig
+from innerloop.ops import scan
+
+# ---------------------------------------------------------------------------------------------------
+# T = 0: an empty piece of a sequence, everywhere (TTTLayer, the family layers, CausalLM, ops.scan), as
+# E2ELM already took it. Before: TTTLayer, CausalLM and ops.scan refused it, so a split of a sequence
+# with an empty piece (a hypothesis split drawing a cut twice, or at 0 or T) failed.
+# ---------------------------------------------------------------------------------------------------
+
+_LAYER_CONFIGS = {
+    "linear_dual": {},
+    "mlp_dual": {"inner_model": "mlp"},
+    "linear_primal": {"update_rule": "minibatch_gd"},
+    "next_token": {"inner_loss": "next_token", "update_rule": "minibatch_gd"},
+    "mamba_gate": {"share_qk": True, "use_gate": True},
+}
+
+
+def _run_pieces(module: torch.nn.Module, x: torch.Tensor, cuts: list[int], state=None):
+    """``module`` over ``x [B, T, ...]`` cut at the sorted ``cuts`` (repeats and 0 / T give empty pieces)."""
+    bounds = [0, *cuts, x.shape[1]]
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        y, state = module(x[:, start:end], state)
+        outputs.append(y)
+    return torch.cat(outputs, dim=1), state
+
+
+@st.composite
+def _cuts_with_empty_pieces(draw: st.DrawFn, length: int) -> list[int]:
+    return sorted(draw(st.lists(st.integers(0, length), min_size=1, max_size=5)))
+
+
+@pytest.mark.slow  # 5 configs x 6 hypothesis examples (~2 s)
+@pytest.mark.parametrize("name", sorted(_LAYER_CONFIGS))
+@given(data=st.data())
+@settings(max_examples=6, deadline=None)
+def test_layer_split_with_empty_pieces_equals_the_whole(name: str, data) -> None:
+    torch.manual_seed(0)
+    layer = TTTLayer(16, 2, mini_batch_size=3, **_LAYER_CONFIGS[name]).double()
+    length = data.draw(st.integers(1, 8), label="length")
+    x = torch.randn(2, length, 16, dtype=torch.float64)
+    whole, whole_state = layer(x)
+    split, state = _run_pieces(layer, x, data.draw(_cuts_with_empty_pieces(length), label="cuts"))
+    torch.testing.assert_close(split, whole, rtol=1e-10, atol=1e-12)
+    assert state.position == whole_state.position == length
+
+
+@pytest.mark.parametrize("family", [LinearAttentionLayer, DeltaNetLayer, GatedDeltaNetLayer, TitansLayer])
+def test_family_layer_empty_pieces_equal_the_whole(family) -> None:
+    torch.manual_seed(0)
+    layer = family(16, 2).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    whole, _ = layer(x)
+    split, _ = _run_pieces(layer, x, [0, 2, 2, 5])
+    torch.testing.assert_close(split, whole, rtol=1e-10, atol=1e-12)
+
+
+def test_layer_empty_piece_keeps_the_state_and_the_graph() -> None:
+    """An empty piece: output [B, 0, D] in the graph of the output weights, the state given back as it
+    came (gradients through it reach the earlier piece)."""
+    torch.manual_seed(0)
+    layer = TTTLayer(16, 2, mini_batch_size=4).double()
+    x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+    _, state = layer(x)
+    empty, after = layer(x[:, 3:], state)
+    assert empty.shape == (2, 0, 16) and empty.requires_grad
+    assert after is state
+    y, _ = layer(torch.randn(2, 2, 16, dtype=torch.float64), after)
+    y.sum().backward()  # through the empty piece's state into x
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    fresh, first = layer(torch.randn(3, 0, 16, dtype=torch.float64))
+    assert fresh.shape == (3, 0, 16) and first.position == 0 and first.batch_size == 3
+
+
+@pytest.mark.slow  # two backbones x three mixers of a small LM (~1.5 s)
+@pytest.mark.parametrize("backbone", ["transformer", "mamba"])
+@pytest.mark.parametrize("mixer", ["ttt", "attention", "deltanet"])
+def test_causal_lm_empty_pieces_equal_the_whole(backbone: str, mixer: str) -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(mixer=mixer, backbone=backbone, hidden_size=32, num_heads=2, num_layers=2, window=4)
+    model = CausalLM(config).double()
+    ids = torch.randint(0, 256, (2, 9))
+    whole, _ = model(ids)
+    split, _ = _run_pieces(model, ids, [0, 4, 4, 9])
+    torch.testing.assert_close(split, whole, rtol=1e-10, atol=1e-12)
+
+
+def test_causal_lm_empty_piece_logits_are_empty() -> None:
+    model = CausalLM(ModelConfig(hidden_size=16, num_heads=2, num_layers=1))
+    logits, state = model(torch.zeros(3, 0, dtype=torch.long))
+    assert logits.shape == (3, 0, 256) and state.batch_size == 3
+
+
+@pytest.mark.parametrize("rule", ["dual_form", "minibatch_gd", "momentum"])
+def test_scan_empty_piece_returns_the_initial_weights(rule: str) -> None:
+    torch.manual_seed(0)
+    q = torch.randn(2, 2, 0, 4, dtype=torch.float64, requires_grad=True)
+    lr = torch.rand(2, 2, 0, dtype=torch.float64)
+    w1 = torch.randn(2, 4, 4, dtype=torch.float64, requires_grad=True)
+    initial = {"W1": w1, "b1": torch.zeros(2, 1, 4, dtype=torch.float64)}
+    momentum = lr if rule == "momentum" else None
+    outputs, weights = scan(q, q, q, lr, update_rule=rule, initial=initial, momentum=momentum)
+    assert outputs.shape == (2, 2, 0, 4) and outputs.requires_grad
+    torch.testing.assert_close(weights["W1"], w1.expand(2, 2, 4, 4), rtol=0, atol=0)
+    assert type(weights) is dict  # no partial mini-batch, no dropped carry: it continues exactly
+    if rule == "momentum":  # as a call with tokens returns it: the momentum S (zero, none was given)
+        assert weights["momentum.W1"].abs().sum() == 0
+    weights["W1"].sum().backward()  # the weights are in the graph of initial
+    assert torch.equal(w1.grad, torch.full_like(w1, 2.0))
+
+
+def test_scan_split_with_an_empty_piece_equals_the_whole() -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 4, dtype=torch.float64) for _ in range(3))
+    lr = torch.rand(1, 2, 8, dtype=torch.float64)
+    whole, whole_weights = scan(q, k, v, lr, mini_batch_size=4)
+    first, weights = scan(q[:, :, :4], k[:, :, :4], v[:, :, :4], lr[:, :, :4], mini_batch_size=4)
+    empty, weights = scan(
+        q[:, :, 4:4], k[:, :, 4:4], v[:, :, 4:4], lr[:, :, 4:4], mini_batch_size=4, initial=weights
+    )
+    last, weights = scan(
+        q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], lr[:, :, 4:], mini_batch_size=4, initial=weights
+    )
+    torch.testing.assert_close(torch.cat([first, empty, last], 2), whole, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(weights["W1"], whole_weights["W1"], rtol=1e-10, atol=1e-12)

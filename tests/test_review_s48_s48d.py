@@ -35,18 +35,14 @@ from innerloop.models.config import FamilyConfig, validate_model_config
 
 
 def test_a_layer_norm_over_one_feature_ignores_the_memory() -> None:
-    """Why the width is refused: at head width 1 (built past the check) the memory's output does not
-    depend on the memory, and the inner gradient w.r.t. it is 0."""
-    from innerloop.ops import scan
-
-    q, k, v = (torch.randn(1, 2, 6, 1, dtype=torch.float64) for _ in range(3))
-    lr = torch.rand(1, 2, 6, dtype=torch.float64)
-    start = torch.randn(1, 2, 1, 1, dtype=torch.float64, requires_grad=True)
-    other = 10 * start.detach() + 3
-    out, _ = scan(q, k, v, lr, inner_model="matrix", update_rule="momentum", initial={"W": start})
-    moved, _ = scan(q, k, v, lr, inner_model="matrix", update_rule="momentum", initial={"W": other})
-    assert torch.equal(out, moved)
-    (gradient,) = torch.autograd.grad(out.sum(), start)
+    """Why the width is refused: a LayerNorm over one feature outputs its bias whatever it reads (so the
+    memory's output does not depend on the memory), and its gradient w.r.t. what it reads is 0. ops.scan,
+    which showed this here, now refuses that width too (tests/test_review_s49_s49a.py)."""
+    read = torch.randn(5, 1, dtype=torch.float64, requires_grad=True)
+    weight, bias = torch.tensor([1.7], dtype=torch.float64), torch.tensor([0.3], dtype=torch.float64)
+    out = torch.nn.functional.layer_norm(read, (1,), weight, bias, eps=1e-6)
+    assert torch.equal(out, bias.expand(5, 1))
+    (gradient,) = torch.autograd.grad(out.sum(), read)
     assert torch.count_nonzero(gradient) == 0
 
 

@@ -3,6 +3,7 @@ the layers' checks made to agree)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 from innerloop import TTTLayer
 from innerloop.core.family_layers import DeltaNetLayer, GatedDeltaNetLayer, LinearAttentionLayer, TitansLayer
-from innerloop.models import CausalLM, ModelConfig
+from innerloop.models import CausalLM, CausalSelfAttention, ModelConfig
 from innerloop.ops import scan
 
 # ---------------------------------------------------------------------------------------------------
@@ -136,3 +137,75 @@ def test_scan_split_with_an_empty_piece_equals_the_whole() -> None:
     )
     torch.testing.assert_close(torch.cat([first, empty, last], 2), whole, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(weights["W1"], whole_weights["W1"], rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# numpy bools (np.True_, what numpy comparisons and arrays' items give) as flags: ModelConfig converted
+# them, TTTLayer, the family layers, CausalSelfAttention and ops.scan refused them. Now taken as Python's.
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flag", ["use_gate", "share_qk", "inner_norm", "inner_residual", "needs_double_backward"]
+)
+def test_layer_takes_numpy_bools(flag: str) -> None:
+    value = np.bool_(flag != "inner_norm")  # inner_norm=np.False_, the others np.True_
+    layer = TTTLayer(16, 2, **{flag: value})
+    assert type(getattr(layer, flag)) is bool and getattr(layer, flag) == bool(value)
+    reference = TTTLayer(16, 2, **{flag: bool(value)})
+    assert layer.extra_repr() == reference.extra_repr()
+
+
+def test_family_layer_and_attention_take_numpy_bools() -> None:
+    layer = DeltaNetLayer(16, 2, output_gate=np.True_, short_conv=np.False_, qk_l2norm=np.True_)
+    assert layer.output_gate is True and layer.short_conv is False and layer.qk_l2norm is True
+    attention = CausalSelfAttention(16, 2, qk_norm=np.True_)
+    assert attention.q_norm is not None
+
+
+def test_scan_takes_numpy_bools() -> None:
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    lr = torch.rand(1, 2, 4, dtype=torch.float64)
+    flags = {"inner_norm": np.False_, "inner_residual": np.True_, "needs_double_backward": np.False_}
+    by_numpy, _ = scan(q, q, q, lr, mini_batch_size=2, **flags)
+    by_python, _ = scan(q, q, q, lr, mini_batch_size=2, **{k: bool(v) for k, v in flags.items()})
+    assert torch.equal(by_numpy, by_python)
+
+
+@pytest.mark.parametrize("value", ["False", 0, 1, torch.tensor(True), None])
+def test_flags_still_refuse_strings_ints_and_tensors(value) -> None:
+    q = torch.randn(1, 2, 4, 4)
+    with pytest.raises(TypeError, match=r"inner_norm must be True or False"):
+        scan(q, q, q, torch.rand(1, 2, 4), inner_norm=value)
+    with pytest.raises(TypeError, match=r"use_gate must be True or False"):
+        TTTLayer(16, 2, use_gate=value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ops.scan and the layers agree: a tensor norm_eps is refused by both (the layers refused it, the op took
+# a 0-d one); heads of one feature under the inner LayerNorm are refused by both (the op took them: a
+# LayerNorm over one feature outputs its bias, so every output was the same whatever the data).
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_scan_refuses_a_tensor_norm_eps_as_the_layers_do() -> None:
+    q = torch.randn(1, 2, 4, 4)
+    message = (
+        r"norm_eps must be a finite number in \(0, 1\), got tensor\(1.0000e-06\) \(a tensor: pass a Python"
+    )
+    with pytest.raises(ValueError, match=message):
+        scan(q, q, q, torch.rand(1, 2, 4), norm_eps=torch.tensor(1e-6))
+    with pytest.raises(ValueError, match=r"\(a tensor: pass a Python number"):
+        TTTLayer(16, 2, norm_eps=torch.tensor(1e-6))
+
+
+def test_scan_refuses_one_feature_heads_under_the_inner_norm() -> None:
+    q = torch.randn(1, 2, 4, 1)
+    lr = torch.rand(1, 2, 4)
+    with pytest.raises(
+        ValueError, match=r"inner LayerNorm \(inner_norm=True\) needs heads of 2 or more features"
+    ):
+        scan(q, q, q, lr)
+    outputs, _ = scan(q, q, q, lr, inner_norm=False)  # no LayerNorm: one feature is a valid head
+    assert outputs.shape == (1, 2, 4, 1)

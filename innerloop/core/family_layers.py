@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from innerloop.core.functional import RMSNorm, causal_depthwise_conv, overflow_safe_rows
+from innerloop.core.functional import RMSNorm, causal_depthwise_conv, is_flag, overflow_safe_rows
 from innerloop.core.layer import TTTLayer, is_built_in, is_real, plugin_label
 from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule, Views
 from innerloop.core.state import TTTState
@@ -251,7 +251,7 @@ class FamilyLayer(TTTLayer):
             "output_gate": output_gate,
         }
         for name, value in switches.items():
-            if not isinstance(value, bool):
+            if not is_flag(value):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
         _refuse_unimplemented(type(self), options, short_conv, conv_kernel)
         _check_choice("qk_activation", qk_activation, ACTIVATIONS)
@@ -259,6 +259,7 @@ class FamilyLayer(TTTLayer):
         _check_choice("feature_map", feature_map, FEATURE_MAPS)
         # Read by _build_projections, which TTTLayer.__init__ calls (plain attributes may be set
         # before nn.Module.__init__).
+        short_conv, qk_l2norm, scale_query, output_gate = map(bool, switches.values())  # numpy's as Python's
         self.short_conv, self.qk_activation, self.value_activation = (
             short_conv,
             qk_activation,

@@ -442,14 +442,19 @@ def first_non_finite(named: Iterable[tuple[str, Any]]) -> tuple[str, int, int] |
     return None
 
 
+def is_flag(value: Any) -> bool:
+    """Whether ``value`` is a bool, Python's or numpy's (``np.True_``: what numpy's comparisons and
+    arrays' items give); not a string such as 'false' (which would be true), a tensor or an int."""
+    kind = type(value)
+    # numpy's bool is named 'bool' too: its module tells it from Python's
+    return isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"))
+
+
 def check_flag(name: str, value: Any) -> None:
     """A TypeError naming ``name`` unless ``value`` is a bool, Python's or numpy's (a string such as
     'false' would be true, and so would a tensor or a list of one False)."""
     kind = type(value)
-    if not isinstance(value, bool) and not (
-        kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")
-    ):
-        # numpy's bool is named 'bool' too: its module tells it from Python's
+    if not is_flag(value):
         kind_name = (
             kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
         )
@@ -560,6 +565,7 @@ __all__ = [
     "as_integer",
     "causal_depthwise_conv",
     "check_flag",
+    "is_flag",
     "check_positive_int",
     "first_non_finite",
     "chunk_mean_cross_entropy",

@@ -40,6 +40,7 @@ from innerloop.core.functional import (
     apply_rope_interleaved,
     causal_depthwise_conv,
     check_positive_int,
+    is_flag,
     is_integer,
     rope_cos_sin,
     rope_inverse_frequencies,
@@ -337,9 +338,9 @@ def checked_call_option(name: str, value: Any) -> Any:
         check_positive_int("inference_chunk_size", value, none_allowed=True)
         return None if value is None else int(value)
     if name == "needs_double_backward":
-        if not isinstance(value, bool):
+        if not is_flag(value):
             raise TypeError(f"needs_double_backward must be True or False, got {value!r}")
-        return value
+        return bool(value)
     if not isinstance(value, str):  # kernel: a registered name is checked at dispatch, as at construction
         raise ValueError(f"kernel must be 'auto', 'torch' or a registered kernel name, got {value!r}")
     return value
@@ -419,7 +420,7 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_sh
             f"head and mini-batch), got {mini_batch_size}; the paper uses 16"
         )
     for name in ("use_gate", "share_qk", "inner_norm", "inner_residual"):
-        if not isinstance(args[name], bool):
+        if not is_flag(args[name]):
             raise TypeError(f"{name} must be True or False, got {args[name]!r}")
     check_inner_norm_width(int(hidden_size), int(num_heads), args["inner_norm"], rotary=rotary)
     checked_call_option("needs_double_backward", args["needs_double_backward"])
@@ -849,6 +850,10 @@ class TTTLayer(nn.Module):
         # every argument, by name
         _check_arguments(locals(), rotary=self.uses_rope, conv_needs_share_qk=self.conv_kernel_needs_share_qk)
         head_dim = int(hidden_size) // int(num_heads)
+        # The flags as Python bools (the checks accept numpy's too)
+        use_gate, share_qk, inner_norm, inner_residual = map(
+            bool, (use_gate, share_qk, inner_norm, inner_residual)
+        )
         self._resolve_plugins(
             inner_model, inner_loss, update_rule, kernel, head_dim, (inner_norm, inner_residual)
         )
@@ -868,7 +873,7 @@ class TTTLayer(nn.Module):
         self.norm_eps = float(norm_eps)
         self.kernel = kernel
         self.non_finite = non_finite
-        self.needs_double_backward = needs_double_backward
+        self.needs_double_backward = bool(needs_double_backward)
         self.inference_chunk_size = None if inference_chunk_size is None else int(inference_chunk_size)
         # Fast-path decisions of the last call: (path, reason) per run of whole mini-batches or token
         # (each call records into its own list, published here when it returns: see _begin_record).

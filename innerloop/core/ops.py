@@ -25,6 +25,7 @@ import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from innerloop.core.eager import run_eagerly
+from innerloop.core.functional import is_flag
 from innerloop.core.layer import (
     MAX_MINI_BATCH_SIZE,
     MAX_NORM_EPS,
@@ -122,13 +123,24 @@ def _check_options(
         ("needs_double_backward", double),
     )
     for name, flag in flags:
-        if not isinstance(flag, bool):
+        if not is_flag(flag):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
-    if isinstance(norm_eps, torch.Tensor) and norm_eps.numel() == 1 and not norm_eps.requires_grad:
-        norm_eps = norm_eps.item()  # a 0-d tensor of the number
-    if not is_real(norm_eps) or norm_eps <= 0:
-        raise ValueError(f"norm_eps must be a finite number in (0, {MAX_NORM_EPS:g}), got {norm_eps!r}")
+    if not is_real(norm_eps) or norm_eps <= 0:  # a number, not a tensor: as TTTLayer's real options
+        hint = " (a tensor: pass a Python number, float(t))" if isinstance(norm_eps, torch.Tensor) else ""
+        raise ValueError(f"norm_eps must be a finite number in (0, {MAX_NORM_EPS:g}), got {norm_eps!r}{hint}")
     return mini_batch_size
+
+
+def _check_norm_width(q: torch.Tensor, inner_norm: bool) -> None:
+    """Heads of one feature cannot take the inner LayerNorm (as in ``TTTLayer``: ``check_inner_norm_width``):
+    a LayerNorm over one feature outputs its bias whatever the inner model holds, so the memory would never
+    be read and every output would be the same (a scan that silently learns nothing)."""
+    if inner_norm and q.shape[3] == 1:
+        raise ValueError(
+            f"an inner LayerNorm (inner_norm=True) needs heads of 2 or more features, got f = 1 (q's shape "
+            f"{tuple(q.shape)}): a LayerNorm over one feature outputs its bias whatever the inner model holds "
+            "(the memory is never read); pass inner_norm=False, or heads of 2 or more features"
+        )
 
 
 def _norm_parameters(
@@ -389,7 +401,7 @@ def scan(
             a call returned is exact when that call's token count was a multiple of
             ``mini_batch_size`` and its inner loss carries nothing from one call to the next (else
             they come back as :class:`PartialWeights`, which are refused here: see Returns).
-        norm_eps: the inner LayerNorm's epsilon (a finite number in (0, 1)), checked also when
+        norm_eps: the inner LayerNorm's epsilon (a finite number in (0, 1), not a tensor), checked also when
             ``inner_norm`` is False.
         kernel: ``"auto"``, ``"torch"`` or a registered kernel's name, as in ``TTTLayer``.
         dispatches: a list that receives every fast-path decision ``(path, reason)``.
@@ -425,6 +437,10 @@ def scan(
     mini_batch_size = _check_options(
         mini_batch_size, inner_norm, inner_residual, kernel, norm_eps, needs_double_backward
     )
+    inner_norm, inner_residual, needs_double_backward = map(
+        bool, (inner_norm, inner_residual, needs_double_backward)
+    )
+    _check_norm_width(q, inner_norm)
     _check_per_token(q, lr, decay, momentum)
     _check_recordable(
         dict(

@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from innerloop.core.functional import (
     RMSNorm,
     apply_rope_interleaved,
+    is_flag,
     rope_cos_sin,
     rope_inverse_frequencies,
     saved_tensors_hooks_on,
@@ -478,8 +479,9 @@ class CausalSelfAttention(nn.Module):
         if not is_real(norm_eps) or norm_eps <= 0:
             raise ValueError(f"norm_eps={norm_eps!r} must be a finite number in (0, {MAX_NORM_EPS:g})")
         check_norm_eps(norm_eps, torch.promote_types(torch.get_default_dtype(), torch.float32))
-        if not isinstance(qk_norm, bool):
+        if not is_flag(qk_norm):
             raise TypeError(f"qk_norm must be True or False, got {qk_norm!r}")
+        qk_norm = bool(qk_norm)
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads

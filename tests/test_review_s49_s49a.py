@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from innerloop import TTTLayer
 from innerloop.core.family_layers import DeltaNetLayer, GatedDeltaNetLayer, LinearAttentionLayer, TitansLayer
-from innerloop.models import CausalLM, CausalSelfAttention, ModelConfig
+from innerloop.models import CausalLM, CausalSelfAttention, ModelConfig, validate_model_config
 from innerloop.ops import scan
 
 # ---------------------------------------------------------------------------------------------------
@@ -209,3 +209,13 @@ def test_scan_refuses_one_feature_heads_under_the_inner_norm() -> None:
         scan(q, q, q, lr)
     outputs, _ = scan(q, q, q, lr, inner_norm=False)  # no LayerNorm: one feature is a valid head
     assert outputs.shape == (1, 2, 4, 1)
+
+
+def test_model_config_refuses_a_norm_eps_that_rounds_to_zero_in_float32() -> None:
+    """model.norm_eps=1e-320 was taken: in float32 it rounds to 0, and the RMSNorm of a zero row (an
+    embedding row of zeros) gave NaN, which the TTT layer then blamed on its input ('Clean the input')."""
+    with pytest.raises(
+        ValueError, match=r"model.norm_eps=1e-320 must be in \[1.17549.*e-38, 1\).*divides 0 by 0"
+    ):
+        validate_model_config(ModelConfig(norm_eps=1e-320))
+    validate_model_config(ModelConfig(norm_eps=torch.finfo(torch.float32).tiny))  # the smallest normal: taken

@@ -198,8 +198,9 @@ class ModelConfig:
         pre_conv_kernel: kernel of the mamba backbone's pre-conv residual.
         pre_conv: whether every block has the pre-conv residual; None (default): the backbone
             decides (mamba: yes, transformer: no).
-        norm_eps: epsilon of the RMSNorms (the blocks', the pre-conv's and the final one), in (0, 1)
-            (:data:`~innerloop.core.layer.MAX_NORM_EPS`: one of 1 or more no longer normalizes).
+        norm_eps: epsilon of the RMSNorms (the blocks', the pre-conv's and the final one), in [1.18e-38, 1)
+            (:data:`~innerloop.core.layer.MAX_NORM_EPS`: one of 1 or more no longer normalizes; one below
+            float32's smallest normal number rounds to 0 there, and a zero row's RMSNorm is NaN).
         tie_embeddings: the LM head shares the embedding's weights (default); false gives the head
             its own ``[vocab_size, hidden_size]`` weights.
         init_std: standard deviation of the normal init of embeddings and projections.
@@ -421,6 +422,10 @@ _SIZE = Bounds(1, 2**24, why="larger tables do not fit in memory")
 _MINI_BATCH = Bounds(1, MAX_MINI_BATCH_SIZE, why="a scan builds [K, K] matrices per head and mini-batch")
 _CONV_KERNEL = Bounds(1, MAX_CONV_KERNEL, why="a short causal convolution")
 
+_SMALLEST_NORMAL_EPS = torch.finfo(torch.float32).tiny
+"""The smallest ``model.norm_eps`` (1.18e-38, float32's and bfloat16's smallest normal number), as
+TTTLayer's ``norm_eps`` in a float32 layer (:func:`~innerloop.core.layer.check_norm_eps`)."""
+
 MODEL_FIELD_BOUNDS: dict[str, Bounds] = {
     "model.vocab_size": _SIZE,
     "model.hidden_size": _SIZE,
@@ -430,7 +435,13 @@ MODEL_FIELD_BOUNDS: dict[str, Bounds] = {
     "model.window": Bounds(1, SEQ_LEN_BOUNDS.high, why="a query sees at most the tokens of a window"),
     "model.rope_theta": Bounds(1, why="the RoPE base: its frequencies theta^(-2i/head_dim) stay <= 1"),
     "model.pre_conv_kernel": _CONV_KERNEL,
-    "model.norm_eps": Bounds(0, MAX_NORM_EPS, low_open=True, high_open=True, why=NORM_EPS_BOUND_WHY),
+    "model.norm_eps": Bounds(
+        _SMALLEST_NORMAL_EPS,
+        MAX_NORM_EPS,
+        high_open=True,
+        why=f"{NORM_EPS_BOUND_WHY}; one below float32's smallest normal number rounds to 0 or a subnormal "
+        "there, and the RMSNorm of a zero row divides 0 by 0 (NaN)",
+    ),
     "model.init_std": POSITIVE,
     "model.ttt.mini_batch_size": _MINI_BATCH,
     "model.ttt.base_lr": AT_LEAST_0,

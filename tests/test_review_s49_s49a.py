@@ -59,6 +59,7 @@ def test_layer_split_with_empty_pieces_equals_the_whole(name: str, data) -> None
     assert state.position == whole_state.position == length
 
 
+@pytest.mark.slow  # the first family layer's first call pays its kernels' first-use checks (~1.2 s)
 @pytest.mark.parametrize("family", [LinearAttentionLayer, DeltaNetLayer, GatedDeltaNetLayer, TitansLayer])
 def test_family_layer_empty_pieces_equal_the_whole(family) -> None:
     torch.manual_seed(0)
@@ -219,3 +220,21 @@ def test_model_config_refuses_a_norm_eps_that_rounds_to_zero_in_float32() -> Non
     ):
         validate_model_config(ModelConfig(norm_eps=1e-320))
     validate_model_config(ModelConfig(norm_eps=torch.finfo(torch.float32).tiny))  # the smallest normal: taken
+
+
+@pytest.mark.slow  # three configs, two backward passes each (~1 s)
+@pytest.mark.parametrize("name", ["linear_dual", "mamba_gate", "next_token"])
+def test_gradients_through_empty_pieces_equal_the_whole(name: str) -> None:
+    """Every parameter's gradient (and x's) of a split with empty pieces, the state carried through them,
+    equals the whole sequence's: the empty pieces pass the graph on."""
+    torch.manual_seed(0)
+    layer = TTTLayer(8, 2, mini_batch_size=3, **_LAYER_CONFIGS[name]).double()
+    x = torch.randn(2, 7, 8, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 7, 8, dtype=torch.float64)
+
+    def gradients(cuts: list[int]) -> list[torch.Tensor]:
+        y, _ = _run_pieces(layer, x, cuts)
+        return list(torch.autograd.grad((y * weights).sum(), [x, *layer.parameters()]))
+
+    for split, whole in zip(gradients([0, 2, 2, 5, 7]), gradients([]), strict=True):
+        torch.testing.assert_close(split, whole, rtol=1e-10, atol=1e-10)

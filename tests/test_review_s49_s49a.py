@@ -157,6 +157,18 @@ def test_layer_takes_numpy_bools(flag: str) -> None:
     assert layer.extra_repr() == reference.extra_repr()
 
 
+def test_setting_a_built_flag_to_its_numpy_value_is_a_no_op() -> None:
+    """The constructor takes np.True_, so setting a built flag to the numpy bool of the value it holds
+    changes nothing (as an equal numpy int does for an int option); another value is still refused."""
+    layer = TTTLayer(16, 2, use_gate=True)
+    layer.use_gate = np.True_
+    assert layer.use_gate is True
+    with pytest.raises(AttributeError, match=r"TTTLayer.use_gate is fixed when the layer is built"):
+        layer.use_gate = np.False_
+    with pytest.raises(AttributeError, match=r"TTTLayer.use_gate is fixed when the layer is built"):
+        layer.use_gate = 1  # an int is no flag
+
+
 def test_family_layer_and_attention_take_numpy_bools() -> None:
     layer = DeltaNetLayer(16, 2, output_gate=np.True_, short_conv=np.False_, qk_l2norm=np.True_)
     assert layer.output_gate is True and layer.short_conv is False and layer.qk_l2norm is True

@@ -393,8 +393,10 @@ def _holds_already(value: Any, now: Any) -> bool:
     """Whether ``value`` is the option value ``now``, as the constructor would keep it: for an int held,
     an equal integer (numpy's too; not a float, which the constructor refuses), for a float held an
     equal real number (``rope_theta = 10000`` where it holds ``10000.0``), else an equal value of its
-    type (a bool, a str)."""
-    if isinstance(now, bool) or not isinstance(now, (int, float)):
+    type (a str), for a bool held an equal flag (numpy's too, which the constructor takes)."""
+    if isinstance(now, bool):
+        return is_flag(value) and bool(value) == now
+    if not isinstance(now, (int, float)):
         return type(value) is type(now) and value == now
     kind = numbers.Integral if isinstance(now, int) else numbers.Real
     return isinstance(value, kind) and not isinstance(value, bool) and value == now

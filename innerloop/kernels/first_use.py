@@ -31,7 +31,9 @@ scale of 1, where it opens its mini-batch, or a block's scales all 1, mini-batch
 tests too little: a pass on it is confirmed on seeded random data of the same shapes, dtypes and
 device (the layer's own weights and inner LayerNorm, or seeded ones
 where those are weak too, and a drawn token scale), and a kernel that differs there is refused. A difference on weak data, or where the inner LayerNorm normalises two features or fewer
-(ill-conditioned whatever the data), is not pinned on the kernel: that block runs the torch path
+(ill-conditioned whatever the data), or where the torch path's own result is further than the
+tolerance from its float64 result (data that only looks well-conditioned: targets the starting weights
+already fit, whose learning rates' gradients are rounding noise), is not pinned on the kernel: that block runs the torch path
 (:class:`Deferred`, the dispatch reason says so), no verdict is recorded, and the next block like it is
 probed again. On well-conditioned data the user's block decides.
 
@@ -627,6 +629,8 @@ def _record(
         verdict: str | None = on_data if isinstance(on_data, _CouldNotRun) else f"{said}: {on_data}"
     elif on_data is not None and (weak or ill):  # a difference this data cannot pin on the kernel
         return _deferred(key, kernel, f"{said}: {on_data}")
+    elif on_data is not None and (inaccurate := _torch_path_inaccurate(inputs, tensors, weights, run_torch)):
+        return _deferred(key, kernel, f"{said}: {on_data}; {inaccurate}")
     elif on_data is not None or not untested:  # well-conditioned data decides; so does a pass on it
         verdict = None if on_data is None else f"{said}: {on_data}"
     else:  # a pass on data that tests too little: seeded random data of the same shapes confirms it
@@ -644,6 +648,38 @@ def _record(
     _VERDICTS[key] = verdict
     _DEFERRALS.pop(key, None)
     return verdict
+
+
+def _torch_path_inaccurate(
+    inputs: KernelInputs,
+    tensors: dict,
+    weights: Params,
+    run_torch: Callable[[dict, Params], tuple[torch.Tensor, Params]],
+) -> str | None:
+    """Why the torch path's own result on a probe is not accurate to the probe's tolerance (so that a
+    kernel's difference from it says nothing of the kernel), or None: the torch path in the probe's
+    dtype differs by more than the tolerance from itself in float64 on the same values. Data that looks
+    well-conditioned can be so: targets that the starting weights already fit exactly leave an inner
+    loss of 0, whose learning rates' gradients are rounding noise on every path. Not asked in float64
+    (nothing wider) nor on a device without it (MPS)."""
+    if inputs.dtype == torch.float64 or tensors["xq"].device.type == "mps":
+        return None
+    dtype = inputs.dtype
+
+    def run_torch_in_float64(t: dict, p: Params) -> tuple[torch.Tensor, Params]:
+        wide = {k: v.to(torch.float64) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+        out, new = run_torch(wide, {k: v.to(torch.float64) for k, v in p.items()})
+        return out.to(dtype), {k: v.to(dtype) for k, v in new.items()}
+
+    try:
+        own_error = _probe_once(inputs, tensors, weights, run_torch_in_float64, run_torch)
+    except Exception:  # a plugin's torch path that cannot run in float64: the difference stands
+        return None
+    if own_error is None or own_error == _UNDECIDED or isinstance(own_error, (_CouldNotRun, _NotFinite)):
+        return None
+    return (
+        f"the torch path itself is that far from its float64 result here ({own_error}): this data cannot tell"
+    )
 
 
 def _deferred(key: tuple, kernel: KernelSpec, reason: str) -> Deferred:

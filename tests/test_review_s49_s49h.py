@@ -47,3 +47,23 @@ def test_a_right_kernel_is_not_refused_on_data_its_starting_weights_already_fit(
         later: list[tuple[str, str]] = []
         out, _ = scan(q, k, v, lr, mini_batch_size=4, initial={"W1": weight, "b1": bias}, dispatches=later)
         assert later[0][0] != "torch", later
+
+
+def test_a_layer_built_under_a_float64_default_keeps_its_token_index_in_float64():
+    # The reference makes token_idx as 1.0 / torch.arange(1, K + 1): in the default dtype. innerloop made
+    # it in float32 always, so a model built under torch.set_default_dtype(torch.float64) scaled its
+    # inner gradients by 1/3 rounded to float32 (3e-8 relative), silently, and a .to() kept that.
+    from innerloop import TTTLayer
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        layer = TTTLayer(8, 2, mini_batch_size=3)
+    finally:
+        torch.set_default_dtype(before)
+    exact = 1.0 / torch.arange(1, 4, dtype=torch.float64)
+    assert layer.token_idx.dtype == torch.float64 and torch.equal(layer.token_idx, exact)
+    moved = layer.to("cpu")  # a cast under the float32 default keeps the values the buffer held
+    assert torch.equal(moved.token_idx, exact)
+    # a float32 layer cast to float64 holds float32's 1/3 widened, as the reference's .double() does
+    assert torch.equal(TTTLayer(8, 2, mini_batch_size=3).double().token_idx, exact.float().double())

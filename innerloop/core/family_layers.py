@@ -320,9 +320,10 @@ class FamilyLayer(TTTLayer):
             self.register_buffer(name, table, persistent=False)
         self.post_norm = RMSNorm(self.head_dim, eps=self.norm_eps)
 
-    def derived_buffers(self) -> dict[str, torch.Tensor]:
-        """The non-persistent buffer made from the options: ``token_scale``, tau = 1 for every token."""
-        return {"token_scale": torch.ones(self.mini_batch_size)}
+    def derived_buffers(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The non-persistent buffer made from the options: ``token_scale``, tau = 1 for every token
+        (exact in any dtype; ``dtype`` as :meth:`TTTLayer.derived_buffers`)."""
+        return {"token_scale": torch.ones(self.mini_batch_size, dtype=dtype)}
 
     def _head_gate(self, x: torch.Tensor, projection: nn.Linear) -> torch.Tensor:
         """``projection(x)`` for ``x [B, T, D]`` as ``[B, H, T]`` (one logit per head and token), in

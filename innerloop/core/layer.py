@@ -1000,25 +1000,39 @@ class TTTLayer(nn.Module):
             )
         return params
 
-    def derived_buffers(self) -> dict[str, torch.Tensor]:
+    def derived_buffers(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The buffers made from the layer's options, not learned and not saved (non-persistent), as
-        at construction: ``token_idx`` ``1 / (i + 1)`` and the RoPE inverse frequencies, in float32 as
-        the reference makes them (the module's casts then apply to them)."""
+        the reference makes them (the module's casts then apply to them): ``token_idx`` ``1 / (i + 1)``
+        in ``dtype`` (None: torch's default dtype, at least float32: a layer built under
+        ``torch.set_default_dtype(torch.float64)`` holds 1/3 in float64) and the RoPE inverse
+        frequencies in float32."""
+        index_dtype = torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)
         return {
-            "token_idx": 1.0 / torch.arange(1, self.mini_batch_size + 1, dtype=torch.float32),
+            "token_idx": 1.0 / torch.arange(1, self.mini_batch_size + 1, dtype=index_dtype),
             "rope_inv_freq": rope_inverse_frequencies(self.head_dim, self.rope_theta),
         }
 
     def _apply(self, fn: Any, recurse: bool = True) -> TTTLayer:
         """``nn.Module._apply`` (behind ``.to``, ``.double()``, ``.cuda()``, ``to_empty``), then the
-        :meth:`derived_buffers` made again in their new device and dtype. ``to_empty`` (after building
-        on the meta device) leaves them uninitialised, and ``load_state_dict`` does not fill them."""
+        :meth:`derived_buffers` cast to their new device and dtype from the values they held in float32
+        or float64 (a float64 token index stays exact, a float32 one is widened as the reference's
+        ``.double()`` widens it), else made again: ``to_empty`` (after building on the meta device)
+        leaves them uninitialised, a bfloat16 cast rounded them, and ``load_state_dict`` does not fill
+        them."""
+        held = dict(self._buffers)
         super()._apply(fn, recurse)
         with torch.no_grad():
             for name, table in self.derived_buffers().items():
-                current = self._buffers.get(name)
-                if current is not None:
-                    self._buffers[name] = table.to(device=current.device, dtype=current.dtype)
+                current, before = self._buffers.get(name), held.get(name)
+                if current is None:
+                    continue
+                kept = (
+                    before is not None
+                    and not before.is_meta
+                    and before.dtype in (torch.float32, torch.float64)
+                )
+                source = before if kept else table
+                self._buffers[name] = source.to(device=current.device, dtype=current.dtype)
         return self
 
     # ------------------------------------------------------------------------------------------

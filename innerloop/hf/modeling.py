@@ -1018,7 +1018,8 @@ class InnerloopPreTrainedModel(PreTrainedModel):
                 derived = getattr(module, "derived_buffers", None)
                 if not callable(derived):
                     continue
-                for name, table in derived().items():
+                # the tables as the reference's from_pretrained makes them: under the model's dtype
+                for name, table in derived(self.dtype).items():
                     current = module._buffers.get(name)
                     if current is not None:
                         dtype = self.dtype if table.is_floating_point() else table.dtype

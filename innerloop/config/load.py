@@ -1560,6 +1560,25 @@ def checkpoint_path_problem(path: str | os.PathLike[str]) -> str | None:
     checkpoint reader and, before anything heavy is imported, by the commands that take a checkpoint."""
     path = Path(path)
     name = repr(str(path))
+    other_model = other_model_folder_problem(path)
+    if other_model is not None:
+        return other_model
+    if path.is_dir():
+        return (
+            f"checkpoint {name} is a directory; give the checkpoint file in it "
+            f"(e.g. {str(path / ('last' + CHECKPOINT_SUFFIX))!r})"
+        )
+    if not path.is_file():
+        return f"checkpoint {name} does not exist or is not a file"
+    return None
+
+
+def other_model_folder_problem(path: str | os.PathLike[str]) -> str | None:
+    """What ``path`` is when it is a folder of a model saved otherwise than as an innerloop checkpoint
+    (an orbax checkpoint of the official TTT-E2E code, a Hugging Face folder), with what to give
+    instead; None for anything else."""
+    path = Path(path)
+    name = repr(str(path))
     if path.is_dir() and _is_orbax_checkpoint(path):
         return (
             f"checkpoint {name} is a directory: an orbax checkpoint of the official TTT-E2E code, which "
@@ -1572,13 +1591,6 @@ def checkpoint_path_problem(path: str | os.PathLike[str]) -> str | None:
             "which AutoModelForCausalLM.from_pretrained reads; give an innerloop checkpoint (the "
             "last.safetensors that `innerloop train` or `innerloop convert` wrote)"
         )
-    if path.is_dir():
-        return (
-            f"checkpoint {name} is a directory; give the checkpoint file in it "
-            f"(e.g. {str(path / ('last' + CHECKPOINT_SUFFIX))!r})"
-        )
-    if not path.is_file():
-        return f"checkpoint {name} does not exist or is not a file"
     return None
 
 

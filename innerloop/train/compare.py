@@ -42,7 +42,7 @@ from innerloop.checkpoints import (
     checkpoint_tokenizer,
     recorded_entry,
 )
-from innerloop.config.load import ConfigError
+from innerloop.config.load import ConfigError, other_model_folder_problem
 from innerloop.config.schema import DataConfig, RunConfig
 from innerloop.core.functional import as_integer, check_flag
 from innerloop.data.atomic import atomic_write, atomic_write_text, remove_stale_temporaries_of
@@ -139,11 +139,15 @@ class Comparison:
 
 
 def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
-    """A run folder's ``last.safetensors``, or the checkpoint file given; a clear error otherwise."""
+    """A run folder's ``last.safetensors``, or the checkpoint file given; a clear error otherwise (a Hugging
+    Face export or an orbax TTT-E2E checkpoint named as such, with what to give instead, as ``eval`` does)."""
     path = Path(run_or_checkpoint).expanduser()
     if path.is_dir():
-        path = checkpoint_path(path)
+        folder, path = path, checkpoint_path(path)
         if not path.is_file():
+            other_model = other_model_folder_problem(folder)  # a Hugging Face export, a TTT-E2E orbax one
+            if other_model is not None:
+                raise ConfigError(other_model)
             raise ConfigError(f"{str(run_or_checkpoint)!r} is a folder without a checkpoint ({path.name})")
     elif not path.is_file():
         raise ConfigError(

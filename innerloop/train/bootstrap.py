@@ -37,18 +37,27 @@ quantile of the resamples, and with a handful beyond it the end moves with the s
 band of no width that need not hold the mean)."""
 
 
-def few_resamples_note(resamples: int, confidence: float) -> str | None:
+def few_resamples_note(resamples: int, confidence: float, windows: int | None = None) -> str | None:
     """A note when ``resamples`` leave fewer than :data:`MIN_TAIL_RESAMPLES` beyond each end of a
-    ``confidence`` band (None when enough do): the band is then a rough one, whatever its width says."""
-    tail = resamples * (1 - confidence) / 2
+    ``confidence`` band (None when enough do): the band is then a rough one, whatever its width says.
+    With ``windows``, the ends are those of the band over that many windows, the :func:`expanded_tail`
+    quantiles (0.24% over 6 windows for a 95% band, not 2.5%); below :data:`MIN_BAND_WINDOWS` there is
+    no band and no note."""
+    share = (1 - confidence) / 2
+    if windows is not None:
+        if windows < MIN_BAND_WINDOWS:
+            return None
+        share = expanded_tail(windows, confidence)
+    tail = resamples * share
     if tail >= MIN_TAIL_RESAMPLES - 1e-9:  # 100 resamples of an 80% band leave 10, not 9.999...
         return None
-    needed = math.ceil(MIN_TAIL_RESAMPLES / ((1 - confidence) / 2) - 1e-9)
+    needed = math.ceil(MIN_TAIL_RESAMPLES / share - 1e-9)
     counted = "1 bootstrap resample leaves" if resamples == 1 else f"{resamples} bootstrap resamples leave"
+    over = "" if windows is None else f" over {windows} windows (its ends are the {share:.2%} quantiles)"
     return (
         f"{counted} {tail:.3g} beyond each end of "
-        f"a {100 * confidence:.0f}% band, so its ends move with the seed and it may not cover as often as it "
-        f"says: use --resamples {needed} or more for bands to report (the default is {DEFAULT_RESAMPLES})"
+        f"a {100 * confidence:.0f}% band{over}, so its ends move with the seed and it may not cover as often "
+        f"as it says: use --resamples {needed} or more for bands to report (the default is {DEFAULT_RESAMPLES})"
     )
 
 

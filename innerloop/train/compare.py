@@ -396,6 +396,11 @@ def _add_length(comparison: Comparison, result: LengthResult) -> None:
             100 * comparison.confidence,
         )  # fmt: skip
     options = (comparison.resamples, comparison.confidence, comparison.seed)
+    rough = few_resamples_note(comparison.resamples, comparison.confidence, result.windows)
+    if rough is not None and len(comparison.models) > 1 and few_resamples_note(*options[:2]) is None:
+        rough = f"T={result.seq_len}: {rough}"
+        log.warning("%s", rough)
+        comparison.notes.append(rough)
     differences = result.loss_sums - result.loss_sums[comparison.baseline]  # [M, W, K]
     total = result.counts.sum(1, keepdim=True)  # [W, 1]: every scored token of a window
     comparison.lengths.append(result)

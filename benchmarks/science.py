@@ -904,7 +904,7 @@ def advantage_growth(model: str, baseline: str, seq_len: int | None, resamples: 
     (:func:`~innerloop.train.bootstrap.expanded_tail`; negative: the model's advantage grows with position); no
     band below :data:`~innerloop.train.bootstrap.MIN_BAND_WINDOWS` windows, as in ``innerloop compare``
     (a percentile band over so few cannot cover what it says)."""
-    from innerloop.train.bootstrap import MIN_BAND_WINDOWS, expanded_tail
+    from innerloop.train.bootstrap import MIN_BAND_WINDOWS, expanded_tail, few_resamples_note
     from innerloop.train.compare import compare
 
     # the baseline by the argument given (a run folder or a checkpoint file): compare matches it to the
@@ -935,6 +935,9 @@ def advantage_growth(model: str, baseline: str, seq_len: int | None, resamples: 
         quantiles = torch.tensor([tail, 1 - tail], dtype=change.dtype)
         low, high = torch.quantile(change[:, 1] - change[:, 0], quantiles)
         band = f"[{float(low):+.3f}, {float(high):+.3f}]"
+        # its ends are the expanded tail's quantiles: over few windows few resamples lie beyond them
+        rough = few_resamples_note(resamples, 0.95, result.windows, default=2000)
+        band += "" if rough is None else f" (a rough band: {rough})"
     end = result.buckets[-1][1]
     return (
         f"{names[0]} minus {names[1]} on {result.windows} windows of {result.seq_len}: "
@@ -1006,13 +1009,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--seq-len", type=positive_int, default=None, help="window length (default: the baseline's)"
     )
+    sub.add_argument(
+        "--resamples",
+        type=positive_int,
+        default=2000,
+        help="bootstrap resamples of the windows (default: 2000)",
+    )
     return parser
 
 
 def inspection(args: argparse.Namespace) -> str:
     """The report of the ``growth``, ``reference`` or ``diagnose`` command."""
     if args.study == "growth":
-        return advantage_growth(args.model, args.baseline, args.seq_len)
+        return advantage_growth(args.model, args.baseline, args.seq_len, args.resamples)
     if args.study == "reference":
         return reference_check(args.ttt_py, args.steps, Path(args.out))
     return diagnose(args.checkpoint, args.windows, args.seq_len)

@@ -37,12 +37,14 @@ quantile of the resamples, and with a handful beyond it the end moves with the s
 band of no width that need not hold the mean)."""
 
 
-def few_resamples_note(resamples: int, confidence: float, windows: int | None = None) -> str | None:
+def few_resamples_note(
+    resamples: int, confidence: float, windows: int | None = None, default: int = DEFAULT_RESAMPLES
+) -> str | None:
     """A note when ``resamples`` leave fewer than :data:`MIN_TAIL_RESAMPLES` beyond each end of a
     ``confidence`` band (None when enough do): the band is then a rough one, whatever its width says.
     With ``windows``, the ends are those of the band over that many windows, the :func:`expanded_tail`
     quantiles (0.24% over 6 windows for a 95% band, not 2.5%); below :data:`MIN_BAND_WINDOWS` there is
-    no band and no note."""
+    no band and no note. ``default``: the command's default number of resamples, which the note names."""
     share = (1 - confidence) / 2
     if windows is not None:
         if windows < MIN_BAND_WINDOWS:
@@ -57,7 +59,7 @@ def few_resamples_note(resamples: int, confidence: float, windows: int | None = 
     return (
         f"{counted} {tail:.3g} beyond each end of "
         f"a {100 * confidence:.0f}% band{over}, so its ends move with the seed and it may not cover as often "
-        f"as it says: use --resamples {needed} or more for bands to report (the default is {DEFAULT_RESAMPLES})"
+        f"as it says: use --resamples {needed} or more for bands to report (the default is {default})"
     )
 
 

@@ -127,7 +127,8 @@ def test_a_norm_epsilon_of_one_or_more_is_refused_everywhere_a_norm_takes_one(ep
     """norm_eps=1e30 was accepted by the model config and every layer: added to the mean square of the
     input, it scaled each norm's output by 1e-15, silently (the model still trained, on nothing)."""
     with pytest.raises(
-        ValueError, match=r"model\.norm_eps=.* must be in \(0, 1\) \(added to the input's mean"
+        ValueError,
+        match=r"model\.norm_eps=.* must be in \[1\.1754943508222875e-38, 1\) \(added to the input's mean",
     ):
         validate_model_config(ModelConfig(norm_eps=eps))
     makers = [

@@ -258,7 +258,8 @@ def test_a_config_file_in_yaml_reads_the_same(tmp_path) -> None:
     assert "rms_norm_eps: 1e-6" in text
     assert model_config(path).norm_eps == 1e-6
     with pytest.raises(
-        OfficialConfigError, match=r"model\.rms_norm_eps='small' \(str\) must be a finite number in \(0, 1\)"
+        OfficialConfigError,
+        match=r"model\.rms_norm_eps='small' \(str\) must be a finite number in \[1\.1754943508222875e-38, 1\)",
     ):
         model_config(with_field("model", "rms_norm_eps", "small"))
     with pytest.raises(FileNotFoundError, match="is not a file"):

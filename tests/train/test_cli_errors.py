@@ -106,7 +106,7 @@ TRAIN_ERRORS = [
     (["data.seq_len=0"], ["data.seq_len=0", "in [1, 1073741824]"]),
     (["optim.min_lr=1", "optim.lr=0.003"], ["optim.min_lr=1 must be <= optim.lr=0.003"]),
     (["trainer.devices=0"], ["trainer.devices=0", "in [1, 65536]"]),
-    (["model.norm_eps=0"], ["model.norm_eps=0.0", "in (0, 1)"]),
+    (["model.norm_eps=0"], ["model.norm_eps=0.0", "in [1.1754943508222875e-38, 1)"]),
     (["model.ttt.mini_batch_size=0"], ["model.ttt.mini_batch_size=0", "in [1, 65536]"]),
     (["model.ttt.kernel=fast"], ["model.ttt: kernel='fast' is not a kernel for", "compiled_torch_linear"]),
     (["model.ttt.kernel=cpu_ttt_mlp"], ["kernel='cpu_ttt_mlp' is not a kernel for (inner_model='linear'"]),

@@ -28,14 +28,15 @@ tell a right kernel from a wrong one. Weak data (queries, keys or values all zer
 token's features, or so small that their products underflow, e.g. float32 subnormals; starting weights
 or pending sums that are zero or the same in every batch row, as a fresh layer's are; a decoded token's
 scale of 1, where it opens its mini-batch, or a block's scales all 1, mini-batches of one token)
-tests too little: a pass on it is confirmed on seeded random data of the same shapes, dtypes and
-device (the layer's own weights and inner LayerNorm, or seeded ones
-where those are weak too, and a drawn token scale), and a kernel that differs there is refused. A difference on weak data, or where the inner LayerNorm normalises two features or fewer
-(ill-conditioned whatever the data), or where the torch path's own result is further than the
-tolerance from its float64 result (data that only looks well-conditioned: targets the starting weights
-already fit, whose learning rates' gradients are rounding noise), is not pinned on the kernel: that block runs the torch path
-(:class:`Deferred`, the dispatch reason says so), no verdict is recorded, and the next block like it is
-probed again. On well-conditioned data the user's block decides.
+tests too little: a pass on it is confirmed on seeded random data of the same shapes, dtypes and device
+(the layer's own weights and inner LayerNorm, or seeded ones where those are weak too, and a drawn token
+scale), and a kernel that differs there is refused. A difference on weak data, or where the inner
+LayerNorm normalises two features or fewer (ill-conditioned whatever the data), or where the torch
+path's own result is further than the tolerance from its float64 result (data that only looks
+well-conditioned: targets the starting weights already fit, whose learning rates' gradients are rounding
+noise), is not pinned on the kernel: that block runs the torch path (:class:`Deferred`, the dispatch
+reason says so), no verdict is recorded, and the next block like it is probed again. On well-conditioned
+data the user's block decides.
 
 A probe whose torch result is not finite (the user's data overflows), or that holds no values (a batch
 of 0), decides nothing and is repeated on the next block. A kernel that raises, or returns non-finite

@@ -8,10 +8,10 @@ trials, over 8 in about 11%. The band here is Hesterberg's *expanded percentile*
 are taken at the tail ``Phi(-sqrt(n / (n - 1)) * t_{n-1})`` instead of ``(1 - confidence) / 2``, which
 turns the normal quantile into Student's t with the sample variance's ``n - 1``. Simulated with 2000
 trials of normal per-window differences of mean 0 (1000 resamples), it left 0 out in 7.0% of trials over
-6 windows, 6.6% over 8, 4.9% over 16 and 5.5% over 32 (each +-0.6%); skewed differences need more windows:
-with log-normal ones (shifted to mean 0) it left 0 out in 18.0%, 17.9%, 13.5% and 10.3%. Fewer than :data:`MIN_BAND_WINDOWS` windows get
-no band (NaN): no percentile band over so few values (it cannot reach past their range) covers what it
-says, so none is claimed.
+6 windows, 6.6% over 8, 4.9% over 16 and 5.5% over 32 (each +-0.6%); skewed differences need more
+windows: with log-normal ones (shifted to mean 0) it left 0 out in 18.0%, 17.9%, 13.5% and 10.3%. Fewer
+than :data:`MIN_BAND_WINDOWS` windows get no band (NaN): no percentile band over so few values (it
+cannot reach past their range) covers what it says, so none is claimed.
 """
 
 from __future__ import annotations

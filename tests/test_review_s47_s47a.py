@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from core.test_conformance import CASES, IN_REPOSITORY, case_directory, load_case
+from core.test_conformance import CASES, FP64_RELATIVE, IN_REPOSITORY, case_directory, load_case
 
 import innerloop
 from innerloop.core.functional import relative_error
@@ -84,7 +84,7 @@ def test_every_path_matches_the_float64_output(request, name, update_rule, kerne
     with torch.set_grad_enabled(record_graph):
         y, _ = layer(x)
     assert y.requires_grad == record_graph
-    assert relative_error(y.detach(), tensors["output_fp64"]) <= 1e-10
+    assert relative_error(y.detach(), tensors["output_fp64"]) <= FP64_RELATIVE
 
 
 @pytest.mark.slow  # 2.5 s in a fresh process (the isolated registry's built-ins checked once)

@@ -98,7 +98,9 @@ def test_output_and_every_gradient_fp32(request, name, update_rule):
         key = f"intermediate.final_{weight}_states"
         if key in tensors:
             current = state.params[weight] - tau[last] * state.pending[weight]
-            assert (current - tensors[key]).abs().max().item() <= 1e-5
+            # measured <= 1.1e-7 (both rules, every case); the reference's own float32 rounding of
+            # them (against our float64 run) is 7.5e-8; the weights are ~0.2, their updates 1e-2 to 0.18
+            assert (current - tensors[key]).abs().max().item() <= 2e-6
 
 
 @pytest.mark.parametrize("name", PARAMETRIZED_CASES)
@@ -107,7 +109,13 @@ def test_output_fp64(request, name):
     layer = load_layer(meta["layer_config"], {k: v.double() for k, v in params.items()})
     with torch.no_grad():
         y, _ = layer(tensors["input.hidden_states"].double())
-    assert relative_error(y, tensors["output_fp64"]) <= 1e-10
+    assert relative_error(y, tensors["output_fp64"]) <= FP64_RELATIVE
+
+
+# float64 against the reference's float64 output: measured 4.6e-16 to 7.9e-16 (every case and path);
+# a bound 1e4 times that let through, e.g., the tanh-GELU derivative with sqrt(2/pi) for the reference's
+# truncated 0.79788456 (1.9e-11 on TTT-MLP c1)
+FP64_RELATIVE = 1e-14
 
 
 def test_load_layer_rejects_a_foreign_state_dict(conformance_dir):

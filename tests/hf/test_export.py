@@ -249,10 +249,20 @@ def test_convert_to_hf_reproduces_the_reference_logits(
     for key in ("bos_token_id", "eos_token_id"):
         assert config[key] == generation[key] == reference[key], key
     expected = load_file(str(reference_models_dir / name / "expected.safetensors"))
-    model = AutoModelForCausalLM.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids, reference_logits = expected["input_ids"], expected["logits"]
     with torch.no_grad():
-        logits = model(expected["input_ids"]).logits
-    assert (logits - expected["logits"]).abs().max().item() < 1e-4
+        result = model(ids, labels=ids)
+        generated = model.generate(ids[:, :13], max_new_tokens=1, do_sample=False, pad_token_id=0)
+    assert (result.logits - reference_logits).abs().max().item() < 1e-4  # measured 2.0e-6 and 9.5e-7
+    # the loss of labels= and greedy decoding, against the reference's logits (review s49l)
+    reference_loss = torch.nn.functional.cross_entropy(
+        reference_logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
+    )
+    assert abs(result.loss.item() - reference_loss.item()) < 1e-5  # measured 0 and 4.8e-7
+    top = reference_logits[:, 12].topk(2, dim=-1).values
+    assert (top[:, 0] - top[:, 1]).min() > 1e-3  # decided by far more than the logits' error
+    assert torch.equal(generated[:, 13], reference_logits[:, 12].argmax(-1))
 
 
 def test_convert_to_hf_refuses_a_non_empty_out(reference_models_dir: Path, tmp_path: Path, capsys) -> None:

@@ -120,5 +120,8 @@ def test_the_official_per_token_and_per_chunk_losses_and_the_training_loss(mode)
     chunk = config["model"]["mini_batch_size"]
     chunk_loss = token_nll.view(token_nll.shape[0], -1, chunk).mean(-1)
     assert (token_nll - torch.from_numpy(official[f"token_nll_ttt_{mode}"])).abs().max() < 1e-5
+    # the official per-token losses recomputed from its logits (read by no test before review s49l)
+    from_logits = torch.from_numpy(official[f"token_nll_from_logits_run_ttt_{mode}"])
+    assert (token_nll - from_logits).abs().max() < 1e-5
     assert (chunk_loss - torch.from_numpy(official[f"chunk_loss_ttt_{mode}"])).abs().max() < 1e-5
     assert abs(float(loss) - float(official[f"chunk_loss_ttt_{mode}"].mean())) < 1e-5

@@ -42,6 +42,9 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "e2e"
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "e2e" / "ttt_e2e_tiny"
 CONFIG = json.loads((DATA / "config.json").read_text(encoding="utf-8"))
 CHUNK = CONFIG["model"]["mini_batch_size"]
+# The official logits: their README asks 1e-4 of any loader; measured 6.6e-7 (on) and 6.9e-7 (off) here,
+# float32 logits of magnitude < 0.67 (one ulp 6e-8), so 1e-5 is 15x what is seen (review s49l)
+OFFICIAL_LOGITS = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +95,7 @@ def test_logits_with_test_time_training_equal_the_official(arrays, official) -> 
     model = model_from_arrays(arrays, CONFIG)
     on = logits_of(model, official["input_ids"])
     error = np.abs(on - official["logits_ttt_on"]).max()
-    assert error < 1e-4, error
+    assert error < OFFICIAL_LOGITS, error
     # The first chunk is scored before any update: test-time training changes only later chunks.
     plain = model_from_arrays(arrays, CONFIG, test_time_training=False)
     off = logits_of(plain, official["input_ids"])
@@ -107,7 +110,7 @@ def test_the_configs_train_mode_decides_test_time_training(arrays, official) -> 
     config["training"]["train_mode"] = "pretrain"
     model = model_from_arrays(arrays, config)
     error = np.abs(logits_of(model, official["input_ids"]) - official["logits_ttt_off"]).max()
-    assert error < 1e-4, error
+    assert error < OFFICIAL_LOGITS, error
 
 
 def test_an_unknown_train_mode_is_refused_and_an_absent_one_is_the_official_default() -> None:
@@ -140,7 +143,7 @@ def test_an_unreadable_or_malformed_config_file_is_one_line(tmp_path, text, matc
 def test_logits_without_test_time_training_equal_the_official(arrays, official) -> None:
     model = model_from_arrays(arrays, CONFIG, test_time_training=False)
     error = np.abs(logits_of(model, official["input_ids"]) - official["logits_ttt_off"]).max()
-    assert error < 1e-4, error
+    assert error < OFFICIAL_LOGITS, error
 
 
 def test_fast_weights_after_the_first_and_last_chunk_equal_the_official(arrays, official) -> None:
@@ -165,7 +168,7 @@ def test_every_chunk_of_the_shared_vectors_from_their_orbax_checkpoint() -> None
     model = load_model(SHARED / "checkpoint", config)
     ids = np.load(SHARED / "input_ids.npy").astype(np.int64)
     targets = np.load(SHARED / "target_tokens.npy").astype(np.int64)
-    assert np.abs(logits_of(model, ids) - full["logits_ttt_on"]).max() < 1e-4
+    assert np.abs(logits_of(model, ids) - full["logits_ttt_on"]).max() < OFFICIAL_LOGITS
     after = fast_weights_after_each_chunk(
         model, torch.from_numpy(np.concatenate((ids, targets[:, -1:]), 1)), CHUNK
     )
@@ -228,7 +231,7 @@ def test_a_damaged_orbax_checkpoint_is_refused_with_the_array_named(tmp_path) ->
 def test_load_model_reads_orbax_and_the_config_file(official) -> None:
     pytest.importorskip("tensorstore", reason="the e2e extra (tensorstore) is part of the test extra")
     model = load_model(DATA / "checkpoint", DATA / "config.json")
-    assert np.abs(logits_of(model, official["input_ids"]) - official["logits_ttt_on"]).max() < 1e-4
+    assert np.abs(logits_of(model, official["input_ids"]) - official["logits_ttt_on"]).max() < OFFICIAL_LOGITS
 
 
 @pytest.mark.slow  # ~6 s: a fresh interpreter imports torch and innerloop
@@ -331,7 +334,7 @@ def test_cli_converts_to_an_innerloop_checkpoint(tmp_path, official, capsys) -> 
     assert main(args) == 0
     assert "1 with a prime MLP" in capsys.readouterr().out
     model = load_innerloop_model(tmp_path / "last.safetensors")
-    assert np.abs(logits_of(model, official["input_ids"]) - official["logits_ttt_on"]).max() < 1e-4
+    assert np.abs(logits_of(model, official["input_ids"]) - official["logits_ttt_on"]).max() < OFFICIAL_LOGITS
     assert main(args) == 2  # an existing checkpoint is not replaced without --overwrite
     assert "--overwrite" in capsys.readouterr().err
     assert main(args[:3] + [str(tmp_path / "other")]) == 2  # no CONFIG
@@ -365,7 +368,7 @@ def test_cli_converts_to_a_hugging_face_folder(tmp_path, official, capsys) -> No
     model = AutoModelForCausalLM.from_pretrained(str(out))
     with torch.no_grad():
         logits = model(torch.as_tensor(official["input_ids"], dtype=torch.long)).logits.float().numpy()
-    assert np.abs(logits - official["logits_ttt_on"]).max() < 1e-4
+    assert np.abs(logits - official["logits_ttt_on"]).max() < OFFICIAL_LOGITS
     assert not (out / "tokenizer.json").exists()
     assert main([*args, "--overwrite", "--tokenizer", "bytes"]) == 0  # a tokenizer only when named
     assert (out / "tokenizer.json").exists()
@@ -486,7 +489,9 @@ def test_a_warm_up_longer_than_the_run_still_gives_the_official_logits(arrays, o
     read = model.config.e2e
     assert (read.inner_lr, read.inner_lr_start, read.inner_lr_warmup_fraction) == (1.0, 0.1, 1.0)
     ids = official["input_ids"][:1, : 2 * CHUNK + 1]  # chunk 1 is scored after a step at that lr
-    assert np.abs(logits_of(model, ids) - official["logits_ttt_on"][:1, : ids.shape[1]]).max() < 1e-4
+    assert (
+        np.abs(logits_of(model, ids) - official["logits_ttt_on"][:1, : ids.shape[1]]).max() < OFFICIAL_LOGITS
+    )
 
 
 def test_the_official_dtype_aliases_are_accepted() -> None:

@@ -379,7 +379,7 @@ def test_official_tiny_logits_and_every_chunks_fast_weights() -> None:
         m = model_from_arrays(arrays, cfg, test_time_training=ttt)
         with torch.no_grad():
             logits, state = m(ids)
-        assert (logits - out[key]).abs().max() < 1e-4  # 7e-7 measured
+        assert (logits - out[key]).abs().max() < 1e-5  # 7e-7 measured
     # the 8th chunk trains once its last target (the next token) arrives
     m = model_from_arrays(arrays, cfg, test_time_training=True)
     with torch.no_grad():
@@ -395,7 +395,7 @@ def test_official_tiny_logits_and_every_chunks_fast_weights() -> None:
     # my float64 reference on the converted weights gives the official logits and per-chunk weights
     ref = Reference(m.double())
     logits, history = ref.one(ids[0])
-    assert (logits - out["logits_ttt_on"][0].double()).abs().max() < 1e-4
+    assert (logits - out["logits_ttt_on"][0].double()).abs().max() < 1e-5  # 7e-7 measured
     for c, fast in enumerate(history):
         assert (fast[(3, "gate_proj")].T - out["fast_w1_after_chunk"][0, c, 0].double()).abs().max() < 1e-5
 

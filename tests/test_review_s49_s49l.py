@@ -206,3 +206,49 @@ def test_greedy_decoding_of_the_official_e2e_model_follows_the_official_logits(t
     for length in lengths:
         tokens, _ = next(iter(generate(model, ids[:, :length], 1, temperature=0)))
         assert torch.equal(tokens, logits[:, length - 1].argmax(-1)), length
+
+
+# --------------------------------------------------------------------------------------------------
+# The initial weights of the convs: as each reference draws them
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mixer", ["ttt", "attention", "deltanet"])
+def test_the_pre_conv_starts_as_the_reference_leaves_it(mixer):
+    """ttt-lm-pytorch's ``_init_weights`` draws only ``nn.Linear`` and ``nn.Embedding``: its pre-conv
+    (``Conv``: ``nn.Conv1d`` with bias, depthwise) keeps PyTorch's default, weights and bias uniform in
+    +-1/sqrt(kernel) (std 0.29 at kernel 4), as the TTT layer's shared-QK convs do here. innerloop drew
+    it from normal(0, init_std) with a zero bias: 14x smaller, a pre-conv that starts almost off."""
+    from innerloop.models import CausalLM, ModelConfig
+
+    torch.manual_seed(0)
+    config = ModelConfig(mixer=mixer, hidden_size=64, num_layers=2, num_heads=4, window=8, pre_conv=True)
+    model = CausalLM(config)
+    bound = 1 / config.pre_conv_kernel**0.5
+    for block in model.blocks:
+        conv = block.pre_conv.conv
+        for tensor in (conv.weight, conv.bias):
+            assert tensor.abs().max() <= bound
+            # 256 (weight) and 64 (bias) uniform draws: std within 25% of bound / sqrt(3)
+            assert tensor.std().item() == pytest.approx(bound / 3**0.5, rel=0.25)
+
+
+@pytest.mark.parametrize("mixer", ["linear_attention", "deltanet", "gated_deltanet", "titans"])
+def test_the_family_layers_short_convs_start_as_flas_models_draw_them(mixer):
+    """FLA's models draw every ``nn.Conv1d`` (its ``ShortConvolution``) from normal(0,
+    initializer_range), as their projections (``_init_weights``: ``isinstance(module, (nn.Linear,
+    nn.Conv1d))``); innerloop left the family layers' short convs at PyTorch's default (std 0.29 at
+    kernel 4, 14x larger)."""
+    from innerloop.models import CausalLM, ModelConfig
+
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(mixer=mixer, hidden_size=64, num_layers=2, num_heads=4))
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv1d) and ".mixer." in n}
+    if mixer == "linear_attention":  # FLA's linear attention has no short convs
+        assert not convs
+        return
+    assert len(convs) == 6  # q, k and v of each of the two blocks
+    for name, conv in convs.items():
+        # 256 normal draws: std within 15% of init_std
+        assert conv.weight.std().item() == pytest.approx(model.config.init_std, rel=0.15), name
+        assert conv.bias is None

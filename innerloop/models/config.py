@@ -203,7 +203,9 @@ class ModelConfig:
             float32's smallest normal number rounds to 0 there, and a zero row's RMSNorm is NaN).
         tie_embeddings: the LM head shares the embedding's weights (default); false gives the head
             its own ``[vocab_size, hidden_size]`` weights.
-        init_std: standard deviation of the normal init of embeddings and projections.
+        init_std: standard deviation of the normal init of embeddings and projections (and of the
+            family layers' short convs, as FLA's models; the pre-conv keeps PyTorch's default, as the
+            TTT reference's does).
         padding_id: a token id whose embedding row starts at zero and takes no gradient through the
             lookup (``nn.Embedding``'s ``padding_idx``; the reference models set it from
             ``pad_token_id``), in ``[0, vocab_size)``; None (default): every row trains.

@@ -17,10 +17,11 @@ from torch import nn
 from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
 
 from innerloop.core.eager import run_eagerly
+from innerloop.core.family_layers import FamilyLayer
 from innerloop.core.functional import RMSNorm
 from innerloop.core.layer import check_input_recordable
 from innerloop.core.state import check_batch_rows, check_states
-from innerloop.models.blocks import Block, BlockState, CausalDepthwiseConv
+from innerloop.models.blocks import Block, BlockState
 from innerloop.models.config import (
     ModelConfig,
     built_fields_of_causal_lm,
@@ -299,6 +300,12 @@ class CausalLM(nn.Module):
         at PyTorch's default (uniform, std 1/sqrt(3 * width)), a 64-wide TTT layer's projections
         would start 3.6x larger than the reference's. The layers' inner parameters (the initial inner
         weights, the inner lr gate, the norms) are initialised by the layers, as in the reference.
+
+        The convs follow the same references: the pre-conv and a TTT layer's shared-QK convs keep
+        PyTorch's default (uniform in +-1/sqrt(kernel), bias too), which ttt-lm-pytorch's
+        ``_init_weights`` (``nn.Linear`` and ``nn.Embedding`` only) leaves them at; the family layers'
+        short convs are drawn like their projections, normal(0, init_std), as FLA's models draw every
+        ``nn.Conv1d``.
         """
         std = self.config.init_std
         init_embedding(self.embed, std)
@@ -307,9 +314,11 @@ class CausalLM(nn.Module):
                 nn.init.normal_(module.weight, std=std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, CausalDepthwiseConv):
-                nn.init.normal_(module.conv.weight, std=std)
-                nn.init.zeros_(module.conv.bias)
+        for block in self.blocks:
+            if isinstance(block.mixer, FamilyLayer):
+                for conv in block.mixer.modules():
+                    if isinstance(conv, nn.Conv1d):  # FLA's short convs: no bias
+                        nn.init.normal_(conv.weight, std=std)
 
     def forward(self, input_ids: torch.Tensor, state: LMState | None = None) -> tuple[torch.Tensor, LMState]:
         """``input_ids [B, T]`` (int64) → ``logits [B, T, vocab]`` and the state after the last token.

@@ -58,6 +58,7 @@ from innerloop.data.recall import RECALL_VALUES, recall_length
 from innerloop.data.text import check_text_split, refuse_compressed, split_keys
 from innerloop.data.tokenizer import BYTES, Tokenizer, TokenizerError, load_tokenizer
 from innerloop.models.config import (
+    E2E_CHECKPOINTING_REFUSED,
     check_keys,
     check_weight_decay,
     field_types,
@@ -917,6 +918,7 @@ def validate_run_config(run: RunConfig) -> None:
         _check_text(run)
     _check_hf(run)
     _check_trainer_names(run)
+    _check_gradient_checkpointing(run)
     check_lightning_arguments(run.trainer.lightning, ConfigError)
     _check_trainer_combination(run)
     check_loggers(run.logger, ConfigError)
@@ -1507,6 +1509,21 @@ def concrete_precision(precision: str, accelerator: str) -> str:
     if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
         return "16-mixed"
     return "bf16-mixed"
+
+
+def _check_gradient_checkpointing(run: RunConfig) -> None:
+    """``trainer.gradient_checkpointing`` is a bool (a string such as 'no' would turn it on), and not
+    given for the TTT-E2E model, which refuses activation checkpointing (its inner loop)."""
+    value = run.trainer.gradient_checkpointing
+    try:
+        check_flag("trainer.gradient_checkpointing", value)
+    except TypeError as err:
+        raise ConfigError(str(err)) from None
+    if value and run.model.mixer == "e2e":
+        raise ConfigError(
+            "trainer.gradient_checkpointing=true is not supported with model.mixer='e2e': "
+            + E2E_CHECKPOINTING_REFUSED
+        )
 
 
 def _check_trainer_combination(run: RunConfig) -> None:

@@ -124,7 +124,11 @@ class TrainerConfig:
     ``deterministic``, ...), checked against the Trainer's signature. A config or override may give
     them directly under ``trainer`` (``trainer.accumulate_grad_batches=2``): loading moves them here,
     and maps the Lightning names of innerloop's own keys (``log_every_n_steps``, ``val_check_interval``,
-    ``gradient_clip_val``, ...) onto those keys (:mod:`innerloop.config.trainer_args`)."""
+    ``gradient_clip_val``, ...) onto those keys (:mod:`innerloop.config.trainer_args`).
+
+    ``gradient_checkpointing``: recompute each block in the backward instead of keeping its activations
+    (:meth:`innerloop.models.CausalLM.gradient_checkpointing_enable`): less memory, about one more forward
+    of the blocks per step, the same loss and gradients. Not for ``model.mixer=e2e``."""
 
     max_steps: int = 1000
     val_every: int = 250
@@ -137,6 +141,7 @@ class TrainerConfig:
     num_position_buckets: int = 16
     diagnostics_batches: int = 1
     progress_bar: bool = True
+    gradient_checkpointing: bool = False
     threads: int = 0
     lightning: dict[str, Any] = field(default_factory=dict)
 

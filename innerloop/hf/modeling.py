@@ -70,8 +70,14 @@ from innerloop.hf.arguments import (
 from innerloop.hf.configuration import InnerloopConfig, model_config_from, with_earlier_defaults
 from innerloop.hf.remote_code import AUTO_MAP, write_shims
 from innerloop.models import E2EState, LMState, build_model
-from innerloop.models.config import E2E, check_fits_in_memory
-from innerloop.models.lm import check_not_vmap_batched, check_token_id_layout
+from innerloop.models.config import E2E, E2E_CHECKPOINTING_REFUSED, check_fits_in_memory
+from innerloop.models.lm import (
+    CHECKPOINT_BLOCKS,
+    CheckpointFunction,
+    check_checkpoint_function,
+    check_not_vmap_batched,
+    check_token_id_layout,
+)
 
 
 class InnerloopCache:
@@ -528,7 +534,7 @@ class InnerloopPreTrainedModel(PreTrainedModel):
     config: InnerloopConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # not for TTT-E2E: _set_gradient_checkpointing refuses it
     _is_stateful = True
     _no_split_modules: list[str] = []
     _tied_weights_keys = {TIED_HEAD_KEY: "model.embed.weight"}
@@ -557,6 +563,29 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         self.model = build_model(config.model_config)
         self.post_init()
         self._mark_model_config_synced()
+
+    def _set_gradient_checkpointing(
+        self,
+        enable: bool = True,
+        gradient_checkpointing_func: CheckpointFunction = CHECKPOINT_BLOCKS,
+        every_n_layers: int = 1,
+    ) -> None:
+        """transformers' hook of ``gradient_checkpointing_enable`` / ``activation_checkpointing_enable`` and
+        their ``_disable``: the innerloop model's blocks run through ``gradient_checkpointing_func`` (a
+        ``torch.utils.checkpoint`` with the ``gradient_checkpointing_kwargs``; transformers' default is
+        non-reentrant, and ``use_reentrant=True`` is refused by name), every ``every_n_layers``-th block,
+        while training with gradients on (:meth:`innerloop.models.CausalLM.gradient_checkpointing_enable`).
+        The TTT-E2E model refuses it (``ValueError``, as transformers does for a model without it)."""
+        if not enable:
+            self.model.gradient_checkpointing_disable()
+            return
+        if self.config.model["mixer"] == E2E:  # type: ignore[index]
+            raise ValueError(
+                f"{type(self).__name__} does not support activation checkpointing for model.mixer={E2E!r}: "
+                f"{E2E_CHECKPOINTING_REFUSED}"
+            )
+        check_checkpoint_function(gradient_checkpointing_func, "gradient_checkpointing_kwargs")
+        self.model.gradient_checkpointing_enable(every_n_layers, gradient_checkpointing_func)
 
     def _mark_model_config_synced(self) -> None:
         """Remember ``config.model`` and the inner model's config as they are now, one and the same model

@@ -41,6 +41,15 @@ E2E: str = "e2e"
 attention whose prime MLPs learn at test time, options in :class:`E2EConfig`), built by
 :func:`innerloop.models.build_model`."""
 
+E2E_CHECKPOINTING_REFUSED = (
+    "the TTT-E2E model does not support activation (gradient) checkpointing. Its inner loop takes the "
+    "gradient of each chunk's loss inside the forward, which unpacks the suffix blocks' saved tensors at "
+    "once, so they are kept under a checkpoint anyway (nothing saved), and a recomputation would run the "
+    "inner steps again; train it without checkpointing"
+)
+"""Why :class:`~innerloop.models.E2ELM` refuses activation checkpointing (its method, the run key, the
+Hugging Face model)."""
+
 BACKBONES: tuple[str, ...] = ("transformer", "mamba")
 """The paper's two backbones. ``mamba`` adds the pre-conv residual to every block and turns on
 ``share_qk`` and the output gate of the TTT layer; ``transformer`` uses neither."""

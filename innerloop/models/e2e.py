@@ -68,6 +68,7 @@ from innerloop.models.attention import (
 from innerloop.models.blocks import SwiGLU
 from innerloop.models.config import (
     E2E,
+    E2E_CHECKPOINTING_REFUSED,
     ModelConfig,
     changed_built_field,
     check_fits_in_memory,
@@ -737,6 +738,17 @@ class E2ELM(nn.Module):
         self._built = {field: config_value(config, field) for field in BUILT_FIELDS}
         self._warned_of_one_chunk_training = False
         self._init_weights()
+
+    gradient_checkpointing = False
+    """Always False: :meth:`gradient_checkpointing_enable` refuses (read by Hugging Face's
+    ``is_activation_checkpointing``)."""
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """Refused (``NotImplementedError``): see :data:`~innerloop.models.config.E2E_CHECKPOINTING_REFUSED`."""
+        raise NotImplementedError(E2E_CHECKPOINTING_REFUSED)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Nothing to do: the TTT-E2E model never checkpoints."""
 
     def _init_weights(self) -> None:
         """Normal(0, init_std) for the embedding and every projection; norms start at 1."""

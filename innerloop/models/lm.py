@@ -8,17 +8,19 @@ from ``state``, which is how :func:`innerloop.models.generate` decodes one token
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
+from torch.utils.checkpoint import checkpoint
 
 from innerloop.core.eager import run_eagerly
 from innerloop.core.family_layers import FamilyLayer
-from innerloop.core.functional import RMSNorm
+from innerloop.core.functional import RMSNorm, check_flag, check_positive_int
 from innerloop.core.layer import check_input_recordable
 from innerloop.core.state import check_batch_rows, check_states
 from innerloop.models.blocks import Block, BlockState
@@ -261,8 +263,37 @@ def init_embedding(embed: nn.Embedding, std: float) -> None:
             embed.weight[embed.padding_idx].zero_()
 
 
+CheckpointFunction = Callable[..., Any]
+"""How a block runs recomputed in the backward: ``torch.utils.checkpoint.checkpoint``'s signature
+(``function, *args``), its options bound (``functools.partial``)."""
+
+CHECKPOINT_BLOCKS = functools.partial(checkpoint, use_reentrant=False)
+"""The default :data:`CheckpointFunction`: a non-reentrant checkpoint, which replays the RNG (dropout)
+and passes gradients through every tensor of a block's input and output, the carried states' too."""
+
+
+def check_checkpoint_function(function: Any, name: str = "gradient_checkpointing_func") -> None:
+    """Refuse, naming ``name``, what is not callable or is a reentrant ``torch.utils.checkpoint``
+    (``use_reentrant=True``): a reentrant checkpoint passes gradients only through tensors given and
+    returned as such, not through the states a block takes and returns (their gradients would be lost
+    silently), and refuses the gradients the layers take inside their forward."""
+    if not callable(function):
+        raise TypeError(f"{name} must be callable like torch.utils.checkpoint.checkpoint, got {function!r}")
+    options = getattr(function, "keywords", None) or {}
+    if options.get("use_reentrant", False) is not False:
+        raise ValueError(
+            f"{name} has use_reentrant={options['use_reentrant']!r}: innerloop's blocks are checkpointed "
+            "non-reentrantly only (use_reentrant=False; a reentrant checkpoint would drop the gradients of "
+            "the carried states and refuses the gradients the layers take inside their forward)"
+        )
+
+
 class CausalLM(nn.Module):
     """Decoder-only language model whose blocks use the mixer named in ``config``.
+
+    Activation (gradient) checkpointing: :meth:`gradient_checkpointing_enable` (``trainer.
+    gradient_checkpointing`` in a run) recomputes each block in the backward instead of keeping its
+    activations, while the model trains with gradients on.
 
     Args:
         config: a :class:`ModelConfig`; it is validated (names, shapes, plugin names) first. The model
@@ -290,6 +321,43 @@ class CausalLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self._init_weights()
+        self._gradient_checkpointing = False
+        self._checkpoint_every = 1
+        self._gradient_checkpointing_func: CheckpointFunction = CHECKPOINT_BLOCKS
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether blocks are recomputed in the backward (:meth:`gradient_checkpointing_enable`)."""
+        return self._gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        check_flag("gradient_checkpointing", enabled)  # a string such as 'no' would turn it on
+        self._gradient_checkpointing = bool(enabled)
+
+    def gradient_checkpointing_enable(
+        self, every_n_layers: int = 1, checkpoint_function: CheckpointFunction | None = None
+    ) -> None:
+        """Recompute blocks in the backward instead of keeping their activations (less memory, one more
+        forward of the blocks per backward): every ``every_n_layers``-th block from the first, each
+        through ``checkpoint_function`` (default :data:`CHECKPOINT_BLOCKS`, a non-reentrant
+        ``torch.utils.checkpoint``; a reentrant one is refused). Only while the model is in training
+        mode with gradients on: evaluation, ``torch.no_grad`` and decoding run as before. Loss and
+        gradients are those without it (the states carried between calls included)."""
+        check_positive_int("every_n_layers", every_n_layers)
+        function = CHECKPOINT_BLOCKS if checkpoint_function is None else checkpoint_function
+        check_checkpoint_function(function, "checkpoint_function")
+        self._checkpoint_every, self._gradient_checkpointing_func = every_n_layers, function
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Keep every block's activations again (the default)."""
+        self.gradient_checkpointing = False
+
+    def _checkpoints_block(self, index: int) -> bool:
+        """Whether block ``index`` runs recomputed in the backward in this call."""
+        on = self._gradient_checkpointing and self.training and torch.is_grad_enabled()
+        return on and index % self._checkpoint_every == 0
 
     def _init_weights(self) -> None:
         """Normal(0, init_std) for the embedding and every linear projection, biases zero.
@@ -345,7 +413,11 @@ class CausalLM(nn.Module):
         h = self.embed(input_ids)  # [B, T, D]
         new_states = []
         for i, block in enumerate(self.blocks):
-            h, block_state = block(h, None if state is None else state.blocks[i])
+            block_state = None if state is None else state.blocks[i]
+            if self._checkpoints_block(i):
+                h, block_state = self._gradient_checkpointing_func(block, h, block_state)
+            else:
+                h, block_state = block(h, block_state)
             new_states.append(block_state)
         h = self.norm(h)
         return self.lm_head(h) if head else h, LMState(tuple(new_states))

@@ -440,7 +440,7 @@ class _RecordRunData(Callback):
 def build_module(run: RunConfig) -> LanguageModelModule:
     """The LightningModule for ``run``'s model and optimizer settings."""
     optim = require_run_config(run).optim
-    return LanguageModelModule(
+    module = LanguageModelModule(
         model=asdict(run.model),
         lr=optim.lr,
         weight_decay=optim.weight_decay,
@@ -454,6 +454,9 @@ def build_module(run: RunConfig) -> LanguageModelModule:
         schedule=optim.schedule,
         decay_steps=decay_steps(run),
     )
+    if run.trainer.gradient_checkpointing:  # a memory setting of the run, not of the model: not saved
+        module.model.gradient_checkpointing_enable()
+    return module
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:

@@ -31,9 +31,3 @@ def test_batched_stop_strings_pad_a_finished_row_only_with_an_eos_token_id_as_do
         PROMPTS, attention_mask=torch.ones_like(PROMPTS), eos_token_id=0, pad_token_id=0, **options
     )
     assert padded[:, 5:].tolist() == [alone[0] + [0] * 6, alone[1]]
-
-
-def test_gradient_checkpointing_is_refused_as_docs_say() -> None:
-    """docs/huggingface.md: activation checkpointing is not supported, and transformers says so."""
-    with pytest.raises(ValueError, match=r"InnerloopForCausalLM does not support activation checkpointing"):
-        tiny_hf_model("swa").gradient_checkpointing_enable()

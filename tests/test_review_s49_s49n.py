@@ -126,6 +126,23 @@ def test_checkpointing_saves_fewer_tensor_bytes_for_the_backward() -> None:
     assert kept[True] < kept[False] / 2, kept
 
 
+@pytest.mark.slow  # two profiled training steps: about 1 s
+def test_checkpointing_lowers_the_peak_memory_of_a_training_step() -> None:
+    """The profiler's peak of the tensors a step allocates (docs/training.md states larger models'); not
+    timed."""
+    from innerloop.testing.memory import peak_cpu_allocation
+
+    model = _model("ttt_linear", torch.float32)
+    ids = torch.randint(0, 64, (2, 64))
+    model(ids[:, :8])[0].sum().backward()  # first use (kernel checks) before measuring
+    peaks = {}
+    for on in (False, True):
+        model.gradient_checkpointing = on
+        model.zero_grad(set_to_none=True)
+        peaks[on] = peak_cpu_allocation(lambda: model(ids)[0].logsumexp(-1).sum().backward())
+    assert peaks[True] < 0.6 * peaks[False], peaks
+
+
 def test_a_wrong_option_value_is_refused_by_name() -> None:
     model = _model("swa")
     with pytest.raises(TypeError, match=r"gradient_checkpointing='yes' \(str\) must be True or False"):

@@ -156,7 +156,24 @@ def test_a_wrong_option_value_is_refused_by_name() -> None:
         model.gradient_checkpointing_enable(checkpoint_function=partial(reentrant, use_reentrant=True))
     with pytest.raises(TypeError, match=r"checkpoint_function must be callable"):
         model.gradient_checkpointing_enable(checkpoint_function="checkpoint")
+    with pytest.raises(ValueError, match=r"checkpoint_function has use_reentrant=None \(torch's default"):
+        model.gradient_checkpointing_enable(checkpoint_function=reentrant)  # torch's default: reentrant
+    with pytest.raises(
+        ValueError, match=r"gradient_checkpointing_kwargs has \['use_reentrnt'\], not options"
+    ):
+        model.gradient_checkpointing_enable({"use_reentrnt": False})  # would reach the block's forward
+    with pytest.raises(ValueError, match=r"gradient_checkpointing_kwargs has use_reentrant=True"):
+        model.gradient_checkpointing_enable({"use_reentrant": True})
+    with pytest.raises(TypeError, match=r"gradient_checkpointing_kwargs must be a dict"):
+        model.gradient_checkpointing_enable(["use_reentrant"])
+    with pytest.raises(ValueError, match=r"not both"):
+        model.gradient_checkpointing_enable({}, checkpoint_function=partial(reentrant, use_reentrant=False))
     assert not model.gradient_checkpointing
+    model.gradient_checkpointing_enable({"determinism_check": "none"})  # as Hugging Face's models take them
+    assert model._gradient_checkpointing_func.keywords == {
+        "use_reentrant": False,
+        "determinism_check": "none",
+    }
 
 
 def test_the_e2e_model_refuses_checkpointing_saying_why() -> None:

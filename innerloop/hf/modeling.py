@@ -585,7 +585,9 @@ class InnerloopPreTrainedModel(PreTrainedModel):
                 f"{E2E_CHECKPOINTING_REFUSED}"
             )
         check_checkpoint_function(gradient_checkpointing_func, "gradient_checkpointing_kwargs")
-        self.model.gradient_checkpointing_enable(every_n_layers, gradient_checkpointing_func)
+        self.model.gradient_checkpointing_enable(
+            every_n_layers=every_n_layers, checkpoint_function=gradient_checkpointing_func
+        )
 
     def _mark_model_config_synced(self) -> None:
         """Remember ``config.model`` and the inner model's config as they are now, one and the same model

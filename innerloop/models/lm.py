@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
@@ -272,20 +273,60 @@ CHECKPOINT_BLOCKS = functools.partial(checkpoint, use_reentrant=False)
 and passes gradients through every tensor of a block's input and output, the carried states' too."""
 
 
+CHECKPOINT_OPTIONS = frozenset(
+    p.name for p in inspect.signature(checkpoint).parameters.values() if p.kind is p.KEYWORD_ONLY
+)
+"""The options ``torch.utils.checkpoint.checkpoint`` takes by keyword (``use_reentrant``, ``context_fn``,
+...): the keys ``gradient_checkpointing_kwargs`` may hold."""
+
+
 def check_checkpoint_function(function: Any, name: str = "gradient_checkpointing_func") -> None:
     """Refuse, naming ``name``, what is not callable or is a reentrant ``torch.utils.checkpoint``
     (``use_reentrant=True``): a reentrant checkpoint passes gradients only through tensors given and
-    returned as such, not through the states a block takes and returns (their gradients would be lost
-    silently), and refuses the gradients the layers take inside their forward."""
+    returned as such, not through the states a block takes and returns inside dataclasses (the
+    gradients came out wrong, silently: by 2.5 for ``swa``, 78 for TTT-Linear). torch's ``checkpoint``
+    without ``use_reentrant`` is reentrant, so it is refused too."""
     if not callable(function):
         raise TypeError(f"{name} must be callable like torch.utils.checkpoint.checkpoint, got {function!r}")
     options = getattr(function, "keywords", None) or {}
-    if options.get("use_reentrant", False) is not False:
+    base = function.func if isinstance(function, functools.partial) else function
+    # torch's checkpoint without use_reentrant is reentrant (with a warning; torch >= 2.9 may refuse it)
+    reentrant = options.get("use_reentrant", None if base is checkpoint else False)
+    if reentrant is not False:
+        given = "torch's default, reentrant" if reentrant is None else "given"
         raise ValueError(
-            f"{name} has use_reentrant={options['use_reentrant']!r}: innerloop's blocks are checkpointed "
-            "non-reentrantly only (use_reentrant=False; a reentrant checkpoint would drop the gradients of "
-            "the carried states and refuses the gradients the layers take inside their forward)"
+            f"{name} has use_reentrant={reentrant!r} ({given}): innerloop's blocks are checkpointed "
+            "non-reentrantly only (use_reentrant=False): a reentrant checkpoint passes no gradient through the "
+            "states the blocks carry, so the gradients would come out wrong"
         )
+
+
+def _checkpoint_function(
+    kwargs: Mapping[str, Any] | None, function: CheckpointFunction | None
+) -> CheckpointFunction:
+    """What :meth:`CausalLM.gradient_checkpointing_enable` runs each block through, checked."""
+    if kwargs is not None and function is not None:
+        raise ValueError("give gradient_checkpointing_kwargs or checkpoint_function, not both")
+    if function is not None:
+        check_checkpoint_function(function, "checkpoint_function")
+        return function
+    if kwargs is None:
+        return CHECKPOINT_BLOCKS
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise TypeError(
+            f"gradient_checkpointing_kwargs must be a dict of torch.utils.checkpoint.checkpoint's keyword "
+            f"arguments, got {kwargs!r}"
+        )
+    options = sorted(CHECKPOINT_OPTIONS)
+    unknown = sorted(set(kwargs) - CHECKPOINT_OPTIONS)
+    if unknown:  # torch would pass them on to the block, which fails at the first forward
+        raise ValueError(
+            f"gradient_checkpointing_kwargs has {unknown}, not options of torch.utils.checkpoint.checkpoint; "
+            f"valid: {options}"
+        )
+    function = functools.partial(checkpoint, **{"use_reentrant": False, **kwargs})
+    check_checkpoint_function(function, "gradient_checkpointing_kwargs")
+    return function
 
 
 class CausalLM(nn.Module):
@@ -336,17 +377,21 @@ class CausalLM(nn.Module):
         self._gradient_checkpointing = bool(enabled)
 
     def gradient_checkpointing_enable(
-        self, every_n_layers: int = 1, checkpoint_function: CheckpointFunction | None = None
+        self,
+        gradient_checkpointing_kwargs: Mapping[str, Any] | None = None,
+        *,
+        every_n_layers: int = 1,
+        checkpoint_function: CheckpointFunction | None = None,
     ) -> None:
         """Recompute blocks in the backward instead of keeping their activations (less memory, one more
         forward of the blocks per backward): every ``every_n_layers``-th block from the first, each
-        through ``checkpoint_function`` (default :data:`CHECKPOINT_BLOCKS`, a non-reentrant
-        ``torch.utils.checkpoint``; a reentrant one is refused). Only while the model is in training
-        mode with gradients on: evaluation, ``torch.no_grad`` and decoding run as before. Loss and
-        gradients are those without it (the states carried between calls included)."""
+        through ``torch.utils.checkpoint.checkpoint`` with ``gradient_checkpointing_kwargs`` (as Hugging
+        Face's models take them; ``use_reentrant`` defaults to False, and True is refused), or through
+        ``checkpoint_function`` (a function of ``checkpoint``'s signature; not with the kwargs). Only
+        while the model is in training mode with gradients on: evaluation, ``torch.no_grad`` and
+        decoding run as before. Loss and gradients are those without it (the carried states' too)."""
         check_positive_int("every_n_layers", every_n_layers)
-        function = CHECKPOINT_BLOCKS if checkpoint_function is None else checkpoint_function
-        check_checkpoint_function(function, "checkpoint_function")
+        function = _checkpoint_function(gradient_checkpointing_kwargs, checkpoint_function)
         self._checkpoint_every, self._gradient_checkpointing_func = every_n_layers, function
         self.gradient_checkpointing = True
 

@@ -143,6 +143,37 @@ def test_checkpointing_lowers_the_peak_memory_of_a_training_step() -> None:
     assert peaks[True] < 0.6 * peaks[False], peaks
 
 
+def _layers(model: CausalLM) -> list:
+    from innerloop.core.layer import TTTLayer
+
+    return [m for m in model.modules() if isinstance(m, TTTLayer)]
+
+
+@pytest.mark.slow  # two forwards and backwards of a tiny TTT model: ~0.5 s
+def test_call_options_changed_between_forward_and_backward_do_not_change_the_recomputation() -> None:
+    """The training loop lets NaN through during its forward (non_finite='ignore') and puts 'raise' back
+    before the backward: the recomputation ran the other checks and torch refused it (CheckpointError,
+    'Recomputed values ... have different metadata'; `innerloop train` with
+    trainer.gradient_checkpointing=true failed at its first step). A base_lr changed before the backward
+    gave other gradients, silently. The recomputation runs with the options of the forward."""
+    model = _model("ttt_linear")
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    loss = model(ids)[0].logsumexp(-1).mean()
+    loss.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    model.gradient_checkpointing_enable()
+    for layer in _layers(model):
+        layer.non_finite = "ignore"
+    loss = model(ids)[0].logsumexp(-1).mean()
+    for layer in _layers(model):
+        layer.non_finite, layer.base_lr = "raise", 3 * layer.base_lr
+    loss.backward()
+    for got, expected in zip([p.grad for p in model.parameters()], want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert all(layer.non_finite == "raise" for layer in _layers(model))  # put back after the recomputation
+
+
 def test_a_wrong_option_value_is_refused_by_name() -> None:
     model = _model("swa")
     with pytest.raises(TypeError, match=r"gradient_checkpointing='yes' \(str\) must be True or False"):

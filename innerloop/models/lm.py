@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from innerloop.core.eager import run_eagerly
 from innerloop.core.family_layers import FamilyLayer
 from innerloop.core.functional import RMSNorm, check_flag, check_positive_int
-from innerloop.core.layer import check_input_recordable
+from innerloop.core.layer import CALL_OPTIONS, TTTLayer, check_input_recordable
 from innerloop.core.state import check_batch_rows, check_states
 from innerloop.models.blocks import Block, BlockState
 from innerloop.models.config import (
@@ -329,6 +329,29 @@ def _checkpoint_function(
     return function
 
 
+def _call_options_pinned(block: nn.Module) -> Callable[..., Any]:
+    """``block``'s forward with its TTT layers' call options (:data:`~innerloop.core.layer.CALL_OPTIONS`:
+    ``base_lr``, ``non_finite``, ``kernel``, ...) as they are now, also when a checkpoint recomputes it in
+    the backward. Options changed between the forward and the backward (the training loop lets NaN through
+    while its forward runs, ``non_finite='ignore'``, and puts ``'raise'`` back before the backward) would
+    otherwise recompute another function: torch's check refuses one that saves other tensors, and one of
+    the same shapes (a new ``base_lr``) would give wrong gradients silently."""
+    layers = [m for m in block.modules() if isinstance(m, TTTLayer)]
+    pinned = [{name: layer.__dict__[name] for name in CALL_OPTIONS} for layer in layers]
+
+    def forward_as_then(*args: Any) -> Any:
+        now = [{name: layer.__dict__[name] for name in CALL_OPTIONS} for layer in layers]
+        for layer, options in zip(layers, pinned, strict=True):
+            layer.__dict__.update(options)  # the values the layer held and checked: no new check
+        try:
+            return block(*args)
+        finally:
+            for layer, options in zip(layers, now, strict=True):
+                layer.__dict__.update(options)
+
+    return forward_as_then
+
+
 class CausalLM(nn.Module):
     """Decoder-only language model whose blocks use the mixer named in ``config``.
 
@@ -460,7 +483,9 @@ class CausalLM(nn.Module):
         for i, block in enumerate(self.blocks):
             block_state = None if state is None else state.blocks[i]
             if self._checkpoints_block(i):
-                h, block_state = self._gradient_checkpointing_func(block, h, block_state)
+                h, block_state = self._gradient_checkpointing_func(
+                    _call_options_pinned(block), h, block_state
+                )
             else:
                 h, block_state = block(h, block_state)
             new_states.append(block_state)

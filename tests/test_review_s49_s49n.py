@@ -213,3 +213,26 @@ def test_the_e2e_model_refuses_checkpointing_saying_why() -> None:
     with pytest.raises(NotImplementedError, match=r"TTT-E2E model does not support activation"):
         model.gradient_checkpointing_enable()
     assert model.gradient_checkpointing is False
+
+
+@pytest.mark.slow  # loads three configs (and imports the config layer): ~3 s
+def test_the_run_key_is_a_bool_turns_checkpointing_on_and_is_refused_for_e2e(tmp_path) -> None:
+    from innerloop.config import ConfigError, load_config
+    from innerloop.train.run import build_module
+
+    out = str(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"'trainer.gradient_checkpointing'.*'yes' is not true or false"):
+        load_config("tiny", ["trainer.gradient_checkpointing=yes"], out_dir=out)
+    with pytest.raises(
+        ConfigError, match=r"trainer.gradient_checkpointing=true is not supported with model.mixer='e2e'"
+    ):
+        load_config("e2e-tiny", ["trainer.gradient_checkpointing=true"], out_dir=out)
+    run, _ = load_config("tiny", ["trainer.gradient_checkpointing=true", "model.num_layers=1"], out_dir=out)
+    assert build_module(run).model.gradient_checkpointing
+    run.trainer.gradient_checkpointing = "no"  # a run built in Python: checked too
+    from innerloop.config import validate_run_config
+
+    with pytest.raises(
+        ConfigError, match=r"trainer.gradient_checkpointing='no' \(str\) must be True or False"
+    ):
+        validate_run_config(run)

@@ -131,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="innerloop", description="Test-time-training sequence layers.", formatter_class=_HelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_running_version()}")
+    _add_plugin_module_option(parser, "plugin_modules_before")
     commands = parser.add_subparsers(
         dest="command", metavar="COMMAND", help="what to do; `innerloop COMMAND --help` explains it"
     )
@@ -152,7 +153,35 @@ def _parser() -> argparse.ArgumentParser:
         ),
         formatter_class=_HelpFormatter,
     )
+    for name, command in commands.choices.items():
+        if name != "tokenizer":  # every command that builds or loads a model, or lists the plugins
+            _add_plugin_module_option(command, "plugin_modules")
     return parser
+
+
+_PLUGIN_MODULE_HELP = (
+    "load the plugin module MODULE (an importable module name, my_pkg.plugin, or a .py file, ./my_loss.py) "
+    "that is not installed, as an installed plugin's; repeatable, before or after the command. "
+    "INNERLOOP_PLUGIN_MODULES=a,b loads modules too (first); default: none (installed plugins only)"
+)
+
+
+def _add_plugin_module_option(parser: argparse.ArgumentParser, dest: str) -> None:
+    """``-p MODULE`` (repeatable) on ``parser``; the top-level parser and the command's keep their own
+    lists (a command's parser would otherwise replace the top-level one's)."""
+    parser.add_argument(
+        "-p", dest=dest, action="append", default=[], metavar="MODULE", help=_PLUGIN_MODULE_HELP
+    )
+
+
+def _load_plugin_modules(args: argparse.Namespace) -> None:
+    """Load the plugin modules of ``INNERLOOP_PLUGIN_MODULES`` and of ``-p`` (before the command, then
+    after it) into the process-wide registry."""
+    named = [*args.plugin_modules_before, *getattr(args, "plugin_modules", [])]
+    from innerloop.registry.modules import load_plugin_modules, plugin_modules_from_env
+
+    if named or plugin_modules_from_env():
+        load_plugin_modules(named)
 
 
 def _add_train(commands: argparse._SubParsersAction, presets: Sequence[str]) -> None:
@@ -1454,6 +1483,7 @@ USER_ERRORS = (
     ("innerloop.data.atomic", "FolderInTheWayError"),  # a folder where an output file goes
     ("innerloop.kernels.dispatch", "KernelUnavailableError"),  # a kernel named by model.ttt.kernel
     ("innerloop.core.environment", "EnvironmentSwitchError"),  # an INNERLOOP_* switch neither yes nor no
+    ("innerloop.registry.modules", "PluginModuleError"),  # a module of -p that cannot be loaded
     ("lightning.fabric.utilities.exceptions", "MisconfigurationException"),
 )
 
@@ -1544,6 +1574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = _warning_line(command)  # a warning is one line too, not a source excerpt
     try:
         with _sigterm_said():
+            _load_plugin_modules(args)
             return _HANDLERS[args.command](args)
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (start-up, an evaluation): nothing to save
         print(f"\ninnerloop {command}: interrupted (Ctrl-C)", file=sys.stderr)

@@ -138,6 +138,7 @@ class Registry:
         self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KIND_NAMES}
         self._broken: list[BrokenPlugin] = []
         self._distributions: dict[str, tuple[str, str | None]] = {}  # origin -> (distribution, version)
+        self.plugin_modules: list[str] = []  # origins of the modules loaded by `-p` (registry.modules)
 
     # ---- registering -----------------------------------------------------------------------------
 

@@ -1,0 +1,169 @@
+"""Plugin modules that are not installed: ``innerloop -p MODULE`` and :data:`PLUGIN_MODULES_ENV`.
+
+As pytest's ``-p name`` and ``PYTEST_PLUGINS``: a module named on the command line (or in the
+environment variable, comma-separated) is imported and registered exactly as an installed entry
+point's module is: its ``@hookimpl`` hooks run (origin ``-p MODULE``, shown by ``innerloop plugins``),
+or what its import registers (``@innerloop.register_inner_loss class ...``) is kept. MODULE is an
+importable module name (``my_pkg.plugin``) or the path of a ``.py`` file (``./my_loss.py``), which is
+imported as the module named after the file (its folder put first on ``sys.path``), so that the name
+and the path are the same module, imported once.
+
+:data:`~innerloop.registry.manager.DISABLE_ENV` and :data:`~innerloop.registry.manager.ALLOW_ENV`
+concern installed entry points only: a module named here is loaded because it was named.
+
+Unlike an entry point that fails (skipped with a warning), a module named here that cannot be
+loaded is an error: it was asked for by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from innerloop.registry.kinds import PluginError
+from innerloop.registry.manager import (
+    _REGISTERED_AT_IMPORT,
+    Registry,
+    _Staging,
+    get_registry,
+)
+
+PLUGIN_MODULES_ENV = "INNERLOOP_PLUGIN_MODULES"
+"""The environment variable naming plugin modules to load, comma-separated (as ``-p``, before it)."""
+
+OPTION = "-p"
+
+
+class PluginModuleError(PluginError):
+    """A plugin module named by ``-p`` or :data:`PLUGIN_MODULES_ENV` cannot be loaded (one line)."""
+
+
+def plugin_modules_from_env() -> list[str]:
+    """The modules :data:`PLUGIN_MODULES_ENV` names, in order (empty items left out)."""
+    value = os.environ.get(PLUGIN_MODULES_ENV, "")
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def origin_of(spec: str) -> str:
+    """The origin a module named ``spec`` (a module name or a ``.py`` path) is registered under."""
+    return f"{OPTION} {_module_name(spec)}"
+
+
+def _is_path(spec: str) -> bool:
+    return spec.endswith(".py") or "/" in spec or os.sep in spec
+
+
+def _module_name(spec: str) -> str:
+    return Path(spec).stem if _is_path(spec) else spec
+
+
+def _import(spec: str, how: str) -> Any:
+    """Import the module ``spec`` names; a path is imported as its file's stem from its folder."""
+    if not _is_path(spec):
+        return importlib.import_module(spec)
+    path = Path(spec).expanduser().resolve()
+    if not path.is_file() or path.suffix != ".py":
+        raise PluginModuleError(
+            f"{how} {spec}: no such Python file {str(path)!r} (give a .py file or a module name)"
+        )
+    name = path.stem
+    if not name.isidentifier():
+        raise PluginModuleError(
+            f"{how} {spec}: {path.name!r} is not importable ({name!r} is not a Python identifier)"
+        )
+    folder = str(path.parent)
+    if not any(_same_folder(entry, folder) for entry in sys.path):
+        sys.path.insert(0, folder)
+    module = importlib.import_module(name)
+    _check_file(spec, module, how)
+    return module
+
+
+def _check_file(spec: str, module: Any, how: str) -> None:
+    """Refuse the path ``spec`` when the module of its name (imported already, or found first on
+    ``sys.path``) is another file: the two would be one plugin, ``-p NAME``."""
+    path = Path(spec).expanduser().resolve()
+    found = getattr(module, "__file__", None)
+    if found is None or Path(found).resolve() != path:
+        raise PluginModuleError(
+            f"{how} {spec}: the module {path.stem!r} is already another file here ({found!r}), not "
+            f"{str(path)!r}; rename the file or give its module name"
+        )
+
+
+def _same_folder(entry: str, folder: str) -> bool:
+    try:
+        return Path(entry or ".").resolve() == Path(folder)
+    except OSError:
+        return False
+
+
+def load_plugin_module(spec: str, registry: Registry | None = None, how: str = OPTION) -> str:
+    """Import the plugin module ``spec`` (a module name or a ``.py`` path) and register it in
+    ``registry`` (default the process-wide one) as an entry point's module is; returns its origin.
+
+    A module already loaded this way into the registry is not loaded again. A module that does not
+    import, or that the registry refuses (a name already taken, no hook: the registry's message), raises
+    a one-line :class:`PluginModuleError` that starts with ``how`` (``-p`` or the environment variable)
+    and the module; what its import registered is removed again.
+    """
+    registry = registry if registry is not None else get_registry()
+    origin = origin_of(spec)
+    if origin in registry.plugin_modules:
+        if _is_path(spec):  # the same module name: the same file, or a refusal
+            _check_file(spec, sys.modules.get(_module_name(spec)), how)
+        return origin
+    before = {(entry.kind, entry.name) for entry in registry.entries()}
+    origins_before = {entry.origin for entry in registry.entries()}
+    try:
+        module = _import(spec, how)
+        _register(registry, module, origin, before, origins_before)
+    except PluginModuleError:
+        registry._roll_back_since(before, _module_name(spec))  # noqa: SLF001
+        raise
+    except PluginError as error:  # refused by the registry: its own message, after the option
+        registry._roll_back_since(before, _module_name(spec))  # noqa: SLF001
+        raise PluginModuleError(f"{how} {spec}: " + " ".join(str(error).split())) from error
+    except (Exception, SystemExit) as error:  # a script-like module: sys.exit or argparse at import
+        registry._roll_back_since(before, _module_name(spec))  # noqa: SLF001
+        raise PluginModuleError(
+            f"{how} {spec}: importing {_module_name(spec)!r} raised {type(error).__name__}: "
+            + " ".join(str(error).split())
+        ) from error
+    registry.plugin_modules.append(origin)
+    return origin
+
+
+def _register(
+    registry: Registry, module: Any, origin: str, before: set[tuple[str, str]], origins_before: set[str]
+) -> None:
+    """Register ``module`` as :meth:`Registry.add_entry_point` does one entry point's."""
+    key = f"{OPTION} {module.__name__}"
+    registered_at_import = [e for e in registry.entries() if (e.kind, e.name) not in before]
+    hooked = registry._marked_hooks(module)  # noqa: SLF001
+    if not hooked and registered_at_import:  # its import registered objects: no hook needed
+        _REGISTERED_AT_IMPORT[key] = registered_at_import
+        return
+    if not hooked and key in _REGISTERED_AT_IMPORT:  # imported for an earlier registry: register again
+        registry._register_again(_REGISTERED_AT_IMPORT[key], _Staging())  # noqa: SLF001
+        return
+    if not registry._registered_at_import(module, origins_before):  # noqa: SLF001  (else register(module))
+        registry.add_plugin(module, origin=origin)
+
+
+def load_plugin_modules(command_line: list[str], registry: Registry | None = None) -> list[str]:
+    """Load the modules of :data:`PLUGIN_MODULES_ENV`, then those of ``command_line`` (``-p``), each
+    once; returns their origins, in order."""
+    named = [(spec, f"{PLUGIN_MODULES_ENV}:") for spec in plugin_modules_from_env()]
+    named += [(spec, OPTION) for spec in command_line]
+    origins = [load_plugin_module(spec, registry, how) for spec, how in named]
+    return list(dict.fromkeys(origins))
+
+
+def loaded_plugin_modules(registry: Registry | None = None) -> list[str]:
+    """The origins (``-p MODULE``) of the plugin modules loaded into ``registry`` (default the
+    process-wide one), in load order."""
+    return list((registry if registry is not None else get_registry()).plugin_modules)

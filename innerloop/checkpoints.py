@@ -629,17 +629,25 @@ def missing_plugins_note(record: Any, model: Mapping[str, Any] | None = None) ->
     """Where each plugin of ``record`` (of those ``model`` uses, when given) that no plugin registers
     now came from when it was saved, for the error of a model that cannot be rebuilt; "" when every
     recorded name is registered."""
-    missing = [
-        f"its {kind.replace('_', ' ')} {name!r} was registered by {_described(origin)}"
+    absent = [
+        (kind, name, origin)
         for kind, name, origin in _recorded_plugins(record, model)
         if plugin_origin(kind, name) is None
     ]
-    if not missing:
+    if not absent:
         return ""
+    missing = [
+        f"its {kind.replace('_', ' ')} {name!r} was registered by {_described(origin)}"
+        for kind, name, origin in absent
+    ]
+    # a module that is not installed was loaded with `innerloop -p MODULE` (its origin says which)
+    options = [origin["origin"] for _, _, origin in absent if origin["origin"].startswith("-p ")]
+    again = f"`innerloop {' '.join(dict.fromkeys(options))}`" if options else "`innerloop -p MODULE`"
+    them = "it" if len(missing) == 1 else "them"
     return (
         "when it was saved, "
         + "; ".join(missing)
-        + f": install or register {'it' if len(missing) == 1 else 'them'} here"
+        + f": install or register {them} here, or load {them} with {again}"
     )
 
 

@@ -1735,7 +1735,10 @@ def _check_same_data_stream(saved: RunConfig, resumed: RunConfig) -> None:
         )
 
 
-def save_config(cfg: DictConfig | RunConfig, path: str | os.PathLike[str]) -> Path:
-    """Write the resolved config as YAML, atomically; :func:`load_config` reads it back."""
+def save_config(cfg: DictConfig | RunConfig, path: str | os.PathLike[str], comment: str = "") -> Path:
+    """Write the resolved config as YAML, atomically; :func:`load_config` reads it back. ``comment``
+    (lines) goes first, as YAML comments (what the config does not hold, such as the plugin modules
+    loaded with ``-p``)."""
     container = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
-    return atomic_write_text(path, OmegaConf.to_yaml(container, resolve=True))
+    header = "".join(f"# {line}\n" for line in comment.splitlines())
+    return atomic_write_text(path, header + OmegaConf.to_yaml(container, resolve=True))

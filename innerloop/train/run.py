@@ -122,6 +122,7 @@ from innerloop.kernels.cpu import release_buffers
 from innerloop.kernels.dispatch import refused_named_kernels
 from innerloop.models import ModelConfig
 from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
+from innerloop.registry.modules import loaded_plugin_modules
 from innerloop.train.checkpoint import SafetensorsCheckpointIO, holds_training_state
 from innerloop.train.data import (
     IGNORE_INDEX,
@@ -708,6 +709,16 @@ def _time_budget(trainer: L.Trainer) -> float | None:
     return duration if duration is not None and timer.time_elapsed() >= duration else None
 
 
+def _plugin_modules_comment() -> str:
+    """The comment config.yaml starts with when plugin modules were loaded with ``-p`` (or
+    ``INNERLOOP_PLUGIN_MODULES``): the run needs them again to resume or reload, and the config holds
+    only their plugins' names; "" when none was."""
+    loaded = loaded_plugin_modules()
+    if not loaded:
+        return ""
+    return f"plugin modules loaded (not installed): innerloop {' '.join(loaded)}"
+
+
 def _stop_reason(trainer: L.Trainer) -> str:
     """Why a fit ended before ``trainer.max_steps``, in parentheses."""
     budget = _time_budget(trainer)
@@ -780,7 +791,7 @@ def _fit(
     undone = False
     try:
         with _config_settled(config_path, ckpt, start is not None):
-            save_config(cfg if cfg is not None else run, config_path)
+            save_config(cfg if cfg is not None else run, config_path, _plugin_modules_comment())
             if start is not None and not is_launched_worker():  # rows past the checkpoint are logged again
                 supersede_rows_logged_past(out_dir, int(recorded_entry(start, "global_step") or 0))
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(start) if start is not None else None)

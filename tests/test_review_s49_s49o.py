@@ -173,6 +173,29 @@ def test_a_missing_file_and_a_shadowed_name_are_refused(plugin_dir, tmp_path) ->
         load_plugin_modules([str(other / f"{module}.py")])
 
 
+@pytest.mark.parametrize("template", [_HOOKED, _DECORATED])
+def test_a_module_an_installed_entry_point_loaded_is_loaded_already(
+    plugin_dir, monkeypatch, template
+) -> None:
+    import importlib
+    from types import SimpleNamespace
+
+    from innerloop.registry import ALLOW_ENV, manager
+
+    module, name = _module(plugin_dir, template)
+    entry_point = SimpleNamespace(
+        name="s49o_ep", value=module, group="innerloop", dist=SimpleNamespace(name="s49o-dist", version="1.0")
+    )
+    entry_point.load = lambda: importlib.import_module(module)
+    monkeypatch.setattr(manager, "_entry_points", lambda: [entry_point])
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    monkeypatch.delenv(ALLOW_ENV, raising=False)
+    with isolated_registry():
+        assert name in get_registry().names("inner_loss")
+        load_plugin_modules([module])  # named again with -p: nothing to add, no clash with itself
+        assert get_registry().names("inner_loss").count(name) == 1
+
+
 def test_a_checkpoint_whose_p_module_is_missing_names_the_option() -> None:
     from innerloop.checkpoints import missing_plugins_note
 

@@ -117,10 +117,9 @@ def load_plugin_module(spec: str, registry: Registry | None = None, how: str = O
             _check_file(spec, sys.modules.get(_module_name(spec)), how)
         return origin
     before = {(entry.kind, entry.name) for entry in registry.entries()}
-    origins_before = {entry.origin for entry in registry.entries()}
     try:
         module = _import(spec, how)
-        _register(registry, module, origin, before, origins_before)
+        _register(registry, module, origin, before)
     except PluginModuleError:
         registry._roll_back_since(before, _module_name(spec))  # noqa: SLF001
         raise
@@ -137,9 +136,7 @@ def load_plugin_module(spec: str, registry: Registry | None = None, how: str = O
     return origin
 
 
-def _register(
-    registry: Registry, module: Any, origin: str, before: set[tuple[str, str]], origins_before: set[str]
-) -> None:
+def _register(registry: Registry, module: Any, origin: str, before: set[tuple[str, str]]) -> None:
     """Register ``module`` as :meth:`Registry.add_entry_point` does one entry point's."""
     key = f"{OPTION} {module.__name__}"
     registered_at_import = [e for e in registry.entries() if (e.kind, e.name) not in before]
@@ -147,11 +144,15 @@ def _register(
     if not hooked and registered_at_import:  # its import registered objects: no hook needed
         _REGISTERED_AT_IMPORT[key] = registered_at_import
         return
+    if registry.plugin_manager.is_registered(module) or any(
+        registry._registering_module(entry.origin) == module.__name__  # noqa: SLF001
+        for entry in registry.entries()
+    ):  # registered already: by an installed entry point, or by innerloop.register at import
+        return
     if not hooked and key in _REGISTERED_AT_IMPORT:  # imported for an earlier registry: register again
         registry._register_again(_REGISTERED_AT_IMPORT[key], _Staging())  # noqa: SLF001
         return
-    if not registry._registered_at_import(module, origins_before):  # noqa: SLF001  (else register(module))
-        registry.add_plugin(module, origin=origin)
+    registry.add_plugin(module, origin=origin)
 
 
 def load_plugin_modules(command_line: list[str], registry: Registry | None = None) -> list[str]:

@@ -136,6 +136,14 @@ def test_a_module_that_does_not_import_is_one_line_naming_the_option(
     assert said in err
 
 
+def test_a_hook_that_raises_is_not_called_an_import_error(plugin_dir, capsys) -> None:
+    source = "from innerloop.registry import hookimpl\n\n\n@hookimpl\ndef register_inner_losses(register):\n    raise RuntimeError('boom')\n"
+    module, _ = _module(plugin_dir, source=source)
+    assert main(["-p", module, "plugins"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"innerloop plugins: error: -p {module}: its registration hook raised RuntimeError: boom\n"
+
+
 def test_a_module_given_by_the_environment_is_named_with_the_variable(
     plugin_dir, capsys, monkeypatch
 ) -> None:

@@ -117,8 +117,10 @@ def load_plugin_module(spec: str, registry: Registry | None = None, how: str = O
             _check_file(spec, sys.modules.get(_module_name(spec)), how)
         return origin
     before = {(entry.kind, entry.name) for entry in registry.entries()}
+    doing = f"importing {_module_name(spec)!r}"
     try:
         module = _import(spec, how)
+        doing = "its registration hook"
         _register(registry, module, origin, before)
     except PluginModuleError:
         registry._roll_back_since(before, _module_name(spec))  # noqa: SLF001
@@ -129,8 +131,7 @@ def load_plugin_module(spec: str, registry: Registry | None = None, how: str = O
     except (Exception, SystemExit) as error:  # a script-like module: sys.exit or argparse at import
         registry._roll_back_since(before, _module_name(spec))  # noqa: SLF001
         raise PluginModuleError(
-            f"{how} {spec}: importing {_module_name(spec)!r} raised {type(error).__name__}: "
-            + " ".join(str(error).split())
+            f"{how} {spec}: {doing} raised {type(error).__name__}: " + " ".join(str(error).split())
         ) from error
     registry.plugin_modules.append(origin)
     return origin

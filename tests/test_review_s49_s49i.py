@@ -195,3 +195,41 @@ def test_the_checkpoint_digest_covers_each_tensors_shape() -> None:
     weight = torch.arange(24, dtype=torch.float32)
     digests = {checkpoint_digest("{}", {"t0": weight.reshape(shape)}) for shape in [(4, 6), (6, 4), (24,)]}
     assert len(digests) == 3
+
+
+def test_the_recall_tasks_validation_examples_are_none_of_its_training_examples() -> None:
+    """Mutation ``RecallDataModule.make_val_examples``: its stream ``_generator(seed, -1)`` ->
+    ``_generator(seed, 0)`` (validation on training batch 0's examples, a loss on trained-on data) passed
+    every test."""
+    from innerloop.train.data import RecallDataModule
+
+    data = RecallDataModule(num_pairs=4, gap=8, batch_size=4, val_batches=2, seed=3)
+    val_inputs, _ = data.make_val_examples()
+    validation = {tuple(row.tolist()) for row in val_inputs}
+    for index in range(3):
+        train_inputs, _ = data.make_train_batch(index)
+        assert not validation & {tuple(row.tolist()) for row in train_inputs}
+
+
+@pytest.mark.parametrize("end", ["on_train_end", "on_exception"])
+def test_the_ttt_base_lr_warm_up_leaves_the_model_at_its_peak_base_lr(end: str) -> None:
+    """Mutation ``TTTBaseLRWarmup.on_train_end``: the reset to the peak dropped (a run stopped during
+    the warm-up left its TTT layers at the warm-up's base lr, in the model evaluated and saved after it)
+    passed every test; ``on_exception`` is its sibling."""
+    from types import SimpleNamespace
+
+    from innerloop.core.layer import TTTLayer
+    from innerloop.train.schedules import TTTBaseLRWarmup
+
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(mixer="ttt", hidden_size=32, num_layers=2, num_heads=2))
+    callback = TTTBaseLRWarmup(init=0.1, peak=1.0, warmup_steps=10)
+    trainer = SimpleNamespace(global_step=0)
+    callback.on_train_batch_start(trainer, model, None, 0)
+    layers = [m for m in model.modules() if isinstance(m, TTTLayer)]
+    assert len(layers) == 2 and all(layer.base_lr == pytest.approx(0.1) for layer in layers)
+    if end == "on_train_end":
+        callback.on_train_end(trainer, model)
+    else:
+        callback.on_exception(trainer, model, KeyboardInterrupt())
+    assert all(layer.base_lr == 1.0 for layer in layers)

@@ -233,3 +233,60 @@ def test_the_ttt_base_lr_warm_up_leaves_the_model_at_its_peak_base_lr(end: str) 
     else:
         callback.on_exception(trainer, model, KeyboardInterrupt())
     assert all(layer.base_lr == 1.0 for layer in layers)
+
+
+class _FakeClock:
+    """Seconds that the test advances."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _throughput(clock: _FakeClock):
+    from types import SimpleNamespace
+
+    from innerloop.train.throughput import TrainingThroughput
+
+    callback = TrainingThroughput(clock=clock, cpu_status=lambda: (1, 2, 0.1), echo=lambda line: None)
+    callback.on_train_start(SimpleNamespace(is_global_zero=True), None)
+    return callback
+
+
+def _steps(callback, clock: _FakeClock, seconds: list[float], world_size: int = 1) -> None:
+    """One training step of 4 x 8 tokens per process for each duration in ``seconds``."""
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(is_global_zero=True, world_size=world_size, global_step=0)
+    module = SimpleNamespace(log=lambda *args, **kwargs: None)
+    batch = (torch.zeros(4, 8, dtype=torch.long), None)
+    for duration in seconds:
+        callback.on_train_batch_start(trainer, module, batch, 0)
+        clock.now += duration
+        callback.on_train_batch_end(trainer, module, None, batch, 0)
+
+
+def test_throughput_counts_every_process_resumes_its_wall_time_and_restarts_its_rate() -> None:
+    """Mutations of ``TrainingThroughput`` that passed every fast test (its resume test is a slow training
+    run): tokens not multiplied by the world size (``tokens_seen`` of one process under DDP); the wall time
+    of the launches before a resume dropped; the tokens/s window not cleared at a new launch (a rate
+    mixing the launches' steps)."""
+    clock = _FakeClock()
+    callback = _throughput(clock)
+    _steps(callback, clock, [0.5, 0.5], world_size=2)
+    assert callback.tokens_seen == 2 * 2 * 32
+    state = callback.state_dict()
+    assert state["wall_seconds"] == 1.0
+
+    resumed_clock = _FakeClock()
+    resumed_clock.now = 100.0  # another process's clock
+    resumed = _throughput(resumed_clock)
+    resumed.load_state_dict(state)
+    _steps(resumed, resumed_clock, [2.0])
+    assert resumed.tokens_seen == 2 * 2 * 32 + 32 and resumed.wall_time() == 3.0
+
+    callback.on_train_start(type("Trainer", (), {"is_global_zero": True})(), None)  # a new launch
+    _steps(callback, clock, [4.0])
+    assert callback.tokens_per_second() == 32 / 4.0

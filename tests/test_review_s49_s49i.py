@@ -290,3 +290,34 @@ def test_throughput_counts_every_process_resumes_its_wall_time_and_restarts_its_
     callback.on_train_start(type("Trainer", (), {"is_global_zero": True})(), None)  # a new launch
     _steps(callback, clock, [4.0])
     assert callback.tokens_per_second() == 32 / 4.0
+
+
+def test_a_resume_supersedes_exactly_the_rows_logged_past_its_checkpoint(tmp_path) -> None:
+    """Mutations of ``loggers._logged_past`` that passed every fast test (its tests are slow training
+    runs): a validation row at the checkpoint's own step superseded (``val_step >= step``; that validation
+    ran before the checkpoint and is not run again, so its row was lost), and a training row at the
+    checkpoint's step kept (``step > step``; logged again by the resume, so it appeared twice)."""
+    from innerloop.train.loggers import LOGS_DIR, SUPERSEDED_METRICS, supersede_rows_logged_past
+
+    folder = tmp_path / LOGS_DIR / "version_0"
+    folder.mkdir(parents=True)
+    rows = ["step,val_step,train_loss,val_loss", "3,,1.0,", "4,,0.9,", ",4,,2.0", "5,,0.8,", ",6,,1.8"]
+    (folder / "metrics.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    assert supersede_rows_logged_past(tmp_path, 4) == [folder / "metrics.csv"]
+    kept = (folder / "metrics.csv").read_text(encoding="utf-8").splitlines()
+    moved = (folder / SUPERSEDED_METRICS).read_text(encoding="utf-8").splitlines()
+    assert kept == ["step,val_step,train_loss,val_loss", "3,,1.0,", ",4,,2.0"]
+    assert moved == ["step,val_step,train_loss,val_loss", "4,,0.9,", "5,,0.8,", ",6,,1.8"]
+
+
+def test_tied_weights_are_one_tensor_not_two_views_of_one_storage() -> None:
+    """Mutation ``checkpoints.tied_weights``: the storage offset and strides left out of what makes two
+    entries one tensor (two halves of one buffer, or a weight and its transpose, read as tied, so a
+    checkpoint storing them different was refused) passed every test."""
+    from innerloop.checkpoints import tied_weights
+
+    buffer = torch.arange(32.0)
+    square = torch.arange(16.0).reshape(4, 4)
+    state = {"a": buffer[:16].view(4, 4), "b": buffer[16:].view(4, 4), "w": square, "w_t": square.t()}
+    state["a_again"] = state["a"]
+    assert tied_weights(state) == [["a", "a_again"]]

@@ -76,6 +76,7 @@ from innerloop.models.config import (
 )
 from innerloop.models.e2e import NonFiniteInnerStepError
 from innerloop.models.lm import check_token_ids
+from innerloop.registry.modules import OPTION, load_plugin_module, loaded_plugin_modules
 from innerloop.train.data import IGNORE_INDEX, Batch
 from innerloop.train.metrics import Float64Perplexity, InnerLossDiagnostics, LossByPosition
 from innerloop.train.schedules import Schedule, make_schedule
@@ -341,8 +342,17 @@ class LanguageModelModule(L.LightningModule):
         ]
         self._stop_deferred = False  # a stop asked for mid-accumulation (on_train_batch_end)
         self._trained_seq_len: int | None = None  # the longest training batch, for seq_len=None
+        # the plugin modules loaded with `innerloop -p` here, for the processes ddp_spawn starts (setup)
+        self._plugin_modules = [origin.removeprefix(f"{OPTION} ") for origin in loaded_plugin_modules()]
         if diagnostics_batches > 0 and self.model.config.mixer == "ttt":
             self._inner_loss_before_after = inner_loss_before_after
+
+    def setup(self, stage: str) -> None:
+        """Register the plugin modules loaded with ``innerloop -p`` where the module was built, in this
+        process too (a no-op there): a process ``ddp_spawn`` starts builds its registry afresh, with the
+        installed plugins only, so its checkpoints recorded no origin of a ``-p`` module's plugin."""
+        for name in getattr(self, "_plugin_modules", []):  # a module pickled by an older version: none
+            load_plugin_module(name)
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]

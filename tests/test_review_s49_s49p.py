@@ -1,0 +1,34 @@
+"""Review s49p: ``innerloop -p MODULE`` with multi-process training and activation checkpointing."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+from test_review_s49_s49o import _module, plugin_dir  # noqa: F401 (a fixture)
+
+from innerloop.checkpoints import plugin_origin
+from innerloop.registry import isolated_registry
+from innerloop.registry.modules import load_plugin_modules
+from innerloop.train.module import LanguageModelModule
+
+SMALL = {"hidden_size": 16, "num_heads": 2, "intermediate_size": 32, "num_layers": 1, "vocab_size": 32}
+
+
+@pytest.mark.slow  # two fresh registries and a model built: ~0.9 s on a loaded machine
+def test_a_spawned_process_registers_the_p_modules_of_the_run_it_trains(plugin_dir) -> None:  # noqa: F811
+    """ddp_spawn sends the module to fresh processes, whose registries have only the installed plugins:
+    the -p module was not registered there, so the checkpoint they wrote recorded no origin of its
+    plugin, and a resume without -p failed without naming -p (measured with 2 gloo processes)."""
+    module, name = _module(plugin_dir)
+    with isolated_registry():
+        load_plugin_modules([module])
+        trained = LanguageModelModule({**SMALL, "ttt": {"inner_loss": name, "mini_batch_size": 4}})
+        sent = pickle.dumps(trained)
+    with isolated_registry():  # a spawned process: its registry is built afresh
+        received = pickle.loads(sent)
+        received.setup("fit")
+        assert plugin_origin("inner_loss", name) == {
+            "origin": f"-p {module}",
+            "class": f"{module}.Loss{module.rsplit('_', 1)[1]}",
+        }

@@ -32,3 +32,26 @@ def test_a_spawned_process_registers_the_p_modules_of_the_run_it_trains(plugin_d
             "origin": f"-p {module}",
             "class": f"{module}.Loss{module.rsplit('_', 1)[1]}",
         }
+
+
+def test_a_module_name_is_found_as_a_file_of_the_working_folder(tmp_path, monkeypatch) -> None:
+    """The remedy a run names (config.yaml's comment, a checkpoint's error: ``innerloop -p my_loss``) for a
+    module given as ``-p ./my_loss.py``: the ``innerloop`` console script has its own folder, not the
+    working one, on sys.path, so the name did not import, even beside the file."""
+    import sys
+
+    from innerloop.registry.modules import PLUGIN_MODULES_ENV, PluginModuleError
+
+    monkeypatch.delenv(PLUGIN_MODULES_ENV, raising=False)
+    module, name = _module(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    try:
+        with isolated_registry():
+            assert load_plugin_modules([module]) == [f"-p {module}"]
+            assert plugin_origin("inner_loss", name)["origin"] == f"-p {module}"
+        monkeypatch.chdir(tmp_path.parent)  # elsewhere: not found, and the error says what to give
+        with isolated_registry(), pytest.raises(PluginModuleError, match=r"give the \.py file.s path"):
+            load_plugin_modules(["s49p_nowhere"])
+    finally:
+        sys.modules.pop(module, None)

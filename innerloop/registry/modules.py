@@ -4,7 +4,8 @@ As pytest's ``-p name`` and ``PYTEST_PLUGINS``: a module named on the command li
 environment variable, comma-separated) is imported and registered exactly as an installed entry
 point's module is: its ``@hookimpl`` hooks run (origin ``-p MODULE``, shown by ``innerloop plugins``),
 or what its import registers (``@innerloop.register_inner_loss class ...``) is kept. MODULE is an
-importable module name (``my_pkg.plugin``) or the path of a ``.py`` file (``./my_loss.py``), which is
+importable module name (``my_pkg.plugin``; one that is not importable, the file ``NAME.py`` of the
+working folder: the name a run records for ``-p ./my_loss.py``) or the path of a ``.py`` file (``./my_loss.py``), which is
 imported as the module named after the file (its folder put first on ``sys.path``), so that the name
 and the path are the same module, imported once.
 
@@ -63,7 +64,7 @@ def _module_name(spec: str) -> str:
 def _import(spec: str, how: str) -> Any:
     """Import the module ``spec`` names; a path is imported as its file's stem from its folder."""
     if not _is_path(spec):
-        return importlib.import_module(spec)
+        return _import_name(spec, how)
     path = Path(spec).expanduser().resolve()
     if not path.is_file() or path.suffix != ".py":
         raise PluginModuleError(
@@ -80,6 +81,25 @@ def _import(spec: str, how: str) -> Any:
     module = importlib.import_module(name)
     _check_file(spec, module, how)
     return module
+
+
+def _import_name(name: str, how: str) -> Any:
+    """Import the module ``name``; where it is not importable, the file ``NAME.py`` of the working
+    folder (the ``innerloop`` console script has its own folder on ``sys.path``, not the working one, so
+    the name a run records, ``-p my_loss`` for ``-p ./my_loss.py``, did not import even beside the file)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if error.name != name.split(".")[0]:  # the module was found; an import inside it failed
+            raise
+        beside = Path.cwd() / f"{name}.py"
+        if name.isidentifier() and beside.is_file():
+            return _import(str(beside), how)
+        raise ModuleNotFoundError(
+            f"{error}, on sys.path nor as {beside.name!r} in {str(Path.cwd())!r}: give the .py file's path "
+            f"(-p path/to/{name.split('.')[-1]}.py) or make the module importable (PYTHONPATH)",
+            name=error.name,
+        ) from error
 
 
 def _check_file(spec: str, module: Any, how: str) -> None:

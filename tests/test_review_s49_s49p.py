@@ -55,3 +55,17 @@ def test_a_module_name_is_found_as_a_file_of_the_working_folder(tmp_path, monkey
             load_plugin_modules(["s49p_nowhere"])
     finally:
         sys.modules.pop(module, None)
+
+
+def test_preserve_rng_state_is_an_option_of_torchs_checkpoint_and_is_kept() -> None:
+    """``torch.utils.checkpoint.checkpoint(..., preserve_rng_state=False)`` is documented but taken through
+    ``**kwargs``, so it is not a keyword-only parameter of its signature: it was refused as 'not options of
+    torch.utils.checkpoint.checkpoint'."""
+    from innerloop.models import build_model
+
+    model = build_model({**SMALL, "mixer": "attention"})
+    model.gradient_checkpointing_enable({"preserve_rng_state": False})
+    assert model._gradient_checkpointing_func.keywords == {
+        "use_reentrant": False,
+        "preserve_rng_state": False,
+    }

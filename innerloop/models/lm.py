@@ -275,9 +275,9 @@ and passes gradients through every tensor of a block's input and output, the car
 
 CHECKPOINT_OPTIONS = frozenset(
     p.name for p in inspect.signature(checkpoint).parameters.values() if p.kind is p.KEYWORD_ONLY
-)
+) | {"preserve_rng_state"}  # documented, but read from checkpoint's **kwargs, not a parameter of it
 """The options ``torch.utils.checkpoint.checkpoint`` takes by keyword (``use_reentrant``, ``context_fn``,
-...): the keys ``gradient_checkpointing_kwargs`` may hold."""
+``preserve_rng_state``, ...): the keys ``gradient_checkpointing_kwargs`` may hold."""
 
 
 def check_checkpoint_function(function: Any, name: str = "gradient_checkpointing_func") -> None:

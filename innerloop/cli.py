@@ -1465,7 +1465,11 @@ def _export(args: argparse.Namespace) -> int:
     )
     print(f"Hugging Face folder: {folder}{note}")
     _print_kept(folder)
-    print("load it with: import innerloop; AutoModelForCausalLM.from_pretrained(" + repr(str(folder)) + ")")
+    from innerloop.registry.modules import OPTION, loaded_plugin_modules
+
+    # a plugin module loaded with -p registers its plugins only once imported: before the model is read
+    imports = "".join(f"import {o.removeprefix(f'{OPTION} ')}; " for o in loaded_plugin_modules())
+    print(f"load it with: import innerloop; {imports}AutoModelForCausalLM.from_pretrained({str(folder)!r})")
     return 0
 
 

@@ -69,3 +69,28 @@ def test_preserve_rng_state_is_an_option_of_torchs_checkpoint_and_is_kept() -> N
         "use_reentrant": False,
         "preserve_rng_state": False,
     }
+
+
+@pytest.mark.slow  # a tiny model saved and exported: ~1.5 s
+def test_export_with_p_says_to_import_the_module_before_from_pretrained(plugin_dir, capsys) -> None:  # noqa: F811
+    """The export's 'load it with: import innerloop; AutoModelForCausalLM.from_pretrained(...)' failed
+    for a model whose plugin came from -p: the plugin's module must be imported first."""
+    from innerloop.cli import main
+    from innerloop.config import load_config
+    from innerloop.config.load import save_config
+    from innerloop.models import build_model
+    from innerloop.train.module import save_model_checkpoint
+
+    module, name = _module(plugin_dir)
+    out = plugin_dir / "run"
+    out.mkdir()
+    with isolated_registry():
+        load_plugin_modules([module])
+        overrides = [f"model.{k}={v}" for k, v in SMALL.items() if k != "vocab_size"]
+        run, cfg = load_config("tiny", [*overrides, f"model.ttt.inner_loss={name}", f"out_dir={out}"])
+        save_config(cfg, out / "config.yaml")
+        save_model_checkpoint(build_model(run.model), out / "last.safetensors")
+    with isolated_registry():
+        assert main(["-p", module, "export", str(out / "last.safetensors"), str(plugin_dir / "hf")]) == 0
+    said = capsys.readouterr().out
+    assert f"load it with: import innerloop; import {module}; AutoModelForCausalLM.from_pretrained(" in said

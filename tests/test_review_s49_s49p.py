@@ -94,3 +94,19 @@ def test_export_with_p_says_to_import_the_module_before_from_pretrained(plugin_d
         assert main(["-p", module, "export", str(out / "last.safetensors"), str(plugin_dir / "hf")]) == 0
     said = capsys.readouterr().out
     assert f"load it with: import innerloop; import {module}; AutoModelForCausalLM.from_pretrained(" in said
+
+
+def test_a_plugin_a_p_module_registers_at_import_is_recorded_with_the_option(plugin_dir) -> None:  # noqa: F811
+    """A -p module that registers with ``@innerloop.register_inner_loss`` (no hook) was recorded under its
+    class's origin, so a checkpoint whose module is missing named no remedy at all (docs/training.md: it
+    names ``innerloop -p MODULE``)."""
+    from test_review_s49_s49o import _DECORATED
+
+    from innerloop.checkpoints import missing_plugins_note
+
+    module, name = _module(plugin_dir, _DECORATED)
+    load_plugin_modules([module])
+    origin = plugin_origin("inner_loss", name)
+    assert origin["origin"] == f"-p {module}"
+    with isolated_registry():  # where the module is not loaded
+        assert missing_plugins_note({"inner_loss": {name: origin}}).endswith(f"`innerloop -p {module}`")

@@ -110,3 +110,28 @@ def test_a_plugin_a_p_module_registers_at_import_is_recorded_with_the_option(plu
     assert origin["origin"] == f"-p {module}"
     with isolated_registry():  # where the module is not loaded
         assert missing_plugins_note({"inner_loss": {name: origin}}).endswith(f"`innerloop -p {module}`")
+
+
+@pytest.mark.slow  # the compiled CPU kernels (built on first use), two steps of a tiny model: 0.1 s once built
+@pytest.mark.parametrize("kernel", ["cpu_ttt_linear", "cpu_ttt_mlp"])
+def test_the_compiled_cpu_kernels_backward_under_a_checkpoint_gives_the_same_gradients(kernel: str) -> None:
+    """kernel='auto' picks these while training on the CPU: their custom backward runs again inside the
+    non-reentrant checkpoint's recomputation; measured bit-equal (every update rule and inner loss)."""
+    import torch
+
+    from innerloop.models import build_model
+
+    ttt = {"mini_batch_size": 4, "inner_model": kernel.removeprefix("cpu_ttt_"), "kernel": kernel}
+    ids = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(1))
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = build_model({**SMALL, "num_layers": 2, "ttt": ttt}).train()
+        if checkpointed:
+            model.gradient_checkpointing_enable()
+        first, state = model(ids[:, :8])
+        second, _ = model(ids[:, 8:], state)
+        (first.logsumexp(-1).mean() + second.logsumexp(-1).pow(2).mean()).backward()
+        results.append([p.grad for p in model.parameters()])
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)

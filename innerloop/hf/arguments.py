@@ -18,7 +18,7 @@ import numpy
 import torch
 from torch import nn
 
-from innerloop.core.functional import as_integer
+from innerloop.core.functional import as_integer, is_flag
 
 CACHE_NAMES = ("cache", "past_key_values", "cache_params")
 """The names a cache is passed under: the model's own, transformers' usual one, and Mamba's."""
@@ -307,11 +307,12 @@ def hidden_states_wanted(output_hidden_states: Any, default: bool, is_e2e: bool)
     None. True or False only (transformers' selection by index is not supported), and not for the
     TTT-E2E model."""
     wanted = default if output_hidden_states is None else output_hidden_states
-    if not isinstance(wanted, bool):
+    if not is_flag(wanted):  # a numpy bool too, as use_cache and return_dict take
         raise ValueError(
             f"output_hidden_states must be True or False (selecting hidden states by index is not "
             f"supported), got {wanted!r}"
         )
+    wanted = bool(wanted)
     if wanted and is_e2e:
         raise ValueError(
             "output_hidden_states=True is not supported for the TTT-E2E model (model.mixer='e2e'): its "

@@ -39,7 +39,7 @@ from transformers import PreTrainedTokenizerBase
 
 from innerloop.checkpoints import checkpoint_tokenizer, load_model, widest_parameter_dtype
 from innerloop.config.load import ConfigError, check_not_a_link_loop, check_output_dir
-from innerloop.core.functional import check_path_argument
+from innerloop.core.functional import check_path_argument, is_flag
 from innerloop.data.atomic import file_sha256
 from innerloop.data.tokenizer import Tokenizer as RunTokenizer
 from innerloop.data.tokenizer import TokenizerError, UnknownTokenizer
@@ -238,7 +238,7 @@ def check_target(out_dir: str | os.PathLike[str], overwrite: bool, name: str = "
     ``out_dir`` as ``name`` (the command's argument). (Which files of an earlier export are kept is
     decided once the new one is written: see the module docstring.) What an interrupted export left
     beside it is settled first (:func:`settle_interrupted_export`)."""
-    if not isinstance(overwrite, bool):
+    if not is_flag(overwrite):  # a numpy bool too (core.functional's rule for flags)
         raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
     check_path_argument(out_dir, name)  # Path(None) failed in pathlib, naming no argument
     out = _resolved_target(out_dir, name)

@@ -34,7 +34,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from innerloop.core.functional import as_integer
+from innerloop.core.functional import as_integer, is_flag
 from innerloop.models import E2ELM, E2EConfig, ModelConfig, build_model
 from innerloop.models.config import MODEL_FIELD_BOUNDS, checked_number
 
@@ -508,13 +508,13 @@ def model_config(config: Mapping[str, Any], *, test_time_training: bool | None =
     loop, the ablation). Raises :class:`OfficialConfigError` naming the first field it cannot take."""
     official = read_config(config)
     model, training = official["model"], official["training"]
-    if test_time_training is not None and not isinstance(test_time_training, bool):
+    if test_time_training is not None and not is_flag(test_time_training):
         raise TypeError(
             f"test_time_training={test_time_training!r} ({type(test_time_training).__name__}) must be True, "
             "False or None (None: the config's training.train_mode decides)"
         )
     mode_says = train_mode_test_time_training(training)
-    test_time_training = mode_says if test_time_training is None else test_time_training
+    test_time_training = mode_says if test_time_training is None else bool(test_time_training)
     _check_model_fields(model)
     _check_inner_parameters(model, training)
     shape = _shape(model)

@@ -1,0 +1,48 @@
+"""Review s49q: a flag argument takes a numpy bool wherever it takes a Python bool.
+
+The shared rule is :func:`innerloop.core.functional.is_flag` (a bool, Python's or numpy's: what numpy's
+comparisons give). ``use_cache`` / ``return_dict`` of the HF wrapper took ``np.True_``, and so did the
+core layers' flags, while ``output_hidden_states``, ``export_model(overwrite=...)`` and the TTT-E2E
+converter's ``test_time_training`` refused it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from innerloop.hf.arguments import hidden_states_wanted
+
+E2E_DATA = Path(__file__).resolve().parent / "data" / "e2e"
+
+
+@pytest.mark.parametrize("flag", [np.True_, np.False_])
+def test_output_hidden_states_takes_a_numpy_bool(flag: np.bool_) -> None:
+    wanted = hidden_states_wanted(flag, default=False, is_e2e=False)
+    assert wanted is bool(flag)
+
+
+def test_output_hidden_states_still_refuses_an_index() -> None:
+    with pytest.raises(ValueError, match="output_hidden_states must be True or False"):
+        hidden_states_wanted(1, default=False, is_e2e=False)
+
+
+def test_export_overwrite_takes_a_numpy_bool(tmp_path) -> None:
+    from innerloop.hf.export import check_target
+
+    assert check_target(tmp_path / "new", np.False_) == (tmp_path / "new").resolve()
+    with pytest.raises(TypeError, match="overwrite"):
+        check_target(tmp_path / "new", "no")
+
+
+def test_e2e_converter_test_time_training_takes_a_numpy_bool() -> None:
+    from innerloop.interop.ttt_e2e import model_config
+
+    config = json.loads((E2E_DATA / "config.json").read_text(encoding="utf-8"))
+    assert model_config(config, test_time_training=np.True_).e2e.test_time_training is True
+    assert model_config(config, test_time_training=np.False_).e2e.test_time_training is False
+    with pytest.raises(TypeError, match="test_time_training"):
+        model_config(config, test_time_training="yes")

@@ -46,3 +46,15 @@ def test_e2e_converter_test_time_training_takes_a_numpy_bool() -> None:
     assert model_config(config, test_time_training=np.False_).e2e.test_time_training is False
     with pytest.raises(TypeError, match="test_time_training"):
         model_config(config, test_time_training="yes")
+
+
+def test_the_hf_wrapper_refuses_an_empty_piece_saying_why() -> None:
+    """T = 0: the core models take it (output of length 0, state unchanged), the HF wrapper refuses it as
+    transformers' own models do (Llama, GPT-2 and Mamba of transformers 5.25 fail on ``[2, 0]`` ids, deep
+    inside). The refusal names the shape and states that reason and the way round it."""
+    import torch
+
+    from innerloop.hf.modeling import check_token_ids_shape
+
+    with pytest.raises(ValueError, match=r"shape \(2, 0\).*transformers' own models.*CausalLM"):
+        check_token_ids_shape(torch.zeros(2, 0, dtype=torch.long))

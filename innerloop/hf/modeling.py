@@ -458,11 +458,25 @@ def padded_rows(
     return cache.pads
 
 
+EMPTY_PIECE_REFUSED = (
+    "the Hugging Face wrapper reads at least one token per call, as transformers' own models do (its "
+    "Llama, GPT-2 and Mamba fail on an empty piece); innerloop's CausalLM / E2ELM take length 0 (logits of "
+    "length 0, the state unchanged): skip the call, or call its .model (the innerloop model) directly"
+)
+"""Why the wrapper refuses ``length 0`` where the core models take it: the reason its messages give."""
+
+
 def check_token_ids_shape(input_ids: Any) -> None:
     """Refuse, naming ``input_ids``, anything but a torch.Tensor of integer token ids ``[batch, length >=
-    1]`` (a 1-D tensor, a list or a numpy array would fail deep inside with an unrelated error).
-    Reads no values: no device sync (:func:`innerloop.models.lm.check_token_id_layout`)."""
-    check_token_id_layout(input_ids, min_length=1)
+    1]`` (a 1-D tensor, a list or a numpy array would fail deep inside with an unrelated error; an empty
+    piece for :data:`EMPTY_PIECE_REFUSED`). Reads no values: no device sync
+    (:func:`innerloop.models.lm.check_token_id_layout`)."""
+    try:
+        check_token_id_layout(input_ids, min_length=1)
+    except ValueError as error:
+        if input_ids.dim() == 2 and input_ids.shape[1] == 0:
+            raise ValueError(f"{error}: {EMPTY_PIECE_REFUSED}") from None
+        raise
 
 
 def padding_zeroed(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -751,6 +765,11 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         raise ValueError(
             f"inputs_embeds must be a floating tensor [batch, length >= 1, hidden_size={hidden}] (what "
             f"get_input_embeddings() gives for token ids), got {shown}"
+            + (
+                f": {EMPTY_PIECE_REFUSED}"
+                if shown.startswith("shape") and inputs_embeds.shape[1:2] == (0,)
+                else ""
+            )
         )
 
     def _run(
@@ -1534,7 +1553,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
 
         Args:
             input_ids: token ids, a tensor ``[batch, length >= 1]`` of int64 or int32 (anything else is
-                refused, naming it, before any other argument is read).
+                refused, naming it, before any other argument is read; length 0: :data:`EMPTY_PIECE_REFUSED`).
             attention_mask: ``[batch, cached + length]`` (it covers the tokens the cache has read too, as
                 in transformers) of 0 and 1 (or bool); only ones, or right padding when no cache is passed in nor asked for
                 (then no cache is returned; see :func:`check_attention_mask`).

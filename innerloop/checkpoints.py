@@ -366,6 +366,7 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[str]) ->
         _TREE_KEY: tree,
         _DIGEST_KEY: checkpoint_digest(tree, tensors),
     }
+    path = Path(path).expanduser()  # '~' is the home folder, as for export_model, a run's out_dir (not ./~)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -788,7 +789,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     """Read a checkpoint written by :func:`save_checkpoint`, verifying its checksum; raise
     :class:`CheckpointError` (one line naming the file and the problem) for any other file."""
     _check_checkpoint_argument(path)
-    path = Path(path)
+    path = Path(path).expanduser()  # '~' is the home folder, as save_checkpoint writes it
     name = repr(str(path))
     problem = checkpoint_path_problem(path)
     if problem is not None:

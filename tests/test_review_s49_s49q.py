@@ -58,3 +58,17 @@ def test_the_hf_wrapper_refuses_an_empty_piece_saying_why() -> None:
 
     with pytest.raises(ValueError, match=r"shape \(2, 0\).*transformers' own models.*CausalLM"):
         check_token_ids_shape(torch.zeros(2, 0, dtype=torch.long))
+
+
+def test_checkpoint_paths_expand_the_home_folder_as_export_and_train_do(tmp_path, monkeypatch) -> None:
+    """``~`` in a path means the home folder for ``export_model``, the run's ``out_dir`` and the data
+    paths; ``save_checkpoint`` wrote ``./~/run.ckpt`` and ``load_checkpoint('~/...')`` found nothing."""
+    import torch
+
+    from innerloop.checkpoints import load_checkpoint, save_checkpoint
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    written = save_checkpoint({"state_dict": {"w": torch.ones(2)}}, "~/run.ckpt")
+    assert written == tmp_path / "home" / "run.ckpt" and not (tmp_path / "~").exists()
+    assert torch.equal(load_checkpoint("~/run.ckpt")["state_dict"]["w"], torch.ones(2))

@@ -229,7 +229,7 @@ def _kernel_case(kernel, model, shape, mini_batch, mode, strided, seed):
 @given(
     kernel=st.sampled_from(["cpu_ttt", "fused_torch"]),
     model=st.sampled_from(["linear", "mlp"]),
-    width=st.sampled_from([2, 3, 24]),  # above 1: the inner LayerNorm refuses heads of one feature
+    width=st.sampled_from([3, 4, 24]),  # not 1 (refused under the inner LayerNorm) nor 2 (ill-conditioned)
     mini_batch=st.sampled_from([1, 5, 33]),
     tokens=st.sampled_from(["1", "K-1", "K+1", "37"]),
     mode=st.sampled_from(["grad", "no_grad", "inference_mode"]),

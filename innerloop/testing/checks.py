@@ -1338,23 +1338,34 @@ def check_forward_by_differences(model: InnerModel, params: dict[str, torch.Tens
     check_autograd_by_differences(forward, inputs, f"{model.name}: forward")
 
 
+#: Pre-activations beyond the few units random inputs reach (a layer's reach them with large weights or
+#: inputs), so a derivative wrong only there (a clamped or truncated formula) is named: 10 <= |z| <= 19,
+#: below 20, where torch's softplus turns into the identity (its derivatives there are not sigmoid's).
+WIDE_PRE_ACTIVATIONS = torch.cat([torch.linspace(10.0, 19.0, 7), -torch.linspace(10.0, 19.0, 7)]).double()
+
+
 def check_activation_derivatives(
     model: InnerModel, z: torch.Tensor, tolerance: float = FLOAT64_TOLERANCE
 ) -> None:
     """Each activation of the model's stack: ``derivative(z)`` equals autograd of ``fn`` at ``z`` (float64),
     and so does its own derivative (the dual form differentiates through it: see
-    :func:`check_derivative_in_graph`)."""
+    :func:`check_derivative_in_graph`); then the same at ``z`` and :data:`WIDE_PRE_ACTIVATIONS` together
+    (relative to the norm over both, so the tiny derivatives far out -- rounded differently by a right
+    formula -- are not blown up; the check at ``z`` alone keeps large values there from hiding an error at
+    ``z``)."""
     for layer in model.stack or ():
         activation = layer.activation
         if activation is None:
             continue
-        point = z.detach().double().requires_grad_(True)
-        with torch.enable_grad():
-            autograd = torch.autograd.grad(activation.fn(point).sum(), point, create_graph=True)[0]
-            derivative = activation.derivative(point)
-        what = f"{model.name}: derivative of activation {activation.name!r}"
-        assert_close(derivative, autograd, f"{what} vs autograd of its fn", tolerance)
-        check_derivative_in_graph(derivative, autograd, (point,), ("z",), what, tolerance)
+        with_wide = torch.cat([z.detach().double().flatten(), WIDE_PRE_ACTIVATIONS])
+        for points, where in ((z, ""), (with_wide, " at z and at 10 <= |z| <= 19")):
+            point = points.detach().double().requires_grad_(True)
+            with torch.enable_grad():
+                autograd = torch.autograd.grad(activation.fn(point).sum(), point, create_graph=True)[0]
+                derivative = activation.derivative(point)
+            what = f"{model.name}: derivative of activation {activation.name!r}{where}"
+            assert_close(derivative, autograd, f"{what} vs autograd of its fn", tolerance)
+            check_derivative_in_graph(derivative, autograd, (point,), ("z",), what, tolerance)
 
 
 def _named(kind: str, plugin: Any) -> Any:

@@ -1430,12 +1430,13 @@ PLUGIN_CHECK_SHAPE: dict[str, int] = {
 }
 
 #: The second shape the checks reach without a shape given: five heads (a plugin wrong past the
-#: fourth is caught) and one call of 150 tokens (longer than internal blocks of 48 or 64 tokens, FLA's
-#: usual chunk; mini-batches of 16, ending mid-mini-batch), at head dim 4 and two sequences to stay cheap.
+#: fourth is caught), head dim 8 (one wrong past a small head's fifth feature is: the other shapes'
+#: head dims are 5 and 1) and one call of 150 tokens (longer than internal blocks of 48 or 64 tokens,
+#: FLA's usual chunk; mini-batches of 16, ending mid-mini-batch), at two sequences to stay cheap.
 LONG_CHECK_SHAPE: dict[str, int] = {
     "batch": 2,
     "heads": 5,
-    "head_dim": 4,
+    "head_dim": 8,
     "tokens": 150,
     "mini_batch_size": 16,
 }
@@ -1468,7 +1469,8 @@ def check_inner_model(
 
     ``shape``: ``make_problem``'s ``batch`` (at least 2), ``heads``, ``head_dim``, ``tokens`` and
     ``mini_batch_size``; unset ones are :data:`PLUGIN_CHECK_SHAPE`'s. With no shape given, every
-    shape of :data:`PLUGIN_CHECK_SHAPES` is checked (a 37-token and a 150-token call, up to five heads).
+    shape of :data:`PLUGIN_CHECK_SHAPES` is checked (a 37-token and a 150-token call, up to five heads
+    and head dim 8).
     The registrar's smoke test runs first (:func:`registrar_smoke_test`): a wrong shape is named as
     registration names it."""
     from innerloop.registry import get_registry
@@ -1710,8 +1712,9 @@ def check_update_rule(
     ``problem_kwargs`` go to :func:`make_problem` (``batch``, ``heads``, ``head_dim``, ``tokens``,
     ``mini_batch_size``, ...). Without a shape among them, the values are also checked at each shape
     of :data:`PLUGIN_CHECK_SHAPES` (three sequences and heads, an odd head dim, a 37-token call; five
-    heads and a 150-token call), with the first loss and wrapping, and at :data:`UNIT_CHECK_SHAPE` (sizes 1); :func:`innerloop.testing.strategies.problems`
-    draws shapes (and, if asked, the model) for a hypothesis test.
+    heads, head dim 8 and a 150-token call), with the first loss and wrapping, and at
+    :data:`UNIT_CHECK_SHAPE` (sizes 1); :func:`innerloop.testing.strategies.problems` draws shapes (and,
+    if asked, the model) for a hypothesis test.
     """
     _check_flags(gradients=gradients, without_grad=without_grad)  # "no" would run the checks it names
     rule = _named("update_rule", rule)

@@ -5,9 +5,9 @@ environment variable, comma-separated) is imported and registered exactly as an 
 point's module is: its ``@hookimpl`` hooks run (origin ``-p MODULE``, shown by ``innerloop plugins``),
 or what its import registers (``@innerloop.register_inner_loss class ...``) is kept. MODULE is an
 importable module name (``my_pkg.plugin``; one that is not importable, the file ``NAME.py`` of the
-working folder: the name a run records for ``-p ./my_loss.py``) or the path of a ``.py`` file (``./my_loss.py``), which is
-imported as the module named after the file (its folder put first on ``sys.path``), so that the name
-and the path are the same module, imported once.
+working folder: the name a run records for ``-p ./my_loss.py``) or the path of a ``.py`` file
+(``./my_loss.py``), which is imported as the module named after the file (its folder put first on
+``sys.path``), so that the name and the path are the same module, imported once.
 
 :data:`~innerloop.registry.manager.DISABLE_ENV` and :data:`~innerloop.registry.manager.ALLOW_ENV`
 concern installed entry points only: a module named here is loaded because it was named.

@@ -326,6 +326,13 @@ def integer_targets(logits: torch.Tensor, targets: Any) -> torch.Tensor:
     return targets.long()
 
 
+def loss_precision(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` in at least float32, what a cross-entropy reads: bfloat16 or float16 logits (a model
+    cast whole, Lightning's ``bf16-true``) are widened, as ``torch.autocast`` widens them for its loss
+    (a bfloat16 log-softmax and sum rounded the loss to 3 digits); float32 and float64 stay as they are."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def scored_cross_entropy_sum(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,7 +341,10 @@ def scored_cross_entropy_sum(
     0-d int64 tensor)."""
     targets = integer_targets(logits, targets).reshape(-1)
     total = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets, ignore_index=ignore_index, reduction="sum"
+        loss_precision(logits).reshape(-1, logits.shape[-1]),
+        targets,
+        ignore_index=ignore_index,
+        reduction="sum",
     )
     return total, (targets != ignore_index).sum()
 
@@ -379,7 +389,10 @@ def chunk_mean_cross_entropy(
         scored = scored & (targets != skip_target_id)
     targets = targets.masked_fill(~scored, ignore_index)  # an unscored target's loss is exactly 0
     per_token = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index, reduction="none"
+        loss_precision(logits).reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=ignore_index,
+        reduction="none",
     ).view(batch, tokens)
     num_chunks = -(-tokens // chunk_size)
     width = chunk_size if num_chunks > 1 else tokens  # one chunk: the sequence (memory never grows with C)
@@ -566,6 +579,7 @@ __all__ = [
     "causal_depthwise_conv",
     "check_flag",
     "is_flag",
+    "loss_precision",
     "check_positive_int",
     "first_non_finite",
     "chunk_mean_cross_entropy",

@@ -1014,7 +1014,8 @@ class TTTLayer(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> TTTLayer:
         """``nn.Module._apply`` (behind ``.to``, ``.double()``, ``.cuda()``, ``to_empty``), then the
-        :meth:`derived_buffers` cast to their new device and dtype from the values they held in float32
+        :meth:`derived_buffers` cast to their new device and dtype, but at least float32 (the scan's dtype:
+        a bfloat16 or float16 layer keeps float32 tables, as it is under autocast), from the values they held in float32
         or float64 (a float64 token index stays exact, a float32 one is widened as the reference's
         ``.double()`` widens it), else made again: ``to_empty`` (after building on the meta device)
         leaves them uninitialised, a bfloat16 cast rounded them, and ``load_state_dict`` does not fill
@@ -1032,7 +1033,10 @@ class TTTLayer(nn.Module):
                     and before.dtype in (torch.float32, torch.float64)
                 )
                 source = before if kept else table
-                self._buffers[name] = source.to(device=current.device, dtype=current.dtype)
+                # at least float32, as the scan that reads them: a bfloat16 cast rounded 1/3 to 0.3340
+                # and the RoPE frequencies to 3 digits, which autocast (float32 tables) does not
+                wide = torch.promote_types(current.dtype, torch.float32)
+                self._buffers[name] = source.to(device=current.device, dtype=wide)
         return self
 
     # ------------------------------------------------------------------------------------------
@@ -1361,10 +1365,13 @@ class TTTLayer(nn.Module):
 
     def inner_learning_rates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``lr [B, H, T]`` (per token) and ``tau [K]`` (per position in a mini-batch)."""
-        gate = F.linear(x, self.learnable_ttt_lr_weight[:, 0]).transpose(1, 2)  # [B, H, T] (a view)
-        gate = gate + self.learnable_ttt_lr_bias.reshape(1, self.num_heads, 1)
+        # The projection in the weights' (or autocast's) dtype, the gate after it in the scan's dtype: a
+        # bfloat16 layer computes the sigmoid and tau in float32, as the same layer does under autocast.
+        scan_dtype = self.scan_dtype
+        gate = F.linear(x, self.learnable_ttt_lr_weight[:, 0]).transpose(1, 2).to(scan_dtype)  # [B, H, T]
+        gate = gate + self.learnable_ttt_lr_bias.to(scan_dtype).reshape(1, self.num_heads, 1)
         lr = self.base_lr * torch.sigmoid(gate) / self.head_dim
-        tau = torch.clamp_min(self.token_idx + self.learnable_token_idx, 0.0)
+        tau = torch.clamp_min(self.token_idx.to(scan_dtype) + self.learnable_token_idx.to(scan_dtype), 0.0)
         return lr, tau
 
     def forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -1060,9 +1060,10 @@ class InnerloopPreTrainedModel(PreTrainedModel):
 
     def _refresh_non_persistent_buffers(self) -> None:
         """Make the tables no checkpoint holds (the layers' ``derived_buffers``: token index, RoPE
-        frequencies) again, in the model's device and dtype: transformers may have left them
-        uninitialised (it builds on the meta device), and innerloop's casts apply to every buffer
-        (load_weights, Lightning's ``*-true`` precisions), so a bfloat16 model reads bfloat16 tables."""
+        frequencies) again, on the model's device and in its dtype but at least float32: transformers may
+        have left them uninitialised (it builds on the meta device); a bfloat16 model keeps float32 tables,
+        as the layers' own casts do (:meth:`~innerloop.core.layer.TTTLayer._apply`), the float32 they
+        have under autocast."""
         with torch.no_grad():
             for module in self.modules():
                 derived = getattr(module, "derived_buffers", None)
@@ -1072,7 +1073,8 @@ class InnerloopPreTrainedModel(PreTrainedModel):
                 for name, table in derived(self.dtype).items():
                     current = module._buffers.get(name)
                     if current is not None:
-                        dtype = self.dtype if table.is_floating_point() else table.dtype
+                        wide = torch.promote_types(self.dtype, torch.float32)
+                        dtype = wide if table.is_floating_point() else table.dtype
                         module.register_buffer(
                             name, table.to(device=current.device, dtype=dtype), persistent=False
                         )

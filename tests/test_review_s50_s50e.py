@@ -9,18 +9,32 @@
   helpers computed the cross-entropy in bfloat16. The tests hold the islands by value: with weights
   that bfloat16 represents exactly, a bfloat16 layer's state equals the state the same layer reaches
   under autocast, bit for bit.
+- Integers. An integer argument is a Python int, a numpy integer or a 0-d integer tensor, read as the
+  int it holds (``core.functional.as_integer``); a bool, a float (4.0 too) and a string are refused.
+  The state and cache objects refused a numpy position (``TTTState``, ``KVCache``, ``E2EState``),
+  ``check_positive_int`` (the layers' sizes, ``chunk_size``) and ``ModelConfig`` a 0-d tensor, and the
+  Hugging Face model a numpy ``logits_to_keep`` or cache length, where ``as_integer``'s sites took them.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from innerloop.core.family_layers import DeltaNetLayer, GatedDeltaNetLayer, TitansLayer
-from innerloop.core.functional import chunk_mean_cross_entropy, mean_scored_cross_entropy
+from innerloop.core.functional import (
+    check_positive_int,
+    chunk_mean_cross_entropy,
+    is_integer,
+    mean_scored_cross_entropy,
+)
 from innerloop.core.layer import TTTLayer
+from innerloop.models import E2EConfig, ModelConfig, build_model
+from innerloop.models.attention import CausalSelfAttention, KVCache
 
 LAYERS = {
     "ttt_linear": lambda: TTTLayer(32, 2, inner_model="linear", mini_batch_size=8),
@@ -91,3 +105,121 @@ def test_the_loss_of_bf16_logits_is_computed_in_float32(loss):
     assert torch.equal(got.detach(), want)
     got.backward()
     assert logits.grad.dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------------------
+# One integer rule: an integer argument is a Python int, a numpy integer or a 0-d integer tensor, read
+# as the Python int it holds; a bool (True is no size), a float (4.0 too: a float where an integer is
+# meant is refused, not truncated) and a string are refused, naming the argument.
+# --------------------------------------------------------------------------------------------------
+
+INTEGERS = {"numpy": np.int64(4), "0-d tensor": torch.tensor(4)}
+NOT_INTEGERS = {"bool": True, "integral float": 4.0, "numpy float": np.float64(4.0)}
+
+
+def _tiny_e2e() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        mixer="e2e", vocab_size=64, hidden_size=16, num_heads=2, intermediate_size=16,
+        num_layers=1, window=4, e2e=E2EConfig(chunk_size=4),
+    )  # fmt: skip
+    return build_model(config).eval()
+
+
+def _ttt_states():
+    torch.manual_seed(0)
+    layer = TTTLayer(16, 2, mini_batch_size=4)
+    x = torch.randn(1, 5, 16)
+    with torch.no_grad():
+        _, state = layer(x[:, :4])
+    return lambda position: layer(x[:, 4:], replace(state, position=position))[1].position
+
+
+def _kv_caches():
+    torch.manual_seed(0)
+    attention = CausalSelfAttention(16, 2)
+    x = torch.randn(1, 5, 16)
+    with torch.no_grad():
+        _, cache = attention(x[:, :4])
+    return lambda position: attention(x[:, 4:], KVCache(cache.key, cache.value, position))[1].position
+
+
+def _e2e_states():
+    model, ids = _tiny_e2e(), torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        _, state = model(ids[:, :4])
+    return lambda position: model(ids[:, 4:], replace(state, position=position))[1].position
+
+
+STATES = {"TTTState": _ttt_states, "KVCache": _kv_caches, "E2EState": _e2e_states}
+SLOW_STATES = {"E2EState"}  # builds a TTT-E2E model: 0.5 s
+
+
+@pytest.mark.parametrize(
+    "kind", [pytest.param(kind, marks=[pytest.mark.slow] if kind in SLOW_STATES else []) for kind in STATES]
+)
+def test_a_state_takes_its_position_as_any_integer_and_refuses_the_rest(kind):
+    continue_from = STATES[kind]()
+    with torch.no_grad():
+        assert continue_from(4) == 5
+        for name, position in INTEGERS.items():
+            got = continue_from(position)
+            assert type(got) is int and got == 5, (kind, name, got)
+        for name, position in NOT_INTEGERS.items():
+            with pytest.raises(ValueError, match="position must be an integer"):
+                continue_from(position)
+            assert name
+
+
+@pytest.mark.parametrize("name", list(INTEGERS))
+def test_the_size_checks_take_a_0d_tensor_as_the_int_it_holds(name):
+    size = INTEGERS[name]
+    layer = TTTLayer(32, size // 2, mini_batch_size=size)
+    assert (type(layer.num_heads), layer.num_heads, type(layer.mini_batch_size)) == (int, 2, int)
+    assert layer.init_state(size).batch_size == 4
+    attention = CausalSelfAttention(32, size // 2, window=size)
+    assert (type(attention.num_heads), type(attention.window)) == (int, int)
+    logits, targets = torch.randn(2, 7, 5), torch.randint(0, 5, (2, 7))
+    assert torch.equal(
+        chunk_mean_cross_entropy(logits, targets, size, -100),
+        chunk_mean_cross_entropy(logits, targets, 4, -100),
+    )
+    assert is_integer(size) and check_positive_int("size", size) == 4
+
+
+@pytest.mark.parametrize("name", list(NOT_INTEGERS))
+def test_the_size_checks_refuse_bools_and_floats_naming_the_argument(name):
+    value = NOT_INTEGERS[name]
+    assert not is_integer(value)
+    with pytest.raises(ValueError, match="mini_batch_size must be a positive integer"):
+        TTTLayer(32, 2, mini_batch_size=value)
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        chunk_mean_cross_entropy(torch.randn(1, 4, 5), torch.zeros(1, 4, dtype=torch.long), value, -100)
+
+
+@pytest.mark.slow  # imports transformers (7.6 s in a fresh process, 0.8 s once imported)
+def test_the_hf_model_reads_a_numpy_logits_to_keep_and_cache_length_as_ints():
+    from hf.hf_testing import tiny_hf_model
+
+    from innerloop.hf.modeling import InnerloopCache
+
+    model, ids = tiny_hf_model("ttt_linear"), torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        kept = model(ids, logits_to_keep=np.int64(2)).logits
+        assert torch.equal(kept, model(ids, logits_to_keep=2).logits)
+        out = model(ids[:, :4], use_cache=True)
+        cache = InnerloopCache(out.cache.state, np.int64(4))
+        assert type(cache.get_seq_length()) is int
+        model(ids[:, 4:], cache=cache)
+    with pytest.raises(ValueError, match="logits_to_keep must be an int"):
+        model(ids, logits_to_keep=2.0)
+
+
+@pytest.mark.parametrize("name", list(INTEGERS))
+def test_a_model_config_reads_its_integer_fields_by_the_same_rule(name):
+    model = build_model(
+        ModelConfig(hidden_size=32, num_heads=INTEGERS[name] // 2, num_layers=1, vocab_size=64)
+    )
+    assert type(model.config.num_heads) is int and model.config.num_heads == 2
+    with pytest.raises(ValueError, match="num_heads"):
+        build_model(ModelConfig(hidden_size=32, num_heads=2.0, num_layers=1, vocab_size=64))

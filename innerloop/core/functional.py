@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import operator
 import os
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -376,7 +375,7 @@ def chunk_mean_cross_entropy(
     shards do), and a batch with nothing scored gives 0 attached to the graph. With every target scored
     and ``T`` a multiple of ``chunk_size`` this is :func:`mean_scored_cross_entropy`.
     """
-    check_positive_int("chunk_size", chunk_size)
+    chunk_size = check_positive_int("chunk_size", chunk_size)
     if not isinstance(targets, torch.Tensor) or targets.dim() != 2 or logits.shape[:-1] != targets.shape:
         shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
         raise ValueError(
@@ -405,8 +404,19 @@ def chunk_mean_cross_entropy(
 
 
 def is_integer(value: Any) -> bool:
-    """An integer argument: a Python int or any other ``numbers.Integral`` (``numpy.int64``), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    """An integer argument, by the library's one rule (:func:`as_integer`): a Python int, a numpy
+    integer or a 0-d integer tensor; not a bool (True is no size), a float (4.0 neither: a float where an
+    integer is meant is refused, not truncated) or a string."""
+    return as_integer(value) is not None
+
+
+def integer_or_given(value: Any) -> Any:
+    """``value`` as the Python int it holds if it is an integer (:func:`as_integer`), else ``value``
+    itself, for a check to refuse by name: what the state and cache objects do with their positions
+    (a numpy or 0-d tensor position is held as an int, so that arithmetic on it neither wraps at int64
+    nor turns the next state's position into a tensor)."""
+    integer = as_integer(value)
+    return value if integer is None else integer
 
 
 def as_integer(value: Any) -> int | None:
@@ -424,16 +434,31 @@ def as_integer(value: Any) -> int | None:
         return None
 
 
-def check_positive_int(name: str, value: Any, none_allowed: bool = False, most: int | None = None) -> None:
-    """Raise naming ``name`` unless ``value`` is an integer >= 1 (or None, where ``none_allowed``).
-    ``most``: the largest valid value, named in the message so that it states the whole range (the
-    caller checks it, with its reason)."""
+@overload
+def check_positive_int(
+    name: str, value: Any, none_allowed: Literal[False] = False, most: int | None = None
+) -> int: ...
+
+
+@overload
+def check_positive_int(name: str, value: Any, none_allowed: bool, most: int | None = None) -> int | None: ...
+
+
+def check_positive_int(
+    name: str, value: Any, none_allowed: bool = False, most: int | None = None
+) -> int | None:
+    """``value`` as a Python int (None stays None, where ``none_allowed``); raise naming ``name`` unless it
+    is an integer >= 1 by :func:`is_integer`'s rule (a numpy integer or a 0-d integer tensor is read as
+    its int). ``most``: the largest valid value, named in the message so that it states the whole range
+    (the caller checks it, with its reason)."""
     if none_allowed and value is None:
-        return
-    if not is_integer(value) or value < 1:
+        return None
+    integer = as_integer(value)
+    if integer is None or integer < 1:
         valid = "a positive integer" + ("" if most is None else f" <= {most}")
         valid += " or None" if none_allowed else ""
         raise ValueError(f"{name} must be {valid}, got {value!r}")
+    return integer
 
 
 def check_path_argument(path: Any, name: str = "path") -> None:
@@ -587,6 +612,7 @@ __all__ = [
     "gelu_tanh_derivative",
     "host_reads_are_free",
     "is_integer",
+    "integer_or_given",
     "is_power_of_two",
     "transformed_or_dual",
     "mean_scored_cross_entropy",

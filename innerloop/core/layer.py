@@ -406,16 +406,14 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_sh
     """One clear error per bad constructor argument: its name, the value given, what is valid
     (``rotary``: the layer applies RoPE, which needs an even head size; ``conv_needs_share_qk``: its only
     convolutions are those of ``share_qk``)."""
-    for name in ("hidden_size", "num_heads"):
-        check_positive_int(name, args[name])
+    hidden_size = check_positive_int("hidden_size", args["hidden_size"])
+    num_heads = check_positive_int("num_heads", args["num_heads"])
     check_positive_int("conv_kernel", args["conv_kernel"], most=MAX_CONV_KERNEL)
-    check_positive_int("mini_batch_size", args["mini_batch_size"], most=MAX_MINI_BATCH_SIZE)
-    hidden_size, num_heads = args["hidden_size"], args["num_heads"]
+    mini_batch_size = check_positive_int("mini_batch_size", args["mini_batch_size"], most=MAX_MINI_BATCH_SIZE)
     # its projections: q and k (one when shared), v and o, each [hidden_size, hidden_size]; first, so that
     # the head split's error lists the head counts of a width that can be built
     check_weights_fit(3 * hidden_size * hidden_size, f"a layer of hidden_size={hidden_size}")
-    check_head_split(int(hidden_size), int(num_heads), rotary=rotary)
-    mini_batch_size = args["mini_batch_size"]
+    check_head_split(hidden_size, num_heads, rotary=rotary)
     if mini_batch_size > MAX_MINI_BATCH_SIZE:
         raise ValueError(
             f"mini_batch_size must be a positive integer <= {MAX_MINI_BATCH_SIZE} (the layer builds [K, K] matrices per "

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from innerloop.core.functional import as_integer
+from innerloop.core.functional import as_integer, integer_or_given
 
 #: The groups of tensors of a state, in the order :meth:`TTTState.tensors` lists them.
 TENSOR_GROUPS = ("params", "pending", "loss_carry", "conv_history", "momentum", "decay")
@@ -167,6 +167,11 @@ class TTTState:
     conv_history: dict[str, torch.Tensor] = field(default_factory=dict)
     momentum: dict[str, torch.Tensor] = field(default_factory=dict)
     decay: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # a numpy or 0-d tensor integer held as the int it is (the one integer rule, core.functional); anything
+        # else is kept for the state's check to refuse by name
+        object.__setattr__(self, "position", integer_or_given(self.position))
 
     @property
     def batch_size(self) -> int:

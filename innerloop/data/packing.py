@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
-from innerloop.core.functional import check_positive_int, is_integer
+from innerloop.core.functional import as_integer, check_positive_int, is_integer
 from innerloop.data.text import DataError
 
 #: ``read(epoch, first_document)`` yields ``(document number, token ids)`` of the documents from
@@ -55,7 +55,7 @@ def is_validation(document: int, val_fraction: float) -> bool:
     A ValueError naming the argument for a ``document`` that is not an integer >= 0 or a
     ``val_fraction`` outside ``[0, 1]`` (-1 read as a validation document, a fraction of 1.5 as all)."""
     check_held_out_split(document, val_fraction)
-    return _every(document, val_fraction)
+    return _every(as_integer(document), val_fraction)  # a 0-d tensor's float32 arithmetic would round
 
 
 def _every(number: int, fraction: float) -> bool:
@@ -70,7 +70,7 @@ def is_test(document: int, val_fraction: float, test_fraction: float) -> bool:
     every document at ``test_fraction`` 0. A ValueError as :func:`is_validation`'s, or for fractions in
     ``[0, 1]`` whose sum is past 1 (more test documents than the validation ones leave)."""
     check_held_out_split(document, val_fraction, test_fraction)
-    return _among_test(document, val_fraction, test_fraction)
+    return _among_test(as_integer(document), val_fraction, test_fraction)
 
 
 def _among_test(document: int, val_fraction: float, test_fraction: float) -> bool:
@@ -263,8 +263,7 @@ def validation_windows(
     ``read`` yields only validation documents (``held_out="test"``: only test documents, which the
     messages then name). Raises :class:`DataError` if there is not one; ``seq_len`` and ``count`` must
     be positive integers (a ValueError naming them: a count of 0 was blamed on the data)."""
-    check_positive_int("seq_len", seq_len)
-    check_positive_int("count", count)
+    seq_len, count = check_positive_int("seq_len", seq_len), check_positive_int("count", count)
     need = seq_len + 1
     tokens: list[int] = []
     windows: list[list[int]] = []

@@ -237,6 +237,7 @@ def check_logits_to_keep(logits_to_keep: Any, batch: int, length: int) -> None:
 
     The message names what was given and what is valid. Reading a tensor's range costs one device sync.
     """
+    logits_to_keep = plain_logits_to_keep(logits_to_keep)
     if isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool) and logits_to_keep >= 0:
         return
     problem = _logits_to_keep_problem(logits_to_keep, batch, length)
@@ -247,6 +248,16 @@ def check_logits_to_keep(logits_to_keep: Any, batch: int, length: int) -> None:
         f"of positions {-length}..{length - 1}, a [{batch}, n] one of positions 0..{length - 1}, or a bool "
         f"mask [{length}] or [{batch}, {length}] (input_ids are [{batch}, {length}]), got {problem}"
     )
+
+
+def plain_logits_to_keep(logits_to_keep: Any) -> Any:
+    """``logits_to_keep`` as the Python int it holds where it is a numpy integer (the library's one integer
+    rule, :func:`~innerloop.core.functional.as_integer`; transformers slices by ``isinstance(k, int)``);
+    a tensor keeps transformers' meaning (the positions kept), anything else is returned for the check."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        return logits_to_keep
+    integer = as_integer(logits_to_keep)
+    return logits_to_keep if integer is None else integer
 
 
 def _logits_to_keep_problem(logits_to_keep: Any, batch: int, length: int) -> str | None:

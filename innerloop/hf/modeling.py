@@ -49,7 +49,7 @@ except ImportError:  # not on Windows: staging folders a killed save left are th
 from innerloop.checkpoints import missing_keys_note, plugin_record, warn_changed_plugins
 from innerloop.core.callers import warning_stacklevel
 from innerloop.core.eager import run_eagerly
-from innerloop.core.functional import as_integer, first_non_finite, scored_cross_entropy_sum
+from innerloop.core.functional import as_integer, first_non_finite, integer_or_given, scored_cross_entropy_sum
 from innerloop.core.state import check_batch_rows
 from innerloop.data.atomic import atomic_write_text, file_sha256, permissions_to_give
 from innerloop.hf.arguments import (
@@ -65,6 +65,7 @@ from innerloop.hf.arguments import (
     check_other_arguments,
     hidden_states_wanted,
     one_cache,
+    plain_logits_to_keep,
     recording_hidden_states,
 )
 from innerloop.hf.configuration import InnerloopConfig, model_config_from, with_earlier_defaults
@@ -111,7 +112,7 @@ class InnerloopCache:
         device: torch.device | None = None,
     ) -> None:
         self.state = state
-        self.seq_length = seq_length
+        self.seq_length = integer_or_given(seq_length)  # a numpy or 0-d tensor length as its int
         self.fingerprint = fingerprint
         self.dtype = dtype
         self.device = device
@@ -1590,7 +1591,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         logits, state, hidden_states = self._run(input_ids, cache, hidden, True, pads, embeds)  # [B, T, V]
         new_cache = self._cache_after(input_ids, cache, state, use_cache, may_cache, pads, embeds)
         loss = None if labels is None else next_token_loss(logits, labels, items)
-        logits = slice_logits_to_keep(logits, logits_to_keep)  # as transformers' models keep them
+        logits = slice_logits_to_keep(logits, plain_logits_to_keep(logits_to_keep))  # as transformers
         output = InnerloopCausalLMOutput(
             loss=loss, logits=logits, cache=new_cache, hidden_states=hidden_states
         )

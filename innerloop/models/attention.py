@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from innerloop.core.functional import (
     RMSNorm,
     apply_rope_interleaved,
+    integer_or_given,
     is_flag,
     rope_cos_sin,
     rope_inverse_frequencies,
@@ -78,6 +79,11 @@ class KVCache:
     value: torch.Tensor
     position: int
     _room: _Room | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # a numpy or 0-d tensor integer held as the int it is (the one integer rule, core.functional); anything
+        # else is kept for the state's check to refuse by name
+        object.__setattr__(self, "position", integer_or_given(self.position))
 
     @classmethod
     def in_room(cls, key: torch.Tensor, value: torch.Tensor, position: int, room: _Room | None) -> KVCache:

@@ -291,7 +291,8 @@ class ModelConfig:
 
 def _with_plain_numbers(config: Any) -> Any:
     """``config`` (a config dataclass) with every int or float field that holds another integer or real
-    number type (``numpy.int64``, ``numpy.float32``; not a bool) set to the plain ``int`` or ``float``,
+    number type (``numpy.int64``, a 0-d integer tensor, ``numpy.float32``; not a bool) set to the plain
+    ``int`` or ``float``,
     and every bool field that holds numpy's bool set to the plain ``bool``, so that the checks, the
     layers and JSON see Python values. Other values are left to the checks."""
     hints = field_types(type(config))
@@ -303,8 +304,8 @@ def _with_plain_numbers(config: Any) -> Any:
             continue
         if expected is bool and _is_numpy_bool(value):
             setattr(config, f.name, bool(value))
-        elif expected is int and isinstance(value, numbers.Integral):
-            setattr(config, f.name, int(value))
+        elif expected is int and as_integer(value) is not None:  # numpy's, a 0-d tensor: the one integer rule
+            setattr(config, f.name, as_integer(value))
         elif expected is float and isinstance(value, numbers.Real):
             setattr(config, f.name, float(value))
     return config

@@ -51,6 +51,7 @@ from innerloop.core.functional import (
     RMSNorm,
     as_integer,
     chunk_mean_cross_entropy,
+    integer_or_given,
     mean_scored_cross_entropy,
     owning,
     saved_tensors_hooks_suspended,
@@ -148,6 +149,11 @@ class ChunkKVCache:
     key: torch.Tensor
     value: torch.Tensor
     position: int
+
+    def __post_init__(self) -> None:
+        # a numpy or 0-d tensor integer held as the int it is (the one integer rule, core.functional); anything
+        # else is kept for the state's check to refuse by name
+        object.__setattr__(self, "position", integer_or_given(self.position))
 
     def detach(self) -> ChunkKVCache:
         """The same cache cut from the autograd graph."""
@@ -383,6 +389,12 @@ class E2EState:
     chunk_size: int | None = None
     scored: tuple[AnyCache | None, ...] | None = None
     chunk_targets: str | None = None
+
+    def __post_init__(self) -> None:
+        # a numpy or 0-d tensor integer held as the int it is (the one integer rule, core.functional); anything
+        # else is kept for the state's check to refuse by name
+        object.__setattr__(self, "position", integer_or_given(self.position))
+        object.__setattr__(self, "chunk_size", integer_or_given(self.chunk_size))
 
     def detach(self) -> E2EState:
         """The same state cut from the autograd graph."""

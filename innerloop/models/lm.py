@@ -413,7 +413,7 @@ class CausalLM(nn.Module):
         ``checkpoint_function`` (a function of ``checkpoint``'s signature; not with the kwargs). Only
         while the model is in training mode with gradients on: evaluation, ``torch.no_grad`` and
         decoding run as before. Loss and gradients are those without it (the carried states' too)."""
-        check_positive_int("every_n_layers", every_n_layers)
+        every_n_layers = check_positive_int("every_n_layers", every_n_layers)
         function = _checkpoint_function(gradient_checkpointing_kwargs, checkpoint_function)
         self._checkpoint_every, self._gradient_checkpointing_func = every_n_layers, function
         self.gradient_checkpointing = True

@@ -1000,10 +1000,10 @@ class TTTLayer(nn.Module):
 
     def derived_buffers(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The buffers made from the layer's options, not learned and not saved (non-persistent), as
-        the reference makes them (the module's casts then apply to them): ``token_idx`` ``1 / (i + 1)``
-        in ``dtype`` (None: torch's default dtype, at least float32: a layer built under
-        ``torch.set_default_dtype(torch.float64)`` holds 1/3 in float64) and the RoPE inverse
-        frequencies in float32."""
+        the reference makes them (the module's casts then apply to them, but never below float32:
+        :meth:`_apply`): ``token_idx`` ``1 / (i + 1)`` in ``dtype`` (None: torch's default dtype, at
+        least float32: a layer built under ``torch.set_default_dtype(torch.float64)`` holds 1/3 in
+        float64) and the RoPE inverse frequencies in float32."""
         index_dtype = torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)
         return {
             "token_idx": 1.0 / torch.arange(1, self.mini_batch_size + 1, dtype=index_dtype),

@@ -1104,10 +1104,22 @@ def load_weights(
                 if parameter.dtype in wanted:
                     parameter.data = parameter.data.to(wanted[parameter.dtype])
             for owner in model.modules():
+                tables = _derived_table_names(owner)
                 for key, buffer in list(owner.named_buffers(recurse=False)):
                     if buffer.dtype in wanted:  # set again: it stays a (non-)persistent buffer
-                        setattr(owner, key, buffer.to(wanted[buffer.dtype]))
+                        dtype = wanted[buffer.dtype]
+                        if key in tables:  # a layer's token-index and RoPE tables: never below float32
+                            dtype = torch.promote_types(dtype, torch.float32)
+                        setattr(owner, key, buffer.to(dtype))
     model.load_state_dict(state_dict)
+
+
+def _derived_table_names(module: torch.nn.Module) -> set[str]:
+    """The names of ``module``'s ``derived_buffers`` (a TTT layer's token-index and RoPE tables), which a
+    cast keeps in at least float32, as :meth:`~innerloop.core.layer.TTTLayer._apply` does in Lightning's
+    cast of the whole module; empty for a module without them."""
+    derived = getattr(module, "derived_buffers", None)
+    return set(derived()) if callable(derived) else set()
 
 
 def describe_model(config: Mapping[str, Any]) -> str:

@@ -255,3 +255,20 @@ def test_a_0d_tensor_document_number_is_split_as_its_int():
             assert is_test(torch.tensor(n), val_fraction, test_fraction) == is_test(
                 n, val_fraction, test_fraction
             )
+
+
+def test_weights_loaded_in_bf16_give_the_numbers_of_the_model_cast_to_bf16():
+    """``load_weights(keep_dtype=True)`` casts the model it loads into as Lightning's ``bf16-true`` cast
+    the trained one: the token-index and RoPE tables stay float32 in both."""
+    from innerloop.checkpoints import load_weights
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=64, hidden_size=32, num_heads=2, num_layers=1, intermediate_size=32)
+    trained = build_model(config).to(torch.bfloat16).eval()
+    loaded = build_model(config).eval()
+    load_weights(loaded, trained.state_dict(), keep_dtype=True)
+    mixer = loaded.blocks[0].mixer
+    assert mixer.token_idx.dtype == mixer.rope_inv_freq.dtype == torch.float32
+    ids = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids)[0], trained(ids)[0])

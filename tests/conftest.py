@@ -197,3 +197,16 @@ def cpu_kernels() -> None:
         if environment_flag("INNERLOOP_REQUIRE_CPU_KERNELS", False):
             raise
         pytest.skip(f"the CPU kernels cannot be built here: {error}")
+
+
+@pytest.fixture
+def fresh_global_registry() -> None:
+    """The process-wide registry, reset for the test and put back as it was after it
+    (:func:`innerloop.registry.isolated_registry`): what the test registers, and the kernels' first-use
+    verdicts it earns, do not leak into later tests of the same worker. The registry is built when the
+    test first asks for it (``get_registry()``), after any entry points it patches in. A module whose every
+    test needs it says ``pytestmark = pytest.mark.usefixtures("fresh_global_registry")``."""
+    from innerloop.registry import isolated_registry
+
+    with isolated_registry():
+        yield

@@ -1,10 +1,11 @@
 """Plugins for the tests: two plugin losses under one name, with different math, for the tests of what
 checkpoints and exports record of their plugins (tests/train/test_checkpoint_plugin_origins.py, tests/hf/
 test_export_plugin_origins.py: loading where the other one answers to the name must warn),
-:class:`One`, a plugin object registering one object through one hook (the registry's tests), and
+:class:`One`, a plugin object registering one object through one hook (the registry's tests),
 :func:`without_key`, a checkpoint as written before one of its records existed, and
-:class:`ModuleEntryPoint`, an installed entry point naming a module, and :class:`DoubledGradient`, the
-identity whose backward doubles the gradient (a plugin's or kernel's wrong hand-written backward)."""
+:class:`ModuleEntryPoint`, an installed entry point naming a module, :class:`DoubledGradient`, the
+identity whose backward doubles the gradient (a plugin's or kernel's wrong hand-written backward), and
+:func:`register_linear_dual_form_kernel`, a kernel of TTT-Linear's dual form registered as a plugin."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import innerloop
 from innerloop import HalfSquaredError, LossPairs, hookimpl
 from innerloop.checkpoints import checkpoint_digest
+from innerloop.kernels.spec import KernelSpec
 
 NAME = "origins_test_loss"
 
@@ -89,3 +92,38 @@ class ModuleEntryPoint:
         import importlib
 
         return importlib.import_module(self.value)
+
+
+#: :func:`linear_dual_form_kernel`'s default priority: asked before every built-in kernel.
+AHEAD_OF_THE_BUILT_INS = 10**6
+
+
+def accept_every_input(inputs) -> None:
+    """A kernel's ``verify`` that takes every block it is offered."""
+    return None
+
+
+def linear_dual_form_kernel(
+    name: str, forward, *, verify=accept_every_input, priority: int = AHEAD_OF_THE_BUILT_INS, **fields
+) -> KernelSpec:
+    """A kernel for TTT-Linear's dual form (inner model ``linear``, loss ``reconstruction``, rule
+    ``dual_form``) running ``forward``, with any other :class:`KernelSpec` field given (``decode``,
+    ``training_only``, ...); by default it takes every block and is asked before the built-ins."""
+    return KernelSpec(
+        name=name,
+        inner_model="linear",
+        inner_loss="reconstruction",
+        update_rule="dual_form",
+        forward=forward,
+        verify=verify,
+        priority=priority,
+        **fields,
+    )
+
+
+def register_linear_dual_form_kernel(name: str, forward, **fields) -> str:
+    """Register :func:`linear_dual_form_kernel` ``(name, forward, **fields)`` in the process's registry
+    (a test wraps this in the ``fresh_global_registry`` fixture or ``isolated_registry()``); returns
+    ``name``."""
+    innerloop.register_kernel(linear_dual_form_kernel(name, forward, **fields))
+    return name

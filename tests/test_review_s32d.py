@@ -7,17 +7,12 @@ import warnings
 from types import SimpleNamespace
 
 import pytest
+from plugin_testing import linear_dual_form_kernel, register_linear_dual_form_kernel
 
 import innerloop
 from innerloop import HalfSquaredError, LossPairs, PluginError, hookimpl
 from innerloop.registry import manager
-from innerloop.registry.manager import PluginLoadWarning, isolated_registry
-
-
-@pytest.fixture
-def own_registry():
-    with isolated_registry():
-        yield
+from innerloop.registry.manager import PluginLoadWarning
 
 
 class _Named(HalfSquaredError):
@@ -65,7 +60,9 @@ def _registers_at_import_and_has_a_failing_hook():
     ],
     ids=["import-fails-after-registering", "hook-fails-after-import-registered"],
 )
-def test_a_skipped_entry_point_leaves_nothing_registered_by_its_import(own_registry, monkeypatch, load, name):
+def test_a_skipped_entry_point_leaves_nothing_registered_by_its_import(
+    fresh_global_registry, monkeypatch, load, name
+):
     """Found by s32d: an entry-point module that registered an object at import
     (``innerloop.register_<kind>``) and then failed (its import, or its hook) was reported "failed to load
     and was skipped", yet the object stayed registered and usable, as an in-process plugin (no
@@ -128,36 +125,25 @@ def _fused_linear():
     return next(k for k in innerloop.get_registry().kernels() if k.name == "fused_torch_linear")
 
 
-def test_a_verify_returning_an_empty_reason_is_a_broken_plugin_named(own_registry):
+def test_a_verify_returning_an_empty_reason_is_a_broken_plugin_named(fresh_global_registry):
     """Found by s32d: a ``verify`` returning ``""`` (falsy, but not None) refused its kernel with an empty
     reason: ``kernel='tp_empty' cannot run here: `` and nothing after it. The contract is None or a reason;
     an empty one is now refused as ``True`` is, naming the kernel."""
     import torch
 
-    from innerloop.kernels.spec import KernelSpec
-
-    innerloop.register_kernel(
-        KernelSpec(
-            name="tp_empty",
-            inner_model="linear",
-            inner_loss="reconstruction",
-            update_rule="dual_form",
-            forward=_fused_linear().forward,
-            verify=lambda inputs: "",
-        )
+    register_linear_dual_form_kernel(
+        "tp_empty", _fused_linear().forward, verify=lambda inputs: "", priority=0
     )
     layer = innerloop.TTTLayer(16, 2, mini_batch_size=4, kernel="tp_empty")
     with pytest.raises(TypeError, match=r"kernel 'tp_empty': verify\(\) must return None .* non-empty str"):
         layer(torch.randn(1, 4, 16))
 
 
-def test_a_decode_step_that_breaks_its_contract_after_its_first_use_is_named(own_registry):
+def test_a_decode_step_that_breaks_its_contract_after_its_first_use_is_named(fresh_global_registry):
     """Found by s32d: the shapes, dtypes and devices a kernel returns are checked on every block it runs,
     but a ``decode`` step's only on its first use (the probe): one that later returned pending sums of
     another shape went on into the state unchecked. Every decoded token is now checked the same way."""
     import torch
-
-    from innerloop.kernels.spec import KernelSpec
 
     cpu = next(k for k in innerloop.get_registry().kernels() if k.name == "cpu_ttt_linear")
     calls = []
@@ -172,18 +158,7 @@ def test_a_decode_step_that_breaks_its_contract_after_its_first_use_is_named(own
             pending = {name: value[:1] for name, value in pending.items()}
         return out, params, pending
 
-    innerloop.register_kernel(
-        KernelSpec(
-            name="tp_late_decode",
-            inner_model="linear",
-            inner_loss="reconstruction",
-            update_rule="dual_form",
-            forward=_fused_linear().forward,
-            decode=decode,
-            verify=lambda inputs: None,
-            priority=100,
-        )
-    )
+    register_linear_dual_form_kernel("tp_late_decode", _fused_linear().forward, decode=decode, priority=100)
     layer = innerloop.TTTLayer(16, 2, mini_batch_size=8)
     with torch.no_grad(), pytest.raises(RuntimeError, match="kernel 'tp_late_decode' returned weights"):
         _, state = layer(torch.randn(2, 8, 16))
@@ -200,7 +175,7 @@ class _PluginClass:
         register(_Named("s32d_class_plugin_loss"))
 
 
-def test_a_plugin_class_given_for_an_instance_is_refused_saying_so(own_registry):
+def test_a_plugin_class_given_for_an_instance_is_refused_saying_so(fresh_global_registry):
     """Found by s32d: ``innerloop.register(PluginClass)``, or an entry point ``pkg.mod:PluginClass``,
     passed the hook check (``register`` is among ``(self, register)``) and then failed inside the hook
     call with Python's own ``TypeError: ... missing 1 required positional argument: 'register'``. It is
@@ -238,28 +213,19 @@ def test_a_kernel_spec_that_supports_decay_must_take_decay_when_built():
 
 
 def _dup_kernel_plugin(tag: str):
-    from innerloop.kernels.spec import KernelSpec
-
     class Plugin:
         @hookimpl
         def register_kernels(self, register):
             register(
-                KernelSpec(
-                    name="s32d_dup_kernel",
-                    inner_model="linear",
-                    inner_loss="reconstruction",
-                    update_rule="dual_form",
-                    forward=_fused_linear().forward,
-                    verify=lambda inputs: None,
-                    priority=100,
-                    description=tag,
+                linear_dual_form_kernel(
+                    "s32d_dup_kernel", _fused_linear().forward, priority=100, description=tag
                 )
             )
 
     return Plugin()
 
 
-def test_a_kernel_name_two_distributions_provide_is_used_by_neither(own_registry, monkeypatch):
+def test_a_kernel_name_two_distributions_provide_is_used_by_neither(fresh_global_registry, monkeypatch):
     """Found by s32d: when two installed distributions register a kernel of one name, the registry hides
     the name (``names``), ``innerloop plugins`` marks it refused and docs/architecture.md says neither is
     used, since which one loads first depends on install order; yet ``kernel="auto"`` still chose the
@@ -288,7 +254,7 @@ class _LossPlugin:
         register(_Named("s32d_builtin_named_loss"))
 
 
-def test_an_entry_point_named_builtin_is_not_taken_for_a_built_in(own_registry, monkeypatch):
+def test_an_entry_point_named_builtin_is_not_taken_for_a_built_in(fresh_global_registry, monkeypatch):
     """Found by s32d: ``add_plugin`` refuses the origin prefix ``builtin:`` to anything but innerloop's own
     plugin modules, but an installed entry point named ``builtin:...`` (its origin is its name) went past
     that check: ``innerloop plugins`` listed its objects as built-in, and the registrar skipped the checks
@@ -306,7 +272,7 @@ def test_an_entry_point_named_builtin_is_not_taken_for_a_built_in(own_registry, 
 # ---- the two tests below: promises no test covered (each passed when written) ---------------------
 
 
-def test_a_third_party_kernel_that_supports_decay_gets_the_decaying_blocks_with_decay(own_registry):
+def test_a_third_party_kernel_that_supports_decay_gets_the_decaying_blocks_with_decay(fresh_global_registry):
     """Promise (docs/architecture.md, "Kernels and dispatch"; ``KernelSpec.supports_decay``): a decaying
     block goes only to a kernel registered with ``supports_decay``, which receives ``decay`` by keyword,
     chosen by priority over the built-in; no test registered such a plugin kernel."""
@@ -350,27 +316,16 @@ def test_a_third_party_kernel_that_supports_decay_gets_the_decaying_blocks_with_
 
 
 def test_a_third_party_training_only_kernel_named_by_a_layer_trains_and_leaves_inference_to_auto(
-    own_registry,
+    fresh_global_registry,
 ):
     """Promise (``KernelSpec.training_only``): a layer that names such a kernel uses it for the blocks
     that record a graph; the others go where ``kernel="auto"`` sends them, and the reason says so. Only the
     built-in ``compiled_torch_*`` (slow to compile) was tested."""
     import torch
 
-    from innerloop.kernels.spec import KernelSpec
-
     fused = _fused_linear()
-    innerloop.register_kernel(
-        KernelSpec(
-            name="tp_trains",
-            inner_model="linear",
-            inner_loss="reconstruction",
-            update_rule="dual_form",
-            forward=fused.forward,
-            verify=fused.verify,
-            priority=-5,
-            training_only=True,
-        )
+    register_linear_dual_form_kernel(
+        "tp_trains", fused.forward, verify=fused.verify, priority=-5, training_only=True
     )
     layer = innerloop.TTTLayer(16, 2, mini_batch_size=4, kernel="tp_trains")
     x = torch.randn(1, 8, 16)
@@ -389,7 +344,7 @@ def test_a_third_party_training_only_kernel_named_by_a_layer_trains_and_leaves_i
 # ---- regressions again ----------------------------------------------------------------------------
 
 
-def test_a_kernel_writing_into_the_weights_it_is_given_is_refused_at_first_use(own_registry):
+def test_a_kernel_writing_into_the_weights_it_is_given_is_refused_at_first_use(fresh_global_registry):
     """Found by s32d: a kernel whose outputs and new weights are right but that writes its new weights
     into the ``params`` it was given passed the first-use check (the probe runs on private copies), then
     overwrote the caller's carried state in place: without autograd, ``layer(x, state=s)`` twice gave two
@@ -397,7 +352,6 @@ def test_a_kernel_writing_into_the_weights_it_is_given_is_refused_at_first_use(o
     import torch
 
     from innerloop.kernels.dispatch import KernelCheckError
-    from innerloop.kernels.spec import KernelSpec
 
     fused = _fused_linear()
 
@@ -411,17 +365,7 @@ def test_a_kernel_writing_into_the_weights_it_is_given_is_refused_at_first_use(o
                 weight.copy_(new[name])
         return out, params
 
-    innerloop.register_kernel(
-        KernelSpec(
-            name="tp_writes_back",
-            inner_model="linear",
-            inner_loss="reconstruction",
-            update_rule="dual_form",
-            forward=writes_back,
-            verify=lambda inputs: None,
-            priority=100,
-        )
-    )
+    register_linear_dual_form_kernel("tp_writes_back", writes_back, priority=100)
     torch.manual_seed(0)
     layer = innerloop.TTTLayer(16, 2, mini_batch_size=4)
     x1, x2 = torch.randn(1, 8, 16), torch.randn(1, 8, 16)
@@ -450,7 +394,7 @@ class _SelfRegistering:
         register(_Named("s32d_self_registered_loss"))
 
 
-def test_an_entry_point_module_that_registers_itself_at_import_is_loaded(own_registry, monkeypatch):
+def test_an_entry_point_module_that_registers_itself_at_import_is_loaded(fresh_global_registry, monkeypatch):
     """Found by s32d (with the rollback above): a plugin module that calls
     ``innerloop.register(sys.modules[__name__])`` at import, and is also an entry point, was reported
     "failed to load and was skipped: ... already registered (this same object); nothing was changed"

@@ -294,8 +294,9 @@ def test_check_kernel_runs_a_float32_case_by_default():
     """A kernel right in float64 and wrong in float32 from its third mini-batch on (what dispatch's
     first-use check, which sees two, accepts) passed check_kernel's default float64 run; layers run in
     float32. (The pure-torch reference kernel, the cheapest to run every case with.)"""
+    from plugin_testing import register_linear_dual_form_kernel
+
     from innerloop.kernels.reference import reference_kernel
-    from innerloop.kernels.spec import KernelSpec
     from innerloop.plugins.losses.reconstruction import Reconstruction
     from innerloop.testing import check_kernel
 
@@ -307,17 +308,8 @@ def test_check_kernel_runs_a_float32_case_by_default():
             lr[:, :, 2 * tau.shape[0] :] *= 0.5
         return reference(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps)
 
-    spec = KernelSpec(
-        "s36c_late_in_float32",
-        "linear",
-        "reconstruction",
-        "dual_form",
-        forward,
-        verify=lambda inputs: None,
-        priority=100,
-    )
     with isolated_registry():
-        innerloop.register_kernel(spec)
+        register_linear_dual_form_kernel("s36c_late_in_float32", forward, priority=100)
         pattern = r"s36c_late_in_float32'\): head_dim 4 \(TTTLayer, in float32\), 71 tokens .*grad: output"
         with pytest.raises(AssertionError, match=pattern):
             check_kernel("s36c_late_in_float32", head_dims=(4,))

@@ -73,25 +73,16 @@ def test_a_training_only_kernel_is_not_chosen_for_a_block_without_a_graph(forced
     those blocks too (a plugin's at priority 100 ran every inference, and a layer that named it got it
     back from ``auto`` for its inference). It now runs blocks that record a graph only."""
     import torch
+    from plugin_testing import register_linear_dual_form_kernel
 
     import innerloop
     from innerloop.kernels import fused_torch
-    from innerloop.kernels.spec import KernelSpec
     from innerloop.registry.manager import isolated_registry
 
     with isolated_registry():
         fused = fused_torch.kernel_spec("linear", innerloop.get_registry().inner_model("linear").stack)
-        innerloop.register_kernel(
-            KernelSpec(
-                name="s33_trains",
-                inner_model="linear",
-                inner_loss="reconstruction",
-                update_rule="dual_form",
-                forward=fused.forward,
-                verify=fused.verify,
-                priority=100,
-                training_only=True,
-            )
+        register_linear_dual_form_kernel(
+            "s33_trains", fused.forward, verify=fused.verify, priority=100, training_only=True
         )
         layer = innerloop.TTTLayer(16, 2, mini_batch_size=4, kernel="s33_trains" if forced else "auto")
         x = torch.randn(1, 8, 16)

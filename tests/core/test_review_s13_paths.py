@@ -31,7 +31,6 @@ from innerloop.kernels import fused_torch
 from innerloop.kernels.dispatch import KernelUnavailableError
 from innerloop.kernels.fused_torch.forward import _Scan
 from innerloop.kernels.spec import KernelInputs
-from innerloop.registry import isolated_registry
 
 HIDDEN, HEADS, K = 16, 2, 4
 
@@ -238,12 +237,6 @@ class FixedDtypeInit(StackModel):
             "W": weight.reshape(num_heads, head_dim, head_dim),
             "b": torch.zeros(num_heads, 1, head_dim, dtype=self.dtype),
         }
-
-
-@pytest.fixture
-def fresh_global_registry():
-    with isolated_registry():
-        yield
 
 
 def test_float64_initial_weights_are_cast_to_a_float32_layers_dtype(fresh_global_registry):

@@ -17,18 +17,11 @@ from innerloop.checkpoints import PluginChangedWarning
 from innerloop.hf import InnerloopForCausalLM
 from innerloop.hf.export import export_model
 from innerloop.models import ModelConfig, build_model
-from innerloop.registry import get_registry, isolated_registry
+from innerloop.registry import get_registry
 
 
 @pytest.fixture
-def registry():
-    """The process-wide registry rebuilt before and after (what a test registers does not leak)."""
-    with isolated_registry():
-        yield get_registry()
-
-
-@pytest.fixture
-def exported(registry, tmp_path):
+def exported(fresh_global_registry, tmp_path):
     """An export of a tiny model whose inner loss the plugin ``first_pkg`` registers."""
     innerloop.register_inner_loss(TargetsAsGiven(), origin="first_pkg (first-dist)")
     config = {
@@ -49,8 +42,8 @@ def _plugin_warnings(folder) -> list[str]:
     return [str(w.message) for w in caught if issubclass(w.category, PluginChangedWarning)]
 
 
-def _swap(registry) -> None:
-    registry.remove_plugin("first_pkg (first-dist)")
+def _swap() -> None:
+    get_registry().remove_plugin("first_pkg (first-dist)")
     innerloop.register_inner_loss(TargetsDoubled(), origin="second_pkg (second-dist)")
 
 
@@ -64,8 +57,8 @@ def test_config_json_records_each_plugin_with_its_origin(exported) -> None:
     }
 
 
-def test_another_plugin_under_the_recorded_name_is_warned_about_once(registry, exported) -> None:
-    _swap(registry)
+def test_another_plugin_under_the_recorded_name_is_warned_about_once(fresh_global_registry, exported) -> None:
+    _swap()
     messages = _plugin_warnings(exported)
     assert len(messages) == 1, messages
     for part in (
@@ -82,21 +75,21 @@ def test_the_same_plugin_loads_quietly(exported) -> None:
     assert _plugin_warnings(exported) == []
 
 
-def test_an_export_written_before_the_record_loads_quietly(registry, exported) -> None:
+def test_an_export_written_before_the_record_loads_quietly(fresh_global_registry, exported) -> None:
     config_path = exported / "config.json"
     config = json.loads(config_path.read_text())
     del config["innerloop_plugins"]
     config_path.write_text(json.dumps(config))
-    _swap(registry)
+    _swap()
     assert _plugin_warnings(exported) == []
-    registry.remove_plugin("second_pkg (second-dist)")
+    get_registry().remove_plugin("second_pkg (second-dist)")
     with pytest.raises(ValueError, match=f"inner_loss={NAME!r} is not a registered") as error:
         InnerloopForCausalLM.from_pretrained(exported)
     assert "when it was saved" not in str(error.value)
 
 
-def test_a_missing_plugin_is_named_with_where_it_came_from(registry, exported) -> None:
-    registry.remove_plugin("first_pkg (first-dist)")
+def test_a_missing_plugin_is_named_with_where_it_came_from(fresh_global_registry, exported) -> None:
+    get_registry().remove_plugin("first_pkg (first-dist)")
     with pytest.raises(ValueError) as error:
         InnerloopForCausalLM.from_pretrained(exported)
     message = str(error.value)

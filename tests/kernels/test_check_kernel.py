@@ -12,16 +12,16 @@ import warnings
 
 import pytest
 import torch
+from plugin_testing import accept_every_input, register_linear_dual_form_kernel
 
 import innerloop
 import innerloop.kernels.fused_torch.compiled as compiled
 from innerloop.kernels import fused_torch
 from innerloop.kernels.first_use import tolerance_for
 from innerloop.kernels.reference import reference_kernel
-from innerloop.kernels.spec import KernelSpec
 from innerloop.plugins.losses.reconstruction import Reconstruction
 from innerloop.plugins.models.linear import LinearModel
-from innerloop.registry import get_registry, isolated_registry
+from innerloop.registry import get_registry
 from innerloop.testing import (
     FLOAT64_TOLERANCE,
     KERNEL_CHECK_TOLERANCES,
@@ -30,11 +30,7 @@ from innerloop.testing import (
     kernel_checks,
 )
 
-
-@pytest.fixture(autouse=True)
-def fresh_global_registry():
-    with isolated_registry():
-        yield
+pytestmark = pytest.mark.usefixtures("fresh_global_registry")  # tests/conftest.py
 
 
 def register_changed(name: str, forward=None, verify=None) -> str:
@@ -50,7 +46,7 @@ FORWARD = fused_torch.kernel_spec("linear", LinearModel().stack).forward
 REFERENCE_FORWARD, REFERENCE_DECODE = reference_kernel(LinearModel(), Reconstruction())
 
 
-def register_reference(name: str, decode=REFERENCE_DECODE, verify=lambda inputs: None) -> str:
+def register_reference(name: str, decode=REFERENCE_DECODE, verify=accept_every_input) -> str:
     """The pure-torch reference kernel of (linear, reconstruction, dual_form), with a decode step,
     under ``name``."""
 
@@ -60,19 +56,7 @@ def register_reference(name: str, decode=REFERENCE_DECODE, verify=lambda inputs:
     def decode_step(xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, eps, is_last):
         return decode(xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, eps, is_last)
 
-    innerloop.register_kernel(
-        KernelSpec(
-            name=name,
-            inner_model="linear",
-            inner_loss="reconstruction",
-            update_rule="dual_form",
-            forward=forward,
-            decode=decode_step,
-            verify=verify,
-            priority=100,
-        )
-    )
-    return name
+    return register_linear_dual_form_kernel(name, forward, decode=decode_step, verify=verify, priority=100)
 
 
 def halved_from_third_mini_batch(lr: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from plugin_testing import DoubledGradient
+from plugin_testing import DoubledGradient, register_linear_dual_form_kernel
 
 import innerloop
 from innerloop.core.functional import relative_error
@@ -17,20 +17,15 @@ from innerloop.kernels import first_use
 from innerloop.kernels.dispatch import KernelCheckError
 from innerloop.kernels.first_use import KernelCheckWarning
 from innerloop.kernels.reference import reference_kernel
-from innerloop.kernels.spec import KernelSpec
 from innerloop.ops import scan
 from innerloop.plugins.losses.reconstruction import Reconstruction
 from innerloop.plugins.models.linear import LinearModel
-from innerloop.registry import isolated_registry
 
 REFERENCE_FORWARD, REFERENCE_DECODE = reference_kernel(LinearModel(), Reconstruction())
 NAME = "first_use_test"
 
 
-@pytest.fixture(autouse=True)
-def fresh_global_registry():
-    with isolated_registry():
-        yield
+pytestmark = pytest.mark.usefixtures("fresh_global_registry")  # tests/conftest.py
 
 
 class Counting:
@@ -54,18 +49,7 @@ def register(forward=None, decode=None) -> None:
             xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, eps, is_last
         )
 
-    innerloop.register_kernel(
-        KernelSpec(
-            name=NAME,
-            inner_model="linear",
-            inner_loss="reconstruction",
-            update_rule="dual_form",
-            forward=forward_signature,
-            decode=decode_signature,
-            verify=lambda inputs: None,
-            priority=10**6,  # asked before the built-ins
-        )
-    )
+    register_linear_dual_form_kernel(NAME, forward_signature, decode=decode_signature)
 
 
 def layer_pair(kernel: str = "auto", dtype=torch.float32):

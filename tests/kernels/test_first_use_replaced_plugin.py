@@ -10,24 +10,21 @@ import warnings
 
 import pytest
 import torch
+from plugin_testing import register_linear_dual_form_kernel
 
 import innerloop
 from innerloop import HalfSquaredError, LossPairs
 from innerloop.kernels.first_use import KernelCheckWarning
 from innerloop.kernels.reference import reference_kernel
-from innerloop.kernels.spec import KernelSpec
 from innerloop.plugins.losses.reconstruction import Reconstruction
 from innerloop.plugins.models.linear import LinearModel
-from innerloop.registry import get_registry, isolated_registry
+from innerloop.registry import get_registry
 
 NAME = "replaced_plugin_test"
 RECONSTRUCTION_ORIGIN = "builtin:innerloop.plugins.losses.reconstruction"
 
 
-@pytest.fixture(autouse=True)
-def fresh_global_registry():
-    with isolated_registry():
-        yield
+pytestmark = pytest.mark.usefixtures("fresh_global_registry")  # tests/conftest.py
 
 
 class SquaredError(HalfSquaredError):
@@ -57,18 +54,7 @@ def register_reference_kernel() -> list[int]:
         calls.append(1)
         return forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps)
 
-    innerloop.register_kernel(
-        KernelSpec(
-            name=NAME,
-            inner_model="linear",
-            inner_loss="reconstruction",
-            update_rule="dual_form",
-            forward=counting_forward,
-            decode=decode,
-            verify=lambda inputs: None,
-            priority=10**6,
-        )
-    )
+    register_linear_dual_form_kernel(NAME, counting_forward, decode=decode)
     return calls
 
 

@@ -6,33 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from plugin_testing import register_linear_dual_form_kernel
 
 import innerloop
-from innerloop.kernels.spec import KernelSpec
-from innerloop.registry import isolated_registry
-
-
-@pytest.fixture
-def fresh_global_registry():
-    with isolated_registry():
-        yield
 
 
 def _register(name, verify, forward=None):
     def wrong_shapes(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
         return xq[..., :2], {k: v for k, v in params.items() if k != "b1"}
 
-    innerloop.register_kernel(
-        KernelSpec(
-            name=name,
-            inner_model="linear",
-            inner_loss="reconstruction",
-            update_rule="dual_form",
-            forward=forward or wrong_shapes,
-            verify=verify,
-            priority=10**6,  # asked before the built-ins
-        )
-    )
+    register_linear_dual_form_kernel(name, forward or wrong_shapes, verify=verify)
 
 
 @pytest.mark.parametrize(

@@ -15,16 +15,13 @@ import torch
 import innerloop
 from innerloop.kernels import fused_torch
 from innerloop.plugins.models.linear import LinearModel
-from innerloop.registry import get_registry, isolated_registry
+from innerloop.registry import get_registry
 from innerloop.testing import check_kernel
 
 FORWARD = fused_torch.kernel_spec("linear", LinearModel().stack).forward
 
 
-@pytest.fixture(autouse=True)
-def fresh_global_registry():
-    with isolated_registry():
-        yield
+pytestmark = pytest.mark.usefixtures("fresh_global_registry")  # tests/conftest.py
 
 
 def register_changed(name: str, forward) -> str:

@@ -11,39 +11,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from plugin_testing import DoubledGradient
+from plugin_testing import DoubledGradient, register_linear_dual_form_kernel
 
 import innerloop
 from innerloop.kernels.first_use import KernelCheckWarning
 from innerloop.kernels.reference import reference_kernel
-from innerloop.kernels.spec import KernelSpec
 from innerloop.plugins.losses.reconstruction import Reconstruction
 from innerloop.plugins.models.linear import LinearModel
-from innerloop.registry import isolated_registry
 
 REFERENCE_FORWARD, _ = reference_kernel(LinearModel(), Reconstruction())
 NAME = "wrong_tau_gradient"
 
 
-@pytest.fixture(autouse=True)
-def fresh_global_registry():
-    with isolated_registry():
-        yield
+pytestmark = pytest.mark.usefixtures("fresh_global_registry")  # tests/conftest.py
 
 
 def register_ahead_of_every_path(forward) -> None:
     """Register ``forward`` as TTT-Linear's dual-form kernel, chosen before every other path."""
-    innerloop.register_kernel(
-        KernelSpec(
-            name=NAME,
-            inner_model="linear",
-            inner_loss="reconstruction",
-            update_rule="dual_form",
-            forward=forward,
-            verify=lambda inputs: None,
-            priority=10**6,
-        )
-    )
+    register_linear_dual_form_kernel(NAME, forward)
 
 
 def wrong_tau_gradient(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):

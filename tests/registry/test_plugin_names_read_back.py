@@ -23,12 +23,6 @@ class NamedReconstruction(Reconstruction):
         self.name = name
 
 
-@pytest.fixture
-def fresh_registry():
-    with isolated_registry():
-        yield
-
-
 @pytest.fixture(scope="module")
 def names_registry():
     """One isolated registry for the tests below that each register a distinct name (building a registry
@@ -65,7 +59,7 @@ def test_a_name_is_registered_exactly_when_a_config_reads_it_back(names_registry
 
 
 @pytest.mark.slow  # loads configs and builds models for several plugins: ~0.4 s
-def test_names_a_config_reads_back_are_chosen_by_an_override(fresh_registry, tmp_path) -> None:
+def test_names_a_config_reads_back_are_chosen_by_an_override(fresh_global_registry, tmp_path) -> None:
     for name in ("2", "a b"):
         innerloop.register_inner_loss(NamedReconstruction(name), origin=f"names_test_{name}")
         assert name in available("inner_loss")

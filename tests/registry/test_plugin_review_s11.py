@@ -13,19 +13,13 @@ import innerloop
 from innerloop import HalfSquaredError, InnerLoss, InnerModel, LossPairs
 from innerloop.plugins.models.linear import LinearModel
 from innerloop.plugins.optimizers.dual_form import DualForm
-from innerloop.registry import PluginError, build_registry, hookimpl, isolated_registry
+from innerloop.registry import PluginError, build_registry, hookimpl
 from innerloop.testing import check_inner_loss, check_inner_model, check_update_rule
 
 
 @pytest.fixture(scope="module")
 def registry():
     return build_registry(include_external=False)
-
-
-@pytest.fixture
-def fresh_global_registry():
-    with isolated_registry():
-        yield
 
 
 def refused(registry, kind: str, obj, match: str) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import innerloop
-from innerloop.registry import PluginError, build_registry, hookimpl, hookspecs, isolated_registry, manager
+from innerloop.registry import PluginError, build_registry, hookimpl, hookspecs, manager
 from innerloop.registry.kinds import KINDS, Kind
 
 
@@ -47,12 +47,6 @@ class SmoothL1(innerloop.InnerLoss):
 
     def token_loss(self, prediction, target):
         return torch.nn.functional.smooth_l1_loss(prediction, target, reduction="none").sum(-1)
-
-
-@pytest.fixture
-def fresh_global_registry():
-    with isolated_registry():
-        yield
 
 
 def test_one_object_registers_without_a_plugin_class(fresh_global_registry):

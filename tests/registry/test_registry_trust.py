@@ -25,7 +25,6 @@ from innerloop.registry import (
     Registry,
     build_registry,
     hookimpl,
-    isolated_registry,
     manager,
 )
 from innerloop.testing import check_inner_loss, check_inner_model
@@ -297,12 +296,6 @@ def test_check_inner_model_catches_what_registration_refuses(model):
 def test_check_inner_loss_names_a_non_deterministic_pairs():
     with pytest.raises(AssertionError, match=r"pairs\(\) is not deterministic"):
         check_inner_loss(FreshNoise())
-
-
-@pytest.fixture
-def fresh_global_registry():
-    with isolated_registry():
-        yield
 
 
 def readme_plugin_block() -> str:

@@ -202,12 +202,6 @@ class LogOfTarget(InnerLoss):
         return 0.5 * (prediction - target).pow(2).sum(-1) * (1 + 0 * target.abs().sum(-1).log())
 
 
-@pytest.fixture
-def fresh_global_registry():
-    with isolated_registry():
-        yield
-
-
 def test_a_nan_a_plugin_makes_at_run_time_names_the_plugins(fresh_global_registry):
     """The layer's message for a plugin's NaN (what tests/registry/test_plugin_review_s11.py checked
     with a norm loss, which registration now refuses)."""

@@ -8,14 +8,9 @@ import torch
 
 import innerloop
 from innerloop.core.protocol import HalfSquaredError, LossPairs, Views
-from innerloop.registry import isolated_registry
 from innerloop.testing.checks import check_pairs_batch_independent
 
-
-@pytest.fixture(autouse=True)
-def fresh_global_registry():
-    with isolated_registry():
-        yield
+pytestmark = pytest.mark.usefixtures("fresh_global_registry")  # tests/conftest.py
 
 
 class SharedScale(HalfSquaredError):

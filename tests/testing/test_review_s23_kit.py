@@ -14,17 +14,16 @@ import pytest
 import torch
 from hypothesis import find
 from hypothesis import strategies as st
+from plugin_testing import register_linear_dual_form_kernel
 
 import innerloop
 from innerloop import InnerLoss, InnerModel, LossPairs
 from innerloop.core.functional import relative_error
 from innerloop.kernels.reference import reference_kernel
-from innerloop.kernels.spec import KernelSpec
 from innerloop.plugins.losses.reconstruction import Reconstruction
 from innerloop.plugins.models.linear import LinearModel
 from innerloop.plugins.optimizers.dual_form import DualForm
 from innerloop.plugins.optimizers.minibatch_gd import MiniBatchGD
-from innerloop.registry import isolated_registry
 from innerloop.registry.kinds import PluginError
 from innerloop.testing import (
     check_inner_loss,
@@ -35,12 +34,7 @@ from innerloop.testing import (
 )
 from innerloop.testing.strategies import problems, split_points, views
 
-
-@pytest.fixture(autouse=True)
-def fresh_global_registry():
-    """What a test registers is gone after it."""
-    with isolated_registry():
-        yield
+pytestmark = pytest.mark.usefixtures("fresh_global_registry")  # tests/conftest.py
 
 
 #: One small shape for check_inner_loss / check_inner_model (not PLUGIN_CHECK_SHAPES: fast).
@@ -422,18 +416,7 @@ def _register_kernel(name: str, forward=REFERENCE_FORWARD, decode=REFERENCE_DECO
     def step(xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, eps, is_last):
         return decode(xq, xk, xv, lr, tau_i, params, pending, ln_weight, ln_bias, eps, is_last)
 
-    spec = KernelSpec(
-        name=name,
-        inner_model="linear",
-        inner_loss="reconstruction",
-        update_rule="dual_form",
-        forward=chunk,
-        decode=step,
-        verify=lambda inputs: None,
-        priority=100,
-    )
-    innerloop.register_kernel(spec)
-    return name
+    return register_linear_dual_form_kernel(name, chunk, decode=step, priority=100)
 
 
 def from_fourth_mini_batch(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):

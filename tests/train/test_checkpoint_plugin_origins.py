@@ -26,15 +26,8 @@ from innerloop.checkpoints import (
     save_checkpoint,
 )
 from innerloop.models import ModelConfig, build_model
-from innerloop.registry import get_registry, hookimpl, isolated_registry, manager, reset_registry
+from innerloop.registry import get_registry, hookimpl, manager, reset_registry
 from innerloop.train.module import load_module, save_model_checkpoint
-
-
-@pytest.fixture
-def fresh_registry():
-    """The process-wide registry rebuilt before and after (what a test registers does not leak)."""
-    with isolated_registry():
-        yield get_registry()
 
 
 def _config() -> ModelConfig:
@@ -59,7 +52,7 @@ def _load_recording(load, path) -> tuple[object, list[str]]:
     return loaded, _plugin_warnings(caught)
 
 
-def test_the_checkpoint_records_each_plugin_with_its_origin(fresh_registry, tmp_path) -> None:
+def test_the_checkpoint_records_each_plugin_with_its_origin(fresh_global_registry, tmp_path) -> None:
     innerloop.register_inner_loss(TargetsAsGiven(), origin="first_pkg (first-dist)")
     path = _save(tmp_path / "c.safetensors")
     assert recorded_plugins(path) == {
@@ -70,10 +63,10 @@ def test_the_checkpoint_records_each_plugin_with_its_origin(fresh_registry, tmp_
     assert load_checkpoint(path)[PLUGINS_KEY] == recorded_plugins(path)  # in the verified tree
 
 
-def test_another_plugin_under_the_recorded_name_is_warned_about_once(fresh_registry, tmp_path) -> None:
+def test_another_plugin_under_the_recorded_name_is_warned_about_once(fresh_global_registry, tmp_path) -> None:
     innerloop.register_inner_loss(TargetsAsGiven(), origin="first_pkg (first-dist)")
     path = _save(tmp_path / "c.safetensors")
-    fresh_registry.remove_plugin("first_pkg (first-dist)")
+    get_registry().remove_plugin("first_pkg (first-dist)")
     innerloop.register_inner_loss(TargetsDoubled(), origin="second_pkg (second-dist)")
 
     model, messages = _load_recording(load_model, path)
@@ -92,17 +85,17 @@ def test_another_plugin_under_the_recorded_name_is_warned_about_once(fresh_regis
     assert again == []
 
 
-def test_the_training_checkpoint_loader_warns_too(fresh_registry, tmp_path) -> None:
+def test_the_training_checkpoint_loader_warns_too(fresh_global_registry, tmp_path) -> None:
     innerloop.register_inner_loss(TargetsAsGiven(), origin="first_pkg (first-dist)")
     path = _save(tmp_path / "c.safetensors")
-    fresh_registry.remove_plugin("first_pkg (first-dist)")
+    get_registry().remove_plugin("first_pkg (first-dist)")
     innerloop.register_inner_loss(TargetsDoubled(), origin="second_pkg (second-dist)")
     with pytest.warns(PluginChangedWarning):
         tree = load_checkpoint(path)
     # as innerloop train writes one: the run's keys too (what load_training_checkpoint requires)
     tree.update({"pytorch-lightning_version": "2", "loops": {}, "optimizer_states": [], "global_step": 1})
     training = save_checkpoint(tree, tmp_path / "last.safetensors")  # records second_pkg, registered now
-    fresh_registry.remove_plugin("second_pkg (second-dist)")
+    get_registry().remove_plugin("second_pkg (second-dist)")
     innerloop.register_inner_loss(TargetsAsGiven(), origin="third_pkg (third-dist)")
     _, messages = _load_recording(load_training_checkpoint, training)
     assert (
@@ -112,26 +105,26 @@ def test_the_training_checkpoint_loader_warns_too(fresh_registry, tmp_path) -> N
     )
 
 
-def test_the_same_plugin_loads_quietly(fresh_registry, tmp_path) -> None:
+def test_the_same_plugin_loads_quietly(fresh_global_registry, tmp_path) -> None:
     innerloop.register_inner_loss(TargetsAsGiven(), origin="first_pkg (first-dist)")
     path = _save(tmp_path / "c.safetensors")
     _, messages = _load_recording(load_model, path)
     assert messages == []
-    fresh_registry.remove_plugin("first_pkg (first-dist)")  # registered again, from the same origin
+    get_registry().remove_plugin("first_pkg (first-dist)")  # registered again, from the same origin
     innerloop.register_inner_loss(TargetsAsGiven(), origin="first_pkg (first-dist)")
     _, messages = _load_recording(load_model, path)
     assert messages == []
 
 
-def test_a_checkpoint_written_before_the_record_loads_quietly(fresh_registry, tmp_path) -> None:
+def test_a_checkpoint_written_before_the_record_loads_quietly(fresh_global_registry, tmp_path) -> None:
     innerloop.register_inner_loss(TargetsAsGiven(), origin="first_pkg (first-dist)")
     old = without_key(_save(tmp_path / "c.safetensors"), tmp_path / "old.safetensors", PLUGINS_KEY)
     assert recorded_plugins(old) is None
-    fresh_registry.remove_plugin("first_pkg (first-dist)")
+    get_registry().remove_plugin("first_pkg (first-dist)")
     innerloop.register_inner_loss(TargetsDoubled(), origin="second_pkg (second-dist)")
     _, messages = _load_recording(load_model, old)
     assert messages == []
-    fresh_registry.remove_plugin("second_pkg (second-dist)")
+    get_registry().remove_plugin("second_pkg (second-dist)")
     with pytest.raises(CheckpointError) as error:  # the error it always gave, nothing added
         load_model(old)
     assert f"inner_loss={NAME!r} is not a registered inner_loss" in str(error.value)
@@ -170,7 +163,7 @@ def _installed(monkeypatch, loss, version: str | None) -> None:
 
 
 def test_an_upgraded_distribution_is_warned_about_and_a_missing_one_named(
-    fresh_registry, monkeypatch, tmp_path
+    fresh_global_registry, monkeypatch, tmp_path
 ) -> None:
     _installed(monkeypatch, TargetsAsGiven(), "1.0")
     path = _save(tmp_path / "c.safetensors")
@@ -195,7 +188,7 @@ def test_an_upgraded_distribution_is_warned_about_and_a_missing_one_named(
         assert f"was registered by plugin {origin!r} from distribution 'origins-dist' 1.0" in message
 
 
-def test_an_e2e_model_records_its_model_level_plugins(fresh_registry) -> None:
+def test_an_e2e_model_records_its_model_level_plugins(fresh_global_registry) -> None:
     record = plugin_record({"mixer": "e2e"})
     assert set(record) == {"model_inner_loss", "model_update_rule"}
     assert all(

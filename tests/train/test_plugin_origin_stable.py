@@ -22,7 +22,7 @@ from innerloop.checkpoints import (
 from innerloop.hf import InnerloopForCausalLM
 from innerloop.hf.export import export_model
 from innerloop.models import ModelConfig, build_model
-from innerloop.registry import get_registry, isolated_registry, reset_registry
+from innerloop.registry import get_registry, reset_registry
 from innerloop.train.module import save_model_checkpoint
 
 FIRST, SECOND = "stable_origin_first", "stable_origin_second"
@@ -49,13 +49,6 @@ CLASS = f"{__name__}.NamedLoss"
 OTHER_CLASS = f"{__name__}.OtherNamedLoss"
 
 
-@pytest.fixture
-def registry():
-    """The process-wide registry rebuilt before and after (what a test registers does not leak)."""
-    with isolated_registry():
-        yield get_registry()
-
-
 def _model():
     config = {"vocab_size": 64, "hidden_size": 16, "num_layers": 1, "num_heads": 2}
     torch.manual_seed(0)
@@ -76,7 +69,7 @@ def _register_both() -> None:
 
 
 @pytest.mark.slow  # ~0.8 s: over the fast loop's 0.4 s per test
-def test_the_same_class_loads_quietly_whatever_was_registered_first(registry, tmp_path) -> None:
+def test_the_same_class_loads_quietly_whatever_was_registered_first(fresh_global_registry, tmp_path) -> None:
     _register_both()
     path = save_model_checkpoint(_model(), tmp_path / "c.safetensors")
     assert recorded_plugins(path)["inner_loss"][SECOND] == {"origin": f"{CLASS}:{SECOND}", "class": CLASS}
@@ -92,7 +85,7 @@ def test_the_same_class_loads_quietly_whatever_was_registered_first(registry, tm
     assert f"plugin '{CLASS}:{SECOND}'" in messages[0] and f"plugin {OTHER_CLASS!r}" in messages[0]
 
 
-def test_an_export_from_another_registration_order_loads_quietly(registry, tmp_path) -> None:
+def test_an_export_from_another_registration_order_loads_quietly(fresh_global_registry, tmp_path) -> None:
     _register_both()
     folder = export_model(_model(), tmp_path / "exported", tokenizer=None)
     reset_registry()
@@ -103,7 +96,7 @@ def test_an_export_from_another_registration_order_loads_quietly(registry, tmp_p
     assert len(_plugin_warnings(InnerloopForCausalLM.from_pretrained, folder)) == 1
 
 
-def test_another_class_under_the_same_explicit_origin_warns(registry) -> None:
+def test_another_class_under_the_same_explicit_origin_warns(fresh_global_registry) -> None:
     record = {"inner_loss": {SECOND: {"origin": "my_pkg", "class": CLASS}}}
     innerloop.register_inner_loss(OtherNamedLoss(SECOND), origin="my_pkg")
     messages = _plugin_warnings(warn_changed_plugins, "'explicit'", record)
@@ -112,7 +105,7 @@ def test_another_class_under_the_same_explicit_origin_warns(registry) -> None:
     assert f"plugin 'my_pkg' (class {OTHER_CLASS!r})" in messages[0]
 
 
-def test_a_record_without_the_class_matches_its_default_origin(registry) -> None:
+def test_a_record_without_the_class_matches_its_default_origin(fresh_global_registry) -> None:
     """Records written before the class was (innerloop at f644ecb) hold the origin alone."""
     innerloop.register_inner_loss(NamedLoss(SECOND))
     for origin in (f"{CLASS}:{SECOND}", CLASS):

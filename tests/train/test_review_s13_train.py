@@ -33,19 +33,12 @@ from innerloop.checkpoints import (
     plugin_source_digest,
 )
 from innerloop.models import ModelConfig, TTTConfig, build_model
-from innerloop.registry import get_registry, isolated_registry, reset_registry
+from innerloop.registry import reset_registry
 from innerloop.train import IGNORE_INDEX, LanguageModelModule, TrainingDivergedError
 from innerloop.train.metrics import LossByPosition, position_buckets
 from innerloop.train.module import NonFiniteLayerOutputError, save_model_checkpoint
 
 EXPLODING = "review_s13_exploding"
-
-
-@pytest.fixture
-def fresh_registry():
-    """The process-wide registry rebuilt before and after (what a test registers does not leak)."""
-    with isolated_registry():
-        yield get_registry()
 
 
 def _trainer(**options) -> L.Trainer:
@@ -88,7 +81,7 @@ class Exploding(InnerLoss):
 
 
 @pytest.fixture
-def exploding(fresh_registry, monkeypatch):
+def exploding(fresh_global_registry, monkeypatch):
     innerloop.register_inner_loss(Exploding())
     monkeypatch.setattr(Exploding, "armed", True)
     return Exploding
@@ -319,7 +312,7 @@ def _plugin_class(tmp_path, body: str) -> type:
 
 
 @pytest.fixture
-def plugin_file(tmp_path, monkeypatch, fresh_registry):
+def plugin_file(tmp_path, monkeypatch, fresh_global_registry):
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
     sys.modules.pop(PLUGIN_MODULE, None)
@@ -389,7 +382,7 @@ def test_a_checkpoint_without_source_digests_loads_quietly(plugin_file) -> None:
     assert len(_plugin_warnings(path)) == 1  # the same change, recorded
 
 
-def test_a_class_without_readable_source_records_no_digest(fresh_registry, tmp_path) -> None:
+def test_a_class_without_readable_source_records_no_digest(fresh_global_registry, tmp_path) -> None:
     namespace: dict = {}
     exec(textwrap.dedent(PLUGIN_SOURCE.format(body=SQUARED)), namespace)  # no file to read
     cls = namespace["Recon"]

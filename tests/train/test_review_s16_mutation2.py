@@ -12,6 +12,7 @@ import struct
 
 import pytest
 import torch
+from plugin_testing import register_linear_dual_form_kernel
 
 import innerloop
 from innerloop.checkpoints import CheckpointError, load_checkpoint, load_model, save_checkpoint
@@ -21,12 +22,10 @@ from innerloop.hf.modeling import mask_padding
 from innerloop.kernels.dispatch import KernelCheckError
 from innerloop.kernels.first_use import _weak
 from innerloop.kernels.reference import reference_kernel
-from innerloop.kernels.spec import KernelSpec
 from innerloop.models import ModelConfig, build_model
 from innerloop.models.attention import CausalSelfAttention
 from innerloop.plugins.losses.reconstruction import Reconstruction
 from innerloop.plugins.models.linear import LinearModel
-from innerloop.registry import isolated_registry
 from innerloop.train.data import TextDataModule
 
 WRAPPINGS_OFF_THE_DEFAULT = [(True, False), (False, True), (False, False)]
@@ -165,14 +164,8 @@ def test_one_token_of_padding_is_told_apart_like_several(mask, kind) -> None:
     assert mask_padding(torch.tensor(mask))[0] == kind
 
 
-@pytest.fixture
-def fresh_registry():
-    with isolated_registry():
-        yield
-
-
 def test_a_kernel_reading_row_0s_weights_is_refused_on_a_trained_layers_identical_rows(
-    fresh_registry,
+    fresh_global_registry,
 ) -> None:
     """A first block starts from the layer's initial weights, the same in every batch row, so a kernel
     that reads row 0's weights for every row passes it: such a pass is confirmed on rows that differ,
@@ -183,17 +176,7 @@ def test_a_kernel_reading_row_0s_weights_is_refused_on_a_trained_layers_identica
         row_zero = {k: v[:1].expand_as(v).clone() for k, v in params.items()}
         return forward(xq, xk, xv, lr, tau, row_zero, ln_weight, ln_bias, eps)
 
-    spec = KernelSpec(
-        name="reads_row_zero",
-        inner_model="linear",
-        inner_loss="reconstruction",
-        update_rule="dual_form",
-        forward=reads_row_zero,
-        decode=decode,
-        verify=lambda inputs: None,
-        priority=10**6,
-    )
-    innerloop.register_kernel(spec)
+    register_linear_dual_form_kernel("reads_row_zero", reads_row_zero, decode=decode)
     torch.manual_seed(0)
     layer = innerloop.TTTLayer(16, 2, inner_model="linear", mini_batch_size=4, kernel="reads_row_zero")
     with torch.no_grad():

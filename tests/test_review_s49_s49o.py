@@ -16,11 +16,8 @@ from innerloop.registry.modules import PLUGIN_MODULES_ENV, load_plugin_modules
 
 _COUNTER = itertools.count()
 
-_HOOKED = """
-from innerloop.core.protocol import InnerLoss, LossPairs
-from innerloop.registry import hookimpl
-
-
+#: A plugin loss class (``{cls}``, named ``{name}``), the body of both module templates below.
+_LOSS_CLASS = """
 class {cls}(InnerLoss):
     name = "{name}"
 
@@ -29,28 +26,30 @@ class {cls}(InnerLoss):
 
     def token_loss(self, prediction, target):
         return (prediction - target).pow(2).sum(dim=-1)
+"""
 
+#: A module registering its loss through a ``register_inner_losses`` hook.
+_HOOKED = (
+    """
+from innerloop.core.protocol import InnerLoss, LossPairs
+from innerloop.registry import hookimpl
+
+"""
+    + _LOSS_CLASS
+    + """
 
 @hookimpl
 def register_inner_losses(register):
     register({cls}())
 """
+)
 
+#: A module registering its loss class with the ``@innerloop.register_inner_loss`` decorator at import.
 _DECORATED = """
 import innerloop
 from innerloop.core.protocol import InnerLoss, LossPairs
 
-
-@innerloop.register_inner_loss
-class {cls}(InnerLoss):
-    name = "{name}"
-
-    def pairs(self, views, carry):
-        return LossPairs(inputs=views.key, targets=views.value, valid=None, carry={{}})
-
-    def token_loss(self, prediction, target):
-        return (prediction - target).pow(2).sum(dim=-1)
-"""
+""" + _LOSS_CLASS.replace("\nclass ", "\n@innerloop.register_inner_loss\nclass ", 1)
 
 
 @pytest.fixture

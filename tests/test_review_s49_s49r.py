@@ -12,14 +12,26 @@ from innerloop.models import build_model, generate
 
 pytestmark = pytest.mark.slow
 
+
+def _draw(mixer: str, sizes: tuple[int, int, int, int, int], **options) -> dict:
+    """A drawn model config: the ``mixer``, its ``sizes`` (vocabulary, hidden, heads, layers, MLP
+    intermediate) and the mixer family's own ``options``."""
+    vocab_size, hidden_size, num_heads, num_layers, intermediate_size = sizes
+    return dict(
+        mixer=mixer,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_heads=num_heads,
+        num_layers=num_layers,
+        intermediate_size=intermediate_size,
+        **options,
+    )
+
+
 DRAWS = {
-    "ttt": dict(
-        mixer="ttt",
-        vocab_size=7,
-        hidden_size=4,
-        num_heads=2,
-        num_layers=3,
-        intermediate_size=5,
+    "ttt": _draw(
+        "ttt",
+        (7, 4, 2, 3, 5),
         backbone="mamba",
         ttt=dict(
             inner_model="mlp",
@@ -32,35 +44,14 @@ DRAWS = {
             kernel="torch",
         ),
     ),
-    "deltanet": dict(
-        mixer="gated_deltanet",
-        vocab_size=50,
-        hidden_size=6,
-        num_heads=3,
-        num_layers=3,
-        intermediate_size=7,
-        family=dict(short_conv=True, conv_kernel=3),
-    ),
-    "titans": dict(
-        mixer="titans",
-        vocab_size=7,
-        hidden_size=4,
-        num_heads=2,
-        num_layers=2,
-        intermediate_size=6,
+    "deltanet": _draw("gated_deltanet", (50, 6, 3, 3, 7), family=dict(short_conv=True, conv_kernel=3)),
+    "titans": _draw(
+        "titans",
+        (7, 4, 2, 2, 6),
         tie_embeddings=True,
         family=dict(mini_batch_size=2, memory="mlp", short_conv=True, conv_kernel=2),
     ),
-    "e2e_swa": dict(
-        mixer="e2e",
-        vocab_size=7,
-        hidden_size=4,
-        num_heads=1,
-        num_layers=5,
-        intermediate_size=5,
-        window=3,
-        e2e=dict(chunk_size=2, first_order=False),
-    ),
+    "e2e_swa": _draw("e2e", (7, 4, 1, 5, 5), window=3, e2e=dict(chunk_size=2, first_order=False)),
 }
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from innerloop.kernels.dispatch import KernelUnavailableError
 from innerloop.ops import scan
 
 MATRIX = {"inner_model": "matrix", "inner_norm": False, "inner_residual": False}  # DeltaNet's options
@@ -72,7 +73,7 @@ def test_meta_tensors_trace_the_torch_path_and_a_named_kernel_is_refused(options
     assert all(w.device.type == "meta" for w in weights.values())
     assert dispatches and all(path == "torch" for path, _ in dispatches)
     assert any("meta tensors hold no values" in reason for _, reason in dispatches)
-    with pytest.raises(Exception, match=r"kernel='cpu_ttt_linear' cannot run on meta tensors"):
+    with pytest.raises(KernelUnavailableError, match=r"kernel='cpu_ttt_linear' cannot run on meta tensors"):
         scan(q, k, v, lr, mini_batch_size=4, kernel="cpu_ttt_linear")
 
 

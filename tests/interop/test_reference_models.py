@@ -291,7 +291,10 @@ def test_data_beyond_the_vocabulary_is_refused(tmp_path):
 
     model = CausalLM(ModelConfig(vocab_size=100, hidden_size=16, num_layers=1, num_heads=2))
     path = save_model_checkpoint(model, tmp_path / "last.safetensors")
-    with pytest.raises(Exception, match="vocabulary has 100 tokens"):
+    from innerloop.data.text import DataError
+
+    # DataError, not any Exception (s50d): the type is what makes the CLI say it in one line (exit 2)
+    with pytest.raises(DataError, match="vocabulary has 100 tokens"):
         evaluate(path, seq_len=16, batch_size=1, batches=1, progress_bar=False)
 
 

@@ -60,11 +60,11 @@ def test_every_path_argument_of_the_cli_expands_a_tilde(home, capsys) -> None:
 
 
 def test_an_export_to_a_tilde_folder_writes_the_home_folder(home) -> None:
-    from innerloop.hf.export import check_target
+    from innerloop.hf.export import ExportError, check_target
 
     (home / "out").mkdir()
     (home / "out" / "mine.txt").write_text("a user's file")
-    with pytest.raises(Exception, match="is not empty"):  # the folder checked is the real one
+    with pytest.raises(ExportError, match="is not empty"):  # the folder checked is the real one
         check_target("~/out", overwrite=False)
 
 

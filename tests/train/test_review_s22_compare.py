@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from innerloop.checkpoints import checkpoint_tokenizer
+from innerloop.checkpoints import CheckpointError, checkpoint_tokenizer
 from innerloop.config.load import ConfigError, load_config, save_config
 from innerloop.train.checkpoint import save_checkpoint
 from innerloop.train.compare import compare, comparison_csv, write_comparison
@@ -189,7 +189,7 @@ def test_bad_compare_inputs_are_one_error_naming_them(world, tmp_path) -> None:
         compare([world["ttt"]], seq_lens=[0])
     with pytest.raises(DataError, match="blank.txt': the file is empty"):
         compare([world["ttt"]], paths=[str(world["root"] / "data" / "blank.txt")])
-    with pytest.raises(Exception, match="not a readable innerloop checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable innerloop checkpoint"):
         compare([world["ttt"], corrupt])
 
 

@@ -213,7 +213,11 @@ def test_delta_chunk_non_finite_check_costs_a_sum_not_an_isfinite_pass() -> None
         assert _all_finite(xk, xv, lr, weights, None)
     whole_reads = [name for name, size in reads.ops if size >= lr.numel() and name != "detach"]  # a view
     assert whole_reads == ["sum", "sum", "sum", "sum"], reads.ops  # one pass over each input
-    assert all(size <= 4 for name, size in reads.ops if name == "isfinite"), reads.ops
+    # every other op reads the four sums at most (s50d: this asked it of the ops named "isfinite", and under
+    # a dispatch mode isfinite runs as abs, ne, eq and mul: none was named so, and the check held whatever
+    # isfinite read)
+    others = [(name, size) for name, size in reads.ops if name not in ("detach", "promote_types", "sum")]
+    assert others and all(size <= 4 for _, size in others), reads.ops
 
 
 # --- registry: a failing entry point's roll-back (116c97b) and a valid plugin it imported --------------

@@ -145,8 +145,9 @@ def test_train_speed_ratios_in_results_md_follow_from_its_tables():
     }
     for row, values in expected.items():
         assert goal(row) == pytest.approx(values, abs=0.011), row
-    for name, speeds in flat.items():  # spread = max / min - 1, in percent
-        assert speeds[-1] == pytest.approx(100 * (max(speeds[:-1]) / min(speeds[:-1]) - 1), abs=1.0), name
+    for name, speeds in flat.items():  # spread = max / min - 1, in whole percent (s50d: abs=1.0 took a
+        # spread one off, 3 for 2.03; rounding to the nearest is 0.5 off at most)
+        assert speeds[-1] == pytest.approx(100 * (max(speeds[:-1]) / min(speeds[:-1]) - 1), abs=0.5), name
     at_2048 = {
         "bf16 / fp32 inference, TTT-Linear >= 3": cell("inference bf16 autocast", "TTT-Linear")
         / cell("inference fp32", "TTT-Linear"),

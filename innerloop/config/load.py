@@ -59,6 +59,7 @@ from innerloop.data.text import check_text_split, refuse_compressed, split_keys
 from innerloop.data.tokenizer import BYTES, Tokenizer, TokenizerError, load_tokenizer
 from innerloop.models.config import (
     E2E_CHECKPOINTING_REFUSED,
+    check_field_types,
     check_keys,
     check_weight_decay,
     field_types,
@@ -892,6 +893,10 @@ def validate_run_config(run: RunConfig) -> None:
     machine, that ``out_dir`` can be written, and that the text holds a window of ``seq_len``. Raises
     :class:`ConfigError` naming the key, the value and what is valid."""
     require_run_config(run)
+    try:  # a run built in Python: True, 4.0 or a Fraction for an int, '0.001' for a float, before the ranges
+        check_field_types("", run, RunConfig)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _check_numbers(run)
     _check_schedules(run)
     try:
@@ -983,6 +988,11 @@ def check_path_entries(paths: Sequence[Any], source: str = "") -> None:
     mapping through as an element of a ``list[str]`` (``data.paths=[[a, b]]``, YAML ``- [a, b]``).
     ``source``: where the config came from, to start the message with (e.g. a saved config.yaml)."""
     for entry in paths:
+        if isinstance(entry, os.PathLike):  # a pathlib.Path of a run built in Python: the config saves text
+            raise ConfigError(
+                f"{source}data.paths entry {entry!r} is a path object, not a string: each entry is one "
+                "string (convert it with str(...)), a file, folder or glob"
+            )
         if not isinstance(entry, str):
             kind = {list: "a list", dict: "a mapping"}.get(type(entry), type(entry).__name__)
             raise ConfigError(

@@ -751,22 +751,31 @@ def _type_error(value: Any, expected: Any) -> str | None:
         return None if number and math.isfinite(value) else "a finite number"
     if expected is str:
         return None if isinstance(value, str) else "a string"
+    if get_origin(expected) is list:  # a str would be read character by character
+        listed = isinstance(value, Sequence) and not isinstance(value, (str, bytes))  # an omegaconf list too
+        return None if listed else "a list"
     return None
 
 
-def _check_types(where: str, config: Any, schema: type) -> None:
+def check_field_types(where: str, config: Any, schema: type) -> None:
     """Every field of ``config`` (a ``schema`` instance or an omegaconf node of it) has its declared
-    type: a dict from JSON or Python is not converted, so ``"false"`` for a bool or ``16.7`` for an
-    int is refused here rather than read as something else later."""
+    type, else a ``ValueError`` naming the key (``where``-dotted; ``where=""`` for a top-level schema),
+    the value, its type and what is valid: a dict from JSON or Python is not converted, so ``"false"``
+    for a bool or ``16.7`` for an int is refused here rather than read as something else later. The one
+    rule of every config section: an int field takes a Python int (not a bool, ``4.0``, a Fraction, a
+    Decimal or a tensor; a numpy integer is told to be converted), a float field a finite Python int or
+    float (a numpy float or a Fraction is told to be converted), a bool field a Python bool, a str field
+    a str (a ``pathlib.Path`` too is told so), a list field a list."""
     hints = field_types(schema)
     for f in fields(schema):
         value, expected = getattr(config, f.name), hints[f.name]
+        key = f"{where}.{f.name}" if where else f.name
         if is_dataclass(expected):
-            _check_types(f"{where}.{f.name}", value, expected)
+            check_field_types(key, value, expected)
             continue
         wanted = _type_error(value, expected)
         if wanted is not None:
-            raise ValueError(f"{where}.{f.name}={value!r} ({type(value).__name__}) must be {wanted}")
+            raise ValueError(f"{key}={value!r} ({type(value).__name__}) must be {wanted}")
 
 
 def _check_ranges(where: str, config: Any, schema: type) -> None:
@@ -813,7 +822,7 @@ def validate_model_config(config: ModelConfig) -> None:
     not minutes into a run. ``config`` may also be a mapping of its fields (:func:`require_model_config`).
     """
     config = require_model_config(config)
-    _check_types("model", config, ModelConfig)
+    check_field_types("model", config, ModelConfig)
     _check_ranges("model", config, ModelConfig)
     _check_choices(config)
     _check_shapes(config)
@@ -1134,7 +1143,7 @@ def validate_e2e_options(config: ModelConfig) -> None:
     with), which a user may change on a built model; ``ValueError`` naming the key, value and valid ones."""
     # Types first: a built model's options are plain attributes, so ``"false"`` for first_order or 0
     # for test_time_training would otherwise be read as truthy / falsy values here.
-    _check_types("model.e2e", config.e2e, E2EConfig)
+    check_field_types("model.e2e", config.e2e, E2EConfig)
     e2e = config.e2e
     if e2e.chunk_size < 1 or (e2e.chunk_size < 2 and e2e.chunk_targets == "within_chunk"):
         least = 2 if e2e.chunk_targets == "within_chunk" else 1

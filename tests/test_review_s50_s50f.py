@@ -1,0 +1,99 @@
+"""Review s50f: the one rule of input kinds, reached to the run config, the training entry points, the
+testing kit and the CLI.
+
+The model section of a config refuses a value of another kind than its field's, naming the key, the value,
+its type and what is valid (:func:`innerloop.models.config.check_field_types`: a numpy number set after
+building is told to be converted, a bool is no integer, ``4.0`` is no integer, a Fraction or a Decimal
+no Python float). :func:`innerloop.config.validate_run_config` checked only the ranges of the other
+sections' numbers: a run built in Python took ``trainer.max_steps=True`` (one step), ``4.0``, a
+Fraction, a 0-d tensor, crashed deep on a Decimal learning rate and raised Python's bare ``'<' not
+supported`` on a string.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from innerloop.config.load import ConfigError, load_config, validate_run_config
+
+
+@pytest.fixture(scope="module")
+def recall_run():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run, _ = load_config("tiny", ["data.name=recall"])
+    return run
+
+
+def _with(run, key: str, value):
+    changed = copy.deepcopy(run)
+    *sections, name = key.split(".")
+    holder = changed
+    for section in sections:
+        holder = getattr(holder, section)
+    setattr(holder, name, value)
+    return changed
+
+
+WRONG_KINDS = [
+    ("trainer.max_steps", True, "must be an integer"),
+    ("trainer.max_steps", np.True_, "must be an integer"),
+    ("trainer.max_steps", 4.0, "must be an integer"),
+    ("trainer.max_steps", Fraction(4), "must be an integer"),
+    ("trainer.max_steps", Decimal(4), "must be an integer"),
+    ("trainer.max_steps", torch.tensor(4), "must be an integer"),
+    ("trainer.max_steps", np.int64(4), r"must be a Python int \(convert it with int"),
+    ("trainer.val_every", "4", "must be an integer"),
+    ("data.batch_size", np.True_, "must be an integer"),
+    ("data.recall.gap", 8.0, "must be an integer"),
+    ("seed", True, "must be an integer"),
+    ("optim.lr", Decimal("0.001"), "must be a finite number"),
+    ("optim.lr", Fraction(1, 1000), r"must be a Python float \(convert it with float"),
+    ("optim.lr", np.float32(1e-3), r"must be a Python float \(convert it with float"),
+    ("optim.lr", "0.001", "must be a finite number"),
+    ("optim.warmup_fraction", True, "must be a finite number"),
+    ("trainer.progress_bar", "false", "must be true or false"),
+    ("trainer.progress_bar", 0, "must be true or false"),
+    ("out_dir", Path("runs/x"), "must be a string"),
+    ("data.tokenizer", Path("bytes"), "must be a string"),
+    ("model.hidden_size", "64", "must be an integer"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), WRONG_KINDS, ids=lambda x: repr(x)[:30])
+def test_validate_run_config_refuses_a_value_of_another_kind_naming_the_key(recall_run, key, value, message):
+    with pytest.raises(ConfigError, match=rf"^{key}=.*\({type(value).__name__}\) {message}"):
+        validate_run_config(_with(recall_run, key, value))
+
+
+@pytest.mark.parametrize(("key", "value"), [("optim.lr", 4), ("optim.lr", 2**70), ("optim.grad_clip", -0.0)])
+def test_an_int_for_a_float_key_is_a_number_as_in_the_model_section(recall_run, key, value):
+    """``int`` is a number for a float field (YAML's ``lr: 1`` is an int), as ``model.rope_theta`` takes
+    one; the range check then decides (``lr=4`` is refused for its weight decay, not its kind)."""
+    changed = _with(recall_run, key, value)
+    try:
+        validate_run_config(changed)
+    except ConfigError as err:
+        assert "must be a finite number" not in str(err) and "Python float" not in str(err)
+
+
+def test_a_string_for_data_paths_is_refused_not_read_character_by_character(recall_run):
+    run = _with(recall_run, "data.name", "text")
+    with pytest.raises(ConfigError, match=r"^data\.paths='corpus\.txt' \(str\) must be a list"):
+        validate_run_config(_with(run, "data.paths", "corpus.txt"))
+
+
+def test_a_path_entry_of_data_paths_is_told_to_be_a_string(recall_run):
+    run = _with(recall_run, "data.name", "text")
+    with pytest.raises(
+        ConfigError, match=r"data\.paths entry PosixPath\('a\.txt'\) is a path object.*str\(\.\.\.\)"
+    ):
+        validate_run_config(_with(run, "data.paths", [Path("a.txt")]))

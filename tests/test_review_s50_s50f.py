@@ -97,3 +97,52 @@ def test_a_path_entry_of_data_paths_is_told_to_be_a_string(recall_run):
         ConfigError, match=r"data\.paths entry PosixPath\('a\.txt'\) is a path object.*str\(\.\.\.\)"
     ):
         validate_run_config(_with(run, "data.paths", [Path("a.txt")]))
+
+
+# -- innerloop.testing.strategies: the counts and head dims the core's rule takes --------------------------
+
+
+def _one_draw(strategy):
+    from hypothesis import HealthCheck, given, settings
+
+    drawn = []
+
+    @settings(max_examples=2, database=None, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(strategy)
+    def draw(value) -> None:
+        drawn.append(value)
+
+    draw()
+    return drawn[-1]
+
+
+STRATEGY_COUNTS = [
+    ("layer_configs", {"max_heads": torch.tensor(2)}),
+    ("layer_configs", {"max_mini_batch": torch.tensor(3)}),
+    ("split_points", {"total": torch.tensor(9)}),
+    ("split_points", {"total": 9, "max_cuts": np.int64(3)}),
+    ("split_points", {"total": 9, "max_cuts": torch.tensor(3)}),
+    ("views", {"max_batch": torch.tensor(2)}),
+    ("problems", {"max_tokens": torch.tensor(5)}),
+]
+
+
+@pytest.mark.parametrize(("name", "counts"), STRATEGY_COUNTS, ids=lambda x: repr(x)[:40])
+def test_strategies_take_the_integers_their_checks_take(name, counts):
+    """A 0-d integer tensor passed ``_check_counts`` (the core's ``as_integer``) and then failed inside
+    hypothesis ('max_value=tensor(4) must be a real number'); ``split_points(max_cuts=np.int64(3))``
+    failed there too ('Expected int but got max_size=np.int64(3)')."""
+    from innerloop.testing import strategies
+
+    _one_draw(getattr(strategies, name)(**counts))
+
+
+@pytest.mark.parametrize("head_dim", [np.int64(4), torch.tensor(4)], ids=["numpy", "tensor"])
+def test_strategies_draw_plain_int_shapes_from_other_integer_head_dims(head_dim):
+    """A numpy or tensor head dim was drawn as it is: ``layer_configs`` gave ``hidden_size=tensor(8)``,
+    ``problems`` ``head_dim=tensor(4)``; the shapes drawn are plain ints, as every other one is."""
+    from innerloop.testing.strategies import layer_configs, problems
+
+    layer = _one_draw(layer_configs(head_dims=(head_dim,)))
+    shape = _one_draw(problems(head_dims=(head_dim,)))
+    assert type(layer["hidden_size"]) is int and type(shape["head_dim"]) is int

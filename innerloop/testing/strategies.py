@@ -30,12 +30,18 @@ ALL_INNER_WRAPPINGS: tuple[tuple[bool, bool], ...] = (
 PAPER_INNER_WRAPPING: tuple[tuple[bool, bool], ...] = ((True, True),)
 
 
-def _check_counts(function: str, **bounds: tuple[object, int]) -> None:
-    """Each ``name=(value, least)``: ``value`` must be an integer >= ``least``; else a ValueError naming
-    ``function``'s argument, the value and what is valid (not hypothesis's 'max_value < min_value')."""
+def _check_counts(function: str, **bounds: tuple[object, int]) -> dict[str, int]:
+    """Each ``name=(value, least)``: ``value`` must be an integer >= ``least`` (a numpy or 0-d torch
+    integer too, the core's :func:`~innerloop.core.functional.as_integer`); else a ValueError naming
+    ``function``'s argument, the value and what is valid (not hypothesis's 'max_value < min_value').
+    Returns them as plain ints, by name: hypothesis takes no tensor bound and no numpy ``max_size``."""
+    counts = {}
     for name, (value, least) in bounds.items():
-        if as_index(value) is None or value < least:  # type: ignore[operator]
+        count = as_index(value)
+        if count is None or count < least:
             raise ValueError(f"{function}: {name} must be an integer >= {least}, got {value!r}")
+        counts[name] = count
+    return counts
 
 
 def _check_choices(function: str, name: str, values: object, what: str) -> None:
@@ -44,13 +50,16 @@ def _check_choices(function: str, name: str, values: object, what: str) -> None:
         raise ValueError(f"{function}: {name} must be a non-empty tuple of {what}, got {values!r}")
 
 
-def _check_head_dims(function: str, head_dims: tuple[int, ...], even: bool) -> None:
-    """``head_dims``: a non-empty tuple of positive integers (even ones for a layer: RoPE rotates pairs)."""
+def _check_head_dims(function: str, head_dims: tuple[int, ...], even: bool) -> tuple[int, ...]:
+    """``head_dims``: a non-empty tuple of positive integers (even ones for a layer: RoPE rotates pairs),
+    returned as plain ints (a numpy or tensor head dim drawn as it is gave ``hidden_size=tensor(8)``)."""
     what = "even positive integers (a layer's RoPE rotates pairs)" if even else "positive integers"
     _check_choices(function, "head_dims", head_dims, what)
-    for dim in head_dims:
-        if as_index(dim) is None or dim < 1 or (even and dim % 2):
+    dims = tuple(as_index(dim) for dim in head_dims)
+    for dim in dims:
+        if dim is None or dim < 1 or (even and dim % 2):
             raise ValueError(f"{function}: head_dims must hold {what}, got {head_dims!r}")
+    return dims  # type: ignore[return-value]
 
 
 def _runs(model: str, rule: str) -> bool:
@@ -86,7 +95,8 @@ def layer_configs(
     stack models only); a ``ValueError`` names choices where no rule runs any model. A name not
     registered when the strategy draws (a plugin the test registers in its body) is not filtered.
     """
-    _check_counts("layer_configs", max_heads=(max_heads, 1), max_mini_batch=(max_mini_batch, 1))
+    counts = _check_counts("layer_configs", max_heads=(max_heads, 1), max_mini_batch=(max_mini_batch, 1))
+    max_heads, max_mini_batch = counts["max_heads"], counts["max_mini_batch"]
     for name, values in (
         ("inner_models", inner_models),
         ("inner_losses", inner_losses),
@@ -94,7 +104,7 @@ def layer_configs(
     ):
         _check_choices("layer_configs", name, values, "registered names")
     _check_choices("layer_configs", "inner_wrappings", inner_wrappings, "(inner_norm, inner_residual) pairs")
-    _check_head_dims("layer_configs", head_dims, even=True)
+    head_dims = _check_head_dims("layer_configs", head_dims, even=True)
     num_heads = draw(st.integers(1, max_heads))
     head_dim = draw(st.sampled_from(head_dims))
     inner_norm, inner_residual = draw(st.sampled_from(inner_wrappings))
@@ -128,7 +138,8 @@ def layer_configs(
 @st.composite
 def split_points(draw: st.DrawFn, total: int, max_cuts: int = 4) -> list[int]:
     """Sorted distinct cut points strictly inside ``[0, total]`` (possibly none)."""
-    _check_counts("split_points", total=(total, 0), max_cuts=(max_cuts, 0))
+    counts = _check_counts("split_points", total=(total, 0), max_cuts=(max_cuts, 0))
+    total, max_cuts = counts["total"], counts["max_cuts"]
     if total < 2:
         return []
     cuts = draw(st.lists(st.integers(1, total - 1), max_size=max_cuts, unique=True))
@@ -145,12 +156,14 @@ def views(
     dtype: torch.dtype = torch.float64,
 ) -> Views:
     """Random ``Views`` (XQ, XK, XV ``[B, H, T, f]``) with values of moderate size."""
-    _check_counts("views", max_batch=(max_batch, 1), max_heads=(max_heads, 1), max_tokens=(max_tokens, 1))
-    _check_head_dims("views", head_dims, even=False)
+    counts = _check_counts(
+        "views", max_batch=(max_batch, 1), max_heads=(max_heads, 1), max_tokens=(max_tokens, 1)
+    )
+    head_dims = _check_head_dims("views", head_dims, even=False)
     shape = (
-        draw(st.integers(1, max_batch)),
-        draw(st.integers(1, max_heads)),
-        draw(st.integers(1, max_tokens)),
+        draw(st.integers(1, counts["max_batch"])),
+        draw(st.integers(1, counts["max_heads"])),
+        draw(st.integers(1, counts["max_tokens"])),
         draw(st.sampled_from(head_dims)),
     )
     generator = torch.Generator().manual_seed(draw(seeds()))
@@ -184,22 +197,22 @@ def problems(
     whose derivative is ~1e-10 of its inputs, so the gradients through it, and any float64 comparison
     of them, measure rounding rather than the plugin's math.
     """
-    _check_counts(
+    counts = _check_counts(
         "problems",
         max_batch=(max_batch, 2),  # batch is drawn from 2: a plugin wrong for the second sequence is caught
         max_heads=(max_heads, 1),
         max_tokens=(max_tokens, 1),
         max_mini_batch=(max_mini_batch, 1),
     )
-    _check_head_dims("problems", head_dims, even=False)
+    head_dims = _check_head_dims("problems", head_dims, even=False)
     if inner_models is not None:
         _check_choices("problems", "inner_models", inner_models, "registered names (or None)")
     drawn: dict[str, Any] = {
-        "batch": draw(st.integers(2, max_batch)),
-        "heads": draw(st.integers(1, max_heads)),
+        "batch": draw(st.integers(2, counts["max_batch"])),
+        "heads": draw(st.integers(1, counts["max_heads"])),
         "head_dim": draw(st.sampled_from(head_dims)),
-        "tokens": draw(st.integers(1, max_tokens)),
-        "mini_batch_size": draw(st.integers(1, max_mini_batch)),
+        "tokens": draw(st.integers(1, counts["max_tokens"])),
+        "mini_batch_size": draw(st.integers(1, counts["max_mini_batch"])),
     }
     if inner_models is not None:
         drawn["model"] = draw(st.sampled_from(inner_models))

@@ -146,3 +146,67 @@ def test_strategies_draw_plain_int_shapes_from_other_integer_head_dims(head_dim)
     layer = _one_draw(layer_configs(head_dims=(head_dim,)))
     shape = _one_draw(problems(head_dims=(head_dim,)))
     assert type(layer["hidden_size"]) is int and type(shape["head_dim"]) is int
+
+
+# -- innerloop.testing.checks: seeds and tolerances as make_problem takes them ----------------------------
+
+TINY_SHAPE = {"batch": 2, "heads": 1, "head_dim": 3, "tokens": 4, "mini_batch_size": 2}
+
+
+@pytest.mark.parametrize("seed", [np.int64(3), torch.tensor(3)], ids=["numpy", "tensor"])
+@pytest.mark.parametrize("check", ["check_inner_loss", "check_inner_model"])
+def test_the_plugin_checks_take_the_seeds_make_problem_takes(check, seed):
+    """``make_problem(seed=np.int64(3))`` runs; ``check_inner_loss`` / ``check_inner_model`` with it
+    failed deep inside ('an integer is required', torch's Generator; 'manual_seed expected a long, but
+    got Tensor')."""
+    import innerloop.testing as kit
+
+    plugin = "reconstruction" if check == "check_inner_loss" else "linear"
+    getattr(kit, check)(plugin, seed=seed, **TINY_SHAPE)
+
+
+def test_a_seed_beyond_torchs_generator_is_named():
+    """``seed=2**70`` failed with torch's 'Overflow when unpacking long long', naming no argument."""
+    from innerloop.testing import make_problem
+
+    with pytest.raises(
+        ValueError, match=r"seed=1180591620717411303424 must be an integer in \[-2\*\*63, 2\*\*64\)"
+    ):
+        make_problem("linear", "reconstruction", seed=2**70)
+
+
+@pytest.mark.parametrize("tolerance", [-1.0, -0.0 - 1e-300, float("nan"), "1e-10", True, Decimal("1e-10")])
+def test_check_zero_decay_and_momentum_names_a_wrong_tolerance(tolerance):
+    """``check_update_rule`` refuses such a tolerance naming it; ``check_zero_decay_and_momentum`` took
+    it: a right rule failed ('relative error 1.4e-16 > -1.0e+00', '> nan') or Python's bare "'<='
+    not supported" came out."""
+    from innerloop.testing import check_zero_decay_and_momentum
+
+    with pytest.raises(ValueError, match="check_zero_decay_and_momentum: tolerance must be a finite number"):
+        check_zero_decay_and_momentum(
+            "minibatch_gd", "linear", "reconstruction", tolerance=tolerance, **TINY_SHAPE
+        )
+
+
+def test_a_fraction_tolerance_is_a_number_whose_failure_is_reported():
+    """A Fraction passes the tolerance check (a real number, as a float argument of the core takes
+    it), but the failure message formatted it with ``:.1e``, which Fraction refuses (Python 3.11):
+    a rule outside it raised ``TypeError: unsupported format string`` instead of the AssertionError."""
+    from innerloop.testing import check_update_rule, check_zero_decay_and_momentum
+
+    with pytest.raises(AssertionError, match="relative error"):
+        check_zero_decay_and_momentum(
+            "minibatch_gd", "linear", "reconstruction", tolerance=Fraction(0), **TINY_SHAPE
+        )
+    with pytest.raises(AssertionError, match="relative error"):
+        check_update_rule(
+            "minibatch_gd",
+            model="linear",
+            loss="reconstruction",
+            tolerance=Fraction(0),
+            norm=True,
+            residual=True,
+            gradients=False,
+            without_grad=False,
+            **TINY_SHAPE,
+        )

@@ -239,12 +239,38 @@ def _check_problem_shape(**shape: object) -> dict[str, int]:
     return checked
 
 
-def _check_seed_and_dtype(seed: object, dtype: object) -> int:
-    """:func:`make_problem`'s ``seed`` (an integer, returned as an int) and ``dtype`` (a floating-point
-    torch dtype: an integer one truncated every random input to a few integers), each named if wrong."""
+def checked_seed(seed: object) -> int:
+    """``seed`` as an int (a numpy or 0-d torch integer too, the core's ``as_integer``: torch's
+    ``Generator.manual_seed`` takes a Python int only, and the checks seed several), else a TypeError;
+    a ValueError outside torch's seeds, [-2**63, 2**64) (torch said 'Overflow when unpacking long long')."""
     index = as_index(seed)
     if index is None:
         raise TypeError(f"seed must be an int, got {seed!r}")
+    if not -(2**63) <= index < 2**64:
+        raise ValueError(f"seed={seed!r} must be an integer in [-2**63, 2**64) (torch's generator seeds)")
+    return index
+
+
+def checked_tolerance(function: str, tolerance: object) -> float:
+    """``tolerance`` (a check's largest relative error) as a float: a finite real number >= 0 (a numpy
+    float or a Fraction too; not a bool, a string or a Decimal), else a ValueError naming ``function``.
+    A NaN one passed some comparisons and failed others, a negative one failed a right rule ('error 0 >
+    -1'), and a Fraction failed the failure message's ``:.1e`` (Python 3.11)."""
+    if (
+        isinstance(tolerance, bool)
+        or not isinstance(tolerance, numbers.Real)  # numpy's float32 too
+        or not 0 <= tolerance < math.inf
+    ):
+        raise ValueError(
+            f"{function}: tolerance must be a finite number >= 0 (the relative error allowed), got {tolerance!r}"
+        )
+    return float(tolerance)
+
+
+def _check_seed_and_dtype(seed: object, dtype: object) -> int:
+    """:func:`make_problem`'s ``seed`` (an integer, returned as an int) and ``dtype`` (a floating-point
+    torch dtype: an integer one truncated every random input to a few integers), each named if wrong."""
+    index = checked_seed(seed)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch dtype (float64, float32, ...), got {dtype!r}")
     return index
@@ -1476,6 +1502,7 @@ def check_inner_model(
     from innerloop.registry import get_registry
 
     shapes = [_check_shape(shape)] if shape else PLUGIN_CHECK_SHAPES
+    seed = checked_seed(seed)  # torch's generator takes a Python int only
     model = _named("inner_model", model)
     registrar_smoke_test("inner_model", model)
     check_init_params_uses_generator(model, shapes[0]["heads"], shapes[0]["head_dim"], seed)
@@ -1604,6 +1631,7 @@ def check_inner_loss(loss: InnerLoss | str, seed: int = 0, **shape: int) -> None
     none given, every shape of :data:`PLUGIN_CHECK_SHAPES`). The registrar's smoke test runs first
     (:func:`registrar_smoke_test`): a wrong shape is named as registration names it."""
     shapes = [_check_shape(shape)] if shape else PLUGIN_CHECK_SHAPES
+    seed = checked_seed(seed)  # torch's generator takes a Python int only
     loss = _named("inner_loss", loss)
     registrar_smoke_test("inner_loss", loss)
     for full in shapes:
@@ -1719,7 +1747,8 @@ def check_update_rule(
     _check_flags(gradients=gradients, without_grad=without_grad)  # "no" would run the checks it names
     rule = _named("update_rule", rule)
     losses = _losses_to_check(loss)
-    _refuse_variant_kwargs("check_update_rule", problem_kwargs, tolerance)
+    tolerance = _refuse_variant_kwargs("check_update_rule", problem_kwargs, tolerance)
+    seed = checked_seed(seed)  # torch's generator takes a Python int only
     cut_points = _check_cut_points(cut_points, problem_kwargs)
     given = {k: problem_kwargs.pop(k) for k in ("norm", "residual") if k in problem_kwargs}
     wrappings = [dict(zip(("norm", "residual"), w, strict=True)) for w in WRAPPINGS] if not given else [given]
@@ -1766,20 +1795,12 @@ def _default_check_shapes(wrapping: dict, given: dict) -> list[tuple[dict[str, i
     return [*((shape, wrapping) for shape in PLUGIN_CHECK_SHAPES), (UNIT_CHECK_SHAPE, unit)]
 
 
-def _refuse_variant_kwargs(function: str, problem_kwargs: dict, tolerance: Any = FLOAT64_TOLERANCE) -> None:
+def _refuse_variant_kwargs(function: str, problem_kwargs: dict, tolerance: Any = FLOAT64_TOLERANCE) -> float:
     """``decay`` and ``momentum`` are not the caller's to give: the check runs each variant the rule
     takes (:func:`rule_variants`). Given, they clashed with a variant's (Python's 'got multiple values'),
-    or replaced it, so that a variant labelled 'decay' ran without decay and blamed the rule. And
-    ``tolerance`` must be a finite number >= 0 (a NaN one passed some comparisons and failed others; a
-    negative one failed a right rule, 'error 0 > -1')."""
-    if (
-        isinstance(tolerance, bool)
-        or not isinstance(tolerance, numbers.Real)  # numpy's float32 too, as before the check
-        or not 0 <= tolerance < math.inf
-    ):
-        raise ValueError(
-            f"{function}: tolerance must be a finite number >= 0 (the relative error allowed), got {tolerance!r}"
-        )
+    or replaced it, so that a variant labelled 'decay' ran without decay and blamed the rule. Returns
+    ``tolerance`` as :func:`checked_tolerance` reads it."""
+    tolerance = checked_tolerance(function, tolerance)
     options = [name for name in inspect.signature(make_problem).parameters if name not in ("model", "loss")]
     unknown = sorted(set(problem_kwargs) - set(options))
     if unknown:  # else make_problem()'s own TypeError, naming a function the caller did not call
@@ -1794,6 +1815,7 @@ def _refuse_variant_kwargs(function: str, problem_kwargs: dict, tolerance: Any =
             "here: the check runs the rule plain and with each of decay and momentum it supports "
             "(rule_variants(rule)); call make_problem(..., decay=True) to build one such problem yourself"
         )
+    return tolerance
 
 
 def _check_cut_points(cut_points: list[int] | None, problem_kwargs: dict) -> list[int] | None:
@@ -2192,6 +2214,7 @@ def check_zero_decay_and_momentum(
     """Where ``rule`` takes them, a decay of 0 and a momentum of 0 give the plain rule's outputs and
     weights (the returned state then also carries the zero-decay product and the momentum). Each
     plugin may be an instance or a registered name."""
+    tolerance = checked_tolerance("check_zero_decay_and_momentum", tolerance)
     rule, model, loss = _named("update_rule", rule), _named("inner_model", model), _named("inner_loss", loss)
     plain = make_problem(model, loss, seed=seed, **problem_kwargs).for_rule(rule)
     expected_out, expected_state = plain.run(rule)
@@ -2219,6 +2242,7 @@ def check_update_rule_gradients(
     """``torch.autograd.gradcheck`` (float64) of the rule's outputs and final weights w.r.t. the
     views, lr, the initial weights and, where the rule takes them, decay and momentum."""
     _refuse_variant_kwargs("check_update_rule_gradients", problem_kwargs)
+    seed = checked_seed(seed)
     rule = _named("update_rule", rule)
     variant = rule_variants(rule)[-1]  # the most the rule takes
     problem = make_problem(model, loss, seed=seed, **variant, **problem_kwargs).for_rule(rule)

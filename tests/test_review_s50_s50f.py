@@ -210,3 +210,26 @@ def test_a_fraction_tolerance_is_a_number_whose_failure_is_reported():
             without_grad=False,
             **TINY_SHAPE,
         )
+
+
+# -- trainer.lightning: a numpy value's refusal names its kind and the conversion --------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("detect_anomaly", np.True_, r"got numpy\.bool_?; convert it with bool\(\.\.\.\)"),
+        ("accumulate_grad_batches", np.int64(2), r"got numpy\.int64; convert it with int\(\.\.\.\)"),
+        ("accumulate_grad_batches", torch.tensor(2), r"got torch\.Tensor; convert it with int\(\.\.\.\)"),
+        ("accumulate_grad_batches", True, r"got bool$"),
+    ],
+    ids=lambda x: repr(x)[:30],
+)
+def test_a_lightning_argument_of_another_number_kind_is_told_how_to_convert(name, value, message):
+    """``trainer.detect_anomaly=np.True_`` was refused as 'must be bool (...), got bool' (numpy's bool
+    is named bool too), which names no difference; the model section says 'a Python bool (convert it
+    with bool(...))'."""
+    from innerloop.config.trainer_args import check_lightning_arguments
+
+    with pytest.raises(ValueError, match=message):
+        check_lightning_arguments({name: value}, ValueError)

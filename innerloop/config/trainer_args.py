@@ -36,6 +36,7 @@ from datetime import timedelta
 from typing import Any, Literal, Union
 
 from innerloop.config.schema import LOGGERS, Bounds, RunConfig, TrainerConfig
+from innerloop.core.functional import plain_conversion, type_name
 from innerloop.models.config import key_paths
 
 LIGHTNING_NAMES: dict[str, str] = {
@@ -334,9 +335,14 @@ def _wrong_type_message(key: str, name: str, value: Any, annotation: Any) -> str
     """The error of the Lightning argument ``name`` (``key``) given ``value``, not of its type."""
     message = (
         f"{key}={value!r} must be {describe_annotation(annotation)} (lightning.Trainer's {name}), "
-        f"got {type(value).__name__}"
+        f"got {type_name(value)}"
     )
     members = _text_members(annotation)
+    plain = plain_conversion(value)  # numpy's bool, a numpy or tensor integer: the Python value it is
+    if plain is not None and value_matches(
+        {"bool": bool, "int": int, "float": float}[plain](value), annotation
+    ):
+        message += f"; convert it with {plain}(...)"
     if isinstance(value, str) and members is not None:
         message += (
             "; a quoted value is read on its text, which must be of that kind (true or false for a bool, "

@@ -488,15 +488,32 @@ def is_flag(value: Any) -> bool:
     return isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"))
 
 
+def type_name(value: Any) -> str:
+    """The name of ``value``'s type for a message: a builtin's bare (``int``), any other with its module
+    (``numpy.bool``, ``numpy.int64``, ``torch.Tensor``): numpy's bool is named ``bool`` too, so that
+    'must be bool, got bool' named no difference."""
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def plain_conversion(value: Any) -> str | None:
+    """``bool``, ``int`` or ``float``: the Python type ``value`` converts to without loss when it is a
+    number of another library (numpy's bool, a numpy or 0-d torch integer, a numpy float, a Fraction),
+    the one a message tells to convert it with; None for a Python number or anything else."""
+    if isinstance(value, (bool, int, float)):
+        return None
+    if is_flag(value):
+        return "bool"
+    if as_integer(value) is not None:
+        return "int"
+    return "float" if isinstance(value, numbers.Real) else None
+
+
 def check_flag(name: str, value: Any) -> None:
     """A TypeError naming ``name`` unless ``value`` is a bool, Python's or numpy's (a string such as
     'false' would be true, and so would a tensor or a list of one False)."""
-    kind = type(value)
     if not is_flag(value):
-        kind_name = (
-            kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-        )
-        raise TypeError(f"{name}={value!r} ({kind_name}) must be True or False (a bool)")
+        raise TypeError(f"{name}={value!r} ({type_name(value)}) must be True or False (a bool)")
 
 
 def is_power_of_two(n: int) -> bool:

@@ -233,3 +233,12 @@ def test_a_lightning_argument_of_another_number_kind_is_told_how_to_convert(name
 
     with pytest.raises(ValueError, match=message):
         check_lightning_arguments({name: value}, ValueError)
+
+
+def test_inner_loss_diagnostics_bound_their_layers_as_the_model_config_does():
+    """``InnerLossDiagnostics(2**70)`` failed inside ``torch.zeros`` ('failed to unpack the object');
+    a model has at most ``model.num_layers``' 65536 layers."""
+    from innerloop.train import InnerLossDiagnostics
+
+    with pytest.raises(ValueError, match=r"num_layers=1180591620717411303424 must be <= 65536"):
+        InnerLossDiagnostics(2**70)

@@ -22,6 +22,7 @@ from torchmetrics.text import Perplexity
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from innerloop.core.functional import as_integer, check_flag
+from innerloop.models.config import MODEL_FIELD_BOUNDS
 
 
 class Float64States(Metric):
@@ -267,6 +268,11 @@ class InnerLossDiagnostics(Float64States):
         count = as_integer(num_layers)  # torch.tensor(2.0) failed inside torch.zeros
         if count is None or count < 1:
             raise ValueError(f"num_layers={num_layers!r} must be an integer >= 1")
+        most = MODEL_FIELD_BOUNDS["model.num_layers"]
+        if count not in most:  # 2**70 failed inside torch.zeros
+            raise ValueError(
+                f"num_layers={count} must be <= {most.high:g} (model.num_layers' bound: {most.why})"
+            )
         self.num_layers = num_layers = count
         self.add_state("before_sum", torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("after_sum", torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")

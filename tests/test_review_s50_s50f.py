@@ -242,3 +242,14 @@ def test_inner_loss_diagnostics_bound_their_layers_as_the_model_config_does():
 
     with pytest.raises(ValueError, match=r"num_layers=1180591620717411303424 must be <= 65536"):
         InnerLossDiagnostics(2**70)
+
+
+def test_check_kernel_names_a_seed_beyond_torchs_generator_before_any_case():
+    """``check_kernel(seed=2**70)`` took it (an integer) and torch failed inside the first case ('Overflow
+    when unpacking long long'); it is read by the kit's one seed rule (:func:`checked_seed`)."""
+    from innerloop.testing import check_kernel
+
+    with pytest.raises(
+        ValueError, match=r"seed=1180591620717411303424 must be an integer in \[-2\*\*63, 2\*\*64\)"
+    ):
+        check_kernel("fused_torch_linear", seed=2**70)

@@ -67,6 +67,7 @@ from innerloop.testing.checks import (
     assert_close,
     assert_state_unchanged,
     assert_states_close,
+    checked_seed,
     run_layer_in_chunks,
     twin_layers,
     with_autograd,
@@ -192,9 +193,7 @@ def check_kernel(
     """
     spec = _kernel_spec(kernel)
     tolerance = _tolerance(dtype, tolerance)
-    if as_integer(seed) is None:  # named here, not by torch.manual_seed from inside a case
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    seed, report = as_integer(seed), KernelCheckReport(spec.name)
+    seed, report = checked_seed(seed), KernelCheckReport(spec.name)  # named here, not from inside a case
     config = _layer_config(spec, inner_model, inner_loss, update_rule, layer_options)
     device = _checked_device(device)
     for head_dim in _checked_head_dims(head_dims):

@@ -57,7 +57,7 @@ from safetensors.torch import save_file
 
 from innerloop.config.load import CHECKPOINT_SUFFIX, checkpoint_path_problem
 from innerloop.core.callers import warning_stacklevel
-from innerloop.core.functional import check_flag, check_path_argument, first_non_finite
+from innerloop.core.functional import check_flag, check_path_argument, first_non_finite, user_path
 from innerloop.core.identity import IdentityTable
 from innerloop.core.layer import TTTLayer
 from innerloop.data.atomic import atomic_write, file_sha256, file_stamp
@@ -245,7 +245,7 @@ def written_by(path: str | os.PathLike[str]) -> str | None:
     """The version of the innerloop that wrote the checkpoint at ``path`` (None: not recorded, as in
     checkpoints before 0.1.0's, or not readable)."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with safe_open(str(user_path(path)), framework="pt", device="cpu") as f:
             return (f.metadata() or {}).get(_VERSION_KEY)
     except (SafetensorError, OSError, ValueError):
         return None
@@ -366,7 +366,7 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[str]) ->
         _TREE_KEY: tree,
         _DIGEST_KEY: checkpoint_digest(tree, tensors),
     }
-    path = Path(path).expanduser()  # '~' is the home folder, as for export_model, a run's out_dir (not ./~)
+    path = user_path(path)  # '~' is the home folder, as for export_model, a run's out_dir (not ./~)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -665,7 +665,7 @@ def _metadata_tree(path: str | os.PathLike[str]) -> Any:
     """The JSON tree of the checkpoint at ``path``, read from its metadata alone (tensor references
     left as they are, nothing verified); None for a file that cannot be read."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with safe_open(str(user_path(path)), framework="pt", device="cpu") as f:
             return json.loads((f.metadata() or {}).get(_TREE_KEY, "{}"))
     except (SafetensorError, OSError, ValueError, RecursionError):
         return None
@@ -763,7 +763,7 @@ def is_safetensors_file(path: str | os.PathLike[str]) -> bool:
     header length that fits the file, then a JSON object): innerloop's checkpoint format, as opposed
     to a pickled ``torch.save`` one. Reads 9 bytes; False for anything that cannot be read."""
     try:
-        with open(path, "rb") as f:
+        with open(user_path(path), "rb") as f:
             start = f.read(9)
             size = os.fstat(f.fileno()).st_size
     except (OSError, TypeError, ValueError):
@@ -789,7 +789,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     """Read a checkpoint written by :func:`save_checkpoint`, verifying its checksum; raise
     :class:`CheckpointError` (one line naming the file and the problem) for any other file."""
     _check_checkpoint_argument(path)
-    path = Path(path).expanduser()  # '~' is the home folder, as save_checkpoint writes it
+    path = user_path(path)  # '~' is the home folder, as save_checkpoint writes it
     name = repr(str(path))
     problem = checkpoint_path_problem(path)
     if problem is not None:
@@ -869,6 +869,7 @@ def checkpoint_content_digest(path: str | os.PathLike[str]) -> str:
     (:func:`checkpoint_digest`; verified by :func:`load_checkpoint`, which should be called first), or
     for an old version-1 file without one the file's SHA-256."""
     _check_checkpoint_argument(path)  # str(None) read as a file named 'None'
+    path = user_path(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             digest = (f.metadata() or {}).get(_DIGEST_KEY)
@@ -882,7 +883,7 @@ def checkpoint_identity(path: str | os.PathLike[str]) -> str:
     e.g. ``last-1a2b3c4d``: names what was evaluated, so outputs of two checkpoints (even two
     ``last.safetensors``) never collide."""
     _check_checkpoint_argument(path)
-    path = Path(path)
+    path = user_path(path)
     digest = checkpoint_content_digest(path)
     return f"{name_tag(path.name.removesuffix(CHECKPOINT_SUFFIX), 'ckpt')}-{digest[:8]}"
 
@@ -902,8 +903,9 @@ def checkpoint_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     :func:`load_checkpoint` does that). Raises :class:`CheckpointError` naming the file, as
     :func:`load_checkpoint` does."""
     _check_checkpoint_argument(path)  # Path(None) failed in pathlib, naming no argument
+    path = user_path(path)  # '~' is the home folder, as load_checkpoint reads it
     name = repr(str(path))
-    if not Path(path).is_file():
+    if not path.is_file():
         load_checkpoint(path)  # raises the error of a missing file or a directory
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:

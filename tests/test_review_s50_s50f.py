@@ -253,3 +253,60 @@ def test_check_kernel_names_a_seed_beyond_torchs_generator_before_any_case():
         ValueError, match=r"seed=1180591620717411303424 must be an integer in \[-2\*\*63, 2\*\*64\)"
     ):
         check_kernel("fused_torch_linear", seed=2**70)
+
+
+# -- '~' in a checkpoint path: the home folder for every reader, as load_checkpoint reads it --------------
+
+
+@pytest.fixture
+def checkpoint_at_home(tmp_path, monkeypatch):
+    """A tiny checkpoint at ``~/m.safetensors`` (HOME is ``tmp_path / 'home'``), with a config.yaml beside
+    it, and a text file to evaluate on."""
+    from innerloop.checkpoints import save_checkpoint
+    from innerloop.models import ModelConfig
+    from innerloop.train.module import LanguageModelModule
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    config = ModelConfig(mixer="attention", hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    module = LanguageModelModule(config)
+    save_checkpoint(
+        {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, home / "m.safetensors"
+    )
+    (home / "config.yaml").write_text("seed: 0\n", encoding="utf-8")
+    (tmp_path / "text.txt").write_text("hello world " * 40, encoding="utf-8")
+    return home
+
+
+def test_the_checkpoint_readers_read_a_tilde_as_the_home_folder(checkpoint_at_home):
+    """``load_model('~/m.safetensors')`` loads (load_checkpoint expands ``~``), but
+    ``checkpoint_tokenizer`` said 'No such file or directory: ~/m.safetensors' and ``run_config_path``
+    found no config.yaml beside it (None)."""
+    from innerloop.checkpoints import checkpoint_identity, checkpoint_tokenizer, written_by
+    from innerloop.config.load import checkpoint_path_problem
+    from innerloop.data.tokenizer import ByteTokenizer
+    from innerloop.train.run import run_config_path
+
+    assert isinstance(checkpoint_tokenizer("~/m.safetensors"), ByteTokenizer)
+    assert run_config_path("~/m.safetensors") == checkpoint_at_home / "config.yaml"
+    assert checkpoint_path_problem("~/m.safetensors") is None
+    assert written_by("~/m.safetensors") is not None
+    assert checkpoint_identity("~/m.safetensors") == checkpoint_identity(checkpoint_at_home / "m.safetensors")
+
+
+@pytest.mark.slow  # a Lightning validation (about 1 s)
+def test_evaluate_reads_a_tilde_checkpoint_as_load_module_does(checkpoint_at_home, tmp_path):
+    """``evaluate('~/m.safetensors', ...)`` failed ('is not a readable innerloop checkpoint ... No such file
+    or directory: ~/m.safetensors') although ``load_module`` of that path loads it."""
+    from innerloop.train import evaluate
+
+    metrics, _, _ = evaluate(
+        "~/m.safetensors",
+        [str(tmp_path / "text.txt")],
+        seq_len=8,
+        batch_size=1,
+        batches=1,
+        progress_bar=False,
+    )
+    assert metrics["windows"] == 1.0

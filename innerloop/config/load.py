@@ -51,7 +51,7 @@ from innerloop.config.trainer_args import (
     value_matches,
 )
 from innerloop.core.callers import warning_stacklevel
-from innerloop.core.functional import check_flag, check_path_argument
+from innerloop.core.functional import check_flag, check_path_argument, user_path
 from innerloop.data.atomic import atomic_write_text
 from innerloop.data.hf import check_hf_dataset, check_hf_source
 from innerloop.data.recall import RECALL_VALUES, recall_length
@@ -1585,7 +1585,7 @@ CHECKPOINT_SUFFIX = ".safetensors"  # what `innerloop train` writes: last.safete
 def checkpoint_path_problem(path: str | os.PathLike[str]) -> str | None:
     """Why ``path`` cannot be a checkpoint file (a directory, or nothing there), or None. Checked by the
     checkpoint reader and, before anything heavy is imported, by the commands that take a checkpoint."""
-    path = Path(path)
+    path = user_path(path)  # '~' is the home folder, as the checkpoint readers read it
     name = repr(str(path))
     other_model = other_model_folder_problem(path)
     if other_model is not None:

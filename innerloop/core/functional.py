@@ -18,6 +18,7 @@ import math
 import operator
 import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any, Literal, overload
 
 import torch
@@ -466,6 +467,13 @@ def check_path_argument(path: Any, name: str = "path") -> None:
     inside pathlib naming no argument, and ``open(3)`` reads, then closes, file descriptor 3)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{name}={path!r} ({type(path).__name__}) must be a path (a str or os.PathLike)")
+
+
+def user_path(path: str | os.PathLike[str]) -> Path:
+    """A path argument as a ``Path`` with a leading ``~`` read as the home folder, as a shell reads an
+    unquoted one: the one reading of a user's path, so that a reader of a file finds the one its writer
+    (or another reader of it) used (``pathlib`` leaves ``~`` as a folder named ``~``)."""
+    return Path(path).expanduser()
 
 
 def first_non_finite(named: Iterable[tuple[str, Any]]) -> tuple[str, int, int] | None:

@@ -99,7 +99,7 @@ from innerloop.config.load import (
 )
 from innerloop.config.schema import HELD_OUT, DataConfig, RecallConfig, RunConfig
 from innerloop.core.durable import fsync_directory
-from innerloop.core.functional import check_flag
+from innerloop.core.functional import check_flag, user_path
 from innerloop.core.layer import ModelTooLargeError, device_memory_bytes, memory_size
 from innerloop.data.atomic import (
     atomic_write_text,
@@ -1321,7 +1321,8 @@ def run_config_path(checkpoint: str | Path) -> Path | None:
     """The ``config.yaml`` beside ``checkpoint``, or, for a link to a run's checkpoint, beside the file
     it points to; None where there is none. A ``config.yaml`` that is no file (a folder, a broken link)
     is returned too: reading it is an error naming it, never a quiet fallback to other data."""
-    for folder in (Path(checkpoint).parent, Path(checkpoint).resolve().parent):
+    checkpoint = user_path(checkpoint)  # '~' is the home folder, as the checkpoint readers read it
+    for folder in (checkpoint.parent, checkpoint.resolve().parent):
         if os.path.lexists(folder / "config.yaml"):
             return folder / "config.yaml"
     return None

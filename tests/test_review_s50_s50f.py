@@ -188,6 +188,7 @@ def test_check_zero_decay_and_momentum_names_a_wrong_tolerance(tolerance):
         )
 
 
+@pytest.mark.slow  # check_update_rule's first model and loss: about 0.35 s
 def test_a_fraction_tolerance_is_a_number_whose_failure_is_reported():
     """A Fraction passes the tolerance check (a real number, as a float argument of the core takes
     it), but the failure message formatted it with ``:.1e``, which Fraction refuses (Python 3.11):

@@ -311,3 +311,18 @@ def test_evaluate_reads_a_tilde_checkpoint_as_load_module_does(checkpoint_at_hom
         progress_bar=False,
     )
     assert metrics["windows"] == 1.0
+
+
+def test_save_config_and_read_run_config_read_a_tilde_as_the_home_folder(tmp_path, monkeypatch):
+    """``save_config(cfg, '~/c.yaml')`` wrote ``./~/c.yaml`` (a folder named ``~`` in the working one),
+    and ``read_run_config('~/c.yaml')`` found nothing, while ``load_config('~/c.yaml')`` reads the home
+    folder's, as ``save_checkpoint`` / ``load_checkpoint`` do."""
+    from innerloop.config.load import read_run_config, save_config
+    from innerloop.config.schema import RunConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    written = save_config(RunConfig(seed=7), "~/c.yaml")
+    assert written == tmp_path / "home" / "c.yaml" and not (tmp_path / "~").exists()
+    assert read_run_config("~/c.yaml").seed == 7

@@ -793,6 +793,7 @@ def read_run_config(path: str | Path) -> RunConfig:
     of the machine it trains on (accelerator, loggers, out_dir), which reading its data elsewhere does
     not need (a run trained on a GPU is evaluated on a CPU). Raises :class:`ConfigError` naming the file
     and what is wrong."""
+    path = user_path(path)  # '~' is the home folder, as load_config reads it
     source = f"{str(path)!r}"
     if Path(path).is_dir():
         raise ConfigError(f"{source} is a folder, not a config file")
@@ -1751,4 +1752,5 @@ def save_config(cfg: DictConfig | RunConfig, path: str | os.PathLike[str], comme
     loaded with ``-p``)."""
     container = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
     header = "".join(f"# {line}\n" for line in comment.splitlines())
-    return atomic_write_text(path, header + OmegaConf.to_yaml(container, resolve=True))
+    # '~' is the home folder, as load_config reads it (pathlib's would be a folder named '~')
+    return atomic_write_text(user_path(path), header + OmegaConf.to_yaml(container, resolve=True))

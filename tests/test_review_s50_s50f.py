@@ -326,3 +326,24 @@ def test_save_config_and_read_run_config_read_a_tilde_as_the_home_folder(tmp_pat
     written = save_config(RunConfig(seed=7), "~/c.yaml")
     assert written == tmp_path / "home" / "c.yaml" and not (tmp_path / "~").exists()
     assert read_run_config("~/c.yaml").seed == 7
+
+
+@pytest.mark.parametrize("held_out", ["Test", " val", None, 1])
+def test_evaluate_names_a_wrong_held_out_before_reading_the_checkpoint(tmp_path, held_out):
+    """``evaluate(held_out='Test')`` loaded the checkpoint first, then refused it under the command
+    line's name ('--held-out 'Test' is not one of ...'), which a Python caller did not write; its other
+    arguments are checked before anything is read."""
+    from innerloop.config.load import ConfigError
+    from innerloop.train import evaluate
+
+    with pytest.raises(ConfigError, match=r"held_out=.* \(--held-out\) is not one of \['val', 'test'\]"):
+        evaluate(tmp_path / "missing.safetensors", held_out=held_out)
+
+
+def test_compare_names_a_wrong_held_out_before_loading_a_model(tmp_path):
+    """``compare(held_out='Test')`` loaded every model first (evaluate's sibling)."""
+    from innerloop.config.load import ConfigError
+    from innerloop.train.compare import compare
+
+    with pytest.raises(ConfigError, match=r"held_out='Test' \(--held-out\) is not one of"):
+        compare([tmp_path / "missing.safetensors"], held_out="Test")

@@ -65,6 +65,7 @@ from innerloop.train.metrics import position_buckets
 from innerloop.train.module import LanguageModelModule, load_module
 from innerloop.train.run import (
     RunFiles,
+    check_held_out_name,
     check_vocabulary,
     checkpoint_path,
     evaluation_windows,
@@ -273,7 +274,7 @@ def compare(
     if not isinstance(runs_or_checkpoints, (str, os.PathLike)):  # one path is refused below, by name
         runs_or_checkpoints = _path_list(runs_or_checkpoints, "runs_or_checkpoints")
     seq_lens, resamples, confidence, seed = _check_compare_arguments(
-        runs_or_checkpoints, seq_lens, baseline, resamples, confidence, seed, no_ttt
+        runs_or_checkpoints, seq_lens, baseline, resamples, confidence, seed, no_ttt, held_out
     )
     try:
         batch_size, batches = checked_window_sizes(batch_size=batch_size, batches=batches)
@@ -340,7 +341,14 @@ def _path_list(paths: Any, name: str = "paths") -> list[str]:
 
 
 def _check_compare_arguments(
-    runs: Any, seq_lens: Any, baseline: Any, resamples: Any, confidence: Any, seed: Any, no_ttt: Any = False
+    runs: Any,
+    seq_lens: Any,
+    baseline: Any,
+    resamples: Any,
+    confidence: Any,
+    seed: Any,
+    no_ttt: Any = False,
+    held_out: Any = "val",
 ) -> tuple[list[int] | None, int, float, int]:
     """:func:`compare`'s arguments, checked before any model is loaded; returns ``seq_lens``,
     ``resamples``, ``confidence`` and ``seed`` as Python numbers (a numpy or 0-d torch integer is an
@@ -349,6 +357,7 @@ def _check_compare_arguments(
         check_flag("no_ttt", no_ttt)  # a string such as 'false' would switch test-time training off
     except TypeError as err:
         raise ConfigError(str(err)) from None
+    check_held_out_name(held_out)
     if isinstance(runs, (str, Path)) or not isinstance(runs, Sequence) or not runs:
         raise ConfigError(f"compare needs a list of one or more run folders or checkpoints, got {runs!r}")
     lengths = None if seq_lens is None else _seq_len_list(seq_lens)

@@ -1546,11 +1546,17 @@ def evaluation_windows(
     return EvaluationWindows(inputs, targets, batch_size, _data_tag([]), source)
 
 
+def check_held_out_name(held_out: Any) -> None:
+    """:class:`ConfigError` naming ``held_out`` (and the command line's ``--held-out``) unless it is one
+    of :data:`HELD_OUT`, exactly, as every name of a config is (``'Test'`` is none)."""
+    if not isinstance(held_out, str) or held_out not in HELD_OUT:
+        raise ConfigError(f"held_out={held_out!r} (--held-out) is not one of {list(HELD_OUT)}")
+
+
 def _check_held_out(held_out: Any, paths: Sequence[str], run: RunConfig | None, why_not: str) -> None:
     """``held_out`` one of :data:`HELD_OUT`, and ``test`` only of a run with a test split, without
     ``--data``: :class:`ConfigError` naming ``--held-out`` else."""
-    if held_out not in HELD_OUT:
-        raise ConfigError(f"--held-out {held_out!r} is not one of {list(HELD_OUT)}")
+    check_held_out_name(held_out)
     if held_out == "val":
         return
     if paths:
@@ -1970,7 +1976,7 @@ def evaluate(
     checkpoints, data or settings do not replace each other, and never the training run's own ``loss_by_position.*``.
     """
     given = (seq_len, batch_size, batches)
-    paths, seq_len, batch_size, batches = _eval_args(paths, *given, no_ttt, out_dir, progress_bar)
+    paths, seq_len, batch_size, batches = _eval_args(paths, *given, no_ttt, out_dir, progress_bar, held_out)
     module = load_module(checkpoint)
     _refuse_no_ttt_without_ttt(module, checkpoint, no_ttt)  # before any window is read
     seq_len = training_seq_len(module, checkpoint) if seq_len is None else seq_len
@@ -2018,7 +2024,14 @@ def _refuse_no_ttt_without_ttt(module: LanguageModelModule, checkpoint: str | Pa
 
 
 def _eval_args(
-    paths: Any, seq_len: Any, batch_size: Any, batches: Any, no_ttt: Any, out_dir: Any, progress_bar: Any
+    paths: Any,
+    seq_len: Any,
+    batch_size: Any,
+    batches: Any,
+    no_ttt: Any,
+    out_dir: Any,
+    progress_bar: Any,
+    held_out: Any = "val",
 ) -> tuple[list[str], int | None, int | None, int | None]:
     """:func:`evaluate`'s arguments, checked before anything is read; returns ``paths`` as a list (one
     path is a list of one, not its letters; None, as no paths: the run's own windows) and the sizes as
@@ -2026,6 +2039,7 @@ def _eval_args(
     sizes = checked_window_sizes(seq_len=seq_len, batch_size=batch_size, batches=batches)
     check_flag("no_ttt", no_ttt)
     check_flag("progress_bar", progress_bar)  # a string such as 'no' would show it
+    check_held_out_name(held_out)
     if out_dir is not None:
         check_output_dir(out_dir, "out_dir")  # a file there failed after the evaluation
     return ([] if paths is None else path_entries(paths, "paths")), *sizes

@@ -62,8 +62,8 @@ WRONG_KINDS = [
     ("optim.warmup_fraction", True, "must be a finite number"),
     ("trainer.progress_bar", "false", "must be true or false"),
     ("trainer.progress_bar", 0, "must be true or false"),
-    ("out_dir", Path("runs/x"), "must be a string"),
-    ("data.tokenizer", Path("bytes"), "must be a string"),
+    ("out_dir", Path("runs/x"), r"must be a string \(convert it with str"),
+    ("data.tokenizer", Path("bytes"), r"must be a string \(convert it with str"),
     ("model.hidden_size", "64", "must be an integer"),
 ]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -750,6 +751,8 @@ def _type_error(value: Any, expected: Any) -> str | None:
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         return None if number and math.isfinite(value) else "a finite number"
     if expected is str:
+        if isinstance(value, os.PathLike):  # a pathlib.Path set after loading: the config saves text
+            return "a string (convert it with str(...))"
         return None if isinstance(value, str) else "a string"
     if get_origin(expected) is list:  # a str would be read character by character
         listed = isinstance(value, Sequence) and not isinstance(value, (str, bytes))  # an omegaconf list too

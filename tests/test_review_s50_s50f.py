@@ -347,3 +347,13 @@ def test_compare_names_a_wrong_held_out_before_loading_a_model(tmp_path):
 
     with pytest.raises(ConfigError, match=r"held_out='Test' \(--held-out\) is not one of"):
         compare([tmp_path / "missing.safetensors"], held_out="Test")
+
+
+@pytest.mark.parametrize(
+    ("section", "value"), [("model", {"mixer": "ttt"}), ("optim", None), ("data", "recall")]
+)
+def test_validate_run_config_names_a_section_of_another_kind(recall_run, section, value):
+    """A section set to a dict, None or a name raised Python's bare "'dict' object has no attribute
+    'mixer'" (AttributeError) from inside the checks."""
+    with pytest.raises(ConfigError, match=rf"^{section}=.* must be an? \w+Config \(the {section} section\)"):
+        validate_run_config(_with(recall_run, section, value))

@@ -774,6 +774,11 @@ def check_field_types(where: str, config: Any, schema: type) -> None:
         value, expected = getattr(config, f.name), hints[f.name]
         key = f"{where}.{f.name}" if where else f.name
         if is_dataclass(expected):
+            if not isinstance(value, expected) and not all(hasattr(value, g.name) for g in fields(expected)):
+                raise ValueError(  # a dict or None: 'has no attribute' from inside the checks
+                    f"{key}={value!r:.80} ({type(value).__name__}) must be {'an' if expected.__name__[0] in 'AEIOU' else 'a'} "
+                    f"{expected.__name__} (the {key} section)"
+                )
             check_field_types(key, value, expected)
             continue
         wanted = _type_error(value, expected)

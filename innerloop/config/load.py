@@ -895,7 +895,7 @@ def validate_run_config(run: RunConfig) -> None:
     :class:`ConfigError` naming the key, the value and what is valid."""
     require_run_config(run)
     try:  # a run built in Python: True, 4.0 or a Fraction for an int, '0.001' for a float, before the ranges
-        check_field_types("", run, RunConfig)
+        check_field_types("", run, RunConfig, FIELD_BOUNDS)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     _check_numbers(run)

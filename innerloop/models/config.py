@@ -760,7 +760,9 @@ def _type_error(value: Any, expected: Any) -> str | None:
     return None
 
 
-def check_field_types(where: str, config: Any, schema: type) -> None:
+def check_field_types(
+    where: str, config: Any, schema: type, bounds: Mapping[str, Bounds] | None = None
+) -> None:
     """Every field of ``config`` (a ``schema`` instance or an omegaconf node of it) has its declared
     type, else a ``ValueError`` naming the key (``where``-dotted; ``where=""`` for a top-level schema),
     the value, its type and what is valid: a dict from JSON or Python is not converted, so ``"false"``
@@ -768,7 +770,9 @@ def check_field_types(where: str, config: Any, schema: type) -> None:
     rule of every config section: an int field takes a Python int (not a bool, ``4.0``, a Fraction, a
     Decimal or a tensor; a numpy integer is told to be converted), a float field a finite Python int or
     float (a numpy float or a Fraction is told to be converted), a bool field a Python bool, a str field
-    a str (a ``pathlib.Path`` too is told so), a list field a list."""
+    a str (a ``pathlib.Path`` too is told so), a list field a list. A number's message states its range
+    from ``bounds`` (by dotted key; default :data:`MODEL_FIELD_BOUNDS`), as the range check's does."""
+    bounds = MODEL_FIELD_BOUNDS if bounds is None else bounds
     hints = field_types(schema)
     for f in fields(schema):
         value, expected = getattr(config, f.name), hints[f.name]
@@ -779,9 +783,12 @@ def check_field_types(where: str, config: Any, schema: type) -> None:
                     f"{key}={value!r:.80} ({type(value).__name__}) must be {'an' if expected.__name__[0] in 'AEIOU' else 'a'} "
                     f"{expected.__name__} (the {key} section)"
                 )
-            check_field_types(key, value, expected)
+            check_field_types(key, value, expected, bounds)
             continue
         wanted = _type_error(value, expected)
+        if wanted in ("an integer", "a finite number") and key in bounds:  # NaN: the range it is outside
+            why = f" ({bounds[key].why})" if bounds[key].why else ""
+            wanted += f" {bounds[key].describe()}{why}"
         if wanted is not None:
             raise ValueError(f"{key}={value!r} ({type(value).__name__}) must be {wanted}")
 

@@ -273,7 +273,7 @@ def test_the_console_entry_point_reports_user_errors_in_one_line(run_dir) -> Non
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [
-        "innerloop train: error: optim.lr=nan must be a finite number > 0"
+        "innerloop train: error: optim.lr=nan (float) must be a finite number > 0"
     ]
     prompt = b"x\xffy"  # not UTF-8: passed to the program as bytes
     ok = subprocess.run(

@@ -1,0 +1,171 @@
+"""One path for loading a plugin module (review s50a): an installed entry point's module and a module named
+with ``innerloop -p`` go through the same registry method, so every branch (a hooked module, one that
+registers at import, one imported for an earlier registry, one loaded already, one with no hook, one that
+fails at import, one that takes a built-in's name) is tested for both callers."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from innerloop.registry import DISABLE_ENV, get_registry, isolated_registry, manager
+from innerloop.registry.modules import PLUGIN_MODULES_ENV, PluginModuleError, load_plugin_module
+
+_COUNTER = itertools.count()
+PREFIX = "s50a_mod_"
+
+_LOSS = """
+class {cls}(InnerLoss):
+    name = "{name}"
+
+    def pairs(self, views, carry):
+        return LossPairs(inputs=views.key, targets=views.value, valid=None, carry={{}})
+
+    def token_loss(self, prediction, target):
+        return (prediction - target).pow(2).sum(dim=-1)
+"""
+
+_IMPORTS = "import innerloop\nfrom innerloop.core.protocol import InnerLoss, LossPairs\nfrom innerloop.registry import hookimpl\n"
+
+HOOKED = _IMPORTS + _LOSS + "\n\n@hookimpl\ndef register_inner_losses(register):\n    register({cls}())\n"
+DECORATED = _IMPORTS + "\n@innerloop.register_inner_loss" + _LOSS
+BOTH = (
+    DECORATED
+    + _LOSS.replace("{cls}", "{cls}Hooked").replace('"{name}"', '"{name}_hooked"')
+    + ("\n\n@hookimpl\ndef register_inner_losses(register):\n    register({cls}Hooked())\n")
+)
+NO_HOOK = _IMPORTS + _LOSS
+FAILS_AT_IMPORT = DECORATED + "\nraise RuntimeError('no GPU here')\n"
+
+CALLERS = ["entry point", "-p"]
+
+
+@pytest.fixture
+def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A folder on sys.path for plugin modules, a fresh process registry with no installed plugin; the
+    modules written there, and what the registry remembers of their imports, are forgotten afterwards."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    monkeypatch.delenv(PLUGIN_MODULES_ENV, raising=False)
+    modules_before = set(sys.modules)
+    with isolated_registry():
+        yield tmp_path
+    for name in set(sys.modules) - modules_before:
+        if name.startswith(PREFIX):
+            del sys.modules[name]
+    for store in (manager._REGISTERED_AT_IMPORT, manager._ROLLED_BACK_AT_IMPORT):
+        for key in [key for key in store if PREFIX in key]:
+            del store[key]
+
+
+def _write(folder: Path, template: str, name: str | None = None) -> tuple[str, str]:
+    """A plugin module (a fresh name each time) in ``folder``; returns (module, inner loss name)."""
+    number = next(_COUNTER)
+    module, loss = f"{PREFIX}{number}", name or f"s50a_loss_{number}"
+    (folder / f"{module}.py").write_text(template.format(cls=f"Loss{number}", name=loss))
+    return module, loss
+
+
+def _entry_point(module: str) -> SimpleNamespace:
+    point = SimpleNamespace(
+        name=f"ep_{module}",
+        value=module,
+        group="innerloop",
+        dist=SimpleNamespace(name="s50a-dist", version="1"),
+    )
+    point.load = lambda: importlib.import_module(module)
+    return point
+
+
+def _load_origin(caller: str, module: str) -> str:
+    return f"ep_{module} (s50a-dist)" if caller == "entry point" else f"-p {module}"
+
+
+def _load(caller: str, module: str) -> str | None:
+    """Load ``module`` into the process registry as ``caller`` does; the reason it was refused, or None."""
+    registry = get_registry()
+    if caller == "entry point":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            broken = registry.add_entry_point(_entry_point(module))
+        return None if broken is None else broken.error
+    try:
+        load_plugin_module(module, registry)
+    except PluginModuleError as error:
+        return str(error)
+    return None
+
+
+def _losses() -> list[str]:
+    return get_registry().names("inner_loss")
+
+
+# ---- every branch, for both callers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+def test_a_hooked_module_is_registered_under_how_it_was_loaded(folder, caller) -> None:
+    module, loss = _write(folder, HOOKED)
+    assert _load(caller, module) is None
+    (entry,) = [e for e in get_registry().entries("inner_loss") if e.name == loss]
+    assert entry.origin == _load_origin(caller, module)
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+def test_a_module_that_registers_at_import_needs_no_hook(folder, caller) -> None:
+    module, loss = _write(folder, DECORATED)
+    assert _load(caller, module) is None
+    assert loss in _losses()
+    assert get_registry().broken() == []
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+def test_a_module_imported_for_an_earlier_registry_registers_again(folder, caller) -> None:
+    module, loss = _write(folder, DECORATED)
+    assert _load(caller, module) is None
+    with isolated_registry():  # imported already: its decorator does not run again
+        assert loss not in _losses()
+        assert _load(caller, module) is None
+        assert loss in _losses()
+
+
+@pytest.mark.parametrize("template", [HOOKED, DECORATED], ids=["hooked", "decorated"])
+def test_a_p_module_an_entry_point_loaded_already_is_not_loaded_again(folder, template) -> None:
+    module, loss = _write(folder, template)
+    assert _load("entry point", module) is None
+    assert _load("-p", module) is None
+    assert _losses().count(loss) == 1
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+def test_a_module_with_no_hook_is_refused_naming_the_hooks(folder, caller) -> None:
+    module, loss = _write(folder, NO_HOOK)
+    refused = _load(caller, module)
+    assert refused is not None and "implements no innerloop hook" in refused
+    assert loss not in _losses()
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+def test_a_module_that_fails_at_import_leaves_nothing_registered(folder, caller) -> None:
+    module, loss = _write(folder, FAILS_AT_IMPORT)
+    refused = _load(caller, module)
+    assert refused is not None and "raised RuntimeError: no GPU here" in refused
+    assert loss not in _losses()  # registered by its import before it failed: rolled back
+
+
+@pytest.mark.parametrize("template", [HOOKED, DECORATED], ids=["hooked", "decorated"])
+@pytest.mark.parametrize("caller", CALLERS)
+def test_a_module_that_takes_a_builtins_name_is_refused_and_the_builtin_kept(
+    folder, caller, template
+) -> None:
+    builtin = get_registry().inner_loss("reconstruction")
+    module, _ = _write(folder, template, name="reconstruction")
+    refused = _load(caller, module)
+    assert refused is not None and "'reconstruction'" in refused and "already registered" in refused
+    assert get_registry().inner_loss("reconstruction") is builtin

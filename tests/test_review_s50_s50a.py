@@ -169,3 +169,55 @@ def test_a_module_that_takes_a_builtins_name_is_refused_and_the_builtin_kept(
     refused = _load(caller, module)
     assert refused is not None and "'reconstruction'" in refused and "already registered" in refused
     assert get_registry().inner_loss("reconstruction") is builtin
+
+
+# ---- where the two paths differed (each seen failing before they became one) -------------------------
+
+
+@pytest.mark.parametrize(("first", "then"), [("-p", "entry point"), ("entry point", "-p")])
+def test_a_module_imported_for_an_earlier_registry_by_the_other_caller_registers_again(
+    folder, first, then
+) -> None:
+    """The two paths kept what a module registered at import under different keys (``-p MODULE`` and the
+    entry point's value): a module loaded one way, then in a later registry the other way, was refused as
+    having no hook."""
+    module, loss = _write(folder, DECORATED)
+    assert _load(first, module) is None
+    with isolated_registry():
+        assert _load(then, module) is None
+        assert loss in _losses()
+
+
+@pytest.mark.parametrize("template", [HOOKED, DECORATED], ids=["hooked", "decorated"])
+@pytest.mark.parametrize(("first", "then"), [("-p", "entry point"), ("entry point", "entry point")])
+def test_an_entry_point_whose_module_is_loaded_already_is_not_broken(folder, template, first, then) -> None:
+    """A -p module already loaded (or a second entry point naming the same module) was listed as broken:
+    "already registered (this same object)" or "implements no innerloop hook", its objects registered."""
+    module, loss = _write(folder, template)
+    assert _load(first, module) is None
+    assert _load(then, module) is None
+    assert _losses().count(loss) == 1
+    assert get_registry().broken() == []
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+def test_a_module_with_hooks_that_also_registers_at_import_runs_its_hooks(folder, caller) -> None:
+    """-p took what the module's import registered as "loaded already" and never ran its hooks."""
+    module, loss = _write(folder, BOTH)
+    assert _load(caller, module) is None
+    assert {loss, f"{loss}_hooked"} <= set(_losses())
+
+
+@pytest.mark.parametrize(("first", "then"), [("entry point", "-p"), ("-p", "-p")])
+def test_a_package_whose_submodule_registers_at_import_is_loaded_once(folder, first, then) -> None:
+    """``-p pkg`` where ``pkg/__init__.py`` imports a decorated ``pkg.losses``: an entry point having loaded
+    it already, -p refused it (no hook), the objects being registered by ``pkg.losses``, not ``pkg``."""
+    package = folder / f"{PREFIX}pkg{next(_COUNTER)}"
+    package.mkdir()
+    (package / "__init__.py").write_text("from . import losses\n")
+    (package / "losses.py").write_text(DECORATED.format(cls="PackageLoss", name=f"{package.name}_loss"))
+    assert _load(first, package.name) is None
+    with isolated_registry():
+        assert _load(then, package.name) is None
+        assert _load(then, package.name) is None
+        assert _losses().count(f"{package.name}_loss") == 1

@@ -330,23 +330,7 @@ class Registry:
             failure = f"importing {entry_point.value!r} raised {type(error).__name__}: {error}"
         else:
             try:
-                registered_at_import = [e for e in self.entries() if (e.kind, e.name) not in before]
-                if not registered_at_import:  # its module registered at import for a failed entry point
-                    registered_at_import = self._register_again(_claim_rolled_back(entry_point), _Staging())
-                hooked = self._marked_hooks(plugin)
-                if not hooked and registered_at_import:
-                    # its import registered objects (innerloop.register_<kind>): no hook needed
-                    _REGISTERED_AT_IMPORT[entry_point.value] = registered_at_import
-                    self._remember_distribution(entry_point, origins_before)
-                    return None
-                if not hooked and entry_point.value in _REGISTERED_AT_IMPORT:
-                    # imported for an earlier registry (reset_registry, isolated_registry): its import does
-                    # not run again, so what it registered then is registered again, checked the same way
-                    self._register_again(_REGISTERED_AT_IMPORT[entry_point.value], staging)
-                    self._remember_distribution(entry_point, origins_before)
-                    return None
-                if not self._registered_at_import(plugin, origins_before):  # else innerloop.register(module)
-                    self._add(plugin, origin, staging)
+                self.load_module(plugin, origin, _module_of(entry_point), before, staging)
                 self._remember_distribution(entry_point, origins_before)
                 return None
             except PluginError as error:
@@ -368,12 +352,54 @@ class Registry:
         warnings.warn(broken.message() + refused, PluginLoadWarning, stacklevel=warning_stacklevel())
         return broken
 
-    def _registered_at_import(self, plugin: Any, origins_before: set[str]) -> bool:
-        """Whether importing an entry point registered ``plugin`` itself (its module calls
-        ``innerloop.register(sys.modules[__name__])``): it is loaded, not a second registration."""
-        return (
-            self.plugin_manager.is_registered(plugin)
-            and self.plugin_manager.get_name(plugin) not in origins_before
+    @_one_thread_at_a_time
+    def load_module(
+        self,
+        plugin: Any,
+        origin: str,
+        module: str,
+        before: set[tuple[str, str]],
+        staging: _Staging | None = None,
+    ) -> list[Entry]:
+        """Register ``plugin``, imported from ``module`` (just now or earlier in the process), under
+        ``origin``: how an installed entry point (``name (distribution)``) and a module named with
+        ``innerloop -p`` (``-p MODULE``) are loaded, the one path for both. ``before``: the ``(kind,
+        name)`` pairs registered before the import. Returns what this call registered itself.
+
+        In order: what the import registered (``innerloop.register_<kind>`` at import; else what a failing
+        entry point's import of it registered and gave back, :func:`_claim_rolled_back`) is the plugin
+        when it has no hook, and is remembered under ``module``; a plugin registered already (by another
+        entry point, by ``-p``, by itself at import, or its module's objects) is loaded, and nothing is
+        registered twice; a module imported for an earlier registry of the process (its import does not
+        run again) has what its import registered then registered again; otherwise the plugin's hooks
+        run (:meth:`add_plugin`'s checks; a plugin with no hook is refused). Raises
+        :class:`PluginError` (or the hook's own error) with the registry left as it was but for what
+        the import registered, which the caller rolls back (:meth:`_roll_back_since`).
+        """
+        staging = staging if staging is not None else _Staging()
+        registered_at_import = [e for e in self.entries() if (e.kind, e.name) not in before]
+        if not registered_at_import:
+            registered_at_import = self._register_again(_claim_rolled_back(module), _Staging())
+        hooked = self._marked_hooks(plugin)
+        if not hooked and registered_at_import:
+            _REGISTERED_AT_IMPORT[module] = registered_at_import
+        elif self._loaded_already(plugin, module, before):
+            pass
+        elif not hooked and module in _REGISTERED_AT_IMPORT:
+            self._register_again(_REGISTERED_AT_IMPORT[module], staging)
+        else:
+            self._add(plugin, origin, staging)
+        return [entry for entries in staging.entries.values() for entry in entries.values()]
+
+    def _loaded_already(self, plugin: Any, module: str, before: set[tuple[str, str]]) -> bool:
+        """Whether ``plugin`` is registered (by another caller, or by itself at its import:
+        ``innerloop.register(sys.modules[__name__])``), or objects that ``module`` (or a submodule)
+        registered at import were registered before this load: registering again would clash with them."""
+        return self.plugin_manager.is_registered(plugin) or any(
+            (entry.kind, entry.name) in before
+            and (registering := self._registering_module(entry.origin)) is not None
+            and _within(registering, module)
+            for entry in self.entries()
         )
 
     def _roll_back_since(self, before: set[tuple[str, str]], failing_module: str) -> list[tuple[str, str]]:
@@ -895,7 +921,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_lock_in_child)
 
 _REGISTERED_AT_IMPORT: dict[str, list[Entry]] = {}
-"""Entry point (``module:attr``) -> what its module registered when imported (``innerloop.register_<kind>``
+"""Module (of an entry point or a ``-p`` module) -> what it registered when imported (``innerloop.register_<kind>``
 at import, no hooks): a later registry of this process gets them again (the module is not imported again)."""
 
 
@@ -914,10 +940,9 @@ def _within(module: str, package: str) -> bool:
     return module == package or module.startswith(f"{package}.")
 
 
-def _claim_rolled_back(entry_point: Any) -> list[Entry]:
-    """Take what ``entry_point``'s module (or its submodules) registered at import while another, failing
-    entry point imported it; [] when nothing was kept aside."""
-    module = _module_of(entry_point)
+def _claim_rolled_back(module: str) -> list[Entry]:
+    """Take what ``module`` (or its submodules) registered at import while another, failing entry point
+    imported it; [] when nothing was kept aside."""
     claimed = [name for name in _ROLLED_BACK_AT_IMPORT if module and _within(name, module)]
     return [entry for name in claimed for entry in _ROLLED_BACK_AT_IMPORT.pop(name)]
 

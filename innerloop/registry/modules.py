@@ -25,12 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from innerloop.registry.kinds import PluginError
-from innerloop.registry.manager import (
-    _REGISTERED_AT_IMPORT,
-    Registry,
-    _Staging,
-    get_registry,
-)
+from innerloop.registry.manager import Registry, get_registry, warn_of_kernels_that_cannot_run
 
 PLUGIN_MODULES_ENV = "INNERLOOP_PLUGIN_MODULES"
 """The environment variable naming plugin modules to load, comma-separated (as ``-p``, before it)."""
@@ -141,7 +136,10 @@ def load_plugin_module(spec: str, registry: Registry | None = None, how: str = O
     try:
         module = _import(spec, how)
         doing = "its registration hook"
-        _register(registry, module, origin, before)
+        registered = registry.load_module(module, origin, module.__name__, before)
+        warn_of_kernels_that_cannot_run(
+            registry, [e for e in registered if e.kind == "kernel"], in_process=True
+        )
     except PluginModuleError:
         registry._roll_back_since(before, _module_name(spec))  # noqa: SLF001
         raise
@@ -155,25 +153,6 @@ def load_plugin_module(spec: str, registry: Registry | None = None, how: str = O
         ) from error
     registry.plugin_modules.append(origin)
     return origin
-
-
-def _register(registry: Registry, module: Any, origin: str, before: set[tuple[str, str]]) -> None:
-    """Register ``module`` as :meth:`Registry.add_entry_point` does one entry point's."""
-    key = f"{OPTION} {module.__name__}"
-    registered_at_import = [e for e in registry.entries() if (e.kind, e.name) not in before]
-    hooked = registry._marked_hooks(module)  # noqa: SLF001
-    if not hooked and registered_at_import:  # its import registered objects: no hook needed
-        _REGISTERED_AT_IMPORT[key] = registered_at_import
-        return
-    if registry.plugin_manager.is_registered(module) or any(
-        registry._registering_module(entry.origin) == module.__name__  # noqa: SLF001
-        for entry in registry.entries()
-    ):  # registered already: by an installed entry point, or by innerloop.register at import
-        return
-    if not hooked and key in _REGISTERED_AT_IMPORT:  # imported for an earlier registry: register again
-        registry._register_again(_REGISTERED_AT_IMPORT[key], _Staging())  # noqa: SLF001
-        return
-    registry.add_plugin(module, origin=origin)
 
 
 def load_plugin_modules(command_line: list[str], registry: Registry | None = None) -> list[str]:

@@ -409,7 +409,7 @@ def plugin_origin(kind: str, name: str) -> dict[str, str] | None:
     entry = _registered_entry(kind, name)
     if entry is None:
         return None
-    found = {"origin": _plugin_module_origin(registry, entry.origin)}
+    found = {"origin": registry.loaded_by(entry.origin)}  # -p MODULE for what its import registered
     installed = registry.distribution(entry.origin)
     if installed is not None:
         found["distribution"] = installed[0]
@@ -419,15 +419,6 @@ def plugin_origin(kind: str, name: str) -> dict[str, str] | None:
         cls = entry.obj if isinstance(entry.obj, type) else type(entry.obj)
         found["class"] = f"{cls.__module__}.{cls.__qualname__}"
     return found
-
-
-def _plugin_module_origin(registry: Any, origin: str) -> str:
-    """``origin``, or ``-p MODULE`` where a module loaded with ``innerloop -p`` registered it at import
-    (``@innerloop.register_inner_loss``, no hook: its origin names the class), so that a checkpoint whose
-    module is missing names the option that loads it."""
-    module = registry._registering_module(origin)  # noqa: SLF001
-    loaded = f"-p {module}"
-    return loaded if module is not None and loaded in registry.plugin_modules else origin
 
 
 def _registered_entry(kind: str, name: str) -> Any:

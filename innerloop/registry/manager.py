@@ -139,6 +139,7 @@ class Registry:
         self._broken: list[BrokenPlugin] = []
         self._distributions: dict[str, tuple[str, str | None]] = {}  # origin -> (distribution, version)
         self.plugin_modules: list[str] = []  # origins of the modules loaded by `-p` (registry.modules)
+        self._loaded_by: dict[str, str] = {}  # origin -> the load that registered it, where they differ
 
     # ---- registering -----------------------------------------------------------------------------
 
@@ -364,32 +365,48 @@ class Registry:
         """Register ``plugin``, imported from ``module`` (just now or earlier in the process), under
         ``origin``: how an installed entry point (``name (distribution)``) and a module named with
         ``innerloop -p`` (``-p MODULE``) are loaded, the one path for both. ``before``: the ``(kind,
-        name)`` pairs registered before the import. Returns what this call registered itself.
+        name)`` pairs registered before the import. Returns what was registered besides what the import
+        registered (whose kernels were checked for a missing inner model at registration).
 
-        In order: what the import registered (``innerloop.register_<kind>`` at import; else what a failing
-        entry point's import of it registered and gave back, :func:`_claim_rolled_back`) is the plugin
-        when it has no hook, and is remembered under ``module``; a plugin registered already (by another
-        entry point, by ``-p``, by itself at import, or its module's objects) is loaded, and nothing is
-        registered twice; a module imported for an earlier registry of the process (its import does not
-        run again) has what its import registered then registered again; otherwise the plugin's hooks
-        run (:meth:`add_plugin`'s checks; a plugin with no hook is refused). Raises
+        What the import registered (``innerloop.register_<kind>`` at import; else what a failing entry
+        point's import of it registered and gave back, :func:`_claim_rolled_back`) is kept, and remembered
+        under ``module``, and the plugin's hooks, if any, run. Otherwise (imported before): a plugin
+        registered already (by another entry point, by ``-p``, by itself at import, or its module's
+        objects) is loaded, nothing registered twice; a module imported for an earlier registry of the
+        process has what its import registered then registered again, and its hooks run; a plugin with
+        neither is refused (:meth:`add_plugin`'s checks: no hook). Raises
         :class:`PluginError` (or the hook's own error) with the registry left as it was but for what
         the import registered, which the caller rolls back (:meth:`_roll_back_since`).
         """
         staging = staging if staging is not None else _Staging()
-        registered_at_import = [e for e in self.entries() if (e.kind, e.name) not in before]
-        if not registered_at_import:
-            registered_at_import = self._register_again(_claim_rolled_back(module), _Staging())
-        hooked = self._marked_hooks(plugin)
-        if not hooked and registered_at_import:
-            _REGISTERED_AT_IMPORT[module] = registered_at_import
-        elif self._loaded_already(plugin, module, before):
-            pass
-        elif not hooked and module in _REGISTERED_AT_IMPORT:
-            self._register_again(_REGISTERED_AT_IMPORT[module], staging)
-        else:
-            self._add(plugin, origin, staging)
-        return [entry for entries in staging.entries.values() for entry in entries.values()]
+        at_import = [e for e in self.entries() if (e.kind, e.name) not in before]
+        if not at_import:
+            at_import = self._register_again(_claim_rolled_back(module), _Staging())
+        hooked = bool(self._marked_hooks(plugin))
+        if at_import:
+            if hooked and not self.plugin_manager.is_registered(plugin):  # else it registered itself
+                self._add(plugin, origin, staging)
+            _REGISTERED_AT_IMPORT[module] = [
+                e for e in at_import if self.plugin_manager.get_plugin(e.origin) is not plugin
+            ]
+        elif not self._loaded_already(plugin, module, before):
+            again = _REGISTERED_AT_IMPORT.get(module)
+            if again:  # imported for an earlier registry: its import does not run again
+                self._register_again(again, _Staging())
+            if hooked or not again:
+                self._add(plugin, origin, staging)
+        added = [entry for entry in self.entries() if (entry.kind, entry.name) not in before]
+        for entry in added:  # what the import registered, and what was registered again
+            if entry.origin != origin:
+                self._loaded_by[entry.origin] = origin
+        from_import = {(entry.kind, entry.name) for entry in at_import}
+        return [entry for entry in added if (entry.kind, entry.name) not in from_import]
+
+    def loaded_by(self, origin: str) -> str:
+        """How the plugin of ``origin`` was loaded, as ``innerloop plugins`` shows it: the entry point
+        (``name (distribution)``) or ``-p MODULE`` whose module's import registered it
+        (``@innerloop.register_inner_loss class ...`` has the origin ``module.Class``), else ``origin``."""
+        return self._loaded_by.get(origin, origin)
 
     def _loaded_already(self, plugin: Any, module: str, before: set[tuple[str, str]]) -> bool:
         """Whether ``plugin`` is registered (by another caller, or by itself at its import:
@@ -469,29 +486,42 @@ class Registry:
         """Unregister a plugin and everything it registered (used by tests and notebooks).
 
         ``origin`` is the plugin's origin as ``innerloop plugins`` shows it (not the name of an object
-        it registered); a ValueError lists the registered origins if no plugin has it.
+        it registered): for a module loaded by an entry point or ``-p``, what its import registered too
+        (:meth:`loaded_by`), and a ``-p`` module is no longer loaded (naming it again loads it again). A
+        ValueError lists the registered origins if no plugin has it.
         """
         plugin = self.plugin_manager.get_plugin(origin)
         origins = {e.origin for entries in self._entries.values() for e in entries.values()}
-        if plugin is None and origin not in origins:
+        loaded = [of for of, by in self._loaded_by.items() if by == origin]
+        if plugin is None and origin not in origins and not loaded:
             named = sorted(
                 f"{e.kind.replace('_', ' ')} {e.name!r} (origin {e.origin!r})"
                 for e in self.entries()
                 if e.name == origin
             )
             hint = f"; {origin!r} is the name of {', '.join(named)}: pass its origin" if named else ""
+            listed = sorted({self.loaded_by(o) for o in origins} | set(self.plugin_modules))
             raise ValueError(
-                f"no plugin with origin {origin!r} is registered{hint}; registered origins: {sorted(origins)}"
+                f"no plugin with origin {origin!r} is registered{hint}; registered origins: {listed}"
             )
+        for each in [*loaded, origin]:
+            self._remove_origin(each)
+        if origin in self.plugin_modules:
+            self.plugin_modules.remove(origin)
+        # the kernels' verdicts are tied to the objects they were earned with (so a plugin registered
+        # under a removed one's name is checked anew); forgetting them also lets the removed objects go
+        first_use.forget_verdicts()
+
+    def _remove_origin(self, origin: str) -> None:
+        """Unregister the plugin of ``origin`` (if any) and remove the objects of that origin."""
+        plugin = self.plugin_manager.get_plugin(origin)
         if plugin is not None:
             self.plugin_manager.unregister(plugin)
         for entries in self._entries.values():
             for name in [n for n, e in entries.items() if e.origin == origin]:
                 del entries[name]
         self._distributions.pop(origin, None)
-        # the kernels' verdicts are tied to the objects they were earned with (so a plugin registered
-        # under a removed one's name is checked anew); forgetting them also lets the removed objects go
-        first_use.forget_verdicts()
+        self._loaded_by.pop(origin, None)
 
     # ---- looking up ------------------------------------------------------------------------------
 
@@ -1148,9 +1178,9 @@ def format_plugin_table(registry: Registry | None = None) -> str:
         (
             e.kind,
             e.name,
-            e.origin
+            registry.loaded_by(e.origin)
             if registry.clash_error(e.kind, e.name) is None
-            else f"{e.origin} [refused: another installed distribution provides the same name, see below]",
+            else f"{registry.loaded_by(e.origin)} [refused: another installed distribution provides the same name, see below]",
         )
         for e in registry.entries()
     ]

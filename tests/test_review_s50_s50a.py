@@ -270,3 +270,70 @@ def test_a_module_with_hooks_that_registers_at_import_has_both_in_a_later_regist
     with isolated_registry():
         assert _load(caller, module) is None
         assert {loss, f"{loss}_hooked"} <= set(_losses())
+
+
+# ---- -p path/to/file.py of a package ------------------------------------------------------------------
+
+_RELATIVE = "from .helper import NAME\n" + HOOKED.replace('"{name}"', "NAME")
+
+
+@pytest.fixture
+def outside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A folder that is not on sys.path (what -p puts there is undone), the working folder; a package
+    ``s50a_mod_pkgN`` in it with a ``plugin.py`` that imports ``.helper``. Yields (package folder, loss)."""
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    monkeypatch.delenv(PLUGIN_MODULES_ENV, raising=False)
+    number = next(_COUNTER)
+    package = tmp_path / f"{PREFIX}pkg{number}"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    loss = f"s50a_relative_{number}"
+    (package / "helper.py").write_text(f"NAME = {loss!r}\n")
+    (package / "plugin.py").write_text(_RELATIVE.format(cls=f"Loss{number}", name=loss))
+    modules_before = set(sys.modules)
+    with isolated_registry():
+        yield package, loss
+    for name in set(sys.modules) - modules_before:
+        if name.startswith(PREFIX):
+            del sys.modules[name]
+
+
+@pytest.mark.parametrize("spec", ["{package}/plugin.py", "./{name}/plugin.py"])
+def test_a_file_of_a_package_is_imported_as_the_packages_module(outside, spec) -> None:
+    """``-p pkg/plugin.py`` was imported as the top-level module ``plugin``: its relative imports failed
+    ("attempted relative import with no known parent package"). It is the module ``pkg.plugin``, and
+    naming it so (the name a run records) is the same module, loaded once."""
+    package, loss = outside
+    origin = load_plugin_module(spec.format(package=package, name=package.name), get_registry())
+    assert origin == f"-p {package.name}.plugin"
+    assert get_registry().entries("inner_loss")[0].origin  # registered
+    assert loss in _losses()
+    assert load_plugin_module(f"{package.name}.plugin", get_registry()) == origin
+    assert _losses().count(loss) == 1
+
+
+def test_the_recorded_dotted_name_of_a_package_file_loads_from_the_working_folder(outside) -> None:
+    """A later run names ``-p pkg.plugin`` (config.yaml, a checkpoint's error) where the working folder is
+    not on sys.path (the console script): found as ``pkg/plugin.py`` there, as ``-p my_loss`` finds
+    ``my_loss.py``."""
+    package, loss = outside
+    assert load_plugin_module(f"{package.name}.plugin", get_registry()) == f"-p {package.name}.plugin"
+    assert loss in _losses()
+
+
+def test_a_packages_init_file_is_the_package(outside) -> None:
+    package, _ = outside
+    (package / "__init__.py").write_text("from .plugin import *  # noqa\n")
+    assert load_plugin_module(str(package / "__init__.py"), get_registry()) == f"-p {package.name}"
+
+
+def test_a_package_folder_that_is_not_an_identifier_is_refused_naming_it(outside) -> None:
+    package, _ = outside
+    bad = package / "not-a-name"
+    bad.mkdir()
+    (bad / "__init__.py").write_text("")
+    (bad / "plugin.py").write_text("")
+    with pytest.raises(PluginModuleError, match=r"'not-a-name' is not a Python identifier"):
+        load_plugin_module(str(bad / "plugin.py"), get_registry())

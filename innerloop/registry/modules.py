@@ -2,12 +2,15 @@
 
 As pytest's ``-p name`` and ``PYTEST_PLUGINS``: a module named on the command line (or in the
 environment variable, comma-separated) is imported and registered exactly as an installed entry
-point's module is: its ``@hookimpl`` hooks run (origin ``-p MODULE``, shown by ``innerloop plugins``),
-or what its import registers (``@innerloop.register_inner_loss class ...``) is kept. MODULE is an
+point's module is (:meth:`~innerloop.registry.manager.Registry.load_module`): what its import registers
+(``@innerloop.register_inner_loss class ...``) is kept and its ``@hookimpl`` hooks run, all shown by
+``innerloop plugins`` with the origin ``-p MODULE``. MODULE is an
 importable module name (``my_pkg.plugin``; one that is not importable, the file ``NAME.py`` of the
 working folder: the name a run records for ``-p ./my_loss.py``) or the path of a ``.py`` file
 (``./my_loss.py``), which is imported as the module named after the file (its folder put first on
-``sys.path``), so that the name and the path are the same module, imported once.
+``sys.path``), so that the name and the path are the same module, imported once; a file of a package
+(its folder has ``__init__.py``) is the package's module, ``-p pkg/x.py`` is ``pkg.x`` (the folder above
+the package put first), so that its relative imports work.
 
 :data:`~innerloop.registry.manager.DISABLE_ENV` and :data:`~innerloop.registry.manager.ALLOW_ENV`
 concern installed entry points only: a module named here is loaded because it was named.
@@ -53,11 +56,24 @@ def _is_path(spec: str) -> bool:
 
 
 def _module_name(spec: str) -> str:
-    return Path(spec).stem if _is_path(spec) else spec
+    return _module_of_file(Path(spec).expanduser().resolve())[0] if _is_path(spec) else spec
+
+
+def _module_of_file(path: Path) -> tuple[str, Path]:
+    """The module the file ``path`` is, and the folder it is imported from: ``stem`` from its own folder;
+    for a file of a package (its folder, and those above, have ``__init__.py``), the dotted name from the
+    folder above the outermost package (``pkg/sub/x.py`` is ``pkg.sub.x``, ``pkg/__init__.py`` is ``pkg``),
+    so that its relative imports (``from .helper import x``) work and its name is the package's."""
+    parts = [] if path.name == "__init__.py" else [path.stem]
+    folder = path.parent
+    while (folder / "__init__.py").is_file() and folder.parent != folder:
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    return ".".join(parts), folder
 
 
 def _import(spec: str, how: str) -> Any:
-    """Import the module ``spec`` names; a path is imported as its file's stem from its folder."""
+    """Import the module ``spec`` names; a path is imported as the module it is (:func:`_module_of_file`)."""
     if not _is_path(spec):
         return _import_name(spec, how)
     path = Path(spec).expanduser().resolve()
@@ -65,14 +81,15 @@ def _import(spec: str, how: str) -> Any:
         raise PluginModuleError(
             f"{how} {spec}: no such Python file {str(path)!r} (give a .py file or a module name)"
         )
-    name = path.stem
-    if not name.isidentifier():
+    name, folder = _module_of_file(path)
+    not_names = [part for part in name.split(".") if not part.isidentifier()]
+    if not_names:
         raise PluginModuleError(
-            f"{how} {spec}: {path.name!r} is not importable ({name!r} is not a Python identifier)"
+            f"{how} {spec}: {path.name!r} is not importable as the module {name!r} ({not_names[0]!r} is not a "
+            "Python identifier; a folder with __init__.py is a package, its name part of the module's)"
         )
-    folder = str(path.parent)
-    if not any(_same_folder(entry, folder) for entry in sys.path):
-        sys.path.insert(0, folder)
+    if not any(_same_folder(entry, str(folder)) for entry in sys.path):
+        sys.path.insert(0, str(folder))
     module = importlib.import_module(name)
     _check_file(spec, module, how)
     return module
@@ -80,21 +97,30 @@ def _import(spec: str, how: str) -> Any:
 
 def _import_name(name: str, how: str) -> Any:
     """Import the module ``name``; where it is not importable, the file ``NAME.py`` of the working
-    folder (the ``innerloop`` console script has its own folder on ``sys.path``, not the working one, so
+    folder (``pkg/x.py`` for ``pkg.x``, :func:`_file_in_working_folder`) (the ``innerloop`` console script has its own folder on ``sys.path``, not the working one, so
     the name a run records, ``-p my_loss`` for ``-p ./my_loss.py``, did not import even beside the file)."""
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as error:
         if error.name != name.split(".")[0]:  # the module was found; an import inside it failed
             raise
-        beside = Path.cwd() / f"{name}.py"
-        if name.isidentifier() and beside.is_file():
+        beside = _file_in_working_folder(name)
+        if beside.is_file() and _module_name(str(beside)) == name:  # pkg/x.py is pkg.x where pkg is a package
             return _import(str(beside), how)
         raise ModuleNotFoundError(
-            f"{error}, on sys.path nor as {beside.name!r} in {str(Path.cwd())!r}: give the .py file's path "
+            f"{error}, on sys.path nor as {str(beside.relative_to(Path.cwd()))!r} in {str(Path.cwd())!r}: "
+            "give the .py file's path "
             f"(-p path/to/{name.split('.')[-1]}.py) or make the module importable (PYTHONPATH)",
             name=error.name,
         ) from error
+
+
+def _file_in_working_folder(name: str) -> Path:
+    """The file of the working folder that would be the module ``name``: ``a/b.py`` for ``a.b``, or the
+    package's ``a/b/__init__.py`` where that is a file."""
+    path = Path.cwd().joinpath(*name.split("."))
+    package = path / "__init__.py"
+    return package if package.is_file() else path.with_suffix(".py")
 
 
 def _check_file(spec: str, module: Any, how: str) -> None:
@@ -104,7 +130,7 @@ def _check_file(spec: str, module: Any, how: str) -> None:
     found = getattr(module, "__file__", None)
     if found is None or Path(found).resolve() != path:
         raise PluginModuleError(
-            f"{how} {spec}: the module {path.stem!r} is already another file here ({found!r}), not "
+            f"{how} {spec}: the module {_module_name(spec)!r} is already another file here ({found!r}), not "
             f"{str(path)!r}; rename the file or give its module name"
         )
 

@@ -337,3 +337,31 @@ def test_a_package_folder_that_is_not_an_identifier_is_refused_naming_it(outside
     (bad / "plugin.py").write_text("")
     with pytest.raises(PluginModuleError, match=r"'not-a-name' is not a Python identifier"):
         load_plugin_module(str(bad / "plugin.py"), get_registry())
+
+
+def test_a_package_folder_given_by_its_path_is_the_package(outside) -> None:
+    """``-p ./pkg`` (a folder with ``__init__.py``) said "no such Python file" of a folder that exists."""
+    package, _ = outside
+    (package / "__init__.py").write_text("from .plugin import *  # noqa\n")
+    for spec in (f"./{package.name}", f"./{package.name}/"):
+        assert load_plugin_module(spec, get_registry()) == f"-p {package.name}"
+
+
+@pytest.mark.parametrize(
+    ("spec", "said"),
+    [
+        ("./{folder}", "is a folder with no __init__.py, not a package"),
+        ("", "'' is not a module name"),
+        ("  ", "'  ' is not a module name"),
+        ("my loss", "'my loss' is not a module name"),
+    ],
+)
+def test_what_is_neither_a_module_name_nor_a_file_says_what_is_valid(outside, spec, said) -> None:
+    """A folder that is not a package was "no such Python file"; an empty or blank -p was "importing ''
+    raised ValueError: Empty module name" and a name with a space was looked for as the file ' .py'."""
+    package, _ = outside
+    folder = package.parent / "not_a_package"
+    folder.mkdir()
+    with pytest.raises(PluginModuleError, match="give a module name") as refused:
+        load_plugin_module(spec.format(folder=folder.name), get_registry())
+    assert said in str(refused.value) and str(refused.value).startswith("-p ")

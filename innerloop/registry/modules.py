@@ -56,7 +56,13 @@ def _is_path(spec: str) -> bool:
 
 
 def _module_name(spec: str) -> str:
-    return _module_of_file(Path(spec).expanduser().resolve())[0] if _is_path(spec) else spec
+    return _module_of_file(_file_of(spec))[0] if _is_path(spec) else spec
+
+
+def _file_of(spec: str) -> Path:
+    """The file the path ``spec`` names: itself, or a package folder's ``__init__.py``."""
+    path = Path(spec).expanduser().resolve()
+    return path / "__init__.py" if (path / "__init__.py").is_file() else path
 
 
 def _module_of_file(path: Path) -> tuple[str, Path]:
@@ -76,7 +82,12 @@ def _import(spec: str, how: str) -> Any:
     """Import the module ``spec`` names; a path is imported as the module it is (:func:`_module_of_file`)."""
     if not _is_path(spec):
         return _import_name(spec, how)
-    path = Path(spec).expanduser().resolve()
+    path = _file_of(spec)
+    if path.is_dir():
+        raise PluginModuleError(
+            f"{how} {spec}: {str(path)!r} is a folder with no __init__.py, not a package; give a module name "
+            "or a .py file's path"
+        )
     if not path.is_file() or path.suffix != ".py":
         raise PluginModuleError(
             f"{how} {spec}: no such Python file {str(path)!r} (give a .py file or a module name)"
@@ -99,6 +110,11 @@ def _import_name(name: str, how: str) -> Any:
     """Import the module ``name``; where it is not importable, the file ``NAME.py`` of the working
     folder (``pkg/x.py`` for ``pkg.x``, :func:`_file_in_working_folder`) (the ``innerloop`` console script has its own folder on ``sys.path``, not the working one, so
     the name a run records, ``-p my_loss`` for ``-p ./my_loss.py``, did not import even beside the file)."""
+    if not all(part.isidentifier() for part in name.split(".")):
+        raise PluginModuleError(
+            f"{how} {name}: {name!r} is not a module name (Python identifiers joined by dots: my_pkg.plugin) "
+            "nor a path (one has a '/' or ends in .py); give a module name or a .py file's path"
+        )
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as error:
@@ -126,7 +142,7 @@ def _file_in_working_folder(name: str) -> Path:
 def _check_file(spec: str, module: Any, how: str) -> None:
     """Refuse the path ``spec`` when the module of its name (imported already, or found first on
     ``sys.path``) is another file: the two would be one plugin, ``-p NAME``."""
-    path = Path(spec).expanduser().resolve()
+    path = _file_of(spec)
     found = getattr(module, "__file__", None)
     if found is None or Path(found).resolve() != path:
         raise PluginModuleError(

@@ -365,3 +365,15 @@ def test_what_is_neither_a_module_name_nor_a_file_says_what_is_valid(outside, sp
     with pytest.raises(PluginModuleError, match="give a module name") as refused:
         load_plugin_module(spec.format(folder=folder.name), get_registry())
     assert said in str(refused.value) and str(refused.value).startswith("-p ")
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+def test_an_error_naming_a_plugin_names_the_origin_the_listing_shows(folder, caller) -> None:
+    """``plugin_label`` (the plugin in a layer's or a training step's error) says "origin as `innerloop
+    plugins` shows it": it named the class origin of what a module registered at import."""
+    from innerloop.core.layer import plugin_label
+
+    module, loss = _write(folder, DECORATED)
+    assert _load(caller, module) is None
+    label = plugin_label("inner_loss", get_registry().inner_loss(loss))
+    assert label == f"inner loss {loss!r} (origin {_load_origin(caller, module)!r})"

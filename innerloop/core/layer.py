@@ -552,9 +552,14 @@ def is_built_in(kind: str, obj: Any) -> bool:
 def plugin_label(kind: str, obj: Any) -> str:
     """``obj`` in words for an error: its kind, name and origin (the plugin that registered it, as
     ``innerloop plugins`` shows it), or its class when it is not the registered object."""
+    from innerloop.registry import get_registry  # late import: core must not depend on registry
+
     entry = _registered_entry(kind, obj)
     cls = type(obj)
-    origin = f"origin {entry.origin!r}" if entry else f"not registered: {cls.__module__}.{cls.__qualname__}"
+    shown = (
+        get_registry().loaded_by(entry.origin) if entry else None
+    )  # -p MODULE for what its import registered
+    origin = f"origin {shown!r}" if entry else f"not registered: {cls.__module__}.{cls.__qualname__}"
     return f"{kind.replace('_', ' ')} {getattr(obj, 'name', '?')!r} ({origin})"
 
 

@@ -377,3 +377,14 @@ def test_an_error_naming_a_plugin_names_the_origin_the_listing_shows(folder, cal
     assert _load(caller, module) is None
     label = plugin_label("inner_loss", get_registry().inner_loss(loss))
     assert label == f"inner loss {loss!r} (origin {_load_origin(caller, module)!r})"
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+def test_a_name_clash_names_the_other_plugin_as_the_listing_shows_it(folder, caller) -> None:
+    """The registrar's "already registered by plugin ..." named the class origin of what a module's
+    import registered, which ``innerloop plugins`` does not show."""
+    first, loss = _write(folder, DECORATED)
+    assert _load(caller, first) is None
+    second, _ = _write(folder, HOOKED, name=loss)
+    refused = _load(caller, second)
+    assert refused is not None and f"already registered by plugin {_load_origin(caller, first)!r}" in refused

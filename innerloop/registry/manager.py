@@ -156,7 +156,7 @@ class Registry:
             if name in registered:
                 raise PluginError(
                     f"{kind.label} name {name!r} from plugin {origin!r} is already registered "
-                    f"by plugin {registered[name].origin!r}; choose another name"
+                    f"by plugin {self.loaded_by(registered[name].origin)!r}; choose another name"
                 )
             if name in staging.entries[kind.name]:
                 raise PluginError(f"plugin {origin!r} registers the {kind.label} name {name!r} twice")
@@ -890,7 +890,7 @@ def warn_of_kernels_that_cannot_run(
             if name not in known:
                 later = f" (register the {kind.replace('_', ' ')} before its kernels)" if in_process else ""
                 warnings.warn(
-                    f"kernel {entry.name!r} ({entry.origin}) is registered for {kind}={name!r}, which no loaded "
+                    f"kernel {entry.name!r} ({registry.loaded_by(entry.origin)}) is registered for {kind}={name!r}, which no loaded "
                     f"plugin provides{' yet' if in_process else ''}, so it can never run{later}; registered "
                     f"{kind}s: {known}",
                     PluginLoadWarning,

@@ -8,7 +8,9 @@ unless the environment forbids them:
 - ``INNERLOOP_PLUGINS=name1,name2`` loads only the entry points with those names.
 
 Every registered object remembers the plugin it came from (its origin), shown by
-``innerloop plugins``.
+``innerloop plugins`` as the plugin that loaded it (:meth:`Registry.loaded_by`: what an entry point's or a
+``-p`` module's import registered, ``@innerloop.register_inner_loss class ...``, shows that entry point or
+``-p MODULE``, not the class).
 
 Registering a plugin is all or nothing: if one of its hooks raises or returns a value (hooks call
 ``register(obj)``; a returned object would be silently dropped), one of its objects fails validation
@@ -1171,8 +1173,8 @@ def available(kind: str) -> list[str]:
 
 
 def format_plugin_table(registry: Registry | None = None) -> str:
-    """A plain-text table of every registered plugin (kind, name, origin), then the broken ones (skipped)
-    with the reason each failed."""
+    """A plain-text table of every registered plugin (kind, name, origin: how it was loaded,
+    :meth:`Registry.loaded_by`), then the broken ones (skipped) with the reason each failed."""
     registry = registry or get_registry()
     rows = [
         (

@@ -179,9 +179,6 @@ def load_plugin_module(spec: str, registry: Registry | None = None, how: str = O
         module = _import(spec, how)
         doing = "its registration hook"
         registered = registry.load_module(module, origin, module.__name__, before)
-        warn_of_kernels_that_cannot_run(
-            registry, [e for e in registered if e.kind == "kernel"], in_process=True
-        )
     except PluginModuleError:
         registry._roll_back_since(before, _module_name(spec))  # noqa: SLF001
         raise
@@ -194,6 +191,7 @@ def load_plugin_module(spec: str, registry: Registry | None = None, how: str = O
             f"{how} {spec}: {doing} raised {type(error).__name__}: " + " ".join(str(error).split())
         ) from error
     registry.plugin_modules.append(origin)
+    warn_of_kernels_that_cannot_run(registry, [e for e in registered if e.kind == "kernel"], in_process=True)
     return origin
 
 

@@ -388,3 +388,33 @@ def test_a_name_clash_names_the_other_plugin_as_the_listing_shows_it(folder, cal
     second, _ = _write(folder, HOOKED, name=loss)
     refused = _load(caller, second)
     assert refused is not None and f"already registered by plugin {_load_origin(caller, first)!r}" in refused
+
+
+_KERNEL_FOR_NO_MODEL = """
+from innerloop.kernels.spec import KernelSpec
+from innerloop.registry import hookimpl
+
+
+def forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps, **options):
+    raise NotImplementedError
+
+
+@hookimpl
+def register_kernels(register):
+    register(KernelSpec(name="{name}", inner_model="s50a_no_such_model", inner_loss="reconstruction",
+                        update_rule="dual_form", forward=forward, verify=lambda inputs: None))
+"""
+
+
+def test_a_p_kernel_that_can_never_run_is_warned_of_and_stays_loaded(folder) -> None:
+    """The warning of a kernel for an inner model no plugin provides was raised inside the try that rolls
+    a failing module back: with warnings as errors the loaded module was removed as if it had failed."""
+    from innerloop.registry import PluginLoadWarning
+
+    module, kernel = _write(folder, _KERNEL_FOR_NO_MODEL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PluginLoadWarning)
+        with pytest.raises(PluginLoadWarning, match="s50a_no_such_model"):
+            load_plugin_module(module, get_registry())
+    assert kernel in get_registry().names("kernel")
+    assert get_registry().plugin_modules == [f"-p {module}"]

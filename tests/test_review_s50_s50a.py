@@ -418,3 +418,19 @@ def test_a_p_kernel_that_can_never_run_is_warned_of_and_stays_loaded(folder) -> 
             load_plugin_module(module, get_registry())
     assert kernel in get_registry().names("kernel")
     assert get_registry().plugin_modules == [f"-p {module}"]
+
+
+def test_the_python_api_takes_a_path_and_refuses_a_bare_string_for_the_list(folder) -> None:
+    """``load_plugin_module(Path)`` raised AttributeError ('PosixPath' has no 'endswith'); and
+    ``load_plugin_modules("my_loss")`` loaded each character as a module (``-p m: importing 'm'``)."""
+    from innerloop.registry.modules import load_plugin_modules
+
+    module, loss = _write(folder, HOOKED)
+    assert load_plugin_module(folder / f"{module}.py", get_registry()) == f"-p {module}"
+    assert loss in _losses()
+    with pytest.raises(
+        TypeError, match=rf"command_line must be a list .*got the str '{module}'.*\['{module}'\]"
+    ):
+        load_plugin_modules(module)
+    with pytest.raises(TypeError, match=r"spec must be a module name or a \.py file's path.*got int 3"):
+        load_plugin_module(3, get_registry())  # type: ignore[arg-type]

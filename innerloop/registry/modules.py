@@ -158,8 +158,10 @@ def _same_folder(entry: str, folder: str) -> bool:
         return False
 
 
-def load_plugin_module(spec: str, registry: Registry | None = None, how: str = OPTION) -> str:
-    """Import the plugin module ``spec`` (a module name or a ``.py`` path) and register it in
+def load_plugin_module(
+    spec: str | os.PathLike[str], registry: Registry | None = None, how: str = OPTION
+) -> str:
+    """Import the plugin module ``spec`` (a module name or a ``.py`` path, a str or a path object) and register it in
     ``registry`` (default the process-wide one) as an entry point's module is; returns its origin.
 
     A module already loaded this way into the registry is not loaded again. A module that does not
@@ -167,6 +169,13 @@ def load_plugin_module(spec: str, registry: Registry | None = None, how: str = O
     a one-line :class:`PluginModuleError` that starts with ``how`` (``-p`` or the environment variable)
     and the module; what its import registered is removed again.
     """
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str):
+        raise TypeError(
+            f"spec must be a module name or a .py file's path (a str or os.PathLike); got {type(spec).__name__} "
+            f"{spec!r}"
+        )
     registry = registry if registry is not None else get_registry()
     origin = origin_of(spec)
     if origin in registry.plugin_modules:
@@ -195,9 +204,17 @@ def load_plugin_module(spec: str, registry: Registry | None = None, how: str = O
     return origin
 
 
-def load_plugin_modules(command_line: list[str], registry: Registry | None = None) -> list[str]:
+def load_plugin_modules(
+    command_line: list[str | os.PathLike[str]], registry: Registry | None = None
+) -> list[str]:
     """Load the modules of :data:`PLUGIN_MODULES_ENV`, then those of ``command_line`` (``-p``), each
     once; returns their origins, in order."""
+    if isinstance(command_line, str | os.PathLike):
+        raise TypeError(
+            f"command_line must be a list of module names or .py paths; got the {type(command_line).__name__} "
+            f"{os.fspath(command_line)!r}: "
+            f"pass [{os.fspath(command_line)!r}]"
+        )
     named = [(spec, f"{PLUGIN_MODULES_ENV}:") for spec in plugin_modules_from_env()]
     named += [(spec, OPTION) for spec in command_line]
     origins = [load_plugin_module(spec, registry, how) for spec, how in named]

@@ -867,8 +867,10 @@ def build_registry(
     from innerloop.plugins import DEFAULT_PLUGINS
 
     registry = Registry()
-    for module_name in DEFAULT_PLUGINS:
-        registry.add_plugin(importlib.import_module(module_name), origin=f"{BUILTIN_PREFIX}{module_name}")
+    for module_name in DEFAULT_PLUGINS:  # the path of an entry point's module and of -p (load_module)
+        before = {(entry.kind, entry.name) for entry in registry.entries()}
+        module = importlib.import_module(module_name)
+        registry.load_module(module, f"{BUILTIN_PREFIX}{module_name}", module_name, before)
     if on_builtins is not None:
         on_builtins(registry)
     if include_external:

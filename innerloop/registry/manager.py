@@ -366,7 +366,7 @@ class Registry:
     ) -> list[Entry]:
         """Register ``plugin``, imported from ``module`` (just now or earlier in the process), under
         ``origin``: how an installed entry point (``name (distribution)``) and a module named with
-        ``innerloop -p`` (``-p MODULE``) are loaded, the one path for both. ``before``: the ``(kind,
+        ``innerloop -p`` (``-p MODULE``) are loaded, and the built-in modules (``builtin:MODULE``): one path for all. ``before``: the ``(kind,
         name)`` pairs registered before the import. Returns what was registered besides what the import
         registered (whose kernels were checked for a missing inner model at registration).
 

@@ -35,7 +35,7 @@ def inner_loss_before_after(layer: TTTLayer, x: torch.Tensor) -> tuple[torch.Ten
     state = layer.init_state(x.shape[0])  # in the scan's dtype (float32 for a bfloat16 layer)
     views, lr, tau, _ = layer._read(x, state)
     tau = tau if layer.update_rule.uses_token_scale else None
-    gates = layer.forgetting(x)  # (decay, momentum), each [B, H, T] or None
+    gates = layer._scan_gates(x)  # (decay, momentum, decay_log), each [B, H, T] or None: the layer's scan's
     views, (lr, tau, *gates) = layer.in_scan_dtype(views, lr, tau, *gates)
     task = layer.inner_task()
     mini_batch = layer.mini_batch_size
@@ -58,9 +58,17 @@ def inner_loss_before_after(layer: TTTLayer, x: torch.Tensor) -> tuple[torch.Ten
             weights = torch.broadcast_to(valid.to(dtype), lr[:, :, start:end].shape)  # [B, H, N]
 
             totals_before += _weighted_loss(task, state.params, pairs, weights)
-            decay, momentum = (None if g is None else g[:, :, start:end] for g in gates)
+            decay, momentum, decay_log = (None if g is None else g[:, :, start:end] for g in gates)
             _, state = run_scan(
-                layer.update_rule, state, task, chunk_views, lr[:, :, start:end], tau, decay, momentum
+                layer.update_rule,
+                state,
+                task,
+                chunk_views,
+                lr[:, :, start:end],
+                tau,
+                decay,
+                momentum,
+                decay_log=decay_log,
             )
             totals_after += _weighted_loss(task, state.current_weights(tau), pairs, weights)
             counts += weights.sum(dim=(1, 2))

@@ -35,7 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from innerloop.core.functional import RMSNorm, causal_depthwise_conv, is_flag, overflow_safe_rows
+from innerloop.core.functional import (
+    RMSNorm,
+    causal_depthwise_conv,
+    decay_from_log,
+    is_flag,
+    overflow_safe_rows,
+)
 from innerloop.core.layer import TTTLayer, is_built_in, is_real, plugin_label
 from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule, Views
 from innerloop.core.state import TTTState
@@ -45,7 +51,7 @@ FEATURE_MAPS = ("identity", "elu", "relu", "elementwise_product")
 L2_NORM_EPS = 1e-6  # FLA's l2norm: x / sqrt(sum x^2 + eps), the eps inside the square root
 # Gated DeltaNet runs as scan with values v / a (ZOO.md (c)); below this forgetting factor a the
 # factor is held at the floor: the layer keeps 1e-4 of the state where FLA keeps less (GatedDeltaNetLayer
-# says how far that moves it). Above delta_chunk's SMALL_GATE, so that training stays on the chunked kernel.
+# says how far that moves it).
 DECAY_FACTOR_FLOOR = 1e-4
 # The built-in inner losses whose targets are the value views as given (or whose gradient does not read W):
 # for them Gated DeltaNet's map (values v / a, lr = a * beta) is exact; GatedDeltaNetLayer refuses others.
@@ -551,9 +557,9 @@ class GatedDeltaNetLayer(DeltaNetLayer):
     ||S_{s-1}||`` of FLA's, over those tokens (Frobenius norms, ``base_lr <= 1``; FLA's states on the
     right). How far the outputs move depends on the state's size: measured in float64 at head width 8 over
     64 tokens with 30-45% of the gates below the floor, 4e-4 to 5e-4 (relative RMS) from the zero start and
-    1e-3 to 3e-3 from a start of unit-normal entries. The floor keeps ``v / a`` and its gradient finite,
-    and every decay below ``1 - SMALL_GATE`` (``kernels/delta_chunk``), under which training would leave
-    the chunked kernel for the token loop. The map holds for the bare matrix model only:
+    1e-3 to 3e-3 from a start of unit-normal entries. The floor keeps ``v / a`` and its gradient finite.
+    The scan takes the gate as ``log a`` (:meth:`_scan_gates`), so the chunked kernel (``kernels/delta_chunk``)
+    trains on any gate, and ``a`` keeps float32's precision however small. The map holds for the bare matrix model only:
     ``inner_norm`` and ``inner_residual`` are fixed to False (refused when True), and for the inner losses
     that read the values as given (:data:`VALUE_MAP_LOSSES`; any other is refused).
 
@@ -617,10 +623,17 @@ class GatedDeltaNetLayer(DeltaNetLayer):
     def forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``decay = 1 - a``, as ``-expm1(log a)`` in :attr:`scan_dtype` (exact for decays near 0, where
         ``1 - a`` would keep only ``eps / decay`` of them); none while test-time training is off
-        (``base_lr == 0``; one token a step, its states hold no decay product to continue)."""
+        (``base_lr == 0``; one token a step, its states hold no decay product to continue). The scan
+        takes the gate as ``log a`` (:meth:`_scan_gates`), not as this ``decay``: ``1 - decay`` of a float32
+        decay near 1 holds a small ``a`` only to ``eps / a`` relative."""
         if self.base_lr == 0:
             return None, None
-        return -torch.expm1(self.log_decay_factor(x)), None
+        return decay_from_log(self.log_decay_factor(x)), None
+
+    def _scan_gates(self, x: torch.Tensor) -> tuple[None, None, torch.Tensor | None]:
+        """The gate as the scan takes it: ``decay_log = log a`` (:meth:`log_decay_factor`), none while
+        test-time training is off (:meth:`forgetting`)."""
+        return None, None, None if self.base_lr == 0 else self.log_decay_factor(x)
 
 
 class TitansLayer(FamilyLayer):
@@ -690,8 +703,23 @@ class TitansLayer(FamilyLayer):
         """
         if self.base_lr == 0:
             return frozen_gates(self, x)
-        decay = -torch.expm1(_log_forget_factor(self._head_gate(x, self.a_proj), self.A_log, self.dt_bias))
-        return decay, torch.sigmoid(self._head_gate(x, self.eta_proj))
+        return decay_from_log(self.log_decay_factor(x)), torch.sigmoid(self._head_gate(x, self.eta_proj))
+
+    def log_decay_factor(self, x: torch.Tensor) -> torch.Tensor:
+        """``log(1 - alpha) = -exp(A_log) * softplus(a_proj(x) + dt_bias)`` ``[B, H, T]``: the retention's
+        log, in :attr:`scan_dtype` (no floor: ``-inf`` is a full reset)."""
+        return _log_forget_factor(self._head_gate(x, self.a_proj), self.A_log, self.dt_bias)
+
+    def _scan_gates(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``(None, momentum, decay_log)``: the forgetting gate as the scan takes it, ``log(1 - alpha)``
+        (:meth:`log_decay_factor`; its decay products are then taken in log space, where ``1 - decay`` of a
+        float32 decay near 1 holds ``1 - alpha`` only to ``eps / (1 - alpha)`` relative under strong forgetting); zero gates while
+        test-time training is off (:meth:`forgetting`)."""
+        if self.base_lr == 0:
+            return (*frozen_gates(self, x), None)
+        return None, torch.sigmoid(self._head_gate(x, self.eta_proj)), self.log_decay_factor(x)
 
 
 def frozen_gates(layer: TTTLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

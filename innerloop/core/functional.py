@@ -93,6 +93,17 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return _GeluTanhForwardMode.apply(x)
 
 
+def decay_from_log(log_gate: torch.Tensor) -> torch.Tensor:
+    """``decay = 1 - exp(log_gate)``, exact in value and in every derivative, for log gates ``<= 0``.
+
+    The value is ``-expm1(log_gate)`` (``1 - exp`` holds a small decay only to ``eps / decay`` relative). Its
+    gradient is ``-exp(log_gate)``, taken from ``1 - exp(log_gate)``: torch's ``expm1`` backward computes
+    ``exp`` as ``expm1 + 1``, which in float32 is 0 for ``log_gate < -17`` (a decay of 1 there: the gate's
+    whole gradient silently lost) and ``eps / a`` relative for a gate ``a`` (6e-4 at ``a = 1e-4``)."""
+    plain = 1 - log_gate.exp()  # the exact derivatives; its value off by up to eps in a decay near 0
+    return plain + (-torch.expm1(log_gate) - plain).detach()
+
+
 def overflow_safe_scale(x: torch.Tensor) -> torch.Tensor:
     """A factor per row (``[..., 1]``, detached) that brings rows too large for their squares into a
     range where they cannot overflow: exactly 1 for every ordinary row (whose numbers are unchanged).
@@ -632,6 +643,7 @@ __all__ = [
     "is_flag",
     "loss_precision",
     "check_positive_int",
+    "decay_from_log",
     "first_non_finite",
     "chunk_mean_cross_entropy",
     "gelu_tanh",

@@ -1383,6 +1383,16 @@ class TTTLayer(nn.Module):
         of the family that forgets (Gated DeltaNet, Titans) overrides this with its gates."""
         return None, None
 
+    def _scan_gates(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``(decay, momentum, decay_log)`` ``[B, H, T]`` as the scan takes them: :meth:`forgetting`'s
+        gates here (``decay_log`` None). A layer whose forgetting gate is a log (Gated DeltaNet, Titans)
+        gives it as ``decay_log = log(1 - decay)`` instead of ``decay`` (None): the scan then takes its
+        decay products in log space, where ``1 - decay`` of a float32 ``decay`` near 1 holds a small gate
+        ``a`` only to ``eps / a`` relative."""
+        return (*self.forgetting(x), None)
+
     def inner_task(self) -> InnerTask:
         """The inner model, loss and wrapping as the update rule sees them."""
 
@@ -1700,13 +1710,13 @@ class TTTLayer(nn.Module):
         # precision; the inner scan (state, inner LayerNorm statistics, gradient sums) runs in
         # ``scan_dtype`` (at least float32) with autocast off, and its outputs go back to the weights'
         # dtype for the post-norm and o_proj (under autocast those choose their own dtype).
-        decay, momentum = self.forgetting(x)
+        decay, momentum, decay_log = self._scan_gates(x)
         if not self.update_rule.uses_token_scale:
             lr, tau = _without_token_scale(lr, tau), None
         under_autocast = autocasting(x.device.type)
-        views, (lr, tau, decay, momentum) = self.in_scan_dtype(views, lr, tau, decay, momentum)
+        views, gates = self.in_scan_dtype(views, lr, tau, decay, momentum, decay_log)
         with torch.autocast(x.device.type, enabled=False) if under_autocast else nullcontext():
-            inner_out, new_state = self._run_scan_recorded(state, views, lr, tau, decay, momentum)
+            inner_out, new_state = self._run_scan_recorded(state, views, *gates)
         new_state = replace(new_state, conv_history=conv_history)
         # Back to the weights' dtype (a no-op for float32 and float64 layers, under autocast or not): a
         # bfloat16 layer's post-norm takes bfloat16, also under autocast.
@@ -1716,14 +1726,17 @@ class TTTLayer(nn.Module):
     @run_eagerly("innerloop: the inner scan runs eagerly")  # see the note above _CALLS_IN_PROGRESS
     def _run_scan_recorded(self, state: TTTState, views: Views, *scan_inputs: torch.Tensor | None) -> tuple:
         """:func:`~innerloop.core.scan.run_scan` of this layer's rule and task on ``views`` and ``(lr,
-        tau, decay, momentum)``; a rule that dispatches nothing (a plugin's own loop) is recorded too."""
+        tau, decay, momentum, decay_log)``; a rule that dispatches nothing (a plugin's own loop) is recorded too."""
         # the state check reads the state's ints (its mini-batch offset), eagerly: traced, dynamo failed on
         # comparing a bool with the symbolic offset of a decoded token ("BooleanAtom not allowed")
-        decay, momentum = scan_inputs[2:]
-        self._check_rule_state_fits_gates(state, decay is not None, momentum is not None)
+        decay, momentum, decay_log = scan_inputs[2:]
+        forgets = decay is not None or decay_log is not None
+        self._check_rule_state_fits_gates(state, forgets, momentum is not None)
         record = self._dispatch_record()
         recorded = len(record)
-        out = run_scan(self.update_rule, state, self.inner_task(), views, *scan_inputs)
+        out = run_scan(
+            self.update_rule, state, self.inner_task(), views, *scan_inputs[:4], decay_log=decay_log
+        )
         if len(record) == recorded:
             label = plugin_label("update_rule", self.update_rule)
             record.append(("torch", f"{label} runs its own forward: no kernel dispatch"))

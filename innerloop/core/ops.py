@@ -166,14 +166,27 @@ def _in_functorch(*tensors: torch.Tensor | None) -> bool:
     return any(t is not None and is_functorch_wrapped_tensor(t) for t in tensors)
 
 
-def _check_per_token(q: torch.Tensor, lr: Any, decay: Any, momentum: Any) -> None:
+def _check_per_token(q: torch.Tensor, lr: Any, decay: Any, momentum: Any, decay_log: Any = None) -> None:
     shape = tuple(q.shape[:3])
     _check_tensor("lr", lr, shape, q, "[B, H, T]")
-    for name, value in (("decay", decay), ("momentum", momentum)):
+    for name, value in (("decay", decay), ("momentum", momentum), ("decay_log", decay_log)):
         if value is not None:
             _check_tensor(name, value, shape, q, "[B, H, T] (or None)")
-    if q.device.type == "meta" or _in_functorch(lr, decay, momentum):  # no values to read
+    if decay is not None and decay_log is not None:
+        raise ValueError(
+            "decay and decay_log were both given: give the gate once, as decay (1 - a_t) or as decay_log "
+            "(log a_t, exact for small a_t)"
+        )
+    if q.device.type == "meta" or _in_functorch(lr, decay, momentum, decay_log):  # no values to read
         return
+    if decay_log is not None and not bool(
+        (decay_log <= 0).all()
+    ):  # NaN and +inf fail it; -inf is a full reset
+        outside = decay_log[~(decay_log <= 0)]
+        raise ValueError(
+            f"decay_log must be <= 0 (log a_t of a gate a_t in [0, 1]; -inf is a full reset), got "
+            f"{outside.numel()} values outside it, e.g. {outside[0].item()}"
+        )
     _check_finite("lr", lr)
     # One rule for every path: a kernel takes the decay's gate a = 1 - decay in log space.
     if decay is not None and not bool(((decay >= 0) & (decay <= 1)).all()):
@@ -377,6 +390,7 @@ def scan(
     decay: torch.Tensor | None = None,
     momentum: torch.Tensor | None = None,
     initial: Weights | None = None,
+    decay_log: torch.Tensor | None = None,
     norm_eps: float = 1e-6,
     kernel: str = "auto",
     dispatches: list[tuple[str, str]] | None = None,
@@ -394,6 +408,10 @@ def scan(
         norm_weight, norm_bias: ``[H, f]`` the inner LayerNorm's affine (None: ones, zeros).
         decay: ``[B, H, T]`` forgetting ``1 - a_t`` of every inner weight, in ``[0, 1]`` (None: none).
         momentum: ``[B, H, T]`` the momentum ``m_t`` of update_rule ``"momentum"`` (None: 0).
+        decay_log: ``[B, H, T]`` the gate as ``log a_t <= 0`` instead of ``decay`` (not both; ``-inf`` is a
+            full reset), FLA's ``g``: the decay products are then taken in log space (``exp`` of
+            differences of cumulated logs, in float64), which keeps a small ``a_t`` that a float32
+            ``decay = 1 - a_t`` near 1 rounds to ``eps / a_t`` of itself, and the gradient w.r.t. ``log a_t``.
         initial: weights by name, ``[B, H, *shape]`` or ``[H, *shape]``, at a mini-batch boundary,
             plus ``"momentum.<name>"`` (``S``) for the momentum rule, read through ``momentum`` (refused
             without it); None: zeros. The inner loss
@@ -441,7 +459,7 @@ def scan(
         bool, (inner_norm, inner_residual, needs_double_backward)
     )
     _check_norm_width(q, inner_norm)
-    _check_per_token(q, lr, decay, momentum)
+    _check_per_token(q, lr, decay, momentum, decay_log)
     _check_recordable(
         dict(
             q=q,
@@ -454,6 +472,7 @@ def scan(
             decay=decay,
             momentum=momentum,
             initial=initial,
+            decay_log=decay_log,
         )
     )
     # below 1, and not rounding to 0 in the scan's dtype (a constant row's LayerNorm would be 0 / 0): checked
@@ -487,7 +506,12 @@ def scan(
         return _no_token_result(q, k, v, lr, state, tau, momentum)
     with _autocast_off(q.device.type):
         outputs, final = run_scan(
-            rule, state, task, views, *(_cast(t, dtype) for t in (lr, tau, decay, momentum))
+            rule,
+            state,
+            task,
+            views,
+            *(_cast(t, dtype) for t in (lr, tau, decay, momentum)),
+            decay_log=_cast(decay_log, dtype),
         )
     weights = final.scan_weights(tau)
     if final.offset or final.loss_carry:  # weights alone cannot continue: marked for `initial` to refuse

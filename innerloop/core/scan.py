@@ -8,11 +8,13 @@ gradients are taken at the same weights, the mini-batch's starting weights.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
 
+from innerloop.core.functional import decay_from_log
 from innerloop.core.protocol import InnerModel, InnerTask, LossPairs, Params, UpdateRule, Views
 from innerloop.core.state import TTTState
 
@@ -51,7 +53,10 @@ class ChunkInputs:
 
     ``query``, ``inputs``, ``targets``: ``[B, H, T, f]``; ``lr``: ``[B, H, T]`` with invalid pairs
     zeroed; ``decay`` and ``momentum`` (``[B, H, T]`` or None): each token's forgetting ``1 - a_t``
-    and momentum ``m_t`` (see :func:`run_scan`).
+    and momentum ``m_t`` (see :func:`run_scan`). ``decay_log`` (``[B, H, T]`` or None): ``log a_t``
+    where the gate came as a log (then ``decay`` is ``-expm1(decay_log)``); the planned forms take the
+    decay products from it (:func:`log_running_products`), exact for a small ``a_t``, which ``1 - decay``
+    holds only to ``eps / a_t`` relative.
     """
 
     query: torch.Tensor
@@ -60,6 +65,7 @@ class ChunkInputs:
     lr: torch.Tensor
     decay: torch.Tensor | None = None
     momentum: torch.Tensor | None = None
+    decay_log: torch.Tensor | None = None
 
     def segment(self, seg: Segment) -> ChunkInputs:
         sl = slice(seg.start, seg.end)
@@ -70,6 +76,7 @@ class ChunkInputs:
             self.lr[:, :, sl],
             None if self.decay is None else self.decay[:, :, sl],
             None if self.momentum is None else self.momentum[:, :, sl],
+            None if self.decay_log is None else self.decay_log[:, :, sl],
         )
 
 
@@ -151,13 +158,17 @@ def prepare_chunk(
     lr: torch.Tensor,
     decay: torch.Tensor | None = None,
     momentum: torch.Tensor | None = None,
+    decay_log: torch.Tensor | None = None,
 ) -> tuple[ChunkInputs, dict]:
     """Build the loss pairs of a chunk and fold their validity into the learning rates (a token
-    without a pair takes no gradient step; its decay and momentum still apply)."""
+    without a pair takes no gradient step; its decay and momentum still apply). ``decay_log`` (``log
+    a``, instead of ``decay``) is kept beside the ``decay = -expm1(decay_log)`` it gives."""
     pairs = checked_pairs(task.loss, task.loss.pairs(views, state.loss_carry), views, state.loss_carry)
     if pairs.valid is not None:
         lr = lr * pairs.valid.to(lr.dtype)
-    return ChunkInputs(views.query, pairs.inputs, pairs.targets, lr, decay, momentum), pairs.carry
+    if decay_log is not None:
+        decay = decay_from_log(decay_log)
+    return ChunkInputs(views.query, pairs.inputs, pairs.targets, lr, decay, momentum, decay_log), pairs.carry
 
 
 def close_mini_batch(params: Params, pending: Params, tau_last: torch.Tensor) -> tuple[Params, Params]:
@@ -206,6 +217,31 @@ def running_products(factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     table = torch.where(strictly_below, factors[..., :, None], torch.ones_like(factors)[..., :, None])
     within = torch.cumprod(table, dim=-2).tril()
     return within, torch.cumprod(factors, dim=-1)
+
+
+# exp of this is 0 in float64 (and below): a log gate of -inf (a full reset) is clamped to it, so that
+# differences of cumulated logs stay finite (-inf - -inf would be NaN); the products are unchanged
+LOG_GATE_FLOOR = -800.0
+
+
+def log_running_products(logs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`running_products` of the factors ``a = exp(logs)`` for ``logs [B, H, N]`` (``log a <= 0``),
+    taken in log space as FLA takes its gates: ``within[i, j] = exp(G_i - G_j)`` for ``j <= i`` and
+    ``cumulative[i] = exp(G_i)`` with ``G = cumsum(logs)``.
+
+    The logs are cumulated and subtracted in float64 (float32 on MPS; then the factors cast to ``logs``' dtype): each
+    product is then within float32's rounding of itself however long the segment or strong the gates,
+    where a product of rounded factors (or float32 differences of long sums, ``|G| eps``) is not, and a
+    factor given as ``1 - decay`` holds a small ``a`` only to ``eps / a`` relative. Its gradient w.r.t. ``logs``
+    is exact too (no division by a factor). ``-inf`` (a full reset) is clamped to
+    :data:`LOG_GATE_FLOOR`. Differentiable to every order."""
+    num_tokens = logs.shape[-1]
+    wide = torch.float32 if logs.device.type == "mps" else torch.float64  # MPS has no float64
+    cumulated = logs.to(wide).clamp_min(LOG_GATE_FLOOR).cumsum(dim=-1)  # G [B, H, N]
+    lower = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=logs.device).tril()
+    # masked before exp (to -inf: exp 0, gradient 0), so the backward never meets inf * 0
+    exponents = torch.where(lower, cumulated[..., :, None] - cumulated[..., None, :], -torch.inf)
+    return exponents.exp().to(logs.dtype), cumulated.exp().to(logs.dtype)
 
 
 def scale_params(scale: torch.Tensor, params: Params) -> Params:
@@ -261,6 +297,15 @@ class SegmentCarry:
 Finish = Callable[[list[Params]], SegmentCarry]
 
 
+def _decay_products(chunk: ChunkInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The running products of a segment's gates ``a = 1 - decay`` (:func:`_products`): from
+    ``chunk.decay_log`` in log space where the gate came as a log (:func:`log_running_products`),
+    else from ``1 - decay``."""
+    if chunk.decay_log is not None:
+        return log_running_products(chunk.decay_log)
+    return _products(None if chunk.decay is None else 1.0 - chunk.decay, chunk.lr)
+
+
 def _products(factors: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`running_products` of ``factors``, or for None (all ones) the causal mask of ones
     ``[N, N]`` and None."""
@@ -287,8 +332,7 @@ def plan_dual(
     ``W_i = A_i W_b - tau_i P_i`` with ``P_i = a_i P_{i-1} + lr_i grad_i`` and ``A_i = a_i A_{i-1}``.
 
     Returns the plan and ``finish(sums) -> SegmentCarry`` (the carry after the segment)."""
-    keep = None if chunk.decay is None else 1.0 - chunk.decay  # a [B, H, N]
-    within, cumulative = _products(keep, chunk.lr)
+    within, cumulative = _decay_products(chunk)  # of a = 1 - decay [B, H, N]
     base = _start_scale(carry, cumulative, chunk.lr)
     tau_tokens = tau.expand_as(chunk.lr)  # [B, H, N]
     extras = (
@@ -315,8 +359,7 @@ def plan_momentum(chunk: ChunkInputs, carry: SegmentCarry) -> tuple[SegmentPlan,
     ``W_i = A_i W_b - P_i``, ``P_i = a_i P_{i-1} - S_i``; solved over the segment:
     ``P_i = c_i P_prev - (D mc)_i S_prev + sum_j (D M)[i, j] lr_j grad_j`` with ``D``, ``c`` the
     decay's and ``M``, ``mc`` the momentum's :func:`running_products` (no momentum: ``M = I``)."""
-    keep = None if chunk.decay is None else 1.0 - chunk.decay
-    within, cumulative = _products(keep, chunk.lr)
+    within, cumulative = _decay_products(chunk)
     base = _start_scale(carry, cumulative, chunk.lr)
     kept = torch.ones_like(chunk.lr) if cumulative is None else cumulative  # c [B, H, N]
     extras = [(kept, carry.pending)]
@@ -416,6 +459,22 @@ def _check_rule_takes(
         )
 
 
+def _gate_for(
+    rule: UpdateRule, decay: torch.Tensor | None, decay_log: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(decay, decay_log)`` as ``rule`` takes them: ``decay_log`` as given to a rule whose ``forward``
+    names it, else turned into ``decay = -expm1(decay_log)``; both given is refused."""
+    if decay_log is None:
+        return decay, None
+    if decay is not None:
+        raise ValueError("give the gate as decay (1 - a) or as decay_log (log a), not both")
+    try:
+        takes_log = "decay_log" in inspect.signature(rule.forward).parameters
+    except (TypeError, ValueError):  # unreadable: the plain keyword every rule that forgets takes
+        takes_log = False
+    return (None, decay_log) if takes_log else (decay_from_log(decay_log), None)
+
+
 def add_note(error: BaseException, note: str) -> None:
     """``error.add_note(note)`` (the note is shown under the message, the exception keeps its type); on
     Python 3.10, which has no notes, the note is appended to a str message instead."""
@@ -434,6 +493,8 @@ def run_scan(
     tau: torch.Tensor | None,
     decay: torch.Tensor | None = None,
     momentum: torch.Tensor | None = None,
+    *,
+    decay_log: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, TTTState]:
     """The one path of ``TTTLayer`` and ``innerloop.ops.scan``: the update rule over a chunk.
 
@@ -447,8 +508,14 @@ def run_scan(
 
     Token ``t`` outputs ``f(XQ_t; W_t)``. ``decay`` and ``momentum`` (``[B, H, T]``) are passed to the
     rule only when given; a rule that does not take them is refused, naming the argument.
+
+    ``decay_log`` ``[B, H, T]`` gives the gate as ``log a_t`` instead of ``decay`` (not both): a rule whose
+    ``forward`` has a ``decay_log`` parameter (the built-in ones) takes its decay products in log space
+    from it (:func:`log_running_products`), exact for small ``a_t``, which ``1 - decay`` holds only to
+    ``eps / a_t`` relative; any other rule gets ``decay = -expm1(decay_log)``.
     """
-    _check_rule_takes(rule, state, tau, decay, momentum)
+    decay, decay_log = _gate_for(rule, decay, decay_log)
+    _check_rule_takes(rule, state, tau, decay if decay_log is None else decay_log, momentum)
     if state.offset == 0 and state.pending:
         # At a mini-batch boundary the pending sums are zero by definition (TTTState): every path reads
         # them so, whatever a hand-made state holds (a whole call would ignore them, a decoded token add them).
@@ -458,6 +525,8 @@ def run_scan(
         options["decay"] = decay
     if momentum is not None:
         options["momentum"] = momentum
+    if decay_log is not None:
+        options["decay_log"] = decay_log
     try:
         result = rule.forward(state, task, views, lr, tau, **options)
     except Exception as error:  # a plugin's own failure: name it (the type stays, for callers that catch it)
@@ -666,6 +735,7 @@ __all__ = [
     "plan_dual",
     "plan_momentum",
     "prepare_chunk",
+    "log_running_products",
     "running_products",
     "scale_params",
     "split_segments",

@@ -19,7 +19,7 @@ from innerloop.core.protocol import InnerTask, Params, UpdateRule
 from innerloop.core.scan import ChunkInputs
 from innerloop.kernels import first_use
 from innerloop.kernels.first_use import BlockPath, TokenPath
-from innerloop.kernels.spec import KernelInputs, KernelSpec, check_kernel_output
+from innerloop.kernels.spec import KernelInputs, KernelSpec, check_kernel_output, names_parameter
 
 TORCH_PATH = "torch"
 
@@ -375,6 +375,10 @@ def run_aligned_block(
     if kernel is None:
         return fallback(task, params, chunk, tau)
     decay = {} if chunk.decay is None else {"decay": chunk.decay}  # only kernels that support it
+    if chunk.decay_log is not None and names_parameter(kernel.forward, "decay_log"):
+        decay = {
+            "decay_log": chunk.decay_log
+        }  # the gate as log a, where the kernel takes it (exact for small a)
     out, new_params = kernel.forward(
         xq=chunk.query,
         xk=chunk.inputs,

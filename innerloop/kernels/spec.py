@@ -119,6 +119,15 @@ def takes_keyword(function: Callable, name: str) -> bool:
     )
 
 
+def names_parameter(function: Callable, name: str) -> bool:
+    """Whether ``function``'s signature names the parameter ``name`` itself (not through ``**kwargs``);
+    False when its signature is unreadable. For optional arguments only the functions written for them get."""
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def double_backward_message(path: str, why: str | None = None) -> str:
     """The error of a ``create_graph=True`` backward through ``path`` (a kernel's name, or words for it),
     which is differentiable once only (``why``: the reason, when worth saying); the way out is the same
@@ -308,5 +317,6 @@ __all__ = [
     "protocol_parameters",
     "signature_mismatch",
     "stack_kernel_spec",
+    "names_parameter",
     "takes_keyword",
 ]

@@ -40,43 +40,62 @@ def delta_rule_kernel_forward(
     eps: float,
     decay: torch.Tensor | None = None,  # [B, H, T]: 1 - a_t, in [0, 1]
     chunk_size: int = 64,
+    decay_log: torch.Tensor | None = None,  # [B, H, T]: log a_t (<= 0), instead of decay
 ) -> tuple[torch.Tensor, Params]:
-    """``(out [B, H, T, f], {"W": W_T})`` of the dual form at K = 1 (module docstring), in chunks."""
+    """``(out [B, H, T, f], {"W": W_T})`` of the dual form at K = 1 (module docstring), in chunks.
+
+    The gate comes as ``decay = 1 - a`` or as ``decay_log = log a`` (not both). ``decay_log`` is used as
+    it is: a small ``a`` keeps its precision (``log1p(-decay)`` of a float32 ``decay`` near 1 is off by up
+    to ``eps / a``) and the gradient w.r.t. ``log a`` is exact, so the token loop is never needed for it."""
     if set(params) != {STATE_KEY}:
         raise ValueError(
             f"params must hold the matrix model's weight only, {{{STATE_KEY!r}}}, got {sorted(params)}"
         )
     if tau.numel() != 1:
         raise ValueError(f"tau must hold one scale (mini_batch_size=1), got shape {list(tau.shape)}")
-    decay_log = None
+    beta, weights = lr * tau.reshape(()), params[STATE_KEY]
+    if decay is not None and decay_log is not None:
+        raise ValueError("give the gate as decay (1 - a) or as decay_log (log a), not both")
     if decay is not None:
-        # one sync for both checks; a NaN (from a NaN input under non_finite="ignore") is let through to
-        # spread within its sequence, as on every path
-        checked = decay.detach()
-        low, high = torch.stack(torch.aminmax(checked.masked_fill(torch.isnan(checked), 0.5))).tolist()
-        if not (low >= 0 and high <= 1):
-            raise ValueError(
-                f"decay must lie in [0, 1] (the gate a = 1 - decay is taken in log space), got values in [{low}, {high}]"
-            )
+        high = _checked_range("decay", decay, 0.0, 1.0, "the gate a = 1 - decay is taken in log space")
         if linear_gates_needed(decay, high):
-            return _token_loop(xq, xk, xv, lr * tau.reshape(()), params[STATE_KEY], decay)
+            return _token_loop(xq, xk, xv, beta, weights, gate=1 - decay)
         decay_log = torch.log1p(-decay)  # -inf where decay = 1: chunk_delta_rule clamps it (a full reset)
-    weights = params[STATE_KEY]
-    if not _all_finite(xk, xv, lr, weights, decay):
+    elif decay_log is not None:
+        _checked_range("decay_log", decay_log, -torch.inf, 0.0, "log a of a gate a in [0, 1]")
+    finite_logs = (
+        None if decay_log is None else decay_log.clamp_min(-1e4)
+    )  # -inf: a full reset, not bad input
+    if not _all_finite(xk, xv, lr, weights, decay, finite_logs):
         # NaN/inf (non_finite="ignore", or ops.scan) must spread to later tokens only, as on the torch
         # path; a chunk's masked products (0 * NaN) would carry it to the chunk's earlier tokens too
-        return _token_loop(xq, xk, xv, lr * tau.reshape(()), weights, decay)
+        gate = {} if decay is None else {"gate": 1 - decay}
+        return _token_loop(xq, xk, xv, beta, weights, **(gate or {"decay_log": decay_log}))
     out, final = chunk_delta_rule(
         xq,
         xk,
         xv,
-        lr * tau.reshape(()),
+        beta,
         decay_log=decay_log,
         initial_state=weights,
         chunk_size=chunk_size,
         decay_first=False,
     )
     return out, {STATE_KEY: final.to(weights.dtype)}
+
+
+def _checked_range(name: str, gate: torch.Tensor, low_bound: float, high_bound: float, why: str) -> float:
+    """The largest value of ``gate`` (``name``) after checking that it lies in ``[low_bound, high_bound]``
+    (one sync; a NaN, from a NaN input under ``non_finite="ignore"``, is let through to spread within its
+    sequence, as on every path)."""
+    checked = gate.detach()
+    filler = 0.5 if low_bound == 0.0 else -1.0
+    low, high = torch.stack(torch.aminmax(checked.masked_fill(torch.isnan(checked), filler))).tolist()
+    if not (low >= low_bound and high <= high_bound):
+        raise ValueError(
+            f"{name} must lie in [{low_bound}, {high_bound}] ({why}), got values in [{low}, {high}]"
+        )
+    return high
 
 
 def _all_finite(*tensors: torch.Tensor | None) -> bool:
@@ -97,11 +116,14 @@ def _token_loop(
     xv: torch.Tensor,
     beta: torch.Tensor,
     weights: torch.Tensor,
-    decay: torch.Tensor | None,
+    gate: torch.Tensor | None = None,
+    decay_log: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Params]:
-    """The delta rule token by token (the torch path's numbers), the gate ``1 - decay`` in linear space."""
-    gate = None if decay is None else 1 - decay
-    out, final = delta_rule_loop(xq, xk, xv, beta, gate=gate, initial_state=weights, decay_first=False)
+    """The delta rule token by token (the torch path's numbers), the gate as ``a`` (``gate``, linear space)
+    or as ``log a`` (``decay_log``), or none."""
+    out, final = delta_rule_loop(
+        xq, xk, xv, beta, decay_log=decay_log, gate=gate, initial_state=weights, decay_first=False
+    )
     return out, {STATE_KEY: final.to(weights.dtype)}
 
 

@@ -58,9 +58,12 @@ class DualForm(UpdateRule):
         lr: torch.Tensor,
         tau: torch.Tensor,
         decay: torch.Tensor | None = None,
+        decay_log: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, TTTState]:
-        chunk, loss_carry = prepare_chunk(state, task, views, lr, decay)
-        decaying = decay is not None or bool(state.decay)
+        """The chunk (:class:`~innerloop.core.protocol.UpdateRule`); ``decay_log`` is ``log(1 - decay)``
+        given instead of ``decay``, for decay products in log space (:func:`~innerloop.core.scan.run_scan`)."""
+        chunk, loss_carry = prepare_chunk(state, task, views, lr, decay, decay_log=decay_log)
+        decaying = chunk.decay is not None or bool(state.decay)
         carry = SegmentCarry(state.pending, state.decay_product(), None)
         params = state.params
         segments = split_segments(state.position, views.query.shape[2], task.mini_batch_size)

@@ -38,12 +38,15 @@ class MiniBatchGD(UpdateRule):
         lr: torch.Tensor,
         tau: torch.Tensor,
         decay: torch.Tensor | None = None,
+        decay_log: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, TTTState]:
-        chunk, loss_carry = prepare_chunk(state, task, views, lr, decay)
+        """The chunk (:class:`~innerloop.core.protocol.UpdateRule`); ``decay_log`` is ``log(1 - decay)``
+        given instead of ``decay``, for decay products in log space (:func:`~innerloop.core.scan.run_scan`)."""
+        chunk, loss_carry = prepare_chunk(state, task, views, lr, decay, decay_log=decay_log)
         record_torch_part(
             task, "minibatch_gd is the primal form, in torch for any model (kernels run dual_form)"
         )
-        if decay is not None or state.decay:  # forgetting: the planned form (core/scan.py)
+        if chunk.decay is not None or state.decay:  # forgetting: the planned form (core/scan.py)
             out, params, carry = run_planned(state, task, chunk, tau, primal_planned_segment)
             return out, advance_state(
                 state, params, carry.pending, views.query.shape[2], loss_carry, None, carry.decay_product

@@ -47,12 +47,15 @@ class Momentum(UpdateRule):
         tau: torch.Tensor | None,
         decay: torch.Tensor | None = None,
         momentum: torch.Tensor | None = None,
+        decay_log: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, TTTState]:
+        """The chunk (:class:`~innerloop.core.protocol.UpdateRule`); ``decay_log`` is ``log(1 - decay)``
+        given instead of ``decay``, for decay products in log space (:func:`~innerloop.core.scan.run_scan`)."""
         if tau is not None:
             raise ValueError(
                 "token_scale must be None for update_rule='momentum' (it has no token-index scale)"
             )
-        chunk, loss_carry = prepare_chunk(state, task, views, lr, decay, momentum)
+        chunk, loss_carry = prepare_chunk(state, task, views, lr, decay, momentum, decay_log)
         record_torch_block(self, task, chunk, state.params)
         reader = dual_planned_segment if task.model.stack is not None else primal_planned_segment
         out, params, carry = run_planned(state, task, chunk, None, reader)

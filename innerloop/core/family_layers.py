@@ -39,6 +39,7 @@ from innerloop.core.functional import (
     RMSNorm,
     causal_depthwise_conv,
     decay_from_log,
+    gate_sigmoid,
     is_flag,
     overflow_safe_rows,
 )
@@ -537,7 +538,7 @@ class DeltaNetLayer(FamilyLayer):
 
     def beta(self, x: torch.Tensor) -> torch.Tensor:
         """``sigmoid(b_proj(x))`` ``[B, H, T]``, the delta rule's step, in :attr:`scan_dtype`."""
-        return torch.sigmoid(self._head_gate(x, self.b_proj))
+        return gate_sigmoid(self._head_gate(x, self.b_proj))
 
     def inner_learning_rates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.base_lr * self.beta(x), self.token_scale
@@ -691,7 +692,7 @@ class TitansLayer(FamilyLayer):
 
     def inner_learning_rates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``lr = base_lr * sigmoid(theta_proj(x))`` ``[B, H, T]`` in :attr:`scan_dtype`, and ``tau [K] = 1``."""
-        return self.base_lr * torch.sigmoid(self._head_gate(x, self.theta_proj)), self.token_scale
+        return self.base_lr * gate_sigmoid(self._head_gate(x, self.theta_proj)), self.token_scale
 
     def forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(decay, momentum)`` ``[B, H, T]``: alpha and eta (0 each while ``base_lr == 0``: the memory is
@@ -703,7 +704,7 @@ class TitansLayer(FamilyLayer):
         """
         if self.base_lr == 0:
             return frozen_gates(self, x)
-        return decay_from_log(self.log_decay_factor(x)), torch.sigmoid(self._head_gate(x, self.eta_proj))
+        return decay_from_log(self.log_decay_factor(x)), gate_sigmoid(self._head_gate(x, self.eta_proj))
 
     def log_decay_factor(self, x: torch.Tensor) -> torch.Tensor:
         """``log(1 - alpha) = -exp(A_log) * softplus(a_proj(x) + dt_bias)`` ``[B, H, T]``: the retention's
@@ -719,7 +720,7 @@ class TitansLayer(FamilyLayer):
         test-time training is off (:meth:`forgetting`)."""
         if self.base_lr == 0:
             return (*frozen_gates(self, x), None)
-        return None, torch.sigmoid(self._head_gate(x, self.eta_proj)), self.log_decay_factor(x)
+        return None, gate_sigmoid(self._head_gate(x, self.eta_proj)), self.log_decay_factor(x)
 
 
 def frozen_gates(layer: TTTLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

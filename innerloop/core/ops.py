@@ -168,10 +168,13 @@ def _in_functorch(*tensors: torch.Tensor | None) -> bool:
 
 def _check_per_token(q: torch.Tensor, lr: Any, decay: Any, momentum: Any, decay_log: Any = None) -> None:
     shape = tuple(q.shape[:3])
-    _check_tensor("lr", lr, shape, q, "[B, H, T]")
+    # q's dtype, or the scan's (at least float32): a bfloat16 scan's gates may stay in float32, where a
+    # bfloat16 log gate of -10 would hold its factor exp(g) only to 2%
+    scan_dtype = torch.promote_types(q.dtype, torch.float32)
+    _check_tensor("lr", lr, shape, q, "[B, H, T]", also=scan_dtype)
     for name, value in (("decay", decay), ("momentum", momentum), ("decay_log", decay_log)):
         if value is not None:
-            _check_tensor(name, value, shape, q, "[B, H, T] (or None)")
+            _check_tensor(name, value, shape, q, "[B, H, T] (or None)", also=scan_dtype)
     if decay is not None and decay_log is not None:
         raise ValueError(
             "decay and decay_log were both given: give the gate once, as decay (1 - a_t) or as decay_log "
@@ -400,7 +403,8 @@ def scan(
 
     Args:
         q, k, v: ``[B, H, T, f]`` queries, keys, values (no scaling is applied: pass ``s * q``).
-        lr: ``[B, H, T]`` each token's inner learning rate.
+        lr: ``[B, H, T]`` each token's inner learning rate. It and the gates below are in q's dtype or
+            the scan's (at least float32: a bfloat16 scan's gates may stay in float32).
         inner_model, inner_loss, update_rule: registered names or plugin instances.
         mini_batch_size: ``K``, tokens whose gradients are taken at the same weights.
         token_scale: ``tau [K]`` of the mini-batch rules (None: ones); must be None for ``momentum``.

@@ -438,7 +438,7 @@ def _check_rule_takes(
 ) -> None:
     """Raise, naming the argument, when ``rule`` cannot take what it is given."""
     if (decay is not None or state.decay) and not rule.supports_decay:
-        what = "decay is given" if decay is not None else "the state carries a decay product"
+        what = "decay (or decay_log) is given" if decay is not None else "the state carries a decay product"
         raise ValueError(
             f"decay: {what} but update_rule={rule.name!r} does not support decay (forgetting); "
             "rules that do: 'dual_form', 'minibatch_gd', 'momentum'"

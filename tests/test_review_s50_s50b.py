@@ -330,3 +330,26 @@ def test_saturated_sigmoid_gates_keep_their_gradient(member: type, gate: str) ->
     got, exact = projection.weight.grad, layer64.get_submodule(gate).weight.grad
     # the gradient is ~exp(-logit): float32's rounding of a logit near 20 alone moves it ~20 units at worst
     assert _relative(got, exact) <= 16 * FP32_UNIT
+
+
+def test_ttt_learning_rate_gate_keeps_its_gradient_when_saturated() -> None:
+    """TTTLayer's ``lr = base_lr * sigmoid(x . w + c) / f`` at logits 15 to 20: torch's sigmoid backward gave
+    the bias's float32 gradient 0 past a logit of 17 (and eps / (1 - s) off below); from
+    :func:`~innerloop.core.functional.gate_sigmoid` it is float64's to float32's roundoff, values unchanged."""
+    from innerloop import TTTLayer
+
+    torch.manual_seed(0)
+    layer = TTTLayer(16, 2)
+    with torch.no_grad():
+        layer.learnable_ttt_lr_bias.fill_(17.5)
+    layer64 = copy.deepcopy(layer).double()
+    x = 0.3 * torch.randn(1, 8, 16)
+    for model, inputs in ((layer, x), (layer64, x.double())):
+        model.inner_learning_rates(inputs)[0].sum().backward()
+    got, exact = layer.learnable_ttt_lr_bias.grad, layer64.learnable_ttt_lr_bias.grad
+    assert _relative(got, exact) <= 16 * FP32_UNIT
+    logits = torch.nn.functional.linear(x, layer.learnable_ttt_lr_weight[:, 0]).transpose(1, 2)
+    logits = logits + layer.learnable_ttt_lr_bias.reshape(1, 2, 1)  # [B, H, T], as the layer's
+    assert logits.min() > 14, logits.min()  # the case: saturated
+    expected = layer.base_lr * torch.sigmoid(logits) / layer.head_dim
+    assert torch.equal(layer.inner_learning_rates(x)[0], expected)

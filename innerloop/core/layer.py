@@ -40,6 +40,7 @@ from innerloop.core.functional import (
     apply_rope_interleaved,
     causal_depthwise_conv,
     check_positive_int,
+    gate_sigmoid,
     is_flag,
     is_integer,
     rope_cos_sin,
@@ -1373,7 +1374,8 @@ class TTTLayer(nn.Module):
         scan_dtype = self.scan_dtype
         gate = F.linear(x, self.learnable_ttt_lr_weight[:, 0]).transpose(1, 2).to(scan_dtype)  # [B, H, T]
         gate = gate + self.learnable_ttt_lr_bias.to(scan_dtype).reshape(1, self.num_heads, 1)
-        lr = self.base_lr * torch.sigmoid(gate) / self.head_dim
+        # gate_sigmoid: sigmoid's values, its gradient kept when saturated
+        lr = self.base_lr * gate_sigmoid(gate) / self.head_dim
         tau = torch.clamp_min(self.token_idx.to(scan_dtype) + self.learnable_token_idx.to(scan_dtype), 0.0)
         return lr, tau
 

@@ -316,15 +316,17 @@ def test_swish_is_silu():
     )
 
 
-def test_a_bf16_model_casts_its_rope_and_token_index_tables_with_its_weights(tmp_path):
-    """As model.to(torch.bfloat16) does, and as the checkpoint and Hugging Face folder that convert
-    writes load again (tests/interop/test_review_s21_interop.py: bit-identical logits): one answer per
-    model."""
+def test_a_bf16_model_keeps_its_rope_and_token_index_tables_in_float32(tmp_path):
+    """As model.to(torch.bfloat16) does (the float32 islands autocast keeps, docs/architecture.md), and as
+    the checkpoint and Hugging Face folder that convert writes load again
+    (tests/interop/test_review_s21_interop.py: bit-identical logits): one answer per model."""
     folder = _copy(tmp_path)
     _edit_weights(folder, lambda w: w.update({k: v.bfloat16() for k, v in w.items()}))
     model = load_model(folder)
     assert model.embed.weight.dtype == torch.bfloat16
-    assert {b.dtype for b in model.buffers() if b.is_floating_point()} == {torch.bfloat16}
+    assert {b.dtype for b in model.buffers() if b.is_floating_point()} == {torch.float32}
+    cast = load_model(_copy(tmp_path / "float32")).to(torch.bfloat16)
+    assert {b.dtype for b in cast.buffers() if b.is_floating_point()} == {torch.float32}
 
 
 @pytest.mark.parametrize("index", ["[1, 2]", '{"weight_map": 3}', "{not json"])

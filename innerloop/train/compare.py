@@ -860,19 +860,31 @@ def format_table(comparison: Comparison, with_context: bool = False) -> str:
 
 
 def _table(comparison: Comparison) -> str:
-    lengths = comparison.lengths
+    """The table; with one model, no ``loss - baseline`` columns (:data:`ONE_MODEL_NOTE` instead)."""
+    lengths, differences = comparison.lengths, len(comparison.models) > 1
     header = ["model", "params", "tokens trained", "tok/s in training"]
     for r in lengths:
-        header += [f"ppl @{r.seq_len}", f"loss - baseline @{r.seq_len}"]
+        header += [f"ppl @{r.seq_len}"] + ([f"loss - baseline @{r.seq_len}"] if differences else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m, model in enumerate(comparison.models):
-        name = f"{model.name} (baseline)" if m == comparison.baseline else model.name
+        name = f"{model.name} (baseline)" if m == comparison.baseline and differences else model.name
         cells = [name, _number(model.parameters), _number(model.tokens_trained), _number(model.tokens_per_s)]
         for r in lengths:
-            cells += [f"{r.perplexity(m):.3f}", _difference_cell(comparison, r.seq_len, m)]
+            cells += [f"{r.perplexity(m):.3f}"]
+            cells += [_difference_cell(comparison, r.seq_len, m)] if differences else []
         lines.append("| " + " | ".join(cells) + " |")
-    note = DIFFERENCE_NOTE.format(confidence=comparison.confidence, windows=MIN_BAND_WINDOWS)
+    if differences:
+        note = DIFFERENCE_NOTE.format(confidence=comparison.confidence, windows=MIN_BAND_WINDOWS)
+    else:
+        note = ONE_MODEL_NOTE
     return "\n".join([*lines, "", note, "", TOKENS_PER_S_NOTE]) + "\n"
+
+
+ONE_MODEL_NOTE = (
+    "one model: its perplexity on these windows, with no difference to a baseline (the table, the CSV and "
+    "the plot have none); give two or more models to compare them"
+)
+"""What the table says below itself where a comparison has one model (instead of :data:`DIFFERENCE_NOTE`)."""
 
 
 DIFFERENCE_NOTE = (
@@ -921,27 +933,55 @@ def comparison_id(comparison: Comparison) -> str:
 
 def comparison_csv(comparison: Comparison) -> str:
     """One row per model, length and position bucket: the loss (6 decimals), the difference to the baseline
-    and its bootstrap band (9 significant digits, however small)."""
+    and its bootstrap band (9 significant digits, however small); with one model, no difference columns
+    (:data:`CSV_COLUMNS` less :data:`CSV_DIFFERENCE_COLUMNS`), as there is nothing to differ from."""
+    differences = len(comparison.models) > 1
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(
-        ["model", "checkpoint", "seq_len", "windows", "start", "end", "loss", "diff", "diff_low", "diff_high"]
-    )
+    writer.writerow(CSV_COLUMNS if differences else CSV_COLUMNS[: -len(CSV_DIFFERENCE_COLUMNS)])
     for result in comparison.lengths:
         for m, model in enumerate(comparison.models):
             mean, low, high = comparison.bands[result.seq_len][m]
             curve = result.curve(m)
             for b, (start, end) in enumerate(result.buckets):
-                values = (float(curve[b]), float(mean[b]), float(low[b]), float(high[b]))
-                loss, *differences = values  # a difference keeps 9 significant digits: 2e-8 is not 0.000000
+                # a difference keeps 9 significant digits: 2e-8 is not 0.000000
+                cells = [f"{v:.9g}" for v in (float(mean[b]), float(low[b]), float(high[b]))]
                 writer.writerow([model.name, os.path.abspath(model.checkpoint), result.seq_len, result.windows, start, end,
-                                 f"{loss:.6f}", *(f"{v:.9g}" for v in differences)])  # fmt: skip
+                                 f"{float(curve[b]):.6f}", *(cells if differences else [])])  # fmt: skip
     return text.getvalue()
+
+
+CSV_DIFFERENCE_COLUMNS = ("diff", "diff_low", "diff_high")
+"""The CSV's columns of the difference to the baseline and its band (absent with one model)."""
+
+CSV_COLUMNS = ("model", "checkpoint", "seq_len", "windows", "start", "end", "loss", *CSV_DIFFERENCE_COLUMNS)
+"""The columns of :func:`comparison_csv`."""
+
+
+LINE_STYLES = ("-", "--", ":", "-.")
+"""The line styles a plot's curves take in turn each time matplotlib's colours run out (10 by default)."""
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+"""The markers of a plot's curves, each taken by as many models as there are colours and line styles."""
+
+
+def curve_styles(models: int, colours: int) -> list[dict[str, str]]:
+    """A distinct colour, line style and marker per model (``colours``: the colour cycle's length): past
+    ``colours`` models the colours repeat, so the line style changes; past ``colours x 4``, the marker."""
+    return [
+        {
+            "color": f"C{m % colours}",
+            "linestyle": LINE_STYLES[(m // colours) % len(LINE_STYLES)],
+            "marker": MARKERS[(m // (colours * len(LINE_STYLES))) % len(MARKERS)],
+        }
+        for m in range(models)
+    ]
 
 
 def plot_comparison(path: str | Path, comparison: Comparison) -> Path:
     """The loss-by-position curves of every model overlaid (top) and each model's difference to the
-    baseline with its band (bottom), at the longest length compared."""
+    baseline with its band (bottom; with one model, the curve alone), at the longest length compared;
+    each model in its own colour, line style and marker (:func:`curve_styles`), however many."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -949,30 +989,44 @@ def plot_comparison(path: str | Path, comparison: Comparison) -> Path:
 
     result = max(comparison.lengths, key=lambda r: r.seq_len)
     middles = [(start + end - 1) / 2 for start, end in result.buckets]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True, height_ratios=(3, 2))
-    base = comparison.models[comparison.baseline].name
+    differences = len(comparison.models) > 1
+    if differences:
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True, height_ratios=(3, 2))
+    else:
+        fig, top = plt.subplots(1, 1, figsize=(7, 4.5))
+    colours = len(plt.rcParams["axes.prop_cycle"].by_key().get("color", [])) or 1
+    styles = curve_styles(len(comparison.models), colours)
     for m, model in enumerate(comparison.models):
-        (line,) = top.plot(middles, result.curve(m).tolist(), marker="o", markersize=3, label=model.name)
+        top.plot(middles, result.curve(m).tolist(), markersize=3, label=model.name, **styles[m])
         mean, low, high = comparison.bands[result.seq_len][m]
         if m != comparison.baseline:
-            bottom.plot(middles, mean.tolist(), color=line.get_color(), label=model.name)
-            bottom.fill_between(middles, low.tolist(), high.tolist(), color=line.get_color(), alpha=0.2)
-    bottom.axhline(0.0, color="black", linewidth=0.8)
+            line = {k: v for k, v in styles[m].items() if k != "marker"}
+            bottom.plot(middles, mean.tolist(), label=model.name, **line)
+            bottom.fill_between(middles, low.tolist(), high.tolist(), color=styles[m]["color"], alpha=0.2)
     top.set_ylabel("loss (nats per token)")
     top.set_title(f"loss by position, T={result.seq_len}, {result.windows} windows")
     top.legend(fontsize=8)
-    bottom.set_ylabel(f"minus {base}")
-    bottom.set_xlabel("position in the context (bucket middle)")
-    bottom.set_title(
-        f"difference to the baseline, {comparison.confidence:.0%} bootstrap band over windows", fontsize=9
-    )
-    for ax in (top, bottom):
+    if differences:
+        _label_differences(bottom, comparison)
+    else:
+        top.set_xlabel("position in the context (bucket middle)")
+    for ax in fig.axes:
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
     try:
         return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     finally:
         plt.close(fig)
+
+
+def _label_differences(bottom: Any, comparison: Comparison) -> None:
+    """The zero line and labels of the plot's lower panel, the differences to the baseline."""
+    bottom.axhline(0.0, color="black", linewidth=0.8)
+    bottom.set_ylabel(f"minus {comparison.models[comparison.baseline].name}")
+    bottom.set_xlabel("position in the context (bucket middle)")
+    bottom.set_title(
+        f"difference to the baseline, {comparison.confidence:.0%} bootstrap band over windows", fontsize=9
+    )
 
 
 def write_comparison(comparison: Comparison, out_dir: str | Path) -> tuple[Path, Path, Path]:

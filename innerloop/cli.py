@@ -726,21 +726,28 @@ def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from innerloop.config.load import check_output_dir
-    from innerloop.train.compare import compare, format_table, windows_line, write_comparison
+    from innerloop.train.compare import LengthProgress, compare, format_table, windows_line, write_comparison
 
     out = Path(args.out)
     check_output_dir(args.out, "--out")  # --out '' is refused, not read as the current directory
     _check_data_patterns(args.data)
     _check_out_outside_the_data(out, args.models, args.data)
     _quiet_lightning()
-    comparison = compare(
-        args.models, args.seq_len, args.baseline, args.data, args.batch_size, args.batches,
-        no_ttt=args.no_ttt, resamples=args.resamples, seed=args.seed, split=args.split,
-        held_out=args.held_out,
-    )  # fmt: skip
+    progress = LengthProgress(out)  # each finished length on disk before the next begins
+    try:
+        comparison = compare(
+            args.models, args.seq_len, args.baseline, args.data, args.batch_size, args.batches,
+            no_ttt=args.no_ttt, resamples=args.resamples, seed=args.seed, split=args.split,
+            held_out=args.held_out, progress=progress,
+        )  # fmt: skip
+    except BaseException:  # an error, Ctrl-C, SIGTERM: say where the finished lengths are
+        if progress.where() is not None:
+            print(f"innerloop compare: {progress.where()}", file=sys.stderr, flush=True)
+        raise
     print(windows_line(comparison))
     print(format_table(comparison), end="", flush=True)  # before the files: a failed write keeps the numbers
     csv_path, png, table = write_comparison(comparison, out)
+    progress.finish()  # the lengths' files along the way: the whole comparison holds them
     print(f"curves and differences: {png} ({csv_path}); table: {table}")
     return 0
 

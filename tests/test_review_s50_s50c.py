@@ -11,13 +11,18 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import torch
+from lm_testing import untrained_run
 
+from innerloop.cli import main
+from innerloop.data.text import DataError
 from innerloop.train import compare as compare_module
 from innerloop.train.compare import (
     ONE_MODEL_NOTE,
     ComparedModel,
     Comparison,
+    LengthProgress,
     LengthResult,
+    compare,
     comparison_csv,
     curve_styles,
     format_table,
@@ -90,3 +95,108 @@ def test_more_models_than_colours_are_told_apart_in_the_plot(tmp_path, monkeypat
     assert len(curves) == 12 and len(styles) == 12  # models 0 and 10 shared colour, line and marker
     differences = figures[0].axes[1].get_lines()[1:]  # after the zero line
     assert len({(str(c.get_color()), c.get_linestyle()) for c in differences}) == 11
+
+
+SEQ_LEN = 16
+_EVALUATE_LENGTH = compare_module._evaluate_length  # as it is, before a test replaces it
+TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(120))
+
+
+@pytest.fixture
+def runs(tmp_path) -> list[Path]:
+    """Two untrained run folders (a TTT and a sliding-window model) reading the same text."""
+    corpus = tmp_path / "corpus.py"
+    corpus.write_text(TEXT)
+    return [
+        untrained_run(tmp_path / name, corpus, mixer, seed, SEQ_LEN, 3, 2)
+        for name, mixer, seed in (("ttt", "ttt", 0), ("swa", "swa", 1))
+    ]
+
+
+def _scored_lengths(monkeypatch, fail_at: int | None = None) -> list[int]:
+    """The lengths compare scores from now on (``fail_at``: Ctrl-C when it starts scoring that one)."""
+    scored: list[int] = []
+    real = _EVALUATE_LENGTH
+
+    def evaluate(models, inputs, *args):
+        if inputs.shape[1] == fail_at:
+            raise KeyboardInterrupt
+        scored.append(inputs.shape[1])
+        return real(models, inputs, *args)
+
+    monkeypatch.setattr(compare_module, "_evaluate_length", evaluate)
+    return scored
+
+
+@pytest.mark.slow  # ~2 s: a comparison at two lengths, interrupted, then run again
+def test_ctrl_c_at_the_second_length_keeps_the_first_and_a_rerun_reuses_it(
+    runs, tmp_path, monkeypatch, capsys
+) -> None:
+    out = tmp_path / "out"
+    command = ["compare", *map(str, runs), "--seq-len", "16", "24", "--out", str(out), "--resamples", "50"]
+    scored = _scored_lengths(monkeypatch, fail_at=24)
+    assert main(command) == 130
+    assert scored == [16]
+    said = capsys.readouterr().err
+    tables = sorted(out.glob("compare-*.md"))
+    assert len(tables) == 1 and tables[0].name.endswith("-partial.md")
+    assert f"the comparison at T=16 (the lengths finished) is in {tables[0]}" in said
+    kept = tables[0].read_text()
+    assert kept.startswith("Partial: the lengths finished before 1 length more, still to come.")
+    assert "ppl @16" in kept and "@24" not in kept and "loss - baseline @16" in kept
+    assert tables[0].with_suffix(".csv").is_file() and tables[0].with_suffix(".png").is_file()
+    assert len(list(out.glob("compare-scores-*.safetensors"))) == 1
+    partial_rows = tables[0].with_suffix(".csv").read_text().splitlines()[1:]
+    # Run again: T=16 is not scored again, and the whole comparison is what a fresh run writes.
+    scored = _scored_lengths(monkeypatch)
+    assert main(command) == 0
+    assert scored == [24]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) == 3 and not any(n.startswith("compare-scores") for n in files)  # the steps removed
+    final = (out / next(n for n in files if n.endswith(".csv"))).read_text().splitlines()
+    assert [row for row in final if ",16,6," in row] == partial_rows  # the reused scores, the same numbers
+    assert len(final) == 1 + 2 * 2 * 4  # two models, two lengths, four buckets
+
+
+@pytest.mark.slow  # ~0.5 s: two models loaded
+def test_a_length_the_text_is_too_short_for_fails_before_any_model_is_scored(runs, monkeypatch) -> None:
+    scored = _scored_lengths(monkeypatch)
+    with pytest.raises(DataError, match="fewer than --seq-len \\+ 1 = 100001"):
+        compare(runs, seq_lens=[16, 100000])
+    assert scored == []  # T=16 was scored first, then thrown away
+
+
+def test_damaged_or_misshapen_kept_scores_are_scored_again(tmp_path, caplog) -> None:
+    from safetensors.torch import save_file
+
+    progress = LengthProgress(tmp_path)
+    inputs = torch.zeros(6, 8, dtype=torch.long)
+    progress.scores_path("damaged").write_bytes(b"not a safetensors file")
+    assert progress.reused("damaged", 2, inputs, 2) is None
+    assert "cannot be read" in caplog.text
+    save_file({"loss_sums": torch.zeros(3, 6, 2), "counts": torch.ones(6, 2)}, progress.scores_path("other"))
+    assert progress.reused("other", 2, inputs, 2) is None  # three models' scores, two models compared
+    assert "of another shape" in caplog.text
+    save_file({"loss_sums": torch.ones(2, 6, 2), "counts": torch.ones(6, 2)}, progress.scores_path("fits"))
+    result = progress.reused("fits", 2, inputs, 2)
+    assert result is not None and result.loss_sums.dtype == torch.float64 and result.windows == 6
+    progress.finish()
+    assert not progress.scores_path("fits").exists()  # superseded once the comparison is written
+    assert progress.scores_path("other").exists()  # not this comparison's: left alone
+
+
+@pytest.mark.slow  # ~0.5 s: two models loaded
+def test_the_scores_key_changes_with_what_the_scores_depend_on(runs) -> None:
+    models = [compare_module.load_compared_model(r / "last.safetensors", r.name, False) for r in runs]
+    inputs = torch.arange(48).reshape(3, 16) % 7
+    key = compare_module.length_key(models, inputs, inputs, 3, 4)
+    assert key == compare_module.length_key(models, inputs.clone(), inputs.clone(), 3, 4)
+    others = [
+        compare_module.length_key(models[::-1], inputs, inputs, 3, 4),  # another order
+        compare_module.length_key(models, inputs + 1, inputs, 3, 4),  # other tokens
+        compare_module.length_key(models, inputs, inputs, 1, 4),  # another batch size
+        compare_module.length_key(models, inputs, inputs, 3, 2),  # other buckets
+    ]
+    models[0].no_ttt = True
+    others.append(compare_module.length_key(models, inputs, inputs, 3, 4))
+    assert len({key, *others}) == 6

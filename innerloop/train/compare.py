@@ -64,6 +64,7 @@ from innerloop.train.data import IGNORE_INDEX, DataError, checked_window_sizes, 
 from innerloop.train.metrics import position_buckets
 from innerloop.train.module import LanguageModelModule, load_module
 from innerloop.train.run import (
+    EvaluationWindows,
     RunFiles,
     check_held_out_name,
     check_vocabulary,
@@ -263,6 +264,7 @@ def compare(
     seed: int = 0,
     split: str | None = None,
     held_out: str = "val",
+    progress: LengthProgress | None = None,
 ) -> Comparison:
     """Evaluate every model on the same windows at each length of ``seq_lens`` (default: the baseline's
     training length); see the module docstring. The windows are the baseline's
@@ -270,7 +272,9 @@ def compare(
     ``held_out``: ``"test"`` for its test windows, as in ``innerloop eval``). ``no_ttt`` switches test-time
     training off in every model that has it. Every model's training data is checked against the windows
     first (:func:`training_data_notes`: warnings; a model that trained on the baseline's held-out text is
-    refused)."""
+    refused). Every length's windows are read before any model is scored (a length the text is too short
+    for fails at once). ``progress`` (:class:`LengthProgress`) keeps each finished length's results on
+    disk before the next begins, and reuses the scores an interrupted earlier run of it kept."""
     if not isinstance(runs_or_checkpoints, (str, os.PathLike)):  # one path is refused below, by name
         runs_or_checkpoints = _path_list(runs_or_checkpoints, "runs_or_checkpoints")
     seq_lens, resamples, confidence, seed = _check_compare_arguments(
@@ -298,18 +302,56 @@ def compare(
     comparison = Comparison(
         models, base, [], {}, confidence, resamples, seed, "", notes=notes, held_out=held_out
     )
-    for seq_len in seq_lens:
-        windows = evaluation_windows(
-            reference.checkpoint, reference.module, paths, seq_len, batch_size, batches, tokenizer, split,
-            held_out,
-        )  # fmt: skip
-        num_buckets = reference.module.hparams.get("num_position_buckets", DEFAULT_BUCKETS)
-        result = _evaluate_length(
-            models, windows.inputs, windows.targets, windows.batch_size, num_buckets, tokenizer
-        )
+    # every length's windows read first: a length the text is too short for fails before any model is scored
+    window_sizes = (batch_size, batches, tokenizer, split, held_out)
+    every_windows = [
+        evaluation_windows(reference.checkpoint, reference.module, paths, n, *window_sizes) for n in seq_lens
+    ]
+    _score_lengths(comparison, every_windows, tokenizer, progress)
+    return comparison
+
+
+def _score_lengths(
+    comparison: Comparison,
+    every_windows: Sequence[EvaluationWindows],
+    tokenizer: Tokenizer,
+    progress: LengthProgress | None,
+) -> None:
+    """Every model of ``comparison`` on each length's windows in turn, each length's results added (and
+    kept by ``progress``) before the next begins; scores ``progress`` kept from an earlier run reused."""
+    reference = comparison.models[comparison.baseline]
+    models = comparison.models
+    num_buckets = reference.module.hparams.get("num_position_buckets", DEFAULT_BUCKETS)
+    for done, windows in enumerate(every_windows, start=1):
+        key = length_key(models, windows.inputs, windows.targets, windows.batch_size, num_buckets)
+        result = None if progress is None else progress.reused(key, len(models), windows.inputs, num_buckets)
+        if result is None:
+            result = _evaluate_length(
+                models, windows.inputs, windows.targets, windows.batch_size, num_buckets, tokenizer
+            )
         _add_length(comparison, result)
         comparison.windows_source = f"{windows.source} ({windows.tag}) of {reference.name}"
-    return comparison
+        if progress is not None:
+            progress.finished(comparison, key, remaining=len(every_windows) - done)
+
+
+def length_key(
+    models: Sequence[ComparedModel],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    batch_size: int,
+    num_buckets: int,
+) -> str:
+    """16 hex digits naming what one length's scores depend on: each model's checkpoint content (in
+    order) and ``--no-ttt``, the windows' tokens, the batch size and the position buckets."""
+    digest = hashlib.sha256()
+    for model in models:
+        digest.update(f"{checkpoint_content_digest(model.checkpoint)}:{model.no_ttt}\0".encode())
+    for tokens in (inputs, targets):
+        digest.update(f"{tuple(tokens.shape)}:{tokens.dtype}\0".encode())
+        digest.update(tokens.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(f"{batch_size}:{num_buckets}".encode())
+    return digest.hexdigest()[:16]
 
 
 def _logged_notes(
@@ -1029,14 +1071,116 @@ def _label_differences(bottom: Any, comparison: Comparison) -> None:
     )
 
 
-def write_comparison(comparison: Comparison, out_dir: str | Path) -> tuple[Path, Path, Path]:
+def comparison_stem(comparison: Comparison, out_dir: str | Path) -> Path:
+    """``out_dir/compare-<id>`` (``compare-test-<id>`` on the baseline run's test windows)."""
+    which = "test-" if comparison.held_out == "test" else ""
+    return Path(out_dir).expanduser() / f"compare-{which}{comparison_id(comparison)}"
+
+
+def write_comparison(
+    comparison: Comparison, out_dir: str | Path, partial: str | None = None
+) -> tuple[Path, Path, Path]:
     """``compare-<id>.csv``, ``.png`` and ``.md`` (the table) in ``out_dir``, written atomically (after
     removing the temporary files a killed earlier write of them left); ``compare-test-<id>.*`` for a
-    comparison on the baseline run's test windows (``--held-out test``)."""
-    which = "test-" if comparison.held_out == "test" else ""
-    stem = Path(out_dir).expanduser() / f"compare-{which}{comparison_id(comparison)}"
+    comparison on the baseline run's test windows (``--held-out test``). ``partial`` (the lengths still
+    to come, in words): the comparison so far, as ``compare-<id>-partial.*``, the table saying so."""
+    stem = comparison_stem(comparison, out_dir)
+    if partial is not None:
+        stem = stem.with_name(f"{stem.name}-partial")
     remove_stale_temporaries_of([stem.with_suffix(suffix) for suffix in (".csv", ".png", ".md")])
     csv_path = atomic_write_text(stem.with_suffix(".csv"), comparison_csv(comparison))
     png = plot_comparison(stem.with_suffix(".png"), comparison)
-    table = atomic_write_text(stem.with_suffix(".md"), format_table(comparison, with_context=True))
+    text = format_table(comparison, with_context=True)
+    if partial is not None:
+        text = f"Partial: the lengths finished before {partial}.\n\n{text}"
+    table = atomic_write_text(stem.with_suffix(".md"), text)
     return csv_path, png, table
+
+
+class LengthProgress:
+    """What ``innerloop compare`` keeps in ``out_dir`` while it scores length after length, so that a
+    failure or Ctrl-C at a later ``--seq-len`` loses none of the finished ones:
+
+    - after each finished length but the last, the comparison so far (:func:`write_comparison`: the
+      ``compare-<id>-partial.*`` files of the lengths finished), and :meth:`where` says where;
+    - each finished length's per-window scores, ``compare-scores-<key>.safetensors``
+      (:func:`length_key`: the checkpoints' contents, ``--no-ttt``, the windows' tokens, the batch size
+      and buckets), which the same comparison run again reuses instead of scoring again (the bands are
+      a bootstrap over these scores, which the CSV does not hold).
+
+    :meth:`finish`, once the whole comparison is written, removes these files (the partial ones of an
+    interrupted earlier run of it too), as the whole comparison holds them."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out_dir = Path(out_dir).expanduser()
+        self.latest: tuple[Path, Path, Path] | None = None
+        self.latest_lengths: list[int] = []
+        self._made: list[Path] = []  # superseded once the whole comparison is written
+
+    def scores_path(self, key: str) -> Path:
+        """The file of one length's scores."""
+        return self.out_dir / f"compare-scores-{key}.safetensors"
+
+    def reused(self, key: str, models: int, inputs: torch.Tensor, num_buckets: int) -> LengthResult | None:
+        """The length's result from the scores an earlier run kept (None where there are none, or they
+        do not fit: a warning, and the length is scored again)."""
+        path = self.scores_path(key)
+        if not path.is_file():
+            return None
+        buckets = position_buckets(inputs.shape[1], num_buckets)
+        try:
+            from safetensors.torch import load_file
+
+            scores = load_file(str(path))
+            loss_sums, counts = scores["loss_sums"].double(), scores["counts"].double()
+        except Exception as err:  # a damaged file: score again
+            log.warning(
+                "T=%d: the kept scores %s cannot be read (%s): scoring again", inputs.shape[1], path, err
+            )
+            return None
+        if loss_sums.shape != (models, inputs.shape[0], len(buckets)) or counts.shape != loss_sums.shape[1:]:
+            log.warning("T=%d: the kept scores %s are of another shape: scoring again", inputs.shape[1], path)
+            return None
+        log.warning(
+            "T=%d: reusing the scores an earlier run of this comparison kept (%s)", inputs.shape[1], path
+        )
+        self._made.append(path)  # superseded by the whole comparison too
+        return LengthResult(inputs.shape[1], buckets, loss_sums, counts, inputs.shape[0])
+
+    def finished(self, comparison: Comparison, key: str, remaining: int) -> None:
+        """Keep the scores of ``comparison``'s last length and, while ``remaining`` lengths are still to
+        come, the comparison so far (the files written atomically)."""
+        from safetensors.torch import save_file
+
+        result = comparison.lengths[-1]
+        path = self.scores_path(key)
+        if not path.exists():
+            tensors = {"loss_sums": result.loss_sums.contiguous(), "counts": result.counts.contiguous()}
+            atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"key": key}))
+            self._made.append(path)
+        if remaining == 0:
+            return  # the whole comparison: the caller writes it
+        self.latest_lengths = [r.seq_len for r in comparison.lengths]
+        still = f"{remaining} length{'' if remaining == 1 else 's'} more, still to come"
+        self.latest = write_comparison(comparison, self.out_dir, partial=still)
+        self._made += list(self.latest)
+        log.warning(
+            "T=%s finished, %s: the comparison so far is in %s",
+            ", ".join(map(str, self.latest_lengths)), still, self.latest[2],
+        )  # fmt: skip
+
+    def where(self) -> str | None:
+        """Where the lengths finished are (None before the first, or with one length)."""
+        if self.latest is None:
+            return None
+        csv_path, png, table = self.latest
+        return (
+            f"the comparison at T={', '.join(map(str, self.latest_lengths))} (the lengths finished) is in "
+            f"{table} ({csv_path.name}, {png.name}); the same command again reuses their scores"
+        )
+
+    def finish(self) -> None:
+        """Remove what this run kept along the way (the whole comparison is written)."""
+        for path in self._made:
+            path.unlink(missing_ok=True)
+        self._made.clear()

@@ -186,7 +186,7 @@ def test_damaged_or_misshapen_kept_scores_are_scored_again(tmp_path, caplog) -> 
 
 
 @pytest.mark.slow  # ~0.5 s: two models loaded
-def test_the_scores_key_changes_with_what_the_scores_depend_on(runs) -> None:
+def test_the_scores_key_changes_with_what_the_scores_depend_on(runs, monkeypatch) -> None:
     models = [compare_module.load_compared_model(r / "last.safetensors", r.name, False) for r in runs]
     inputs = torch.arange(48).reshape(3, 16) % 7
     key = compare_module.length_key(models, inputs, inputs, 3, 4)
@@ -199,4 +199,18 @@ def test_the_scores_key_changes_with_what_the_scores_depend_on(runs) -> None:
     ]
     models[0].no_ttt = True
     others.append(compare_module.length_key(models, inputs, inputs, 3, 4))
-    assert len({key, *others}) == 6
+    models[0].no_ttt = False
+    assert compare_module.length_key(models, inputs, inputs, 3, 4) == key
+    monkeypatch.setattr(torch, "__version__", "0.0.1")  # another torch installed since
+    others.append(compare_module.length_key(models, inputs, inputs, 3, 4))
+    assert len({key, *others}) == 7
+
+
+def test_a_name_with_a_pipe_keeps_the_table_s_columns() -> None:
+    comparison = _comparison(2)
+    comparison.models[1].name = "exp|ttt"  # a run folder's name may hold '|', Markdown's cell separator
+    rows = [
+        line for line in format_table(comparison).splitlines() if line.startswith("| m0") or "ttt" in line
+    ]
+    cells = [len(row.replace("\\|", "").split("|")) for row in rows]
+    assert len(rows) == 2 and cells[0] == cells[1], rows

@@ -40,6 +40,7 @@ from innerloop.checkpoints import (
     checkpoint_content_digest,
     checkpoint_identity,
     checkpoint_tokenizer,
+    innerloop_version,
     recorded_entry,
 )
 from innerloop.config.load import ConfigError, other_model_folder_problem
@@ -343,10 +344,13 @@ def length_key(
     num_buckets: int,
 ) -> str:
     """16 hex digits naming what one length's scores depend on: each model's checkpoint content (in
-    order) and ``--no-ttt``, the windows' tokens, the batch size and the position buckets."""
-    digest = hashlib.sha256()
+    order), ``--no-ttt`` and device, the windows' tokens, the batch size and the position buckets, and
+    the innerloop and torch versions (an installed upgrade scores again; code edited in place is not
+    seen)."""
+    digest = hashlib.sha256(f"{innerloop_version()}:{torch.__version__}\0".encode())
     for model in models:
-        digest.update(f"{checkpoint_content_digest(model.checkpoint)}:{model.no_ttt}\0".encode())
+        device = next(model.module.parameters(), torch.empty(0)).device
+        digest.update(f"{checkpoint_content_digest(model.checkpoint)}:{model.no_ttt}:{device}\0".encode())
     for tokens in (inputs, targets):
         digest.update(f"{tuple(tokens.shape)}:{tokens.dtype}\0".encode())
         digest.update(tokens.detach().cpu().contiguous().numpy().tobytes())
@@ -909,7 +913,8 @@ def _table(comparison: Comparison) -> str:
         header += [f"ppl @{r.seq_len}"] + ([f"loss - baseline @{r.seq_len}"] if differences else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m, model in enumerate(comparison.models):
-        name = f"{model.name} (baseline)" if m == comparison.baseline and differences else model.name
+        name = model.name.replace("|", "\\|")  # a run folder named 'a|b' would split its row's cells
+        name = f"{name} (baseline)" if m == comparison.baseline and differences else name
         cells = [name, _number(model.parameters), _number(model.tokens_trained), _number(model.tokens_per_s)]
         for r in lengths:
             cells += [f"{r.perplexity(m):.3f}"]

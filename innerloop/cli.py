@@ -740,13 +740,13 @@ def _compare(args: argparse.Namespace) -> int:
             no_ttt=args.no_ttt, resamples=args.resamples, seed=args.seed, split=args.split,
             held_out=args.held_out, progress=progress,
         )  # fmt: skip
+        print(windows_line(comparison))
+        print(format_table(comparison), end="", flush=True)  # before the files: a failed write keeps them
+        csv_path, png, table = write_comparison(comparison, out)
     except BaseException:  # an error, Ctrl-C, SIGTERM: say where the finished lengths are
         if progress.where() is not None:
             print(f"innerloop compare: {progress.where()}", file=sys.stderr, flush=True)
         raise
-    print(windows_line(comparison))
-    print(format_table(comparison), end="", flush=True)  # before the files: a failed write keeps the numbers
-    csv_path, png, table = write_comparison(comparison, out)
     progress.finish()  # the lengths' files along the way: the whole comparison holds them
     print(f"curves and differences: {png} ({csv_path}); table: {table}")
     return 0

@@ -141,6 +141,7 @@ def test_ctrl_c_at_the_second_length_keeps_the_first_and_a_rerun_reuses_it(
     tables = sorted(out.glob("compare-*.md"))
     assert len(tables) == 1 and tables[0].name.endswith("-partial.md")
     assert f"the comparison at T=16 (the lengths finished) is in {tables[0]}" in said
+    assert "the scores of 1 finished length are kept in" in said
     kept = tables[0].read_text()
     assert kept.startswith("Partial: the lengths finished before 1 length more, still to come.")
     assert "ppl @16" in kept and "@24" not in kept and "loss - baseline @16" in kept
@@ -214,3 +215,24 @@ def test_a_name_with_a_pipe_keeps_the_table_s_columns() -> None:
     ]
     cells = [len(row.replace("\\|", "").split("|")) for row in rows]
     assert len(rows) == 2 and cells[0] == cells[1], rows
+
+
+@pytest.mark.slow  # ~1.5 s: a comparison at one length, stopped while writing its files, then run again
+def test_ctrl_c_while_the_files_are_written_keeps_the_scores(runs, tmp_path, monkeypatch, capsys) -> None:
+    out = tmp_path / "out"
+    command = ["compare", *map(str, runs), "--out", str(out), "--resamples", "50"]
+    scored = _scored_lengths(monkeypatch)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(compare_module, "write_comparison", interrupted)
+        assert main(command) == 130
+    assert scored == [16]
+    said = capsys.readouterr()
+    assert "ppl @16" in said.out  # the table was printed
+    assert f"the scores of 1 finished length are kept in {out}" in said.err
+    assert main(command) == 0
+    assert scored == [16]  # not scored again
+    assert len(list(out.iterdir())) == 3

@@ -1175,13 +1175,21 @@ class LengthProgress:
         )  # fmt: skip
 
     def where(self) -> str | None:
-        """Where the lengths finished are (None before the first, or with one length)."""
-        if self.latest is None:
+        """Where the finished lengths are: the comparison so far and the kept scores (None before the
+        first length is finished)."""
+        scored = [path for path in self._made if path.name.startswith("compare-scores-") and path.exists()]
+        if not scored:
             return None
+        kept = (
+            f"the scores of {len(scored)} finished length{'' if len(scored) == 1 else 's'} are kept in "
+            f"{self.out_dir} (compare-scores-*.safetensors): the same command again reuses them"
+        )
+        if self.latest is None:
+            return kept
         csv_path, png, table = self.latest
         return (
             f"the comparison at T={', '.join(map(str, self.latest_lengths))} (the lengths finished) is in "
-            f"{table} ({csv_path.name}, {png.name}); the same command again reuses their scores"
+            f"{table} ({csv_path.name}, {png.name}); {kept}"
         )
 
     def finish(self) -> None:

@@ -301,7 +301,9 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
             "validation windows) and write compare-<id>.csv, .png and .md into --out: the loss by "
             "position of every model overlaid, each model's difference to the baseline with a bootstrap "
             "confidence band over windows, and a table of parameters, tokens trained, training tokens/s "
-            "and perplexity at each length (also printed)."
+            "and perplexity at each length (also printed). Each finished length lands in --out before the "
+            "next begins (compare-<id>-partial.* and its scores, removed once the whole comparison is "
+            "written): after a failure or Ctrl-C the same command reuses the finished lengths' scores."
         ),
         formatter_class=_HelpFormatter,
     )

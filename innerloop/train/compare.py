@@ -905,9 +905,14 @@ def format_table(comparison: Comparison, with_context: bool = False) -> str:
     return f"{windows_line(comparison)}\n\n{table}" + (f"\nNotes:\n\n{notes}" if notes else "")
 
 
+def _has_differences(comparison: Comparison) -> bool:
+    """Whether the outputs show differences to the baseline: all but a comparison of one model."""
+    return len(comparison.models) != 1
+
+
 def _table(comparison: Comparison) -> str:
     """The table; with one model, no ``loss - baseline`` columns (:data:`ONE_MODEL_NOTE` instead)."""
-    lengths, differences = comparison.lengths, len(comparison.models) > 1
+    lengths, differences = comparison.lengths, _has_differences(comparison)
     header = ["model", "params", "tokens trained", "tok/s in training"]
     for r in lengths:
         header += [f"ppl @{r.seq_len}"] + ([f"loss - baseline @{r.seq_len}"] if differences else [])
@@ -982,7 +987,7 @@ def comparison_csv(comparison: Comparison) -> str:
     """One row per model, length and position bucket: the loss (6 decimals), the difference to the baseline
     and its bootstrap band (9 significant digits, however small); with one model, no difference columns
     (:data:`CSV_COLUMNS` less :data:`CSV_DIFFERENCE_COLUMNS`), as there is nothing to differ from."""
-    differences = len(comparison.models) > 1
+    differences = _has_differences(comparison)
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(CSV_COLUMNS if differences else CSV_COLUMNS[: -len(CSV_DIFFERENCE_COLUMNS)])
@@ -1036,7 +1041,7 @@ def plot_comparison(path: str | Path, comparison: Comparison) -> Path:
 
     result = max(comparison.lengths, key=lambda r: r.seq_len)
     middles = [(start + end - 1) / 2 for start, end in result.buckets]
-    differences = len(comparison.models) > 1
+    differences = _has_differences(comparison)
     if differences:
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True, height_ratios=(3, 2))
     else:

@@ -83,7 +83,7 @@ def preset_names() -> list[str]:
 
 def _read_source(preset_or_file: str) -> tuple[str, str]:
     """The YAML text of a file path or a packaged preset name, and a description of where it came from."""
-    path = Path(preset_or_file).expanduser()
+    path = user_path(preset_or_file)
     if path.is_file() and preset_or_file in preset_names():  # a bare name: which one was meant?
         raise ConfigError(
             f"--config {preset_or_file!r} is both a preset and a file in the current directory; write "
@@ -595,7 +595,7 @@ def load_config(
             raise ConfigError(str(err)) from None
     else:
         validate_run_config(run)
-    from_file = out_dir is None and Path(preset_or_file).expanduser().is_file()  # a resume's: innerloop's
+    from_file = out_dir is None and user_path(preset_or_file).is_file()  # a resume's: innerloop's
     _warn_keys_given_twice(overrides)
     _warn_unread_keys(
         run, overrides, _flat_dict(container) if from_file else {}, str(preset_or_file), model_only
@@ -1342,7 +1342,7 @@ def _first_overlap(
 def _overlap(entry: str, out: Path, written: Sequence[str] = _RUN_FILES) -> str | None:
     """How the ``data.paths`` entry and the resolved ``out_dir`` overlap (words for the message), or None;
     ``written``: the names of the files written into ``out_dir``."""
-    parts = Path(entry).expanduser().absolute().parts
+    parts = user_path(entry).absolute().parts
     magic = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
     root = _real_path(Path(*parts[:magic]))  # the folder the entry names, or a glob's folder
     if magic == len(parts):  # a file or folder: a folder's files are all read
@@ -1638,7 +1638,7 @@ def check_output_dir(path: str | os.PathLike[str], key: str) -> None:
         raise ConfigError(str(err)) from None
     if not str(path):
         raise ConfigError(f"{key}='' must name a directory for the outputs")
-    target = Path(path).expanduser()
+    target = user_path(path)
     check_not_a_link_loop(target, f"{key}={str(path)!r}")
     if target.is_symlink() and not target.exists():
         raise ConfigError(

@@ -496,8 +496,11 @@ def check_path_argument(path: Any, name: str = "path") -> None:
 def user_path(path: str | os.PathLike[str]) -> Path:
     """A path argument as a ``Path`` with a leading ``~`` read as the home folder, as a shell reads an
     unquoted one: the one reading of a user's path, so that a reader of a file finds the one its writer
-    (or another reader of it) used (``pathlib`` leaves ``~`` as a folder named ``~``)."""
-    return Path(path).expanduser()
+    (or another reader of it) used (``pathlib`` leaves ``~`` as a folder named ``~``). By
+    :func:`os.path.expanduser`'s rule: a ``~USER`` of no known user, and ``./~x`` (a name starting with
+    ``~`` in a folder), stay as given, where pathlib's ``expanduser`` raised ``RuntimeError('Could not
+    determine home directory.')`` (it reads ``./~x`` as ``~x``)."""
+    return Path(os.path.expanduser(os.fspath(path)))
 
 
 def first_non_finite(named: Iterable[tuple[str, Any]]) -> tuple[str, int, int] | None:

@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from innerloop.core.functional import user_path
 from innerloop.data.atomic import file_stamp
 from innerloop.data.text import COMPRESSIONS, DataError, path_entries, split_keys
 from innerloop.data.tokenizer import UTF8_BYTE_ORDER_MARK, missing_package
@@ -75,7 +76,7 @@ def _saved_dataset_folder(paths: Sequence[str]) -> Path | None:
     ``state.json``, a DatasetDict's ``dataset_dict.json``)."""
     if len(paths) != 1:
         return None
-    folder = Path(paths[0]).expanduser()
+    folder = user_path(paths[0])
     if (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file():
         return folder
     return None
@@ -96,7 +97,7 @@ def check_hf_source(paths: Sequence[str]) -> tuple[str, list[str]]:
         refuse_chained_url_syntax([saved])
         return "saved", [str(saved)]
     for pattern in paths:
-        if not Path(pattern).expanduser().exists() and not any(c in pattern for c in "*?["):
+        if not user_path(pattern).exists() and not any(c in pattern for c in "*?["):
             raise DataError(
                 f"data.paths entry {pattern!r} is not a local file or folder: data.name='hf' reads local "
                 "files only (nothing is downloaded); download a hub dataset yourself and give its files "

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from innerloop.core.callers import warning_stacklevel
+from innerloop.core.functional import user_path
 from innerloop.core.layer import machine_memory_bytes, memory_size
 from innerloop.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, utf8_file_text
 
@@ -75,7 +76,7 @@ def resolve_files(patterns: Sequence[str]) -> list[Path]:
 
 def _found_files(pattern: str) -> list[Path]:
     """The files the ``data.paths`` entry ``pattern`` names, as found (links not resolved)."""
-    path = Path(pattern).expanduser()
+    path = user_path(pattern)
     if path.is_file():
         matched = [path]
     elif path.is_dir():
@@ -97,7 +98,7 @@ def bracket_hint(pattern: str) -> str:
     matches below it (its brackets escaped, :func:`glob.escape`); ``""`` for a pattern without one."""
     if "[" not in pattern:
         return ""
-    parts = Path(pattern).expanduser().parts
+    parts = user_path(pattern).parts
     for end in range(len(parts), 0, -1):
         prefix = str(Path(*parts[:end]))
         if "[" in prefix and os.path.exists(prefix):
@@ -124,7 +125,7 @@ _GLOB_MAGIC = frozenset("*?[")
 def _entry_folder(pattern: str) -> Path:
     """The folder a ``data.paths`` entry names files below: a folder itself, a file's parent, or a
     glob's folder before its first wildcard."""
-    path = Path(pattern).expanduser()
+    path = user_path(pattern)
     if path.is_dir():
         return path
     if path.is_file():

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from innerloop.core.functional import as_integer
+from innerloop.core.functional import as_integer, user_path
 from innerloop.data.atomic import atomic_write_text, file_stamp, remove_stale_temporaries_of
 
 BYTES = "bytes"
@@ -538,7 +538,7 @@ def load_tokenizer(spec: str, option: str = "data.tokenizer") -> Tokenizer:
     spec = _checked_spec(spec, option, valid)
     if spec == BYTES:
         return ByteTokenizer()
-    path = Path(spec).expanduser()
+    path = user_path(spec)
     if path.is_dir():
         folder, file = path, path / TOKENIZER_FILE
         if not file.is_file():
@@ -562,7 +562,7 @@ def tokenizer_from_source(spec: str, option: str = "--tokenizer") -> Tokenizer:
     tokenizer: its ``tokenizers`` form is recorded. The sources are those ``innerloop convert --format
     hf --tokenizer`` writes into a Hugging Face folder. Raises :class:`TokenizerError` naming ``option``."""
     spec = _checked_spec(spec, option, f"valid: {BYTES!r}, a {TOKENIZER_FILE} file or a tokenizer folder")
-    path = Path(spec).expanduser()
+    path = user_path(spec)
     if spec != BYTES and path.is_dir() and not (path / TOKENIZER_FILE).is_file():
         return _transformers_tokenizer(path, f"{option}={spec!r}")
     return load_tokenizer(spec, option)

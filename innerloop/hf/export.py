@@ -39,7 +39,7 @@ from transformers import PreTrainedTokenizerBase
 
 from innerloop.checkpoints import checkpoint_tokenizer, load_model, widest_parameter_dtype
 from innerloop.config.load import ConfigError, check_not_a_link_loop, check_output_dir
-from innerloop.core.functional import check_path_argument, is_flag
+from innerloop.core.functional import check_path_argument, is_flag, user_path
 from innerloop.data.atomic import file_sha256
 from innerloop.data.tokenizer import Tokenizer as RunTokenizer
 from innerloop.data.tokenizer import TokenizerError, UnknownTokenizer
@@ -199,7 +199,7 @@ def is_export_folder(folder: Path) -> bool:
 
 def _resolved_target(out_dir: str | os.PathLike[str], name: str = "OUT_DIR") -> Path:
     """``out_dir``, or the folder it points to when it is a symbolic link (written through)."""
-    out = Path(out_dir).expanduser()
+    out = user_path(out_dir)
     if not out.is_symlink():
         return out
     try:
@@ -321,7 +321,7 @@ def export_model(
     finally:
         if staging.exists() and not holds_users_files:
             shutil.rmtree(staging)
-    return Path(out_dir).expanduser()
+    return user_path(out_dir)
 
 
 def _in_one_dtype(wrapped: InnerloopForCausalLM) -> InnerloopForCausalLM:
@@ -540,7 +540,7 @@ def settle_interrupted_export(out_dir: str | os.PathLike[str]) -> list[str]:
 
     Nothing of the user's is deleted: a file that cannot go back (its name is taken in ``OUT_DIR``) or
     a folder that still holds something after this stays where it is, and the line names it."""
-    out = Path(out_dir).expanduser()
+    out = user_path(out_dir)
     done: list[str] = []
     earlier = export_leftovers(out, ".old")
     if not out.exists() and earlier:

@@ -49,7 +49,13 @@ except ImportError:  # not on Windows: staging folders a killed save left are th
 from innerloop.checkpoints import missing_keys_note, plugin_record, warn_changed_plugins
 from innerloop.core.callers import warning_stacklevel
 from innerloop.core.eager import run_eagerly
-from innerloop.core.functional import as_integer, first_non_finite, integer_or_given, scored_cross_entropy_sum
+from innerloop.core.functional import (
+    as_integer,
+    first_non_finite,
+    integer_or_given,
+    scored_cross_entropy_sum,
+    user_path,
+)
 from innerloop.core.state import check_batch_rows
 from innerloop.data.atomic import atomic_write_text, file_sha256, permissions_to_give
 from innerloop.hf.arguments import (
@@ -1150,7 +1156,7 @@ def local_folder(given: Any, subfolder: Any = None) -> Path | None:
     None (a Hub id, a folder that does not exist)."""
     if not isinstance(given, (str, os.PathLike)):
         return None
-    folder = Path(given).expanduser() / (subfolder if isinstance(subfolder, str) else "")
+    folder = user_path(given) / (subfolder if isinstance(subfolder, str) else "")
     return folder if folder.is_dir() else None
 
 
@@ -1409,7 +1415,7 @@ def refuse_an_interrupted_export(folder: Any) -> None:
     id) is left to transformers."""
     if not isinstance(folder, (str, os.PathLike)):
         return
-    out = Path(folder).expanduser()
+    out = user_path(folder)
     if not out.name or os.path.lexists(out):
         return
     try:

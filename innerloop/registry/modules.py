@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from innerloop.core.functional import user_path
 from innerloop.registry.kinds import PluginError
 from innerloop.registry.manager import Registry, get_registry, warn_of_kernels_that_cannot_run
 
@@ -61,7 +62,7 @@ def _module_name(spec: str) -> str:
 
 def _file_of(spec: str) -> Path:
     """The file the path ``spec`` names: itself, or a package folder's ``__init__.py``."""
-    path = Path(spec).expanduser().resolve()
+    path = user_path(spec).resolve()
     return path / "__init__.py" if (path / "__init__.py").is_file() else path
 
 

@@ -45,7 +45,7 @@ from innerloop.checkpoints import (
 )
 from innerloop.config.load import ConfigError, other_model_folder_problem
 from innerloop.config.schema import DataConfig, RunConfig
-from innerloop.core.functional import as_integer, check_flag
+from innerloop.core.functional import as_integer, check_flag, user_path
 from innerloop.data.atomic import atomic_write, atomic_write_text, remove_stale_temporaries_of
 from innerloop.data.packing import document_side, first_document_of
 from innerloop.data.text import held_out_share, path_entries
@@ -144,7 +144,7 @@ class Comparison:
 def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
     """A run folder's ``last.safetensors``, or the checkpoint file given; a clear error otherwise (a Hugging
     Face export or an orbax TTT-E2E checkpoint named as such, with what to give instead, as ``eval`` does)."""
-    path = Path(run_or_checkpoint).expanduser()
+    path = user_path(run_or_checkpoint)
     if path.is_dir():
         folder, path = path, checkpoint_path(path)
         if not path.is_file():
@@ -225,8 +225,8 @@ def _baseline_index(
         return 0
     for i, (name, arg, path) in enumerate(zip(names, given, paths, strict=True)):
         shown = (name, f"{name} (no TTT)") if no_ttt else (name,)
-        if baseline in (*shown, str(arg), str(path)) or Path(baseline).expanduser().resolve() in (
-            Path(arg).expanduser().resolve(),
+        if baseline in (*shown, str(arg), str(path)) or user_path(baseline).resolve() in (
+            user_path(arg).resolve(),
             path.resolve(),
         ):
             return i
@@ -1084,7 +1084,7 @@ def _label_differences(bottom: Any, comparison: Comparison) -> None:
 def comparison_stem(comparison: Comparison, out_dir: str | Path) -> Path:
     """``out_dir/compare-<id>`` (``compare-test-<id>`` on the baseline run's test windows)."""
     which = "test-" if comparison.held_out == "test" else ""
-    return Path(out_dir).expanduser() / f"compare-{which}{comparison_id(comparison)}"
+    return user_path(out_dir) / f"compare-{which}{comparison_id(comparison)}"
 
 
 def write_comparison(
@@ -1122,7 +1122,7 @@ class LengthProgress:
     interrupted earlier run of it too), as the whole comparison holds them."""
 
     def __init__(self, out_dir: str | Path) -> None:
-        self.out_dir = Path(out_dir).expanduser()
+        self.out_dir = user_path(out_dir)
         self.latest: tuple[Path, Path, Path] | None = None
         self.latest_lengths: list[int] = []
         self._made: list[Path] = []  # superseded once the whole comparison is written

@@ -2010,7 +2010,7 @@ def evaluate(
     stem = evaluation_stem(checkpoint_identity(checkpoint), paths, seq_len, len(inputs), windows.tag, no_ttt)
     ablation = ", test-time training off" if no_ttt else ""
     title = f"{Path(checkpoint).name} on {windows.tag}, T={seq_len}{ablation}: loss by position"
-    csv_path, png = _write_evaluation(Path(out_dir).expanduser() / stem, buckets, losses, title, metrics)
+    csv_path, png = _write_evaluation(user_path(out_dir) / stem, buckets, losses, title, metrics)
     return metrics, csv_path, png
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from innerloop.checkpoints import is_safetensors_file, load_checkpoint, save_checkpoint
+from innerloop.config.load import ConfigError, validate_run_config
+from innerloop.config.schema import RunConfig
 from innerloop.core.functional import user_path
 from innerloop.data.text import resolve_files
 
@@ -42,3 +44,11 @@ def test_a_data_file_whose_name_starts_with_tilde_is_found(monkeypatch, tmp_path
     monkeypatch.chdir(tmp_path)
     (tmp_path / "~notes.txt").write_text("hello", encoding="utf-8")
     assert [p.name for p in resolve_files(["./~notes.txt"])] == ["~notes.txt"]
+
+
+@pytest.mark.parametrize("key", ["grad_clip", "lr"])
+def test_an_integer_too_large_for_a_float_key_is_named(key):
+    run = RunConfig()
+    setattr(run.optim, key, 10**400)  # int(float('inf')) cannot be; math.isfinite raised OverflowError
+    with pytest.raises(ConfigError, match=rf"optim\.{key}=\d+ \(int\) must be a finite number"):
+        validate_run_config(run)

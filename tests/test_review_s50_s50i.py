@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from innerloop.checkpoints import is_safetensors_file, load_checkpoint, save_checkpoint
-from innerloop.config.load import ConfigError, validate_run_config
+from innerloop.config.load import ConfigError, load_config, validate_run_config
 from innerloop.config.schema import RunConfig
 from innerloop.core.functional import user_path
 from innerloop.data.text import resolve_files
@@ -52,3 +52,14 @@ def test_an_integer_too_large_for_a_float_key_is_named(key):
     setattr(run.optim, key, 10**400)  # int(float('inf')) cannot be; math.isfinite raised OverflowError
     with pytest.raises(ConfigError, match=rf"optim\.{key}=\d+ \(int\) must be a finite number"):
         validate_run_config(run)
+
+
+@pytest.mark.parametrize("text", ["9" * 400, "-" + "9" * 400], ids=["positive", "negative"])
+def test_an_override_integer_too_large_for_a_float_key_is_named(monkeypatch, tmp_path, text):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("hello world " * 400, encoding="utf-8")
+    # omegaconf's float(...) of the text raised a bare OverflowError before any check of innerloop's
+    with pytest.raises(
+        ConfigError, match=r"config key 'optim\.grad_clip' in override .* is not a decimal number"
+    ):
+        load_config("tiny", ["data.paths=[a.txt]", f"optim.grad_clip={text}"])

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import sys
 import tempfile
 import typing
 import warnings
@@ -219,9 +220,17 @@ def _text_fits(text: str, kinds: Sequence[Any], quoted: bool = False) -> bool:
             return True
         if kind is int and PLAIN_INT.fullmatch(text):
             return True
-        if kind is float and (PLAIN_INT.fullmatch(text) or PLAIN_FLOAT.fullmatch(text)):
+        if kind is float and (
+            PLAIN_INT.fullmatch(text) and _within_float_range(text) or PLAIN_FLOAT.fullmatch(text)
+        ):
             return True
     return False
+
+
+def _within_float_range(integer_text: str) -> bool:
+    """Whether the plain decimal integer ``integer_text`` has a float value: omegaconf's conversion of
+    ``optim.lr=1000...0`` (400 digits) raised a bare ``OverflowError`` ('int too large to convert to float')."""
+    return abs(int(integer_text)) <= sys.float_info.max
 
 
 def _kind_words(kinds: Sequence[Any]) -> str:

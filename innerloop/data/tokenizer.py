@@ -156,7 +156,8 @@ class Tokenizer(ABC):
     @abstractmethod
     def save_pretrained(self, out_dir: str | os.PathLike[str]) -> list[Path]:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``out_dir`` (atomically, each
-        file) so that ``AutoTokenizer.from_pretrained(out_dir)`` loads an equivalent tokenizer; return
+        file; a leading ``~`` is the home folder, as innerloop reads every path) so that
+        ``AutoTokenizer.from_pretrained(out_dir)`` loads an equivalent tokenizer; return
         the files written."""
 
     def encode_bytes(self, data: bytes) -> list[int]:
@@ -442,7 +443,7 @@ def _save_tokenizer_files(
         config["eos_token"] = eos_token
     if split_special_tokens:
         config["split_special_tokens"] = True
-    out = Path(out_dir)
+    out = user_path(out_dir)  # "~/x" is the home folder's x, as load_tokenizer reads it
     remove_stale_temporaries_of([out / TOKENIZER_CONFIG_FILE, out / TOKENIZER_FILE])  # a killed save's
     config_text = json.dumps(config, indent=2) + "\n"
     _unpair_a_previous_tokenizer(out, config_text)

@@ -1,4 +1,5 @@
-"""Loss by position: CSV and PNG (matplotlib, Agg backend), both written atomically."""
+"""Loss by position: CSV and PNG (matplotlib, Agg backend), both written atomically (a leading ``~`` in
+a path is the home folder, :func:`~innerloop.core.functional.user_path`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from innerloop.core.functional import check_path_argument
+from innerloop.core.functional import check_path_argument, user_path
 from innerloop.data.atomic import atomic_write, atomic_write_text
 
 
@@ -24,13 +25,13 @@ def write_loss_by_position_csv(
     writer.writerow(["start", "end", "loss"])
     for (start, end), loss in zip(buckets, losses, strict=True):
         writer.writerow([start, end, f"{loss:.6f}"])
-    return atomic_write_text(path, text.getvalue())
+    return atomic_write_text(user_path(path), text.getvalue())  # '~' is the home folder, not ./~
 
 
 def read_loss_by_position_csv(path: str | os.PathLike[str]) -> tuple[list[tuple[int, int]], list[float]]:
     """Inverse of :func:`write_loss_by_position_csv`."""
     check_path_argument(path)  # open(3) reads, then closes, file descriptor 3
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(user_path(path), newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     return [(int(r["start"]), int(r["end"])) for r in rows], [float(r["loss"]) for r in rows]
 
@@ -60,6 +61,6 @@ def plot_loss_by_position(
         ax.legend()
     fig.tight_layout()
     try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        return atomic_write(user_path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     finally:
         plt.close(fig)

@@ -491,7 +491,7 @@ def _train_command(args: argparse.Namespace, worker: bool) -> int:
     if args.resume:
         run, cfg = _resume_config(args.config, args.overrides)
     else:  # before importing Lightning: errors come fast
-        run, cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
+        run, cfg = load_config(args.config or DEFAULT_PRESET, args.overrides, option="--config")
         _refuse_config_inside_out_dir(args.config, run.out_dir)
     from innerloop.train.interrupt import TrainingInterrupted
     from innerloop.train.module import TrainingDivergedError
@@ -533,7 +533,7 @@ def _resume_config(config: str | None, overrides: Sequence[str]) -> tuple[Any, A
     from innerloop.config.load import config_differences, load_config, read_out_dir
     from innerloop.train.run_dir import settle_interrupted_overwrite
 
-    out_dir = read_out_dir(config or DEFAULT_PRESET, overrides)
+    out_dir = read_out_dir(config or DEFAULT_PRESET, overrides, option="--config")
     settle_interrupted_overwrite(out_dir)  # a killed --overwrite: read the config of the run it left
     saved = Path(out_dir) / "config.yaml"
     if Path(out_dir).is_file():
@@ -550,12 +550,12 @@ def _resume_config(config: str | None, overrides: Sequence[str]) -> tuple[Any, A
     if _holds_no_settings(saved):
         _refuse_a_checkpoint_without_its_config(out_dir, "an empty config at")
     try:
-        run, cfg = load_config(str(saved), overrides, out_dir=out_dir)
+        run, cfg = load_config(str(saved), overrides, out_dir=out_dir, option="--resume")
     except ConfigError as err:  # a plugin no longer installed: the run's checkpoint says where it came from
         from innerloop.train.run import with_missing_plugins_named
 
         raise with_missing_plugins_named(err, out_dir) from None
-    differences = config_differences(config, overrides, run) if config is not None else []
+    differences = config_differences(config, overrides, run, option="--config") if config is not None else []
     if differences:
         print(
             f"innerloop train: warning: --resume continues the run in {out_dir!r} from its saved config.yaml "
@@ -771,7 +771,9 @@ def _params_model(args: argparse.Namespace) -> tuple[Any, str | None]:
     from innerloop.config.load import load_config
 
     try:
-        return load_config(args.config, args.overrides, model_only=True)[0], None  # data, out_dir aside
+        return load_config(args.config, args.overrides, model_only=True, option="--config")[
+            0
+        ], None  # data, out_dir aside
     except ConfigError as err:
         if args.budget is None:
             raise
@@ -779,7 +781,10 @@ def _params_model(args: argparse.Namespace) -> tuple[Any, str | None]:
         others = [item for item in args.overrides if item.partition("=")[0].strip() != searched]
         try:  # the width's own overrides dropped: the search replaces them (and a key is given once)
             run, _ = load_config(
-                args.config, [*others, f"{searched}={_SEARCH_STARTS[args.adjust]}"], model_only=True
+                args.config,
+                [*others, f"{searched}={_SEARCH_STARTS[args.adjust]}"],
+                model_only=True,
+                option="--config",
             )
         except ConfigError:
             raise err from None  # not (only) the width: the error as given

@@ -82,13 +82,23 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_source(preset_or_file: str) -> tuple[str, str]:
-    """The YAML text of a file path or a packaged preset name, and a description of where it came from."""
+def _given(option: str, value: Any, quoted: bool = True) -> str:
+    """``value`` as its caller gave it: ``--config 'x'`` on the command line (``--config x`` unless
+    ``quoted``, an argument to type), ``preset_or_file='x'`` from Python."""
+    if not option.startswith("--"):
+        return f"{option}={value!r}"
+    return f"{option} {value!r}" if quoted else f"{option} {value}"
+
+
+def _read_source(preset_or_file: str, option: str = "preset_or_file") -> tuple[str, str]:
+    """The YAML text of a file path or a packaged preset name, and a description of where it came from;
+    errors name ``option`` (``--config`` for the command line)."""
     path = user_path(preset_or_file)
     if path.is_file() and preset_or_file in preset_names():  # a bare name: which one was meant?
         raise ConfigError(
-            f"--config {preset_or_file!r} is both a preset and a file in the current directory; write "
-            f"--config ./{preset_or_file} for the file, or rename it to use the preset"
+            f"{_given(option, preset_or_file)} is both a preset and a file in the current directory; write "
+            f"{_given(option, './' + str(preset_or_file), quoted=False)} for the file, or rename it to use "
+            "the preset"
         )
     if path.is_file():
         source = f"file {str(Path(preset_or_file))!r}"
@@ -99,9 +109,9 @@ def _read_source(preset_or_file: str) -> tuple[str, str]:
     if preset_or_file in preset_names():
         text = (resources.files("innerloop.config") / "presets" / f"{preset_or_file}.yaml").read_text("utf-8")
         return text, f"preset {preset_or_file!r}"
-    check_not_a_link_loop(path, f"--config {preset_or_file!r}")
+    check_not_a_link_loop(path, _given(option, preset_or_file))
     raise ConfigError(
-        f"--config {preset_or_file!r} is neither a file nor a preset; presets: {preset_names()}"
+        f"{_given(option, preset_or_file)} is neither a file nor a preset; presets: {preset_names()}"
     )
 
 
@@ -116,7 +126,7 @@ def _parse_source(text: str, source: str) -> tuple[DictConfig, list[str]]:
     if document is None:  # an empty file, or only comments or null: a truncated file, or the wrong one
         raise ConfigError(
             f"{source} is empty: no settings (nothing but comments, or null); give the settings to change "
-            f"(e.g. 'trainer: {{max_steps: 100}}'), or leave --config out for the preset {DEFAULT_PRESET!r}"
+            f"(e.g. 'trainer: {{max_steps: 100}}'), or use the default preset {DEFAULT_PRESET!r}"
         )
     if not isinstance(document, dict):
         raise ConfigError(f"{source} must be a mapping of config sections, got {type(document).__name__}")
@@ -578,6 +588,7 @@ def load_config(
     *,
     model_only: bool = False,
     out_dir: str | None = None,
+    option: str = "preset_or_file",
 ) -> tuple[RunConfig, DictConfig]:
     """Load a preset or YAML file, apply ``key=value`` overrides, validate; return the typed config and
     its omegaconf form (for saving). ``model_only``: check only what the model needs (its section, and
@@ -587,9 +598,12 @@ def load_config(
     one the config names (a moved run's). A ``~`` in ``out_dir`` is expanded; ``preset_or_file`` is then
     the run's saved config.yaml, whose model options added since it was written are read at the values
     its model was trained with (:func:`~innerloop.models.config.with_earlier_defaults`), as its
-    checkpoint's are."""
+    checkpoint's are. ``option``: how errors name ``preset_or_file`` (the command line passes
+    ``--config``)."""
     check_flag("model_only", model_only)  # 'false' would skip the run's checks
-    container, _, cfg = _merged_config(preset_or_file, overrides, saved_run=out_dir is not None)
+    container, _, cfg = _merged_config(
+        preset_or_file, overrides, saved_run=out_dir is not None, option=option
+    )
     run = _typed(cfg)
     if out_dir is not None:  # a resume trains in the folder its config.yaml was found in
         cfg.out_dir = run.out_dir = out_dir
@@ -686,13 +700,14 @@ def _warn_unread_keys(
 
 
 def _merged_config(
-    preset_or_file: Any, overrides: Sequence[str], saved_run: bool = False
+    preset_or_file: Any, overrides: Sequence[str], saved_run: bool = False, option: str = "preset_or_file"
 ) -> tuple[Any, Any, DictConfig]:
     """The config source's mapping as read, that mapping with its ``trainer`` keys routed, and the
     schema with the source and ``overrides`` merged in; the keys and types checked, not the values.
-    ``saved_run``: the source is a run's saved config.yaml (see :func:`_earlier_model_options`)."""
-    _check_load_arguments(preset_or_file, overrides)
-    text, source = _read_source(preset_or_file)
+    ``saved_run``: the source is a run's saved config.yaml (see :func:`_earlier_model_options`);
+    ``option``: how errors name ``preset_or_file``."""
+    _check_load_arguments(preset_or_file, overrides, option)
+    text, source = _read_source(preset_or_file, option)
     # a config of a megabyte or more (a generated one) is not kept: the cache holds 32 sources
     read = _merged_source(text, source) if len(text) < 1_000_000 else _merged_source.__wrapped__(text, source)
     base = functools.partial(copy.deepcopy, read.merged)  # a new config each call
@@ -739,12 +754,15 @@ def _typed(cfg: DictConfig) -> RunConfig:
 
 
 def read_out_dir(
-    preset_or_file: str | os.PathLike[str] = DEFAULT_PRESET, overrides: Sequence[str] = ()
+    preset_or_file: str | os.PathLike[str] = DEFAULT_PRESET,
+    overrides: Sequence[str] = (),
+    option: str = "preset_or_file",
 ) -> str:
     """The ``out_dir`` a config with ``overrides`` names (``~`` expanded), its keys and types checked but
     not its values: where ``--resume`` finds the run, whose own saved config is then the one checked
-    (the preset's or file's other values do not concern it)."""
-    _, _, cfg = _merged_config(preset_or_file, overrides)
+    (the preset's or file's other values do not concern it). ``option``: how errors name
+    ``preset_or_file``."""
+    _, _, cfg = _merged_config(preset_or_file, overrides, option=option)
     try:
         out_dir = cfg.out_dir
     except OmegaConfBaseException as err:  # an interpolation ${...} that does not resolve
@@ -753,15 +771,19 @@ def read_out_dir(
 
 
 def config_differences(
-    preset_or_file: str | os.PathLike[str], overrides: Sequence[str], run: RunConfig
+    preset_or_file: str | os.PathLike[str],
+    overrides: Sequence[str],
+    run: RunConfig,
+    option: str = "preset_or_file",
 ) -> list[str]:
     """``key (run's value -> config's value)`` for each key that the preset or file sets (other than
     ``out_dir``) where it, with ``overrides``, differs from ``run``. Data paths and a tokenizer path
-    are compared as a run records them, absolute (:func:`absolute_data_paths`)."""
-    _, routed, cfg = _merged_config(preset_or_file, overrides)
+    are compared as a run records them, absolute (:func:`absolute_data_paths`). ``option``: how errors
+    name ``preset_or_file``."""
+    _, routed, cfg = _merged_config(preset_or_file, overrides, option=option)
     given = set(_flat_dict(routed)) - {"out_dir"}
     theirs = _typed(cfg)
-    check_path_entries(theirs.data.paths, f"--config {str(preset_or_file)!r}: ")
+    check_path_entries(theirs.data.paths, f"{_given(option, str(preset_or_file))}: ")
     theirs.data.paths = absolute_data_paths(theirs.data.paths)
     theirs.data.tokenizer = absolute_tokenizer(theirs.data.tokenizer)
     new = _flat_dict(OmegaConf.to_container(OmegaConf.structured(theirs)))
@@ -836,12 +858,12 @@ def read_run_config(path: str | Path) -> RunConfig:
     return run
 
 
-def _check_load_arguments(preset_or_file: Any, overrides: Any) -> None:
+def _check_load_arguments(preset_or_file: Any, overrides: Any, option: str = "preset_or_file") -> None:
     """:class:`ConfigError` for arguments of :func:`load_config` of the wrong kind: a string of overrides
     would be read character by character, ``None`` as a path."""
     if not isinstance(preset_or_file, (str, os.PathLike)):
         raise ConfigError(
-            f"preset_or_file must be a preset name or a YAML file path, got {type(preset_or_file).__name__}; "
+            f"{option} must be a preset name or a YAML file path, got {type(preset_or_file).__name__}; "
             f"presets: {preset_names()}"
         )
     if isinstance(overrides, (str, bytes)) or not isinstance(overrides, Sequence):

@@ -180,7 +180,9 @@ def test_a_saved_or_resume_config_with_a_nested_data_paths_entry_is_one_error(tm
     with pytest.raises(
         ConfigError, match=re.escape(f"--config {str(nested)!r}: data.paths entry ['a', 'b']")
     ):
-        config_differences(str(nested), [], RunConfig())  # train --resume --config nested.yaml
+        config_differences(str(nested), [], RunConfig(), option="--config")  # train --resume --config nested
+    with pytest.raises(ConfigError, match=re.escape(f"preset_or_file={str(nested)!r}: data.paths entry")):
+        config_differences(str(nested), [], RunConfig())  # from Python: the parameter's name
 
 
 def test_a_null_data_paths_entry_names_the_string_type() -> None:

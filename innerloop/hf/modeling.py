@@ -605,10 +605,10 @@ class InnerloopPreTrainedModel(PreTrainedModel):
                 f"{type(self).__name__} does not support activation checkpointing for model.mixer={E2E!r}: "
                 f"{E2E_CHECKPOINTING_REFUSED}"
             )
-        check_checkpoint_function(gradient_checkpointing_func, "gradient_checkpointing_kwargs")
-        self.model.gradient_checkpointing_enable(
-            every_n_layers=every_n_layers, checkpoint_function=gradient_checkpointing_func
-        )
+        check_checkpoint_function(
+            gradient_checkpointing_func, "gradient_checkpointing_kwargs"
+        )  # the one check
+        self.model._checkpoint_blocks_through(gradient_checkpointing_func, every_n_layers)
 
     def _mark_model_config_synced(self) -> None:
         """Remember ``config.model`` and the inner model's config as they are now, one and the same model

@@ -415,7 +415,14 @@ class CausalLM(nn.Module):
         decoding run as before. Loss and gradients are those without it (the carried states' too)."""
         every_n_layers = check_positive_int("every_n_layers", every_n_layers)
         function = _checkpoint_function(gradient_checkpointing_kwargs, checkpoint_function)
-        self._checkpoint_every, self._gradient_checkpointing_func = every_n_layers, function
+        self._checkpoint_blocks_through(function, every_n_layers)
+
+    def _checkpoint_blocks_through(self, function: CheckpointFunction, every_n_layers: int) -> None:
+        """Turn checkpointing on with ``function``, which the caller has checked
+        (:func:`check_checkpoint_function`, naming its own parameter: the Hugging Face wrapper's is
+        ``gradient_checkpointing_kwargs``), every ``every_n_layers``-th block."""
+        self._checkpoint_every = check_positive_int("every_n_layers", every_n_layers)
+        self._gradient_checkpointing_func = function
         self.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self) -> None:

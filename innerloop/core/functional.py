@@ -429,7 +429,8 @@ def chunk_mean_cross_entropy(
 
 
 def is_integer(value: Any) -> bool:
-    """An integer argument, by the library's one rule (:func:`as_integer`): a Python int, a numpy
+    """Whether ``value`` is an integer by the library's one rule, :func:`as_integer`'s (this is
+    ``as_integer(value) is not None``, for a check that needs only the answer): a Python int, a numpy
     integer or a 0-d integer tensor; not a bool (True is no size), a float (4.0 neither: a float where an
     integer is meant is refused, not truncated) or a string."""
     return as_integer(value) is not None
@@ -445,8 +446,9 @@ def integer_or_given(value: Any) -> Any:
 
 
 def as_integer(value: Any) -> int | None:
-    """``value`` as an int if it is an integer (a Python int, a numpy integer, a 0-d integer tensor),
-    else None: not a bool (nor a bool tensor, which ``operator.index`` reads as 0 or 1), a float (a float
+    """The rule of what an integer argument is, and its value: ``value`` as a Python int if it is an
+    integer (a Python int, a numpy integer, a 0-d integer tensor), else None, for a check that goes on to
+    use the int (:func:`is_integer` and :func:`integer_or_given` are this rule's other two forms): not a bool (nor a bool tensor, which ``operator.index`` reads as 0 or 1), a float (a float
     tensor has ``__index__`` too, which raises) or a string, nor a tensor of one element that is not 0-d
     (torch's ``__index__`` reads ``tensor([[3]])`` as 3; numpy refuses ``array([3])``)."""
     if isinstance(value, bool):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from innerloop.core.functional import as_integer
+from innerloop.core.functional import is_integer
 from innerloop.models.lm import check_token_ids
 
 if TYPE_CHECKING:  # annotations only: generate calls the model, whatever its class
@@ -116,13 +116,13 @@ def generate(
     """
     _check_model(model)
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
-    check_token_ids(prompt_ids, vocab_size if _is_int(vocab_size) else None, "prompt_ids", min_length=1)
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
-        raise _bad("max_new_tokens", max_new_tokens, "an int >= 0", _is_int(max_new_tokens))
+    check_token_ids(prompt_ids, vocab_size if is_integer(vocab_size) else None, "prompt_ids", min_length=1)
+    if not is_integer(max_new_tokens) or max_new_tokens < 0:
+        raise _bad("max_new_tokens", max_new_tokens, "an int >= 0", is_integer(max_new_tokens))
     temperature, top_k = _checked_sampling(temperature, top_k, generator)
     _check_prompt_device(model, prompt_ids)
     _check_generator_device(generator, temperature, prompt_ids.device, "prompt_ids")
-    stops = _checked_eos(eos_token_id, vocab_size if _is_int(vocab_size) else None)
+    stops = _checked_eos(eos_token_id, vocab_size if is_integer(vocab_size) else None)
     return _sample(model, prompt_ids, int(max_new_tokens), temperature, top_k, generator, stops)
 
 
@@ -156,13 +156,13 @@ def _checked_eos(eos_token_id: object, vocab_size: int | None) -> list[int]:
     """``eos_token_id`` as a list of ids (empty for None), each an int in the vocabulary."""
     if eos_token_id is None:
         return []
-    ids = [eos_token_id] if _is_int(eos_token_id) else eos_token_id
+    ids = [eos_token_id] if is_integer(eos_token_id) else eos_token_id
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or not ids:
         raise TypeError(f"eos_token_id must be a token id, a non-empty list of them, or None, got {ids!r}")
     for token in ids:
-        if not _is_int(token) or token < 0 or (vocab_size is not None and token >= vocab_size):
+        if not is_integer(token) or token < 0 or (vocab_size is not None and token >= vocab_size):
             valid = "an int >= 0" if vocab_size is None else f"an int in 0..{vocab_size - 1}"
-            raise _bad("eos_token_id", token, valid, _is_int(token))
+            raise _bad("eos_token_id", token, valid, is_integer(token))
     return [int(token) for token in ids]
 
 
@@ -172,8 +172,8 @@ def _checked_sampling(temperature: object, top_k: object, generator: object) -> 
         raise _bad(
             "temperature", temperature, "a finite real number >= 0 (0 is greedy)", _is_real(temperature)
         )
-    if top_k is not None and (not _is_int(top_k) or top_k < 1):
-        raise _bad("top_k", top_k, "an int >= 1, or None for all tokens", _is_int(top_k))
+    if top_k is not None and (not is_integer(top_k) or top_k < 1):
+        raise _bad("top_k", top_k, "an int >= 1, or None for all tokens", is_integer(top_k))
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     return float(temperature), None if top_k is None else int(top_k)
@@ -203,11 +203,6 @@ def _check_generator_device(
             f"generator is on {generator.device.type} but {tensors} are on {device}: tokens are drawn where "
             f"the logits are; pass torch.Generator(device='{device.type}') (or None)"
         )
-
-
-def _is_int(value: object) -> bool:
-    """An integer as ``evaluate`` and ``compare`` read one: numpy's and a 0-d integer tensor too."""
-    return as_integer(value) is not None
 
 
 def _is_real(value: object) -> bool:

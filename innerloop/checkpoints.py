@@ -677,6 +677,49 @@ def recorded_plugins(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def stored_weights_dtype(path: str | os.PathLike[str]) -> torch.dtype | None:
+    """The dtype most of the model's floating-point weights (``state_dict``) are stored in, in the
+    checkpoint at ``path`` (``torch.bfloat16`` for a ``bf16-true`` run's), read from the file's header
+    alone (no tensor is read); None when it holds none or cannot be read."""
+    tree = _metadata_tree(path)
+    state_dict = tree.get("state_dict") if isinstance(tree, dict) else None
+    if not isinstance(state_dict, dict):
+        return None
+    keys = [ref["__tensor__"] for ref in state_dict.values() if isinstance(ref, dict) and "__tensor__" in ref]
+    counts: dict[str, int] = {}
+    try:
+        with safe_open(str(user_path(path)), framework="pt", device="cpu") as f:
+            for key in keys:
+                dtype = f.get_slice(key).get_dtype()
+                counts[dtype] = counts.get(dtype, 0) + 1
+    except (SafetensorError, OSError, ValueError):
+        return None
+    floating = {_SAFETENSORS_DTYPES[d]: n for d, n in counts.items() if d in _SAFETENSORS_DTYPES}
+    return max(floating, key=floating.__getitem__) if floating else None
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+}
+"""safetensors' names of the floating-point dtypes a checkpoint's weights may be stored in."""
+
+
+def dtype_note(path: str | os.PathLike[str]) -> str | None:
+    """One line for a command that runs the checkpoint at ``path`` as :func:`load_model` loads it by
+    default (``innerloop generate``, ``eval``): its weights stored in bfloat16 or float16 (a
+    ``bf16-true`` or ``16-true`` run's) run upcast to float32; None when they run as stored."""
+    stored = stored_weights_dtype(path)
+    if stored is None or torch.promote_types(stored, torch.float32) == stored:
+        return None
+    return (
+        f"the checkpoint's weights are stored in {str(stored).removeprefix('torch.')}; they run upcast to "
+        "float32 (exactly), as every checkpoint is evaluated (load_model(..., keep_dtype=True) keeps them)"
+    )
+
+
 # -- loading ---------------------------------------------------------------------------------------------
 
 

@@ -245,7 +245,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser(
         "eval",
         help="perplexity and loss by position of a checkpoint (CSV + PNG)",
-        description="Perplexity and loss by position of a checkpoint, on held-out text or your own files.",
+        description="Perplexity and loss by position of a checkpoint, on held-out text or your own files. A bf16-true or 16-true run's weights run upcast to float32 (exactly), as a note on stderr says, so that runs of every precision are evaluated alike.",
         formatter_class=_HelpFormatter,
     )
     evaluate.add_argument("checkpoint", help="a last.safetensors written by `innerloop train`")
@@ -422,7 +422,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     generate = commands.add_parser(
         "generate",
         help="sample text through the recurrent state",
-        description="Sample text from a checkpoint, one token at a time through the recurrent state (a token is a byte for a byte-level model, a tokenizer's token otherwise).",
+        description="Sample text from a checkpoint, one token at a time through the recurrent state (a token is a byte for a byte-level model, a tokenizer's token otherwise). A bf16-true or 16-true run's weights run upcast to float32, as a note on stderr says.",
         formatter_class=_HelpFormatter,
     )
     generate.add_argument("checkpoint", help="a last.safetensors written by `innerloop train`")
@@ -642,6 +642,7 @@ def _eval(args: argparse.Namespace) -> int:
     _quiet_lightning()
     from innerloop.train.interrupt import TrainingInterrupted
 
+    _note_the_dtype("eval", args.checkpoint)
     try:
         metrics, csv_path, png = evaluate(
             args.checkpoint,
@@ -848,12 +849,23 @@ def _token_unit(checkpoint: str, data: Sequence[str] = ()) -> str:
     return "byte" if isinstance(checkpoint_tokenizer(checkpoint), ByteTokenizer) else "token"
 
 
+def _note_the_dtype(command: str, checkpoint: str) -> None:
+    """Say on stderr which dtype ``innerloop <command>`` runs the checkpoint in, where it is not the one
+    its weights are stored in (a ``bf16-true`` run's, upcast to float32)."""
+    from innerloop.checkpoints import dtype_note
+
+    note = dtype_note(checkpoint)
+    if note is not None:
+        print(f"innerloop {command}: note: {note}", file=sys.stderr)
+
+
 def _generate(args: argparse.Namespace) -> int:
     _check_checkpoint(args.checkpoint)
     from innerloop.checkpoints import checkpoint_tokenizer, load_model
     from innerloop.data.tokenizer import ByteTokenizer
 
     model = load_model(args.checkpoint)  # first: its errors say what is wrong with the file
+    _note_the_dtype("generate", args.checkpoint)
     tokenizer = checkpoint_tokenizer(args.checkpoint)
     if not isinstance(tokenizer, ByteTokenizer):
         return _generate_tokens(args, model, tokenizer)

@@ -68,3 +68,47 @@ def test_load_config_names_a_shadowed_preset_as_its_caller_gave_it(
     assert "--config" not in message, message
     assert "preset_or_file='tiny' is both a preset and a file" in message, message
     assert "write preset_or_file='./tiny' for the file" in message, message
+
+
+def _checkpoint_in(path: Path, dtype) -> Path:
+    """A TTT-E2E checkpoint whose floating weights are stored in ``dtype`` (a ``*-true`` run's)."""
+    import torch
+
+    from innerloop.checkpoints import MODEL_PREFIX, save_checkpoint
+    from innerloop.models import build_model
+    from innerloop.models.config import ModelConfig
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        mixer="e2e", hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, window=4
+    )
+    model = build_model(config)
+    state_dict = {
+        MODEL_PREFIX + k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()
+    }
+    save_checkpoint({"hyper_parameters": {"model": config.to_dict()}, "state_dict": state_dict}, path)
+    return path
+
+
+@pytest.mark.slow  # a model built, saved three times, loaded and sampled: ~1.2 s
+def test_generate_of_a_bf16_checkpoint_says_it_runs_in_float32(tmp_path: Path, capsys) -> None:
+    import torch
+
+    from innerloop.checkpoints import dtype_note, load_model, stored_weights_dtype
+    from innerloop.cli import main
+
+    bf16 = _checkpoint_in(tmp_path / "bf16.safetensors", torch.bfloat16)
+    assert stored_weights_dtype(bf16) == torch.bfloat16
+    loaded = load_model(bf16)
+    assert (
+        loaded.embed.weight.dtype == torch.float32 and loaded.outer_progress.dtype == torch.float64
+    )  # as docs say
+    assert main(["generate", str(bf16), "--prompt", "a", "--tokens", "2", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "innerloop generate: note: the checkpoint's weights are stored in bfloat16; they run upcast to float32"
+        in err
+    )
+    fp32 = _checkpoint_in(tmp_path / "fp32.safetensors", torch.float32)
+    assert stored_weights_dtype(fp32) == torch.float32 and dtype_note(fp32) is None
+    assert dtype_note(_checkpoint_in(tmp_path / "fp64.safetensors", torch.float64)) is None  # runs as stored

@@ -26,6 +26,7 @@ import logging
 import math
 import numbers
 import os
+import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -50,9 +51,11 @@ from innerloop.data.atomic import atomic_write, atomic_write_text, remove_stale_
 from innerloop.data.packing import document_side, first_document_of
 from innerloop.data.text import held_out_share, path_entries
 from innerloop.data.tokenizer import Tokenizer
+from innerloop.kernels.cpu.build import DISABLE_VARIABLE
 from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
 from innerloop.models.config import WINDOW_SIZE_BOUNDS
 from innerloop.models.params import count_parameters, same_size
+from innerloop.registry import get_registry
 from innerloop.train.bootstrap import (
     DEFAULT_RESAMPLES,
     MIN_BAND_WINDOWS,
@@ -345,9 +348,11 @@ def length_key(
 ) -> str:
     """16 hex digits naming what one length's scores depend on: each model's checkpoint content (in
     order), ``--no-ttt`` and device, the windows' tokens, the batch size and the position buckets, and
-    the innerloop and torch versions (an installed upgrade scores again; code edited in place is not
-    seen)."""
+    the innerloop and torch versions (an installed upgrade scores again; innerloop's code edited in place
+    is not seen), and the code that can run besides innerloop's (:func:`plugin_code_fingerprint`: the
+    plugins loaded, a plugin module's file contents, ``INNERLOOP_DISABLE_CPU_KERNELS``)."""
     digest = hashlib.sha256(f"{innerloop_version()}:{torch.__version__}\0".encode())
+    digest.update(f"{plugin_code_fingerprint()}\0".encode())
     for model in models:
         device = next(model.module.parameters(), torch.empty(0)).device
         digest.update(f"{checkpoint_content_digest(model.checkpoint)}:{model.no_ttt}:{device}\0".encode())
@@ -356,6 +361,35 @@ def length_key(
         digest.update(tokens.detach().cpu().contiguous().numpy().tobytes())
     digest.update(f"{batch_size}:{num_buckets}".encode())
     return digest.hexdigest()[:16]
+
+
+def plugin_code_fingerprint() -> str:
+    """What decides a model's numbers besides its checkpoint and innerloop's own code: every object in
+    the process registry (kind, name, how it was loaded, its distribution's version), the SHA-256 of
+    the source file of each module outside innerloop that one of them comes from (a ``-p my_loss``
+    edited between two runs: scored again), and ``INNERLOOP_DISABLE_CPU_KERNELS`` (which kernel runs)."""
+    registry = get_registry()
+    parts = [f"{DISABLE_VARIABLE}={os.environ.get(DISABLE_VARIABLE, '').strip().lower()}"]
+    modules: set[str] = set()
+    for entry in registry.entries():
+        parts.append(
+            f"{entry.kind}:{entry.name}:{registry.loaded_by(entry.origin)}:{registry.distribution(entry.origin)}"
+        )
+        modules |= _modules_of(entry.obj)
+    modules |= {origin.removeprefix("-p ") for origin in registry.plugin_modules}
+    for name in sorted(modules):
+        source = getattr(sys.modules.get(name), "__file__", None)
+        if name.split(".")[0] != "innerloop" and source and Path(source).is_file():
+            parts.append(f"{name}:{hashlib.sha256(Path(source).read_bytes()).hexdigest()}")
+    return "\n".join(parts)
+
+
+def _modules_of(obj: Any) -> set[str]:
+    """The modules ``obj``'s code comes from: its class's, and those of the functions it holds (a
+    :class:`~innerloop.kernels.spec.KernelSpec`'s ``forward``)."""
+    held = vars(obj).values() if hasattr(obj, "__dict__") else ()
+    functions = [value for value in held if callable(value)]
+    return {getattr(o, "__module__", None) or "" for o in (type(obj), *functions)} - {""}
 
 
 def _logged_notes(
@@ -1114,8 +1148,8 @@ class LengthProgress:
     - after each finished length but the last, the comparison so far (:func:`write_comparison`: the
       ``compare-<id>-partial.*`` files of the lengths finished), and :meth:`where` says where;
     - each finished length's per-window scores, ``compare-scores-<key>.safetensors``
-      (:func:`length_key`: the checkpoints' contents, ``--no-ttt``, the windows' tokens, the batch size
-      and buckets), which the same comparison run again reuses instead of scoring again (the bands are
+      (:func:`length_key`: the checkpoints' contents, ``--no-ttt``, the plugins' code, the windows'
+      tokens, the batch size and buckets), which the same comparison run again reuses instead of scoring again (the bands are
       a bootstrap over these scores, which the CSV does not hold).
 
     :meth:`finish`, once the whole comparison is written, removes these files (the partial ones of an
@@ -1164,7 +1198,7 @@ class LengthProgress:
 
         result = comparison.lengths[-1]
         path = self.scores_path(key)
-        if not path.exists():
+        if path not in self._made:  # not reused: a damaged or misshapen file there is replaced
             tensors = {"loss_sums": result.loss_sums.contiguous(), "counts": result.counts.contiguous()}
             atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"key": key}))
             self._made.append(path)

@@ -1,0 +1,99 @@
+"""Review s50l: what compare's kept per-window scores are keyed by (a rerun reuses them only where the
+numbers would come out the same), and the registry's one loading path as plugin authors use it."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from innerloop.kernels.cpu.build import DISABLE_VARIABLE
+from innerloop.registry import DISABLE_ENV, get_registry, isolated_registry, manager
+from innerloop.registry.modules import PLUGIN_MODULES_ENV, load_plugin_module
+from innerloop.train.compare import LengthProgress, length_key
+
+PREFIX = "s50l_mod_"
+_COUNTER = itertools.count()
+PLUGIN = """
+import innerloop
+from innerloop.core.protocol import InnerLoss, LossPairs
+
+
+@innerloop.register_inner_loss
+class Loss{number}(InnerLoss):
+    name = "s50l_loss_{number}"
+
+    def pairs(self, views, carry):
+        return LossPairs(inputs=views.key, targets=views.value, valid=None, carry={{}})
+
+    def token_loss(self, prediction, target):
+        return (prediction - target).pow({power}).sum(dim=-1)
+"""
+
+
+@pytest.fixture
+def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A folder on sys.path for plugin modules and a fresh process registry with no installed plugin;
+    the modules written there, and what the registry remembers of their imports, are forgotten after."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    monkeypatch.delenv(PLUGIN_MODULES_ENV, raising=False)
+    modules_before = set(sys.modules)
+    with isolated_registry():
+        yield tmp_path
+    for name in set(sys.modules) - modules_before:
+        if name.startswith(PREFIX):
+            del sys.modules[name]
+    for store in (manager._REGISTERED_AT_IMPORT, manager._ROLLED_BACK_AT_IMPORT):
+        for key in [key for key in store if PREFIX in key]:
+            del store[key]
+
+
+def _key(folder: Path) -> str:
+    """The scores key of one tiny model on three windows (the checkpoint a bare safetensors file)."""
+    checkpoint = folder / "m.safetensors"
+    if not checkpoint.exists():
+        save_file({"w": torch.zeros(2)}, str(checkpoint))
+    model = SimpleNamespace(module=torch.nn.Linear(2, 2), checkpoint=checkpoint, no_ttt=False)
+    inputs = torch.arange(12).reshape(3, 4)
+    return length_key([model], inputs, inputs, 3, 2)
+
+
+@pytest.mark.slow  # ~0.35 s: the first registry of the process built (the built-in plugins imported)
+def test_the_scores_key_changes_with_the_cpu_kernels_switched_off(folder, monkeypatch) -> None:
+    monkeypatch.delenv(DISABLE_VARIABLE, raising=False)
+    key = _key(folder)
+    monkeypatch.setenv(DISABLE_VARIABLE, "1")  # the layers run the torch path: other numbers
+    assert _key(folder) != key
+
+
+def test_the_scores_key_changes_with_a_plugin_loaded_and_with_its_code(folder) -> None:
+    key = _key(folder)
+    number = next(_COUNTER)
+    plugin = folder / f"{PREFIX}{number}.py"
+    plugin.write_text(PLUGIN.format(number=number, power=2))
+    load_plugin_module(plugin.stem, get_registry())
+    loaded = _key(folder)
+    assert loaded != key  # a -p module (a loss, a faster kernel) may change what a model computes
+    assert _key(folder) == loaded  # nothing changed: the same key
+    plugin.write_text(PLUGIN.format(number=number, power=4))  # the author edits the loss, runs again
+    assert _key(folder) != loaded
+
+
+def test_a_damaged_kept_scores_file_is_replaced_and_removed_once_the_comparison_is_written(tmp_path) -> None:
+    progress = LengthProgress(tmp_path)
+    inputs = torch.zeros(6, 8, dtype=torch.long)
+    path = progress.scores_path("k")
+    path.write_bytes(b"cut short by a full disk")  # a damaged file from an earlier run
+    assert progress.reused("k", 2, inputs, 2) is None  # scored again, with a warning
+    scores = SimpleNamespace(loss_sums=torch.ones(2, 6, 2, dtype=torch.float64), counts=torch.ones(6, 2))
+    progress.finished(SimpleNamespace(lengths=[scores]), "k", remaining=0)
+    replaced = LengthProgress(tmp_path).reused("k", 2, inputs, 2)
+    assert replaced is not None and torch.equal(replaced.loss_sums, scores.loss_sums)  # a rerun reuses them
+    progress.finish()
+    assert not path.exists()  # the whole comparison written: nothing of this run's is left

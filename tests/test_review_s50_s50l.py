@@ -4,7 +4,9 @@ numbers would come out the same), and the registry's one loading path as plugin 
 from __future__ import annotations
 
 import itertools
+import os
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -97,3 +99,14 @@ def test_a_damaged_kept_scores_file_is_replaced_and_removed_once_the_comparison_
     assert replaced is not None and torch.equal(replaced.loss_sums, scores.loss_sums)  # a rerun reuses them
     progress.finish()
     assert not path.exists()  # the whole comparison written: nothing of this run's is left
+
+
+def test_a_killed_write_s_temporary_scores_file_is_removed_by_the_next_run(tmp_path) -> None:
+    progress = LengthProgress(tmp_path)
+    path = progress.scores_path("k")
+    handle, left = tempfile.mkstemp(dir=tmp_path, prefix=f".{path.name}.", suffix=".tmp")  # as atomic_write
+    os.close(handle)  # its writer killed (SIGKILL, power cut) before the rename: nothing else removes it
+    scores = SimpleNamespace(loss_sums=torch.ones(2, 6, 2, dtype=torch.float64), counts=torch.ones(6, 2))
+    progress.finished(SimpleNamespace(lengths=[scores]), "k", remaining=0)
+    assert not Path(left).exists()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]

@@ -1198,6 +1198,7 @@ class LengthProgress:
 
         result = comparison.lengths[-1]
         path = self.scores_path(key)
+        remove_stale_temporaries_of([path])  # what a killed earlier write of it left
         if path not in self._made:  # not reused: a damaged or misshapen file there is replaced
             tensors = {"loss_sums": result.loss_sums.contiguous(), "counts": result.counts.contiguous()}
             atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"key": key}))

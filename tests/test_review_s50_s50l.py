@@ -3,6 +3,7 @@ numbers would come out the same), and the registry's one loading path as plugin 
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import os
 import sys
@@ -110,3 +111,16 @@ def test_a_killed_write_s_temporary_scores_file_is_removed_by_the_next_run(tmp_p
     progress.finished(SimpleNamespace(lengths=[scores]), "k", remaining=0)
     assert not Path(left).exists()
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_module_the_user_imported_first_is_listed_and_removed_as_the_p_module_that_loads_it(folder) -> None:
+    number = next(_COUNTER)
+    module, loss = f"{PREFIX}{number}", f"s50l_loss_{number}"
+    (folder / f"{module}.py").write_text(PLUGIN.format(number=number, power=2))
+    importlib.import_module(module)  # the user's script imports it before innerloop loads it with -p
+    registry = get_registry()
+    assert load_plugin_module(module, registry) == f"-p {module}"
+    (entry,) = [e for e in registry.entries("inner_loss") if e.name == loss]
+    assert registry.loaded_by(entry.origin) == f"-p {module}"  # as innerloop plugins and checkpoints name it
+    registry.remove_plugin(f"-p {module}")  # 'everything it registered'
+    assert loss not in registry.names("inner_loss")

@@ -401,8 +401,23 @@ class Registry:
         for entry in added:  # what the import registered, and what was registered again
             if entry.origin != origin:
                 self._loaded_by[entry.origin] = origin
+        self._claim_imported_first(module, origin)
         from_import = {(entry.kind, entry.name) for entry in at_import}
         return [entry for entry in added if (entry.kind, entry.name) not in from_import]
+
+    def _claim_imported_first(self, module: str, origin: str) -> None:
+        """List under ``origin`` what ``module`` (or a submodule) registered at an import before it was
+        loaded (a user's ``import my_loss`` before ``-p my_loss``) and no plugin claims yet: it was
+        listed, recorded in checkpoints and removed as ``module.Class``, not as the plugin loading it."""
+        for entry in self.entries():
+            registering = self._registering_module(entry.origin)
+            if (
+                entry.origin != origin
+                and entry.origin not in self._loaded_by
+                and registering is not None
+                and _within(registering, module)
+            ):
+                self._loaded_by[entry.origin] = origin
 
     def loaded_by(self, origin: str) -> str:
         """How the plugin of ``origin`` was loaded, as ``innerloop plugins`` shows it: the entry point

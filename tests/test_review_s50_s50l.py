@@ -124,3 +124,33 @@ def test_a_module_the_user_imported_first_is_listed_and_removed_as_the_p_module_
     assert registry.loaded_by(entry.origin) == f"-p {module}"  # as innerloop plugins and checkpoints name it
     registry.remove_plugin(f"-p {module}")  # 'everything it registered'
     assert loss not in registry.names("inner_loss")
+
+
+@pytest.mark.slow  # ~3 s: two models, a comparison at two lengths interrupted, then run again
+def test_a_rerun_with_another_seed_leaves_no_partial_file_of_the_interrupted_run(
+    tmp_path, monkeypatch
+) -> None:
+    from lm_testing import untrained_run
+
+    from innerloop.cli import main
+    from innerloop.train import compare as compare_module
+
+    corpus = tmp_path / "corpus.py"
+    corpus.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(120)))
+    runs = [
+        untrained_run(tmp_path / n, corpus, m, s, 16, 3, 2) for n, m, s in (("a", "ttt", 0), ("b", "swa", 1))
+    ]
+    out = tmp_path / "out"
+    command = ["compare", *map(str, runs), "--seq-len", "16", "24", "--out", str(out), "--resamples", "20"]
+    real = compare_module._evaluate_length
+
+    def interrupted_at_24(models, inputs, *args):
+        if inputs.shape[1] == 24:
+            raise KeyboardInterrupt
+        return real(models, inputs, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(compare_module, "_evaluate_length", interrupted_at_24)
+        assert main(command) == 130
+    assert main([*command, "--seed", "1"]) == 0  # the docs: another --seed still reuses the kept scores
+    assert sorted(p.suffix for p in out.iterdir()) == [".csv", ".md", ".png"], sorted(out.iterdir())

@@ -1008,12 +1008,16 @@ def _difference_cell(comparison: Comparison, seq_len: int, model: int) -> str:
     return f"{mean:+.{digits}f} ({band})"
 
 
-def comparison_id(comparison: Comparison) -> str:
-    """8 hex digits naming what was compared (checkpoints, settings, windows), for file names."""
+def comparison_id(comparison: Comparison, scores_only: bool = False) -> str:
+    """8 hex digits naming what was compared (checkpoints, settings, windows), for file names;
+    ``scores_only``: what the scores depend on alone (not the baseline or the bands' settings, which a
+    rerun may change and still reuse the kept scores), the name of the partial files."""
     parts = [checkpoint_identity(m.checkpoint) + m.name for m in comparison.models]
     parts += [f"{r.seq_len}x{r.windows}" for r in comparison.lengths]
-    parts += [comparison.windows_source, str(comparison.baseline), str(comparison.resamples)]
-    parts += [str(comparison.seed), str(comparison.confidence)]
+    parts += [comparison.windows_source]
+    if not scores_only:
+        parts += [str(comparison.baseline), str(comparison.resamples)]
+        parts += [str(comparison.seed), str(comparison.confidence)]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
 
 
@@ -1129,8 +1133,11 @@ def write_comparison(
     comparison on the baseline run's test windows (``--held-out test``). ``partial`` (the lengths still
     to come, in words): the comparison so far, as ``compare-<id>-partial.*``, the table saying so."""
     stem = comparison_stem(comparison, out_dir)
-    if partial is not None:
-        stem = stem.with_name(f"{stem.name}-partial")
+    if (
+        partial is not None
+    ):  # named by the scores alone: a rerun with another --seed overwrites, then removes it
+        which = "test-" if comparison.held_out == "test" else ""
+        stem = stem.with_name(f"compare-{which}{comparison_id(comparison, scores_only=True)}-partial")
     remove_stale_temporaries_of([stem.with_suffix(suffix) for suffix in (".csv", ".png", ".md")])
     csv_path = atomic_write_text(stem.with_suffix(".csv"), comparison_csv(comparison))
     png = plot_comparison(stem.with_suffix(".png"), comparison)

@@ -233,6 +233,6 @@ def test_the_run_key_is_a_bool_turns_checkpointing_on_and_is_refused_for_e2e(tmp
     from innerloop.config import validate_run_config
 
     with pytest.raises(
-        ConfigError, match=r"trainer.gradient_checkpointing='no' \(str\) must be True or False"
+        ConfigError, match=r"trainer.gradient_checkpointing='no' \(str\) must be true or false"
     ):
         validate_run_config(run)

@@ -440,7 +440,11 @@ def integer_or_given(value: Any) -> Any:
     """``value`` as the Python int it holds if it is an integer (:func:`as_integer`), else ``value``
     itself, for a check to refuse by name: what the state and cache objects do with their positions
     (a numpy or 0-d tensor position is held as an int, so that arithmetic on it neither wraps at int64
-    nor turns the next state's position into a tensor)."""
+    nor turns the next state's position into a tensor). A Python int (or a torch.SymInt, a position
+    torch.compile traces symbolically) is returned as it is: reading it through ``operator.index`` would
+    make the compiler specialise on its value and recompile at every decoding step."""
+    if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
+        return value
     integer = as_integer(value)
     return value if integer is None else integer
 

@@ -633,7 +633,10 @@ class GatedDeltaNetLayer(DeltaNetLayer):
 
     def _scan_gates(self, x: torch.Tensor) -> tuple[None, None, torch.Tensor | None]:
         """The gate as the scan takes it: ``decay_log = log a`` (:meth:`log_decay_factor`), none while
-        test-time training is off (:meth:`forgetting`)."""
+        test-time training is off (:meth:`forgetting`). A subclass that overrides :meth:`forgetting` gets
+        its own gates in the scan (as ``decay``), as every layer does."""
+        if type(self).forgetting is not GatedDeltaNetLayer.forgetting:
+            return super()._scan_gates(x)
         return None, None, None if self.base_lr == 0 else self.log_decay_factor(x)
 
 
@@ -717,7 +720,10 @@ class TitansLayer(FamilyLayer):
         """``(None, momentum, decay_log)``: the forgetting gate as the scan takes it, ``log(1 - alpha)``
         (:meth:`log_decay_factor`; its decay products are then taken in log space, where ``1 - decay`` of a
         float32 decay near 1 holds ``1 - alpha`` only to ``eps / (1 - alpha)`` relative under strong forgetting); zero gates while
-        test-time training is off (:meth:`forgetting`)."""
+        test-time training is off (:meth:`forgetting`). A subclass that overrides :meth:`forgetting` gets
+        its own gates in the scan (as ``decay``), as every layer does."""
+        if type(self).forgetting is not TitansLayer.forgetting:
+            return super()._scan_gates(x)
         if self.base_lr == 0:
             return (*frozen_gates(self, x), None)
         return None, gate_sigmoid(self._head_gate(x, self.eta_proj)), self.log_decay_factor(x)

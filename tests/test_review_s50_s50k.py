@@ -1,0 +1,43 @@
+"""s50k: adversarial review of the scan's log gate (``decay_log``, commits 0ec3b85 / eb5b6e4 / dd83ff0)."""
+
+from __future__ import annotations
+
+import torch
+
+from innerloop.core.family_layers import GatedDeltaNetLayer, TitansLayer
+
+
+class _TitansWithoutForgetting(TitansLayer):
+    """A user's Titans whose :meth:`forgetting` override turns the forgetting off (keeps the momentum)."""
+
+    def forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        decay, momentum = super().forgetting(x)
+        return torch.zeros_like(decay), momentum
+
+
+def test_a_subclass_forgetting_override_reaches_the_titans_scan() -> None:
+    """docs/family.md: a layer's gates come from ``forgetting``; since the scan took Titans' gate as its log
+    (``_scan_gates``), a subclass's override of ``forgetting`` was silently ignored (outputs 1e-1 apart)."""
+    torch.manual_seed(0)
+    custom = _TitansWithoutForgetting(16, 2, mini_batch_size=4).double()
+    reference = TitansLayer(16, 2, mini_batch_size=4).double()
+    reference.load_state_dict(custom.state_dict())
+    with torch.no_grad():
+        reference.A_log.fill_(-torch.inf)  # exp(A_log) = 0: log a = 0, no forgetting
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    assert torch.allclose(custom(x)[0], reference(x)[0], atol=1e-12, rtol=0)
+
+
+class _GatedDeltaNetKeepingEverything(GatedDeltaNetLayer):
+    """A user's Gated DeltaNet whose :meth:`forgetting` override reports no decay at all."""
+
+    def forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return None, None
+
+
+def test_a_subclass_forgetting_override_reaches_the_gated_deltanet_scan() -> None:
+    """The sibling in Gated DeltaNet: ``forgetting`` returning no decay gives a scan without one."""
+    torch.manual_seed(0)
+    layer = _GatedDeltaNetKeepingEverything(8, 2).double()
+    x = torch.randn(1, 6, 8, dtype=torch.float64)
+    assert layer._scan_gates(x) == (None, None, None)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from innerloop.core.family_layers import GatedDeltaNetLayer, TitansLayer
+from innerloop.plugins.optimizers.dual_form import DualForm
+from innerloop.testing import check_update_rule
 
 
 class _TitansWithoutForgetting(TitansLayer):
@@ -15,6 +18,7 @@ class _TitansWithoutForgetting(TitansLayer):
         return torch.zeros_like(decay), momentum
 
 
+@pytest.mark.slow  # 1.3 s: two Titans layers in float64
 def test_a_subclass_forgetting_override_reaches_the_titans_scan() -> None:
     """docs/family.md: a layer's gates come from ``forgetting``; since the scan took Titans' gate as its log
     (``_scan_gates``), a subclass's override of ``forgetting`` was silently ignored (outputs 1e-1 apart)."""
@@ -41,3 +45,32 @@ def test_a_subclass_forgetting_override_reaches_the_gated_deltanet_scan() -> Non
     layer = _GatedDeltaNetKeepingEverything(8, 2).double()
     x = torch.randn(1, 6, 8, dtype=torch.float64)
     assert layer._scan_gates(x) == (None, None, None)
+
+
+class _LogGateDropped(DualForm):
+    """A rule that names ``decay_log`` (as the built-ins do) but drops it: no forgetting on the log path,
+    which the family layers (Gated DeltaNet, Titans) take."""
+
+    name = "s50k_log_gate_dropped"
+
+    def forward(self, state, task, views, lr, tau, decay=None, decay_log=None):  # type: ignore[override]
+        return super().forward(state, task, views, lr, tau, decay=decay)
+
+
+@pytest.mark.slow  # check_update_rule's checks before this one
+def test_check_update_rule_checks_a_rules_log_gate_path() -> None:
+    """innerloop.testing gave every rule its gate as ``decay`` only: a rule wrong on ``decay_log`` (the
+    path the family layers take) passed check_update_rule."""
+    with pytest.raises(AssertionError, match="decay_log"):
+        check_update_rule(
+            _LogGateDropped(),
+            "linear",
+            "reconstruction",
+            gradients=False,
+            without_grad=False,
+            norm=True,
+            residual=True,
+            batch=1,
+            heads=1,
+            tokens=8,
+        )

@@ -75,7 +75,9 @@ class InnerProblem:
     """A random inner-loop problem: what an update rule takes, without a layer around it.
 
     ``decay`` and ``momentum`` (``[B, H, T]`` or None) are given to the rule only when set; ``tau``
-    is None for a rule without a token-index scale (see :meth:`for_rule`)."""
+    is None for a rule without a token-index scale (see :meth:`for_rule`). ``decay_log`` (``log(1 -
+    decay)``, instead of ``decay``) gives the rule its gate as the family layers do
+    (:func:`innerloop.core.scan.run_scan`; :func:`check_update_rule` checks a rule that names it so)."""
 
     state: TTTState
     task: InnerTask
@@ -84,6 +86,7 @@ class InnerProblem:
     tau: torch.Tensor | None
     decay: torch.Tensor | None = None
     momentum: torch.Tensor | None = None
+    decay_log: torch.Tensor | None = None
 
     def for_rule(self, rule: UpdateRule) -> InnerProblem:
         """The problem as ``rule`` takes it: no token-index scale for a rule that has none."""
@@ -93,7 +96,15 @@ class InnerProblem:
         """``rule`` over the whole problem, through :func:`innerloop.core.scan.run_scan`; what it returns
         checked by :func:`check_rule_returns`."""
         result = run_scan(
-            rule, self.state, self.task, self.views, self.lr, self.tau, self.decay, self.momentum
+            rule,
+            self.state,
+            self.task,
+            self.views,
+            self.lr,
+            self.tau,
+            self.decay,
+            self.momentum,
+            decay_log=self.decay_log,
         )
         return check_rule_returns(rule, result, self.state, self.views)
 
@@ -489,6 +500,7 @@ def run_in_chunks(
             problem.tau,
             part(problem.decay),
             part(problem.momentum),
+            decay_log=part(problem.decay_log),
         )
         who = f"{what or getattr(rule, 'name', '?')}: the rule, given the state carried to token {start},"
         assert_state_unchanged(state, untouched, who)
@@ -502,7 +514,7 @@ def _rule_inputs(problem: InnerProblem) -> dict[str, torch.Tensor]:
     """The tensors an update rule is given besides its state, by name (views, lr, token scales, decay,
     momentum)."""
     named = {f"views.{n}": getattr(problem.views, n) for n in ("query", "key", "value")}
-    named.update({n: getattr(problem, n) for n in ("lr", "tau", "decay", "momentum")})
+    named.update({n: getattr(problem, n) for n in ("lr", "tau", "decay", "momentum", "decay_log")})
     return {name: t for name, t in named.items() if t is not None}
 
 
@@ -1721,7 +1733,8 @@ def check_update_rule(
     ``UpdateRule.reference``), whole and when the sequence is cut at ``cut_points``; with random decay
     and momentum too where the rule supports them (:func:`rule_variants`), and a decay
     or momentum of exactly 0 gives the plain rule's numbers; and on the first model and loss, from a state
-    :data:`FAR_MINI_BATCHES` mini-batches into its sequence. With ``gradients``, the gradients of its
+    :data:`FAR_MINI_BATCHES` mini-batches into its sequence, and, for a rule that names ``decay_log``, with
+    its gate given as ``decay_log = log(1 - decay)`` (as Gated DeltaNet and Titans give it). With ``gradients``, the gradients of its
     outputs and final weights w.r.t. every input (views, lr, initial weights, LayerNorm, decay,
     momentum, token scales) equal the naive loop's too (:func:`check_update_rule_gradients_match_naive`).
     With ``without_grad``, on every model (every loss, variant and wrapping), its values under
@@ -1764,6 +1777,7 @@ def check_update_rule(
             _check_rule_without_grad(check, each_model, losses, mixed, first_wrapping)
         if index == 0:  # the mixed wrappings, float32 and a state far into a sequence: first model
             _check_rule_on_first(check, each_model, losses, mixed, first_wrapping)
+            _check_rule_log_gate(check, each_model, losses[0], first_wrapping)
             _check_rule_far_into_sequence(check, each_model, losses[0], first_wrapping)
 
 
@@ -1855,6 +1869,37 @@ def _check_rule_on_first(
 #: half a million tokens, a long-context prefill or a long generation (beyond a table sized for 4096 or
 #: 65536 positions, and an int16 position).
 FAR_MINI_BATCHES = 100_003
+
+
+def _names_decay_log(rule: UpdateRule) -> bool:
+    """Whether ``rule.forward`` names a ``decay_log`` parameter: :func:`~innerloop.core.scan.run_scan`
+    then gives it a gate that came as a log (Gated DeltaNet's, Titans') as ``decay_log``, not ``decay``."""
+    try:
+        return "decay_log" in inspect.signature(rule.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_rule_log_gate(check: _RuleCheck, model: InnerModel, loss: InnerLoss, options: dict) -> None:
+    """A rule that forgets and names ``decay_log`` (the built-ins do), given its gate as ``decay_log =
+    log(1 - decay)`` (as Gated DeltaNet and Titans give it), whole and cut, equals its reference given
+    ``decay``: every other check gives the gate as ``decay``, which left the log path unchecked."""
+    rule = check.rule
+    if not (rule.supports_decay and _names_decay_log(rule)):
+        return
+    for momentum in (False, True) if rule.supports_momentum else (False,):
+        problem = make_problem(model, loss, seed=check.seed, decay=True, momentum=momentum, **options)
+        problem = problem.for_rule(rule)
+        expected_out, expected_state = finite_expected(problem, rule, check.seed)
+        as_log = replace(problem, decay=None, decay_log=torch.log1p(-problem.decay))  # -inf: the full reset
+        for cuts in ([], default_cuts(problem) if check.cut_points is None else check.cut_points):
+            what = (
+                f"{rule.name} ({model.name}, {loss.name}, the gate as decay_log = log(1 - decay)"
+                f"{', momentum' if momentum else ''}) vs {reference_name(rule)} given decay, at "
+                f"{_shape_text(problem)}, cut at {cuts}"
+            )
+            out, state = run_in_chunks(rule, as_log, cuts, what)
+            _assert_close_to_reference(out, state, expected_out, expected_state, what, check.tolerance, 0.0)
 
 
 def _check_rule_far_into_sequence(

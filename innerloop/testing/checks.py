@@ -1733,8 +1733,7 @@ def check_update_rule(
     ``UpdateRule.reference``), whole and when the sequence is cut at ``cut_points``; with random decay
     and momentum too where the rule supports them (:func:`rule_variants`), and a decay
     or momentum of exactly 0 gives the plain rule's numbers; and on the first model and loss, from a state
-    :data:`FAR_MINI_BATCHES` mini-batches into its sequence, and, for a rule that names ``decay_log``, with
-    its gate given as ``decay_log = log(1 - decay)`` (as Gated DeltaNet and Titans give it). With ``gradients``, the gradients of its
+    :data:`FAR_MINI_BATCHES` mini-batches into its sequence, and given ``decay_log`` if it names one. With ``gradients``, the gradients of its
     outputs and final weights w.r.t. every input (views, lr, initial weights, LayerNorm, decay,
     momentum, token scales) equal the naive loop's too (:func:`check_update_rule_gradients_match_naive`).
     With ``without_grad``, on every model (every loss, variant and wrapping), its values under

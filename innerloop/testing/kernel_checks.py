@@ -51,6 +51,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from innerloop.core.family_layers import REFUSED_TTT_OPTIONS, FamilyLayer
@@ -59,7 +60,7 @@ from innerloop.core.layer import TTTLayer
 from innerloop.core.state import TTTState
 from innerloop.kernels.dispatch import KernelCheckError, KernelUnavailableError
 from innerloop.kernels.first_use import tolerance_for
-from innerloop.kernels.spec import KernelSpec
+from innerloop.kernels.spec import KernelSpec, names_parameter
 from innerloop.testing.checks import (
     FLOAT64_CONDITIONING_FACTOR,
     FLOAT64_PER_FLOAT32,
@@ -129,13 +130,14 @@ class KernelCase:
     at_boundary: bool = False  # a carried state at a mini-batch boundary (else inside a mini-batch)
     in_float32: bool = False  # the float32 case of a float64 check (:data:`FLOAT32_CASE`)
     decaying: bool = False  # on a ForgettingLayer (a kernel that supports decay)
+    gate_as_log: bool = False  # its gate given as decay_log (a kernel whose forward names decay_log)
     weights_changed: bool = False  # on layers whose weights differ from the earlier cases' (another seed)
     wide: bool = False  # the wide case: WIDE_HEAD_DIM features, mini-batches of WIDE_MINI_BATCH_SIZE
 
     def __str__(self) -> str:
         layer = "TTTLayer" if self.head_dim % 2 == 0 else "FamilyLayer"
         if self.decaying:
-            layer = "ForgettingLayer, with decay"
+            layer = "ForgettingLayer, with decay" + (" given as decay_log" if self.gate_as_log else "")
         start = "a fresh state"
         if self.carried:
             start = (
@@ -225,14 +227,30 @@ def _check_head_dim(
     """Every case of one head dim (:func:`_cases`); for a kernel that takes decay, each right after on a
     :class:`ForgettingLayer` too, but under ``torch.inference_mode`` (no_grad's values, as a rule)."""
     checker = _Checker(spec, config, head_dim, dtype, device, seed, tolerance, report)
-    forgetting = None
+    forgetting = []  # (checker, gate as log)
     if spec.supports_decay:
-        forgetting = _Checker(spec, config, head_dim, dtype, device, seed, tolerance, report, forgets=True)
+        for as_log in (False, True) if names_parameter(spec.forward, "decay_log") else (False,):
+            forgetting.append(
+                (
+                    _Checker(
+                        spec,
+                        config,
+                        head_dim,
+                        dtype,
+                        device,
+                        seed,
+                        tolerance,
+                        report,
+                        "log" if as_log else True,
+                    ),
+                    as_log,
+                )
+            )
     cases = list(_cases(head_dim, checker.mini_batch_size, spec.decode is not None))
     for case in cases:
         checker.run(case)
-        if forgetting is not None and case.mode != "inference_mode":
-            forgetting.run(dataclasses.replace(case, decaying=True))
+        for forgets, as_log in forgetting if case.mode != "inference_mode" else ():
+            forgets.run(dataclasses.replace(case, decaying=True, gate_as_log=as_log))
     # the same shapes with other weights, as after an optimizer step: every case above ran one layer's
     # weights, so a kernel that caches what it derives from them (keyed by shape) passed (review s48l)
     changed = _Checker(spec, config, head_dim, dtype, device, seed + 1, tolerance, report)
@@ -383,16 +401,25 @@ class ForgettingLayer(FamilyLayer):
         return torch.sigmoid(self._head_gate(x, self.decay_proj)), None
 
 
+class LogForgettingLayer(ForgettingLayer):
+    """:class:`ForgettingLayer` giving the scan its gate as ``decay_log = log(1 - decay) =
+    logsigmoid(-decay_proj(x))``, as Gated DeltaNet and Titans give theirs: dispatch then hands a kernel
+    whose forward names ``decay_log`` the log gate, which :func:`check_kernel` checks too."""
+
+    def _scan_gates(self, x: torch.Tensor) -> tuple[None, None, torch.Tensor]:
+        return None, None, F.logsigmoid(-self._head_gate(x, self.decay_proj))
+
+
 def _twin_layers(
-    config: dict, head_dim: int, seed: int, kernel: str, dtype: torch.dtype, forgets: bool = False
+    config: dict, head_dim: int, seed: int, kernel: str, dtype: torch.dtype, forgets: bool | str = False
 ) -> tuple[TTTLayer, TTTLayer]:
     """:func:`twin_layers` at ``head_dim`` (an odd one, or ``forgets``: ``FamilyLayer``s, without
-    TTTLayer's RoPE; ``forgets``: :class:`ForgettingLayer`)."""
+    TTTLayer's RoPE; ``forgets``: :class:`ForgettingLayer`, ``"log"``: :class:`LogForgettingLayer`)."""
     sizes = {"hidden_size": NUM_HEADS * head_dim, "num_heads": NUM_HEADS}
     if head_dim % 2 == 0 and not forgets:
         return twin_layers({**config, **sizes}, seed, kernel, dtype)
     family = {k: v for k, v in config.items() if k not in REFUSED_TTT_OPTIONS}
-    layer_class = ForgettingLayer if forgets else FamilyLayer
+    layer_class = {"log": LogForgettingLayer, True: ForgettingLayer}.get(forgets, FamilyLayer)
     torch.manual_seed(seed)
     reference = layer_class(**sizes, **family, kernel="torch").to(dtype)
     with torch.no_grad():  # away from the initial values, as twin_layers does
@@ -509,7 +536,7 @@ class _Checker:
         seed: int,
         tolerance: float,
         report: KernelCheckReport,
-        forgets: bool = False,
+        forgets: bool | str = False,
     ) -> None:
         self.spec, self.tolerance, self.report = spec, tolerance, report
         # checks the options
@@ -625,4 +652,11 @@ class _Checker:
             self.report.compared.append(str(case))
 
 
-__all__ = ["KERNEL_CHECK_TOLERANCES", "ForgettingLayer", "KernelCase", "KernelCheckReport", "check_kernel"]
+__all__ = [
+    "KERNEL_CHECK_TOLERANCES",
+    "ForgettingLayer",
+    "LogForgettingLayer",
+    "KernelCase",
+    "KernelCheckReport",
+    "check_kernel",
+]

@@ -253,6 +253,8 @@ def test_the_delta_rule_kernel_passes_at_its_mini_batch_size():
     assert report.ran
     # it supports decay: each case ran again on a layer that forgets (review s47e)
     assert any("with decay" in case for case in report.ran)
+    # its forward names decay_log: each ran once more with the gate given as its log (review s50k)
+    assert any("given as decay_log" in case for case in report.ran)
 
 
 @pytest.mark.slow  # 5-9 s each: torch.compile (aot_eager) traces the training step of each case's shapes

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from innerloop import ops
 from innerloop.core.family_layers import GatedDeltaNetLayer, TitansLayer
 from innerloop.plugins.optimizers.dual_form import DualForm
 from innerloop.testing import check_update_rule
@@ -74,3 +75,30 @@ def test_check_update_rule_checks_a_rules_log_gate_path() -> None:
             heads=1,
             tokens=8,
         )
+
+
+class _OldSignatureRule(DualForm):
+    """A third-party rule written to the signature documented before ``decay_log``: ``decay=`` only."""
+
+    name = "s50k_old_signature"
+
+    def forward(self, state, task, views, lr, tau, decay=None):  # type: ignore[override]
+        return super().forward(state, task, views, lr, tau, decay=decay)
+
+
+@pytest.mark.slow  # 4.3 s (load 4 on 2 cores): ops.scan checks an unregistered rule instance at first use
+def test_a_rule_without_decay_log_gets_the_log_gate_as_decay() -> None:
+    """Holds (s50k): ``ops.scan(decay_log=...)`` on a rule taking ``decay`` only equals ``decay = 1 - exp``;
+    its gradient w.r.t. the log gate is finite at a full reset (-inf) and at 0."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 4, generator=generator, dtype=torch.float64) for _ in range(3))
+    lr = torch.full((1, 2, 8), 0.2, dtype=torch.float64)
+    logs = -torch.rand(1, 2, 8, generator=generator, dtype=torch.float64)
+    logs[0, 0, 2], logs[0, 1, 5] = -torch.inf, 0.0
+    logs.requires_grad_()
+    options = dict(update_rule=_OldSignatureRule(), mini_batch_size=4)
+    from_log, _ = ops.scan(q, k, v, lr, decay_log=logs, **options)
+    from_decay, _ = ops.scan(q, k, v, lr, decay=-torch.expm1(logs.detach()), **options)
+    assert torch.allclose(from_log, from_decay, atol=1e-14, rtol=0)
+    (gradient,) = torch.autograd.grad(from_log.square().sum(), logs)
+    assert torch.isfinite(gradient).all()

@@ -247,7 +247,7 @@ def test_the_compiled_cpu_kernels_pass(model):
     assert any(case.endswith("decode") for case in report.ran)
 
 
-@pytest.mark.slow  # ~1 s: over the fast loop's 0.4 s per test
+@pytest.mark.slow  # ~1.5 s (its decay_log cases too): over the fast loop's 0.4 s per test
 def test_the_delta_rule_kernel_passes_at_its_mini_batch_size():
     report = check_kernel("delta_chunk", mini_batch_size=1)
     assert report.ran

@@ -351,7 +351,10 @@ class UpdateRule(ABC):
     ``W_i = W_b - tau_i * sum_{j <= i} lr_j * grad_j``.
 
     A rule that forgets sets ``supports_decay`` and takes ``decay=`` (``[B, H, T]``, each token's
-    ``1 - a_t``); one with momentum sets ``supports_momentum`` and takes ``momentum=``; a rule that
+    ``1 - a_t``); a rule whose ``forward`` also names ``decay_log=`` gets a gate given as its log
+    (``log a_t``, as Gated DeltaNet and Titans give theirs) unrounded, in place of ``decay``, and one
+    that does not gets ``decay = -expm1(decay_log)``; one with momentum sets ``supports_momentum`` and
+    takes ``momentum=``; a rule that
     has no token-index scale sets ``uses_token_scale = False`` and gets ``tau=None``. The exact
     semantics of each are in :func:`innerloop.core.scan.run_scan` (and docs/family.md). The
     keywords are passed only when given, so a rule without them keeps the five-argument ``forward``.

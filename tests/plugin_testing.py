@@ -5,11 +5,16 @@ test_export_plugin_origins.py: loading where the other one answers to the name m
 :func:`without_key`, a checkpoint as written before one of its records existed, and
 :class:`ModuleEntryPoint`, an installed entry point naming a module, :class:`DoubledGradient`, the
 identity whose backward doubles the gradient (a plugin's or kernel's wrong hand-written backward), and
-:func:`register_linear_dual_form_kernel`, a kernel of TTT-Linear's dual form registered as a plugin."""
+:func:`register_linear_dual_form_kernel`, a kernel of TTT-Linear's dual form registered as a plugin,
+:data:`PLUGIN_LOSS_CLASS`, the source of a plugin loss class for plugin modules written by a test, and
+:func:`plugin_module_folder`, the folder on ``sys.path`` those modules are written to."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,6 +25,8 @@ import innerloop
 from innerloop import HalfSquaredError, LossPairs, hookimpl
 from innerloop.checkpoints import checkpoint_digest
 from innerloop.kernels.spec import KernelSpec
+from innerloop.registry import DISABLE_ENV, isolated_registry, manager
+from innerloop.registry.modules import PLUGIN_MODULES_ENV
 
 NAME = "origins_test_loss"
 
@@ -127,3 +134,36 @@ def register_linear_dual_form_kernel(name: str, forward, **fields) -> str:
     ``name``."""
     innerloop.register_kernel(linear_dual_form_kernel(name, forward, **fields))
     return name
+
+
+#: A plugin loss class (``{cls}``, named ``{name}``) for a plugin module's source: half the squared error
+#: of the key's prediction of the value (``{{}}``: the template is filled with ``str.format``).
+PLUGIN_LOSS_CLASS = """
+class {cls}(InnerLoss):
+    name = "{name}"
+
+    def pairs(self, views, carry):
+        return LossPairs(inputs=views.key, targets=views.value, valid=None, carry={{}})
+
+    def token_loss(self, prediction, target):
+        return (prediction - target).pow(2).sum(dim=-1)
+"""
+
+
+@contextlib.contextmanager
+def plugin_module_folder(folder: Path, monkeypatch, prefix: str) -> Iterator[Path]:
+    """``folder`` put first on ``sys.path`` for plugin modules whose names start with ``prefix``, inside a
+    fresh process registry with no installed plugin; the modules imported from there, and what the
+    registry remembers of their imports, are forgotten afterwards."""
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    monkeypatch.delenv(PLUGIN_MODULES_ENV, raising=False)
+    modules_before = set(sys.modules)
+    with isolated_registry():
+        yield folder
+    for name in set(sys.modules) - modules_before:
+        if name.startswith(prefix):
+            del sys.modules[name]
+    for store in (manager._REGISTERED_AT_IMPORT, manager._ROLLED_BACK_AT_IMPORT):
+        for key in [key for key in store if prefix in key]:
+            del store[key]

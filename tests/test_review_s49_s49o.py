@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from plugin_testing import PLUGIN_LOSS_CLASS
 
 from innerloop.cli import main
 from innerloop.registry import DISABLE_ENV, get_registry, isolated_registry
@@ -17,16 +18,7 @@ from innerloop.registry.modules import PLUGIN_MODULES_ENV, load_plugin_modules
 _COUNTER = itertools.count()
 
 #: A plugin loss class (``{cls}``, named ``{name}``), the body of both module templates below.
-_LOSS_CLASS = """
-class {cls}(InnerLoss):
-    name = "{name}"
-
-    def pairs(self, views, carry):
-        return LossPairs(inputs=views.key, targets=views.value, valid=None, carry={{}})
-
-    def token_loss(self, prediction, target):
-        return (prediction - target).pow(2).sum(dim=-1)
-"""
+_LOSS_CLASS = PLUGIN_LOSS_CLASS
 
 #: A module registering its loss through a ``register_inner_losses`` hook.
 _HOOKED = (

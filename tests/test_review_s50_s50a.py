@@ -13,23 +13,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from plugin_testing import PLUGIN_LOSS_CLASS, plugin_module_folder
 
-from innerloop.registry import DISABLE_ENV, get_registry, isolated_registry, manager
+from innerloop.registry import DISABLE_ENV, get_registry, isolated_registry
 from innerloop.registry.modules import PLUGIN_MODULES_ENV, PluginModuleError, load_plugin_module
 
 _COUNTER = itertools.count()
 PREFIX = "s50a_mod_"
 
-_LOSS = """
-class {cls}(InnerLoss):
-    name = "{name}"
-
-    def pairs(self, views, carry):
-        return LossPairs(inputs=views.key, targets=views.value, valid=None, carry={{}})
-
-    def token_loss(self, prediction, target):
-        return (prediction - target).pow(2).sum(dim=-1)
-"""
+_LOSS = PLUGIN_LOSS_CLASS
 
 _IMPORTS = "import innerloop\nfrom innerloop.core.protocol import InnerLoss, LossPairs\nfrom innerloop.registry import hookimpl\n"
 
@@ -48,20 +40,9 @@ CALLERS = ["entry point", "-p"]
 
 @pytest.fixture
 def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A folder on sys.path for plugin modules, a fresh process registry with no installed plugin; the
-    modules written there, and what the registry remembers of their imports, are forgotten afterwards."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv(DISABLE_ENV, "1")
-    monkeypatch.delenv(PLUGIN_MODULES_ENV, raising=False)
-    modules_before = set(sys.modules)
-    with isolated_registry():
-        yield tmp_path
-    for name in set(sys.modules) - modules_before:
-        if name.startswith(PREFIX):
-            del sys.modules[name]
-    for store in (manager._REGISTERED_AT_IMPORT, manager._ROLLED_BACK_AT_IMPORT):
-        for key in [key for key in store if PREFIX in key]:
-            del store[key]
+    """A folder on sys.path for this file's plugin modules, in a fresh registry (plugin_module_folder)."""
+    with plugin_module_folder(tmp_path, monkeypatch, PREFIX) as path:
+        yield path
 
 
 def _write(folder: Path, template: str, name: str | None = None) -> tuple[str, str]:

@@ -6,18 +6,18 @@ from __future__ import annotations
 import importlib
 import itertools
 import os
-import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from plugin_testing import plugin_module_folder
 from safetensors.torch import save_file
 
 from innerloop.kernels.cpu.build import DISABLE_VARIABLE
-from innerloop.registry import DISABLE_ENV, get_registry, isolated_registry, manager
-from innerloop.registry.modules import PLUGIN_MODULES_ENV, load_plugin_module
+from innerloop.registry import get_registry
+from innerloop.registry.modules import load_plugin_module
 from innerloop.train.compare import LengthProgress, length_key
 
 PREFIX = "s50l_mod_"
@@ -41,20 +41,9 @@ class Loss{number}(InnerLoss):
 
 @pytest.fixture
 def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A folder on sys.path for plugin modules and a fresh process registry with no installed plugin;
-    the modules written there, and what the registry remembers of their imports, are forgotten after."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv(DISABLE_ENV, "1")
-    monkeypatch.delenv(PLUGIN_MODULES_ENV, raising=False)
-    modules_before = set(sys.modules)
-    with isolated_registry():
-        yield tmp_path
-    for name in set(sys.modules) - modules_before:
-        if name.startswith(PREFIX):
-            del sys.modules[name]
-    for store in (manager._REGISTERED_AT_IMPORT, manager._ROLLED_BACK_AT_IMPORT):
-        for key in [key for key in store if PREFIX in key]:
-            del store[key]
+    """A folder on sys.path for this file's plugin modules, in a fresh registry (plugin_module_folder)."""
+    with plugin_module_folder(tmp_path, monkeypatch, PREFIX) as path:
+        yield path
 
 
 def _key(folder: Path) -> str:

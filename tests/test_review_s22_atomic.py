@@ -397,7 +397,7 @@ def test_the_listed_write_sites_still_use_the_atomic_helpers():
     uses = {
         "innerloop/checkpoints.py": "atomic_write(path, lambda tmp: save_file(",
         "innerloop/config/load.py": "atomic_write_text(user_path(path), header + OmegaConf.to_yaml(",
-        "innerloop/train/plots.py": "atomic_write(path, lambda tmp: fig.savefig(",
+        "innerloop/train/plots.py": "atomic_write(user_path(path), lambda tmp: fig.savefig(",
         "innerloop/train/loggers.py": "atomic_write(self.metrics_file_path",
         "innerloop/train/compare.py": "remove_stale_temporaries_of(",
         "innerloop/data/tokenizer.py": "atomic_write_text(out / TOKENIZER_FILE",

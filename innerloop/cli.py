@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from innerloop.config.load import DEFAULT_PRESET, ConfigError, name_too_long
+from innerloop.config.load import DEFAULT_PRESET, ConfigError, command_line_options, name_too_long
 from innerloop.config.schema import HELD_OUT
 from innerloop.models.config import WINDOW_SIZE_BOUNDS
 
@@ -95,6 +95,23 @@ def _number(
 
 _POSITIVE_INT = _number(int, 1)
 # eval's and compare's window sizes (train.data.WINDOW_SIZE_BOUNDS): 10**30 crashed with a traceback
+EVAL_AND_COMPARE_OPTIONS = {
+    "paths": "--data",
+    "seq_len": "--seq-len",
+    "seq_lens": "--seq-len",
+    "batch_size": "--batch-size",
+    "batches": "--batches",
+    "split": "--split",
+    "held_out": "--held-out",
+    "no_ttt": "--no-ttt",
+    "baseline": "--baseline",
+    "resamples": "--resamples",
+    "seed": "--seed",
+    "out_dir": "--out",
+}
+"""The option of ``eval`` and ``compare`` that gives each parameter of ``evaluate`` and ``compare``: their
+errors name it (:func:`~innerloop.config.load.command_line_options`), not the Python parameter."""
+
 _SEQ_LEN = _number(int, 1, high=int(WINDOW_SIZE_BOUNDS["seq_len"].high))
 _BATCH_SIZE = _number(int, 1, high=int(WINDOW_SIZE_BOUNDS["batch_size"].high))
 _BATCHES = _number(int, 1, high=int(WINDOW_SIZE_BOUNDS["batches"].high))
@@ -644,17 +661,18 @@ def _eval(args: argparse.Namespace) -> int:
 
     _note_the_dtype("eval", args.checkpoint)
     try:
-        metrics, csv_path, png = evaluate(
-            args.checkpoint,
-            args.data,
-            args.seq_len,
-            args.batch_size,
-            args.batches,
-            out_dir=out,
-            no_ttt=args.no_ttt,
-            split=args.split,
-            held_out=args.held_out,
-        )
+        with command_line_options(EVAL_AND_COMPARE_OPTIONS):  # its errors name the options typed
+            metrics, csv_path, png = evaluate(
+                args.checkpoint,
+                args.data,
+                args.seq_len,
+                args.batch_size,
+                args.batches,
+                out_dir=out,
+                no_ttt=args.no_ttt,
+                split=args.split,
+                held_out=args.held_out,
+            )
     except TrainingInterrupted as err:  # Ctrl-C or SIGTERM during the evaluation
         print(f"innerloop eval: {err}", file=sys.stderr)
         return err.exit_code  # 130, 143: the shell's status for a process ended by that signal
@@ -738,11 +756,12 @@ def _compare(args: argparse.Namespace) -> int:
     _quiet_lightning()
     progress = LengthProgress(out)  # each finished length on disk before the next begins
     try:
-        comparison = compare(
-            args.models, args.seq_len, args.baseline, args.data, args.batch_size, args.batches,
-            no_ttt=args.no_ttt, resamples=args.resamples, seed=args.seed, split=args.split,
-            held_out=args.held_out, progress=progress,
-        )  # fmt: skip
+        with command_line_options(EVAL_AND_COMPARE_OPTIONS):  # its errors name the options typed
+            comparison = compare(
+                args.models, args.seq_len, args.baseline, args.data, args.batch_size, args.batches,
+                no_ttt=args.no_ttt, resamples=args.resamples, seed=args.seed, split=args.split,
+                held_out=args.held_out, progress=progress,
+            )  # fmt: skip
         print(windows_line(comparison))
         print(format_table(comparison), end="", flush=True)  # before the files: a failed write keeps them
         csv_path, png, table = write_comparison(comparison, out)

@@ -136,10 +136,10 @@ def test_check_kernel_head_dims_and_tolerance_take_numpy_numbers():
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        ({"seed": 2**64}, r"^--seed=18446744073709551616 must be an integer in \[-2\*\*63, 2\*\*64\)"),
+        ({"seed": 2**64}, r"^seed=18446744073709551616 must be an integer in \[-2\*\*63, 2\*\*64\)"),
         (
             {"resamples": np.int64(2**40)},
-            r"^--resamples=1099511627776 must be an integer in \[1, 10000000\]",
+            r"^resamples=1099511627776 must be an integer in \[1, 10000000\]",
         ),
     ],
 )

@@ -97,7 +97,7 @@ def test_an_hf_evaluation_of_test_windows_too_long_names_seq_len(tmp_path) -> No
     # setting (16), where eval's --seq-len 4096 is what the test documents are too short for
     docs = _records(tmp_path)
     checkpoint = _trained(tmp_path, "hf", docs, "data.name=hf", "data.test_fraction=0.2")
-    with pytest.raises(DataError, match=r"fewer than --seq-len \+ 1 = 4097 .* or a shorter --seq-len$"):
+    with pytest.raises(DataError, match=r"fewer than seq_len \+ 1 = 4097 .* or a shorter seq_len$"):
         evaluate(checkpoint, held_out="test", seq_len=4096, progress_bar=False)
 
 

@@ -8,6 +8,8 @@ dataset, strategy, accelerator or precision raises :class:`ConfigError`, which l
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import errno
 import fnmatch
@@ -21,7 +23,7 @@ import sys
 import tempfile
 import typing
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass
 from fractions import Fraction
 from importlib import resources
@@ -80,6 +82,43 @@ def preset_names() -> list[str]:
     """Names of the YAML presets shipped in ``innerloop/config/presets``."""
     folder = resources.files("innerloop.config") / "presets"
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+_COMMAND_LINE_OPTIONS: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
+    "innerloop_command_line_options", default=None
+)
+"""The options of the command running now, by the Python parameter each one gives (None: a call from
+Python); see :func:`command_line_options`."""
+
+
+@contextlib.contextmanager
+def command_line_options(options: Mapping[str, str]) -> Iterator[None]:
+    """Within it, errors of the Python API (``evaluate``, ``compare``) name the command line's option of
+    each parameter in ``options`` (``{"seq_len": "--seq-len", "paths": "--data"}``) instead of the
+    parameter: the command line runs them within it, so that its user reads the options they typed."""
+    token = _COMMAND_LINE_OPTIONS.set(dict(options))
+    try:
+        yield
+    finally:
+        _COMMAND_LINE_OPTIONS.reset(token)
+
+
+def argument_name(parameter: str) -> str:
+    """How an error names the argument ``parameter``: its option (``--seq-len``) within
+    :func:`command_line_options`, else the Python parameter itself (``seq_len``)."""
+    options = _COMMAND_LINE_OPTIONS.get()
+    return parameter if options is None else options.get(parameter, parameter)
+
+
+def given_argument(parameter: str, value: Any, quoted: bool = True, placeholder: bool = False) -> str:
+    """``value`` of the argument ``parameter`` as its caller gave it (:func:`_given` of
+    :func:`argument_name`): ``--seq-len 8`` on the command line, ``seq_len=8`` from Python. A
+    ``placeholder`` (``FILES``) stands for a value to give and is written bare: ``--data FILES``,
+    ``paths=FILES``."""
+    name = argument_name(parameter)
+    if placeholder:
+        return f"{name} {value}" if name.startswith("--") else f"{name}={value}"
+    return _given(name, value, quoted)
 
 
 def _given(option: str, value: Any, quoted: bool = True) -> str:

@@ -44,7 +44,7 @@ from innerloop.checkpoints import (
     innerloop_version,
     recorded_entry,
 )
-from innerloop.config.load import ConfigError, other_model_folder_problem
+from innerloop.config.load import ConfigError, argument_name, given_argument, other_model_folder_problem
 from innerloop.config.schema import DataConfig, RunConfig
 from innerloop.core.functional import as_integer, check_flag, user_path
 from innerloop.data.atomic import atomic_write, atomic_write_text, remove_stale_temporaries_of
@@ -233,7 +233,8 @@ def _baseline_index(
             path.resolve(),
         ):
             return i
-    raise ConfigError(f"--baseline {baseline!r} is none of the models compared; their names: {names}")
+    given = given_argument("baseline", baseline)
+    raise ConfigError(f"{given} is none of the models compared; their names: {names}")
 
 
 def _evaluate_length(
@@ -442,18 +443,19 @@ def _check_compare_arguments(
         raise ConfigError(f"compare needs a list of one or more run folders or checkpoints, got {runs!r}")
     lengths = None if seq_lens is None else _seq_len_list(seq_lens)
     if baseline is not None and not isinstance(baseline, (str, Path)):
-        raise ConfigError(f"--baseline must be a model's name or path, got {baseline!r}")
+        raise ConfigError(f"{argument_name('baseline')} must be a model's name or path, got {baseline!r}")
     if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real) or not 0 < confidence < 1:
         raise ConfigError(f"confidence must be a number in (0, 1), got {confidence!r}")
     resample_count, seed_int = as_integer(resamples), as_integer(seed)
     if resample_count is None or resample_count < 1:
-        raise ConfigError(f"--resamples must be an integer >= 1, got {resamples!r}")
+        raise ConfigError(f"{argument_name('resamples')} must be an integer >= 1, got {resamples!r}")
     if seed_int is None:
-        raise ConfigError(f"--seed must be an integer, got {seed!r}")
+        raise ConfigError(f"{argument_name('seed')} must be an integer, got {seed!r}")
     try:  # the bootstrap's own bounds, here before any model is evaluated (a seed of 2**64 failed after)
         return lengths, checked_resamples(resample_count), float(confidence), checked_seed(seed_int)
-    except ValueError as err:
-        raise ConfigError(f"--{err}") from None
+    except ValueError as err:  # "resamples=0 must be ...": named as the caller gave it
+        parameter, said = str(err).split("=", 1)
+        raise ConfigError(f"{argument_name(parameter)}={said}") from None
 
 
 def _seq_len_list(seq_lens: Any) -> list[int]:
@@ -464,11 +466,12 @@ def _seq_len_list(seq_lens: Any) -> list[int]:
     lengths = [] if isinstance(seq_lens, (str, bytes)) or not isinstance(seq_lens, Sequence) else seq_lens
     as_ints = [as_integer(n) for n in lengths]
     if not as_ints or any(n is None or n < 1 for n in as_ints):
-        raise ConfigError(f"--seq-len must be one or more integers >= 1, got {seq_lens!r}")
+        raise ConfigError(f"{argument_name('seq_lens')} must be one or more integers >= 1, got {seq_lens!r}")
     bounds = WINDOW_SIZE_BOUNDS["seq_len"]
     if any(n not in bounds for n in as_ints):
         raise ConfigError(
-            f"--seq-len must be one or more integers {bounds.describe()} ({bounds.why}), got {seq_lens!r}"
+            f"{argument_name('seq_lens')} must be one or more integers {bounds.describe()} ({bounds.why}), "
+            f"got {seq_lens!r}"
         )
     return as_ints
 
@@ -479,10 +482,10 @@ def _add_length(comparison: Comparison, result: LengthResult) -> None:
     if result.windows < MIN_BAND_WINDOWS and len(comparison.models) > 1:
         log.warning(
             "T=%d: %d window%s, fewer than the %d a %.0f%% band needs to cover as often as it says: the "
-            "differences to the baseline have no band (NaN in the CSV); score more windows (--batches, "
-            "which scores --batches x --batch-size windows, or more text with --data)",
+            "differences to the baseline have no band (NaN in the CSV); score more windows (%s, "
+            "which scores %s x %s windows, or more text with %s)",
             result.seq_len, result.windows, "" if result.windows == 1 else "s", MIN_BAND_WINDOWS,
-            100 * comparison.confidence,
+            100 * comparison.confidence, *map(argument_name, ("batches", "batches", "batch_size", "paths")),
         )  # fmt: skip
     options = (comparison.resamples, comparison.confidence, comparison.seed)
     rough = few_resamples_note(comparison.resamples, comparison.confidence, result.windows)
@@ -611,7 +614,7 @@ def _windows_text(paths: Sequence[str], baseline: _TrainingData, held_out: str =
             files: frozenset[Path] | None = frozenset(resolve_files(paths))
         except DataError:  # reading the windows says so
             files = None
-        return _WindowsText(files, None, "the --data files")
+        return _WindowsText(files, None, f"the {argument_name('paths')} files")
     if baseline.run is None:
         split = run_files(DataConfig())
         return _WindowsText(split.held_out if split else None, None, "the default corpus's held-out split")
@@ -650,8 +653,8 @@ def _trained_on_the_windows(
         )
     if refuse and surely:
         raise ConfigError(
-            f"{note}; compare the models on text none of them trained on (--data FILES), or choose another "
-            "--baseline"
+            f"{note}; compare the models on text none of them trained on "
+            f"({given_argument('paths', 'FILES', placeholder=True)}), or choose another {argument_name('baseline')}"
         )
     return note
 
@@ -780,7 +783,7 @@ def _refuse_training_on_held_out_documents(
         f"the windows are read from: it held out others (data.val_fraction={ours.val_fraction}, "
         f"data.test_fraction={ours.test_fraction}; the baseline {theirs.val_fraction}, {theirs.test_fraction}), "
         "so its loss on them is not a held-out one; compare the models on text none of them trained on "
-        "(--data FILES), or choose another --baseline"
+        f"({given_argument('paths', 'FILES', placeholder=True)}), or choose another {argument_name('baseline')}"
     )
 
 
@@ -832,7 +835,7 @@ def _reads_data_otherwise(
     if ours == windows:
         return None
     return (
-        f"{name} reads its data as {ours}, but the --data windows are read as {windows} (the baseline "
+        f"{name} reads its data as {ours}, but the {argument_name('paths')} windows are read as {windows} (the baseline "
         f"{baseline_name}'s way): it is scored on text shaped otherwise than any it trained on; compare it "
         "with a baseline that reads files as it does"
     )
@@ -866,7 +869,9 @@ def _mark_no_ttt(models: list[ComparedModel]) -> None:
     """Keep ``no_ttt`` only on models that learn at test time (named ``... (no TTT)``); refuse when none does."""
     from_ablation = [bool(modules_learning_at_test_time(m.module.model)) for m in models]
     if not any(from_ablation):
-        raise ConfigError("--no-ttt: none of the models compared has test-time training to switch off")
+        raise ConfigError(
+            f"{argument_name('no_ttt')}: none of the models compared has test-time training to switch off"
+        )
     for model, has_ttt in zip(models, from_ablation, strict=True):
         model.no_ttt = has_ttt
         if has_ttt:

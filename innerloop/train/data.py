@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from innerloop.config.load import argument_name, given_argument
 from innerloop.core.functional import as_integer
 from innerloop.data.hf import files_record, iter_texts, open_hf_dataset, own_split, source_files
 from innerloop.data.packing import (
@@ -667,15 +668,19 @@ def evaluation_examples(
     their raw bytes. Up to ``count`` windows spread evenly over the tokens (:func:`spread_windows`)."""
     if paths:
         unit = "bytes" if tokenizer is None or isinstance(tokenizer, ByteTokenizer) else "tokens"
-        named = {"what": f"--data {', '.join(map(repr, paths))}", "seq_len_name": "--seq-len"}
+        data, listed = argument_name("paths"), ", ".join(map(repr, paths))
+        named = {
+            "what": given_argument("paths", listed, placeholder=True),
+            "seq_len_name": argument_name("seq_len"),
+        }
         if text_field is not None:
             tokens = dataset_tokens(paths, text_field, tokenizer, split)
             return spread_windows(tokens, seq_len, count, unit, **named)
         files = resolve_files(paths)
         if all(file.stat().st_size == 0 for file in files):
             names = ", ".join(repr(str(file)) for file in files)
-            raise DataError(f"--data {names}: {'the file is' if len(files) == 1 else 'every file is'} empty")
-        tokens = read_tokens(files, tokenizer, option="--data")
+            raise DataError(f"{data} {names}: {'the file is' if len(files) == 1 else 'every file is'} empty")
+        tokens = read_tokens(files, tokenizer, option=data)
         return spread_windows(tokens, seq_len, count, unit, **named)
     module = TextDataModule(
         seq_len=seq_len, batch_size=count, val_fraction=val_fraction, val_batches=1, tokenizer=tokenizer

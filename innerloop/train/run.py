@@ -83,6 +83,7 @@ from innerloop.config.load import (
     ConfigError,
     absolute_data_paths,
     absolute_tokenizer,
+    argument_name,
     check_output_dir,
     check_resume_changes,
     check_resume_or_overwrite,
@@ -91,6 +92,7 @@ from innerloop.config.load import (
     decay_steps,
     fixed_on_resume,
     flatten_config,
+    given_argument,
     read_run_config,
     require_run_config,
     run_tokenizer,
@@ -1339,7 +1341,7 @@ def _run_beside(checkpoint: str | Path, model: dict[str, Any]) -> tuple[RunConfi
     except ConfigError as err:
         raise ConfigError(
             f"the config.yaml beside {str(checkpoint)!r} cannot be used to find its run's data: {err}; "
-            "repair it, or give --data FILES to evaluate on"
+            f"repair it, or give {given_argument('paths', 'FILES', placeholder=True)} to evaluate on"
         ) from None
     try:
         ours = flatten_config(ModelConfig.from_dict(model), "model.")
@@ -1456,7 +1458,7 @@ def validation_examples(
         if data.name == "recall":
             raise ConfigError(
                 f"seq_len={seq_len}: the {data.name!r} task's sequences have a fixed length "
-                f"({run_seq_len}); evaluate it without --seq-len"
+                f"({run_seq_len}); evaluate it without {argument_name('seq_len')}"
             )
         if data.name == "text":
             return _text_validation_at(run, seq_len, count, tokenizer)
@@ -1470,7 +1472,7 @@ def validation_examples(
         if data.seq_len == run.data.seq_len:
             raise
         # an evaluation's --seq-len, not the run's data.seq_len, is what the held-out data is too short for
-        raise DataError(str(err).replace("data.seq_len", "--seq-len")) from None
+        raise DataError(str(err).replace("data.seq_len", argument_name("seq_len"))) from None
     if isinstance(datamodule, HFDataModule):
         assert datamodule.val_examples is not None
         return datamodule.val_examples
@@ -1494,7 +1496,7 @@ def _text_validation_at(
     assert datamodule.val_bytes is not None
     count = count if count is not None else run.data.val_batches * run.data.batch_size
     unit = "bytes" if isinstance(datamodule.tokenizer, ByteTokenizer) else "tokens"
-    what, name = "the validation text", "--seq-len"
+    what, name = "the validation text", argument_name("seq_len")
     return spread_windows(datamodule.val_bytes, seq_len, count, unit, what=what, seq_len_name=name)
 
 
@@ -1524,13 +1526,17 @@ def evaluation_windows(
     except ConfigError as err:
         if not paths:
             raise
-        advice = "repair it, or give --data FILES to evaluate on"  # _run_beside's, for eval without --data
+        files = given_argument("paths", "FILES", placeholder=True)
+        advice = f"repair it, or give {files} to evaluate on"  # _run_beside's, for eval without --data
         raise ConfigError(
-            f"{str(err).removesuffix(advice)}repair it: it says how to read --data (as text, or a "
+            f"{str(err).removesuffix(advice)}repair it: it says how to read {argument_name('paths')} (as text, or a "
             "data.name='hf' run's text field), and whether the run trained on those files"
         ) from None
     if split is not None and not paths:
-        raise ConfigError(f"--split {split!r} names a split of --data, and no --data was given")
+        data = argument_name("paths")
+        raise ConfigError(
+            f"{given_argument('split', split)} names a split of {data}, and no {data} was given"
+        )
     _check_held_out(held_out, paths, run, why_not)
     if held_out == "test":
         assert run is not None
@@ -1559,20 +1565,22 @@ def _check_held_out(held_out: Any, paths: Sequence[str], run: RunConfig | None, 
     check_held_out_name(held_out)
     if held_out == "val":
         return
+    test, data = given_argument("held_out", "test", quoted=False), argument_name("paths")
     if paths:
         raise ConfigError(
-            "--held-out test scores the run's own test windows, and --data gives other text: give one of them"
+            f"{test} scores the run's own test windows, and {data} gives other text: give one of them"
         )
     if run is None:
         raise ConfigError(
-            f"--held-out test needs the run's config.yaml beside the checkpoint, which says which text it held "
+            f"{test} needs the run's config.yaml beside the checkpoint, which says which text it held "
             f"out for test, and {why_not}"
         )
     if run.data.name not in ("text", "hf") or run.data.test_fraction == 0:
         what = f"data.name={run.data.name!r}" if run.data.name == "recall" else "data.test_fraction=0"
         raise ConfigError(
-            f"--held-out test: the run ({what}) held out no test text (data.test_fraction > 0 of a "
-            "data.name='text' or 'hf' run does); evaluate its validation windows (--held-out val)"
+            f"{test}: the run ({what}) held out no test text (data.test_fraction > 0 of a "
+            f"data.name='text' or 'hf' run does); evaluate its validation windows "
+            f"({given_argument('held_out', 'val', quoted=False)})"
         )
 
 
@@ -1637,7 +1645,7 @@ def _run_test_examples(
     if isinstance(module, HFDataModule):
         module.setup("test")  # its test windows, checked against the recorded ones (validation's need not be)
         would = "they would score documents the run trained on"
-        fix = "evaluate on the data as it was, or on held-out data with --data"
+        fix = f"evaluate on the data as it was, or on held-out data with {argument_name('paths')}"
         module.check_recorded_validation(state, would, fix, "test")
         if seq_len != module.seq_len or count != module.val_batches * module.batch_size:
             module = build_datamodule(
@@ -1647,9 +1655,8 @@ def _run_test_examples(
             try:
                 module.setup("test")  # the test windows only: validation's need not fill one at this length
             except DataError as err:  # too short for eval's --seq-len, not for the run's data.seq_len
-                said = (
-                    str(err) if seq_len == run.data.seq_len else str(err).replace("data.seq_len", "--seq-len")
-                )
+                given = argument_name("seq_len")
+                said = str(err) if seq_len == run.data.seq_len else str(err).replace("data.seq_len", given)
                 raise DataError(said) from None
         assert module.test_examples is not None
         return module.test_examples
@@ -1661,10 +1668,10 @@ def _run_test_examples(
             f"the data file {run.data.paths!r} is shorter than when the checkpoint was written: its test text "
             f"(data.test_fraction={run.data.test_fraction}) started at token {recorded} and now starts at token "
             f"{module.test_cut}, inside the text the run trained on; evaluate on the file as it was, or on "
-            "held-out files with --data"
+            f"held-out files with {argument_name('paths')}"
         )
     assert module.test_bytes is not None
-    name = "--seq-len" if seq_len != run.data.seq_len else "data.seq_len"
+    name = argument_name("seq_len") if seq_len != run.data.seq_len else "data.seq_len"
     return spread_windows(module.test_bytes, seq_len, count, module._unit, "the test text", name)
 
 
@@ -1713,7 +1720,7 @@ def _check_the_runs_cut(
     if isinstance(module, HFDataModule):
         would = "they would score documents the run trained on"
         module.check_recorded_validation(
-            state, would, "evaluate on the data as it was, or on held-out data with --data"
+            state, would, f"evaluate on the data as it was, or on held-out data with {argument_name('paths')}"
         )
         return None
     assert isinstance(module, TextDataModule)
@@ -1722,7 +1729,7 @@ def _check_the_runs_cut(
             f"the data file {run.data.paths!r} is shorter than when the checkpoint was written: its last "
             f"data.val_fraction={run.data.val_fraction}, held out for validation, started at token {recorded} "
             f"and now starts at token {module.validation_cut}, inside the text the run trained on; evaluate "
-            "on the file as it was, or on held-out files with --data"
+            f"on the file as it was, or on held-out files with {argument_name('paths')}"
         )
     return module
 
@@ -1758,14 +1765,15 @@ def _windows_of_files(
     text_field = run.data.text_field if run is not None and run.data.name == "hf" else None
     if split is not None and text_field is None:
         raise ConfigError(
-            f"--split {split!r} names a split of records, which a data.name='hf' run reads; this model's "
-            "--data is read as text (its run read text), which has no splits: leave --split out"
+            f"{given_argument('split', split)} names a split of records, which a data.name='hf' run reads; "
+            f"this model's {argument_name('paths')} is read as text (its run read text), which has no splits: "
+            f"leave {argument_name('split')} out"
         )
     if run is None:
         dataset = next((f for f in resolve_files(paths) if data_format(f) not in (None, "text")), None)
         if dataset is not None:
             raise ConfigError(
-                f"--data {str(dataset)!r}: a {data_suffix(dataset)} file is read as records (their text field) by "
+                f"{given_argument('paths', str(dataset))}: a {data_suffix(dataset)} file is read as records (their text field) by "
                 f"a data.name='hf' run and as raw text by a text run, and {why_not}, so how this model read "
                 f"its data is unknown; evaluate the checkpoint beside its run's config.yaml, or give text "
                 f"files (not {', '.join(_DATASET_SUFFIXES)})"
@@ -1907,10 +1915,11 @@ def _warn_of_evaluating_training_text(
     if trained:
         source = "its run's data.paths" if run.data.paths else "the built-in corpus, its run's data"
         log.warning(
-            "%s was trained on %s (%s), which --data evaluates on: its loss there is not a held-out one",
+            "%s was trained on %s (%s), which %s evaluates on: its loss there is not a held-out one",
             str(checkpoint),
             files.describe(trained),
             source,
+            argument_name("paths"),
         )
 
 
@@ -2157,6 +2166,6 @@ def training_seq_len(module: LanguageModelModule, checkpoint: str | Path) -> int
     )
     print(
         f"{str(checkpoint)!r} records no training seq_len ({why}): evaluating at {DEFAULT_EVAL_SEQ_LEN} "
-        "tokens per window; give --seq-len to choose"
+        f"tokens per window; give {argument_name('seq_len')} to choose"
     )
     return DEFAULT_EVAL_SEQ_LEN

@@ -167,5 +167,5 @@ def test_a_split_for_data_read_as_text_is_refused_naming_it(tmp_path) -> None:
 
     text = tmp_path / "a.txt"
     text.write_text("some text to evaluate on " * 4)
-    with pytest.raises(ConfigError, match=r"--split 'test' names a split of records.*leave --split out"):
+    with pytest.raises(ConfigError, match=r"split='test' names a split of records.*leave split out"):
         _windows_of_files([str(text)], None, "no config.yaml beside it", 8, 1, 1, None, split="test")

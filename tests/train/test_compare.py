@@ -137,7 +137,7 @@ def test_cli_compare_writes_the_csv_png_and_table(runs, tmp_path, capsys) -> Non
 
 def test_compare_refuses_what_it_cannot_compare(runs, tmp_path) -> None:
     with pytest.raises(
-        ConfigError, match=r"--baseline 'nope' is none of the models compared; their names: \['ttt', 'swa'\]"
+        ConfigError, match=r"baseline='nope' is none of the models compared; their names: \['ttt', 'swa'\]"
     ):
         compare(runs, baseline="nope")
     with pytest.raises(ConfigError, match="is neither a run folder nor a checkpoint file"):
@@ -241,7 +241,7 @@ def test_a_seq_len_longer_than_the_runs_validation_text_names_the_option_given(
 ) -> None:
     """It named data.seq_len and the training text, though the user gave --seq-len and the evaluation
     reads the validation text (the corpus: 3.2k bytes of training text, 0.4k held out)."""
-    expected = f"the validation text has 411 bytes (end-of-text separators included), fewer than --seq-len + 1 = {seq_len + 1}; give more text or a shorter --seq-len"
+    expected = f"the validation text has 411 bytes (end-of-text separators included), fewer than seq_len + 1 = {seq_len + 1}; give more text or a shorter seq_len"
     out = tmp_path / "results"
     assert (
         main(["eval", str(runs[0] / "last.safetensors"), "--seq-len", str(seq_len), "--out", str(out)]) == 2

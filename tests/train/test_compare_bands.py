@@ -123,7 +123,7 @@ def test_too_few_windows_are_warned_about_and_get_no_band(caplog) -> None:
     assert [r.getMessage() for r in caplog.records] == [
         f"T=8: {MIN_BAND_WINDOWS - 1} windows, fewer than the {MIN_BAND_WINDOWS} a 95% band needs to cover "
         "as often as it says: the differences to the baseline have no band (NaN in the CSV); score more "
-        "windows (--batches, which scores --batches x --batch-size windows, or more text with --data)"
+        "windows (batches, which scores batches x batch_size windows, or more text with paths)"
     ]
     mean, low, high = comparison.overall[8][1]
     assert math.isnan(low) and math.isnan(high) and not math.isnan(mean)
@@ -229,13 +229,13 @@ def test_a_bucket_without_tokens_has_a_nan_mean() -> None:
     ("arguments", "match"),
     [
         ({"runs_or_checkpoints": "runs/a"}, "a list of one or more run folders"),
-        ({"seq_lens": 16}, r"--seq-len must be one or more integers >= 1, got 16"),
+        ({"seq_lens": 16}, r"seq_lens must be one or more integers >= 1, got 16"),
         ({"seq_lens": [16.5]}, r"got \[16.5\]"),
         ({"seq_lens": [True]}, r"got \[True\]"),
-        ({"baseline": 1}, r"--baseline must be a model's name or path, got 1"),
-        ({"resamples": 0}, r"--resamples must be an integer >= 1, got 0"),
+        ({"baseline": 1}, r"baseline must be a model's name or path, got 1"),
+        ({"resamples": 0}, r"resamples must be an integer >= 1, got 0"),
         ({"confidence": 1.5}, r"confidence must be a number in \(0, 1\), got 1.5"),
-        ({"seed": "0"}, r"--seed must be an integer, got '0'"),
+        ({"seed": "0"}, r"seed must be an integer, got '0'"),
     ],
 )
 def test_compare_checks_its_arguments_before_loading_anything(arguments, match) -> None:

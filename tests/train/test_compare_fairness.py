@@ -107,17 +107,18 @@ def test_data_files_that_a_model_trained_on_are_named_in_compare_and_eval(
     models = _models(single, files)
     notes = compare_module.training_data_notes(models, 0, [str(corpus), str(three_files / "a.txt")])
     assert notes == [
-        f"single was trained on the first 90% of {str(corpus)!r}, which the windows (the --data files) are "
+        f"single was trained on the first 90% of {str(corpus)!r}, which the windows (the paths files) are "
         "read from: its loss on them is not a held-out one"
     ]  # files held a.txt out: nothing to say of it
     (note,) = compare_module.training_data_notes(models, 0, [str(three_files / "b.txt")])
     assert note.startswith(
-        f"files was trained on [{str(three_files / 'b.txt')!r}], which the windows (the --data"
+        f"files was trained on [{str(three_files / 'b.txt')!r}], which the windows (the paths"
     )
     with caplog.at_level(logging.WARNING):
         evaluate(single / "last.safetensors", [str(corpus)], batches=1, progress_bar=False)
     assert (
-        f"was trained on the first 90% of {str(corpus)!r} (its run's data.paths), which --data" in caplog.text
+        f"was trained on the first 90% of {str(corpus)!r} (its run's data.paths), which paths evaluates"
+        in caplog.text
     )
 
 
@@ -236,8 +237,8 @@ def test_eval_data_with_an_unreadable_run_config_says_to_repair_it_not_to_give_d
     with pytest.raises(ConfigError) as refused:
         evaluate(run / "last.safetensors", [str(three_files / "a.txt")], batches=1, progress_bar=False)
     message = str(refused.value)
-    assert "cannot be used to find its run's data" in message and "give --data" not in message
-    assert message.endswith("repair it: it says how to read --data (as text, or a data.name='hf' run's text field), and whether the run trained on those files")  # fmt: skip
+    assert "cannot be used to find its run's data" in message and "give paths" not in message
+    assert message.endswith("repair it: it says how to read paths (as text, or a data.name='hf' run's text field), and whether the run trained on those files")  # fmt: skip
 
 
 @pytest.mark.slow  # reason: ~0.7 s: trains two runs, then compares them

@@ -181,11 +181,11 @@ def test_bad_compare_inputs_are_one_error_naming_them(world, tmp_path) -> None:
     corrupt.write_bytes(b"\x00" * 100)
     with pytest.raises(ConfigError, match="neither a run folder nor a checkpoint"):
         compare([world["ttt"], tmp_path / "missing"])
-    with pytest.raises(ConfigError, match="--baseline 'nope' is none of the models"):
+    with pytest.raises(ConfigError, match="baseline='nope' is none of the models"):
         compare([world["ttt"], world["swa"]], baseline="nope")
-    with pytest.raises(ConfigError, match="--split 'test' names a split of --data, and no --data"):
+    with pytest.raises(ConfigError, match="split='test' names a split of paths, and no paths"):
         compare([world["ttt"]], split="test")
-    with pytest.raises(ConfigError, match="--seq-len must be one or more integers >= 1"):
+    with pytest.raises(ConfigError, match="seq_lens must be one or more integers >= 1"):
         compare([world["ttt"]], seq_lens=[0])
     with pytest.raises(DataError, match="blank.txt': the file is empty"):
         compare([world["ttt"]], paths=[str(world["root"] / "data" / "blank.txt")])

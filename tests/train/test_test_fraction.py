@@ -330,9 +330,9 @@ def test_eval_of_test_windows_refuses_data_changed_under_them(tmp_path) -> None:
     with pytest.raises(DataError, match=r"held out for test before, now not .* as test text"):
         evaluate(many, held_out="test", progress_bar=False)
     plain = _trained(tmp_path, "plain", corpus["many"])
-    with pytest.raises(ConfigError, match=r"--held-out test: the run \(data.test_fraction=0\) held out no"):
+    with pytest.raises(ConfigError, match=r"held_out='test': the run \(data.test_fraction=0\) held out no"):
         evaluate(plain, held_out="test", progress_bar=False)
-    with pytest.raises(ConfigError, match="--held-out test scores the run's own test windows, and --data"):
+    with pytest.raises(ConfigError, match="held_out='test' scores the run's own test windows, and paths"):
         evaluate(plain, [str(corpus["one"])], held_out="test", progress_bar=False)
 
 

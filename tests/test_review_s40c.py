@@ -198,7 +198,7 @@ def test_an_hf_runs_held_out_data_too_short_for_eval_seq_len_names_seq_len(tmp_p
     run, _ = load_config("tiny", [*overrides, f"out_dir={tmp_path / 'run'}"])
     assert validation_examples(run, seq_len=20)[0].shape[1] == 20
     with pytest.raises(
-        DataError, match=r"fewer than --seq-len \+ 1 = 5001 tokens; .* or a shorter --seq-len$"
+        DataError, match=r"fewer than seq_len \+ 1 = 5001 tokens; .* or a shorter seq_len$"
     ):
         validation_examples(run, seq_len=5000)
     with pytest.raises(DataError, match=r"fewer than data.seq_len \+ 1 = 5001 tokens"):  # the run's own
@@ -217,5 +217,5 @@ def test_eval_data_read_as_records_names_data_not_the_runs_data_paths(tmp_path) 
     data.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(3)))
     with pytest.raises(DataError) as caught:
         dataset_tokens([str(data)], "text", split="test")
-    assert f"--split 'test' is not a split of --data ['{data}']" in str(caught.value)
+    assert f"split='test' is not a split of paths=['{data}']" in str(caught.value)  # Python's names (s50m)
     assert "data.paths" not in str(caught.value) and "data.split" not in str(caught.value)

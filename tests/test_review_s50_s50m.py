@@ -27,7 +27,7 @@ from innerloop.config.load import (
 )
 from innerloop.train.checkpoint import save_checkpoint
 from innerloop.train.compare import compare
-from innerloop.train.data import DataError
+from innerloop.train.data import DataError, dataset_tokens
 from innerloop.train.module import LanguageModelModule
 from innerloop.train.run import evaluate
 
@@ -171,3 +171,25 @@ def test_compare_errors_name_the_options_on_the_command_line(runs, capsys, tmp_p
     assert "--baseline 'nope' is none of the models compared" in line
     line = _cli_error(capsys, ["compare", str(runs["swa"]), "--out", str(tmp_path / "c2"), "--no-ttt"])
     assert "--no-ttt: none of the models compared has test-time training" in line
+
+
+@pytest.mark.slow  # saves a DatasetDict and reads it (1 s)
+def test_the_records_of_paths_name_paths_and_split_from_python_and_the_options_on_the_command_line(
+    tmp_path,
+) -> None:
+    """``dataset_tokens`` (evaluate's and compare's ``paths`` of a data.name='hf' run) named ``--data``
+    and ``--split`` to a Python caller too."""
+    datasets = pytest.importorskip("datasets")
+    saved = tmp_path / "both"
+    splits = {name: datasets.Dataset.from_dict({"text": [name]}) for name in ("test", "train")}
+    datasets.DatasetDict(splits).save_to_disk(str(saved))
+    for split, said in [(None, "name the one to read with split"), ("valid", "split='valid' is not a split")]:
+        with pytest.raises(DataError) as err:
+            dataset_tokens([str(saved)], "text", split=split)
+        assert str(err.value).startswith(f"paths={[str(saved)]!r}, read as") and said in str(err.value)
+        assert "--" not in str(err.value)
+    with command_line_options(EVAL_AND_COMPARE_OPTIONS), pytest.raises(DataError) as err:
+        dataset_tokens([str(saved)], "text", split="valid")
+    assert str(err.value).startswith(f"--data {[str(saved)]!r}, read as") and "--split 'valid'" in str(
+        err.value
+    )

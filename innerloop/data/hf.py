@@ -479,15 +479,17 @@ def saved_splits(paths: Sequence[str]) -> list[str] | None:
     return [str(loaded.split) if loaded.split is not None else "train"]
 
 
-def own_split(paths: Sequence[str]) -> str:
+def own_split(paths: Sequence[str], option: str = "--split") -> str:
     """The split ``paths`` hold when ``--split`` names none: ``train`` for data files, a saved Dataset's
     own split, a saved DatasetDict's only one (:class:`DataError` when it holds several: one must be
-    named with ``--split``)."""
+    named with ``option``, how the caller names the split: ``--split``, or ``split`` from Python)."""
     splits = saved_splits(paths)
     if splits is None:
         return "train"
     if len(splits) > 1:
-        raise DataError(f"the saved DatasetDict holds the splits {splits}: name the one to read with --split")
+        raise DataError(
+            f"the saved DatasetDict holds the splits {splits}: name the one to read with {option}"
+        )
     return splits[0]
 
 

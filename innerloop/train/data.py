@@ -704,18 +704,25 @@ def dataset_tokens(
     separator = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
     tokens: list[torch.Tensor] = []  # a tensor per chunk of documents: 8 bytes a token, not a Python int's 36
     try:
-        dataset = open_hf_dataset(paths, split or own_split(paths), streaming=False, text_field=text_field)
+        dataset = open_hf_dataset(
+            paths, split or own_split(paths, argument_name("split")), streaming=False, text_field=text_field
+        )
         for _, texts in iter_texts(dataset, text_field):
             chunk: list[int] = []
             for ids in encode_many(texts) if encode_many else [tokenizer.encode(t) for t in texts]:
                 chunk += [*ids, *separator]
             tokens.append(torch.tensor(chunk, dtype=torch.int64))
     except DataError as err:
-        # eval's and compare's names for them: the run's data.paths and data.split are not what was read
-        said = str(err).replace("data.split=", "--split ").replace("data.paths=", "--data ")
-        said = said.replace("data.paths", "--data")  # 'data.paths has', 'entry', 'remove it from data.paths'
+        # the caller's names for them (eval's --data, evaluate's paths=): the run's data.paths and data.split
+        # are not what was read
+        split_as_given, paths_as_given = (given_argument(p, "", placeholder=True) for p in ("split", "paths"))
+        said = str(err).replace("data.split=", split_as_given).replace("data.paths=", paths_as_given)
+        said = said.replace(
+            "data.paths", argument_name("paths")
+        )  # 'data.paths has', 'remove it from data.paths'
+        given = given_argument("paths", list(paths), quoted=False)
         raise DataError(
-            f"--data {list(paths)!r}, read as the run's data.name='hf' data (field {text_field!r}): {said}"
+            f"{given}, read as the run's data.name='hf' data (field {text_field!r}): {said}"
         ) from None
     return torch.cat(tokens) if tokens else torch.empty(0, dtype=torch.int64)
 

@@ -151,11 +151,11 @@ def test_eval_data_of_a_saved_dataset_dict_needs_a_split_and_reads_the_one_named
         }
     ).save_to_disk(str(saved))
     with pytest.raises(
-        DataError, match=r"holds the splits \['test', 'train'\]: name the one to read with --split"
+        DataError, match=r"holds the splits \['test', 'train'\]: name the one to read with split"
     ):
         dataset_tokens([str(saved)], "text")
     assert bytes(dataset_tokens([str(saved)], "text", split="test").tolist()) == b"te\0"
-    with pytest.raises(DataError, match="--split 'valid' is not a split of"):
+    with pytest.raises(DataError, match="split='valid' is not a split of"):
         dataset_tokens([str(saved)], "text", split="valid")
 
 

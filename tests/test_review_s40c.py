@@ -197,9 +197,7 @@ def test_an_hf_runs_held_out_data_too_short_for_eval_seq_len_names_seq_len(tmp_p
     overrides = [f"data.paths=[{data}]", "data.name=hf", "data.text_field=text", "data.seq_len=16"]
     run, _ = load_config("tiny", [*overrides, f"out_dir={tmp_path / 'run'}"])
     assert validation_examples(run, seq_len=20)[0].shape[1] == 20
-    with pytest.raises(
-        DataError, match=r"fewer than seq_len \+ 1 = 5001 tokens; .* or a shorter seq_len$"
-    ):
+    with pytest.raises(DataError, match=r"fewer than seq_len \+ 1 = 5001 tokens; .* or a shorter seq_len$"):
         validation_examples(run, seq_len=5000)
     with pytest.raises(DataError, match=r"fewer than data.seq_len \+ 1 = 5001 tokens"):  # the run's own
         validation_examples(load_config("tiny", [*overrides[:3], "data.seq_len=5000"])[0])

@@ -36,7 +36,7 @@ import torch
 
 from innerloop.checkpoints import CheckpointError
 from innerloop.config import load_config
-from innerloop.config.load import ConfigError
+from innerloop.config.load import ConfigError, command_line_options
 from innerloop.data.atomic import atomic_write
 from innerloop.data.text import DataError
 from innerloop.models.params import count_config_parameters, size_to_budget
@@ -1027,12 +1027,18 @@ def inspection(args: argparse.Namespace) -> str:
     return diagnose(args.checkpoint, args.windows, args.seq_len)
 
 
+INSPECTION_OPTIONS = {"seq_len": "--seq-len", "seq_lens": "--seq-len", "resamples": "--resamples"}
+"""The options of ``growth`` and ``diagnose`` that give a parameter of innerloop's ``evaluate`` / ``compare``:
+their errors name the option (:func:`~innerloop.config.load.command_line_options`)."""
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.study in ("growth", "reference", "diagnose"):
         try:
-            print(inspection(args))
+            with command_line_options(INSPECTION_OPTIONS):  # errors name the options typed
+                print(inspection(args))
         except DiagnoseArgumentError as error:  # names its argument
             parser.error(str(error))
         except (CheckpointError, ConfigError, DataError, OSError) as error:

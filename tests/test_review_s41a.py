@@ -78,15 +78,16 @@ def test_official_float_fields_read_a_numpy_float_as_the_model_fields_do(section
 @pytest.mark.parametrize(
     ("files", "said"),
     [
-        (["a.foo"], "--data has 'a.foo', whose suffix '.foo' is not a data format"),
-        (["b.jsonl", "c.txt"], "--data mixes formats ['json', 'text']"),
-        (["e.jsonl", "b.jsonl"], "which data.name='hf' cannot read as json: remove it from --data"),
-        (["nothing*.jsonl"], "--data entry '{dir}/nothing*.jsonl' matches no file"),
+        (["a.foo"], "paths has 'a.foo', whose suffix '.foo' is not a data format"),
+        (["b.jsonl", "c.txt"], "paths mixes formats ['json', 'text']"),
+        (["e.jsonl", "b.jsonl"], "which data.name='hf' cannot read as json: remove it from paths"),
+        (["nothing*.jsonl"], "paths entry '{dir}/nothing*.jsonl' matches no file"),
     ],
 )
 def test_eval_data_read_as_records_names_data_in_every_message(tmp_path, files, said) -> None:
     # 938266d renamed 'data.paths=' in dataset_tokens' messages (eval's and compare's --data), not the
-    # messages that say 'data.paths has', 'data.paths mixes', 'data.paths entry', 'remove it from data.paths'
+    # messages that say 'data.paths has', 'data.paths mixes', 'data.paths entry', 'remove it from data.paths';
+    # called from Python they name the parameter, paths (the CLI's --data: s50m)
     (tmp_path / "a.foo").write_text("hello")
     (tmp_path / "b.jsonl").write_text('{"text": "hi there"}\n')
     (tmp_path / "c.txt").write_text("x\n")

@@ -33,16 +33,16 @@ def test_compare_reads_numpy_and_0d_torch_numbers_as_pythons() -> None:
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        ({"seq_lens": [16, torch.tensor(2.0)]}, r"--seq-len must be one or more integers >= 1"),
-        ({"seq_lens": [np.int64(0)]}, r"--seq-len must be one or more integers >= 1"),
-        ({"seq_lens": []}, r"--seq-len must be one or more integers >= 1"),
-        ({"seq_lens": "16"}, r"--seq-len must be one or more integers >= 1"),
-        ({"resamples": torch.tensor(True)}, r"--resamples must be an integer >= 1"),
-        ({"resamples": np.float64(100.0)}, r"--resamples must be an integer >= 1"),
+        ({"seq_lens": [16, torch.tensor(2.0)]}, r"seq_lens must be one or more integers >= 1"),
+        ({"seq_lens": [np.int64(0)]}, r"seq_lens must be one or more integers >= 1"),
+        ({"seq_lens": []}, r"seq_lens must be one or more integers >= 1"),
+        ({"seq_lens": "16"}, r"seq_lens must be one or more integers >= 1"),
+        ({"resamples": torch.tensor(True)}, r"resamples must be an integer >= 1"),
+        ({"resamples": np.float64(100.0)}, r"resamples must be an integer >= 1"),
         ({"confidence": np.bool_(True)}, r"confidence must be a number in \(0, 1\)"),
         ({"confidence": np.float32(1.0)}, r"confidence must be a number in \(0, 1\)"),
         ({"confidence": "0.9"}, r"confidence must be a number in \(0, 1\)"),
-        ({"seed": 1.0}, r"--seed must be an integer"),
+        ({"seed": 1.0}, r"seed must be an integer"),
     ],
 )
 def test_compare_refuses_what_is_no_number_of_its_kind(arguments, message) -> None:

@@ -241,7 +241,7 @@ def test_a_seq_len_longer_than_the_runs_validation_text_names_the_option_given(
 ) -> None:
     """It named data.seq_len and the training text, though the user gave --seq-len and the evaluation
     reads the validation text (the corpus: 3.2k bytes of training text, 0.4k held out)."""
-    expected = f"the validation text has 411 bytes (end-of-text separators included), fewer than seq_len + 1 = {seq_len + 1}; give more text or a shorter seq_len"
+    expected = f"the validation text has 411 bytes (end-of-text separators included), fewer than --seq-len + 1 = {seq_len + 1}; give more text or a shorter --seq-len"
     out = tmp_path / "results"
     assert (
         main(["eval", str(runs[0] / "last.safetensors"), "--seq-len", str(seq_len), "--out", str(out)]) == 2

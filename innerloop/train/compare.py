@@ -1124,10 +1124,13 @@ def _label_differences(bottom: Any, comparison: Comparison) -> None:
     )
 
 
-def comparison_stem(comparison: Comparison, out_dir: str | Path) -> Path:
-    """``out_dir/compare-<id>`` (``compare-test-<id>`` on the baseline run's test windows)."""
+def comparison_stem(comparison: Comparison, out_dir: str | Path, partial: bool = False) -> Path:
+    """``out_dir/compare-<id>`` (``compare-test-<id>`` on the baseline run's test windows); ``partial``:
+    ``compare-<id>-partial``, the id of what the scores depend on alone (a rerun with another --seed
+    overwrites, then removes it)."""
     which = "test-" if comparison.held_out == "test" else ""
-    return user_path(out_dir) / f"compare-{which}{comparison_id(comparison)}"
+    suffix = "-partial" if partial else ""
+    return user_path(out_dir) / f"compare-{which}{comparison_id(comparison, scores_only=partial)}{suffix}"
 
 
 def write_comparison(
@@ -1137,12 +1140,7 @@ def write_comparison(
     removing the temporary files a killed earlier write of them left); ``compare-test-<id>.*`` for a
     comparison on the baseline run's test windows (``--held-out test``). ``partial`` (the lengths still
     to come, in words): the comparison so far, as ``compare-<id>-partial.*``, the table saying so."""
-    stem = comparison_stem(comparison, out_dir)
-    if (
-        partial is not None
-    ):  # named by the scores alone: a rerun with another --seed overwrites, then removes it
-        which = "test-" if comparison.held_out == "test" else ""
-        stem = stem.with_name(f"compare-{which}{comparison_id(comparison, scores_only=True)}-partial")
+    stem = comparison_stem(comparison, out_dir, partial=partial is not None)
     remove_stale_temporaries_of([stem.with_suffix(suffix) for suffix in (".csv", ".png", ".md")])
     csv_path = atomic_write_text(stem.with_suffix(".csv"), comparison_csv(comparison))
     png = plot_comparison(stem.with_suffix(".png"), comparison)

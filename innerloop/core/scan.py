@@ -8,6 +8,7 @@ gradients are taken at the same weights, the mini-batch's starting weights.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -468,11 +469,28 @@ def _gate_for(
         return decay, None
     if decay is not None:
         raise ValueError("give the gate as decay (1 - a) or as decay_log (log a), not both")
+    return (None, decay_log) if takes_decay_log(rule) else (decay_from_log(decay_log), None)
+
+
+def takes_decay_log(rule: UpdateRule) -> bool:
+    """Whether ``rule.forward`` names a ``decay_log`` parameter (then :func:`run_scan` gives it a gate
+    that came as a log as ``decay_log``, not ``decay``). Read once per forward function (a scan runs per
+    call and, decoding, per token); a forward set on the instance itself is read each time."""
+    if "forward" in vars(rule):
+        return _reads_decay_log(rule.forward)
+    return _function_takes_decay_log(type(rule).forward)
+
+
+@functools.lru_cache(maxsize=256)
+def _function_takes_decay_log(forward: Callable) -> bool:
+    return _reads_decay_log(forward)
+
+
+def _reads_decay_log(forward: Callable) -> bool:
     try:
-        takes_log = "decay_log" in inspect.signature(rule.forward).parameters
+        return "decay_log" in inspect.signature(forward).parameters
     except (TypeError, ValueError):  # unreadable: the plain keyword every rule that forgets takes
-        takes_log = False
-    return (None, decay_log) if takes_log else (decay_from_log(decay_log), None)
+        return False
 
 
 def add_note(error: BaseException, note: str) -> None:
@@ -736,6 +754,7 @@ __all__ = [
     "plan_momentum",
     "prepare_chunk",
     "log_running_products",
+    "takes_decay_log",
     "running_products",
     "scale_params",
     "split_segments",

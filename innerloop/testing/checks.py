@@ -57,7 +57,7 @@ from innerloop.core.protocol import (
     apply_stack,
     stack_forward_mismatch,
 )
-from innerloop.core.scan import RuleOutputError, check_rule_returns, model_refusal, run_scan
+from innerloop.core.scan import RuleOutputError, check_rule_returns, model_refusal, run_scan, takes_decay_log
 from innerloop.core.state import StateSignature, TTTState
 from innerloop.testing.reference import naive_token_loop
 
@@ -1870,21 +1870,12 @@ def _check_rule_on_first(
 FAR_MINI_BATCHES = 100_003
 
 
-def _names_decay_log(rule: UpdateRule) -> bool:
-    """Whether ``rule.forward`` names a ``decay_log`` parameter: :func:`~innerloop.core.scan.run_scan`
-    then gives it a gate that came as a log (Gated DeltaNet's, Titans') as ``decay_log``, not ``decay``."""
-    try:
-        return "decay_log" in inspect.signature(rule.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _check_rule_log_gate(check: _RuleCheck, model: InnerModel, loss: InnerLoss, options: dict) -> None:
     """A rule that forgets and names ``decay_log`` (the built-ins do), given its gate as ``decay_log =
     log(1 - decay)`` (as Gated DeltaNet and Titans give it), whole and cut, equals its reference given
     ``decay``: every other check gives the gate as ``decay``, which left the log path unchecked."""
     rule = check.rule
-    if not (rule.supports_decay and _names_decay_log(rule)):
+    if not (rule.supports_decay and takes_decay_log(rule)):
         return
     for momentum in (False, True) if rule.supports_momentum else (False,):
         problem = make_problem(model, loss, seed=check.seed, decay=True, momentum=momentum, **options)

@@ -557,10 +557,10 @@ def plugin_label(kind: str, obj: Any) -> str:
 
     entry = _registered_entry(kind, obj)
     cls = type(obj)
-    shown = (
-        get_registry().loaded_by(entry.origin) if entry else None
-    )  # -p MODULE for what its import registered
-    origin = f"origin {shown!r}" if entry else f"not registered: {cls.__module__}.{cls.__qualname__}"
+    if entry is None:
+        origin = f"not registered: {cls.__module__}.{cls.__qualname__}"
+    else:  # as loaded: -p MODULE for what a -p module's import registered
+        origin = f"origin {get_registry().loaded_by(entry.origin)!r}"
     return f"{kind.replace('_', ' ')} {getattr(obj, 'name', '?')!r} ({origin})"
 
 

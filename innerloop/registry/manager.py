@@ -410,14 +410,13 @@ class Registry:
         loaded (a user's ``import my_loss`` before ``-p my_loss``) and no plugin claims yet: it was
         listed, recorded in checkpoints and removed as ``module.Class``, not as the plugin loading it."""
         for entry in self.entries():
-            registering = self._registering_module(entry.origin)
-            if (
-                entry.origin != origin
-                and entry.origin not in self._loaded_by
-                and registering is not None
-                and _within(registering, module)
-            ):
+            if entry.origin != origin and entry.origin not in self._loaded_by and self._from(entry, module):
                 self._loaded_by[entry.origin] = origin
+
+    def _from(self, entry: Entry, module: str) -> bool:
+        """Whether ``entry`` was registered at the import of ``module`` or of one of its submodules."""
+        registering = self._registering_module(entry.origin)
+        return registering is not None and _within(registering, module)
 
     def loaded_by(self, origin: str) -> str:
         """How the plugin of ``origin`` was loaded, as ``innerloop plugins`` shows it: the entry point
@@ -430,10 +429,7 @@ class Registry:
         ``innerloop.register(sys.modules[__name__])``), or objects that ``module`` (or a submodule)
         registered at import were registered before this load: registering again would clash with them."""
         return self.plugin_manager.is_registered(plugin) or any(
-            (entry.kind, entry.name) in before
-            and (registering := self._registering_module(entry.origin)) is not None
-            and _within(registering, module)
-            for entry in self.entries()
+            (entry.kind, entry.name) in before and self._from(entry, module) for entry in self.entries()
         )
 
     def _roll_back_since(self, before: set[tuple[str, str]], failing_module: str) -> list[tuple[str, str]]:

@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import re
-import sys
 import tempfile
 import typing
 import warnings
@@ -66,6 +65,7 @@ from innerloop.models.config import (
     check_keys,
     check_weight_decay,
     field_types,
+    is_finite_float,
     unread_model_keys,
     validate_model_config,
     with_earlier_defaults,
@@ -270,16 +270,11 @@ def _text_fits(text: str, kinds: Sequence[Any], quoted: bool = False) -> bool:
         if kind is int and PLAIN_INT.fullmatch(text):
             return True
         if kind is float and (
-            PLAIN_INT.fullmatch(text) and _within_float_range(text) or PLAIN_FLOAT.fullmatch(text)
+            # an integer past float's range (400 digits) is refused: omegaconf's float() raised OverflowError
+            PLAIN_INT.fullmatch(text) and is_finite_float(int(text)) or PLAIN_FLOAT.fullmatch(text)
         ):
             return True
     return False
-
-
-def _within_float_range(integer_text: str) -> bool:
-    """Whether the plain decimal integer ``integer_text`` has a float value: omegaconf's conversion of
-    ``optim.lr=1000...0`` (400 digits) raised a bare ``OverflowError`` ('int too large to convert to float')."""
-    return abs(int(integer_text)) <= sys.float_info.max
 
 
 def _kind_words(kinds: Sequence[Any]) -> str:

@@ -732,7 +732,7 @@ def _did_you_mean(key: str, prefix: str, valid: Sequence[str], all_keys: Sequenc
     return f"; did you mean {', '.join(repr(path) for path in suggestions)}?" if suggestions else ""
 
 
-def _is_finite_float(value: int | float) -> bool:
+def is_finite_float(value: int | float) -> bool:
     """Whether ``value`` (a Python int or float) is a finite float: an int past float's range (10**400)
     has none, where ``math.isfinite`` raised a bare ``OverflowError``."""
     return abs(value) <= sys.float_info.max if isinstance(value, int) else math.isfinite(value)
@@ -756,7 +756,7 @@ def _type_error(value: Any, expected: Any) -> str | None:
         if isinstance(value, numbers.Real) and not isinstance(value, (int, float, bool)):
             return "a Python float (convert it with float(...))"  # a numpy float set after building
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return None if number and _is_finite_float(value) else "a finite number"
+        return None if number and is_finite_float(value) else "a finite number"
     if expected is str:
         if isinstance(value, os.PathLike):  # a pathlib.Path set after loading: the config saves text
             return "a string (convert it with str(...))"

@@ -21,7 +21,13 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from innerloop.config.load import DEFAULT_PRESET, ConfigError, command_line_options, name_too_long
+from innerloop.config.load import (
+    DEFAULT_PRESET,
+    PRESET_OR_FILE,
+    ConfigError,
+    command_line_options,
+    name_too_long,
+)
 from innerloop.config.schema import HELD_OUT
 from innerloop.models.config import WINDOW_SIZE_BOUNDS
 
@@ -95,6 +101,9 @@ def _number(
 
 _POSITIVE_INT = _number(int, 1)
 # eval's and compare's window sizes (train.data.WINDOW_SIZE_BOUNDS): 10**30 crashed with a traceback
+CONFIG_OPTION = {PRESET_OR_FILE: "--config"}
+"""The option that gives :func:`~innerloop.config.load.load_config`'s ``preset_or_file``: its errors name it."""
+
 EVAL_AND_COMPARE_OPTIONS = {
     "paths": "--data",
     "seq_len": "--seq-len",
@@ -508,7 +517,8 @@ def _train_command(args: argparse.Namespace, worker: bool) -> int:
     if args.resume:
         run, cfg = _resume_config(args.config, args.overrides)
     else:  # before importing Lightning: errors come fast
-        run, cfg = load_config(args.config or DEFAULT_PRESET, args.overrides, option="--config")
+        with command_line_options(CONFIG_OPTION):
+            run, cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
         _refuse_config_inside_out_dir(args.config, run.out_dir)
     from innerloop.train.interrupt import TrainingInterrupted
     from innerloop.train.module import TrainingDivergedError
@@ -550,7 +560,8 @@ def _resume_config(config: str | None, overrides: Sequence[str]) -> tuple[Any, A
     from innerloop.config.load import config_differences, load_config, read_out_dir
     from innerloop.train.run_dir import settle_interrupted_overwrite
 
-    out_dir = read_out_dir(config or DEFAULT_PRESET, overrides, option="--config")
+    with command_line_options(CONFIG_OPTION):
+        out_dir = read_out_dir(config or DEFAULT_PRESET, overrides)
     settle_interrupted_overwrite(out_dir)  # a killed --overwrite: read the config of the run it left
     saved = Path(out_dir) / "config.yaml"
     if Path(out_dir).is_file():
@@ -567,12 +578,14 @@ def _resume_config(config: str | None, overrides: Sequence[str]) -> tuple[Any, A
     if _holds_no_settings(saved):
         _refuse_a_checkpoint_without_its_config(out_dir, "an empty config at")
     try:
-        run, cfg = load_config(str(saved), overrides, out_dir=out_dir, option="--resume")
+        with command_line_options({PRESET_OR_FILE: "--resume"}):  # the run's saved config.yaml
+            run, cfg = load_config(str(saved), overrides, out_dir=out_dir)
     except ConfigError as err:  # a plugin no longer installed: the run's checkpoint says where it came from
         from innerloop.train.run import with_missing_plugins_named
 
         raise with_missing_plugins_named(err, out_dir) from None
-    differences = config_differences(config, overrides, run, option="--config") if config is not None else []
+    with command_line_options(CONFIG_OPTION):
+        differences = config_differences(config, overrides, run) if config is not None else []
     if differences:
         print(
             f"innerloop train: warning: --resume continues the run in {out_dir!r} from its saved config.yaml "
@@ -790,25 +803,20 @@ def _params_model(args: argparse.Namespace) -> tuple[Any, str | None]:
     width at :data:`_SEARCH_STARTS` instead, and why the given one is invalid (the search replaces it)."""
     from innerloop.config.load import load_config
 
-    try:
-        return load_config(args.config, args.overrides, model_only=True, option="--config")[
-            0
-        ], None  # data, out_dir aside
-    except ConfigError as err:
-        if args.budget is None:
-            raise
-        searched = f"model.{args.adjust}"
-        others = [item for item in args.overrides if item.partition("=")[0].strip() != searched]
-        try:  # the width's own overrides dropped: the search replaces them (and a key is given once)
-            run, _ = load_config(
-                args.config,
-                [*others, f"{searched}={_SEARCH_STARTS[args.adjust]}"],
-                model_only=True,
-                option="--config",
-            )
-        except ConfigError:
-            raise err from None  # not (only) the width: the error as given
-        return run, str(err)
+    with command_line_options(CONFIG_OPTION):
+        try:
+            return load_config(args.config, args.overrides, model_only=True)[0], None  # data, out_dir aside
+        except ConfigError as err:
+            if args.budget is None:
+                raise
+            searched = f"model.{args.adjust}"
+            others = [item for item in args.overrides if item.partition("=")[0].strip() != searched]
+            try:  # the width's own overrides dropped: the search replaces them (and a key is given once)
+                search_start = f"{searched}={_SEARCH_STARTS[args.adjust]}"
+                run, _ = load_config(args.config, [*others, search_start], model_only=True)
+            except ConfigError:
+                raise err from None  # not (only) the width: the error as given
+            return run, str(err)
 
 
 def _params(args: argparse.Namespace) -> int:

@@ -39,8 +39,11 @@ def test_load_config_names_its_python_parameter() -> None:
 
 
 def test_load_config_names_the_cli_option_when_told() -> None:
+    from innerloop.config.load import PRESET_OR_FILE, command_line_options
+
     with pytest.raises(ConfigError, match=r"^--config 'no-such-preset-s50j' is neither a file nor a preset"):
-        load_config("no-such-preset-s50j", option="--config")
+        with command_line_options({PRESET_OR_FILE: "--config"}):  # as the command line calls it
+            load_config("no-such-preset-s50j")
 
 
 def test_loss_by_position_csv_expands_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -121,6 +121,12 @@ def given_argument(parameter: str, value: Any, quoted: bool = True, placeholder:
     return _given(name, value, quoted)
 
 
+PRESET_OR_FILE = "preset_or_file"
+"""The parameter of :func:`load_config`, :func:`read_out_dir` and :func:`config_differences` that names
+the config: the command line gives it as ``--config`` (or ``--resume``, a run's saved config), within
+:func:`command_line_options`."""
+
+
 def _given(option: str, value: Any, quoted: bool = True) -> str:
     """``value`` as its caller gave it: ``--config 'x'`` on the command line (``--config x`` unless
     ``quoted``, an argument to type), ``preset_or_file='x'`` from Python."""
@@ -129,14 +135,15 @@ def _given(option: str, value: Any, quoted: bool = True) -> str:
     return f"{option} {value!r}" if quoted else f"{option} {value}"
 
 
-def _read_source(preset_or_file: str, option: str = "preset_or_file") -> tuple[str, str]:
+def _read_source(preset_or_file: str) -> tuple[str, str]:
     """The YAML text of a file path or a packaged preset name, and a description of where it came from;
-    errors name ``option`` (``--config`` for the command line)."""
+    errors name ``preset_or_file`` as the caller gave it (:func:`given_argument`: ``--config`` on the
+    command line)."""
     path = user_path(preset_or_file)
     if path.is_file() and preset_or_file in preset_names():  # a bare name: which one was meant?
         raise ConfigError(
-            f"{_given(option, preset_or_file)} is both a preset and a file in the current directory; write "
-            f"{_given(option, './' + str(preset_or_file), quoted=False)} for the file, or rename it to use "
+            f"{given_argument(PRESET_OR_FILE, preset_or_file)} is both a preset and a file in the current directory; write "
+            f"{given_argument(PRESET_OR_FILE, './' + str(preset_or_file), quoted=False)} for the file, or rename it to use "
             "the preset"
         )
     if path.is_file():
@@ -148,9 +155,9 @@ def _read_source(preset_or_file: str, option: str = "preset_or_file") -> tuple[s
     if preset_or_file in preset_names():
         text = (resources.files("innerloop.config") / "presets" / f"{preset_or_file}.yaml").read_text("utf-8")
         return text, f"preset {preset_or_file!r}"
-    check_not_a_link_loop(path, _given(option, preset_or_file))
+    check_not_a_link_loop(path, given_argument(PRESET_OR_FILE, preset_or_file))
     raise ConfigError(
-        f"{_given(option, preset_or_file)} is neither a file nor a preset; presets: {preset_names()}"
+        f"{given_argument(PRESET_OR_FILE, preset_or_file)} is neither a file nor a preset; presets: {preset_names()}"
     )
 
 
@@ -622,7 +629,6 @@ def load_config(
     *,
     model_only: bool = False,
     out_dir: str | None = None,
-    option: str = "preset_or_file",
 ) -> tuple[RunConfig, DictConfig]:
     """Load a preset or YAML file, apply ``key=value`` overrides, validate; return the typed config and
     its omegaconf form (for saving). ``model_only``: check only what the model needs (its section, and
@@ -632,12 +638,10 @@ def load_config(
     one the config names (a moved run's). A ``~`` in ``out_dir`` is expanded; ``preset_or_file`` is then
     the run's saved config.yaml, whose model options added since it was written are read at the values
     its model was trained with (:func:`~innerloop.models.config.with_earlier_defaults`), as its
-    checkpoint's are. ``option``: how errors name ``preset_or_file`` (the command line passes
-    ``--config``)."""
+    checkpoint's are. Errors name ``preset_or_file`` as the caller gave it (the command line runs this
+    within :func:`command_line_options`: ``--config``)."""
     check_flag("model_only", model_only)  # 'false' would skip the run's checks
-    container, _, cfg = _merged_config(
-        preset_or_file, overrides, saved_run=out_dir is not None, option=option
-    )
+    container, _, cfg = _merged_config(preset_or_file, overrides, saved_run=out_dir is not None)
     run = _typed(cfg)
     if out_dir is not None:  # a resume trains in the folder its config.yaml was found in
         cfg.out_dir = run.out_dir = out_dir
@@ -734,14 +738,13 @@ def _warn_unread_keys(
 
 
 def _merged_config(
-    preset_or_file: Any, overrides: Sequence[str], saved_run: bool = False, option: str = "preset_or_file"
+    preset_or_file: Any, overrides: Sequence[str], saved_run: bool = False
 ) -> tuple[Any, Any, DictConfig]:
     """The config source's mapping as read, that mapping with its ``trainer`` keys routed, and the
     schema with the source and ``overrides`` merged in; the keys and types checked, not the values.
-    ``saved_run``: the source is a run's saved config.yaml (see :func:`_earlier_model_options`);
-    ``option``: how errors name ``preset_or_file``."""
-    _check_load_arguments(preset_or_file, overrides, option)
-    text, source = _read_source(preset_or_file, option)
+    ``saved_run``: the source is a run's saved config.yaml (see :func:`_earlier_model_options`)."""
+    _check_load_arguments(preset_or_file, overrides)
+    text, source = _read_source(preset_or_file)
     # a config of a megabyte or more (a generated one) is not kept: the cache holds 32 sources
     read = _merged_source(text, source) if len(text) < 1_000_000 else _merged_source.__wrapped__(text, source)
     base = functools.partial(copy.deepcopy, read.merged)  # a new config each call
@@ -790,13 +793,11 @@ def _typed(cfg: DictConfig) -> RunConfig:
 def read_out_dir(
     preset_or_file: str | os.PathLike[str] = DEFAULT_PRESET,
     overrides: Sequence[str] = (),
-    option: str = "preset_or_file",
 ) -> str:
     """The ``out_dir`` a config with ``overrides`` names (``~`` expanded), its keys and types checked but
     not its values: where ``--resume`` finds the run, whose own saved config is then the one checked
-    (the preset's or file's other values do not concern it). ``option``: how errors name
-    ``preset_or_file``."""
-    _, _, cfg = _merged_config(preset_or_file, overrides, option=option)
+    (the preset's or file's other values do not concern it)."""
+    _, _, cfg = _merged_config(preset_or_file, overrides)
     try:
         out_dir = cfg.out_dir
     except OmegaConfBaseException as err:  # an interpolation ${...} that does not resolve
@@ -808,16 +809,14 @@ def config_differences(
     preset_or_file: str | os.PathLike[str],
     overrides: Sequence[str],
     run: RunConfig,
-    option: str = "preset_or_file",
 ) -> list[str]:
     """``key (run's value -> config's value)`` for each key that the preset or file sets (other than
     ``out_dir``) where it, with ``overrides``, differs from ``run``. Data paths and a tokenizer path
-    are compared as a run records them, absolute (:func:`absolute_data_paths`). ``option``: how errors
-    name ``preset_or_file``."""
-    _, routed, cfg = _merged_config(preset_or_file, overrides, option=option)
+    are compared as a run records them, absolute (:func:`absolute_data_paths`)."""
+    _, routed, cfg = _merged_config(preset_or_file, overrides)
     given = set(_flat_dict(routed)) - {"out_dir"}
     theirs = _typed(cfg)
-    check_path_entries(theirs.data.paths, f"{_given(option, str(preset_or_file))}: ")
+    check_path_entries(theirs.data.paths, f"{given_argument(PRESET_OR_FILE, str(preset_or_file))}: ")
     theirs.data.paths = absolute_data_paths(theirs.data.paths)
     theirs.data.tokenizer = absolute_tokenizer(theirs.data.tokenizer)
     new = _flat_dict(OmegaConf.to_container(OmegaConf.structured(theirs)))
@@ -892,12 +891,12 @@ def read_run_config(path: str | Path) -> RunConfig:
     return run
 
 
-def _check_load_arguments(preset_or_file: Any, overrides: Any, option: str = "preset_or_file") -> None:
+def _check_load_arguments(preset_or_file: Any, overrides: Any) -> None:
     """:class:`ConfigError` for arguments of :func:`load_config` of the wrong kind: a string of overrides
     would be read character by character, ``None`` as a path."""
     if not isinstance(preset_or_file, (str, os.PathLike)):
         raise ConfigError(
-            f"{option} must be a preset name or a YAML file path, got {type(preset_or_file).__name__}; "
+            f"{argument_name(PRESET_OR_FILE)} must be a preset name or a YAML file path, got {type(preset_or_file).__name__}; "
             f"presets: {preset_names()}"
         )
     if isinstance(overrides, (str, bytes)) or not isinstance(overrides, Sequence):

@@ -168,7 +168,12 @@ def test_a_data_paths_entry_that_is_not_a_string_is_one_error_naming_it(tmp_path
 
 
 def test_a_saved_or_resume_config_with_a_nested_data_paths_entry_is_one_error(tmp_path) -> None:
-    from innerloop.config.load import config_differences, read_run_config
+    from innerloop.config.load import (
+        PRESET_OR_FILE,
+        command_line_options,
+        config_differences,
+        read_run_config,
+    )
     from innerloop.config.schema import RunConfig
 
     nested = tmp_path / "config.yaml"
@@ -180,7 +185,8 @@ def test_a_saved_or_resume_config_with_a_nested_data_paths_entry_is_one_error(tm
     with pytest.raises(
         ConfigError, match=re.escape(f"--config {str(nested)!r}: data.paths entry ['a', 'b']")
     ):
-        config_differences(str(nested), [], RunConfig(), option="--config")  # train --resume --config nested
+        with command_line_options({PRESET_OR_FILE: "--config"}):  # train --resume --config nested
+            config_differences(str(nested), [], RunConfig())
     with pytest.raises(ConfigError, match=re.escape(f"preset_or_file={str(nested)!r}: data.paths entry")):
         config_differences(str(nested), [], RunConfig())  # from Python: the parameter's name
 

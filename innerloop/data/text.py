@@ -68,7 +68,8 @@ def resolve_files(patterns: Sequence[str]) -> list[Path]:
     """Expand files, directories (all files below) and globs (``**`` allowed) into a sorted file list.
 
     Below a directory, hidden files and folders (``.git/``, ``.venv/``: a name starting with ``.``) and
-    ``__pycache__`` are skipped, as a glob skips hidden names; a file named directly is always read.
+    ``__pycache__`` are skipped, as a glob skips hidden names, and links to folders are followed, as a
+    glob's ``**`` follows them; a file named directly is always read.
     An entry that matches no file raises :class:`DataError` naming it.
     """
     return sorted(split_keys(patterns))
@@ -80,7 +81,7 @@ def _found_files(pattern: str) -> list[Path]:
     if path.is_file():
         matched = [path]
     elif path.is_dir():
-        matched = [p for p in path.rglob("*") if p.is_file() and not _skipped_below(p.relative_to(path))]
+        matched = _files_below(path)
     else:
         matched = [Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p)]
     if not matched:
@@ -89,6 +90,25 @@ def _found_files(pattern: str) -> list[Path]:
             + bracket_hint(pattern)
         )
     return sorted(matched)  # in a fixed order, not the file system's: a file found twice keeps one key
+
+
+def _files_below(folder: Path) -> list[Path]:
+    """The files below ``folder`` (paths as found), hidden entries and ``__pycache__`` skipped
+    (:func:`_skipped_below`). A link to a folder is followed, as a glob's ``**`` follows it (shards linked
+    in from another disk are part of the corpus: ``rglob`` left them out without a word); each real folder
+    is entered once, by its first path in sorted order, so a link back up is no endless loop."""
+    files: list[Path] = []
+    entered: set[str] = set()
+    for here, subfolders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(here)
+        if real in entered:
+            subfolders[:] = []
+            continue
+        entered.add(real)
+        subfolders[:] = sorted(name for name in subfolders if not _skipped_below(Path(name)))
+        found = (Path(here, name) for name in names if not _skipped_below(Path(name)))
+        files.extend(path for path in found if path.is_file())
+    return files
 
 
 def bracket_hint(pattern: str) -> str:

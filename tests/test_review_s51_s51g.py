@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 
-from innerloop.data.text import resolve_files, split_keys
+import pytest
+
+from innerloop.data.text import DataError, read_tokens, refuse_compressed, resolve_files, split_keys
+from innerloop.train.data import TextDataModule
 
 
 def test_a_data_folder_reads_the_files_of_a_linked_subfolder_as_its_glob_does(tmp_path) -> None:
@@ -25,3 +28,34 @@ def test_a_data_folder_reads_the_files_of_a_linked_subfolder_as_its_glob_does(tm
     os.symlink("..", data / "own" / "up")  # a loop: data/own/up/own/up/...
     assert split_keys([str(data)]) == by_folder
     assert resolve_files([str(data)]) == sorted(by_folder)
+
+
+# How the files a data.name='hf' run reads begin: Parquet, Arrow's file format (Feather v2), and Arrow's
+# stream format, which datasets' save_to_disk writes (data-00000-of-00001.arrow).
+_DATASET_FILES = {
+    "corpus.parquet": b"PAR1\x15\x04\x15\x1e",
+    "corpus.feather": b"ARROW1\x00\x00\xff\xff\xff\xff",
+    "data-00000-of-00001.arrow": b"\xff\xff\xff\xff\xf0\x00\x00\x00\x10\x00\x00\x00",
+}
+
+
+@pytest.mark.parametrize("name", sorted(_DATASET_FILES))
+def test_a_text_run_refuses_a_dataset_file_by_its_bytes(tmp_path, name) -> None:
+    """A Parquet or Arrow file (or a save_to_disk folder) given to a text run was read as its bytes: a
+    byte-level model trained on the binary columns without a word (as on a compressed file, which is
+    refused). It is refused now, naming the file and data.name=hf, whatever its name, at the config's
+    check (refuse_compressed) and when the text is read (the data module, eval's read_tokens)."""
+    text, data = tmp_path / "notes.txt", tmp_path / name
+    text.write_text("plain text " * 40)
+    data.write_bytes(_DATASET_FILES[name] + b"columns " * 40)
+    for check in (
+        lambda: refuse_compressed([text, data]),
+        lambda: read_tokens([text, data]),
+        lambda: TextDataModule([str(tmp_path)], seq_len=8, batch_size=1).setup(),
+    ):
+        with pytest.raises(DataError, match=rf"data.paths file {str(data)!r} is an? .*data.name=hf"):
+            check()
+    renamed = tmp_path / "renamed.txt"  # by its bytes, not its name
+    data.rename(renamed)
+    with pytest.raises(DataError, match=r"renamed.txt' is an? (Parquet|Arrow)"):
+        read_tokens([renamed])

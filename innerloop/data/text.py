@@ -336,6 +336,14 @@ COMPRESSION_MAGIC: dict[str, re.Pattern[bytes]] = {
 name (a ``.txt`` saved gzipped by a server, a ``.zip`` of text files), and one named so that does not is
 text under an odd name (``notes.gz`` written by hand), read as any other."""
 
+DATASET_MAGIC: dict[str, re.Pattern[bytes]] = {
+    "Parquet": re.compile(rb"PAR1"),
+    "Arrow": re.compile(rb"ARROW1\x00\x00|\xff\xff\xff\xff"),  # the file format (Feather), the stream format
+}
+"""How the binary files of records that ``data.name='hf'`` reads begin: a Parquet file, an Arrow file
+(Feather), and an Arrow stream (what ``datasets``' ``save_to_disk`` writes: four ``0xff`` bytes, never
+the start of UTF-8 text). Read as text, their columns' bytes would be the text."""
+
 _MAGIC_BYTES = 10  # the longest beginning above
 
 
@@ -356,15 +364,38 @@ def _head(path: Path) -> bytes:
 
 def refuse_compressed(files: Sequence[Path], option: str = "data.paths") -> None:
     """:class:`DataError` naming ``option`` and the first of ``files`` that begins as a compressed file or
-    an archive does (:data:`COMPRESSION_MAGIC`), whatever its name: text files are read as they are, so its
-    compressed bytes would be the text (a byte-level model trained on them without a word; another
+    an archive does (:data:`COMPRESSION_MAGIC`), or as a Parquet or Arrow file of records does
+    (:data:`DATASET_MAGIC`), whatever its name: text files are read as they are, so its compressed bytes
+    or binary columns would be the text (a byte-level model trained on them without a word; another
     tokenizer said only "not UTF-8")."""
     for path in files:
         _refuse_packed(path, _head(path), option)
 
 
+def dataset_file_of(head: bytes) -> str | None:
+    """The :data:`DATASET_MAGIC` format (``'Parquet'``, ``'Arrow'``) whose beginning the bytes ``head``
+    start with, or None."""
+    return next((name for name, magic in DATASET_MAGIC.items() if magic.match(head)), None)
+
+
+def dataset_file_advice(kind: str, read: str = "text files") -> str:
+    """The rest of the message for a ``kind`` file of records (a :data:`DATASET_MAGIC` key) that is to be
+    read as text (by ``read``): what it is, and what reads it."""
+    article = "an" if kind[0] in "AEIOU" else "a"
+    return (
+        f"is {article} {kind} file (a dataset's records, in binary columns), and {read} are read as they are: its "
+        "bytes would be the text; read it with data.name=hf (each record's data.text_field; a folder "
+        "save_to_disk wrote is given whole)"
+    )
+
+
 def _refuse_packed(path: Path, head: bytes, option: str) -> None:
     """:func:`refuse_compressed` for the file ``path`` that begins with the bytes ``head``."""
+    kind = dataset_file_of(head)
+    if kind is not None:
+        raise DataError(
+            f"{option} file {str(path)!r} {dataset_file_advice(kind)}; or leave it out of {option}"
+        )
     packed = compression_of(head)
     if packed is not None:
         raise DataError(  # a folder's .jar or .docx is a zip too: not text to extract, but to leave out

@@ -59,3 +59,21 @@ def test_a_text_run_refuses_a_dataset_file_by_its_bytes(tmp_path, name) -> None:
     data.rename(renamed)
     with pytest.raises(DataError, match=r"renamed.txt' is an? (Parquet|Arrow)"):
         read_tokens([renamed])
+
+
+def test_a_data_folder_of_hidden_files_only_says_they_are_skipped(tmp_path) -> None:
+    """A data folder whose files are all hidden (``.train.txt``) or in ``__pycache__`` was said to
+    "match no file", which a folder holding files does not explain: the message says they are skipped
+    and how to name them."""
+    (tmp_path / ".train.txt").write_text("text " * 40)
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "more.txt").write_text("text " * 40)
+    with pytest.raises(
+        DataError,
+        match=r"no file .*: it holds 2 files, all hidden .* skipped below a folder.*'\.cache/more\.txt'",
+    ):
+        split_keys([str(tmp_path)])
+    (tmp_path / ".train.txt").unlink()
+    (tmp_path / ".cache" / "more.txt").unlink()
+    with pytest.raises(DataError, match=r"matches no file \(give files"):  # an empty folder: as before
+        split_keys([str(tmp_path)])

@@ -87,7 +87,7 @@ def _found_files(pattern: str) -> list[Path]:
     if not matched:
         raise DataError(
             f"data.paths entry {pattern!r} matches no file (give files, directories or globs)"
-            + bracket_hint(pattern)
+            + (_only_skipped_files(path) if path.is_dir() else bracket_hint(pattern))
         )
     return sorted(matched)  # in a fixed order, not the file system's: a file found twice keeps one key
 
@@ -109,6 +109,20 @@ def _files_below(folder: Path) -> list[Path]:
         found = (Path(here, name) for name in names if not _skipped_below(Path(name)))
         files.extend(path for path in found if path.is_file())
     return files
+
+
+def _only_skipped_files(folder: Path) -> str:
+    """Where the data folder ``folder`` holds files, all skipped (:func:`_skipped_below`): how many, that
+    they are skipped and how to name one, the end of the "matches no file" message; else ``""``."""
+    skipped = sorted(p for p in folder.rglob("*") if p.is_file())
+    if not skipped:
+        return ""
+    shown = str(skipped[0].relative_to(folder))
+    return (
+        f": it holds {len(skipped)} file{'s' if len(skipped) != 1 else ''}, all hidden (a name starting with "
+        f"'.') or in __pycache__, which are skipped below a folder; name them as files or globs (e.g. "
+        f"{shown!r} below it), or rename them"
+    )
 
 
 def bracket_hint(pattern: str) -> str:

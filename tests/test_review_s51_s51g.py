@@ -77,3 +77,21 @@ def test_a_data_folder_of_hidden_files_only_says_they_are_skipped(tmp_path) -> N
     (tmp_path / ".cache" / "more.txt").unlink()
     with pytest.raises(DataError, match=r"matches no file \(give files"):  # an empty folder: as before
         split_keys([str(tmp_path)])
+
+
+def test_a_byte_level_read_warns_of_a_file_holding_nul_bytes(tmp_path, caplog) -> None:
+    """Byte 0 is the end of a document for a byte-level model (DOCUMENT_SEPARATOR, where generate stops),
+    and text holds none: a binary file among the text (an image, a .pyc, a database) was read without a
+    word, each of its NUL bytes a document end. One warning now names it and counts them; text files
+    give none, and the bytes read are unchanged."""
+    text, binary = tmp_path / "a.txt", tmp_path / "logo.png"
+    text.write_text("plain text\n")
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    with caplog.at_level("WARNING", logger="innerloop.data.text"):
+        clean = read_tokens([text])
+    assert clean.tolist() == [*b"plain text\n", 0] and not caplog.records
+    with caplog.at_level("WARNING", logger="innerloop.data.text"):
+        both = read_tokens([text, binary])
+    assert both.tolist() == [*b"plain text\n", 0, *binary.read_bytes(), 0]
+    [record] = caplog.records
+    assert f"{str(binary)!r} holds 3 NUL bytes" in record.getMessage()

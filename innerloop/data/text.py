@@ -437,7 +437,7 @@ def read_bytes(files: Sequence[Path], option: str = "data.paths") -> torch.Tenso
     is held in memory once (a file that changed size since is read as it is now)."""
     sizes = [_file_size(p, option) for p in files]
     buffer = bytearray(sum(sizes) + len(files))
-    at, wide = 0, []
+    at, wide, nul = 0, [], []
     for p, size in zip(files, sizes, strict=True):
         got, rest = _read_into(p, buffer, at, size, option)
         if got < size or rest:  # the file shrank or grew since its size was taken: its bytes now
@@ -446,11 +446,15 @@ def read_bytes(files: Sequence[Path], option: str = "data.paths") -> torch.Tenso
         bom = _wide_text_mark(buffer, at, got + len(rest))
         if bom is not None:
             wide.append((p, bom))
+        elif buffer.find(DOCUMENT_SEPARATOR, at, at + got + len(rest)) >= 0:  # memchr: text has none
+            nul.append((p, buffer.count(DOCUMENT_SEPARATOR, at, at + got + len(rest))))
         at += got + len(rest)
         buffer[at] = DOCUMENT_SEPARATOR
         at += 1
     if wide:
         _warn_wide_text(wide, option)
+    if nul:
+        _warn_nul_bytes(nul, option)
     return torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
 
 
@@ -477,6 +481,20 @@ def _warn_wide_text(wide: Sequence[tuple[Path, str]], option: str) -> None:
         "each ASCII character in it is the end-of-document byte 0 of a byte-level model (where innerloop "
         "generate stops); convert it to UTF-8 (e.g. iconv -f %s -t utf-8)",
         option, str(path), others, bom, bom, bom,
+    )  # fmt: skip
+
+
+def _warn_nul_bytes(files: Sequence[tuple[Path, int]], option: str) -> None:
+    """One warning for the files read as bytes that hold NUL bytes (``(file, how many)``), which text
+    does not: each is the end-of-document byte of a byte-level model (:data:`DOCUMENT_SEPARATOR`, where
+    ``innerloop generate`` stops), so such a file is likely binary (an image, a ``.pyc``, a database)."""
+    path, count = files[0]
+    others = f" (and {len(files) - 1} more file(s) of {option} hold some too)" if len(files) > 1 else ""
+    log.warning(
+        "%s file %r holds %d NUL bytes%s, which text does not: each is read as the end-of-document byte 0 "
+        "of a byte-level model (where innerloop generate stops); is it a binary file? leave it out of %s "
+        "(a glob that does not match it)",
+        option, str(path), count, others, option,
     )  # fmt: skip
 
 

@@ -95,19 +95,25 @@ def _found_files(pattern: str) -> list[Path]:
 def _files_below(folder: Path) -> list[Path]:
     """The files below ``folder`` (paths as found), hidden entries and ``__pycache__`` skipped
     (:func:`_skipped_below`). A link to a folder is followed, as a glob's ``**`` follows it (shards linked
-    in from another disk are part of the corpus: ``rglob`` left them out without a word); each real folder
-    is entered once, by its first path in sorted order, so a link back up is no endless loop."""
+    in from another disk are part of the corpus: ``rglob`` left them out without a word), after every
+    folder below ``folder`` itself: a file keeps the path it has there as its split key, so a link added
+    to a folder already below (``latest -> v2``) moves no file between training and validation. Each
+    real folder is entered once, so a link back up is no endless loop."""
     files: list[Path] = []
     entered: set[str] = set()
-    for here, subfolders, names in os.walk(folder, followlinks=True):
-        real = os.path.realpath(here)
-        if real in entered:
-            subfolders[:] = []
-            continue
-        entered.add(real)
-        subfolders[:] = sorted(name for name in subfolders if not _skipped_below(Path(name)))
-        found = (Path(here, name) for name in names if not _skipped_below(Path(name)))
-        files.extend(path for path in found if path.is_file())
+    pending = [folder]  # the folder, then the links to folders found below it, in the order found
+    while pending:
+        for here, subfolders, names in os.walk(pending.pop(0)):  # links to folders: listed, not entered
+            real = os.path.realpath(here)
+            if real in entered:
+                subfolders[:] = []
+                continue
+            entered.add(real)
+            kept = sorted(name for name in subfolders if not _skipped_below(Path(name)))
+            pending += [Path(here, name) for name in kept if os.path.islink(os.path.join(here, name))]
+            subfolders[:] = [name for name in kept if not os.path.islink(os.path.join(here, name))]
+            found = (Path(here, name) for name in names if not _skipped_below(Path(name)))
+            files.extend(path for path in found if path.is_file())
     return files
 
 

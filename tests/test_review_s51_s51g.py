@@ -96,3 +96,28 @@ def test_a_byte_level_read_warns_of_a_file_holding_nul_bytes(tmp_path, caplog) -
     assert both.tolist() == [*b"plain text\n", 0, *binary.read_bytes(), 0]
     [record] = caplog.records
     assert f"{str(binary)!r} holds 3 NUL bytes" in record.getMessage()
+
+
+def test_tokenizer_train_raw_refuses_a_dataset_file_by_its_bytes(tmp_path, capsys) -> None:
+    """``innerloop tokenizer train --raw`` reads every PATH whole as text, JSON markup and all; a Parquet
+    or Arrow file's binary columns are no text to learn merges from: one that was valid UTF-8 trained the
+    tokenizer on them without a word, another was said to be "not UTF-8 text; convert it to UTF-8". It is
+    refused now, naming the file and how to read its records (without --raw)."""
+    from innerloop.cli import main
+
+    for name, head in _DATASET_FILES.items():
+        path = tmp_path / name
+        path.write_bytes(head + b"columns of text " * 40)
+        argv = [
+            "tokenizer",
+            "train",
+            "--raw",
+            "--vocab-size",
+            "300",
+            "--out",
+            str(tmp_path / "tok"),
+            str(path),
+        ]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"{str(path)!r} is a" in err and "without --raw" in err, err

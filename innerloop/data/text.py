@@ -398,14 +398,17 @@ def dataset_file_of(head: bytes) -> str | None:
     return next((name for name, magic in DATASET_MAGIC.items() if magic.match(head)), None)
 
 
-def dataset_file_advice(kind: str, read: str = "text files") -> str:
+def dataset_file_advice(
+    kind: str,
+    read: str = "text files",
+    fix: str = "read it with data.name=hf (each record's data.text_field; a folder save_to_disk wrote is given whole)",
+) -> str:
     """The rest of the message for a ``kind`` file of records (a :data:`DATASET_MAGIC` key) that is to be
-    read as text (by ``read``): what it is, and what reads it."""
+    read as text (by ``read``): what it is, and what reads it (``fix``)."""
     article = "an" if kind[0] in "AEIOU" else "a"
     return (
-        f"is {article} {kind} file (a dataset's records, in binary columns), and {read} are read as they are: its "
-        "bytes would be the text; read it with data.name=hf (each record's data.text_field; a folder "
-        "save_to_disk wrote is given whole)"
+        f"is {article} {kind} file (a dataset's records, in binary columns), and {read} are read as they "
+        f"are: its bytes would be the text; {fix}"
     )
 
 

@@ -180,40 +180,46 @@ def _max_relative_gradient_difference(reference_model, ours, ids) -> float:
 
 
 @st.composite
-def reference_configs(draw):
-    kind = draw(st.sampled_from(["linear", "mlp"]))
-    mini_batch = draw(st.sampled_from([1, 2, 5, 16]))
-    length = draw(st.sampled_from([1, 7, 12]))  # the script in the report ran 33 and 100
+def reference_configs(draw, kind: str):
+    """A reference config, sequence length, prefill length and seed. Each list starts with its richest
+    value (hypothesis's first example takes the first of each, booleans excepted): a mini-batch of 5 over
+    12 tokens (two whole mini-batches on the kernel path, then a remainder), RoPE that rotates, 3 heads,
+    gate, shared QK and pre-conv on, decoding that starts inside a mini-batch."""
+    mini_batch = draw(st.sampled_from([5, 2, 16, 1]))
+    length = draw(st.sampled_from([12, 7, 1]))  # the script in the report ran 33 and 100 too
     if mini_batch > 1 and length > 1 and length % mini_batch == 0:
         length += 1  # never a multiple: the reference's remainder path
-    heads = draw(st.sampled_from([1, 3]))
-    head_dim = draw(st.sampled_from([6, 10]))
+    heads = draw(st.sampled_from([3, 1]))
+    head_dim = draw(st.sampled_from([10, 6]))
+    flag = st.sampled_from([True, False])
     fields = dict(
         hidden_size=heads * head_dim,
         num_attention_heads=heads,
         mini_batch_size=mini_batch,
         ttt_layer_type=kind,
-        use_gate=draw(st.booleans()),
-        share_qk=draw(st.booleans()),
-        pre_conv=draw(st.booleans()),
-        conv_kernel=draw(st.sampled_from([2, 3, 4, 5])),
-        ttt_base_lr=draw(st.sampled_from([0.0, 0.3, 1.0, 2.5])),
-        rope_theta=draw(st.sampled_from([100.0, 10000.0, 5e5])),
-        tie_word_embeddings=draw(st.booleans()),
-        rms_norm_eps=draw(st.sampled_from([1e-6, 1e-2])),
+        use_gate=draw(flag),
+        share_qk=draw(flag),
+        pre_conv=draw(flag),
+        conv_kernel=draw(st.sampled_from([3, 2, 4, 5])),
+        ttt_base_lr=draw(st.sampled_from([2.5, 0.3, 1.0, 0.0])),
+        rope_theta=draw(st.sampled_from([100.0, 5e5, 10000.0])),
+        tie_word_embeddings=draw(flag),
+        rms_norm_eps=draw(st.sampled_from([1e-2, 1e-6])),
     )
-    prefill = draw(st.integers(1, max(1, length - 1)))
+    prefill = max(1, min(length - 1, draw(st.sampled_from([6, 1, 3, 11]))))
     return fields, length, prefill, draw(st.integers(0, 2**16))
 
 
 @pytest.mark.slow
-@settings(max_examples=3, deadline=None)
-@given(case=reference_configs())
-def test_imported_model_equals_the_reference_code_on_drawn_configs(reference, tmp_path_factory, case):
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@settings(max_examples=2, deadline=None)  # ~2 s of CPU an example (measured); the grid in the report ran more
+@given(data=st.data())
+def test_imported_model_equals_the_reference_code_on_drawn_configs(reference, tmp_path_factory, kind, data):
     """Logits, prefill-then-decode and every parameter's gradient (torch path and the ``auto`` path) of
     the imported model equal the reference's, in float64. Measured: logits and decoding within 1e-14 of
     logits of size ~3, gradients within 1e-14 relative (the reference's tanh-GELU differentiated with its
     own polynomial, as innerloop does: with autograd's exact derivative TTT-MLP's differ by ~1e-9)."""
+    case = data.draw(reference_configs(kind))
     with float64_default():
         _compare_with_reference(reference, tmp_path_factory.mktemp("model"), *case)
 

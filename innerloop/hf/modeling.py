@@ -260,6 +260,21 @@ def check_cache_length(cache: InnerloopCache) -> None:
         )
 
 
+def check_cache_batch(cache: InnerloopCache | None, batch: int) -> None:
+    """Refuse a cache passed in that holds another number of sequences than ``input_ids`` has rows
+    (``batch``), naming both: each row continues its own sequence. A ``LeftPaddedCache`` of one row
+    given two ran, the second row read from no state (logits of zeros); other sizes failed in torch's
+    words, and a plain cache's refusal named an inner state the caller never passed."""
+    if cache is None or cache.batch_size == batch:
+        return
+    raise ValueError(
+        f"the cache passed in (cache, past_key_values or cache_params) holds {cache.batch_size} sequence(s), "
+        f"and input_ids has {batch} row(s): each row continues its own sequence of the cache; pass "
+        f"input_ids of {cache.batch_size} rows, or pick the cache's rows first "
+        "(cache.index_select(torch.tensor([...])), repeats allowed)"
+    )
+
+
 def check_cache_continues(
     cache: Any,
     input_ids: torch.Tensor,
@@ -896,6 +911,7 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         built model (an edit there it cannot follow is refused)."""
         self._sync_model_config()
         check_token_ids_shape(input_ids)
+        check_cache_batch(cache, input_ids.shape[0])
         cached = 0 if cache is None else cache.seq_length
         check_mask_shape(attention_mask, input_ids, cached)
         check_mask_values(attention_mask)

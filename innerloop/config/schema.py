@@ -23,6 +23,7 @@ from innerloop.models.config import (  # noqa: F401  (Bounds and its constants: 
     WINDOW_SIZE_BOUNDS,
     Bounds,
     ModelConfig,
+    with_plain_values,
 )
 
 DATASETS: tuple[str, ...] = ("text", "recall", "hf")
@@ -44,6 +45,11 @@ class RecallConfig:
 
     num_pairs: int = 8
     gap: int = 64
+
+    def __post_init__(self) -> None:
+        """A numpy number or a 0-d integer tensor becomes the plain Python number, as in the model
+        section (:func:`~innerloop.models.config.with_plain_values`)."""
+        with_plain_values(self, "data.recall.", "the run config")
 
 
 @dataclass
@@ -84,6 +90,11 @@ class DataConfig:
     test_fraction: float = 0.0
     recall: RecallConfig = field(default_factory=RecallConfig)
 
+    def __post_init__(self) -> None:
+        """A section given as a mapping becomes its dataclass, and a numpy number or a 0-d integer tensor
+        the plain Python number, as in the model section (:func:`~innerloop.models.config.with_plain_values`)."""
+        with_plain_values(self, "data.", "the run config")
+
 
 @dataclass
 class OptimConfig:
@@ -111,6 +122,11 @@ class OptimConfig:
     decay_fraction: float = 0.2
     ttt_base_lr_init: float = 0.01
     ttt_base_lr_warmup: int = 0
+
+    def __post_init__(self) -> None:
+        """A numpy number or a 0-d integer tensor becomes the plain Python number, as in the model
+        section (:func:`~innerloop.models.config.with_plain_values`)."""
+        with_plain_values(self, "optim.", "the run config")
 
 
 @dataclass
@@ -145,6 +161,11 @@ class TrainerConfig:
     threads: int = 0
     lightning: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """A numpy number or a 0-d integer tensor becomes the plain Python number, as in the model
+        section (:func:`~innerloop.models.config.with_plain_values`)."""
+        with_plain_values(self, "trainer.", "the run config")
+
 
 @dataclass
 class RunConfig:
@@ -158,6 +179,11 @@ class RunConfig:
     out_dir: str = "runs/tiny"
     logger: Any = "csv"
     """A name of :data:`LOGGERS` or a list of them; each writes under ``<out_dir>/logs/``."""
+
+    def __post_init__(self) -> None:
+        """A section given as a mapping becomes its dataclass, and a numpy number or a 0-d integer tensor
+        the plain Python number, as in the model section (:func:`~innerloop.models.config.with_plain_values`)."""
+        with_plain_values(self, "", "the run config")
 
 
 # -- the range of every numeric field ---------------------------------------------------------------------

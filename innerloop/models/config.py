@@ -248,20 +248,9 @@ class ModelConfig:
         """A section given as a mapping (``ModelConfig(ttt={"mini_batch_size": 4})``) becomes its
         dataclass, its keys checked as :meth:`from_dict` checks them; a section that is neither its
         dataclass nor a mapping (None, a number) is refused naming it. A numpy number in an int or
-        float field (``hidden_size=np.int64(32)``) becomes the plain Python number."""
-        for name, section_type in (("ttt", TTTConfig), ("e2e", E2EConfig), ("family", FamilyConfig)):
-            section = getattr(self, name)
-            if isinstance(section, Mapping):
-                check_keys(section, section_type, f"model.{name}.", "the model config")
-                section = section_type(**section)
-            elif not isinstance(section, section_type):
-                raise TypeError(
-                    f"model.{name} is a section, not a value: give an instance of {section_type.__name__} or a mapping "
-                    f"of its keys {sorted(f.name for f in fields(section_type))}, got "
-                    f"{type(section).__name__}: {section!r}"
-                )
-            setattr(self, name, _with_plain_numbers(section))
-        _with_plain_numbers(self)
+        float field (``hidden_size=np.int64(32)``) becomes the plain Python number
+        (:func:`with_plain_values`, the rule of every config section)."""
+        with_plain_values(self, "model.", "the model config")
 
     def to_dict(self) -> dict[str, Any]:
         """A plain nested dict (JSON/YAML-safe), the inverse of :meth:`from_dict`."""
@@ -289,6 +278,30 @@ class ModelConfig:
         if size not in MODEL_SIZES:
             raise ValueError(f"size={size!r} is not a paper size; valid sizes: {sorted(MODEL_SIZES)}")
         return cls.from_dict({**MODEL_SIZES[size], **overrides})
+
+
+def with_plain_values(config: Any, prefix: str, source: str) -> None:
+    """The one rule of a config dataclass's values as it is built (its ``__post_init__``; every section
+    of a run config and of a model config follows it): each section field given as a mapping becomes
+    its dataclass, its keys checked (:func:`check_keys`; ``prefix`` is the dotted path of ``config``,
+    ``source`` names it in messages), a section given as anything else is a ``TypeError`` naming it, and
+    every number of another type than its field's becomes the plain one (:func:`_with_plain_numbers`)."""
+    for f in fields(config):
+        section_type = field_types(type(config))[f.name]
+        if not is_dataclass(section_type):
+            continue
+        section, name = getattr(config, f.name), f"{prefix}{f.name}"
+        if isinstance(section, Mapping):
+            check_keys(section, section_type, f"{name}.", source)  # type: ignore[arg-type]
+            section = section_type(**section)  # type: ignore[operator]
+        elif not isinstance(section, section_type):  # type: ignore[arg-type]
+            raise TypeError(
+                f"{name} is a section, not a value: give an instance of {section_type.__name__} or a mapping "
+                f"of its keys {sorted(g.name for g in fields(section_type))}, got "
+                f"{type(section).__name__}: {section!r}"
+            )
+        setattr(config, f.name, _with_plain_numbers(section))
+    _with_plain_numbers(config)
 
 
 def _with_plain_numbers(config: Any) -> Any:

@@ -1,0 +1,96 @@
+"""Review s51c: config values -- one numeric rule for every section, and a bound on every int key.
+
+- The model section of a config converts a numpy number or a 0-d integer tensor given as it is built
+  (``ModelConfig(hidden_size=np.int64(64))``) to the plain Python number; the run config's other
+  sections (``data``, ``data.recall``, ``optim``, ``trainer``, and ``seed``) kept it, and
+  :func:`~innerloop.config.validate_run_config` then refused ``TrainerConfig(max_steps=np.int64(5))``
+  ("must be a Python int"), and ``RunConfig(trainer={...})`` failed with "must be a TrainerConfig".
+  Every section now builds through :func:`innerloop.models.config.with_plain_values`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from innerloop.config.load import ConfigError, load_config, validate_run_config
+from innerloop.config.schema import DataConfig, OptimConfig, RecallConfig, RunConfig, TrainerConfig
+
+
+@pytest.fixture(scope="module")
+def recall_run():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run, _ = load_config("tiny", ["data.name=recall"])
+    return run
+
+
+# -- one numeric rule for every section: what the model section converts, the others do too ---------------
+
+SECTIONS = {"data": DataConfig, "data.recall": RecallConfig, "optim": OptimConfig, "trainer": TrainerConfig}
+
+CONVERTED = [
+    ("trainer", "max_steps", np.int64(5), 5),
+    ("trainer", "max_steps", torch.tensor(5), 5),
+    ("trainer", "log_every", np.int32(3), 3),
+    ("trainer", "progress_bar", np.False_, False),
+    ("data", "batch_size", np.int64(4), 4),
+    ("data", "val_fraction", np.float32(0.25), 0.25),
+    ("data.recall", "gap", np.uint8(3), 3),
+    ("optim", "ttt_base_lr_warmup", torch.tensor(2), 2),
+    ("optim", "lr", np.float32(0.5), 0.5),
+    ("optim", "lr", Fraction(1, 4), 0.25),
+    ("optim", "lr", np.int64(1), 1.0),
+]
+
+
+@pytest.mark.parametrize(("section", "key", "value", "plain"), CONVERTED, ids=lambda x: repr(x)[:30])
+def test_every_section_converts_a_numpy_number_as_the_model_section_does(section, key, value, plain):
+    built = SECTIONS[section](**{key: value})
+    assert getattr(built, key) == plain and type(getattr(built, key)) is type(plain)
+
+
+def test_a_run_built_with_numpy_numbers_validates(recall_run):
+    run = RunConfig(
+        model=recall_run.model,
+        data=DataConfig(name="recall", batch_size=np.int64(2), recall=RecallConfig(gap=np.int64(8))),
+        optim=OptimConfig(lr=np.float32(1e-3)),
+        trainer=TrainerConfig(max_steps=np.int64(3), val_every=torch.tensor(2), checkpoint_every=np.int16(2)),
+        seed=np.uint32(7),
+        out_dir=recall_run.out_dir,
+    )
+    validate_run_config(run)
+    assert (run.trainer.max_steps, run.seed, run.data.recall.gap) == (3, 7, 8)
+    assert type(run.seed) is int and type(run.optim.lr) is float
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (True, "must be an integer"),
+        (4.0, "must be an integer"),
+        (Fraction(4), "must be an integer"),
+        (np.float32(4), "must be an integer"),
+    ],
+    ids=repr,
+)
+def test_what_is_no_integer_stays_refused_in_every_section(recall_run, value, message):
+    run = RunConfig(model=recall_run.model, data=recall_run.data, trainer=TrainerConfig(max_steps=value))
+    with pytest.raises(ConfigError, match=rf"^trainer\.max_steps=.*\({type(value).__name__}\) {message}"):
+        validate_run_config(run)
+
+
+def test_a_run_section_given_as_a_mapping_becomes_its_dataclass_as_the_model_section():
+    run = RunConfig(trainer={"max_steps": np.int64(5)}, data={"recall": {"gap": np.int32(3)}})
+    assert isinstance(run.trainer, TrainerConfig) and run.trainer.max_steps == 5
+    assert isinstance(run.data.recall, RecallConfig) and run.data.recall.gap == 3
+    with pytest.raises(
+        ValueError, match=r"unknown config key 'trainer\.max_step' in the run config.*max_steps"
+    ):
+        RunConfig(trainer={"max_step": 5})
+    with pytest.raises(TypeError, match=r"^optim is a section, not a value: give an instance of OptimConfig"):
+        RunConfig(optim=5)

@@ -80,8 +80,9 @@ class _ArgumentParser(argparse.ArgumentParser):
 def _number(
     kind: type, low: float, low_open: bool = False, high: int | None = None
 ) -> Callable[[str], float]:
-    """An argparse ``type``: a finite ``kind`` (int or float) >= ``low`` (> ``low`` if ``low_open``), and
-    <= ``high`` when given."""
+    """An argparse ``type``: a ``kind`` (an int of any size, or a finite float) >= ``low`` (> ``low`` if
+    ``low_open``), and <= ``high`` when given. An int is compared as it is: ``math.isfinite`` raised a bare
+    ``OverflowError`` on an integer past float's range (``--tokens`` of 400 digits)."""
     valid = f"{'an integer' if kind is int else 'a finite number'} {'>' if low_open else '>='} {low}"
 
     def parse(text: str) -> float:
@@ -89,7 +90,7 @@ def _number(
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (low_open and value == low):
+        if (kind is float and not math.isfinite(value)) or value < low or (low_open and value == low):
             raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}")
         if high is not None and value > high:
             raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {text!r}")

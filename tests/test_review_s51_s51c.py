@@ -94,3 +94,40 @@ def test_a_run_section_given_as_a_mapping_becomes_its_dataclass_as_the_model_sec
         RunConfig(trainer={"max_step": 5})
     with pytest.raises(TypeError, match=r"^optim is a section, not a value: give an instance of OptimConfig"):
         RunConfig(optim=5)
+
+
+# -- the command line's integer options: an integer past float's range is compared as it is ---------------
+
+HUGE = 10**400
+
+
+@pytest.mark.parametrize(
+    ("argv", "option", "expected"),
+    [
+        (["generate", "ckpt", "--tokens", str(HUGE)], "tokens", HUGE),
+        (["generate", "ckpt", "--top-k", str(HUGE)], "top_k", HUGE),
+        (["params", "--budget", str(HUGE)], "budget", HUGE),
+        (["compare", "run", "--resamples", str(HUGE)], "resamples", HUGE),  # compare's range check names it
+    ],
+    ids=["tokens", "top_k", "budget", "resamples"],
+)
+def test_a_huge_integer_option_parses_instead_of_a_bare_overflow_error(argv, option, expected):
+    """``innerloop generate --tokens <400 digits>`` raised ``OverflowError: int too large to convert to
+    float`` from the option's type (``math.isfinite`` of the int); an int is now compared as it is, and
+    an option without an upper bound takes it (generation is a stream, top-k keeps every token)."""
+    from innerloop.cli import _parser
+
+    assert getattr(_parser().parse_args(argv), option) == expected
+
+
+def test_a_huge_integer_past_an_options_range_is_a_usage_error_naming_the_range():
+    from innerloop.cli import UsageError, _parser
+
+    with pytest.raises(
+        UsageError, match=r"argument --seq-len: must be an integer in \[1, 1073741824\], got '1000"
+    ):
+        _parser().parse_args(["eval", "run", "--seq-len", str(HUGE)])
+    with pytest.raises(
+        UsageError, match=r"argument --temperature: must be a finite number >= 0, got '1e400'"
+    ):
+        _parser().parse_args(["generate", "ckpt", "--temperature", "1e400"])

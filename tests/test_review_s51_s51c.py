@@ -131,3 +131,18 @@ def test_a_huge_integer_past_an_options_range_is_a_usage_error_naming_the_range(
         UsageError, match=r"argument --temperature: must be a finite number >= 0, got '1e400'"
     ):
         _parser().parse_args(["generate", "ckpt", "--temperature", "1e400"])
+
+
+# -- a bound on every int key whose huge value crashed deep inside ---------------------------------------
+
+
+def test_a_huge_validation_interval_is_refused_naming_the_key_and_its_range(recall_run):
+    """``trainer.val_every=10**400`` passed validation and crashed in Lightning's trainer set-up
+    (``OverflowError: int too large to convert to float``, it reads ``val_check_interval`` as a float);
+    2**70 ran (it validated only at the end), so the bound is the int64 step counter's, not lower."""
+    run = RunConfig(model=recall_run.model, data=recall_run.data, trainer=TrainerConfig(val_every=HUGE))
+    with pytest.raises(ConfigError, match=r"^trainer\.val_every=1000+ must be in \[1, 9223372036854775807\]"):
+        validate_run_config(run)
+    validate_run_config(
+        RunConfig(model=recall_run.model, data=recall_run.data, trainer=TrainerConfig(val_every=2**63 - 1))
+    )

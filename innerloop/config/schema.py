@@ -212,7 +212,9 @@ FIELD_BOUNDS: dict[str, Bounds] = {
     "optim.ttt_base_lr_warmup": Bounds(0, why="0: no warm-up of the TTT layers' base lr"),
     # trainer
     "trainer.max_steps": STEP_BOUNDS,
-    "trainer.val_every": AT_LEAST_1,
+    "trainer.val_every": Bounds(  # Lightning reads val_check_interval as a float: 10**400 overflowed there
+        1, 2**63 - 1, why="an int64 step count; one past trainer.max_steps validates only at the end"
+    ),
     "trainer.checkpoint_every": AT_LEAST_1,
     "trainer.devices": Bounds(1, 2**16, why="the processes or accelerators of one machine"),
     "trainer.log_every": AT_LEAST_1,

@@ -146,3 +146,46 @@ def test_a_huge_validation_interval_is_refused_naming_the_key_and_its_range(reca
     validate_run_config(
         RunConfig(model=recall_run.model, data=recall_run.data, trainer=TrainerConfig(val_every=2**63 - 1))
     )
+
+
+# -- the config file: each error names the file (or override) and the key ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key", "message"),
+    [
+        (
+            "trainer:\n  max_steps: ${trainer.nope}\n",
+            "trainer.max_steps",
+            "Interpolation key 'trainer.nope' not found",
+        ),
+        (
+            "trainer:\n  max_steps: ${oc.env:INNERLOOP_S51C_UNSET}\n",
+            "trainer.max_steps",
+            "INNERLOOP_S51C_UNSET",
+        ),
+        ("data:\n  paths: ['${nope}']\n", r"data.paths\[0\]", "Interpolation key 'nope' not found"),
+        ("logger: ${nope}\n", "logger", "Interpolation key 'nope' not found"),
+    ],
+    ids=["typed", "env", "list-entry", "untyped"],
+)
+def test_an_interpolation_that_does_not_resolve_names_the_file_and_the_key(tmp_path, yaml_text, key, message):
+    """The run config's conversion named the key alone (``config key 'trainer.max_steps': Interpolation
+    key 'trainer.nope' not found``): which of the file and the overrides held it was left to guess."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=rf"^config key '{key}' in file '{path}': .*{message}"):
+        load_config(str(path), ["data.name=recall"])
+
+
+def test_an_interpolation_from_an_override_names_the_override(tmp_path):
+    from innerloop.config.load import read_out_dir
+
+    with pytest.raises(
+        ConfigError, match=r"^config key 'logger' in override 'logger=\$\{nope\}': Interpolation"
+    ):
+        load_config("tiny", ["data.name=recall", "logger=${nope}"])
+    with pytest.raises(
+        ConfigError, match=r"^config key 'out_dir' in override 'out_dir=\$\{nope\}': Interpolation"
+    ):
+        read_out_dir("tiny", ["out_dir=${nope}"])

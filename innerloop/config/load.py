@@ -519,16 +519,17 @@ def _default_value(key: str) -> Any:
 def check_interpolated_kinds(cfg: DictConfig, keys: Sequence[str], source: str) -> None:
     """Raise :class:`ConfigError` for a key of ``keys`` (given an interpolation ``${...}`` in ``cfg``,
     the merged config) whose resolved value is not of its key's kind, as :func:`check_value_kinds` says
-    (a string, e.g. from ``oc.env``, judged on its text). An interpolation that does not resolve is left
-    to the error that reports it."""
+    (a string, e.g. from ``oc.env``, judged on its text). An interpolation that does not resolve (a
+    missing key, an unset ``oc.env`` variable) is a :class:`ConfigError` naming the key and ``source``,
+    the file or override that gave it (the run config's conversion named the key alone)."""
     if not keys:
         return
     plain = OmegaConf.create(OmegaConf.to_container(cfg))  # untyped: an interpolation resolves as it is
     for key in keys:
         try:
             value = OmegaConf.select(plain, key, throw_on_missing=True)
-        except OmegaConfBaseException:
-            continue
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"config key {key!r} in {source}: {_first_line(err)}") from None
         kinds = _kinds(_expected_type(key)) or ()
         fits = any(
             type(value) is kind or (kind is float and type(value) is int)
@@ -642,7 +643,7 @@ def load_config(
     within :func:`command_line_options`: ``--config``)."""
     check_flag("model_only", model_only)  # 'false' would skip the run's checks
     container, _, cfg = _merged_config(preset_or_file, overrides, saved_run=out_dir is not None)
-    run = _typed(cfg)
+    run = _typed(cfg, preset_or_file, overrides)
     if out_dir is not None:  # a resume trains in the folder its config.yaml was found in
         cfg.out_dir = run.out_dir = out_dir
     if run.out_dir != os.path.expanduser(run.out_dir):  # Lightning expands ~, pathlib does not: one folder
@@ -781,13 +782,26 @@ def _earlier_model_options(routed: Any) -> dict[str, Any]:
     return {"model": added} if added else {}
 
 
-def _typed(cfg: DictConfig) -> RunConfig:
-    """``cfg`` as a :class:`RunConfig`; an interpolation that does not resolve is a :class:`ConfigError`."""
+def _typed(cfg: DictConfig, preset_or_file: Any, overrides: Sequence[str]) -> RunConfig:
+    """``cfg`` (``preset_or_file`` with ``overrides``) as a :class:`RunConfig`; an interpolation that does
+    not resolve is a :class:`ConfigError` naming the key and the override or file that gave it."""
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as err:  # an interpolation ${...} that does not resolve
         key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(f"config key {key!r}: {_first_line(err)}") from None
+        raise ConfigError(
+            f"config key {key!r} in {_source_of(key, preset_or_file, overrides)}: {_first_line(err)}"
+        ) from None
+
+
+def _source_of(key: str, preset_or_file: Any, overrides: Sequence[str]) -> str:
+    """Where ``key`` was given: the last of ``overrides`` that sets it or a section above it
+    (``override 'data.paths=[${nope}]'``), else the preset or file (``file 'run.yaml'``)."""
+    for item in reversed(overrides):
+        given = item.partition("=")[0].strip().lstrip("+~")
+        if key == given or key.startswith((f"{given}.", f"{given}[")):
+            return f"override {item!r}"
+    return _read_source(str(preset_or_file))[1]
 
 
 def read_out_dir(
@@ -801,7 +815,8 @@ def read_out_dir(
     try:
         out_dir = cfg.out_dir
     except OmegaConfBaseException as err:  # an interpolation ${...} that does not resolve
-        raise ConfigError(f"config key 'out_dir': {_first_line(err)}") from None
+        where = _source_of("out_dir", preset_or_file, overrides)
+        raise ConfigError(f"config key 'out_dir' in {where}: {_first_line(err)}") from None
     return os.path.expanduser(str(out_dir))
 
 
@@ -815,7 +830,7 @@ def config_differences(
     are compared as a run records them, absolute (:func:`absolute_data_paths`)."""
     _, routed, cfg = _merged_config(preset_or_file, overrides)
     given = set(_flat_dict(routed)) - {"out_dir"}
-    theirs = _typed(cfg)
+    theirs = _typed(cfg, preset_or_file, overrides)
     check_path_entries(theirs.data.paths, f"{given_argument(PRESET_OR_FILE, str(preset_or_file))}: ")
     theirs.data.paths = absolute_data_paths(theirs.data.paths)
     theirs.data.tokenizer = absolute_tokenizer(theirs.data.tokenizer)

@@ -189,3 +189,18 @@ def test_an_interpolation_from_an_override_names_the_override(tmp_path):
         ConfigError, match=r"^config key 'out_dir' in override 'out_dir=\$\{nope\}': Interpolation"
     ):
         read_out_dir("tiny", ["out_dir=${nope}"])
+
+
+def test_a_directory_given_as_the_config_is_named_a_directory(tmp_path):
+    """A directory was "neither a file nor a preset" (true, but a run folder given for its config.yaml
+    was left a puzzle); it is now named a directory, with the run config inside it when there is one."""
+    with pytest.raises(
+        ConfigError, match=r"^preset_or_file='.*' is a directory, not a YAML file or a preset$"
+    ):
+        load_config(str(tmp_path))
+    (tmp_path / "config.yaml").write_text("seed: 1\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"is a directory, not a YAML file or a preset; the run config in it is '.*config\.yaml'",
+    ):
+        load_config(str(tmp_path))

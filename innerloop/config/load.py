@@ -156,6 +156,12 @@ def _read_source(preset_or_file: str) -> tuple[str, str]:
         text = (resources.files("innerloop.config") / "presets" / f"{preset_or_file}.yaml").read_text("utf-8")
         return text, f"preset {preset_or_file!r}"
     check_not_a_link_loop(path, given_argument(PRESET_OR_FILE, preset_or_file))
+    if path.is_dir():  # "neither a file nor a preset" left a run folder given for its config.yaml a puzzle
+        saved = path / "config.yaml"
+        hint = f"; the run config in it is {str(saved)!r}" if saved.is_file() else ""
+        raise ConfigError(
+            f"{given_argument(PRESET_OR_FILE, preset_or_file)} is a directory, not a YAML file or a preset{hint}"
+        )
     raise ConfigError(
         f"{given_argument(PRESET_OR_FILE, preset_or_file)} is neither a file nor a preset; presets: {preset_names()}"
     )

@@ -204,3 +204,68 @@ def test_a_directory_given_as_the_config_is_named_a_directory(tmp_path):
         match=r"is a directory, not a YAML file or a preset; the run config in it is '.*config\.yaml'",
     ):
         load_config(str(tmp_path))
+
+
+# -- a float argument given an integer past float's range: a ValueError naming it, not an OverflowError ---
+
+
+def _tiny_model_config():
+    from innerloop.models import ModelConfig
+
+    return ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, vocab_size=32)
+
+
+def test_checked_number_refuses_a_huge_int_for_a_float_naming_it():
+    """``models.config.checked_number`` (the range check of LanguageModelModule's and others' numbers)
+    called ``math.isfinite`` on the value: 10**400 raised a bare ``OverflowError``."""
+    from innerloop.models.config import AT_LEAST_0, checked_number
+
+    with pytest.raises(ValueError, match=r"^lr=1000+ \(int\) must be a finite number >= 0$"):
+        checked_number("lr", HUGE, float, AT_LEAST_0)
+
+
+@pytest.mark.parametrize(
+    "argument",
+    [{"lr": HUGE}, {"weight_decay": HUGE}, {"betas": (HUGE, 0.9)}],
+    ids=["lr", "weight_decay", "betas"],
+)
+def test_the_training_module_refuses_a_huge_int_for_a_float_naming_it(argument):
+    from innerloop.train.module import LanguageModelModule
+
+    name = next(iter(argument)) if "betas" not in argument else r"betas\[0\]"
+    with pytest.raises(ValueError, match=rf"^{name}=1000+ \(int\) must be a finite number"):
+        LanguageModelModule(_tiny_model_config(), **argument)
+
+
+def test_generate_refuses_a_huge_int_temperature_naming_it():
+    from innerloop.models import build_model
+    from innerloop.models.generate import generate
+
+    model = build_model(_tiny_model_config())
+    with pytest.raises(ValueError, match=r"^temperature=1000+ must be a finite real number >= 0"):
+        generate(model, torch.tensor([[1, 2]]), 2, temperature=HUGE)
+
+
+def test_a_reference_config_with_a_huge_int_for_a_float_is_refused_naming_the_key():
+    from innerloop.interop import ttt_lm_pytorch
+
+    model = {"hidden_size": 16, "num_attention_heads": 2, "mini_batch_size": 4, "conv_kernel": 2}
+    model |= {"vocab_size": 32, "intermediate_size": 32, "num_hidden_layers": 1}
+    with pytest.raises(ValueError, match=r"initializer_range.*must be a finite number >= 0"):
+        ttt_lm_pytorch.check_config({**model, "initializer_range": HUGE})
+    with pytest.raises(ValueError, match=r"rope_theta.*must be a finite number"):
+        ttt_lm_pytorch.check_config({**model, "rope_theta": HUGE})
+
+
+def test_an_official_e2e_config_with_a_huge_int_inner_lr_is_refused_naming_the_key():
+    import copy
+    import json
+    from pathlib import Path
+
+    from innerloop.interop import ttt_e2e
+
+    config = json.loads((Path(__file__).resolve().parent / "data" / "e2e" / "config.json").read_text())
+    config = copy.deepcopy(config)
+    config["training"]["optimizer_inner"]["lr"] = HUGE
+    with pytest.raises(ValueError, match=r"training\.optimizer_inner\.lr=1000+ must be a finite number >= 0"):
+        ttt_e2e.model_config(config)

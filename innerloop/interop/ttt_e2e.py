@@ -19,8 +19,6 @@ refused with its name.
 from __future__ import annotations
 
 import json
-import math
-import numbers
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -35,6 +33,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from innerloop.core.functional import as_integer, is_flag
+from innerloop.core.layer import is_real
 from innerloop.models import E2ELM, E2EConfig, ModelConfig, build_model
 from innerloop.models.config import MODEL_FIELD_BOUNDS, checked_number
 
@@ -242,7 +241,7 @@ def _positive_int(value: Any) -> bool:
 def _finite_number(value: Any) -> bool:
     """Whether ``value`` is a finite real number as :func:`~innerloop.models.config.checked_number` reads
     the model's float fields (numpy's too; not a bool)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    return is_real(value)  # 10**400 is none (math.isfinite raised a bare OverflowError on it)
 
 
 def _check_model_fields(model: Mapping[str, Any]) -> None:

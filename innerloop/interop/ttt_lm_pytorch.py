@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
-import numbers
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -39,7 +37,7 @@ import torch
 from safetensors.torch import load_file
 
 from innerloop.core.functional import as_integer
-from innerloop.core.layer import TTTLayer, head_counts
+from innerloop.core.layer import TTTLayer, head_counts, is_real
 from innerloop.models.config import MODEL_FIELD_BOUNDS, ModelConfig, TTTConfig
 from innerloop.models.lm import CausalLM
 
@@ -63,7 +61,7 @@ def _integer(minimum: int) -> Callable[[Any], str | None]:
 
 def _real(minimum: float, *, inclusive: bool) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        if not is_real(value):  # a finite real, not a bool (10**400: no finite float, not an OverflowError)
             return f"a finite number {'>=' if inclusive else '>'} {minimum}"
         if value < minimum or (value == minimum and not inclusive):
             return f"a finite number {'>=' if inclusive else '>'} {minimum}"
@@ -82,8 +80,7 @@ def _within(key: str, kind: type) -> Callable[[Any], str | None]:
         if kind is int:
             number = _as_integer(value)
         else:
-            real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-            number = value if real and math.isfinite(value) else None
+            number = value if is_real(value) else None
         if number is not None and number in bounds:
             return None
         why = f" ({bounds.why})" if bounds.why else ""

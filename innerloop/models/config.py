@@ -34,6 +34,7 @@ from innerloop.core.layer import (
     check_inner_norm_width,
     check_layer_arguments,
     check_weights_fit,
+    is_real,
 )
 from innerloop.models.attention import CausalSelfAttention
 from innerloop.registry import available, get_registry
@@ -392,10 +393,9 @@ def checked_number(name: str, value: Any, kind: type, bounds: Bounds) -> int | f
     :func:`~innerloop.core.functional.as_integer` reads them, not a bool; ``float``: any finite real),
     inside ``bounds``; else ``ValueError`` naming ``name``, the value and what is valid."""
     integer = as_integer(value) is not None
-    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if kind is int and not integer:
         raise ValueError(f"{name}={value!r} ({type(value).__name__}) must be an integer {bounds.describe()}")
-    if kind is float and not (real and math.isfinite(value)):
+    if kind is float and not is_real(value):  # is_real: 10**400 is no finite float (not an OverflowError)
         raise ValueError(
             f"{name}={value!r} ({type(value).__name__}) must be a finite number {bounds.describe()}"
         )

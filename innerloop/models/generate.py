@@ -9,7 +9,6 @@ prompt and however many tokens are generated.
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from innerloop.core.functional import is_integer
+from innerloop.core.layer import is_real
 from innerloop.models.lm import check_token_ids
 
 if TYPE_CHECKING:  # annotations only: generate calls the model, whatever its class
@@ -168,7 +168,7 @@ def _checked_eos(eos_token_id: object, vocab_size: int | None) -> list[int]:
 
 def _checked_sampling(temperature: object, top_k: object, generator: object) -> tuple[float, int | None]:
     """``(temperature, top_k)`` as a float and an int (or None), each checked and named if wrong."""
-    if not _is_real(temperature) or not (math.isfinite(temperature) and temperature >= 0):
+    if not (is_real(temperature) and temperature >= 0):  # is_real: finite (10**400 too), not a bool
         raise _bad(
             "temperature", temperature, "a finite real number >= 0 (0 is greedy)", _is_real(temperature)
         )

@@ -269,3 +269,15 @@ def test_an_official_e2e_config_with_a_huge_int_inner_lr_is_refused_naming_the_k
     config["training"]["optimizer_inner"]["lr"] = HUGE
     with pytest.raises(ValueError, match=r"training\.optimizer_inner\.lr=1000+ must be a finite number >= 0"):
         ttt_e2e.model_config(config)
+
+
+def test_a_key_given_twice_in_a_file_is_named_with_its_line_not_the_parsers_stream(tmp_path):
+    """The YAML error named the stream the parser read, ``in "<unicode string>", line 3``, after the
+    file; the places now read ``at line 3, column 3`` of the file the message names."""
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  hidden_size: 64\n  hidden_size: 32\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    message = str(caught.value)
+    assert message.startswith(f"file '{path}' is not valid YAML: ") and "unicode string" not in message
+    assert "found duplicate key hidden_size at line 3, column 3" in message

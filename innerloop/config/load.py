@@ -174,7 +174,7 @@ def _parse_source(text: str, source: str) -> tuple[DictConfig, list[str]]:
         # What the YAML is, first: OmegaConf.create reads a bare string as a mapping with that key.
         document = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{source} is not valid YAML: {_one_line(err)}") from None
+        raise ConfigError(f"{source} is not valid YAML: {_yaml_problem(err)}") from None
     if document is None:  # an empty file, or only comments or null: a truncated file, or the wrong one
         raise ConfigError(
             f"{source} is empty: no settings (nothing but comments, or null); give the settings to change "
@@ -185,7 +185,7 @@ def _parse_source(text: str, source: str) -> tuple[DictConfig, list[str]]:
     try:
         loaded = OmegaConf.create(text)
     except Exception as err:  # YAML syntax errors come in several types (a key given twice, ...)
-        raise ConfigError(f"{source} is not valid YAML: {_one_line(err)}") from None
+        raise ConfigError(f"{source} is not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{source} must be a mapping of config sections, got {type(loaded).__name__}")
     return loaded, check_value_kinds(yaml.compose(text, Loader=yaml.SafeLoader), "", source)
@@ -215,6 +215,12 @@ def _merged_source(text: str, source: str) -> _Source:
     check_keys(routed, RunConfig, "", source, ConfigError)
     from_source = OmegaConf.create(routed) if routed is not container else loaded
     return _Source(container, routed, _merge(_schema(), from_source, source), tuple(interpolated))
+
+
+def _yaml_problem(err: BaseException) -> str:
+    """A YAML parser's error on one line, its places (``line 3, column 3``) without the name of the
+    stream it read (``in "<unicode string>"``: the text of the file the message names first)."""
+    return _one_line(err).replace(' in "<unicode string>",', " at")
 
 
 def _one_line(err: BaseException) -> str:

@@ -281,3 +281,20 @@ def test_a_key_given_twice_in_a_file_is_named_with_its_line_not_the_parsers_stre
     message = str(caught.value)
     assert message.startswith(f"file '{path}' is not valid YAML: ") and "unicode string" not in message
     assert "found duplicate key hidden_size at line 3, column 3" in message
+
+
+@pytest.mark.parametrize("init_std", [1e-320, 1e-40], ids=repr)
+def test_an_init_std_below_float32s_smallest_normal_is_refused_not_built_as_zeros(init_std):
+    """``model.init_std`` was only ``> 0``: 1e-320 rounds to 0 in float32 and built a model whose every
+    weight matrix was zero (a silent dead start); 1e-40 drew subnormals. Its low end is now float32's
+    smallest normal number, as ``model.norm_eps``'s is."""
+    from innerloop.models import build_model
+
+    config = _tiny_model_config()
+    config.init_std = init_std
+    with pytest.raises(
+        ValueError, match=rf"^model\.init_std={init_std} must be >= 1\.17549.*smallest normal"
+    ):
+        build_model(config)
+    config.init_std = 1.2e-38  # the smallest legal std builds
+    build_model(config)

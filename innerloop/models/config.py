@@ -469,7 +469,11 @@ MODEL_FIELD_BOUNDS: dict[str, Bounds] = {
         why=f"{NORM_EPS_BOUND_WHY}; one below float32's smallest normal number rounds to 0 or a subnormal "
         "there, and the RMSNorm of a zero row divides 0 by 0 (NaN)",
     ),
-    "model.init_std": POSITIVE,
+    "model.init_std": Bounds(
+        _SMALLEST_NORMAL_EPS,
+        why="the std of the weights' normal init; one below float32's smallest normal number draws "
+        "subnormals or zeros (1e-320 built all-zero weights)",
+    ),
     "model.ttt.mini_batch_size": _MINI_BATCH,
     "model.ttt.base_lr": AT_LEAST_0,
     "model.ttt.conv_kernel": _CONV_KERNEL,

@@ -23,7 +23,11 @@ SMALL = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size"
         ("swa", {"rope_theta": -5.0}, "model.rope_theta=-5.0 must be >= 1"),
         ("e2e", {"rope_theta": 0.0}, "model.rope_theta=0.0 must be >= 1"),
         ("ttt", {"norm_eps": -1.0}, "model.norm_eps=-1.0 must be in "),
-        ("attention", {"init_std": -1.0}, "model.init_std=-1.0 must be > 0"),
+        (
+            "attention",
+            {"init_std": -1.0},
+            "model.init_std=-1.0 must be >= 1.17549",
+        ),  # s51c: float32's smallest normal
         ("ttt", {"ttt": TTTConfig(base_lr=-1.0)}, "model.ttt.base_lr=-1.0 must be >= 0"),
         ("e2e", {"e2e": E2EConfig(chunk_size=0)}, "model.e2e.chunk_size=0 must be in \\[1, 1073741824\\]"),
         ("ttt", {"num_layers": 0}, "model.num_layers=0 must be in \\[1, 65536\\]"),

@@ -4,7 +4,8 @@ and Titans, each a :class:`~innerloop.core.layer.TTTLayer` configuration.
 Every member is a subclass of ``TTTLayer`` that changes only what its paper (or FLA's layer) does
 differently: how q, k, v are read from ``x`` (short convolutions, SiLU, feature maps, l2-normalised
 q and k, the q scale), its gates (the inner learning rate ``lr``, ``decay`` and ``momentum``, through
-:meth:`TTTLayer.inner_learning_rates` and :meth:`TTTLayer.forgetting`) and its output norm. The scan
+:meth:`TTTLayer.inner_learning_rates` and :meth:`TTTLayer.forgetting`, or :meth:`TTTLayer.log_forgetting`
+for a forgetting gate computed as a log) and its output norm. The scan
 is the layer's: one call of ``run_scan`` per chunk, the same as TTT-Linear's, so decoding one token at
 a time with the state equals reading the sequence whole, for every member.
 
@@ -38,7 +39,6 @@ from torch import nn
 from innerloop.core.functional import (
     RMSNorm,
     causal_depthwise_conv,
-    decay_from_log,
     gate_sigmoid,
     is_flag,
     overflow_safe_rows,
@@ -559,7 +559,7 @@ class GatedDeltaNetLayer(DeltaNetLayer):
     right). How far the outputs move depends on the state's size: measured in float64 at head width 8 over
     64 tokens with 30-45% of the gates below the floor, 4e-4 to 5e-4 (relative RMS) from the zero start and
     1e-3 to 3e-3 from a start of unit-normal entries. The floor keeps ``v / a`` and its gradient finite.
-    The scan takes the gate as ``log a`` (:meth:`_scan_gates`), so the chunked kernel (``kernels/delta_chunk``)
+    The scan takes the gate as ``log a`` (:meth:`log_forgetting`), so the chunked kernel (``kernels/delta_chunk``)
     trains on any gate, and ``a`` keeps float32's precision however small. The map holds for the bare matrix model only:
     ``inner_norm`` and ``inner_residual`` are fixed to False (refused when True), and for the inner losses
     that read the values as given (:data:`VALUE_MAP_LOSSES`; any other is refused).
@@ -621,23 +621,14 @@ class GatedDeltaNetLayer(DeltaNetLayer):
         views = Views(views.query, views.key, views.value / a[..., None])
         return views, a * beta_lr, tau, conv_history
 
-    def forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``decay = 1 - a``, as ``-expm1(log a)`` in :attr:`scan_dtype` (exact for decays near 0, where
-        ``1 - a`` would keep only ``eps / decay`` of them); none while test-time training is off
-        (``base_lr == 0``; one token a step, its states hold no decay product to continue). The scan
-        takes the gate as ``log a`` (:meth:`_scan_gates`), not as this ``decay``: ``1 - decay`` of a float32
-        decay near 1 holds a small ``a`` only to ``eps / a`` relative."""
+    def log_forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor, None] | None:
+        """``(log a, None)``: the forgetting gate as its log (:meth:`log_decay_factor`), which the scan takes
+        (``decay_log``; ``1 - decay`` of a float32 decay near 1 holds a small ``a`` only to ``eps / a``
+        relative) and from which :meth:`forgetting` gives ``decay = 1 - a``; None while test-time training
+        is off (``base_lr == 0``; one token a step, its states hold no decay product to continue)."""
         if self.base_lr == 0:
-            return None, None
-        return decay_from_log(self.log_decay_factor(x)), None
-
-    def _scan_gates(self, x: torch.Tensor) -> tuple[None, None, torch.Tensor | None]:
-        """The gate as the scan takes it: ``decay_log = log a`` (:meth:`log_decay_factor`), none while
-        test-time training is off (:meth:`forgetting`). A subclass that overrides :meth:`forgetting` gets
-        its own gates in the scan (as ``decay``), as every layer does."""
-        if type(self).forgetting is not GatedDeltaNetLayer.forgetting:
-            return super()._scan_gates(x)
-        return None, None, None if self.base_lr == 0 else self.log_decay_factor(x)
+            return None
+        return self.log_decay_factor(x), None
 
 
 class TitansLayer(FamilyLayer):
@@ -697,9 +688,20 @@ class TitansLayer(FamilyLayer):
         """``lr = base_lr * sigmoid(theta_proj(x))`` ``[B, H, T]`` in :attr:`scan_dtype`, and ``tau [K] = 1``."""
         return self.base_lr * gate_sigmoid(self._head_gate(x, self.theta_proj)), self.token_scale
 
+    def log_forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(log(1 - alpha), eta)`` ``[B, H, T]``: the forgetting gate as its log (:meth:`log_decay_factor`),
+        which the scan takes (its decay products then in log space, where ``1 - decay`` of a float32 decay
+        near 1 holds ``1 - alpha`` only to ``eps / (1 - alpha)`` relative under strong forgetting), and the
+        momentum; None while test-time training is off (:meth:`forgetting` gives the frozen gates then)."""
+        if self.base_lr == 0:
+            return None
+        # eta first: x's gradient sums its parts in the same order as before (bitwise)
+        momentum = gate_sigmoid(self._head_gate(x, self.eta_proj))
+        return self.log_decay_factor(x), momentum
+
     def forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(decay, momentum)`` ``[B, H, T]``: alpha and eta (0 each while ``base_lr == 0``: the memory is
-        frozen, :func:`frozen_gates`).
+        """``(decay, momentum)`` ``[B, H, T]``: alpha (``1 - exp`` of :meth:`log_forgetting`'s log) and eta;
+        0 each while ``base_lr == 0``: the memory is frozen (:func:`frozen_gates`).
 
         In :attr:`scan_dtype` (at least float32), whatever the weights' dtype: in bfloat16 a retention
         ``1 - decay`` below 2^-9 is exactly 0, which wipes the memory where it should keep a trace, and
@@ -707,26 +709,12 @@ class TitansLayer(FamilyLayer):
         """
         if self.base_lr == 0:
             return frozen_gates(self, x)
-        return decay_from_log(self.log_decay_factor(x)), gate_sigmoid(self._head_gate(x, self.eta_proj))
+        return super().forgetting(x)
 
     def log_decay_factor(self, x: torch.Tensor) -> torch.Tensor:
         """``log(1 - alpha) = -exp(A_log) * softplus(a_proj(x) + dt_bias)`` ``[B, H, T]``: the retention's
         log, in :attr:`scan_dtype` (no floor: ``-inf`` is a full reset)."""
         return _log_forget_factor(self._head_gate(x, self.a_proj), self.A_log, self.dt_bias)
-
-    def _scan_gates(
-        self, x: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """``(None, momentum, decay_log)``: the forgetting gate as the scan takes it, ``log(1 - alpha)``
-        (:meth:`log_decay_factor`; its decay products are then taken in log space, where ``1 - decay`` of a
-        float32 decay near 1 holds ``1 - alpha`` only to ``eps / (1 - alpha)`` relative under strong forgetting); zero gates while
-        test-time training is off (:meth:`forgetting`). A subclass that overrides :meth:`forgetting` gets
-        its own gates in the scan (as ``decay``), as every layer does."""
-        if type(self).forgetting is not TitansLayer.forgetting:
-            return super()._scan_gates(x)
-        if self.base_lr == 0:
-            return (*frozen_gates(self, x), None)
-        return None, gate_sigmoid(self._head_gate(x, self.eta_proj)), self.log_decay_factor(x)
 
 
 def frozen_gates(layer: TTTLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,6 +40,7 @@ from innerloop.core.functional import (
     apply_rope_interleaved,
     causal_depthwise_conv,
     check_positive_int,
+    decay_from_log,
     gate_sigmoid,
     is_flag,
     is_integer,
@@ -746,6 +747,18 @@ def _without_token_scale(lr: torch.Tensor, tau: torch.Tensor | None) -> torch.Te
     return lr + 0.0 * torch.nan_to_num(tau.sum(), nan=0.0, posinf=0.0, neginf=0.0).to(lr.dtype)
 
 
+def _log_forgetting_reaches_scan(layer_class: type) -> bool:
+    """Whether the scan takes ``layer_class``'s :meth:`TTTLayer.log_forgetting` (its gates with the decay
+    as a log) before its :meth:`TTTLayer.forgetting`: yes unless ``forgetting`` is overridden in a class
+    below the one that defines ``log_forgetting`` (then that override reaches the scan)."""
+    order = layer_class.__mro__
+
+    def depth(name: str) -> int:  # the position of the class that defines ``name``
+        return next(i for i, cls in enumerate(order) if name in vars(cls))
+
+    return depth("log_forgetting") <= depth("forgetting")
+
+
 class TTTLayer(nn.Module):
     """A TTT sequence layer (TTT-Linear, TTT-MLP, or any registered inner model / loss / rule).
 
@@ -807,6 +820,12 @@ class TTTLayer(nn.Module):
     conv_kernel_needs_share_qk: bool = True
     """Whether ``conv_kernel`` is the kernel of ``share_qk``'s convolutions only (another value without
     ``share_qk`` is warned of); subclasses with convolutions of their own set it False."""
+
+    _scan_takes_log_forgetting: bool = True  # set per subclass (__init_subclass__; see _scan_gates)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._scan_takes_log_forgetting = _log_forgetting_reaches_scan(cls)
 
     built_options: tuple[str, ...] = (
         "inner_model",
@@ -1379,21 +1398,41 @@ class TTTLayer(nn.Module):
         tau = torch.clamp_min(self.token_idx.to(scan_dtype) + self.learnable_token_idx.to(scan_dtype), 0.0)
         return lr, tau
 
+    def log_forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+        """The forgetting gates with the decay given as the log of its retention: ``(log a, momentum)``
+        ``[B, H, T]`` for ``x [B, T, D]``, ``log a = log(1 - decay) <= 0`` (``-inf``: a full reset), or None
+        (here): the layer gives its gates through :meth:`forgetting` alone.
+
+        The hook for a layer that computes its forgetting gate as a log (Gated DeltaNet, Titans): the scan
+        takes it as ``decay_log`` and its decay products in log space, where ``1 - decay`` of a float32
+        ``decay`` near 1 would hold a small retention ``a`` only to ``eps / a`` relative; :meth:`forgetting`
+        derives ``decay = 1 - exp(log a)`` from it. A subclass that overrides :meth:`forgetting` below the
+        class that defines this hook has its own gates reach the scan instead (as ``decay``)."""
+        return None
+
     def forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(decay, momentum)`` ``[B, H, T]`` of the scan for ``x [B, T, D]`` (see
-        :func:`innerloop.core.scan.run_scan`); None each: this layer has no gates for them. A layer
-        of the family that forgets (Gated DeltaNet, Titans) overrides this with its gates."""
-        return None, None
+        :func:`innerloop.core.scan.run_scan`): :meth:`log_forgetting`'s gates with ``decay = 1 - exp(log
+        a)`` (:func:`~innerloop.core.functional.decay_from_log`), None each where that gives none (this
+        layer: it has no gates for them). A layer that forgets overrides this (or :meth:`log_forgetting`)."""
+        gates = self.log_forgetting(x)
+        if gates is None:
+            return None, None
+        log_retention, momentum = gates
+        return (None if log_retention is None else decay_from_log(log_retention)), momentum
 
     def _scan_gates(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """``(decay, momentum, decay_log)`` ``[B, H, T]`` as the scan takes them: :meth:`forgetting`'s
-        gates here (``decay_log`` None). A layer whose forgetting gate is a log (Gated DeltaNet, Titans)
-        gives it as ``decay_log = log(1 - decay)`` instead of ``decay`` (None): the scan then takes its
-        decay products in log space, where ``1 - decay`` of a float32 ``decay`` near 1 holds a small gate
-        ``a`` only to ``eps / a`` relative."""
-        return (*self.forgetting(x), None)
+        """``(decay, momentum, decay_log)`` ``[B, H, T]`` as the scan takes them: :meth:`log_forgetting`'s
+        gates (``decay`` None, ``decay_log = log a``) where it gives them, :meth:`forgetting`'s otherwise
+        (``decay_log`` None), and :meth:`forgetting`'s too where a subclass overrides it below the class
+        that defines :meth:`log_forgetting` (so that the override reaches the scan)."""
+        gates = self.log_forgetting(x) if self._scan_takes_log_forgetting else None
+        if gates is None:
+            return (*self.forgetting(x), None)
+        log_retention, momentum = gates
+        return None, momentum, log_retention
 
     def inner_task(self) -> InnerTask:
         """The inner model, loss and wrapping as the update rule sees them."""

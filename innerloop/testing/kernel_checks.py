@@ -406,8 +406,9 @@ class LogForgettingLayer(ForgettingLayer):
     logsigmoid(-decay_proj(x))``, as Gated DeltaNet and Titans give theirs: dispatch then hands a kernel
     whose forward names ``decay_log`` the log gate, which :func:`check_kernel` checks too."""
 
-    def _scan_gates(self, x: torch.Tensor) -> tuple[None, None, torch.Tensor]:
-        return None, None, F.logsigmoid(-self._head_gate(x, self.decay_proj))
+    def log_forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """``(log(1 - decay) [B, H, T], None)`` for ``x [B, T, D]``, in :attr:`scan_dtype`."""
+        return F.logsigmoid(-self._head_gate(x, self.decay_proj)), None
 
 
 def _twin_layers(

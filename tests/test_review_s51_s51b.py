@@ -3,11 +3,20 @@ paths (``-p dir/x.py``), and private calls across modules."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import itertools
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from plugin_testing import PLUGIN_LOSS_CLASS
 
 from innerloop.core.family_layers import GatedDeltaNetLayer, TitansLayer
 from innerloop.core.layer import TTTLayer
+from innerloop.registry import DISABLE_ENV, get_registry, isolated_registry
+from innerloop.registry.modules import PLUGIN_MODULES_ENV, PluginModuleError, load_plugin_module
 from innerloop.testing.kernel_checks import ForgettingLayer, LogForgettingLayer
 
 
@@ -75,3 +84,130 @@ def test_a_third_party_log_gate_equals_its_decay_through_the_layer() -> None:
     first, middle = logged(x[:, :4])
     second, _ = logged(x[:, 4:], middle)
     torch.testing.assert_close(torch.cat([first, second], dim=1), whole, rtol=1e-10, atol=1e-12)
+
+
+# ---- -p path/to/file.py: where its folder stays on sys.path ---------------------------------------------
+
+_PLUGIN_COUNTER = itertools.count()
+_PREFIX = "s51b_mod_"
+_HOOKED = (
+    "import innerloop\nfrom innerloop.core.protocol import InnerLoss, LossPairs\nfrom innerloop.registry import hookimpl\n"
+    + PLUGIN_LOSS_CLASS
+    + "\n\n@hookimpl\ndef register_inner_losses(register):\n    register({cls}())\n"
+)
+
+
+@pytest.fixture
+def plugin_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A fresh registry, the working folder ``tmp_path`` (off sys.path), and a folder ``elsewhere`` last on
+    sys.path; the modules imported from them are forgotten afterwards. Yields (tmp_path, elsewhere, n)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")] + [str(elsewhere)])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    monkeypatch.delenv(PLUGIN_MODULES_ENV, raising=False)
+    modules_before = set(sys.modules)
+    with isolated_registry():
+        yield tmp_path, elsewhere, next(_PLUGIN_COUNTER)
+    for name in set(sys.modules) - modules_before:
+        if name.startswith(_PREFIX) or name in _STDLIB_NAMES_USED:
+            del sys.modules[name]
+
+
+_STDLIB_NAMES_USED: set[str] = set()
+
+
+def _plugin(folder: Path, module: str, number: int, first_line: str = "") -> str:
+    """A hooked plugin file ``folder/module.py``; returns its inner loss's name."""
+    loss = f"s51b_loss_{number}"
+    folder.mkdir(parents=True, exist_ok=True)
+    text = _HOOKED.format(cls=f"Loss{number}", name=loss)
+    (folder / f"{module}.py").write_text(first_line + text)
+    return loss
+
+
+@pytest.mark.slow  # imports three small modules: 0.1-0.4 s on 2 shared cores
+def test_a_plugin_files_folder_hides_no_module_after_it_loads(plugin_folders) -> None:
+    """``-p dir/x.py`` put ``dir`` first on sys.path for good: a later ``import common`` found ``dir/common.py``
+    (x.py's helper) instead of the ``common`` installed elsewhere. Now ``dir`` is first while x.py loads
+    (its ``import common`` finds its own helper) and last afterwards."""
+    work, elsewhere, n = plugin_folders
+    common = f"{_PREFIX}common_{n}"
+    (work / "plugins").mkdir()
+    (work / "plugins" / f"{common}.py").write_text("WHERE = 'beside the plugin'\n")
+    (elsewhere / f"{common}.py").write_text("WHERE = 'installed'\n")
+    loss = _plugin(
+        work / "plugins",
+        f"{_PREFIX}x_{n}",
+        n,
+        f"import {common}\nassert {common}.WHERE == 'beside the plugin'\n",
+    )
+    load_plugin_module(f"plugins/{_PREFIX}x_{n}.py", get_registry())
+    assert loss in get_registry().names("inner_loss")
+    del sys.modules[common]  # as a module not imported yet by the plugin
+    assert importlib.import_module(common).WHERE == "installed"
+    assert sys.path[-1] == str(work / "plugins")  # still importable by name (ddp_spawn's processes)
+
+
+def _stdlib_module_not_imported() -> str:
+    return next(
+        name
+        for name in sorted(sys.stdlib_module_names)
+        if name.isidentifier() and not name.startswith("_") and name not in sys.modules
+        and (spec := importlib.util.find_spec(name)) is not None and spec.has_location
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["imported", "not imported", "package imported"])
+def test_a_plugin_file_named_like_a_standard_module_is_refused(plugin_folders, case) -> None:
+    """``-p dir/json.py`` (json imported already) was refused as "already another file"; a standard (or
+    installed) module not imported yet was silently replaced for the whole process by the plugin file
+    (every later ``import`` of it got the plugin); ``-p email/x.py`` (a package named like an imported
+    one) raised "No module named 'email.x'". Each refused, naming the module and where it is."""
+    work, _, n = plugin_folders
+    name = {"imported": "json", "not imported": _stdlib_module_not_imported(), "package imported": "email"}[
+        case
+    ]
+    _STDLIB_NAMES_USED.add(name)
+    spec = f"dir/{name}.py"
+    if case == "package imported":
+        (work / name).mkdir()
+        (work / name / "__init__.py").write_text("")
+        spec = f"{name}/x.py"
+        _plugin(work / name, "x", n)
+    else:
+        _plugin(work / "dir", name, n)
+    with pytest.raises(PluginModuleError, match=rf"the module '{name}' is already another module here \('/"):
+        load_plugin_module(spec, get_registry())
+    assert str(work) not in str(getattr(sys.modules.get(name), "__file__", ""))
+
+
+@pytest.mark.slow  # loads one plugin through six spellings: 0.2-0.5 s on 2 shared cores
+def test_one_plugin_file_under_several_spellings_is_one_module(plugin_folders, monkeypatch) -> None:
+    """A nested package's file (``pkg/sub/x.py`` importing ``..helper``) by its relative and absolute
+    paths, its dotted name, a symlink to it and a '~' path: one module ``pkg.sub.x``, registered once;
+    a file in a folder without ``__init__.py`` (a namespace package) is the top-level module of its stem."""
+    work, _, n = plugin_folders
+    package = work / f"{_PREFIX}pkg_{n}"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "helper.py").write_text(f"NAME = 's51b_nested_{n}'\n")
+    loss = _plugin(package / "sub", "x", n, "from ..helper import NAME\n")
+    text = (package / "sub" / "x.py").read_text().replace(f'"{loss}"', "NAME")
+    (package / "sub" / "x.py").write_text(text)
+    (work / "link.py").symlink_to(package / "sub" / "x.py")
+    monkeypatch.setenv("HOME", str(work))
+    dotted = f"{package.name}.sub.x"
+    for spec in (
+        f"{package.name}/sub/x.py",
+        str(package / "sub" / "x.py"),
+        dotted,
+        "link.py",
+        f"~/{package.name}/sub/x.py",
+    ):
+        assert load_plugin_module(spec, get_registry()) == f"-p {dotted}"
+    assert get_registry().names("inner_loss").count(f"s51b_nested_{n}") == 1
+    _plugin(work / "namespace", f"{_PREFIX}flat_{n}", n + 1000)
+    assert load_plugin_module(f"namespace/{_PREFIX}flat_{n}.py", get_registry()) == f"-p {_PREFIX}flat_{n}"

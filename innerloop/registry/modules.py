@@ -7,10 +7,13 @@ point's module is (:meth:`~innerloop.registry.manager.Registry.load_module`): wh
 ``innerloop plugins`` with the origin ``-p MODULE``. MODULE is an
 importable module name (``my_pkg.plugin``; one that is not importable, the file ``NAME.py`` of the
 working folder: the name a run records for ``-p ./my_loss.py``) or the path of a ``.py`` file
-(``./my_loss.py``), which is imported as the module named after the file (its folder put first on
-``sys.path``), so that the name and the path are the same module, imported once; a file of a package
+(``./my_loss.py``), which is imported as the module named after the file (its folder first on
+``sys.path`` while it loads, then last: it hides no other module afterwards, and the plugin still
+imports by name), so that the name and the path are the same module, imported once; a file of a package
 (its folder has ``__init__.py``) is the package's module, ``-p pkg/x.py`` is ``pkg.x`` (the folder above
-the package put first), so that its relative imports work.
+the package put on ``sys.path`` so), so that its relative imports work. A file whose module name is
+another module's (``-p dir/json.py``; ``pkg/x.py`` of a ``pkg`` installed) is refused: imported, it
+would hide that module from the whole process.
 
 :data:`~innerloop.registry.manager.DISABLE_ENV` and :data:`~innerloop.registry.manager.ALLOW_ENV`
 concern installed entry points only: a module named here is loaded because it was named.
@@ -22,6 +25,7 @@ loaded is an error: it was asked for by name.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -100,11 +104,50 @@ def _import(spec: str, how: str) -> Any:
             f"{how} {spec}: {path.name!r} is not importable as the module {name!r} ({not_names[0]!r} is not a "
             "Python identifier; a folder with __init__.py is a package, its name part of the module's)"
         )
-    if not any(_same_folder(entry, str(folder)) for entry in sys.path):
-        sys.path.insert(0, str(folder))
-    module = importlib.import_module(name)
+    _refuse_a_name_found_elsewhere(spec, name, folder, how)
+    module = _import_from(folder, name)
     _check_file(spec, module, how)
     return module
+
+
+def _import_from(folder: Path, name: str) -> Any:
+    """Import the module ``name`` with ``folder`` first on ``sys.path`` while it loads (its imports of
+    the files beside it find them), then last where it was not on ``sys.path`` before: a later import of
+    another module named like a file of ``folder`` finds that module where it is installed, not the file,
+    while the plugin (whose name is found nowhere else: :func:`_refuse_a_name_found_elsewhere`) and the
+    files beside it still import by name, also in the processes ``ddp_spawn`` starts with this
+    ``sys.path`` (they unpickle its plugins by their module's name)."""
+    added = not any(_same_folder(entry, str(folder)) for entry in sys.path)
+    if added:
+        sys.path.insert(0, str(folder))
+    try:
+        return importlib.import_module(name)
+    finally:
+        if added and str(folder) in sys.path:
+            sys.path.remove(str(folder))
+            sys.path.append(str(folder))
+
+
+def _refuse_a_name_found_elsewhere(spec: str, name: str, folder: Path, how: str) -> None:
+    """Refuse the file ``spec`` when its top-level module name (``json`` for ``dir/json.py``, ``pkg`` for
+    ``pkg/x.py``) is another module, imported already or found on ``sys.path`` before the file's folder is
+    put there (a standard library or installed module): imported first, the file would hide that module
+    from the whole process; and ``pkg.x`` of another ``pkg`` is no module at all. A namespace package of
+    that name (no file) does not count: a file or package wins over one, as Python's import has it."""
+    top = name.split(".")[0]
+    mine = folder / top
+    if top in sys.modules:
+        found = getattr(sys.modules[top], "__spec__", None)
+    else:
+        found = importlib.util.find_spec(top)
+    if found is None or found.origin is None:  # nowhere (or not from a spec), or a namespace package
+        return
+    if found.has_location and Path(found.origin).resolve() in (mine / "__init__.py", mine.with_suffix(".py")):
+        return  # the file itself (imported already, or its folder on sys.path already)
+    raise PluginModuleError(
+        f"{how} {spec}: the module {top!r} is already another module here ({found.origin!r}), which "
+        f"importing {spec!r} as {name!r} would hide from the whole process; rename the file (or its package)"
+    )
 
 
 def _import_name(name: str, how: str) -> Any:
@@ -141,8 +184,9 @@ def _file_in_working_folder(name: str) -> Path:
 
 
 def _check_file(spec: str, module: Any, how: str) -> None:
-    """Refuse the path ``spec`` when the module of its name (imported already, or found first on
-    ``sys.path``) is another file: the two would be one plugin, ``-p NAME``."""
+    """Refuse the path ``spec`` when the module of its name (imported already, or imported from
+    another file found on ``sys.path`` before its own folder) is another file: the two would be one
+    plugin, ``-p NAME``."""
     path = _file_of(spec)
     found = getattr(module, "__file__", None)
     if found is None or Path(found).resolve() != path:

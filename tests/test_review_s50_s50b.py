@@ -252,11 +252,11 @@ def test_log_gates_stay_float32_under_bfloat16_autocast(member: type) -> None:
     layer = member(32, 2)
     x = torch.randn(1, 12, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        decay, _, decay_log = layer._scan_gates(x)
+        decay, _, decay_log = layer.scan_gates(x)
         y = layer(x)[0]
     assert decay is None and decay_log.dtype == torch.float32
     assert y.dtype == torch.bfloat16 or y.dtype == torch.float32
-    plain = layer._scan_gates(x)[2]
+    plain = layer.scan_gates(x)[2]
     assert decay_log.ne(decay_log.to(torch.bfloat16).float()).any()  # not bfloat16 values
     torch.testing.assert_close(decay_log, plain, rtol=0.05, atol=0)  # the bfloat16 projection's logits only
 
@@ -322,7 +322,7 @@ def test_saturated_sigmoid_gates_keep_their_gradient(member: type, gate: str) ->
     x = torch.rand(1, 8, 16) + 0.5
     for model, inputs in ((layer, x), (layer64, x.double())):
         if gate == "eta_proj":
-            model._scan_gates(inputs)[1].sum().backward()
+            model.scan_gates(inputs)[1].sum().backward()
         else:
             model.inner_learning_rates(inputs)[0].sum().backward()
     logits = projection(x)

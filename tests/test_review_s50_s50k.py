@@ -22,7 +22,7 @@ class _TitansWithoutForgetting(TitansLayer):
 @pytest.mark.slow  # 1.3 s: two Titans layers in float64
 def test_a_subclass_forgetting_override_reaches_the_titans_scan() -> None:
     """docs/family.md: a layer's gates come from ``forgetting``; since the scan took Titans' gate as its log
-    (``_scan_gates``), a subclass's override of ``forgetting`` was silently ignored (outputs 1e-1 apart)."""
+    (``scan_gates``), a subclass's override of ``forgetting`` was silently ignored (outputs 1e-1 apart)."""
     torch.manual_seed(0)
     custom = _TitansWithoutForgetting(16, 2, mini_batch_size=4).double()
     reference = TitansLayer(16, 2, mini_batch_size=4).double()
@@ -45,7 +45,7 @@ def test_a_subclass_forgetting_override_reaches_the_gated_deltanet_scan() -> Non
     torch.manual_seed(0)
     layer = _GatedDeltaNetKeepingEverything(8, 2).double()
     x = torch.randn(1, 6, 8, dtype=torch.float64)
-    assert layer._scan_gates(x) == (None, None, None)
+    assert layer.scan_gates(x) == (None, None, None)
 
 
 class _LogGateDropped(DualForm):

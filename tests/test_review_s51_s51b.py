@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
+import re
 import sys
 from pathlib import Path
 
@@ -49,15 +50,15 @@ def test_the_lower_of_forgetting_and_log_forgetting_reaches_the_scan() -> None:
     torch.manual_seed(0)
     x = torch.randn(1, 5, 8, dtype=torch.float64)
     halved = _GatedDeltaNetHalfLog(8, 2).double()
-    decay, momentum, decay_log = halved._scan_gates(x)
+    decay, momentum, decay_log = halved.scan_gates(x)
     assert decay is None and momentum is None
     torch.testing.assert_close(decay_log, 0.5 * halved.log_decay_factor(x), rtol=0, atol=0)
     torch.testing.assert_close(halved.forgetting(x)[0], -torch.expm1(decay_log), rtol=0, atol=1e-15)
     no_decay = _TitansNoDecay(8, 2, mini_batch_size=2).double()
-    decay, momentum, decay_log = no_decay._scan_gates(x)
+    decay, momentum, decay_log = no_decay.scan_gates(x)
     assert decay_log is None and bool((decay == 0).all()) and momentum is not None
     again = _TitansNoDecayThenLog(8, 2, mini_batch_size=2).double()
-    decay, momentum, decay_log = again._scan_gates(x)
+    decay, momentum, decay_log = again.scan_gates(x)
     assert decay is None and bool((decay_log == 0).all()) and momentum is not None
     assert [cls._scan_takes_log_forgetting for cls in (TTTLayer, ForgettingLayer, LogForgettingLayer)] == [
         True,
@@ -76,7 +77,7 @@ def test_a_third_party_log_gate_equals_its_decay_through_the_layer() -> None:
     logged = LogForgettingLayer(8, 2, mini_batch_size=3).double()
     logged.load_state_dict(plain.state_dict())
     x = torch.randn(2, 8, 8, dtype=torch.float64)
-    assert logged._scan_gates(x)[0] is None and plain._scan_gates(x)[2] is None
+    assert logged.scan_gates(x)[0] is None and plain.scan_gates(x)[2] is None
     torch.testing.assert_close(
         logged.forgetting(x)[0], torch.sigmoid(plain._head_gate(x, plain.decay_proj)), rtol=1e-14, atol=0
     )
@@ -211,3 +212,21 @@ def test_one_plugin_file_under_several_spellings_is_one_module(plugin_folders, m
     assert get_registry().names("inner_loss").count(f"s51b_nested_{n}") == 1
     _plugin(work / "namespace", f"{_PREFIX}flat_{n}", n + 1000)
     assert load_plugin_module(f"namespace/{_PREFIX}flat_{n}.py", get_registry()) == f"-p {_PREFIX}flat_{n}"
+
+
+# ---- private calls across modules ----------------------------------------------------------------------
+
+
+def test_no_module_calls_another_modules_private_registry_or_layer_methods() -> None:
+    """registry/modules.py called ``registry._roll_back_since`` (now :meth:`Registry.roll_back_since`,
+    public and documented), core/diagnostics.py ``layer._scan_gates`` (now :meth:`TTTLayer.scan_gates`)
+    and train/run.py ``module._unit`` (now the data module's ``unit``)."""
+    root = Path(__file__).resolve().parents[1] / "innerloop"
+    pattern = re.compile(r"\b(?:registry|module|layer)\._(?:roll_back_since|scan_gates|unit)\b")
+    offenders = [
+        f"{path.relative_to(root)}:{number}"
+        for path in sorted(root.rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert offenders == []

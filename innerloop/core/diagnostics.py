@@ -35,7 +35,7 @@ def inner_loss_before_after(layer: TTTLayer, x: torch.Tensor) -> tuple[torch.Ten
     state = layer.init_state(x.shape[0])  # in the scan's dtype (float32 for a bfloat16 layer)
     views, lr, tau, _ = layer._read(x, state)
     tau = tau if layer.update_rule.uses_token_scale else None
-    gates = layer._scan_gates(x)  # (decay, momentum, decay_log), each [B, H, T] or None: the layer's scan's
+    gates = layer.scan_gates(x)  # (decay, momentum, decay_log), each [B, H, T] or None: the layer's scan's
     views, (lr, tau, *gates) = layer.in_scan_dtype(views, lr, tau, *gates)
     task = layer.inner_task()
     mini_batch = layer.mini_batch_size

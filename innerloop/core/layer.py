@@ -821,7 +821,7 @@ class TTTLayer(nn.Module):
     """Whether ``conv_kernel`` is the kernel of ``share_qk``'s convolutions only (another value without
     ``share_qk`` is warned of); subclasses with convolutions of their own set it False."""
 
-    _scan_takes_log_forgetting: bool = True  # set per subclass (__init_subclass__; see _scan_gates)
+    _scan_takes_log_forgetting: bool = True  # set per subclass (__init_subclass__; see scan_gates)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -1421,13 +1421,15 @@ class TTTLayer(nn.Module):
         log_retention, momentum = gates
         return (None if log_retention is None else decay_from_log(log_retention)), momentum
 
-    def _scan_gates(
+    def scan_gates(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """``(decay, momentum, decay_log)`` ``[B, H, T]`` as the scan takes them: :meth:`log_forgetting`'s
         gates (``decay`` None, ``decay_log = log a``) where it gives them, :meth:`forgetting`'s otherwise
         (``decay_log`` None), and :meth:`forgetting`'s too where a subclass overrides it below the class
-        that defines :meth:`log_forgetting` (so that the override reaches the scan)."""
+        that defines :meth:`log_forgetting` (so that the override reaches the scan). What each call's
+        scan is given, and what :func:`~innerloop.core.diagnostics.inner_loss_before_after` gives its own
+        scans; a layer's gates are changed through the two hooks, not here."""
         gates = self.log_forgetting(x) if self._scan_takes_log_forgetting else None
         if gates is None:
             return (*self.forgetting(x), None)
@@ -1751,7 +1753,7 @@ class TTTLayer(nn.Module):
         # precision; the inner scan (state, inner LayerNorm statistics, gradient sums) runs in
         # ``scan_dtype`` (at least float32) with autocast off, and its outputs go back to the weights'
         # dtype for the post-norm and o_proj (under autocast those choose their own dtype).
-        decay, momentum, decay_log = self._scan_gates(x)
+        decay, momentum, decay_log = self.scan_gates(x)
         if not self.update_rule.uses_token_scale:
             lr, tau = _without_token_scale(lr, tau), None
         under_autocast = autocasting(x.device.type)

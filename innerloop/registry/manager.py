@@ -343,7 +343,7 @@ class Registry:
         # every name its hooks offer, past its failure too, surveyed before the roll-back (which also
         # removes what a hook registers with innerloop.register_<kind> while surveyed)
         offered = _names_offered(plugin, staging)
-        rolled_back = self._roll_back_since(before, _module_of(entry_point))  # what its import registered
+        rolled_back = self.roll_back_since(before, _module_of(entry_point))  # what its import registered
         broken = BrokenPlugin(entry_point.name, distribution, failure, (*offered, *rolled_back))
         self._broken.append(broken)
         clashed = [(k, n) for k, n in broken.names if self.clash_error(k, n) is not None]
@@ -378,7 +378,7 @@ class Registry:
         process has what its import registered then registered again, and its hooks run; a plugin with
         neither is refused (:meth:`add_plugin`'s checks: no hook). Raises
         :class:`PluginError` (or the hook's own error) with the registry left as it was but for what
-        the import registered, which the caller rolls back (:meth:`_roll_back_since`).
+        the import registered, which the caller rolls back (:meth:`roll_back_since`).
         """
         staging = staging if staging is not None else _Staging()
         at_import = [e for e in self.entries() if (e.kind, e.name) not in before]
@@ -432,11 +432,13 @@ class Registry:
             (entry.kind, entry.name) in before and self._from(entry, module) for entry in self.entries()
         )
 
-    def _roll_back_since(self, before: set[tuple[str, str]], failing_module: str) -> list[tuple[str, str]]:
-        """Remove every object registered since ``before`` (``(kind, name)`` pairs) and return the
-        ``(kind, name)`` of those the failing entry point's own module registered: it is skipped whole,
-        including what its module registered at import (``innerloop.register_<kind>``) before its import
-        or its hook failed.
+    @_one_thread_at_a_time
+    def roll_back_since(self, before: set[tuple[str, str]], failing_module: str) -> list[tuple[str, str]]:
+        """Undo a plugin module's failed load (an installed entry point's, or one named with ``innerloop
+        -p``): remove every object registered since ``before`` (the ``(kind, name)`` pairs registered
+        before its import, as :meth:`load_module` takes them) and return the ``(kind, name)`` of those
+        its own module ``failing_module`` registered: it is skipped whole, including what its module
+        registered at import (``innerloop.register_<kind>``) before its import or its hook failed.
 
         What the module of another installed entry point registered at import while the failing one
         imported it is removed too but kept aside under that module's name, not counted as the failing

@@ -234,13 +234,13 @@ def load_plugin_module(
         doing = "its registration hook"
         registered = registry.load_module(module, origin, module.__name__, before)
     except PluginModuleError:
-        registry._roll_back_since(before, _module_name(spec))  # noqa: SLF001
+        registry.roll_back_since(before, _module_name(spec))
         raise
     except PluginError as error:  # refused by the registry: its own message, after the option
-        registry._roll_back_since(before, _module_name(spec))  # noqa: SLF001
+        registry.roll_back_since(before, _module_name(spec))
         raise PluginModuleError(f"{how} {spec}: " + " ".join(str(error).split())) from error
     except (Exception, SystemExit) as error:  # a script-like module: sys.exit or argparse at import
-        registry._roll_back_since(before, _module_name(spec))  # noqa: SLF001
+        registry.roll_back_since(before, _module_name(spec))
         raise PluginModuleError(
             f"{how} {spec}: {doing} raised {type(error).__name__}: " + " ".join(str(error).split())
         ) from error

@@ -471,14 +471,14 @@ class TextDataModule(_IndexedDataModule):
         if stage not in ("validate", "test"):  # what training reads: at least a file and validation's
             check_files_left(len(files), len(test), self.test_fraction)
         if stage != "validate" and self.test_fraction > 0 and not test:  # validation's read no test file
-            check_test_length(0, len(files), self.seq_len, self.test_fraction, self._unit)
+            check_test_length(0, len(files), self.seq_len, self.test_fraction, self.unit)
         if stage == "test":
             self.test_bytes = read_tokens(test, self.tokenizer)
             return
         if stage != "validate" and test and not isinstance(self.tokenizer, ByteTokenizer):
             # the config checked the test files' bytes; a tokenizer makes fewer tokens of them (counted, not kept)
             count = len(read_tokens(test, self.tokenizer))
-            check_test_length(count, len(files), self.seq_len, self.test_fraction, self._unit)
+            check_test_length(count, len(files), self.seq_len, self.test_fraction, self.unit)
         if self.val_bytes is None:
             self.val_bytes = read_tokens(val, self.tokenizer)
         if stage != "validate":
@@ -487,13 +487,14 @@ class TextDataModule(_IndexedDataModule):
             warn_copied_files(copied_files(held_out, train), sum(p.stat().st_size for p in held_out))
 
     @property
-    def _unit(self) -> str:
+    def unit(self) -> str:
+        """What the data is counted in: ``"bytes"`` with the byte tokenizer, else ``"tokens"``."""
         return "bytes" if isinstance(self.tokenizer, ByteTokenizer) else "tokens"
 
     def _check_lengths(self, files: Sequence[Any], keys: dict[Any, str] | None, stage: str | None) -> None:
         """:func:`check_text_lengths` of what :meth:`setup` read (:func:`check_test_length` of test text)."""
         if self.test_bytes is not None and stage != "validate":  # validation's windows need none of it
-            check_test_length(len(self.test_bytes), len(files), self.seq_len, self.test_fraction, self._unit)
+            check_test_length(len(self.test_bytes), len(files), self.seq_len, self.test_fraction, self.unit)
         if stage == "test":
             return
         assert self.val_bytes is not None
@@ -504,7 +505,7 @@ class TextDataModule(_IndexedDataModule):
             len(files),
             self.seq_len,
             self.val_fraction,
-            self._unit,
+            self.unit,
             fallback_file=fallback_held_out(others, self.val_fraction, split_on),
         )
 
@@ -610,7 +611,7 @@ class TextDataModule(_IndexedDataModule):
             raise RuntimeError("TextDataModule: call setup('test') before make_test_examples()")
         what = "the test text"
         return spread_windows(
-            self.test_bytes, self.seq_len, self.val_batches * self.batch_size, self._unit, what
+            self.test_bytes, self.seq_len, self.val_batches * self.batch_size, self.unit, what
         )
 
 

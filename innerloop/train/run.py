@@ -1672,7 +1672,7 @@ def _run_test_examples(
         )
     assert module.test_bytes is not None
     name = argument_name("seq_len") if seq_len != run.data.seq_len else "data.seq_len"
-    return spread_windows(module.test_bytes, seq_len, count, module._unit, "the test text", name)
+    return spread_windows(module.test_bytes, seq_len, count, module.unit, "the test text", name)
 
 
 def _check_the_runs_split(run: RunConfig, checkpoint: str | Path, held_out: str = "val") -> None:

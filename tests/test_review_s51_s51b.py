@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
+import math
 import re
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import torch
 from plugin_testing import PLUGIN_LOSS_CLASS
 
-from innerloop.core.family_layers import GatedDeltaNetLayer, TitansLayer
+from innerloop.core.family_layers import DeltaNetLayer, GatedDeltaNetLayer, TitansLayer
 from innerloop.core.layer import TTTLayer
 from innerloop.registry import DISABLE_ENV, get_registry, isolated_registry
 from innerloop.registry.modules import PLUGIN_MODULES_ENV, PluginModuleError, load_plugin_module
@@ -85,6 +86,27 @@ def test_a_third_party_log_gate_equals_its_decay_through_the_layer() -> None:
     first, middle = logged(x[:, :4])
     second, _ = logged(x[:, 4:], middle)
     torch.testing.assert_close(torch.cat([first, second], dim=1), whole, rtol=1e-10, atol=1e-12)
+
+
+class _GatedDeltaNetHalfGate(GatedDeltaNetLayer):
+    """Overrides the gate itself: ``a = 1/2`` for every head and token."""
+
+    def log_decay_factor(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(super().log_decay_factor(x), -math.log(2.0))
+
+
+@pytest.mark.slow  # one layer built: 0.2-1.6 s on 2 shared cores (the first layer of a process)
+def test_gated_deltanets_gate_is_log_decay_factor_in_values_step_and_decay() -> None:
+    """docs/family.md: an override of ``log_decay_factor`` changes Gated DeltaNet's gate in its values
+    ``v / a``, its step ``a * beta`` and its decay (the scan's ``decay_log``) alike."""
+    torch.manual_seed(0)
+    layer = _GatedDeltaNetHalfGate(8, 2).double()
+    x = torch.randn(1, 5, 8, dtype=torch.float64)
+    views, lr, _, _ = layer._read(x, layer.init_state(1))
+    plain, plain_lr, _, _ = DeltaNetLayer._read(layer, x, layer.init_state(1))
+    torch.testing.assert_close(views.value, 2.0 * plain.value, rtol=0, atol=0)
+    torch.testing.assert_close(lr, 0.5 * plain_lr, rtol=0, atol=0)
+    torch.testing.assert_close(layer.scan_gates(x)[2], torch.full_like(lr, -math.log(2.0)), rtol=0, atol=0)
 
 
 # ---- -p path/to/file.py: where its folder stays on sys.path ---------------------------------------------

@@ -566,6 +566,10 @@ class GatedDeltaNetLayer(DeltaNetLayer):
 
     ``base_lr=0`` turns test-time training off altogether: no step and no decay, so the state stays
     where it starts (FLA would still decay it; with ``base_lr`` above 0, however small, it decays).
+
+    The gate is :meth:`log_decay_factor`: the values, the step and the decay all read it, so a subclass
+    changes the gate by overriding it; an override of :meth:`forgetting` or :meth:`log_forgetting`
+    changes the decay alone (the scan takes it) and leaves ``v / a`` and ``a * beta`` as they were.
     """
 
     fixed_options: ClassVar[dict[str, tuple[Any, str]]] = {

@@ -173,6 +173,17 @@ def test_a_plugin_files_folder_hides_no_module_after_it_loads(plugin_folders) ->
     assert sys.path[-1] == str(work / "plugins")  # still importable by name (ddp_spawn's processes)
 
 
+def test_a_plugin_file_that_fails_to_import_leaves_sys_path_as_it_was(plugin_folders) -> None:
+    """A failed load moved the file's folder to the end of sys.path, where nothing would import from it."""
+    work, _, n = plugin_folders
+    (work / "broken").mkdir()
+    (work / "broken" / f"{_PREFIX}broken_{n}.py").write_text("raise RuntimeError('no GPU here')\n")
+    before = list(sys.path)
+    with pytest.raises(PluginModuleError, match="raised RuntimeError: no GPU here"):
+        load_plugin_module(f"broken/{_PREFIX}broken_{n}.py", get_registry())
+    assert sys.path == before
+
+
 def _stdlib_module_not_imported() -> str:
     return next(
         name

@@ -116,16 +116,21 @@ def _import_from(folder: Path, name: str) -> Any:
     another module named like a file of ``folder`` finds that module where it is installed, not the file,
     while the plugin (whose name is found nowhere else: :func:`_refuse_a_name_found_elsewhere`) and the
     files beside it still import by name, also in the processes ``ddp_spawn`` starts with this
-    ``sys.path`` (they unpickle its plugins by their module's name)."""
+    ``sys.path`` (they unpickle its plugins by their module's name). One that fails to import leaves
+    ``sys.path`` as it was."""
     added = not any(_same_folder(entry, str(folder)) for entry in sys.path)
     if added:
         sys.path.insert(0, str(folder))
+    loaded = False
     try:
-        return importlib.import_module(name)
+        module = importlib.import_module(name)
+        loaded = True
+        return module
     finally:
         if added and str(folder) in sys.path:
             sys.path.remove(str(folder))
-            sys.path.append(str(folder))
+            if loaded:  # a module that failed to import leaves sys.path as it was
+                sys.path.append(str(folder))
 
 
 def _refuse_a_name_found_elsewhere(spec: str, name: str, folder: Path, how: str) -> None:

@@ -85,6 +85,7 @@ class StopOnInterrupt(Callback):
         self.requested = False
         self.signal: int | None = None  # the signal that asked for the stop
         self.stopped_at_once = False  # a second Ctrl-C interrupted the step (Lightning then exits 1)
+        self.keyboard_interrupt = False  # a KeyboardInterrupt ended the fit (Lightning then exits 1)
         self.watch = tuple(watch)  # checkpoint files: whether one existed when the stop was asked for
         self.had_checkpoint = False
 
@@ -97,20 +98,21 @@ class StopOnInterrupt(Callback):
     def listening(self) -> Iterator[None]:
         """Take SIGINT as a stop request inside the ``with`` block (see the module docstring)."""
         self.requested, self.signal, self.stopped_at_once = False, None, False
-        self.had_checkpoint = False
+        self.had_checkpoint = self.keyboard_interrupt = False
         if threading.current_thread() is not threading.main_thread():
             yield
             return
         # SIGTERM whatever SIGINT's handler: a shell without job control starts `innerloop train ... &`
         # with SIGINT ignored, and a scheduler's SIGTERM during the set-up would end the run unsaid
         previous_term = signal.signal(signal.SIGTERM, self._request_stop_of_every_process)
-        take_sigint = signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        previous = signal.signal(signal.SIGINT, self._request_stop) if take_sigint else None
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self._request_stop)
         try:
             yield
         finally:
-            if take_sigint:
-                signal.signal(signal.SIGINT, previous)
+            # also where SIGINT was not taken: Lightning sets it to SIG_IGN when a KeyboardInterrupt ends a fit
+            signal.signal(signal.SIGINT, previous)
             signal.signal(signal.SIGTERM, previous_term)
 
     def _request_stop_of_every_process(self, signum: int, frame: FrameType | None) -> None:
@@ -150,6 +152,14 @@ class StopOnInterrupt(Callback):
         self.stopped_at_once = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
         raise KeyboardInterrupt
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        """Remember a KeyboardInterrupt (a second Ctrl-C, a callback's, one another SIGINT handler
+        raised), which Lightning turns into ``exit(1)``: :func:`innerloop.train.run.train` raises
+        :class:`TrainingInterrupted` instead."""
+        self.keyboard_interrupt = self.keyboard_interrupt or isinstance(exception, KeyboardInterrupt)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning installed its SIGTERM handler when the fit started (after the fit-start hooks)

@@ -813,10 +813,11 @@ def _fit(
             f"{_last_checkpoint_note(ckpt, run, overrides='')}"
         ) from None
     except SystemExit:  # Lightning's exit(1) after a KeyboardInterrupt
-        if not interrupt.stopped_at_once:
+        if not (interrupt.stopped_at_once or interrupt.keyboard_interrupt):
             raise
+        cause = "at a second Ctrl-C," if interrupt.stopped_at_once else "by a KeyboardInterrupt"
         raise TrainingInterrupted(
-            f"stopped at once at a second Ctrl-C, after {trainer.global_step} of {run.trainer.max_steps} "
+            f"stopped at once {cause} after {trainer.global_step} of {run.trainer.max_steps} "
             f"steps{_what_was_interrupted(trainer)}; {_last_checkpoint_note(ckpt, run, overrides='')}"
         ) from None
     finally:

@@ -1,0 +1,49 @@
+"""Review s51h: interrupted training loses no work and resumes exactly."""
+
+from __future__ import annotations
+
+import signal
+
+import lightning as L
+import pytest
+from lm_testing import TINY
+
+from innerloop.config import load_config
+from innerloop.train import TrainingInterrupted, load_checkpoint, train
+
+
+class _RaiseKeyboardInterrupt(L.Callback):
+    """Raises ``KeyboardInterrupt`` at the end of optimizer step ``at_step`` (as a user's callback, or a
+    Ctrl-C landing where another SIGINT handler than Python's turns it into one, would)."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.slow  # ~2 s: a 4-step run stopped by a KeyboardInterrupt
+def test_a_keyboard_interrupt_from_a_callback_is_a_training_interrupted(tmp_path) -> None:
+    """Lightning turns a KeyboardInterrupt into ``sys.exit(1)`` (a bare ``SystemExit: 1`` out of
+    ``train()``, which says nothing and ends a script or notebook cell) and sets SIGINT to be ignored;
+    ``train`` raised that SystemExit and, where SIGINT had a handler of its own, left Ctrl-C ignored
+    for the rest of the process."""
+    run, cfg = load_config("tiny", [*TINY, "trainer.max_steps=4", f"out_dir={tmp_path}"])
+
+    def own_handler(signum, frame):  # a program's own SIGINT handler (innerloop leaves it in place)
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGINT, own_handler)
+    try:
+        with pytest.raises(
+            TrainingInterrupted,
+            match=r"by a KeyboardInterrupt after 3 of 4 steps; the last checkpoint, .* \(after 2 steps\)",
+        ) as stop:
+            train(run, cfg, callbacks=[_RaiseKeyboardInterrupt(at_step=3)])
+        assert signal.getsignal(signal.SIGINT) is own_handler  # not Lightning's SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert stop.value.exit_code == 130
+    assert load_checkpoint(tmp_path / "last.safetensors")["global_step"] == 2  # the periodic checkpoint

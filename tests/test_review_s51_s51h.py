@@ -47,3 +47,19 @@ def test_a_keyboard_interrupt_from_a_callback_is_a_training_interrupted(tmp_path
         signal.signal(signal.SIGINT, before)
     assert stop.value.exit_code == 130
     assert load_checkpoint(tmp_path / "last.safetensors")["global_step"] == 2  # the periodic checkpoint
+
+
+def test_a_killed_tensorboard_hparams_write_leaves_no_temporary_file_behind(tmp_path) -> None:
+    """The tensorboard logger writes ``logs/version_<n>/tensorboard/hparams.yaml`` atomically; a run
+    killed during that write left its temporary file there, which no later launch removed (one more
+    per kill): only ``logs/version_<n>/`` itself was cleaned."""
+    from innerloop.train.run_dir import remove_stale_temporaries
+
+    board = tmp_path / "logs" / "version_0" / "tensorboard"
+    board.mkdir(parents=True)
+    stale = board / ".hparams.yaml.k2j4_9xq.tmp"
+    stale.write_text("half")
+    events = board / "events.out.tfevents.1.host.1.0"  # the logger's own file stays
+    events.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert not stale.exists() and events.exists()

@@ -320,14 +320,15 @@ def settle_interrupted_overwrite(out_dir: str | os.PathLike[str]) -> list[str]:
 
 def remove_stale_temporaries(out_dir: str | os.PathLike[str]) -> list[Path]:
     """Remove the temporary files that atomic writes of :data:`RUN_OUTPUTS` and :data:`PENDING_CHECKPOINT`
-    (and of each launch's ``logs/version_<n>/metrics.csv`` and ``hparams.yaml``) left in ``out_dir`` (a
-    run killed while writing). The pending checkpoint itself is a whole file, judged by :func:`settle_pending_checkpoint`.
+    (and of each launch's ``logs/version_<n>/metrics.csv``, ``hparams.yaml`` and the tensorboard logger's
+    ``tensorboard/hparams.yaml``) left in ``out_dir`` (a run killed while writing). The pending checkpoint itself is a whole file, judged by :func:`settle_pending_checkpoint`.
     Call it holding the lock, so that no writer of this out_dir is running. Says in one line what it
     removed; returns their paths."""
     out_dir = Path(out_dir)
     stale = stale_temporaries(out_dir, (*RUN_OUTPUTS, PENDING_CHECKPOINT))  # a checkpoint's size each
     for logs in sorted(out_dir.glob("logs/version_*")):
         stale += stale_temporaries(logs, ["metrics.csv", SUPERSEDED_METRICS, "hparams.yaml"])
+        stale += stale_temporaries(logs / "tensorboard", ["hparams.yaml"])  # the tensorboard logger's
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:

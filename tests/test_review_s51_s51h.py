@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 import lightning as L
@@ -63,3 +64,32 @@ def test_a_killed_tensorboard_hparams_write_leaves_no_temporary_file_behind(tmp_
     events.write_bytes(b"x")
     assert remove_stale_temporaries(tmp_path) == [stale]
     assert not stale.exists() and events.exists()
+
+
+@pytest.mark.parametrize("renames_done", [1, 2, 3])
+def test_a_launch_killed_while_setting_the_previous_run_aside_loses_none_of_it(
+    tmp_path, monkeypatch, renames_done
+) -> None:
+    """``--overwrite`` renames the previous run's files one by one; a kill between two renames left
+    some set aside and its checkpoint in place, which the next launch took for the new run's checkpoint
+    and removed the set-aside files (config.yaml first: the run could not be resumed)."""
+    from innerloop.train import run_dir
+
+    previous = {"config.yaml": "seed: 0\n", "last.safetensors": "weights", "loss_by_position.csv": "a,b\n"}
+    previous[run_dir.PENDING_CHECKPOINT] = "later weights"
+    for name, text in previous.items():
+        (tmp_path / name).write_text(text)
+    real_replace, done = os.replace, []
+
+    def killed_after_some(source, target):
+        if len(done) == renames_done:
+            raise KeyboardInterrupt  # the process ends here (as SIGKILL would, without the clean-up)
+        done.append(target)
+        real_replace(source, target)
+
+    monkeypatch.setattr(run_dir.os, "replace", killed_after_some)
+    with pytest.raises(KeyboardInterrupt):
+        run_dir.set_aside_previous_run(tmp_path)
+    monkeypatch.setattr(run_dir.os, "replace", real_replace)
+    run_dir.settle_previous_run(tmp_path)  # the next launch
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == previous

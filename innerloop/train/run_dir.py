@@ -40,6 +40,7 @@ from innerloop.checkpoints import (
 )
 from innerloop.config.load import ConfigError, read_run_config
 from innerloop.config.trainer_args import is_launched_worker as is_launched_worker  # first home: config
+from innerloop.core.durable import fsync_directory
 from innerloop.data.atomic import stale_temporaries
 from innerloop.train.loggers import SUPERSEDED_METRICS
 
@@ -248,6 +249,9 @@ def refuse_outputs_not_files(out_dir: str | os.PathLike[str]) -> None:
 SET_ASIDE_PREFIX = ".replaced."
 """``--overwrite`` renames the previous run's :data:`SET_ASIDE_OUTPUTS` to ``.replaced.<name>`` until the new
 run has written its first checkpoint (see :func:`set_aside_previous_run`)."""
+SETTING_ASIDE = ".replaced.incomplete"
+"""There while :func:`set_aside_previous_run` renames the previous run's files (before the new run writes
+anything): a launch killed between two renames leaves it, and every file in place is the previous run's."""
 
 
 def set_aside_previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
@@ -258,8 +262,12 @@ def set_aside_previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
     was). Call it holding the lock. Returns the names set aside."""
     out_dir = Path(out_dir)
     moved = [name for name in SET_ASIDE_OUTPUTS if (out_dir / name).is_file()]
+    if moved:
+        (out_dir / SETTING_ASIDE).touch()
+        fsync_directory(out_dir)  # on disk before the first rename
     for name in moved:
         os.replace(out_dir / name, out_dir / f"{SET_ASIDE_PREFIX}{name}")
+    (out_dir / SETTING_ASIDE).unlink(missing_ok=True)
     if moved:
         log.warning(
             "--overwrite: the previous run's %s in %s %s replaced once this run writes its first checkpoint",
@@ -277,11 +285,15 @@ def settle_previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
     Returns the names settled."""
     out_dir = Path(out_dir)
     aside = [name for name in SET_ASIDE_OUTPUTS if (out_dir / f"{SET_ASIDE_PREFIX}{name}").is_file()]
+    complete = not (
+        out_dir / SETTING_ASIDE
+    ).is_file()  # else killed while setting aside: all is the old run's
     if not aside:
+        (out_dir / SETTING_ASIDE).unlink(missing_ok=True)
         return []
-    replaced = (out_dir / CHECKPOINT_FILE).is_file()  # the new run wrote its checkpoint
+    replaced = complete and (out_dir / CHECKPOINT_FILE).is_file()  # the new run wrote its checkpoint
     # the replacement's unconfirmed first checkpoint goes with it: it must not pair with the old run
-    dropped = not replaced and (out_dir / PENDING_CHECKPOINT).is_file()
+    dropped = complete and not replaced and (out_dir / PENDING_CHECKPOINT).is_file()
     if dropped:
         (out_dir / PENDING_CHECKPOINT).unlink()
     for name in aside:
@@ -290,12 +302,13 @@ def settle_previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
             kept.unlink()
         else:
             os.replace(kept, out_dir / name)
+    (out_dir / SETTING_ASIDE).unlink(missing_ok=True)
     if replaced:
         log.warning("--overwrite: removed the previous run's %s from %s", ", ".join(aside), out_dir)
     else:
         log.warning(
-            "--overwrite: the replacing run ended without a confirmed checkpoint%s; the previous run's %s "
-            "are back in %s, as before the --overwrite",
+            "--overwrite: the replacing run %s%s; the previous run's %s are back in %s, as before the --overwrite",
+            "ended without a confirmed checkpoint" if complete else "was killed while it set them aside",
             f" (its unconfirmed first checkpoint {PENDING_CHECKPOINT} is removed)" if dropped else "",
             ", ".join(aside),
             out_dir,

@@ -93,3 +93,36 @@ def test_a_launch_killed_while_setting_the_previous_run_aside_loses_none_of_it(
     monkeypatch.setattr(run_dir.os, "replace", real_replace)
     run_dir.settle_previous_run(tmp_path)  # the next launch
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == previous
+
+
+@pytest.mark.parametrize("renames_done", [1, 2, 3])
+def test_a_launch_killed_while_putting_the_previous_run_back_loses_none_of_it(
+    tmp_path, monkeypatch, renames_done
+) -> None:
+    """An ``--overwrite`` run that ended before its first checkpoint puts the previous run's files back one
+    by one; a kill between two of those renames left the previous checkpoint back in place, which the next
+    launch took for the new run's and removed the rest still set aside (its later pending checkpoint
+    counted as the new run's unconfirmed one and went too)."""
+    from innerloop.train import run_dir
+
+    previous = {"config.yaml": "seed: 0\n", "last.safetensors": "weights", "loss_by_position.csv": "a,b\n"}
+    previous[run_dir.PENDING_CHECKPOINT] = "later weights"
+    for name, text in previous.items():
+        (tmp_path / name).write_text(text)
+    run_dir.set_aside_previous_run(tmp_path)
+    (tmp_path / "config.yaml").write_text("seed: 1\n")  # the new run's, then it stopped without a checkpoint
+    (tmp_path / run_dir.PENDING_CHECKPOINT).write_text("the new run's unconfirmed first step")
+    real_replace, done = os.replace, []
+
+    def killed_after_some(source, target):
+        if len(done) == renames_done:
+            raise KeyboardInterrupt  # the process ends here (as SIGKILL would, without the clean-up)
+        done.append(target)
+        real_replace(source, target)
+
+    monkeypatch.setattr(run_dir.os, "replace", killed_after_some)
+    with pytest.raises(KeyboardInterrupt):
+        run_dir.settle_previous_run(tmp_path)
+    monkeypatch.setattr(run_dir.os, "replace", real_replace)
+    run_dir.settle_previous_run(tmp_path)  # the next launch
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == previous

@@ -251,7 +251,8 @@ SET_ASIDE_PREFIX = ".replaced."
 run has written its first checkpoint (see :func:`set_aside_previous_run`)."""
 SETTING_ASIDE = ".replaced.incomplete"
 """There while :func:`set_aside_previous_run` renames the previous run's files (before the new run writes
-anything): a launch killed between two renames leaves it, and every file in place is the previous run's."""
+anything) and while :func:`settle_previous_run` puts them back: a launch killed between two renames leaves
+it, and every file in place is then the previous run's."""
 
 
 def set_aside_previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
@@ -296,6 +297,9 @@ def settle_previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
     dropped = complete and not replaced and (out_dir / PENDING_CHECKPOINT).is_file()
     if dropped:
         (out_dir / PENDING_CHECKPOINT).unlink()
+    if not replaced and complete:  # from here on all in place is the previous run's, also after a kill
+        (out_dir / SETTING_ASIDE).touch()
+        fsync_directory(out_dir)
     for name in aside:
         kept = out_dir / f"{SET_ASIDE_PREFIX}{name}"
         if replaced:

@@ -126,3 +126,27 @@ def test_a_launch_killed_while_putting_the_previous_run_back_loses_none_of_it(
     monkeypatch.setattr(run_dir.os, "replace", real_replace)
     run_dir.settle_previous_run(tmp_path)  # the next launch
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == previous
+
+
+def test_a_metrics_csv_append_that_fails_midway_leaves_the_file_as_it_was(tmp_path, monkeypatch) -> None:
+    """Lightning appends each flush of rows to ``metrics.csv`` in place: a full disk (or a kill) partway
+    through left a torn last row (a loss cut to its first digits, read back as another number). Each
+    flush now replaces the file atomically: a failed one leaves the rows written before, whole."""
+    import csv
+
+    from innerloop.train.loggers import _AtomicExperimentWriter
+
+    writer = _AtomicExperimentWriter(log_dir=str(tmp_path))
+    writer.log_metrics({"train_loss": 2.0}, step=0)
+    writer.save()
+    before = (tmp_path / "metrics.csv").read_bytes()
+    writer.log_metrics({"train_loss": 1.23456789}, step=1)
+
+    def disk_full_partway(self, rows):  # the first characters of the row reach the file, then ENOSPC
+        self.writer.writerow(["1", "1.2"])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", disk_full_partway)
+    with pytest.raises(OSError, match="No space left"):
+        writer.save()
+    assert (tmp_path / "metrics.csv").read_bytes() == before

@@ -2,8 +2,8 @@
 
 Each writes under ``<out_dir>/logs/``, all of one launch in one folder ``version_<n>``:
 
-- ``csv``: ``logs/version_<n>/metrics.csv`` (Lightning's CSVLogger; its rewrite of the file when new
-  columns appear is made atomic here) and ``hparams.yaml`` (written atomically here); a resume moves
+- ``csv``: ``logs/version_<n>/metrics.csv`` (Lightning's CSVLogger; each write of the file, which
+  Lightning appends to in place, is made atomic here) and ``hparams.yaml`` (written atomically here); a resume moves
   the rows earlier launches logged past its checkpoint into ``metrics.superseded.csv`` beside theirs;
 - ``tensorboard``: ``logs/version_<n>/tensorboard/events.out.tfevents.*`` (``tensorboard --logdir
   <out_dir>/logs``) and its ``hparams.yaml`` (written atomically here);
@@ -104,9 +104,10 @@ class _LaunchVersion:
 
 
 class _AtomicExperimentWriter(ExperimentWriter):
-    """Lightning's ``metrics.csv`` writer, except that the rewrite it does when new columns appear is
-    atomic (Lightning truncates the file and writes it again: a run killed meanwhile lost its log), and
-    so is each write of ``hparams.yaml`` (Lightning's left a kill an empty file)."""
+    """Lightning's ``metrics.csv`` writer, except that each write of the file is atomic (Lightning appends
+    rows in place, and truncates the file to write it again when new columns appear: a full disk or a
+    kill meanwhile tore a row or lost the log), and so is each write of ``hparams.yaml`` (Lightning's
+    left a kill an empty file)."""
 
     def _check_log_dir_exists(self) -> None:
         """Lightning's check (a warning, and the old ``metrics.csv`` removed) only where a
@@ -121,14 +122,25 @@ class _AtomicExperimentWriter(ExperimentWriter):
         target = Path(self.log_dir) / self.NAME_HPARAMS_FILE
         atomic_write(target, lambda tmp: save_hparams_to_yaml(tmp, self.hparams))
 
-    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
-        with open(self.metrics_file_path, newline="", encoding="utf-8") as file:
-            rows = list(csv.DictReader(file))
+    def save(self) -> None:
+        """Write the recorded rows: ``metrics.csv`` with them added, replaced atomically (Lightning
+        appends in place: a full disk or a kill partway left a torn last row, a number cut short)."""
+        if not self.metrics:
+            return
+        new_keys = self._record_new_keys()
+        path = Path(self.metrics_file_path)
         text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=fieldnames)
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write(self.metrics_file_path, lambda tmp: Path(tmp).write_bytes(text.getvalue().encode()))
+        writer = csv.DictWriter(text, fieldnames=self.metrics_keys)
+        if path.is_file() and not new_keys:
+            text.write(path.read_bytes().decode("utf-8"))  # the rows so far, as they are
+        else:  # a new file, or new columns: the header, and the rows so far under it
+            writer.writeheader()
+            if path.is_file():
+                with open(path, newline="", encoding="utf-8") as file:
+                    writer.writerows(csv.DictReader(file))
+        writer.writerows(self.metrics)
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(text.getvalue().encode("utf-8")))
+        self.metrics = []
 
 
 class _CSVLogger(CSVLogger):

@@ -150,3 +150,28 @@ def test_a_metrics_csv_append_that_fails_midway_leaves_the_file_as_it_was(tmp_pa
     with pytest.raises(OSError, match="No space left"):
         writer.save()
     assert (tmp_path / "metrics.csv").read_bytes() == before
+
+
+@pytest.mark.slow  # ~2 s: a 2-step run whose loss-by-position files find the disk full
+def test_a_full_disk_at_the_loss_by_position_files_is_one_error_naming_the_checkpoint(
+    tmp_path, monkeypatch
+) -> None:
+    """Every other write of a run that finds the disk full says to free space and that the checkpoint
+    holds the steps; the final loss-by-position files raised a bare OSError that said neither."""
+    import errno
+
+    from innerloop.train import run as run_module
+    from innerloop.train.run_dir import RunDirError
+
+    def disk_full(*args, **kwargs):
+        raise OSError(
+            errno.ENOSPC, f"writing {str(tmp_path / 'loss_by_position.png')!r} failed: No space left"
+        )
+
+    monkeypatch.setattr(run_module, "plot_loss_by_position", disk_full)
+    run, cfg = load_config("tiny", [*TINY, "trainer.max_steps=2", f"out_dir={tmp_path}"])
+    with pytest.raises(
+        RunDirError, match=r"No space left; free some space: the checkpoint .* holds all 2 steps"
+    ):
+        train(run, cfg)
+    assert load_checkpoint(tmp_path / "last.safetensors")["global_step"] == 2

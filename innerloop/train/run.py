@@ -943,7 +943,7 @@ def _finish(
         f"{str(ckpt)!r} holds them: `{resume_command(run.out_dir)}` writes the files again"
     )
     with ended_by_signals(writing):
-        plot, csv_path = _write_loss_by_position(run, metrics, datamodule.seq_len)
+        plot, csv_path = _write_loss_by_position_or_say_why_not(run, metrics, datamodule.seq_len, ckpt, steps)
     return TrainResult(Path(run.out_dir), ckpt, config_path, plot, csv_path, metrics)
 
 
@@ -1044,6 +1044,23 @@ def _write_loss_by_position(run: RunConfig, metrics: dict[str, float], seq_len: 
     plot = plot_loss_by_position(out_dir / "loss_by_position.png", buckets, losses, title=title)
     csv_path = write_loss_by_position_csv(out_dir / "loss_by_position.csv", buckets, losses)
     return plot, csv_path
+
+
+def _write_loss_by_position_or_say_why_not(
+    run: RunConfig, metrics: dict[str, float], seq_len: int, ckpt: Path, steps: int
+) -> tuple[Path, Path]:
+    """:func:`_write_loss_by_position`; a full disk is a :class:`RunDirError` that says to free space,
+    as at the run's other writes, and that ``ckpt`` holds all ``steps`` (a resume writes the files)."""
+    try:
+        return _write_loss_by_position(run, metrics, seq_len)
+    except OSError as err:
+        if not out_of_space(err):
+            raise
+        raise RunDirError(
+            f"writing into out_dir={run.out_dir!r} failed: {' '.join(str(err).split())}; free some space: the "
+            f"checkpoint {str(ckpt)!r} holds all {steps} steps: `{resume_command(run.out_dir)}` writes "
+            "loss_by_position.* again"
+        ) from None
 
 
 def _check_resume(run: RunConfig, module: LanguageModelModule, ckpt: Path) -> None:

@@ -175,3 +175,22 @@ def test_a_full_disk_at_the_loss_by_position_files_is_one_error_naming_the_check
     ):
         train(run, cfg)
     assert load_checkpoint(tmp_path / "last.safetensors")["global_step"] == 2
+
+
+def test_a_keyboard_interrupt_in_a_validation_after_training_leaves_sigint_as_it_was() -> None:
+    """Lightning ends a validation interrupted by a KeyboardInterrupt with SIGINT set to be ignored and
+    ``exit(1)``; :func:`ended_by_signals` (around the final validation and ``evaluate``) put SIGINT back
+    only where it had taken it, so under a program's own SIGINT handler Ctrl-C stayed ignored after."""
+    from innerloop.train.interrupt import ended_by_signals
+
+    def own_handler(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGINT, own_handler)
+    try:
+        with pytest.raises(SystemExit), ended_by_signals("during the evaluation"):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # what Lightning does on a KeyboardInterrupt
+            raise SystemExit(1)
+        assert signal.getsignal(signal.SIGINT) is own_handler
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -204,7 +204,7 @@ def ended_by_signals(message: str) -> Iterator[None]:
     143), also when the validation had reached its end, as its outputs are not written. Without this,
     Lightning turns them into ``SystemExit``: 1 for Ctrl-C and 0, as if finished, for SIGTERM. The
     handlers are installed in the main thread only, SIGINT only where it has Python's default handler;
-    the previous ones are back when the block ends."""
+    the previous ones (SIGINT's also where it was not taken) are back when the block ends."""
     received: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -214,8 +214,10 @@ def ended_by_signals(message: str) -> Iterator[None]:
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_signal)
+        # put back also where not taken: Lightning sets SIGINT to SIG_IGN when a KeyboardInterrupt ends a loop
+        previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
+        if previous[signal.SIGINT] is signal.default_int_handler:
+            signal.signal(signal.SIGINT, on_signal)
         # the validation adds Lightning's SIGTERM handler to this one (it ends the loop at the next batch)
         previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_signal)
     try:

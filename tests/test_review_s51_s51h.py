@@ -194,3 +194,35 @@ def test_a_keyboard_interrupt_in_a_validation_after_training_leaves_sigint_as_it
         assert signal.getsignal(signal.SIGINT) is own_handler
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_resume_killed_between_moving_rows_and_rewriting_metrics_csv_moves_no_row_twice(
+    tmp_path, monkeypatch
+) -> None:
+    """:func:`supersede_rows_logged_past` writes the superseded rows, then ``metrics.csv`` without them;
+    a kill between the two left them in both, and the next resume appended them to the superseded file
+    a second time (each row logged once, read back as two launches' rows)."""
+    from innerloop.train import loggers
+
+    version = tmp_path / "logs" / "version_0"
+    version.mkdir(parents=True)
+    (version / "metrics.csv").write_text("step,train_loss\n0,3.0\n1,2.5\n2,2.25\n3,2.0\n")
+    real_write, writes = loggers._write_rows, []
+
+    def killed_after_the_first(path, header, rows):
+        if writes:
+            raise KeyboardInterrupt  # the process ends here
+        writes.append(path)
+        real_write(path, header, rows)
+
+    monkeypatch.setattr(loggers, "_write_rows", killed_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        loggers.supersede_rows_logged_past(tmp_path, step=2)
+    monkeypatch.setattr(loggers, "_write_rows", real_write)
+    loggers.supersede_rows_logged_past(tmp_path, step=2)  # the next resume, from the same checkpoint
+    assert (version / loggers.SUPERSEDED_METRICS).read_text().splitlines() == [
+        "step,train_loss",
+        "2,2.25",
+        "3,2.0",
+    ]
+    assert (version / "metrics.csv").read_text().splitlines() == ["step,train_loss", "0,3.0", "1,2.5"]

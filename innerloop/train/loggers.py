@@ -59,10 +59,20 @@ def supersede_rows_logged_past(out_dir: str | Path, step: int) -> list[Path]:
                 reader = csv.DictReader(file)
                 earlier = list(reader)
                 columns += [c for c in reader.fieldnames or [] if c not in columns]
-        _write_rows(superseded, columns, earlier + past)
+        # a resume killed after writing the superseded rows, before metrics.csv, left them in both
+        moved_already = [row for row in past if _row_among(row, earlier, header)]
+        _write_rows(superseded, columns, earlier + [row for row in past if row not in moved_already])
         _write_rows(metrics, header, [row for row in rows if not _logged_past(row, step)])
         changed.append(metrics)
     return changed
+
+
+def _row_among(row: dict[str, str], rows: list[dict[str, str]], header: list[str]) -> bool:
+    """Whether ``rows`` hold ``row`` (the same value in each column of ``header``, the columns of its
+    ``metrics.csv``): one ``metrics.csv``'s rows are each a step's of one launch, so only a second move of
+    the same row matches."""
+    values = [row.get(column) or "" for column in header]
+    return any([other.get(column) or "" for column in header] == values for other in rows)
 
 
 def _logged_past(row: dict[str, str], step: int) -> bool:

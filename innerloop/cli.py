@@ -105,6 +105,15 @@ _POSITIVE_INT = _number(int, 1)
 CONFIG_OPTION = {PRESET_OR_FILE: "--config"}
 """The option that gives :func:`~innerloop.config.load.load_config`'s ``preset_or_file``: its errors name it."""
 
+TRAIN_OPTIONS = {"resume": "--resume", "overwrite": "--overwrite"}
+"""The flags of ``innerloop train`` that give :func:`~innerloop.train.run.train`'s ``resume`` and
+``overwrite``: its errors and hints name them (:func:`~innerloop.config.load.given_flag`), and the command
+that continues a run (:func:`~innerloop.train.run.continuing_call`)."""
+
+EXPORT_OPTIONS = {"out_dir": "OUT_DIR", "overwrite": "--overwrite", "tokenizer": "--tokenizer"}
+"""The arguments of ``innerloop export`` that give :func:`~innerloop.hf.export.export_checkpoint`'s
+``out_dir``, ``overwrite`` and ``tokenizer``: its errors name them."""
+
 EVAL_AND_COMPARE_OPTIONS = {
     "paths": "--data",
     "seq_len": "--seq-len",
@@ -508,7 +517,8 @@ def _train(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         if worker:  # another rank's copy of this command: rank 0 prints each warning once
             warnings.simplefilter("ignore")
-        return _train_command(args, worker)
+        with command_line_options(TRAIN_OPTIONS):  # its errors name --resume and --overwrite
+            return _train_command(args, worker)
 
 
 def _train_command(args: argparse.Namespace, worker: bool) -> int:
@@ -1357,7 +1367,8 @@ def _convert_to_hugging_face(args: argparse.Namespace, load: Callable[[], Any]) 
     from innerloop.hf.export import ExportError, check_target, export_model
 
     try:
-        check_target(args.out, args.overwrite, "OUT")
+        with command_line_options({"overwrite": "--overwrite"}):
+            check_target(args.out, args.overwrite, "OUT")
     except ExportError as err:
         raise ConfigError(str(err)) from None
     model = _load_converted(args, load)
@@ -1514,9 +1525,10 @@ def _export(args: argparse.Namespace) -> int:
     from innerloop.hf.export import ExportError, export_checkpoint, run_tokenizer
 
     try:
-        folder = export_checkpoint(
-            args.checkpoint, args.out_dir, overwrite=args.overwrite, tokenizer=args.tokenizer
-        )
+        with command_line_options(EXPORT_OPTIONS):  # its errors name OUT_DIR and --overwrite
+            folder = export_checkpoint(
+                args.checkpoint, args.out_dir, overwrite=args.overwrite, tokenizer=args.tokenizer
+            )
     except ExportError as err:
         raise _export_error(err, args.tokenizer) from None
     unknown = args.tokenizer is None and isinstance(run_tokenizer(args.checkpoint), UnknownTokenizer)

@@ -95,8 +95,9 @@ Python); see :func:`command_line_options`."""
 def command_line_options(options: Mapping[str, str]) -> Iterator[None]:
     """Within it, errors of the Python API (``evaluate``, ``compare``) name the command line's option of
     each parameter in ``options`` (``{"seq_len": "--seq-len", "paths": "--data"}``) instead of the
-    parameter: the command line runs them within it, so that its user reads the options they typed."""
-    token = _COMMAND_LINE_OPTIONS.set(dict(options))
+    parameter: the command line runs them within it, so that its user reads the options they typed.
+    Nested, it adds to (and for the same parameter replaces) the options of the one around it."""
+    token = _COMMAND_LINE_OPTIONS.set({**(_COMMAND_LINE_OPTIONS.get() or {}), **options})
     try:
         yield
     finally:
@@ -119,6 +120,34 @@ def given_argument(parameter: str, value: Any, quoted: bool = True, placeholder:
     if placeholder:
         return f"{name} {value}" if name.startswith("--") else f"{name}={value}"
     return _given(name, value, quoted)
+
+
+def given_flag(parameter: str) -> str:
+    """How its caller turns on the flag ``parameter`` (a bool that is off by default): its option
+    (``--resume``) within :func:`command_line_options`, else ``resume=True`` from Python."""
+    name = argument_name(parameter)
+    return name if name.startswith("--") else f"{name}=True"
+
+
+def from_command_line(parameter: str) -> bool:
+    """Whether the argument ``parameter`` came from a command line's option (:func:`command_line_options`
+    maps it to one): a message then gives a command to type, else a Python call."""
+    return argument_name(parameter).startswith("--")
+
+
+@contextlib.contextmanager
+def arguments_of_the_caller(parameters: Mapping[str, str]) -> Iterator[None]:
+    """Within it, errors that name a parameter ``inner`` of ``parameters`` (a function called on behalf of
+    another: ``evaluation_windows``'s ``seq_len`` for ``compare``'s ``seq_lens``) name the caller's
+    argument ``parameters[inner]`` as its own caller gave it (:func:`argument_name`: ``--seq-len`` on the
+    command line, ``seq_lens`` from Python)."""
+    options = _COMMAND_LINE_OPTIONS.get()
+    named = {inner: argument_name(outer) for inner, outer in parameters.items()}
+    token = _COMMAND_LINE_OPTIONS.set({**(options or {}), **named})
+    try:
+        yield
+    finally:
+        _COMMAND_LINE_OPTIONS.reset(token)
 
 
 PRESET_OR_FILE = "preset_or_file"
@@ -1797,17 +1826,21 @@ def check_resume_changes(saved: RunConfig, resumed: RunConfig) -> None:
     ]
     if changed:
         raise ConfigError(
-            f"--resume cannot change {', '.join(changed)}: model.*, data.* and seed are fixed by the "
-            "checkpoint's weights and the run's data stream (optim.*, trainer.* and model.ttt.kernel may "
-            "change); start a new run (another out_dir, or --overwrite) to change them"
+            f"{given_flag('resume')} cannot change {', '.join(changed)}: model.*, data.* and seed are fixed "
+            "by the checkpoint's weights and the run's data stream (optim.*, trainer.* and model.ttt.kernel "
+            f"may change); start a new run (another out_dir, or {given_flag('overwrite')}) to change them"
         )
     _check_same_data_stream(saved, resumed)
 
 
 def check_resume_or_overwrite(resume: bool, overwrite: bool) -> None:
-    """``--resume`` continues a run and ``--overwrite`` replaces it: refuse both at once."""
+    """``resume`` (``--resume``) continues a run and ``overwrite`` (``--overwrite``) replaces it: refuse both
+    at once, naming them as the caller gave them (:func:`given_flag`)."""
     if resume and overwrite:
-        raise ConfigError("--resume and --overwrite contradict each other: continue the run or replace it")
+        raise ConfigError(
+            f"{given_flag('resume')} and {given_flag('overwrite')} contradict each other: continue the run "
+            "or replace it"
+        )
 
 
 def _check_same_data_stream(saved: RunConfig, resumed: RunConfig) -> None:
@@ -1819,7 +1852,7 @@ def _check_same_data_stream(saved: RunConfig, resumed: RunConfig) -> None:
     new = resumed.trainer.lightning.get("accumulate_grad_batches", 1)
     if old != new:
         raise ConfigError(
-            f"--resume cannot change trainer.accumulate_grad_batches ({old!r} -> {new!r}): the run's data "
+            f"{given_flag('resume')} cannot change trainer.accumulate_grad_batches ({old!r} -> {new!r}): the run's data "
             f"stream continues at batch (step x {old}); start a new run to change it"
         )
     if saved.data.name == "hf":
@@ -1831,7 +1864,7 @@ def _check_same_data_stream(saved: RunConfig, resumed: RunConfig) -> None:
     changed = ", ".join(f"{key} ({a!r} -> {b!r})" for key, (a, b) in processes.items() if a != b)
     if changed:
         raise ConfigError(
-            f"--resume cannot change {changed}: each process of the run reads every (processes)-th batch of "
+            f"{given_flag('resume')} cannot change {changed}: each process of the run reads every (processes)-th batch of "
             f"data.name={saved.data.name!r}'s stream, from batch (step x accumulation) of its own, so "
             "another count would read batches twice or skip them; resume with the run's own, or start a new run"
         )

@@ -38,7 +38,14 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from innerloop.checkpoints import checkpoint_tokenizer, load_model, widest_parameter_dtype
-from innerloop.config.load import ConfigError, check_not_a_link_loop, check_output_dir
+from innerloop.config.load import (
+    ConfigError,
+    argument_name,
+    check_not_a_link_loop,
+    check_output_dir,
+    given_argument,
+    given_flag,
+)
 from innerloop.core.functional import check_path_argument, is_flag, user_path
 from innerloop.data.atomic import file_sha256
 from innerloop.data.tokenizer import Tokenizer as RunTokenizer
@@ -160,9 +167,10 @@ def _plan_replacement(out: Path, staging: Path) -> _Replacement:
             owned.add(entry.name)
     if clashes:
         raise ExportError(
-            f"OUT_DIR {str(out)!r} is an earlier export that also holds {_shown(clashes)}, which that "
-            "export did not write (or that changed since), and the new export writes a different file "
-            "of that name: --overwrite would replace it; move it out, or give a new or empty folder"
+            f"{argument_name('out_dir')} {str(out)!r} is an earlier export that also holds {_shown(clashes)}, "
+            "which that export did not write (or that changed since), and the new export writes a different "
+            f"file of that name: {given_flag('overwrite')} would replace it; move it out, or give a new or "
+            "empty folder"
         )
     return _Replacement(owned, kept)
 
@@ -232,14 +240,16 @@ def _check_writable(out_dir: str | os.PathLike[str], out: Path, name: str) -> No
         )
 
 
-def check_target(out_dir: str | os.PathLike[str], overwrite: bool, name: str = "OUT_DIR") -> Path:
+def check_target(out_dir: str | os.PathLike[str], overwrite: bool, name: str | None = None) -> Path:
     """The folder an export to ``out_dir`` writes (``out_dir`` itself, or the folder a symbolic link
     ``out_dir`` points to), if an export may be written there; else :class:`ExportError`, naming
-    ``out_dir`` as ``name`` (the command's argument). (Which files of an earlier export are kept is
+    ``out_dir`` as ``name`` (the command's argument; by default ``out_dir`` as its caller gave it,
+    :func:`~innerloop.config.load.argument_name`, and ``overwrite`` likewise). (Which files of an earlier export are kept is
     decided once the new one is written: see the module docstring.) What an interrupted export left
     beside it is settled first (:func:`settle_interrupted_export`)."""
     if not is_flag(overwrite):  # a numpy bool too (core.functional's rule for flags)
         raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    name = argument_name("out_dir") if name is None else name
     check_path_argument(out_dir, name)  # Path(None) failed in pathlib, naming no argument
     out = _resolved_target(out_dir, name)
     settle_interrupted_export(out)
@@ -250,13 +260,14 @@ def check_target(out_dir: str | os.PathLike[str], overwrite: bool, name: str = "
         return out
     if not overwrite:
         raise ExportError(
-            f"{name} {str(out_dir)!r} is not empty; pass --overwrite to replace an earlier export there, "
+            f"{name} {str(out_dir)!r} is not empty; pass {given_flag('overwrite')} to replace an earlier "
+            "export there, "
             "or give a new or empty folder"
         )
     if not is_export_folder(out):
         raise ExportError(
             f"{name} {str(out_dir)!r} holds files that are not an innerloop export (no config.json with "
-            f"model_type {MODEL_TYPE!r}); --overwrite replaces only an earlier export: give a new or "
+            f"model_type {MODEL_TYPE!r}); {given_flag('overwrite')} replaces only an earlier export: give a new or "
             "empty folder"
         )
     return out
@@ -428,7 +439,7 @@ def export_checkpoint(
             raise
         raise ExportError(
             f"{err} (the tokenizer {str(checkpoint)!r} records, {tokenizer.describe()}); give the model's "
-            "own tokenizer with --tokenizer"
+            f"own tokenizer with {given_argument('tokenizer', 'TOKENIZER', placeholder=True)}"
         ) from None
 
 

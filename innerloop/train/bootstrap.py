@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from innerloop.config.load import given_argument
 from innerloop.core.functional import as_integer
 from innerloop.train.metrics import described
 
@@ -46,7 +47,9 @@ def few_resamples_note(
     ``confidence`` band (None when enough do): the band is then a rough one, whatever its width says.
     With ``windows``, the ends are those of the band over that many windows, the :func:`expanded_tail`
     quantiles (0.24% over 6 windows for a 95% band, not 2.5%); below :data:`MIN_BAND_WINDOWS` there is
-    no band and no note. ``default``: the command's default number of resamples, which the note names."""
+    no band and no note. ``default``: the command's default number of resamples, which the note names. The
+    note names ``resamples`` as its caller gave it (:func:`~innerloop.config.load.given_argument`:
+    ``--resamples 2000`` on the command line, ``resamples=2000`` from Python)."""
     share = (1 - confidence) / 2
     if windows is not None:
         if windows < MIN_BAND_WINDOWS:
@@ -61,7 +64,8 @@ def few_resamples_note(
     return (
         f"{counted} {tail:.3g} beyond each end of "
         f"a {100 * confidence:.0f}% band{over}, so its ends move with the seed and it may not cover as often "
-        f"as it says: use --resamples {needed} or more for bands to report (the default is {default})"
+        f"as it says: use {given_argument('resamples', needed, quoted=False)} or more for bands to report "
+        f"(the default is {default})"
     )
 
 

@@ -44,7 +44,13 @@ from innerloop.checkpoints import (
     innerloop_version,
     recorded_entry,
 )
-from innerloop.config.load import ConfigError, argument_name, given_argument, other_model_folder_problem
+from innerloop.config.load import (
+    ConfigError,
+    argument_name,
+    arguments_of_the_caller,
+    given_argument,
+    other_model_folder_problem,
+)
 from innerloop.config.schema import DataConfig, RunConfig
 from innerloop.core.functional import as_integer, check_flag, user_path
 from innerloop.data.atomic import atomic_write, atomic_write_text, remove_stale_temporaries_of
@@ -309,9 +315,11 @@ def compare(
     )
     # every length's windows read first: a length the text is too short for fails before any model is scored
     window_sizes = (batch_size, batches, tokenizer, split, held_out)
-    every_windows = [
-        evaluation_windows(reference.checkpoint, reference.module, paths, n, *window_sizes) for n in seq_lens
-    ]
+    with arguments_of_the_caller({"seq_len": "seq_lens"}):  # its errors name compare's seq_lens
+        every_windows = [
+            evaluation_windows(reference.checkpoint, reference.module, paths, n, *window_sizes)
+            for n in seq_lens
+        ]
     _score_lengths(comparison, every_windows, tokenizer, progress)
     return comparison
 

@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from innerloop.config.load import argument_name, given_argument
+from innerloop.config.load import argument_name, given_argument, given_flag
 from innerloop.core.functional import as_integer
 from innerloop.data.hf import files_record, iter_texts, open_hf_dataset, own_split, source_files
 from innerloop.data.packing import (
@@ -289,17 +289,20 @@ def checked_window_sizes(**sizes: Any) -> list[int | None]:
         bounds, number = WINDOW_SIZE_BOUNDS[name], None if value is None else as_integer(value)
         if value is not None and number is None:  # a numpy or 0-d torch integer is one; a bool is not
             raise ValueError(
-                f"{name}={value!r} must be an integer {bounds.describe()} (or None for the default)"
+                f"{given_argument(name, value)} must be an integer {bounds.describe()} (or None for the default)"
             )
         if number is not None and number not in bounds:  # the whole range, below it as above it
-            raise ValueError(f"{name}={number} must be {bounds.describe()} ({bounds.why})")
+            raise ValueError(
+                f"{given_argument(name, number, quoted=False)} must be {bounds.describe()} ({bounds.why})"
+            )
         ints.append(number)
     given = dict(zip(sizes, ints, strict=True))
     batch_size, batches = given.get("batch_size"), given.get("batches")
     windows = WINDOW_SIZE_BOUNDS["batches"]
     if batch_size is not None and batches is not None and batch_size * batches not in windows:
         raise DataError(
-            f"batches={batches} x batch_size={batch_size} (--batches x --batch-size) = {batch_size * batches} "
+            f"{given_argument('batches', batches, quoted=False)} x "
+            f"{given_argument('batch_size', batch_size, quoted=False)} = {batch_size * batches} "
             f"windows to score must be {windows.describe()} ({windows.why})"
         )
     return ints
@@ -583,7 +586,7 @@ class TextDataModule(_IndexedDataModule):
         raise DataError(
             f"the data file {self.paths!r} changed length since the checkpoint was written: its {text} started "
             f"at token {recorded} and now starts at token {now}, so the resumed run would {consequence}; resume "
-            "with the file as it was, or start a new run (--overwrite or another out_dir)"
+            f"with the file as it was, or start a new run ({given_flag('overwrite')} or another out_dir)"
         )
 
     def make_train_batch(self, index: int) -> Batch:
@@ -988,13 +991,16 @@ class HFDataModule(L.LightningDataModule):
     def _check_validation_unchanged(
         self,
         would: str = "the resumed run would train on documents it validated on",
-        fix: str = "resume with the data as it was, or start a new run (--overwrite or another out_dir)",
+        fix: str | None = None,
     ) -> None:
         """A resumed checkpoint's validation windows must be this data's (:class:`DataError` else): the
         held-out documents are every ``1/val_fraction``-th by number, so a document inserted or removed
         before them moves documents between training and validation, and the resumed run would train on
         documents it validated on (documents appended at the end keep every number and side).
-        ``would``, ``fix``: what would go wrong and what to do, for another use (an evaluation's)."""
+        ``would``, ``fix``: what would go wrong and what to do, for another use (an evaluation's; ``fix``
+        None: a resume's, naming ``overwrite`` as its caller gave it)."""
+        if fix is None:
+            fix = f"resume with the data as it was, or start a new run ({given_flag('overwrite')} or another out_dir)"
         data = f"data.paths={self.paths!r} (split={self.split!r})"
         checks = (
             (self._recorded_digest, self._validation_digest, f"the validation windows of {data} differ from "

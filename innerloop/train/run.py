@@ -92,7 +92,9 @@ from innerloop.config.load import (
     decay_steps,
     fixed_on_resume,
     flatten_config,
+    from_command_line,
     given_argument,
+    given_flag,
     read_run_config,
     require_run_config,
     run_tokenizer,
@@ -647,7 +649,7 @@ def check_named_kernels_train(run: RunConfig, module: L.LightningModule, device:
     for kernel, reason in refused.items():
         raise ConfigError(
             f"model.ttt.kernel={kernel!r} cannot train this run on {device} ({precision}): {reason}; "
-            "model.ttt.kernel=auto runs the fastest path that works here (a --resume may change it)"
+            f"model.ttt.kernel=auto runs the fastest path that works here (it may change with {given_flag('resume')})"
         )
 
 
@@ -738,6 +740,19 @@ def resume_command(out_dir: str | os.PathLike[str], overrides: str = "") -> str:
     return f"innerloop train --resume {shlex.quote(f'out_dir={value}')}{overrides}"
 
 
+def continuing_call(out_dir: str | os.PathLike[str], overrides: str = "") -> str:
+    """How the caller of :func:`train` continues the run in ``out_dir`` (``overrides``: `` key=value``
+    items, each after a space), in backquotes: :func:`resume_command` when ``resume`` came from the
+    command line (``--resume``, :func:`~innerloop.config.load.from_command_line`), else the Python call
+    that does the same (``train(*load_config('<out_dir>/config.yaml', [...], out_dir=...), resume=True)``):
+    a Python caller is not told to pass a command line's flag."""
+    if from_command_line("resume"):
+        return f"`{resume_command(out_dir, overrides)}`"
+    folder = os.fspath(out_dir)
+    config = os.path.join(folder, "config.yaml")
+    return f"`train(*load_config({config!r}, {overrides.split()!r}, out_dir={folder!r}), resume=True)`"
+
+
 def _as_override_value(text: str) -> str:
     """``text`` as the value of a ``key=value`` override that reads back as that string: as it is where
     YAML (PyYAML's and OmegaConf's) reads it so, else single-quoted, with an interpolation's ``${``
@@ -763,13 +778,13 @@ def _as_override_value(text: str) -> str:
 def _continuing(run: RunConfig, trainer: L.Trainer) -> str:
     """The command (quoted) that continues a fit that ended before ``trainer.max_steps``: with a spent
     ``trainer.max_time``, as long again (Lightning counts it over every launch: a bare resume stops at once)."""
-    resume = resume_command(run.out_dir)
     budget = _time_budget(trainer)
     if budget is None:
-        return f"`{resume}`"
+        return continuing_call(run.out_dir)
     seconds = math.ceil(2 * budget)
     longer = f"{seconds // 86400:02d}:{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-    return f"`{resume} trainer.max_time={longer}` (as long again; trainer.max_time=null for no limit)"
+    resume = continuing_call(run.out_dir, f" trainer.max_time={longer}")
+    return f"{resume} (as long again; trainer.max_time=null for no limit)"
 
 
 def _fit(
@@ -853,23 +868,24 @@ def _raise_if_stopped(
     if undone:
         raise TrainingInterrupted(
             f"{stopped}, before this run's first checkpoint: nothing of it is kept, and the run it was to "
-            f"replace is back in {run.out_dir!r} as it was; start again with --overwrite to replace it",
+            f"replace is back in {run.out_dir!r} as it was; start again with {given_flag('overwrite')} to "
+            "replace it",
             exit_code=exit_code,
         )
     if steps < run.trainer.max_steps:
         raise TrainingInterrupted(
-            f"{stopped}; the checkpoint {str(ckpt)!r} holds them: continue with `{resume_command(run.out_dir)}`",
+            f"{stopped}; the checkpoint {str(ckpt)!r} holds them: continue with {continuing_call(run.out_dir)}",
             exit_code=exit_code,
         )
     if trainer.callback_metrics.get("val_step") == steps:  # the fit's last step was validated (and logged)
         raise TrainingInterrupted(
             f"{stopped}, after their final validation, before loss_by_position.* were written; the checkpoint "
-            f"{str(ckpt)!r} holds them all: `{resume_command(run.out_dir)}` writes the files",
+            f"{str(ckpt)!r} holds them all: {continuing_call(run.out_dir)} writes the files",
             exit_code=exit_code,
         )
     raise TrainingInterrupted(
         f"{stopped}, before the final validation; the checkpoint {str(ckpt)!r} holds them all: "
-        f"`{resume_command(run.out_dir)}` runs the final validation",
+        f"{continuing_call(run.out_dir)} runs the final validation",
         exit_code=exit_code,
     )
 
@@ -930,7 +946,7 @@ def _finish(
     if metrics.get("val_step") != steps:
         stopped = (
             f"during the final validation, after all {trainer.global_step} steps; the checkpoint "
-            f"{str(ckpt)!r} holds them: `{resume_command(run.out_dir)}` runs the validation "
+            f"{str(ckpt)!r} holds them: {continuing_call(run.out_dir)} runs the validation "
             "again and writes loss_by_position.*"
         )
         # a launch that trained nothing (a finished run resumed) logs no second row for that step
@@ -940,7 +956,7 @@ def _finish(
         metrics = {k: float(v) for k, v in results.items()}
     writing = (
         f"while loss_by_position.* were written, after all {trainer.global_step} steps; the checkpoint "
-        f"{str(ckpt)!r} holds them: `{resume_command(run.out_dir)}` writes the files again"
+        f"{str(ckpt)!r} holds them: {continuing_call(run.out_dir)} writes the files again"
     )
     with ended_by_signals(writing):
         plot, csv_path = _write_loss_by_position_or_say_why_not(run, metrics, datamodule.seq_len, ckpt, steps)
@@ -1070,8 +1086,8 @@ def _check_resume(run: RunConfig, module: LanguageModelModule, ckpt: Path) -> No
     the checkpoint. Reads only."""
     if not ckpt.exists():
         raise CheckpointError(
-            f"--resume: there is no checkpoint {str(ckpt)!r} (a run killed before its first checkpoint "
-            "leaves none); start the run again with --overwrite"
+            f"{given_flag('resume')}: there is no checkpoint {str(ckpt)!r} (a run killed before its first "
+            f"checkpoint leaves none); start the run again with {given_flag('overwrite')}"
         )
     checkpoint = load_training_checkpoint(ckpt)
     saved_config = ckpt.parent / "config.yaml"
@@ -1091,8 +1107,8 @@ def _check_resume(run: RunConfig, module: LanguageModelModule, ckpt: Path) -> No
     step = checkpoint.get("global_step")
     if isinstance(step, int) and run.trainer.max_steps < step:
         raise ConfigError(
-            f"trainer.max_steps={run.trainer.max_steps} is below the checkpoint's step {step}; --resume "
-            f"can only extend a run (trainer.max_steps >= {step})"
+            f"trainer.max_steps={run.trainer.max_steps} is below the checkpoint's step {step}; "
+            f"{given_flag('resume')} can only extend a run (trainer.max_steps >= {step})"
         )
 
 
@@ -1139,9 +1155,10 @@ def _check_same_data(
     changed = [f"{k} ({recorded[k]!r} -> {now[k]!r})" for k in now if k in recorded and recorded[k] != now[k]]
     if changed:
         raise ConfigError(
-            f"--resume: the run's config.yaml gives {', '.join(changed)}, but {str(ckpt)!r} was trained with "
-            "the first values: data.* and seed are fixed by the run's data stream; put the checkpoint's "
-            "values back in config.yaml, or start a new run (another out_dir, or --overwrite)"
+            f"{given_flag('resume')}: the run's config.yaml gives {', '.join(changed)}, but {str(ckpt)!r} was "
+            "trained with the first values: data.* and seed are fixed by the run's data stream; put the "
+            f"checkpoint's values back in config.yaml, or start a new run (another out_dir, or "
+            f"{given_flag('overwrite')})"
         )
 
 
@@ -1160,11 +1177,11 @@ def check_same_stream(run: RunConfig, checkpoint: dict[str, Any], ckpt: Path) ->
     ]
     if changed:
         raise ConfigError(
-            f"--resume: the run's config.yaml gives {', '.join(changed)}, but {str(ckpt)!r} was trained with "
-            "the first values, which decide where its data stream continues (batch step x "
+            f"{given_flag('resume')}: the run's config.yaml gives {', '.join(changed)}, but {str(ckpt)!r} was "
+            "trained with the first values, which decide where its data stream continues (batch step x "
             "accumulate_grad_batches, each process reading every (processes)-th batch): batches would be "
             "skipped or read twice; put the checkpoint's values back in config.yaml, or start a new run "
-            "(another out_dir, or --overwrite)"
+            f"(another out_dir, or {given_flag('overwrite')})"
         )
 
 
@@ -1175,7 +1192,7 @@ def _check_same_tokenizer(run: RunConfig, ckpt: Path) -> None:
         return
     if run_tokenizer(run) != checkpoint_tokenizer(ckpt):
         raise ConfigError(
-            f"--resume: data.tokenizer={run.data.tokenizer!r} is not the tokenizer {str(ckpt)!r} was trained "
+            f"{given_flag('resume')}: data.tokenizer={run.data.tokenizer!r} is not the tokenizer {str(ckpt)!r} was trained "
             "with (its files changed since); restore them, or start a new run"
         )
 
@@ -1297,7 +1314,7 @@ def _last_checkpoint_note(ckpt: Path, run: RunConfig, overrides: str = " optim.l
         return f"the checkpoint {str(ckpt)!r} could not be read back"
     return (
         f"the last checkpoint, {str(ckpt)!r} (after {step} steps), is kept: continue it with "
-        f"`{resume_command(run.out_dir, overrides)}`"
+        f"{continuing_call(run.out_dir, overrides)}"
     )
 
 
@@ -1571,10 +1588,10 @@ def evaluation_windows(
 
 
 def check_held_out_name(held_out: Any) -> None:
-    """:class:`ConfigError` naming ``held_out`` (and the command line's ``--held-out``) unless it is one
-    of :data:`HELD_OUT`, exactly, as every name of a config is (``'Test'`` is none)."""
+    """:class:`ConfigError` naming ``held_out`` as its caller gave it (``--held-out`` on the command line)
+    unless it is one of :data:`HELD_OUT`, exactly, as every name of a config is (``'Test'`` is none)."""
     if not isinstance(held_out, str) or held_out not in HELD_OUT:
-        raise ConfigError(f"held_out={held_out!r} (--held-out) is not one of {list(HELD_OUT)}")
+        raise ConfigError(f"{given_argument('held_out', held_out)} is not one of {list(HELD_OUT)}")
 
 
 def _check_held_out(held_out: Any, paths: Sequence[str], run: RunConfig | None, why_not: str) -> None:
@@ -2045,7 +2062,7 @@ def _refuse_no_ttt_without_ttt(module: LanguageModelModule, checkpoint: str | Pa
     """:class:`ConfigError` for ``no_ttt`` of a model without test-time training to switch off."""
     if no_ttt and not modules_learning_at_test_time(module.model):
         raise ConfigError(
-            f"no_ttt (--no-ttt): {str(checkpoint)!r} has no test-time training to switch off "
+            f"{argument_name('no_ttt')}: {str(checkpoint)!r} has no test-time training to switch off "
             f"(model.mixer={module.model.config.mixer!r})"
         )
 

@@ -38,7 +38,7 @@ from innerloop.checkpoints import (
     load_checkpoint,
     load_training_checkpoint,
 )
-from innerloop.config.load import ConfigError, read_run_config
+from innerloop.config.load import ConfigError, given_flag, read_run_config
 from innerloop.config.trainer_args import is_launched_worker as is_launched_worker  # first home: config
 from innerloop.core.durable import fsync_directory
 from innerloop.data.atomic import stale_temporaries
@@ -188,12 +188,12 @@ def refuse_previous_run(out_dir: str | os.PathLike[str]) -> None:
         raise RunDirError(
             f"out_dir={str(out_dir)!r} already holds a run's config.yaml but no checkpoint (a run killed "
             "before its first checkpoint leaves it so; it is not removed, as it may be yours): pass "
-            "--overwrite to start the run again there, or train into another out_dir"
+            f"{given_flag('overwrite')} to start the run again there, or train into another out_dir"
         )
     if found:
         raise RunDirError(
-            f"out_dir={str(out_dir)!r} already holds a run ({', '.join(found)}); pass --resume to continue "
-            "it, --overwrite to replace it, or train into another out_dir"
+            f"out_dir={str(out_dir)!r} already holds a run ({', '.join(found)}); pass {given_flag('resume')} "
+            f"to continue it, {given_flag('overwrite')} to replace it, or train into another out_dir"
         )
 
 
@@ -212,7 +212,8 @@ def refuse_foreign_config(out_dir: str | os.PathLike[str]) -> None:
     except ConfigError as err:
         raise RunDirError(
             f"out_dir={str(out_dir)!r} holds a config.yaml that is not an innerloop run's ({err}); a run "
-            "writes its own config.yaml there (--overwrite too): move that file, or train into another out_dir"
+            f"writes its own config.yaml there ({given_flag('overwrite')} too): move that file, or train into "
+            "another out_dir"
         ) from None
 
 
@@ -227,7 +228,8 @@ def refuse_foreign_outputs(out_dir: str | os.PathLike[str]) -> None:
     if theirs:
         raise RunDirError(
             f"out_dir={str(out_dir)!r} holds {', '.join(theirs)} but no run (no config.yaml or "
-            f"{CHECKPOINT_FILE}): a run writes files of those names there (--overwrite too); move them, or "
+            f"{CHECKPOINT_FILE}): a run writes files of those names there ({given_flag('overwrite')} too); "
+            "move them, or "
             "train into another out_dir"
         )
 
@@ -241,7 +243,8 @@ def refuse_outputs_not_files(out_dir: str | os.PathLike[str]) -> None:
         if path.exists() and not path.is_file():
             raise RunDirError(
                 f"out_dir={str(out_dir)!r} holds {name}, which is a folder, not a file: a run writes its "
-                f"{name} there (--overwrite too, which replaces only files); move it, or train into another "
+                f"{name} there ({given_flag('overwrite')} too, which replaces only files); move it, or train "
+                "into another "
                 "out_dir"
             )
 
@@ -271,7 +274,8 @@ def set_aside_previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
     (out_dir / SETTING_ASIDE).unlink(missing_ok=True)
     if moved:
         log.warning(
-            "--overwrite: the previous run's %s in %s %s replaced once this run writes its first checkpoint",
+            "%s: the previous run's %s in %s %s replaced once this run writes its first checkpoint",
+            given_flag("overwrite"),
             ", ".join(moved),
             out_dir,
             "is" if len(moved) == 1 else "are",
@@ -308,14 +312,18 @@ def settle_previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
             os.replace(kept, out_dir / name)
     (out_dir / SETTING_ASIDE).unlink(missing_ok=True)
     if replaced:
-        log.warning("--overwrite: removed the previous run's %s from %s", ", ".join(aside), out_dir)
+        log.warning(
+            "%s: removed the previous run's %s from %s", given_flag("overwrite"), ", ".join(aside), out_dir
+        )
     else:
         log.warning(
-            "--overwrite: the replacing run %s%s; the previous run's %s are back in %s, as before the --overwrite",
+            "%s: the replacing run %s%s; the previous run's %s are back in %s, as before the %s",
+            given_flag("overwrite"),
             "ended without a confirmed checkpoint" if complete else "was killed while it set them aside",
             f" (its unconfirmed first checkpoint {PENDING_CHECKPOINT} is removed)" if dropped else "",
             ", ".join(aside),
             out_dir,
+            given_flag("overwrite"),
         )
     return aside
 
@@ -381,11 +389,12 @@ def settle_pending_checkpoint(out_dir: str | os.PathLike[str]) -> int | None:
         return None
     log.warning(
         "kept %s, the checkpoint of global_step %d that an interrupted run wrote but had not confirmed "
-        "(it is whole and later than %s): --resume continues from step %d, and it replaces %s once the "
+        "(it is whole and later than %s): %s continues from step %d, and it replaces %s once the "
         "next step's loss on its weights is finite",
         pending,
         step,
         f"{CHECKPOINT_FILE} ({'none' if last_step is None else f'global_step {last_step}'})",
+        given_flag("resume"),
         step,
         CHECKPOINT_FILE,
     )

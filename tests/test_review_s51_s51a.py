@@ -36,7 +36,7 @@ from innerloop.config.load import (
 from innerloop.hf.export import ExportError, check_target
 from innerloop.train.bootstrap import few_resamples_note
 from innerloop.train.checkpoint import save_checkpoint
-from innerloop.train.compare import compare
+from innerloop.train.compare import compare, length_key
 from innerloop.train.data import DataError, checked_window_sizes
 from innerloop.train.module import LanguageModelModule
 from innerloop.train.run import continuing_call, resume_command, train
@@ -175,3 +175,17 @@ def test_compare_names_seq_lens_and_resamples_from_python(tmp_path, corpus) -> N
     comparison = compare([folder, folder / "last.safetensors"], resamples=10, batch_size=2, batches=1)
     assert any("use resamples=400 or more" in note for note in comparison.notes)
 
+
+def test_the_scores_key_holds_the_thread_count(monkeypatch) -> None:
+    """Measured (tiny TTT models, hidden 128, 16 windows of 64 bytes, s51a): the torch path's per-token
+    losses at 3 threads differ bitwise from those at 1, 2 and 4 (TTT-MLP's CPU kernel path too), so a
+    compare run again at another thread count must not reuse the kept scores as those it would compute.
+    ``INNERLOOP_KEEP_SCAN_BUFFERS`` changed no bit on any path (it is for the training scans): not in it."""
+    inputs = torch.arange(32).reshape(2, 16)
+    keys = set()
+    for threads in (2, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        keys.add(length_key([], inputs, inputs, 2, 4))
+    monkeypatch.setenv("INNERLOOP_KEEP_SCAN_BUFFERS", "0")
+    keys.add(length_key([], inputs, inputs, 2, 4))
+    assert len(keys) == 2

@@ -356,7 +356,8 @@ def length_key(
     num_buckets: int,
 ) -> str:
     """16 hex digits naming what one length's scores depend on: each model's checkpoint content (in
-    order), ``--no-ttt`` and device, the windows' tokens, the batch size and the position buckets, and
+    order), ``--no-ttt`` and device, the windows' tokens, the batch size and the position buckets, torch's
+    thread count (which changes the bits of a score: measured in ``tests/test_review_s51_s51a.py``), and
     the innerloop and torch versions (an installed upgrade scores again; innerloop's code edited in place
     is not seen), and the code that can run besides innerloop's (:func:`plugin_code_fingerprint`: the
     plugins loaded, a plugin module's file contents, ``INNERLOOP_DISABLE_CPU_KERNELS``)."""
@@ -368,7 +369,8 @@ def length_key(
     for tokens in (inputs, targets):
         digest.update(f"{tuple(tokens.shape)}:{tokens.dtype}\0".encode())
         digest.update(tokens.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(f"{batch_size}:{num_buckets}".encode())
+    # torch's thread count splits a sum otherwise: 3 threads gave other bits than 1, 2 and 4 (s51a)
+    digest.update(f"{batch_size}:{num_buckets}:{torch.get_num_threads()}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -1167,7 +1169,7 @@ class LengthProgress:
       ``compare-<id>-partial.*`` files of the lengths finished), and :meth:`where` says where;
     - each finished length's per-window scores, ``compare-scores-<key>.safetensors``
       (:func:`length_key`: the checkpoints' contents, ``--no-ttt``, the plugins' code, the windows'
-      tokens, the batch size and buckets), which the same comparison run again reuses instead of scoring again (the bands are
+      tokens, the batch size and buckets, the thread count), which the same comparison run again reuses instead of scoring again (the bands are
       a bootstrap over these scores, which the CSV does not hold).
 
     :meth:`finish`, once the whole comparison is written, removes these files (the partial ones of an

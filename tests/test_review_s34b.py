@@ -204,5 +204,5 @@ def test_export_checkpoint_refuses_a_non_path_by_name(tmp_path):
 
     with pytest.raises(TypeError, match=r"^checkpoint=None \(NoneType\) must be a path"):
         export_checkpoint(None, tmp_path / "out")
-    with pytest.raises(TypeError, match=r"^OUT_DIR=None \(NoneType\) must be a path"):
+    with pytest.raises(TypeError, match=r"^out_dir=None \(NoneType\) must be a path"):  # from Python (s51a)
         export_checkpoint(str(tmp_path / "missing.safetensors"), None)

@@ -83,7 +83,7 @@ def test_windows_to_score_are_bounded_with_the_default_batch_size():
     from innerloop.train.data import checked_window_sizes
     from innerloop.train.run import default_window_count
 
-    with pytest.raises(DataError, match=r"batches=16777216 x batch_size=2 .* = 33554432 windows to score"):
+    with pytest.raises(DataError, match=r"batches=16777216 x batch_size=2 = 33554432 windows to score"):
         default_window_count(2, 2**24)
     assert default_window_count(2, 2**23) == 2**24
     with pytest.raises(

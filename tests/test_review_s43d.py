@@ -84,7 +84,11 @@ def test_the_command_that_continues_a_stopped_run_reads_back_as_its_out_dir(out_
     from innerloop.train import run as run_module
 
     run = SimpleNamespace(out_dir=out_dir)
-    said = run_module._continuing(run, SimpleNamespace(callbacks=[]))  # no trainer.max_time spent
+    from innerloop.cli import TRAIN_OPTIONS
+    from innerloop.config.load import command_line_options
+
+    with command_line_options(TRAIN_OPTIONS):  # as `innerloop train` runs it (s51a: Python gets a call)
+        said = run_module._continuing(run, SimpleNamespace(callbacks=[]))  # no trainer.max_time spent
     assert shlex.split(said.strip("`")) == ["innerloop", "train", "--resume", f"out_dir={out_dir}"]
     note = run_module._last_checkpoint_note(Path(__file__), run)  # a file that is no checkpoint
     assert "could not be read back" in note  # (it names no command)

@@ -57,7 +57,9 @@ def test_the_few_resamples_note_counts_the_resamples_beyond_the_expanded_band_en
     assert expanded_tail(6, 0.95) * 1000 == pytest.approx(2.43, abs=0.01)
     note = few_resamples_note(1000, 0.95, windows=6)
     assert note is not None and "2.43 beyond each end" in note and "over 6 windows" in note
-    needed = int(note.split("--resamples ")[1].split()[0])
+    needed = int(
+        note.split("resamples=")[1].split()[0]
+    )  # from Python (s51a; --resamples on the command line)
     assert few_resamples_note(needed, 0.95, windows=6) is None
     assert few_resamples_note(needed - 1, 0.95, windows=6) is not None
     assert few_resamples_note(1000, 0.95, windows=32) is None  # 1.9% of 1000: 19 beyond each end
@@ -74,7 +76,7 @@ def test_compare_notes_too_few_resamples_for_its_windows(tmp_path) -> None:
     ]
     comparison = compare(runs)
     assert comparison.lengths[0].windows == 6
-    assert any("over 6 windows" in note and "--resamples" in note for note in comparison.notes)
+    assert any("over 6 windows" in note and "resamples=" in note for note in comparison.notes)
 
 
 def test_growth_names_a_band_whose_ends_have_few_resamples_beyond_them(monkeypatch) -> None:
@@ -93,4 +95,4 @@ def test_growth_names_a_band_whose_ends_have_few_resamples_beyond_them(monkeypat
     assert "--resamples" not in science.advantage_growth("ttt", "swa", None, resamples=2000)
     rough = science.advantage_growth("ttt", "swa", None, resamples=1000)
     assert "1000 bootstrap resamples leave 5.74 beyond each end" in rough, rough
-    assert "use --resamples 1743 or more" in rough and "the default is 2000" in rough
+    assert "use resamples=1743 or more" in rough and "the default is 2000" in rough  # called from Python

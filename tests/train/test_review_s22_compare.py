@@ -373,7 +373,7 @@ def test_a_copy_of_a_training_file_counts_as_trained_on(tmp_path) -> None:
 def test_a_band_from_too_few_resamples_is_named_in_a_note(world, caplog) -> None:
     with caplog.at_level(logging.WARNING):
         rough = compare([world["ttt"], world["swa"]], resamples=20)
-    assert any("use --resamples 400 or more" in note for note in rough.notes)
+    assert any("use resamples=400 or more" in note for note in rough.notes)  # from Python (s51a)
     assert any("20 bootstrap resamples" in r.getMessage() for r in caplog.records)
 
 
@@ -392,4 +392,4 @@ def test_the_resamples_note_counts_the_resamples_beyond_each_end() -> None:
     assert few_resamples_note(1000, 0.95) is None and few_resamples_note(400, 0.95) is None
     assert "1 bootstrap resample leaves 0.025" in few_resamples_note(1, 0.95)
     assert few_resamples_note(399, 0.95) is not None and few_resamples_note(100, 0.8) is None
-    assert "use --resamples 100 or more" in few_resamples_note(99, 0.8)
+    assert "use resamples=100 or more" in few_resamples_note(99, 0.8)  # from Python (s51a)

@@ -64,6 +64,6 @@ def test_a_checkpoint_write_on_a_full_disk_is_one_error_and_the_last_checkpoint_
         train(run, cfg)
     message = str(raised.value)
     assert "No space left on device" in message and "\n" not in message
-    assert "(after 2 steps), is kept: continue it with `innerloop train --resume" in message
+    assert "(after 2 steps), is kept: continue it with `train(*load_config(" in message  # from Python (s51a)
     assert load_checkpoint(out / "last.safetensors")["global_step"] == 2
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # no partial file left

@@ -164,7 +164,7 @@ def test_a_new_run_refused_in_an_out_dir_with_a_pending_checkpoint_leaves_it_for
 ) -> None:
     later = (runs["pending"] / "last.safetensors").read_bytes()
     out = _killed_with_pending(runs, tmp_path / "run", later)
-    with pytest.raises(RunDirError, match="already holds a run .*--resume"):
+    with pytest.raises(RunDirError, match="already holds a run .*resume=True"):
         _train(out, LAST)
     assert (out / PENDING_CHECKPOINT).read_bytes() == later
 

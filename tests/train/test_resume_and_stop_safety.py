@@ -90,7 +90,7 @@ def test_a_signal_during_the_final_validation_is_reported_with_its_status(tmp_pa
     ) as stopped:
         train(run, cfg, callbacks=[_SignalInFinalValidation(signum, last_step=2)])
     assert stopped.value.exit_code == 128 + signum
-    assert "--resume" in str(stopped.value)
+    assert "resume=True" in str(stopped.value)  # from Python (s51a: the call that continues it)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     assert load_checkpoint(tmp_path / "last.safetensors")["global_step"] == 2
     assert not (tmp_path / "loss_by_position.csv").exists()

@@ -79,7 +79,8 @@ def test_a_config_without_a_checkpoint_is_refused_naming_overwrite(tmp_path) -> 
     with pytest.raises(RunDirError) as caught:
         refuse_previous_run(tmp_path)
     message = str(caught.value)
-    assert "no checkpoint" in message and "--overwrite" in message and "--resume" not in message
+    # from Python: overwrite=True (s51a; --overwrite on the command line)
+    assert "no checkpoint" in message and "overwrite=True" in message and "resume" not in message
     assert (tmp_path / "config.yaml").is_file()  # never removed: it may be the user's
 
 

@@ -146,7 +146,8 @@ def test_ctrl_c_saves_the_step_it_stops_at_and_the_run_resumes_to_the_same_resul
     run, cfg = load_config("tiny", [*TINY, f"trainer.max_steps={RESUME_STEPS}", f"out_dir={tmp_path}"])
     record = RecordLosses()
     with pytest.raises(
-        TrainingInterrupted, match=r"after 6 of 12 steps; the checkpoint .* --resume out_dir="
+        TrainingInterrupted,
+        match=r"after 6 of 12 steps; the checkpoint .* `train\(\*load_config\(.*, resume=True\)`",
     ):
         train(run, cfg, callbacks=[record, PressCtrlC(at_step=5)])  # seen after step 5, so step 6 ends it
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is removed

@@ -171,8 +171,9 @@ def test_a_full_disk_at_the_loss_by_position_files_is_one_error_naming_the_check
     monkeypatch.setattr(run_module, "plot_loss_by_position", disk_full)
     run, cfg = load_config("tiny", [*TINY, "trainer.max_steps=2", f"out_dir={tmp_path}"])
     with pytest.raises(
-        RunDirError, match=r"No space left; free some space: the checkpoint .* holds all 2 steps"
-    ):
+        RunDirError,
+        match=r"No space left; free some space: the checkpoint .* holds all 2 steps: `train\(\*load_config\(",
+    ):  # from Python, the call that continues the run (s51a), not the command line's --resume
         train(run, cfg)
     assert load_checkpoint(tmp_path / "last.safetensors")["global_step"] == 2
 

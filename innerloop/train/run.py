@@ -1074,7 +1074,7 @@ def _write_loss_by_position_or_say_why_not(
             raise
         raise RunDirError(
             f"writing into out_dir={run.out_dir!r} failed: {' '.join(str(err).split())}; free some space: the "
-            f"checkpoint {str(ckpt)!r} holds all {steps} steps: `{resume_command(run.out_dir)}` writes "
+            f"checkpoint {str(ckpt)!r} holds all {steps} steps: {continuing_call(run.out_dir)} writes "
             "loss_by_position.* again"
         ) from None
 

@@ -8,6 +8,7 @@ Used by the run config's checks (:mod:`innerloop.config`) and by the text DataMo
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
 import logging
@@ -76,45 +77,157 @@ def resolve_files(patterns: Sequence[str]) -> list[Path]:
 
 
 def _found_files(pattern: str) -> list[Path]:
-    """The files the ``data.paths`` entry ``pattern`` names, as found (links not resolved)."""
+    """The files the ``data.paths`` entry ``pattern`` names, as found (links not resolved): those found
+    without a link first, each part in sorted order, so that of two paths of one file the first is its
+    own (:func:`split_keys` keys the file by it)."""
     path = user_path(pattern)
     if path.is_file():
-        matched = [path]
-    elif path.is_dir():
-        matched = _files_below(path)
+        return [path]
+    walk = _entry_walk(pattern)
+    if walk is None:  # a glob of '..' or one ending in '/': glob's own rules
+        matched = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p))
     else:
-        matched = [Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p)]
+        matched = [found for _, found in sorted(walk.files)]
+        _warn_unreadable(walk, pattern)
     if not matched:
         raise DataError(
             f"data.paths entry {pattern!r} matches no file (give files, directories or globs)"
             + (_only_skipped_files(path) if path.is_dir() else bracket_hint(pattern))
         )
-    return sorted(matched)  # in a fixed order, not the file system's: a file found twice keeps one key
+    return matched
 
 
-def _files_below(folder: Path) -> list[Path]:
-    """The files below ``folder`` (paths as found), hidden entries and ``__pycache__`` skipped
-    (:func:`_skipped_below`). A link to a folder is followed, as a glob's ``**`` follows it (shards linked
-    in from another disk are part of the corpus: ``rglob`` left them out without a word), after every
-    folder below ``folder`` itself: a file keeps the path it has there as its split key, so a link added
-    to a folder already below (``latest -> v2``) moves no file between training and validation. Each
-    real folder is entered once, so a link back up is no endless loop."""
-    files: list[Path] = []
-    entered: set[str] = set()
-    pending = [folder]  # the folder, then the links to folders found below it, in the order found
-    while pending:
-        for here, subfolders, names in os.walk(pending.pop(0)):  # links to folders: listed, not entered
-            real = os.path.realpath(here)
-            if real in entered:
-                subfolders[:] = []
+def _entry_walk(pattern: str) -> _Walk | None:
+    """The walk (:class:`_Walk`, done) that finds the files of the ``data.paths`` entry ``pattern``, a
+    folder or a glob: a glob's ``**`` follows links to folders as ``glob.glob`` does, but enters each
+    folder once for each place of the glob (a folder holding ``x -> .`` and ``y -> .`` took glob minutes,
+    following every route). None for a glob with a ``..`` after a wildcard or ending in ``/`` (left to
+    ``glob.glob``) and for a file."""
+    path = user_path(pattern)
+    if path.is_dir():
+        return _Walk(None).walk(path)
+    parts = path.parts
+    magic = next((i for i, part in enumerate(parts) if _GLOB_MAGIC & set(part)), len(parts))
+    rest = parts[magic:]
+    if not rest or ".." in rest or pattern.rstrip().endswith(("/", os.sep)):
+        return None
+    root = Path(*parts[:magic]) if magic else Path()
+    walk = _Walk(rest)
+    return walk.walk(root) if root.is_dir() else walk
+
+
+def _warn_unreadable(walk: _Walk, pattern: str) -> None:
+    """One warning for the folders below the ``data.paths`` entry ``pattern`` that could not be listed
+    (permission denied): their files are not read (``glob`` and ``rglob`` left them out without a word)."""
+    if walk.unreadable:
+        folder, err = walk.unreadable[0]
+        others = f" (and {len(walk.unreadable) - 1} more)" if len(walk.unreadable) > 1 else ""
+        log.warning(
+            "data.paths entry %r: the folder %r%s cannot be read (%s), so its files are left out of the data; "
+            "check its permissions, or give data.paths that leave it out",
+            pattern, str(folder), others, err.strerror or err,
+        )  # fmt: skip
+
+
+class _Walk:
+    """The walk below a data folder, or below a glob's folder matching the rest of the glob: each folder
+    listed in sorted order, the folders reached without a link first, then those reached through links to
+    folders, in the order found (:func:`_files_below`). A folder is entered once for each place of the
+    glob it can be at (once for a data folder), so a link back up is no endless loop, and a file keeps the
+    path it has below the folder itself as its split key. ``pattern``: the glob's segments after its
+    folder, matched as ``glob.glob(..., recursive=True)`` matches them (``**`` spans any folders but
+    hidden ones, no wildcard matches a name starting with a dot); None: every file, hidden entries and
+    ``__pycache__`` skipped (:func:`_skipped_below`)."""
+
+    def __init__(self, pattern: Sequence[str] | None) -> None:
+        self.pattern = tuple(pattern) if pattern is not None else None
+        self.files: list[tuple[bool, Path]] = []  # (found through a link, the path as found)
+        self.links: list[tuple[Path, str, frozenset[int]]] = []  # (link, its folder resolved, place)
+        self.unreadable: list[tuple[Path, OSError]] = []
+
+    def start(self) -> frozenset[int]:
+        """The place at the walk's folder: the glob's segments still to match (their first indices)."""
+        return self._closure({0}) if self.pattern is not None else frozenset()
+
+    def _closure(self, places: Iterable[int]) -> frozenset[int]:
+        """``places`` and, after each ``**``, the segment after it (``**`` matches no folder too)."""
+        assert self.pattern is not None
+        found = set(places)
+        todo = list(found)
+        while todo:
+            i = todo.pop()
+            if i < len(self.pattern) and self.pattern[i] == "**" and i + 1 not in found:
+                found.add(i + 1)
+                todo.append(i + 1)
+        return frozenset(found)
+
+    def step(self, places: frozenset[int], name: str) -> frozenset[int] | None:
+        """The place after the entry ``name`` at ``places``; None where nothing below it can match."""
+        if self.pattern is None:
+            return None if _skipped_below(Path(name)) else places
+        after = set()
+        for i in places:
+            segment = self.pattern[i] if i < len(self.pattern) else None
+            if segment == "**":
+                if not name.startswith("."):
+                    after.add(i)
+            elif segment is not None and (segment.startswith(".") or not name.startswith(".")):
+                if fnmatch.fnmatchcase(name, segment):
+                    after.add(i + 1)
+        return self._closure(after) if after else None
+
+    def accepts(self, places: frozenset[int] | None, parts: Sequence[str]) -> bool:
+        """Whether a file at ``parts`` below a folder at ``places`` is one the walk gives."""
+        for name in parts:
+            if places is None:
+                return False
+            places = self.step(places, name)
+        return places is not None and (self.pattern is None or len(self.pattern) in places)
+
+    def walk(self, root: Path) -> _Walk:
+        """Walk below ``root``: :attr:`files`, :attr:`links` (the links to folders entered) and
+        :attr:`unreadable` (the folders that could not be listed) filled in; returns itself."""
+        entered: set[tuple[str, frozenset[int]]] = set()
+        starts: list[tuple[Path, frozenset[int], bool]] = [(root, self.start(), False)]
+        while starts:
+            start, places, via_link = starts.pop(0)
+            stack = [(start, places)]
+            while stack:
+                folder, places = stack.pop()
+                real = os.path.realpath(folder)
+                if (real, places) in entered:
+                    continue
+                entered.add((real, places))
+                if folder is start and via_link:
+                    self.links.append((folder, real, places))
+                below = self._list(folder, places, via_link)
+                starts += [(path, after, True) for path, after, is_link in below if is_link]
+                stack += reversed([(path, after) for path, after, is_link in below if not is_link])
+        return self
+
+    def _list(
+        self, folder: Path, places: frozenset[int], via_link: bool
+    ) -> list[tuple[Path, frozenset[int], bool]]:
+        """The files of ``folder`` (at ``places``; ``via_link``: reached through a link) into :attr:`files`;
+        its subfolders to enter, each as ``(path, place, whether it is a link)``."""
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as err:
+            self.unreadable.append((folder, err))
+            return []
+        subfolders = []
+        for entry in entries:
+            after = self.step(places, entry.name)
+            if after is None:
                 continue
-            entered.add(real)
-            kept = sorted(name for name in subfolders if not _skipped_below(Path(name)))
-            pending += [Path(here, name) for name in kept if os.path.islink(os.path.join(here, name))]
-            subfolders[:] = [name for name in kept if not os.path.islink(os.path.join(here, name))]
-            found = (Path(here, name) for name in names if not _skipped_below(Path(name)))
-            files.extend(path for path in found if path.is_file())
-    return files
+            path = Path(folder, entry.name)
+            if entry.is_dir():
+                if self.pattern is None or after - {len(self.pattern)}:
+                    subfolders.append((path, after, entry.is_symlink()))
+            elif entry.is_file() and (self.pattern is None or len(self.pattern) in after):
+                self.files.append((via_link or entry.is_symlink(), path))
+        return subfolders
 
 
 def _only_skipped_files(folder: Path) -> str:

@@ -1,0 +1,92 @@
+"""Review s51i: data folders and globs with links to folders (loops, split keys, an out_dir reached through
+a link), and s51g's checks of a text corpus (Parquet / Arrow magic, NUL bytes)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from innerloop.data.text import resolve_files, split_keys
+
+
+def _tree(root: Path) -> None:
+    """An ordinary tree (no link): files at several depths, hidden ones, a __pycache__, brackets."""
+    for name in "a/x.txt a/b/y.txt a/b/c/z.md b/x.txt .h/x.txt a/.h/w.txt a/.e.txt s[1]/x.txt".split():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(name)
+    (root / "top.txt").write_text("top")
+    (root / "a" / "__pycache__").mkdir()
+    (root / "a" / "__pycache__" / "m.txt").write_text("m")
+
+
+_GLOBS = "**/*.txt ** */**/*.txt **/.h/* a/**/* */*.txt **/b/** **/[ab]/*.txt **/.* **/.h/** s[[]1]/*".split()
+
+
+def test_a_glob_finds_the_files_glob_finds_on_a_tree_without_links(tmp_path) -> None:
+    """A ``**`` glob is expanded by a walk now (below): on a tree without links it gives glob.glob's files,
+    in the same order and under the same split keys, for globs with hidden names, brackets and two ``**``."""
+    _tree(tmp_path)
+    for pattern in _GLOBS:
+        given = str(tmp_path / pattern)
+        found = sorted({Path(p).resolve() for p in glob.glob(given, recursive=True) if os.path.isfile(p)})
+        assert resolve_files([given]) == found, pattern
+        folder = tmp_path.resolve().joinpath(*pattern.split("/")[: 1 if pattern.startswith("a/") else 0])
+        assert split_keys([given]) == {p: p.relative_to(folder).as_posix() for p in found}, pattern
+
+
+def test_a_glob_of_a_folder_with_two_link_loops_finishes(tmp_path) -> None:
+    """``dir/**/*.txt`` on a folder holding ``x -> .`` and ``y -> .`` followed every route (x/y/x/...):
+    it ran for minutes (> 20 s measured) where the folder entry took milliseconds. Each folder is now
+    entered once for each place of the glob, as the folder entry enters it once."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "sub" / "b.txt").write_text("b")
+    os.symlink(".", tmp_path / "x")
+    os.symlink(".", tmp_path / "y")
+    started = time.perf_counter()
+    keys = split_keys([str(tmp_path / "**" / "*.txt")])
+    assert time.perf_counter() - started < 0.2
+    assert sorted(keys.values()) == ["a.txt", "sub/b.txt"]
+    assert keys == split_keys([str(tmp_path)])
+
+
+def test_a_link_that_sorts_first_renames_no_file_of_a_glob(tmp_path) -> None:
+    """A ``**`` glob keyed a file found twice by its first path in sorted order: adding ``a_latest ->
+    own`` renamed own/x.txt to a_latest/x.txt, which can move it between training and validation. A file
+    keeps its own path now, as in a data folder; a file link that sorts first (``a.txt -> z.txt``) renames
+    nothing either, for globs and folders alike."""
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "x.txt").write_text("x")
+    (tmp_path / "z.txt").write_text("z")
+    entries = ([str(tmp_path / "**" / "*.txt")], [str(tmp_path / "*" / "*.txt")], [str(tmp_path)])
+    before = [split_keys(entry) for entry in entries]
+    os.symlink(tmp_path / "own", tmp_path / "a_latest")
+    os.symlink(tmp_path / "z.txt", tmp_path / "a.txt")
+    for entry, keys in zip(entries, before, strict=True):
+        assert split_keys(entry) == keys, entry
+
+
+@pytest.mark.parametrize("entry", ["{d}", "{d}/**/*.txt"])
+def test_a_subfolder_that_cannot_be_listed_is_said(tmp_path, monkeypatch, caplog, entry) -> None:
+    """A subfolder the user may not read (permission denied) was left out of a folder's and a glob's files
+    without a word (os.walk, rglob and glob skip it): the run trained on part of the corpus. Its files
+    are still left out, with one warning naming it. (The tests run as root, who reads any folder: the
+    listing is refused by a stand-in for os.scandir.)"""
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "b.txt").write_text("b")
+    (tmp_path / "a.txt").write_text("a")
+    scandir = os.scandir
+
+    def refusing(path):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with caplog.at_level("WARNING", logger="innerloop.data.text"):
+        assert sorted(split_keys([entry.format(d=tmp_path)]).values()) == ["a.txt"]
+    assert f"the folder {str(tmp_path / 'locked')!r} cannot be read (Permission denied)" in caplog.text

@@ -90,3 +90,58 @@ def test_a_subfolder_that_cannot_be_listed_is_said(tmp_path, monkeypatch, caplog
     with caplog.at_level("WARNING", logger="innerloop.data.text"):
         assert sorted(split_keys([entry.format(d=tmp_path)]).values()) == ["a.txt"]
     assert f"the folder {str(tmp_path / 'locked')!r} cannot be read (Permission denied)" in caplog.text
+
+
+def _data_with_link(tmp_path: Path, link_to: Path, name: str = "runs") -> Path:
+    """A data folder of two text files and a link ``name`` to the folder ``link_to``."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for part in ("a", "b"):
+        (data / f"{part}.txt").write_text(f"text {part} " * 40)
+    link_to.mkdir(parents=True, exist_ok=True)
+    os.symlink(link_to, data / name)
+    return data
+
+
+@pytest.mark.parametrize("entry", ["{d}", "{d}/**/*.yaml", "{d}/*/*"])
+@pytest.mark.slow  # ~0.2 s each warm (a config loaded), the first load_config of a process several seconds
+def test_an_out_dir_reached_through_a_link_in_the_data_is_refused(tmp_path, entry) -> None:
+    """A link inside a data folder to the folder holding out_dir (``data/runs -> scratch``, out_dir
+    scratch/run) was not seen (the check compared the entry's own folder, links resolved): the run's
+    config.yaml, checkpoints and logs would be read as data at the next launch. Refused now, naming the
+    link, for folders and globs, for a run's out_dir and an evaluation's --out alike."""
+    from innerloop.config.load import ConfigError, check_output_outside_data, load_config
+
+    scratch = tmp_path / "scratch"
+    data = _data_with_link(tmp_path, scratch)
+    given = entry.format(d=data)
+    out = scratch if entry.endswith("*/*") else scratch / "run"  # one level below: scratch itself
+    with pytest.raises(
+        ConfigError, match=rf"is reached through the link '{data}/runs' below data.paths entry"
+    ):
+        load_config("tiny", [f"data.paths=[{given}]", f"out_dir={out}", "data.seq_len=16"])
+    if not entry.endswith(".yaml"):  # an evaluation writes .csv, .png and .md files
+        with pytest.raises(ConfigError, match="is reached through the link"):
+            check_output_outside_data(out, [given], "--out", "--data")
+
+
+@pytest.mark.slow  # two configs loaded, ~0.3 s warm
+def test_an_out_dir_whose_folder_is_linked_into_the_data_is_refused(tmp_path) -> None:
+    """The other way round: a link in the data to a folder inside out_dir (``data/logs -> run/logs``)."""
+    from innerloop.config.load import ConfigError, load_config
+
+    run = tmp_path / "run"
+    data = _data_with_link(tmp_path, run / "logs", name="logs")
+    with pytest.raises(ConfigError, match=rf"is reached through the link '{data}/logs' below"):
+        load_config("tiny", [f"data.paths=[{data}]", f"out_dir={run}", "data.seq_len=16"])
+    load_config("tiny", [f"data.paths=[{data}/*.txt]", f"out_dir={run}", "data.seq_len=16"])  # never in logs
+
+
+def test_an_out_dir_behind_a_link_the_data_never_follows_is_accepted(tmp_path) -> None:
+    """A hidden link (skipped below a data folder) or a glob that does not reach the link is no overlap."""
+    from innerloop.config.load import check_output_outside_data
+
+    scratch = tmp_path / "scratch"
+    data = _data_with_link(tmp_path, scratch, name=".runs")
+    for entry in (str(data), str(data / "**" / "*"), str(data / "*.txt")):
+        check_output_outside_data(scratch / "run", [entry], "--out", "--data")

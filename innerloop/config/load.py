@@ -57,7 +57,7 @@ from innerloop.core.functional import check_flag, check_path_argument, user_path
 from innerloop.data.atomic import atomic_write_text
 from innerloop.data.hf import check_hf_dataset, check_hf_source
 from innerloop.data.recall import RECALL_VALUES, recall_length
-from innerloop.data.text import check_text_split, refuse_compressed, split_keys
+from innerloop.data.text import check_text_split, link_reaching, refuse_compressed, split_keys
 from innerloop.data.tokenizer import BYTES, Tokenizer, TokenizerError, load_tokenizer
 from innerloop.models.config import (
     E2E_CHECKPOINTING_REFUSED,
@@ -1461,7 +1461,18 @@ def _first_overlap(
 
 def _overlap(entry: str, out: Path, written: Sequence[str] = _RUN_FILES) -> str | None:
     """How the ``data.paths`` entry and the resolved ``out_dir`` overlap (words for the message), or None;
-    ``written``: the names of the files written into ``out_dir``."""
+    ``written``: the names of the files written into ``out_dir``. Through a link to a folder below the
+    entry too (``data/runs -> /scratch/runs`` with ``out_dir=/scratch/runs/a``): a data folder and a glob
+    follow such links (:func:`~innerloop.data.text.link_reaching`)."""
+    how = _direct_overlap(entry, out, written)
+    if how is None:
+        link = link_reaching(entry, out, written)
+        how = None if link is None else f"is reached through the link {str(link)!r} below"
+    return how
+
+
+def _direct_overlap(entry: str, out: Path, written: Sequence[str]) -> str | None:
+    """:func:`_overlap` of the entry's own folder, links above it resolved."""
     parts = user_path(entry).absolute().parts
     magic = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
     root = _real_path(Path(*parts[:magic]))  # the folder the entry names, or a glob's folder

@@ -116,6 +116,31 @@ def _entry_walk(pattern: str) -> _Walk | None:
     return walk.walk(root) if root.is_dir() else walk
 
 
+def link_reaching(entry: str, folder: Path, names: Sequence[str]) -> Path | None:
+    """The link to a folder below the ``data.paths`` entry ``entry`` (a folder or a glob, as read:
+    :func:`_entry_walk`) through which the entry reads a file of the folder ``folder`` (links resolved)
+    named as one of ``names`` (paths relative to it, e.g. the files a run writes into its out_dir), or
+    None: the link leads to ``folder``, to a folder above it, or to one inside it."""
+    walk = None if user_path(entry).is_file() else _entry_walk(entry)
+    for link, real, places in walk.links if walk is not None else ():
+        for name in names:
+            below = _path_from(Path(real), folder, Path(name).parts)
+            if below and walk.accepts(places, below):
+                return link
+    return None
+
+
+def _path_from(target: Path, folder: Path, parts: Sequence[str]) -> tuple[str, ...] | None:
+    """The path below the folder ``target`` of the file at ``parts`` below ``folder`` (both resolved), or
+    None where it is not below ``target``."""
+    if target == folder or target in folder.parents:
+        return (*folder.relative_to(target).parts, *parts)
+    inside = target.relative_to(folder).parts if folder in target.parents else None
+    if inside is None or tuple(parts[: len(inside)]) != inside:
+        return None
+    return tuple(parts[len(inside) :])
+
+
 def _warn_unreadable(walk: _Walk, pattern: str) -> None:
     """One warning for the folders below the ``data.paths`` entry ``pattern`` that could not be listed
     (permission denied): their files are not read (``glob`` and ``rglob`` left them out without a word)."""

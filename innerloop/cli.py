@@ -1172,12 +1172,12 @@ def _dataset_records(args: argparse.Namespace, files: Sequence[Path]) -> _Record
 def _read_text_file(path: Path) -> str:
     """A training file's text (without a byte-order mark at its start: ``utf8_file_text``);
     :class:`ConfigError` naming it when it is not UTF-8, or is a Parquet or Arrow file of records."""
-    from innerloop.data.text import dataset_file_advice, dataset_file_of
+    from innerloop.data.text import dataset_file_advice, dataset_file_of, file_end
     from innerloop.data.tokenizer import utf8_file_text
 
     try:
         data = path.read_bytes()
-        kind = dataset_file_of(data[:16])  # a Parquet file's columns may be valid UTF-8: not text still
+        kind = dataset_file_of(data[:16], file_end(data))  # a Parquet file's columns may be valid UTF-8
         if kind is not None:
             fix = (
                 "read its records (their --text-field) as dataset files are read, under its format's suffix "

@@ -40,6 +40,14 @@ _DATASET_FILES = {
 }
 
 
+# How they end (the ends of pyarrow's and datasets' files, checked too since a text file may begin "PAR1").
+_DATASET_ENDS = {
+    "corpus.parquet": b"PAR1",
+    "corpus.feather": b"ARROW1",
+    "data-00000-of-00001.arrow": b"\xff\xff\xff\xff\x00\x00\x00\x00",
+}
+
+
 @pytest.mark.parametrize("name", sorted(_DATASET_FILES))
 def test_a_text_run_refuses_a_dataset_file_by_its_bytes(tmp_path, name) -> None:
     """A Parquet or Arrow file (or a save_to_disk folder) given to a text run was read as its bytes: a
@@ -48,7 +56,7 @@ def test_a_text_run_refuses_a_dataset_file_by_its_bytes(tmp_path, name) -> None:
     check (refuse_compressed) and when the text is read (the data module, eval's read_tokens)."""
     text, data = tmp_path / "notes.txt", tmp_path / name
     text.write_text("plain text " * 40)
-    data.write_bytes(_DATASET_FILES[name] + b"columns " * 40)
+    data.write_bytes(_DATASET_FILES[name] + b"columns " * 40 + _DATASET_ENDS[name])
     for check in (
         lambda: refuse_compressed([text, data]),
         lambda: read_tokens([text, data]),
@@ -107,7 +115,7 @@ def test_tokenizer_train_raw_refuses_a_dataset_file_by_its_bytes(tmp_path, capsy
 
     for name, head in _DATASET_FILES.items():
         path = tmp_path / name
-        path.write_bytes(head + b"columns of text " * 40)
+        path.write_bytes(head + b"columns of text " * 40 + _DATASET_ENDS[name])
         argv = [
             "tokenizer",
             "train",

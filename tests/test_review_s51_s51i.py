@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from innerloop.data.text import resolve_files, split_keys
+from innerloop.data.text import read_tokens, refuse_compressed, resolve_files, split_keys
 
 
 def _tree(root: Path) -> None:
@@ -145,3 +145,30 @@ def test_an_out_dir_behind_a_link_the_data_never_follows_is_accepted(tmp_path) -
     data = _data_with_link(tmp_path, scratch, name=".runs")
     for entry in (str(data), str(data / "**" / "*"), str(data / "*.txt")):
         check_output_outside_data(scratch / "run", [entry], "--out", "--data")
+
+
+@pytest.mark.parametrize(
+    "start", [b"PAR1 is the first part.\n", "ÿÿÿÿ -- fin du chapitre\n".encode("latin-1"), b"PAR", b"PAR1"]
+)
+def test_a_text_file_that_only_begins_as_a_dataset_file_is_read(tmp_path, start) -> None:
+    """s51g refused a file as Parquet or Arrow by its first bytes alone: a plain text file beginning
+    "PAR1" (a heading) was "a Parquet file (a dataset's records)", a latin-1 one beginning 'ÿÿÿÿ' (four
+    0xff bytes) an Arrow stream, and the run refused its data. Such a file is one of them only where it
+    also ends as one does (Parquet: PAR1; Arrow: ARROW1, or the stream's end-of-stream marker), as every
+    file pyarrow and datasets write does; a file too short for both is text."""
+    text = tmp_path / "notes.txt"
+    text.write_bytes(start + (b"more words\n" * 4 if len(start) > 4 else b""))
+    refuse_compressed([text])
+    assert read_tokens([text]).numel() == text.stat().st_size + 1
+
+
+def test_tokenizer_train_raw_reads_a_text_file_beginning_par1(tmp_path) -> None:
+    """``innerloop tokenizer train --raw`` refused a UTF-8 text file beginning "PAR1" as a Parquet file."""
+    from innerloop.cli import main
+
+    text = tmp_path / "notes.txt"
+    text.write_text("PAR1 is the first part.\n" + "more words and some more text\n" * 40)
+    assert (
+        main(["tokenizer", "train", "--raw", "--vocab-size", "300", "--out", str(tmp_path / "t"), str(text)])
+        == 0
+    )

@@ -502,7 +502,23 @@ DATASET_MAGIC: dict[str, re.Pattern[bytes]] = {
 (Feather), and an Arrow stream (what ``datasets``' ``save_to_disk`` writes: four ``0xff`` bytes, never
 the start of UTF-8 text). Read as text, their columns' bytes would be the text."""
 
+DATASET_END: dict[str, tuple[bytes, ...]] = {
+    "Parquet": (b"PAR1",),
+    "Arrow": (b"ARROW1", b"\xff\xff\xff\xff\x00\x00\x00\x00"),  # the file's end, the stream's end marker
+}
+"""How those files end, as every file ``pyarrow`` and ``datasets`` write does: a text file that happens to
+begin as one (a heading ``PAR1``, latin-1 text beginning ``ÿÿÿÿ``) does not end so too, and is text."""
+
 _MAGIC_BYTES = 10  # the longest beginning above
+_END_BYTES = 8  # the longest end
+_SHORTEST_DATASET_FILE = 16  # a Parquet file's or Arrow stream's beginning, end and least metadata
+
+
+def file_end(data: bytes | bytearray, start: int = 0, end: int | None = None) -> bytes:
+    """The last bytes of the file whose bytes are ``data[start:end]``, those :func:`dataset_file_of`
+    reads; none for a file too short to be a dataset file (its beginning and end would overlap)."""
+    end = len(data) if end is None else end
+    return bytes(data[end - _END_BYTES : end]) if end - start >= _SHORTEST_DATASET_FILE else b""
 
 
 def compression_of(head: bytes) -> str | None:
@@ -511,29 +527,43 @@ def compression_of(head: bytes) -> str | None:
     return next((name for name, magic in COMPRESSION_MAGIC.items() if magic.match(head)), None)
 
 
-def _head(path: Path) -> bytes:
-    """``path``'s first bytes; none for a file that cannot be read (its read names it)."""
+def _head_and_end(path: Path) -> tuple[bytes, bytes]:
+    """``path``'s first bytes and its last (:func:`file_end`); none for a file that cannot be read (its
+    read names it)."""
     try:
         with path.open("rb") as handle:
-            return handle.read(_MAGIC_BYTES)
+            head = handle.read(_MAGIC_BYTES)
+            size = handle.seek(0, os.SEEK_END)
+            if size < _SHORTEST_DATASET_FILE:
+                return head, b""
+            handle.seek(size - _END_BYTES)
+            return head, handle.read(_END_BYTES)
     except OSError:
-        return b""
+        return b"", b""
 
 
 def refuse_compressed(files: Sequence[Path], option: str = "data.paths") -> None:
     """:class:`DataError` naming ``option`` and the first of ``files`` that begins as a compressed file or
-    an archive does (:data:`COMPRESSION_MAGIC`), or as a Parquet or Arrow file of records does
-    (:data:`DATASET_MAGIC`), whatever its name: text files are read as they are, so its compressed bytes
+    an archive does (:data:`COMPRESSION_MAGIC`), or begins and ends as a Parquet or Arrow file of records
+    does (:data:`DATASET_MAGIC`, :data:`DATASET_END`), whatever its name: text files are read as they are, so its compressed bytes
     or binary columns would be the text (a byte-level model trained on them without a word; another
     tokenizer said only "not UTF-8")."""
     for path in files:
-        _refuse_packed(path, _head(path), option)
+        _refuse_packed(path, *_head_and_end(path), option)
 
 
-def dataset_file_of(head: bytes) -> str | None:
+def dataset_file_of(head: bytes, end: bytes) -> str | None:
     """The :data:`DATASET_MAGIC` format (``'Parquet'``, ``'Arrow'``) whose beginning the bytes ``head``
-    start with, or None."""
-    return next((name for name, magic in DATASET_MAGIC.items() if magic.match(head)), None)
+    start with and whose end (:data:`DATASET_END`) the file's last bytes ``end`` (:func:`file_end`) end
+    with, or None."""
+    return next(
+        (
+            name
+            for name, magic in DATASET_MAGIC.items()
+            if magic.match(head) and end.endswith(DATASET_END[name])
+        ),
+        None,
+    )
 
 
 def dataset_file_advice(
@@ -550,9 +580,10 @@ def dataset_file_advice(
     )
 
 
-def _refuse_packed(path: Path, head: bytes, option: str) -> None:
-    """:func:`refuse_compressed` for the file ``path`` that begins with the bytes ``head``."""
-    kind = dataset_file_of(head)
+def _refuse_packed(path: Path, head: bytes, end: bytes, option: str) -> None:
+    """:func:`refuse_compressed` for the file ``path`` that begins with the bytes ``head`` and ends with
+    ``end`` (:func:`file_end`)."""
+    kind = dataset_file_of(head, end)
     if kind is not None:
         raise DataError(
             f"{option} file {str(path)!r} {dataset_file_advice(kind)}; or leave it out of {option}"
@@ -589,7 +620,10 @@ def read_bytes(files: Sequence[Path], option: str = "data.paths") -> torch.Tenso
         got, rest = _read_into(p, buffer, at, size, option)
         if got < size or rest:  # the file shrank or grew since its size was taken: its bytes now
             buffer[at + got : at + size] = rest
-        _refuse_packed(p, bytes(buffer[at : at + min(got + len(rest), _MAGIC_BYTES)]), option)
+        read = got + len(rest)
+        _refuse_packed(
+            p, bytes(buffer[at : at + min(read, _MAGIC_BYTES)]), file_end(buffer, at, at + read), option
+        )
         bom = _wide_text_mark(buffer, at, got + len(rest))
         if bom is not None:
             wide.append((p, bom))
@@ -775,7 +809,7 @@ def _file_text(path: Path, tokenizer: Tokenizer, option: str) -> str:
     """``path``'s text (:func:`~innerloop.data.tokenizer.utf8_file_text`: a byte-order mark at its start is
     not text), or :class:`DataError` naming it when it is not UTF-8."""
     data = _file_bytes(path, option)
-    _refuse_packed(path, data[:_MAGIC_BYTES], option)
+    _refuse_packed(path, data[:_MAGIC_BYTES], file_end(data), option)
     try:
         return utf8_file_text(data)
     except UnicodeDecodeError as err:

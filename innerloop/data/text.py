@@ -169,6 +169,7 @@ class _Walk:
         self.files: list[tuple[bool, Path]] = []  # (found through a link, the path as found)
         self.links: list[tuple[Path, str, frozenset[int]]] = []  # (link, its folder resolved, place)
         self.unreadable: list[tuple[Path, OSError]] = []
+        self._closures: dict[frozenset[int], frozenset[int]] = {}  # each set of places, closed once
 
     def start(self) -> frozenset[int]:
         """The place at the walk's folder: the glob's segments still to match (their first indices)."""
@@ -199,7 +200,12 @@ class _Walk:
             elif segment is not None and (segment.startswith(".") or not name.startswith(".")):
                 if fnmatch.fnmatchcase(name, segment):
                     after.add(i + 1)
-        return self._closure(after) if after else None
+        if not after:
+            return None
+        closed = self._closures.get(frozenset(after))
+        if closed is None:
+            closed = self._closures[frozenset(after)] = self._closure(after)
+        return closed
 
     def accepts(self, places: frozenset[int] | None, parts: Sequence[str]) -> bool:
         """Whether a file at ``parts`` below a folder at ``places`` is one the walk gives."""
@@ -246,12 +252,11 @@ class _Walk:
             after = self.step(places, entry.name)
             if after is None:
                 continue
-            path = Path(folder, entry.name)
             if entry.is_dir():
                 if self.pattern is None or after - {len(self.pattern)}:
-                    subfolders.append((path, after, entry.is_symlink()))
-            elif entry.is_file() and (self.pattern is None or len(self.pattern) in after):
-                self.files.append((via_link or entry.is_symlink(), path))
+                    subfolders.append((Path(folder, entry.name), after, entry.is_symlink()))
+            elif (self.pattern is None or len(self.pattern) in after) and entry.is_file():
+                self.files.append((via_link or entry.is_symlink(), Path(folder, entry.name)))
         return subfolders
 
 

@@ -54,6 +54,7 @@ from innerloop.config.trainer_args import (
 )
 from innerloop.core.callers import warning_stacklevel
 from innerloop.core.functional import check_flag, check_path_argument, user_path
+from innerloop.core.layer import is_real
 from innerloop.data.atomic import atomic_write_text
 from innerloop.data.hf import check_hf_dataset, check_hf_source
 from innerloop.data.recall import RECALL_VALUES, recall_length
@@ -65,7 +66,6 @@ from innerloop.models.config import (
     check_keys,
     check_weight_decay,
     field_types,
-    is_finite_float,
     unread_model_keys,
     validate_model_config,
     with_earlier_defaults,
@@ -319,7 +319,7 @@ def _text_fits(text: str, kinds: Sequence[Any], quoted: bool = False) -> bool:
             return True
         if kind is float and (
             # an integer past float's range (400 digits) is refused: omegaconf's float() raised OverflowError
-            PLAIN_INT.fullmatch(text) and is_finite_float(int(text)) or PLAIN_FLOAT.fullmatch(text)
+            PLAIN_INT.fullmatch(text) and is_real(int(text)) or PLAIN_FLOAT.fullmatch(text)
         ):
             return True
     return False

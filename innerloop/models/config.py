@@ -12,7 +12,6 @@ import difflib
 import math
 import numbers
 import os
-import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -322,7 +321,7 @@ def _with_plain_numbers(config: Any) -> Any:
             setattr(config, f.name, bool(value))
         elif expected is int and as_integer(value) is not None:  # numpy's, a 0-d tensor: the one integer rule
             setattr(config, f.name, as_integer(value))
-        elif expected is float and isinstance(value, numbers.Real):
+        elif expected is float and is_real(value):  # the core's one rule of a real (10**400: none)
             setattr(config, f.name, float(value))
     return config
 
@@ -749,12 +748,6 @@ def _did_you_mean(key: str, prefix: str, valid: Sequence[str], all_keys: Sequenc
     return f"; did you mean {', '.join(repr(path) for path in suggestions)}?" if suggestions else ""
 
 
-def is_finite_float(value: int | float) -> bool:
-    """Whether ``value`` (a Python int or float) is a finite float: an int past float's range (10**400)
-    has none, where ``math.isfinite`` raised a bare ``OverflowError``."""
-    return abs(value) <= sys.float_info.max if isinstance(value, int) else math.isfinite(value)
-
-
 def _type_error(value: Any, expected: Any) -> str | None:
     """What ``value`` should be for a field declared ``expected``, or None when it is fine."""
     if get_origin(expected) is Union:  # Optional[X]: None, or an X
@@ -770,10 +763,12 @@ def _type_error(value: Any, expected: Any) -> str | None:
             return "a Python int (convert it with int(...))"  # a numpy int set after building
         return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
     if expected is float:
-        if isinstance(value, numbers.Real) and not isinstance(value, (int, float, bool)):
-            return "a Python float (convert it with float(...))"  # a numpy float set after building
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return None if number and is_finite_float(value) else "a finite number"
+        if isinstance(value, torch.Tensor):  # "must be a finite number" would read as a number refused
+            return "a Python float, not a tensor (convert it with float(...))"
+        if not is_real(value):  # the core's one rule of a finite real (10**400, a Fraction past it: none)
+            return "a finite number"
+        # a numpy float or a Fraction set after building
+        return None if type(value) in (int, float) else "a Python float (convert it with float(...))"
     if expected is str:
         if isinstance(value, os.PathLike):  # a pathlib.Path set after loading: the config saves text
             return "a string (convert it with str(...))"
@@ -793,7 +788,7 @@ def check_field_types(
     for a bool or ``16.7`` for an int is refused here rather than read as something else later. The one
     rule of every config section: an int field takes a Python int (not a bool, ``4.0``, a Fraction, a
     Decimal or a tensor; a numpy integer is told to be converted), a float field a finite Python int or
-    float (a numpy float or a Fraction is told to be converted), a bool field a Python bool, a str field
+    float (a numpy float, a Fraction or a tensor is told to be converted), a bool field a Python bool, a str field
     a str (a ``pathlib.Path`` too is told so), a list field a list. A number's message states its range
     from ``bounds`` (by dotted key; default :data:`MODEL_FIELD_BOUNDS`), as the range check's does."""
     bounds = MODEL_FIELD_BOUNDS if bounds is None else bounds

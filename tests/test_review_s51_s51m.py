@@ -1,0 +1,61 @@
+"""Review s51m: the config value rules of s51c and the HF cache batch check of s51f.
+
+- A float field's build-time conversion (:func:`~innerloop.models.config.with_plain_values`) read "a
+  real number" as ``numbers.Real`` and called ``float()`` on it, a second rule beside the core's
+  :func:`~innerloop.core.layer.is_real`: a real past float's range (``Fraction(10**400)``) raised a bare
+  ``OverflowError`` as the section was built, naming nothing. The conversion now takes what ``is_real``
+  takes and leaves anything else to the type check, which names the key.
+- A float field given a float tensor (``ModelConfig(init_std=torch.tensor(0.02))``) was refused as "must
+  be a finite number >= ...", which reads as a valid number refused; it now says a tensor is not taken.
+"""
+
+from __future__ import annotations
+
+import warnings
+from fractions import Fraction
+
+import pytest
+import torch
+
+from innerloop.config.load import ConfigError, load_config, validate_run_config
+from innerloop.config.schema import OptimConfig, RunConfig
+from innerloop.models.config import ModelConfig, validate_model_config
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run, _ = load_config("tiny")
+    return run
+
+
+def test_a_real_past_floats_range_in_a_model_float_field_is_refused_naming_the_key():
+    config = ModelConfig(init_std=Fraction(10**400))  # was: OverflowError from float() as it was built
+    with pytest.raises(ValueError, match=r"^model\.init_std=Fraction\(.*must be a finite number"):
+        validate_model_config(config)
+
+
+def test_a_real_past_floats_range_in_a_run_float_field_is_refused_naming_the_key(tiny_run):
+    run = RunConfig(model=tiny_run.model, optim=OptimConfig(lr=Fraction(10**400)))
+    with pytest.raises(ConfigError, match=r"^optim\.lr=Fraction\(.*must be a finite number"):
+        validate_run_config(run)
+
+
+@pytest.mark.parametrize(
+    ("make", "key"),
+    [
+        (lambda: ModelConfig(init_std=torch.tensor(0.02)), "model.init_std"),
+        (lambda: ModelConfig(norm_eps=torch.tensor(1e-6, dtype=torch.float64)), "model.norm_eps"),
+    ],
+    ids=["init_std", "norm_eps"],
+)
+def test_a_float_tensor_in_a_float_field_is_told_to_be_converted(make, key):
+    with pytest.raises(ValueError, match=rf"^{key}=tensor\(.*not a tensor.*float\(\.\.\.\)"):
+        validate_model_config(make())
+
+
+def test_a_float_tensor_in_a_run_float_field_is_told_to_be_converted(tiny_run):
+    run = RunConfig(model=tiny_run.model, optim=OptimConfig(lr=torch.tensor(1e-3)))
+    with pytest.raises(ConfigError, match=r"^optim\.lr=tensor\(.*not a tensor.*float\(\.\.\.\)"):
+        validate_run_config(run)

@@ -82,6 +82,7 @@ from innerloop.models.lm import (
     CHECKPOINT_BLOCKS,
     CheckpointFunction,
     check_checkpoint_function,
+    check_init_std,
     check_not_vmap_batched,
     check_token_id_layout,
 )
@@ -260,17 +261,18 @@ def check_cache_length(cache: InnerloopCache) -> None:
         )
 
 
-def check_cache_batch(cache: InnerloopCache | None, batch: int) -> None:
-    """Refuse a cache passed in that holds another number of sequences than ``input_ids`` has rows
-    (``batch``), naming both: each row continues its own sequence. A ``LeftPaddedCache`` of one row
-    given two ran, the second row read from no state (logits of zeros); other sizes failed in torch's
-    words, and a plain cache's refusal named an inner state the caller never passed."""
+def check_cache_batch(cache: InnerloopCache | None, batch: int, given: str = "input_ids") -> None:
+    """Refuse a cache passed in that holds another number of sequences than the input ``given``
+    (``input_ids`` or ``inputs_embeds``) has rows (``batch``), naming both: each row continues its own
+    sequence. A ``LeftPaddedCache`` of one row given two ran, the second row read from no state (logits
+    of zeros); other sizes failed in torch's words, and a plain cache's refusal named an inner state the
+    caller never passed."""
     if cache is None or cache.batch_size == batch:
         return
     raise ValueError(
         f"the cache passed in (cache, past_key_values or cache_params) holds {cache.batch_size} sequence(s), "
-        f"and input_ids has {batch} row(s): each row continues its own sequence of the cache; pass "
-        f"input_ids of {cache.batch_size} rows, or pick the cache's rows first "
+        f"and {given} has {batch} row(s): each row continues its own sequence of the cache; pass "
+        f"{given} of {cache.batch_size} rows, or pick the cache's rows first "
         "(cache.index_select(torch.tensor([...])), repeats allowed)"
     )
 
@@ -754,7 +756,7 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         cache = one_cache(*caches)
         self._check_cache(cache)
         input_ids, may_cache, hidden, pads = self._check_inputs(
-            input_ids, attention_mask, cache, use_cache, output_hidden_states
+            input_ids, attention_mask, cache, use_cache, output_hidden_states, embedded=embeds is not None
         )
         self._check_arguments(kwargs, input_ids, cache, logits_to_keep, return_dict, attention_mask, pads)
         return input_ids, cache, may_cache, hidden, pads, embeds
@@ -901,6 +903,7 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         cache: InnerloopCache | None,
         use_cache: bool | None,
         output_hidden_states: bool | None,
+        embedded: bool = False,
     ) -> tuple[torch.Tensor, bool, bool, torch.Tensor | None]:
         """Check the ids' layout (first: the other checks read their shape), the mask, ``use_cache`` and
         the ids' values where the mask reads them (a right padding's ids are never scored, and a tokenizer
@@ -908,10 +911,11 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         the ids with the padding's set to 0 (:func:`padding_zeroed`), whether a cache may be returned
         (see :func:`check_attention_mask`), whether the hidden states are wanted and each row's left pads
         (:func:`padded_rows`; None without left padding). First, that ``config.model`` still describes the
-        built model (an edit there it cannot follow is refused)."""
+        built model (an edit there it cannot follow is refused). ``embedded``: the ids stand for the
+        ``inputs_embeds`` given (the messages name those)."""
         self._sync_model_config()
         check_token_ids_shape(input_ids)
-        check_cache_batch(cache, input_ids.shape[0])
+        check_cache_batch(cache, input_ids.shape[0], "inputs_embeds" if embedded else "input_ids")
         cached = 0 if cache is None else cache.seq_length
         check_mask_shape(attention_mask, input_ids, cached)
         check_mask_values(attention_mask)
@@ -1890,6 +1894,7 @@ def _resized_rows(weight: torch.Tensor, rows: int, mean_resizing: bool, std: flo
             if mean_resizing:
                 new[kept:] = weight.mean(dim=0)
             else:
+                check_init_std(std, new.dtype)  # a float16 model's rows: 1e-8 would draw zeros
                 nn.init.normal_(new[kept:], std=std)
     return nn.Parameter(new, requires_grad=weight.requires_grad)
 

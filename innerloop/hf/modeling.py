@@ -1894,7 +1894,7 @@ def _resized_rows(weight: torch.Tensor, rows: int, mean_resizing: bool, std: flo
             if mean_resizing:
                 new[kept:] = weight.mean(dim=0)
             else:
-                check_init_std(std, new.dtype)  # a float16 model's rows: 1e-8 would draw zeros
+                check_init_std(std, new)  # a float16 model's rows: 1e-8 would draw zeros
                 nn.init.normal_(new[kept:], std=std)
     return nn.Parameter(new, requires_grad=weight.requires_grad)
 

@@ -255,14 +255,16 @@ def check_weights_under_autocast(
         )
 
 
-def check_init_std(std: float, dtype: torch.dtype) -> None:
-    """Refuse ``model.init_std`` below the smallest normal number of ``dtype``, the dtype the weights are
-    drawn in: the config's bound is float32's (and bfloat16's), 1.18e-38, but a model built in float16
+def check_init_std(std: float, weight: torch.Tensor) -> None:
+    """Refuse ``model.init_std`` below the smallest normal number of the dtype ``weight`` is drawn in:
+    the config's bound is float32's (and bfloat16's), 1.18e-38, but a model built in float16
     (``from_config(..., dtype=torch.float16)``, ``torch.set_default_dtype``) has 6.10e-05, and
-    ``init_std=1e-8`` there drew 99.8% of its weights as exact zeros, without a word."""
-    smallest = torch.finfo(dtype).tiny
-    if std < smallest:
-        name = str(dtype).removeprefix("torch.")
+    ``init_std=1e-8`` there drew 99.8% of its weights as exact zeros, without a word. Nothing is drawn
+    on the meta device, where ``from_pretrained`` builds a model whose weights it then loads: a trained
+    model of any ``init_std`` loads in float16."""
+    smallest = torch.finfo(weight.dtype).tiny
+    if std < smallest and not weight.is_meta:
+        name = str(weight.dtype).removeprefix("torch.")
         raise ValueError(
             f"model.init_std={std!r} rounds to 0 or to a subnormal in {name}, the dtype the weights are "
             f"built in (most of them would be drawn as zeros); valid: a number >= {smallest:.2e} in {name} "
@@ -274,7 +276,7 @@ def init_embedding(embed: nn.Embedding, std: float) -> None:
     """Normal(0, ``std``) for an embedding table, its padding row (``padding_idx``, if any) zero, as the
     reference models initialise theirs. ``std`` is first checked against the table's dtype
     (:func:`check_init_std`): every model draws its embedding first."""
-    check_init_std(std, embed.weight.dtype)
+    check_init_std(std, embed.weight)
     nn.init.normal_(embed.weight, std=std)
     if embed.padding_idx is not None:
         with torch.no_grad():

@@ -23,6 +23,7 @@ def test_resizing_a_float16_models_vocabulary_refuses_an_init_std_it_would_draw_
     assert model.get_input_embeddings().num_embeddings == vocab  # nothing changed
 
 
+@pytest.mark.slow  # builds and prefills a model: ~1.4 s on a loaded CPU
 def test_a_cache_of_another_batch_size_with_inputs_embeds_names_inputs_embeds():
     """s51f's message said 'input_ids has 2 row(s)' to a caller who passed inputs_embeds (the ids stand
     for them inside forward): the argument named must be the one given."""
@@ -34,3 +35,14 @@ def test_a_cache_of_another_batch_size_with_inputs_embeds_names_inputs_embeds():
         ValueError, match=r"holds 3 sequence.*inputs_embeds has 2 row.*pass inputs_embeds of 3"
     ):
         model(inputs_embeds=embeds, past_key_values=cache)
+
+
+@pytest.mark.slow  # saves and loads a model: ~1 s on a loaded CPU
+def test_a_trained_model_of_a_small_init_std_loads_in_float16(tmp_path):
+    """from_pretrained builds the model on the meta device, then loads its weights: init_std draws
+    nothing there, so the float16 check of init_std must not refuse a trained model."""
+    torch.manual_seed(0)
+    config = InnerloopConfig(model={**TINY, "ttt": {"mini_batch_size": 4}, "init_std": 1e-5})
+    InnerloopForCausalLM(config).save_pretrained(tmp_path)
+    loaded = InnerloopForCausalLM.from_pretrained(tmp_path, dtype=torch.float16)
+    assert loaded.get_input_embeddings().weight.dtype == torch.float16

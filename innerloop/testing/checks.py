@@ -1735,7 +1735,8 @@ def check_update_rule(
     or momentum of exactly 0 gives the plain rule's numbers; and on the first model and loss, from a state
     :data:`FAR_MINI_BATCHES` mini-batches into its sequence, and given ``decay_log`` if it names one. With ``gradients``, the gradients of its
     outputs and final weights w.r.t. every input (views, lr, initial weights, LayerNorm, decay,
-    momentum, token scales) equal the naive loop's too (:func:`check_update_rule_gradients_match_naive`).
+    momentum, token scales) equal the naive loop's too, whole and cut at ``cut_points`` with the state carried
+    (:func:`check_update_rule_gradients_match_naive`).
     With ``without_grad``, on every model (every loss, variant and wrapping), its values under
     ``torch.no_grad()`` and ``torch.inference_mode()`` are the same (:func:`check_update_rule_without_grad`);
     in float32 (each loss, first model) it stays within float32's rounding of the float64 values.
@@ -1986,7 +1987,7 @@ def _check_rule_with(
             if gradients:
                 variant = rule_variants(rule)[-1]  # the most the rule takes
                 problem = make_problem(model, each_loss, seed=seed, **variant, **options).for_rule(rule)
-                check_update_rule_gradients_match_naive(rule, problem, tolerance)
+                check_update_rule_gradients_match_naive(rule, problem, tolerance, check.cut_points)
     if gradients and getattr(rule, "reference", None) is not None:  # a reference the rule wrote itself
         check_reference_gradients(rule, model, losses[0], seed, **problem_kwargs, **wrappings[0])
 
@@ -2175,32 +2176,50 @@ def check_update_rule_without_grad(
 
 
 def check_update_rule_gradients_match_naive(
-    rule: UpdateRule, problem: InnerProblem, tolerance: float = FLOAT64_TOLERANCE
+    rule: UpdateRule,
+    problem: InnerProblem,
+    tolerance: float = FLOAT64_TOLERANCE,
+    cut_points: list[int] | None = None,
 ) -> None:
     """The gradients of a random projection of ``rule``'s outputs and final weights on ``problem``
     w.r.t. every input it takes equal those of the naive loop (which autograd differentiates token
-    by token): a rule that detaches the lr, the initial weights or anything else, or differentiates
-    a part wrongly, trains wrongly even when its forward values are right."""
+    by token), with the rule run over the whole sequence in one call and cut at ``cut_points``
+    (:func:`default_cuts` when None), each chunk continuing the state the one before returned: a rule
+    that detaches the lr, the initial weights or anything else, or differentiates a part wrongly,
+    trains wrongly even when its forward values are right, and one that detaches what it is given in
+    a carried state (its weights, pending sums, momentum, decay product or loss carry) trains wrongly
+    through a state carried between calls."""
     inputs = _differentiable_inputs(problem)
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
     ruled = _with_inputs(problem, leaves)
+    cuts = default_cuts(problem) if cut_points is None else cut_points
+    runs = {
+        "": lambda: finite_expected(ruled, rule),
+        "whole, ": lambda: ruled.run(rule),
+        f"cut at {cuts}, ": lambda: run_in_chunks(rule, ruled, cuts),
+    }
     generator = torch.Generator().manual_seed(2)
-    gradients = []
+    gradients, probes = {}, None
     with torch.enable_grad():
-        for run in (lambda: ruled.run(rule), lambda: finite_expected(ruled, rule)):
+        for how, run in runs.items():
             out, state = run()
             outputs = [out, *state.current_weights(ruled.tau).values()]
-            if not gradients:
+            if probes is None:
                 probes = [torch.randn(o.shape, generator=generator, dtype=o.dtype) for o in outputs]
             total = sum((o * p).sum() for o, p in zip(outputs, probes, strict=True))
             grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
-            gradients.append(
-                [torch.zeros_like(v) if g is None else g for g, v in zip(grads, leaves.values(), strict=True)]
-            )
+            gradients[how] = [
+                torch.zeros_like(v) if g is None else g for g, v in zip(grads, leaves.values(), strict=True)
+            ]
+    wanted = gradients.pop("")
     task = problem.task
-    for name, got, wanted in zip(leaves, *gradients, strict=True):
-        what = f"{rule.name} ({task.model.name}, {task.loss.name}): gradient w.r.t. {name} vs that of {reference_name(rule)}"
-        assert_close(got, wanted, what, tolerance)
+    for how, got in gradients.items():
+        for name, got_one, wanted_one in zip(leaves, got, wanted, strict=True):
+            what = (
+                f"{rule.name} ({task.model.name}, {task.loss.name}, {how}{_shape_text(problem)}): "
+                f"gradient w.r.t. {name} vs that of {reference_name(rule)}"
+            )
+            assert_close(got_one, wanted_one, what, tolerance)
 
 
 def _differentiable_inputs(problem: InnerProblem) -> dict[str, torch.Tensor]:

@@ -86,3 +86,16 @@ def test_registration_refuses_a_rule_that_detaches_the_carried_weights() -> None
     """Registration compares gradients through ``check_update_rule``: it refused nothing here before."""
     with isolated_registry(), pytest.raises(PluginError, match="detaches_carried_params.*cut at"):
         register_update_rule(_detaching("params"))
+
+
+@pytest.mark.slow  # ~0.5 s: two float64 gradchecks
+def test_gradcheck_fails_a_rule_that_detaches_the_carried_weights() -> None:
+    """``check_update_rule_gradients`` (the plugin's own gradcheck) ran the rule over the whole sequence in
+    one call only: seen passing this broken rule before the fix."""
+    from innerloop.testing import check_update_rule_gradients
+
+    rule = _detaching("params")
+    with pytest.raises(AssertionError, match=r"cut at \[.*\].*finite differences"):
+        check_update_rule_gradients(
+            rule, "linear", "reconstruction", batch=1, heads=1, head_dim=1, tokens=3, mini_batch_size=1
+        )

@@ -1735,8 +1735,7 @@ def check_update_rule(
     or momentum of exactly 0 gives the plain rule's numbers; and on the first model and loss, from a state
     :data:`FAR_MINI_BATCHES` mini-batches into its sequence, and given ``decay_log`` if it names one. With ``gradients``, the gradients of its
     outputs and final weights w.r.t. every input (views, lr, initial weights, LayerNorm, decay,
-    momentum, token scales) equal the naive loop's too, whole and cut at ``cut_points`` with the state carried
-    (:func:`check_update_rule_gradients_match_naive`).
+    momentum, token scales) equal the naive loop's too, whole and cut (:func:`check_update_rule_gradients_match_naive`).
     With ``without_grad``, on every model (every loss, variant and wrapping), its values under
     ``torch.no_grad()`` and ``torch.inference_mode()`` are the same (:func:`check_update_rule_without_grad`);
     in float32 (each loss, first model) it stays within float32's rounding of the float64 values.
@@ -2294,13 +2293,29 @@ def check_update_rule_gradients(
     **problem_kwargs: Any,
 ) -> None:
     """``torch.autograd.gradcheck`` (float64) of the rule's outputs and final weights w.r.t. the
-    views, lr, the initial weights and, where the rule takes them, decay and momentum."""
+    views, lr, the initial weights and, where the rule takes them, decay and momentum: with the rule run
+    over the whole sequence in one call, and cut once with the state carried (:func:`gradcheck_cut`: a
+    rule that detaches what a carried state holds is wrong there only)."""
     _refuse_variant_kwargs("check_update_rule_gradients", problem_kwargs)
     seed = checked_seed(seed)
     rule = _named("update_rule", rule)
     variant = rule_variants(rule)[-1]  # the most the rule takes
     problem = make_problem(model, loss, seed=seed, **variant, **problem_kwargs).for_rule(rule)
-    _gradcheck(rule, problem, lambda ruled: ruled.run(rule), rule.name)
+    _gradcheck(rule, problem, lambda ruled: ruled.run(rule), f"{rule.name} (whole)")
+    cuts = gradcheck_cut(problem)
+    if cuts:
+        _gradcheck(
+            rule, problem, lambda ruled: run_in_chunks(rule, ruled, cuts), f"{rule.name} (cut at {cuts})"
+        )
+
+
+def gradcheck_cut(problem: InnerProblem) -> list[int]:
+    """Where :func:`check_update_rule_gradients` cuts ``problem``'s sequence for its second gradcheck: one
+    token into the second mini-batch (inside the last mini-batch of a shorter sequence), so that the
+    second chunk continues a state that holds updated weights and pending sums; one cut keeps the
+    gradcheck's cost near twice that of the whole call. None (``[]``) for a one-token sequence."""
+    tokens, k = problem.views.query.shape[2], problem.task.mini_batch_size
+    return [min(k + 1, tokens - 1)] if tokens > 1 else []
 
 
 def check_reference_gradients(

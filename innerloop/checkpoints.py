@@ -1129,6 +1129,16 @@ def load_weights(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_flag("keep_dtype", keep_dtype)
     check_state_dict(model.state_dict(), state_dict, "the state_dict given", type(model).__name__)
+    cast_to_stored_dtypes(model, state_dict, keep_dtype)
+    model.load_state_dict(state_dict)
+
+
+def cast_to_stored_dtypes(
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], keep_dtype: bool = False
+) -> None:
+    """Give ``model`` the dtypes in which :func:`load_weights` loads ``state_dict`` (checked against it
+    already): by default the wider of the built and the stored dtype (float64 weights stay float64,
+    bfloat16 ones are upcast to float32), with ``keep_dtype`` the stored one. Loads no weight."""
     wanted = {
         built: stored if keep_dtype else torch.promote_types(built, stored)
         for built, stored in stored_dtypes(model.state_dict(), state_dict).items()
@@ -1147,7 +1157,6 @@ def load_weights(
                         if key in tables:  # a layer's token-index and RoPE tables: never below float32
                             dtype = torch.promote_types(dtype, torch.float32)
                         setattr(owner, key, buffer.to(dtype))
-    model.load_state_dict(state_dict)
 
 
 def _derived_table_names(module: torch.nn.Module) -> set[str]:

@@ -44,6 +44,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from innerloop.checkpoints import (
     TOKENIZER_KEY,
     CheckpointError,
+    cast_to_stored_dtypes,
     check_state_dict,
     checkpoint_device,
     describe_model,
@@ -429,6 +430,10 @@ class LanguageModelModule(L.LightningModule):
         continues bit-identically. (Strategies that restore after the cast, e.g. FSDP, load into the
         cast module already.) A resume in another precision loads them cast to that one.
 
+        Outside a fit (Lightning's ``load_from_checkpoint`` of a pickled checkpoint, a ``64-true`` run of
+        the user's own Trainer), the module takes the dtypes :func:`~innerloop.checkpoints.load_weights`
+        gives: float64 weights load in float64, not rounded to float32, as from innerloop's own format.
+
         A checkpoint written inside a gradient accumulation by an innerloop from before the rewind on save
         (:meth:`on_save_checkpoint`) is rewound here, as it would have been written today (one written
         since, at a step boundary, is unchanged).
@@ -439,6 +444,8 @@ class LanguageModelModule(L.LightningModule):
         model = f"this run's model ({describe_model(self.hparams.model)}){written_for}"
         check_state_dict(self.state_dict(), checkpoint.get("state_dict"), path, model)
         trainer = self._trainer
+        if trainer is None:  # Lightning's load_from_checkpoint of a pickled checkpoint: no precision given
+            cast_to_stored_dtypes(self, checkpoint["state_dict"])
         if trainer is not None:  # written inside an accumulation by an innerloop before the rewind on save
             _rewind_to_the_last_optimizer_step(checkpoint, trainer.accumulate_grad_batches)
         if trainer is not None and not trainer.strategy.restore_checkpoint_after_setup:

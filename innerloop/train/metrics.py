@@ -250,6 +250,12 @@ class LossByPosition(Float64States):
     def compute(self) -> torch.Tensor:
         return (self.loss_sum / self.count).float()  # 0/0 = NaN marks an empty bucket
 
+    def means(self) -> torch.Tensor:
+        """:meth:`compute`'s means in float64 (over every process, as it syncs), not rounded to float32:
+        what a float64 model's validation logs. ``[len(buckets())]``, NaN for an empty bucket."""
+        with self.sync_context():
+            return self.loss_sum / self.count
+
 
 class InnerLossDiagnostics(Float64States):
     """Mean inner loss of each TTT layer before and after its updates.

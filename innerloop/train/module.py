@@ -839,13 +839,15 @@ class LanguageModelModule(L.LightningModule):
         # from the float64 sums (synced across processes once); val_ppl = exp(val_loss), inf once the mean
         # passes about 709.8 nats, where log(val_ppl) would be too (val_loss logged in float32, as before)
         mean_loss = self.val_ppl.mean_loss()
-        log(f"{prefix}loss", mean_loss.float(), prog_bar=True)
+        # float64 where the weights are (64-true), not rounded to float32 beside a float64 val_ppl
+        logged = torch.promote_types(widest_parameter_dtype(self) or torch.float32, torch.float32)
+        log(f"{prefix}loss", mean_loss.to(logged), prog_bar=True)
         log(f"{prefix}ppl", torch.exp(mean_loss), prog_bar=True)
         # torchmetrics' accuracy of no scored token is 0/0 -> 0.0, a number beside the loss's NaN
         log(f"{prefix}acc", self.val_acc.compute() if self.val_ppl.scored_tokens() > 0 else math.nan)
         self.val_ppl.reset()
         self.val_acc.reset()
-        for b, loss in enumerate(_per_item(self.val_loss_by_position.compute()).tolist()):
+        for b, loss in enumerate(_per_item(self.val_loss_by_position.means().to(logged))):
             log(f"{prefix}loss_pos/{b}", loss)
         self.val_loss_by_position.reset()
         if self._inner_loss_before_after is not None:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from innerloop.train import IGNORE_INDEX, LanguageModelModule
+from innerloop.train.interrupt import StopOnInterrupt
 from tests.trainer_testing import SMALL_MODEL
 
 
@@ -76,3 +77,39 @@ def test_a_64_true_validation_logs_its_loss_and_loss_by_position_in_float64(tmp_
     at_position_0 = torch.cat([s[:, 0] for s in scored_at])  # one bucket a position: 6 positions, 16 buckets
     assert abs(results["val_loss_pos/0"] - float(at_position_0.nanmean())) < 1e-13
 
+
+class _StopAtTheFirstEpochsEnd(L.Callback):
+    """Asks for a stop at the first epoch's last batch: ``trainer.should_stop`` (as ``max_time`` does),
+    or a Ctrl-C's request to :class:`StopOnInterrupt` (``interrupt``)."""
+
+    def __init__(self, last_batch: int, interrupt: StopOnInterrupt | None = None) -> None:
+        self.last_batch, self.interrupt = last_batch, interrupt
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch == 0 and batch_idx == self.last_batch:
+            if self.interrupt is None:
+                trainer.should_stop = True
+            else:
+                self.interrupt.requested = True
+
+
+@pytest.mark.slow  # 1.5 s: two fits of 2 or 3 optimizer steps
+@pytest.mark.parametrize("by", ["should_stop", "ctrl_c"])
+def test_a_stop_at_an_epochs_short_last_step_ends_the_fit_there(tmp_path, by) -> None:
+    """An epoch of 3 batches under ``accumulate_grad_batches=2`` steps after batches 2 and 3 (Lightning
+    steps on an epoch's last batch whatever the count). A stop asked for at batch 3 (``max_time``, a
+    callback's ``trainer.should_stop``, a Ctrl-C) was taken for one inside an accumulation and deferred
+    to the next "whole" step, counted as ``(batch_idx + 1) % 2``: the fit went on into the next epoch
+    and took one more optimizer step (global_step 3, not 2) than it was asked to."""
+    torch.manual_seed(0)
+    module = LanguageModelModule(SMALL_MODEL, max_steps=6, warmup_steps=0, diagnostics_batches=0)
+    ids = torch.randint(0, SMALL_MODEL.vocab_size, (3, 8))
+    interrupt = StopOnInterrupt() if by == "ctrl_c" else None
+    callbacks = [_StopAtTheFirstEpochsEnd(2, interrupt), *([interrupt] if interrupt else [])]
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=3, accumulate_grad_batches=2, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, callbacks=callbacks,
+    )  # fmt: skip
+    trainer.fit(module, DataLoader(list(zip(ids, ids, strict=True)), batch_size=1))
+    assert trainer.global_step == 2

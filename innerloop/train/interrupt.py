@@ -180,8 +180,19 @@ class StopOnInterrupt(Callback):
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         self.requested = True
-        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:  # the optimizer step is whole
+        if optimizer_step_ends_here(trainer, batch_idx):  # the optimizer step is whole
             end_the_fit_after_this_step(trainer)
+
+
+def optimizer_step_ends_here(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether the training batch ``batch_idx`` (in ``on_train_batch_end``) ends an optimizer step: the
+    last of ``accumulate_grad_batches`` micro-batches, or an epoch's last batch, on which Lightning steps
+    whatever the count (an epoch of 3 batches under ``accumulate_grad_batches=2`` steps after its 2nd and
+    3rd); as Lightning's own loop decides it, where its state can be read."""
+    try:
+        return not trainer.fit_loop.epoch_loop._should_accumulate()
+    except (AttributeError, TypeError, ZeroDivisionError):  # another Lightning's loop: count the batches
+        return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
 
 
 def end_the_fit_after_this_step(trainer: L.Trainer) -> None:

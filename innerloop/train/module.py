@@ -79,6 +79,7 @@ from innerloop.models.e2e import NonFiniteInnerStepError
 from innerloop.models.lm import check_token_ids
 from innerloop.registry.modules import OPTION, load_plugin_module, loaded_plugin_modules
 from innerloop.train.data import IGNORE_INDEX, Batch
+from innerloop.train.interrupt import optimizer_step_ends_here
 from innerloop.train.metrics import Float64Perplexity, InnerLossDiagnostics, LossByPosition
 from innerloop.train.schedules import Schedule, make_schedule
 from innerloop.train.schedules import warmup_cosine as warmup_cosine  # re-exported: its old home
@@ -642,7 +643,7 @@ class LanguageModelModule(L.LightningModule):
         into every later step. (This hook runs after every callback's. Ctrl-C and SIGTERM wait the same
         way in :class:`~innerloop.train.interrupt.StopOnInterrupt`.)"""
         trainer = self.trainer
-        at_step_boundary = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        at_step_boundary = optimizer_step_ends_here(trainer, batch_idx)  # an epoch's last batch too
         if trainer.should_stop and not at_step_boundary:
             trainer.should_stop, self._stop_deferred = False, True
         elif at_step_boundary and self._stop_deferred:

@@ -143,7 +143,12 @@ from innerloop.train.data import (
     spread_windows,
     validation_file_keys,
 )
-from innerloop.train.interrupt import StopOnInterrupt, TrainingInterrupted, ended_by_signals
+from innerloop.train.interrupt import (
+    StopOnInterrupt,
+    TrainingInterrupted,
+    ended_by_signals,
+    optimizer_step_ends_here,
+)
 from innerloop.train.loggers import _CSVLogger as _CSVLogger  # re-exported from its first home
 from innerloop.train.loggers import build_loggers, supersede_rows_logged_past
 from innerloop.train.metrics import position_buckets
@@ -257,7 +262,7 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # a periodic checkpoint
-        step_is_whole = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        step_is_whole = optimizer_step_ends_here(trainer, batch_idx)
         fit_ends = trainer.global_step >= trainer.max_steps or trainer.should_stop
         if step_is_whole and fit_ends and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
@@ -370,7 +375,7 @@ class _ValidateAtTheLastStep(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step_is_whole = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        step_is_whole = optimizer_step_ends_here(trainer, batch_idx)
         if step_is_whole and trainer.global_step >= self.last_step:
             trainer.should_stop = True  # Lightning validates a fit that stops before its epoch ends
 

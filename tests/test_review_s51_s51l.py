@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from innerloop.core.diagnostics import inner_loss_before_after
 from innerloop.train import IGNORE_INDEX, LanguageModelModule
 from innerloop.train.interrupt import StopOnInterrupt
 from tests.trainer_testing import SMALL_MODEL
@@ -113,3 +114,32 @@ def test_a_stop_at_an_epochs_short_last_step_ends_the_fit_there(tmp_path, by) ->
     )  # fmt: skip
     trainer.fit(module, DataLoader(list(zip(ids, ids, strict=True)), batch_size=1))
     assert trainer.global_step == 2
+
+
+@pytest.mark.slow  # 1 s: a Trainer's validation
+def test_a_64_true_validation_logs_the_inner_loss_diagnostics_in_float64(tmp_path) -> None:
+    """The sibling of ``val_loss``'s rounding: ``inner_loss_before/<layer>`` and ``..._after/<layer>`` of a
+    ``64-true`` validation were logged rounded to float32, beside float64 sums. Now float64 there: the
+    mean over the diagnosed batches' sequences of :func:`inner_loss_before_after` (two batches of 2 and 1
+    rows, both diagnosed), within 1e-13."""
+    torch.manual_seed(0)
+    module = LanguageModelModule(SMALL_MODEL, diagnostics_batches=2).double()
+    vocab = SMALL_MODEL.vocab_size
+    batches = [(torch.randint(0, vocab, (b, 8)), torch.randint(0, vocab, (b, 8))) for b in (2, 1)]
+    trainer = L.Trainer(
+        accelerator="cpu", precision="64-true", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    results = trainer.validate(module, DataLoader(batches, batch_size=None), verbose=False)[0]
+    mixer, inputs = module.model.blocks[0].mixer, []
+    hook = mixer.register_forward_pre_hook(lambda layer, args: inputs.append(args[0].detach()))
+    with torch.no_grad():
+        for ids, _ in batches:
+            module(ids)
+    hook.remove()
+    before, after = (
+        torch.cat(v) for v in zip(*(inner_loss_before_after(mixer, x) for x in inputs), strict=True)
+    )
+    assert before.dtype == torch.float64
+    assert abs(results["inner_loss_before/0"] - float(before.mean())) < 1e-13
+    assert abs(results["inner_loss_after/0"] - float(after.mean())) < 1e-13

@@ -306,3 +306,9 @@ class InnerLossDiagnostics(Float64States):
             "before": (self.before_sum / self.count).float(),
             "after": (self.after_sum / self.count).float(),
         }
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """:meth:`compute`'s means in float64 (over every process, as it syncs), not rounded to float32:
+        what a float64 model's validation logs."""
+        with self.sync_context():
+            return {"before": self.before_sum / self.count, "after": self.after_sum / self.count}

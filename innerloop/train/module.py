@@ -852,7 +852,7 @@ class LanguageModelModule(L.LightningModule):
             log(f"{prefix}loss_pos/{b}", loss)
         self.val_loss_by_position.reset()
         if self._inner_loss_before_after is not None:
-            diagnostics = self.inner_diagnostics.compute()
+            diagnostics = {name: means.to(logged) for name, means in self.inner_diagnostics.means().items()}
             before, after = _per_item(diagnostics["before"]), _per_item(diagnostics["after"])
             for layer in range(self.model.config.num_layers):
                 log(f"{diagnostics_prefix}inner_loss_before/{layer}", before[layer])

@@ -46,7 +46,7 @@ def test_load_from_checkpoint_of_a_64_true_lightning_checkpoint_keeps_its_float6
 
 @pytest.mark.slow  # 1 s: a Trainer's validation
 def test_a_64_true_validation_logs_its_loss_and_loss_by_position_in_float64(tmp_path) -> None:
-    """Under ``precision="64-true"`` every logit and metric sum is float64, but ``val_loss`` and
+    """Under ``precision="64-true"`` every logit and metric sum is float64, but ``val_loss``, ``val_acc`` and
     ``val_loss_pos/<b>`` were logged rounded to float32 (2e-8 off the token-weighted mean measured, beside
     a float64 ``val_ppl``): a float64 comparison of two runs or implementations saw float32's rounding.
     They are now logged in float64 where the module's weights are (float32 otherwise, as before); the
@@ -60,16 +60,20 @@ def test_a_64_true_validation_logs_its_loss_and_loss_by_position_in_float64(tmp_
     ]
     batches[0][1][:] = IGNORE_INDEX  # a batch that scores no token
     batches[1][1][1, 1:] = IGNORE_INDEX
+    with torch.no_grad():  # some targets the model predicts: an accuracy of 4/21, not a float32 number
+        batches[2][1][:, ::3] = module.double()(batches[2][0]).argmax(-1)[:, ::3]
     trainer = L.Trainer(
         accelerator="cpu", precision="64-true", logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path,
     )  # fmt: skip
     results = trainer.validate(module, DataLoader(batches, batch_size=None), verbose=False)[0]
-    losses, scored_at = [], []
+    losses, scored_at, correct = [], [], []
     with torch.no_grad():
         for inputs, targets in batches:
-            token_loss = F.cross_entropy(module(inputs).transpose(1, 2), targets, reduction="none")
+            logits = module(inputs)
+            token_loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
             losses.append(token_loss[targets != IGNORE_INDEX])
+            correct.append((logits.argmax(-1) == targets)[targets != IGNORE_INDEX])
             scored_at.append(torch.where(targets != IGNORE_INDEX, token_loss, torch.nan))
     expected = torch.cat(losses).mean()
     assert expected.dtype == torch.float64
@@ -77,6 +81,8 @@ def test_a_64_true_validation_logs_its_loss_and_loss_by_position_in_float64(tmp_
     assert abs(math.log(results["val_ppl"]) - float(expected)) < 1e-13
     at_position_0 = torch.cat([s[:, 0] for s in scored_at])  # one bucket a position: 6 positions, 16 buckets
     assert abs(results["val_loss_pos/0"] - float(at_position_0.nanmean())) < 1e-13
+    # val_acc too: a ratio of counts, float32's 1/3 is 6e-9 off
+    assert abs(results["val_acc"] - float(torch.cat(correct).double().mean())) < 1e-15
 
 
 class _StopAtTheFirstEpochsEnd(L.Callback):

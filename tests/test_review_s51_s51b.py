@@ -16,7 +16,7 @@ import torch
 from plugin_testing import PLUGIN_LOSS_CLASS
 
 from innerloop.core.family_layers import DeltaNetLayer, GatedDeltaNetLayer, TitansLayer
-from innerloop.core.layer import TTTLayer
+from innerloop.core.layer import TTTLayer, _log_forgetting_reaches_scan
 from innerloop.registry import DISABLE_ENV, get_registry, isolated_registry
 from innerloop.registry.modules import PLUGIN_MODULES_ENV, PluginModuleError, load_plugin_module
 from innerloop.testing.kernel_checks import ForgettingLayer, LogForgettingLayer
@@ -61,7 +61,7 @@ def test_the_lower_of_forgetting_and_log_forgetting_reaches_the_scan() -> None:
     again = _TitansNoDecayThenLog(8, 2, mini_batch_size=2).double()
     decay, momentum, decay_log = again.scan_gates(x)
     assert decay is None and bool((decay_log == 0).all()) and momentum is not None
-    assert [cls._scan_takes_log_forgetting for cls in (TTTLayer, ForgettingLayer, LogForgettingLayer)] == [
+    assert [_log_forgetting_reaches_scan(cls) for cls in (TTTLayer, ForgettingLayer, LogForgettingLayer)] == [
         True,
         False,
         True,

@@ -750,13 +750,33 @@ def _without_token_scale(lr: torch.Tensor, tau: torch.Tensor | None) -> torch.Te
 def _log_forgetting_reaches_scan(layer_class: type) -> bool:
     """Whether the scan takes ``layer_class``'s :meth:`TTTLayer.log_forgetting` (its gates with the decay
     as a log) before its :meth:`TTTLayer.forgetting`: yes unless ``forgetting`` is overridden in a class
-    below the one that defines ``log_forgetting`` (then that override reaches the scan)."""
+    below the one that defines ``log_forgetting`` (then that override reaches the scan). Read at each
+    call (:meth:`TTTLayer.scan_gates`), so a hook set on a class after it is made
+    (``monkeypatch.setattr(MyLayer, "forgetting", f)``) counts as one defined there."""
     order = layer_class.__mro__
 
     def depth(name: str) -> int:  # the position of the class that defines ``name``
         return next(i for i, cls in enumerate(order) if name in vars(cls))
 
     return depth("log_forgetting") <= depth("forgetting")
+
+
+def _log_forgetting_reaches_layers_scan(layer: nn.Module) -> bool:
+    """:func:`_log_forgetting_reaches_scan` for ``layer``, where a hook set on the layer itself
+    (``layer.forgetting = f``) is below every class: it reaches the scan (both set: the log)."""
+    forgetting, log_forgetting = (_hook_set_on(layer, name) for name in ("forgetting", "log_forgetting"))
+    if forgetting or log_forgetting:
+        return log_forgetting
+    return _log_forgetting_reaches_scan(type(layer))
+
+
+def _hook_set_on(layer: nn.Module, name: str) -> bool:
+    """Whether the attribute ``name`` of ``layer`` itself (not its class's) is a hook of its own: not
+    the class's method bound to the layer (which ``monkeypatch`` puts back on undoing ``setattr``)."""
+    hook = vars(layer).get(name)
+    if hook is None:
+        return False
+    return getattr(hook, "__self__", None) is not layer or hook.__func__ is not getattr(type(layer), name)
 
 
 class TTTLayer(nn.Module):
@@ -820,12 +840,6 @@ class TTTLayer(nn.Module):
     conv_kernel_needs_share_qk: bool = True
     """Whether ``conv_kernel`` is the kernel of ``share_qk``'s convolutions only (another value without
     ``share_qk`` is warned of); subclasses with convolutions of their own set it False."""
-
-    _scan_takes_log_forgetting: bool = True  # set per subclass (__init_subclass__; see scan_gates)
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls._scan_takes_log_forgetting = _log_forgetting_reaches_scan(cls)
 
     built_options: tuple[str, ...] = (
         "inner_model",
@@ -1427,10 +1441,11 @@ class TTTLayer(nn.Module):
         """``(decay, momentum, decay_log)`` ``[B, H, T]`` as the scan takes them: :meth:`log_forgetting`'s
         gates (``decay`` None, ``decay_log = log a``) where it gives them, :meth:`forgetting`'s otherwise
         (``decay_log`` None), and :meth:`forgetting`'s too where a subclass overrides it below the class
-        that defines :meth:`log_forgetting` (so that the override reaches the scan). What each call's
+        that defines :meth:`log_forgetting` (so that the override reaches the scan), or on the layer
+        itself (``layer.forgetting = f``: below every class; the rule is read at each call). What each call's
         scan is given, and what :func:`~innerloop.core.diagnostics.inner_loss_before_after` gives its own
         scans; a layer's gates are changed through the two hooks, not here."""
-        gates = self.log_forgetting(x) if self._scan_takes_log_forgetting else None
+        gates = self.log_forgetting(x) if _log_forgetting_reaches_layers_scan(self) else None
         if gates is None:
             return (*self.forgetting(x), None)
         log_retention, momentum = gates

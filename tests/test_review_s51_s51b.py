@@ -153,22 +153,25 @@ def _plugin(folder: Path, module: str, number: int, first_line: str = "") -> str
 @pytest.mark.slow  # imports three small modules: 0.1-0.4 s on 2 shared cores
 def test_a_plugin_files_folder_hides_no_module_after_it_loads(plugin_folders) -> None:
     """``-p dir/x.py`` put ``dir`` first on sys.path for good: a later ``import common`` found ``dir/common.py``
-    (x.py's helper) instead of the ``common`` installed elsewhere. Now ``dir`` is first while x.py loads
-    (its ``import common`` finds its own helper) and last afterwards."""
+    instead of the ``common`` installed elsewhere. Now ``dir`` is first while x.py loads (its ``import helper``
+    finds its own helper) and last afterwards. (s51n: a helper x.py imports that is installed elsewhere
+    too is refused, test_review_s51_s51n.py; this test deleted it from sys.modules, where it hid the
+    installed one.)"""
     work, elsewhere, n = plugin_folders
     common = f"{_PREFIX}common_{n}"
+    helper = f"{_PREFIX}helper_{n}"
     (work / "plugins").mkdir()
     (work / "plugins" / f"{common}.py").write_text("WHERE = 'beside the plugin'\n")
+    (work / "plugins" / f"{helper}.py").write_text("WHERE = 'beside the plugin'\n")
     (elsewhere / f"{common}.py").write_text("WHERE = 'installed'\n")
     loss = _plugin(
         work / "plugins",
         f"{_PREFIX}x_{n}",
         n,
-        f"import {common}\nassert {common}.WHERE == 'beside the plugin'\n",
+        f"import {helper}\nassert {helper}.WHERE == 'beside the plugin'\n",
     )
     load_plugin_module(f"plugins/{_PREFIX}x_{n}.py", get_registry())
     assert loss in get_registry().names("inner_loss")
-    del sys.modules[common]  # as a module not imported yet by the plugin
     assert importlib.import_module(common).WHERE == "installed"
     assert sys.path[-1] == str(work / "plugins")  # still importable by name (ddp_spawn's processes)
 

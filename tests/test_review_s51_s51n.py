@@ -3,10 +3,17 @@ class after it is made, plugin files' folders on ``sys.path``, and the renamed p
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from test_review_s51_s51b import _PREFIX, _plugin, plugin_folders  # noqa: F401  (a fixture)
 
 from innerloop.core.family_layers import GatedDeltaNetLayer
+from innerloop.registry import get_registry
+from innerloop.registry.modules import PluginModuleError, load_plugin_module
 from innerloop.testing.kernel_checks import ForgettingLayer
 
 
@@ -56,3 +63,52 @@ def test_a_forgetting_hook_set_on_a_class_after_it_is_made_reaches_the_scan(
         assert decay_log is None and bool((decay == 0).all())
     decay, _, decay_log = layer.scan_gates(x)
     assert decay is None and decay_log is not None
+
+
+# ---- -p dir/x.py: the modules it imports from beside it ------------------------------------------------
+
+
+def _plugin_importing(folder: Path, module: str, number: int, helper: str) -> None:
+    """A hooked plugin file ``folder/module.py`` that imports ``helper`` (a file beside it) as it loads."""
+    _plugin(folder, module, number, f"import {helper}\nHELPER = {helper}\n")
+
+
+@pytest.mark.slow  # imports two small modules: 0.1-0.4 s on 2 shared cores
+def test_a_plugins_helper_named_like_an_installed_module_is_refused(plugin_folders) -> None:  # noqa: F811
+    """``-p plugins/x.py`` whose ``import common`` loads ``plugins/common.py`` while a ``common`` is installed:
+    the helper hid the installed module from the whole process (a later ``import common`` anywhere got it),
+    and the processes ``ddp_spawn`` starts (which import x by name, its folder last on sys.path) got the
+    installed one where the parent had the helper (measured: 'installed' in the child, 'beside the plugin'
+    in the parent). Refused now, naming both files; sys.path and sys.modules as they were."""
+    work, elsewhere, n = plugin_folders
+    common = f"{_PREFIX}common_{n}"
+    (work / "plugins").mkdir()
+    (work / "plugins" / f"{common}.py").write_text("WHERE = 'beside the plugin'\n")
+    (elsewhere / f"{common}.py").write_text("WHERE = 'installed'\n")
+    _plugin_importing(work / "plugins", f"{_PREFIX}x_{n}", n, common)
+    path_before = list(sys.path)
+    with pytest.raises(PluginModuleError) as refused:
+        load_plugin_module(f"plugins/{_PREFIX}x_{n}.py", get_registry())
+    message = str(refused.value)
+    assert f"{common}.py" in message and str(elsewhere) in message and "rename" in message
+    assert sys.path == path_before and common not in sys.modules and f"{_PREFIX}x_{n}" not in sys.modules
+    assert importlib.import_module(common).WHERE == "installed"
+
+
+@pytest.mark.slow  # imports four small modules: 0.1-0.4 s on 2 shared cores
+def test_two_plugin_folders_with_a_helper_of_one_name_are_refused(plugin_folders) -> None:  # noqa: F811
+    """``-p a/x.py -p b/y.py``, each importing its own ``helpers.py``: y got a's (imported first, by that
+    name), silently, and a helper imported at call time was a's for both. The second is refused now."""
+    work, _, n = plugin_folders
+    helpers = f"{_PREFIX}helpers_{n}"
+    for folder in ("a", "b"):
+        (work / folder).mkdir()
+        (work / folder / f"{helpers}.py").write_text(f"WHO = {folder!r}\n")
+    _plugin_importing(work / "a", f"{_PREFIX}a_{n}", n, helpers)
+    _plugin_importing(work / "b", f"{_PREFIX}b_{n}", n + 1000, helpers)
+    load_plugin_module(f"a/{_PREFIX}a_{n}.py", get_registry())
+    assert sys.modules[f"{_PREFIX}a_{n}"].HELPER.WHO == "a"
+    with pytest.raises(PluginModuleError, match=rf"{helpers}\.py.*rename") as refused:
+        load_plugin_module(f"b/{_PREFIX}b_{n}.py", get_registry())
+    assert str(work / "a") in str(refused.value) and str(work / "b") in str(refused.value)
+    assert f"{_PREFIX}b_{n}" not in sys.modules

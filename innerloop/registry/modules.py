@@ -25,6 +25,7 @@ loaded is an error: it was asked for by name.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -105,25 +106,34 @@ def _import(spec: str, how: str) -> Any:
             "Python identifier; a folder with __init__.py is a package, its name part of the module's)"
         )
     _refuse_a_name_found_elsewhere(spec, name, folder, how)
-    module = _import_from(folder, name)
+    module = _import_from(folder, name, spec, how)
     _check_file(spec, module, how)
     return module
 
 
-def _import_from(folder: Path, name: str) -> Any:
+_PLUGIN_FOLDERS: list[Path] = []
+"""The folders of plugin files that :func:`_import_from` put on ``sys.path`` (last once loaded)."""
+
+
+def _import_from(folder: Path, name: str, spec: str, how: str) -> Any:
     """Import the module ``name`` with ``folder`` first on ``sys.path`` while it loads (its imports of
     the files beside it find them), then last where it was not on ``sys.path`` before: a later import of
     another module named like a file of ``folder`` finds that module where it is installed, not the file,
     while the plugin (whose name is found nowhere else: :func:`_refuse_a_name_found_elsewhere`) and the
     files beside it still import by name, also in the processes ``ddp_spawn`` starts with this
-    ``sys.path`` (they unpickle its plugins by their module's name). One that fails to import leaves
-    ``sys.path`` as it was."""
+    ``sys.path`` (they unpickle its plugins by their module's name). So that they are the same modules
+    there, a file beside it that the plugin imports must be found nowhere else either
+    (:func:`_refuse_helpers_found_elsewhere`). One that fails to import (or is refused) leaves
+    ``sys.path`` and ``sys.modules`` as they were."""
     added = not any(_same_folder(entry, str(folder)) for entry in sys.path)
     if added:
         sys.path.insert(0, str(folder))
+    modules_before = set(sys.modules)
     loaded = False
     try:
         module = importlib.import_module(name)
+        if added:
+            _refuse_helpers_found_elsewhere(spec, name, folder, set(sys.modules) - modules_before, how)
         loaded = True
         return module
     finally:
@@ -131,6 +141,82 @@ def _import_from(folder: Path, name: str) -> Any:
             sys.path.remove(str(folder))
             if loaded:  # a module that failed to import leaves sys.path as it was
                 sys.path.append(str(folder))
+                _PLUGIN_FOLDERS.append(folder)
+        if added and not loaded:
+            for new in set(sys.modules) - modules_before:
+                if new.split(".")[0] == name.split(".")[0] or _file_in(sys.modules[new], folder):
+                    del sys.modules[new]
+
+
+def _file_in(module: Any, folder: Path) -> bool:
+    """Whether the module's file is in ``folder`` itself or a package of it."""
+    return _is_in(getattr(module, "__file__", None), folder)
+
+
+def _is_in(file: str | None, folder: Path) -> bool:
+    return file is not None and folder in Path(file).resolve().parents
+
+
+def _refuse_helpers_found_elsewhere(spec: str, name: str, folder: Path, new: set[str], how: str) -> None:
+    """Refuse the plugin ``name`` when a top-level module it imported as it loaded (``new``) is a file
+    beside it whose name is found elsewhere too: installed (or standard), the file would hide that module
+    from the whole process, and the processes ``ddp_spawn`` starts (which import the plugin with its
+    folder last on ``sys.path``) would get the other one; in the folder of another plugin file, the second
+    plugin's import of it would get the first's (one module of that name per process). Also refused: a
+    module the plugin imported is a file of another plugin's folder while ``folder`` has one of that name."""
+    own = name.split(".")[0]
+    for helper in sorted({entry.split(".")[0] for entry in new} - {own}):
+        module = sys.modules.get(helper)
+        if module is None or not _file_in(module, folder):
+            continue
+        other = _found_outside(helper, folder)
+        if other is not None:
+            raise PluginModuleError(
+                f"{how} {spec}: it imports {helper!r} from beside it ({module.__file__!r}), a module that is "
+                f"also {other!r}: one module of a name per process, so the other would get this file, or "
+                f"this plugin the other (in ddp_spawn's processes too); rename {Path(module.__file__).name!r}"
+            )
+    beside = _module_names_in(folder) - {own}
+    for helper in sorted(beside & set(sys.modules)):
+        theirs = getattr(sys.modules[helper], "__file__", None)
+        if any(_is_in(theirs, other) for other in _PLUGIN_FOLDERS if other != folder):
+            raise PluginModuleError(
+                f"{how} {spec}: the module {helper!r} is {theirs!r} (beside another plugin, loaded before), "
+                f"but {str(folder)!r} has a file of that name too: an import of {helper!r} here gets the "
+                f"other plugin's; rename one of them"
+            )
+
+
+def _module_names_in(folder: Path) -> set[str]:
+    """The top-level modules of ``folder``: its ``NAME.py`` files and packages (``NAME/__init__.py``)."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return set()
+    return {
+        entry.stem if entry.suffix == ".py" else entry.name
+        for entry in entries
+        if (entry.suffix == ".py" and entry.is_file()) or (entry / "__init__.py").is_file()
+    }
+
+
+def _found_outside(name: str, folder: Path) -> str | None:
+    """Where the top-level module ``name`` is found with ``folder`` off ``sys.path`` (a file, standard or
+    installed, or another plugin's folder), or None: nowhere, or a namespace package only."""
+    elsewhere = [entry for entry in sys.path if not _same_folder(entry, str(folder))]
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        if find is None:
+            continue
+        try:
+            found = find(name, elsewhere) if finder is importlib.machinery.PathFinder else find(name, None)
+        except (ImportError, ValueError):
+            continue
+        if found is None or found.origin in (None, "namespace"):  # a namespace package: a file wins
+            continue
+        if not found.has_location or not _is_in(found.origin, folder):  # built-in, frozen, or a file
+            return found.origin
+    return None
 
 
 def _refuse_a_name_found_elsewhere(spec: str, name: str, folder: Path, how: str) -> None:

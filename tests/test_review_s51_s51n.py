@@ -48,6 +48,7 @@ def test_a_forgetting_hook_set_on_a_layer_reaches_its_scan(monkeypatch: pytest.M
     assert decay is None and momentum is None and decay_log is halved[0]
 
 
+@pytest.mark.slow  # one layer built: 0.01-1.6 s on 2 shared cores (the first layer of a process)
 def test_a_forgetting_hook_set_on_a_class_after_it_is_made_reaches_the_scan(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

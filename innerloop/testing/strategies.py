@@ -26,6 +26,31 @@ ALL_INNER_WRAPPINGS: tuple[tuple[bool, bool], ...] = (
     (False, True),
 )
 
+#: Above this many values, :func:`rich_first_integers` draws the rest with ``st.integers`` (a list of
+#: every value would be large).
+_LISTED_RANGE = 10_000
+
+
+def rich_first_integers(low: int, high: int, first: int) -> st.SearchStrategy[int]:
+    """Integers in ``[low, high]`` whose simplest example is ``first`` (clipped into the range), not ``low``.
+
+    Hypothesis's first example is the simplest one (``st.integers(1, n)`` gives 1, ``st.booleans()``
+    False, ``st.sampled_from`` its first element), and it shrinks a failure towards it: a strategy whose
+    minimum is trivial (one token, a mini-batch of 1, one head) spends a test's first example, and with
+    ``max_examples`` of 1 to 4 most of them, on a case where a dropped state carry, a wrong mini-batch
+    remainder or a transposed head changes nothing. The other values are drawn as before.
+    """
+    first = min(max(first, low), high)
+    if high - low > _LISTED_RANGE:
+        return st.one_of(st.just(first), st.integers(low, high))
+    return st.sampled_from([first, *(value for value in range(low, high + 1) if value != first)])
+
+
+def _true_first() -> st.SearchStrategy[bool]:
+    """Booleans whose simplest example is True (the option on: a gate, a convolution)."""
+    return st.sampled_from((True, False))
+
+
 #: The paper's wrapping alone (inner LayerNorm and residual on), the one the fused kernels compute.
 PAPER_INNER_WRAPPING: tuple[tuple[bool, bool], ...] = ((True, True),)
 
@@ -72,6 +97,20 @@ def _runs(model: str, rule: str) -> bool:
         return True
 
 
+def _rules_by_model(
+    inner_models: tuple[str, ...], update_rules: tuple[str, ...]
+) -> dict[str, tuple[str, ...]]:
+    """The rules of ``update_rules`` that run each model of ``inner_models``, for the models some rule runs (in
+    their order); a ValueError where none does."""
+    runs = {model: tuple(r for r in update_rules if _runs(model, r)) for model in inner_models}
+    if not any(runs.values()):
+        raise ValueError(
+            f"layer_configs: no update rule of {tuple(update_rules)} runs an inner model of {tuple(inner_models)} "
+            f"(e.g. {rule_refusal(inner_models[0], update_rules[0])})"
+        )
+    return {model: rules for model, rules in runs.items() if rules}
+
+
 @st.composite
 def layer_configs(
     draw: st.DrawFn,
@@ -85,6 +124,11 @@ def layer_configs(
 ) -> dict[str, Any]:
     """Keyword arguments of a small ``TTTLayer``: every option of the reference layer varies (head dims
     are even: the layer's RoPE rotates pairs; :func:`problems` also draws odd ones and 1).
+
+    The simplest example (hypothesis's first, and where it shrinks a failure to) is a rich one, not the
+    minimum of every range: two heads, a mini-batch of 3, the output gate and ``share_qk``'s convolutions
+    of kernel 3 on (:func:`rich_first_integers`); the first of ``head_dims``, ``inner_models``,
+    ``inner_losses``, ``update_rules`` and ``inner_wrappings``, so order those richest first.
 
     ``inner_wrappings`` are the ``(inner_norm, inner_residual)`` pairs drawn from: by default all four,
     so that a rule that ignores ``task.residual`` or the LayerNorm is caught. A test that a fused kernel
@@ -105,18 +149,12 @@ def layer_configs(
         _check_choices("layer_configs", name, values, "registered names")
     _check_choices("layer_configs", "inner_wrappings", inner_wrappings, "(inner_norm, inner_residual) pairs")
     head_dims = _check_head_dims("layer_configs", head_dims, even=True)
-    num_heads = draw(st.integers(1, max_heads))
+    num_heads = draw(rich_first_integers(1, max_heads, 2))
     head_dim = draw(st.sampled_from(head_dims))
     inner_norm, inner_residual = draw(st.sampled_from(inner_wrappings))
-    share_qk = draw(st.booleans())
-    runs = {model: tuple(r for r in update_rules if _runs(model, r)) for model in inner_models}
-    models = tuple(model for model in inner_models if runs[model])
-    if not models:
-        raise ValueError(
-            f"layer_configs: no update rule of {tuple(update_rules)} runs an inner model of {tuple(inner_models)} "
-            f"(e.g. {rule_refusal(inner_models[0], update_rules[0])})"
-        )
-    model = draw(st.sampled_from(models))
+    share_qk = draw(_true_first())
+    runs = _rules_by_model(inner_models, update_rules)
+    model = draw(st.sampled_from(tuple(runs)))
     loss = draw(st.sampled_from(inner_losses))
     return {
         "inner_norm": inner_norm,
@@ -126,23 +164,32 @@ def layer_configs(
         "inner_model": model,
         "inner_loss": loss,
         "update_rule": draw(st.sampled_from(runs[model])),
-        "mini_batch_size": draw(st.integers(1, max_mini_batch)),
+        "mini_batch_size": draw(rich_first_integers(1, max_mini_batch, 3)),
         "base_lr": draw(st.sampled_from([0.1, 1.0, 3.0])),
-        "use_gate": draw(st.booleans()),
+        "use_gate": draw(_true_first()),
         "share_qk": share_qk,
         # the kernel of share_qk's convolutions (a layer without them warns of another than the default)
-        "conv_kernel": draw(st.integers(1, 4)) if share_qk else DEFAULT_CONV_KERNEL,
+        "conv_kernel": draw(rich_first_integers(1, 4, 3)) if share_qk else DEFAULT_CONV_KERNEL,
     }
 
 
 @st.composite
 def split_points(draw: st.DrawFn, total: int, max_cuts: int = 4) -> list[int]:
-    """Sorted distinct cut points strictly inside ``[0, total]`` (possibly none)."""
+    """Sorted distinct cut points strictly inside ``[0, total]`` (possibly none).
+
+    The simplest example (hypothesis's first) cuts twice where it can, at ``total // 3`` and
+    ``2 * total // 3`` (8 tokens: read as 2, 3 and 3), not nowhere: a test of "any split equals the
+    whole" whose first example reads the sequence whole checks nothing.
+    """
     counts = _check_counts("split_points", total=(total, 0), max_cuts=(max_cuts, 0))
     total, max_cuts = counts["total"], counts["max_cuts"]
-    if total < 2:
+    if total < 2 or max_cuts == 0:
         return []
-    cuts = draw(st.lists(st.integers(1, total - 1), max_size=max_cuts, unique=True))
+    inside = range(1, total)
+    first = list(dict.fromkeys(min(max(total * k // 3, 1), total - 1) for k in (1, 2)))
+    positions = [*first, *(cut for cut in inside if cut not in first)]
+    size = draw(rich_first_integers(0, min(max_cuts, len(inside)), 2))
+    cuts = draw(st.lists(st.sampled_from(positions), min_size=size, max_size=size, unique=True))
     return sorted(cuts)
 
 
@@ -151,19 +198,22 @@ def views(
     draw: st.DrawFn,
     max_batch: int = 4,
     max_heads: int = 4,
-    head_dims: tuple[int, ...] = (1, 3, 4, 5, 8),
+    head_dims: tuple[int, ...] = (5, 1, 3, 4, 8),
     max_tokens: int = 40,
     dtype: torch.dtype = torch.float64,
 ) -> Views:
-    """Random ``Views`` (XQ, XK, XV ``[B, H, T, f]``) with values of moderate size."""
+    """Random ``Views`` (XQ, XK, XV ``[B, H, T, f]``) with values of moderate size.
+
+    The simplest example (hypothesis's first) is 2 sequences, 2 heads, 13 tokens and the first of
+    ``head_dims`` (5 by default), not one token of one head: see :func:`rich_first_integers`."""
     counts = _check_counts(
         "views", max_batch=(max_batch, 1), max_heads=(max_heads, 1), max_tokens=(max_tokens, 1)
     )
     head_dims = _check_head_dims("views", head_dims, even=False)
     shape = (
-        draw(st.integers(1, counts["max_batch"])),
-        draw(st.integers(1, counts["max_heads"])),
-        draw(st.integers(1, counts["max_tokens"])),
+        draw(rich_first_integers(1, counts["max_batch"], 2)),
+        draw(rich_first_integers(1, counts["max_heads"], 2)),
+        draw(rich_first_integers(1, counts["max_tokens"], 13)),
         draw(st.sampled_from(head_dims)),
     )
     generator = torch.Generator().manual_seed(draw(seeds()))
@@ -175,7 +225,7 @@ def problems(
     draw: st.DrawFn,
     max_batch: int = 4,
     max_heads: int = 6,
-    head_dims: tuple[int, ...] = (1, 3, 4, 5, 8),
+    head_dims: tuple[int, ...] = (5, 1, 3, 4, 8),
     max_tokens: int = 40,
     max_mini_batch: int = 6,
     inner_models: tuple[str, ...] | None = None,
@@ -185,8 +235,12 @@ def problems(
     ``max_batch``: a plugin wrong for the third sequence is caught), ``heads`` (up to ``max_heads``:
     past the fourth by default), ``head_dim`` (odd ones and 1 by default), ``tokens`` (up to
     ``max_tokens``: longer than a plugin's internal blocks of 16 or 32; ``check_update_rule`` without
-    a shape also runs a 150-token call) and ``mini_batch_size``. Hypothesis shrinks a failure to its
-    smallest shape.
+    a shape also runs a 150-token call) and ``mini_batch_size``.
+
+    The simplest example (hypothesis's first, and where it shrinks a failure towards) is a rich one: 2
+    sequences, 2 heads, the first of ``head_dims`` (5 by default), 13 tokens and a mini-batch of 3 (four
+    whole mini-batches and a remainder of one), not one token of one head
+    (:func:`rich_first_integers`).
 
     ``inner_models`` (registered names, e.g. ``("linear", "mlp")``) adds a drawn ``model`` to the
     arguments, for ``check_update_rule(rule, **shape)`` (which takes a model's name): a rule right for
@@ -209,10 +263,10 @@ def problems(
         _check_choices("problems", "inner_models", inner_models, "registered names (or None)")
     drawn: dict[str, Any] = {
         "batch": draw(st.integers(2, counts["max_batch"])),
-        "heads": draw(st.integers(1, counts["max_heads"])),
+        "heads": draw(rich_first_integers(1, counts["max_heads"], 2)),
         "head_dim": draw(st.sampled_from(head_dims)),
-        "tokens": draw(st.integers(1, counts["max_tokens"])),
-        "mini_batch_size": draw(st.integers(1, counts["max_mini_batch"])),
+        "tokens": draw(rich_first_integers(1, counts["max_tokens"], 13)),
+        "mini_batch_size": draw(rich_first_integers(1, counts["max_mini_batch"], 3)),
     }
     if inner_models is not None:
         drawn["model"] = draw(st.sampled_from(inner_models))
@@ -229,6 +283,7 @@ __all__ = [
     "PAPER_INNER_WRAPPING",
     "layer_configs",
     "problems",
+    "rich_first_integers",
     "seeds",
     "split_points",
     "views",

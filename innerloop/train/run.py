@@ -620,7 +620,7 @@ def train(
     if is_launched_worker():  # rank > 0 under Lightning's DDP launcher: rank 0 owns the out_dir
         return _train_in_locked_dir(run, cfg, resume, callbacks, replace_previous=False)
     with lock_run_dir(out_dir), _torch_flags_restored():
-        settle_previous_run(out_dir)  # an --overwrite launch killed before it ended
+        _settle_previous_run(out_dir, resume)  # an --overwrite launch killed before it ended
         remove_stale_temporaries(out_dir)
         settle_pending_checkpoint(out_dir)  # kept for --resume if whole and later, else removed
         if not resume:
@@ -630,6 +630,25 @@ def train(
         if not resume and not overwrite:
             refuse_previous_run(out_dir)
         return _train_in_locked_dir(run, cfg, resume, callbacks, replace_previous=overwrite)
+
+
+def _settle_previous_run(out_dir: Path, resume: bool) -> None:
+    """:func:`~innerloop.train.run_dir.settle_previous_run` what an ``--overwrite`` launch that was killed
+    left set aside. A resume that finds it so, with the previous run's config.yaml put back in place of the
+    killed launch's, is refused: its config was read from the killed launch's config.yaml (the Python
+    continuing call does that; the command line's ``--resume`` settles first,
+    :func:`~innerloop.train.run_dir.settle_interrupted_overwrite`), and would continue the previous run's
+    checkpoint with that launch's optim.* and trainer.*, writing them over the previous run's config."""
+    config = out_dir / "config.yaml"
+    before = config.read_bytes() if resume and config.is_file() else None
+    settle_previous_run(out_dir)
+    if before is not None and config.is_file() and config.read_bytes() != before:
+        raise RunDirError(
+            f"out_dir={str(out_dir)!r} held the config.yaml of a {given_flag('overwrite')} launch killed "
+            "before its first checkpoint, which the config given to this resume was likely read from; that "
+            "launch is undone and the previous run's files, its config.yaml too, are back as they were: "
+            f"read its config again to continue it, {continuing_call(out_dir)}"
+        )
 
 
 def check_new_run_holds_out_text(run: RunConfig) -> None:

@@ -33,3 +33,40 @@ def test_a_python_resume_after_a_killed_overwrite_does_not_take_the_killed_launc
     assert (out / "config.yaml").read_text() == previous  # the previous run, back as it was
     assert (out / "last.safetensors").read_bytes() == b"the previous run's weights"
     assert not list(out.glob(".replaced.*"))
+
+
+@pytest.mark.parametrize(
+    "folder", ["runs/${oops}", "runs/${oc.env:HOME}", "runs/a\\${x}", 'runs/it\'s "q" #2']
+)
+def test_a_python_built_run_with_a_literal_interpolation_saves_a_config_that_reads_back(
+    tmp_path, folder
+) -> None:
+    """save_config of a RunConfig built in Python (``train(run)`` without ``cfg`` saves it so) took a ``${``
+    in its strings for an interpolation: ``runs/${oops}`` raised OmegaConf's bare InterpolationKeyError
+    as the run began, and ``runs/${oc.env:HOME}`` was saved as the home folder, another out_dir. The
+    continuing call a message gives, ``load_config('<out_dir>/config.yaml', [], out_dir=...)``, now reads
+    back the run that was saved."""
+    import dataclasses
+
+    from innerloop.train.run import continuing_call
+
+    out = tmp_path / folder
+    run, _ = load_config("tiny", [*TINY, "optim.lr=3e-4"])
+    run = dataclasses.replace(run, out_dir=str(out))
+    out.mkdir(parents=True)
+    save_config(run, out / "config.yaml")
+    assert "load_config(" in continuing_call(out)
+    assert load_config(str(out / "config.yaml"), [], out_dir=str(out))[0] == run
+    assert load_config(str(out / "config.yaml"))[0].out_dir == str(out)  # as saved, not another folder
+
+
+def test_a_command_line_out_dir_with_an_escaped_interpolation_saves_a_config_that_reads_back(
+    tmp_path,
+) -> None:
+    """``out_dir=runs/\\${x}`` on the command line is the folder ``runs/${x}``; its config.yaml said
+    ``out_dir: runs/${x}``, which load_config read as an interpolation and refused (``--resume`` of that
+    run: 'Interpolation key 'x' not found'), though the resume command a message gives quotes it right."""
+    run, cfg = load_config("tiny", [*TINY, f"out_dir={tmp_path}/runs/\\${{x}}"])
+    assert run.out_dir == f"{tmp_path}/runs/${{x}}"
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(str(tmp_path / "config.yaml"))[0] == run

@@ -1885,7 +1885,25 @@ def save_config(cfg: DictConfig | RunConfig, path: str | os.PathLike[str], comme
     """Write the resolved config as YAML, atomically; :func:`load_config` reads it back. ``comment``
     (lines) goes first, as YAML comments (what the config does not hold, such as the plugin modules
     loaded with ``-p``)."""
-    container = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
+    if isinstance(cfg, DictConfig):
+        values = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    else:  # a Python object's strings are what they say: a ${ in them is no interpolation
+        values = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=False, enum_to_str=True)
     header = "".join(f"# {line}\n" for line in comment.splitlines())
+    text = OmegaConf.to_yaml(OmegaConf.create(_with_literal_interpolations(values)))
     # '~' is the home folder, as load_config reads it (pathlib's would be a folder named '~')
-    return atomic_write_text(user_path(path), header + OmegaConf.to_yaml(container, resolve=True))
+    return atomic_write_text(user_path(path), header + text)
+
+
+def _with_literal_interpolations(tree: Any) -> Any:
+    """``tree`` (a resolved config's dicts, lists and values) with each string's ``${`` escaped as
+    OmegaConf reads it back literally (n backslashes before it become 2n + 1): a saved ``out_dir`` or data
+    path that holds ``${`` read back as an interpolation, and the run's config.yaml could not be loaded
+    again (``--resume``, evaluate), or named another folder."""
+    if isinstance(tree, dict):
+        return {key: _with_literal_interpolations(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_with_literal_interpolations(value) for value in tree]
+    if isinstance(tree, str) and "${" in tree:
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", tree)
+    return tree

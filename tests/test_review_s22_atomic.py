@@ -396,9 +396,10 @@ def test_the_listed_write_sites_still_use_the_atomic_helpers():
     would fail here, before any kill test notices)."""
     uses = {
         "innerloop/checkpoints.py": "atomic_write(path, lambda tmp: save_file(",
-        "innerloop/config/load.py": "atomic_write_text(user_path(path), header + OmegaConf.to_yaml(",
+        "innerloop/config/load.py": "atomic_write_text(user_path(path), header + text)",
         "innerloop/train/plots.py": "atomic_write(user_path(path), lambda tmp: fig.savefig(",
-        "innerloop/train/loggers.py": "atomic_write(self.metrics_file_path",
+        # metrics.csv: rewritten atomically under new columns, else appended whole or not at all (s51o)
+        "innerloop/train/loggers.py": 'atomic_write(path, lambda tmp: Path(tmp).write_bytes(text.getvalue().encode("utf-8")))',
         "innerloop/train/compare.py": "remove_stale_temporaries_of(",
         "innerloop/data/tokenizer.py": "atomic_write_text(out / TOKENIZER_FILE",
         "innerloop/hf/modeling.py": "atomic_write_text(path, json.dumps(record",

@@ -42,7 +42,7 @@ from innerloop.config.load import ConfigError, given_flag, read_run_config
 from innerloop.config.trainer_args import is_launched_worker as is_launched_worker  # first home: config
 from innerloop.core.durable import fsync_directory
 from innerloop.data.atomic import stale_temporaries
-from innerloop.train.loggers import SUPERSEDED_METRICS
+from innerloop.train.loggers import SUPERSEDED_METRICS, cut_torn_row
 
 log = logging.getLogger(__name__)
 
@@ -361,6 +361,9 @@ def remove_stale_temporaries(out_dir: str | os.PathLike[str]) -> list[Path]:
         log.warning(
             "removed %d temporary file(s) left by an interrupted run in %s: %s", len(stale), out_dir, names
         )
+    for metrics in sorted(out_dir.glob("logs/version_*/metrics.csv")):
+        if metrics.is_file() and cut_torn_row(metrics):  # a flush's append that was killed
+            log.warning("removed the unfinished last row an interrupted run left in %s", metrics)
     return stale
 
 

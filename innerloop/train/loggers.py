@@ -2,8 +2,8 @@
 
 Each writes under ``<out_dir>/logs/``, all of one launch in one folder ``version_<n>``:
 
-- ``csv``: ``logs/version_<n>/metrics.csv`` (Lightning's CSVLogger; each write of the file, which
-  Lightning appends to in place, is made atomic here) and ``hparams.yaml`` (written atomically here); a resume moves
+- ``csv``: ``logs/version_<n>/metrics.csv`` (Lightning's CSVLogger; each flush's rows are appended whole
+  or not at all, a rewrite under new columns is atomic) and ``hparams.yaml`` (written atomically here); a resume moves
   the rows earlier launches logged past its checkpoint into ``metrics.superseded.csv`` beside theirs;
 - ``tensorboard``: ``logs/version_<n>/tensorboard/events.out.tfevents.*`` (``tensorboard --logdir
   <out_dir>/logs``) and its ``hparams.yaml`` (written atomically here);
@@ -176,8 +176,9 @@ class _AtomicExperimentWriter(ExperimentWriter):
         atomic_write(target, lambda tmp: save_hparams_to_yaml(tmp, self.hparams))
 
     def save(self) -> None:
-        """Write the recorded rows: ``metrics.csv`` with them added, replaced atomically (Lightning
-        appends in place: a full disk or a kill partway left a torn last row, a number cut short)."""
+        """Write the recorded rows: appended whole, or not at all (:func:`append_whole`; Lightning's
+        append left a torn last row at a full disk, a number cut short); under new columns, the file
+        with its header and the rows so far, replaced atomically."""
         if not self.metrics:
             return
         new_keys = self._record_new_keys()

@@ -66,6 +66,33 @@ def test_a_killed_tensorboard_hparams_write_leaves_no_temporary_file_behind(tmp_
     assert not stale.exists() and events.exists()
 
 
+def _previous_run(folder) -> dict[str, str]:
+    """Write a previous run's files (a checkpoint, a later pending one, its outputs) into ``folder``."""
+    from innerloop.train import run_dir
+
+    previous = {"config.yaml": "seed: 0\n", "last.safetensors": "weights", "loss_by_position.csv": "a,b\n"}
+    previous[run_dir.PENDING_CHECKPOINT] = "later weights"
+    for name, text in previous.items():
+        (folder / name).write_text(text)
+    return previous
+
+
+def _kill_after_renames(monkeypatch, renames_done: int) -> None:
+    """Make run_dir's ``os.replace`` end the process (a KeyboardInterrupt standing in for SIGKILL, without
+    the clean-up) after ``renames_done`` renames."""
+    from innerloop.train import run_dir
+
+    real_replace, done = os.replace, []
+
+    def killed_after_some(source, target):
+        if len(done) == renames_done:
+            raise KeyboardInterrupt
+        done.append(target)
+        real_replace(source, target)
+
+    monkeypatch.setattr(run_dir.os, "replace", killed_after_some)
+
+
 @pytest.mark.parametrize("renames_done", [1, 2, 3])
 def test_a_launch_killed_while_setting_the_previous_run_aside_loses_none_of_it(
     tmp_path, monkeypatch, renames_done
@@ -75,22 +102,11 @@ def test_a_launch_killed_while_setting_the_previous_run_aside_loses_none_of_it(
     and removed the set-aside files (config.yaml first: the run could not be resumed)."""
     from innerloop.train import run_dir
 
-    previous = {"config.yaml": "seed: 0\n", "last.safetensors": "weights", "loss_by_position.csv": "a,b\n"}
-    previous[run_dir.PENDING_CHECKPOINT] = "later weights"
-    for name, text in previous.items():
-        (tmp_path / name).write_text(text)
-    real_replace, done = os.replace, []
-
-    def killed_after_some(source, target):
-        if len(done) == renames_done:
-            raise KeyboardInterrupt  # the process ends here (as SIGKILL would, without the clean-up)
-        done.append(target)
-        real_replace(source, target)
-
-    monkeypatch.setattr(run_dir.os, "replace", killed_after_some)
+    previous = _previous_run(tmp_path)
+    _kill_after_renames(monkeypatch, renames_done)
     with pytest.raises(KeyboardInterrupt):
         run_dir.set_aside_previous_run(tmp_path)
-    monkeypatch.setattr(run_dir.os, "replace", real_replace)
+    monkeypatch.undo()  # the next launch renames as usual
     run_dir.settle_previous_run(tmp_path)  # the next launch
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == previous
 
@@ -105,25 +121,14 @@ def test_a_launch_killed_while_putting_the_previous_run_back_loses_none_of_it(
     counted as the new run's unconfirmed one and went too)."""
     from innerloop.train import run_dir
 
-    previous = {"config.yaml": "seed: 0\n", "last.safetensors": "weights", "loss_by_position.csv": "a,b\n"}
-    previous[run_dir.PENDING_CHECKPOINT] = "later weights"
-    for name, text in previous.items():
-        (tmp_path / name).write_text(text)
+    previous = _previous_run(tmp_path)
     run_dir.set_aside_previous_run(tmp_path)
     (tmp_path / "config.yaml").write_text("seed: 1\n")  # the new run's, then it stopped without a checkpoint
     (tmp_path / run_dir.PENDING_CHECKPOINT).write_text("the new run's unconfirmed first step")
-    real_replace, done = os.replace, []
-
-    def killed_after_some(source, target):
-        if len(done) == renames_done:
-            raise KeyboardInterrupt  # the process ends here (as SIGKILL would, without the clean-up)
-        done.append(target)
-        real_replace(source, target)
-
-    monkeypatch.setattr(run_dir.os, "replace", killed_after_some)
+    _kill_after_renames(monkeypatch, renames_done)
     with pytest.raises(KeyboardInterrupt):
         run_dir.settle_previous_run(tmp_path)
-    monkeypatch.setattr(run_dir.os, "replace", real_replace)
+    monkeypatch.undo()  # the next launch renames as usual
     run_dir.settle_previous_run(tmp_path)  # the next launch
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == previous
 

@@ -141,13 +141,8 @@ def arguments_of_the_caller(parameters: Mapping[str, str]) -> Iterator[None]:
     another: ``evaluation_windows``'s ``seq_len`` for ``compare``'s ``seq_lens``) name the caller's
     argument ``parameters[inner]`` as its own caller gave it (:func:`argument_name`: ``--seq-len`` on the
     command line, ``seq_lens`` from Python)."""
-    options = _COMMAND_LINE_OPTIONS.get()
-    named = {inner: argument_name(outer) for inner, outer in parameters.items()}
-    token = _COMMAND_LINE_OPTIONS.set({**(options or {}), **named})
-    try:
+    with command_line_options({inner: argument_name(outer) for inner, outer in parameters.items()}):
         yield
-    finally:
-        _COMMAND_LINE_OPTIONS.reset(token)
 
 
 PRESET_OR_FILE = "preset_or_file"

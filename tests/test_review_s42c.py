@@ -49,7 +49,13 @@ from innerloop.models.attention import CausalSelfAttention
 from innerloop.registry import get_registry
 from innerloop.testing import check_update_rule, run_layer_in_chunks
 from innerloop.testing.checks import FLOAT64_TOLERANCE, assert_close, assert_states_close
-from innerloop.testing.strategies import layer_configs, rich_first_integers, seeds, split_points
+from innerloop.testing.strategies import (
+    GatedTTTLayer,
+    layer_configs,
+    rich_first_integers,
+    seeds,
+    split_points,
+)
 
 MODELS = ("linear", "mlp", "matrix")
 LOSSES = ("reconstruction", "next_token", "dot_product")
@@ -133,11 +139,12 @@ def test_every_model_loss_and_rule_splits_decodes_and_batches_like_the_whole(tri
     model, loss, rule = triple
     config = data.draw(
         layer_configs(
-            inner_models=(model,), inner_losses=(loss,), update_rules=(rule,), max_heads=2, head_dims=(4,)
+            inner_models=(model,), inner_losses=(loss,), update_rules=(rule,), max_heads=2, head_dims=(4,),
+            gates=True,  # decay and (the momentum rule) momentum gates: their carry between calls is checked
         )
-    )
+    )  # fmt: skip
     torch.manual_seed(seed % 1000)
-    layer = _perturbed(TTTLayer(**config, kernel="torch"), seed % 1000, 0.1)
+    layer = _perturbed(GatedTTTLayer(**config, kernel="torch"), seed % 1000, 0.1)
     x = _x(2, tokens, seed, config["hidden_size"])
     with torch.no_grad():
         whole, whole_state = layer(x)
@@ -151,7 +158,9 @@ def test_every_model_loss_and_rule_splits_decodes_and_batches_like_the_whole(tri
     assert_states_close(decoded_state, whole_state, "prefill + decode vs whole", FLOAT64_TOLERANCE)
     assert_close(whole[:1], alone, "row 0 of the batch vs alone", FLOAT64_TOLERANCE)
     if rule == "dual_form":
-        primal = _perturbed(TTTLayer(**{**config, "update_rule": "minibatch_gd"}, kernel="torch"), 0, 0.0)
+        primal = _perturbed(
+            GatedTTTLayer(**{**config, "update_rule": "minibatch_gd"}, kernel="torch"), 0, 0.0
+        )
         primal.load_state_dict(layer.state_dict())
         with torch.no_grad():
             assert_close(primal(x)[0], whole, "primal vs dual", FLOAT64_TOLERANCE)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from innerloop.core.layer import DEFAULT_CONV_KERNEL
+from innerloop.core.layer import DEFAULT_CONV_KERNEL, TTTLayer
 from innerloop.core.protocol import Views
 from innerloop.testing.checks import as_index, rule_refusal
 
@@ -111,6 +111,39 @@ def _rules_by_model(
     return {model: rules for model, rules in runs.items() if rules}
 
 
+class GatedTTTLayer(TTTLayer):
+    """A ``TTTLayer`` with forgetting gates of its input, causal and per token and head: ``decay =
+    0.5 sigmoid(x[..., h])`` and ``momentum = sigmoid(x[..., H + h])`` (no parameters: the first ``2 H``
+    channels of ``x``; the layer's head dims are even, so there are that many). Where :func:`layer_configs` is asked for
+    ``gates=True``, its configs build this layer: a test of "any split equals the whole" then sees a
+    layer that drops the decay product or the momentum rule's ``S`` between calls fail.
+
+    Args (beyond :class:`TTTLayer`'s): ``decay_gate`` and ``momentum_gate`` turn each gate on; the
+    momentum gate reaches the scan only with a rule that ``supports_momentum`` (``momentum``).
+    """
+
+    def __init__(
+        self, *args: Any, decay_gate: bool = True, momentum_gate: bool = True, **options: Any
+    ) -> None:
+        super().__init__(*args, **options)  # head dims are even (RoPE): hidden_size >= 2 num_heads
+        self.decay_gate, self.momentum_gate = bool(decay_gate), bool(momentum_gate)
+
+    def forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(decay, momentum)`` ``[B, H, T]`` for ``x [B, T, D]`` (None for a gate that is off)."""
+        heads = self.num_heads
+        gates = torch.sigmoid(x[..., : 2 * heads].unflatten(-1, (2, heads))).transpose(1, 3)  # [B, H, 2, T]
+        decay = 0.5 * gates[:, :, 0] if self.decay_gate else None
+        momentum = gates[:, :, 1] if self.momentum_gate and self.update_rule.supports_momentum else None
+        return decay, momentum
+
+
+def _gate_options(draw: st.DrawFn, gates: bool) -> dict[str, bool]:
+    """:class:`GatedTTTLayer`'s options where ``gates`` (both on first), else none."""
+    if not gates:
+        return {}
+    return {"decay_gate": draw(_true_first()), "momentum_gate": draw(_true_first())}
+
+
 @st.composite
 def layer_configs(
     draw: st.DrawFn,
@@ -121,6 +154,7 @@ def layer_configs(
     head_dims: tuple[int, ...] = (4, 6, 8),
     max_mini_batch: int = 6,
     inner_wrappings: tuple[tuple[bool, bool], ...] = ALL_INNER_WRAPPINGS,
+    gates: bool = False,
 ) -> dict[str, Any]:
     """Keyword arguments of a small ``TTTLayer``: every option of the reference layer varies (head dims
     are even: the layer's RoPE rotates pairs; :func:`problems` also draws odd ones and 1).
@@ -135,17 +169,16 @@ def layer_configs(
     is used should pass :data:`PAPER_INNER_WRAPPING` (both on, the paper's), the only wrapping those
     kernels compute; with the others ``kernel="auto"`` runs the torch path.
 
+    ``gates=True``: the config builds a :class:`GatedTTTLayer` (decay and momentum gates, on first).
+
     The drawn ``update_rule`` runs the drawn ``inner_model`` (its ``check_model``: ``dual_form`` takes
     stack models only); a ``ValueError`` names choices where no rule runs any model. A name not
     registered when the strategy draws (a plugin the test registers in its body) is not filtered.
     """
     counts = _check_counts("layer_configs", max_heads=(max_heads, 1), max_mini_batch=(max_mini_batch, 1))
     max_heads, max_mini_batch = counts["max_heads"], counts["max_mini_batch"]
-    for name, values in (
-        ("inner_models", inner_models),
-        ("inner_losses", inner_losses),
-        ("update_rules", update_rules),
-    ):
+    names = {"inner_models": inner_models, "inner_losses": inner_losses, "update_rules": update_rules}
+    for name, values in names.items():
         _check_choices("layer_configs", name, values, "registered names")
     _check_choices("layer_configs", "inner_wrappings", inner_wrappings, "(inner_norm, inner_residual) pairs")
     head_dims = _check_head_dims("layer_configs", head_dims, even=True)
@@ -170,6 +203,7 @@ def layer_configs(
         "share_qk": share_qk,
         # the kernel of share_qk's convolutions (a layer without them warns of another than the default)
         "conv_kernel": draw(rich_first_integers(1, 4, 3)) if share_qk else DEFAULT_CONV_KERNEL,
+        **_gate_options(draw, gates),
     }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy
@@ -37,6 +38,50 @@ SUPPORTED_BASE_ARGUMENTS = (
     "the model reads, and token_type_ids of one segment (all 0)"
 )
 """What ``InnerloopModel.forward`` (the network without its LM head) reads."""
+
+
+@dataclass(frozen=True)
+class SequenceGiven:
+    """The sequence argument the caller passed, ``input_ids`` or ``inputs_embeds``, and its shape: what
+    every argument error names (inside ``forward`` ids of 0 stand for the embeddings, so their shape
+    alone would name an argument the caller never passed). Shown as ``"inputs_embeds [2, 3, 32]"``."""
+
+    name: str
+    shape: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{self.name} {list(self.shape)}"
+
+
+def sequence_given(input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None) -> SequenceGiven:
+    """The :class:`SequenceGiven` of a call: ``inputs_embeds`` where given (``input_ids`` are then the
+    ids standing for them), else ``input_ids``."""
+    if inputs_embeds is not None:
+        return SequenceGiven("inputs_embeds", tuple(inputs_embeds.shape))
+    return SequenceGiven("input_ids", tuple(input_ids.shape))
+
+
+def shown_argument(name: str, value: Any) -> str:
+    """``"input_ids [2, 3]"`` for a tensor, ``"input_ids (a list)"`` otherwise: an argument as a message
+    shows it before its shape has been checked."""
+    if isinstance(value, torch.Tensor):
+        return f"{name} {list(value.shape)}"
+    return f"{name} (a {type(value).__name__})"
+
+
+def check_one_sequence(owner: str, input_ids: Any, inputs_embeds: Any, hidden_size: int) -> None:
+    """Refuse a call of ``owner``'s forward given both ``input_ids`` and ``inputs_embeds``, or neither,
+    naming what was given and the shapes each takes."""
+    if (input_ids is None) != (inputs_embeds is None):
+        return
+    if input_ids is None:
+        got = "neither"
+    else:
+        got = f"{shown_argument('input_ids', input_ids)} and {shown_argument('inputs_embeds', inputs_embeds)}"
+    raise ValueError(
+        f"{owner} takes input_ids or inputs_embeds: give one of them (input_ids [batch, length] or "
+        f"inputs_embeds [batch, length, hidden_size={hidden_size}]), got {got}"
+    )
 
 
 def check_num_items_in_batch(value: Any) -> float | None:
@@ -79,12 +124,19 @@ def one_cache(cache: Any, past_key_values: Any, cache_params: Any) -> Any:
     return next(iter(given.values()), None)
 
 
-def check_mask_shape(attention_mask: Any, input_ids: torch.Tensor, cached: int, caller: str = "") -> None:
+def check_mask_shape(
+    attention_mask: Any,
+    input_ids: torch.Tensor,
+    cached: int,
+    caller: str = "",
+    given: SequenceGiven | None = None,
+) -> None:
     """``attention_mask`` covers the tokens the cache has read (``cached``) and the new ones, as in
     transformers: ``[batch, cached + length]``; with a cache, ``[batch, length]`` is taken too (a mask of
     the new tokens alone, what many decoding loops pass, or in ``generate()`` the whole prompt passed
     with its cache). Anything else is refused, naming both shapes; ``caller`` (``"generate()"``) starts
-    the message. (The mask's values are checked by :func:`check_mask_values`.)"""
+    the message; ``given``, the sequence argument the caller passed (default: ``input_ids``), is named.
+    (The mask's values are checked by :func:`check_mask_values`.)"""
     if attention_mask is None:
         return
     batch, length = input_ids.shape
@@ -93,9 +145,10 @@ def check_mask_shape(attention_mask: Any, input_ids: torch.Tensor, cached: int, 
     if isinstance(attention_mask, torch.Tensor) and list(attention_mask.shape) in valid:
         return
     also = f", or [batch, length] = {valid[1]}" if cached else ""
+    given = given or sequence_given(input_ids, None)
     raise ValueError(
         f"{caller + ': ' if caller else ''}attention_mask must be [batch, cached + length] = {expected}{also} "
-        f"(input_ids {list(input_ids.shape)} after {cached} tokens in the cache), got {_shape_of(attention_mask)}"
+        f"({given} after {cached} tokens in the cache), got {_shape_of(attention_mask)}"
     )
 
 
@@ -108,6 +161,7 @@ def check_other_arguments(
     attention_mask: torch.Tensor | None = None,
     generates: bool = True,
     pads: torch.Tensor | None = None,
+    given: SequenceGiven | None = None,
 ) -> None:
     """Refuse, naming them, the arguments ``forward`` does not read, but accept what changes nothing:
     an argument given as None, ``output_attentions`` off, and ``position_ids`` / ``cache_position`` equal
@@ -118,14 +172,15 @@ def check_other_arguments(
     each row's pads) ``position_ids`` count each row's own tokens (``start - pads .. ``, as that recipe
     gives them), while ``cache_position`` counts columns. ``owner`` and ``supported``: the class and
     what its forward reads, for the message; ``generates``: the model is a ``GenerationMixin``, whose
-    ``generate(stop_strings=..., tokenizer=...)`` passes ``tokenizer`` along (accepted, unused)."""
+    ``generate(stop_strings=..., tokenizer=...)`` passes ``tokenizer`` along (accepted, unused); ``given``:
+    the sequence argument the caller passed, named by a refusal of the positions (None: ``input_ids``)."""
     unsupported = []
     for name, value in arguments.items():
         if value is None:
             continue
         if name in ("position_ids", "cache_position"):
             offsets = pads if name == "position_ids" else None
-            _check_positions(name, value, start, length, attention_mask, offsets)
+            _check_positions(name, value, start, length, attention_mask, offsets, given)
         elif name == "tokenizer" and generates:  # generate(stop_strings=...) passes it
             continue
         elif name == "token_type_ids":
@@ -166,10 +221,11 @@ def _check_positions(
     length: int,
     attention_mask: torch.Tensor | None = None,
     offsets: torch.Tensor | None = None,
+    given: SequenceGiven | None = None,
 ) -> None:
     """``value`` must be ``[length]`` or ``[rows, length]`` integer positions ``start .. start + length - 1``
     (any where ``attention_mask [rows, start + length]`` is 0: a pad's position is read by nothing), less
-    each row's ``offsets [rows]`` (its left pads) when given."""
+    each row's ``offsets [rows]`` (its left pads) when given; ``given`` names the sequence passed."""
     expected = torch.arange(start, start + length)
     if offsets is not None:
         expected = expected - offsets.detach().cpu()[:, None]  # [rows, length]
@@ -188,7 +244,7 @@ def _check_positions(
             return
     shown = value.tolist() if isinstance(value, torch.Tensor) and value.numel() <= 16 else _shape_of(value)
     raise ValueError(
-        f"{name} must be the positions of input_ids after the {start} tokens in the cache, "
+        f"{name} must be the positions of {given or 'input_ids'} after the {start} tokens in the cache, "
         f"{start}..{start + length - 1} ([{length}] or [batch, {length}]), got {shown}: innerloop models "
         f"count positions in their cache{_left_padding_note(offsets)}; leave {name} out"
         f"{_packing_note(value) if fits else ''}"
@@ -223,7 +279,9 @@ def _shape_of(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def check_logits_to_keep(logits_to_keep: Any, batch: int, length: int) -> None:
+def check_logits_to_keep(
+    logits_to_keep: Any, batch: int, length: int, given: SequenceGiven | None = None
+) -> None:
     """Refuse a ``logits_to_keep`` that transformers' models do not take, or that points outside the
     logits of ``input_ids [batch, length]`` (``transformers.modeling_utils.slice_logits_to_keep``, which
     ``forward`` applies to the logits ``[batch, length, V]``):
@@ -235,18 +293,20 @@ def check_logits_to_keep(logits_to_keep: Any, batch: int, length: int) -> None:
     - a bool tensor is a mask of the positions kept, ``[length]`` for every row or ``[batch, length]``
       (the kept logits of a 2-D mask then come flattened, ``[kept, V]``).
 
-    The message names what was given and what is valid. Reading a tensor's range costs one device sync.
+    The message names what was given, what is valid and the sequence argument passed (``given``; None:
+    ``input_ids [batch, length]``). Reading a tensor's range costs one device sync.
     """
     logits_to_keep = plain_logits_to_keep(logits_to_keep)
     if isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool) and logits_to_keep >= 0:
         return
-    problem = _logits_to_keep_problem(logits_to_keep, batch, length)
+    given = given or SequenceGiven("input_ids", (batch, length))
+    problem = _logits_to_keep_problem(logits_to_keep, batch, length, given.name)
     if problem is None:
         return
     raise ValueError(
         f"logits_to_keep must be an int >= 0 (keep the last k positions; 0 keeps all), a 1-D integer tensor "
         f"of positions {-length}..{length - 1}, a [{batch}, n] one of positions 0..{length - 1}, or a bool "
-        f"mask [{length}] or [{batch}, {length}] (input_ids are [{batch}, {length}]), got {problem}"
+        f"mask [{length}] or [{batch}, {length}] ({given}), got {problem}"
     )
 
 
@@ -260,9 +320,10 @@ def plain_logits_to_keep(logits_to_keep: Any) -> Any:
     return logits_to_keep if integer is None else integer
 
 
-def _logits_to_keep_problem(logits_to_keep: Any, batch: int, length: int) -> str | None:
+def _logits_to_keep_problem(logits_to_keep: Any, batch: int, length: int, sequence: str) -> str | None:
     """What is wrong with a ``logits_to_keep`` that is not an int ``>= 0`` (see
-    :func:`check_logits_to_keep`), as the end of its message, or None when it is valid."""
+    :func:`check_logits_to_keep`), as the end of its message, or None when it is valid; ``sequence``
+    names the argument whose positions they are."""
     if not isinstance(logits_to_keep, torch.Tensor):
         return f"{logits_to_keep!r} ({type(logits_to_keep).__name__})"
     shape, dtype = list(logits_to_keep.shape), logits_to_keep.dtype
@@ -279,7 +340,7 @@ def _logits_to_keep_problem(logits_to_keep: Any, batch: int, length: int) -> str
     lowest = -length if logits_to_keep.dim() == 1 else 0  # a 1-D tensor indexes: -1 is the last position
     if low >= lowest and high < length:
         return None
-    return f"position {low if low < lowest else high}, outside the {length} positions of input_ids"
+    return f"position {low if low < lowest else high}, outside the {length} positions of {sequence}"
 
 
 def _is_integer(dtype: torch.dtype) -> bool:

@@ -61,6 +61,7 @@ from innerloop.data.atomic import atomic_write_text, file_sha256, permissions_to
 from innerloop.hf.arguments import (
     SUPPORTED_ARGUMENTS,
     SUPPORTED_BASE_ARGUMENTS,
+    SequenceGiven,
     check_flag,
     check_generation_counts,
     check_logits_to_keep,
@@ -68,11 +69,14 @@ from innerloop.hf.arguments import (
     check_mask_values,
     check_not_assisted,
     check_num_items_in_batch,
+    check_one_sequence,
     check_other_arguments,
     hidden_states_wanted,
     one_cache,
     plain_logits_to_keep,
     recording_hidden_states,
+    sequence_given,
+    shown_argument,
 )
 from innerloop.hf.configuration import InnerloopConfig, model_config_from, with_earlier_defaults
 from innerloop.hf.remote_code import AUTO_MAP, write_shims
@@ -756,9 +760,12 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         cache = one_cache(*caches)
         self._check_cache(cache)
         input_ids, may_cache, hidden, pads = self._check_inputs(
-            input_ids, attention_mask, cache, use_cache, output_hidden_states, embedded=embeds is not None
+            input_ids, attention_mask, cache, use_cache, output_hidden_states, embeds
         )
-        self._check_arguments(kwargs, input_ids, cache, logits_to_keep, return_dict, attention_mask, pads)
+        given = sequence_given(input_ids, embeds)  # what the messages name: the argument passed
+        self._check_arguments(
+            kwargs, input_ids, cache, logits_to_keep, return_dict, attention_mask, pads, given
+        )
         return input_ids, cache, may_cache, hidden, pads, embeds
 
     def _checked_embeddings(self, input_ids: Any, inputs_embeds: Any) -> torch.Tensor | None:
@@ -767,15 +774,12 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         trains on the next token ids."""
         if inputs_embeds is None and input_ids is not None:
             return None
-        name = type(self).__name__
-        if input_ids is not None or inputs_embeds is None:
-            raise ValueError(
-                f"{name} takes input_ids or inputs_embeds: give one of them, not both or neither"
-            )
+        check_one_sequence(type(self).__name__, input_ids, inputs_embeds, self.config.hidden_size)
         if self.config.model["mixer"] == E2E:  # type: ignore[index]
             raise ValueError(
-                f"inputs_embeds is not supported for the TTT-E2E model (model.mixer={E2E!r}): its inner loop "
-                "trains on the next token ids, which embeddings do not give; pass input_ids"
+                f"{shown_argument('inputs_embeds', inputs_embeds)} is not supported for the TTT-E2E model "
+                f"(model.mixer={E2E!r}): its inner loop trains on the next token ids, which embeddings do "
+                "not give; pass input_ids"
             )
         hidden = self.config.hidden_size
         if not isinstance(inputs_embeds, torch.Tensor):
@@ -903,7 +907,7 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         cache: InnerloopCache | None,
         use_cache: bool | None,
         output_hidden_states: bool | None,
-        embedded: bool = False,
+        embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, bool, bool, torch.Tensor | None]:
         """Check the ids' layout (first: the other checks read their shape), the mask, ``use_cache`` and
         the ids' values where the mask reads them (a right padding's ids are never scored, and a tokenizer
@@ -911,13 +915,14 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         the ids with the padding's set to 0 (:func:`padding_zeroed`), whether a cache may be returned
         (see :func:`check_attention_mask`), whether the hidden states are wanted and each row's left pads
         (:func:`padded_rows`; None without left padding). First, that ``config.model`` still describes the
-        built model (an edit there it cannot follow is refused). ``embedded``: the ids stand for the
-        ``inputs_embeds`` given (the messages name those)."""
+        built model (an edit there it cannot follow is refused). ``embeds``: the ``inputs_embeds``
+        given, which the ids stand for (the messages name them: :func:`sequence_given`)."""
         self._sync_model_config()
         check_token_ids_shape(input_ids)
-        check_cache_batch(cache, input_ids.shape[0], "inputs_embeds" if embedded else "input_ids")
+        given = sequence_given(input_ids, embeds)
+        check_cache_batch(cache, input_ids.shape[0], given.name)
         cached = 0 if cache is None else cache.seq_length
-        check_mask_shape(attention_mask, input_ids, cached)
+        check_mask_shape(attention_mask, input_ids, cached, given=given)
         check_mask_values(attention_mask)
         check_flag("use_cache", use_cache)
         pads = padded_rows(attention_mask, cache, input_ids.shape[1])
@@ -940,10 +945,12 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         return_dict: Any,
         attention_mask: torch.Tensor | None = None,
         pads: torch.Tensor | None = None,
+        given: SequenceGiven | None = None,
     ) -> None:
         """Check ``forward``'s other arguments (:func:`~innerloop.hf.arguments.check_other_arguments`,
         which reads the checked ``attention_mask`` and each row's left ``pads``), ``logits_to_keep``
-        against the ids' shape, and ``return_dict``."""
+        against the ids' shape, and ``return_dict``; the messages name ``given``, the sequence argument
+        the caller passed."""
         start = 0 if cache is None else cache.seq_length
         check_other_arguments(
             kwargs,
@@ -954,8 +961,9 @@ class InnerloopPreTrainedModel(PreTrainedModel):
             attention_mask,
             generates=isinstance(self, GenerationMixin),  # a subclass's too, whatever its name
             pads=pads,
+            given=given,
         )
-        check_logits_to_keep(logits_to_keep, *input_ids.shape)
+        check_logits_to_keep(logits_to_keep, *input_ids.shape, given=given)
         check_flag("return_dict", return_dict)
 
     def _check_cache(self, cache: Any) -> None:
@@ -1610,7 +1618,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
             input_ids, inputs_embeds, attention_mask, (cache, past_key_values, cache_params), use_cache,
             output_hidden_states, kwargs, return_dict, logits_to_keep,
         )  # fmt: skip
-        labels = None if labels is None else check_labels(labels, input_ids, self.config.vocab_size)
+        labels = None if labels is None else check_labels(labels, input_ids, self.config.vocab_size, embeds)
         items = check_num_items_in_batch(num_items_in_batch)
         if labels is not None and pads is not None:
             labels = unscored_pads(labels, pads, 0 if cache is None else cache.seq_length)
@@ -1900,19 +1908,22 @@ def _resized_rows(weight: torch.Tensor, rows: int, mean_resizing: bool, std: flo
 
 
 @run_eagerly("innerloop: the label checks read values")
-def check_labels(labels: Any, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def check_labels(
+    labels: Any, input_ids: torch.Tensor, vocab_size: int, embeds: torch.Tensor | None = None
+) -> torch.Tensor:
     """``labels`` as int64 on the ids' device, after refusing a non-integer tensor, a shape other than
-    ``input_ids``'s, or an id outside ``[0, vocab_size)`` other than -100, each named."""
+    ``input_ids``'s, or an id outside ``[0, vocab_size)`` other than -100, each named, with the
+    sequence argument the caller passed (``embeds``, the ``inputs_embeds`` given, or ``input_ids``)."""
+    shaped_like = f"[batch, length] of {sequence_given(input_ids, embeds)}"
     if not isinstance(labels, torch.Tensor):
         raise ValueError(
-            f"labels must be a tensor of token ids shaped like input_ids {list(input_ids.shape)}, got "
-            f"{type(labels).__name__}"
+            f"labels must be a tensor of token ids shaped like the {shaped_like}, got {type(labels).__name__}"
         )
     integer = not (labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool)
     if not integer or labels.shape != input_ids.shape:
         raise ValueError(
-            f"labels must be integer token ids shaped like input_ids {list(input_ids.shape)} ([batch, length]; "
-            f"-100 to ignore a position), got shape {list(labels.shape)} of {labels.dtype}"
+            f"labels must be integer token ids shaped like the {shaped_like} (-100 to ignore a "
+            f"position), got shape {list(labels.shape)} of {labels.dtype}"
         )
     labels = labels.to(device=input_ids.device, dtype=torch.int64)
     bad = (labels != -100) & ((labels < 0) | (labels >= vocab_size))

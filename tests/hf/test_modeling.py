@@ -282,7 +282,7 @@ def test_labels_of_a_wrong_dtype_shape_or_id_are_named() -> None:
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(ids, labels=ids.int()).loss, model(ids, labels=ids).loss)  # int32 as int64
-    expected = r"labels must be integer token ids shaped like input_ids \[2, 8\]"
+    expected = r"labels must be integer token ids shaped like the \[batch, length\] of input_ids \[2, 8\]"
     with pytest.raises(ValueError, match=expected + r".*got shape \[2, 7\] of torch.int64"):
         model(ids, labels=ids[:, :-1])
     with pytest.raises(ValueError, match=expected + r".*got shape \[2, 8\] of torch.float32"):

@@ -61,7 +61,7 @@ def ids() -> torch.Tensor:
 def test_a_logits_to_keep_outside_the_ids_is_refused(model, ids, logits_to_keep, said):
     with pytest.raises(
         ValueError,
-        match=rf"logits_to_keep must be an int >= 0 .*-9\.\.8.*0\.\.8.*\(input_ids are \[2, 9\]\), got {said}",
+        match=rf"logits_to_keep must be an int >= 0 .*-9\.\.8.*0\.\.8.*\(input_ids \[2, 9\]\), got {said}",
     ):
         model(ids, logits_to_keep=logits_to_keep)
 

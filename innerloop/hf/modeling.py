@@ -438,12 +438,14 @@ def check_attention_mask(attention_mask: torch.Tensor | None, cached: bool, use_
     )
 
 
-def check_generate_batch(input_ids: torch.Tensor) -> None:
+def check_generate_batch(input_ids: torch.Tensor, given: SequenceGiven | None = None) -> None:
     """Refuse an empty batch before the prompt is read: transformers' stopping check (``max()`` of the rows
-    still running) failed on it after the first forward, in torch's words."""
+    still running) failed on it after the first forward, in torch's words. ``given``: the prompt argument
+    the caller passed (None: ``input_ids``)."""
     if input_ids.shape[0] == 0:
+        given = given or sequence_given(input_ids, None)
         raise ValueError(
-            f"generate() got input_ids of batch size 0 (shape {tuple(input_ids.shape)}): there is no prompt to "
+            f"generate() got {given.name} of batch size 0 (shape {list(given.shape)}): there is no prompt to "
             "continue; give at least one row [batch >= 1, length >= 1]"
         )
 
@@ -1689,16 +1691,25 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         return mask
 
     def _prepare_model_inputs(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, str, dict[str, Any]]:
-        """transformers' own, then ``generate()``'s input_ids are checked (a tensor ``[batch, length]`` of
-        integer ids), and its attention_mask's shape against them (and the cache passed in) and its values
-        (0 and 1), before transformers drops a mask of ones."""
+        """transformers' own, then ``generate()``'s prompt is checked: input_ids (a tensor ``[batch,
+        length]`` of integer ids) or inputs_embeds (:meth:`_checked_embeddings`), at least one row, and
+        its attention_mask's shape against it (and the cache passed in) and its values (0 and 1), before
+        transformers drops a mask of ones (a mask of ones of another shape passed unseen)."""
         inputs, input_name, model_kwargs = super()._prepare_model_inputs(*args, **kwargs)
+        if input_name not in ("input_ids", "inputs_embeds"):
+            return inputs, input_name, model_kwargs
         if input_name == "input_ids":
             check_token_ids_shape(inputs)  # a 1-D tensor, a list: named here, not deep in transformers
-            cache = model_kwargs.get("cache")
-            cached = cache.seq_length if isinstance(cache, InnerloopCache) else 0
-            check_mask_shape(model_kwargs.get("attention_mask"), inputs, cached, caller="generate()")
-            check_mask_values(model_kwargs.get("attention_mask"), caller="generate()")
+            ids, embeds = inputs, None
+        else:
+            embeds = self._checked_embeddings(None, inputs)  # width, dtype, rank, TTT-E2E: named here
+            ids = embeds[..., 0]  # stands for them: [batch, length]
+        given = sequence_given(ids, embeds)
+        check_generate_batch(ids, given)
+        cache = model_kwargs.get("cache")
+        cached = cache.seq_length if isinstance(cache, InnerloopCache) else 0
+        check_mask_shape(model_kwargs.get("attention_mask"), ids, cached, caller="generate()", given=given)
+        check_mask_values(model_kwargs.get("attention_mask"), caller="generate()")
         return inputs, input_name, model_kwargs
 
     def _prefill(

@@ -85,3 +85,23 @@ def test_generate_with_inputs_embeds_for_the_e2e_model_names_the_refusal():
     embeds = e2e.get_input_embeddings()(torch.arange(4).reshape(1, 4)).detach()
     with pytest.raises(ValueError, match=r"inputs_embeds \[1, 4, 32\] is not supported for the TTT-E2E"):
         e2e.generate(inputs_embeds=embeds, max_new_tokens=2, do_sample=False)
+
+
+def test_generate_refuses_a_mask_of_another_shape_than_its_inputs_embeds(model, embeds):
+    """generate(inputs_embeds [2, 3, 32], attention_mask=ones [2, 5]) generated: transformers drops a mask
+    of ones before forward sees it, and only input_ids' mask was checked before that."""
+    with pytest.raises(
+        ValueError, match=re.escape("generate(): attention_mask must be [batch, cached + length] = [2, 3]")
+    ) as raised:
+        model.generate(
+            inputs_embeds=embeds, attention_mask=torch.ones(2, 5, dtype=torch.int64), max_new_tokens=1
+        )
+    assert "inputs_embeds [2, 3, 32]" in str(raised.value)
+
+
+def test_generate_of_an_empty_batch_of_inputs_embeds_names_inputs_embeds(model):
+    """generate(inputs_embeds [0, 3, 32]) said 'generate() got input_ids of batch size 0 (shape (0, 0))'."""
+    with pytest.raises(
+        ValueError, match=re.escape("generate() got inputs_embeds of batch size 0 (shape [0, 3, 32])")
+    ):
+        model.generate(inputs_embeds=torch.zeros(0, 3, 32), max_new_tokens=1)

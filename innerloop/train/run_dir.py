@@ -41,7 +41,7 @@ from innerloop.checkpoints import (
 from innerloop.config.load import ConfigError, given_flag, read_run_config
 from innerloop.config.trainer_args import is_launched_worker as is_launched_worker  # first home: config
 from innerloop.core.durable import fsync_directory
-from innerloop.data.atomic import stale_temporaries
+from innerloop.data.atomic import atomic_write_text, stale_temporaries
 from innerloop.train.loggers import SUPERSEDED_METRICS, cut_torn_row
 
 log = logging.getLogger(__name__)
@@ -256,6 +256,36 @@ SETTING_ASIDE = ".replaced.incomplete"
 """There while :func:`set_aside_previous_run` renames the previous run's files (before the new run writes
 anything) and while :func:`settle_previous_run` puts them back: a launch killed between two renames leaves
 it, and every file in place is then the previous run's."""
+SET_ASIDE_RECORD = ".replaced.record"
+"""The names ``--overwrite`` set aside, written (atomically, on disk) before its first rename and removed
+once they are settled: a launch removes or puts back only the files it names. ``.replaced.*`` files
+without it (a user's own, or an older innerloop's set-aside) are left alone."""
+_RECORD_HEADER = "innerloop --overwrite set these aside (.replaced.<name>):"
+
+
+def _recorded_set_aside(out_dir: Path) -> list[str] | None:
+    """The names :data:`SET_ASIDE_RECORD` lists (None: no record, or a file of that name that is not
+    one)."""
+    try:
+        lines = (out_dir / SET_ASIDE_RECORD).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not lines or lines[0] != _RECORD_HEADER:
+        return None
+    return [name for name in SET_ASIDE_OUTPUTS if name in lines[1:]]
+
+
+def _refuse_blocked_set_aside(out_dir: Path, moved: list[str]) -> None:
+    """Raise :class:`RunDirError` if a file that setting ``moved`` aside would write over or remove is
+    there already: not one this ``--overwrite`` set aside (a user's, or an older innerloop's)."""
+    names = [f"{SET_ASIDE_PREFIX}{name}" for name in moved] + [SETTING_ASIDE, SET_ASIDE_RECORD]
+    blocking = [name for name in names if os.path.lexists(out_dir / name)]
+    if blocking:
+        raise RunDirError(
+            f"out_dir={str(out_dir)!r} holds {', '.join(blocking)}, which no {SET_ASIDE_RECORD} names (a file of "
+            f"yours, or one an older innerloop set aside), where {given_flag('overwrite')} sets the previous "
+            f"run's {', '.join(moved)} aside: it is not written over; move it, or train into another out_dir"
+        )
 
 
 def set_aside_previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
@@ -263,45 +293,71 @@ def set_aside_previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
     the new run's way (``--overwrite``; its ``logs/`` stay), keeping them until the new run has a
     checkpoint: :func:`settle_previous_run` then removes them, or puts them back if the new run ended
     without one (a launch that fails on its data, its first step, or a kill leaves the previous run as it
-    was). Call it holding the lock. Returns the names set aside."""
+    was). Their names are recorded (:data:`SET_ASIDE_RECORD`) before the first rename; a ``.replaced.*``
+    file already where one goes is refused (:class:`RunDirError`), not written over. Call it holding the
+    lock, after :func:`settle_previous_run`. Returns the names set aside."""
     out_dir = Path(out_dir)
     moved = [name for name in SET_ASIDE_OUTPUTS if (out_dir / name).is_file()]
-    if moved:
-        (out_dir / SETTING_ASIDE).touch()
-        fsync_directory(out_dir)  # on disk before the first rename
+    if not moved:
+        return []
+    _refuse_blocked_set_aside(out_dir, moved)
+    atomic_write_text(out_dir / SET_ASIDE_RECORD, "\n".join([_RECORD_HEADER, *moved]) + "\n")
+    (out_dir / SETTING_ASIDE).touch()
+    fsync_directory(out_dir)  # on disk before the first rename
     for name in moved:
         os.replace(out_dir / name, out_dir / f"{SET_ASIDE_PREFIX}{name}")
     (out_dir / SETTING_ASIDE).unlink(missing_ok=True)
-    if moved:
-        log.warning(
-            "%s: the previous run's %s in %s %s replaced once this run writes its first checkpoint",
-            given_flag("overwrite"),
-            ", ".join(moved),
-            out_dir,
-            "is" if len(moved) == 1 else "are",
-        )
+    log.warning(
+        "%s: the previous run's %s in %s %s replaced once this run writes its first checkpoint",
+        given_flag("overwrite"),
+        ", ".join(moved),
+        out_dir,
+        "is" if len(moved) == 1 else "are",
+    )
     return moved
 
 
+def _warn_of_unrecorded(out_dir: Path) -> None:
+    """Say which ``.replaced.<name>`` files in ``out_dir`` no record names: they are left as they are."""
+    found = [
+        f"{SET_ASIDE_PREFIX}{name}"
+        for name in SET_ASIDE_OUTPUTS
+        if (out_dir / f"{SET_ASIDE_PREFIX}{name}").is_file()
+    ]
+    if found:
+        log.warning(
+            "%s holds %s but no %s (a file of yours, or one an older innerloop's %s set aside): left as "
+            "it is; to put a previous run back, rename .replaced.<name> to <name> yourself",
+            out_dir,
+            ", ".join(found),
+            SET_ASIDE_RECORD,
+            given_flag("overwrite"),
+        )
+
+
 def settle_previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
-    """Remove a previous run's outputs that ``--overwrite`` set aside when the run that replaced it has
-    a checkpoint; otherwise put them back (over whatever the failed replacement wrote). Call it holding
-    the lock, after the replacing run has ended (or, for a launch that was killed, at the next launch).
-    Returns the names settled."""
+    """Remove a previous run's outputs that ``--overwrite`` set aside (those its
+    :data:`SET_ASIDE_RECORD` names) when the run that replaced it has a checkpoint; otherwise put them
+    back (over whatever the failed replacement wrote). ``.replaced.*`` files no record names are left
+    alone. Call it holding the lock, after the replacing run has ended (or, for a launch that was
+    killed, at the next launch). Returns the names settled."""
     out_dir = Path(out_dir)
-    aside = [name for name in SET_ASIDE_OUTPUTS if (out_dir / f"{SET_ASIDE_PREFIX}{name}").is_file()]
+    recorded = _recorded_set_aside(out_dir)
+    if recorded is None:
+        _warn_of_unrecorded(out_dir)
+        return []
+    aside = [name for name in recorded if (out_dir / f"{SET_ASIDE_PREFIX}{name}").is_file()]
     complete = not (
         out_dir / SETTING_ASIDE
     ).is_file()  # else killed while setting aside: all is the old run's
-    if not aside:
-        (out_dir / SETTING_ASIDE).unlink(missing_ok=True)
-        return []
     replaced = complete and (out_dir / CHECKPOINT_FILE).is_file()  # the new run wrote its checkpoint
     # the replacement's unconfirmed first checkpoint goes with it: it must not pair with the old run
-    dropped = complete and not replaced and (out_dir / PENDING_CHECKPOINT).is_file()
+    dropped = bool(aside) and complete and not replaced and (out_dir / PENDING_CHECKPOINT).is_file()
     if dropped:
         (out_dir / PENDING_CHECKPOINT).unlink()
-    if not replaced and complete:  # from here on all in place is the previous run's, also after a kill
+    if (
+        aside and not replaced and complete
+    ):  # from here on all in place is the previous run's, after a kill too
         (out_dir / SETTING_ASIDE).touch()
         fsync_directory(out_dir)
     for name in aside:
@@ -311,33 +367,38 @@ def settle_previous_run(out_dir: str | os.PathLike[str]) -> list[str]:
         else:
             os.replace(kept, out_dir / name)
     (out_dir / SETTING_ASIDE).unlink(missing_ok=True)
+    (out_dir / SET_ASIDE_RECORD).unlink(missing_ok=True)  # last: what it named is settled
+    if aside:
+        _log_settled(out_dir, aside, replaced, complete, dropped)
+    return aside
+
+
+def _log_settled(out_dir: Path, aside: list[str], replaced: bool, complete: bool, dropped: bool) -> None:
+    """Say what :func:`settle_previous_run` did with the previous run's files ``aside``."""
     if replaced:
         log.warning(
             "%s: removed the previous run's %s from %s", given_flag("overwrite"), ", ".join(aside), out_dir
         )
-    else:
-        log.warning(
-            "%s: the replacing run %s%s; the previous run's %s are back in %s, as before the %s",
-            given_flag("overwrite"),
-            "ended without a confirmed checkpoint" if complete else "was killed while it set them aside",
-            f" (its unconfirmed first checkpoint {PENDING_CHECKPOINT} is removed)" if dropped else "",
-            ", ".join(aside),
-            out_dir,
-            given_flag("overwrite"),
-        )
-    return aside
+        return
+    log.warning(
+        "%s: the replacing run %s%s; the previous run's %s are back in %s, as before the %s",
+        given_flag("overwrite"),
+        "ended without a confirmed checkpoint" if complete else "was killed while it set them aside",
+        f" (its unconfirmed first checkpoint {PENDING_CHECKPOINT} is removed)" if dropped else "",
+        ", ".join(aside),
+        out_dir,
+        given_flag("overwrite"),
+    )
 
 
 def settle_interrupted_overwrite(out_dir: str | os.PathLike[str]) -> list[str]:
     """Before ``--resume`` reads the run's ``config.yaml``: :func:`settle_previous_run` what an
     ``--overwrite`` launch that was killed left set aside (holding the lock for it), so that the resume
     reads the config of the run it continues (the previous run's, put back, when the killed one had no
-    checkpoint), not the killed launch's. Nothing set aside (the usual case): nothing is done. Raises
-    :class:`RunDirError` if another run holds the out_dir. Returns the names settled."""
+    checkpoint), not the killed launch's. Nothing recorded as set aside (the usual case): nothing is
+    done. Raises :class:`RunDirError` if another run holds the out_dir. Returns the names settled."""
     out_dir = Path(out_dir)
-    if is_launched_worker() or not any(
-        (out_dir / f"{SET_ASIDE_PREFIX}{name}").is_file() for name in SET_ASIDE_OUTPUTS
-    ):
+    if is_launched_worker() or not (out_dir / SET_ASIDE_RECORD).is_file():
         return []
     with lock_run_dir(out_dir):
         return settle_previous_run(out_dir)
@@ -350,7 +411,9 @@ def remove_stale_temporaries(out_dir: str | os.PathLike[str]) -> list[Path]:
     Call it holding the lock, so that no writer of this out_dir is running. Says in one line what it
     removed; returns their paths."""
     out_dir = Path(out_dir)
-    stale = stale_temporaries(out_dir, (*RUN_OUTPUTS, PENDING_CHECKPOINT))  # a checkpoint's size each
+    stale = stale_temporaries(
+        out_dir, (*RUN_OUTPUTS, PENDING_CHECKPOINT, SET_ASIDE_RECORD)
+    )  # a checkpoint's size each
     for logs in sorted(out_dir.glob("logs/version_*")):
         stale += stale_temporaries(logs, ["metrics.csv", SUPERSEDED_METRICS, "hparams.yaml"])
         stale += stale_temporaries(logs / "tensorboard", ["hparams.yaml"])  # the tensorboard logger's

@@ -28,7 +28,12 @@ from innerloop.cli import _resume_config, main
 from innerloop.config import load_config
 from innerloop.config.load import save_config
 from innerloop.data.atomic import atomic_write, remove_stale_temporaries_of, stale_temporaries
-from innerloop.train.run_dir import PENDING_CHECKPOINT, RunDirError, refuse_previous_run
+from innerloop.train.run_dir import (
+    PENDING_CHECKPOINT,
+    RunDirError,
+    refuse_previous_run,
+    set_aside_previous_run,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE_MODEL = REPO / "tests" / "data" / "models" / "ttt_linear_transformer"
@@ -44,8 +49,9 @@ def test_resume_after_a_killed_overwrite_reads_the_restored_runs_config(tmp_path
     previous run (seed 2) is set aside. ``--resume`` with no overrides continues the previous run."""
     out = tmp_path / "run"
     out.mkdir()
-    _save_run_config(out, ".replaced.config.yaml", seed=2)  # the previous run, set aside
-    (out / ".replaced.last.safetensors").write_bytes(b"the previous run's checkpoint")
+    _save_run_config(out, "config.yaml", seed=2)  # the previous run, set aside (and recorded) below
+    (out / "last.safetensors").write_bytes(b"the previous run's checkpoint")
+    set_aside_previous_run(out)
     _save_run_config(out, "config.yaml", seed=1)  # the killed --overwrite's
     (out / PENDING_CHECKPOINT).write_bytes(b"the killed run's unconfirmed step-1 checkpoint")
 
@@ -65,7 +71,8 @@ def test_resume_after_a_killed_overwrite_is_refused_while_another_run_holds_the_
 
     out = tmp_path / "run"
     out.mkdir()
-    _save_run_config(out, ".replaced.config.yaml", seed=2)
+    _save_run_config(out, "config.yaml", seed=2)
+    set_aside_previous_run(out)  # what the killed --overwrite did, then it wrote its own config.yaml
     _save_run_config(out, "config.yaml", seed=1)
     with lock_run_dir(out), pytest.raises(RunDirError, match="in use by another run"):
         _resume_config(None, [f"out_dir={out}"])

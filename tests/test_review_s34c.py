@@ -47,7 +47,7 @@ def test_hugging_face_generate_refuses_an_empty_batch_naming_input_ids() -> None
     model = InnerloopForCausalLM(
         InnerloopConfig(model={"vocab_size": 11, "hidden_size": 8, "num_heads": 2, "num_layers": 1})
     ).eval()
-    with pytest.raises(ValueError, match=r"input_ids of batch size 0 \(shape \(0, 3\)\)"):
+    with pytest.raises(ValueError, match=r"input_ids of batch size 0 \(shape \[0, 3\]\)"):
         model.generate(torch.zeros(0, 3, dtype=torch.long), max_new_tokens=2)
 
 

@@ -210,3 +210,17 @@ def fresh_global_registry() -> None:
 
     with isolated_registry():
         yield
+
+
+@pytest.fixture(scope="module")
+def recall_run():
+    """The ``tiny`` preset's run config with the recall task (``data.name=recall``): a run whose data needs
+    no file, for tests that build a :class:`~innerloop.config.schema.RunConfig` around it."""
+    import warnings
+
+    from innerloop.config.load import load_config  # here: the xdist controller imports no innerloop
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run, _ = load_config("tiny", ["data.name=recall"])
+    return run

@@ -13,7 +13,6 @@ supported`` on a string.
 from __future__ import annotations
 
 import copy
-import warnings
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -22,15 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from innerloop.config.load import ConfigError, load_config, validate_run_config
-
-
-@pytest.fixture(scope="module")
-def recall_run():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run, _ = load_config("tiny", ["data.name=recall"])
-    return run
+from innerloop.config.load import ConfigError, validate_run_config
 
 
 def _with(run, key: str, value):

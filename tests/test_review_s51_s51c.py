@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -19,15 +18,6 @@ import torch
 
 from innerloop.config.load import ConfigError, load_config, validate_run_config
 from innerloop.config.schema import DataConfig, OptimConfig, RecallConfig, RunConfig, TrainerConfig
-
-
-@pytest.fixture(scope="module")
-def recall_run():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run, _ = load_config("tiny", ["data.name=recall"])
-    return run
-
 
 # -- one numeric rule for every section: what the model section converts, the others do too ---------------
 

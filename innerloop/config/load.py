@@ -12,7 +12,6 @@ import contextlib
 import contextvars
 import copy
 import errno
-import fnmatch
 import functools
 import inspect
 import logging
@@ -58,7 +57,7 @@ from innerloop.core.layer import is_real
 from innerloop.data.atomic import atomic_write_text
 from innerloop.data.hf import check_hf_dataset, check_hf_source
 from innerloop.data.recall import RECALL_VALUES, recall_length
-from innerloop.data.text import check_text_split, link_reaching, refuse_compressed, split_keys
+from innerloop.data.text import check_text_split, glob_matches, link_reaching, refuse_compressed, split_keys
 from innerloop.data.tokenizer import BYTES, Tokenizer, TokenizerError, load_tokenizer
 from innerloop.models.config import (
     E2E_CHECKPOINTING_REFUSED,
@@ -1485,25 +1484,9 @@ def _direct_overlap(entry: str, out: Path, written: Sequence[str]) -> str | None
         below, pattern = (), (*root.relative_to(out).parts, *pattern)
     else:
         return None
-    if any(_glob_matches(pattern, (*below, *Path(name).parts)) for name in written):
+    if any(glob_matches(pattern, (*below, *Path(name).parts)) for name in written):
         return "is reached by"
     return None
-
-
-def _glob_matches(pattern: Sequence[str], parts: Sequence[str]) -> bool:
-    """Whether the path segments ``parts`` match the glob segments ``pattern`` as ``glob.glob(...,
-    recursive=True)`` matches them: ``**`` spans any number of segments, and no wildcard matches a name
-    that starts with a dot."""
-    if not pattern:
-        return not parts
-    head, rest = pattern[0], pattern[1:]
-    if head == "**":
-        return _glob_matches(rest, parts) or (
-            bool(parts) and not parts[0].startswith(".") and _glob_matches(pattern, parts[1:])
-        )
-    if not parts or (parts[0].startswith(".") and not head.startswith(".")):
-        return False
-    return fnmatch.fnmatchcase(parts[0], head) and _glob_matches(rest, parts[1:])
 
 
 def _check_text(run: RunConfig) -> None:

@@ -260,6 +260,14 @@ class _Walk:
         return subfolders
 
 
+def glob_matches(pattern: Sequence[str], parts: Sequence[str]) -> bool:
+    """Whether the path segments ``parts`` match the glob segments ``pattern`` as ``glob.glob(...,
+    recursive=True)`` matches them, and as a data entry's walk (:class:`_Walk`) reads them: ``**`` spans
+    any number of segments but hidden ones, and no wildcard matches a name that starts with a dot."""
+    walk = _Walk(pattern)
+    return walk.accepts(walk.start(), parts)
+
+
 def _only_skipped_files(folder: Path) -> str:
     """Where the data folder ``folder`` holds files, all skipped (:func:`_skipped_below`): how many, that
     they are skipped and how to name one, the end of the "matches no file" message; else ``""``."""

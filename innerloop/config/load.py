@@ -57,7 +57,14 @@ from innerloop.core.layer import is_real
 from innerloop.data.atomic import atomic_write_text
 from innerloop.data.hf import check_hf_dataset, check_hf_source
 from innerloop.data.recall import RECALL_VALUES, recall_length
-from innerloop.data.text import check_text_split, glob_matches, link_reaching, refuse_compressed, split_keys
+from innerloop.data.text import (
+    check_text_split,
+    glob_matches,
+    link_reaching,
+    one_walk_per_entry,
+    refuse_compressed,
+    split_keys,
+)
 from innerloop.data.tokenizer import BYTES, Tokenizer, TokenizerError, load_tokenizer
 from innerloop.models.config import (
     E2E_CHECKPOINTING_REFUSED,
@@ -1033,9 +1040,10 @@ def validate_run_config(run: RunConfig) -> None:
             "directories or globs"
         )
     _check_no_link_loops(run)
-    _check_out_dir_outside_data(run)
-    if run.data.name == "text" and run.data.paths:
-        _check_text(run)
+    with one_walk_per_entry():  # the data is walked once for both checks
+        _check_out_dir_outside_data(run)
+        if run.data.name == "text" and run.data.paths:
+            _check_text(run)
     _check_hf(run)
     _check_trainer_names(run)
     _check_gradient_checkpointing(run)

@@ -11,12 +11,15 @@ from __future__ import annotations
 import fnmatch
 import glob
 import hashlib
+import heapq
 import logging
 import os
 import re
 import sysconfig
 import warnings
-from collections.abc import Iterable, Mapping, Sequence, Set
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -76,18 +79,24 @@ def resolve_files(patterns: Sequence[str]) -> list[Path]:
     return sorted(split_keys(patterns))
 
 
-def _found_files(pattern: str) -> list[Path]:
-    """The files the ``data.paths`` entry ``pattern`` names, as found (links not resolved): those found
-    without a link first, each part in sorted order, so that of two paths of one file the first is its
-    own (:func:`split_keys` keys the file by it)."""
+def _found_files(pattern: str) -> list[tuple[Path, str]]:
+    """The files the ``data.paths`` entry ``pattern`` names, as found (links not resolved) and resolved
+    (the walk knows each folder's resolved path: one ``realpath`` a file took most of the time), in the order
+    of the links each path goes through (fewest first: :class:`_Walk`), then sorted, so that of two paths
+    of one file the first is its own (:func:`split_keys` keys the file by it). A FIFO, socket or device
+    named as the entry, and a glob :func:`_entry_walk` cannot answer, raise :class:`DataError`."""
     path = user_path(pattern)
     if path.is_file():
-        return [path]
+        return [(path, os.path.realpath(path))]
+    if path.exists() and not path.is_dir():
+        raise DataError(
+            f"data.paths entry {pattern!r} is not a regular file (a FIFO, socket or device: reading it would "
+            "wait for a writer or never end); give a file of text, a folder or a glob"
+        )
+    _refuse_unanswered_glob(pattern)
     walk = _entry_walk(pattern)
-    if walk is None:  # a glob of '..' or one ending in '/': glob's own rules
-        matched = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p))
-    else:
-        matched = [found for _, found in sorted(walk.files)]
+    matched = [(found, real) for _, found, real in sorted(walk.files)] if walk is not None else []
+    if walk is not None:
         _warn_unreadable(walk, pattern)
     if not matched:
         raise DataError(
@@ -97,21 +106,76 @@ def _found_files(pattern: str) -> list[Path]:
     return matched
 
 
+def _refuse_unanswered_glob(pattern: str) -> None:
+    """:class:`DataError` naming the ``data.paths`` glob ``pattern`` when the walk's matcher cannot answer
+    it (:func:`_entry_walk` gives None): one ending in '/' (``glob.glob`` matches folders only there, so
+    it never found a file) or with a '..' after a wildcard."""
+    path = user_path(pattern)
+    _, rest = _glob_rest(path)
+    if path.is_dir() or not rest:
+        return
+    if pattern.rstrip().endswith(("/", os.sep)):
+        why = "ends in '/', which makes a glob match folders only, never a file"
+        fix = (
+            f"drop the '/' ({pattern.rstrip().rstrip('/' + os.sep)!r}), or add '/**' for the files below them"
+        )
+        raise DataError(f"data.paths entry {pattern!r} {why}; {fix}")
+    if ".." in rest:
+        why = "has a '..' after a wildcard, which data.paths globs do not follow"
+        fix = "write the folder the '..' leads to before the first wildcard"
+        raise DataError(f"data.paths entry {pattern!r} {why}; {fix}")
+
+
+def _glob_rest(path: Path) -> tuple[Path, tuple[str, ...]]:
+    """The folder before the first wildcard of the glob ``path`` and the glob's segments from there (none
+    for a path without a wildcard)."""
+    parts = path.parts
+    magic = next((i for i, part in enumerate(parts) if _GLOB_MAGIC & set(part)), len(parts))
+    return (Path(*parts[:magic]) if magic else Path()), parts[magic:]
+
+
+_SHARED_WALKS: ContextVar[dict[tuple[str, str], _Walk | None] | None] = ContextVar(
+    "_SHARED_WALKS", default=None
+)
+
+
+@contextmanager
+def one_walk_per_entry() -> Iterator[None]:
+    """Within it, each ``data.paths`` entry's folder is walked once (:func:`_entry_walk`), however many
+    checks ask for it: a config's check that out_dir is not reached through a link in the data
+    (:func:`link_reaching`) and its check of the files (:func:`split_keys`) walked 75,000 files twice
+    (about 4 s). Outside it, every call walks anew (files change between a check and a later read)."""
+    token = _SHARED_WALKS.set({})
+    try:
+        yield
+    finally:
+        _SHARED_WALKS.reset(token)
+
+
 def _entry_walk(pattern: str) -> _Walk | None:
     """The walk (:class:`_Walk`, done) that finds the files of the ``data.paths`` entry ``pattern``, a
     folder or a glob: a glob's ``**`` follows links to folders as ``glob.glob`` does, but enters each
     folder once for each place of the glob (a folder holding ``x -> .`` and ``y -> .`` took glob minutes,
-    following every route). None for a glob with a ``..`` after a wildcard or ending in ``/`` (left to
-    ``glob.glob``) and for a file."""
+    following every route). None for a glob with a ``..`` after a wildcard or ending in ``/`` (refused:
+    :func:`_refuse_unanswered_glob`) and for a file."""
+    shared = _SHARED_WALKS.get()
+    key = (pattern, os.getcwd())
+    if shared is not None and key in shared:
+        return shared[key]
+    walk = _walk_entry(pattern)
+    if shared is not None:
+        shared[key] = walk
+    return walk
+
+
+def _walk_entry(pattern: str) -> _Walk | None:
+    """:func:`_entry_walk`, walked now."""
     path = user_path(pattern)
     if path.is_dir():
         return _Walk(None).walk(path)
-    parts = path.parts
-    magic = next((i for i, part in enumerate(parts) if _GLOB_MAGIC & set(part)), len(parts))
-    rest = parts[magic:]
+    root, rest = _glob_rest(path)
     if not rest or ".." in rest or pattern.rstrip().endswith(("/", os.sep)):
         return None
-    root = Path(*parts[:magic]) if magic else Path()
     walk = _Walk(rest)
     return walk.walk(root) if root.is_dir() else walk
 
@@ -121,7 +185,7 @@ def link_reaching(entry: str, folder: Path, names: Sequence[str]) -> Path | None
     :func:`_entry_walk`) through which the entry reads a file of the folder ``folder`` (links resolved)
     named as one of ``names`` (paths relative to it, e.g. the files a run writes into its out_dir), or
     None: the link leads to ``folder``, to a folder above it, or to one inside it."""
-    walk = None if user_path(entry).is_file() else _entry_walk(entry)
+    walk = None if user_path(entry).is_file() else _entry_walk(entry)  # the walk split_keys reads
     for link, real, places in walk.links if walk is not None else ():
         for name in names:
             below = _path_from(Path(real), folder, Path(name).parts)
@@ -146,7 +210,7 @@ def _warn_unreadable(walk: _Walk, pattern: str) -> None:
     (permission denied): their files are not read (``glob`` and ``rglob`` left them out without a word)."""
     if walk.unreadable:
         folder, err = walk.unreadable[0]
-        others = f" (and {len(walk.unreadable) - 1} more)" if len(walk.unreadable) > 1 else ""
+        others = _and_more(len(walk.unreadable) - 1)
         log.warning(
             "data.paths entry %r: the folder %r%s cannot be read (%s), so its files are left out of the data; "
             "check its permissions, or give data.paths that leave it out",
@@ -157,16 +221,19 @@ def _warn_unreadable(walk: _Walk, pattern: str) -> None:
 class _Walk:
     """The walk below a data folder, or below a glob's folder matching the rest of the glob: each folder
     listed in sorted order, the folders reached without a link first, then those reached through links to
-    folders, in the order found (:func:`_files_below`). A folder is entered once for each place of the
-    glob it can be at (once for a data folder), so a link back up is no endless loop, and a file keeps the
-    path it has below the folder itself as its split key. ``pattern``: the glob's segments after its
-    folder, matched as ``glob.glob(..., recursive=True)`` matches them (``**`` spans any folders but
-    hidden ones, no wildcard matches a name starting with a dot); None: every file, hidden entries and
-    ``__pycache__`` skipped (:func:`_skipped_below`)."""
+    folders, fewest links first (:func:`_links_resolved`: a link to a link counts both), then in sorted
+    order. A folder is entered once for each place of the glob it can be at (once for a data folder), so
+    a link back up is no endless loop, and a file reached by several paths is found by the one through
+    the fewest links (a tie: the first in sorted order), its split key: a file keeps the path it has below
+    the folder itself, and a link to a path the data already reaches (``a -> b`` beside ``b -> /ext``)
+    renames no file, whichever sorts first. ``pattern``: the glob's segments after its folder, matched as
+    ``glob.glob(..., recursive=True)`` matches them (``**`` spans any folders but hidden ones, no wildcard
+    matches a name starting with a dot, a ``**`` that ends the glob matches a file only below a folder);
+    None: every file, hidden entries and ``__pycache__`` skipped (:func:`_skipped_below`)."""
 
     def __init__(self, pattern: Sequence[str] | None) -> None:
         self.pattern = tuple(pattern) if pattern is not None else None
-        self.files: list[tuple[bool, Path]] = []  # (found through a link, the path as found)
+        self.files: list[tuple[int, Path, str]] = []  # (links on the way, the path as found, resolved)
         self.links: list[tuple[Path, str, frozenset[int]]] = []  # (link, its folder resolved, place)
         self.unreadable: list[tuple[Path, OSError]] = []
         self._closures: dict[frozenset[int], frozenset[int]] = {}  # each set of places, closed once
@@ -190,7 +257,7 @@ class _Walk:
     def step(self, places: frozenset[int], name: str) -> frozenset[int] | None:
         """The place after the entry ``name`` at ``places``; None where nothing below it can match."""
         if self.pattern is None:
-            return None if _skipped_below(Path(name)) else places
+            return None if _skipped_name(name) else places
         after = set()
         for i in places:
             segment = self.pattern[i] if i < len(self.pattern) else None
@@ -207,21 +274,41 @@ class _Walk:
             closed = self._closures[frozenset(after)] = self._closure(after)
         return closed
 
+    def takes_file(self, places: frozenset[int], name: str) -> bool:
+        """Whether the file ``name`` in a folder at ``places`` is one the walk gives: a segment matching it
+        ends the glob, or a ``**`` matching it is followed by nothing but ``**`` (as ``glob.glob`` gives
+        ``a/**``'s files; a ``**`` that matches no segment matches a folder, so ``*/**`` takes no file of
+        the top folder)."""
+        if self.pattern is None:
+            return not _skipped_name(name)
+        end = len(self.pattern)
+        for i in places:
+            segment = self.pattern[i] if i < end else None
+            if segment == "**":
+                if not name.startswith(".") and all(s == "**" for s in self.pattern[i + 1 :]):
+                    return True
+            elif i + 1 == end and (segment.startswith(".") or not name.startswith(".")):  # type: ignore[union-attr]
+                if fnmatch.fnmatchcase(name, segment):  # type: ignore[arg-type]
+                    return True
+        return False
+
     def accepts(self, places: frozenset[int] | None, parts: Sequence[str]) -> bool:
         """Whether a file at ``parts`` below a folder at ``places`` is one the walk gives."""
-        for name in parts:
+        for name in parts[:-1]:
             if places is None:
                 return False
             places = self.step(places, name)
-        return places is not None and (self.pattern is None or len(self.pattern) in places)
+        return places is not None and bool(parts) and self.takes_file(places, parts[-1])
 
     def walk(self, root: Path) -> _Walk:
         """Walk below ``root``: :attr:`files`, :attr:`links` (the links to folders entered) and
-        :attr:`unreadable` (the folders that could not be listed) filled in; returns itself."""
+        :attr:`unreadable` (the folders that could not be listed) filled in; returns itself. The links
+        to folders wait in a heap, fewest links on the way first, then in sorted order (a folder's paths
+        below a link sort after the link and before the next one, as the walk below it enters them)."""
         entered: set[tuple[str, frozenset[int]]] = set()
-        starts: list[tuple[Path, frozenset[int], bool]] = [(root, self.start(), False)]
+        starts: list[tuple[int, tuple[str, ...], Path, frozenset[int]]] = [(0, (), root, self.start())]
         while starts:
-            start, places, via_link = starts.pop(0)
+            hops, _, start, places = heapq.heappop(starts)
             stack = [(start, places)]
             while stack:
                 folder, places = stack.pop()
@@ -229,18 +316,21 @@ class _Walk:
                 if (real, places) in entered:
                     continue
                 entered.add((real, places))
-                if folder is start and via_link:
+                if folder is start and hops:
                     self.links.append((folder, real, places))
-                below = self._list(folder, places, via_link)
-                starts += [(path, after, True) for path, after, is_link in below if is_link]
-                stack += reversed([(path, after) for path, after, is_link in below if not is_link])
+                below = self._list(folder, real, places, hops)
+                for path, after, links in below:
+                    if links:
+                        heapq.heappush(starts, (hops + links, path.parts, path, after))
+                stack += reversed([(path, after) for path, after, links in below if not links])
         return self
 
     def _list(
-        self, folder: Path, places: frozenset[int], via_link: bool
-    ) -> list[tuple[Path, frozenset[int], bool]]:
-        """The files of ``folder`` (at ``places``; ``via_link``: reached through a link) into :attr:`files`;
-        its subfolders to enter, each as ``(path, place, whether it is a link)``."""
+        self, folder: Path, real: str, places: frozenset[int], hops: int
+    ) -> list[tuple[Path, frozenset[int], int]]:
+        """The files of ``folder`` (resolved: ``real``; at ``places``; reached through ``hops`` links) into
+        :attr:`files`; its subfolders to enter, each as ``(path, place, links resolved to reach it from
+        ``folder``)``."""
         try:
             with os.scandir(folder) as listing:
                 entries = sorted(listing, key=lambda entry: entry.name)
@@ -252,12 +342,35 @@ class _Walk:
             after = self.step(places, entry.name)
             if after is None:
                 continue
+            links = _links_resolved(os.path.join(real, entry.name)) if entry.is_symlink() else 0
             if entry.is_dir():
                 if self.pattern is None or after - {len(self.pattern)}:
-                    subfolders.append((Path(folder, entry.name), after, entry.is_symlink()))
-            elif (self.pattern is None or len(self.pattern) in after) and entry.is_file():
-                self.files.append((via_link or entry.is_symlink(), Path(folder, entry.name)))
+                    subfolders.append((Path(folder, entry.name), after, links))
+            elif entry.is_file() and self.takes_file(places, entry.name):
+                found = Path(folder, entry.name)
+                resolved = os.path.realpath(found) if links else os.path.join(real, entry.name)
+                self.files.append((hops + links, found, resolved))
         return subfolders
+
+
+def _links_resolved(path: str) -> int:
+    """How many symbolic links resolving ``path`` (absolute) goes through: a link to a link counts both,
+    a link whose target's folders hold links counts those too (at most 40 before a loop is given up)."""
+    todo = list(reversed(Path(path).parts[1:]))
+    resolved, count = Path(path).parts[0], 0
+    while todo and count <= 40:
+        name = todo.pop()
+        candidate = os.path.join(resolved, name)
+        if name == "..":
+            resolved = os.path.dirname(resolved)
+        elif name != "." and os.path.islink(candidate):
+            count += 1
+            target = os.readlink(candidate)
+            resolved = resolved if not os.path.isabs(target) else os.sep
+            todo.extend(reversed(Path(target).parts[1 if os.path.isabs(target) else 0 :]))
+        elif name != ".":
+            resolved = candidate
+    return count
 
 
 def glob_matches(pattern: Sequence[str], parts: Sequence[str]) -> bool:
@@ -294,7 +407,8 @@ def bracket_hint(pattern: str) -> str:
         prefix = str(Path(*parts[:end]))
         if "[" in prefix and os.path.exists(prefix):
             escaped = str(Path(glob.escape(prefix), *parts[end:]))
-            found = sum(os.path.isfile(p) for p in glob.glob(escaped, recursive=True))
+            walk = _entry_walk(escaped)  # the walk a data.paths entry of it is read with
+            found = len(walk.files) if walk is not None else 0
             if found:
                 return (
                     f"; {prefix!r} exists, but a glob reads '[...]' as one character of a set: write '[[]' "
@@ -307,7 +421,12 @@ def bracket_hint(pattern: str) -> str:
 def _skipped_below(relative: Path) -> bool:
     """Whether a file found below a data directory is skipped: in or named as a hidden entry (``.git``),
     or compiled Python (``__pycache__``)."""
-    return any(part.startswith(".") or part == "__pycache__" for part in relative.parts)
+    return any(_skipped_name(part) for part in relative.parts)
+
+
+def _skipped_name(name: str) -> bool:
+    """Whether an entry of a data folder is skipped with what is below it (:func:`_skipped_below`)."""
+    return name.startswith(".") or name == "__pycache__"
 
 
 _GLOB_MAGIC = frozenset("*?[")
@@ -367,10 +486,16 @@ def split_keys(patterns: Sequence[str]) -> dict[Path, str]:
         raise DataError("data.paths is empty: give files, directories or globs")
     root = os.path.commonpath([os.path.abspath(_entry_folder(p)) for p in patterns])
     keys: dict[Path, str] = {}
+    below_root = root.rstrip(os.sep) + os.sep
     for pattern in patterns:
-        for found in _found_files(pattern):
-            key = Path(os.path.relpath(os.path.abspath(found), root)).as_posix()
-            keys.setdefault(found.resolve(), key)
+        for found, resolved in _found_files(pattern):
+            absolute = os.path.abspath(found)  # normalised: below the root, the rest of it is relpath's
+            key = (
+                absolute[len(below_root) :]
+                if absolute.startswith(below_root)
+                else os.path.relpath(absolute, root)
+            )
+            keys.setdefault(Path(resolved), key.replace(os.sep, "/"))
     return keys
 
 
@@ -392,11 +517,13 @@ def split_by_file(
 
 
 def _hash_places(files: Sequence[Path], keys: Mapping[Path, str] | None) -> dict[Path, float]:
-    """Each file's place in [0, 1): the first 8 bytes of the SHA-256 of its key (:func:`split_by_file`)."""
+    """Each file's place in [0, 1): the first 8 bytes of the SHA-256 of its key (:func:`split_by_file`),
+    as the bytes of the name (UTF-8; a name that is not UTF-8, which Python holds with surrogate escapes,
+    as the bytes it has on disk)."""
     keys = keys if keys is not None else _relative_keys(files)
     places = {}
     for p in files:
-        digest = hashlib.sha256(keys[p].encode()).digest()
+        digest = hashlib.sha256(keys[p].encode("utf-8", "surrogateescape")).digest()
         places[p] = int.from_bytes(digest[:8], "big") / 2**64
     return places
 
@@ -664,12 +791,18 @@ def _wide_text_mark(buffer: bytearray, at: int, size: int) -> str | None:
     return bom
 
 
+def _and_more(others: int, what: str = "") -> str:
+    """The tail of a warning that names one of several things: ``" (and 2 more)"`` (``what``, e.g. ``"
+    file(s) of data.paths hold some too"``, after "more"); ``""`` for no others."""
+    return f" (and {others} more{what})" if others > 0 else ""
+
+
 def _warn_wide_text(wide: Sequence[tuple[Path, str]], option: str) -> None:
     """One warning for the files read as bytes that start with a UTF-16 or UTF-32 byte-order mark: their
     text is full of NUL bytes, the byte a byte-level model reads as the end of a document
     (:data:`DOCUMENT_SEPARATOR`, where ``innerloop generate`` stops)."""
     path, bom = wide[0]
-    others = f" (and {len(wide) - 1} more)" if len(wide) > 1 else ""
+    others = _and_more(len(wide) - 1)
     log.warning(
         "%s file %r%s is %s text (it starts with a %s byte-order mark), read as its bytes: the NUL byte of "
         "each ASCII character in it is the end-of-document byte 0 of a byte-level model (where innerloop "
@@ -683,7 +816,7 @@ def _warn_nul_bytes(files: Sequence[tuple[Path, int]], option: str) -> None:
     does not: each is the end-of-document byte of a byte-level model (:data:`DOCUMENT_SEPARATOR`, where
     ``innerloop generate`` stops), so such a file is likely binary (an image, a ``.pyc``, a database)."""
     path, count = files[0]
-    others = f" (and {len(files) - 1} more file(s) of {option} hold some too)" if len(files) > 1 else ""
+    others = _and_more(len(files) - 1, f" file(s) of {option} hold some too")
     log.warning(
         "%s file %r holds %d NUL bytes%s, which text does not: each is read as the end-of-document byte 0 "
         "of a byte-level model (where innerloop generate stops); is it a binary file? leave it out of %s "
@@ -891,12 +1024,14 @@ def text_split_lengths(
     ``keys``; the test text, at ``test_fraction`` > 0, is in neither: :func:`test_split_length`), from the
     files' sizes (nothing is read), separators included."""
     if len(files) == 1:
-        length = files[0].stat().st_size + 1
+        length = _file_size(files[0], "data.paths") + 1
         cut = _single_file_cut(length, val_fraction)
         return single_file_test_cut(length, val_fraction, test_fraction), length - cut
     others, _, keys = split_test_files(files, val_fraction, test_fraction, keys)
     train, val = split_text_files(others, val_fraction, keys)
-    return sum(p.stat().st_size + 1 for p in train), sum(p.stat().st_size + 1 for p in val)
+    return sum(_file_size(p, "data.paths") + 1 for p in train), sum(
+        _file_size(p, "data.paths") + 1 for p in val
+    )
 
 
 def test_split_length(
@@ -905,11 +1040,11 @@ def test_split_length(
     """Bytes of the test text of ``files`` (:func:`split_test_files`; one file: its band before the
     validation tail, :func:`single_file_test_cut`), from their sizes, separators included."""
     if len(files) == 1:
-        length = files[0].stat().st_size + 1
+        length = _file_size(files[0], "data.paths") + 1
         cut = _single_file_cut(length, val_fraction)
         return cut - single_file_test_cut(length, val_fraction, test_fraction)
     _, test, _ = split_test_files(files, val_fraction, test_fraction, keys)
-    return sum(p.stat().st_size + 1 for p in test)
+    return sum(_file_size(p, "data.paths") + 1 for p in test)
 
 
 def check_text_split(

@@ -160,3 +160,28 @@ def test_a_config_check_walks_the_data_once(tmp_path, monkeypatch) -> None:
     split_keys([str(tmp_path / "data")])
     split_keys([str(tmp_path / "data")])
     assert len(walked) == 2  # outside a config check, each call walks the files as they are now
+
+
+def test_a_glob_ending_in_two_stars_reads_no_file_of_the_folder_before_them(tmp_path) -> None:
+    """``data/*/**`` read data's own files too (the ``**`` matching nothing after ``*`` matched a file),
+    which glob.glob (and innerloop before s51i) does not: the files below data's folders only."""
+    _files(tmp_path, ["top.txt", "a/x.txt", "a/b/y.txt"])
+    found = resolve_files([str(tmp_path / "*" / "**")])
+    assert found == [(tmp_path / "a" / "b" / "y.txt").resolve(), (tmp_path / "a" / "x.txt").resolve()]
+
+
+def test_a_file_that_cannot_be_opened_is_named(tmp_path, monkeypatch) -> None:
+    """A file without read permission: DataError naming it and data.paths. (The tests run as root, who
+    reads any file: the open is refused by a stand-in for Path.open.)"""
+    _files(tmp_path, ["a.txt", "locked.txt"])
+    files = resolve_files([str(tmp_path)])
+    real_open = Path.open
+
+    def refusing_open(self, *args, **kwargs):
+        if self.name == "locked.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refusing_open)
+    with pytest.raises(DataError, match=r"data.paths file .*locked.txt' cannot be read: Permission denied"):
+        read_bytes(files)

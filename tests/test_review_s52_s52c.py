@@ -185,3 +185,15 @@ def test_a_file_that_cannot_be_opened_is_named(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(Path, "open", refusing_open)
     with pytest.raises(DataError, match=r"data.paths file .*locked.txt' cannot be read: Permission denied"):
         read_bytes(files)
+
+
+def test_a_path_given_twice_and_overlapping_globs_read_each_file_once(tmp_path) -> None:
+    """Holds (pinned): a folder given twice, and globs that overlap it, read each file once, under the
+    first entry's key, and hold out the same files as the folder alone."""
+    _files(tmp_path / "d", [f"s{i:02d}.txt" for i in range(20)] + ["sub/x.txt", "sub/y.md"])
+    folder = str(tmp_path / "d")
+    entries = [folder, str(tmp_path / "d" / "*.txt"), folder, str(tmp_path / "d" / "**" / "*")]
+    keys = split_keys(entries)
+    assert keys == split_keys([folder])
+    assert len(resolve_files(entries)) == 22
+    assert validation_file_keys(entries, 0.3) == validation_file_keys([folder], 0.3)

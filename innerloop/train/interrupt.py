@@ -187,12 +187,19 @@ class StopOnInterrupt(Callback):
 def optimizer_step_ends_here(trainer: L.Trainer, batch_idx: int) -> bool:
     """Whether the training batch ``batch_idx`` (in ``on_train_batch_end``) ends an optimizer step: the
     last of ``accumulate_grad_batches`` micro-batches, or an epoch's last batch, on which Lightning steps
-    whatever the count (an epoch of 3 batches under ``accumulate_grad_batches=2`` steps after its 2nd and
-    3rd); as Lightning's own loop decides it, where its state can be read."""
-    try:
-        return not trainer.fit_loop.epoch_loop._should_accumulate()
-    except (AttributeError, TypeError, ZeroDivisionError):  # another Lightning's loop: count the batches
-        return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+    whatever the count (an epoch of 7 batches under ``accumulate_grad_batches=3`` steps after its 3rd,
+    6th and 7th) unless the strategy accumulates itself (DeepSpeed).
+
+    Read from Lightning's public loop state (the epoch loop's ``batch_progress``, which counts the
+    batches of the epoch as a resumed run does too, and ``trainer.num_training_batches``), as its
+    training loop decides it (checked against the optimizer's own steps with Lightning 2.6:
+    ``test_optimizer_step_ends_here_says_where_lightning_steps``). ``batch_idx`` is the hook's, unused:
+    after a resume inside an epoch it need not count from the epoch's start."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    batches = progress.current.ready  # of this epoch, this one included
+    accumulated = batches % trainer.accumulate_grad_batches == 0
+    epoch_ends = batches == trainer.num_training_batches or progress.is_last_batch
+    return accumulated or (epoch_ends and not trainer.strategy.handles_gradient_accumulation)
 
 
 def end_the_fit_after_this_step(trainer: L.Trainer) -> None:

@@ -38,3 +38,27 @@ def test_optimizer_step_ends_here_says_where_lightning_steps(tmp_path) -> None:
     )
     assert seen.stepped == [False, False, True, True, False, False, True]  # 4 batches an epoch
     assert seen.said == seen.stepped
+
+
+@pytest.mark.slow  # builds and runs a small bfloat16 module twice (~0.5 s, more on a loaded machine)
+def test_a_bf16_true_module_trains_on_the_float32_cross_entropy_of_its_bfloat16_logits() -> None:
+    """What bf16-true's loss should be, and is (docs/training.md, docs/architecture.md): the model computes
+    its logits in bfloat16, the loss widens them to float32 first, as autocast does for its loss; the
+    bfloat16 cross-entropy of the same logits rounds it to 3 digits (5.53125 where the loss is 5.5537)."""
+    import torch
+    import torch.nn.functional as F
+    from trainer_testing import SMALL_MODEL
+
+    from innerloop.train import LanguageModelModule
+
+    torch.manual_seed(0)
+    module = LanguageModelModule(SMALL_MODEL, max_steps=2, warmup_steps=0, diagnostics_batches=0)
+    module = module.to(torch.bfloat16)  # what Lightning's bf16-true does to the module
+    ids = torch.randint(0, SMALL_MODEL.vocab_size, (2, 17))
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    with pytest.warns(match="self.log"):  # no Trainer to log to
+        loss = module.training_step((inputs, targets), 0)
+    logits = module(inputs).flatten(0, 1)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert torch.equal(loss, F.cross_entropy(logits.float(), targets.flatten()))
+    assert not torch.equal(loss, F.cross_entropy(logits, targets.flatten()).float())  # the test can tell

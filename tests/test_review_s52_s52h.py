@@ -62,3 +62,38 @@ def test_a_bf16_true_module_trains_on_the_float32_cross_entropy_of_its_bfloat16_
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
     assert torch.equal(loss, F.cross_entropy(logits.float(), targets.flatten()))
     assert not torch.equal(loss, F.cross_entropy(logits, targets.flatten()).float())  # the test can tell
+
+
+class _StopInsideAnAccumulation(L.Callback):
+    """``trainer.should_stop`` (what ``trainer.max_time`` sets) at the first micro-batch of step 3."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 2 and batch_idx == 6:
+            trainer.should_stop = True
+
+
+@pytest.mark.slow  # a 3-step training run of the tiny model (~1.5 s)
+def test_a_stop_deferred_to_the_end_of_an_accumulation_saves_its_step_as_a_periodic_checkpoint(
+    tmp_path,
+) -> None:
+    """max_time (or a callback's should_stop) inside an accumulation waits for the step's last micro-batch,
+    where the module sets should_stop again, after every callback: the checkpoint callback did not see it
+    there, and step 3 (not a checkpoint_every step) was saved at the end of training instead, with the
+    loop counters of a finished epoch (epoch 1): the resumed run logged every later row as epoch 1, not the
+    uninterrupted run's 0. Now saved at that batch, as a periodic checkpoint is."""
+    from lm_testing import TINY
+
+    from innerloop.checkpoints import load_checkpoint
+    from innerloop.config import load_config
+    from innerloop.train import train
+
+    overrides = [
+        "trainer.max_steps=4",
+        "trainer.val_every=2",
+        "trainer.lightning={accumulate_grad_batches: 3}",
+    ]
+    run, cfg = load_config("tiny", [*TINY, *overrides, f"out_dir={tmp_path / 'run'}"])
+    train(run, cfg, callbacks=[_StopInsideAnAccumulation()])
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert checkpoint["global_step"] == 3
+    assert checkpoint["epoch"] == 0

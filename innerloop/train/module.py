@@ -636,6 +636,13 @@ class LanguageModelModule(L.LightningModule):
                 int(steps), hp.schedule, hp.max_steps, int(steps),
             )  # fmt: skip
 
+    @property
+    def stop_deferred_to_this_step(self) -> bool:
+        """Whether a stop asked for inside the current gradient accumulation waits for its last micro-batch
+        (:meth:`on_train_batch_end`, which sets ``trainer.should_stop`` there, after every callback's hook:
+        the checkpoint callback reads this to save that step where it saves a periodic one)."""
+        return self._stop_deferred
+
     def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
         """A stop asked for in the middle of a gradient accumulation (``trainer.max_time``, a callback
         setting ``trainer.should_stop``) waits for the accumulation's last micro-batch: a run stopped

@@ -263,7 +263,9 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # a periodic checkpoint
         step_is_whole = optimizer_step_ends_here(trainer, batch_idx)
-        fit_ends = trainer.global_step >= trainer.max_steps or trainer.should_stop
+        # a stop deferred to this step's last micro-batch is set again by the module after every callback
+        stop = trainer.should_stop or getattr(pl_module, "stop_deferred_to_this_step", False)
+        fit_ends = trainer.global_step >= trainer.max_steps or stop
         if step_is_whole and fit_ends and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import math
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -29,6 +30,8 @@ from innerloop.config.load import (
     name_too_long,
 )
 from innerloop.config.schema import HELD_OUT
+from innerloop.config.trainer_args import PLAIN_FLOAT, PLAIN_FLOAT_WORDS, PLAIN_INT, PLAIN_INT_WORDS
+from innerloop.core.functional import TORCH_SEEDS, TORCH_SEEDS_TEXT
 from innerloop.models.config import WINDOW_SIZE_BOUNDS
 
 if (
@@ -70,26 +73,52 @@ class UsageError(Exception):
         self.prog = prog
 
 
+# A value that starts with '-' and argparse does not see as a negative number (only -5 or -.5 are) is taken
+# for an option: `--temperature -inf` and `--temperature -1e3` said "expected one argument". No option of
+# innerloop starts with '-' and a digit, '.', 'inf' or 'nan': such a value goes to its option's type.
+_NEGATIVE_NUMBER = re.compile(r"-(?:[0-9.]|inf|nan)", re.IGNORECASE)
+
+
 class _ArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (no usage block), reported by :func:`main`."""
+    """An ArgumentParser whose errors are one line (no usage block), reported by :func:`main`, and which
+    reads any negative number (``-inf``, ``-1e3``, not only ``-5``) as a value, to be judged by its type."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
 
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
         raise UsageError(self.prog, message)
+
+
+def _plain_number(kind: type, text: str) -> float | None:
+    """``text`` as a ``kind`` (int or float) by the one rule of a number's text, an override's
+    (:data:`~innerloop.config.trainer_args.PLAIN_INT`, ``PLAIN_FLOAT``; spaces around it dropped, as YAML
+    drops them), else None: Python's ``int()`` also takes ``'５'`` (full-width), ``'٣'`` and ``'007'``,
+    which an override refuses."""
+    text = text.strip(" \t")
+    if not (PLAIN_INT.fullmatch(text) or (kind is float and PLAIN_FLOAT.fullmatch(text))):
+        return None
+    try:
+        return kind(text)
+    except ValueError:  # YAML's '.inf', which float() does not read (and is no finite number anyway)
+        return None
 
 
 def _number(
     kind: type, low: float, low_open: bool = False, high: int | None = None
 ) -> Callable[[str], float]:
     """An argparse ``type``: a ``kind`` (an int of any size, or a finite float) >= ``low`` (> ``low`` if
-    ``low_open``), and <= ``high`` when given. An int is compared as it is: ``math.isfinite`` raised a bare
-    ``OverflowError`` on an integer past float's range (``--tokens`` of 400 digits)."""
+    ``low_open``), and <= ``high`` when given, its text by an override's rule (:func:`_plain_number`).
+    An int is compared as it is: ``math.isfinite`` raised a bare ``OverflowError`` on an integer past
+    float's range (``--tokens`` of 400 digits)."""
     valid = f"{'an integer' if kind is int else 'a finite number'} {'>' if low_open else '>='} {low}"
+    form = PLAIN_INT_WORDS if kind is int else PLAIN_FLOAT_WORDS
 
     def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}") from None
+        value = _plain_number(kind, text)
+        if value is None:
+            raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}: give {form}")
         if (kind is float and not math.isfinite(value)) or value < low or (low_open and value == low):
             raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}")
         if high is not None and value > high:
@@ -137,13 +166,12 @@ _BATCHES = _number(int, 1, high=int(WINDOW_SIZE_BOUNDS["batches"].high))
 
 
 def _seed(text: str) -> int:
-    """An argparse ``type``: a seed of torch's generator, an integer in [0, 2**63)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text!r}")
+    """An argparse ``type``: a seed of torch's generator, an integer in
+    :data:`~innerloop.core.functional.TORCH_SEEDS` (the range ``compare(seed=...)`` takes)."""
+    value = _plain_number(int, text)
+    if value is None or value not in TORCH_SEEDS:
+        form = "" if value is not None else f": give {PLAIN_INT_WORDS}"
+        raise argparse.ArgumentTypeError(f"must be an integer in {TORCH_SEEDS_TEXT}, got {text!r}{form}")
     return value
 
 

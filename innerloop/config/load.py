@@ -44,7 +44,9 @@ from innerloop.config.trainer_args import (
     BOOL_TEXTS,
     LIGHTNING_NAMES,
     PLAIN_FLOAT,
+    PLAIN_FLOAT_WORDS,
     PLAIN_INT,
+    PLAIN_INT_WORDS,
     check_lightning_arguments,
     check_loggers,
     route_trainer_keys,
@@ -287,8 +289,8 @@ def _expected_type(key: str) -> Any:
 _NULLS = ("", "~", "null", "Null", "NULL")
 _KIND_WORDS = {
     bool: "true or false",
-    int: "a decimal integer (ASCII digits, an optional sign, e.g. 64 or 10_000)",
-    float: "a decimal number (e.g. 3e-4, 0.5 or 2)",
+    int: PLAIN_INT_WORDS,
+    float: PLAIN_FLOAT_WORDS,
     type(None): "null",
 }
 

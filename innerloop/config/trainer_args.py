@@ -288,6 +288,10 @@ PLAIN_FLOAT = re.compile(
     r"|[-+]?\.?(inf|infinity|nan)",  # load.py refuses these later, with the reason (must be finite)
     re.IGNORECASE,
 )
+PLAIN_INT_WORDS = "a decimal integer (ASCII digits, an optional sign, e.g. 64 or 10_000)"
+""":data:`PLAIN_INT` in words: the one rule of an integer's text, an override's and a CLI option's."""
+PLAIN_FLOAT_WORDS = "a decimal number (e.g. 3e-4, 0.5 or 2)"
+""":data:`PLAIN_FLOAT` (or :data:`PLAIN_INT`) in words: the one rule of a float's text."""
 BOOL_TEXTS = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
 _TEXT_KINDS = (bool, int, float, type(None))
 

@@ -428,6 +428,15 @@ def chunk_mean_cross_entropy(
     return (chunk_sums / chunk_counts).sum() / (sequences * max(num_chunks, 1))  # T = 0: 0, as nothing scored
 
 
+TORCH_SEEDS = range(-(2**63), 2**64)
+"""The seeds of torch's generator (``torch.Generator.manual_seed`` raised 'Overflow when unpacking long long'
+outside them): the one range of every seed that seeds one (``compare``'s, the testing kit's, the CLI's
+``--seed``), written :data:`TORCH_SEEDS_TEXT` in their messages."""
+
+TORCH_SEEDS_TEXT = "[-2**63, 2**64)"
+""":data:`TORCH_SEEDS` as the error messages write it."""
+
+
 def is_integer(value: Any) -> bool:
     """Whether ``value`` is an integer by the library's one rule, :func:`as_integer`'s (this is
     ``as_integer(value) is not None``, for a check that needs only the answer): a Python int, a numpy

@@ -44,7 +44,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 import torch
 from torch.autograd.gradcheck import GradcheckError
 
-from innerloop.core.functional import as_integer, check_flag, relative_error
+from innerloop.core.functional import TORCH_SEEDS, TORCH_SEEDS_TEXT, as_integer, check_flag, relative_error
 from innerloop.core.layer import TTTLayer
 from innerloop.core.protocol import (
     STACK_TOLERANCE,
@@ -257,8 +257,8 @@ def checked_seed(seed: object) -> int:
     index = as_index(seed)
     if index is None:
         raise TypeError(f"seed must be an int, got {seed!r}")
-    if not -(2**63) <= index < 2**64:
-        raise ValueError(f"seed={seed!r} must be an integer in [-2**63, 2**64) (torch's generator seeds)")
+    if index not in TORCH_SEEDS:
+        raise ValueError(f"seed={seed!r} must be an integer in {TORCH_SEEDS_TEXT} (torch's generator seeds)")
     return index
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from innerloop.config.load import given_argument
-from innerloop.core.functional import as_integer
+from innerloop.core.functional import TORCH_SEEDS, TORCH_SEEDS_TEXT, as_integer
 from innerloop.train.metrics import described
 
 DEFAULT_RESAMPLES = 1000
@@ -275,8 +275,8 @@ def checked_resamples(resamples: Any) -> int:
 def checked_seed(seed: Any) -> int:
     """``seed`` as an int that ``torch.Generator.manual_seed`` takes, or a ValueError naming it."""
     number = as_integer(seed)
-    if number is None or not -(2**63) <= number < 2**64:
-        raise ValueError(f"seed={seed!r} must be an integer in [-2**63, 2**64)")
+    if number is None or number not in TORCH_SEEDS:
+        raise ValueError(f"seed={seed!r} must be an integer in {TORCH_SEEDS_TEXT}")
     return number
 
 

@@ -207,10 +207,11 @@ GENERATE_ERRORS = [
     (["--top-k", "0"], ["argument --top-k", "must be an integer >= 1, got '0'"]),
     (["--top-k", "-3"], ["argument --top-k", "got '-3'"]),
     (["--tokens", "-1"], ["argument --tokens", ">= 0, got '-1'"]),
-    (["--seed", "-1"], ["argument --seed", "in [0, 2**63), got '-1'"]),
-    (["--seed", "99999999999999999999999"], ["argument --seed", "in [0, 2**63), got '9999"]),
-    (["--seed", str(2**63)], ["argument --seed", "in [0, 2**63)"]),
-    (["--seed", "1.5"], ["argument --seed", "in [0, 2**63), got '1.5'"]),
+    # torch's seeds, as compare(seed=...) takes them (s52f: --seed took [0, 2**63))
+    (["--seed", str(-(2**63) - 1)], ["argument --seed", f"in [-2**63, 2**64), got '{-(2**63) - 1}'"]),
+    (["--seed", "99999999999999999999999"], ["argument --seed", "in [-2**63, 2**64), got '9999"]),
+    (["--seed", str(2**64)], ["argument --seed", "in [-2**63, 2**64)"]),
+    (["--seed", "1.5"], ["argument --seed", "in [-2**63, 2**64), got '1.5'"]),
     (["--prompt", ""], ["--prompt must not be empty"]),
 ]
 

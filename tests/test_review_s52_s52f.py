@@ -1,0 +1,109 @@
+"""Review s52f: the command line's numbers read by the rules of the config's overrides and of the Python API.
+
+- An integer option (``--tokens``, ``--seq-len``, ``--seed``, ``--resamples``, ``--budget``, ``--vocab-size``,
+  ...) took what Python's ``int()`` takes: ``--tokens ５`` (a full-width digit) and ``--seq-len ٣`` (an
+  Arabic-Indic one) ran as 5 and 3, and ``007`` as 7, while the same text in an override
+  (``trainer.max_steps=５``) is refused: one rule now, the override's (ASCII digits, an optional sign,
+  ``_`` between digit groups, no leading zero). A float option (``--temperature``) likewise (``０.５``).
+- ``--temperature -inf`` (or ``-1e3``) said "expected one argument": argparse took the value for an option.
+- ``--seed`` took [0, 2**63) while ``compare(seed=...)`` and torch's generator take [-2**63, 2**64): the one
+  range of torch's seeds now, read by every caller from :data:`innerloop.core.functional.TORCH_SEEDS`.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from innerloop.cli import _parser, main
+from innerloop.config.load import ConfigError, load_config
+from innerloop.train.bootstrap import checked_seed
+
+
+def _error_line(capsys, command: str) -> str:
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"innerloop {command}: error: "), captured.err
+    return lines[0]
+
+
+# (the command line before the option, the option): every integer option of every command
+INTEGER_OPTIONS = [
+    (["generate", "ck.safetensors"], "--tokens"),
+    (["generate", "ck.safetensors"], "--top-k"),
+    (["generate", "ck.safetensors"], "--seed"),
+    (["eval", "ck.safetensors"], "--seq-len"),
+    (["eval", "ck.safetensors"], "--batch-size"),
+    (["eval", "ck.safetensors"], "--batches"),
+    (["compare", "a.safetensors", "b.safetensors"], "--seq-len"),
+    (["compare", "a.safetensors", "b.safetensors"], "--resamples"),
+    (["compare", "a.safetensors", "b.safetensors"], "--seed"),
+    (["params"], "--budget"),
+    (["tokenizer", "train", "x.txt"], "--vocab-size"),
+]
+NOT_PLAIN_INTEGERS = ["５", "٣", "1٣", "007", "0x10", "1e3", "1.0", "1__0", "_1", ""]
+
+
+@pytest.mark.parametrize("text", NOT_PLAIN_INTEGERS)
+@pytest.mark.parametrize(("before", "option"), INTEGER_OPTIONS, ids=lambda x: str(x))
+def test_an_integer_option_refuses_what_an_override_refuses(capsys, before, option, text) -> None:
+    """Unicode digits, a leading zero, hexadecimal: refused by an integer override, and by every integer
+    option with the option's name, the text given and what is valid (exit 2, one line)."""
+    with pytest.raises(ConfigError, match="not a decimal integer|given no value"):
+        load_config("tiny", [f"trainer.max_steps={text}"])
+    command = " ".join(before[:2] if before[0] == "tokenizer" else before[:1])
+    assert main([*before, option, text]) == 2
+    line = _error_line(capsys, command)
+    assert f"argument {option}: must be an integer" in line and f"got {text!r}" in line
+    assert "ASCII digits" in line
+
+
+@pytest.mark.parametrize(("text", "value"), [("1_0", 10), ("+2", 2), ("-0", 0), (" 3 ", 3), ("0", 0)])
+def test_an_integer_option_takes_what_an_override_takes(text, value) -> None:
+    """``_`` between digit groups, a sign, spaces around: the override's rule, the same value."""
+    run, _ = load_config("tiny", [f"trainer.diagnostics_batches={text}"])
+    assert run.trainer.diagnostics_batches == value
+    assert _parser().parse_args(["generate", "ck", "--tokens", text]).tokens == value
+
+
+@pytest.mark.parametrize("text", ["０.５", "٠.5", "0x1p-3", "1e", "", "0.5.1"])
+def test_a_float_option_refuses_what_an_override_refuses(capsys, text) -> None:
+    with pytest.raises(ConfigError, match="not a decimal number|given no value"):
+        load_config("tiny", [f"optim.lr={text}"])
+    assert main(["generate", "ck.safetensors", "--temperature", text]) == 2
+    line = _error_line(capsys, "generate")
+    assert "argument --temperature: must be a finite number >= 0" in line and f"got {text!r}" in line
+
+
+@pytest.mark.parametrize("text", ["-inf", "-1e3", "-1E-3", "-.5", "-nan", "-Infinity"])
+def test_a_negative_float_is_judged_not_taken_for_an_option(capsys, text) -> None:
+    """``--temperature -inf`` said 'expected one argument': argparse read -inf as an option."""
+    assert main(["generate", "ck.safetensors", "--temperature", text]) == 2
+    line = _error_line(capsys, "generate")
+    assert f"argument --temperature: must be a finite number >= 0, got {text!r}" in line
+
+
+@pytest.mark.parametrize("seed", [-(2**63), -1, 0, 2**63, 2**64 - 1])
+def test_the_cli_seed_takes_torchs_seeds_as_the_python_api_does(seed) -> None:
+    """``compare(seed=...)`` takes [-2**63, 2**64) (torch's generator's seeds); ``--seed`` took [0, 2**63)."""
+    assert checked_seed(seed) == seed
+    for before in (["generate", "ck"], ["compare", "a", "b"]):
+        assert _parser().parse_args([*before, "--seed", str(seed)]).seed == seed
+
+
+@pytest.mark.parametrize("seed", [-(2**63) - 1, 2**64, 10**30])
+def test_the_cli_seed_refuses_what_the_python_api_refuses(capsys, seed) -> None:
+    with pytest.raises(ValueError, match=r"must be an integer in \[-2\*\*63, 2\*\*64\)"):
+        checked_seed(seed)
+    for before in (["generate", "ck"], ["compare", "a", "b"]):
+        assert main([*before, "--seed", str(seed)]) == 2
+        line = _error_line(capsys, before[0])
+        assert f"argument --seed: must be an integer in [-2**63, 2**64), got '{seed}'" in line
+
+
+@pytest.mark.parametrize("text", ["-007", "-5x", "-1e", "-.5.5"])
+def test_a_malformed_negative_number_is_judged_by_its_option(capsys, text) -> None:
+    assert main(["generate", "ck.safetensors", "--tokens", text]) == 2
+    line = _error_line(capsys, "generate")
+    assert f"argument --tokens: must be an integer >= 0, got {text!r}" in line

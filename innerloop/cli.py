@@ -32,6 +32,7 @@ from innerloop.config.load import (
 from innerloop.config.schema import HELD_OUT
 from innerloop.config.trainer_args import PLAIN_FLOAT, PLAIN_FLOAT_WORDS, PLAIN_INT, PLAIN_INT_WORDS
 from innerloop.core.functional import TORCH_SEEDS, TORCH_SEEDS_TEXT
+from innerloop.data.tokenizer import MAX_TRAINED_VOCAB, MIN_TRAINED_VOCAB
 from innerloop.models.config import WINDOW_SIZE_BOUNDS
 
 if (
@@ -1048,10 +1049,10 @@ def _add_tokenizer(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument(
         "--vocab-size",
-        type=_number(int, 258),
+        type=_number(int, MIN_TRAINED_VOCAB, high=MAX_TRAINED_VOCAB),
         required=True,
-        help="tokens in the vocabulary, >= 258: the 256 bytes, the end-of-text token and at least one "
-        "merge (required)",
+        help=f"tokens in the vocabulary, {MIN_TRAINED_VOCAB} to {MAX_TRAINED_VOCAB}: the 256 bytes, the "
+        "end-of-text token and at least one merge (required)",
     )
     train.add_argument(
         "--out", required=True, metavar="DIR", help="folder to write the tokenizer into (required)"

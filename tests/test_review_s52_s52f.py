@@ -107,3 +107,47 @@ def test_a_malformed_negative_number_is_judged_by_its_option(capsys, text) -> No
     assert main(["generate", "ck.safetensors", "--tokens", text]) == 2
     line = _error_line(capsys, "generate")
     assert f"argument --tokens: must be an integer >= 0, got {text!r}" in line
+
+
+# -- one range per parameter, whichever caller --------------------------------------------------------------
+
+
+def test_the_run_seed_and_recall_pairs_have_one_range_each() -> None:
+    """``seed`` and ``data.recall.num_pairs`` were each defined twice (the config's table and the data
+    modules' constant): equal today, free to drift apart. The config's table reads the one definition."""
+    from innerloop.config.schema import FIELD_BOUNDS
+    from innerloop.data.recall import RECALL_PAIRS_BOUNDS
+    from innerloop.train.data import SEED_BOUNDS
+
+    assert FIELD_BOUNDS["seed"] is SEED_BOUNDS
+    assert FIELD_BOUNDS["data.recall.num_pairs"] is RECALL_PAIRS_BOUNDS
+
+
+@pytest.mark.parametrize(
+    ("argument", "key"),
+    [
+        ("lr", "optim.lr"),
+        ("weight_decay", "optim.weight_decay"),
+        ("min_lr", "optim.min_lr"),
+        ("max_steps", "trainer.max_steps"),
+        ("num_position_buckets", "trainer.num_position_buckets"),
+        ("diagnostics_batches", "trainer.diagnostics_batches"),
+    ],
+)
+def test_the_lightning_module_reads_the_config_ranges(argument, key) -> None:
+    """``LanguageModelModule(max_steps=10**400)`` was taken (its own ``>= 1``) while
+    ``trainer.max_steps`` is refused past 2**53 (a step count float64 holds exactly)."""
+    from innerloop.config.schema import FIELD_BOUNDS
+    from innerloop.train.module import _NUMBER_ARGUMENTS
+
+    assert _NUMBER_ARGUMENTS[argument][1] is FIELD_BOUNDS[key]
+
+
+def test_tokenizer_vocab_size_option_reads_the_trainers_range(capsys) -> None:
+    """``--vocab-size`` wrote its own 258, and no upper bound (train_bpe's 2**24 said it, as vocab_size)."""
+    from innerloop.data.tokenizer import MAX_TRAINED_VOCAB
+
+    too_many = str(MAX_TRAINED_VOCAB + 1)
+    assert main(["tokenizer", "train", "x.txt", "--out", "t.json", "--vocab-size", too_many]) == 2
+    line = _error_line(capsys, "tokenizer train")
+    assert f"argument --vocab-size: must be an integer in [258, {MAX_TRAINED_VOCAB}]" in line

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from innerloop.data.recall import RECALL_GAP_BOUNDS
+from innerloop.data.recall import RECALL_GAP_BOUNDS, RECALL_PAIRS_BOUNDS
 from innerloop.models.config import (  # noqa: F401  (Bounds and its constants: re-exported, their old home)
     AT_LEAST_0,
     AT_LEAST_1,
@@ -18,6 +18,7 @@ from innerloop.models.config import (  # noqa: F401  (Bounds and its constants: 
     FRACTION,
     MODEL_FIELD_BOUNDS,
     POSITIVE,
+    SEED_BOUNDS,
     SEQ_LEN_BOUNDS,
     STEP_BOUNDS,
     WINDOW_SIZE_BOUNDS,
@@ -197,7 +198,7 @@ FIELD_BOUNDS: dict[str, Bounds] = {
     "data.val_fraction": FRACTION,
     "data.test_fraction": FRACTION,
     "data.val_batches": WINDOW_SIZE_BOUNDS["batches"],  # as eval's --batches: 10**40 hung a data module
-    "data.recall.num_pairs": Bounds(1, 64, why="the task has 64 keys"),
+    "data.recall.num_pairs": RECALL_PAIRS_BOUNDS,
     "data.recall.gap": RECALL_GAP_BOUNDS,
     # optim
     "optim.lr": POSITIVE,
@@ -222,7 +223,7 @@ FIELD_BOUNDS: dict[str, Bounds] = {
     "trainer.diagnostics_batches": Bounds(0, why="0: no inner-loss diagnostics"),
     "trainer.threads": Bounds(0, 2**16, why="0: torch's default; more: the threads of one process"),
     # run
-    "seed": Bounds(0, 2**32 - 1, why="Lightning seeds numpy, which takes 32-bit seeds"),
+    "seed": SEED_BOUNDS,
 }
 """The valid range of every int and float field of :class:`RunConfig`, by dotted key (a test checks
 that every numeric field has one); :func:`innerloop.config.validate_run_config` enforces them."""

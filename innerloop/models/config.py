@@ -425,6 +425,9 @@ FRACTION = Bounds(0, 1, high_open=True)  # [0, 1)
 SEQ_LEN_BOUNDS = Bounds(1, 2**30, why="a window of tokens held in memory")
 """``data.seq_len`` and the data modules' ``seq_len``."""
 
+SEED_BOUNDS = Bounds(0, 2**32 - 1, why="Lightning seeds numpy, which takes 32-bit seeds")
+"""The run's ``seed`` and the data modules' ``seed`` (a torch generator's seed is :data:`~innerloop.core.functional.TORCH_SEEDS`)."""
+
 STEP_BOUNDS = Bounds(1, 2**53, why="beyond any run: a step count float64 holds exactly")
 """``trainer.max_steps`` (10**400 crashed the learning-rate schedule with a bare OverflowError)."""
 

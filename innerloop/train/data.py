@@ -74,9 +74,9 @@ from innerloop.models.config import (
     AT_LEAST_1,
     BATCH_SIZE_BOUNDS,
     FRACTION,
+    SEED_BOUNDS,
     SEQ_LEN_BOUNDS,
     WINDOW_SIZE_BOUNDS,
-    Bounds,
     checked_number,
 )
 
@@ -259,9 +259,6 @@ class _IndexedDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         inputs, targets = self.make_val_examples()
         return validation_loader(inputs, targets, self.batch_size, self.trainer)
-
-
-SEED_BOUNDS = Bounds(0, 2**32 - 1, why="Lightning seeds numpy, which takes 32-bit seeds")
 
 
 _SIZE_BOUNDS = {  # those of data.seq_len, ...; val_batches: eval's --batches'

@@ -60,6 +60,7 @@ from innerloop.checkpoints import (
 )
 from innerloop.checkpoints import load_model as load_model  # re-exported: its old home
 from innerloop.config.load import checkpoint_path_problem
+from innerloop.config.schema import FIELD_BOUNDS
 from innerloop.core.callers import warning_stacklevel
 from innerloop.core.diagnostics import inner_loss_before_after
 from innerloop.core.functional import check_flag, mean_scored_cross_entropy
@@ -67,9 +68,7 @@ from innerloop.core.layer import LARGE_INPUT, is_built_in, plugin_label
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
 from innerloop.models.config import (
     AT_LEAST_0,
-    AT_LEAST_1,
     FRACTION,
-    POSITIVE,
     SEQ_LEN_BOUNDS,
     Bounds,
     check_weight_decay,
@@ -89,15 +88,15 @@ SHARDING_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 log = logging.getLogger(__name__)
 
-_NUMBER_ARGUMENTS: dict[str, tuple[type, Bounds]] = {
-    "lr": (float, POSITIVE),
-    "weight_decay": (float, AT_LEAST_0),
-    "min_lr": (float, AT_LEAST_0),
+_NUMBER_ARGUMENTS: dict[str, tuple[type, Bounds]] = {  # a config key's range is the config's (one table)
+    "lr": (float, FIELD_BOUNDS["optim.lr"]),
+    "weight_decay": (float, FIELD_BOUNDS["optim.weight_decay"]),
+    "min_lr": (float, FIELD_BOUNDS["optim.min_lr"]),
     "warmup_steps": (int, AT_LEAST_0),
-    "max_steps": (int, AT_LEAST_1),
+    "max_steps": (int, FIELD_BOUNDS["trainer.max_steps"]),  # it was >= 1: 10**400 was taken
     "decay_steps": (int, AT_LEAST_0),
-    "num_position_buckets": (int, AT_LEAST_1),
-    "diagnostics_batches": (int, Bounds(0, why="0: no inner-loss diagnostics")),
+    "num_position_buckets": (int, FIELD_BOUNDS["trainer.num_position_buckets"]),
+    "diagnostics_batches": (int, FIELD_BOUNDS["trainer.diagnostics_batches"]),
 }
 
 

@@ -151,3 +151,69 @@ def test_tokenizer_vocab_size_option_reads_the_trainers_range(capsys) -> None:
     assert main(["tokenizer", "train", "x.txt", "--out", "t.json", "--vocab-size", too_many]) == 2
     line = _error_line(capsys, "tokenizer train")
     assert f"argument --vocab-size: must be an integer in [258, {MAX_TRAINED_VOCAB}]" in line
+
+
+# -- --resume reads its checkpoint once ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path):
+    import torch
+
+    from innerloop.train import save_checkpoint
+
+    path = tmp_path / "last.safetensors"
+    save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 4}, path)
+    return path
+
+
+def _counting_reads(monkeypatch) -> list[str]:
+    import innerloop.train.checkpoint as checkpoint_module
+
+    reads: list[str] = []
+    real = checkpoint_module.load_checkpoint
+
+    def counted(path, *args, **kwargs):
+        reads.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "load_checkpoint", counted)
+    return reads
+
+
+def test_the_checkpoint_a_resume_read_is_not_read_again(monkeypatch, small_checkpoint) -> None:
+    """``--resume`` read last.safetensors in its checks, then Lightning read it again (a 307 MB one:
+    5.2 s + 9.4 s). The read handed over is taken once, for that file; the next load reads the file."""
+    from innerloop.checkpoints import load_checkpoint
+    from innerloop.train.checkpoint import SafetensorsCheckpointIO
+
+    checked = load_checkpoint(small_checkpoint)
+    reads = _counting_reads(monkeypatch)
+    io = SafetensorsCheckpointIO()
+    io.hand_over(small_checkpoint, checked)
+    assert io.load_checkpoint(small_checkpoint, map_location=lambda storage, location: storage) is checked
+    assert reads == []
+    again = io.load_checkpoint(small_checkpoint)  # taken once
+    assert reads == [str(small_checkpoint)] and again is not checked and again["global_step"] == 4
+
+
+def test_a_checkpoint_changed_since_it_was_read_is_read_again(monkeypatch, small_checkpoint) -> None:
+    import pickle
+
+    import torch
+
+    from innerloop.checkpoints import load_checkpoint
+    from innerloop.train import save_checkpoint
+    from innerloop.train.checkpoint import SafetensorsCheckpointIO
+
+    io = SafetensorsCheckpointIO()
+    io.hand_over(small_checkpoint, load_checkpoint(small_checkpoint))
+    assert pickle.loads(pickle.dumps(io))._handed_over is None  # a spawned process reads the file itself
+    save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 5}, small_checkpoint)
+    reads = _counting_reads(monkeypatch)
+    assert io.load_checkpoint(small_checkpoint)["global_step"] == 5
+    assert reads == [str(small_checkpoint)]
+    other = small_checkpoint.with_name("other.safetensors")  # another file than the one handed over
+    save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 6}, other)
+    io.hand_over(small_checkpoint, load_checkpoint(small_checkpoint))
+    assert io.load_checkpoint(other)["global_step"] == 6

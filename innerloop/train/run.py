@@ -694,8 +694,7 @@ def _train_in_locked_dir(
     start = _resume_checkpoint(out_dir) if resume else None
     L.seed_everything(run.seed, workers=True, verbose=False)
     module = build_module(run)
-    if start is not None:
-        _check_resume(run, module, start)
+    start_read = None if start is None else _check_resume(run, module, start)
     refuse_a_full_disk(out_dir, module, trained_dtype(run.trainer.precision))
     datamodule = build_datamodule(run)
     # read now, before the Trainer's loggers make logs/version_<n>: data that a tokenizer's token counts
@@ -704,6 +703,8 @@ def _train_in_locked_dir(
     # Ctrl-C: finish the step, save it, stop; whether this run had a checkpoint then
     interrupt = StopOnInterrupt(watch=(ckpt, out_dir / PENDING_CHECKPOINT))
     trainer = build_trainer(run, [TrainingThroughput(), interrupt, *callbacks])  # parameter counts, tokens/s
+    _hand_over_the_start(trainer, start, start_read)
+    del start_read  # Lightning's load takes it, and lets it go once restored
     refuse_training_beyond_memory(
         module, trainer.strategy.root_device, trained_dtype(run.trainer.precision), training_shards(trainer)
     )
@@ -939,6 +940,15 @@ def with_missing_plugins_named(err: ConfigError, out_dir: str | Path) -> ConfigE
     return ConfigError(f"{' '.join(str(err).split()).rstrip('.')}; {missing}")
 
 
+def _hand_over_the_start(trainer: L.Trainer, start: Path | None, checkpoint: dict[str, Any] | None) -> None:
+    """Give the checkpoint a resume has read and checked (:func:`_check_resume`) to the Trainer's IO, for
+    its load of ``start`` (:meth:`~innerloop.train.checkpoint.SafetensorsCheckpointIO.hand_over`): read
+    once, not twice. A strategy with another IO reads the file again, as before."""
+    checkpoint_io = getattr(trainer.strategy, "checkpoint_io", None)
+    if start is not None and checkpoint is not None and isinstance(checkpoint_io, SafetensorsCheckpointIO):
+        checkpoint_io.hand_over(start, checkpoint)
+
+
 def _confirm_a_pending_start(trainer: L.Trainer, start: Path | None, ckpt: Path) -> None:
     """When a resume starts from a pending checkpoint (not ``ckpt``), let the run confirm it as the run
     that wrote it would have: it replaces ``ckpt`` once the first step's loss is finite."""
@@ -1105,11 +1115,11 @@ def _write_loss_by_position_or_say_why_not(
         ) from None
 
 
-def _check_resume(run: RunConfig, module: LanguageModelModule, ckpt: Path) -> None:
+def _check_resume(run: RunConfig, module: LanguageModelModule, ckpt: Path) -> dict[str, Any]:
     """Raise :class:`ConfigError` or :class:`CheckpointError` unless ``run`` can continue from ``ckpt``:
     the checkpoint reads and holds ``run``'s model (weights of the right shapes), the config saved beside
     it differs from ``run`` only where a resume may change it, and ``trainer.max_steps`` is not behind
-    the checkpoint. Reads only."""
+    the checkpoint. Reads only; returns the checkpoint read (for the Trainer's load, not read again)."""
     if not ckpt.exists():
         raise CheckpointError(
             f"{given_flag('resume')}: there is no checkpoint {str(ckpt)!r} (a run killed before its first "
@@ -1136,6 +1146,7 @@ def _check_resume(run: RunConfig, module: LanguageModelModule, ckpt: Path) -> No
             f"trainer.max_steps={run.trainer.max_steps} is below the checkpoint's step {step}; "
             f"{given_flag('resume')} can only extend a run (trainer.max_steps >= {step})"
         )
+    return checkpoint
 
 
 def _check_same_model(model: ModelConfig, checkpoint: dict[str, Any], ckpt: Path) -> None:

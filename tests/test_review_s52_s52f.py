@@ -217,3 +217,24 @@ def test_a_checkpoint_changed_since_it_was_read_is_read_again(monkeypatch, small
     save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 6}, other)
     io.hand_over(small_checkpoint, load_checkpoint(small_checkpoint))
     assert io.load_checkpoint(other)["global_step"] == 6
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "kind"),
+    [
+        ("model.hidden_size.x=8", "model.hidden_size", "int"),
+        ("seed.x=1", "seed", "int"),
+        ("model.ttt.base_lr.x=1", "model.ttt.base_lr", "float"),
+        ("out_dir.x=3", "out_dir", "str"),
+        ("model.hidden_size.=8", "model.hidden_size", "int"),
+    ],
+)
+def test_a_key_below_a_value_is_named_so(capsys, override, key, kind) -> None:
+    """``model.hidden_size.x=8`` said omegaconf's "Value '{'x': 8}' of type 'DictConfig' could not be
+    converted to Integer": now that the key holds one value, not a section with keys."""
+    assert main(["params", override]) == 2
+    line = _error_line(capsys, "params")
+    assert (
+        f"config key {key!r} in override {override!r}: {key} takes one value ({kind}), not a mapping" in line
+    )
+    assert "DictConfig" not in line

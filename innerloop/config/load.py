@@ -594,6 +594,12 @@ def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
         key = getattr(err, "full_key", None) or "?"
         expected = _expected_type(key) if key != "?" else None
         name = getattr(expected, "__name__", None) or str(expected)
+        given = OmegaConf.select(other, key) if key != "?" else None
+        if isinstance(given, DictConfig):  # `model.hidden_size.x=8`: omegaconf said "could not be converted"
+            raise ConfigError(
+                f"config key {key!r} in {source}: {key} takes one value ({name}), not a mapping: it has no "
+                f"key {', '.join(map(repr, given.keys()))} below it; give {key}=<{name}>"
+            ) from None
         raise ConfigError(f"config key {key!r} in {source}: {_first_line(err)} (expected {name})") from None
     except TypeError as err:  # "Cannot merge incompatible container types": no key named
         raise ConfigError(

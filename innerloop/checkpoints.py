@@ -21,8 +21,9 @@ distribution and version, for one registered in the process, its class), and und
 :data:`PLUGIN_SOURCES_KEY` a digest of the source of each plugin registered in the process
 (:func:`plugin_source_digest`). :func:`load_checkpoint` warns once (:class:`PluginChangedWarning`) for
 each that is registered now by another plugin (:func:`same_plugin`), or by the same class whose source
-changed since; a name registered by no plugin makes the model's rebuild error also say where it came
-from (:func:`rebuild_error`). A checkpoint without the records (written before they existed) loads as
+changed since; the record also keeps each plugin object's settings (:func:`plugin_settings`), and the
+same plugin registered now with other settings is refused (:func:`check_plugin_settings`); a name
+registered by no plugin makes the model's rebuild error also say where it came from (:func:`rebuild_error`). A checkpoint without the records (written before they existed) loads as
 before.
 
 Every problem with a file (missing, a directory, truncated, not safetensors, another format, a newer
@@ -37,6 +38,7 @@ it; :class:`innerloop.train.checkpoint.SafetensorsCheckpointIO` plugs this forma
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -93,7 +95,8 @@ innerloop training run, which was byte-level (a recall run's too: its data are t
 PLUGINS_KEY = "innerloop_plugins"
 """The checkpoint key recording where each plugin the model uses came from (:func:`plugin_record`):
 ``{kind: {name: {"origin": ..., "distribution": ..., "version": ...}}}``, or ``{"origin": ...,
-"class": ...}`` for a plugin registered in the process (no distribution). Loading compares it with
+"class": ...}`` for a plugin registered in the process (no distribution), each with ``"settings"`` where
+the plugin object has any (:func:`plugin_settings`). Loading compares it with
 the plugins registered then (:func:`warn_changed_plugins`). A checkpoint without it (written before
 innerloop recorded it) loads as before, unchecked."""
 
@@ -516,17 +519,134 @@ def same_plugin(name: str, recorded: Mapping[str, str], current: Mapping[str, st
     ) == current.get("class")
 
 
-def plugin_record(model: Mapping[str, Any], earlier: Any = None) -> dict[str, dict[str, dict[str, str]]]:
+def plugin_record(model: Mapping[str, Any], earlier: Any = None) -> dict[str, dict[str, dict[str, Any]]]:
     """:data:`PLUGINS_KEY`'s value for a model config: ``{kind: {name: plugin_origin(kind, name)}}``
-    for each plugin it uses. A name not registered now keeps what ``earlier`` (the record of the
-    checkpoint being written again, if any) says of it."""
+    for each plugin it uses, with the registered object's ``settings`` (:func:`plugin_settings`) where
+    it has any. A name not registered now keeps what ``earlier`` (the record of the checkpoint being
+    written again, if any) says of it."""
     known = {(kind, name): origin for kind, name, origin in _recorded_plugins(earlier)}
-    record: dict[str, dict[str, dict[str, str]]] = {}
+    known_settings = _recorded_settings(earlier)
+    record: dict[str, dict[str, dict[str, Any]]] = {}
     for kind, name in used_plugins(model):
-        origin = plugin_origin(kind, name) or known.get((kind, name))
+        origin: dict[str, Any] | None = plugin_origin(kind, name)
+        settings = _settings_now(kind, name) if origin is not None else known_settings.get((kind, name))
+        origin = origin or known.get((kind, name))
         if origin is not None:
-            record.setdefault(kind, {})[name] = origin
+            record.setdefault(kind, {})[name] = {**origin, **({"settings": settings} if settings else {})}
     return record
+
+
+# -- the settings of a plugin object (Huber(delta=2.0)), recorded beside its origin ---------------------
+
+_PLAIN_SCALARS = (bool, int, float, str, type(None))
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether ``value`` is a setting JSON keeps as it is: a bool, int, float, str or None, or a list or
+    tuple of those (a tuple reads back as a list)."""
+    if isinstance(value, list | tuple):
+        return all(isinstance(item, _PLAIN_SCALARS) for item in value)
+    return isinstance(value, _PLAIN_SCALARS)
+
+
+def plugin_settings(obj: Any) -> dict[str, Any]:
+    """The settings of the plugin object ``obj`` that a checkpoint records beside its name and origin, so
+    that a load where that name is registered with other settings is refused (:class:`PluginSettingsError`).
+
+    The rule, one for innerloop's plugins and everyone's: what ``obj.settings()`` returns, where it
+    defines one (a mapping of str to plain values: bool, int, float, str, None, or lists of those; ``{}``
+    opts out); else, for a dataclass instance, its fields of plain values; else its public instance
+    attributes (``vars(obj)``, but ``name`` and those starting with ``_``) of plain values (``Huber(delta=2.0)`` that keeps
+    ``self.delta``). A class registered itself, and an object with none of these, has ``{}``: then its
+    name, origin, class and source digest are what is checked. Values that are not plain (tensors,
+    modules, callables) are not settings and are left out, except from a declared ``settings()``, which
+    must give plain values only (a :class:`TypeError` naming the plugin otherwise)."""
+    if isinstance(obj, type):
+        return {}
+    declared = getattr(obj, "settings", None)
+    if callable(declared):
+        settings = declared()
+        if not isinstance(settings, Mapping) or not all(
+            isinstance(key, str) and _is_plain(value) for key, value in settings.items()
+        ):
+            raise TypeError(
+                f"the plugin {type(obj).__qualname__}'s settings() gave {settings!r}: it must give a mapping of "
+                "str to plain values (bool, int, float, str, None, or lists of those), which a checkpoint records"
+            )
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()}
+    if dataclasses.is_dataclass(obj):
+        candidates = {field.name: getattr(obj, field.name, None) for field in dataclasses.fields(obj)}
+    else:
+        candidates = {
+            key: value for key, value in getattr(obj, "__dict__", {}).items() if not key.startswith("_")
+        }
+    return {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in sorted(candidates.items())
+        if _is_plain(value) and key != "name"  # its name is recorded already, as the record's key
+    }
+
+
+_SETTINGS: IdentityTable[dict[str, Any]] = IdentityTable()
+"""Each registered plugin object's settings, read once, the first time they are asked for (a training run
+asks when its module is built): an object that changes a public attribute as it runs (a counter) records
+and compares what it was registered with. Held weakly, as :data:`_SOURCE_DIGESTS`."""
+
+
+def _settings_now(kind: str, name: str) -> dict[str, Any]:
+    """:func:`plugin_settings` of the object registered now under ``name`` of ``kind``, as first read in
+    this process (:data:`_SETTINGS`); ``{}`` when none is registered."""
+    entry = _registered_entry(kind, name)
+    if entry is None:
+        return {}
+    if entry.obj not in _SETTINGS:
+        _SETTINGS.set(entry.obj, plugin_settings(entry.obj))
+    return dict(_SETTINGS.get(entry.obj) or {})
+
+
+def _recorded_settings(record: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """``{(kind, name): settings}`` of each item of a plugin record that records settings (a mapping)."""
+    if not isinstance(record, Mapping):
+        return {}
+    return {
+        (kind, name): dict(origin["settings"])
+        for kind, names in record.items()
+        if kind in KIND_NAMES and isinstance(names, Mapping)
+        for name, origin in names.items()
+        if isinstance(name, str)
+        and isinstance(origin, Mapping)
+        and isinstance(origin.get("settings"), Mapping)
+    }
+
+
+class PluginSettingsError(CheckpointError):
+    """A checkpoint or export records a plugin's settings (:func:`plugin_settings`), and the same plugin
+    is registered now under that name with other settings: the model would compute another function."""
+
+
+def check_plugin_settings(source: str, record: Any, model: Mapping[str, Any] | None = None) -> None:
+    """Refuse (:class:`PluginSettingsError`, one line naming ``source``, the plugin and both settings) a
+    ``record`` (a checkpoint's or export's :data:`PLUGINS_KEY`) whose plugin (of those ``model`` uses,
+    when given) is registered now, by the recorded plugin (:func:`same_plugin`), with settings other
+    than recorded. A name not registered now, another plugin under it (:func:`warn_changed_plugins`
+    warns), and a record without settings (an older file, a plugin with none) are not checked here."""
+    settings = _recorded_settings(record)
+    for kind, name, recorded in _recorded_plugins(record, model):
+        current = plugin_origin(kind, name)
+        saved = settings.get((kind, name))
+        if current is None or saved is None or not same_plugin(name, recorded, current):
+            continue
+        now = _settings_now(kind, name)
+        if json.dumps(now, sort_keys=True) != json.dumps(saved, sort_keys=True):
+            changed = sorted(
+                key for key in saved.keys() | now.keys() if saved.get(key, ...) != now.get(key, ...)
+            )
+            raise PluginSettingsError(
+                f"{source} was saved with the {kind.replace('_', ' ')} {name!r} of {_described(recorded)} "
+                f"with the settings {saved}; here it is registered with {now} (differing in "
+                f"{', '.join(map(repr, changed))}): the model would compute another function. Register "
+                f"{name!r} with the settings it was saved with to load it"
+            )
 
 
 def _recorded_plugins(
@@ -847,6 +967,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     _check_finite_weights(name, tree.get("state_dict"))
     _fill_earlier_defaults(tree)
     warn_changed_plugins(name, tree.get(PLUGINS_KEY), sources=tree.get(PLUGIN_SOURCES_KEY))
+    check_plugin_settings(name, tree.get(PLUGINS_KEY))
     device = checkpoint_device(map_location)
     if device.type != "cpu":
         tree = _move_tensors(tree, device)

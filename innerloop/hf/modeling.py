@@ -46,7 +46,12 @@ try:
 except ImportError:  # not on Windows: staging folders a killed save left are then not removed
     fcntl = None  # type: ignore[assignment]
 
-from innerloop.checkpoints import missing_keys_note, plugin_record, warn_changed_plugins
+from innerloop.checkpoints import (
+    check_plugin_settings,
+    missing_keys_note,
+    plugin_record,
+    warn_changed_plugins,
+)
 from innerloop.core.callers import warning_stacklevel
 from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import (
@@ -1011,7 +1016,9 @@ class InnerloopPreTrainedModel(PreTrainedModel):
 
         A folder that records where its plugins came from (``config.innerloop_plugins``) is compared
         with the plugins registered now: a :class:`~innerloop.checkpoints.PluginChangedWarning` names
-        each name registered now by another plugin (:func:`~innerloop.checkpoints.same_plugin`).
+        each name registered now by another plugin (:func:`~innerloop.checkpoints.same_plugin`); the
+        same plugin registered with other settings than recorded is refused
+        (:func:`~innerloop.checkpoints.check_plugin_settings`).
 
         A local folder is checked too: a weights file that is not a whole safetensors file is named
         (:func:`stored_weight_dtypes`); a weight stored in an integer or bool dtype where the model's is
@@ -1049,6 +1056,7 @@ class InnerloopPreTrainedModel(PreTrainedModel):
             check_export_record(folder)
             warn_an_earlier_exports_tokenizer(folder)
         warn_changed_plugins(source, model.config.innerloop_plugins, model.config.model)
+        check_plugin_settings(source, model.config.innerloop_plugins, model.config.model)
         model._refresh_non_persistent_buffers()
         return (model, info) if wants_info else model
 

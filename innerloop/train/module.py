@@ -42,20 +42,25 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from innerloop.checkpoints import (
+    PLUGIN_SOURCES_KEY,
+    PLUGINS_KEY,
     TOKENIZER_KEY,
     CheckpointError,
     cast_to_stored_dtypes,
+    check_plugin_settings,
     check_state_dict,
     checkpoint_device,
     describe_model,
     is_safetensors_file,
     load_checkpoint,
     load_weights,
+    plugin_record,
     plugin_sources,
     rebuild_error,
     run_kernels_that_work_here,
     save_checkpoint,
     saved_model_config,
+    warn_changed_plugins,
     widest_parameter_dtype,
 )
 from innerloop.checkpoints import load_model as load_model  # re-exported: its old home
@@ -323,6 +328,7 @@ class LanguageModelModule(L.LightningModule):
         self.save_hyperparameters(hyperparameters)
         self.model = build_model(ModelConfig.from_dict(model))  # CausalLM, or E2ELM for mixer='e2e'
         plugin_sources(model)  # read the plugins' sources now: the checkpoints record the code that ran
+        plugin_record(model)  # and their settings (read once per plugin object)
         self.val_ppl = Float64Perplexity(ignore_index=IGNORE_INDEX)
         self.val_acc = MulticlassAccuracy(
             num_classes=self.model.config.vocab_size, average="micro", ignore_index=IGNORE_INDEX
@@ -409,18 +415,27 @@ class LanguageModelModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint written inside a gradient accumulation records the batches of its last optimizer
         step only (:func:`_rewind_to_the_last_optimizer_step`), so that its resume is the uninterrupted run. A
-        module built without ``seq_len`` records the length it trained on (``innerloop eval``'s default)."""
+        module built without ``seq_len`` records the length it trained on (``innerloop eval``'s default).
+        Every checkpoint records its plugins (:data:`~innerloop.checkpoints.PLUGINS_KEY`, with their
+        settings, and their source digests) here, also one Lightning's own IO pickles (``.ckpt``)."""
         if self._trainer is not None:
             _rewind_to_the_last_optimizer_step(checkpoint, self.trainer.accumulate_grad_batches)
         hyperparameters = checkpoint.get("hyper_parameters")
         trained = self._trained_seq_len
         if isinstance(hyperparameters, dict) and hyperparameters.get("seq_len") is None and trained:
             hyperparameters["seq_len"] = trained  # eval's default length
+        # the plugin record, as save_checkpoint writes it: also in a pickled .ckpt (Lightning's own IO)
+        checkpoint[PLUGINS_KEY] = plugin_record(self.hparams.model, checkpoint.get(PLUGINS_KEY))
+        checkpoint[PLUGIN_SOURCES_KEY] = plugin_sources(
+            self.hparams.model, checkpoint.get(PLUGIN_SOURCES_KEY)
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with one :class:`~innerloop.checkpoints.CheckpointError` line, a checkpoint whose
         weights do not fit this model (e.g. an attention run's resumed into a TTT run), before Lightning
-        loads them.
+        loads them. A pickled checkpoint's plugin record is checked here as
+        :func:`~innerloop.checkpoints.load_checkpoint` checks innerloop's own: a plugin registered with
+        other settings is refused, another plugin under a recorded name warned of.
 
         The weights of a ``*-true`` precision run (bfloat16, float16 or float64 ones where this module,
         as built, has float32) fit. Lightning restores them before it casts the module to the run's
@@ -444,6 +459,14 @@ class LanguageModelModule(L.LightningModule):
         model = f"this run's model ({describe_model(self.hparams.model)}){written_for}"
         check_state_dict(self.state_dict(), checkpoint.get("state_dict"), path, model)
         trainer = self._trainer
+        if trainer is None or not is_safetensors_file(
+            path
+        ):  # a pickled .ckpt: load_checkpoint checked no record
+            source = "the checkpoint" if trainer is None else repr(str(path))
+            warn_changed_plugins(
+                source, checkpoint.get(PLUGINS_KEY), sources=checkpoint.get(PLUGIN_SOURCES_KEY)
+            )
+            check_plugin_settings(source, checkpoint.get(PLUGINS_KEY))
         if trainer is None:  # Lightning's load_from_checkpoint of a pickled checkpoint: no precision given
             cast_to_stored_dtypes(self, checkpoint["state_dict"])
         if trainer is not None:  # written inside an accumulation by an innerloop before the rewind on save

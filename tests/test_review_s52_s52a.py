@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from test_review_s51_s51b import _PREFIX, plugin_folders  # noqa: F401  (a fixture)
 
 import innerloop
 from innerloop import HalfSquaredError, LossPairs
@@ -191,3 +192,71 @@ def test_a_pickled_lightning_checkpoint_records_and_checks_the_settings(
     _register(ScaledTargets(1.0))
     with pytest.raises(PluginSettingsError, match="'scale': 2.0"):
         LanguageModelModule.load_from_checkpoint(path)
+
+
+# -- one rule for "a -p name is found elsewhere" (registry/modules.py: found_elsewhere) ----------------
+
+
+def _loss_plugin(folder, module: str, body: str, loss: str) -> None:
+    """``folder/module.py``: ``body`` (its imports), then an inner loss ``loss`` registered at import."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{module}.py").write_text(
+        "import innerloop\nfrom innerloop import HalfSquaredError, LossPairs\n"
+        + body
+        + f"\n\n@innerloop.register_inner_loss\nclass Loss(HalfSquaredError):\n    name = {loss!r}\n\n"
+        "    def pairs(self, views, carry):\n"
+        "        return LossPairs(inputs=views.key, targets=views.value, valid=None, carry={})\n"
+    )
+
+
+def test_a_plugin_file_in_a_folder_first_on_sys_path_named_like_an_installed_module_is_refused(
+    plugin_folders,  # noqa: F811
+    monkeypatch,
+) -> None:
+    """The two lookups disagreed: the plugin's own name asked importlib.find_spec, which found the file
+    itself where its folder is first on sys.path (the working folder under ``python -c``), and accepted it,
+    hiding the module of that name installed further on for the whole process; the helpers' lookup
+    (``_found_outside``) took a module of a folder inside the plugin's for the plugin's own. Now one
+    function (``found_elsewhere``) names it, for both."""
+    import sys
+
+    from innerloop.registry.modules import PluginModuleError, found_elsewhere, load_plugin_module
+
+    working, elsewhere, number = plugin_folders
+    name = f"{_PREFIX}{number}_installed"
+    (elsewhere / f"{name}.py").write_text("INSTALLED = True\n")
+    _loss_plugin(working, name, "", f"s52a_loss_{number}")
+    monkeypatch.setattr(sys, "path", [str(working), *sys.path])
+    assert found_elsewhere(name, working) == str(elsewhere / f"{name}.py")
+    with pytest.raises(
+        PluginModuleError, match=f"the module {name!r} is already another module here .*elsewhere"
+    ):
+        load_plugin_module(f"./{name}.py")
+    assert name not in sys.modules
+
+
+@pytest.mark.parametrize("through_a_helper", [False, True])
+def test_a_helper_named_like_an_imported_module_is_refused(
+    plugin_folders,  # noqa: F811
+    through_a_helper,
+) -> None:
+    """``plugins/token.py`` beside a plugin that says ``import token``: the standard library's ``token``,
+    imported already, is what the import got, silently (its SCALE read the default 1.0, not the file's
+    2.0). Now refused, naming both, also where a helper beside the plugin is the one that imports it."""
+    import token  # noqa: F401  (imported already, as in any process that has imported inspect)
+
+    from innerloop.registry.modules import PluginModuleError, load_plugin_module
+
+    working, _, number = plugin_folders
+    folder = working / "plugins"
+    folder.mkdir()
+    (folder / "token.py").write_text("SCALE = 2.0\n")
+    body = "import token\nSCALE = getattr(token, 'SCALE', 1.0)\n"
+    if through_a_helper:
+        (folder / f"{_PREFIX}{number}_helper.py").write_text(body)
+        body = f"from {_PREFIX}{number}_helper import SCALE\n"
+    _loss_plugin(folder, f"{_PREFIX}{number}_plugin", body, f"s52a_loss_{number}")
+    with pytest.raises(PluginModuleError, match="it imports 'token', a module of a file beside it") as error:
+        load_plugin_module(f"plugins/{_PREFIX}{number}_plugin.py")
+    assert "token.py" in str(error.value) and "rename" in str(error.value)
+    assert f"s52a_loss_{number}" not in {entry.name for entry in get_registry().entries("inner_loss")}

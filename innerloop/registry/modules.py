@@ -13,7 +13,9 @@ imports by name), so that the name and the path are the same module, imported on
 (its folder has ``__init__.py``) is the package's module, ``-p pkg/x.py`` is ``pkg.x`` (the folder above
 the package put on ``sys.path`` so), so that its relative imports work. A file whose module name is
 another module's (``-p dir/json.py``; ``pkg/x.py`` of a ``pkg`` installed) is refused: imported, it
-would hide that module from the whole process.
+would hide that module from the whole process; so is a plugin that imports a file beside it named like
+another module (``plugins/token.py``: ``import token`` gets the standard library's). One rule for both,
+:func:`found_elsewhere`.
 
 :data:`~innerloop.registry.manager.DISABLE_ENV` and :data:`~innerloop.registry.manager.ALLOW_ENV`
 concern installed entry points only: a module named here is loaded because it was named.
@@ -24,6 +26,7 @@ loaded is an error: it was asked for by name.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.machinery
 import importlib.util
@@ -106,6 +109,7 @@ def _import(spec: str, how: str) -> Any:
             "Python identifier; a folder with __init__.py is a package, its name part of the module's)"
         )
     _refuse_a_name_found_elsewhere(spec, name, folder, how)
+    _refuse_imports_found_elsewhere(spec, name, folder, [path], how)
     module = _import_from(folder, name, spec, how)
     _check_file(spec, module, how)
     return module
@@ -165,11 +169,15 @@ def _refuse_helpers_found_elsewhere(spec: str, name: str, folder: Path, new: set
     plugin's import of it would get the first's (one module of that name per process). Also refused: a
     module the plugin imported is a file of another plugin's folder while ``folder`` has one of that name."""
     own = name.split(".")[0]
+    loaded_here = [
+        Path(sys.modules[entry].__file__) for entry in sorted(new) if _file_in(sys.modules[entry], folder)
+    ]
+    _refuse_imports_found_elsewhere(spec, name, folder, loaded_here, how)
     for helper in sorted({entry.split(".")[0] for entry in new} - {own}):
         module = sys.modules.get(helper)
         if module is None or not _file_in(module, folder):
             continue
-        other = _found_outside(helper, folder)
+        other = found_elsewhere(helper, folder)
         if other is not None:
             raise PluginModuleError(
                 f"{how} {spec}: it imports {helper!r} from beside it ({module.__file__!r}), a module that is "
@@ -200,9 +208,22 @@ def _module_names_in(folder: Path) -> set[str]:
     }
 
 
-def _found_outside(name: str, folder: Path) -> str | None:
-    """Where the top-level module ``name`` is found with ``folder`` off ``sys.path`` (a file, standard or
-    installed, or another plugin's folder), or None: nowhere, or a namespace package only."""
+def found_elsewhere(name: str, folder: Path) -> str | None:
+    """Where the top-level module ``name`` is found other than in ``folder`` (the folder of a plugin file),
+    or None. The one rule for a plugin file's own name and for the files beside it that it imports: a
+    name is found elsewhere when the module of that name imported already (``sys.modules``) is not a file
+    of ``folder`` (``import token`` gets the standard library's, not ``token.py`` beside the plugin), or
+    when the import system finds it with ``folder`` off ``sys.path`` (a standard, installed, built-in or
+    frozen module, a file of another folder on ``sys.path``, another plugin's folder), wherever ``folder``
+    is on ``sys.path`` (the working folder is first there under ``python -c``: a file of it named like an
+    installed module would hide that module). A namespace package (no file) does not count: a file or
+    package wins over one, as Python's import has it."""
+    module = sys.modules.get(name)
+    if module is not None and not _is_module_of(getattr(module, "__file__", None), name, folder):
+        spec = getattr(module, "__spec__", None)
+        origin = getattr(module, "__file__", None) or getattr(spec, "origin", None)
+        if origin not in (None, "namespace"):
+            return str(origin)
     elsewhere = [entry for entry in sys.path if not _same_folder(entry, str(folder))]
     for finder in sys.meta_path:
         find = getattr(finder, "find_spec", None)
@@ -214,31 +235,71 @@ def _found_outside(name: str, folder: Path) -> str | None:
             continue
         if found is None or found.origin in (None, "namespace"):  # a namespace package: a file wins
             continue
-        if not found.has_location or not _is_in(found.origin, folder):  # built-in, frozen, or a file
+        if not found.has_location or not _is_module_of(
+            found.origin, name, folder
+        ):  # built-in, frozen, a file
             return found.origin
     return None
 
 
+def _is_module_of(file: str | None, name: str, folder: Path) -> bool:
+    """Whether ``file`` is the top-level module ``name`` of ``folder``: ``folder/name.py`` (or a compiled
+    ``name.*.so``) or a file of the
+    package ``folder/name/`` (not a file of another folder on ``sys.path`` that is inside ``folder``)."""
+    if file is None:
+        return False
+    path = Path(file).resolve()
+    own_file = path.parent == folder.resolve() and path.name.split(".")[0] == name  # name.py, name.*.so
+    return own_file or (folder / name).resolve() in path.parents
+
+
+def _imported_names(path: Path) -> set[str]:
+    """The top-level modules the file ``path`` imports by absolute name anywhere in it (``import token``,
+    ``from token import x``, also inside a function); none for a file that does not parse (its import
+    says why)."""
+    try:
+        tree = ast.parse(path.read_bytes(), str(path))
+    except (OSError, SyntaxError, ValueError):
+        return set()
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _refuse_imports_found_elsewhere(spec: str, name: str, folder: Path, files: list[Path], how: str) -> None:
+    """Refuse the plugin ``name`` when one of ``files`` (of ``folder``: the plugin's, and those beside it
+    that its import loaded) imports a module named like a file beside it that is found elsewhere too
+    (:func:`found_elsewhere`): the import gets the other module, not the file (``import token`` the
+    standard library's), or the file hides the other from the whole process."""
+    beside = _module_names_in(folder) - {name.split(".")[0]}
+    for helper in sorted(set().union(*(_imported_names(file) for file in files)) & beside):
+        other = found_elsewhere(helper, folder)
+        if other is not None:
+            raise PluginModuleError(
+                f"{how} {spec}: it imports {helper!r}, a module of a file beside it in {str(folder)!r}, which is "
+                f"also {other!r}: one module of a name per process, so the import gets the other one (or the "
+                f"file hides it from the whole process, and ddp_spawn's processes get the other); rename the "
+                f"file {helper!r} beside the plugin (and its imports)"
+            )
+
+
 def _refuse_a_name_found_elsewhere(spec: str, name: str, folder: Path, how: str) -> None:
     """Refuse the file ``spec`` when its top-level module name (``json`` for ``dir/json.py``, ``pkg`` for
-    ``pkg/x.py``) is another module, imported already or found on ``sys.path`` before the file's folder is
-    put there (a standard library or installed module): imported first, the file would hide that module
-    from the whole process; and ``pkg.x`` of another ``pkg`` is no module at all. A namespace package of
-    that name (no file) does not count: a file or package wins over one, as Python's import has it."""
+    ``pkg/x.py``) is found elsewhere (:func:`found_elsewhere`: imported already from another file, or a
+    standard library or installed module, wherever the file's folder is on ``sys.path``): imported, the
+    file would hide that module from the whole process (or be that other module); and ``pkg.x`` of
+    another ``pkg`` is no module at all."""
     top = name.split(".")[0]
-    mine = folder / top
-    if top in sys.modules:
-        found = getattr(sys.modules[top], "__spec__", None)
-    else:
-        found = importlib.util.find_spec(top)
-    if found is None or found.origin is None:  # nowhere (or not from a spec), or a namespace package
-        return
-    if found.has_location and Path(found.origin).resolve() in (mine / "__init__.py", mine.with_suffix(".py")):
-        return  # the file itself (imported already, or its folder on sys.path already)
-    raise PluginModuleError(
-        f"{how} {spec}: the module {top!r} is already another module here ({found.origin!r}), which "
-        f"importing {spec!r} as {name!r} would hide from the whole process; rename the file (or its package)"
-    )
+    other = found_elsewhere(top, folder)
+    if other is not None:
+        raise PluginModuleError(
+            f"{how} {spec}: the module {top!r} is already another module here ({other!r}), which "
+            f"importing {spec!r} as {name!r} would hide from the whole process; rename the file (or its package)"
+        )
 
 
 def _import_name(name: str, how: str) -> Any:

@@ -194,10 +194,18 @@ def test_a_retained_graph_is_refused_by_name_not_with_torch_internals(counted_ba
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-def test_auto_never_picks_the_compiled_path():
+@pytest.mark.parametrize("cpu_kernels", ["on", "off"])
+def test_auto_never_picks_the_compiled_path(cpu_kernels, monkeypatch):
+    """Not even where it is the only kernel above the fused path's priority that runs: with the compiled
+    CPU kernels (priority 5) available, a compiled path ranked above the fused one (review s52e's mutant,
+    priority 2) was never asked, and this test could not fail."""
+    monkeypatch.setenv("INNERLOOP_DISABLE_CPU_KERNELS", "1" if cpu_kernels == "off" else "0")
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")  # a wrong pick fails in seconds, not inductor's 30
     layer = TTTLayer(16, 2, inner_model="mlp", mini_batch_size=4)
     layer(torch.randn(1, 8, 16, requires_grad=True))
     assert "compiled_torch" not in layer.dispatches[0][0]
+    if cpu_kernels == "off":
+        assert layer.dispatches[0][0] == "fused_torch_mlp", layer.dispatches
 
 
 @pytest.mark.slow  # ~30 s from an empty inductor cache: inductor generates and compiles C++ for the step

@@ -291,12 +291,15 @@ def check_cache_continues(
     input_ids: torch.Tensor,
     next_sequence_length: int | None,
     attention_mask: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
 ) -> None:
     """Refuse a cache passed to ``generate()`` that the prompt does not continue: ``input_ids`` (the
     whole sequence: transformers then keeps its last ``next_sequence_length`` tokens) must be longer
     than what the cache has read, and start with those tokens (a pad's id, where ``attention_mask`` of
     the whole sequence is 0, is not compared: the cache read it as 0). With ``next_sequence_length`` None
-    the ids are the new tokens alone (an attention_mask longer than them was given): nothing to compare."""
+    the ids are the new tokens alone (an attention_mask longer than them was given): nothing to compare.
+    With ``inputs_embeds`` (the prompt given as embeddings, always the whole sequence in transformers,
+    ``input_ids`` then empty) only their length is checked: embeddings have no ids to compare."""
     if not isinstance(cache, InnerloopCache):
         raise ValueError(
             f"cache must be the InnerloopCache of a previous call or generate(), got {type(cache).__name__}"
@@ -304,15 +307,20 @@ def check_cache_continues(
     check_cache_length(cache)
     if next_sequence_length is None:
         return
-    read, length = cache.seq_length, input_ids.shape[1]
+    sequence, name = (input_ids, "input_ids") if inputs_embeds is None else (inputs_embeds, "inputs_embeds")
+    read, length = cache.seq_length, sequence.shape[1]
     if next_sequence_length <= 0 or length <= read:
         raise ValueError(
-            f"generate() got input_ids of {length} tokens with a cache that has read {read}: pass the whole "
-            f"sequence, the {read} tokens the cache has read then at least one new token (the cache cannot "
-            "give the logits of a token it has already read)"
+            f"generate() got {name} of {length} tokens with a cache that has read {read}: pass the whole "
+            f"sequence as {name}, the {read} tokens the cache has read then at least one new token (the cache "
+            "cannot give the logits of a token it has already read)"
         )
-    if cache.fingerprint is None or cache.fingerprint.shape[0] != input_ids.shape[0]:
-        return  # a cache made by hand, or of another batch size (forward names the sizes)
+    if (
+        inputs_embeds is not None
+        or cache.fingerprint is None
+        or cache.fingerprint.shape[0] != input_ids.shape[0]
+    ):
+        return  # embeddings, a cache made by hand, or of another batch size (forward names the sizes)
     if attention_mask is not None and attention_mask.shape == input_ids.shape:
         input_ids = padding_zeroed(input_ids, attention_mask)  # as forward read them
     differs = token_fingerprint(input_ids[:, :read]) != cache.fingerprint.to(input_ids.device)
@@ -1658,7 +1666,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
             check_generate_batch(input_ids)
             check_generate_mask(attention_mask)
             if cache is not None:
-                check_cache_continues(cache, input_ids, next_sequence_length, attention_mask)
+                check_cache_continues(cache, input_ids, next_sequence_length, attention_mask, inputs_embeds)
         return super().prepare_inputs_for_generation(
             input_ids,
             next_sequence_length=next_sequence_length,

@@ -1,0 +1,78 @@
+"""Review s52b: generate() from inputs_embeds with a cache passed in, and the HF surface at inputs nobody
+tried (each equal to what the same call with input_ids gives, or refused naming the argument)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_testing import tiny_hf_model
+
+PROMPT_LENGTH, CACHED = 6, 4
+
+
+@pytest.fixture(scope="module", params=["ttt_linear", "attention"])
+def model(request):
+    """A tiny TTT-Linear model and the attention baseline (hidden 32), only read."""
+    return tiny_hf_model(request.param)
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    """Token ids [2, 6] and a left-padded mask of them (row 0: two pads, their ids 0)."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 200, (2, PROMPT_LENGTH), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    return ids, mask
+
+
+def _generated(model, *, seed=0, **arguments):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model.generate(
+            max_new_tokens=3, pad_token_id=0, output_logits=True, return_dict_in_generate=True, **arguments
+        )
+
+
+SEARCHES = {
+    "greedy": {"do_sample": False},
+    "beams": {"num_beams": 2, "num_return_sequences": 2, "do_sample": False},
+    "sampling": {"do_sample": True, "num_return_sequences": 2, "top_k": 0},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("search", "masked"), [("greedy", False), ("greedy", True), ("beams", True), ("sampling", True)]
+)
+def test_generate_from_inputs_embeds_continues_a_cache_as_from_input_ids(model, prompt, search, masked):
+    """generate(inputs_embeds=embed(ids), cache=model(ids[:, :4]).cache) was refused ('input_ids of 0
+    tokens with a cache that has read 4'): transformers takes inputs_embeds of the whole sequence and
+    reads those after the cache. Now its tokens are those of generate(ids, cache=...) (the new ones alone
+    returned, as transformers' models do), its logits equal to float32 roundoff."""
+    ids, mask = prompt
+    if not masked:
+        ids, mask = ids.masked_fill(ids == 0, 1), torch.ones_like(ids)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        cache = model(ids[:, :CACHED], attention_mask=mask[:, :CACHED], use_cache=True).cache
+    given = {"attention_mask": mask, "cache": cache, **SEARCHES[search]}
+    from_embeds = _generated(model, inputs_embeds=embeds, **given)
+    from_ids = _generated(model, input_ids=ids, **given)
+    assert torch.equal(from_embeds.sequences, from_ids.sequences[:, PROMPT_LENGTH:])
+    for step_from_embeds, step_from_ids in zip(from_embeds.logits, from_ids.logits, strict=True):
+        torch.testing.assert_close(step_from_embeds, step_from_ids, rtol=1e-5, atol=1e-5)
+    assert cache.seq_length == CACHED  # the cache passed in is not changed
+
+
+def test_generate_from_inputs_embeds_no_longer_than_the_cache_names_inputs_embeds(model, prompt):
+    """inputs_embeds of no more tokens than the cache has read: refused naming inputs_embeds, not
+    'input_ids of 0 tokens', which the caller never passed."""
+    ids, _ = prompt
+    ids = ids.masked_fill(ids == 0, 1)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids[:, :CACHED])
+        cache = model(ids[:, :CACHED], use_cache=True).cache
+    with pytest.raises(ValueError, match=r"inputs_embeds of 4 tokens with a cache that has read 4") as raised:
+        model.generate(inputs_embeds=embeds, cache=cache, max_new_tokens=1, pad_token_id=0)
+    assert "input_ids" not in str(raised.value).split(":")[0]

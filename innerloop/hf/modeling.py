@@ -64,6 +64,7 @@ from innerloop.core.functional import (
 from innerloop.core.state import check_batch_rows
 from innerloop.data.atomic import atomic_write_text, file_sha256, permissions_to_give
 from innerloop.hf.arguments import (
+    CACHE_NAMES,
     SUPPORTED_ARGUMENTS,
     SUPPORTED_BASE_ARGUMENTS,
     SequenceGiven,
@@ -302,7 +303,9 @@ def check_cache_continues(
     ``input_ids`` then empty) only their length is checked: embeddings have no ids to compare."""
     if not isinstance(cache, InnerloopCache):
         raise ValueError(
-            f"cache must be the InnerloopCache of a previous call or generate(), got {type(cache).__name__}"
+            "generate()'s cache (or past_key_values) must be the InnerloopCache of a previous call or "
+            f"generate(), got {type(cache).__name__}: innerloop models make their own cache (a recurrent "
+            "state, not keys and values), so a transformers Cache cannot be read; pass none"
         )
     check_cache_length(cache)
     if next_sequence_length is None:
@@ -773,7 +776,7 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         if embeds is not None:
             input_ids = torch.zeros(embeds.shape[:2], dtype=torch.int64, device=embeds.device)
         cache = one_cache(*caches)
-        self._check_cache(cache)
+        self._check_cache(cache, next(n for n, c in zip(CACHE_NAMES, caches, strict=True) if c is cache))
         input_ids, may_cache, hidden, pads = self._check_inputs(
             input_ids, attention_mask, cache, use_cache, output_hidden_states, embeds
         )
@@ -981,14 +984,18 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         check_logits_to_keep(logits_to_keep, *input_ids.shape, given=given)
         check_flag("return_dict", return_dict)
 
-    def _check_cache(self, cache: Any) -> None:
-        """Refuse anything but an :class:`InnerloopCache`, and a cache this model made in another dtype
-        or on another device (its state cannot be converted: the sequence must be read again)."""
+    def _check_cache(self, cache: Any, name: str = "cache") -> None:
+        """Refuse anything but an :class:`InnerloopCache` (naming ``name``, the argument it was passed as),
+        and a cache this model made in another dtype or on another device (its state cannot be converted:
+        the sequence must be read again)."""
         if cache is None:
             return
         if not isinstance(cache, InnerloopCache):
             raise ValueError(
-                f"cache must be the InnerloopCache returned by a previous call, got {type(cache).__name__}"
+                f"{name} must be the InnerloopCache returned by a previous call (its .cache) or None, got "
+                f"{type(cache).__name__}: innerloop models make their own cache (a recurrent state, not keys "
+                "and values), so a transformers Cache or a tuple of keys and values cannot be read; pass "
+                "none, and the output's .cache continues the sequence"
             )
         check_cache_length(cache)
         dtype = self.dtype if cache.dtype is None else cache.dtype  # None: a cache made by hand

@@ -17,6 +17,12 @@ def model(request):
 
 
 @pytest.fixture(scope="module")
+def ttt_linear():
+    """One tiny TTT-Linear model for the fast tests, only read."""
+    return tiny_hf_model("ttt_linear")
+
+
+@pytest.fixture(scope="module")
 def prompt():
     """Token ids [2, 6] and a left-padded mask of them (row 0: two pads, their ids 0)."""
     generator = torch.Generator().manual_seed(1)
@@ -76,3 +82,32 @@ def test_generate_from_inputs_embeds_no_longer_than_the_cache_names_inputs_embed
     with pytest.raises(ValueError, match=r"inputs_embeds of 4 tokens with a cache that has read 4") as raised:
         model.generate(inputs_embeds=embeds, cache=cache, max_new_tokens=1, pad_token_id=0)
     assert "input_ids" not in str(raised.value).split(":")[0]
+
+
+LEGACY_KEYS_AND_VALUES = ((torch.zeros(2, 2, 3, 16), torch.zeros(2, 2, 3, 16)),)
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values", "cache_params"])
+@pytest.mark.parametrize("foreign", ["DynamicCache", "legacy_tuple"])
+def test_a_cache_not_innerloops_is_refused_naming_the_argument_it_came_as(ttt_linear, name, foreign):
+    """forward(past_key_values=DynamicCache()) or a legacy tuple of keys and values said 'cache must be
+    the InnerloopCache ...', naming an argument the caller did not pass, nor what to do instead."""
+    from transformers import DynamicCache
+
+    given = DynamicCache() if foreign == "DynamicCache" else LEGACY_KEYS_AND_VALUES
+    with pytest.raises(
+        ValueError, match=rf"^{name} must be the InnerloopCache .* got {type(given).__name__}"
+    ):
+        ttt_linear(torch.ones(2, 3, dtype=torch.int64), **{name: given})
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_generate_refuses_a_transformers_cache_saying_what_to_pass(ttt_linear, name):
+    """generate(past_key_values=DynamicCache()) said only 'cache must be the InnerloopCache ..., got
+    DynamicCache': now it names past_key_values too and says to pass none."""
+    from transformers import DynamicCache
+
+    with pytest.raises(
+        ValueError, match=r"cache \(or past_key_values\) must be .* got DynamicCache.*pass none"
+    ):
+        ttt_linear.generate(torch.ones(1, 3, dtype=torch.int64), max_new_tokens=1, **{name: DynamicCache()})

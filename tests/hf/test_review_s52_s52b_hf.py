@@ -111,3 +111,46 @@ def test_generate_refuses_a_transformers_cache_saying_what_to_pass(ttt_linear, n
         ValueError, match=r"cache \(or past_key_values\) must be .* got DynamicCache.*pass none"
     ):
         ttt_linear.generate(torch.ones(1, 3, dtype=torch.int64), max_new_tokens=1, **{name: DynamicCache()})
+
+
+FAMILY_MIXERS = ["linear_attention", "deltanet", "gated_deltanet", "titans"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mixer", FAMILY_MIXERS)
+def test_the_family_mixers_generate_from_inputs_embeds_as_from_input_ids(mixer, prompt):
+    """Measured to hold (no fix needed): for each family mixer, generate(inputs_embeds=embed(ids)) of a
+    left-padded prompt after a cache of its first 4 tokens (from scratch: measured too) gives the tokens of
+    generate(ids) and its logits (equal at 0.0 when measured)."""
+    from hf_testing import MODEL_KINDS, TINY
+
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+
+    assert mixer not in MODEL_KINDS  # the shared kinds cover none of them
+    torch.manual_seed(0)
+    model = InnerloopForCausalLM(InnerloopConfig(model={**TINY, "mixer": mixer})).eval()
+    ids, mask = prompt
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        cache = model(ids[:, :CACHED], attention_mask=mask[:, :CACHED]).cache
+    from_embeds = _generated(model, inputs_embeds=embeds, attention_mask=mask, cache=cache)
+    from_ids = _generated(model, input_ids=ids, attention_mask=mask, cache=cache)
+    assert torch.equal(from_embeds.sequences, from_ids.sequences[:, PROMPT_LENGTH:])
+    for step_from_embeds, step_from_ids in zip(from_embeds.logits, from_ids.logits, strict=True):
+        torch.testing.assert_close(step_from_embeds, step_from_ids, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_forward_of_inputs_embeds_then_decoding_equals_the_whole_forward(model, prompt):
+    """Measured to hold: forward(inputs_embeds[:, :4], mask) then its cache continued one token at a time
+    (embeddings, then ids) gives the logits of the whole forward, left padding too (differences 1e-7)."""
+    ids, mask = prompt
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        whole = model(inputs_embeds=embeds, attention_mask=mask).logits
+        step = model(inputs_embeds=embeds[:, :CACHED], attention_mask=mask[:, :CACHED])
+        pieces = [step.logits]
+        step = model(inputs_embeds=embeds[:, CACHED:-1], attention_mask=mask[:, :-1], cache=step.cache)
+        pieces.append(step.logits)
+        pieces.append(model(ids[:, -1:], attention_mask=mask, cache=step.cache).logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-5, atol=1e-5)

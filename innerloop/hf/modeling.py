@@ -1743,10 +1743,18 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         *args: Any,
         **kwargs: Any,
     ) -> Any:
-        """transformers' own, after refusing chunked prefill without a cache with what to pass: an
-        innerloop model's cache is made by its first forward, so transformers cannot make an empty one."""
+        """transformers' own, after refusing chunked prefill of ``inputs_embeds`` (transformers chunks
+        ``input_ids``, empty then, and its one empty chunk read the embeddings whole after the cache: wrong
+        tokens) and without a cache, with what to pass: an innerloop model's cache is made by its first
+        forward, so transformers cannot make an empty one."""
         check_generate_pad_token(generation_config, input_ids.shape[0], self.config.vocab_size)
         chunk = generation_config.prefill_chunk_size
+        if chunk is not None and model_kwargs.get("inputs_embeds") is not None:
+            raise ValueError(
+                f"generate(prefill_chunk_size={chunk}) chunks input_ids, and the prompt was given as "
+                "inputs_embeds, which transformers does not chunk (it would read them whole after the cache): "
+                "pass prefill_chunk_size=None with inputs_embeds, or give the prompt as input_ids"
+            )
         if chunk is not None and model_kwargs.get("cache") is None:
             raise ValueError(
                 f"generate(prefill_chunk_size={chunk}) reads the prompt in chunks into a cache, and an "

@@ -154,3 +154,19 @@ def test_forward_of_inputs_embeds_then_decoding_equals_the_whole_forward(model, 
         pieces.append(step.logits)
         pieces.append(model(ids[:, -1:], attention_mask=mask, cache=step.cache).logits)
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["with_cache", "no_cache"])
+def test_generate_refuses_inputs_embeds_with_prefill_chunk_size(ttt_linear, cached):
+    """generate(inputs_embeds=..., cache=..., prefill_chunk_size=3) generated other tokens than
+    generate(ids) (measured: [90, 90, 90] for [174, 174, 174]) once a cache with embeddings was read:
+    transformers chunks input_ids, empty with embeddings, and the one empty chunk read the embeddings
+    whole after the cache, the cached tokens again. Refused, naming both arguments."""
+    ids = torch.arange(1, 19).reshape(2, 9)
+    with torch.no_grad():
+        embeds = ttt_linear.get_input_embeddings()(ids)
+        given = {"cache": ttt_linear(ids[:, :1]).cache} if cached else {}
+    with pytest.raises(ValueError, match=r"prefill_chunk_size=3.*inputs_embeds.*prefill_chunk_size=None"):
+        ttt_linear.generate(
+            inputs_embeds=embeds, prefill_chunk_size=3, max_new_tokens=2, do_sample=False, **given
+        )

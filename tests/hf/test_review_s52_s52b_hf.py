@@ -71,6 +71,7 @@ def test_generate_from_inputs_embeds_continues_a_cache_as_from_input_ids(model, 
     assert cache.seq_length == CACHED  # the cache passed in is not changed
 
 
+@pytest.mark.slow
 def test_generate_from_inputs_embeds_no_longer_than_the_cache_names_inputs_embeds(model, prompt):
     """inputs_embeds of no more tokens than the cache has read: refused naming inputs_embeds, not
     'input_ids of 0 tokens', which the caller never passed."""
@@ -156,6 +157,7 @@ def test_forward_of_inputs_embeds_then_decoding_equals_the_whole_forward(model, 
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cached", [True, False], ids=["with_cache", "no_cache"])
 def test_generate_refuses_inputs_embeds_with_prefill_chunk_size(ttt_linear, cached):
     """generate(inputs_embeds=..., cache=..., prefill_chunk_size=3) generated other tokens than

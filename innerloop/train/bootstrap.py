@@ -11,7 +11,9 @@ trials of normal per-window differences of mean 0 (1000 resamples), it left 0 ou
 6 windows, 6.6% over 8, 4.9% over 16 and 5.5% over 32 (each +-0.6%); skewed differences need more
 windows: with log-normal ones (shifted to mean 0) it left 0 out in 18.0%, 17.9%, 13.5% and 10.3%. Fewer
 than :data:`MIN_BAND_WINDOWS` windows get no band (NaN): no percentile band over so few values (it
-cannot reach past their range) covers what it says, so none is claimed.
+cannot reach past their range) covers what it says, so none is claimed. The windows counted are, per
+position bucket, those that score a token of it (windows padded or partly unscored leave a bucket
+empty in some): a bucket scored in one window alone had a band of no width, certainty from one window.
 """
 
 from __future__ import annotations
@@ -89,8 +91,9 @@ def bootstrap_difference(
     Returns ``(mean [K], low [K], high [K])``: ``mean`` is ``sum(differences) / sum(counts)`` over all
     windows, ``low``/``high`` the :func:`expanded_tail` and ``1 -`` it quantiles (``torch.nanquantile``,
     linear, over the resamples that hold a token of the bucket) of the same ratio over the resamples. NaN
-    where a bucket has no tokens; ``low``/``high`` NaN everywhere below :data:`MIN_BAND_WINDOWS` windows,
-    and in a bucket where a window's difference is not finite (an inf or NaN loss).
+    where a bucket has no tokens; ``low``/``high`` NaN where fewer than :data:`MIN_BAND_WINDOWS` windows
+    score a token of the bucket (the expanded tail is that of the windows that do), and in a bucket where
+    a window's difference is not finite (an inf or NaN loss).
     """
     if not (_real_tensor(differences, "floating") and _real_tensor(counts, "number")):
         raise ValueError(
@@ -121,13 +124,29 @@ def bootstrap_difference(
     for start in range(0, resamples, 1000):
         picks = torch.randint(windows, (min(1000, resamples - start), windows), generator=generator)
         chunks.append(differences[picks].sum(1) / counts[picks].sum(1))
-    resampled = torch.cat(chunks)  # [R, K]
-    tail = expanded_tail(windows, confidence)
-    # nanquantile: a resample may hold no scored token of a bucket (0 / 0) that other windows have
-    low, high = torch.nanquantile(resampled, torch.tensor([tail, 1 - tail], dtype=torch.float64), dim=0)
+    low, high = _bucket_bands(torch.cat(chunks), (counts > 0).sum(0), confidence)
     if not bool(torch.isfinite(differences).all()):  # an inf or NaN loss: no spread to speak of
         low, high = (torch.where(torch.isfinite(differences).all(0), q, math.nan) for q in (low, high))
     return mean, low, high
+
+
+def _bucket_bands(
+    resampled: torch.Tensor, holding: torch.Tensor, confidence: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The band ends ``(low [K], high [K])`` of each bucket from its resampled ratios ``resampled [R, K]``,
+    at the :func:`expanded_tail` of the ``holding [K]`` windows that score a token of it (a bucket's
+    sample is those windows, not every window read: padding leaves the others nothing there); NaN for
+    a bucket scored in fewer than :data:`MIN_BAND_WINDOWS` windows (in one alone every resample that
+    holds it gives the same ratio: a band of no width)."""
+    low = torch.full((resampled.shape[1],), math.nan, dtype=torch.float64)
+    high = low.clone()
+    for number in sorted({int(n) for n in holding if n >= MIN_BAND_WINDOWS}):
+        bucket = holding == number
+        tail = expanded_tail(number, confidence)
+        # nanquantile: a resample may hold no scored token of a bucket (0 / 0) that other windows have
+        ends = torch.tensor([tail, 1 - tail], dtype=torch.float64)
+        low[bucket], high[bucket] = torch.nanquantile(resampled[:, bucket], ends, dim=0)
+    return low, high
 
 
 def _real_tensor(value: Any, kind: str) -> bool:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from innerloop.train.bootstrap import MIN_BAND_WINDOWS, bootstrap_difference
+from innerloop.train.compare import Comparison, LengthResult, _add_length
 
 
 def _bucket_scored_in(windows: int, holding: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,3 +55,15 @@ def test_a_bucket_in_fewer_windows_gets_no_narrower_band_than_its_own_windows() 
     _, alone_low, alone_high = bootstrap_difference(differences[:8, 1:], counts[:8, 1:], resamples=5000)
     width, alone_width = float(high[1] - low[1]), float(alone_high[0] - alone_low[0])
     assert width >= 0.97 * alone_width, (width, alone_width)
+
+
+def test_the_rough_band_note_counts_the_windows_of_the_bucket_with_fewest() -> None:
+    """The note that too few resamples lie beyond a band's ends counted every window read (20: 1000
+    resamples enough from 12 on), while a bucket scored in 8 of them has its ends at the 8 windows'
+    expanded tail, which 1000 resamples leave about 4 beyond: now it names those 8 windows."""
+    differences, counts = _bucket_scored_in(20, 8)
+    loss_sums = torch.stack([torch.zeros_like(differences), differences])  # [models, windows, buckets]
+    result = LengthResult(4, [(0, 2), (2, 4)], loss_sums, counts, windows=20)
+    comparison = Comparison([None, None], 0, [], {}, 0.95, 1000, 0, "")  # type: ignore[list-item]
+    _add_length(comparison, result)
+    assert any("over 8 windows" in note for note in comparison.notes), comparison.notes

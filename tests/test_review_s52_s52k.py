@@ -67,3 +67,12 @@ def test_the_rough_band_note_counts_the_windows_of_the_bucket_with_fewest() -> N
     comparison = Comparison([None, None], 0, [], {}, 0.95, 1000, 0, "")  # type: ignore[list-item]
     _add_length(comparison, result)
     assert any("over 8 windows" in note for note in comparison.notes), comparison.notes
+
+
+def test_equal_losses_give_a_band_of_no_width_and_no_nan() -> None:
+    """Two models with equal losses everywhere (ties in every resample): mean, low and high all exactly
+    0, never NaN (nanquantile of equal values), per bucket and over whole windows. Held before: pinned."""
+    counts = torch.full((12, 3), 5.0, dtype=torch.float64)
+    for differences in (torch.zeros(12, 3, dtype=torch.float64), counts.sum(1, keepdim=True) * 0):
+        mean, low, high = bootstrap_difference(differences, counts[:, : differences.shape[1]])
+        assert torch.equal(torch.stack([mean, low, high]), torch.zeros(3, differences.shape[1]).double())

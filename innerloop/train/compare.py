@@ -498,11 +498,11 @@ def _add_length(comparison: Comparison, result: LengthResult) -> None:
             100 * comparison.confidence, *map(argument_name, ("batches", "batches", "batch_size", "paths")),
         )  # fmt: skip
     options = (comparison.resamples, comparison.confidence, comparison.seed)
-    # the band whose ends lie furthest out: that of the bucket scored in the fewest windows (that has one)
-    banded = [int(n) for n in (result.counts > 0).sum(0) if n >= MIN_BAND_WINDOWS]
-    rough = few_resamples_note(
-        comparison.resamples, comparison.confidence, min(banded, default=result.windows)
-    )
+    # the band whose ends lie furthest out: that of the bucket (or whole windows) scored in the fewest
+    # windows, of those with a band (none: no band to be rough)
+    scored = [*(result.counts > 0).sum(0).tolist(), int((result.counts.sum(1) > 0).sum())]
+    banded = [n for n in scored if n >= MIN_BAND_WINDOWS]
+    rough = few_resamples_note(comparison.resamples, comparison.confidence, min(banded)) if banded else None
     if rough is not None and len(comparison.models) > 1 and few_resamples_note(*options[:2]) is None:
         rough = f"T={result.seq_len}: {rough}"
         log.warning("%s", rough)

@@ -1,0 +1,181 @@
+"""Review s52j: what the docs say the code does, checked against the code.
+
+tests/test_docs.py runs the code blocks of README.md, CONTRIBUTING.md and docs/*.md; these tests check
+what no block runs: the tables of config keys and their defaults (docs/training.md "The keys",
+docs/family.md's ``model.family`` table, docs/e2e.md's ``model.e2e`` table), the error lines
+docs/training.md quotes, and the "Public API" blocks of the Triton kernel READMEs (signatures, not
+runnable Python).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _section(page: str, start: str, end: str) -> str:
+    text = (REPO / page).read_text(encoding="utf-8")
+    return text[text.index(start) : text.index(end, text.index(start))]
+
+
+def _table_rows(text: str) -> list[tuple[str, str]]:
+    """(first cell's code span, second cell) of each row of the tables in ``text``."""
+    return [
+        (key, default.strip()) for key, default in re.findall(r"^\| `([\w.]+)` \| ([^|]+?) \|", text, re.M)
+    ]
+
+
+def _documented_value(cell: str) -> object:
+    """A table's default cell as the value it names: `name` a string, null None, true/false, numbers."""
+    cell = cell.strip()
+    if cell.startswith("`") and cell.endswith("`"):
+        inner = cell.strip("`")
+        return [] if inner == "[]" else {} if inner == "{}" else inner
+    words = {"null": None, "true": True, "false": False}
+    return words[cell] if cell in words else _number(cell)
+
+
+def _number(cell: str) -> float | int:
+    return int(cell) if re.fullmatch(r"-?\d+", cell) else float(cell)
+
+
+def _value(obj: object, dotted: str) -> object:
+    for name in dotted.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def _leaf_keys(obj: object, prefix: str = "") -> set[str]:
+    keys = set()
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        if dataclasses.is_dataclass(value):
+            keys |= _leaf_keys(value, f"{prefix}{field.name}.")
+        else:
+            keys.add(prefix + field.name)
+    return keys
+
+
+def _plain(value: object) -> object:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def test_the_keys_table_of_training_md_gives_every_keys_default() -> None:
+    """Every row of docs/training.md's "The keys" and docs/family.md's ``model.family`` table gives the
+    default ``RunConfig()`` has, and every key of a run config but ``model.family.*`` and ``model.e2e.*``
+    (their own pages' tables) has a row. Measured: 67 + 6 rows, all equal."""
+    from innerloop.config import RunConfig
+
+    run = RunConfig()
+    rows = _table_rows(_section("docs/training.md", "### The keys", "## Comparing models fairly"))
+    rows += _table_rows(_section("docs/family.md", "| `model.family.memory`", "\n\n"))
+    differing = [
+        (key, cell, _value(run, key))
+        for key, cell in rows
+        if _documented_value(cell) != _plain(_value(run, key))
+    ]
+    assert not differing, f"documented default != RunConfig()'s: {differing}"
+    undocumented = sorted(
+        k for k in _leaf_keys(run) - {key for key, _ in rows} if not k.startswith("model.e2e.")
+    )
+    assert not undocumented, (
+        f"keys of RunConfig with no row in docs/training.md or docs/family.md: {undocumented}"
+    )
+
+
+def test_the_e2e_options_table_gives_every_options_default() -> None:
+    """docs/e2e.md's ``model.e2e`` table: a row may name several keys (``inner_lr``, ``inner_lr_start``,
+    ...) with their defaults in order; ``chunk_size``'s "16 (tiny), 1024 (125m)" is the tiny default."""
+    from innerloop.config import RunConfig
+
+    e2e = RunConfig().model.e2e
+    text = _section("docs/e2e.md", "| `chunk_size`", "\n\n")
+    documented = {}
+    for keys, defaults in re.findall(r"^\| ((?:`\w+`(?:, )?)+) \| ([^|]+?) \|", text, re.M):
+        names = re.findall(r"`(\w+)`", keys)
+        cells = [c.strip() for c in re.sub(r" \(\w+\)", "", defaults).split(",")]
+        documented.update(zip(names, cells[: len(names)], strict=True))
+    documented["chunk_size"] = documented["chunk_size"].split()[0]
+    assert set(documented) == {field.name for field in dataclasses.fields(e2e)}
+    differing = [
+        (k, c, getattr(e2e, k)) for k, c in documented.items() if _documented_value(c) != getattr(e2e, k)
+    ]
+    assert not differing, differing
+
+
+def _quoted_error_lines() -> list[str]:
+    block = _section("docs/training.md", "```\ninnerloop train: error: model.ttt.update_rule", "\n```\n")
+    return block.split("\n", 1)[1].splitlines()
+
+
+def _error_line_cases() -> list:
+    """The adam line builds the registry (entry points, every plugin's checks): ~2 s where it is the
+    process's first, hence slow; the others fail in the config's own checks (~0.02 s)."""
+    return [
+        pytest.param(line, marks=[pytest.mark.slow] if "update_rule='adam'" in line else [])
+        for line in _quoted_error_lines()
+    ]
+
+
+@pytest.mark.parametrize("line", _error_line_cases(), ids=lambda line: re.search(r"'([^']+)'", line).group(1))
+def test_the_error_lines_training_md_quotes_are_the_commands(
+    line: str, tmp_path, monkeypatch, capsys
+) -> None:
+    """The four error lines of docs/training.md's config errors are what ``innerloop train <override>``
+    prints ("[...]" and a trailing "..." stand for what the page leaves out)."""
+    from innerloop.cli import main
+
+    override = re.search(r"in override '([^']*)'", line)
+    override = override.group(1) if override else "model.ttt.update_rule=adam"
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", override]) == 2
+    printed = capsys.readouterr().err.strip().splitlines()[-1]
+    pattern = re.escape(line).replace(re.escape("[...]"), r"\[.*\]")
+    if line.endswith(" ..."):
+        pattern = pattern[: -len(re.escape(" ..."))] + " .*"
+    assert re.fullmatch(pattern, printed), f"docs/training.md: {line}\nprinted:           {printed}"
+
+
+TRITON_READMES = ["ttt_linear", "ttt_mlp"]
+
+
+def _public_api_block(package: str) -> str:
+    text = (REPO / "innerloop" / "kernels" / "triton" / package / "README.md").read_text(encoding="utf-8")
+    return re.search(r"## Public API\n\n```python\n(.*?)```", text, re.S).group(1)
+
+
+def _documented_signature(block: str, function: str) -> list[tuple[str, object]]:
+    """(name, default or inspect.Parameter.empty) of ``function(...)`` as the block writes it."""
+    call = re.search(rf"^{function}\((.*?)\)", block, re.M | re.S).group(1)
+    node = ast.parse(f"f({call})", mode="eval").body
+    names = [(arg.id, inspect.Parameter.empty) for arg in node.args]
+    return names + [(keyword.arg, ast.literal_eval(keyword.value)) for keyword in node.keywords]
+
+
+@pytest.mark.parametrize("package", TRITON_READMES)
+def test_the_triton_readmes_public_api_is_the_modules(package: str) -> None:
+    """The signatures of ``forward`` and ``decode`` and the ``KERNEL`` fields in the README's "Public API"
+    block are the package's (imported without Triton: the functions import it when they run)."""
+    import importlib
+
+    module = importlib.import_module(f"innerloop.kernels.triton.{package}")
+    block = _public_api_block(package)
+    for function in ("forward", "decode"):
+        actual = [
+            (p.name, p.default) for p in inspect.signature(getattr(module, function)).parameters.values()
+        ]
+        assert _documented_signature(block, function) == actual, f"{package}/README.md: {function}"
+    assert [p.name for p in inspect.signature(module.verify).parameters.values()] == ["inputs"]
+    spec = re.search(r"KernelSpec\((.*?)\)\n", block, re.S).group(1)
+    fields = re.findall(r"(\w+)=(\"[^\"]*\"|\w+)", spec)
+    assert fields, f"{package}/README.md: no KernelSpec field read"
+    for name, written in fields:
+        expected = ast.literal_eval(written) if not written.isidentifier() else getattr(module, written)
+        assert getattr(module.KERNEL, name) == expected, f"{package}/README.md: KERNEL.{name}"

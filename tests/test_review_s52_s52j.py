@@ -179,3 +179,45 @@ def test_the_triton_readmes_public_api_is_the_modules(package: str) -> None:
     for name, written in fields:
         expected = ast.literal_eval(written) if not written.isidentifier() else getattr(module, written)
         assert getattr(module.KERNEL, name) == expected, f"{package}/README.md: KERNEL.{name}"
+
+
+PAGES_WITH_BENCHMARK_COMMANDS = [
+    REPO / "README.md",
+    REPO / "CONTRIBUTING.md",
+    *sorted((REPO / "docs").glob("*.md")),
+    *sorted((REPO / "innerloop").rglob("README.md")),
+]  # benchmarks/RESULTS.md's are parsed by tests/benchmarks/test_review_s22_bench.py
+BENCHMARK_COMMAND = re.compile(r"python benchmarks/(\w+)\.py([^`|#\n]*)")
+
+
+def _benchmark_commands() -> list:
+    """Every ``python benchmarks/<script>.py ...`` a page gives, in a block or a code span, with the
+    placeholders of a usage line (``RUN BASELINE_RUN [--seq-len N]``) given values."""
+    found = {}
+    for page in PAGES_WITH_BENCHMARK_COMMANDS:
+        for match in BENCHMARK_COMMAND.finditer(page.read_text(encoding="utf-8")):
+            words = re.sub(r"\[(--[\w-]+) N\]", r"\1 8", match.group(2)).split()
+            words = ["runs/x" if word.isupper() else word for word in words]
+            found.setdefault((match.group(1), tuple(words)), page.relative_to(REPO).as_posix())
+    return [
+        pytest.param(name, list(words), id=f"{page}:{name} {' '.join(words)}")
+        for (name, words), page in found.items()
+    ]
+
+
+@pytest.mark.slow  # the scripts import innerloop (and science.py Lightning) before they parse: ~1-4 s the first
+@pytest.mark.parametrize(("name", "argv"), _benchmark_commands())
+def test_every_benchmark_command_the_docs_give_parses(
+    name: str, argv: list[str], monkeypatch, tmp_path
+) -> None:
+    """The benchmark commands of README.md, CONTRIBUTING.md, docs/ and the kernel READMEs parse with the
+    scripts' current argument parsers (not run: minutes each)."""
+    from benchmark_testing import (
+        parse_benchmark_args,
+    )  # tests/ is on sys.path (pytest's rootdir-relative import)
+
+    monkeypatch.chdir(tmp_path)
+    if name == "science" and argv[:1] == ["reference"]:  # the path of a reference checkout: a stand-in
+        (tmp_path / "ttt.py").write_text("")
+        argv = ["reference", str(tmp_path / "ttt.py"), *argv[2:]]
+    parse_benchmark_args(name, argv)

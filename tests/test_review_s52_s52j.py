@@ -221,3 +221,51 @@ def test_every_benchmark_command_the_docs_give_parses(
         (tmp_path / "ttt.py").write_text("")
         argv = ["reference", str(tmp_path / "ttt.py"), *argv[2:]]
     parse_benchmark_args(name, argv)
+
+
+def _run_folder_made(argv: list[str]) -> str | None:
+    """The ``runs/<name>`` an ``innerloop train`` command writes (``out_dir=``, else its preset's)."""
+    if argv[:2] != ["innerloop", "train"] or "--resume" in argv:
+        return None
+    for word in argv:
+        if word.startswith("out_dir="):
+            return word.split("=", 1)[1].rstrip("/")
+    preset = argv[argv.index("--config") + 1] if "--config" in argv else "tiny"
+    return None if "/" in preset else f"runs/{preset}"
+
+
+def _run_folders_read(argv: list[str]) -> set[str]:
+    if argv[:1] != ["innerloop"] or argv[1:2] == ["train"]:
+        return set()
+    written = {argv[i + 1] for i, word in enumerate(argv[:-1]) if word == "--out"}
+    return {
+        "/".join(word.split("/")[:2]) for word in argv if word.startswith("runs/") and word not in written
+    }
+
+
+def _says_where(block_text: str, prose_before: str, folder: str) -> bool:
+    """Whether a comment of the block, or the page's 20 lines before it, names ``folder``."""
+    comments = [line.split("#", 1)[1] for line in block_text.splitlines() if "#" in line]
+    return any(folder in text for text in [*comments, prose_before])
+
+
+def test_a_bash_block_that_reads_a_run_says_where_it_comes_from() -> None:
+    """A block that reads a run an earlier block of its page trained (``innerloop eval runs/tiny/...``)
+    works only after that block: it trains the run itself, or a comment of it or the text just above it
+    names the run. docs/training.md's compare block read runs/tiny, trained 550 lines above, unnamed."""
+    from test_docs import DOCUMENTS, code_blocks, commands
+
+    unexplained = []
+    for document in DOCUMENTS:
+        lines = document.read_text(encoding="utf-8").splitlines()
+        for block in (b for b in code_blocks(document) if b.language == "bash"):
+            prose_before = "\n".join(lines[max(0, block.line - 21) : block.line - 1])
+            made = set()
+            for _, argv in commands(block.text):
+                for folder in sorted(_run_folders_read(argv) - made):
+                    if not _says_where(block.text, prose_before, folder):
+                        unexplained.append(
+                            f"{document.relative_to(REPO)}:{block.line}: {' '.join(argv)} reads {folder}"
+                        )
+                made |= {_run_folder_made(argv)} - {None}
+    assert not unexplained, "\n".join(unexplained)

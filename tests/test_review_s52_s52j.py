@@ -269,3 +269,42 @@ def test_a_bash_block_that_reads_a_run_says_where_it_comes_from() -> None:
                         )
                 made |= {_run_folder_made(argv)} - {None}
     assert not unexplained, "\n".join(unexplained)
+
+
+@pytest.mark.slow  # builds the registry and a problem: ~2 s where it is the process's first
+def test_auto_picks_the_compiled_step_where_fused_torch_failed_its_first_use_check(monkeypatch) -> None:
+    """kernels/README.md, fused_torch/README.md, architecture.md and compiled.py said ``kernel="auto"``
+    never picks ``compiled_torch_*`` (priority 0, "by name only"). Its ``verify`` refuses all that
+    ``fused_torch_*``'s (priority 1) does, so auto reaches it only where fused_torch is refused for its
+    numbers: measured, a fused_torch made 1% wrong was refused and the next training call compiled for
+    31 s and ran on compiled_torch_linear. The docs now say so; this pins the choice (no compile: only
+    dispatch's selection runs)."""
+    import torch
+
+    from innerloop.kernels import dispatch, first_use
+    from innerloop.kernels.spec import KernelInputs
+    from innerloop.registry import get_registry
+    from innerloop.testing import make_problem
+
+    monkeypatch.setenv("INNERLOOP_DISABLE_CPU_KERNELS", "1")  # the CPU kernel (priority 5) aside
+    monkeypatch.setattr(
+        first_use,
+        "failure",
+        lambda kernel, *_: "out differs" if kernel.name == "fused_torch_linear" else None,
+    )
+    task = dataclasses.replace(
+        make_problem("linear", "reconstruction", tokens=8, mini_batch_size=4).task, kernel="auto"
+    )
+    wrapped = {"norm": True, "residual": True}  # the inner LayerNorm and residual, as a layer's blocks say
+    inputs = KernelInputs(torch.device("cpu"), torch.float64, 4, 4, 8, requires_grad=True, extra=wrapped)
+    chosen, reason = dispatch.select_kernel(get_registry().update_rule("dual_form"), task, inputs)
+    assert chosen is not None and chosen.name == "compiled_torch_linear", reason
+    inputs = KernelInputs(torch.device("cpu"), torch.float64, 4, 4, 8, requires_grad=False, extra=wrapped)
+    chosen, _ = dispatch.select_kernel(get_registry().update_rule("dual_form"), task, inputs)
+    assert chosen is None  # without a graph: training_only, never chosen
+    pages = [REPO / "docs/architecture.md", *(REPO / "innerloop/kernels").rglob("README.md")]
+    pages.append(REPO / "innerloop/kernels/fused_torch/compiled.py")
+    for page in pages:
+        text = " ".join(page.read_text(encoding="utf-8").split())
+        for claim in ("never picks", "by name only", "so only by name"):
+            assert claim not in text, f"{page.relative_to(REPO)} says the compiled step is {claim!r}"

@@ -6,7 +6,9 @@ per-operation overhead. Here the step of one mini-batch (:meth:`_Scan.mini_batch
 ``torch.compile`` (inductor by default), which fuses it, forward and backward, into a few kernels;
 the loop stays in Python, so the compiled graph is one mini-batch long whatever the sequence length.
 
-It is opt-in (``TTTLayer(kernel="compiled_torch_mlp")``, priority 0: ``kernel="auto"`` never picks it),
+It is opt-in (``TTTLayer(kernel="compiled_torch_mlp")``, priority 0, below ``fused_torch_*``'s 1, whose limits
+:func:`verify` shares: ``kernel="auto"`` reaches it only for blocks where ``fused_torch_*`` failed its first-use
+check),
 because the first call for each new shape compiles for about half a minute on 2 CPU cores (inductor
 caches the result on disk for later processes). It is registered ``training_only``: a layer that names
 it trains on it, and its blocks without an autograd graph (inference, prefill, decoding) go where

@@ -40,6 +40,7 @@ from innerloop.testing.checks import (
     check_inner_model_in_float32,
     check_loss_gradient,
     check_loss_gradient_at_zero_error,
+    check_loss_leaves_inputs,
     check_model_inner_loss_batch_independent,
     check_model_update_rule_batch_independent,
     check_pairs_batch_independent,
@@ -335,6 +336,7 @@ def _inner_loss_smoke(loss: Any, name: str) -> tuple[Views, dict[str, torch.Tens
     except Exception as error:
         raise PluginError(f"inner loss {name!r} failed its smoke test: {error!r}") from error
     _check_pairs_fields(name, pairs, expected, views.key.dtype)
+    _check_loss_leaves_inputs(loss, name, pairs)
     try:
         per_token = loss.token_loss(pairs.inputs, pairs.targets)
     except Exception as error:
@@ -352,6 +354,20 @@ def _inner_loss_smoke(loss: Any, name: str) -> tuple[Views, dict[str, torch.Tens
         )
     _check_loss_grad_runs(loss, name, pairs.targets)
     return views, carry
+
+
+def _check_loss_leaves_inputs(loss: Any, name: str, pairs: LossPairs) -> None:
+    """``token_loss`` and ``token_loss_grad`` write into neither the prediction nor the target, checked
+    before anything calls them on tensors that require grad: there, a write into the prediction is
+    torch's 'a leaf Variable ... in-place operation', which names neither the method nor the tensor.
+    Any other failure of theirs is left to the checks that follow, which name it."""
+    prediction = pairs.targets + torch.randn(pairs.targets.shape, dtype=pairs.targets.dtype)
+    try:
+        check_loss_leaves_inputs(loss, prediction, pairs.targets, label=f"inner loss {name!r}")
+    except AssertionError as error:
+        raise PluginError(str(error)) from error
+    except Exception:  # noqa: S110 -- the smoke test below names the method's own error
+        pass
 
 
 def _check_inner_loss(loss: Any, name: str) -> None:

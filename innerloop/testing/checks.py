@@ -647,6 +647,23 @@ def assert_layers_train_alike(
         assert_close(grad, grad_ref, f"gradient of {name}", tolerance)
 
 
+def check_loss_leaves_inputs(
+    loss: InnerLoss, prediction: torch.Tensor, target: torch.Tensor, label: str | None = None
+) -> None:
+    """``loss.token_loss`` and ``loss.token_loss_grad`` leave the prediction and the target they are given
+    as they are (:func:`check_leaves_its_inputs`, on detached copies: a write into a tensor that
+    requires grad would otherwise surface as torch's unexplained 'a leaf Variable ... in-place'
+    error). ``label`` names the loss in the message (default: its name)."""
+    for method in ("token_loss", "token_loss_grad"):
+        check_leaves_its_inputs(
+            getattr(loss, method),
+            {"the prediction": prediction.detach(), "the target": target.detach()},
+            f"{label or loss.name}: {method}",
+            "the target is the pairs' (the views, which every path reads) and the prediction is read again "
+            "by the update",
+        )
+
+
 def check_loss_gradient(
     loss: InnerLoss, prediction: torch.Tensor, target: torch.Tensor, tolerance: float = FLOAT64_TOLERANCE
 ) -> None:
@@ -662,17 +679,8 @@ def check_loss_gradient(
     """
     prediction = prediction.detach().double().requires_grad_(True)
     target = target.detach().double().requires_grad_(True)
-    for method in (
-        "token_loss",
-        "token_loss_grad",
-    ):  # first: a write into the prediction is a torch error below
-        check_leaves_its_inputs(
-            getattr(loss, method),
-            {"the prediction": prediction.detach(), "the target": target.detach()},
-            f"{loss.name}: {method}",
-            "the target is the pairs' (the views, which every path reads) and the prediction is read again "
-            "by the update",
-        )
+    # first: a write into the prediction is a torch error below
+    check_loss_leaves_inputs(loss, prediction, target)
     check_token_loss_per_token(
         loss, prediction, target, tolerance
     )  # before the gradient: it names a mixing loss

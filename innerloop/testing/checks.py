@@ -55,6 +55,7 @@ from innerloop.core.protocol import (
     UpdateRule,
     Views,
     apply_stack,
+    check_stack_on_random_weights,
     stack_forward_mismatch,
 )
 from innerloop.core.scan import RuleOutputError, check_rule_returns, model_refusal, run_scan, takes_decay_log
@@ -1527,6 +1528,8 @@ def check_inner_model(
     registrar_smoke_test("inner_model", model)
     check_init_params_uses_generator(model, shapes[0]["heads"], shapes[0]["head_dim"], seed)
     loss = _named("inner_loss", loss) if loss is not None else get_registry().inner_loss("reconstruction")
+    if not _is_builtin("inner_loss", loss):  # a loss's own mistake named as its, not the model's
+        _check_given_loss(loss, shapes[0]["heads"], shapes[0]["head_dim"])
     for full in shapes:
         _check_inner_model_at(model, loss, seed, full)
 
@@ -1766,7 +1769,7 @@ def check_update_rule(
     """
     _check_flags(gradients=gradients, without_grad=without_grad)  # "no" would run the checks it names
     rule = _named("update_rule", rule)
-    losses = _losses_to_check(loss)
+    losses = _losses_to_check(loss, problem_kwargs)
     tolerance = _refuse_variant_kwargs("check_update_rule", problem_kwargs, tolerance)
     seed = checked_seed(seed)  # torch's generator takes a Python int only
     cut_points = _check_cut_points(cut_points, problem_kwargs)
@@ -1774,7 +1777,7 @@ def check_update_rule(
     wrappings = [dict(zip(("norm", "residual"), w, strict=True)) for w in WRAPPINGS] if not given else [given]
     mixed = [] if given else [dict(zip(("norm", "residual"), w, strict=True)) for w in MIXED_WRAPPINGS]
     check = _RuleCheck(rule, cut_points, seed, tolerance)
-    for index, each_model in enumerate(_models_for(rule, model)):
+    for index, each_model in enumerate(_models_for(rule, model, problem_kwargs.get("head_dim"))):
         if not set(problem_kwargs) & set(PLUGIN_CHECK_SHAPE):  # no shape given: the wide shapes' values too
             for shape, wrapping in _default_check_shapes(given or wrappings[0], given):
                 _check_rule_on(check, each_model, losses[0], {**problem_kwargs, **shape, **wrapping})
@@ -1799,12 +1802,59 @@ class _RuleCheck:
     tolerance: float
 
 
-def _losses_to_check(loss: InnerLoss | str | None) -> list[InnerLoss]:
-    """``loss`` (an instance or a registered name) as a list of one; every built-in loss when None."""
+def _is_builtin(kind: str, plugin: object) -> bool:
+    """Whether ``plugin`` is the object a built-in registered under ``kind`` (checked by this suite)."""
+    from innerloop.registry import get_registry
+    from innerloop.registry.manager import BUILTIN_PREFIX
+
+    entries = get_registry().entries(kind)
+    return any(e.obj is plugin and e.origin.startswith(BUILTIN_PREFIX) for e in entries)
+
+
+def _check_given_model(model: InnerModel, head_dim: int = 5) -> None:
+    """A model a caller gave :func:`check_update_rule`, checked where its mistake would read as the
+    rule's (the dual form runs a ``StackModel``'s declared stack, the naive loop its ``forward``):
+    ``AssertionError`` naming the model."""
+    registrar_smoke_test("inner_model", model)
+    mismatch = check_stack_on_random_weights(model, head_dim)
+    if mismatch is not None:
+        raise AssertionError(
+            f"{mismatch}: the dual form runs the stack and the naive loop runs forward, so every "
+            "rule would disagree with it (check_inner_model names this too)"
+        )
+
+
+def _check_given_loss(loss: InnerLoss, heads: int = 2, head_dim: int = 3) -> None:
+    """A loss a caller gave :func:`check_update_rule` or :func:`check_inner_model`, checked where its mistake would read as the
+    rule's (a rule runs ``token_loss_grad``, the naive loop autograd of ``token_loss``; a rule and the
+    loop would draw different noise): its closed form
+    against autograd, and its pairs a function of their inputs (no fresh noise, no writes into them),
+    ``AssertionError`` naming the loss. ``heads`` and ``head_dim``: the caller's (a loss may take one
+    head dim only)."""
+    registrar_smoke_test("inner_loss", loss)
+    generator = torch.Generator().manual_seed(0)
+    shape = (2, heads, 6, head_dim)
+    views = Views(*(torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(3)))
+    check_pairs_deterministic(loss, views, loss.init_carry(2, heads, head_dim, views.key))
+    target = torch.randn(shape, generator=generator, dtype=torch.float64)
+    scales = torch.logspace(-2, 2, target.shape[2], dtype=torch.float64)[:, None]
+    noise = torch.randn(target.shape, generator=generator, dtype=torch.float64)
+    check_loss_gradient(loss, target + scales * noise, target)
+
+
+def _losses_to_check(loss: InnerLoss | str | None, problem_kwargs: dict[str, Any]) -> list[InnerLoss]:
+    """``loss`` (an instance or a registered name) as a list of one, checked at the ``heads`` and
+    ``head_dim`` of ``problem_kwargs`` (when given as ints); every built-in loss when None."""
     from innerloop.registry import get_registry
 
     if loss is not None:
-        return [_named("inner_loss", loss)]
+        given = _named("inner_loss", loss)
+        if not _is_builtin("inner_loss", given):  # a plugin's own mistake named as its, not the rule's
+            heads, head_dim = (problem_kwargs.get(k) for k in ("heads", "head_dim"))
+            _check_given_loss(
+                given, heads if isinstance(heads, int) else 2, head_dim if isinstance(head_dim, int) else 3
+            )
+        return [given]
     return [get_registry().inner_loss(name) for name in BUILTIN_LOSSES]
 
 
@@ -1946,10 +1996,11 @@ def _check_rule_without_grad(
         check_update_rule_without_grad(rule, problem, check.cut_points, check.tolerance)
 
 
-def _models_for(rule: UpdateRule, model: InnerModel | str | None) -> list[InnerModel]:
+def _models_for(rule: UpdateRule, model: InnerModel | str | None, head_dim: Any = None) -> list[InnerModel]:
     """The models :func:`check_update_rule` checks ``rule`` on: ``model`` (an instance or a registered
     name), or every built-in model the rule accepts, ``linear`` first (as registration does: what a
-    plugin's tests check does not depend on which other plugins are installed)."""
+    plugin's tests check does not depend on which other plugins are installed). A given plugin model is
+    checked first (:func:`_check_given_model`, at the caller's ``head_dim`` when it is an int)."""
     from innerloop.registry import get_registry
     from innerloop.registry.manager import BUILTIN_PREFIX
 
@@ -1962,6 +2013,8 @@ def _models_for(rule: UpdateRule, model: InnerModel | str | None) -> list[InnerM
                 f"update rule {rule.name!r} refuses inner model {given.name!r} (its check_model: {refusal}); "
                 "check it with a model it accepts"
             )
+        if not _is_builtin("inner_model", given):  # a plugin's own mistake named as its, not the rule's
+            _check_given_model(given, head_dim if isinstance(head_dim, int) else 5)
         return [given]
     builtins = [e.name for e in registry.entries("inner_model") if e.origin.startswith(BUILTIN_PREFIX)]
     names = sorted(builtins, key=lambda n: (n != "linear", n))

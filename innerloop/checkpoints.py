@@ -22,7 +22,8 @@ distribution and version, for one registered in the process, its class), and und
 (:func:`plugin_source_digest`). :func:`load_checkpoint` warns once (:class:`PluginChangedWarning`) for
 each that is registered now by another plugin (:func:`same_plugin`), or by the same class whose source
 changed since; the record also keeps each plugin object's settings (:func:`plugin_settings`), and the
-same plugin registered now with other settings is refused (:func:`check_plugin_settings`); a name
+same plugin registered now with other settings is refused, or warned of where the plugin declares none
+(:func:`check_plugin_settings`); a name
 registered by no plugin makes the model's rebuild error also say where it came from (:func:`rebuild_error`). A checkpoint without the records (written before they existed) loads as
 before.
 
@@ -43,6 +44,7 @@ import functools
 import hashlib
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -551,7 +553,8 @@ def _is_plain(value: Any) -> bool:
 
 def plugin_settings(obj: Any) -> dict[str, Any]:
     """The settings of the plugin object ``obj`` that a checkpoint records beside its name and origin, so
-    that a load where that name is registered with other settings is refused (:class:`PluginSettingsError`).
+    that a load where that name is registered with other settings is refused (:class:`PluginSettingsError`;
+    warned of where they are public attributes, not declared: :func:`check_plugin_settings`).
 
     The rule, one for innerloop's plugins and everyone's: what ``obj.settings()`` returns, where it
     defines one (a mapping of str to plain values: bool, int, float, str, None, or lists of those; ``{}``
@@ -624,12 +627,36 @@ class PluginSettingsError(CheckpointError):
     is registered now under that name with other settings: the model would compute another function."""
 
 
+def declares_settings(obj: Any) -> bool:
+    """Whether the plugin object ``obj`` says which of its values are settings: it defines ``settings()``
+    or is a dataclass (its fields). Otherwise :func:`plugin_settings` records its public plain attributes,
+    which may be no settings (a counter bumped as it runs, a per-process path or time)."""
+    return not isinstance(obj, type) and (
+        callable(getattr(obj, "settings", None)) or dataclasses.is_dataclass(obj)
+    )
+
+
+def same_setting(saved: Any, now: Any) -> bool:
+    """Whether two values of a setting are one: equal as values (``1`` and ``1.0``, a tuple and the list
+    it reads back as), ``nan`` and ``nan`` too; a bool is not a number (``True`` is not ``1``)."""
+    if isinstance(saved, list | tuple) and isinstance(now, list | tuple):
+        return len(saved) == len(now) and all(map(same_setting, saved, now))
+    if isinstance(saved, bool) or isinstance(now, bool):
+        return type(saved) is type(now) and saved == now
+    if isinstance(saved, float) and isinstance(now, float) and math.isnan(saved) and math.isnan(now):
+        return True
+    return bool(saved == now)
+
+
 def check_plugin_settings(source: str, record: Any, model: Mapping[str, Any] | None = None) -> None:
     """Refuse (:class:`PluginSettingsError`, one line naming ``source``, the plugin and both settings) a
     ``record`` (a checkpoint's or export's :data:`PLUGINS_KEY`) whose plugin (of those ``model`` uses,
     when given) is registered now, by the recorded plugin (:func:`same_plugin`), with settings other
-    than recorded. A name not registered now, another plugin under it (:func:`warn_changed_plugins`
-    warns), and a record without settings (an older file, a plugin with none) are not checked here."""
+    than recorded (:func:`same_setting`), where the plugin declares its settings
+    (:func:`declares_settings`); one that does not (whose public attributes were recorded, which may be
+    no settings: a counter, a path) is warned of (:class:`PluginChangedWarning`) and loads. A name not
+    registered now, another plugin under it (:func:`warn_changed_plugins` warns), and a record without
+    settings (an older file, a plugin with none) are not checked here."""
     settings = _recorded_settings(record)
     for kind, name, recorded in _recorded_plugins(record, model):
         current = plugin_origin(kind, name)
@@ -637,16 +664,42 @@ def check_plugin_settings(source: str, record: Any, model: Mapping[str, Any] | N
         if current is None or saved is None or not same_plugin(name, recorded, current):
             continue
         now = _settings_now(kind, name)
-        if json.dumps(now, sort_keys=True) != json.dumps(saved, sort_keys=True):
-            changed = sorted(
-                key for key in saved.keys() | now.keys() if saved.get(key, ...) != now.get(key, ...)
-            )
+        changed = sorted(
+            key
+            for key in saved.keys() | now.keys()
+            if key not in saved or key not in now or not same_setting(saved[key], now[key])
+        )
+        if not changed:
+            continue
+        entry = _registered_entry(kind, name)
+        message = (
+            f"{source} was saved with the {kind.replace('_', ' ')} {name!r} of {_described(recorded)} "
+            f"with the settings {saved}; here it is registered with {now} (differing in "
+            f"{', '.join(map(repr, changed))})"
+        )
+        if entry is not None and declares_settings(entry.obj):
             raise PluginSettingsError(
-                f"{source} was saved with the {kind.replace('_', ' ')} {name!r} of {_described(recorded)} "
-                f"with the settings {saved}; here it is registered with {now} (differing in "
-                f"{', '.join(map(repr, changed))}): the model would compute another function. Register "
-                f"{name!r} with the settings it was saved with to load it"
+                f"{message}: the model would compute another function. Register {name!r} with the "
+                "settings it was saved with to load it (a value that is no setting belongs out of its settings())"
             )
+        _warn_undeclared_settings(source, kind, name, message)
+
+
+def _warn_undeclared_settings(source: str, kind: str, name: str, message: str) -> None:
+    """Warn once (:class:`PluginChangedWarning`) that the plugin ``name``'s public attributes, recorded
+    as its settings because it declares none, differ from the recorded ones (``message`` says how)."""
+    key = (source, kind, name, message)
+    if key in _WARNED_PLUGINS:
+        return
+    _WARNED_PLUGINS.add(key)
+    warnings.warn(
+        f"{message}. The plugin declares no settings, so these are its public attributes, which may be "
+        "none (a counter, a path): where one is a setting, the model computes another function (register "
+        f"{name!r} with the value it was saved with). Define settings() on the plugin, giving its real "
+        "settings, to have such a load refused and its other attributes left unchecked",
+        PluginChangedWarning,
+        stacklevel=warning_stacklevel(),
+    )
 
 
 def _recorded_plugins(

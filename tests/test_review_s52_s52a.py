@@ -97,7 +97,7 @@ def test_a_checkpoint_records_a_plugins_settings(fresh_global_registry, tmp_path
     assert "settings" not in recorded_plugins(path)["update_rule"]["dual_form"]  # built in, no settings
 
 
-@pytest.mark.parametrize("cls", [ScaledTargets, DataclassScaled, DeclaredScaled])
+@pytest.mark.parametrize("cls", [DataclassScaled, DeclaredScaled])
 def test_the_same_plugin_with_other_settings_is_refused(fresh_global_registry, tmp_path, cls) -> None:
     path = _saved(tmp_path, cls(2.0))
     _register(cls(1.0))
@@ -158,12 +158,12 @@ def test_an_export_refuses_other_settings(fresh_global_registry, tmp_path) -> No
     from innerloop.hf import InnerloopForCausalLM
     from innerloop.hf.export import export_model
 
-    _register(ScaledTargets(2.0))
+    _register(DeclaredScaled(2.0))
     torch.manual_seed(0)
     folder = export_model(build_model(_config()), tmp_path / "exported", tokenizer=None)
     record = json.loads((folder / "config.json").read_text())["innerloop_plugins"]
     assert record["inner_loss"][NAME]["settings"] == {"scale": 2.0}
-    _register(ScaledTargets(1.0))
+    _register(DeclaredScaled(1.0))
     with pytest.raises(PluginSettingsError, match="'scale': 2.0.*'scale': 1.0"):
         InnerloopForCausalLM.from_pretrained(folder)
 
@@ -176,7 +176,7 @@ def test_a_pickled_lightning_checkpoint_records_and_checks_the_settings(
     model computed another function, silently."""
     from innerloop.train.module import LanguageModelModule
 
-    _register(ScaledTargets(2.0))
+    _register(DeclaredScaled(2.0))
     torch.manual_seed(0)
     module = LanguageModelModule(_config())
     checkpoint = {
@@ -189,7 +189,7 @@ def test_a_pickled_lightning_checkpoint_records_and_checks_the_settings(
     path = tmp_path / "last.ckpt"
     torch.save(checkpoint, path)
     assert LanguageModelModule.load_from_checkpoint(path).model.config.ttt.inner_loss == NAME
-    _register(ScaledTargets(1.0))
+    _register(DeclaredScaled(1.0))
     with pytest.raises(PluginSettingsError, match="'scale': 2.0"):
         LanguageModelModule.load_from_checkpoint(path)
 

@@ -1,0 +1,130 @@
+"""Review s52l of s52a (plugin settings in checkpoints, found_elsewhere).
+
+A plugin that declares no settings (no ``settings()``, not a dataclass) had its public plain attributes
+recorded as its settings, and a load in a new process where one differed was refused: a counter bumped
+by the training run (``calls``: 43 saved, 42 in the loading process), a ``tempfile.mkdtemp()`` path, a
+``time.time()``, measured in real subprocesses; the checkpoint could not be loaded at all without editing
+the plugin. Such attributes are not known to be settings: a difference is warned of
+(:class:`PluginChangedWarning`), and refused only for settings the plugin declares. Settings compare as
+values (``1`` and ``1.0`` are one setting; ``nan`` equals ``nan``), not as JSON text, which refused
+``delta=1`` against ``delta=1.0`` with "differing in " naming nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import pytest
+import torch
+
+import innerloop
+from innerloop import HalfSquaredError, LossPairs
+from innerloop.checkpoints import PluginChangedWarning, PluginSettingsError, load_model
+from innerloop.models import ModelConfig, build_model
+from innerloop.registry import get_registry
+
+NAME = "s52l_loss"
+ORIGIN = "s52l_pkg"
+
+
+class CountingLoss(HalfSquaredError):
+    """A plugin loss that declares no settings, with public attributes that are none: a counter bumped
+    as it runs, and a scratch path made per process."""
+
+    name = NAME
+
+    def __init__(self, scratch: str = "/tmp/a") -> None:
+        self.calls = 0
+        self.scratch = scratch
+
+    def pairs(self, views, carry):
+        self.calls += 1
+        return LossPairs(inputs=views.key, targets=views.value, valid=None, carry={})
+
+
+class DeclaredLoss(CountingLoss):
+    """The same loss declaring a setting ``delta`` (it only reads it here)."""
+
+    def __init__(self, delta: object = 1.0) -> None:
+        super().__init__()
+        self.delta = delta
+
+    def settings(self):
+        return {"delta": self.delta}
+
+
+@dataclasses.dataclass
+class DataclassLoss(CountingLoss):
+    """The same loss as a dataclass: its fields are declared settings."""
+
+    delta: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.calls = 0  # not a field: not a setting
+
+
+def _config() -> ModelConfig:
+    return ModelConfig.from_dict(
+        {"vocab_size": 64, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "ttt": {"inner_loss": NAME}}
+    )
+
+
+def _register(loss) -> None:
+    if any(entry.origin == ORIGIN for entry in get_registry().entries()):
+        get_registry().remove_plugin(ORIGIN)
+    innerloop.register_inner_loss(loss, origin=ORIGIN)
+
+
+def _saved(tmp_path, loss, forward: bool = False):
+    from innerloop.train.module import save_model_checkpoint
+
+    _register(loss)
+    torch.manual_seed(0)
+    model = build_model(_config())
+    if forward:  # the training run bumps the counter before the first save reads it
+        model(torch.randint(0, 64, (1, 16)))
+    return save_model_checkpoint(model, tmp_path / "c.safetensors")
+
+
+def test_public_attributes_that_differ_warn_and_load(fresh_global_registry, tmp_path) -> None:
+    """Saved with ``calls`` bumped and one scratch path, loaded with a fresh object and another path (what
+    a new process registers): the checkpoint loads, with one warning naming what differs and saying how
+    to declare the settings. It was refused (PluginSettingsError)."""
+    path = _saved(tmp_path, CountingLoss("/tmp/s52l-one"), forward=True)
+    _register(CountingLoss("/tmp/s52l-two"))
+    with pytest.warns(PluginChangedWarning) as caught:
+        assert load_model(path).config.ttt.inner_loss == NAME
+    message = str(caught[0].message)
+    for part in ("'calls'", "'scratch'", "/tmp/s52l-one", "/tmp/s52l-two", "settings()"):
+        assert part in message, message
+
+
+@pytest.mark.parametrize("cls", [DeclaredLoss, DataclassLoss])
+def test_declared_settings_that_differ_are_refused(fresh_global_registry, tmp_path, cls) -> None:
+    path = _saved(tmp_path, cls(delta=2.0), forward=True)
+    _register(cls(delta=1.0))
+    with pytest.raises(PluginSettingsError, match="differing in 'delta'"):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    ("saved", "now"), [(1, 1.0), (2.0, 2), (math.nan, math.nan), ((1, 2.0), [1.0, 2]), (-0.0, 0.0)]
+)
+def test_equal_settings_of_other_spelling_load_quietly(fresh_global_registry, tmp_path, saved, now) -> None:
+    """1 and 1.0 are one setting (JSON writes them apart: the load was refused "differing in " naming
+    nothing); nan equals nan (it compared as text: held, now pinned); a tuple reads back as a list."""
+    path = _saved(tmp_path, DeclaredLoss(saved))
+    _register(DeclaredLoss(now))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PluginChangedWarning)
+        assert load_model(path).config.ttt.inner_loss == NAME
+
+
+@pytest.mark.parametrize(("saved", "now"), [(True, 1), (1, 2), ([1, 2], [1, 2, 3]), ("a", None)])
+def test_other_settings_name_what_differs(fresh_global_registry, tmp_path, saved, now) -> None:
+    """A flag is not a number (True against 1), and a list of another length differs."""
+    path = _saved(tmp_path, DeclaredLoss(saved))
+    _register(DeclaredLoss(now))
+    with pytest.raises(PluginSettingsError, match="differing in 'delta'"):
+        load_model(path)

@@ -27,6 +27,7 @@ loaded is an error: it was asked for by name.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import importlib.machinery
 import importlib.util
@@ -224,7 +225,7 @@ def found_elsewhere(name: str, folder: Path) -> str | None:
         origin = getattr(module, "__file__", None) or getattr(spec, "origin", None)
         if origin not in (None, "namespace"):
             return str(origin)
-    elsewhere = [entry for entry in sys.path if not _same_folder(entry, str(folder))]
+    elsewhere = list(_sys_path_without(tuple(sys.path), str(folder)))
     for finder in sys.meta_path:
         find = getattr(finder, "find_spec", None)
         if find is None:
@@ -240,6 +241,13 @@ def found_elsewhere(name: str, folder: Path) -> str | None:
         ):  # built-in, frozen, a file
             return found.origin
     return None
+
+
+@functools.lru_cache(maxsize=16)
+def _sys_path_without(path: tuple[str, ...], folder: str) -> tuple[str, ...]:
+    """The entries of ``path`` (``sys.path``) that are not ``folder``: resolved once per ``sys.path`` and
+    folder, not once per name looked up (a plugin with 200 helpers looked each up three times)."""
+    return tuple(entry for entry in path if not _same_folder(entry, folder))
 
 
 def _is_module_of(file: str | None, name: str, folder: Path) -> bool:

@@ -157,3 +157,23 @@ def test_a_plugin_with_many_helpers_resolves_sys_path_once_per_check(plugin_fold
     import sys
 
     assert len(calls) <= 4 * (len(sys.path) + 1), len(calls)
+
+
+def test_the_resolved_sys_path_follows_the_working_folder(plugin_folders, monkeypatch) -> None:  # noqa: F811
+    """``""`` on ``sys.path`` is the working folder: resolved once and kept, a module of the next working
+    folder would not be found elsewhere (the cache is keyed by the working folder too)."""
+    import sys
+
+    from innerloop.registry.modules import found_elsewhere
+
+    working, _, number = plugin_folders
+    plugin_folder, other = working / "plugin", working / "other"
+    plugin_folder.mkdir()
+    other.mkdir()
+    name = f"{_PREFIX}{number}_cwd"
+    (other / f"{name}.py").write_text("X = 1\n")
+    monkeypatch.setattr(sys, "path", ["", *sys.path])
+    monkeypatch.chdir(plugin_folder)
+    assert found_elsewhere(name, plugin_folder) is None
+    monkeypatch.chdir(other)
+    assert found_elsewhere(name, plugin_folder) == str(other / f"{name}.py")

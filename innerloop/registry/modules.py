@@ -225,7 +225,7 @@ def found_elsewhere(name: str, folder: Path) -> str | None:
         origin = getattr(module, "__file__", None) or getattr(spec, "origin", None)
         if origin not in (None, "namespace"):
             return str(origin)
-    elsewhere = list(_sys_path_without(tuple(sys.path), str(folder)))
+    elsewhere = list(_sys_path_without(tuple(sys.path), str(folder), _working_folder()))
     for finder in sys.meta_path:
         find = getattr(finder, "find_spec", None)
         if find is None:
@@ -244,10 +244,19 @@ def found_elsewhere(name: str, folder: Path) -> str | None:
 
 
 @functools.lru_cache(maxsize=16)
-def _sys_path_without(path: tuple[str, ...], folder: str) -> tuple[str, ...]:
-    """The entries of ``path`` (``sys.path``) that are not ``folder``: resolved once per ``sys.path`` and
-    folder, not once per name looked up (a plugin with 200 helpers looked each up three times)."""
+def _sys_path_without(path: tuple[str, ...], folder: str, working: str) -> tuple[str, ...]:
+    """The entries of ``path`` (``sys.path``) that are not ``folder``: resolved once per ``sys.path``,
+    folder and ``working`` folder (what a relative entry such as ``""`` is), not once per name looked up
+    (a plugin with 200 helpers looked each up three times)."""
+    del working  # a key only: the entries resolve against the working folder
     return tuple(entry for entry in path if not _same_folder(entry, folder))
+
+
+def _working_folder() -> str:
+    try:
+        return os.getcwd()
+    except OSError:  # removed since
+        return ""
 
 
 def _is_module_of(file: str | None, name: str, folder: Path) -> bool:

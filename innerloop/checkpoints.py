@@ -591,17 +591,22 @@ def plugin_settings(obj: Any) -> dict[str, Any]:
 
 
 _SETTINGS: IdentityTable[dict[str, Any]] = IdentityTable()
-"""Each registered plugin object's settings, read once, the first time they are asked for (a training run
-asks when its module is built): an object that changes a public attribute as it runs (a counter) records
-and compares what it was registered with. Held weakly, as :data:`_SOURCE_DIGESTS`."""
+"""The public attributes of each registered plugin object that declares no settings, read once, the first
+time they are asked for (a training run asks when its module is built): an object that changes one as it
+runs (a counter) records and compares what it was registered with. Declared settings
+(:func:`declares_settings`) are read at each save and load: they are what the object computes with then
+(a loss whose ``delta`` was changed after a first save). Held weakly, as :data:`_SOURCE_DIGESTS`."""
 
 
 def _settings_now(kind: str, name: str) -> dict[str, Any]:
-    """:func:`plugin_settings` of the object registered now under ``name`` of ``kind``, as first read in
-    this process (:data:`_SETTINGS`); ``{}`` when none is registered."""
+    """:func:`plugin_settings` of the object registered now under ``name`` of ``kind``: its declared
+    settings as they are now, or its public attributes as first read in this process (:data:`_SETTINGS`);
+    ``{}`` when none is registered."""
     entry = _registered_entry(kind, name)
     if entry is None:
         return {}
+    if declares_settings(entry.obj):
+        return plugin_settings(entry.obj)
     if entry.obj not in _SETTINGS:
         _SETTINGS.set(entry.obj, plugin_settings(entry.obj))
     return dict(_SETTINGS.get(entry.obj) or {})

@@ -177,3 +177,21 @@ def test_the_resolved_sys_path_follows_the_working_folder(plugin_folders, monkey
     assert found_elsewhere(name, plugin_folder) is None
     monkeypatch.chdir(other)
     assert found_elsewhere(name, plugin_folder) == str(other / f"{name}.py")
+
+
+@pytest.mark.parametrize("cls", [DeclaredLoss, DataclassLoss])
+def test_declared_settings_are_recorded_as_they_are_at_the_save(fresh_global_registry, tmp_path, cls) -> None:
+    """Declared settings were read once per object, the first time asked: a registered loss changed after a
+    first save (a notebook's second try, ``loss.delta = 2.0``) was recorded with its first value, 1.0, and a
+    load with the 1.0 registered computed another function than the run that saved it, silently."""
+    from innerloop.checkpoints import recorded_plugins
+    from innerloop.train.module import save_model_checkpoint
+
+    loss = cls(delta=1.0)
+    _saved(tmp_path, loss)
+    loss.delta = 2.0
+    path = save_model_checkpoint(build_model(_config()), tmp_path / "second.safetensors")
+    assert recorded_plugins(path)["inner_loss"][NAME]["settings"] == {"delta": 2.0}
+    _register(cls(delta=1.0))
+    with pytest.raises(PluginSettingsError, match="differing in 'delta'"):
+        load_model(path)

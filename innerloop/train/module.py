@@ -328,7 +328,7 @@ class LanguageModelModule(L.LightningModule):
         self.save_hyperparameters(hyperparameters)
         self.model = build_model(ModelConfig.from_dict(model))  # CausalLM, or E2ELM for mixer='e2e'
         plugin_sources(model)  # read the plugins' sources now: the checkpoints record the code that ran
-        plugin_record(model)  # and their settings (read once per plugin object)
+        plugin_record(model)  # and their settings (public attributes read once per plugin object)
         self.val_ppl = Float64Perplexity(ignore_index=IGNORE_INDEX)
         self.val_acc = MulticlassAccuracy(
             num_classes=self.model.config.vocab_size, average="micro", ignore_index=IGNORE_INDEX

@@ -12,6 +12,7 @@ values (``1`` and ``1.0`` are one setting; ``nan`` equals ``nan``), not as JSON 
 from __future__ import annotations
 
 import dataclasses
+import importlib.machinery
 import math
 import warnings
 
@@ -195,3 +196,40 @@ def test_declared_settings_are_recorded_as_they_are_at_the_save(fresh_global_reg
     _register(cls(delta=1.0))
     with pytest.raises(PluginSettingsError, match="differing in 'delta'"):
         load_model(path)
+
+
+@pytest.mark.parametrize(
+    ("helper_file", "import_line"),
+    [
+        ("token.py", "import importlib\nTOKEN = importlib.import_module('token')\n"),
+        ("token.py", "TOKEN = __import__('token')\n"),
+        ("token.py", "def later():\n    import importlib\n    return importlib.import_module('token')\n"),
+        (f"token{importlib.machinery.EXTENSION_SUFFIXES[0]}", "import token\n"),
+    ],
+)
+def test_a_helper_named_like_an_imported_module_is_refused_however_imported(
+    plugin_folders,  # noqa: F811
+    helper_file,
+    import_line,
+) -> None:
+    """s52a refused ``plugins/token.py`` beside a plugin that says ``import token`` (the standard library's
+    is what it gets), but not one that imports it by ``importlib.import_module('token')`` or
+    ``__import__('token')`` (a string literal), nor a compiled helper ``token.cpython-*.so`` beside it:
+    those loaded and got the standard library's ``token``, silently."""
+    import token  # noqa: F401  (imported already, as in any process that has imported inspect)
+
+    from innerloop.registry.modules import PluginModuleError, load_plugin_module
+
+    working, _, number = plugin_folders
+    folder = working / "plugins"
+    folder.mkdir()
+    (folder / helper_file).write_text("SCALE = 2.0\n")
+    plugin = f"{_PREFIX}{number}_plugin"
+    (folder / f"{plugin}.py").write_text(
+        import_line + "import innerloop\nfrom innerloop import HalfSquaredError, LossPairs\n\n\n"
+        f"@innerloop.register_inner_loss\nclass Loss(HalfSquaredError):\n    name = 's52l_token_{number}'\n\n"
+        "    def pairs(self, views, carry):\n"
+        "        return LossPairs(inputs=views.key, targets=views.value, valid=None, carry={})\n"
+    )
+    with pytest.raises(PluginModuleError, match="it imports 'token', a module of a file beside it"):
+        load_plugin_module(f"plugins/{plugin}.py")

@@ -197,16 +197,25 @@ def _refuse_helpers_found_elsewhere(spec: str, name: str, folder: Path, new: set
 
 
 def _module_names_in(folder: Path) -> set[str]:
-    """The top-level modules of ``folder``: its ``NAME.py`` files and packages (``NAME/__init__.py``)."""
+    """The top-level modules of ``folder``: its ``NAME.py`` files, packages (``NAME/__init__.py``) and
+    compiled modules (``NAME.cpython-*.so``)."""
     try:
         entries = list(folder.iterdir())
     except OSError:
         return set()
-    return {
-        entry.stem if entry.suffix == ".py" else entry.name
-        for entry in entries
-        if (entry.suffix == ".py" and entry.is_file()) or (entry / "__init__.py").is_file()
-    }
+    names = set()
+    for entry in entries:
+        if entry.suffix == ".py" and entry.is_file():
+            names.add(entry.stem)
+        elif (entry / "__init__.py").is_file():
+            names.add(entry.name)
+        elif entry.name.endswith(_EXTENSION_SUFFIXES) and entry.is_file():  # a compiled helper
+            names.add(entry.name.split(".")[0])
+    return names
+
+
+_EXTENSION_SUFFIXES = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+"""The endings of a compiled module's file (``.cpython-311-x86_64-linux-gnu.so``, ``.abi3.so``, ``.so``)."""
 
 
 def found_elsewhere(name: str, folder: Path) -> str | None:
@@ -272,8 +281,9 @@ def _is_module_of(file: str | None, name: str, folder: Path) -> bool:
 
 def _imported_names(path: Path) -> set[str]:
     """The top-level modules the file ``path`` imports by absolute name anywhere in it (``import token``,
-    ``from token import x``, also inside a function); none for a file that does not parse (its import
-    says why)."""
+    ``from token import x``, also inside a function, and ``importlib.import_module("token")`` or
+    ``__import__("token")`` of a string literal); none for a file that does not parse (its import says
+    why)."""
     try:
         tree = ast.parse(path.read_bytes(), str(path))
     except (OSError, SyntaxError, ValueError):
@@ -284,7 +294,23 @@ def _imported_names(path: Path) -> set[str]:
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Call) and _imports_by_name(node):
+            names.add(node.args[0].value.split(".")[0])  # type: ignore[attr-defined]
     return names
+
+
+def _imports_by_name(call: ast.Call) -> bool:
+    """Whether ``call`` is ``importlib.import_module("name")``, ``import_module("name")`` or
+    ``__import__("name")`` of an absolute name given as a string literal."""
+    function = call.func
+    called = function.attr if isinstance(function, ast.Attribute) else getattr(function, "id", None)
+    first = call.args[0] if call.args else None
+    return (
+        called in ("import_module", "__import__")
+        and isinstance(first, ast.Constant)
+        and isinstance(first.value, str)
+        and first.value[:1] not in ("", ".")
+    )
 
 
 def _refuse_imports_found_elsewhere(spec: str, name: str, folder: Path, files: list[Path], how: str) -> None:

@@ -677,34 +677,40 @@ def check_plugin_settings(source: str, record: Any, model: Mapping[str, Any] | N
         if not changed:
             continue
         entry = _registered_entry(kind, name)
+        declared = entry is not None and declares_settings(entry.obj)
         message = (
             f"{source} was saved with the {kind.replace('_', ' ')} {name!r} of {_described(recorded)} "
             f"with the settings {saved}; here it is registered with {now} (differing in "
             f"{', '.join(map(repr, changed))})"
         )
-        if entry is not None and declares_settings(entry.obj):
+        if declared and any(key in saved and key in now for key in changed):
             raise PluginSettingsError(
                 f"{message}: the model would compute another function. Register {name!r} with the "
                 "settings it was saved with to load it (a value that is no setting belongs out of its settings())"
             )
-        _warn_undeclared_settings(source, kind, name, message)
+        _warn_other_settings(source, kind, name, message, declared)
 
 
-def _warn_undeclared_settings(source: str, kind: str, name: str, message: str) -> None:
-    """Warn once (:class:`PluginChangedWarning`) that the plugin ``name``'s public attributes, recorded
-    as its settings because it declares none, differ from the recorded ones (``message`` says how)."""
+def _warn_other_settings(source: str, kind: str, name: str, message: str, declared: bool) -> None:
+    """Warn once (:class:`PluginChangedWarning`) that the plugin ``name``'s settings differ from the
+    recorded ones (``message`` says how) where no registration could be known to match them: public
+    attributes, recorded because it declares no settings (``declared`` false), or a setting on one side
+    only (added to or taken from its ``settings()`` since the save)."""
     key = (source, kind, name, message)
     if key in _WARNED_PLUGINS:
         return
     _WARNED_PLUGINS.add(key)
-    warnings.warn(
-        f"{message}. The plugin declares no settings, so these are its public attributes, which may be "
-        "none (a counter, a path): where one is a setting, the model computes another function (register "
+    why = (
+        "a setting that one side has and the other has not (added or taken away since the save): its "
+        "code changed, and where the value now is not the one it computed with then, the model computes "
+        "another function"
+        if declared
+        else "the plugin declares no settings, so these are its public attributes, which may be none (a "
+        "counter, a path): where one is a setting, the model computes another function (register "
         f"{name!r} with the value it was saved with). Define settings() on the plugin, giving its real "
-        "settings, to have such a load refused and its other attributes left unchecked",
-        PluginChangedWarning,
-        stacklevel=warning_stacklevel(),
+        "settings, to have such a load refused and its other attributes left unchecked"
     )
+    warnings.warn(f"{message}: {why}", PluginChangedWarning, stacklevel=warning_stacklevel())
 
 
 def _recorded_plugins(

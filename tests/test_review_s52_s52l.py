@@ -233,3 +233,19 @@ def test_a_helper_named_like_an_imported_module_is_refused_however_imported(
     )
     with pytest.raises(PluginModuleError, match="it imports 'token', a module of a file beside it"):
         load_plugin_module(f"plugins/{plugin}.py")
+
+
+def test_a_setting_added_since_the_save_warns_and_loads(fresh_global_registry, tmp_path, monkeypatch) -> None:
+    """A checkpoint of a plugin before it had the setting ``eps`` was refused once ``eps`` was added
+    ("differing in 'eps'"): no registration could match it (the file has no ``eps``), so every checkpoint
+    of the plugin's earlier code was lost. A setting on one side only is warned of; one on both with
+    other values is still refused."""
+    path = _saved(tmp_path, DeclaredLoss(delta=1.0))
+    # the plugin's next version: a setting eps added (its default keeps the old function)
+    monkeypatch.setattr(DeclaredLoss, "settings", lambda self: {"delta": self.delta, "eps": 0.0})
+    _register(DeclaredLoss(delta=1.0))
+    with pytest.warns(PluginChangedWarning, match="'eps'"):
+        assert load_model(path).config.ttt.inner_loss == NAME
+    _register(DeclaredLoss(delta=2.0))
+    with pytest.raises(PluginSettingsError, match="differing in 'delta'"):
+        load_model(path)

@@ -39,7 +39,6 @@ it; :class:`innerloop.train.checkpoint.SafetensorsCheckpointIO` plugs this forma
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import inspect
@@ -76,6 +75,7 @@ from innerloop.models.config import (
 from innerloop.registry import get_registry
 from innerloop.registry.kinds import KIND_NAMES
 from innerloop.registry.manager import BUILTIN_PREFIX
+from innerloop.registry.settings import declares_settings, plugin_settings
 
 FORMAT = "innerloop-checkpoint"
 FORMAT_VERSION = "2"
@@ -540,56 +540,6 @@ def plugin_record(model: Mapping[str, Any], earlier: Any = None) -> dict[str, di
 
 # -- the settings of a plugin object (Huber(delta=2.0)), recorded beside its origin ---------------------
 
-_PLAIN_SCALARS = (bool, int, float, str, type(None))
-
-
-def _is_plain(value: Any) -> bool:
-    """Whether ``value`` is a setting JSON keeps as it is: a bool, int, float, str or None, or a list or
-    tuple of those (a tuple reads back as a list)."""
-    if isinstance(value, list | tuple):
-        return all(isinstance(item, _PLAIN_SCALARS) for item in value)
-    return isinstance(value, _PLAIN_SCALARS)
-
-
-def plugin_settings(obj: Any) -> dict[str, Any]:
-    """The settings of the plugin object ``obj`` that a checkpoint records beside its name and origin, so
-    that a load where that name is registered with other settings is refused (:class:`PluginSettingsError`;
-    warned of where they are public attributes, not declared: :func:`check_plugin_settings`).
-
-    The rule, one for innerloop's plugins and everyone's: what ``obj.settings()`` returns, where it
-    defines one (a mapping of str to plain values: bool, int, float, str, None, or lists of those; ``{}``
-    opts out); else, for a dataclass instance, its fields of plain values; else its public instance
-    attributes (``vars(obj)``, but ``name`` and those starting with ``_``) of plain values (``Huber(delta=2.0)`` that keeps
-    ``self.delta``). A class registered itself, and an object with none of these, has ``{}``: then its
-    name, origin, class and source digest are what is checked. Values that are not plain (tensors,
-    modules, callables) are not settings and are left out, except from a declared ``settings()``, which
-    must give plain values only (a :class:`TypeError` naming the plugin otherwise)."""
-    if isinstance(obj, type):
-        return {}
-    declared = getattr(obj, "settings", None)
-    if callable(declared):
-        settings = declared()
-        if not isinstance(settings, Mapping) or not all(
-            isinstance(key, str) and _is_plain(value) for key, value in settings.items()
-        ):
-            raise TypeError(
-                f"the plugin {type(obj).__qualname__}'s settings() gave {settings!r}: it must give a mapping of "
-                "str to plain values (bool, int, float, str, None, or lists of those), which a checkpoint records"
-            )
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()}
-    if dataclasses.is_dataclass(obj):
-        candidates = {field.name: getattr(obj, field.name, None) for field in dataclasses.fields(obj)}
-    else:
-        candidates = {
-            key: value for key, value in getattr(obj, "__dict__", {}).items() if not key.startswith("_")
-        }
-    return {
-        key: list(value) if isinstance(value, tuple) else value
-        for key, value in sorted(candidates.items())
-        if _is_plain(value) and key != "name"  # its name is recorded already, as the record's key
-    }
-
-
 _SETTINGS: IdentityTable[dict[str, Any]] = IdentityTable()
 """The public attributes of each registered plugin object that declares no settings, read once, the first
 time they are asked for (a training run asks when its module is built): an object that changes one as it
@@ -630,15 +580,6 @@ def _recorded_settings(record: Any) -> dict[tuple[str, str], dict[str, Any]]:
 class PluginSettingsError(CheckpointError):
     """A checkpoint or export records a plugin's settings (:func:`plugin_settings`), and the same plugin
     is registered now under that name with other settings: the model would compute another function."""
-
-
-def declares_settings(obj: Any) -> bool:
-    """Whether the plugin object ``obj`` says which of its values are settings: it defines ``settings()``
-    or is a dataclass (its fields). Otherwise :func:`plugin_settings` records its public plain attributes,
-    which may be no settings (a counter bumped as it runs, a per-process path or time)."""
-    return not isinstance(obj, type) and (
-        callable(getattr(obj, "settings", None)) or dataclasses.is_dataclass(obj)
-    )
 
 
 def same_setting(saved: Any, now: Any) -> bool:

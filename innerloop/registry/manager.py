@@ -55,6 +55,7 @@ from innerloop.kernels import first_use
 from innerloop.kernels.spec import KernelSpec
 from innerloop.registry import hookspecs
 from innerloop.registry.kinds import KIND_BY_NAME, KIND_NAMES, KINDS, Kind, PluginError
+from innerloop.registry.settings import declared_settings, declares_settings
 from innerloop.registry.verdicts import PassedChecks
 
 ENTRY_POINT_GROUP = "innerloop"
@@ -706,8 +707,15 @@ def validate_plugin(kind: Kind, obj: Any, external: bool) -> str:
 
 
 def _checked_name(kind: Kind, obj: Any, external: bool) -> str:
-    """The checks of :func:`validate_plugin` themselves, run in its context."""
+    """The checks of :func:`validate_plugin` themselves, run in its context: the kind's, a declared
+    ``settings()`` (:func:`~innerloop.registry.settings.declared_settings`: what a checkpoint records,
+    refused now rather than when a finished run saves), and an external plugin's own."""
     name = kind.validate(obj)
+    if declares_settings(obj) and callable(getattr(obj, "settings", None)):
+        try:
+            declared_settings(obj)
+        except TypeError as error:
+            raise PluginError(f"{kind.name} {name!r}: {error}") from None
     if external and kind.external_check is not None:
         kind.external_check(obj, name)
     return name

@@ -73,6 +73,18 @@ class SafetensorsCheckpointIO(CheckpointIO):
     def __init__(self) -> None:
         super().__init__()
         self._handed_over: tuple[Path, tuple[int, int, int, int], dict[str, Any]] | None = None
+        self._keep_next_write = False
+        self._kept: tuple[Path, dict[str, Any]] | None = None
+
+    def keep_next_write(self) -> None:
+        """Keep the next checkpoint this IO writes (the dict, not a copy: the tensors stay the module's
+        and optimizer's own) for :meth:`take_written`; a process that writes nothing keeps nothing."""
+        self._keep_next_write, self._kept = True, None
+
+    def take_written(self) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint written since :meth:`keep_next_write` and where, or None; taken once."""
+        kept, self._kept, self._keep_next_write = self._kept, None, False
+        return kept
 
     def hand_over(self, path: Path, checkpoint: dict[str, Any]) -> None:
         """Keep ``checkpoint``, just read from ``path`` by :func:`~innerloop.checkpoints.load_checkpoint`,
@@ -81,7 +93,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
         self._handed_over = None if stamp is None else (Path(path).resolve(), stamp, checkpoint)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_handed_over": None}
+        return {**self.__dict__, "_handed_over": None, "_kept": None}
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:
@@ -89,6 +101,8 @@ class SafetensorsCheckpointIO(CheckpointIO):
                 f"storage_options are not supported by {type(self).__name__}, got {storage_options!r}"
             )
         save_checkpoint(checkpoint, path)
+        if self._keep_next_write:
+            self._kept, self._keep_next_write = (Path(path), checkpoint), False
 
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: bool | None = None

@@ -181,6 +181,24 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "last"
 
 
+_STATES_KEPT_AS_AT_THE_BATCH_END = (Timer, TrainingThroughput)
+"""Callbacks whose state in a checkpoint is the one of its step's batch end (innerloop's counters, the
+time spent: a validation after it adds nothing a resume needs)."""
+
+
+def _same_state(one: Any, other: Any) -> bool:
+    """Whether two callback states (trees of tensors and plain values) are equal, tensors bitwise."""
+    if isinstance(one, torch.Tensor) or isinstance(other, torch.Tensor):
+        both = isinstance(one, torch.Tensor) and isinstance(other, torch.Tensor)
+        return both and one.dtype == other.dtype and torch.equal(one, other)
+    if isinstance(one, dict) and isinstance(other, dict):
+        return one.keys() == other.keys() and all(_same_state(one[k], other[k]) for k in one)
+    if isinstance(one, (list, tuple)) and isinstance(other, (list, tuple)):
+        same_kind = type(one) is type(other) and len(one) == len(other)
+        return same_kind and all(_same_state(a, b) for a, b in zip(one, other, strict=True))
+    return type(one) is type(other) and bool(one == other)
+
+
 class _SafetensorsModelCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint writing ``last.safetensors`` (the IO plugin does the format), always
     after the fit's last step, and only weights known to be good.
@@ -208,6 +226,8 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
     FILE_EXTENSION = CHECKPOINT_SUFFIX
     _pending: tuple[Path, Path] | None = None  # (written, to replace)
     writing_step: int | None = None
+    _written: tuple[Path, dict[str, Any], Any] | None = None
+    """The pending checkpoint as written (main process): its path, its dict, its callbacks' states."""
     """The step whose checkpoint is being written (still set if the write was interrupted), else None."""
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -249,8 +269,49 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
             )
         pending = Path(filepath).parent / PENDING_CHECKPOINT
         self.writing_step = trainer.global_step
+        io = trainer.strategy.checkpoint_io
+        keeps = isinstance(io, SafetensorsCheckpointIO)
+        if keeps:
+            io.keep_next_write()
         super()._save_checkpoint(trainer, str(pending))
         self._pending, self.writing_step = (pending, Path(filepath)), None
+        written = io.take_written() if keeps else None
+        # a copy of the callbacks' states: a state may hold the callback's own dict (best_k_models)
+        self._written = None if written is None else (*written, copy.deepcopy(written[1].get("callbacks")))
+
+    def _with_the_step_s_last_callback_states(self, trainer: L.Trainer) -> None:
+        """Rewrite the pending checkpoint (atomically, as written) with the states the other callbacks
+        have now, when the step it holds is done (its batch's hooks after this callback's, its
+        validation): a user's ``ModelCheckpoint(monitor=...)`` or ``EarlyStopping`` updates its best
+        and its patience at the end of the validation, which comes after the checkpoint of its step
+        is written; restored from states older than that, a resumed run kept a best model file
+        untracked on disk and counted its patience from an earlier validation. Everything else is
+        the checkpoint as written (the loop counters of the step's batch end, which a resume needs);
+        the states of innerloop's own callbacks and Lightning's Timer stay as at that batch end."""
+        written, self._written = self._written, None
+        if written is None or self._pending is None or written[0] != self._pending[0]:
+            return
+        path, checkpoint, states = written
+        if not isinstance(states, dict):
+            return
+        changed = {}
+        for callback in trainer.callbacks:
+            if callback is self or isinstance(callback, _STATES_KEPT_AS_AT_THE_BATCH_END):
+                continue
+            state = callback.state_dict()
+            if (state or callback.state_key in states) and not _same_state(
+                state, states.get(callback.state_key)
+            ):
+                changed[callback.state_key] = state
+        if changed:
+            trainer.strategy.checkpoint_io.save_checkpoint(
+                {**checkpoint, "callbacks": {**states, **changed}}, path
+            )
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._with_the_step_s_last_callback_states(trainer)  # before its promotion, at the step's optimizer
 
     def _promote(self, trainer: L.Trainer) -> None:
         if self._pending is not None and trainer.is_global_zero:
@@ -277,6 +338,7 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
         self._promote(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._with_the_step_s_last_callback_states(trainer)
         if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._promote(trainer)
@@ -285,6 +347,7 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
         # A resume from a pending checkpoint at trainer.max_steps runs no step and no on_train_end
         # (Lightning skips a fit loop that is done): the end of the run promotes it, as the run that
         # wrote it would have at its end. Otherwise on_train_end has promoted already.
+        self._with_the_step_s_last_callback_states(trainer)
         self._promote(trainer)
 
     def on_exception(
@@ -293,8 +356,9 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
         if isinstance(exception, TrainingDivergedError):
             if self._pending is not None and trainer.is_global_zero:
                 self._pending[0].unlink(missing_ok=True)
-            self._pending = None
+            self._pending = self._written = None
         else:
+            self._with_the_step_s_last_callback_states(trainer)
             self._promote(trainer)
 
 

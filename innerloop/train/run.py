@@ -62,6 +62,7 @@ from lightning.pytorch.callbacks import (
     Timer,
     TQDMProgressBar,
 )
+from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
@@ -328,6 +329,18 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
         stop = trainer.should_stop or getattr(pl_module, "stop_deferred_to_this_step", False)
         fit_ends = trainer.global_step >= trainer.max_steps or stop
         if step_is_whole and fit_ends and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A stop asked for at the end of a validation (``EarlyStopping``, a callback's ``should_stop``):
+        the step is saved here, its validation counted, with the loop counters of the step's epoch
+        (Lightning resumes a checkpoint written here past the validation), not at the end of training
+        with those of a finished epoch, from which a resumed run logged every row one step late and in
+        the next epoch. (This callback runs after every callback but the other checkpoint callbacks,
+        whose states :meth:`_with_the_step_s_last_callback_states` brings up to date.)"""
+        super().on_validation_end(trainer, pl_module)
+        stops = trainer.should_stop and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        if stops and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_before_optimizer_step(

@@ -107,6 +107,10 @@ class InnerloopCache:
         fingerprint: ``[batch]`` int64, a hash of each row's tokens read so far (see
             :func:`token_fingerprint`), or None; ``generate()`` checks with it that a prompt passed with
             the cache starts with the tokens the cache has read.
+        embedding_fingerprint: ``[batch]`` int64, a hash of the embeddings each row has read, bit for bit
+            (:func:`embedding_fingerprint`: ``inputs_embeds`` as given, token ids as the embedding gives
+            them, a pad as zeros), or None (a cache made by hand): what ``generate()`` compares a prompt
+            with where there are no ids to compare (``inputs_embeds``, or a cache that read embeddings).
         dtype, device: the model's dtype and device when it made the cache (None for a cache made by
             hand): the model refuses the cache once it is in another dtype or on another device, since
             the state cannot be converted with it (read the sequence again instead).
@@ -119,6 +123,7 @@ class InnerloopCache:
 
     is_compileable = False
     is_croppable = False
+    embedding_fingerprint: torch.Tensor | None = None  # what a cache saved before it was kept reads
 
     def __init__(
         self,
@@ -127,12 +132,14 @@ class InnerloopCache:
         fingerprint: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
+        embedding_fingerprint: torch.Tensor | None = None,
     ) -> None:
         self.state = state
         self.seq_length = integer_or_given(seq_length)  # a numpy or 0-d tensor length as its int
         self.fingerprint = fingerprint
         self.dtype = dtype
         self.device = device
+        self.embedding_fingerprint = embedding_fingerprint
 
     @property
     def is_linear(self) -> list[bool]:
@@ -151,13 +158,14 @@ class InnerloopCache:
         sequence of the row it came from (the state's ``index_select``)."""
         selected = self.index_select(beam_idx)
         self.state, self.fingerprint = selected.state, selected.fingerprint
+        self.embedding_fingerprint = selected.embedding_fingerprint
 
     def index_select(self, rows: torch.Tensor) -> InnerloopCache:
         """A new cache of the sequences ``rows`` (a 1-D int64 tensor of batch rows, repeats allowed)
         of this one, in that order; this cache is unchanged."""
         state = self.state.index_select(rows)  # checks rows, naming what is valid
-        fingerprint = None if self.fingerprint is None else self.fingerprint[rows.to(self.fingerprint.device)]
-        return InnerloopCache(state, self.seq_length, fingerprint, self.dtype, self.device)
+        fingerprint, embedding = rows_of(self.fingerprint, rows), rows_of(self.embedding_fingerprint, rows)
+        return InnerloopCache(state, self.seq_length, fingerprint, self.dtype, self.device, embedding)
 
     def nbytes(self) -> int:
         """Bytes of the state's tensors (:meth:`~innerloop.models.LMState.nbytes`)."""
@@ -187,8 +195,9 @@ class LeftPaddedCache(InnerloopCache):
         fingerprint: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
+        embedding_fingerprint: torch.Tensor | None = None,
     ) -> None:
-        super().__init__(None, seq_length, fingerprint, dtype, device)  # type: ignore[arg-type]
+        super().__init__(None, seq_length, fingerprint, dtype, device, embedding_fingerprint)  # type: ignore[arg-type]
         self.groups = groups
         self.pads = pads
 
@@ -204,13 +213,16 @@ class LeftPaddedCache(InnerloopCache):
             taken = rows[new_pads == count]
             if len(taken):
                 groups[count] = group.index_select(local[taken])
-        fingerprint = None if self.fingerprint is None else self.fingerprint[rows.to(self.fingerprint.device)]
-        return LeftPaddedCache(groups, new_pads, self.seq_length, fingerprint, self.dtype, self.device)
+        fingerprint, embedding = rows_of(self.fingerprint, rows), rows_of(self.embedding_fingerprint, rows)
+        return LeftPaddedCache(
+            groups, new_pads, self.seq_length, fingerprint, self.dtype, self.device, embedding
+        )
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         """Keep the rows ``beam_idx`` in that order, in place (beam search)."""
         selected = self.index_select(beam_idx)
         self.groups, self.pads, self.fingerprint = selected.groups, selected.pads, selected.fingerprint
+        self.embedding_fingerprint = selected.embedding_fingerprint
 
     def nbytes(self) -> int:
         """Bytes of the groups' states."""
@@ -245,6 +257,77 @@ def token_fingerprint(input_ids: torch.Tensor, previous: torch.Tensor | None = N
     if previous is None:
         return total
     return (previous.to(ids.device) * pow(_HASH_BASE, length, _HASH_MODULUS) + total) % _HASH_MODULUS
+
+
+def rows_of(fingerprint: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    """The ``rows`` of a cache's ``fingerprint [batch]`` (None stays None)."""
+    return None if fingerprint is None else fingerprint[rows.to(fingerprint.device)]
+
+
+_SAME_WIDTH_INTEGER = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_HASHED_AT_ONCE = 2**22  # numbers hashed in one piece: a long prompt's hash needs no large temporary
+_GOLDEN_64 = (
+    0x9E3779B97F4A7C15  # odd: each feature's weight below is odd, so one changed number changes the sum
+)
+
+
+def _feature_weights(width: int, device: torch.device) -> torch.Tensor:
+    """``[width]`` int64, odd and distinct: feature h's weight in a token's hash ((2h + 1) times an odd
+    constant, modulo 2^64 as int64 arithmetic wraps)."""
+    odd = torch.arange(width, dtype=torch.int64, device=device) * 2 + 1
+    return odd * (_GOLDEN_64 - 2**64)  # the constant as a signed 64-bit number
+
+
+def embedding_fingerprint(embeds: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+    """A hash of each row of ``embeds [B, T, H]``, bit for bit, continuing ``previous [B]`` (the hash of
+    the embeddings before them): ``[B]`` int64. Each token's H floats' bits are summed with odd weights
+    modulo 2^64 (int64 arithmetic wraps; exact in any order of summation), then the tokens are hashed as
+    ids (:func:`token_fingerprint`): two different embeddings hash alike about once in 2^31. Hashed in
+    pieces: a long prompt needs no large temporary."""
+    batch, length, width = embeds.shape
+    bits = embeds.detach().contiguous().view(_SAME_WIDTH_INTEGER[embeds.element_size()])
+    tokens = bits.reshape(batch * length, width)
+    weights = _feature_weights(width, embeds.device)
+    step = max(1, _HASHED_AT_ONCE // max(width, 1))
+    per_token = torch.cat(
+        [
+            (tokens[start : start + step].to(torch.int64) * weights).sum(dim=1)
+            for start in range(0, batch * length, step)
+        ]
+        or [torch.zeros(0, dtype=torch.int64, device=embeds.device)]
+    )
+    return token_fingerprint(per_token.reshape(batch, length), previous)
+
+
+def embeddings_read(
+    embeds: torch.Tensor, attention_mask: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """``embeds [B, T, H]`` as the cache's :func:`embedding_fingerprint` hashes them: in the model's
+    ``dtype``, and zeros where ``attention_mask`` (its last ``T`` columns) is 0 (a pad is read by nothing,
+    so its embedding is not compared)."""
+    embeds = embeds.detach().to(dtype)
+    if attention_mask is None:
+        return embeds
+    keep = attention_mask[:, -embeds.shape[1] :].to(device=embeds.device, dtype=torch.bool)
+    return embeds.masked_fill(~keep[..., None], 0.0)
+
+
+def check_embeddings_mask_shape(attention_mask: Any, inputs_embeds: torch.Tensor, cached: int) -> None:
+    """``generate()``'s ``inputs_embeds`` are the whole sequence (transformers reads them after the
+    ``cached`` tokens a cache passed in has read, from there on), so their mask is ``[batch, length]`` of
+    them: a mask of ``[batch, cached + length]`` (as ``input_ids`` of the new tokens alone take) is
+    refused, naming both shapes. (Other shapes: :func:`check_mask_shape`.)"""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return
+    batch, length = inputs_embeds.shape[:2]
+    if not cached or list(attention_mask.shape) == [batch, length]:
+        return
+    raise ValueError(
+        f"generate(): attention_mask must be [batch, length] = {[batch, length]} with inputs_embeds "
+        f"{list(inputs_embeds.shape)}, got shape {list(attention_mask.shape)}: in generate(), inputs_embeds "
+        f"hold the whole sequence, the {cached} tokens the cache has read included, and the mask covers "
+        "the same tokens: pass the mask of the sequence the embeddings hold"
+    )
 
 
 def check_cache_length(cache: InnerloopCache) -> None:
@@ -293,6 +376,7 @@ def check_cache_continues(
     next_sequence_length: int | None,
     attention_mask: torch.Tensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
+    embedding: nn.Module | None = None,
 ) -> None:
     """Refuse a cache passed to ``generate()`` that the prompt does not continue: ``input_ids`` (the
     whole sequence: transformers then keeps its last ``next_sequence_length`` tokens) must be longer
@@ -300,7 +384,9 @@ def check_cache_continues(
     the whole sequence is 0, is not compared: the cache read it as 0). With ``next_sequence_length`` None
     the ids are the new tokens alone (an attention_mask longer than them was given): nothing to compare.
     With ``inputs_embeds`` (the prompt given as embeddings, always the whole sequence in transformers,
-    ``input_ids`` then empty) only their length is checked: embeddings have no ids to compare."""
+    ``input_ids`` then empty), or a cache that has read embeddings (no ids to compare with), the first
+    embeddings (the ids' through ``embedding``, the model's token embedding) are compared with the
+    cache's :attr:`~InnerloopCache.embedding_fingerprint` instead, bit for bit."""
     if not isinstance(cache, InnerloopCache):
         raise ValueError(
             "generate()'s cache (or past_key_values) must be the InnerloopCache of a previous call or "
@@ -318,22 +404,46 @@ def check_cache_continues(
             f"sequence as {name}, the {read} tokens the cache has read then at least one new token (the cache "
             "cannot give the logits of a token it has already read)"
         )
+    if attention_mask is not None and attention_mask.shape != sequence.shape[:2]:
+        attention_mask = None  # another shape: forward names it
     if (
-        inputs_embeds is not None
-        or cache.fingerprint is None
-        or cache.fingerprint.shape[0] != input_ids.shape[0]
+        inputs_embeds is None
+        and cache.fingerprint is not None
+        and cache.fingerprint.shape[0] == input_ids.shape[0]
     ):
-        return  # embeddings, a cache made by hand, or of another batch size (forward names the sizes)
-    if attention_mask is not None and attention_mask.shape == input_ids.shape:
-        input_ids = padding_zeroed(input_ids, attention_mask)  # as forward read them
-    differs = token_fingerprint(input_ids[:, :read]) != cache.fingerprint.to(input_ids.device)
-    if bool(differs.any()):
+        if attention_mask is not None:
+            input_ids = padding_zeroed(input_ids, attention_mask)  # as forward read them
+        differs = token_fingerprint(input_ids[:, :read]) != cache.fingerprint.to(input_ids.device)
+    else:
+        differs = _embeddings_differ(cache, input_ids, inputs_embeds, attention_mask, embedding)
+    if differs is not None and bool(differs.any()):
         row = int(differs.nonzero()[0, 0])
         raise ValueError(
-            f"generate() got a cache that has not read the first {read} tokens of input_ids (row {row} "
-            f"differs): a cache continues the sequence it was built from; pass that sequence, then the new "
-            "tokens, as input_ids"
+            f"generate() got a cache that has not read the first {read} tokens of {name} (row {row} "
+            f"differs{'' if inputs_embeds is None else ', compared bit for bit'}): a cache continues the "
+            f"sequence it was built from; pass that sequence, then the new tokens, as {name}"
         )
+
+
+def _embeddings_differ(
+    cache: InnerloopCache,
+    input_ids: torch.Tensor,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    embedding: nn.Module | None,
+) -> torch.Tensor | None:
+    """``[batch]`` bool: the rows whose first ``cache.seq_length`` embeddings (``inputs_embeds``', or
+    ``input_ids``' through ``embedding``) hash otherwise than the cache's embedding fingerprint; None
+    where nothing can be compared (a cache made by hand, of another batch size, no embedding given)."""
+    expected, read = cache.embedding_fingerprint, cache.seq_length
+    sequence = input_ids if inputs_embeds is None else inputs_embeds
+    if expected is None or embedding is None or expected.shape[0] != sequence.shape[0]:
+        return None
+    mask = None if attention_mask is None else attention_mask[:, :read]
+    with torch.no_grad():
+        embeds = embedding(input_ids[:, :read]) if inputs_embeds is None else inputs_embeds[:, :read]
+    dtype = embedding.weight.dtype
+    return embedding_fingerprint(embeddings_read(embeds, mask, dtype)) != expected.to(sequence.device)
 
 
 @dataclass
@@ -888,10 +998,12 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         may_cache: bool,
         pads: torch.Tensor | None = None,
         embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> InnerloopCache | None:
         """The cache to return (:meth:`_next_cache`, or :meth:`_next_padded_cache` for left-padded rows),
         or None where ``use_cache`` (default: the config's) is off or the mask allows none. After
-        ``embeds`` (no ids read) the cache has no fingerprint: ``generate()`` cannot compare ids with it."""
+        ``embeds`` (no ids read) the cache has no fingerprint: ``generate()`` cannot compare ids with it;
+        it compares the embeddings read (:meth:`_embedding_fingerprint_after`) instead."""
         wanted = self.config.use_cache if use_cache is None else use_cache
         if not (wanted and may_cache):
             return None
@@ -901,7 +1013,28 @@ class InnerloopPreTrainedModel(PreTrainedModel):
             new = self._next_cache(input_ids, cache, state)
         if embeds is not None or (cache is not None and cache.fingerprint is None):
             new.fingerprint = None
+        new.embedding_fingerprint = self._embedding_fingerprint_after(
+            input_ids, cache, embeds, attention_mask
+        )
         return new
+
+    def _embedding_fingerprint_after(
+        self,
+        input_ids: torch.Tensor,
+        cache: InnerloopCache | None,
+        embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """The hash of every embedding read once ``embeds`` (or the ids' embeddings, the pads' zeroed by
+        ``attention_mask``) are read after ``cache``: :func:`embedding_fingerprint`; None after a cache
+        without one (made by hand)."""
+        if cache is not None and cache.embedding_fingerprint is None:
+            return None
+        embedding = self.get_input_embeddings()
+        with torch.no_grad():
+            read = embedding(input_ids) if embeds is None else embeds
+        previous = None if cache is None else cache.embedding_fingerprint
+        return embedding_fingerprint(embeddings_read(read, attention_mask, embedding.weight.dtype), previous)
 
     def _next_padded_cache(
         self,
@@ -1617,17 +1750,16 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
             input_ids: token ids, a tensor ``[batch, length >= 1]`` of int64 or int32 (anything else is
                 refused, naming it, before any other argument is read; length 0: :data:`EMPTY_PIECE_REFUSED`).
             attention_mask: ``[batch, cached + length]`` (it covers the tokens the cache has read too, as
-                in transformers) of 0 and 1 (or bool); only ones, or right padding when no cache is passed in nor asked for
-                (then no cache is returned; see :func:`check_attention_mask`).
+                in transformers) of 0 and 1 (or bool); only ones, left padding, or right padding when no
+                cache is passed in nor asked for (then none is returned; :func:`check_attention_mask`).
             cache: the :class:`InnerloopCache` of the previous call, to continue its sequence (or as
                 ``past_key_values`` or ``cache_params``: two different caches are refused).
             labels: ``[batch, length]`` integer token ids; the loss is :func:`next_token_loss` (labels
                 shifted inside, -100 ignored; float32, or float64 for a float64 model; 0 with nothing
                 left to score), over every position whatever ``logits_to_keep``.
             use_cache: return the state as ``cache`` (default: ``config.use_cache``).
-            inputs_embeds: ``[batch, length, hidden_size]``, the embedding's output to read instead of
-                ``input_ids`` (one of the two; the cache then has no fingerprint to compare a prompt with);
-                not for the TTT-E2E model, whose inner loop trains on the next token ids.
+            inputs_embeds: ``[batch, length, hidden_size]``, the embedding's output, read instead of
+                ``input_ids`` (one of the two); not for TTT-E2E, whose inner loop trains on the next ids.
             return_dict: a tuple instead of the output object when false.
             logits_to_keep: an int k keeps the logits of the last k positions (0, the default, keeps
                 all), a tensor the positions it holds, ``0 .. length - 1``, or a bool mask (see
@@ -1648,7 +1780,8 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         if labels is not None and pads is not None:
             labels = unscored_pads(labels, pads, 0 if cache is None else cache.seq_length)
         logits, state, hidden_states = self._run(input_ids, cache, hidden, True, pads, embeds)  # [B, T, V]
-        new_cache = self._cache_after(input_ids, cache, state, use_cache, may_cache, pads, embeds)
+        new_cache = self._cache_after(  # with the hashes of the ids and embeddings read
+            input_ids, cache, state, use_cache, may_cache, pads, embeds, attention_mask)  # fmt: skip
         loss = None if labels is None else next_token_loss(logits, labels, items)
         logits = slice_logits_to_keep(logits, plain_logits_to_keep(logits_to_keep))  # as transformers
         output = InnerloopCausalLMOutput(
@@ -1673,7 +1806,14 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
             check_generate_batch(input_ids)
             check_generate_mask(attention_mask)
             if cache is not None:
-                check_cache_continues(cache, input_ids, next_sequence_length, attention_mask, inputs_embeds)
+                check_cache_continues(
+                    cache,
+                    input_ids,
+                    next_sequence_length,
+                    attention_mask,
+                    inputs_embeds,
+                    self.get_input_embeddings(),
+                )
         return super().prepare_inputs_for_generation(
             input_ids,
             next_sequence_length=next_sequence_length,
@@ -1731,6 +1871,8 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         check_generate_batch(ids, given)
         cache = model_kwargs.get("cache")
         cached = cache.seq_length if isinstance(cache, InnerloopCache) else 0
+        if embeds is not None:
+            check_embeddings_mask_shape(model_kwargs.get("attention_mask"), embeds, cached)
         check_mask_shape(model_kwargs.get("attention_mask"), ids, cached, caller="generate()", given=given)
         check_mask_values(model_kwargs.get("attention_mask"), caller="generate()")
         return inputs, input_name, model_kwargs
@@ -1872,7 +2014,9 @@ class InnerloopModel(InnerloopPreTrainedModel):
             output_hidden_states, kwargs, return_dict,
         )  # fmt: skip
         features, new_state, hidden_states = self._run(input_ids, cache, hidden, False, pads, embeds)
-        new_cache = self._cache_after(input_ids, cache, new_state, use_cache, may_cache, pads, embeds)
+        new_cache = self._cache_after(
+            input_ids, cache, new_state, use_cache, may_cache, pads, embeds, attention_mask
+        )
         output = InnerloopModelOutput(
             last_hidden_state=features, cache=new_cache, hidden_states=hidden_states
         )

@@ -440,6 +440,10 @@ def _embeddings_differ(
     if expected is None or embedding is None or expected.shape[0] != sequence.shape[0]:
         return None
     mask = None if attention_mask is None else attention_mask[:, :read]
+    if inputs_embeds is None:
+        input_ids = padding_zeroed(input_ids[:, :read], mask)  # a pad's id may be past the vocabulary
+        if bool(((input_ids < 0) | (input_ids >= embedding.weight.shape[0])).any()):
+            return None  # an id out of the vocabulary: forward names it
     with torch.no_grad():
         embeds = embedding(input_ids[:, :read]) if inputs_embeds is None else inputs_embeds[:, :read]
     dtype = embedding.weight.dtype

@@ -137,3 +137,15 @@ def test_another_prompt_is_refused_after_the_cache_is_repeated_per_sequence(mode
             model, inputs_embeds=embed(torch.cat((first[:1], second[1:]))).detach(), cache=cache, **search
         )
     _generate(model, inputs_embeds=embed(first).detach(), cache=cache, **search)
+
+
+def test_ids_padded_past_the_vocabulary_continue_a_cache_of_embeddings(model, prompts):
+    """A tokenizer may pad with an id past the vocabulary (the byte tokenizer's 256): the ids' embeddings
+    compared with a cache of embeddings are those of the ids forward reads, the pads' set to 0, not an
+    IndexError of the embedding."""
+    first, _, mask = prompts
+    embeds = model.get_input_embeddings()(first).detach()
+    cache = _cache(model, inputs_embeds=embeds[:, :CACHED], attention_mask=mask[:, :CACHED])
+    padded = first.masked_fill(mask == 0, 256)
+    tokens = _generate(model, input_ids=padded, cache=cache, attention_mask=mask)[:, -1]
+    assert torch.equal(tokens, _generate(model, input_ids=first, attention_mask=mask)[:, -1])

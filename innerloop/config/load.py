@@ -701,10 +701,7 @@ def load_config(
     if not _vocab_size_given(container, overrides):
         _vocabulary_from_tokenizer(run, cfg)
     if model_only:
-        try:
-            validate_model_config(run.model)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        _check_run_values(run)
     else:
         validate_run_config(run)
     from_file = out_dir is None and user_path(preset_or_file).is_file()  # a resume's: innerloop's
@@ -1022,6 +1019,29 @@ def validate_run_config(run: RunConfig) -> None:
     (mixer, plugins, dataset, strategy, accelerator, precision), that the accelerator exists on this
     machine, that ``out_dir`` can be written, and that the text holds a window of ``seq_len``. Raises
     :class:`ConfigError` naming the key, the value and what is valid."""
+    _check_run_values(run)
+    check_path_entries(run.data.paths)
+    empty = [entry for entry in run.data.paths if not str(entry).strip()]
+    if run.data.name != "recall" and empty:
+        raise ConfigError(
+            f"data.paths entry {empty[0]!r} is empty (it would read the whole current directory); give files, "
+            "directories or globs"
+        )
+    _check_no_link_loops(run)
+    with one_walk_per_entry():  # the data is walked once for both checks
+        _check_out_dir_outside_data(run)
+        if run.data.name == "text" and run.data.paths:
+            _check_text(run)
+    _check_hf(run)
+    _check_accelerator_here(run)
+    _check_trainer_combination(run)
+    check_output_dir(run.out_dir, "out_dir")
+
+
+def _check_run_values(run: RunConfig) -> None:
+    """The checks of :func:`validate_run_config` that judge the config's values alone, not this machine
+    or its files (the data, ``out_dir``, the accelerator present): what ``innerloop params`` checks too
+    (``load_config(model_only=True)``), so that it does not count a config that ``train`` refuses."""
     require_run_config(run)
     try:  # a run built in Python: True, 4.0 or a Fraction for an int, '0.001' for a float, before the ranges
         check_field_types("", run, RunConfig, FIELD_BOUNDS)
@@ -1035,30 +1055,15 @@ def validate_run_config(run: RunConfig) -> None:
         raise ConfigError(str(err)) from None
     if run.data.name not in DATASETS:
         raise ConfigError(f"data.name={run.data.name!r} is not a dataset; valid: {list(DATASETS)}")
-    check_path_entries(run.data.paths)
     _check_vocabulary(run)
     _check_unread_data_keys(run)
     _check_held_out_fractions(run)
     _check_more_than_one_chunk(run)
     _warn_short_last_chunk(run)
-    empty = [entry for entry in run.data.paths if not str(entry).strip()]
-    if run.data.name != "recall" and empty:
-        raise ConfigError(
-            f"data.paths entry {empty[0]!r} is empty (it would read the whole current directory); give files, "
-            "directories or globs"
-        )
-    _check_no_link_loops(run)
-    with one_walk_per_entry():  # the data is walked once for both checks
-        _check_out_dir_outside_data(run)
-        if run.data.name == "text" and run.data.paths:
-            _check_text(run)
-    _check_hf(run)
     _check_trainer_names(run)
     _check_gradient_checkpointing(run)
     check_lightning_arguments(run.trainer.lightning, ConfigError)
-    _check_trainer_combination(run)
     check_loggers(run.logger, ConfigError)
-    check_output_dir(run.out_dir, "out_dir")
 
 
 def _training_length(run: RunConfig) -> tuple[int, str]:
@@ -1541,13 +1546,14 @@ def check_trainable_precision(precision: str) -> None:
 
 def _check_trainer_names(run: RunConfig) -> None:
     """Strategy, accelerator and precision are Lightning names (a precision that trains:
-    :func:`check_trainable_precision`); the accelerator exists here."""
+    :func:`check_trainable_precision`); whether the accelerator exists here: :func:`_check_accelerator_here`."""
     from lightning.fabric.connector import _PRECISION_INPUT_STR
     from lightning.pytorch.accelerators import AcceleratorRegistry
     from lightning.pytorch.strategies import StrategyRegistry
 
     check_trainable_precision(run.trainer.precision)
-    _check_not_on_mps(run.trainer.accelerator)  # its own line: Lightning's "mps" is not listed as valid below
+    if run.trainer.accelerator == "mps":  # its own line: Lightning's "mps" is not listed as valid below
+        _check_not_on_mps(run.trainer.accelerator)
     accelerators = sorted(a for a in AcceleratorRegistry.available_accelerators() if a != "mps")
     precisions = [p for p in typing.get_args(_PRECISION_INPUT_STR) if p not in FLOAT16_WEIGHT_PRECISIONS]
     choices = {
@@ -1558,9 +1564,18 @@ def _check_trainer_names(run: RunConfig) -> None:
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"{key}={value!r} is not valid; valid: {valid}")
+
+
+def _check_accelerator_here(run: RunConfig) -> None:
+    """The accelerator (and its devices) exist on this machine, and it is not Apple's MPS; float16
+    autocast is not asked of a CPU."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    _check_not_on_mps(run.trainer.accelerator)
     _check_float16_autocast_device(run.trainer.precision, run.trainer.accelerator)
     if run.trainer.accelerator == "auto":
         return
+    accelerators = sorted(a for a in AcceleratorRegistry.available_accelerators() if a != "mps")
     here = ["auto", *(a for a in accelerators if AcceleratorRegistry[a]["accelerator"].is_available())]
     accelerator = AcceleratorRegistry[run.trainer.accelerator]["accelerator"]
     if not accelerator.is_available():

@@ -16,24 +16,28 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from innerloop.config.trainer_args import PLAIN_FLOAT_WORDS, PLAIN_INT_WORDS, plain_number
 from innerloop.core.layer import MAX_MINI_BATCH_SIZE
 from innerloop.data.atomic import atomic_write_text
+from innerloop.models.config import SEED_BOUNDS, STEP_BOUNDS
 
-SEED_MAX = 2**32 - 1  # Lightning seeds numpy, which takes 32-bit seeds (innerloop's config checks the same)
+SEED_MAX = int(SEED_BOUNDS.high)  # the config's seed= range, one definition: Lightning seeds numpy (32 bits)
+STEPS_MAX = int(STEP_BOUNDS.high)  # the config's trainer.max_steps range
 
 
 def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse ``type=``: an integer ``>= low`` (and ``<= high`` when given)."""
+    """An argparse ``type=``: an integer ``>= low`` (and ``<= high`` when given), its text by the
+    override's one rule (:func:`~innerloop.config.trainer_args.plain_number`, as innerloop's own CLI):
+    ``int()`` also took ``'５'``, ``'٣'`` and ``'007'``."""
     valid = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low or (high is not None and value > high):
+        value = plain_number(int, text)
+        if value is None:
+            raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}: give {PLAIN_INT_WORDS}")
+        if value < low or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}")
-        return value
+        return int(value)
 
     parse.__name__ = f"int_range({low}, {high})"
     return parse
@@ -46,15 +50,20 @@ non_negative_int = int_range(0)
 """Counts where 0 is documented to mean "none" or "skip"."""
 
 seed_int = int_range(0, SEED_MAX)
-"""A training seed (``seed=`` of innerloop's config)."""
+"""A training seed (``seed=`` of innerloop's config, whose range it takes)."""
+
+steps_int = int_range(1, STEPS_MAX)
+"""Training steps (``trainer.max_steps`` of innerloop's config, whose range it takes)."""
 
 
 def positive_float(text: str) -> float:
-    """An argparse ``type=``: a finite number > 0 (``nan`` and ``inf`` are refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    """An argparse ``type=``: a finite number > 0 (``nan`` and ``inf`` are refused), its text by the
+    override's one rule (:func:`~innerloop.config.trainer_args.plain_number`)."""
+    value = plain_number(float, text)
+    if value is None:
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number > 0, got {text!r}: give {PLAIN_FLOAT_WORDS}"
+        )
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
     return value

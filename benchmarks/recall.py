@@ -34,9 +34,9 @@ from cli_args import (
     check_run_configs,
     mark_benchmark_run,
     output_folder,
-    positive_int,
     refuse_set_keys,
     seed_int,
+    steps_int,
 )  # noqa: E402
 
 PRESETS = ("recall-ttt", "recall-swa")
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--steps", type=positive_int, default=None, help="training steps (default: the presets')"
+        "--steps", type=steps_int, default=None, help="training steps (default: the presets')"
     )
     parser.add_argument(
         "--out", type=output_folder, default="runs/recall-benchmark", help="folder for the runs and the table"

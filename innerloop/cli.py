@@ -30,7 +30,7 @@ from innerloop.config.load import (
     name_too_long,
 )
 from innerloop.config.schema import HELD_OUT
-from innerloop.config.trainer_args import PLAIN_FLOAT, PLAIN_FLOAT_WORDS, PLAIN_INT, PLAIN_INT_WORDS
+from innerloop.config.trainer_args import PLAIN_FLOAT_WORDS, PLAIN_INT_WORDS, plain_number
 from innerloop.core.functional import TORCH_SEEDS, TORCH_SEEDS_TEXT
 from innerloop.data.tokenizer import MAX_TRAINED_VOCAB, MIN_TRAINED_VOCAB
 from innerloop.models.config import WINDOW_SIZE_BOUNDS
@@ -92,32 +92,18 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise UsageError(self.prog, message)
 
 
-def _plain_number(kind: type, text: str) -> float | None:
-    """``text`` as a ``kind`` (int or float) by the one rule of a number's text, an override's
-    (:data:`~innerloop.config.trainer_args.PLAIN_INT`, ``PLAIN_FLOAT``; spaces around it dropped, as YAML
-    drops them), else None: Python's ``int()`` also takes ``'５'`` (full-width), ``'٣'`` and ``'007'``,
-    which an override refuses."""
-    text = text.strip(" \t")
-    if not (PLAIN_INT.fullmatch(text) or (kind is float and PLAIN_FLOAT.fullmatch(text))):
-        return None
-    try:
-        return kind(text)
-    except ValueError:  # YAML's '.inf', which float() does not read (and is no finite number anyway)
-        return None
-
-
 def _number(
     kind: type, low: float, low_open: bool = False, high: int | None = None
 ) -> Callable[[str], float]:
     """An argparse ``type``: a ``kind`` (an int of any size, or a finite float) >= ``low`` (> ``low`` if
-    ``low_open``), and <= ``high`` when given, its text by an override's rule (:func:`_plain_number`).
+    ``low_open``), and <= ``high`` when given, its text by an override's rule (:func:`plain_number`).
     An int is compared as it is: ``math.isfinite`` raised a bare ``OverflowError`` on an integer past
     float's range (``--tokens`` of 400 digits)."""
     valid = f"{'an integer' if kind is int else 'a finite number'} {'>' if low_open else '>='} {low}"
     form = PLAIN_INT_WORDS if kind is int else PLAIN_FLOAT_WORDS
 
     def parse(text: str) -> float:
-        value = _plain_number(kind, text)
+        value = plain_number(kind, text)
         if value is None:
             raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}: give {form}")
         if (kind is float and not math.isfinite(value)) or value < low or (low_open and value == low):
@@ -169,7 +155,7 @@ _BATCHES = _number(int, 1, high=int(WINDOW_SIZE_BOUNDS["batches"].high))
 def _seed(text: str) -> int:
     """An argparse ``type``: a seed of torch's generator, an integer in
     :data:`~innerloop.core.functional.TORCH_SEEDS` (the range ``compare(seed=...)`` takes)."""
-    value = _plain_number(int, text)
+    value = plain_number(int, text)
     if value is None or value not in TORCH_SEEDS:
         form = "" if value is not None else f": give {PLAIN_INT_WORDS}"
         raise argparse.ArgumentTypeError(f"must be an integer in {TORCH_SEEDS_TEXT}, got {text!r}{form}")

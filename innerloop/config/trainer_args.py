@@ -292,6 +292,23 @@ PLAIN_INT_WORDS = "a decimal integer (ASCII digits, an optional sign, e.g. 64 or
 """:data:`PLAIN_INT` in words: the one rule of an integer's text, an override's and a CLI option's."""
 PLAIN_FLOAT_WORDS = "a decimal number (e.g. 3e-4, 0.5 or 2)"
 """:data:`PLAIN_FLOAT` (or :data:`PLAIN_INT`) in words: the one rule of a float's text."""
+
+
+def plain_number(kind: type, text: str) -> float | None:
+    """``text`` as a ``kind`` (int or float) by the one rule of a number's text, an override's
+    (:data:`PLAIN_INT`, :data:`PLAIN_FLOAT`; spaces and tabs around it dropped, as YAML drops them), else
+    None: Python's ``int()`` also takes ``'５'`` (full-width), ``'٣'``, ``'007'`` and a newline around
+    the digits, which an override refuses. The CLI's number options and the benchmark scripts' read
+    their text by it."""
+    text = text.strip(" \t")
+    if not (PLAIN_INT.fullmatch(text) or (kind is float and PLAIN_FLOAT.fullmatch(text))):
+        return None
+    try:
+        return kind(text)
+    except ValueError:  # YAML's '.inf', which float() does not read (and is no finite number anyway)
+        return None
+
+
 BOOL_TEXTS = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
 _TEXT_KINDS = (bool, int, float, type(None))
 

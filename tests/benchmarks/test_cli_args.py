@@ -49,7 +49,7 @@ BAD = [
     ("kernel_speed", ["--min-len", "4096", "--max-len", "2048"], "--min-len 4096 must be <= --max-len 2048"),
     ("kernel_speed", ["--min-len", "100"], "--min-len 100 must be a multiple of --mini-batch 16"),
     ("kernel_speed", ["--head-dim", "48"], "--head-dim 48: the Triton TTT-Linear kernel's head_dim 48"),
-    ("recall", ["--steps", "0"], "argument --steps: must be an integer >= 1, got '0'"),
+    ("recall", ["--steps", "0"], "argument --steps: must be an integer from 1 to 9007199254740992, got '0'"),
     ("recall", ["--seeds", "1", "1"], "--seeds must be distinct values, got [1, 1]"),
     ("science", ["sweep", "--jobs", "0"], "argument --jobs: must be an integer >= 1, got '0'"),
     ("science", ["diagnose", "ckpt", "--windows", "0"], "argument --windows: must be an integer >= 1"),
@@ -166,3 +166,64 @@ def test_e2e_demo_help_says_the_budget_is_cpu_time(capsys):
     assert "for the same CPU time (not wall-clock time)" in text
     assert "--minutes MINUTES training budget of each model in minutes of process CPU time" in text
     assert "same wall-clock time" not in text
+
+
+# ---- review s52q: every number option reads its text by the override's one rule ---------------------
+
+_SCIENCE_POSITIONALS = {"diagnose": ["ckpt"], "reference": ["ttt.py"], "growth": ["a", "b"]}
+
+
+def _number_options(name: str, monkeypatch) -> list[tuple[list[str], str]]:
+    """``(arguments before it, flag)`` of every option of ``benchmarks/<name>.py`` whose type is one of
+    cli_args.py's number types (the parser as the script builds it, caught as it parses no arguments)."""
+    import argparse
+
+    built: list[argparse.ArgumentParser] = []
+    real = argparse.ArgumentParser.parse_args
+
+    def keep(parser, args=None, namespace=None):
+        built.append(parser)
+        return real(parser, [] if name != "science" else ["sweep"], namespace)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_args", keep)
+        _parse(name, ["sweep"] if name == "science" else [])
+    found = []
+    for action in built[0]._actions:
+        parsers = getattr(action, "choices", None) if isinstance(action, argparse._SubParsersAction) else None
+        for command, sub in (parsers or {None: built[0]}).items():
+            before = [command, *_SCIENCE_POSITIONALS.get(command, [])] if command else []
+            for option in sub._actions:
+                kind = getattr(option.type, "__name__", "")
+                if option.option_strings and (kind.startswith("int_range") or kind == "positive_float"):
+                    found.append((before, option.option_strings[0]))
+    return found
+
+
+@pytest.mark.slow  # 0.3-0.9 s a script on the loaded 2-core machine (its parser run ~40 times)
+@pytest.mark.parametrize(
+    "name", sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem not in ("cli_args", "ttt_paths"))
+)
+def test_every_number_option_reads_its_text_as_an_override_does(name, monkeypatch, capsys):
+    # regression review s52q: the scripts' int()/float() took '５' (full-width), '٣' and '007', which
+    # innerloop's overrides and CLI options refuse: one rule of a number's text, named in the error
+    options = _number_options(name, monkeypatch)
+    assert options or name in ("triton_gpu_check",), name
+    for before, flag in options:
+        for text in ("５", "٣", "007"):
+            with pytest.raises(SystemExit) as exit:
+                _parse(name, [*before, flag, text])
+            error = capsys.readouterr().err.strip().splitlines()[-1]
+            assert exit.value.code == 2 and f"error: argument {flag}" in error, (name, flag, error)
+            assert f"got {text!r}: give a decimal" in error, error
+
+
+def test_the_seed_and_steps_ranges_are_the_configs():
+    from cli_args import SEED_MAX, STEPS_MAX
+
+    from innerloop.models.config import SEED_BOUNDS, STEP_BOUNDS
+
+    assert (SEED_MAX, STEPS_MAX) == (SEED_BOUNDS.high, STEP_BOUNDS.high)
+    assert _parse("recall", ["--steps", str(STEPS_MAX)]).steps == STEPS_MAX
+    with pytest.raises(SystemExit):  # trainer.max_steps refuses it: refused here, naming --steps
+        _parse("recall", ["--steps", str(STEPS_MAX + 1)])

@@ -221,28 +221,57 @@ def check_lightning_arguments(arguments: Any, error: type[ValueError]) -> None:
             raise error(f"{key}={value} must be {bounds.describe()}{why}")
         if name == "max_time":
             _check_time_limit(value, error)
+        choices = lightning_text_choices().get(name)
+        if choices is not None and isinstance(value, str) and value.lower() not in choices:
+            raise error(f"{key}={value!r} is not valid; valid: {list(choices)} (or null)")
+
+
+@functools.cache
+def lightning_text_choices() -> dict[str, tuple[str, ...]]:
+    """The values of Lightning's text arguments that ``lightning.Trainer`` checks only when it is built
+    (lower case: it lower-cases ``gradient_clip_algorithm``), so that a config that train would refuse
+    there is refused with the config, by ``innerloop params`` too."""
+    from lightning.pytorch.utilities.enums import GradClipAlgorithmType
+
+    return {
+        "gradient_clip_algorithm": tuple(kind.value for kind in GradClipAlgorithmType),
+        # lightning/pytorch/trainer/setup.py's PROFILERS (local to _init_profiler there)
+        "profiler": ("simple", "advanced", "pytorch", "xla"),
+    }
 
 
 def _check_time_limit(value: Any, error: type[ValueError]) -> None:
     """Raise ``error`` when ``trainer.max_time`` (Lightning's ``DD:HH:MM:SS`` text, a mapping of
-    ``timedelta`` arguments or a ``timedelta``) is a limit of no time or less, which no launch can meet
-    (Lightning takes it, and the run stopped before its first step). A value Lightning cannot read is
-    left to it: the Trainer refuses it before anything is written."""
+    ``timedelta`` arguments or a ``timedelta``) is not a time limit Lightning reads (it refused one only
+    when the Trainer was built, after ``innerloop params`` had counted the config), or is a limit of no
+    time or less, which no launch can meet (Lightning takes it, and the run stopped before its first
+    step)."""
     match = re.fullmatch(r"(\d+):(\d\d):(\d\d):(\d\d)", value.strip()) if isinstance(value, str) else None
     duration = value
+    unreadable = error(
+        f"trainer.max_time={_plain_mapping(value)!r} is not a time limit: give DD:HH:MM:SS (e.g. 00:12:00:00 "
+        "for 12 hours) or a mapping of timedelta arguments (e.g. {hours: 12}), or null for none"
+    )
     try:
         if match is not None:
             days, hours, minutes, seconds = map(int, match.groups())
             duration = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
         elif isinstance(value, Mapping):
             duration = timedelta(**value)
-    except (TypeError, OverflowError):
-        return
+        elif isinstance(value, str):
+            raise unreadable
+    except (TypeError, OverflowError):  # past timedelta's range: Lightning raised a bare OverflowError
+        raise unreadable from None
     if isinstance(duration, timedelta) and duration.total_seconds() <= 0:
         raise error(
             f"trainer.max_time={value!r} is {duration.total_seconds():g} s: a time limit must be positive "
             "(DD:HH:MM:SS, e.g. 00:12:00:00 for 12 hours, over all the run's launches; null for none)"
         )
+
+
+def _plain_mapping(value: Any) -> Any:
+    """A mapping (an omegaconf ``DictConfig`` too) as a plain dict, for messages; other values as given."""
+    return dict(value) if isinstance(value, Mapping) else value
 
 
 def value_matches(value: Any, annotation: Any) -> bool:

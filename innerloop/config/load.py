@@ -682,9 +682,10 @@ def load_config(
     out_dir: str | None = None,
 ) -> tuple[RunConfig, DictConfig]:
     """Load a preset or YAML file, apply ``key=value`` overrides, validate; return the typed config and
-    its omegaconf form (for saving). ``model_only``: check only what the model needs (its section, and
-    the tokenizer that sets its vocabulary), for commands that build no run (``innerloop params``): a
-    data path or out_dir that a run could not use does not concern them. ``out_dir``, when given, replaces
+    its omegaconf form (for saving). ``model_only``: check every value :func:`validate_run_config` checks
+    but not this machine or its files, for commands that build no run (``innerloop params``): a data
+    path or out_dir that a run could not use, an accelerator absent here, does not concern them, but a
+    value that ``train`` would refuse does (:func:`_check_run_values`). ``out_dir``, when given, replaces
     the config's (after the overrides): a resume's folder is where its config.yaml was found, not the
     one the config names (a moved run's). A ``~`` in ``out_dir`` is expanded; ``preset_or_file`` is then
     the run's saved config.yaml, whose model options added since it was written are read at the values

@@ -903,7 +903,8 @@ def advantage_growth(model: str, baseline: str, seq_len: int | None, resamples: 
     95% paired bootstrap band over windows, expanded for the number of windows as ``innerloop compare``'s
     (:func:`~innerloop.train.bootstrap.expanded_tail`; negative: the model's advantage grows with position); no
     band below :data:`~innerloop.train.bootstrap.MIN_BAND_WINDOWS` windows, as in ``innerloop compare``
-    (a percentile band over so few cannot cover what it says)."""
+    (a percentile band over so few cannot cover what it says), the windows counted being those that score
+    a token of the half scored in fewest (windows padded or partly unscored leave a half empty in some)."""
     from innerloop.train.bootstrap import MIN_BAND_WINDOWS, expanded_tail, few_resamples_note
     from innerloop.train.compare import compare
 
@@ -926,17 +927,26 @@ def advantage_growth(model: str, baseline: str, seq_len: int | None, resamples: 
         return first, second
 
     first, second = halves(torch.arange(result.windows))
-    if result.windows < MIN_BAND_WINDOWS:
-        band = f"(no band: {result.windows} windows, fewer than the {MIN_BAND_WINDOWS} a band needs)"
+    # a half's sample is the windows that score a token of it (padding leaves the others nothing there)
+    scored = [int((counts[:, part].sum(1) > 0).sum()) for part in (slice(None, half), slice(half, None))]
+    fewest = min(scored)
+    if fewest < MIN_BAND_WINDOWS:
+        which = (
+            ""
+            if fewest == result.windows
+            else f"the {('first', 'second')[scored.index(fewest)]} half is scored in "
+        )
+        band = f"(no band: {which}{fewest} windows, fewer than the {MIN_BAND_WINDOWS} a band needs)"
     else:
         draws = torch.randint(0, result.windows, (resamples, result.windows), generator=generator)
         change = torch.stack([torch.stack(halves(rows)) for rows in draws])  # [resamples, 2]
-        tail = expanded_tail(result.windows, 0.95)  # a plain 2.5% tail is too narrow over a few windows
+        tail = expanded_tail(fewest, 0.95)  # a plain 2.5% tail is too narrow over a few windows
         quantiles = torch.tensor([tail, 1 - tail], dtype=change.dtype)
-        low, high = torch.quantile(change[:, 1] - change[:, 0], quantiles)
+        # nanquantile: a resample may hold no window that scores a half (0 / 0)
+        low, high = torch.nanquantile(change[:, 1] - change[:, 0], quantiles)
         band = f"[{float(low):+.3f}, {float(high):+.3f}]"
         # its ends are the expanded tail's quantiles: over few windows few resamples lie beyond them
-        rough = few_resamples_note(resamples, 0.95, result.windows, default=2000)
+        rough = few_resamples_note(resamples, 0.95, fewest, default=2000)
         band += "" if rough is None else f" (a rough band: {rough})"
     end = result.buckets[-1][1]
     return (

@@ -497,6 +497,8 @@ def _add_length(comparison: Comparison, result: LengthResult) -> None:
             result.seq_len, result.windows, "" if result.windows == 1 else "s", MIN_BAND_WINDOWS,
             100 * comparison.confidence, *map(argument_name, ("batches", "batches", "batch_size", "paths")),
         )  # fmt: skip
+    elif len(comparison.models) > 1:
+        _warn_of_buckets_without_band(comparison, result)
     options = (comparison.resamples, comparison.confidence, comparison.seed)
     # the band whose ends lie furthest out: that of the bucket (or whole windows) scored in the fewest
     # windows, of those with a band (none: no band to be rough)
@@ -515,6 +517,33 @@ def _add_length(comparison: Comparison, result: LengthResult) -> None:
         tuple(float(v[0]) for v in bootstrap_difference(d.sum(1, keepdim=True), total, *options))
         for d in differences
     ]
+
+
+def _warn_of_buckets_without_band(comparison: Comparison, result: LengthResult) -> None:
+    """A warning naming the positions whose buckets are scored in fewer than :data:`MIN_BAND_WINDOWS` of
+    ``result``'s windows (padded or partly unscored windows), which have no band (NaN) though the
+    length's windows are enough: the per-length warning counts every window read."""
+    scored = (result.counts > 0).sum(0).tolist()
+    short = [
+        (start, end) for (start, end), n in zip(result.buckets, scored, strict=True) if n < MIN_BAND_WINDOWS
+    ]
+    if not short:
+        return
+    ranges: list[list[int]] = []
+    for start, end in short:  # adjacent buckets as one range of positions
+        if ranges and ranges[-1][1] == start:
+            ranges[-1][1] = end
+        else:
+            ranges.append([start, end])
+    fewest = min(n for n in scored if n < MIN_BAND_WINDOWS)
+    log.warning(
+        "T=%d: positions %s are scored in as few as %d of the %d windows, fewer than the %d a %.0f%% band "
+        "needs to cover as often as it says: their differences to the baseline have no band (NaN in the "
+        "CSV); score more windows (%s, which scores %s x %s windows, or more text with %s)",
+        result.seq_len, ", ".join(f"{a}-{b - 1}" for a, b in ranges), fewest, result.windows,
+        MIN_BAND_WINDOWS, 100 * comparison.confidence,
+        *map(argument_name, ("batches", "batches", "batch_size", "paths")),
+    )  # fmt: skip
 
 
 def size_notes(models: Sequence[ComparedModel], base: int) -> list[str]:

@@ -8,11 +8,17 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from benchmark_testing import benchmark_script
 
+from innerloop.core.protocol import LossPairs, Views
+from innerloop.plugins.losses.reconstruction import Reconstruction
+from innerloop.testing import check_update_rule
 from innerloop.train import compare as compare_module
 from innerloop.train.compare import ComparedModel, Comparison, LengthResult, _add_length
 
@@ -66,3 +72,63 @@ def test_compare_warns_of_a_bucket_without_a_band_though_the_length_has_windows_
     assert any(
         "positions 8-15" in m and "no band" in m and "as few as 3 of the 20 windows" in m for m in warned
     ), warned
+
+
+class _Float32ClosedForm(Reconstruction):
+    """A reconstruction loss whose closed form is computed in float32 (relative error ~5e-8 against
+    autograd): registration (tolerance 1e-6) takes it, and a caller checks rules with it at 1e-5."""
+
+    name = "float32_closed_form"
+
+    def token_loss_grad(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (prediction.float() - target.float()).to(prediction.dtype)
+
+
+class _EvenHeadDimOnly(Reconstruction):
+    """A loss defined for an even head dim only: its targets swap each pair of features (registration
+    checks head dim 4)."""
+
+    name = "even_head_dim_only"
+
+    def pairs(self, views: Views, carry: Mapping[str, torch.Tensor]) -> LossPairs:
+        value = views.value
+        swapped = value.unflatten(-1, (value.shape[-1] // 2, 2)).flip(-1).flatten(-2)
+        return LossPairs(inputs=views.key, targets=swapped, valid=None, carry={})
+
+
+#: A small problem of check_update_rule: the values of one wrapping, no gradients (about 1 s)
+SMALL = dict(batch=2, heads=1, tokens=5, mini_batch_size=2, norm=False, residual=False)
+
+
+@pytest.mark.slow  # reason: check_update_rule of a small problem, ~1 s
+def test_the_given_loss_is_checked_at_the_callers_tolerance() -> None:
+    """s52i's check of a given loss compared its closed form with autograd at 1e-10 whatever tolerance
+    the caller gave check_update_rule: a loss within 5e-8 (registered at 1e-6), checked with
+    tolerance=1e-5, passed before s52i and was then refused ('relative error 4.7e-08 > 1.0e-10')."""
+    loss = _Float32ClosedForm()
+    check_update_rule(
+        "dual_form", "linear", loss, tolerance=1e-5, head_dim=4, gradients=False, without_grad=False, **SMALL
+    )
+    with pytest.raises(AssertionError, match="float32_closed_form: token_loss_grad vs autograd"):
+        check_update_rule("dual_form", "linear", loss, head_dim=4, gradients=False, **SMALL)  # at 1e-10
+
+
+@pytest.mark.slow  # reason: check_update_rule of a small problem, ~1 s
+def test_the_given_loss_is_checked_at_the_callers_head_dim_given_as_a_numpy_integer() -> None:
+    """check_update_rule takes numpy integers for its sizes (review s32e), but s52i's check of a given
+    loss read head_dim only when a Python int: head_dim=np.int64(4) checked a loss defined for even head
+    dims at head dim 3, a torch error from the loss. Now at 4; a head_dim that is no size still falls
+    back to the default (make_problem names it)."""
+    check_update_rule(
+        "dual_form",
+        "linear",
+        _EvenHeadDimOnly(),
+        head_dim=np.int64(4),
+        gradients=False,
+        without_grad=False,
+        **SMALL,
+    )
+    from innerloop.testing.checks import _given_size
+
+    assert _given_size(np.int64(4), 3) == 4 and _given_size(torch.tensor(2), 3) == 2
+    assert [_given_size(v, 3) for v in (-1, 0, True, 4.0, "4", None)] == [3] * 6

@@ -1769,8 +1769,8 @@ def check_update_rule(
     """
     _check_flags(gradients=gradients, without_grad=without_grad)  # "no" would run the checks it names
     rule = _named("update_rule", rule)
-    losses = _losses_to_check(loss, problem_kwargs)
     tolerance = _refuse_variant_kwargs("check_update_rule", problem_kwargs, tolerance)
+    losses = _losses_to_check(loss, problem_kwargs, tolerance)
     seed = checked_seed(seed)  # torch's generator takes a Python int only
     cut_points = _check_cut_points(cut_points, problem_kwargs)
     given = {k: problem_kwargs.pop(k) for k in ("norm", "residual") if k in problem_kwargs}
@@ -1824,13 +1824,16 @@ def _check_given_model(model: InnerModel, head_dim: int = 5) -> None:
         )
 
 
-def _check_given_loss(loss: InnerLoss, heads: int = 2, head_dim: int = 3) -> None:
+def _check_given_loss(
+    loss: InnerLoss, heads: int = 2, head_dim: int = 3, tolerance: float = FLOAT64_TOLERANCE
+) -> None:
     """A loss a caller gave :func:`check_update_rule` or :func:`check_inner_model`, checked where its mistake would read as the
     rule's (a rule runs ``token_loss_grad``, the naive loop autograd of ``token_loss``; a rule and the
     loop would draw different noise): its closed form
     against autograd, and its pairs a function of their inputs (no fresh noise, no writes into them),
     ``AssertionError`` naming the loss. ``heads`` and ``head_dim``: the caller's (a loss may take one
-    head dim only)."""
+    head dim only); ``tolerance``: the caller's (a closed form within it of autograd passes the rule's
+    check, so it is not refused here)."""
     registrar_smoke_test("inner_loss", loss)
     generator = torch.Generator().manual_seed(0)
     shape = (2, heads, 6, head_dim)
@@ -1839,21 +1842,31 @@ def _check_given_loss(loss: InnerLoss, heads: int = 2, head_dim: int = 3) -> Non
     target = torch.randn(shape, generator=generator, dtype=torch.float64)
     scales = torch.logspace(-2, 2, target.shape[2], dtype=torch.float64)[:, None]
     noise = torch.randn(target.shape, generator=generator, dtype=torch.float64)
-    check_loss_gradient(loss, target + scales * noise, target)
+    check_loss_gradient(loss, target + scales * noise, target, tolerance)
 
 
-def _losses_to_check(loss: InnerLoss | str | None, problem_kwargs: dict[str, Any]) -> list[InnerLoss]:
+def _given_size(value: Any, default: int) -> int:
+    """A size the caller gave (``heads``, ``head_dim``) as an int when it is an integer >= 1
+    (:func:`as_integer`: a numpy one too), else ``default``: :func:`make_problem` names a wrong one."""
+    size = as_integer(value)
+    return size if size is not None and size >= 1 else default
+
+
+def _losses_to_check(
+    loss: InnerLoss | str | None, problem_kwargs: dict[str, Any], tolerance: float = FLOAT64_TOLERANCE
+) -> list[InnerLoss]:
     """``loss`` (an instance or a registered name) as a list of one, checked at the ``heads`` and
-    ``head_dim`` of ``problem_kwargs`` (when given as ints); every built-in loss when None."""
+    ``head_dim`` of ``problem_kwargs`` (when given as integers: :func:`as_integer`, a numpy one too) and
+    the caller's ``tolerance``; every built-in loss when None."""
     from innerloop.registry import get_registry
 
     if loss is not None:
         given = _named("inner_loss", loss)
         if not _is_builtin("inner_loss", given):  # a plugin's own mistake named as its, not the rule's
-            heads, head_dim = (problem_kwargs.get(k) for k in ("heads", "head_dim"))
-            _check_given_loss(
-                given, heads if isinstance(heads, int) else 2, head_dim if isinstance(head_dim, int) else 3
+            heads, head_dim = (
+                _given_size(problem_kwargs.get(k), d) for k, d in (("heads", 2), ("head_dim", 3))
             )
+            _check_given_loss(given, heads, head_dim, tolerance)
         return [given]
     return [get_registry().inner_loss(name) for name in BUILTIN_LOSSES]
 
@@ -2000,7 +2013,7 @@ def _models_for(rule: UpdateRule, model: InnerModel | str | None, head_dim: Any 
     """The models :func:`check_update_rule` checks ``rule`` on: ``model`` (an instance or a registered
     name), or every built-in model the rule accepts, ``linear`` first (as registration does: what a
     plugin's tests check does not depend on which other plugins are installed). A given plugin model is
-    checked first (:func:`_check_given_model`, at the caller's ``head_dim`` when it is an int)."""
+    checked first (:func:`_check_given_model`, at the caller's ``head_dim`` when it is an integer)."""
     from innerloop.registry import get_registry
     from innerloop.registry.manager import BUILTIN_PREFIX
 
@@ -2014,7 +2027,7 @@ def _models_for(rule: UpdateRule, model: InnerModel | str | None, head_dim: Any 
                 "check it with a model it accepts"
             )
         if not _is_builtin("inner_model", given):  # a plugin's own mistake named as its, not the rule's
-            _check_given_model(given, head_dim if isinstance(head_dim, int) else 5)
+            _check_given_model(given, _given_size(head_dim, 5))
         return [given]
     builtins = [e.name for e in registry.entries("inner_model") if e.origin.startswith(BUILTIN_PREFIX)]
     names = sorted(builtins, key=lambda n: (n != "linear", n))

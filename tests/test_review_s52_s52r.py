@@ -74,6 +74,16 @@ def test_compare_warns_of_a_bucket_without_a_band_though_the_length_has_windows_
     ), warned
 
 
+def test_compare_does_not_tell_to_score_more_windows_for_positions_no_window_scores(caplog) -> None:
+    """Positions no window scores (the recall task scores only its answers, at the end of a window) have
+    no difference at all: more windows of the same kind would not give them a band, so the warning of
+    the test above is not given for them (it was, from 8-15 of a second half scored in 0 of 20 windows)."""
+    comparison = Comparison([None, None], 0, [], {}, 0.95, 200, 0, "")  # type: ignore[list-item]
+    with caplog.at_level(logging.WARNING, logger=compare_module.log.name):
+        _add_length(comparison, _second_half_scored_in(20, 0))
+    assert not [r.getMessage() for r in caplog.records if "positions" in r.getMessage()]
+
+
 class _Float32ClosedForm(Reconstruction):
     """A reconstruction loss whose closed form is computed in float32 (relative error ~5e-8 against
     autograd): registration (tolerance 1e-6) takes it, and a caller checks rules with it at 1e-5."""

@@ -521,12 +521,12 @@ def _add_length(comparison: Comparison, result: LengthResult) -> None:
 
 def _warn_of_buckets_without_band(comparison: Comparison, result: LengthResult) -> None:
     """A warning naming the positions whose buckets are scored in fewer than :data:`MIN_BAND_WINDOWS` of
-    ``result``'s windows (padded or partly unscored windows), which have no band (NaN) though the
-    length's windows are enough: the per-length warning counts every window read."""
+    ``result``'s windows (padded or partly unscored windows) but in one at least, which have no band
+    (NaN) though the length's windows are enough: the per-length warning counts every window read."""
     scored = (result.counts > 0).sum(0).tolist()
-    short = [
-        (start, end) for (start, end), n in zip(result.buckets, scored, strict=True) if n < MIN_BAND_WINDOWS
-    ]
+    # a bucket scored in no window (the recall task scores only answers) has no difference at all: more
+    # windows of the same kind would not give it a band
+    short = [(a, b) for (a, b), n in zip(result.buckets, scored, strict=True) if 0 < n < MIN_BAND_WINDOWS]
     if not short:
         return
     ranges: list[list[int]] = []
@@ -535,7 +535,7 @@ def _warn_of_buckets_without_band(comparison: Comparison, result: LengthResult) 
             ranges[-1][1] = end
         else:
             ranges.append([start, end])
-    fewest = min(n for n in scored if n < MIN_BAND_WINDOWS)
+    fewest = min(n for n in scored if 0 < n < MIN_BAND_WINDOWS)
     log.warning(
         "T=%d: positions %s are scored in as few as %d of the %d windows, fewer than the %d a %.0f%% band "
         "needs to cover as often as it says: their differences to the baseline have no band (NaN in the "

@@ -63,16 +63,24 @@ class DeclaredScaled(ScaledTargets):
         return {"scale": self.scale}
 
 
-def _config() -> ModelConfig:
+def _config(inner_loss: str = NAME) -> ModelConfig:
+    """A tiny TTT model config whose inner loss is the plugin ``inner_loss``."""
     return ModelConfig.from_dict(
-        {"vocab_size": 64, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "ttt": {"inner_loss": NAME}}
+        {
+            "vocab_size": 64,
+            "hidden_size": 16,
+            "num_layers": 1,
+            "num_heads": 2,
+            "ttt": {"inner_loss": inner_loss},
+        }
     )
 
 
-def _register(loss) -> None:
-    if any(entry.origin == ORIGIN for entry in get_registry().entries()):
-        get_registry().remove_plugin(ORIGIN)
-    innerloop.register_inner_loss(loss, origin=ORIGIN)
+def _register(loss, origin: str = ORIGIN) -> None:
+    """Register ``loss`` from ``origin``, after removing what ``origin`` registered before."""
+    if any(entry.origin == origin for entry in get_registry().entries()):
+        get_registry().remove_plugin(origin)
+    innerloop.register_inner_loss(loss, origin=origin)
 
 
 def _saved(tmp_path, loss):

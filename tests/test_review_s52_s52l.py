@@ -19,12 +19,12 @@ import warnings
 import pytest
 import torch
 from test_review_s51_s51b import _PREFIX, plugin_folders  # noqa: F401  (a fixture)
+from test_review_s52_s52a import _config as config_with_loss
+from test_review_s52_s52a import _register as register_from
 
-import innerloop
 from innerloop import HalfSquaredError, LossPairs
 from innerloop.checkpoints import PluginChangedWarning, PluginSettingsError, load_model
 from innerloop.models import ModelConfig, build_model
-from innerloop.registry import get_registry
 
 NAME = "s52l_loss"
 ORIGIN = "s52l_pkg"
@@ -67,15 +67,11 @@ class DataclassLoss(CountingLoss):
 
 
 def _config() -> ModelConfig:
-    return ModelConfig.from_dict(
-        {"vocab_size": 64, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "ttt": {"inner_loss": NAME}}
-    )
+    return config_with_loss(NAME)
 
 
 def _register(loss) -> None:
-    if any(entry.origin == ORIGIN for entry in get_registry().entries()):
-        get_registry().remove_plugin(ORIGIN)
-    innerloop.register_inner_loss(loss, origin=ORIGIN)
+    register_from(loss, ORIGIN)
 
 
 def _saved(tmp_path, loss):

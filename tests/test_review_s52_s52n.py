@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from test_review_s52_s52h import _StepsSeen  # the same per-batch record of steps said and taken
 
 
 @pytest.mark.slow  # a 4-step training run of the tiny model (~1.5 s)
@@ -104,32 +105,6 @@ def test_a_stop_asked_for_at_the_end_of_a_validation_resumes_to_the_uninterrupte
     uninterrupted run has step 6, epoch 0."""
     lightning = f"trainer.lightning={{accumulate_grad_batches: {accumulate}}}"
     _stopped_and_resumed(tmp_path, _StopAt("on_validation_end", 6), 6, [lightning])
-
-
-class _StepsSeen:
-    """Per training batch: whether ``optimizer_step_ends_here`` said it ends a step, and whether the
-    optimizer stepped on it (``on_before_optimizer_step`` ran during the batch)."""
-
-    def __new__(cls):
-        import lightning as L
-
-        from innerloop.train.interrupt import optimizer_step_ends_here
-
-        class StepsSeen(L.Callback):
-            def __init__(self) -> None:
-                self.said: list[bool] = []
-                self.stepped: list[bool] = []
-
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-                self.stepped.append(False)
-
-            def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-                self.stepped[-1] = True
-
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-                self.said.append(optimizer_step_ends_here(trainer, batch_idx))
-
-        return StepsSeen()
 
 
 @pytest.mark.slow  # a float64 fit of the small model, up to 14 batches (~0.5 s)

@@ -106,6 +106,16 @@ def _found_files(pattern: str) -> list[tuple[Path, str]]:
     return matched
 
 
+def entry_finds_files(pattern: str) -> bool:
+    """Whether the ``data.paths`` entry ``pattern`` finds a file now, by the walk that reads the data
+    (:func:`_found_files`): a folder holding no file (or only hidden ones), a glob matching only folders,
+    and an entry refused, find none (``glob.glob`` finds the folders themselves)."""
+    try:
+        return bool(_found_files(pattern))
+    except DataError:
+        return False
+
+
 def _refuse_unanswered_glob(pattern: str) -> None:
     """:class:`DataError` naming the ``data.paths`` glob ``pattern`` when the walk's matcher cannot answer
     it (:func:`_entry_walk` gives None): one ending in '/' (``glob.glob`` matches folders only there, so

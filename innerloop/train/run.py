@@ -34,7 +34,6 @@ import contextlib
 import copy
 import errno
 import functools
-import glob
 import hashlib
 import importlib.util
 import json
@@ -115,6 +114,7 @@ from innerloop.data.atomic import (
 from innerloop.data.hf import FORMATS, data_format, data_suffix, source_files
 from innerloop.data.recall import recall_length
 from innerloop.data.text import (
+    entry_finds_files,
     held_out_share,
     path_entries,
     split_keys,
@@ -1558,13 +1558,14 @@ def _text_keys_differing(run: RunConfig, recorded: dict[str, Any]) -> list[str]:
 
 def _data_moved(differing: list[str], recorded: dict[str, Any]) -> bool:
     """Whether the config.yaml differs from the checkpoint's record only in ``data.paths``, and the
-    recorded paths find nothing now: the run's data was moved and its config.yaml edited to follow it
+    recorded paths find no file now (:func:`~innerloop.data.text.entry_finds_files`; a folder left empty
+    finds none): the run's data was moved and its config.yaml edited to follow it
     (weights copied beside another run's config still find their own data where they recorded it)."""
     if differing != ["data.paths"]:
         return False
     paths = recorded.get("data.paths")
     paths = paths if isinstance(paths, list) else []
-    return not any(glob.glob(os.path.expanduser(str(p)), recursive=True) for p in paths)
+    return not any(entry_finds_files(str(p)) for p in paths)  # the walk that reads the data, not glob.glob
 
 
 def _with_recorded_data(run: RunConfig, recorded: dict[str, Any]) -> RunConfig | None:

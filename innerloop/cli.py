@@ -88,8 +88,24 @@ class _ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = _NEGATIVE_NUMBER
 
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        self._given = list(args) if args is not None else sys.argv[1:]  # for error()'s hint
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
-        raise UsageError(self.prog, message)
+        raise UsageError(self.prog, message + self._dash_value_hint(message))
+
+    def _dash_value_hint(self, message: str) -> str:
+        """How to give a value that starts with '-' (argparse takes ``--prompt -x``'s ``-x`` for an option
+        and says only 'expected one argument'): after '=', ``--prompt=-x``; ``""`` for other errors."""
+        found = re.fullmatch(r"argument ([^\s:/]+)(?:/\S+)?: expected one argument", message)
+        given = getattr(self, "_given", [])
+        if found is None or found.group(1) not in given:
+            return ""
+        at = given.index(found.group(1)) + 1
+        if at >= len(given) or not given[at].startswith("-"):
+            return ""
+        return f"; a value that starts with '-' is given after '=': {found.group(1)}={given[at]}"
 
 
 def _number(

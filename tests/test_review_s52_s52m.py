@@ -39,3 +39,14 @@ def test_recorded_data_that_finds_no_file_counts_as_moved(tmp_path: Path, layout
     (data / "sub" / "text.txt").write_text("text")  # files it reads: the data is there
     (data / "s.txt").write_text("text")
     assert not _data_moved(["data.paths"], {"data.paths": [entry]})
+
+
+@pytest.mark.parametrize("argv", [["generate", "c", "--prompt", "-x"], ["eval", "c", "--out", "-results"]])
+def test_a_value_starting_with_a_dash_is_refused_saying_how_to_give_it(argv: list[str]) -> None:
+    """argparse takes '-x' for an option and said only 'expected one argument': the error says to write
+    the value after '=' (the one way argparse reads it as the option's value)."""
+    from innerloop.cli import UsageError, _parser
+
+    with pytest.raises(UsageError) as caught:
+        _parser().parse_args(argv)
+    assert f"{argv[2]}={argv[3]}" in str(caught.value)

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from innerloop.cli import UsageError, _parser
+from innerloop.train.run import _data_moved  # imported at collection: the tests stay fast
+
 
 @pytest.mark.parametrize(
     "layout",
@@ -21,8 +24,6 @@ def test_recorded_data_that_finds_no_file_counts_as_moved(tmp_path: Path, layout
     """A run's data moved out of its folder (the folder left behind, empty or holding only a .git) finds
     no file: glob.glob found the folder itself, so the weights were taken for another run's, evaluated
     on the recorded paths, which then 'match no file'."""
-    from innerloop.train.run import _data_moved
-
     data = tmp_path / "data"
     (data / "sub").mkdir(parents=True)
     entry = {
@@ -45,8 +46,6 @@ def test_recorded_data_that_finds_no_file_counts_as_moved(tmp_path: Path, layout
 def test_a_value_starting_with_a_dash_is_refused_saying_how_to_give_it(argv: list[str]) -> None:
     """argparse takes '-x' for an option and said only 'expected one argument': the error says to write
     the value after '=' (the one way argparse reads it as the option's value)."""
-    from innerloop.cli import UsageError, _parser
-
     with pytest.raises(UsageError) as caught:
         _parser().parse_args(argv)
     assert f"{argv[2]}={argv[3]}" in str(caught.value)

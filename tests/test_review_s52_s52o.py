@@ -63,3 +63,25 @@ def test_forcing_a_kernel_without_decay_on_a_forgetting_layer_is_refused_by_name
     assert str(raised.value) == (
         f"kernel={kernel!r} cannot run here: {kernel}: does not support decay (forgetting)"
     )
+
+
+@pytest.mark.parametrize("inner_norm,inner_residual", [(True, False), (False, True)])
+def test_auto_refuses_the_fused_kernels_by_name_on_a_layer_with_one_of_norm_and_residual_off(
+    inner_norm, inner_residual
+):
+    """The fused kernels fuse both the inner LayerNorm and the residual; with one off (the paper's
+    ablation) ``auto`` refuses them for that, without trying them. With the check loosened to 'both off'
+    (mutant D4) the fast suite passed: the first-use check caught the wrong numbers, with a warning."""
+    torch.manual_seed(0)
+    options = {"inner_norm": inner_norm, "inner_residual": inner_residual, "mini_batch_size": 4}
+    auto = TTTLayer(16, 2, inner_model="linear", kernel="auto", **options)
+    forced = TTTLayer(16, 2, inner_model="linear", kernel="torch", **options)
+    forced.load_state_dict(auto.state_dict())
+    x = torch.randn(1, 8, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a kernel that failed its first-use check would warn
+        y, _ = auto(x)
+    kernel, reason = auto.dispatches[0]
+    assert kernel == "torch", auto.dispatches
+    assert "fused_torch_linear: fuses the inner LayerNorm and residual, which need both on" in reason, reason
+    assert torch.equal(y, forced(x)[0])

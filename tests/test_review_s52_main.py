@@ -79,3 +79,37 @@ def test_plain_declared_settings_register_and_read_back(fresh_global_registry) -
         "dims": [1, 2],
         "label": None,
     }
+
+
+# -- s52o's surviving mutant S18: the next-token loss's first pair (no previous key) takes no step -------
+
+
+@pytest.mark.parametrize("inner_model", ["linear", "mlp"])
+@pytest.mark.parametrize("update_rule", ["dual_form", "minibatch_gd"])
+@pytest.mark.parametrize("kernel", ["auto", "torch"])
+def test_the_first_token_of_a_sequence_moves_no_weight_under_next_token(
+    inner_model, update_rule, kernel
+) -> None:
+    """A sequence's first token has no previous key, so its next-token pair is invalid (zero learning
+    rate): reading it alone (a whole mini-batch of one) leaves every inner weight and bias as it was.
+    s52o's mutant that dropped the validity from the learning rates (``prepare_chunk``) passed the suite:
+    the paths compared with one another all build their pairs there; a bias still moves on a pair whose
+    input is the zero previous key."""
+    torch.manual_seed(0)
+    layer = innerloop.TTTLayer(
+        16,
+        2,
+        mini_batch_size=1,
+        inner_model=inner_model,
+        inner_loss="next_token",
+        update_rule=update_rule,
+        kernel=kernel,
+    ).double()
+    x = torch.randn(3, 1, 16, dtype=torch.float64)
+    start = layer.init_state(3, like=x)
+    _, after = layer(x, start)
+    assert after.position == 1
+    for name, weight in start.params.items():  # [3, heads, ...] each
+        assert torch.equal(after.params[name], weight), name
+    moved = layer(torch.randn(3, 2, 16, dtype=torch.float64), start)[1]  # the second token's pair moves them
+    assert not all(torch.equal(moved.params[name], weight) for name, weight in start.params.items())

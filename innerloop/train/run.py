@@ -440,6 +440,22 @@ def _rich_bar_shows() -> bool:
     return console.is_terminal or console.is_jupyter
 
 
+class _StepDoneBeforeTheNextBatch(Callback):
+    """Brings the pending checkpoint's user callback states up to date (:meth:`_SafetensorsModelCheckpoint.
+    _with_the_step_s_last_callback_states`) at the next batch's start, before any other callback's
+    ``on_train_batch_start``: Lightning calls the checkpoint callbacks' hooks last, so there a callback
+    that changes its state at a batch's start (a count of batches) was saved with the next batch's state,
+    one ahead of the step the checkpoint holds. Placed first among the Trainer's callbacks."""
+
+    def __init__(self, checkpointing: _SafetensorsModelCheckpoint) -> None:
+        self.checkpointing = checkpointing
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.checkpointing._with_the_step_s_last_callback_states(trainer)
+
+
 class _ValidateAtTheLastStep(Callback):
     """Runs the run's final validation inside the fit, as the validation of its last step
     (``trainer.max_steps`` of the config; a stop before it, Ctrl-C or SIGTERM, validates nothing extra),
@@ -578,7 +594,11 @@ def build_trainer(run: RunConfig, callbacks: Sequence[Callback] | Callback | Non
         enable_version_counter=False,
     )
     checkpointing.CHECKPOINT_NAME_LAST = CHECKPOINT_NAME
-    own_callbacks: list[Callback] = [checkpointing, _ValidateAtTheLastStep(t.max_steps)]
+    own_callbacks: list[Callback] = [
+        _StepDoneBeforeTheNextBatch(checkpointing),
+        checkpointing,
+        _ValidateAtTheLastStep(t.max_steps),
+    ]
     if run.optim.ttt_base_lr_warmup > 0:
         optim = run.optim
         own_callbacks.append(

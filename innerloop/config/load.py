@@ -1058,6 +1058,7 @@ def _check_run_values(run: RunConfig) -> None:
         raise ConfigError(f"data.name={run.data.name!r} is not a dataset; valid: {list(DATASETS)}")
     _check_vocabulary(run)
     _check_unread_data_keys(run)
+    _check_hf_values(run)
     _check_held_out_fractions(run)
     _check_more_than_one_chunk(run)
     _warn_short_last_chunk(run)
@@ -1299,10 +1300,21 @@ def _check_vocabulary(run: RunConfig) -> None:
 
 
 def _check_hf(run: RunConfig) -> None:
-    """For ``data.name=hf``: a local dataset source of a known format, a split and a text field named,
-    something held out for validation."""
+    """For ``data.name=hf``: a local dataset source of a known format (its values:
+    :func:`_check_hf_values`, which ``innerloop params`` runs too)."""
     if run.data.name != "hf":
         return  # the keys only hf reads: _check_unread_data_keys
+    try:
+        check_hf_source(run.data.paths)
+        check_hf_dataset(run.data.paths, run.data.split, run.data.text_field, run.data.streaming)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _check_hf_values(run: RunConfig) -> None:
+    """For ``data.name=hf``: a split and a text field named, something held out for validation."""
+    if run.data.name != "hf":
+        return
     if run.data.val_fraction == 0:
         raise ConfigError(
             "data.val_fraction=0 holds out no validation documents: data.name='hf' holds out every "
@@ -1313,11 +1325,6 @@ def _check_hf(run: RunConfig) -> None:
             raise ConfigError(
                 f"data.{key}='' must name a {'split' if key == 'split' else 'column'} of the dataset"
             )
-    try:
-        check_hf_source(run.data.paths)
-        check_hf_dataset(run.data.paths, run.data.split, run.data.text_field, run.data.streaming)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
 
 
 _RUN_FILES = (

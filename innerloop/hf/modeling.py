@@ -406,6 +406,8 @@ def check_cache_continues(
         )
     if attention_mask is not None and attention_mask.shape != sequence.shape[:2]:
         attention_mask = None  # another shape: forward names it
+    else:
+        check_cache_pads(cache, attention_mask, name, sequence.shape[0])
     if (
         inputs_embeds is None
         and cache.fingerprint is not None
@@ -422,6 +424,33 @@ def check_cache_continues(
             f"generate() got a cache that has not read the first {read} tokens of {name} (row {row} "
             f"differs{'' if inputs_embeds is None else ', compared bit for bit'}): a cache continues the "
             f"sequence it was built from; pass that sequence, then the new tokens, as {name}"
+        )
+
+
+def check_cache_pads(
+    cache: InnerloopCache, attention_mask: torch.Tensor | None, name: str, batch: int
+) -> None:
+    """Refuse a prompt whose ``attention_mask`` (of the whole sequence; None: every token read) makes
+    other columns of the cache's ``seq_length`` pads than the cache skipped (a :class:`LeftPaddedCache`'s
+    ``pads``, none for a plain cache): the fingerprints hash a pad as the id 0 or an embedding of zeros,
+    so they cannot tell a pad from a real token 0 or a real embedding of zeros read (such a prompt
+    silently continued what the cache had read). ``batch``: the prompt's rows."""
+    read = cache.seq_length
+    pads = getattr(cache, "pads", None)
+    if batch != cache.batch_size:
+        return  # another batch size: check_cache_batch names it
+    device = None if attention_mask is None else attention_mask.device
+    skipped = torch.zeros(batch, dtype=torch.int64, device=device) if pads is None else pads.to(device)
+    expected = torch.arange(read, device=skipped.device)[None, :] >= skipped[:, None]  # [B, read]: read
+    given = expected.new_ones(expected.shape) if attention_mask is None else attention_mask[:, :read] != 0
+    differs = (given != expected).any(dim=1)
+    if bool(differs.any()):
+        row = int(differs.nonzero()[0, 0])
+        raise ValueError(
+            f"generate() got a cache that has not read the first {read} tokens of {name} as attention_mask "
+            f"gives them (row {row}: the cache skipped {int(skipped[row])} pad(s) there, the mask reads "
+            f"{given[row].to(torch.int64).tolist()}): a cache continues the sequence it was built from; pass "
+            f"that sequence with its mask (its pads as 0), then the new tokens, as {name}"
         )
 
 

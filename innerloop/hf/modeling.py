@@ -278,11 +278,20 @@ def _feature_weights(width: int, device: torch.device) -> torch.Tensor:
     return odd * (_GOLDEN_64 - 2**64)  # the constant as a signed 64-bit number
 
 
+def _mixed(numbers: torch.Tensor) -> torch.Tensor:
+    """Each int64 of ``numbers`` through a bijection that is not linear (the high half xored into the low,
+    then times an odd constant): a token's hash sums its features' mixed numbers, so two numbers changed
+    together no longer cancel (a linear sum took +3 in feature 0 and -1 in feature 1 as no change)."""
+    numbers = numbers ^ ((numbers >> 32) & 0xFFFFFFFF)  # a logical shift: the low half xored, the high kept
+    return numbers * (_GOLDEN_64 - 2**64)
+
+
 def embedding_fingerprint(embeds: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
     """A hash of each row of ``embeds [B, T, H]``, bit for bit, continuing ``previous [B]`` (the hash of
     the embeddings before them): ``[B]`` int64. Each token's H floats' bits are summed with odd weights
     modulo 2^64 (int64 arithmetic wraps; exact in any order of summation), then the tokens are hashed as
-    ids (:func:`token_fingerprint`): two different embeddings hash alike about once in 2^31. Hashed in
+    ids (:func:`token_fingerprint`): two different embeddings hash alike about once in 2^31 (each
+    weighted number is first :func:`_mixed`, so numbers changed together do not cancel). Hashed in
     pieces: a long prompt needs no large temporary."""
     batch, length, width = embeds.shape
     bits = embeds.detach().contiguous().view(_SAME_WIDTH_INTEGER[embeds.element_size()])
@@ -291,7 +300,7 @@ def embedding_fingerprint(embeds: torch.Tensor, previous: torch.Tensor | None = 
     step = max(1, _HASHED_AT_ONCE // max(width, 1))
     per_token = torch.cat(
         [
-            (tokens[start : start + step].to(torch.int64) * weights).sum(dim=1)
+            _mixed(tokens[start : start + step].to(torch.int64) * weights).sum(dim=1)
             for start in range(0, batch * length, step)
         ]
         or [torch.zeros(0, dtype=torch.int64, device=embeds.device)]

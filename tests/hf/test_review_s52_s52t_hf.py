@@ -91,3 +91,17 @@ def test_the_padded_prompt_the_cache_read_still_continues_it(model, prompt, prom
     tokens = _generate(model, cache=cache, attention_mask=mask, pad_token_id=5, **{prompt_as: given})
     expected = _generate(model, input_ids=ids, attention_mask=mask, pad_token_id=5)
     assert torch.equal(tokens[:, -1], expected[:, -1])
+
+
+@pytest.mark.parametrize("width", [8, 1024])
+def test_embeddings_a_few_ulps_apart_in_two_features_hash_apart(width) -> None:
+    # regression review s52t: each token's hash was linear in its numbers' bits (weights (2h+1)*G): +3 ulp
+    # in feature 0 and -1 ulp in feature 1 (3*1 - 1*3 = 0) hashed alike, so "bit for bit" was not kept
+    from innerloop.hf.modeling import embedding_fingerprint
+
+    first = torch.randn(1, 3, width, generator=torch.Generator().manual_seed(0))
+    second = first.clone()
+    bits = second.view(torch.int32)
+    bits[0, 1, 0] += 3
+    bits[0, 1, 1] -= 1
+    assert not torch.equal(embedding_fingerprint(first), embedding_fingerprint(second))

@@ -159,11 +159,13 @@ def test_a_note_names_the_default_corpus() -> None:
 
 def test_a_bucket_some_windows_do_not_score_still_gets_a_band() -> None:
     """A resample of only the windows without a token of the bucket is 0 / 0: left out of the quantiles
-    (torch.quantile gave the whole band NaN)."""
-    counts = torch.ones(8, 1, dtype=torch.float64)
-    counts[:4] = 0  # half the windows score no token of the bucket
-    differences = torch.linspace(-1, 1, 8, dtype=torch.float64)[:, None] * counts
-    mean, low, high = bootstrap_difference(differences, counts, resamples=2000)
+    (torch.quantile gave the whole band NaN). The bucket is scored in 6 of 40 windows, the fewest that get
+    a band (s52k: a band needs 6 windows that score the bucket): about 1 resample in 670 draws none of
+    them (0.85^40), some 15 of the 10,000 here."""
+    counts = torch.zeros(40, 1, dtype=torch.float64)
+    counts[:6] = 1  # 34 of the 40 windows score no token of the bucket
+    differences = torch.linspace(-1, 1, 40, dtype=torch.float64)[:, None] * counts
+    mean, low, high = bootstrap_difference(differences, counts, resamples=10_000)
     assert low.item() < mean.item() < high.item()
 
 

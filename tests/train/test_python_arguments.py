@@ -26,8 +26,11 @@ SMALL = ModelConfig(hidden_size=16, num_heads=2, num_layers=1, intermediate_size
         ({"betas": (0.9, 1.5)}, r"betas\[1\]=1.5 must be in \[0, 1\)"),
         ({"betas": (0.9,)}, r"betas=\(0.9,\) must be a pair \(beta1, beta2\)"),
         ({"warmup_steps": 2.5}, r"warmup_steps=2.5 \(float\) must be an integer >= 0"),
-        ({"max_steps": float("inf")}, r"max_steps=inf \(float\) must be an integer >= 1"),
-        ({"max_steps": True}, r"max_steps=True \(bool\) must be an integer >= 1"),
+        (
+            {"max_steps": float("inf")},
+            r"max_steps=inf \(float\) must be an integer in \[1, 9007199254740992\]",
+        ),
+        ({"max_steps": True}, r"max_steps=True \(bool\) must be an integer in \[1, 9007199254740992\]"),
         ({"decay_steps": 20, "max_steps": 10}, r"decay_steps=20 must be in \[0, max_steps=10\]"),
         ({"num_position_buckets": 0}, r"num_position_buckets=0 must be >= 1"),
         ({"diagnostics_batches": -1}, r"diagnostics_batches=-1 must be >= 0"),

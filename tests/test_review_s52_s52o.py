@@ -39,9 +39,16 @@ FORGETTING_LAYERS = [LogForgettingLayer, ForgettingLayer]
 def test_auto_runs_a_forgetting_linear_layer_on_the_torch_path_without_trying_a_fused_kernel(layer_class):
     """``auto`` refuses the kernels without decay for what the layer needs (no first-use check run, so no
     KernelCheckWarning), and its output is the forced torch path's, bit for bit."""
+    _auto_runs_the_torch_path(layer_class, {}, "fused_torch_linear: does not support decay (forgetting)")
+
+
+def _auto_runs_the_torch_path(layer_class, options: dict, refusal: str) -> None:
+    """``kernel="auto"`` on ``layer_class(16, 2, inner_model="linear", mini_batch_size=4, **options)``
+    runs the torch path, having refused the fused kernel for ``refusal`` without trying it (no
+    KernelCheckWarning), and gives the forced torch path's output, bit for bit."""
     torch.manual_seed(0)
-    auto = layer_class(16, 2, inner_model="linear", mini_batch_size=4, kernel="auto")
-    forced = layer_class(16, 2, inner_model="linear", mini_batch_size=4, kernel="torch")
+    auto = layer_class(16, 2, inner_model="linear", mini_batch_size=4, kernel="auto", **options)
+    forced = layer_class(16, 2, inner_model="linear", mini_batch_size=4, kernel="torch", **options)
     forced.load_state_dict(auto.state_dict())
     x = torch.randn(1, 8, 16)
     with warnings.catch_warnings():
@@ -49,7 +56,7 @@ def test_auto_runs_a_forgetting_linear_layer_on_the_torch_path_without_trying_a_
         y, _ = auto(x)
     kernel, reason = auto.dispatches[0]
     assert kernel == "torch", auto.dispatches
-    assert "fused_torch_linear: does not support decay (forgetting)" in reason, reason
+    assert refusal in reason, reason
     assert torch.equal(y, forced(x)[0])
 
 
@@ -72,16 +79,8 @@ def test_auto_refuses_the_fused_kernels_by_name_on_a_layer_with_one_of_norm_and_
     """The fused kernels fuse both the inner LayerNorm and the residual; with one off (the paper's
     ablation) ``auto`` refuses them for that, without trying them. With the check loosened to 'both off'
     (mutant D4) the fast suite passed: the first-use check caught the wrong numbers, with a warning."""
-    torch.manual_seed(0)
-    options = {"inner_norm": inner_norm, "inner_residual": inner_residual, "mini_batch_size": 4}
-    auto = TTTLayer(16, 2, inner_model="linear", kernel="auto", **options)
-    forced = TTTLayer(16, 2, inner_model="linear", kernel="torch", **options)
-    forced.load_state_dict(auto.state_dict())
-    x = torch.randn(1, 8, 16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a kernel that failed its first-use check would warn
-        y, _ = auto(x)
-    kernel, reason = auto.dispatches[0]
-    assert kernel == "torch", auto.dispatches
-    assert "fused_torch_linear: fuses the inner LayerNorm and residual, which need both on" in reason, reason
-    assert torch.equal(y, forced(x)[0])
+    _auto_runs_the_torch_path(
+        TTTLayer,
+        {"inner_norm": inner_norm, "inner_residual": inner_residual},
+        "fused_torch_linear: fuses the inner LayerNorm and residual, which need both on",
+    )

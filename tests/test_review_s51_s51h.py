@@ -77,6 +77,19 @@ def _previous_run(folder) -> dict[str, str]:
     return previous
 
 
+def _killed_then_relaunched(monkeypatch, folder, renames_done: int, killed, previous: dict) -> None:
+    """``killed(folder)`` is killed (KeyboardInterrupt) after ``renames_done`` renames; the next launch
+    settles the folder, which then holds exactly the ``previous`` run's files ``{name: text}``."""
+    from innerloop.train import run_dir
+
+    _kill_after_renames(monkeypatch, renames_done)
+    with pytest.raises(KeyboardInterrupt):
+        killed(folder)
+    monkeypatch.undo()  # the next launch renames as usual
+    run_dir.settle_previous_run(folder)  # the next launch
+    assert {p.name: p.read_text() for p in folder.iterdir()} == previous
+
+
 def _kill_after_renames(monkeypatch, renames_done: int) -> None:
     """Make run_dir's ``os.replace`` end the process (a KeyboardInterrupt standing in for SIGKILL, without
     the clean-up) after ``renames_done`` renames."""
@@ -103,12 +116,7 @@ def test_a_launch_killed_while_setting_the_previous_run_aside_loses_none_of_it(
     from innerloop.train import run_dir
 
     previous = _previous_run(tmp_path)
-    _kill_after_renames(monkeypatch, renames_done)
-    with pytest.raises(KeyboardInterrupt):
-        run_dir.set_aside_previous_run(tmp_path)
-    monkeypatch.undo()  # the next launch renames as usual
-    run_dir.settle_previous_run(tmp_path)  # the next launch
-    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == previous
+    _killed_then_relaunched(monkeypatch, tmp_path, renames_done, run_dir.set_aside_previous_run, previous)
 
 
 @pytest.mark.parametrize("renames_done", [1, 2, 3])
@@ -125,12 +133,7 @@ def test_a_launch_killed_while_putting_the_previous_run_back_loses_none_of_it(
     run_dir.set_aside_previous_run(tmp_path)
     (tmp_path / "config.yaml").write_text("seed: 1\n")  # the new run's, then it stopped without a checkpoint
     (tmp_path / run_dir.PENDING_CHECKPOINT).write_text("the new run's unconfirmed first step")
-    _kill_after_renames(monkeypatch, renames_done)
-    with pytest.raises(KeyboardInterrupt):
-        run_dir.settle_previous_run(tmp_path)
-    monkeypatch.undo()  # the next launch renames as usual
-    run_dir.settle_previous_run(tmp_path)  # the next launch
-    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == previous
+    _killed_then_relaunched(monkeypatch, tmp_path, renames_done, run_dir.settle_previous_run, previous)
 
 
 def test_a_metrics_csv_append_that_fails_midway_leaves_the_file_as_it_was(tmp_path, monkeypatch) -> None:

@@ -11,6 +11,13 @@ from innerloop.cli import main
 # -- innerloop params: the values train refuses ---------------------------------------------------------
 
 
+def _params_refuses(capsys, override: str, named: str) -> None:
+    """``innerloop params --config tiny-mlp OVERRIDE`` exits 2 with one line that contains ``named``."""
+    assert main(["params", "--config", "tiny-mlp", override]) == 2
+    error = capsys.readouterr().err
+    assert named in error and error.count("\n") == 1, error
+
+
 @pytest.mark.parametrize(
     ("override", "named"),
     [
@@ -27,9 +34,7 @@ from innerloop.cli import main
 def test_params_refuses_a_value_that_train_refuses(capsys, override, named) -> None:
     # regression review s52q: params loaded the model section only, so it printed a count for a config
     # that `innerloop train` (the next command) refuses
-    assert main(["params", "--config", "tiny-mlp", override]) == 2
-    error = capsys.readouterr().err
-    assert named in error and error.count("\n") == 1, error
+    _params_refuses(capsys, override, named)
 
 
 def test_params_still_leaves_the_files_and_the_machine_to_train(capsys) -> None:
@@ -57,9 +62,7 @@ def test_params_still_leaves_the_files_and_the_machine_to_train(capsys) -> None:
 def test_a_lightning_text_value_is_checked_with_the_config(capsys, override, named) -> None:
     # regression review s52q: these reached lightning.Trainer raw; train refused them only when it built
     # the Trainer, and params (which builds none) counted the config
-    assert main(["params", "--config", "tiny-mlp", override]) == 2
-    error = capsys.readouterr().err
-    assert named in error and error.count("\n") == 1, error
+    _params_refuses(capsys, override, named)
 
 
 @pytest.mark.parametrize(

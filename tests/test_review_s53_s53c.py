@@ -1,0 +1,67 @@
+"""Review s53c: the reasons the dispatcher gives before a run (named kernels refused on every device, the
+layer's own inner_norm / inner_residual) and what ``verify`` is told about a block's length."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from innerloop import TTTLayer
+from innerloop.core.scan import ChunkInputs
+from innerloop.kernels.dispatch import kernel_inputs, named_kernel_refusal, refused_named_kernels
+
+CPU, META = torch.device("cpu"), torch.device("meta")
+
+
+def _refusal(layer: TTTLayer) -> str | None:
+    return named_kernel_refusal(
+        layer.update_rule,
+        layer.inner_task(),
+        device=CPU,
+        dtype=torch.float32,
+        head_dim=layer.head_dim,
+        requires_grad=True,
+    )
+
+
+@pytest.mark.parametrize("devices", [[CPU, META], [META, CPU]], ids=["cpu-first", "meta-first"])
+def test_a_named_kernel_that_runs_on_one_of_the_devices_is_not_refused(devices) -> None:
+    # refused_named_kernels lists a kernel that runs on NONE of the devices: cpu_ttt_linear runs on the
+    # cpu, not on meta (no values), so over both it is not refused, whichever comes first
+    model = torch.nn.Sequential(TTTLayer(32, 2, mini_batch_size=4, kernel="cpu_ttt_linear"))
+    assert refused_named_kernels(model, devices, requires_grad=True) == {}
+    refused = refused_named_kernels(model, [META], requires_grad=True)
+    assert list(refused) == ["cpu_ttt_linear"] and "meta" in refused["cpu_ttt_linear"], refused
+
+
+def test_named_kernel_refusal_asks_with_the_layers_own_inner_norm_and_residual() -> None:
+    # delta_chunk computes out = q W, without the inner LayerNorm and residual: a layer with both off runs
+    # it, one with either on is refused, the reason naming the layer's own settings
+    def layer(norm: bool, residual: bool) -> TTTLayer:
+        return TTTLayer(
+            32, 2, inner_model="matrix", mini_batch_size=1, inner_norm=norm, inner_residual=residual,
+            kernel="delta_chunk",
+        )  # fmt: skip
+
+    assert _refusal(layer(False, False)) is None
+    for norm, residual in ((True, False), (False, True), (True, True)):
+        reason = _refusal(layer(norm, residual))
+        assert reason is not None and f"(inner_norm={norm}, inner_residual={residual})" in reason, reason
+
+
+@pytest.mark.parametrize("mini_batches", [1, 3])
+def test_kernel_inputs_reports_the_blocks_own_number_of_tokens(mini_batches) -> None:
+    # KernelInputs.num_tokens is the block's length T (a kernel's verify may refuse by it), not the
+    # layer's mini-batch size; a decoded token is one token (KernelSpec's docstring)
+    layer = TTTLayer(32, 2, mini_batch_size=4)
+    task = layer.inner_task()
+    B, H, f = 1, 2, 16
+
+    def chunk(T: int) -> ChunkInputs:
+        x = torch.zeros(B, H, T, f)
+        return ChunkInputs(x, x, x, torch.zeros(B, H, T))
+
+    params = {"W1": torch.zeros(B, H, f, f), "b1": torch.zeros(B, H, 1, f)}
+    T = 4 * mini_batches + (1 if mini_batches == 3 else 0)  # a ragged block too: 13 tokens
+    assert kernel_inputs(task, chunk(T), params).num_tokens == T
+    assert kernel_inputs(task, chunk(1), params, decode=True).num_tokens == 1

@@ -65,3 +65,33 @@ def test_kernel_inputs_reports_the_blocks_own_number_of_tokens(mini_batches) -> 
     T = 4 * mini_batches + (1 if mini_batches == 3 else 0)  # a ragged block too: 13 tokens
     assert kernel_inputs(task, chunk(T), params).num_tokens == T
     assert kernel_inputs(task, chunk(1), params, decode=True).num_tokens == 1
+
+
+@pytest.mark.usefixtures("fresh_global_registry")
+def test_a_named_kernel_that_failed_its_first_use_check_is_refused_before_the_next_run() -> None:
+    # named_kernel_refusal's reasons include "a first-use check it failed" (its docstring): the verdict a
+    # layer's block earned must be found for the blocks it asks about. It asked with fewer flags in
+    # KernelInputs.extra (no momentum / functorch / empty) than a block has, so it never found the
+    # verdict: a run (or a checkpoint load) refused nothing and failed at its first step instead
+    from plugin_testing import register_linear_dual_form_kernel
+
+    from innerloop.kernels.dispatch import KernelCheckError
+    from innerloop.kernels.reference import reference_kernel
+    from innerloop.plugins.losses.reconstruction import Reconstruction
+    from innerloop.plugins.models.linear import LinearModel
+
+    reference, _ = reference_kernel(LinearModel(), Reconstruction())
+
+    def wrong_weights(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
+        out, new = reference(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps)
+        return out, {k: v * 1.01 for k, v in new.items()}
+
+    name = register_linear_dual_form_kernel("s53c_wrong_weights", wrong_weights)
+    layer = TTTLayer(16, 2, inner_model="linear", mini_batch_size=4, kernel=name)
+    assert _refusal(layer) is None  # not checked yet
+    with pytest.raises(KernelCheckError, match="failed its first-use check"):
+        layer(torch.randn(2, 12, 16))
+    reason = _refusal(layer)
+    assert reason is not None and "failed its first-use check" in reason, reason
+    refused = refused_named_kernels(torch.nn.Sequential(layer), [CPU], requires_grad=True)
+    assert list(refused) == [name], refused

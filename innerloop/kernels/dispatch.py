@@ -77,16 +77,34 @@ def kernel_inputs(
         requires_grad=requires_grad,
         needs_double_backward=task.needs_double_backward,
         extra={
-            "residual": task.residual,
-            "norm": task.use_norm,
-            "decode": decode,
-            "decay": chunk.decay is not None if decay is None else decay,
-            "momentum": momentum,
-            "functorch": transformed,
-            "empty": chunk.query.numel() == 0,
+            **block_flags(
+                task,
+                decode=decode,
+                decay=chunk.decay is not None if decay is None else decay,
+                momentum=momentum,
+                functorch=transformed,
+                empty=chunk.query.numel() == 0,
+            ),
             **({} if closes_mini_batch is None else {"closes_mini_batch": closes_mini_batch}),
         },
     )
+
+
+def block_flags(
+    task: InnerTask, *, decode: bool, decay: bool, momentum: bool, functorch: bool, empty: bool
+) -> dict[str, bool]:
+    """``KernelInputs.extra``'s flags for a block of ``task``: every caller sets each one, since a first-use
+    verdict is kept under the set of them (:func:`~innerloop.kernels.first_use.signature`) and a verdict
+    asked for with fewer flags is never found."""
+    return {
+        "residual": task.residual,
+        "norm": task.use_norm,
+        "decode": decode,
+        "decay": decay,
+        "momentum": momentum,
+        "functorch": functorch,
+        "empty": empty,
+    }
 
 
 def verify_refusal(kernel: KernelSpec, inputs: KernelInputs) -> str | None:
@@ -156,7 +174,7 @@ def named_kernel_refusal(
         num_tokens=task.mini_batch_size,
         requires_grad=requires_grad,
         needs_double_backward=task.needs_double_backward,
-        extra={"residual": task.residual, "norm": task.use_norm, "decode": False, "decay": False},
+        extra=block_flags(task, decode=False, decay=False, momentum=False, functorch=False, empty=False),
     )
     try:
         select_kernel(rule, task, inputs)

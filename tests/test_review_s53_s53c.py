@@ -95,3 +95,22 @@ def test_a_named_kernel_that_failed_its_first_use_check_is_refused_before_the_ne
     assert reason is not None and "failed its first-use check" in reason, reason
     refused = refused_named_kernels(torch.nn.Sequential(layer), [CPU], requires_grad=True)
     assert list(refused) == [name], refused
+
+
+def test_a_named_kernel_is_refused_when_any_layer_naming_it_cannot_run_it() -> None:
+    # two layers name delta_chunk: the first (inner LayerNorm and residual off) runs it, the second (inner
+    # LayerNorm on, which delta_chunk does not compute) cannot; only the first layer was asked, so the
+    # kernel passed and the second layer failed at its first step (a run started, a checkpoint kept it)
+    def layer(norm: bool) -> TTTLayer:
+        return TTTLayer(
+            32, 2, inner_model="matrix", mini_batch_size=1, inner_norm=norm, inner_residual=False,
+            kernel="delta_chunk",
+        )  # fmt: skip
+
+    for layers in ((layer(False), layer(True)), (layer(True), layer(False))):
+        refused = refused_named_kernels(torch.nn.Sequential(*layers), [CPU], requires_grad=True)
+        assert list(refused) == ["delta_chunk"] and "inner_norm=True" in refused["delta_chunk"], refused
+    assert (
+        refused_named_kernels(torch.nn.Sequential(layer(False), layer(False)), [CPU], requires_grad=True)
+        == {}
+    )

@@ -191,14 +191,14 @@ def refused_named_kernels(
     dtype: torch.dtype | None = None,
 ) -> dict[str, str]:
     """``{kernel name: why}`` for the kernels that the TTT layers of ``model`` name (not ``"auto"`` or
-    ``"torch"``) and that run on none of ``devices`` (:func:`named_kernel_refusal`, the reason on the
-    first device), training (``requires_grad``) or not, in ``dtype`` (None: each layer's scan dtype)."""
+    ``"torch"``) and that some layer naming them runs on none of ``devices`` (:func:`named_kernel_refusal`,
+    the reason on the first device), training (``requires_grad``) or not, in ``dtype`` (None: each layer's
+    scan dtype). Every layer is asked: layers naming one kernel may differ in what it needs (head dim,
+    inner LayerNorm, ...), and one it cannot run fails at its first step."""
     refused: dict[str, str] = {}
-    asked: set[str] = set()
     for layer in model.modules():
-        if not isinstance(layer, TTTLayer) or layer.kernel in ("auto", TORCH_PATH) or layer.kernel in asked:
+        if not isinstance(layer, TTTLayer) or layer.kernel in ("auto", TORCH_PATH) or layer.kernel in refused:
             continue
-        asked.add(layer.kernel)
         reasons = [
             named_kernel_refusal(
                 layer.update_rule,

@@ -1597,7 +1597,7 @@ class TTTLayer(nn.Module):
                 f"overflowed {low_name} (largest finite {low_name} {torch.finfo(low).max:.1e}); "
                 f"{self._wider_dtype_advice(x)}, or look for huge post-norm, gate or o_proj weights"
             )
-        weights, start = self._largest_inner_weight(x, state), _largest_magnitude(state)
+        (weights, weights_broke), start = self._largest_inner_weight(x, state), _largest_magnitude(state)
         if weights > math.sqrt(torch.finfo(self.scan_dtype).max):
             return size + self._inner_weights_overflow(weights, largest, start)
         widen = "" if self.scan_dtype == torch.float64 else " or run in float64 (layer.double())"
@@ -1605,6 +1605,8 @@ class TTTLayer(nn.Module):
             return f"{size}: the inner model overflowed {scan_dtype}; normalise the input{widen}"
         if weights > DIVERGED_GROWTH * max(start, 1.0):  # from input of ordinary size: the loop diverged
             return size + self._inner_weights_overflow(weights, largest, start)
+        if weights_broke:  # moderate weights turned NaN or inf at once: one update step was not finite
+            return f" of moderate size{size[:-1]}, far from overflowing {scan_dtype}), but {self._step_broke(start)}"
         return (
             f" of moderate size (largest |input| {largest:.1e}, far from overflowing {scan_dtype}), and the "
             f"inner weights stayed moderate (largest |W| {weights:.1e}): {self._plugin_suspects()}"
@@ -1638,6 +1640,21 @@ class TTTLayer(nn.Module):
                 "piece (the inner learning rate is too large for this input)"
             )
         return f": the inner weights {cause}; {', '.join(remedies[:-1])} or {remedies[-1]}"
+
+    def _step_broke(self, start: float) -> str:
+        """The cause in words when the inner weights turned NaN or inf in one update from moderate
+        weights (largest |W| ``start``): a plugin's NaN gradient, or a step (learning rate times
+        gradient) too large for the scan dtype -- plugins not built in named first, as likelier."""
+        step = (
+            f"the step (inner learning rate times gradient) overflowed: lower base_lr (now {self.base_lr:g}) or "
+            f"{self._lr_gate_advice()}"
+        )
+        broke = f"the inner weights turned NaN or inf in one update from largest |W| {start:.1e} without growing first"
+        if all(
+            is_built_in(kind, getattr(self, kind)) for kind in ("inner_model", "inner_loss", "update_rule")
+        ):
+            return f"{broke}: {step}; if those are ordinary, {self._plugin_suspects()}"
+        return f"{broke}: {self._plugin_suspects()}; or {step}"
 
     def _lr_gate_advice(self) -> str:
         """What to check of the inner learning rate's gate, by its parameters' names where known."""
@@ -1706,11 +1723,12 @@ class TTTLayer(nn.Module):
             )
         return None
 
-    def _largest_inner_weight(self, x: torch.Tensor, state: TTTState) -> float:
+    def _largest_inner_weight(self, x: torch.Tensor, state: TTTState) -> tuple[float, bool]:
         """The largest |inner weight| (``params`` and ``pending``, NaN left out, inf counted) of
         ``state`` and of the states after each piece of ``x`` read from it (whole mini-batches, at most
         :data:`DIAGNOSIS_PIECES` pieces, so that the diagnosis costs about one more call), up to the
-        first piece whose output or state is not finite: how large the weights grew before it failed."""
+        first piece whose output or state is not finite: how large the weights grew before it failed;
+        and whether the state itself turned non-finite there (not only the output)."""
         largest = _largest_magnitude(state)
         tokens, size = x.shape[1], self.mini_batch_size
         step = size * max(1, math.ceil(math.ceil(tokens / size) / DIAGNOSIS_PIECES))
@@ -1719,9 +1737,11 @@ class TTTLayer(nn.Module):
         for start, end in zip([0, *ends[:-1]], ends, strict=True):
             y, state = self._forward_chunk(x[:, start:end], state)
             largest = max(largest, _largest_magnitude(state))
-            if not bool(torch.isfinite(y).all()) or not state.is_finite():
+            if not state.is_finite():
+                return largest, True
+            if not bool(torch.isfinite(y).all()):
                 break
-        return largest
+        return largest, False
 
     def _plugin_suspects(self) -> str:
         """The layer's plugins as the suspects of a NaN: those not built in; the built-in ones are

@@ -107,8 +107,10 @@ class LogOfTarget(InnerLoss):
 def test_a_plugin_nan_names_the_plugin_that_is_not_built_in_and_calls_the_built_in_ones_unlikely():
     layer = TTTLayer(8, 2, mini_batch_size=K, inner_loss=LogOfTarget())  # an instance: not registered
     message = error_of(layer, torch.zeros(1, 2 * K, 8))
-    assert "the inner weights stayed moderate (largest |W|" in message and "overflowed" not in message
+    assert "the inner weights turned NaN or inf in one update from largest |W|" in message
+    assert "stayed moderate" not in message
     assert "plugins that are not built in, inner loss 'log_of_target_s14' (not registered" in message
+    assert message.index("log_of_target_s14") < message.index("lower base_lr")  # the likelier cause first
     assert "the built-in inner model 'linear'" in message and "unlikely the cause" in message
 
 

@@ -20,3 +20,35 @@ def test_weights_that_turn_nan_in_one_update_are_not_called_moderate_and_base_lr
     assert "the inner weights turned NaN or inf in one update from largest |W| 0.0e+00" in message
     assert "lower base_lr (now 3e+38)" in message
     assert message.index("lower base_lr") < message.index("its plugins are all built in")
+
+
+def test_a_named_kernel_refusal_on_cuda_without_an_index_asks_about_the_current_gpu(monkeypatch) -> None:
+    """s53c: first-use verdicts are kept per device with its index (cuda:0), but the checkpoint loader
+    asked about torch.device("cuda"): a kernel that had failed its first-use check on the GPU was never
+    found refused. The device is now the current GPU's."""
+    from innerloop.core.layer import TTTLayer
+    from innerloop.kernels import dispatch
+
+    seen = []
+
+    def select_kernel(rule, task, inputs):
+        seen.append(inputs.device)
+
+    monkeypatch.setattr(dispatch, "select_kernel", select_kernel)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    layer = TTTLayer(16, 2, mini_batch_size=4, kernel="cpu_ttt_linear")
+    for device in (torch.device("cuda"), "cuda", torch.device("cuda", 1), torch.device("cpu")):
+        dispatch.named_kernel_refusal(
+            layer.update_rule,
+            layer.inner_task(),
+            device=device,
+            dtype=torch.float32,
+            head_dim=layer.head_dim,
+            requires_grad=False,
+        )
+    assert seen == [
+        torch.device("cuda", 3),
+        torch.device("cuda", 3),
+        torch.device("cuda", 1),
+        torch.device("cpu"),
+    ]

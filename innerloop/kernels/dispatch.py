@@ -166,8 +166,11 @@ def named_kernel_refusal(
     refuse a run before it starts rather than at its first step."""
     if task.kernel in ("auto", TORCH_PATH):
         return None
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # first-use verdicts are kept per GPU index
+        device = torch.device("cuda", torch.cuda.current_device())
     inputs = KernelInputs(
-        device=torch.device(device),
+        device=device,
         dtype=dtype,
         head_dim=head_dim,
         mini_batch_size=task.mini_batch_size,

@@ -80,7 +80,8 @@ def test_output_and_every_gradient_fp32(request, name, update_rule):
     assert (y - tensors["output"]).abs().max().item() <= 1e-5
 
     (y * tensors["grad.grad_output"]).sum().backward()
-    assert relative_error(x.grad, tensors["grad.input.hidden_states"]) <= 1e-4
+    # measured 2.7e-7 to 6.5e-7 (every case, both rules; review s53h): 1e-4 was 150x that
+    assert relative_error(x.grad, tensors["grad.input.hidden_states"]) <= 1e-5
     parameters = dict(layer.named_parameters())
     checked = 0
     for key, expected in tensors.items():

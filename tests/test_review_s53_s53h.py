@@ -347,3 +347,17 @@ def test_prefill_then_decode_equals_the_reference(reference, tmp_path, name) -> 
     assert (decoded - whole).abs().max().item() <= 1e-12 * scale
     if not (fields.get("pre_conv") or fields.get("share_qk")):
         assert (decoded - reference_decoded).abs().max().item() <= 1e-12 * scale
+
+
+def test_an_e2e_checkpoint_tensor_on_the_meta_device_is_refused_naming_it() -> None:
+    """A meta tensor (a shape, no values) was a bare NotImplementedError from torch ("Cannot copy out of
+    meta tensor") naming no array; ttt_lm_pytorch's loader already refused one by name."""
+    from innerloop.interop.ttt_e2e import OfficialConfigError, expected_shapes, model_config
+
+    arrays = {
+        name: np.zeros(shape, np.float32) for name, shape in expected_shapes(model_config(CONFIG)).items()
+    }
+    name = "language_model.model.h.blocks.feed_forward.w1.weight"
+    arrays[name] = torch.empty(arrays[name].shape, device="meta")
+    with pytest.raises(OfficialConfigError, match=rf"{name} is on the meta device"):
+        model_from_arrays(arrays, CONFIG)

@@ -669,6 +669,11 @@ def _checked_float32(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> d
                 f"checkpoint tensor {name} has dtype {dtype}; the weights are floating point "
                 "(float16, bfloat16, float32 or float64)"
             )
+        if isinstance(arrays[name], torch.Tensor) and arrays[name].is_meta:
+            raise OfficialConfigError(
+                f"checkpoint tensor {name} is on the meta device: it has a shape but no values (a model built "
+                "under torch.device('meta')); pass the tensors that hold the weights"
+            )
         values[name] = _as_numpy(arrays[name])
         if not np.isfinite(values[name]).all():  # what the model will hold: overflow shows
             stored = _as_numpy(arrays[name], np.float64)

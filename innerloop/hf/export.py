@@ -191,8 +191,11 @@ def to_hugging_face(model: nn.Module) -> InnerloopForCausalLM:
     own_buffers = dict(model.named_buffers())
     for name, buffer in list(wrapped.named_non_persistent_buffers()):  # not in the state dict
         source = own_buffers[name.removeprefix("model.")]
-        if source.dtype != buffer.dtype:  # e.g. the RoPE table of a bfloat16 model, as it trained
-            set_buffer(wrapped, name, buffer.to(source.dtype))
+        # The tables as the model holds them, dtype and values: e.g. the RoPE table of a bfloat16 model,
+        # and a float64 TTT layer's token index, exact where it was built in float64, rounded to float32
+        # where a float32 model was cast (1/3 then differs in its 9th digit, and so do the logits).
+        if source.dtype != buffer.dtype or not torch.equal(source.to(buffer.device), buffer):
+            set_buffer(wrapped, name, source.to(device=buffer.device, copy=True))
     return wrapped.eval()
 
 

@@ -1324,6 +1324,38 @@ MODEL_PREFIX = "model."
 module's, whose ``model`` attribute is the language model."""
 
 
+TOKEN_INDEX_KEY = "token_index_dtype"
+"""The checkpoint key :func:`~innerloop.train.module.save_model_checkpoint` sets to ``"float64"`` where the
+model saved held its TTT layers' token index ``1 / (i + 1)`` exact in float64 (built under
+``torch.set_default_dtype(torch.float64)``); absent, a float64 model's index is made in float32 and
+widened, as the cast of a ``64-true`` run (and of the model :func:`load_model` builds) makes it."""
+
+
+def has_exact_float64_token_index(model: torch.nn.Module) -> bool:
+    """Whether a TTT layer of ``model`` holds a float64 token index made in float64, not widened from
+    float32 (the two differ unless ``1 / (i + 1)`` is exact in float32 for every ``i``)."""
+    for module in model.modules():
+        index, derived = getattr(module, "token_idx", None), getattr(module, "derived_buffers", None)
+        if isinstance(index, torch.Tensor) and callable(derived) and index.dtype == torch.float64:
+            exact = derived(torch.float64)["token_idx"].to(index.device)
+            if torch.equal(index, exact) and not torch.equal(index, exact.float().double()):
+                return True
+    return False
+
+
+def restore_token_index(model: torch.nn.Module, checkpoint: Mapping[str, Any]) -> None:
+    """Make the float64 token index of ``model``'s TTT layers exact again where ``checkpoint`` records
+    that the model saved held it so (:data:`TOKEN_INDEX_KEY`); else leave it as the cast made it."""
+    if checkpoint.get(TOKEN_INDEX_KEY) != "float64":
+        return
+    for module in model.modules():
+        index, derived = getattr(module, "token_idx", None), getattr(module, "derived_buffers", None)
+        if isinstance(index, torch.Tensor) and callable(derived) and index.dtype == torch.float64:
+            module.register_buffer(
+                "token_idx", derived(torch.float64)["token_idx"].to(index.device), persistent=False
+            )
+
+
 def load_model(path: str | os.PathLike[str], keep_dtype: bool = False) -> CausalLM | E2ELM:
     """The model stored in a training checkpoint written by ``innerloop train`` (its config from the
     hyperparameters, its weights from the state dict): a :class:`~innerloop.models.CausalLM`, or an
@@ -1363,6 +1395,7 @@ def load_model(path: str | os.PathLike[str], keep_dtype: bool = False) -> Causal
         raise CheckpointError(f"{err}{note}") from None
     weights = {key.removeprefix(MODEL_PREFIX): value for key, value in state_dict.items()}
     load_weights(model, weights, keep_dtype)
+    restore_token_index(model, checkpoint)
     run_kernels_that_work_here(model, path)
     return model.eval()
 

@@ -104,3 +104,25 @@ def test_an_exported_e2e_model_reads_back_with_aligned_weights_and_the_same_logi
     misaligned = [name for name, tensor in loaded.state_dict().items() if tensor.data_ptr() % 64]
     assert misaligned == []
     assert torch.equal(logits(loaded), logits(model))
+
+
+@pytest.mark.slow  # reason: imports Lightning (load_module), seconds on a cold process; the test ~0.3 s
+def test_a_ttt_model_built_in_float64_keeps_its_exact_token_index_through_a_checkpoint(tmp_path):
+    from innerloop.checkpoints import load_model
+    from innerloop.train.module import load_module, save_model_checkpoint
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig.from_dict({**TINY, "ttt": {"mini_batch_size": 3}})).eval()
+    finally:
+        torch.set_default_dtype(before)
+    path = save_model_checkpoint(model, tmp_path / "model.safetensors")
+    for loaded in (load_model(path, keep_dtype=True), load_module(path, keep_dtype=True).model):
+        assert loaded.blocks[0].mixer.token_idx[2] == 1 / 3
+        assert torch.equal(logits(loaded), logits(model))
+    cast = tiny_float64(ttt={"mini_batch_size": 3})  # built in float32: the index stays as it was made
+    rounded = load_model(save_model_checkpoint(cast, tmp_path / "cast.safetensors"), keep_dtype=True)
+    assert torch.equal(rounded.blocks[0].mixer.token_idx, cast.blocks[0].mixer.token_idx)
+    assert torch.equal(logits(rounded), logits(cast))

@@ -44,6 +44,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from innerloop.checkpoints import (
     PLUGIN_SOURCES_KEY,
     PLUGINS_KEY,
+    TOKEN_INDEX_KEY,
     TOKENIZER_KEY,
     CheckpointError,
     cast_to_stored_dtypes,
@@ -51,12 +52,14 @@ from innerloop.checkpoints import (
     check_state_dict,
     checkpoint_device,
     describe_model,
+    has_exact_float64_token_index,
     is_safetensors_file,
     load_checkpoint,
     load_weights,
     plugin_record,
     plugin_sources,
     rebuild_error,
+    restore_token_index,
     run_kernels_that_work_here,
     save_checkpoint,
     saved_model_config,
@@ -1060,6 +1063,7 @@ def _module_from_checkpoint(
     description = f"the model its hyperparameters describe ({describe_model(module.hparams.model)})"
     check_state_dict(module.state_dict(), checkpoint["state_dict"], path, description)
     load_weights(module, checkpoint["state_dict"], keep_dtype)
+    restore_token_index(module, checkpoint)
     run_kernels_that_work_here(module, path)
     return module
 
@@ -1087,4 +1091,6 @@ def save_model_checkpoint(
     checkpoint = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
     if tokenizer is not None:
         checkpoint[TOKENIZER_KEY] = tokenizer
+    if has_exact_float64_token_index(model):  # load_model's cast would widen a float32 one
+        checkpoint[TOKEN_INDEX_KEY] = "float64"
     return save_checkpoint(checkpoint, path)

@@ -985,6 +985,44 @@ def _text_prompt(prompt: str, tokenizer: Tokenizer) -> str:
         ) from None
 
 
+class _TextWindow:
+    """The text of ids decoded as they come, over a window of a few ids: the last ids printed (context for
+    the tokenizer, e.g. a leading space) and those not printed yet. Decoding every id so far at each token
+    took memory and time per token growing with the text (the prompt's ids included). The text of new ids
+    is held back while it ends in an incomplete character (U+FFFD), for at most :attr:`HELD` ids (a UTF-8
+    character has at most 4 bytes): an invalid byte is then printed as U+FFFD, as the byte path prints it."""
+
+    CONTEXT = 4
+    HELD = 4
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._printed = 0  # the ids of the window whose text has been returned
+
+    def add(self, ids: Sequence[int]) -> str:
+        """The text that ``ids`` add to the text so far, once it is complete ("" while held back)."""
+        self._ids.extend(ids)
+        return self._new_text(final=False)
+
+    def flush(self) -> str:
+        """The text not returned yet, complete or not; the window then starts anew."""
+        text = self._new_text(final=True)
+        self._ids, self._printed = [], 0
+        return text
+
+    def _new_text(self, final: bool) -> str:
+        before = self._tokenizer.decode(self._ids[: self._printed])
+        after = self._tokenizer.decode(self._ids)
+        incomplete = after.endswith("\ufffd") or not after.startswith(before)
+        if incomplete and not final and len(self._ids) - self._printed < self.HELD:
+            return ""
+        start = max(self._printed, len(self._ids) - self.CONTEXT)
+        self._ids = self._ids[start:]
+        self._printed = len(self._ids)
+        return after[len(os.path.commonprefix([before, after])) :]
+
+
 def _generate_tokens(args: argparse.Namespace, model: CausalLM | E2ELM, tokenizer: Tokenizer) -> int:
     """``innerloop generate`` of a model trained with a Hugging Face tokenizer: the prompt encoded by
     it; the text printed as it grows (held back while it ends in an incomplete character). An id past the
@@ -1002,7 +1040,6 @@ def _generate_tokens(args: argparse.Namespace, model: CausalLM | E2ELM, tokenize
             f"--prompt has token {max(prompt)}, but the model's vocabulary has {model.config.vocab_size} tokens"
         )
     generator = torch.Generator().manual_seed(args.seed)
-    ids, shown = list(prompt), ""
     prompt_ids = torch.tensor([prompt], dtype=torch.long)
     eos = tokenizer.eos_id
     if args.ignore_eos or eos is None or eos >= model.config.vocab_size:  # none the model can sample
@@ -1010,23 +1047,18 @@ def _generate_tokens(args: argparse.Namespace, model: CausalLM | E2ELM, tokenize
     sampled = generate(
         model, prompt_ids, args.tokens, args.temperature, args.top_k, generator, eos_token_id=eos
     )
+    text = _TextWindow(tokenizer)
+    sys.stdout.write(text.add(prompt))
     for token, _state in sampled:
         token_id = int(token[0])
         if token_id == eos:
             break  # the end of the text: not printed
         if token_id >= tokenizer.vocab_size:  # a model.vocab_size set above the tokenizer's (padded)
-            text = tokenizer.decode(ids)  # the text so far, then the id the tokenizer has no text for
-            sys.stdout.write((text[len(shown) :] if text.startswith(shown) else text) + f"[token {token_id}]")
-            ids, shown = [], ""
+            sys.stdout.write(text.flush() + f"[token {token_id}]")  # an id the tokenizer has no text for
             continue
-        ids.append(token_id)
-        text = tokenizer.decode(ids)
-        if not text.endswith("\ufffd") and text.startswith(shown):
-            sys.stdout.write(text[len(shown) :])
-            sys.stdout.flush()
-            shown = text
-    text = tokenizer.decode(ids)
-    sys.stdout.write((text[len(shown) :] if text.startswith(shown) else text) + "\n")
+        sys.stdout.write(text.add([token_id]))
+        sys.stdout.flush()
+    sys.stdout.write(text.flush() + "\n")
     return 0
 
 

@@ -4,12 +4,18 @@
   prompt's too) in a list and decoded the whole list again at each token: memory and time per token
   grew with the text, on the path the docs call constant-memory. The text is now decoded over a window of
   a few ids (the last printed piece as context, then the ids not yet printed).
+- Hugging Face ``generate(do_sample=True)`` took ``temperature=inf`` (every token equally likely, where
+  ``innerloop.models.generate`` and ``innerloop generate`` refuse a temperature that is not finite) and
+  ``top_p=nan`` or ``top_p > 1`` (no token cut, without a word; transformers' own check of top_p, [0, 1],
+  runs only for a top_p below 1). Both are refused now, naming the setting, the value and the range.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 
+import pytest
 import torch
 
 from innerloop import cli
@@ -84,3 +90,39 @@ def test_cli_generate_text_of_a_tokenizer_that_reads_context_is_the_whole_decode
     _run_cli_tokens(monkeypatch, _Words(), sampled)
     whole = " ".join(_Words.words[i] for i in [1, 2, *sampled[:40]])
     assert capsys.readouterr().out == whole + "[token 9]two three\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_model():
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+
+    torch.manual_seed(0)
+    model = {"hidden_size": 16, "num_heads": 2, "num_layers": 1, "intermediate_size": 32, "vocab_size": 50}
+    return InnerloopForCausalLM(InnerloopConfig(model=model)).eval()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "valid"),
+    [
+        ("temperature", float("inf"), "a finite real number > 0"),
+        ("top_p", float("nan"), "a number in [0, 1]"),
+        ("top_p", 1.5, "a number in [0, 1]"),
+    ],
+)
+def test_hf_generate_refuses_sampling_values_that_sample_another_way(tiny_hf_model, setting, value, valid):
+    """Seen failing: each ran without a word (temperature=inf sampled every token alike; top_p=nan and
+    1.5 cut no token). Refused before anything runs, naming the setting, its value and what is valid."""
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match=re.escape(f"{setting}={value}): {setting} must be {valid}")):
+        tiny_hf_model.generate(ids, max_new_tokens=2, do_sample=True, pad_token_id=0, **{setting: value})
+
+
+@pytest.mark.slow  # six short generate() calls: about 2 s on a loaded CPU
+def test_hf_generate_still_takes_the_edges_of_the_sampling_ranges(tiny_hf_model) -> None:
+    """top_p 0 and 1, a large finite temperature and greedy decoding with a temperature set (unread) run."""
+    ids = torch.tensor([[1, 2, 3]])
+    for settings in ({"top_p": 0.0}, {"top_p": 1.0}, {"temperature": 1e30}):
+        out = tiny_hf_model.generate(ids, max_new_tokens=2, do_sample=True, pad_token_id=0, **settings)
+        assert out.shape == (1, 5)
+    greedy = tiny_hf_model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, temperature=None)
+    assert greedy.shape == (1, 5)

@@ -9,6 +9,7 @@ model did not read gives the logits of the new tokens without their context).
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -438,6 +439,29 @@ def check_generation_counts(generation_config: Any) -> None:
         number = as_integer(value)
         if number is None or number < least:
             raise ValueError(f"generate({name}={value!r}): {name} must be an integer >= {least}")
+
+
+def check_sampling_values(generation_config: Any) -> None:
+    """``ValueError`` naming the setting, when sampling (``do_sample``), for a ``temperature`` that is not
+    finite or a ``top_p`` outside [0, 1] (NaN too), before anything runs: transformers refuses a
+    temperature <= 0 and NaN, but sampled every token alike at ``temperature=inf`` (where
+    ``innerloop.models.generate`` and ``innerloop generate`` refuse a temperature that is not finite), and
+    checks top_p's range [0, 1] only for a top_p below 1, so ``top_p=1.5`` and NaN cut no token, silently."""
+    if not getattr(generation_config, "do_sample", False):
+        return  # greedy search and beam search read neither
+    temperature = getattr(generation_config, "temperature", None)
+    if isinstance(temperature, numbers.Real) and not isinstance(temperature, bool):
+        if not math.isfinite(temperature):
+            raise ValueError(
+                f"generate(temperature={temperature!r}): temperature must be a finite real number > 0 when "
+                "sampling (do_sample=True; do_sample=False decodes greedily)"
+            )
+    top_p = getattr(generation_config, "top_p", None)
+    if isinstance(top_p, numbers.Real) and not isinstance(top_p, bool) and not 0 <= top_p <= 1:
+        raise ValueError(
+            f"generate(top_p={top_p!r}): top_p must be a number in [0, 1] (the probability mass of the most "
+            "likely tokens sampled from; 1 or None: every token)"
+        )
 
 
 ASSISTED_SETTINGS = ("prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")

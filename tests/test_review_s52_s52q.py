@@ -54,9 +54,15 @@ def test_params_still_leaves_the_files_and_the_machine_to_train(capsys) -> None:
         ("trainer.lightning.gradient_clip_algorithm=bogus", "trainer.gradient_clip_algorithm='bogus' is not"),
         ("trainer.lightning.max_time=bogus", "trainer.max_time='bogus' is not a time limit"),
         ("trainer.lightning.max_time='1:2:3'", "trainer.max_time='1:2:3' is not a time limit"),
-        ("trainer.lightning.max_time={hourz: 1}", "trainer.max_time={'hourz': 1} is not a time limit"),
+        (
+            "trainer.lightning.max_time={hourz: 1}",
+            "trainer.max_time={'hourz': 1}: 'hourz' is not a unit of time",
+        ),
         # past timedelta's range: Lightning's timedelta(**value) raised a bare OverflowError (a traceback)
-        ("trainer.lightning.max_time={days: 1000000000}", "{'days': 1000000000} is not a time limit"),
+        (
+            "trainer.lightning.max_time={days: 1000000000}",
+            "{'days': 1000000000} is longer than a timedelta holds",
+        ),
     ],
 )
 def test_a_lightning_text_value_is_checked_with_the_config(capsys, override, named) -> None:

@@ -26,6 +26,7 @@ import difflib
 import functools
 import importlib.util
 import inspect
+import math
 import os
 import re
 import types
@@ -213,14 +214,17 @@ def check_lightning_arguments(arguments: Any, error: type[ValueError]) -> None:
             raise error(f"{key} is innerloop's {LIGHTNING_NAMES[name]}: set that key")
         if name in _own_keys() or name not in annotations:
             raise error(_unknown_key_message(name, "the config", "trainer.lightning"))
+        if (
+            name == "max_time"
+        ):  # its own rule: Lightning's dict[str, int] annotation is narrower than its Timer
+            _check_time_limit(value, error)
+            continue
         if not value_matches(value, annotations[name]):
             raise error(_wrong_type_message(key, name, value, annotations[name]))
         bounds = LIGHTNING_BOUNDS.get(name)
         if bounds is not None and value is not None and value not in bounds:
             why = f" ({bounds.why})" if bounds.why else ""
             raise error(f"{key}={value} must be {bounds.describe()}{why}")
-        if name == "max_time":
-            _check_time_limit(value, error)
         choices = lightning_text_choices().get(name)
         if choices is not None and isinstance(value, str) and value.lower() not in choices:
             raise error(f"{key}={value!r} is not valid; valid: {list(choices)} (or null)")
@@ -240,33 +244,60 @@ def lightning_text_choices() -> dict[str, tuple[str, ...]]:
     }
 
 
+#: The keyword arguments of ``datetime.timedelta``: the keys of a ``trainer.max_time`` mapping.
+TIME_LIMIT_UNITS = ("weeks", "days", "hours", "minutes", "seconds", "milliseconds", "microseconds")
+
+
 def _check_time_limit(value: Any, error: type[ValueError]) -> None:
-    """Raise ``error`` when ``trainer.max_time`` (Lightning's ``DD:HH:MM:SS`` text, a mapping of
-    ``timedelta`` arguments or a ``timedelta``) is not a time limit Lightning reads (it refused one only
-    when the Trainer was built, after ``innerloop params`` had counted the config), or is a limit of no
-    time or less, which no launch can meet (Lightning takes it, and the run stopped before its first
-    step)."""
-    match = re.fullmatch(r"(\d+):(\d\d):(\d\d):(\d\d)", value.strip()) if isinstance(value, str) else None
-    duration = value
-    unreadable = error(
-        f"trainer.max_time={_plain_mapping(value)!r} is not a time limit: give DD:HH:MM:SS (e.g. 00:12:00:00 "
-        "for 12 hours) or a mapping of timedelta arguments (e.g. {hours: 12}), or null for none"
-    )
-    try:
-        if match is not None:
-            days, hours, minutes, seconds = map(int, match.groups())
-            duration = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
-        elif isinstance(value, Mapping):
-            duration = timedelta(**value)
-        elif isinstance(value, str):
-            raise unreadable
-    except (TypeError, OverflowError):  # past timedelta's range: Lightning raised a bare OverflowError
-        raise unreadable from None
-    if isinstance(duration, timedelta) and duration.total_seconds() <= 0:
+    """Raise ``error`` unless ``trainer.max_time`` is null or a positive time limit Lightning's Timer
+    reads: its ``DD:HH:MM:SS`` text (each part whole digits) or a mapping of ``timedelta`` arguments
+    (:data:`TIME_LIMIT_UNITS`; each a finite number, a fraction too: the Timer calls
+    ``timedelta(**mapping)``, so ``{hours: 1.5}`` is 90 minutes although Lightning annotates
+    ``dict[str, int]``), or a ``timedelta``. One rule for every form: the ``timedelta`` its parts add up
+    to (``{days: -1, hours: 25}`` is an hour) must be positive (a limit of no time stopped the run before
+    its first step) and one ``timedelta`` holds (past it, Lightning raised a bare OverflowError when the
+    Trainer was built); a part that is no finite number (nan, inf, a bool, text) or no unit is refused
+    by name."""
+    if value is None:
+        return
+    duration = _time_limit(value, error)
+    if duration.total_seconds() <= 0:
         raise error(
-            f"trainer.max_time={value!r} is {duration.total_seconds():g} s: a time limit must be positive "
-            "(DD:HH:MM:SS, e.g. 00:12:00:00 for 12 hours, over all the run's launches; null for none)"
+            f"trainer.max_time={_plain_mapping(value)!r} is {duration.total_seconds():g} s: a time limit must be "
+            "positive (DD:HH:MM:SS, e.g. 00:12:00:00 for 12 hours, over all the run's launches; null for none)"
         )
+
+
+def _time_limit(value: Any, error: type[ValueError]) -> timedelta:
+    """``trainer.max_time`` (not null) as the ``timedelta`` Lightning's Timer makes of it; ``error``
+    naming the value, the part at fault and what is valid where it is not one."""
+    forms = (
+        "give DD:HH:MM:SS (e.g. 00:12:00:00 for 12 hours) or a mapping of timedelta arguments (e.g. "
+        f"{{hours: 1.5}}; keys {list(TIME_LIMIT_UNITS)}, each a finite number; their sum positive), or null for none"
+    )
+    shown = f"trainer.max_time={_plain_mapping(value)!r}"
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"(\d+):(\d\d):(\d\d):(\d\d)", value.strip())
+        if match is None:
+            raise error(f"{shown} is not a time limit: {forms}")
+        days, hours, minutes, seconds = map(int, match.groups())
+        parts: dict[str, Any] = {"days": days, "hours": hours, "minutes": minutes, "seconds": seconds}
+    elif isinstance(value, Mapping):
+        parts = dict(value)
+        for unit, amount in parts.items():
+            if unit not in TIME_LIMIT_UNITS:
+                raise error(f"{shown}: {unit!r} is not a unit of time; {forms}")
+            number = isinstance(amount, (int, float)) and not isinstance(amount, bool)
+            if not number or not math.isfinite(amount):
+                raise error(f"{shown}: {unit}={amount!r} is not a finite number; {forms}")
+    else:
+        raise error(f"{shown} ({type_name(value)}) is not a time limit: {forms}")
+    try:
+        return timedelta(**parts)
+    except OverflowError:
+        raise error(f"{shown} is longer than a timedelta holds (999999999 days): {forms}") from None
 
 
 def _plain_mapping(value: Any) -> Any:

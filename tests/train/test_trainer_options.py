@@ -109,7 +109,7 @@ def test_trainer_arguments_from_overrides_and_files_reach_the_trainer(corpus, tm
         (["trainer.accumulate_grad_batches=0"], r"trainer.accumulate_grad_batches=0 must be in \[1, 16777216\]"),
         (["trainer.deterministic=maybe"], r"trainer.deterministic='maybe' must be bool or 'warn' or null"),
         (["trainer.detect_anomaly=1"], r"trainer.detect_anomaly=1 must be bool"),
-        (["trainer.max_time=[1]"], r"trainer.max_time=\[1\] must be str or timedelta or dict\[str, int\] or null"),
+        (["trainer.max_time=[1]"], r"trainer.max_time=\[1\] \(list\) is not a time limit: give DD:HH:MM:SS .* or null"),
         (["trainer.callbacks=[]"], r"trainer.callbacks cannot be set: innerloop adds its own checkpointing"),
         (["trainer.logger=false"], r"trainer.logger cannot be set: the loggers are the top-level key `logger`"),
         (["trainer.max_epochs=3"], r"trainer.max_epochs cannot be set: the training stream is endless"),

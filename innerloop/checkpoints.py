@@ -894,14 +894,18 @@ def _read_file(path: Path, name: str, attempts: int = 3) -> tuple[dict[str, str]
     """The metadata and tensors (on the CPU) of a safetensors checkpoint file. A file replaced while it
     is read (a running run's checkpoint, written atomically at every save: safetensors reads its header
     and maps its data separately, so the header of one file could come with the tensors of the next) is
-    read again, up to ``attempts`` times."""
+    read again, up to ``attempts`` times. The tensors are the process's own memory, not the file's mapped
+    pages: what is checked after this read is what the caller keeps, whatever is written to the file
+    later."""
     stamp = None
     try:
         stamp = file_stamp(path)
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             _check_header(name, metadata)
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            # copies: safetensors maps the file, and its tensors were views of the file's pages, so a
+            # rewrite in place after the read (cp, rsync --inplace) changed the weights already checked
+            tensors = {key: f.get_tensor(key).clone() for key in f.keys()}
         if attempts > 1 and file_stamp(path) != stamp:  # replaced meanwhile: the read may mix two files
             return _read_file(path, name, attempts - 1)
         return metadata, tensors

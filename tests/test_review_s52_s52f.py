@@ -185,12 +185,13 @@ def test_the_checkpoint_a_resume_read_is_not_read_again(monkeypatch, small_check
     """``--resume`` read last.safetensors in its checks, then Lightning read it again (a 307 MB one:
     5.2 s + 9.4 s). The read handed over is taken once, for that file; the next load reads the file."""
     from innerloop.checkpoints import load_checkpoint
-    from innerloop.train.checkpoint import SafetensorsCheckpointIO
+    from innerloop.train.checkpoint import SafetensorsCheckpointIO, checkpoint_stamp
 
+    stamp = checkpoint_stamp(small_checkpoint)
     checked = load_checkpoint(small_checkpoint)
     reads = _counting_reads(monkeypatch)
     io = SafetensorsCheckpointIO()
-    io.hand_over(small_checkpoint, checked)
+    io.hand_over(small_checkpoint, checked, stamp)
     assert io.load_checkpoint(small_checkpoint, map_location=lambda storage, location: storage) is checked
     assert reads == []
     again = io.load_checkpoint(small_checkpoint)  # taken once
@@ -204,10 +205,10 @@ def test_a_checkpoint_changed_since_it_was_read_is_read_again(monkeypatch, small
 
     from innerloop.checkpoints import load_checkpoint
     from innerloop.train import save_checkpoint
-    from innerloop.train.checkpoint import SafetensorsCheckpointIO
+    from innerloop.train.checkpoint import SafetensorsCheckpointIO, checkpoint_stamp
 
     io = SafetensorsCheckpointIO()
-    io.hand_over(small_checkpoint, load_checkpoint(small_checkpoint))
+    io.hand_over(small_checkpoint, load_checkpoint(small_checkpoint), checkpoint_stamp(small_checkpoint))
     assert pickle.loads(pickle.dumps(io))._handed_over is None  # a spawned process reads the file itself
     save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 5}, small_checkpoint)
     reads = _counting_reads(monkeypatch)
@@ -215,7 +216,7 @@ def test_a_checkpoint_changed_since_it_was_read_is_read_again(monkeypatch, small
     assert reads == [str(small_checkpoint)]
     other = small_checkpoint.with_name("other.safetensors")  # another file than the one handed over
     save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 6}, other)
-    io.hand_over(small_checkpoint, load_checkpoint(small_checkpoint))
+    io.hand_over(small_checkpoint, load_checkpoint(small_checkpoint), checkpoint_stamp(small_checkpoint))
     assert io.load_checkpoint(other)["global_step"] == 6
 
 

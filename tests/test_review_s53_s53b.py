@@ -4,11 +4,23 @@
   ``{hours: 1.5}`` is 90 minutes, though its annotation says ``dict[str, int]``, by which innerloop
   refused it; one rule now for every form (the parts' sum positive and one ``timedelta`` holds; a part
   no finite number or no unit refused by name).
+- ``--resume`` hands the checkpoint it read and checked to Lightning's load; the stamp that tells
+  whether the file changed since was taken after the read, so a same-size rewrite between the read and
+  the stamp gave Lightning the older, checked bytes (the docstring says a changed file is read again).
+  The stamp is now taken before the read, and holds the change time (a rewrite whose modification time
+  was set back).
+- A sibling: ``load_checkpoint``'s tensors were views of safetensors' map of the file, so the weights
+  checked (checksum, finite) changed when the file was rewritten in place afterwards (measured: a
+  flipped last byte turned a checked 1.0 into -4.0 in the dict already returned; the resume above
+  then trained from it and diverged). They are copies now.
 """
 
 from __future__ import annotations
 
+import os
+import random
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +79,95 @@ def test_a_timedelta_time_limit_is_kept_and_one_of_no_time_refused() -> None:
     check_lightning_arguments({"max_time": timedelta(minutes=3)}, ConfigError)
     with pytest.raises(ConfigError, match=r"is 0 s: a time limit must be positive"):
         check_lightning_arguments({"max_time": timedelta(0)}, ConfigError)
+
+
+def _rewrite_in_place_keeping_its_times(path: Path) -> None:
+    """Flip the file's last byte (a tensor's: its checksum no longer matches), the size and the
+    modification time as they were (``touch -r``): only the change time tells."""
+    before = os.stat(path)
+    with open(path, "r+b") as file:
+        file.seek(-1, os.SEEK_END)
+        last = file.read(1)
+        file.seek(-1, os.SEEK_END)
+        file.write(bytes([last[0] ^ 0xFF]))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(path).st_size == before.st_size
+
+
+def test_a_checkpoint_rewritten_after_the_read_is_read_again_not_handed_over(tmp_path) -> None:
+    import torch
+
+    from innerloop.checkpoints import CheckpointError, load_checkpoint
+    from innerloop.train import save_checkpoint
+    from innerloop.train.checkpoint import SafetensorsCheckpointIO, checkpoint_stamp
+
+    path = tmp_path / "last.safetensors"
+    save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 4}, path)
+    stamp = checkpoint_stamp(path)
+    checked = load_checkpoint(path)
+    _rewrite_in_place_keeping_its_times(path)  # between the checked read and the hand-over
+    io = SafetensorsCheckpointIO()
+    io.hand_over(path, checked, stamp)
+    with pytest.raises(CheckpointError, match="checksum"):
+        io.load_checkpoint(path)  # the file as it is now, not the older bytes checked
+
+
+def test_the_weights_read_do_not_change_when_the_file_is_rewritten_in_place(tmp_path) -> None:
+    import torch
+
+    from innerloop.checkpoints import load_checkpoint
+    from innerloop.train import save_checkpoint
+
+    path = tmp_path / "last.safetensors"
+    save_checkpoint({"state_dict": {"w": torch.ones(4)}, "global_step": 4}, path)
+    checked = load_checkpoint(path)
+    _rewrite_in_place_keeping_its_times(path)
+    assert torch.equal(checked["state_dict"]["w"], torch.ones(4))  # was [1, 1, 1, -4]: the file's pages
+
+
+def _corpus(folder: Path) -> Path:
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over lazy dog def class import return".split()
+    data = folder / "data"
+    data.mkdir()
+    for i in range(3):
+        (data / f"c{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(3000)))
+    return data
+
+
+def _tiny(data: Path, out_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"data.paths=[{data}]",
+        "data.seq_len=32",
+        "data.batch_size=2",
+        "data.val_batches=1",
+        "trainer.val_every=2",
+        "trainer.checkpoint_every=2",
+        "trainer.progress_bar=false",
+        "trainer.diagnostics_batches=0",
+        f"out_dir={out_dir}",
+        *extra,
+    ]
+
+
+@pytest.mark.slow  # trains: a tiny run of 2 steps, then a resume refused at Lightning's load (about 4 s)
+def test_a_resume_whose_checkpoint_is_rewritten_after_its_checks_reads_the_new_bytes(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    import innerloop.train.run as run_module
+    from innerloop.cli import main
+
+    data, out = _corpus(tmp_path), tmp_path / "run"
+    assert main(["train", *_tiny(data, out, "trainer.max_steps=2")]) == 0
+    checked_read = run_module.load_training_checkpoint
+
+    def read_then_rewritten(path, *args, **kwargs):
+        checkpoint = checked_read(path, *args, **kwargs)
+        _rewrite_in_place_keeping_its_times(Path(path))  # another process writes it, the same size
+        return checkpoint
+
+    monkeypatch.setattr(run_module, "load_training_checkpoint", read_then_rewritten)
+    status = main(["train", "--resume", f"out_dir={out}", "trainer.max_steps=4"])
+    err = capsys.readouterr().err
+    # the file as it is now is corrupt: Lightning's load reads it and says so, not train from the older bytes
+    assert status != 0 and "checksum" in err, (status, err)

@@ -40,6 +40,7 @@ __all__ = [
     "check_state_dict",
     "checkpoint_digest",
     "checkpoint_identity",
+    "checkpoint_stamp",
     "checkpoint_tokenizer",
     "describe_model",
     "holds_training_state",
@@ -51,13 +52,17 @@ __all__ = [
 ]
 
 
-def _file_stamp(path: Any) -> tuple[int, int, int, int] | None:
-    """What tells one version of the file at ``path`` from another: device, inode, size, mtime."""
+def checkpoint_stamp(path: Any) -> tuple[int, int, int, int, int] | None:
+    """What tells one version of the file at ``path`` from another: device, inode, size, modification
+    and change time (a same-size rewrite in place whose modification time was set back, as ``cp -p`` or
+    ``touch -r`` do, still changes ``st_ctime``); None when there is no such file. Take it BEFORE reading
+    the file whose read :meth:`SafetensorsCheckpointIO.hand_over` gets: a stamp taken after the read
+    describes whatever was written between the two, not the bytes read."""
     try:
         stat = Path(path).stat()
     except OSError:
         return None
-    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 class SafetensorsCheckpointIO(CheckpointIO):
@@ -67,12 +72,13 @@ class SafetensorsCheckpointIO(CheckpointIO):
     A resume has read (and checked: checksum, finite weights, every resume check) the checkpoint it starts
     from before the Trainer exists; :meth:`hand_over` gives that read to the IO, and Lightning's load of
     the same, unchanged file takes it instead of reading it again (a 307 MB checkpoint was read twice,
-    5.2 s and 9.4 s on a loaded 2-core machine). Taken once; a file changed since (another stamp) is read
-    again; never pickled (a spawned process reads the file itself)."""
+    5.2 s and 9.4 s on a loaded 2-core machine). Taken once; a file changed since the read began (its
+    :func:`checkpoint_stamp` then, taken before the read, differs from the file's now) is read again;
+    never pickled (a spawned process reads the file itself)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._handed_over: tuple[Path, tuple[int, int, int, int], dict[str, Any]] | None = None
+        self._handed_over: tuple[Path, tuple[int, ...], dict[str, Any]] | None = None
         self._keep_next_write = False
         self._kept: tuple[Path, dict[str, Any]] | None = None
 
@@ -86,10 +92,12 @@ class SafetensorsCheckpointIO(CheckpointIO):
         kept, self._kept, self._keep_next_write = self._kept, None, False
         return kept
 
-    def hand_over(self, path: Path, checkpoint: dict[str, Any]) -> None:
-        """Keep ``checkpoint``, just read from ``path`` by :func:`~innerloop.checkpoints.load_checkpoint`,
-        for Lightning's one load of that file, as long as the file stays as it is now."""
-        stamp = _file_stamp(path)
+    def hand_over(self, path: Path, checkpoint: dict[str, Any], stamp: tuple[int, ...] | None) -> None:
+        """Keep ``checkpoint``, read from ``path`` by :func:`~innerloop.checkpoints.load_checkpoint`, for
+        Lightning's one load of that file, as long as the file is the version ``stamp`` describes:
+        ``stamp`` is :func:`checkpoint_stamp` of ``path`` taken BEFORE that read (None: the file was not
+        there, nothing is kept), so that a file written again during the read or after it, the same
+        size in place too, is read again rather than given as the older bytes checked."""
         self._handed_over = None if stamp is None else (Path(path).resolve(), stamp, checkpoint)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -116,7 +124,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
         if (
             handed_over is not None
             and on_cpu
-            and handed_over[:2] == (Path(path).resolve(), _file_stamp(path))
+            and handed_over[:2] == (Path(path).resolve(), checkpoint_stamp(path))
         ):
             return handed_over[2]
         return load_checkpoint(path, location)

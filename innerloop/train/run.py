@@ -128,7 +128,7 @@ from innerloop.kernels.dispatch import refused_named_kernels
 from innerloop.models import ModelConfig
 from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
 from innerloop.registry.modules import loaded_plugin_modules
-from innerloop.train.checkpoint import SafetensorsCheckpointIO, holds_training_state
+from innerloop.train.checkpoint import SafetensorsCheckpointIO, checkpoint_stamp, holds_training_state
 from innerloop.train.data import (
     IGNORE_INDEX,
     Batch,
@@ -1037,13 +1037,17 @@ def with_missing_plugins_named(err: ConfigError, out_dir: str | Path) -> ConfigE
     return ConfigError(f"{' '.join(str(err).split()).rstrip('.')}; {missing}")
 
 
-def _hand_over_the_start(trainer: L.Trainer, start: Path | None, checkpoint: dict[str, Any] | None) -> None:
-    """Give the checkpoint a resume has read and checked (:func:`_check_resume`) to the Trainer's IO, for
-    its load of ``start`` (:meth:`~innerloop.train.checkpoint.SafetensorsCheckpointIO.hand_over`): read
-    once, not twice. A strategy with another IO reads the file again, as before."""
+def _hand_over_the_start(
+    trainer: L.Trainer, start: Path | None, read: tuple[tuple[int, ...] | None, dict[str, Any]] | None
+) -> None:
+    """Give the checkpoint a resume has read and checked (:func:`_check_resume`: the file's stamp taken
+    before the read, and the read) to the Trainer's IO, for its load of ``start``
+    (:meth:`~innerloop.train.checkpoint.SafetensorsCheckpointIO.hand_over`): read once, not twice, unless
+    the file changed since the read began. A strategy with another IO reads the file again, as before."""
     checkpoint_io = getattr(trainer.strategy, "checkpoint_io", None)
-    if start is not None and checkpoint is not None and isinstance(checkpoint_io, SafetensorsCheckpointIO):
-        checkpoint_io.hand_over(start, checkpoint)
+    if start is not None and read is not None and isinstance(checkpoint_io, SafetensorsCheckpointIO):
+        stamp, checkpoint = read
+        checkpoint_io.hand_over(start, checkpoint, stamp)
 
 
 def _confirm_a_pending_start(trainer: L.Trainer, start: Path | None, ckpt: Path) -> None:
@@ -1212,16 +1216,21 @@ def _write_loss_by_position_or_say_why_not(
         ) from None
 
 
-def _check_resume(run: RunConfig, module: LanguageModelModule, ckpt: Path) -> dict[str, Any]:
+def _check_resume(
+    run: RunConfig, module: LanguageModelModule, ckpt: Path
+) -> tuple[tuple[int, ...] | None, dict[str, Any]]:
     """Raise :class:`ConfigError` or :class:`CheckpointError` unless ``run`` can continue from ``ckpt``:
     the checkpoint reads and holds ``run``'s model (weights of the right shapes), the config saved beside
     it differs from ``run`` only where a resume may change it, and ``trainer.max_steps`` is not behind
-    the checkpoint. Reads only; returns the checkpoint read (for the Trainer's load, not read again)."""
+    the checkpoint. Reads only; returns the checkpoint read and its file's
+    :func:`~innerloop.train.checkpoint.checkpoint_stamp` taken before the read (for the Trainer's load,
+    which takes the read unless the file has changed since the read began)."""
     if not ckpt.exists():
         raise CheckpointError(
             f"{given_flag('resume')}: there is no checkpoint {str(ckpt)!r} (a run killed before its first "
             f"checkpoint leaves none); start the run again with {given_flag('overwrite')}"
         )
+    stamp = checkpoint_stamp(ckpt)  # before the read: a write during or after it shows as another stamp
     checkpoint = load_training_checkpoint(ckpt)
     saved_config = ckpt.parent / "config.yaml"
     if saved_config.is_file():
@@ -1243,7 +1252,7 @@ def _check_resume(run: RunConfig, module: LanguageModelModule, ckpt: Path) -> di
             f"trainer.max_steps={run.trainer.max_steps} is below the checkpoint's step {step}; "
             f"{given_flag('resume')} can only extend a run (trainer.max_steps >= {step})"
         )
-    return checkpoint
+    return stamp, checkpoint
 
 
 def _check_same_model(model: ModelConfig, checkpoint: dict[str, Any], ckpt: Path) -> None:

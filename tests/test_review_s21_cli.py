@@ -82,26 +82,41 @@ def test_ctrl_c_while_writing_the_final_plot_leaves_a_matching_pair(tmp_path, mo
     assert "while loss_by_position.* were written, after all 4 steps" in err and "--resume" in err, err
 
 
-@pytest.mark.slow  # trains twice, the first run's steps slowed to 0.6 s each (about 6 s)
-def test_the_command_suggested_after_a_max_time_stop_continues_the_run(tmp_path, monkeypatch, caplog, capsys):
-    import re
-    import time
+def _steps_taking(monkeypatch, seconds: float) -> None:
+    """Make every training step take ``seconds`` on the clock Lightning's Timer reads (``trainer.max_time``),
+    and nothing else move that clock: when the limit stops a run depends on its steps, not on how fast
+    this machine is or how loaded (a real sleep of 0.6 s against a limit of 1 s raced both)."""
+    import types
 
-    from innerloop.train import load_checkpoint
+    import lightning.pytorch.callbacks.timer as timer_module
+
     from innerloop.train.module import LanguageModelModule
 
-    data, out = _corpus(tmp_path), tmp_path / "run"
+    clock = [1000.0]
     step = LanguageModelModule.training_step
 
-    def slow_step(self, *args, **kwargs):
-        time.sleep(0.6)
+    def timed_step(self, *args, **kwargs):
+        clock[0] += seconds
         return step(self, *args, **kwargs)
 
-    with monkeypatch.context() as patch:
-        patch.setattr(LanguageModelModule, "training_step", slow_step)
-        assert main(["train", *_tiny(data, out, "trainer.max_steps=6", "trainer.max_time=00:00:00:01")]) == 0
+    monkeypatch.setattr(timer_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(LanguageModelModule, "training_step", timed_step)
+
+
+@pytest.mark.slow  # trains twice: a run stopped by its time limit, then the suggested resume (about 5 s)
+@pytest.mark.parametrize(("seconds", "stopped_at"), [(0.6, 2), (2.5, 1)])  # the second: a step over the limit
+def test_the_command_suggested_after_a_max_time_stop_continues_the_run(
+    tmp_path, monkeypatch, caplog, capsys, seconds, stopped_at
+):
+    import re
+
+    from innerloop.train import load_checkpoint
+
+    data, out = _corpus(tmp_path), tmp_path / "run"
+    _steps_taking(monkeypatch, seconds)
+    assert main(["train", *_tiny(data, out, "trainer.max_steps=6", "trainer.max_time=00:00:00:01")]) == 0
     reached = load_checkpoint(out / "last.safetensors")["global_step"]
-    assert 1 <= reached < 6
+    assert reached == stopped_at  # the first step at or past the limit's 1 s
     said = caplog.text + " ".join(capsys.readouterr())
     suggested = re.search(r"continue with `innerloop (train --resume out_dir=[^`]+)`", said)
     assert suggested is not None, said

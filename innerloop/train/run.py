@@ -901,14 +901,17 @@ def _as_override_value(text: str) -> str:
 
 def _continuing(run: RunConfig, trainer: L.Trainer) -> str:
     """The command (quoted) that continues a fit that ended before ``trainer.max_steps``: with a spent
-    ``trainer.max_time``, as long again (Lightning counts it over every launch: a bare resume stops at once)."""
+    ``trainer.max_time``, a limit of the time spent so far and as long again (Lightning counts it over
+    every launch: a bare resume stops at once; twice the limit, as before, stopped at once too where the
+    last step ran past the limit by more than the limit itself, e.g. a 2.5 s step against 1 s)."""
     budget = _time_budget(trainer)
     if budget is None:
         return continuing_call(run.out_dir)
-    seconds = math.ceil(2 * budget)
+    timer = next(c for c in trainer.callbacks if isinstance(c, Timer))  # _time_budget found it
+    seconds = math.ceil(timer.time_elapsed() + budget)
     longer = f"{seconds // 86400:02d}:{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
     resume = continuing_call(run.out_dir, f" trainer.max_time={longer}")
-    return f"{resume} (as long again; trainer.max_time=null for no limit)"
+    return f"{resume} (the time spent and as long again; trainer.max_time=null for no limit)"
 
 
 def _fit(

@@ -322,8 +322,8 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         default=[],
         metavar="PATH",
         help="files, directories or globs to evaluate on (default: the windows the run's validation read, "
-        "from the config.yaml beside the checkpoint when it describes the checkpoint's model; else the "
-        "held-out part of the standard-library corpus)",
+        "from the config.yaml beside the checkpoint when it describes the checkpoint's model, else from the "
+        "data.* the checkpoint records; else the held-out part of the standard-library corpus)",
     )
     evaluate.add_argument("--split", default=None, help=_SPLIT_HELP)
     evaluate.add_argument("--held-out", choices=HELD_OUT, default="val", help=_HELD_OUT_HELP)
@@ -338,15 +338,15 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         type=_BATCH_SIZE,
         default=None,
         help="windows per batch (default: the run's data.batch_size on its own windows; 16 on --data files "
-        "or without the run's config.yaml)",
+        "or of a checkpoint whose run is unknown)",
     )
     evaluate.add_argument(
         "--batches",
         type=_BATCHES,
         default=None,
         help="number of batches of --batch-size windows to evaluate (default: as many windows as the run's "
-        "validation reads, data.val_batches x data.batch_size; 128 windows from --data files or without the "
-        "run's config.yaml)",
+        "validation reads, data.val_batches x data.batch_size; 128 windows from --data files or of a "
+        "checkpoint whose run is unknown)",
     )
     evaluate.add_argument("--no-ttt", action="store_true", help=_NO_TTT_HELP)
     evaluate.add_argument(
@@ -904,9 +904,9 @@ def _token_unit(checkpoint: str, data: Sequence[str] = ()) -> str:
     """``byte`` for text read by the byte tokenizer, else ``token`` (a BPE tokenizer's, or the recall
     task's symbols, which a recall run's evaluation reads without ``--data``)."""
 
-    from innerloop.checkpoints import checkpoint_tokenizer
+    from innerloop.checkpoints import checkpoint_tokenizer, recorded_entry
     from innerloop.data.tokenizer import ByteTokenizer
-    from innerloop.train.run import read_run_config, run_config_path
+    from innerloop.train.run import RUN_DATA_KEY, read_run_config, run_config_path
 
     saved = None if data else run_config_path(checkpoint)
     if saved is not None:
@@ -915,6 +915,10 @@ def _token_unit(checkpoint: str, data: Sequence[str] = ()) -> str:
                 return "token"
         except ConfigError:
             pass  # the evaluation has read it already, or reported it
+    elif not data:  # a checkpoint alone: eval read the data its run recorded (the recall task's symbols too)
+        recorded = recorded_entry(checkpoint, RUN_DATA_KEY)
+        if isinstance(recorded, dict) and recorded.get("data.name") == "recall":
+            return "token"
     return "byte" if isinstance(checkpoint_tokenizer(checkpoint), ByteTokenizer) else "token"
 
 

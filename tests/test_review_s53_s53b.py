@@ -13,12 +13,17 @@
   checked (checksum, finite) changed when the file was rewritten in place afterwards (measured: a
   flipped last byte turned a checked 1.0 into -4.0 in the dict already returned; the resume above
   then trained from it and diverged). They are copies now.
+- ``innerloop eval`` of a checkpoint without its config.yaml (moved or copied alone) scored the default
+  corpus (measured: perplexity 163.331 on 128 default-corpus windows against 168.388 on the run's own 4
+  validation windows), though the checkpoint records its run's ``data.*`` and seed. It scores what they
+  name now, refuses (naming the record and ``--data``) where that data is gone, and ``--data`` wins.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 from datetime import timedelta
 from pathlib import Path
 
@@ -171,3 +176,26 @@ def test_a_resume_whose_checkpoint_is_rewritten_after_its_checks_reads_the_new_b
     err = capsys.readouterr().err
     # the file as it is now is corrupt: Lightning's load reads it and says so, not train from the older bytes
     assert status != 0 and "checksum" in err, (status, err)
+
+
+@pytest.mark.slow  # trains: a tiny run of 2 steps, then four evaluations of its 4 windows (about 4 s)
+def test_eval_of_a_checkpoint_moved_alone_scores_the_data_it_recorded(tmp_path) -> None:
+    from innerloop.cli import main
+    from innerloop.train.data import DataError
+    from innerloop.train.run import evaluate
+
+    data, out = _corpus(tmp_path), tmp_path / "run"
+    assert main(["train", *_tiny(data, out, "trainer.max_steps=2")]) == 0
+    beside, _, _ = evaluate(out / "last.safetensors", progress_bar=False)
+    moved = tmp_path / "moved" / "last.safetensors"
+    moved.parent.mkdir()
+    shutil.copy(out / "last.safetensors", moved)
+    alone, _, _ = evaluate(moved, progress_bar=False)
+    assert alone == beside  # was the default corpus's 128 windows: another number on other data
+    away = data.rename(tmp_path / "away")
+    with pytest.raises(
+        DataError, match=r"as '.*moved/last.safetensors' recorded them, no config.yaml beside"
+    ):
+        evaluate(moved, progress_bar=False)  # never the default corpus in its place
+    given, _, _ = evaluate(moved, [str(away)], progress_bar=False)  # explicit data wins
+    assert given["windows"] == 128 and given["val_loss"] != alone["val_loss"]

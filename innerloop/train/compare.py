@@ -603,14 +603,15 @@ class _TrainingData:
 
 
 def _training_data(model: ComparedModel) -> _TrainingData:
-    """:class:`_TrainingData` of ``model``, from the config.yaml beside its checkpoint and what the
-    checkpoint recorded."""
-    if run_config_path(model.checkpoint) is None:
-        return _TrainingData(None, f"no config.yaml beside {str(model.checkpoint)!r}")
+    """:class:`_TrainingData` of ``model``, from the config.yaml beside its checkpoint (else the run's
+    ``data.*`` its checkpoint records, as :func:`~innerloop.train.run.evaluation_windows` reads them) and
+    what the checkpoint recorded."""
     try:
         run = run_of_checkpoint(model.checkpoint, model.module.hparams["model"])
     except ConfigError as err:
         return _TrainingData(None, str(err))
+    if run is None and run_config_path(model.checkpoint) is None:
+        return _TrainingData(None, f"no config.yaml beside {str(model.checkpoint)!r}, and it records no run")
     if run is None:
         return _TrainingData(None, f"the config.yaml beside {str(model.checkpoint)!r} is another run's")
     recorded = model.data_state.get("validation_files")

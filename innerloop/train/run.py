@@ -1516,7 +1516,7 @@ def _run_beside(checkpoint: str | Path, model: dict[str, Any]) -> tuple[RunConfi
     beside ...``)."""
     saved = run_config_path(checkpoint)
     if saved is None:
-        return None, f"there is no config.yaml beside {str(checkpoint)!r}"
+        return _run_recorded_in(checkpoint, model)
     try:
         run = read_run_config(saved)
     except ConfigError as err:
@@ -1613,6 +1613,26 @@ def _with_recorded_data(run: RunConfig, recorded: dict[str, Any]) -> RunConfig |
     except (TypeError, ValueError):
         return None
     return replace(run, data=data, seed=recorded["seed"])
+
+
+def _run_recorded_in(checkpoint: str | Path, model: dict[str, Any]) -> tuple[RunConfig | None, str]:
+    """The run that wrote ``checkpoint``, which has no config.yaml beside it (moved or copied alone), as
+    far as its data goes: the ``data.*`` and ``seed`` it recorded (:data:`RUN_DATA_KEY`) with its model,
+    the rest default (``out_dir`` the checkpoint's folder): what its validation read, as the config.yaml
+    would have said (before, the default corpus was scored: another number on other data). None, and
+    why, where it records no run (an ``innerloop convert``-ed model, an older innerloop)."""
+    absent = f"there is no config.yaml beside {str(checkpoint)!r}"
+    recorded = recorded_entry(checkpoint, RUN_DATA_KEY)
+    if not isinstance(recorded, dict):
+        return None, f"{absent}, and the checkpoint records no run's data"
+    try:
+        base = RunConfig(model=ModelConfig.from_dict(model), out_dir=str(Path(checkpoint).parent))
+    except (TypeError, ValueError) as err:
+        return None, f"{absent}, and it holds a model config this innerloop cannot read ({err})"
+    run = _with_recorded_data(base, recorded)
+    if run is None:
+        return None, f"{absent}, and the run's data it records is incomplete"
+    return run, ""
 
 
 def _as_tuples(value: Any) -> Any:
@@ -1803,12 +1823,25 @@ def _run_validation_windows(
             inputs, targets = validation_examples(run, seq_len, count, tokenizer, read)
         tag = _run_data_tag(run, tokenizer, held_out)
     except DataError as err:
-        saved = Path(checkpoint).parent / "config.yaml"
         raise DataError(
-            f"the run's {words} data (data.* of {str(saved)!r}) cannot be read: {err}{note}"
+            f"the run's {words} data ({_data_origin(checkpoint)}) cannot be read: {err}{note}"
         ) from None
+    if run_config_path(checkpoint) is None:
+        note += f"; as {str(checkpoint)!r} recorded them: no config.yaml beside it"
     source = f"the run's {words} windows ({_describe_data(run)}{note})"
     return EvaluationWindows(inputs, targets, batch_size, tag, source)
+
+
+def _data_origin(checkpoint: str | Path) -> str:
+    """Where the ``data.*`` of the run beside ``checkpoint`` were read from, for messages: its config.yaml,
+    else the checkpoint's own record (:func:`_run_recorded_in`), with how to score other text."""
+    saved = run_config_path(checkpoint)
+    if saved is not None:
+        return f"data.* of {str(saved)!r}"
+    return (
+        f"data.* as {str(checkpoint)!r} recorded them, no config.yaml beside it; give "
+        f"{given_argument('paths', 'FILES', placeholder=True)} to evaluate on other text"
+    )
 
 
 def _run_test_examples(

@@ -573,7 +573,12 @@ def left_pads(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     if bool(well_formed.all()):
         return first.to(torch.int64)
     bad = int((~well_formed).nonzero()[0, 0])
-    described = mask_padding(attention_mask[bad : bad + 1])[1].replace("row 0", f"row {bad}")  # type: ignore[index]
+    kind, described = mask_padding(attention_mask[bad : bad + 1])  # type: ignore[misc]
+    if kind == "left":  # zeros before its tokens and after them (a hole is named first): the latter are wrong
+        described = "right padding" + described.removeprefix("left padding").replace(
+            "zeros before its first token", "zeros before its first token and after its last"
+        )
+    described = described.replace("row 0", f"row {bad}")
     raise ValueError(
         f"attention_mask has left padding (row {int(padded.nonzero()[0, 0])}) and {described}: a batch is "
         "either left padded (zeros then ones in every row, each row at least one token) or right padded "

@@ -121,3 +121,20 @@ def test_left_padding_mixed_with_a_hole_or_right_padding_is_refused() -> None:
     for bad_row, what in (([1, 0, 1], "a hole"), ([1, 1, 0], "right padding"), ([0, 1, 0], "right padding")):
         with pytest.raises(ValueError, match=f"left padding \\(row 0\\) and {what} \\(row 1"):
             left_pads(torch.tensor([[0, 1, 1], bad_row]))
+
+
+def test_a_left_padded_cache_continues_with_the_whole_sequences_mask_or_the_new_tokens_ones() -> None:
+    """Mutant: ``padded_rows`` expecting ``columns > pads`` (not ``>=``) refused the mask generate() extends
+    (each row's pads as zeros, then ones) with a left-padded cache; no test passed a mask with one.
+    Defect (MED) found writing it: the mask of the new tokens alone, all ones, which its docstring and its
+    message name as valid, was refused (compared with a ``[columns]`` tensor, never equal to ``[B, columns]``)."""
+    model = hf_model()
+    ids = torch.tensor([[1, 2, 3, 4, 5], [0, 0, 7, 8, 9]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    following = torch.tensor([[11, 12], [13, 14]])
+    with torch.no_grad():
+        cache = model(ids, attention_mask=mask).cache
+        expected = model(following, cache=cache).logits
+        whole = torch.cat((mask, torch.ones(2, 2, dtype=mask.dtype)), dim=1)
+        for given in (whole, torch.ones(2, 2, dtype=mask.dtype)):
+            assert torch.equal(model(following, attention_mask=given, cache=cache).logits, expected)

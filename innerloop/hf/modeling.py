@@ -657,7 +657,9 @@ def padded_rows(
         return cache.pads
     pads = cache.pads.to(attention_mask.device)
     columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    expected = columns >= (pads[:, None] if attention_mask.shape[1] > length else 0)  # [B, columns]
+    # the whole sequence's mask: each row's pads zeros; the new tokens' alone: ones ([B, columns] either way:
+    # `columns >= 0`, of shape [columns], never equalled a [B, columns] mask, which was refused)
+    expected = columns >= (pads if attention_mask.shape[1] > length else torch.zeros_like(pads))[:, None]
     if not torch.equal(attention_mask.to(torch.bool), expected):
         raise ValueError(
             f"attention_mask does not continue the left padding of the cache passed in (its rows have "

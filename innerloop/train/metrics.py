@@ -24,6 +24,11 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 from innerloop.core.functional import as_integer, check_flag
 from innerloop.models.config import MODEL_FIELD_BOUNDS
 
+_FORWARD_SETTINGS = (
+    "_update_count", "_to_sync", "_should_unsync", "compute_on_cpu", "_enable_grad", "_is_synced", "_computed",
+)  # fmt: skip
+"""The attributes torchmetrics' ``forward`` changes besides the states (and sets back when it succeeds)."""
+
 
 class Float64States(Metric):
     """A metric whose floating-point states (sums of losses, counts) are float64 and stay so when its
@@ -39,6 +44,19 @@ class Float64States(Metric):
         this = super()._apply(fn, *args, **kwargs)
         self._float64_states()
         return this
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """torchmetrics' ``forward`` (this batch's value, its sums added to the metric's), which keeps
+        what the metric had accumulated when the batch is refused: torchmetrics resets the metric before
+        the batch's update, so an update's ``ValueError`` left it reset (every earlier batch's sums
+        lost, silently, for a caller that skips the batch) and its sync on ``compute`` switched off."""
+        kept = {name: getattr(self, name) for name in (*self._defaults, *_FORWARD_SETTINGS)}
+        try:
+            return super().forward(*args, **kwargs)
+        except Exception:
+            for name, value in kept.items():
+                setattr(self, name, value)
+            raise
 
     def _float64_states(self) -> None:
         for name, default in self._defaults.items():
@@ -213,15 +231,39 @@ class LossByPosition(Float64States):
                 f"mask must have token_loss's shape {tuple(token_loss.shape)}, got {tuple(mask.shape)}"
             )
         length = token_loss.shape[1]
+        self._check_length(length)
+        self._grow_to(length)
+        losses = torch.where(mask, token_loss.detach().to(torch.float64), 0.0).sum(dim=0)  # [T]
+        self.loss_by_position[:length] += losses
+        self.count_by_position[:length] += mask.sum(dim=0).to(torch.float64)
+
+    def _check_length(self, length: int) -> None:
+        """Without ``varying_lengths``, refuse a batch of another length than the first update's."""
         if not self.varying_lengths and self.seq_len not in (None, length):
             raise ValueError(
                 f"LossByPosition was set up for length {self.seq_len}, got length {length}; construct it "
                 "with varying_lengths=True to bucket batches of differing lengths by position"
             )
-        self._grow_to(length)
-        losses = torch.where(mask, token_loss.detach().to(torch.float64), 0.0).sum(dim=0)  # [T]
-        self.loss_by_position[:length] += losses
-        self.count_by_position[:length] += mask.sum(dim=0).to(torch.float64)
+
+    def _check_combined_lengths(self, lengths: list[int], what: str) -> None:
+        """Without ``varying_lengths``, refuse to add up states of different lengths (one of no data,
+        length 0, adds to any): ``what`` says whose."""
+        seen = sorted({length for length in lengths if length > 0})
+        if not self.varying_lengths and len(seen) > 1:
+            raise ValueError(
+                f"LossByPosition cannot combine {what} of lengths {' and '.join(map(str, seen))}: without "
+                "varying_lengths every batch has the first one's length; construct it with "
+                "varying_lengths=True to bucket batches of differing lengths by position"
+            )
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The loss by position of this batch, its sums added to the metric's (torchmetrics' ``forward``),
+        a batch of another length refused as :meth:`update` refuses it (torchmetrics runs the update on
+        a reset metric, which took any length and then re-bucketed the earlier batches' positions)."""
+        token_loss = args[0] if args else kwargs.get("token_loss")
+        if isinstance(token_loss, torch.Tensor) and token_loss.dim() == 2:
+            self._check_length(token_loss.shape[1])
+        return super().forward(*args, **kwargs)
 
     def _grow_to(self, length: int) -> None:
         """Extend the per-position sums with zeros to ``length`` positions (if shorter)."""
@@ -237,11 +279,17 @@ class LossByPosition(Float64States):
             torch.tensor([self.loss_by_position.numel()], device=self.loss_by_position.device),
             group=process_group or self.process_group,
         )
-        self._grow_to(max(int(n) for n in lengths))
+        lengths = [int(n) for n in lengths]
+        self._check_combined_lengths(lengths, "the processes' states")  # every process raises alike
+        self._grow_to(max(lengths))
         super()._sync_dist(dist_sync_fn, process_group)
 
     def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
-        """Add another state of this metric (``forward``'s), each extended to the longer length."""
+        """Add another state of this metric (``forward``'s, ``merge_state``'s), each extended to the
+        longer length."""
+        self._check_combined_lengths(
+            [self.loss_by_position.numel(), incoming_state["loss_by_position"].numel()], "states"
+        )
         self._grow_to(incoming_state["loss_by_position"].numel())
         length = self.loss_by_position.numel()
         incoming = {name: F.pad(value, (0, length - value.numel())) for name, value in incoming_state.items()}

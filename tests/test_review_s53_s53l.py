@@ -79,3 +79,25 @@ def test_loss_by_position_of_one_length_refuses_processes_of_other_lengths() -> 
     with pytest.raises(ValueError, match="lengths 4 and 6"):
         mine.sync(dist_sync_fn=gather, distributed_available=lambda: True)
     assert mine.seq_len == 4 and not mine._is_synced
+
+
+def test_perplexity_without_ignore_index_names_the_setting_to_give() -> None:
+    """A target of -100 on a metric built without ignore_index said 'or ignore_index=None for unscored
+    tokens': the setting it has, not the one to give."""
+    metric = Float64Perplexity()
+    with pytest.raises(ValueError, match="id -100, outside") as error:
+        metric.update(torch.randn(1, 2, 4), torch.tensor([[1, -100]]))
+    assert "construct it with ignore_index=-100 (it has none)" in str(error.value)
+    assert "ignore_index=None for" not in str(error.value)
+    with pytest.raises(ValueError, match=r"id 9, .*ignore_index=-100 for unscored tokens"):
+        Float64Perplexity(ignore_index=-100).update(torch.randn(1, 2, 4), torch.tensor([[1, 9]]))
+
+
+def test_inner_diagnostics_of_other_layer_counts_are_refused_by_name() -> None:
+    """merge_state of a diagnostics metric of 3 layers into one of 2 was torch's bare 'The size of tensor
+    a (3) must match the size of tensor b (2)'."""
+    mine, theirs = InnerLossDiagnostics(2), InnerLossDiagnostics(3)
+    theirs.update(2, torch.rand(2), torch.rand(2))
+    with pytest.raises(ValueError, match="of 2 layers cannot combine the states of 3 layers"):
+        mine.merge_state(theirs)
+    assert mine.count.tolist() == [0.0, 0.0]

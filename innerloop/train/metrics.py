@@ -94,9 +94,15 @@ class Float64Perplexity(Float64States, Perplexity):
         )
         outside = scored & ((target < 0) | (target >= logits.shape[-1]))
         if bool(outside.any()):
+            given = int(target[outside][0])
+            unscored = (
+                f"or ignore_index={self.ignore_index} for unscored tokens"
+                if self.ignore_index is not None
+                else f"or, for unscored tokens, construct it with ignore_index={given} (it has none)"
+            )
             raise ValueError(
-                f"target holds id {int(target[outside][0])}, outside the vocabulary [0, {logits.shape[-1]}) of "
-                f"preds' last dimension; give ids in it, or ignore_index={self.ignore_index} for unscored tokens"
+                f"target holds id {given}, outside the vocabulary [0, {logits.shape[-1]}) of preds' last "
+                f"dimension; give ids in it, {unscored}"
             )
         picked = logits.gather(1, target.where(scored, 0)[:, None]).squeeze(1)  # [N] the targets' logits
         negative_log_probs = (torch.logsumexp(logits, dim=-1) - picked)[scored]
@@ -348,6 +354,16 @@ class InnerLossDiagnostics(Float64States):
         self.before_sum[index] += before.detach().to(torch.float64).sum()
         self.after_sum[index] += after.detach().to(torch.float64).sum()
         self.count[index] += before.numel()
+
+    def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
+        """Add another state of this metric (``forward``'s, ``merge_state``'s): of as many layers."""
+        layers = incoming_state["count"].numel()
+        if layers != self.num_layers:
+            raise ValueError(
+                f"InnerLossDiagnostics of {self.num_layers} layers cannot combine the states of {layers} "
+                "layers: merge the diagnostics of one model"
+            )
+        super()._reduce_states(incoming_state)
 
     def compute(self) -> dict[str, torch.Tensor]:
         return {

@@ -101,3 +101,42 @@ def test_inner_diagnostics_of_other_layer_counts_are_refused_by_name() -> None:
     with pytest.raises(ValueError, match="of 2 layers cannot combine the states of 3 layers"):
         mine.merge_state(theirs)
     assert mine.count.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.slow  # 0.8 s: the module's construction
+def test_a_module_of_a_one_token_vocabulary_is_built_and_validated() -> None:
+    """model.vocab_size=1 is a valid model (its bounds start at 1), but LanguageModelModule (and so
+    save_model_checkpoint of such a model) failed in torchmetrics with 'Expected argument `num_classes`
+    to be an integer larger than 1, but got 1', naming nothing of innerloop's. Every next token is then
+    token 0: accuracy 1, loss 0."""
+    from dataclasses import replace
+
+    from trainer_testing import SMALL_MODEL
+
+    from innerloop.train import LanguageModelModule
+
+    module = LanguageModelModule(replace(SMALL_MODEL, vocab_size=1), diagnostics_batches=0).eval()
+    targets = torch.zeros(2, 5, dtype=torch.long)
+    targets[0, 0] = -100
+    with torch.no_grad():
+        module._evaluate_batch((torch.zeros(2, 5, dtype=torch.long), targets), 0)
+    assert float(module._accuracy()) == 1.0 and float(module.val_ppl.mean_loss()) == 0.0
+    assert module.val_ppl.scored_tokens() == 9
+
+
+def test_validation_accuracy_of_argmax_ids_counts_as_of_logits() -> None:
+    """val_acc is given the logits' argmax ids (a one-token vocabulary has no two classes of logits):
+    the same counts as torchmetrics' own argmax of the logits, ties (argmax takes the first) and NaN
+    rows included."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    torch.manual_seed(0)
+    logits = torch.randint(0, 3, (64, 6)).float()  # many ties
+    logits[5] = float("nan")
+    logits[7, 2] = float("nan")
+    targets = torch.randint(0, 6, (64,))
+    targets[:4] = -100
+    of_logits, of_ids = (MulticlassAccuracy(6, average="micro", ignore_index=-100) for _ in range(2))
+    of_logits.update(logits, targets)
+    of_ids.update(logits.argmax(dim=-1), targets)
+    assert (of_logits.tp.sum(), of_logits.fn.sum()) == (of_ids.tp.sum(), of_ids.fn.sum())

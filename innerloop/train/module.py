@@ -333,8 +333,10 @@ class LanguageModelModule(L.LightningModule):
         plugin_sources(model)  # read the plugins' sources now: the checkpoints record the code that ran
         plugin_record(model)  # and their settings (public attributes read once per plugin object)
         self.val_ppl = Float64Perplexity(ignore_index=IGNORE_INDEX)
+        # given the logits' argmax ids (_evaluate_batch), so a one-token vocabulary (vocab_size=1, which
+        # torchmetrics refuses as num_classes) counts as one of two classes, the second never seen
         self.val_acc = MulticlassAccuracy(
-            num_classes=self.model.config.vocab_size, average="micro", ignore_index=IGNORE_INDEX
+            num_classes=max(2, self.model.config.vocab_size), average="micro", ignore_index=IGNORE_INDEX
         )
         self.val_loss_by_position = LossByPosition(num_position_buckets, varying_lengths=True)
         self.inner_diagnostics = InnerLossDiagnostics(self.model.config.num_layers)
@@ -805,7 +807,7 @@ class LanguageModelModule(L.LightningModule):
             what = f"the validation loss is not finite after {self.global_step} optimizer steps"
             raise self._non_finite_error(what, calls)
         self.val_ppl.update(logits, targets)
-        self.val_acc.update(logits.flatten(0, 1), targets.flatten())
+        self.val_acc.update(logits.flatten(0, 1).argmax(dim=-1), targets.flatten())  # as of the logits
         self.val_loss_by_position.update(token_loss, scored)
         kept = scored.any(dim=1)  # [B]: a row that scores nothing (multi-process padding) is not diagnosed
         if captured and bool(kept.any()):

@@ -50,7 +50,8 @@ class Float64States(Metric):
         what the metric had accumulated when the batch is refused: torchmetrics resets the metric before
         the batch's update, so an update's ``ValueError`` left it reset (every earlier batch's sums
         lost, silently, for a caller that skips the batch) and its sync on ``compute`` switched off."""
-        kept = {name: getattr(self, name) for name in (*self._defaults, *_FORWARD_SETTINGS)}
+        names = (*self._defaults, *_FORWARD_SETTINGS)  # a torchmetrics without one of the settings: skipped
+        kept = {name: getattr(self, name) for name in names if hasattr(self, name)}
         try:
             return super().forward(*args, **kwargs)
         except Exception:

@@ -540,40 +540,33 @@ def plugin_record(model: Mapping[str, Any], earlier: Any = None) -> dict[str, di
 
 # -- the settings of a plugin object (Huber(delta=2.0)), recorded beside its origin ---------------------
 
-_SETTINGS: IdentityTable[dict[str, Any]] = IdentityTable()
-"""The public attributes of each registered plugin object that declares no settings, read once, the first
-time they are asked for (a training run asks when its module is built): an object that changes one as it
-runs (a counter) records and compares what it was registered with. Declared settings
-(:func:`declares_settings`) are read at each save and load: they are what the object computes with then
-(a loss whose ``delta`` was changed after a first save). Held weakly, as :data:`_SOURCE_DIGESTS`."""
-
 
 def _settings_now(kind: str, name: str) -> dict[str, Any]:
-    """:func:`plugin_settings` of the object registered now under ``name`` of ``kind``: its declared
-    settings as they are now, or its public attributes as first read in this process (:data:`_SETTINGS`);
-    ``{}`` when none is registered."""
+    """:func:`plugin_settings` of the object registered now under ``name`` of ``kind``, read as they are
+    now, declared or not (a save records what the object computes with then: ``loss.delta = 2.0`` after a
+    first save or load is recorded as 2.0); ``{}`` when none is registered. (Public attributes were read
+    once per object, so such a change was recorded as the first value by every later save, and a load
+    with that value registered computed another function, quietly. A counter bumped as the plugin runs is
+    recorded as it is at the save and warned of where a load differs, as the docs say of such
+    attributes.)"""
     entry = _registered_entry(kind, name)
-    if entry is None:
-        return {}
-    if declares_settings(entry.obj):
-        return plugin_settings(entry.obj)
-    if entry.obj not in _SETTINGS:
-        _SETTINGS.set(entry.obj, plugin_settings(entry.obj))
-    return dict(_SETTINGS.get(entry.obj) or {})
+    return {} if entry is None else plugin_settings(entry.obj)
 
 
 def _recorded_settings(record: Any) -> dict[tuple[str, str], dict[str, Any]]:
-    """``{(kind, name): settings}`` of each item of a plugin record that records settings (a mapping)."""
+    """``{(kind, name): settings}`` of each item of a plugin record: its ``"settings"`` (a mapping), or
+    ``{}`` for an item without them (a plugin with none when saved: a save records them where it has
+    any); an item whose ``"settings"`` is no mapping (an edited file) is left out."""
     if not isinstance(record, Mapping):
         return {}
     return {
-        (kind, name): dict(origin["settings"])
+        (kind, name): dict(origin.get("settings", {}))
         for kind, names in record.items()
         if kind in KIND_NAMES and isinstance(names, Mapping)
         for name, origin in names.items()
         if isinstance(name, str)
         and isinstance(origin, Mapping)
-        and isinstance(origin.get("settings"), Mapping)
+        and isinstance(origin.get("settings", {}), Mapping)
     }
 
 
@@ -601,8 +594,11 @@ def check_plugin_settings(source: str, record: Any, model: Mapping[str, Any] | N
     than recorded (:func:`same_setting`), where the plugin declares its settings
     (:func:`declares_settings`); one that does not (whose public attributes were recorded, which may be
     no settings: a counter, a path) is warned of (:class:`PluginChangedWarning`) and loads. A name not
-    registered now, another plugin under it (:func:`warn_changed_plugins` warns), and a record without
-    settings (an older file, a plugin with none) are not checked here."""
+    registered now, another plugin under it (:func:`warn_changed_plugins` warns), and an item whose
+    ``"settings"`` is no mapping are not checked here. An item without settings (the plugin had none when
+    saved, or the file predates settings records) is checked as settings ``{}``: settings the plugin has
+    now are a setting one side lacks, warned of naming them (they loaded unchecked and quiet, though the
+    value now may not be the one the model trained with)."""
     settings = _recorded_settings(record)
     for kind, name, recorded in _recorded_plugins(record, model):
         current = plugin_origin(kind, name)

@@ -331,7 +331,7 @@ class LanguageModelModule(L.LightningModule):
         self.save_hyperparameters(hyperparameters)
         self.model = build_model(ModelConfig.from_dict(model))  # CausalLM, or E2ELM for mixer='e2e'
         plugin_sources(model)  # read the plugins' sources now: the checkpoints record the code that ran
-        plugin_record(model)  # and their settings (public attributes read once per plugin object)
+        plugin_record(model)  # and their settings, read at each save: a settings() that fails, fails here
         self.val_ppl = Float64Perplexity(ignore_index=IGNORE_INDEX)
         # given the logits' argmax ids (_evaluate_batch), so a one-token vocabulary (vocab_size=1, which
         # torchmetrics refuses as num_classes) counts as one of two classes, the second never seen

@@ -1,0 +1,87 @@
+"""Review s53i: the settings-check leftovers of s52a/s52l, and the pluggy surface at inputs nobody tried.
+
+- A plugin that had no settings when a checkpoint was saved (the record then has no ``"settings"``) but
+  has some now loaded unchecked and quiet: the value it has now may not be the one it trained with. It is
+  a setting one side lacks, so it is warned of (:class:`PluginChangedWarning`) naming the plugin and the
+  settings, as a setting added to ``settings()`` since the save already was.
+- The public attributes of a plugin that declares no settings were read once per object, the first time
+  asked (a training run's start, a load): ``loss.scale = 2.0`` after that was recorded as the first value
+  by every later save, so a load with that first value registered computed another function, quietly.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from test_review_s52_s52a import NAME, ScaledTargets, _config, _register, _saved
+
+from innerloop import HalfSquaredError, LossPairs
+from innerloop.checkpoints import PluginChangedWarning, load_model, recorded_plugins
+
+pytestmark = pytest.mark.usefixtures("fresh_global_registry")
+
+
+class Unsettled(HalfSquaredError):
+    """A plugin loss with no settings: no ``settings()``, no public attribute (its scale is private)."""
+
+    name = NAME
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self._scale = scale
+
+    def pairs(self, views, carry):
+        return LossPairs(inputs=views.key, targets=self._scale * views.value, valid=None, carry={})
+
+
+def _declared_scale(self) -> dict[str, float]:
+    return {"scale": self._scale}
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_settings_a_plugin_gained_since_the_save_are_warned_of(tmp_path, monkeypatch, declared) -> None:
+    """Saved with no settings (nothing recorded), loaded with the same class now declaring ``scale``
+    (``settings()``) or keeping it public: it loaded quietly; now one warning names the plugin and the
+    setting it has now."""
+    path = _saved(tmp_path, Unsettled(2.0))
+    assert "settings" not in recorded_plugins(path)["inner_loss"][NAME]
+    loss = Unsettled(1.0)
+    if declared:
+        monkeypatch.setattr(Unsettled, "settings", _declared_scale, raising=False)
+    else:
+        loss.scale = 1.0
+    _register(loss)
+    with pytest.warns(PluginChangedWarning) as caught:
+        assert load_model(path).config.ttt.inner_loss == NAME
+    messages = [str(w.message) for w in caught if issubclass(w.category, PluginChangedWarning)]
+    assert len(messages) == 1, messages
+    for part in (f"inner loss {NAME!r}", "'scale': 1.0", "differing in 'scale'", "with the settings {}"):
+        assert part in messages[0], messages[0]
+
+
+def test_a_plugin_without_settings_then_and_now_loads_quietly(tmp_path) -> None:
+    """Nothing recorded, nothing now (the built-ins' case too): no warning."""
+    path = _saved(tmp_path, Unsettled(2.0))
+    _register(Unsettled(2.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PluginChangedWarning)
+        assert load_model(path).config.ttt.inner_loss == NAME
+
+
+def test_a_public_attribute_changed_after_a_first_save_is_recorded_as_it_is(tmp_path) -> None:
+    """``ScaledTargets`` keeps ``scale`` as a public attribute (no ``settings()``): saved once with 1.0,
+    then ``loss.scale = 2.0`` (a notebook's second run): the second save recorded 1.0, and a load with
+    ``ScaledTargets(1.0)`` registered computed another function than the run that saved it, quietly."""
+    from innerloop.models import build_model
+    from innerloop.train.module import save_model_checkpoint
+
+    loss = ScaledTargets(1.0)
+    _saved(tmp_path, loss)
+    loss.scale = 2.0
+    torch.manual_seed(0)
+    path = save_model_checkpoint(build_model(_config()), tmp_path / "second.safetensors")
+    assert recorded_plugins(path)["inner_loss"][NAME]["settings"] == {"scale": 2.0}
+    _register(ScaledTargets(1.0))
+    with pytest.warns(PluginChangedWarning, match="differing in 'scale'"):
+        load_model(path)

@@ -587,6 +587,56 @@ def same_setting(saved: Any, now: Any) -> bool:
     return bool(saved == now)
 
 
+def differing_settings(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """The names of the settings that differ between ``saved`` and ``now`` (:func:`same_setting`), or
+    that one side has and the other has not; sorted."""
+    return sorted(
+        key
+        for key in saved.keys() | now.keys()
+        if key not in saved or key not in now or not same_setting(saved[key], now[key])
+    )
+
+
+_HELD_PLUGINS: tuple[tuple[type, str, str], ...] = (
+    (TTTLayer, "inner_model", "inner_model"),
+    (TTTLayer, "inner_loss", "inner_loss"),
+    (TTTLayer, "update_rule", "update_rule"),
+    (E2ELM, "inner_loss", "model_inner_loss"),
+    (E2ELM, "update_rule", "model_update_rule"),
+)
+"""``(module class, attribute, registry kind)`` of each plugin object a built model holds."""
+
+
+def check_held_plugins(source: str, model: torch.nn.Module) -> None:
+    """Refuse (:class:`PluginSettingsError`, one line naming ``source`` and the plugin) to save ``model``
+    where a plugin object one of its layers holds is not the one registered now under its name, and is
+    of another class or has other settings (:func:`plugin_settings`): the plugin was removed and another
+    registered under its name after the model was built (a notebook's second try), and the checkpoint's
+    record, which describes the registered plugin, would not describe what the model computes with (a
+    load with that plugin registered would be quiet and compute another function). A name registered
+    nowhere now is left to the record (which then names no plugin for it, and a load says so)."""
+    registry = get_registry()
+    for module in model.modules():
+        for cls, attribute, kind in _HELD_PLUGINS:
+            held = getattr(module, attribute, None) if isinstance(module, cls) else None
+            name = getattr(held, "name", None)
+            entry = _registered_entry(kind, name) if isinstance(name, str) else None
+            if entry is None or entry.obj is held:
+                continue
+            held_settings, registered_settings = plugin_settings(held), plugin_settings(entry.obj)
+            if type(held) is type(entry.obj) and not differing_settings(held_settings, registered_settings):
+                continue
+            raise PluginSettingsError(
+                f"{source}: the model holds the {kind.replace('_', ' ')} {name!r} of class "
+                f"{type(held).__qualname__} with the settings {held_settings}, but the plugin registered under "
+                f"that name now ({registry.loaded_by(entry.origin)!r}) is a {type(entry.obj).__qualname__} with "
+                f"{registered_settings}, which the checkpoint would record: a load would compute another "
+                "function. Register the object the model holds under that name again "
+                "(innerloop.get_registry().remove_plugin(origin), then innerloop.register_"
+                f"{kind}(obj)) and save again"
+            )
+
+
 def check_plugin_settings(source: str, record: Any, model: Mapping[str, Any] | None = None) -> None:
     """Refuse (:class:`PluginSettingsError`, one line naming ``source``, the plugin and both settings) a
     ``record`` (a checkpoint's or export's :data:`PLUGINS_KEY`) whose plugin (of those ``model`` uses,
@@ -606,11 +656,7 @@ def check_plugin_settings(source: str, record: Any, model: Mapping[str, Any] | N
         if current is None or saved is None or not same_plugin(name, recorded, current):
             continue
         now = _settings_now(kind, name)
-        changed = sorted(
-            key
-            for key in saved.keys() | now.keys()
-            if key not in saved or key not in now or not same_setting(saved[key], now[key])
-        )
+        changed = differing_settings(saved, now)
         if not changed:
             continue
         entry = _registered_entry(kind, name)

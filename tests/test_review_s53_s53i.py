@@ -15,10 +15,10 @@ import warnings
 
 import pytest
 import torch
-from test_review_s52_s52a import NAME, ScaledTargets, _config, _register, _saved
+from test_review_s52_s52a import NAME, DeclaredScaled, ScaledTargets, _config, _register, _saved
 
 from innerloop import HalfSquaredError, LossPairs
-from innerloop.checkpoints import PluginChangedWarning, load_model, recorded_plugins
+from innerloop.checkpoints import PluginChangedWarning, PluginSettingsError, load_model, recorded_plugins
 
 pytestmark = pytest.mark.usefixtures("fresh_global_registry")
 
@@ -85,3 +85,73 @@ def test_a_public_attribute_changed_after_a_first_save_is_recorded_as_it_is(tmp_
     _register(ScaledTargets(1.0))
     with pytest.warns(PluginChangedWarning, match="differing in 'scale'"):
         load_model(path)
+
+
+def _model_then_another_registered(first, second):
+    """A model built with ``first`` registered under :data:`NAME`, then ``second`` registered in its place
+    (``remove_plugin`` and register: a notebook's second try) while the model lives."""
+    from innerloop.models import build_model
+
+    _register(first)
+    torch.manual_seed(0)
+    model = build_model(_config())
+    _register(second)
+    return model
+
+
+@pytest.mark.parametrize(
+    "second",
+    [DeclaredScaled(1.0), ScaledTargets(1.0), Unsettled(2.0)],
+    ids=["declared-other-settings", "public-other-settings", "another-class"],
+)
+def test_a_save_of_a_model_whose_plugin_was_replaced_is_refused(tmp_path, second) -> None:
+    """The model computes with ``DeclaredScaled(2.0)``; the save recorded the plugin registered now, e.g.
+    ``{'scale': 1.0}``, and a load with that registered was quiet: another function. Refused now, naming
+    the plugin and both settings, before anything is written."""
+    from innerloop.train.module import save_model_checkpoint
+
+    model = _model_then_another_registered(DeclaredScaled(2.0), second)
+    path = tmp_path / "c.safetensors"
+    with pytest.raises(PluginSettingsError) as error:
+        save_model_checkpoint(model, path)
+    message = str(error.value)
+    for part in (f"inner loss {NAME!r}", "'scale': 2.0", "Register the object the model holds"):
+        assert part in message, message
+    assert not path.exists()
+
+
+def test_a_save_of_a_model_whose_plugin_was_registered_again_alike_is_kept(tmp_path) -> None:
+    """Another object of the same class and settings registered in its place: the record is true of
+    what the model holds, so the save goes on."""
+    from innerloop.train.module import save_model_checkpoint
+
+    model = _model_then_another_registered(DeclaredScaled(2.0), DeclaredScaled(2.0))
+    path = save_model_checkpoint(model, tmp_path / "c.safetensors")
+    assert recorded_plugins(path)["inner_loss"][NAME]["settings"] == {"scale": 2.0}
+
+
+@pytest.mark.slow  # transformers' import, an export: 1.5 s
+def test_an_export_of_a_model_whose_plugin_was_replaced_is_refused(tmp_path) -> None:
+    """``save_pretrained``/``innerloop export`` recorded the plugin registered now ({'scale': 1.0}) for a
+    model computing with {'scale': 2.0}."""
+    from innerloop.hf.export import export_model
+
+    model = _model_then_another_registered(DeclaredScaled(2.0), DeclaredScaled(1.0))
+    with pytest.raises(PluginSettingsError, match="'scale': 2.0"):
+        export_model(model, tmp_path / "exported", tokenizer=None)
+    assert not (tmp_path / "exported" / "config.json").exists()
+
+
+@pytest.mark.slow  # a LanguageModelModule: 0.4 s
+def test_a_training_checkpoint_of_a_model_whose_plugin_was_replaced_is_refused() -> None:
+    """``on_save_checkpoint`` (every training save, and Lightning's own ``.ckpt``) recorded the plugin
+    registered now for a module whose model computes with another."""
+    from innerloop.train.module import LanguageModelModule
+
+    _register(DeclaredScaled(2.0))
+    torch.manual_seed(0)
+    module = LanguageModelModule(_config())
+    _register(DeclaredScaled(1.0))
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    with pytest.raises(PluginSettingsError, match="'scale': 2.0"):
+        module.on_save_checkpoint(checkpoint)

@@ -37,7 +37,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from innerloop.checkpoints import checkpoint_tokenizer, load_model, widest_parameter_dtype
+from innerloop.checkpoints import (
+    check_held_plugins,
+    checkpoint_tokenizer,
+    load_model,
+    widest_parameter_dtype,
+)
 from innerloop.config.load import (
     ConfigError,
     argument_name,
@@ -179,6 +184,9 @@ def to_hugging_face(model: nn.Module) -> InnerloopForCausalLM:
     """``model`` (a :class:`~innerloop.models.CausalLM` or :class:`~innerloop.models.E2ELM`) as an
     :class:`InnerloopForCausalLM` with the same weights and dtype, in eval mode."""
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: the module it wraps
+    # rebuilt from its config, the copy gets the plugins registered now: refused where they are not
+    # the ones ``model`` computes with
+    check_held_plugins("the model being converted to Hugging Face", model)
     # The kernel a run chose (triton_ttt_linear on a GPU) changes speed, not the model: the folder runs
     # wherever it is loaded, on the best path there.
     config = replace(model.config, ttt=replace(model.config.ttt, kernel="auto"))

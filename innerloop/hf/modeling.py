@@ -47,6 +47,7 @@ except ImportError:  # not on Windows: staging folders a killed save left are th
     fcntl = None  # type: ignore[assignment]
 
 from innerloop.checkpoints import (
+    check_held_plugins,
     check_plugin_settings,
     missing_keys_note,
     plugin_record,
@@ -1278,6 +1279,7 @@ class InnerloopPreTrainedModel(PreTrainedModel):
                 "save_directory '' is empty: give a folder (an empty path would name the current directory)"
             )
         self._sync_model_config()  # config.json must describe the model saved
+        check_held_plugins(repr(str(save_directory)), self.model)  # and its plugin record
         self.config.auto_map = dict(AUTO_MAP)
         self.config.innerloop_token_index_dtype = token_index_dtype(self)
         self.config.innerloop_plugins = plugin_record(self.config.model, self.config.innerloop_plugins)

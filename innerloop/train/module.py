@@ -48,6 +48,7 @@ from innerloop.checkpoints import (
     TOKENIZER_KEY,
     CheckpointError,
     cast_to_stored_dtypes,
+    check_held_plugins,
     check_plugin_settings,
     check_state_dict,
     checkpoint_device,
@@ -430,6 +431,7 @@ class LanguageModelModule(L.LightningModule):
         if isinstance(hyperparameters, dict) and hyperparameters.get("seq_len") is None and trained:
             hyperparameters["seq_len"] = trained  # eval's default length
         # the plugin record, as save_checkpoint writes it: also in a pickled .ckpt (Lightning's own IO)
+        check_held_plugins("the checkpoint being saved", self.model)
         checkpoint[PLUGINS_KEY] = plugin_record(self.hparams.model, checkpoint.get(PLUGINS_KEY))
         checkpoint[PLUGIN_SOURCES_KEY] = plugin_sources(
             self.hparams.model, checkpoint.get(PLUGIN_SOURCES_KEY)
@@ -1084,6 +1086,7 @@ def save_model_checkpoint(
     or for a model of several (a bfloat16 model with float32 norms) the widest of them, so that no
     weight is rounded."""
     model.check_built_fields()  # a config changed since the build would be recorded, not the model
+    check_held_plugins(str(path), model)  # and so would a plugin registered since under a name it holds
     module = LanguageModelModule(model=model.config.to_dict())
     dtype = widest_parameter_dtype(model)
     # Parameters only, not .to(dtype): buffers keep their dtype (E2E's float64 progress counter).

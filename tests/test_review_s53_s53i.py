@@ -17,8 +17,10 @@ import pytest
 import torch
 from test_review_s52_s52a import NAME, DeclaredScaled, ScaledTargets, _config, _register, _saved
 
+import innerloop
 from innerloop import HalfSquaredError, LossPairs
 from innerloop.checkpoints import PluginChangedWarning, PluginSettingsError, load_model, recorded_plugins
+from innerloop.registry import PluginError, get_registry, hookimpl
 
 pytestmark = pytest.mark.usefixtures("fresh_global_registry")
 
@@ -155,3 +157,43 @@ def test_a_training_checkpoint_of_a_model_whose_plugin_was_replaced_is_refused()
     checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
     with pytest.raises(PluginSettingsError, match="'scale': 2.0"):
         module.on_save_checkpoint(checkpoint)
+
+
+# -- a hook's signature: pluggy passes `register` positionally, only where it has no default ----------------
+
+
+class _KeywordOnly:
+    @hookimpl
+    def register_inner_losses(self, *, register):
+        register(Unsettled())
+
+
+class _Defaulted:
+    @hookimpl
+    def register_inner_losses(self, register=None):
+        register(Unsettled())
+
+
+class _PositionalOnly:
+    @hookimpl
+    def register_inner_losses(self, register, /):
+        register(Unsettled())
+
+
+@pytest.mark.parametrize("plugin", [_KeywordOnly, _Defaulted], ids=["keyword-only", "default"])
+def test_a_hook_pluggy_would_call_without_register_is_refused_naming_it(plugin) -> None:
+    """pluggy passes a hook's arguments positionally and leaves out those with defaults: ``(*, register)``
+    was accepted and failed inside pluggy with "missing 1 required keyword-only argument", and
+    ``(register=None)`` with "'NoneType' object is not callable". Refused now, saying why."""
+    with pytest.raises(PluginError) as error:
+        innerloop.registry.register(plugin(), origin="s53i_signature")
+    message = str(error.value)
+    for part in ("'s53i_signature'", "register_inner_losses", "register"):
+        assert part in message, message
+    assert NAME not in get_registry().names("inner_loss")
+
+
+def test_a_hook_taking_register_positionally_only_registers() -> None:
+    """``(register, /)``: pluggy calls it positionally, so it works; it was refused ("by name")."""
+    innerloop.registry.register(_PositionalOnly(), origin="s53i_positional")
+    assert NAME in get_registry().names("inner_loss")

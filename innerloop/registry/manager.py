@@ -260,8 +260,10 @@ class Registry:
         ]
 
     def _check_hook_arguments(self, plugin: Any, origin: str, marked: list[str]) -> None:
-        """Refuse a hook that does not take the argument ``register`` by name (pluggy would call one that
-        takes nothing with nothing, so it would silently register nothing, and ``*args`` fails inside)."""
+        """Refuse a hook that does not take the argument ``register`` as pluggy passes it: by that name,
+        positionally, with no default (pluggy would call one that takes nothing with nothing, so it would
+        silently register nothing; ``*args`` and a keyword-only ``register`` fail inside pluggy, and one
+        with a default gets its default)."""
         for hook in marked:
             if inspect.isclass(plugin) and _instance_method(inspect.getattr_static(plugin, hook)):
                 raise PluginError(
@@ -273,12 +275,16 @@ class Registry:
                 parameters = inspect.signature(getattr(plugin, hook)).parameters
             except (TypeError, ValueError):
                 continue
-            by_name = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-            if "register" not in parameters or parameters["register"].kind not in by_name:
+            # pluggy passes the hook's arguments positionally, and none that has a default: a keyword-only
+            # `register` failed inside pluggy (missing argument), one defaulting to None got None
+            positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            taken = parameters.get("register")
+            if taken is None or taken.kind not in positional or taken.default is not inspect.Parameter.empty:
                 raise PluginError(
                     f"plugin {origin!r} is not a valid innerloop plugin: its hook {hook} must take the argument "
-                    f"'register' by name (def {hook}(register): register(obj)); its signature is "
-                    f"{inspect.signature(getattr(plugin, hook))}. Nothing was registered"
+                    f"'register' by name, not keyword-only and with no default (pluggy passes it positionally, and "
+                    f"not at all where it has a default): def {hook}(register): register(obj); its signature "
+                    f"is {inspect.signature(getattr(plugin, hook))}. Nothing was registered"
                 )
 
     def _check_hook_names(self, plugin: Any, origin: str) -> None:

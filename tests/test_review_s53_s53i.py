@@ -197,3 +197,40 @@ def test_a_hook_taking_register_positionally_only_registers() -> None:
     """``(register, /)``: pluggy calls it positionally, so it works; it was refused ("by name")."""
     innerloop.registry.register(_PositionalOnly(), origin="s53i_positional")
     assert NAME in get_registry().names("inner_loss")
+
+
+class _OldStyleWrapper:
+    @hookimpl(hookwrapper=True)
+    def register_inner_losses(self, register):
+        yield
+
+
+class _NewStyleWrapper:
+    @hookimpl(wrapper=True)
+    def register_inner_losses(self, register):
+        register(Unsettled())
+        return (yield)
+
+
+class _SpecNamed:
+    @hookimpl(specname="register_inner_losses")
+    def my_losses(self, register):
+        register(Unsettled())
+
+
+@pytest.mark.parametrize(
+    ("plugin", "said"),
+    [(_OldStyleWrapper, "wrapper"), (_NewStyleWrapper, "wrapper"), (_SpecNamed, "specname")],
+    ids=["hookwrapper", "wrapper", "specname"],
+)
+def test_hookimpl_options_innerloop_does_not_run_are_refused_naming_them(plugin, said) -> None:
+    """innerloop calls each plugin's hooks alone: a wrapper wraps nothing, so a hookwrapper plugin was
+    accepted having registered nothing (and a new-style wrapper's own ``register`` call was kept or not by
+    pluggy's wrapper rules); ``specname`` was refused as "'my_losses', which is not a hook", though pluggy
+    reads it. Each is refused naming the option and the hook."""
+    with pytest.raises(PluginError) as error:
+        innerloop.registry.register(plugin(), origin="s53i_options")
+    message = str(error.value)
+    for part in ("'s53i_options'", said, "register_inner_losses"):
+        assert part in message, message
+    assert NAME not in get_registry().names("inner_loss")

@@ -287,12 +287,35 @@ class Registry:
                     f"is {inspect.signature(getattr(plugin, hook))}. Nothing was registered"
                 )
 
+    def _check_hook_options(self, plugin: Any, origin: str, marked: list[str]) -> None:
+        """Refuse a hook marked with a ``hookimpl`` option innerloop does not run: ``hookwrapper`` or
+        ``wrapper`` (each plugin's hooks are called alone, so a wrapper wraps nothing: a plugin of wrappers
+        registered nothing, accepted), and ``specname`` (the checks know a hook by its function's name:
+        one so named was refused as no hook)."""
+        for attribute in marked:
+            options = self.plugin_manager.parse_hookimpl_opts(plugin, attribute) or {}
+            used = [option for option in ("hookwrapper", "wrapper", "specname") if options.get(option)]
+            if used:
+                hook = options.get("specname") or attribute
+                why = (
+                    "it knows a hook by its function's name"
+                    if used[0] == "specname"
+                    else "it calls each plugin's hooks alone: a wrapper wraps nothing"
+                )
+                raise PluginError(
+                    f"plugin {origin!r} is not a valid innerloop plugin: its function {attribute} is marked "
+                    f"@innerloop.hookimpl({used[0]}={options[used[0]]!r}), which innerloop does not run ({why}). "
+                    f"Write def {hook}(register): register(obj), marked with plain @innerloop.hookimpl. "
+                    "Nothing was registered"
+                )
+
     def _check_hook_names(self, plugin: Any, origin: str) -> None:
         """Refuse, before touching anything, a plugin whose ``hookimpl``-marked functions are not all
         hooks (pluggy would only notice in ``check_pending``), or that implements no hook at all (it
         would register nothing, and asking for its names would fail far from the cause)."""
         attributes = _public_names(plugin)
         marked = self._marked_hooks(plugin)
+        self._check_hook_options(plugin, origin, marked)
         self._check_hook_arguments(plugin, origin, [name for name in marked if name in HOOK_NAMES])
         unknown = [name for name in marked if name not in HOOK_NAMES]
         invalid = f"plugin {origin!r} is not a valid innerloop plugin"

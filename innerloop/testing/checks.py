@@ -1505,6 +1505,18 @@ UNIT_CHECK_SHAPE: dict[str, int] = {
 }
 UNIT_CHECK_WRAPPING: dict[str, bool] = {"norm": False, "residual": True}
 
+#: The shape :func:`check_update_rule` also checks a rule at when no shape is given, in the first
+#: wrapping: one-token mini-batches (DeltaNet's K) at two sequences, three heads and head dim 3. Before
+#: (review s53j), K = 1 was met only at :data:`UNIT_CHECK_SHAPE`, where every size is 1, so a rule's
+#: path for K = 1 that mixed the sequences, heads or features (out[:, :1] read into every head) passed.
+ONE_TOKEN_MINI_BATCH_SHAPE: dict[str, int] = {
+    "batch": 2,
+    "heads": 3,
+    "head_dim": 3,
+    "tokens": 9,
+    "mini_batch_size": 1,
+}
+
 
 @with_autograd
 def check_inner_model(
@@ -1764,7 +1776,7 @@ def check_update_rule(
     ``mini_batch_size``, ...). Without a shape among them, the values are also checked at each shape
     of :data:`PLUGIN_CHECK_SHAPES` (three sequences and heads, an odd head dim, a 37-token call; five
     heads, head dim 8 and a 150-token call), with the first loss and wrapping, and at
-    :data:`UNIT_CHECK_SHAPE` (sizes 1); :func:`innerloop.testing.strategies.problems` draws shapes (and,
+    :data:`ONE_TOKEN_MINI_BATCH_SHAPE` (K = 1 at several sequences and heads) and :data:`UNIT_CHECK_SHAPE` (sizes 1); :func:`innerloop.testing.strategies.problems` draws shapes (and,
     if asked, the model) for a hypothesis test.
     """
     _check_flags(gradients=gradients, without_grad=without_grad)  # "no" would run the checks it names
@@ -1873,10 +1885,11 @@ def _losses_to_check(
 
 def _default_check_shapes(wrapping: dict, given: dict) -> list[tuple[dict[str, int], dict]]:
     """The shapes (and wrappings) :func:`check_update_rule` checks a rule's values at when no shape is
-    given: :data:`PLUGIN_CHECK_SHAPES` in ``wrapping``, and :data:`UNIT_CHECK_SHAPE` in the ``given``
-    wrapping, else :data:`UNIT_CHECK_WRAPPING`."""
+    given: :data:`PLUGIN_CHECK_SHAPES` in ``wrapping``, :data:`UNIT_CHECK_SHAPE` in the ``given``
+    wrapping, else :data:`UNIT_CHECK_WRAPPING`, and :data:`ONE_TOKEN_MINI_BATCH_SHAPE` in ``wrapping``."""
     unit = {**UNIT_CHECK_WRAPPING, **given}
-    return [*((shape, wrapping) for shape in PLUGIN_CHECK_SHAPES), (UNIT_CHECK_SHAPE, unit)]
+    wide = [(shape, wrapping) for shape in PLUGIN_CHECK_SHAPES]
+    return [*wide, (UNIT_CHECK_SHAPE, unit), (ONE_TOKEN_MINI_BATCH_SHAPE, wrapping)]
 
 
 def _refuse_variant_kwargs(function: str, problem_kwargs: dict, tolerance: Any = FLOAT64_TOLERANCE) -> float:
@@ -1911,7 +1924,9 @@ def _check_cut_points(cut_points: list[int] | None, problem_kwargs: dict) -> lis
     cuts = _cut_indices(cut_points, "check_update_rule")
     lengths = {as_index(problem_kwargs.get("tokens", _MAKE_PROBLEM_TOKENS))}
     if not set(problem_kwargs) & set(PLUGIN_CHECK_SHAPE):  # the wide shapes are checked too
-        lengths |= {shape["tokens"] for shape in (*PLUGIN_CHECK_SHAPES, UNIT_CHECK_SHAPE)}
+        lengths |= {
+            shape["tokens"] for shape in (*PLUGIN_CHECK_SHAPES, ONE_TOKEN_MINI_BATCH_SHAPE, UNIT_CHECK_SHAPE)
+        }
     if None in lengths:
         return cuts  # make_problem names a length it cannot build
     if cuts and not any(0 < p < tokens for p in cuts for tokens in lengths if tokens is not None):
@@ -2458,6 +2473,7 @@ __all__ = [
     "LONG_CHECK_SHAPE",
     "PLUGIN_CHECK_SHAPE",
     "PLUGIN_CHECK_SHAPES",
+    "ONE_TOKEN_MINI_BATCH_SHAPE",
     "UNIT_CHECK_SHAPE",
     "assert_close",
     "assert_layers_train_alike",

@@ -1755,7 +1755,7 @@ def check_update_rule(
     """``rule`` equals the naive loop (or the token-by-token reference it declares,
     ``UpdateRule.reference``), whole and when the sequence is cut at ``cut_points``; with random decay
     and momentum too where the rule supports them (:func:`rule_variants`), and a decay
-    or momentum of exactly 0 gives the plain rule's numbers; and on the first model and loss, from a state
+    or momentum of exactly 0 gives the plain rule's numbers, lr 0 the naive loop's (:func:`check_zero_learning_rate`); and on the first model and loss, from a state
     :data:`FAR_MINI_BATCHES` mini-batches into its sequence, and given ``decay_log`` if it names one. With ``gradients``, the gradients of its
     outputs and final weights w.r.t. every input (views, lr, initial weights, LayerNorm, decay,
     momentum, token scales) equal the naive loop's too, whole and cut (:func:`check_update_rule_gradients_match_naive`).
@@ -2064,7 +2064,7 @@ def _check_rule_with(
     problem_kwargs: dict,
 ) -> None:
     """:func:`check_update_rule` on one model: each loss and wrapping, values, zero decay and momentum
-    and (with ``gradients``) the gradients, and a declared reference's against finite differences
+    and (with ``gradients``) the gradients, zero learning rates (first loss and wrapping), and a declared reference's against finite differences
     (:func:`check_reference_gradients`)."""
     rule, seed, tolerance = check.rule, check.seed, check.tolerance
     for each_loss in losses:
@@ -2076,6 +2076,10 @@ def _check_rule_with(
                 variant = rule_variants(rule)[-1]  # the most the rule takes
                 problem = make_problem(model, each_loss, seed=seed, **variant, **options).for_rule(rule)
                 check_update_rule_gradients_match_naive(rule, problem, tolerance, check.cut_points)
+    gates = rule_variants(rule)[-1]  # the most the rule takes; lr 0 (base_lr=0), first loss and wrapping
+    check_zero_learning_rate(
+        rule, model, losses[0], seed, tolerance, **gates, **problem_kwargs, **wrappings[0]
+    )
     if gradients and getattr(rule, "reference", None) is not None:  # a reference the rule wrote itself
         check_reference_gradients(rule, model, losses[0], seed, **problem_kwargs, **wrappings[0])
 
@@ -2374,6 +2378,34 @@ def check_zero_decay_and_momentum(
 
 
 @with_autograd
+def check_zero_learning_rate(
+    rule: UpdateRule | str,
+    model: InnerModel | str,
+    loss: InnerLoss | str,
+    seed: int = 0,
+    tolerance: float = FLOAT64_TOLERANCE,
+    **problem_kwargs: Any,
+) -> None:
+    """With every inner learning rate 0 (``base_lr=0``, which turns a family member's test-time training
+    off), ``rule`` equals its reference (the naive loop: no step, the weights only decayed where decay
+    is given), whole and cut at :func:`default_cuts`. ``problem_kwargs`` go to :func:`make_problem`
+    (``decay=True`` / ``momentum=True`` among them). Each plugin may be an instance or a registered name.
+
+    :func:`make_problem` draws rates in (0, 0.5): a rule that divides by a rate, or by a sum of rates
+    (a share of a mean, a normalised step), is exact there and NaN at 0 (review s53j)."""
+    tolerance = checked_tolerance("check_zero_learning_rate", tolerance)
+    rule, model, loss = _named("update_rule", rule), _named("inner_model", model), _named("inner_loss", loss)
+    drawn = make_problem(model, loss, seed=seed, **problem_kwargs).for_rule(rule)
+    problem = replace(drawn, lr=torch.zeros_like(drawn.lr))
+    expected_out, expected_state = finite_expected(problem, rule, seed)
+    for cuts in ([], default_cuts(problem)):
+        what = f"{rule.name} ({model.name}, {loss.name}) with lr 0 vs {reference_name(rule)}, cut at {cuts}"
+        out, state = run_in_chunks(rule, problem, cuts, what)
+        assert_close(out, expected_out, what, tolerance)
+        assert_states_close(state, expected_state, what, tolerance)
+
+
+@with_autograd
 def check_update_rule_gradients(
     rule: UpdateRule | str,
     model: InnerModel | str,
@@ -2522,6 +2554,7 @@ __all__ = [
     "StateWrittenError",
     "WRAPPINGS",
     "check_zero_decay_and_momentum",
+    "check_zero_learning_rate",
     "make_problem",
     "registrar_smoke_test",
     "rule_variants",

@@ -54,7 +54,7 @@ def test_check_update_rule_default_shapes_catch_a_one_token_path_that_mixes_head
     wrapping = {"norm": True, "residual": True}
     with pytest.raises(AssertionError, match=r"one_token_fast_path_mixing_heads .*K=1"):
         for shape, each_wrapping in checks._default_check_shapes(wrapping, {}):
-            if shape["mini_batch_size"] == 1:
+            if shape["mini_batch_size"] == 1 and shape["heads"] > 1:
                 checks._check_rule_on(check, model, loss, {**shape, **each_wrapping})
 
 
@@ -95,3 +95,41 @@ def test_the_builtin_rules_pass_with_zero_learning_rates():
     for rule in ("dual_form", "minibatch_gd", "momentum"):
         gates = {"decay": True, "momentum": rule == "momentum"}
         checks.check_zero_learning_rate(rule, "linear", "next_token", tokens=6, mini_batch_size=2, **gates)
+
+
+class PrefillFastPathWrongPastSixteenTokens(MiniBatchGD):
+    """A rule with a fast path without autograd (evaluation, generation's prefill) that is wrong on a
+    call of more than 16 tokens (a block boundary of an inference-only chunked form)."""
+
+    name = "prefill_fast_path_wrong_past_16_tokens"
+
+    def forward(
+        self,
+        state: TTTState,
+        task: InnerTask,
+        views: Views,
+        lr: torch.Tensor,
+        tau: torch.Tensor,
+        decay: torch.Tensor | None = None,
+        decay_log: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, TTTState]:
+        out, new_state = super().forward(state, task, views, lr, tau, decay=decay, decay_log=decay_log)
+        if not torch.is_grad_enabled() and views.query.shape[2] > 16:
+            out = torch.cat([out[:, :, :16], 1.001 * out[:, :, 16:]], dim=2)
+        return out, new_state
+
+
+@pytest.mark.slow  # reason: the no-grad modes at the default shapes, 150 tokens among them (~1-3 s)
+def test_check_update_rule_runs_without_grad_at_its_default_shapes():
+    """The values without autograd were checked at make_problem's shape only (11 tokens, K=4, head dim
+    4: 480 no-grad calls of a default check recorded), so a no-grad fast path wrong past 16 tokens, more
+    heads or another head dim passed. check_update_rule now runs them at its default shapes too."""
+    from innerloop.registry import get_registry
+
+    registry = get_registry()
+    model, loss = registry.inner_model("linear"), registry.inner_loss("reconstruction")
+    check = checks._RuleCheck(PrefillFastPathWrongPastSixteenTokens(), None, 0, checks.FLOAT64_TOLERANCE)
+    with pytest.raises(
+        AssertionError, match=r"prefill_fast_path_wrong_past_16_tokens .* under torch.no_grad"
+    ):
+        checks._check_default_shapes(check, model, loss, {}, {"norm": True, "residual": True}, {}, True)

@@ -1785,14 +1785,11 @@ def check_update_rule(
     losses = _losses_to_check(loss, problem_kwargs, tolerance)
     seed = checked_seed(seed)  # torch's generator takes a Python int only
     cut_points = _check_cut_points(cut_points, problem_kwargs)
-    given = {k: problem_kwargs.pop(k) for k in ("norm", "residual") if k in problem_kwargs}
-    wrappings = [dict(zip(("norm", "residual"), w, strict=True)) for w in WRAPPINGS] if not given else [given]
-    mixed = [] if given else [dict(zip(("norm", "residual"), w, strict=True)) for w in MIXED_WRAPPINGS]
+    given, wrappings, mixed = _wrappings_to_check(problem_kwargs)  # norm and residual popped
     check = _RuleCheck(rule, cut_points, seed, tolerance)
     for index, each_model in enumerate(_models_for(rule, model, problem_kwargs.get("head_dim"))):
-        if not set(problem_kwargs) & set(PLUGIN_CHECK_SHAPE):  # no shape given: the wide shapes' values too
-            for shape, wrapping in _default_check_shapes(given or wrappings[0], given):
-                _check_rule_on(check, each_model, losses[0], {**problem_kwargs, **shape, **wrapping})
+        no_grad_too = without_grad and index == 0  # the no-grad modes at the wide shapes: first model
+        _check_default_shapes(check, each_model, losses[0], problem_kwargs, wrappings[0], given, no_grad_too)
         _check_rule_with(check, each_model, losses, wrappings, gradients, problem_kwargs)
         first_wrapping = {**problem_kwargs, **wrappings[0]}
         if without_grad:  # every model: a fast path without autograd may differ for one model only
@@ -1890,6 +1887,41 @@ def _default_check_shapes(wrapping: dict, given: dict) -> list[tuple[dict[str, i
     unit = {**UNIT_CHECK_WRAPPING, **given}
     wide = [(shape, wrapping) for shape in PLUGIN_CHECK_SHAPES]
     return [*wide, (UNIT_CHECK_SHAPE, unit), (ONE_TOKEN_MINI_BATCH_SHAPE, wrapping)]
+
+
+def _wrappings_to_check(problem_kwargs: dict) -> tuple[dict, list[dict], list[dict]]:
+    """The wrapping ``norm`` / ``residual`` given in ``problem_kwargs`` (popped from it), the wrappings
+    :func:`check_update_rule` checks every model and loss with (:data:`WRAPPINGS`, or the given one) and
+    the mixed ones it checks on the first (:data:`MIXED_WRAPPINGS`; none when one is given)."""
+    given = {k: problem_kwargs.pop(k) for k in ("norm", "residual") if k in problem_kwargs}
+    wrappings = [dict(zip(("norm", "residual"), w, strict=True)) for w in WRAPPINGS] if not given else [given]
+    mixed = [] if given else [dict(zip(("norm", "residual"), w, strict=True)) for w in MIXED_WRAPPINGS]
+    return given, wrappings, mixed
+
+
+def _check_default_shapes(
+    check: _RuleCheck,
+    model: InnerModel,
+    loss: InnerLoss,
+    problem_kwargs: dict,
+    wrapping: dict,
+    given: dict,
+    without_grad: bool,
+) -> None:
+    """Where ``problem_kwargs`` give no shape, :func:`check_update_rule`'s values at
+    :func:`_default_check_shapes` (``wrapping``: the first one; ``given``: the caller's), and with
+    ``without_grad`` (check_update_rule: on its first model), the plain rule's values under ``no_grad``
+    and ``inference_mode`` there too (:func:`check_update_rule_without_grad`). Before (review s53j), those
+    ran at ``make_problem``'s shape only (11 tokens, K = 4, head dim 4): a fast path without autograd
+    wrong past 16 tokens (an inference-only chunked form), at more heads or another head dim passed."""
+    if set(problem_kwargs) & set(PLUGIN_CHECK_SHAPE):  # a shape given: that shape only
+        return
+    for shape, each_wrapping in _default_check_shapes(given or wrapping, given):
+        options = {**problem_kwargs, **shape, **each_wrapping}
+        _check_rule_on(check, model, loss, options)
+        if without_grad:
+            problem = make_problem(model, loss, seed=check.seed, **options).for_rule(check.rule)
+            check_update_rule_without_grad(check.rule, problem, check.cut_points, check.tolerance)
 
 
 def _refuse_variant_kwargs(function: str, problem_kwargs: dict, tolerance: Any = FLOAT64_TOLERANCE) -> float:

@@ -133,3 +133,18 @@ def test_check_update_rule_runs_without_grad_at_its_default_shapes():
         AssertionError, match=r"prefill_fast_path_wrong_past_16_tokens .* under torch.no_grad"
     ):
         checks._check_default_shapes(check, model, loss, {}, {"norm": True, "residual": True}, {}, True)
+
+
+def test_an_in_place_write_that_keeps_the_values_is_named_as_one():
+    """A forward that writes into x in place without changing it (x.mul_(1.0), a clamp_ not met) left the
+    values alike, so check_leaves_its_inputs passed it, and gradcheck's torch error (a leaf Variable ... in
+    an in-place operation) was reported as 'differ from finite differences (a hand-written backward, or
+    a term left out of it?)'. The message now says it wrote in place into what it was given."""
+
+    def forward(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(1.0)
+        return x @ weight
+
+    inputs = {"weight": torch.randn(3, 3, dtype=torch.float64), "x": torch.randn(2, 3, dtype=torch.float64)}
+    with pytest.raises(AssertionError, match=r"toy: forward wrote in place into a tensor it was given"):
+        checks.check_autograd_by_differences(forward, inputs, "toy: forward")

@@ -1278,6 +1278,12 @@ def check_autograd_by_differences(
             with torch.enable_grad():
                 check(function, leaves, fast_mode=True)
         except Exception as error:  # torch's GradcheckError, or a backward that cannot run twice
+            if "in-place operation" in str(error):  # a write that kept the values: named as a write
+                raise AssertionError(
+                    f"{what} wrote in place into a tensor it was given (inputs "
+                    f"{', '.join(inputs)}), which autograd refuses on a tensor that requires grad: "
+                    f"{str(error).strip()[:300]}; compute new tensors instead (no in-place mul_, +=, clamp_)"
+                ) from error
             raise AssertionError(
                 f"{what}: autograd's {order} derivatives w.r.t. its inputs "
                 f"{', '.join(f'{i} ({name})' for i, name in enumerate(inputs))} differ from finite "

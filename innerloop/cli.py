@@ -992,12 +992,17 @@ def _text_prompt(prompt: str, tokenizer: Tokenizer) -> str:
 class _TextWindow:
     """The text of ids decoded as they come, over a window of a few ids: the last ids printed (context for
     the tokenizer, e.g. a leading space) and those not printed yet. Decoding every id so far at each token
-    took memory and time per token growing with the text (the prompt's ids included). The text of new ids
-    is held back while it ends in an incomplete character (U+FFFD), for at most :attr:`HELD` ids (a UTF-8
-    character has at most 4 bytes): an invalid byte is then printed as U+FFFD, as the byte path prints it."""
+    took memory and time per token growing with the text (the prompt's ids included).
+
+    The text is printed up to the last id whose text is settled: it does not end in an incomplete
+    character (U+FFFD), or :attr:`SETTLED_AFTER` ids came after it and left it unchanged (an invalid byte,
+    printed as U+FFFD as the byte path prints it: a UTF-8 character has at most 4 bytes, so no later id
+    can complete it). Only the ids after it are held back; a text that later ids keep changing is printed
+    once :attr:`HELD` ids are held."""
 
     CONTEXT = 4
     HELD = 4
+    SETTLED_AFTER = 3
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
@@ -1005,7 +1010,7 @@ class _TextWindow:
         self._printed = 0  # the ids of the window whose text has been returned
 
     def add(self, ids: Sequence[int]) -> str:
-        """The text that ``ids`` add to the text so far, once it is complete ("" while held back)."""
+        """The text that ``ids`` add to the text so far, once it is settled ("" while held back)."""
         self._ids.extend(ids)
         return self._new_text(final=False)
 
@@ -1018,13 +1023,33 @@ class _TextWindow:
     def _new_text(self, final: bool) -> str:
         before = self._tokenizer.decode(self._ids[: self._printed])
         after = self._tokenizer.decode(self._ids)
-        incomplete = after.endswith("\ufffd") or not after.startswith(before)
-        if incomplete and not final and len(self._ids) - self._printed < self.HELD:
+        end, text = self._settled(before, after)
+        if end is None and (final or len(self._ids) - self._printed >= self.HELD):
+            end, text = len(self._ids), after[len(os.path.commonprefix([before, after])) :]
+        if end is None:
             return ""
-        start = max(self._printed, len(self._ids) - self.CONTEXT)
-        self._ids = self._ids[start:]
-        self._printed = len(self._ids)
-        return after[len(os.path.commonprefix([before, after])) :]
+        start = self._context_start(end, before + text)
+        self._ids, self._printed = self._ids[start:], end - start
+        return text
+
+    def _context_start(self, end: int, printed: str) -> int:
+        """Where the context kept of the printed ids ``[:end]`` (whose text is ``printed``) starts: at most
+        :attr:`CONTEXT` ids, never inside a character (its text alone is the end of ``printed``; a byte
+        decoded away from the bytes before it is U+FFFD, and a byte-fallback decoder then reads the
+        whole run of bytes as invalid)."""
+        for start in range(max(0, end - self.CONTEXT), end):
+            if printed.endswith(self._tokenizer.decode(self._ids[start:end])):
+                return start
+        return max(0, end - self.CONTEXT)  # none alone ends the text (e.g. WordPiece's '##' pieces): all
+
+    def _settled(self, before: str, after: str) -> tuple[int | None, str]:
+        """The last id whose text is settled and extends ``before``, and the text it adds (None, "": none)."""
+        for end in range(len(self._ids), self._printed, -1):
+            text = after if end == len(self._ids) else self._tokenizer.decode(self._ids[:end])
+            complete = not text.endswith("\ufffd") or len(self._ids) - end >= self.SETTLED_AFTER
+            if complete and text.startswith(before) and after.startswith(text):
+                return end, text[len(before) :]
+        return None, ""
 
 
 def _generate_tokens(args: argparse.Namespace, model: CausalLM | E2ELM, tokenizer: Tokenizer) -> int:

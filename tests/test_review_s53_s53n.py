@@ -4,13 +4,19 @@
   several ids (Japanese, emoji), the window printed U+FFFD for a character whose bytes were not all read
   yet (once 4 ids were held, it printed all of them, the incomplete end too) and kept as context ids that
   began inside a character; the printed text then differed from the whole decode.
+- Hugging Face ``generate(do_sample=True)``: the siblings of ``top_p`` (s53g refused ``top_p`` nan or
+  > 1): ``typical_p`` nan or > 1, ``epsilon_cutoff``/``eta_cutoff`` nan, < 0 or >= 1 cut no token without
+  a word (transformers adds their warper only for a value inside its range, and checks the range only
+  there). Refused now, naming the setting, its value and the range.
 """
 
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
+import torch
 
 from innerloop import cli
 from innerloop.data.tokenizer import HFTokenizer
@@ -45,3 +51,48 @@ def test_text_window_prints_the_whole_decode_of_multi_byte_text_of_a_byte_level_
         if _printed(tokenizer, ids, prompt_length) != tokenizer.decode(ids):
             wrong.append((ids, prompt_length))
     assert not wrong, f"{len(wrong)} of 300 differ, e.g. {wrong[0]}"
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_model():
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+
+    torch.manual_seed(0)
+    model = {"hidden_size": 16, "num_heads": 2, "num_layers": 1, "intermediate_size": 32, "vocab_size": 50}
+    return InnerloopForCausalLM(InnerloopConfig(model=model)).eval()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "valid"),
+    [
+        ("typical_p", float("nan"), "a number in (0, 1]"),
+        ("typical_p", 1.5, "a number in (0, 1]"),
+        ("epsilon_cutoff", float("nan"), "a number in [0, 1)"),
+        ("epsilon_cutoff", 1.5, "a number in [0, 1)"),
+        ("epsilon_cutoff", -0.1, "a number in [0, 1)"),
+        ("eta_cutoff", 1.0, "a number in [0, 1)"),
+        ("eta_cutoff", float("nan"), "a number in [0, 1)"),
+    ],
+)
+def test_hf_generate_refuses_the_other_cut_offs_outside_their_range(tiny_hf_model, setting, value, valid):
+    """Seen failing (DID NOT RAISE): each sampled from every token without a word. Refused before
+    anything runs, naming the setting, its value and what is valid."""
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match=re.escape(f"{setting}={value}): {setting} must be {valid}")):
+        tiny_hf_model.generate(ids, max_new_tokens=2, do_sample=True, pad_token_id=0, **{setting: value})
+
+
+@pytest.mark.slow  # five short generate() calls: about 1-2 s on a loaded CPU
+def test_hf_generate_still_takes_the_edges_of_the_other_cut_offs(tiny_hf_model) -> None:
+    """typical_p 1 (off) and 0.5, epsilon/eta cut-offs 0 (off) and 0.001 run."""
+    ids = torch.tensor([[1, 2, 3]])
+    for settings in (
+        {"typical_p": 1.0},
+        {"typical_p": 0.5},
+        {"epsilon_cutoff": 0.0},
+        {"epsilon_cutoff": 1e-3},
+    ):
+        out = tiny_hf_model.generate(ids, max_new_tokens=2, do_sample=True, pad_token_id=0, **settings)
+        assert out.shape == (1, 5)
+    out = tiny_hf_model.generate(ids, max_new_tokens=2, do_sample=True, pad_token_id=0, eta_cutoff=1e-3)
+    assert out.shape == (1, 5)

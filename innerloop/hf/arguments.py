@@ -441,12 +441,25 @@ def check_generation_counts(generation_config: Any) -> None:
             raise ValueError(f"generate({name}={value!r}): {name} must be an integer >= {least}")
 
 
+_CUT_OFF_RANGES: dict[str, tuple[str, Any, str]] = {
+    "top_p": ("a number in [0, 1]", lambda v: 0 <= v <= 1, "1 or None: every token"),
+    "typical_p": ("a number in (0, 1]", lambda v: 0 < v <= 1, "1 or None: every token"),
+    "epsilon_cutoff": ("a number in [0, 1)", lambda v: 0 <= v < 1, "0 or None: no cut"),
+    "eta_cutoff": ("a number in [0, 1)", lambda v: 0 <= v < 1, "0 or None: no cut"),
+}
+"""Sampling's cut-offs whose range transformers checks only for a value it applies (``top_p`` and
+``typical_p`` below 1, ``epsilon_cutoff``/``eta_cutoff`` inside (0, 1)): outside it (NaN too) it cut no
+token, silently. Each: the valid range in words, the test, the value that turns it off."""
+
+
 def check_sampling_values(generation_config: Any) -> None:
     """``ValueError`` naming the setting, when sampling (``do_sample``), for a ``temperature`` that is not
-    finite or a ``top_p`` outside [0, 1] (NaN too), before anything runs: transformers refuses a
-    temperature <= 0 and NaN, but sampled every token alike at ``temperature=inf`` (where
+    finite or a cut-off outside its range (:data:`_CUT_OFF_RANGES`: ``top_p`` [0, 1], ``typical_p``
+    (0, 1], ``epsilon_cutoff``/``eta_cutoff`` [0, 1); NaN too), before anything runs: transformers
+    refuses a temperature <= 0 and NaN, but sampled every token alike at ``temperature=inf`` (where
     ``innerloop.models.generate`` and ``innerloop generate`` refuse a temperature that is not finite), and
-    checks top_p's range [0, 1] only for a top_p below 1, so ``top_p=1.5`` and NaN cut no token, silently."""
+    checks each cut-off's range only for a value it applies, so ``top_p=1.5``, ``typical_p=nan`` or
+    ``epsilon_cutoff=1.5`` cut no token, silently."""
     if not getattr(generation_config, "do_sample", False):
         return  # greedy search and beam search read neither
     temperature = getattr(generation_config, "temperature", None)
@@ -456,12 +469,10 @@ def check_sampling_values(generation_config: Any) -> None:
                 f"generate(temperature={temperature!r}): temperature must be a finite real number > 0 when "
                 "sampling (do_sample=True; do_sample=False decodes greedily)"
             )
-    top_p = getattr(generation_config, "top_p", None)
-    if isinstance(top_p, numbers.Real) and not isinstance(top_p, bool) and not 0 <= top_p <= 1:
-        raise ValueError(
-            f"generate(top_p={top_p!r}): top_p must be a number in [0, 1] (the probability mass of the most "
-            "likely tokens sampled from; 1 or None: every token)"
-        )
+    for name, (valid, within, off) in _CUT_OFF_RANGES.items():
+        value = getattr(generation_config, name, None)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and not within(value):
+            raise ValueError(f"generate({name}={value!r}): {name} must be {valid} when sampling ({off})")
 
 
 ASSISTED_SETTINGS = ("prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")

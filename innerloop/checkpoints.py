@@ -1371,35 +1371,84 @@ module's, whose ``model`` attribute is the language model."""
 
 
 TOKEN_INDEX_KEY = "token_index_dtype"
-"""The checkpoint key :func:`~innerloop.train.module.save_model_checkpoint` sets to ``"float64"`` where the
-model saved held its TTT layers' token index ``1 / (i + 1)`` exact in float64 (built under
-``torch.set_default_dtype(torch.float64)``); absent, a float64 model's index is made in float32 and
-widened, as the cast of a ``64-true`` run (and of the model :func:`load_model` builds) makes it."""
+"""Where a checkpoint records, and (as ``innerloop_token_index_dtype``) an exported folder's config, the
+dtype in which the model saved made its float64 TTT layers' token index ``1 / (i + 1)``
+(:func:`token_index_made_in`): ``"float64"`` exact (built under ``torch.set_default_dtype(torch.float64)``),
+``"float32"`` rounded and widened (a float32 model cast, as a ``64-true`` run's is), or a list of these,
+one per TTT layer in module order, for a model mixing the two. The weights do not hold it (the index is a
+non-persistent buffer) and the cast of a model rebuilt in float32 cannot tell. Absent (an older file, or
+nothing to tell), each reader keeps its own default: a checkpoint's model keeps the index its build and
+cast make (rounded), a folder's model makes it in its dtype, as the reference's ``from_pretrained`` does."""
+
+TOKEN_INDEX_DTYPES = ("float32", "float64")
+"""The values of a :data:`TOKEN_INDEX_KEY` record (or of each entry of a list)."""
 
 
-def has_exact_float64_token_index(model: torch.nn.Module) -> bool:
-    """Whether a TTT layer of ``model`` holds a float64 token index made in float64, not widened from
-    float32 (the two differ unless ``1 / (i + 1)`` is exact in float32 for every ``i``)."""
-    for module in model.modules():
-        index, derived = getattr(module, "token_idx", None), getattr(module, "derived_buffers", None)
-        if isinstance(index, torch.Tensor) and callable(derived) and index.dtype == torch.float64:
-            exact = derived(torch.float64)["token_idx"].to(index.device)
-            if torch.equal(index, exact) and not torch.equal(index, exact.float().double()):
-                return True
-    return False
+def _token_index_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of ``model`` holding a ``token_idx`` table among their ``derived_buffers`` (TTT
+    layers), in module order: a record's list has one entry for each."""
+    return [
+        module
+        for module in model.modules()
+        if isinstance(getattr(module, "token_idx", None), torch.Tensor)
+        and callable(getattr(module, "derived_buffers", None))
+    ]
 
 
-def restore_token_index(model: torch.nn.Module, checkpoint: Mapping[str, Any]) -> None:
-    """Make the float64 token index of ``model``'s TTT layers exact again where ``checkpoint`` records
-    that the model saved held it so (:data:`TOKEN_INDEX_KEY`); else leave it as the cast made it."""
-    if checkpoint.get(TOKEN_INDEX_KEY) != "float64":
-        return
-    for module in model.modules():
-        index, derived = getattr(module, "token_idx", None), getattr(module, "derived_buffers", None)
-        if isinstance(index, torch.Tensor) and callable(derived) and index.dtype == torch.float64:
-            module.register_buffer(
-                "token_idx", derived(torch.float64)["token_idx"].to(index.device), persistent=False
-            )
+def _made_in(layer: torch.nn.Module) -> str | None:
+    """``"float64"`` / ``"float32"`` where ``layer``'s float64 token index is the one made in that dtype
+    and not the other; None where nothing tells them apart (a float32 index, ``1 / (i + 1)`` exact in
+    float32 for every ``i``), or where it is neither (then nothing is recorded for it)."""
+    index = layer.token_idx
+    if index.dtype != torch.float64 or index.is_meta:
+        return None
+    exact = layer.derived_buffers(torch.float64)["token_idx"].to(index.device)
+    rounded = exact.float().double()
+    if torch.equal(exact, rounded):
+        return None
+    return "float64" if torch.equal(index, exact) else "float32" if torch.equal(index, rounded) else None
+
+
+def token_index_made_in(model: torch.nn.Module) -> str | list[str | None] | None:
+    """The :data:`TOKEN_INDEX_KEY` record of ``model``: the dtype in which all its TTT layers whose float64
+    index tells (:func:`_made_in`) made it, a list (one entry per TTT layer, None where it does not tell)
+    where they differ, or None where no layer's index tells."""
+    made = [_made_in(layer) for layer in _token_index_layers(model)]
+    told = set(made) - {None}
+    if not told:
+        return None
+    return told.pop() if len(told) == 1 else made
+
+
+def check_token_index_record(record: Any, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` unless ``record`` is a :data:`TOKEN_INDEX_KEY` record
+    (None, one of :data:`TOKEN_INDEX_DTYPES`, or a list of them and None)."""
+    entries = record if isinstance(record, list) else [record]
+    if not all(entry is None or entry in TOKEN_INDEX_DTYPES for entry in entries):
+        raise ValueError(
+            f"{where}={record!r} must be one of {', '.join(map(repr, TOKEN_INDEX_DTYPES))}, a list of them "
+            "(one per TTT layer), or null (the saving side writes it)"
+        )
+
+
+def remake_token_index(model: torch.nn.Module, record: Any) -> None:
+    """Make the float64 token index of ``model``'s TTT layers again as :data:`TOKEN_INDEX_KEY` ``record``
+    says the model saved held it (:func:`token_index_made_in`); a layer it says nothing of, and a float32
+    index, keep theirs. A list of another length than the model's TTT layers is refused (``ValueError``)."""
+    check_token_index_record(record, TOKEN_INDEX_KEY)
+    layers = _token_index_layers(model)
+    if isinstance(record, list) and len(record) != len(layers):
+        raise ValueError(
+            f"{TOKEN_INDEX_KEY}={record!r} has {len(record)} entries, but the model has {len(layers)} TTT "
+            "layers (one entry each)"
+        )
+    made = record if isinstance(record, list) else [record] * len(layers)
+    for layer, dtype in zip(layers, made, strict=True):
+        index = layer.token_idx
+        if dtype is None or index.dtype != torch.float64 or index.is_meta:
+            continue
+        table = layer.derived_buffers(getattr(torch, dtype))["token_idx"]
+        layer.register_buffer("token_idx", table.to(device=index.device, dtype=index.dtype), persistent=False)
 
 
 def load_model(path: str | os.PathLike[str], keep_dtype: bool = False) -> CausalLM | E2ELM:
@@ -1441,7 +1490,7 @@ def load_model(path: str | os.PathLike[str], keep_dtype: bool = False) -> Causal
         raise CheckpointError(f"{err}{note}") from None
     weights = {key.removeprefix(MODEL_PREFIX): value for key, value in state_dict.items()}
     load_weights(model, weights, keep_dtype)
-    restore_token_index(model, checkpoint)
+    remake_token_index(model, checkpoint.get(TOKEN_INDEX_KEY))
     run_kernels_that_work_here(model, path)
     return model.eval()
 

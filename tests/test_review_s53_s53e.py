@@ -90,7 +90,9 @@ def test_a_ttt_model_built_in_float64_keeps_its_exact_token_index_through_the_fo
 def test_a_recorded_token_index_dtype_other_than_float32_is_refused():
     from innerloop.hf import InnerloopConfig
 
-    with pytest.raises(ValueError, match=r"innerloop_token_index_dtype='bfloat16'.*'float32' or null"):
+    with pytest.raises(
+        ValueError, match=r"innerloop_token_index_dtype='bfloat16' must be one of 'float32', 'float64'"
+    ):
         InnerloopConfig(model=TINY, innerloop_token_index_dtype="bfloat16")
 
 

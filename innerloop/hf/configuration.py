@@ -19,6 +19,7 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 from innerloop.checkpoints import (
+    check_token_index_record,
     missing_config_keys,
     missing_plugins_note,
     saved_model_config,
@@ -131,11 +132,6 @@ def _as_mapping(model: Any) -> dict[str, Any]:
     return model if isinstance(model, dict) else {}
 
 
-TOKEN_INDEX_ROUNDED_TO = "float32"
-"""``InnerloopConfig.innerloop_token_index_dtype`` of a model whose TTT layers' token index was made in
-float32 and widened (a float32 model cast to float64)."""
-
-
 class InnerloopConfig(PreTrainedConfig):
     """The configuration of :class:`~innerloop.hf.modeling.InnerloopForCausalLM`.
 
@@ -148,10 +144,12 @@ class InnerloopConfig(PreTrainedConfig):
             ``from_pretrained`` warns when another plugin (another distribution, version or class:
             :func:`innerloop.checkpoints.same_plugin`) is registered now under one of those names.
             None: not recorded (a config built in Python, an older export).
-        innerloop_token_index_dtype: ``"float32"`` where the saved model's TTT layers held their token
-            index ``1 / (i + 1)`` rounded to float32 in a wider model (a float32 model cast to float64,
-            as a ``64-true`` run's is), which ``from_pretrained`` then makes again (written by
-            ``save_pretrained``); None: made in the model's dtype (exact in float64).
+        innerloop_token_index_dtype: the dtype in which the saved float64 model's TTT layers made their
+            token index ``1 / (i + 1)``, which ``from_pretrained`` makes again: ``"float32"`` (rounded
+            and widened: a float32 model cast, as a ``64-true`` run's is), ``"float64"`` (exact), or a
+            list of these, one per TTT layer, for a model mixing both (written by ``save_pretrained``;
+            the record a checkpoint keeps, :data:`innerloop.checkpoints.TOKEN_INDEX_KEY`). None: made in
+            the model's dtype, as the reference's ``from_pretrained`` makes it.
         **kwargs: the usual ``PreTrainedConfig`` options (token ids, ``use_cache`` ...).
 
     >>> config = InnerloopConfig(model={"mixer": "swa", "hidden_size": 32, "num_heads": 2})
@@ -163,7 +161,7 @@ class InnerloopConfig(PreTrainedConfig):
 
     model: dict[str, Any] | None = None
     innerloop_plugins: dict[str, Any] | None = None
-    innerloop_token_index_dtype: str | None = None
+    innerloop_token_index_dtype: str | list[str | None] | None = None
     use_cache: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -190,11 +188,9 @@ class InnerloopConfig(PreTrainedConfig):
             )
         super().__post_init__(**kwargs)
         self.check_special_token_ids()
-        if self.innerloop_token_index_dtype not in (None, TOKEN_INDEX_ROUNDED_TO):
-            raise ValueError(
-                f"InnerloopConfig: innerloop_token_index_dtype={self.innerloop_token_index_dtype!r} must be "
-                f"{TOKEN_INDEX_ROUNDED_TO!r} or null (save_pretrained writes it)"
-            )
+        check_token_index_record(
+            self.innerloop_token_index_dtype, "InnerloopConfig: innerloop_token_index_dtype"
+        )
 
     def check_special_token_ids(self) -> None:
         """``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` (transformers' fields) are None or

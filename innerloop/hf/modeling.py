@@ -51,6 +51,8 @@ from innerloop.checkpoints import (
     check_plugin_settings,
     missing_keys_note,
     plugin_record,
+    remake_token_index,
+    token_index_made_in,
     warn_changed_plugins,
 )
 from innerloop.core.callers import warning_stacklevel
@@ -86,12 +88,7 @@ from innerloop.hf.arguments import (
     sequence_given,
     shown_argument,
 )
-from innerloop.hf.configuration import (
-    TOKEN_INDEX_ROUNDED_TO,
-    InnerloopConfig,
-    model_config_from,
-    with_earlier_defaults,
-)
+from innerloop.hf.configuration import InnerloopConfig, model_config_from, with_earlier_defaults
 from innerloop.hf.remote_code import AUTO_MAP, write_shims
 from innerloop.models import E2EState, LMState, build_model
 from innerloop.models.config import E2E, E2E_CHECKPOINTING_REFUSED, check_fits_in_memory
@@ -1281,7 +1278,7 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         self._sync_model_config()  # config.json must describe the model saved
         check_held_plugins(repr(str(save_directory)), self.model)  # and its plugin record
         self.config.auto_map = dict(AUTO_MAP)
-        self.config.innerloop_token_index_dtype = token_index_dtype(self)
+        self.config.innerloop_token_index_dtype = token_index_made_in(self)
         self.config.innerloop_plugins = plugin_record(self.config.model, self.config.innerloop_plugins)
 
         transformers_save = super().save_pretrained
@@ -1316,16 +1313,13 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         have left them uninitialised (it builds on the meta device); a bfloat16 model keeps float32 tables,
         as the layers' own casts do (:meth:`~innerloop.core.layer.TTTLayer._apply`), the float32 they
         have under autocast."""
-        recorded = self.config.innerloop_token_index_dtype  # the saved model's, where it was narrower
-        made_in = getattr(torch, recorded) if recorded else self.dtype
         with torch.no_grad():
             for module in self.modules():
                 derived = getattr(module, "derived_buffers", None)
                 if not callable(derived):
                     continue
-                # the tables as the reference's from_pretrained makes them: under the model's dtype, or
-                # in float32 where the model saved held them so (a float32 model cast to float64)
-                for name, table in derived(made_in).items():
+                # the tables as the reference's from_pretrained makes them: under the model's dtype
+                for name, table in derived(self.dtype).items():
                     current = module._buffers.get(name)
                     if current is not None:
                         wide = torch.promote_types(self.dtype, torch.float32)
@@ -1333,6 +1327,8 @@ class InnerloopPreTrainedModel(PreTrainedModel):
                         module.register_buffer(
                             name, table.to(device=current.device, dtype=dtype), persistent=False
                         )
+            # the token index as the model saved held it: rounded to float32 or exact (the config's record)
+            remake_token_index(self, self.config.innerloop_token_index_dtype)
 
 
 SAVE_STAGING_PREFIX = ".innerloop-saving-"
@@ -1767,22 +1763,6 @@ def move_to_aligned_memory(model: nn.Module) -> None:
             for name, buffer in list(owner._buffers.items()):
                 if buffer is not None and buffer.device.type == "cpu" and buffer.data_ptr() % CPU_ALIGNMENT:
                     owner._buffers[name] = buffer.clone()
-
-
-def token_index_dtype(model: nn.Module) -> str | None:
-    """``"float32"`` where ``model``'s TTT layers hold a token index wider than float32 whose values are
-    the float32 ones (a float32 model cast to float64), for ``config.innerloop_token_index_dtype``;
-    else None (made in the model's dtype: exact)."""
-    for module in model.modules():
-        index = getattr(module, "token_idx", None)
-        derived = getattr(module, "derived_buffers", None)
-        if not isinstance(index, torch.Tensor) or not callable(derived) or index.dtype == torch.float32:
-            continue
-        exact = derived(index.dtype)["token_idx"].to(index.device)
-        rounded = derived(torch.float32)["token_idx"].to(device=index.device, dtype=index.dtype)
-        if not torch.equal(index, exact) and torch.equal(index, rounded):
-            return TOKEN_INDEX_ROUNDED_TO
-    return None
 
 
 def set_buffer(root: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -53,17 +53,17 @@ from innerloop.checkpoints import (
     check_state_dict,
     checkpoint_device,
     describe_model,
-    has_exact_float64_token_index,
     is_safetensors_file,
     load_checkpoint,
     load_weights,
     plugin_record,
     plugin_sources,
     rebuild_error,
-    restore_token_index,
+    remake_token_index,
     run_kernels_that_work_here,
     save_checkpoint,
     saved_model_config,
+    token_index_made_in,
     warn_changed_plugins,
     widest_parameter_dtype,
 )
@@ -436,6 +436,7 @@ class LanguageModelModule(L.LightningModule):
         checkpoint[PLUGIN_SOURCES_KEY] = plugin_sources(
             self.hparams.model, checkpoint.get(PLUGIN_SOURCES_KEY)
         )
+        record_token_index(checkpoint, self.model)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with one :class:`~innerloop.checkpoints.CheckpointError` line, a checkpoint whose
@@ -484,6 +485,8 @@ class LanguageModelModule(L.LightningModule):
             precision_dtype = trainer.precision_plugin.convert_module(probe).weight.dtype
             if precision_dtype != torch.float32:  # a *-true precision
                 self.to(dtype=precision_dtype)
+        # the float64 token index as the module saved held it (exact or rounded), which no cast can tell
+        remake_token_index(self, checkpoint.get(TOKEN_INDEX_KEY))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``input_ids [B, T]`` → ``logits [B, T, V]``."""
@@ -1067,9 +1070,20 @@ def _module_from_checkpoint(
     description = f"the model its hyperparameters describe ({describe_model(module.hparams.model)})"
     check_state_dict(module.state_dict(), checkpoint["state_dict"], path, description)
     load_weights(module, checkpoint["state_dict"], keep_dtype)
-    restore_token_index(module, checkpoint)
+    remake_token_index(module, checkpoint.get(TOKEN_INDEX_KEY))
     run_kernels_that_work_here(module, path)
     return module
+
+
+def record_token_index(checkpoint: dict[str, Any], model: torch.nn.Module) -> None:
+    """Record in ``checkpoint`` the dtype ``model``'s float64 TTT token index was made in
+    (:func:`~innerloop.checkpoints.token_index_made_in`), which the weights do not hold: the loaders make
+    it so again (:func:`~innerloop.checkpoints.remake_token_index`); nothing where nothing tells."""
+    record = token_index_made_in(model)
+    if record is not None:
+        checkpoint[TOKEN_INDEX_KEY] = record
+    else:
+        checkpoint.pop(TOKEN_INDEX_KEY, None)
 
 
 def save_model_checkpoint(
@@ -1096,6 +1110,5 @@ def save_model_checkpoint(
     checkpoint = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
     if tokenizer is not None:
         checkpoint[TOKENIZER_KEY] = tokenizer
-    if has_exact_float64_token_index(model):  # load_model's cast would widen a float32 one
-        checkpoint[TOKEN_INDEX_KEY] = "float64"
+    record_token_index(checkpoint, model)
     return save_checkpoint(checkpoint, path)

@@ -1,0 +1,146 @@
+"""Review s53m: the float64 TTT token index ``1 / (i + 1)`` -- exact where a layer was built in float64,
+rounded to float32 where a float32 layer was cast -- is recorded by ONE rule on every save path
+(:func:`~innerloop.checkpoints.token_index_made_in`, key ``token_index_dtype`` in a checkpoint and
+``innerloop_token_index_dtype`` in an exported folder's config, same values) and made again by one
+(:func:`~innerloop.checkpoints.remake_token_index`).
+
+Defects found (each seen failing before its fix):
+
+- a model mixing a layer built in float64 with one cast from float32 read back with one of them wrong
+  (the two detectors looked at the first layer only, and the record had one value for all layers);
+- a checkpoint written by Lightning (``on_save_checkpoint``: ``innerloop train``'s, a user's Trainer) of
+  a module built in float64 recorded nothing, so ``load_model`` read its index back rounded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from innerloop.models import build_model
+from innerloop.models.config import ModelConfig
+
+TINY = {"vocab_size": 7, "num_layers": 2, "num_heads": 1, "intermediate_size": 5, "hidden_size": 6}
+TTT3 = {**TINY, "ttt": {"mini_batch_size": 3}}
+IDS = torch.tensor([[3, 1, 4, 1, 5, 2, 6, 5, 3, 0, 2, 1], [2, 6, 5, 3, 0, 1, 1, 4, 6, 2, 0, 5]])
+
+
+def built_in_float64(config: dict, seed: int = 0) -> torch.nn.Module:
+    """A model of ``config`` built under ``torch.set_default_dtype(torch.float64)``: exact index."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(seed)
+        return build_model(ModelConfig.from_dict(config)).eval()
+    finally:
+        torch.set_default_dtype(before)
+
+
+def mixed_model() -> torch.nn.Module:
+    """A 2-layer float64 model whose first layer holds the exact index, its second the rounded one."""
+    model = built_in_float64(TTT3)
+    second = model.blocks[1].mixer
+    second.token_idx = second.derived_buffers(torch.float32)["token_idx"].double()
+    return model
+
+
+def indexes(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The token index of each TTT layer of ``model``, in module order."""
+    return [m.token_idx for m in model.modules() if isinstance(getattr(m, "token_idx", None), torch.Tensor)]
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(IDS)
+    return out[0] if isinstance(out, tuple) else out.logits
+
+
+def test_the_record_of_a_mixed_model_names_each_layer():
+    from innerloop.checkpoints import token_index_made_in
+
+    model = mixed_model()
+    assert indexes(model)[0][2] == 1 / 3 and indexes(model)[1][2] != 1 / 3
+    assert token_index_made_in(model) == ["float64", "float32"]
+    exact = built_in_float64(TTT3)
+    assert token_index_made_in(exact) == "float64"
+    assert token_index_made_in(exact.float()) is None  # float32: nothing to tell
+    assert token_index_made_in(exact.double()) == "float32"  # widened from the float32 cast
+    assert token_index_made_in(built_in_float64({**TINY, "ttt": {"mini_batch_size": 2}})) is None  # exact
+
+
+@pytest.mark.slow  # reason: ~0.5 s: saves and reads back a model with transformers
+def test_a_mixed_model_reads_back_from_save_pretrained_with_each_layers_index(tmp_path):
+    from innerloop.hf import InnerloopForCausalLM
+    from innerloop.hf.export import to_hugging_face
+
+    model = mixed_model()
+    to_hugging_face(model).save_pretrained(tmp_path)
+    loaded = InnerloopForCausalLM.from_pretrained(tmp_path).eval()
+    for got, want in zip(indexes(loaded), indexes(model), strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(logits(loaded), logits(model))
+
+
+@pytest.mark.slow  # reason: imports Lightning (save_model_checkpoint), seconds on a cold process
+def test_a_mixed_model_reads_back_from_its_checkpoint_with_each_layers_index(tmp_path):
+    from innerloop.checkpoints import load_model
+    from innerloop.train.module import save_model_checkpoint
+
+    model = mixed_model()
+    loaded = load_model(save_model_checkpoint(model, tmp_path / "m.safetensors"), keep_dtype=True)
+    for got, want in zip(indexes(loaded), indexes(model), strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(logits(loaded), logits(model))
+
+
+@pytest.mark.slow  # reason: imports Lightning (LanguageModelModule), seconds on a cold process
+def test_a_lightning_checkpoint_of_a_module_built_in_float64_keeps_its_exact_index(tmp_path):
+    from innerloop.checkpoints import load_model, save_checkpoint
+    from innerloop.train.module import LanguageModelModule
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        module = LanguageModelModule(model=TTT3)
+    finally:
+        torch.set_default_dtype(before)
+    checkpoint = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)  # what Lightning's trainer.save_checkpoint calls
+    loaded = load_model(save_checkpoint(checkpoint, tmp_path / "last.safetensors"), keep_dtype=True)
+    assert loaded.blocks[0].mixer.token_idx[2] == 1 / 3
+    assert torch.equal(logits(loaded), logits(module.model.eval()))
+
+
+def test_both_records_take_the_same_values():
+    from innerloop.hf import InnerloopConfig
+
+    for value in ("float32", "float64", ["float64", "float32"], None):
+        assert (
+            InnerloopConfig(model=TTT3, innerloop_token_index_dtype=value).innerloop_token_index_dtype
+            == value
+        )
+    with pytest.raises(ValueError, match=r"innerloop_token_index_dtype='bfloat16'.*'float32', 'float64'"):
+        InnerloopConfig(model=TTT3, innerloop_token_index_dtype="bfloat16")
+
+
+@pytest.mark.slow  # reason: imports Lightning (LanguageModelModule), seconds on a cold process
+def test_a_module_loading_a_pickled_checkpoint_of_one_built_in_float64_gets_its_exact_index():
+    from innerloop.train.module import LanguageModelModule
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        saved = LanguageModelModule(model=TTT3)
+    finally:
+        torch.set_default_dtype(before)
+    checkpoint = {"hyper_parameters": dict(saved.hparams), "state_dict": saved.state_dict()}
+    saved.on_save_checkpoint(checkpoint)
+    module = LanguageModelModule(
+        model=TTT3
+    )  # built in float32, as Lightning's load_from_checkpoint builds it
+    module.on_load_checkpoint(checkpoint)  # casts it to the stored float64
+    module.load_state_dict(checkpoint["state_dict"])
+    assert module.model.blocks[0].mixer.token_idx[2] == 1 / 3
+    assert torch.equal(logits(module.model.eval()), logits(saved.model.eval()))

@@ -144,3 +144,30 @@ def test_a_module_loading_a_pickled_checkpoint_of_one_built_in_float64_gets_its_
     module.load_state_dict(checkpoint["state_dict"])
     assert module.model.blocks[0].mixer.token_idx[2] == 1 / 3
     assert torch.equal(logits(module.model.eval()), logits(saved.model.eval()))
+
+
+@pytest.mark.usefixtures("fresh_global_registry")
+def test_a_named_kernel_without_decay_is_refused_for_a_layer_that_forgets() -> None:
+    # named_kernel_refusal asked every layer with decay=False, while a Gated DeltaNet layer's blocks have
+    # decay=True: a kernel for its rule without supports_decay passed the check before a run (nothing
+    # refused) and the layer failed at its first step; a first-use verdict kept for its decaying blocks
+    # was never found either (verdicts are kept under every flag)
+    import innerloop
+    from innerloop.core.family_layers import GatedDeltaNetLayer
+    from innerloop.kernels.dispatch import KernelUnavailableError, refused_named_kernels
+    from innerloop.kernels.spec import KernelSpec
+
+    def forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
+        raise AssertionError("never called: the capability check refuses it first")
+
+    innerloop.register_kernel(
+        KernelSpec(
+            name="s53m_no_decay", inner_model="matrix", inner_loss="reconstruction", update_rule="dual_form",
+            forward=forward, verify=lambda inputs: None, priority=100, fuses_inner_norm=False,
+        )
+    )  # fmt: skip
+    layer = GatedDeltaNetLayer(16, 2, inner_loss="reconstruction", kernel="s53m_no_decay")
+    with pytest.raises(KernelUnavailableError, match="does not support decay"):
+        layer(torch.randn(1, 3, 16))
+    refused = refused_named_kernels(torch.nn.Sequential(layer), [torch.device("cpu")], requires_grad=True)
+    assert list(refused) == ["s53m_no_decay"] and "decay" in refused["s53m_no_decay"], refused

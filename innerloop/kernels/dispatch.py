@@ -158,12 +158,16 @@ def named_kernel_refusal(
     dtype: torch.dtype,
     head_dim: int,
     requires_grad: bool,
+    decay: bool = False,
+    momentum: bool = False,
 ) -> str | None:
     """Why (a clause) the kernel ``task.kernel`` names cannot run a layer's whole mini-batches on
     ``device`` in ``dtype`` (the scan's), training (``requires_grad``) or not, as :func:`select_kernel`
     would refuse it at the first call: its ``verify``, the capabilities the layer needs, a first-use check
     it failed. None where it runs, and for ``"auto"`` and ``"torch"`` (which always run). Lets a caller
-    refuse a run before it starts rather than at its first step."""
+    refuse a run before it starts rather than at its first step. ``decay`` / ``momentum``: whether the
+    layer's blocks carry a forgetting gate / the momentum rule's state (:func:`layer_gates`), as its
+    blocks tell ``verify`` and the first-use verdicts."""
     if task.kernel in ("auto", TORCH_PATH):
         return None
     device = torch.device(device)
@@ -177,7 +181,7 @@ def named_kernel_refusal(
         num_tokens=task.mini_batch_size,
         requires_grad=requires_grad,
         needs_double_backward=task.needs_double_backward,
-        extra=block_flags(task, decode=False, decay=False, momentum=False, functorch=False, empty=False),
+        extra=block_flags(task, decode=False, decay=decay, momentum=momentum, functorch=False, empty=False),
     )
     try:
         select_kernel(rule, task, inputs)
@@ -202,6 +206,7 @@ def refused_named_kernels(
     for layer in model.modules():
         if not isinstance(layer, TTTLayer) or layer.kernel in ("auto", TORCH_PATH) or layer.kernel in refused:
             continue
+        decay, momentum = layer_gates(layer)
         reasons = [
             named_kernel_refusal(
                 layer.update_rule,
@@ -210,12 +215,28 @@ def refused_named_kernels(
                 dtype=layer.scan_dtype if dtype is None else dtype,
                 head_dim=layer.head_dim,
                 requires_grad=requires_grad,
+                decay=decay,
+                momentum=momentum,
             )
             for device in devices
         ]
         if all(reason is not None for reason in reasons):
             refused[layer.kernel] = reasons[0]
     return refused
+
+
+def layer_gates(layer: TTTLayer) -> tuple[bool, bool]:
+    """``(decay, momentum)``: whether ``layer``'s blocks carry a forgetting gate and the momentum rule's
+    state (a Gated DeltaNet layer's forget; a Titans layer's also have momentum), asked of the layer's own
+    gates (:meth:`~innerloop.core.layer.TTTLayer.scan_gates`) on one token of zeros, as its blocks report
+    them to ``verify`` (:func:`kernel_inputs`)."""
+    weight = next(layer.parameters(), None)
+    device, dtype = (None, None) if weight is None else (weight.device, weight.dtype)
+    with torch.no_grad():
+        decay, momentum, decay_log = layer.scan_gates(
+            torch.zeros(1, 1, layer.hidden_size, device=device, dtype=dtype)
+        )
+    return decay is not None or decay_log is not None, momentum is not None
 
 
 def checked_choice(

@@ -35,6 +35,7 @@ def test_a_named_kernel_refusal_on_cuda_without_an_index_asks_about_the_current_
         seen.append(inputs.device)
 
     monkeypatch.setattr(dispatch, "select_kernel", select_kernel)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with GPUs, the current one 3
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     layer = TTTLayer(16, 2, mini_batch_size=4, kernel="cpu_ttt_linear")
     for device in (torch.device("cuda"), "cuda", torch.device("cuda", 1), torch.device("cpu")):

@@ -171,3 +171,14 @@ def test_a_named_kernel_without_decay_is_refused_for_a_layer_that_forgets() -> N
         layer(torch.randn(1, 3, 16))
     refused = refused_named_kernels(torch.nn.Sequential(layer), [torch.device("cpu")], requires_grad=True)
     assert list(refused) == ["s53m_no_decay"] and "decay" in refused["s53m_no_decay"], refused
+
+
+def test_a_gpu_without_an_index_is_refused_with_a_reason_also_where_torch_has_no_cuda() -> None:
+    # the GPU without an index became torch.cuda.current_device(), which raised a bare "AssertionError:
+    # Torch not compiled with CUDA enabled" on a machine without CUDA, where cuda:0 is refused with a reason
+    from innerloop import TTTLayer
+    from innerloop.kernels.dispatch import refused_named_kernels
+
+    model = torch.nn.Sequential(TTTLayer(32, 2, mini_batch_size=4, kernel="cpu_ttt_linear"))
+    refused = refused_named_kernels(model, [torch.device("cuda")], requires_grad=False)
+    assert list(refused) == ["cpu_ttt_linear"] and "cuda" in refused["cpu_ttt_linear"], refused

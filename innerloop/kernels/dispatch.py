@@ -171,7 +171,8 @@ def named_kernel_refusal(
     if task.kernel in ("auto", TORCH_PATH):
         return None
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:  # first-use verdicts are kept per GPU index
+    # first-use verdicts are kept per GPU index; without CUDA there is none to ask (nor any verdict)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     inputs = KernelInputs(
         device=device,

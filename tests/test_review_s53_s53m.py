@@ -182,3 +182,16 @@ def test_a_gpu_without_an_index_is_refused_with_a_reason_also_where_torch_has_no
     model = torch.nn.Sequential(TTTLayer(32, 2, mini_batch_size=4, kernel="cpu_ttt_linear"))
     refused = refused_named_kernels(model, [torch.device("cuda")], requires_grad=False)
     assert list(refused) == ["cpu_ttt_linear"] and "cuda" in refused["cpu_ttt_linear"], refused
+
+
+def test_a_checkpoint_without_the_record_loads_as_before(tmp_path):
+    # an older file (no token_index_dtype): the index its build and cast make, rounded in float64
+    from innerloop.checkpoints import load_model, save_checkpoint
+
+    model = built_in_float64(TTT3)
+    state = {f"model.{key}": value for key, value in model.state_dict().items()}
+    path = save_checkpoint(
+        {"hyper_parameters": {"model": TTT3}, "state_dict": state}, tmp_path / "old.safetensors"
+    )
+    loaded = load_model(path, keep_dtype=True)
+    assert [index[2].item() for index in indexes(loaded)] == [torch.tensor(1 / 3).float().item()] * 2

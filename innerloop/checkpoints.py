@@ -1431,15 +1431,16 @@ def check_token_index_record(record: Any, where: str) -> None:
         )
 
 
-def remake_token_index(model: torch.nn.Module, record: Any) -> None:
+def remake_token_index(model: torch.nn.Module, record: Any, where: str = TOKEN_INDEX_KEY) -> None:
     """Make the float64 token index of ``model``'s TTT layers again as :data:`TOKEN_INDEX_KEY` ``record``
     says the model saved held it (:func:`token_index_made_in`); a layer it says nothing of, and a float32
-    index, keep theirs. A list of another length than the model's TTT layers is refused (``ValueError``)."""
-    check_token_index_record(record, TOKEN_INDEX_KEY)
+    index, keep theirs. A list of another length than the model's TTT layers is refused (``ValueError``
+    naming ``where``, the record's field)."""
+    check_token_index_record(record, where)
     layers = _token_index_layers(model)
     if isinstance(record, list) and len(record) != len(layers):
         raise ValueError(
-            f"{TOKEN_INDEX_KEY}={record!r} has {len(record)} entries, but the model has {len(layers)} TTT "
+            f"{where}={record!r} has {len(record)} entries, but the model has {len(layers)} TTT "
             "layers (one entry each)"
         )
     made = record if isinstance(record, list) else [record] * len(layers)

@@ -195,3 +195,21 @@ def test_a_checkpoint_without_the_record_loads_as_before(tmp_path):
     )
     loaded = load_model(path, keep_dtype=True)
     assert [index[2].item() for index in indexes(loaded)] == [torch.tensor(1 / 3).float().item()] * 2
+
+
+@pytest.mark.slow  # reason: ~0.5 s: saves and reads back a model with transformers
+def test_a_folder_whose_record_names_other_layers_is_refused_naming_its_field(tmp_path):
+    import json
+
+    from innerloop.hf import InnerloopForCausalLM
+    from innerloop.hf.export import to_hugging_face
+
+    to_hugging_face(mixed_model()).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["innerloop_token_index_dtype"] == ["float64", "float32"]
+    config["innerloop_token_index_dtype"] = ["float64", "float32", "float32"]  # edited: 3 layers for 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match=r"innerloop_token_index_dtype.*3 entries, but the model has 2 TTT layers"
+    ):
+        InnerloopForCausalLM.from_pretrained(tmp_path)

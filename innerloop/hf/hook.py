@@ -13,6 +13,8 @@ instead, the two Auto-class modules are watched:
   ``modeling_auto`` without using innerloop's model (torchmetrics does, under Lightning, so every
   ``innerloop train`` would pay for it). Every way the Auto classes reach innerloop's model builds the
   config first (``from_pretrained`` loads it, ``from_config`` is given it), so nothing is missed.
+- ``innerloop.hf.modeling`` itself: its own imports of transformers load ``modeling_auto``, when the
+  model is not defined yet; with a config built before, the model is registered once its import ends.
 
 A module already loaded (transformers imported before innerloop) is handled at once; one not yet
 loaded is handled right after it is, by a finder on ``sys.meta_path`` that wraps its loader. Either
@@ -31,6 +33,7 @@ from typing import Any
 
 CONFIG_MODULE = "transformers.models.auto.configuration_auto"
 MODEL_MODULE = "transformers.models.auto.modeling_auto"
+INNERLOOP_MODELING = "innerloop.hf.modeling"
 
 
 def register_config() -> None:
@@ -45,6 +48,11 @@ def register_config() -> None:
 def register_model() -> None:
     """``AutoModelForCausalLM.register(InnerloopConfig, InnerloopForCausalLM)`` and
     ``AutoModel.register(InnerloopConfig, InnerloopModel)`` (idempotent)."""
+    modeling = sys.modules.get(INNERLOOP_MODELING)
+    if modeling is not None and not hasattr(modeling, "InnerloopModel"):
+        # its own imports of transformers loaded the Auto classes, before it defines the model (a config
+        # built before it was imported): registered once its import ends (register_model_after_import)
+        return
     from transformers import AutoModel, AutoModelForCausalLM
 
     from innerloop.hf.configuration import InnerloopConfig
@@ -62,9 +70,18 @@ def register_model_when_wanted() -> None:
     configuration.when_first_built(lambda: _register(MODEL_MODULE, register_model))
 
 
+def register_model_after_import() -> None:
+    """Run once :mod:`innerloop.hf.modeling` is imported (a watched module): register the model if the
+    Auto classes were loaded meanwhile (its own imports of transformers load them, when the model is not
+    yet defined: the registration skipped it then) or before."""
+    if MODEL_MODULE in sys.modules:
+        register_model_when_wanted()
+
+
 _REGISTRATIONS: dict[str, Callable[[], None]] = {
     CONFIG_MODULE: register_config,
     MODEL_MODULE: register_model_when_wanted,
+    INNERLOOP_MODELING: register_model_after_import,
 }
 """The watched module -> what to register once it is loaded."""
 

@@ -1328,7 +1328,8 @@ class InnerloopPreTrainedModel(PreTrainedModel):
                             name, table.to(device=current.device, dtype=dtype), persistent=False
                         )
             # the token index as the model saved held it: rounded to float32 or exact (the config's record)
-            remake_token_index(self, self.config.innerloop_token_index_dtype)
+            record = self.config.innerloop_token_index_dtype
+            remake_token_index(self, record, where="config.json's innerloop_token_index_dtype")
 
 
 SAVE_STAGING_PREFIX = ".innerloop-saving-"

@@ -92,3 +92,19 @@ def test_the_hook_registers_once_and_leaves_other_imports_alone() -> None:
     assert len([f for f in sys.meta_path if isinstance(f, hook._AutoClassWatcher)]) == len(watchers)
     if watchers:
         assert watchers[0].find_spec("json", None) is None
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch and transformers: ~6 s
+def test_a_config_built_before_the_model_is_imported_still_registers_the_model() -> None:
+    # (review s53m) innerloop.hf.modeling's own imports load transformers' Auto classes; with a config
+    # already built, the hook registered the model at once from the half-imported module, which failed
+    # ("could not register ... circular import" warned) and AutoModelForCausalLM never learnt the model
+    out = run_fresh("""
+        import warnings; warnings.simplefilter("error")
+        from innerloop.hf import InnerloopConfig
+        config = InnerloopConfig(model={"mixer": "swa", "hidden_size": 32, "num_heads": 2, "num_layers": 1})
+        from innerloop.hf import InnerloopForCausalLM
+        from transformers import AutoModelForCausalLM
+        print(type(AutoModelForCausalLM.from_config(config)).__module__)
+    """)
+    assert out.split() == ["innerloop.hf.modeling"]

@@ -38,6 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation.logits_process import TemperatureLogitsWarper
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
@@ -742,6 +743,30 @@ def check_token_ids(input_ids: Any, vocab_size: int) -> None:
             f"input_ids holds token id {bad}, outside the model's vocabulary of {vocab_size} tokens "
             f"(0..{vocab_size - 1}){end_of_text if (bad, vocab_size) == (256, 256) else ''}"
         )
+
+
+class ShiftedTemperatureLogitsWarper(TemperatureLogitsWarper):
+    """transformers' temperature warper (``scores / temperature``), but exact for any positive
+    temperature, however small: a row whose scores that division overflows (``inf``, or NaN once
+    softmax reads ``inf - inf``) is instead shifted by its largest score in float64 before the division,
+    as :func:`innerloop.models.generate` samples: the most likely token then scores 0, the others
+    ``-inf`` or a finite negative number. transformers' own division raised torch's "probability tensor
+    contains either inf, nan or element < 0" at ``temperature=1e-45`` (1e-300: 0 in float32).
+
+    Only such rows change: every other row is ``scores / temperature``, bit for bit, so ``output_scores``
+    are transformers' wherever transformers' division worked; in an overflowed row they are the shifted
+    scores (the same probabilities: softmax and ``compute_transition_scores`` do not see a shift)."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        """``scores / temperature``, each row whose finite scores that overflows shifted first."""
+        divided = scores / self.temperature  # [B, V]
+        overflowed = (torch.isfinite(scores) & ~torch.isfinite(divided)).any(dim=-1)  # [B]
+        overflowed &= torch.isfinite(scores.amax(dim=-1))  # a row with +inf or NaN has no max to shift by
+        if not bool(overflowed.any()):
+            return divided
+        wide = scores.double()
+        shifted = ((wide - wide.amax(dim=-1, keepdim=True)) / self.temperature).to(scores.dtype)  # max 0
+        return torch.where(overflowed[:, None], shifted, divided)
 
 
 TIED_HEAD_KEY = "model.lm_head.weight"
@@ -1911,6 +1936,17 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         super()._validate_generation_mode(generation_mode, generation_config, *args)
         check_generation_counts(generation_config)
         check_sampling_values(generation_config)
+
+    def _get_logits_processor(self, generation_config: Any, *args: Any, **kwargs: Any) -> Any:
+        """transformers' processors, its temperature warper replaced by
+        :class:`ShiftedTemperatureLogitsWarper`: the same scores wherever transformers' division of the
+        float32 scores by the temperature is finite; a tiny temperature (1e-45) samples the most likely
+        token rather than crash, as :func:`innerloop.models.generate` does."""
+        processors = super()._get_logits_processor(generation_config, *args, **kwargs)
+        for index, processor in enumerate(processors):
+            if type(processor) is TemperatureLogitsWarper:
+                processors[index] = ShiftedTemperatureLogitsWarper(processor.temperature)
+        return processors
 
     def _prepare_attention_mask_for_generation(
         self, inputs_tensor: torch.Tensor, generation_config: Any, model_kwargs: dict[str, Any]

@@ -1,0 +1,70 @@
+"""Review s53q: leftovers of the s53 reviews.
+
+- Hugging Face ``generate(do_sample=True, temperature=1e-45)`` (and 1e-300) raised torch's "probability
+  tensor contains either inf, nan or element < 0": transformers divides the float32 scores by the
+  temperature, which overflows. The temperature warper now shifts an overflowing row by its largest
+  score in float64 first, as ``innerloop.models.generate`` does: every positive temperature samples.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_model():
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+
+    torch.manual_seed(0)
+    model = {"hidden_size": 16, "num_heads": 2, "num_layers": 1, "intermediate_size": 32, "vocab_size": 50}
+    return InnerloopForCausalLM(InnerloopConfig(model=model)).eval()
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300])
+def test_temperature_warper_is_exact_for_a_tiny_temperature(temperature: float) -> None:
+    """An overflowing row is shifted by its max (ties keep 0, the rest -inf); -inf stays -inf."""
+    from innerloop.hf.modeling import ShiftedTemperatureLogitsWarper
+
+    scores = torch.tensor([[1.0, 3.0, 3.0, float("-inf")], [2.0, -1.0, 0.5, 0.0]])
+    out = ShiftedTemperatureLogitsWarper(temperature)(torch.zeros(2, 1, dtype=torch.long), scores)
+    inf = float("inf")
+    assert out.tolist() == [[-inf, 0.0, 0.0, -inf], [0.0, -inf, -inf, -inf]]
+    assert torch.softmax(out, dim=-1)[0].tolist() == [0.0, 0.5, 0.5, 0.0]
+
+
+def test_temperature_warper_keeps_transformers_scores_where_they_are_finite() -> None:
+    """Rows transformers' division keeps finite are ``scores / temperature`` bit for bit (output_scores
+    unchanged there), in a batch where another row overflows and is shifted."""
+    from innerloop.hf.modeling import ShiftedTemperatureLogitsWarper
+
+    scores = torch.tensor([[1e-8, -2e-8, 0.0], [5.0, 1.0, -3.0]])
+    out = ShiftedTemperatureLogitsWarper(1e-40)(torch.zeros(2, 1, dtype=torch.long), scores)
+    assert torch.equal(out[0], scores[0] / 1e-40)
+    assert out[1].tolist() == [0.0, float("-inf"), float("-inf")]
+    for temperature in (0.7, 1e-30):
+        kept = ShiftedTemperatureLogitsWarper(temperature)(torch.zeros(2, 1, dtype=torch.long), scores)
+        assert torch.equal(kept, scores / temperature)
+
+
+@pytest.mark.slow  # three short generate() calls: about 1 s on a loaded CPU
+def test_hf_generate_samples_the_most_likely_token_at_a_tiny_temperature(tiny_hf_model) -> None:
+    """Seen failing: temperature=1e-45 and 1e-300 raised torch's 'probability tensor contains either
+    inf, nan or element < 0'. Now they sample what greedy decoding picks, as innerloop.models.generate
+    does, and the scores returned are the shifted ones (0 for the token sampled)."""
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    greedy = tiny_hf_model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    for temperature in (1e-45, 1e-300):
+        out = tiny_hf_model.generate(
+            ids,
+            max_new_tokens=3,
+            do_sample=True,
+            temperature=temperature,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        assert torch.equal(out.sequences, greedy)
+        first = out.scores[0]  # [2, vocab]
+        assert first.gather(-1, greedy[:, 3:4]).flatten().tolist() == [0.0, 0.0]
+        assert bool(torch.isfinite(torch.softmax(first, dim=-1)).all())

@@ -4,6 +4,8 @@
   tensor contains either inf, nan or element < 0": transformers divides the float32 scores by the
   temperature, which overflows. The temperature warper now shifts an overflowing row by its largest
   score in float64 first, as ``innerloop.models.generate`` does: every positive temperature samples.
+- ``Float64Perplexity.merge_state`` of a perplexity with another ``ignore_index`` added the sums without a
+  word; refused now, naming both values.
 """
 
 from __future__ import annotations
@@ -68,3 +70,25 @@ def test_hf_generate_samples_the_most_likely_token_at_a_tiny_temperature(tiny_hf
         first = out.scores[0]  # [2, vocab]
         assert first.gather(-1, greedy[:, 3:4]).flatten().tolist() == [0.0, 0.0]
         assert bool(torch.isfinite(torch.softmax(first, dim=-1)).all())
+
+
+def test_perplexity_merge_state_refuses_another_ignore_index() -> None:
+    """Seen failing: merging a perplexity that skips id 0 into one that scores it added the sums without
+    a word (a mean over tokens one of them never scored). Refused, naming both values; one setting alike
+    still merges."""
+    from innerloop.train.metrics import Float64Perplexity
+
+    torch.manual_seed(0)
+    logits, target = torch.randn(1, 4, 5), torch.tensor([[0, 1, 0, 2]])
+    scoring, skipping, also_skipping = (
+        Float64Perplexity(),
+        Float64Perplexity(ignore_index=0),
+        Float64Perplexity(0),
+    )
+    for metric in (scoring, skipping, also_skipping):
+        metric.update(logits, target)
+    with pytest.raises(ValueError, match=r"ignore_index=None and the incoming one ignore_index=0"):
+        scoring.merge_state(skipping)
+    assert scoring.scored_tokens() == 4
+    skipping.merge_state(also_skipping)
+    assert skipping.scored_tokens() == 4

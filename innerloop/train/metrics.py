@@ -59,6 +59,23 @@ class Float64States(Metric):
                 setattr(self, name, value)
             raise
 
+    MERGED_SETTINGS: tuple[str, ...] = ()
+    """The settings two metrics must share for :meth:`merge_state` to add one's sums to the other's."""
+
+    def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
+        """torchmetrics' ``merge_state``, refusing another metric of other :attr:`MERGED_SETTINGS` (e.g. a
+        perplexity of another ``ignore_index``, whose sums scored the tokens this one skips), naming both
+        values: torchmetrics added the sums without a word. A dict of states carries no settings."""
+        if isinstance(incoming_state, Metric):
+            for name in self.MERGED_SETTINGS:
+                mine, theirs = getattr(self, name), getattr(incoming_state, name, None)
+                if mine != theirs:
+                    raise ValueError(
+                        f"{type(self).__name__}.merge_state: this metric has {name}={mine!r} and the "
+                        f"incoming one {name}={theirs!r}; only metrics of one {name} can be merged"
+                    )
+        super().merge_state(incoming_state)
+
     def _float64_states(self) -> None:
         for name, default in self._defaults.items():
             if isinstance(default, torch.Tensor) and default.is_floating_point():
@@ -71,6 +88,8 @@ class Float64Perplexity(Float64States, Perplexity):
     model's precision, with each token's log-probability taken as ``logit - logsumexp(logits)``:
     torchmetrics' softmax-then-log made a target probability below float32's smallest (about 1e-45)
     ``log(0)``, an infinite perplexity beside a finite loss."""
+
+    MERGED_SETTINGS = ("ignore_index",)
 
     def __init__(self, ignore_index: int | None = None, **kwargs: Any) -> None:
         if isinstance(ignore_index, bool):  # torchmetrics takes a bool for an int: True ignored token 1

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -92,3 +94,38 @@ def test_perplexity_merge_state_refuses_another_ignore_index() -> None:
     assert scoring.scored_tokens() == 4
     skipping.merge_state(also_skipping)
     assert skipping.scored_tokens() == 4
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        ({"init": float("nan")}, "TTTBaseLRWarmup: init=nan"),
+        ({"init": -0.1}, "TTTBaseLRWarmup: init=-0.1"),
+        ({"peak": float("inf")}, "TTTBaseLRWarmup: peak=inf"),
+        ({"warmup_steps": 2.5}, "TTTBaseLRWarmup: warmup_steps=2.5"),
+        ({"warmup_steps": -1}, "TTTBaseLRWarmup: warmup_steps=-1"),
+    ],
+)
+def test_ttt_base_lr_warmup_checks_its_arguments_when_built(arguments, named) -> None:
+    """Seen failing: each was taken, and a NaN init refused only by the layer at the first training
+    batch ('base_lr must be a finite number >= 0, got nan'), naming neither the callback nor init."""
+    from innerloop.train.schedules import TTTBaseLRWarmup
+
+    with pytest.raises(ValueError, match=re.escape(named)):
+        TTTBaseLRWarmup(**({"init": 0.0, "peak": 1.0, "warmup_steps": 10} | arguments))
+
+
+def test_ttt_base_lr_and_make_schedule_check_their_arguments() -> None:
+    """Seen failing: ttt_base_lr(0, nan, 1.0, 10) returned nan; make_schedule('cosine', lr=nan) was built
+    and refused only at its first step. Both now name the argument; good ones keep their values."""
+    from innerloop.train.schedules import TTTBaseLRWarmup, make_schedule, ttt_base_lr
+
+    with pytest.raises(ValueError, match=re.escape("ttt_base_lr: init=nan")):
+        ttt_base_lr(0, float("nan"), 1.0, 10)
+    with pytest.raises(ValueError, match=re.escape("lr=nan")):
+        make_schedule("cosine", 10, 100, float("nan"), 0.0)
+    assert ttt_base_lr(5, 0.0, 1.0, 10) == 0.5
+    assert ttt_base_lr(3, 0.25, 1.0, 0) == 1.0
+    assert make_schedule("wsd", 10, 100, 1.0, 0.0, 20)(4) == 0.5
+    warmup = TTTBaseLRWarmup(0, 1, 10)  # ints taken as the config gives them
+    assert (warmup.init, warmup.peak, warmup.warmup_steps) == (0.0, 1.0, 10)

@@ -102,7 +102,9 @@ Schedule = Callable[[int], float]
 def make_schedule(
     name: str, warmup_steps: int, max_steps: int, lr: float, min_lr: float, decay_steps: int = 0
 ) -> Schedule:
-    """The schedule ``name`` (``optim.schedule``) as a function of the optimizer step."""
+    """The schedule ``name`` (``optim.schedule``) as a function of the optimizer step; its numbers are
+    checked here (as each step checks them), each named, not first at the first step."""
+    _checked(0, warmup_steps, max_steps, lr, min_lr, decay_steps)
     if name == "cosine":
         return lambda step: warmup_cosine(step, warmup_steps, max_steps, lr, min_lr)
     if name == "linear":
@@ -123,9 +125,21 @@ def ttt_base_lr(step: int, init: float, peak: float, warmup_steps: int) -> float
     1-based step ``s``, i.e. ``step + 1`` here, for every micro-batch of that step, and evaluates with
     the multiplier 1. It rounds the multiplier to bfloat16; this is the exact value.
     """
+    step = checked_number("ttt_base_lr: step", step, int, AT_LEAST_0)
+    init, peak, warmup_steps = _checked_ttt_warmup("ttt_base_lr", init, peak, warmup_steps)
     if warmup_steps <= 0:
         return peak
     return init + min(1.0, step / warmup_steps) * (peak - init)
+
+
+def _checked_ttt_warmup(caller: str, init: Any, peak: Any, warmup_steps: Any) -> tuple[float, float, int]:
+    """``(init, peak, warmup_steps)`` as plain numbers: base lrs finite and >= 0 (what a TTT layer takes),
+    an integer step count >= 0; else a ``ValueError`` naming ``caller`` and the argument."""
+    init, peak = (
+        checked_number(f"{caller}: {name}", value, float, AT_LEAST_0)
+        for name, value in (("init", init), ("peak", peak))
+    )
+    return init, peak, checked_number(f"{caller}: warmup_steps", warmup_steps, int, AT_LEAST_0)
 
 
 class TTTBaseLRWarmup(L.Callback):
@@ -137,7 +151,12 @@ class TTTBaseLRWarmup(L.Callback):
     """
 
     def __init__(self, init: float, peak: float, warmup_steps: int) -> None:
-        self.init, self.peak, self.warmup_steps = init, peak, warmup_steps
+        """``init`` and ``peak``: base lrs, finite and >= 0; ``warmup_steps``: an integer >= 0 (0: ``peak``
+        throughout). Checked here, each named with the callback (a NaN ``init`` was refused by the layer
+        at the first training batch, naming neither)."""
+        self.init, self.peak, self.warmup_steps = _checked_ttt_warmup(
+            "TTTBaseLRWarmup", init, peak, warmup_steps
+        )
 
     @staticmethod
     def _set(module: torch.nn.Module, base_lr: float) -> None:

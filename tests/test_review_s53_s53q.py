@@ -129,3 +129,16 @@ def test_ttt_base_lr_and_make_schedule_check_their_arguments() -> None:
     assert make_schedule("wsd", 10, 100, 1.0, 0.0, 20)(4) == 0.5
     warmup = TTTBaseLRWarmup(0, 1, 10)  # ints taken as the config gives them
     assert (warmup.init, warmup.peak, warmup.warmup_steps) == (0.0, 1.0, 10)
+
+
+@pytest.mark.parametrize("factor", ["2", None, True, 1.0, float("nan")])
+def test_training_throughput_names_a_bad_collapse_factor(factor) -> None:
+    """Seen failing (all five): "2" and None raised a bare TypeError "'>' not supported between instances of 'str'
+    and 'int'", naming nothing. Now a ValueError naming the callback, the parameter and the value."""
+    from innerloop.train.throughput import TrainingThroughput
+
+    with pytest.raises(
+        ValueError, match=re.escape(f"TrainingThroughput: collapse_factor={factor!r} must be")
+    ):
+        TrainingThroughput(collapse_factor=factor)
+    assert TrainingThroughput(collapse_factor=float("inf")).collapse_factor == float("inf")  # never warns

@@ -19,6 +19,7 @@ and a warning when the CPU is oversubscribed.
 
 from __future__ import annotations
 
+import numbers
 import os
 import statistics
 import time
@@ -108,8 +109,11 @@ class TrainingThroughput(Callback):
         cpu_status: Callable[[], tuple[int, int, float | None]] | None = None,
         echo: Callable[[str], None] = print,
     ) -> None:
-        if not collapse_factor > 1:
-            raise ValueError(f"collapse_factor={collapse_factor} must be > 1")
+        real = isinstance(collapse_factor, numbers.Real) and not isinstance(collapse_factor, bool)
+        if not (real and collapse_factor > 1):  # a str or None was a bare TypeError of '>'
+            raise ValueError(
+                f"TrainingThroughput: collapse_factor={collapse_factor!r} must be > 1, a number (inf: never warn)"
+            )
         self.collapse_factor = collapse_factor
         self.clock = clock
         self.cpu_status = cpu_status or current_cpu_status  # a module function: ddp_spawn pickles callbacks

@@ -104,7 +104,10 @@ def generate(
         generator: torch RNG for reproducible sampling, on the kind of device the model runs on (a CPU
             generator for a CUDA model is refused when sampling, temperature > 0).
         eos_token_id: an end-of-sequence id (or several): a row that has sampled one yields the first
-            of them from then on, and the iterator ends once every row has (None: never).
+            of them from then on, and the iterator ends once every row has (None: never). Each must
+            be in the vocabulary (one outside it, which no row can sample, is refused as a mistaken id;
+            ``innerloop generate`` drops a tokenizer's end id past the vocabulary, and Hugging Face
+            ``generate`` takes a config's, both then ending no row at it).
 
     The arguments (the model's type among them) are checked when ``generate`` is called; the model runs as the iterator is read
     (with ``max_new_tokens=0`` the iterator is empty and the model never runs). Logits the model

@@ -437,14 +437,14 @@ def _add_compare_windows(compare: argparse.ArgumentParser) -> None:
         type=_BATCH_SIZE,
         default=None,
         help="windows per batch (default: the baseline run's data.batch_size on its own windows; 16 on --data "
-        "files or without its config.yaml)",
+        "files or of a baseline whose run is unknown)",
     )
     compare.add_argument(
         "--batches",
         type=_BATCHES,
         default=None,
         help="number of batches of --batch-size windows (default: as many windows as the baseline run's "
-        "validation reads; 128 windows from --data files or without its config.yaml)",
+        "validation reads; 128 windows from --data files or of a baseline whose run is unknown)",
     )
 
 

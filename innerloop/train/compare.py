@@ -769,7 +769,8 @@ def training_data_notes(
     models: Sequence[ComparedModel], base: int, paths: Sequence[str] = (), held_out: str = "val"
 ) -> list[str]:
     """A line for each compared model whose training data is not known to be apart from the windows':
-    its data is unknown (no config.yaml beside it, the baseline's too); it trained on text the windows
+    its data is unknown (no config.yaml beside it and no run recorded in its checkpoint, the baseline's
+    too); it trained on text the windows
     are read from (by its run's files, as its data.paths find them now, and the held-out files its
     checkpoint records); or, without ``paths``, it trained on other data than the baseline
     (:data:`DATA_KEYS` differ) or other text (the recorded training-text digests differ).

@@ -1718,8 +1718,9 @@ def evaluation_windows(
     ``checkpoint`` read its data: a ``data.name='hf'`` run's text field, of ``split`` (``--split``;
     default the data's own), else the files' text); else the
     validation windows of that run (:func:`run_of_checkpoint`, :func:`validation_examples`: exactly the
-    windows its validation scored, unless ``seq_len`` or the number of windows differ); else, for a
-    checkpoint without its run's config, the default corpus's held-out split. ``batches * batch_size``
+    windows its validation scored, unless ``seq_len`` or the number of windows differ; the config.yaml
+    beside it, else the ``data.*`` its checkpoint records); else, for a checkpoint whose run is unknown
+    (:func:`_run_beside` says why), the default corpus's held-out split. ``batches * batch_size``
     windows when ``batches`` is given (else the run's number of validation windows, or 128);
     ``batch_size`` defaults to the run's (or 16). A config.yaml beside the checkpoint that cannot be
     read, or run data that cannot be read, raises (one line naming it), never falls back to other data."""
@@ -1774,8 +1775,8 @@ def _check_held_out(held_out: Any, paths: Sequence[str], run: RunConfig | None, 
         )
     if run is None:
         raise ConfigError(
-            f"{test} needs the run's config.yaml beside the checkpoint, which says which text it held "
-            f"out for test, and {why_not}"
+            f"{test} needs the run that wrote the checkpoint (its config.yaml beside it, or the data.* its "
+            f"checkpoint records), which says which text it held out for test, and {why_not}"
         )
     if run.data.name not in ("text", "hf") or run.data.test_fraction == 0:
         what = f"data.name={run.data.name!r}" if run.data.name == "recall" else "data.test_fraction=0"

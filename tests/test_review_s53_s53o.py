@@ -5,14 +5,22 @@
   file (``.jsonl``...) is refused and that compare calls its training data unknown; compare's
   ``--batch-size``/``--batches`` help said "without its config.yaml", and ``--held-out test`` of a
   checkpoint that records no run said it needs "the run's config.yaml", though the record serves too.
+- The error lines docs/training.md quotes in plain blocks were checked by nothing (tests/test_docs.py
+  runs python and bash blocks only): the divergence line read "try a lower optim.lr (now 0.5), ...",
+  where the code prints "(now 0.5; optim.min_lr may not exceed it)". Each quoted line is now produced
+  and matched here, and a new one fails until a test here produces it.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lm_testing import TINY as TINY_RUN
 
 from innerloop.cli import main
 from innerloop.config.load import ConfigError, load_config
@@ -87,3 +95,104 @@ def test_help_of_batch_defaults_names_an_unknown_run_not_a_missing_config(comman
     # a checkpoint alone reads its recorded run's number of windows: 128 only where the run is unknown
     assert "without its config.yaml" not in text and "without the run's config.yaml" not in text
     assert "whose run is unknown" in text
+
+
+# -- the error lines the docs quote in their plain (```) blocks, each produced by the code ----------------
+#
+# tests/test_docs.py runs the python and bash blocks; a plain block is prose to it, so a quoted error
+# line could drift from the code's (nothing checked docs/training.md's five). Each quoted line is
+# matched here against the error the command prints, "..." and "[...]" standing for what the quote
+# leaves out; a new quoted error line fails test_every_quoted_error_line_is_checked until added here.
+
+QUOTED_ERROR = re.compile(r"^innerloop \w+: error: .*$", re.MULTILINE)
+
+#: Each quoted line -> the overrides of the ``innerloop train`` that prints it (refused by the config,
+#: before Lightning is imported).
+CONFIG_ERRORS = {
+    "model.ttt.update_rule='adam' is not a registered update_rule": ["model.ttt.update_rule=adam"],
+    "unknown config key 'model.hiden_size'": ["model.hiden_size=3"],
+    "config key 'trainer.max_steps' in override 'trainer.max_steps=abc'": ["trainer.max_steps=abc"],
+    "config key 'out_dir' in override 'out_dir='": ["out_dir="],
+}
+DIVERGED = "training diverged: the training loss is nan after 2 optimizer steps"
+
+
+def _quoted_error_lines() -> list[str]:
+    from test_docs import DOCUMENTS, code_blocks
+
+    return [
+        line
+        for document in DOCUMENTS
+        for block in code_blocks(document)
+        if block.language == ""
+        for line in QUOTED_ERROR.findall(block.text)
+    ]
+
+
+def _quote_pattern(quoted: str) -> re.Pattern[str]:
+    """``quoted`` as a pattern of the whole line: its "[...]" any list, its "..." any text."""
+    pieces = re.split(r"(\[\.\.\.\]|\.\.\.)", quoted)
+    parts = [
+        r"\[.*?\]" if piece == "[...]" else ".*?" if piece == "..." else re.escape(piece) for piece in pieces
+    ]
+    return re.compile("".join(parts))
+
+
+def test_the_quote_pattern_elides_only_where_the_quote_says() -> None:
+    assert _quote_pattern("a [...]; b ...").fullmatch("a ['x', 'y']; b and more")
+    assert not _quote_pattern("a [...]; b").fullmatch("a ['x']; c")
+    assert not _quote_pattern("now 0.5").fullmatch("now 0.25")
+
+
+def test_every_quoted_error_line_is_checked() -> None:
+    lines = _quoted_error_lines()
+    assert len(lines) >= 5, lines  # the parser finds docs/training.md's
+    unchecked = [
+        line for line in lines if DIVERGED not in line and not any(key in line for key in CONFIG_ERRORS)
+    ]
+    assert not unchecked, f"quoted error lines no test here produces: {unchecked}"
+
+
+def test_the_quoted_config_errors_are_the_codes(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for line in _quoted_error_lines():
+        key = next((k for k in CONFIG_ERRORS if k in line), None)
+        if key is None:
+            continue
+        assert main(["train", *CONFIG_ERRORS[key]]) == 2
+        printed = capsys.readouterr().err.strip()
+        assert _quote_pattern(line).fullmatch(printed), (line, printed)
+
+
+class _NanFromStep(Callback):
+    """Weights NaN at the start of optimizer step ``step`` (counted from 0): its loss is NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.blocks[0].mlp.down_proj.weight.fill_(float("nan"))
+
+
+@pytest.mark.slow  # a tiny run of 3 steps through the CLI, as s45c's: 5.6-7.9 s at load 13 on 2 cores
+def test_the_quoted_divergence_is_the_codes(capsys, tmp_path, monkeypatch) -> None:
+    import innerloop.train.run as run_module
+
+    (line,) = [line for line in _quoted_error_lines() if DIVERGED in line]
+    real_train = run_module.train
+    monkeypatch.setattr(run_module, "train", lambda *a, **k: real_train(*a, **k, callbacks=[_NanFromStep(2)]))
+    monkeypatch.chdir(tmp_path)
+    overrides = ["optim.lr=0.5", "trainer.checkpoint_every=1", "trainer.max_steps=3", "out_dir=runs/tiny"]
+    overrides += [
+        "data.batch_size=2",
+        "data.seq_len=16",
+        "trainer.diagnostics_batches=0",
+        "model.num_layers=1",
+    ]
+    assert main(["train", *TINY_RUN, *overrides]) == 2
+    printed = capsys.readouterr().err.strip().splitlines()[-1]
+    # the loss before is the run's own: the quote's number stands for any
+    quoted = re.sub(r"last finite training loss [\d.]+", "last finite training loss ...", line)
+    assert _quote_pattern(quoted).fullmatch(printed), (line, printed)

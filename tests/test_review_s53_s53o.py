@@ -10,7 +10,11 @@
   where the code prints "(now 0.5; optim.min_lr may not exceed it)". The divergence line is now produced
   and matched here, and a new one fails until a test here produces it.
 - docs/architecture.md's layout ("kept true to the code") did not name registry/settings.py; only
-  core/'s modules were checked against it. Every unit listed file by file is now.
+  core/'s modules were checked against it. Every unit listed file by file is now; so are its hook
+  names (the hookspecs') and its built-in kernels with their priorities (the registry's).
+- docs/architecture.md's dispatch section did not say that a named kernel is asked before it runs
+  (refused_named_kernels: every layer, first-use verdicts by block_flags, cuda = the current GPU),
+  which the day's dispatch fixes (36a7357, c5ec0e5, 4e61a7a) changed: it says so now.
 """
 
 from __future__ import annotations
@@ -233,3 +237,34 @@ def test_the_layout_names_every_module_and_folder_of_each_unit() -> None:
         if not list((REPO / "innerloop" / unit).rglob(file))
     ]
     assert not named, f"the layout names modules that do not exist: {named}"
+
+
+# -- docs/architecture.md's hook names and built-in kernels (with priorities) are the registry's ---------
+
+
+def _architecture_paragraph(start: str) -> str:
+    text = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    begin = text.index(start)
+    return " ".join(text[begin : text.index("\n\n", begin)].split())
+
+
+def test_the_hook_names_are_the_hookspecs() -> None:
+    from innerloop.registry import hookspecs
+
+    paragraph = _architecture_paragraph("`hookspecs.py` makes one hook per kind")
+    documented = set(re.findall(r"`(register_\w+)`", paragraph))
+    assert documented == {name for name in dir(hookspecs) if name.startswith("register_")}, documented
+
+
+@pytest.mark.slow  # builds the registry where it is the process's first: ~0.6 s
+def test_the_built_in_kernels_and_priorities_are_the_registrys() -> None:
+    from innerloop.core.layer import is_built_in
+    from innerloop.registry import get_registry
+
+    paragraph = _architecture_paragraph("Built-ins: `fused_torch_")
+    documented = {}
+    for stem, variants, priority in re.findall(r"`(\w+?)(?:_\{([\w,]+)\})?` \(priority (\d+)", paragraph):
+        for name in [f"{stem}_{v}" for v in variants.split(",")] if variants else [stem]:
+            documented[name] = int(priority)
+    registered = {k.name: k.priority for k in get_registry().kernels() if is_built_in("kernel", k)}
+    assert len(documented) >= 9 and documented == registered, (documented, registered)

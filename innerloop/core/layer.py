@@ -1645,16 +1645,15 @@ class TTTLayer(nn.Module):
         """The cause in words when the inner weights turned NaN or inf in one update from moderate
         weights (largest |W| ``start``): a plugin's NaN gradient, or a step (learning rate times
         gradient) too large for the scan dtype -- plugins not built in named first, as likelier."""
-        step = (
-            f"the step (inner learning rate times gradient) overflowed: lower base_lr (now {self.base_lr:g}) or "
-            f"{self._lr_gate_advice()}"
-        )
+        remedy = f"lower base_lr (now {self.base_lr:g}) or {self._lr_gate_advice()}"
         broke = f"the inner weights turned NaN or inf in one update from largest |W| {start:.1e} without growing first"
         if all(
             is_built_in(kind, getattr(self, kind)) for kind in ("inner_model", "inner_loss", "update_rule")
         ):
-            return f"{broke}: {step}; if those are ordinary, {self._plugin_suspects()}"
-        return f"{broke}: {self._plugin_suspects()}; or {step}"
+            overflowed = "the step (inner learning rate times gradient) overflowed"
+            return f"{broke}: {overflowed}; {remedy}; if those are ordinary, {self._plugin_suspects()}"
+        # a plugin's NaN gradient is the likelier cause: not called an overflow, which it may not be
+        return f"{broke}: {self._plugin_suspects()}; unless the step (inner learning rate times gradient) was too large: {remedy}"
 
     def _lr_gate_advice(self) -> str:
         """What to check of the inner learning rate's gate, by its parameters' names where known."""

@@ -607,6 +607,21 @@ _HELD_PLUGINS: tuple[tuple[type, str, str], ...] = (
 """``(module class, attribute, registry kind)`` of each plugin object a built model holds."""
 
 
+def _class_defined_again(held: type, registered: type) -> str:
+    """A note for :func:`check_held_plugins` where the two classes are two class objects of one
+    ``module.QualName`` (its definition run again: a notebook cell, ``importlib.reload``), which the
+    message would otherwise show as one class with the same settings on both sides; ``""`` otherwise."""
+    if held is registered or (held.__module__, held.__qualname__) != (
+        registered.__module__,
+        registered.__qualname__,
+    ):
+        return ""
+    return (
+        f" (two class objects of one name, {held.__module__}.{held.__qualname__}: the class was defined "
+        "again since the model was built, and its code may differ from the code the model computes with)"
+    )
+
+
 def check_held_plugins(source: str, model: torch.nn.Module) -> None:
     """Refuse (:class:`PluginSettingsError`, one line naming ``source`` and the plugin) to save ``model``
     where a plugin object one of its layers holds is not the one registered now under its name, and is
@@ -630,7 +645,8 @@ def check_held_plugins(source: str, model: torch.nn.Module) -> None:
                 f"{source}: the model holds the {kind.replace('_', ' ')} {name!r} of class "
                 f"{type(held).__qualname__} with the settings {held_settings}, but the plugin registered under "
                 f"that name now ({registry.loaded_by(entry.origin)!r}) is a {type(entry.obj).__qualname__} with "
-                f"{registered_settings}, which the checkpoint would record: a load would compute another "
+                f"{registered_settings}{_class_defined_again(type(held), type(entry.obj))}, which the "
+                "checkpoint would record: a load would compute another "
                 "function. Register the object the model holds under that name again "
                 "(innerloop.get_registry().remove_plugin(origin), then innerloop.register_"
                 f"{kind}(obj)) and save again"

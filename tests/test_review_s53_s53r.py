@@ -9,11 +9,23 @@
 
 from __future__ import annotations
 
-import pytest
-from test_review_s52_s52a import DeclaredScaled
-from test_review_s53_s53i import _model_then_another_registered
+import warnings
 
-from innerloop.checkpoints import PluginSettingsError
+import pytest
+from test_review_s52_s52a import NAME, DeclaredScaled, _config, _register
+from test_review_s53_s53i import _model_then_another_registered
+from torch import nn
+
+from innerloop import HalfSquaredError, LossPairs
+from innerloop.checkpoints import (
+    PluginChangedWarning,
+    PluginSettingsError,
+    check_plugin_settings,
+    load_model,
+    plugin_record,
+    recorded_plugins,
+)
+from innerloop.models import build_model
 
 pytestmark = pytest.mark.usefixtures("fresh_global_registry")
 
@@ -36,3 +48,48 @@ def test_a_save_refused_for_a_class_defined_again_says_so(tmp_path) -> None:
     for part in ("defined again", "its code may differ", "'scale': 2.0"):
         assert part in message, message
     assert not path.exists()
+
+
+class ModuleLoss(HalfSquaredError, nn.Module):
+    """A plugin loss written the PyTorch way, as an ``nn.Module`` (with a public ``scale``): the layer
+    holding it makes it a child module, so ``model.eval()`` / ``model.train()`` flip its ``training``."""
+
+    name = NAME
+
+    def __init__(self, scale: float = 1.0) -> None:
+        nn.Module.__init__(self)
+        self.scale = scale
+
+    def pairs(self, views, carry):
+        return LossPairs(inputs=views.key, targets=self.scale * views.value, valid=None, carry={})
+
+    __hash__ = object.__hash__  # nn.Module's own: the registry holds objects weakly by identity
+    __eq__ = object.__eq__
+
+
+def test_an_nn_module_plugin_records_no_training_flag(tmp_path) -> None:
+    """``nn.Module``'s ``training`` was read as a public attribute, so a model saved after ``model.eval()``
+    recorded ``'training': False`` and every load (a fresh object: ``True``) warned the plugin's settings
+    differ 'in training' -- noise on every load, since settings are read at each save (s53i). It is the
+    module's mode, not a setting: left out, the real public settings kept."""
+    from innerloop.train.module import save_model_checkpoint
+
+    _register(ModuleLoss(2.0))
+    model = build_model(_config())
+    model.eval()  # the plugin, a child module of its layer, now has training False
+    path = save_model_checkpoint(model, tmp_path / "c.safetensors")
+    assert recorded_plugins(path)["inner_loss"][NAME]["settings"] == {"scale": 2.0}
+    _register(ModuleLoss(2.0))  # a later process: a fresh object, training True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PluginChangedWarning)
+        load_model(path)
+
+
+def test_an_nn_module_plugin_loads_quietly_from_a_record_of_its_training_flag(tmp_path) -> None:
+    """A checkpoint saved before the fix recorded ``'training'``: the module's mode, not compared."""
+    _register(ModuleLoss(2.0))
+    record = plugin_record(_config().to_dict())
+    record["inner_loss"][NAME]["settings"] = {"scale": 2.0, "training": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PluginChangedWarning)
+        check_plugin_settings("c.safetensors", record, _config().to_dict())

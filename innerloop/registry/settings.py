@@ -14,7 +14,22 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 PLAIN_SCALARS = (bool, int, float, str, type(None))
+
+MODULE_STATE_ATTRIBUTES: frozenset[str] = frozenset(
+    key for key in vars(torch.nn.Module()) if not key.startswith("_")
+)
+"""The public attributes ``torch.nn.Module`` itself keeps (``training``): a plugin written as an
+``nn.Module`` has them, but they are its mode, not settings (a layer holding the plugin makes it a child
+module, so ``model.eval()`` flips ``training``): left out of :func:`plugin_settings`, and of a recorded
+plugin's settings where they are compared (a checkpoint saved before recorded them)."""
+
+
+def module_state_attributes(obj: Any) -> frozenset[str]:
+    """:data:`MODULE_STATE_ATTRIBUTES` for an ``nn.Module`` plugin object ``obj``, else none."""
+    return MODULE_STATE_ATTRIBUTES if isinstance(obj, torch.nn.Module) else frozenset()
 
 
 def is_plain_setting(value: Any) -> bool:
@@ -69,8 +84,8 @@ def plugin_settings(obj: Any) -> dict[str, Any]:
 
     The rule, one for innerloop's plugins and everyone's: what ``obj.settings()`` returns, where it
     defines one (:func:`declared_settings`; ``{}`` opts out); else, for a dataclass instance, its fields
-    of plain values; else its public instance attributes (``vars(obj)``, but ``name`` and those starting
-    with ``_``) of plain values (``Huber(delta=2.0)`` that keeps ``self.delta``). A class registered
+    of plain values; else its public instance attributes (``vars(obj)``, but ``name``, those starting
+    with ``_`` and an ``nn.Module``'s own ``training``) of plain values (``Huber(delta=2.0)`` that keeps ``self.delta``). A class registered
     itself, and an object with none of these, has ``{}``: then its name, origin, class and source digest
     are what is checked. Values that are not plain (tensors, modules, callables) are not settings and are
     left out, except from a declared ``settings()``, which must give plain values only."""
@@ -81,8 +96,11 @@ def plugin_settings(obj: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(obj):
         candidates = {field.name: getattr(obj, field.name, None) for field in dataclasses.fields(obj)}
     else:
+        module_state = module_state_attributes(obj)  # nn.Module's own ``training``: a mode, no setting
         candidates = {
-            key: value for key, value in getattr(obj, "__dict__", {}).items() if not key.startswith("_")
+            key: value
+            for key, value in getattr(obj, "__dict__", {}).items()
+            if not key.startswith("_") and key not in module_state
         }
     return {
         key: list(value) if isinstance(value, tuple) else value

@@ -63,9 +63,6 @@ class ModuleLoss(HalfSquaredError, nn.Module):
     def pairs(self, views, carry):
         return LossPairs(inputs=views.key, targets=self.scale * views.value, valid=None, carry={})
 
-    __hash__ = object.__hash__  # nn.Module's own: the registry holds objects weakly by identity
-    __eq__ = object.__eq__
-
 
 def test_an_nn_module_plugin_records_no_training_flag(tmp_path) -> None:
     """``nn.Module``'s ``training`` was read as a public attribute, so a model saved after ``model.eval()``

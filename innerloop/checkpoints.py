@@ -75,7 +75,7 @@ from innerloop.models.config import (
 from innerloop.registry import get_registry
 from innerloop.registry.kinds import KIND_NAMES
 from innerloop.registry.manager import BUILTIN_PREFIX
-from innerloop.registry.settings import declares_settings, module_state_attributes, plugin_settings
+from innerloop.registry.settings import declares_settings, is_no_setting, plugin_settings
 
 FORMAT = "innerloop-checkpoint"
 FORMAT_VERSION = "2"
@@ -673,9 +673,10 @@ def check_plugin_settings(source: str, record: Any, model: Mapping[str, Any] | N
             continue
         now = _settings_now(kind, name)
         entry = _registered_entry(kind, name)
-        # an nn.Module plugin's ``training``, recorded by a save before it was left out: its mode, no setting
-        unrecorded = module_state_attributes(entry.obj) if entry is not None else frozenset()
-        saved = {key: value for key, value in saved.items() if key not in unrecorded}
+        # what an earlier save recorded that is no setting (an nn.Module plugin's ``training``): not compared
+        saved = {
+            key: value for key, value in saved.items() if entry is None or not is_no_setting(entry.obj, key)
+        }
         changed = differing_settings(saved, now)
         if not changed:
             continue

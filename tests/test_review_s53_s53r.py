@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -90,3 +91,39 @@ def test_an_nn_module_plugin_loads_quietly_from_a_record_of_its_training_flag(tm
     with warnings.catch_warnings():
         warnings.simplefilter("error", PluginChangedWarning)
         check_plugin_settings("c.safetensors", record, _config().to_dict())
+
+
+class CachedLoss(HalfSquaredError):
+    """A plugin loss with a ``functools.cached_property`` derived from its setting: computed at the first
+    call, it then sits in the instance's ``__dict__`` under a public name."""
+
+    name = NAME
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale
+
+    @functools.cached_property
+    def squared_scale(self) -> float:
+        return self.scale * self.scale
+
+    def pairs(self, views, carry):
+        return LossPairs(inputs=views.key, targets=self.squared_scale * views.value, valid=None, carry={})
+
+
+def test_a_cached_property_of_a_plugin_is_no_setting(tmp_path) -> None:
+    """A ``cached_property`` computed by the training run was recorded as a setting (settings are read at
+    each save, s53i), and every load with a fresh object (not computed yet) warned that the save had a
+    setting it lacks. It is derived from the settings, not one: left out."""
+    import torch
+
+    from innerloop.train.module import save_model_checkpoint
+
+    _register(CachedLoss(2.0))
+    model = build_model(_config())
+    model(torch.randint(0, 64, (1, 16)))  # computes squared_scale
+    path = save_model_checkpoint(model, tmp_path / "c.safetensors")
+    assert recorded_plugins(path)["inner_loss"][NAME]["settings"] == {"scale": 2.0}
+    _register(CachedLoss(2.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PluginChangedWarning)
+        load_model(path)

@@ -10,6 +10,7 @@ finished training run saves) and checkpoints read the same rule.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -27,9 +28,14 @@ module, so ``model.eval()`` flips ``training``): left out of :func:`plugin_setti
 plugin's settings where they are compared (a checkpoint saved before recorded them)."""
 
 
-def module_state_attributes(obj: Any) -> frozenset[str]:
-    """:data:`MODULE_STATE_ATTRIBUTES` for an ``nn.Module`` plugin object ``obj``, else none."""
-    return MODULE_STATE_ATTRIBUTES if isinstance(obj, torch.nn.Module) else frozenset()
+def is_no_setting(obj: Any, key: str) -> bool:
+    """Whether the public attribute ``key`` of the plugin object ``obj`` is no setting though plain: an
+    ``nn.Module``'s own (:data:`MODULE_STATE_ATTRIBUTES`: its mode), or a ``functools.cached_property``'s
+    value (derived from the settings at its first use, a training run's: a fresh object has none yet).
+    Each was recorded by a save and warned of at every load with a fresh object."""
+    if isinstance(obj, torch.nn.Module) and key in MODULE_STATE_ATTRIBUTES:
+        return True
+    return isinstance(inspect.getattr_static(type(obj), key, None), functools.cached_property)
 
 
 def is_plain_setting(value: Any) -> bool:
@@ -85,8 +91,8 @@ def plugin_settings(obj: Any) -> dict[str, Any]:
     The rule, one for innerloop's plugins and everyone's: what ``obj.settings()`` returns, where it
     defines one (:func:`declared_settings`; ``{}`` opts out); else, for a dataclass instance, its fields
     of plain values; else its public instance attributes (``vars(obj)``, but ``name``, those starting
-    with ``_`` and an ``nn.Module``'s own ``training``) of plain values (``Huber(delta=2.0)`` that keeps ``self.delta``). A class registered
-    itself, and an object with none of these, has ``{}``: then its name, origin, class and source digest
+    with ``_`` and those of :func:`is_no_setting`) of plain values (``Huber(delta=2.0)`` that keeps
+    ``self.delta``). A class registered itself, and an object with none of these, has ``{}``: then its name, origin, class and source digest
     are what is checked. Values that are not plain (tensors, modules, callables) are not settings and are
     left out, except from a declared ``settings()``, which must give plain values only."""
     if isinstance(obj, type):
@@ -96,11 +102,10 @@ def plugin_settings(obj: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(obj):
         candidates = {field.name: getattr(obj, field.name, None) for field in dataclasses.fields(obj)}
     else:
-        module_state = module_state_attributes(obj)  # nn.Module's own ``training``: a mode, no setting
         candidates = {
             key: value
             for key, value in getattr(obj, "__dict__", {}).items()
-            if not key.startswith("_") and key not in module_state
+            if not key.startswith("_") and not is_no_setting(obj, key)
         }
     return {
         key: list(value) if isinstance(value, tuple) else value

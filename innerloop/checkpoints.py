@@ -1472,6 +1472,17 @@ def remake_token_index(model: torch.nn.Module, record: Any, where: str = TOKEN_I
         layer.register_buffer("token_idx", table.to(device=index.device, dtype=index.dtype), persistent=False)
 
 
+def remake_recorded_token_index(
+    model: torch.nn.Module, checkpoint: Mapping[str, Any], path: str | os.PathLike[str]
+) -> None:
+    """:func:`remake_token_index` of ``checkpoint``'s :data:`TOKEN_INDEX_KEY` record, read from ``path``: a
+    record the saving side does not write is a :class:`CheckpointError` naming the file and the key."""
+    try:
+        remake_token_index(model, checkpoint.get(TOKEN_INDEX_KEY), where=f"{str(path)!r}: {TOKEN_INDEX_KEY}")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+
+
 def load_model(path: str | os.PathLike[str], keep_dtype: bool = False) -> CausalLM | E2ELM:
     """The model stored in a training checkpoint written by ``innerloop train`` (its config from the
     hyperparameters, its weights from the state dict): a :class:`~innerloop.models.CausalLM`, or an
@@ -1511,7 +1522,7 @@ def load_model(path: str | os.PathLike[str], keep_dtype: bool = False) -> Causal
         raise CheckpointError(f"{err}{note}") from None
     weights = {key.removeprefix(MODEL_PREFIX): value for key, value in state_dict.items()}
     load_weights(model, weights, keep_dtype)
-    remake_token_index(model, checkpoint.get(TOKEN_INDEX_KEY))
+    remake_recorded_token_index(model, checkpoint, path)
     run_kernels_that_work_here(model, path)
     return model.eval()
 

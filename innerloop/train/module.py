@@ -59,7 +59,7 @@ from innerloop.checkpoints import (
     plugin_record,
     plugin_sources,
     rebuild_error,
-    remake_token_index,
+    remake_recorded_token_index,
     run_kernels_that_work_here,
     save_checkpoint,
     saved_model_config,
@@ -486,7 +486,7 @@ class LanguageModelModule(L.LightningModule):
             if precision_dtype != torch.float32:  # a *-true precision
                 self.to(dtype=precision_dtype)
         # the float64 token index as the module saved held it (exact or rounded), which no cast can tell
-        remake_token_index(self, checkpoint.get(TOKEN_INDEX_KEY))
+        remake_recorded_token_index(self, checkpoint, path)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``input_ids [B, T]`` → ``logits [B, T, V]``."""
@@ -1070,7 +1070,7 @@ def _module_from_checkpoint(
     description = f"the model its hyperparameters describe ({describe_model(module.hparams.model)})"
     check_state_dict(module.state_dict(), checkpoint["state_dict"], path, description)
     load_weights(module, checkpoint["state_dict"], keep_dtype)
-    remake_token_index(module, checkpoint.get(TOKEN_INDEX_KEY))
+    remake_recorded_token_index(module, checkpoint, path)
     run_kernels_that_work_here(module, path)
     return module
 

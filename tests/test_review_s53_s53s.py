@@ -1,0 +1,58 @@
+"""Review s53s: the token-index record (s53m), the dispatch gates and generate's text window at inputs
+nobody tried.
+
+Defects found (each seen failing before its fix):
+
+- a checkpoint whose ``token_index_dtype`` record is not one the saving side writes (``"float16"``, a
+  list of another length, a number) was refused by ``load_model`` / ``load_module`` with a bare
+  ``ValueError`` that did not name the file (every other refusal of a checkpoint is a one-line
+  :class:`~innerloop.checkpoints.CheckpointError` naming it, which the CLI reports without a traceback).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from innerloop.checkpoints import CheckpointError, load_model, save_checkpoint
+from innerloop.models import build_model
+from innerloop.models.config import ModelConfig
+from innerloop.train.module import load_module
+
+TINY = {"vocab_size": 7, "num_layers": 2, "num_heads": 1, "intermediate_size": 5, "hidden_size": 6}
+TTT3 = {**TINY, "ttt": {"mini_batch_size": 3}}
+
+
+def _checkpoint_with_record(tmp_path, record) -> str:
+    """A checkpoint of a float64 ``TTT3`` model whose ``token_index_dtype`` record is ``record``."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig.from_dict(TTT3))
+    finally:
+        torch.set_default_dtype(before)
+    state = {f"model.{key}": value for key, value in model.state_dict().items()}
+    checkpoint = {"hyper_parameters": {"model": TTT3}, "state_dict": state, "token_index_dtype": record}
+    return str(save_checkpoint(checkpoint, tmp_path / "edited.safetensors"))
+
+
+@pytest.mark.parametrize("record", ["float16", ["float64", "float32", "float32"], 3])
+def test_a_hostile_token_index_record_is_a_checkpoint_error_naming_the_file_and_key(tmp_path, record):
+    path = _checkpoint_with_record(tmp_path, record)
+    with pytest.raises(CheckpointError, match=r"edited\.safetensors.*token_index_dtype"):
+        load_model(path, keep_dtype=True)
+
+
+def test_a_hostile_token_index_record_is_a_checkpoint_error_for_load_module_too(tmp_path):
+    path = _checkpoint_with_record(tmp_path, "float16")
+    with pytest.raises(CheckpointError, match=r"edited\.safetensors.*token_index_dtype='float16'"):
+        load_module(path, keep_dtype=True)
+
+
+def test_a_good_record_of_a_checkpoint_still_loads_exact(tmp_path):
+    loaded = load_model(_checkpoint_with_record(tmp_path, "float64"), keep_dtype=True)
+    indexes = [
+        m.token_idx for m in loaded.modules() if isinstance(getattr(m, "token_idx", None), torch.Tensor)
+    ]
+    assert [index[2].item() for index in indexes] == [1 / 3, 1 / 3]

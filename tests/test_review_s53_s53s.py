@@ -17,7 +17,7 @@ import torch
 from innerloop.checkpoints import CheckpointError, load_model, save_checkpoint
 from innerloop.models import build_model
 from innerloop.models.config import ModelConfig
-from innerloop.train.module import load_module
+from innerloop.train.module import LanguageModelModule, load_module
 
 TINY = {"vocab_size": 7, "num_layers": 2, "num_heads": 1, "intermediate_size": 5, "hidden_size": 6}
 TTT3 = {**TINY, "ttt": {"mini_batch_size": 3}}
@@ -56,3 +56,13 @@ def test_a_good_record_of_a_checkpoint_still_loads_exact(tmp_path):
         m.token_idx for m in loaded.modules() if isinstance(getattr(m, "token_idx", None), torch.Tensor)
     ]
     assert [index[2].item() for index in indexes] == [1 / 3, 1 / 3]
+
+
+def test_a_hostile_token_index_record_is_a_checkpoint_error_in_lightnings_on_load_checkpoint():
+    # Lightning's load (a --resume, load_from_checkpoint): the same one-line refusal as check_state_dict's
+    module = LanguageModelModule(model=TTT3)
+    checkpoint = {"state_dict": module.state_dict(), "token_index_dtype": "float16"}
+    with pytest.raises(
+        CheckpointError, match=r"'the checkpoint': token_index_dtype='float16' must be one of"
+    ):
+        module.on_load_checkpoint(checkpoint)

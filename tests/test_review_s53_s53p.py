@@ -13,7 +13,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from innerloop.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from innerloop.checkpoints import (
+    CheckpointError,
+    check_state_dict,
+    load_checkpoint,
+    save_checkpoint,
+    stored_dtypes,
+)
 
 sys.path.insert(0, str(Path(__file__).parent / "hf"))
 from hf_testing import tiny_hf_model  # noqa: E402
@@ -86,3 +92,16 @@ def test_a_non_model_tensor_read_in_another_shape_from_the_same_bytes_is_reporte
     save_file({key: tensors[key].reshape(6, 4)}, str(path), metadata=metadata)
     with pytest.raises(CheckpointError, match="is corrupt: its checksum"):
         load_checkpoint(path)
+
+
+def test_a_tie_between_stored_dtypes_names_the_weight_not_in_the_models_dtype() -> None:
+    """Mutant ``stored_dtypes`` without its tie-break (the first dtype seen wins a tie): with one weight
+    stored in bfloat16 and one in float32 for a float32 model, the bfloat16 one is the odd one, whatever
+    the order of the keys; the mutant named the float32 weight as the wrong one. It passed every test."""
+    built = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    stored = {"a": torch.zeros(2, dtype=torch.bfloat16), "b": torch.zeros(2)}
+    assert stored_dtypes(built, stored) == {torch.float32: torch.float32}
+    with pytest.raises(
+        CheckpointError, match=r"'a' is torch.bfloat16, expected torch.float32 like its other"
+    ):
+        check_state_dict(built, stored, "c.safetensors")

@@ -20,6 +20,7 @@ from innerloop.checkpoints import (
     save_checkpoint,
     stored_dtypes,
 )
+from innerloop.data.text import split_keys
 
 sys.path.insert(0, str(Path(__file__).parent / "hf"))
 from hf_testing import tiny_hf_model  # noqa: E402
@@ -105,3 +106,14 @@ def test_a_tie_between_stored_dtypes_names_the_weight_not_in_the_models_dtype() 
         CheckpointError, match=r"'a' is torch.bfloat16, expected torch.float32 like its other"
     ):
         check_state_dict(built, stored, "c.safetensors")
+
+
+def test_a_file_named_by_two_entries_keeps_the_first_entrys_key(tmp_path) -> None:
+    """Mutant ``split_keys`` letting the last entry's key win (the docstring: the first one's): a file
+    named by itself and then through a link to it would hash under the link's name and could change
+    sides between training and validation when a link is added. It passed every test."""
+    (tmp_path / "a.txt").write_text("some text\n")
+    (tmp_path / "link.txt").symlink_to(tmp_path / "a.txt")
+    entries = [str(tmp_path / "a.txt"), str(tmp_path / "link.txt")]
+    assert split_keys(entries) == {(tmp_path / "a.txt").resolve(): "a.txt"}
+    assert split_keys(entries[::-1]) == {(tmp_path / "a.txt").resolve(): "link.txt"}

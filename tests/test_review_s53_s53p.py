@@ -20,7 +20,7 @@ from innerloop.checkpoints import (
     save_checkpoint,
     stored_dtypes,
 )
-from innerloop.data.text import split_keys
+from innerloop.data.text import DataError, check_test_length, split_by_file, split_keys, split_text_files
 
 sys.path.insert(0, str(Path(__file__).parent / "hf"))
 from hf_testing import tiny_hf_model  # noqa: E402
@@ -117,3 +117,21 @@ def test_a_file_named_by_two_entries_keeps_the_first_entrys_key(tmp_path) -> Non
     entries = [str(tmp_path / "a.txt"), str(tmp_path / "link.txt")]
     assert split_keys(entries) == {(tmp_path / "a.txt").resolve(): "a.txt"}
     assert split_keys(entries[::-1]) == {(tmp_path / "a.txt").resolve(): "link.txt"}
+
+
+def test_two_files_both_hashed_into_validation_still_leave_one_for_training() -> None:
+    """Mutant ``split_text_files`` falling back to holding out the last file only when validation is
+    empty (not when training is): two files both hashed into validation left no training text. It passed
+    every test (narrowed to the data tests)."""
+    names = (Path(f"f{number}.txt") for number in range(1000))
+    in_validation = [path for path in names if split_by_file([path], 0.5)[1]][:2]
+    train, val = split_text_files(in_validation, 0.5)
+    assert (train, val) == ([in_validation[0]], [in_validation[1]])
+
+
+def test_test_text_of_exactly_one_window_is_enough() -> None:
+    """Mutant ``check_test_length`` with ``>`` for ``>=``: a test text of exactly ``seq_len + 1`` tokens
+    (one window) was refused. It passed every test (narrowed to the data tests)."""
+    check_test_length(9, num_files=1, seq_len=8, test_fraction=0.1)
+    with pytest.raises(DataError, match="test_fraction"):
+        check_test_length(8, num_files=1, seq_len=8, test_fraction=0.1)

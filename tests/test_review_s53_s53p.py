@@ -20,7 +20,14 @@ from innerloop.checkpoints import (
     save_checkpoint,
     stored_dtypes,
 )
-from innerloop.data.text import DataError, check_test_length, split_by_file, split_keys, split_text_files
+from innerloop.data.text import (
+    DataError,
+    check_test_length,
+    check_text_lengths,
+    split_by_file,
+    split_keys,
+    split_text_files,
+)
 
 sys.path.insert(0, str(Path(__file__).parent / "hf"))
 from hf_testing import tiny_hf_model  # noqa: E402
@@ -135,3 +142,11 @@ def test_test_text_of_exactly_one_window_is_enough() -> None:
     check_test_length(9, num_files=1, seq_len=8, test_fraction=0.1)
     with pytest.raises(DataError, match="test_fraction"):
         check_test_length(8, num_files=1, seq_len=8, test_fraction=0.1)
+
+
+def test_training_text_of_exactly_one_window_is_enough() -> None:
+    """Mutant ``check_text_lengths`` with ``<=`` for ``<``: a training text of exactly ``seq_len + 1``
+    tokens (one window) was refused. It passed every test (narrowed to the data tests)."""
+    check_text_lengths(9, 9, num_files=1, seq_len=8, val_fraction=0.1)
+    with pytest.raises(DataError, match="the training text has 8 bytes"):
+        check_text_lengths(8, 9, num_files=1, seq_len=8, val_fraction=0.1)

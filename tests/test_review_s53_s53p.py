@@ -28,6 +28,7 @@ from innerloop.data.text import (
     split_keys,
     split_text_files,
 )
+from innerloop.train.metrics import InnerLossDiagnostics, LossByPosition
 
 sys.path.insert(0, str(Path(__file__).parent / "hf"))
 from hf_testing import tiny_hf_model  # noqa: E402
@@ -150,3 +151,28 @@ def test_training_text_of_exactly_one_window_is_enough() -> None:
     check_text_lengths(9, 9, num_files=1, seq_len=8, val_fraction=0.1)
     with pytest.raises(DataError, match="the training text has 8 bytes"):
         check_text_lengths(8, 9, num_files=1, seq_len=8, val_fraction=0.1)
+
+
+def test_inner_loss_diagnostics_means_keep_before_and_after_apart() -> None:
+    """Mutant ``InnerLossDiagnostics.means`` returning the mean before the update as "after" (what a
+    float64 model's validation logs): it passed every test."""
+    metric = InnerLossDiagnostics(num_layers=1)
+    metric.update(0, torch.tensor([1.0, 3.0]), torch.tensor([0.5, 1.5]))
+    means = metric.means()
+    assert (float(means["before"]), float(means["after"])) == (2.0, 1.0)
+
+
+def test_loss_by_position_sums_processes_of_other_lengths_when_synced() -> None:
+    """Mutant ``LossByPosition._sync_dist`` without growing to the longest length: a process that saw
+    shorter sequences than another could not stack its sums with the other's. A fake gather gives
+    another process's state of 5 positions (each loss 1, counted once)."""
+    metric = LossByPosition(num_buckets=1, varying_lengths=True)
+    metric.update(torch.full((1, 3), 2.0))
+
+    def gather(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
+        other = torch.tensor([5]) if tensor.dtype == torch.int64 and tensor.numel() == 1 else torch.ones(5)
+        return [tensor, other.to(tensor.dtype)]
+
+    metric._sync_dist(gather)
+    assert metric.loss_by_position.tolist() == [3.0, 3.0, 3.0, 1.0, 1.0]
+    assert metric.count_by_position.tolist() == [2.0, 2.0, 2.0, 1.0, 1.0]

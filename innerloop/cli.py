@@ -322,8 +322,9 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         default=[],
         metavar="PATH",
         help="files, directories or globs to evaluate on (default: the windows the run's validation read, "
-        "from the config.yaml beside the checkpoint when it describes the checkpoint's model, else from the "
-        "data.* the checkpoint records; else the held-out part of the standard-library corpus)",
+        "from the config.yaml beside the checkpoint when it agrees with the model, data.* and seed the "
+        "checkpoint records, else (another run's, said) from that record; else the held-out part of the "
+        "standard-library corpus)",
     )
     evaluate.add_argument("--split", default=None, help=_SPLIT_HELP)
     evaluate.add_argument("--held-out", choices=HELD_OUT, default="val", help=_HELD_OUT_HELP)

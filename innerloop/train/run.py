@@ -1512,8 +1512,9 @@ def run_config_path(checkpoint: str | Path) -> Path | None:
 
 
 def _run_beside(checkpoint: str | Path, model: dict[str, Any]) -> tuple[RunConfig | None, str]:
-    """:func:`run_of_checkpoint`, and when it is None why, as a clause (``there is no config.yaml
-    beside ...``)."""
+    """:func:`run_of_checkpoint`, and a clause: when it is None why (``there is no config.yaml beside
+    ...``); when the checkpoint's own record (:data:`RUN_DATA_KEY`) overrules the config.yaml beside it
+    (another run's: another model, or other ``data.*`` or ``seed``), that it does and which keys differ."""
     saved = run_config_path(checkpoint)
     if saved is None:
         return _run_recorded_in(checkpoint, model)
@@ -1535,57 +1536,48 @@ def _run_beside(checkpoint: str | Path, model: dict[str, Any]) -> tuple[RunConfi
         for k in ours
         if fixed_on_resume(k) and theirs.get(k) != ours[k]
     ]
+    another = f"the config.yaml beside {str(checkpoint)!r} is another run's"
     if changes:
         more = f" and {len(changes) - 2} more" if len(changes) > 2 else ""
-        return None, (
-            f"the config.yaml beside {str(checkpoint)!r} is another run's: it describes another model "
-            f"({', '.join(changes[:2])}{more})"
-        )
+        why = f"{another}: it describes another model ({', '.join(changes[:2])}{more})"
+        recorded_run, _ = _run_recorded_in(checkpoint, model)  # its own run's data, where it records them
+        return (None, why) if recorded_run is None else (recorded_run, f"{why}; {_READ_AS_RECORDED}")
+    return _run_with_record(checkpoint, run, another)
+
+
+_READ_AS_RECORDED = "its data.* and seed read as the checkpoint recorded them"
+"""The clause saying that the checkpoint's record overruled the config.yaml beside it."""
+
+
+def _run_with_record(checkpoint: str | Path, run: RunConfig, another: str) -> tuple[RunConfig | None, str]:
+    """``run`` (the config.yaml beside ``checkpoint``, of the same model) where it agrees with the
+    ``data.*`` and ``seed`` the checkpoint records (or records none, or only its data was moved: see
+    :func:`_data_moved`); else the recorded ones in their place (weights copied beside another run's
+    config: scored with its data, number of windows or seed, another number), said in the clause
+    returned; None, and why, where the record cannot make a run."""
     recorded = recorded_entry(checkpoint, RUN_DATA_KEY)
-    differing = _text_keys_differing(run, recorded) if isinstance(recorded, dict) else []
-    if differing and not _data_moved(differing, recorded):
-        # weights copied beside another run's config: their own run's data is the one they recorded
-        own = _with_recorded_data(run, recorded)
-        if own is None:
-            now, recorded = _with_test_default(run_data_record(run)), _with_test_default(recorded)
-            changes = [f"{key} {now[key]!r} != {recorded[key]!r}" for key in differing]
-            more = f" and {len(changes) - 2} more" if len(changes) > 2 else ""
-            return None, (
-                f"the config.yaml beside {str(checkpoint)!r} is another run's: the checkpoint was trained on "
-                f"other data ({', '.join(changes[:2])}{more}: the config's, then the checkpoint's)"
-            )
-        return own, ""
-    return run, ""
+    differing = _data_keys_differing(run, recorded) if isinstance(recorded, dict) else []
+    if not differing or _data_moved(differing, recorded):
+        return run, ""
+    now, record = _with_test_default(run_data_record(run)), _with_test_default(recorded)
+    changes = [f"{key} {now[key]!r} != {record[key]!r}" for key in differing]
+    more = f" and {len(changes) - 2} more" if len(changes) > 2 else ""
+    why = (
+        f"{another}: the checkpoint was trained with other settings ({', '.join(changes[:2])}{more}: "
+        "the config's, then the checkpoint's)"
+    )
+    own = _with_recorded_data(run, recorded)
+    return (None, why) if own is None else (own, f"{why}; {_READ_AS_RECORDED}")
 
 
-_TEXT_CHOOSING_KEYS = (
-    "data.name",
-    "data.paths",
-    "data.tokenizer",
-    "data.val_fraction",
-    "data.test_fraction",
-    "data.split",
-    "data.text_field",
-)
-"""The ``data.*`` keys that choose a run's training and held-out text (with ``data.recall.*``, and the
-seed that draws the recall task's sequences)."""
-
-
-def _text_keys_differing(run: RunConfig, recorded: dict[str, Any]) -> list[str]:
-    """The settings choosing the text (``data.paths``, ...) that ``run`` (a config.yaml beside a
-    checkpoint) gives otherwise than ``recorded``, the checkpoint's record of its own run
-    (:data:`RUN_DATA_KEY`): weights copied beside another run's config, whose held-out text they may
-    have trained on."""
-    recall = run.data.name == "recall" or recorded.get("data.name") == "recall"
-    chooses = [*_TEXT_CHOOSING_KEYS, *(["seed"] if recall else [])]
+def _data_keys_differing(run: RunConfig, recorded: dict[str, Any]) -> list[str]:
+    """The ``data.*`` and ``seed`` that ``run`` (a config.yaml beside a checkpoint) gives otherwise than
+    ``recorded``, the checkpoint's record of its own run (:data:`RUN_DATA_KEY`; keys it lacks are not
+    compared). A resume may change none of them, so any difference means weights copied beside another
+    run's config (or one edited since): the text it holds out, its number of windows (``val_batches *
+    batch_size``) and the recall task's sequences (``seed``) all follow these."""
     now, recorded = _with_test_default(run_data_record(run)), _with_test_default(recorded)
-    return [
-        key
-        for key in now
-        if key in recorded
-        and (key in chooses or (recall and key.startswith("data.recall.")))
-        and _as_tuples(now[key]) != _as_tuples(recorded[key])
-    ]
+    return [key for key in now if key in recorded and _as_tuples(now[key]) != _as_tuples(recorded[key])]
 
 
 def _data_moved(differing: list[str], recorded: dict[str, Any]) -> bool:
@@ -1743,11 +1735,15 @@ def evaluation_windows(
     _check_held_out(held_out, paths, run, why_not)
     if held_out == "test":
         assert run is not None
-        return _run_validation_windows(run, checkpoint, seq_len, batch_size, batches, tokenizer, "test")
+        return _run_validation_windows(
+            run, checkpoint, seq_len, batch_size, batches, tokenizer, "test", overruled=why_not
+        )
     if paths:
         return _windows_of_files(paths, run, why_not, seq_len, batch_size, batches, tokenizer, split)
     if run is not None:  # the run's own number of windows unless batches is given
-        return _run_validation_windows(run, checkpoint, seq_len, batch_size, batches, tokenizer)
+        return _run_validation_windows(
+            run, checkpoint, seq_len, batch_size, batches, tokenizer, overruled=why_not
+        )
     batch_size = batch_size or DEFAULT_EVAL_BATCH_SIZE
     count = default_window_count(batch_size, batches)
     inputs, targets = evaluation_examples([], seq_len, count, tokenizer=tokenizer)
@@ -1795,9 +1791,12 @@ def _run_validation_windows(
     batches: int | None,
     tokenizer: Tokenizer | None = None,
     held_out: str = "val",
+    overruled: str = "",
 ) -> EvaluationWindows:
     """The validation windows of ``run`` (the run beside ``checkpoint``; ``held_out="test"``: its test
-    windows, :func:`_run_test_examples`); see :func:`evaluation_windows`.
+    windows, :func:`_run_test_examples`); see :func:`evaluation_windows`. ``overruled``: why the
+    checkpoint's record was read in place of the config.yaml beside it (:func:`_run_beside`), said in the
+    windows' source and errors.
     They are tokenized with ``tokenizer``, by default the one ``checkpoint`` recorded (the tokenizer the
     model was trained with; ``data.tokenizer``'s files may have changed since) and named after it.
 
@@ -1806,7 +1805,7 @@ def _run_validation_windows(
     batch_size = batch_size or run.data.batch_size
     count = None if batches is None else default_window_count(batch_size, batches)
     relative = [p for p in run.data.paths if not os.path.isabs(os.path.expanduser(p))]
-    note = ""
+    note = f"; {overruled}" if overruled else ""
     if relative:
         run = replace(run, data=replace(run.data, paths=absolute_data_paths(run.data.paths)))
         note = (
@@ -1825,7 +1824,7 @@ def _run_validation_windows(
         tag = _run_data_tag(run, tokenizer, held_out)
     except DataError as err:
         raise DataError(
-            f"the run's {words} data ({_data_origin(checkpoint)}) cannot be read: {err}{note}"
+            f"the run's {words} data ({_data_origin(checkpoint, overruled)}) cannot be read: {err}{note}"
         ) from None
     if run_config_path(checkpoint) is None:
         note += f"; as {str(checkpoint)!r} recorded them: no config.yaml beside it"
@@ -1833,10 +1832,16 @@ def _run_validation_windows(
     return EvaluationWindows(inputs, targets, batch_size, tag, source)
 
 
-def _data_origin(checkpoint: str | Path) -> str:
+def _data_origin(checkpoint: str | Path, overruled: str = "") -> str:
     """Where the ``data.*`` of the run beside ``checkpoint`` were read from, for messages: its config.yaml,
-    else the checkpoint's own record (:func:`_run_recorded_in`), with how to score other text."""
+    else (none there, or ``overruled``: another run's) the checkpoint's own record
+    (:func:`_run_recorded_in`), with how to score other text."""
     saved = run_config_path(checkpoint)
+    if overruled:
+        return (
+            f"data.* as {str(checkpoint)!r} recorded them, not the config.yaml beside it, another run's; "
+            f"give {given_argument('paths', 'FILES', placeholder=True)} to evaluate on other text"
+        )
     if saved is not None:
         return f"data.* of {str(saved)!r}"
     return (

@@ -62,7 +62,7 @@ def test_a_checkpoint_beside_another_runs_config_is_scored_on_its_own_record_and
     copied = tmp_path / "b" / "a.safetensors"
     shutil.copy(own, copied)
     beside_its_own = evaluate(own, progress_bar=False)[0]
-    capsys.readouterr()
+    assert "another run's" not in capsys.readouterr().out  # a config.yaml that agrees is read as it is
     beside_another = evaluate(copied, progress_bar=False)[0]
     printed = capsys.readouterr().out
     assert beside_another == beside_its_own  # the same 6 windows, the same number

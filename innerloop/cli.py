@@ -775,16 +775,33 @@ def _check_out_outside_the_data(
     if data:
         check_output_outside_data(out, data, option, "--data", fix)
         return
-    from innerloop.train.run import read_run_config, run_config_path
-
     for model in models:
-        saved = run_config_path(Path(model) / "last.safetensors" if Path(model).is_dir() else model)
-        try:
-            run = read_run_config(saved) if saved is not None else None
-        except (ConfigError, OSError):
-            continue
-        if run is not None and run.data.name != "recall":
-            check_output_outside_data(out, run.data.paths, option, f"the data.paths of {str(saved)!r}", fix)
+        checkpoint = Path(model) / "last.safetensors" if Path(model).is_dir() else Path(model)
+        for paths, origin in _data_paths_of_the_run(checkpoint):
+            check_output_outside_data(out, paths, option, origin, fix)
+
+
+def _data_paths_of_the_run(checkpoint: Path) -> list[tuple[list[str], str]]:
+    """The ``data.paths`` an evaluation of ``checkpoint`` may read, each with where it was read: its
+    config.yaml's, and those the checkpoint records (:data:`~innerloop.train.run.RUN_DATA_KEY`, read
+    when no config.yaml is beside it or it is another run's); none of a recall run."""
+    from innerloop.checkpoints import recorded_entry
+    from innerloop.train.run import RUN_DATA_KEY, read_run_config, run_config_path
+
+    found: list[tuple[list[str], str]] = []
+    saved = run_config_path(checkpoint)
+    try:
+        run = read_run_config(saved) if saved is not None else None
+    except (ConfigError, OSError):
+        run = None
+    if run is not None and run.data.name != "recall":
+        found.append((run.data.paths, f"the data.paths of {str(saved)!r}"))
+    record = recorded_entry(checkpoint, RUN_DATA_KEY)
+    if isinstance(record, dict) and record.get("data.name") != "recall":
+        paths = record.get("data.paths")
+        if isinstance(paths, list) and all(isinstance(p, str) for p in paths):
+            found.append((paths, f"the data.paths {str(checkpoint)!r} records"))
+    return found
 
 
 def _refuse_text_without_tokenizer(checkpoint: str) -> None:

@@ -69,3 +69,20 @@ def test_a_checkpoint_beside_another_runs_config_is_scored_on_its_own_record_and
     assert beside_another["windows"] == 6
     assert "the config.yaml beside" in printed and "is another run's" in printed, printed
     assert key in printed and "as the checkpoint recorded them" in printed, printed
+
+
+@pytest.mark.slow  # ~0.5 s: the CLI's checks, refused before any evaluation
+def test_an_output_folder_inside_the_data_a_checkpoint_alone_records_is_refused(tmp_path, capsys) -> None:
+    from innerloop.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "code.py").write_text(TEXT)
+    checkpoint = _run_folder(tmp_path / "run", data)
+    alone = tmp_path / "alone" / "last.safetensors"
+    alone.parent.mkdir()
+    shutil.copy(checkpoint, alone)
+    # was: eval read the recorded data and wrote its CSV and PNG into the training data folder
+    assert main(["eval", str(alone), "--out", str(data / "results"), "--batches", "1"]) == 2
+    assert "lies inside" in capsys.readouterr().err
+    assert not (data / "results").exists()

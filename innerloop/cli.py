@@ -926,17 +926,17 @@ def _token_unit(checkpoint: str, data: Sequence[str] = ()) -> str:
     from innerloop.data.tokenizer import ByteTokenizer
     from innerloop.train.run import RUN_DATA_KEY, read_run_config, run_config_path
 
+    recorded = None if data else recorded_entry(checkpoint, RUN_DATA_KEY)
     saved = None if data else run_config_path(checkpoint)
-    if saved is not None:
+    if isinstance(recorded, dict):  # eval read the data its run recorded (alone, or beside another run's)
+        if recorded.get("data.name") == "recall":
+            return "token"
+    elif saved is not None:
         try:
             if read_run_config(saved).data.name == "recall":
                 return "token"
         except ConfigError:
             pass  # the evaluation has read it already, or reported it
-    elif not data:  # a checkpoint alone: eval read the data its run recorded (the recall task's symbols too)
-        recorded = recorded_entry(checkpoint, RUN_DATA_KEY)
-        if isinstance(recorded, dict) and recorded.get("data.name") == "recall":
-            return "token"
     return "byte" if isinstance(checkpoint_tokenizer(checkpoint), ByteTokenizer) else "token"
 
 

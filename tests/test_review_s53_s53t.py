@@ -19,15 +19,15 @@ MODEL = {"hidden_size": 16, "num_heads": 2, "num_layers": 2, "intermediate_size"
 TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(120))
 
 
-def _overrides(out: Path, data: Path, *extra: str) -> list[str]:
+def _overrides(out: Path, data: Path | None, *extra: str) -> list[str]:
     return [
         *(f"model.{key}={value}" for key, value in MODEL.items()),
         "model.ttt.mini_batch_size=4", "data.seq_len=16", "data.batch_size=3", "data.val_batches=2",
-        "trainer.num_position_buckets=4", f"out_dir={out}", f"data.paths=[{data}]", *extra,
+        "trainer.num_position_buckets=4", f"out_dir={out}", *([f"data.paths=[{data}]"] if data else []), *extra,
     ]  # fmt: skip
 
 
-def _run_folder(out: Path, data: Path, *extra: str) -> Path:
+def _run_folder(out: Path, data: Path | None, *extra: str) -> Path:
     """A run folder as `innerloop train` leaves it: its config.yaml and a checkpoint recording the run's
     data.* and seed (untrained weights); the checkpoint's path."""
     run, config = load_config("tiny", _overrides(out, data, *extra))
@@ -86,3 +86,21 @@ def test_an_output_folder_inside_the_data_a_checkpoint_alone_records_is_refused(
     assert main(["eval", str(alone), "--out", str(data / "results"), "--batches", "1"]) == 2
     assert "lies inside" in capsys.readouterr().err
     assert not (data / "results").exists()
+
+
+@pytest.mark.slow  # ~1 s: an evaluation through the CLI
+def test_a_recall_checkpoint_beside_a_text_runs_config_says_nats_per_token(tmp_path, capsys) -> None:
+    from innerloop.cli import main
+
+    data = tmp_path / "code.py"
+    data.write_text(TEXT)
+    recall = ["data.name=recall", "data.recall.num_pairs=2", "data.recall.gap=9"]  # 4 * 2 + 9 - 1 = 16
+    checkpoint = _run_folder(tmp_path / "recall", None, *recall)
+    _run_folder(tmp_path / "text", data)
+    copied = tmp_path / "text" / "recall.safetensors"
+    shutil.copy(checkpoint, copied)
+    assert main(["eval", str(copied), "--batches", "1", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "data.name 'text' != 'recall'" in printed, printed  # scored on the recall task it recorded
+    line = next(line for line in printed.splitlines() if line.startswith("perplexity"))
+    assert "nats/token" in line, line  # was nats/byte: the text config's unit

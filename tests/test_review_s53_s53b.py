@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import os
-import random
 import shutil
 from datetime import timedelta
 from pathlib import Path
@@ -32,6 +31,7 @@ import pytest
 from innerloop.config import ConfigError
 from innerloop.config.load import load_config
 from innerloop.config.trainer_args import check_lightning_arguments
+from tests.test_review_s21_cli import _corpus, _tiny  # the s21 run helpers (one copy)
 
 
 @pytest.mark.parametrize(
@@ -128,31 +128,6 @@ def test_the_weights_read_do_not_change_when_the_file_is_rewritten_in_place(tmp_
     checked = load_checkpoint(path)
     _rewrite_in_place_keeping_its_times(path)
     assert torch.equal(checked["state_dict"]["w"], torch.ones(4))  # was [1, 1, 1, -4]: the file's pages
-
-
-def _corpus(folder: Path) -> Path:
-    rng = random.Random(0)
-    words = "the quick brown fox jumps over lazy dog def class import return".split()
-    data = folder / "data"
-    data.mkdir()
-    for i in range(3):
-        (data / f"c{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(3000)))
-    return data
-
-
-def _tiny(data: Path, out_dir: Path, *extra: str) -> list[str]:
-    return [
-        f"data.paths=[{data}]",
-        "data.seq_len=32",
-        "data.batch_size=2",
-        "data.val_batches=1",
-        "trainer.val_every=2",
-        "trainer.checkpoint_every=2",
-        "trainer.progress_bar=false",
-        "trainer.diagnostics_batches=0",
-        f"out_dir={out_dir}",
-        *extra,
-    ]
 
 
 @pytest.mark.slow  # trains: a tiny run of 2 steps, then a resume refused at Lightning's load (about 4 s)

@@ -20,6 +20,7 @@ import torch
 from innerloop.hf.export import export_model, to_hugging_face
 from innerloop.models import build_model
 from innerloop.models.config import ModelConfig
+from tests.test_review_s53_s53m import built_in_float64
 
 TINY = {"vocab_size": 7, "num_layers": 1, "num_heads": 1, "intermediate_size": 5, "hidden_size": 6}
 IDS = torch.tensor([[3, 1, 4, 1, 5, 2, 6, 5, 3, 0, 2, 1], [2, 6, 5, 3, 0, 1, 1, 4, 6, 2, 0, 5]])
@@ -71,13 +72,7 @@ def test_a_float64_ttt_model_cast_from_float32_reads_back_with_its_own_token_ind
 def test_a_ttt_model_built_in_float64_keeps_its_exact_token_index_through_the_folder(tmp_path):
     from innerloop.hf import InnerloopForCausalLM
 
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        torch.manual_seed(0)
-        model = build_model(ModelConfig.from_dict({**TINY, "ttt": {"mini_batch_size": 3}})).eval()
-    finally:
-        torch.set_default_dtype(before)
+    model = built_in_float64({**TINY, "ttt": {"mini_batch_size": 3}})
     assert model.blocks[0].mixer.token_idx[2] == 1 / 3  # exact: built in float64
     wrapped = to_hugging_face(model)
     assert torch.equal(wrapped.model.blocks[0].mixer.token_idx, model.blocks[0].mixer.token_idx)
@@ -113,13 +108,7 @@ def test_a_ttt_model_built_in_float64_keeps_its_exact_token_index_through_a_chec
     from innerloop.checkpoints import load_model
     from innerloop.train.module import load_module, save_model_checkpoint
 
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        torch.manual_seed(0)
-        model = build_model(ModelConfig.from_dict({**TINY, "ttt": {"mini_batch_size": 3}})).eval()
-    finally:
-        torch.set_default_dtype(before)
+    model = built_in_float64({**TINY, "ttt": {"mini_batch_size": 3}})
     path = save_model_checkpoint(model, tmp_path / "model.safetensors")
     for loaded in (load_model(path, keep_dtype=True), load_module(path, keep_dtype=True).model):
         assert loaded.blocks[0].mixer.token_idx[2] == 1 / 3

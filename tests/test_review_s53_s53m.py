@@ -14,6 +14,9 @@ Defects found (each seen failing before its fix):
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -25,15 +28,23 @@ TTT3 = {**TINY, "ttt": {"mini_batch_size": 3}}
 IDS = torch.tensor([[3, 1, 4, 1, 5, 2, 6, 5, 3, 0, 2, 1], [2, 6, 5, 3, 0, 1, 1, 4, 6, 2, 0, 5]])
 
 
-def built_in_float64(config: dict, seed: int = 0) -> torch.nn.Module:
-    """A model of ``config`` built under ``torch.set_default_dtype(torch.float64)``: exact index."""
+@contextlib.contextmanager
+def default_dtype_float64() -> Iterator[None]:
+    """``torch.set_default_dtype(torch.float64)`` inside, the dtype before restored after: what is built
+    there holds its TTT layers' token index exact in float64."""
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        torch.manual_seed(seed)
-        return build_model(ModelConfig.from_dict(config)).eval()
+        yield
     finally:
         torch.set_default_dtype(before)
+
+
+def built_in_float64(config: dict, seed: int = 0) -> torch.nn.Module:
+    """A model of ``config`` (seeded) built under :func:`default_dtype_float64`: exact index."""
+    with default_dtype_float64():
+        torch.manual_seed(seed)
+        return build_model(ModelConfig.from_dict(config)).eval()
 
 
 def mixed_model() -> torch.nn.Module:
@@ -98,13 +109,9 @@ def test_a_lightning_checkpoint_of_a_module_built_in_float64_keeps_its_exact_ind
     from innerloop.checkpoints import load_model, save_checkpoint
     from innerloop.train.module import LanguageModelModule
 
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype_float64():
         torch.manual_seed(0)
         module = LanguageModelModule(model=TTT3)
-    finally:
-        torch.set_default_dtype(before)
     checkpoint = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
     module.on_save_checkpoint(checkpoint)  # what Lightning's trainer.save_checkpoint calls
     loaded = load_model(save_checkpoint(checkpoint, tmp_path / "last.safetensors"), keep_dtype=True)
@@ -128,13 +135,9 @@ def test_both_records_take_the_same_values():
 def test_a_module_loading_a_pickled_checkpoint_of_one_built_in_float64_gets_its_exact_index():
     from innerloop.train.module import LanguageModelModule
 
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype_float64():
         torch.manual_seed(0)
         saved = LanguageModelModule(model=TTT3)
-    finally:
-        torch.set_default_dtype(before)
     checkpoint = {"hyper_parameters": dict(saved.hparams), "state_dict": saved.state_dict()}
     saved.on_save_checkpoint(checkpoint)
     module = LanguageModelModule(

@@ -15,9 +15,8 @@ import pytest
 import torch
 
 from innerloop.checkpoints import CheckpointError, load_model, save_checkpoint
-from innerloop.models import build_model
-from innerloop.models.config import ModelConfig
 from innerloop.train.module import LanguageModelModule, load_module
+from tests.test_review_s53_s53m import built_in_float64
 
 TINY = {"vocab_size": 7, "num_layers": 2, "num_heads": 1, "intermediate_size": 5, "hidden_size": 6}
 TTT3 = {**TINY, "ttt": {"mini_batch_size": 3}}
@@ -25,13 +24,7 @@ TTT3 = {**TINY, "ttt": {"mini_batch_size": 3}}
 
 def _checkpoint_with_record(tmp_path, record) -> str:
     """A checkpoint of a float64 ``TTT3`` model whose ``token_index_dtype`` record is ``record``."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        torch.manual_seed(0)
-        model = build_model(ModelConfig.from_dict(TTT3))
-    finally:
-        torch.set_default_dtype(before)
+    model = built_in_float64(TTT3)
     state = {f"model.{key}": value for key, value in model.state_dict().items()}
     checkpoint = {"hyper_parameters": {"model": TTT3}, "state_dict": state, "token_index_dtype": record}
     return str(save_checkpoint(checkpoint, tmp_path / "edited.safetensors"))

@@ -603,7 +603,8 @@ class TextDataModule(_IndexedDataModule):
         """``val_batches * batch_size`` windows spread evenly over the validation text."""
         if self.val_bytes is None:
             raise RuntimeError("TextDataModule: call setup() before make_val_examples()")
-        return spread_windows(self.val_bytes, self.seq_len, self.val_batches * self.batch_size)
+        count = self.val_batches * self.batch_size
+        return spread_windows(self.val_bytes, self.seq_len, count, self.unit, "the validation text")
 
     def make_test_examples(self) -> Batch:
         """``val_batches * batch_size`` windows spread evenly over the test text (``setup("test")``)."""

@@ -34,3 +34,47 @@ def test_too_few_validation_windows_of_a_tokenizer_run_are_counted_in_tokens(tmp
     (message,) = [r.getMessage() for r in caplog.records if "windows of" in r.getMessage()]
     assert "(251 tokens)" in message and "bytes" not in message
     assert message.startswith("the validation text holds 62 windows")
+
+
+def _resumed_warnings(paths: list[str], edit, caplog) -> list[str]:
+    """The warnings of a TextDataModule resumed from a state recorded before ``edit()`` changed the data."""
+    first = TextDataModule(paths, seq_len=8, batch_size=2, val_fraction=0.5)
+    first.setup()
+    state = first.state_dict()
+    edit()
+    resumed = TextDataModule(paths, seq_len=8, batch_size=2, val_fraction=0.5)
+    with caplog.at_level(logging.WARNING, logger="innerloop.train.data"):
+        resumed.load_state_dict(state)
+        resumed.setup()
+    return [record.getMessage() for record in caplog.records]
+
+
+def test_a_resume_after_the_validation_text_was_edited_warns(tmp_path: Path, caplog) -> None:
+    """A validation file (or a single file's validation tail) edited in place between a run and its
+    resume, at the same length, left the split keys and cut and the training text as they were: the
+    resumed run validated on other text, its val_loss curve a step off the one before, without a word
+    (an edited training text warns; an hf run's edited validation documents are refused). The state
+    now records the validation text's sha256, and a resume whose validation text differs warns."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("first half of the text, " * 8 + "second half of the text " * 8)
+    assert not [m for m in _resumed_warnings([str(corpus)], lambda: None, caplog) if "differs" in m]
+    messages = _resumed_warnings(
+        [str(corpus)], lambda: corpus.write_text(corpus.read_text()[:-6] + "edited"), caplog
+    )
+    (warning,) = [m for m in messages if "differs" in m]
+    assert warning.startswith("the validation text differs from the one the checkpoint was validated on")
+    assert "the training text" not in " ".join(messages)  # the tail only: training text as it was
+
+
+def test_a_resume_after_a_validation_file_was_edited_warns(tmp_path: Path, caplog) -> None:
+    """As above, for a corpus of several files: a held-out file rewritten at its length."""
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+        (tmp_path / name).write_text(f"the text of {name} " * 10)
+    probe = TextDataModule([str(tmp_path)], seq_len=8, batch_size=2, val_fraction=0.5)
+    probe.setup()
+    held_out = tmp_path / probe.validation_keys[0]
+    messages = _resumed_warnings(
+        [str(tmp_path)], lambda: held_out.write_text(held_out.read_text().upper()), caplog
+    )
+    (warning,) = [m for m in messages if "differs" in m]
+    assert warning.startswith("the validation text differs")

@@ -424,6 +424,7 @@ class TextDataModule(_IndexedDataModule):
         self.test_keys: list[str] | None = None  # data.test_fraction > 0: the split keys of the test files
         self.test_cut: int | None = None  # test_fraction > 0, one file: the token where test text starts
         self._training_digest: str | None = None  # see training_digest
+        self._validation_digest: str | None = None  # see validation_digest
         self._recorded: dict[str, Any] = {}  # what a resumed checkpoint recorded (state_dict)
 
     def setup(self, stage: str | None = None) -> None:
@@ -517,10 +518,17 @@ class TextDataModule(_IndexedDataModule):
             self._training_digest = hashlib.sha256(self.train_bytes.contiguous().numpy()).hexdigest()
         return self._training_digest
 
+    @property
+    def validation_digest(self) -> str | None:
+        """sha256 of the validation text's tokens (None before :meth:`setup`), computed when first asked."""
+        if self._validation_digest is None and self.val_bytes is not None:
+            self._validation_digest = hashlib.sha256(self.val_bytes.contiguous().numpy()).hexdigest()
+        return self._validation_digest
+
     def state_dict(self) -> dict[str, Any]:
         """What a resume checks (stored in the checkpoint by Lightning): the split the run validates on,
         ``"validation_files"`` (split keys; none for one file or the default corpus), and the training
-        text's ``"training_digest"``."""
+        and validation texts' ``"training_digest"`` and ``"validation_digest"``."""
         state: dict[str, Any] = {}
         if self.validation_keys is not None:
             state["validation_files"] = list(self.validation_keys)
@@ -533,6 +541,8 @@ class TextDataModule(_IndexedDataModule):
         digest = self.training_digest
         if digest is not None:
             state["training_digest"] = digest
+        if self.validation_digest is not None:
+            state["validation_digest"] = self.validation_digest
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -542,8 +552,8 @@ class TextDataModule(_IndexedDataModule):
 
     def _check_recorded(self) -> None:
         """A resumed checkpoint's split must be this one's (:func:`check_split_unchanged`: else the run
-        would train on text it validated on); a training text that differs (a file edited, added or
-        removed) gets a warning: the resume goes on, but not on the data the run was trained on."""
+        would train on text it validated on); a training or validation text that differs (a file edited,
+        added or removed) gets a warning (:meth:`_warn_changed_text`)."""
         if self.val_bytes is None:  # before setup: checked there
             return
         recorded = self._recorded.get("validation_files")
@@ -569,12 +579,27 @@ class TextDataModule(_IndexedDataModule):
                 self.validation_cut,
                 "train on text it validated on" if trained_on else "validate on text it trained on",
             )
+        self._warn_changed_text()
+
+    def _warn_changed_text(self) -> None:
+        """A warning for a training text, and one for a validation text, that differ from those a resumed
+        checkpoint recorded (a file edited in place, at its length too): the resume goes on, but not on
+        the data the run was trained on, or its validation loss not of the text it was before."""
         digest = self._recorded.get("training_digest")
         if isinstance(digest, str) and self.train_bytes is not None and digest != self.training_digest:
             log.warning(
                 "the training text differs from the one the checkpoint was trained on (a file of data.paths "
                 "edited, added or removed since): the resumed run goes on, on other data than the run it "
                 "continues, so it is not the run an uninterrupted one would have been"
+            )
+        digest = self._recorded.get(
+            "validation_digest"
+        )  # none in a checkpoint written before runs recorded it
+        if isinstance(digest, str) and digest != self.validation_digest:
+            log.warning(
+                "the validation text differs from the one the checkpoint was validated on (a held-out file of "
+                "data.paths edited since): the resumed run's val_loss is of other text than the run's before, "
+                "so the two parts of its curve do not compare"
             )
 
     def _refuse_moved_cut(self, text: str, recorded: int, now: int, consequence: str) -> None:

@@ -217,7 +217,8 @@ def _path_from(target: Path, folder: Path, parts: Sequence[str]) -> tuple[str, .
 
 def _warn_unreadable(walk: _Walk, pattern: str) -> None:
     """One warning for the folders below the ``data.paths`` entry ``pattern`` that could not be listed
-    (permission denied): their files are not read (``glob`` and ``rglob`` left them out without a word)."""
+    (permission denied): their files are not read (``glob`` and ``rglob`` left them out without a word);
+    one for the links to files that are gone (:attr:`_Walk.broken`), not read either."""
     if walk.unreadable:
         folder, err = walk.unreadable[0]
         others = _and_more(len(walk.unreadable) - 1)
@@ -225,6 +226,13 @@ def _warn_unreadable(walk: _Walk, pattern: str) -> None:
             "data.paths entry %r: the folder %r%s cannot be read (%s), so its files are left out of the data; "
             "check its permissions, or give data.paths that leave it out",
             pattern, str(folder), others, err.strerror or err,
+        )  # fmt: skip
+    if walk.broken:  # glob.glob listed them (their read then failed); the walk alone would say nothing
+        others = _and_more(len(walk.broken) - 1)
+        log.warning(
+            "data.paths entry %r: the link %r%s leads to no file (its target was moved or deleted, or is on a "
+            "disk not mounted), so it is left out of the data; restore its target, or remove the link",
+            pattern, str(walk.broken[0]), others,
         )  # fmt: skip
 
 
@@ -246,6 +254,7 @@ class _Walk:
         self.files: list[tuple[int, Path, str]] = []  # (links on the way, the path as found, resolved)
         self.links: list[tuple[Path, str, frozenset[int]]] = []  # (link, its folder resolved, place)
         self.unreadable: list[tuple[Path, OSError]] = []
+        self.broken: list[Path] = []  # links the walk would take as files, whose target is gone
         self._closures: dict[frozenset[int], frozenset[int]] = {}  # each set of places, closed once
 
     def start(self) -> frozenset[int]:
@@ -360,6 +369,8 @@ class _Walk:
                 found = Path(folder, entry.name)
                 resolved = os.path.realpath(found) if links else os.path.join(real, entry.name)
                 self.files.append((hops + links, found, resolved))
+            elif links and not os.path.exists(entry.path) and self.takes_file(places, entry.name):
+                self.broken.append(Path(folder, entry.name))
         return subfolders
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from innerloop.data.text import resolve_files
+import pytest
+
+from innerloop.data.text import DataError, resolve_files
 from innerloop.data.tokenizer import HFTokenizer, byte_level_tokenizer_json
 from innerloop.train.data import TextDataModule
 
@@ -103,3 +105,14 @@ def test_a_broken_link_among_the_data_files_is_warned_of_not_dropped_silently(tm
     with caplog.at_level(logging.WARNING, logger="innerloop.data.text"):
         resolve_files([str(tmp_path / "a.txt")])
     assert not caplog.records
+
+
+def test_a_broken_link_named_as_a_data_file_is_called_one(tmp_path: Path) -> None:
+    """A data.paths entry naming a link whose target is gone was said to "match no file (give files,
+    directories or globs)", as if the name were wrong; the error now says it is a link and where to."""
+    (tmp_path / "corpus.txt").symlink_to(tmp_path / "mnt" / "corpus.txt")
+    with pytest.raises(DataError) as raised:
+        resolve_files([str(tmp_path / "corpus.txt")])
+    message = str(raised.value)
+    assert f"data.paths entry {str(tmp_path / 'corpus.txt')!r} is a link to " in message
+    assert f"{str(tmp_path / 'mnt' / 'corpus.txt')!r}, which does not exist" in message

@@ -84,10 +84,16 @@ def _found_files(pattern: str) -> list[tuple[Path, str]]:
     (the walk knows each folder's resolved path: one ``realpath`` a file took most of the time), in the order
     of the links each path goes through (fewest first: :class:`_Walk`), then sorted, so that of two paths
     of one file the first is its own (:func:`split_keys` keys the file by it). A FIFO, socket or device
-    named as the entry, and a glob :func:`_entry_walk` cannot answer, raise :class:`DataError`."""
+    named as the entry, a link to nothing, and a glob :func:`_entry_walk` cannot answer, raise
+    :class:`DataError`."""
     path = user_path(pattern)
     if path.is_file():
         return [(path, os.path.realpath(path))]
+    if path.is_symlink() and not path.exists():
+        raise DataError(
+            f"data.paths entry {pattern!r} is a link to {os.readlink(path)!r}, which does not exist (moved or "
+            "deleted, or on a disk not mounted); restore its target, or give the file itself"
+        )
     if path.exists() and not path.is_dir():
         raise DataError(
             f"data.paths entry {pattern!r} is not a regular file (a FIFO, socket or device: reading it would "

@@ -116,3 +116,17 @@ def test_a_broken_link_named_as_a_data_file_is_called_one(tmp_path: Path) -> Non
     message = str(raised.value)
     assert f"data.paths entry {str(tmp_path / 'corpus.txt')!r} is a link to " in message
     assert f"{str(tmp_path / 'mnt' / 'corpus.txt')!r}, which does not exist" in message
+
+
+def test_a_broken_link_named_as_hf_data_is_called_one(tmp_path: Path) -> None:
+    """As above for data.name='hf' (a hub cache's snapshots/<rev>/train.jsonl -> blobs/<hash>, the blob
+    deleted): the error said the entry "is not a local file or folder: data.name='hf' reads local files
+    only (nothing is downloaded)", as if a hub name had been given."""
+    from innerloop.data.hf import check_hf_source
+
+    (tmp_path / "train.jsonl").symlink_to(tmp_path / "blobs" / "0123abcd")
+    with pytest.raises(DataError) as raised:
+        check_hf_source([str(tmp_path / "train.jsonl")])
+    message = str(raised.value)
+    assert "nothing is downloaded" not in message
+    assert f"is a link to {str(tmp_path / 'blobs' / '0123abcd')!r}, which does not exist" in message

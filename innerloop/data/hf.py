@@ -97,7 +97,8 @@ def check_hf_source(paths: Sequence[str]) -> tuple[str, list[str]]:
         refuse_chained_url_syntax([saved])
         return "saved", [str(saved)]
     for pattern in paths:
-        if not user_path(pattern).exists() and not any(c in pattern for c in "*?["):
+        path = user_path(pattern)  # a link to nothing is split_keys' to name (a hub cache's deleted blob)
+        if not path.exists() and not path.is_symlink() and not any(c in pattern for c in "*?["):
             raise DataError(
                 f"data.paths entry {pattern!r} is not a local file or folder: data.name='hf' reads local "
                 "files only (nothing is downloaded); download a hub dataset yourself and give its files "

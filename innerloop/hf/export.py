@@ -493,8 +493,9 @@ def _move_into_place(staging: Path, out: Path) -> None:
     moved: list[str] = []
     try:
         for name in plan.kept:
-            os.rename(out / name, staging / name)
+            # recorded first: a Ctrl-C during the rename is raised when it returns, the file moved
             moved.append(name)
+            os.rename(out / name, staging / name)
         os.replace(out, aside)
         try:
             os.replace(staging, out)
@@ -508,8 +509,11 @@ def _move_into_place(staging: Path, out: Path) -> None:
 
 
 def _move_back(names: list[str], staging: Path, out: Path) -> None:
-    """Return the user's entries ``names`` from ``staging`` to ``out`` after a failed replacement."""
+    """Return the user's entries ``names`` from ``staging`` to ``out`` after a failed replacement (the
+    last name may not have been moved yet: interrupted before its rename, it is still in ``out``)."""
     for name in names:
+        if not os.path.lexists(staging / name):
+            continue
         try:
             os.rename(staging / name, out / name)
         except OSError as err:

@@ -155,6 +155,32 @@ def test_a_failed_replacement_puts_everything_back(model, tmp_path: Path, monkey
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]
 
 
+@pytest.mark.parametrize("interrupted_after", [1, 2, 3])
+def test_ctrl_c_just_after_a_users_file_is_moved_loses_none_of_them(
+    model, tmp_path: Path, monkeypatch, interrupted_after: int
+) -> None:
+    """Review s54g: the KeyboardInterrupt of a Ctrl-C pressed during the ``os.rename`` that moves the
+    ``interrupted_after``-th user file into the new export is raised when the call returns, the file
+    already moved. It was not yet recorded as moved, so it was not moved back, and the staging folder was
+    deleted with it (the user's tokenizer file lost). Now every file is back and nothing is left beside."""
+    out = export_model(model, tmp_path / "hf", tokenizer=None)
+    _copy_in(out, COPIED)
+    before = _contents(out)
+    rename, renamed = os.rename, []
+
+    def interrupted_on_return(source, target):  # noqa: ANN001, ANN202
+        rename(source, target)
+        renamed.append(source)
+        if len(renamed) == interrupted_after:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(export.os, "rename", interrupted_on_return)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(model, out, overwrite=True, tokenizer=None)
+    assert _contents(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
 # -- targets: links, folders where a file belongs -----------------------------------------------------
 
 

@@ -1436,14 +1436,32 @@ _CONFIG_FILE = "config.json"
 
 def _move_saved_files(staging: Path, folder: Path) -> None:
     """Move the files ``save_pretrained`` wrote into ``staging`` into ``folder``, each by an atomic
-    rename, ``config.json`` last; then remove the earlier save's weight shards and shard index that this
-    save did not write (as transformers does when it saves in place). A file that replaces one keeps
-    that file's permissions (a private ``chmod 600`` config stays private); a new one has the writer's."""
-    names = sorted((p.name for p in staging.iterdir()), key=lambda name: (name == _CONFIG_FILE, name))
+    rename, ``config.json`` last; before it, remove the earlier save's weight shards and shard index that
+    this save did not write (as transformers does when it saves in place), so that once the new
+    ``config.json`` is in (a save stopped right after it, by a Ctrl-C) the folder loads this save's
+    weights: an earlier unsharded ``model.safetensors`` left beside new shards is what transformers
+    loads. A file that replaces one keeps that file's permissions (a private ``chmod 600`` config stays
+    private); a new one has the writer's."""
+    names = sorted(p.name for p in staging.iterdir())
     for name in names:
-        if (folder / name).is_file():
-            os.chmod(staging / name, permissions_to_give(folder / name))
-        os.replace(staging / name, folder / name)
+        if name != _CONFIG_FILE:
+            _move_in(staging / name, folder / name)
+    _remove_stale_weights(folder, names)
+    if _CONFIG_FILE in names:
+        _move_in(staging / _CONFIG_FILE, folder / _CONFIG_FILE)
+
+
+def _move_in(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target``, giving it the permissions of the file it replaces (if any)."""
+    if target.is_file():
+        os.chmod(source, permissions_to_give(target))
+    os.replace(source, target)
+
+
+def _remove_stale_weights(folder: Path, names: list[str]) -> None:
+    """Remove from ``folder`` the weight files of an earlier save that a save writing ``names`` does not
+    replace: shards and a shard index it did not write, an unsharded ``model.safetensors`` where it
+    wrote shards."""
     index, single = "model.safetensors.index.json", "model.safetensors"
     stale = [p for p in folder.iterdir() if _WEIGHT_SHARD.fullmatch(p.name) and p.name not in names]
     if index not in names and (folder / index).is_file():

@@ -1,0 +1,57 @@
+"""Review s54g: interrupts (a Ctrl-C's KeyboardInterrupt at controlled points) of the Hugging Face saves.
+A ``save_pretrained`` moves its files into the folder ``config.json`` last, so that the folder reads as
+the earlier save until the new one is whole: the earlier save's files the new one replaces by others (its
+unsharded ``model.safetensors`` under a sharded save) must be gone by then."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+from innerloop.hf import modeling as hf_modeling
+
+TINY = {
+    "hidden_size": 32,
+    "num_heads": 2,
+    "num_layers": 2,
+    "intermediate_size": 48,
+    "mixer": "swa",
+    "window": 8,
+}
+
+
+def _model(seed: int) -> InnerloopForCausalLM:
+    torch.manual_seed(seed)
+    return InnerloopForCausalLM(InnerloopConfig(model=TINY)).eval()
+
+
+@pytest.mark.slow  # two saves and a load of a tiny model: about 0.5 s
+def test_a_sharded_save_stopped_once_config_json_is_in_loads_its_own_weights(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A Ctrl-C during the rename of ``config.json`` (raised when it returns) stopped the save before it
+    removed the earlier save's ``model.safetensors``, which transformers loads before the new shards: the
+    folder held the new config.json and loaded the earlier weights, silently. Now those files are removed
+    before config.json comes in: the folder loads the new weights."""
+    folder = tmp_path / "saved"
+    _model(seed=0).save_pretrained(folder)  # unsharded: model.safetensors
+    new = _model(seed=1)
+    replace = os.replace
+
+    def interrupted_once_config_is_in(source, target):  # noqa: ANN001, ANN202
+        replace(source, target)
+        if Path(target).name == "config.json":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf_modeling.os, "replace", interrupted_once_config_is_in)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(folder, max_shard_size="20KB")
+    monkeypatch.undo()
+    assert "model-00001-of-00005.safetensors" in {p.name for p in folder.iterdir()}  # sharded indeed
+    loaded = InnerloopForCausalLM.from_pretrained(folder).state_dict()
+    for name, want in new.state_dict().items():
+        assert torch.equal(loaded[name], want), name

@@ -55,3 +55,34 @@ def test_a_sharded_save_stopped_once_config_json_is_in_loads_its_own_weights(
     loaded = InnerloopForCausalLM.from_pretrained(folder).state_dict()
     for name, want in new.state_dict().items():
         assert torch.equal(loaded[name], want), name
+
+
+@pytest.mark.slow  # a 4-step tiny training run: about 2 s
+def test_a_ctrl_c_right_after_the_checkpoint_is_confirmed_stops_the_run_as_any(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A second Ctrl-C during the rename that makes the pending checkpoint ``last.safetensors`` (raised
+    when the rename returns, before the callback forgot the pending file): the callback's
+    ``on_exception`` renamed it again, and the run ended in a FileNotFoundError traceback instead of
+    :class:`TrainingInterrupted` naming the checkpoint and how to continue."""
+    from lm_testing import TINY
+
+    from innerloop.config import load_config
+    from innerloop.train import TrainingInterrupted, load_checkpoint, train
+
+    out = tmp_path / "run"
+    run, cfg = load_config("tiny", [*TINY, "trainer.max_steps=4", "trainer.threads=1", f"out_dir={out}"])
+    replace, interrupted = os.replace, []
+
+    def interrupted_once_promoted(source, target):  # noqa: ANN001, ANN202
+        replace(source, target)
+        if Path(source).name == ".last.safetensors.pending" and not interrupted:
+            interrupted.append(target)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted_once_promoted)
+    with pytest.raises(TrainingInterrupted, match="resume"):
+        train(run, cfg)
+    monkeypatch.undo()
+    assert load_checkpoint(out / "last.safetensors")["global_step"] == 2
+    assert (out / "config.yaml").is_file()

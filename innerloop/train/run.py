@@ -316,8 +316,11 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
 
     def _promote(self, trainer: L.Trainer) -> None:
         if self._pending is not None and trainer.is_global_zero:
-            os.replace(*self._pending)
-            fsync_directory(self._pending[1].parent)  # the new last.safetensors, durable
+            pending, last = self._pending
+            # renamed already where a Ctrl-C landed as the rename returned: on_exception promotes again
+            if os.path.lexists(pending):
+                os.replace(pending, last)
+            fsync_directory(last.parent)  # the new last.safetensors, durable
         self._pending = None
 
     def on_train_batch_end(

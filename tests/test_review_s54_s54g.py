@@ -71,7 +71,7 @@ def test_a_ctrl_c_right_after_the_checkpoint_is_confirmed_stops_the_run_as_any(
     from innerloop.train import TrainingInterrupted, load_checkpoint, train
 
     out = tmp_path / "run"
-    run, cfg = load_config("tiny", [*TINY, "trainer.max_steps=4", "trainer.threads=1", f"out_dir={out}"])
+    run, cfg = load_config("tiny", [*TINY, "trainer.max_steps=3", "trainer.threads=1", f"out_dir={out}"])
     replace, interrupted = os.replace, []
 
     def interrupted_once_promoted(source, target):  # noqa: ANN001, ANN202
@@ -86,3 +86,37 @@ def test_a_ctrl_c_right_after_the_checkpoint_is_confirmed_stops_the_run_as_any(
     monkeypatch.undo()
     assert load_checkpoint(out / "last.safetensors")["global_step"] == 2
     assert (out / "config.yaml").is_file()
+
+
+@pytest.mark.slow  # a tiny training run stopped at its first checkpoint: about 2 s
+def test_a_ctrl_c_as_the_first_checkpoint_is_written_keeps_it_and_the_config(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A second Ctrl-C during the rename that completes the pending checkpoint's write (raised when it
+    returns, the file whole) came before the callback recorded the file: it was not promoted, so the
+    new run's config.yaml was removed as that of a run without a checkpoint, the whole checkpoint of
+    step 2 left beside it, the message saying none was written, and ``--resume`` refused (no config).
+    Now the checkpoint is kept as ``last.safetensors`` with the config, and the resume continues."""
+    from lm_testing import TINY
+
+    from innerloop.config import load_config
+    from innerloop.train import TrainingInterrupted, load_checkpoint, train
+
+    out = tmp_path / "run"
+    run, cfg = load_config("tiny", [*TINY, "trainer.max_steps=4", "trainer.threads=1", f"out_dir={out}"])
+    replace, interrupted = os.replace, []
+
+    def interrupted_once_written(source, target):  # noqa: ANN001, ANN202
+        replace(source, target)
+        if Path(target).name == ".last.safetensors.pending" and not interrupted:
+            interrupted.append(target)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted_once_written)
+    with pytest.raises(TrainingInterrupted, match="resume"):
+        train(run, cfg)
+    monkeypatch.undo()
+    assert load_checkpoint(out / "last.safetensors")["global_step"] == 2
+    assert (out / "config.yaml").is_file()
+    assert train(*load_config(str(out / "config.yaml"), [], out_dir=str(out)), resume=True) is not None
+    assert load_checkpoint(out / "last.safetensors")["global_step"] == 4

@@ -274,8 +274,11 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
         keeps = isinstance(io, SafetensorsCheckpointIO)
         if keeps:
             io.keep_next_write()
+        # recorded before the write: a Ctrl-C during it is raised when it returns, the file whole on disk,
+        # and on_exception promotes it (a pending file not written is not promoted: _promote)
+        self._pending = (pending, Path(filepath))
         super()._save_checkpoint(trainer, str(pending))
-        self._pending, self.writing_step = (pending, Path(filepath)), None
+        self.writing_step = None
         written = io.take_written() if keeps else None
         # a copy of the callbacks' states: a state may hold the callback's own dict (best_k_models)
         self._written = None if written is None else (*written, copy.deepcopy(written[1].get("callbacks")))

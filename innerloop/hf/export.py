@@ -497,13 +497,13 @@ def _move_into_place(staging: Path, out: Path) -> None:
             moved.append(name)
             os.rename(out / name, staging / name)
         os.replace(out, aside)
-        try:
-            os.replace(staging, out)
-        except BaseException:
-            os.replace(aside, out)
-            raise
+        os.replace(staging, out)
     except BaseException:
-        _move_back(moved, staging, out)
+        if os.path.lexists(staging):  # the new export is not in place: the earlier one goes back as it was
+            # set aside already where a Ctrl-C landed as that rename returned
+            if not os.path.lexists(out) and os.path.lexists(aside):
+                os.replace(aside, out)
+            _move_back(moved, staging, out)
         raise
     _delete_earlier_export(aside, plan.owned, out)
 

@@ -181,6 +181,31 @@ def test_ctrl_c_just_after_a_users_file_is_moved_loses_none_of_them(
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]
 
 
+def test_ctrl_c_just_after_the_earlier_export_is_set_aside_puts_it_back(
+    model, tmp_path: Path, monkeypatch
+) -> None:
+    """Review s54g: a Ctrl-C during the rename that sets the earlier export aside (raised when it
+    returns, OUT_DIR gone): the user's files, moved into the new export, could not be moved back into
+    the missing OUT_DIR, and the export ended in an ExportError naming a staging folder, OUT_DIR missing
+    until a later export settled it. Now the earlier export is put back first: the KeyboardInterrupt,
+    and OUT_DIR as it was."""
+    out = export_model(model, tmp_path / "hf", tokenizer=None)
+    _copy_in(out, COPIED)
+    before = _contents(out)
+    replace = os.replace
+
+    def interrupted_once_set_aside(source, target):  # noqa: ANN001, ANN202
+        replace(source, target)
+        if Path(target).name.endswith(".old"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(export.os, "replace", interrupted_once_set_aside)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(model, out, overwrite=True, tokenizer=None)
+    assert _contents(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
 # -- targets: links, folders where a file belongs -----------------------------------------------------
 
 

@@ -1,7 +1,8 @@
-"""Review s54g: interrupts (a Ctrl-C's KeyboardInterrupt at controlled points) of the Hugging Face saves.
-A ``save_pretrained`` moves its files into the folder ``config.json`` last, so that the folder reads as
-the earlier save until the new one is whole: the earlier save's files the new one replaces by others (its
-unsharded ``model.safetensors`` under a sharded save) must be gone by then."""
+"""Review s54g: interrupts (a Ctrl-C's KeyboardInterrupt, raised as the call it lands in returns) at
+controlled points of the saves. A ``save_pretrained`` moves its files in ``config.json`` last, so the
+earlier save's weight files that the new one replaces by others must be gone by then; the training run's
+checkpoint callback records its pending checkpoint before writing it and promotes it once only, so a
+Ctrl-C as either rename returns keeps the checkpoint and the config.yaml and says how to resume."""
 
 from __future__ import annotations
 

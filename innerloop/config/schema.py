@@ -13,8 +13,10 @@ from typing import Any
 from innerloop.data.recall import RECALL_GAP_BOUNDS, RECALL_PAIRS_BOUNDS
 from innerloop.models.config import (  # noqa: F401  (Bounds and its constants: re-exported, their old home)
     AT_LEAST_0,
+    AT_LEAST_0_IN_FLOAT32,
     AT_LEAST_1,
     BATCH_SIZE_BOUNDS,
+    FLOAT32_MAX,
     FRACTION,
     MODEL_FIELD_BOUNDS,
     POSITIVE,
@@ -201,15 +203,17 @@ FIELD_BOUNDS: dict[str, Bounds] = {
     "data.recall.num_pairs": RECALL_PAIRS_BOUNDS,
     "data.recall.gap": RECALL_GAP_BOUNDS,
     # optim
-    "optim.lr": POSITIVE,
+    "optim.lr": Bounds(
+        0, FLOAT32_MAX, low_open=True, why="a larger one is inf in float32, the weights' dtype"
+    ),
     "optim.weight_decay": AT_LEAST_0,
     "optim.beta1": FRACTION,
     "optim.beta2": FRACTION,
     "optim.warmup_fraction": FRACTION,
-    "optim.min_lr": AT_LEAST_0,
+    "optim.min_lr": AT_LEAST_0_IN_FLOAT32,
     "optim.grad_clip": Bounds(0, why="0: no clipping"),
     "optim.decay_fraction": Bounds(0, 1, low_open=True, why="the share of the steps that wsd decays over"),
-    "optim.ttt_base_lr_init": AT_LEAST_0,
+    "optim.ttt_base_lr_init": AT_LEAST_0_IN_FLOAT32,
     "optim.ttt_base_lr_warmup": Bounds(0, why="0: no warm-up of the TTT layers' base lr"),
     # trainer
     "trainer.max_steps": STEP_BOUNDS,

@@ -221,8 +221,15 @@ def layer_norm_backward(
     )
 
 
+MAX_ROPE_THETA = torch.finfo(torch.float32).max
+"""The largest RoPE base (3.4e38): :func:`rope_inverse_frequencies` computes ``theta**(2i/head_dim)`` in
+float32, where a larger base is inf and every frequency but the first 0 (1e39's are 1.3e-5, ... for
+head_dim 16), with no error."""
+
+
 def rope_inverse_frequencies(head_dim: int, theta: float) -> torch.Tensor:
-    """RoPE inverse frequencies ``[head_dim // 2]``, in float32 as the reference computes them."""
+    """RoPE inverse frequencies ``[head_dim // 2]``, in float32 as the reference computes them (``theta``
+    at most :data:`MAX_ROPE_THETA`, which the layers check)."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     return 1.0 / (theta**exponents)
 

@@ -36,6 +36,7 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 from innerloop.core.callers import warning_stacklevel
 from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import (
+    MAX_ROPE_THETA,
     LayerNorm,
     apply_rope_interleaved,
     causal_depthwise_conv,
@@ -439,11 +440,11 @@ def _check_arguments(args: dict[str, Any], *, rotary: bool = True, conv_needs_sh
             UserWarning,
             stacklevel=warning_stacklevel(),
         )
-    if not is_real(args["rope_theta"]) or args["rope_theta"] < 1:
+    if not is_real(args["rope_theta"]) or not 1 <= args["rope_theta"] <= MAX_ROPE_THETA:
         raise ValueError(
             f"rope_theta must be a finite number >= 1, got {args['rope_theta']!r}"
             f"{_tensor_hint(args['rope_theta'])} (the RoPE base: its frequencies theta^(-2i/head_dim) stay <= 1, so that every angle is finite; "
-            "the paper's is 10000)"
+            f"at most {MAX_ROPE_THETA!r}, float32's largest number, in which they are computed; the paper's is 10000)"
         )
     if not is_real(args["norm_eps"]) or args["norm_eps"] <= 0:
         raise ValueError(

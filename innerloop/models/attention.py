@@ -22,6 +22,7 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from innerloop.core.functional import (
+    MAX_ROPE_THETA,
     RMSNorm,
     apply_rope_interleaved,
     integer_or_given,
@@ -480,8 +481,11 @@ class CausalSelfAttention(nn.Module):
         check_head_split(hidden_size, num_heads, rotary=True)
         # rope_theta <= 0 makes the RoPE tables NaN (which SDPA turns into silently zero attention), and
         # one below 1 frequencies above 1 whose angles overflow: the base is >= 1, its frequencies <= 1
-        if not is_real(rope_theta) or rope_theta < 1:
-            raise ValueError(f"rope_theta={rope_theta!r} must be a finite number >= 1 (the RoPE base)")
+        # one above MAX_ROPE_THETA is inf in the float32 frequencies: all but the first 0, with no error
+        if not is_real(rope_theta) or not 1 <= rope_theta <= MAX_ROPE_THETA:
+            raise ValueError(
+                f"rope_theta={rope_theta!r} must be a finite number >= 1 and <= {MAX_ROPE_THETA!r} (the RoPE base)"
+            )
         if not is_real(norm_eps) or norm_eps <= 0:
             raise ValueError(f"norm_eps={norm_eps!r} must be a finite number in (0, {MAX_NORM_EPS:g})")
         check_norm_eps(norm_eps, torch.promote_types(torch.get_default_dtype(), torch.float32))

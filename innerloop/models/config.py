@@ -354,6 +354,10 @@ def require_model_config(config: Any) -> ModelConfig:
 # -- the range of every numeric field ---------------------------------------------------------------------
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+"""The largest float32 number (3.4e38): a model computes in float32, where a larger one is inf."""
+
+
 @dataclass(frozen=True)
 class Bounds:
     """The valid range of a numeric config field: ``low``/``high`` (None: unbounded), each inclusive
@@ -373,6 +377,8 @@ class Bounds:
     def describe(self) -> str:
         """E.g. ``>= 1``, ``> 0``, ``in [0, 1)``."""
         low, high = _number(self.low), _number(self.high)
+        if self.low is not None and self.high == FLOAT32_MAX:  # a number's range, and float32's limit on it
+            return f"{'>' if self.low_open else '>='} {low} and {'<' if self.high_open else '<='} {high}"
         if self.low is not None and self.high is not None:
             left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
             return f"in {left}{low}, {high}{right}"
@@ -384,7 +390,11 @@ class Bounds:
 
 
 def _number(value: float | None) -> str:
-    return str(int(value)) if value is not None and float(value).is_integer() else str(value)
+    if value is None or isinstance(value, int):
+        return str(value)
+    return (
+        str(int(value)) if value.is_integer() and abs(value) <= 2**53 else str(value)
+    )  # 3.4e38, not 39 digits
 
 
 def checked_number(name: str, value: Any, kind: type, bounds: Bounds) -> int | float:
@@ -421,6 +431,12 @@ AT_LEAST_1 = Bounds(1)
 AT_LEAST_0 = Bounds(0)
 POSITIVE = Bounds(0, low_open=True)
 FRACTION = Bounds(0, 1, high_open=True)  # [0, 1)
+
+_IN_FLOAT32 = "a larger one is inf in float32, the model's dtype"
+AT_LEAST_0_IN_FLOAT32 = Bounds(0, FLOAT32_MAX, why=_IN_FLOAT32)
+"""A rate or a factor the model or the optimizer multiplies float32 values by: an inner learning rate
+of 1e39 was taken by the config and refused only by the layer's first forward (after the data loaded);
+an outer one made AdamW's first step write inf into every weight."""
 
 SEQ_LEN_BOUNDS = Bounds(1, 2**30, why="a window of tokens held in memory")
 """``data.seq_len`` and the data modules' ``seq_len``."""
@@ -462,7 +478,9 @@ MODEL_FIELD_BOUNDS: dict[str, Bounds] = {
     "model.num_heads": AT_LEAST_1,
     "model.intermediate_size": _SIZE,
     "model.window": Bounds(1, SEQ_LEN_BOUNDS.high, why="a query sees at most the tokens of a window"),
-    "model.rope_theta": Bounds(1, why="the RoPE base: its frequencies theta^(-2i/head_dim) stay <= 1"),
+    "model.rope_theta": Bounds(  # above FLOAT32_MAX (MAX_ROPE_THETA) the float32 frequencies were 0, not theta^(-2i/d)
+        1, FLOAT32_MAX, why=f"the RoPE base: its frequencies theta^(-2i/head_dim) stay <= 1; {_IN_FLOAT32}"
+    ),
     "model.pre_conv_kernel": _CONV_KERNEL,
     "model.norm_eps": Bounds(
         _SMALLEST_NORMAL_EPS,
@@ -473,14 +491,15 @@ MODEL_FIELD_BOUNDS: dict[str, Bounds] = {
     ),
     "model.init_std": Bounds(
         _SMALLEST_NORMAL_EPS,
+        FLOAT32_MAX,
         why="the std of the weights' normal init; one below float32's smallest normal number draws "
-        "subnormals or zeros (1e-320 built all-zero weights)",
+        "subnormals or zeros (1e-320 built all-zero weights), one above its largest draws inf",
     ),
     "model.ttt.mini_batch_size": _MINI_BATCH,
-    "model.ttt.base_lr": AT_LEAST_0,
+    "model.ttt.base_lr": AT_LEAST_0_IN_FLOAT32,
     "model.ttt.conv_kernel": _CONV_KERNEL,
     "model.family.mini_batch_size": _MINI_BATCH,
-    "model.family.base_lr": AT_LEAST_0,
+    "model.family.base_lr": AT_LEAST_0_IN_FLOAT32,
     "model.family.conv_kernel": _CONV_KERNEL,
     "model.e2e.chunk_size": Bounds(
         1, SEQ_LEN_BOUNDS.high, why="a chunk of a window trains on its next-token pairs"
@@ -489,8 +508,8 @@ MODEL_FIELD_BOUNDS: dict[str, Bounds] = {
     "model.e2e.prime_intermediate_size": Bounds(
         0, _SIZE.high, why="0: the same as model.intermediate_size; larger tables do not fit in memory"
     ),
-    "model.e2e.inner_lr": AT_LEAST_0,
-    "model.e2e.inner_lr_start": AT_LEAST_0,
+    "model.e2e.inner_lr": AT_LEAST_0_IN_FLOAT32,
+    "model.e2e.inner_lr_start": AT_LEAST_0_IN_FLOAT32,
     "model.e2e.inner_lr_warmup_fraction": Bounds(
         0, 1, why="1: the inner lr reaches model.e2e.inner_lr as training ends"
     ),

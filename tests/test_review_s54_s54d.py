@@ -148,3 +148,30 @@ def test_the_layers_refuse_such_a_rope_base() -> None:
     ):
         TTTLayer(64, 4, rope_theta=1e39)
 
+
+@pytest.mark.parametrize(
+    ("key", "interpolation", "resolved"),
+    [
+        ("data.paths", "${optim.lr}", "0.003 (float)"),
+        ("data.paths", "${data.tokenizer}", "'bytes' (str)"),
+        ("trainer.lightning", "${optim.lr}", "0.003 (float)"),
+        ("trainer.lightning", "${data.tokenizer}", "'bytes' (str)"),
+    ],
+)
+def test_a_list_or_mapping_key_given_an_interpolation_of_another_kind_names_it(
+    key: str, interpolation: str, resolved: str
+) -> None:
+    """Seen failing before the fix: "config key '?' in preset 'tiny': Invalid value assigned: float is not
+    a ListConfig, TupleConfig, list, or tuple" -- no key, the preset blamed for the override, no value."""
+    message = _refusal("tiny", [f"{key}={interpolation}"])
+    assert message.startswith(f"config key {key!r} in override '{key}={interpolation}'"), message
+    assert f"resolves to {resolved}" in message, message
+    assert "takes a " in message and "\n" not in message, message
+
+
+def test_a_list_key_given_an_interpolation_in_a_file_names_the_file(tmp_path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("data:\n  paths: ${optim.lr}\n")
+    message = _refusal(str(config), [])
+    assert f"config key 'data.paths' in file '{config}'" in message, message
+    assert "resolves to 0.003 (float)" in message, message

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from innerloop.config.schema import (
@@ -374,7 +374,8 @@ def check_value_kinds(node: yaml.Node | None, key: str, source: str) -> list[str
     key = _routed_key(key)
     expected = _expected_type(key)
     if "${" in text:
-        return [key] if _kinds(expected) is not None else []
+        container = not is_dataclass(expected) and _container_kind(expected) in ("a list", "a mapping")
+        return [key] if _kinds(expected) is not None or container else []
     if is_dataclass(expected):
         return []
     if text == MISSING_MARKER and (expected is not None or _is_lightning_argument(key)):
@@ -574,6 +575,7 @@ def check_interpolated_kinds(cfg: DictConfig, keys: Sequence[str], source: str) 
             value = OmegaConf.select(plain, key, throw_on_missing=True)
         except OmegaConfBaseException as err:
             raise ConfigError(f"config key {key!r} in {source}: {_first_line(err)}") from None
+        _check_interpolated_container(key, value, source)
         kinds = _kinds(_expected_type(key)) or ()
         fits = any(
             type(value) is kind or (kind is float and type(value) is int)
@@ -585,6 +587,23 @@ def check_interpolated_kinds(cfg: DictConfig, keys: Sequence[str], source: str) 
                 f"config key {key!r} in {source}: the interpolation resolves to {value!r} "
                 f"({type(value).__name__}), which is not {_kind_words(kinds)}"
             )
+
+
+def _check_interpolated_container(key: str, value: Any, source: str) -> None:
+    """Raise :class:`ConfigError` when the list or mapping key ``key`` (``data.paths``,
+    ``trainer.lightning``) was given an interpolation resolving to ``value``, another kind of value: the
+    conversion to the run config named neither the key nor the value (``config key '?' in preset
+    'tiny': Invalid value assigned: float is not a ListConfig``)."""
+    expected = _expected_type(key)
+    wanted = _container_kind(expected)
+    if is_dataclass(expected) or wanted not in ("a list", "a mapping"):
+        return
+    if isinstance(value, ListConfig if wanted == "a list" else DictConfig):
+        return
+    raise ConfigError(
+        f"config key {key!r} in {source}: the interpolation resolves to {value!r:.80} ({type(value).__name__}), "
+        f"but the key takes {_what_key_takes(key, expected)}"
+    )
 
 
 def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:

@@ -81,9 +81,8 @@ from innerloop.train.run import (
     checkpoint_path,
     evaluation_windows,
     recorded_data_state,
-    run_config_path,
     run_files,
-    run_of_checkpoint,
+    run_of_checkpoint_and_why,
     training_seq_len,
 )
 
@@ -607,13 +606,11 @@ def _training_data(model: ComparedModel) -> _TrainingData:
     ``data.*`` its checkpoint records, as :func:`~innerloop.train.run.evaluation_windows` reads them) and
     what the checkpoint recorded."""
     try:
-        run = run_of_checkpoint(model.checkpoint, model.module.hparams["model"])
+        run, why_not = run_of_checkpoint_and_why(model.checkpoint, model.module.hparams["model"])
     except ConfigError as err:
         return _TrainingData(None, str(err))
-    if run is None and run_config_path(model.checkpoint) is None:
-        return _TrainingData(None, f"no config.yaml beside {str(model.checkpoint)!r}, and it records no run")
-    if run is None:
-        return _TrainingData(None, f"the config.yaml beside {str(model.checkpoint)!r} is another run's")
+    if run is None:  # why, as the record or config.yaml say it (was: "it records no run" of any record)
+        return _TrainingData(None, why_not)
     recorded = model.data_state.get("validation_files")
     files = run_files(run.data, recorded if isinstance(recorded, list) else None)
     digest = model.data_state.get("training_digest")

@@ -1506,6 +1506,13 @@ def run_of_checkpoint(checkpoint: str | Path, model: dict[str, Any]) -> RunConfi
     return _run_beside(checkpoint, model)[0]
 
 
+def run_of_checkpoint_and_why(checkpoint: str | Path, model: dict[str, Any]) -> tuple[RunConfig | None, str]:
+    """:func:`run_of_checkpoint`, and a clause: where it is None, why (no config.yaml beside it and no run
+    recorded, another run's config.yaml, a record of an older innerloop lacking a key); where the
+    checkpoint's own record overruled the config.yaml beside it, that it did and which keys differ."""
+    return _run_beside(checkpoint, model)
+
+
 def run_config_path(checkpoint: str | Path) -> Path | None:
     """The ``config.yaml`` beside ``checkpoint``, or, for a link to a run's checkpoint, beside the file
     it points to; None where there is none. A ``config.yaml`` that is no file (a folder, a broken link)
@@ -1523,7 +1530,11 @@ def _run_beside(checkpoint: str | Path, model: dict[str, Any]) -> tuple[RunConfi
     (another run's: another model, or other ``data.*`` or ``seed``), that it does and which keys differ."""
     saved = run_config_path(checkpoint)
     if saved is None:
-        return _run_recorded_in(checkpoint, model)
+        run, why = _run_recorded_in(checkpoint, model)
+        return (
+            run,
+            "" if run is not None else f"there is no config.yaml beside {str(checkpoint)!r}, and {why}",
+        )
     try:
         run = read_run_config(saved)
     except ConfigError as err:
@@ -1546,8 +1557,10 @@ def _run_beside(checkpoint: str | Path, model: dict[str, Any]) -> tuple[RunConfi
     if changes:
         more = f" and {len(changes) - 2} more" if len(changes) > 2 else ""
         why = f"{another}: it describes another model ({', '.join(changes[:2])}{more})"
-        recorded_run, _ = _run_recorded_in(checkpoint, model)  # its own run's data, where it records them
-        return (None, why) if recorded_run is None else (recorded_run, f"{why}; {_READ_AS_RECORDED}")
+        recorded_run, gap = _run_recorded_in(checkpoint, model)  # its own run's data, where it records them
+        return (
+            (None, f"{why}; {gap}") if recorded_run is None else (recorded_run, f"{why}; {_READ_AS_RECORDED}")
+        )
     return _run_with_record(checkpoint, run, another)
 
 
@@ -1572,8 +1585,8 @@ def _run_with_record(checkpoint: str | Path, run: RunConfig, another: str) -> tu
         f"{another}: the checkpoint was trained with other settings ({', '.join(changes[:2])}{more}: "
         "the config's, then the checkpoint's)"
     )
-    own = _with_recorded_data(run, recorded)
-    return (None, why) if own is None else (own, f"{why}; {_READ_AS_RECORDED}")
+    own, gap = _with_recorded_data(run, recorded)
+    return (None, f"{why}; {gap}") if own is None else (own, f"{why}; {_READ_AS_RECORDED}")
 
 
 def _data_keys_differing(run: RunConfig, recorded: dict[str, Any]) -> list[str]:
@@ -1598,19 +1611,21 @@ def _data_moved(differing: list[str], recorded: dict[str, Any]) -> bool:
     return not any(entry_finds_files(str(p)) for p in paths)  # the walk that reads the data, not glob.glob
 
 
-def _with_recorded_data(run: RunConfig, recorded: dict[str, Any]) -> RunConfig | None:
-    """``run`` with the ``data.*`` and ``seed`` of ``recorded`` (:data:`RUN_DATA_KEY`), or None when the
-    record lacks one of them or does not make a data config."""
+def _with_recorded_data(run: RunConfig, recorded: dict[str, Any]) -> tuple[RunConfig | None, str]:
+    """``run`` with the ``data.*`` and ``seed`` of ``recorded`` (:data:`RUN_DATA_KEY`), and ""; or None and
+    why not (a clause): the keys the record lacks (an older innerloop's, before the key existed), or
+    why they make no data config."""
     keys, recorded = _with_test_default(run_data_record(run)), _with_test_default(recorded)
-    if not all(key in recorded for key in keys):
-        return None
+    missing = [key for key in keys if key not in recorded]
+    if missing:
+        return None, f"the run's data it records lacks {', '.join(missing)} (an older innerloop's record)"
     top = {f.name: recorded[f"data.{f.name}"] for f in fields(DataConfig) if f.name != "recall"}
     recall = {f.name: recorded[f"data.recall.{f.name}"] for f in fields(RecallConfig)}
     try:
         data = DataConfig(**{**top, "paths": list(top["paths"]), "recall": RecallConfig(**recall)})
-    except (TypeError, ValueError):
-        return None
-    return replace(run, data=data, seed=recorded["seed"])
+    except (TypeError, ValueError) as err:
+        return None, f"the run's data it records make no data config ({err})"
+    return replace(run, data=data, seed=recorded["seed"]), ""
 
 
 def _run_recorded_in(checkpoint: str | Path, model: dict[str, Any]) -> tuple[RunConfig | None, str]:
@@ -1618,19 +1633,16 @@ def _run_recorded_in(checkpoint: str | Path, model: dict[str, Any]) -> tuple[Run
     far as its data goes: the ``data.*`` and ``seed`` it recorded (:data:`RUN_DATA_KEY`) with its model,
     the rest default (``out_dir`` the checkpoint's folder): what its validation read, as the config.yaml
     would have said (before, the default corpus was scored: another number on other data). None, and
-    why, where it records no run (an ``innerloop convert``-ed model, an older innerloop)."""
-    absent = f"there is no config.yaml beside {str(checkpoint)!r}"
+    why (a clause on the checkpoint), where it records no run (an ``innerloop convert``-ed model, an
+    older innerloop) or one that makes no run (:func:`_with_recorded_data`)."""
     recorded = recorded_entry(checkpoint, RUN_DATA_KEY)
     if not isinstance(recorded, dict):
-        return None, f"{absent}, and the checkpoint records no run's data"
+        return None, "the checkpoint records no run's data"
     try:
         base = RunConfig(model=ModelConfig.from_dict(model), out_dir=str(Path(checkpoint).parent))
     except (TypeError, ValueError) as err:
-        return None, f"{absent}, and it holds a model config this innerloop cannot read ({err})"
-    run = _with_recorded_data(base, recorded)
-    if run is None:
-        return None, f"{absent}, and the run's data it records is incomplete"
-    return run, ""
+        return None, f"it holds a model config this innerloop cannot read ({err})"
+    return _with_recorded_data(base, recorded)
 
 
 def _as_tuples(value: Any) -> Any:
@@ -1718,7 +1730,8 @@ def evaluation_windows(
     validation windows of that run (:func:`run_of_checkpoint`, :func:`validation_examples`: exactly the
     windows its validation scored, unless ``seq_len`` or the number of windows differ; the config.yaml
     beside it, else the ``data.*`` its checkpoint records); else, for a checkpoint whose run is unknown
-    (:func:`_run_beside` says why), the default corpus's held-out split. ``batches * batch_size``
+    (:func:`_run_beside` says why), the default corpus's held-out split, refused where the checkpoint
+    records its run's data all the same (:func:`_refuse_a_recorded_run_unread`: an older record). ``batches * batch_size``
     windows when ``batches`` is given (else the run's number of validation windows, or 128);
     ``batch_size`` defaults to the run's (or 16). A config.yaml beside the checkpoint that cannot be
     read, or run data that cannot be read, raises (one line naming it), never falls back to other data."""
@@ -1750,11 +1763,28 @@ def evaluation_windows(
         return _run_validation_windows(
             run, checkpoint, seq_len, batch_size, batches, tokenizer, overruled=why_not
         )
+    _refuse_a_recorded_run_unread(checkpoint, why_not)
     batch_size = batch_size or DEFAULT_EVAL_BATCH_SIZE
     count = default_window_count(batch_size, batches)
     inputs, targets = evaluation_examples([], seq_len, count, tokenizer=tokenizer)
     source = f"the default corpus's held-out split ({why_not})"
     return EvaluationWindows(inputs, targets, batch_size, _data_tag([]), source)
+
+
+def _refuse_a_recorded_run_unread(checkpoint: str | Path, why_not: str) -> None:
+    """:class:`ConfigError` where ``checkpoint`` records the data its run trained on (:data:`RUN_DATA_KEY`)
+    and no run could be made of it (``why_not``: an older innerloop's record lacks a key, beside another
+    run's config.yaml or alone): the default corpus would give another number on other data. It says how
+    to give the data: files to evaluate on, or the run's own config.yaml beside the checkpoint."""
+    if not isinstance(recorded_entry(checkpoint, RUN_DATA_KEY), dict):
+        return  # no run recorded (an innerloop convert-ed model): the default corpus, said in the source
+    files = given_argument("paths", "FILES", placeholder=True)
+    raise ConfigError(
+        f"{str(checkpoint)!r} records the data its run trained on, but not as a run this innerloop can read "
+        f"({why_not}): scoring the default corpus instead would be another number on other data; give "
+        f"{files} (and {argument_name('seq_len')}) to evaluate on text you name, or put the checkpoint's own "
+        "run's config.yaml beside it"
+    )
 
 
 def check_held_out_name(held_out: Any) -> None:
@@ -1806,18 +1836,19 @@ def _run_validation_windows(
     They are tokenized with ``tokenizer``, by default the one ``checkpoint`` recorded (the tokenizer the
     model was trained with; ``data.tokenizer``'s files may have changed since) and named after it.
 
-    A ``config.yaml`` of an older innerloop may record relative ``data.paths`` (a run now records them
-    absolute): they are read from the current directory, and the windows' source says so."""
+    A ``config.yaml`` (or checkpoint record) of an older innerloop may hold relative ``data.paths`` (a run
+    now records them absolute): they are read from the current directory, and the windows' source says
+    so, naming the file that records them."""
     batch_size = batch_size or run.data.batch_size
     count = None if batches is None else default_window_count(batch_size, batches)
     relative = [p for p in run.data.paths if not os.path.isabs(os.path.expanduser(p))]
     note = f"; {overruled}" if overruled else ""
-    if relative:
+    if relative:  # after the clause saying whose data.* they are, not in its place
         run = replace(run, data=replace(run.data, paths=absolute_data_paths(run.data.paths)))
-        note = (
-            f"; its config.yaml records relative data.paths {relative}, read from the current directory "
-            f"{os.getcwd()!r}"
+        recorder = (
+            "its config.yaml" if not overruled and run_config_path(checkpoint) else repr(str(checkpoint))
         )
+        note += f"; {recorder} records relative data.paths {relative}, read from the current directory {os.getcwd()!r}"
     _check_the_runs_split(run, checkpoint, held_out)
     words = "validation" if held_out == "val" else "test"
     try:

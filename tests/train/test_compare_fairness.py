@@ -130,7 +130,9 @@ def test_a_baseline_with_unknown_training_data_is_named_and_so_are_models_on_oth
     (baseline / "config.yaml").unlink()  # a checkpoint copied without its run
     other = _run(tmp_path / "other", [str(three_files)], {"validation_files": ["a.txt"]})
     unknown, elsewhere = compare_module.training_data_notes(_models(baseline, other), 0)
-    assert unknown.startswith("copied (the baseline): its training data is unknown (no config.yaml beside")
+    assert unknown.startswith(
+        "copied (the baseline): its training data is unknown (there is no config.yaml beside"
+    )  # the reason eval gives (one text)
     assert unknown.endswith("so whether it trained on the default corpus's held-out split cannot be checked")
     assert elsewhere.startswith("other was trained on other data (data.name='text', data.paths=[")
     assert elsewhere.endswith("than the default corpus's held-out split, which it is scored on")

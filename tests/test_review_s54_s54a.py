@@ -138,3 +138,39 @@ def test_compares_reason_for_an_unknown_run_names_the_records_gap(tmp_path, besi
     unknown = _training_data(load_compared_model(path, "m", False)).unknown
     assert "records no run" not in unknown, unknown  # was: "no config.yaml beside ..., and it records no run"
     assert "lacks data.split" in unknown, unknown  # was: only "the config.yaml beside ... is another run's"
+
+
+def _stopped_timer(limit: float, at_launch: float, elapsed: float):
+    """Lightning's Timer of a launch that started with ``at_launch`` s spent (the checkpoint's) and
+    stopped with ``elapsed`` s spent over all launches, under ``trainer.max_time`` = ``limit`` s."""
+    from datetime import timedelta
+
+    from lightning.pytorch.callbacks import Timer
+    from lightning.pytorch.trainer.states import RunningStage
+
+    timer = Timer(duration=timedelta(seconds=limit))
+    timer.load_state_dict({"time_elapsed": {RunningStage.TRAINING.value: at_launch}})
+    timer._start_time[RunningStage.TRAINING] = 100.0
+    timer._end_time[RunningStage.TRAINING] = 100.0 + elapsed - at_launch
+    return timer
+
+
+@pytest.mark.parametrize(
+    ("limit", "at_launch", "elapsed", "suggested"),
+    [
+        (60, 0, 61, "00:00:02:01"),  # the first stop: 61 s spent + 60 s
+        (121, 61, 122, "00:00:03:02"),  # the resumed launch (60 s given) stops: 122 + 60, not 122 + 121
+        (182, 122, 184, "00:00:04:04"),  # a third leg (given 182 as told): still 60 s more each leg, not doubling
+        (60, 61, 61.5, "00:00:02:02"),  # a bare resume (its limit already spent): 61.5 + 60
+    ],
+)
+def test_a_max_time_stop_suggests_the_time_spent_and_what_this_launch_was_given(
+    limit, at_launch, elapsed, suggested
+) -> None:
+    from types import SimpleNamespace
+
+    from innerloop.train import run as run_module
+
+    trainer = SimpleNamespace(callbacks=[_stopped_timer(limit, at_launch, elapsed)])
+    said = run_module._continuing(SimpleNamespace(out_dir="runs/x"), trainer)
+    assert f"trainer.max_time={suggested}" in said, said

@@ -907,17 +907,22 @@ def _as_override_value(text: str) -> str:
 
 def _continuing(run: RunConfig, trainer: L.Trainer) -> str:
     """The command (quoted) that continues a fit that ended before ``trainer.max_steps``: with a spent
-    ``trainer.max_time``, a limit of the time spent so far and as long again (Lightning counts it over
-    every launch: a bare resume stops at once; twice the limit, as before, stopped at once too where the
-    last step ran past the limit by more than the limit itself, e.g. a 2.5 s step against 1 s)."""
+    ``trainer.max_time``, a limit of the time spent so far and as long again as this launch was given
+    (Lightning counts it over every launch: a bare resume stops at once; twice the limit, as before,
+    stopped at once too where the last step ran past the limit by more than the limit itself, e.g. a
+    2.5 s step against 1 s). "This launch was given" is its limit less the time spent when it started
+    (the checkpoint's): a run given 1 h, stopped and resumed as told (spent + 1 h), is told spent + 1 h
+    again, not spent + its whole raised limit (which doubled the time of each leg); a launch whose limit
+    was spent when it started (a bare resume) was given nothing, and the limit itself is added."""
     budget = _time_budget(trainer)
     if budget is None:
         return continuing_call(run.out_dir)
     timer = next(c for c in trainer.callbacks if isinstance(c, Timer))  # _time_budget found it
-    seconds = math.ceil(timer.time_elapsed() + budget)
+    given = budget - timer._offset  # the time spent when this launch started: Timer.load_state_dict's
+    seconds = math.ceil(timer.time_elapsed() + (given if given > 0 else budget))
     longer = f"{seconds // 86400:02d}:{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
     resume = continuing_call(run.out_dir, f" trainer.max_time={longer}")
-    return f"{resume} (the time spent and as long again; trainer.max_time=null for no limit)"
+    return f"{resume} (the time spent and as long again as this launch was given; trainer.max_time=null for no limit)"
 
 
 def _fit(

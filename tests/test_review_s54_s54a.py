@@ -160,7 +160,12 @@ def _stopped_timer(limit: float, at_launch: float, elapsed: float):
     [
         (60, 0, 61, "00:00:02:01"),  # the first stop: 61 s spent + 60 s
         (121, 61, 122, "00:00:03:02"),  # the resumed launch (60 s given) stops: 122 + 60, not 122 + 121
-        (182, 122, 184, "00:00:04:04"),  # a third leg (given 182 as told): still 60 s more each leg, not doubling
+        (
+            182,
+            122,
+            184,
+            "00:00:04:04",
+        ),  # a third leg (given 182 as told): still 60 s more each leg, not doubling
         (60, 61, 61.5, "00:00:02:02"),  # a bare resume (its limit already spent): 61.5 + 60
     ],
 )

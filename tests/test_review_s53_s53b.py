@@ -62,10 +62,10 @@ def test_a_fractional_time_limit_loads_from_an_override(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ({"hours": float("nan")}, r"hours=nan is not a finite number"),
-        ({"hours": float("inf")}, r"hours=inf is not a finite number"),
-        ({"hours": True}, r"hours=True is not a finite number"),
-        ({"hours": "1"}, r"hours='1' is not a finite number"),
+        ({"hours": float("nan")}, r"hours=nan \(float\) is not a finite number"),
+        ({"hours": float("inf")}, r"hours=inf \(float\) is not a finite number"),
+        ({"hours": True}, r"hours=True \(bool\) is not a finite number"),
+        ({"hours": "1"}, r"hours='1' \(str\) is not a finite number"),
         ({"hour": 1}, r"'hour' is not a unit of time; .*keys \['weeks', 'days', 'hours'"),
         ({"hours": -1.5}, r"is -5400 s: a time limit must be positive"),
         ({"minutes": 1, "seconds": -60}, r"is 0 s: a time limit must be positive"),

@@ -179,3 +179,51 @@ def test_a_max_time_stop_suggests_the_time_spent_and_what_this_launch_was_given(
     trainer = SimpleNamespace(callbacks=[_stopped_timer(limit, at_launch, elapsed)])
     said = run_module._continuing(SimpleNamespace(out_dir="runs/x"), trainer)
     assert f"trainer.max_time={suggested}" in said, said
+
+
+def _checked_max_time(value):
+    from innerloop.config.trainer_args import check_lightning_arguments
+
+    check_lightning_arguments({"max_time": value}, ConfigError)
+
+
+@pytest.mark.parametrize(
+    ("amount", "kind"),
+    [
+        ("np.int64(2)", "int64"),  # was: "is not a finite number"
+        ("np.float32(1.5)", "float32"),  # was: "is not a finite number"
+        (
+            "np.float64(1.5)",
+            "float64",
+        ),  # was: accepted, then a bare OmegaConf UnsupportedValueType saving config.yaml
+        ("Decimal(2)", "Decimal"),
+        ("Fraction(3, 2)", "Fraction"),
+    ],
+)
+def test_a_max_time_part_of_another_number_type_is_told_to_be_converted(amount, kind) -> None:
+    from decimal import Decimal  # noqa: F401 (eval)
+    from fractions import Fraction  # noqa: F401 (eval)
+
+    import numpy as np  # noqa: F401 (eval)
+
+    with pytest.raises(ConfigError) as err:
+        _checked_max_time({"hours": eval(amount)})
+    text = str(err.value)
+    assert "trainer.max_time" in text and "hours=" in text and kind in text, text
+    assert "Python int or float" in text and "float(...)" in text, text
+
+
+@pytest.mark.parametrize("amount", [True, "np.bool_(True)", float("nan"), "2", [2]])
+def test_a_max_time_part_that_is_no_number_is_refused_naming_its_type(amount) -> None:
+    import numpy as np  # noqa: F401 (eval)
+
+    value = eval(amount) if amount == "np.bool_(True)" else amount
+    with pytest.raises(ConfigError) as err:
+        _checked_max_time({"hours": value})
+    text = str(err.value)
+    assert "trainer.max_time" in text and "hours=" in text and "not a finite number" in text, text
+    assert f"({type(value).__name__})" in text, text
+
+
+def test_python_numbers_stay_accepted_as_max_time_parts() -> None:
+    _checked_max_time({"hours": 2, "minutes": 1.5})

@@ -22,11 +22,13 @@ integers of :data:`LIGHTNING_BOUNDS`). :func:`check_loggers` checks the config's
 from __future__ import annotations
 
 import collections.abc
+import decimal
 import difflib
 import functools
 import importlib.util
 import inspect
 import math
+import numbers
 import os
 import re
 import types
@@ -257,7 +259,8 @@ def _check_time_limit(value: Any, error: type[ValueError]) -> None:
     to (``{days: -1, hours: 25}`` is an hour) must be positive (a limit of no time stopped the run before
     its first step) and one ``timedelta`` holds (past it, Lightning raised a bare OverflowError when the
     Trainer was built); a part that is no finite number (nan, inf, a bool, text) or no unit is refused
-    by name."""
+    by name, and one of another number type (numpy's, a Fraction, a Decimal) is told to be converted
+    (:func:`_check_time_part`: a part is a Python int or float, as every float of the config)."""
     if value is None:
         return
     duration = _time_limit(value, error)
@@ -268,12 +271,35 @@ def _check_time_limit(value: Any, error: type[ValueError]) -> None:
         )
 
 
+def _check_time_part(shown: str, unit: str, amount: Any, forms: str, error: type[ValueError]) -> None:
+    """Raise ``error`` unless ``amount``, the ``unit`` part of ``trainer.max_time`` (``shown``), is a
+    finite Python int or float: the rule of every float of the config (``check_field_types``). Another
+    real number (a numpy int or float, a Fraction, a Decimal) is told to be converted: ``timedelta``
+    refuses all but numpy's float64, which config.yaml cannot hold (OmegaConf refused it, unnamed,
+    when the run saved it). A bool, text, nan or inf is no finite number; each names its type."""
+    kind = type(amount).__name__
+    if type(amount) in (int, float):
+        if math.isfinite(amount):
+            return
+    elif isinstance(amount, (numbers.Real, decimal.Decimal)) and not isinstance(amount, bool):
+        try:
+            finite = math.isfinite(amount)
+        except (OverflowError, ValueError, TypeError):
+            finite = False
+        if finite:
+            raise error(
+                f"{shown}: {unit}={amount!r} ({kind}) must be a Python int or float (convert it with "
+                f"float(...)); {forms}"
+            )
+    raise error(f"{shown}: {unit}={amount!r} ({kind}) is not a finite number; {forms}")
+
+
 def _time_limit(value: Any, error: type[ValueError]) -> timedelta:
     """``trainer.max_time`` (not null) as the ``timedelta`` Lightning's Timer makes of it; ``error``
     naming the value, the part at fault and what is valid where it is not one."""
     forms = (
         "give DD:HH:MM:SS (e.g. 00:12:00:00 for 12 hours) or a mapping of timedelta arguments (e.g. "
-        f"{{hours: 1.5}}; keys {list(TIME_LIMIT_UNITS)}, each a finite number; their sum positive), or null for none"
+        f"{{hours: 1.5}}; keys {list(TIME_LIMIT_UNITS)}, each a finite int or float; their sum positive), or null for none"
     )
     shown = f"trainer.max_time={_plain_mapping(value)!r}"
     if isinstance(value, timedelta):
@@ -289,9 +315,7 @@ def _time_limit(value: Any, error: type[ValueError]) -> timedelta:
         for unit, amount in parts.items():
             if unit not in TIME_LIMIT_UNITS:
                 raise error(f"{shown}: {unit!r} is not a unit of time; {forms}")
-            number = isinstance(amount, (int, float)) and not isinstance(amount, bool)
-            if not number or not math.isfinite(amount):
-                raise error(f"{shown}: {unit}={amount!r} is not a finite number; {forms}")
+            _check_time_part(shown, unit, amount, forms, error)
     else:
         raise error(f"{shown} ({type_name(value)}) is not a time limit: {forms}")
     try:
